@@ -1,0 +1,675 @@
+/*
+ * http.c: async HTTP for tasks, on libcurl's multi socket API driven by the
+ * host's libevent loop (curl tells us which sockets and which timeout to
+ * watch; libevent tells curl when they are ready).
+ *
+ * One userdata per transfer ("resil.HttpRequest"), created closed before any
+ * resource is taken; its __gc aborts a transfer nobody waits for. The easy
+ * handles are recycled; connections live in the multi handle's cache, so
+ * requests to the same host reuse them.
+ *
+ * Network trouble never raises: the task gets nil, err{kind=...}. Misuse
+ * (no url, a malformed url, a header with a line break) raises.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+
+#include "host.h"
+
+#define REQUEST_MT "resil.HttpRequest"
+#define DEFAULT_TIMEOUT 60.0
+#define DEFAULT_CONNECT_TIMEOUT 10.0
+#define DEFAULT_MAX_BODY (64u * 1024 * 1024)
+#define STREAM_HIGH_WATER (1u << 20)
+#define EASY_POOL_MAX 256
+
+struct http_state {
+  resil_t *R;
+  CURLM *multi;
+  struct event *timer_ev;
+  CURL *pool[EASY_POOL_MAX];
+  int npool;
+};
+
+typedef struct {
+  char *data;
+  size_t len, cap;
+} buffer;
+
+typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_CANCELED } abort_reason;
+
+typedef struct http_req {
+  http_state *H;
+  task *waiter;             /* the task blocked on this transfer, if any */
+  CURL *easy;
+  struct curl_slist *req_headers;
+  char *req_body;
+  buffer body, head;
+  size_t max_body, total_received;
+  long status;
+  int active, done, stream, headers_done, paused;
+  CURLcode result;
+  abort_reason aborted;
+  double timeout, idle_timeout, started, elapsed;
+  resil_timer deadline, idle;
+  char url[256];            /* for messages only */
+  char errbuf[CURL_ERROR_SIZE];
+} http_req;
+
+typedef struct {
+  struct event *ev;
+  http_state *H;
+} socket_watch;
+
+/* ---------- buffers ---------- */
+
+static int buffer_append(buffer *b, const char *data, size_t n) {
+  if (b->len + n + 1 > b->cap) {
+    size_t cap = b->cap ? b->cap : 1024;
+    while (cap < b->len + n + 1) cap *= 2;
+    char *grown = realloc(b->data, cap);
+    if (!grown) return -1;
+    b->data = grown;
+    b->cap = cap;
+  }
+  memcpy(b->data + b->len, data, n);
+  b->len += n;
+  b->data[b->len] = '\0';
+  return 0;
+}
+
+static void buffer_free(buffer *b) {
+  free(b->data);
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+
+/* ---------- completion ---------- */
+
+static void request_detach(http_req *r) {
+  http_state *H = r->H;
+  timer_stop(&r->deadline);
+  timer_stop(&r->idle);
+  if (!r->easy) return;
+  if (r->active) {
+    curl_multi_remove_handle(H->multi, r->easy);
+    r->active = 0;
+    H->R->io_pending--;
+  }
+  if (H->npool < EASY_POOL_MAX) {
+    curl_easy_reset(r->easy);
+    H->pool[H->npool++] = r->easy;
+  } else {
+    curl_easy_cleanup(r->easy);
+  }
+  r->easy = NULL;
+}
+
+static void request_finish(http_req *r, CURLcode result, abort_reason why) {
+  if (r->done) return;
+  if (r->easy && why == ABORT_NONE) curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &r->status);
+  r->done = 1;
+  r->result = result;
+  if (r->aborted == ABORT_NONE) r->aborted = why;
+  r->elapsed = resil_now(r->H->R) - r->started;
+  request_detach(r);
+  if (r->waiter) {
+    task *t = r->waiter;
+    r->waiter = NULL;
+    task_wake(t);
+  }
+}
+
+static void check_multi_info(http_state *H) {
+  CURLMsg *msg;
+  int pending;
+  while ((msg = curl_multi_info_read(H->multi, &pending))) {
+    if (msg->msg != CURLMSG_DONE) continue;
+    http_req *r = NULL;
+    curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+    if (r) request_finish(r, msg->data.result, ABORT_NONE);
+  }
+}
+
+/* ---------- curl <-> libevent ---------- */
+
+static void socket_event_cb(evutil_socket_t fd, short what, void *arg) {
+  http_state *H = ((socket_watch *)arg)->H; /* the watch may be freed during the action */
+  int running, action = (what & EV_READ ? CURL_CSELECT_IN : 0) | (what & EV_WRITE ? CURL_CSELECT_OUT : 0);
+  curl_multi_socket_action(H->multi, fd, action, &running);
+  check_multi_info(H);
+}
+
+static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
+  (void)easy;
+  http_state *H = userp;
+  socket_watch *w = socketp;
+  if (what == CURL_POLL_REMOVE) {
+    if (w) {
+      event_free(w->ev);
+      free(w);
+      curl_multi_assign(H->multi, s, NULL);
+    }
+    return 0;
+  }
+  short flags = EV_PERSIST | (what & CURL_POLL_IN ? EV_READ : 0) | (what & CURL_POLL_OUT ? EV_WRITE : 0);
+  if (!w) {
+    w = calloc(1, sizeof *w);
+    if (!w) return -1;
+    w->H = H;
+    curl_multi_assign(H->multi, s, w);
+  } else {
+    event_free(w->ev);
+  }
+  w->ev = event_new(H->R->base, s, flags, socket_event_cb, w);
+  if (!w->ev) return -1;
+  event_add(w->ev, NULL);
+  return 0;
+}
+
+static void curl_timer_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  http_state *H = arg;
+  int running;
+  curl_multi_socket_action(H->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  check_multi_info(H);
+}
+
+static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
+  (void)multi;
+  http_state *H = userp;
+  if (timeout_ms < 0) {
+    evtimer_del(H->timer_ev);
+    return 0;
+  }
+  struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+  evtimer_add(H->timer_ev, &tv);
+  return 0;
+}
+
+static http_state *http_get(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  if (R->http) return R->http;
+  static int global_init_done; /* curl_global_init is process-wide by design */
+  if (!global_init_done) {
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0) luaL_error(L, "curl_global_init failed");
+    global_init_done = 1;
+  }
+  http_state *H = calloc(1, sizeof *H);
+  if (!H) {
+    luaL_error(L, "not enough memory");
+    return NULL;
+  }
+  H->R = R;
+  H->multi = curl_multi_init();
+  H->timer_ev = evtimer_new(R->base, curl_timer_cb, H);
+  if (!H->multi || !H->timer_ev) {
+    if (H->multi) curl_multi_cleanup(H->multi);
+    if (H->timer_ev) event_free(H->timer_ev);
+    free(H);
+    luaL_error(L, "cannot start the HTTP client");
+    return NULL;
+  }
+  curl_multi_setopt(H->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+  curl_multi_setopt(H->multi, CURLMOPT_SOCKETDATA, H);
+  curl_multi_setopt(H->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+  curl_multi_setopt(H->multi, CURLMOPT_TIMERDATA, H);
+  R->http = H;
+  return H;
+}
+
+void http_free(resil_t *R) {
+  http_state *H = R->http;
+  if (!H) return;
+  for (int i = 0; i < H->npool; i++) curl_easy_cleanup(H->pool[i]);
+  curl_multi_cleanup(H->multi);
+  event_free(H->timer_ev);
+  free(H);
+  R->http = NULL;
+}
+
+/* ---------- curl callbacks for one transfer ---------- */
+
+static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
+  http_req *r = userp;
+  size_t len = size * n;
+  r->total_received += len;
+  if (r->total_received > r->max_body) {
+    r->aborted = ABORT_TOO_LARGE;
+    return 0; /* curl stops the transfer: nothing is buffered past the limit */
+  }
+  if (r->stream && r->body.len >= STREAM_HIGH_WATER) {
+    r->total_received -= len;
+    r->paused = 1;
+    return CURL_WRITEFUNC_PAUSE; /* the reader is behind: let TCP push back */
+  }
+  if (buffer_append(&r->body, data, len) != 0) return 0;
+  if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
+  if (r->stream && r->waiter) {
+    task *t = r->waiter;
+    r->waiter = NULL;
+    task_wake(t);
+  }
+  return len;
+}
+
+static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
+  http_req *r = userp;
+  size_t len = size * n;
+  if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+    r->head.len = 0; /* a new response (after 100-continue or a redirect) */
+  } else if (len <= 2 && (data[0] == '\r' || data[0] == '\n')) {
+    long code = 0;
+    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
+    if (code >= 200) {
+      r->status = code;
+      r->headers_done = 1;
+      if (r->stream && r->waiter) {
+        task *t = r->waiter;
+        r->waiter = NULL;
+        task_wake(t);
+      }
+    }
+    return len;
+  }
+  if (buffer_append(&r->head, data, len) != 0) return 0;
+  if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
+  return len;
+}
+
+static void deadline_cb(void *arg) {
+  http_req *r = arg;
+  r->aborted = ABORT_TIMEOUT;
+  request_finish(r, CURLE_OPERATION_TIMEDOUT, ABORT_TIMEOUT);
+}
+
+static void idle_cb(void *arg) {
+  http_req *r = arg;
+  r->aborted = ABORT_IDLE;
+  request_finish(r, CURLE_OPERATION_TIMEDOUT, ABORT_IDLE);
+}
+
+/* The waiting task was canceled: abort the transfer now, free its handle. */
+static void wait_cancel(void *arg) {
+  http_req *r = arg;
+  r->waiter = NULL;
+  r->aborted = ABORT_CANCELED;
+  request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
+}
+
+/* ---------- results ---------- */
+
+static const char *error_kind(CURLcode rc) {
+  switch (rc) {
+  case CURLE_COULDNT_RESOLVE_HOST:
+  case CURLE_COULDNT_RESOLVE_PROXY: return "dns";
+  case CURLE_COULDNT_CONNECT: return "connect";
+  case CURLE_OPERATION_TIMEDOUT: return "timeout";
+  case CURLE_SSL_CONNECT_ERROR:
+  case CURLE_PEER_FAILED_VERIFICATION:
+  case CURLE_SSL_CERTPROBLEM:
+  case CURLE_SSL_CIPHER:
+  case CURLE_SSL_CACERT_BADFILE:
+  case CURLE_SSL_ISSUER_ERROR:
+  case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+  case CURLE_SSL_INVALIDCERTSTATUS:
+  case CURLE_SSL_CRL_BADFILE:
+  case CURLE_SSL_ENGINE_NOTFOUND:
+  case CURLE_SSL_ENGINE_SETFAILED:
+  case CURLE_SSL_ENGINE_INITFAILED:
+  case CURLE_USE_SSL_FAILED: return "tls";
+  case CURLE_SEND_ERROR:
+  case CURLE_RECV_ERROR:
+  case CURLE_GOT_NOTHING:
+  case CURLE_PARTIAL_FILE: return "reset";
+  case CURLE_FILESIZE_EXCEEDED: return "too_large";
+  case CURLE_ABORTED_BY_CALLBACK: return "canceled";
+  default: return "protocol";
+  }
+}
+
+static int push_failure(lua_State *L, http_req *r) {
+  switch (r->aborted) {
+  case ABORT_TIMEOUT:
+    return resil_error_result(L, "timeout", "%s: no complete response within %f s", r->url, r->timeout);
+  case ABORT_IDLE:
+    return resil_error_result(L, "timeout", "%s: no data for %f s (idle_timeout)", r->url, r->idle_timeout);
+  case ABORT_TOO_LARGE:
+    return resil_error_result(L, "too_large", "%s: response body larger than max_body (%d bytes)", r->url,
+                              (int)r->max_body);
+  case ABORT_CANCELED: return resil_error_result(L, "canceled", "%s: request canceled", r->url);
+  case ABORT_NONE: break;
+  }
+  const char *detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
+  return resil_error_result(L, error_kind(r->result), "%s: %s", r->url, detail);
+}
+
+/* Raw header lines -> table with lower-cased names; repeats are joined. */
+static void push_headers(lua_State *L, http_req *r) {
+  lua_newtable(L);
+  const char *p = r->head.data, *end = p ? p + r->head.len : NULL;
+  while (p && p < end) {
+    const char *eol = memchr(p, '\n', (size_t)(end - p));
+    if (!eol) eol = end;
+    const char *colon = memchr(p, ':', (size_t)(eol - p));
+    if (colon && colon > p) {
+      luaL_Buffer name;
+      luaL_buffinit(L, &name);
+      for (const char *c = p; c < colon; c++) luaL_addchar(&name, (char)(*c >= 'A' && *c <= 'Z' ? *c + 32 : *c));
+      luaL_pushresult(&name);
+      const char *v = colon + 1, *vend = eol;
+      while (v < vend && (*v == ' ' || *v == '\t')) v++;
+      while (vend > v && (vend[-1] == '\r' || vend[-1] == ' ' || vend[-1] == '\t')) vend--;
+      lua_pushvalue(L, -1);
+      if (lua_rawget(L, -3) == LUA_TSTRING) {
+        lua_pushliteral(L, ", ");
+        lua_pushlstring(L, v, (size_t)(vend - v));
+        lua_concat(L, 3);
+      } else {
+        lua_pop(L, 1);
+        lua_pushlstring(L, v, (size_t)(vend - v));
+      }
+      lua_rawset(L, -3);
+    }
+    p = eol + 1;
+  }
+}
+
+/* L stack: ... -> response table */
+static void push_response(lua_State *L, http_req *r, int with_body) {
+  lua_createtable(L, 0, 4);
+  lua_pushinteger(L, r->status);
+  lua_setfield(L, -2, "status");
+  push_headers(L, r);
+  lua_setfield(L, -2, "headers");
+  if (with_body) {
+    lua_pushlstring(L, r->body.data ? r->body.data : "", r->body.len);
+    lua_setfield(L, -2, "body");
+  }
+  lua_pushnumber(L, r->done ? r->elapsed : resil_now(r->H->R) - r->started);
+  lua_setfield(L, -2, "time");
+}
+
+/* ---------- building a transfer ---------- */
+
+static http_req *check_request(lua_State *L, int idx) { return luaL_checkudata(L, idx, REQUEST_MT); }
+
+static double opt_seconds(lua_State *L, int t, const char *field, double dflt) {
+  int type = lua_getfield(L, t, field);
+  double v = dflt;
+  if (type == LUA_TNUMBER) v = lua_tonumber(L, -1);
+  else if (type != LUA_TNIL) luaL_error(L, "http request: '%s' must be a number of seconds", field);
+  lua_pop(L, 1);
+  if (v != v || v < 0) luaL_error(L, "http request: '%s' must be >= 0", field);
+  return v;
+}
+
+static const char *opt_string(lua_State *L, int t, const char *field) {
+  int type = lua_getfield(L, t, field);
+  const char *s = NULL;
+  if (type == LUA_TSTRING) s = lua_tostring(L, -1);
+  else if (type != LUA_TNIL) luaL_error(L, "http request: '%s' must be a string", field);
+  lua_pop(L, 1); /* the string stays reachable from the request table */
+  return s;
+}
+
+static int opt_flag(lua_State *L, int t, const char *field) {
+  lua_getfield(L, t, field);
+  int v = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+static void check_header_text(lua_State *L, const char *name, const char *s, size_t len, const char *what) {
+  for (size_t i = 0; i < len; i++)
+    if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0')
+      luaL_error(L, "http request: the %s of header '%s' contains a line break or NUL", what, name);
+}
+
+static void add_headers(lua_State *L, http_req *r, int t) {
+  int type = lua_getfield(L, t, "headers");
+  if (type == LUA_TNIL) {
+    lua_pop(L, 1);
+  } else {
+    if (type != LUA_TTABLE) luaL_error(L, "http request: 'headers' must be a table");
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_type(L, -2) != LUA_TSTRING) luaL_error(L, "http request: header names must be strings");
+      if (!lua_isstring(L, -1)) luaL_error(L, "http request: header '%s' must be a string", lua_tostring(L, -2));
+      size_t nlen, vlen;
+      const char *name = lua_tolstring(L, -2, &nlen);
+      const char *value = lua_tolstring(L, -1, &vlen);
+      check_header_text(L, name, name, nlen, "name");
+      check_header_text(L, name, value, vlen, "value");
+      const char *line = vlen ? lua_pushfstring(L, "%s: %s", name, value) : lua_pushfstring(L, "%s;", name);
+      struct curl_slist *grown = curl_slist_append(r->req_headers, line);
+      if (!grown) luaL_error(L, "not enough memory");
+      r->req_headers = grown;
+      lua_pop(L, 2);
+    }
+    lua_pop(L, 1);
+  }
+  /* no "Expect: 100-continue" round trip on large bodies */
+  struct curl_slist *grown = curl_slist_append(r->req_headers, "Expect:");
+  if (grown) r->req_headers = grown;
+}
+
+/* L stack: request table at 1 -> pushes the (closed) request userdata */
+static http_req *request_new(lua_State *L, int stream) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  http_state *H = http_get(L);
+  http_req *r = lua_newuserdatauv(L, sizeof *r, 0);
+  memset(r, 0, sizeof *r);
+  r->H = H;
+  timer_init(H->R, &r->deadline, deadline_cb, r);
+  timer_init(H->R, &r->idle, idle_cb, r);
+  luaL_setmetatable(L, REQUEST_MT);
+  r->stream = stream;
+
+  const char *url = opt_string(L, 1, "url");
+  if (!url) luaL_error(L, "http request: 'url' is required");
+  snprintf(r->url, sizeof r->url, "%s", url);
+  CURLU *parsed = curl_url();
+  CURLUcode uc = curl_url_set(parsed, CURLUPART_URL, url, 0);
+  curl_url_cleanup(parsed);
+  if (uc != CURLUE_OK) luaL_error(L, "http request: bad url '%s': %s", url, curl_url_strerror(uc));
+
+  const char *method = opt_string(L, 1, "method");
+  size_t body_len = 0;
+  int body_type = lua_getfield(L, 1, "body");
+  if (body_type == LUA_TSTRING) {
+    const char *body = lua_tolstring(L, -1, &body_len);
+    r->req_body = malloc(body_len + 1);
+    if (!r->req_body) luaL_error(L, "not enough memory");
+    memcpy(r->req_body, body, body_len + 1);
+  } else if (body_type != LUA_TNIL) {
+    luaL_error(L, "http request: 'body' must be a string (use 'json' for a table)");
+  }
+  lua_pop(L, 1);
+  if (method) {
+    for (const char *c = method; *c; c++)
+      if (!((*c >= 'A' && *c <= 'Z') || *c == '-' || *c == '_'))
+        luaL_error(L, "http request: bad method '%s'", method);
+  }
+  r->timeout = opt_seconds(L, 1, "timeout", DEFAULT_TIMEOUT);
+  r->idle_timeout = opt_seconds(L, 1, "idle_timeout", 0);
+  double connect_timeout = opt_seconds(L, 1, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+  double max_body = opt_seconds(L, 1, "max_body", DEFAULT_MAX_BODY);
+  r->max_body = (size_t)max_body;
+  const char *ca_file = opt_string(L, 1, "ca_file");
+  int insecure = opt_flag(L, 1, "insecure");
+  int follow = opt_flag(L, 1, "follow_redirects");
+  add_headers(L, r, 1);
+
+  CURL *e = H->npool > 0 ? H->pool[--H->npool] : curl_easy_init();
+  if (!e) luaL_error(L, "cannot create an HTTP transfer");
+  r->easy = e;
+  curl_easy_setopt(e, CURLOPT_URL, url);
+  curl_easy_setopt(e, CURLOPT_PRIVATE, r);
+  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+  curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+  curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+  curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
+  curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->req_headers);
+  curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
+  curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_body);
+  curl_easy_setopt(e, CURLOPT_USERAGENT, "resil-lua/" RESIL_VERSION);
+  curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
+  curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+  curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+  if (follow) curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);
+  if (ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
+  if (insecure) {
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  if (r->req_body) {
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->req_body);
+    if (method && strcmp(method, "POST") != 0) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+  } else if (method && strcmp(method, "HEAD") == 0) {
+    curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+  } else if (method && strcmp(method, "GET") != 0) {
+    curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+  }
+  return r;
+}
+
+static void request_start(lua_State *L, http_req *r) {
+  http_state *H = r->H;
+  if (curl_multi_add_handle(H->multi, r->easy) != CURLM_OK) luaL_error(L, "cannot start the HTTP transfer");
+  r->active = 1;
+  H->R->io_pending++;
+  r->started = resil_now(H->R);
+  if (r->timeout > 0) timer_start(&r->deadline, r->timeout);
+  if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
+}
+
+static int request_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  http_req *r = check_request(L, 2);
+  if (r->aborted != ABORT_NONE || r->result != CURLE_OK) return push_failure(L, r);
+  push_response(L, r, 1);
+  buffer_free(&r->body);
+  buffer_free(&r->head);
+  return 1;
+}
+
+/* resil.http.perform{...} -> response | nil, err (the prelude's request()
+ * adds `json` and `on_chunk` on top) */
+static int l_perform(lua_State *L) {
+  lua_settop(L, 1);
+  task *t = task_current(L, "resil.http.request");
+  http_req *r = request_new(L, 0);
+  request_start(L, r);
+  r->waiter = t;
+  task_wait(t, wait_cancel, r);
+  return lua_yieldk(L, 0, 0, request_k);
+}
+
+static int stream_open_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  http_req *r = check_request(L, 2);
+  if (!r->headers_done && (r->aborted != ABORT_NONE || r->result != CURLE_OK)) return push_failure(L, r);
+  lua_settop(L, 2);
+  return 1;
+}
+
+/* resil.http.stream{...} -> stream (once the headers arrived) | nil, err */
+static int l_stream(lua_State *L) {
+  lua_settop(L, 1);
+  task *t = task_current(L, "resil.http.stream");
+  http_req *r = request_new(L, 1);
+  request_start(L, r);
+  r->waiter = t;
+  task_wait(t, wait_cancel, r);
+  return lua_yieldk(L, 0, 0, stream_open_k);
+}
+
+static void read_cancel(void *arg) { ((http_req *)arg)->waiter = NULL; }
+
+static int stream_read_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  http_req *r = check_request(L, 1);
+  if (r->body.len > 0) {
+    lua_pushlstring(L, r->body.data, r->body.len);
+    r->body.len = 0;
+    if (r->paused && r->easy) {
+      r->paused = 0;
+      curl_easy_pause(r->easy, CURLPAUSE_CONT);
+    }
+    return 1;
+  }
+  if (r->done) {
+    if (r->aborted != ABORT_NONE || r->result != CURLE_OK) return push_failure(L, r);
+    lua_pushnil(L);
+    return 1;
+  }
+  task *t = task_current(L, "stream:read");
+  r->waiter = t;
+  task_wait(t, read_cancel, r);
+  return lua_yieldk(L, 0, 0, stream_read_k);
+}
+
+/* stream:read() -> the next chunk | nil at the end | nil, err */
+static int stream_read(lua_State *L) {
+  lua_settop(L, 1);
+  http_req *r = check_request(L, 1);
+  if (!r->stream) return luaL_error(L, "read() needs a request made with resil.http.stream");
+  if (r->waiter) return luaL_error(L, "another task is already reading this stream");
+  return stream_read_k(L, LUA_OK, 0);
+}
+
+static int stream_close(lua_State *L) {
+  http_req *r = check_request(L, 1);
+  if (!r->done) {
+    r->aborted = ABORT_CANCELED;
+    request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
+  }
+  return 0;
+}
+
+static int request_index(lua_State *L) {
+  http_req *r = check_request(L, 1);
+  const char *key = luaL_checkstring(L, 2);
+  if (strcmp(key, "status") == 0) lua_pushinteger(L, r->status);
+  else if (strcmp(key, "headers") == 0) push_headers(L, r);
+  else if (strcmp(key, "read") == 0) lua_pushcfunction(L, stream_read);
+  else if (strcmp(key, "close") == 0) lua_pushcfunction(L, stream_close);
+  else if (strcmp(key, "response") == 0) {
+    push_response(L, r, 0);
+  } else lua_pushnil(L);
+  return 1;
+}
+
+static int request_gc(lua_State *L) {
+  http_req *r = check_request(L, 1);
+  r->waiter = NULL;
+  request_detach(r);
+  timer_free(&r->deadline);
+  timer_free(&r->idle);
+  curl_slist_free_all(r->req_headers);
+  r->req_headers = NULL;
+  free(r->req_body);
+  r->req_body = NULL;
+  buffer_free(&r->body);
+  buffer_free(&r->head);
+  return 0;
+}
+
+static const luaL_Reg request_meta[] = {
+  {"__index", request_index}, {"__gc", request_gc}, {"__close", request_gc}, {NULL, NULL}};
+
+static const luaL_Reg http_functions[] = {{"perform", l_perform}, {"stream", l_stream}, {NULL, NULL}};
+
+int luaopen_resil_http(lua_State *L) {
+  luaL_newmetatable(L, REQUEST_MT);
+  luaL_setfuncs(L, request_meta, 0);
+  lua_pop(L, 1);
+  luaL_newlib(L, http_functions);
+  return 1;
+}

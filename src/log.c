@@ -1,0 +1,258 @@
+/*
+ * log.c: structured logs as JSON lines.
+ *
+ *   {"ts":"2026-11-26T22:30:00.123Z","level":"info","msg":"...","task":3,...}
+ *
+ * Every line carries the running task's context (resil.context{...}, which
+ * spawned tasks inherit) and the caller's fields. Values of sensitive keys
+ * (authorization, x-api-key, ...) and any registered secret are redacted on
+ * a copy, never in the caller's tables. State lives in a userdata upvalue, so
+ * two hosts in one process log independently.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "host.h"
+
+#define LOG_MT "resil.Log"
+
+extern int luaopen_cjson(lua_State *L);
+#define REDACTED "[REDACTED]"
+#define MAX_DEPTH 6
+
+enum { LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_OFF };
+static const char *const level_names[] = {"debug", "info", "warn", "error", "off", NULL};
+
+typedef struct {
+  FILE *out;
+  int owns_out;
+  int level;
+} log_state;
+
+static const char *const sensitive_keys[] = {
+  "authorization", "proxy-authorization", "x-api-key", "api-key", "api_key", "apikey", "password",
+  "secret", "access_token", "refresh_token", "cookie", "set-cookie", "x-goog-api-key", NULL};
+
+static int is_sensitive(const char *key) {
+  for (int i = 0; sensitive_keys[i]; i++)
+    if (strcasecmp(key, sensitive_keys[i]) == 0) return 1;
+  return 0;
+}
+
+/* upvalues: 1 log state, 2 secrets (array of strings), 3 json encode */
+#define STATE_UPVALUE lua_upvalueindex(1)
+#define SECRETS_UPVALUE lua_upvalueindex(2)
+#define ENCODE_UPVALUE lua_upvalueindex(3)
+
+/* L stack: string -> string with every registered secret replaced */
+static void redact_string(lua_State *L) {
+  lua_Integer n = luaL_len(L, SECRETS_UPVALUE);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, SECRETS_UPVALUE, i);
+    const char *secret = lua_tostring(L, -1);
+    const char *s = lua_tostring(L, -2);
+    if (secret && strstr(s, secret)) {
+      luaL_gsub(L, s, secret, REDACTED);
+      lua_replace(L, -3);
+    }
+    lua_pop(L, 1);
+  }
+}
+
+/* L stack: value -> redacted copy of value */
+static void redact_value(lua_State *L, int depth) {
+  int type = lua_type(L, -1);
+  if (type == LUA_TSTRING) {
+    redact_string(L);
+    return;
+  }
+  if (type != LUA_TTABLE) {
+    if (type == LUA_TFUNCTION || type == LUA_TTHREAD || type == LUA_TUSERDATA) {
+      if (luaL_callmeta(L, -1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
+        lua_replace(L, -2);
+        redact_string(L);
+        return;
+      }
+      lua_pushstring(L, luaL_typename(L, -1));
+      lua_replace(L, -2);
+    }
+    return;
+  }
+  if (depth >= MAX_DEPTH) {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "[...]");
+    return;
+  }
+  luaL_checkstack(L, 4, "log fields too deep");
+  lua_newtable(L);
+  lua_pushnil(L);
+  /* L stack: src, copy, key */
+  while (lua_next(L, -3)) {
+    if (lua_type(L, -2) == LUA_TSTRING && is_sensitive(lua_tostring(L, -2))) {
+      lua_pop(L, 1);
+      lua_pushliteral(L, REDACTED);
+    } else {
+      redact_value(L, depth + 1);
+    }
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, -4);
+  }
+  lua_replace(L, -2);
+}
+
+static void format_timestamp(char *buf, size_t len) {
+  struct timespec ts;
+  struct tm tm;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  gmtime_r(&ts.tv_sec, &tm);
+  size_t n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
+  snprintf(buf + n, len - n, ".%03dZ", (int)(ts.tv_nsec / 1000000));
+}
+
+/* L stack: merged fields table -> nothing; writes one line */
+static void write_line(lua_State *L, log_state *st, int level, const char *msg) {
+  char ts[40];
+  format_timestamp(ts, sizeof ts);
+  lua_pushvalue(L, ENCODE_UPVALUE);
+  lua_pushstring(L, msg);
+  redact_string(L);
+  lua_call(L, 1, 1);
+  size_t msg_len;
+  const char *msg_json = lua_tolstring(L, -1, &msg_len);
+
+  lua_pushvalue(L, ENCODE_UPVALUE);
+  lua_pushvalue(L, -3);
+  lua_call(L, 1, 1);
+  size_t rest_len;
+  const char *rest = lua_tolstring(L, -1, &rest_len);
+
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  lua_pushfstring(L, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":", ts, level_names[level]);
+  luaL_addvalue(&b);
+  luaL_addlstring(&b, msg_json, msg_len);
+  if (rest_len > 2) { /* "{...}" -> ",..." */
+    luaL_addchar(&b, ',');
+    luaL_addlstring(&b, rest + 1, rest_len - 1);
+  } else {
+    luaL_addchar(&b, '}');
+  }
+  luaL_addchar(&b, '\n');
+  luaL_pushresult(&b);
+  size_t line_len;
+  const char *line = lua_tolstring(L, -1, &line_len);
+  fwrite(line, 1, line_len, st->out);
+  fflush(st->out);
+  lua_pop(L, 4);
+}
+
+static void merge_into(lua_State *L, int src, int dst) {
+  lua_pushnil(L);
+  while (lua_next(L, src)) {
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, dst);
+  }
+}
+
+static int log_at(lua_State *L, int level) {
+  log_state *st = lua_touserdata(L, STATE_UPVALUE);
+  if (level < st->level) return 0;
+  const char *msg = luaL_checkstring(L, 1);
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  lua_settop(L, 2);
+  lua_newtable(L); /* 3: merged */
+  task *t = task_running(L);
+  if (t) {
+    lua_pushinteger(L, task_id(t));
+    lua_setfield(L, 3, "task");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, task_context_ref(t));
+    merge_into(L, 4, 3);
+    lua_pop(L, 1);
+  }
+  if (lua_istable(L, 2)) merge_into(L, 2, 3);
+  lua_settop(L, 3);
+  redact_value(L, 0);
+  write_line(L, st, level, msg);
+  return 0;
+}
+
+static int log_debug(lua_State *L) { return log_at(L, LEVEL_DEBUG); }
+static int log_info(lua_State *L) { return log_at(L, LEVEL_INFO); }
+static int log_warn(lua_State *L) { return log_at(L, LEVEL_WARN); }
+static int log_error(lua_State *L) { return log_at(L, LEVEL_ERROR); }
+
+/* resil.log.level([name]) -> the level in force (after setting it) */
+static int log_level(lua_State *L) {
+  log_state *st = lua_touserdata(L, STATE_UPVALUE);
+  if (!lua_isnoneornil(L, 1)) st->level = luaL_checkoption(L, 1, NULL, level_names);
+  lua_pushstring(L, level_names[st->level]);
+  return 1;
+}
+
+static void close_output(log_state *st) {
+  if (st->owns_out && st->out) fclose(st->out);
+  st->out = stderr;
+  st->owns_out = 0;
+}
+
+/* resil.log.output("stderr" | "stdout" | path): lines are appended to path */
+static int log_output(lua_State *L) {
+  log_state *st = lua_touserdata(L, STATE_UPVALUE);
+  const char *where = luaL_checkstring(L, 1);
+  if (strcmp(where, "stderr") == 0 || strcmp(where, "stdout") == 0) {
+    close_output(st);
+    st->out = where[3] == 'e' ? stderr : stdout;
+    return 0;
+  }
+  FILE *f = fopen(where, "a");
+  if (!f) return luaL_error(L, "resil.log.output: cannot open %s: %s", where, strerror(errno));
+  setvbuf(f, NULL, _IOLBF, 0);
+  close_output(st);
+  st->out = f;
+  st->owns_out = 1;
+  return 0;
+}
+
+/* resil.log.redact(value): never print this string again */
+static int log_redact(lua_State *L) {
+  size_t len;
+  luaL_checklstring(L, 1, &len);
+  if (len < 4) return luaL_argerror(L, 1, "a secret shorter than 4 characters cannot be redacted safely");
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, SECRETS_UPVALUE, luaL_len(L, SECRETS_UPVALUE) + 1);
+  return 0;
+}
+
+static int log_state_gc(lua_State *L) {
+  close_output(luaL_checkudata(L, 1, LOG_MT));
+  return 0;
+}
+
+static const luaL_Reg log_functions[] = {{"debug", log_debug},   {"info", log_info},     {"warn", log_warn},
+                                         {"error", log_error},   {"level", log_level},   {"output", log_output},
+                                         {"redact", log_redact}, {NULL, NULL}};
+
+int luaopen_resil_log(lua_State *L) {
+  luaL_newlibtable(L, log_functions);
+  log_state *st = lua_newuserdatauv(L, sizeof *st, 0);
+  st->out = stderr;
+  st->owns_out = 0;
+  st->level = LEVEL_INFO;
+  if (luaL_newmetatable(L, LOG_MT)) {
+    lua_pushcfunction(L, log_state_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  lua_newtable(L); /* secrets */
+  luaL_requiref(L, "cjson", luaopen_cjson, 0);
+  lua_getfield(L, -1, "encode");
+  lua_remove(L, -2);
+  luaL_setfuncs(L, log_functions, 3);
+  return 1;
+}

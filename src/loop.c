@@ -1,0 +1,706 @@
+/*
+ * loop.c: the task scheduler, the host clock (real or virtual) and timers.
+ *
+ * Every script runs in a coroutine (a task). A primitive that waits records
+ * how to cancel its wait (task_wait), starts its event and yields with a
+ * continuation; the event's callback calls task_wake, which queues the task;
+ * the loop resumes queued tasks and the continuation pushes the results from
+ * the state the callback left behind (OpenResty's "retval" pattern). Results
+ * are therefore built inside the coroutine, under its protection.
+ *
+ * The virtual clock: when no task is ready and no real I/O is in flight (or
+ * none arrived for a short grace period), time jumps to the earliest virtual
+ * timer. libevent cannot run on a fake clock, so virtual timers live in a
+ * small binary heap here; real timers are libevent's.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "host.h"
+
+#define TASK_MT "resil.Task"
+#define HEAP_NONE ((size_t)-1)
+#define VIRTUAL_GRACE_USEC 10000
+
+typedef enum { TASK_READY, TASK_RUNNING, TASK_WAITING, TASK_DONE } task_state;
+
+struct task {
+  resil_t *R;
+  lua_State *co;
+  int ref_self, ref_co, ref_ctx;
+  int id;
+  task_state state;
+  int nargs;               /* values on co's stack for the next resume */
+  task *next_ready;
+  void (*cancel_wait)(void *);
+  void *wait_arg;
+  task **joiners;          /* tasks blocked in join on this one */
+  int njoiners, cap_joiners;
+  task *joining;           /* the task this one is blocked on */
+  resil_timer timer;       /* sleep and join timeouts */
+  int timed_out;
+  int failed, canceled, joined;
+  int nres;                /* results (or 1 error) at the top of co */
+  char *traceback;
+  char where[96];
+};
+
+/* ---------- clock ---------- */
+
+static double monotonic_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+double resil_now(resil_t *R) {
+  return R->virtual_clock ? R->virtual_now : monotonic_seconds();
+}
+
+/* ---------- virtual timer heap, ordered by (deadline, seq) ---------- */
+
+static int timer_before(const resil_timer *a, const resil_timer *b) {
+  return a->deadline < b->deadline || (a->deadline == b->deadline && a->seq < b->seq);
+}
+
+static void heap_set(resil_t *R, size_t i, resil_timer *tm) {
+  R->vheap[i] = tm;
+  tm->heap_index = i;
+}
+
+static void heap_sift_up(resil_t *R, size_t i) {
+  resil_timer *tm = R->vheap[i];
+  while (i > 0) {
+    size_t parent = (i - 1) / 2;
+    if (!timer_before(tm, R->vheap[parent])) break;
+    heap_set(R, i, R->vheap[parent]);
+    i = parent;
+  }
+  heap_set(R, i, tm);
+}
+
+static void heap_sift_down(resil_t *R, size_t i) {
+  resil_timer *tm = R->vheap[i];
+  for (;;) {
+    size_t child = 2 * i + 1;
+    if (child >= R->vheap_len) break;
+    if (child + 1 < R->vheap_len && timer_before(R->vheap[child + 1], R->vheap[child])) child++;
+    if (!timer_before(R->vheap[child], tm)) break;
+    heap_set(R, i, R->vheap[child]);
+    i = child;
+  }
+  heap_set(R, i, tm);
+}
+
+static int heap_push(resil_t *R, resil_timer *tm) {
+  if (R->vheap_len == R->vheap_cap) {
+    size_t cap = R->vheap_cap ? R->vheap_cap * 2 : 64;
+    resil_timer **grown = realloc(R->vheap, cap * sizeof *grown);
+    if (!grown) return -1;
+    R->vheap = grown;
+    R->vheap_cap = cap;
+  }
+  heap_set(R, R->vheap_len++, tm);
+  heap_sift_up(R, tm->heap_index);
+  return 0;
+}
+
+static void heap_remove(resil_t *R, resil_timer *tm) {
+  size_t i = tm->heap_index;
+  resil_timer *last = R->vheap[--R->vheap_len];
+  tm->heap_index = HEAP_NONE;
+  if (i == R->vheap_len) return;
+  heap_set(R, i, last);
+  heap_sift_up(R, i);
+  heap_sift_down(R, last->heap_index);
+}
+
+/* ---------- timers ---------- */
+
+static void real_timer_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  resil_timer *tm = arg;
+  tm->armed = 0;
+  tm->fn(tm->arg);
+}
+
+void timer_init(resil_t *R, resil_timer *tm, resil_timer_fn fn, void *arg) {
+  memset(tm, 0, sizeof *tm);
+  tm->R = R;
+  tm->fn = fn;
+  tm->arg = arg;
+  tm->heap_index = HEAP_NONE;
+}
+
+void timer_start(resil_timer *tm, double seconds) {
+  resil_t *R = tm->R;
+  timer_stop(tm);
+  if (seconds < 0) seconds = 0;
+  if (R->virtual_clock) {
+    tm->deadline = R->virtual_now + seconds;
+    tm->seq = R->timer_seq++;
+    if (heap_push(R, tm) != 0) return; /* out of memory: the timer never fires */
+  } else {
+    if (!tm->ev) tm->ev = evtimer_new(R->base, real_timer_cb, tm);
+    if (!tm->ev) return;
+    if (seconds > 1e9) seconds = 1e9;
+    struct timeval tv = {(time_t)seconds, (suseconds_t)((seconds - (double)(time_t)seconds) * 1e6)};
+    evtimer_add(tm->ev, &tv);
+  }
+  tm->armed = 1;
+}
+
+void timer_stop(resil_timer *tm) {
+  if (!tm->armed) return;
+  if (tm->heap_index != HEAP_NONE) heap_remove(tm->R, tm);
+  if (tm->ev) evtimer_del(tm->ev);
+  tm->armed = 0;
+}
+
+void timer_free(resil_timer *tm) {
+  timer_stop(tm);
+  if (tm->ev) event_free(tm->ev);
+  tm->ev = NULL;
+}
+
+/* Fire the earliest virtual timer, moving the clock to its deadline. */
+static void virtual_advance(resil_t *R) {
+  resil_timer *tm = R->vheap[0];
+  heap_remove(R, tm);
+  if (tm->deadline > R->virtual_now) R->virtual_now = tm->deadline;
+  tm->armed = 0;
+  tm->fn(tm->arg);
+}
+
+static void clock_set_virtual(resil_t *R, int on) {
+  if (on == R->virtual_clock) return;
+  if (on) {
+    R->virtual_now = monotonic_seconds();
+    R->virtual_clock = 1;
+    return;
+  }
+  /* back to real time: pending virtual timers keep their remaining delay */
+  R->virtual_clock = 0;
+  while (R->vheap_len > 0) {
+    resil_timer *tm = R->vheap[0];
+    double remaining = tm->deadline - R->virtual_now;
+    heap_remove(R, tm);
+    tm->armed = 0;
+    timer_start(tm, remaining);
+  }
+}
+
+/* ---------- tasks ---------- */
+
+static task *task_of(lua_State *L) { return *(task **)lua_getextraspace(L); }
+
+int task_id(const task *t) { return t->id; }
+task *task_running(lua_State *L) { return task_of(L); }
+int task_context_ref(const task *t) { return t->ref_ctx; }
+
+task *task_current(lua_State *L, const char *what) {
+  task *t = task_of(L);
+  if (!t || t->state != TASK_RUNNING || !lua_isyieldable(L))
+    luaL_error(L, "%s must be called from a task (resil.spawn), not from a plain coroutine, "
+                  "a metamethod or a C callback", what);
+  return t;
+}
+
+static void ready_push(resil_t *R, task *t) {
+  t->state = TASK_READY;
+  t->next_ready = NULL;
+  if (R->ready_tail) R->ready_tail->next_ready = t;
+  else R->ready_head = t;
+  R->ready_tail = t;
+}
+
+static void ready_remove(resil_t *R, task *t) {
+  task **p = &R->ready_head, *prev = NULL;
+  while (*p && *p != t) prev = *p, p = &(*p)->next_ready;
+  if (!*p) return;
+  *p = t->next_ready;
+  if (R->ready_tail == t) R->ready_tail = prev;
+  t->next_ready = NULL;
+}
+
+void task_wait(task *t, void (*cancel)(void *), void *arg) {
+  t->state = TASK_WAITING;
+  t->cancel_wait = cancel;
+  t->wait_arg = arg;
+}
+
+void task_wake(task *t) {
+  if (t->state != TASK_WAITING) return;
+  t->cancel_wait = NULL;
+  t->wait_arg = NULL;
+  t->nargs = 0;
+  ready_push(t->R, t);
+}
+
+static void joiners_remove(task *target, task *joiner) {
+  for (int i = 0; i < target->njoiners; i++) {
+    if (target->joiners[i] == joiner) {
+      target->joiners[i] = target->joiners[--target->njoiners];
+      return;
+    }
+  }
+}
+
+/* The task has finished: wake its joiners and let it be collected. */
+static void task_done(task *t) {
+  resil_t *R = t->R;
+  t->state = TASK_DONE;
+  timer_stop(&t->timer);
+  for (int i = 0; i < t->njoiners; i++) {
+    task *j = t->joiners[i];
+    j->joining = NULL;
+    timer_stop(&j->timer);
+    task_wake(j);
+  }
+  t->njoiners = 0;
+  R->tasks_alive--;
+  luaL_unref(R->L, LUA_REGISTRYINDEX, t->ref_self);
+  t->ref_self = LUA_NOREF;
+}
+
+/* Build the traceback of a failed task, from the coroutine's own stack. */
+static void task_record_failure(task *t) {
+  lua_State *co = t->co;
+  if (lua_type(co, -1) == LUA_TSTRING) lua_pushvalue(co, -1);
+  else if (!luaL_callmeta(co, -1, "__tostring") || lua_type(co, -1) != LUA_TSTRING)
+    lua_pushfstring(co, "(error object is a %s value)", luaL_typename(co, -1));
+  luaL_traceback(co, co, lua_tostring(co, -1), 0);
+  free(t->traceback);
+  t->traceback = strdup(lua_tostring(co, -1));
+  lua_pop(co, 2);
+  t->failed = 1;
+  t->nres = 1;
+}
+
+static void instruction_hook(lua_State *L, lua_Debug *ar);
+
+static void task_resume(resil_t *R, task *t) {
+  int nres = 0, nargs = t->nargs;
+  t->nargs = 0;
+  t->state = TASK_RUNNING;
+  R->current = t;
+  if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
+  int status = lua_resume(t->co, R->L, nargs, &nres);
+  R->current = NULL;
+  if (status == LUA_YIELD) {
+    if (t->state == TASK_RUNNING) { /* a bare coroutine.yield: let others run */
+      lua_pop(t->co, nres);
+      ready_push(R, t);
+    }
+    return;
+  }
+  if (status == LUA_OK) {
+    t->nres = nres;
+  } else {
+    task_record_failure(t);
+  }
+  task_done(t);
+}
+
+/* Resume the tasks that are ready now; ones woken meanwhile wait a turn so
+ * that I/O is polled between passes. */
+static void run_ready(resil_t *R) {
+  task *last = R->ready_tail;
+  while (R->ready_head) {
+    task *t = R->ready_head;
+    R->ready_head = t->next_ready;
+    if (!R->ready_head) R->ready_tail = NULL;
+    t->next_ready = NULL;
+    task_resume(R, t);
+    if (t == last || R->interrupted) break;
+    if (R->main_task && R->main_task->failed) break;
+  }
+}
+
+static void instruction_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  resil_t *R = resil_from_lua(L);
+  task *t = R->current;
+  /* keep firing on every instruction so that a pcall cannot swallow it */
+  lua_sethook(L, instruction_hook, LUA_MASKCOUNT, 1);
+  if (R->interrupted) luaL_error(L, "interrupted by signal %d", (int)R->interrupted);
+  luaL_error(L, "task %d (%s) ran more than --max-instructions=%ld without yielding",
+             t ? t->id : 0, t ? t->where : "?", R->max_instructions);
+}
+
+/* Called from a signal handler (through resil_interrupt): only a hook. */
+void loop_interrupt_running(resil_t *R) {
+  task *t = R->current;
+  if (t) lua_sethook(t->co, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+static task *check_task(lua_State *L, int idx) {
+  return luaL_checkudata(L, idx, TASK_MT);
+}
+
+static void describe_function(lua_State *L, int idx, char *buf, size_t len) {
+  lua_Debug ar;
+  lua_pushvalue(L, idx);
+  if (lua_getinfo(L, ">S", &ar) && ar.currentline != 0 && ar.what[0] != 'C')
+    snprintf(buf, len, "%s:%d", ar.short_src, ar.linedefined);
+  else
+    snprintf(buf, len, "%s", ar.what[0] == 'C' ? "[C]" : ar.short_src);
+}
+
+/* L stack: fn, args... (nargs of them) -> task userdata */
+static task *task_create(lua_State *L, resil_t *R, int nargs, task *parent) {
+  int fn_index = lua_gettop(L) - nargs;
+  task *t = lua_newuserdatauv(L, sizeof *t, 0);
+  memset(t, 0, sizeof *t);
+  t->R = R;
+  t->ref_self = t->ref_co = t->ref_ctx = LUA_NOREF;
+  timer_init(R, &t->timer, NULL, t);
+  luaL_setmetatable(L, TASK_MT);
+  t->id = ++R->next_task_id;
+  describe_function(L, fn_index, t->where, sizeof t->where);
+
+  t->co = lua_newthread(L);
+  t->ref_co = luaL_ref(L, LUA_REGISTRYINDEX);
+  *(task **)lua_getextraspace(t->co) = t;
+
+  /* log context: a copy of the parent's, so children may extend it */
+  lua_newtable(L);
+  if (parent && parent->ref_ctx != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, parent->ref_ctx);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, -5);
+    }
+    lua_pop(L, 1);
+  }
+  t->ref_ctx = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  /* L stack: fn, args..., task */
+  lua_insert(L, fn_index);
+  lua_xmove(L, t->co, nargs + 1);
+  t->nargs = nargs;
+  lua_pushvalue(L, fn_index);
+  t->ref_self = luaL_ref(L, LUA_REGISTRYINDEX);
+  R->tasks_alive++;
+  ready_push(R, t);
+  return t;
+}
+
+task *task_spawn_main(resil_t *R, int nargs) {
+  task *t = task_create(R->L, R, nargs, NULL);
+  lua_pop(R->L, 1);
+  R->main_task = t;
+  return t;
+}
+
+static int l_spawn(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  task_create(L, R, lua_gettop(L) - 1, task_of(L));
+  return 1;
+}
+
+/* L stack on return: true, results... | false, err */
+static int push_results(lua_State *L, task *t) {
+  lua_State *co = t->co;
+  int n = t->nres, top = lua_gettop(co);
+  t->joined = 1;
+  luaL_checkstack(L, n + 1, "too many results to join");
+  lua_pushboolean(L, !t->failed);
+  for (int i = top - n + 1; i <= top; i++) {
+    lua_pushvalue(co, i);
+    lua_xmove(co, L, 1);
+  }
+  return n + 1;
+}
+
+static void join_timeout_cb(void *arg) {
+  task *me = arg;
+  if (me->joining) joiners_remove(me->joining, me);
+  me->joining = NULL;
+  me->timed_out = 1;
+  task_wake(me);
+}
+
+static void join_cancel(void *arg) {
+  task *me = arg;
+  if (me->joining) joiners_remove(me->joining, me);
+  me->joining = NULL;
+  timer_stop(&me->timer);
+}
+
+static int join_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  task *t = check_task(L, 1), *me = task_of(L);
+  if (me->timed_out) {
+    me->timed_out = 0;
+    return resil_error_result(L, "timeout", "task %d did not finish in time", t->id);
+  }
+  return push_results(L, t);
+}
+
+/* t:join([timeout]) -> true, results... | false, err | nil, err{kind="timeout"} */
+static int task_join(lua_State *L) {
+  task *t = check_task(L, 1);
+  double timeout = luaL_optnumber(L, 2, -1);
+  lua_settop(L, 1);
+  if (t->state == TASK_DONE) return push_results(L, t);
+  task *me = task_current(L, "task:join");
+  if (me == t) return luaL_error(L, "a task cannot join itself");
+  if (t->njoiners == t->cap_joiners) {
+    int cap = t->cap_joiners ? t->cap_joiners * 2 : 4;
+    task **grown = realloc(t->joiners, (size_t)cap * sizeof *grown);
+    if (!grown) return luaL_error(L, "not enough memory");
+    t->joiners = grown;
+    t->cap_joiners = cap;
+  }
+  t->joiners[t->njoiners++] = me;
+  me->joining = t;
+  me->timed_out = 0;
+  if (timeout >= 0) {
+    me->timer.fn = join_timeout_cb;
+    timer_start(&me->timer, timeout);
+  }
+  task_wait(me, join_cancel, me);
+  return lua_yieldk(L, 0, 0, join_k);
+}
+
+/* t:cancel() -> true if it was still running. Its pending wait (a transfer,
+ * a timer) is aborted at once and its to-be-closed variables are closed. */
+static int task_cancel(lua_State *L) {
+  task *t = check_task(L, 1);
+  if (t->state == TASK_DONE) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (t->state == TASK_RUNNING) return luaL_error(L, "a task cannot cancel itself; return or error() instead");
+  if (t->state == TASK_WAITING && t->cancel_wait) t->cancel_wait(t->wait_arg);
+  if (t->state == TASK_READY) ready_remove(t->R, t);
+  t->cancel_wait = NULL;
+  lua_resetthread(t->co);
+  lua_settop(t->co, 0);
+  resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
+  t->failed = t->canceled = 1;
+  t->nres = 1;
+  task_done(t);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int task_status(lua_State *L) {
+  task *t = check_task(L, 1);
+  static const char *const names[] = {"ready", "running", "waiting", "done"};
+  if (t->state == TASK_DONE && t->canceled) lua_pushliteral(L, "canceled");
+  else if (t->state == TASK_DONE && t->failed) lua_pushliteral(L, "failed");
+  else lua_pushstring(L, names[t->state]);
+  return 1;
+}
+
+static int task_getid(lua_State *L) {
+  lua_pushinteger(L, check_task(L, 1)->id);
+  return 1;
+}
+
+static int task_tostring(lua_State *L) {
+  task *t = check_task(L, 1);
+  lua_pushfstring(L, "task %d (%s)", t->id, t->where);
+  return 1;
+}
+
+/* Collected: report a failure nobody looked at, free what C holds. */
+static int task_gc(lua_State *L) {
+  task *t = check_task(L, 1);
+  if (t->failed && !t->joined && !t->canceled && t != t->R->main_task && t->traceback)
+    fprintf(stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, t->where,
+            t->traceback);
+  timer_free(&t->timer);
+  free(t->joiners);
+  t->joiners = NULL;
+  free(t->traceback);
+  t->traceback = NULL;
+  if (t->ref_co != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, t->ref_co);
+  if (t->ref_ctx != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, t->ref_ctx);
+  t->ref_co = t->ref_ctx = LUA_NOREF;
+  return 0;
+}
+
+static void sleep_fired(void *arg) { task_wake(arg); }
+static void sleep_cancel(void *arg) { timer_stop(&((task *)arg)->timer); }
+
+static int sleep_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)L, (void)status, (void)ctx;
+  return 0;
+}
+
+/* resil.sleep(seconds): 0 or less just lets other tasks run. */
+static int l_sleep(lua_State *L) {
+  double seconds = luaL_checknumber(L, 1);
+  task *t = task_current(L, "resil.sleep");
+  if (seconds != seconds) return luaL_argerror(L, 1, "NaN");
+  if (seconds <= 0) return lua_yield(L, 0);
+  t->timer.fn = sleep_fired;
+  timer_start(&t->timer, seconds);
+  task_wait(t, sleep_cancel, t);
+  return lua_yieldk(L, 0, 0, sleep_k);
+}
+
+static int l_yield(lua_State *L) {
+  task_current(L, "resil.yield");
+  return lua_yield(L, 0);
+}
+
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, resil_now(resil_from_lua(L)));
+  return 1;
+}
+
+static int l_running(lua_State *L) {
+  task *t = task_of(L);
+  if (!t || t->ref_self == LUA_NOREF) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref_self);
+  return 1;
+}
+
+/* resil.context([fields]): the current task's log context table */
+static int l_context(lua_State *L) {
+  task *t = task_of(L);
+  if (!t) {
+    lua_newtable(L);
+    return 1;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref_ctx);
+  if (lua_istable(L, 1)) {
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, -4);
+    }
+  }
+  return 1;
+}
+
+static int l_clock_virtual(lua_State *L) {
+  clock_set_virtual(resil_from_lua(L), 1);
+  return 0;
+}
+
+static int l_clock_real(lua_State *L) {
+  clock_set_virtual(resil_from_lua(L), 0);
+  return 0;
+}
+
+static int l_clock_is_virtual(lua_State *L) {
+  lua_pushboolean(L, resil_from_lua(L)->virtual_clock);
+  return 1;
+}
+
+static int l_clock_wall(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+  return 1;
+}
+
+/* ---------- the loop ---------- */
+
+static void grace_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  ((resil_t *)arg)->grace_expired = 1;
+}
+
+static void wake_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)what, (void)arg;
+  char buf[64];
+  while (read(fd, buf, sizeof buf) > 0) {
+  }
+}
+
+void loop_init(resil_t *R) {
+  R->grace_ev = evtimer_new(R->base, grace_cb, R);
+  if (R->wake_pipe[0] >= 0) R->wake_ev = event_new(R->base, R->wake_pipe[0], EV_READ | EV_PERSIST, wake_cb, R);
+  if (R->wake_ev) event_add(R->wake_ev, NULL);
+}
+
+void loop_free(resil_t *R) {
+  if (R->grace_ev) event_free(R->grace_ev);
+  if (R->wake_ev) event_free(R->wake_ev);
+  R->grace_ev = R->wake_ev = NULL;
+  free(R->vheap);
+  R->vheap = NULL;
+  R->vheap_len = R->vheap_cap = 0;
+}
+
+/* Wait for I/O; on the virtual clock, jump to the next timer once idle. */
+static void loop_wait(resil_t *R) {
+  if (!R->virtual_clock || R->vheap_len == 0) {
+    event_base_loop(R->base, EVLOOP_ONCE);
+    return;
+  }
+  if (R->io_pending == 0) {
+    event_base_loop(R->base, EVLOOP_NONBLOCK);
+  } else {
+    struct timeval grace = {0, VIRTUAL_GRACE_USEC};
+    R->grace_expired = 0;
+    evtimer_add(R->grace_ev, &grace);
+    event_base_loop(R->base, EVLOOP_ONCE);
+    evtimer_del(R->grace_ev);
+    if (!R->grace_expired) return;
+  }
+  if (!R->ready_head && R->vheap_len > 0 && !R->interrupted) virtual_advance(R);
+}
+
+int loop_run(resil_t *R) {
+  while (R->tasks_alive > 0 && !R->interrupted) {
+    if (R->main_task && R->main_task->failed) break;
+    if (R->ready_head) {
+      run_ready(R);
+      if (R->ready_head && !R->interrupted) event_base_loop(R->base, EVLOOP_NONBLOCK);
+    } else {
+      loop_wait(R);
+    }
+  }
+  if (R->interrupted) {
+    char msg[64];
+    snprintf(msg, sizeof msg, "interrupted by signal %d", (int)R->interrupted);
+    resil_set_error(R, msg);
+    return RESIL_ERR_INTERRUPT;
+  }
+  task *m = R->main_task;
+  if (m && m->failed) {
+    resil_set_error(R, m->traceback ? m->traceback : "main task failed");
+    m->joined = 1;
+    return RESIL_ERR_SCRIPT;
+  }
+  return RESIL_OK;
+}
+
+static const luaL_Reg task_methods[] = {
+  {"join", task_join}, {"cancel", task_cancel}, {"status", task_status}, {"id", task_getid}, {NULL, NULL}};
+
+static const luaL_Reg task_meta[] = {{"__tostring", task_tostring}, {"__gc", task_gc}, {NULL, NULL}};
+
+static const luaL_Reg loop_functions[] = {{"spawn", l_spawn},     {"sleep", l_sleep},     {"yield", l_yield},
+                                          {"now", l_now},         {"running", l_running}, {"context", l_context},
+                                          {NULL, NULL}};
+
+static const luaL_Reg clock_functions[] = {{"virtual", l_clock_virtual}, {"real", l_clock_real},
+                                           {"is_virtual", l_clock_is_virtual}, {"wall", l_clock_wall},
+                                           {"now", l_now}, {NULL, NULL}};
+
+int luaopen_resil_loop(lua_State *L) {
+  luaL_newmetatable(L, TASK_MT);
+  luaL_setfuncs(L, task_meta, 0);
+  luaL_newlib(L, task_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_newlib(L, loop_functions);
+  luaL_newlib(L, clock_functions);
+  lua_setfield(L, -2, "clock");
+  return 1;
+}

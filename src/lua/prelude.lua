@@ -1,0 +1,209 @@
+-- The Lua half of the host: what is clearer in Lua than in C, built only on
+-- the C primitives. Compiled into the binary; runs once per host.
+local resil, mock_source = ...
+local http, json, log = resil.http, resil.json, resil.log
+local pack, unpack = table.pack, table.unpack
+
+-- Cancel the given tasks when the enclosing scope closes: if the caller is
+-- itself canceled (or times out), the work it started does not run on.
+local function cancel_on_close(tasks)
+  return setmetatable({}, {
+    __close = function()
+      for i = 1, #tasks do tasks[i]:cancel() end
+    end,
+  })
+end
+
+-- resil.timeout(seconds, fn, ...) -> fn's results | nil, err{kind="timeout"}
+-- fn runs as a child task; on timeout it is canceled, which aborts its I/O.
+function resil.timeout(seconds, fn, ...)
+  if type(seconds) ~= "number" or seconds < 0 then
+    error("resil.timeout: seconds must be a number >= 0", 2)
+  end
+  if type(fn) ~= "function" then error("resil.timeout: fn must be a function", 2) end
+  local child = resil.spawn(fn, ...)
+  local guard <close> = cancel_on_close({ child })
+  local r = pack(child:join(seconds))
+  if r[1] == nil then
+    child:cancel()
+    return nil, resil.error("timeout", ("timed out after %g s"):format(seconds), { timeout = seconds })
+  end
+  if r[1] == false then error(r[2], 0) end
+  return unpack(r, 2, r.n)
+end
+
+local function progress_bar(label, total)
+  local last = -1
+  return function(done, failed, final)
+    local now = resil.clock.wall()
+    if not final and now - last < 0.1 then return end
+    last = now
+    local width = 30
+    local filled = total > 0 and math.floor(width * done / total) or width
+    io.stderr:write(("\r%s [%s%s] %d/%d%s"):format(label, ("#"):rep(filled), ("."):rep(width - filled),
+      done, total, failed > 0 and (" (%d failed)"):format(failed) or ""))
+    if final then io.stderr:write("\n") end
+    io.stderr:flush()
+  end
+end
+
+-- resil.map(items, fn, {concurrency=32, progress="label"}) -> results, failures
+-- results[i] is fn(items[i], i); failures is nil, or {[i] = err} for the
+-- items whose fn raised or returned nil, err. Order follows items.
+function resil.map(items, fn, opts)
+  if type(items) ~= "table" then error("resil.map: items must be a table", 2) end
+  if type(fn) ~= "function" then error("resil.map: fn must be a function", 2) end
+  opts = opts or {}
+  local n = #items
+  local concurrency = opts.concurrency or 32
+  if type(concurrency) ~= "number" or concurrency < 1 then
+    error("resil.map: concurrency must be a number >= 1", 2)
+  end
+  concurrency = math.min(math.floor(concurrency), math.max(n, 1))
+  local progress = opts.progress and resil.isatty(2) and progress_bar(tostring(opts.progress), n)
+  local results, failures = {}, nil
+  local next_index, done, failed = 0, 0, 0
+
+  local function worker()
+    while next_index < n do
+      next_index = next_index + 1
+      local i = next_index
+      resil.context({ item = i })
+      local ok, value, err = pcall(fn, items[i], i)
+      if not ok then value, err = nil, value end
+      if value == nil and err ~= nil then
+        failures = failures or {}
+        failures[i] = err
+        failed = failed + 1
+      else
+        results[i] = value
+      end
+      done = done + 1
+      if progress then progress(done, failed) end
+    end
+  end
+
+  local workers = {}
+  local guard <close> = cancel_on_close(workers)
+  for w = 1, concurrency do workers[w] = resil.spawn(worker) end
+  for w = 1, concurrency do workers[w]:join() end
+  if progress then progress(done, failed, true) end
+  return results, failures
+end
+
+-- resil.secret(name): the environment variable's value, registered so that
+-- logs never print it.
+function resil.secret(name)
+  if type(name) ~= "string" then error("resil.secret: name must be a string", 2) end
+  local value = os.getenv(name)
+  if value == nil or value == "" then
+    return nil, resil.error("missing_secret", name .. " is not set in the environment")
+  end
+  if #value >= 4 then log.redact(value) end
+  return value
+end
+
+-- Server-sent events: feed chunks, get {event=, data=, id=} per event.
+local function sse_parser(on_event)
+  local pending = ""
+  return function(chunk)
+    pending = pending .. chunk:gsub("\r\n", "\n")
+    while true do
+      local block, rest = pending:match("^(.-)\n\n(.*)$")
+      if not block then return true end
+      pending = rest
+      local ev, data = {}, {}
+      for line in block:gmatch("[^\n]+") do
+        local field, value = line:match("^([^:]*):? ?(.*)$")
+        if field == "data" then data[#data + 1] = value
+        elseif field == "event" or field == "id" or field == "retry" then ev[field] = value end
+      end
+      if #data > 0 or ev.event then
+        ev.data = table.concat(data, "\n")
+        if on_event(ev) == false then return false end
+      end
+    end
+  end
+end
+
+local function with_json_body(req)
+  local copy = {}
+  for k, v in pairs(req) do copy[k] = v end
+  copy.json = nil
+  local ok, body = pcall(json.encode, req.json)
+  if not ok then error("http request: cannot encode 'json': " .. tostring(body), 3) end
+  copy.body = body
+  copy.method = req.method or "POST"
+  local headers, has_type = {}, false
+  for k, v in pairs(req.headers or {}) do
+    headers[k] = v
+    if type(k) == "string" and k:lower() == "content-type" then has_type = true end
+  end
+  if not has_type then headers["content-type"] = "application/json" end
+  copy.headers = headers
+  return copy
+end
+
+local function stream_request(req)
+  local on_chunk = req.on_chunk
+  if req.on_event then on_chunk = sse_parser(req.on_event) end
+  local s, err = http.stream(req)
+  if not s then return nil, err end
+  local body = {}
+  while true do
+    local chunk, read_err = s:read()
+    if chunk == nil then
+      if read_err then return nil, read_err end
+      break
+    end
+    if on_chunk(chunk) == false then
+      s:close()
+      break
+    end
+    if req.keep_body then body[#body + 1] = chunk end
+  end
+  local res = s.response
+  res.body = table.concat(body)
+  return res
+end
+
+-- resil.http.request{...} -> res | nil, err. Adds to the C transfer:
+-- json = table (encoded, content-type set, POST by default),
+-- on_chunk = function(chunk) / on_event = function(sse_event) for streams;
+-- either callback may return false to stop reading.
+function http.request(req)
+  if type(req) ~= "table" then
+    error(("bad argument #1 to 'request' (table expected, got %s)"):format(type(req)), 2)
+  end
+  if req.json ~= nil then
+    if req.body ~= nil then error("http request: give 'body' or 'json', not both", 2) end
+    req = with_json_body(req)
+  end
+  if req.on_chunk or req.on_event then return stream_request(req) end
+  return http.perform(req)
+end
+
+-- resil.reload(): re-load every loaded policy module into a fresh table and
+-- swap them in only when all load; calls running keep the old version.
+function resil.reload()
+  local fresh, names = {}, {}
+  for name in pairs(package.loaded) do
+    if type(name) == "string" and name:match("^policies%.") then names[#names + 1] = name end
+  end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local loader, where
+    for i = 2, #package.searchers do
+      loader, where = package.searchers[i](name)
+      if type(loader) == "function" then break end
+    end
+    if type(loader) ~= "function" then return false, ("reload: %s: not found"):format(name) end
+    local ok, mod = pcall(loader, name, where)
+    if not ok then return false, ("reload: %s"):format(tostring(mod)) end
+    fresh[name] = mod == nil and true or mod
+  end
+  for name, mod in pairs(fresh) do package.loaded[name] = mod end
+  return true, names
+end
+
+resil.mock = assert(load(mock_source, "=[resil mock]"))(resil)

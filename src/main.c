@@ -1,0 +1,230 @@
+/*
+ * main.c: the resil-lua command, shaped like Lua's lua.c, and the first
+ * client of the embedding API in resil.h.
+ *
+ *   resil-lua [options] script.lua [args...]
+ *   resil-lua mock [scenario.lua] [--port N] [--host ADDR]
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "resil.h"
+
+#define PROGNAME "resil-lua"
+
+/* The one C global: the host a signal handler interrupts (as lua.c does). */
+static resil_t *signal_target;
+static volatile sig_atomic_t received_signal;
+
+static void on_signal(int signo) {
+  signal(signo, SIG_DFL); /* a second signal kills at once */
+  received_signal = signo;
+  if (signal_target) resil_interrupt(signal_target, signo);
+}
+
+static void usage(FILE *out) {
+  fprintf(out,
+          "usage: " PROGNAME " [options] [script [args...]]\n"
+          "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR]\n"
+          "Options:\n"
+          "  -e CODE                 run CODE (before the script, if any)\n"
+          "  -                       read the script from stdin\n"
+          "  --                      stop handling options\n"
+          "  --virtual-clock         start on the virtual clock (sleeps and timeouts are instant)\n"
+          "  --max-instructions N    stop a task that runs N instructions without yielding\n"
+          "  --max-memory SIZE       cap the Lua state's memory (e.g. 64M, 1G)\n"
+          "  --policies DIR          search DIR first for require \"policies.x\"\n"
+          "  --log-file PATH         append JSON log lines to PATH (default stderr)\n"
+          "  --log-level LEVEL       debug | info | warn | error | off\n"
+          "  -v, --version           print the version\n"
+          "  -h, --help              print this help\n");
+}
+
+static int fail(const char *fmt, const char *arg) {
+  fprintf(stderr, PROGNAME ": ");
+  fprintf(stderr, fmt, arg);
+  fprintf(stderr, "\n");
+  return 1;
+}
+
+static int parse_size(const char *s, size_t *out) {
+  char *end;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (errno || end == s || v <= 0) return -1;
+  switch (*end) {
+  case 'k': case 'K': v *= 1024; end++; break;
+  case 'm': case 'M': v *= 1024 * 1024; end++; break;
+  case 'g': case 'G': v *= 1024.0 * 1024 * 1024; end++; break;
+  default: break;
+  }
+  if (*end == 'B' || *end == 'b') end++;
+  if (*end != '\0') return -1;
+  *out = (size_t)v;
+  return 0;
+}
+
+static int parse_count(const char *s, long *out) {
+  char *end;
+  errno = 0;
+  long v = strtol(s, &end, 10);
+  if (errno || end == s || *end || v <= 0) return -1;
+  *out = v;
+  return 0;
+}
+
+/* Many concurrent transfers need many descriptors: take what we may. */
+static void raise_fd_limit(void) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+static int report(resil_t *R, int status) {
+  if (status == RESIL_OK) return 0;
+  fprintf(stderr, PROGNAME ": %s\n", resil_error(R));
+  return 1;
+}
+
+static const char mock_driver[] =
+  "local resil = require 'resil'\n"
+  "local path, port, host = arg[1], tonumber(arg[2]), arg[3]\n"
+  "local scenario = {}\n"
+  "if path then\n"
+  "  local chunk, err = loadfile(path)\n"
+  "  if not chunk then error(err, 0) end\n"
+  "  scenario = chunk()\n"
+  "  if type(scenario) ~= 'table' then error(path .. ': a scenario file must return a table', 0) end\n"
+  "end\n"
+  "local m = resil.mock.start(scenario, { port = port, host = host })\n"
+  "io.stdout:write(m.url, '\\n')\n"
+  "io.stdout:flush()\n"
+  "resil.sleep(math.huge)\n";
+
+static int run_mock(int argc, char **argv) {
+  const char *scenario = NULL, *port = "0", *host = "127.0.0.1";
+  for (int i = 0; i < argc; i++) {
+    if (strcmp(argv[i], "--port") == 0 && i + 1 < argc) port = argv[++i];
+    else if (strcmp(argv[i], "--host") == 0 && i + 1 < argc) host = argv[++i];
+    else if (argv[i][0] == '-') return fail("mock: unknown option '%s' (try --help)", argv[i]);
+    else if (!scenario) scenario = argv[i];
+    else return fail("mock: unexpected argument '%s'", argv[i]);
+  }
+  long port_number;
+  if (strcmp(port, "0") != 0 && (parse_count(port, &port_number) != 0 || port_number > 65535))
+    return fail("mock: bad port '%s'", port);
+  resil_t *R = resil_open(NULL);
+  if (!R) return fail("%s", "cannot create the host");
+  lua_State *L = resil_lua(R);
+  lua_createtable(L, 3, 1);
+  lua_pushliteral(L, "mock");
+  lua_rawseti(L, -2, 0);
+  if (scenario) lua_pushstring(L, scenario);
+  else lua_pushnil(L);
+  lua_rawseti(L, -2, 1);
+  lua_pushstring(L, port);
+  lua_rawseti(L, -2, 2);
+  lua_pushstring(L, host);
+  lua_rawseti(L, -2, 3);
+  lua_setglobal(L, "arg");
+  signal_target = R;
+  int status = resil_load_string(R, mock_driver, "=mock");
+  if (status == RESIL_OK) status = resil_run(R);
+  int code = status == RESIL_ERR_INTERRUPT ? 0 : report(R, status);
+  signal_target = NULL;
+  resil_close(R);
+  return code;
+}
+
+int main(int argc, char **argv) {
+  resil_options opts = {0};
+  const char *codes[64];
+  int ncodes = 0, i = 1;
+
+  if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
+
+  for (; i < argc; i++) {
+    const char *a = argv[i];
+    const char *next = i + 1 < argc ? argv[i + 1] : NULL;
+    if (a[0] != '-' || strcmp(a, "-") == 0) break;
+    if (strcmp(a, "--") == 0) {
+      i++;
+      break;
+    }
+    if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+      usage(stdout);
+      return 0;
+    }
+    if (strcmp(a, "-v") == 0 || strcmp(a, "--version") == 0) {
+      printf(PROGNAME " " RESIL_VERSION " (" LUA_RELEASE ")\n");
+      return 0;
+    }
+    if (strcmp(a, "--virtual-clock") == 0) {
+      opts.virtual_clock = 1;
+      continue;
+    }
+    if (strcmp(a, "-e") == 0 || strcmp(a, "--max-instructions") == 0 || strcmp(a, "--max-memory") == 0 ||
+        strcmp(a, "--policies") == 0 || strcmp(a, "--log-file") == 0 || strcmp(a, "--log-level") == 0) {
+      if (!next) return fail("option '%s' needs an argument", a);
+      i++;
+      if (a[1] == 'e') {
+        if (ncodes == (int)(sizeof codes / sizeof codes[0])) return fail("%s", "too many -e options");
+        codes[ncodes++] = next;
+      } else if (strcmp(a, "--max-instructions") == 0) {
+        if (parse_count(next, &opts.max_instructions) != 0) return fail("--max-instructions: bad count '%s'", next);
+      } else if (strcmp(a, "--max-memory") == 0) {
+        if (parse_size(next, &opts.max_memory) != 0) return fail("--max-memory: bad size '%s' (try 64M)", next);
+      } else if (strcmp(a, "--policies") == 0) {
+        opts.policies_dir = next;
+      } else if (strcmp(a, "--log-file") == 0) {
+        opts.log_file = next;
+      } else {
+        static const char *const levels[] = {"debug", "info", "warn", "error", "off"};
+        int ok = 0;
+        for (int k = 0; k < 5; k++) ok |= strcmp(next, levels[k]) == 0;
+        if (!ok) return fail("--log-level: unknown level '%s' (debug, info, warn, error, off)", next);
+        opts.log_level = next;
+      }
+      continue;
+    }
+    fprintf(stderr, PROGNAME ": unknown option '%s'\n", a);
+    usage(stderr);
+    return 1;
+  }
+  const char *script = i < argc ? argv[i++] : NULL;
+  if (!script && ncodes == 0) {
+    usage(stderr);
+    return 1;
+  }
+
+  raise_fd_limit();
+  resil_t *R = resil_open(&opts);
+  if (!R) return fail("%s", "cannot create the host (out of memory?)");
+  signal_target = R;
+  signal(SIGINT, on_signal);
+  signal(SIGTERM, on_signal);
+
+  int status = RESIL_OK;
+  for (int k = 0; k < ncodes && status == RESIL_OK; k++) {
+    status = resil_load_string(R, codes[k], "=(command line)");
+    if (status == RESIL_OK) status = resil_run(R);
+  }
+  if (status == RESIL_OK && script) {
+    status = resil_load_file(R, script, argc - i, argv + i);
+    if (status == RESIL_OK) status = resil_run(R);
+  }
+  int code = report(R, status);
+  if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
+  signal_target = NULL;
+  resil_close(R);
+  return code;
+}

@@ -1,0 +1,445 @@
+/*
+ * resil.c: a host instance. It owns the Lua state (with an optional memory
+ * cap), the libevent loop, the `resil` module and the policy search path, and
+ * turns a script into the first task.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <lualib.h>
+
+#include "host.h"
+
+#ifndef RESIL_SHAREDIR
+#define RESIL_SHAREDIR "/usr/local/share/resil"
+#endif
+
+#define ERROR_MT "resil.Error"
+
+static const char host_key = 'R';
+
+resil_t *resil_from_lua(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &host_key);
+  resil_t *R = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return R;
+}
+
+void resil_set_error(resil_t *R, const char *msg) {
+  char *copy = strdup(msg ? msg : "unknown error");
+  free(R->error);
+  R->error = copy;
+}
+
+const char *resil_error(resil_t *R) { return R->error ? R->error : ""; }
+lua_State *resil_lua(resil_t *R) { return R->L; }
+struct event_base *resil_event_base(resil_t *R) { return R->base; }
+
+/* The memory cap applies to what scripts allocate while a task runs; the
+ * host's own bookkeeping between resumes is never refused, so a cap can make
+ * a task fail but can never corrupt the host. */
+static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  resil_t *R = ud;
+  if (ptr == NULL) osize = 0;
+  if (nsize == 0) {
+    free(ptr);
+    R->mem_used -= osize;
+    return NULL;
+  }
+  if (R->mem_limit && R->current && nsize > osize && R->mem_used + (nsize - osize) > R->mem_limit) return NULL;
+  void *p = realloc(ptr, nsize);
+  if (p) R->mem_used = R->mem_used - osize + nsize;
+  return p;
+}
+
+static int host_panic(lua_State *L) {
+  const char *msg = lua_tostring(L, -1);
+  fprintf(stderr, "resil-lua: PANIC: unprotected error: %s\n", msg ? msg : "?");
+  return 0;
+}
+
+int resil_traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
+    msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  }
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+/* ---------- error values ---------- */
+
+static int error_tostring(lua_State *L) {
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  lua_getfield(L, 1, "kind");
+  luaL_addvalue(&b);
+  luaL_addstring(&b, ": ");
+  lua_getfield(L, 1, "message");
+  if (lua_isnil(L, -1)) lua_pop(L, 1);
+  else luaL_addvalue(&b);
+  lua_getfield(L, 1, "status");
+  if (lua_isinteger(L, -1)) {
+    lua_pushfstring(L, " (status %d)", (int)lua_tointeger(L, -1));
+    lua_remove(L, -2);
+    luaL_addvalue(&b);
+  } else {
+    lua_pop(L, 1);
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
+static void push_error_va(lua_State *L, const char *kind, const char *fmt, va_list ap) {
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, kind);
+  lua_setfield(L, -2, "kind");
+  lua_pushvfstring(L, fmt, ap);
+  lua_setfield(L, -2, "message");
+  luaL_setmetatable(L, ERROR_MT);
+}
+
+void resil_push_error(lua_State *L, const char *kind, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  push_error_va(L, kind, fmt, ap);
+  va_end(ap);
+}
+
+int resil_error_result(lua_State *L, const char *kind, const char *fmt, ...) {
+  va_list ap;
+  lua_pushnil(L);
+  va_start(ap, fmt);
+  push_error_va(L, kind, fmt, ap);
+  va_end(ap);
+  return 2;
+}
+
+/* ---------- require "policies.x": the project's copy before the shipped one ---------- */
+
+static int file_exists(const char *path) {
+  struct stat st;
+  return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static int policy_searcher(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  const char *name = luaL_checkstring(L, 1);
+  if (strncmp(name, "policies.", 9) != 0) return 0;
+  const char *rest = luaL_gsub(L, name + 9, ".", "/");
+  const char *dirs[3] = {R->policies_dir, "policies", NULL};
+  char shipped[PATH_MAX];
+  if (R->share_dir) {
+    snprintf(shipped, sizeof shipped, "%s/policies", R->share_dir);
+    dirs[2] = shipped;
+  }
+  luaL_Buffer tried;
+  luaL_buffinit(L, &tried);
+  for (int i = 0; i < 3; i++) {
+    if (!dirs[i]) continue;
+    const char *path = lua_pushfstring(L, "%s/%s.lua", dirs[i], rest);
+    if (file_exists(path)) {
+      if (luaL_loadfile(L, path) != LUA_OK)
+        return luaL_error(L, "error loading policy '%s':\n\t%s", name, lua_tostring(L, -1));
+      lua_pushstring(L, path);
+      return 2;
+    }
+    lua_pushfstring(L, "\n\tno file '%s'", path);
+    lua_remove(L, -2);
+    luaL_addvalue(&tried);
+  }
+  luaL_pushresult(&tried);
+  return 1;
+}
+
+static void install_policy_searcher(lua_State *L) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "searchers");
+  int n = (int)luaL_len(L, -1);
+  for (int i = n; i >= 2; i--) { /* shift to make room at position 2 */
+    lua_rawgeti(L, -1, i);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_pushcfunction(L, policy_searcher);
+  lua_rawseti(L, -2, 2);
+  lua_pop(L, 2);
+}
+
+/* The shipped policies: next to the binary in a build tree, else installed. */
+static char *find_share_dir(void) {
+  const char *env = getenv("RESIL_HOME");
+  if (env && *env) return strdup(env);
+  char exe[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n > 0) {
+    exe[n] = '\0';
+    char *slash = strrchr(exe, '/');
+    if (slash) {
+      *slash = '\0';
+      char probe[PATH_MAX + 32];
+      snprintf(probe, sizeof probe, "%s/policies", exe);
+      struct stat st;
+      if (stat(probe, &st) == 0 && S_ISDIR(st.st_mode)) return strdup(exe);
+    }
+  }
+  return strdup(RESIL_SHAREDIR);
+}
+
+/* ---------- the resil module ---------- */
+
+static const struct {
+  const char *field; /* NULL: merged into resil itself */
+  lua_CFunction open;
+} primitives[] = {
+  {NULL, luaopen_resil_loop},
+  {"http", luaopen_resil_http},
+  {"json", luaopen_resil_json},
+  {"log", luaopen_resil_log},
+  {"server", luaopen_resil_server},
+};
+
+static int l_error(lua_State *L) {
+  const char *kind = luaL_checkstring(L, 1);
+  const char *message = luaL_optstring(L, 2, kind);
+  if (lua_istable(L, 3)) lua_pushvalue(L, 3);
+  else lua_newtable(L);
+  lua_pushstring(L, kind);
+  lua_setfield(L, -2, "kind");
+  lua_pushstring(L, message);
+  lua_setfield(L, -2, "message");
+  luaL_setmetatable(L, ERROR_MT);
+  return 1;
+}
+
+static int l_is_error(lua_State *L) {
+  int is = 0;
+  if (lua_getmetatable(L, 1)) {
+    luaL_getmetatable(L, ERROR_MT);
+    is = lua_rawequal(L, -1, -2);
+  }
+  lua_pushboolean(L, is);
+  return 1;
+}
+
+static int l_isatty(lua_State *L) {
+  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+  return 1;
+}
+
+static int luaopen_resil(lua_State *L) {
+  luaL_newmetatable(L, ERROR_MT);
+  lua_pushcfunction(L, error_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+
+  lua_newtable(L);
+  for (size_t i = 0; i < sizeof primitives / sizeof primitives[0]; i++) {
+    lua_pushcfunction(L, primitives[i].open);
+    lua_call(L, 0, 1);
+    if (primitives[i].field) {
+      lua_setfield(L, -2, primitives[i].field);
+      continue;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_settable(L, -5);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pushcfunction(L, l_error);
+  lua_setfield(L, -2, "error");
+  lua_pushcfunction(L, l_is_error);
+  lua_setfield(L, -2, "is_error");
+  lua_pushcfunction(L, l_isatty);
+  lua_setfield(L, -2, "isatty");
+  lua_pushliteral(L, RESIL_VERSION);
+  lua_setfield(L, -2, "version");
+
+  /* the Lua half: map, timeout, streaming requests, the mock provider */
+  if (luaL_loadbuffer(L, resil_prelude_lua, strlen(resil_prelude_lua), "=[resil prelude]") != LUA_OK)
+    return lua_error(L);
+  lua_pushvalue(L, -2);
+  lua_pushstring(L, resil_mock_lua);
+  lua_call(L, 2, 0);
+  return 1;
+}
+
+/* ---------- lifecycle ---------- */
+
+resil_t *resil_open(const resil_options *opts) {
+  resil_options defaults = {0};
+  if (!opts) opts = &defaults;
+  resil_t *R = calloc(1, sizeof *R);
+  if (!R) return NULL;
+  R->wake_pipe[0] = R->wake_pipe[1] = -1;
+  R->max_instructions = opts->max_instructions;
+  R->mem_limit = opts->max_memory;
+  if (pipe2(R->wake_pipe, O_NONBLOCK | O_CLOEXEC) != 0) R->wake_pipe[0] = R->wake_pipe[1] = -1;
+  R->base = opts->base;
+  if (!R->base) {
+    R->base = event_base_new();
+    R->owns_base = 1;
+  }
+  R->L = R->base ? lua_newstate(host_alloc, R) : NULL;
+  if (!R->L) {
+    resil_close(R);
+    return NULL;
+  }
+  R->policies_dir = opts->policies_dir ? strdup(opts->policies_dir) : NULL;
+  R->share_dir = find_share_dir();
+  loop_init(R);
+
+  lua_State *L = R->L;
+  lua_atpanic(L, host_panic);
+  lua_pushlightuserdata(L, R);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &host_key);
+  luaL_openlibs(L);
+  install_policy_searcher(L);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushcfunction(L, luaopen_resil);
+  lua_setfield(L, -2, "resil");
+  lua_pop(L, 1);
+
+  /* load resil now so that a broken build fails here, not mid-script */
+  lua_pushcfunction(L, resil_traceback);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil");
+  if (lua_pcall(L, 1, 1, -3) != LUA_OK) {
+    fprintf(stderr, "resil-lua: cannot load the resil module: %s\n", lua_tostring(L, -1));
+    resil_close(R);
+    return NULL;
+  }
+  if (opts->log_file || opts->log_level) {
+    lua_getfield(L, -1, "log");
+    if (opts->log_file) {
+      lua_getfield(L, -1, "output");
+      lua_pushstring(L, opts->log_file);
+      if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        fprintf(stderr, "resil-lua: %s\n", lua_tostring(L, -1));
+        lua_pop(L, 1);
+      }
+    }
+    if (opts->log_level) {
+      lua_getfield(L, -1, "level");
+      lua_pushstring(L, opts->log_level);
+      if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        fprintf(stderr, "resil-lua: %s\n", lua_tostring(L, -1));
+        lua_pop(L, 1);
+      }
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 2);
+  if (opts->virtual_clock) {
+    R->virtual_clock = 1;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    R->virtual_now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+  }
+  return R;
+}
+
+/* L stack: chunk -> (queued as the main task) */
+static int start_main(resil_t *R, int argc, char **argv, const char *script) {
+  lua_State *L = R->L;
+  lua_createtable(L, argc, 1);
+  lua_pushstring(L, script);
+  lua_rawseti(L, -2, 0);
+  for (int i = 0; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setglobal(L, "arg");
+  for (int i = 0; i < argc; i++) lua_pushstring(L, argv[i]);
+  task_spawn_main(R, argc);
+  return RESIL_OK;
+}
+
+int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
+  int is_stdin = path == NULL || strcmp(path, "-") == 0;
+  if (!is_stdin) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+      char msg[PATH_MAX + 64];
+      snprintf(msg, sizeof msg, "cannot open %s: %s", path, strerror(errno));
+      resil_set_error(R, msg);
+      return RESIL_ERR_FILE;
+    }
+    fclose(f);
+  }
+  if (luaL_loadfile(R->L, is_stdin ? NULL : path) != LUA_OK) {
+    resil_set_error(R, lua_tostring(R->L, -1));
+    lua_pop(R->L, 1);
+    return RESIL_ERR_SCRIPT;
+  }
+  return start_main(R, argc, argv, is_stdin ? "-" : path);
+}
+
+int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
+  if (luaL_loadbuffer(R->L, code, strlen(code), chunkname ? chunkname : "=(string)") != LUA_OK) {
+    resil_set_error(R, lua_tostring(R->L, -1));
+    lua_pop(R->L, 1);
+    return RESIL_ERR_SCRIPT;
+  }
+  task_spawn_main(R, 0);
+  return RESIL_OK;
+}
+
+int resil_run(resil_t *R) {
+  R->status = loop_run(R);
+  return R->status;
+}
+
+void resil_interrupt(resil_t *R, int signo) {
+  R->interrupted = signo ? signo : SIGINT;
+  loop_interrupt_running(R);
+  if (R->wake_pipe[1] >= 0) {
+    ssize_t ignored = write(R->wake_pipe[1], "!", 1);
+    (void)ignored;
+  }
+}
+
+/* Re-load every loaded policy module into a fresh environment; swap them in
+ * only if all of them load, so a broken edit leaves the old version serving. */
+int resil_reload(resil_t *R) {
+  lua_State *L = R->L;
+  lua_pushcfunction(L, resil_traceback);
+  if (luaL_loadstring(L, "return require('resil').reload()") != LUA_OK || lua_pcall(L, 0, 2, -2) != LUA_OK) {
+    resil_set_error(R, lua_tostring(L, -1));
+    lua_pop(L, 2);
+    return RESIL_ERR_SCRIPT;
+  }
+  int ok = lua_toboolean(L, -2);
+  if (!ok) resil_set_error(R, lua_tostring(L, -1));
+  lua_pop(L, 3);
+  return ok ? RESIL_OK : RESIL_ERR_SCRIPT;
+}
+
+void resil_close(resil_t *R) {
+  if (!R) return;
+  if (R->L) {
+    R->current = NULL;
+    lua_close(R->L);
+  }
+  R->L = NULL;
+  http_free(R);
+  loop_free(R);
+  if (R->base && R->owns_base) event_base_free(R->base);
+  if (R->wake_pipe[0] >= 0) close(R->wake_pipe[0]);
+  if (R->wake_pipe[1] >= 0) close(R->wake_pipe[1]);
+  free(R->policies_dir);
+  free(R->share_dir);
+  free(R->error);
+  free(R);
+}
