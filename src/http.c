@@ -400,9 +400,9 @@ static double opt_seconds(lua_State *L, int t, const char *field, double dflt) {
   int type = lua_getfield(L, t, field);
   double v = dflt;
   if (type == LUA_TNUMBER) v = lua_tonumber(L, -1);
-  else if (type != LUA_TNIL) luaL_error(L, "http request: '%s' must be a number of seconds", field);
+  else if (type != LUA_TNIL) resil_raise(L, "http request: '%s' must be a number of seconds", field);
   lua_pop(L, 1);
-  if (v != v || v < 0) luaL_error(L, "http request: '%s' must be >= 0", field);
+  if (v != v || v < 0) resil_raise(L, "http request: '%s' must be >= 0", field);
   return v;
 }
 
@@ -410,7 +410,7 @@ static const char *opt_string(lua_State *L, int t, const char *field) {
   int type = lua_getfield(L, t, field);
   const char *s = NULL;
   if (type == LUA_TSTRING) s = lua_tostring(L, -1);
-  else if (type != LUA_TNIL) luaL_error(L, "http request: '%s' must be a string", field);
+  else if (type != LUA_TNIL) resil_raise(L, "http request: '%s' must be a string", field);
   lua_pop(L, 1); /* the string stays reachable from the request table */
   return s;
 }
@@ -425,7 +425,7 @@ static int opt_flag(lua_State *L, int t, const char *field) {
 static void check_header_text(lua_State *L, const char *name, const char *s, size_t len, const char *what) {
   for (size_t i = 0; i < len; i++)
     if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0')
-      luaL_error(L, "http request: the %s of header '%s' contains a line break or NUL", what, name);
+      resil_raise(L, "http request: the %s of header '%s' contains a line break or NUL", what, name);
 }
 
 static void add_headers(lua_State *L, http_req *r, int t) {
@@ -433,11 +433,11 @@ static void add_headers(lua_State *L, http_req *r, int t) {
   if (type == LUA_TNIL) {
     lua_pop(L, 1);
   } else {
-    if (type != LUA_TTABLE) luaL_error(L, "http request: 'headers' must be a table");
+    if (type != LUA_TTABLE) resil_raise(L, "http request: 'headers' must be a table");
     lua_pushnil(L);
     while (lua_next(L, -2)) {
-      if (lua_type(L, -2) != LUA_TSTRING) luaL_error(L, "http request: header names must be strings");
-      if (!lua_isstring(L, -1)) luaL_error(L, "http request: header '%s' must be a string", lua_tostring(L, -2));
+      if (lua_type(L, -2) != LUA_TSTRING) resil_raise(L, "http request: header names must be strings");
+      if (!lua_isstring(L, -1)) resil_raise(L, "http request: header '%s' must be a string", lua_tostring(L, -2));
       size_t nlen, vlen;
       const char *name = lua_tolstring(L, -2, &nlen);
       const char *value = lua_tolstring(L, -1, &vlen);
@@ -469,12 +469,12 @@ static http_req *request_new(lua_State *L, int stream) {
   r->stream = stream;
 
   const char *url = opt_string(L, 1, "url");
-  if (!url) luaL_error(L, "http request: 'url' is required");
+  if (!url) resil_raise(L, "http request: 'url' is required");
   snprintf(r->url, sizeof r->url, "%s", url);
   CURLU *parsed = curl_url();
   CURLUcode uc = curl_url_set(parsed, CURLUPART_URL, url, 0);
   curl_url_cleanup(parsed);
-  if (uc != CURLUE_OK) luaL_error(L, "http request: bad url '%s': %s", url, curl_url_strerror(uc));
+  if (uc != CURLUE_OK) resil_raise(L, "http request: bad url '%s': %s", url, curl_url_strerror(uc));
 
   const char *method = opt_string(L, 1, "method");
   size_t body_len = 0;
@@ -485,13 +485,13 @@ static http_req *request_new(lua_State *L, int stream) {
     if (!r->req_body) luaL_error(L, "not enough memory");
     memcpy(r->req_body, body, body_len + 1);
   } else if (body_type != LUA_TNIL) {
-    luaL_error(L, "http request: 'body' must be a string (use 'json' for a table)");
+    resil_raise(L, "http request: 'body' must be a string (use 'json' for a table)");
   }
   lua_pop(L, 1);
   if (method) {
     for (const char *c = method; *c; c++)
       if (!((*c >= 'A' && *c <= 'Z') || *c == '-' || *c == '_'))
-        luaL_error(L, "http request: bad method '%s'", method);
+        resil_raise(L, "http request: bad method '%s'", method);
   }
   r->timeout = opt_seconds(L, 1, "timeout", DEFAULT_TIMEOUT);
   r->idle_timeout = opt_seconds(L, 1, "idle_timeout", 0);

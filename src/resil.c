@@ -76,6 +76,28 @@ int resil_traceback(lua_State *L) {
   return 1;
 }
 
+/* Raise a misuse error located at the user's line: frames of the host's own
+ * Lua (the prelude, the mock) and C frames are skipped. */
+int resil_raise(lua_State *L, const char *fmt, ...) {
+  lua_Debug ar;
+  int located = 0;
+  for (int level = 1; lua_getstack(L, level, &ar); level++) {
+    lua_getinfo(L, "Sl", &ar);
+    if (ar.currentline > 0 && strncmp(ar.source, "=[resil", 7) != 0) {
+      lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
+      located = 1;
+      break;
+    }
+  }
+  if (!located) lua_pushliteral(L, "");
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
 /* ---------- error values ---------- */
 
 static int error_tostring(lua_State *L) {

@@ -12,6 +12,7 @@
  * Delays and chunk intervals use host timers (so they follow the virtual
  * clock); nothing blocks: any number of delayed replies can be pending.
  */
+#include <errno.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +40,7 @@ typedef struct pending {
   struct evhttp_connection *conn;
   struct pending *next;
   resil_timer timer;
+  struct event *client_watch; /* notices a client that hangs up while we wait */
   reply_action action;
   int status;
   struct evkeyvalq headers;
@@ -59,6 +61,7 @@ struct server {
 
 static void pending_free(pending *p) {
   timer_free(&p->timer);
+  if (p->client_watch) event_free(p->client_watch);
   evhttp_clear_headers(&p->headers);
   free(p->body);
   for (int i = 0; i < p->nchunks; i++) free(p->chunks[i]);
@@ -85,6 +88,30 @@ static void connection_closed(struct evhttp_connection *conn, void *arg) {
       pp = &p->next;
     }
   }
+}
+
+/* evhttp does not read from a connection while a reply is outstanding, so
+ * it would not notice the client leaving; peek at the socket ourselves. */
+static void client_gone_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)what;
+  pending *p = arg;
+  char c;
+  ssize_t n = recv(fd, &c, 1, MSG_PEEK);
+  if (n > 0) return; /* a pipelined request: not a hang-up; stop watching */
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+    event_add(p->client_watch, NULL);
+    return;
+  }
+  evhttp_connection_free(p->conn); /* its close callback frees p */
+}
+
+static void watch_client(pending *p) {
+  if (p->client_watch) return;
+  struct bufferevent *bev = evhttp_connection_get_bufferevent(p->conn);
+  evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+  if (fd < 0) return;
+  p->client_watch = event_new(p->srv->R->base, fd, EV_READ, client_gone_cb, p);
+  if (p->client_watch) event_add(p->client_watch, NULL);
 }
 
 static void copy_headers(struct evhttp_request *req, struct evkeyvalq *from) {
@@ -123,7 +150,7 @@ static void pending_send(pending *p) {
   struct evhttp_request *req = p->req;
   copy_headers(req, &p->headers);
   switch (p->action) {
-  case REPLY_HANG: return; /* until the client gives up */
+  case REPLY_HANG: watch_client(p); return; /* until the client gives up */
   case REPLY_RESET:
     pending_unlink(p);
     event_base_once(p->srv->R->base, -1, EV_TIMEOUT, reset_later_cb, p->conn, NULL);
@@ -147,6 +174,7 @@ static void pending_send(pending *p) {
   if (p->nchunks > 0) {
     evhttp_send_reply_start(req, p->status, "OK");
     p->started = 1;
+    watch_client(p);
     send_next_chunk(p);
     return;
   }
@@ -323,8 +351,12 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     delay = lua_tonumber(L, -1);
   }
   lua_settop(L, top);
-  if (delay > 0) timer_start(&p->timer, delay);
-  else pending_send(p);
+  if (delay > 0) {
+    watch_client(p);
+    timer_start(&p->timer, delay);
+  } else {
+    pending_send(p);
+  }
 }
 
 /* ---------- Lua API ---------- */

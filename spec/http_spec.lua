@@ -1,0 +1,232 @@
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local http = resil.http
+
+describe("resil.http.request against the mock provider", function()
+  local mock
+  before_each(function()
+    resil.clock.virtual()
+    mock = resil.mock.start({ seed = 7 })
+  end)
+  after_each(function() mock:stop() end)
+
+  it("posts JSON and returns status, lower-cased headers, body and time", function()
+    local res, err = http.request({ url = mock.url .. "/v1/chat/completions",
+      headers = { ["X-Trace"] = "abc" },
+      json = { model = "gpt-4o-mini", messages = { { role = "user", content = "hi" } } } })
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+    assert.are.equal("application/json", res.headers["content-type"])
+    local body = resil.json.decode(res.body)
+    assert.are.equal("gpt-4o-mini", body.model)
+    assert.are.equal("assistant", body.choices[1].message.role)
+    assert.is_number(body.usage.total_tokens)
+    assert.is_number(res.time)
+  end)
+
+  it("supports any method and a raw body", function()
+    local res = http.request({ method = "GET", url = mock.url .. "/nowhere" })
+    assert.are.equal(404, res.status)
+    res = http.request({ method = "POST", url = mock.url .. "/v1/predictions", body = '{"input":{}}' })
+    assert.are.equal(201, res.status)
+  end)
+
+  it("gives kind=connect for a closed port", function()
+    local probe = resil.server.listen({ handler = function() end })
+    local port = probe:port()
+    probe:close()
+    local res, err = http.request({ url = ("http://127.0.0.1:%d/"):format(port) })
+    assert.is_nil(res)
+    assert.are.equal("connect", err.kind)
+    assert.matches("127.0.0.1", err.message)
+  end)
+
+  it("gives kind=timeout when the provider hangs, at exactly the timeout", function()
+    mock:configure({ sequence = { chat = { "hang" } } })
+    local t0 = resil.now()
+    local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {}, timeout = 30 })
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal(30, resil.now() - t0)
+  end)
+
+  it("aborts the transfer for real when resil.timeout fires", function()
+    mock:configure({ sequence = { chat = { "hang" } } })
+    local r, err = resil.timeout(5, http.request, { url = mock.url .. "/v1/chat/completions", json = {} })
+    assert.is_nil(r)
+    assert.are.equal("timeout", err.kind)
+    -- the server sees the client hang up: its pending reply is dropped
+    resil.clock.real()
+    for _ = 1, 100 do
+      if mock.server:pending() == 0 then break end
+      resil.sleep(0.01)
+    end
+    assert.are.equal(0, mock.server:pending())
+  end)
+
+  it("gives kind=reset when the connection is reset", function()
+    mock:configure({ sequence = { chat = { "reset" } } })
+    local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })
+    assert.is_nil(res)
+    assert.are.equal("reset", err.kind)
+  end)
+
+  it("gives kind=reset for a truncated body", function()
+    mock:configure({ sequence = { chat = { "truncate" } } })
+    local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })
+    assert.is_nil(res)
+    assert.are.equal("reset", err.kind)
+    assert.matches("remaining", err.message)
+  end)
+
+  it("gives kind=too_large past max_body, without buffering the rest", function()
+    local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {}, max_body = 10 })
+    assert.is_nil(res)
+    assert.are.equal("too_large", err.kind)
+  end)
+
+  it("returns provider errors as responses with Retry-After readable", function()
+    mock:configure({ sequence = { chat = { { status = 429, retry_after = 7 } } } })
+    local res = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })
+    assert.are.equal(429, res.status)
+    assert.are.equal("7", res.headers["retry-after"])
+  end)
+
+  it("reuses connections to the same host", function()
+    local opened = 0
+    for _ = 1, 5 do
+      local res = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })
+      assert.are.equal(200, res.status)
+    end
+    -- five sequential requests, one keep-alive connection: the mock saw 5 requests
+    opened = mock:stats().total
+    assert.are.equal(5, opened)
+  end)
+
+  it("runs many requests concurrently", function()
+    mock:configure({ latency = 1 })
+    local items = {}
+    for i = 1, 50 do items[i] = i end
+    local t0 = resil.now()
+    local results = resil.map(items, function()
+      local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })
+      return res and res.status, err
+    end, { concurrency = 50 })
+    assert.are.equal(50, #results)
+    assert.are.equal(200, results[50])
+    assert.is_true(resil.now() - t0 < 5) -- 50 requests of 1 s each overlapped
+  end)
+end)
+
+describe("streaming", function()
+  local mock
+  before_each(function()
+    resil.clock.virtual()
+    mock = resil.mock.start({ reply = "one two three four" })
+  end)
+  after_each(function() mock:stop() end)
+
+  it("delivers server-sent events as they arrive", function()
+    local deltas = {}
+    local res, err = http.request({ url = mock.url .. "/v1/chat/completions",
+      json = { stream = true, messages = { { role = "user", content = "x" } } },
+      on_event = function(ev)
+        if ev.data ~= "[DONE]" then
+          local chunk = resil.json.decode(ev.data)
+          deltas[#deltas + 1] = chunk.choices[1].delta.content
+        end
+      end })
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+    assert.are.equal("one two three four", table.concat(deltas))
+  end)
+
+  it("aborts a stream that stalls with kind=timeout after idle_timeout", function()
+    mock:configure({ reply = "a b c d e f", sequence = { chat = { { kind = "stall", after = 2 } } } })
+    local got = 0
+    local t0 = resil.now()
+    local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = { stream = true },
+      idle_timeout = 5, timeout = 600, on_chunk = function() got = got + 1 end })
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+    assert.matches("idle_timeout", err.message)
+    assert.is_true(got >= 1)
+    assert.is_true(resil.now() - t0 < 600)
+  end)
+
+  it("reads a stream chunk by chunk with resil.http.stream", function()
+    local s = assert(http.stream({ url = mock.url .. "/v1/chat/completions", method = "POST",
+      body = '{"stream":true}' }))
+    assert.are.equal(200, s.status)
+    assert.are.equal("text/event-stream", s.headers["content-type"])
+    local all = {}
+    for chunk in s.read, s do all[#all + 1] = chunk end
+    assert.matches("%[DONE%]", table.concat(all))
+  end)
+end)
+
+describe("misuse raises with the caller's file:line", function()
+  it("rejects a non-table request", function()
+    local ok, err = pcall(http.request, "http://x")
+    assert.is_false(ok)
+    assert.matches("table expected", err)
+  end)
+
+  it("rejects a bad url", function()
+    local ok, err = pcall(function() return http.request({ url = "ht tp://bad url" }) end)
+    assert.is_false(ok)
+    assert.matches("http_spec.lua:%d+: http request: bad url", err)
+  end)
+
+  it("rejects a header with a newline", function()
+    local ok, err = pcall(function()
+      return http.request({ url = "http://127.0.0.1:1/", headers = { ["x-a"] = "v\r\nInjected: 1" } })
+    end)
+    assert.is_false(ok)
+    assert.matches("http_spec.lua:%d+: .*line break", err)
+  end)
+
+  it("rejects body and json together", function()
+    assert.has_error(function() http.request({ url = "http://127.0.0.1:1/", body = "x", json = {} }) end)
+  end)
+end)
+
+describe("TLS", function()
+  local dir, port, pid
+  setup(function()
+    dir = helpers.tmpname("-tls")
+    os.execute("mkdir -p " .. dir)
+    local r = helpers.run(("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 " ..
+      "-addext subjectAltName=IP:127.0.0.1 -keyout %s/key.pem -out %s/cert.pem"):format(dir, dir))
+    assert.are.equal(0, r.code, r.stderr)
+    -- a free port: bind one, close it, hand it to openssl
+    local probe = resil.server.listen({ handler = function() end })
+    port = probe:port()
+    probe:close()
+    os.execute(("openssl s_server -quiet -www -accept 127.0.0.1:%d -cert %s/cert.pem -key %s/key.pem " ..
+      ">/dev/null 2>&1 & echo $! > %s/pid"):format(port, dir, dir, dir))
+    pid = helpers.slurp(dir .. "/pid"):match("%d+")
+    resil.clock.real()
+    for _ = 1, 200 do -- wait until it accepts
+      local _, err = http.request({ url = ("https://127.0.0.1:%d/"):format(port), insecure = true, timeout = 1 })
+      if not err or err.kind ~= "connect" then break end
+      resil.sleep(0.02)
+    end
+  end)
+  teardown(function()
+    if pid then os.execute("kill " .. pid) end
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("refuses an untrusted certificate with kind=tls", function()
+    local res, err = http.request({ url = ("https://127.0.0.1:%d/"):format(port) })
+    assert.is_nil(res)
+    assert.are.equal("tls", err.kind)
+  end)
+
+  it("accepts it when its CA file is given", function()
+    local res, err = http.request({ url = ("https://127.0.0.1:%d/"):format(port), ca_file = dir .. "/cert.pem" })
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+  end)
+end)

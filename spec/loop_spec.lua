@@ -1,0 +1,216 @@
+local resil = require "resil"
+
+describe("tasks", function()
+  before_each(function() resil.clock.virtual() end)
+
+  it("start in spawn order and run until they wait", function()
+    local order = {}
+    local a = resil.spawn(function() order[#order + 1] = "a1"; resil.yield(); order[#order + 1] = "a2" end)
+    local b = resil.spawn(function() order[#order + 1] = "b1"; resil.yield(); order[#order + 1] = "b2" end)
+    a:join(); b:join()
+    assert.are.same({ "a1", "b1", "a2", "b2" }, order)
+  end)
+
+  it("pass arguments and return results through join", function()
+    local t = resil.spawn(function(x, y) return x + y, "sum" end, 40, 2)
+    assert.are.same({ true, 42, "sum" }, { t:join() })
+    assert.are.equal("done", t:status())
+    assert.are.same({ true, 42, "sum" }, { t:join() }) -- joining again gives the same answer
+  end)
+
+  it("keep an error inside the failing task; join returns it", function()
+    local other_ran = false
+    local bad = resil.spawn(function() error("boom") end)
+    local good = resil.spawn(function() resil.sleep(1); other_ran = true; return "fine" end)
+    local ok, err = bad:join()
+    assert.is_false(ok)
+    assert.matches("boom", err)
+    assert.are.same({ true, "fine" }, { good:join() })
+    assert.is_true(other_ran)
+    assert.are.equal("failed", bad:status())
+  end)
+
+  it("join with a timeout returns a timeout error and leaves the task running", function()
+    local t = resil.spawn(function() resil.sleep(10); return "late" end)
+    local ok, err = t:join(1)
+    assert.is_nil(ok)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal("waiting", t:status())
+    assert.are.same({ true, "late" }, { t:join() })
+  end)
+
+  it("cancel stops a waiting task, closes its to-be-closed variables and wakes joiners", function()
+    local closed = false
+    local t = resil.spawn(function()
+      local guard <close> = setmetatable({}, { __close = function() closed = true end })
+      resil.sleep(100)
+      return "never"
+    end)
+    resil.sleep(1)
+    assert.is_true(t:cancel())
+    local ok, err = t:join()
+    assert.is_false(ok)
+    assert.are.equal("canceled", err.kind)
+    assert.is_true(closed)
+    assert.are.equal("canceled", t:status())
+    assert.is_false(t:cancel()) -- already finished
+  end)
+
+  it("cancel before a task ever ran means it never runs", function()
+    local ran = false
+    local t = resil.spawn(function() ran = true end)
+    t:cancel()
+    resil.sleep(1)
+    assert.is_false(ran)
+  end)
+
+  it("a task cannot join or cancel itself", function()
+    local me
+    me = resil.spawn(function()
+      local ok1, e1 = pcall(function() return me:join() end)
+      local ok2, e2 = pcall(function() return me:cancel() end)
+      return ok1, e1, ok2, e2
+    end)
+    local _, ok1, e1, ok2, e2 = me:join()
+    assert.is_false(ok1)
+    assert.matches("cannot join itself", e1)
+    assert.is_false(ok2)
+    assert.matches("cannot cancel itself", e2)
+  end)
+
+  it("primitives refuse to run inside a plain coroutine, with a clear message", function()
+    local co = coroutine.wrap(function() return pcall(resil.sleep, 1) end)
+    local ok, err = co()
+    assert.is_false(ok)
+    assert.matches("must be called from a task", err)
+  end)
+
+  it("spawned tasks inherit the log context, and extend it privately", function()
+    resil.context({ run = "r1" })
+    local child_ctx = resil.spawn(function()
+      resil.context({ step = "s1" })
+      return resil.context()
+    end)
+    local _, ctx = child_ctx:join()
+    assert.are.equal("r1", ctx.run)
+    assert.are.equal("s1", ctx.step)
+    assert.is_nil(resil.context().step)
+  end)
+end)
+
+describe("the virtual clock", function()
+  before_each(function() resil.clock.virtual() end)
+
+  it("makes sleeps exact and instant", function()
+    local t0 = resil.now()
+    resil.sleep(3600)
+    assert.are.equal(3600, resil.now() - t0)
+  end)
+
+  it("wakes sleepers in deadline order, ties in start order", function()
+    local woke = {}
+    local t0 = resil.now()
+    local tasks = {}
+    for _, spec in ipairs({ { "c", 3 }, { "a", 1 }, { "b", 2 }, { "a2", 1 } }) do
+      tasks[#tasks + 1] = resil.spawn(function()
+        resil.sleep(spec[2])
+        woke[#woke + 1] = { spec[1], resil.now() - t0 }
+      end)
+    end
+    for _, t in ipairs(tasks) do t:join() end
+    assert.are.same({ { "a", 1 }, { "a2", 1 }, { "b", 2 }, { "c", 3 } }, woke)
+  end)
+
+  it("can be switched back to real time", function()
+    assert.is_true(resil.clock.is_virtual())
+    resil.clock.real()
+    assert.is_false(resil.clock.is_virtual())
+    local t0 = resil.now()
+    resil.sleep(0.01)
+    assert.is_true(resil.now() - t0 >= 0.009)
+    resil.clock.virtual()
+  end)
+end)
+
+describe("resil.timeout", function()
+  before_each(function() resil.clock.virtual() end)
+
+  it("returns fn's results when it finishes in time", function()
+    assert.are.same({ 1, 2 }, { resil.timeout(5, function(a) resil.sleep(1); return a, 2 end, 1) })
+  end)
+
+  it("returns nil, timeout and cancels fn after exactly the limit", function()
+    local finished = false
+    local t0 = resil.now()
+    local r, err = resil.timeout(2, function() resil.sleep(10); finished = true end)
+    assert.is_nil(r)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal(2, resil.now() - t0)
+    resil.sleep(20)
+    assert.is_false(finished)
+  end)
+
+  it("re-raises fn's error", function()
+    assert.has_error(function() resil.timeout(1, function() error("inner", 0) end) end, "inner")
+  end)
+end)
+
+describe("resil.map", function()
+  before_each(function() resil.clock.virtual() end)
+
+  it("returns results in item order whatever the finishing order", function()
+    local items = { 5, 1, 4, 2, 3 }
+    local results, failures = resil.map(items, function(x) resil.sleep(x); return x * 10 end, { concurrency = 5 })
+    assert.are.same({ 50, 10, 40, 20, 30 }, results)
+    assert.is_nil(failures)
+  end)
+
+  it("never runs more than `concurrency` items at once", function()
+    local running, peak = 0, 0
+    local items = {}
+    for i = 1, 20 do items[i] = i end
+    resil.map(items, function()
+      running = running + 1
+      peak = math.max(peak, running)
+      resil.sleep(1)
+      running = running - 1
+      return true
+    end, { concurrency = 3 })
+    assert.are.equal(3, peak)
+  end)
+
+  it("takes concurrency * time as the virtual clock says", function()
+    local items = {}
+    for i = 1, 10 do items[i] = i end
+    local t0 = resil.now()
+    resil.map(items, function() resil.sleep(1); return 1 end, { concurrency = 2 })
+    assert.are.equal(5, resil.now() - t0)
+  end)
+
+  it("collects failures (raised or nil, err) by index without stopping the rest", function()
+    local results, failures = resil.map({ 1, 2, 3, 4 }, function(x)
+      if x == 2 then error("two", 0) end
+      if x == 3 then return nil, resil.error("invalid_output", "three") end
+      return x
+    end)
+    assert.are.same({ [1] = 1, [4] = 4 }, results)
+    assert.are.equal("two", failures[2])
+    assert.are.equal("invalid_output", failures[3].kind)
+  end)
+
+  it("rejects bad arguments", function()
+    assert.has_error(function() resil.map("x", print) end, "resil.map: items must be a table")
+    assert.has_error(function() resil.map({}, print, { concurrency = 0 }) end)
+  end)
+end)
+
+describe("error values", function()
+  it("have a kind, a message and a readable tostring", function()
+    local e = resil.error("rate_limited", "slow down", { status = 429, retry_after = 2 })
+    assert.are.equal("rate_limited", e.kind)
+    assert.are.equal(2, e.retry_after)
+    assert.are.equal("rate_limited: slow down (status 429)", tostring(e))
+    assert.is_true(resil.is_error(e))
+    assert.is_false(resil.is_error({ kind = "x" }))
+  end)
+end)
