@@ -327,8 +327,8 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   /* keep firing on every instruction so that a pcall cannot swallow it */
   lua_sethook(L, instruction_hook, LUA_MASKCOUNT, 1);
   if (R->interrupted) luaL_error(L, "interrupted by signal %d", (int)R->interrupted);
-  luaL_error(L, "task %d (%s) ran more than --max-instructions=%ld without yielding",
-             t ? t->id : 0, t ? t->where : "?", R->max_instructions);
+  luaL_error(L, "task %d (%s) ran more than --max-instructions=%I without yielding", t ? t->id : 0,
+             t ? t->where : "?", (lua_Integer)R->max_instructions);
 }
 
 /* Called from a signal handler (through resil_interrupt): only a hook. */
@@ -344,7 +344,7 @@ static task *check_task(lua_State *L, int idx) {
 static void describe_function(lua_State *L, int idx, char *buf, size_t len) {
   lua_Debug ar;
   lua_pushvalue(L, idx);
-  if (lua_getinfo(L, ">S", &ar) && ar.currentline != 0 && ar.what[0] != 'C')
+  if (lua_getinfo(L, ">S", &ar) && ar.linedefined > 0)
     snprintf(buf, len, "%s:%d", ar.short_src, ar.linedefined);
   else
     snprintf(buf, len, "%s", ar.what[0] == 'C' ? "[C]" : ar.short_src);
@@ -669,6 +669,7 @@ int loop_run(resil_t *R) {
     char msg[64];
     snprintf(msg, sizeof msg, "interrupted by signal %d", (int)R->interrupted);
     resil_set_error(R, msg);
+    R->interrupted = 0; /* reported once; a later run starts afresh */
     return RESIL_ERR_INTERRUPT;
   }
   task *m = R->main_task;

@@ -1,0 +1,168 @@
+local helpers = require "spec.helpers"
+local resil = require "resil"
+local R = helpers.resil
+
+describe("the resil-lua command", function()
+  it("runs a script with arg and ... like lua, exit status 0", function()
+    local r = helpers.run_script([[print(arg[0] ~= nil, arg[1], arg[2], select('#', ...), ...)]], nil, "one two")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\tone\ttwo\t2\tone\ttwo\n", r.stdout)
+  end)
+
+  it("runs -e code, and reads a script from stdin with -", function()
+    local r = helpers.run(R .. " -e 'print(1 + 1)'")
+    assert.are.equal("2\n", r.stdout)
+    r = helpers.run(R .. " - a b", "print(...)")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("a\tb\n", r.stdout)
+  end)
+
+  it("prints its version and help", function()
+    assert.matches("^resil%-lua %d+%.%d+%.%d+ %(Lua 5%.4", helpers.run(R .. " -v").stdout)
+    local h = helpers.run(R .. " --help")
+    assert.are.equal(0, h.code)
+    assert.matches("usage: resil%-lua", h.stdout)
+  end)
+
+  it("rejects an unknown option with exit status 1", function()
+    local r = helpers.run(R .. " --frobnicate x.lua")
+    assert.are.equal(1, r.code)
+    assert.matches("unknown option '%-%-frobnicate'", r.stderr)
+  end)
+
+  it("names a missing script", function()
+    local r = helpers.run(R .. " /no/such/script.lua")
+    assert.are.equal(1, r.code)
+    assert.matches("cannot open /no/such/script.lua: No such file", r.stderr)
+  end)
+
+  it("reports a syntax error on one line with file:line", function()
+    local r = helpers.run_script("local x = = 1\n")
+    assert.are.equal(1, r.code)
+    assert.matches("%.lua:1: unexpected symbol near '='", r.stderr)
+    assert.are.equal(1, select(2, r.stderr:gsub("\n", "")))
+  end)
+
+  it("reports an uncaught error with file:line and a traceback, exit status 1", function()
+    local r = helpers.run_script("local function f()\n  error('bad thing')\nend\nf()\n")
+    assert.are.equal(1, r.code)
+    assert.matches("%.lua:2: bad thing", r.stderr)
+    assert.matches("stack traceback:", r.stderr)
+    assert.matches("in local 'f'", r.stderr)
+  end)
+
+  it("exits once the last task is done, not before", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      resil.spawn(function() resil.sleep(0.05); print("child done") end)
+      print("main done")
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("main done\nchild done\n", r.stdout)
+  end)
+
+  it("reports a failed task nobody joined, without failing the run", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      resil.spawn(function() error("lost failure") end)
+    ]])
+    assert.are.equal(0, r.code)
+    assert.matches("never joined: .*lost failure", r.stderr)
+  end)
+
+  it("rejects bad option values", function()
+    assert.matches("bad size", helpers.run(R .. " --max-memory lots x.lua").stderr)
+    assert.matches("bad count", helpers.run(R .. " --max-instructions -3 x.lua").stderr)
+    assert.matches("unknown level", helpers.run(R .. " --log-level loud x.lua").stderr)
+    assert.matches("needs an argument", helpers.run(R .. " -e").stderr)
+  end)
+end)
+
+describe("runaway scripts", function()
+  it("--max-instructions stops a task stuck in a loop, naming it; pcall cannot swallow it", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local t = resil.spawn(function()
+        while true do pcall(function() for _ = 1, 100 do end end) end
+      end)
+      local ok, err = t:join()
+      print("joined", ok, err)
+      local n = 0
+      for _ = 1, 10 do n = n + 1; resil.yield() end
+      print("main survived", n)
+    ]], "--max-instructions 100000")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("joined\tfalse\t.*task 2 %(.*%.lua:2%) ran more than %-%-max%-instructions=100000", r.stdout)
+    assert.matches("main survived\t10", r.stdout)
+  end)
+
+  it("--max-memory fails the allocating task, not the host", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local t = resil.spawn(function()
+        local t = {}
+        for i = 1, 1e8 do t[i] = ("x"):rep(100) .. i end
+      end)
+      local ok, err = t:join()
+      print("joined", ok, err)
+    ]], "--max-memory 32M")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("joined\tfalse\tnot enough memory", r.stdout)
+  end)
+
+  it("the main task hitting the memory cap exits 1 with a message", function()
+    local r = helpers.run_script("local s = {} for i = 1, 1e8 do s[i] = {} end", "--max-memory 16M")
+    assert.are.equal(1, r.code)
+    assert.matches("not enough memory", r.stderr)
+  end)
+end)
+
+describe("signals", function()
+  local function start(script_source, opts)
+    local script = helpers.write(helpers.tmpname(".lua"), script_source)
+    local out = helpers.tmpname(".out")
+    local pidfile = helpers.tmpname(".pid")
+    os.execute(("%s %s %s > %s 2>&1 & echo $! > %s"):format(R, opts or "", script, out, pidfile))
+    return helpers.slurp(pidfile):match("%d+"), out
+  end
+  local function wait_exit(pid)
+    resil.clock.real()
+    for _ = 1, 500 do
+      if not os.execute("kill -0 " .. pid .. " 2>/dev/null") then return true end
+      resil.sleep(0.01)
+    end
+    return false
+  end
+  local function wait_for_output(out, pattern)
+    resil.clock.real()
+    for _ = 1, 500 do
+      if helpers.slurp(out):match(pattern) then return true end
+      resil.sleep(0.01)
+    end
+    return false
+  end
+
+  it("SIGTERM stops a waiting script cleanly", function()
+    local pid, out = start([[
+      local resil = require "resil"
+      print("ready"); io.stdout:flush()
+      resil.sleep(3600)
+    ]])
+    assert.is_true(wait_for_output(out, "ready"))
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(wait_exit(pid))
+    assert.matches("interrupted by signal 15", helpers.slurp(out))
+  end)
+
+  it("SIGINT stops a task spinning in a Lua loop", function()
+    local pid, out = start([[
+      print("ready"); io.stdout:flush()
+      local x = 0
+      while true do x = x + 1 end
+    ]])
+    assert.is_true(wait_for_output(out, "ready"))
+    os.execute("kill -INT " .. pid)
+    assert.is_true(wait_exit(pid))
+    assert.matches("interrupted", helpers.slurp(out))
+  end)
+end)

@@ -1,0 +1,113 @@
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local log = resil.log
+
+local function capture(fn)
+  local path = helpers.tmpname(".log")
+  log.output(path)
+  local ok, err = pcall(fn)
+  log.output("stderr")
+  local lines = {}
+  for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = assert(resil.json.decode(line)) end
+  os.remove(path)
+  assert(ok, err)
+  return lines
+end
+
+describe("resil.log", function()
+  it("writes one JSON object per line with ts, level, msg and fields", function()
+    local lines = capture(function() log.info("request done", { status = 200, provider = "openai" }) end)
+    assert.are.equal(1, #lines)
+    assert.are.equal("info", lines[1].level)
+    assert.are.equal("request done", lines[1].msg)
+    assert.are.equal(200, lines[1].status)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$", lines[1].ts)
+  end)
+
+  it("filters by level", function()
+    local lines = capture(function()
+      log.level("warn")
+      log.debug("d"); log.info("i"); log.warn("w"); log.error("e")
+      log.level("info")
+    end)
+    assert.are.same({ "w", "e" }, { lines[1].msg, lines[2].msg })
+  end)
+
+  it("rejects an unknown level", function()
+    assert.has_error(function() log.level("loud") end)
+  end)
+
+  it("adds the task id and the task's context, inherited by spawned tasks", function()
+    local lines = capture(function()
+      resil.context({ run = "run-1" })
+      resil.spawn(function()
+        resil.context({ step = "captions" })
+        log.info("inside")
+      end):join()
+    end)
+    assert.are.equal("run-1", lines[1].run)
+    assert.are.equal("captions", lines[1].step)
+    assert.is_number(lines[1].task)
+  end)
+
+  it("redacts sensitive headers and registered secrets, without touching the caller's table", function()
+    local headers = { Authorization = "Bearer sk-live-123456", ["x-api-key"] = "k-abcdef", accept = "json" }
+    local lines = capture(function()
+      log.redact("sk-live-123456")
+      log.info("calling with sk-live-123456", { headers = headers, note = "key=sk-live-123456" })
+    end)
+    local l = lines[1]
+    assert.are.equal("[REDACTED]", l.headers.Authorization)
+    assert.are.equal("[REDACTED]", l.headers["x-api-key"])
+    assert.are.equal("json", l.headers.accept)
+    assert.are.equal("key=[REDACTED]", l.note)
+    assert.are.equal("calling with [REDACTED]", l.msg)
+    assert.are.equal("Bearer sk-live-123456", headers.Authorization)
+  end)
+
+  it("registers environment secrets through resil.secret", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+      local resil = require "resil"
+      local key = assert(resil.secret("RESIL_TEST_KEY"))
+      resil.log.info("using " .. key)
+      print(resil.secret("RESIL_MISSING_KEY_XYZ"))
+    ]])
+    local r = helpers.run("RESIL_TEST_KEY=sk-test-abcdef " .. helpers.resil .. " " .. script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches('"msg":"using %[REDACTED%]"', r.stderr)
+    assert.not_matches("sk%-test%-abcdef", r.stderr)
+    assert.matches("missing_secret: RESIL_MISSING_KEY_XYZ is not set", r.stdout)
+  end)
+
+  it("logs error values and nested tables readably", function()
+    local lines = capture(function()
+      log.error("failed", { err = resil.error("timeout", "too slow"), deep = { a = { b = { c = 1 } } } })
+    end)
+    assert.are.equal("timeout", lines[1].err.kind)
+    assert.are.equal(1, lines[1].deep.a.b.c)
+  end)
+end)
+
+describe("resil.json", function()
+  it("round-trips tables", function()
+    local t = resil.json.decode(resil.json.encode({ a = { 1, 2, 3 }, b = "x", c = true }))
+    assert.are.same({ a = { 1, 2, 3 }, b = "x", c = true }, t)
+  end)
+
+  it("returns nil, err on bad input instead of raising", function()
+    local v, err = resil.json.decode("{not json")
+    assert.is_nil(v)
+    assert.are.equal("invalid_json", err.kind)
+    assert.is_string(err.message)
+  end)
+
+  it("has a null sentinel", function()
+    local t = resil.json.decode('{"a":null}')
+    assert.are.equal(resil.json.null, t.a)
+    assert.are.equal('{"a":null}', resil.json.encode({ a = resil.json.null }))
+  end)
+
+  it("raises when asked to encode what JSON cannot hold", function()
+    assert.has_error(function() resil.json.encode({ f = print }) end)
+  end)
+end)

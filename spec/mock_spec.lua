@@ -1,0 +1,166 @@
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local http, json = resil.http, resil.json
+
+local function chat(m, headers, body)
+  return http.request({ url = m.url .. "/v1/chat/completions", headers = headers,
+    json = body or { model = "m", messages = { { role = "user", content = "hello" } } } })
+end
+
+describe("the mock provider", function()
+  local m
+  before_each(function() resil.clock.virtual() end)
+  after_each(function() if m then m:stop() end end)
+
+  it("serves OpenAI-compatible chat with usage from an empty scenario", function()
+    m = resil.mock.start({})
+    local res = chat(m)
+    local body = json.decode(res.body)
+    assert.are.equal("chat.completion", body.object)
+    assert.are.equal("stop", body.choices[1].finish_reason)
+    assert.are.equal(body.usage.prompt_tokens + body.usage.completion_tokens, body.usage.total_tokens)
+  end)
+
+  it("plays a sequence of faults per route, then answers normally", function()
+    m = resil.mock.start({ sequence = { chat = { 500, { status = 429, retry_after = 3 }, "ok", 503 } } })
+    local statuses = {}
+    for i = 1, 6 do statuses[i] = chat(m).status end
+    assert.are.same({ 500, 429, 200, 503, 200, 200 }, statuses)
+  end)
+
+  it("injects faults by probability, reproducibly for a seed", function()
+    local function run()
+      m = resil.mock.start({ seed = 42, faults = { { route = "chat", probability = 0.3, status = 503 } } })
+      local failures = 0
+      for _ = 1, 200 do if chat(m).status == 503 then failures = failures + 1 end end
+      m:stop()
+      return failures
+    end
+    local first = run()
+    assert.are.equal(first, run())
+    assert.is_true(first > 40 and first < 80, "about 30% of 200, got " .. first)
+    m = nil
+  end)
+
+  it("adds latency on the host clock, exactly under the virtual clock", function()
+    m = resil.mock.start({ latency = 2.5 })
+    local t0 = resil.now()
+    chat(m)
+    assert.are.equal(2.5, resil.now() - t0)
+  end)
+
+  it("keeps many slow requests in flight at once", function()
+    m = resil.mock.start({ latency = { min = 1, max = 2 }, seed = 3 })
+    local items = {}
+    for i = 1, 100 do items[i] = i end
+    local t0 = resil.now()
+    local statuses = resil.map(items, function() return chat(m).status end, { concurrency = 100 })
+    assert.are.equal(100, #statuses)
+    assert.is_true(resil.now() - t0 <= 2)
+  end)
+
+  it("answers errors in the providers' shapes", function()
+    m = resil.mock.start({ sequence = { chat = { 529, { status = 400, error_type = "context_length_exceeded" } } } })
+    local overloaded = json.decode(chat(m).body)
+    assert.are.equal("overloaded_error", overloaded.error.type)
+    local ctx = json.decode(chat(m).body)
+    assert.are.equal("context_length_exceeded", ctx.error.code)
+  end)
+
+  it("serves garbage and empty content as 200s", function()
+    m = resil.mock.start({ sequence = { chat = { "garbage", "empty" } } })
+    local garbage = chat(m)
+    assert.are.equal(200, garbage.status)
+    assert.is_nil(json.decode(garbage.body))
+    local empty = json.decode(chat(m).body)
+    assert.are.equal("", empty.choices[1].message.content)
+  end)
+
+  it("counts calls per route, status and Idempotency-Key, and what it billed", function()
+    m = resil.mock.start({ sequence = { chat = { 500 } } })
+    chat(m, { ["Idempotency-Key"] = "k1" })
+    chat(m, { ["Idempotency-Key"] = "k1" })
+    chat(m, { ["Idempotency-Key"] = "k2" })
+    local s = m:stats()
+    assert.are.equal(3, s.routes.chat)
+    assert.are.equal(2, s.keys.k1)
+    assert.are.equal(1, s.paid_keys.k1) -- the 500 was not billed
+    assert.are.equal(1, s.statuses["500"])
+    assert.are.equal(2, s.billed.responses)
+    assert.is_true(s.billed.usd > 0)
+    local over_http = json.decode(http.request({ url = m.url .. "/__mock/stats" }).body)
+    assert.are.equal(3, over_http.total)
+    m:reset()
+    assert.are.equal(0, m:stats().total)
+  end)
+
+  it("runs Replicate-style async jobs to success", function()
+    m = resil.mock.start({ jobs = { polls = 2 } })
+    local created = json.decode(http.request({ url = m.url .. "/v1/predictions",
+      json = { input = { prompt = "a cat" } } }).body)
+    assert.are.equal("starting", created.status)
+    local seen = {}
+    local job
+    repeat
+      job = json.decode(http.request({ url = created.urls.get }).body)
+      seen[#seen + 1] = job.status
+    until job.status ~= "processing" and job.status ~= "starting"
+    assert.are.same({ "processing", "processing", "succeeded" }, seen)
+    assert.matches("^https://", job.output)
+  end)
+
+  it("can leave jobs stuck or failed", function()
+    m = resil.mock.start({ jobs = { stuck = 1 } })
+    local created = json.decode(http.request({ url = m.url .. "/v1/predictions", json = { input = {} } }).body)
+    for _ = 1, 10 do http.request({ url = created.urls.get }) end
+    assert.are.equal("processing", json.decode(http.request({ url = created.urls.get }).body).status)
+    m:configure({ jobs = { fail = 1 } })
+    created = json.decode(http.request({ url = m.url .. "/v1/predictions", json = { input = {} } }).body)
+    local job
+    for _ = 1, 4 do job = json.decode(http.request({ url = created.urls.get }).body) end
+    assert.are.equal("failed", job.status)
+  end)
+
+  it("serves custom routes", function()
+    m = resil.mock.start({ routes = { ["POST /v1/audio/speech"] = function(req)
+      return { status = 200, json = { bytes = #req.body } }
+    end } })
+    local res = http.request({ url = m.url .. "/v1/audio/speech", body = "12345" })
+    assert.are.equal(5, json.decode(res.body).bytes)
+  end)
+
+  it("rejects a malformed scenario at the caller's line", function()
+    assert.has_error(function() resil.mock.start({ faults = { { kind = "explode" } } }) end,
+      "resil.mock: unknown fault kind 'explode'")
+    assert.has_error(function() resil.mock.start({ faults = { { probability = 2 } } }) end)
+  end)
+end)
+
+describe("the standalone mock (resil-lua mock)", function()
+  it("serves a scenario file on a port until stopped", function()
+    local scenario = helpers.write(helpers.tmpname(".lua"), "return { sequence = { chat = { 418 } } }")
+    local out, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s mock %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, scenario, out, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    resil.clock.real()
+    local url
+    for _ = 1, 300 do
+      url = helpers.slurp(out):match("(http://[%d%.:]+)")
+      if url then break end
+      resil.sleep(0.01)
+    end
+    assert.is_string(url)
+    local first = http.request({ url = url .. "/v1/chat/completions", json = {} })
+    local second = http.request({ url = url .. "/v1/chat/completions", json = {} })
+    os.execute("kill -INT " .. pid)
+    assert.are.equal(418, first.status)
+    assert.are.equal(200, second.status)
+  end)
+
+  it("names a scenario file that does not return a table", function()
+    local scenario = helpers.write(helpers.tmpname(".lua"), "return 42")
+    local r = helpers.run(helpers.resil .. " mock " .. scenario)
+    assert.are.equal(1, r.code)
+    assert.matches("a scenario file must return a table", r.stderr)
+  end)
+end)
