@@ -14,6 +14,7 @@
  * small binary heap here; real timers are libevent's.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -178,7 +179,9 @@ static void virtual_advance(resil_t *R) {
 static void clock_set_virtual(resil_t *R, int on) {
   if (on == R->virtual_clock) return;
   if (on) {
-    R->virtual_now = monotonic_seconds();
+    /* a whole second to start from, so that whole and binary-fraction
+     * durations subtract exactly */
+    R->virtual_now = ceil(monotonic_seconds());
     R->virtual_clock = 1;
     return;
   }

@@ -323,6 +323,8 @@ resil_t *resil_open(const resil_options *opts) {
   loop_init(R);
 
   lua_State *L = R->L;
+  /* new threads copy the main thread's extra space: NULL means "not a task" */
+  *(void **)lua_getextraspace(L) = NULL;
   lua_atpanic(L, host_panic);
   lua_pushlightuserdata(L, R);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &host_key);
@@ -367,7 +369,7 @@ resil_t *resil_open(const resil_options *opts) {
     R->virtual_clock = 1;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    R->virtual_now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    R->virtual_now = (double)ts.tv_sec + 1; /* whole seconds: exact arithmetic */
   }
   return R;
 }

@@ -403,15 +403,34 @@ static int l_listen(lua_State *L) {
   evhttp_set_allowed_methods(srv->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
                                             EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
   evhttp_set_gencb(srv->http, request_cb, srv);
-  struct evhttp_bound_socket *bound = evhttp_bind_socket_with_handle(srv->http, host, (ev_uint16_t)port);
-  if (!bound) {
+  /* our own listening socket: evhttp's default backlog (128) drops
+   * connections when thousands of clients arrive at once */
+  struct evutil_addrinfo hints = {0}, *ai = NULL;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = EVUTIL_AI_PASSIVE | EVUTIL_AI_NUMERICHOST;
+  char port_text[16];
+  snprintf(port_text, sizeof port_text, "%d", (int)port);
+  evutil_socket_t fd = -1;
+  if (evutil_getaddrinfo(host, port_text, &hints, &ai) == 0 && ai) {
+    fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (fd >= 0 && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+                    bind(fd, ai->ai_addr, (socklen_t)ai->ai_addrlen) != 0 || listen(fd, 65535) != 0)) {
+      evutil_closesocket(fd);
+      fd = -1;
+    }
+    evutil_freeaddrinfo(ai);
+  }
+  if (fd < 0 || !evhttp_accept_socket_with_handle(srv->http, fd)) {
+    if (fd >= 0) evutil_closesocket(fd);
     evhttp_free(srv->http);
     srv->http = NULL;
-    return luaL_error(L, "server: cannot listen on %s:%d", host, (int)port);
+    return luaL_error(L, "server: cannot listen on %s:%d (%s)", host, (int)port, strerror(errno));
   }
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
-  getsockname(evhttp_bound_socket_get_fd(bound), (struct sockaddr *)&ss, &len);
+  getsockname(fd, (struct sockaddr *)&ss, &len);
   srv->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
                                        : ntohs(((struct sockaddr_in *)&ss)->sin_port);
   lua_pushvalue(L, -2);

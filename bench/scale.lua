@@ -1,0 +1,25 @@
+-- Scale: N requests in flight at once against an upstream that delays each
+-- by about 1 s. Prints "requests seconds peak_rss_mb errors".
+--   resil-lua bench/scale.lua URL N
+local resil = require "resil"
+local url, n = arg[1], tonumber(arg[2])
+local errors = 0
+local t0 = resil.now()
+local tasks = {}
+for i = 1, n do
+  tasks[i] = resil.spawn(function()
+    local res, err = resil.http.request({ url = url, method = "POST", body = "{}", timeout = 30, connect_timeout = 20 })
+    if not res or res.status ~= 200 then
+      errors = errors + 1
+      if errors <= 3 then io.stderr:write(tostring(err or res.status), "\n") end
+    end
+  end)
+end
+for i = 1, n do tasks[i]:join() end
+local secs = resil.now() - t0
+local rss_kb = 0
+for line in io.lines("/proc/self/status") do
+  local kb = line:match("^VmHWM:%s+(%d+)")
+  if kb then rss_kb = tonumber(kb) end
+end
+print(("%d %.3f %.1f %d"):format(n, secs, rss_kb / 1024, errors))
