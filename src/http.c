@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include <curl/curl.h>
+#include <event2/event_struct.h>
 
 #include "host.h"
 
@@ -62,7 +63,7 @@ typedef struct http_req {
 } http_req;
 
 typedef struct {
-  struct event *ev;
+  struct event ev; /* re-assigned in place when curl changes its interest */
   http_state *H;
 } socket_watch;
 
@@ -151,7 +152,7 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
   socket_watch *w = socketp;
   if (what == CURL_POLL_REMOVE) {
     if (w) {
-      event_free(w->ev);
+      event_del(&w->ev);
       free(w);
       curl_multi_assign(H->multi, s, NULL);
     }
@@ -164,11 +165,10 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     w->H = H;
     curl_multi_assign(H->multi, s, w);
   } else {
-    event_free(w->ev);
+    event_del(&w->ev);
   }
-  w->ev = event_new(H->R->base, s, flags, socket_event_cb, w);
-  if (!w->ev) return -1;
-  event_add(w->ev, NULL);
+  if (event_assign(&w->ev, H->R->base, s, flags, socket_event_cb, w) != 0) return -1;
+  event_add(&w->ev, NULL);
   return 0;
 }
 

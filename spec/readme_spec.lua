@@ -1,0 +1,55 @@
+-- Every example in the README runs: each ```lua block as a script through
+-- the host, the ```c block compiled against libresil and run.
+local helpers = require "spec.helpers"
+
+local readme = helpers.slurp("README.md")
+
+local function blocks(lang)
+  local found = {}
+  for code in readme:gmatch("```" .. lang .. "\n(.-)```") do found[#found + 1] = code end
+  return found
+end
+
+describe("README examples", function()
+  local lua_blocks = blocks("lua")
+  it("has Lua examples", function() assert.is_true(#lua_blocks >= 6) end)
+
+  for i, code in ipairs(lua_blocks) do
+    local title = code:match("^%-%- (spec/%S+)") or code:match("\n%-%- (%S.-)\n") or ("block " .. i)
+    it("runs Lua example " .. i .. " (" .. title .. ")", function()
+      local r
+      if code:match("^%-%- spec/") then -- a spec example: run it with busted inside the host
+        local path = helpers.write(helpers.tmpname("_spec.lua"), code)
+        r = helpers.run(("%s /usr/bin/busted -o TAP %s"):format(helpers.resil, path))
+      else
+        r = helpers.run_script(code, nil, nil)
+      end
+      assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    end)
+  end
+
+  it("compiles and runs the C embedding example", function()
+    local code = assert(blocks("c")[1])
+    local src = helpers.write(helpers.tmpname(".c"), code)
+    local bin = helpers.tmpname("")
+    local lib = os.getenv("RESIL_LIBDIR") or "build"
+    local r = helpers.run(("cc -std=c11 -Isrc -o %s %s %s/libresil.a $(pkg-config --cflags --libs lua5.4 " ..
+      "lua5.4-cjson libcurl libevent) -lm %s"):format(bin, src, lib, os.getenv("SAN_FLAGS") or ""))
+    assert.are.equal(0, r.code, r.stderr)
+    r = helpers.run(bin)
+    os.remove(bin)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("slept a minute\n", r.stdout)
+  end)
+end)
+
+describe("the demo pipeline", function()
+  it("accounts for every item and prints a summary", function()
+    local r = helpers.run(helpers.resil .. " examples/pipeline.lua 6 3")
+    assert.are.equal(0, r.code, r.stderr)
+    local done, failed = r.stdout:match("items%s+(%d+) done, (%d+) failed")
+    assert.are.equal(6, tonumber(done) + tonumber(failed))
+    assert.matches("requests%s+%d+ %(%d+ retries%)", r.stdout)
+    assert.matches("latency%s+p50 [%d.]+ s, p95 [%d.]+ s", r.stdout)
+  end)
+end)
