@@ -60,7 +60,8 @@ demo: all
 	./resil-lua examples/pipeline.lua
 
 test: all $(BUILD)/embed_test
-	RESIL=$(abspath $(BIN)) EMBED_TEST=$(abspath $(BUILD)/embed_test) RESIL_HOME=$(CURDIR) spec/run
+	RESIL=$(abspath $(BIN)) EMBED_TEST=$(abspath $(BUILD)/embed_test) RESIL_HOME=$(CURDIR) \
+	  RESIL_LIBDIR=$(BUILD) SAN_FLAGS="$(SAN)" spec/run
 
 check:
 	$(MAKE) BUILD=build/asan OPT=-O1 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer" test

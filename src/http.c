@@ -53,7 +53,7 @@ typedef struct http_req {
   buffer body, head;
   size_t max_body, total_received;
   long status;
-  int active, done, stream, headers_done, paused;
+  int active, done, stream, headers_done, paused, tls_options;
   CURLcode result;
   abort_reason aborted;
   double timeout, idle_timeout, started, elapsed;
@@ -103,7 +103,9 @@ static void request_detach(http_req *r) {
     H->R->io_pending--;
   }
   if (H->npool < EASY_POOL_MAX) {
-    curl_easy_reset(r->easy);
+    /* every option a transfer sets is set again by the next one, except
+     * the TLS ones: only those need the (costly) full reset */
+    if (r->tls_options) curl_easy_reset(r->easy);
     H->pool[H->npool++] = r->easy;
   } else {
     curl_easy_cleanup(r->easy);
@@ -525,28 +527,31 @@ static http_req *request_new(lua_State *L, int stream) {
   curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
   curl_easy_setopt(e, CURLOPT_BUFFERSIZE, RECEIVE_BUFFER_SIZE);
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-  if (follow) curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);
+  curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, follow ? 1L : 0L);
   /* libcurl 7.88 walks every cached connection when a transfer that kept its
    * connection is removed (and when it looks for one to reuse), which is
    * quadratic with thousands in flight. Transfers beyond this many in flight
    * use a one-shot connection, so the cache stays this size. */
-  if (H->R->io_pending >= ONE_SHOT_CONNECTIONS_ABOVE) {
-    curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
-    curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
-  }
+  long one_shot = H->R->io_pending >= ONE_SHOT_CONNECTIONS_ABOVE;
+  curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, one_shot);
+  curl_easy_setopt(e, CURLOPT_FORBID_REUSE, one_shot);
+  r->tls_options = ca_file || insecure;
   if (ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
   if (insecure) {
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
   }
+  /* a recycled handle may carry the previous request's method */
+  curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, NULL);
   if (r->req_body) {
+    curl_easy_setopt(e, CURLOPT_NOBODY, 0L);
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->req_body);
     if (method && strcmp(method, "POST") != 0) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
-  } else if (method && strcmp(method, "HEAD") == 0) {
-    curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-  } else if (method && strcmp(method, "GET") != 0) {
-    curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+  } else {
+    curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+    if (method && strcmp(method, "HEAD") == 0) curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+    else if (method && strcmp(method, "GET") != 0) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
   }
   return r;
 }

@@ -310,7 +310,12 @@ resil_t *resil_open(const resil_options *opts) {
   if (pipe2(R->wake_pipe, O_NONBLOCK | O_CLOEXEC) != 0) R->wake_pipe[0] = R->wake_pipe[1] = -1;
   R->base = opts->base;
   if (!R->base) {
-    R->base = event_base_new();
+    /* the changelist turns curl's frequent del+add of a socket's interest
+     * into one epoll_ctl per loop turn */
+    struct event_config *cfg = event_config_new();
+    if (cfg) event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    R->base = cfg ? event_base_new_with_config(cfg) : event_base_new();
+    if (cfg) event_config_free(cfg);
     R->owns_base = 1;
   }
   R->L = R->base ? lua_newstate(host_alloc, R) : NULL;
