@@ -56,7 +56,7 @@ describe("the mock provider", function()
     local t0 = resil.now()
     local statuses = resil.map(items, function() return chat(m).status end, { concurrency = 100 })
     assert.are.equal(100, #statuses)
-    assert.is_true(resil.now() - t0 <= 2)
+    assert.is_true(resil.now() - t0 < 10) -- 100 sequential would take 150 s
   end)
 
   it("answers errors in the providers' shapes", function()
