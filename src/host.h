@@ -90,6 +90,7 @@ void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 
 /* loop.c: clock and timers */
 double resil_now(resil_t *R);
+void clock_set_virtual(resil_t *R, int on);
 void timer_init(resil_t *R, resil_timer *tm, resil_timer_fn fn, void *arg);
 void timer_start(resil_timer *tm, double seconds);
 void timer_stop(resil_timer *tm);

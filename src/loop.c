@@ -176,7 +176,7 @@ static void virtual_advance(resil_t *R) {
   tm->fn(tm->arg);
 }
 
-static void clock_set_virtual(resil_t *R, int on) {
+void clock_set_virtual(resil_t *R, int on) {
   if (on == R->virtual_clock) return;
   if (on) {
     /* a whole second to start from, so that whole and binary-fraction

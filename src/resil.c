@@ -370,12 +370,7 @@ resil_t *resil_open(const resil_options *opts) {
     lua_pop(L, 1);
   }
   lua_pop(L, 2);
-  if (opts->virtual_clock) {
-    R->virtual_clock = 1;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    R->virtual_now = (double)ts.tv_sec + 1; /* whole seconds: exact arithmetic */
-  }
+  if (opts->virtual_clock) clock_set_virtual(R, 1);
   return R;
 }
 
