@@ -109,6 +109,9 @@ int luaopen_resil_http(lua_State *L);
 int luaopen_resil_json(lua_State *L);
 int luaopen_resil_log(lua_State *L);
 int luaopen_resil_server(lua_State *L);
+int luaopen_resil_bucket(lua_State *L);
+int luaopen_resil_breaker(lua_State *L);
+int luaopen_resil_semaphore(lua_State *L);
 
 /* the Lua half of the host, compiled in from src/lua/ */
 extern const char resil_prelude_lua[];

@@ -125,7 +125,9 @@ static void push_error_va(lua_State *L, const char *kind, const char *fmt, va_li
   lua_createtable(L, 0, 3);
   lua_pushstring(L, kind);
   lua_setfield(L, -2, "kind");
-  lua_pushvfstring(L, fmt, ap);
+  char message[1024]; /* printf formats, unlike lua_pushfstring */
+  vsnprintf(message, sizeof message, fmt, ap);
+  lua_pushstring(L, message);
   lua_setfield(L, -2, "message");
   luaL_setmetatable(L, ERROR_MT);
 }
@@ -227,6 +229,9 @@ static const struct {
   {"json", luaopen_resil_json},
   {"log", luaopen_resil_log},
   {"server", luaopen_resil_server},
+  {NULL, luaopen_resil_bucket},
+  {NULL, luaopen_resil_breaker},
+  {NULL, luaopen_resil_semaphore},
 };
 
 static int l_error(lua_State *L) {

@@ -206,4 +206,79 @@ function resil.reload()
   return true, names
 end
 
+-- breaker:call(fn, ...) -> fn's results | nil, err{kind="circuit_open"}
+-- A call fails when fn raises or returns nil, err. A canceled call frees its
+-- half-open probe without counting.
+local breaker_methods = debug.getregistry()["resil.Breaker"].__index
+function breaker_methods:call(fn, ...)
+  if type(fn) ~= "function" then error("breaker:call: fn must be a function", 2) end
+  local ok, err = self:allow()
+  if not ok then return nil, err end
+  local start, finished = resil.now(), false
+  local _ <close> = setmetatable({}, { __close = function()
+    if not finished then self:record(nil) end
+  end })
+  local r = pack(pcall(fn, ...))
+  finished = true
+  local elapsed = resil.now() - start
+  if not r[1] then
+    self:record(false, elapsed)
+    error(r[2], 0)
+  end
+  self:record(not (r[2] == nil and r.n > 2 and r[3] ~= nil), elapsed)
+  return unpack(r, 2, r.n)
+end
+
+-- resil.acquire_all({ {bucket, n}, ... } [, {timeout=}]) -> true | nil, err
+-- Takes from every bucket or from none: a call that needs requests per
+-- minute, tokens per minute and requests per day waits until all allow it.
+function resil.acquire_all(list, opts)
+  if type(list) ~= "table" then error("resil.acquire_all: expects a list of {bucket, n}", 2) end
+  local timeout = opts and opts.timeout
+  local deadline = timeout and resil.now() + timeout
+  while true do
+    local wait, worst = 0, nil
+    for i = 1, #list do
+      local b, n = list[i][1], list[i][2] or 1
+      local w = b:wait_time(n)
+      if w > wait then wait, worst = w, i end
+    end
+    if wait == 0 then
+      for i = 1, #list do list[i][1]:charge(list[i][2] or 1) end
+      return true
+    end
+    if wait == math.huge then return list[worst][1]:acquire(list[worst][2] or 1, { timeout = 0 }) end
+    if deadline and resil.now() + wait > deadline then
+      return nil, resil.error("rate_limited", ("%s: tokens available in %.3f s"):format(
+        list[worst][1]:name(), wait), { retry_after = wait, bucket = list[worst][1]:name() })
+    end
+    resil.sleep(wait)
+  end
+end
+
+-- resil.keep(name, init) -> a table that lives as long as the host, so a
+-- policy's own state (a retry budget, a canary's counts) survives reloads.
+local kept = {}
+function resil.keep(name, init)
+  local t = kept[name]
+  if t == nil then
+    t = init and init() or {}
+    kept[name] = t
+  end
+  return t
+end
+
+-- resil.policy(name) -> a view of policies.<name> that always reads the
+-- version loaded now, so new calls use a reloaded policy while calls that
+-- already started finish on the old one.
+function resil.policy(name)
+  local modname = "policies." .. name
+  require(modname)
+  return setmetatable({}, {
+    __index = function(_, k) return require(modname)[k] end,
+    __call = function(_, ...) return require(modname)(...) end,
+    __tostring = function() return "policy " .. name end,
+  })
+end
+
 resil.mock = assert(load(mock_source, "=[resil mock]"))(resil)

@@ -1,0 +1,233 @@
+-- policies/call.lua: one provider call wrapped in the usual order, configured
+-- from one table per provider:
+--
+--   deadline > fallback > retry > breaker > bucket > concurrency limit > the call
+--   > classification and validation
+--
+--   local call = require "policies.call"
+--   local openai = call.provider("openai", {
+--     request  = { method = "POST", url = base .. "/v1/chat/completions", headers = h },
+--     timeout  = 30,                          -- per attempt
+--     deadline = 120,                         -- the whole call, retries and fallbacks included
+--     rate     = { rate = 500, per = 60, burst = 50 },        -- requests
+--     tokens   = { rate = 90000, per = 60 },                  -- tokens, estimated then corrected
+--     breaker  = { failure_rate = 0.5, min_calls = 10, window = 30, open_for = 30 },
+--     concurrency = { size = 16, queue = 1000 },
+--     retry    = { base = 0.5, cap = 20 },    -- options of policies.retry
+--     validate = "chat",                      -- a policies.classify validator, or fn(res)
+--     fallback = { anthropic_caller, placeholder = "(unavailable)" },
+--   })
+--   local res, err, info = openai{ json = { model = "gpt-4o", messages = msgs } }
+--
+-- A request is a table merged over `request` (headers merged too), or a
+-- function(attempt, seconds_left) returning res, err. `info.served_by` names
+-- the provider (or "placeholder") that answered.
+local resil = require "resil"
+local classify = require "policies.classify"
+local retry = require "policies.retry"
+local fallback = require "policies.fallback"
+
+local call = {}
+local now = resil.now
+
+local Provider = {}
+Provider.__index = Provider
+
+-- a half-open probe must be given back if the attempt is canceled mid-call
+local probe_guard_mt = { __close = function(g)
+  if not g.done then g.breaker:record(nil) end
+end }
+
+local function estimate_tokens(req)
+  local body = req.body or (req.json and resil.json.encode(req.json)) or ""
+  local out = type(req.json) == "table" and (req.json.max_tokens or req.json.max_completion_tokens) or 0
+  return math.ceil(#body / 4) + out
+end
+
+local function used_tokens(res)
+  local data = res and res.status == 200 and classify.decoded(res)
+  local usage = type(data) == "table" and data.usage
+  if type(usage) ~= "table" then return nil end
+  return usage.total_tokens or ((usage.prompt_tokens or usage.input_tokens or 0)
+    + (usage.completion_tokens or usage.output_tokens or 0))
+end
+
+local function merged_request(self, req, left)
+  local base = self.request
+  local r = {}
+  for k, v in pairs(base) do r[k] = v end
+  for k, v in pairs(req) do r[k] = v end
+  if base.headers and req.headers then
+    local h = {}
+    for k, v in pairs(base.headers) do h[k] = v end
+    for k, v in pairs(req.headers) do h[k] = v end
+    r.headers = h
+  end
+  if req.idempotency_key then
+    r.headers = r.headers or {}
+    if r.headers == base.headers or r.headers == req.headers then
+      local h = {}
+      for k, v in pairs(r.headers) do h[k] = v end
+      r.headers = h
+    end
+    r.headers["Idempotency-Key"] = req.idempotency_key
+    r.idempotency_key = nil
+  end
+  local timeout = r.timeout or self.timeout
+  if left and (timeout == nil or left < timeout) then timeout = left end
+  r.timeout = timeout
+  return r
+end
+
+local function send(self, req, attempt, left)
+  if type(req) == "function" then
+    if left then return resil.timeout(left, req, attempt, left) end
+    return req(attempt, left)
+  end
+  return resil.http.request(merged_request(self, req, left))
+end
+
+-- One attempt through breaker, buckets and the concurrency limit.
+local function attempt(n, self, req, deadline)
+  local left = deadline and deadline - now()
+  local br = self.breaker
+  if br then
+    local ok, err = br:allow()
+    if not ok then return nil, err end
+  end
+  local guard <close> = br and setmetatable({ breaker = br }, probe_guard_mt) or nil
+  local wait = left and { timeout = left } or nil
+  local tokens = 0
+  if self.token_bucket then
+    tokens = (self.estimate or estimate_tokens)(type(req) == "table" and req or {})
+    local ok, err
+    if self.bucket then
+      ok, err = resil.acquire_all({ { self.bucket, 1 }, { self.token_bucket, tokens } }, wait)
+    else
+      ok, err = self.token_bucket:acquire(tokens, wait)
+    end
+    if not ok then
+      if guard then guard.done = true; br:record(nil) end
+      return nil, err
+    end
+  elseif self.bucket then
+    local ok, err = self.bucket:acquire(1, wait)
+    if not ok then
+      if guard then guard.done = true; br:record(nil) end
+      return nil, err
+    end
+  end
+  local res, err, elapsed
+  local sem = self.semaphore
+  if sem then
+    local ok, serr = sem:acquire(wait)
+    if not ok then
+      if guard then guard.done = true; br:record(nil) end
+      return nil, serr
+    end
+    local _ <close> = self.releaser
+    local start = now()
+    res, err = send(self, req, n, deadline and deadline - now())
+    elapsed = now() - start
+  else
+    local start = now()
+    res, err = send(self, req, n, deadline and deadline - now())
+    elapsed = now() - start
+  end
+
+  local headers = type(res) == "table" and res.headers
+  if headers then
+    if self.bucket then self.bucket:observe(headers) end
+    if self.token_bucket then self.token_bucket:observe(headers) end
+  end
+  local verdict = classify.outcome(res, err, self)
+  if self.token_bucket then
+    local used = used_tokens(res) or (verdict and 0) or tokens
+    if used > tokens then self.token_bucket:charge(used - tokens)
+    elseif used < tokens then self.token_bucket:refund(tokens - used) end
+  end
+  if br then
+    guard.done = true
+    br:record(not (verdict and verdict.breaker), elapsed)
+  end
+  if verdict then
+    return nil, classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })
+  end
+  return res
+end
+
+-- provider:attempts(req, deadline) -> res | nil, err: retries, no fallback
+function Provider:attempts(req, deadline)
+  local opts = self.retry_opts
+  if deadline then
+    opts = setmetatable({ deadline = deadline }, self.retry_meta)
+  end
+  return retry.call(attempt, opts, self, req, deadline)
+end
+
+-- provider(req) -> res, nil, info | nil, err
+function Provider:__call(req)
+  local deadline = self.deadline and now() + self.deadline
+  if self.chain then return self.chain(req, deadline) end
+  local res, err = self:attempts(req, deadline)
+  if res == nil then return nil, err end
+  return res, nil, self.info
+end
+
+-- call.provider(name, conf) -> a callable provider
+function call.provider(name, conf)
+  if type(name) ~= "string" then error("call.provider: name must be a string", 2) end
+  if type(conf) ~= "table" then error("call.provider: conf must be a table", 2) end
+  local self = setmetatable({ name = name, request = conf.request or {}, timeout = conf.timeout,
+                              deadline = conf.deadline, validate = conf.validate, estimate = conf.estimate,
+                              info = { served_by = name } }, Provider)
+  if conf.rate then
+    local o = {}
+    for k, v in pairs(conf.rate) do o[k] = v end
+    o.unit = "requests"
+    self.bucket = resil.bucket(conf.rate.name or (name .. ":requests"), o)
+  end
+  if conf.tokens then
+    local o = {}
+    for k, v in pairs(conf.tokens) do o[k] = v end
+    o.unit = "tokens"
+    self.token_bucket = resil.bucket(conf.tokens.name or (name .. ":tokens"), o)
+    self.estimate = conf.tokens.estimate or conf.estimate
+  end
+  if conf.breaker then self.breaker = resil.breaker(conf.breaker.name or name, conf.breaker) end
+  if conf.concurrency then
+    local sem = resil.semaphore(conf.concurrency.name or name, conf.concurrency)
+    self.semaphore = sem
+    self.releaser = setmetatable({}, { __close = function() sem:release() end })
+  end
+  local r = {}
+  for k, v in pairs(conf.retry or {}) do r[k] = v end
+  r.provider = name
+  r.validate = conf.validate
+  r.bounded = true -- every wait in an attempt is cut at the deadline
+  self.retry_opts = r
+  self.retry_meta = { __index = r }
+
+  if conf.fallback then
+    local strategies = { { name = name, on = conf.fallback.on,
+                           fn = function(req, deadline) return self:attempts(req, deadline) end } }
+    for i, f in ipairs(conf.fallback) do
+      if getmetatable(f) == Provider then
+        strategies[i + 1] = { name = f.name, on = f.fallback_on,
+                              fn = function(req, deadline) return f:attempts(req, deadline) end }
+      elseif type(f) == "function" then
+        strategies[i + 1] = { name = "fallback " .. i, fn = f }
+      elseif type(f) == "table" and type(f.fn) == "function" then
+        strategies[i + 1] = f
+      else
+        error(("call.provider '%s': fallback %d must be a provider, a function or {name=, fn=}"):format(name, i), 2)
+      end
+    end
+    strategies.placeholder = conf.fallback.placeholder
+    self.chain = fallback.chain(strategies)
+  end
+  self.fallback_on = conf.fallback_on
+  return self
+end
+
+return call

@@ -1,0 +1,217 @@
+-- policies/classify.lua: what an outcome means and what to do about it.
+--
+-- classify.outcome(res, err, opts) turns a provider call's result into a
+-- verdict: nil for success, else
+--   { class, retryable, backoff, max_retries, fallback, breaker,
+--     reason, status, kind, retry_after }
+-- The rules are data. Change them from a pipeline or a project policy file:
+--   classify.status[409] = { class = "conflict", retryable = true, backoff = "constant", max_retries = 2 }
+--   classify.validators.summary = function(res) ... return nil, "why" end
+-- `fallback = true` marks outcomes that a fallback chain moves on from;
+-- `breaker = true` marks outcomes that are the provider's fault and count
+-- against its circuit breaker.
+local resil = require "resil"
+
+local classify = {}
+
+-- By HTTP status. "5xx"/"4xx" cover the statuses not listed one by one.
+classify.status = {
+  [400] = { class = "bad_request", retryable = false },
+  [401] = { class = "auth", retryable = false },
+  [403] = { class = "auth", retryable = false },
+  [404] = { class = "not_found", retryable = false, fallback = true },
+  [408] = { class = "timeout", retryable = true, backoff = "immediate", max_retries = 3, breaker = true },
+  [413] = { class = "too_large", retryable = false, fallback = true },
+  [422] = { class = "bad_request", retryable = false },
+  [429] = { class = "rate_limited", retryable = true, backoff = "exponential", max_retries = 5, fallback = true },
+  [529] = { class = "overloaded", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
+            breaker = true },
+  ["5xx"] = { class = "server_error", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
+              breaker = true },
+  ["4xx"] = { class = "client_error", retryable = false },
+}
+
+-- By the error kinds of resil.http and the host's own primitives.
+classify.kinds = {
+  timeout = { class = "timeout", retryable = true, backoff = "immediate", max_retries = 3, fallback = true,
+              breaker = true },
+  connect = { class = "unavailable", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
+              breaker = true },
+  dns = { class = "unavailable", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
+          breaker = true },
+  reset = { class = "unavailable", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
+            breaker = true },
+  protocol = { class = "protocol", retryable = true, backoff = "exponential", max_retries = 1, fallback = true,
+               breaker = true },
+  tls = { class = "tls", retryable = false, fallback = true },
+  too_large = { class = "too_large", retryable = false, fallback = true },
+  canceled = { class = "canceled", retryable = false },
+  rate_limited = { class = "rate_limited", retryable = true, backoff = "exponential", max_retries = 5,
+                   fallback = true },
+  circuit_open = { class = "circuit_open", retryable = false, fallback = true },
+  bulkhead_full = { class = "bulkhead_full", retryable = false, fallback = true },
+  invalid_output = { class = "invalid_output", retryable = true, backoff = "constant", max_retries = 2,
+                     fallback = true },
+  invalid_json = { class = "invalid_output", retryable = true, backoff = "constant", max_retries = 2,
+                   fallback = true },
+  deadline = { class = "deadline", retryable = false },
+}
+
+-- Provider error bodies, checked before the status rules, first match wins.
+-- match(res, body) gets the response and its decoded JSON body (or nil).
+local function error_field(body, field)
+  local e = type(body) == "table" and body.error
+  return type(e) == "table" and e[field] or nil
+end
+
+classify.bodies = {
+  { name = "context_length",
+    match = function(_, body)
+      return error_field(body, "code") == "context_length_exceeded"
+        or error_field(body, "type") == "context_length_exceeded"
+    end,
+    verdict = { class = "context_length", retryable = false, fallback = true } },
+  { name = "content_policy",
+    match = function(_, body)
+      local code, etype = error_field(body, "code"), error_field(body, "type")
+      return code == "content_policy_violation" or code == "content_filter" or etype == "content_policy_violation"
+    end,
+    verdict = { class = "content_policy", retryable = false, fallback = true } },
+  { name = "anthropic_overloaded",
+    match = function(_, body) return error_field(body, "type") == "overloaded_error" end,
+    verdict = { class = "overloaded", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
+                breaker = true } },
+  { name = "anthropic_rate_limit",
+    match = function(_, body) return error_field(body, "type") == "rate_limit_error" end,
+    verdict = { class = "rate_limited", retryable = true, backoff = "exponential", max_retries = 5,
+                fallback = true } },
+}
+
+-- Anything no rule names: one retry.
+classify.unknown = { class = "unknown", retryable = true, backoff = "exponential", max_retries = 1 }
+
+-- Output validators: fn(res) -> true | nil, reason. A 200 whose output fails
+-- becomes a retryable invalid_output.
+local function decoded(res)
+  if res.data == nil then
+    local data, err = resil.json.decode(res.body or "")
+    if data == nil then return nil, "body is not JSON: " .. tostring(err and err.message) end
+    res.data = data
+  end
+  return res.data
+end
+classify.decoded = decoded
+
+local function looks_like_url(s)
+  return type(s) == "string" and s:match("^https?://[%w%.%-_]+[:%d]*[/%?#]?") ~= nil
+end
+classify.looks_like_url = looks_like_url
+
+classify.validators = {
+  json = function(res)
+    local data, why = decoded(res)
+    if data == nil then return nil, why end
+    return true
+  end,
+  -- OpenAI-style chat completion with a non-empty message
+  chat = function(res)
+    local data, why = decoded(res)
+    if data == nil then return nil, why end
+    local choice = type(data) == "table" and type(data.choices) == "table" and data.choices[1]
+    local message = type(choice) == "table" and choice.message
+    local content = type(message) == "table" and message.content
+    if type(content) ~= "string" then return nil, "no choices[1].message.content" end
+    if content:match("^%s*$") then return nil, "empty content" end
+    return true
+  end,
+  -- Anthropic messages: content[1].text non-empty
+  anthropic = function(res)
+    local data, why = decoded(res)
+    if data == nil then return nil, why end
+    local block = type(data) == "table" and type(data.content) == "table" and data.content[1]
+    local text = type(block) == "table" and block.text
+    if type(text) ~= "string" or text:match("^%s*$") then return nil, "no content[1].text" end
+    return true
+  end,
+  -- an async job's final state with an output URL
+  prediction = function(res)
+    local data, why = decoded(res)
+    if data == nil then return nil, why end
+    if type(data) ~= "table" or type(data.status) ~= "string" then return nil, "no status field" end
+    if data.status == "succeeded" then
+      local out = data.output
+      if type(out) == "table" then out = out[1] end
+      if not looks_like_url(out) then return nil, "output is not a URL: " .. tostring(out) end
+    end
+    return true
+  end,
+}
+
+local function verdict_of(rule, reason, status, kind, retry_after)
+  local v = {}
+  for k, x in pairs(rule) do v[k] = x end
+  v.reason, v.status, v.kind, v.retry_after = reason, status, kind, retry_after
+  return v
+end
+
+local function status_rule(status)
+  local rule = classify.status[status]
+  if rule then return rule end
+  if status >= 500 then return classify.status["5xx"] end
+  if status >= 400 then return classify.status["4xx"] end
+  return nil
+end
+
+-- classify.outcome(res, err [, opts]) -> nil (success) | verdict
+-- opts.validate: a validator name or function for 2xx responses.
+function classify.outcome(res, err, opts)
+  if err ~= nil then
+    -- an error built by classify.error carries its verdict
+    if type(err) == "table" and err.class ~= nil and err.retryable ~= nil then return err end
+    if type(err) ~= "table" then
+      return verdict_of(classify.unknown, tostring(err), nil, nil, nil)
+    end
+    local rule = classify.kinds[err.kind] or classify.unknown
+    return verdict_of(rule, err.message or err.kind, err.status, err.kind, err.retry_after)
+  end
+  if type(res) ~= "table" or type(res.status) ~= "number" then return nil end -- not an HTTP response
+  local status = res.status
+  if status >= 200 and status < 300 then
+    local validate = opts and opts.validate
+    if validate == nil then return nil end
+    if type(validate) == "string" then
+      local name = validate
+      validate = classify.validators[name]
+      if validate == nil then error(("classify: no validator named '%s'"):format(name), 2) end
+    end
+    local ok, why = validate(res)
+    if ok then return nil end
+    return verdict_of(classify.kinds.invalid_output, why or "output failed validation", status, "invalid_output")
+  end
+  if status < 400 then return nil end -- 1xx/3xx: the caller asked for them
+  local retry_after = resil.retry_after(res.headers or {})
+  local body = res.body and res.body ~= "" and resil.json.decode(res.body) or nil
+  for _, rule in ipairs(classify.bodies) do
+    if rule.match(res, body) then
+      return verdict_of(rule.verdict, ("%d %s"):format(status, rule.name), status, nil, retry_after)
+    end
+  end
+  local rule = status_rule(status)
+  local message = error_field(body, "message")
+  return verdict_of(rule, ("HTTP %d%s"):format(status, message and (": " .. tostring(message)) or ""), status, nil,
+    retry_after)
+end
+
+-- classify.error(verdict [, extra]) -> an error value for the caller
+-- The error carries the verdict's fields, so later layers (retry, fallback)
+-- read the verdict from it instead of classifying again.
+function classify.error(verdict, extra)
+  local fields = {}
+  for k, v in pairs(verdict) do fields[k] = v end
+  fields.reason = nil
+  for k, v in pairs(extra or {}) do fields[k] = v end
+  local kind = verdict.kind or verdict.class
+  return resil.error(kind, verdict.reason or verdict.class, fields)
+end
+
+return classify

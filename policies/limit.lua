@@ -1,0 +1,37 @@
+-- policies/limit.lua: a concurrency limit (bulkhead) per provider, so that a
+-- slow provider cannot hold every task.
+--
+--   local res, err = limit.run("replicate", { size = 8, queue = 100, timeout = 30 }, fn, ...)
+--
+-- At most `size` calls run at once; up to `queue` more wait in FIFO order (for
+-- at most `timeout` seconds); beyond that, nil, err{kind="bulkhead_full"}.
+local resil = require "resil"
+
+local limit = {}
+
+-- one reusable to-be-closed releaser per semaphore: no allocation per call
+local releasers = resil.keep("limit.releasers", function() return {} end)
+local function releaser(sem)
+  local r = releasers[sem]
+  if r == nil then
+    r = setmetatable({}, { __close = function() sem:release() end })
+    releasers[sem] = r
+  end
+  return r
+end
+
+-- limit.get(name [, opts]) -> the semaphore behind a limit
+function limit.get(name, opts)
+  return resil.semaphore(name, opts)
+end
+
+-- limit.run(name, opts, fn, ...) -> fn's results | nil, err{kind="bulkhead_full"}
+function limit.run(name, opts, fn, ...)
+  local sem = resil.semaphore(name, opts)
+  local ok, err = sem:acquire(opts)
+  if not ok then return nil, err end
+  local _ <close> = releaser(sem)
+  return fn(...)
+end
+
+return limit

@@ -1,0 +1,201 @@
+-- policies/retry.lua: attempts with backoff, a deadline and a retry budget.
+--
+--   local retry = require "policies.retry"
+--   local res, err = retry.call(function(attempt) return resil.http.request(req) end, {
+--     provider = "openai",        -- names the retry budget and the log lines
+--     deadline = resil.now() + 60, -- or timeout = 60: no attempt or sleep crosses it
+--     validate = "chat",          -- output validator (policies.classify)
+--   })
+--
+-- How many retries and which backoff come from the outcome's class
+-- (policies.classify); options override them. Delays are capped by `cap` and
+-- floored by the provider's Retry-After / x-ratelimit-reset-*.
+local resil = require "resil"
+local classify = require "policies.classify"
+
+local retry = {}
+
+retry.defaults = {
+  base = 0.5,             -- seconds: the first delay of a growing backoff
+  cap = 30,               -- seconds: no computed delay is longer
+  budget = { percent = 0.2, min_per_second = 1, window = 10 },
+}
+
+local min, max, floor = math.min, math.max, math.floor
+
+-- delay(n, base, cap, prev, random): n is the retry number from 0, prev the
+-- previous delay (decorrelated jitter), random() uniform in [0, 1).
+retry.strategies = {
+  immediate = function() return 0 end,
+  constant = function(_, base, cap) return min(cap, base) end,
+  linear = function(n, base, cap) return min(cap, base * (n + 1)) end,
+  exponential = function(n, base, cap) return min(cap, base * 2 ^ n) end,
+  full_jitter = function(n, base, cap, _, random) return random() * min(cap, base * 2 ^ n) end,
+  equal_jitter = function(n, base, cap, _, random)
+    local t = min(cap, base * 2 ^ n)
+    return t / 2 + random() * (t / 2)
+  end,
+  decorrelated_jitter = function(_, base, cap, prev, random)
+    local hi = (prev or base) * 3
+    return min(cap, base + random() * (hi - base))
+  end,
+}
+
+-- Retry budget (Finagle's): over a sliding window, retries may add at most
+-- `percent` of the calls, plus `min_per_second` so that a quiet service can
+-- still retry. During an outage the calls keep failing; the budget keeps the
+-- retries from multiplying the load.
+local Budget = {}
+Budget.__index = Budget
+
+local function budget_slot(b, now)
+  local second = floor(now)
+  local i = second % b.window + 1
+  local slot = b.slots[i]
+  if slot.second ~= second then slot.second, slot.calls, slot.retries = second, 0, 0 end
+  return slot, second
+end
+
+function Budget:deposit()
+  local slot = budget_slot(self, resil.now())
+  slot.calls = slot.calls + 1
+end
+
+-- Take one retry from the budget: true, or false when it is spent.
+function Budget:withdraw()
+  local now = resil.now()
+  local slot, second = budget_slot(self, now)
+  local calls, retries = 0, 0
+  for i = 1, self.window do
+    local s = self.slots[i]
+    if second - s.second < self.window then calls, retries = calls + s.calls, retries + s.retries end
+  end
+  if retries + 1 > self.min_per_second * self.window + self.percent * calls then return false end
+  slot.retries = slot.retries + 1
+  return true
+end
+
+function Budget:state()
+  local second = floor(resil.now())
+  local calls, retries = 0, 0
+  for i = 1, self.window do
+    local s = self.slots[i]
+    if second - s.second < self.window then calls, retries = calls + s.calls, retries + s.retries end
+  end
+  return { calls = calls, retries = retries,
+           allowed = floor(self.min_per_second * self.window + self.percent * calls) }
+end
+
+-- retry.budget(name [, conf]) -> the budget of a provider; it survives reloads.
+function retry.budget(name, conf)
+  local d = retry.defaults.budget
+  conf = type(conf) == "table" and conf or d
+  local b = resil.keep("retry.budget:" .. name, function()
+    local window = conf.window or d.window
+    local slots = {}
+    for i = 1, window do slots[i] = { second = -math.huge, calls = 0, retries = 0 } end
+    return setmetatable({ slots = slots, window = window }, Budget)
+  end)
+  b.percent = conf.percent or d.percent
+  b.min_per_second = conf.min_per_second or d.min_per_second
+  return b
+end
+
+local function max_retries_for(opts, verdict)
+  local m = opts.max_retries
+  if type(m) == "table" then m = m[verdict.class] end
+  if m == nil then m = verdict.max_retries end
+  return m or 0
+end
+
+local function final_error(res, err, verdict, attempt, provider, gave_up)
+  if type(err) ~= "table" or err.class == nil then
+    err = classify.error(verdict, { response = res })
+  end
+  err.attempts, err.provider, err.gave_up = attempt, err.provider or provider, gave_up
+  return err
+end
+
+local function default_random() return math.random() end
+local EMPTY = {}
+
+-- retry.call(fn, opts, ...) -> fn's result | nil, err (err.attempts, err.class)
+-- fn(attempt, ...) returns res, err like resil.http.request; anything that is not
+-- an HTTP response and not an error is a success.
+-- opts: provider, deadline (absolute, resil.now() scale) or timeout (seconds
+-- from now), attempt_time (seconds an attempt is expected to take: a retry
+-- that would end past the deadline is not started), max_retries (number or
+-- {class = n}), strategy (overrides the class's backoff), base, cap,
+-- budget (false, or {percent=, min_per_second=, window=}), random, validate,
+-- classify (fn(res, err, opts) -> verdict | nil), on_retry(info), sleep,
+-- bounded (fn keeps to the deadline itself: no task per attempt).
+function retry.call(fn, opts, ...)
+  if type(fn) ~= "function" then error("retry.call: fn must be a function", 2) end
+  opts = opts or EMPTY
+  local now = resil.now
+  local deadline = opts.deadline or (opts.timeout and now() + opts.timeout)
+  local provider = opts.provider or "default"
+  local budget = opts.budget ~= false and retry.budget(provider, opts.budget) or nil
+  if budget then budget:deposit() end
+  local classify_fn = opts.classify or classify.outcome
+  local base, cap = opts.base or retry.defaults.base, opts.cap or retry.defaults.cap
+  local random = opts.random or default_random
+  local sleep = opts.sleep or resil.sleep
+  local attempt, prev_delay, retries_of = 0, nil, nil
+
+  while true do
+    attempt = attempt + 1
+    local res, err
+    if deadline and not opts.bounded then
+      local left = deadline - now()
+      if left <= 0 then
+        return nil, resil.error("deadline", ("deadline passed before attempt %d"):format(attempt),
+          { attempts = attempt - 1, provider = provider, class = "deadline", retryable = false })
+      end
+      res, err = resil.timeout(left, fn, attempt, ...)
+      if res == nil and type(err) == "table" and err.kind == "timeout" and now() >= deadline then
+        err = resil.error("deadline", ("attempt %d cut at the deadline"):format(attempt),
+          { provider = provider, class = "deadline", retryable = false })
+      end
+    else
+      if deadline and now() >= deadline then
+        return nil, resil.error("deadline", ("deadline passed before attempt %d"):format(attempt),
+          { attempts = attempt - 1, provider = provider, class = "deadline", retryable = false })
+      end
+      res, err = fn(attempt, ...)
+    end
+    local verdict = classify_fn(res, err, opts)
+    if verdict == nil then return res end
+
+    retries_of = retries_of or {}
+    local class = verdict.class
+    local done = retries_of[class] or 0
+    if not verdict.retryable or done >= max_retries_for(opts, verdict) then
+      return nil, final_error(res, err, verdict, attempt, provider, verdict.retryable and "max_retries" or nil)
+    end
+    local strategy = opts.strategy or verdict.backoff or "exponential"
+    local delay_fn = retry.strategies[strategy]
+    if delay_fn == nil then error(("retry: unknown backoff strategy '%s'"):format(tostring(strategy)), 2) end
+    local delay = delay_fn(attempt - 1, base, cap, prev_delay, random)
+    prev_delay = delay
+    local floor_delay = verdict.retry_after
+    if floor_delay and floor_delay > delay then delay = floor_delay end
+    if deadline and now() + delay + (opts.attempt_time or 0) >= deadline then
+      return nil, final_error(res, err, verdict, attempt, provider, "deadline")
+    end
+    if budget and not budget:withdraw() then
+      return nil, final_error(res, err, verdict, attempt, provider, "retry_budget")
+    end
+    retries_of[class] = done + 1
+    local reason = verdict.reason or verdict.message
+    resil.log.info("retry", { provider = provider, attempt = attempt, class = class, delay = delay,
+                              reason = reason })
+    if opts.on_retry then
+      opts.on_retry({ attempt = attempt, class = class, delay = delay, reason = reason, error = err,
+                      response = res, provider = provider })
+    end
+    if delay > 0 then sleep(delay) else resil.yield() end
+  end
+end
+
+return retry

@@ -1,0 +1,204 @@
+local resil = require "resil"
+
+local seq = 0
+local function fresh(opts)
+  seq = seq + 1
+  return resil.bucket("bucket-spec-" .. seq, opts)
+end
+
+local function near(expected, actual)
+  assert.is_true(math.abs(expected - actual) < 1e-6, ("expected %.9f, got %.9f"):format(expected, actual))
+end
+
+describe("resil.bucket (GCRA)", function()
+  before_each(function() resil.clock.virtual() end)
+
+  it("allows the burst, counts remaining down to 0, and limits the next with the exact retry_after", function()
+    local b = fresh { rate = 5, per = 1, burst = 5 }
+    for expected = 4, 0, -1 do
+      local ok, remaining = b:try()
+      assert.is_true(ok)
+      assert.are.equal(expected, remaining)
+    end
+    local ok, wait = b:try()
+    assert.is_false(ok)
+    near(0.2, wait)
+    local res, err = b:acquire(1, { timeout = 0 })
+    assert.is_nil(res)
+    assert.are.equal("rate_limited", err.kind)
+    near(0.2, err.retry_after)
+  end)
+
+  it("refills partially: after 0.5 s at 5/s, two tokens and a half", function()
+    local b = fresh { rate = 5, per = 1, burst = 5 }
+    for _ = 1, 5 do assert.is_true((b:try())) end
+    resil.sleep(0.5)
+    assert.is_true((b:try()))
+    assert.is_true((b:try()))
+    local ok, wait = b:try()
+    assert.is_false(ok)
+    near(0.1, wait)
+  end)
+
+  it("never allows a request larger than the burst, at once and without retry_after", function()
+    local b = fresh { rate = 100, per = 1, burst = 10 }
+    local t0 = resil.now()
+    local ok, err = b:acquire(11)
+    assert.is_nil(ok)
+    assert.are.equal("rate_limited", err.kind)
+    assert.is_nil(err.retry_after)
+    assert.are.equal(t0, resil.now())
+    assert.are.equal(false, (b:try(11)))
+  end)
+
+  it("weights requests: tokens per minute", function()
+    local b = fresh { rate = 6000, per = 60, burst = 1000 }
+    assert.are.same({ true, 200 }, { b:acquire(800) })
+    local ok, wait = b:try(500)
+    assert.is_false(ok)
+    near(3, wait) -- 300 tokens short at 100/s
+  end)
+
+  it("acquire waits exactly until tokens are available, without polling", function()
+    local b = fresh { rate = 2, per = 1, burst = 1 }
+    assert.is_true((b:acquire()))
+    local t0 = resil.now()
+    assert.is_true((b:acquire()))
+    near(0.5, resil.now() - t0)
+    assert.is_true((b:acquire(1, { timeout = 1 })))
+    near(1.0, resil.now() - t0)
+  end)
+
+  it("serves waiters in FIFO order, each at its own moment", function()
+    local b = fresh { rate = 10, per = 1, burst = 1 }
+    assert.is_true((b:try()))
+    local t0, order, tasks = resil.now(), {}, {}
+    for i = 1, 5 do
+      tasks[i] = resil.spawn(function()
+        assert(b:acquire(1))
+        order[#order + 1] = { i, resil.now() - t0 }
+      end)
+    end
+    for i = 1, 5 do assert.is_true((tasks[i]:join())) end
+    for i = 1, 5 do
+      assert.are.equal(i, order[i][1])
+      near(0.1 * i, order[i][2])
+    end
+  end)
+
+  it("a request behind waiters is not served before them (try says so)", function()
+    local b = fresh { rate = 1, per = 1, burst = 1 }
+    assert.is_true((b:try()))
+    local waiter = resil.spawn(function() return b:acquire(1) end)
+    resil.yield()
+    resil.sleep(1) -- the waiter's moment: it is served first
+    local ok = b:try()
+    assert.is_false(ok)
+    assert.is_true((waiter:join()))
+  end)
+
+  it("gives up at once when the wait would exceed the timeout, with the wait as retry_after", function()
+    local b = fresh { rate = 1, per = 1, burst = 1 }
+    assert.is_true((b:try()))
+    local t0 = resil.now()
+    local ok, err = b:acquire(1, { timeout = 0.5 })
+    assert.is_nil(ok)
+    near(1, err.retry_after)
+    assert.are.equal(t0, resil.now())
+  end)
+
+  it("a canceled waiter leaves the queue and the next one is served at its moment", function()
+    local b = fresh { rate = 1, per = 1, burst = 1 }
+    assert.is_true((b:try()))
+    local t0 = resil.now()
+    local first = resil.spawn(function() return b:acquire(1) end)
+    local second = resil.spawn(function() local ok = b:acquire(1); return ok, resil.now() - t0 end)
+    resil.yield()
+    assert.are.equal(2, b:state().waiting)
+    first:cancel()
+    local ok, served, at = second:join()
+    assert.is_true(ok and served)
+    near(1, at)
+  end)
+
+  it("refund and charge correct an estimate", function()
+    local b = fresh { rate = 10, per = 1, burst = 10 }
+    assert.are.same({ true, 0 }, { b:acquire(10) })
+    b:refund(4)
+    assert.are.equal(4, b:remaining())
+    b:charge(6) -- usage was higher than estimated: the bucket is in debt
+    assert.are.equal(0, b:remaining())
+    local ok, wait = b:try(1)
+    assert.is_false(ok)
+    near(0.3, wait)
+  end)
+
+  it("is one bucket per name; new options change its rate in place, state kept", function()
+    local b = fresh { rate = 1, per = 1, burst = 2 }
+    assert.is_true((b:try(2)))
+    local again = resil.bucket(b:name(), { rate = 10, per = 1, burst = 2 })
+    assert.are.equal(b, again)
+    assert.is_false((again:try(1)))
+    assert.are.equal(10, again:state().rate)
+    resil.sleep(0.1) -- one token back at the new rate
+    assert.is_true((again:try(1)))
+    assert.is_false((again:try(1)))
+  end)
+
+  it("acquire_all takes from every bucket or none", function()
+    local rpm = fresh { rate = 10, per = 1, burst = 10 }
+    local tpm = fresh { rate = 100, per = 1, burst = 100 }
+    assert.is_true((tpm:try(90)))
+    local ok, err = resil.acquire_all({ { rpm, 1 }, { tpm, 50 } }, { timeout = 0 })
+    assert.is_nil(ok)
+    assert.are.equal("rate_limited", err.kind)
+    near(0.4, err.retry_after)
+    assert.are.equal(10, rpm:remaining()) -- nothing taken from the one that had room
+    local t0 = resil.now()
+    assert.is_true(resil.acquire_all({ { rpm, 1 }, { tpm, 50 } }))
+    near(0.4, resil.now() - t0)
+    assert.are.equal(9, rpm:remaining())
+  end)
+
+  it("observe pauses the bucket until the provider's reset when it says exhausted", function()
+    local b = fresh { rate = 100, per = 60, burst = 100 }
+    local paused = b:observe({ ["x-ratelimit-remaining-requests"] = "0", ["x-ratelimit-reset-requests"] = "6m0s" })
+    near(360, paused)
+    local ok, wait = b:try()
+    assert.is_false(ok)
+    near(360, wait)
+    local t0 = resil.now()
+    assert.is_true((b:acquire()))
+    near(360, resil.now() - t0)
+  end)
+
+  it("observe reads Retry-After, token headers and Anthropic's headers", function()
+    local b = fresh { rate = 100, per = 1 }
+    near(1.5, b:observe({ ["retry-after"] = "1.5" }))
+    local t = fresh { rate = 1000, per = 1, unit = "tokens" }
+    near(0.02, t:observe({ ["x-ratelimit-remaining-tokens"] = "0", ["x-ratelimit-reset-tokens"] = "20ms" }))
+    local a = fresh { rate = 100, per = 1 }
+    a:observe({ ["anthropic-ratelimit-requests-remaining"] = "3" })
+    assert.are.equal(3, a:remaining()) -- lowered to the provider's count
+  end)
+
+  it("resil.retry_after reads a provider's headers", function()
+    assert.are.equal(2, resil.retry_after({ ["retry-after"] = "2" }))
+    assert.are.equal(0.25, resil.retry_after({ ["retry-after-ms"] = "250" }))
+    assert.are.equal(0, resil.retry_after({ ["retry-after"] = "Wed, 21 Oct 2015 07:28:00 GMT" }))
+    assert.are.equal(1.5, resil.retry_after({ ["x-ratelimit-remaining-tokens"] = "0",
+                                              ["x-ratelimit-reset-tokens"] = "1.5s" }))
+    assert.is_nil(resil.retry_after({ ["x-ratelimit-remaining-tokens"] = "10",
+                                      ["x-ratelimit-reset-tokens"] = "1.5s" }))
+    assert.are.equal(3723, resil.parse_duration("1h2m3s"))
+  end)
+
+  it("rejects bad options with the caller's line", function()
+    local ok, err = pcall(resil.bucket, "bucket-bad", { rate = -1 })
+    assert.is_false(ok)
+    assert.matches("bucket_spec.lua:%d+: ", err)
+    assert.truthy(err:find("bucket 'bucket-bad': rate must be a positive number", 1, true))
+    ok, err = pcall(resil.bucket, "bucket-unknown")
+    assert.matches("does not exist yet", err)
+  end)
+end)

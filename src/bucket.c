@@ -1,0 +1,571 @@
+/*
+ * bucket.c: token buckets by name, with GCRA semantics.
+ *
+ * One stored value per bucket, the theoretical arrival time (TAT): taking n
+ * tokens moves it n emission intervals (T = per / rate) past max(TAT, now),
+ * and is allowed while it stays within burst * T of now. Times are integer
+ * nanoseconds so that tables of expected values hold exactly.
+ *
+ * Waiters queue in FIFO order; one timer per bucket fires at the exact moment
+ * the head of the queue can be served. Nothing polls.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <curl/curl.h>
+
+#include "host.h"
+
+#define BUCKET_MT "resil.Bucket"
+#define REGISTRY "resil.buckets"
+#define NS 1000000000.0
+/* Virtual timers land on doubles; a request a microsecond early is on time. */
+#define SLACK_NS 1000
+
+typedef struct bucket bucket;
+typedef struct waiter waiter;
+
+struct waiter {
+  bucket *b;
+  task *t;
+  double n;
+  waiter *prev, *next;
+  resil_timer timeout;
+  int has_timeout;
+  int outcome; /* 0 waiting, 1 served, 2 timed out */
+  double retry_after;
+};
+
+struct bucket {
+  resil_t *R;
+  char name[64];
+  char unit[16];       /* "requests" or "tokens": which provider headers apply */
+  double rate, per, burst;
+  int64_t interval_ns; /* T */
+  int64_t tat_ns;
+  int64_t paused_until_ns;
+  waiter *head, *tail;
+  int waiting;
+  resil_timer timer;
+};
+
+static int64_t now_ns(resil_t *R) { return (int64_t)llround(resil_now(R) * NS); }
+static int64_t tokens_ns(const bucket *b, double n) { return (int64_t)llround(n * (double)b->interval_ns); }
+static int64_t tolerance_ns(const bucket *b) { return tokens_ns(b, b->burst); }
+
+/* Nanoseconds until n tokens can be taken (0: now). */
+static int64_t wait_for(const bucket *b, double n, int64_t now) {
+  int64_t start = b->tat_ns > now ? b->tat_ns : now;
+  int64_t wait = start + tokens_ns(b, n) - now - tolerance_ns(b);
+  if (b->paused_until_ns > now && b->paused_until_ns - now > wait) wait = b->paused_until_ns - now;
+  return wait <= SLACK_NS ? 0 : wait;
+}
+
+static double remaining_at(const bucket *b, int64_t now) {
+  int64_t start = b->tat_ns > now ? b->tat_ns : now;
+  double r = floor((double)(now + tolerance_ns(b) - start + SLACK_NS) / (double)b->interval_ns);
+  return r < 0 ? 0 : r;
+}
+
+static void take(bucket *b, double n, int64_t now) {
+  int64_t start = b->tat_ns > now ? b->tat_ns : now;
+  b->tat_ns = start + tokens_ns(b, n);
+}
+
+/* whole token counts read as integers in Lua */
+static void push_count(lua_State *L, double v) {
+  if (v == floor(v) && fabs(v) < 9e15) lua_pushinteger(L, (lua_Integer)v);
+  else lua_pushnumber(L, v);
+}
+
+/* ---------- the queue ---------- */
+
+static void queue_remove(bucket *b, waiter *w) {
+  if (w->prev) w->prev->next = w->next;
+  else b->head = w->next;
+  if (w->next) w->next->prev = w->prev;
+  else b->tail = w->prev;
+  w->prev = w->next = NULL;
+  b->waiting--;
+}
+
+static void finish_waiter(waiter *w, int outcome) {
+  if (w->has_timeout) timer_stop(&w->timeout);
+  w->outcome = outcome;
+  task_wake(w->t);
+}
+
+/* Serve the queue's head while tokens allow; else arm the timer for it. */
+static void serve(bucket *b) {
+  timer_stop(&b->timer);
+  int64_t now = now_ns(b->R);
+  while (b->head) {
+    waiter *w = b->head;
+    int64_t wait = wait_for(b, w->n, now);
+    if (wait > 0) {
+      timer_start(&b->timer, (double)wait / NS);
+      return;
+    }
+    take(b, w->n, now);
+    queue_remove(b, w);
+    finish_waiter(w, 1);
+  }
+}
+
+static void bucket_timer_fired(void *arg) { serve(arg); }
+
+static void waiter_timed_out(void *arg) {
+  waiter *w = arg;
+  bucket *b = w->b;
+  int64_t now = now_ns(b->R);
+  int64_t ahead = 0;
+  for (waiter *p = b->head; p && p != w; p = p->next) ahead += tokens_ns(b, p->n);
+  w->retry_after = (double)(wait_for(b, w->n, now) + ahead) / NS;
+  int was_head = b->head == w;
+  queue_remove(b, w);
+  finish_waiter(w, 2);
+  if (was_head) serve(b);
+}
+
+static void waiter_canceled(void *arg) {
+  waiter *w = arg;
+  bucket *b = w->b;
+  if (w->has_timeout) timer_free(&w->timeout);
+  w->has_timeout = 0;
+  int was_head = b->head == w;
+  queue_remove(b, w);
+  if (was_head) serve(b);
+}
+
+/* ---------- options ---------- */
+
+static bucket *check_bucket(lua_State *L, int idx) { return luaL_checkudata(L, idx, BUCKET_MT); }
+
+static double opt_positive(lua_State *L, int idx, const char *bucket_name, const char *field, double dflt) {
+  int type = lua_getfield(L, idx, field);
+  double v = dflt;
+  if (type != LUA_TNIL) {
+    int isnum;
+    v = lua_tonumberx(L, -1, &isnum);
+    if (!isnum || !(v > 0) || isinf(v))
+      resil_raise(L, "bucket '%s': %s must be a positive number, got %s", bucket_name, field,
+                  luaL_tolstring(L, -1, NULL));
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+static void configure(lua_State *L, bucket *b, int opts) {
+  double rate = opt_positive(L, opts, b->name, "rate", b->rate);
+  double per = opt_positive(L, opts, b->name, "per", b->per ? b->per : 1);
+  if (!(rate > 0)) resil_raise(L, "bucket '%s': rate is required (tokens per `per` seconds)", b->name);
+  double burst = opt_positive(L, opts, b->name, "burst", b->burst ? b->burst : rate);
+  if (lua_getfield(L, opts, "unit") == LUA_TSTRING) {
+    const char *unit = lua_tostring(L, -1);
+    if (strcmp(unit, "requests") != 0 && strcmp(unit, "tokens") != 0)
+      resil_raise(L, "bucket '%s': unit must be \"requests\" or \"tokens\", got \"%s\"", b->name, unit);
+    snprintf(b->unit, sizeof b->unit, "%s", unit);
+  }
+  lua_pop(L, 1);
+  int64_t interval = (int64_t)llround(per / rate * NS);
+  if (interval < 1) interval = 1;
+  if (b->interval_ns && interval != b->interval_ns) {
+    /* keep the fill level in tokens, not in time, across a rate change */
+    int64_t now = now_ns(b->R);
+    if (b->tat_ns > now)
+      b->tat_ns = now + (int64_t)llround((double)(b->tat_ns - now) / (double)b->interval_ns * (double)interval);
+  }
+  b->rate = rate;
+  b->per = per;
+  b->burst = burst;
+  b->interval_ns = interval;
+  serve(b); /* a faster rate may serve waiters now */
+}
+
+/* resil.bucket(name [, opts]): the same bucket for the same name. */
+static int l_bucket(lua_State *L) {
+  lua_settop(L, 2);
+  size_t len;
+  const char *name = luaL_checklstring(L, 1, &len);
+  if (len == 0 || len >= sizeof ((bucket *)0)->name) resil_raise(L, "bucket name must be 1 to 63 characters");
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, REGISTRY);
+  if (lua_getfield(L, -1, name) != LUA_TNIL) {
+    if (lua_istable(L, 2)) configure(L, check_bucket(L, -1), 2);
+    return 1;
+  }
+  lua_pop(L, 1);
+  if (!lua_istable(L, 2)) resil_raise(L, "bucket '%s' does not exist yet: give its options {rate=, per=, burst=}", name);
+  bucket *b = lua_newuserdatauv(L, sizeof *b, 0);
+  memset(b, 0, sizeof *b);
+  b->R = resil_from_lua(L);
+  memcpy(b->name, name, len + 1);
+  strcpy(b->unit, "requests");
+  timer_init(b->R, &b->timer, bucket_timer_fired, b);
+  luaL_setmetatable(L, BUCKET_MT);
+  configure(L, b, 2);
+  b->tat_ns = now_ns(b->R);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, name);
+  return 1;
+}
+
+static double check_tokens(lua_State *L, int idx, bucket *b) {
+  double n = luaL_optnumber(L, idx, 1);
+  if (!(n >= 0) || isinf(n)) resil_raise(L, "bucket '%s': token count must be a non-negative number", b->name);
+  return n;
+}
+
+static int push_limited(lua_State *L, bucket *b, double n, double retry_after) {
+  if (retry_after < 0) {
+    resil_push_error(L, "rate_limited", "bucket '%s': %g tokens can never be granted (burst is %g)", b->name, n,
+                     b->burst);
+  } else {
+    resil_push_error(L, "rate_limited", "bucket '%s': %g tokens available in %.3f s", b->name, n, retry_after);
+    lua_pushnumber(L, retry_after);
+    lua_setfield(L, -2, "retry_after");
+  }
+  lua_pushstring(L, b->name);
+  lua_setfield(L, -2, "bucket");
+  lua_pushnil(L);
+  lua_insert(L, -2);
+  return 2;
+}
+
+/* b:try(n) -> true, remaining | false, seconds_until_possible */
+static int b_try(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  double n = check_tokens(L, 2, b);
+  int64_t now = now_ns(b->R);
+  if (n > b->burst) {
+    lua_pushboolean(L, 0);
+    lua_pushnumber(L, HUGE_VAL);
+    return 2;
+  }
+  int64_t wait = wait_for(b, n, now);
+  for (waiter *w = b->head; w; w = w->next) wait += tokens_ns(b, w->n); /* waiters go first */
+  if (b->head && wait == 0) wait = 1;
+  if (wait > 0) {
+    lua_pushboolean(L, 0);
+    lua_pushnumber(L, (double)wait / NS);
+    return 2;
+  }
+  take(b, n, now);
+  lua_pushboolean(L, 1);
+  push_count(L, remaining_at(b, now));
+  return 2;
+}
+
+static int acquire_k(lua_State *L, int status, lua_KContext ctx) {
+  waiter *w = (waiter *)ctx;
+  bucket *b = w->b;
+  if (w->has_timeout) timer_free(&w->timeout);
+  w->has_timeout = 0;
+  if (w->outcome == 1) {
+    lua_pushboolean(L, 1);
+    push_count(L, remaining_at(b, now_ns(b->R)));
+    return 2;
+  }
+  return push_limited(L, b, w->n, w->retry_after);
+}
+
+/* b:acquire(n [, {timeout=}]) -> true, remaining | nil, err{kind="rate_limited"} */
+static int b_acquire(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  double n = check_tokens(L, 2, b);
+  double timeout = -1;
+  if (lua_istable(L, 3) && lua_getfield(L, 3, "timeout") != LUA_TNIL) {
+    timeout = luaL_checknumber(L, -1);
+    if (!(timeout >= 0)) resil_raise(L, "bucket '%s': timeout must be a non-negative number", b->name);
+  }
+  lua_settop(L, 2);
+  if (n > b->burst) return push_limited(L, b, n, -1);
+  int64_t now = now_ns(b->R);
+  int64_t wait = wait_for(b, n, now);
+  if (!b->head && wait == 0) {
+    take(b, n, now);
+    lua_pushboolean(L, 1);
+    push_count(L, remaining_at(b, now));
+    return 2;
+  }
+  for (waiter *p = b->head; p; p = p->next) wait += tokens_ns(b, p->n);
+  if (timeout >= 0 && (double)wait / NS > timeout) return push_limited(L, b, n, (double)wait / NS);
+  task *t = task_current(L, "bucket:acquire");
+  waiter *w = lua_newuserdatauv(L, sizeof *w, 0); /* anchored on the task's stack while it waits */
+  memset(w, 0, sizeof *w);
+  w->b = b;
+  w->t = t;
+  w->n = n;
+  w->prev = b->tail;
+  if (b->tail) b->tail->next = w;
+  else b->head = w;
+  b->tail = w;
+  b->waiting++;
+  if (timeout >= 0) {
+    timer_init(b->R, &w->timeout, waiter_timed_out, w);
+    w->has_timeout = 1;
+    timer_start(&w->timeout, timeout);
+  }
+  if (b->head == w) serve(b);
+  task_wait(t, waiter_canceled, w);
+  return lua_yieldk(L, 0, (lua_KContext)w, acquire_k);
+}
+
+/* b:refund(n): give back tokens taken for an estimate that was too high. */
+static int b_refund(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  double n = check_tokens(L, 2, b);
+  b->tat_ns -= tokens_ns(b, n);
+  serve(b);
+  return 0;
+}
+
+/* b:charge(n): take tokens without waiting (usage above the estimate); may
+ * leave the bucket in debt, which later callers wait out. */
+static int b_charge(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  double n = check_tokens(L, 2, b);
+  take(b, n, now_ns(b->R));
+  push_count(L, remaining_at(b, now_ns(b->R)));
+  return 1;
+}
+
+/* ---------- provider headers ---------- */
+
+/* OpenAI's durations: "6m0s", "1.5s", "20ms", "1h2m3s"; also plain seconds. */
+static int parse_duration(const char *s, double *out) {
+  char *end;
+  double total = 0;
+  int parts = 0;
+  while (*s) {
+    double v = strtod(s, &end);
+    if (end == s) return 0;
+    s = end;
+    if (strncmp(s, "ms", 2) == 0) v /= 1000, s += 2;
+    else if (*s == 'h') v *= 3600, s++;
+    else if (*s == 'm') v *= 60, s++;
+    else if (*s == 's') s++;
+    else if (*s != '\0') return 0;
+    total += v;
+    parts++;
+  }
+  *out = total;
+  return parts > 0;
+}
+
+/* Anthropic's resets: RFC 3339 timestamps, e.g. "2025-01-01T00:00:30Z". */
+static int parse_rfc3339(const char *s, double *seconds_from_now) {
+  struct tm tm;
+  memset(&tm, 0, sizeof tm);
+  const char *rest = strptime(s, "%Y-%m-%dT%H:%M:%S", &tm);
+  if (!rest) return 0;
+  double frac = 0;
+  if (*rest == '.') {
+    char *after;
+    frac = strtod(rest, &after);
+    rest = after;
+  }
+  time_t at = timegm(&tm);
+  if (*rest == '+' || *rest == '-') {
+    int hh = 0, mm = 0;
+    if (sscanf(rest + 1, "%d:%d", &hh, &mm) != 2) return 0;
+    long off = hh * 3600L + mm * 60L;
+    at -= *rest == '+' ? off : -off;
+  } else if (*rest != 'Z' && *rest != 'z') {
+    return 0;
+  }
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  *seconds_from_now = (double)at + frac - ((double)now.tv_sec + now.tv_nsec / NS);
+  return 1;
+}
+
+/* Retry-After: delta seconds or an HTTP date. */
+static int parse_retry_after(const char *s, double *out) {
+  char *end;
+  double v = strtod(s, &end);
+  if (end != s && *end == '\0') {
+    *out = v;
+    return 1;
+  }
+  time_t at = curl_getdate(s, NULL);
+  if (at == -1) return 0;
+  *out = difftime(at, time(NULL));
+  if (*out < 0) *out = 0; /* a date already past: come back now */
+  return 1;
+}
+
+static const char *header(lua_State *L, int headers, const char *name) {
+  lua_getfield(L, headers, name);
+  const char *v = lua_tostring(L, -1);
+  lua_pop(L, 1); /* the string stays alive in the headers table */
+  return v;
+}
+
+static void pause_for(bucket *b, double seconds) {
+  if (!(seconds > 0)) return;
+  int64_t until = now_ns(b->R) + (int64_t)llround(seconds * NS);
+  if (until > b->paused_until_ns) b->paused_until_ns = until;
+  serve(b);
+}
+
+/* b:observe(headers): learn the provider's view of this limit. Returns the
+ * seconds the bucket is now paused for (0 when not paused). */
+static int b_observe(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  double seconds;
+  const char *v = header(L, 2, "retry-after");
+  if (v && parse_retry_after(v, &seconds)) pause_for(b, seconds);
+
+  char name[96];
+  int have_remaining = 0, have_reset = 0;
+  double remaining = 0, reset = 0;
+  snprintf(name, sizeof name, "x-ratelimit-remaining-%s", b->unit);
+  if ((v = header(L, 2, name))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  snprintf(name, sizeof name, "x-ratelimit-reset-%s", b->unit);
+  if ((v = header(L, 2, name))) have_reset = parse_duration(v, &reset);
+  snprintf(name, sizeof name, "anthropic-ratelimit-%s-remaining", b->unit);
+  if (!have_remaining && (v = header(L, 2, name))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  snprintf(name, sizeof name, "anthropic-ratelimit-%s-reset", b->unit);
+  if (!have_reset && (v = header(L, 2, name))) have_reset = parse_rfc3339(v, &reset);
+
+  if (have_remaining) {
+    int64_t now = now_ns(b->R);
+    if (remaining <= 0 && have_reset) {
+      pause_for(b, reset);
+    } else if (remaining < remaining_at(b, now)) {
+      /* the provider counts calls we did not see: lower ours to match */
+      b->tat_ns = now + tolerance_ns(b) - tokens_ns(b, remaining);
+    }
+  }
+  int64_t now = now_ns(b->R);
+  lua_pushnumber(L, b->paused_until_ns > now ? (double)(b->paused_until_ns - now) / NS : 0);
+  return 1;
+}
+
+/* resil.retry_after(headers) -> seconds | nil: the provider's own word on
+ * when to come back: retry-after-ms, retry-after (seconds or HTTP date), and
+ * the reset of any x-ratelimit / anthropic-ratelimit limit that is exhausted. */
+static int l_retry_after(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  double best = -1, v;
+  const char *s;
+  if ((s = header(L, 1, "retry-after-ms")) && parse_duration(s, &v)) best = v / 1000;
+  if ((s = header(L, 1, "retry-after")) && parse_retry_after(s, &v) && v > best) best = v;
+  static const char *const units[] = {"requests", "tokens", "input-tokens", "output-tokens"};
+  for (int i = 0; i < 4; i++) {
+    char name[96];
+    snprintf(name, sizeof name, "x-ratelimit-remaining-%s", units[i]);
+    const char *remaining = header(L, 1, name);
+    snprintf(name, sizeof name, "x-ratelimit-reset-%s", units[i]);
+    if ((!remaining || atof(remaining) <= 0) && (s = header(L, 1, name)) && parse_duration(s, &v) && v > best)
+      best = v;
+    snprintf(name, sizeof name, "anthropic-ratelimit-%s-remaining", units[i]);
+    remaining = header(L, 1, name);
+    snprintf(name, sizeof name, "anthropic-ratelimit-%s-reset", units[i]);
+    if (remaining && atof(remaining) <= 0 && (s = header(L, 1, name)) && parse_rfc3339(s, &v) && v > best) best = v;
+  }
+  if (best < 0) return 0;
+  lua_pushnumber(L, best);
+  return 1;
+}
+
+/* resil.parse_duration("6m0s") -> 360 | nil */
+static int l_parse_duration(lua_State *L) {
+  double v;
+  if (!parse_duration(luaL_checkstring(L, 1), &v)) return 0;
+  lua_pushnumber(L, v);
+  return 1;
+}
+
+/* ---------- introspection ---------- */
+
+/* b:state() -> {remaining=, waiting=, paused_for=, rate=, per=, burst=} */
+static int b_state(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  int64_t now = now_ns(b->R);
+  lua_createtable(L, 0, 8);
+  lua_pushstring(L, b->name);
+  lua_setfield(L, -2, "name");
+  push_count(L, remaining_at(b, now));
+  lua_setfield(L, -2, "remaining");
+  lua_pushinteger(L, b->waiting);
+  lua_setfield(L, -2, "waiting");
+  lua_pushnumber(L, b->paused_until_ns > now ? (double)(b->paused_until_ns - now) / NS : 0);
+  lua_setfield(L, -2, "paused_for");
+  push_count(L, b->rate);
+  lua_setfield(L, -2, "rate");
+  push_count(L, b->per);
+  lua_setfield(L, -2, "per");
+  push_count(L, b->burst);
+  lua_setfield(L, -2, "burst");
+  lua_pushstring(L, b->unit);
+  lua_setfield(L, -2, "unit");
+  return 1;
+}
+
+static int b_remaining(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  push_count(L, remaining_at(b, now_ns(b->R)));
+  return 1;
+}
+
+/* b:wait_time(n): seconds until n tokens could be taken, counting waiters. */
+static int b_wait_time(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  double n = check_tokens(L, 2, b);
+  if (n > b->burst) {
+    lua_pushnumber(L, HUGE_VAL);
+    return 1;
+  }
+  int64_t wait = wait_for(b, n, now_ns(b->R));
+  for (waiter *w = b->head; w; w = w->next) wait += tokens_ns(b, w->n);
+  lua_pushnumber(L, (double)wait / NS);
+  return 1;
+}
+
+static int b_tostring(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  char buf[160];
+  snprintf(buf, sizeof buf, "bucket '%s' (%g per %g s, burst %g)", b->name, b->rate, b->per, b->burst);
+  lua_pushstring(L, buf);
+  return 1;
+}
+
+static int b_gc(lua_State *L) {
+  bucket *b = check_bucket(L, 1);
+  timer_free(&b->timer);
+  return 0;
+}
+
+static int b_name(lua_State *L) {
+  lua_pushstring(L, check_bucket(L, 1)->name);
+  return 1;
+}
+
+static const luaL_Reg bucket_methods[] = {
+  {"try", b_try},       {"acquire", b_acquire},     {"refund", b_refund},       {"charge", b_charge},
+  {"observe", b_observe}, {"state", b_state},       {"remaining", b_remaining}, {"wait_time", b_wait_time},
+  {"name", b_name},     {NULL, NULL}};
+
+int luaopen_resil_bucket(lua_State *L) {
+  luaL_newmetatable(L, BUCKET_MT);
+  luaL_newlib(L, bucket_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, b_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushcfunction(L, b_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_pushcfunction(L, l_bucket);
+  lua_setfield(L, -2, "bucket");
+  lua_pushcfunction(L, l_retry_after);
+  lua_setfield(L, -2, "retry_after");
+  lua_pushcfunction(L, l_parse_duration);
+  lua_setfield(L, -2, "parse_duration");
+  return 1;
+}

@@ -1,0 +1,219 @@
+/*
+ * semaphore.c: counting semaphores by name, the bulkhead under
+ * policies/limit.lua. A bounded FIFO queue of waiting tasks; a full queue or
+ * a wait past its timeout is refused with kind="bulkhead_full".
+ */
+#include <math.h>
+#include <string.h>
+
+#include "host.h"
+
+#define SEMAPHORE_MT "resil.Semaphore"
+#define REGISTRY "resil.semaphores"
+
+typedef struct semaphore semaphore;
+typedef struct sem_waiter sem_waiter;
+
+struct sem_waiter {
+  semaphore *s;
+  task *t;
+  sem_waiter *prev, *next;
+  resil_timer timeout;
+  int has_timeout;
+  int granted;
+};
+
+struct semaphore {
+  resil_t *R;
+  char name[64];
+  int size, queue;  /* permits; waiters allowed (-1: unbounded) */
+  int in_use, waiting;
+  long rejected;
+  sem_waiter *head, *tail;
+};
+
+static semaphore *check_semaphore(lua_State *L, int idx) { return luaL_checkudata(L, idx, SEMAPHORE_MT); }
+
+static void unlink_waiter(semaphore *s, sem_waiter *w) {
+  if (w->prev) w->prev->next = w->next;
+  else s->head = w->next;
+  if (w->next) w->next->prev = w->prev;
+  else s->tail = w->prev;
+  w->prev = w->next = NULL;
+  s->waiting--;
+}
+
+/* Hand free permits to the queue in order. */
+static void grant(semaphore *s) {
+  while (s->head && s->in_use < s->size) {
+    sem_waiter *w = s->head;
+    unlink_waiter(s, w);
+    s->in_use++;
+    w->granted = 1;
+    if (w->has_timeout) timer_stop(&w->timeout);
+    task_wake(w->t);
+  }
+}
+
+static void waiter_timed_out(void *arg) {
+  sem_waiter *w = arg;
+  unlink_waiter(w->s, w);
+  task_wake(w->t);
+}
+
+static void waiter_canceled(void *arg) {
+  sem_waiter *w = arg;
+  if (w->has_timeout) timer_free(&w->timeout);
+  w->has_timeout = 0;
+  unlink_waiter(w->s, w);
+}
+
+static int opt_count(lua_State *L, int idx, semaphore *s, const char *field, int dflt, int lo) {
+  int v = dflt;
+  if (lua_getfield(L, idx, field) != LUA_TNIL) {
+    int isnum;
+    lua_Integer n = lua_tointegerx(L, -1, &isnum);
+    if (!isnum || n < lo || n > 1000000000)
+      resil_raise(L, "semaphore '%s': %s must be an integer >= %d, got %s", s->name, field, lo,
+                  luaL_tolstring(L, -1, NULL));
+    v = (int)n;
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+/* resil.semaphore(name [, {size=, queue=}]): the same one for the same name. */
+static int l_semaphore(lua_State *L) {
+  lua_settop(L, 2);
+  size_t len;
+  const char *name = luaL_checklstring(L, 1, &len);
+  if (len == 0 || len >= sizeof ((semaphore *)0)->name) resil_raise(L, "semaphore name must be 1 to 63 characters");
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, REGISTRY);
+  semaphore *s;
+  if (lua_getfield(L, -1, name) != LUA_TNIL) {
+    s = check_semaphore(L, -1);
+  } else {
+    lua_pop(L, 1);
+    if (!lua_istable(L, 2)) resil_raise(L, "semaphore '%s' does not exist yet: give its options {size=}", name);
+    s = lua_newuserdatauv(L, sizeof *s, 0);
+    memset(s, 0, sizeof *s);
+    s->R = resil_from_lua(L);
+    memcpy(s->name, name, len + 1);
+    s->queue = -1;
+    luaL_setmetatable(L, SEMAPHORE_MT);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, name);
+  }
+  if (lua_istable(L, 2)) {
+    s->size = opt_count(L, 2, s, "size", s->size, 1);
+    if (s->size < 1) resil_raise(L, "semaphore '%s': size is required", name);
+    s->queue = opt_count(L, 2, s, "queue", s->queue, -1);
+    grant(s);
+  }
+  return 1;
+}
+
+static int push_full(lua_State *L, semaphore *s, const char *why) {
+  s->rejected++;
+  lua_pushnil(L);
+  resil_push_error(L, "bulkhead_full", "'%s': %s (%d in use, %d waiting)", s->name, why, s->in_use, s->waiting);
+  lua_pushstring(L, s->name);
+  lua_setfield(L, -2, "limit");
+  return 2;
+}
+
+static int acquire_k(lua_State *L, int status, lua_KContext ctx) {
+  sem_waiter *w = (sem_waiter *)ctx;
+  if (w->has_timeout) timer_free(&w->timeout);
+  w->has_timeout = 0;
+  if (w->granted) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  return push_full(L, w->s, "no permit within the wait timeout");
+}
+
+/* s:acquire([{timeout=}]) -> true | nil, err{kind="bulkhead_full"} */
+static int s_acquire(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  double timeout = -1;
+  if (lua_istable(L, 2) && lua_getfield(L, 2, "timeout") != LUA_TNIL) {
+    timeout = luaL_checknumber(L, -1);
+    if (!(timeout >= 0)) resil_raise(L, "semaphore '%s': timeout must be a non-negative number", s->name);
+  }
+  lua_settop(L, 1);
+  if (!s->head && s->in_use < s->size) {
+    s->in_use++;
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (s->queue >= 0 && s->waiting >= s->queue) return push_full(L, s, "queue full");
+  if (timeout == 0) return push_full(L, s, "no permit free");
+  task *t = task_current(L, "semaphore:acquire");
+  sem_waiter *w = lua_newuserdatauv(L, sizeof *w, 0);
+  memset(w, 0, sizeof *w);
+  w->s = s;
+  w->t = t;
+  w->prev = s->tail;
+  if (s->tail) s->tail->next = w;
+  else s->head = w;
+  s->tail = w;
+  s->waiting++;
+  if (timeout > 0) {
+    timer_init(s->R, &w->timeout, waiter_timed_out, w);
+    w->has_timeout = 1;
+    timer_start(&w->timeout, timeout);
+  }
+  task_wait(t, waiter_canceled, w);
+  return lua_yieldk(L, 0, (lua_KContext)w, acquire_k);
+}
+
+static int s_try(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  int ok = !s->head && s->in_use < s->size;
+  if (ok) s->in_use++;
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+static int s_release(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  if (s->in_use <= 0) resil_raise(L, "semaphore '%s': release without a matching acquire", s->name);
+  s->in_use--;
+  grant(s);
+  return 0;
+}
+
+static int s_state(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, s->name), lua_setfield(L, -2, "name");
+  lua_pushinteger(L, s->size), lua_setfield(L, -2, "size");
+  lua_pushinteger(L, s->in_use), lua_setfield(L, -2, "in_use");
+  lua_pushinteger(L, s->waiting), lua_setfield(L, -2, "waiting");
+  lua_pushinteger(L, s->rejected), lua_setfield(L, -2, "rejected");
+  return 1;
+}
+
+static int s_tostring(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  lua_pushfstring(L, "semaphore '%s' (%d/%d in use, %d waiting)", s->name, s->in_use, s->size, s->waiting);
+  return 1;
+}
+
+static const luaL_Reg semaphore_methods[] = {
+  {"acquire", s_acquire}, {"try", s_try}, {"release", s_release}, {"state", s_state}, {NULL, NULL}};
+
+int luaopen_resil_semaphore(lua_State *L) {
+  luaL_newmetatable(L, SEMAPHORE_MT);
+  luaL_newlib(L, semaphore_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, s_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_pushcfunction(L, l_semaphore);
+  lua_setfield(L, -2, "semaphore");
+  return 1;
+}
