@@ -90,10 +90,12 @@ int resil_raise(lua_State *L, const char *fmt, ...) {
     }
   }
   if (!located) lua_pushliteral(L, "");
+  char message[1024]; /* printf formats, unlike lua_pushfstring */
   va_list ap;
   va_start(ap, fmt);
-  lua_pushvfstring(L, fmt, ap);
+  vsnprintf(message, sizeof message, fmt, ap);
   va_end(ap);
+  lua_pushstring(L, message);
   lua_concat(L, 2);
   return lua_error(L);
 }

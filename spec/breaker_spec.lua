@@ -1,0 +1,177 @@
+local resil = require "resil"
+
+local seq = 0
+local function fresh(opts)
+  seq = seq + 1
+  return resil.breaker("breaker-spec-" .. seq, opts)
+end
+
+local function record_all(br, outcomes, seconds)
+  for _, ok in ipairs(outcomes) do
+    assert.is_true((br:allow()))
+    br:record(ok, seconds or 0.01)
+  end
+end
+
+describe("resil.breaker", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.log.level("error")
+  end)
+  after_each(function() resil.log.level("info") end)
+
+  it("count window: opens when the failure rate reaches the threshold after min_calls", function()
+    local br = fresh { window_type = "count", window = 4, min_calls = 4, failure_rate = 0.5, open_for = 10 }
+    record_all(br, { false, false, true })
+    assert.are.equal("closed", br:state()) -- 3 calls < min_calls
+    record_all(br, { true })
+    assert.are.equal("open", br:state()) -- 2 of 4 failed: 0.5 reaches the threshold
+    assert.are.equal(2, br:stats().failures)
+  end)
+
+  it("count window: only the last N calls count", function()
+    local br = fresh { window_type = "count", window = 4, min_calls = 4, failure_rate = 0.75, open_for = 10 }
+    record_all(br, { false, false, true, true, true, true }) -- the two failures slid out
+    assert.are.equal(0, br:stats().failures)
+    record_all(br, { false, false })
+    assert.are.equal("closed", br:state())
+    record_all(br, { false })
+    assert.are.equal("open", br:state()) -- 3 of the last 4
+  end)
+
+  it("rejects while open with retry_after until half-open, then lets probes through", function()
+    local br = fresh { window_type = "count", window = 2, min_calls = 2, failure_rate = 0.5, open_for = 10 }
+    record_all(br, { false, false })
+    assert.are.equal("open", br:state())
+    resil.sleep(4)
+    local ok, err = br:allow()
+    assert.is_nil(ok)
+    assert.are.equal("circuit_open", err.kind)
+    assert.are.equal(6, err.retry_after)
+    resil.sleep(6)
+    assert.are.equal("half_open", br:state())
+    assert.is_true((br:allow()))
+    local second, err2 = br:allow() -- one probe by default
+    assert.is_nil(second)
+    assert.are.equal("circuit_open", err2.kind)
+    br:record(true, 0.01)
+    assert.are.equal("closed", br:state())
+  end)
+
+  it("time window: outcomes older than the window no longer count", function()
+    local br = fresh { window_type = "time", window = 10, min_calls = 4, failure_rate = 0.5, open_for = 5 }
+    record_all(br, { false, false, false })
+    resil.sleep(10)
+    record_all(br, { false })
+    assert.are.equal("closed", br:state()) -- the first three expired
+    assert.are.equal(1, br:stats().calls)
+    record_all(br, { true, false, false })
+    assert.are.equal("open", br:state())
+  end)
+
+  it("slow calls open it by their own rate", function()
+    local br = fresh { window_type = "count", window = 4, min_calls = 4, failure_rate = 1, slow_call = 2,
+                       slow_call_rate = 0.5 }
+    record_all(br, { true, true }, 0.1)
+    record_all(br, { true }, 3)
+    assert.are.equal("closed", br:state())
+    record_all(br, { true }, 2.5)
+    assert.are.equal("open", br:state())
+    assert.are.equal(2, br:stats().slow)
+  end)
+
+  it("half-open: closes on the needed share of successful probes", function()
+    local br = fresh { window_type = "count", window = 2, min_calls = 2, open_for = 1, half_open_calls = 3,
+                       half_open_success = 0.6 }
+    record_all(br, { false, false })
+    resil.sleep(1)
+    for _ = 1, 3 do assert.is_true((br:allow())) end
+    assert.is_nil((br:allow())) -- three probes at most
+    br:record(true)
+    assert.are.equal("half_open", br:state())
+    br:record(true) -- 2 of 3 >= 0.6
+    assert.are.equal("closed", br:state())
+  end)
+
+  it("half-open: re-opens as soon as success has become impossible, for longer each time (capped)", function()
+    local br = fresh { window_type = "count", window = 2, min_calls = 2, open_for = 1, open_for_max = 3,
+                       backoff = 2, half_open_calls = 2, half_open_success = 1 }
+    record_all(br, { false, false })
+    local waits = {}
+    for i = 1, 3 do
+      resil.sleep(br:stats().retry_after)
+      assert.is_true((br:allow()))
+      br:record(false)
+      assert.are.equal("open", br:state())
+      waits[i] = br:stats().retry_after
+    end
+    assert.are.same({ 2, 3, 3 }, waits)
+  end)
+
+  it("a canceled call frees its half-open probe without counting", function()
+    local br = fresh { window_type = "count", window = 2, min_calls = 2, open_for = 1 }
+    record_all(br, { false, false })
+    resil.sleep(1)
+    local t = resil.spawn(function() return br:call(function() resil.sleep(100) end) end)
+    resil.yield()
+    assert.is_nil((br:allow()))
+    t:cancel()
+    assert.are.equal("half_open", br:state())
+    assert.is_true((br:allow()))
+  end)
+
+  it("call: returns fn's results, counts nil, err and raised errors as failures", function()
+    local br = fresh { window_type = "count", window = 3, min_calls = 3, failure_rate = 0.6 }
+    assert.are.same({ 1, 2 }, { br:call(function(a, b) return a, b end, 1, 2) })
+    local res, err = br:call(function() return nil, resil.error("server_error", "500") end)
+    assert.is_nil(res)
+    assert.are.equal("server_error", err.kind)
+    assert.has_error(function() br:call(function() error("boom") end) end)
+    assert.are.equal("open", br:state())
+    local r2, e2 = br:call(function() return "never" end)
+    assert.is_nil(r2)
+    assert.are.equal("circuit_open", e2.kind)
+  end)
+
+  it("isolate forces it open until reset", function()
+    local br = fresh {}
+    br:isolate()
+    resil.sleep(3600)
+    local ok, err = br:allow()
+    assert.is_nil(ok)
+    assert.are.equal("circuit_open", err.kind)
+    br:reset()
+    assert.is_true((br:allow()))
+  end)
+
+  it("emits events on every transition and on rejections; a failing listener does not break it", function()
+    local br = fresh { window_type = "count", window = 2, min_calls = 2, open_for = 1 }
+    local seen = {}
+    for _, ev in ipairs({ "open", "half_open", "close", "reject" }) do
+      br:on(ev, function(_, from, to) seen[#seen + 1] = ev .. ":" .. from .. ">" .. to end)
+    end
+    br:on("open", function() error("listener bug") end)
+    record_all(br, { false, false })
+    br:allow()
+    resil.sleep(1)
+    br:allow()
+    br:record(true)
+    assert.are.same({ "open:closed>open", "reject:open>open", "half_open:open>half_open", "close:half_open>closed" },
+      seen)
+  end)
+
+  it("is one breaker per name; options change in place", function()
+    local br = fresh { min_calls = 5 }
+    local again = resil.breaker(br:name(), { min_calls = 1, window_type = "count", window = 1 })
+    assert.are.equal(br, again)
+    record_all(br, { false })
+    assert.are.equal("open", br:state())
+  end)
+
+  it("rejects bad options with the caller's line", function()
+    local ok, err = pcall(resil.breaker, "breaker-bad", { failure_rate = 2 })
+    assert.is_false(ok)
+    assert.matches("breaker_spec.lua:%d+: ", err)
+    assert.truthy(err:find("failure_rate must be a number in [0, 1]", 1, true))
+  end)
+end)

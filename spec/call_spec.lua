@@ -1,0 +1,124 @@
+-- The composed policy against the mock provider over real HTTP on loopback.
+local resil = require "resil"
+local call = require "policies.call"
+
+local seq = 0
+local function provider(m, conf)
+  seq = seq + 1
+  conf.request = conf.request or { method = "POST", url = m.url .. "/v1/chat/completions" }
+  return call.provider("call-spec-" .. seq, conf)
+end
+
+local chat = { json = { model = "gpt-test", messages = { { role = "user", content = "hello" } } } }
+
+describe("policies.call against the mock provider", function()
+  local m
+  before_each(function()
+    resil.clock.virtual()
+    resil.log.level("error")
+  end)
+  after_each(function()
+    if m then m:stop() end
+    m = nil
+    resil.log.level("info")
+  end)
+
+  it("rides out a 429 burst, waiting as long as Retry-After says", function()
+    m = resil.mock.start { sequence = { chat = { { status = 429, retry_after = 2 }, { status = 429, retry_after = 3 },
+                                                 "ok" } } }
+    local p = provider(m, { timeout = 10, retry = { base = 0.1 } })
+    local t0 = resil.now()
+    local res, err, info = p(chat)
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+    assert.are.equal(p.name, info.served_by)
+    assert.is_true(resil.now() - t0 >= 5)
+    assert.are.equal(3, m:stats().routes.chat)
+  end)
+
+  it("a 5xx outage opens the breaker, which stops the calls, then recovers through half-open", function()
+    m = resil.mock.start { faults = { { route = "chat", status = 503 } } }
+    local p = provider(m, { timeout = 10, retry = { max_retries = 0 },
+                            breaker = { window_type = "count", window = 4, min_calls = 4, failure_rate = 0.5,
+                                        open_for = 30 } })
+    for _ = 1, 4 do
+      local res, err = p(chat)
+      assert.is_nil(res)
+      assert.are.equal(503, err.status)
+    end
+    assert.are.equal("open", p.breaker:state())
+    local res, err = p(chat)
+    assert.is_nil(res)
+    assert.are.equal("circuit_open", err.kind)
+    assert.are.equal(4, m:stats().routes.chat) -- the open breaker kept the call off the wire
+    m:configure {} -- the outage ends
+    resil.sleep(30)
+    res, err = p(chat)
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+    assert.are.equal("closed", p.breaker:state())
+  end)
+
+  it("retries garbage output and accepts the valid answer", function()
+    m = resil.mock.start { sequence = { chat = { "garbage", "empty", "ok" } } }
+    local p = provider(m, { timeout = 10, validate = "chat", retry = { base = 0.1 } })
+    local res, err = p(chat)
+    assert.is_nil(err)
+    assert.matches("Mock reply", resil.json.decode(res.body).choices[1].message.content)
+    assert.are.equal(3, m:stats().routes.chat)
+  end)
+
+  it("cuts a hung provider at the deadline", function()
+    m = resil.mock.start { sequence = { chat = { "hang" } } }
+    local p = provider(m, { timeout = 60, deadline = 3 })
+    local t0 = resil.now()
+    local res, err = p(chat)
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+    assert.is_true(resil.now() - t0 <= 3 + 1e-6)
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+
+  it("falls back to another provider on a context-length refusal and says who served", function()
+    m = resil.mock.start { sequence = { chat = { { status = 400, error_code = "context_length_exceeded" } } } }
+    local big = provider(m, { timeout = 10 })
+    local p = provider(m, { timeout = 10, fallback = { big, placeholder = "n/a" } })
+    local res, err, info = p(chat)
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+    assert.are.equal(big.name, info.served_by)
+  end)
+
+  it("keeps to its rate limit: 6 calls at 5/s with burst 1 take exactly 1 s", function()
+    m = resil.mock.start {}
+    local p = provider(m, { timeout = 10, rate = { rate = 5, per = 1, burst = 1 } })
+    local t0 = resil.now()
+    local results = resil.map({ 1, 2, 3, 4, 5, 6 }, function() return p(chat) end, { concurrency = 6 })
+    assert.are.equal(6, #results)
+    assert.is_true(math.abs(resil.now() - t0 - 1) < 0.05)
+  end)
+
+  it("bounds concurrency per provider", function()
+    m = resil.mock.start { latency = 1 }
+    local p = provider(m, { timeout = 10, concurrency = { size = 2, queue = 10 } })
+    local peak = 0
+    local watcher = resil.spawn(function()
+      for _ = 1, 40 do
+        peak = math.max(peak, p.semaphore:state().in_use)
+        resil.sleep(0.1)
+      end
+    end)
+    resil.map({ 1, 2, 3, 4, 5 }, function() return p(chat) end, { concurrency = 5 })
+    watcher:cancel()
+    assert.are.equal(2, peak)
+    assert.are.equal(5, m:stats().routes.chat)
+  end)
+
+  it("sends the idempotency key when asked, the same on every attempt", function()
+    m = resil.mock.start { sequence = { chat = { 500, "ok" } } }
+    local p = provider(m, { timeout = 10, retry = { base = 0.1 } })
+    local req = { json = chat.json, idempotency_key = "job-42" }
+    assert.is_nil(select(2, p(req)))
+    assert.are.equal(2, m:stats().keys["job-42"])
+  end)
+end)
