@@ -17,7 +17,7 @@ CFLAGS     += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC $
 LDFLAGS    += $(SAN)
 LDLIBS     += $(PKG_LIBS) -lm
 
-LIB_SRC  = src/resil.c src/loop.c src/http.c src/json.c src/log.c src/server.c src/bucket.c src/breaker.c src/semaphore.c src/blobs.c
+LIB_SRC  = src/resil.c src/loop.c src/http.c src/json.c src/log.c src/server.c src/bucket.c src/breaker.c src/semaphore.c src/reload.c src/blobs.c
 LIB_OBJ  = $(LIB_SRC:src/%.c=$(BUILD)/%.o)
 LUA_SRC  = $(wildcard src/lua/*.lua)
 BIN      = $(if $(filter build,$(BUILD)),resil-lua,$(BUILD)/resil-lua)

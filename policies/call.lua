@@ -165,13 +165,21 @@ function Provider:attempts(req, deadline)
   return retry.call(attempt, opts, self, req, deadline)
 end
 
--- provider(req) -> res, nil, info | nil, err
-function Provider:__call(req)
+local function invoke(self, req)
   local deadline = self.deadline and now() + self.deadline
   if self.chain then return self.chain(req, deadline) end
-  local res, err = self:attempts(req, deadline)
+  local res, err = Provider.attempts(self, req, deadline)
   if res == nil then return nil, err end
   return res, nil, self.info
+end
+call.invoke = invoke
+
+-- provider(req) -> res, nil, info | nil, err
+-- After a reload, providers made by the old version run the new code.
+function Provider:__call(req)
+  local current = package.loaded["policies.call"]
+  if current ~= call and type(current) == "table" and current.invoke then return current.invoke(self, req) end
+  return invoke(self, req)
 end
 
 -- call.provider(name, conf) -> a callable provider

@@ -16,6 +16,7 @@
 typedef struct task task;
 typedef struct resil_timer resil_timer;
 typedef struct http_state http_state;
+typedef struct reload_state reload_state;
 
 typedef void (*resil_timer_fn)(void *arg);
 
@@ -63,6 +64,7 @@ struct resil {
   struct event *wake_ev;
 
   http_state *http;
+  reload_state *reload;
   char *policies_dir;
   char *share_dir;
   int status;
@@ -103,6 +105,9 @@ int resil_error_result(lua_State *L, const char *kind, const char *fmt, ...);
 /* http.c */
 void http_free(resil_t *R);
 
+/* reload.c */
+void reload_free(resil_t *R);
+
 /* openers, one per primitive */
 int luaopen_resil_loop(lua_State *L);
 int luaopen_resil_http(lua_State *L);
@@ -112,6 +117,7 @@ int luaopen_resil_server(lua_State *L);
 int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
+int luaopen_resil_reload(lua_State *L);
 
 /* the Lua half of the host, compiled in from src/lua/ */
 extern const char resil_prelude_lua[];

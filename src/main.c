@@ -41,6 +41,7 @@ static void usage(FILE *out) {
           "  --max-instructions N    stop a task that runs N instructions without yielding\n"
           "  --max-memory SIZE       cap the Lua state's memory (e.g. 64M, 1G)\n"
           "  --policies DIR          search DIR first for require \"policies.x\"\n"
+          "  --watch                 reload policies when their files change (SIGHUP always reloads)\n"
           "  --log-file PATH         append JSON log lines to PATH (default stderr)\n"
           "  --log-level LEVEL       debug | info | warn | error | off\n"
           "  -v, --version           print the version\n"
@@ -148,7 +149,7 @@ static int run_mock(int argc, char **argv) {
 int main(int argc, char **argv) {
   resil_options opts = {0};
   const char *codes[64];
-  int ncodes = 0, i = 1;
+  int ncodes = 0, i = 1, watch = 0;
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
 
@@ -170,6 +171,10 @@ int main(int argc, char **argv) {
     }
     if (strcmp(a, "--virtual-clock") == 0) {
       opts.virtual_clock = 1;
+      continue;
+    }
+    if (strcmp(a, "--watch") == 0) {
+      watch = 1;
       continue;
     }
     if (strcmp(a, "-e") == 0 || strcmp(a, "--max-instructions") == 0 || strcmp(a, "--max-memory") == 0 ||
@@ -212,6 +217,8 @@ int main(int argc, char **argv) {
   signal_target = R;
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);
+  resil_reload_on_sighup(R);
+  if (watch && resil_watch(R, 1) != RESIL_OK) fprintf(stderr, PROGNAME ": --watch: %s\n", resil_error(R));
 
   int status = RESIL_OK;
   for (int k = 0; k < ncodes && status == RESIL_OK; k++) {

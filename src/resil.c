@@ -234,6 +234,7 @@ static const struct {
   {NULL, luaopen_resil_bucket},
   {NULL, luaopen_resil_breaker},
   {NULL, luaopen_resil_semaphore},
+  {NULL, luaopen_resil_reload},
 };
 
 static int l_error(lua_State *L) {
@@ -443,20 +444,6 @@ void resil_interrupt(resil_t *R, int signo) {
 
 /* Re-load every loaded policy module into a fresh environment; swap them in
  * only if all of them load, so a broken edit leaves the old version serving. */
-int resil_reload(resil_t *R) {
-  lua_State *L = R->L;
-  lua_pushcfunction(L, resil_traceback);
-  if (luaL_loadstring(L, "return require('resil').reload()") != LUA_OK || lua_pcall(L, 0, 2, -2) != LUA_OK) {
-    resil_set_error(R, lua_tostring(L, -1));
-    lua_pop(L, 2);
-    return RESIL_ERR_SCRIPT;
-  }
-  int ok = lua_toboolean(L, -2);
-  if (!ok) resil_set_error(R, lua_tostring(L, -1));
-  lua_pop(L, 3);
-  return ok ? RESIL_OK : RESIL_ERR_SCRIPT;
-}
-
 void resil_close(resil_t *R) {
   if (!R) return;
   if (R->L) {
@@ -465,6 +452,7 @@ void resil_close(resil_t *R) {
   }
   R->L = NULL;
   http_free(R);
+  reload_free(R);
   loop_free(R);
   if (R->base && R->owns_base) event_base_free(R->base);
   if (R->wake_pipe[0] >= 0) close(R->wake_pipe[0]);

@@ -57,8 +57,19 @@ const char *resil_error(resil_t *R);
 /* Async-signal-safe: stop the running task and the loop. */
 void resil_interrupt(resil_t *R, int signo);
 
-/* Re-load changed policy modules into a fresh environment (hot reload). */
+/* Re-load every loaded policy module into a fresh environment (hot reload):
+ * only when all of them load are they swapped in; otherwise the old ones keep
+ * serving and resil_error() says what failed, with file:line. Call it from
+ * the thread that runs the host, outside resil_run or between loop turns
+ * (e.g. from a libevent callback on resil_event_base()). */
 int resil_reload(resil_t *R);
+
+/* Reload whenever a .lua file changes in a policy folder (--policies DIR,
+ * ./policies, the shipped library), after 100 ms of quiet. on = 0 stops. */
+int resil_watch(resil_t *R, int on);
+
+/* Reload on SIGHUP (through libevent: the reload runs in the loop). */
+int resil_reload_on_sighup(resil_t *R);
 
 struct lua_State *resil_lua(resil_t *R);
 struct event_base *resil_event_base(resil_t *R);

@@ -183,26 +183,38 @@ function http.request(req)
   return http.perform(req)
 end
 
--- resil.reload(): re-load every loaded policy module into a fresh table and
--- swap them in only when all load; calls running keep the old version.
-function resil.reload()
-  local fresh, names = {}, {}
+-- resil.reload(): re-load every loaded policy module into a fresh set and
+-- swap it in only when all load. Modules are required afresh, so a module
+-- that requires another gets the new version of it. Loading never yields, so
+-- no task sees a half-swapped set; calls already running finish on the old
+-- version. State that must outlive a reload belongs in resil.keep or the
+-- named primitives (buckets, breakers, semaphores), which are never reset.
+local function policy_names()
+  local names = {}
   for name in pairs(package.loaded) do
     if type(name) == "string" and name:match("^policies%.") then names[#names + 1] = name end
   end
   table.sort(names)
+  return names
+end
+
+function resil.reload()
+  local names, old = policy_names(), {}
   for _, name in ipairs(names) do
-    local loader, where
-    for i = 2, #package.searchers do
-      loader, where = package.searchers[i](name)
-      if type(loader) == "function" then break end
-    end
-    if type(loader) ~= "function" then return false, ("reload: %s: not found"):format(name) end
-    local ok, mod = pcall(loader, name, where)
-    if not ok then return false, ("reload: %s"):format(tostring(mod)) end
-    fresh[name] = mod == nil and true or mod
+    old[name] = package.loaded[name]
+    package.loaded[name] = nil
   end
-  for name, mod in pairs(fresh) do package.loaded[name] = mod end
+  for _, name in ipairs(names) do
+    local ok, err = pcall(require, name)
+    if not ok then
+      for _, n in ipairs(policy_names()) do package.loaded[n] = nil end
+      for n, mod in pairs(old) do package.loaded[n] = mod end
+      local message = ("reload: %s"):format(tostring(err))
+      log.error("policy reload failed; the old version keeps serving", { error = message })
+      return false, message
+    end
+  end
+  log.info("policies reloaded", { modules = names })
   return true, names
 end
 
