@@ -91,11 +91,13 @@ end
 local function attempt(n, self, req, deadline)
   local left = deadline and deadline - now()
   local br = self.breaker
+  local guard
   if br then
-    local ok, err = br:allow()
-    if not ok then return nil, err end
+    local ok, probe = br:allow()
+    if not ok then return nil, probe end
+    if probe then guard = setmetatable({ breaker = br }, probe_guard_mt) end
   end
-  local guard <close> = br and setmetatable({ breaker = br }, probe_guard_mt) or nil
+  local _ <close> = guard
   local wait = left and { timeout = left } or nil
   local tokens = 0
   if self.token_bucket then
@@ -147,7 +149,7 @@ local function attempt(n, self, req, deadline)
     elseif used < tokens then self.token_bucket:refund(tokens - used) end
   end
   if br then
-    guard.done = true
+    if guard then guard.done = true end
     br:record(not (verdict and verdict.breaker), elapsed)
   end
   if verdict then

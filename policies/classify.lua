@@ -174,7 +174,14 @@ function classify.outcome(res, err, opts)
     local rule = classify.kinds[err.kind] or classify.unknown
     return verdict_of(rule, err.message or err.kind, err.status, err.kind, err.retry_after)
   end
-  if type(res) ~= "table" or type(res.status) ~= "number" then return nil end -- not an HTTP response
+  if type(res) ~= "table" or type(res.status) ~= "number" then
+    -- not an HTTP response: a function validator may still check the value
+    local validate = opts and opts.validate
+    if type(validate) ~= "function" then return nil end
+    local ok, why = validate(res)
+    if ok then return nil end
+    return verdict_of(classify.kinds.invalid_output, why or "output failed validation", nil, "invalid_output")
+  end
   local status = res.status
   if status >= 200 and status < 300 then
     local validate = opts and opts.validate

@@ -87,17 +87,20 @@ function Budget:state()
 end
 
 -- retry.budget(name [, conf]) -> the budget of a provider; it survives reloads.
+local budgets = resil.keep("retry.budgets")
 function retry.budget(name, conf)
+  local b = budgets[name]
+  if b and (conf == nil or b.conf == conf) then return b end
   local d = retry.defaults.budget
-  conf = type(conf) == "table" and conf or d
-  local b = resil.keep("retry.budget:" .. name, function()
-    local window = conf.window or d.window
+  local c = type(conf) == "table" and conf or d
+  if b == nil then
+    local window = c.window or d.window
     local slots = {}
     for i = 1, window do slots[i] = { second = -math.huge, calls = 0, retries = 0 } end
-    return setmetatable({ slots = slots, window = window }, Budget)
-  end)
-  b.percent = conf.percent or d.percent
-  b.min_per_second = conf.min_per_second or d.min_per_second
+    b = setmetatable({ slots = slots, window = window }, Budget)
+    budgets[name] = b
+  end
+  b.conf, b.percent, b.min_per_second = conf, c.percent or d.percent, c.min_per_second or d.min_per_second
   return b
 end
 

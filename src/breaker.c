@@ -275,7 +275,7 @@ static int push_open(lua_State *L, breaker *br, double now) {
   return 1;
 }
 
-/* br:allow() -> true | nil, err{kind="circuit_open", retry_after=} */
+/* br:allow() -> true [, "probe"] | nil, err{kind="circuit_open", retry_after=} */
 static int br_allow(lua_State *L) {
   breaker *br = check_breaker(L, 1);
   lua_settop(L, 1);
@@ -288,7 +288,8 @@ static int br_allow(lua_State *L) {
   if (br->state == HALF_OPEN && br->probes_out + br->probes_ok + br->probes_failed < br->half_open_calls) {
     br->probes_out++;
     lua_pushboolean(L, 1);
-    return 1;
+    lua_pushliteral(L, "probe"); /* the caller holds a probe: record() or record(nil) must follow */
+    return 2;
   }
   br->rejected++;
   emit(L, 1, br, "reject", state_names[br->state], state_names[br->state]);

@@ -42,10 +42,12 @@ struct bucket {
   resil_t *R;
   char name[64];
   char unit[16];       /* "requests" or "tokens": which provider headers apply */
+  char h_remaining[48], h_reset[48], h_anthropic_remaining[48], h_anthropic_reset[48];
   double rate, per, burst;
   int64_t interval_ns; /* T */
   int64_t tat_ns;
   int64_t paused_until_ns;
+  int64_t due_ns; /* when the armed timer was meant to fire */
   waiter *head, *tail;
   int waiting;
   resil_timer timer;
@@ -97,24 +99,35 @@ static void finish_waiter(waiter *w, int outcome) {
   task_wake(w->t);
 }
 
-/* Serve the queue's head while tokens allow; else arm the timer for it. */
-static void serve(bucket *b) {
+/* Serve the queue's head while tokens allow; else arm the timer for it.
+ * Each waiter is admitted at its own conforming moment, even when the timer
+ * fires late: a late wake-up must not lose tokens, or the admitted rate would
+ * fall short of the configured one by the loop's timer latency. */
+static void serve_from(bucket *b, int64_t clock) {
   timer_stop(&b->timer);
   int64_t now = now_ns(b->R);
+  if (clock > now) clock = now;
   while (b->head) {
     waiter *w = b->head;
-    int64_t wait = wait_for(b, w->n, now);
-    if (wait > 0) {
-      timer_start(&b->timer, (double)wait / NS);
+    int64_t wait = wait_for(b, w->n, clock);
+    if (clock + wait > now) {
+      b->due_ns = clock + wait;
+      timer_start(&b->timer, (double)(b->due_ns - now) / NS);
       return;
     }
-    take(b, w->n, now);
+    clock += wait;
+    take(b, w->n, clock);
     queue_remove(b, w);
     finish_waiter(w, 1);
   }
 }
 
-static void bucket_timer_fired(void *arg) { serve(arg); }
+static void serve(bucket *b) { serve_from(b, now_ns(b->R)); }
+
+static void bucket_timer_fired(void *arg) {
+  bucket *b = arg;
+  serve_from(b, b->due_ns);
+}
 
 static void waiter_timed_out(void *arg) {
   waiter *w = arg;
@@ -169,6 +182,10 @@ static void configure(lua_State *L, bucket *b, int opts) {
     snprintf(b->unit, sizeof b->unit, "%s", unit);
   }
   lua_pop(L, 1);
+  snprintf(b->h_remaining, sizeof b->h_remaining, "x-ratelimit-remaining-%s", b->unit);
+  snprintf(b->h_reset, sizeof b->h_reset, "x-ratelimit-reset-%s", b->unit);
+  snprintf(b->h_anthropic_remaining, sizeof b->h_anthropic_remaining, "anthropic-ratelimit-%s-remaining", b->unit);
+  snprintf(b->h_anthropic_reset, sizeof b->h_anthropic_reset, "anthropic-ratelimit-%s-reset", b->unit);
   int64_t interval = (int64_t)llround(per / rate * NS);
   if (interval < 1) interval = 1;
   if (b->interval_ns && interval != b->interval_ns) {
@@ -420,17 +437,12 @@ static int b_observe(lua_State *L) {
   const char *v = header(L, 2, "retry-after");
   if (v && parse_retry_after(v, &seconds)) pause_for(b, seconds);
 
-  char name[96];
   int have_remaining = 0, have_reset = 0;
   double remaining = 0, reset = 0;
-  snprintf(name, sizeof name, "x-ratelimit-remaining-%s", b->unit);
-  if ((v = header(L, 2, name))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
-  snprintf(name, sizeof name, "x-ratelimit-reset-%s", b->unit);
-  if ((v = header(L, 2, name))) have_reset = parse_duration(v, &reset);
-  snprintf(name, sizeof name, "anthropic-ratelimit-%s-remaining", b->unit);
-  if (!have_remaining && (v = header(L, 2, name))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
-  snprintf(name, sizeof name, "anthropic-ratelimit-%s-reset", b->unit);
-  if (!have_reset && (v = header(L, 2, name))) have_reset = parse_rfc3339(v, &reset);
+  if ((v = header(L, 2, b->h_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  if ((v = header(L, 2, b->h_reset))) have_reset = parse_duration(v, &reset);
+  if (!have_remaining && (v = header(L, 2, b->h_anthropic_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  if (!have_reset && (v = header(L, 2, b->h_anthropic_reset))) have_reset = parse_rfc3339(v, &reset);
 
   if (have_remaining) {
     int64_t now = now_ns(b->R);
