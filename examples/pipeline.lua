@@ -1,7 +1,8 @@
 -- The demo pipeline: for each topic, write a script (chat), render images
 -- (async jobs), assemble a video (async job) and record narration, against
--- the in-process mock provider with faults injected. Retries here are simple
--- and inline; the policy library (policies/) does this properly.
+-- the in-process mock provider with faults injected. Every provider call goes
+-- through the policy library (policies/call.lua): retries by class, breakers,
+-- rate and concurrency limits, output validation.
 --
 --   resil-lua examples/pipeline.lua [items] [seed]
 local resil = require "resil"
@@ -31,89 +32,83 @@ local mock = resil.mock.start({
 })
 
 -- what the summary reports
-local stats = { requests = 0, retries = 0, failures = {}, latencies = {} }
-
-local function note_failure(kind)
-  stats.failures[kind] = (stats.failures[kind] or 0) + 1
+local stats = { retries = 0, failures = {}, latencies = {} }
+local function note_retry(info)
+  stats.retries = stats.retries + 1
+  stats.failures[info.class] = (stats.failures[info.class] or 0) + 1
 end
 
--- One HTTP call: transport errors and non-2xx come back as nil, err.
-local function call(req)
-  stats.requests = stats.requests + 1
-  local res, err = http.request(req)
-  if res then stats.latencies[#stats.latencies + 1] = res.time end
-  if not res then return nil, err end
-  if res.status >= 300 then
-    return nil, resil.error("http_" .. res.status, res.body:sub(1, 80),
-      { status = res.status, retry_after = tonumber(res.headers["retry-after"]) })
-  end
+-- One provider per API, each wrapped the same way (policies/call.lua):
+-- deadline > retry > breaker > rate limit > concurrency > classify/validate.
+local call = require "policies.call"
+local function provider(name, conf)
+  conf.retry = { base = 0.05, cap = 2, on_retry = note_retry }
+  conf.breaker = { window_type = "count", window = 20, min_calls = 10, failure_rate = 0.5, open_for = 2 }
+  conf.timeout = conf.timeout or 5
+  conf.deadline = conf.deadline or 30
+  return call.provider(name, conf)
+end
+
+local openai = provider("openai", {
+  request = { method = "POST", url = mock.url .. "/v1/chat/completions" },
+  rate = { rate = 50, per = 1, burst = 10 },
+  concurrency = { size = 4, queue = 100 },
+  validate = "chat",
+})
+local jobs = provider("jobs", { request = { method = "POST", url = mock.url .. "/v1/predictions" },
+  concurrency = { size = 8, queue = 100 }, validate = "prediction" })
+local polls = provider("polls", { request = { method = "GET" }, validate = "prediction" })
+local tts = provider("tts", { request = { method = "POST", url = mock.url .. "/v1/audio/speech" }, validate = "json" })
+
+local function timed(res)
+  stats.latencies[#stats.latencies + 1] = res.time
   return res
 end
 
--- Retry fn up to `attempts` times with exponential backoff (Retry-After wins).
-local function with_retries(attempts, fn, ...)
-  local delay = 0.05
-  for attempt = 1, attempts do
-    local value, err = fn(...)
-    if value ~= nil then return value end
-    note_failure(err.kind)
-    if attempt == attempts then return nil, err end
-    stats.retries = stats.retries + 1
-    resil.sleep(err.retry_after or delay)
-    delay = delay * 2
-  end
-end
-
 local function chat(prompt)
-  local res, err = call({ url = mock.url .. "/v1/chat/completions", timeout = 5,
-    json = { model = "gpt-4o-mini", messages = { { role = "user", content = prompt } } } })
+  local res, err = openai({ json = { model = "gpt-4o-mini", messages = { { role = "user", content = prompt } } } })
   if not res then return nil, err end
-  local body = json.decode(res.body)
-  local text = body and body.choices and body.choices[1] and body.choices[1].message.content
-  if type(text) ~= "string" or text == "" then
-    return nil, resil.error("invalid_output", "no content in the model's answer")
-  end
-  return text
+  return json.decode(timed(res).body).choices[1].message.content
 end
 
 -- Start an async job and poll it until it finishes (a hung job times out).
 local function run_job(input)
-  local res, err = call({ url = mock.url .. "/v1/predictions", json = { input = input }, timeout = 5 })
+  local res, err = jobs({ json = { input = input } })
   if not res then return nil, err end
-  local job = json.decode(res.body)
-  local finished = resil.timeout(10, function()
+  local job = json.decode(timed(res).body)
+  local finished, ferr = resil.timeout(10, function()
     while job.status == "starting" or job.status == "processing" do
       resil.sleep(0.05)
-      local poll = with_retries(3, call, { url = job.urls.get, timeout = 5 })
-      if not poll then return nil end
-      job = json.decode(poll.body)
+      local poll, perr = polls({ url = job.urls.get })
+      if not poll then return nil, perr end
+      job = json.decode(timed(poll).body)
     end
     return job
   end)
-  if not finished then return nil, resil.error("job_failed", "prediction " .. job.id .. " did not finish") end
+  if not finished then return nil, ferr or resil.error("job_failed", "prediction " .. job.id .. " did not finish") end
   if finished.status ~= "succeeded" then return nil, resil.error("job_failed", tostring(finished.error)) end
   return finished.output
 end
 
 local function speech(text)
-  local res, err = call({ url = mock.url .. "/v1/audio/speech", json = { input = text }, timeout = 5 })
+  local res, err = tts({ json = { input = text } })
   if not res then return nil, err end
-  return json.decode(res.body).audio_url
+  return json.decode(timed(res).body).audio_url
 end
 
 local function produce(topic)
-  local script, err = with_retries(5, chat, "Write a 30 second video script about " .. topic)
+  local script, err = chat("Write a 30 second video script about " .. topic)
   if not script then return nil, err end
   local images = {}
   for shot = 1, 2 do
-    images[shot], err = with_retries(3, run_job, { prompt = topic .. ", shot " .. shot })
+    images[shot], err = run_job({ prompt = topic .. ", shot " .. shot })
     if not images[shot] then return nil, err end
   end
   local video
-  video, err = with_retries(3, run_job, { images = images, script = script })
+  video, err = run_job({ images = images, script = script })
   if not video then return nil, err end
   local narration
-  narration, err = with_retries(3, speech, script)
+  narration, err = speech(script)
   if not narration then return nil, err end
   return { topic = topic, video = video, narration = narration }
 end
@@ -123,6 +118,7 @@ local subjects = { "tides", "volcanoes", "honeybees", "comets", "glaciers", "oct
 for i = 1, ITEMS do topics[i] = subjects[(i - 1) % #subjects + 1] end
 
 local started = resil.now()
+resil.log.level(os.getenv("RESIL_LOG_LEVEL") or "warn")
 local results, failures = resil.map(topics, produce, { concurrency = 4, progress = "videos" })
 local elapsed = resil.now() - started
 
@@ -137,14 +133,14 @@ for i = 1, ITEMS do
   if results[i] then done = done + 1 else failed = failed + 1 end
 end
 local kinds = {}
-for kind, n in pairs(stats.failures) do kinds[#kinds + 1] = ("%s=%d"):format(kind, n) end
+for class, n in pairs(stats.failures) do kinds[#kinds + 1] = ("%s=%d"):format(class, n) end
 table.sort(kinds)
 local billed = mock:stats().billed
 
 print(("resil-lua demo pipeline: %d items x 4 steps (script, images, video, narration)"):format(ITEMS))
 print(("  items      %d done, %d failed"):format(done, failed))
-print(("  requests   %d (%d retries)"):format(stats.requests, stats.retries))
-print(("  failures   %s"):format(#kinds > 0 and table.concat(kinds, " ") or "none"))
+print(("  requests   %d (%d retries)"):format(mock:stats().total, stats.retries))
+print(("  retried    %s"):format(#kinds > 0 and table.concat(kinds, " ") or "none"))
 print(("  time       %.2f s"):format(elapsed))
 print(("  latency    p50 %.3f s, p95 %.3f s"):format(percentile(stats.latencies, 0.5),
   percentile(stats.latencies, 0.95)))

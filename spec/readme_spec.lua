@@ -10,6 +10,37 @@ local function blocks(lang)
   return found
 end
 
+-- The `--> text` comments of a block, in order ("..." matches anything; a
+-- trailing "(note)" after two spaces is prose; JSON log lines go to stderr).
+local function expectations(code)
+  local found = {}
+  for line in code:gmatch("[^\n]*") do
+    local e = line:match("%-%->%s*(.-)%s*$")
+    if e and not e:match('^{"ts"') then
+      e = e:gsub("%s%s+%(.*%)$", ""):gsub("%s+", " ")
+      found[#found + 1] = e
+    end
+  end
+  return found
+end
+
+local function line_matches(expected, actual)
+  local pattern = "^" .. expected:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0"):gsub("%%%.%%%.%%%.", ".-") .. "$"
+  return actual:match(pattern) ~= nil
+end
+
+-- every expectation appears in the output, in order
+local function check_output(code, stdout)
+  local lines = {}
+  for line in stdout:gmatch("[^\n]+") do lines[#lines + 1] = (line:gsub("%s+", " "):gsub("%s+$", "")) end
+  local at = 1
+  for _, e in ipairs(expectations(code)) do
+    while at <= #lines and not line_matches(e, lines[at]) do at = at + 1 end
+    assert(at <= #lines, ("README: expected output %q not printed (got:\n%s)"):format(e, stdout))
+    at = at + 1
+  end
+end
+
 describe("README examples", function()
   local lua_blocks = blocks("lua")
   it("has Lua examples", function() assert.is_true(#lua_blocks >= 6) end)
@@ -25,6 +56,7 @@ describe("README examples", function()
         r = helpers.run_script(code, nil, nil)
       end
       assert.are.equal(0, r.code, r.stdout .. r.stderr)
+      if not code:match("^%-%- spec/") then check_output(code, r.stdout) end
     end)
   end
 

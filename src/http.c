@@ -338,9 +338,9 @@ static const char *error_kind(CURLcode rc) {
 static int push_failure(lua_State *L, http_req *r) {
   switch (r->aborted) {
   case ABORT_TIMEOUT:
-    return resil_error_result(L, "timeout", "%s: no complete response within %f s", r->url, r->timeout);
+    return resil_error_result(L, "timeout", "%s: no complete response within %g s", r->url, r->timeout);
   case ABORT_IDLE:
-    return resil_error_result(L, "timeout", "%s: no data for %f s (idle_timeout)", r->url, r->idle_timeout);
+    return resil_error_result(L, "timeout", "%s: no data for %g s (idle_timeout)", r->url, r->idle_timeout);
   case ABORT_TOO_LARGE:
     return resil_error_result(L, "too_large", "%s: response body larger than max_body (%d bytes)", r->url,
                               (int)r->max_body);
