@@ -118,9 +118,13 @@ int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
 int luaopen_resil_reload(lua_State *L);
+int luaopen_resil_sqlite(lua_State *L);
 
 /* the Lua half of the host, compiled in from src/lua/ */
 extern const char resil_prelude_lua[];
 extern const char resil_mock_lua[];
+extern const char resil_store_lua[];
+extern const char resil_store_sqlite_lua[];
+extern const char resil_store_redis_lua[];
 
 #endif

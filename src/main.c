@@ -33,6 +33,8 @@ static void usage(FILE *out) {
   fprintf(out,
           "usage: " PROGNAME " [options] [script [args...]]\n"
           "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR]\n"
+          "       " PROGNAME " runs [show ID] [--store URL]     runs and their checkpointed steps\n"
+          "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--json] [--store URL]\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
           "  -                       read the script from stdin\n"
@@ -42,6 +44,9 @@ static void usage(FILE *out) {
           "  --max-memory SIZE       cap the Lua state's memory (e.g. 64M, 1G)\n"
           "  --policies DIR          search DIR first for require \"policies.x\"\n"
           "  --watch                 reload policies when their files change (SIGHUP always reloads)\n"
+          "  --store PATH|URL        the store: a SQLite file (default .resil/state.db) or redis://host:port/db\n"
+          "  --run ID                the run resil.step checkpoints into (default: from script and args)\n"
+          "  --fresh                 start the run over, forgetting its checkpoints\n"
           "  --log-file PATH         append JSON log lines to PATH (default stderr)\n"
           "  --log-level LEVEL       debug | info | warn | error | off\n"
           "  -v, --version           print the version\n"
@@ -146,12 +151,61 @@ static int run_mock(int argc, char **argv) {
   return code;
 }
 
+extern const char resil_commands_lua[];
+
+/* resil-lua runs|costs [--store URL] args...: the store's subcommands */
+static int run_command(const char *name, int argc, char **argv) {
+  resil_options opts = {0};
+  opts.log_level = "warn";
+  int n = 0;
+  char **rest = calloc((size_t)argc + 1, sizeof *rest);
+  if (!rest) return fail("%s", "out of memory");
+  for (int i = 0; i < argc; i++) {
+    if (strcmp(argv[i], "--store") == 0) {
+      if (i + 1 >= argc) return fail("%s: --store needs a path or URL", name);
+      opts.store = argv[++i];
+    } else {
+      rest[n++] = argv[i];
+    }
+  }
+  resil_t *R = resil_open(&opts);
+  if (!R) return fail("%s", "cannot create the host");
+  lua_State *L = resil_lua(R);
+  lua_createtable(L, n, 1);
+  lua_pushstring(L, name);
+  lua_rawseti(L, -2, 0);
+  for (int i = 0; i < n; i++) {
+    lua_pushstring(L, rest[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setglobal(L, "arg");
+  free(rest);
+  signal_target = R;
+  int status = resil_load_string(R, resil_commands_lua, "=[resil commands]");
+  if (status == RESIL_OK) status = resil_run(R);
+  int code = report(R, status);
+  signal_target = NULL;
+  resil_close(R);
+  return code;
+}
+
+/* Record how the run ended, if the script used resil.step. */
+static void finish_run(resil_t *R, int status) {
+  char code[160];
+  snprintf(code, sizeof code,
+           "local r = require 'resil'; if r.run.started() then r.run.finish('%s') end",
+           status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
+  if (resil_load_string(R, code, "=[resil finish run]") == RESIL_OK) resil_run(R);
+}
+
 int main(int argc, char **argv) {
   resil_options opts = {0};
   const char *codes[64];
   int ncodes = 0, i = 1, watch = 0;
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
+  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0))
+    return run_command(argv[1], argc - 2, argv + 2);
 
   for (; i < argc; i++) {
     const char *a = argv[i];
@@ -177,8 +231,13 @@ int main(int argc, char **argv) {
       watch = 1;
       continue;
     }
+    if (strcmp(a, "--fresh") == 0) {
+      opts.fresh = 1;
+      continue;
+    }
     if (strcmp(a, "-e") == 0 || strcmp(a, "--max-instructions") == 0 || strcmp(a, "--max-memory") == 0 ||
-        strcmp(a, "--policies") == 0 || strcmp(a, "--log-file") == 0 || strcmp(a, "--log-level") == 0) {
+        strcmp(a, "--policies") == 0 || strcmp(a, "--log-file") == 0 || strcmp(a, "--log-level") == 0 ||
+        strcmp(a, "--store") == 0 || strcmp(a, "--run") == 0) {
       if (!next) return fail("option '%s' needs an argument", a);
       i++;
       if (a[1] == 'e') {
@@ -190,6 +249,10 @@ int main(int argc, char **argv) {
         if (parse_size(next, &opts.max_memory) != 0) return fail("--max-memory: bad size '%s' (try 64M)", next);
       } else if (strcmp(a, "--policies") == 0) {
         opts.policies_dir = next;
+      } else if (strcmp(a, "--store") == 0) {
+        opts.store = next;
+      } else if (strcmp(a, "--run") == 0) {
+        opts.run_id = next;
       } else if (strcmp(a, "--log-file") == 0) {
         opts.log_file = next;
       } else {
@@ -230,6 +293,7 @@ int main(int argc, char **argv) {
     if (status == RESIL_OK) status = resil_run(R);
   }
   int code = report(R, status);
+  if (status != RESIL_ERR_FILE) finish_run(R, status);
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
   signal_target = NULL;
   resil_close(R);

@@ -235,6 +235,7 @@ static const struct {
   {NULL, luaopen_resil_breaker},
   {NULL, luaopen_resil_semaphore},
   {NULL, luaopen_resil_reload},
+  {"sqlite", luaopen_resil_sqlite},
 };
 
 static int l_error(lua_State *L) {
@@ -257,6 +258,19 @@ static int l_is_error(lua_State *L) {
     is = lua_rawequal(L, -1, -2);
   }
   lua_pushboolean(L, is);
+  return 1;
+}
+
+/* resil.hash(s) -> 16 hex digits (FNV-1a, 64 bit): fingerprints and ids,
+ * not security */
+static int l_hash(lua_State *L) {
+  size_t len;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+  uint64_t h = 14695981039346656037ULL;
+  for (size_t i = 0; i < len; i++) h = (h ^ s[i]) * 1099511628211ULL;
+  char hex[17];
+  snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
+  lua_pushstring(L, hex);
   return 1;
 }
 
@@ -293,6 +307,8 @@ static int luaopen_resil(lua_State *L) {
   lua_setfield(L, -2, "is_error");
   lua_pushcfunction(L, l_isatty);
   lua_setfield(L, -2, "isatty");
+  lua_pushcfunction(L, l_hash);
+  lua_setfield(L, -2, "hash");
   lua_pushliteral(L, RESIL_VERSION);
   lua_setfield(L, -2, "version");
 
@@ -301,7 +317,10 @@ static int luaopen_resil(lua_State *L) {
     return lua_error(L);
   lua_pushvalue(L, -2);
   lua_pushstring(L, resil_mock_lua);
-  lua_call(L, 2, 0);
+  lua_pushstring(L, resil_store_lua);
+  lua_pushstring(L, resil_store_sqlite_lua);
+  lua_pushstring(L, resil_store_redis_lua);
+  lua_call(L, 5, 0);
   return 1;
 }
 
@@ -377,6 +396,13 @@ resil_t *resil_open(const resil_options *opts) {
     }
     lua_pop(L, 1);
   }
+  /* the store's settings, read when a script first uses the store */
+  lua_getfield(L, -1, "store_config");
+  lua_createtable(L, 0, 3);
+  if (opts->store) lua_pushstring(L, opts->store), lua_setfield(L, -2, "url");
+  if (opts->run_id) lua_pushstring(L, opts->run_id), lua_setfield(L, -2, "run");
+  lua_pushboolean(L, opts->fresh), lua_setfield(L, -2, "fresh");
+  lua_call(L, 1, 0);
   lua_pop(L, 2);
   if (opts->virtual_clock) clock_set_virtual(R, 1);
   return R;
@@ -392,7 +418,18 @@ static int start_main(resil_t *R, int argc, char **argv, const char *script) {
     lua_pushstring(L, argv[i]);
     lua_rawseti(L, -2, i + 1);
   }
+  lua_pushvalue(L, -1);
   lua_setglobal(L, "arg");
+  /* the default run id derives from the script and its arguments */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "store_config");
+  lua_createtable(L, 0, 2);
+  lua_pushstring(L, script), lua_setfield(L, -2, "script");
+  lua_pushvalue(L, -4), lua_setfield(L, -2, "args");
+  lua_call(L, 1, 0);
+  lua_pop(L, 2);
   for (int i = 0; i < argc; i++) lua_pushstring(L, argv[i]);
   task_spawn_main(R, argc);
   return RESIL_OK;

@@ -38,6 +38,10 @@ typedef struct resil_options {
   const char *policies_dir; /* searched first for require "policies.x" */
   const char *log_file;     /* JSON lines go here instead of stderr */
   const char *log_level;    /* "debug" | "info" | "warn" | "error" */
+  const char *store;        /* store URL: a SQLite path or redis://host:port/db; NULL: $RESIL_STORE or
+                               .resil/state.db */
+  const char *run_id;       /* the run resil.step checkpoints into; NULL: derived from script + args */
+  int fresh;                /* start the run over: forget its checkpoints */
 } resil_options;
 
 /* A new host; opts may be NULL. NULL only when memory is exhausted. */

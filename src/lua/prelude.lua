@@ -1,6 +1,6 @@
 -- The Lua half of the host: what is clearer in Lua than in C, built only on
 -- the C primitives. Compiled into the binary; runs once per host.
-local resil, mock_source = ...
+local resil, mock_source, store_source, store_sqlite_source, store_redis_source = ...
 local http, json, log = resil.http, resil.json, resil.log
 local pack, unpack = table.pack, table.unpack
 
@@ -63,12 +63,14 @@ function resil.map(items, fn, opts)
   local progress = opts.progress and resil.isatty(2) and progress_bar(tostring(opts.progress), n)
   local results, failures = {}, nil
   local next_index, done, failed = 0, 0, 0
+  local parent_scope = resil.context().step_scope
 
   local function worker()
     while next_index < n do
       next_index = next_index + 1
       local i = next_index
-      resil.context({ item = i })
+      -- steps inside an item are checkpointed under the item (resil.step)
+      resil.context({ item = i, step_scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i) })
       local ok, value, err = pcall(fn, items[i], i)
       if not ok then value, err = nil, value end
       if value == nil and err ~= nil then
@@ -294,3 +296,4 @@ function resil.policy(name)
 end
 
 resil.mock = assert(load(mock_source, "=[resil mock]"))(resil)
+assert(load(store_source, "=[resil store]"))(resil, store_sqlite_source, store_redis_source)

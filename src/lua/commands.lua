@@ -1,0 +1,102 @@
+-- The store's subcommands: `resil-lua runs [show ID]` and
+-- `resil-lua costs [--by provider|model|user|day] [--since DATE] [--json]`.
+-- Run as the main task with the command's arguments in `arg`.
+local resil = require "resil"
+local json = resil.json
+
+local function fail(fmt, ...)
+  io.stderr:write("resil-lua: ", fmt:format(...), "\n")
+  os.exit(1)
+end
+
+local function date(t) return t and os.date("!%Y-%m-%d %H:%M:%S", math.floor(t)) or "-" end
+
+local function table_print(header, rows)
+  local widths = {}
+  for i, h in ipairs(header) do widths[i] = #h end
+  for _, r in ipairs(rows) do
+    for i, v in ipairs(r) do widths[i] = math.max(widths[i], #tostring(v)) end
+  end
+  local function line(r)
+    local cells = {}
+    for i, v in ipairs(r) do cells[i] = ("%-" .. widths[i] .. "s"):format(tostring(v)) end
+    print((table.concat(cells, "  "):gsub("%s+$", "")))
+  end
+  line(header)
+  for _, r in ipairs(rows) do line(r) end
+end
+
+local commands = {}
+
+function commands.runs(args)
+  local s, err = resil.store()
+  if not s then fail("%s", tostring(err)) end
+  if args[1] == "show" then
+    local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
+    local steps = assert(s.backend:run_steps(id))
+    if #steps == 0 then fail("runs show: no steps recorded for run '%s'", id) end
+    local rows = {}
+    for _, st in ipairs(steps) do
+      rows[#rows + 1] = { st.scope == "" and "-" or st.scope, st.seq, st.name, date(st.at), st.bytes }
+    end
+    table_print({ "ITEM", "SEQ", "STEP", "DONE AT (UTC)", "BYTES" }, rows)
+    return
+  end
+  if args[1] then fail("runs: unknown argument '%s' (runs, or runs show ID)", args[1]) end
+  local runs = assert(s.backend:runs_list())
+  local rows = {}
+  for _, r in ipairs(runs) do rows[#rows + 1] = { r.id, r.status, r.steps, date(r.created_at), date(r.updated_at) } end
+  if #rows == 0 then print("no runs recorded in " .. s.url) return end
+  table_print({ "RUN", "STATUS", "STEPS DONE", "STARTED (UTC)", "UPDATED (UTC)" }, rows)
+end
+
+local function parse_since(v)
+  local y, m, d = v:match("^(%d%d%d%d)-(%d%d)-(%d%d)$")
+  if y then return os.time({ year = tonumber(y), month = tonumber(m), day = tonumber(d), hour = 0 })
+                  - os.time(os.date("!*t", 0)) end
+  local n, unit = v:match("^(%d+)([dh])$")
+  if n then return resil.store_now() - tonumber(n) * (unit == "d" and 86400 or 3600) end
+  fail("costs: --since takes YYYY-MM-DD, Nd or Nh, not '%s'", v)
+end
+
+function commands.costs(args)
+  local by, since, as_json = nil, nil, false
+  local i = 1
+  while args[i] do
+    local a = args[i]
+    if a == "--by" then
+      by = args[i + 1] or fail("costs: --by needs provider, model, user or day")
+      if not ({ provider = 1, model = 1, user = 1, day = 1 })[by] then
+        fail("costs: --by takes provider, model, user or day, not '%s'", by)
+      end
+      i = i + 2
+    elseif a == "--since" then
+      since = parse_since(args[i + 1] or fail("costs: --since needs a date"))
+      i = i + 2
+    elseif a == "--json" then
+      as_json, i = true, i + 1
+    else
+      fail("costs: unknown argument '%s'", a)
+    end
+  end
+  local filter = { since = since }
+  if by then
+    local rows = assert(resil.cost.breakdown(by, filter))
+    if as_json then print(json.encode(#rows > 0 and rows or json.decode("[]"))) return end
+    local out, total = {}, 0
+    for _, r in ipairs(rows) do
+      out[#out + 1] = { r.key or "-", r.calls, ("$%.6f"):format(r.usd) }
+      total = total + r.usd
+    end
+    out[#out + 1] = { "TOTAL", "", ("$%.6f"):format(total) }
+    table_print({ by:upper(), "CALLS", "USD" }, out)
+  else
+    local total = assert(resil.cost.total(filter))
+    if as_json then print(json.encode({ usd = total })) return end
+    print(("total $%.6f"):format(total))
+  end
+end
+
+local name = arg[0]
+local fn = commands[name] or fail("unknown command '%s'", tostring(name))
+fn(arg)

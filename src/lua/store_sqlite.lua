@@ -1,0 +1,316 @@
+-- The SQLite backend: every compound operation is one function run inside
+-- the group transaction (src/store_sqlite.c), so it is atomic across tasks
+-- and, through BEGIN IMMEDIATE, across processes sharing the file.
+-- Money is integer micro-dollars so that sums are exact.
+local resil = ...
+
+local migrations = {
+  [[
+  CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT, expires_at REAL);
+  CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, state TEXT NOT NULL,
+    owner TEXT, locked_at REAL, result TEXT, created_at REAL NOT NULL, expires_at REAL NOT NULL);
+  CREATE INDEX idempotency_expiry ON idempotency(expires_at);
+  CREATE TABLE runs (id TEXT PRIMARY KEY, script TEXT, status TEXT NOT NULL, steps INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+  CREATE TABLE steps (run TEXT NOT NULL, scope TEXT NOT NULL, seq INTEGER NOT NULL, name TEXT NOT NULL,
+    result TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (run, scope, seq));
+  CREATE TABLE costs (id INTEGER PRIMARY KEY, dedupe TEXT UNIQUE, at REAL NOT NULL, day TEXT NOT NULL,
+    provider TEXT, model TEXT, operation TEXT, user TEXT, run TEXT, step TEXT,
+    micro_usd INTEGER NOT NULL, units TEXT, budget TEXT, period TEXT, ticket TEXT UNIQUE);
+  CREATE INDEX costs_budget ON costs(budget, period);
+  CREATE INDEX costs_day ON costs(day);
+  CREATE TABLE reservations (ticket TEXT PRIMARY KEY, budget TEXT NOT NULL, period TEXT NOT NULL,
+    micro_usd INTEGER NOT NULL, expires_at REAL NOT NULL, state TEXT NOT NULL);
+  CREATE INDEX reservations_budget ON reservations(budget, period, state, expires_at);
+  CREATE TABLE gcra (key TEXT PRIMARY KEY, tat REAL NOT NULL);
+  CREATE TABLE breakers (name TEXT PRIMARY KEY, open_until REAL, probe_until REAL, opened INTEGER NOT NULL DEFAULT 0);
+  ]],
+}
+
+local B = {}
+B.__index = B
+
+local function migrate(db, path)
+  return db:now(function(tx)
+    local version = tx:value("PRAGMA user_version")
+    for v = version + 1, #migrations do
+      for statement in migrations[v]:gmatch("[^;]+") do
+        if statement:match("%S") then tx:exec(statement) end
+      end
+      tx:exec(("PRAGMA user_version = %d"):format(v))
+    end
+    if version > #migrations then
+      error(("store %s has schema version %d; this resil-lua knows up to %d"):format(path, version, #migrations))
+    end
+    return true
+  end)
+end
+
+function B.open(path, opts)
+  local dir = path:match("^(.*)/[^/]*$")
+  if dir and dir ~= "" then os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'") end
+  local db, err = resil.sqlite.open(path, opts)
+  if not db then return nil, err end
+  local ok, merr = migrate(db, path)
+  if not ok then return nil, merr end
+  return setmetatable({ db = db, path = path, kind = "sqlite" }, B)
+end
+
+function B:stats() return self.db:stats() end
+
+-- ---------- key/value ----------
+
+function B:kv_get(key, now)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT value, expires_at FROM kv WHERE key = ?", key)
+    if row and row.expires_at and row.expires_at <= now then
+      tx:exec("DELETE FROM kv WHERE key = ?", key)
+      return nil
+    end
+    return row and row.value
+  end)
+end
+
+function B:kv_set(key, value, ttl, now)
+  return self.db:tx(function(tx)
+    tx:exec("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)", key, value, ttl and now + ttl)
+    return true
+  end)
+end
+
+function B:kv_del(key)
+  return self.db:tx(function(tx) return tx:exec("DELETE FROM kv WHERE key = ?", key) > 0 end)
+end
+
+function B:kv_incr(key, n, ttl, now)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT value, expires_at FROM kv WHERE key = ?", key)
+    local v = 0
+    if row and not (row.expires_at and row.expires_at <= now) then v = tonumber(row.value) or 0 end
+    v = v + n
+    local expires = row and row.expires_at and row.expires_at > now and row.expires_at or (ttl and now + ttl)
+    tx:exec("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)", key, tostring(v), expires)
+    return v
+  end)
+end
+
+-- ---------- idempotency ----------
+
+-- -> "claimed" | "done", result | "in_progress", locked_at | "key_reused"
+function B:once_claim(key, fingerprint, owner, lease, retention, now)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT * FROM idempotency WHERE key = ?", key)
+    if row and row.expires_at <= now then
+      tx:exec("DELETE FROM idempotency WHERE key = ?", key)
+      row = nil
+    end
+    if row == nil then
+      tx:exec("INSERT INTO idempotency (key, fingerprint, state, owner, locked_at, created_at, expires_at) " ..
+              "VALUES (?, ?, 'running', ?, ?, ?, ?)", key, fingerprint, owner, now, now, now + retention)
+      return "claimed"
+    end
+    if row.fingerprint ~= fingerprint then return "key_reused" end
+    if row.state == "done" then return "done", row.result end
+    if row.locked_at + lease <= now then -- a stale lease: its holder died or hung
+      tx:exec("UPDATE idempotency SET owner = ?, locked_at = ? WHERE key = ?", owner, now, key)
+      return "claimed", "takeover"
+    end
+    return "in_progress", row.locked_at
+  end)
+end
+
+function B:once_finish(key, owner, result, retention, now)
+  return self.db:tx(function(tx)
+    return tx:exec("UPDATE idempotency SET state = 'done', result = ?, locked_at = NULL, expires_at = ? " ..
+                   "WHERE key = ? AND owner = ?", result, now + retention, key, owner) > 0
+  end)
+end
+
+function B:once_release(key, owner)
+  return self.db:tx(function(tx)
+    return tx:exec("DELETE FROM idempotency WHERE key = ? AND owner = ? AND state = 'running'", key, owner) > 0
+  end)
+end
+
+function B:once_reap(now)
+  return self.db:tx(function(tx) return tx:exec("DELETE FROM idempotency WHERE expires_at <= ?", now) end)
+end
+
+-- ---------- runs and steps ----------
+
+function B:run_start(id, script, fresh, now)
+  return self.db:tx(function(tx)
+    if fresh then
+      tx:exec("DELETE FROM steps WHERE run = ?", id)
+      tx:exec("DELETE FROM runs WHERE id = ?", id)
+    end
+    local row = tx:row("SELECT * FROM runs WHERE id = ?", id)
+    if row then
+      tx:exec("UPDATE runs SET status = 'running', updated_at = ? WHERE id = ?", now, id)
+      return row.steps
+    end
+    tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at) VALUES (?, ?, 'running', 0, ?, ?)",
+      id, script, now, now)
+    return 0
+  end)
+end
+
+function B:run_finish(id, status, now)
+  return self.db:tx(function(tx)
+    return tx:exec("UPDATE runs SET status = ?, updated_at = ? WHERE id = ?", status, now, id) > 0
+  end)
+end
+
+function B:step_get(run, scope, seq)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT name, result FROM steps WHERE run = ? AND scope = ? AND seq = ?", run, scope, seq)
+    if row then return row.name, row.result end
+    return nil
+  end)
+end
+
+function B:step_put(run, scope, seq, name, result, now)
+  return self.db:tx(function(tx)
+    tx:exec("INSERT INTO steps (run, scope, seq, name, result, at) VALUES (?, ?, ?, ?, ?, ?)",
+      run, scope, seq, name, result, now)
+    tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
+    return true
+  end)
+end
+
+function B:runs_list()
+  return self.db:tx(function(tx) return tx:rows("SELECT * FROM runs ORDER BY updated_at DESC") end)
+end
+
+function B:run_steps(run)
+  return self.db:tx(function(tx)
+    return tx:rows("SELECT scope, seq, name, at, length(result) AS bytes FROM steps WHERE run = ? " ..
+                   "ORDER BY at, scope, seq", run)
+  end)
+end
+
+-- ---------- costs ----------
+
+local function insert_cost(tx, e)
+  return tx:exec("INSERT OR IGNORE INTO costs (dedupe, at, day, provider, model, operation, user, run, step, " ..
+                 "micro_usd, units, budget, period, ticket) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    e.dedupe, e.at, e.day, e.provider, e.model, e.operation, e.user, e.run, e.step, e.micro_usd, e.units,
+    e.budget, e.period, e.ticket) > 0
+end
+
+function B:cost_record(e)
+  return self.db:tx(insert_cost, e)
+end
+
+local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
+local BY = { provider = "provider", model = "model", user = "user", day = "day", operation = "operation",
+             run = "run" }
+
+-- -> { {key=, micro_usd=, calls=}, ... } (one row with key=nil when by is nil)
+function B:cost_query(by, filter)
+  local where, args = { "1 = 1" }, {}
+  for _, f in ipairs(FILTERS) do
+    if filter[f] ~= nil then where[#where + 1] = f .. " = ?"; args[#args + 1] = filter[f] end
+  end
+  if filter.since then where[#where + 1] = "at >= ?"; args[#args + 1] = filter.since end
+  if filter["until"] then where[#where + 1] = "at < ?"; args[#args + 1] = filter["until"] end
+  local column = by and assert(BY[by], "cost: cannot break down by " .. tostring(by))
+  local sql = ("SELECT %s AS key, coalesce(sum(micro_usd), 0) AS micro_usd, count(*) AS calls FROM costs " ..
+               "WHERE %s %s ORDER BY %s"):format(column or "NULL", table.concat(where, " AND "),
+               column and ("GROUP BY " .. column) or "", column and "micro_usd DESC" or "1")
+  return self.db:tx(function(tx) return tx:rows(sql, table.unpack(args)) end)
+end
+
+-- ---------- budgets ----------
+
+local function budget_usage(tx, budget, period, now)
+  local spent = tx:value("SELECT coalesce(sum(micro_usd), 0) FROM costs WHERE budget = ? AND period = ?",
+    budget, period)
+  local reserved = tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE budget = ? AND " ..
+                            "period = ? AND state = 'held' AND expires_at > ?", budget, period, now)
+  return spent, reserved
+end
+
+-- -> true, spent, reserved | false, spent, reserved
+function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now)
+  return self.db:tx(function(tx)
+    local spent, reserved = budget_usage(tx, budget, period, now)
+    if spent + reserved + estimate > limit then return false, spent, reserved end
+    tx:exec("INSERT INTO reservations (ticket, budget, period, micro_usd, expires_at, state) " ..
+            "VALUES (?, ?, ?, ?, ?, 'held')", ticket, budget, period, estimate, expires_at)
+    return true, spent, reserved + estimate
+  end)
+end
+
+function B:budget_usage(budget, period, now)
+  return self.db:tx(budget_usage, budget, period, now)
+end
+
+-- Replace the reservation by the actual cost; a second settle changes nothing.
+function B:budget_settle(ticket, entry)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT state FROM reservations WHERE ticket = ?", ticket)
+    if row and row.state == "settled" then return false end
+    tx:exec("UPDATE reservations SET state = 'settled' WHERE ticket = ?", ticket)
+    return insert_cost(tx, entry)
+  end)
+end
+
+function B:budget_release(ticket)
+  return self.db:tx(function(tx)
+    return tx:exec("UPDATE reservations SET state = 'released' WHERE ticket = ? AND state = 'held'", ticket) > 0
+  end)
+end
+
+-- ---------- shared limits ----------
+
+-- GCRA in one transaction: -> true, remaining | false, retry_after
+function B:gcra_take(key, interval, tolerance, n, now)
+  return self.db:tx(function(tx)
+    local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
+    if tat < now then tat = now end
+    local new_tat = tat + n * interval
+    local wait = new_tat - now - tolerance
+    if wait > 1e-6 then return false, wait end
+    tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
+    return true, math.floor((tolerance - (new_tat - now)) / interval + 1e-9)
+  end)
+end
+
+-- -> open_until | nil
+function B:breaker_get(name, now)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT open_until FROM breakers WHERE name = ?", name)
+    return row and row.open_until
+  end)
+end
+
+function B:breaker_open(name, open_until)
+  return self.db:tx(function(tx)
+    tx:exec("INSERT OR REPLACE INTO breakers (name, open_until, probe_until, opened) VALUES (?, ?, NULL, 1)",
+      name, open_until)
+    return true
+  end)
+end
+
+-- Exactly one caller across processes gets the half-open probe.
+function B:breaker_probe(name, probe_for, now)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT open_until, probe_until FROM breakers WHERE name = ?", name)
+    if not row or not row.open_until then return true end -- closed
+    if row.open_until > now then return false, row.open_until - now end
+    if row.probe_until and row.probe_until > now then return false, row.probe_until - now end
+    tx:exec("UPDATE breakers SET probe_until = ? WHERE name = ?", now + probe_for, name)
+    return true, "probe"
+  end)
+end
+
+function B:breaker_close(name)
+  return self.db:tx(function(tx) return tx:exec("DELETE FROM breakers WHERE name = ?", name) > 0 end)
+end
+
+function B:integrity_check()
+  return self.db:tx(function(tx) return tx:value("PRAGMA integrity_check") end)
+end
+
+return B

@@ -1,0 +1,433 @@
+/*
+ * store_sqlite.c: the SQLite backend's engine, with group commit.
+ *
+ * A task submits an operation, fn(tx, ...), and waits. Once per loop turn
+ * every operation submitted in that turn runs inside one BEGIN IMMEDIATE
+ * transaction (each under its own savepoint, so one failing operation undoes
+ * only itself), the transaction commits (WAL, synchronous=FULL: durable when
+ * COMMIT returns), and only then do the tasks continue. Many tasks writing
+ * checkpoints cost one fsync per turn instead of one each.
+ *
+ * The store's logic (idempotency, steps, ledger, budgets) is Lua in
+ * src/lua/store.lua; this file only runs SQL, fast and safely.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "host.h"
+
+#define DB_MT "resil.SqliteDb"
+#define TX_MT "resil.SqliteTx"
+#define BUSY_TIMEOUT_MS 10000
+
+typedef struct op op;
+struct op {
+  task *t;
+  int ref_fn_args; /* a table {fn, args...} in the registry */
+  int ref_result;  /* {n = k, ...} after the flush */
+  int failed;      /* 1: fn raised (result holds the error); 2: the store failed */
+  op *next;
+};
+
+typedef struct {
+  resil_t *R;
+  sqlite3 *db;
+  char *path;
+  int group_commit;
+  op *head, *tail;
+  struct event *flush_ev;
+  int ref_stmts; /* sql -> lightuserdata stmt */
+  int in_tx;
+  long commits, ops;
+} store_db;
+
+static store_db *check_db(lua_State *L, int idx) {
+  store_db *d = luaL_checkudata(L, idx, DB_MT);
+  if (!d->db) luaL_error(L, "store: the database is closed");
+  return d;
+}
+
+/* ---------- statements ---------- */
+
+static sqlite3_stmt *prepare(lua_State *L, store_db *d, const char *sql) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, d->ref_stmts);
+  lua_getfield(L, -1, sql);
+  sqlite3_stmt *st = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  if (!st) {
+    if (sqlite3_prepare_v2(d->db, sql, -1, &st, NULL) != SQLITE_OK) {
+      lua_pop(L, 1);
+      luaL_error(L, "store: %s in: %s", sqlite3_errmsg(d->db), sql);
+    }
+    lua_pushlightuserdata(L, st);
+    lua_setfield(L, -2, sql);
+  }
+  lua_pop(L, 1);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return st;
+}
+
+static void bind_args(lua_State *L, sqlite3_stmt *st, int first, int last) {
+  for (int i = first; i <= last; i++) {
+    int pos = i - first + 1;
+    switch (lua_type(L, i)) {
+    case LUA_TNIL: sqlite3_bind_null(st, pos); break;
+    case LUA_TBOOLEAN: sqlite3_bind_int(st, pos, lua_toboolean(L, i)); break;
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, i)) sqlite3_bind_int64(st, pos, lua_tointeger(L, i));
+      else sqlite3_bind_double(st, pos, lua_tonumber(L, i));
+      break;
+    case LUA_TSTRING: {
+      size_t len;
+      const char *s = lua_tolstring(L, i, &len);
+      sqlite3_bind_text(st, pos, s, (int)len, SQLITE_TRANSIENT);
+      break;
+    }
+    default: luaL_error(L, "store: cannot bind a %s (parameter %d)", luaL_typename(L, i), pos);
+    }
+  }
+}
+
+static void push_column(lua_State *L, sqlite3_stmt *st, int col) {
+  switch (sqlite3_column_type(st, col)) {
+  case SQLITE_INTEGER: lua_pushinteger(L, sqlite3_column_int64(st, col)); break;
+  case SQLITE_FLOAT: lua_pushnumber(L, sqlite3_column_double(st, col)); break;
+  case SQLITE_NULL: lua_pushnil(L); break;
+  default:
+    lua_pushlstring(L, (const char *)sqlite3_column_blob(st, col), (size_t)sqlite3_column_bytes(st, col));
+    break;
+  }
+}
+
+static store_db *check_tx(lua_State *L) {
+  store_db **pd = luaL_checkudata(L, 1, TX_MT);
+  if (!*pd || !(*pd)->in_tx) luaL_error(L, "store: a transaction handle used outside its transaction");
+  return *pd;
+}
+
+/* tx:exec(sql, ...) -> rows changed */
+static int tx_exec(lua_State *L) {
+  store_db *d = check_tx(L);
+  sqlite3_stmt *st = prepare(L, d, luaL_checkstring(L, 2));
+  bind_args(L, st, 3, lua_gettop(L));
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {}
+  if (rc != SQLITE_DONE) return luaL_error(L, "store: %s", sqlite3_errmsg(d->db));
+  lua_pushinteger(L, sqlite3_changes(d->db));
+  return 1;
+}
+
+/* tx:rows(sql, ...) -> { {col = value, ...}, ... } */
+static int tx_rows(lua_State *L) {
+  store_db *d = check_tx(L);
+  sqlite3_stmt *st = prepare(L, d, luaL_checkstring(L, 2));
+  bind_args(L, st, 3, lua_gettop(L));
+  lua_newtable(L);
+  int rc, n = 0, cols = sqlite3_column_count(st);
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    lua_createtable(L, 0, cols);
+    for (int c = 0; c < cols; c++) {
+      push_column(L, st, c);
+      lua_setfield(L, -2, sqlite3_column_name(st, c));
+    }
+    lua_rawseti(L, -2, ++n);
+  }
+  if (rc != SQLITE_DONE) return luaL_error(L, "store: %s", sqlite3_errmsg(d->db));
+  return 1;
+}
+
+/* tx:row(sql, ...) -> the first row or nil */
+static int tx_row(lua_State *L) {
+  tx_rows(L);
+  lua_rawgeti(L, -1, 1);
+  return 1;
+}
+
+/* tx:value(sql, ...) -> the first column of the first row, or nil */
+static int tx_value(lua_State *L) {
+  store_db *d = check_tx(L);
+  sqlite3_stmt *st = prepare(L, d, luaL_checkstring(L, 2));
+  bind_args(L, st, 3, lua_gettop(L));
+  int rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) push_column(L, st, 0);
+  else if (rc == SQLITE_DONE) lua_pushnil(L);
+  else return luaL_error(L, "store: %s", sqlite3_errmsg(d->db));
+  sqlite3_reset(st);
+  return 1;
+}
+
+/* ---------- group commit ---------- */
+
+static int exec_sql(store_db *d, const char *sql) { return sqlite3_exec(d->db, sql, NULL, NULL, NULL); }
+
+/* Run one op on L (the main state) under a savepoint; store its results. */
+static void run_op(lua_State *L, store_db *d, op *o, int txh) {
+  exec_sql(d, "SAVEPOINT op");
+  int base = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_fn_args);
+  int n = (int)lua_rawlen(L, -1);
+  int args = lua_gettop(L);
+  lua_rawgeti(L, args, 1);
+  lua_pushvalue(L, txh);
+  for (int i = 2; i <= n; i++) lua_rawgeti(L, args, i);
+  int rc = lua_pcall(L, n, LUA_MULTRET, 0); /* the error value as raised: tables stay tables */
+  if (rc != LUA_OK) {
+    exec_sql(d, "ROLLBACK TO op");
+    o->failed = 1;
+  }
+  exec_sql(d, "RELEASE op");
+  int nres = lua_gettop(L) - args;
+  lua_createtable(L, nres, 1);
+  for (int i = 1; i <= nres; i++) {
+    lua_pushvalue(L, args + i);
+    lua_rawseti(L, -2, i);
+  }
+  lua_pushinteger(L, nres);
+  lua_setfield(L, -2, "n");
+  o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_settop(L, base);
+}
+
+static void fail_op(lua_State *L, op *o, const char *why) {
+  o->failed = 2;
+  lua_pushstring(L, why);
+  o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* One transaction for a list of ops; every op gets a result or a failure. */
+static void commit_batch(lua_State *L, store_db *d, op *first, op *stop, int txh) {
+  int rc = exec_sql(d, "BEGIN IMMEDIATE");
+  if (rc != SQLITE_OK) {
+    for (op *o = first; o != stop; o = o->next) fail_op(L, o, sqlite3_errmsg(d->db));
+    return;
+  }
+  d->in_tx = 1;
+  for (op *o = first; o != stop; o = o->next) run_op(L, d, o, txh);
+  d->in_tx = 0;
+  rc = exec_sql(d, "COMMIT");
+  if (rc != SQLITE_OK) {
+    char why[256];
+    snprintf(why, sizeof why, "commit failed: %s", sqlite3_errmsg(d->db));
+    exec_sql(d, "ROLLBACK");
+    for (op *o = first; o != stop; o = o->next) {
+      if (o->ref_result != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
+      o->ref_result = LUA_NOREF;
+      fail_op(L, o, why);
+    }
+  }
+  d->commits++;
+}
+
+static void flush_cb(evutil_socket_t fd, short what, void *arg) {
+  store_db *d = arg;
+  lua_State *L = d->R->L;
+  op *batch = d->head;
+  d->head = d->tail = NULL;
+  if (!batch) return;
+  store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
+  *txp = d;
+  luaL_setmetatable(L, TX_MT);
+  int txh = lua_gettop(L);
+  if (d->group_commit) {
+    commit_batch(L, d, batch, NULL, txh);
+  } else {
+    for (op *o = batch; o; o = o->next) commit_batch(L, d, o, o->next, txh);
+  }
+  *txp = NULL; /* a handle kept by fn is dead now */
+  lua_pop(L, 1);
+  for (op *o = batch; o;) {
+    op *next = o->next;
+    d->ops++;
+    if (o->t) {
+      task_wake(o->t); /* its continuation frees the op */
+    } else {
+      luaL_unref(L, LUA_REGISTRYINDEX, o->ref_fn_args);
+      luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
+      free(o);
+    }
+    o = next;
+  }
+}
+
+static void op_canceled(void *arg) {
+  op *o = arg;
+  o->t = NULL; /* it still runs (it may already be in the batch); nobody waits */
+}
+
+static int tx_k(lua_State *L, int status, lua_KContext ctx) {
+  op *o = (op *)ctx;
+  int failed = o->failed;
+  luaL_unref(L, LUA_REGISTRYINDEX, o->ref_fn_args);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result);
+  luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
+  free(o);
+  int res = lua_gettop(L);
+  if (failed == 2) {
+    return resil_error_result(L, "store_unavailable", "store: %s", lua_tostring(L, res));
+  }
+  lua_getfield(L, res, "n");
+  int n = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  if (failed == 1) {
+    lua_rawgeti(L, res, 1);
+    return lua_error(L);
+  }
+  luaL_checkstack(L, n, "store results");
+  for (int i = 1; i <= n; i++) lua_rawgeti(L, res, i);
+  return n;
+}
+
+/* db:tx(fn, ...) -> fn(tx, ...)'s results, once durable | nil, err{kind="store_unavailable"} */
+static int db_tx(lua_State *L) {
+  store_db *d = check_db(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  task *t = task_current(L, "store operations");
+  int n = lua_gettop(L) - 1;
+  lua_createtable(L, n, 0);
+  for (int i = 1; i <= n; i++) {
+    lua_pushvalue(L, i + 1);
+    lua_rawseti(L, -2, i);
+  }
+  op *o = calloc(1, sizeof *o); /* freed by the continuation, or by the flush if canceled */
+  if (!o) return luaL_error(L, "out of memory");
+  o->ref_fn_args = luaL_ref(L, LUA_REGISTRYINDEX);
+  o->ref_result = LUA_NOREF;
+  o->t = t;
+  if (d->tail) d->tail->next = o;
+  else d->head = o;
+  d->tail = o;
+  event_active(d->flush_ev, EV_TIMEOUT, 0);
+  task_wait(t, op_canceled, o);
+  return lua_yieldk(L, 0, (lua_KContext)o, tx_k);
+}
+
+/* db:now(fn, ...) -> fn(tx, ...) at once, in its own transaction (setup,
+ * migrations, reads outside tasks). */
+static int db_now(lua_State *L) {
+  store_db *d = check_db(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (d->in_tx) return luaL_error(L, "store: db:now inside a transaction");
+  int n = lua_gettop(L) - 2;
+  if (exec_sql(d, "BEGIN IMMEDIATE") != SQLITE_OK)
+    return resil_error_result(L, "store_unavailable", "store: %s", sqlite3_errmsg(d->db));
+  store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
+  *txp = d;
+  luaL_setmetatable(L, TX_MT);
+  lua_insert(L, 3);
+  d->in_tx = 1;
+  int rc = lua_pcall(L, n + 1, LUA_MULTRET, 0);
+  d->in_tx = 0;
+  *txp = NULL;
+  if (rc != LUA_OK) {
+    exec_sql(d, "ROLLBACK");
+    return lua_error(L);
+  }
+  if (exec_sql(d, "COMMIT") != SQLITE_OK) {
+    exec_sql(d, "ROLLBACK");
+    return resil_error_result(L, "store_unavailable", "store: commit failed: %s", sqlite3_errmsg(d->db));
+  }
+  return lua_gettop(L) - 1;
+}
+
+static int db_stats(lua_State *L) {
+  store_db *d = check_db(L, 1);
+  lua_createtable(L, 0, 2);
+  lua_pushinteger(L, d->commits);
+  lua_setfield(L, -2, "commits");
+  lua_pushinteger(L, d->ops);
+  lua_setfield(L, -2, "ops");
+  return 1;
+}
+
+static void db_close_all(lua_State *L, store_db *d) {
+  if (!d->db) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, d->ref_stmts);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    sqlite3_finalize(lua_touserdata(L, -1));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, d->ref_stmts);
+  sqlite3_close(d->db);
+  d->db = NULL;
+  if (d->flush_ev) event_free(d->flush_ev);
+  d->flush_ev = NULL;
+  free(d->path);
+  d->path = NULL;
+}
+
+static int db_close(lua_State *L) {
+  store_db *d = luaL_checkudata(L, 1, DB_MT);
+  if (d->head) return luaL_error(L, "store: close with operations pending");
+  db_close_all(L, d);
+  return 0;
+}
+
+static int db_gc(lua_State *L) {
+  db_close_all(L, luaL_checkudata(L, 1, DB_MT));
+  return 0;
+}
+
+/* resil.sqlite.open(path, {group_commit = true}) -> db */
+static int l_open(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  int group_commit = 1;
+  if (lua_istable(L, 2) && lua_getfield(L, 2, "group_commit") != LUA_TNIL) group_commit = lua_toboolean(L, -1);
+  resil_t *R = resil_from_lua(L);
+  store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
+  memset(d, 0, sizeof *d);
+  d->R = R;
+  d->group_commit = group_commit;
+  d->ref_stmts = LUA_NOREF;
+  luaL_setmetatable(L, DB_MT);
+  int rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+  if (rc != SQLITE_OK) {
+    const char *why = d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc);
+    lua_pushnil(L);
+    resil_push_error(L, "store_unavailable", "store: cannot open %s: %s", path, why);
+    if (d->db) sqlite3_close(d->db);
+    d->db = NULL;
+    return 2;
+  }
+  sqlite3_busy_timeout(d->db, BUSY_TIMEOUT_MS);
+  char *err = NULL;
+  if (sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err) != SQLITE_OK) {
+    lua_pushnil(L);
+    resil_push_error(L, "store_unavailable", "store: %s: %s", path, err ? err : "cannot set WAL mode");
+    sqlite3_free(err);
+    sqlite3_close(d->db);
+    d->db = NULL;
+    return 2;
+  }
+  d->path = strdup(path);
+  lua_newtable(L);
+  d->ref_stmts = luaL_ref(L, LUA_REGISTRYINDEX);
+  d->flush_ev = event_new(R->base, -1, 0, flush_cb, d);
+  return 1;
+}
+
+static const luaL_Reg db_methods[] = {{"tx", db_tx},       {"now", db_now},   {"stats", db_stats},
+                                      {"close", db_close}, {NULL, NULL}};
+static const luaL_Reg tx_methods[] = {
+  {"exec", tx_exec}, {"rows", tx_rows}, {"row", tx_row}, {"value", tx_value}, {NULL, NULL}};
+
+int luaopen_resil_sqlite(lua_State *L) {
+  luaL_newmetatable(L, DB_MT);
+  luaL_newlib(L, db_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, db_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, TX_MT);
+  luaL_newlib(L, tx_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_pushcfunction(L, l_open);
+  lua_setfield(L, -2, "open");
+  return 1;
+}
