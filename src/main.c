@@ -189,13 +189,19 @@ static int run_command(const char *name, int argc, char **argv) {
   return code;
 }
 
-/* Record how the run ended, if the script used resil.step. */
+/* Record how the run ended, if the script used resil.step. Synchronous:
+ * after an error or a signal, other tasks must not run again. */
 static void finish_run(resil_t *R, int status) {
-  char code[160];
-  snprintf(code, sizeof code,
-           "local r = require 'resil'; if r.run.started() then r.run.finish('%s') end",
-           status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
-  if (resil_load_string(R, code, "=[resil finish run]") == RESIL_OK) resil_run(R);
+  lua_State *L = resil_lua(R);
+  int top = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "run") == LUA_TTABLE &&
+      lua_getfield(L, -1, "finish") == LUA_TFUNCTION) {
+    lua_pushstring(L, status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) fprintf(stderr, PROGNAME ": recording the run's end: %s\n", lua_tostring(L, -1));
+  }
+  lua_settop(L, top);
 }
 
 int main(int argc, char **argv) {

@@ -245,9 +245,10 @@ resil.run = {}
 function resil.run.id() return current_run().id end
 function resil.run.started() return run ~= nil end
 function resil.run.resumed() return current_run().resumed end
--- mark the run finished (the CLI does this when the script ends without error)
+-- Record how the run ended (the CLI does this when the script ends). Works
+-- outside a task: it writes at once, without the loop.
 function resil.run.finish(status)
-  if run then run.store.backend:run_finish(run.id, status or "done", store_now()) end
+  if run then run.store.backend:run_finish_now(run.id, status or "done", store_now()) end
 end
 
 local function step_key()

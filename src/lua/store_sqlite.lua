@@ -155,8 +155,8 @@ function B:run_start(id, script, fresh, now)
   end)
 end
 
-function B:run_finish(id, status, now)
-  return self.db:tx(function(tx)
+function B:run_finish_now(id, status, now)
+  return self.db:now(function(tx)
     return tx:exec("UPDATE runs SET status = ?, updated_at = ? WHERE id = ?", status, now, id) > 0
   end)
 end
