@@ -16,6 +16,7 @@
 --     retry    = { base = 0.5, cap = 20 },    -- options of policies.retry
 --     validate = "chat",                      -- a policies.classify validator, or fn(res)
 --     fallback = { anthropic_caller, placeholder = "(unavailable)" },
+--     idempotency = true,                     -- inside resil.once, send its key as Idempotency-Key
 --   })
 --   local res, err, info = openai{ json = { model = "gpt-4o", messages = msgs } }
 --
@@ -63,14 +64,16 @@ local function merged_request(self, req, left)
     for k, v in pairs(req.headers) do h[k] = v end
     r.headers = h
   end
-  if req.idempotency_key then
+  local key = req.idempotency_key
+  if key == nil and self.idempotency then key = resil.context().idempotency_key end -- inside resil.once
+  if key then
     r.headers = r.headers or {}
     if r.headers == base.headers or r.headers == req.headers then
       local h = {}
       for k, v in pairs(r.headers) do h[k] = v end
       r.headers = h
     end
-    r.headers["Idempotency-Key"] = req.idempotency_key
+    r.headers["Idempotency-Key"] = key
     r.idempotency_key = nil
   end
   local timeout = r.timeout or self.timeout
@@ -190,6 +193,7 @@ function call.provider(name, conf)
   if type(conf) ~= "table" then error("call.provider: conf must be a table", 2) end
   local self = setmetatable({ name = name, request = conf.request or {}, timeout = conf.timeout,
                               deadline = conf.deadline, validate = conf.validate, estimate = conf.estimate,
+                              idempotency = conf.idempotency,
                               info = { served_by = name } }, Provider)
   if conf.rate then
     local o = {}

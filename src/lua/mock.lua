@@ -117,8 +117,9 @@ function Mock:configure(scenario)
 end
 
 function Mock:reset()
-  self.counts = { total = 0, routes = {}, statuses = {}, keys = {}, paid_keys = {}, faults = {},
+  self.counts = { total = 0, routes = {}, statuses = {}, keys = {}, paid_keys = {}, faults = {}, replayed = 0,
     billed = { usd = 0, prompt_tokens = 0, completion_tokens = 0, responses = 0 } }
+  self.replies = {}
 end
 
 local function deep_copy(v)
@@ -326,6 +327,14 @@ function Mock:handle(req)
     return { status = 200, body = json.encode(self.counts) }
   end
   local route, custom, capture = self:route(req)
+  -- scenario.idempotency: like providers that honour Idempotency-Key, a
+  -- repeated key gets the first successful answer again, unbilled
+  local key = self.scenario.idempotency and req.headers["idempotency-key"]
+  if key and self.replies[route .. " " .. key] then
+    self:count(route, req, self.replies[route .. " " .. key].status)
+    self.counts.replayed = self.counts.replayed + 1
+    return deep_copy(self.replies[route .. " " .. key])
+  end
   local fault = route ~= "unknown" and self:pick_fault(route) or nil
   if fault then self.counts.faults[route] = (self.counts.faults[route] or 0) + 1 end
   local function normal()
@@ -342,6 +351,7 @@ function Mock:handle(req)
   end
   local reply = fault and fault_reply(fault, normal) or normal()
   self:count(route, req, reply.action and reply.action or reply.status or 200)
+  if key and not reply.action and (reply.status or 200) < 300 then self.replies[route .. " " .. key] = deep_copy(reply) end
   local latency = sample_latency(fault and fault.latency or self.scenario.latency, self.random)
   if latency > 0 then reply.delay = latency end
   return reply

@@ -1,0 +1,245 @@
+-- The store on SQLite, in one process: key/value, idempotency, costs and
+-- budgets, on the virtual clock. Multi-process and crash behaviour are in
+-- store_process_spec.lua.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local function fresh_store()
+  local path = helpers.tmpname(".db")
+  resil.store_config({ url = path })
+  return assert(resil.store()), path
+end
+
+describe("resil.store (SQLite)", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.log.level("error")
+  end)
+  after_each(function() resil.log.level("info") end)
+
+  it("creates its file on first use, with WAL, and checks out as intact", function()
+    local s, path = fresh_store()
+    assert.are.equal("sqlite", s.kind)
+    assert.is_true(s:set("x", "1"))
+    assert.is_not_nil(io.open(path .. "-wal"))
+    assert.are.equal("ok", s.backend:integrity_check())
+  end)
+
+  it("get/set/del/incr with TTL", function()
+    local s = fresh_store()
+    assert.is_true(s:set("greeting", "hello", 10))
+    assert.are.equal("hello", s:get("greeting"))
+    assert.are.equal(3, s:incr("hits", 3, 5))
+    assert.are.equal(4, s:incr("hits"))
+    resil.sleep(6)
+    assert.are.equal(1, s:incr("hits")) -- expired, started over
+    resil.sleep(5)
+    assert.is_nil(s:get("greeting"))
+    assert.is_true(s:set("k", "v"))
+    assert.is_true(s:del("k"))
+    assert.is_nil(s:get("k"))
+    assert.has_error(function() s:set("t", {}) end)
+  end)
+
+  it("group commit: what many tasks write in one turn is one transaction", function()
+    local s = fresh_store()
+    local before = s:stats().commits
+    local tasks = {}
+    for i = 1, 50 do tasks[i] = resil.spawn(function() return s:set("k" .. i, tostring(i)) end) end
+    for i = 1, 50 do assert.are.same({ true, true }, { tasks[i]:join() }) end
+    assert.are.equal(1, s:stats().commits - before)
+    assert.are.equal("50", s:get("k50"))
+  end)
+end)
+
+describe("resil.once", function()
+  local calls
+  local function work(x)
+    calls = calls + 1
+    resil.sleep(1)
+    return x * 2, { note = "ok" }
+  end
+
+  before_each(function()
+    resil.clock.virtual()
+    resil.log.level("error")
+    fresh_store()
+    calls = 0
+  end)
+  after_each(function() resil.log.level("info") end)
+
+  it("runs fn once and replays its stored result", function()
+    assert.are.same({ 42, { note = "ok" } }, { resil.once("job-1", work, 21) })
+    assert.are.same({ 42, { note = "ok" } }, { resil.once("job-1", work, 21) })
+    assert.are.equal(1, calls)
+    assert.are.equal("integer", math.type((resil.once("job-1", work, 21))))
+  end)
+
+  it("callers in the same process wait for the one running it", function()
+    local tasks = {}
+    for i = 1, 5 do tasks[i] = resil.spawn(resil.once, "job-2", work, 5) end
+    for i = 1, 5 do assert.are.same({ true, 10, { note = "ok" } }, { tasks[i]:join() }) end
+    assert.are.equal(1, calls)
+  end)
+
+  it("says in_progress after a bounded wait when another process holds a fresh lease", function()
+    local s = resil.store()
+    assert.are.equal("claimed", s.backend:once_claim("job-3", resil.hash("[]"), "other-process", 300, 86400,
+      resil.store_now()))
+    local t0 = resil.now()
+    local res, err = resil.once({ key = "job-3", wait = 5, fingerprint = resil.hash("[]") }, work)
+    assert.is_nil(res)
+    assert.are.equal("in_progress", err.kind)
+    assert.is_true(resil.now() - t0 <= 5)
+    assert.are.equal(0, calls)
+  end)
+
+  it("takes over a stale lease", function()
+    local s = resil.store()
+    s.backend:once_claim("job-4", resil.hash(resil.json.encode(table.pack(7))), "dead-process", 2, 86400,
+      resil.store_now())
+    resil.sleep(3)
+    assert.are.equal(14, (resil.once({ key = "job-4", lease = 2 }, work, 7)))
+    assert.are.equal(1, calls)
+  end)
+
+  it("refuses the same key with different arguments: key_reused", function()
+    resil.once("job-5", work, 1)
+    local res, err = resil.once("job-5", work, 2)
+    assert.is_nil(res)
+    assert.are.equal("key_reused", err.kind)
+    assert.are.equal(1, calls)
+  end)
+
+  it("stores and replays a permanent failure; releases the key after a retryable one", function()
+    local function refuse()
+      calls = calls + 1
+      return nil, resil.error("bad_request", "prompt refused", { status = 400, retryable = false })
+    end
+    local _, e1 = resil.once("job-6", refuse)
+    local _, e2 = resil.once("job-6", refuse)
+    assert.are.equal(1, calls)
+    assert.are.equal("bad_request", e2.kind)
+    assert.are.equal(400, e2.status)
+    assert.are.equal(tostring(e1), tostring(e2))
+
+    local function flaky()
+      calls = calls + 1
+      if calls < 2 then return nil, resil.error("server_error", "503", { retryable = true }) end
+      return "finally"
+    end
+    calls = 0
+    assert.is_nil((resil.once("job-7", flaky)))
+    assert.are.equal("finally", (resil.once("job-7", flaky)))
+    assert.are.equal("finally", (resil.once("job-7", flaky)))
+    assert.are.equal(2, calls)
+  end)
+
+  it("releases the key when fn raises", function()
+    assert.has_error(function() resil.once("job-8", function() calls = calls + 1; error("bug") end) end)
+    assert.are.equal("fine", (resil.once("job-8", function() calls = calls + 1; return "fine" end)))
+    assert.are.equal(2, calls)
+  end)
+
+  it("reaps records past their retention", function()
+    resil.once({ key = "job-9", retention = 10 }, work, 1)
+    resil.sleep(11)
+    assert.are.equal(1, resil.once_reap())
+    resil.once({ key = "job-9", retention = 10 }, work, 1)
+    assert.are.equal(2, calls)
+  end)
+
+  it("sends its key as Idempotency-Key through a provider that asks for it", function()
+    local call = require "policies.call"
+    local m = resil.mock.start({})
+    local p = call.provider("once-spec", { request = { method = "POST", url = m.url .. "/v1/chat/completions" },
+                                           idempotency = true })
+    assert(resil.once("order-77", function() return (assert(p({ json = { messages = {} } })).status) end))
+    assert.are.equal(1, m:stats().keys["order-77"])
+    m:stop()
+  end)
+end)
+
+describe("resil.cost", function()
+  before_each(function()
+    resil.clock.virtual()
+    fresh_store()
+  end)
+
+  it("records a durable ledger with totals and breakdowns", function()
+    resil.cost.record({ provider = "openai", model = "gpt-4o", operation = "chat", user = "u1", usd = 0.25,
+                        units = { input_tokens = 100, output_tokens = 50 } })
+    resil.cost.record({ provider = "openai", model = "gpt-4o-mini", user = "u2", usd = 0.05 })
+    resil.cost.record({ provider = "replicate", model = "flux", user = "u1", usd = 1.1 })
+    assert.are.equal(1.4, resil.cost.total())
+    assert.are.equal(1.35, resil.cost.total({ user = "u1" }))
+    local by = resil.cost.breakdown("provider")
+    assert.are.same({ key = "replicate", usd = 1.1, calls = 1 }, by[1])
+    assert.are.same({ key = "openai", usd = 0.3, calls = 2 }, by[2])
+    assert.are.equal(1, #resil.cost.breakdown("day"))
+    assert.has_error(function() resil.cost.record({ usd = -1 }) end)
+  end)
+
+  it("a record with the same id is kept once", function()
+    resil.cost.record({ provider = "p", usd = 1, id = "charge-1" })
+    resil.cost.record({ provider = "p", usd = 1, id = "charge-1" })
+    assert.are.equal(1, resil.cost.total())
+  end)
+end)
+
+describe("resil.budget", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.log.level("error")
+    fresh_store()
+  end)
+  after_each(function() resil.log.level("info") end)
+
+  it("1000 concurrent reservations of $0.10 against $5 admit exactly 50", function()
+    local b = resil.budget("concurrent", { limit = 5 })
+    local admitted, refused = 0, 0
+    resil.map(resil.spawn and (function()
+      local t = {}
+      for i = 1, 1000 do t[i] = i end
+      return t
+    end)(), function()
+      local ticket, err = b:reserve(0.10)
+      if ticket then admitted = admitted + 1 else
+        assert.are.equal("budget_exceeded", err.kind)
+        refused = refused + 1
+      end
+      return true
+    end, { concurrency = 1000 })
+    assert.are.equal(50, admitted)
+    assert.are.equal(950, refused)
+    assert.are.same({ spent = 0, reserved = 5, limit = 5, period = "all" }, b:state())
+  end)
+
+  it("settle replaces the reservation by the actual cost, once", function()
+    local b = resil.budget("settle", { limit = 1 })
+    local t = assert(b:reserve(0.6))
+    assert.is_true(t:settle(0.4, { provider = "openai" }))
+    assert.is_false(t:settle(0.4))
+    assert.are.same({ spent = 0.4, reserved = 0, limit = 1, period = "all" }, b:state())
+    assert.are.equal(0.4, resil.cost.total({ budget = "settle" }))
+    assert.is_truthy(b:reserve(0.6))
+  end)
+
+  it("release frees the reservation; an expired one stops counting", function()
+    local b = resil.budget("expiry", { limit = 1, hold = 10 })
+    local t = assert(b:reserve(1))
+    assert.is_nil((b:reserve(0.5)))
+    assert.is_true(t:release())
+    assert.is_truthy(b:reserve(0.9))
+    resil.sleep(11)
+    assert.is_truthy(b:reserve(1))
+  end)
+
+  it("per day: a new day starts a new period", function()
+    local b = resil.budget("daily", { limit = 1, per = "day" })
+    assert(b:reserve(1)):settle(1)
+    assert.is_nil((b:reserve(0.01)))
+    resil.sleep(86400)
+    assert.is_truthy(b:reserve(1))
+  end)
+end)
