@@ -46,4 +46,37 @@ function helpers.run_script(source, opts, args)
   return r
 end
 
+-- Start a script in the background: -> pid, path of its combined output.
+function helpers.start(source, opts, args)
+  local script = helpers.write(helpers.tmpname(".lua"), source)
+  local out = helpers.tmpname(".out")
+  local pidfile = helpers.tmpname(".pid")
+  os.execute(("%s %s %s %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, opts or "", script, args or "", out,
+    pidfile))
+  local pid = helpers.slurp(pidfile):match("%d+")
+  os.remove(pidfile)
+  return pid, out
+end
+
+-- Wait (real time, inside the host) until cond() holds; false after `seconds`.
+function helpers.wait_until(cond, seconds)
+  local resil = require "resil"
+  local deadline = resil.clock.wall() + (seconds or 10)
+  while resil.clock.wall() < deadline do
+    if cond() then return true end
+    resil.sleep(0.01)
+  end
+  return cond() and true or false
+end
+
+-- A process that exited but is not reaped yet (a zombie) counts as gone.
+function helpers.alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("a")
+  f:close()
+  local state = stat:match("^%d+ %b() (%a)")
+  return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
 return helpers

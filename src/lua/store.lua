@@ -121,6 +121,8 @@ local function decode_values(text)
   return out
 end
 
+local run -- the current run: { id =, seq = { [scope] = n } }, once a step has run
+
 -- ---------- idempotency ----------
 
 local inflight = {} -- key -> the child task running fn in this process
@@ -136,7 +138,7 @@ local function is_permanent(err)
   return false
 end
 
-local function run_once(s, key, lease, retention, fn, ...)
+local function run_once(s, owner, key, lease, retention, fn, ...)
   resil.context({ idempotency_key = key })
   local r = pack(pcall(fn, ...))
   local now = store_now()
@@ -172,6 +174,9 @@ function resil.once(spec, fn, ...)
   if type(fn) ~= "function" then error("resil.once: fn must be a function", 2) end
   local s = store_or_raise(2)
   local fingerprint = o.fingerprint or fingerprint_of(...)
+  -- inside a checkpointed run the run owns the lease: a re-run after a crash
+  -- takes over its dead predecessor's lease at once instead of waiting it out
+  local holder_id = run and ("run:" .. run.id) or owner
   local lease, retention = o.lease or 300, o.retention or 86400
   local deadline = resil.now() + (o.wait or 30)
   local poll = 0.05
@@ -183,7 +188,7 @@ function resil.once(spec, fn, ...)
         return nil, resil.error("in_progress", ("once %s: still running in this process"):format(key), { key = key })
       end
     end
-    local state, data = s.backend:once_claim(key, fingerprint, owner, lease, retention, store_now())
+    local state, data = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, store_now())
     if state == nil then return nil, data end -- the store is unavailable
     if state == "done" then
       local r = decode_values(data)
@@ -192,7 +197,7 @@ function resil.once(spec, fn, ...)
       return nil, resil.error("key_reused", ("once %s: the key was used with different arguments"):format(key),
         { key = key })
     elseif state == "claimed" then
-      local child = resil.spawn(run_once, s, key, lease, retention, fn, ...)
+      local child = resil.spawn(run_once, s, holder_id, key, lease, retention, fn, ...)
       inflight[key] = child
       local r = pack(child:join())
       if inflight[key] == child then inflight[key] = nil end
@@ -216,7 +221,6 @@ end
 
 -- ---------- runs and steps ----------
 
-local run -- the current run: { id =, seq = { [scope] = n } }
 
 local function default_run_id()
   local script = config.script or "(script)"

@@ -111,7 +111,7 @@ function B:once_claim(key, fingerprint, owner, lease, retention, now)
     end
     if row.fingerprint ~= fingerprint then return "key_reused" end
     if row.state == "done" then return "done", row.result end
-    if row.locked_at + lease <= now then -- a stale lease: its holder died or hung
+    if row.locked_at + lease <= now or row.owner == owner then -- stale, or ours from before a crash
       tx:exec("UPDATE idempotency SET owner = ?, locked_at = ? WHERE key = ?", owner, now, key)
       return "claimed", "takeover"
     end

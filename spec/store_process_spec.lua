@@ -1,0 +1,137 @@
+-- The store across real processes sharing one SQLite file: resumed runs,
+-- budgets reserved from four processes at once, a holder killed with
+-- SIGKILL, idempotency held by another process.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local function sh(cmd) return helpers.run(cmd) end
+
+describe("checkpointed runs (resil.step) in real processes", function()
+  local pipeline = [[
+local resil = require "resil"
+local log = assert(io.open(arg[1], "a"))
+for i = 1, 5 do
+  resil.step("step " .. i, function()
+    log:write("ran ", i, "\n"); log:flush()
+    if os.getenv("FAIL_AT") == tostring(i) then error("step " .. i .. " failed") end
+    return i * 10
+  end)
+end
+local items = resil.map({ "a", "b", "c" }, function(x)
+  return resil.step("item", function() log:write("item ", x, "\n"); log:flush(); return x:upper() end)
+end)
+print("done", table.concat(items, ","), resil.run.resumed())
+]]
+
+  it("a re-run of a failed command resumes: done steps are skipped and return their results", function()
+    local db, log = helpers.tmpname(".db"), helpers.tmpname(".log")
+    local script = helpers.write(helpers.tmpname(".lua"), pipeline)
+    local first = sh(("FAIL_AT=3 %s --store %s --log-level off %s %s"):format(helpers.resil, db, script, log))
+    assert.are.equal(1, first.code)
+    assert.matches("step 3 failed", first.stderr)
+    local second = sh(("%s --store %s --log-level off %s %s"):format(helpers.resil, db, script, log))
+    assert.are.equal(0, second.code, second.stderr)
+    assert.are.equal("done\tA,B,C\ttrue\n", second.stdout)
+    assert.are.equal("ran 1\nran 2\nran 3\nran 3\nran 4\nran 5\nitem a\nitem b\nitem c\n", helpers.slurp(log))
+    local again = sh(("%s --store %s --log-level off %s %s"):format(helpers.resil, db, script, log))
+    assert.are.equal("done\tA,B,C\ttrue\n", again.stdout)
+    assert.are.equal(9, select(2, helpers.slurp(log):gsub("\n", ""))) -- nothing ran again
+
+    local runs = sh(("%s runs --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, runs.code, runs.stderr)
+    assert.matches("done%s+8", runs.stdout)
+    local id = runs.stdout:match("\n(%S+)%s+done")
+    local show = sh(("%s runs show %s --store %s"):format(helpers.resil, id, db))
+    assert.matches("step 5", show.stdout)
+    assert.matches("\n3%s+1%s+item", show.stdout)
+  end)
+
+  it("stops with a divergence error when the script changed under a run; --fresh starts over", function()
+    local db, log = helpers.tmpname(".db"), helpers.tmpname(".log")
+    local script = helpers.write(helpers.tmpname(".lua"), pipeline)
+    assert.are.equal(0, sh(("%s --store %s --run r1 --log-level off %s %s"):format(helpers.resil, db, script, log)).code)
+    local changed = helpers.write(helpers.tmpname(".lua"), pipeline:gsub('"step " %.%. i', '"stage " .. i'))
+    local r = sh(("%s --store %s --run r1 --log-level off %s %s"):format(helpers.resil, db, changed, log))
+    assert.are.equal(1, r.code)
+    assert.matches("divergence: run r1 diverged at step 1: recorded 'step 1', now 'stage 1'", r.stderr)
+    r = sh(("%s --store %s --run r1 --fresh --log-level off %s %s"):format(helpers.resil, db, changed, log))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("done\tA,B,C\tfalse\n", r.stdout)
+  end)
+end)
+
+describe("budgets across processes", function()
+  it("1000 reservations of $0.10 from 4 processes against $5 admit exactly 50", function()
+    local db = helpers.tmpname(".db")
+    local source = [[
+local resil = require "resil"
+local b = resil.budget("shared-5", { limit = 5 })
+local go = tonumber(arg[1])
+while resil.clock.wall() < go do resil.sleep(0.005) end -- start together
+local items = {}
+for i = 1, 250 do items[i] = i end
+local admitted = 0
+resil.map(items, function()
+  if b:reserve(0.10) then admitted = admitted + 1 end
+  return true
+end, { concurrency = 250 })
+print(admitted)
+]]
+    local go = resil.clock.wall() + 0.5
+    local procs = {}
+    for i = 1, 4 do procs[i] = { helpers.start(source, "--store " .. db .. " --log-level off", tostring(go)) } end
+    local total = 0
+    for i = 1, 4 do
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(procs[i][1]) end, 60))
+      local out = helpers.slurp(procs[i][2])
+      total = total + assert(tonumber(out:match("^(%d+)")), out)
+    end
+    assert.are.equal(50, total)
+  end)
+
+  it("a holder killed mid-reservation: its reservation expires, then nothing is refused", function()
+    local db = helpers.tmpname(".db")
+    local pid, out = helpers.start([[
+local resil = require "resil"
+assert(resil.budget("killed", { limit = 5, hold = 1 }):reserve(5))
+print("reserved"); io.stdout:flush()
+resil.sleep(3600)
+]], "--store " .. db .. " --log-level off")
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("reserved") end, 10))
+    os.execute("kill -KILL " .. pid)
+    local check = [[
+local resil = require "resil"
+local t0 = resil.clock.wall()
+local first = resil.budget("killed", { limit = 5, hold = 1 }):reserve(1)
+local admitted_after
+for _ = 1, 1000 do
+  if resil.budget("killed"):reserve(1) then admitted_after = resil.clock.wall() - t0 break end
+  resil.sleep(0.01)
+end
+print(first == nil, admitted_after ~= nil)
+]]
+    local r = helpers.run_script(check, "--store " .. db .. " --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\ttrue\n", r.stdout)
+  end)
+end)
+
+describe("idempotency across processes", function()
+  it("another process sees in_progress while the holder runs, then its stored result", function()
+    local db = helpers.tmpname(".db")
+    local pid, out = helpers.start([[
+local resil = require "resil"
+print(resil.once("shared-job", function() print("claimed"); io.stdout:flush(); resil.sleep(1); return "made by A" end))
+]], "--store " .. db .. " --log-level off")
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("claimed") end, 10))
+    local r = helpers.run_script([[
+local resil = require "resil"
+local v, err = resil.once({ key = "shared-job", wait = 0.2 }, function() return "made by B" end)
+print(v, err and err.kind)
+print(resil.once({ key = "shared-job", wait = 10 }, function() return "made by B" end))
+]], "--store " .. db .. " --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("nil\tin_progress\nmade by A\n", r.stdout)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+  end)
+end)
