@@ -176,7 +176,8 @@ function resil.once(spec, fn, ...)
   local fingerprint = o.fingerprint or fingerprint_of(...)
   -- inside a checkpointed run the run owns the lease: a re-run after a crash
   -- takes over its dead predecessor's lease at once instead of waiting it out
-  local holder_id = run and ("run:" .. run.id) or owner
+  local run_prefix = run and ("run:" .. run.id .. ":")
+  local holder_id = run_prefix and (run_prefix .. owner) or owner
   local lease, retention = o.lease or 300, o.retention or 86400
   local deadline = resil.now() + (o.wait or 30)
   local poll = 0.05
@@ -188,7 +189,7 @@ function resil.once(spec, fn, ...)
         return nil, resil.error("in_progress", ("once %s: still running in this process"):format(key), { key = key })
       end
     end
-    local state, data = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, store_now())
+    local state, data = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, store_now(), run_prefix)
     if state == nil then return nil, data end -- the store is unavailable
     if state == "done" then
       local r = decode_values(data)

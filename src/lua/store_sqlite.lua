@@ -97,7 +97,13 @@ end
 -- ---------- idempotency ----------
 
 -- -> "claimed" | "done", result | "in_progress", locked_at | "key_reused"
-function B:once_claim(key, fingerprint, owner, lease, retention, now)
+-- A lease is taken over when stale, or when it belongs to an earlier
+-- incarnation of the same run (owner starts with run_prefix: it crashed).
+local function predecessor(row_owner, owner, run_prefix)
+  return run_prefix ~= nil and row_owner ~= owner and row_owner:sub(1, #run_prefix) == run_prefix
+end
+
+function B:once_claim(key, fingerprint, owner, lease, retention, now, run_prefix)
   return self.db:tx(function(tx)
     local row = tx:row("SELECT * FROM idempotency WHERE key = ?", key)
     if row and row.expires_at <= now then
@@ -111,7 +117,7 @@ function B:once_claim(key, fingerprint, owner, lease, retention, now)
     end
     if row.fingerprint ~= fingerprint then return "key_reused" end
     if row.state == "done" then return "done", row.result end
-    if row.locked_at + lease <= now or row.owner == owner then -- stale, or ours from before a crash
+    if row.locked_at + lease <= now or predecessor(row.owner, owner, run_prefix) then
       tx:exec("UPDATE idempotency SET owner = ?, locked_at = ? WHERE key = ?", owner, now, key)
       return "claimed", "takeover"
     end
