@@ -3,7 +3,7 @@ PREFIX   ?= /usr/local
 DESTDIR  ?=
 BUILD    ?= build
 CC       ?= cc
-PKGS      = lua5.4 lua5.4-cjson libcurl libevent sqlite3
+PKGS      = lua5.4 lua5.4-cjson libcurl libevent sqlite3 hiredis
 DEB_PKGS  = build-essential pkg-config liblua5.4-dev lua-cjson-dev libcurl4-openssl-dev libevent-dev \
             libhiredis-dev libsqlite3-dev lua-busted redis-server nginx-light openssl ca-certificates
 
@@ -17,7 +17,7 @@ CFLAGS     += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC $
 LDFLAGS    += $(SAN)
 LDLIBS     += $(PKG_LIBS) -lm
 
-LIB_SRC  = src/resil.c src/loop.c src/http.c src/json.c src/log.c src/server.c src/bucket.c src/breaker.c src/semaphore.c src/reload.c src/store_sqlite.c src/blobs.c
+LIB_SRC  = src/resil.c src/loop.c src/http.c src/json.c src/log.c src/server.c src/bucket.c src/breaker.c src/semaphore.c src/reload.c src/store_sqlite.c src/store_redis.c src/blobs.c
 LIB_OBJ  = $(LIB_SRC:src/%.c=$(BUILD)/%.o)
 LUA_SRC  = $(wildcard src/lua/*.lua)
 BIN      = $(if $(filter build,$(BUILD)),resil-lua,$(BUILD)/resil-lua)

@@ -119,6 +119,7 @@ int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
 int luaopen_resil_reload(lua_State *L);
 int luaopen_resil_sqlite(lua_State *L);
+int luaopen_resil_redis(lua_State *L);
 
 /* the Lua half of the host, compiled in from src/lua/ */
 extern const char resil_prelude_lua[];

@@ -236,6 +236,7 @@ static const struct {
   {NULL, luaopen_resil_semaphore},
   {NULL, luaopen_resil_reload},
   {"sqlite", luaopen_resil_sqlite},
+  {"redis", luaopen_resil_redis},
 };
 
 static int l_error(lua_State *L) {

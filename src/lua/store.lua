@@ -447,3 +447,177 @@ end
 function Ticket:release()
   return self.store.backend:budget_release(self.id)
 end
+
+-- ---------- shared limits: {shared = true} ----------
+-- A shared bucket or breaker keeps its state in the store, so several
+-- processes (or machines, on Redis) respect one limit. When the store is
+-- unreachable, a shared bucket falls back to a local bucket with the same
+-- rate (logged once), and a shared breaker to its local window: limits
+-- degrade to per-process, calls are not refused for the store's sake.
+
+local local_bucket, local_breaker = resil.bucket, resil.breaker
+local shared_buckets, shared_breakers = {}, {}
+
+local SharedBucket = {}
+SharedBucket.__index = SharedBucket
+
+local function warn_once(obj, err)
+  if not obj.warned then
+    obj.warned = true
+    resil.log.warn("store unavailable: shared limit falls back to a local one",
+      { name = obj.name, error = tostring(err) })
+  end
+end
+
+function SharedBucket:configure(opts)
+  local rate, per = opts.rate or self.rate, opts.per or self.per or 1
+  if type(rate) ~= "number" or rate <= 0 then error(("bucket '%s': rate must be a positive number"):format(self.name), 3) end
+  self.rate, self.per, self.burst = rate, per, opts.burst or self.burst or rate
+  self.interval = per / rate
+  self.tolerance = self.burst * self.interval
+  self.fallback = local_bucket(self.name .. ":local", { rate = rate, per = per, burst = self.burst })
+end
+
+-- b:try(n) -> true, remaining | false, seconds
+function SharedBucket:try(n)
+  n = n or 1
+  if n > self.burst then return false, math.huge end
+  local s, serr = resil.store()
+  local ok, x
+  if s then ok, x = s.backend:gcra_take("bucket:" .. self.name, self.interval, self.tolerance, n, store_now()) end
+  if ok == nil then
+    warn_once(self, s and x or serr)
+    return self.fallback:try(n)
+  end
+  self.warned = false
+  return ok, x
+end
+
+-- b:acquire(n, {timeout=}) -> true, remaining | nil, err{kind="rate_limited"}
+function SharedBucket:acquire(n, opts)
+  n = n or 1
+  if n > self.burst then
+    return nil, resil.error("rate_limited", ("bucket '%s': %g tokens can never be granted (burst is %g)"):format(
+      self.name, n, self.burst), { bucket = self.name })
+  end
+  local timeout = opts and opts.timeout
+  local deadline = timeout and resil.now() + timeout
+  while true do
+    local ok, x = self:try(n)
+    if ok then return true, x end
+    if deadline and resil.now() + x > deadline then
+      return nil, resil.error("rate_limited", ("bucket '%s': %g tokens available in %.3f s"):format(self.name, n, x),
+        { retry_after = x, bucket = self.name })
+    end
+    resil.sleep(x)
+  end
+end
+
+function SharedBucket:name() return self.name end
+function SharedBucket:state()
+  return { name = self.name, rate = self.rate, per = self.per, burst = self.burst, shared = true }
+end
+
+function resil.bucket(name, opts)
+  if type(opts) == "table" and opts.shared or shared_buckets[name] then
+    local b = shared_buckets[name]
+    if not b then
+      b = setmetatable({ name = name }, SharedBucket)
+      shared_buckets[name] = b
+    end
+    if opts then b:configure(opts) end
+    return b
+  end
+  return local_bucket(name, opts)
+end
+
+local SharedBreaker = {}
+SharedBreaker.__index = SharedBreaker
+
+-- br:allow() -> true [, "probe"] | nil, err{kind="circuit_open"}
+function SharedBreaker:allow()
+  local s, serr = resil.store()
+  local ok, x
+  if s then ok, x = s.backend:breaker_probe(self.name, self.probe_for, store_now()) end
+  if ok == nil then
+    warn_once(self, s and x or serr)
+    return self.inner:allow()
+  end
+  if ok and x == "probe" then
+    self.probing = (self.probing or 0) + 1
+    return true, "probe"
+  end
+  if ok then return self.inner:allow() end
+  return nil, resil.error("circuit_open", ("breaker '%s' is open (shared) for %.3f s more"):format(self.name, x),
+    { retry_after = x, breaker = self.name })
+end
+
+-- br:record(ok, seconds); a probe's outcome closes or re-opens it for everyone
+function SharedBreaker:record(ok, seconds)
+  local s = resil.store()
+  if self.probing and self.probing > 0 then
+    self.probing = self.probing - 1
+    if ok == nil then return end
+    if ok then
+      if s then s.backend:breaker_close(self.name) end
+      self.inner:reset()
+    elseif s then
+      s.backend:breaker_open(self.name, store_now() + self.open_for, store_now())
+    end
+    return
+  end
+  local before = self.inner:state()
+  self.inner:record(ok, seconds)
+  if before ~= "open" and self.inner:state() == "open" and s then
+    s.backend:breaker_open(self.name, store_now() + self.open_for, store_now())
+  end
+end
+
+function SharedBreaker:state()
+  local s = resil.store()
+  local open_until = s and s.backend:breaker_get(self.name, store_now())
+  if open_until then return open_until > store_now() and "open" or "half_open" end
+  return self.inner:state()
+end
+
+function SharedBreaker:call(fn, ...)
+  local ok, err = self:allow()
+  if not ok then return nil, err end
+  local start = resil.now()
+  local r = pack(pcall(fn, ...))
+  local elapsed = resil.now() - start
+  if not r[1] then
+    self:record(false, elapsed)
+    error(r[2], 0)
+  end
+  self:record(not (r[2] == nil and r.n > 2 and r[3] ~= nil), elapsed)
+  return unpack(r, 2, r.n)
+end
+
+function SharedBreaker:name() return self.name end
+function SharedBreaker:on(...) return self.inner:on(...) end
+function SharedBreaker:stats() return self.inner:stats() end
+function SharedBreaker:reset()
+  local s = resil.store()
+  if s then s.backend:breaker_close(self.name) end
+  self.inner:reset()
+end
+
+function resil.breaker(name, opts)
+  if type(opts) == "table" and opts.shared or shared_breakers[name] then
+    local br = shared_breakers[name]
+    if not br then
+      br = setmetatable({ name = name }, SharedBreaker)
+      shared_breakers[name] = br
+    end
+    if opts then
+      local o = {}
+      for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
+      br.inner = local_breaker(name .. ":local", o)
+      br.open_for = opts.open_for or 30
+      br.probe_for = opts.probe_timeout or 60 -- a probe that never reports frees its slot after this
+    end
+    return br
+  end
+  return local_breaker(name, opts)
+end

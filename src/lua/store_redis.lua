@@ -1,5 +1,444 @@
--- The Redis backend (hiredis on libevent): filled in below.
+-- The Redis backend: each compound operation is one server-side script, so
+-- it is atomic across processes and machines; scripts are loaded once and
+-- run by SHA. Times come from the caller (store time), money is integer
+-- micro-dollars. The scripts run in Redis's own Lua (5.1): numbers that may
+-- be fractional go back as strings.
 local resil = ...
+
 local R = {}
-function R.open(url) return nil, resil.error("store_unavailable", "redis backend not available: " .. url) end
+R.__index = R
+
+local P = "resil:"
+
+local scripts = {}
+
+scripts.kv_get = [[
+return redis.call('GET', KEYS[1])
+]]
+
+scripts.kv_incr = [[
+local v = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000))
+end
+return v
+]]
+
+-- KEYS[1] record; ARGV: fingerprint, owner, lease, retention, now, run_prefix
+scripts.once_claim = [[
+local fp, owner, lease, retention, now, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6]
+local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'owner', 'locked_at', 'result')
+if not r[2] then
+  redis.call('HSET', KEYS[1], 'fingerprint', fp, 'state', 'running', 'owner', owner, 'locked_at', ARGV[5],
+    'created_at', ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], math.floor(retention * 1000))
+  return {'claimed'}
+end
+if r[1] ~= fp then return {'key_reused'} end
+if r[2] == 'done' then return {'done', r[5]} end
+local predecessor = prefix ~= '' and r[3] ~= owner and string.sub(r[3], 1, #prefix) == prefix
+if tonumber(r[4]) + lease <= now or predecessor then
+  redis.call('HSET', KEYS[1], 'owner', owner, 'locked_at', ARGV[5])
+  return {'claimed', 'takeover'}
+end
+return {'in_progress', r[4]}
+]]
+
+scripts.once_finish = [[
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'result', ARGV[2])
+redis.call('HDEL', KEYS[1], 'locked_at')
+redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000))
+return 1
+]]
+
+scripts.once_release = [[
+local r = redis.call('HMGET', KEYS[1], 'owner', 'state')
+if r[1] == ARGV[1] and r[2] == 'running' then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+]]
+
+-- KEYS: run hash, steps hash, runs index; ARGV: id, script, fresh, now
+scripts.run_start = [[
+if ARGV[3] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
+local steps = redis.call('HGET', KEYS[1], 'steps')
+if steps then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[4])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+  return tonumber(steps)
+end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'script', ARGV[2], 'status', 'running', 'steps', '0',
+  'created_at', ARGV[4], 'updated_at', ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+return 0
+]]
+
+-- KEYS: run hash, steps hash; ARGV: field, json, now
+scripts.step_put = [[
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'steps', 1)
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+return 1
+]]
+
+-- KEYS: ledger list, dedupe set; ARGV: dedupe ('' for none), json
+local insert_cost = [[
+local function insert_cost(ledger, dedupe_set, dedupe, entry)
+  if dedupe ~= '' and redis.call('SADD', dedupe_set, dedupe) == 0 then return 0 end
+  redis.call('RPUSH', ledger, entry)
+  return 1
+end
+]]
+scripts.cost_record = insert_cost .. [[
+return insert_cost(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+]]
+
+-- Expired reservations stop counting: drop them from the sum.
+local budget_sweep = [[
+local function sweep(res_z, amounts, total_key, now)
+  local expired = redis.call('ZRANGEBYSCORE', res_z, '-inf', now)
+  for _, t in ipairs(expired) do
+    local a = redis.call('HGET', amounts, t)
+    if a then redis.call('DECRBY', total_key, a); redis.call('HDEL', amounts, t) end
+    redis.call('ZREM', res_z, t)
+  end
+end
+]]
+
+-- KEYS: spent, reserved total, reservations zset, amounts hash, ticket hash
+-- ARGV: limit, estimate, ticket, expires_at, now, budget, period
+scripts.budget_reserve = budget_sweep .. [[
+sweep(KEYS[3], KEYS[4], KEYS[2], ARGV[5])
+local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+local reserved = tonumber(redis.call('GET', KEYS[2]) or '0')
+local est = tonumber(ARGV[2])
+if spent + reserved + est > tonumber(ARGV[1]) then return {0, spent, reserved} end
+redis.call('INCRBY', KEYS[2], est)
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[3], est)
+redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7])
+return {1, spent, reserved + est}
+]]
+
+scripts.budget_usage = budget_sweep .. [[
+sweep(KEYS[3], KEYS[4], KEYS[2], ARGV[1])
+return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0')}
+]]
+
+-- KEYS: spent, reserved total, reservations zset, amounts hash, ticket hash, ledger, dedupe set
+-- ARGV: ticket, micro_usd, dedupe, entry json
+scripts.budget_settle = insert_cost .. [[
+if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
+local a = redis.call('HGET', KEYS[4], ARGV[1])
+if a then redis.call('DECRBY', KEYS[2], a); redis.call('HDEL', KEYS[4], ARGV[1]) end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[5], 'state', 'settled')
+redis.call('INCRBY', KEYS[1], ARGV[2])
+insert_cost(KEYS[6], KEYS[7], ARGV[3], ARGV[4])
+return 1
+]]
+
+scripts.budget_release = [[
+if redis.call('HGET', KEYS[5], 'state') ~= 'held' then return 0 end
+local a = redis.call('HGET', KEYS[4], ARGV[1])
+if a then redis.call('DECRBY', KEYS[2], a); redis.call('HDEL', KEYS[4], ARGV[1]) end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[5], 'state', 'released')
+return 1
+]]
+
+-- GCRA: KEYS[1] tat; ARGV: interval, tolerance, n, now
+scripts.gcra_take = [[
+local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
+if tat < now then tat = now end
+local new_tat = tat + n * interval
+local wait = new_tat - now - tolerance
+if wait > 1e-6 then return {0, tostring(wait)} end
+redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
+return {1, tostring(math.floor((tolerance - (new_tat - now)) / interval + 1e-9))}
+]]
+
+-- KEYS[1] breaker hash; ARGV: probe_for, now
+scripts.breaker_probe = [[
+local r = redis.call('HMGET', KEYS[1], 'open_until', 'probe_until')
+if not r[1] then return {1, ''} end
+local now = tonumber(ARGV[2])
+if tonumber(r[1]) > now then return {0, tostring(tonumber(r[1]) - now)} end
+if r[2] and tonumber(r[2]) > now then return {0, tostring(tonumber(r[2]) - now)} end
+redis.call('HSET', KEYS[1], 'probe_until', tostring(now + tonumber(ARGV[1])))
+return {1, 'probe'}
+]]
+
+-- ---------- plumbing ----------
+
+local function parse_url(url)
+  local scheme, rest = url:match("^(rediss?)://(.*)$")
+  if scheme == "rediss" then return nil, "redis: TLS (rediss://) needs hiredis >= 1.0; this build has no TLS" end
+  local password
+  local userinfo, hostpart = rest:match("^(.*)@(.*)$")
+  if userinfo then
+    password = userinfo:match("^[^:]*:(.*)$") or userinfo
+    rest = hostpart
+  end
+  local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
+  if not host then return nil, "redis: cannot read URL " .. url .. " (redis://[:password@]host:port/db)" end
+  return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, password = password }
+end
+
+function R.open(url)
+  local o, err = parse_url(url)
+  if not o then return nil, resil.error("store_unavailable", err) end
+  local conn = resil.redis.connect(o)
+  return setmetatable({ conn = conn, url = url, kind = "redis", shas = {}, commits = 0, ops = 0 }, R)
+end
+
+function R:stats() return { commits = self.commits, ops = self.ops, connected = self.conn:connected() } end
+
+-- run a named script by SHA, loading it on first use or after a flush
+function R:script(name, keys, ...)
+  local args = { "EVALSHA", false, #keys }
+  for i = 1, #keys do args[#args + 1] = keys[i] end
+  for i = 1, select("#", ...) do args[#args + 1] = (select(i, ...)) end
+  self.ops = self.ops + 1
+  local sha, reply, err = self.shas[name], nil, nil
+  if sha then
+    args[2] = sha
+    reply, err = self.conn:call(table.unpack(args))
+    if reply ~= nil or not (err and tostring(err.message):match("NOSCRIPT")) then return reply, err end
+  end
+  sha, err = self.conn:call("SCRIPT", "LOAD", scripts[name])
+  if not sha then return nil, err end
+  self.shas[name] = sha
+  args[2] = sha
+  return self.conn:call(table.unpack(args))
+end
+
+local function ok_or(reply, err)
+  if reply == nil then return nil, err end
+  return reply
+end
+
+-- ---------- key/value ----------
+
+function R:kv_get(key)
+  local v, err = self.conn:call("GET", P .. "kv:" .. key)
+  if v == nil then return nil, err end
+  return v or nil
+end
+
+function R:kv_set(key, value, ttl)
+  local reply, err
+  if ttl then reply, err = self.conn:call("SET", P .. "kv:" .. key, value, "PX", math.floor(ttl * 1000))
+  else reply, err = self.conn:call("SET", P .. "kv:" .. key, value) end
+  if reply == nil then return nil, err end
+  return true
+end
+
+function R:kv_del(key)
+  local n, err = self.conn:call("DEL", P .. "kv:" .. key)
+  if n == nil then return nil, err end
+  return n > 0
+end
+
+function R:kv_incr(key, n, ttl)
+  local v, err = self:script("kv_incr", { P .. "kv:" .. key }, n, ttl or "")
+  if v == nil then return nil, err end
+  local x = tonumber(v)
+  return math.tointeger(x) or x
+end
+
+-- ---------- idempotency ----------
+
+function R:once_claim(key, fingerprint, owner, lease, retention, now, run_prefix)
+  local r, err = self:script("once_claim", { P .. "once:" .. key }, fingerprint, owner, lease, retention,
+    string.format("%.6f", now), run_prefix or "")
+  if r == nil then return nil, err end
+  local data = r[2]
+  if data == false then data = nil end
+  if r[1] == "in_progress" then data = tonumber(data) end
+  return r[1], data
+end
+
+function R:once_finish(key, owner, result, retention)
+  local n, err = self:script("once_finish", { P .. "once:" .. key }, owner, result, retention)
+  if n == nil then return nil, err end
+  return n == 1
+end
+
+function R:once_release(key, owner)
+  local n, err = self:script("once_release", { P .. "once:" .. key }, owner)
+  if n == nil then return nil, err end
+  return n == 1
+end
+
+function R:once_reap() return 0 end -- records expire by themselves (PEXPIRE)
+
+-- ---------- runs and steps ----------
+
+local function run_keys(id) return { P .. "run:" .. id, P .. "steps:" .. id, P .. "runs" } end
+
+function R:run_start(id, script, fresh, now)
+  return ok_or(self:script("run_start", run_keys(id), id, script or "", fresh and "1" or "0",
+    string.format("%.6f", now)))
+end
+
+function R:run_finish_now() return true end -- a run's end needs the loop here; its steps say enough
+
+function R:step_get(run, scope, seq)
+  local v, err = self.conn:call("HGET", P .. "steps:" .. run, scope .. "|" .. seq)
+  if v == nil then return nil, err end
+  if v == false then return nil end
+  local rec = resil.json.decode(v)
+  return rec.name, rec.result
+end
+
+function R:step_put(run, scope, seq, name, result, now)
+  local keys = run_keys(run)
+  local rec = resil.json.encode({ name = name, result = result, at = now, scope = scope, seq = seq })
+  return ok_or(self:script("step_put", { keys[1], keys[2] }, scope .. "|" .. seq, rec, string.format("%.6f", now)))
+end
+
+function R:runs_list()
+  local ids, err = self.conn:call("ZREVRANGE", P .. "runs", 0, -1)
+  if not ids then return nil, err end
+  local out = {}
+  for _, id in ipairs(ids) do
+    local h = self.conn:call("HGETALL", P .. "run:" .. id) or {}
+    local row = {}
+    for i = 1, #h, 2 do row[h[i]] = tonumber(h[i + 1]) or h[i + 1] end
+    row.id = id
+    out[#out + 1] = row
+  end
+  return out
+end
+
+function R:run_steps(run)
+  local h, err = self.conn:call("HVALS", P .. "steps:" .. run)
+  if not h then return nil, err end
+  local out = {}
+  for _, v in ipairs(h) do
+    local rec = resil.json.decode(v)
+    out[#out + 1] = { scope = rec.scope, seq = rec.seq, name = rec.name, at = rec.at, bytes = #rec.result }
+  end
+  table.sort(out, function(a, b) return a.at < b.at end)
+  return out
+end
+
+-- ---------- costs ----------
+
+function R:cost_record(e)
+  local n, err = self:script("cost_record", { P .. "costs", P .. "costs:dedupe" }, e.dedupe or "",
+    resil.json.encode(e))
+  if n == nil then return nil, err end
+  return n == 1
+end
+
+local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
+
+function R:cost_query(by, filter)
+  local all, err = self.conn:call("LRANGE", P .. "costs", 0, -1)
+  if not all then return nil, err end
+  local groups, order = {}, {}
+  for _, text in ipairs(all) do
+    local e = resil.json.decode(text)
+    local keep = true
+    for _, f in ipairs(FILTERS) do
+      if filter[f] ~= nil and e[f] ~= filter[f] then keep = false end
+    end
+    if filter.since and e.at < filter.since then keep = false end
+    if filter["until"] and e.at >= filter["until"] then keep = false end
+    if keep then
+      local k = by and e[by]
+      if k == resil.json.null then k = nil end
+      local gk = k == nil and "\0" or k
+      local g = groups[gk]
+      if not g then
+        g = { key = k, micro_usd = 0, calls = 0 }
+        groups[gk] = g
+        order[#order + 1] = g
+      end
+      g.micro_usd, g.calls = g.micro_usd + e.micro_usd, g.calls + 1
+    end
+  end
+  if not by and #order == 0 then order[1] = { micro_usd = 0, calls = 0 } end
+  table.sort(order, function(a, b) return a.micro_usd > b.micro_usd end)
+  return order
+end
+
+-- ---------- budgets ----------
+
+local function budget_keys(budget, period, ticket)
+  local b = P .. "budget:" .. budget .. ":" .. period
+  return { b .. ":spent", b .. ":reserved", b .. ":holds", b .. ":amounts", P .. "ticket:" .. (ticket or "") }
+end
+
+function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now)
+  local r, err = self:script("budget_reserve", budget_keys(budget, period, ticket), limit, estimate, ticket,
+    string.format("%.6f", expires_at), string.format("%.6f", now), budget, period)
+  if r == nil then return nil, err end
+  return r[1] == 1, r[2], r[3]
+end
+
+function R:budget_usage(budget, period, now)
+  local r, err = self:script("budget_usage", budget_keys(budget, period), string.format("%.6f", now))
+  if r == nil then return nil, err end
+  return r[1], r[2]
+end
+
+function R:budget_settle(ticket, entry)
+  local keys = budget_keys(entry.budget, entry.period, ticket)
+  keys[6], keys[7] = P .. "costs", P .. "costs:dedupe"
+  local n, err = self:script("budget_settle", keys, ticket, entry.micro_usd, entry.dedupe or "",
+    resil.json.encode(entry))
+  if n == nil then return nil, err end
+  return n == 1
+end
+
+function R:budget_release(ticket)
+  local state = self.conn:call("HMGET", P .. "ticket:" .. ticket, "budget", "period")
+  if not state or not state[1] then return false end
+  local n, err = self:script("budget_release", budget_keys(state[1], state[2], ticket), ticket)
+  if n == nil then return nil, err end
+  return n == 1
+end
+
+-- ---------- shared limits ----------
+
+function R:gcra_take(key, interval, tolerance, n, now)
+  local r, err = self:script("gcra_take", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now))
+  if r == nil then return nil, err end
+  return r[1] == 1, tonumber(r[2])
+end
+
+function R:breaker_get(name, now)
+  local v, err = self.conn:call("HGET", P .. "breaker:" .. name, "open_until")
+  if v == nil then return nil, err end
+  return v and tonumber(v) or nil
+end
+
+function R:breaker_open(name, open_until, now)
+  local key = P .. "breaker:" .. name
+  local ok, err = self.conn:call("HSET", key, "open_until", string.format("%.6f", open_until))
+  if ok == nil then return nil, err end
+  self.conn:call("HDEL", key, "probe_until")
+  self.conn:call("PEXPIRE", key, math.max(1, math.floor((open_until - (now or open_until) + 3600) * 1000)))
+  return true
+end
+
+function R:breaker_probe(name, probe_for, now)
+  local r, err = self:script("breaker_probe", { P .. "breaker:" .. name }, probe_for, string.format("%.6f", now))
+  if r == nil then return nil, err end
+  if r[1] == 1 then return true, r[2] ~= "" and r[2] or nil end
+  return false, tonumber(r[2])
+end
+
+function R:breaker_close(name)
+  return ok_or(self.conn:call("DEL", P .. "breaker:" .. name))
+end
+
+function R:integrity_check() return "ok" end
+
 return R

@@ -1,0 +1,273 @@
+/*
+ * store_redis.c: a Redis connection for the store, hiredis async on the
+ * host's libevent loop. A task sends a command and waits; the reply wakes it.
+ * Nothing here blocks the loop.
+ *
+ * A lost connection fails the commands in flight with kind =
+ * "store_unavailable" and is re-established on the next command (at most one
+ * attempt per second, so an outage costs no connect storm).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <hiredis/adapters/libevent.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+
+#include "host.h"
+
+#define CONN_MT "resil.RedisConn"
+#define RECONNECT_EVERY 1.0
+
+typedef struct {
+  resil_t *R;
+  redisAsyncContext *ac;
+  char host[128];
+  int port, db;
+  char *password;
+  double last_attempt;
+  int connected;
+  char last_error[512];
+  int ref_self; /* alive while commands are in flight */
+  int pending;
+} redis_conn;
+
+typedef struct {
+  redis_conn *c;
+  task *t;
+  int ref_result; /* {n=, ...} or {err = message, kind = } */
+} redis_cmd;
+
+static redis_conn *check_conn(lua_State *L, int idx) { return luaL_checkudata(L, idx, CONN_MT); }
+
+/* ---------- replies to Lua ---------- */
+
+static void push_reply(lua_State *L, redisReply *r, int depth) {
+  switch (r->type) {
+  case REDIS_REPLY_STRING:
+  case REDIS_REPLY_STATUS: lua_pushlstring(L, r->str, r->len); break;
+  case REDIS_REPLY_INTEGER: lua_pushinteger(L, r->integer); break;
+  case REDIS_REPLY_NIL: lua_pushboolean(L, 0); break; /* false: an empty slot, inside arrays too */
+  case REDIS_REPLY_ARRAY:
+    lua_createtable(L, (int)r->elements, 0);
+    if (depth < 16) {
+      for (size_t i = 0; i < r->elements; i++) {
+        push_reply(L, r->element[i], depth + 1);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+      }
+    }
+    break;
+  default: lua_pushlstring(L, r->str ? r->str : "", r->str ? r->len : 0); break;
+  }
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
+  redis_cmd *cmd = privdata;
+  redis_conn *c = cmd->c;
+  lua_State *L = c->R->L;
+  redisReply *r = reply;
+  lua_createtable(L, 1, 2);
+  if (!r) {
+    lua_pushstring(L, c->last_error[0] ? c->last_error : (ac && ac->errstr ? ac->errstr : "connection lost"));
+    lua_setfield(L, -2, "err");
+    lua_pushliteral(L, "store_unavailable");
+    lua_setfield(L, -2, "kind");
+  } else if (r->type == REDIS_REPLY_ERROR) {
+    lua_pushlstring(L, r->str, r->len);
+    lua_setfield(L, -2, "err");
+    lua_pushliteral(L, "store_error");
+    lua_setfield(L, -2, "kind");
+  } else {
+    push_reply(L, r, 0);
+    lua_rawseti(L, -2, 1);
+  }
+  cmd->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (--c->pending == 0 && c->ref_self != LUA_NOREF) {
+    luaL_unref(L, LUA_REGISTRYINDEX, c->ref_self);
+    c->ref_self = LUA_NOREF;
+  }
+  if (cmd->t) {
+    task_wake(cmd->t); /* the continuation frees cmd */
+  } else {
+    luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_result);
+    free(cmd);
+  }
+}
+
+/* ---------- the connection ---------- */
+
+static void on_connect(const redisAsyncContext *ac, int status) {
+  redis_conn *c = ac->data;
+  if (!c) return;
+  if (status != REDIS_OK) {
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port, ac->errstr);
+    c->connected = 0;
+    c->ac = NULL; /* hiredis frees it */
+    return;
+  }
+  c->connected = 1;
+  c->last_error[0] = '\0';
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status) {
+  redis_conn *c = ac->data;
+  if (!c) return;
+  if (status != REDIS_OK)
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port,
+             ac->errstr[0] ? ac->errstr : "connection lost");
+  c->connected = 0;
+  c->ac = NULL;
+}
+
+static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
+  redis_conn *c = privdata;
+  redisReply *r = reply;
+  if (r && r->type == REDIS_REPLY_ERROR) snprintf(c->last_error, sizeof c->last_error, "redis: %s", r->str);
+}
+
+static int ensure_connected(redis_conn *c) {
+  if (c->ac) return 1;
+  double now = resil_now(c->R);
+  if (c->last_attempt > 0 && now - c->last_attempt < RECONNECT_EVERY) return 0;
+  c->last_attempt = now;
+  redisAsyncContext *ac = redisAsyncConnect(c->host, c->port);
+  if (!ac) {
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: out of memory", c->host, c->port);
+    return 0;
+  }
+  if (ac->err) {
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port, ac->errstr);
+    redisAsyncFree(ac);
+    return 0;
+  }
+  ac->data = c;
+  redisLibeventAttach(ac, c->R->base);
+  redisAsyncSetConnectCallback(ac, on_connect);
+  redisAsyncSetDisconnectCallback(ac, on_disconnect);
+  c->ac = ac;
+  /* queued before any command: authenticate, pick the database */
+  if (c->password) redisAsyncCommand(ac, on_setup_reply, c, "AUTH %s", c->password);
+  if (c->db) redisAsyncCommand(ac, on_setup_reply, c, "SELECT %d", c->db);
+  return 1;
+}
+
+static void cmd_canceled(void *arg) {
+  redis_cmd *cmd = arg;
+  cmd->t = NULL; /* the reply will still come; nobody waits for it */
+}
+
+static int call_k(lua_State *L, int status, lua_KContext ctx) {
+  redis_cmd *cmd = (redis_cmd *)ctx;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, cmd->ref_result);
+  luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_result);
+  free(cmd);
+  int res = lua_gettop(L);
+  if (lua_getfield(L, res, "err") != LUA_TNIL) {
+    lua_getfield(L, res, "kind");
+    const char *kind = lua_tostring(L, -1);
+    return resil_error_result(L, kind ? kind : "store_error", "%s", lua_tostring(L, -2));
+  }
+  lua_pop(L, 1);
+  lua_rawgeti(L, res, 1);
+  return 1;
+}
+
+/* conn:call(cmd, args...) -> reply | nil, err{kind="store_unavailable"|"store_error"}
+ * Replies: strings, integers, arrays as tables; a nil reply is false. */
+static int conn_call(lua_State *L) {
+  redis_conn *c = check_conn(L, 1);
+  int argc = lua_gettop(L) - 1;
+  if (argc < 1) return luaL_error(L, "redis: call needs a command");
+  task *t = task_current(L, "redis commands");
+  if (!ensure_connected(c)) {
+    return resil_error_result(L, "store_unavailable", "%s", c->last_error[0] ? c->last_error : "redis: not connected");
+  }
+  const char *argv_s[64];
+  size_t argv_len[64];
+  if (argc > 64) return luaL_error(L, "redis: at most 64 arguments");
+  for (int i = 0; i < argc; i++) {
+    int idx = i + 2;
+    if (lua_type(L, idx) != LUA_TSTRING && lua_type(L, idx) != LUA_TNUMBER)
+      return luaL_error(L, "redis: argument %d must be a string or a number, got %s", i + 1, luaL_typename(L, idx));
+    argv_s[i] = lua_tolstring(L, idx, &argv_len[i]); /* numbers become strings in place */
+  }
+  redis_cmd *cmd = calloc(1, sizeof *cmd);
+  if (!cmd) return luaL_error(L, "out of memory");
+  cmd->c = c;
+  cmd->t = t;
+  cmd->ref_result = LUA_NOREF;
+  if (redisAsyncCommandArgv(c->ac, on_reply, cmd, argc, argv_s, argv_len) != REDIS_OK) {
+    free(cmd);
+    return resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
+                              c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
+  }
+  if (c->pending++ == 0) {
+    lua_pushvalue(L, 1);
+    c->ref_self = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  task_wait(t, cmd_canceled, cmd);
+  return lua_yieldk(L, 0, (lua_KContext)cmd, call_k);
+}
+
+static int conn_close(lua_State *L) {
+  redis_conn *c = check_conn(L, 1);
+  if (c->ac) {
+    redisAsyncContext *ac = c->ac;
+    c->ac = NULL;
+    redisAsyncDisconnect(ac); /* pending replies still arrive, then it is freed */
+  }
+  return 0;
+}
+
+static int conn_gc(lua_State *L) {
+  redis_conn *c = check_conn(L, 1);
+  if (c->ac) {
+    c->ac->data = NULL;
+    redisAsyncFree(c->ac);
+    c->ac = NULL;
+  }
+  free(c->password);
+  c->password = NULL;
+  return 0;
+}
+
+static int conn_connected(lua_State *L) {
+  lua_pushboolean(L, check_conn(L, 1)->connected);
+  return 1;
+}
+
+/* resil.redis.connect{host=, port=, db=, password=} -> conn (connects lazily) */
+static int l_connect(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  redis_conn *c = lua_newuserdatauv(L, sizeof *c, 0);
+  memset(c, 0, sizeof *c);
+  c->R = resil_from_lua(L);
+  c->ref_self = LUA_NOREF;
+  luaL_setmetatable(L, CONN_MT);
+  lua_getfield(L, 1, "host");
+  snprintf(c->host, sizeof c->host, "%s", luaL_optstring(L, -1, "127.0.0.1"));
+  lua_getfield(L, 1, "port");
+  c->port = (int)luaL_optinteger(L, -1, 6379);
+  lua_getfield(L, 1, "db");
+  c->db = (int)luaL_optinteger(L, -1, 0);
+  lua_getfield(L, 1, "password");
+  if (lua_isstring(L, -1)) c->password = strdup(lua_tostring(L, -1));
+  lua_pop(L, 4);
+  return 1;
+}
+
+static const luaL_Reg conn_methods[] = {
+  {"call", conn_call}, {"close", conn_close}, {"connected", conn_connected}, {NULL, NULL}};
+
+int luaopen_resil_redis(lua_State *L) {
+  luaL_newmetatable(L, CONN_MT);
+  luaL_newlib(L, conn_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, conn_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_pushcfunction(L, l_connect);
+  lua_setfield(L, -2, "connect");
+  return 1;
+}
