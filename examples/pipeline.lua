@@ -5,6 +5,7 @@
 -- rate and concurrency limits, output validation.
 --
 --   resil-lua examples/pipeline.lua [items] [seed]
+--   resil-lua --fresh examples/pipeline.lua [items] [seed]     (start over)
 local resil = require "resil"
 local json, http = resil.json, resil.http
 
@@ -65,10 +66,18 @@ local function timed(res)
   return res
 end
 
+-- what the mock charges per 1K tokens (its default price list)
+local PRICE = { input = 0.0005, output = 0.0015 }
+
 local function chat(prompt)
   local res, err = openai({ json = { model = "gpt-4o-mini", messages = { { role = "user", content = prompt } } } })
   if not res then return nil, err end
-  return json.decode(timed(res).body).choices[1].message.content
+  local body = json.decode(timed(res).body)
+  local u = body.usage
+  resil.cost.record({ provider = "openai", model = "gpt-4o-mini", operation = "chat",
+    usd = (u.prompt_tokens * PRICE.input + u.completion_tokens * PRICE.output) / 1000,
+    units = { input_tokens = u.prompt_tokens, output_tokens = u.completion_tokens } })
+  return body.choices[1].message.content
 end
 
 -- Start an async job and poll it until it finishes (a hung job times out).
@@ -87,6 +96,8 @@ local function run_job(input)
   end)
   if not finished then return nil, ferr or resil.error("job_failed", "prediction " .. job.id .. " did not finish") end
   if finished.status ~= "succeeded" then return nil, resil.error("job_failed", tostring(finished.error)) end
+  resil.cost.record({ provider = "replicate", model = "mock-model", operation = "prediction",
+    usd = finished.metrics and finished.metrics.cost_usd or 0 })
   return finished.output
 end
 
@@ -96,19 +107,21 @@ local function speech(text)
   return json.decode(timed(res).body).audio_url
 end
 
+-- Each stage is a checkpointed step (resil.step): run the demo again and it
+-- resumes, skipping what is done, paying nothing twice. --fresh starts over.
 local function produce(topic)
-  local script, err = chat("Write a 30 second video script about " .. topic)
+  local script, err = resil.step("script", chat, "Write a 30 second video script about " .. topic)
   if not script then return nil, err end
   local images = {}
   for shot = 1, 2 do
-    images[shot], err = run_job({ prompt = topic .. ", shot " .. shot })
+    images[shot], err = resil.step("image " .. shot, run_job, { prompt = topic .. ", shot " .. shot })
     if not images[shot] then return nil, err end
   end
   local video
-  video, err = run_job({ images = images, script = script })
+  video, err = resil.step("video", run_job, { images = images, script = script })
   if not video then return nil, err end
   local narration
-  narration, err = speech(script)
+  narration, err = resil.step("narration", speech, script)
   if not narration then return nil, err end
   return { topic = topic, video = video, narration = narration }
 end
@@ -144,6 +157,8 @@ print(("  retried    %s"):format(#kinds > 0 and table.concat(kinds, " ") or "non
 print(("  time       %.2f s"):format(elapsed))
 print(("  latency    p50 %.3f s, p95 %.3f s"):format(percentile(stats.latencies, 0.5),
   percentile(stats.latencies, 0.95)))
-print(("  billed     $%.4f by the mock provider"):format(billed.usd))
+print(("  billed     $%.4f by the mock provider in this run"):format(billed.usd))
+print(("  ledger     $%.4f for run %s (resil-lua costs --by model)%s"):format(
+  resil.cost.total({ run = resil.run.id() }), resil.run.id(), resil.run.resumed() and ", resumed" or ""))
 for i, err in pairs(failures or {}) do print(("  item %d (%s) failed: %s"):format(i, topics[i], tostring(err))) end
 mock:stop()

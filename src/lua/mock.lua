@@ -233,7 +233,7 @@ end
 
 function Mock:job_view(job)
   return { id = job.id, status = job.status, input = job.input, output = job.output, error = job.error,
-    created_at = job.created_at, urls = { get = self.url .. "/v1/predictions/" .. job.id,
+    created_at = job.created_at, metrics = job.usd and { cost_usd = job.usd } or nil, urls = { get = self.url .. "/v1/predictions/" .. job.id,
       cancel = self.url .. "/v1/predictions/" .. job.id .. "/cancel" } }
 end
 
@@ -271,6 +271,7 @@ function Mock:poll_job(id)
       job.status = "succeeded"
       job.output = cfg.output or ("https://mock.invalid/outputs/%s.png"):format(id)
       local cost = cfg.usd or 0.01
+      job.usd = cost
       self.counts.billed.usd = self.counts.billed.usd + cost
     end
   end

@@ -44,7 +44,8 @@ end
 local Store = {}
 Store.__index = Store
 
-function resil.store(url)
+-- opts (first open only): group_commit = false commits each operation alone
+function resil.store(url, opts)
   url = url or default_url()
   local s = opened[url]
   if s then return s end
@@ -52,7 +53,7 @@ function resil.store(url)
   if url:match("^redis://") or url:match("^rediss://") then
     backend, err = backends.redis.open(url)
   else
-    backend, err = backends.sqlite.open((url:gsub("^sqlite://", "")))
+    backend, err = backends.sqlite.open((url:gsub("^sqlite://", "")), opts)
   end
   if not backend then return nil, err end
   s = setmetatable({ backend = backend, url = url, kind = backend.kind }, Store)
@@ -236,13 +237,26 @@ local function default_run_id()
 end
 
 local function current_run()
-  if run then return run end
+  if run then
+    -- another task is still recording the run's start: wait for it
+    if run.starter and run.starter ~= resil.running() then run.starter:join() end
+    return run
+  end
   local s = store_or_raise(3)
   local id = config.run or default_run_id()
-  local done, err = s.backend:run_start(id, config.script, config.fresh, store_now())
-  if done == nil then error(tostring(err), 3) end
-  run = { id = id, seq = {}, store = s, resumed = done > 0 }
-  resil.log.info(done > 0 and "run resumed" or "run started", { run = id, steps_done = done })
+  run = { id = id, seq = {}, store = s, resumed = false }
+  run.starter = resil.spawn(function()
+    local done, err = s.backend:run_start(id, config.script, config.fresh, store_now())
+    if done == nil then error(tostring(err), 0) end
+    run.resumed = done > 0
+    resil.log.info(done > 0 and "run resumed" or "run started", { run = id, steps_done = done })
+  end)
+  local ok, err = run.starter:join()
+  run.starter = nil
+  if not ok then
+    run = nil
+    error(err, 3)
+  end
   return run
 end
 
@@ -416,8 +430,9 @@ function Budget:reserve(estimate, o)
       { budget = self.name, limit = self.limit, spent = from_micro(spent), reserved = from_micro(reserved),
         period = period })
   end
-  if from_micro(spent + reserved) >= self.soft * self.limit then
-    resil.log.warn("budget soft limit", { budget = self.name, limit = self.limit,
+  if from_micro(spent + reserved) >= self.soft * self.limit and self.warned_period ~= period then
+    self.warned_period = period -- once per period and process: a warning, not a flood
+    resil.log.warn("budget soft limit reached", { budget = self.name, limit = self.limit, period = period,
       used = from_micro(spent + reserved), share = from_micro(spent + reserved) / self.limit })
   end
   return setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)

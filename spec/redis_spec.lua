@@ -1,0 +1,235 @@
+-- The store on Redis: a real redis-server started on a free loopback port
+-- for this file, several processes sharing it, and an outage in the middle.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local port, pid, dir
+local db_seq = 0
+
+local function free_port()
+  local s = resil.server.listen({ handler = function() end })
+  local p = s:port()
+  s:close()
+  return p
+end
+
+local function start_redis()
+  local pidfile = dir .. "/redis.pid"
+  os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+              "--pidfile %s --databases 64 > /dev/null"):format(port, dir, pidfile))
+  assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+  pid = helpers.slurp(pidfile):match("%d+")
+  assert(helpers.wait_until(function()
+    return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == true
+  end, 10))
+end
+
+local function stop_redis()
+  if pid then os.execute("kill -9 " .. pid) end
+  helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+  os.remove(dir .. "/redis.pid")
+  pid = nil
+end
+
+-- a fresh database number per test, so tests do not see each other's keys
+local function fresh_url()
+  db_seq = db_seq + 1
+  local url = ("redis://127.0.0.1:%d/%d"):format(port, db_seq)
+  resil.store_config({ url = url })
+  return url
+end
+
+setup(function()
+  dir = helpers.tmpname("-redis")
+  os.execute("mkdir -p " .. dir)
+  port = free_port()
+  start_redis()
+end)
+
+teardown(function() stop_redis() end)
+
+describe("resil.once on Redis", function()
+  local calls
+  local function work(x)
+    calls = calls + 1
+    resil.sleep(0.05)
+    return x * 2
+  end
+  before_each(function()
+    fresh_url()
+    calls = 0
+    resil.log.level("error")
+  end)
+  after_each(function() resil.log.level("info") end)
+
+  it("replays the stored result; same-process callers wait for the holder", function()
+    local tasks = {}
+    for i = 1, 4 do tasks[i] = resil.spawn(resil.once, "job", work, 21) end
+    for i = 1, 4 do assert.are.same({ true, 42 }, { tasks[i]:join() }) end
+    assert.are.equal(42, (resil.once("job", work, 21)))
+    assert.are.equal(1, calls)
+    assert.are.equal("redis", resil.store().kind)
+  end)
+
+  it("in_progress while another holds a fresh lease; a stale lease is taken over", function()
+    local s = resil.store()
+    local fp = resil.hash(resil.json.encode(table.pack(1)))
+    assert.are.equal("claimed", s.backend:once_claim("held", fp, "other", 300, 86400, resil.store_now()))
+    local _, err = resil.once({ key = "held", wait = 0.1 }, work, 1)
+    assert.are.equal("in_progress", err.kind)
+    assert.are.equal("claimed", s.backend:once_claim("stale", fp, "other", 0.05, 86400, resil.store_now()))
+    resil.sleep(0.1)
+    assert.are.equal(2, (resil.once({ key = "stale", lease = 0.05 }, work, 1)))
+  end)
+
+  it("key_reused, permanent failures replayed, retryable failures release the key", function()
+    resil.once("k", work, 1)
+    assert.are.equal("key_reused", select(2, resil.once("k", work, 2)).kind)
+    local function refuse()
+      calls = calls + 1
+      return nil, resil.error("auth", "bad key", { retryable = false, status = 401 })
+    end
+    resil.once("perm", refuse)
+    assert.are.equal(401, select(2, resil.once("perm", refuse)).status)
+    local flaky_calls = 0
+    local function flaky()
+      flaky_calls = flaky_calls + 1
+      if flaky_calls == 1 then return nil, resil.error("server_error", "503", { retryable = true }) end
+      return "ok"
+    end
+    assert.is_nil((resil.once("flaky", flaky)))
+    assert.are.equal("ok", (resil.once("flaky", flaky)))
+    assert.are.equal(2, flaky_calls)
+    assert.are.equal(2, calls) -- work once, refuse once
+  end)
+
+  it("records expire after their retention (reaped by Redis)", function()
+    resil.once({ key = "short", retention = 0.2 }, work, 1)
+    assert.is_true(helpers.wait_until(function()
+      return os.execute(("redis-cli -p %d -n %d exists resil:once:short | grep -q '^0'"):format(port, db_seq)) == true
+    end, 10))
+    resil.once({ key = "short", retention = 0.2 }, work, 1)
+    assert.are.equal(2, calls)
+  end)
+end)
+
+describe("budgets on Redis", function()
+  before_each(function() fresh_url() end)
+
+  it("1000 concurrent reservations of $0.10 against $5 admit exactly 50 (one process)", function()
+    local b = resil.budget("r5", { limit = 5 })
+    local items = {}
+    for i = 1, 1000 do items[i] = i end
+    local admitted = 0
+    resil.map(items, function() if b:reserve(0.10) then admitted = admitted + 1 end return true end,
+      { concurrency = 1000 })
+    assert.are.equal(50, admitted)
+    local t = assert(resil.budget("r5b", { limit = 1 }):reserve(0.5))
+    assert.is_true(t:settle(0.25))
+    assert.is_false(t:settle(0.25))
+    assert.are.equal(0.25, resil.budget("r5b"):state().spent)
+    assert.are.equal(0.25, resil.cost.total({ budget = "r5b" }))
+  end)
+
+  it("across 4 processes: exactly 50 of 1000", function()
+    local url = resil.store().url
+    local source = [[
+local resil = require "resil"
+local b = resil.budget("shared-r5", { limit = 5 })
+local go = tonumber(arg[1])
+while resil.clock.wall() < go do resil.sleep(0.005) end
+local items = {}
+for i = 1, 250 do items[i] = i end
+local admitted = 0
+resil.map(items, function() if b:reserve(0.10) then admitted = admitted + 1 end return true end, { concurrency = 250 })
+print(admitted)
+]]
+    local go = resil.clock.wall() + 0.5
+    local procs = {}
+    for i = 1, 4 do procs[i] = { helpers.start(source, "--store " .. url .. " --log-level off", tostring(go)) } end
+    local total = 0
+    for i = 1, 4 do
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(procs[i][1]) end, 60))
+      local out = helpers.slurp(procs[i][2])
+      total = total + assert(tonumber(out:match("^(%d+)")), out)
+    end
+    assert.are.equal(50, total)
+  end)
+end)
+
+describe("shared limits across processes on Redis", function()
+  before_each(function() fresh_url() end)
+
+  it("a shared bucket admits no more than its limit across 4 processes", function()
+    local url = resil.store().url
+    local source = [[
+local resil = require "resil"
+local b = resil.bucket("shared-gcra", { rate = 10, per = 3600, burst = 10, shared = true })
+local go = tonumber(arg[1])
+while resil.clock.wall() < go do resil.sleep(0.005) end
+local admitted = 0
+for _ = 1, 20 do if b:try(1) then admitted = admitted + 1 end end
+print(admitted)
+]]
+    local go = resil.clock.wall() + 0.5
+    local procs = {}
+    for i = 1, 4 do procs[i] = { helpers.start(source, "--store " .. url .. " --log-level off", tostring(go)) } end
+    local total = 0
+    for i = 1, 4 do
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(procs[i][1]) end, 60))
+      local out = helpers.slurp(procs[i][2])
+      total = total + assert(tonumber(out:match("^(%d+)")), out)
+    end
+    assert.are.equal(10, total)
+  end)
+
+  it("a shared breaker lets exactly one half-open probe through across processes", function()
+    local url = resil.store().url
+    local br = resil.breaker("shared-br", { shared = true, window_type = "count", window = 2, min_calls = 2,
+                                            open_for = 0.5 })
+    br:record(false, 0.01)
+    br:record(false, 0.01)
+    assert.are.equal("open", br:state())
+    local source = [[
+local resil = require "resil"
+local br = resil.breaker("shared-br", { shared = true, window_type = "count", window = 2, min_calls = 2, open_for = 0.5 })
+local go = tonumber(arg[1])
+while resil.clock.wall() < go do resil.sleep(0.002) end
+local ok = br:allow()
+print(ok and "probe" or "rejected")
+]]
+    local go = resil.clock.wall() + 1.0 -- after open_for
+    local procs = {}
+    for i = 1, 4 do procs[i] = { helpers.start(source, "--store " .. url .. " --log-level off", tostring(go)) } end
+    local probes = 0
+    for i = 1, 4 do
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(procs[i][1]) end, 60))
+      if helpers.slurp(procs[i][2]):match("probe") then probes = probes + 1 end
+    end
+    assert.are.equal(1, probes)
+  end)
+end)
+
+describe("a Redis outage", function()
+  it("gives store_unavailable, budgets fail closed, shared buckets fall back to local limits, then it reconnects",
+    function()
+      fresh_url()
+      resil.log.level("error")
+      local b = resil.budget("outage", { limit = 5 })
+      local shared = resil.bucket("outage-bucket", { rate = 2, per = 3600, burst = 2, shared = true })
+      assert.is_truthy(b:reserve(1))
+      stop_redis()
+      local t, err = b:reserve(1)
+      assert.is_nil(t)
+      assert.are.equal("store_unavailable", err.kind)
+      local _, oerr = resil.once("during-outage", function() return 1 end)
+      assert.are.equal("store_unavailable", oerr.kind)
+      assert.is_true((shared:try(1))) -- the local fallback has its own 2
+      assert.is_true((shared:try(1)))
+      assert.is_false((shared:try(1)))
+      start_redis() -- empty: the server kept nothing
+      assert.is_true(helpers.wait_until(function() return b:reserve(1) ~= nil end, 10))
+      assert.are.equal(1, resil.budget("outage"):state().reserved)
+      resil.log.level("info")
+    end)
+end)
