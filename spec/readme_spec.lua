@@ -53,7 +53,7 @@ describe("README examples", function()
         local path = helpers.write(helpers.tmpname("_spec.lua"), code)
         r = helpers.run(("%s /usr/bin/busted -o TAP %s"):format(helpers.resil, path))
       else
-        r = helpers.run_script(code, nil, nil)
+        r = helpers.run_script(code, "--store " .. helpers.tmpname(".db"), nil)
       end
       assert.are.equal(0, r.code, r.stdout .. r.stderr)
       if not code:match("^%-%- spec/") then check_output(code, r.stdout) end
