@@ -29,18 +29,39 @@
 /* per transfer; curl's 16 KiB default adds 120 MB at 10,000 in flight */
 #define RECEIVE_BUFFER_SIZE 4096L
 
+typedef struct {
+  char *data;
+  size_t len, cap;
+} buffer;
+
+/* A request's header lines as a curl list, shared by the requests that send
+ * the same headers (most pipelines send one set per provider): built once,
+ * freed when the last request using it is collected and a newer set took
+ * its place. */
+typedef struct header_set {
+  struct curl_slist *list;
+  char *text; /* the lines joined, to recognise the same set */
+  size_t len;
+  int refs;
+} header_set;
+
 struct http_state {
   resil_t *R;
   CURLM *multi;
   struct event *timer_ev;
   CURL *pool[EASY_POOL_MAX];
   int npool;
+  header_set *last_headers;
+  buffer scratch;
+  char last_url[1024]; /* the last URL that parsed: the same URL is not parsed again */
 };
 
-typedef struct {
-  char *data;
-  size_t len, cap;
-} buffer;
+static void header_set_release(http_state *H, header_set *hs) {
+  if (!hs || --hs->refs > 0 || hs == H->last_headers) return;
+  curl_slist_free_all(hs->list);
+  free(hs->text);
+  free(hs);
+}
 
 typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_CANCELED } abort_reason;
 
@@ -48,8 +69,8 @@ typedef struct http_req {
   http_state *H;
   task *waiter;             /* the task blocked on this transfer, if any */
   CURL *easy;
-  struct curl_slist *req_headers;
-  char *req_body;
+  header_set *req_headers;
+  const char *req_body;     /* a Lua string, kept alive in the request's user value */
   buffer body, head;
   size_t max_body, total_received;
   long status;
@@ -102,10 +123,9 @@ static void request_detach(http_req *r) {
     r->active = 0;
     H->R->io_pending--;
   }
-  if (H->npool < EASY_POOL_MAX) {
-    /* every option a transfer sets is set again by the next one, except
-     * the TLS ones: only those need the (costly) full reset */
-    if (r->tls_options) curl_easy_reset(r->easy);
+  /* every option a transfer sets is set again by the next one, except the
+   * TLS ones: a handle that had them is not recycled */
+  if (H->npool < EASY_POOL_MAX && !r->tls_options) {
     H->pool[H->npool++] = r->easy;
   } else {
     curl_easy_cleanup(r->easy);
@@ -229,6 +249,12 @@ void http_free(resil_t *R) {
   http_state *H = R->http;
   if (!H) return;
   for (int i = 0; i < H->npool; i++) curl_easy_cleanup(H->pool[i]);
+  if (H->last_headers && H->last_headers->refs == 0) {
+    curl_slist_free_all(H->last_headers->list);
+    free(H->last_headers->text);
+    free(H->last_headers);
+  }
+  free(H->scratch.data);
   curl_multi_cleanup(H->multi);
   event_free(H->timer_ev);
   free(H);
@@ -433,11 +459,13 @@ static void check_header_text(lua_State *L, const char *name, const char *s, siz
       resil_raise(L, "http request: the %s of header '%s' contains a line break or NUL", what, name);
 }
 
-static void add_headers(lua_State *L, http_req *r, int t) {
+/* The request's header lines, each ending in "\n", into H's scratch buffer
+ * (reused, so an error raised half-way leaks nothing). */
+static void header_text(lua_State *L, http_state *H, int t) {
+  buffer *b = &H->scratch;
+  b->len = 0;
   int type = lua_getfield(L, t, "headers");
-  if (type == LUA_TNIL) {
-    lua_pop(L, 1);
-  } else {
+  if (type != LUA_TNIL) {
     if (type != LUA_TTABLE) resil_raise(L, "http request: 'headers' must be a table");
     lua_pushnil(L);
     while (lua_next(L, -2)) {
@@ -448,24 +476,80 @@ static void add_headers(lua_State *L, http_req *r, int t) {
       const char *value = lua_tolstring(L, -1, &vlen);
       check_header_text(L, name, name, nlen, "name");
       check_header_text(L, name, value, vlen, "value");
-      const char *line = vlen ? lua_pushfstring(L, "%s: %s", name, value) : lua_pushfstring(L, "%s;", name);
-      struct curl_slist *grown = curl_slist_append(r->req_headers, line);
-      if (!grown) luaL_error(L, "not enough memory");
-      r->req_headers = grown;
-      lua_pop(L, 2);
+      int ok = buffer_append(b, name, nlen) == 0;
+      if (vlen) ok = ok && buffer_append(b, ": ", 2) == 0 && buffer_append(b, value, vlen) == 0;
+      else ok = ok && buffer_append(b, ";", 1) == 0; /* curl's way to send an empty header */
+      if (!ok || buffer_append(b, "\n", 1) != 0) luaL_error(L, "not enough memory");
+      lua_pop(L, 1);
     }
-    lua_pop(L, 1);
   }
+  lua_pop(L, 1);
   /* no "Expect: 100-continue" round trip on large bodies */
-  struct curl_slist *grown = curl_slist_append(r->req_headers, "Expect:");
-  if (grown) r->req_headers = grown;
+  if (buffer_append(b, "Expect:\n", 8) != 0) luaL_error(L, "not enough memory");
+}
+
+static void add_headers(lua_State *L, http_req *r, int t) {
+  http_state *H = r->H;
+  header_text(L, H, t);
+  const char *text = H->scratch.data;
+  size_t len = H->scratch.len;
+  header_set *hs = H->last_headers;
+  if (!hs || hs->len != len || memcmp(hs->text, text, len) != 0) {
+    hs = calloc(1, sizeof *hs);
+    char *copy = malloc(len + 1);
+    if (!hs || !copy) {
+      free(hs);
+      free(copy);
+      luaL_error(L, "not enough memory");
+    }
+    memcpy(copy, text, len + 1);
+    hs->text = copy;
+    hs->len = len;
+    for (char *line = copy, *end; *line; line = end + 1) {
+      end = strchr(line, '\n');
+      *end = '\0';
+      struct curl_slist *grown = curl_slist_append(hs->list, line);
+      *end = '\n';
+      if (!grown) {
+        curl_slist_free_all(hs->list);
+        free(copy);
+        free(hs);
+        luaL_error(L, "not enough memory");
+      }
+      hs->list = grown;
+    }
+    header_set *old = H->last_headers;
+    H->last_headers = hs;
+    if (old && old->refs == 0) {
+      old->refs = 1;
+      header_set_release(H, old);
+    }
+  }
+  hs->refs++;
+  r->req_headers = hs;
+}
+
+/* What every transfer sets alike, once per easy handle (recycled handles keep
+ * it; a handle that had TLS options is reset and comes back through here). */
+static CURL *new_easy(void) {
+  CURL *e = curl_easy_init();
+  if (!e) return NULL;
+  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+  curl_easy_setopt(e, CURLOPT_USERAGENT, "resil-lua/" RESIL_VERSION);
+  curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
+  curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+  curl_easy_setopt(e, CURLOPT_BUFFERSIZE, RECEIVE_BUFFER_SIZE);
+  curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+  return e;
 }
 
 /* L stack: request table at 1 -> pushes the (closed) request userdata */
 static http_req *request_new(lua_State *L, int stream) {
   luaL_checktype(L, 1, LUA_TTABLE);
   http_state *H = http_get(L);
-  http_req *r = lua_newuserdatauv(L, sizeof *r, 0);
+  http_req *r = lua_newuserdatauv(L, sizeof *r, 1); /* user value: the body string */
   memset(r, 0, sizeof *r);
   r->H = H;
   timer_init(H->R, &r->deadline, deadline_cb, r);
@@ -476,23 +560,25 @@ static http_req *request_new(lua_State *L, int stream) {
   const char *url = opt_string(L, 1, "url");
   if (!url) resil_raise(L, "http request: 'url' is required");
   snprintf(r->url, sizeof r->url, "%s", url);
-  CURLU *parsed = curl_url();
-  CURLUcode uc = curl_url_set(parsed, CURLUPART_URL, url, 0);
-  curl_url_cleanup(parsed);
-  if (uc != CURLUE_OK) resil_raise(L, "http request: bad url '%s': %s", url, curl_url_strerror(uc));
+  if (strcmp(url, H->last_url) != 0) {
+    CURLU *parsed = curl_url();
+    CURLUcode uc = curl_url_set(parsed, CURLUPART_URL, url, 0);
+    curl_url_cleanup(parsed);
+    if (uc != CURLUE_OK) resil_raise(L, "http request: bad url '%s': %s", url, curl_url_strerror(uc));
+    if (strlen(url) < sizeof H->last_url) strcpy(H->last_url, url);
+  }
 
   const char *method = opt_string(L, 1, "method");
   size_t body_len = 0;
   int body_type = lua_getfield(L, 1, "body");
   if (body_type == LUA_TSTRING) {
-    const char *body = lua_tolstring(L, -1, &body_len);
-    r->req_body = malloc(body_len + 1);
-    if (!r->req_body) luaL_error(L, "not enough memory");
-    memcpy(r->req_body, body, body_len + 1);
+    r->req_body = lua_tolstring(L, -1, &body_len); /* no copy: the string is kept with the request */
+    lua_setiuservalue(L, -2, 1);
   } else if (body_type != LUA_TNIL) {
     resil_raise(L, "http request: 'body' must be a string (use 'json' for a table)");
+  } else {
+    lua_pop(L, 1);
   }
-  lua_pop(L, 1);
   if (method) {
     for (const char *c = method; *c; c++)
       if (!((*c >= 'A' && *c <= 'Z') || *c == '-' || *c == '_'))
@@ -508,25 +594,17 @@ static http_req *request_new(lua_State *L, int stream) {
   int follow = opt_flag(L, 1, "follow_redirects");
   add_headers(L, r, 1);
 
-  CURL *e = H->npool > 0 ? H->pool[--H->npool] : curl_easy_init();
+  CURL *e = H->npool > 0 ? H->pool[--H->npool] : new_easy();
   if (!e) luaL_error(L, "cannot create an HTTP transfer");
   r->easy = e;
   curl_easy_setopt(e, CURLOPT_URL, url);
   curl_easy_setopt(e, CURLOPT_PRIVATE, r);
-  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
-  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
   curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
-  curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->req_headers);
+  curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->req_headers->list);
   curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
   curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_body);
-  curl_easy_setopt(e, CURLOPT_USERAGENT, "resil-lua/" RESIL_VERSION);
-  curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
-  curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-  curl_easy_setopt(e, CURLOPT_BUFFERSIZE, RECEIVE_BUFFER_SIZE);
-  curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
   curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, follow ? 1L : 0L);
   /* libcurl 7.88 walks every cached connection when a transfer that kept its
    * connection is removed (and when it looks for one to reuse), which is
@@ -669,9 +747,8 @@ static int request_gc(lua_State *L) {
   request_detach(r);
   timer_free(&r->deadline);
   timer_free(&r->idle);
-  curl_slist_free_all(r->req_headers);
+  header_set_release(r->H, r->req_headers);
   r->req_headers = NULL;
-  free(r->req_body);
   r->req_body = NULL;
   buffer_free(&r->body);
   buffer_free(&r->head);
