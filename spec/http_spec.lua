@@ -71,6 +71,13 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal("reset", err.kind)
   end)
 
+  it("gives kind=protocol when the server does not speak HTTP", function()
+    mock:configure({ sequence = { chat = { "not_http" } } })
+    local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })
+    assert.is_nil(res)
+    assert.are.equal("protocol", err.kind)
+  end)
+
   it("gives kind=reset for a truncated body", function()
     mock:configure({ sequence = { chat = { "truncate" } } })
     local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })

@@ -5,7 +5,7 @@
  *   local s = resil.server.listen{ host = "127.0.0.1", port = 0,
  *                                  handler = function(req) return resp end }
  *   -- req  = { method, path, query, headers (lower-cased), body }
- *   -- resp = { status, headers, body, delay = s, action = "hang"|"reset"|"truncate",
+ *   -- resp = { status, headers, body, delay = s, action = "hang"|"reset"|"truncate"|"raw",
  *   --          chunks = {...}, chunk_interval = s, stall_after = n }
  *
  * The handler runs on the host's main state, protected, and must not wait.
@@ -30,7 +30,7 @@
 #define SERVER_MT "resil.Server"
 
 typedef struct server server;
-typedef enum { REPLY_NORMAL, REPLY_HANG, REPLY_RESET, REPLY_TRUNCATE } reply_action;
+typedef enum { REPLY_NORMAL, REPLY_HANG, REPLY_RESET, REPLY_TRUNCATE, REPLY_RAW } reply_action;
 
 /* A reply that is not sent yet: waiting for its delay, between chunks, or
  * hanging until the client gives up. */
@@ -169,6 +169,17 @@ static void pending_send(pending *p) {
     pending_free(p);
     return;
   }
+  case REPLY_RAW: {
+    /* bytes that are not HTTP at all (another protocol on the port), then
+     * a polite close: the client must call it a protocol error */
+    struct bufferevent *bev = evhttp_connection_get_bufferevent(p->conn);
+    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+    if (fd >= 0) (void)!send(fd, p->body, p->body_len, MSG_NOSIGNAL);
+    event_base_once(p->srv->R->base, -1, EV_TIMEOUT, close_later_cb, p->conn, NULL);
+    pending_unlink(p);
+    pending_free(p);
+    return;
+  }
   case REPLY_NORMAL: break;
   }
   if (p->nchunks > 0) {
@@ -269,6 +280,7 @@ static void read_reply(lua_State *L, int idx, pending *p) {
   if (action && strcmp(action, "hang") == 0) p->action = REPLY_HANG;
   else if (action && strcmp(action, "reset") == 0) p->action = REPLY_RESET;
   else if (action && strcmp(action, "truncate") == 0) p->action = REPLY_TRUNCATE;
+  else if (action && strcmp(action, "raw") == 0) p->action = REPLY_RAW;
   lua_pop(L, 1);
   int has_type = 0;
   if (lua_getfield(L, idx, "headers") == LUA_TTABLE) {

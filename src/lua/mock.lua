@@ -24,7 +24,7 @@ local BUILTIN_ROUTES = {
 }
 
 local NAMED_FAULTS = { hang = true, reset = true, truncate = true, garbage = true, empty = true, stall = true,
-  ok = true, slow = true }
+  ok = true, slow = true, not_http = true }
 
 local ERROR_TYPES = {
   [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
@@ -305,6 +305,7 @@ local function fault_reply(fault, normal)
   local kind = fault.kind
   if kind == "hang" then return { action = "hang" } end
   if kind == "reset" then return { action = "reset" } end
+  if kind == "not_http" then return { action = "raw", body = fault.body or "SSH-2.0-OpenSSH_9.2p1\r\n" } end
   if kind == "garbage" then
     return { status = 200, headers = { ["content-type"] = "application/json" },
       body = fault.body or "<html><body><h1>502 Bad Gateway</h1></body></html>\0\255garbage" }
