@@ -69,6 +69,30 @@ function helpers.wait_until(cond, seconds)
   return cond() and true or false
 end
 
+-- Run n copies of a script at once: each waits for the same wall-clock
+-- moment (`delay` seconds from now, 0.5 by default) before its first line.
+-- -> their outputs, in order.
+function helpers.run_together(n, source, opts, delay)
+  local resil = require "resil"
+  local go = ("%.3f"):format(resil.clock.wall() + (delay or 0.5))
+  local start = "do local r = require 'resil'; while r.clock.wall() < " .. go .. " do r.sleep(0.002) end end "
+  local procs = {}
+  for i = 1, n do procs[i] = { helpers.start(start .. source, opts) } end
+  local outputs = {}
+  for i = 1, n do
+    assert(helpers.wait_until(function() return not helpers.alive(procs[i][1]) end, 60), "a process hung")
+    outputs[i] = helpers.slurp(procs[i][2])
+  end
+  return outputs
+end
+
+-- the sum of the numbers that start each output
+function helpers.sum_of(outputs)
+  local total = 0
+  for _, out in ipairs(outputs) do total = total + assert(tonumber(out:match("^(%d+)")), out) end
+  return total
+end
+
 -- A process that exited but is not reaped yet (a zombie) counts as gone.
 function helpers.alive(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
