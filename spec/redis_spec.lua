@@ -195,6 +195,12 @@ describe("a Redis outage", function()
       assert.is_true((shared:try(1))) -- the local fallback has its own 2
       assert.is_true((shared:try(1)))
       assert.is_false((shared:try(1)))
+      -- the other choices, per primitive
+      local strict = resil.bucket("outage-strict", { rate = 2, per = 3600, shared = true, on_outage = "deny" })
+      assert.is_false((strict:try(1)))
+      local lenient = resil.budget("outage-lenient", { limit = 5, on_outage = "allow" })
+      local unchecked = assert(lenient:reserve(1))
+      assert.is_true(unchecked.unchecked)
       start_redis() -- empty: the server kept nothing
       assert.is_true(helpers.wait_until(function() return b:reserve(1) ~= nil end, 10))
       assert.are.equal(1, resil.budget("outage"):state().reserved)

@@ -406,7 +406,11 @@ function resil.budget(name, opts)
     if opts.per ~= nil and opts.per ~= "day" and opts.per ~= "month" then
       error("resil.budget: per must be \"day\", \"month\" or nil", 2)
     end
+    if opts.on_outage ~= nil and opts.on_outage ~= "deny" and opts.on_outage ~= "allow" then
+      error("resil.budget: on_outage must be \"deny\" (the default) or \"allow\"", 2)
+    end
     b.limit, b.per, b.hold, b.soft = opts.limit, opts.per, opts.hold or 600, opts.soft or 0.8
+    b.on_outage = opts.on_outage or "deny"
   end
   return b
 end
@@ -423,7 +427,13 @@ function Budget:reserve(estimate, o)
   local hold = o and o.hold or self.hold
   local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(self.limit), est, id, now + hold,
     now)
-  if ok == nil then return nil, spent end -- store unavailable: fail closed
+  if ok == nil then -- the store is unavailable
+    if self.on_outage ~= "allow" then return nil, spent end -- fail closed
+    resil.log.warn("budget: store unavailable, reservation allowed unchecked", { budget = self.name,
+      estimate = estimate, error = tostring(spent) })
+    return setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s,
+                          unchecked = true }, Ticket)
+  end
   if not ok then
     return nil, resil.error("budget_exceeded", ("budget '%s': $%.6f spent + $%.6f reserved + $%.6f > $%.6f"):format(
       self.name, from_micro(spent), from_micro(reserved), estimate, self.limit),
@@ -484,7 +494,14 @@ local function warn_once(obj, err)
   end
 end
 
+local OUTAGE_CHOICES = { ["local"] = true, deny = true, allow = true }
+
 function SharedBucket:configure(opts)
+  local outage = opts.on_outage or self.on_outage or "local"
+  if not OUTAGE_CHOICES[outage] then
+    error(("bucket '%s': on_outage must be \"local\", \"deny\" or \"allow\""):format(self.name), 3)
+  end
+  self.on_outage = outage
   local rate, per = opts.rate or self.rate, opts.per or self.per or 1
   if type(rate) ~= "number" or rate <= 0 then error(("bucket '%s': rate must be a positive number"):format(self.name), 3) end
   self.rate, self.per, self.burst = rate, per, opts.burst or self.burst or rate
@@ -502,6 +519,8 @@ function SharedBucket:try(n)
   if s then ok, x = s.backend:gcra_take("bucket:" .. self.name, self.interval, self.tolerance, n, store_now()) end
   if ok == nil then
     warn_once(self, s and x or serr)
+    if self.on_outage == "allow" then return true, 0 end
+    if self.on_outage == "deny" then return false, 1 end -- look again in a second
     return self.fallback:try(n)
   end
   self.warned = false
