@@ -13,6 +13,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <curl/curl.h>
 #include <event2/event_struct.h>
@@ -25,6 +26,8 @@
 #define DEFAULT_MAX_BODY (64u * 1024 * 1024)
 #define STREAM_HIGH_WATER (1u << 20)
 #define EASY_POOL_MAX 256
+#define RESPONSE_MT "resil.Response"
+#define DEFAULT_AGENT "User-Agent: resil-lua/" RESIL_VERSION
 #define ONE_SHOT_CONNECTIONS_ABOVE 512
 /* per transfer; curl's 16 KiB default adds 120 MB at 10,000 in flight */
 #define RECEIVE_BUFFER_SIZE 4096L
@@ -241,6 +244,11 @@ static http_state *http_get(lua_State *L) {
   curl_multi_setopt(H->multi, CURLMOPT_SOCKETDATA, H);
   curl_multi_setopt(H->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
   curl_multi_setopt(H->multi, CURLMOPT_TIMERDATA, H);
+  /* libcurl's default cache limit is 4 x the transfers attached right now;
+   * ours are detached as they finish and re-attached when their tasks run,
+   * so a burst of completions would shrink the cache and close connections
+   * that the next requests need. A fixed size keeps them. */
+  curl_multi_setopt(H->multi, CURLMOPT_MAXCONNECTS, (long)ONE_SHOT_CONNECTIONS_ABOVE);
   R->http = H;
   return H;
 }
@@ -378,23 +386,28 @@ static int push_failure(lua_State *L, http_req *r) {
 }
 
 /* Raw header lines -> table with lower-cased names; repeats are joined. */
-static void push_headers(lua_State *L, http_req *r) {
-  lua_newtable(L);
-  const char *p = r->head.data, *end = p ? p + r->head.len : NULL;
+/* raw header lines -> { ["lower-cased-name"] = "value", ... } */
+static void push_header_table(lua_State *L, const char *p, size_t len) {
+  const char *end = p ? p + len : NULL;
+  int lines = 0;
+  for (const char *c = p; c && c < end; c++) lines += *c == '\n';
+  lua_createtable(L, 0, lines); /* sized once: no rehash per header */
   while (p && p < end) {
     const char *eol = memchr(p, '\n', (size_t)(end - p));
     if (!eol) eol = end;
     const char *colon = memchr(p, ':', (size_t)(eol - p));
     if (colon && colon > p) {
-      luaL_Buffer name;
-      luaL_buffinit(L, &name);
-      for (const char *c = p; c < colon; c++) luaL_addchar(&name, (char)(*c >= 'A' && *c <= 'Z' ? *c + 32 : *c));
-      luaL_pushresult(&name);
+      char small[128];
+      size_t nlen = (size_t)(colon - p);
+      char *name = nlen <= sizeof small ? small : lua_newuserdatauv(L, nlen, 0);
+      for (size_t i = 0; i < nlen; i++) name[i] = (char)(p[i] >= 'A' && p[i] <= 'Z' ? p[i] + 32 : p[i]);
+      lua_pushlstring(L, name, nlen);
+      if (name != small) lua_remove(L, -2);
       const char *v = colon + 1, *vend = eol;
       while (v < vend && (*v == ' ' || *v == '\t')) v++;
       while (vend > v && (vend[-1] == '\r' || vend[-1] == ' ' || vend[-1] == '\t')) vend--;
       lua_pushvalue(L, -1);
-      if (lua_rawget(L, -3) == LUA_TSTRING) {
+      if (lua_rawget(L, -3) == LUA_TSTRING) { /* a repeated header: joined, as HTTP allows */
         lua_pushliteral(L, ", ");
         lua_pushlstring(L, v, (size_t)(vend - v));
         lua_concat(L, 3);
@@ -408,13 +421,38 @@ static void push_headers(lua_State *L, http_req *r) {
   }
 }
 
-/* L stack: ... -> response table */
+static void push_headers(lua_State *L, http_req *r) { push_header_table(L, r->head.data, r->head.len); }
+
+static const char raw_headers_key = 'H';
+
+/* res.headers, built on first use: most successful calls never read them,
+ * and a table of strings per response is most of a response's cost. */
+static int response_index(lua_State *L) {
+  if (lua_type(L, 2) != LUA_TSTRING || strcmp(lua_tostring(L, 2), "headers") != 0) return 0;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
+  lua_pushvalue(L, 1);
+  lua_rawget(L, -2);
+  size_t len = 0;
+  const char *raw = lua_tolstring(L, -1, &len);
+  push_header_table(L, raw, len);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, 1, "headers"); /* from now on a plain field */
+  lua_pushvalue(L, 1);
+  lua_pushnil(L);
+  lua_rawset(L, -5);
+  return 1;
+}
+
 static void push_response(lua_State *L, http_req *r, int with_body) {
   lua_createtable(L, 0, 4);
   lua_pushinteger(L, r->status);
   lua_setfield(L, -2, "status");
-  push_headers(L, r);
-  lua_setfield(L, -2, "headers");
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
+  lua_pushvalue(L, -2);
+  lua_pushlstring(L, r->head.data ? r->head.data : "", r->head.len);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  luaL_setmetatable(L, RESPONSE_MT);
   if (with_body) {
     lua_pushlstring(L, r->body.data ? r->body.data : "", r->body.len);
     lua_setfield(L, -2, "body");
@@ -463,6 +501,7 @@ static void check_header_text(lua_State *L, const char *name, const char *s, siz
  * (reused, so an error raised half-way leaks nothing). */
 static void header_text(lua_State *L, http_state *H, int t) {
   buffer *b = &H->scratch;
+  int has_agent = 0;
   b->len = 0;
   int type = lua_getfield(L, t, "headers");
   if (type != LUA_TNIL) {
@@ -476,6 +515,7 @@ static void header_text(lua_State *L, http_state *H, int t) {
       const char *value = lua_tolstring(L, -1, &vlen);
       check_header_text(L, name, name, nlen, "name");
       check_header_text(L, name, value, vlen, "value");
+      has_agent |= nlen == 10 && strncasecmp(name, "user-agent", 10) == 0;
       int ok = buffer_append(b, name, nlen) == 0;
       if (vlen) ok = ok && buffer_append(b, ": ", 2) == 0 && buffer_append(b, value, vlen) == 0;
       else ok = ok && buffer_append(b, ";", 1) == 0; /* curl's way to send an empty header */
@@ -484,8 +524,11 @@ static void header_text(lua_State *L, http_state *H, int t) {
     }
   }
   lua_pop(L, 1);
-  /* no "Expect: 100-continue" round trip on large bodies */
+  /* no "Expect: 100-continue" round trip on large bodies; our User-Agent
+   * unless the request has its own (a header line: cheaper for curl than
+   * CURLOPT_USERAGENT, which it formats anew for every request) */
   if (buffer_append(b, "Expect:\n", 8) != 0) luaL_error(L, "not enough memory");
+  if (!has_agent && buffer_append(b, DEFAULT_AGENT "\n", sizeof DEFAULT_AGENT) != 0) luaL_error(L, "not enough memory");
 }
 
 static void add_headers(lua_State *L, http_req *r, int t) {
@@ -537,7 +580,6 @@ static CURL *new_easy(void) {
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
   curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
-  curl_easy_setopt(e, CURLOPT_USERAGENT, "resil-lua/" RESIL_VERSION);
   curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
   curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
   curl_easy_setopt(e, CURLOPT_BUFFERSIZE, RECEIVE_BUFFER_SIZE);
@@ -761,6 +803,16 @@ static const luaL_Reg request_meta[] = {
 static const luaL_Reg http_functions[] = {{"perform", l_perform}, {"stream", l_stream}, {NULL, NULL}};
 
 int luaopen_resil_http(lua_State *L) {
+  luaL_newmetatable(L, RESPONSE_MT);
+  lua_pushcfunction(L, response_index);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  lua_newtable(L); /* response -> its raw header lines, until they are read */
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
   luaL_newmetatable(L, REQUEST_MT);
   luaL_setfuncs(L, request_meta, 0);
   lua_pop(L, 1);
