@@ -71,6 +71,14 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal("reset", err.kind)
   end)
 
+  it("gives kind=dns when the name cannot resolve", function()
+    -- a label over 63 characters cannot go into a DNS query: the resolver
+    -- fails at once, with no network and no resolver timeout involved
+    local res, err = http.request({ url = "http://" .. ("a"):rep(70) .. ".invalid/v1", timeout = 5 })
+    assert.is_nil(res)
+    assert.are.equal("dns", err.kind)
+  end)
+
   it("gives kind=protocol when the server does not speak HTTP", function()
     mock:configure({ sequence = { chat = { "not_http" } } })
     local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })
