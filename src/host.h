@@ -89,6 +89,9 @@ void loop_init(resil_t *R);
 void loop_free(resil_t *R);
 int loop_run(resil_t *R);
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
+/* Run the tasks that are ready now; I/O callbacks call it so that a task
+ * woken by a completion starts its next request in the same loop turn. */
+void loop_run_ready(resil_t *R);
 
 /* loop.c: clock and timers */
 double resil_now(resil_t *R);

@@ -315,7 +315,7 @@ static void task_resume(resil_t *R, task *t) {
 
 /* Resume the tasks that are ready now; ones woken meanwhile wait a turn so
  * that I/O is polled between passes. */
-static void run_ready(resil_t *R) {
+void loop_run_ready(resil_t *R) {
   task *last = R->ready_tail;
   while (R->ready_head) {
     task *t = R->ready_head;
@@ -667,7 +667,7 @@ int loop_run(resil_t *R) {
   while (R->tasks_alive > 0 && !R->interrupted) {
     if (R->main_task && R->main_task->failed) break;
     if (R->ready_head) {
-      run_ready(R);
+      loop_run_ready(R);
       if (R->ready_head && !R->interrupted) event_base_loop(R->base, EVLOOP_NONBLOCK);
     } else {
       loop_wait(R);
