@@ -31,6 +31,9 @@ local fallback = require "policies.fallback"
 local call = {}
 local now = resil.now
 
+local calls_total = resil.metrics.counter("resil_calls_total", "Provider attempts, by provider and outcome")
+local call_seconds = resil.metrics.histogram("resil_call_seconds", "Time of one provider attempt, by provider")
+
 local Provider = {}
 Provider.__index = Provider
 
@@ -146,6 +149,14 @@ local function attempt(n, self, req, deadline)
     if self.token_bucket then self.token_bucket:observe(headers) end
   end
   local verdict = classify.outcome(res, err, self)
+  local outcome = verdict and verdict.class or "ok"
+  local series = self.outcomes[outcome]
+  if not series then
+    series = calls_total:labels({ provider = self.name, outcome = outcome })
+    self.outcomes[outcome] = series
+  end
+  series:inc()
+  self.call_time:observe(elapsed)
   if self.token_bucket then
     local used = used_tokens(res) or (verdict and 0) or tokens
     if used > tokens then self.token_bucket:charge(used - tokens)
@@ -194,6 +205,7 @@ function call.provider(name, conf)
   local self = setmetatable({ name = name, request = conf.request or {}, timeout = conf.timeout,
                               deadline = conf.deadline, validate = conf.validate, estimate = conf.estimate,
                               idempotency = conf.idempotency,
+                              outcomes = {}, call_time = call_seconds:labels({ provider = name }),
                               info = { served_by = name } }, Provider)
   if conf.rate then
     local o = {}

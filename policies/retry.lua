@@ -15,6 +15,10 @@ local classify = require "policies.classify"
 
 local retry = {}
 
+local retries_total = resil.metrics.counter("resil_retries_total", "Retries, by provider and outcome class")
+local gave_up_total = resil.metrics.counter("resil_retry_gave_up_total",
+  "Calls that failed after retrying, by provider and reason (max_retries, deadline, retry_budget)")
+
 retry.defaults = {
   base = 0.5,             -- seconds: the first delay of a growing backoff
   cap = 30,               -- seconds: no computed delay is longer
@@ -112,6 +116,7 @@ local function max_retries_for(opts, verdict)
 end
 
 local function final_error(res, err, verdict, attempt, provider, gave_up)
+  if gave_up then gave_up_total:inc({ provider = provider, reason = gave_up }) end
   if type(err) ~= "table" or err.class == nil then
     err = classify.error(verdict, { response = res })
   end
@@ -190,6 +195,7 @@ function retry.call(fn, opts, ...)
       return nil, final_error(res, err, verdict, attempt, provider, "retry_budget")
     end
     retries_of[class] = done + 1
+    retries_total:inc({ provider = provider, class = class })
     local reason = verdict.reason or verdict.message
     resil.log.info("retry", { provider = provider, attempt = attempt, class = class, delay = delay,
                               reason = reason })

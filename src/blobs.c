@@ -13,3 +13,4 @@ EMBED_LUA(resil_store_lua, "src/lua/store.lua");
 EMBED_LUA(resil_store_sqlite_lua, "src/lua/store_sqlite.lua");
 EMBED_LUA(resil_store_redis_lua, "src/lua/store_redis.lua");
 EMBED_LUA(resil_commands_lua, "src/lua/commands.lua");
+EMBED_LUA(resil_metrics_lua, "src/lua/metrics.lua");

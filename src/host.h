@@ -130,5 +130,6 @@ extern const char resil_mock_lua[];
 extern const char resil_store_lua[];
 extern const char resil_store_sqlite_lua[];
 extern const char resil_store_redis_lua[];
+extern const char resil_metrics_lua[];
 
 #endif

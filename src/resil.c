@@ -321,7 +321,8 @@ static int luaopen_resil(lua_State *L) {
   lua_pushstring(L, resil_store_lua);
   lua_pushstring(L, resil_store_sqlite_lua);
   lua_pushstring(L, resil_store_redis_lua);
-  lua_call(L, 5, 0);
+  lua_pushstring(L, resil_metrics_lua);
+  lua_call(L, 6, 0);
   return 1;
 }
 

@@ -381,6 +381,7 @@ end
 
 local Budget = {}
 Budget.__index = Budget
+local soft_total
 local Ticket = {}
 Ticket.__index = Ticket
 local budgets = {}
@@ -440,6 +441,9 @@ function Budget:reserve(estimate, o)
       { budget = self.name, limit = self.limit, spent = from_micro(spent), reserved = from_micro(reserved),
         period = period })
   end
+  soft_total = soft_total or resil.metrics.counter("resil_budget_soft_limit_total",
+    "Reservations that took a budget past its soft share, by budget")
+  if from_micro(spent + reserved) >= self.soft * self.limit then soft_total:inc({ budget = self.name }) end
   if from_micro(spent + reserved) >= self.soft * self.limit and self.warned_period ~= period then
     self.warned_period = period -- once per period and process: a warning, not a flood
     resil.log.warn("budget soft limit reached", { budget = self.name, limit = self.limit, period = period,
@@ -486,7 +490,11 @@ local shared_buckets, shared_breakers = {}, {}
 local SharedBucket = {}
 SharedBucket.__index = SharedBucket
 
+local outage_total = resil.metrics.counter("resil_store_unavailable_total",
+  "Operations of shared limits that found the store unavailable, by name")
+
 local function warn_once(obj, err)
+  outage_total:inc({ name = obj.name })
   if not obj.warned then
     obj.warned = true
     resil.log.warn("store unavailable: shared limit falls back to a local one",

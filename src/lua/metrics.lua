@@ -1,0 +1,208 @@
+-- resil.metrics: counters, gauges and histograms with labels, exposed in the
+-- Prometheus text format (resil.metrics.text(), or GET /metrics from
+-- resil.metrics.serve{port=}). Metrics are kept by name for the life of the
+-- host, so a policy reload keeps their values.
+--
+--   local retries = resil.metrics.counter("resil_retries_total", "Retries by provider and class")
+--   retries:inc({ provider = "openai", class = "rate_limited" })
+local resil = ...
+
+local metrics = {}
+local registry, order = {}, {}
+
+local function escape(v)
+  return (tostring(v):gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+end
+
+-- {b = 2, a = 1} -> 'a="1",b="2"' (sorted: one series per label set)
+local function label_key(labels)
+  if labels == nil or next(labels) == nil then return "" end
+  local names = {}
+  for k in pairs(labels) do
+    if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then
+      error(("metrics: bad label name %q"):format(tostring(k)), 3)
+    end
+    names[#names + 1] = k
+  end
+  table.sort(names)
+  local parts = {}
+  for i, k in ipairs(names) do parts[i] = ('%s="%s"'):format(k, escape(labels[k])) end
+  return table.concat(parts, ",")
+end
+
+local function check_number(n, what)
+  if type(n) ~= "number" or n ~= n then error(("metrics: %s must be a number"):format(what), 3) end
+end
+
+local Metric = {}
+Metric.__index = Metric
+
+local function define(kind, name, help, opts)
+  if type(name) ~= "string" or not name:match("^[%a_:][%w_:]*$") then
+    error(("resil.metrics.%s: bad metric name %q"):format(kind, tostring(name)), 3)
+  end
+  local m = registry[name]
+  if m then
+    if m.kind ~= kind then
+      error(("resil.metrics.%s: '%s' is already a %s"):format(kind, name, m.kind), 3)
+    end
+    return m
+  end
+  m = setmetatable({ kind = kind, name = name, help = help or name, series = {} }, Metric)
+  if kind == "histogram" then
+    m.buckets = (opts and opts.buckets) or { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 }
+    table.sort(m.buckets)
+  end
+  registry[name] = m
+  order[#order + 1] = name
+  return m
+end
+
+function metrics.counter(name, help) return define("counter", name, help) end
+function metrics.gauge(name, help) return define("gauge", name, help) end
+-- opts.buckets: upper bounds in seconds (or any unit), sorted for you
+function metrics.histogram(name, help, opts) return define("histogram", name, help, opts) end
+
+-- counter:inc([labels], [n]), gauge:inc / dec
+function Metric:inc(labels, n)
+  n = n or 1
+  check_number(n, "the increment")
+  if self.kind == "counter" and n < 0 then error("metrics: a counter only goes up", 2) end
+  if self.kind == "histogram" then error("metrics: use observe() on a histogram", 2) end
+  local key = label_key(labels)
+  self.series[key] = (self.series[key] or 0) + n
+end
+
+function Metric:dec(labels, n)
+  if self.kind ~= "gauge" then error("metrics: only a gauge goes down", 2) end
+  self:inc(labels, -(n or 1))
+end
+
+function Metric:set(labels, v)
+  if self.kind ~= "gauge" then error("metrics: only a gauge is set", 2) end
+  check_number(v, "the value")
+  self.series[label_key(labels)] = v
+end
+
+local function observe(m, key, v)
+  local s = m.series[key]
+  if not s then
+    s = { counts = {}, sum = 0, count = 0 }
+    for i = 1, #m.buckets do s.counts[i] = 0 end
+    m.series[key] = s
+  end
+  -- one count in the first bucket that holds v; cumulated when exposed
+  local buckets = m.buckets
+  for i = 1, #buckets do
+    if v <= buckets[i] then
+      s.counts[i] = s.counts[i] + 1
+      break
+    end
+  end
+  s.sum, s.count = s.sum + v, s.count + 1
+end
+
+-- histogram:observe([labels], value)
+function Metric:observe(labels, v)
+  if self.kind ~= "histogram" then error("metrics: observe() is for histograms", 2) end
+  check_number(v, "the observation")
+  observe(self, label_key(labels), v)
+end
+
+-- metric:labels{...} -> one series, bound once: inc/dec/set/observe without
+-- sorting labels on every call (for hot paths)
+local Series = {}
+Series.__index = Series
+
+function Metric:labels(labels)
+  return setmetatable({ metric = self, key = label_key(labels) }, Series)
+end
+
+function Series:inc(n)
+  local m = self.metric
+  if m.kind == "histogram" then error("metrics: use observe() on a histogram", 2) end
+  n = n or 1
+  if m.kind == "counter" and not (n >= 0) then error("metrics: a counter only goes up", 2) end
+  m.series[self.key] = (m.series[self.key] or 0) + n
+end
+
+function Series:set(v)
+  if self.metric.kind ~= "gauge" then error("metrics: only a gauge is set", 2) end
+  self.metric.series[self.key] = v
+end
+
+function Series:dec(n)
+  if self.metric.kind ~= "gauge" then error("metrics: only a gauge goes down", 2) end
+  self.metric.series[self.key] = (self.metric.series[self.key] or 0) - (n or 1)
+end
+
+function Series:observe(v)
+  if self.metric.kind ~= "histogram" then error("metrics: observe() is for histograms", 2) end
+  observe(self.metric, self.key, v)
+end
+
+-- metric:value([labels]) -> the counter or gauge value (0 if never set);
+-- for a histogram {count=, sum=}
+function Metric:value(labels)
+  local s = self.series[label_key(labels)]
+  if self.kind == "histogram" then return s and { count = s.count, sum = s.sum } or { count = 0, sum = 0 } end
+  return s or 0
+end
+
+local function number(v)
+  if v == math.huge then return "+Inf" end
+  if v == -math.huge then return "-Inf" end
+  if math.type(v) == "integer" then return tostring(v) end
+  return ("%.14g"):format(v) -- shortest readable form; metrics need no more
+end
+
+local function with(key, extra)
+  if key == "" then return extra == "" and "" or ("{" .. extra .. "}") end
+  return "{" .. key .. (extra ~= "" and ("," .. extra) or "") .. "}"
+end
+
+-- resil.metrics.text() -> the Prometheus text exposition of every metric
+function metrics.text()
+  local out = {}
+  for _, name in ipairs(order) do
+    local m = registry[name]
+    out[#out + 1] = ("# HELP %s %s"):format(name, (m.help:gsub("\n", " ")))
+    out[#out + 1] = ("# TYPE %s %s"):format(name, m.kind)
+    local keys = {}
+    for key in pairs(m.series) do keys[#keys + 1] = key end
+    table.sort(keys)
+    for _, key in ipairs(keys) do
+      local s = m.series[key]
+      if m.kind == "histogram" then
+        local cumulative = 0
+        for i, bound in ipairs(m.buckets) do
+          cumulative = cumulative + s.counts[i]
+          out[#out + 1] = ("%s_bucket%s %d"):format(name, with(key, ('le="%s"'):format(number(bound))), cumulative)
+        end
+        out[#out + 1] = ("%s_bucket%s %d"):format(name, with(key, 'le="+Inf"'), s.count)
+        out[#out + 1] = ("%s_sum%s %s"):format(name, with(key, ""), number(s.sum))
+        out[#out + 1] = ("%s_count%s %d"):format(name, with(key, ""), s.count)
+      else
+        out[#out + 1] = ("%s%s %s"):format(name, with(key, ""), number(s))
+      end
+    end
+  end
+  return table.concat(out, "\n") .. "\n"
+end
+
+-- resil.metrics.serve{host = "127.0.0.1", port = 9464} -> server (GET /metrics)
+function metrics.serve(opts)
+  opts = opts or {}
+  return resil.server.listen({
+    host = opts.host or "127.0.0.1",
+    port = opts.port or 9464,
+    handler = function(req)
+      if req.method == "GET" and req.path == "/metrics" then
+        return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = metrics.text() }
+      end
+      return { status = 404, body = "not found: try GET /metrics\n" }
+    end,
+  })
+end
+
+return metrics
