@@ -31,6 +31,18 @@ describe("resil.metrics", function()
     assert.truthy(text:find('spec_inflight 2\n', 1, true))
   end)
 
+  it("breakers count their transitions and rejections", function()
+    resil.log.level("error")
+    local br = resil.breaker("metrics-br", { window_type = "count", window = 2, min_calls = 2 })
+    br:record(false, 0.1)
+    br:record(false, 0.1)
+    br:allow()
+    resil.log.level("info")
+    assert.are.equal(1, resil.metrics.counter("resil_breaker_transitions_total"):value({ breaker = "metrics-br",
+      to = "open" }))
+    assert.are.equal(1, resil.metrics.counter("resil_breaker_rejected_total"):value({ breaker = "metrics-br" }))
+  end)
+
   it("escapes label values", function()
     local c = resil.metrics.counter("spec_escaped_total", "Escapes")
     c:inc({ path = 'a"b\\c\nd' })

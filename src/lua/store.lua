@@ -485,6 +485,7 @@ end
 -- degrade to per-process, calls are not refused for the store's sake.
 
 local local_bucket, local_breaker = resil.bucket, resil.breaker
+local instrumented
 local shared_buckets, shared_breakers = {}, {}
 
 local SharedBucket = {}
@@ -573,6 +574,24 @@ function resil.bucket(name, opts)
   return local_bucket(name, opts)
 end
 
+-- every breaker counts its transitions and rejections
+local transitions_total = resil.metrics.counter("resil_breaker_transitions_total",
+  "Circuit breaker transitions, by breaker and new state")
+local rejected_total = resil.metrics.counter("resil_breaker_rejected_total", "Calls a breaker refused, by breaker")
+local instrumented_set = setmetatable({}, { __mode = "k" })
+instrumented = function(br)
+  if instrumented_set[br] then return br end
+  instrumented_set[br] = true
+  local name = br:name()
+  for _, state in ipairs({ "open", "half_open", "closed", "isolated" }) do
+    local series = transitions_total:labels({ breaker = name, to = state })
+    br:on(state, function() series:inc() end)
+  end
+  local rejected = rejected_total:labels({ breaker = name })
+  br:on("reject", function() rejected:inc() end)
+  return br
+end
+
 local SharedBreaker = {}
 SharedBreaker.__index = SharedBreaker
 
@@ -644,11 +663,11 @@ function resil.breaker(name, opts)
     if opts then
       local o = {}
       for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
-      br.inner = local_breaker(name .. ":local", o)
+      br.inner = instrumented(local_breaker(name .. ":local", o))
       br.open_for = opts.open_for or 30
       br.probe_for = opts.probe_timeout or 60 -- a probe that never reports frees its slot after this
     end
     return br
   end
-  return local_breaker(name, opts)
+  return instrumented(local_breaker(name, opts))
 end
