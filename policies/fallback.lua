@@ -6,7 +6,7 @@
 --       on = { "server_error", "overloaded", "unavailable" } },
 --     placeholder = { text = "(summary unavailable)" },
 --   }
---   local value, err, info = answer(req)   -- info.served_by == "gpt-4o" | "claude" | "placeholder"
+--   local value, err, info = answer(req)   -- info.served_by == "gpt-4o" | "claude" | "placeholder" (read-only)
 --
 -- A strategy returns value or nil, err. The chain moves on from a failure when
 -- the strategy's `on` allows it: a list of classes, or fn(err) -> bool; by
@@ -45,6 +45,7 @@ function Chain:__call(...)
     local s = self.strategies[i]
     local value, err = s.fn(...)
     if value ~= nil or err == nil then
+      if errors == nil then return value, nil, s.info end -- shared: treat info as read-only
       return value, nil, { served_by = s.name, index = i, errors = errors }
     end
     errors = errors or {}
@@ -82,7 +83,8 @@ function fallback.chain(spec)
     if on ~= nil and type(on) ~= "table" and type(on) ~= "function" then
       error(("fallback.chain: strategy %d: `on` must be a list of classes or a function"):format(i), 2)
     end
-    strategies[i] = { name = s.name or ("strategy " .. i), fn = s.fn, on = on }
+    local sname = s.name or ("strategy " .. i)
+    strategies[i] = { name = sname, fn = s.fn, on = on, info = { served_by = sname, index = i } }
   end
   if #strategies == 0 then error("fallback.chain: needs at least one strategy", 2) end
   return setmetatable({ strategies = strategies, placeholder = spec.placeholder }, Chain)

@@ -61,7 +61,12 @@ local function budget_slot(b, now)
 end
 
 function Budget:deposit()
-  local slot = budget_slot(self, resil.now())
+  local second = floor(resil.now())
+  local slot = self.current
+  if second ~= self.current_second then
+    slot = budget_slot(self, second)
+    self.current, self.current_second = slot, second
+  end
   slot.calls = slot.calls + 1
 end
 
