@@ -82,7 +82,7 @@ print(admitted)
     local db = helpers.tmpname(".db")
     local pid, out = helpers.start([[
 local resil = require "resil"
-assert(resil.budget("killed", { limit = 5, hold = 1 }):reserve(5))
+assert(resil.budget("killed", { limit = 5, hold = 2 }):reserve(5))
 print("reserved"); io.stdout:flush()
 resil.sleep(3600)
 ]], "--store " .. db .. " --log-level off")
@@ -91,7 +91,7 @@ resil.sleep(3600)
     local check = [[
 local resil = require "resil"
 local t0 = resil.clock.wall()
-local first = resil.budget("killed", { limit = 5, hold = 1 }):reserve(1)
+local first = resil.budget("killed", { limit = 5, hold = 2 }):reserve(1)
 local admitted_after
 for _ = 1, 1000 do
   if resil.budget("killed"):reserve(1) then admitted_after = resil.clock.wall() - t0 break end
