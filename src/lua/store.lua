@@ -561,13 +561,19 @@ function SharedBucket:state()
   return { name = self.name, rate = self.rate, per = self.per, burst = self.burst, shared = true }
 end
 
+-- the shared object of this name, made on first use
+local function shared_named(registry, mt, name)
+  local obj = registry[name]
+  if not obj then
+    obj = setmetatable({ name = name }, mt)
+    registry[name] = obj
+  end
+  return obj
+end
+
 function resil.bucket(name, opts)
   if type(opts) == "table" and opts.shared or shared_buckets[name] then
-    local b = shared_buckets[name]
-    if not b then
-      b = setmetatable({ name = name }, SharedBucket)
-      shared_buckets[name] = b
-    end
+    local b = shared_named(shared_buckets, SharedBucket, name)
     if opts then b:configure(opts) end
     return b
   end
@@ -655,11 +661,7 @@ end
 
 function resil.breaker(name, opts)
   if type(opts) == "table" and opts.shared or shared_breakers[name] then
-    local br = shared_breakers[name]
-    if not br then
-      br = setmetatable({ name = name }, SharedBreaker)
-      shared_breakers[name] = br
-    end
+    local br = shared_named(shared_breakers, SharedBreaker, name)
     if opts then
       local o = {}
       for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
