@@ -675,7 +675,7 @@ static http_req *request_new(lua_State *L, int stream) {
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
   }
   /* a recycled handle may carry the previous request's method */
-  curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, NULL);
+  curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, (char *)NULL);
   if (r->req_body) {
     curl_easy_setopt(e, CURLOPT_NOBODY, 0L);
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
