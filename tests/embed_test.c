@@ -3,7 +3,9 @@
  * Prints TAP lines; spec/run counts them.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <event2/event.h>
 #include <lauxlib.h>
@@ -72,6 +74,53 @@ int main(void) {
   event_base_free(base);
 
   resil_close(R);
+
+  /* the store and policy reload through the options and the C API */
+  char dir[] = "/tmp/resil-embed-XXXXXX";
+  if (!mkdtemp(dir)) return 1;
+  char path[256], store[256];
+  snprintf(path, sizeof path, "%s/greet.lua", dir);
+  snprintf(store, sizeof store, "%s/state.db", dir);
+  FILE *f = fopen(path, "w");
+  fputs("return { version = 1 }", f);
+  fclose(f);
+  resil_options o3 = {0};
+  o3.policies_dir = dir;
+  o3.store = store;
+  o3.run_id = "embedded-run";
+  o3.log_level = "off";
+  resil_t *R3 = resil_open(&o3);
+  resil_load_string(R3,
+                    "local resil = require 'resil'\n"
+                    "greet = resil.policy 'greet'\n"
+                    "step = resil.step('one', function() return 'done' end) .. ' ' .. resil.run.id()\n",
+                    "=store");
+  check(resil_run(R3) == RESIL_OK && strcmp(global_string(R3, "step"), "done embedded-run") == 0,
+        "the store and run id come from the options");
+  f = fopen(path, "w");
+  fputs("return { version = 2 }", f);
+  fclose(f);
+  check(resil_reload(R3) == RESIL_OK, "resil_reload loads the changed policy");
+  lua_State *L3 = resil_lua(R3);
+  (void)luaL_dostring(L3, "version = tostring(greet.version)");
+  check(strcmp(global_string(R3, "version"), "2") == 0, "new calls see the new version");
+  f = fopen(path, "w");
+  fputs("return {", f);
+  fclose(f);
+  check(resil_reload(R3) == RESIL_ERR_SCRIPT && strstr(resil_error(R3), "greet.lua:1:") != NULL,
+        "a broken policy is refused with file:line");
+  (void)luaL_dostring(L3, "version = tostring(greet.version)");
+  check(strcmp(global_string(R3, "version"), "2") == 0, "and the old version keeps serving");
+  resil_close(R3);
+  unlink(path);
+  unlink(store);
+  char side[300];
+  snprintf(side, sizeof side, "%s-wal", store);
+  unlink(side);
+  snprintf(side, sizeof side, "%s-shm", store);
+  unlink(side);
+  rmdir(dir);
+
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
 }
