@@ -124,3 +124,35 @@ print(resil.once({ key = "shared-job", wait = 10 }, function() return "made by B
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
   end)
 end)
+
+describe("SQLite's write lock held by another process", function()
+  it("is waited for without blocking the loop: other tasks run, then the write lands", function()
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    assert(resil.store():set("before", "1")) -- creates the file and schema
+    local pid, out = helpers.start([[
+local resil = require "resil"
+local db = assert(resil.sqlite.open(arg[1]))
+db:now(function(tx)
+  tx:exec("INSERT OR REPLACE INTO kv (key, value) VALUES ('holder', '1')")
+  print("locked"); io.stdout:flush()
+  local t = os.clock()
+  while os.clock() - t < 0.6 do end -- hold the write lock for 0.6 s of CPU
+end)
+print("released"); io.stdout:flush()
+]], "--log-level off", db)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("locked") end, 10))
+    local ticks, writing = 0, true
+    local ticker = resil.spawn(function()
+      while writing do ticks = ticks + 1; resil.sleep(0.01) end
+    end)
+    local ok = resil.store():set("during", "2")
+    writing = false
+    ticker:join()
+    assert.is_true(ok)
+    assert.matches("released", helpers.slurp(out))
+    assert.is_true(ticks >= 10, "the loop ran other tasks while waiting for the lock: " .. ticks)
+    assert.are.equal("1", resil.store():get("holder"))
+    helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+  end)
+end)

@@ -12,6 +12,7 @@
  * src/lua/store.lua; this file only runs SQL, fast and safely.
  */
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 
 #include <sqlite3.h>
@@ -21,6 +22,7 @@
 #define DB_MT "resil.SqliteDb"
 #define TX_MT "resil.SqliteTx"
 #define BUSY_TIMEOUT_MS 10000
+#define LOCK_WAIT_SECONDS 10.0 /* how long group commit waits for another process's write lock */
 
 typedef struct op op;
 struct op {
@@ -38,6 +40,9 @@ typedef struct {
   int group_commit;
   op *head, *tail;
   struct event *flush_ev;
+  struct event *retry_ev; /* another process holds the write lock: try again later */
+  int waiting_lock, lock_attempts;
+  struct timespec lock_since;
   int ref_stmts; /* sql -> lightuserdata stmt */
   int in_tx;
   long commits, ops;
@@ -197,9 +202,10 @@ static void fail_op(lua_State *L, op *o, const char *why) {
   o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
-/* One transaction for a list of ops; every op gets a result or a failure. */
-static void commit_batch(lua_State *L, store_db *d, op *first, op *stop, int txh) {
-  int rc = exec_sql(d, "BEGIN IMMEDIATE");
+/* One transaction for a list of ops; every op gets a result or a failure.
+ * began: BEGIN IMMEDIATE already succeeded. */
+static void commit_batch(lua_State *L, store_db *d, op *first, op *stop, int txh, int began) {
+  int rc = began ? SQLITE_OK : exec_sql(d, "BEGIN IMMEDIATE");
   if (rc != SQLITE_OK) {
     for (op *o = first; o != stop; o = o->next) fail_op(L, o, sqlite3_errmsg(d->db));
     return;
@@ -221,20 +227,57 @@ static void commit_batch(lua_State *L, store_db *d, op *first, op *stop, int txh
   d->commits++;
 }
 
+static double seconds_since(const struct timespec *t0) {
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return (double)(now.tv_sec - t0->tv_sec) + (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+/* Group commit takes the write lock without blocking the loop: when another
+ * process holds it, the batch stays queued (and keeps growing) while a timer
+ * retries with a growing delay; the other tasks' I/O goes on meanwhile. */
+static int take_write_lock(store_db *d) {
+  sqlite3_busy_timeout(d->db, 0);
+  int rc = exec_sql(d, "BEGIN IMMEDIATE");
+  sqlite3_busy_timeout(d->db, BUSY_TIMEOUT_MS);
+  if (rc != SQLITE_BUSY || (d->waiting_lock && seconds_since(&d->lock_since) >= LOCK_WAIT_SECONDS)) {
+    if (d->waiting_lock) d->R->io_pending--; /* done waiting (or given up: "database is locked") */
+    d->waiting_lock = 0;
+    return rc;
+  }
+  if (!d->waiting_lock) {
+    d->waiting_lock = 1;
+    d->lock_attempts = 0;
+    d->R->io_pending++; /* real I/O: the virtual clock must not race ahead of it */
+    clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
+  }
+  long usec = 500L << (d->lock_attempts < 7 ? d->lock_attempts : 7); /* 0.5 ms .. 64 ms */
+  d->lock_attempts++;
+  struct timeval tv = {0, usec};
+  evtimer_add(d->retry_ev, &tv);
+  return -1;
+}
+
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   lua_State *L = d->R->L;
+  if (!d->head) return;
+  int began = 0;
+  if (d->group_commit) {
+    int rc = take_write_lock(d);
+    if (rc == -1) return; /* retried by the timer */
+    if (rc == SQLITE_OK) began = 1;
+  }
   op *batch = d->head;
   d->head = d->tail = NULL;
-  if (!batch) return;
   store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
   *txp = d;
   luaL_setmetatable(L, TX_MT);
   int txh = lua_gettop(L);
   if (d->group_commit) {
-    commit_batch(L, d, batch, NULL, txh);
+    commit_batch(L, d, batch, NULL, txh, began);
   } else {
-    for (op *o = batch; o; o = o->next) commit_batch(L, d, o, o->next, txh);
+    for (op *o = batch; o; o = o->next) commit_batch(L, d, o, o->next, txh, 0);
   }
   *txp = NULL; /* a handle kept by fn is dead now */
   lua_pop(L, 1);
@@ -299,7 +342,7 @@ static int db_tx(lua_State *L) {
   if (d->tail) d->tail->next = o;
   else d->head = o;
   d->tail = o;
-  event_active(d->flush_ev, EV_TIMEOUT, 0);
+  if (!d->waiting_lock) event_active(d->flush_ev, EV_TIMEOUT, 0);
   task_wait(t, op_canceled, o);
   return lua_yieldk(L, 0, (lua_KContext)o, tx_k);
 }
@@ -355,7 +398,8 @@ static void db_close_all(lua_State *L, store_db *d) {
   sqlite3_close(d->db);
   d->db = NULL;
   if (d->flush_ev) event_free(d->flush_ev);
-  d->flush_ev = NULL;
+  if (d->retry_ev) event_free(d->retry_ev);
+  d->flush_ev = d->retry_ev = NULL;
   free(d->path);
   d->path = NULL;
 }
@@ -407,6 +451,7 @@ static int l_open(lua_State *L) {
   lua_newtable(L);
   d->ref_stmts = luaL_ref(L, LUA_REGISTRYINDEX);
   d->flush_ev = event_new(R->base, -1, 0, flush_cb, d);
+  d->retry_ev = evtimer_new(R->base, flush_cb, d);
   return 1;
 }
 
