@@ -16,20 +16,27 @@ end
 
 -- resil.timeout(seconds, fn, ...) -> fn's results | nil, err{kind="timeout"}
 -- fn runs as a child task; on timeout it is canceled, which aborts its I/O.
+-- (One small guard table per call and no packing of results: this sits
+-- under every deadline of the policy library.)
+local child_guard_mt = { __close = function(g) g[1]:cancel() end }
+
+local function timeout_result(seconds, child, ok, ...)
+  if ok == nil then
+    child:cancel()
+    return nil, resil.error("timeout", ("timed out after %g s"):format(seconds), { timeout = seconds })
+  end
+  if ok == false then error((...), 0) end
+  return ...
+end
+
 function resil.timeout(seconds, fn, ...)
   if type(seconds) ~= "number" or seconds < 0 then
     error("resil.timeout: seconds must be a number >= 0", 2)
   end
   if type(fn) ~= "function" then error("resil.timeout: fn must be a function", 2) end
   local child = resil.spawn(fn, ...)
-  local guard <close> = cancel_on_close({ child })
-  local r = pack(child:join(seconds))
-  if r[1] == nil then
-    child:cancel()
-    return nil, resil.error("timeout", ("timed out after %g s"):format(seconds), { timeout = seconds })
-  end
-  if r[1] == false then error(r[2], 0) end
-  return unpack(r, 2, r.n)
+  local _ <close> = setmetatable({ child }, child_guard_mt) -- if we are canceled, so is the child
+  return timeout_result(seconds, child, child:join(seconds))
 end
 
 local function progress_bar(label, total)
