@@ -171,9 +171,11 @@ static int log_at(lua_State *L, int level) {
   if (t) {
     lua_pushinteger(L, task_id(t));
     lua_setfield(L, 3, "task");
-    lua_rawgeti(L, LUA_REGISTRYINDEX, task_context_ref(t));
-    merge_into(L, 4, 3);
-    lua_pop(L, 1);
+    if (task_context_ref(t) != LUA_NOREF) { /* LUA_NOREF: no context yet */
+      lua_rawgeti(L, LUA_REGISTRYINDEX, task_context_ref(t));
+      merge_into(L, 4, 3);
+      lua_pop(L, 1);
+    }
   }
   if (lua_istable(L, 2)) merge_into(L, 2, 3);
   lua_settop(L, 3);

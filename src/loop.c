@@ -47,6 +47,7 @@ struct task {
   int nres;                /* results (or 1 error) at the top of co */
   char *traceback;
   char where[96];
+  int where_line;          /* not yet appended to where */
 };
 
 /* ---------- clock ---------- */
@@ -289,6 +290,7 @@ static void task_record_failure(task *t) {
 }
 
 static void instruction_hook(lua_State *L, lua_Debug *ar);
+static const char *task_where(task *t);
 
 static void task_resume(resil_t *R, task *t) {
   int nres = 0, nargs = t->nargs;
@@ -336,7 +338,7 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   lua_sethook(L, instruction_hook, LUA_MASKCOUNT, 1);
   if (R->interrupted) luaL_error(L, "interrupted by signal %d", (int)R->interrupted);
   luaL_error(L, "task %d (%s) ran more than --max-instructions=%I without yielding", t ? t->id : 0,
-             t ? t->where : "?", (lua_Integer)R->max_instructions);
+             t ? task_where(t) : "?", (lua_Integer)R->max_instructions);
 }
 
 /* Called from a signal handler (through resil_interrupt): only a hook. */
@@ -349,13 +351,23 @@ static task *check_task(lua_State *L, int idx) {
   return luaL_checkudata(L, idx, TASK_MT);
 }
 
-static void describe_function(lua_State *L, int idx, char *buf, size_t len) {
+/* Where the task's function is defined: the source now, "file:line" only
+ * when a message needs it (formatting on every spawn is measurable). */
+static void describe_function(lua_State *L, int idx, task *t) {
   lua_Debug ar;
   lua_pushvalue(L, idx);
-  if (lua_getinfo(L, ">S", &ar) && ar.linedefined > 0)
-    snprintf(buf, len, "%s:%d", ar.short_src, ar.linedefined);
-  else
-    snprintf(buf, len, "%s", ar.what[0] == 'C' ? "[C]" : ar.short_src);
+  if (!lua_getinfo(L, ">S", &ar)) ar.what = "?";
+  snprintf(t->where, sizeof t->where, "%s", ar.what[0] == 'C' ? "[C]" : ar.short_src);
+  t->where_line = ar.linedefined > 0 ? ar.linedefined : 0;
+}
+
+static const char *task_where(task *t) {
+  if (t->where_line > 0) {
+    size_t n = strlen(t->where);
+    snprintf(t->where + n, sizeof t->where - n, ":%d", t->where_line);
+    t->where_line = 0;
+  }
+  return t->where;
 }
 
 /* L stack: fn, args... (nargs of them) -> task userdata */
@@ -368,25 +380,33 @@ static task *task_create(lua_State *L, resil_t *R, int nargs, task *parent) {
   timer_init(R, &t->timer, NULL, t);
   luaL_setmetatable(L, TASK_MT);
   t->id = ++R->next_task_id;
-  describe_function(L, fn_index, t->where, sizeof t->where);
+  describe_function(L, fn_index, t);
 
   t->co = lua_newthread(L);
   t->ref_co = luaL_ref(L, LUA_REGISTRYINDEX);
   *(task **)lua_getextraspace(t->co) = t;
 
-  /* log context: a copy of the parent's, so children may extend it */
-  lua_newtable(L);
+  /* log context: a copy of the parent's, so children may extend it; none
+   * at all (made on first use) when the parent has none */
   if (parent && parent->ref_ctx != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, parent->ref_ctx);
     lua_pushnil(L);
-    while (lua_next(L, -2)) {
-      lua_pushvalue(L, -2);
+    if (lua_next(L, -2)) {
+      lua_pop(L, 2);
+      lua_newtable(L);
       lua_insert(L, -2);
-      lua_rawset(L, -5);
+      lua_pushnil(L);
+      while (lua_next(L, -2)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, -5);
+      }
+      lua_pop(L, 1);
+      t->ref_ctx = luaL_ref(L, LUA_REGISTRYINDEX);
+    } else {
+      lua_pop(L, 1);
     }
-    lua_pop(L, 1);
   }
-  t->ref_ctx = luaL_ref(L, LUA_REGISTRYINDEX);
 
   /* L stack: fn, args..., task */
   lua_insert(L, fn_index);
@@ -516,7 +536,7 @@ static int task_getid(lua_State *L) {
 
 static int task_tostring(lua_State *L) {
   task *t = check_task(L, 1);
-  lua_pushfstring(L, "task %d (%s)", t->id, t->where);
+  lua_pushfstring(L, "task %d (%s)", t->id, task_where(t));
   return 1;
 }
 
@@ -524,7 +544,7 @@ static int task_tostring(lua_State *L) {
 static int task_gc(lua_State *L) {
   task *t = check_task(L, 1);
   if (t->failed && !t->joined && !t->canceled && t != t->R->main_task && t->traceback)
-    fprintf(stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, t->where,
+    fprintf(stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, task_where(t),
             t->traceback);
   timer_free(&t->timer);
   free(t->joiners);
@@ -580,6 +600,10 @@ static int l_context(lua_State *L) {
   if (!t) {
     lua_newtable(L);
     return 1;
+  }
+  if (t->ref_ctx == LUA_NOREF) {
+    lua_newtable(L);
+    t->ref_ctx = luaL_ref(L, LUA_REGISTRYINDEX);
   }
   lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref_ctx);
   if (lua_istable(L, 1)) {
