@@ -83,7 +83,7 @@ typedef struct http_req {
   abort_reason aborted;
   double timeout, idle_timeout, started, elapsed;
   resil_timer deadline, idle;
-  char url[256];            /* for messages only */
+  const char *url;          /* a Lua string, kept alive in the request's user value 2 */
   char errbuf[CURL_ERROR_SIZE];
 } http_req;
 
@@ -604,7 +604,7 @@ static CURL *new_easy(void) {
 static http_req *request_new(lua_State *L, int stream) {
   luaL_checktype(L, 1, LUA_TTABLE);
   http_state *H = http_get(L);
-  http_req *r = lua_newuserdatauv(L, sizeof *r, 1); /* user value: the body string */
+  http_req *r = lua_newuserdatauv(L, sizeof *r, 2); /* user values: the body and url strings */
   memset(r, 0, sizeof *r);
   r->H = H;
   timer_init(H->R, &r->deadline, deadline_cb, r);
@@ -614,7 +614,9 @@ static http_req *request_new(lua_State *L, int stream) {
 
   const char *url = opt_string(L, 1, "url");
   if (!url) resil_raise(L, "http request: 'url' is required");
-  snprintf(r->url, sizeof r->url, "%s", url);
+  lua_getfield(L, 1, "url");
+  lua_setiuservalue(L, -2, 2);
+  r->url = url;
   if (strcmp(url, H->last_url) != 0) {
     CURLU *parsed = curl_url();
     CURLUcode uc = curl_url_set(parsed, CURLUPART_URL, url, 0);
