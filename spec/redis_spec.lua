@@ -40,6 +40,7 @@ local function fresh_url()
 end
 
 setup(function()
+  resil.clock.real() -- other processes share these keys: store time must be real time
   dir = helpers.tmpname("-redis")
   os.execute("mkdir -p " .. dir)
   port = free_port()

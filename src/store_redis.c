@@ -82,6 +82,7 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     lua_rawseti(L, -2, 1);
   }
   cmd->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
+  c->R->io_pending--;
   if (--c->pending == 0 && c->ref_self != LUA_NOREF) {
     luaL_unref(L, LUA_REGISTRYINDEX, c->ref_self);
     c->ref_self = LUA_NOREF;
@@ -201,6 +202,7 @@ static int conn_call(lua_State *L) {
     return resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
                               c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
   }
+  c->R->io_pending++; /* real I/O: the virtual clock waits for it as for HTTP */
   if (c->pending++ == 0) {
     lua_pushvalue(L, 1);
     c->ref_self = luaL_ref(L, LUA_REGISTRYINDEX);
