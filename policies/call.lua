@@ -61,23 +61,15 @@ local function merged_request(self, req, left)
   local r = {}
   for k, v in pairs(base) do r[k] = v end
   for k, v in pairs(req) do r[k] = v end
-  if base.headers and req.headers then
-    local h = {}
-    for k, v in pairs(base.headers) do h[k] = v end
-    for k, v in pairs(req.headers) do h[k] = v end
-    r.headers = h
-  end
   local key = req.idempotency_key
   if key == nil and self.idempotency then key = resil.context().idempotency_key end -- inside resil.once
-  if key then
-    r.headers = r.headers or {}
-    if r.headers == base.headers or r.headers == req.headers then
-      local h = {}
-      for k, v in pairs(r.headers) do h[k] = v end
-      r.headers = h
-    end
-    r.headers["Idempotency-Key"] = key
-    r.idempotency_key = nil
+  r.idempotency_key = nil
+  if key or (base.headers and req.headers) then
+    local h = {}
+    for k, v in pairs(base.headers or {}) do h[k] = v end
+    for k, v in pairs(req.headers or {}) do h[k] = v end
+    if key then h["Idempotency-Key"] = key end
+    r.headers = h
   end
   local timeout = r.timeout or self.timeout
   if left and (timeout == nil or left < timeout) then timeout = left end
@@ -103,7 +95,7 @@ local function attempt(n, self, req, deadline)
     if not ok then return nil, probe end
     if probe then guard = setmetatable({ breaker = br }, probe_guard_mt) end
   end
-  local _ <close> = guard
+  local _ <close> = guard -- an attempt that ends before record() gives its probe back
   local wait = left and { timeout = left } or nil
   local tokens = 0
   if self.token_bucket then
@@ -114,39 +106,28 @@ local function attempt(n, self, req, deadline)
     else
       ok, err = self.token_bucket:acquire(tokens, wait)
     end
-    if not ok then
-      if guard then guard.done = true; br:record(nil) end
-      return nil, err
-    end
+    if not ok then return nil, err end
   elseif self.bucket then
     local ok, err = self.bucket:acquire(1, wait)
-    if not ok then
-      if guard then guard.done = true; br:record(nil) end
-      return nil, err
-    end
+    if not ok then return nil, err end
   end
-  local res, err, elapsed
   local sem = self.semaphore
   if sem then
-    local ok, serr = sem:acquire(wait)
-    if not ok then
-      if guard then guard.done = true; br:record(nil) end
-      return nil, serr
-    end
-    local _ <close> = self.releaser
-    local start = now()
-    res, err = send(self, req, n, deadline and deadline - now())
-    elapsed = now() - start
-  else
-    local start = now()
-    res, err = send(self, req, n, deadline and deadline - now())
-    elapsed = now() - start
+    local ok, err = sem:acquire(wait)
+    if not ok then return nil, err end
   end
+  local start = now()
+  local res, err
+  do
+    local _ <close> = sem and self.releaser or nil
+    res, err = send(self, req, n, deadline and deadline - now())
+  end
+  local elapsed = now() - start
 
-  local headers = type(res) == "table" and res.headers
-  if headers then
-    if self.bucket then self.bucket:observe(headers) end
-    if self.token_bucket then self.token_bucket:observe(headers) end
+  -- headers are built on first read: only read them when a bucket wants them
+  if (self.bucket or self.token_bucket) and type(res) == "table" and res.headers then
+    if self.bucket then self.bucket:observe(res.headers) end
+    if self.token_bucket then self.token_bucket:observe(res.headers) end
   end
   local verdict = classify.outcome(res, err, self)
   local outcome = verdict and verdict.class or "ok"

@@ -70,29 +70,30 @@ function Budget:deposit()
   slot.calls = slot.calls + 1
 end
 
+-- calls and retries over the window that ends at `second`
+local function window_totals(b, second)
+  local calls, retries = 0, 0
+  for i = 1, b.window do
+    local s = b.slots[i]
+    if second - s.second < b.window then calls, retries = calls + s.calls, retries + s.retries end
+  end
+  return calls, retries
+end
+
+local function allowed(b, calls) return b.min_per_second * b.window + b.percent * calls end
+
 -- Take one retry from the budget: true, or false when it is spent.
 function Budget:withdraw()
-  local now = resil.now()
-  local slot, second = budget_slot(self, now)
-  local calls, retries = 0, 0
-  for i = 1, self.window do
-    local s = self.slots[i]
-    if second - s.second < self.window then calls, retries = calls + s.calls, retries + s.retries end
-  end
-  if retries + 1 > self.min_per_second * self.window + self.percent * calls then return false end
+  local slot, second = budget_slot(self, resil.now())
+  local calls, retries = window_totals(self, second)
+  if retries + 1 > allowed(self, calls) then return false end
   slot.retries = slot.retries + 1
   return true
 end
 
 function Budget:state()
-  local second = floor(resil.now())
-  local calls, retries = 0, 0
-  for i = 1, self.window do
-    local s = self.slots[i]
-    if second - s.second < self.window then calls, retries = calls + s.calls, retries + s.retries end
-  end
-  return { calls = calls, retries = retries,
-           allowed = floor(self.min_per_second * self.window + self.percent * calls) }
+  local calls, retries = window_totals(self, floor(resil.now()))
+  return { calls = calls, retries = retries, allowed = floor(allowed(self, calls)) }
 end
 
 -- retry.budget(name [, conf]) -> the budget of a provider; it survives reloads.

@@ -118,28 +118,12 @@ describe("runaway scripts", function()
 end)
 
 describe("signals", function()
-  local function start(script_source, opts)
-    local script = helpers.write(helpers.tmpname(".lua"), script_source)
-    local out = helpers.tmpname(".out")
-    local pidfile = helpers.tmpname(".pid")
-    os.execute(("%s %s %s > %s 2>&1 & echo $! > %s"):format(R, opts or "", script, out, pidfile))
-    return helpers.slurp(pidfile):match("%d+"), out
-  end
+  local start = helpers.start
   local function wait_exit(pid)
-    resil.clock.real()
-    for _ = 1, 500 do
-      if not os.execute("kill -0 " .. pid .. " 2>/dev/null") then return true end
-      resil.sleep(0.01)
-    end
-    return false
+    return helpers.wait_until(function() return not helpers.alive(pid) end, 5)
   end
   local function wait_for_output(out, pattern)
-    resil.clock.real()
-    for _ = 1, 500 do
-      if helpers.slurp(out):match(pattern) then return true end
-      resil.sleep(0.01)
-    end
-    return false
+    return helpers.wait_until(function() return helpers.slurp(out):match(pattern) ~= nil end, 5)
   end
 
   it("SIGTERM stops a waiting script cleanly", function()

@@ -65,6 +65,14 @@ static int64_t wait_for(const bucket *b, double n, int64_t now) {
   return wait <= SLACK_NS ? 0 : wait;
 }
 
+/* The wait for n tokens behind the queue's waiters up to `stop` (NULL: all
+ * of them): FIFO, so they are served first. */
+static int64_t wait_behind(const bucket *b, double n, int64_t now, const waiter *stop) {
+  int64_t wait = wait_for(b, n, now);
+  for (const waiter *p = b->head; p && p != stop; p = p->next) wait += tokens_ns(b, p->n);
+  return wait;
+}
+
 static double remaining_at(const bucket *b, int64_t now) {
   int64_t start = b->tat_ns > now ? b->tat_ns : now;
   double r = floor((double)(now + tolerance_ns(b) - start + SLACK_NS) / (double)b->interval_ns);
@@ -132,10 +140,7 @@ static void bucket_timer_fired(void *arg) {
 static void waiter_timed_out(void *arg) {
   waiter *w = arg;
   bucket *b = w->b;
-  int64_t now = now_ns(b->R);
-  int64_t ahead = 0;
-  for (waiter *p = b->head; p && p != w; p = p->next) ahead += tokens_ns(b, p->n);
-  w->retry_after = (double)(wait_for(b, w->n, now) + ahead) / NS;
+  w->retry_after = (double)wait_behind(b, w->n, now_ns(b->R), w) / NS;
   int was_head = b->head == w;
   queue_remove(b, w);
   finish_waiter(w, 2);
@@ -261,9 +266,8 @@ static int b_try(lua_State *L) {
     lua_pushnumber(L, HUGE_VAL);
     return 2;
   }
-  int64_t wait = wait_for(b, n, now);
-  for (waiter *w = b->head; w; w = w->next) wait += tokens_ns(b, w->n); /* waiters go first */
-  if (b->head && wait == 0) wait = 1;
+  int64_t wait = wait_behind(b, n, now, NULL);
+  if (b->head && wait == 0) wait = 1; /* waiters asking for 0 tokens still go first */
   if (wait > 0) {
     lua_pushboolean(L, 0);
     lua_pushnumber(L, (double)wait / NS);
@@ -307,7 +311,7 @@ static int b_acquire(lua_State *L) {
     push_count(L, remaining_at(b, now));
     return 2;
   }
-  for (waiter *p = b->head; p; p = p->next) wait += tokens_ns(b, p->n);
+  wait = wait_behind(b, n, now, NULL);
   if (timeout >= 0 && (double)wait / NS > timeout) return push_limited(L, b, n, (double)wait / NS);
   task *t = task_current(L, "bucket:acquire");
   waiter *w = lua_newuserdatauv(L, sizeof *w, 0); /* anchored on the task's stack while it waits */
@@ -533,9 +537,7 @@ static int b_wait_time(lua_State *L) {
     lua_pushnumber(L, HUGE_VAL);
     return 1;
   }
-  int64_t wait = wait_for(b, n, now_ns(b->R));
-  for (waiter *w = b->head; w; w = w->next) wait += tokens_ns(b, w->n);
-  lua_pushnumber(L, (double)wait / NS);
+  lua_pushnumber(L, (double)wait_behind(b, n, now_ns(b->R), NULL) / NS);
   return 1;
 }
 

@@ -157,29 +157,27 @@ extern const char resil_commands_lua[];
 static int run_command(const char *name, int argc, char **argv) {
   resil_options opts = {0};
   opts.log_level = "warn";
-  int n = 0;
-  char **rest = calloc((size_t)argc + 1, sizeof *rest);
-  if (!rest) return fail("%s", "out of memory");
   for (int i = 0; i < argc; i++) {
-    if (strcmp(argv[i], "--store") == 0) {
-      if (i + 1 >= argc) return fail("%s: --store needs a path or URL", name);
-      opts.store = argv[++i];
-    } else {
-      rest[n++] = argv[i];
-    }
+    if (strcmp(argv[i], "--store") != 0) continue;
+    if (i + 1 >= argc) return fail("%s: --store needs a path or URL", name);
+    opts.store = argv[i + 1];
   }
   resil_t *R = resil_open(&opts);
   if (!R) return fail("%s", "cannot create the host");
+  /* arg: the command's own arguments, without --store and its value */
   lua_State *L = resil_lua(R);
-  lua_createtable(L, n, 1);
+  lua_newtable(L);
   lua_pushstring(L, name);
   lua_rawseti(L, -2, 0);
-  for (int i = 0; i < n; i++) {
-    lua_pushstring(L, rest[i]);
-    lua_rawseti(L, -2, i + 1);
+  for (int i = 0, n = 0; i < argc; i++) {
+    if (strcmp(argv[i], "--store") == 0) {
+      i++;
+      continue;
+    }
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, ++n);
   }
   lua_setglobal(L, "arg");
-  free(rest);
   signal_target = R;
   int status = resil_load_string(R, resil_commands_lua, "=[resil commands]");
   if (status == RESIL_OK) status = resil_run(R);

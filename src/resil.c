@@ -427,9 +427,11 @@ static int start_main(resil_t *R, int argc, char **argv, const char *script) {
   lua_pushliteral(L, "resil");
   lua_call(L, 1, 1);
   lua_getfield(L, -1, "store_config");
-  lua_createtable(L, 0, 2);
+  lua_createtable(L, 0, 3);
   lua_pushstring(L, script), lua_setfield(L, -2, "script");
   lua_pushvalue(L, -4), lua_setfield(L, -2, "args");
+  char abs[PATH_MAX];
+  if (realpath(script, abs)) lua_pushstring(L, abs), lua_setfield(L, -2, "script_path");
   lua_call(L, 1, 0);
   lua_pop(L, 2);
   for (int i = 0; i < argc; i++) lua_pushstring(L, argv[i]);

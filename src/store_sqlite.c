@@ -11,7 +11,9 @@
  * The store's logic (idempotency, steps, ledger, budgets) is Lua in
  * src/lua/store.lua; this file only runs SQL, fast and safely.
  */
+#include <limits.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <string.h>
 
@@ -416,6 +418,19 @@ static int db_gc(lua_State *L) {
   return 0;
 }
 
+/* Create the folders above path (like mkdir -p), so that the default
+ * .resil/state.db works in a fresh directory. Failures show at open. */
+static void make_parents(const char *path) {
+  char dir[PATH_MAX];
+  if (snprintf(dir, sizeof dir, "%s", path) >= (int)sizeof dir) return;
+  for (char *p = dir + 1; *p; p++) {
+    if (*p != '/') continue;
+    *p = '\0';
+    mkdir(dir, 0777);
+    *p = '/';
+  }
+}
+
 /* resil.sqlite.open(path, {group_commit = true}) -> db */
 static int l_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
@@ -428,6 +443,7 @@ static int l_open(lua_State *L) {
   d->group_commit = group_commit;
   d->ref_stmts = LUA_NOREF;
   luaL_setmetatable(L, DB_MT);
+  make_parents(path);
   int rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
     const char *why = d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc);

@@ -231,16 +231,19 @@ end
 -- A call fails when fn raises or returns nil, err. A canceled call frees its
 -- half-open probe without counting.
 local breaker_methods = debug.getregistry()["resil.Breaker"].__index
+local probe_guard_mt = { __close = function(g)
+  if not g.done then g.breaker:record(nil) end
+end }
 function breaker_methods:call(fn, ...)
   if type(fn) ~= "function" then error("breaker:call: fn must be a function", 2) end
-  local ok, err = self:allow()
-  if not ok then return nil, err end
-  local start, finished = resil.now(), false
-  local _ <close> = setmetatable({}, { __close = function()
-    if not finished then self:record(nil) end
-  end })
+  local ok, probe = self:allow()
+  if not ok then return nil, probe end
+  -- only a half-open probe must be given back if the call never finishes
+  local guard = probe and setmetatable({ breaker = self }, probe_guard_mt) or nil
+  local _ <close> = guard
+  local start = resil.now()
   local r = pack(pcall(fn, ...))
-  finished = true
+  if guard then guard.done = true end
   local elapsed = resil.now() - start
   if not r[1] then
     self:record(false, elapsed)

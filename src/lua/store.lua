@@ -21,13 +21,18 @@ local wall0, mono0 = resil.clock.wall(), resil.now()
 local function store_now() return wall0 + (resil.now() - mono0) end
 resil.store_now = store_now
 
-local function pid()
-  local f = io.open("/proc/self/stat")
-  local p = f and f:read("l"):match("^(%d+)")
-  if f then f:close() end
-  return p or "0"
+-- This process's name on leases and tickets, made when first needed (not
+-- at every host's start-up: most scripts never touch the store).
+local owner_id
+local function owner()
+  if not owner_id then
+    local f = io.open("/proc/self/stat")
+    local pid = f and f:read("l"):match("^(%d+)") or "0"
+    if f then f:close() end
+    owner_id = ("%s-%s"):format(pid, resil.hash(tostring(os.time()) .. tostring({}) .. tostring(os.clock())))
+  end
+  return owner_id
 end
-local owner = ("%s-%s"):format(pid(), resil.hash(tostring(os.time()) .. tostring({}) .. tostring(os.clock())))
 
 local opened = {}
 
@@ -139,24 +144,24 @@ local function is_permanent(err)
   return false
 end
 
-local function run_once(s, owner, key, lease, retention, fn, ...)
+local function run_once(s, holder, key, lease, retention, fn, ...)
   resil.context({ idempotency_key = key })
   local r = pack(pcall(fn, ...))
   local now = store_now()
   if not r[1] then
-    s.backend:once_release(key, owner)
+    s.backend:once_release(key, holder)
     error(r[2], 0)
   end
   if r[2] == nil and r[3] ~= nil and not is_permanent(r[3]) then
-    s.backend:once_release(key, owner) -- a retryable failure: someone may try again
+    s.backend:once_release(key, holder) -- a retryable failure: someone may try again
     return unpack(r, 2, r.n)
   end
   local text, err = encode_values(r, 2)
   if not text then
-    s.backend:once_release(key, owner)
+    s.backend:once_release(key, holder)
     error("resil.once: fn's results must be JSON values to be stored: " .. tostring(err), 0)
   end
-  local ok, serr = s.backend:once_finish(key, owner, text, retention, now)
+  local ok, serr = s.backend:once_finish(key, holder, text, retention, now)
   if ok == nil and serr then return nil, serr end
   return unpack(r, 2, r.n)
 end
@@ -178,7 +183,7 @@ function resil.once(spec, fn, ...)
   -- inside a checkpointed run the run owns the lease: a re-run after a crash
   -- takes over its dead predecessor's lease at once instead of waiting it out
   local run_prefix = run and ("run:" .. run.id .. ":")
-  local holder_id = run_prefix and (run_prefix .. owner) or owner
+  local holder_id = run_prefix and (run_prefix .. owner()) or owner()
   local lease, retention = o.lease or 300, o.retention or 86400
   local deadline = resil.now() + (o.wait or 30)
   local poll = 0.05
@@ -224,16 +229,13 @@ end
 -- ---------- runs and steps ----------
 
 
+-- from the script's absolute path (config.script_path, set by the host) and
+-- its arguments: the same command resumes the same run
 local function default_run_id()
   local script = config.script or "(script)"
-  local abs = script
-  if script:sub(1, 1) ~= "/" then
-    local p = io.popen("pwd")
-    abs = (p and p:read("l") or ".") .. "/" .. script
-    if p then p:close() end
-  end
   local name = script:match("([^/]+)$"):gsub("%.lua$", "")
-  return ("%s-%s"):format(name, resil.hash(abs .. "\0" .. table.concat(config.args or {}, "\0")):sub(1, 12))
+  local where = config.script_path or script
+  return ("%s-%s"):format(name, resil.hash(where .. "\0" .. table.concat(config.args or {}, "\0")):sub(1, 12))
 end
 
 local function current_run()
@@ -354,23 +356,16 @@ function resil.cost.record(e)
   return true
 end
 
-local function filter_of(f)
-  f = f or {}
-  local out = {}
-  for k, v in pairs(f) do out[k] = v end
-  return out
-end
-
 -- resil.cost.total{provider=, model=, user=, run=, since=, ["until"]=} -> usd
 function resil.cost.total(f)
-  local rows, err = store_or_raise(2).backend:cost_query(nil, filter_of(f))
+  local rows, err = store_or_raise(2).backend:cost_query(nil, f or {})
   if not rows then return nil, err end
   return from_micro(rows[1] and rows[1].micro_usd or 0)
 end
 
 -- resil.cost.breakdown(by, filter) -> { {key=, usd=, calls=}, ... }, by "provider"|"model"|"user"|"day"
 function resil.cost.breakdown(by, f)
-  local rows, err = store_or_raise(2).backend:cost_query(by, filter_of(f))
+  local rows, err = store_or_raise(2).backend:cost_query(by, f or {})
   if not rows then return nil, err end
   local out = {}
   for i, r in ipairs(rows) do out[i] = { key = r.key, usd = from_micro(r.micro_usd), calls = r.calls } end
@@ -423,7 +418,7 @@ function Budget:reserve(estimate, o)
   local now = store_now()
   local period = period_of(self.per, now)
   ticket_seq = ticket_seq + 1
-  local id = ("%s:%s:%d"):format(self.name, owner, ticket_seq)
+  local id = ("%s:%s:%d"):format(self.name, owner(), ticket_seq)
   local est = to_micro(estimate)
   local hold = o and o.hold or self.hold
   local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(self.limit), est, id, now + hold,

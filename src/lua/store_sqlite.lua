@@ -47,8 +47,6 @@ local function migrate(db, path)
 end
 
 function B.open(path, opts)
-  local dir = path:match("^(.*)/[^/]*$")
-  if dir and dir ~= "" then os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "' 2>/dev/null") end
   local db, err = resil.sqlite.open(path, opts)
   if not db then return nil, err end
   local ok, merr = migrate(db, path)
