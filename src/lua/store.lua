@@ -8,10 +8,13 @@ local resil, sqlite_source, redis_source = ...
 local json = resil.json
 local pack, unpack = table.pack, table.unpack
 
-local backends = {
-  sqlite = assert(load(sqlite_source, "=[resil store_sqlite]"))(resil),
-  redis = assert(load(redis_source, "=[resil store_redis]"))(resil),
-}
+-- each backend is compiled when a store first uses it, not at start-up
+local backend_sources = { sqlite = sqlite_source, redis = redis_source }
+local backends = setmetatable({}, { __index = function(t, name)
+  local b = assert(load(backend_sources[name], "=[resil store_" .. name .. "]"))(resil)
+  t[name] = b
+  return b
+end })
 
 local config = { url = nil, run = nil, fresh = false, script = nil, args = nil }
 
