@@ -231,7 +231,6 @@ end
 
 -- ---------- runs and steps ----------
 
-
 -- from the script's absolute path (config.script_path, set by the host) and
 -- its arguments: the same command resumes the same run
 local function default_run_id()
@@ -275,16 +274,12 @@ function resil.run.finish(status)
   if run then run.store.backend:run_finish_now(run.id, status or "done", store_now()) end
 end
 
-local function step_key()
-  return resil.context().step_scope or ""
-end
-
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
 function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.step: fn must be a function", 2) end
   local r = current_run()
-  local scope = step_key()
+  local scope = resil.context().step_scope or "" -- set per resil.map item
   local seq = (r.seq[scope] or 0) + 1
   r.seq[scope] = seq
   local backend = r.store.backend
@@ -379,7 +374,8 @@ end
 
 local Budget = {}
 Budget.__index = Budget
-local soft_total
+local soft_total = resil.metrics.counter("resil_budget_soft_limit_total",
+  "Reservations that took a budget past its soft share, by budget")
 local Ticket = {}
 Ticket.__index = Ticket
 local budgets = {}
@@ -426,12 +422,13 @@ function Budget:reserve(estimate, o)
   local hold = o and o.hold or self.hold
   local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(self.limit), est, id, now + hold,
     now)
+  local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
     resil.log.warn("budget: store unavailable, reservation allowed unchecked", { budget = self.name,
       estimate = estimate, error = tostring(spent) })
-    return setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s,
-                          unchecked = true }, Ticket)
+    ticket.unchecked = true
+    return ticket
   end
   if not ok then
     return nil, resil.error("budget_exceeded", ("budget '%s': $%.6f spent + $%.6f reserved + $%.6f > $%.6f"):format(
@@ -439,15 +436,16 @@ function Budget:reserve(estimate, o)
       { budget = self.name, limit = self.limit, spent = from_micro(spent), reserved = from_micro(reserved),
         period = period })
   end
-  soft_total = soft_total or resil.metrics.counter("resil_budget_soft_limit_total",
-    "Reservations that took a budget past its soft share, by budget")
-  if from_micro(spent + reserved) >= self.soft * self.limit then soft_total:inc({ budget = self.name }) end
-  if from_micro(spent + reserved) >= self.soft * self.limit and self.warned_period ~= period then
-    self.warned_period = period -- once per period and process: a warning, not a flood
-    resil.log.warn("budget soft limit reached", { budget = self.name, limit = self.limit, period = period,
-      used = from_micro(spent + reserved), share = from_micro(spent + reserved) / self.limit })
+  local used = from_micro(spent + reserved)
+  if used >= self.soft * self.limit then
+    soft_total:inc({ budget = self.name })
+    if self.warned_period ~= period then
+      self.warned_period = period -- once per period and process: a warning, not a flood
+      resil.log.warn("budget soft limit reached", { budget = self.name, limit = self.limit, period = period,
+        used = used, share = used / self.limit })
+    end
   end
-  return setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
+  return ticket
 end
 
 -- budget:state() -> {spent=, reserved=, limit=, period=}
