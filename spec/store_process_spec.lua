@@ -60,6 +60,23 @@ print("done", table.concat(items, ","), resil.run.resumed())
   end)
 end)
 
+describe("a run started over with --fresh", function()
+  it("records its costs again: a new generation is not taken for the old one", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.step("pay", function() return assert(resil.cost.record({ provider = "p", usd = 1 })) end)
+print(resil.cost.total())
+]])
+    local function run(opts)
+      return sh(("%s --store %s --run paid %s --log-level off %s"):format(helpers.resil, db, opts, script)).stdout
+    end
+    assert.are.equal("1.0\n", run(""))
+    assert.are.equal("1.0\n", run("")) -- resumed: the step is not paid again
+    assert.are.equal("2.0\n", run("--fresh")) -- started over: paid again, and the ledger says so
+  end)
+end)
+
 describe("budgets across processes", function()
   it("1000 reservations of $0.10 from 4 processes against $5 admit exactly 50", function()
     local db = helpers.tmpname(".db")

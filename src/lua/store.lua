@@ -250,9 +250,9 @@ local function current_run()
   local id = config.run or default_run_id()
   run = { id = id, seq = {}, store = s, resumed = false }
   run.starter = resil.spawn(function()
-    local done, err = s.backend:run_start(id, config.script, config.fresh, store_now())
-    if done == nil then error(tostring(err), 0) end
-    run.resumed = done > 0
+    local done, generation = s.backend:run_start(id, config.script, config.fresh, store_now())
+    if done == nil then error(tostring(generation), 0) end
+    run.resumed, run.generation = done > 0, generation
     resil.log.info(done > 0 and "run resumed" or "run started", { run = id, steps_done = done })
   end)
   local ok, err = run.starter:join()
@@ -293,7 +293,7 @@ function resil.step(name, fn, ...)
     local values = decode_values(result)
     return unpack(values, 1, values.n)
   end
-  local at = ("%s/%s/%d/%s"):format(r.id, scope, seq, name)
+  local at = ("%s#%d/%s/%d/%s"):format(r.id, r.generation, scope, seq, name)
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
   local saved_step, saved_key, saved_costs = ctx.step, ctx.step_key, ctx.step_costs
   ctx.step, ctx.step_key, ctx.step_costs = name, at, 0

@@ -60,18 +60,24 @@ return 0
 ]]
 
 -- KEYS: run hash, steps hash, runs index; ARGV: id, script, fresh, now
+-- -> {steps done, generation}; --fresh forgets the steps and starts a new generation
 scripts.run_start = [[
-if ARGV[3] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
 local steps = redis.call('HGET', KEYS[1], 'steps')
+if steps and ARGV[3] == '1' then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'steps', '0', 'created_at', ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'generation', 1)
+  steps = '0'
+end
 if steps then
   redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[4])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-  return tonumber(steps)
+  return {tonumber(steps), tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')}
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'script', ARGV[2], 'status', 'running', 'steps', '0',
-  'created_at', ARGV[4], 'updated_at', ARGV[4])
+  'generation', '0', 'created_at', ARGV[4], 'updated_at', ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-return 0
+return {0, 0}
 ]]
 
 -- KEYS: run hash, steps hash; ARGV: field, json, now
@@ -281,8 +287,10 @@ function R:once_reap() return 0 end -- records expire by themselves (PEXPIRE)
 local function run_keys(id) return { P .. "run:" .. id, P .. "steps:" .. id, P .. "runs" } end
 
 function R:run_start(id, script, fresh, now)
-  return ok_or(self:script("run_start", run_keys(id), id, script or "", fresh and "1" or "0",
-    string.format("%.6f", now)))
+  local r, err = self:script("run_start", run_keys(id), id, script or "", fresh and "1" or "0",
+    string.format("%.6f", now))
+  if r == nil then return nil, err end
+  return r[1], r[2]
 end
 
 function R:run_finish_now() return true end -- a run's end needs the loop here; its steps say enough

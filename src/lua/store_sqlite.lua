@@ -25,6 +25,11 @@ local migrations = {
   CREATE TABLE gcra (key TEXT PRIMARY KEY, tat REAL NOT NULL);
   CREATE TABLE breakers (name TEXT PRIMARY KEY, open_until REAL, probe_until REAL, opened INTEGER NOT NULL DEFAULT 0);
   ]],
+  -- 2: a run started over with --fresh is a new generation: what it records
+  -- (costs inside steps) must not be taken for the earlier generation's
+  [[
+  ALTER TABLE runs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+  ]],
 }
 
 local B = {}
@@ -142,20 +147,22 @@ end
 
 -- ---------- runs and steps ----------
 
+-- -> steps done, generation
 function B:run_start(id, script, fresh, now)
   return self.db:tx(function(tx)
-    if fresh then
-      tx:exec("DELETE FROM steps WHERE run = ?", id)
-      tx:exec("DELETE FROM runs WHERE id = ?", id)
-    end
     local row = tx:row("SELECT * FROM runs WHERE id = ?", id)
+    if row and fresh then
+      tx:exec("DELETE FROM steps WHERE run = ?", id)
+      tx:exec("UPDATE runs SET steps = 0, generation = generation + 1, created_at = ? WHERE id = ?", now, id)
+      row.steps, row.generation = 0, row.generation + 1
+    end
     if row then
       tx:exec("UPDATE runs SET status = 'running', updated_at = ? WHERE id = ?", now, id)
-      return row.steps
+      return row.steps, row.generation
     end
     tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at) VALUES (?, ?, 'running', 0, ?, ?)",
       id, script, now, now)
-    return 0
+    return 0, 0
   end)
 end
 
