@@ -3,10 +3,13 @@
  * host's libevent loop (curl tells us which sockets and which timeout to
  * watch; libevent tells curl when they are ready).
  *
- * One userdata per transfer ("resil.HttpRequest"), created closed before any
- * resource is taken; its __gc aborts a transfer nobody waits for. The easy
- * handles are recycled; connections live in the multi handle's cache, so
- * requests to the same host reuse them.
+ * A transfer is an http_req owned by C and recycled with its easy handle, its
+ * timers and its buffers (a request costs no allocation once the pool is
+ * warm). resil.http.perform's request belongs to the waiting task: the
+ * continuation or the task's cancellation gives it back. A stream's belongs
+ * to its userdata ("resil.HttpStream"), whose __gc aborts a transfer nobody
+ * reads. Connections live in the multi handle's cache, so requests to the
+ * same host reuse them.
  *
  * Network trouble never raises: the task gets nil, err{kind=...}. Misuse
  * (no url, a malformed url, a header with a line break) raises.
@@ -20,12 +23,14 @@
 
 #include "host.h"
 
-#define REQUEST_MT "resil.HttpRequest"
+#define STREAM_MT "resil.HttpStream"
 #define DEFAULT_TIMEOUT 60.0
 #define DEFAULT_CONNECT_TIMEOUT 10.0
 #define DEFAULT_MAX_BODY (64u * 1024 * 1024)
 #define STREAM_HIGH_WATER (1u << 20)
-#define EASY_POOL_MAX 256
+#define REQ_POOL_MAX 256
+/* a pooled request keeps buffers up to this size for the next one */
+#define KEEP_BUFFER_MAX (64u * 1024)
 #define RESPONSE_MT "resil.Response"
 #define DEFAULT_AGENT "User-Agent: resil-lua/" RESIL_VERSION
 #define ONE_SHOT_CONNECTIONS_ABOVE 512
@@ -48,14 +53,18 @@ typedef struct header_set {
   int refs;
 } header_set;
 
+typedef struct http_req http_req;
+
 struct http_state {
   resil_t *R;
   CURLM *multi;
   struct event *timer_ev;
-  CURL *pool[EASY_POOL_MAX];
-  int npool;
+  http_req *free_reqs;      /* recycled requests, each with its easy handle */
+  int nfree;
+  http_req *live;           /* requests in use, freed by http_free if still there */
   header_set *last_headers;
   buffer scratch;
+  buffer reply_head, reply_body; /* a finished request's buffers, swapped in to build its response */
   int added;
   char last_url[1024]; /* the last URL that parsed: the same URL is not parsed again */
 };
@@ -69,23 +78,52 @@ static void header_set_release(http_state *H, header_set *hs) {
 
 typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_CANCELED } abort_reason;
 
-typedef struct http_req {
+/* What an easy handle was last given: a recycled handle is only told what
+ * changed (options are most of the per-request work in libcurl). */
+typedef struct {
+  char *url;
+  long connect_ms, follow, one_shot;
+  curl_off_t max_body;
+  struct curl_slist *headers;
+  const char *body;          /* with body_len and method: the request line and body */
+  curl_off_t body_len;
+  char method[16];
+  int method_set;
+} easy_options;
+
+struct http_req {
+  /* kept across reuse */
   http_state *H;
-  task *waiter;             /* the task blocked on this transfer, if any */
+  http_req *next, *prev;     /* the free list, or the live list */
   CURL *easy;
-  header_set *req_headers;
-  const char *req_body;     /* a Lua string, kept alive in the request's user value */
+  easy_options set;
+  resil_timer deadline, idle;
   buffer body, head;
+  char errbuf[CURL_ERROR_SIZE];
+  /* per request, cleared by req_take */
+  task *waiter;              /* the task blocked on this transfer, if any */
+  header_set *req_headers;
+  const char *req_body;      /* a Lua string anchored by the caller (stack slot or user value) */
+  const char *url;           /* likewise */
   size_t max_body, total_received;
   long status;
   int active, done, stream, headers_done, paused, tls_options;
   CURLcode result;
   abort_reason aborted;
   double timeout, idle_timeout, started, elapsed;
-  resil_timer deadline, idle;
-  const char *url;          /* a Lua string, kept alive in the request's user value 2 */
-  char errbuf[CURL_ERROR_SIZE];
-} http_req;
+};
+
+/* What a finished request's result is built from, copied out so that the
+ * request can go back to the pool before anything that may raise. */
+typedef struct {
+  const char *url;
+  long status;
+  double elapsed, timeout, idle_timeout;
+  size_t max_body;
+  CURLcode result;
+  abort_reason aborted;
+  const char *detail;
+} outcome;
 
 typedef struct {
   struct event ev; /* re-assigned in place when curl changes its interest */
@@ -117,24 +155,15 @@ static void buffer_free(buffer *b) {
 
 /* ---------- completion ---------- */
 
+/* Take the transfer off the multi handle; the easy handle stays with r. */
 static void request_detach(http_req *r) {
-  http_state *H = r->H;
   timer_stop(&r->deadline);
   timer_stop(&r->idle);
-  if (!r->easy) return;
   if (r->active) {
-    curl_multi_remove_handle(H->multi, r->easy);
+    curl_multi_remove_handle(r->H->multi, r->easy);
     r->active = 0;
-    H->R->io_pending--;
+    r->H->R->io_pending--;
   }
-  /* every option a transfer sets is set again by the next one, except the
-   * TLS ones: a handle that had them is not recycled */
-  if (H->npool < EASY_POOL_MAX && !r->tls_options) {
-    H->pool[H->npool++] = r->easy;
-  } else {
-    curl_easy_cleanup(r->easy);
-  }
-  r->easy = NULL;
 }
 
 static void request_finish(http_req *r, CURLcode result, abort_reason why) {
@@ -266,16 +295,31 @@ static http_state *http_get(lua_State *L) {
   return H;
 }
 
+static void req_destroy(http_req *r);
+
 void http_free(resil_t *R) {
   http_state *H = R->http;
   if (!H) return;
-  for (int i = 0; i < H->npool; i++) curl_easy_cleanup(H->pool[i]);
+  while (H->live) { /* requests of tasks that never finished */
+    http_req *r = H->live;
+    H->live = r->next;
+    request_detach(r);
+    header_set_release(H, r->req_headers);
+    req_destroy(r);
+  }
+  while (H->free_reqs) {
+    http_req *r = H->free_reqs;
+    H->free_reqs = r->next;
+    req_destroy(r);
+  }
   if (H->last_headers && H->last_headers->refs == 0) {
     curl_slist_free_all(H->last_headers->list);
     free(H->last_headers->text);
     free(H->last_headers);
   }
   free(H->scratch.data);
+  free(H->reply_head.data);
+  free(H->reply_body.data);
   curl_multi_cleanup(H->multi);
   event_free(H->timer_ev);
   free(H);
@@ -343,8 +387,105 @@ static void idle_cb(void *arg) {
   request_finish(r, CURLE_OPERATION_TIMEDOUT, ABORT_IDLE);
 }
 
-/* The waiting task was canceled: abort the transfer now, free its handle. */
-static void wait_cancel(void *arg) {
+/* ---------- the request pool ---------- */
+
+/* What every transfer sets alike, once per easy handle. */
+static CURL *new_easy(http_req *r) {
+  CURL *e = curl_easy_init();
+  if (!e) return NULL;
+  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+  curl_easy_setopt(e, CURLOPT_PRIVATE, r);
+  curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+  curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+  curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
+  curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "gzip");
+  curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+  curl_easy_setopt(e, CURLOPT_BUFFERSIZE, RECEIVE_BUFFER_SIZE);
+  curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+  memset(&r->set, 0, sizeof r->set); /* libcurl's defaults */
+  r->set.body_len = -1;
+  return e;
+}
+
+static void req_destroy(http_req *r) {
+  if (r->easy) curl_easy_cleanup(r->easy);
+  free(r->set.url);
+  timer_free(&r->deadline);
+  timer_free(&r->idle);
+  buffer_free(&r->body);
+  buffer_free(&r->head);
+  free(r);
+}
+
+/* A request from the pool (or a new one), on the live list, cleared. */
+static http_req *req_take(lua_State *L, http_state *H) {
+  http_req *r = H->free_reqs;
+  if (r) {
+    H->free_reqs = r->next;
+    H->nfree--;
+  } else {
+    r = calloc(1, sizeof *r);
+    if (!r) luaL_error(L, "not enough memory");
+    r->H = H;
+    timer_init(H->R, &r->deadline, deadline_cb, r);
+    timer_init(H->R, &r->idle, idle_cb, r);
+  }
+  if (!r->easy && !(r->easy = new_easy(r))) {
+    req_destroy(r);
+    luaL_error(L, "cannot create an HTTP transfer");
+  }
+  memset(&r->waiter, 0, sizeof *r - offsetof(http_req, waiter));
+  r->body.len = r->head.len = 0;
+  r->errbuf[0] = '\0';
+  r->prev = NULL;
+  r->next = H->live;
+  if (H->live) H->live->prev = r;
+  H->live = r;
+  return r;
+}
+
+/* Back to the pool: the transfer aborted if still running. */
+static void req_release(http_req *r) {
+  http_state *H = r->H;
+  r->waiter = NULL;
+  request_detach(r);
+  header_set_release(H, r->req_headers);
+  r->req_headers = NULL;
+  if (r->prev) r->prev->next = r->next;
+  else H->live = r->next;
+  if (r->next) r->next->prev = r->prev;
+  if (H->nfree >= REQ_POOL_MAX) {
+    req_destroy(r);
+    return;
+  }
+  if (r->tls_options) { /* options a later request must not inherit */
+    curl_easy_cleanup(r->easy);
+    r->easy = NULL;
+    free(r->set.url);
+    r->set.url = NULL;
+  }
+  if (r->body.cap > KEEP_BUFFER_MAX) buffer_free(&r->body);
+  if (r->head.cap > KEEP_BUFFER_MAX) buffer_free(&r->head);
+  r->next = H->free_reqs;
+  H->free_reqs = r;
+  H->nfree++;
+}
+
+/* resil.http.perform's task was canceled: abort the transfer now and give
+ * the request back (the continuation will never run). */
+static void perform_cancel(void *arg) {
+  http_req *r = arg;
+  r->waiter = NULL;
+  r->aborted = ABORT_CANCELED;
+  request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
+  req_release(r);
+}
+
+/* A task waiting for a stream's headers was canceled: abort the transfer;
+ * the stream's userdata gives the request back when collected. */
+static void stream_cancel(void *arg) {
   http_req *r = arg;
   r->waiter = NULL;
   r->aborted = ABORT_CANCELED;
@@ -382,20 +523,33 @@ static const char *error_kind(CURLcode rc) {
   }
 }
 
-static int push_failure(lua_State *L, http_req *r) {
-  switch (r->aborted) {
+static void outcome_of(const http_req *r, outcome *o) {
+  o->url = r->url;
+  o->status = r->status;
+  o->elapsed = r->done ? r->elapsed : resil_now(r->H->R) - r->started;
+  o->timeout = r->timeout;
+  o->idle_timeout = r->idle_timeout;
+  o->max_body = r->max_body;
+  o->result = r->result;
+  o->aborted = r->aborted;
+  o->detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
+}
+
+static int failed(const outcome *o) { return o->aborted != ABORT_NONE || o->result != CURLE_OK; }
+
+static int push_failure(lua_State *L, const outcome *o) {
+  switch (o->aborted) {
   case ABORT_TIMEOUT:
-    return resil_error_result(L, "timeout", "%s: no complete response within %g s", r->url, r->timeout);
+    return resil_error_result(L, "timeout", "%s: no complete response within %g s", o->url, o->timeout);
   case ABORT_IDLE:
-    return resil_error_result(L, "timeout", "%s: no data for %g s (idle_timeout)", r->url, r->idle_timeout);
+    return resil_error_result(L, "timeout", "%s: no data for %g s (idle_timeout)", o->url, o->idle_timeout);
   case ABORT_TOO_LARGE:
-    return resil_error_result(L, "too_large", "%s: response body larger than max_body (%d bytes)", r->url,
-                              (int)r->max_body);
-  case ABORT_CANCELED: return resil_error_result(L, "canceled", "%s: request canceled", r->url);
+    return resil_error_result(L, "too_large", "%s: response body larger than max_body (%d bytes)", o->url,
+                              (int)o->max_body);
+  case ABORT_CANCELED: return resil_error_result(L, "canceled", "%s: request canceled", o->url);
   case ABORT_NONE: break;
   }
-  const char *detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
-  return resil_error_result(L, error_kind(r->result), "%s: %s", r->url, detail);
+  return resil_error_result(L, error_kind(o->result), "%s: %s", o->url, o->detail);
 }
 
 /* Raw header lines -> table with lower-cased names; repeats are joined. */
@@ -434,8 +588,6 @@ static void push_header_table(lua_State *L, const char *p, size_t len) {
   }
 }
 
-static void push_headers(lua_State *L, http_req *r) { push_header_table(L, r->head.data, r->head.len); }
-
 static const char raw_headers_key = 'H';
 
 /* res.headers, built on first use: most successful calls never read them,
@@ -456,52 +608,37 @@ static int response_index(lua_State *L) {
   return 1;
 }
 
-static void push_response(lua_State *L, http_req *r, int with_body) {
+/* head, body: the raw header lines and the body (NULL: no body field) */
+static void push_response(lua_State *L, const outcome *o, const buffer *head, const buffer *body) {
   lua_createtable(L, 0, 4);
-  lua_pushinteger(L, r->status);
+  lua_pushinteger(L, o->status);
   lua_setfield(L, -2, "status");
   lua_rawgetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
   lua_pushvalue(L, -2);
-  lua_pushlstring(L, r->head.data ? r->head.data : "", r->head.len);
+  lua_pushlstring(L, head->data ? head->data : "", head->len);
   lua_rawset(L, -3);
   lua_pop(L, 1);
   luaL_setmetatable(L, RESPONSE_MT);
-  if (with_body) {
-    lua_pushlstring(L, r->body.data ? r->body.data : "", r->body.len);
+  if (body) {
+    lua_pushlstring(L, body->data ? body->data : "", body->len);
     lua_setfield(L, -2, "body");
   }
-  lua_pushnumber(L, r->done ? r->elapsed : resil_now(r->H->R) - r->started);
+  lua_pushnumber(L, o->elapsed);
   lua_setfield(L, -2, "time");
 }
 
 /* ---------- building a transfer ---------- */
 
-static http_req *check_request(lua_State *L, int idx) { return luaL_checkudata(L, idx, REQUEST_MT); }
-
-static double opt_seconds(lua_State *L, int t, const char *field, double dflt) {
-  int type = lua_getfield(L, t, field);
-  double v = dflt;
-  if (type == LUA_TNUMBER) v = lua_tonumber(L, -1);
-  else if (type != LUA_TNIL) resil_raise(L, "http request: '%s' must be a number of seconds", field);
-  lua_pop(L, 1);
+static double seconds_field(lua_State *L, const char *field) {
+  if (lua_type(L, -1) != LUA_TNUMBER) resil_raise(L, "http request: '%s' must be a number of seconds", field);
+  double v = lua_tonumber(L, -1);
   if (v != v || v < 0) resil_raise(L, "http request: '%s' must be >= 0", field);
   return v;
 }
 
-static const char *opt_string(lua_State *L, int t, const char *field) {
-  int type = lua_getfield(L, t, field);
-  const char *s = NULL;
-  if (type == LUA_TSTRING) s = lua_tostring(L, -1);
-  else if (type != LUA_TNIL) resil_raise(L, "http request: '%s' must be a string", field);
-  lua_pop(L, 1); /* the string stays reachable from the request table */
-  return s;
-}
-
-static int opt_flag(lua_State *L, int t, const char *field) {
-  lua_getfield(L, t, field);
-  int v = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return v;
+static const char *string_field(lua_State *L, const char *field) {
+  if (lua_type(L, -1) != LUA_TSTRING) resil_raise(L, "http request: '%s' must be a string", field);
+  return lua_tostring(L, -1);
 }
 
 static void check_header_text(lua_State *L, const char *name, const char *s, size_t len, const char *what) {
@@ -516,11 +653,9 @@ static void header_text(lua_State *L, http_state *H, int t) {
   buffer *b = &H->scratch;
   int has_agent = 0;
   b->len = 0;
-  int type = lua_getfield(L, t, "headers");
-  if (type != LUA_TNIL) {
-    if (type != LUA_TTABLE) resil_raise(L, "http request: 'headers' must be a table");
+  if (lua_type(L, t) == LUA_TTABLE) {
     lua_pushnil(L);
-    while (lua_next(L, -2)) {
+    while (lua_next(L, t)) {
       if (lua_type(L, -2) != LUA_TSTRING) resil_raise(L, "http request: header names must be strings");
       if (!lua_isstring(L, -1)) resil_raise(L, "http request: header '%s' must be a string", lua_tostring(L, -2));
       size_t nlen, vlen;
@@ -536,7 +671,6 @@ static void header_text(lua_State *L, http_state *H, int t) {
       lua_pop(L, 1);
     }
   }
-  lua_pop(L, 1);
   /* no "Expect: 100-continue" round trip on large bodies; our User-Agent
    * unless the request has its own (a header line: cheaper for curl than
    * CURLOPT_USERAGENT, which it formats anew for every request) */
@@ -544,8 +678,9 @@ static void header_text(lua_State *L, http_state *H, int t) {
   if (!has_agent && buffer_append(b, DEFAULT_AGENT "\n", sizeof DEFAULT_AGENT) != 0) luaL_error(L, "not enough memory");
 }
 
-static void add_headers(lua_State *L, http_req *r, int t) {
-  http_state *H = r->H;
+/* The header set for the headers table at t: the last one when the lines
+ * are the same, else a new one that becomes the last. Takes no reference. */
+static header_set *header_set_for(lua_State *L, http_state *H, int t) {
   header_text(L, H, t);
   const char *text = H->scratch.data;
   size_t len = H->scratch.len;
@@ -581,102 +716,91 @@ static void add_headers(lua_State *L, http_req *r, int t) {
       header_set_release(H, old);
     }
   }
-  hs->refs++;
-  r->req_headers = hs;
+  return hs;
 }
 
-/* What every transfer sets alike, once per easy handle (recycled handles keep
- * it; a handle that had TLS options is reset and comes back through here). */
-static CURL *new_easy(void) {
-  CURL *e = curl_easy_init();
-  if (!e) return NULL;
-  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
-  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
-  curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
-  curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-  curl_easy_setopt(e, CURLOPT_BUFFERSIZE, RECEIVE_BUFFER_SIZE);
-  curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-  return e;
-}
+/* The fields of a request table, read in one pass over it. */
+typedef struct {
+  const char *method, *ca_file;
+  double timeout, idle_timeout, connect_timeout, max_body;
+  int insecure, follow;
+} request_fields;
 
-/* L stack: request table at 1 -> pushes the (closed) request userdata */
-static http_req *request_new(lua_State *L, int stream) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  http_state *H = http_get(L);
-  http_req *r = lua_newuserdatauv(L, sizeof *r, 2); /* user values: the body and url strings */
-  memset(r, 0, sizeof *r);
-  r->H = H;
-  timer_init(H->R, &r->deadline, deadline_cb, r);
-  timer_init(H->R, &r->idle, idle_cb, r);
-  luaL_setmetatable(L, REQUEST_MT);
-  r->stream = stream;
+enum { SLOT_TABLE = 1, SLOT_URL, SLOT_BODY, SLOT_HEADERS, SLOT_REQ };
 
-  const char *url = opt_string(L, 1, "url");
-  if (!url) resil_raise(L, "http request: 'url' is required");
-  lua_getfield(L, 1, "url");
-  lua_setiuservalue(L, -2, 2);
-  r->url = url;
-  if (strcmp(url, H->last_url) != 0) {
-    CURLU *parsed = curl_url();
-    CURLUcode uc = curl_url_set(parsed, CURLUPART_URL, url, 0);
-    curl_url_cleanup(parsed);
-    if (uc != CURLUE_OK) resil_raise(L, "http request: bad url '%s': %s", url, curl_url_strerror(uc));
-    if (strlen(url) < sizeof H->last_url) strcpy(H->last_url, url);
-  }
-
-  const char *method = opt_string(L, 1, "method");
-  size_t body_len = 0;
-  int body_type = lua_getfield(L, 1, "body");
-  if (body_type == LUA_TSTRING) {
-    r->req_body = lua_tolstring(L, -1, &body_len); /* no copy: the string is kept with the request */
-    lua_setiuservalue(L, -2, 1);
-  } else if (body_type != LUA_TNIL) {
-    resil_raise(L, "http request: 'body' must be a string (use 'json' for a table)");
-  } else {
+/* L stack: the request table at 1, nil in slots 2..4 -> the slots hold its
+ * url, body and headers: the strings stay anchored while the transfer runs. */
+static void read_fields(lua_State *L, request_fields *f) {
+  f->method = f->ca_file = NULL;
+  f->timeout = DEFAULT_TIMEOUT;
+  f->idle_timeout = 0;
+  f->connect_timeout = DEFAULT_CONNECT_TIMEOUT;
+  f->max_body = DEFAULT_MAX_BODY;
+  f->insecure = f->follow = 0;
+  lua_pushnil(L);
+  while (lua_next(L, SLOT_TABLE)) {
+    size_t n;
+    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &n) : NULL;
+    if (!k) n = 0;
+#define IS(name) (n == sizeof name - 1 && memcmp(k, name, sizeof name - 1) == 0)
+    if (IS("url")) {
+      string_field(L, "url");
+      lua_copy(L, -1, SLOT_URL);
+    } else if (IS("body")) {
+      if (lua_type(L, -1) != LUA_TSTRING)
+        resil_raise(L, "http request: 'body' must be a string (use 'json' for a table)");
+      lua_copy(L, -1, SLOT_BODY);
+    } else if (IS("headers")) {
+      if (lua_type(L, -1) != LUA_TTABLE) resil_raise(L, "http request: 'headers' must be a table");
+      lua_copy(L, -1, SLOT_HEADERS);
+    } else if (IS("method")) {
+      f->method = string_field(L, "method");
+    } else if (IS("timeout")) {
+      f->timeout = seconds_field(L, "timeout");
+    } else if (IS("idle_timeout")) {
+      f->idle_timeout = seconds_field(L, "idle_timeout");
+    } else if (IS("connect_timeout")) {
+      f->connect_timeout = seconds_field(L, "connect_timeout");
+    } else if (IS("max_body")) {
+      f->max_body = seconds_field(L, "max_body");
+    } else if (IS("ca_file")) {
+      f->ca_file = string_field(L, "ca_file");
+    } else if (IS("insecure")) {
+      f->insecure = lua_toboolean(L, -1);
+    } else if (IS("follow_redirects")) {
+      f->follow = lua_toboolean(L, -1);
+    }
+#undef IS
     lua_pop(L, 1);
   }
-  if (method) {
-    for (const char *c = method; *c; c++)
+  if (lua_isnil(L, SLOT_URL)) resil_raise(L, "http request: 'url' is required");
+  if (f->method) {
+    for (const char *c = f->method; *c; c++)
       if (!((*c >= 'A' && *c <= 'Z') || *c == '-' || *c == '_'))
-        resil_raise(L, "http request: bad method '%s'", method);
+        resil_raise(L, "http request: bad method '%s'", f->method);
   }
-  r->timeout = opt_seconds(L, 1, "timeout", DEFAULT_TIMEOUT);
-  r->idle_timeout = opt_seconds(L, 1, "idle_timeout", 0);
-  double connect_timeout = opt_seconds(L, 1, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
-  double max_body = opt_seconds(L, 1, "max_body", DEFAULT_MAX_BODY);
-  r->max_body = (size_t)max_body;
-  const char *ca_file = opt_string(L, 1, "ca_file");
-  int insecure = opt_flag(L, 1, "insecure");
-  int follow = opt_flag(L, 1, "follow_redirects");
-  add_headers(L, r, 1);
+}
 
-  CURL *e = H->npool > 0 ? H->pool[--H->npool] : new_easy();
-  if (!e) luaL_error(L, "cannot create an HTTP transfer");
-  r->easy = e;
-  curl_easy_setopt(e, CURLOPT_URL, url);
-  curl_easy_setopt(e, CURLOPT_PRIVATE, r);
-  curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
-  curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
-  curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
-  curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->req_headers->list);
-  curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
-  curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_body);
-  curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, follow ? 1L : 0L);
-  /* libcurl 7.88 walks every cached connection when a transfer that kept its
-   * connection is removed (and when it looks for one to reuse), which is
-   * quadratic with thousands in flight. Transfers beyond this many in flight
-   * use a one-shot connection, so the cache stays this size. */
-  long one_shot = H->R->io_pending >= ONE_SHOT_CONNECTIONS_ABOVE;
-  curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, one_shot);
-  curl_easy_setopt(e, CURLOPT_FORBID_REUSE, one_shot);
-  r->tls_options = ca_file || insecure;
-  if (ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
-  if (insecure) {
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
-  }
-  /* a recycled handle may carry the previous request's method */
+#define SET_IF_CHANGED(r, field, option, value)                                                                  \
+  do {                                                                                                           \
+    if ((r)->set.field != (value)) {                                                                             \
+      (r)->set.field = (value);                                                                                  \
+      curl_easy_setopt((r)->easy, option, (r)->set.field);                                                       \
+    }                                                                                                            \
+  } while (0)
+
+/* The method and body: set again only when they differ from the handle's
+ * last request (the same body string and method is the common case). */
+static void set_method(http_req *r, const char *method, size_t body_len) {
+  easy_options *o = &r->set;
+  CURL *e = r->easy;
+  const char *m = method ? method : "";
+  if (o->method_set && o->body == r->req_body && o->body_len == (curl_off_t)body_len && strcmp(o->method, m) == 0)
+    return;
+  o->method_set = strlen(m) < sizeof o->method;
+  if (o->method_set) strcpy(o->method, m);
+  o->body = r->req_body;
+  o->body_len = (curl_off_t)body_len;
   curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, (char *)NULL);
   if (r->req_body) {
     curl_easy_setopt(e, CURLOPT_NOBODY, 0L);
@@ -688,12 +812,76 @@ static http_req *request_new(lua_State *L, int stream) {
     if (method && strcmp(method, "HEAD") == 0) curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
     else if (method && strcmp(method, "GET") != 0) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
   }
+}
+
+/* L stack: the request table at 1, nil in slots 2..4 (see read_fields) ->
+ * a request on the live list, not started. */
+static http_req *request_new(lua_State *L, int stream) {
+  luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
+  http_state *H = http_get(L);
+  request_fields f;
+  read_fields(L, &f);
+  const char *url = lua_tostring(L, SLOT_URL);
+  if (strcmp(url, H->last_url) != 0) {
+    CURLU *parsed = curl_url();
+    CURLUcode uc = curl_url_set(parsed, CURLUPART_URL, url, 0);
+    curl_url_cleanup(parsed);
+    if (uc != CURLUE_OK) resil_raise(L, "http request: bad url '%s': %s", url, curl_url_strerror(uc));
+    if (strlen(url) < sizeof H->last_url) strcpy(H->last_url, url);
+  }
+  header_set *hs = header_set_for(L, H, SLOT_HEADERS);
+  size_t body_len = 0;
+  const char *body = lua_tolstring(L, SLOT_BODY, &body_len);
+
+  http_req *r = req_take(L, H); /* nothing raises from here on */
+  hs->refs++;
+  r->req_headers = hs;
+  r->stream = stream;
+  r->url = url;
+  r->req_body = body;
+  r->timeout = f.timeout;
+  r->idle_timeout = f.idle_timeout;
+  r->max_body = (size_t)f.max_body;
+
+  CURL *e = r->easy;
+  if (!r->set.url || strcmp(r->set.url, url) != 0) {
+    char *copy = strdup(url);
+    if (copy) {
+      free(r->set.url);
+      r->set.url = copy;
+    }
+    curl_easy_setopt(e, CURLOPT_URL, url);
+  }
+  SET_IF_CHANGED(r, headers, CURLOPT_HTTPHEADER, r->req_headers->list);
+  SET_IF_CHANGED(r, connect_ms, CURLOPT_CONNECTTIMEOUT_MS, (long)(f.connect_timeout * 1000));
+  SET_IF_CHANGED(r, max_body, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_body);
+  SET_IF_CHANGED(r, follow, CURLOPT_FOLLOWLOCATION, (long)f.follow);
+  /* libcurl 7.88 walks every cached connection when a transfer that kept its
+   * connection is removed (and when it looks for one to reuse), which is
+   * quadratic with thousands in flight. Transfers beyond this many in flight
+   * use a one-shot connection, so the cache stays this size. */
+  long one_shot = H->R->io_pending >= ONE_SHOT_CONNECTIONS_ABOVE;
+  if (r->set.one_shot != one_shot) {
+    r->set.one_shot = one_shot;
+    curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, one_shot);
+    curl_easy_setopt(e, CURLOPT_FORBID_REUSE, one_shot);
+  }
+  r->tls_options = f.ca_file || f.insecure;
+  if (f.ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, f.ca_file);
+  if (f.insecure) {
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  set_method(r, f.method, body_len);
   return r;
 }
 
 static void request_start(lua_State *L, http_req *r) {
   http_state *H = r->H;
-  if (curl_multi_add_handle(H->multi, r->easy) != CURLM_OK) luaL_error(L, "cannot start the HTTP transfer");
+  if (curl_multi_add_handle(H->multi, r->easy) != CURLM_OK) {
+    req_release(r);
+    luaL_error(L, "cannot start the HTTP transfer");
+  }
   r->active = 1;
   H->added = 1;
   H->R->io_pending++;
@@ -702,44 +890,83 @@ static void request_start(lua_State *L, http_req *r) {
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
 }
 
-static int request_k(lua_State *L, int status, lua_KContext ctx) {
-  (void)status, (void)ctx;
-  http_req *r = check_request(L, 2);
-  if (r->aborted != ABORT_NONE || r->result != CURLE_OK) return push_failure(L, r);
-  push_response(L, r, 1);
-  buffer_free(&r->body);
-  buffer_free(&r->head);
+/* The request goes back to the pool before the result is built (building
+ * may raise): its buffers are swapped into H's for the response. */
+static int perform_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  http_req *r = (http_req *)ctx;
+  http_state *H = r->H;
+  outcome o;
+  char detail[CURL_ERROR_SIZE];
+  outcome_of(r, &o);
+  if (failed(&o)) {
+    snprintf(detail, sizeof detail, "%s", o.detail);
+    o.detail = detail;
+    req_release(r);
+    return push_failure(L, &o);
+  }
+  buffer swap = H->reply_head;
+  H->reply_head = r->head;
+  r->head = swap;
+  swap = H->reply_body;
+  H->reply_body = r->body;
+  r->body = swap;
+  req_release(r);
+  push_response(L, &o, &H->reply_head, &H->reply_body);
   return 1;
 }
 
 /* resil.http.perform{...} -> response | nil, err (the prelude's request()
  * adds `json` and `on_chunk` on top) */
 static int l_perform(lua_State *L) {
-  lua_settop(L, 1);
+  lua_settop(L, SLOT_HEADERS);
   task *t = task_current(L, "resil.http.request");
   http_req *r = request_new(L, 0);
   request_start(L, r);
   r->waiter = t;
-  task_wait(t, wait_cancel, r);
-  return lua_yieldk(L, 0, 0, request_k);
+  task_wait(t, perform_cancel, r);
+  return lua_yieldk(L, 0, (lua_KContext)r, perform_k);
+}
+
+/* ---------- streams ---------- */
+
+typedef struct {
+  http_req *r; /* NULL once closed and given back */
+} http_stream;
+
+static http_req *check_stream(lua_State *L, int idx) {
+  http_stream *s = luaL_checkudata(L, idx, STREAM_MT);
+  if (!s->r) luaL_error(L, "the stream is closed");
+  return s->r;
 }
 
 static int stream_open_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status, (void)ctx;
-  http_req *r = check_request(L, 2);
-  if (!r->headers_done && (r->aborted != ABORT_NONE || r->result != CURLE_OK)) return push_failure(L, r);
-  lua_settop(L, 2);
+  http_req *r = check_stream(L, -1);
+  if (!r->headers_done && (r->aborted != ABORT_NONE || r->result != CURLE_OK)) {
+    outcome o;
+    outcome_of(r, &o);
+    return push_failure(L, &o);
+  }
   return 1;
 }
 
 /* resil.http.stream{...} -> stream (once the headers arrived) | nil, err */
 static int l_stream(lua_State *L) {
-  lua_settop(L, 1);
+  lua_settop(L, SLOT_HEADERS);
   task *t = task_current(L, "resil.http.stream");
+  http_stream *s = lua_newuserdatauv(L, sizeof *s, 2); /* user values: the url and body strings */
+  s->r = NULL;
+  luaL_setmetatable(L, STREAM_MT);
   http_req *r = request_new(L, 1);
+  s->r = r;
+  lua_pushvalue(L, SLOT_URL);
+  lua_setiuservalue(L, SLOT_REQ, 1);
+  lua_pushvalue(L, SLOT_BODY);
+  lua_setiuservalue(L, SLOT_REQ, 2);
   request_start(L, r);
   r->waiter = t;
-  task_wait(t, wait_cancel, r);
+  task_wait(t, stream_cancel, r);
   return lua_yieldk(L, 0, 0, stream_open_k);
 }
 
@@ -747,18 +974,22 @@ static void read_cancel(void *arg) { ((http_req *)arg)->waiter = NULL; }
 
 static int stream_read_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status, (void)ctx;
-  http_req *r = check_request(L, 1);
+  http_req *r = check_stream(L, 1);
   if (r->body.len > 0) {
     lua_pushlstring(L, r->body.data, r->body.len);
     r->body.len = 0;
-    if (r->paused && r->easy) {
+    if (r->paused && r->active) {
       r->paused = 0;
       curl_easy_pause(r->easy, CURLPAUSE_CONT);
     }
     return 1;
   }
   if (r->done) {
-    if (r->aborted != ABORT_NONE || r->result != CURLE_OK) return push_failure(L, r);
+    if (r->aborted != ABORT_NONE || r->result != CURLE_OK) {
+      outcome o;
+      outcome_of(r, &o);
+      return push_failure(L, &o);
+    }
     lua_pushnil(L);
     return 1;
   }
@@ -771,14 +1002,13 @@ static int stream_read_k(lua_State *L, int status, lua_KContext ctx) {
 /* stream:read() -> the next chunk | nil at the end | nil, err */
 static int stream_read(lua_State *L) {
   lua_settop(L, 1);
-  http_req *r = check_request(L, 1);
-  if (!r->stream) return luaL_error(L, "read() needs a request made with resil.http.stream");
+  http_req *r = check_stream(L, 1);
   if (r->waiter) return luaL_error(L, "another task is already reading this stream");
   return stream_read_k(L, LUA_OK, 0);
 }
 
 static int stream_close(lua_State *L) {
-  http_req *r = check_request(L, 1);
+  http_req *r = check_stream(L, 1);
   if (!r->done) {
     r->aborted = ABORT_CANCELED;
     request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
@@ -786,35 +1016,34 @@ static int stream_close(lua_State *L) {
   return 0;
 }
 
-static int request_index(lua_State *L) {
-  http_req *r = check_request(L, 1);
+static int stream_index(lua_State *L) {
+  http_req *r = check_stream(L, 1);
   const char *key = luaL_checkstring(L, 2);
   if (strcmp(key, "status") == 0) lua_pushinteger(L, r->status);
-  else if (strcmp(key, "headers") == 0) push_headers(L, r);
+  else if (strcmp(key, "headers") == 0) push_header_table(L, r->head.data, r->head.len);
   else if (strcmp(key, "read") == 0) lua_pushcfunction(L, stream_read);
   else if (strcmp(key, "close") == 0) lua_pushcfunction(L, stream_close);
   else if (strcmp(key, "response") == 0) {
-    push_response(L, r, 0);
+    outcome o;
+    outcome_of(r, &o);
+    push_response(L, &o, &r->head, NULL);
   } else lua_pushnil(L);
   return 1;
 }
 
-static int request_gc(lua_State *L) {
-  http_req *r = check_request(L, 1);
-  r->waiter = NULL;
-  request_detach(r);
-  timer_free(&r->deadline);
-  timer_free(&r->idle);
-  header_set_release(r->H, r->req_headers);
-  r->req_headers = NULL;
-  r->req_body = NULL;
-  buffer_free(&r->body);
-  buffer_free(&r->head);
+/* Collected or closed by `<close>`: abort a transfer nobody reads. */
+static int stream_gc(lua_State *L) {
+  http_stream *s = luaL_checkudata(L, 1, STREAM_MT);
+  if (s->r) {
+    http_req *r = s->r;
+    s->r = NULL;
+    req_release(r);
+  }
   return 0;
 }
 
-static const luaL_Reg request_meta[] = {
-  {"__index", request_index}, {"__gc", request_gc}, {"__close", request_gc}, {NULL, NULL}};
+static const luaL_Reg stream_meta[] = {
+  {"__index", stream_index}, {"__gc", stream_gc}, {"__close", stream_gc}, {NULL, NULL}};
 
 static const luaL_Reg http_functions[] = {{"perform", l_perform}, {"stream", l_stream}, {NULL, NULL}};
 
@@ -829,8 +1058,8 @@ int luaopen_resil_http(lua_State *L) {
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, -2);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
-  luaL_newmetatable(L, REQUEST_MT);
-  luaL_setfuncs(L, request_meta, 0);
+  luaL_newmetatable(L, STREAM_MT);
+  luaL_setfuncs(L, stream_meta, 0);
   lua_pop(L, 1);
   luaL_newlib(L, http_functions);
   return 1;
