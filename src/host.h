@@ -89,9 +89,6 @@ void loop_init(resil_t *R);
 void loop_free(resil_t *R);
 int loop_run(resil_t *R);
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
-/* Run the tasks that are ready now; I/O callbacks call it so that a task
- * woken by a completion starts its next request in the same loop turn. */
-void loop_run_ready(resil_t *R);
 
 /* loop.c: clock and timers */
 double resil_now(resil_t *R);
@@ -107,6 +104,7 @@ int resil_error_result(lua_State *L, const char *kind, const char *fmt, ...);
 
 /* http.c */
 void http_free(resil_t *R);
+void http_flush(resil_t *R);
 
 /* reload.c */
 void reload_free(resil_t *R);

@@ -199,18 +199,6 @@ static void socket_event_cb(evutil_socket_t fd, short what, void *arg) {
   int running, action = (what & EV_READ ? CURL_CSELECT_IN : 0) | (what & EV_WRITE ? CURL_CSELECT_OUT : 0);
   curl_multi_socket_action(H->multi, fd, action, &running);
   check_multi_info(H);
-  /* Resume the tasks this woke now, and start the transfers they ask for at
-   * once: requests then leave one by one as answers arrive, instead of in a
-   * burst after the whole batch, which keeps the upstream busy (+12 % in
-   * bench/throughput.lua). */
-  if (H->R->ready_head && !H->R->interrupted) {
-    H->added = 0;
-    loop_run_ready(H->R);
-    if (H->added) {
-      curl_multi_socket_action(H->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-      check_multi_info(H);
-    }
-  }
 }
 
 static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
@@ -296,6 +284,19 @@ static http_state *http_get(lua_State *L) {
 }
 
 static void req_destroy(http_req *r);
+
+/* Start now the transfers that tasks added in this loop turn, all in one
+ * call, rather than on curl's 0 ms timer in the next turn: the requests of
+ * one turn leave together and the upstream wakes once for them (+5 % in
+ * bench/throughput.lua over starting each at once). */
+void http_flush(resil_t *R) {
+  http_state *H = R->http;
+  if (!H || !H->added) return;
+  H->added = 0;
+  int running;
+  curl_multi_socket_action(H->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  check_multi_info(H);
+}
 
 void http_free(resil_t *R) {
   http_state *H = R->http;
@@ -724,6 +725,7 @@ typedef struct {
   const char *method, *ca_file;
   double timeout, idle_timeout, connect_timeout, max_body;
   int insecure, follow;
+  int extras; /* json, on_chunk or on_event: for the prelude's request() */
 } request_fields;
 
 enum { SLOT_TABLE = 1, SLOT_URL, SLOT_BODY, SLOT_HEADERS, SLOT_REQ };
@@ -736,7 +738,7 @@ static void read_fields(lua_State *L, request_fields *f) {
   f->idle_timeout = 0;
   f->connect_timeout = DEFAULT_CONNECT_TIMEOUT;
   f->max_body = DEFAULT_MAX_BODY;
-  f->insecure = f->follow = 0;
+  f->insecure = f->follow = f->extras = 0;
   lua_pushnil(L);
   while (lua_next(L, SLOT_TABLE)) {
     size_t n;
@@ -769,6 +771,8 @@ static void read_fields(lua_State *L, request_fields *f) {
       f->insecure = lua_toboolean(L, -1);
     } else if (IS("follow_redirects")) {
       f->follow = lua_toboolean(L, -1);
+    } else if (IS("json") || IS("on_chunk") || IS("on_event")) {
+      f->extras = 1;
     }
 #undef IS
     lua_pop(L, 1);
@@ -816,11 +820,15 @@ static void set_method(http_req *r, const char *method, size_t body_len) {
 
 /* L stack: the request table at 1, nil in slots 2..4 (see read_fields) ->
  * a request on the live list, not started. */
-static http_req *request_new(lua_State *L, int stream) {
-  luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
+static http_req *request_new(lua_State *L, int stream, const request_fields *fields) {
   http_state *H = http_get(L);
   request_fields f;
-  read_fields(L, &f);
+  if (fields) {
+    f = *fields;
+  } else {
+    luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
+    read_fields(L, &f);
+  }
   const char *url = lua_tostring(L, SLOT_URL);
   if (strcmp(url, H->last_url) != 0) {
     CURLU *parsed = curl_url();
@@ -918,14 +926,48 @@ static int perform_k(lua_State *L, int status, lua_KContext ctx) {
 
 /* resil.http.perform{...} -> response | nil, err (the prelude's request()
  * adds `json` and `on_chunk` on top) */
-static int l_perform(lua_State *L) {
-  lua_settop(L, SLOT_HEADERS);
-  task *t = task_current(L, "resil.http.request");
-  http_req *r = request_new(L, 0);
+static int perform_with(lua_State *L, task *t, const request_fields *f) {
+  http_req *r = request_new(L, 0, f);
   request_start(L, r);
   r->waiter = t;
   task_wait(t, perform_cancel, r);
   return lua_yieldk(L, 0, (lua_KContext)r, perform_k);
+}
+
+static int l_perform(lua_State *L) {
+  lua_settop(L, SLOT_HEADERS);
+  return perform_with(L, task_current(L, "resil.http.request"), NULL);
+}
+
+static const char request_extras_key = 'X';
+
+static int results_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  return lua_gettop(L);
+}
+
+/* resil.http.request{...} -> response | nil, err. A plain request goes
+ * straight to perform; one with `json`, `on_chunk` or `on_event` goes
+ * through the prelude's Lua (registered with set_request_extras). */
+static int l_request(lua_State *L) {
+  lua_settop(L, SLOT_HEADERS);
+  luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
+  request_fields f;
+  read_fields(L, &f);
+  if (!f.extras) return perform_with(L, task_current(L, "resil.http.request"), &f);
+  lua_settop(L, SLOT_TABLE);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &request_extras_key);
+  lua_insert(L, 1);
+  lua_callk(L, 1, LUA_MULTRET, 0, results_k);
+  return lua_gettop(L);
+}
+
+/* http.set_request_extras(fn): the prelude's handler for json and streams */
+static int l_set_request_extras(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &request_extras_key);
+  return 0;
 }
 
 /* ---------- streams ---------- */
@@ -958,7 +1000,7 @@ static int l_stream(lua_State *L) {
   http_stream *s = lua_newuserdatauv(L, sizeof *s, 2); /* user values: the url and body strings */
   s->r = NULL;
   luaL_setmetatable(L, STREAM_MT);
-  http_req *r = request_new(L, 1);
+  http_req *r = request_new(L, 1, NULL);
   s->r = r;
   lua_pushvalue(L, SLOT_URL);
   lua_setiuservalue(L, SLOT_REQ, 1);
@@ -1045,7 +1087,11 @@ static int stream_gc(lua_State *L) {
 static const luaL_Reg stream_meta[] = {
   {"__index", stream_index}, {"__gc", stream_gc}, {"__close", stream_gc}, {NULL, NULL}};
 
-static const luaL_Reg http_functions[] = {{"perform", l_perform}, {"stream", l_stream}, {NULL, NULL}};
+static const luaL_Reg http_functions[] = {{"request", l_request},
+                                          {"perform", l_perform},
+                                          {"stream", l_stream},
+                                          {"set_request_extras", l_set_request_extras},
+                                          {NULL, NULL}};
 
 int luaopen_resil_http(lua_State *L) {
   luaL_newmetatable(L, RESPONSE_MT);

@@ -317,7 +317,7 @@ static void task_resume(resil_t *R, task *t) {
 
 /* Resume the tasks that are ready now; ones woken meanwhile wait a turn so
  * that I/O is polled between passes. */
-void loop_run_ready(resil_t *R) {
+static void loop_run_ready(resil_t *R) {
   task *last = R->ready_tail;
   while (R->ready_head) {
     task *t = R->ready_head;
@@ -692,6 +692,7 @@ int loop_run(resil_t *R) {
     if (R->main_task && R->main_task->failed) break;
     if (R->ready_head) {
       loop_run_ready(R);
+      http_flush(R);
       if (R->ready_head && !R->interrupted) event_base_loop(R->base, EVLOOP_NONBLOCK);
     } else {
       loop_wait(R);

@@ -24,12 +24,11 @@
 
 #define ERROR_MT "resil.Error"
 
-static const char host_key = 'R';
 
+/* The host is the allocator's user data: no registry lookup on hot paths. */
 resil_t *resil_from_lua(lua_State *L) {
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &host_key);
-  resil_t *R = lua_touserdata(L, -1);
-  lua_pop(L, 1);
+  void *R = NULL;
+  lua_getallocf(L, &R);
   return R;
 }
 
@@ -360,8 +359,6 @@ resil_t *resil_open(const resil_options *opts) {
   /* new threads copy the main thread's extra space: NULL means "not a task" */
   *(void **)lua_getextraspace(L) = NULL;
   lua_atpanic(L, host_panic);
-  lua_pushlightuserdata(L, R);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &host_key);
   luaL_openlibs(L);
   install_policy_searcher(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);

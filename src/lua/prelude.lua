@@ -176,21 +176,19 @@ local function stream_request(req)
   return res
 end
 
--- resil.http.request{...} -> res | nil, err. Adds to the C transfer:
--- json = table (encoded, content-type set, POST by default),
--- on_chunk = function(chunk) / on_event = function(sse_event) for streams;
--- either callback may return false to stop reading.
-function http.request(req)
-  if type(req) ~= "table" then
-    error(("bad argument #1 to 'request' (table expected, got %s)"):format(type(req)), 2)
-  end
+-- resil.http.request{...} -> res | nil, err is C; a request with any of
+-- these fields comes here: json = table (encoded, content-type set, POST by
+-- default), on_chunk = function(chunk) / on_event = function(sse_event) for
+-- streams; either callback may return false to stop reading.
+http.set_request_extras(function(req)
   if req.json ~= nil then
     if req.body ~= nil then error("http request: give 'body' or 'json', not both", 2) end
     req = with_json_body(req)
   end
   if req.on_chunk or req.on_event then return stream_request(req) end
   return http.perform(req)
-end
+end)
+http.set_request_extras = nil
 
 -- resil.reload(): re-load every loaded policy module into a fresh set and
 -- swap it in only when all load. Modules are required afresh, so a module
