@@ -1,7 +1,8 @@
 /*
  * bare_client.c: the throughput baseline. A plain libcurl multi client with
  * no host, no Lua, no event library: N POSTs, C in flight, easy handles
- * reused, the same request the resil-lua side sends.
+ * reused, the same request the resil-lua side sends, byte for byte (its
+ * default headers included: the user agent, and Accept-Encoding: gzip).
  *
  *   bare_client URL N CONCURRENCY  -> prints "requests seconds rps errors"
  */
@@ -10,6 +11,10 @@
 #include <time.h>
 
 #include <curl/curl.h>
+
+#ifndef USER_AGENT
+#define USER_AGENT "resil-lua"
+#endif
 
 static const char body[] = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
 
@@ -21,6 +26,7 @@ static void setup(CURL *e, const char *url, struct curl_slist *headers) {
   curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
   curl_easy_setopt(e, CURLOPT_HTTPHEADER, headers);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "gzip");
 }
 
 int main(int argc, char **argv) {
@@ -32,8 +38,9 @@ int main(int argc, char **argv) {
   long n = atol(argv[2]), c = atol(argv[3]), started = 0, done = 0, errors = 0;
   curl_global_init(CURL_GLOBAL_DEFAULT);
   CURLM *m = curl_multi_init();
-  struct curl_slist *headers = curl_slist_append(NULL, "Content-Type: application/json");
+  struct curl_slist *headers = curl_slist_append(NULL, "content-type: application/json");
   headers = curl_slist_append(headers, "Expect:");
+  headers = curl_slist_append(headers, "User-Agent: " USER_AGENT);
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   for (; started < c && started < n; started++) {

@@ -12,6 +12,10 @@
 #include <time.h>
 
 #include <curl/curl.h>
+
+#ifndef USER_AGENT
+#define USER_AGENT "resil-lua"
+#endif
 #include <event2/event.h>
 
 static const char body[] = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
@@ -102,8 +106,9 @@ int main(int argc, char **argv) {
   multi = curl_multi_init();
   curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
   curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_cb);
-  struct curl_slist *headers = curl_slist_append(NULL, "Content-Type: application/json");
+  struct curl_slist *headers = curl_slist_append(NULL, "content-type: application/json");
   headers = curl_slist_append(headers, "Expect:");
+  headers = curl_slist_append(headers, "User-Agent: " USER_AGENT);
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   for (; started < c && started < n; started++) {
@@ -113,6 +118,7 @@ int main(int argc, char **argv) {
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "gzip");
     curl_multi_add_handle(multi, e);
   }
   event_base_dispatch(base);
