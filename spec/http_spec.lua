@@ -118,6 +118,28 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal(5, opened)
   end)
 
+  it("gives every request back, however its task ends", function()
+    local url = mock.url .. "/v1/chat/completions"
+    assert.are.equal(200, http.request({ url = url, json = {} }).status)
+    assert.are.same({ in_flight = 0, open = 0 }, { in_flight = http.stats().in_flight, open = http.stats().open })
+    assert.is_true(http.stats().pooled >= 1)
+    -- canceled while the provider hangs: the transfer is aborted and given back
+    mock:configure({ sequence = { chat = { "hang" } } })
+    local hung = resil.spawn(http.request, { url = url, json = {} })
+    while http.stats().in_flight == 0 do resil.yield() end
+    hung:cancel()
+    assert.are.equal(0, http.stats().open)
+    -- canceled after its answer arrived but before it resumed to read it
+    mock:configure({ sequence = { chat = {} } })
+    local answered = resil.spawn(http.request, { url = url, json = {} })
+    while answered:status() ~= "waiting" do resil.yield() end
+    while answered:status() ~= "ready" do resil.yield() end
+    assert.are.equal(1, http.stats().open)
+    answered:cancel()
+    assert.are.equal("canceled", answered:status())
+    assert.are.same({ in_flight = 0, open = 0 }, { in_flight = http.stats().in_flight, open = http.stats().open })
+  end)
+
   it("runs many requests concurrently", function()
     mock:configure({ latency = 1 })
     local items = {}

@@ -81,6 +81,9 @@ int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's li
 task *task_current(lua_State *L, const char *what); /* raises outside a task */
 task *task_running(lua_State *L);                    /* NULL outside a task */
 void task_wait(task *t, void (*cancel)(void *), void *arg);
+/* A resource the task's continuation gives back: released by a cancel that
+ * comes after the task was woken but before it resumed. */
+void task_hold(task *t, void (*release)(void *), void *arg);
 void task_wake(task *t);
 int task_id(const task *t);
 int task_context_ref(const task *t);

@@ -65,6 +65,7 @@ struct http_state {
   http_req *free_reqs;      /* recycled requests, each with its easy handle */
   int nfree;
   http_req *live;           /* requests in use, freed by http_free if still there */
+  int nlive, nactive;
   header_set *last_headers;
   buffer scratch;
   buffer reply_head, reply_body; /* a finished request's buffers, swapped in to build its response */
@@ -165,6 +166,7 @@ static void request_detach(http_req *r) {
   if (r->active) {
     curl_multi_remove_handle(r->H->multi, r->easy);
     r->active = 0;
+    r->H->nactive--;
     r->H->R->io_pending--;
   }
 }
@@ -447,6 +449,7 @@ static http_req *req_take(lua_State *L, http_state *H) {
   r->next = H->live;
   if (H->live) H->live->prev = r;
   H->live = r;
+  H->nlive++;
   return r;
 }
 
@@ -460,6 +463,7 @@ static void req_release(http_req *r) {
   if (r->prev) r->prev->next = r->next;
   else H->live = r->next;
   if (r->next) r->next->prev = r->prev;
+  H->nlive--;
   if (H->nfree >= REQ_POOL_MAX) {
     req_destroy(r);
     return;
@@ -486,6 +490,9 @@ static void perform_cancel(void *arg) {
   request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
   req_release(r);
 }
+
+/* The task was canceled after its transfer finished, before it resumed. */
+static void perform_release(void *arg) { req_release(arg); }
 
 /* A task waiting for a stream's headers was canceled: abort the transfer;
  * the stream's userdata gives the request back when collected. */
@@ -894,6 +901,7 @@ static void request_start(lua_State *L, http_req *r) {
     luaL_error(L, "cannot start the HTTP transfer");
   }
   r->active = 1;
+  H->nactive++;
   H->added = 1;
   H->R->io_pending++;
   r->started = resil_now(H->R);
@@ -934,6 +942,7 @@ static int perform_with(lua_State *L, task *t, const request_fields *f) {
   request_start(L, r);
   r->waiter = t;
   task_wait(t, perform_cancel, r);
+  task_hold(t, perform_release, r);
   return lua_yieldk(L, 0, (lua_KContext)r, perform_k);
 }
 
@@ -963,6 +972,21 @@ static int l_request(lua_State *L) {
   lua_insert(L, 1);
   lua_callk(L, 1, LUA_MULTRET, 0, results_k);
   return lua_gettop(L);
+}
+
+/* resil.http.stats() -> {in_flight =, open =, pooled =}: transfers running,
+ * requests not given back yet (running, finished but not yet read by their
+ * task, open streams), recycled requests ready for reuse */
+static int l_stats(lua_State *L) {
+  http_state *H = resil_from_lua(L)->http;
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, H ? H->nactive : 0);
+  lua_setfield(L, -2, "in_flight");
+  lua_pushinteger(L, H ? H->nlive : 0);
+  lua_setfield(L, -2, "open");
+  lua_pushinteger(L, H ? H->nfree : 0);
+  lua_setfield(L, -2, "pooled");
+  return 1;
 }
 
 /* http.set_request_extras(fn): the prelude's handler for json and streams */
@@ -1093,6 +1117,7 @@ static const luaL_Reg stream_meta[] = {
 static const luaL_Reg http_functions[] = {{"request", l_request},
                                           {"perform", l_perform},
                                           {"stream", l_stream},
+                                          {"stats", l_stats},
                                           {"set_request_extras", l_set_request_extras},
                                           {NULL, NULL}};
 

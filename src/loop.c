@@ -38,6 +38,8 @@ struct task {
   task *next_ready;
   void (*cancel_wait)(void *);
   void *wait_arg;
+  void (*release)(void *); /* what the continuation would give back (task_hold) */
+  void *release_arg;
   task **joiners;          /* tasks blocked in join on this one */
   int njoiners, cap_joiners;
   task *joining;           /* the task this one is blocked on */
@@ -236,6 +238,11 @@ void task_wait(task *t, void (*cancel)(void *), void *arg) {
   t->wait_arg = arg;
 }
 
+void task_hold(task *t, void (*release)(void *), void *arg) {
+  t->release = release;
+  t->release_arg = arg;
+}
+
 void task_wake(task *t) {
   if (t->state != TASK_WAITING) return;
   t->cancel_wait = NULL;
@@ -296,6 +303,7 @@ static void task_resume(resil_t *R, task *t) {
   int nres = 0, nargs = t->nargs;
   t->nargs = 0;
   t->state = TASK_RUNNING;
+  t->release = NULL; /* the continuation owns it now */
   R->current = t;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
   int status = lua_resume(t->co, R->L, nargs, &nres);
@@ -508,8 +516,12 @@ static int task_cancel(lua_State *L) {
   }
   if (t->state == TASK_RUNNING) return luaL_error(L, "a task cannot cancel itself; return or error() instead");
   if (t->state == TASK_WAITING && t->cancel_wait) t->cancel_wait(t->wait_arg);
-  if (t->state == TASK_READY) ready_remove(t->R, t);
+  if (t->state == TASK_READY) {
+    ready_remove(t->R, t);
+    if (t->release) t->release(t->release_arg); /* woken, but its continuation will not run */
+  }
   t->cancel_wait = NULL;
+  t->release = NULL;
   lua_resetthread(t->co);
   lua_settop(t->co, 0);
   resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
