@@ -640,8 +640,9 @@ static void push_response(lua_State *L, const outcome *o, const buffer *head, co
 
 /* ---------- building a transfer ---------- */
 
-static double seconds_field(lua_State *L, const char *field) {
-  if (lua_type(L, -1) != LUA_TNUMBER) resil_raise(L, "http request: '%s' must be a number of seconds", field);
+/* unit: "seconds" or "bytes", for the message */
+static double number_field(lua_State *L, const char *field, const char *unit) {
+  if (lua_type(L, -1) != LUA_TNUMBER) resil_raise(L, "http request: '%s' must be a number of %s", field, unit);
   double v = lua_tonumber(L, -1);
   if (v != v || v < 0) resil_raise(L, "http request: '%s' must be >= 0", field);
   return v;
@@ -768,13 +769,13 @@ static void read_fields(lua_State *L, request_fields *f) {
     } else if (IS("method")) {
       f->method = string_field(L, "method");
     } else if (IS("timeout")) {
-      f->timeout = seconds_field(L, "timeout");
+      f->timeout = number_field(L, "timeout", "seconds");
     } else if (IS("idle_timeout")) {
-      f->idle_timeout = seconds_field(L, "idle_timeout");
+      f->idle_timeout = number_field(L, "idle_timeout", "seconds");
     } else if (IS("connect_timeout")) {
-      f->connect_timeout = seconds_field(L, "connect_timeout");
+      f->connect_timeout = number_field(L, "connect_timeout", "seconds");
     } else if (IS("max_body")) {
-      f->max_body = seconds_field(L, "max_body");
+      f->max_body = number_field(L, "max_body", "bytes");
     } else if (IS("ca_file")) {
       f->ca_file = string_field(L, "ca_file");
     } else if (IS("insecure")) {
