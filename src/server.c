@@ -4,7 +4,7 @@
  *
  *   local s = resil.server.listen{ host = "127.0.0.1", port = 0,
  *                                  handler = function(req) return resp end }
- *   -- req  = { method, path, query, headers (lower-cased), body }
+ *   -- req  = { method, path, query, headers (lower-cased), body, peer }
  *   -- resp = { status, headers, body, delay = s, action = "hang"|"reset"|"truncate"|"raw",
  *   --          chunks = {...}, chunk_interval = s, stall_after = n }
  *
@@ -225,7 +225,7 @@ static void send_next_chunk(void *arg) {
 
 /* L stack: -> req table */
 static void push_request(lua_State *L, struct evhttp_request *req) {
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 6);
   static const struct {
     enum evhttp_cmd_type cmd;
     const char *name;
@@ -259,6 +259,13 @@ static void push_request(lua_State *L, struct evhttp_request *req) {
   size_t len = evbuffer_get_length(body);
   lua_pushlstring(L, (const char *)evbuffer_pullup(body, -1), len);
   lua_setfield(L, -2, "body");
+  /* the client's address and port: one connection, one peer */
+  struct evhttp_connection *conn = evhttp_request_get_connection(req);
+  char *address = NULL;
+  ev_uint16_t port = 0;
+  if (conn) evhttp_connection_get_peer(conn, &address, &port);
+  lua_pushfstring(L, "%s:%d", address ? address : "?", (int)port);
+  lua_setfield(L, -2, "peer");
 }
 
 static char *dup_bytes(const char *s, size_t len) {
