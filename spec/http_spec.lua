@@ -269,4 +269,18 @@ describe("TLS", function()
     assert.is_nil(err)
     assert.are.equal(200, res.status)
   end)
+
+  it("verifies again after requests that turned verification off (recycled handles do not inherit it)", function()
+    local url = ("https://127.0.0.1:%d/"):format(port)
+    for _ = 1, 3 do
+      local res, err = http.request({ url = url, insecure = true })
+      assert.is_nil(err)
+      assert.are.equal(200, res.status)
+    end
+    for _ = 1, 3 do
+      local res, err = http.request({ url = url })
+      assert.is_nil(res)
+      assert.are.equal("tls", err.kind)
+    end
+  end)
 end)
