@@ -121,6 +121,22 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal(1, seen)
   end)
 
+  it("sends each request's own method and body on recycled handles", function()
+    local server = resil.server.listen({ handler = function(req)
+      return { status = 200, body = req.method .. ":" .. req.body }
+    end })
+    local url = ("http://127.0.0.1:%d/"):format(server:port())
+    local sent = {}
+    for _, r in ipairs({ { method = "HEAD" }, {}, { method = "DELETE" }, { body = "x" },
+                         { method = "PUT", body = "y" }, { body = "x" }, { method = "PATCH", body = "x" },
+                         { method = "GET" } }) do
+      r.url = url
+      sent[#sent + 1] = http.request(r).body
+    end
+    server:close()
+    assert.are.same({ "", "GET:", "DELETE:", "POST:x", "PUT:y", "POST:x", "PATCH:x", "GET:" }, sent)
+  end)
+
   it("gives every request back, however its task ends", function()
     local url = mock.url .. "/v1/chat/completions"
     assert.are.equal(200, http.request({ url = url, json = {} }).status)
