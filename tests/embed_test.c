@@ -52,6 +52,19 @@ int main(void) {
   check(strstr(resil_error(R), "syntax:1:") != NULL, "the syntax error names chunk and line");
   check(resil_load_file(R, "/no/such/file.lua", 0, NULL) == RESIL_ERR_FILE, "a missing file gives RESIL_ERR_FILE");
 
+  /* closed with a transfer in flight: the host frees it (make check's LeakSanitizer watches) */
+  resil_t *R4 = resil_open(NULL);
+  check(resil_load_string(R4,
+                          "local resil = require 'resil'\n"
+                          "local m = resil.mock.start({ sequence = { chat = { 'hang' } } })\n"
+                          "resil.spawn(resil.http.request, { url = m.url .. '/v1/chat/completions', json = {} })\n"
+                          "while resil.http.stats().in_flight == 0 do resil.yield() end\n"
+                          "error('leaving with a request in flight')\n",
+                          "=inflight") == RESIL_OK,
+        "a chunk with a hanging request loads");
+  check(resil_run(R4) == RESIL_ERR_SCRIPT, "its main task fails while the request hangs");
+  resil_close(R4);
+
   /* a second host in the same process, on the caller's own event base */
   struct event_base *base = event_base_new();
   resil_options opts = {0};
