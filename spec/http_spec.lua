@@ -263,11 +263,13 @@ describe("TLS", function()
       ">/dev/null 2>&1 & echo $! > %s/pid"):format(port, dir, dir, dir))
     pid = helpers.slurp(dir .. "/pid"):match("%d+")
     resil.clock.real()
+    resil.log.output("/dev/null") -- the probes' warning about insecure = true
     for _ = 1, 200 do -- wait until it accepts
       local _, err = http.request({ url = ("https://127.0.0.1:%d/"):format(port), insecure = true, timeout = 1 })
       if not err or err.kind ~= "connect" then break end
       resil.sleep(0.02)
     end
+    resil.log.output("stderr")
   end)
   teardown(function()
     if pid then os.execute("kill " .. pid) end
@@ -284,6 +286,29 @@ describe("TLS", function()
     local res, err = http.request({ url = ("https://127.0.0.1:%d/"):format(port), ca_file = dir .. "/cert.pem" })
     assert.is_nil(err)
     assert.are.equal(200, res.status)
+  end)
+
+  it("never turns verification off silently: a warning, once per origin", function()
+    local url = ("https://127.0.0.1:%d/"):format(port)
+    local path = helpers.tmpname(".log")
+    resil.log.output(path)
+    for _ = 1, 3 do http.request({ url = url .. "a?b", insecure = true }) end
+    resil.log.output("stderr")
+    local warnings = {}
+    for line in helpers.slurp(path):gmatch("[^\n]+") do
+      local entry = resil.json.decode(line)
+      if entry.msg:match("TLS verification is off") then warnings[#warnings + 1] = entry end
+    end
+    os.remove(path)
+    -- the setup's probes warned already for this origin: a new host name is a new origin
+    assert.are.equal(0, #warnings)
+    resil.log.output(path)
+    http.request({ url = ("https://localhost:%d/"):format(port), insecure = true })
+    resil.log.output("stderr")
+    local entry = resil.json.decode(helpers.slurp(path):match("[^\n]+"))
+    os.remove(path)
+    assert.are.equal("warn", entry.level)
+    assert.are.equal(("https://localhost:%d"):format(port), entry.origin)
   end)
 
   it("verifies again after requests that turned verification off (recycled handles do not inherit it)", function()

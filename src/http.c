@@ -796,6 +796,41 @@ static void read_fields(lua_State *L, request_fields *f) {
   }
 }
 
+static const char insecure_warned_key = 'W';
+
+/* Turning TLS verification off is never silent: a warning through resil.log,
+ * once per scheme://host:port. */
+static void warn_insecure(lua_State *L, const char *url) {
+  const char *host = strstr(url, "://");
+  host = host ? host + 3 : url;
+  size_t len = strcspn(host, "/?#");
+  int top = lua_gettop(L);
+  lua_pushlstring(L, url, (size_t)(host - url) + len);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &insecure_warned_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &insecure_warned_key);
+  }
+  lua_pushvalue(L, top + 1);
+  if (lua_rawget(L, -2) == LUA_TNIL) {
+    lua_pushvalue(L, top + 1);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -4);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "resil");
+    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "log") == LUA_TTABLE) {
+      lua_getfield(L, -1, "warn");
+      lua_pushliteral(L, "TLS verification is off (insecure = true): the peer is not authenticated");
+      lua_createtable(L, 0, 1);
+      lua_pushvalue(L, top + 1);
+      lua_setfield(L, -2, "origin");
+      lua_pcall(L, 2, 0, 0);
+    }
+  }
+  lua_settop(L, top);
+}
+
 #define SET_IF_CHANGED(r, field, option, value)                                                                  \
   do {                                                                                                           \
     if ((r)->set.field != (value)) {                                                                             \
@@ -849,6 +884,7 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fie
     if (strlen(url) < sizeof H->last_url) strcpy(H->last_url, url);
   }
   header_set *hs = header_set_for(L, H, SLOT_HEADERS);
+  if (f.insecure) warn_insecure(L, url);
   size_t body_len = 0;
   const char *body = lua_tolstring(L, SLOT_BODY, &body_len);
 
