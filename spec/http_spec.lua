@@ -243,7 +243,47 @@ describe("misuse raises with the caller's file:line", function()
   end)
 
   it("rejects body and json together", function()
-    assert.has_error(function() http.request({ url = "http://127.0.0.1:1/", body = "x", json = {} }) end)
+    local ok, err = pcall(function() return http.request({ url = "http://127.0.0.1:1/", body = "x", json = {} }) end)
+    assert.is_false(ok)
+    assert.matches("http_spec.lua:%d+: http request: give 'body' or 'json', not both", err)
+  end)
+
+  it("rejects json that cannot be encoded, naming why", function()
+    local ok, err = pcall(function() return http.request({ url = "http://127.0.0.1:1/", json = { f = print } }) end)
+    assert.is_false(ok)
+    assert.matches("http_spec.lua:%d+: http request: cannot encode 'json': .*function", err)
+  end)
+end)
+
+describe("json requests", function()
+  local server, seen
+  before_each(function()
+    server = resil.server.listen({ handler = function(req)
+      seen = req
+      return { status = 200, body = "{}" }
+    end })
+  end)
+  after_each(function() server:close() end)
+
+  it("are POSTs of the encoded table with content-type application/json", function()
+    http.request({ url = ("http://127.0.0.1:%d/"):format(server:port()), json = { a = { 1, 2 } } })
+    assert.are.equal("POST", seen.method)
+    assert.are.equal("application/json", seen.headers["content-type"])
+    assert.are.same({ a = { 1, 2 } }, resil.json.decode(seen.body))
+  end)
+
+  it("keep the caller's method and content-type", function()
+    http.request({ url = ("http://127.0.0.1:%d/"):format(server:port()), method = "PUT", json = {},
+      headers = { ["Content-Type"] = "application/vnd.api+json" } })
+    assert.are.equal("PUT", seen.method)
+    assert.are.equal("application/vnd.api+json", seen.headers["content-type"])
+  end)
+
+  it("stream with resil.http.stream too", function()
+    local s = assert(http.stream({ url = ("http://127.0.0.1:%d/"):format(server:port()), json = { x = 1 } }))
+    while s:read() do end
+    assert.are.equal("POST", seen.method)
+    assert.are.same({ x = 1 }, resil.json.decode(seen.body))
   end)
 end)
 

@@ -661,9 +661,9 @@ static void check_header_text(lua_State *L, const char *name, const char *s, siz
 
 /* The request's header lines, each ending in "\n", into H's scratch buffer
  * (reused, so an error raised half-way leaks nothing). */
-static void header_text(lua_State *L, http_state *H, int t) {
+static void header_text(lua_State *L, http_state *H, int t, int json) {
   buffer *b = &H->scratch;
-  int has_agent = 0;
+  int has_agent = 0, has_type = 0;
   b->len = 0;
   if (lua_type(L, t) == LUA_TTABLE) {
     lua_pushnil(L);
@@ -676,6 +676,7 @@ static void header_text(lua_State *L, http_state *H, int t) {
       check_header_text(L, name, name, nlen, "name");
       check_header_text(L, name, value, vlen, "value");
       has_agent |= nlen == 10 && strncasecmp(name, "user-agent", 10) == 0;
+      has_type |= nlen == 12 && strncasecmp(name, "content-type", 12) == 0;
       int ok = buffer_append(b, name, nlen) == 0;
       if (vlen) ok = ok && buffer_append(b, ": ", 2) == 0 && buffer_append(b, value, vlen) == 0;
       else ok = ok && buffer_append(b, ";", 1) == 0; /* curl's way to send an empty header */
@@ -687,13 +688,15 @@ static void header_text(lua_State *L, http_state *H, int t) {
    * unless the request has its own (a header line: cheaper for curl than
    * CURLOPT_USERAGENT, which it formats anew for every request) */
   if (buffer_append(b, "Expect:\n", 8) != 0) luaL_error(L, "not enough memory");
+  if (json && !has_type && buffer_append(b, "Content-Type: application/json\n", 31) != 0)
+    luaL_error(L, "not enough memory");
   if (!has_agent && buffer_append(b, DEFAULT_AGENT "\n", sizeof DEFAULT_AGENT) != 0) luaL_error(L, "not enough memory");
 }
 
 /* The header set for the headers table at t: the last one when the lines
  * are the same, else a new one that becomes the last. Takes no reference. */
-static header_set *header_set_for(lua_State *L, http_state *H, int t) {
-  header_text(L, H, t);
+static header_set *header_set_for(lua_State *L, http_state *H, int t, int json) {
+  header_text(L, H, t, json);
   const char *text = H->scratch.data;
   size_t len = H->scratch.len;
   header_set *hs = H->last_headers;
@@ -736,13 +739,14 @@ typedef struct {
   const char *method, *ca_file;
   double timeout, idle_timeout, connect_timeout, max_body;
   int insecure, follow;
-  int extras; /* json, on_chunk or on_event: for the prelude's request() */
+  int extras; /* on_chunk or on_event: for the prelude's request() */
 } request_fields;
 
-enum { SLOT_TABLE = 1, SLOT_URL, SLOT_BODY, SLOT_HEADERS, SLOT_REQ };
+enum { SLOT_TABLE = 1, SLOT_URL, SLOT_BODY, SLOT_HEADERS, SLOT_JSON, SLOT_LAST = SLOT_JSON, SLOT_STREAM };
 
-/* L stack: the request table at 1, nil in slots 2..4 -> the slots hold its
- * url, body and headers: the strings stay anchored while the transfer runs. */
+/* L stack: the request table at 1, nil in slots 2..5 -> the slots hold its
+ * url, body, headers and json: the strings stay anchored while the transfer
+ * runs. */
 static void read_fields(lua_State *L, request_fields *f) {
   f->method = f->ca_file = NULL;
   f->timeout = DEFAULT_TIMEOUT;
@@ -782,7 +786,9 @@ static void read_fields(lua_State *L, request_fields *f) {
       f->insecure = lua_toboolean(L, -1);
     } else if (IS("follow_redirects")) {
       f->follow = lua_toboolean(L, -1);
-    } else if (IS("json") || IS("on_chunk") || IS("on_event")) {
+    } else if (IS("json")) {
+      lua_copy(L, -1, SLOT_JSON);
+    } else if (IS("on_chunk") || IS("on_event")) {
       f->extras = 1;
     }
 #undef IS
@@ -864,7 +870,27 @@ static void set_method(http_req *r, const char *method, size_t body_len) {
   }
 }
 
-/* L stack: the request table at 1, nil in slots 2..4 (see read_fields) ->
+static const char json_encode_key = 'J';
+
+/* json = table: encoded into the body slot (a POST unless a method is given) */
+static void encode_json_body(lua_State *L) {
+  if (!lua_isnil(L, SLOT_BODY)) resil_raise(L, "http request: give 'body' or 'json', not both");
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &json_encode_key) != LUA_TFUNCTION) {
+    lua_pop(L, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_getfield(L, -1, "cjson"); /* loaded with resil.json */
+    lua_getfield(L, -1, "encode");
+    lua_replace(L, -3);
+    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &json_encode_key);
+  }
+  lua_pushvalue(L, SLOT_JSON);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) resil_raise(L, "http request: cannot encode 'json': %s", lua_tostring(L, -1));
+  lua_replace(L, SLOT_BODY);
+}
+
+/* L stack: the request table at 1, nil in slots 2..5 (see read_fields) ->
  * a request on the live list, not started. */
 static http_req *request_new(lua_State *L, int stream, const request_fields *fields) {
   http_state *H = http_get(L);
@@ -883,7 +909,9 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fie
     if (uc != CURLUE_OK) resil_raise(L, "http request: bad url '%s': %s", url, curl_url_strerror(uc));
     if (strlen(url) < sizeof H->last_url) strcpy(H->last_url, url);
   }
-  header_set *hs = header_set_for(L, H, SLOT_HEADERS);
+  int json = !lua_isnil(L, SLOT_JSON);
+  if (json) encode_json_body(L);
+  header_set *hs = header_set_for(L, H, SLOT_HEADERS, json);
   if (f.insecure) warn_insecure(L, url);
   size_t body_len = 0;
   const char *body = lua_tolstring(L, SLOT_BODY, &body_len);
@@ -984,7 +1012,7 @@ static int perform_with(lua_State *L, task *t, const request_fields *f) {
 }
 
 static int l_perform(lua_State *L) {
-  lua_settop(L, SLOT_HEADERS);
+  lua_settop(L, SLOT_LAST);
   return perform_with(L, task_current(L, "resil.http.request"), NULL);
 }
 
@@ -995,11 +1023,11 @@ static int results_k(lua_State *L, int status, lua_KContext ctx) {
   return lua_gettop(L);
 }
 
-/* resil.http.request{...} -> response | nil, err. A plain request goes
- * straight to perform; one with `json`, `on_chunk` or `on_event` goes
- * through the prelude's Lua (registered with set_request_extras). */
+/* resil.http.request{...} -> response | nil, err. A request goes straight
+ * to perform; one with `on_chunk` or `on_event` goes through the prelude's
+ * Lua (registered with set_request_extras), which reads a stream. */
 static int l_request(lua_State *L) {
-  lua_settop(L, SLOT_HEADERS);
+  lua_settop(L, SLOT_LAST);
   luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
   request_fields f;
   read_fields(L, &f);
@@ -1059,7 +1087,7 @@ static int stream_open_k(lua_State *L, int status, lua_KContext ctx) {
 
 /* resil.http.stream{...} -> stream (once the headers arrived) | nil, err */
 static int l_stream(lua_State *L) {
-  lua_settop(L, SLOT_HEADERS);
+  lua_settop(L, SLOT_LAST);
   task *t = task_current(L, "resil.http.stream");
   http_stream *s = lua_newuserdatauv(L, sizeof *s, 2); /* user values: the url and body strings */
   s->r = NULL;
@@ -1067,9 +1095,9 @@ static int l_stream(lua_State *L) {
   http_req *r = request_new(L, 1, NULL);
   s->r = r;
   lua_pushvalue(L, SLOT_URL);
-  lua_setiuservalue(L, SLOT_REQ, 1);
+  lua_setiuservalue(L, SLOT_STREAM, 1);
   lua_pushvalue(L, SLOT_BODY);
-  lua_setiuservalue(L, SLOT_REQ, 2);
+  lua_setiuservalue(L, SLOT_STREAM, 2);
   request_start(L, r);
   r->waiter = t;
   task_wait(t, stream_cancel, r);

@@ -1,7 +1,7 @@
 -- The Lua half of the host: what is clearer in Lua than in C, built only on
 -- the C primitives. Compiled into the binary; runs once per host.
 local resil, mock_source, store_source, store_sqlite_source, store_redis_source, metrics_source = ...
-local http, json, log = resil.http, resil.json, resil.log
+local http, log = resil.http, resil.log
 local pack, unpack = table.pack, table.unpack
 
 -- Cancel the given tasks when the enclosing scope closes: if the caller is
@@ -135,24 +135,6 @@ local function sse_parser(on_event)
   end
 end
 
-local function with_json_body(req)
-  local copy = {}
-  for k, v in pairs(req) do copy[k] = v end
-  copy.json = nil
-  local ok, body = pcall(json.encode, req.json)
-  if not ok then error("http request: cannot encode 'json': " .. tostring(body), 3) end
-  copy.body = body
-  copy.method = req.method or "POST"
-  local headers, has_type = {}, false
-  for k, v in pairs(req.headers or {}) do
-    headers[k] = v
-    if type(k) == "string" and k:lower() == "content-type" then has_type = true end
-  end
-  if not has_type then headers["content-type"] = "application/json" end
-  copy.headers = headers
-  return copy
-end
-
 local function stream_request(req)
   local on_chunk = req.on_chunk
   if req.on_event then on_chunk = sse_parser(req.on_event) end
@@ -176,18 +158,10 @@ local function stream_request(req)
   return res
 end
 
--- resil.http.request{...} -> res | nil, err is C; a request with any of
--- these fields comes here: json = table (encoded, content-type set, POST by
--- default), on_chunk = function(chunk) / on_event = function(sse_event) for
--- streams; either callback may return false to stop reading.
-http.set_request_extras(function(req)
-  if req.json ~= nil then
-    if req.body ~= nil then error("http request: give 'body' or 'json', not both", 2) end
-    req = with_json_body(req)
-  end
-  if req.on_chunk or req.on_event then return stream_request(req) end
-  return http.perform(req)
-end)
+-- resil.http.request{...} -> res | nil, err is C (json included); a request
+-- with on_chunk = function(chunk) or on_event = function(sse_event) comes here
+-- to read its stream. Either callback may return false to stop reading.
+http.set_request_extras(stream_request)
 http.set_request_extras = nil
 
 -- resil.reload(): re-load every loaded policy module into a fresh set and
