@@ -147,6 +147,28 @@ print(admitted)
   end)
 end)
 
+describe("runs on Redis", function()
+  before_each(fresh_url)
+
+  it("record how they ended, after their last task: done or failed", function()
+    local url = resil.store().url
+    local source = [[
+local resil = require "resil"
+resil.step("one", function() return 1 end)
+if arg[1] == "fail" then error("step two broke") end
+resil.step("two", function() return 2 end)
+]]
+    local ok = helpers.run_script(source, "--store " .. url .. " --run good-run --log-level off")
+    assert.are.equal(0, ok.code, ok.stderr)
+    local bad = helpers.run_script(source, "--store " .. url .. " --run bad-run --log-level off", "fail")
+    assert.are.equal(1, bad.code)
+    local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, url))
+    assert.are.equal(0, runs.code, runs.stderr)
+    assert.matches("good%-run%s+done%s+2", runs.stdout)
+    assert.matches("bad%-run%s+failed%s+1", runs.stdout)
+  end)
+end)
+
 describe("shared limits across processes on Redis", function()
   before_each(function() fresh_url() end)
 

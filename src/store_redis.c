@@ -173,24 +173,30 @@ static int call_k(lua_State *L, int status, lua_KContext ctx) {
   return 1;
 }
 
-/* conn:call(cmd, args...) -> reply | nil, err{kind="store_unavailable"|"store_error"}
- * Replies: strings, integers, arrays as tables; a nil reply is false. */
-static int conn_call(lua_State *L) {
-  redis_conn *c = check_conn(L, 1);
+/* The arguments at 2.. as hiredis argv; raises on a bad one. */
+static int command_args(lua_State *L, const char **argv_s, size_t *argv_len, int max) {
   int argc = lua_gettop(L) - 1;
   if (argc < 1) return luaL_error(L, "redis: call needs a command");
-  task *t = task_current(L, "redis commands");
-  if (!ensure_connected(c)) {
-    return resil_error_result(L, "store_unavailable", "%s", c->last_error[0] ? c->last_error : "redis: not connected");
-  }
-  const char *argv_s[64];
-  size_t argv_len[64];
-  if (argc > 64) return luaL_error(L, "redis: at most 64 arguments");
+  if (argc > max) return luaL_error(L, "redis: at most %d arguments", max);
   for (int i = 0; i < argc; i++) {
     int idx = i + 2;
     if (lua_type(L, idx) != LUA_TSTRING && lua_type(L, idx) != LUA_TNUMBER)
       return luaL_error(L, "redis: argument %d must be a string or a number, got %s", i + 1, luaL_typename(L, idx));
     argv_s[i] = lua_tolstring(L, idx, &argv_len[i]); /* numbers become strings in place */
+  }
+  return argc;
+}
+
+/* conn:call(cmd, args...) -> reply | nil, err{kind="store_unavailable"|"store_error"}
+ * Replies: strings, integers, arrays as tables; a nil reply is false. */
+static int conn_call(lua_State *L) {
+  redis_conn *c = check_conn(L, 1);
+  const char *argv_s[64];
+  size_t argv_len[64];
+  int argc = command_args(L, argv_s, argv_len, 64);
+  task *t = task_current(L, "redis commands");
+  if (!ensure_connected(c)) {
+    return resil_error_result(L, "store_unavailable", "%s", c->last_error[0] ? c->last_error : "redis: not connected");
   }
   redis_cmd *cmd = calloc(1, sizeof *cmd);
   if (!cmd) return luaL_error(L, "out of memory");
@@ -209,6 +215,47 @@ static int conn_call(lua_State *L) {
   }
   task_wait(t, cmd_canceled, cmd);
   return lua_yieldk(L, 0, (lua_KContext)cmd, call_k);
+}
+
+/* conn:call_now(cmd, args...) -> reply | nil, err: one command on a blocking
+ * connection of its own (1 s timeouts), for when the loop has stopped: a
+ * run's end is recorded after its last task. Never from a task. */
+static int conn_call_now(lua_State *L) {
+  redis_conn *c = check_conn(L, 1);
+  const char *argv_s[64];
+  size_t argv_len[64];
+  int argc = command_args(L, argv_s, argv_len, 64);
+  struct timeval limit = {1, 0};
+  redisContext *rc = redisConnectWithTimeout(c->host, c->port, limit);
+  if (!rc || rc->err) {
+    int pushed = resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
+                                    rc ? rc->errstr : "cannot connect");
+    if (rc) redisFree(rc);
+    return pushed;
+  }
+  redisSetTimeout(rc, limit);
+  redisReply *r = NULL;
+  if (c->password) r = redisCommand(rc, "AUTH %s", c->password);
+  if (!c->password || (r && r->type != REDIS_REPLY_ERROR)) {
+    if (r) freeReplyObject(r);
+    r = c->db ? redisCommand(rc, "SELECT %d", c->db) : NULL;
+    if (!c->db || (r && r->type != REDIS_REPLY_ERROR)) {
+      if (r) freeReplyObject(r);
+      r = redisCommandArgv(rc, argc, argv_s, argv_len);
+    }
+  }
+  int pushed;
+  if (!r) {
+    pushed = resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port, rc->errstr);
+  } else if (r->type == REDIS_REPLY_ERROR) {
+    pushed = resil_error_result(L, "store_error", "redis: %s", r->str);
+  } else {
+    push_reply(L, r, 0);
+    pushed = 1;
+  }
+  if (r) freeReplyObject(r);
+  redisFree(rc);
+  return pushed;
 }
 
 static int conn_close(lua_State *L) {
@@ -259,7 +306,8 @@ static int l_connect(lua_State *L) {
 }
 
 static const luaL_Reg conn_methods[] = {
-  {"call", conn_call}, {"close", conn_close}, {"connected", conn_connected}, {NULL, NULL}};
+  {"call", conn_call}, {"call_now", conn_call_now}, {"close", conn_close}, {"connected", conn_connected},
+  {NULL, NULL}};
 
 int luaopen_resil_redis(lua_State *L) {
   luaL_newmetatable(L, CONN_MT);

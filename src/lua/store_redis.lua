@@ -293,7 +293,13 @@ function R:run_start(id, script, fresh, now)
   return r[1], r[2]
 end
 
-function R:run_finish_now() return true end -- a run's end needs the loop here; its steps say enough
+-- after the last task: the loop has stopped, so one blocking command
+function R:run_finish_now(id, status, now)
+  local n, err = self.conn:call_now("HSET", P .. "run:" .. id, "status", status, "updated_at",
+    string.format("%.6f", now))
+  if n == nil then error(err, 0) end
+  return true
+end
 
 function R:step_get(run, scope, seq)
   local v, err = self.conn:call("HGET", P .. "steps:" .. run, scope .. "|" .. seq)
