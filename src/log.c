@@ -114,6 +114,20 @@ static void format_timestamp(char *buf, size_t len) {
   snprintf(buf + n, len - n, ".%03dZ", (int)(ts.tv_nsec / 1000000));
 }
 
+/* Append cjson's output without its "\/" escapes: URLs stay readable in
+ * logs, and "/" needs no escape in JSON. An escaped backslash ("\\") is
+ * copied whole, so "\\/" keeps its meaning. */
+static void add_json(luaL_Buffer *b, const char *s, size_t len) {
+  for (size_t i = 0; i < len; i++) {
+    if (s[i] == '\\' && i + 1 < len) {
+      if (s[i + 1] != '/') luaL_addchar(b, '\\');
+      luaL_addchar(b, s[++i]);
+    } else {
+      luaL_addchar(b, s[i]);
+    }
+  }
+}
+
 /* L stack: merged fields table -> nothing; writes one line */
 static void write_line(lua_State *L, log_state *st, int level, const char *msg) {
   char ts[40];
@@ -135,10 +149,10 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg) 
   luaL_buffinit(L, &b);
   lua_pushfstring(L, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":", ts, level_names[level]);
   luaL_addvalue(&b);
-  luaL_addlstring(&b, msg_json, msg_len);
+  add_json(&b, msg_json, msg_len);
   if (rest_len > 2) { /* "{...}" -> ",..." */
     luaL_addchar(&b, ',');
-    luaL_addlstring(&b, rest + 1, rest_len - 1);
+    add_json(&b, rest + 1, rest_len - 1);
   } else {
     luaL_addchar(&b, '}');
   }
