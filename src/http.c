@@ -5,7 +5,7 @@
  *
  * A transfer is an http_req owned by C and recycled with its easy handle, its
  * timers and its buffers (a request costs no allocation once the pool is
- * warm). resil.http.perform's request belongs to the waiting task: the
+ * warm). A request (resil.http.request/perform) belongs to the waiting task: the
  * continuation or the task's cancellation gives it back. A stream's belongs
  * to its userdata ("resil.HttpStream"), whose __gc aborts a transfer nobody
  * reads. Connections live in the multi handle's cache, so requests to the
