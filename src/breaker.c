@@ -111,17 +111,12 @@ static void emit(lua_State *L, int self, breaker *br, const char *event, const c
       lua_pushstring(L, from);
       lua_pushstring(L, to);
       if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
-        lua_getglobal(L, "require");
-        lua_pushliteral(L, "resil");
-        lua_call(L, 1, 1);
-        lua_getfield(L, -1, "log");
-        lua_getfield(L, -1, "error");
-        lua_pushfstring(L, "breaker '%s': %s listener failed", br->name, event);
+        const char *msg = lua_pushfstring(L, "breaker '%s': %s listener failed", br->name, event);
         lua_createtable(L, 0, 1);
-        lua_pushvalue(L, -6);
+        lua_pushvalue(L, -3);
         lua_setfield(L, -2, "error");
-        lua_call(L, 2, 0);
-        lua_pop(L, 3);
+        host_log(L, "error", msg);
+        lua_pop(L, 2); /* the message and the listener's error */
       }
     }
     lua_pop(L, 1);
@@ -130,23 +125,15 @@ static void emit(lua_State *L, int self, breaker *br, const char *event, const c
 }
 
 static void log_transition(lua_State *L, breaker *br, const char *from, const char *to) {
-  int top = lua_gettop(L);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "resil");
-  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "log") == LUA_TTABLE) {
-    lua_getfield(L, -1, strcmp(to, "closed") == 0 ? "info" : "warn");
-    lua_pushliteral(L, "breaker transition");
-    lua_createtable(L, 0, 6);
-    lua_pushstring(L, br->name), lua_setfield(L, -2, "breaker");
-    lua_pushstring(L, from), lua_setfield(L, -2, "from");
-    lua_pushstring(L, to), lua_setfield(L, -2, "to");
-    lua_pushinteger(L, br->calls), lua_setfield(L, -2, "calls");
-    lua_pushinteger(L, br->failures), lua_setfield(L, -2, "failures");
-    lua_pushinteger(L, br->slow), lua_setfield(L, -2, "slow");
-    if (strcmp(to, "open") == 0) lua_pushnumber(L, br->current_open_for), lua_setfield(L, -2, "open_for");
-    lua_pcall(L, 2, 0, 0);
-  }
-  lua_settop(L, top);
+  lua_createtable(L, 0, 7);
+  lua_pushstring(L, br->name), lua_setfield(L, -2, "breaker");
+  lua_pushstring(L, from), lua_setfield(L, -2, "from");
+  lua_pushstring(L, to), lua_setfield(L, -2, "to");
+  lua_pushinteger(L, br->calls), lua_setfield(L, -2, "calls");
+  lua_pushinteger(L, br->failures), lua_setfield(L, -2, "failures");
+  lua_pushinteger(L, br->slow), lua_setfield(L, -2, "slow");
+  if (strcmp(to, "open") == 0) lua_pushnumber(L, br->current_open_for), lua_setfield(L, -2, "open_for");
+  host_log(L, strcmp(to, "closed") == 0 ? "info" : "warn", "breaker transition");
 }
 
 static void transition(lua_State *L, int self, breaker *br, breaker_state to, double now) {

@@ -198,6 +198,21 @@ static int log_at(lua_State *L, int level) {
   return 0;
 }
 
+/* L stack: fields table -> nothing. A line through resil.log (so with the
+ * task's context, redaction and the chosen output) from C code; never raises. */
+void host_log(lua_State *L, const char *level, const char *msg) {
+  int fields = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "log") == LUA_TTABLE &&
+      lua_getfield(L, -1, level) == LUA_TFUNCTION) {
+    lua_pushstring(L, msg);
+    lua_pushvalue(L, fields);
+    lua_pcall(L, 2, 0, 0);
+  }
+  lua_settop(L, fields - 1);
+}
+
 static int log_debug(lua_State *L) { return log_at(L, LEVEL_DEBUG); }
 static int log_info(lua_State *L) { return log_at(L, LEVEL_INFO); }
 static int log_warn(lua_State *L) { return log_at(L, LEVEL_WARN); }
