@@ -217,6 +217,15 @@ static int conn_call(lua_State *L) {
   return lua_yieldk(L, 0, (lua_KContext)cmd, call_k);
 }
 
+/* A setup reply (AUTH, SELECT): freed when it succeeded; a failure (an
+ * error reply, or none) stays in *r for the caller to report. */
+static int setup_ok(redisReply **r) {
+  if (!*r || (*r)->type == REDIS_REPLY_ERROR) return 0;
+  freeReplyObject(*r);
+  *r = NULL;
+  return 1;
+}
+
 /* conn:call_now(cmd, args...) -> reply | nil, err: one command on a blocking
  * connection of its own (1 s timeouts), for when the loop has stopped: a
  * run's end is recorded after its last task. Never from a task. */
@@ -234,16 +243,13 @@ static int conn_call_now(lua_State *L) {
     return pushed;
   }
   redisSetTimeout(rc, limit);
-  redisReply *r = NULL;
-  if (c->password) r = redisCommand(rc, "AUTH %s", c->password);
-  if (!c->password || (r && r->type != REDIS_REPLY_ERROR)) {
-    if (r) freeReplyObject(r);
-    r = c->db ? redisCommand(rc, "SELECT %d", c->db) : NULL;
-    if (!c->db || (r && r->type != REDIS_REPLY_ERROR)) {
-      if (r) freeReplyObject(r);
-      r = redisCommandArgv(rc, argc, argv_s, argv_len);
-    }
+  redisReply *r = c->password ? redisCommand(rc, "AUTH %s", c->password) : NULL;
+  int ready = !c->password || setup_ok(&r);
+  if (ready && c->db) {
+    r = redisCommand(rc, "SELECT %d", c->db);
+    ready = setup_ok(&r);
   }
+  if (ready) r = redisCommandArgv(rc, argc, argv_s, argv_len);
   int pushed;
   if (!r) {
     pushed = resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port, rc->errstr);
