@@ -65,7 +65,6 @@ struct http_state {
   http_req *free_reqs;      /* recycled requests, each with its easy handle */
   int nfree;
   http_req *live;           /* requests in use, freed by http_free if still there */
-  int nlive, nactive;
   header_set *last_headers;
   buffer scratch;
   buffer reply_head, reply_body; /* a finished request's buffers, swapped in to build its response */
@@ -166,7 +165,6 @@ static void request_detach(http_req *r) {
   if (r->active) {
     curl_multi_remove_handle(r->H->multi, r->easy);
     r->active = 0;
-    r->H->nactive--;
     r->H->R->io_pending--;
   }
 }
@@ -449,7 +447,6 @@ static http_req *req_take(lua_State *L, http_state *H) {
   r->next = H->live;
   if (H->live) H->live->prev = r;
   H->live = r;
-  H->nlive++;
   return r;
 }
 
@@ -463,7 +460,6 @@ static void req_release(http_req *r) {
   if (r->prev) r->prev->next = r->next;
   else H->live = r->next;
   if (r->next) r->next->prev = r->prev;
-  H->nlive--;
   if (H->nfree >= REQ_POOL_MAX) {
     req_destroy(r);
     return;
@@ -951,7 +947,6 @@ static void request_start(lua_State *L, http_req *r) {
     luaL_error(L, "cannot start the HTTP transfer");
   }
   r->active = 1;
-  H->nactive++;
   H->added = 1;
   H->R->io_pending++;
   r->started = resil_now(H->R);
@@ -1029,10 +1024,15 @@ static int l_request(lua_State *L) {
  * task, open streams), recycled requests ready for reuse */
 static int l_stats(lua_State *L) {
   http_state *H = resil_from_lua(L)->http;
+  lua_Integer open = 0, in_flight = 0;
+  for (http_req *r = H ? H->live : NULL; r; r = r->next) {
+    open++;
+    in_flight += r->active;
+  }
   lua_createtable(L, 0, 3);
-  lua_pushinteger(L, H ? H->nactive : 0);
+  lua_pushinteger(L, in_flight);
   lua_setfield(L, -2, "in_flight");
-  lua_pushinteger(L, H ? H->nlive : 0);
+  lua_pushinteger(L, open);
   lua_setfield(L, -2, "open");
   lua_pushinteger(L, H ? H->nfree : 0);
   lua_setfield(L, -2, "pooled");
