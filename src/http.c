@@ -5,7 +5,7 @@
  *
  * A transfer is an http_req owned by C and recycled with its easy handle, its
  * timers and its buffers (a request costs no allocation once the pool is
- * warm). A request (resil.http.request/perform) belongs to the waiting task: the
+ * warm). A request (resil.http.request) belongs to the waiting task: the
  * continuation or the task's cancellation gives it back. A stream's belongs
  * to its userdata ("resil.HttpStream"), whose __gc aborts a transfer nobody
  * reads. Connections live in the multi handle's cache, so requests to the
@@ -477,7 +477,7 @@ static void req_release(http_req *r) {
   H->nfree++;
 }
 
-/* resil.http.perform's task was canceled: abort the transfer now and give
+/* A request's task was canceled: abort the transfer now and give
  * the request back (the continuation will never run). */
 static void perform_cancel(void *arg) {
   http_req *r = arg;
@@ -871,17 +871,11 @@ static void encode_json_body(lua_State *L) {
   lua_replace(L, SLOT_BODY);
 }
 
-/* L stack: the request table at 1, nil in slots 2..5 (see read_fields) ->
- * a request on the live list, not started. */
-static http_req *request_new(lua_State *L, int stream, const request_fields *fields) {
+/* L stack: slots as read_fields left them, f what it read -> a request on
+ * the live list, not started. */
+static http_req *request_new(lua_State *L, int stream, const request_fields *fp) {
   http_state *H = http_get(L);
-  request_fields f;
-  if (fields) {
-    f = *fields;
-  } else {
-    luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
-    read_fields(L, &f);
-  }
+  request_fields f = *fp;
   const char *url = lua_tostring(L, SLOT_URL);
   if (strcmp(url, H->last_url) != 0) {
     CURLU *parsed = curl_url();
@@ -980,8 +974,6 @@ static int perform_k(lua_State *L, int status, lua_KContext ctx) {
   return 1;
 }
 
-/* resil.http.perform{...} -> response | nil, err (the prelude's request()
- * adds `json` and `on_chunk` on top) */
 static int perform_with(lua_State *L, task *t, const request_fields *f) {
   http_req *r = request_new(L, 0, f);
   request_start(L, r);
@@ -989,11 +981,6 @@ static int perform_with(lua_State *L, task *t, const request_fields *f) {
   task_wait(t, perform_cancel, r);
   task_hold(t, perform_release, r);
   return lua_yieldk(L, 0, (lua_KContext)r, perform_k);
-}
-
-static int l_perform(lua_State *L) {
-  lua_settop(L, SLOT_LAST);
-  return perform_with(L, task_current(L, "resil.http.request"), NULL);
 }
 
 static const char request_extras_key = 'X';
@@ -1073,11 +1060,14 @@ static int stream_open_k(lua_State *L, int status, lua_KContext ctx) {
 /* resil.http.stream{...} -> stream (once the headers arrived) | nil, err */
 static int l_stream(lua_State *L) {
   lua_settop(L, SLOT_LAST);
+  luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
   task *t = task_current(L, "resil.http.stream");
   http_stream *s = lua_newuserdatauv(L, sizeof *s, 2); /* user values: the url and body strings */
   s->r = NULL;
   luaL_setmetatable(L, STREAM_MT);
-  http_req *r = request_new(L, 1, NULL);
+  request_fields f;
+  read_fields(L, &f);
+  http_req *r = request_new(L, 1, &f);
   s->r = r;
   lua_pushvalue(L, SLOT_URL);
   lua_setiuservalue(L, SLOT_STREAM, 1);
@@ -1165,7 +1155,6 @@ static const luaL_Reg stream_meta[] = {
   {"__index", stream_index}, {"__gc", stream_gc}, {"__close", stream_gc}, {NULL, NULL}};
 
 static const luaL_Reg http_functions[] = {{"request", l_request},
-                                          {"perform", l_perform},
                                           {"stream", l_stream},
                                           {"stats", l_stats},
                                           {"set_request_extras", l_set_request_extras},
