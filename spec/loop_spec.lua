@@ -214,3 +214,28 @@ describe("error values", function()
     assert.is_false(resil.is_error({ kind = "x" }))
   end)
 end)
+
+describe("resil.background", function()
+  local helpers = require "spec.helpers"
+
+  it("runs alongside the script and does not keep the host running", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local beats = 0
+      resil.background(function() while true do beats = beats + 1; resil.sleep(0.01) end end)
+      resil.sleep(0.05)
+      print("beats", beats > 1)
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("beats\ttrue\n", r.stdout)
+  end)
+
+  it("is a task like any other: it can be joined and canceled", function()
+    resil.clock.virtual()
+    local t = resil.background(function(x) resil.sleep(1); return x * 2 end, 21)
+    assert.are.same({ true, 42 }, { t:join() })
+    local forever = resil.background(function() resil.sleep(1e6) end)
+    assert.is_true(forever:cancel())
+    assert.are.equal("canceled", forever:status())
+  end)
+end)

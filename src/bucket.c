@@ -157,6 +157,22 @@ static void waiter_canceled(void *arg) {
   if (was_head) serve(b);
 }
 
+/* Woken and canceled before it resumed: served tokens go back (the TAT
+ * moves back, as b:refund does), so the next waiter may be served now. */
+static void waiter_give_back(void *arg) {
+  waiter *w = arg;
+  bucket *b = w->b;
+  if (w->has_timeout) timer_free(&w->timeout);
+  w->has_timeout = 0;
+  if (w->outcome == 1) {
+    w->outcome = 0;
+    b->tat_ns -= tokens_ns(b, w->n);
+    serve(b);
+  }
+}
+
+static const task_wait_ops bucket_wait = {waiter_canceled, waiter_give_back};
+
 /* ---------- options ---------- */
 
 static bucket *check_bucket(lua_State *L, int idx) { return luaL_checkudata(L, idx, BUCKET_MT); }
@@ -329,8 +345,8 @@ static int b_acquire(lua_State *L) {
     w->has_timeout = 1;
     timer_start(&w->timeout, timeout);
   }
+  task_wait(t, &bucket_wait, w);
   if (b->head == w) serve(b);
-  task_wait(t, waiter_canceled, w);
   return lua_yieldk(L, 0, (lua_KContext)w, acquire_k);
 }
 

@@ -80,10 +80,16 @@ int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's li
 /* loop.c: tasks */
 task *task_current(lua_State *L, const char *what); /* raises outside a task */
 task *task_running(lua_State *L);                    /* NULL outside a task */
-void task_wait(task *t, void (*cancel)(void *), void *arg);
-/* A resource the task's continuation gives back: released by a cancel that
- * comes after the task was woken but before it resumed. */
-void task_hold(task *t, void (*release)(void *), void *arg);
+/* How a wait ends when its task is canceled, the one lifetime scheme for
+ * every wait (luv's setup_req/cleanup_req). cancel: the event has not
+ * happened yet, unregister it. give_back: it happened and the task was woken
+ * with something granted (a permit, tokens, a finished transfer, a store
+ * reply), but the continuation that would consume it will never run. */
+typedef struct task_wait_ops {
+  void (*cancel)(void *arg);
+  void (*give_back)(void *arg);
+} task_wait_ops;
+void task_wait(task *t, const task_wait_ops *ops, void *arg);
 void task_wake(task *t);
 int task_id(const task *t);
 int task_context_ref(const task *t);

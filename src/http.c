@@ -978,8 +978,8 @@ static int perform_with(lua_State *L, task *t, const request_fields *f) {
   http_req *r = request_new(L, 0, f);
   request_start(L, r);
   r->waiter = t;
-  task_wait(t, perform_cancel, r);
-  task_hold(t, perform_release, r);
+  static const task_wait_ops perform_wait = {perform_cancel, perform_release};
+  task_wait(t, &perform_wait, r);
   return lua_yieldk(L, 0, (lua_KContext)r, perform_k);
 }
 
@@ -1075,7 +1075,8 @@ static int l_stream(lua_State *L) {
   lua_setiuservalue(L, SLOT_STREAM, 2);
   request_start(L, r);
   r->waiter = t;
-  task_wait(t, stream_cancel, r);
+  static const task_wait_ops stream_open_wait = {stream_cancel, NULL};
+  task_wait(t, &stream_open_wait, r);
   return lua_yieldk(L, 0, 0, stream_open_k);
 }
 
@@ -1104,7 +1105,8 @@ static int stream_read_k(lua_State *L, int status, lua_KContext ctx) {
   }
   task *t = task_current(L, "stream:read");
   r->waiter = t;
-  task_wait(t, read_cancel, r);
+  static const task_wait_ops stream_read_wait = {read_cancel, NULL};
+  task_wait(t, &stream_read_wait, r);
   return lua_yieldk(L, 0, 0, stream_read_k);
 }
 

@@ -36,10 +36,9 @@ struct task {
   task_state state;
   int nargs;               /* values on co's stack for the next resume */
   task *next_ready;
-  void (*cancel_wait)(void *);
+  const task_wait_ops *wait_ops; /* the wait in progress, until the continuation runs */
   void *wait_arg;
-  void (*release)(void *); /* what the continuation would give back (task_hold) */
-  void *release_arg;
+  int background;          /* does not keep the loop running (resil.background) */
   task **joiners;          /* tasks blocked in join on this one */
   int njoiners, cap_joiners;
   task *joining;           /* the task this one is blocked on */
@@ -232,23 +231,29 @@ static void ready_remove(resil_t *R, task *t) {
   t->next_ready = NULL;
 }
 
-void task_wait(task *t, void (*cancel)(void *), void *arg) {
+void task_wait(task *t, const task_wait_ops *ops, void *arg) {
   t->state = TASK_WAITING;
-  t->cancel_wait = cancel;
+  t->wait_ops = ops;
   t->wait_arg = arg;
 }
 
-void task_hold(task *t, void (*release)(void *), void *arg) {
-  t->release = release;
-  t->release_arg = arg;
-}
-
+/* The wait's ops stay with the task until it resumes: a cancel in between
+ * must give back what the wake granted. */
 void task_wake(task *t) {
   if (t->state != TASK_WAITING) return;
-  t->cancel_wait = NULL;
-  t->wait_arg = NULL;
   t->nargs = 0;
   ready_push(t->R, t);
+}
+
+/* A canceled task's wait ends here, whichever side of the wake it is on. */
+static void task_end_wait(task *t) {
+  const task_wait_ops *ops = t->wait_ops;
+  void *arg = t->wait_arg;
+  t->wait_ops = NULL;
+  t->wait_arg = NULL;
+  if (!ops) return;
+  if (t->state == TASK_WAITING && ops->cancel) ops->cancel(arg);
+  else if (t->state == TASK_READY && ops->give_back) ops->give_back(arg);
 }
 
 static void joiners_remove(task *target, task *joiner) {
@@ -272,7 +277,7 @@ static void task_done(task *t) {
     task_wake(j);
   }
   t->njoiners = 0;
-  R->tasks_alive--;
+  if (!t->background) R->tasks_alive--;
   luaL_unref(R->L, LUA_REGISTRYINDEX, t->ref_self);
   t->ref_self = LUA_NOREF;
 }
@@ -303,7 +308,8 @@ static void task_resume(resil_t *R, task *t) {
   int nres = 0, nargs = t->nargs;
   t->nargs = 0;
   t->state = TASK_RUNNING;
-  t->release = NULL; /* the continuation owns it now */
+  t->wait_ops = NULL; /* the continuation owns what the wait granted now */
+  t->wait_arg = NULL;
   R->current = t;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
   int status = lua_resume(t->co, R->L, nargs, &nres);
@@ -441,6 +447,17 @@ static int l_spawn(lua_State *L) {
   return 1;
 }
 
+/* resil.background(fn, ...): a task that does not keep the loop running
+ * (heartbeats, housekeeping): the host ends when only these are left. */
+static int l_background(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  task *t = task_create(L, R, lua_gettop(L) - 1, task_of(L));
+  t->background = 1;
+  R->tasks_alive--;
+  return 1;
+}
+
 /* L stack on return: true, results... | false, err */
 static int push_results(lua_State *L, task *t) {
   lua_State *co = t->co;
@@ -502,7 +519,8 @@ static int task_join(lua_State *L) {
     me->timer.fn = join_timeout_cb;
     timer_start(&me->timer, timeout);
   }
-  task_wait(me, join_cancel, me);
+  static const task_wait_ops join_wait = {join_cancel, NULL};
+  task_wait(me, &join_wait, me);
   return lua_yieldk(L, 0, 0, join_k);
 }
 
@@ -515,13 +533,8 @@ static int task_cancel(lua_State *L) {
     return 1;
   }
   if (t->state == TASK_RUNNING) return luaL_error(L, "a task cannot cancel itself; return or error() instead");
-  if (t->state == TASK_WAITING && t->cancel_wait) t->cancel_wait(t->wait_arg);
-  if (t->state == TASK_READY) {
-    ready_remove(t->R, t);
-    if (t->release) t->release(t->release_arg); /* woken, but its continuation will not run */
-  }
-  t->cancel_wait = NULL;
-  t->release = NULL;
+  task_end_wait(t);
+  if (t->state == TASK_READY) ready_remove(t->R, t);
   lua_resetthread(t->co);
   lua_settop(t->co, 0);
   resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
@@ -585,7 +598,8 @@ static int l_sleep(lua_State *L) {
   if (seconds <= 0) return lua_yield(L, 0);
   t->timer.fn = sleep_fired;
   timer_start(&t->timer, seconds);
-  task_wait(t, sleep_cancel, t);
+  static const task_wait_ops sleep_wait = {sleep_cancel, NULL};
+  task_wait(t, &sleep_wait, t);
   return lua_yieldk(L, 0, 0, sleep_k);
 }
 
@@ -731,7 +745,7 @@ static const luaL_Reg task_methods[] = {
 
 static const luaL_Reg task_meta[] = {{"__tostring", task_tostring}, {"__gc", task_gc}, {NULL, NULL}};
 
-static const luaL_Reg loop_functions[] = {{"spawn", l_spawn},     {"sleep", l_sleep},     {"yield", l_yield},
+static const luaL_Reg loop_functions[] = {{"spawn", l_spawn},     {"background", l_background}, {"sleep", l_sleep},     {"yield", l_yield},
                                           {"now", l_now},         {"running", l_running}, {"context", l_context},
                                           {NULL, NULL}};
 

@@ -68,6 +68,21 @@ static void waiter_canceled(void *arg) {
   unlink_waiter(w->s, w);
 }
 
+/* Woken (granted or timed out) and canceled before it resumed: a granted
+ * permit goes to the next waiter, or the bulkhead would shrink for good. */
+static void waiter_give_back(void *arg) {
+  sem_waiter *w = arg;
+  if (w->has_timeout) timer_free(&w->timeout);
+  w->has_timeout = 0;
+  if (w->granted) {
+    w->granted = 0;
+    w->s->in_use--;
+    grant(w->s);
+  }
+}
+
+static const task_wait_ops semaphore_wait = {waiter_canceled, waiter_give_back};
+
 static int opt_count(lua_State *L, int idx, semaphore *s, const char *field, int dflt, int lo) {
   int v = dflt;
   if (lua_getfield(L, idx, field) != LUA_TNIL) {
@@ -165,7 +180,7 @@ static int s_acquire(lua_State *L) {
     w->has_timeout = 1;
     timer_start(&w->timeout, timeout);
   }
-  task_wait(t, waiter_canceled, w);
+  task_wait(t, &semaphore_wait, w);
   return lua_yieldk(L, 0, (lua_KContext)w, acquire_k);
 }
 

@@ -157,6 +157,15 @@ static void cmd_canceled(void *arg) {
   cmd->t = NULL; /* the reply will still come; nobody waits for it */
 }
 
+/* Answered and canceled before it resumed: drop the reply. */
+static void cmd_give_back(void *arg) {
+  redis_cmd *cmd = arg;
+  luaL_unref(cmd->c->R->L, LUA_REGISTRYINDEX, cmd->ref_result);
+  free(cmd);
+}
+
+static const task_wait_ops redis_cmd_wait = {cmd_canceled, cmd_give_back};
+
 static int call_k(lua_State *L, int status, lua_KContext ctx) {
   redis_cmd *cmd = (redis_cmd *)ctx;
   lua_rawgeti(L, LUA_REGISTRYINDEX, cmd->ref_result);
@@ -213,7 +222,7 @@ static int conn_call(lua_State *L) {
     lua_pushvalue(L, 1);
     c->ref_self = luaL_ref(L, LUA_REGISTRYINDEX);
   }
-  task_wait(t, cmd_canceled, cmd);
+  task_wait(t, &redis_cmd_wait, cmd);
   return lua_yieldk(L, 0, (lua_KContext)cmd, call_k);
 }
 

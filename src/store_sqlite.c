@@ -29,6 +29,7 @@
 typedef struct op op;
 struct op {
   task *t;
+  resil_t *R;
   int ref_fn_args; /* a table {fn, args...} in the registry */
   int ref_result;  /* {n = k, ...} after the flush */
   int failed;      /* 1: fn raised (result holds the error); 2: the store failed */
@@ -170,6 +171,12 @@ static int tx_value(lua_State *L) {
 
 static int exec_sql(store_db *d, const char *sql) { return sqlite3_exec(d->db, sql, NULL, NULL, NULL); }
 
+static void op_free(lua_State *L, op *o) {
+  luaL_unref(L, LUA_REGISTRYINDEX, o->ref_fn_args);
+  luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
+  free(o);
+}
+
 /* Run one op on L (the main state) under a savepoint; store its results. */
 static void run_op(lua_State *L, store_db *d, op *o, int txh) {
   exec_sql(d, "SAVEPOINT op");
@@ -289,9 +296,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
     if (o->t) {
       task_wake(o->t); /* its continuation frees the op */
     } else {
-      luaL_unref(L, LUA_REGISTRYINDEX, o->ref_fn_args);
-      luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
-      free(o);
+      op_free(L, o);
     }
     o = next;
   }
@@ -301,6 +306,14 @@ static void op_canceled(void *arg) {
   op *o = arg;
   o->t = NULL; /* it still runs (it may already be in the batch); nobody waits */
 }
+
+/* Flushed and canceled before it resumed: nobody will read the result. */
+static void op_give_back(void *arg) {
+  op *o = arg;
+  op_free(o->R->L, o);
+}
+
+static const task_wait_ops store_op_wait = {op_canceled, op_give_back};
 
 static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   op *o = (op *)ctx;
@@ -341,11 +354,12 @@ static int db_tx(lua_State *L) {
   o->ref_fn_args = luaL_ref(L, LUA_REGISTRYINDEX);
   o->ref_result = LUA_NOREF;
   o->t = t;
+  o->R = d->R;
   if (d->tail) d->tail->next = o;
   else d->head = o;
   d->tail = o;
   if (!d->waiting_lock) event_active(d->flush_ev, EV_TIMEOUT, 0);
-  task_wait(t, op_canceled, o);
+  task_wait(t, &store_op_wait, o);
   return lua_yieldk(L, 0, (lua_KContext)o, tx_k);
 }
 
