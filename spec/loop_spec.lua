@@ -239,3 +239,25 @@ describe("resil.background", function()
     assert.are.equal("canceled", forever:status())
   end)
 end)
+
+describe("an error value whose __tostring fails", function()
+  local helpers = require "spec.helpers"
+
+  it("cannot abort the host: the task fails, the script exits 1 with a message", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local raises = setmetatable({}, { __tostring = function() error("tostring boom") end })
+      local yields = setmetatable({}, { __tostring = function() coroutine.yield() end })
+      local nonstring = setmetatable({}, { __tostring = function() return {} end })
+      for _, v in ipairs({ raises, yields, nonstring }) do
+        local t = resil.spawn(function() error(v) end)
+        io.write(tostring((t:join())), " ")
+      end
+      error(raises)
+    ]])
+    assert.are.equal("false false false ", r.stdout)
+    assert.are.equal(1, r.code, r.stderr)
+    assert.matches("error object is a table value; its __tostring failed", r.stderr, 1, true)
+    assert.not_matches("PANIC", r.stderr)
+  end)
+end)

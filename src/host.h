@@ -75,6 +75,7 @@ struct resil {
 resil_t *resil_from_lua(lua_State *L);
 void resil_set_error(resil_t *R, const char *msg);
 int resil_traceback(lua_State *L); /* message handler for lua_pcall */
+const char *resil_describe(lua_State *L, int idx); /* pushes a message for any value; never raises */
 int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's line */
 
 /* loop.c: tasks */

@@ -285,15 +285,7 @@ static void task_done(task *t) {
 /* Build the traceback of a failed task, from the coroutine's own stack. */
 static void task_record_failure(task *t) {
   lua_State *co = t->co;
-  if (lua_type(co, -1) == LUA_TSTRING) {
-    lua_pushvalue(co, -1);
-  } else if (!luaL_callmeta(co, -1, "__tostring")) {
-    lua_pushfstring(co, "(error object is a %s value)", luaL_typename(co, -1));
-  } else if (lua_type(co, -1) != LUA_TSTRING) {
-    lua_pop(co, 1);
-    lua_pushfstring(co, "(error object is a %s value)", luaL_typename(co, -1));
-  }
-  luaL_traceback(co, co, lua_tostring(co, -1), 0);
+  luaL_traceback(co, co, resil_describe(co, -1), 0);
   free(t->traceback);
   t->traceback = strdup(lua_tostring(co, -1));
   lua_pop(co, 2);

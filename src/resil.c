@@ -65,13 +65,38 @@ static int host_panic(lua_State *L) {
   return 0;
 }
 
-int resil_traceback(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL) {
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
-    msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+static int tostring_unprotected(lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  return 1;
+}
+
+/* Push a message for the value at idx and return it. A __tostring runs
+ * protected on the main state: one that raises, yields or returns a
+ * non-string gives the type's name instead, never a panic. */
+const char *resil_describe(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+    lua_pushvalue(L, idx);
+    return lua_tostring(L, -1);
   }
-  luaL_traceback(L, L, msg, 1);
+  lua_State *main = resil_from_lua(L)->L;
+  if (luaL_getmetafield(L, idx, "__tostring") != LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_pushcfunction(main, tostring_unprotected);
+    lua_pushvalue(L, idx);
+    lua_xmove(L, main, 1);
+    if (lua_pcall(main, 1, 1, 0) == LUA_OK && lua_type(main, -1) == LUA_TSTRING) {
+      lua_xmove(main, L, 1);
+      return lua_tostring(L, -1);
+    }
+    lua_pop(main, 1);
+    return lua_pushfstring(L, "(error object is a %s value; its __tostring failed)", luaL_typename(L, idx));
+  }
+  return lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
+}
+
+int resil_traceback(lua_State *L) {
+  luaL_traceback(L, L, resil_describe(L, 1), 1);
   return 1;
 }
 
