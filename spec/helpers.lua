@@ -103,4 +103,37 @@ function helpers.alive(pid)
   return state ~= nil and state ~= "Z" and state ~= "X"
 end
 
+-- A free loopback TCP port.
+function helpers.free_port()
+  local resil = require "resil"
+  local s = resil.server.listen({ handler = function() end })
+  local p = s:port()
+  s:close()
+  return p
+end
+
+-- A real redis-server on a free loopback port, in a folder of its own:
+-- -> {port=, pid=, url(db)=, stop()=}. Always stop it.
+function helpers.redis_server()
+  local dir = helpers.tmpname("-redis")
+  os.execute("mkdir -p " .. dir)
+  local port, pidfile = helpers.free_port(), dir .. "/redis.pid"
+  os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+              "--pidfile %s --databases 64 > /dev/null"):format(port, dir, pidfile))
+  assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+  local server = { port = port, pid = helpers.slurp(pidfile):match("%d+") }
+  assert(helpers.wait_until(function()
+    return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == true
+  end, 10))
+  function server.url(db, query)
+    return ("redis://127.0.0.1:%d/%d%s"):format(port, db or 0, query and ("?" .. query) or "")
+  end
+  function server.stop()
+    os.execute("kill -CONT " .. server.pid .. "; kill -9 " .. server.pid)
+    helpers.wait_until(function() return not helpers.alive(server.pid) end, 10)
+    os.execute("rm -rf " .. dir)
+  end
+  return server
+end
+
 return helpers

@@ -5,10 +5,14 @@
  *
  * A lost connection fails the commands in flight with kind =
  * "store_unavailable" and is re-established on the next command (at most one
- * attempt per second, so an outage costs no connect storm).
+ * attempt per second, so an outage costs no connect storm). A server that
+ * freezes rather than fails is the same: a command without a reply within
+ * the timeout (real time, default 5 s) drops the connection, which fails
+ * every command in flight on it.
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
@@ -18,6 +22,7 @@
 
 #define CONN_MT "resil.RedisConn"
 #define RECONNECT_EVERY 1.0
+#define DEFAULT_TIMEOUT 5.0
 
 typedef struct {
   resil_t *R;
@@ -30,12 +35,14 @@ typedef struct {
   char last_error[512];
   int ref_self; /* alive while commands are in flight */
   int pending;
+  double timeout;
 } redis_conn;
 
 typedef struct {
   redis_conn *c;
   task *t;
   int ref_result; /* {n=, ...} or {err = message, kind = } */
+  struct event *deadline; /* real time: a frozen server must not hold the task */
 } redis_cmd;
 
 static redis_conn *check_conn(lua_State *L, int idx) { return luaL_checkudata(L, idx, CONN_MT); }
@@ -82,6 +89,8 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     lua_rawseti(L, -2, 1);
   }
   cmd->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (cmd->deadline) event_free(cmd->deadline);
+  cmd->deadline = NULL;
   c->R->io_pending--;
   if (--c->pending == 0 && c->ref_self != LUA_NOREF) {
     luaL_unref(L, LUA_REGISTRYINDEX, c->ref_self);
@@ -152,6 +161,20 @@ static int ensure_connected(redis_conn *c) {
   return 1;
 }
 
+/* No reply in time: the server is frozen or the network is. Dropping the
+ * connection answers every command on it (hiredis calls each callback with
+ * no reply), so each is freed by the one path in on_reply. */
+static void cmd_timed_out(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  redis_cmd *cmd = arg;
+  redis_conn *c = cmd->c;
+  snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: no reply within %g s", c->host, c->port, c->timeout);
+  redisAsyncContext *ac = c->ac;
+  c->ac = NULL;
+  c->connected = 0;
+  if (ac) redisAsyncFree(ac);
+}
+
 static void cmd_canceled(void *arg) {
   redis_cmd *cmd = arg;
   cmd->t = NULL; /* the reply will still come; nobody waits for it */
@@ -218,6 +241,11 @@ static int conn_call(lua_State *L) {
                               c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
   }
   c->R->io_pending++; /* real I/O: the virtual clock waits for it as for HTTP */
+  cmd->deadline = evtimer_new(c->R->base, cmd_timed_out, cmd);
+  if (cmd->deadline) {
+    struct timeval tv = {(time_t)c->timeout, (suseconds_t)((c->timeout - (double)(time_t)c->timeout) * 1e6)};
+    evtimer_add(cmd->deadline, &tv);
+  }
   if (c->pending++ == 0) {
     lua_pushvalue(L, 1);
     c->ref_self = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -300,7 +328,7 @@ static int conn_connected(lua_State *L) {
   return 1;
 }
 
-/* resil.redis.connect{host=, port=, db=, password=} -> conn (connects lazily) */
+/* resil.redis.connect{host=, port=, db=, password=, timeout=5} -> conn (connects lazily) */
 static int l_connect(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   redis_conn *c = lua_newuserdatauv(L, sizeof *c, 0);
@@ -316,7 +344,10 @@ static int l_connect(lua_State *L) {
   c->db = (int)luaL_optinteger(L, -1, 0);
   lua_getfield(L, 1, "password");
   if (lua_isstring(L, -1)) c->password = strdup(lua_tostring(L, -1));
-  lua_pop(L, 4);
+  lua_getfield(L, 1, "timeout");
+  c->timeout = luaL_optnumber(L, -1, DEFAULT_TIMEOUT);
+  if (!(c->timeout > 0 && c->timeout <= 86400)) return luaL_error(L, "redis: timeout must be in (0, 86400] seconds");
+  lua_pop(L, 5);
   return 1;
 }
 

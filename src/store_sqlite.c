@@ -23,8 +23,7 @@
 
 #define DB_MT "resil.SqliteDb"
 #define TX_MT "resil.SqliteTx"
-#define BUSY_TIMEOUT_MS 10000
-#define LOCK_WAIT_SECONDS 10.0 /* how long group commit waits for another process's write lock */
+#define DEFAULT_TIMEOUT 5.0 /* seconds an operation may wait for another process's write lock */
 
 typedef struct op op;
 struct op {
@@ -46,6 +45,7 @@ typedef struct {
   struct event *retry_ev; /* another process holds the write lock: try again later */
   int waiting_lock, lock_attempts;
   struct timespec lock_since;
+  double timeout; /* the longest wait for the write lock; then store_unavailable */
   int ref_stmts; /* sql -> lightuserdata stmt */
   int in_tx;
   long commits, ops;
@@ -110,6 +110,30 @@ static void push_column(lua_State *L, sqlite3_stmt *st, int col) {
   }
 }
 
+/* A failed statement. Trouble from the world (the file is read-only,
+ * corrupt, the disk full, another process holds the lock) is raised as a
+ * store_unavailable error value, which the waiting task receives as
+ * nil, err; anything else is a bug in the SQL and raises as it is. */
+static int sql_failed(lua_State *L, store_db *d, int rc) {
+  switch (rc & 0xff) {
+  case SQLITE_READONLY: case SQLITE_IOERR: case SQLITE_CORRUPT: case SQLITE_NOTADB: case SQLITE_FULL:
+  case SQLITE_CANTOPEN: case SQLITE_BUSY: case SQLITE_LOCKED: case SQLITE_NOMEM: case SQLITE_PERM:
+  case SQLITE_PROTOCOL:
+    resil_push_error(L, "store_unavailable", "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+    return lua_error(L);
+  default: return luaL_error(L, "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+  }
+}
+
+/* Is the value at idx a store_unavailable error value? Leaves the stack as it was. */
+static int is_store_unavailable(lua_State *L, int idx) {
+  if (!lua_istable(L, idx)) return 0;
+  lua_getfield(L, idx, "kind");
+  int yes = lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "store_unavailable") == 0;
+  lua_pop(L, 1);
+  return yes;
+}
+
 static store_db *check_tx(lua_State *L) {
   store_db **pd = luaL_checkudata(L, 1, TX_MT);
   if (!*pd || !(*pd)->in_tx) luaL_error(L, "store: a transaction handle used outside its transaction");
@@ -123,7 +147,7 @@ static int tx_exec(lua_State *L) {
   bind_args(L, st, 3, lua_gettop(L));
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {}
-  if (rc != SQLITE_DONE) return luaL_error(L, "store: %s", sqlite3_errmsg(d->db));
+  if (rc != SQLITE_DONE) return sql_failed(L, d, rc);
   lua_pushinteger(L, sqlite3_changes(d->db));
   return 1;
 }
@@ -143,7 +167,7 @@ static int tx_rows(lua_State *L) {
     }
     lua_rawseti(L, -2, ++n);
   }
-  if (rc != SQLITE_DONE) return luaL_error(L, "store: %s", sqlite3_errmsg(d->db));
+  if (rc != SQLITE_DONE) return sql_failed(L, d, rc);
   return 1;
 }
 
@@ -162,7 +186,7 @@ static int tx_value(lua_State *L) {
   int rc = sqlite3_step(st);
   if (rc == SQLITE_ROW) push_column(L, st, 0);
   else if (rc == SQLITE_DONE) lua_pushnil(L);
-  else return luaL_error(L, "store: %s", sqlite3_errmsg(d->db));
+  else return sql_failed(L, d, rc);
   sqlite3_reset(st);
   return 1;
 }
@@ -213,21 +237,22 @@ static void fail_op(lua_State *L, op *o, const char *why) {
 
 /* One transaction for a list of ops; every op gets a result or a failure.
  * began: BEGIN IMMEDIATE already succeeded. */
-static void commit_batch(lua_State *L, store_db *d, op *first, op *stop, int txh, int began) {
-  int rc = began ? SQLITE_OK : exec_sql(d, "BEGIN IMMEDIATE");
-  if (rc != SQLITE_OK) {
-    for (op *o = first; o != stop; o = o->next) fail_op(L, o, sqlite3_errmsg(d->db));
+static void commit_batch(lua_State *L, store_db *d, op *first, int txh, int began) {
+  if (!began) {
+    char why[512];
+    snprintf(why, sizeof why, "store %s: %s", d->path, sqlite3_errmsg(d->db));
+    for (op *o = first; o; o = o->next) fail_op(L, o, why);
     return;
   }
   d->in_tx = 1;
-  for (op *o = first; o != stop; o = o->next) run_op(L, d, o, txh);
+  for (op *o = first; o; o = o->next) run_op(L, d, o, txh);
   d->in_tx = 0;
-  rc = exec_sql(d, "COMMIT");
+  int rc = exec_sql(d, "COMMIT");
   if (rc != SQLITE_OK) {
-    char why[256];
-    snprintf(why, sizeof why, "commit failed: %s", sqlite3_errmsg(d->db));
+    char why[512];
+    snprintf(why, sizeof why, "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
     exec_sql(d, "ROLLBACK");
-    for (op *o = first; o != stop; o = o->next) {
+    for (op *o = first; o; o = o->next) {
       if (o->ref_result != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
       o->ref_result = LUA_NOREF;
       fail_op(L, o, why);
@@ -242,14 +267,13 @@ static double seconds_since(const struct timespec *t0) {
   return (double)(now.tv_sec - t0->tv_sec) + (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
 }
 
-/* Group commit takes the write lock without blocking the loop: when another
- * process holds it, the batch stays queued (and keeps growing) while a timer
- * retries with a growing delay; the other tasks' I/O goes on meanwhile. */
+/* Writes take the write lock without blocking the loop (the busy timeout is
+ * 0): when another process holds it, the batch stays queued (and keeps
+ * growing) while a timer retries with a growing delay, and the other tasks'
+ * I/O goes on meanwhile; after d->timeout the batch fails. */
 static int take_write_lock(store_db *d) {
-  sqlite3_busy_timeout(d->db, 0);
   int rc = exec_sql(d, "BEGIN IMMEDIATE");
-  sqlite3_busy_timeout(d->db, BUSY_TIMEOUT_MS);
-  if (rc != SQLITE_BUSY || (d->waiting_lock && seconds_since(&d->lock_since) >= LOCK_WAIT_SECONDS)) {
+  if (rc != SQLITE_BUSY || (d->waiting_lock && seconds_since(&d->lock_since) >= d->timeout)) {
     if (d->waiting_lock) d->R->io_pending--; /* done waiting (or given up: "database is locked") */
     d->waiting_lock = 0;
     return rc;
@@ -271,23 +295,24 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   lua_State *L = d->R->L;
   if (!d->head) return;
-  int began = 0;
-  if (d->group_commit) {
-    int rc = take_write_lock(d);
-    if (rc == -1) return; /* retried by the timer */
-    if (rc == SQLITE_OK) began = 1;
-  }
+  int rc = take_write_lock(d);
+  if (rc == -1) return; /* retried by the timer */
+  int began = rc == SQLITE_OK;
   op *batch = d->head;
-  d->head = d->tail = NULL;
+  if (d->group_commit) {
+    d->head = d->tail = NULL;
+  } else { /* one operation per transaction: the rest wait for the next turn */
+    op *rest = batch->next;
+    batch->next = NULL;
+    d->head = rest;
+    if (!rest) d->tail = NULL;
+    else event_active(d->flush_ev, EV_TIMEOUT, 0);
+  }
   store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
   *txp = d;
   luaL_setmetatable(L, TX_MT);
   int txh = lua_gettop(L);
-  if (d->group_commit) {
-    commit_batch(L, d, batch, NULL, txh, began);
-  } else {
-    for (op *o = batch; o; o = o->next) commit_batch(L, d, o, o->next, txh, 0);
-  }
+  commit_batch(L, d, batch, txh, began);
   *txp = NULL; /* a handle kept by fn is dead now */
   lua_pop(L, 1);
   for (op *o = batch; o;) {
@@ -324,13 +349,18 @@ static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   free(o);
   int res = lua_gettop(L);
   if (failed == 2) {
-    return resil_error_result(L, "store_unavailable", "store: %s", lua_tostring(L, res));
+    return resil_error_result(L, "store_unavailable", "%s", lua_tostring(L, res));
   }
   lua_getfield(L, res, "n");
   int n = (int)lua_tointeger(L, -1);
   lua_pop(L, 1);
   if (failed == 1) {
     lua_rawgeti(L, res, 1);
+    if (is_store_unavailable(L, -1)) {
+      lua_pushnil(L);
+      lua_insert(L, -2);
+      return 2; /* nil, err: the file or the disk failed, not the caller */
+    }
     return lua_error(L);
   }
   luaL_checkstack(L, n, "store results");
@@ -365,13 +395,18 @@ static int db_tx(lua_State *L) {
 
 /* db:now(fn, ...) -> fn(tx, ...) at once, in its own transaction (setup,
  * migrations, reads outside tasks). */
-static int db_now(lua_State *L) {
+static int run_now(lua_State *L, const char *begin) {
   store_db *d = check_db(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   if (d->in_tx) return luaL_error(L, "store: db:now inside a transaction");
   int n = lua_gettop(L) - 2;
-  if (exec_sql(d, "BEGIN IMMEDIATE") != SQLITE_OK)
-    return resil_error_result(L, "store_unavailable", "store: %s", sqlite3_errmsg(d->db));
+  if (exec_sql(d, begin) != SQLITE_OK) {
+    int busy = sqlite3_errcode(d->db) == SQLITE_BUSY;
+    int pushed = resil_error_result(L, "store_unavailable", "store %s: %s", d->path, sqlite3_errmsg(d->db));
+    lua_pushboolean(L, busy);
+    lua_setfield(L, -2, "busy");
+    return pushed;
+  }
   store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
   *txp = d;
   luaL_setmetatable(L, TX_MT);
@@ -382,14 +417,33 @@ static int db_now(lua_State *L) {
   *txp = NULL;
   if (rc != LUA_OK) {
     exec_sql(d, "ROLLBACK");
+    if (is_store_unavailable(L, -1)) {
+      lua_pushnil(L);
+      lua_insert(L, -2);
+      return 2;
+    }
     return lua_error(L);
   }
   if (exec_sql(d, "COMMIT") != SQLITE_OK) {
     exec_sql(d, "ROLLBACK");
-    return resil_error_result(L, "store_unavailable", "store: commit failed: %s", sqlite3_errmsg(d->db));
+    return resil_error_result(L, "store_unavailable", "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
   }
   return lua_gettop(L) - 1;
 }
+
+/* db:blocking(on): outside tasks (set-up, the CLI, the run's end after the
+ * loop) db:now may wait for the lock inside SQLite, up to the timeout. */
+static int db_blocking(lua_State *L) {
+  store_db *d = check_db(L, 1);
+  sqlite3_busy_timeout(d->db, lua_toboolean(L, 2) ? (int)(d->timeout * 1000) : 0);
+  return 0;
+}
+
+static int db_now(lua_State *L) { return run_now(L, "BEGIN IMMEDIATE"); }
+
+/* db:read(fn, ...): the same for reading only; in WAL mode a reader never
+ * waits for another process's writer. */
+static int db_read(lua_State *L) { return run_now(L, "BEGIN"); }
 
 static int db_stats(lua_State *L) {
   store_db *d = check_db(L, 1);
@@ -449,12 +503,18 @@ static void make_parents(const char *path) {
 static int l_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   int group_commit = 1;
-  if (lua_istable(L, 2) && lua_getfield(L, 2, "group_commit") != LUA_TNIL) group_commit = lua_toboolean(L, -1);
+  double timeout = DEFAULT_TIMEOUT;
+  if (lua_istable(L, 2)) {
+    if (lua_getfield(L, 2, "group_commit") != LUA_TNIL) group_commit = lua_toboolean(L, -1);
+    if (lua_getfield(L, 2, "timeout") != LUA_TNIL) timeout = luaL_checknumber(L, -1);
+    lua_pop(L, 2);
+  }
   resil_t *R = resil_from_lua(L);
   store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
   memset(d, 0, sizeof *d);
   d->R = R;
   d->group_commit = group_commit;
+  d->timeout = timeout;
   d->ref_stmts = LUA_NOREF;
   luaL_setmetatable(L, DB_MT);
   make_parents(path);
@@ -467,7 +527,9 @@ static int l_open(lua_State *L) {
     d->db = NULL;
     return 2;
   }
-  sqlite3_busy_timeout(d->db, BUSY_TIMEOUT_MS);
+  /* never wait for a lock inside SQLite: that would block the loop (writes
+   * wait on a timer instead, take_write_lock) */
+  sqlite3_busy_timeout(d->db, 0);
   char *err = NULL;
   if (sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err) != SQLITE_OK) {
     lua_pushnil(L);
@@ -485,7 +547,7 @@ static int l_open(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg db_methods[] = {{"tx", db_tx},       {"now", db_now},   {"stats", db_stats},
+static const luaL_Reg db_methods[] = {{"tx", db_tx},       {"now", db_now},   {"read", db_read}, {"blocking", db_blocking}, {"stats", db_stats},
                                       {"close", db_close}, {NULL, NULL}};
 static const luaL_Reg tx_methods[] = {
   {"exec", tx_exec}, {"rows", tx_rows}, {"row", tx_row}, {"value", tx_value}, {NULL, NULL}};

@@ -44,6 +44,23 @@ function resil.store_config(c)
   for k, v in pairs(c) do config[k] = v end
 end
 
+-- The store URL's query: ?timeout=SECONDS, how long any operation may wait
+-- (a frozen Redis, another process's SQLite write lock) before it returns
+-- nil, err{kind="store_unavailable"}. -> seconds | nil, message
+local DEFAULT_TIMEOUT = 5
+function resil.store_timeout(query, url)
+  if query == nil or query == "" then return DEFAULT_TIMEOUT end
+  local timeout = DEFAULT_TIMEOUT
+  for k, v in query:gmatch("([^&=]+)=([^&]*)") do
+    if k ~= "timeout" then return nil, ("store %s: unknown option '%s' (known: timeout)"):format(url, k) end
+    timeout = tonumber(v)
+    if not timeout or timeout <= 0 or timeout > 86400 then
+      return nil, ("store %s: timeout must be a number of seconds in (0, 86400], got '%s'"):format(url, v)
+    end
+  end
+  return timeout
+end
+
 local function default_url()
   return config.url or os.getenv("RESIL_STORE") or ".resil/state.db"
 end
@@ -61,7 +78,12 @@ function resil.store(url, opts)
   if url:match("^redis://") or url:match("^rediss://") then
     backend, err = backends.redis.open(url)
   else
-    backend, err = backends.sqlite.open((url:gsub("^sqlite://", "")), opts)
+    local path, query = url:gsub("^sqlite://", ""):match("^([^?]*)%??(.*)$")
+    local timeout, terr = resil.store_timeout(query, url)
+    if not timeout then return nil, resil.error("store_unavailable", terr) end
+    local o = { timeout = timeout }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    backend, err = backends.sqlite.open(path, o)
   end
   if not backend then return nil, err end
   s = setmetatable({ backend = backend, url = url, kind = backend.kind }, Store)

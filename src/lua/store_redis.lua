@@ -189,9 +189,16 @@ local function parse_url(url)
     password = userinfo:match("^[^:]*:(.*)$") or userinfo
     rest = hostpart
   end
+  local query
+  rest, query = rest:match("^([^?]*)%??(.*)$")
+  local timeout, qerr = resil.store_timeout(query, url)
+  if not timeout then return nil, qerr end
   local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
-  if not host then return nil, "redis: cannot read URL " .. url .. " (redis://[:password@]host:port/db)" end
-  return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, password = password }
+  if not host then
+    return nil, "redis: cannot read URL " .. url .. " (redis://[:password@]host:port/db[?timeout=seconds])"
+  end
+  return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, password = password,
+           timeout = timeout }
 end
 
 function R.open(url)

@@ -35,26 +35,45 @@ local migrations = {
 local B = {}
 B.__index = B
 
-local function migrate(db, path)
-  return db:now(function(tx)
-    local version = tx:value("PRAGMA user_version")
-    for v = version + 1, #migrations do
-      for statement in migrations[v]:gmatch("[^;]+") do
-        if statement:match("%S") then tx:exec(statement) end
-      end
-      tx:exec(("PRAGMA user_version = %d"):format(v))
+local function apply_migrations(tx, path)
+  local version = tx:value("PRAGMA user_version")
+  if version > #migrations then
+    error(("store %s has schema version %d; this resil-lua knows up to %d"):format(path, version, #migrations))
+  end
+  for v = version + 1, #migrations do
+    for statement in migrations[v]:gmatch("[^;]+") do
+      if statement:match("%S") then tx:exec(statement) end
     end
-    if version > #migrations then
-      error(("store %s has schema version %d; this resil-lua knows up to %d"):format(path, version, #migrations))
+    tx:exec(("PRAGMA user_version = %d"):format(v))
+  end
+  return true
+end
+
+-- Opening a store whose schema is current takes no lock; a migration takes
+-- the write lock, waiting for another process's writer up to the store's
+-- timeout (on a timer inside a task, so the loop goes on).
+local function migrate(db, path, timeout)
+  local version, verr = db:read(function(tx) return tx:value("PRAGMA user_version") end)
+  if version == nil then return nil, verr end
+  if version == #migrations then return true end
+  local in_task = resil.running() ~= nil
+  if not in_task then db:blocking(true) end
+  local deadline, pause = resil.now() + timeout, 0.001
+  while true do
+    local ok, err = db:now(apply_migrations, path)
+    if ok or not (err and err.busy and in_task and resil.now() + pause < deadline) then
+      if not in_task then db:blocking(false) end
+      return ok, err
     end
-    return true
-  end)
+    resil.sleep(pause)
+    pause = math.min(pause * 2, 0.05)
+  end
 end
 
 function B.open(path, opts)
   local db, err = resil.sqlite.open(path, opts)
   if not db then return nil, err end
-  local ok, merr = migrate(db, path)
+  local ok, merr = migrate(db, path, opts and opts.timeout or 5)
   if not ok then return nil, merr end
   return setmetatable({ db = db, path = path, kind = "sqlite" }, B)
 end

@@ -1,0 +1,109 @@
+-- The store when its dependency freezes or refuses rather than fails: every
+-- operation has a timeout and returns nil, err{kind="store_unavailable"}
+-- naming the store; waiting never blocks the loop.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+-- a task that counts real-time ticks: proof that the loop went on
+local function ticker()
+  local t = { n = 0 }
+  t.task = resil.spawn(function() while true do t.n = t.n + 1; resil.sleep(0.01) end end)
+  return t
+end
+
+describe("a frozen Redis (SIGSTOP)", function()
+  local redis
+  setup(function()
+    resil.clock.real()
+    redis = helpers.redis_server()
+  end)
+  teardown(function() redis.stop() end)
+
+  it("gives store_unavailable after the store's timeout, for every kind of operation, then recovers", function()
+    resil.log.level("error")
+    local url = redis.url(1, "timeout=0.3")
+    resil.store_config({ url = url })
+    local s = assert(resil.store(url))
+    assert.are.equal(1, s:incr("n"))
+    local budget = resil.budget("frozen", { limit = 5 })
+    -- frozen, and thawed 4 s later: without a timeout every call below
+    -- would simply wait for the thaw and succeed
+    os.execute(("kill -STOP %s; (sleep 4; kill -CONT %s) >/dev/null 2>&1 &"):format(redis.pid, redis.pid))
+    local ticks = ticker()
+    local n, err = s:incr("n")
+    assert.is_nil(n)
+    assert.are.equal("store_unavailable", err.kind)
+    assert.matches("no reply within 0.3 s", err.message, 1, true)
+    assert.matches(tostring(redis.port), err.message, 1, true)
+    resil.sleep(1.1) -- the next connection attempt is allowed a second later
+    local _, oerr = resil.once("frozen-key", function() return 1 end)
+    assert.are.equal("store_unavailable", oerr.kind)
+    resil.sleep(1.1)
+    local ticket, rerr = budget:reserve(1)
+    assert.is_nil(ticket)
+    assert.are.equal("store_unavailable", rerr.kind)
+    assert.is_true(ticks.n > 10, "the loop was blocked while Redis was frozen")
+    ticks.task:cancel()
+    -- thawed: the store works again
+    assert.is_true(helpers.wait_until(function() return s:incr("n") ~= nil end, 10))
+  end)
+end)
+
+describe("SQLite with another process holding the write lock", function()
+  local path, holder
+  before_each(function()
+    resil.clock.real()
+    path = helpers.tmpname(".db")
+    assert(resil.store(path)) -- create it with its schema
+    -- a second process takes BEGIN IMMEDIATE and keeps it 3 s
+    local out
+    holder, out = helpers.start(([[
+      local resil = require "resil"
+      local db = assert(resil.sqlite.open(%q))
+      db:now(function(tx)
+        tx:exec("INSERT INTO kv (key, value) VALUES ('holder', 'x')")
+        io.stdout:write("holding\n"); io.stdout:flush()
+        os.execute("sleep 3")
+      end)
+    ]]):format(path))
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("holding") end, 10))
+  end)
+  after_each(function()
+    helpers.wait_until(function() return not helpers.alive(holder) end, 10)
+    os.remove(path)
+  end)
+
+  it("opens without waiting for the lock, and an operation gives up after the timeout", function()
+    local url = path .. "?timeout=0.3"
+    local s = assert(resil.store(url))
+    assert.is_true(helpers.alive(holder), "opening the store waited for the other process's lock")
+    local ticks = ticker()
+    local ok, err = s:set("a", "b")
+    assert.is_nil(ok)
+    assert.are.equal("store_unavailable", err.kind)
+    assert.matches("store " .. path .. ": database is locked", err.message, 1, true)
+    assert.is_true(ticks.n > 5, "the loop was blocked while waiting for the lock")
+    ticks.task:cancel()
+    assert.is_true(helpers.alive(holder), "the operation waited longer than its timeout")
+  end)
+end)
+
+describe("a read-only SQLite file", function()
+  it("returns store_unavailable naming the store, and reads still work", function()
+    local path = helpers.tmpname(".db")
+    assert.is_true(assert(resil.store(path)):set("k", "v"))
+    -- immutable even for root; a store opened after this cannot write
+    if not os.execute("chattr +i " .. path .. " 2>/dev/null") then
+      pending("chattr +i is not supported on this file system")
+      return
+    end
+    local s = assert(resil.store(path .. "?timeout=1"))
+    local ok, err = s:set("k", "w")
+    os.execute("chattr -i " .. path)
+    assert.is_nil(ok)
+    assert.are.equal("store_unavailable", err.kind)
+    assert.matches("store " .. path .. ": attempt to write a readonly database", err.message, 1, true)
+    assert.are.equal("v", s:get("k"))
+    os.remove(path)
+  end)
+end)
