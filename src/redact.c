@@ -151,17 +151,20 @@ static int is_credential(const char *name, size_t len) {
   return 0;
 }
 
+/* From each "=" (memchr: most text has none) back over the name to a
+ * separator: ?name=value, &name=value, ;name=value, #name=value. */
 static void mark_params(marks *m, const char *s, size_t len) {
-  for (size_t i = 0; i < len; i++) {
-    char c = s[i];
-    if (c != '?' && c != '&' && c != ';' && c != '#') continue;
-    size_t name = i + 1, eq = name;
-    while (eq < len && eq - name <= 32 && is_name_char((unsigned char)s[eq])) eq++;
-    if (eq >= len || s[eq] != '=' || eq == name || !is_credential(s + name, eq - name)) continue;
+  size_t at = 0;
+  const char *p;
+  while (at < len && (p = memchr(s + at, '=', len - at))) {
+    size_t eq = (size_t)(p - s), name = eq;
+    while (name > 0 && eq - name <= 32 && is_name_char((unsigned char)s[name - 1])) name--;
+    at = eq + 1;
+    if (name == eq || name == 0 || !strchr("?&;#", s[name - 1]) || !is_credential(s + name, eq - name)) continue;
     size_t end = eq + 1;
     while (end < len && !ends_value(s, len, end)) end++;
     if (end > eq + 1) mark(m, eq + 1, end);
-    i = end - 1;
+    at = end;
   }
 }
 
