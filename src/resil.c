@@ -97,6 +97,7 @@ int resil_raise(lua_State *L, const char *fmt, ...) {
   va_end(ap);
   lua_pushstring(L, message);
   lua_concat(L, 2);
+  redact_push(L, -1, REDACT_ALL); /* "bad url 'https://...?key=...'" */
   return lua_error(L);
 }
 
