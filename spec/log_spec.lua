@@ -93,6 +93,41 @@ describe("resil.log", function()
     assert.matches("missing_secret: RESIL_MISSING_KEY_XYZ is not set", r.stdout)
   end)
 
+  it("renames fields that would repeat a key the logger writes (ts, level, msg, task, context)", function()
+    local path = helpers.tmpname(".log")
+    log.output(path)
+    local ok, err = pcall(function()
+      resil.spawn(function()
+        resil.context({ run = "nightly", level = "ctx" })
+        log.error("failed", { level = "debug", msg = "ok", ts = 1, task = "mine", run = "other", status = 500 })
+      end):join()
+      log.info("outside a task", { "first", "second" })
+    end)
+    log.output("stderr")
+    assert(ok, err)
+    local raw = helpers.slurp(path)
+    os.remove(path)
+    local lines = {}
+    for line in raw:gmatch("[^\n]+") do
+      local seen = {}
+      for key in line:gmatch('[{,]"([%w_]+)":') do
+        assert.is_nil(seen[key], "key " .. key .. " repeated in " .. line)
+        seen[key] = true
+      end
+      lines[#lines + 1] = assert(resil.json.decode(line))
+    end
+    local l = lines[1]
+    assert.are.equal("error", l.level)
+    assert.are.equal("failed", l.msg)
+    assert.is_string(l.ts)
+    assert.is_number(l.task)
+    assert.are.equal("nightly", l.run)
+    assert.are.same({ "debug", "ok", 1, "mine", "other", 500 },
+      { l.field_level, l.field_msg, l.field_ts, l.field_task, l.field_run, l.status })
+    assert.are.same({ "info", "outside a task", "first", "second" }, { lines[2].level, lines[2].msg, lines[2]["1"],
+      lines[2]["2"] })
+  end)
+
   it("logs error values and nested tables readably", function()
     local lines = capture(function()
       log.error("failed", { err = resil.error("timeout", "too slow"), deep = { a = { b = { c = 1 } } } })

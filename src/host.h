@@ -5,6 +5,7 @@
 #define RESIL_HOST_H
 
 #include <signal.h>
+#include <stdio.h>
 #include <stdint.h>
 
 #include <event2/event.h>
@@ -17,6 +18,7 @@ typedef struct task task;
 typedef struct resil_timer resil_timer;
 typedef struct http_state http_state;
 typedef struct reload_state reload_state;
+typedef struct redact_secret redact_secret;
 
 typedef void (*resil_timer_fn)(void *arg);
 
@@ -62,6 +64,10 @@ struct resil {
   volatile sig_atomic_t interrupted;
   int wake_pipe[2];
   struct event *wake_ev;
+
+  /* values registered through resil.secret: redacted from every message */
+  redact_secret *secrets;
+  size_t nsecrets, cap_secrets;
 
   http_state *http;
   reload_state *reload;
@@ -112,6 +118,18 @@ void timer_free(resil_timer *tm);
 void resil_push_error(lua_State *L, const char *kind, const char *fmt, ...);
 int resil_error_result(lua_State *L, const char *kind, const char *fmt, ...);
 
+/* redact.c: one routine for every message the host formats */
+#define REDACT_MIN_SECRET 6 /* shorter values are not registered */
+#define REDACT_MARK "[REDACTED]"
+enum { REDACT_SECRETS = 1, REDACT_PARAMS = 2, REDACT_ALL = 3 };
+int redact_add(resil_t *R, const char *s, size_t len); /* 1 added, 0 too short or known, -1 no memory */
+/* 0: nothing to redact (*out NULL); 1: *out is a malloc'd, NUL-terminated copy; -1: no memory */
+int redact_text(resil_t *R, const char *s, size_t len, int what, char **out, size_t *out_len);
+char *redact_strdup(resil_t *R, const char *s);                 /* malloc'd; NULL only without memory */
+const char *redact_push(lua_State *L, int idx, int what);        /* pushes the redacted string at idx */
+void redact_fprintf(resil_t *R, FILE *f, const char *fmt, ...); /* format, redact, write */
+void redact_free(resil_t *R);
+
 /* http.c */
 void http_free(resil_t *R);
 void http_flush(resil_t *R);
@@ -130,6 +148,7 @@ int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
 int luaopen_resil_reload(lua_State *L);
+int luaopen_resil_redact(lua_State *L);
 int luaopen_resil_sqlite(lua_State *L);
 int luaopen_resil_redis(lua_State *L);
 

@@ -4,10 +4,13 @@
  *   {"ts":"2026-11-26T22:30:00.123Z","level":"info","msg":"...","task":3,...}
  *
  * Every line carries the running task's context (resil.context{...}, which
- * spawned tasks inherit) and the caller's fields. Values of sensitive keys
- * (authorization, x-api-key, ...) and any registered secret are redacted on
- * a copy, never in the caller's tables. State lives in a userdata upvalue, so
- * two hosts in one process log independently.
+ * spawned tasks inherit) and the caller's fields; each key appears once: a
+ * field named like a key the logger writes (ts, level, msg, task, a context
+ * field) is renamed field_<name>. Values of sensitive keys (authorization,
+ * x-api-key, ...) are redacted on a copy, never in the caller's tables, and
+ * every string goes through the host's redaction (redact.c: registered
+ * secrets, credential query parameters). State lives in a userdata upvalue,
+ * so two hosts in one process log independently.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -21,7 +24,6 @@
 #define LOG_MT "resil.Log"
 
 extern int luaopen_cjson(lua_State *L);
-#define REDACTED "[REDACTED]"
 #define MAX_DEPTH 6
 
 enum { LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_OFF };
@@ -43,24 +45,14 @@ static int is_sensitive(const char *key) {
   return 0;
 }
 
-/* upvalues: 1 log state, 2 secrets (array of strings), 3 json encode */
+/* upvalues: 1 log state, 2 json encode */
 #define STATE_UPVALUE lua_upvalueindex(1)
-#define SECRETS_UPVALUE lua_upvalueindex(2)
-#define ENCODE_UPVALUE lua_upvalueindex(3)
+#define ENCODE_UPVALUE lua_upvalueindex(2)
 
-/* L stack: string -> string with every registered secret replaced */
+/* L stack: string -> redacted string */
 static void redact_string(lua_State *L) {
-  lua_Integer n = luaL_len(L, SECRETS_UPVALUE);
-  for (lua_Integer i = 1; i <= n; i++) {
-    lua_rawgeti(L, SECRETS_UPVALUE, i);
-    const char *secret = lua_tostring(L, -1);
-    const char *s = lua_tostring(L, -2);
-    if (secret && strstr(s, secret)) {
-      luaL_gsub(L, s, secret, REDACTED);
-      lua_replace(L, -3);
-    }
-    lua_pop(L, 1);
-  }
+  redact_push(L, -1, REDACT_ALL);
+  lua_replace(L, -2);
 }
 
 /* L stack: value -> redacted copy of value */
@@ -94,7 +86,7 @@ static void redact_value(lua_State *L, int depth) {
   while (lua_next(L, -3)) {
     if (lua_type(L, -2) == LUA_TSTRING && is_sensitive(lua_tostring(L, -2))) {
       lua_pop(L, 1);
-      lua_pushliteral(L, REDACTED);
+      lua_pushliteral(L, REDACT_MARK);
     } else {
       redact_value(L, depth + 1);
     }
@@ -165,10 +157,33 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg) 
   lua_pop(L, 4);
 }
 
-static void merge_into(lua_State *L, int src, int dst) {
+/* the keys every line has; fields of these names become field_<name> */
+static int is_reserved(const char *key) {
+  return strcmp(key, "ts") == 0 || strcmp(key, "level") == 0 || strcmp(key, "msg") == 0 || strcmp(key, "task") == 0;
+}
+
+/* Copy src's fields into dst. A field named like a reserved key, or like a
+ * key of the context table ctx (0: none), is renamed field_<name>; numeric
+ * keys become strings, so the line stays one JSON object. */
+static void merge_into(lua_State *L, int src, int dst, int ctx) {
   lua_pushnil(L);
+  /* L stack: key, value */
   while (lua_next(L, src)) {
     lua_pushvalue(L, -2);
+    if (lua_type(L, -1) == LUA_TNUMBER) lua_tostring(L, -1); /* converts the copy, not the key next() needs */
+    if (lua_type(L, -1) == LUA_TSTRING) {
+      const char *key = lua_tostring(L, -1);
+      int clash = is_reserved(key);
+      if (!clash && ctx) {
+        clash = lua_getfield(L, ctx, key) != LUA_TNIL;
+        lua_pop(L, 1);
+      }
+      if (clash) {
+        lua_pushfstring(L, "field_%s", key);
+        lua_replace(L, -2);
+      }
+    }
+    /* L stack: key, value, new key */
     lua_insert(L, -2);
     lua_rawset(L, dst);
   }
@@ -182,16 +197,17 @@ static int log_at(lua_State *L, int level) {
   lua_settop(L, 2);
   lua_newtable(L); /* 3: merged */
   task *t = task_running(L);
+  int ctx = 0;
+  if (t && task_context_ref(t) != LUA_NOREF) { /* LUA_NOREF: no context yet */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, task_context_ref(t));
+    ctx = 4;
+    merge_into(L, ctx, 3, 0);
+  }
+  if (lua_istable(L, 2)) merge_into(L, 2, 3, ctx);
   if (t) {
     lua_pushinteger(L, task_id(t));
     lua_setfield(L, 3, "task");
-    if (task_context_ref(t) != LUA_NOREF) { /* LUA_NOREF: no context yet */
-      lua_rawgeti(L, LUA_REGISTRYINDEX, task_context_ref(t));
-      merge_into(L, 4, 3);
-      lua_pop(L, 1);
-    }
   }
-  if (lua_istable(L, 2)) merge_into(L, 2, 3);
   lua_settop(L, 3);
   redact_value(L, 0);
   write_line(L, st, level, msg);
@@ -250,13 +266,15 @@ static int log_output(lua_State *L) {
   return 0;
 }
 
-/* resil.log.redact(value): never print this string again */
+/* resil.log.redact(value): register value as a secret, as resil.secret does:
+ * the host never prints it again (logs, errors, metrics) */
 static int log_redact(lua_State *L) {
   size_t len;
-  luaL_checklstring(L, 1, &len);
-  if (len < 4) return luaL_argerror(L, 1, "a secret shorter than 4 characters cannot be redacted safely");
-  lua_pushvalue(L, 1);
-  lua_rawseti(L, SECRETS_UPVALUE, luaL_len(L, SECRETS_UPVALUE) + 1);
+  const char *s = luaL_checklstring(L, 1, &len);
+  if (len < REDACT_MIN_SECRET)
+    return luaL_argerror(L, 1, lua_pushfstring(L, "a secret shorter than %d bytes cannot be redacted safely",
+                                               REDACT_MIN_SECRET));
+  if (redact_add(resil_from_lua(L), s, len) < 0) return luaL_error(L, "not enough memory to register a secret");
   return 0;
 }
 
@@ -280,10 +298,9 @@ int luaopen_resil_log(lua_State *L) {
     lua_setfield(L, -2, "__gc");
   }
   lua_setmetatable(L, -2);
-  lua_newtable(L); /* secrets */
   luaL_requiref(L, "cjson", luaopen_cjson, 0);
   lua_getfield(L, -1, "encode");
   lua_remove(L, -2);
-  luaL_setfuncs(L, log_functions, 3);
+  luaL_setfuncs(L, log_functions, 2);
   return 1;
 }

@@ -561,8 +561,8 @@ static int task_tostring(lua_State *L) {
 static int task_gc(lua_State *L) {
   task *t = check_task(L, 1);
   if (t->failed && !t->joined && !t->canceled && t != t->R->main_task && t->traceback)
-    fprintf(stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, task_where(t),
-            t->traceback);
+    redact_fprintf(t->R, stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, task_where(t),
+                   t->traceback);
   timer_free(&t->timer);
   free(t->joiners);
   t->joiners = NULL;

@@ -32,8 +32,9 @@ resil_t *resil_from_lua(lua_State *L) {
   return R;
 }
 
+/* Every message an embedder or the CLI prints comes through here: redacted. */
 void resil_set_error(resil_t *R, const char *msg) {
-  char *copy = strdup(msg ? msg : "unknown error");
+  char *copy = redact_strdup(R, msg ? msg : "unknown error");
   free(R->error);
   R->error = copy;
 }
@@ -61,7 +62,7 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 
 static int host_panic(lua_State *L) {
   const char *msg = lua_tostring(L, -1);
-  fprintf(stderr, "resil-lua: PANIC: unprotected error: %s\n", msg ? msg : "?");
+  redact_fprintf(resil_from_lua(L), stderr, "resil-lua: PANIC: unprotected error: %s\n", msg ? msg : "?");
   return 0;
 }
 
@@ -121,6 +122,7 @@ int resil_raise(lua_State *L, const char *fmt, ...) {
   va_end(ap);
   lua_pushstring(L, message);
   lua_concat(L, 2);
+  redact_push(L, -1, REDACT_ALL); /* "bad url 'https://...?key=...'" */
   return lua_error(L);
 }
 
@@ -144,6 +146,7 @@ static int error_tostring(lua_State *L) {
     lua_pop(L, 1);
   }
   luaL_pushresult(&b);
+  redact_push(L, -1, REDACT_ALL); /* fields set after creation may hold a secret */
   return 1;
 }
 
@@ -154,7 +157,9 @@ static void push_error_va(lua_State *L, const char *kind, const char *fmt, va_li
   char message[1024]; /* printf formats, unlike lua_pushfstring */
   vsnprintf(message, sizeof message, fmt, ap);
   lua_pushstring(L, message);
-  lua_setfield(L, -2, "message");
+  redact_push(L, -1, REDACT_ALL); /* a URL with ?key= in the message */
+  lua_setfield(L, -3, "message");
+  lua_pop(L, 1);
   luaL_setmetatable(L, ERROR_MT);
 }
 
@@ -259,6 +264,7 @@ static const struct {
   {NULL, luaopen_resil_breaker},
   {NULL, luaopen_resil_semaphore},
   {NULL, luaopen_resil_reload},
+  {NULL, luaopen_resil_redact},
   {"sqlite", luaopen_resil_sqlite},
   {"redis", luaopen_resil_redis},
 };
@@ -271,7 +277,9 @@ static int l_error(lua_State *L) {
   lua_pushstring(L, kind);
   lua_setfield(L, -2, "kind");
   lua_pushstring(L, message);
-  lua_setfield(L, -2, "message");
+  redact_push(L, -1, REDACT_ALL); /* an error's message never carries a secret */
+  lua_setfield(L, -3, "message");
+  lua_pop(L, 1);
   luaL_setmetatable(L, ERROR_MT);
   return 1;
 }
@@ -516,6 +524,7 @@ void resil_close(resil_t *R) {
   R->L = NULL;
   http_free(R);
   reload_free(R);
+  redact_free(R);
   loop_free(R);
   if (R->base && R->owns_base) event_base_free(R->base);
   if (R->wake_pipe[0] >= 0) close(R->wake_pipe[0]);

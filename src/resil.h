@@ -55,7 +55,9 @@ int resil_load_string(resil_t *R, const char *code, const char *chunkname);
 /* Run the loop until no task is left (or the main task fails). */
 int resil_run(resil_t *R);
 
-/* The last error message, with a traceback when a task raised. */
+/* The last error message, with a traceback when a task raised. Values read
+ * through resil.secret and credential URL parameters (?key=...) are replaced
+ * by [REDACTED]. */
 const char *resil_error(resil_t *R);
 
 /* Async-signal-safe: stop the running task and the loop. */

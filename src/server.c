@@ -349,7 +349,7 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
   push_request(L, req);
   if (lua_pcall(L, 1, 1, top + 1) != LUA_OK) {
-    fprintf(stderr, "resil-lua: server handler failed: %s\n", lua_tostring(L, -1));
+    redact_fprintf(srv->R, stderr, "resil-lua: server handler failed: %s\n", lua_tostring(L, -1));
     lua_settop(L, top);
     lua_pushliteral(L, "handler error");
     p->status = 500;

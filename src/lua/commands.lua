@@ -4,8 +4,12 @@
 local resil = require "resil"
 local json = resil.json
 
+-- What the commands print is redacted: step names and run ids may hold URLs
+-- with credentials (?key=...), stored before anyone thought of it.
+local redact = resil.redact
+
 local function fail(fmt, ...)
-  io.stderr:write("resil-lua: ", fmt:format(...), "\n")
+  io.stderr:write("resil-lua: ", redact(fmt:format(...)), "\n")
   os.exit(1)
 end
 
@@ -15,7 +19,10 @@ local function table_print(header, rows)
   local widths = {}
   for i, h in ipairs(header) do widths[i] = #h end
   for _, r in ipairs(rows) do
-    for i, v in ipairs(r) do widths[i] = math.max(widths[i], #tostring(v)) end
+    for i, v in ipairs(r) do
+      r[i] = redact(tostring(v))
+      widths[i] = math.max(widths[i], #r[i])
+    end
   end
   local function line(r)
     local cells = {}

@@ -10,8 +10,12 @@ local resil = ...
 local metrics = {}
 local registry, order = {}, {}
 
+-- label values and help are redacted (secrets, credential query parameters)
+-- when a series is made, so two values that differ only by a secret are one series
+local redact = resil.redact
+
 local function escape(v)
-  return (tostring(v):gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+  return (redact(tostring(v)):gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
 end
 
 -- {b = 2, a = 1} -> 'a="1",b="2"' (sorted: one series per label set)
@@ -166,7 +170,7 @@ function metrics.text()
   local out = {}
   for _, name in ipairs(order) do
     local m = registry[name]
-    out[#out + 1] = ("# HELP %s %s"):format(name, (m.help:gsub("\n", " ")))
+    out[#out + 1] = ("# HELP %s %s"):format(name, (redact(m.help):gsub("\n", " ")))
     out[#out + 1] = ("# TYPE %s %s"):format(name, m.kind)
     local keys = {}
     for key in pairs(m.series) do keys[#keys + 1] = key end

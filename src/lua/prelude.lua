@@ -100,18 +100,6 @@ function resil.map(items, fn, opts)
   return results, failures
 end
 
--- resil.secret(name): the environment variable's value, registered so that
--- logs never print it.
-function resil.secret(name)
-  if type(name) ~= "string" then error("resil.secret: name must be a string", 2) end
-  local value = os.getenv(name)
-  if value == nil or value == "" then
-    return nil, resil.error("missing_secret", name .. " is not set in the environment")
-  end
-  if #value >= 4 then log.redact(value) end
-  return value
-end
-
 -- Server-sent events: feed chunks, get {event=, data=, id=} per event.
 local function sse_parser(on_event)
   local pending = ""

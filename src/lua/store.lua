@@ -111,6 +111,14 @@ function Store:stats() return self.backend:stats() end
 
 local null = json.null
 
+-- Secrets are never written to the store: a result holding a value read
+-- through resil.secret is refused, not redacted (a redacted copy would be
+-- replayed as if it were the result). resil.redact(s, "secrets") returns s
+-- itself when s holds none, so this is one scan per stored value.
+local SECRET_STORED = "they contain a value read through resil.secret (secrets are never written to the store)"
+local function holds_secret(text) return resil.redact(text, "secrets") ~= text end
+
+-- -> JSON text | nil, why
 local function encode_values(r, first)
   local values = {}
   for i = first, r.n do
@@ -124,7 +132,8 @@ local function encode_values(r, first)
     values[#values + 1] = v
   end
   local ok, text = pcall(json.encode, { n = r.n - first + 1, v = values })
-  if not ok then return nil, text end
+  if not ok then return nil, "they must be JSON values: " .. tostring(text) end
+  if holds_secret(text) then return nil, SECRET_STORED end
   return text
 end
 
@@ -184,7 +193,7 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
   local text, err = encode_values(r, 2)
   if not text then
     s.backend:once_release(key, holder)
-    error("resil.once: fn's results must be JSON values to be stored: " .. tostring(err), 0)
+    error("resil.once: cannot store the results: " .. err, 0)
   end
   local ok, serr = s.backend:once_finish(key, holder, text, retention, now)
   if ok == nil and serr then return nil, serr end
@@ -300,6 +309,7 @@ end
 function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.step: fn must be a function", 2) end
+  if holds_secret(name) then error("resil.step: the step's name contains a value read through resil.secret", 2) end
   local r = current_run()
   local scope = resil.context().step_scope or "" -- set per resil.map item
   local seq = (r.seq[scope] or 0) + 1
@@ -324,7 +334,7 @@ function resil.step(name, fn, ...)
   if not out[1] then error(out[2], 0) end
   if out[2] == nil and out.n >= 3 and out[3] ~= nil then return unpack(out, 2, out.n) end -- not checkpointed
   local text, err = encode_values(out, 2)
-  if not text then error("resil.step: results must be JSON values to be checkpointed: " .. tostring(err), 2) end
+  if not text then error("resil.step: cannot checkpoint the results: " .. err, 2) end
   local ok, serr = backend:step_put(r.id, scope, seq, name, text, store_now())
   if not ok then error(serr or "resil.step: checkpoint failed", 2) end
   return unpack(out, 2, out.n)

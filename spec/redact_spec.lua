@@ -1,0 +1,202 @@
+-- Secrets never leave the host in text: values read through resil.secret,
+-- and URL query parameters named like credentials, are redacted wherever the
+-- host formats a message (stderr, tostring of errors, logs, metrics, the
+-- store, `runs show`). Most of these run a real process with the secret in
+-- its environment, as a user would.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local KEY = "sk-live-Zq8f3kP2xV"
+local ENV = "RESIL_TEST_KEY=" .. KEY .. " "
+
+-- run source as a script with the secret in the environment
+local function run(source, opts)
+  local path = helpers.write(helpers.tmpname(".lua"), source)
+  local r = helpers.run(("%s%s %s %s"):format(ENV, helpers.resil, opts or "", path))
+  os.remove(path)
+  return r
+end
+
+local function refute_key(text)
+  assert.is_nil(text:find(KEY, 1, true), "the secret was printed:\n" .. text)
+end
+
+describe("resil.redact", function()
+  it("replaces registered secrets and credential query parameters, nothing else", function()
+    resil.log.redact("vault-value-123456")
+    assert.are.equal("token [REDACTED] used", resil.redact("token vault-value-123456 used"))
+    assert.are.equal("https://x/v1?key=[REDACTED]&model=m#top", resil.redact("https://x/v1?key=abc123&model=m#top"))
+    assert.are.equal("GET /a?API_KEY=[REDACTED] failed", resil.redact("GET /a?API_KEY=abc failed"))
+    assert.are.equal("/a?x=1&access_token=[REDACTED]&sig=[REDACTED]",
+      resil.redact("/a?x=1&access_token=t0k&sig=s1g"))
+    assert.are.equal("/a?monkey=1&keys=2&key=", resil.redact("/a?monkey=1&keys=2&key="))
+    assert.are.equal("redis://:[REDACTED]@127.0.0.1:6379/0 and https://me:[REDACTED]@x/",
+      resil.redact("redis://:hunter22@127.0.0.1:6379/0 and https://me:pw@x/"))
+    assert.are.equal("http://127.0.0.1:8080/a@b", resil.redact("http://127.0.0.1:8080/a@b"))
+    assert.are.equal("plain text", resil.redact("plain text"))
+  end)
+
+  it("with \"secrets\", leaves query parameters alone", function()
+    resil.log.redact("vault-value-123456")
+    assert.are.equal("?sig=abc [REDACTED]", resil.redact("?sig=abc vault-value-123456", "secrets"))
+  end)
+
+  it("finds a secret in its JSON-escaped form too", function()
+    resil.log.redact("tok/en\"value+1")
+    local json = resil.json.encode({ t = "tok/en\"value+1" })
+    assert.are.equal('{"t":"[REDACTED]"}', resil.redact(json, "secrets"))
+  end)
+
+  it("redacts overlapping and repeated secrets whole", function()
+    resil.log.redact("abcdef-111111")
+    resil.log.redact("111111-ghijkl")
+    assert.are.equal("<[REDACTED]> [REDACTED]", resil.redact("<abcdef-111111-ghijkl> abcdef-111111"))
+  end)
+
+  it("ignores secrets shorter than 6 bytes, and refuses to register them by hand", function()
+    assert.has_error(function() resil.log.redact("abcde") end)
+    local r = helpers.run("RESIL_SHORT=abcde " .. helpers.resil .. " -e '"
+      .. [[local r = require "resil"; print(r.secret("RESIL_SHORT")); print(r.redact("x abcde y"))]] .. "'")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("abcde\nx abcde y\n", r.stdout)
+    assert.matches("shorter than 6", r.stderr)
+  end)
+end)
+
+describe("secrets read through resil.secret", function()
+  it("stay usable in the URL and headers sent to the provider", function()
+    local seen
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      seen = { query = req.query, auth = req.headers.authorization }
+      return { status = 200, body = "ok" }
+    end })
+    resil.log.redact(KEY)
+    local url = ("http://127.0.0.1:%d/v1?key=%s"):format(server:port(), KEY)
+    local res = assert(resil.http.request({ url = url,
+      headers = { authorization = "Bearer " .. KEY } }))
+    server:close()
+    assert.are.equal(200, res.status)
+    assert.are.equal("key=" .. KEY, seen.query)
+    assert.are.equal("Bearer " .. KEY, seen.auth)
+  end)
+
+  it("are not printed on stderr when a script fails", function()
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      error("boom " .. KEY)
+    ]])
+    assert.are.equal(1, r.code)
+    assert.matches("boom [REDACTED]", r.stderr, 1, true)
+    assert.matches("stack traceback", r.stderr, 1, true)
+    refute_key(r.stderr)
+  end)
+
+  it("are not printed in the message of a task that failed and was never joined", function()
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      resil.spawn(function() error("task boom " .. KEY) end)
+      resil.sleep(0)
+      collectgarbage()
+      collectgarbage()
+    ]])
+    assert.matches("never joined", r.stderr, 1, true)
+    assert.matches("task boom [REDACTED]", r.stderr, 1, true)
+    refute_key(r.stderr)
+  end)
+
+  it("are not in tostring(err) of a request whose URL carries them, nor in assert(res, err)", function()
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      local res, err = resil.http.request({ url = "http://127.0.0.1:1/v1/models?key=" .. KEY, connect_timeout = 2 })
+      print(tostring(err))
+      print(err.message)
+      assert(res, err)
+    ]])
+    assert.are.equal(1, r.code)
+    assert.matches("connect: http://127.0.0.1:1/v1/models?key=[REDACTED]", r.stdout, 1, true)
+    assert.matches("?key=[REDACTED]", r.stderr, 1, true)
+    refute_key(r.stdout)
+    refute_key(r.stderr)
+  end)
+
+  it("are not in the message of a misuse error naming the URL", function()
+    local ok, err = pcall(resil.http.request, { url = "http://bad host/?key=" .. KEY })
+    assert.is_false(ok)
+    assert.matches("bad url 'http://bad host/?key=[REDACTED]'", err, 1, true)
+  end)
+
+  it("are not in tostring of error values made by scripts", function()
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      print(tostring(resil.error("auth", "rejected key " .. KEY, { status = 401 })))
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("auth: rejected key [REDACTED] (status 401)\n", r.stdout)
+  end)
+
+  it("are not in log lines, nor are credential query parameters", function()
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      resil.log.info("GET https://api.example.com/v1?api_key=plain-value-1&n=2", { url = "/x?token=" .. KEY })
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    local line = assert(resil.json.decode(r.stderr:match("[^\n]+")))
+    assert.are.equal("GET https://api.example.com/v1?api_key=[REDACTED]&n=2", line.msg)
+    assert.are.equal("/x?token=[REDACTED]", line.url)
+    refute_key(r.stderr)
+  end)
+
+  it("are not exported in metric labels or help", function()
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      local c = resil.metrics.counter("calls_total", "Calls made with " .. KEY)
+      c:inc({ key = KEY })
+      c:inc({ key = KEY })
+      c:labels({ url = "https://x/?sig=abcdef" }):inc()
+      io.write(resil.metrics.text())
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches('calls_total{key="[REDACTED]"} 2', r.stdout, 1, true)
+    assert.matches('calls_total{url="https://x/?sig=[REDACTED]"} 1', r.stdout, 1, true)
+    assert.matches("# HELP calls_total Calls made with [REDACTED]", r.stdout, 1, true)
+    refute_key(r.stdout)
+  end)
+
+  it("are refused as step results: the SQLite file and runs show never hold them", function()
+    local db = helpers.tmpname(".db")
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      resil.step("fetch https://x/v1?token=plain-token-9", function() return { ok = true } end)
+      local ok, err = pcall(function()
+        resil.step("request", function() return { headers = { authorization = "Bearer " .. KEY } } end)
+      end)
+      print(ok, err)
+      print(pcall(resil.step, "named " .. KEY, function() return 1 end))
+      print(pcall(resil.once, "once-key", function() return "echo " .. KEY end))
+    ]], "--store " .. db .. " --run secret-run")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("false\t%S+:5: resil.step: cannot checkpoint the results: they contain a value read through "
+      .. "resil.secret", r.stdout)
+    assert.matches("false\t.*resil.step: the step's name contains a value read through resil.secret", r.stdout)
+    assert.matches("false\t.*resil.once: cannot store the results: they contain a value read through resil.secret",
+      r.stdout)
+    refute_key(r.stdout)
+    refute_key(r.stderr)
+    local dump = helpers.run(("sqlite3 %s .dump"):format(db))
+    assert.are.equal(0, dump.code, dump.stderr)
+    assert.matches("plain-token-9", dump.stdout, 1, true) -- the store holds what it was given
+    refute_key(dump.stdout)
+    local show = helpers.run(("%s runs show secret-run --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, show.code, show.stderr)
+    assert.matches("fetch https://x/v1?token=[REDACTED]", show.stdout, 1, true)
+    assert.is_nil(show.stdout:find("plain-token-9", 1, true))
+    for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
+  end)
+end)

@@ -1,0 +1,330 @@
+/*
+ * redact.c: the one routine that keeps secrets out of the text a host
+ * formats (stderr messages and tracebacks, tostring of error values, log
+ * lines, metric labels, `runs show`, and the check that keeps them out of the
+ * store).
+ *
+ * Two things are redacted:
+ *   - values registered as secrets (resil.secret, resil.log.redact), by
+ *     value, each also in its JSON-escaped form (so a secret with a "/" is
+ *     found in the store's JSON too). Secrets shorter than REDACT_MIN_SECRET
+ *     bytes are not registered: they would redact ordinary words.
+ *   - the values of URL query parameters named like credentials
+ *     (?key=..., &api_key=..., &token=..., &sig=...), registered or not, and
+ *     the password of a URL's user information (redis://:password@host).
+ *
+ * The registry belongs to the host (resil_t), in C memory: messages are
+ * redacted where Lua is not at hand (resil_error, a collected task's report).
+ * Each secret is found with memmem, so a line costs O(secrets x length); a
+ * host holds a handful of secrets, and matches are marked in a bitmap so
+ * overlapping secrets are redacted whole.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "host.h"
+
+#define REDACTED REDACT_MARK
+#define REDACTED_LEN (sizeof REDACTED - 1)
+
+struct redact_secret {
+  char *value;
+  size_t len;
+};
+
+/* names compared case-insensitively; the value after "=" is redacted */
+static const char *const credential_params[] = {
+  "key", "api_key", "apikey", "api-key", "token", "access_token", "refresh_token", "id_token", "auth",
+  "client_secret", "signature", "sig", "password", "passwd", "secret", "x-amz-signature",
+  "x-amz-security-token", "x-amz-credential", "x-goog-signature", "x-goog-credential", NULL};
+
+static int add_one(resil_t *R, const char *s, size_t len) {
+  for (size_t i = 0; i < R->nsecrets; i++)
+    if (R->secrets[i].len == len && memcmp(R->secrets[i].value, s, len) == 0) return 0;
+  if (R->nsecrets == R->cap_secrets) {
+    size_t cap = R->cap_secrets ? R->cap_secrets * 2 : 8;
+    redact_secret *grown = realloc(R->secrets, cap * sizeof *grown);
+    if (!grown) return -1;
+    R->secrets = grown;
+    R->cap_secrets = cap;
+  }
+  char *copy = malloc(len);
+  if (!copy) return -1;
+  memcpy(copy, s, len);
+  R->secrets[R->nsecrets].value = copy;
+  R->secrets[R->nsecrets].len = len;
+  R->nsecrets++;
+  return 1;
+}
+
+/* The secret as cjson writes it inside a string; NULL if the same. */
+static char *json_escaped(const char *s, size_t len, size_t *out_len) {
+  size_t n = 0;
+  for (size_t i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    n += c == '"' || c == '\\' || c == '/' || c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t' ? 2
+         : c < 0x20 || c == 0x7f                                                                            ? 6
+                                                                                                            : 1;
+  }
+  if (n == len) return NULL;
+  char *out = malloc(n), *o = out;
+  if (!out) return NULL;
+  for (size_t i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    const char *esc = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '/' ? "\\/" : c == '\b' ? "\\b"
+                    : c == '\f' ? "\\f" : c == '\n' ? "\\n" : c == '\r' ? "\\r" : c == '\t' ? "\\t" : NULL;
+    if (esc) {
+      *o++ = esc[0], *o++ = esc[1];
+    } else if (c < 0x20 || c == 0x7f) {
+      snprintf(o, 7, "\\u%04x", c);
+      o += 6;
+    } else {
+      *o++ = (char)c;
+    }
+  }
+  *out_len = n;
+  return out;
+}
+
+int redact_add(resil_t *R, const char *s, size_t len) {
+  if (len < REDACT_MIN_SECRET) return 0;
+  int added = add_one(R, s, len);
+  if (added <= 0) return added;
+  size_t elen;
+  char *escaped = json_escaped(s, len, &elen);
+  if (escaped) {
+    if (add_one(R, escaped, elen) < 0) added = -1;
+    free(escaped);
+  }
+  return added;
+}
+
+void redact_free(resil_t *R) {
+  for (size_t i = 0; i < R->nsecrets; i++) {
+    explicit_bzero(R->secrets[i].value, R->secrets[i].len);
+    free(R->secrets[i].value);
+  }
+  free(R->secrets);
+  R->secrets = NULL;
+  R->nsecrets = R->cap_secrets = 0;
+}
+
+/* ---------- finding what to redact ---------- */
+
+typedef struct {
+  unsigned char *bits; /* one bit per byte of the text; NULL until a match */
+  size_t len;
+  int failed;
+} marks;
+
+static void mark(marks *m, size_t from, size_t to) {
+  if (!m->bits && !m->failed) {
+    m->bits = calloc(m->len / 8 + 1, 1);
+    if (!m->bits) m->failed = 1;
+  }
+  if (!m->bits) return;
+  for (size_t i = from; i < to; i++) m->bits[i / 8] |= (unsigned char)(1u << (i % 8));
+}
+
+static int marked(const marks *m, size_t i) { return (m->bits[i / 8] >> (i % 8)) & 1; }
+
+static int is_name_char(unsigned char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
+         c == '.';
+}
+
+/* Where a query value ends: whitespace, quotes, brackets, the next
+ * parameter, or a ": " (messages read "url: why"). */
+static int ends_value(const char *s, size_t len, size_t i) {
+  unsigned char c = (unsigned char)s[i];
+  if (c <= ' ' || c == 0x7f) return 1;
+  if (strchr("&#;,\"'<>`\\(){}[]|^", c)) return 1;
+  return c == ':' && (i + 1 == len || s[i + 1] == ' ');
+}
+
+static int is_credential(const char *name, size_t len) {
+  for (int k = 0; credential_params[k]; k++)
+    if (strlen(credential_params[k]) == len && strncasecmp(name, credential_params[k], len) == 0) return 1;
+  return 0;
+}
+
+/* From each "=" (memchr: most text has none) back over the name to a
+ * separator: ?name=value, &name=value, ;name=value, #name=value. */
+static void mark_params(marks *m, const char *s, size_t len) {
+  size_t at = 0;
+  const char *p;
+  while (at < len && (p = memchr(s + at, '=', len - at))) {
+    size_t eq = (size_t)(p - s), name = eq;
+    while (name > 0 && eq - name <= 32 && is_name_char((unsigned char)s[name - 1])) name--;
+    at = eq + 1;
+    if (name == eq || name == 0 || !strchr("?&;#", s[name - 1]) || !is_credential(s + name, eq - name)) continue;
+    size_t end = eq + 1;
+    while (end < len && !ends_value(s, len, end)) end++;
+    if (end > eq + 1) mark(m, eq + 1, end);
+    at = end;
+  }
+}
+
+/* scheme://user:password@host: the password */
+static void mark_userinfo(marks *m, const char *s, size_t len) {
+  size_t at = 0;
+  const char *p;
+  while (at < len && (p = memmem(s + at, len - at, "://", 3))) {
+    size_t start = (size_t)(p - s) + 3, end = start, colon = 0;
+    while (end < len && !strchr("/?#@ \t\r\n\"'<>`", s[end])) {
+      if (s[end] == ':' && !colon) colon = end;
+      end++;
+    }
+    if (end < len && s[end] == '@' && colon && end > colon + 1) mark(m, colon + 1, end);
+    at = end > start ? end : start;
+  }
+}
+
+static void mark_secrets(const resil_t *R, marks *m, const char *s, size_t len) {
+  for (size_t k = 0; k < R->nsecrets; k++) {
+    const redact_secret *sec = &R->secrets[k];
+    size_t at = 0;
+    const char *p;
+    while (at < len && (p = memmem(s + at, len - at, sec->value, sec->len))) {
+      size_t pos = (size_t)(p - s);
+      mark(m, pos, pos + sec->len);
+      at = pos + sec->len;
+    }
+  }
+}
+
+int redact_text(resil_t *R, const char *s, size_t len, int what, char **out, size_t *out_len) {
+  marks m = {NULL, len, 0};
+  *out = NULL;
+  if (what & REDACT_SECRETS) mark_secrets(R, &m, s, len);
+  if (what & REDACT_PARAMS) {
+    mark_params(&m, s, len);
+    mark_userinfo(&m, s, len);
+  }
+  if (m.failed) return -1;
+  if (!m.bits) return 0;
+  size_t n = 0;
+  for (size_t i = 0; i < len;) {
+    if (marked(&m, i)) {
+      n += REDACTED_LEN;
+      while (i < len && marked(&m, i)) i++;
+    } else {
+      n++, i++;
+    }
+  }
+  char *o = malloc(n + 1);
+  if (!o) {
+    free(m.bits);
+    return -1;
+  }
+  *out = o;
+  for (size_t i = 0; i < len;) {
+    if (marked(&m, i)) {
+      memcpy(o, REDACTED, REDACTED_LEN);
+      o += REDACTED_LEN;
+      while (i < len && marked(&m, i)) i++;
+    } else {
+      *o++ = s[i++];
+    }
+  }
+  *o = '\0';
+  *out_len = n;
+  free(m.bits);
+  return 1;
+}
+
+char *redact_strdup(resil_t *R, const char *s) {
+  char *out;
+  size_t n;
+  int r = redact_text(R, s, strlen(s), REDACT_ALL, &out, &n);
+  if (r > 0) return out;
+  return r == 0 ? strdup(s) : strdup(REDACTED " (out of memory while redacting)");
+}
+
+/* L stack: -> the string at idx, redacted (the same string if nothing was) */
+const char *redact_push(lua_State *L, int idx, int what) {
+  size_t len;
+  const char *s = lua_tolstring(L, idx, &len);
+  char *out;
+  size_t n;
+  int r = s ? redact_text(resil_from_lua(L), s, len, what, &out, &n) : 0;
+  if (r < 0) luaL_error(L, "not enough memory to redact a message");
+  if (r == 0) {
+    lua_pushvalue(L, idx);
+    return s;
+  }
+  const char *pushed = lua_pushlstring(L, out, n);
+  free(out);
+  return pushed;
+}
+
+void redact_fprintf(resil_t *R, FILE *f, const char *fmt, ...) {
+  char small[1024], *text = small;
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(small, sizeof small, fmt, ap);
+  va_end(ap);
+  if (n < 0) return;
+  if ((size_t)n >= sizeof small) {
+    text = malloc((size_t)n + 1);
+    if (!text) {
+      fputs(REDACTED " (out of memory while redacting)\n", f);
+      return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(text, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+  }
+  char *out;
+  size_t len;
+  int r = redact_text(R, text, (size_t)n, REDACT_ALL, &out, &len);
+  if (r > 0) fwrite(out, 1, len, f);
+  else if (r == 0) fwrite(text, 1, (size_t)n, f);
+  else fputs(REDACTED " (out of memory while redacting)\n", f);
+  free(out);
+  if (text != small) free(text);
+}
+
+/* ---------- Lua ---------- */
+
+/* resil.redact(s [, "all" | "secrets"]) -> s with secrets (and, for "all",
+ * credential query parameters) replaced by [REDACTED] */
+static int l_redact(lua_State *L) {
+  static const char *const modes[] = {"all", "secrets", NULL};
+  luaL_checkstring(L, 1);
+  int mode = luaL_checkoption(L, 2, "all", modes);
+  redact_push(L, 1, mode == 0 ? REDACT_ALL : REDACT_SECRETS);
+  return 1;
+}
+
+/* resil.secret(name) -> the environment variable's value, registered as a
+ * secret | nil, err{kind="missing_secret"}. A value shorter than
+ * REDACT_MIN_SECRET bytes is returned but not registered (with a warning):
+ * redacting it would garble ordinary text. */
+static int l_secret(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  const char *value = getenv(name);
+  if (!value || !*value) return resil_error_result(L, "missing_secret", "%s is not set in the environment", name);
+  size_t len = strlen(value);
+  if (redact_add(resil_from_lua(L), value, len) < 0) return luaL_error(L, "not enough memory to register a secret");
+  if (len < REDACT_MIN_SECRET) {
+    const char *msg = lua_pushfstring(L, "resil.secret: a value shorter than %d bytes is not redacted (too short "
+                                         "to tell from ordinary text)", REDACT_MIN_SECRET);
+    lua_createtable(L, 0, 1);
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "name");
+    host_log(L, "warn", msg);
+    lua_pop(L, 1);
+  }
+  lua_pushstring(L, value);
+  return 1;
+}
+
+int luaopen_resil_redact(lua_State *L) {
+  static const luaL_Reg functions[] = {{"redact", l_redact}, {"secret", l_secret}, {NULL, NULL}};
+  luaL_newlib(L, functions);
+  return 1;
+}
