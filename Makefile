@@ -23,7 +23,7 @@ LDLIBS     += $(PKG_LIBS) -lm
 # embedders keep theirs: libresil does not link it.
 BIN_ALLOC  = $(if $(SAN),,-Wl,--push-state,--no-as-needed -lmimalloc -Wl,--pop-state)
 
-LIB_SRC  = src/resil.c src/loop.c src/http.c src/json.c src/log.c src/server.c src/bucket.c src/breaker.c src/semaphore.c src/reload.c src/store_sqlite.c src/store_redis.c src/blobs.c
+LIB_SRC  = src/resil.c src/loop.c src/http.c src/json.c src/log.c src/server.c src/bucket.c src/breaker.c src/semaphore.c src/sse.c src/reload.c src/store_sqlite.c src/store_redis.c src/blobs.c
 LIB_OBJ  = $(LIB_SRC:src/%.c=$(BUILD)/%.o)
 LUA_SRC  = $(wildcard src/lua/*.lua)
 BIN      = $(if $(filter build,$(BUILD)),resil-lua,$(BUILD)/resil-lua)
