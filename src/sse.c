@@ -28,6 +28,7 @@ typedef struct {
 struct sse_parser {
   sse_buffer line;       /* a line cut by the end of a read */
   sse_buffer data, event, id, retry;
+  size_t data_start;     /* where data begins in its buffer (see sse_line) */
   size_t data_lines;     /* data lines in this event: none means no dispatch */
   int has_event, has_id, has_retry;
   int after_cr;          /* the last read ended in CR: an LF starting the next is its pair */
@@ -98,6 +99,7 @@ static size_t sse_held(const sse_parser *p) {
 /* The fields of the event handed out last make way for the next one. */
 static void sse_clear_event(sse_parser *p) {
   sse_buffer_trim(&p->data);
+  p->data_start = 0;
   sse_buffer_trim(&p->event);
   sse_buffer_trim(&p->id);
   sse_buffer_trim(&p->retry);
@@ -117,9 +119,9 @@ static int all_digits(const char *s, size_t n) {
   return 1;
 }
 
-/* One complete line, its end removed (in p->line or in the read). Returns 1
- * when it dispatches an event, 0 when not, or an SSE_ error. */
-static int sse_line(sse_parser *p, const char *s, size_t n) {
+/* One complete line, its end removed: in p->line (in_line) or in the read.
+ * Returns 1 when it dispatches an event, 0 when not, or an SSE_ error. */
+static int sse_line(sse_parser *p, const char *s, size_t n, int in_line) {
   if (p->first_line) {
     p->first_line = 0;
     if (n >= 3 && memcmp(s, "\xEF\xBB\xBF", 3) == 0) s += 3, n -= 3;
@@ -144,6 +146,16 @@ static int sse_line(sse_parser *p, const char *s, size_t n) {
   int *flag = NULL;
   if (field_is(s, name_len, "data")) {
     if (held + (p->data_lines > 0) + value_len > p->max_event) return SSE_TOO_LARGE;
+    if (in_line && p->data_lines == 0) {
+      /* the first data line, assembled across reads (a large event is
+       * usually one such line): its buffer becomes the data, uncopied */
+      sse_buffer swap = p->data;
+      p->data = p->line;
+      p->line = swap;
+      p->data_start = (size_t)(value - p->data.data);
+      p->data_lines = 1;
+      return 0;
+    }
     if (p->data_lines > 0 && sse_append(&p->data, "\n", 1) != 0) return SSE_NO_MEMORY;
     if (sse_append(&p->data, value, value_len) != 0) return SSE_NO_MEMORY;
     p->data_lines++;
@@ -165,6 +177,22 @@ static int sse_line(sse_parser *p, const char *s, size_t n) {
   return 0;
 }
 
+/* The first CR or LF in s[off..len), or len: eight bytes at a time (a
+ * byte is CR or LF when it XORs to zero with one of them). */
+static size_t line_end(const char *s, size_t off, size_t len) {
+  const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
+  while (len - off >= 8) {
+    uint64_t x, lf, cr;
+    memcpy(&x, s + off, 8);
+    lf = x ^ (ones * '\n');
+    cr = x ^ (ones * '\r');
+    if ((((lf - ones) & ~lf) | ((cr - ones) & ~cr)) & highs) break;
+    off += 8;
+  }
+  while (off < len && s[off] != '\n' && s[off] != '\r') off++;
+  return off;
+}
+
 int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_event *ev) {
   if (p->dispatched) sse_clear_event(p);
   size_t off = *used;
@@ -176,8 +204,7 @@ int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_eve
         continue;
       }
     }
-    size_t end = off;
-    while (end < len && bytes[end] != '\n' && bytes[end] != '\r') end++;
+    size_t end = line_end(bytes, off, len);
     if (end == len) { /* the read ends inside a line: keep what it has so far */
       if (sse_held(p) + (len - off) > p->max_event) return *used = len, SSE_TOO_LARGE;
       if (sse_append(&p->line, bytes + off, len - off) != 0) return *used = len, SSE_NO_MEMORY;
@@ -188,10 +215,10 @@ int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_eve
     if (p->line.len > 0) {
       if (sse_held(p) + (end - off) > p->max_event) return *used = len, SSE_TOO_LARGE;
       if (sse_append(&p->line, bytes + off, end - off) != 0) return *used = len, SSE_NO_MEMORY;
-      rc = sse_line(p, p->line.data, p->line.len);
+      rc = sse_line(p, p->line.data, p->line.len, 1);
       sse_buffer_trim(&p->line);
     } else {
-      rc = sse_line(p, bytes + off, end - off);
+      rc = sse_line(p, bytes + off, end - off, 0);
     }
     off = end + 1;
     if (bytes[end] == '\r') {
@@ -204,8 +231,8 @@ int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_eve
     if (rc < 0) return *used = len, rc;
     if (rc > 0) {
       *used = off;
-      ev->data = p->data.data ? p->data.data : "";
-      ev->data_len = p->data.len;
+      ev->data = p->data.data ? p->data.data + p->data_start : "";
+      ev->data_len = p->data.len - p->data_start;
       ev->event = p->has_event ? (p->event.data ? p->event.data : "") : NULL;
       ev->event_len = p->event.len;
       ev->id = p->has_id ? (p->id.data ? p->id.data : "") : NULL;
