@@ -88,6 +88,18 @@ describe("line ends", function()
     local got = events_of(chunked({ "data: 1\n\ndata: 2\r\n\r\ndata: 3\r\rdata: 4\r\n\n" }))
     assert.are.same({ "1", "2", "3", "4" }, data_of(got))
   end)
+
+  it("give the same events however the reads cut the stream, down to a byte per read", function()
+    local stream = "\xEF\xBB\xBFevent: a\r\ndata: 1\r\n\r\n: note\rdata: 2\rdata:3\r\r" ..
+      "id: 9\nretry: 10\ndata\n\ndata: 4\r\n\r"
+    local expected = { { event = "a", data = "1" }, { data = "2\n3" }, { id = "9", retry = "10", data = "" },
+      { data = "4" } }
+    assert.are.same(expected, events_of({ status = 200, headers = SSE, body = stream }))
+    local bytes = {}
+    for i = 1, #stream do bytes[i] = stream:sub(i, i) end
+    resil.clock.real() -- a millisecond between reads: enough for each byte to be read alone
+    assert.are.same(expected, events_of(chunked(bytes, { chunk_interval = 0.001 })))
+  end)
 end)
 
 describe("fields", function()
