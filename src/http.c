@@ -1161,24 +1161,26 @@ static int stream_read_event_k(lua_State *L, int status, lua_KContext ctx) {
   if (r->sse && r->body.len > r->sse_used) {
     sse_event ev;
     int rc = sse_next(r->sse, r->body.data, r->body.len, &r->sse_used, &ev);
-    if (r->sse_used == r->body.len) {
-      r->body.len = r->sse_used = 0;
-      if (r->paused && r->active) {
-        r->paused = 0;
-        curl_easy_pause(r->easy, CURLPAUSE_CONT);
-      }
-    }
-    if (rc > 0) {
-      push_event(L, &ev);
-      return 1;
-    }
     if (rc < 0) { /* the stream is over: give back what it held now, not when it is collected */
       r->aborted = rc == SSE_TOO_LARGE ? ABORT_EVENT_TOO_LARGE : ABORT_CANCELED;
       request_finish(r, CURLE_ABORTED_BY_CALLBACK, r->aborted);
       sse_free(r->sse);
       r->sse = NULL;
       buffer_free(&r->body);
+      r->sse_used = 0;
       if (rc == SSE_NO_MEMORY) return luaL_error(L, "not enough memory");
+    } else {
+      if (r->sse_used == r->body.len) {
+        r->body.len = r->sse_used = 0;
+        if (r->paused && r->active) {
+          r->paused = 0;
+          curl_easy_pause(r->easy, CURLPAUSE_CONT);
+        }
+      }
+      if (rc > 0) {
+        push_event(L, &ev);
+        return 1;
+      }
     }
   }
   if (r->done) {
