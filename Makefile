@@ -23,7 +23,8 @@ LDLIBS     += $(PKG_LIBS) -lm
 # embedders keep theirs: libresil does not link it.
 BIN_ALLOC  = $(if $(SAN),,-Wl,--push-state,--no-as-needed -lmimalloc -Wl,--pop-state)
 
-LIB_SRC  = src/resil.c src/loop.c src/http.c src/json.c src/log.c src/server.c src/bucket.c src/breaker.c src/semaphore.c src/reload.c src/store_sqlite.c src/store_redis.c src/blobs.c src/redact.c
+# every C file but the CLI's is the library: adding a primitive is adding its file
+LIB_SRC  = $(filter-out src/main.c,$(sort $(wildcard src/*.c)))
 LIB_OBJ  = $(LIB_SRC:src/%.c=$(BUILD)/%.o)
 LUA_SRC  = $(wildcard src/lua/*.lua)
 BIN      = $(if $(filter build,$(BUILD)),resil-lua,$(BUILD)/resil-lua)

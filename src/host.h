@@ -134,6 +134,20 @@ void redact_free(resil_t *R);
 void http_free(resil_t *R);
 void http_flush(resil_t *R);
 
+/* sse.c: server-sent events framing, fed a stream's bytes in reads of any
+ * size. sse_next parses bytes[*used..len) until an event is complete (1,
+ * *ev valid until the next call), all is used (0), or an SSE_ error (the
+ * parser is then done with). */
+typedef struct sse_parser sse_parser;
+typedef struct {
+  const char *data, *event, *id, *retry; /* event, id, retry: NULL when the event had none */
+  size_t data_len, event_len, id_len, retry_len;
+} sse_event;
+enum { SSE_TOO_LARGE = -1, SSE_NO_MEMORY = -2 };
+sse_parser *sse_new(size_t max_event); /* NULL: out of memory */
+void sse_free(sse_parser *p);
+int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_event *ev);
+
 /* reload.c */
 void reload_free(resil_t *R);
 

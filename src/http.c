@@ -27,6 +27,8 @@
 #define DEFAULT_TIMEOUT 60.0
 #define DEFAULT_CONNECT_TIMEOUT 10.0
 #define DEFAULT_MAX_BODY (64u * 1024 * 1024)
+/* one server-sent event: a reply streamed as one event, not a runaway line */
+#define DEFAULT_MAX_EVENT (8u * 1024 * 1024)
 #define STREAM_HIGH_WATER (1u << 20)
 #define REQ_POOL_MAX 256
 /* a pooled request keeps buffers up to this size for the next one */
@@ -79,7 +81,7 @@ static void header_set_release(http_state *H, header_set *hs) {
   free(hs);
 }
 
-typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_CANCELED } abort_reason;
+typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_EVENT_TOO_LARGE, ABORT_CANCELED } abort_reason;
 
 /* What an easy handle was last given: a recycled handle is only told what
  * changed (options are most of the per-request work in libcurl). */
@@ -109,6 +111,9 @@ struct http_req {
   const char *req_body;      /* a Lua string anchored by the caller (stack slot or user value) */
   const char *url;           /* likewise */
   size_t max_body, total_received;
+  sse_parser *sse;           /* a stream read by events (stream:read_event) */
+  size_t sse_used;           /* body bytes it has framed */
+  size_t max_event;
   long status;
   int active, done, stream, headers_done, paused, tls_options;
   CURLcode result;
@@ -122,7 +127,7 @@ typedef struct {
   const char *url;
   long status;
   double elapsed, timeout, idle_timeout;
-  size_t max_body;
+  size_t max_body, max_event;
   CURLcode result;
   abort_reason aborted;
   const char *detail;
@@ -415,6 +420,7 @@ static CURL *new_easy(http_req *r) {
 
 static void req_destroy(http_req *r) {
   if (r->easy) curl_easy_cleanup(r->easy);
+  sse_free(r->sse);
   free(r->set.url);
   timer_free(&r->deadline);
   timer_free(&r->idle);
@@ -457,6 +463,8 @@ static void req_release(http_req *r) {
   request_detach(r);
   header_set_release(H, r->req_headers);
   r->req_headers = NULL;
+  sse_free(r->sse);
+  r->sse = NULL;
   if (r->prev) r->prev->next = r->next;
   else H->live = r->next;
   if (r->next) r->next->prev = r->prev;
@@ -537,6 +545,7 @@ static void outcome_of(const http_req *r, outcome *o) {
   o->timeout = r->timeout;
   o->idle_timeout = r->idle_timeout;
   o->max_body = r->max_body;
+  o->max_event = r->max_event;
   o->result = r->result;
   o->aborted = r->aborted;
   o->detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
@@ -553,6 +562,9 @@ static int push_failure(lua_State *L, const outcome *o) {
   case ABORT_TOO_LARGE:
     return resil_error_result(L, "too_large", "%s: response body larger than max_body (%d bytes)", o->url,
                               (int)o->max_body);
+  case ABORT_EVENT_TOO_LARGE:
+    return resil_error_result(L, "too_large", "%s: a server-sent event larger than max_event (%zu bytes)", o->url,
+                              o->max_event);
   case ABORT_CANCELED: return resil_error_result(L, "canceled", "%s: request canceled", o->url);
   case ABORT_NONE: break;
   }
@@ -733,7 +745,7 @@ static header_set *header_set_for(lua_State *L, http_state *H, int t, int json) 
 /* The fields of a request table, read in one pass over it. */
 typedef struct {
   const char *method, *ca_file;
-  double timeout, idle_timeout, connect_timeout, max_body;
+  double timeout, idle_timeout, connect_timeout, max_body, max_event;
   int insecure, follow;
   int extras; /* on_chunk or on_event: for the prelude's request() */
 } request_fields;
@@ -749,6 +761,7 @@ static void read_fields(lua_State *L, request_fields *f) {
   f->idle_timeout = 0;
   f->connect_timeout = DEFAULT_CONNECT_TIMEOUT;
   f->max_body = DEFAULT_MAX_BODY;
+  f->max_event = DEFAULT_MAX_EVENT;
   f->insecure = f->follow = f->extras = 0;
   lua_pushnil(L);
   while (lua_next(L, SLOT_TABLE)) {
@@ -776,6 +789,8 @@ static void read_fields(lua_State *L, request_fields *f) {
       f->connect_timeout = number_field(L, "connect_timeout", "seconds");
     } else if (IS("max_body")) {
       f->max_body = number_field(L, "max_body", "bytes");
+    } else if (IS("max_event")) {
+      f->max_event = number_field(L, "max_event", "bytes");
     } else if (IS("ca_file")) {
       f->ca_file = string_field(L, "ca_file");
     } else if (IS("insecure")) {
@@ -900,6 +915,7 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   r->timeout = f.timeout;
   r->idle_timeout = f.idle_timeout;
   r->max_body = (size_t)f.max_body;
+  r->max_event = f.max_event >= (double)SIZE_MAX ? SIZE_MAX : (size_t)f.max_event;
 
   CURL *e = r->easy;
   if (!r->set.url || strcmp(r->set.url, url) != 0) {
@@ -1115,7 +1131,84 @@ static int stream_read(lua_State *L) {
   lua_settop(L, 1);
   http_req *r = check_stream(L, 1);
   if (r->waiter) return luaL_error(L, "another task is already reading this stream");
+  if (r->sse) return luaL_error(L, "this stream is read by events (stream:read_event)");
   return stream_read_k(L, LUA_OK, 0);
+}
+
+/* L stack: -> {data =, event =, id =, retry =} (the last three when the
+ * event had them) */
+static void push_event(lua_State *L, const sse_event *ev) {
+  lua_createtable(L, 0, 4);
+  lua_pushlstring(L, ev->data, ev->data_len);
+  lua_setfield(L, -2, "data");
+  if (ev->event) {
+    lua_pushlstring(L, ev->event, ev->event_len);
+    lua_setfield(L, -2, "event");
+  }
+  if (ev->id) {
+    lua_pushlstring(L, ev->id, ev->id_len);
+    lua_setfield(L, -2, "id");
+  }
+  if (ev->retry) {
+    lua_pushlstring(L, ev->retry, ev->retry_len);
+    lua_setfield(L, -2, "retry");
+  }
+}
+
+/* Frames the body from where the last event ended: no byte is scanned
+ * twice, and the body is handed back to curl once all of it is framed. */
+static int stream_read_event_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  http_req *r = check_stream(L, 1);
+  if (r->sse && r->body.len > r->sse_used) {
+    sse_event ev;
+    int rc = sse_next(r->sse, r->body.data, r->body.len, &r->sse_used, &ev);
+    if (rc < 0) { /* the stream is over: give back what it held now, not when it is collected */
+      r->aborted = rc == SSE_TOO_LARGE ? ABORT_EVENT_TOO_LARGE : ABORT_CANCELED;
+      request_finish(r, CURLE_ABORTED_BY_CALLBACK, r->aborted);
+      sse_free(r->sse);
+      r->sse = NULL;
+      buffer_free(&r->body);
+      r->sse_used = 0;
+      if (rc == SSE_NO_MEMORY) return luaL_error(L, "not enough memory");
+    } else {
+      if (r->sse_used == r->body.len) {
+        r->body.len = r->sse_used = 0;
+        if (r->paused && r->active) {
+          r->paused = 0;
+          curl_easy_pause(r->easy, CURLPAUSE_CONT);
+        }
+      }
+      if (rc > 0) {
+        push_event(L, &ev);
+        return 1;
+      }
+    }
+  }
+  if (r->done) {
+    if (r->aborted != ABORT_NONE || r->result != CURLE_OK) {
+      outcome o;
+      outcome_of(r, &o);
+      return push_failure(L, &o);
+    }
+    lua_pushnil(L);
+    return 1;
+  }
+  task *t = task_current(L, "stream:read_event");
+  r->waiter = t;
+  static const task_wait_ops event_read_wait = {read_cancel, NULL};
+  task_wait(t, &event_read_wait, r);
+  return lua_yieldk(L, 0, 0, stream_read_event_k);
+}
+
+/* stream:read_event() -> the next server-sent event | nil at the end | nil, err */
+static int stream_read_event(lua_State *L) {
+  lua_settop(L, 1);
+  http_req *r = check_stream(L, 1);
+  if (r->waiter) return luaL_error(L, "another task is already reading this stream");
+  if (!r->sse && r->aborted != ABORT_EVENT_TOO_LARGE && !(r->sse = sse_new(r->max_event)))
+    return luaL_error(L, "not enough memory");
+  return stream_read_event_k(L, LUA_OK, 0);
 }
 
 static int stream_close(lua_State *L) {
@@ -1133,6 +1226,7 @@ static int stream_index(lua_State *L) {
   if (strcmp(key, "status") == 0) lua_pushinteger(L, r->status);
   else if (strcmp(key, "headers") == 0) push_header_table(L, r->head.data, r->head.len);
   else if (strcmp(key, "read") == 0) lua_pushcfunction(L, stream_read);
+  else if (strcmp(key, "read_event") == 0) lua_pushcfunction(L, stream_read_event);
   else if (strcmp(key, "close") == 0) lua_pushcfunction(L, stream_close);
   else if (strcmp(key, "response") == 0) {
     outcome o;

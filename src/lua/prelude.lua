@@ -100,46 +100,32 @@ function resil.map(items, fn, opts)
   return results, failures
 end
 
--- Server-sent events: feed chunks, get {event=, data=, id=} per event.
-local function sse_parser(on_event)
-  local pending = ""
-  return function(chunk)
-    pending = pending .. chunk:gsub("\r\n", "\n")
-    while true do
-      local block, rest = pending:match("^(.-)\n\n(.*)$")
-      if not block then return true end
-      pending = rest
-      local ev, data = {}, {}
-      for line in block:gmatch("[^\n]+") do
-        local field, value = line:match("^([^:]*):? ?(.*)$")
-        if field == "data" then data[#data + 1] = value
-        elseif field == "event" or field == "id" or field == "retry" then ev[field] = value end
-      end
-      if #data > 0 or ev.event then
-        ev.data = table.concat(data, "\n")
-        if on_event(ev) == false then return false end
-      end
-    end
-  end
-end
-
+-- The stream is given back when this returns, raises or its task is
+-- canceled (<close>), not when the collector gets to it.
 local function stream_request(req)
-  local on_chunk = req.on_chunk
-  if req.on_event then on_chunk = sse_parser(req.on_event) end
-  local s, err = http.stream(req)
+  local s <close>, err = http.stream(req)
   if not s then return nil, err end
+  local on_event, on_chunk = req.on_event, req.on_chunk
   local body = {}
-  while true do
-    local chunk, read_err = s:read()
-    if chunk == nil then
-      if read_err then return nil, read_err end
-      break
+  if on_event then
+    while true do -- events are framed in C (stream:read_event), one per call
+      local ev, read_err = s:read_event()
+      if ev == nil then
+        if read_err then return nil, read_err end
+        break
+      end
+      if on_event(ev) == false then break end
     end
-    if on_chunk(chunk) == false then
-      s:close()
-      break
+  else
+    while true do
+      local chunk, read_err = s:read()
+      if chunk == nil then
+        if read_err then return nil, read_err end
+        break
+      end
+      if on_chunk(chunk) == false then break end
+      if req.keep_body then body[#body + 1] = chunk end
     end
-    if req.keep_body then body[#body + 1] = chunk end
   end
   local res = s.response
   res.body = table.concat(body)
