@@ -103,4 +103,34 @@ function helpers.alive(pid)
   return state ~= nil and state ~= "Z" and state ~= "X"
 end
 
+-- A real redis-server on a free loopback port, for one spec file:
+-- -> {url = function() -> a fresh database's URL, stop = function()}
+function helpers.redis_server()
+  local resil = require "resil"
+  local listener = resil.server.listen({ handler = function() end })
+  local port = listener:port()
+  listener:close()
+  local dir = helpers.tmpname("-redis")
+  os.execute("mkdir -p " .. dir)
+  local pidfile = dir .. "/redis.pid"
+  os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+              "--pidfile %s --databases 64 > /dev/null"):format(port, dir, pidfile))
+  assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+  local pid = helpers.slurp(pidfile):match("%d+")
+  assert(helpers.wait_until(function()
+    return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == true
+  end, 10))
+  local db = 0
+  return {
+    url = function()
+      db = db + 1
+      return ("redis://127.0.0.1:%d/%d"):format(port, db)
+    end,
+    stop = function()
+      os.execute("kill -9 " .. pid)
+      helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+    end,
+  }
+end
+
 return helpers

@@ -293,7 +293,16 @@ static void task_record_failure(task *t) {
     lua_pop(co, 1);
     lua_pushfstring(co, "(error object is a %s value)", luaL_typename(co, -1));
   }
-  luaL_traceback(co, co, lua_tostring(co, -1), 0);
+  /* an error that says all a user needs (traceback = false: a run another
+   * process holds) is reported as its message alone */
+  int bare = 0;
+  if (lua_type(co, -2) == LUA_TTABLE) {
+    lua_pushliteral(co, "traceback");
+    bare = lua_rawget(co, -3) == LUA_TBOOLEAN && !lua_toboolean(co, -1);
+    lua_pop(co, 1);
+  }
+  if (bare) lua_pushvalue(co, -1);
+  else luaL_traceback(co, co, lua_tostring(co, -1), 0);
   free(t->traceback);
   t->traceback = strdup(lua_tostring(co, -1));
   lua_pop(co, 2);
