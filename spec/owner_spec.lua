@@ -193,6 +193,20 @@ print(v, err and err.kind, err and err.holder and err.holder.pid, err and err.ho
       r = helpers.run_script(caller, opts, "killed 0") -- no waiting: the dead holder's claim is taken over
       assert.are.equal("made by B\tnil\tnil\tnil\n", r.stdout)
     end)
+
+    it("a holder on another host is waited for until its lease lapses, then taken over", function()
+      resil.clock.virtual()
+      resil.store_config({ url = store_url() })
+      local s, now = resil.store(), resil.store_now()
+      local fp = resil.hash(resil.json.encode(table.pack()))
+      assert.are.equal("claimed", s.backend:once_claim("remote-key", fp, other_host(now), 300, 86400, now, now + 30))
+      local v, err = resil.once({ key = "remote-key", wait = 5 }, function() return "mine" end)
+      assert.is_nil(v)
+      assert.are.equal("in_progress", err.kind)
+      assert.are.same({ "otherhost", 4242 }, { err.holder.host, err.holder.pid })
+      resil.sleep(31)
+      assert.are.equal("mine", (resil.once({ key = "remote-key", wait = 5 }, function() return "mine" end)))
+    end)
   end)
 
   describe(("budget holds and their owners (%s)"):format(backend), function()

@@ -92,8 +92,24 @@ end
 -- ---------- heartbeats ----------
 
 -- backend -> { [token] = until (store time) }: what this process holds in
--- that store, so the heartbeat runs while there is something to renew
-local held, beating = {}, {}
+-- that store, so the heartbeat runs while there is something to renew;
+-- backend -> the end of the lease last written there
+local held, beating, written = {}, {}, {}
+
+-- An operation that takes something also writes this process's lease, so
+-- that it is there from the first moment; not again while one written less
+-- than a third of a lease ago stands (the heartbeat renews it from there).
+-- -> the lease's new end, to pass to the operation, or false
+function M.lease_due(backend, now)
+  local last = written[backend]
+  if last and last - now > M.lease * 2 / 3 then return false end
+  return now + M.lease
+end
+
+-- the operation given lease_due's value succeeded
+function M.lease_written(backend, lease_until)
+  if lease_until then written[backend] = lease_until end
+end
 
 local function beat(backend, tokens)
   while true do
@@ -107,14 +123,14 @@ local function beat(backend, tokens)
       beating[backend] = nil
       return
     end
-    backend:owner_beat(M.me().id, now + M.lease, now) -- a failed beat is retried at the next
+    if backend:owner_beat(M.me().id, now + M.lease, now) then -- a failed beat is retried at the next
+      written[backend] = now + M.lease
+    end
   end
 end
 
 -- This process holds `token` in the backend's store until `until_t` (store
--- time; math.huge: until drop): its lease is renewed meanwhile. Operations
--- that take something write the lease themselves, so it is there from the
--- first moment.
+-- time; math.huge: until drop): its lease is renewed meanwhile.
 function M.keep(backend, token, until_t)
   local tokens = held[backend]
   if not tokens then

@@ -203,9 +203,11 @@ function resil.once(spec, fn, ...)
       end
     end
     local now = store_now()
+    local lease_until = owner.lease_due(s.backend, now)
     local state, data, held_by = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, now,
-      now + owner.lease)
+      lease_until)
     if state == nil then return nil, data end -- the store is unavailable
+    owner.lease_written(s.backend, lease_until)
     if state == "done" then
       local r = decode_values(data)
       return unpack(r, 1, r.n)
@@ -262,8 +264,10 @@ local function take_run(s, id)
   local deadline, poll, told = resil.now() + wait, 0.05, false
   while true do
     local now = store_now()
-    local done, generation, since = s.backend:run_start(id, config.script, config.fresh, now, me, now + owner.lease)
+    local lease_until = owner.lease_due(s.backend, now)
+    local done, generation, since = s.backend:run_start(id, config.script, config.fresh, now, me, lease_until)
     if done == nil then error(tostring(generation), 0) end
+    owner.lease_written(s.backend, lease_until)
     if done then
       owner.keep(s.backend, "run:" .. id)
       return done, generation
@@ -467,8 +471,10 @@ function Budget:reserve(estimate, o)
   local est = to_micro(estimate)
   local hold = o and o.hold or self.hold
   -- the hold names this process: it stops counting when the process dies
+  local lease_until = owner.lease_due(s.backend, now)
   local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(self.limit), est, id, now + hold,
-    now, me.id, now + owner.lease)
+    now, me.id, lease_until)
+  if ok ~= nil then owner.lease_written(s.backend, lease_until) end
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed

@@ -44,6 +44,7 @@ local function dead_set(list)
   return set
 end
 local function renew(owners, me, lease_until)
+  if lease_until == '' then return end
   local lease = redis.call('ZSCORE', owners, me)
   if not lease or tonumber(lease) < tonumber(lease_until) then redis.call('ZADD', owners, lease_until, me) end
 end
@@ -340,6 +341,7 @@ local function dead_among(holders)
 end
 
 local function same_host() return owner.me().local_prefix end
+local function lease_arg(lease_until) return lease_until and fmt_time(lease_until) or "" end
 
 -- for `resil-lua runs`: on this machine the pid decides, elsewhere the lease
 function R:holder_alive(id, now)
@@ -386,7 +388,7 @@ function R:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
   local dead = ""
   while true do
     local r, err = self:script("once_claim", { P .. "once:" .. key, OWNERS }, fingerprint, me, lease, retention,
-      fmt_time(now), dead, same_host(), fmt_time(lease_until))
+      fmt_time(now), dead, same_host(), lease_arg(lease_until))
     if r == nil then return nil, err end
     local data = r[2]
     if data == false then data = nil end
@@ -422,7 +424,7 @@ function R:run_start(id, script, fresh, now, me, lease_until)
   local dead = ""
   while true do
     local r, err = self:script("run_start", keys, id, script or "", fresh and "1" or "0", fmt_time(now), me, dead,
-      same_host(), fmt_time(lease_until))
+      same_host(), lease_arg(lease_until))
     if r == nil then return nil, err end
     if r[1] ~= "held" then return r[1], r[2] end
     local holder_dead = dead == "" and dead_among({ r[2] })
@@ -537,7 +539,7 @@ function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   local dead = ""
   while true do
     local r, err = self:script("budget_reserve", budget_keys(budget, period, ticket), limit, estimate, ticket,
-      fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), fmt_time(lease_until))
+      fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until))
     if r == nil then return nil, err end
     local holders_dead = r[1] == 0 and dead == "" and dead_among({ table.unpack(r, 4) })
     if not holders_dead then return r[1] == 1, r[2], r[3] end

@@ -71,16 +71,17 @@ function B:stats() return self.db:stats() end
 
 -- ---------- ownership ----------
 
--- This process is alive until lease_until (written by every operation that
--- takes something, and by the heartbeat); lapsed leases are dropped.
-local function renew(tx, me, lease_until, now)
+-- This process is alive until lease_until (written by operations that take
+-- something, when due, and by the heartbeat); lapsed leases are dropped.
+local function renew(tx, me, lease_until)
+  if not lease_until then return end
   tx:exec("INSERT INTO owners (id, expires_at) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET " ..
           "expires_at = max(expires_at, excluded.expires_at)", me, lease_until)
 end
 
 function B:owner_beat(me, lease_until, now)
   return self.db:tx(function(tx)
-    renew(tx, me, lease_until, now)
+    renew(tx, me, lease_until)
     tx:exec("DELETE FROM owners WHERE expires_at <= ?", now)
     return true
   end)
@@ -142,7 +143,7 @@ end
 -- in progress: its task is about to run it (store.lua waits for that task).
 function B:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
   return self.db:tx(function(tx)
-    renew(tx, me, lease_until, now)
+    renew(tx, me, lease_until)
     local row = tx:row("SELECT * FROM idempotency WHERE key = ?", key)
     if row and row.expires_at <= now then
       tx:exec("DELETE FROM idempotency WHERE key = ?", key)
@@ -186,7 +187,7 @@ end
 -- -> steps done, generation | false, holder, since (another live process holds the run)
 function B:run_start(id, script, fresh, now, me, lease_until)
   return self.db:tx(function(tx)
-    renew(tx, me, lease_until, now)
+    renew(tx, me, lease_until)
     local row = tx:row("SELECT * FROM runs WHERE id = ?", id)
     if row and row.owner and row.owner ~= me and alive(tx, row.owner, now) then
       return false, row.owner, row.owner_since
@@ -318,7 +319,7 @@ function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
       spent, reserved = budget_usage(tx, budget, period, now)
     end
     if spent + reserved + estimate > limit then return false, spent, reserved end
-    renew(tx, me, lease_until, now)
+    renew(tx, me, lease_until)
     tx:exec("INSERT INTO reservations (ticket, budget, period, micro_usd, expires_at, state, owner) " ..
             "VALUES (?, ?, ?, ?, ?, 'held', ?)", ticket, budget, period, estimate, expires_at, me)
     return true, spent, reserved + estimate
