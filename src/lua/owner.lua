@@ -51,6 +51,7 @@ function M.me()
   me.id = ("%s|%s|%d|%s|%.3f|%s"):format(me.host, me.boot, me.pid, me.start, since,
     resil.hash(tostring({}) .. os.clock() .. since):sub(1, 6))
   me.local_prefix = me.checks and (me.host .. "|" .. me.boot .. "|") or ""
+  me.tag = resil.hash(me.id) -- short, for names made from it (budget tickets)
   return me
 end
 

@@ -466,7 +466,6 @@ function Budget:reserve(estimate, o)
   local period = period_of(self.per, now)
   ticket_seq = ticket_seq + 1
   local me = owner.me()
-  me.tag = me.tag or resil.hash(me.id)
   local id = ("%s:%s:%d"):format(self.name, me.tag, ticket_seq)
   local est = to_micro(estimate)
   local hold = o and o.hold or self.hold
