@@ -18,6 +18,9 @@ local function other_host(since)
   return ("otherhost|0123456789ab|4242|77|%.3f|zz"):format(since)
 end
 
+-- a background process that must not outlive its test, whatever the test's outcome
+local function reap(pid) finally(function() os.execute("kill -KILL " .. pid .. " 2> /dev/null") end) end
+
 -- n copies of a script started at the same wall-clock moment; each output
 -- ends with "[exit N]"
 local function together(n, source, opts, args)
@@ -99,6 +102,7 @@ for _, backend in ipairs({ "sqlite", "redis" }) do
       local url, log = store_url(), helpers.tmpname(".log")
       local opts = ("--store %s --run killed --log-level off"):format(url)
       local pid = helpers.start(PIPELINE, opts, log .. " 3600")
+      reap(pid)
       assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("ran 1") end, 10))
       local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, url))
       assert.matches(("killed%%s+running%%s+0 .* pid %s on %s since [%%d%%- :]+\n"):format(pid, literal(HOST)),
@@ -173,6 +177,7 @@ end))
       local opts = "--store " .. url .. " --log-level off"
       local go = helpers.tmpname(".go")
       local pid, out = helpers.start(HOLDER, opts, "live " .. go)
+      reap(pid)
       assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("claimed") end, 10))
       local caller = [[
 local resil = require "resil"
@@ -187,6 +192,7 @@ print(v, err and err.kind, err and err.holder and err.holder.pid, err and err.ho
       assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
 
       pid, out = helpers.start(HOLDER, opts, "killed " .. helpers.tmpname(".never"))
+      reap(pid)
       assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("claimed") end, 10))
       os.execute("kill -KILL " .. pid)
       assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
@@ -222,6 +228,7 @@ assert(resil.budget("team"):reserve(0.02)) -- default hold: 600 s
 print("reserved"); io.stdout:flush()
 resil.sleep(3600)
 ]], opts)
+      reap(pid)
       assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("reserved") end, 10))
       local check = [[
 local resil = require "resil"
