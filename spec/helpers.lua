@@ -112,8 +112,9 @@ function helpers.free_port()
   return p
 end
 
--- A real redis-server on a free loopback port, in a folder of its own:
--- -> {port=, pid=, url(db)=, stop()=}. Always stop it.
+-- A real redis-server on a free loopback port, in a folder of its own, for
+-- one spec file: -> {port=, pid=, url([db] [, query]) (a fresh database's
+-- URL without db), stop()}. Always stop it.
 function helpers.redis_server()
   local dir = helpers.tmpname("-redis")
   os.execute("mkdir -p " .. dir)
@@ -125,8 +126,13 @@ function helpers.redis_server()
   assert(helpers.wait_until(function()
     return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == true
   end, 10))
+  local fresh = 0
   function server.url(db, query)
-    return ("redis://127.0.0.1:%d/%d%s"):format(port, db or 0, query and ("?" .. query) or "")
+    if not db then
+      fresh = fresh + 1
+      db = fresh
+    end
+    return ("redis://127.0.0.1:%d/%d%s"):format(port, db, query and ("?" .. query) or "")
   end
   function server.stop()
     os.execute("kill -CONT " .. server.pid .. "; kill -9 " .. server.pid)

@@ -75,10 +75,11 @@ describe("resil.once on Redis", function()
   it("in_progress while another holds a fresh lease; a stale lease is taken over", function()
     local s = resil.store()
     local fp = resil.hash(resil.json.encode(table.pack(1)))
-    assert.are.equal("claimed", s.backend:once_claim("held", fp, "other", 300, 86400, resil.store_now()))
+    local now = resil.store_now()
+    assert.are.equal("claimed", s.backend:once_claim("held", fp, "other", 300, 86400, now, now + 30))
     local _, err = resil.once({ key = "held", wait = 0.1 }, work, 1)
     assert.are.equal("in_progress", err.kind)
-    assert.are.equal("claimed", s.backend:once_claim("stale", fp, "other", 0.05, 86400, resil.store_now()))
+    assert.are.equal("claimed", s.backend:once_claim("stale", fp, "other", 0.05, 86400, now, now + 30))
     resil.sleep(0.1)
     assert.are.equal(2, (resil.once({ key = "stale", lease = 0.05 }, work, 1)))
   end)
@@ -140,7 +141,11 @@ local b = resil.budget("shared-r5", { limit = 5 })
 local items = {}
 for i = 1, 250 do items[i] = i end
 local admitted = 0
-resil.map(items, function() if b:reserve(0.10) then admitted = admitted + 1 end return true end, { concurrency = 250 })
+resil.map(items, function()
+  local t = b:reserve(0.10)
+  if t then admitted = admitted + 1; t:settle(0.10) end -- a process that exits holding nothing back
+  return true
+end, { concurrency = 250 })
 print(admitted)
 ]]
     assert.are.equal(50, helpers.sum_of(helpers.run_together(4, source, "--store " .. url .. " --log-level off")))

@@ -10,6 +10,7 @@
 EMBED_LUA(resil_prelude_lua, "src/lua/prelude.lua");
 EMBED_LUA(resil_mock_lua, "src/lua/mock.lua");
 EMBED_LUA(resil_store_lua, "src/lua/store.lua");
+EMBED_LUA(resil_owner_lua, "src/lua/owner.lua");
 EMBED_LUA(resil_store_sqlite_lua, "src/lua/store_sqlite.lua");
 EMBED_LUA(resil_store_redis_lua, "src/lua/store_redis.lua");
 EMBED_LUA(resil_commands_lua, "src/lua/commands.lua");

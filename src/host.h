@@ -170,6 +170,7 @@ int luaopen_resil_redis(lua_State *L);
 extern const char resil_prelude_lua[];
 extern const char resil_mock_lua[];
 extern const char resil_store_lua[];
+extern const char resil_owner_lua[];
 extern const char resil_store_sqlite_lua[];
 extern const char resil_store_redis_lua[];
 extern const char resil_metrics_lua[];

@@ -285,7 +285,17 @@ static void task_done(task *t) {
 /* Build the traceback of a failed task, from the coroutine's own stack. */
 static void task_record_failure(task *t) {
   lua_State *co = t->co;
-  luaL_traceback(co, co, resil_describe(co, -1), 0);
+  const char *msg = resil_describe(co, -1);
+  /* an error that says all a user needs (traceback = false: a run another
+   * process holds) is reported as its message alone */
+  int bare = 0;
+  if (lua_type(co, -2) == LUA_TTABLE) {
+    lua_pushliteral(co, "traceback");
+    bare = lua_rawget(co, -3) == LUA_TBOOLEAN && !lua_toboolean(co, -1);
+    lua_pop(co, 1);
+  }
+  if (bare) lua_pushvalue(co, -1);
+  else luaL_traceback(co, co, msg, 0);
   free(t->traceback);
   t->traceback = strdup(lua_tostring(co, -1));
   lua_pop(co, 2);

@@ -47,6 +47,7 @@ static void usage(FILE *out) {
           "  --store PATH|URL        the store: a SQLite file (default .resil/state.db) or redis://host:port/db\n"
           "  --run ID                the run resil.step checkpoints into (default: from script and args)\n"
           "  --fresh                 start the run over, forgetting its checkpoints\n"
+          "  --wait                  when another process holds the run, wait for it (default: stop)\n"
           "  --log-file PATH         append JSON log lines to PATH (default stderr)\n"
           "  --log-level LEVEL       debug | info | warn | error | off\n"
           "  -v, --version           print the version\n"
@@ -187,6 +188,21 @@ static int run_command(const char *name, int argc, char **argv) {
   return code;
 }
 
+/* --wait: a run held by another live process is waited for, not refused. */
+static void wait_for_run(resil_t *R) {
+  lua_State *L = resil_lua(R);
+  int top = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "store_config") == LUA_TFUNCTION) {
+    lua_createtable(L, 0, 1);
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "wait");
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) fprintf(stderr, PROGNAME ": --wait: %s\n", lua_tostring(L, -1));
+  }
+  lua_settop(L, top);
+}
+
 /* Record how the run ended, if the script used resil.step. Synchronous:
  * after an error or a signal, other tasks must not run again. */
 static void finish_run(resil_t *R, int status) {
@@ -205,7 +221,7 @@ static void finish_run(resil_t *R, int status) {
 int main(int argc, char **argv) {
   resil_options opts = {0};
   const char *codes[64];
-  int ncodes = 0, i = 1, watch = 0;
+  int ncodes = 0, i = 1, watch = 0, wait = 0;
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
   if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0))
@@ -237,6 +253,10 @@ int main(int argc, char **argv) {
     }
     if (strcmp(a, "--fresh") == 0) {
       opts.fresh = 1;
+      continue;
+    }
+    if (strcmp(a, "--wait") == 0) {
+      wait = 1;
       continue;
     }
     if (strcmp(a, "-e") == 0 || strcmp(a, "--max-instructions") == 0 || strcmp(a, "--max-memory") == 0 ||
@@ -281,6 +301,7 @@ int main(int argc, char **argv) {
   raise_fd_limit();
   resil_t *R = resil_open(&opts);
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
+  if (wait) wait_for_run(R);
   signal_target = R;
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);

@@ -351,10 +351,11 @@ static int luaopen_resil(lua_State *L) {
   lua_pushvalue(L, -2);
   lua_pushstring(L, resil_mock_lua);
   lua_pushstring(L, resil_store_lua);
+  lua_pushstring(L, resil_owner_lua);
   lua_pushstring(L, resil_store_sqlite_lua);
   lua_pushstring(L, resil_store_redis_lua);
   lua_pushstring(L, resil_metrics_lua);
-  lua_call(L, 6, 0);
+  lua_call(L, 7, 0);
   return 1;
 }
 

@@ -527,11 +527,16 @@ static int l_open(lua_State *L) {
     d->db = NULL;
     return 2;
   }
-  /* never wait for a lock inside SQLite: that would block the loop (writes
-   * wait on a timer instead, take_write_lock) */
-  sqlite3_busy_timeout(d->db, 0);
+  /* Switching a new file to WAL needs its lock for a moment (another process
+   * may be creating it too): wait for that in SQLite, up to the timeout. A
+   * file already in WAL mode takes no lock here. */
+  sqlite3_busy_timeout(d->db, (int)(timeout * 1000));
   char *err = NULL;
-  if (sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err) != SQLITE_OK) {
+  int wal = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err);
+  /* from now on never wait for a lock inside SQLite: that would block the
+   * loop (writes wait on a timer instead, take_write_lock) */
+  sqlite3_busy_timeout(d->db, 0);
+  if (wal != SQLITE_OK) {
     lua_pushnil(L);
     resil_push_error(L, "store_unavailable", "store: %s: %s", path, err ? err : "cannot set WAL mode");
     sqlite3_free(err);

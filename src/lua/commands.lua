@@ -50,11 +50,17 @@ function commands.runs(args)
     return
   end
   if args[1] then fail("runs: unknown argument '%s' (runs, or runs show ID)", args[1]) end
-  local runs = assert(s.backend:runs_list())
+  local runs = assert(s.backend:runs_list(resil.store_now()))
   local rows = {}
-  for _, r in ipairs(runs) do rows[#rows + 1] = { r.id, r.status, r.steps, date(r.created_at), date(r.updated_at) } end
+  for _, r in ipairs(runs) do
+    -- who runs it now (a process that died while holding it shows as gone)
+    local h = r.holder
+    local holder = h and h.pid and ("pid %d on %s since %s%s"):format(h.pid, h.host, date(r.owner_since),
+      r.holder_alive and "" or " (gone)") or ""
+    rows[#rows + 1] = { r.id, r.status, r.steps, date(r.created_at), date(r.updated_at), holder }
+  end
   if #rows == 0 then print("no runs recorded in " .. s.url) return end
-  table_print({ "RUN", "STATUS", "STEPS DONE", "STARTED (UTC)", "UPDATED (UTC)" }, rows)
+  table_print({ "RUN", "STATUS", "STEPS DONE", "STARTED (UTC)", "UPDATED (UTC)", "HOLDER" }, rows)
 end
 
 local function parse_since(v)

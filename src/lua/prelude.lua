@@ -1,6 +1,6 @@
 -- The Lua half of the host: what is clearer in Lua than in C, built only on
 -- the C primitives. Compiled into the binary; runs once per host.
-local resil, mock_source, store_source, store_sqlite_source, store_redis_source, metrics_source = ...
+local resil, mock_source, store_source, owner_source, store_sqlite_source, store_redis_source, metrics_source = ...
 local http, log = resil.http, resil.log
 local pack, unpack = table.pack, table.unpack
 
@@ -253,4 +253,4 @@ end
 
 resil.metrics = assert(load(metrics_source, "=[resil metrics]"))(resil)
 resil.mock = assert(load(mock_source, "=[resil mock]"))(resil)
-assert(load(store_source, "=[resil store]"))(resil, store_sqlite_source, store_redis_source)
+assert(load(store_source, "=[resil store]"))(resil, owner_source, store_sqlite_source, store_redis_source)

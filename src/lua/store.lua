@@ -4,19 +4,22 @@
 -- by URL: a file path for SQLite (default .resil/state.db), redis://host:port/db
 -- for Redis. Each backend implements the same compound operations
 -- atomically (src/lua/store_sqlite.lua, src/lua/store_redis.lua).
-local resil, sqlite_source, redis_source = ...
+local resil, owner_source, sqlite_source, redis_source = ...
 local json = resil.json
 local pack, unpack = table.pack, table.unpack
+
+-- who holds a run, a once key or a budget hold, and whether they are alive
+local owner = assert(load(owner_source, "=[resil owner]"))(resil)
 
 -- each backend is compiled when a store first uses it, not at start-up
 local backend_sources = { sqlite = sqlite_source, redis = redis_source }
 local backends = setmetatable({}, { __index = function(t, name)
-  local b = assert(load(backend_sources[name], "=[resil store_" .. name .. "]"))(resil)
+  local b = assert(load(backend_sources[name], "=[resil store_" .. name .. "]"))(resil, owner)
   t[name] = b
   return b
 end })
 
-local config = { url = nil, run = nil, fresh = false, script = nil, args = nil }
+local config = { url = nil, run = nil, fresh = false, script = nil, args = nil, wait = false }
 
 -- Time on the store is epoch seconds that follow the host clock (so the
 -- virtual clock drives expiries in specs, and processes agree in real use).
@@ -24,24 +27,21 @@ local wall0, mono0 = resil.clock.wall(), resil.now()
 local function store_now() return wall0 + (resil.now() - mono0) end
 resil.store_now = store_now
 
--- This process's name on leases and tickets, made when first needed (not
--- at every host's start-up: most scripts never touch the store).
-local owner_id
-local function owner()
-  if not owner_id then
-    local f = io.open("/proc/self/stat")
-    local pid = f and f:read("l"):match("^(%d+)") or "0"
-    if f then f:close() end
-    owner_id = ("%s-%s"):format(pid, resil.hash(tostring(os.time()) .. tostring({}) .. tostring(os.clock())))
-  end
-  return owner_id
-end
-
 local opened = {}
 
--- resil.store_config{url=, run=, fresh=, script=, args=}: set by the CLI and embedders
+-- resil.store_config{url=, run=, fresh=, script=, args=, wait=, lease=}: set by the CLI and
+-- embedders. wait: when another live process holds the run, wait for it (true, or at most
+-- that many seconds) instead of stopping. lease: seconds a holder on another machine is
+-- trusted without a heartbeat (renewed every third of it).
 function resil.store_config(c)
+  if c.wait ~= nil and type(c.wait) ~= "boolean" and not (type(c.wait) == "number" and c.wait >= 0) then
+    error("resil.store_config: wait must be true, false or a number of seconds >= 0", 2)
+  end
+  if c.lease ~= nil and not (type(c.lease) == "number" and c.lease > 0) then
+    error("resil.store_config: lease must be a number of seconds > 0", 2)
+  end
   for k, v in pairs(c) do config[k] = v end
+  if c.lease then owner.lease = c.lease end
 end
 
 -- The store URL's query: ?timeout=SECONDS, how long any operation may wait
@@ -178,8 +178,12 @@ local function is_permanent(err)
   return false
 end
 
+local drop_mt = { __close = function(d) owner.drop(d[1], d[2]) end }
+
 local function run_once(s, holder, key, lease, retention, fn, ...)
   resil.context({ idempotency_key = key })
+  owner.keep(s.backend, "once:" .. key) -- renew this process's lease while fn runs
+  local _ <close> = setmetatable({ s.backend, "once:" .. key }, drop_mt)
   local r = pack(pcall(fn, ...))
   local now = store_now()
   if not r[1] then
@@ -214,10 +218,10 @@ function resil.once(spec, fn, ...)
   if type(fn) ~= "function" then error("resil.once: fn must be a function", 2) end
   local s = store_or_raise(2)
   local fingerprint = o.fingerprint or fingerprint_of(...)
-  -- inside a checkpointed run the run owns the lease: a re-run after a crash
-  -- takes over its dead predecessor's lease at once instead of waiting it out
-  local run_prefix = run and ("run:" .. run.id .. ":")
-  local holder_id = run_prefix and (run_prefix .. owner()) or owner()
+  -- the record names this process; a holder that died is taken over (on this
+  -- machine at once, elsewhere when its lease lapses); `lease` only ages
+  -- records that name no process (written by older versions)
+  local holder_id = owner.me().id
   local lease, retention = o.lease or 300, o.retention or 86400
   local deadline = resil.now() + (o.wait or 30)
   local poll = 0.05
@@ -229,8 +233,12 @@ function resil.once(spec, fn, ...)
         return nil, resil.error("in_progress", ("once %s: still running in this process"):format(key), { key = key })
       end
     end
-    local state, data = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, store_now(), run_prefix)
+    local now = store_now()
+    local lease_until = owner.lease_due(s.backend, now)
+    local state, data, held_by = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, now,
+      lease_until)
     if state == nil then return nil, data end -- the store is unavailable
+    owner.lease_written(s.backend, lease_until)
     if state == "done" then
       local r = decode_values(data)
       return unpack(r, 1, r.n)
@@ -244,10 +252,10 @@ function resil.once(spec, fn, ...)
       if inflight[key] == child then inflight[key] = nil end
       if not r[1] then error(r[2], 0) end
       return unpack(r, 2, r.n)
-    elseif not inflight[key] then -- in progress in another process
+    elseif not inflight[key] then -- in progress in another process (or a task here is about to run it)
       if resil.now() + poll > deadline then
-        return nil, resil.error("in_progress", ("once %s: another process holds it"):format(key),
-          { key = key, locked_at = data })
+        return nil, resil.error("in_progress", ("once %s: held by %s"):format(key, owner.format(held_by, data)),
+          { key = key, locked_at = data, holder = owner.describe(held_by) })
       end
       resil.sleep(poll)
       poll = math.min(poll * 2, 1)
@@ -271,6 +279,41 @@ local function default_run_id()
   return ("%s-%s"):format(name, resil.hash(where .. "\0" .. table.concat(config.args or {}, "\0")):sub(1, 12))
 end
 
+-- Another live process holds the run. Said without a traceback: nothing is
+-- wrong with the script, and the user needs only who holds it.
+local function run_held(id, holder, since, lost)
+  local how = lost and "was taken over by %s; this process stops" or
+    "is held by %s (another process is running it; --wait waits for it)"
+  return resil.error("run_held", ("run %s " .. how):format(id, owner.format(holder, since)),
+    { run = id, holder = owner.describe(holder), traceback = false })
+end
+
+-- A run has one owner at a time: take it, or wait for its holder (config.wait).
+local function take_run(s, id)
+  local me = owner.me().id
+  local wait = config.wait == true and math.huge or config.wait or 0
+  local deadline, poll, told = resil.now() + wait, 0.05, false
+  while true do
+    local now = store_now()
+    local lease_until = owner.lease_due(s.backend, now)
+    local done, generation, since = s.backend:run_start(id, config.script, config.fresh, now, me, lease_until)
+    if done == nil then error(tostring(generation), 0) end
+    owner.lease_written(s.backend, lease_until)
+    if done then
+      owner.keep(s.backend, "run:" .. id)
+      return done, generation
+    end
+    if resil.now() + poll > deadline then error(run_held(id, generation, since), 0) end
+    if not told then
+      told = true
+      resil.log.warn("run held by another process: waiting for it", { run = id,
+        holder = owner.format(generation, since) })
+    end
+    resil.sleep(poll)
+    poll = math.min(poll * 2, 1)
+  end
+end
+
 local function current_run()
   if run then
     -- another task is still recording the run's start: wait for it
@@ -281,9 +324,8 @@ local function current_run()
   local id = config.run or default_run_id()
   run = { id = id, seq = {}, store = s, resumed = false }
   run.starter = resil.spawn(function()
-    local done, generation = s.backend:run_start(id, config.script, config.fresh, store_now())
-    if done == nil then error(tostring(generation), 0) end
-    run.resumed, run.generation = done > 0, generation
+    local done, generation = take_run(s, id)
+    run.held, run.resumed, run.generation = true, done > 0, generation
     resil.log.info(done > 0 and "run resumed" or "run started", { run = id, steps_done = done })
   end)
   local ok, err = run.starter:join()
@@ -299,10 +341,15 @@ resil.run = {}
 function resil.run.id() return current_run().id end
 function resil.run.started() return run ~= nil end
 function resil.run.resumed() return current_run().resumed end
--- Record how the run ended (the CLI does this when the script ends). Works
--- outside a task: it writes at once, without the loop.
+-- Record how the run ended and give it up (the CLI does this when the
+-- script ends). Works outside a task: it writes at once, without the loop.
+-- A later resil.step takes the run again and resumes it.
 function resil.run.finish(status)
-  if run then run.store.backend:run_finish_now(run.id, status or "done", store_now()) end
+  local r = run
+  if not (r and r.held) then return end
+  run = nil
+  owner.drop(r.store.backend, "run:" .. r.id)
+  r.store.backend:run_finish_now(r.id, status or "done", store_now(), owner.me().id)
 end
 
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
@@ -335,7 +382,8 @@ function resil.step(name, fn, ...)
   if out[2] == nil and out.n >= 3 and out[3] ~= nil then return unpack(out, 2, out.n) end -- not checkpointed
   local text, err = encode_values(out, 2)
   if not text then error("resil.step: cannot checkpoint the results: " .. err, 2) end
-  local ok, serr = backend:step_put(r.id, scope, seq, name, text, store_now())
+  local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id)
+  if ok == false then error(run_held(r.id, serr, since, true), 2) end
   if not ok then error(serr or "resil.step: checkpoint failed", 2) end
   return unpack(out, 2, out.n)
 end
@@ -449,11 +497,15 @@ function Budget:reserve(estimate, o)
   local now = store_now()
   local period = period_of(self.per, now)
   ticket_seq = ticket_seq + 1
-  local id = ("%s:%s:%d"):format(self.name, owner(), ticket_seq)
+  local me = owner.me()
+  local id = ("%s:%s:%d"):format(self.name, me.tag, ticket_seq)
   local est = to_micro(estimate)
   local hold = o and o.hold or self.hold
+  -- the hold names this process: it stops counting when the process dies
+  local lease_until = owner.lease_due(s.backend, now)
   local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(self.limit), est, id, now + hold,
-    now)
+    now, me.id, lease_until)
+  if ok ~= nil then owner.lease_written(s.backend, lease_until) end
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
@@ -468,6 +520,7 @@ function Budget:reserve(estimate, o)
       { budget = self.name, limit = self.limit, spent = from_micro(spent), reserved = from_micro(reserved),
         period = period })
   end
+  owner.keep(s.backend, id, now + hold)
   local used = from_micro(spent + reserved)
   if used >= self.soft * self.limit then
     soft_total:inc({ budget = self.name })
@@ -480,18 +533,27 @@ function Budget:reserve(estimate, o)
   return ticket
 end
 
--- budget:state() -> {spent=, reserved=, limit=, period=}
+-- budget:state() -> {spent=, reserved=, limit=, period=, holds = { {ticket=, usd=,
+-- owner = {host=, pid=, since=}, expires_at=}, ... }}; holds of dead owners are released first
 function Budget:state()
   local now = store_now()
   local period = period_of(self.per, now)
-  local spent, reserved = store_or_raise(2).backend:budget_usage(self.name, period, now)
+  local spent, reserved, rows = store_or_raise(2).backend:budget_usage(self.name, period, now, owner.me().id)
   if spent == nil then return nil, reserved end
-  return { spent = from_micro(spent), reserved = from_micro(reserved), limit = self.limit, period = period }
+  local holds = {}
+  for i, h in ipairs(rows) do
+    holds[i] = { ticket = h.ticket, usd = from_micro(h.micro_usd), owner = h.owner and owner.describe(h.owner),
+                 expires_at = h.expires_at }
+  end
+  return { spent = from_micro(spent), reserved = from_micro(reserved), limit = self.limit, period = period,
+           holds = holds }
 end
 
 -- ticket:settle(actual_usd [, cost fields]) -> true (first time) | false (already settled)
+-- settle(0) frees the hold and writes no ledger row (a call that failed cost nothing).
 function Ticket:settle(actual, e)
   if type(actual) ~= "number" or actual < 0 then error("ticket:settle: actual must be a number >= 0", 2) end
+  owner.drop(self.store.backend, self.id)
   local fields = {}
   for k, v in pairs(e or {}) do fields[k] = v end
   fields.usd, fields.budget, fields.period = actual, self.budget.name, self.period
@@ -502,6 +564,7 @@ function Ticket:settle(actual, e)
 end
 
 function Ticket:release()
+  owner.drop(self.store.backend, self.id)
   return self.store.backend:budget_release(self.id)
 end
 

@@ -3,7 +3,7 @@
 -- run by SHA. Times come from the caller (store time), money is integer
 -- micro-dollars. The scripts run in Redis's own Lua (5.1): numbers that may
 -- be fractional go back as strings.
-local resil = ...
+local resil, owner = ...
 
 local R = {}
 R.__index = R
@@ -24,25 +24,58 @@ end
 return v
 ]]
 
--- KEYS[1] record; ARGV: fingerprint, owner, lease, retention, now, run_prefix
-scripts.once_claim = [[
-local fp, owner, lease, retention, now, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), ARGV[6]
+-- Ownership (src/lua/owner.lua): the owners zset scores each process's
+-- lease (store time), written by operations that take something and by the
+-- heartbeat. A holder on the caller's machine ("host|boot|" = same_host) is
+-- judged by the caller, from its pid: the script reports such holders, and
+-- the caller runs it again naming the dead ones (a dead process stays dead,
+-- so the second run needs no compare-and-set).
+local holders_lib = [[
+local function holder_alive(owners, id, dead, same_host, now)
+  if dead[id] then return false end
+  if not string.find(id, '|', 1, true) then return nil end
+  if same_host ~= '' and string.sub(id, 1, #same_host) == same_host then return true end
+  local lease = redis.call('ZSCORE', owners, id)
+  return lease ~= false and tonumber(lease) > now
+end
+local function dead_set(list)
+  local set = {}
+  for id in string.gmatch(list, '[^\n]+') do set[id] = true end
+  return set
+end
+local function renew(owners, me, lease_until)
+  if lease_until == '' then return end
+  local lease = redis.call('ZSCORE', owners, me)
+  if not lease or tonumber(lease) < tonumber(lease_until) then redis.call('ZADD', owners, lease_until, me) end
+end
+]]
+
+-- KEYS[1] owners; ARGV: me, lease_until, now
+scripts.owner_beat = holders_lib .. [[
+renew(KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+return 1
+]]
+
+-- KEYS: record, owners; ARGV: fingerprint, me, lease, retention, now, dead, same_host, lease_until
+scripts.once_claim = holders_lib .. [[
+local fp, me, lease, retention, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+renew(KEYS[2], me, ARGV[8])
 local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'owner', 'locked_at', 'result')
 if not r[2] then
-  redis.call('HSET', KEYS[1], 'fingerprint', fp, 'state', 'running', 'owner', owner, 'locked_at', ARGV[5],
+  redis.call('HSET', KEYS[1], 'fingerprint', fp, 'state', 'running', 'owner', me, 'locked_at', ARGV[5],
     'created_at', ARGV[5])
   redis.call('PEXPIRE', KEYS[1], math.floor(retention * 1000))
   return {'claimed'}
 end
 if r[1] ~= fp then return {'key_reused'} end
 if r[2] == 'done' then return {'done', r[5]} end
-local predecessor = prefix ~= '' and r[3] ~= owner and string.sub(r[3], 1, #prefix) == prefix
-if tonumber(r[4]) + lease <= now or predecessor then
-  redis.call('HSET', KEYS[1], 'owner', owner, 'locked_at', ARGV[5])
+local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], now)
+if alive == false or (alive == nil and tonumber(r[4]) + lease <= now) then
+  redis.call('HSET', KEYS[1], 'owner', me, 'locked_at', ARGV[5])
   return {'claimed', 'takeover'}
 end
-return {'in_progress', r[4]}
+return {'in_progress', r[4], r[3]}
 ]]
 
 scripts.once_finish = [[
@@ -59,9 +92,17 @@ if r[1] == ARGV[1] and r[2] == 'running' then redis.call('DEL', KEYS[1]) return 
 return 0
 ]]
 
--- KEYS: run hash, steps hash, runs index; ARGV: id, script, fresh, now
--- -> {steps done, generation}; --fresh forgets the steps and starts a new generation
-scripts.run_start = [[
+-- KEYS: run hash, steps hash, runs index, owners; ARGV: id, script, fresh, now, me, dead, same_host,
+-- lease_until -> {steps done, generation} | {'held', holder, since}; --fresh forgets the steps and
+-- starts a new generation
+scripts.run_start = holders_lib .. [[
+renew(KEYS[4], ARGV[5], ARGV[8])
+local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
+if holder[1] and holder[1] ~= ARGV[5] and
+    holder_alive(KEYS[4], holder[1], dead_set(ARGV[6]), ARGV[7], tonumber(ARGV[4])) then
+  return {'held', holder[1], holder[2] or ''}
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'owner_since', ARGV[4])
 local steps = redis.call('HGET', KEYS[1], 'steps')
 if steps and ARGV[3] == '1' then
   redis.call('DEL', KEYS[2])
@@ -80,12 +121,23 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return {0, 0}
 ]]
 
--- KEYS: run hash, steps hash; ARGV: field, json, now
+-- KEYS: run hash, steps hash; ARGV: field, json, now, me -> {1} | {0, holder, since} (taken over)
 scripts.step_put = [[
+local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
+if holder[1] and holder[1] ~= ARGV[4] then return {0, holder[1], holder[2] or ''} end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'steps', 1)
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+return {1}
+]]
+
+-- KEYS: run hash; ARGV: status, now, me. The holder gives the run up (unless another took it over).
+local run_finish = [[
+local holder = redis.call('HGET', KEYS[1], 'owner')
+if holder and holder ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'owner', 'owner_since')
 return 1
 ]]
 
@@ -101,56 +153,97 @@ scripts.cost_record = insert_cost .. [[
 return insert_cost(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 ]]
 
--- Expired reservations stop counting: drop them from the sum.
-local budget_sweep = [[
-local function sweep(res_z, amounts, total_key, now)
-  local expired = redis.call('ZRANGEBYSCORE', res_z, '-inf', now)
-  for _, t in ipairs(expired) do
-    local a = redis.call('HGET', amounts, t)
-    if a then redis.call('DECRBY', total_key, a); redis.call('HDEL', amounts, t) end
-    redis.call('ZREM', res_z, t)
+-- The budget scripts' keys: spent, reserved total, holds zset (ticket -> expires_at), amounts hash,
+-- ticket hash, holders hash (ticket -> owner), owners zset [, ledger, dedupe set]
+local budget_lib = holders_lib .. [[
+local function unhold(t)
+  local a = redis.call('HGET', KEYS[4], t)
+  if a then redis.call('DECRBY', KEYS[2], a); redis.call('HDEL', KEYS[4], t) end
+  redis.call('ZREM', KEYS[3], t)
+  redis.call('HDEL', KEYS[6], t)
+end
+local function usage()
+  return tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+-- expired holds stop counting
+local function sweep(now)
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do unhold(t) end
+end
+-- holds of dead owners stop counting: -> how many were released, and the
+-- live-looking holders on the caller's machine, for the caller to judge
+local function sweep_dead(me, dead, same_host, now)
+  local verdicts, released, to_judge = {}, 0, {}
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf')) do
+    local o = redis.call('HGET', KEYS[6], t)
+    if o and o ~= me then
+      local alive = verdicts[o]
+      if alive == nil then
+        alive = holder_alive(KEYS[7], o, dead, same_host, now) ~= false
+        verdicts[o] = alive
+        if alive and same_host ~= '' and string.sub(o, 1, #same_host) == same_host then
+          to_judge[#to_judge + 1] = o
+        end
+      end
+      if not alive then unhold(t); released = released + 1 end
+    end
   end
+  return released, to_judge
 end
 ]]
 
--- KEYS: spent, reserved total, reservations zset, amounts hash, ticket hash
--- ARGV: limit, estimate, ticket, expires_at, now, budget, period
-scripts.budget_reserve = budget_sweep .. [[
-sweep(KEYS[3], KEYS[4], KEYS[2], ARGV[5])
-local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
-local reserved = tonumber(redis.call('GET', KEYS[2]) or '0')
-local est = tonumber(ARGV[2])
-if spent + reserved + est > tonumber(ARGV[1]) then return {0, spent, reserved} end
+-- ARGV: limit, estimate, ticket, expires_at, now, budget, period, me, dead, same_host, lease_until
+-- -> {1, spent, reserved} | {0, spent, reserved, holders to judge...}
+-- Dead owners' holds are looked for only when the reservation does not fit.
+scripts.budget_reserve = budget_lib .. [[
+sweep(ARGV[5])
+local spent, reserved = usage()
+local est, limit, to_judge = tonumber(ARGV[2]), tonumber(ARGV[1]), {}
+if spent + reserved + est > limit then
+  local released
+  released, to_judge = sweep_dead(ARGV[8], dead_set(ARGV[9]), ARGV[10], tonumber(ARGV[5]))
+  if released > 0 then spent, reserved = usage() end
+end
+if spent + reserved + est > limit then
+  local r = {0, spent, reserved}
+  for _, o in ipairs(to_judge) do r[#r + 1] = o end
+  return r
+end
+renew(KEYS[7], ARGV[8], ARGV[11])
 redis.call('INCRBY', KEYS[2], est)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
+redis.call('HSET', KEYS[6], ARGV[3], ARGV[8])
 redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7])
 return {1, spent, reserved + est}
 ]]
 
-scripts.budget_usage = budget_sweep .. [[
-sweep(KEYS[3], KEYS[4], KEYS[2], ARGV[1])
-return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0')}
+-- ARGV: now, me, dead, same_host -> {spent, reserved, {holders to judge}, {{ticket, usd, owner, expires_at}}}
+scripts.budget_usage = budget_lib .. [[
+sweep(ARGV[1])
+local _, to_judge = sweep_dead(ARGV[2], dead_set(ARGV[3]), ARGV[4], tonumber(ARGV[1]))
+local spent, reserved = usage()
+local holds, z = {}, redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf', 'WITHSCORES')
+for i = 1, #z, 2 do
+  holds[#holds + 1] = {z[i], tonumber(redis.call('HGET', KEYS[4], z[i]) or '0'), redis.call('HGET', KEYS[6], z[i]) or '',
+    z[i + 1]}
+end
+return {spent, reserved, to_judge, holds}
 ]]
 
--- KEYS: spent, reserved total, reservations zset, amounts hash, ticket hash, ledger, dedupe set
--- ARGV: ticket, micro_usd, dedupe, entry json
-scripts.budget_settle = insert_cost .. [[
+-- ARGV: ticket, micro_usd, dedupe, entry json; a settle of $0 writes no ledger row
+scripts.budget_settle = budget_lib .. insert_cost .. [[
 if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
-local a = redis.call('HGET', KEYS[4], ARGV[1])
-if a then redis.call('DECRBY', KEYS[2], a); redis.call('HDEL', KEYS[4], ARGV[1]) end
-redis.call('ZREM', KEYS[3], ARGV[1])
+unhold(ARGV[1])
 redis.call('HSET', KEYS[5], 'state', 'settled')
+if tonumber(ARGV[2]) == 0 then return 1 end
 redis.call('INCRBY', KEYS[1], ARGV[2])
-insert_cost(KEYS[6], KEYS[7], ARGV[3], ARGV[4])
+insert_cost(KEYS[8], KEYS[9], ARGV[3], ARGV[4])
 return 1
 ]]
 
-scripts.budget_release = [[
+scripts.budget_release = budget_lib .. [[
 if redis.call('HGET', KEYS[5], 'state') ~= 'held' then return 0 end
-local a = redis.call('HGET', KEYS[4], ARGV[1])
-if a then redis.call('DECRBY', KEYS[2], a); redis.call('HDEL', KEYS[4], ARGV[1]) end
-redis.call('ZREM', KEYS[3], ARGV[1])
+unhold(ARGV[1])
 redis.call('HSET', KEYS[5], 'state', 'released')
 return 1
 ]]
@@ -234,6 +327,39 @@ local function ok_or(reply, err)
   return reply
 end
 
+local function fmt_time(t) return string.format("%.6f", t) end
+
+-- ---------- ownership ----------
+
+local OWNERS = P .. "owners"
+
+function R:owner_beat(me, lease_until, now)
+  return ok_or(self:script("owner_beat", { OWNERS }, me, fmt_time(lease_until), fmt_time(now)))
+end
+
+-- Of the holders a script reported (on this machine), the dead ones, as the
+-- scripts take them ("\n"-separated), or nil when all are alive.
+local function dead_among(holders)
+  local dead = {}
+  for _, id in ipairs(holders) do
+    if owner.verdict(id) == "dead" then dead[#dead + 1] = id end
+  end
+  return #dead > 0 and table.concat(dead, "\n") or nil
+end
+
+local function same_host() return owner.me().local_prefix end
+local function lease_arg(lease_until) return lease_until and fmt_time(lease_until) or "" end
+
+-- for `resil-lua runs`: on this machine the pid decides, elsewhere the lease
+function R:holder_alive(id, now)
+  local verdict = owner.verdict(id)
+  if verdict == "remote" then
+    local lease = self.conn:call("ZSCORE", OWNERS, id)
+    return lease and tonumber(lease) > now or false
+  end
+  return verdict == "me" or verdict == "alive"
+end
+
 -- ---------- key/value ----------
 
 function R:kv_get(key)
@@ -265,14 +391,19 @@ end
 
 -- ---------- idempotency ----------
 
-function R:once_claim(key, fingerprint, owner, lease, retention, now, run_prefix)
-  local r, err = self:script("once_claim", { P .. "once:" .. key }, fingerprint, owner, lease, retention,
-    string.format("%.6f", now), run_prefix or "")
-  if r == nil then return nil, err end
-  local data = r[2]
-  if data == false then data = nil end
-  if r[1] == "in_progress" then data = tonumber(data) end
-  return r[1], data
+function R:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
+  local dead = ""
+  while true do
+    local r, err = self:script("once_claim", { P .. "once:" .. key, OWNERS }, fingerprint, me, lease, retention,
+      fmt_time(now), dead, same_host(), lease_arg(lease_until))
+    if r == nil then return nil, err end
+    local data = r[2]
+    if data == false then data = nil end
+    if r[1] ~= "in_progress" then return r[1], data end
+    local holder_dead = dead == "" and dead_among({ r[3] })
+    if not holder_dead then return r[1], tonumber(data), r[3] end
+    dead = holder_dead -- its pid is gone: take it over
+  end
 end
 
 function R:once_finish(key, owner, result, retention)
@@ -293,19 +424,27 @@ function R:once_reap() return 0 end -- records expire by themselves (PEXPIRE)
 
 local function run_keys(id) return { P .. "run:" .. id, P .. "steps:" .. id, P .. "runs" } end
 
-function R:run_start(id, script, fresh, now)
-  local r, err = self:script("run_start", run_keys(id), id, script or "", fresh and "1" or "0",
-    string.format("%.6f", now))
-  if r == nil then return nil, err end
-  return r[1], r[2]
+-- -> steps done, generation | false, holder, since
+function R:run_start(id, script, fresh, now, me, lease_until)
+  local keys = run_keys(id)
+  keys[4] = OWNERS
+  local dead = ""
+  while true do
+    local r, err = self:script("run_start", keys, id, script or "", fresh and "1" or "0", fmt_time(now), me, dead,
+      same_host(), lease_arg(lease_until))
+    if r == nil then return nil, err end
+    if r[1] ~= "held" then return r[1], r[2] end
+    local holder_dead = dead == "" and dead_among({ r[2] })
+    if not holder_dead then return false, r[2], tonumber(r[3]) end
+    dead = holder_dead
+  end
 end
 
 -- after the last task: the loop has stopped, so one blocking command
-function R:run_finish_now(id, status, now)
-  local n, err = self.conn:call_now("HSET", P .. "run:" .. id, "status", status, "updated_at",
-    string.format("%.6f", now))
+function R:run_finish_now(id, status, now, me)
+  local n, err = self.conn:call_now("EVAL", run_finish, 1, P .. "run:" .. id, status, fmt_time(now), me)
   if n == nil then error(err, 0) end
-  return true
+  return n == 1
 end
 
 function R:step_get(run, scope, seq)
@@ -316,13 +455,17 @@ function R:step_get(run, scope, seq)
   return rec.name, rec.result
 end
 
-function R:step_put(run, scope, seq, name, result, now)
+-- -> true | false, holder, since (the run was taken over)
+function R:step_put(run, scope, seq, name, result, now, me)
   local keys = run_keys(run)
   local rec = resil.json.encode({ name = name, result = result, at = now, scope = scope, seq = seq })
-  return ok_or(self:script("step_put", { keys[1], keys[2] }, scope .. "|" .. seq, rec, string.format("%.6f", now)))
+  local r, err = self:script("step_put", { keys[1], keys[2] }, scope .. "|" .. seq, rec, fmt_time(now), me)
+  if r == nil then return nil, err end
+  if r[1] == 1 then return true end
+  return false, r[2], tonumber(r[3])
 end
 
-function R:runs_list()
+function R:runs_list(now)
   local ids, err = self.conn:call("ZREVRANGE", P .. "runs", 0, -1)
   if not ids then return nil, err end
   local out = {}
@@ -331,6 +474,7 @@ function R:runs_list()
     local row = {}
     for i = 1, #h, 2 do row[h[i]] = tonumber(h[i + 1]) or h[i + 1] end
     row.id = id
+    if row.owner then row.holder, row.holder_alive = owner.describe(row.owner), self:holder_alive(row.owner, now) end
     out[#out + 1] = row
   end
   return out
@@ -393,25 +537,44 @@ end
 
 local function budget_keys(budget, period, ticket)
   local b = P .. "budget:" .. budget .. ":" .. period
-  return { b .. ":spent", b .. ":reserved", b .. ":holds", b .. ":amounts", P .. "ticket:" .. (ticket or "") }
+  return { b .. ":spent", b .. ":reserved", b .. ":holds", b .. ":amounts", P .. "ticket:" .. (ticket or ""),
+           b .. ":holders", OWNERS }
 end
 
-function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now)
-  local r, err = self:script("budget_reserve", budget_keys(budget, period, ticket), limit, estimate, ticket,
-    string.format("%.6f", expires_at), string.format("%.6f", now), budget, period)
-  if r == nil then return nil, err end
-  return r[1] == 1, r[2], r[3]
+-- -> true, spent, reserved | false, spent, reserved
+function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until)
+  local dead = ""
+  while true do
+    local r, err = self:script("budget_reserve", budget_keys(budget, period, ticket), limit, estimate, ticket,
+      fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until))
+    if r == nil then return nil, err end
+    local holders_dead = r[1] == 0 and dead == "" and dead_among({ table.unpack(r, 4) })
+    if not holders_dead then return r[1] == 1, r[2], r[3] end
+    dead = holders_dead -- their pids are gone: release their holds and try again
+  end
 end
 
-function R:budget_usage(budget, period, now)
-  local r, err = self:script("budget_usage", budget_keys(budget, period), string.format("%.6f", now))
-  if r == nil then return nil, err end
-  return r[1], r[2]
+-- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=}, ... }
+function R:budget_usage(budget, period, now, me)
+  local dead = ""
+  while true do
+    local r, err = self:script("budget_usage", budget_keys(budget, period), fmt_time(now), me, dead, same_host())
+    if r == nil then return nil, err end
+    local holders_dead = dead == "" and dead_among(r[3])
+    if not holders_dead then
+      local holds = {}
+      for i, h in ipairs(r[4]) do
+        holds[i] = { ticket = h[1], micro_usd = h[2], owner = h[3] ~= "" and h[3] or nil, expires_at = tonumber(h[4]) }
+      end
+      return r[1], r[2], holds
+    end
+    dead = holders_dead
+  end
 end
 
 function R:budget_settle(ticket, entry)
   local keys = budget_keys(entry.budget, entry.period, ticket)
-  keys[6], keys[7] = P .. "costs", P .. "costs:dedupe"
+  keys[8], keys[9] = P .. "costs", P .. "costs:dedupe"
   local n, err = self:script("budget_settle", keys, ticket, entry.micro_usd, entry.dedupe or "",
     resil.json.encode(entry))
   if n == nil then return nil, err end

@@ -2,7 +2,7 @@
 -- the group transaction (src/store_sqlite.c), so it is atomic across tasks
 -- and, through BEGIN IMMEDIATE, across processes sharing the file.
 -- Money is integer micro-dollars so that sums are exact.
-local resil = ...
+local resil, owner = ...
 
 local migrations = {
   [[
@@ -29,6 +29,14 @@ local migrations = {
   -- (costs inside steps) must not be taken for the earlier generation's
   [[
   ALTER TABLE runs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+  ]],
+  -- 3: ownership (src/lua/owner.lua): each process's heartbeat-renewed lease;
+  -- the holder of a run and of a budget hold
+  [[
+  CREATE TABLE owners (id TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+  ALTER TABLE runs ADD COLUMN owner TEXT;
+  ALTER TABLE runs ADD COLUMN owner_since REAL;
+  ALTER TABLE reservations ADD COLUMN owner TEXT;
   ]],
 }
 
@@ -80,6 +88,36 @@ end
 
 function B:stats() return self.db:stats() end
 
+-- ---------- ownership ----------
+
+-- This process is alive until lease_until (written by operations that take
+-- something, when due, and by the heartbeat); lapsed leases are dropped.
+local function renew(tx, me, lease_until)
+  if not lease_until then return end
+  tx:exec("INSERT INTO owners (id, expires_at) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET " ..
+          "expires_at = max(expires_at, excluded.expires_at)", me, lease_until)
+end
+
+function B:owner_beat(me, lease_until, now)
+  return self.db:tx(function(tx)
+    renew(tx, me, lease_until)
+    tx:exec("DELETE FROM owners WHERE expires_at <= ?", now)
+    return true
+  end)
+end
+
+-- Is the holder alive? On this machine its pid decides (checked here, in
+-- the transaction), elsewhere its lease. nil: a holder without identity.
+local function alive(tx, id, now)
+  local verdict = owner.verdict(id)
+  if verdict == "remote" then
+    local lease = tx:value("SELECT expires_at FROM owners WHERE id = ?", id)
+    return lease ~= nil and lease > now
+  end
+  if verdict == nil then return nil end
+  return verdict ~= "dead"
+end
+
 -- ---------- key/value ----------
 
 function B:kv_get(key, now)
@@ -118,15 +156,13 @@ end
 
 -- ---------- idempotency ----------
 
--- -> "claimed" | "done", result | "in_progress", locked_at | "key_reused"
--- A lease is taken over when stale, or when it belongs to an earlier
--- incarnation of the same run (owner starts with run_prefix: it crashed).
-local function predecessor(row_owner, owner, run_prefix)
-  return run_prefix ~= nil and row_owner ~= owner and row_owner:sub(1, #run_prefix) == run_prefix
-end
-
-function B:once_claim(key, fingerprint, owner, lease, retention, now, run_prefix)
+-- -> "claimed" | "done", result | "in_progress", locked_at, holder | "key_reused"
+-- A running record is taken over when its holder is dead or, for a holder
+-- without identity, when its lease is stale. One held by this very host is
+-- in progress: its task is about to run it (store.lua waits for that task).
+function B:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
   return self.db:tx(function(tx)
+    renew(tx, me, lease_until)
     local row = tx:row("SELECT * FROM idempotency WHERE key = ?", key)
     if row and row.expires_at <= now then
       tx:exec("DELETE FROM idempotency WHERE key = ?", key)
@@ -134,16 +170,17 @@ function B:once_claim(key, fingerprint, owner, lease, retention, now, run_prefix
     end
     if row == nil then
       tx:exec("INSERT INTO idempotency (key, fingerprint, state, owner, locked_at, created_at, expires_at) " ..
-              "VALUES (?, ?, 'running', ?, ?, ?, ?)", key, fingerprint, owner, now, now, now + retention)
+              "VALUES (?, ?, 'running', ?, ?, ?, ?)", key, fingerprint, me, now, now, now + retention)
       return "claimed"
     end
     if row.fingerprint ~= fingerprint then return "key_reused" end
     if row.state == "done" then return "done", row.result end
-    if row.locked_at + lease <= now or predecessor(row.owner, owner, run_prefix) then
-      tx:exec("UPDATE idempotency SET owner = ?, locked_at = ? WHERE key = ?", owner, now, key)
+    local holder_alive = row.owner == me or alive(tx, row.owner, now)
+    if holder_alive == false or (holder_alive == nil and row.locked_at + lease <= now) then
+      tx:exec("UPDATE idempotency SET owner = ?, locked_at = ? WHERE key = ?", me, now, key)
       return "claimed", "takeover"
     end
-    return "in_progress", row.locked_at
+    return "in_progress", row.locked_at, row.owner
   end)
 end
 
@@ -166,28 +203,35 @@ end
 
 -- ---------- runs and steps ----------
 
--- -> steps done, generation
-function B:run_start(id, script, fresh, now)
+-- -> steps done, generation | false, holder, since (another live process holds the run)
+function B:run_start(id, script, fresh, now, me, lease_until)
   return self.db:tx(function(tx)
+    renew(tx, me, lease_until)
     local row = tx:row("SELECT * FROM runs WHERE id = ?", id)
+    if row and row.owner and row.owner ~= me and alive(tx, row.owner, now) then
+      return false, row.owner, row.owner_since
+    end
     if row and fresh then
       tx:exec("DELETE FROM steps WHERE run = ?", id)
       tx:exec("UPDATE runs SET steps = 0, generation = generation + 1, created_at = ? WHERE id = ?", now, id)
       row.steps, row.generation = 0, row.generation + 1
     end
     if row then
-      tx:exec("UPDATE runs SET status = 'running', updated_at = ? WHERE id = ?", now, id)
+      tx:exec("UPDATE runs SET status = 'running', updated_at = ?, owner = ?, owner_since = ? WHERE id = ?",
+        now, me, now, id)
       return row.steps, row.generation
     end
-    tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at) VALUES (?, ?, 'running', 0, ?, ?)",
-      id, script, now, now)
+    tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at, owner, owner_since) " ..
+            "VALUES (?, ?, 'running', 0, ?, ?, ?, ?)", id, script, now, now, me, now)
     return 0, 0
   end)
 end
 
-function B:run_finish_now(id, status, now)
+-- the run's end, and its holder gives it up (unless another took it over)
+function B:run_finish_now(id, status, now, me)
   return self.db:now(function(tx)
-    return tx:exec("UPDATE runs SET status = ?, updated_at = ? WHERE id = ?", status, now, id) > 0
+    return tx:exec("UPDATE runs SET status = ?, updated_at = ?, owner = NULL, owner_since = NULL " ..
+                   "WHERE id = ? AND (owner IS NULL OR owner = ?)", status, now, id, me) > 0
   end)
 end
 
@@ -199,8 +243,11 @@ function B:step_get(run, scope, seq)
   end)
 end
 
-function B:step_put(run, scope, seq, name, result, now)
+-- -> true | false, holder, since (the run was taken over: this process lost it)
+function B:step_put(run, scope, seq, name, result, now, me)
   return self.db:tx(function(tx)
+    local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
+    if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
     tx:exec("INSERT INTO steps (run, scope, seq, name, result, at) VALUES (?, ?, ?, ?, ?, ?)",
       run, scope, seq, name, result, now)
     tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
@@ -208,8 +255,15 @@ function B:step_put(run, scope, seq, name, result, now)
   end)
 end
 
-function B:runs_list()
-  return self.db:tx(function(tx) return tx:rows("SELECT * FROM runs ORDER BY updated_at DESC") end)
+-- each run with its holder, if any: holder = {host=, pid=, since=}, holder_alive
+function B:runs_list(now)
+  return self.db:tx(function(tx)
+    local rows = tx:rows("SELECT * FROM runs ORDER BY updated_at DESC")
+    for _, r in ipairs(rows) do
+      if r.owner then r.holder, r.holder_alive = owner.describe(r.owner), alive(tx, r.owner, now) == true end
+    end
+    return rows
+  end)
 end
 
 function B:run_steps(run)
@@ -261,19 +315,45 @@ local function budget_usage(tx, budget, period, now)
   return spent, reserved
 end
 
+-- Holds whose owner died stop counting: -> how many were released.
+local function release_dead(tx, budget, period, me, now)
+  local released = 0
+  for _, r in ipairs(tx:rows("SELECT DISTINCT owner FROM reservations WHERE budget = ? AND period = ? AND " ..
+                             "state = 'held' AND expires_at > ? AND owner IS NOT NULL AND owner <> ?",
+                             budget, period, now, me)) do
+    if alive(tx, r.owner, now) == false then
+      released = released + tx:exec("UPDATE reservations SET state = 'released' WHERE budget = ? AND " ..
+                                    "period = ? AND owner = ? AND state = 'held'", budget, period, r.owner)
+    end
+  end
+  return released
+end
+
 -- -> true, spent, reserved | false, spent, reserved
-function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now)
+-- Dead owners' holds are looked for only when the reservation does not fit.
+function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until)
   return self.db:tx(function(tx)
     local spent, reserved = budget_usage(tx, budget, period, now)
+    if spent + reserved + estimate > limit and release_dead(tx, budget, period, me, now) > 0 then
+      spent, reserved = budget_usage(tx, budget, period, now)
+    end
     if spent + reserved + estimate > limit then return false, spent, reserved end
-    tx:exec("INSERT INTO reservations (ticket, budget, period, micro_usd, expires_at, state) " ..
-            "VALUES (?, ?, ?, ?, ?, 'held')", ticket, budget, period, estimate, expires_at)
+    renew(tx, me, lease_until)
+    tx:exec("INSERT INTO reservations (ticket, budget, period, micro_usd, expires_at, state, owner) " ..
+            "VALUES (?, ?, ?, ?, ?, 'held', ?)", ticket, budget, period, estimate, expires_at, me)
     return true, spent, reserved + estimate
   end)
 end
 
-function B:budget_usage(budget, period, now)
-  return self.db:tx(budget_usage, budget, period, now)
+-- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=}, ... }
+function B:budget_usage(budget, period, now, me)
+  return self.db:tx(function(tx)
+    release_dead(tx, budget, period, me, now)
+    local spent, reserved = budget_usage(tx, budget, period, now)
+    return spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at FROM reservations WHERE " ..
+      "budget = ? AND period = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket",
+      budget, period, now)
+  end)
 end
 
 -- Replace the reservation by the actual cost; a second settle changes nothing.
@@ -282,6 +362,7 @@ function B:budget_settle(ticket, entry)
     local row = tx:row("SELECT state FROM reservations WHERE ticket = ?", ticket)
     if row and row.state == "settled" then return false end
     tx:exec("UPDATE reservations SET state = 'settled' WHERE ticket = ?", ticket)
+    if entry.micro_usd == 0 then return true end -- nothing spent: no ledger row
     return insert_cost(tx, entry)
   end)
 end

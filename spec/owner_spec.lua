@@ -1,0 +1,301 @@
+-- Ownership (src/lua/owner.lua): a run, a resil.once key and a budget hold
+-- each have one holder, named by host, pid and process start; a holder that
+-- died is taken over (on this machine at once, from another machine when its
+-- heartbeat-renewed lease lapses). Real processes killed with SIGKILL, on
+-- SQLite and on a real redis-server.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local HOST = helpers.slurp("/proc/sys/kernel/hostname"):match("[^\n]+")
+local function literal(s) return (s:gsub("%p", "%%%0")) end
+
+local redis
+setup(function() redis = helpers.redis_server() end)
+teardown(function() if redis then redis.stop() end end)
+
+-- a holder on another machine: its lease in the store decides
+local function other_host(since)
+  return ("otherhost|0123456789ab|4242|77|%.3f|zz"):format(since)
+end
+
+-- a background process that must not outlive its test, whatever the test's outcome
+local function reap(pid) finally(function() os.execute("kill -KILL " .. pid .. " 2> /dev/null") end) end
+
+-- n copies of a script started at the same wall-clock moment; each output
+-- ends with "[exit N]"
+local function together(n, source, opts, args)
+  local go = ("%.3f"):format(resil.clock.wall() + 0.5)
+  local prologue = "do local r = require 'resil'; while r.clock.wall() < " .. go .. " do r.sleep(0.002) end end "
+  local script = helpers.write(helpers.tmpname(".lua"), prologue .. source)
+  local outs = {}
+  for i = 1, n do
+    outs[i] = helpers.tmpname(".out")
+    os.execute(("(%s %s %s %s; echo \"[exit $?]\") > %s 2>&1 &"):format(helpers.resil, opts, script, args or "",
+      outs[i]))
+  end
+  for i = 1, n do
+    assert(helpers.wait_until(function() return helpers.slurp(outs[i]):match("%[exit %d+%]") end, 60),
+      "a process hung")
+    outs[i] = helpers.slurp(outs[i])
+  end
+  return outs
+end
+
+local PIPELINE = [[
+local resil = require "resil"
+local log = assert(io.open(arg[1], "a"))
+print("pid " .. io.open("/proc/self/stat"):read("l"):match("^%d+"))
+for i = 1, 3 do
+  resil.step("step " .. i, function()
+    log:write("ran ", i, "\n"); log:flush()
+    resil.sleep(tonumber(arg[2] or "0.1"))
+    return i
+  end)
+end
+print("finished", resil.run.resumed())
+]]
+
+for _, backend in ipairs({ "sqlite", "redis" }) do
+  local function store_url() return backend == "sqlite" and helpers.tmpname(".db") or redis.url() end
+
+  -- this process's lease as another host would read it from the store
+  local function my_lease()
+    local b = resil.store().backend
+    if backend == "sqlite" then
+      return b.db:tx(function(tx) return tx:value("SELECT max(expires_at) FROM owners") end)
+    end
+    return tonumber(b.conn:call("ZRANGE", "resil:owners", -1, -1, "WITHSCORES")[2])
+  end
+
+  describe(("one owner per run (%s)"):format(backend), function()
+    before_each(function() resil.clock.real() end)
+
+    it("two copies at once: each step runs once; the other stops with an error naming the holder", function()
+      local url, log = store_url(), helpers.tmpname(".log")
+      local outs = together(2, PIPELINE, ("--store %s --run twice --log-level off"):format(url), log)
+      local winner, loser = outs[1], outs[2]
+      if not winner:match("finished") then winner, loser = loser, winner end
+      assert.matches("finished\tfalse", winner)
+      assert.matches("%[exit 0%]", winner)
+      assert.matches("%[exit 1%]", loser)
+      assert.matches(("resil%%-lua: run_held: run twice is held by pid %s on host %s since %%d+%%-%%d+%%-%%d+ " ..
+        "%%d+:%%d+:%%d+ UTC %%(another process is running it; %%-%%-wait waits for it%%)"):format(
+        winner:match("pid (%d+)"), literal(HOST)), loser)
+      assert.is_nil(loser:match("traceback"), loser)
+      assert.is_nil(loser:match("%[resil"), loser)
+      assert.are.equal("ran 1\nran 2\nran 3\n", helpers.slurp(log))
+      local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, url))
+      assert.matches("twice%s+done%s+3", runs.stdout)
+    end)
+
+    it("with --wait, the second waits for the first and then resumes with nothing left to do", function()
+      local url, log = store_url(), helpers.tmpname(".log")
+      local outs = together(2, PIPELINE, ("--store %s --run waited --wait --log-level off"):format(url), log)
+      table.sort(outs)
+      for _, out in ipairs(outs) do assert.matches("%[exit 0%]", out) end
+      local finished = outs[1]:match("finished\t(%a+)") .. " " .. outs[2]:match("finished\t(%a+)")
+      assert.is_truthy(finished == "false true" or finished == "true false", finished)
+      assert.are.equal("ran 1\nran 2\nran 3\n", helpers.slurp(log))
+    end)
+
+    it("a holder killed with SIGKILL is taken over at once; `runs` shows the holder, then that it is gone", function()
+      local url, log = store_url(), helpers.tmpname(".log")
+      local opts = ("--store %s --run killed --log-level off"):format(url)
+      local pid = helpers.start(PIPELINE, opts, log .. " 3600")
+      reap(pid)
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("ran 1") end, 10))
+      local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, url))
+      assert.matches(("killed%%s+running%%s+0 .* pid %s on %s since [%%d%%- :]+\n"):format(pid, literal(HOST)),
+        runs.stdout)
+      os.execute("kill -KILL " .. pid)
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      runs = helpers.run(("%s runs --store %s"):format(helpers.resil, url))
+      assert.matches(("pid %s on %s since [%%d%%- :]+ %%(gone%%)"):format(pid, literal(HOST)), runs.stdout)
+      local r = helpers.run_script(PIPELINE, opts, log .. " 0") -- no --wait: a live holder would refuse it
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("finished\tfalse", r.stdout)
+      assert.are.equal("ran 1\nran 1\nran 2\nran 3\n", helpers.slurp(log))
+      runs = helpers.run(("%s runs --store %s"):format(helpers.resil, url))
+      assert.matches("killed%s+done%s+3%s", runs.stdout)
+      assert.is_nil(runs.stdout:match("pid %d+"))
+    end)
+
+    it("a holder on another host: refused while its lease runs, taken over when it lapses", function()
+      resil.clock.virtual()
+      resil.log.level("off")
+      local id = "remote-run-" .. backend
+      resil.store_config({ url = store_url(), run = id })
+      local s = resil.store()
+      local now = resil.store_now()
+      assert.are.equal(0, (s.backend:run_start(id, "x.lua", false, now, other_host(now), now + 30)))
+      local ok, err = pcall(resil.step, "one", function() return 1 end)
+      assert.is_false(ok)
+      assert.are.equal("run_held", err.kind)
+      assert.are.same({ "otherhost", 4242 }, { err.holder.host, err.holder.pid })
+      assert.matches("^run remote%-run%-%a+ is held by pid 4242 on host otherhost since ", err.message)
+      resil.sleep(31)
+      assert.are.equal(1, resil.step("one", function() return 1 end))
+      resil.run.finish("done")
+      resil.log.level("info")
+    end)
+
+    it("a process whose run was taken over stops at its next step", function()
+      resil.clock.virtual()
+      resil.log.level("off")
+      local id = "lost-run-" .. backend
+      resil.store_config({ url = store_url(), run = id })
+      assert.are.equal(1, resil.step("one", function() return 1 end))
+      local b, now = resil.store().backend, resil.store_now()
+      if backend == "sqlite" then
+        b.db:tx(function(tx) tx:exec("UPDATE runs SET owner = ?, owner_since = ? WHERE id = ?", other_host(now), now, id) end)
+      else
+        b.conn:call("HSET", "resil:run:" .. id, "owner", other_host(now), "owner_since", tostring(now))
+      end
+      local ok, err = pcall(resil.step, "two", function() return 2 end)
+      assert.is_false(ok)
+      assert.are.equal("run_held", err.kind)
+      assert.matches("was taken over by pid 4242 on host otherhost", err.message)
+      resil.run.finish("done")
+      resil.log.level("info")
+    end)
+  end)
+
+  describe(("resil.once holders (%s)"):format(backend), function()
+    before_each(function() resil.clock.real() end)
+
+    local HOLDER = [[
+local resil = require "resil"
+print(resil.once(arg[1], function()
+  print("claimed"); io.stdout:flush()
+  while not io.open(arg[2]) do resil.sleep(0.01) end -- until the spec says go
+  return "made by A"
+end))
+]]
+
+    it("a live holder is waited for (up to wait) and named; a killed one is taken over at once", function()
+      local url = store_url()
+      local opts = "--store " .. url .. " --log-level off"
+      local go = helpers.tmpname(".go")
+      local pid, out = helpers.start(HOLDER, opts, "live " .. go)
+      reap(pid)
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("claimed") end, 10))
+      local caller = [[
+local resil = require "resil"
+local v, err = resil.once({ key = arg[1], wait = tonumber(arg[2]) }, function() return "made by B" end)
+print(v, err and err.kind, err and err.holder and err.holder.pid, err and err.holder and err.holder.host)
+]]
+      local r = helpers.run_script(caller, opts, "live 0.1")
+      assert.are.equal(("nil\tin_progress\t%s\t%s\n"):format(pid, HOST), r.stdout)
+      helpers.write(go, "")
+      r = helpers.run_script(caller, opts, "live 10")
+      assert.are.equal("made by A\tnil\tnil\tnil\n", r.stdout)
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+
+      pid, out = helpers.start(HOLDER, opts, "killed " .. helpers.tmpname(".never"))
+      reap(pid)
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("claimed") end, 10))
+      os.execute("kill -KILL " .. pid)
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      r = helpers.run_script(caller, opts, "killed 0") -- no waiting: the dead holder's claim is taken over
+      assert.are.equal("made by B\tnil\tnil\tnil\n", r.stdout)
+    end)
+
+    it("a holder on another host is waited for until its lease lapses, then taken over", function()
+      resil.clock.virtual()
+      resil.store_config({ url = store_url() })
+      local s, now = resil.store(), resil.store_now()
+      local fp = resil.hash(resil.json.encode(table.pack()))
+      assert.are.equal("claimed", s.backend:once_claim("remote-key", fp, other_host(now), 300, 86400, now, now + 30))
+      local v, err = resil.once({ key = "remote-key", wait = 5 }, function() return "mine" end)
+      assert.is_nil(v)
+      assert.are.equal("in_progress", err.kind)
+      assert.are.same({ "otherhost", 4242 }, { err.holder.host, err.holder.pid })
+      resil.sleep(31)
+      assert.are.equal("mine", (resil.once({ key = "remote-key", wait = 5 }, function() return "mine" end)))
+    end)
+  end)
+
+  describe(("budget holds and their owners (%s)"):format(backend), function()
+    before_each(function() resil.clock.real() end)
+
+    it("holds of a killed process stop counting at once; state() lists holds with their owners", function()
+      local url = store_url()
+      local opts = "--store " .. url .. " --log-level off"
+      local pid, out = helpers.start([[
+local resil = require "resil"
+assert(resil.budget("team", { limit = 0.15 }):reserve(0.12)):settle(0.12, { provider = "p" })
+assert(resil.budget("team"):reserve(0.02)) -- default hold: 600 s
+print("reserved"); io.stdout:flush()
+resil.sleep(3600)
+]], opts)
+      reap(pid)
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("reserved") end, 10))
+      local check = [[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 0.15 })
+local st = b:state()
+local h = st.holds[1] or { owner = {} }
+print(#st.holds, h.usd, h.owner.pid, h.owner.host, type(h.owner.since), type(h.expires_at), st.reserved)
+local t, err = b:reserve(0.02)
+print(t ~= nil, err and err.kind)
+]]
+      local r = helpers.run_script(check, opts)
+      assert.are.equal(("1\t0.02\t%s\t%s\tnumber\tnumber\t0.02\nfalse\tbudget_exceeded\n"):format(pid, HOST),
+        r.stdout)
+      os.execute("kill -KILL " .. pid)
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      r = helpers.run_script(check, opts)
+      assert.are.equal("0\tnil\tnil\tnil\tnil\tnil\t0.0\ntrue\tnil\n", r.stdout)
+    end)
+
+    it("a hold of another host counts until its owner's lease lapses; state() shows it", function()
+      resil.clock.virtual()
+      resil.log.level("error")
+      resil.store_config({ url = store_url() })
+      local b = resil.budget("remote-holds", { limit = 1 })
+      local s, now = resil.store(), resil.store_now()
+      assert.is_true((s.backend:budget_reserve("remote-holds", "all", 1000000, 800000, "remote-ticket", now + 600,
+        now, other_host(now - 5), now + 30)))
+      local mine = assert(b:reserve(0.1))
+      local st = b:state()
+      assert.are.equal(2, #st.holds)
+      local remote = st.holds[1].ticket == "remote-ticket" and st.holds[1] or st.holds[2]
+      assert.are.same({ "remote-ticket", 0.8, "otherhost", 4242 },
+        { remote.ticket, remote.usd, remote.owner.host, remote.owner.pid })
+      assert.near(now - 5, remote.owner.since, 0.01)
+      assert.near(now + 600, remote.expires_at, 0.01)
+      assert.is_nil((b:reserve(0.5)))
+      resil.sleep(31)
+      assert.is_truthy(b:reserve(0.5))
+      st = b:state()
+      assert.are.same({ 2, 0.6 }, { #st.holds, st.reserved })
+      mine:release()
+      resil.log.level("info")
+    end)
+
+    it("settle(0) frees the hold and writes no ledger row", function()
+      resil.clock.virtual()
+      resil.log.level("error")
+      resil.store_config({ url = store_url() })
+      local b = resil.budget("failed-calls", { limit = 1 })
+      local t = assert(b:reserve(0.6))
+      assert.is_true(t:settle(0, { provider = "openai" }))
+      assert.is_false(t:settle(0))
+      assert.are.equal(0, b:state().reserved)
+      assert.are.same({}, resil.cost.breakdown("provider"))
+      assert.are.equal(0, resil.cost.total())
+      assert.is_truthy(b:reserve(1))
+      resil.log.level("info")
+    end)
+
+    it("a live holder's lease is renewed by its heartbeat, so other hosts go on counting its holds", function()
+      resil.clock.virtual()
+      resil.store_config({ url = store_url(), lease = 3 })
+      local t = assert(resil.budget("beat", { limit = 1 }):reserve(0.5))
+      resil.sleep(10)
+      assert.is_true(my_lease() > resil.store_now())
+      t:release()
+      resil.store_config({ lease = 30 })
+    end)
+  end)
+end
