@@ -89,3 +89,51 @@ describe("a task canceled after its wait was granted", function()
     os.remove(path)
   end)
 end)
+
+describe("a task canceled from inside its own <close> handler", function()
+  it("is canceled once: the second cancel returns false and every handler runs", function()
+    local closed, second = {}, nil
+    local t
+    t = resil.spawn(function()
+      local _a <close> = setmetatable({}, { __close = function() closed[#closed + 1] = "a" end })
+      local _b <close> = setmetatable({}, { __close = function()
+        second = { pcall(t.cancel, t) }
+        closed[#closed + 1] = "b"
+      end })
+      resil.sleep(10)
+    end)
+    resil.yield()
+    assert.is_true(t:cancel())
+    assert.are.same({ true, false }, second)
+    assert.are.same({ "b", "a" }, closed)
+    assert.are.equal("canceled", t:status())
+  end)
+end)
+
+describe("a store operation canceled while queued", function()
+  it("never runs: a reservation for a caller that gave up holds nothing", function()
+    local helpers = require "spec.helpers"
+    resil.clock.real()
+    local path = helpers.tmpname(".db")
+    resil.store_config({ url = path })
+    local budget = resil.budget("canceled-reserve", { limit = 1 })
+    assert(budget:state())
+    -- another process holds the write lock: the reservation queues
+    local holder, out = helpers.start(([[
+      local resil = require "resil"
+      local db = assert(resil.sqlite.open(%q))
+      db:now(function(tx) io.stdout:write("holding\n"); io.stdout:flush(); os.execute("sleep 1") end)
+    ]]):format(path))
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("holding") end, 10))
+    local t = resil.spawn(function() return budget:reserve(0.9) end)
+    resil.sleep(0.1)
+    assert.are.equal("waiting", t:status())
+    t:cancel()
+    assert(helpers.wait_until(function() return not helpers.alive(holder) end, 10))
+    local state = assert(budget:state())
+    assert.are.equal(0, state.reserved)
+    assert.is_truthy(budget:reserve(0.5), "the canceled reservation still holds the budget")
+    resil.store_config({ url = false })
+    os.remove(path)
+  end)
+end)

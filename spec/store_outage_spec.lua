@@ -107,3 +107,57 @@ describe("a read-only SQLite file", function()
     os.remove(path)
   end)
 end)
+
+describe("a corrupt SQLite file", function()
+  it("gives nil, err{kind='store_unavailable'} from every operation, never a raise", function()
+    local path = helpers.tmpname(".db")
+    helpers.write(path, ("not a database "):rep(400))
+    resil.store_config({ url = path })
+    local budget = resil.budget("corrupt", { limit = 1 })
+    local calls = 0
+    local results = {
+      once = { resil.once("k", function() calls = calls + 1 end) },
+      step = { resil.step("s", function() calls = calls + 1 end) },
+      record = { resil.cost.record({ usd = 0.01 }) },
+      total = { resil.cost.total() },
+      breakdown = { resil.cost.breakdown("model") },
+      reserve = { budget:reserve(0.1) },
+      state = { budget:state() },
+    }
+    resil.store_config({ url = false })
+    for what, r in pairs(results) do
+      assert.is_nil(r[1], what)
+      assert.are.equal("store_unavailable", r[2].kind, what)
+      assert.matches(path, r[2].message, 1, true)
+    end
+    assert.are.equal(0, calls)
+    os.remove(path)
+  end)
+end)
+
+describe("a step whose record cannot be read", function()
+  it("does not run again: it returns store_unavailable and fn is not called", function()
+    local path = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+      local resil = require "resil"
+      print("a", resil.step("a", function() print("a runs") return 1 end))
+      if ... == "lock" then
+        local holder = io.popen(%q .. " " .. %q)
+        assert(holder:read("l") == "holding")
+      end
+      print("b", resil.step("b", function() print("b runs (pays)") return 2 end))
+    ]]):format(helpers.resil, helpers.write(helpers.tmpname(".lua"), ([[
+      local resil = require "resil"
+      local db = assert(resil.sqlite.open(%q))
+      db:now(function(tx) io.stdout:write("holding\n"); io.stdout:flush(); os.execute("sleep 1") end)
+    ]]):format(path))))
+    local opts = ("--store '%s?timeout=0.3' --run r1 %s"):format(path, script)
+    local first = helpers.run(helpers.resil .. " " .. opts)
+    assert.are.equal("a runs\na\t1\nb runs (pays)\nb\t2\n", first.stdout)
+    local again = helpers.run(helpers.resil .. " " .. opts .. " lock")
+    assert.matches("^a\t1\nb\tnil\tstore_unavailable: store " .. path:gsub("%p", "%%%0") .. ": database is locked",
+      again.stdout)
+    assert.not_matches("b runs", again.stdout)
+    os.remove(path)
+  end)
+end)

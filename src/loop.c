@@ -45,6 +45,7 @@ struct task {
   resil_timer timer;       /* sleep and join timeouts */
   int timed_out;
   int failed, canceled, joined;
+  int canceling;           /* its <close> handlers are running: a second cancel is a no-op */
   int nres;                /* results (or 1 error) at the top of co */
   char *traceback;
   char where[96];
@@ -530,13 +531,14 @@ static int task_join(lua_State *L) {
  * a timer) is aborted at once and its to-be-closed variables are closed. */
 static int task_cancel(lua_State *L) {
   task *t = check_task(L, 1);
-  if (t->state == TASK_DONE) {
+  if (t->state == TASK_DONE || t->canceling) {
     lua_pushboolean(L, 0);
     return 1;
   }
   if (t->state == TASK_RUNNING) return luaL_error(L, "a task cannot cancel itself; return or error() instead");
   task_end_wait(t);
   if (t->state == TASK_READY) ready_remove(t->R, t);
+  t->canceling = 1; /* a <close> handler may cancel it again: resetting a thread twice corrupts it */
   lua_resetthread(t->co);
   lua_settop(t->co, 0);
   resil_push_error(t->co, "canceled", "task %d was canceled", t->id);

@@ -28,14 +28,14 @@
 typedef struct op op;
 struct op {
   task *t;
-  resil_t *R;
+  struct store_db *d;
   int ref_fn_args; /* a table {fn, args...} in the registry */
   int ref_result;  /* {n = k, ...} after the flush */
   int failed;      /* 1: fn raised (result holds the error); 2: the store failed */
   op *next;
 };
 
-typedef struct {
+typedef struct store_db {
   resil_t *R;
   sqlite3 *db;
   char *path;
@@ -327,15 +327,33 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   }
 }
 
+/* Canceled while queued (a flush wakes every task it ran, so a waiting
+ * task's op has not run): it never runs. A reservation made for a caller
+ * that gave up would hold budget nobody settles. */
 static void op_canceled(void *arg) {
   op *o = arg;
-  o->t = NULL; /* it still runs (it may already be in the batch); nobody waits */
+  store_db *d = o->d;
+  op *prev = NULL;
+  for (op *p = d->head; p; prev = p, p = p->next) {
+    if (p != o) continue;
+    if (prev) prev->next = o->next;
+    else d->head = o->next;
+    if (d->tail == o) d->tail = prev;
+    op_free(d->R->L, o);
+    if (!d->head && d->waiting_lock) { /* nothing left to take the lock for */
+      evtimer_del(d->retry_ev);
+      d->waiting_lock = 0;
+      d->R->io_pending--;
+    }
+    return;
+  }
+  o->t = NULL; /* not queued (cannot happen): it runs, and nobody waits */
 }
 
 /* Flushed and canceled before it resumed: nobody will read the result. */
 static void op_give_back(void *arg) {
   op *o = arg;
-  op_free(o->R->L, o);
+  op_free(o->d->R->L, o);
 }
 
 static const task_wait_ops store_op_wait = {op_canceled, op_give_back};
@@ -384,7 +402,7 @@ static int db_tx(lua_State *L) {
   o->ref_fn_args = luaL_ref(L, LUA_REGISTRYINDEX);
   o->ref_result = LUA_NOREF;
   o->t = t;
-  o->R = d->R;
+  o->d = d;
   if (d->tail) d->tail->next = o;
   else d->head = o;
   d->tail = o;

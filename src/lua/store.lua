@@ -97,6 +97,15 @@ local function store_or_raise(level)
   return s
 end
 
+-- The store, or nil, err{kind="store_unavailable"}: a store that cannot be
+-- opened (a corrupt file, a bad URL) is trouble from the world, not misuse.
+local function store_or_fail()
+  local s, err = resil.store()
+  if s then return s end
+  if not resil.is_error(err) then err = resil.error("store_unavailable", tostring(err)) end
+  return nil, err
+end
+
 -- key/value for policies' own state
 function Store:get(key) return self.backend:kv_get(key, store_now()) end
 function Store:set(key, value, ttl)
@@ -201,6 +210,14 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
   end
   local ok, serr = s.backend:once_finish(key, holder, text, retention, now)
   if ok == nil and serr then return nil, serr end
+  if not ok then
+    -- another process took the key over (it found this one dead or its
+    -- lease lapsed) and runs fn itself: its result is the one that counts
+    local lost = resil.error("lease_lost", ("once %s: the result was not recorded: another process took the key " ..
+      "over; ask again for the result it records"):format(key), { key = key, retryable = true })
+    resil.log.error("once: lease lost", { key = key })
+    return nil, lost
+  end
   return unpack(r, 2, r.n)
 end
 
@@ -216,7 +233,8 @@ function resil.once(spec, fn, ...)
   local key = o.key
   if type(key) ~= "string" or key == "" then error("resil.once: key must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.once: fn must be a function", 2) end
-  local s = store_or_raise(2)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
   local fingerprint = o.fingerprint or fingerprint_of(...)
   -- the record names this process; a holder that died is taken over (on this
   -- machine at once, elsewhere when its lease lapses); `lease` only ages
@@ -297,7 +315,7 @@ local function take_run(s, id)
     local now = store_now()
     local lease_until = owner.lease_due(s.backend, now)
     local done, generation, since = s.backend:run_start(id, config.script, config.fresh, now, me, lease_until)
-    if done == nil then error(tostring(generation), 0) end
+    if done == nil then error(generation, 0) end -- the store is unavailable
     owner.lease_written(s.backend, lease_until)
     if done then
       owner.keep(s.backend, "run:" .. id)
@@ -314,13 +332,16 @@ local function take_run(s, id)
   end
 end
 
+-- -> the current run, taken on first use | nil, err{kind="store_unavailable"}
+-- (a run another process holds raises: the script must stop)
 local function current_run()
   if run then
     -- another task is still recording the run's start: wait for it
     if run.starter and run.starter ~= resil.running() then run.starter:join() end
-    return run
+    if run then return run end
   end
-  local s = store_or_raise(3)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
   local id = config.run or default_run_id()
   run = { id = id, seq = {}, store = s, resumed = false }
   run.starter = resil.spawn(function()
@@ -332,15 +353,22 @@ local function current_run()
   run.starter = nil
   if not ok then
     run = nil
+    if resil.is_error(err) and err.kind == "store_unavailable" then return nil, err end
     error(err, 3)
   end
   return run
 end
 
+local function current_run_or_raise()
+  local r, err = current_run()
+  if not r then error(err, 3) end
+  return r
+end
+
 resil.run = {}
-function resil.run.id() return current_run().id end
+function resil.run.id() return current_run_or_raise().id end
 function resil.run.started() return run ~= nil end
-function resil.run.resumed() return current_run().resumed end
+function resil.run.resumed() return current_run_or_raise().resumed end
 -- Record how the run ended and give it up (the CLI does this when the
 -- script ends). Works outside a task: it writes at once, without the loop.
 -- A later resil.step takes the run again and resumes it.
@@ -357,12 +385,15 @@ function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.step: fn must be a function", 2) end
   if holds_secret(name) then error("resil.step: the step's name contains a value read through resil.secret", 2) end
-  local r = current_run()
+  local r, rerr = current_run()
+  if not r then return nil, rerr end
   local scope = resil.context().step_scope or "" -- set per resil.map item
   local seq = (r.seq[scope] or 0) + 1
   r.seq[scope] = seq
   local backend = r.store.backend
   local recorded, result = backend:step_get(r.id, scope, seq)
+  -- unknown is not "not done": running it again could pay twice
+  if recorded == nil and result ~= nil then return nil, result end
   if recorded ~= nil then
     if recorded ~= name then
       error(resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
@@ -384,7 +415,7 @@ function resil.step(name, fn, ...)
   if not text then error("resil.step: cannot checkpoint the results: " .. err, 2) end
   local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id)
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
-  if not ok then error(serr or "resil.step: checkpoint failed", 2) end
+  if not ok then return nil, serr end -- not checkpointed: the store is unavailable
   return unpack(out, 2, out.n)
 end
 
@@ -427,7 +458,8 @@ end
 
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
 function resil.cost.record(e)
-  local s = store_or_raise(2)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
   local entry = cost_entry(e, store_now())
   local ok, err = s.backend:cost_record(entry)
   if ok == nil and err then return nil, err end
@@ -436,14 +468,18 @@ end
 
 -- resil.cost.total{provider=, model=, user=, run=, since=, ["until"]=} -> usd
 function resil.cost.total(f)
-  local rows, err = store_or_raise(2).backend:cost_query(nil, f or {})
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local rows, err = s.backend:cost_query(nil, f or {})
   if not rows then return nil, err end
   return from_micro(rows[1] and rows[1].micro_usd or 0)
 end
 
 -- resil.cost.breakdown(by, filter) -> { {key=, usd=, calls=}, ... }, by "provider"|"model"|"user"|"day"
 function resil.cost.breakdown(by, f)
-  local rows, err = store_or_raise(2).backend:cost_query(by, f or {})
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local rows, err = s.backend:cost_query(by, f or {})
   if not rows then return nil, err end
   local out = {}
   for i, r in ipairs(rows) do out[i] = { key = r.key, usd = from_micro(r.micro_usd), calls = r.calls } end
@@ -493,7 +529,8 @@ end
 -- budget:reserve(estimate_usd [, {hold=}]) -> ticket | nil, err{kind="budget_exceeded"|"store_unavailable"}
 function Budget:reserve(estimate, o)
   if type(estimate) ~= "number" or estimate < 0 then error("budget:reserve: estimate must be a number >= 0", 2) end
-  local s = store_or_raise(2)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end -- a store that cannot be opened fails closed
   local now = store_now()
   local period = period_of(self.per, now)
   ticket_seq = ticket_seq + 1
@@ -538,7 +575,9 @@ end
 function Budget:state()
   local now = store_now()
   local period = period_of(self.per, now)
-  local spent, reserved, rows = store_or_raise(2).backend:budget_usage(self.name, period, now, owner.me().id)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local spent, reserved, rows = s.backend:budget_usage(self.name, period, now, owner.me().id)
   if spent == nil then return nil, reserved end
   local holds = {}
   for i, h in ipairs(rows) do
