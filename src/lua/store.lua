@@ -293,12 +293,11 @@ function resil.step(name, fn, ...)
     local values = decode_values(result)
     return unpack(values, 1, values.n)
   end
-  local at = ("%s#%d/%s/%d/%s"):format(r.id, r.generation, scope, seq, name)
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
-  local saved_step, saved_key, saved_costs = ctx.step, ctx.step_key, ctx.step_costs
-  ctx.step, ctx.step_key, ctx.step_costs = name, at, 0
+  local saved_step = ctx.step
+  ctx.step = name
   local out = pack(pcall(fn, ...))
-  ctx.step, ctx.step_key, ctx.step_costs = saved_step, saved_key, saved_costs
+  ctx.step = saved_step
   if not out[1] then error(out[2], 0) end
   if out[2] == nil and out.n >= 3 and out[3] ~= nil then return unpack(out, 2, out.n) end -- not checkpointed
   local text, err = encode_values(out, 2)
@@ -330,13 +329,11 @@ local function cost_entry(e, at)
     error("resil.cost.record: usd must be a number >= 0", 3)
   end
   local ctx = resil.context()
-  local dedupe = e.id
-  if dedupe == nil and ctx.step_key then
-    -- inside a step: a re-run after a crash does not record twice
-    local n = (ctx.step_costs or 0) + 1
-    ctx.step_costs = n
-    dedupe = ctx.step_key .. "#" .. n
-  end
+  -- Only the caller knows when two records are one charge (e.g. the
+  -- provider's response id, the same when it replays an idempotent call).
+  -- A step or once that runs its fn again calls the provider again, so
+  -- nothing is deduplicated on where the record was made.
+  local dedupe = e.id ~= nil and tostring(e.id) or nil
   local units = e.units
   if units ~= nil then units = json.encode(units) end
   return { dedupe = dedupe, at = at, day = os.date("!%Y-%m-%d", math.floor(at)), provider = e.provider,
