@@ -202,6 +202,71 @@ print(br:allow() and 1 or 0)
 end)
 
 describe("a Redis outage", function()
+  -- the log lines fn writes, decoded
+  local function logged(fn)
+    local path = helpers.tmpname(".log")
+    resil.log.output(path)
+    local ok, err = pcall(fn)
+    resil.log.output("stderr")
+    local lines = {}
+    for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = resil.json.decode(line) end
+    os.remove(path)
+    assert(ok, err)
+    return lines
+  end
+  local function count(lines, msg)
+    local n = 0
+    for _, l in ipairs(lines) do if l.msg:find(msg, 1, true) then n = n + 1 end end
+    return n
+  end
+  local UNCHECKED = "budget: store unavailable"
+
+  it("on_outage = \"allow\": one warning per outage, every unchecked reservation counted", function()
+    fresh_url()
+    finally(function() if not pid then start_redis() end end)
+    local unchecked = resil.metrics.counter("resil_budget_unchecked_total")
+    local b = resil.budget("allow-once", { limit = 1000, on_outage = "allow" })
+    assert.is_nil(assert(b:reserve(1)).unchecked)
+    stop_redis()
+    local lines = logged(function()
+      for _ = 1, 50 do assert.is_true(assert(b:reserve(1)).unchecked) end
+    end)
+    assert.are.equal(1, count(lines, UNCHECKED))
+    assert.are.equal(50, unchecked:value({ budget = "allow-once" }))
+    -- back: reservations are checked again (meanwhile, unchecked and not logged again)
+    start_redis()
+    local during = 0
+    lines = logged(function()
+      assert.is_true(helpers.wait_until(function()
+        if assert(b:reserve(1)).unchecked then during = during + 1 return false end
+        return true
+      end, 10))
+    end)
+    assert.are.equal(0, count(lines, UNCHECKED))
+    assert.are.equal(1, count(lines, "budget: store available again"))
+    assert.are.equal(50 + during, unchecked:value({ budget = "allow-once" }))
+    -- and gone again: a new outage, a new warning
+    stop_redis()
+    lines = logged(function()
+      for _ = 1, 10 do assert.is_true(assert(b:reserve(1)).unchecked) end
+    end)
+    assert.are.equal(1, count(lines, UNCHECKED))
+    assert.are.equal(60 + during, unchecked:value({ budget = "allow-once" }))
+  end)
+
+  it("on_outage = \"allow\" against a closed port: one warning for 200 reservations", function()
+    resil.store_config({ url = ("redis://127.0.0.1:%d/0"):format(free_port()) })
+    local b = resil.budget("allow-closed", { limit = 1, on_outage = "allow" })
+    local lines = logged(function()
+      resil.map({ 1, 2, 3, 4 }, function()
+        for _ = 1, 50 do assert.is_true(assert(b:reserve(1)).unchecked) end
+        return true
+      end)
+    end)
+    assert.are.equal(1, count(lines, UNCHECKED))
+    assert.are.equal(200, resil.metrics.counter("resil_budget_unchecked_total"):value({ budget = "allow-closed" }))
+  end)
+
   it("gives store_unavailable, budgets fail closed, shared buckets fall back to local limits, then it reconnects",
     function()
       fresh_url()

@@ -373,6 +373,8 @@ local Budget = {}
 Budget.__index = Budget
 local soft_total = resil.metrics.counter("resil_budget_soft_limit_total",
   "Reservations that took a budget past its soft share, by budget")
+local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
+  "Reservations allowed unchecked while the store was unavailable (on_outage = \"allow\"), by budget")
 local Ticket = {}
 Ticket.__index = Ticket
 local budgets = {}
@@ -422,10 +424,20 @@ function Budget:reserve(estimate, o)
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
-    resil.log.warn("budget: store unavailable, reservation allowed unchecked", { budget = self.name,
-      estimate = estimate, error = tostring(spent) })
+    unchecked_total:inc({ budget = self.name })
+    if not self.outage then -- one line per outage, however many reservations it lets through
+      self.outage = { since = now, unchecked = 0 }
+      resil.log.warn("budget: store unavailable, reservations allowed unchecked until it is back",
+        { budget = self.name, error = tostring(spent) })
+    end
+    self.outage.unchecked = self.outage.unchecked + 1
     ticket.unchecked = true
     return ticket
+  end
+  if self.outage then
+    resil.log.info("budget: store available again", { budget = self.name, unchecked = self.outage.unchecked,
+      seconds = now - self.outage.since })
+    self.outage = nil
   end
   if not ok then
     return nil, resil.error("budget_exceeded", ("budget '%s': $%.6f spent + $%.6f reserved + $%.6f > $%.6f"):format(
