@@ -184,6 +184,56 @@ print(admitted)
     assert.are.equal(10, helpers.sum_of(helpers.run_together(4, source, "--store " .. url .. " --log-level off")))
   end)
 
+  it("a shared bucket at burst 1 paces exactly: each waiter books its slot in one script call", function()
+    resil.clock.virtual() -- one process: the script takes the times it is given
+    finally(function() resil.clock.real() end)
+    local b = resil.bucket("redis-pace", { rate = 200, per = 1, burst = 1, shared = true })
+    local s = resil.store()
+    local ops0, t0 = s:stats().ops, resil.now()
+    local times, per_task, tasks = {}, {}, {}
+    for i = 1, 100 do
+      per_task[i] = 0
+      tasks[i] = resil.spawn(function()
+        while true do
+          assert(b:acquire(1))
+          local t = resil.now() - t0
+          if t >= 10 then return end
+          times[#times + 1], per_task[i] = t, per_task[i] + 1
+        end
+      end)
+    end
+    for i = 1, 100 do assert(tasks[i]:join()) end
+    assert.is_true(math.abs(#times - 2000) <= 20, #times .. " admitted")
+    for i = 2, #times do
+      assert.is_true(math.abs(times[i] - times[i - 1] - 0.005) < 1e-5, ("gap %.6f at %d"):format(times[i] - times[i - 1], i))
+    end
+    for i = 1, 100 do assert.is_true(math.abs(per_task[i] - 20) <= 1, "task " .. i .. ": " .. per_task[i]) end
+    assert.is_true(s:stats().ops - ops0 <= #times + 100, "asked again")
+  end)
+
+  it("four processes waiting on one shared bucket: one script call per admission", function()
+    local url = resil.store().url
+    local source = [[
+local resil = require "resil"
+local b = resil.bucket("redis-pace-4", { rate = 200, per = 1, burst = 1, shared = true })
+local admitted = 0
+resil.map({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25 }, function()
+  assert(b:acquire(1))
+  admitted = admitted + 1
+  return true
+end, { concurrency = 25 })
+print(admitted, resil.store():stats().ops)
+]]
+    local admitted, ops = 0, 0
+    for _, out in ipairs(helpers.run_together(4, source, "--store " .. url .. " --log-level off")) do
+      local a, o = out:match("^(%d+)%s+(%d+)")
+      assert(a, out)
+      admitted, ops = admitted + tonumber(a), ops + tonumber(o)
+    end
+    assert.are.equal(100, admitted)
+    assert.are.equal(100, ops)
+  end)
+
   it("a shared breaker lets exactly one half-open probe through across processes", function()
     local url = resil.store().url
     local br = resil.breaker("shared-br", { shared = true, window_type = "count", window = 2, min_calls = 2,

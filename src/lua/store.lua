@@ -524,20 +524,32 @@ function SharedBucket:configure(opts)
   self.fallback = local_bucket(self.name .. ":local", { rate = rate, per = per, burst = self.burst })
 end
 
--- b:try(n) -> true, remaining | false, seconds
-function SharedBucket:try(n)
-  n = n or 1
-  if n > self.burst then return false, math.huge end
+-- One call to the store: -> true, remaining, wait | false, seconds. A wait
+-- up to max_wait books the caller's slot there (the GCRA's arrival time moves
+-- on in the same script or transaction), so a waiter sleeps once and goes
+-- ahead: waiters that slept and asked again collided and lost a fifth of
+-- the rate at burst 1.
+local function take(self, n, max_wait)
   local s, serr = resil.store()
-  local ok, x
-  if s then ok, x = s.backend:gcra_take("bucket:" .. self.name, self.interval, self.tolerance, n, store_now()) end
+  local ok, x, wait
+  if s then
+    ok, x, wait = s.backend:gcra_take("bucket:" .. self.name, self.interval, self.tolerance, n, store_now(), max_wait)
+  end
   if ok == nil then
     warn_once(self, s and x or serr)
-    if self.on_outage == "allow" then return true, 0 end
+    if self.on_outage == "allow" then return true, 0, 0 end
     if self.on_outage == "deny" then return false, 1 end -- look again in a second
     return self.fallback:try(n)
   end
   self.warned = false
+  return ok, x, wait
+end
+
+-- b:try(n) -> true, remaining | false, seconds (books nothing ahead)
+function SharedBucket:try(n)
+  n = n or 1
+  if n > self.burst then return false, math.huge end
+  local ok, x = take(self, n, 0)
   return ok, x
 end
 
@@ -551,8 +563,14 @@ function SharedBucket:acquire(n, opts)
   local timeout = opts and opts.timeout
   local deadline = timeout and resil.now() + timeout
   while true do
-    local ok, x = self:try(n)
-    if ok then return true, x end
+    local asked = resil.now()
+    local ok, x, wait = take(self, n, deadline and math.max(0, deadline - asked) or math.huge)
+    if ok then
+      -- the slot is ours (no need to ask again); it starts `wait` after we asked, not after the reply
+      local left = wait and asked + wait - resil.now() or 0
+      if left > 0 then resil.sleep(left) end
+      return true, x
+    end
     if deadline and resil.now() + x > deadline then
       return nil, resil.error("rate_limited", ("bucket '%s': %g tokens available in %.3f s"):format(self.name, n, x),
         { retry_after = x, bucket = self.name })
