@@ -211,6 +211,25 @@ print(admitted)
     assert.is_true(s:stats().ops - ops0 <= #times + 100, "asked again")
   end)
 
+  it("try, asked again after the wait it gives, admits no more than the rate on a virtual clock", function()
+    -- the arrival time must outlive its TTL on the server's clock, which does not follow the virtual one
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local b = resil.bucket("redis-try", { rate = 200, per = 1, burst = 1, shared = true })
+    local t0, admitted, tasks = resil.now(), 0, {}
+    for i = 1, 100 do
+      tasks[i] = resil.spawn(function()
+        while true do
+          local ok, wait = b:try(1)
+          if resil.now() - t0 >= 10 then return end
+          if ok then admitted = admitted + 1 else resil.sleep(wait) end
+        end
+      end)
+    end
+    for i = 1, 100 do assert(tasks[i]:join()) end
+    assert.is_true(math.abs(admitted - 2000) <= 20, admitted .. " admitted")
+  end)
+
   it("four processes waiting on one shared bucket: one script call per admission", function()
     local url = resil.store().url
     local source = [[

@@ -166,7 +166,9 @@ local new_tat = tat + n * interval
 local wait = new_tat - now - tolerance
 if max_wait >= 0 and wait > max_wait + 1e-6 then return {0, tostring(wait)} end
 if wait <= 1e-6 then wait = 0 end
-redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
+-- kept a minute past its arrival time (an expired one reads as now): the TTL runs on the
+-- server's clock, the times on the caller's (which may be a virtual clock in specs)
+redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
 return {1, tostring(math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9))), tostring(wait)}
 ]]
 
