@@ -202,3 +202,69 @@ describe("resil.bucket (GCRA)", function()
     assert.matches("does not exist yet", err)
   end)
 end)
+
+describe("a shared bucket (GCRA state in the store)", function()
+  local helpers = require "spec.helpers"
+  before_each(function()
+    resil.clock.virtual()
+    resil.log.level("error")
+    resil.store_config({ url = helpers.tmpname(".db") })
+  end)
+  after_each(function() resil.log.level("info") end)
+
+  -- waiters tasks acquiring one token at a time for `seconds`: -> admission times, per-task counts, store ops
+  local function pace(b, waiters, seconds, opts)
+    local s = assert(resil.store())
+    local ops0 = s:stats().ops
+    local t0 = resil.now()
+    local times, per_task = {}, {}
+    local tasks = {}
+    for i = 1, waiters do
+      per_task[i] = 0
+      tasks[i] = resil.spawn(function()
+        while true do
+          local ok, err = b:acquire(1, opts)
+          local t = resil.now() - t0
+          if t >= seconds then return end
+          if ok then
+            times[#times + 1] = t
+            per_task[i] = per_task[i] + 1
+          else
+            assert.are.equal("rate_limited", err.kind)
+          end
+        end
+      end)
+    end
+    for i = 1, waiters do assert(tasks[i]:join()) end
+    return times, per_task, s:stats().ops - ops0
+  end
+
+  it("paces strictly at burst 1: 100 waiters at 200/s admit 2000 in 10 s, evenly spaced, one store call each",
+    function()
+      local b = resil.bucket("shared-pace", { rate = 200, per = 1, burst = 1, shared = true })
+      local times, per_task, ops = pace(b, 100, 10)
+      assert.is_true(math.abs(#times - 2000) <= 20, #times .. " admitted")
+      for i = 2, #times do near(0.005, times[i] - times[i - 1]) end
+      for i = 1, 100 do assert.is_true(math.abs(per_task[i] - 20) <= 1, "task " .. i .. ": " .. per_task[i]) end
+      -- each admission books its slot in one call; the waiters do not ask again
+      assert.is_true(ops <= #times + 100, ops .. " store calls for " .. #times .. " admissions")
+    end)
+
+  it("books only what fits the caller's timeout; try never books", function()
+    local b = resil.bucket("shared-timeout", { rate = 10, per = 1, burst = 1, shared = true })
+    assert.is_true((b:try(1)))
+    local ok, wait = b:try(1)
+    assert.is_false(ok)
+    near(0.1, wait)
+    local booked = resil.spawn(function() return b:acquire(1, { timeout = 0.15 }) end) -- 0.1 s: fits
+    resil.sleep(0) -- it books first
+    local _, err = b:acquire(1, { timeout = 0.15 }) -- 0.2 s: does not, and books nothing
+    assert.are.equal("rate_limited", err.kind)
+    near(0.2, err.retry_after)
+    assert.is_true((booked:join()))
+    -- the refused caller took no slot: the next one is 0.1 s after the booked one
+    local t0 = resil.now()
+    assert.is_true((b:acquire(1)))
+    near(0.1, resil.now() - t0)
+  end)
+end)

@@ -25,8 +25,10 @@ for i = 1, 20 do
     log:write("start ", i, "\n"); log:flush()
     return resil.once(resil.run.id() .. "/" .. i, function()
       local res = assert(provider({ json = { model = "m", messages = { { role = "user", content = "step " .. i } } } }))
-      local usage = resil.json.decode(res.body).usage
-      resil.cost.record({ provider = "mock", model = "m",
+      local body = resil.json.decode(res.body)
+      local usage = body.usage
+      -- the response id: an answer the provider replays after a crash is not a second cost
+      resil.cost.record({ provider = "mock", model = "m", id = body.id,
         usd = (usage.prompt_tokens * 0.0005 + usage.completion_tokens * 0.0015) / 1000 })
       return usage.total_tokens
     end)

@@ -189,6 +189,75 @@ print(admitted)
     assert.are.equal(10, helpers.sum_of(helpers.run_together(4, source, "--store " .. url .. " --log-level off")))
   end)
 
+  it("a shared bucket at burst 1 paces exactly: each waiter books its slot in one script call", function()
+    resil.clock.virtual() -- one process: the script takes the times it is given
+    finally(function() resil.clock.real() end)
+    local b = resil.bucket("redis-pace", { rate = 200, per = 1, burst = 1, shared = true })
+    local s = resil.store()
+    local ops0, t0 = s:stats().ops, resil.now()
+    local times, per_task, tasks = {}, {}, {}
+    for i = 1, 100 do
+      per_task[i] = 0
+      tasks[i] = resil.spawn(function()
+        while true do
+          assert(b:acquire(1))
+          local t = resil.now() - t0
+          if t >= 10 then return end
+          times[#times + 1], per_task[i] = t, per_task[i] + 1
+        end
+      end)
+    end
+    for i = 1, 100 do assert(tasks[i]:join()) end
+    assert.is_true(math.abs(#times - 2000) <= 20, #times .. " admitted")
+    for i = 2, #times do
+      assert.is_true(math.abs(times[i] - times[i - 1] - 0.005) < 1e-5, ("gap %.6f at %d"):format(times[i] - times[i - 1], i))
+    end
+    for i = 1, 100 do assert.is_true(math.abs(per_task[i] - 20) <= 1, "task " .. i .. ": " .. per_task[i]) end
+    assert.is_true(s:stats().ops - ops0 <= #times + 100, "asked again")
+  end)
+
+  it("try, asked again after the wait it gives, admits no more than the rate on a virtual clock", function()
+    -- the arrival time must outlive its TTL on the server's clock, which does not follow the virtual one
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local b = resil.bucket("redis-try", { rate = 200, per = 1, burst = 1, shared = true })
+    local t0, admitted, tasks = resil.now(), 0, {}
+    for i = 1, 100 do
+      tasks[i] = resil.spawn(function()
+        while true do
+          local ok, wait = b:try(1)
+          if resil.now() - t0 >= 10 then return end
+          if ok then admitted = admitted + 1 else resil.sleep(wait) end
+        end
+      end)
+    end
+    for i = 1, 100 do assert(tasks[i]:join()) end
+    assert.is_true(math.abs(admitted - 2000) <= 20, admitted .. " admitted")
+  end)
+
+  it("four processes waiting on one shared bucket: one script call per admission", function()
+    local url = resil.store().url
+    local source = [[
+local resil = require "resil"
+local b = resil.bucket("redis-pace-4", { rate = 200, per = 1, burst = 1, shared = true })
+local admitted = 0
+resil.map({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25 }, function()
+  assert(b:acquire(1))
+  admitted = admitted + 1
+  return true
+end, { concurrency = 25 })
+print(admitted, resil.store():stats().ops)
+]]
+    local admitted, ops = 0, 0
+    for _, out in ipairs(helpers.run_together(4, source, "--store " .. url .. " --log-level off")) do
+      local a, o = out:match("^(%d+)%s+(%d+)")
+      assert(a, out)
+      admitted, ops = admitted + tonumber(a), ops + tonumber(o)
+    end
+    assert.are.equal(100, admitted)
+    assert.are.equal(100, ops)
+  end)
+
   it("a shared breaker lets exactly one half-open probe through across processes", function()
     local url = resil.store().url
     local br = resil.breaker("shared-br", { shared = true, window_type = "count", window = 2, min_calls = 2,
@@ -207,6 +276,71 @@ print(br:allow() and 1 or 0)
 end)
 
 describe("a Redis outage", function()
+  -- the log lines fn writes, decoded
+  local function logged(fn)
+    local path = helpers.tmpname(".log")
+    resil.log.output(path)
+    local ok, err = pcall(fn)
+    resil.log.output("stderr")
+    local lines = {}
+    for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = resil.json.decode(line) end
+    os.remove(path)
+    assert(ok, err)
+    return lines
+  end
+  local function count(lines, msg)
+    local n = 0
+    for _, l in ipairs(lines) do if l.msg:find(msg, 1, true) then n = n + 1 end end
+    return n
+  end
+  local UNCHECKED = "budget: store unavailable"
+
+  it("on_outage = \"allow\": one warning per outage, every unchecked reservation counted", function()
+    fresh_url()
+    finally(function() if not pid then start_redis() end end)
+    local unchecked = resil.metrics.counter("resil_budget_unchecked_total")
+    local b = resil.budget("allow-once", { limit = 1000, on_outage = "allow" })
+    assert.is_nil(assert(b:reserve(1)).unchecked)
+    stop_redis()
+    local lines = logged(function()
+      for _ = 1, 50 do assert.is_true(assert(b:reserve(1)).unchecked) end
+    end)
+    assert.are.equal(1, count(lines, UNCHECKED))
+    assert.are.equal(50, unchecked:value({ budget = "allow-once" }))
+    -- back: reservations are checked again (meanwhile, unchecked and not logged again)
+    start_redis()
+    local during = 0
+    lines = logged(function()
+      assert.is_true(helpers.wait_until(function()
+        if assert(b:reserve(1)).unchecked then during = during + 1 return false end
+        return true
+      end, 10))
+    end)
+    assert.are.equal(0, count(lines, UNCHECKED))
+    assert.are.equal(1, count(lines, "budget: store available again"))
+    assert.are.equal(50 + during, unchecked:value({ budget = "allow-once" }))
+    -- and gone again: a new outage, a new warning
+    stop_redis()
+    lines = logged(function()
+      for _ = 1, 10 do assert.is_true(assert(b:reserve(1)).unchecked) end
+    end)
+    assert.are.equal(1, count(lines, UNCHECKED))
+    assert.are.equal(60 + during, unchecked:value({ budget = "allow-once" }))
+  end)
+
+  it("on_outage = \"allow\" against a closed port: one warning for 200 reservations", function()
+    resil.store_config({ url = ("redis://127.0.0.1:%d/0"):format(free_port()) })
+    local b = resil.budget("allow-closed", { limit = 1, on_outage = "allow" })
+    local lines = logged(function()
+      resil.map({ 1, 2, 3, 4 }, function()
+        for _ = 1, 50 do assert.is_true(assert(b:reserve(1)).unchecked) end
+        return true
+      end)
+    end)
+    assert.are.equal(1, count(lines, UNCHECKED))
+    assert.are.equal(200, resil.metrics.counter("resil_budget_unchecked_total"):value({ budget = "allow-closed" }))
+  end)
+
   it("gives store_unavailable, budgets fail closed, shared buckets fall back to local limits, then it reconnects",
     function()
       fresh_url()

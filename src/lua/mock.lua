@@ -98,6 +98,8 @@ function mock.start(scenario, opts)
   self:configure(scenario)
   self:reset()
   self.jobs, self.next_job = {}, 0
+  -- response ids unique across mocks, as a real provider's are (costs may be recorded under them)
+  self.instance = resil.hash(tostring(self) .. tostring(resil.clock.wall()) .. tostring(os.clock())):sub(1, 8)
   self.server = resil.server.listen({
     host = opts.host or "127.0.0.1",
     port = opts.port or 0,
@@ -207,7 +209,7 @@ function Mock:chat(req, fault)
   reply = reply or ("Mock reply to: " .. last_user_text(body):sub(1, 80))
   local usage = { prompt_tokens = estimate_tokens(prompt_text(body)), completion_tokens = estimate_tokens(reply) }
   usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-  local id = ("chatcmpl-mock%d"):format(self.counts.total)
+  local id = ("chatcmpl-mock%s-%d"):format(self.instance, self.counts.total)
   local model = type(body.model) == "string" and body.model or "mock-model"
   local created = math.floor(resil.clock.wall())
   self:bill(req, usage)

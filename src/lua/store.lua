@@ -403,12 +403,11 @@ function resil.step(name, fn, ...)
     local values = decode_values(result)
     return unpack(values, 1, values.n)
   end
-  local at = ("%s#%d/%s/%d/%s"):format(r.id, r.generation, scope, seq, name)
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
-  local saved_step, saved_key, saved_costs = ctx.step, ctx.step_key, ctx.step_costs
-  ctx.step, ctx.step_key, ctx.step_costs = name, at, 0
+  local saved_step = ctx.step
+  ctx.step = name
   local out = pack(pcall(fn, ...))
-  ctx.step, ctx.step_key, ctx.step_costs = saved_step, saved_key, saved_costs
+  ctx.step = saved_step
   if not out[1] then error(out[2], 0) end
   if out[2] == nil and out.n >= 3 and out[3] ~= nil then return unpack(out, 2, out.n) end -- not checkpointed
   local text, err = encode_values(out, 2)
@@ -441,13 +440,11 @@ local function cost_entry(e, at)
     error("resil.cost.record: usd must be a number >= 0", 3)
   end
   local ctx = resil.context()
-  local dedupe = e.id
-  if dedupe == nil and ctx.step_key then
-    -- inside a step: a re-run after a crash does not record twice
-    local n = (ctx.step_costs or 0) + 1
-    ctx.step_costs = n
-    dedupe = ctx.step_key .. "#" .. n
-  end
+  -- Only the caller knows when two records are one charge (e.g. the
+  -- provider's response id, the same when it replays an idempotent call).
+  -- A step or once that runs its fn again calls the provider again, so
+  -- nothing is deduplicated on where the record was made.
+  local dedupe = e.id ~= nil and tostring(e.id) or nil
   local units = e.units
   if units ~= nil then units = json.encode(units) end
   return { dedupe = dedupe, at = at, day = os.date("!%Y-%m-%d", math.floor(at)), provider = e.provider,
@@ -492,6 +489,8 @@ local Budget = {}
 Budget.__index = Budget
 local soft_total = resil.metrics.counter("resil_budget_soft_limit_total",
   "Reservations that took a budget past its soft share, by budget")
+local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
+  "Reservations allowed unchecked while the store was unavailable (on_outage = \"allow\"), by budget")
 local Ticket = {}
 Ticket.__index = Ticket
 local budgets = {}
@@ -546,10 +545,20 @@ function Budget:reserve(estimate, o)
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
-    resil.log.warn("budget: store unavailable, reservation allowed unchecked", { budget = self.name,
-      estimate = estimate, error = tostring(spent) })
+    unchecked_total:inc({ budget = self.name })
+    if not self.outage then -- one line per outage, however many reservations it lets through
+      self.outage = { since = now, unchecked = 0 }
+      resil.log.warn("budget: store unavailable, reservations allowed unchecked until it is back",
+        { budget = self.name, error = tostring(spent) })
+    end
+    self.outage.unchecked = self.outage.unchecked + 1
     ticket.unchecked = true
     return ticket
+  end
+  if self.outage then
+    resil.log.info("budget: store available again", { budget = self.name, unchecked = self.outage.unchecked,
+      seconds = now - self.outage.since })
+    self.outage = nil
   end
   if not ok then
     return nil, resil.error("budget_exceeded", ("budget '%s': $%.6f spent + $%.6f reserved + $%.6f > $%.6f"):format(
@@ -649,20 +658,32 @@ function SharedBucket:configure(opts)
   self.fallback = local_bucket(self.name .. ":local", { rate = rate, per = per, burst = self.burst })
 end
 
--- b:try(n) -> true, remaining | false, seconds
-function SharedBucket:try(n)
-  n = n or 1
-  if n > self.burst then return false, math.huge end
+-- One call to the store: -> true, remaining, wait | false, seconds. A wait
+-- up to max_wait books the caller's slot there (the GCRA's arrival time moves
+-- on in the same script or transaction), so a waiter sleeps once and goes
+-- ahead: waiters that slept and asked again collided and lost a fifth of
+-- the rate at burst 1.
+local function take(self, n, max_wait)
   local s, serr = resil.store()
-  local ok, x
-  if s then ok, x = s.backend:gcra_take("bucket:" .. self.name, self.interval, self.tolerance, n, store_now()) end
+  local ok, x, wait
+  if s then
+    ok, x, wait = s.backend:gcra_take("bucket:" .. self.name, self.interval, self.tolerance, n, store_now(), max_wait)
+  end
   if ok == nil then
     warn_once(self, s and x or serr)
-    if self.on_outage == "allow" then return true, 0 end
+    if self.on_outage == "allow" then return true, 0, 0 end
     if self.on_outage == "deny" then return false, 1 end -- look again in a second
     return self.fallback:try(n)
   end
   self.warned = false
+  return ok, x, wait
+end
+
+-- b:try(n) -> true, remaining | false, seconds (books nothing ahead)
+function SharedBucket:try(n)
+  n = n or 1
+  if n > self.burst then return false, math.huge end
+  local ok, x = take(self, n, 0)
   return ok, x
 end
 
@@ -676,8 +697,14 @@ function SharedBucket:acquire(n, opts)
   local timeout = opts and opts.timeout
   local deadline = timeout and resil.now() + timeout
   while true do
-    local ok, x = self:try(n)
-    if ok then return true, x end
+    local asked = resil.now()
+    local ok, x, wait = take(self, n, deadline and math.max(0, deadline - asked) or math.huge)
+    if ok then
+      -- the slot is ours (no need to ask again); it starts `wait` after we asked, not after the reply
+      local left = wait and asked + wait - resil.now() or 0
+      if left > 0 then resil.sleep(left) end
+      return true, x
+    end
     if deadline and resil.now() + x > deadline then
       return nil, resil.error("rate_limited", ("bucket '%s': %g tokens available in %.3f s"):format(self.name, n, x),
         { retry_after = x, bucket = self.name })

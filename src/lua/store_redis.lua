@@ -248,16 +248,21 @@ redis.call('HSET', KEYS[5], 'state', 'released')
 return 1
 ]]
 
--- GCRA: KEYS[1] tat; ARGV: interval, tolerance, n, now
+-- GCRA: KEYS[1] tat; ARGV: interval, tolerance, n, now, max_wait (-1: unbounded)
+-- -> {1, remaining, wait} | {0, retry_after}; a wait that fits max_wait books the slot
 scripts.gcra_take = [[
 local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_wait = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
 if tat < now then tat = now end
 local new_tat = tat + n * interval
 local wait = new_tat - now - tolerance
-if wait > 1e-6 then return {0, tostring(wait)} end
-redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
-return {1, tostring(math.floor((tolerance - (new_tat - now)) / interval + 1e-9))}
+if max_wait >= 0 and wait > max_wait + 1e-6 then return {0, tostring(wait)} end
+if wait <= 1e-6 then wait = 0 end
+-- kept a minute past its arrival time (an expired one reads as now): the TTL runs on the
+-- server's clock, the times on the caller's (which may be a virtual clock in specs)
+redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
+return {1, tostring(math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9))), tostring(wait)}
 ]]
 
 -- KEYS[1] breaker hash; ARGV: probe_for, now
@@ -591,10 +596,14 @@ end
 
 -- ---------- shared limits ----------
 
-function R:gcra_take(key, interval, tolerance, n, now)
-  local r, err = self:script("gcra_take", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now))
+-- max_wait: 0 (the default) admits only now; math.huge books however far ahead
+function R:gcra_take(key, interval, tolerance, n, now, max_wait)
+  max_wait = max_wait or 0
+  local r, err = self:script("gcra_take", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now),
+    max_wait == math.huge and -1 or max_wait)
   if r == nil then return nil, err end
-  return r[1] == 1, tonumber(r[2])
+  if r[1] ~= 1 then return false, tonumber(r[2]) end
+  return true, tonumber(r[2]), tonumber(r[3])
 end
 
 function R:breaker_get(name, now)

@@ -375,16 +375,19 @@ end
 
 -- ---------- shared limits ----------
 
--- GCRA in one transaction: -> true, remaining | false, retry_after
-function B:gcra_take(key, interval, tolerance, n, now)
+-- GCRA in one transaction: -> true, remaining, wait | false, retry_after.
+-- A wait up to max_wait (default 0: only now) books the caller's slot: the
+-- TAT moves on at once and the caller goes ahead after `wait`, asking no more.
+function B:gcra_take(key, interval, tolerance, n, now, max_wait)
   return self.db:tx(function(tx)
     local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
     if tat < now then tat = now end
     local new_tat = tat + n * interval
     local wait = new_tat - now - tolerance
-    if wait > 1e-6 then return false, wait end
+    if wait > (max_wait or 0) + 1e-6 then return false, wait end
+    if wait <= 1e-6 then wait = 0 end
     tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
-    return true, math.floor((tolerance - (new_tat - now)) / interval + 1e-9)
+    return true, math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9)), wait
   end)
 end
 

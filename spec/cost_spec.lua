@@ -1,0 +1,260 @@
+-- The cost ledger against what the provider billed: every paid call is
+-- recorded exactly once, however steps, resil.once, resil.map, retries and
+-- resumed runs nest. The mock provider counts what it billed (responses and
+-- dollars), so each test compares the ledger with the bill.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local PRICE = { input = 0.0005, output = 0.0015 } -- the mock's default, USD per 1K tokens
+
+local function fresh_store()
+  resil.store_config({ url = helpers.tmpname(".db") })
+  return assert(resil.store())
+end
+
+-- the ledger's rows and dollars
+local function ledger()
+  local rows, usd = 0, 0
+  for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do rows, usd = rows + g.calls, usd + g.usd end
+  return rows, usd
+end
+
+local function assert_ledger_matches(billed)
+  local rows, usd = ledger()
+  assert.are.equal(billed.responses, rows, "ledger rows against responses billed")
+  assert.is_true(math.abs(usd - billed.usd) < 1e-6 * math.max(rows, 1), ("ledger $%.6f, billed $%.6f"):format(usd,
+    billed.usd))
+end
+
+-- a chat call to the mock that records what it cost; -> the reply
+local function paid_call(url, prompt, extra)
+  local res = assert(resil.http.request({ method = "POST", url = url .. "/v1/chat/completions",
+    json = { model = "m", messages = { { role = "user", content = prompt } } } }))
+  assert.are.equal(200, res.status)
+  local body = resil.json.decode(res.body)
+  local u = body.usage
+  local entry = { provider = "mock", model = "m", operation = "chat",
+    usd = (u.prompt_tokens * PRICE.input + u.completion_tokens * PRICE.output) / 1000 }
+  for k, v in pairs(extra or {}) do entry[k] = v end
+  assert(resil.cost.record(entry))
+  return body.choices[1].message.content
+end
+
+describe("resil.cost inside steps and once (one process)", function()
+  local m
+  before_each(function()
+    resil.clock.virtual()
+    resil.log.level("error")
+    fresh_store()
+    m = resil.mock.start({ latency = 0.01 })
+  end)
+  after_each(function()
+    m:stop()
+    resil.log.level("info")
+  end)
+
+  it("three paid calls, each under its own resil.once, inside one step: three rows, as billed", function()
+    resil.step("three images", function()
+      for i = 1, 3 do resil.once("image-" .. i, paid_call, m.url, "topic " .. i) end
+      return true
+    end)
+    assert.are.equal(3, m:stats().billed.responses)
+    assert_ledger_matches(m:stats().billed)
+  end)
+
+  it("nested steps, map items, once inside once and retried calls: one row per billed call", function()
+    local call = require "policies.call"
+    m:configure({ latency = 0.01, sequence = { chat = { 503, 429, "ok" } } })
+    local chat = call.provider("cost-spec", { request = { method = "POST", url = m.url .. "/v1/chat/completions" },
+      retry = { base = 0.01 }, validate = "chat" })
+    local function retried(prompt)
+      local res = assert(chat({ json = { model = "m", messages = { { role = "user", content = prompt } } } }))
+      local u = resil.json.decode(res.body).usage
+      assert(resil.cost.record({ provider = "mock", usd = (u.prompt_tokens * PRICE.input
+        + u.completion_tokens * PRICE.output) / 1000 }))
+      return true
+    end
+    resil.step("outer", function()
+      resil.once("retried", retried, "retried after 503 and 429") -- the first chat calls: 503, 429, then ok
+      paid_call(m.url, "outer 1")
+      resil.step("inner", function()
+        paid_call(m.url, "inner 1")
+        resil.once("inner-once", function()
+          paid_call(m.url, "once 1")
+          resil.once("nested-once", paid_call, m.url, "nested once")
+          return paid_call(m.url, "once 2")
+        end)
+        return paid_call(m.url, "inner 2")
+      end)
+      return paid_call(m.url, "outer 2")
+    end)
+    resil.map({ "a", "b", "c", "d" }, function(x)
+      return resil.step("item", function()
+        paid_call(m.url, x .. " plain")
+        resil.once("item-" .. x, paid_call, m.url, x .. " once")
+        return resil.step("item inner", paid_call, m.url, x .. " inner")
+      end)
+    end, { concurrency = 4 })
+    local s = m:stats()
+    assert.are.equal(8 + 4 * 3, s.billed.responses)
+    assert.are.equal(2, s.statuses["503"] + s.statuses["429"]) -- the retried attempts, not billed
+    assert_ledger_matches(s.billed)
+  end)
+
+  it("a replayed once result records nothing: the provider was not called", function()
+    for _ = 1, 3 do
+      resil.step("replayed", function() return resil.once("same-key", paid_call, m.url, "once only") end)
+    end
+    assert.are.equal(1, m:stats().routes.chat)
+    assert_ledger_matches(m:stats().billed)
+  end)
+
+  it("only an explicit id dedupes: the same response recorded twice is kept once", function()
+    m:configure({ latency = 0.01, idempotency = true })
+    local function idempotent_call()
+      local res = assert(resil.http.request({ method = "POST", url = m.url .. "/v1/chat/completions",
+        headers = { ["Idempotency-Key"] = "order-9" }, json = { model = "m", messages = {} } }))
+      local body = resil.json.decode(res.body)
+      assert(resil.cost.record({ provider = "mock", id = body.id, usd = (body.usage.prompt_tokens * PRICE.input
+        + body.usage.completion_tokens * PRICE.output) / 1000 }))
+      return body.id
+    end
+    -- the same call made twice (a crash between the record and once's commit does this):
+    -- the provider replays its answer, unbilled, with the same id
+    local first = resil.step("idempotent", idempotent_call)
+    assert.are.equal(first, resil.step("idempotent again", idempotent_call))
+    assert.are.equal(2, m:stats().routes.chat)
+    assert.are.equal(1, m:stats().replayed)
+    assert_ledger_matches(m:stats().billed)
+    -- two costs without an id, identical in every field, are two costs
+    resil.cost.record({ provider = "p", usd = 1 })
+    resil.cost.record({ provider = "p", usd = 1 })
+    assert.are.equal(2, resil.cost.breakdown("provider")[1].calls)
+  end)
+
+  it("a ticket's settle is kept once, inside a step too", function()
+    local b = resil.budget("cost-spec", { limit = 10 })
+    resil.step("settled", function()
+      for _ = 1, 3 do
+        local t = assert(b:reserve(1))
+        assert.is_true(t:settle(0.5, { provider = "p" }))
+        assert.is_false(t:settle(0.5, { provider = "p" }))
+      end
+      return true
+    end)
+    assert.are.equal(1.5, resil.cost.total({ budget = "cost-spec" }))
+    assert.are.equal(1.5, b:state().spent)
+  end)
+end)
+
+describe("resil.cost across real processes", function()
+  local mock_pid, url
+
+  -- the mock in a process of its own, so it counts across runs and kills
+  local function start_mock(scenario)
+    local file = helpers.write(helpers.tmpname(".lua"), scenario)
+    local out, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s mock %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, file, out, pidfile))
+    mock_pid = helpers.slurp(pidfile):match("%d+")
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("http://") end, 10))
+    url = helpers.slurp(out):match("(http://%S+)")
+  end
+
+  local function billed()
+    local res = assert(resil.http.request({ url = url .. "/__mock/stats" }))
+    return resil.json.decode(res.body)
+  end
+
+  before_each(function() resil.clock.real() end)
+  after_each(function()
+    if mock_pid then os.execute("kill " .. mock_pid) end
+    mock_pid = nil
+  end)
+
+  it("a step re-run after a failure pays again, and the ledger records it again", function()
+    start_mock("return {}")
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    local marker = helpers.tmpname(".marker")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local url, marker = arg[1], arg[2]
+resil.step("pay", function()
+  local res = assert(resil.http.request({ method = "POST", url = url .. "/v1/chat/completions",
+    json = { model = "m", messages = { { role = "user", content = "paid twice" } } } }))
+  local u = resil.json.decode(res.body).usage
+  assert(resil.cost.record({ provider = "mock", usd = (u.prompt_tokens * 0.0005 + u.completion_tokens * 0.0015) / 1000 }))
+  if not io.open(marker) then io.open(marker, "w"):close(); error("failed after paying") end
+  return true
+end)
+print("done")
+]])
+    local cmd = ("%s --store %s --run repaid --log-level off %s %s %s"):format(helpers.resil, db, script, url, marker)
+    assert.are.equal(1, helpers.run(cmd).code)
+    local second = helpers.run(cmd)
+    assert.are.equal("done\n", second.stdout, second.stderr)
+    local s = billed()
+    assert.are.equal(2, s.billed.responses)
+    assert_ledger_matches(s.billed)
+  end)
+
+  it("kill -9 at random points: each real call is recorded once, replayed once-results are not", function()
+    start_mock("return { idempotency = true, latency = { min = 0.01, max = 0.03 } }")
+    local seed = tonumber(os.getenv("COST_SEED") or "") or os.time()
+    print(("# cost kill spec: COST_SEED=%d"):format(seed))
+    math.randomseed(seed)
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    local source = [[
+local resil = require "resil"
+local call = require "policies.call"
+local url = arg[1]
+local chat = call.provider("cost-kill", { request = { method = "POST", url = url .. "/v1/chat/completions" },
+  timeout = 5, validate = "chat", idempotency = true, retry = { base = 0.01 } })
+-- three images per topic, each under its own once key, inside one step per topic
+for topic = 1, 6 do
+  resil.step("topic " .. topic, function()
+    for image = 1, 3 do
+      resil.once(("%s/%d/%d"):format(resil.run.id(), topic, image), function()
+        local res = assert(chat({ json = { model = "m", messages = { { role = "user", content = "t" .. topic .. image } } } }))
+        local body = resil.json.decode(res.body)
+        -- the provider's response id: a replayed answer (same Idempotency-Key) is not a second cost
+        assert(resil.cost.record({ provider = "mock", id = body.id,
+          usd = (body.usage.prompt_tokens * 0.0005 + body.usage.completion_tokens * 0.0015) / 1000 }))
+        return body.id
+      end)
+    end
+    return true
+  end)
+end
+print("finished")
+]]
+    local kills = 0
+    for trial = 1, 3 do
+      local finished = false
+      for _ = 1, 40 do
+        local pid, out = helpers.start(source, ("--store %s --run cost-%d --log-level off"):format(db, trial), url)
+        local deadline = resil.clock.wall() + 0.02 + math.random() * 0.25
+        helpers.wait_until(function() return not helpers.alive(pid) or resil.clock.wall() >= deadline end, 10)
+        if helpers.alive(pid) then
+          os.execute("kill -KILL " .. pid)
+          kills = kills + 1
+          helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+        end
+        local output = helpers.slurp(out)
+        if output:match("finished") then finished = true break end
+        if output:match("resil%-lua:") then error("the run failed on its own: " .. output) end
+      end
+      assert.is_true(finished, "trial " .. trial .. " did not finish in 40 launches")
+    end
+    assert.is_true(kills >= 3, "the test must actually kill runs")
+    local s = billed()
+    local keys = 0
+    for key, paid in pairs(s.paid_keys) do
+      keys = keys + 1
+      assert.are.equal(1, paid, "key " .. key .. " was paid " .. paid .. " times")
+    end
+    assert.are.equal(3 * 6 * 3, keys)
+    assert_ledger_matches(s.billed)
+  end)
+end)
