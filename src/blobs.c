@@ -1,17 +1,32 @@
 /*
  * blobs.c: the Lua half of the host (the files in src/lua/), compiled into the
  * library as NUL-terminated strings, so an embedder needs no files at run
- * time. The paths are relative to the top of the tree, where make runs.
+ * time. Each is registered as package.preload["resil.<name>"] (src/resil.c);
+ * adding a module is adding its line to EMBEDDED below. The paths are
+ * relative to the top of the tree, where make runs.
  */
-#define EMBED_LUA(name, file)                                                                    \
-  __asm__(".section .rodata\n.global " #name "\n.type " #name ", @object\n.balign 16\n" #name \
-          ":\n.incbin \"" file "\"\n.byte 0\n.previous\n")
+#include "host.h"
 
-EMBED_LUA(resil_prelude_lua, "src/lua/prelude.lua");
-EMBED_LUA(resil_mock_lua, "src/lua/mock.lua");
-EMBED_LUA(resil_store_lua, "src/lua/store.lua");
-EMBED_LUA(resil_owner_lua, "src/lua/owner.lua");
-EMBED_LUA(resil_store_sqlite_lua, "src/lua/store_sqlite.lua");
-EMBED_LUA(resil_store_redis_lua, "src/lua/store_redis.lua");
-EMBED_LUA(resil_commands_lua, "src/lua/commands.lua");
-EMBED_LUA(resil_metrics_lua, "src/lua/metrics.lua");
+#define EMBEDDED(X)                                                                  \
+  X(prelude, "src/lua/prelude.lua")           /* map, timeout, streams, reload */    \
+  X(metrics, "src/lua/metrics.lua")           /* counters, gauges, histograms */     \
+  X(mock, "src/lua/mock.lua")                 /* the mock provider */                \
+  X(owner, "src/lua/owner.lua")               /* who holds what, and are they alive */ \
+  X(store, "src/lua/store.lua")               /* resil.store: URL, backends, kv */   \
+  X(store_sqlite, "src/lua/store_sqlite.lua") /* the SQLite backend */               \
+  X(store_redis, "src/lua/store_redis.lua")   /* the Redis backend */                \
+  X(once, "src/lua/once.lua")                 /* resil.once */                       \
+  X(runs, "src/lua/runs.lua")                 /* resil.step, resil.run */            \
+  X(costs, "src/lua/costs.lua")               /* resil.cost */                       \
+  X(budgets, "src/lua/budgets.lua")           /* resil.budget */                     \
+  X(limits, "src/lua/limits.lua")             /* resil.bucket, resil.breaker */      \
+  X(commands, "src/lua/commands.lua")         /* resil-lua runs | costs */
+
+#define EMBED_LUA(name, file)                                                                                   \
+  __asm__(".section .rodata\n.global resil_lua_" #name "\n.type resil_lua_" #name ", @object\n.balign 16\n" \
+          "resil_lua_" #name ":\n.incbin \"" file "\"\n.byte 0\n.previous\n");                                \
+  extern const char resil_lua_##name[];
+EMBEDDED(EMBED_LUA)
+
+#define MODULE_ENTRY(name, file) {#name, resil_lua_##name},
+const resil_lua_module resil_lua_modules[] = {EMBEDDED(MODULE_ENTRY){NULL, NULL}};

@@ -408,17 +408,25 @@ static const luaL_Reg breaker_methods[] = {
   {"allow", br_allow}, {"record", br_record}, {"state", br_state}, {"stats", br_stats}, {"isolate", br_isolate},
   {"reset", br_reset}, {"on", br_on},         {"name", br_name},   {NULL, NULL}};
 
+/* require "resil.core.breaker" -> {breaker = constructor, methods = the
+ * breakers' method table}. src/lua/limits.lua owns resil.breaker and adds
+ * the one method that composes the others, call (a pcall around fn that can
+ * yield reads best in Lua). */
 int luaopen_resil_breaker(lua_State *L) {
   luaL_newmetatable(L, BREAKER_MT);
   luaL_newlib(L, breaker_methods);
-  lua_setfield(L, -2, "__index");
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "__index");
+  /* L stack: metatable, methods */
   lua_pushcfunction(L, br_tostring);
-  lua_setfield(L, -2, "__tostring");
+  lua_setfield(L, -3, "__tostring");
   lua_pushcfunction(L, br_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-  lua_newtable(L);
+  lua_setfield(L, -3, "__gc");
+  lua_createtable(L, 0, 2);
+  lua_insert(L, -2);
+  lua_setfield(L, -2, "methods");
   lua_pushcfunction(L, l_breaker);
   lua_setfield(L, -2, "breaker");
+  lua_remove(L, -2); /* the metatable */
   return 1;
 }

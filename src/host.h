@@ -166,13 +166,12 @@ int luaopen_resil_redact(lua_State *L);
 int luaopen_resil_sqlite(lua_State *L);
 int luaopen_resil_redis(lua_State *L);
 
-/* the Lua half of the host, compiled in from src/lua/ */
-extern const char resil_prelude_lua[];
-extern const char resil_mock_lua[];
-extern const char resil_store_lua[];
-extern const char resil_owner_lua[];
-extern const char resil_store_sqlite_lua[];
-extern const char resil_store_redis_lua[];
-extern const char resil_metrics_lua[];
+/* the Lua half of the host, compiled in from src/lua/ (blobs.c): each is
+ * package.preload["resil.<name>"], run with the resil table as its `...` */
+typedef struct {
+  const char *name;
+  const char *source;
+} resil_lua_module;
+extern const resil_lua_module resil_lua_modules[];
 
 #endif

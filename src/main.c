@@ -152,8 +152,6 @@ static int run_mock(int argc, char **argv) {
   return code;
 }
 
-extern const char resil_commands_lua[];
-
 /* resil-lua runs|costs [--store URL] args...: the store's subcommands */
 static int run_command(const char *name, int argc, char **argv) {
   resil_options opts = {0};
@@ -180,7 +178,7 @@ static int run_command(const char *name, int argc, char **argv) {
   }
   lua_setglobal(L, "arg");
   signal_target = R;
-  int status = resil_load_string(R, resil_commands_lua, "=[resil commands]");
+  int status = resil_load_string(R, "require('resil.commands')(arg)", "=[resil commands]");
   if (status == RESIL_OK) status = resil_run(R);
   int code = report(R, status);
   signal_target = NULL;

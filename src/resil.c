@@ -260,14 +260,53 @@ static const struct {
   {"json", luaopen_resil_json},
   {"log", luaopen_resil_log},
   {"server", luaopen_resil_server},
-  {NULL, luaopen_resil_bucket},
-  {NULL, luaopen_resil_breaker},
   {NULL, luaopen_resil_semaphore},
   {NULL, luaopen_resil_reload},
   {NULL, luaopen_resil_redact},
   {"sqlite", luaopen_resil_sqlite},
   {"redis", luaopen_resil_redis},
 };
+
+/* C primitives that a Lua module wraps and owns the public name of
+ * (src/lua/limits.lua owns resil.bucket and resil.breaker): required, never
+ * merged into resil. */
+static const struct {
+  const char *module;
+  lua_CFunction open;
+} internal_primitives[] = {
+  {"resil.core.bucket", luaopen_resil_bucket},
+  {"resil.core.breaker", luaopen_resil_breaker},
+};
+
+#define RESIL_TABLE_KEY "resil.module" /* the resil table, for the embedded modules' loaders */
+
+/* package.preload["resil.<name>"]: compile the embedded module and run it
+ * with the resil table (modules load while resil itself is still loading,
+ * so they cannot require it). */
+static int load_embedded(lua_State *L) {
+  const resil_lua_module *m = lua_touserdata(L, lua_upvalueindex(1));
+  char chunkname[64];
+  snprintf(chunkname, sizeof chunkname, "=[resil %s]", m->name);
+  if (luaL_loadbuffer(L, m->source, strlen(m->source), chunkname) != LUA_OK) return lua_error(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, RESIL_TABLE_KEY);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+static void register_modules(lua_State *L) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  for (const resil_lua_module *m = resil_lua_modules; m->name; m++) {
+    lua_pushfstring(L, "resil.%s", m->name);
+    lua_pushlightuserdata(L, (void *)m);
+    lua_pushcclosure(L, load_embedded, 1);
+    lua_settable(L, -3);
+  }
+  for (size_t i = 0; i < sizeof internal_primitives / sizeof internal_primitives[0]; i++) {
+    lua_pushcfunction(L, internal_primitives[i].open);
+    lua_setfield(L, -2, internal_primitives[i].module);
+  }
+  lua_pop(L, 1);
+}
 
 static int l_error(lua_State *L) {
   const char *kind = luaL_checkstring(L, 1);
@@ -345,17 +384,13 @@ static int luaopen_resil(lua_State *L) {
   lua_pushliteral(L, RESIL_VERSION);
   lua_setfield(L, -2, "version");
 
-  /* the Lua half: map, timeout, streaming requests, the mock provider */
-  if (luaL_loadbuffer(L, resil_prelude_lua, strlen(resil_prelude_lua), "=[resil prelude]") != LUA_OK)
-    return lua_error(L);
-  lua_pushvalue(L, -2);
-  lua_pushstring(L, resil_mock_lua);
-  lua_pushstring(L, resil_store_lua);
-  lua_pushstring(L, resil_owner_lua);
-  lua_pushstring(L, resil_store_sqlite_lua);
-  lua_pushstring(L, resil_store_redis_lua);
-  lua_pushstring(L, resil_metrics_lua);
-  lua_call(L, 7, 0);
+  /* the Lua half (src/lua/), starting with the prelude, which requires the rest */
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, RESIL_TABLE_KEY);
+  register_modules(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil.prelude");
+  lua_call(L, 1, 0);
   return 1;
 }
 

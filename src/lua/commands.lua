@@ -1,6 +1,7 @@
 -- The store's subcommands: `resil-lua runs [show ID]` and
 -- `resil-lua costs [--by provider|model|user|day] [--since DATE] [--json]`.
--- Run as the main task with the command's arguments in `arg`.
+-- The module is the command's entry point: the CLI runs
+-- require("resil.commands")(arg) as its main task.
 local resil = require "resil"
 local json = resil.json
 
@@ -110,6 +111,8 @@ function commands.costs(args)
   end
 end
 
-local name = arg[0]
-local fn = commands[name] or fail("unknown command '%s'", tostring(name))
-fn(arg)
+return function(args)
+  local name = args[0]
+  local fn = commands[name] or fail("unknown command '%s'", tostring(name))
+  fn(args)
+end

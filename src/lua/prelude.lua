@@ -1,6 +1,7 @@
 -- The Lua half of the host: what is clearer in Lua than in C, built only on
--- the C primitives. Compiled into the binary; runs once per host.
-local resil, mock_source, store_source, owner_source, store_sqlite_source, store_redis_source, metrics_source = ...
+-- the C primitives. Compiled into the binary (src/blobs.c); runs once per
+-- host, first of the embedded modules, and requires the others at its end.
+local resil = ...
 local http, log = resil.http, resil.log
 local pack, unpack = table.pack, table.unpack
 
@@ -173,59 +174,6 @@ function resil.reload()
   return true, names
 end
 
--- breaker:call(fn, ...) -> fn's results | nil, err{kind="circuit_open"}
--- A call fails when fn raises or returns nil, err. A canceled call frees its
--- half-open probe without counting.
-local breaker_methods = debug.getregistry()["resil.Breaker"].__index
-local probe_guard_mt = { __close = function(g)
-  if not g.done then g.breaker:record(nil) end
-end }
-function breaker_methods:call(fn, ...)
-  if type(fn) ~= "function" then error("breaker:call: fn must be a function", 2) end
-  local ok, probe = self:allow()
-  if not ok then return nil, probe end
-  -- only a half-open probe must be given back if the call never finishes
-  local guard = probe and setmetatable({ breaker = self }, probe_guard_mt) or nil
-  local _ <close> = guard
-  local start = resil.now()
-  local r = pack(pcall(fn, ...))
-  if guard then guard.done = true end
-  local elapsed = resil.now() - start
-  if not r[1] then
-    self:record(false, elapsed)
-    error(r[2], 0)
-  end
-  self:record(not (r[2] == nil and r.n > 2 and r[3] ~= nil), elapsed)
-  return unpack(r, 2, r.n)
-end
-
--- resil.acquire_all({ {bucket, n}, ... } [, {timeout=}]) -> true | nil, err
--- Takes from every bucket or from none: a call that needs requests per
--- minute, tokens per minute and requests per day waits until all allow it.
-function resil.acquire_all(list, opts)
-  if type(list) ~= "table" then error("resil.acquire_all: expects a list of {bucket, n}", 2) end
-  local timeout = opts and opts.timeout
-  local deadline = timeout and resil.now() + timeout
-  while true do
-    local wait, worst = 0, nil
-    for i = 1, #list do
-      local b, n = list[i][1], list[i][2] or 1
-      local w = b:wait_time(n)
-      if w > wait then wait, worst = w, i end
-    end
-    if wait == 0 then
-      for i = 1, #list do list[i][1]:charge(list[i][2] or 1) end
-      return true
-    end
-    if wait == math.huge then return list[worst][1]:acquire(list[worst][2] or 1, { timeout = 0 }) end
-    if deadline and resil.now() + wait > deadline then
-      return nil, resil.error("rate_limited", ("%s: tokens available in %.3f s"):format(
-        list[worst][1]:name(), wait), { retry_after = wait, bucket = list[worst][1]:name() })
-    end
-    resil.sleep(wait)
-  end
-end
-
 -- resil.keep(name, init) -> a table that lives as long as the host, so a
 -- policy's own state (a retry budget, a canary's counts) survives reloads.
 local kept = {}
@@ -251,6 +199,7 @@ function resil.policy(name)
   })
 end
 
-resil.metrics = assert(load(metrics_source, "=[resil metrics]"))(resil)
-resil.mock = assert(load(mock_source, "=[resil mock]"))(resil)
-assert(load(store_source, "=[resil store]"))(resil, owner_source, store_sqlite_source, store_redis_source)
+-- each of these adds its part of the API to resil
+resil.metrics = require "resil.metrics"
+resil.mock = require "resil.mock"
+for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits" }) do require("resil." .. name) end

@@ -3,7 +3,8 @@
 -- run by SHA. Times come from the caller (store time), money is integer
 -- micro-dollars. The scripts run in Redis's own Lua (5.1): numbers that may
 -- be fractional go back as strings.
-local resil, owner = ...
+local resil = ...
+local owner = require "resil.owner"
 
 local R = {}
 R.__index = R

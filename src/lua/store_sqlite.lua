@@ -2,7 +2,8 @@
 -- the group transaction (src/store_sqlite.c), so it is atomic across tasks
 -- and, through BEGIN IMMEDIATE, across processes sharing the file.
 -- Money is integer micro-dollars so that sums are exact.
-local resil, owner = ...
+local resil = ...
+local owner = require "resil.owner"
 
 local migrations = {
   [[

@@ -1,0 +1,140 @@
+-- resil.budget: reserve, then settle. A reservation (a hold) names its
+-- owner (src/lua/owner.lua) and stops counting when that process dies or its
+-- hold expires; the reserve checks and holds in one atomic store operation.
+local resil = ...
+local S = require "resil.store"
+local owner = require "resil.owner"
+local store_now, store_or_fail = S.now, S.open
+local costs = require "resil.costs"
+local cost_entry, to_micro, from_micro = costs.entry, costs.to_micro, costs.from_micro
+
+local Budget = {}
+Budget.__index = Budget
+local soft_total = resil.metrics.counter("resil_budget_soft_limit_total",
+  "Reservations that took a budget past its soft share, by budget")
+local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
+  "Reservations allowed unchecked while the store was unavailable (on_outage = \"allow\"), by budget")
+local Ticket = {}
+Ticket.__index = Ticket
+local budgets = {}
+local ticket_seq = 0
+
+local function period_of(per, now)
+  if per == "day" then return os.date("!%Y-%m-%d", math.floor(now)) end
+  if per == "month" then return os.date("!%Y-%m", math.floor(now)) end
+  return "all"
+end
+
+-- resil.budget(name, {limit=, per="day"|"month"|nil, hold=600, soft=0.8})
+function resil.budget(name, opts)
+  if type(name) ~= "string" or name == "" then error("resil.budget: name must be a non-empty string", 2) end
+  local b = budgets[name]
+  if not b then
+    if type(opts) ~= "table" then error(("resil.budget: budget '%s' needs its options {limit=}"):format(name), 2) end
+    b = setmetatable({ name = name }, Budget)
+    budgets[name] = b
+  end
+  if opts then
+    if type(opts.limit) ~= "number" or opts.limit < 0 then error("resil.budget: limit must be a number >= 0", 2) end
+    if opts.per ~= nil and opts.per ~= "day" and opts.per ~= "month" then
+      error("resil.budget: per must be \"day\", \"month\" or nil", 2)
+    end
+    if opts.on_outage ~= nil and opts.on_outage ~= "deny" and opts.on_outage ~= "allow" then
+      error("resil.budget: on_outage must be \"deny\" (the default) or \"allow\"", 2)
+    end
+    b.limit, b.per, b.hold, b.soft = opts.limit, opts.per, opts.hold or 600, opts.soft or 0.8
+    b.on_outage = opts.on_outage or "deny"
+  end
+  return b
+end
+
+-- budget:reserve(estimate_usd [, {hold=}]) -> ticket | nil, err{kind="budget_exceeded"|"store_unavailable"}
+function Budget:reserve(estimate, o)
+  if type(estimate) ~= "number" or estimate < 0 then error("budget:reserve: estimate must be a number >= 0", 2) end
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end -- a store that cannot be opened fails closed
+  local now = store_now()
+  local period = period_of(self.per, now)
+  ticket_seq = ticket_seq + 1
+  local me = owner.me()
+  local id = ("%s:%s:%d"):format(self.name, me.tag, ticket_seq)
+  local est = to_micro(estimate)
+  local hold = o and o.hold or self.hold
+  -- the hold names this process: it stops counting when the process dies
+  local lease_until = owner.lease_due(s.backend, now)
+  local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(self.limit), est, id, now + hold,
+    now, me.id, lease_until)
+  if ok ~= nil then owner.lease_written(s.backend, lease_until) end
+  local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
+  if ok == nil then -- the store is unavailable
+    if self.on_outage ~= "allow" then return nil, spent end -- fail closed
+    unchecked_total:inc({ budget = self.name })
+    if not self.outage then -- one line per outage, however many reservations it lets through
+      self.outage = { since = now, unchecked = 0 }
+      resil.log.warn("budget: store unavailable, reservations allowed unchecked until it is back",
+        { budget = self.name, error = tostring(spent) })
+    end
+    self.outage.unchecked = self.outage.unchecked + 1
+    ticket.unchecked = true
+    return ticket
+  end
+  if self.outage then
+    resil.log.info("budget: store available again", { budget = self.name, unchecked = self.outage.unchecked,
+      seconds = now - self.outage.since })
+    self.outage = nil
+  end
+  if not ok then
+    return nil, resil.error("budget_exceeded", ("budget '%s': $%.6f spent + $%.6f reserved + $%.6f > $%.6f"):format(
+      self.name, from_micro(spent), from_micro(reserved), estimate, self.limit),
+      { budget = self.name, limit = self.limit, spent = from_micro(spent), reserved = from_micro(reserved),
+        period = period })
+  end
+  owner.keep(s.backend, id, now + hold)
+  local used = from_micro(spent + reserved)
+  if used >= self.soft * self.limit then
+    soft_total:inc({ budget = self.name })
+    if self.warned_period ~= period then
+      self.warned_period = period -- once per period and process: a warning, not a flood
+      resil.log.warn("budget soft limit reached", { budget = self.name, limit = self.limit, period = period,
+        used = used, share = used / self.limit })
+    end
+  end
+  return ticket
+end
+
+-- budget:state() -> {spent=, reserved=, limit=, period=, holds = { {ticket=, usd=,
+-- owner = {host=, pid=, since=}, expires_at=}, ... }}; holds of dead owners are released first
+function Budget:state()
+  local now = store_now()
+  local period = period_of(self.per, now)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local spent, reserved, rows = s.backend:budget_usage(self.name, period, now, owner.me().id)
+  if spent == nil then return nil, reserved end
+  local holds = {}
+  for i, h in ipairs(rows) do
+    holds[i] = { ticket = h.ticket, usd = from_micro(h.micro_usd), owner = h.owner and owner.describe(h.owner),
+                 expires_at = h.expires_at }
+  end
+  return { spent = from_micro(spent), reserved = from_micro(reserved), limit = self.limit, period = period,
+           holds = holds }
+end
+
+-- ticket:settle(actual_usd [, cost fields]) -> true (first time) | false (already settled)
+-- settle(0) frees the hold and writes no ledger row (a call that failed cost nothing).
+function Ticket:settle(actual, e)
+  if type(actual) ~= "number" or actual < 0 then error("ticket:settle: actual must be a number >= 0", 2) end
+  owner.drop(self.store.backend, self.id)
+  local fields = {}
+  for k, v in pairs(e or {}) do fields[k] = v end
+  fields.usd, fields.budget, fields.period = actual, self.budget.name, self.period
+  local entry = cost_entry(fields, store_now())
+  entry.ticket = self.id
+  entry.dedupe = entry.dedupe or ("ticket:" .. self.id)
+  return self.store.backend:budget_settle(self.id, entry)
+end
+
+function Ticket:release()
+  owner.drop(self.store.backend, self.id)
+  return self.store.backend:budget_release(self.id)
+end

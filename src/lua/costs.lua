@@ -1,0 +1,64 @@
+-- resil.cost: the ledger, in integer micro-dollars so that sums are exact.
+-- Every record is a row; only an explicit id (or a ticket) deduplicates.
+local resil = ...
+local S = require "resil.store"
+local store_now, store_or_fail = S.now, S.open
+local runs = require "resil.runs"
+local json = resil.json
+
+local MICRO = 1e6
+local function to_micro(usd) return math.floor(usd * MICRO + 0.5) end
+local function from_micro(m) return m / MICRO end
+resil.cost = {}
+
+local function cost_entry(e, at)
+  if type(e) ~= "table" then error("resil.cost.record: expects a table", 3) end
+  if type(e.usd) ~= "number" or e.usd < 0 or e.usd ~= e.usd then
+    error("resil.cost.record: usd must be a number >= 0", 3)
+  end
+  local ctx = resil.context()
+  -- Only the caller knows when two records are one charge (e.g. the
+  -- provider's response id, the same when it replays an idempotent call).
+  -- A step or once that runs its fn again calls the provider again, so
+  -- nothing is deduplicated on where the record was made.
+  local dedupe = e.id ~= nil and tostring(e.id) or nil
+  local units = e.units
+  if units ~= nil then units = json.encode(units) end
+  return { dedupe = dedupe, at = at, day = os.date("!%Y-%m-%d", math.floor(at)), provider = e.provider,
+           model = e.model, operation = e.operation, user = e.user and tostring(e.user),
+           run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
+           micro_usd = to_micro(e.usd), units = units, budget = e.budget, period = e.period }
+end
+
+-- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
+function resil.cost.record(e)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local entry = cost_entry(e, store_now())
+  local ok, err = s.backend:cost_record(entry)
+  if ok == nil and err then return nil, err end
+  return true
+end
+
+-- resil.cost.total{provider=, model=, user=, run=, since=, ["until"]=} -> usd
+function resil.cost.total(f)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local rows, err = s.backend:cost_query(nil, f or {})
+  if not rows then return nil, err end
+  return from_micro(rows[1] and rows[1].micro_usd or 0)
+end
+
+-- resil.cost.breakdown(by, filter) -> { {key=, usd=, calls=}, ... }, by "provider"|"model"|"user"|"day"
+function resil.cost.breakdown(by, f)
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local rows, err = s.backend:cost_query(by, f or {})
+  if not rows then return nil, err end
+  local out = {}
+  for i, r in ipairs(rows) do out[i] = { key = r.key, usd = from_micro(r.micro_usd), calls = r.calls } end
+  return out
+end
+
+-- for budgets: ledger entries and money in micro-dollars
+return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro }

@@ -1,0 +1,282 @@
+-- Rate limits and circuit breakers: this module owns resil.bucket and
+-- resil.breaker. A local bucket or breaker is the C primitive (src/bucket.c,
+-- src/breaker.c, required as resil.core.*); {shared = true} keeps its state in
+-- the store instead, so several processes respect one limit (below).
+-- breaker:call and resil.acquire_all, which compose those primitives, are
+-- Lua and live here too.
+local resil = ...
+local S = require "resil.store"
+local core_bucket = require "resil.core.bucket"
+local core_breaker = require "resil.core.breaker"
+local store_now = S.now
+local pack, unpack = table.pack, table.unpack
+
+-- what the bucket primitive also knows: Retry-After and duration parsing
+resil.retry_after, resil.parse_duration = core_bucket.retry_after, core_bucket.parse_duration
+
+-- breaker:call(fn, ...) -> fn's results | nil, err{kind="circuit_open"}
+-- A call fails when fn raises or returns nil, err. A canceled call frees its
+-- half-open probe without counting.
+local probe_guard_mt = { __close = function(g)
+  if not g.done then g.breaker:record(nil) end
+end }
+local function breaker_call(self, fn, ...)
+  if type(fn) ~= "function" then error("breaker:call: fn must be a function", 2) end
+  local ok, probe = self:allow()
+  if not ok then return nil, probe end
+  -- only a half-open probe must be given back if the call never finishes
+  local guard = probe and setmetatable({ breaker = self }, probe_guard_mt) or nil
+  local _ <close> = guard
+  local start = resil.now()
+  local r = pack(pcall(fn, ...))
+  if guard then guard.done = true end
+  local elapsed = resil.now() - start
+  if not r[1] then
+    self:record(false, elapsed)
+    error(r[2], 0)
+  end
+  self:record(not (r[2] == nil and r.n > 2 and r[3] ~= nil), elapsed)
+  return unpack(r, 2, r.n)
+end
+core_breaker.methods.call = breaker_call -- src/breaker.c leaves call to this module
+
+-- resil.acquire_all({ {bucket, n}, ... } [, {timeout=}]) -> true | nil, err
+-- Takes from every bucket or from none: a call that needs requests per
+-- minute, tokens per minute and requests per day waits until all allow it.
+function resil.acquire_all(list, opts)
+  if type(list) ~= "table" then error("resil.acquire_all: expects a list of {bucket, n}", 2) end
+  local timeout = opts and opts.timeout
+  local deadline = timeout and resil.now() + timeout
+  while true do
+    local wait, worst = 0, nil
+    for i = 1, #list do
+      local b, n = list[i][1], list[i][2] or 1
+      local w = b:wait_time(n)
+      if w > wait then wait, worst = w, i end
+    end
+    if wait == 0 then
+      for i = 1, #list do list[i][1]:charge(list[i][2] or 1) end
+      return true
+    end
+    if wait == math.huge then return list[worst][1]:acquire(list[worst][2] or 1, { timeout = 0 }) end
+    if deadline and resil.now() + wait > deadline then
+      return nil, resil.error("rate_limited", ("%s: tokens available in %.3f s"):format(
+        list[worst][1]:name(), wait), { retry_after = wait, bucket = list[worst][1]:name() })
+    end
+    resil.sleep(wait)
+  end
+end
+
+-- ---------- shared limits: {shared = true} ----------
+-- A shared bucket or breaker keeps its state in the store, so several
+-- processes (or machines, on Redis) respect one limit. When the store is
+-- unreachable, a shared bucket falls back to a local bucket with the same
+-- rate (logged once), and a shared breaker to its local window: limits
+-- degrade to per-process, calls are not refused for the store's sake.
+
+local local_bucket, local_breaker = core_bucket.bucket, core_breaker.breaker
+local instrumented
+local shared_buckets, shared_breakers = {}, {}
+
+local SharedBucket = {}
+SharedBucket.__index = SharedBucket
+
+local outage_total = resil.metrics.counter("resil_store_unavailable_total",
+  "Operations of shared limits that found the store unavailable, by name")
+
+local function warn_once(obj, err)
+  outage_total:inc({ name = obj.name })
+  if not obj.warned then
+    obj.warned = true
+    resil.log.warn("store unavailable: shared limit falls back to a local one",
+      { name = obj.name, error = tostring(err) })
+  end
+end
+
+local OUTAGE_CHOICES = { ["local"] = true, deny = true, allow = true }
+
+function SharedBucket:configure(opts)
+  local outage = opts.on_outage or self.on_outage or "local"
+  if not OUTAGE_CHOICES[outage] then
+    error(("bucket '%s': on_outage must be \"local\", \"deny\" or \"allow\""):format(self.name), 3)
+  end
+  self.on_outage = outage
+  local rate, per = opts.rate or self.rate, opts.per or self.per or 1
+  if type(rate) ~= "number" or rate <= 0 then error(("bucket '%s': rate must be a positive number"):format(self.name), 3) end
+  self.rate, self.per, self.burst = rate, per, opts.burst or self.burst or rate
+  self.interval = per / rate
+  self.tolerance = self.burst * self.interval
+  self.fallback = local_bucket(self.name .. ":local", { rate = rate, per = per, burst = self.burst })
+end
+
+-- One call to the store: -> true, remaining, wait | false, seconds. A wait
+-- up to max_wait books the caller's slot there (the GCRA's arrival time moves
+-- on in the same script or transaction), so a waiter sleeps once and goes
+-- ahead: waiters that slept and asked again collided and lost a fifth of
+-- the rate at burst 1.
+local function take(self, n, max_wait)
+  local s, serr = resil.store()
+  local ok, x, wait
+  if s then
+    ok, x, wait = s.backend:gcra_take("bucket:" .. self.name, self.interval, self.tolerance, n, store_now(), max_wait)
+  end
+  if ok == nil then
+    warn_once(self, s and x or serr)
+    if self.on_outage == "allow" then return true, 0, 0 end
+    if self.on_outage == "deny" then return false, 1 end -- look again in a second
+    return self.fallback:try(n)
+  end
+  self.warned = false
+  return ok, x, wait
+end
+
+-- b:try(n) -> true, remaining | false, seconds (books nothing ahead)
+function SharedBucket:try(n)
+  n = n or 1
+  if n > self.burst then return false, math.huge end
+  local ok, x = take(self, n, 0)
+  return ok, x
+end
+
+-- b:acquire(n, {timeout=}) -> true, remaining | nil, err{kind="rate_limited"}
+function SharedBucket:acquire(n, opts)
+  n = n or 1
+  if n > self.burst then
+    return nil, resil.error("rate_limited", ("bucket '%s': %g tokens can never be granted (burst is %g)"):format(
+      self.name, n, self.burst), { bucket = self.name })
+  end
+  local timeout = opts and opts.timeout
+  local deadline = timeout and resil.now() + timeout
+  while true do
+    local asked = resil.now()
+    local ok, x, wait = take(self, n, deadline and math.max(0, deadline - asked) or math.huge)
+    if ok then
+      -- the slot is ours (no need to ask again); it starts `wait` after we asked, not after the reply
+      local left = wait and asked + wait - resil.now() or 0
+      if left > 0 then resil.sleep(left) end
+      return true, x
+    end
+    if deadline and resil.now() + x > deadline then
+      return nil, resil.error("rate_limited", ("bucket '%s': %g tokens available in %.3f s"):format(self.name, n, x),
+        { retry_after = x, bucket = self.name })
+    end
+    resil.sleep(x)
+  end
+end
+
+function SharedBucket:name() return self.name end
+function SharedBucket:state()
+  return { name = self.name, rate = self.rate, per = self.per, burst = self.burst, shared = true }
+end
+
+-- the shared object of this name, made on first use
+local function shared_named(registry, mt, name)
+  local obj = registry[name]
+  if not obj then
+    obj = setmetatable({ name = name }, mt)
+    registry[name] = obj
+  end
+  return obj
+end
+
+function resil.bucket(name, opts)
+  if type(opts) == "table" and opts.shared or shared_buckets[name] then
+    local b = shared_named(shared_buckets, SharedBucket, name)
+    if opts then b:configure(opts) end
+    return b
+  end
+  return local_bucket(name, opts)
+end
+
+-- every breaker counts its transitions and rejections
+local transitions_total = resil.metrics.counter("resil_breaker_transitions_total",
+  "Circuit breaker transitions, by breaker and new state")
+local rejected_total = resil.metrics.counter("resil_breaker_rejected_total", "Calls a breaker refused, by breaker")
+local instrumented_set = setmetatable({}, { __mode = "k" })
+instrumented = function(br)
+  if instrumented_set[br] then return br end
+  instrumented_set[br] = true
+  local name = br:name()
+  for _, state in ipairs({ "open", "half_open", "closed", "isolated" }) do
+    local series = transitions_total:labels({ breaker = name, to = state })
+    br:on(state, function() series:inc() end)
+  end
+  local rejected = rejected_total:labels({ breaker = name })
+  br:on("reject", function() rejected:inc() end)
+  return br
+end
+
+local SharedBreaker = {}
+SharedBreaker.__index = SharedBreaker
+
+-- br:allow() -> true [, "probe"] | nil, err{kind="circuit_open"}
+function SharedBreaker:allow()
+  local s, serr = resil.store()
+  local ok, x
+  if s then ok, x = s.backend:breaker_probe(self.name, self.probe_for, store_now()) end
+  if ok == nil then
+    warn_once(self, s and x or serr)
+    return self.inner:allow()
+  end
+  if ok and x == "probe" then
+    self.probing = (self.probing or 0) + 1
+    return true, "probe"
+  end
+  if ok then return self.inner:allow() end
+  return nil, resil.error("circuit_open", ("breaker '%s' is open (shared) for %.3f s more"):format(self.name, x),
+    { retry_after = x, breaker = self.name })
+end
+
+-- br:record(ok, seconds); a probe's outcome closes or re-opens it for everyone
+function SharedBreaker:record(ok, seconds)
+  local s = resil.store()
+  if self.probing and self.probing > 0 then
+    self.probing = self.probing - 1
+    if ok == nil then return end
+    if ok then
+      if s then s.backend:breaker_close(self.name) end
+      self.inner:reset()
+    elseif s then
+      s.backend:breaker_open(self.name, store_now() + self.open_for, store_now())
+    end
+    return
+  end
+  local before = self.inner:state()
+  self.inner:record(ok, seconds)
+  if before ~= "open" and self.inner:state() == "open" and s then
+    s.backend:breaker_open(self.name, store_now() + self.open_for, store_now())
+  end
+end
+
+function SharedBreaker:state()
+  local s = resil.store()
+  local open_until = s and s.backend:breaker_get(self.name, store_now())
+  if open_until then return open_until > store_now() and "open" or "half_open" end
+  return self.inner:state()
+end
+
+SharedBreaker.call = breaker_call -- it only uses allow() and record()
+
+function SharedBreaker:name() return self.name end
+function SharedBreaker:on(...) return self.inner:on(...) end
+function SharedBreaker:stats() return self.inner:stats() end
+function SharedBreaker:reset()
+  local s = resil.store()
+  if s then s.backend:breaker_close(self.name) end
+  self.inner:reset()
+end
+
+function resil.breaker(name, opts)
+  if type(opts) == "table" and opts.shared or shared_breakers[name] then
+    local br = shared_named(shared_breakers, SharedBreaker, name)
+    if opts then
+      local o = {}
+      for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
+      br.inner = instrumented(local_breaker(name .. ":local", o))
+      br.open_for = opts.open_for or 30
+      br.probe_for = opts.probe_timeout or 60 -- a probe that never reports frees its slot after this
+    end
+    return br
+  end
+  return instrumented(local_breaker(name, opts))
+end

@@ -1,0 +1,118 @@
+-- resil.once: idempotency. fn runs at most once per key across tasks,
+-- processes and restarts; its result is stored and replayed. The record
+-- names its holder (src/lua/owner.lua): a holder that died is taken over.
+local resil = ...
+local S = require "resil.store"
+local owner = require "resil.owner"
+local store_now, store_or_fail = S.now, S.open
+local encode_values, decode_values = S.encode_values, S.decode_values
+local json = resil.json
+local pack, unpack = table.pack, table.unpack
+
+local inflight = {} -- key -> the child task running fn in this process
+
+-- A failure is stored (and replayed) only when it says it is permanent,
+-- err.retryable == false (policies.classify sets it); anything else frees the
+-- key for another try. The store does not depend on the policy library.
+local function is_permanent(err)
+  return type(err) == "table" and err.retryable == false
+end
+
+local drop_mt = { __close = function(d) owner.drop(d[1], d[2]) end }
+
+local function run_once(s, holder, key, lease, retention, fn, ...)
+  resil.context({ idempotency_key = key })
+  owner.keep(s.backend, "once:" .. key) -- renew this process's lease while fn runs
+  local _ <close> = setmetatable({ s.backend, "once:" .. key }, drop_mt)
+  local r = pack(pcall(fn, ...))
+  local now = store_now()
+  if not r[1] then
+    s.backend:once_release(key, holder)
+    error(r[2], 0)
+  end
+  if r[2] == nil and r[3] ~= nil and not is_permanent(r[3]) then
+    s.backend:once_release(key, holder) -- a retryable failure: someone may try again
+    return unpack(r, 2, r.n)
+  end
+  local text, err = encode_values(r, 2)
+  if not text then
+    s.backend:once_release(key, holder)
+    error("resil.once: cannot store the results: " .. err, 0)
+  end
+  local ok, serr = s.backend:once_finish(key, holder, text, retention, now)
+  if ok == nil and serr then return nil, serr end
+  if not ok then
+    -- another process took the key over (it found this one dead or its
+    -- lease lapsed) and runs fn itself: its result is the one that counts
+    local lost = resil.error("lease_lost", ("once %s: the result was not recorded: another process took the key " ..
+      "over; ask again for the result it records"):format(key), { key = key, retryable = true })
+    resil.log.error("once: lease lost", { key = key })
+    return nil, lost
+  end
+  return unpack(r, 2, r.n)
+end
+
+local function fingerprint_of(...)
+  local ok, text = pcall(json.encode, pack(...))
+  return resil.hash(ok and text or "")
+end
+
+-- resil.once(key | {key=, fingerprint=, lease=, wait=, retention=}, fn, ...)
+-- -> fn's results, run at most once per key across processes and restarts.
+function resil.once(spec, fn, ...)
+  local o = type(spec) == "table" and spec or { key = spec }
+  local key = o.key
+  if type(key) ~= "string" or key == "" then error("resil.once: key must be a non-empty string", 2) end
+  if type(fn) ~= "function" then error("resil.once: fn must be a function", 2) end
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local fingerprint = o.fingerprint or fingerprint_of(...)
+  -- the record names this process; a holder that died is taken over (on this
+  -- machine at once, elsewhere when its lease lapses); `lease` only ages
+  -- records that name no process (written by older versions)
+  local holder_id = owner.me().id
+  local lease, retention = o.lease or 300, o.retention or 86400
+  local deadline = resil.now() + (o.wait or 30)
+  local poll = 0.05
+  while true do
+    local holder = inflight[key]
+    if holder then -- the same process: wait for it, then read what it stored
+      local left = deadline - resil.now()
+      if left <= 0 or holder:join(left) == nil then
+        return nil, resil.error("in_progress", ("once %s: still running in this process"):format(key), { key = key })
+      end
+    end
+    local now = store_now()
+    local lease_until = owner.lease_due(s.backend, now)
+    local state, data, held_by = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, now,
+      lease_until)
+    if state == nil then return nil, data end -- the store is unavailable
+    owner.lease_written(s.backend, lease_until)
+    if state == "done" then
+      local r = decode_values(data)
+      return unpack(r, 1, r.n)
+    elseif state == "key_reused" then
+      return nil, resil.error("key_reused", ("once %s: the key was used with different arguments"):format(key),
+        { key = key })
+    elseif state == "claimed" then
+      local child = resil.spawn(run_once, s, holder_id, key, lease, retention, fn, ...)
+      inflight[key] = child
+      local r = pack(child:join())
+      if inflight[key] == child then inflight[key] = nil end
+      if not r[1] then error(r[2], 0) end
+      return unpack(r, 2, r.n)
+    elseif not inflight[key] then -- in progress in another process (or a task here is about to run it)
+      if resil.now() + poll > deadline then
+        return nil, resil.error("in_progress", ("once %s: held by %s"):format(key, owner.format(held_by, data)),
+          { key = key, locked_at = data, holder = owner.describe(held_by) })
+      end
+      resil.sleep(poll)
+      poll = math.min(poll * 2, 1)
+    end
+  end
+end
+
+-- Drop idempotency records past their retention.
+function resil.once_reap()
+  return S.open_or_raise(2).backend:once_reap(store_now())
+end

@@ -1,0 +1,154 @@
+-- resil.step and resil.run: checkpointed runs. A run is identified by
+-- --run or by the script and its arguments; each step's result is stored
+-- before the task goes on, so a re-run resumes. A run has one owner at a
+-- time (src/lua/owner.lua).
+local resil = ...
+local S = require "resil.store"
+local owner = require "resil.owner"
+local store_now, store_or_fail = S.now, S.open
+local config, encode_values, decode_values = S.config, S.encode_values, S.decode_values
+local unpack, pack = table.unpack, table.pack
+
+local run -- the current run: { id =, seq = { [scope] = n } }, once a step has run
+
+-- from the script's absolute path (config.script_path, set by the host) and
+-- its arguments: the same command resumes the same run
+local function default_run_id()
+  local script = config.script or "(script)"
+  local name = script:match("([^/]+)$"):gsub("%.lua$", "")
+  local where = config.script_path or script
+  return ("%s-%s"):format(name, resil.hash(where .. "\0" .. table.concat(config.args or {}, "\0")):sub(1, 12))
+end
+
+-- Another live process holds the run. Said without a traceback: nothing is
+-- wrong with the script, and the user needs only who holds it.
+local function run_held(id, holder, since, lost)
+  local how = lost and "was taken over by %s; this process stops" or
+    "is held by %s (another process is running it; --wait waits for it)"
+  return resil.error("run_held", ("run %s " .. how):format(id, owner.format(holder, since)),
+    { run = id, holder = owner.describe(holder), traceback = false })
+end
+
+-- A run has one owner at a time: take it, or wait for its holder (config.wait).
+local function take_run(s, id)
+  local me = owner.me().id
+  local wait = config.wait == true and math.huge or config.wait or 0
+  local deadline, poll, told = resil.now() + wait, 0.05, false
+  while true do
+    local now = store_now()
+    local lease_until = owner.lease_due(s.backend, now)
+    local done, generation, since = s.backend:run_start(id, config.script, config.fresh, now, me, lease_until)
+    if done == nil then error(generation, 0) end -- the store is unavailable
+    owner.lease_written(s.backend, lease_until)
+    if done then
+      owner.keep(s.backend, "run:" .. id)
+      return done, generation
+    end
+    if resil.now() + poll > deadline then error(run_held(id, generation, since), 0) end
+    if not told then
+      told = true
+      resil.log.warn("run held by another process: waiting for it", { run = id,
+        holder = owner.format(generation, since) })
+    end
+    resil.sleep(poll)
+    poll = math.min(poll * 2, 1)
+  end
+end
+
+-- -> the current run, taken on first use | nil, err{kind="store_unavailable"}
+-- (a run another process holds raises: the script must stop)
+local function current_run()
+  if run then
+    -- another task is still recording the run's start: wait for it
+    if run.starter and run.starter ~= resil.running() then run.starter:join() end
+    if run then return run end
+  end
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local id = config.run or default_run_id()
+  run = { id = id, seq = {}, store = s, resumed = false }
+  run.starter = resil.spawn(function()
+    local done, generation = take_run(s, id)
+    run.held, run.resumed, run.generation = true, done > 0, generation
+    resil.log.info(done > 0 and "run resumed" or "run started", { run = id, steps_done = done })
+  end)
+  local ok, err = run.starter:join()
+  run.starter = nil
+  if not ok then
+    run = nil
+    if resil.is_error(err) and err.kind == "store_unavailable" then return nil, err end
+    error(err, 3)
+  end
+  return run
+end
+
+local function current_run_or_raise()
+  local r, err = current_run()
+  if not r then error(err, 3) end
+  return r
+end
+
+resil.run = {}
+function resil.run.id() return current_run_or_raise().id end
+function resil.run.started() return run ~= nil end
+function resil.run.resumed() return current_run_or_raise().resumed end
+-- Record how the run ended and give it up (the CLI does this when the
+-- script ends). Works outside a task: it writes at once, without the loop.
+-- A later resil.step takes the run again and resumes it.
+function resil.run.finish(status)
+  local r = run
+  if not (r and r.held) then return end
+  run = nil
+  owner.drop(r.store.backend, "run:" .. r.id)
+  r.store.backend:run_finish_now(r.id, status or "done", store_now(), owner.me().id)
+end
+
+-- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
+function resil.step(name, fn, ...)
+  if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
+  if type(fn) ~= "function" then error("resil.step: fn must be a function", 2) end
+  if S.holds_secret(name) then error("resil.step: the step's name contains a value read through resil.secret", 2) end
+  local r, rerr = current_run()
+  if not r then return nil, rerr end
+  local scope = resil.context().step_scope or "" -- set per resil.map item
+  local seq = (r.seq[scope] or 0) + 1
+  r.seq[scope] = seq
+  local backend = r.store.backend
+  local recorded, result = backend:step_get(r.id, scope, seq)
+  -- unknown is not "not done": running it again could pay twice
+  if recorded == nil and result ~= nil then return nil, result end
+  if recorded ~= nil then
+    if recorded ~= name then
+      error(resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
+        .. "start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name),
+        { run = r.id, seq = seq, recorded = recorded, name = name }), 2)
+    end
+    local values = decode_values(result)
+    return unpack(values, 1, values.n)
+  end
+  local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
+  local saved_step = ctx.step
+  ctx.step = name
+  local out = pack(pcall(fn, ...))
+  ctx.step = saved_step
+  if not out[1] then error(out[2], 0) end
+  if out[2] == nil and out.n >= 3 and out[3] ~= nil then return unpack(out, 2, out.n) end -- not checkpointed
+  local text, err = encode_values(out, 2)
+  if not text then error("resil.step: cannot checkpoint the results: " .. err, 2) end
+  local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id)
+  if ok == false then error(run_held(r.id, serr, since, true), 2) end
+  if not ok then return nil, serr end -- not checkpointed: the store is unavailable
+  return unpack(out, 2, out.n)
+end
+
+-- Journaled decisions: in a resumed run they return what the first run got.
+function resil.run.now() return resil.step("@now", store_now) end
+function resil.run.random(m, n)
+  return resil.step("@random", function()
+    if m == nil then return math.random() end
+    return math.random(m, n)
+  end)
+end
+
+-- for the ledger: the run a cost belongs to
+return { current_id = function() return run and run.id end }
