@@ -42,9 +42,10 @@ const char *resil_error(resil_t *R) { return R->error ? R->error : ""; }
 lua_State *resil_lua(resil_t *R) { return R->L; }
 struct event_base *resil_event_base(resil_t *R) { return R->base; }
 
-/* The memory cap applies to what scripts allocate while a task runs; the
- * host's own bookkeeping between resumes is never refused, so a cap can make
- * a task fail but can never corrupt the host. */
+/* The memory cap applies to all Lua the host runs (tasks, and handlers and
+ * reloads through host_pcall), all of it protected; the host's own
+ * bookkeeping in between is never refused, so a cap can make a script fail
+ * but can never abort or corrupt the host. */
 static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   resil_t *R = ud;
   if (ptr == NULL) osize = 0;
@@ -53,7 +54,7 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     R->mem_used -= osize;
     return NULL;
   }
-  if (R->mem_limit && R->current && nsize > osize && R->mem_used + (nsize - osize) > R->mem_limit) return NULL;
+  if (R->mem_limit && (R->current || R->host_L) && nsize > osize && R->mem_used + (nsize - osize) > R->mem_limit) return NULL;
   void *p = realloc(ptr, nsize);
   if (p) R->mem_used = R->mem_used - osize + nsize;
   return p;
@@ -73,6 +74,28 @@ int resil_traceback(lua_State *L) {
   }
   luaL_traceback(L, L, msg, 1);
   return 1;
+}
+
+int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
+  resil_t *R = resil_from_lua(L);
+  int base = lua_gettop(L) - nargs; /* the function, then the message handler below it */
+  lua_pushcfunction(L, resil_traceback);
+  lua_insert(L, base);
+  lua_State *outer_L = R->host_L;
+  const char *outer_what = R->host_what;
+  R->host_L = L;
+  R->host_what = what;
+  R->host_stop[0] = '\0';
+  loop_arm_hook(R, L); /* also when a signal came before: the first one must stop it */
+  int status = lua_pcall(L, nargs, nresults, base);
+  R->host_L = outer_L;
+  R->host_what = outer_what;
+  R->host_stop[0] = '\0';
+  /* give L back the hook of where it runs: a task or an outer call keeps its cap */
+  if (outer_L == L || task_running(L)) loop_arm_hook(R, L);
+  else lua_sethook(L, NULL, 0, 0);
+  lua_remove(L, base);
+  return status;
 }
 
 /* Raise a misuse error located at the user's line: frames of the host's own
