@@ -152,9 +152,11 @@ describe("the standalone mock (resil-lua mock)", function()
     assert.is_string(url)
     local first = http.request({ url = url .. "/v1/chat/completions", json = {} })
     local second = http.request({ url = url .. "/v1/chat/completions", json = {} })
-    os.execute("kill -INT " .. pid)
+    -- SIGTERM: a background job of sh ignores SIGINT
+    os.execute("kill -TERM " .. pid)
     assert.are.equal(418, first.status)
     assert.are.equal(200, second.status)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10), "the mock is still running")
   end)
 
   it("names a scenario file that does not return a table", function()
