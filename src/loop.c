@@ -296,6 +296,19 @@ static void task_record_failure(task *t) {
   t->nres = 1;
 }
 
+/* A failed coroutine keeps its whole stack (and all it references) for
+ * debug.traceback until reset; keep only the error value, so a task that hit
+ * --max-memory gives its memory back at once, and close its pending
+ * to-be-closed variables as coroutine.close would. L stack (co): ..., err -> err */
+static void task_drop_stack(task *t) {
+  lua_State *co = t->co, *L = t->R->L;
+  if (!lua_checkstack(L, 1)) return;
+  lua_xmove(co, L, 1);
+  lua_resetthread(co);
+  lua_settop(co, 0);
+  lua_xmove(L, co, 1);
+}
+
 static void instruction_hook(lua_State *L, lua_Debug *ar);
 static const char *task_where(task *t);
 
@@ -319,6 +332,7 @@ static void task_resume(resil_t *R, task *t) {
     t->nres = nres;
   } else {
     task_record_failure(t);
+    task_drop_stack(t);
   }
   task_done(t);
 }

@@ -404,7 +404,7 @@ resil_t *resil_open(const resil_options *opts) {
       lua_getfield(L, -1, "output");
       lua_pushstring(L, opts->log_file);
       if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-        fprintf(stderr, "resil-lua: %s\n", lua_tostring(L, -1));
+        resil_set_error(R, lua_tostring(L, -1));
         lua_pop(L, 1);
       }
     }
@@ -412,19 +412,23 @@ resil_t *resil_open(const resil_options *opts) {
       lua_getfield(L, -1, "level");
       lua_pushstring(L, opts->log_level);
       if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-        fprintf(stderr, "resil-lua: %s\n", lua_tostring(L, -1));
+        resil_set_error(R, lua_tostring(L, -1));
         lua_pop(L, 1);
       }
     }
     lua_pop(L, 1);
   }
-  /* the store's settings, read when a script first uses the store */
+  /* the store's settings, read when a script first uses the store; an
+   * unknown URL scheme is refused now */
   lua_getfield(L, -1, "store_config");
   lua_createtable(L, 0, 3);
   if (opts->store) lua_pushstring(L, opts->store), lua_setfield(L, -2, "url");
   if (opts->run_id) lua_pushstring(L, opts->run_id), lua_setfield(L, -2, "run");
   lua_pushboolean(L, opts->fresh), lua_setfield(L, -2, "fresh");
-  lua_call(L, 1, 0);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    resil_set_error(R, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
   lua_pop(L, 2);
   if (opts->virtual_clock) clock_set_virtual(R, 1);
   return R;

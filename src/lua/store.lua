@@ -39,8 +39,20 @@ end
 
 local opened = {}
 
+-- A store URL is a file path (SQLite), sqlite://PATH, redis:// or
+-- rediss://; anything else that looks like a URL is a mistake, not a file
+-- name (`ftp://x` would make a folder `ftp:`).
+local function check_url(url, level)
+  local scheme = url:match("^(%a[%w+.-]*)://")
+  if scheme and scheme ~= "sqlite" and scheme ~= "redis" and scheme ~= "rediss" then
+    error(("store: unknown URL scheme '%s' in '%s' (use a file path, sqlite://PATH or redis://host:port/db)"):format(
+      scheme, url), level + 1)
+  end
+end
+
 -- resil.store_config{url=, run=, fresh=, script=, args=}: set by the CLI and embedders
 function resil.store_config(c)
+  if c.url ~= nil then check_url(c.url, 2) end
   for k, v in pairs(c) do config[k] = v end
 end
 
@@ -57,6 +69,7 @@ function resil.store(url, opts)
   url = url or default_url()
   local s = opened[url]
   if s then return s end
+  check_url(url, 2)
   local backend, err
   if url:match("^redis://") or url:match("^rediss://") then
     backend, err = backends.redis.open(url)
