@@ -129,6 +129,13 @@ describe("the mock provider", function()
     assert.are.equal(5, json.decode(res.body).bytes)
   end)
 
+  it("takes the server's request limits", function()
+    m = resil.mock.start({}, { max_body = 100 })
+    local res = chat(m, nil, { model = "m", messages = { { role = "user", content = ("x"):rep(1000) } } })
+    assert.are.equal(413, res.status)
+    assert.are.equal(0, m:stats().total)
+  end)
+
   it("rejects a malformed scenario at the caller's line", function()
     assert.has_error(function() resil.mock.start({ faults = { { kind = "explode" } } }) end,
       "resil.mock: unknown fault kind 'explode'")
