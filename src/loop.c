@@ -304,7 +304,9 @@ static void task_drop_stack(task *t) {
   lua_State *co = t->co, *L = t->R->L;
   if (!lua_checkstack(L, 1)) return;
   lua_xmove(co, L, 1);
+  t->R->current = t; /* __close handlers run under its caps and signals */
   lua_resetthread(co);
+  t->R->current = NULL;
   lua_settop(co, 0);
   lua_xmove(L, co, 1);
 }

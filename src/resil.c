@@ -54,7 +54,8 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     R->mem_used -= osize;
     return NULL;
   }
-  if (R->mem_limit && (R->current || R->host_L) && nsize > osize && R->mem_used + (nsize - osize) > R->mem_limit) return NULL;
+  int capped = R->current || R->host_L;
+  if (R->mem_limit && capped && nsize > osize && R->mem_used + (nsize - osize) > R->mem_limit) return NULL;
   void *p = realloc(ptr, nsize);
   if (p) R->mem_used = R->mem_used - osize + nsize;
   return p;
@@ -83,6 +84,8 @@ int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
   lua_insert(L, base);
   lua_State *outer_L = R->host_L;
   const char *outer_what = R->host_what;
+  lua_Hook outer_hook = lua_gethook(L); /* a task's cap, when a task reloads */
+  int outer_mask = lua_gethookmask(L), outer_count = lua_gethookcount(L);
   R->host_L = L;
   R->host_what = what;
   R->host_stop[0] = '\0';
@@ -91,9 +94,8 @@ int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
   R->host_L = outer_L;
   R->host_what = outer_what;
   R->host_stop[0] = '\0';
-  /* give L back the hook of where it runs: a task or an outer call keeps its cap */
-  if (outer_L == L || task_running(L)) loop_arm_hook(R, L);
-  else lua_sethook(L, NULL, 0, 0);
+  lua_sethook(L, outer_hook, outer_mask, outer_count);
+  if (R->interrupted) loop_interrupt_running(R); /* the task or outer call this ran in stops too */
   lua_remove(L, base);
   return status;
 }

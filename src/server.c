@@ -181,7 +181,7 @@ static void reply_done_cb(struct evhttp_request *req, void *arg) {
   (void)req;
   conn *c = arg;
   struct evbuffer *in = bufferevent_get_input(c->bev);
-  if (evbuffer_get_length(in) > 0) evtimer_add(c->ev, c->srv->read_timeout);
+  if (evbuffer_get_length(in) > 0 || !c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
   else evbuffer_cb_set_flags(in, c->first_byte, EVBUFFER_CB_ENABLED);
 }
 

@@ -52,8 +52,11 @@ end
 
 -- resil.store_config{url=, run=, fresh=, script=, args=}: set by the CLI and embedders
 function resil.store_config(c)
-  if c.url ~= nil then check_url(c.url, 2) end
-  for k, v in pairs(c) do config[k] = v end
+  local ok, err = pcall(check_url, c.url or "", 3)
+  for k, v in pairs(c) do
+    if ok or k ~= "url" then config[k] = v end
+  end
+  if not ok then error(err, 0) end
 end
 
 local function default_url()
