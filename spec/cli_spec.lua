@@ -76,6 +76,45 @@ describe("the resil-lua command", function()
     assert.matches("unknown level", helpers.run(R .. " --log-level loud x.lua").stderr)
     assert.matches("needs an argument", helpers.run(R .. " -e").stderr)
   end)
+
+  it("rejects sizes and counts that do not fit, with exit status 1", function()
+    for _, bad in ipairs({ "99999999999999999999G", "nan", "inf", "0.5", "2000000G" }) do
+      local r = helpers.run(R .. " --max-memory " .. bad .. " -e 'print(1)'")
+      assert.are.equal(1, r.code, bad)
+      assert.matches("%-%-max%-memory: bad size", r.stderr)
+    end
+    local r = helpers.run(R .. " --max-instructions 99999999999 -e 'print(1)'")
+    assert.are.equal(1, r.code)
+    assert.matches("%-%-max%-instructions: bad count '99999999999' %(1 to 2147483647%)", r.stderr)
+  end)
+
+  it("names a --log-file it cannot open, with exit status 1", function()
+    local r = helpers.run(R .. " --log-file /nonexistent-dir/x.log -e 'print(1)'")
+    assert.are.equal(1, r.code)
+    assert.are.equal("", r.stdout)
+    assert.matches("%-%-log%-file: cannot open /nonexistent%-dir/x%.log: No such file or directory", r.stderr)
+  end)
+
+  it("refuses a --store URL of an unknown scheme, naming the accepted forms", function()
+    local dir = helpers.tmpname("-cwd")
+    assert(os.execute("mkdir -p " .. dir))
+    for _, cmd in ipairs({ " --store ftp://x -e 'print(1)'", " runs --store ftp://x" }) do
+      local r = helpers.run("cd " .. dir .. " && " .. R .. cmd)
+      assert.are.equal(1, r.code, cmd)
+      assert.are.equal("", r.stdout)
+      assert.matches("unknown URL scheme 'ftp' in 'ftp://x' %(use a file path, sqlite://PATH or redis://", r.stderr)
+    end
+    assert.is_nil(io.open(dir .. "/ftp:"), "a folder named after the URL")
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("refuses a --since that is not a date", function()
+    for _, bad in ipairs({ "2026-13-45", "2026-02-29", "2026-00-10" }) do
+      local r = helpers.run(R .. " costs --since " .. bad .. " --store " .. helpers.tmpname(".db"))
+      assert.are.equal(1, r.code, bad)
+      assert.matches("%-%-since " .. bad:gsub("%p", "%%%0") .. " is not a date %(YYYY%-MM%-DD%)", r.stderr)
+    end
+  end)
 end)
 
 describe("runaway scripts", function()
@@ -108,6 +147,26 @@ describe("runaway scripts", function()
     ]], "--max-memory 32M")
     assert.are.equal(0, r.code, r.stderr)
     assert.matches("joined\tfalse\tnot enough memory", r.stdout)
+  end)
+
+  it("a task that failed under --max-memory gives its memory back, though its handle is kept", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local hog = resil.spawn(function()
+        local t = {}
+        for i = 1, 1e8 do t[i] = ("x"):rep(100) .. i end
+      end)
+      print("first", hog:join())
+      local next = resil.spawn(function()
+        local t = {}
+        for i = 1, 1e5 do t[i] = ("y"):rep(100) .. i end
+        return #t
+      end)
+      print("next", next:join())
+      print(hog:status())
+    ]], "--max-memory 32M")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("first\tfalse\tnot enough memory\nnext\ttrue\t100000\nfailed\n", r.stdout)
   end)
 
   it("the main task hitting the memory cap exits 1 with a message", function()

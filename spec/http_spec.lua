@@ -94,6 +94,21 @@ describe("resil.http.request against the mock provider", function()
     assert.matches("remaining", err.message)
   end)
 
+  it("gives kind=too_large for response headers past curl's limits, one line or all of them", function()
+    local server = resil.server.listen({ handler = function(req)
+      local h = {}
+      if req.path == "/one" then h["x-big"] = ("a"):rep(200 * 1024) -- one line past 100 KB
+      else for i = 1, 400 do h["x-h" .. i] = ("b"):rep(1000) end end -- 400 KB in all
+      return { status = 200, headers = h, body = "ok" }
+    end })
+    local url = ("http://127.0.0.1:%d"):format(server:port())
+    local _, one = http.request({ url = url .. "/one" })
+    local _, many = http.request({ url = url .. "/many" })
+    server:close()
+    assert.are.equal("too_large", one.kind)
+    assert.are.equal("too_large", many.kind)
+  end)
+
   it("gives kind=too_large past max_body, without buffering the rest", function()
     local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {}, max_body = 10 })
     assert.is_nil(res)

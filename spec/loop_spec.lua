@@ -56,6 +56,20 @@ describe("tasks", function()
     assert.is_false(t:cancel()) -- already finished
   end)
 
+  it("a task that fails closes its to-be-closed variables and keeps only its error", function()
+    local closed = false
+    local t = resil.spawn(function()
+      local guard <close> = setmetatable({}, { __close = function() closed = true end })
+      local big = ("x"):rep(1e6) -- referenced from the failed stack only
+      error({ kind = "boom", size = #big })
+    end)
+    resil.yield()
+    assert.is_true(closed)
+    local ok, err = t:join()
+    assert.is_false(ok)
+    assert.are.same({ kind = "boom", size = 1e6 }, err)
+  end)
+
   it("cancel before a task ever ran means it never runs", function()
     local ran = false
     local t = resil.spawn(function() ran = true end)

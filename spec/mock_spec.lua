@@ -129,6 +129,13 @@ describe("the mock provider", function()
     assert.are.equal(5, json.decode(res.body).bytes)
   end)
 
+  it("takes the server's request limits", function()
+    m = resil.mock.start({}, { max_body = 100 })
+    local res = chat(m, nil, { model = "m", messages = { { role = "user", content = ("x"):rep(1000) } } })
+    assert.are.equal(413, res.status)
+    assert.are.equal(0, m:stats().total)
+  end)
+
   it("rejects a malformed scenario at the caller's line", function()
     assert.has_error(function() resil.mock.start({ faults = { { kind = "explode" } } }) end,
       "resil.mock: unknown fault kind 'explode'")
@@ -152,9 +159,11 @@ describe("the standalone mock (resil-lua mock)", function()
     assert.is_string(url)
     local first = http.request({ url = url .. "/v1/chat/completions", json = {} })
     local second = http.request({ url = url .. "/v1/chat/completions", json = {} })
-    os.execute("kill -INT " .. pid)
+    -- SIGTERM: a background job of sh ignores SIGINT
+    os.execute("kill -TERM " .. pid)
     assert.are.equal(418, first.status)
     assert.are.equal(200, second.status)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10), "the mock is still running")
   end)
 
   it("names a scenario file that does not return a table", function()

@@ -74,6 +74,22 @@ print(c.bump(), (c.bucket:try(1)))
     assert.are.equal("3\tfalse\n", r.stdout)
   end)
 
+  it("refuses a policy that returns something other than a table, naming the file", function()
+    local r = run(policy_dir(1), [[
+local resil = require "resil"
+local greet = resil.policy "greet"
+local f = io.open(arg[1] .. "/greet.lua", "w")
+f:write("return 42")
+f:close()
+local ok, err = resil.reload()
+print(ok, greet.version)
+io.stderr:write(err, "\n")
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("false\t1\n", r.stdout)
+    assert.matches("greet%.lua: policies%.greet returned number, not a table", r.stderr)
+  end)
+
   -- the two below wait for a real signal or a real file event; each waits at
   -- most 10 s and stops as soon as the reload is seen
   local waiter = [[
@@ -112,5 +128,79 @@ print(wait_for(3))
 ]], "--watch --log-level off")
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("true\n", r.stdout)
+  end)
+end)
+
+describe("policy reload under the host's caps", function()
+  -- stopped after 10 s: without the caps these spin forever
+  local function run_capped(dir, source, opts)
+    local path = helpers.write(helpers.tmpname(".lua"), source)
+    return helpers.run(("timeout -s KILL 10 %s --policies %s %s %s %s"):format(helpers.resil, dir, opts, path, dir))
+  end
+
+  -- the script replaces greet.lua with `body`, reloads (through resil.reload()
+  -- or SIGHUP, whose reload runs outside any task) and prints the version
+  -- that serves then
+  local function reload_with(body, how, opts)
+    local dir = policy_dir(1)
+    local log = helpers.tmpname(".log")
+    local r = run_capped(dir, ([[
+local resil = require "resil"
+local greet = resil.policy "greet"
+local f = io.open(arg[1] .. "/greet.lua", "w")
+f:write(%q)
+f:close()
+if %q == "sighup" then
+  local pid = io.open("/proc/self/stat"):read("a"):match("^(%%d+)")
+  os.execute("kill -HUP " .. pid)
+  for _ = 1, 500 do
+    local l = io.open(%q)
+    if l and l:read("a"):match("policy reload failed") then break end
+    resil.sleep(0.01)
+  end
+else
+  local ok, err = resil.reload()
+  print(ok, err)
+end
+print("serving", greet.version, greet.hello())
+]]):format(body, how, log), opts .. " --log-file " .. log)
+    r.log = helpers.slurp(log)
+    os.remove(log)
+    return r
+  end
+
+  for _, how in ipairs({ "resil.reload", "sighup" }) do
+    it(how .. ": a policy that loops at load fails the reload with file:line; the old version serves", function()
+      local r = reload_with("local n = 0\nwhile true do n = n + 1 end\n", how, "--max-instructions 1000000")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("serving\t1\tv1\n$", r.stdout)
+      assert.matches("greet%.lua:2: policy reload ran more than %-%-max%-instructions=1000000", r.log)
+    end)
+
+    it(how .. ": a policy that allocates without end at load fails the reload; the old version serves", function()
+      local r = reload_with("local t = {}\nfor i = 1, 1e9 do t[i] = {} end\n", how, "--max-memory 32M")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("serving\t1\tv1\n$", r.stdout)
+      assert.matches("reload: not enough memory", r.log)
+    end)
+  end
+
+  it("the first SIGTERM stops a host whose reload loops", function()
+    local dir = policy_dir(1)
+    local pid, out = helpers.start([[
+local resil = require "resil"
+require "policies.greet"
+local f = io.open(arg[1] .. "/greet.lua", "w")
+f:write("print('loading'); io.stdout:flush(); while true do end")
+f:close()
+os.execute("kill -HUP " .. io.open("/proc/self/stat"):read("a"):match("^(%d+)"))
+resil.sleep(3600)
+]], "--policies " .. dir, dir)
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    require("resil").clock.real()
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("loading") ~= nil end, 10))
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10), "still running")
+    assert.matches("interrupted by signal 15", helpers.slurp(out))
   end)
 end)

@@ -62,6 +62,9 @@ struct resil {
   size_t mem_used, mem_limit;
   long max_instructions;
   volatile sig_atomic_t interrupted;
+  lua_State *host_L;     /* the thread in host_pcall, if any */
+  const char *host_what; /* what it runs, for messages */
+  char host_stop[256];   /* why its cap stopped it, raised again until it returns */
   int wake_pipe[2];
   struct event *wake_ev;
 
@@ -83,6 +86,11 @@ void resil_set_error(resil_t *R, const char *msg);
 int resil_traceback(lua_State *L); /* message handler for lua_pcall */
 const char *resil_describe(lua_State *L, int idx); /* pushes a message for any value; never raises */
 int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's line */
+/* Run Lua from C outside a task (a server handler, a policy reload): the
+ * function below nargs arguments, protected with a traceback, under
+ * --max-instructions, --max-memory and the interrupt hook. `what` names it
+ * in errors. Returns lua_pcall's status. */
+int host_pcall(lua_State *L, const char *what, int nargs, int nresults);
 
 /* loop.c: tasks */
 task *task_current(lua_State *L, const char *what); /* raises outside a task */
@@ -105,6 +113,7 @@ void loop_init(resil_t *R);
 void loop_free(resil_t *R);
 int loop_run(resil_t *R);
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
+void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
 
 /* loop.c: clock and timers */
 double resil_now(resil_t *R);

@@ -509,8 +509,13 @@ static void stream_cancel(void *arg) {
 
 /* ---------- results ---------- */
 
-static const char *error_kind(CURLcode rc) {
+/* curl 7.88 reports response headers past its limits as out of memory (one
+ * line past 100 KB) or as a receive error (all of them past 300 KB): both
+ * are too_large. */
+static const char *error_kind(CURLcode rc, const char *detail) {
+  if (rc == CURLE_RECV_ERROR && strncmp(detail, "Too large response headers", 26) == 0) return "too_large";
   switch (rc) {
+  case CURLE_OUT_OF_MEMORY: return "too_large";
   case CURLE_COULDNT_RESOLVE_HOST:
   case CURLE_COULDNT_RESOLVE_PROXY: return "dns";
   case CURLE_COULDNT_CONNECT: return "connect";
@@ -568,7 +573,7 @@ static int push_failure(lua_State *L, const outcome *o) {
   case ABORT_CANCELED: return resil_error_result(L, "canceled", "%s: request canceled", o->url);
   case ABORT_NONE: break;
   }
-  return resil_error_result(L, error_kind(o->result), "%s: %s", o->url, o->detail);
+  return resil_error_result(L, error_kind(o->result, o->detail), "%s: %s", o->url, o->detail);
 }
 
 /* Raw header lines -> table with lower-cased names; repeats are joined. */

@@ -304,6 +304,21 @@ static void task_record_failure(task *t) {
   t->nres = 1;
 }
 
+/* A failed coroutine keeps its whole stack (and all it references) for
+ * debug.traceback until reset; keep only the error value, so a task that hit
+ * --max-memory gives its memory back at once, and close its pending
+ * to-be-closed variables as coroutine.close would. L stack (co): ..., err -> err */
+static void task_drop_stack(task *t) {
+  lua_State *co = t->co, *L = t->R->L;
+  if (!lua_checkstack(L, 1)) return;
+  lua_xmove(co, L, 1);
+  t->R->current = t; /* __close handlers run under its caps and signals */
+  lua_resetthread(co);
+  t->R->current = NULL;
+  lua_settop(co, 0);
+  lua_xmove(L, co, 1);
+}
+
 static void instruction_hook(lua_State *L, lua_Debug *ar);
 static const char *task_where(task *t);
 
@@ -328,6 +343,7 @@ static void task_resume(resil_t *R, task *t) {
     t->nres = nres;
   } else {
     task_record_failure(t);
+    task_drop_stack(t);
   }
   task_done(t);
 }
@@ -354,6 +370,18 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   /* keep firing on every instruction so that a pcall cannot swallow it */
   lua_sethook(L, instruction_hook, LUA_MASKCOUNT, 1);
   if (R->interrupted) luaL_error(L, "interrupted by signal %d", (int)R->interrupted);
+  if (R->host_L && (R->host_L == L || !t)) { /* host_pcall: located where it first looped */
+    if (!R->host_stop[0]) {
+      lua_Debug ar0;
+      char at[128] = "";
+      if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
+        snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
+      snprintf(R->host_stop, sizeof R->host_stop, "%s%s ran more than --max-instructions=%ld", at, R->host_what,
+               R->max_instructions);
+    }
+    lua_pushstring(L, R->host_stop);
+    lua_error(L);
+  }
   luaL_error(L, "task %d (%s) ran more than --max-instructions=%I without yielding", t ? t->id : 0,
              t ? task_where(t) : "?", (lua_Integer)R->max_instructions);
 }
@@ -362,6 +390,13 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
 void loop_interrupt_running(resil_t *R) {
   task *t = R->current;
   if (t) lua_sethook(t->co, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  if (R->host_L) lua_sethook(R->host_L, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+void loop_arm_hook(resil_t *R, lua_State *L) {
+  if (R->interrupted) lua_sethook(L, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  else if (R->max_instructions > 0) lua_sethook(L, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
+  else lua_sethook(L, NULL, 0, 0);
 }
 
 static task *check_task(lua_State *L, int idx) {

@@ -6,6 +6,7 @@
  *   resil-lua mock [scenario.lua] [--port N] [--host ADDR]
  */
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,11 +62,13 @@ static int fail(const char *fmt, const char *arg) {
   return 1;
 }
 
+/* "64M" -> bytes; at least 1 KiB, at most 1 PiB (a larger double would not
+ * fit a size_t, and no machine has that much) */
 static int parse_size(const char *s, size_t *out) {
   char *end;
   errno = 0;
   double v = strtod(s, &end);
-  if (errno || end == s || v <= 0) return -1;
+  if (errno || end == s || !(v > 0)) return -1;
   switch (*end) {
   case 'k': case 'K': v *= 1024; end++; break;
   case 'm': case 'M': v *= 1024 * 1024; end++; break;
@@ -73,18 +76,38 @@ static int parse_size(const char *s, size_t *out) {
   default: break;
   }
   if (*end == 'B' || *end == 'b') end++;
-  if (*end != '\0') return -1;
+  if (*end != '\0' || !(v >= 1024 && v <= 1125899906842624.0)) return -1;
   *out = (size_t)v;
   return 0;
 }
 
+/* a count for lua_sethook, which takes an int */
 static int parse_count(const char *s, long *out) {
   char *end;
   errno = 0;
   long v = strtol(s, &end, 10);
-  if (errno || end == s || *end || v <= 0) return -1;
+  if (errno || end == s || *end || v <= 0 || v > INT_MAX) return -1;
   *out = v;
   return 0;
+}
+
+/* the log file can be opened for appending (its folder exists, we may write) */
+static int check_log_file(const char *path) {
+  FILE *f = fopen(path, "a");
+  if (!f) {
+    fprintf(stderr, PROGNAME ": --log-file: cannot open %s: %s\n", path, strerror(errno));
+    return -1;
+  }
+  fclose(f);
+  return 0;
+}
+
+/* what resil_open could not honour (a store URL of an unknown scheme) */
+static int open_failed(resil_t *R) {
+  if (!*resil_error(R)) return 0;
+  fprintf(stderr, PROGNAME ": %s\n", resil_error(R));
+  resil_close(R);
+  return 1;
 }
 
 /* Many concurrent transfers need many descriptors: take what we may. */
@@ -163,6 +186,7 @@ static int run_command(const char *name, int argc, char **argv) {
   }
   resil_t *R = resil_open(&opts);
   if (!R) return fail("%s", "cannot create the host");
+  if (open_failed(R)) return 1;
   /* arg: the command's own arguments, without --store and its value */
   lua_State *L = resil_lua(R);
   lua_newtable(L);
@@ -266,9 +290,11 @@ int main(int argc, char **argv) {
         if (ncodes == (int)(sizeof codes / sizeof codes[0])) return fail("%s", "too many -e options");
         codes[ncodes++] = next;
       } else if (strcmp(a, "--max-instructions") == 0) {
-        if (parse_count(next, &opts.max_instructions) != 0) return fail("--max-instructions: bad count '%s'", next);
+        if (parse_count(next, &opts.max_instructions) != 0)
+          return fail("--max-instructions: bad count '%s' (1 to 2147483647)", next);
       } else if (strcmp(a, "--max-memory") == 0) {
-        if (parse_size(next, &opts.max_memory) != 0) return fail("--max-memory: bad size '%s' (try 64M)", next);
+        if (parse_size(next, &opts.max_memory) != 0)
+          return fail("--max-memory: bad size '%s' (try 64M; 1K to 1048576G)", next);
       } else if (strcmp(a, "--policies") == 0) {
         opts.policies_dir = next;
       } else if (strcmp(a, "--store") == 0) {
@@ -276,6 +302,7 @@ int main(int argc, char **argv) {
       } else if (strcmp(a, "--run") == 0) {
         opts.run_id = next;
       } else if (strcmp(a, "--log-file") == 0) {
+        if (check_log_file(next) != 0) return 1;
         opts.log_file = next;
       } else {
         static const char *const levels[] = {"debug", "info", "warn", "error", "off"};
@@ -299,6 +326,7 @@ int main(int argc, char **argv) {
   raise_fd_limit();
   resil_t *R = resil_open(&opts);
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
+  if (open_failed(R)) return 1;
   if (wait) wait_for_run(R);
   signal_target = R;
   signal(SIGINT, on_signal);

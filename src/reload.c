@@ -1,7 +1,9 @@
 /*
- * reload.c: hot reload of policy modules: on demand (resil_reload), on
- * SIGHUP, and on file changes (inotify, debounced). The work itself is
- * resil.reload() in the prelude; this file decides when.
+ * reload.c: hot reload of policy modules: on demand (resil_reload and
+ * resil.reload()), on SIGHUP, and on file changes (inotify, debounced). The
+ * steps themselves are Lua (the prelude's reload_policies and
+ * restore_policies); this file decides when, and runs them under the host's
+ * caps.
  */
 #include <errno.h>
 #include <limits.h>
@@ -18,6 +20,7 @@
 #include "host.h"
 
 #define QUIET_SECONDS 0.1
+#define STEPS_KEY "resil.reload_steps" /* registry: { reload_policies, restore_policies } */
 
 struct reload_state {
   int inotify_fd;
@@ -34,18 +37,66 @@ static reload_state *state_of(resil_t *R) {
   return R->reload;
 }
 
+/* L stack: -> true, names | false, message. A policy file that loops or
+ * allocates without end at load meets --max-instructions / --max-memory, and
+ * a signal stops it; none of the reload's own Lua can run after that, so the
+ * old set is put back from here, with hooks off. */
+static int reload_on(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, STEPS_KEY);
+  int steps = lua_gettop(L);
+  lua_rawgeti(L, steps, 1);
+  if (host_pcall(L, "policy reload", 0, 2) == LUA_OK) {
+    lua_remove(L, steps);
+    return 2;
+  }
+  /* L stack: steps, error */
+  lua_Hook hook = lua_gethook(L);
+  int mask = lua_gethookmask(L), count = lua_gethookcount(L);
+  lua_sethook(L, NULL, 0, 0);
+  lua_rawgeti(L, steps, 2);
+  if (lua_pcall(L, 0, 0, 0) != LUA_OK) lua_pop(L, 1);
+  lua_sethook(L, hook, mask, count);
+  /* the traceback would only show where the hook fired again, in the reload's own code */
+  const char *err = lua_tostring(L, -1);
+  if (!err) err = "(error object is not a string)";
+  const char *tb = strstr(err, "\nstack traceback:");
+  lua_pushfstring(L, "reload: %s", tb ? lua_pushlstring(L, err, (size_t)(tb - err)) : err);
+  if (tb) lua_remove(L, -2);
+  lua_createtable(L, 0, 1);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "error");
+  host_log(L, "error", "policy reload failed; the old version keeps serving");
+  /* L stack: steps, error, message -> false, message */
+  lua_pushboolean(L, 0);
+  lua_replace(L, steps);
+  lua_replace(L, steps + 1);
+  return 2;
+}
+
 int resil_reload(resil_t *R) {
   lua_State *L = R->L;
-  lua_pushcfunction(L, resil_traceback);
-  if (luaL_loadstring(L, "return require('resil').reload()") != LUA_OK || lua_pcall(L, 0, 2, -2) != LUA_OK) {
-    resil_set_error(R, lua_tostring(L, -1));
-    lua_pop(L, 2);
-    return RESIL_ERR_SCRIPT;
-  }
+  int top = lua_gettop(L);
+  reload_on(L);
   int ok = lua_toboolean(L, -2);
   if (!ok) resil_set_error(R, lua_tostring(L, -1));
-  lua_pop(L, 3);
+  lua_settop(L, top);
   return ok ? RESIL_OK : RESIL_ERR_SCRIPT;
+}
+
+/* resil.reload() -> true, names | false, message */
+static int l_reload(lua_State *L) { return reload_on(L); }
+
+/* resil.set_reload_steps(reload_policies, restore_policies): from the prelude, once */
+static int l_set_reload_steps(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  lua_createtable(L, 2, 0);
+  lua_insert(L, 1);
+  lua_rawseti(L, 1, 2);
+  lua_rawseti(L, 1, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, STEPS_KEY);
+  return 0;
 }
 
 static void debounce_cb(evutil_socket_t fd, short what, void *arg) { resil_reload(arg); }
@@ -143,6 +194,10 @@ int luaopen_resil_reload(lua_State *L) {
   lua_newtable(L);
   lua_pushcfunction(L, l_watch);
   lua_setfield(L, -2, "watch");
+  lua_pushcfunction(L, l_reload);
+  lua_setfield(L, -2, "reload");
+  lua_pushcfunction(L, l_set_reload_steps);
+  lua_setfield(L, -2, "set_reload_steps");
   return 1;
 }
 

@@ -43,9 +43,10 @@ const char *resil_error(resil_t *R) { return R->error ? R->error : ""; }
 lua_State *resil_lua(resil_t *R) { return R->L; }
 struct event_base *resil_event_base(resil_t *R) { return R->base; }
 
-/* The memory cap applies to what scripts allocate while a task runs; the
- * host's own bookkeeping between resumes is never refused, so a cap can make
- * a task fail but can never corrupt the host. */
+/* The memory cap applies to all Lua the host runs (tasks, and handlers and
+ * reloads through host_pcall), all of it protected; the host's own
+ * bookkeeping in between is never refused, so a cap can make a script fail
+ * but can never abort or corrupt the host. */
 static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   resil_t *R = ud;
   if (ptr == NULL) osize = 0;
@@ -54,7 +55,8 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     R->mem_used -= osize;
     return NULL;
   }
-  if (R->mem_limit && R->current && nsize > osize && R->mem_used + (nsize - osize) > R->mem_limit) return NULL;
+  int capped = R->current || R->host_L;
+  if (R->mem_limit && capped && nsize > osize && R->mem_used + (nsize - osize) > R->mem_limit) return NULL;
   void *p = realloc(ptr, nsize);
   if (p) R->mem_used = R->mem_used - osize + nsize;
   return p;
@@ -99,6 +101,29 @@ const char *resil_describe(lua_State *L, int idx) {
 int resil_traceback(lua_State *L) {
   luaL_traceback(L, L, resil_describe(L, 1), 1);
   return 1;
+}
+
+int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
+  resil_t *R = resil_from_lua(L);
+  int base = lua_gettop(L) - nargs; /* the function, then the message handler below it */
+  lua_pushcfunction(L, resil_traceback);
+  lua_insert(L, base);
+  lua_State *outer_L = R->host_L;
+  const char *outer_what = R->host_what;
+  lua_Hook outer_hook = lua_gethook(L); /* a task's cap, when a task reloads */
+  int outer_mask = lua_gethookmask(L), outer_count = lua_gethookcount(L);
+  R->host_L = L;
+  R->host_what = what;
+  R->host_stop[0] = '\0';
+  loop_arm_hook(R, L); /* also when a signal came before: the first one must stop it */
+  int status = lua_pcall(L, nargs, nresults, base);
+  R->host_L = outer_L;
+  R->host_what = outer_what;
+  R->host_stop[0] = '\0';
+  lua_sethook(L, outer_hook, outer_mask, outer_count);
+  if (R->interrupted) loop_interrupt_running(R); /* the task or outer call this ran in stops too */
+  lua_remove(L, base);
+  return status;
 }
 
 /* Raise a misuse error located at the user's line: frames of the host's own
@@ -450,7 +475,7 @@ resil_t *resil_open(const resil_options *opts) {
       lua_getfield(L, -1, "output");
       lua_pushstring(L, opts->log_file);
       if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-        fprintf(stderr, "resil-lua: %s\n", lua_tostring(L, -1));
+        resil_set_error(R, lua_tostring(L, -1));
         lua_pop(L, 1);
       }
     }
@@ -458,19 +483,23 @@ resil_t *resil_open(const resil_options *opts) {
       lua_getfield(L, -1, "level");
       lua_pushstring(L, opts->log_level);
       if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-        fprintf(stderr, "resil-lua: %s\n", lua_tostring(L, -1));
+        resil_set_error(R, lua_tostring(L, -1));
         lua_pop(L, 1);
       }
     }
     lua_pop(L, 1);
   }
-  /* the store's settings, read when a script first uses the store */
+  /* the store's settings, read when a script first uses the store; an
+   * unknown URL scheme is refused now */
   lua_getfield(L, -1, "store_config");
   lua_createtable(L, 0, 3);
   if (opts->store) lua_pushstring(L, opts->store), lua_setfield(L, -2, "url");
   if (opts->run_id) lua_pushstring(L, opts->run_id), lua_setfield(L, -2, "run");
   lua_pushboolean(L, opts->fresh), lua_setfield(L, -2, "fresh");
-  lua_call(L, 1, 0);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    resil_set_error(R, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
   lua_pop(L, 2);
   if (opts->virtual_clock) clock_set_virtual(R, 1);
   return R;

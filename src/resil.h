@@ -44,7 +44,10 @@ typedef struct resil_options {
   int fresh;                /* start the run over: forget its checkpoints */
 } resil_options;
 
-/* A new host; opts may be NULL. NULL only when memory is exhausted. */
+/* A new host; opts may be NULL. NULL only when memory is exhausted. An
+ * option it could not honour (a log file it cannot open, a store URL of an
+ * unknown scheme) leaves resil_error() non-empty: the host then logs to
+ * stderr and has no store URL set. */
 resil_t *resil_open(const resil_options *opts);
 
 /* Compile a script (path "-" or NULL reads stdin) and queue it as the first

@@ -3,14 +3,19 @@
  * provider (and later the metrics endpoint).
  *
  *   local s = resil.server.listen{ host = "127.0.0.1", port = 0,
- *                                  handler = function(req) return resp end }
+ *                                  handler = function(req) return resp end,
+ *                                  max_headers = 64 KiB, max_body = 16 MiB, read_timeout = 30 }
  *   -- req  = { method, path, query, headers (lower-cased), body, peer }
  *   -- resp = { status, headers, body, delay = s, action = "hang"|"reset"|"truncate"|"raw",
  *   --          chunks = {...}, chunk_interval = s, stall_after = n }
  *
- * The handler runs on the host's main state, protected, and must not wait.
- * Delays and chunk intervals use host timers (so they follow the virtual
- * clock); nothing blocks: any number of delayed replies can be pending.
+ * The handler runs on the host's main state through host_pcall (protected,
+ * under the instruction and memory caps and the interrupt hook) and must
+ * not wait. Delays and chunk intervals use host timers (so they follow the
+ * virtual clock); nothing blocks: any number of delayed replies can be
+ * pending. Limits: a request whose headers pass max_headers gets libevent's
+ * 400, a body past max_body a 413, and one not read within read_timeout of
+ * its first byte a 408 (real time: clients live in the real world).
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -28,8 +33,12 @@
 #include "host.h"
 
 #define SERVER_MT "resil.Server"
+#define DEFAULT_MAX_HEADERS (64 * 1024)
+#define DEFAULT_MAX_BODY (16 * 1024 * 1024)
+#define DEFAULT_READ_TIMEOUT 30.0
 
 typedef struct server server;
+typedef struct conn conn;
 typedef enum { REPLY_NORMAL, REPLY_HANG, REPLY_RESET, REPLY_TRUNCATE, REPLY_RAW } reply_action;
 
 /* A reply that is not sent yet: waiting for its delay, between chunks, or
@@ -48,8 +57,21 @@ typedef struct pending {
   size_t body_len;
   char **chunks;
   int nchunks, next_chunk, stall_after, started;
-  double chunk_interval;
+  double chunk_interval, delay;
 } pending;
+
+/* One per accepted connection, to time the reading of each request: from
+ * its first byte until evhttp hands it over. libevent 2.1's own timeout is
+ * an idle timeout that closes without a reply. */
+struct conn {
+  server *srv;
+  struct bufferevent *bev;
+  struct evhttp_connection *evcon; /* known from set-up on */
+  struct evbuffer_cb_entry *first_byte; /* enabled while waiting for a request */
+  struct event *ev;                /* set-up, then the read deadline */
+  evutil_socket_t fd;
+  conn *prev, *next;
+};
 
 struct server {
   resil_t *R;
@@ -57,15 +79,29 @@ struct server {
   int port;
   int handler_ref;
   pending *pendings;
+  conn *conns;
+  conn **by_fd; /* request -> its connection */
+  size_t by_fd_len;
+  const struct timeval *read_timeout; /* a libevent common timeout */
 };
 
-static void pending_free(pending *p) {
-  timer_free(&p->timer);
-  if (p->client_watch) event_free(p->client_watch);
+static void pending_clear_reply(pending *p) {
   evhttp_clear_headers(&p->headers);
   free(p->body);
   for (int i = 0; i < p->nchunks; i++) free(p->chunks[i]);
   free(p->chunks);
+  p->body = NULL;
+  p->chunks = NULL;
+  p->body_len = 0;
+  p->nchunks = p->stall_after = 0;
+  p->chunk_interval = p->delay = 0;
+  p->action = REPLY_NORMAL;
+}
+
+static void pending_free(pending *p) {
+  timer_free(&p->timer);
+  if (p->client_watch) event_free(p->client_watch);
+  pending_clear_reply(p);
   free(p);
 }
 
@@ -76,18 +112,136 @@ static void pending_unlink(pending *p) {
 }
 
 /* The client went away (or the connection was freed): forget its replies. */
-static void connection_closed(struct evhttp_connection *conn, void *arg) {
-  server *srv = arg;
+static void drop_pendings(server *srv, struct evhttp_connection *evcon) {
   pending **pp = &srv->pendings;
   while (*pp) {
     pending *p = *pp;
-    if (p->conn == conn) {
+    if (p->conn == evcon) {
       *pp = p->next;
       pending_free(p);
     } else {
       pp = &p->next;
     }
   }
+}
+
+/* ---------- connections: the read deadline ---------- */
+
+static void conn_free(conn *c) {
+  server *srv = c->srv;
+  if (c->prev) c->prev->next = c->next;
+  else srv->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  if (c->fd >= 0 && (size_t)c->fd < srv->by_fd_len && srv->by_fd[c->fd] == c) srv->by_fd[c->fd] = NULL;
+  if (c->first_byte) evbuffer_remove_cb_entry(bufferevent_get_input(c->bev), c->first_byte);
+  if (c->ev) event_free(c->ev);
+  free(c);
+}
+
+static conn *conn_of(server *srv, struct evhttp_request *req) {
+  struct evhttp_connection *evcon = evhttp_request_get_connection(req);
+  struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+  evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+  conn *c = fd >= 0 && (size_t)fd < srv->by_fd_len ? srv->by_fd[fd] : NULL;
+  return c && c->evcon == evcon ? c : NULL;
+}
+
+/* evhttp is closing the connection (the fd is still open). */
+static void conn_closed(struct evhttp_connection *evcon, void *arg) {
+  conn *c = arg;
+  drop_pendings(c->srv, evcon);
+  conn_free(c);
+}
+
+static void conn_deadline_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  conn *c = arg;
+  static const char reply[] = "HTTP/1.1 408 Request Timeout\r\n"
+                              "Content-Type: application/json\r\n"
+                              "Content-Length: 49\r\n"
+                              "Connection: close\r\n\r\n"
+                              "{\"error\":{\"message\":\"request not read in time\"}}\n";
+  /* not in the middle of one of evhttp's own error replies */
+  if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+    (void)!send(c->fd, reply, sizeof reply - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+  evhttp_connection_free(c->evcon); /* its close callback frees c */
+}
+
+/* The first byte of a request: its deadline starts. */
+static void conn_input_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg) {
+  conn *c = arg;
+  if (info->n_added == 0) return;
+  evbuffer_cb_clear_flags(buf, c->first_byte, EVBUFFER_CB_ENABLED);
+  evtimer_add(c->ev, c->srv->read_timeout);
+}
+
+/* The reply is sent: wait for the next request's first byte (it may be
+ * here already, pipelined). */
+static void reply_done_cb(struct evhttp_request *req, void *arg) {
+  (void)req;
+  conn *c = arg;
+  struct evbuffer *in = bufferevent_get_input(c->bev);
+  if (evbuffer_get_length(in) > 0 || !c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
+  else evbuffer_cb_set_flags(in, c->first_byte, EVBUFFER_CB_ENABLED);
+}
+
+static int by_fd_set(server *srv, evutil_socket_t fd, conn *c) {
+  if ((size_t)fd >= srv->by_fd_len) {
+    size_t len = srv->by_fd_len ? srv->by_fd_len : 64;
+    while (len <= (size_t)fd) len *= 2;
+    conn **grown = realloc(srv->by_fd, len * sizeof *grown);
+    if (!grown) return -1;
+    memset(grown + srv->by_fd_len, 0, (len - srv->by_fd_len) * sizeof *grown);
+    srv->by_fd = grown;
+    srv->by_fd_len = len;
+  }
+  srv->by_fd[fd] = c;
+  return 0;
+}
+
+/* Runs in the same loop pass as the accept, after evhttp made the
+ * connection and before anything was read from it. */
+static void conn_setup_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  conn *c = arg;
+  struct bufferevent *bev = c->bev;
+  void *evcon = NULL;
+  bufferevent_getcb(bev, NULL, NULL, NULL, &evcon);
+  c->fd = bufferevent_getfd(bev);
+  if (!evcon || c->fd < 0 || by_fd_set(c->srv, c->fd, c) != 0) { /* evhttp gave up on it, or no memory */
+    c->fd = -1;
+    conn_free(c);
+  } else {
+    c->evcon = evcon;
+    evhttp_connection_set_closecb(c->evcon, conn_closed, c);
+    event_assign(c->ev, c->srv->R->base, -1, 0, conn_deadline_cb, c);
+    c->first_byte = evbuffer_add_cb(bufferevent_get_input(bev), conn_input_cb, c);
+    if (!c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
+  }
+  bufferevent_decref(bev);
+}
+
+/* evhttp asks for each new connection's bufferevent: the moment to start
+ * tracking it. Its evhttp_connection does not exist yet, so the set-up is
+ * an event activated now, which runs before the socket is first read. */
+static struct bufferevent *conn_new_cb(struct event_base *base, void *arg) {
+  server *srv = arg;
+  struct bufferevent *bev = bufferevent_socket_new(base, -1, 0); /* as evhttp's own */
+  conn *c = bev ? calloc(1, sizeof *c) : NULL;
+  if (c) c->ev = event_new(base, -1, 0, conn_setup_cb, c);
+  if (!c || !c->ev) { /* untracked: its requests get a 503 */
+    free(c);
+    return bev;
+  }
+  c->srv = srv;
+  c->bev = bev;
+  c->fd = -1;
+  c->next = srv->conns;
+  if (srv->conns) srv->conns->prev = c;
+  srv->conns = c;
+  bufferevent_incref(bev); /* until set-up, in case evhttp drops it first */
+  event_active(c->ev, EV_TIMEOUT, 1);
+  return bev;
 }
 
 /* evhttp does not read from a connection while a reply is outstanding, so
@@ -144,6 +298,65 @@ static void truncated_chunk_sent(struct evhttp_connection *conn, void *arg) {
   event_base_once(arg, -1, EV_TIMEOUT, close_later_cb, conn, NULL);
 }
 
+/* The standard reason phrases (RFC 9110; 429 from RFC 6585). libevent
+ * 2.1's table stops at 417, so it cannot name a 429. */
+static const char *reason_phrase(int status) {
+  switch (status) {
+  case 100: return "Continue";
+  case 101: return "Switching Protocols";
+  case 200: return "OK";
+  case 201: return "Created";
+  case 202: return "Accepted";
+  case 203: return "Non-Authoritative Information";
+  case 204: return "No Content";
+  case 205: return "Reset Content";
+  case 206: return "Partial Content";
+  case 300: return "Multiple Choices";
+  case 301: return "Moved Permanently";
+  case 302: return "Found";
+  case 303: return "See Other";
+  case 304: return "Not Modified";
+  case 307: return "Temporary Redirect";
+  case 308: return "Permanent Redirect";
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 402: return "Payment Required";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 406: return "Not Acceptable";
+  case 407: return "Proxy Authentication Required";
+  case 408: return "Request Timeout";
+  case 409: return "Conflict";
+  case 410: return "Gone";
+  case 411: return "Length Required";
+  case 412: return "Precondition Failed";
+  case 413: return "Content Too Large";
+  case 414: return "URI Too Long";
+  case 415: return "Unsupported Media Type";
+  case 416: return "Range Not Satisfiable";
+  case 417: return "Expectation Failed";
+  case 421: return "Misdirected Request";
+  case 422: return "Unprocessable Content";
+  case 425: return "Too Early";
+  case 426: return "Upgrade Required";
+  case 428: return "Precondition Required";
+  case 429: return "Too Many Requests";
+  case 431: return "Request Header Fields Too Large";
+  case 451: return "Unavailable For Legal Reasons";
+  case 500: return "Internal Server Error";
+  case 501: return "Not Implemented";
+  case 502: return "Bad Gateway";
+  case 503: return "Service Unavailable";
+  case 504: return "Gateway Timeout";
+  case 505: return "HTTP Version Not Supported";
+  case 529: return "Overloaded"; /* Anthropic's */
+  default: break;
+  }
+  static const char *const classes[] = {"Informational", "Success", "Redirection", "Client Error", "Server Error"};
+  return status >= 100 && status < 600 ? classes[status / 100 - 1] : "Unknown";
+}
+
 static void send_next_chunk(void *arg);
 
 static void pending_send(pending *p) {
@@ -160,7 +373,7 @@ static void pending_send(pending *p) {
     char len[32];
     snprintf(len, sizeof len, "%zu", p->body_len);
     evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Length", len);
-    evhttp_send_reply_start(req, p->status, "OK");
+    evhttp_send_reply_start(req, p->status, reason_phrase(p->status));
     struct evbuffer *buf = evbuffer_new();
     evbuffer_add(buf, p->body, p->body_len / 2);
     evhttp_send_reply_chunk_with_cb(req, buf, truncated_chunk_sent, p->srv->R->base);
@@ -183,7 +396,7 @@ static void pending_send(pending *p) {
   case REPLY_NORMAL: break;
   }
   if (p->nchunks > 0) {
-    evhttp_send_reply_start(req, p->status, "OK");
+    evhttp_send_reply_start(req, p->status, reason_phrase(p->status));
     p->started = 1;
     watch_client(p);
     send_next_chunk(p);
@@ -191,7 +404,7 @@ static void pending_send(pending *p) {
   }
   struct evbuffer *buf = evbuffer_new();
   if (buf) evbuffer_add(buf, p->body, p->body_len);
-  evhttp_send_reply(req, p->status, "OK", buf);
+  evhttp_send_reply(req, p->status, reason_phrase(p->status), buf);
   if (buf) evbuffer_free(buf);
   pending_unlink(p);
   pending_free(p);
@@ -223,19 +436,22 @@ static void send_next_chunk(void *arg) {
 
 /* ---------- request -> Lua -> reply ---------- */
 
-/* L stack: -> req table */
-static void push_request(lua_State *L, struct evhttp_request *req) {
-  lua_createtable(L, 0, 6);
+static const char *method_name(struct evhttp_request *req) {
   static const struct {
     enum evhttp_cmd_type cmd;
     const char *name;
   } methods[] = {{EVHTTP_REQ_GET, "GET"},         {EVHTTP_REQ_POST, "POST"},   {EVHTTP_REQ_HEAD, "HEAD"},
                  {EVHTTP_REQ_PUT, "PUT"},         {EVHTTP_REQ_DELETE, "DELETE"}, {EVHTTP_REQ_OPTIONS, "OPTIONS"},
                  {EVHTTP_REQ_PATCH, "PATCH"}};
-  const char *method = "OTHER";
   for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
-    if (methods[i].cmd == evhttp_request_get_command(req)) method = methods[i].name;
-  lua_pushstring(L, method);
+    if (methods[i].cmd == evhttp_request_get_command(req)) return methods[i].name;
+  return "OTHER";
+}
+
+/* L stack: -> req table */
+static void push_request(lua_State *L, struct evhttp_request *req) {
+  lua_createtable(L, 0, 6);
+  lua_pushstring(L, method_name(req));
   lua_setfield(L, -2, "method");
   const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
   const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
@@ -324,55 +540,68 @@ static void read_reply(lua_State *L, int idx, pending *p) {
   p->chunk_interval = lua_tonumber(L, -1);
   lua_getfield(L, idx, "stall_after");
   p->stall_after = (int)lua_tointeger(L, -1);
-  lua_pop(L, 2);
+  lua_getfield(L, idx, "delay");
+  p->delay = lua_tonumber(L, -1);
+  lua_pop(L, 3);
+}
+
+/* L stack: srv, req, p (light userdata) -> nothing; p holds the reply.
+ * Runs under host_pcall: the request's copy, the handler and the reading of
+ * its reply (which may have metamethods) are all capped and protected. */
+static int handle_request(lua_State *L) {
+  server *srv = lua_touserdata(L, 1);
+  struct evhttp_request *req = lua_touserdata(L, 2);
+  pending *p = lua_touserdata(L, 3);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
+  push_request(L, req);
+  lua_call(L, 1, 1);
+  if (!lua_istable(L, -1)) return luaL_error(L, "the handler returned %s, not a response table", luaL_typename(L, -1));
+  read_reply(L, lua_gettop(L), p);
+  return 0;
 }
 
 static void request_cb(struct evhttp_request *req, void *arg) {
   server *srv = arg;
   lua_State *L = srv->R->L;
-  int top = lua_gettop(L);
-  pending *p = calloc(1, sizeof *p);
+  conn *c = conn_of(srv, req);
+  pending *p = c ? calloc(1, sizeof *p) : NULL;
   if (!p) {
-    evhttp_send_error(req, 500, "out of memory");
+    evhttp_send_error(req, 503, NULL);
     return;
   }
+  evtimer_del(c->ev); /* read in time */
+  evhttp_request_set_on_complete_cb(req, reply_done_cb, c);
   p->srv = srv;
   p->req = req;
-  p->conn = evhttp_request_get_connection(req);
+  p->conn = c->evcon;
   TAILQ_INIT(&p->headers);
   timer_init(srv->R, &p->timer, send_next_chunk, p);
   p->next = srv->pendings;
   srv->pendings = p;
-  evhttp_connection_set_closecb(p->conn, connection_closed, srv);
 
-  lua_pushcfunction(L, resil_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
-  push_request(L, req);
-  if (lua_pcall(L, 1, 1, top + 1) != LUA_OK) {
-    redact_fprintf(srv->R, stderr, "resil-lua: server handler failed: %s\n", lua_tostring(L, -1));
-    lua_settop(L, top);
-    lua_pushliteral(L, "handler error");
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, handle_request);
+  lua_pushlightuserdata(L, srv);
+  lua_pushlightuserdata(L, req);
+  lua_pushlightuserdata(L, p);
+  if (host_pcall(L, "server handler", 3, 0) != LUA_OK) {
+    /* L stack: error */
+    pending_clear_reply(p);
     p->status = 500;
     p->body = dup_bytes("{\"error\":{\"message\":\"handler error\"}}", 37);
-    p->body_len = 37;
+    p->body_len = p->body ? 37 : 0;
     evhttp_add_header(&p->headers, "Content-Type", "application/json");
-  } else if (lua_istable(L, -1)) {
-    read_reply(L, lua_gettop(L), p);
-  } else {
-    p->status = 404;
-    p->body = dup_bytes("{\"error\":{\"message\":\"not found\"}}", 33);
-    p->body_len = 33;
-    evhttp_add_header(&p->headers, "Content-Type", "application/json");
-  }
-  double delay = 0;
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "delay");
-    delay = lua_tonumber(L, -1);
+    lua_createtable(L, 0, 2);
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "error");
+    lua_pushfstring(L, "%s %s", method_name(req), evhttp_request_get_uri(req));
+    lua_setfield(L, -2, "request");
+    host_log(L, "error", "server handler failed; answered 500");
   }
   lua_settop(L, top);
-  if (delay > 0) {
+  if (p->delay > 0) {
     watch_client(p);
-    timer_start(&p->timer, delay);
+    timer_start(&p->timer, p->delay);
   } else {
     pending_send(p);
   }
@@ -388,9 +617,17 @@ static server *check_server(lua_State *L, int idx) {
 
 static void server_stop(lua_State *L, server *srv) {
   if (srv->http) {
-    evhttp_free(srv->http); /* closes connections; their close callbacks drop pendings */
+    evhttp_free(srv->http); /* closes connections; their close callbacks drop pendings and conns */
     srv->http = NULL;
   }
+  while (srv->conns) { /* accepted, not yet set up */
+    struct bufferevent *bev = srv->conns->bev;
+    conn_free(srv->conns);
+    bufferevent_decref(bev);
+  }
+  free(srv->by_fd);
+  srv->by_fd = NULL;
+  srv->by_fd_len = 0;
   while (srv->pendings) {
     pending *p = srv->pendings;
     srv->pendings = p->next;
@@ -400,10 +637,24 @@ static void server_stop(lua_State *L, server *srv) {
   srv->handler_ref = LUA_NOREF;
 }
 
-/* resil.server.listen{host=, port=, handler=} -> server */
+/* opts[field], a number >= min (or the default when absent) */
+static double opt_limit(lua_State *L, const char *field, double dflt, double min) {
+  int type = lua_getfield(L, 1, field);
+  double v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  if (type == LUA_TNIL) return dflt;
+  if (type != LUA_TNUMBER || !(v >= min) || v > 1e15)
+    resil_raise(L, "resil.server.listen: %s must be a number >= %g", field, min);
+  return v;
+}
+
+/* resil.server.listen{host=, port=, handler=, max_headers=, max_body=, read_timeout=} -> server */
 static int l_listen(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   resil_t *R = resil_from_lua(L);
+  double max_headers = opt_limit(L, "max_headers", DEFAULT_MAX_HEADERS, 256);
+  double max_body = opt_limit(L, "max_body", DEFAULT_MAX_BODY, 0);
+  double read_timeout = opt_limit(L, "read_timeout", DEFAULT_READ_TIMEOUT, 0.001);
   lua_getfield(L, 1, "host");
   const char *host = luaL_optstring(L, -1, "127.0.0.1");
   lua_getfield(L, 1, "port");
@@ -422,6 +673,15 @@ static int l_listen(lua_State *L) {
   evhttp_set_allowed_methods(srv->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
                                             EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
   evhttp_set_gencb(srv->http, request_cb, srv);
+  evhttp_set_bevcb(srv->http, conn_new_cb, srv);
+  evhttp_set_max_headers_size(srv->http, (ev_ssize_t)max_headers);
+  evhttp_set_max_body_size(srv->http, (ev_ssize_t)max_body);
+  struct timeval tv = {(time_t)read_timeout, (suseconds_t)((read_timeout - (double)(time_t)read_timeout) * 1e6)};
+  srv->read_timeout = event_base_init_common_timeout(R->base, &tv); /* O(1) timers: one duration */
+  /* libevent's idle timeout (silent close) covers idle keep-alive
+   * connections and stalled writes; a slow request meets our 408 first */
+  tv.tv_sec += 1;
+  evhttp_set_timeout_tv(srv->http, &tv);
   /* our own listening socket: evhttp's default backlog (128) drops
    * connections when thousands of clients arrive at once */
   struct evutil_addrinfo hints = {0}, *ai = NULL;

@@ -125,6 +125,31 @@ int main(void) {
   (void)luaL_dostring(L3, "version = tostring(greet.version)");
   check(strcmp(global_string(R3, "version"), "2") == 0, "and the old version keeps serving");
   resil_close(R3);
+
+  /* a reload runs under the caps: a policy that loops at load is refused */
+  f = fopen(path, "w");
+  fputs("return { version = 5 }", f);
+  fclose(f);
+  resil_options o5 = o3;
+  o5.max_instructions = 100000;
+  resil_t *R5 = resil_open(&o5);
+  lua_State *L5 = resil_lua(R5);
+  (void)luaL_dostring(L5, "greet = require('resil').policy 'greet'");
+  f = fopen(path, "w");
+  fputs("local n = 0\nwhile true do n = n + 1 end\n", f);
+  fclose(f);
+  check(resil_reload(R5) == RESIL_ERR_SCRIPT && strstr(resil_error(R5), "greet.lua:2: policy reload ran more than") != NULL,
+        "resil_reload refuses a policy that loops past max_instructions, naming file:line");
+  (void)luaL_dostring(L5, "version = tostring(greet.version)");
+  check(strcmp(global_string(R5, "version"), "5") == 0, "and the old version keeps serving");
+  resil_close(R5);
+
+  resil_options o6 = {0};
+  o6.store = "ftp://example.com/x";
+  resil_t *R6 = resil_open(&o6);
+  check(R6 != NULL && strstr(resil_error(R6), "unknown URL scheme 'ftp'") != NULL,
+        "resil_open reports a store URL of an unknown scheme through resil_error");
+  resil_close(R6);
   unlink(path);
   unlink(store);
   char side[300];

@@ -66,8 +66,15 @@ end
 
 local function parse_since(v)
   local y, m, d = v:match("^(%d%d%d%d)-(%d%d)-(%d%d)$")
-  if y then return os.time({ year = tonumber(y), month = tonumber(m), day = tonumber(d), hour = 0 })
-                  - os.time(os.date("!*t", 0)) end
+  if y then
+    y, m, d = tonumber(y), tonumber(m), tonumber(d)
+    local t = os.time({ year = y, month = m, day = d, hour = 12 })
+    local back = os.date("*t", t) -- os.time normalises 2026-13-45 into a real date: refuse that
+    if back.year ~= y or back.month ~= m or back.day ~= d then
+      fail("costs: --since %s is not a date (YYYY-MM-DD)", v)
+    end
+    return os.time({ year = y, month = m, day = d, hour = 0 }) - os.time(os.date("!*t", 0))
+  end
   local n, unit = v:match("^(%d+)([dh])$")
   if n then return resil.store_now() - tonumber(n) * (unit == "d" and 86400 or 3600) end
   fail("costs: --since takes YYYY-MM-DD, Nd or Nh, not '%s'", v)

@@ -4,6 +4,8 @@
 --     faults = { {route = "chat", probability = 0.2, status = 429, retry_after = 1} },
 --     sequence = { chat = { 500, "ok", "hang" } } }
 --   m.url, m:stats(), m:reset(), m:configure(scenario), m:stop()
+-- opts: host, port, and resil.server.listen's limits (max_headers, max_body,
+-- read_timeout).
 --
 -- Routes: chat (POST /v1/chat/completions, OpenAI shape, SSE when
 -- "stream": true), predictions (POST /v1/predictions), prediction (GET
@@ -103,6 +105,7 @@ function mock.start(scenario, opts)
   self.server = resil.server.listen({
     host = opts.host or "127.0.0.1",
     port = opts.port or 0,
+    max_headers = opts.max_headers, max_body = opts.max_body, read_timeout = opts.read_timeout,
     handler = function(req) return self:handle(req) end,
   })
   self.port = self.server:port()

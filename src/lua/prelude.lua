@@ -139,12 +139,15 @@ end
 http.set_request_extras(stream_request)
 http.set_request_extras = nil
 
--- resil.reload(): re-load every loaded policy module into a fresh set and
--- swap it in only when all load. Modules are required afresh, so a module
--- that requires another gets the new version of it. Loading never yields, so
--- no task sees a half-swapped set; calls already running finish on the old
--- version. State that must outlive a reload belongs in resil.keep or the
--- named primitives (buckets, breakers, semaphores), which are never reset.
+-- resil.reload() (C, src/reload.c): re-load every loaded policy module into
+-- a fresh set and swap it in only when all load. Modules are required afresh,
+-- so a module that requires another gets the new version of it. Loading
+-- never yields, so no task sees a half-swapped set; calls already running
+-- finish on the old version. State that must outlive a reload belongs in
+-- resil.keep or the named primitives (buckets, breakers, semaphores), which
+-- are never reset. C runs reload_policies under the host's caps; when a cap
+-- or a signal stops it midway (after that, none of its Lua can run), C calls
+-- restore_policies itself.
 local function policy_names()
   local names = {}
   for name in pairs(package.loaded) do
@@ -154,25 +157,51 @@ local function policy_names()
   return names
 end
 
-function resil.reload()
-  local names, old = policy_names(), {}
+local replaced -- the set a reload in progress took out of package.loaded
+
+local function restore_policies()
+  if not replaced then return end
+  for _, n in ipairs(policy_names()) do package.loaded[n] = nil end
+  for n, mod in pairs(replaced) do package.loaded[n] = mod end
+  replaced = nil
+end
+
+-- the file a module comes from, for messages
+local function module_file(name)
+  for _, searcher in ipairs(package.searchers) do
+    local loader, where = searcher(name)
+    if type(loader) == "function" then return where end
+  end
+  return name
+end
+
+local function reload_policies()
+  local names = policy_names()
+  replaced = {}
   for _, name in ipairs(names) do
-    old[name] = package.loaded[name]
+    replaced[name] = package.loaded[name]
     package.loaded[name] = nil
   end
   for _, name in ipairs(names) do
-    local ok, err = pcall(require, name)
+    local ok, mod = pcall(require, name)
+    if ok and type(mod) ~= "table" then -- it would fail every call that uses it
+      ok, mod = false, ("%s: %s returned %s, not a table"):format(module_file(name), name,
+        mod == true and "nothing" or type(mod))
+    end
     if not ok then
-      for _, n in ipairs(policy_names()) do package.loaded[n] = nil end
-      for n, mod in pairs(old) do package.loaded[n] = mod end
-      local message = ("reload: %s"):format(tostring(err))
+      restore_policies()
+      local message = ("reload: %s"):format(tostring(mod))
       log.error("policy reload failed; the old version keeps serving", { error = message })
       return false, message
     end
   end
+  replaced = nil
   log.info("policies reloaded", { modules = names })
   return true, names
 end
+
+resil.set_reload_steps(reload_policies, restore_policies)
+resil.set_reload_steps = nil
 
 -- resil.keep(name, init) -> a table that lives as long as the host, so a
 -- policy's own state (a retry budget, a canary's counts) survives reloads.

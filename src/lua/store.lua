@@ -28,6 +28,17 @@ resil.store_now = store_now
 
 local opened = {}
 
+-- A store URL is a file path (SQLite), sqlite://PATH, redis:// or
+-- rediss://; anything else that looks like a URL is a mistake, not a file
+-- name (`ftp://x` would make a folder `ftp:`).
+local function check_url(url, level)
+  local scheme = url:match("^(%a[%w+.-]*)://")
+  if scheme and scheme ~= "sqlite" and scheme ~= "redis" and scheme ~= "rediss" then
+    error(("store: unknown URL scheme '%s' in '%s' (use a file path, sqlite://PATH or redis://host:port/db)"):format(
+      scheme, url), level + 1)
+  end
+end
+
 -- resil.store_config{url=, run=, fresh=, script=, args=, wait=, lease=}: set by the CLI and
 -- embedders. wait: when another live process holds the run, wait for it (true, or at most
 -- that many seconds) instead of stopping. lease: seconds a holder on another machine is
@@ -39,8 +50,12 @@ function resil.store_config(c)
   if c.lease ~= nil and not (type(c.lease) == "number" and c.lease > 0) then
     error("resil.store_config: lease must be a number of seconds > 0", 2)
   end
-  for k, v in pairs(c) do config[k] = v end
+  local ok, err = pcall(check_url, c.url or "", 3)
+  for k, v in pairs(c) do
+    if ok or k ~= "url" then config[k] = v end
+  end
   if c.lease then owner.lease = c.lease end
+  if not ok then error(err, 0) end
 end
 
 -- The store URL's query: ?timeout=SECONDS, how long any operation may wait
@@ -73,6 +88,7 @@ function resil.store(url, opts)
   url = url or default_url()
   local s = opened[url]
   if s then return s end
+  check_url(url, 2)
   local backend, err
   if url:match("^redis://") or url:match("^rediss://") then
     backend, err = backends.redis.open(url)

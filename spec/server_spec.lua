@@ -1,0 +1,226 @@
+-- The embedded HTTP server (resil.server.listen): handlers under the host's
+-- caps, request limits, and what goes on the wire.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local http = resil.http
+
+-- A server script in a process of its own: prints its port, serves until
+-- SIGTERM. -> pid, port, path of its output
+local function start_server(handler_source, opts, listen_opts)
+  local pid, out = helpers.start(([[
+local resil = require "resil"
+local s = resil.server.listen({ port = 0, handler = %s %s })
+print(s:port()); io.stdout:flush()
+resil.sleep(3600)
+]]):format(handler_source, listen_opts and (", " .. listen_opts) or ""), opts)
+  finally(function() -- whatever the outcome
+    if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+  end)
+  resil.clock.real()
+  local port
+  assert(helpers.wait_until(function()
+    port = helpers.slurp(out):match("^(%d+)\n")
+    return port ~= nil
+  end, 10), "the server did not start: " .. helpers.slurp(out))
+  return pid, port, out
+end
+
+-- helpers.run_script, stopped after 10 s if it hangs (the bugs these specs
+-- guard against made it spin forever)
+local function run_script(source, opts)
+  local path = helpers.write(helpers.tmpname(".lua"), source)
+  local r = helpers.run(("timeout -s KILL 10 %s %s %s"):format(helpers.resil, opts or "", path))
+  os.remove(path)
+  return r
+end
+
+local function stop(pid)
+  os.execute("kill -TERM " .. pid)
+  return helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+end
+
+-- a request from the curl command (blocking: only for servers in another
+-- process); -> status line, body
+local function curl(url, args)
+  local r = helpers.run(("curl -si --max-time 10 %s '%s'"):format(args or "", url))
+  local out = r.stdout:gsub("^HTTP/1%.1 1%d%d [^\r\n]*\r\n\r\n", "") -- 100 Continue
+  return out:match("^(HTTP/1%.1 [^\r\n]*)"), out:match("\r\n\r\n(.*)$")
+end
+
+describe("server handlers under the host's caps", function()
+  it("a handler that loops under --max-instructions: the client gets a 500, the next request is served", function()
+    local r = run_script([[
+      local resil = require "resil"
+      local s = resil.server.listen({ port = 0, handler = function(req)
+        if req.path == "/loop" then while true do end end
+        return { status = 200, body = "fine" }
+      end })
+      local url = ("http://127.0.0.1:%d"):format(s:port())
+      print(resil.http.request({ url = url .. "/loop" }).status)
+      local res = resil.http.request({ url = url .. "/" })
+      print(res.status, res.body)
+      s:close()
+    ]], "--max-instructions 100000")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("500\n200\tfine\n", r.stdout)
+    assert.matches('"msg":"server handler failed; answered 500"', r.stderr)
+    assert.matches("%.lua:3: server handler ran more than %-%-max%-instructions=100000", r.stderr)
+    assert.matches('"request":"GET /loop"', r.stderr)
+  end)
+
+  it("a handler that allocates without end under --max-memory: a 500, then its memory is back", function()
+    local r = run_script([[
+      local resil = require "resil"
+      local s = resil.server.listen({ port = 0, handler = function(req)
+        if req.path == "/hog" then
+          local t = {}
+          for i = 1, 1e8 do t[i] = ("x"):rep(64) .. i end
+        end
+        collectgarbage()
+        return { status = 200, body = tostring(math.floor(collectgarbage("count") / 1024)) }
+      end })
+      local url = ("http://127.0.0.1:%d"):format(s:port())
+      print(resil.http.request({ url = url .. "/hog" }).status)
+      print(resil.http.request({ url = url .. "/" }).body)
+      s:close()
+    ]], "--max-memory 32M")
+    assert.are.equal(0, r.code, r.stderr)
+    local status, mib = r.stdout:match("^(%d+)\n(%d+)\n$")
+    assert.are.equal("500", status, r.stdout)
+    assert.is_true(tonumber(mib) < 8, "MiB still held: " .. mib)
+    assert.matches('"error":"not enough memory"', r.stderr)
+  end)
+
+  it("a handler that returns something other than a table: a 500 and a logged error, not a 404", function()
+    local r = run_script([[
+      local resil = require "resil"
+      local s = resil.server.listen({ port = 0, handler = function() return "oops" end })
+      local res = resil.http.request({ url = ("http://127.0.0.1:%d/x"):format(s:port()) })
+      print(res.status)
+      s:close()
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("500\n", r.stdout)
+    assert.matches("the handler returned string, not a response table", r.stderr)
+  end)
+
+  it("a reply table whose fields raise: a 500, the host keeps serving", function()
+    local r = run_script([[
+      local resil = require "resil"
+      local s = resil.server.listen({ port = 0, handler = function(req)
+        if req.path == "/bad" then return setmetatable({}, { __index = function() error("no field") end }) end
+        return { status = 204 }
+      end })
+      local url = ("http://127.0.0.1:%d"):format(s:port())
+      print(resil.http.request({ url = url .. "/bad" }).status, resil.http.request({ url = url }).status)
+      s:close()
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("500\t204\n", r.stdout)
+  end)
+
+  it("the first SIGTERM stops a host whose handler loops", function()
+    local pid, port, out = start_server([[function(req)
+      if req.path == "/loop" then print("spinning"); io.stdout:flush(); while true do end end
+      return { status = 200 }
+    end]])
+    os.execute(("curl -s --max-time 5 http://127.0.0.1:%s/loop > /dev/null 2>&1 &"):format(port))
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("spinning") ~= nil end, 10))
+    assert.is_true(stop(pid), "still running after SIGTERM")
+    assert.matches("interrupted by signal 15", helpers.slurp(out))
+  end)
+end)
+
+describe("server request limits", function()
+  local server, calls
+  before_each(function()
+    resil.clock.real()
+    calls = 0
+  end)
+  after_each(function()
+    if server then server:close() end
+    server = nil
+  end)
+
+  local function listen(opts)
+    opts.handler = function(req)
+      calls = calls + 1
+      return { status = 200, body = tostring(#req.body) }
+    end
+    server = resil.server.listen(opts)
+    return ("http://127.0.0.1:%d/"):format(server:port())
+  end
+
+  it("refuses a body larger than max_body with a 413, without calling the handler", function()
+    local url = listen({ max_body = 1000 })
+    assert.are.equal("1000", http.request({ url = url, body = ("x"):rep(1000) }).body)
+    local res = assert(http.request({ url = url, body = ("x"):rep(100000) }))
+    assert.are.equal(413, res.status)
+    assert.are.equal(1, calls)
+  end)
+
+  it("refuses headers larger than max_headers (libevent answers 400)", function()
+    local url = listen({ max_headers = 4096 })
+    local res = assert(http.request({ url = url, headers = { ["x-big"] = ("a"):rep(8000) } }))
+    assert.are.equal(400, res.status)
+    assert.are.equal(0, calls)
+  end)
+
+  it("answers 408 to a request not read within read_timeout", function()
+    local url = listen({ read_timeout = 0.2 })
+    local out = helpers.tmpname(".out")
+    -- a client that sends half a request, then waits for what the server says
+    os.execute(([[bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; printf "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab" >&3; timeout 5 cat <&3' > %s 2>&1 &]]):format(
+      server:port(), out))
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("\r\n\r\n.") ~= nil end, 10))
+    assert.matches("^HTTP/1%.1 408 Request Timeout\r\n", helpers.slurp(out))
+    assert.are.equal(0, calls)
+    -- and the server still serves
+    assert.are.equal(200, http.request({ url = url }).status)
+  end)
+
+  it("rejects bad limits at the caller's line", function()
+    local ok, err = pcall(function() resil.server.listen({ handler = print, max_body = -1 }) end)
+    assert.is_false(ok)
+    assert.matches("server_spec%.lua:%d+: resil%.server%.listen: max_body must be a number >= 0", err)
+    assert.has_error(function() resil.server.listen({ handler = print, read_timeout = "soon" }) end)
+  end)
+end)
+
+describe("server memory under --max-memory", function()
+  it("a 64 MB POST gets a 413 and never reaches Lua", function()
+    local big = helpers.tmpname(".bin")
+    assert(os.execute("head -c 67108864 /dev/zero > " .. big))
+    local pid, port = start_server([[function(req)
+      collectgarbage()
+      return { status = 200, body = #req.body .. " " .. math.floor(collectgarbage("count") / 1024) }
+    end]], "--max-memory 32M")
+    local status = curl(("http://127.0.0.1:%s/upload"):format(port), "--data-binary @" .. big)
+    local chunked = curl(("http://127.0.0.1:%s/upload"):format(port),
+      "-H 'Transfer-Encoding: chunked' --data-binary @" .. big)
+    local _, after = curl(("http://127.0.0.1:%s/"):format(port))
+    os.remove(big)
+    assert.is_true(stop(pid))
+    assert.are.equal("HTTP/1.1 413 Request Entity Too Large", status)
+    assert.are.equal("HTTP/1.1 413 Request Entity Too Large", chunked)
+    local body_len, lua_mib = after:match("^(%d+) (%d+)$")
+    assert.are.equal("0", body_len)
+    assert.is_true(tonumber(lua_mib) < 4, "Lua holds MiB: " .. lua_mib)
+  end)
+end)
+
+describe("server replies", function()
+  it("carry the standard reason phrase in the status line", function()
+    local pid, port = start_server([[function(req)
+      return { status = tonumber(req.path:sub(2)), body = "" }
+    end]])
+    local lines = {}
+    for _, code in ipairs({ 200, 400, 404, 429, 500, 503, 529, 599 }) do
+      lines[#lines + 1] = (curl(("http://127.0.0.1:%s/%d"):format(port, code)))
+    end
+    assert.is_true(stop(pid))
+    assert.are.same({ "HTTP/1.1 200 OK", "HTTP/1.1 400 Bad Request", "HTTP/1.1 404 Not Found",
+      "HTTP/1.1 429 Too Many Requests", "HTTP/1.1 500 Internal Server Error", "HTTP/1.1 503 Service Unavailable",
+      "HTTP/1.1 529 Overloaded", "HTTP/1.1 599 Server Error" }, lines)
+  end)
+end)
