@@ -72,6 +72,13 @@ struct resil {
   redact_secret *secrets;
   size_t nsecrets, cap_secrets;
 
+  /* what runs after each pass over the ready tasks (loop_on_turn_end) */
+  struct {
+    void (*fn)(void *arg);
+    void *arg;
+  } turn_end[4];
+  int nturn_end;
+
   http_state *http;
   reload_state *reload;
   char *policies_dir;
@@ -83,9 +90,6 @@ struct resil {
 /* resil.c */
 resil_t *resil_from_lua(lua_State *L);
 void resil_set_error(resil_t *R, const char *msg);
-int resil_traceback(lua_State *L); /* message handler for lua_pcall */
-const char *resil_describe(lua_State *L, int idx); /* pushes a message for any value; never raises */
-int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's line */
 /* Run Lua from C outside a task (a server handler, a policy reload): the
  * function below nargs arguments, protected with a traceback, under
  * --max-instructions, --max-memory and the interrupt hook. `what` names it
@@ -109,6 +113,9 @@ void task_wake(task *t);
 int task_id(const task *t);
 int task_context_ref(const task *t);
 task *task_spawn_main(resil_t *R, int nargs); /* function + args on R->L */
+/* Call fn(arg) after each pass over the ready tasks: work that the tasks of
+ * one turn queued, done once for all of them (HTTP starts their transfers). */
+int loop_on_turn_end(resil_t *R, void (*fn)(void *arg), void *arg); /* -1: no room */
 void loop_init(resil_t *R);
 void loop_free(resil_t *R);
 int loop_run(resil_t *R);
@@ -123,7 +130,10 @@ void timer_start(resil_timer *tm, double seconds);
 void timer_stop(resil_timer *tm);
 void timer_free(resil_timer *tm);
 
-/* error values: {kind=, message=, ...} with a __tostring */
+/* error.c: error values, {kind=, message=, ...} with a __tostring, and messages */
+int resil_traceback(lua_State *L); /* message handler for lua_pcall */
+const char *resil_describe(lua_State *L, int idx); /* pushes a message for any value; never raises */
+int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's line */
 void resil_push_error(lua_State *L, const char *kind, const char *fmt, ...);
 int resil_error_result(lua_State *L, const char *kind, const char *fmt, ...);
 
@@ -141,7 +151,6 @@ void redact_free(resil_t *R);
 
 /* http.c */
 void http_free(resil_t *R);
-void http_flush(resil_t *R);
 
 /* sse.c: server-sent events framing, fed a stream's bytes in reads of any
  * size. sse_next parses bytes[*used..len) until an event is complete (1,
@@ -161,6 +170,7 @@ int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_eve
 void reload_free(resil_t *R);
 
 /* openers, one per primitive */
+int luaopen_resil_error(lua_State *L);
 int luaopen_resil_loop(lua_State *L);
 int luaopen_resil_http(lua_State *L);
 int luaopen_resil_json(lua_State *L);

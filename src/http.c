@@ -255,6 +255,8 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
   return 0;
 }
 
+static void http_flush(void *arg);
+
 static http_state *http_get(lua_State *L) {
   resil_t *R = resil_from_lua(L);
   if (R->http) return R->http;
@@ -287,6 +289,13 @@ static http_state *http_get(lua_State *L) {
    * so a burst of completions would shrink the cache and close connections
    * that the next requests need. A fixed size keeps them. */
   curl_multi_setopt(H->multi, CURLMOPT_MAXCONNECTS, (long)ONE_SHOT_CONNECTIONS_ABOVE);
+  if (loop_on_turn_end(R, http_flush, H) != 0) {
+    curl_multi_cleanup(H->multi);
+    event_free(H->timer_ev);
+    free(H);
+    luaL_error(L, "cannot start the HTTP client: no room for its turn-end hook");
+    return NULL;
+  }
   R->http = H;
   return H;
 }
@@ -297,9 +306,9 @@ static void req_destroy(http_req *r);
  * call, rather than on curl's 0 ms timer in the next turn: the requests of
  * one turn leave together and the upstream wakes once for them (+5 % in
  * bench/throughput.lua over starting each at once). */
-void http_flush(resil_t *R) {
-  http_state *H = R->http;
-  if (!H || !H->added) return;
+static void http_flush(void *arg) {
+  http_state *H = arg;
+  if (!H->added) return;
   H->added = 0;
   int running;
   curl_multi_socket_action(H->multi, CURL_SOCKET_TIMEOUT, 0, &running);

@@ -22,6 +22,7 @@
 #include "host.h"
 
 #define LOG_MT "resil.Log"
+#define LOG_REGISTRY_KEY "resil.log.functions"
 
 extern int luaopen_cjson(lua_State *L);
 #define MAX_DEPTH 6
@@ -216,15 +217,14 @@ static int log_at(lua_State *L, int level) {
 
 /* L stack: fields table -> nothing. A line through resil.log (so with the
  * task's context, redaction and the chosen output) from C code; never raises. */
+/* C's way to log through resil.log: the log table is kept in the registry
+ * when the module opens, so no require from C. Pops the fields table. */
 void host_log(lua_State *L, const char *level, const char *msg) {
   int fields = lua_gettop(L);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "resil");
-  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "log") == LUA_TTABLE &&
-      lua_getfield(L, -1, level) == LUA_TFUNCTION) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, LOG_REGISTRY_KEY) == LUA_TTABLE && lua_getfield(L, -1, level) == LUA_TFUNCTION) {
     lua_pushstring(L, msg);
     lua_pushvalue(L, fields);
-    lua_pcall(L, 2, 0, 0);
+    lua_pcall(L, 2, 0, 0); /* a log line that cannot be written is dropped, never raised */
   }
   lua_settop(L, fields - 1);
 }
@@ -302,5 +302,7 @@ int luaopen_resil_log(lua_State *L) {
   lua_getfield(L, -1, "encode");
   lua_remove(L, -2);
   luaL_setfuncs(L, log_functions, 2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, LOG_REGISTRY_KEY); /* for host_log */
   return 1;
 }

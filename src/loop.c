@@ -718,6 +718,14 @@ static void wake_cb(evutil_socket_t fd, short what, void *arg) {
   }
 }
 
+int loop_on_turn_end(resil_t *R, void (*fn)(void *arg), void *arg) {
+  if (R->nturn_end >= (int)(sizeof R->turn_end / sizeof R->turn_end[0])) return -1; /* a fixed few, by design */
+  R->turn_end[R->nturn_end].fn = fn;
+  R->turn_end[R->nturn_end].arg = arg;
+  R->nturn_end++;
+  return 0;
+}
+
 void loop_init(resil_t *R) {
   R->grace_ev = evtimer_new(R->base, grace_cb, R);
   if (R->wake_pipe[0] >= 0) R->wake_ev = event_new(R->base, R->wake_pipe[0], EV_READ | EV_PERSIST, wake_cb, R);
@@ -757,7 +765,7 @@ int loop_run(resil_t *R) {
     if (R->main_task && R->main_task->failed) break;
     if (R->ready_head) {
       loop_run_ready(R);
-      http_flush(R);
+      for (int i = 0; i < R->nturn_end; i++) R->turn_end[i].fn(R->turn_end[i].arg);
       if (R->ready_head && !R->interrupted) event_base_loop(R->base, EVLOOP_NONBLOCK);
     } else {
       loop_wait(R);

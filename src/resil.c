@@ -22,9 +22,6 @@
 #define RESIL_SHAREDIR "/usr/local/share/resil"
 #endif
 
-#define ERROR_MT "resil.Error"
-
-
 /* The host is the allocator's user data: no registry lookup on hot paths. */
 resil_t *resil_from_lua(lua_State *L) {
   void *R = NULL;
@@ -68,41 +65,6 @@ static int host_panic(lua_State *L) {
   return 0;
 }
 
-static int tostring_unprotected(lua_State *L) {
-  luaL_tolstring(L, 1, NULL);
-  return 1;
-}
-
-/* Push a message for the value at idx and return it. A __tostring runs
- * protected on the main state: one that raises, yields or returns a
- * non-string gives the type's name instead, never a panic. */
-const char *resil_describe(lua_State *L, int idx) {
-  idx = lua_absindex(L, idx);
-  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
-    lua_pushvalue(L, idx);
-    return lua_tostring(L, -1);
-  }
-  lua_State *main = resil_from_lua(L)->L;
-  if (luaL_getmetafield(L, idx, "__tostring") != LUA_TNIL) {
-    lua_pop(L, 1);
-    lua_pushcfunction(main, tostring_unprotected);
-    lua_pushvalue(L, idx);
-    lua_xmove(L, main, 1);
-    if (lua_pcall(main, 1, 1, 0) == LUA_OK && lua_type(main, -1) == LUA_TSTRING) {
-      lua_xmove(main, L, 1);
-      return lua_tostring(L, -1);
-    }
-    lua_pop(main, 1);
-    return lua_pushfstring(L, "(error object is a %s value; its __tostring failed)", luaL_typename(L, idx));
-  }
-  return lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
-}
-
-int resil_traceback(lua_State *L) {
-  luaL_traceback(L, L, resil_describe(L, 1), 1);
-  return 1;
-}
-
 int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
   resil_t *R = resil_from_lua(L);
   int base = lua_gettop(L) - nargs; /* the function, then the message handler below it */
@@ -124,84 +86,6 @@ int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
   if (R->interrupted) loop_interrupt_running(R); /* the task or outer call this ran in stops too */
   lua_remove(L, base);
   return status;
-}
-
-/* Raise a misuse error located at the user's line: frames of the host's own
- * Lua (the prelude, the mock) and C frames are skipped. */
-int resil_raise(lua_State *L, const char *fmt, ...) {
-  lua_Debug ar;
-  int located = 0;
-  for (int level = 1; lua_getstack(L, level, &ar); level++) {
-    lua_getinfo(L, "Sl", &ar);
-    if (ar.currentline > 0 && strncmp(ar.source, "=[resil", 7) != 0) {
-      lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
-      located = 1;
-      break;
-    }
-  }
-  if (!located) lua_pushliteral(L, "");
-  char message[1024]; /* printf formats, unlike lua_pushfstring */
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(message, sizeof message, fmt, ap);
-  va_end(ap);
-  lua_pushstring(L, message);
-  lua_concat(L, 2);
-  redact_push(L, -1, REDACT_ALL); /* "bad url 'https://...?key=...'" */
-  return lua_error(L);
-}
-
-/* ---------- error values ---------- */
-
-static int error_tostring(lua_State *L) {
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  lua_getfield(L, 1, "kind");
-  luaL_addvalue(&b);
-  luaL_addstring(&b, ": ");
-  lua_getfield(L, 1, "message");
-  if (lua_isnil(L, -1)) lua_pop(L, 1);
-  else luaL_addvalue(&b);
-  lua_getfield(L, 1, "status");
-  if (lua_isinteger(L, -1)) {
-    lua_pushfstring(L, " (status %d)", (int)lua_tointeger(L, -1));
-    lua_remove(L, -2);
-    luaL_addvalue(&b);
-  } else {
-    lua_pop(L, 1);
-  }
-  luaL_pushresult(&b);
-  redact_push(L, -1, REDACT_ALL); /* fields set after creation may hold a secret */
-  return 1;
-}
-
-static void push_error_va(lua_State *L, const char *kind, const char *fmt, va_list ap) {
-  lua_createtable(L, 0, 3);
-  lua_pushstring(L, kind);
-  lua_setfield(L, -2, "kind");
-  char message[1024]; /* printf formats, unlike lua_pushfstring */
-  vsnprintf(message, sizeof message, fmt, ap);
-  lua_pushstring(L, message);
-  redact_push(L, -1, REDACT_ALL); /* a URL with ?key= in the message */
-  lua_setfield(L, -3, "message");
-  lua_pop(L, 1);
-  luaL_setmetatable(L, ERROR_MT);
-}
-
-void resil_push_error(lua_State *L, const char *kind, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  push_error_va(L, kind, fmt, ap);
-  va_end(ap);
-}
-
-int resil_error_result(lua_State *L, const char *kind, const char *fmt, ...) {
-  va_list ap;
-  lua_pushnil(L);
-  va_start(ap, fmt);
-  push_error_va(L, kind, fmt, ap);
-  va_end(ap);
-  return 2;
 }
 
 /* ---------- require "policies.x": the project's copy before the shipped one ---------- */
@@ -280,6 +164,7 @@ static const struct {
   const char *field; /* NULL: merged into resil itself */
   lua_CFunction open;
 } primitives[] = {
+  {NULL, luaopen_resil_error},
   {NULL, luaopen_resil_loop},
   {"http", luaopen_resil_http},
   {"json", luaopen_resil_json},
@@ -333,31 +218,6 @@ static void register_modules(lua_State *L) {
   lua_pop(L, 1);
 }
 
-static int l_error(lua_State *L) {
-  const char *kind = luaL_checkstring(L, 1);
-  const char *message = luaL_optstring(L, 2, kind);
-  if (lua_istable(L, 3)) lua_pushvalue(L, 3);
-  else lua_newtable(L);
-  lua_pushstring(L, kind);
-  lua_setfield(L, -2, "kind");
-  lua_pushstring(L, message);
-  redact_push(L, -1, REDACT_ALL); /* an error's message never carries a secret */
-  lua_setfield(L, -3, "message");
-  lua_pop(L, 1);
-  luaL_setmetatable(L, ERROR_MT);
-  return 1;
-}
-
-static int l_is_error(lua_State *L) {
-  int is = 0;
-  if (lua_getmetatable(L, 1)) {
-    luaL_getmetatable(L, ERROR_MT);
-    is = lua_rawequal(L, -1, -2);
-  }
-  lua_pushboolean(L, is);
-  return 1;
-}
-
 /* resil.hash(s) -> 16 hex digits (FNV-1a, 64 bit): fingerprints and ids,
  * not security */
 static int l_hash(lua_State *L) {
@@ -377,11 +237,6 @@ static int l_isatty(lua_State *L) {
 }
 
 static int luaopen_resil(lua_State *L) {
-  luaL_newmetatable(L, ERROR_MT);
-  lua_pushcfunction(L, error_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
-
   lua_newtable(L);
   for (size_t i = 0; i < sizeof primitives / sizeof primitives[0]; i++) {
     lua_pushcfunction(L, primitives[i].open);
@@ -398,10 +253,6 @@ static int luaopen_resil(lua_State *L) {
     }
     lua_pop(L, 1);
   }
-  lua_pushcfunction(L, l_error);
-  lua_setfield(L, -2, "error");
-  lua_pushcfunction(L, l_is_error);
-  lua_setfield(L, -2, "is_error");
   lua_pushcfunction(L, l_isatty);
   lua_setfield(L, -2, "isatty");
   lua_pushcfunction(L, l_hash);
