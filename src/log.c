@@ -255,15 +255,17 @@ static int log_output(lua_State *L) {
   if (strcmp(where, "stderr") == 0 || strcmp(where, "stdout") == 0) {
     close_output(st);
     st->out = where[3] == 'e' ? stderr : stdout;
-    return 0;
+    lua_pushboolean(L, 1);
+    return 1;
   }
   FILE *f = fopen(where, "a");
-  if (!f) return luaL_error(L, "resil.log.output: cannot open %s: %s", where, strerror(errno));
+  if (!f) return resil_error_result(L, "io", "resil.log.output: cannot open %s: %s", where, strerror(errno));
   setvbuf(f, NULL, _IOLBF, 0);
   close_output(st);
   st->out = f;
   st->owns_out = 1;
-  return 0;
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 /* resil.log.redact(value): register value as a secret, as resil.secret does:

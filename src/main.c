@@ -135,7 +135,8 @@ static const char mock_driver[] =
   "  scenario = chunk()\n"
   "  if type(scenario) ~= 'table' then error(path .. ': a scenario file must return a table', 0) end\n"
   "end\n"
-  "local m = resil.mock.start(scenario, { port = port, host = host })\n"
+  "local m, err = resil.mock.start(scenario, { port = port, host = host })\n"
+  "if not m then error(tostring(err), 0) end\n"
   "io.stdout:write(m.url, '\\n')\n"
   "io.stdout:flush()\n"
   "resil.sleep(math.huge)\n";

@@ -325,9 +325,15 @@ resil_t *resil_open(const resil_options *opts) {
     if (opts->log_file) {
       lua_getfield(L, -1, "output");
       lua_pushstring(L, opts->log_file);
-      if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+      if (lua_pcall(L, 1, 2, 0) != LUA_OK) {
         resil_set_error(R, lua_tostring(L, -1));
         lua_pop(L, 1);
+      } else {
+        if (lua_isnil(L, -2)) { /* nil, err: the file cannot be opened */
+          resil_set_error(R, resil_describe(L, -1));
+          lua_pop(L, 1);
+        }
+        lua_pop(L, 2);
       }
     }
     if (opts->log_level) {

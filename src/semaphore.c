@@ -184,12 +184,18 @@ static int s_acquire(lua_State *L) {
   return lua_yieldk(L, 0, (lua_KContext)w, acquire_k);
 }
 
+/* s:try() -> true, permits left | false: the same shape as bucket:try,
+ * without a wait to offer (a permit comes back when a holder releases it). */
 static int s_try(lua_State *L) {
   semaphore *s = check_semaphore(L, 1);
-  int ok = !s->head && s->in_use < s->size;
-  if (ok) s->in_use++;
-  lua_pushboolean(L, ok);
-  return 1;
+  if (s->head || s->in_use >= s->size) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  s->in_use++;
+  lua_pushboolean(L, 1);
+  lua_pushinteger(L, s->size - s->in_use);
+  return 2;
 }
 
 static int s_release(lua_State *L) {

@@ -705,7 +705,13 @@ static int l_listen(lua_State *L) {
     if (fd >= 0) evutil_closesocket(fd);
     evhttp_free(srv->http);
     srv->http = NULL;
-    return luaL_error(L, "server: cannot listen on %s:%d (%s)", host, (int)port, strerror(errno));
+    /* a port in use is trouble from the world, not misuse: nil, err */
+    int e = errno;
+    resil_error_result(L, e == EADDRINUSE ? "address_in_use" : "listen", "server: cannot listen on %s:%d (%s)", host,
+                       (int)port, strerror(e));
+    lua_pushinteger(L, e);
+    lua_setfield(L, -2, "errno");
+    return 2;
   }
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;

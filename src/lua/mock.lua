@@ -102,12 +102,14 @@ function mock.start(scenario, opts)
   self.jobs, self.next_job = {}, 0
   -- response ids unique across mocks, as a real provider's are (costs may be recorded under them)
   self.instance = resil.hash(tostring(self) .. tostring(resil.clock.wall()) .. tostring(os.clock())):sub(1, 8)
-  self.server = resil.server.listen({
+  local server, err = resil.server.listen({
     host = opts.host or "127.0.0.1",
     port = opts.port or 0,
     max_headers = opts.max_headers, max_body = opts.max_body, read_timeout = opts.read_timeout,
     handler = function(req) return self:handle(req) end,
   })
+  if not server then return nil, err end
+  self.server = server
   self.port = self.server:port()
   self.url = ("http://%s:%d"):format(opts.host or "127.0.0.1", self.port)
   return self
