@@ -168,6 +168,25 @@ describe("secrets read through resil.secret", function()
     refute_key(r.stdout)
   end)
 
+  it("are not printed as log field names, and are refused as metric or label names", function()
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      resil.log.info("m", { [KEY] = 1, nested = { [KEY] = 2 } })
+      local NAME = KEY:gsub("%W", "_") -- a secret that is a valid metric and label name
+      resil.log.redact(NAME)
+      local c = resil.metrics.counter("calls_total", "h")
+      print(pcall(c.inc, c, { [NAME] = "v" }))
+      print(pcall(resil.metrics.counter, NAME, "h"))
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches('"[REDACTED]":1', r.stderr, 1, true)
+    assert.matches("false\t.-a label name holds a secret", r.stdout)
+    assert.matches("false\t.-a metric name holds a secret", r.stdout)
+    refute_key(r.stderr)
+    refute_key(r.stdout)
+  end)
+
   it("are refused as step results: the SQLite file and runs show never hold them", function()
     local db = helpers.tmpname(".db")
     local r = run([[

@@ -91,7 +91,9 @@ static void redact_value(lua_State *L, int depth) {
     } else {
       redact_value(L, depth + 1);
     }
+    /* L stack: src, copy, key, value; a key can hold a secret too */
     lua_pushvalue(L, -2);
+    if (lua_type(L, -1) == LUA_TSTRING) redact_string(L);
     lua_insert(L, -2);
     lua_rawset(L, -4);
   }

@@ -26,6 +26,7 @@ local function label_key(labels)
     if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then
       error(("metrics: bad label name %q"):format(tostring(k)), 3)
     end
+    if redact(k) ~= k then error("metrics: a label name holds a secret (resil.secret)", 3) end
     names[#names + 1] = k
   end
   table.sort(names)
@@ -45,6 +46,7 @@ local function define(kind, name, help, opts)
   if type(name) ~= "string" or not name:match("^[%a_:][%w_:]*$") then
     error(("resil.metrics.%s: bad metric name %q"):format(kind, tostring(name)), 3)
   end
+  if redact(name) ~= name then error("metrics: a metric name holds a secret (resil.secret)", 3) end
   local m = registry[name]
   if m then
     if m.kind ~= kind then
