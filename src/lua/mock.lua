@@ -308,6 +308,14 @@ for f in ([[model messages max_tokens max_completion_tokens temperature top_p n 
   OPENAI_FIELDS[f] = true
 end
 
+-- scenario.api_keys: the keys the mock accepts (any, when not set)
+function Mock:key_ok(key)
+  local keys = self.scenario.api_keys
+  if keys == nil then return true end
+  for _, k in ipairs(keys) do if k == key then return true end end
+  return false
+end
+
 -- A strict request check: nil when acceptable, else the reply the API would send.
 function Mock:openai_check(req, body)
   local auth = req.headers["authorization"]
@@ -315,6 +323,10 @@ function Mock:openai_check(req, body)
     return { status = 401, body = openai_error(401, "You didn't provide an API key. You need to provide your API key "
       .. "in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
       "invalid_request_error") }
+  end
+  if not self:key_ok(auth:match("^Bearer (.+)$")) then
+    return { status = 401, body = openai_error(401, "Incorrect API key provided. You can find your API key at "
+      .. "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key") }
   end
   for k in pairs(body) do
     if not OPENAI_FIELDS[k] then
@@ -427,9 +439,14 @@ for f in ([[model messages max_tokens system metadata stop_sequences stream temp
   ANTHROPIC_FIELDS[f] = true
 end
 
-local function anthropic_refusal(req, body)
-  if not req.headers["x-api-key"] or req.headers["x-api-key"] == "" then
+local function anthropic_refusal(self, req, body)
+  -- an API key as x-api-key, or as a bearer token (the API takes both; newer SDKs send the latter)
+  local key = req.headers["x-api-key"] or (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
+  if not key or key == "" then
     return { status = 401, body = anthropic_error(401, "authentication_error", "x-api-key header is required") }
+  end
+  if not self:key_ok(key) then
+    return { status = 401, body = anthropic_error(401, "authentication_error", "invalid x-api-key") }
   end
   if not req.headers["anthropic-version"] then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "anthropic-version: header is required") }
@@ -480,7 +497,7 @@ end
 -- POST /v1/messages, as Anthropic's Messages API answers it.
 function Mock:messages(req, fault)
   local body = json.decode(req.body)
-  local refused = anthropic_refusal(req, body)
+  local refused = anthropic_refusal(self, req, body)
   if refused then return refused end
   local reply = self.scenario.reply
   if type(reply) == "function" then reply = reply(body) end
@@ -683,7 +700,11 @@ function Mock:handle(req)
     self.counts.replayed = self.counts.replayed + 1
     return deep_copy(self.replies[route .. " " .. key])
   end
-  local fault = route ~= "unknown" and self:pick_fault(route) or nil
+  -- x-mock-fault: a status or a fault kind for this one request (clients
+  -- that cannot follow a sequence: the official SDKs in spec/sdk)
+  local asked = req.headers["x-mock-fault"]
+  local fault = asked and (tonumber(asked) and { status = tonumber(asked) } or { kind = asked })
+    or route ~= "unknown" and self:pick_fault(route) or nil
   if fault then self.counts.faults[route] = (self.counts.faults[route] or 0) + 1 end
   local function normal()
     if custom then
