@@ -341,6 +341,18 @@ describe("streams", function()
     end)
   end
 
+  it("a stream that stalls after its first delta is stream_interrupted at the idle timeout", function()
+    -- message_start, content_block_start, ping, two deltas, then silence
+    m:configure({ strict = true, reply = "one two three four", sequence = { messages = { { kind = "stall", after = 5 } } } })
+    ai.configure("anthropic", { base_url = m.url, api_key = ANTHROPIC_KEY, idle_timeout = 30 })
+    local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
+    local ok, err = pcall(function() for _ in s do end end)
+    assert.is_false(ok)
+    assert.are.equal("stream_interrupted", err.kind)
+    assert.are.equal("one two ", err.text)
+    assert.are.equal("timeout", err.cause.kind)
+  end)
+
   it("a stream that fails before its first delta falls back", function()
     m:configure({ strict = true, reply = "one two", sequence = { messages = { { kind = "error_event", after = 0 },
       { kind = "error_event", after = 0 }, { kind = "error_event", after = 0 }, { kind = "error_event", after = 0 } } } })
