@@ -62,6 +62,11 @@ deps:
 	  echo "installing:$$missing"; \
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
 	fi
+	@# the official OpenAI and Anthropic SDKs that spec/sdk_spec.lua runs against the mock
+	@if command -v npm >/dev/null 2>&1; then \
+	  cmp -s spec/sdk/package-lock.json spec/sdk/node_modules/.installed-lock.json \
+	    || (cd spec/sdk && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock.json); \
+	else echo "npm not found: spec/sdk_spec.lua will be skipped"; fi
 
 demo: all
 	./resil-lua examples/pipeline.lua

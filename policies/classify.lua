@@ -55,6 +55,9 @@ classify.kinds = {
   invalid_json = { class = "invalid_output", retryable = true, backoff = "constant", max_retries = 2,
                    fallback = true },
   deadline = { class = "deadline", retryable = false },
+  -- a stream that broke after its first delta: the text so far is on the error
+  stream_interrupted = { class = "stream_interrupted", retryable = false },
+  missing_secret = { class = "auth", retryable = false },
 }
 
 -- Provider error bodies, checked before the status rules, first match wins.
@@ -65,6 +68,20 @@ local function error_field(body, field)
 end
 
 classify.bodies = {
+  -- OpenAI: out of credit is a 429 that no wait cures
+  { name = "insufficient_quota",
+    match = function(_, body)
+      return error_field(body, "code") == "insufficient_quota" or error_field(body, "type") == "insufficient_quota"
+    end,
+    verdict = { class = "quota", retryable = false, fallback = true } },
+  -- Anthropic: a rate limit says when to come back (retry-after); a spend
+  -- limit is a 429 that does not
+  { name = "anthropic_spend_limit",
+    match = function(res, body)
+      return res.status == 429 and error_field(body, "type") == "rate_limit_error"
+        and (res.headers or {})["retry-after"] == nil
+    end,
+    verdict = { class = "quota", retryable = false, fallback = true } },
   { name = "context_length",
     match = function(_, body)
       return error_field(body, "code") == "context_length_exceeded"
@@ -196,17 +213,26 @@ function classify.outcome(res, err, opts)
     return verdict_of(classify.kinds.invalid_output, why or "output failed validation", status, "invalid_output")
   end
   if status < 400 then return nil end -- 1xx/3xx: the caller asked for them
-  local retry_after = resil.retry_after(res.headers or {})
+  local headers = res.headers or {}
+  local retry_after = resil.retry_after(headers)
   local body = res.body and res.body ~= "" and resil.json.decode(res.body) or nil
+  local v
   for _, rule in ipairs(classify.bodies) do
     if rule.match(res, body) then
-      return verdict_of(rule.verdict, ("%d %s"):format(status, rule.name), status, nil, retry_after)
+      v = verdict_of(rule.verdict, ("%d %s"):format(status, rule.name), status, nil, retry_after)
+      break
     end
   end
-  local rule = status_rule(status)
-  local message = error_field(body, "message")
-  return verdict_of(rule, ("HTTP %d%s"):format(status, message and (": " .. tostring(message)) or ""), status, nil,
-    retry_after)
+  if not v then
+    local message = error_field(body, "message")
+    v = verdict_of(status_rule(status), ("HTTP %d%s"):format(status, message and (": " .. tostring(message)) or ""),
+      status, nil, retry_after)
+  end
+  -- the provider's own word on retrying (Anthropic, OpenAI: x-should-retry)
+  local should = headers["x-should-retry"]
+  if should == "false" then v.retryable = false
+  elseif should == "true" and not v.retryable then v.retryable, v.max_retries = true, v.max_retries or 2 end
+  return v
 end
 
 -- classify.error(verdict [, extra]) -> an error value for the caller

@@ -18,15 +18,18 @@ local mock = {}
 local Mock = {}
 Mock.__index = Mock
 
+-- { method, path pattern, route name }; a route's handler is HANDLERS[name].
+-- Another file extends both (mock.routes, mock.handlers).
 local BUILTIN_ROUTES = {
   { "POST", "^/v1/chat/completions$", "chat" },
+  { "POST", "^/v1/messages$", "messages" },
   { "POST", "^/v1/predictions$", "predictions" },
   { "GET", "^/v1/predictions/([%w%-_]+)$", "prediction" },
   { "POST", "^/v1/predictions/([%w%-_]+)/cancel$", "cancel" },
 }
 
 local NAMED_FAULTS = { hang = true, reset = true, truncate = true, garbage = true, empty = true, stall = true,
-  ok = true, slow = true, not_http = true }
+  ok = true, slow = true, not_http = true, cut = true, error_event = true }
 
 local ERROR_TYPES = {
   [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
@@ -82,14 +85,33 @@ end
 
 local function estimate_tokens(text) return math.max(1, math.ceil(#text / 4)) end
 
-local function error_body(status, fault)
+-- Error bodies as each API documents them. OpenAI: {error={message, type,
+-- param, code}}; Anthropic: {type="error", error={type, message}}.
+local ANTHROPIC_ERROR_TYPES = {
+  [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
+  [404] = "not_found_error", [413] = "request_too_large", [429] = "rate_limit_error", [500] = "api_error",
+  [529] = "overloaded_error",
+}
+
+local function anthropic_error(status, etype, message)
+  etype = etype or ANTHROPIC_ERROR_TYPES[status] or "api_error"
+  return json.encode({ type = "error", error = { type = etype, message = message or ("mock %d: %s"):format(status, etype) } })
+end
+
+local function openai_error(status, message, etype, code, param)
+  return json.encode({ error = { message = message, type = etype or ERROR_TYPES[status] or "api_error",
+    param = param or json.null, code = code or json.null } })
+end
+
+local function error_body(status, fault, flavor)
   if fault.body then return fault.body end
+  if flavor == "anthropic" then return anthropic_error(status, fault.error_type, fault.message) end
   if status == 529 then
     return json.encode({ type = "error", error = { type = "overloaded_error", message = "Overloaded" } })
   end
   local etype = fault.error_type or ERROR_TYPES[status] or "api_error"
   return json.encode({ error = { message = fault.message or ("mock %d: %s"):format(status, etype),
-    type = etype, code = fault.error_code or fault.error_type } })
+    type = etype, param = json.null, code = fault.error_code or fault.error_type or json.null } })
 end
 
 function mock.start(scenario, opts)
@@ -187,20 +209,141 @@ function Mock:bill(req, usage)
   if key then self.counts.paid_keys[key] = (self.counts.paid_keys[key] or 0) + 1 end
 end
 
+-- cjson writes an empty table as {}; the APIs send [] where a list is empty
+local EMPTY = "\0empty-list\0"
+local function encode(t) return (json.encode(t):gsub('"\\u0000empty%-list\\u0000"', "[]")) end
+
+-- request numbers arrive as floats: an integer field is an integral number
+local function int(v) return type(v) == "number" and math.tointeger(v) or nil end
+
+local function content_text(content)
+  if type(content) == "string" then return content end
+  local parts = {}
+  for _, block in ipairs(type(content) == "table" and content or {}) do
+    if type(block) == "table" and type(block.text) == "string" then parts[#parts + 1] = block.text end
+  end
+  return table.concat(parts, "\n")
+end
+
 local function last_user_text(body)
   local text = ""
   for _, m in ipairs(type(body) == "table" and type(body.messages) == "table" and body.messages or {}) do
-    if type(m) == "table" and type(m.content) == "string" then text = m.content end
+    if type(m) == "table" and m.content ~= nil then text = content_text(m.content) end
   end
   return text
 end
 
 local function prompt_text(body)
-  local parts = {}
+  local parts = { type(body) == "table" and body.system and content_text(body.system) or nil }
   for _, m in ipairs(type(body) == "table" and type(body.messages) == "table" and body.messages or {}) do
-    if type(m) == "table" and type(m.content) == "string" then parts[#parts + 1] = m.content end
+    if type(m) == "table" and m.content ~= nil then parts[#parts + 1] = content_text(m.content) end
   end
   return table.concat(parts, "\n")
+end
+
+-- The reply's words, cut at max_tokens (one word is one token here):
+-- words, completion tokens, and whether the limit cut it.
+local function reply_words(reply, max_tokens)
+  local words = {}
+  for word in reply:gmatch("%S+%s*") do words[#words + 1] = word end
+  max_tokens = int(max_tokens)
+  if max_tokens and max_tokens >= 0 and #words > max_tokens then
+    for i = #words, max_tokens + 1, -1 do words[i] = nil end
+    return words, max_tokens, true
+  end
+  return words, #words, false
+end
+
+-- Go-style duration, as in OpenAI's x-ratelimit-reset-* ("6m0s", "12ms", "1s")
+local function go_duration(seconds)
+  if seconds < 1 then return ("%dms"):format(math.max(1, math.floor(seconds * 1000 + 0.5))) end
+  local m = math.floor(seconds / 60)
+  local s = seconds - m * 60
+  if m > 0 then return ("%dm%ds"):format(m, math.floor(s)) end
+  return ("%gs"):format(math.floor(s * 1000 + 0.5) / 1000)
+end
+
+-- The window of the rate-limit headers: one minute on the host clock.
+function Mock:window()
+  local now = resil.now()
+  local w = self.rate_window
+  if not w or now - w.start >= 60 then
+    w = { start = now, requests = 0, tokens = 0 }
+    self.rate_window = w
+  end
+  return w, 60 - (now - w.start)
+end
+
+function Mock:rate_headers(flavor, tokens)
+  local limits = self.scenario.rate_limits or {}
+  local rl, tl = limits.requests or 10000, limits.tokens or 10000000
+  local w, left = self:window()
+  w.requests, w.tokens = w.requests + 1, w.tokens + (tokens or 0)
+  local rr, tr = math.max(0, rl - w.requests), math.max(0, tl - w.tokens)
+  if flavor == "anthropic" then
+    local reset = os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(resil.clock.wall() + left + 0.999))
+    return { ["anthropic-ratelimit-requests-limit"] = tostring(rl),
+      ["anthropic-ratelimit-requests-remaining"] = tostring(rr), ["anthropic-ratelimit-requests-reset"] = reset,
+      ["anthropic-ratelimit-tokens-limit"] = tostring(tl),
+      ["anthropic-ratelimit-tokens-remaining"] = tostring(tr), ["anthropic-ratelimit-tokens-reset"] = reset,
+      ["request-id"] = ("req_mock%s%d"):format(self.instance, self.counts.total) }
+  end
+  -- a request-limit resets one request's share at a time; tokens the same
+  return { ["x-ratelimit-limit-requests"] = tostring(rl), ["x-ratelimit-remaining-requests"] = tostring(rr),
+    ["x-ratelimit-reset-requests"] = go_duration(rr > 0 and 60 / rl or left),
+    ["x-ratelimit-limit-tokens"] = tostring(tl), ["x-ratelimit-remaining-tokens"] = tostring(tr),
+    ["x-ratelimit-reset-tokens"] = go_duration(tr > 0 and 60 * math.max(1, tokens or 1) / tl or left),
+    ["x-request-id"] = ("req_mock%s%d"):format(self.instance, self.counts.total) }
+end
+
+local function sse(data, event)
+  if event then return ("event: %s\ndata: %s\n\n"):format(event, data) end
+  return ("data: %s\n\n"):format(data)
+end
+
+-- Fields of a chat completions request (strict mode rejects others, as the API does).
+local OPENAI_FIELDS = {}
+for f in ([[model messages max_tokens max_completion_tokens temperature top_p n stream stream_options stop
+  presence_penalty frequency_penalty logit_bias logprobs top_logprobs user seed tools tool_choice
+  parallel_tool_calls response_format service_tier store metadata reasoning_effort modalities audio
+  prediction web_search_options verbosity prompt_cache_key safety_identifier]]):gmatch("%S+") do
+  OPENAI_FIELDS[f] = true
+end
+
+-- scenario.api_keys: the keys the mock accepts (any, when not set)
+function Mock:key_ok(key)
+  local keys = self.scenario.api_keys
+  if keys == nil then return true end
+  for _, k in ipairs(keys) do if k == key then return true end end
+  return false
+end
+
+-- A strict request check: nil when acceptable, else the reply the API would send.
+function Mock:openai_check(req, body)
+  local auth = req.headers["authorization"]
+  if not auth or not auth:match("^Bearer %S") then
+    return { status = 401, body = openai_error(401, "You didn't provide an API key. You need to provide your API key "
+      .. "in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+      "invalid_request_error") }
+  end
+  if not self:key_ok(auth:match("^Bearer (.+)$")) then
+    return { status = 401, body = openai_error(401, "Incorrect API key provided. You can find your API key at "
+      .. "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key") }
+  end
+  for k in pairs(body) do
+    if not OPENAI_FIELDS[k] then
+      return { status = 400, body = openai_error(400, "Unrecognized request argument supplied: " .. tostring(k),
+        "invalid_request_error") }
+    end
+  end
+  if type(body.model) ~= "string" then
+    return { status = 400, body = openai_error(400, "you must provide a model parameter", "invalid_request_error") }
+  end
+  if type(body.messages) ~= "table" or #body.messages == 0 then
+    return { status = 400, body = openai_error(400, "[] is too short - 'messages'", "invalid_request_error", nil,
+      "messages") }
+  end
+  return nil
 end
 
 function Mock:chat(req, fault)
@@ -208,34 +351,233 @@ function Mock:chat(req, fault)
   if type(body) ~= "table" then
     return { status = 400, body = error_body(400, { message = "request body is not valid JSON" }) }
   end
+  if self.scenario.strict then
+    local refused = self:openai_check(req, body)
+    if refused then return refused end
+  end
   local reply = self.scenario.reply
   if type(reply) == "function" then reply = reply(body) end
   if fault and fault.kind == "empty" then reply = "" end
   reply = reply or ("Mock reply to: " .. last_user_text(body):sub(1, 80))
-  local usage = { prompt_tokens = estimate_tokens(prompt_text(body)), completion_tokens = estimate_tokens(reply) }
+  local n = int(body.n) and int(body.n) > 0 and int(body.n) or 1
+  local words, completion, cut = reply_words(reply, body.max_completion_tokens or body.max_tokens)
+  local text = table.concat(words)
+  local finish = cut and "length" or "stop"
+  local cached = self.scenario.cached_tokens or 0
+  local usage = { prompt_tokens = estimate_tokens(prompt_text(body)) + cached, completion_tokens = completion * n }
   usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+  usage.prompt_tokens_details = { cached_tokens = cached, audio_tokens = 0 }
+  usage.completion_tokens_details = { reasoning_tokens = 0, audio_tokens = 0, accepted_prediction_tokens = 0,
+    rejected_prediction_tokens = 0 }
   local id = ("chatcmpl-mock%s-%d"):format(self.instance, self.counts.total)
   local model = type(body.model) == "string" and body.model or "mock-model"
   local created = math.floor(resil.clock.wall())
   self:bill(req, usage)
+  local headers = self:rate_headers("openai", usage.total_tokens)
   if body.stream then
-    local chunks = {}
-    for word in reply:gmatch("%S+%s*") do
-      chunks[#chunks + 1] = "data: " .. json.encode({ id = id, object = "chat.completion.chunk", created = created,
-        model = model, choices = { { index = 0, delta = { content = word } } } }) .. "\n\n"
+    headers["content-type"] = "text/event-stream"
+    local include_usage = type(body.stream_options) == "table" and body.stream_options.include_usage == true
+    local function chunk(choices, u)
+      local c = { id = id, object = "chat.completion.chunk", created = created, model = model,
+        system_fingerprint = "fp_mock", choices = choices }
+      if include_usage then c.usage = u or json.null end
+      return sse(encode(c))
     end
-    chunks[#chunks + 1] = "data: " .. json.encode({ id = id, object = "chat.completion.chunk", created = created,
-      model = model, choices = { { index = 0, delta = {}, finish_reason = "stop" } }, usage = usage }) .. "\n\n"
+    local chunks = {}
+    -- the API's first chunk of each choice carries the role
+    for i = 0, n - 1 do
+      chunks[#chunks + 1] = chunk({ { index = i, delta = { role = "assistant", content = "", refusal = json.null },
+        logprobs = json.null, finish_reason = json.null } })
+    end
+    local cut_after = fault and fault.kind == "cut" and (fault.after or 3) or nil
+    local error_after = fault and fault.kind == "error_event" and (fault.after or 0) or nil
+    local interval = self.scenario.stream_interval or 0.005
+    if cut_after == 0 then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
+    if error_after == 0 then
+      chunks[#chunks + 1] = sse(openai_error(500, fault.message or "The server had an error while processing your request.",
+        "server_error"))
+      return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
+    end
+    for w, word in ipairs(words) do
+      for i = 0, n - 1 do
+        chunks[#chunks + 1] = chunk({ { index = i, delta = { content = word }, logprobs = json.null,
+          finish_reason = json.null } })
+      end
+      if w == cut_after then
+        -- the transfer ends cleanly here, without a finish_reason or [DONE]: a gateway that lost its upstream
+        return { status = 200, headers = headers, chunks = chunks, chunk_interval = self.scenario.stream_interval or 0.005 }
+      end
+      if w == error_after then
+        chunks[#chunks + 1] = sse(openai_error(500, fault.message or "The server had an error while processing your request.",
+          "server_error"))
+        return { status = 200, headers = headers, chunks = chunks, chunk_interval = self.scenario.stream_interval or 0.005 }
+      end
+    end
+    for i = 0, n - 1 do
+      chunks[#chunks + 1] = chunk({ { index = i, delta = {}, logprobs = json.null, finish_reason = finish } })
+    end
+    if include_usage then chunks[#chunks + 1] = chunk(EMPTY, usage) end
     chunks[#chunks + 1] = "data: [DONE]\n\n"
-    return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = chunks,
+    return { status = 200, headers = headers, chunks = chunks,
       chunk_interval = self.scenario.stream_interval or 0.005,
       stall_after = fault and fault.kind == "stall" and (fault.after or 2) or nil }
   end
-  return { status = 200, body = json.encode({
-    id = id, object = "chat.completion", created = created, model = model,
-    choices = { { index = 0, message = { role = "assistant", content = reply }, finish_reason = "stop" } },
-    usage = usage,
+  local choices = {}
+  for i = 1, n do
+    choices[i] = { index = i - 1, message = { role = "assistant", content = text, refusal = json.null,
+      annotations = EMPTY }, logprobs = json.null, finish_reason = finish }
+  end
+  headers["content-type"] = "application/json"
+  return { status = 200, headers = headers, body = encode({
+    id = id, object = "chat.completion", created = created, model = model, choices = choices,
+    usage = usage, service_tier = "default", system_fingerprint = "fp_mock",
   }) }
+end
+
+-- Anthropic messages: what the API requires and accepts.
+local ANTHROPIC_FIELDS = {}
+for f in ([[model messages max_tokens system metadata stop_sequences stream temperature top_k top_p tools
+  tool_choice thinking service_tier container mcp_servers context_management]]):gmatch("%S+") do
+  ANTHROPIC_FIELDS[f] = true
+end
+
+local function anthropic_refusal(self, req, body)
+  -- an API key as x-api-key, or as a bearer token (the API takes both; newer SDKs send the latter)
+  local key = req.headers["x-api-key"] or (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
+  if not key or key == "" then
+    return { status = 401, body = anthropic_error(401, "authentication_error", "x-api-key header is required") }
+  end
+  if not self:key_ok(key) then
+    return { status = 401, body = anthropic_error(401, "authentication_error", "invalid x-api-key") }
+  end
+  if not req.headers["anthropic-version"] then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error", "anthropic-version: header is required") }
+  end
+  if type(body) ~= "table" then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error", "There was an error parsing the body") }
+  end
+  for k in pairs(body) do
+    if not ANTHROPIC_FIELDS[k] then
+      return { status = 400, body = anthropic_error(400, "invalid_request_error",
+        tostring(k) .. ": Extra inputs are not permitted") }
+    end
+  end
+  if type(body.model) ~= "string" then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error", "model: Field required") }
+  end
+  if not int(body.max_tokens) then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error", "max_tokens: Field required") }
+  end
+  if type(body.messages) ~= "table" or #body.messages == 0 then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error", "messages: Field required") }
+  end
+  for i, m in ipairs(body.messages) do
+    if type(m) ~= "table" or (m.role ~= "user" and m.role ~= "assistant") then
+      return { status = 400, body = anthropic_error(400, "invalid_request_error",
+        ("messages.%d.role: Input should be 'user' or 'assistant'"):format(i - 1)) }
+    end
+    local c = m.content
+    if type(c) ~= "string" and type(c) ~= "table" then
+      return { status = 400, body = anthropic_error(400, "invalid_request_error",
+        ("messages.%d.content: Field required"):format(i - 1)) }
+    end
+    if type(c) == "table" then
+      for j, block in ipairs(c) do
+        if type(block) ~= "table" or type(block.type) ~= "string" then
+          return { status = 400, body = anthropic_error(400, "invalid_request_error",
+            ("messages.%d.content.%d.type: Field required"):format(i - 1, j - 1)) }
+        end
+      end
+    end
+  end
+  if body.system ~= nil and type(body.system) ~= "string" and type(body.system) ~= "table" then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error", "system: Input should be a valid list") }
+  end
+  return nil
+end
+
+-- POST /v1/messages, as Anthropic's Messages API answers it.
+function Mock:messages(req, fault)
+  local body = json.decode(req.body)
+  local refused = anthropic_refusal(self, req, body)
+  if refused then return refused end
+  local reply = self.scenario.reply
+  if type(reply) == "function" then reply = reply(body) end
+  if fault and fault.kind == "empty" then reply = "" end
+  reply = reply or ("Mock reply to: " .. last_user_text(body):sub(1, 80))
+  local words, output, cut = reply_words(reply, body.max_tokens)
+  local stop_reason, stop_sequence = cut and "max_tokens" or "end_turn", json.null
+  if type(body.stop_sequences) == "table" then
+    local text = table.concat(words)
+    for _, seq in ipairs(body.stop_sequences) do
+      local at = type(seq) == "string" and seq ~= "" and text:find(seq, 1, true)
+      if at then
+        local kept, len = {}, 0
+        for _, w in ipairs(words) do
+          if len + #w >= at then
+            if at - 1 - len > 0 then kept[#kept + 1] = w:sub(1, at - 1 - len) end
+            break
+          end
+          kept[#kept + 1], len = w, len + #w
+        end
+        words, output, stop_reason, stop_sequence = kept, #kept, "stop_sequence", seq
+        break
+      end
+    end
+  end
+  local cached = self.scenario.cached_tokens or 0
+  local usage = { input_tokens = estimate_tokens(prompt_text(body)), output_tokens = output,
+    cache_creation_input_tokens = 0, cache_read_input_tokens = cached,
+    service_tier = "standard" }
+  local id = ("msg_mock%s%d"):format(self.instance, self.counts.total)
+  self:bill(req, { prompt_tokens = usage.input_tokens + cached, completion_tokens = output })
+  local headers = self:rate_headers("anthropic", usage.input_tokens + output)
+  local message = { id = id, type = "message", role = "assistant", model = body.model,
+    content = { { type = "text", text = table.concat(words) } }, stop_reason = stop_reason,
+    stop_sequence = stop_sequence, usage = usage }
+  if not body.stream then
+    headers["content-type"] = "application/json"
+    return { status = 200, headers = headers, body = json.encode(message) }
+  end
+  headers["content-type"] = "text/event-stream"
+  local start = { id = id, type = "message", role = "assistant", model = body.model, content = EMPTY,
+    stop_reason = json.null, stop_sequence = json.null,
+    usage = { input_tokens = usage.input_tokens, output_tokens = 1, cache_creation_input_tokens = 0,
+      cache_read_input_tokens = cached, service_tier = "standard" } }
+  local chunks = {
+    sse(encode({ type = "message_start", message = start }), "message_start"),
+    sse(json.encode({ type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
+      "content_block_start"),
+    sse('{"type": "ping"}', "ping"),
+  }
+  local cut_after = fault and fault.kind == "cut" and (fault.after or 3) or nil
+  local error_after = fault and fault.kind == "error_event" and (fault.after or 0) or nil
+  local interval = self.scenario.stream_interval or 0.005
+  if cut_after == 0 then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
+  if error_after == 0 then
+    chunks[#chunks + 1] = sse(anthropic_error(529, fault.error_type or "overloaded_error", fault.message or "Overloaded"),
+      "error")
+    return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
+  end
+  for w, word in ipairs(words) do
+    chunks[#chunks + 1] = sse(json.encode({ type = "content_block_delta", index = 0,
+      delta = { type = "text_delta", text = word } }), "content_block_delta")
+    if w == cut_after then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
+    if w == error_after then
+      chunks[#chunks + 1] = sse(anthropic_error(529, fault.error_type or "overloaded_error",
+        fault.message or "Overloaded"), "error")
+      return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
+    end
+  end
+  chunks[#chunks + 1] = sse(json.encode({ type = "content_block_stop", index = 0 }), "content_block_stop")
+  -- message_delta's usage is cumulative: the totals so far, not an increment
+  chunks[#chunks + 1] = sse(json.encode({ type = "message_delta",
+    delta = { stop_reason = stop_reason, stop_sequence = stop_sequence },
+    usage = { input_tokens = usage.input_tokens, output_tokens = output, cache_creation_input_tokens = 0,
+      cache_read_input_tokens = cached } }), "message_delta")
+  chunks[#chunks + 1] = sse('{"type":"message_stop"}', "message_stop")
+  return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval,
+    stall_after = fault and fault.kind == "stall" and (fault.after or 2) or nil }
 end
 
 function Mock:job_view(job)
@@ -292,6 +634,17 @@ function Mock:cancel_job(id)
   return { status = 200, body = json.encode(self:job_view(job)) }
 end
 
+-- handler(self, req, fault, capture) -> reply; the flavor names the API whose
+-- error bodies a status fault on the route sends
+local HANDLERS = {
+  chat = { fn = Mock.chat },
+  messages = { fn = Mock.messages, flavor = "anthropic" },
+  predictions = { fn = function(self, req) return self:create_job(req) end },
+  prediction = { fn = function(self, _, _, id) return self:poll_job(id) end },
+  cancel = { fn = function(self, _, _, id) return self:cancel_job(id) end },
+}
+mock.routes, mock.handlers = BUILTIN_ROUTES, HANDLERS
+
 function Mock:route(req)
   for pattern, fn in pairs(self.scenario.routes or {}) do
     local method, path = pattern:match("^(%u+)%s+(.+)$")
@@ -308,7 +661,7 @@ end
 
 -- Turn a fault into a reply, or nil when the normal answer should be sent
 -- (possibly changed: empty content, a stalled stream, extra latency).
-local function fault_reply(fault, normal)
+local function fault_reply(fault, normal, flavor)
   local kind = fault.kind
   if kind == "hang" then return { action = "hang" } end
   if kind == "reset" then return { action = "reset" } end
@@ -326,7 +679,12 @@ local function fault_reply(fault, normal)
     local headers = {}
     for k, v in pairs(fault.headers or {}) do headers[k] = v end
     if fault.retry_after then headers["retry-after"] = tostring(fault.retry_after) end
-    return { status = fault.status, headers = headers, body = error_body(fault.status, fault) }
+    if flavor == "anthropic" and fault.status == 429 and fault.retry_after == nil then
+      headers["retry-after"] = "1" -- its rate limits say when to come back; retry_after = false: a spend limit
+    end
+    if flavor == "anthropic" and fault.should_retry ~= nil then headers["x-should-retry"] = tostring(fault.should_retry) end
+    headers["content-type"] = "application/json"
+    return { status = fault.status, headers = headers, body = error_body(fault.status, fault, flavor) }
   end
   return nil
 end
@@ -344,7 +702,11 @@ function Mock:handle(req)
     self.counts.replayed = self.counts.replayed + 1
     return deep_copy(self.replies[route .. " " .. key])
   end
-  local fault = route ~= "unknown" and self:pick_fault(route) or nil
+  -- x-mock-fault: a status or a fault kind for this one request (clients
+  -- that cannot follow a sequence: the official SDKs in spec/sdk)
+  local asked = req.headers["x-mock-fault"]
+  local fault = asked and (tonumber(asked) and { status = tonumber(asked) } or { kind = asked })
+    or route ~= "unknown" and self:pick_fault(route) or nil
   if fault then self.counts.faults[route] = (self.counts.faults[route] or 0) + 1 end
   local function normal()
     if custom then
@@ -352,13 +714,12 @@ function Mock:handle(req)
       if r.json ~= nil then r.body = json.encode(r.json) end
       return r
     end
-    if route == "chat" then return self:chat(req, fault) end
-    if route == "predictions" then return self:create_job(req) end
-    if route == "prediction" then return self:poll_job(capture) end
-    if route == "cancel" then return self:cancel_job(capture) end
+    local h = HANDLERS[route]
+    if h then return h.fn(self, req, fault, capture) end
     return { status = 404, body = error_body(404, { message = ("no route for %s %s"):format(req.method, req.path) }) }
   end
-  local reply = fault and fault_reply(fault, normal) or normal()
+  local h = HANDLERS[route]
+  local reply = fault and fault_reply(fault, normal, h and h.flavor) or normal()
   self:count(route, req, reply.action and reply.action or reply.status or 200)
   if key and not reply.action and (reply.status or 200) < 300 then self.replies[route .. " " .. key] = deep_copy(reply) end
   local latency = sample_latency(fault and fault.latency or self.scenario.latency, self.random)

@@ -1,0 +1,590 @@
+-- policies/ai.lua: one API over the providers' own wire formats.
+--
+--   local ai = require "policies.ai"
+--   local r, err = ai.chat{ model = "openai/gpt-4o-mini-2024-07-18", messages = msgs, max_tokens = 400,
+--     fallback = { "anthropic/claude-sonnet-4-5-20250929" },  -- another wire format: translated
+--     budget = "user:42",                                       -- reserve an estimate, settle the cost
+--     cache = { ttl = 3600 },                                   -- answer repeats from the store
+--     retry = { base = 1 }, deadline = 60 }                     -- call.provider options, for this call
+--   -- r.text, r.usage {input_tokens, output_tokens, cached_input_tokens, cache_write_tokens},
+--   -- r.cost_usd, r.provider, r.model (what served), r.finish_reason, r.id, r.raw
+--
+--   local s = ai.stream{ model = "anthropic/claude-sonnet-4-5-20250929", messages = msgs, max_tokens = 800 }
+--   for delta in s do io.write(delta) end     -- raises kind="stream_interrupted" (err.text) if cut
+--   local r = s:result()                      -- as ai.chat's, once the stream ended
+--
+--   ai.configure("openai", { base_url = "http://localhost:8000/v1", rate = { rate = 500, per = 60 },
+--     tokens = { rate = 90000, per = 60 }, breaker = { failure_rate = 0.5, min_calls = 10 },
+--     retry = { base = 0.5 }, deadline = 120, timeout = 60, concurrency = { size = 16 } })
+--
+-- Providers are the adapters in policies/providers/ (openai, anthropic; a
+-- model "x/..." loads policies.providers.x). Keys come from the environment
+-- through resil.secret (OPENAI_API_KEY, ANTHROPIC_API_KEY): a missing one is
+-- an error naming the variable before any request is sent.
+local resil = require "resil"
+local call = require "policies.call"
+local classify = require "policies.classify"
+local fallback = require "policies.fallback"
+local pricing = require "policies.pricing"
+
+local json = resil.json
+local ai = {}
+
+ai.adapters = {}
+ai.config = {}      -- per provider, see ai.configure
+
+-- the options of policies.call a provider's config or a call may set
+local CALL_OPTIONS = { "timeout", "deadline", "retry", "breaker", "rate", "tokens", "concurrency", "idempotency" }
+
+local function adapter_of(provider, level)
+  local a = ai.adapters[provider]
+  if a then return a end
+  local ok, mod = pcall(require, "policies.providers." .. provider)
+  if not ok or type(mod) ~= "table" then
+    error(("ai: unknown provider '%s' (no policies/providers/%s.lua)"):format(provider, provider), level + 1)
+  end
+  ai.adapters[provider] = mod
+  return mod
+end
+
+-- ai.configure(provider, conf): base_url, api_key (a string, or false for a
+-- server without auth), api_key_env, the call.provider options, fallback (a
+-- list of models), cache = {ttl=}, max_tokens (default for this provider),
+-- idle_timeout (streams, default 60 s), stream_timeout (default 600 s).
+local callers = {}
+function ai.configure(provider, conf)
+  if type(provider) ~= "string" then error("ai.configure: provider must be a string", 2) end
+  if type(conf) ~= "table" then error("ai.configure: conf must be a table", 2) end
+  if type(conf.api_key) == "string" and #conf.api_key >= 6 then resil.log.redact(conf.api_key) end
+  ai.config[provider] = conf
+  callers[provider] = nil
+end
+
+local function base_url(adapter, conf)
+  local base = conf.base_url or os.getenv(adapter.base_env) or adapter.default_base
+  return (base:gsub("/+$", ""))
+end
+
+-- the key, false when the provider is configured without one, or nil, err
+local function key_of(provider, adapter, conf, model)
+  if conf.api_key == false then return false end
+  if type(conf.api_key) == "string" then return conf.api_key end
+  local var = conf.api_key_env or adapter.key_env
+  local key = var and resil.secret(var)
+  if not key then
+    return nil, resil.error("missing_secret", ("%s is not set: %s/%s needs it (export %s=...)"):format(
+      tostring(var), provider, model, tostring(var)), { variable = var, provider = provider, model = model,
+      class = "auth", retryable = false })
+  end
+  return key
+end
+
+-- One policies.call provider per provider name, or a fresh one for a call
+-- that overrides its options (buckets, breakers and semaphores are shared by name).
+local function caller_of(provider, adapter, conf, req)
+  local override = false
+  for _, k in ipairs(CALL_OPTIONS) do
+    if req[k] ~= nil then override = true break end
+  end
+  local c = not override and callers[provider]
+  if c then return c end
+  local o = {}
+  for _, k in ipairs(CALL_OPTIONS) do
+    if req[k] ~= nil then o[k] = req[k] else o[k] = conf[k] end
+  end
+  o.validate = function(res)
+    if res.stream then return true end -- a stream that delivered its first delta
+    local data, why = classify.decoded(res)
+    if data == nil then return nil, why end
+    return adapter.validate(data)
+  end
+  c = call.provider(provider, o)
+  if not override then callers[provider] = c end
+  return c
+end
+
+local function parse_model(spec, level)
+  local model = type(spec) == "table" and spec.model or spec
+  if type(model) ~= "string" then error("ai: model must be a string \"provider/model\"", level + 1) end
+  local provider, name = model:match("^([%w_%-]+)/(.+)$")
+  if not provider then
+    error(("ai: model '%s' must name its provider: \"openai/%s\""):format(model, model), level + 1)
+  end
+  return provider, name
+end
+
+-- The targets of a call, first the model, then its fallbacks, each with
+-- adapter, config, key and caller. Keys are checked before anything is sent.
+local function targets_of(req, level)
+  local list = { req.model }
+  local provider = parse_model(req.model, level + 1)
+  local fb = req.fallback
+  if fb == nil then fb = (ai.config[provider] or {}).fallback end
+  if fb ~= nil and type(fb) ~= "table" then error("ai: fallback must be a list of models", level + 1) end
+  for _, f in ipairs(fb or {}) do list[#list + 1] = f end
+  local targets = {}
+  for i, spec in ipairs(list) do
+    local p, model = parse_model(spec, level + 1)
+    local adapter = adapter_of(p, level + 1)
+    local conf = ai.config[p] or {}
+    local key, err = key_of(p, adapter, conf, model)
+    if key == nil then return nil, err end
+    targets[i] = { provider = p, model = model, adapter = adapter, conf = conf, key = key,
+      overrides = type(spec) == "table" and spec or nil, name = p .. "/" .. model,
+      caller = caller_of(p, adapter, conf, req) }
+  end
+  return targets
+end
+
+local function check_request(req, level)
+  if type(req) ~= "table" then error("ai: expects a request table", level + 1) end
+  if type(req.messages) ~= "table" or #req.messages == 0 then
+    error("ai: messages must be a non-empty list of {role=, content=}", level + 1)
+  end
+  for i, m in ipairs(req.messages) do
+    if type(m) ~= "table" or type(m.role) ~= "string" then
+      error(("ai: messages[%d] must be a table with a role"):format(i), level + 1)
+    end
+  end
+  if req.max_tokens ~= nil and math.type(req.max_tokens) ~= "integer" then
+    error("ai: max_tokens must be an integer", level + 1)
+  end
+  if req.cache ~= nil and (type(req.cache) ~= "table" or type(req.cache.ttl) ~= "number") then
+    error("ai: cache must be {ttl = seconds}", level + 1)
+  end
+end
+
+-- the request a target gets: the call's, with a fallback entry's own fields over it
+local function request_for(t, req)
+  if not t.overrides then return req end
+  local r = {}
+  for k, v in pairs(req) do r[k] = v end
+  for k, v in pairs(t.overrides) do if k ~= "model" then r[k] = v end end
+  return r
+end
+
+local function wire_request(t, req, stream)
+  local conf = t.conf
+  local base = base_url(t.adapter, conf)
+  local aconf = setmetatable({ official = base == t.adapter.default_base }, { __index = conf })
+  local r = request_for(t, req)
+  if stream then
+    local s = {}
+    for k, v in pairs(r) do s[k] = v end
+    s.stream = true
+    r = s
+  end
+  return { method = "POST", url = t.adapter.url(base), headers = t.adapter.headers(t.key or nil, conf),
+    json = t.adapter.body(r, t.model, aconf) }
+end
+ai.wire_request = wire_request
+
+---------------------------------------------------------------------------
+-- costs, budgets and the cache
+
+local function estimate_usd(targets, req)
+  local text = json.encode(req.messages) .. (type(req.system) == "string" and req.system or "")
+  local usd = 0
+  for _, t in ipairs(targets) do
+    local r = request_for(t, req)
+    local out = r.max_tokens or t.conf.max_tokens or t.adapter.default_max_tokens or 4096
+    local c, why = pricing.cost(t.provider, t.model, { input_tokens = math.ceil(#text / 4), output_tokens = out })
+    if c == nil then return nil, why end
+    if c > usd then usd = c end
+  end
+  return usd
+end
+
+local function reserve(targets, req)
+  if req.budget == nil then return nil end
+  local budget = type(req.budget) == "string" and resil.budget(req.budget) or req.budget
+  local usd, why = estimate_usd(targets, req)
+  if usd == nil then
+    return nil, resil.error("unpriced", ("budget '%s' cannot hold a call without a price: %s"):format(
+      tostring(budget.name), why), { class = "unpriced", retryable = false })
+  end
+  return budget:reserve(usd)
+end
+
+-- Cost to the ledger: through the ticket when there is one (it writes the
+-- row), else a row of its own, keyed by the provider's response id.
+local function record_cost(r, req, ticket, operation)
+  local usd = r.usage and pricing.cost(r.provider, r.model or r.requested_model, r.usage)
+  if usd == nil and r.usage and r.model ~= r.requested_model then
+    usd = pricing.cost(r.provider, r.requested_model, r.usage)
+  end
+  r.cost_usd = usd
+  local entry = { provider = r.provider, model = r.model or r.requested_model, operation = operation,
+    user = req.user, units = r.usage, id = r.id and (r.provider .. ":" .. r.id) or nil }
+  local ok, err
+  if ticket then
+    ok, err = ticket:settle(usd or 0, entry)
+  elseif usd then
+    entry.usd = usd
+    ok, err = resil.cost.record(entry)
+  else
+    return
+  end
+  if ok == nil and err then
+    r.ledger_error = err
+    resil.log.error("ai: the cost was not recorded", { provider = r.provider, model = entry.model, usd = usd,
+      error = tostring(err) })
+  end
+end
+
+-- sorted keys: the same request always hashes the same
+local function canonical(v, out)
+  local t = type(v)
+  if t == "table" then
+    if #v > 0 or next(v) == nil then
+      out[#out + 1] = "["
+      for i = 1, #v do canonical(v[i], out); out[#out + 1] = "," end
+      out[#out + 1] = "]"
+    else
+      local keys = {}
+      for k in pairs(v) do keys[#keys + 1] = tostring(k) end
+      table.sort(keys)
+      out[#out + 1] = "{"
+      for _, k in ipairs(keys) do
+        out[#out + 1] = json.encode(k) .. ":"
+        canonical(v[k] ~= nil and v[k] or v[tonumber(k)], out)
+        out[#out + 1] = ","
+      end
+      out[#out + 1] = "}"
+    end
+  elseif t == "function" or t == "userdata" or t == "thread" then
+    out[#out + 1] = "null"
+  else
+    out[#out + 1] = json.encode(v)
+  end
+  return out
+end
+
+local CACHE_FIELDS = { "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop", "tools",
+  "tool_choice", "n", "seed", "response_format", "extra", "fallback" }
+
+local function cache_of(targets, req)
+  local c = req.cache or targets[1].conf.cache
+  if not c then return nil end
+  local key = { model = req.model }
+  for _, f in ipairs(CACHE_FIELDS) do key[f] = req[f] end
+  local store, err = resil.store()
+  if not store then
+    resil.log.warn("ai: cache unavailable", { error = tostring(err) })
+    return nil
+  end
+  return { store = store, ttl = c.ttl, key = "ai:cache:" .. resil.hash(table.concat(canonical(key, {}))) }
+end
+
+local function cache_get(cache)
+  local v = cache.store:get(cache.key)
+  if type(v) ~= "string" then return nil end
+  local r = json.decode(v)
+  if type(r) ~= "table" then return nil end
+  r.cached, r.cost_usd = true, 0
+  return r
+end
+
+local function cache_put(cache, r)
+  local ok, err = pcall(cache.store.set, cache.store, cache.key, json.encode(r), cache.ttl)
+  if not ok then resil.log.warn("ai: result not cached", { error = tostring(err) }) end
+end
+
+local function record_hit(r, req, operation)
+  resil.cost.record({ provider = r.provider, model = r.model, operation = operation, user = req.user, usd = 0,
+    units = { cache_hit = 1 } })
+end
+
+---------------------------------------------------------------------------
+-- chat
+
+local function finish_result(t, r, data)
+  r.provider, r.requested_model, r.raw = t.provider, t.model, data
+  r.model = r.model or t.model
+  return r
+end
+
+local function chat_strategy(t, req)
+  local wire = wire_request(t, req, false)
+  return { name = t.name, fn = function(_, deadline)
+    local res, err = t.caller:attempts(wire, deadline)
+    if res == nil then
+      if type(err) == "table" then err.model = err.model or t.model end
+      return nil, err
+    end
+    local data = classify.decoded(res)
+    local r = t.adapter.parse(data)
+    if r.usage then r.usage.requests = 1 end
+    return finish_result(t, r, data)
+  end }
+end
+
+local function deadline_of(targets, req)
+  local d = req.deadline or targets[1].conf.deadline
+  return d and resil.now() + d
+end
+
+-- ai.chat(req) -> result | nil, err
+function ai.chat(req)
+  check_request(req, 2)
+  local targets, terr = targets_of(req, 2)
+  if not targets then return nil, terr end
+  local cache = cache_of(targets, req)
+  if cache then
+    local hit = cache_get(cache)
+    if hit then
+      record_hit(hit, req, "chat")
+      return hit
+    end
+  end
+  local ticket, berr = reserve(targets, req)
+  if berr then return nil, berr end
+  local r, err
+  if #targets == 1 then
+    r, err = chat_strategy(targets[1], req).fn(req, deadline_of(targets, req))
+  else
+    local strategies = {}
+    for i, t in ipairs(targets) do strategies[i] = chat_strategy(t, req) end
+    r, err = fallback.chain(strategies)(req, deadline_of(targets, req))
+  end
+  if r == nil then
+    if ticket then ticket:settle(0) end
+    return nil, err
+  end
+  record_cost(r, req, ticket, "chat")
+  if cache then cache_put(cache, r) end
+  return r
+end
+
+---------------------------------------------------------------------------
+-- streams
+
+-- an error event's type as the status its API would have answered
+local EVENT_STATUS = { overloaded_error = 529, rate_limit_error = 429, api_error = 500, server_error = 500,
+  invalid_request_error = 400, authentication_error = 401, permission_error = 403, not_found_error = 404,
+  request_too_large = 413 }
+
+local function read_all(s)
+  local parts = {}
+  while true do
+    local chunk = s:read()
+    if not chunk then break end
+    parts[#parts + 1] = chunk
+  end
+  return table.concat(parts)
+end
+
+-- Open a stream and read it up to its first delta: until then a failure is
+-- an ordinary failed attempt (retried, fallen back from).
+local function stream_opener(t, req)
+  local wire = wire_request(t, req, true)
+  wire.idle_timeout = t.conf.idle_timeout or 60
+  wire.timeout = t.conf.stream_timeout or 600
+  return function()
+    local s, err = resil.http.stream(wire)
+    if not s then return nil, err end
+    if s.status ~= 200 then
+      local body = read_all(s)
+      s:close()
+      return { status = s.status, headers = s.headers, body = body }
+    end
+    local state = {}
+    while true do
+      local ev, e = s:read_event()
+      if ev == nil then
+        s:close()
+        if e then return nil, e end
+        if t.adapter.complete(state, true) then
+          return { status = 200, headers = s.headers, stream = true, state = state, ended = true }
+        end
+        return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
+      end
+      local delta, done, eerr, ebody = t.adapter.event(state, ev)
+      if eerr then
+        s:close()
+        local etype = type(ebody) == "table" and type(ebody.error) == "table" and ebody.error.type
+        local status = EVENT_STATUS[etype] or 500
+        return { status = status, headers = status == 429 and { ["retry-after"] = "1" } or {},
+          body = json.encode(ebody or { error = { message = eerr } }) }
+      end
+      if delta then return { status = 200, headers = s.headers, stream = s, state = state, first = delta } end
+      if done then
+        s:close()
+        return { status = 200, headers = s.headers, stream = true, state = state, ended = true }
+      end
+    end
+  end
+end
+
+local Stream = {}
+Stream.__index = Stream
+
+local function stream_result(self)
+  local st = self.state or {}
+  local r = { id = st.id, model = st.model or self.target.model, text = table.concat(self.parts),
+    finish_reason = st.finish_reason, usage = st.usage }
+  return finish_result(self.target, r, nil)
+end
+
+-- usage the provider did not report (a cut stream): estimated, and marked so
+local function usage_so_far(self, r)
+  if r.usage and r.usage.output_tokens and r.usage.output_tokens > 0 then return r.usage end
+  local u = r.usage or { input_tokens = math.ceil(#json.encode(self.req.messages) / 4), cached_input_tokens = 0,
+    cache_write_tokens = 0 }
+  u.output_tokens = math.ceil(#r.text / 4)
+  u.estimated = true
+  return u
+end
+
+local function open(self)
+  local req, targets = self.req, self.targets
+  if self.cache then
+    local hit = cache_get(self.cache)
+    if hit then
+      record_hit(hit, req, "stream")
+      self.done, self.final = true, hit
+      return hit.text ~= "" and hit.text or nil
+    end
+  end
+  local ticket, berr = reserve(targets, req)
+  if berr then return nil, berr end
+  self.ticket = ticket
+  local strategies = {}
+  for i, t in ipairs(targets) do
+    local opener = stream_opener(t, req)
+    strategies[i] = { name = t.name, fn = function(_, deadline)
+      local res, err = t.caller:attempts(opener, deadline)
+      if res == nil then
+        if type(err) == "table" then err.model = err.model or t.model end
+        return nil, err
+      end
+      return { res = res, target = t }
+    end }
+  end
+  local got, err = fallback.chain(strategies)(req, deadline_of(targets, req))
+  if got == nil then
+    if ticket then ticket:settle(0) end
+    self.done, self.err = true, err
+    return nil, err
+  end
+  self.target, self.state = got.target, got.res.state
+  if got.res.ended then return nil end
+  self.s = got.res.stream
+  self.parts[1] = got.res.first
+  return got.res.first
+end
+
+local function interrupted(self, why, cause)
+  if self.s then self.s:close() end
+  self.s = nil
+  local r = stream_result(self)
+  r.usage = usage_so_far(self, r)
+  record_cost(r, self.req, self.ticket, "stream")
+  local t = self.target
+  self.done = true
+  self.err = resil.error("stream_interrupted", ("%s: the stream broke after %d bytes of text: %s"):format(
+    t.name, #r.text, why), { text = r.text, provider = t.provider, model = r.model, usage = r.usage,
+    cost_usd = r.cost_usd, cause = cause, class = "stream_interrupted", retryable = false })
+  return nil, self.err
+end
+
+local function finished(self)
+  if self.s then self.s:close() end
+  self.s = nil
+  local r = stream_result(self)
+  if not r.usage then r.usage = usage_so_far(self, r) end
+  record_cost(r, self.req, self.ticket, "stream")
+  if self.cache then cache_put(self.cache, r) end
+  self.done, self.final = true, r
+  return nil
+end
+
+-- s:next() -> the next delta | nil at the end | nil, err
+function Stream:next()
+  if self.done then return nil, self.err end
+  if not self.opened then
+    self.opened = true
+    local first, err = open(self)
+    if first or err or self.done then return first, err end
+    return finished(self)
+  end
+  local adapter = self.target.adapter
+  while true do
+    local ev, err = self.s:read_event()
+    if ev == nil then
+      if err then return interrupted(self, tostring(err.message or err), err) end
+      if adapter.complete(self.state, true) then return finished(self) end
+      return interrupted(self, "the stream ended without its end marker")
+    end
+    local delta, done, eerr, ebody = adapter.event(self.state, ev)
+    if eerr then return interrupted(self, "error event: " .. eerr, ebody) end
+    if delta then
+      self.parts[#self.parts + 1] = delta
+      return delta
+    end
+    if done then
+      if adapter.complete(self.state, true) then return finished(self) end
+      return interrupted(self, "the stream ended without its end marker")
+    end
+  end
+end
+
+-- for delta in s do ... end: a stream that fails raises its error (a table
+-- with kind, and text for the text received)
+function Stream:__call()
+  local delta, err = self:next()
+  if err then error(err, 2) end
+  return delta
+end
+
+-- s:result() -> the result, as ai.chat's, once the stream ended | nil, err
+function Stream:result()
+  if not self.done then return nil, resil.error("in_progress", "the stream has not ended") end
+  if self.err then return nil, self.err end
+  return self.final
+end
+
+function Stream:close()
+  if self.s then self.s:close() end
+  self.s = nil
+  if not self.done then
+    self.done = true
+    if self.ticket then self.ticket:settle(0) end
+  end
+end
+Stream.__close = Stream.close
+
+-- ai.stream(req) -> a stream; a missing key raises here, before anything is sent
+function ai.stream(req)
+  check_request(req, 2)
+  local targets, terr = targets_of(req, 2)
+  if not targets then error(terr, 2) end
+  return setmetatable({ req = req, targets = targets, parts = {}, cache = cache_of(targets, req) }, Stream)
+end
+
+---------------------------------------------------------------------------
+-- async jobs and speech live in policies.jobs (Replicate, fal, ElevenLabs)
+
+local function jobs_module()
+  local ok, mod = pcall(require, "policies.jobs")
+  if ok and type(mod) == "table" then return mod end
+  return nil, ok and "policies.jobs is not a module" or mod
+end
+
+function ai.job(req)
+  local jobs, why = jobs_module()
+  if not jobs or type(jobs.job) ~= "function" then
+    error("ai.job: not available (policies.jobs is missing: " .. tostring(why) .. ")", 2)
+  end
+  return jobs.job(req)
+end
+
+function ai.speech(req)
+  local jobs, why = jobs_module()
+  if not jobs or type(jobs.speech) ~= "function" then
+    error("ai.speech: not available (policies.jobs is missing: " .. tostring(why) .. ")", 2)
+  end
+  return jobs.speech(req)
+end
+
+return ai

@@ -1,0 +1,112 @@
+-- policies/pricing.lua: what a call costs, from a dated table you can edit.
+--
+--   local pricing = require "policies.pricing"
+--   pricing.models.openai["gpt-4o-mini"].output = 0.60          -- change a price
+--   pricing.models.openai["my-finetune"] = { input = 0.30, output = 1.20 }
+--   local usd, why = pricing.cost("openai", "gpt-4o-mini-2024-07-18",
+--     { input_tokens = 2006, cached_input_tokens = 1920, output_tokens = 300 })
+--
+-- Prices are USD. Token prices are per 1M tokens; the other units are per
+-- what their name says. A model is looked up as given, then without its date
+-- suffix (gpt-4o-mini-2024-07-18 -> gpt-4o-mini, claude-sonnet-4-5-20250929 ->
+-- claude-sonnet-4-5). No price: cost returns nil, why and warns once per
+-- model; the call is then recorded without a price, never as a silent zero.
+local resil = require "resil"
+
+local pricing = {}
+
+-- The day these prices were read from the providers' pricing pages. Check
+-- them before you bill anyone by them.
+pricing.date = "2025-11-15"
+
+-- How each price field is counted, from a normalized usage table:
+--   usage = { input_tokens,          -- all prompt tokens, cached ones included
+--             cached_input_tokens,   -- prompt tokens read from the provider's cache
+--             cache_write_tokens,    -- prompt tokens written to it (Anthropic)
+--             output_tokens,         -- completion tokens, reasoning included
+--             images, seconds, characters, requests }
+-- Uncached input is input_tokens - cached_input_tokens - cache_write_tokens.
+-- A cached or cache-write price that a model lacks falls back to `input`.
+pricing.units = {
+  input = function(u) return ((u.input_tokens or 0) - (u.cached_input_tokens or 0) - (u.cache_write_tokens or 0)) / 1e6 end,
+  cached_input = function(u) return (u.cached_input_tokens or 0) / 1e6 end,
+  cache_write = function(u) return (u.cache_write_tokens or 0) / 1e6 end,
+  output = function(u) return (u.output_tokens or 0) / 1e6 end,
+  -- async jobs and speech (policies.jobs fills these for its providers)
+  per_image = function(u) return u.images or 0 end,               -- per generated image
+  per_second = function(u) return u.seconds or 0 end,             -- per second of output video or audio
+  per_1k_characters = function(u) return (u.characters or 0) / 1000 end, -- text-to-speech input
+  per_request = function(u) return u.requests or 1 end,           -- a flat price per call or job
+}
+
+pricing.models = {
+  openai = {
+    ["gpt-4o-mini"] = { input = 0.15, cached_input = 0.075, output = 0.60 },
+    ["gpt-4o"] = { input = 2.50, cached_input = 1.25, output = 10.00 },
+    ["gpt-4o-2024-05-13"] = { input = 5.00, output = 15.00 },
+    ["gpt-4.1"] = { input = 2.00, cached_input = 0.50, output = 8.00 },
+    ["gpt-4.1-mini"] = { input = 0.40, cached_input = 0.10, output = 1.60 },
+    ["gpt-4.1-nano"] = { input = 0.10, cached_input = 0.025, output = 0.40 },
+    ["gpt-5"] = { input = 1.25, cached_input = 0.125, output = 10.00 },
+    ["gpt-5-mini"] = { input = 0.25, cached_input = 0.025, output = 2.00 },
+    ["gpt-5-nano"] = { input = 0.05, cached_input = 0.005, output = 0.40 },
+    ["o3"] = { input = 2.00, cached_input = 0.50, output = 8.00 },
+    ["o4-mini"] = { input = 1.10, cached_input = 0.275, output = 4.40 },
+  },
+  -- cache_write: the 5-minute cache (1.25x input); cached_input: cache reads (0.1x)
+  anthropic = {
+    ["claude-opus-4-5"] = { input = 5.00, cache_write = 6.25, cached_input = 0.50, output = 25.00 },
+    ["claude-opus-4-1"] = { input = 15.00, cache_write = 18.75, cached_input = 1.50, output = 75.00 },
+    ["claude-opus-4"] = { input = 15.00, cache_write = 18.75, cached_input = 1.50, output = 75.00 },
+    ["claude-sonnet-4-5"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00 },
+    ["claude-sonnet-4"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00 },
+    ["claude-3-7-sonnet"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00 },
+    ["claude-haiku-4-5"] = { input = 1.00, cache_write = 1.25, cached_input = 0.10, output = 5.00 },
+    ["claude-3-5-haiku"] = { input = 0.80, cache_write = 1.00, cached_input = 0.08, output = 4.00 },
+  },
+  -- Providers of async jobs and speech add their tables here, e.g.
+  --   replicate = { ["black-forest-labs/flux-schnell"] = { per_image = 0.003 } },
+  --   fal = { ["fal-ai/flux/dev"] = { per_image = 0.025 } },
+  --   elevenlabs = { ["eleven_flash_v2_5"] = { per_1k_characters = 0.05 } },
+}
+
+-- Token prices fall back to `input` when a model has no cached/cache-write price.
+local FALLS_BACK_TO_INPUT = { cached_input = true, cache_write = true }
+
+local function strip_date(model)
+  return model:gsub("%-%d%d%d%d%-%d%d%-%d%d$", ""):gsub("%-%d%d%d%d%d%d%d%d$", ""):gsub("%-latest$", "")
+end
+
+-- pricing.price(provider, model) -> the price table | nil
+function pricing.price(provider, model)
+  local t = pricing.models[provider]
+  if type(t) ~= "table" or type(model) ~= "string" then return nil end
+  return t[model] or t[strip_date(model)]
+end
+
+local warned = {}
+
+-- pricing.cost(provider, model, usage) -> usd | nil, why
+function pricing.cost(provider, model, usage)
+  if type(usage) ~= "table" then error("pricing.cost: usage must be a table", 2) end
+  local price = pricing.price(provider, model)
+  if price == nil then
+    local name = tostring(provider) .. "/" .. tostring(model)
+    if not warned[name] then
+      warned[name] = true
+      resil.log.warn("no price for model; its calls are recorded without a cost",
+        { provider = provider, model = model, prices_of = pricing.date })
+    end
+    return nil, "no price for " .. name
+  end
+  local usd = 0
+  for field, count in pairs(pricing.units) do
+    local p = price[field]
+    if p == nil and FALLS_BACK_TO_INPUT[field] then p = price.input end
+    if p ~= nil then usd = usd + p * count(usage) end
+  end
+  -- per_request counts 1 by default: only charge it where a price is set
+  return math.floor(usd * 1e9 + 0.5) / 1e9
+end
+
+return pricing

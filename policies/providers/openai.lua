@@ -1,0 +1,150 @@
+-- policies/providers/openai.lua: OpenAI chat completions (and any server that
+-- speaks them: vLLM, Ollama, Together, Groq, OpenRouter, Azure's v1 API).
+--
+--   OPENAI_API_KEY    the key, sent as `Authorization: Bearer ...`
+--   OPENAI_BASE_URL   the base URL *with* /v1 (as the official SDK reads it),
+--                     default https://api.openai.com/v1
+--
+-- An adapter turns the normalized request of policies.ai into the wire body
+-- and the provider's answers (a body, a stream of events) back into the
+-- normalized result. Copy this file into your project's policies/providers/
+-- to change it.
+local resil = require "resil"
+local json = resil.json
+
+local openai = {
+  name = "openai",
+  key_env = "OPENAI_API_KEY",
+  base_env = "OPENAI_BASE_URL",
+  default_base = "https://api.openai.com/v1",
+}
+
+-- the fields of the normalized request this adapter sends as they are
+local PASSED = { "temperature", "top_p", "tool_choice", "n", "seed", "user", "response_format",
+  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }
+
+function openai.url(base) return base .. "/chat/completions" end
+
+function openai.headers(key)
+  local h = { ["content-type"] = "application/json", accept = "application/json" }
+  if key then h.authorization = "Bearer " .. key end
+  return h
+end
+
+-- tools in Anthropic's shape ({name, description, input_schema}) become functions
+local function tools_of(tools)
+  if type(tools) ~= "table" or #tools == 0 then return nil end
+  local out = {}
+  for i, t in ipairs(tools) do
+    if type(t) == "table" and t.type == nil and t.input_schema ~= nil then
+      out[i] = { type = "function", ["function"] = { name = t.name, description = t.description,
+        parameters = t.input_schema } }
+    else
+      out[i] = t
+    end
+  end
+  return out
+end
+
+-- openai.body(req, model, conf) -> the JSON body of a chat completion
+function openai.body(req, model, conf)
+  local messages = {}
+  if req.system then messages[1] = { role = "system", content = req.system } end
+  for _, m in ipairs(req.messages) do messages[#messages + 1] = m end
+  local body = { model = model, messages = messages }
+  if req.max_tokens then
+    -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
+    -- compatible servers document max_tokens
+    local field = conf.max_tokens_field or (conf.official and "max_completion_tokens" or "max_tokens")
+    body[field] = req.max_tokens
+  end
+  for _, k in ipairs(PASSED) do body[k] = req[k] end
+  if req.stop ~= nil then body.stop = req.stop end
+  body.tools = tools_of(req.tools)
+  if req.stream then
+    body.stream = true
+    if conf.stream_usage ~= false then body.stream_options = { include_usage = true } end
+  end
+  for k, v in pairs(req.extra or {}) do body[k] = v end
+  return body
+end
+
+local function num(v) return type(v) == "number" and (math.tointeger(v) or v) or nil end
+
+-- openai.usage(u) -> normalized usage (input_tokens counts cached ones too)
+function openai.usage(u)
+  if type(u) ~= "table" then return nil end
+  local details = type(u.prompt_tokens_details) == "table" and u.prompt_tokens_details or {}
+  local out_details = type(u.completion_tokens_details) == "table" and u.completion_tokens_details or {}
+  return { input_tokens = num(u.prompt_tokens) or 0, output_tokens = num(u.completion_tokens) or 0,
+    cached_input_tokens = num(details.cached_tokens) or 0, cache_write_tokens = 0,
+    reasoning_tokens = num(out_details.reasoning_tokens) }
+end
+
+local function tool_calls_of(calls)
+  if type(calls) ~= "table" or #calls == 0 then return nil end
+  local out = {}
+  for i, c in ipairs(calls) do
+    local f = type(c) == "table" and c["function"] or {}
+    out[i] = { id = c.id, name = f.name, arguments = f.arguments }
+  end
+  return out
+end
+
+-- openai.parse(data) -> normalized result | nil, why
+function openai.parse(data)
+  if type(data) ~= "table" or type(data.choices) ~= "table" or type(data.choices[1]) ~= "table" then
+    return nil, "no choices in the response"
+  end
+  local first = data.choices[1]
+  local message = type(first.message) == "table" and first.message or {}
+  local r = { id = data.id, model = data.model, text = type(message.content) == "string" and message.content or "",
+    finish_reason = first.finish_reason ~= json.null and first.finish_reason or nil,
+    tool_calls = tool_calls_of(message.tool_calls), usage = openai.usage(data.usage) }
+  if message.refusal and message.refusal ~= json.null then r.refusal = message.refusal end
+  if #data.choices > 1 then
+    r.choices = {}
+    for i, c in ipairs(data.choices) do
+      r.choices[i] = type(c.message) == "table" and type(c.message.content) == "string" and c.message.content or ""
+    end
+  end
+  return r
+end
+
+-- openai.event(state, ev) -> delta text | nil, done?, err
+-- state starts as {}; it keeps id, model, finish_reason, usage.
+function openai.event(state, ev)
+  local data = ev.data
+  if data == "[DONE]" then return nil, true end
+  local chunk = json.decode(data)
+  if type(chunk) ~= "table" then return nil, false, "an event that is not JSON: " .. data:sub(1, 80) end
+  if chunk.error then
+    -- an error after the 200: the API sends it as a data event
+    local e = chunk.error
+    return nil, false, type(e) == "table" and tostring(e.message or e.type) or tostring(e), chunk
+  end
+  state.id = state.id or chunk.id
+  state.model = state.model or chunk.model
+  if type(chunk.usage) == "table" then state.usage = openai.usage(chunk.usage) end
+  local choice = type(chunk.choices) == "table" and chunk.choices[1]
+  if type(choice) ~= "table" or (choice.index or 0) ~= 0 then return nil, false end
+  if choice.finish_reason and choice.finish_reason ~= json.null then state.finish_reason = choice.finish_reason end
+  local delta = type(choice.delta) == "table" and choice.delta or {}
+  if type(delta.content) == "string" and delta.content ~= "" then return delta.content, false end
+  return nil, false
+end
+
+-- The stream ended as the API ends one: [DONE] after a finish_reason.
+function openai.complete(state, done) return done and state.finish_reason ~= nil end
+
+-- a 200 whose body is not a usable completion is invalid output (retried)
+function openai.validate(data)
+  local r, why = openai.parse(data)
+  if not r then return nil, why end
+  if r.text:match("^%s*$") and not r.tool_calls and r.finish_reason ~= "length" and not r.refusal then
+    return nil, "empty content"
+  end
+  return true
+end
+
+return openai

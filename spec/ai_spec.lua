@@ -1,0 +1,424 @@
+-- policies.ai and its adapters (policies/providers/*) against real HTTP:
+-- the mock provider speaking each API strictly, or a recording server.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local ai = require "policies.ai"
+local pricing = require "policies.pricing"
+local openai = require "policies.providers.openai"
+local anthropic = require "policies.providers.anthropic"
+
+local OPENAI_KEY, ANTHROPIC_KEY = "sk-spec-openai-0123456789", "sk-ant-spec-0123456789"
+local MSGS = { { role = "user", content = "Say hello" } }
+
+local function fresh_store()
+  resil.store_config({ url = helpers.tmpname(".db") })
+  return assert(resil.store())
+end
+
+local function point_at(url)
+  ai.configure("openai", { base_url = url .. "/v1", api_key = OPENAI_KEY })
+  ai.configure("anthropic", { base_url = url, api_key = ANTHROPIC_KEY })
+end
+
+local function ledger_rows()
+  local rows = 0
+  for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do rows = rows + g.calls end
+  return rows
+end
+
+describe("golden requests", function()
+  local server, seen
+  before_each(function()
+    seen = nil
+    server = resil.server.listen({ handler = function(req)
+      seen = req
+      if req.path == "/v1/messages" then
+        return { status = 200, body = resil.json.encode({ id = "msg_1", type = "message", role = "assistant",
+          model = "claude-sonnet-4-5-20250929", content = { { type = "text", text = "hi" } }, stop_reason = "end_turn",
+          usage = { input_tokens = 10, output_tokens = 1 } }) }
+      end
+      return { status = 200, body = resil.json.encode({ id = "chatcmpl-1", object = "chat.completion",
+        model = "gpt-4o-mini-2024-07-18", choices = { { index = 0, message = { role = "assistant", content = "hi" },
+        finish_reason = "stop" } }, usage = { prompt_tokens = 10, completion_tokens = 1, total_tokens = 11 } }) }
+    end })
+    fresh_store()
+    point_at(("http://127.0.0.1:%d"):format(server:port()))
+  end)
+  after_each(function() server:close() end)
+
+  -- the headers we chose to send, keys redacted
+  local function sent_headers(req)
+    local h = {}
+    for _, k in ipairs({ "authorization", "x-api-key", "anthropic-version", "content-type", "accept" }) do
+      h[k] = req.headers[k]
+    end
+    local function redact(v, key)
+      local at = v and v:find(key, 1, true)
+      return at and v:sub(1, at - 1) .. "<key>" .. v:sub(at + #key) or v
+    end
+    h.authorization = redact(h.authorization, OPENAI_KEY)
+    h["x-api-key"] = redact(h["x-api-key"], ANTHROPIC_KEY)
+    return h
+  end
+
+  local REQUEST = {
+    system = "Be brief.",
+    messages = { { role = "user", content = "Say hello" } },
+    max_tokens = 400, temperature = 0.5, stop = { "END" },
+    tools = { { type = "function", ["function"] = { name = "get_time", description = "Now",
+      parameters = { type = "object", properties = {} } } } },
+  }
+  local function request(model)
+    local r = { model = model }
+    for k, v in pairs(REQUEST) do r[k] = v end
+    return r
+  end
+
+  it("openai: POST /v1/chat/completions, Bearer key, system as the first message", function()
+    assert(ai.chat(request("openai/gpt-4o-mini-2024-07-18")))
+    assert.are.equal("POST", seen.method)
+    assert.are.equal("/v1/chat/completions", seen.path)
+    assert.are.same({ authorization = "Bearer <key>", ["content-type"] = "application/json",
+      accept = "application/json" }, sent_headers(seen))
+    assert.are.same({
+      model = "gpt-4o-mini-2024-07-18",
+      messages = { { role = "system", content = "Be brief." }, { role = "user", content = "Say hello" } },
+      max_tokens = 400, temperature = 0.5, stop = { "END" },
+      tools = { { type = "function", ["function"] = { name = "get_time", description = "Now",
+        parameters = { type = "object", properties = {} } } } },
+    }, resil.json.decode(seen.body))
+  end)
+
+  it("openai: the official API gets max_completion_tokens, streams ask for usage", function()
+    local body = ai.wire_request({ adapter = openai, conf = {}, key = "k", model = "gpt-4o" },
+      { messages = MSGS, max_tokens = 5 }, true).json
+    assert.are.same({ model = "gpt-4o", messages = MSGS, max_completion_tokens = 5, stream = true,
+      stream_options = { include_usage = true } }, body)
+  end)
+
+  it("anthropic: POST /v1/messages, x-api-key, anthropic-version, system top-level, content blocks", function()
+    assert(ai.chat(request("anthropic/claude-sonnet-4-5-20250929")))
+    assert.are.equal("POST", seen.method)
+    assert.are.equal("/v1/messages", seen.path)
+    assert.are.same({ ["x-api-key"] = "<key>", ["anthropic-version"] = "2023-06-01",
+      ["content-type"] = "application/json", accept = "application/json" }, sent_headers(seen))
+    assert.are.same({
+      model = "claude-sonnet-4-5-20250929", system = "Be brief.",
+      messages = { { role = "user", content = "Say hello" } },
+      max_tokens = 400, temperature = 0.5, stop_sequences = { "END" },
+      tools = { { name = "get_time", description = "Now", input_schema = { type = "object", properties = {} } } },
+    }, resil.json.decode(seen.body))
+  end)
+
+  it("anthropic: system messages move to `system`, a missing max_tokens gets the default", function()
+    assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = {
+      { role = "system", content = "Rule one." }, { role = "user", content = "hi" } } }))
+    local body = resil.json.decode(seen.body)
+    assert.are.equal("Rule one.", body.system)
+    assert.are.same({ { role = "user", content = "hi" } }, body.messages)
+    assert.are.equal(anthropic.default_max_tokens, body.max_tokens)
+  end)
+end)
+
+describe("golden costs from the providers' documented usage", function()
+  it("openai prompt caching: 2006 prompt tokens, 1920 cached, 300 out (gpt-4o-mini)", function()
+    local usage = openai.usage({ prompt_tokens = 2006, completion_tokens = 300, total_tokens = 2306,
+      prompt_tokens_details = { cached_tokens = 1920 } })
+    assert.are.same({ input_tokens = 2006, output_tokens = 300, cached_input_tokens = 1920, cache_write_tokens = 0 },
+      usage)
+    -- 86 x 0.15 + 1920 x 0.075 + 300 x 0.60 per 1M
+    assert.are.equal(0.0003369, pricing.cost("openai", "gpt-4o-mini-2024-07-18", usage))
+  end)
+
+  it("anthropic prompt caching: a cache write, then a cache read (claude-sonnet-4-5)", function()
+    local write = anthropic.usage({ input_tokens = 21, cache_creation_input_tokens = 188086,
+      cache_read_input_tokens = 0, output_tokens = 393 })
+    assert.are.same({ input_tokens = 188107, output_tokens = 393, cached_input_tokens = 0,
+      cache_write_tokens = 188086 }, write)
+    -- 21 x 3 + 188086 x 3.75 + 393 x 15 per 1M
+    assert.are.equal(0.7112805, pricing.cost("anthropic", "claude-sonnet-4-5-20250929", write))
+    local read = anthropic.usage({ input_tokens = 21, cache_creation_input_tokens = 0,
+      cache_read_input_tokens = 188086, output_tokens = 393 })
+    -- 21 x 3 + 188086 x 0.30 + 393 x 15 per 1M
+    assert.are.equal(0.0623838, pricing.cost("anthropic", "claude-sonnet-4-5-20250929", read))
+  end)
+
+  it("a model without a price costs nil, never zero", function()
+    local usd, why = pricing.cost("openai", "gpt-unknown", { input_tokens = 1, output_tokens = 1 })
+    assert.is_nil(usd)
+    assert.matches("no price for openai/gpt%-unknown", why)
+  end)
+end)
+
+describe("chat over the strict mock", function()
+  local m
+  before_each(function()
+    resil.clock.virtual()
+    fresh_store()
+    m = resil.mock.start({ strict = true, reply = "one two three four five six", cached_tokens = 4 })
+    point_at(m.url)
+  end)
+  after_each(function() m:stop() end)
+
+  it("answers both providers with one result shape, cost to the ledger under the response id", function()
+    for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
+      local r = assert(ai.chat({ model = model, messages = MSGS, max_tokens = 100 }))
+      assert.are.equal("one two three four five six", r.text)
+      assert.are.equal("stop", r.finish_reason)
+      assert.are.equal(model:match("^(%w+)/"), r.provider)
+      assert.are.equal(4, r.usage.cached_input_tokens)
+      assert.are.equal(6, r.usage.output_tokens)
+      assert.are.equal(pricing.cost(r.provider, r.model, r.usage), r.cost_usd)
+      assert.is_true(r.cost_usd > 0)
+      assert.is_table(r.raw)
+    end
+    assert.are.equal(2, ledger_rows())
+  end)
+
+  it("max_tokens cuts the answer: finish_reason length", function()
+    local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 2 }))
+    assert.are.equal("length", r.finish_reason)
+    assert.are.equal(2, r.usage.output_tokens)
+  end)
+
+  it("falls back from OpenAI to Anthropic on 429, retries first", function()
+    m:configure({ strict = true, sequence = { chat = { 429, 429, 429, 429, 429, 429, 429 } } })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS,
+      fallback = { "anthropic/claude-haiku-4-5" } }))
+    assert.are.equal("anthropic", r.provider)
+    assert.are.equal("claude-haiku-4-5", r.model)
+    assert.are.equal(6, m:stats().routes.chat) -- the first try and 5 retries
+    assert.are.equal(1, m:stats().routes.messages)
+  end)
+
+  it("falls back from OpenAI to Anthropic on 529", function()
+    m:configure({ strict = true, sequence = { chat = { 529, 529, 529, 529 } } })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS,
+      fallback = { "anthropic/claude-haiku-4-5" } }))
+    assert.are.equal("anthropic", r.provider)
+    assert.are.equal(4, m:stats().routes.chat)
+  end)
+
+  it("insufficient_quota is never retried, and falls back", function()
+    m:configure({ strict = true, sequence = { chat = { { status = 429, error_type = "insufficient_quota",
+      error_code = "insufficient_quota" } } } })
+    local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.is_nil(r)
+    assert.are.equal("quota", err.class)
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+
+  it("an Anthropic 429 without retry-after (a spend limit) is not retried; x-should-retry: false neither", function()
+    m:configure({ strict = true, sequence = { messages = { { status = 429, retry_after = false },
+      { status = 529, should_retry = false } } } })
+    local _, err = ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
+    assert.are.equal("quota", err.class)
+    local _, err2 = ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
+    assert.are.equal("overloaded", err2.class)
+    assert.are.equal(2, m:stats().routes.messages)
+  end)
+
+  it("context_length_exceeded falls back to the next model without retrying", function()
+    m:configure({ strict = true, sequence = { chat = { { status = 400, error_code = "context_length_exceeded",
+      error_type = "invalid_request_error" } } } })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, fallback = { "openai/gpt-4.1" } }))
+    assert.are.equal("gpt-4.1", r.model)
+    assert.are.equal(2, m:stats().routes.chat)
+  end)
+
+  it("the rate-limit headers feed the provider's buckets", function()
+    m:configure({ strict = true, rate_limits = { requests = 2 } })
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = OPENAI_KEY,
+      rate = { rate = 1000, per = 60, name = "ai-spec:requests" } })
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS }))
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS }))
+    assert.is_true(resil.bucket("ai-spec:requests", { rate = 1000, per = 60 }):state().paused_for > 0)
+  end)
+
+  it("a budget reserves the estimate and settles the actual cost", function()
+    local b = resil.budget("ai-spec", { limit = 1 })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, budget = "ai-spec" }))
+    local st = b:state()
+    assert.are.equal(0, st.reserved)
+    assert.is_true(math.abs(st.spent - r.cost_usd) < 1e-6)
+    assert.are.equal(1, ledger_rows())
+  end)
+
+  it("a budget refuses a model without a price before sending anything", function()
+    resil.budget("ai-spec-2", { limit = 1 })
+    local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, budget = "ai-spec-2" })
+    assert.is_nil(r)
+    assert.are.equal("unpriced", err.kind)
+    assert.are.equal(0, m:stats().total)
+  end)
+
+  it("a model without a price is served, with cost_usd nil and no ledger row", function()
+    local r = assert(ai.chat({ model = "openai/gpt-unpriced", messages = MSGS }))
+    assert.is_nil(r.cost_usd)
+    assert.are.equal(0, ledger_rows())
+  end)
+
+  it("cache = {ttl=} answers a repeat from the store, at zero cost", function()
+    local a = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, cache = { ttl = 60 } }))
+    local b = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, cache = { ttl = 60 } }))
+    assert.are.equal(a.text, b.text)
+    assert.is_true(b.cached)
+    assert.are.equal(0, b.cost_usd)
+    assert.are.equal(1, m:stats().routes.chat)
+    assert.is_true(math.abs(a.cost_usd - resil.cost.total({})) <= 1e-6) -- the ledger keeps micro-dollars
+  end)
+
+  it("misuse raises at the caller's line", function()
+    local ok, err = pcall(function() local r = ai.chat({ model = "gpt-4o", messages = MSGS }); return r end)
+    assert.is_false(ok)
+    assert.matches("ai_spec.lua:%d+: ai: model 'gpt%-4o' must name its provider", err)
+    ok, err = pcall(function() local r = ai.chat({ model = "openai/gpt-4o" }); return r end)
+    assert.matches("ai_spec.lua:%d+: ai: messages must be", err)
+  end)
+
+  it("ai.job and ai.speech say plainly when policies.jobs is absent", function()
+    if package.searchpath("policies.jobs", package.path) then return end
+    local ok, err = pcall(ai.job, { model = "fal/x", input = {} })
+    assert.is_false(ok)
+    assert.matches("ai.job: not available", err)
+  end)
+end)
+
+describe("streams", function()
+  local m
+  before_each(function()
+    resil.clock.virtual()
+    fresh_store()
+    m = resil.mock.start({ strict = true, reply = "one two three four five six" })
+    point_at(m.url)
+  end)
+  after_each(function() m:stop() end)
+
+  it("become one delta stream for both providers, usage and cost recorded", function()
+    for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
+      local s = ai.stream({ model = model, messages = MSGS, max_tokens = 100 })
+      local deltas = {}
+      for d in s do deltas[#deltas + 1] = d end
+      assert.are.same({ "one ", "two ", "three ", "four ", "five ", "six" }, deltas)
+      local r = assert(s:result())
+      assert.are.equal("one two three four five six", r.text)
+      assert.are.equal("stop", r.finish_reason)
+      assert.are.equal(6, r.usage.output_tokens)
+      assert.is_nil(r.usage.estimated)
+      assert.is_true(r.cost_usd > 0)
+    end
+    assert.are.equal(2, ledger_rows())
+  end)
+
+  for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
+    local route = model:match("^openai") and "chat" or "messages"
+
+    it(model .. ": a stream cut after three deltas is stream_interrupted, with the text so far", function()
+      m:configure({ strict = true, reply = "one two three four five six", sequence = { [route] = { "cut" } } })
+      local s = ai.stream({ model = model, messages = MSGS, fallback = { "openai/gpt-4.1" } })
+      local got = {}
+      local ok, err = pcall(function() for d in s do got[#got + 1] = d end end)
+      assert.is_false(ok)
+      assert.are.equal("stream_interrupted", err.kind)
+      assert.are.equal("one two three ", err.text)
+      assert.are.same({ "one ", "two ", "three " }, got)
+      local r, rerr = s:result()
+      assert.is_nil(r)
+      assert.are.equal(err, rerr)
+      assert.are.equal(1, m:stats().total) -- no fallback once text has been delivered
+      assert.are.equal(1, ledger_rows())   -- what was streamed is paid for
+    end)
+
+    it(model .. ": an error event after the first delta is stream_interrupted", function()
+      m:configure({ strict = true, reply = "one two three", sequence = { [route] = { { kind = "error_event", after = 2 } } } })
+      local s = ai.stream({ model = model, messages = MSGS })
+      local d1, d2 = s:next(), s:next()
+      assert.are.equal("one two ", d1 .. d2)
+      local d3, err = s:next()
+      assert.is_nil(d3)
+      assert.are.equal("stream_interrupted", err.kind)
+      assert.matches("error event", err.message)
+    end)
+  end
+
+  it("a stream that stalls after its first delta is stream_interrupted at the idle timeout", function()
+    -- message_start, content_block_start, ping, two deltas, then silence
+    m:configure({ strict = true, reply = "one two three four", sequence = { messages = { { kind = "stall", after = 5 } } } })
+    ai.configure("anthropic", { base_url = m.url, api_key = ANTHROPIC_KEY, idle_timeout = 30 })
+    local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
+    local ok, err = pcall(function() for _ in s do end end)
+    assert.is_false(ok)
+    assert.are.equal("stream_interrupted", err.kind)
+    assert.are.equal("one two ", err.text)
+    assert.are.equal("timeout", err.cause.kind)
+  end)
+
+  it("a stream that fails before its first delta falls back", function()
+    m:configure({ strict = true, reply = "one two", sequence = { messages = { { kind = "error_event", after = 0 },
+      { kind = "error_event", after = 0 }, { kind = "error_event", after = 0 }, { kind = "error_event", after = 0 } } } })
+    local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS, fallback = { "openai/gpt-4o-mini" } })
+    local text = {}
+    for d in s do text[#text + 1] = d end
+    assert.are.equal("one two", table.concat(text))
+    assert.are.equal("openai", assert(s:result()).provider)
+    assert.are.equal(4, m:stats().routes.messages) -- overloaded: the try and 3 retries
+  end)
+
+  it("a stream cut before its first delta is retried", function()
+    m:configure({ strict = true, reply = "one two", sequence = { chat = { { kind = "cut", after = 0 } } } })
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS })
+    local text = {}
+    for d in s do text[#text + 1] = d end
+    assert.are.equal("one two", table.concat(text))
+    assert.are.equal(2, m:stats().routes.chat)
+  end)
+end)
+
+describe("keys and base URLs from the environment", function()
+  -- a free port for a mock the child process starts
+  local function free_port()
+    local s = resil.server.listen({ handler = function() return { status = 200 } end })
+    local port = s:port()
+    s:close()
+    return port
+  end
+
+  it("a missing key is an error naming the variable, before any request", function()
+    local port = free_port()
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+      local resil = require "resil"
+      local ai = require "policies.ai"
+      local m = resil.mock.start({ strict = true }, { port = %d })
+      local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = { { role = "user", content = "hi" } } })
+      print(r, err.kind, err.message)
+      local ok, serr = pcall(ai.stream, { model = "anthropic/claude-haiku-4-5", messages = { { role = "user", content = "hi" } } })
+      print(ok, serr.kind, serr.message)
+      print("requests", m:stats().total)
+      m:stop()
+    ]]):format(port))
+    local out = helpers.run(("env -u OPENAI_API_KEY -u ANTHROPIC_API_KEY OPENAI_BASE_URL=http://127.0.0.1:%d/v1 "
+      .. "RESIL_STORE=%s %s %s"):format(port, helpers.tmpname(".db"), helpers.resil, script))
+    assert.are.equal(0, out.code, out.stderr)
+    assert.matches("nil\tmissing_secret\tOPENAI_API_KEY is not set", out.stdout)
+    assert.matches("false\tmissing_secret\tANTHROPIC_API_KEY is not set", out.stdout)
+    assert.matches("requests\t0", out.stdout)
+  end)
+
+  it("OPENAI_BASE_URL (with /v1), ANTHROPIC_BASE_URL (without) and the keys are read from the environment", function()
+    local port = free_port()
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+      local resil = require "resil"
+      local ai = require "policies.ai"
+      local m = resil.mock.start({ strict = true, reply = "pong" }, { port = %d })
+      local a = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = { { role = "user", content = "hi" } } }))
+      local b = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = { { role = "user", content = "hi" } } }))
+      print(a.text, b.text, m:stats().routes.chat, m:stats().routes.messages)
+      m:stop()
+    ]]):format(port))
+    local out = helpers.run(("OPENAI_API_KEY=%s ANTHROPIC_API_KEY=%s OPENAI_BASE_URL=http://127.0.0.1:%d/v1 "
+      .. "ANTHROPIC_BASE_URL=http://127.0.0.1:%d RESIL_STORE=%s %s %s"):format(OPENAI_KEY, ANTHROPIC_KEY, port, port,
+      helpers.tmpname(".db"), helpers.resil, script))
+    assert.are.equal(0, out.code, out.stderr)
+    assert.are.equal("pong\tpong\t1\t1\n", out.stdout)
+  end)
+end)

@@ -1,0 +1,75 @@
+-- The official TypeScript SDKs (openai, @anthropic-ai/sdk; spec/sdk) against
+-- the mock provider: clients no one here wrote keep the mock true to the wire.
+-- Skips, saying why, when node or the installed SDKs are absent (`make deps`).
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local function skip_reason()
+  if helpers.run("command -v node").code ~= 0 then return "node is not installed" end
+  local f = io.open("spec/sdk/node_modules/openai/package.json")
+  if not f then return "the SDKs are not installed (make deps runs npm ci in spec/sdk)" end
+  f:close()
+  return nil
+end
+
+describe("the official SDKs against the mock", function()
+  local why = skip_reason()
+  if why then
+    it("skipped: " .. why, function() print("# sdk_spec skipped: " .. why) end)
+    return
+  end
+
+  local results, out
+  setup(function()
+    -- the mock runs in a process of its own: node runs while this one waits
+    local scenario = helpers.write(helpers.tmpname(".lua"),
+      'return { strict = true, reply = "one two three four five six", api_keys = { "sk-spec-sdk-0123456789" } }')
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s mock %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, scenario, log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    resil.clock.real()
+    local url
+    for _ = 1, 500 do
+      url = helpers.slurp(log):match("(http://[%d%.:]+)")
+      if url then break end
+      resil.sleep(0.01)
+    end
+    if url then
+      out = helpers.run(("cd spec/sdk && MOCK_URL=%s node check.mjs"):format(url))
+    end
+    os.execute("kill -TERM " .. pid)
+    helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+    assert(url, "the mock did not start: " .. helpers.slurp(log))
+    results = {}
+    for line in out.stdout:gmatch("[^\n]+") do
+      local ok, name, reason = line:match("^(ok) (.-)$")
+      if not ok then ok, name, reason = line:match("^(not ok) (.-) %-%- (.*)$") end
+      if ok then results[name] = ok == "ok" or reason end
+    end
+  end)
+
+  local CHECKS = {
+    "openai: chat.completions.create parses",
+    "openai: n and max_tokens (finish_reason length)",
+    "openai: a raw stream parses chunk by chunk, usage last",
+    "openai: the stream helper accumulates the final completion",
+    "openai: 429 is RateLimitError",
+    "openai: a wrong key is AuthenticationError",
+    "openai: 500 is InternalServerError",
+    "anthropic: messages.create parses",
+    "anthropic: max_tokens stops with stop_reason max_tokens",
+    "anthropic: the stream helper accumulates the final message",
+    "anthropic: an error event after the 200 raises",
+    "anthropic: 429 is RateLimitError",
+    "anthropic: a wrong key is AuthenticationError",
+    "anthropic: 529 is InternalServerError (overloaded_error)",
+    "anthropic: a request without max_tokens is refused as the API does (400)",
+  }
+  for _, name in ipairs(CHECKS) do
+    it(name, function()
+      local r = results[name]
+      assert(r ~= nil, "the check did not run: " .. out.stdout .. out.stderr)
+      assert(r == true, tostring(r))
+    end)
+  end
+end)
