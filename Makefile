@@ -33,7 +33,8 @@ BIN      = $(if $(filter build,$(BUILD)),resil-lua,$(BUILD)/resil-lua)
 
 all: $(BIN) $(BUILD)/libresil.a $(BUILD)/libresil.so
 
-$(BUILD)/%.o: src/%.c src/host.h src/resil.h | $(BUILD)
+# every object depends on every private header: adding one needs no rule
+$(BUILD)/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/blobs.o: src/blobs.c $(LUA_SRC) | $(BUILD)

@@ -7,9 +7,8 @@
  * timers and its buffers (a request costs no allocation once the pool is
  * warm). A request (resil.http.request) belongs to the waiting task: the
  * continuation or the task's cancellation gives it back. A stream's belongs
- * to its userdata ("resil.HttpStream"), whose __gc aborts a transfer nobody
- * reads. Connections live in the multi handle's cache, so requests to the
- * same host reuse them.
+ * to its userdata (http_stream.c). Connections live in the multi handle's
+ * cache, so requests to the same host reuse them.
  *
  * Network trouble never raises: the task gets nil, err{kind=...}. Misuse
  * (no url, a malformed url, a header with a line break) raises.
@@ -18,12 +17,10 @@
 #include <string.h>
 #include <strings.h>
 
-#include <curl/curl.h>
 #include <event2/event_struct.h>
 
-#include "host.h"
+#include "http.h"
 
-#define STREAM_MT "resil.HttpStream"
 #define DEFAULT_TIMEOUT 60.0
 #define DEFAULT_CONNECT_TIMEOUT 10.0
 #define DEFAULT_MAX_BODY (64u * 1024 * 1024)
@@ -42,23 +39,16 @@
  * mimalloc (4 KiB: 202 MB). */
 #define RECEIVE_BUFFER_SIZE 3072L
 
-typedef struct {
-  char *data;
-  size_t len, cap;
-} buffer;
-
 /* A request's header lines as a curl list, shared by the requests that send
  * the same headers (most pipelines send one set per provider): built once,
  * freed when the last request using it is collected and a newer set took
  * its place. */
-typedef struct header_set {
+struct header_set {
   struct curl_slist *list;
   char *text; /* the lines joined, to recognise the same set */
   size_t len;
   int refs;
-} header_set;
-
-typedef struct http_req http_req;
+};
 
 struct http_state {
   resil_t *R;
@@ -80,46 +70,6 @@ static void header_set_release(http_state *H, header_set *hs) {
   free(hs->text);
   free(hs);
 }
-
-typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_EVENT_TOO_LARGE, ABORT_CANCELED } abort_reason;
-
-/* What an easy handle was last given: a recycled handle is only told what
- * changed (options are most of the per-request work in libcurl). */
-typedef struct {
-  char *url;
-  long connect_ms, follow, one_shot;
-  curl_off_t max_body;
-  struct curl_slist *headers;
-  const char *body;          /* with body_len and method: the request line and body */
-  curl_off_t body_len;
-  char method[16];
-  int method_set;
-} easy_options;
-
-struct http_req {
-  /* kept across reuse */
-  http_state *H;
-  http_req *next, *prev;     /* the free list, or the live list */
-  CURL *easy;
-  easy_options set;
-  resil_timer deadline, idle;
-  buffer body, head;
-  char errbuf[CURL_ERROR_SIZE];
-  /* per request, cleared by req_take */
-  task *waiter;              /* the task blocked on this transfer, if any */
-  header_set *req_headers;
-  const char *req_body;      /* a Lua string anchored by the caller (stack slot or user value) */
-  const char *url;           /* likewise */
-  size_t max_body, total_received;
-  sse_parser *sse;           /* a stream read by events (stream:read_event) */
-  size_t sse_used;           /* body bytes it has framed */
-  size_t max_event;
-  long status;
-  int active, done, stream, headers_done, paused, tls_options;
-  CURLcode result;
-  abort_reason aborted;
-  double timeout, idle_timeout, started, elapsed;
-};
 
 /* What a finished request's result is built from, copied out so that the
  * request can go back to the pool before anything that may raise. */
@@ -155,12 +105,6 @@ static int buffer_append(buffer *b, const char *data, size_t n) {
   return 0;
 }
 
-static void buffer_free(buffer *b) {
-  free(b->data);
-  b->data = NULL;
-  b->len = b->cap = 0;
-}
-
 /* ---------- completion ---------- */
 
 /* Take the transfer off the multi handle; the easy handle stays with r. */
@@ -174,7 +118,7 @@ static void request_detach(http_req *r) {
   }
 }
 
-static void request_finish(http_req *r, CURLcode result, abort_reason why) {
+void request_finish(http_req *r, CURLcode result, abort_reason why) {
   if (r->done) return;
   if (r->easy && why == ABORT_NONE) curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &r->status);
   r->done = 1;
@@ -466,7 +410,7 @@ static http_req *req_take(lua_State *L, http_state *H) {
 }
 
 /* Back to the pool: the transfer aborted if still running. */
-static void req_release(http_req *r) {
+void req_release(http_req *r) {
   http_state *H = r->H;
   r->waiter = NULL;
   request_detach(r);
@@ -496,7 +440,7 @@ static void req_release(http_req *r) {
 
 /* A request's task was canceled: abort the transfer now and give
  * the request back (the continuation will never run). */
-static void perform_cancel(void *arg) {
+static void request_cancel(void *arg) {
   http_req *r = arg;
   r->waiter = NULL;
   r->aborted = ABORT_CANCELED;
@@ -505,16 +449,7 @@ static void perform_cancel(void *arg) {
 }
 
 /* The task was canceled after its transfer finished, before it resumed. */
-static void perform_release(void *arg) { req_release(arg); }
-
-/* A task waiting for a stream's headers was canceled: abort the transfer;
- * the stream's userdata gives the request back when collected. */
-static void stream_cancel(void *arg) {
-  http_req *r = arg;
-  r->waiter = NULL;
-  r->aborted = ABORT_CANCELED;
-  request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
-}
+static void request_give_back(void *arg) { req_release(arg); }
 
 /* ---------- results ---------- */
 
@@ -585,9 +520,9 @@ static int push_failure(lua_State *L, const outcome *o) {
   return resil_error_result(L, error_kind(o->result, o->detail), "%s: %s", o->url, o->detail);
 }
 
-/* Raw header lines -> table with lower-cased names; repeats are joined. */
-/* raw header lines -> { ["lower-cased-name"] = "value", ... } */
-static void push_header_table(lua_State *L, const char *p, size_t len) {
+/* Raw header lines -> { ["lower-cased-name"] = "value", ... }; a repeated
+ * header's values are joined. */
+void push_header_table(lua_State *L, const char *p, size_t len) {
   const char *end = p ? p + len : NULL;
   int lines = 0;
   for (const char *c = p; c && c < end; c++) lines += *c == '\n';
@@ -658,6 +593,19 @@ static void push_response(lua_State *L, const outcome *o, const buffer *head, co
   }
   lua_pushnumber(L, o->elapsed);
   lua_setfield(L, -2, "time");
+}
+
+/* For streams, whose request is read while it runs. */
+int request_push_failure(lua_State *L, const http_req *r) {
+  outcome o;
+  outcome_of(r, &o);
+  return push_failure(L, &o);
+}
+
+void request_push_head(lua_State *L, const http_req *r) {
+  outcome o;
+  outcome_of(r, &o);
+  push_response(L, &o, &r->head, NULL);
 }
 
 /* ---------- building a transfer ---------- */
@@ -761,10 +709,8 @@ typedef struct {
   const char *method, *ca_file;
   double timeout, idle_timeout, connect_timeout, max_body, max_event;
   int insecure, follow;
-  int extras; /* on_chunk or on_event: for the prelude's request() */
+  int extras; /* on_chunk or on_event: for the prelude's stream_request */
 } request_fields;
-
-enum { SLOT_TABLE = 1, SLOT_URL, SLOT_BODY, SLOT_HEADERS, SLOT_JSON, SLOT_LAST = SLOT_JSON, SLOT_STREAM };
 
 /* L stack: the request table at 1, nil in slots 2..5 -> the slots hold its
  * url, body, headers and json: the strings stay anchored while the transfer
@@ -964,7 +910,14 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   return r;
 }
 
-static void request_start(lua_State *L, http_req *r) {
+/* read_fields and request_new in one, for http_stream.c */
+http_req *request_prepare(lua_State *L, int stream) {
+  request_fields f;
+  read_fields(L, &f);
+  return request_new(L, stream, &f);
+}
+
+void request_start(lua_State *L, http_req *r) {
   http_state *H = r->H;
   if (curl_multi_add_handle(H->multi, r->easy) != CURLM_OK) {
     req_release(r);
@@ -980,7 +933,7 @@ static void request_start(lua_State *L, http_req *r) {
 
 /* The request goes back to the pool before the result is built (building
  * may raise): its buffers are swapped into H's for the response. */
-static int perform_k(lua_State *L, int status, lua_KContext ctx) {
+static int request_result_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
   http_req *r = (http_req *)ctx;
   http_state *H = r->H;
@@ -1004,13 +957,14 @@ static int perform_k(lua_State *L, int status, lua_KContext ctx) {
   return 1;
 }
 
-static int perform_with(lua_State *L, task *t, const request_fields *f) {
+/* Start the request and wait for all of it: request_result_k continues. */
+static int request_await(lua_State *L, task *t, const request_fields *f) {
   http_req *r = request_new(L, 0, f);
   request_start(L, r);
   r->waiter = t;
-  static const task_wait_ops perform_wait = {perform_cancel, perform_release};
-  task_wait(t, &perform_wait, r);
-  return lua_yieldk(L, 0, (lua_KContext)r, perform_k);
+  static const task_wait_ops request_wait = {request_cancel, request_give_back};
+  task_wait(t, &request_wait, r);
+  return lua_yieldk(L, 0, (lua_KContext)r, request_result_k);
 }
 
 static const char request_extras_key = 'X';
@@ -1020,15 +974,15 @@ static int results_k(lua_State *L, int status, lua_KContext ctx) {
   return lua_gettop(L);
 }
 
-/* resil.http.request{...} -> response | nil, err. A request goes straight
- * to perform; one with `on_chunk` or `on_event` goes through the prelude's
+/* resil.http.request{...} -> response | nil, err. A request is sent and
+ * awaited here; one with `on_chunk` or `on_event` goes through the prelude's
  * Lua (registered with set_request_extras), which reads a stream. */
 static int l_request(lua_State *L) {
   lua_settop(L, SLOT_LAST);
   luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
   request_fields f;
   read_fields(L, &f);
-  if (!f.extras) return perform_with(L, task_current(L, "resil.http.request"), &f);
+  if (!f.extras) return request_await(L, task_current(L, "resil.http.request"), &f);
   lua_settop(L, SLOT_TABLE);
   lua_rawgetp(L, LUA_REGISTRYINDEX, &request_extras_key);
   lua_insert(L, 1);
@@ -1056,7 +1010,8 @@ static int l_stats(lua_State *L) {
   return 1;
 }
 
-/* http.set_request_extras(fn): the prelude's handler for json and streams */
+/* http.set_request_extras(fn): the prelude's reader for requests with
+ * on_chunk or on_event (JSON bodies are encoded here, in C) */
 static int l_set_request_extras(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
   lua_settop(L, 1);
@@ -1064,208 +1019,8 @@ static int l_set_request_extras(lua_State *L) {
   return 0;
 }
 
-/* ---------- streams ---------- */
-
-typedef struct {
-  http_req *r; /* NULL once closed and given back */
-} http_stream;
-
-static http_req *check_stream(lua_State *L, int idx) {
-  http_stream *s = luaL_checkudata(L, idx, STREAM_MT);
-  if (!s->r) luaL_error(L, "the stream is closed");
-  return s->r;
-}
-
-static int stream_open_k(lua_State *L, int status, lua_KContext ctx) {
-  (void)status, (void)ctx;
-  http_req *r = check_stream(L, -1);
-  if (!r->headers_done && (r->aborted != ABORT_NONE || r->result != CURLE_OK)) {
-    outcome o;
-    outcome_of(r, &o);
-    return push_failure(L, &o);
-  }
-  return 1;
-}
-
-/* resil.http.stream{...} -> stream (once the headers arrived) | nil, err */
-static int l_stream(lua_State *L) {
-  lua_settop(L, SLOT_LAST);
-  luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
-  task *t = task_current(L, "resil.http.stream");
-  http_stream *s = lua_newuserdatauv(L, sizeof *s, 2); /* user values: the url and body strings */
-  s->r = NULL;
-  luaL_setmetatable(L, STREAM_MT);
-  request_fields f;
-  read_fields(L, &f);
-  http_req *r = request_new(L, 1, &f);
-  s->r = r;
-  lua_pushvalue(L, SLOT_URL);
-  lua_setiuservalue(L, SLOT_STREAM, 1);
-  lua_pushvalue(L, SLOT_BODY);
-  lua_setiuservalue(L, SLOT_STREAM, 2);
-  request_start(L, r);
-  r->waiter = t;
-  static const task_wait_ops stream_open_wait = {stream_cancel, NULL};
-  task_wait(t, &stream_open_wait, r);
-  return lua_yieldk(L, 0, 0, stream_open_k);
-}
-
-static void read_cancel(void *arg) { ((http_req *)arg)->waiter = NULL; }
-
-static int stream_read_k(lua_State *L, int status, lua_KContext ctx) {
-  (void)status, (void)ctx;
-  http_req *r = check_stream(L, 1);
-  if (r->body.len > 0) {
-    lua_pushlstring(L, r->body.data, r->body.len);
-    r->body.len = 0;
-    if (r->paused && r->active) {
-      r->paused = 0;
-      curl_easy_pause(r->easy, CURLPAUSE_CONT);
-    }
-    return 1;
-  }
-  if (r->done) {
-    if (r->aborted != ABORT_NONE || r->result != CURLE_OK) {
-      outcome o;
-      outcome_of(r, &o);
-      return push_failure(L, &o);
-    }
-    lua_pushnil(L);
-    return 1;
-  }
-  task *t = task_current(L, "stream:read");
-  r->waiter = t;
-  static const task_wait_ops stream_read_wait = {read_cancel, NULL};
-  task_wait(t, &stream_read_wait, r);
-  return lua_yieldk(L, 0, 0, stream_read_k);
-}
-
-/* stream:read() -> the next chunk | nil at the end | nil, err */
-static int stream_read(lua_State *L) {
-  lua_settop(L, 1);
-  http_req *r = check_stream(L, 1);
-  if (r->waiter) return luaL_error(L, "another task is already reading this stream");
-  if (r->sse) return luaL_error(L, "this stream is read by events (stream:read_event)");
-  return stream_read_k(L, LUA_OK, 0);
-}
-
-/* L stack: -> {data =, event =, id =, retry =} (the last three when the
- * event had them) */
-static void push_event(lua_State *L, const sse_event *ev) {
-  lua_createtable(L, 0, 4);
-  lua_pushlstring(L, ev->data, ev->data_len);
-  lua_setfield(L, -2, "data");
-  if (ev->event) {
-    lua_pushlstring(L, ev->event, ev->event_len);
-    lua_setfield(L, -2, "event");
-  }
-  if (ev->id) {
-    lua_pushlstring(L, ev->id, ev->id_len);
-    lua_setfield(L, -2, "id");
-  }
-  if (ev->retry) {
-    lua_pushlstring(L, ev->retry, ev->retry_len);
-    lua_setfield(L, -2, "retry");
-  }
-}
-
-/* Frames the body from where the last event ended: no byte is scanned
- * twice, and the body is handed back to curl once all of it is framed. */
-static int stream_read_event_k(lua_State *L, int status, lua_KContext ctx) {
-  (void)status, (void)ctx;
-  http_req *r = check_stream(L, 1);
-  if (r->sse && r->body.len > r->sse_used) {
-    sse_event ev;
-    int rc = sse_next(r->sse, r->body.data, r->body.len, &r->sse_used, &ev);
-    if (rc < 0) { /* the stream is over: give back what it held now, not when it is collected */
-      r->aborted = rc == SSE_TOO_LARGE ? ABORT_EVENT_TOO_LARGE : ABORT_CANCELED;
-      request_finish(r, CURLE_ABORTED_BY_CALLBACK, r->aborted);
-      sse_free(r->sse);
-      r->sse = NULL;
-      buffer_free(&r->body);
-      r->sse_used = 0;
-      if (rc == SSE_NO_MEMORY) return luaL_error(L, "not enough memory");
-    } else {
-      if (r->sse_used == r->body.len) {
-        r->body.len = r->sse_used = 0;
-        if (r->paused && r->active) {
-          r->paused = 0;
-          curl_easy_pause(r->easy, CURLPAUSE_CONT);
-        }
-      }
-      if (rc > 0) {
-        push_event(L, &ev);
-        return 1;
-      }
-    }
-  }
-  if (r->done) {
-    if (r->aborted != ABORT_NONE || r->result != CURLE_OK) {
-      outcome o;
-      outcome_of(r, &o);
-      return push_failure(L, &o);
-    }
-    lua_pushnil(L);
-    return 1;
-  }
-  task *t = task_current(L, "stream:read_event");
-  r->waiter = t;
-  static const task_wait_ops event_read_wait = {read_cancel, NULL};
-  task_wait(t, &event_read_wait, r);
-  return lua_yieldk(L, 0, 0, stream_read_event_k);
-}
-
-/* stream:read_event() -> the next server-sent event | nil at the end | nil, err */
-static int stream_read_event(lua_State *L) {
-  lua_settop(L, 1);
-  http_req *r = check_stream(L, 1);
-  if (r->waiter) return luaL_error(L, "another task is already reading this stream");
-  if (!r->sse && r->aborted != ABORT_EVENT_TOO_LARGE && !(r->sse = sse_new(r->max_event)))
-    return luaL_error(L, "not enough memory");
-  return stream_read_event_k(L, LUA_OK, 0);
-}
-
-static int stream_close(lua_State *L) {
-  http_req *r = check_stream(L, 1);
-  if (!r->done) {
-    r->aborted = ABORT_CANCELED;
-    request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
-  }
-  return 0;
-}
-
-static int stream_index(lua_State *L) {
-  http_req *r = check_stream(L, 1);
-  const char *key = luaL_checkstring(L, 2);
-  if (strcmp(key, "status") == 0) lua_pushinteger(L, r->status);
-  else if (strcmp(key, "headers") == 0) push_header_table(L, r->head.data, r->head.len);
-  else if (strcmp(key, "read") == 0) lua_pushcfunction(L, stream_read);
-  else if (strcmp(key, "read_event") == 0) lua_pushcfunction(L, stream_read_event);
-  else if (strcmp(key, "close") == 0) lua_pushcfunction(L, stream_close);
-  else if (strcmp(key, "response") == 0) {
-    outcome o;
-    outcome_of(r, &o);
-    push_response(L, &o, &r->head, NULL);
-  } else lua_pushnil(L);
-  return 1;
-}
-
-/* Collected or closed by `<close>`: abort a transfer nobody reads. */
-static int stream_gc(lua_State *L) {
-  http_stream *s = luaL_checkudata(L, 1, STREAM_MT);
-  if (s->r) {
-    http_req *r = s->r;
-    s->r = NULL;
-    req_release(r);
-  }
-  return 0;
-}
-
-static const luaL_Reg stream_meta[] = {
-  {"__index", stream_index}, {"__gc", stream_gc}, {"__close", stream_gc}, {NULL, NULL}};
-
 static const luaL_Reg http_functions[] = {{"request", l_request},
-                                          {"stream", l_stream},
+                                          {"stream", http_stream_open},
                                           {"stats", l_stats},
                                           {"set_request_extras", l_set_request_extras},
                                           {NULL, NULL}};
@@ -1281,9 +1036,7 @@ int luaopen_resil_http(lua_State *L) {
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, -2);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
-  luaL_newmetatable(L, STREAM_MT);
-  luaL_setfuncs(L, stream_meta, 0);
-  lua_pop(L, 1);
+  http_stream_register(L);
   luaL_newlib(L, http_functions);
   return 1;
 }

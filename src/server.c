@@ -1,6 +1,6 @@
 /*
  * server.c: an embedded HTTP server on libevent's evhttp, for the mock
- * provider (and later the metrics endpoint).
+ * provider and the metrics endpoint (resil.metrics.serve).
  *
  *   local s = resil.server.listen{ host = "127.0.0.1", port = 0,
  *                                  handler = function(req) return resp end,

@@ -9,7 +9,7 @@
  * checkpoints cost one fsync per turn instead of one each.
  *
  * The store's logic (idempotency, steps, ledger, budgets) is Lua in
- * src/lua/store.lua; this file only runs SQL, fast and safely.
+ * src/lua/store_sqlite.lua; this file only runs SQL, fast and safely.
  */
 #include <limits.h>
 #include <stdlib.h>

@@ -1,0 +1,94 @@
+/*
+ * http.h: what the HTTP client's two files share: http.c (transfers on
+ * libcurl's multi API, the request pool, header sets, responses,
+ * resil.http.request) and http_stream.c (resil.http.stream and its reads).
+ * Private to those two: the rest of the host sees only http_free
+ * (host.h; the flush is a turn-end hook), and no libcurl type.
+ */
+#ifndef RESIL_HTTP_H
+#define RESIL_HTTP_H
+
+#include <stdlib.h>
+
+#include <curl/curl.h>
+
+#include "host.h"
+
+typedef struct {
+  char *data;
+  size_t len, cap;
+} buffer;
+
+static inline void buffer_free(buffer *b) {
+  free(b->data);
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+
+typedef struct header_set header_set;
+
+typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_EVENT_TOO_LARGE, ABORT_CANCELED } abort_reason;
+
+/* What an easy handle was last given: a recycled handle is only told what
+ * changed (options are most of the per-request work in libcurl). */
+typedef struct {
+  char *url;
+  long connect_ms, follow, one_shot;
+  curl_off_t max_body;
+  struct curl_slist *headers;
+  const char *body;          /* with body_len and method: the request line and body */
+  curl_off_t body_len;
+  char method[16];
+  int method_set;
+} easy_options;
+
+typedef struct http_req http_req;
+
+struct http_req {
+  /* kept across reuse */
+  http_state *H;
+  http_req *next, *prev;     /* the free list, or the live list */
+  CURL *easy;
+  easy_options set;
+  resil_timer deadline, idle;
+  buffer body, head;
+  char errbuf[CURL_ERROR_SIZE];
+  /* per request, cleared by req_take */
+  task *waiter;              /* the task blocked on this transfer, if any */
+  header_set *req_headers;
+  const char *req_body;      /* a Lua string anchored by the caller (stack slot or user value) */
+  const char *url;           /* likewise */
+  size_t max_body, total_received;
+  sse_parser *sse;           /* a stream read by events (stream:read_event) */
+  size_t sse_used;           /* body bytes it has framed */
+  size_t max_event;
+  long status;
+  int active, done, stream, headers_done, paused, tls_options;
+  CURLcode result;
+  abort_reason aborted;
+  double timeout, idle_timeout, started, elapsed;
+};
+
+/* L stack of resil.http.request and resil.http.stream: the request table,
+ * then the strings that must stay anchored while the transfer runs, then
+ * (streams) the stream's userdata. */
+enum { SLOT_TABLE = 1, SLOT_URL, SLOT_BODY, SLOT_HEADERS, SLOT_JSON, SLOT_LAST = SLOT_JSON, SLOT_STREAM };
+
+/* http.c: the life of a request */
+/* L stack: the request table at 1, nil in slots 2..5 -> the slots filled
+ * (read_fields): a request on the live list, not started. Raises on misuse. */
+http_req *request_prepare(lua_State *L, int stream);
+void request_start(lua_State *L, http_req *r); /* raises, giving r back, if curl refuses it */
+void request_finish(http_req *r, CURLcode result, abort_reason why); /* wakes the waiter */
+void req_release(http_req *r); /* back to the pool, the transfer aborted if still running */
+
+/* http.c: results */
+int request_push_failure(lua_State *L, const http_req *r); /* nil, err: returns 2 */
+void request_push_head(lua_State *L, const http_req *r);   /* a response without its body */
+void push_header_table(lua_State *L, const char *p, size_t len);
+
+/* http_stream.c */
+int http_stream_open(lua_State *L);     /* resil.http.stream{...} */
+void http_stream_register(lua_State *L); /* its metatable */
+
+#endif
