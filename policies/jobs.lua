@@ -14,7 +14,8 @@
 --   local mp3 = jobs.speech{ model = "elevenlabs/eleven_flash_v2_5", voice = "<voice id>", text = s }
 --   -- mp3 = { audio = (bytes), content_type =, characters =, cost_usd =, provider =, model =, id = }
 --
--- Per provider (jobs.configure(name, conf) or a project copy of this file): base_url, timeout,
+-- Per provider (jobs.configure(name, conf) or a project copy of this file): base_url, api_key
+-- (a value; by default the key is read from the provider's variable), key_env, timeout,
 -- deadline, attempts, poll = { first, factor, max } and the policies/call.lua options rate,
 -- breaker, retry, concurrency, which apply to each HTTP request (create, poll, result, cancel).
 --
@@ -86,7 +87,8 @@ local function context(spec, what, level)
   if not target then error(("%s: %s"):format(what, why), level) end
   local conf = jobs.config[name] or {}
   local env = conf.key_env or adapter.key_env
-  local key = resil.secret(env)
+  local key = conf.api_key -- a value from a vault: redacted like a secret
+  if key then resil.log.redact(key) else key = resil.secret(env) end
   if not key then
     return nil, resil.error("missing_key", ("%s: %s is not set (the %s API key)"):format(what, env, name),
       { provider = name, variable = env, retryable = false })

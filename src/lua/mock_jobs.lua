@@ -12,10 +12,11 @@
 --                          errors as {detail = {status, code, message}})
 -- Scenario (the `jobs` table, shared by Replicate and fal):
 --   jobs = { polls = 2 | duration = s, fail = p, stuck = p, output = v, usd = n, predict_time = s,
---            error = "why",
+--            error = "why", fates = { "failed", { "succeeded", polls = 0 }, "stuck" },
 --            errors = { [route] = { 429, "ok", { status = 401, code = "quota_exceeded" } } } }
--- `errors` plays each route's provider-shaped error replies in order (route names: predictions,
--- prediction, cancel, fal_submit, fal_status, fal_result, fal_cancel, tts); the mock's generic
+-- `fates` decides the jobs in order of creation (then `stuck` and `fail` draw); `errors` plays
+-- each route's provider-shaped error replies in order (route names: predictions, prediction,
+-- cancel, fal_submit, fal_status, fal_result, fal_cancel, tts); the mock's generic
 -- `sequence` and `faults` (hang, reset, garbage, latency, ...) apply to these routes too.
 -- mock.lua asks route() first; a route's handler answers like a custom route.
 local resil = ...
@@ -34,7 +35,7 @@ end
 local function state(m)
   local s = m.job_api
   if not s then
-    s = { replicate = {}, fal = {}, seq = 0, errors_pos = {} }
+    s = { replicate = {}, fal = {}, seq = 0, errors_pos = setmetatable({}, { __mode = "k" }) }
     m.job_api = s
   end
   return s
@@ -52,18 +53,27 @@ local function scripted_error(m, route)
   local list = cfg(m).errors and cfg(m).errors[route]
   if not list then return nil end
   local s = state(m)
-  local pos = (s.errors_pos[route] or 0) + 1
+  local pos = (s.errors_pos[list] or 0) + 1 -- by list: a new scenario plays its own from the start
   if pos > #list then return nil end
-  s.errors_pos[route] = pos
+  s.errors_pos[list] = pos
   local e = list[pos]
   if e == "ok" then return nil end
   if type(e) == "number" then return { status = e } end
   return e
 end
 
--- a job's fate, drawn when it is created
+-- A job's fate when it is created: the next of `fates` (a string, or {fate, polls=}),
+-- else drawn by `stuck` and `fail` -> fate, polls it needs (nil: the scenario's)
 local function fate(m)
-  local c, r = cfg(m), m.random()
+  local c = cfg(m)
+  if c.fates then
+    local s = state(m)
+    s.fate_pos = (s.fate_pos or 0) + 1
+    local f = c.fates[s.fate_pos]
+    if type(f) == "table" then return f[1], f.polls end
+    if f then return f end
+  end
+  local r = m.random()
   if r < (c.stuck or 0) then return "stuck" end
   if r < (c.stuck or 0) + (c.fail or 0) then return "failed" end
   return "succeeded"
@@ -73,6 +83,7 @@ end
 -- on the host clock (exact under the virtual clock).
 local function ready(m, job, extra_seconds)
   local c = cfg(m)
+  if job.needs_polls then return job.polls > job.needs_polls end
   if c.duration then return resil.now() + (extra_seconds or 0) - job.started >= c.duration end
   return job.polls > (c.polls or 2)
 end
@@ -129,7 +140,11 @@ local function replicate_advance(m, job, extra_seconds)
   else
     job.status = "succeeded"
     job.output = c.output or json.null
-    if job.output == json.null then job.output = { ("https://replicate.delivery/mock/%s/out-0.png"):format(job.id) } end
+    if job.output == json.null then -- one file per output asked for
+      local n = type(job.input) == "table" and tonumber(job.input.num_outputs) or 1
+      job.output = {}
+      for i = 1, n do job.output[i] = ("https://replicate.delivery/mock/%s/out-%d.png"):format(job.id, i - 1) end
+    end
     billed(m, "usd", c.usd or 0.01)
     billed(m, "jobs", 1)
   end
@@ -155,7 +170,8 @@ local function replicate_create(m, req, owner_model)
   local id = ("mock%s%05d"):format(m.instance, s.seq)
   local job = { id = id, status = "starting", input = body.input, polls = 0, started = resil.now(),
     model = owner_model or "mock/model", version = body.version or "hidden",
-    created_at = os.date("!%Y-%m-%dT%H:%M:%S.000Z", math.floor(resil.clock.wall())), fate = fate(m) }
+    created_at = os.date("!%Y-%m-%dT%H:%M:%S.000Z", math.floor(resil.clock.wall())) }
+  job.fate, job.needs_polls = fate(m)
   s.replicate[id] = job
   -- Prefer: wait[=N] holds the answer until the job ends or N seconds pass (60 at most)
   local prefer = req.headers.prefer
@@ -293,7 +309,8 @@ local function fal_submit(m, req, endpoint)
   local queued = 0
   for _, j in pairs(s.fal) do if j.status == "IN_QUEUE" then queued = queued + 1 end end
   local job = { id = id, app = owner .. "/" .. alias, endpoint = endpoint, status = "IN_QUEUE", input = input,
-    polls = 0, started = resil.now(), fate = fate(m), queue_position = queued }
+    polls = 0, started = resil.now(), queue_position = queued }
+  job.fate, job.needs_polls = fate(m)
   s.fal[id] = job
   return { status = 200, body = json.encode(fal_status_view(m, job)) }
 end
