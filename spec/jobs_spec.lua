@@ -310,3 +310,134 @@ print(e1.message)]]))
     assert.matches("replicate/owner/name", err)
   end)
 end)
+
+-- A server that records each request and answers from a table by "METHOD path".
+local function recorder(answers)
+  local rec = { requests = {} }
+  rec.server = resil.server.listen({ handler = function(req)
+    rec.requests[#rec.requests + 1] = req
+    local a = answers[req.method .. " " .. req.path]
+    if type(a) == "function" then a = a(req, rec) end
+    return a or { status = 404, body = "{}" }
+  end })
+  rec.url = ("http://127.0.0.1:%d"):format(rec.server:port())
+  return rec
+end
+
+-- what a request sent, keys redacted, transport headers left out
+local TRANSPORT = { host = true, ["content-length"] = true, ["user-agent"] = true, ["accept-encoding"] = true,
+  expect = true, connection = true }
+local function golden(req)
+  local h = {}
+  for k, v in pairs(req.headers) do
+    if not TRANSPORT[k] then
+      for _, key in pairs(KEYS) do v = v:gsub(key:gsub("%p", "%%%0"), "<key>") end
+      h[k] = v
+    end
+  end
+  local body = req.body ~= "" and (json.decode(req.body) or req.body) or nil
+  return { method = req.method, path = req.path, query = req.query ~= "" and req.query or nil, headers = h,
+    body = body }
+end
+
+describe("golden requests", function()
+  local rec
+  before_each(function() resil.clock.virtual(); fresh_store() end)
+  after_each(function() if rec then rec.server:close() end; rec = nil end)
+
+  it("Replicate: create with Prefer: wait, poll urls.get, cancel urls.cancel at the deadline", function()
+    local function prediction(status)
+      return { status = status == "starting" and 201 or 200, body = json.encode({ id = "p1", status = status,
+        urls = { get = rec.url .. "/v1/predictions/p1", cancel = rec.url .. "/v1/predictions/p1/cancel" } }) }
+    end
+    rec = recorder({ ["POST /v1/predictions"] = function() return prediction("starting") end,
+      ["GET /v1/predictions/p1"] = function() return prediction("processing") end,
+      ["POST /v1/predictions/p1/cancel"] = function() return prediction("canceled") end })
+    use(rec.url)
+    local _, err = jobs.job({ model = "replicate/acme/video:abc123", input = { prompt = "a cat", duration = 5 },
+      wait = 5, deadline = 2, attempts = 1 })
+    assert.are.equal("deadline", err.kind)
+    assert.are.same({
+      { method = "POST", path = "/v1/predictions", headers = { authorization = "Bearer <key>",
+        ["content-type"] = "application/json", prefer = "wait=5", accept = "*/*" },
+        body = { version = "abc123", input = { prompt = "a cat", duration = 5 } } },
+      { method = "GET", path = "/v1/predictions/p1", headers = { authorization = "Bearer <key>",
+        ["content-type"] = "application/json", accept = "*/*" } },
+      { method = "POST", path = "/v1/predictions/p1/cancel", headers = { authorization = "Bearer <key>",
+        ["content-type"] = "application/json", accept = "*/*" } },
+    }, { golden(rec.requests[1]), golden(rec.requests[2]), golden(rec.requests[3]) })
+    assert.are.equal(3, #rec.requests)
+  end)
+
+  it("Replicate: an official model without a version is created on its model path", function()
+    rec = recorder({ ["POST /v1/models/black-forest-labs/flux-schnell/predictions"] = { status = 201,
+      body = json.encode({ id = "p2", status = "succeeded", output = { "https://x.invalid/a.webp" },
+        urls = { get = "http://127.0.0.1:1/unused", cancel = "http://127.0.0.1:1/unused" } }) } })
+    use(rec.url)
+    local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" } }))
+    assert.are.equal("p2", r.id)
+    assert.are.same({ input = { prompt = "a cat" } }, golden(rec.requests[1]).body)
+  end)
+
+  it("fal: submit to the endpoint, status_url, response_url, and cancel_url with PUT", function()
+    local app = "/fal-ai/flux/requests/r1"
+    local urls = function()
+      return { request_id = "r1", status_url = rec.url .. app .. "/status", response_url = rec.url .. app,
+        cancel_url = rec.url .. app .. "/cancel" }
+    end
+    local polls = 0
+    rec = recorder({ ["POST /fal-ai/flux/dev"] = function()
+        local q = urls(); q.status = "IN_QUEUE"; q.queue_position = 0
+        return { status = 200, body = json.encode(q) }
+      end,
+      ["GET " .. app .. "/status"] = function()
+        polls = polls + 1
+        local q = urls(); q.status = polls < 2 and "IN_PROGRESS" or "COMPLETED"
+        return { status = 200, body = json.encode(q) }
+      end,
+      ["GET " .. app] = { status = 200, body = json.encode({ images = { { url = "https://x.invalid/1.png" } } }) } })
+    use(rec.url)
+    jobs.configure("fal", { base_url = rec.url, api_key = KEYS.fal, poll = FAST_POLL })
+    local r = assert(jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat", image_size = "square" } }))
+    assert.are.equal("r1", r.id)
+    assert.are.same({
+      { method = "POST", path = "/fal-ai/flux/dev", headers = { authorization = "Key <key>",
+        ["content-type"] = "application/json", accept = "*/*" }, body = { prompt = "a cat", image_size = "square" } },
+      { method = "GET", path = app .. "/status", headers = { authorization = "Key <key>", accept = "*/*" } },
+      { method = "GET", path = app .. "/status", headers = { authorization = "Key <key>", accept = "*/*" } },
+      { method = "GET", path = app, headers = { authorization = "Key <key>", accept = "*/*" } },
+    }, { golden(rec.requests[1]), golden(rec.requests[2]), golden(rec.requests[3]), golden(rec.requests[4]) })
+    rec.requests = {}
+    rec.server:close()
+    rec = recorder({ ["POST /fal-ai/flux/dev"] = function()
+        local q = urls(); q.status = "IN_QUEUE"
+        return { status = 200, body = json.encode(q) }
+      end,
+      ["GET " .. app .. "/status"] = function()
+        local q = urls(); q.status = "IN_QUEUE"
+        return { status = 202, body = json.encode(q) }
+      end,
+      ["PUT " .. app .. "/cancel"] = { status = 202, body = '{"status":"CANCELLATION_REQUESTED"}' } })
+    jobs.configure("fal", { base_url = rec.url, api_key = KEYS.fal, poll = FAST_POLL })
+    local _, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" }, deadline = 2,
+      attempts = 1 })
+    assert.are.equal("deadline", err.kind)
+    assert.are.same({ method = "PUT", path = app .. "/cancel", headers = { authorization = "Key <key>",
+      accept = "*/*" } }, golden(rec.requests[#rec.requests]))
+  end)
+
+  it("ElevenLabs: text-to-speech with xi-api-key, model_id and output_format", function()
+    rec = recorder({ ["POST /v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb"] = { status = 200,
+      headers = { ["content-type"] = "audio/mpeg", ["request-id"] = "req-1" }, body = "ID3\4\0\0mp3bytes" } })
+    use(rec.url)
+    local r = assert(jobs.speech({ model = "elevenlabs/eleven_multilingual_v2", voice = "JBFqnCBsd6RMkjVDRZzb",
+      text = "Héllo", voice_settings = { stability = 0.5 } }))
+    assert.are.equal("ID3\4\0\0mp3bytes", r.audio)
+    assert.are.equal(5, r.characters) -- code points, not bytes
+    assert.are.same({ method = "POST", path = "/v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb",
+      query = "output_format=mp3_44100_128",
+      headers = { ["xi-api-key"] = "<key>", ["content-type"] = "application/json", accept = "audio/mpeg" },
+      body = { text = "Héllo", model_id = "eleven_multilingual_v2", voice_settings = { stability = 0.5 } } },
+      golden(rec.requests[1]))
+  end)
+end)
