@@ -441,3 +441,84 @@ describe("golden requests", function()
       golden(rec.requests[1]))
   end)
 end)
+
+describe("a job survives its process (kill -9 mid-poll, then the run resumed)", function()
+  local m, pid
+  before_each(function() resil.clock.real() end)
+  after_each(function()
+    if pid and helpers.alive(pid) then os.execute("kill -9 " .. pid) end
+    if m then m:stop() end
+    m, pid = nil, nil
+  end)
+
+  local SCRIPT = [[
+local resil = require "resil"
+local jobs = require "policies.jobs"
+jobs.configure("replicate", { poll = { first = 0.02, factor = 1, max = 0.02 } })
+local id = resil.step("render", function()
+  local r, err = jobs.job({ model = "replicate/black-forest-labs/flux-schnell", input = { prompt = "a cat" } })
+  if not r then return nil, err end
+  return r.id
+end)
+print("done", id)
+]]
+
+  -- run the script in the background until it exits, serving the mock meanwhile
+  local function run(db)
+    local out
+    pid, out = helpers.start(SCRIPT, ("--store %s --run render-1 --log-level off"):format(db))
+    return out
+  end
+  local function env(url)
+    return ("REPLICATE_API_TOKEN=%s REPLICATE_BASE_URL=%s/v1 "):format(KEYS.replicate, url)
+  end
+  local function start(db, url)
+    local saved = helpers.resil
+    helpers.resil = env(url) .. saved
+    local out = run(db)
+    helpers.resil = saved
+    return out
+  end
+  local function finish(out)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20), "the run hung")
+    return helpers.slurp(out)
+  end
+
+  it("polls the job it already paid for: one create per job", function()
+    m = resil.mock.start({ jobs = { polls = 1e9 } }) -- runs until told otherwise
+    local db = helpers.tmpname(".db")
+    start(db, m.url)
+    assert(helpers.wait_until(function() return (m:stats().routes.prediction or 0) >= 3 end, 20))
+    os.execute("kill -9 " .. pid)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert.are.equal(1, m:stats().routes.predictions)
+    m:configure({ jobs = { polls = 0 } }) -- the job finishes at its next read
+    local out = finish(start(db, m.url))
+    local s = m:stats()
+    assert.are.equal(1, s.routes.predictions, out) -- the resumed run created nothing
+    assert.matches("done%s+mock%w+00001", out)
+    assert.are.equal(1, s.billed.jobs)
+    resil.store_config({ url = db })
+    local rows = resil.cost.breakdown("model")
+    assert.are.equal(1, rows[1].calls)
+    assert.are.equal(0.003, rows[1].usd)
+  end)
+
+  it("a job that failed before the kill is read again and its replacement (key#2) is polled, not made again", function()
+    m = resil.mock.start({ jobs = { polls = 1e9, fates = { { "failed", polls = 0 }, "succeeded" } } })
+    local db = helpers.tmpname(".db")
+    start(db, m.url)
+    assert(helpers.wait_until(function()
+      local s = m:stats()
+      return s.routes.predictions == 2 and (s.routes.prediction or 0) >= 4
+    end, 20))
+    os.execute("kill -9 " .. pid)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    m:configure({ jobs = { polls = 0 } })
+    local out = finish(start(db, m.url))
+    assert.are.equal(2, m:stats().routes.predictions, out)
+    assert.matches("done%s+mock%w+00002", out)
+    resil.store_config({ url = db })
+    assert.are.equal(1, resil.cost.breakdown("model")[1].calls) -- the failed job cost nothing
+  end)
+end)
