@@ -238,9 +238,9 @@ end
 
 -- jobs.job(spec) -> result | nil, err
 function jobs.job(spec)
+  if type(spec) == "table" and type(spec.input) ~= "table" then error("ai.job: input must be a table", 2) end
   local ctx, cerr = context(spec, "ai.job", 3)
   if not ctx then return nil, cerr end
-  if type(spec.input) ~= "table" then error("ai.job: input must be a table", 2) end
   local deadline = option(ctx.conf, spec, "deadline")
   local attempts = option(ctx.conf, spec, "attempts")
   ctx.poll_first = spec.poll_first
@@ -279,10 +279,12 @@ end
 
 -- jobs.speech(spec) -> result | nil, err
 function jobs.speech(spec)
+  if type(spec) == "table" then
+    if type(spec.voice) ~= "string" or spec.voice == "" then error("ai.speech: voice must be a voice id", 2) end
+    if type(spec.text) ~= "string" or spec.text == "" then error("ai.speech: text must be a non-empty string", 2) end
+  end
   local ctx, cerr = context(spec, "ai.speech", 3)
   if not ctx then return nil, cerr end
-  if type(spec.voice) ~= "string" or spec.voice == "" then error("ai.speech: voice must be a voice id", 2) end
-  if type(spec.text) ~= "string" or spec.text == "" then error("ai.speech: text must be a non-empty string", 2) end
   local chars = ctx.adapter.characters(spec.text)
   local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, { characters = chars }))
   if spec.budget ~= nil and not ticket then return nil, berr end
