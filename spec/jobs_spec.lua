@@ -256,7 +256,8 @@ describe("the mock's job APIs reject what the real ones reject", function()
 
   it("answers a request without its key with the provider's error body", function()
     m = resil.mock.start({})
-    local rep = http.request({ method = "POST", url = m.url .. "/v1/predictions", json = { version = "v", input = {} } })
+    local rep = http.request({ method = "POST", url = m.url .. "/v1/predictions",
+      json = { version = "v", input = {} } })
     assert.are.equal(401, rep.status)
     assert.are.equal("Unauthenticated", json.decode(rep.body).title)
     local fal = http.request({ method = "POST", url = m.url .. "/fal/fal-ai/flux/dev", json = {} })
