@@ -62,11 +62,33 @@ local function option(conf, spec, k)
   return v
 end
 
+local function named(t, name)
+  if t == nil then return nil end
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  c.name = c.name or name
+  return c
+end
+
+-- Two views of one provider (the same bucket, breaker and concurrency limit): creates are not
+-- retried after a timeout, since the provider may have made the job (another create would
+-- pay twice); reads, results and cancels are.
 local function provider_for(name, conf)
   local p = providers[name]
   if not p then
-    p = call.provider(name, { timeout = option(conf, nil, "timeout"), retry = option(conf, nil, "retry"),
-      rate = conf.rate, breaker = conf.breaker, concurrency = conf.concurrency, tokens = nil })
+    local function make(retry_opts)
+      return call.provider(name, { timeout = option(conf, nil, "timeout"), retry = retry_opts,
+        rate = named(conf.rate, name .. ":requests"), breaker = named(conf.breaker, name),
+        concurrency = named(conf.concurrency, name) })
+    end
+    local r = option(conf, nil, "retry")
+    local once_sent = {}
+    for k, v in pairs(r) do once_sent[k] = v end
+    if type(r.max_retries) ~= "number" then
+      once_sent.max_retries = named(r.max_retries or {}, nil)
+      once_sent.max_retries.timeout = 0
+    end
+    p = { any = make(r), create = make(once_sent) }
     providers[name] = p
   end
   return p
@@ -98,7 +120,7 @@ local function context(spec, what, level)
   local p = provider_for(name, conf)
   return { name = name, adapter = adapter, target = target, model = spec.model, conf = conf, key = key,
     base = (base:gsub("/+$", "")), input = spec.input, wait = spec.wait,
-    send = function(req) return p(req) end }
+    send = function(req) return p.any(req) end, send_create = function(req) return p.create(req) end }
 end
 
 -- A canonical text of a value (keys sorted): the same request hashes the same in every process.

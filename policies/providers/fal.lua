@@ -43,7 +43,7 @@ local function decode(res, what)
 end
 
 function fal.create(ctx)
-  local res, err = ctx.send({ method = "POST", url = ctx.base .. "/" .. ctx.target.endpoint,
+  local res, err = ctx.send_create({ method = "POST", url = ctx.base .. "/" .. ctx.target.endpoint,
     headers = fal.headers(ctx.key, true), json = ctx.input })
   if not res then return nil, err end
   local q, derr = decode(res, "submit answer")

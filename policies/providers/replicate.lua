@@ -51,7 +51,8 @@ local function decode(res)
   return body
 end
 
--- ctx: { base=, key=, target=, input=, wait=, send=fn(req) } -> handle | nil, err
+-- ctx: { base=, key=, target=, input=, wait=, send=fn(req), send_create=fn(req) (no retry after
+-- a timeout) } -> handle | nil, err
 function replicate.create(ctx)
   local t = ctx.target
   local extra = ctx.wait and { ["Prefer"] = "wait=" .. math.max(1, math.min(60, math.ceil(ctx.wait))) } or nil
@@ -61,8 +62,8 @@ function replicate.create(ctx)
   else
     url, body = ("%s/models/%s/%s/predictions"):format(ctx.base, t.owner, t.name), { input = ctx.input }
   end
-  local res, err = ctx.send({ method = "POST", url = url, headers = replicate.headers(ctx.key, extra), json = body,
-    timeout = ctx.wait and (ctx.wait + 30) or nil })
+  local res, err = ctx.send_create({ method = "POST", url = url, headers = replicate.headers(ctx.key, extra),
+    json = body, timeout = ctx.wait and (ctx.wait + 30) or nil })
   if not res then return nil, err end
   local p, derr = decode(res)
   if not p then return nil, derr end
