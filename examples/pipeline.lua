@@ -56,9 +56,12 @@ local openai = provider("openai", {
   concurrency = { size = 4, queue = 100 },
   validate = "chat",
 })
-local jobs = provider("jobs", { request = { method = "POST", url = mock.url .. "/v1/predictions" },
+-- the mock checks auth as Replicate does; any token passes
+local replicate_auth = { Authorization = "Bearer r8_mock_token" }
+local jobs = provider("jobs", {
+  request = { method = "POST", url = mock.url .. "/v1/predictions", headers = replicate_auth },
   concurrency = { size = 8, queue = 100 }, validate = "prediction" })
-local polls = provider("polls", { request = { method = "GET" }, validate = "prediction" })
+local polls = provider("polls", { request = { method = "GET", headers = replicate_auth }, validate = "prediction" })
 local tts = provider("tts", { request = { method = "POST", url = mock.url .. "/v1/audio/speech" }, validate = "json" })
 
 local function timed(res)
@@ -82,7 +85,7 @@ end
 
 -- Start an async job and poll it until it finishes (a hung job times out).
 local function run_job(input)
-  local res, err = jobs({ json = { input = input } })
+  local res, err = jobs({ json = { version = "mock-version", input = input } })
   if not res then return nil, err end
   local job = json.decode(timed(res).body)
   local finished, ferr = resil.timeout(10, function()
@@ -97,7 +100,7 @@ local function run_job(input)
   if not finished then return nil, ferr or resil.error("job_failed", "prediction " .. job.id .. " did not finish") end
   if finished.status ~= "succeeded" then return nil, resil.error("job_failed", tostring(finished.error)) end
   resil.cost.record({ provider = "replicate", model = "mock-model", operation = "prediction",
-    usd = finished.metrics and finished.metrics.cost_usd or 0 })
+    usd = 0.01 }) -- the mock's price per prediction (Replicate's answer carries no cost)
   return finished.output
 end
 

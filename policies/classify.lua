@@ -104,6 +104,60 @@ classify.bodies = {
                 fallback = true } },
 }
 
+-- Async-job and speech providers (policies/providers/replicate.lua, fal.lua, elevenlabs.lua).
+local function header(res, name) return type(res.headers) == "table" and res.headers[name] or nil end
+local function eleven_code(body)
+  local d = type(body) == "table" and body.detail
+  return type(d) == "table" and (d.code or d.status) or nil
+end
+local FAL_RETRYABLE = { request_timeout = "timeout", startup_timeout = "timeout",
+  runner_scheduling_failure = "unavailable", runner_connection_timeout = "unavailable",
+  runner_disconnected = "unavailable", runner_connection_refused = "unavailable",
+  runner_connection_error = "unavailable", runner_incomplete_response = "server_error",
+  runner_server_error = "server_error", internal_error = "server_error" }
+for _, rule in ipairs({
+  -- Replicate: 429 {"title": "Request was throttled", "detail": "Request was throttled. Expected ..."}
+  { name = "replicate_throttled",
+    match = function(res, body)
+      return res.status == 429 and type(body) == "table" and type(body.detail) == "string"
+        and body.detail:find("throttled", 1, true) ~= nil
+    end,
+    verdict = { class = "rate_limited", retryable = true, backoff = "exponential", max_retries = 5,
+                fallback = true } },
+  -- Replicate: 402 Insufficient credit (adding credit is a person's job)
+  { name = "replicate_insufficient_credit",
+    match = function(res, body)
+      return res.status == 402 and type(body) == "table" and type(body.title) == "string"
+    end,
+    verdict = { class = "quota_exceeded", retryable = false, fallback = true } },
+  -- fal: X-Fal-Error-Type names the infrastructure failures worth another try
+  { name = "fal_runner_error",
+    match = function(res) return FAL_RETRYABLE[header(res, "x-fal-error-type") or ""] ~= nil end,
+    verdict = { class = "server_error", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
+                breaker = true } },
+  { name = "fal_client_cancelled",
+    match = function(res) return header(res, "x-fal-error-type") == "client_cancelled" end,
+    verdict = { class = "canceled", retryable = false } },
+  { name = "fal_bad_request",
+    match = function(res) return header(res, "x-fal-error-type") == "bad_request" end,
+    verdict = { class = "bad_request", retryable = false } },
+  -- ElevenLabs: {"detail": {"status"|"code": ...}}
+  { name = "elevenlabs_quota_exceeded",
+    match = function(_, body) return eleven_code(body) == "quota_exceeded" end,
+    verdict = { class = "quota_exceeded", retryable = false, fallback = true } },
+  { name = "elevenlabs_concurrent_limit",
+    match = function(_, body)
+      local code = eleven_code(body)
+      return code == "concurrent_limit_exceeded" or code == "too_many_concurrent_requests"
+    end,
+    verdict = { class = "rate_limited", retryable = true, backoff = "exponential", max_retries = 5,
+                fallback = true } },
+  { name = "elevenlabs_system_busy",
+    match = function(_, body) return eleven_code(body) == "system_busy" end,
+    verdict = { class = "overloaded", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
+                breaker = true } },
+}) do classify.bodies[#classify.bodies + 1] = rule end
+
 -- Anything no rule names: one retry.
 classify.unknown = { class = "unknown", retryable = true, backoff = "exponential", max_retries = 1 }
 

@@ -27,7 +27,8 @@ describe("resil.http.request against the mock provider", function()
   it("supports any method and a raw body", function()
     local res = http.request({ method = "GET", url = mock.url .. "/nowhere" })
     assert.are.equal(404, res.status)
-    res = http.request({ method = "POST", url = mock.url .. "/v1/predictions", body = '{"input":{}}' })
+    res = http.request({ method = "POST", url = mock.url .. "/v1/predictions", body = '{"version":"v1","input":{}}',
+      headers = { Authorization = "Bearer r8_mock_token" } })
     assert.are.equal(201, res.status)
   end)
 

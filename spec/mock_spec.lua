@@ -94,30 +94,33 @@ describe("the mock provider", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  local auth = { Authorization = "Bearer r8_mock_token" }
+  local function create(body) return http.request({ url = m.url .. "/v1/predictions", headers = auth, json = body }) end
+  local function get(url) return http.request({ url = url, headers = auth }) end
+
   it("runs Replicate-style async jobs to success", function()
     m = resil.mock.start({ jobs = { polls = 2 } })
-    local created = json.decode(http.request({ url = m.url .. "/v1/predictions",
-      json = { input = { prompt = "a cat" } } }).body)
+    local created = json.decode(create({ version = "v1", input = { prompt = "a cat" } }).body)
     assert.are.equal("starting", created.status)
     local seen = {}
     local job
     repeat
-      job = json.decode(http.request({ url = created.urls.get }).body)
+      job = json.decode(get(created.urls.get).body)
       seen[#seen + 1] = job.status
     until job.status ~= "processing" and job.status ~= "starting"
     assert.are.same({ "processing", "processing", "succeeded" }, seen)
-    assert.matches("^https://", job.output)
+    assert.matches("^https://", job.output[1])
   end)
 
   it("can leave jobs stuck or failed", function()
     m = resil.mock.start({ jobs = { stuck = 1 } })
-    local created = json.decode(http.request({ url = m.url .. "/v1/predictions", json = { input = {} } }).body)
-    for _ = 1, 10 do http.request({ url = created.urls.get }) end
-    assert.are.equal("processing", json.decode(http.request({ url = created.urls.get }).body).status)
+    local created = json.decode(create({ version = "v1", input = { prompt = "x" } }).body)
+    for _ = 1, 10 do get(created.urls.get) end
+    assert.are.equal("processing", json.decode(get(created.urls.get).body).status)
     m:configure({ jobs = { fail = 1 } })
-    created = json.decode(http.request({ url = m.url .. "/v1/predictions", json = { input = {} } }).body)
+    created = json.decode(create({ version = "v1", input = { prompt = "x" } }).body)
     local job
-    for _ = 1, 4 do job = json.decode(http.request({ url = created.urls.get }).body) end
+    for _ = 1, 4 do job = json.decode(get(created.urls.get).body) end
     assert.are.equal("failed", job.status)
   end)
 

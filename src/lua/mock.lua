@@ -13,6 +13,7 @@
 -- GET /__mock/stats. Custom routes: routes = { ["POST /path"] = fn(req) }.
 local resil = ...
 local json = resil.json
+local job_routes = require("resil.mock_jobs").route -- Replicate, fal, ElevenLabs (src/lua/mock_jobs.lua)
 
 local mock = {}
 local Mock = {}
@@ -650,6 +651,8 @@ function Mock:route(req)
     local method, path = pattern:match("^(%u+)%s+(.+)$")
     if method == req.method and path == req.path then return pattern, fn end
   end
+  local job_route, job_handler = job_routes(self, req)
+  if job_route then return job_route, job_handler end
   for _, r in ipairs(BUILTIN_ROUTES) do
     if req.method == r[1] then
       local capture = req.path:match(r[2])

@@ -1,0 +1,324 @@
+-- policies/jobs.lua: async jobs (Replicate, fal) and speech (ElevenLabs) that survive crashes
+-- and failures without paying twice.
+--
+--   local jobs = require "policies.jobs"       -- also ai.job / ai.speech
+--   local r, err = jobs.job{ model = "replicate/owner/name:<version>", input = { prompt = "a cat" },
+--     deadline = 900,          -- seconds per job: past it the job is canceled and a new one made
+--     attempts = 2,            -- jobs made at most (a failed or canceled one is replaced)
+--     wait = 30,               -- Replicate only: `Prefer: wait=30` on create
+--     key = "cat-1",           -- names the job for resumes (inside a step one is derived)
+--     budget = "daily",        -- reserve the unit price first, settle the actual
+--     user = "u42" }
+--   -- r = { provider =, model =, id = (the provider's job id), output =, cost_usd =, usage =,
+--   --       attempts =, job_ids = {...} }
+--   local mp3 = jobs.speech{ model = "elevenlabs/eleven_flash_v2_5", voice = "<voice id>", text = s }
+--   -- mp3 = { audio = (bytes), content_type =, characters =, cost_usd =, provider =, model =, id = }
+--
+-- Per provider (jobs.configure(name, conf) or a project copy of this file): base_url, api_key
+-- (a value; by default the key is read from the provider's variable), key_env, timeout,
+-- deadline, attempts, poll = { first, factor, max } and the policies/call.lua options rate,
+-- breaker, retry, concurrency, which apply to each HTTP request (create, poll, result, cancel).
+--
+-- Durability: inside resil.step (or with `key`), a job's create runs under resil.once keyed
+-- on the job, so its id is stored the moment the provider answers: a resumed run polls the
+-- job it already paid for. A job that fails, or is canceled at its deadline, is replaced by a
+-- NEW job under the key of the next attempt (`key#2`); the first attempt's record is never
+-- replayed as the answer. Each job's cost is one ledger row, deduplicated on the job id.
+local resil = require "resil"
+local call = require "policies.call"
+local pricing = require "policies.pricing_media"
+
+local jobs = {}
+
+jobs.adapters = {
+  replicate = require "policies.providers.replicate",
+  fal = require "policies.providers.fal",
+  elevenlabs = require "policies.providers.elevenlabs",
+}
+
+jobs.defaults = {
+  timeout = 60,                                -- seconds per HTTP request
+  deadline = 900,                              -- seconds per job
+  attempts = 2,
+  poll = { first = 1, factor = 1.5, max = 15 }, -- seconds between status reads
+  retry = { base = 0.5, cap = 20 },
+}
+
+jobs.config = { replicate = {}, fal = {}, elevenlabs = {} }
+
+local providers = {} -- name -> call.provider, built on first use
+
+-- jobs.configure(name, conf): replace a provider's configuration
+function jobs.configure(name, conf)
+  if type(name) ~= "string" or type(conf) ~= "table" then error("jobs.configure(name, conf)", 2) end
+  jobs.config[name] = conf
+  providers[name] = nil
+end
+
+local function option(conf, spec, k)
+  local v = spec and spec[k]
+  if v == nil then v = conf[k] end
+  if v == nil then v = jobs.defaults[k] end
+  return v
+end
+
+local function named(t, name)
+  if t == nil then return nil end
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  c.name = c.name or name
+  return c
+end
+
+-- Two views of one provider (the same bucket, breaker and concurrency limit): creates are not
+-- retried after a timeout, since the provider may have made the job (another create would
+-- pay twice); reads, results and cancels are.
+local function provider_for(name, conf)
+  local p = providers[name]
+  if not p then
+    local function make(retry_opts)
+      return call.provider(name, { timeout = option(conf, nil, "timeout"), retry = retry_opts,
+        rate = named(conf.rate, name .. ":requests"), breaker = named(conf.breaker, name),
+        concurrency = named(conf.concurrency, name) })
+    end
+    local r = option(conf, nil, "retry")
+    local once_sent = {}
+    for k, v in pairs(r) do once_sent[k] = v end
+    if type(r.max_retries) ~= "number" then
+      once_sent.max_retries = named(r.max_retries or {}, nil)
+      once_sent.max_retries.timeout = 0
+    end
+    p = { any = make(r), create = make(once_sent) }
+    providers[name] = p
+  end
+  return p
+end
+
+-- Everything one call needs; raises at the caller's line for misuse, nil, err when the key
+-- is missing (before any request is sent).
+local function context(spec, what, level)
+  if type(spec) ~= "table" then error(("%s: expects a table"):format(what), level) end
+  if type(spec.model) ~= "string" then error(("%s: model must be a string \"provider/model\""):format(what), level) end
+  local name, rest = spec.model:match("^([%w_%-]+)/(.+)$")
+  local adapter = name and jobs.adapters[name]
+  if not adapter or not adapter[what == "ai.speech" and "speak" or "create"] then
+    error(("%s: no %s provider for model \"%s\""):format(what, what == "ai.speech" and "speech" or "job", spec.model),
+      level)
+  end
+  local target, why = adapter.target(rest)
+  if not target then error(("%s: %s"):format(what, why), level) end
+  local conf = jobs.config[name] or {}
+  local env = conf.key_env or adapter.key_env
+  local key = conf.api_key -- a value from a vault: redacted like a secret
+  if key then resil.log.redact(key) else key = resil.secret(env) end
+  if not key then
+    return nil, resil.error("missing_key", ("%s: %s is not set (the %s API key)"):format(what, env, name),
+      { provider = name, variable = env, retryable = false })
+  end
+  local base = conf.base_url or os.getenv(adapter.base_env)
+  if base == nil or base == "" then base = adapter.base_url end
+  local p = provider_for(name, conf)
+  return { name = name, adapter = adapter, target = target, model = spec.model, conf = conf, key = key,
+    base = (base:gsub("/+$", "")), input = spec.input, wait = spec.wait,
+    send = function(req) return p.any(req) end, send_create = function(req) return p.create(req) end }
+end
+
+-- A canonical text of a value (keys sorted): the same request hashes the same in every process.
+local function canonical(v, out)
+  local t = type(v)
+  if t == "table" then
+    local keys = {}
+    for k in pairs(v) do keys[#keys + 1] = k end
+    table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+    out[#out + 1] = "{"
+    for _, k in ipairs(keys) do
+      out[#out + 1] = resil.json.encode(tostring(k))
+      out[#out + 1] = ":"
+      canonical(v[k], out)
+      out[#out + 1] = ","
+    end
+    out[#out + 1] = "}"
+  elseif t == "string" or t == "number" or t == "boolean" then
+    out[#out + 1] = resil.json.encode(v)
+  else
+    out[#out + 1] = "null"
+  end
+  return out
+end
+local function fingerprint(...) return resil.hash(table.concat(canonical({ ... }, {}))) end
+jobs.fingerprint = fingerprint
+
+-- The job's name for resumes: the caller's key, or (inside a step) the run, the step and the
+-- request. nil outside a step without a key: nothing to resume.
+local function durable_key(spec)
+  if spec.key ~= nil then return tostring(spec.key) end
+  local c = resil.context()
+  if not c.step then return nil end
+  return ("%s/%s%s/%s"):format(resil.run.id(), c.step_scope and (c.step_scope .. "/") or "", c.step,
+    fingerprint(spec.model, spec.input):sub(1, 16))
+end
+
+local warned = {}
+local function warn_unpriced(model)
+  if warned[model] then return end
+  warned[model] = true
+  resil.log.warn("no price for this model: its costs are recorded unpriced (add it to policies/pricing_media.lua)",
+    { model = model })
+end
+
+-- One ledger row per job (id = the provider's job id); with a ticket, the reservation is settled.
+local function charge(ctx, spec, operation, job_id, usage, ticket)
+  local usd = pricing.cost(ctx.name, ctx.model, usage)
+  local units = {}
+  for k, v in pairs(usage or {}) do units[k] = v end
+  if usd == nil then
+    warn_unpriced(ctx.model)
+    units.unpriced = true
+  end
+  local entry = { provider = ctx.name, model = ctx.model, operation = operation, user = spec.user,
+    id = job_id and (ctx.name .. ":" .. job_id) or nil, units = units }
+  local ok, err
+  if ticket and usd ~= nil then
+    ok, err = ticket:settle(usd, entry)
+  else
+    if ticket then ticket:release() end
+    entry.usd = usd or 0 -- an unpriced row is marked units.unpriced
+    if entry.usd > 0 or usd == nil then ok, err = resil.cost.record(entry) else ok = true end
+  end
+  if ok == nil and err then
+    resil.log.warn("cost not recorded", { provider = ctx.name, model = ctx.model, id = job_id, error = tostring(err) })
+  end
+  return usd
+end
+
+local function reserve(spec, estimate)
+  if spec.budget == nil then return nil end
+  return resil.budget(spec.budget):reserve(estimate or 0)
+end
+
+-- what a job will likely use, for a budget's reservation
+local function estimate_usage(input)
+  input = type(input) == "table" and input or {}
+  return { outputs = tonumber(input.num_outputs or input.num_images) or 1,
+    video_seconds = tonumber(input.duration) or 5 }
+end
+
+-- ---------- jobs ----------
+
+-- The create, checkpointed under the attempt's key: its result is the handle (job id, URLs).
+local function create(ctx, akey)
+  local function make()
+    local handle, err = ctx.adapter.create(ctx)
+    if handle then handle.created_wall = resil.clock.wall() end
+    return handle, err
+  end
+  if not akey then return make() end
+  return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input) }, make)
+end
+
+-- Poll until the job ends or its deadline passes (then cancel it). -> state | nil, err
+local function follow(ctx, handle, deadline)
+  local poll = option(ctx.conf, nil, "poll")
+  local elapsed = math.max(0, resil.clock.wall() - (handle.created_wall or resil.clock.wall()))
+  local deadline_at = resil.now() + deadline - elapsed -- a resumed job keeps the time it already ran
+  local delay = ctx.poll_first or poll.first or 1
+  local state = handle.state
+  while not (state and state.status ~= "running") do
+    local left = deadline_at - resil.now()
+    if left <= 0 then
+      local _, cerr = ctx.adapter.cancel(ctx, handle)
+      if cerr then
+        resil.log.warn("job: cancel failed", { provider = ctx.name, id = handle.id, error = tostring(cerr) })
+      end
+      return { status = "deadline" }
+    end
+    resil.sleep(math.min(delay, left))
+    delay = math.min(delay * (poll.factor or 1.5), poll.max or 15)
+    if resil.now() < deadline_at then
+      local s, err = ctx.adapter.poll(ctx, handle)
+      if s then
+        state = s
+      elseif not (type(err) == "table" and err.retryable) then
+        return nil, err -- the job cannot be read (auth, not found): another would fare no better
+      end
+    end
+  end
+  return state
+end
+
+local function job_error(ctx, state, handle, n)
+  if state.status == "deadline" then
+    return resil.error("deadline", ("%s job %s did not finish within its deadline: canceled"):format(ctx.name,
+      handle.id), { provider = ctx.name, model = ctx.model, id = handle.id, attempts = n, retryable = true })
+  end
+  local why = state.error
+  if type(why) == "table" then why = resil.json.encode(why) end
+  return resil.error("job_" .. state.status, ("%s job %s %s%s"):format(ctx.name, handle.id, state.status,
+    why and (": " .. tostring(why)) or ""), { provider = ctx.name, model = ctx.model, id = handle.id,
+    attempts = n, retryable = true })
+end
+
+-- jobs.job(spec) -> result | nil, err
+function jobs.job(spec)
+  if type(spec) == "table" and type(spec.input) ~= "table" then error("ai.job: input must be a table", 2) end
+  local ctx, cerr = context(spec, "ai.job", 3)
+  if not ctx then return nil, cerr end
+  local deadline = option(ctx.conf, spec, "deadline")
+  local attempts = option(ctx.conf, spec, "attempts")
+  ctx.poll_first = spec.poll_first
+  local key = durable_key(spec)
+  local ids, last_err = {}, nil
+  for n = 1, attempts do
+    local akey = key and (n == 1 and key or ("%s#%d"):format(key, n))
+    local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(spec.input)))
+    if spec.budget ~= nil and not ticket then return nil, berr end
+    local handle, err = create(ctx, akey)
+    if not handle then
+      if ticket then ticket:release() end
+      return nil, err
+    end
+    ids[#ids + 1] = handle.id
+    local state, perr = follow(ctx, handle, deadline)
+    if not state then
+      if ticket then ticket:release() end
+      return nil, perr
+    end
+    local usage = ctx.adapter.usage(state.status == "deadline" and {} or state, spec.input)
+    local usd = charge(ctx, spec, "job", handle.id, usage, ticket)
+    if state.status == "succeeded" then
+      return { provider = ctx.name, model = ctx.model, id = handle.id, status = "succeeded", output = state.output,
+        cost_usd = usd, usage = usage, attempts = n, job_ids = ids, raw = state.raw }
+    end
+    last_err = job_error(ctx, state, handle, n)
+    resil.log.warn("job did not succeed" .. (n < attempts and ": making a new one" or ""),
+      { provider = ctx.name, model = ctx.model, id = handle.id, status = state.status, attempt = n })
+  end
+  last_err.job_ids = ids
+  return nil, last_err
+end
+
+-- ---------- speech ----------
+
+-- jobs.speech(spec) -> result | nil, err
+function jobs.speech(spec)
+  if type(spec) == "table" then
+    if type(spec.voice) ~= "string" or spec.voice == "" then error("ai.speech: voice must be a voice id", 2) end
+    if type(spec.text) ~= "string" or spec.text == "" then error("ai.speech: text must be a non-empty string", 2) end
+  end
+  local ctx, cerr = context(spec, "ai.speech", 3)
+  if not ctx then return nil, cerr end
+  local chars = ctx.adapter.characters(spec.text)
+  local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, { characters = chars }))
+  if spec.budget ~= nil and not ticket then return nil, berr end
+  local r, err = ctx.adapter.speak(ctx, spec)
+  if not r then
+    if ticket then ticket:release() end
+    return nil, err
+  end
+  local usage = { characters = r.characters }
+  local usd = charge(ctx, spec, "speech", r.request_id, usage, ticket)
+  return { provider = ctx.name, model = ctx.model, audio = r.audio, content_type = r.content_type,
+    characters = r.characters, id = r.request_id, cost_usd = usd, usage = usage }
+end
+
+return jobs

@@ -1,0 +1,49 @@
+-- policies/providers/elevenlabs.lua: ElevenLabs text-to-speech
+-- (https://elevenlabs.io/docs/api-reference/text-to-speech/convert).
+--
+--   ai.speech{ model = "elevenlabs/eleven_flash_v2_5", voice = "<voice id>", text = script,
+--              output_format = "mp3_44100_128", voice_settings = { stability = 0.5 } }
+--
+-- Key: ELEVENLABS_API_KEY (the xi-api-key header). Base URL: the provider's `base_url`
+-- configuration, else ELEVENLABS_BASE_URL, else https://api.elevenlabs.io.
+-- POST /v1/text-to-speech/{voice_id}?output_format=... {text, model_id, voice_settings} ->
+-- the audio bytes. Billed by characters of text.
+local resil = require "resil"
+
+local elevenlabs = {
+  name = "elevenlabs",
+  key_env = "ELEVENLABS_API_KEY",
+  base_env = "ELEVENLABS_BASE_URL",
+  base_url = "https://api.elevenlabs.io",
+}
+
+function elevenlabs.target(rest)
+  if not rest:match("^[%w%-_%.]+$") then
+    return nil, ("elevenlabs model must be \"elevenlabs/<model_id>\", got \"elevenlabs/%s\""):format(rest)
+  end
+  return { model_id = rest }
+end
+
+-- characters as ElevenLabs counts them (UTF-8 code points)
+function elevenlabs.characters(text) return utf8.len(text) or #text end
+
+-- ctx: { base=, key=, target=, send= }, s: { voice=, text=, output_format=, voice_settings=,
+-- language_code=, seed= } -> { audio=, content_type=, request_id=, characters= } | nil, err
+function elevenlabs.speak(ctx, s)
+  local format = s.output_format or "mp3_44100_128"
+  local url = ("%s/v1/text-to-speech/%s?output_format=%s"):format(ctx.base, s.voice, format)
+  local body = { text = s.text, model_id = ctx.target.model_id, voice_settings = s.voice_settings,
+    language_code = s.language_code, seed = s.seed }
+  local res, err = ctx.send({ method = "POST", url = url, json = body,
+    headers = { ["xi-api-key"] = ctx.key, ["Content-Type"] = "application/json", ["Accept"] = "audio/mpeg" } })
+  if not res then return nil, err end
+  local ctype = res.headers["content-type"] or ""
+  if res.body == nil or res.body == "" or ctype:match("json") then
+    return nil, resil.error("invalid_output", "elevenlabs: the answer is not audio (" .. ctype .. ")",
+      { provider = "elevenlabs", retryable = true })
+  end
+  return { audio = res.body, content_type = ctype, request_id = res.headers["request-id"],
+    characters = tonumber(res.headers["x-character-count"]) or elevenlabs.characters(s.text) }
+end
+
+return elevenlabs

@@ -1,0 +1,105 @@
+-- policies/providers/fal.lua: the fal queue (https://docs.fal.ai/model-apis/model-endpoints/queue).
+--
+--   ai.job{ model = "fal/fal-ai/flux/dev", input = { prompt = "..." }, deadline = 300 }
+--
+-- Key: FAL_KEY (Authorization: Key). Base URL: the provider's `base_url` configuration, else
+-- FAL_BASE_URL, else https://queue.fal.run.
+-- Submit: POST {base}/{endpoint} with the input as the body -> {request_id, status_url,
+-- response_url, cancel_url}; GET status_url through IN_QUEUE / IN_PROGRESS / COMPLETED; GET
+-- response_url for the output; PUT cancel_url at the deadline. Request errors carry
+-- X-Fal-Error-Type (policies/classify.lua maps it).
+local resil = require "resil"
+local json = resil.json
+
+local fal = {
+  name = "fal",
+  key_env = "FAL_KEY",
+  base_env = "FAL_BASE_URL",
+  base_url = "https://queue.fal.run",
+}
+
+-- "owner/app[/path]" -> { endpoint=, app= } | nil, why
+function fal.target(rest)
+  local owner, app = rest:match("^([%w%-_%.]+)/([%w%-_%.]+)")
+  if not owner or rest:find("//", 1, true) or rest:sub(-1) == "/" then
+    return nil, ("fal model must be \"fal/owner/app[/path]\", got \"fal/%s\""):format(rest)
+  end
+  return { endpoint = rest, app = owner .. "/" .. app }
+end
+
+function fal.headers(key, json_body)
+  local h = { ["Authorization"] = "Key " .. key }
+  if json_body then h["Content-Type"] = "application/json" end
+  return h
+end
+
+local function decode(res, what)
+  local body = json.decode(res.body or "")
+  if type(body) ~= "table" then
+    return nil, resil.error("invalid_output", ("fal: the %s is not a JSON object"):format(what),
+      { provider = "fal", status = res.status, retryable = true })
+  end
+  return body
+end
+
+function fal.create(ctx)
+  local res, err = ctx.send_create({ method = "POST", url = ctx.base .. "/" .. ctx.target.endpoint,
+    headers = fal.headers(ctx.key, true), json = ctx.input })
+  if not res then return nil, err end
+  local q, derr = decode(res, "submit answer")
+  if not q then return nil, derr end
+  if type(q.request_id) ~= "string" or type(q.status_url) ~= "string" or type(q.response_url) ~= "string" then
+    return nil, resil.error("invalid_output", "fal: the submit answer has no request_id, status_url or response_url",
+      { provider = "fal", retryable = false })
+  end
+  return { id = q.request_id, status_url = q.status_url, response_url = q.response_url, cancel_url = q.cancel_url }
+end
+
+-- COMPLETED -> fetch the output from response_url
+local function completed(ctx, handle, s)
+  if s.error ~= nil and s.error ~= json.null then
+    return { status = "failed", error = s.error, error_type = s.error_type, metrics = s.metrics }
+  end
+  local res, err = ctx.send({ method = "GET", url = handle.response_url, headers = fal.headers(ctx.key) })
+  if not res then
+    -- a request that failed on fal's side answers its result with the error
+    if type(err) == "table" and err.status and err.status ~= 429 then
+      return { status = "failed", error = err.message, error_type = err.fal_error_type }
+    end
+    return nil, err
+  end
+  local out, derr = decode(res, "result")
+  if not out then return nil, derr end
+  return { status = "succeeded", output = out, metrics = s.metrics ~= json.null and s.metrics or nil }
+end
+
+function fal.poll(ctx, handle)
+  local res, err = ctx.send({ method = "GET", url = handle.status_url, headers = fal.headers(ctx.key) })
+  if not res then return nil, err end
+  local s, derr = decode(res, "status")
+  if not s then return nil, derr end
+  if s.status == "COMPLETED" then return completed(ctx, handle, s) end
+  return { status = "running", queue_position = s.queue_position, raw = s }
+end
+
+function fal.cancel(ctx, handle)
+  local url = handle.cancel_url or (handle.response_url .. "/cancel")
+  return ctx.send({ method = "PUT", url = url, headers = fal.headers(ctx.key) })
+end
+
+function fal.usage(state, input)
+  local u = {}
+  if state and state.status == "succeeded" then
+    local out = state.output
+    local images = type(out) == "table" and type(out.images) == "table" and #out.images or nil
+    u.outputs = images or 1
+    if type(out) == "table" and type(out.video) == "table" and type(input) == "table" and tonumber(input.duration) then
+      u.video_seconds = tonumber(input.duration)
+    end
+  end
+  local metrics = state and state.metrics
+  if type(metrics) == "table" then u.predict_seconds = tonumber(metrics.inference_time) end
+  return u
+end
+
+return fal

@@ -1,0 +1,109 @@
+-- policies/providers/replicate.lua: Replicate predictions (https://replicate.com/docs/reference/http).
+--
+--   ai.job{ model = "replicate/owner/name:<version id>", input = { prompt = "..." }, deadline = 900 }
+--   ai.job{ model = "replicate/owner/name", input = {...} }   -- an official model, no version
+--
+-- Key: REPLICATE_API_TOKEN (Authorization: Bearer). Base URL: the provider's `base_url`
+-- configuration, else REPLICATE_BASE_URL, else https://api.replicate.com/v1.
+-- Create: POST /predictions {version, input} (or POST /models/{owner}/{name}/predictions
+-- {input}), with `Prefer: wait=N` when the call asks to wait; then GET urls.get until
+-- succeeded | failed | canceled | aborted; POST urls.cancel at the deadline.
+-- Used by policies/jobs.lua through the adapter interface: target, create, poll, cancel, usage.
+local resil = require "resil"
+local json = resil.json
+
+local replicate = {
+  name = "replicate",
+  key_env = "REPLICATE_API_TOKEN",
+  base_env = "REPLICATE_BASE_URL",
+  base_url = "https://api.replicate.com/v1",
+}
+
+-- "owner/name:version" | "owner/name" -> { owner=, name=, version= } | nil, why
+function replicate.target(rest)
+  local owner, name, version = rest:match("^([%w%-_%.]+)/([%w%-_%.]+):(%x+)$")
+  if owner then return { owner = owner, name = name, version = version } end
+  owner, name = rest:match("^([%w%-_%.]+)/([%w%-_%.]+)$")
+  if owner then return { owner = owner, name = name } end
+  return nil, ("replicate model must be \"replicate/owner/name[:version]\", got \"replicate/%s\""):format(rest)
+end
+
+function replicate.headers(key, extra)
+  local h = { ["Authorization"] = "Bearer " .. key, ["Content-Type"] = "application/json" }
+  for k, v in pairs(extra or {}) do h[k] = v end
+  return h
+end
+
+local TERMINAL = { succeeded = "succeeded", failed = "failed", canceled = "canceled", aborted = "failed" }
+
+-- a prediction -> { status = "running"|"succeeded"|"failed"|"canceled", output=, error=, raw= }
+local function state_of(p)
+  return { status = TERMINAL[p.status] or "running", output = p.output ~= json.null and p.output or nil,
+    error = p.error ~= json.null and p.error or nil, raw = p }
+end
+
+local function decode(res)
+  local body = json.decode(res.body or "")
+  if type(body) ~= "table" then
+    return nil, resil.error("invalid_output", "replicate: the answer is not a JSON object",
+      { provider = "replicate", status = res.status, retryable = true })
+  end
+  return body
+end
+
+-- ctx: { base=, key=, target=, input=, wait=, send=fn(req), send_create=fn(req) (no retry after
+-- a timeout) } -> handle | nil, err
+function replicate.create(ctx)
+  local t = ctx.target
+  local extra = ctx.wait and { ["Prefer"] = "wait=" .. math.max(1, math.min(60, math.ceil(ctx.wait))) } or nil
+  local url, body
+  if t.version then
+    url, body = ctx.base .. "/predictions", { version = t.version, input = ctx.input }
+  else
+    url, body = ("%s/models/%s/%s/predictions"):format(ctx.base, t.owner, t.name), { input = ctx.input }
+  end
+  local res, err = ctx.send_create({ method = "POST", url = url, headers = replicate.headers(ctx.key, extra),
+    json = body, timeout = ctx.wait and (ctx.wait + 30) or nil })
+  if not res then return nil, err end
+  local p, derr = decode(res)
+  if not p then return nil, derr end
+  if type(p.id) ~= "string" or type(p.urls) ~= "table" or type(p.urls.get) ~= "string" then
+    return nil, resil.error("invalid_output", "replicate: the created prediction has no id or urls.get",
+      { provider = "replicate", retryable = false })
+  end
+  local s = state_of(p)
+  return { id = p.id, get = p.urls.get, cancel = p.urls.cancel,
+    state = s.status ~= "running" and { status = s.status, output = s.output, error = s.error,
+      metrics = p.metrics ~= json.null and p.metrics or nil } or nil }
+end
+
+function replicate.poll(ctx, handle)
+  local res, err = ctx.send({ method = "GET", url = handle.get, headers = replicate.headers(ctx.key) })
+  if not res then return nil, err end
+  local p, derr = decode(res)
+  if not p then return nil, derr end
+  local s = state_of(p)
+  s.metrics = p.metrics ~= json.null and p.metrics or nil
+  return s
+end
+
+function replicate.cancel(ctx, handle)
+  local url = handle.cancel or (ctx.base .. "/predictions/" .. handle.id .. "/cancel")
+  return ctx.send({ method = "POST", url = url, headers = replicate.headers(ctx.key) })
+end
+
+-- what the job used, for policies/pricing_media.lua
+function replicate.usage(state, input)
+  local out = state and state.output
+  local files = 0
+  if type(out) == "string" then files = 1 elseif type(out) == "table" then files = #out end
+  local metrics = state and state.metrics or {}
+  local u = { predict_seconds = metrics.predict_time }
+  if state and state.status == "succeeded" then
+    u.outputs = files
+    if type(input) == "table" and tonumber(input.duration) then u.video_seconds = tonumber(input.duration) end
+  end
+  return u
+end
+
+return replicate

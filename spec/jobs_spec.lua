@@ -1,0 +1,547 @@
+-- policies/jobs.lua (ai.job, ai.speech) against the mock's Replicate, fal and ElevenLabs APIs,
+-- and against a capturing server for the exact requests sent.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local jobs = require "policies.jobs"
+local classify = require "policies.classify"
+local json, http = resil.json, resil.http
+
+local KEYS = { replicate = "r8_spec_token_0001", fal = "fal_spec_key_0001", elevenlabs = "xi_spec_key_0001" }
+local FAST_POLL = { first = 1, factor = 2, max = 8 }
+
+local function use(url)
+  jobs.configure("replicate", { base_url = url .. "/v1", api_key = KEYS.replicate, poll = FAST_POLL })
+  jobs.configure("fal", { base_url = url .. "/fal", api_key = KEYS.fal, poll = FAST_POLL })
+  jobs.configure("elevenlabs", { base_url = url, api_key = KEYS.elevenlabs })
+end
+
+local function fresh_store()
+  resil.store_config({ url = helpers.tmpname(".db") })
+  return assert(resil.store())
+end
+
+local function capture_log(fn)
+  local path = helpers.tmpname(".log")
+  resil.log.output(path)
+  local ok, err = pcall(fn)
+  resil.log.output("stderr")
+  local lines = {}
+  for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = json.decode(line) end
+  os.remove(path)
+  assert(ok, err)
+  return lines
+end
+
+local VIDEO = "replicate/acme/video:5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
+local FLUX = "replicate/black-forest-labs/flux-schnell"
+
+describe("ai.job on Replicate", function()
+  local m
+  before_each(function() resil.clock.virtual(); fresh_store() end)
+  after_each(function() if m then m:stop() end; m = nil end)
+
+  it("creates a prediction, polls it with backoff on the virtual clock, and returns its output", function()
+    m = resil.mock.start({ jobs = { duration = 10 } })
+    use(m.url)
+    local t0 = resil.now()
+    local r = assert(jobs.job({ model = VIDEO, input = { prompt = "a cat", duration = 5 } }))
+    assert.are.equal(15, resil.now() - t0) -- polls at 1, 3, 7, 15 s: the job is ready at 10
+    assert.are.equal(4, m:stats().routes.prediction)
+    assert.are.equal(1, m:stats().routes.predictions)
+    assert.are.equal("replicate", r.provider)
+    assert.are.equal(VIDEO, r.model)
+    assert.matches("^mock", r.id)
+    assert.matches("^https://", r.output[1])
+    assert.are.equal(1, r.attempts)
+  end)
+
+  it("sends Prefer: wait and takes a finished prediction from the create", function()
+    m = resil.mock.start({ jobs = { duration = 3 } })
+    use(m.url)
+    local t0 = resil.now()
+    local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" }, wait = 5 }))
+    assert.are.equal(3, resil.now() - t0)
+    assert.is_nil(m:stats().routes.prediction) -- no poll needed
+    assert.are.equal("succeeded", r.status)
+  end)
+
+  it("cancels a job at its deadline and makes a new one, which succeeds", function()
+    m = resil.mock.start({ jobs = { fates = { "stuck", "succeeded" }, polls = 1 } })
+    use(m.url)
+    local t0 = resil.now()
+    local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" }, deadline = 60, key = "cat" }))
+    local s = m:stats()
+    assert.are.equal(1, s.routes.cancel)
+    assert.are.equal(1, s.billed.canceled)
+    assert.are.equal(2, s.routes.predictions)
+    assert.are.equal(2, r.attempts)
+    assert.are.equal(r.job_ids[2], r.id)
+    assert.are_not.equal(r.job_ids[1], r.job_ids[2])
+    assert.is_true(resil.now() - t0 >= 60)
+  end)
+
+  it("gives up after `attempts` jobs with the last job's error", function()
+    m = resil.mock.start({ jobs = { fail = 1, polls = 0, error = "CUDA out of memory" } })
+    use(m.url)
+    local r, err = jobs.job({ model = FLUX, input = { prompt = "a cat" }, attempts = 3 })
+    assert.is_nil(r)
+    assert.are.equal("job_failed", err.kind)
+    assert.matches("CUDA out of memory", err.message)
+    assert.are.equal(3, #err.job_ids)
+    assert.are.equal(3, m:stats().routes.predictions)
+  end)
+
+  it("retries a failed job as a new job under key#2, and a repeat replays both creates", function()
+    m = resil.mock.start({ jobs = { fates = { "failed", "succeeded" }, polls = 0 } })
+    use(m.url)
+    local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" }, key = "k" }))
+    assert.are.equal(2, r.attempts)
+    assert.are.equal(2, m:stats().routes.predictions)
+    -- the same job asked again (a resumed run): job 1 is read again (failed), key#2's job
+    -- is the answer; nothing is created
+    local again = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" }, key = "k" }))
+    assert.are.equal(r.id, again.id)
+    assert.are.equal(2, m:stats().routes.predictions)
+    -- one ledger row per job, however often it is read
+    assert.are.equal(1, resil.cost.breakdown("model")[1].calls)
+  end)
+
+  it("does not create again after a create timed out (the provider may have made the job)", function()
+    m = resil.mock.start({ jobs = { polls = 0 }, sequence = { predictions = { "hang" }, prediction = { "hang" } } })
+    use(m.url)
+    jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = KEYS.replicate, timeout = 5 })
+    local r, err = jobs.job({ model = FLUX, input = { prompt = "a cat" } })
+    assert.is_nil(r)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal(1, m:stats().routes.predictions)
+    -- a read that timed out is read again
+    r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" } }))
+    assert.are.equal(2, m:stats().routes.prediction)
+  end)
+
+  it("takes a throttled create (429 with Replicate's detail) as rate_limited, waits and retries", function()
+    m = resil.mock.start({ jobs = { polls = 0, errors = { predictions = { { status = 429, retry_after = 4 } } } } })
+    use(m.url)
+    local raw = http.request({ method = "POST", url = m.url .. "/v1/predictions", json = { version = "v", input = {} },
+      headers = { Authorization = "Bearer " .. KEYS.replicate } })
+    m:configure({ jobs = { polls = 0, errors = { predictions = { { status = 429, retry_after = 4 } } } } })
+    local verdict = classify.outcome(raw)
+    assert.are.equal("rate_limited", verdict.class)
+    assert.are.equal("429 replicate_throttled", verdict.reason)
+    assert.are.equal(4, verdict.retry_after)
+    local t0 = resil.now()
+    assert(jobs.job({ model = FLUX, input = { prompt = "a cat" } }))
+    assert.is_true(resil.now() - t0 >= 4)
+    assert.are.equal(2, m:stats().statuses["429"]) -- the probe and the job's first create
+  end)
+end)
+
+describe("ai.job on the fal queue", function()
+  local m
+  before_each(function() resil.clock.virtual(); fresh_store() end)
+  after_each(function() if m then m:stop() end; m = nil end)
+
+  it("submits, follows IN_QUEUE / IN_PROGRESS / COMPLETED, and fetches the result", function()
+    m = resil.mock.start({ jobs = { polls = 2 } })
+    use(m.url)
+    local r = assert(jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" } }))
+    local s = m:stats()
+    assert.are.equal(1, s.routes.fal_submit)
+    assert.are.equal(3, s.routes.fal_status)
+    assert.are.equal(1, s.routes.fal_result)
+    assert.matches("^https://", r.output.images[1].url)
+    assert.are.equal(0.025, r.cost_usd)
+  end)
+
+  it("cancels through cancel_url at the deadline", function()
+    m = resil.mock.start({ jobs = { fates = { "stuck", "stuck" } } })
+    use(m.url)
+    local r, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" }, deadline = 30 })
+    assert.is_nil(r)
+    assert.are.equal("deadline", err.kind)
+    assert.are.equal(2, m:stats().routes.fal_cancel)
+    assert.are.equal(2, m:stats().billed.canceled)
+  end)
+
+  it("maps X-Fal-Error-Type: a runner failure is retried, a bad request is not", function()
+    m = resil.mock.start({ jobs = { polls = 0, errors = { fal_submit = { { error_type = "runner_disconnected" } } } } })
+    use(m.url)
+    local raw = http.request({ method = "POST", url = m.url .. "/fal/fal-ai/flux/dev", json = {},
+      headers = { Authorization = "Key " .. KEYS.fal } })
+    assert.are.equal("runner_disconnected", raw.headers["x-fal-error-type"])
+    local verdict = classify.outcome(raw)
+    assert.are.equal("503 fal_runner_error", verdict.reason)
+    assert.is_true(verdict.retryable)
+    m:configure({ jobs = { polls = 0, errors = { fal_submit = { { error_type = "runner_disconnected" } } } } })
+    assert(jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" } }))
+    assert.are.equal(3, m:stats().routes.fal_submit) -- the probe above, the runner failure, the retry
+    m:configure({ jobs = { errors = { fal_submit = { { error_type = "bad_request" } } } } })
+    local r, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" } })
+    assert.is_nil(r)
+    assert.are.equal("bad_request", err.class)
+    assert.are.equal(4, m:stats().routes.fal_submit)
+  end)
+end)
+
+describe("ai.speech on ElevenLabs", function()
+  local m
+  before_each(function() resil.clock.virtual(); fresh_store() end)
+  after_each(function() if m then m:stop() end; m = nil end)
+
+  it("returns the audio bytes and bills per character", function()
+    m = resil.mock.start({})
+    use(m.url)
+    local text = ("Hello, world. "):rep(100) -- 1400 characters
+    local r = assert(jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "JBFqnCBsd6RMkjVDRZzb",
+      text = text }))
+    assert.are.equal("ID3", r.audio:sub(1, 3))
+    assert.are.equal("audio/mpeg", r.content_type)
+    assert.are.equal(1400, r.characters)
+    assert.is_true(math.abs(r.cost_usd - 1.4 * 0.05) < 1e-9)
+    assert.are.equal(1400, m:stats().billed.characters)
+    assert.is_true(math.abs(resil.cost.total({ provider = "elevenlabs" }) - 0.07) < 1e-9)
+  end)
+
+  it("does not retry quota_exceeded; retries concurrent_limit_exceeded", function()
+    m = resil.mock.start({ jobs = { errors = { tts = { { code = "quota_exceeded" } } } } })
+    use(m.url)
+    local spec = { model = "elevenlabs/eleven_flash_v2_5", voice = "v1", text = "Hi there" }
+    local r, err = jobs.speech(spec)
+    assert.is_nil(r)
+    assert.are.equal("quota_exceeded", err.class)
+    assert.is_false(err.retryable)
+    assert.are.equal(1, m:stats().routes.tts)
+    m:configure({ jobs = { errors = { tts = { { code = "concurrent_limit_exceeded" } } } } })
+    assert(jobs.speech(spec))
+    assert.are.equal(3, m:stats().routes.tts)
+  end)
+end)
+
+describe("costs and budgets of jobs", function()
+  local m
+  before_each(function() resil.clock.virtual(); fresh_store() end)
+  after_each(function() if m then m:stop() end; m = nil end)
+
+  it("prices per output, per second of video and per 1,000 characters", function()
+    local pricing = require "policies.pricing_media"
+    assert.are.equal(0.006, pricing.cost("replicate", FLUX, { outputs = 2 }))
+    assert.is_true(math.abs(pricing.cost("replicate", "replicate/bytedance/seedance-1-lite:abc123",
+      { video_seconds = 5 }) - 0.18) < 1e-9) -- a version pin finds the unpinned price
+    assert.is_true(math.abs(pricing.cost("elevenlabs", "elevenlabs/eleven_multilingual_v2",
+      { characters = 2500 }) - 0.25) < 1e-9)
+    assert.is_nil(pricing.cost("replicate", "replicate/acme/unknown", { outputs = 1 }))
+  end)
+
+  it("reserves against a budget first and settles the job's actual cost", function()
+    m = resil.mock.start({ jobs = { polls = 0 } })
+    use(m.url)
+    resil.budget("media", { limit = 0.01 })
+    local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat", num_outputs = 2 }, budget = "media" }))
+    assert.are.equal(0.006, r.cost_usd)
+    assert.are.equal(0.006, resil.cost.total({ budget = "media" }))
+    -- the next estimate (0.006) does not fit in what is left: refused before any create
+    local again, err = jobs.job({ model = FLUX, input = { prompt = "a dog", num_outputs = 2 }, budget = "media" })
+    assert.is_nil(again)
+    assert.are.equal("budget_exceeded", err.kind)
+    assert.are.equal(1, m:stats().routes.predictions)
+  end)
+
+  it("records a model without a price unpriced, with one warning, never a silent zero", function()
+    m = resil.mock.start({ jobs = { polls = 0 } })
+    use(m.url)
+    local results = {}
+    local lines = capture_log(function()
+      for i = 1, 2 do results[i] = assert(jobs.job({ model = "replicate/acme/unpriced:abc", input = { n = i } })) end
+    end)
+    assert.is_nil(results[1].cost_usd)
+    local warnings = 0
+    for _, l in ipairs(lines) do if l.msg:match("no price") then warnings = warnings + 1 end end
+    assert.are.equal(1, warnings)
+    local rows = resil.cost.breakdown("model")
+    assert.are.equal(2, rows[1].calls)
+  end)
+end)
+
+describe("the mock's job APIs reject what the real ones reject", function()
+  local m
+  before_each(function() resil.clock.virtual() end)
+  after_each(function() if m then m:stop() end; m = nil end)
+
+  it("answers a request without its key with the provider's error body", function()
+    m = resil.mock.start({})
+    local rep = http.request({ method = "POST", url = m.url .. "/v1/predictions",
+      json = { version = "v", input = {} } })
+    assert.are.equal(401, rep.status)
+    assert.are.equal("Unauthenticated", json.decode(rep.body).title)
+    local fal = http.request({ method = "POST", url = m.url .. "/fal/fal-ai/flux/dev", json = {} })
+    assert.are.equal(401, fal.status)
+    assert.is_string(json.decode(fal.body).detail)
+    local tts = http.request({ method = "POST", url = m.url .. "/v1/text-to-speech/v1", json = { text = "hi" } })
+    assert.are.equal(401, tts.status)
+    assert.are.equal("needs_authorization", json.decode(tts.body).detail.status)
+    assert.are.equal(1, m:stats().routes.tts)
+  end)
+
+  it("requires a version (or a model path) and an input for a prediction, a text for speech", function()
+    m = resil.mock.start({})
+    local auth = { Authorization = "Bearer " .. KEYS.replicate }
+    local no_version = http.request({ method = "POST", url = m.url .. "/v1/predictions", headers = auth,
+      json = { input = {} } })
+    assert.are.equal(422, no_version.status)
+    assert.are.equal("version", json.decode(no_version.body).invalid_fields[1].field)
+    local by_model = http.request({ method = "POST", url = m.url .. "/v1/models/acme/img/predictions", headers = auth,
+      json = { input = {} } })
+    assert.are.equal(201, by_model.status)
+    local no_text = http.request({ method = "POST", url = m.url .. "/v1/text-to-speech/v1",
+      headers = { ["xi-api-key"] = KEYS.elevenlabs }, json = { model_id = "eleven_flash_v2_5" } })
+    assert.are.equal(422, no_text.status)
+    assert.are.equal("Field required", json.decode(no_text.body).detail[1].msg)
+  end)
+end)
+
+describe("ai.job and ai.speech keys", function()
+  it("name the missing variable before any request is sent", function()
+    local m = resil.mock.start({})
+    local r = helpers.run(("env -u REPLICATE_API_TOKEN -u FAL_KEY -u ELEVENLABS_API_KEY %s -e '%s'"):format(
+      helpers.resil, [[
+local jobs = require "policies.jobs"
+local _, e1 = jobs.job({ model = "replicate/acme/x:abc", input = {} })
+local _, e2 = jobs.job({ model = "fal/fal-ai/flux/dev", input = {} })
+local _, e3 = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "v", text = "hi" })
+print(e1.kind, e1.variable, e2.variable, e3.variable)
+print(e1.message)]]))
+    assert.matches("missing_key%s+REPLICATE_API_TOKEN%s+FAL_KEY%s+ELEVENLABS_API_KEY", r.stdout)
+    assert.matches("REPLICATE_API_TOKEN is not set", r.stdout)
+    m:stop()
+  end)
+
+  it("raise at the caller's line for misuse: a model no provider serves, no input, no text", function()
+    local ok, err = pcall(function() local r = jobs.job({ model = "nobody/x", input = {} }); return r end)
+    assert.is_false(ok)
+    assert.matches("jobs_spec.lua:%d+: ai.job: no job provider", err)
+    ok, err = pcall(function() local r = jobs.job({ model = "replicate/not a model", input = {} }); return r end)
+    assert.matches("jobs_spec.lua:%d+: ai.job: replicate model must be \"replicate/owner/name", err)
+    ok, err = pcall(function() local r = jobs.job({ model = FLUX }); return r end)
+    assert.matches("jobs_spec.lua:%d+: ai.job: input must be a table", err)
+    ok, err = pcall(function()
+      local r = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "v" }); return r
+    end)
+    assert.matches("jobs_spec.lua:%d+: ai.speech: text must be", err)
+    ok, err = pcall(function()
+      local r = jobs.speech({ model = "fal/fal-ai/flux/dev", voice = "v", text = "t" }); return r
+    end)
+    assert.matches("jobs_spec.lua:%d+: ai.speech: no speech provider", err)
+  end)
+end)
+
+-- A server that records each request and answers from a table by "METHOD path".
+local function recorder(answers)
+  local rec = { requests = {} }
+  rec.server = resil.server.listen({ handler = function(req)
+    rec.requests[#rec.requests + 1] = req
+    local a = answers[req.method .. " " .. req.path]
+    if type(a) == "function" then a = a(req, rec) end
+    return a or { status = 404, body = "{}" }
+  end })
+  rec.url = ("http://127.0.0.1:%d"):format(rec.server:port())
+  return rec
+end
+
+-- what a request sent, keys redacted, transport headers left out
+local TRANSPORT = { host = true, ["content-length"] = true, ["user-agent"] = true, ["accept-encoding"] = true,
+  expect = true, connection = true }
+local function golden(req)
+  local h = {}
+  for k, v in pairs(req.headers) do
+    if not TRANSPORT[k] then
+      for _, key in pairs(KEYS) do v = v:gsub(key:gsub("%p", "%%%0"), "<key>") end
+      h[k] = v
+    end
+  end
+  local body = req.body ~= "" and (json.decode(req.body) or req.body) or nil
+  return { method = req.method, path = req.path, query = req.query ~= "" and req.query or nil, headers = h,
+    body = body }
+end
+
+describe("golden requests", function()
+  local rec
+  before_each(function() resil.clock.virtual(); fresh_store() end)
+  after_each(function() if rec then rec.server:close() end; rec = nil end)
+
+  it("Replicate: create with Prefer: wait, poll urls.get, cancel urls.cancel at the deadline", function()
+    local function prediction(status)
+      return { status = status == "starting" and 201 or 200, body = json.encode({ id = "p1", status = status,
+        urls = { get = rec.url .. "/v1/predictions/p1", cancel = rec.url .. "/v1/predictions/p1/cancel" } }) }
+    end
+    rec = recorder({ ["POST /v1/predictions"] = function() return prediction("starting") end,
+      ["GET /v1/predictions/p1"] = function() return prediction("processing") end,
+      ["POST /v1/predictions/p1/cancel"] = function() return prediction("canceled") end })
+    use(rec.url)
+    local _, err = jobs.job({ model = "replicate/acme/video:abc123", input = { prompt = "a cat", duration = 5 },
+      wait = 5, deadline = 2, attempts = 1 })
+    assert.are.equal("deadline", err.kind)
+    assert.are.same({
+      { method = "POST", path = "/v1/predictions", headers = { authorization = "Bearer <key>",
+        ["content-type"] = "application/json", prefer = "wait=5", accept = "*/*" },
+        body = { version = "abc123", input = { prompt = "a cat", duration = 5 } } },
+      { method = "GET", path = "/v1/predictions/p1", headers = { authorization = "Bearer <key>",
+        ["content-type"] = "application/json", accept = "*/*" } },
+      { method = "POST", path = "/v1/predictions/p1/cancel", headers = { authorization = "Bearer <key>",
+        ["content-type"] = "application/json", accept = "*/*" } },
+    }, { golden(rec.requests[1]), golden(rec.requests[2]), golden(rec.requests[3]) })
+    assert.are.equal(3, #rec.requests)
+  end)
+
+  it("Replicate: an official model without a version is created on its model path", function()
+    rec = recorder({ ["POST /v1/models/black-forest-labs/flux-schnell/predictions"] = { status = 201,
+      body = json.encode({ id = "p2", status = "succeeded", output = { "https://x.invalid/a.webp" },
+        urls = { get = "http://127.0.0.1:1/unused", cancel = "http://127.0.0.1:1/unused" } }) } })
+    use(rec.url)
+    local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" } }))
+    assert.are.equal("p2", r.id)
+    assert.are.same({ input = { prompt = "a cat" } }, golden(rec.requests[1]).body)
+  end)
+
+  it("fal: submit to the endpoint, status_url, response_url, and cancel_url with PUT", function()
+    local app = "/fal-ai/flux/requests/r1"
+    local urls = function()
+      return { request_id = "r1", status_url = rec.url .. app .. "/status", response_url = rec.url .. app,
+        cancel_url = rec.url .. app .. "/cancel" }
+    end
+    local polls = 0
+    rec = recorder({ ["POST /fal-ai/flux/dev"] = function()
+        local q = urls(); q.status = "IN_QUEUE"; q.queue_position = 0
+        return { status = 200, body = json.encode(q) }
+      end,
+      ["GET " .. app .. "/status"] = function()
+        polls = polls + 1
+        local q = urls(); q.status = polls < 2 and "IN_PROGRESS" or "COMPLETED"
+        return { status = 200, body = json.encode(q) }
+      end,
+      ["GET " .. app] = { status = 200, body = json.encode({ images = { { url = "https://x.invalid/1.png" } } }) } })
+    use(rec.url)
+    jobs.configure("fal", { base_url = rec.url, api_key = KEYS.fal, poll = FAST_POLL })
+    local r = assert(jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat", image_size = "square" } }))
+    assert.are.equal("r1", r.id)
+    assert.are.same({
+      { method = "POST", path = "/fal-ai/flux/dev", headers = { authorization = "Key <key>",
+        ["content-type"] = "application/json", accept = "*/*" }, body = { prompt = "a cat", image_size = "square" } },
+      { method = "GET", path = app .. "/status", headers = { authorization = "Key <key>", accept = "*/*" } },
+      { method = "GET", path = app .. "/status", headers = { authorization = "Key <key>", accept = "*/*" } },
+      { method = "GET", path = app, headers = { authorization = "Key <key>", accept = "*/*" } },
+    }, { golden(rec.requests[1]), golden(rec.requests[2]), golden(rec.requests[3]), golden(rec.requests[4]) })
+    rec.requests = {}
+    rec.server:close()
+    rec = recorder({ ["POST /fal-ai/flux/dev"] = function()
+        local q = urls(); q.status = "IN_QUEUE"
+        return { status = 200, body = json.encode(q) }
+      end,
+      ["GET " .. app .. "/status"] = function()
+        local q = urls(); q.status = "IN_QUEUE"
+        return { status = 202, body = json.encode(q) }
+      end,
+      ["PUT " .. app .. "/cancel"] = { status = 202, body = '{"status":"CANCELLATION_REQUESTED"}' } })
+    jobs.configure("fal", { base_url = rec.url, api_key = KEYS.fal, poll = FAST_POLL })
+    local _, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" }, deadline = 2,
+      attempts = 1 })
+    assert.are.equal("deadline", err.kind)
+    assert.are.same({ method = "PUT", path = app .. "/cancel", headers = { authorization = "Key <key>",
+      accept = "*/*" } }, golden(rec.requests[#rec.requests]))
+  end)
+
+  it("ElevenLabs: text-to-speech with xi-api-key, model_id and output_format", function()
+    rec = recorder({ ["POST /v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb"] = { status = 200,
+      headers = { ["content-type"] = "audio/mpeg", ["request-id"] = "req-1" }, body = "ID3\4\0\0mp3bytes" } })
+    use(rec.url)
+    local r = assert(jobs.speech({ model = "elevenlabs/eleven_multilingual_v2", voice = "JBFqnCBsd6RMkjVDRZzb",
+      text = "Héllo", voice_settings = { stability = 0.5 } }))
+    assert.are.equal("ID3\4\0\0mp3bytes", r.audio)
+    assert.are.equal(5, r.characters) -- code points, not bytes
+    assert.are.same({ method = "POST", path = "/v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb",
+      query = "output_format=mp3_44100_128",
+      headers = { ["xi-api-key"] = "<key>", ["content-type"] = "application/json", accept = "audio/mpeg" },
+      body = { text = "Héllo", model_id = "eleven_multilingual_v2", voice_settings = { stability = 0.5 } } },
+      golden(rec.requests[1]))
+  end)
+end)
+
+describe("a job survives its process (kill -9 mid-poll, then the run resumed)", function()
+  local m, pid
+  before_each(function() resil.clock.real() end)
+  after_each(function()
+    if pid and helpers.alive(pid) then os.execute("kill -9 " .. pid) end
+    if m then m:stop() end
+    m, pid = nil, nil
+  end)
+
+  local SCRIPT = [[
+local resil = require "resil"
+local jobs = require "policies.jobs"
+jobs.configure("replicate", { poll = { first = 0.02, factor = 1, max = 0.02 } })
+local id = resil.step("render", function()
+  local r, err = jobs.job({ model = "replicate/black-forest-labs/flux-schnell", input = { prompt = "a cat" } })
+  if not r then return nil, err end
+  return r.id
+end)
+print("done", id)
+]]
+
+  -- run the script in the background until it exits, serving the mock meanwhile
+  local function run(db)
+    local out
+    pid, out = helpers.start(SCRIPT, ("--store %s --run render-1 --log-level off"):format(db))
+    return out
+  end
+  local function env(url)
+    return ("REPLICATE_API_TOKEN=%s REPLICATE_BASE_URL=%s/v1 "):format(KEYS.replicate, url)
+  end
+  local function start(db, url)
+    local saved = helpers.resil
+    helpers.resil = env(url) .. saved
+    local out = run(db)
+    helpers.resil = saved
+    return out
+  end
+  local function finish(out)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20), "the run hung")
+    return helpers.slurp(out)
+  end
+
+  it("polls the job it already paid for: one create per job", function()
+    m = resil.mock.start({ jobs = { polls = 1e9 } }) -- runs until told otherwise
+    local db = helpers.tmpname(".db")
+    start(db, m.url)
+    assert(helpers.wait_until(function() return (m:stats().routes.prediction or 0) >= 3 end, 20))
+    os.execute("kill -9 " .. pid)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert.are.equal(1, m:stats().routes.predictions)
+    m:configure({ jobs = { polls = 0 } }) -- the job finishes at its next read
+    local out = finish(start(db, m.url))
+    local s = m:stats()
+    assert.are.equal(1, s.routes.predictions, out) -- the resumed run created nothing
+    assert.matches("done%s+mock%w+00001", out)
+    assert.are.equal(1, s.billed.jobs)
+    resil.store_config({ url = db })
+    local rows = resil.cost.breakdown("model")
+    assert.are.equal(1, rows[1].calls)
+    assert.are.equal(0.003, rows[1].usd)
+  end)
+
+  it("a job that failed before the kill is read again and its replacement (key#2) is polled, not made again", function()
+    m = resil.mock.start({ jobs = { polls = 1e9, fates = { { "failed", polls = 0 }, "succeeded" } } })
+    local db = helpers.tmpname(".db")
+    start(db, m.url)
+    assert(helpers.wait_until(function()
+      local s = m:stats()
+      return s.routes.predictions == 2 and (s.routes.prediction or 0) >= 4
+    end, 20))
+    os.execute("kill -9 " .. pid)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    m:configure({ jobs = { polls = 0 } })
+    local out = finish(start(db, m.url))
+    assert.are.equal(2, m:stats().routes.predictions, out)
+    assert.matches("done%s+mock%w+00002", out)
+    resil.store_config({ url = db })
+    assert.are.equal(1, resil.cost.breakdown("model")[1].calls) -- the failed job cost nothing
+  end)
+end)
