@@ -202,6 +202,7 @@ function retry.call(fn, opts, ...)
     end
     retries_of[class] = done + 1
     retries_total:inc({ provider = provider, class = class })
+    if resil.run then resil.run.retried() end -- per item and step, for `resil-lua runs show`
     local reason = verdict.reason or verdict.message
     resil.log.info("retry", { provider = provider, attempt = attempt, class = class, delay = delay,
                               reason = reason })

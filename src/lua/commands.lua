@@ -36,20 +36,107 @@ end
 
 local commands = {}
 
+-- "2/10" before "10": items in their order, each scope split at "/"
+local function scope_less(a, b)
+  if a == b then return false end
+  local pa, pb = {}, {}
+  for p in a:gmatch("[^/]+") do pa[#pa + 1] = p end
+  for p in b:gmatch("[^/]+") do pb[#pb + 1] = p end
+  for i = 1, math.max(#pa, #pb) do
+    local x, y = pa[i], pb[i]
+    if x == nil then return true end
+    if y == nil then return false end
+    if x ~= y then
+      local nx, ny = tonumber(x), tonumber(y)
+      if nx and ny then return nx < ny end
+      return x < y
+    end
+  end
+  return false
+end
+
+local function shell_quote(v)
+  v = tostring(v)
+  if v:match("^[%w%./_:=@%-+,]+$") then return v end
+  return "'" .. v:gsub("'", "'\\''") .. "'"
+end
+
+local function money(usd) return ("$%.6f"):format(usd or 0) end
+
+-- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ... }
+local function run_report(s, id)
+  local run = s.backend:run_get(id)
+  local steps = assert(s.backend:run_steps(id))
+  if not run and #steps == 0 then return nil end
+  local items, by_scope = {}, {}
+  for _, st in ipairs(steps) do
+    local it = by_scope[st.scope]
+    if not it then
+      it = { scope = st.scope, steps = {}, retries = 0, usd = 0, state = "done" }
+      by_scope[st.scope] = it
+      items[#items + 1] = it
+    end
+    it.steps[#it.steps + 1] = st
+    it.retries = it.retries + (st.retries or 0)
+    if st.state == "failed" then it.state = "failed"
+    elseif st.state == "pending" and it.state ~= "failed" then it.state = "pending" end
+  end
+  local costs = assert(resil.cost.breakdown("item", { run = id }))
+  local total = 0
+  for _, c in ipairs(costs) do
+    total = total + c.usd
+    local it = by_scope[c.key or ""]
+    if it then it.usd = it.usd + c.usd end
+  end
+  table.sort(items, function(a, b) return scope_less(a.scope, b.scope) end)
+  for _, it in ipairs(items) do table.sort(it.steps, function(a, b) return a.seq < b.seq end) end
+  return { run = run or { id = id }, items = items, usd = total }
+end
+
+local function resume_command(s, run)
+  local args = run.args and json.decode(run.args) or {}
+  local parts = { "resil-lua" }
+  if s.url ~= ".resil/state.db" then parts[#parts + 1] = "--store " .. shell_quote(s.url) end
+  parts[#parts + 1] = "--run " .. shell_quote(run.id)
+  parts[#parts + 1] = shell_quote(run.script or "SCRIPT")
+  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
+  return table.concat(parts, " ")
+end
+
+local function runs_show(s, args)
+  local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
+  local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
+  local run = report.run
+  print(("run %s: %s%s"):format(run.id, run.status or "?", run.script and (" (" .. run.script .. ")") or ""))
+  local rows, counts = {}, { done = 0, failed = 0, pending = 0 }
+  local retries = 0
+  for _, it in ipairs(report.items) do
+    counts[it.state] = counts[it.state] + 1
+    retries = retries + it.retries
+    for _, st in ipairs(it.steps) do
+      rows[#rows + 1] = { st.scope == "" and "-" or st.scope, st.seq, st.name, st.state, st.retries or 0,
+                          date(st.at), st.error and (st.error:gsub("%s+", " ")) or "" }
+    end
+  end
+  table_print({ "ITEM", "SEQ", "STEP", "STATE", "RETRIES", "AT (UTC)", "ERROR" }, rows)
+  print("")
+  local item_rows = {}
+  for _, it in ipairs(report.items) do
+    item_rows[#item_rows + 1] = { it.scope == "" and "-" or it.scope, it.state, #it.steps, it.retries, money(it.usd) }
+  end
+  table_print({ "ITEM", "STATE", "STEPS", "RETRIES", "COST" }, item_rows)
+  print("")
+  print(("%d items: %d done, %d failed, %d pending; %d retries; cost %s"):format(#report.items, counts.done,
+    counts.failed, counts.pending, retries, money(report.usd)))
+  if run.status ~= "done" and run.status ~= "running" then
+    print("resume: " .. redact(resume_command(s, run)))
+  end
+end
+
 function commands.runs(args)
   local s, err = resil.store()
   if not s then fail("%s", tostring(err)) end
-  if args[1] == "show" then
-    local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
-    local steps = assert(s.backend:run_steps(id))
-    if #steps == 0 then fail("runs show: no steps recorded for run '%s'", id) end
-    local rows = {}
-    for _, st in ipairs(steps) do
-      rows[#rows + 1] = { st.scope == "" and "-" or st.scope, st.seq, st.name, date(st.at), st.bytes }
-    end
-    table_print({ "ITEM", "SEQ", "STEP", "DONE AT (UTC)", "BYTES" }, rows)
-    return
-  end
+  if args[1] == "show" then return runs_show(s, args) end
   if args[1] then fail("runs: unknown argument '%s' (runs, or runs show ID)", args[1]) end
   local runs = assert(s.backend:runs_list(resil.store_now()))
   local rows = {}

@@ -27,7 +27,8 @@ local function cost_entry(e, at)
   return { dedupe = dedupe, at = at, day = os.date("!%Y-%m-%d", math.floor(at)), provider = e.provider,
            model = e.model, operation = e.operation, user = e.user and tostring(e.user),
            run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
-           micro_usd = to_micro(e.usd), units = units, budget = e.budget, period = e.period }
+           micro_usd = to_micro(e.usd), units = units, budget = e.budget, period = e.period,
+           item = e.item or ctx.step_scope }
 end
 
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err

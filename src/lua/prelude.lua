@@ -78,13 +78,15 @@ function resil.map(items, fn, opts)
       next_index = next_index + 1
       local i = next_index
       -- steps inside an item are checkpointed under the item (resil.step)
-      resil.context({ item = i, step_scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i) })
+      local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
+      resil.context({ item = i, step_scope = scope })
       local ok, value, err = pcall(fn, items[i], i)
       if not ok then value, err = nil, value end
       if value == nil and err ~= nil then
         failures = failures or {}
         failures[i] = err
         failed = failed + 1
+        if resil.run and resil.run.started() then resil.run.item_failed(scope, err) end
       else
         results[i] = value
       end

@@ -39,6 +39,17 @@ local migrations = {
   ALTER TABLE runs ADD COLUMN owner_since REAL;
   ALTER TABLE reservations ADD COLUMN owner TEXT;
   ]],
+  -- 4: runs people can read: the steps that failed (with their error) or
+  -- were cut short in the run's last attempt, retries per step, the item a
+  -- cost belongs to, and the arguments that resume the run
+  [[
+  CREATE TABLE unfinished_steps (run TEXT NOT NULL, scope TEXT NOT NULL, seq INTEGER NOT NULL, name TEXT NOT NULL,
+    state TEXT NOT NULL, error TEXT, retries INTEGER NOT NULL DEFAULT 0, at REAL NOT NULL,
+    PRIMARY KEY (run, scope, seq));
+  ALTER TABLE steps ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+  ALTER TABLE costs ADD COLUMN item TEXT;
+  ALTER TABLE runs ADD COLUMN args TEXT;
+  ]],
 }
 
 local B = {}
@@ -205,34 +216,48 @@ end
 -- ---------- runs and steps ----------
 
 -- -> steps done, generation | false, holder, since (another live process holds the run)
-function B:run_start(id, script, fresh, now, me, lease_until)
+function B:run_start(id, script, fresh, now, me, lease_until, args)
   return self.db:tx(function(tx)
     renew(tx, me, lease_until)
     local row = tx:row("SELECT * FROM runs WHERE id = ?", id)
     if row and row.owner and row.owner ~= me and alive(tx, row.owner, now) then
       return false, row.owner, row.owner_since
     end
+    -- what failed or was cut short last time runs again now
+    if row then tx:exec("DELETE FROM unfinished_steps WHERE run = ?", id) end
     if row and fresh then
       tx:exec("DELETE FROM steps WHERE run = ?", id)
       tx:exec("UPDATE runs SET steps = 0, generation = generation + 1, created_at = ? WHERE id = ?", now, id)
       row.steps, row.generation = 0, row.generation + 1
     end
     if row then
-      tx:exec("UPDATE runs SET status = 'running', updated_at = ?, owner = ?, owner_since = ? WHERE id = ?",
-        now, me, now, id)
+      tx:exec("UPDATE runs SET status = 'running', updated_at = ?, owner = ?, owner_since = ?, " ..
+              "args = coalesce(?, args) WHERE id = ?", now, me, now, args, id)
       return row.steps, row.generation
     end
-    tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at, owner, owner_since) " ..
-            "VALUES (?, ?, 'running', 0, ?, ?, ?, ?)", id, script, now, now, me, now)
+    tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at, owner, owner_since, args) " ..
+            "VALUES (?, ?, 'running', 0, ?, ?, ?, ?, ?)", id, script, now, now, me, now, args)
     return 0, 0
   end)
 end
 
--- the run's end, and its holder gives it up (unless another took it over)
-function B:run_finish_now(id, status, now, me)
+-- the run's end, and its holder gives it up (unless another took it over).
+-- pending: the steps cut short, { {scope=, seq=, name=, retries=}, ... }. A run
+-- that ends "done" with failed steps is "done_with_failures".
+function B:run_finish_now(id, status, now, me, pending)
   return self.db:now(function(tx)
+    local holder = tx:value("SELECT owner FROM runs WHERE id = ?", id)
+    if holder ~= nil and holder ~= me then return false end
+    for _, p in ipairs(pending or {}) do
+      tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at) " ..
+              "VALUES (?, ?, ?, ?, 'pending', NULL, ?, ?)", id, p.scope, p.seq, p.name, p.retries or 0, now)
+    end
+    if status == "done" and tx:value("SELECT count(*) FROM unfinished_steps WHERE run = ? AND state = 'failed'",
+        id) > 0 then
+      status = "done_with_failures"
+    end
     return tx:exec("UPDATE runs SET status = ?, updated_at = ?, owner = NULL, owner_since = NULL " ..
-                   "WHERE id = ? AND (owner IS NULL OR owner = ?)", status, now, id, me) > 0
+                   "WHERE id = ?", status, now, id) > 0
   end)
 end
 
@@ -245,12 +270,12 @@ function B:step_get(run, scope, seq)
 end
 
 -- -> true | false, holder, since (the run was taken over: this process lost it)
-function B:step_put(run, scope, seq, name, result, now, me)
+function B:step_put(run, scope, seq, name, result, now, me, retries)
   return self.db:tx(function(tx)
     local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
     if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
-    tx:exec("INSERT INTO steps (run, scope, seq, name, result, at) VALUES (?, ?, ?, ?, ?, ?)",
-      run, scope, seq, name, result, now)
+    tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries) VALUES (?, ?, ?, ?, ?, ?, ?)",
+      run, scope, seq, name, result, now, retries or 0)
     tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
     return true
   end)
@@ -267,10 +292,32 @@ function B:runs_list(now)
   end)
 end
 
+-- A step that failed (state "failed", with its error): -> true | false, holder, since
+function B:step_failed(run, scope, seq, name, err, retries, now, me)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
+    if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
+    tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at) " ..
+            "VALUES (?, ?, ?, ?, 'failed', ?, ?, ?)", run, scope, seq, name, err, retries or 0, now)
+    return true
+  end)
+end
+
+-- the run's row (nil when unknown)
+function B:run_get(id)
+  return self.db:tx(function(tx) return tx:row("SELECT * FROM runs WHERE id = ?", id) end)
+end
+
+-- -> { {scope=, seq=, name=, at=, bytes=, retries=, state="done"|"failed"|"pending", error=}, ... }
 function B:run_steps(run)
   return self.db:tx(function(tx)
-    return tx:rows("SELECT scope, seq, name, at, length(result) AS bytes FROM steps WHERE run = ? " ..
-                   "ORDER BY at, scope, seq", run)
+    local rows = tx:rows("SELECT scope, seq, name, at, length(result) AS bytes, retries, 'done' AS state " ..
+                         "FROM steps WHERE run = ? ORDER BY at, scope, seq", run)
+    for _, r in ipairs(tx:rows("SELECT scope, seq, name, at, state, error, retries FROM unfinished_steps " ..
+                               "WHERE run = ?", run)) do
+      rows[#rows + 1] = r
+    end
+    return rows
   end)
 end
 
@@ -278,9 +325,9 @@ end
 
 local function insert_cost(tx, e)
   return tx:exec("INSERT OR IGNORE INTO costs (dedupe, at, day, provider, model, operation, user, run, step, " ..
-                 "micro_usd, units, budget, period, ticket) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 "micro_usd, units, budget, period, ticket, item) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     e.dedupe, e.at, e.day, e.provider, e.model, e.operation, e.user, e.run, e.step, e.micro_usd, e.units,
-    e.budget, e.period, e.ticket) > 0
+    e.budget, e.period, e.ticket, e.item) > 0
 end
 
 function B:cost_record(e)
@@ -289,7 +336,7 @@ end
 
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
 local BY = { provider = "provider", model = "model", user = "user", day = "day", operation = "operation",
-             run = "run" }
+             run = "run", item = "item" }
 
 -- -> { {key=, micro_usd=, calls=}, ... } (one row with key=nil when by is nil)
 function B:cost_query(by, filter)
