@@ -35,7 +35,8 @@ static void usage(FILE *out) {
           "usage: " PROGNAME " [options] [script [args...]]\n"
           "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR]\n"
           "       " PROGNAME " runs [show ID] [--store URL]     runs and their checkpointed steps\n"
-          "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--json] [--store URL]\n"
+          "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--run ID] [--json|--csv]\n"
+          "       " PROGNAME " budgets [--json] | show NAME | release NAME [--stale] | set NAME --limit USD [--per day]\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
           "  -                       read the script from stdin\n"
@@ -175,7 +176,7 @@ static int run_mock(int argc, char **argv) {
   return code;
 }
 
-/* resil-lua runs|costs [--store URL] args...: the store's subcommands */
+/* resil-lua runs|costs|budgets [--store URL] args...: the store's subcommands */
 static int run_command(const char *name, int argc, char **argv) {
   resil_options opts = {0};
   opts.log_level = "warn";
@@ -246,7 +247,7 @@ int main(int argc, char **argv) {
   int ncodes = 0, i = 1, watch = 0, wait = 0;
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
-  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0))
+  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "budgets") == 0))
     return run_command(argv[1], argc - 2, argv + 2);
 
   for (; i < argc; i++) {

@@ -233,7 +233,7 @@ redis.call('INCRBY', KEYS[2], est)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
 redis.call('HSET', KEYS[6], ARGV[3], ARGV[8])
-redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7])
+redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7], 'at', ARGV[5])
 return {1, spent, reserved + est}
 ]]
 
@@ -245,7 +245,7 @@ local spent, reserved = usage()
 local holds, z = {}, redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf', 'WITHSCORES')
 for i = 1, #z, 2 do
   holds[#holds + 1] = {z[i], tonumber(redis.call('HGET', KEYS[4], z[i]) or '0'), redis.call('HGET', KEYS[6], z[i]) or '',
-    z[i + 1]}
+    z[i + 1], redis.call('HGET', ARGV[5] .. z[i], 'at') or ''}
 end
 return {spent, reserved, to_judge, holds}
 ]]
@@ -259,6 +259,26 @@ if tonumber(ARGV[2]) == 0 then return 1 end
 redis.call('INCRBY', KEYS[1], ARGV[2])
 insert_cost(KEYS[8], KEYS[9], ARGV[3], ARGV[4])
 return 1
+]]
+
+-- ARGV: stale ('1': only holds whose owner is not alive), now, me, dead, same_host, ticket prefix
+-- -> {released, holders to judge...}
+scripts.budget_release_holds = budget_lib .. [[
+sweep(ARGV[2])
+local released, to_judge
+if ARGV[1] == '1' then
+  released, to_judge = sweep_dead(ARGV[3], dead_set(ARGV[4]), ARGV[5], tonumber(ARGV[2]))
+else
+  released, to_judge = 0, {}
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')) do
+    unhold(t)
+    redis.call('HSET', ARGV[6] .. t, 'state', 'released')
+    released = released + 1
+  end
+end
+local r = {released}
+for _, o in ipairs(to_judge) do r[#r + 1] = o end
+return r
 ]]
 
 scripts.budget_release = budget_lib .. [[
@@ -595,6 +615,27 @@ function R:cost_query(by, filter)
   return order
 end
 
+-- the ledger's rows that pass the filter, oldest first
+function R:cost_rows(filter)
+  local all, err = self.conn:call("LRANGE", P .. "costs", 0, -1)
+  if not all then return nil, err end
+  local out = {}
+  for _, text in ipairs(all) do
+    local e = resil.json.decode(text)
+    local keep = not (filter.since and e.at < filter.since)
+    for _, f in ipairs(FILTERS) do
+      if filter[f] ~= nil and e[f] ~= filter[f] then keep = false end
+    end
+    if keep then
+      for k, v in pairs(e) do if v == resil.json.null then e[k] = nil end end
+      e.micro_usd = math.tointeger(e.micro_usd) or e.micro_usd
+      out[#out + 1] = e
+    end
+  end
+  table.sort(out, function(a, b) return a.at < b.at end)
+  return out
+end
+
 -- ---------- budgets ----------
 
 local function budget_keys(budget, period, ticket)
@@ -616,17 +657,19 @@ function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   end
 end
 
--- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=}, ... }
+-- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=, created_at=}, ... }
 function R:budget_usage(budget, period, now, me)
   local dead = ""
   while true do
-    local r, err = self:script("budget_usage", budget_keys(budget, period), fmt_time(now), me, dead, same_host())
+    local r, err = self:script("budget_usage", budget_keys(budget, period), fmt_time(now), me, dead, same_host(),
+      P .. "ticket:")
     if r == nil then return nil, err end
     local holders_dead = dead == "" and dead_among(r[3])
     if not holders_dead then
       local holds = {}
       for i, h in ipairs(r[4]) do
-        holds[i] = { ticket = h[1], micro_usd = h[2], owner = h[3] ~= "" and h[3] or nil, expires_at = tonumber(h[4]) }
+        holds[i] = { ticket = h[1], micro_usd = h[2], owner = h[3] ~= "" and h[3] or nil, expires_at = tonumber(h[4]),
+                     created_at = tonumber(h[5]) }
       end
       return r[1], r[2], holds
     end
@@ -641,6 +684,64 @@ function R:budget_settle(ticket, entry)
     resil.json.encode(entry))
   if n == nil then return nil, err end
   return n == 1
+end
+
+-- Release a budget's live holds in a period: all, or (stale) those whose owner is not alive. -> how many
+function R:budget_release_holds(budget, period, stale, now, me)
+  local dead = ""
+  while true do
+    local r, err = self:script("budget_release_holds", budget_keys(budget, period), stale and "1" or "0",
+      fmt_time(now), me, dead, same_host(), P .. "ticket:")
+    if r == nil then return nil, err end
+    local holders_dead = stale and dead == "" and dead_among({ table.unpack(r, 2) })
+    if not holders_dead then return r[1] end
+    dead = holders_dead
+  end
+end
+
+-- A budget's settings live in a hash: limit, per (set from the command line), declared_limit,
+-- declared_per (the script's); the names in a set.
+local BUDGETS = P .. "budgets"
+local function budget_config_of(h)
+  if not h or #h == 0 then return nil end
+  local row = {}
+  for i = 1, #h, 2 do row[h[i]] = h[i + 1] end
+  return { limit_micro = tonumber(row.limit), per = row.per, declared_micro = tonumber(row.declared_limit),
+           declared_per = row.declared_per }
+end
+
+function R:budget_config(name)
+  local h, err = self.conn:call("HGETALL", BUDGETS .. ":" .. name)
+  if h == nil then return nil, err end
+  return budget_config_of(h)
+end
+
+function R:budget_declare(name, micro, per, now)
+  local ok, err = self.conn:call("HSET", BUDGETS .. ":" .. name, "declared_limit", micro, "declared_per", per,
+    "declared_at", fmt_time(now))
+  if ok == nil then return nil, err end
+  self.conn:call("SADD", BUDGETS, name)
+  return true
+end
+
+function R:budget_set(name, micro, per, now)
+  local ok, err = self.conn:call("HSET", BUDGETS .. ":" .. name, "limit", micro, "per", per, "set_at", fmt_time(now))
+  if ok == nil then return nil, err end
+  self.conn:call("SADD", BUDGETS, name)
+  return true
+end
+
+function R:budget_list()
+  local names, err = self.conn:call("SMEMBERS", BUDGETS)
+  if not names then return nil, err end
+  table.sort(names)
+  local out = {}
+  for _, name in ipairs(names) do
+    local c = budget_config_of(self.conn:call("HGETALL", BUDGETS .. ":" .. name)) or {}
+    c.name = name
+    out[#out + 1] = c
+  end
+  return out
 end
 
 function R:budget_release(ticket)

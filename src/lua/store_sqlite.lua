@@ -50,6 +50,13 @@ local migrations = {
   ALTER TABLE costs ADD COLUMN item TEXT;
   ALTER TABLE runs ADD COLUMN args TEXT;
   ]],
+  -- 5: budgets people can manage: a limit set from the command line (seen by
+  -- every process) over the one the script declares, and each hold's start
+  [[
+  CREATE TABLE budgets (name TEXT PRIMARY KEY, limit_micro INTEGER, per TEXT, set_at REAL,
+    declared_micro INTEGER, declared_per TEXT, declared_at REAL);
+  ALTER TABLE reservations ADD COLUMN created_at REAL;
+  ]],
 }
 
 local B = {}
@@ -353,6 +360,18 @@ function B:cost_query(by, filter)
   return self.db:tx(function(tx) return tx:rows(sql, table.unpack(args)) end)
 end
 
+-- the ledger's rows that pass the filter, oldest first
+function B:cost_rows(filter)
+  local where, args = { "1 = 1" }, {}
+  for _, f in ipairs(FILTERS) do
+    if filter[f] ~= nil then where[#where + 1] = f .. " = ?"; args[#args + 1] = filter[f] end
+  end
+  if filter.since then where[#where + 1] = "at >= ?"; args[#args + 1] = filter.since end
+  local sql = "SELECT at, provider, model, operation, user, run, item, step, budget, micro_usd, units FROM costs " ..
+              "WHERE " .. table.concat(where, " AND ") .. " ORDER BY at, id"
+  return self.db:tx(function(tx) return tx:rows(sql, table.unpack(args)) end)
+end
+
 -- ---------- budgets ----------
 
 local function budget_usage(tx, budget, period, now)
@@ -387,8 +406,8 @@ function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
     end
     if spent + reserved + estimate > limit then return false, spent, reserved end
     renew(tx, me, lease_until)
-    tx:exec("INSERT INTO reservations (ticket, budget, period, micro_usd, expires_at, state, owner) " ..
-            "VALUES (?, ?, ?, ?, ?, 'held', ?)", ticket, budget, period, estimate, expires_at, me)
+    tx:exec("INSERT INTO reservations (ticket, budget, period, micro_usd, expires_at, state, owner, created_at) " ..
+            "VALUES (?, ?, ?, ?, ?, 'held', ?, ?)", ticket, budget, period, estimate, expires_at, me, now)
     return true, spent, reserved + estimate
   end)
 end
@@ -398,7 +417,7 @@ function B:budget_usage(budget, period, now, me)
   return self.db:tx(function(tx)
     release_dead(tx, budget, period, me, now)
     local spent, reserved = budget_usage(tx, budget, period, now)
-    return spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at FROM reservations WHERE " ..
+    return spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations WHERE " ..
       "budget = ? AND period = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket",
       budget, period, now)
   end)
@@ -418,6 +437,53 @@ end
 function B:budget_release(ticket)
   return self.db:tx(function(tx)
     return tx:exec("UPDATE reservations SET state = 'released' WHERE ticket = ? AND state = 'held'", ticket) > 0
+  end)
+end
+
+-- A budget's stored settings: -> {limit_micro=, per=, declared_micro=, declared_per=} | nil
+-- (per: "day", "month" or "none"). A read: it never waits for a writer.
+function B:budget_config(name)
+  return self.db:read(function(tx)
+    return tx:row("SELECT limit_micro, per, declared_micro, declared_per FROM budgets WHERE name = ?", name)
+  end)
+end
+
+-- the limit a script declares (resil.budget), for `resil-lua budgets`
+function B:budget_declare(name, micro, per, now)
+  return self.db:tx(function(tx)
+    tx:exec("INSERT INTO budgets (name, declared_micro, declared_per, declared_at) VALUES (?, ?, ?, ?) " ..
+            "ON CONFLICT (name) DO UPDATE SET declared_micro = excluded.declared_micro, " ..
+            "declared_per = excluded.declared_per, declared_at = excluded.declared_at", name, micro, per, now)
+    return true
+  end)
+end
+
+-- the limit set from the command line: every process reserves against it
+function B:budget_set(name, micro, per, now)
+  return self.db:tx(function(tx)
+    tx:exec("INSERT INTO budgets (name, limit_micro, per, set_at) VALUES (?, ?, ?, ?) " ..
+            "ON CONFLICT (name) DO UPDATE SET limit_micro = excluded.limit_micro, per = excluded.per, " ..
+            "set_at = excluded.set_at", name, micro, per, now)
+    return true
+  end)
+end
+
+-- every budget known: declared, set, or with reservations -> { {name=, limit_micro=, per=, ...}, ... }
+function B:budget_list()
+  return self.db:tx(function(tx)
+    return tx:rows("SELECT n.name, b.limit_micro, b.per, b.declared_micro, b.declared_per FROM " ..
+                   "(SELECT name FROM budgets UNION SELECT budget FROM reservations) AS n " ..
+                   "LEFT JOIN budgets b ON b.name = n.name ORDER BY n.name")
+  end)
+end
+
+-- Release a budget's live holds in a period: all of them, or (stale) those
+-- whose owner is not alive. -> how many
+function B:budget_release_holds(budget, period, stale, now, me)
+  return self.db:tx(function(tx)
+    if stale then return release_dead(tx, budget, period, me, now) end
+    return tx:exec("UPDATE reservations SET state = 'released' WHERE budget = ? AND period = ? AND " ..
+                   "state = 'held' AND expires_at > ?", budget, period, now)
   end)
 end
 
