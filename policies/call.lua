@@ -33,6 +33,10 @@ local now = resil.now
 
 local calls_total = resil.metrics.counter("resil_calls_total", "Provider attempts, by provider and outcome")
 local call_seconds = resil.metrics.histogram("resil_call_seconds", "Time of one provider attempt, by provider")
+-- OpenTelemetry's gen_ai.client.operation.duration, with its buckets
+local operation_duration = resil.metrics.histogram("gen_ai_client_operation_duration_seconds",
+  "Time of one provider attempt (OpenTelemetry gen_ai.client.operation.duration), by system, model and error type",
+  { buckets = { 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92 } })
 
 local Provider = {}
 Provider.__index = Provider
@@ -138,6 +142,9 @@ local function attempt(n, self, req, deadline)
   end
   series:inc()
   self.call_time:observe(elapsed)
+  local model = type(req) == "table" and type(req.json) == "table" and req.json.model or nil
+  operation_duration:observe({ gen_ai_system = self.name, gen_ai_request_model = tostring(model or "unknown"),
+                               error_type = verdict and outcome or "none" }, elapsed)
   if self.token_bucket then
     local used = used_tokens(res) or (verdict and 0) or tokens
     if used > tokens then self.token_bucket:charge(used - tokens)

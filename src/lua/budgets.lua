@@ -7,6 +7,22 @@ local owner = require "resil.owner"
 local store_now, store_or_fail = S.now, S.open
 local costs = require "resil.costs"
 local cost_entry, to_micro, from_micro = costs.entry, costs.to_micro, costs.from_micro
+local spent_usd = resil.metrics.gauge("resil_budget_spent_usd", "Spent in the budget's current period, by budget")
+local reserved_usd = resil.metrics.gauge("resil_budget_reserved_usd", "Held by open reservations, by budget")
+local limit_usd = resil.metrics.gauge("resil_budget_limit_usd", "The budget's limit in force, by budget")
+local soft_usd = resil.metrics.gauge("resil_budget_soft_limit_usd", "The budget's soft limit (limit x soft), by budget")
+local remaining_usd = resil.metrics.gauge("resil_budget_remaining_usd",
+  "Limit minus spent and reserved, by budget")
+
+-- the budget's figures as the store last reported them
+local function observe_budget(b, limit, spent, reserved)
+  local l = { budget = b.name }
+  spent_usd:set(l, spent)
+  reserved_usd:set(l, reserved)
+  limit_usd:set(l, limit)
+  soft_usd:set(l, limit * b.soft)
+  remaining_usd:set(l, math.max(0, limit - spent - reserved))
+end
 
 local Budget = {}
 Budget.__index = Budget
@@ -106,6 +122,7 @@ function Budget:reserve(estimate, o)
       seconds = now - self.outage.since })
     self.outage = nil
   end
+  observe_budget(self, limit, from_micro(spent), from_micro(reserved))
   if not ok then
     return nil, resil.error("budget_exceeded", ("budget '%s': $%.6f spent + $%.6f reserved + $%.6f > $%.6f"):format(
       self.name, from_micro(spent), from_micro(reserved), estimate, limit),
@@ -140,6 +157,7 @@ function Budget:state()
     holds[i] = { ticket = h.ticket, usd = from_micro(h.micro_usd), owner = h.owner and owner.describe(h.owner),
                  expires_at = h.expires_at, created_at = h.created_at }
   end
+  observe_budget(self, limit, from_micro(spent), from_micro(reserved))
   return { spent = from_micro(spent), reserved = from_micro(reserved), limit = limit, period = period,
            holds = holds }
 end
@@ -155,7 +173,9 @@ function Ticket:settle(actual, e)
   local entry = cost_entry(fields, store_now())
   entry.ticket = self.id
   entry.dedupe = entry.dedupe or ("ticket:" .. self.id)
-  return self.store.backend:budget_settle(self.id, entry)
+  local ok, err = self.store.backend:budget_settle(self.id, entry)
+  if ok and actual > 0 then costs.observe(fields, fields.units) end
+  return ok, err
 end
 
 function Ticket:release()

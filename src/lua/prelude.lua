@@ -177,7 +177,9 @@ local function module_file(name)
   return name
 end
 
+local reloads_total
 local function reload_policies()
+  reloads_total = reloads_total or resil.metrics.counter("resil_reloads_total", "Policy reloads, by result")
   local names = policy_names()
   replaced = {}
   for _, name in ipairs(names) do
@@ -194,11 +196,13 @@ local function reload_policies()
       restore_policies()
       local message = ("reload: %s"):format(tostring(mod))
       log.error("policy reload failed; the old version keeps serving", { error = message })
+      reloads_total:inc({ result = "failed" })
       return false, message
     end
   end
   replaced = nil
   log.info("policies reloaded", { modules = names })
+  reloads_total:inc({ result = "ok" })
   return true, names
 end
 

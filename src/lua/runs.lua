@@ -10,6 +10,11 @@ local config, encode_values, decode_values = S.config, S.encode_values, S.decode
 local unpack, pack = table.unpack, table.pack
 local json = resil.json
 
+local steps_total = resil.metrics.counter("resil_steps_total",
+  "Checkpointed steps, by result: done (run and stored), replayed (from a resumed run), failed")
+local steps_done, steps_replayed, steps_failed = steps_total:labels({ result = "done" }),
+  steps_total:labels({ result = "replayed" }), steps_total:labels({ result = "failed" })
+
 local run -- the current run: { id =, seq = { [scope] = n } }, once a step has run
 
 -- from the script's absolute path (config.script_path, set by the host) and
@@ -121,6 +126,7 @@ end
 -- Record a failed step (unless the run's store is gone: the failure is
 -- then only the script's to report).
 local function record_failure(r, scope, seq, name, err, retries)
+  steps_failed:inc()
   r.failed[scope] = true
   local ok, serr, since = r.store.backend:step_failed(r.id, scope, seq, name, error_text(err), retries, store_now(),
     owner.me().id)
@@ -164,6 +170,7 @@ function resil.step(name, fn, ...)
         .. "start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name),
         { run = r.id, seq = seq, recorded = recorded, name = name }), 2)
     end
+    steps_replayed:inc()
     local values = decode_values(result)
     return unpack(values, 1, values.n)
   end
@@ -191,6 +198,7 @@ function resil.step(name, fn, ...)
     (r.retries[scope] or 0) - retries0)
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
   if not ok then return nil, serr end -- not checkpointed: the store is unavailable
+  steps_done:inc()
   return unpack(out, 2, out.n)
 end
 
