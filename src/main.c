@@ -53,6 +53,7 @@ static void usage(FILE *out) {
           "  --log-file PATH         append JSON log lines to PATH (default stderr)\n"
           "  --metrics-addr HOST:PORT  serve GET /metrics (Prometheus text) while the run lasts\n"
           "  --metrics-file PATH     write the metrics to PATH every 15 s and at exit (textfile collector)\n"
+          "  --otlp-endpoint URL     export the run's spans as OTLP/HTTP JSON (URL or URL/v1/traces)\n"
           "  --log-level LEVEL       debug | info | warn | error | off\n"
           "  -v, --version           print the version\n"
           "  -h, --help              print this help\n");
@@ -147,6 +148,39 @@ static int export_metrics(resil_t *R, const char *addr, const char *file) {
   }
   lua_settop(L, top);
   return rc;
+}
+
+/* --otlp-endpoint URL: the run's spans exported as OTLP/HTTP JSON (src/lua/trace.lua) */
+static int export_traces(resil_t *R, const char *url) {
+  if (!url) return 0;
+  lua_State *L = resil_lua(R);
+  int top = lua_gettop(L), rc = 0;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil.trace");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "export") == LUA_TFUNCTION) {
+    lua_createtable(L, 0, 1);
+    lua_pushstring(L, url);
+    lua_setfield(L, -2, "url");
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+      fprintf(stderr, PROGNAME ": --otlp-endpoint: %s\n", lua_tostring(L, -1));
+      rc = -1;
+    }
+  } else {
+    fprintf(stderr, PROGNAME ": --otlp-endpoint: %s\n", lua_tostring(L, -1));
+    rc = -1;
+  }
+  lua_settop(L, top);
+  return rc;
+}
+
+/* The run's root span ends and what is queued is sent: a last task on the
+ * loop (HTTP needs it), after the script's. */
+static void finish_traces(resil_t *R, const char *url, const char *status) {
+  if (!url) return;
+  char code[128];
+  snprintf(code, sizeof code, "require('resil.trace').finish('%s')", status);
+  if (resil_load_string(R, code, "=[trace export]") != RESIL_OK || resil_run(R) != RESIL_OK)
+    fprintf(stderr, PROGNAME ": --otlp-endpoint: %s\n", resil_error(R));
 }
 
 /* the metrics file written a last time, with every count the run made */
@@ -287,7 +321,7 @@ int main(int argc, char **argv) {
   resil_options opts = {0};
   const char *codes[64];
   int ncodes = 0, i = 1, watch = 0, wait = 0;
-  const char *metrics_addr = NULL, *metrics_file = NULL;
+  const char *metrics_addr = NULL, *metrics_file = NULL, *otlp_endpoint = NULL;
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
   if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "budgets") == 0))
@@ -328,7 +362,7 @@ int main(int argc, char **argv) {
     if (strcmp(a, "-e") == 0 || strcmp(a, "--max-instructions") == 0 || strcmp(a, "--max-memory") == 0 ||
         strcmp(a, "--policies") == 0 || strcmp(a, "--log-file") == 0 || strcmp(a, "--log-level") == 0 ||
         strcmp(a, "--store") == 0 || strcmp(a, "--run") == 0 || strcmp(a, "--metrics-addr") == 0 ||
-        strcmp(a, "--metrics-file") == 0) {
+        strcmp(a, "--metrics-file") == 0 || strcmp(a, "--otlp-endpoint") == 0) {
       if (!next) return fail("option '%s' needs an argument", a);
       i++;
       if (a[1] == 'e') {
@@ -350,6 +384,8 @@ int main(int argc, char **argv) {
         metrics_addr = next;
       } else if (strcmp(a, "--metrics-file") == 0) {
         metrics_file = next;
+      } else if (strcmp(a, "--otlp-endpoint") == 0) {
+        otlp_endpoint = next;
       } else if (strcmp(a, "--log-file") == 0) {
         if (check_log_file(next) != 0) return 1;
         opts.log_file = next;
@@ -377,7 +413,7 @@ int main(int argc, char **argv) {
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
   if (open_failed(R)) return 1;
   if (wait) wait_for_run(R);
-  if (export_metrics(R, metrics_addr, metrics_file) != 0) {
+  if (export_metrics(R, metrics_addr, metrics_file) != 0 || export_traces(R, otlp_endpoint) != 0) {
     resil_close(R);
     return 1;
   }
@@ -398,6 +434,7 @@ int main(int argc, char **argv) {
   }
   int code = report(R, status);
   if (status != RESIL_ERR_FILE) finish_run(R, status);
+  finish_traces(R, otlp_endpoint, status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
   finish_metrics(R);
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
   signal_target = NULL;

@@ -237,4 +237,4 @@ end
 -- each of these adds its part of the API to resil
 resil.metrics = require "resil.metrics"
 resil.mock = require "resil.mock"
-for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits" }) do require("resil." .. name) end
+for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "trace" }) do require("resil." .. name) end
