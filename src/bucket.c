@@ -50,6 +50,7 @@ struct bucket {
   int64_t due_ns; /* when the armed timer was meant to fire */
   waiter *head, *tail;
   int waiting;
+  lua_Integer waits, refusals; /* acquires that queued; that were refused (for metrics) */
   resil_timer timer;
 };
 
@@ -257,6 +258,7 @@ static double check_tokens(lua_State *L, int idx, bucket *b) {
 }
 
 static int push_limited(lua_State *L, bucket *b, double n, double retry_after) {
+  b->refusals++;
   if (retry_after < 0) {
     resil_push_error(L, "rate_limited", "bucket '%s': %g tokens can never be granted (burst is %g)", b->name, n,
                      b->burst);
@@ -340,6 +342,7 @@ static int b_acquire(lua_State *L) {
   else b->head = w;
   b->tail = w;
   b->waiting++;
+  b->waits++;
   if (timeout >= 0) {
     timer_init(b->R, &w->timeout, waiter_timed_out, w);
     w->has_timeout = 1;
@@ -515,11 +518,15 @@ static int l_parse_duration(lua_State *L) {
 
 /* ---------- introspection ---------- */
 
-/* b:state() -> {remaining=, waiting=, paused_for=, rate=, per=, burst=} */
+/* b:state() -> {remaining=, waiting=, paused_for=, rate=, per=, burst=, waits=, refusals=} */
 static int b_state(lua_State *L) {
   bucket *b = check_bucket(L, 1);
   int64_t now = now_ns(b->R);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 10);
+  lua_pushinteger(L, b->waits);
+  lua_setfield(L, -2, "waits");
+  lua_pushinteger(L, b->refusals);
+  lua_setfield(L, -2, "refusals");
   lua_pushstring(L, b->name);
   lua_setfield(L, -2, "name");
   push_count(L, remaining_at(b, now));
@@ -536,6 +543,19 @@ static int b_state(lua_State *L) {
   lua_setfield(L, -2, "burst");
   lua_pushstring(L, b->unit);
   lua_setfield(L, -2, "unit");
+  return 1;
+}
+
+/* buckets() -> {name = bucket, ...}: every named bucket (for metrics) */
+static int l_buckets(lua_State *L) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, REGISTRY);
+  lua_newtable(L);
+  lua_pushnil(L);
+  while (lua_next(L, -3)) { /* L stack: registry, copy, name, bucket */
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, -4);
+  }
   return 1;
 }
 
@@ -597,5 +617,7 @@ int luaopen_resil_bucket(lua_State *L) {
   lua_setfield(L, -2, "retry_after");
   lua_pushcfunction(L, l_parse_duration);
   lua_setfield(L, -2, "parse_duration");
+  lua_pushcfunction(L, l_buckets);
+  lua_setfield(L, -2, "buckets");
   return 1;
 }

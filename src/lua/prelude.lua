@@ -78,13 +78,15 @@ function resil.map(items, fn, opts)
       next_index = next_index + 1
       local i = next_index
       -- steps inside an item are checkpointed under the item (resil.step)
-      resil.context({ item = i, step_scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i) })
+      local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
+      resil.context({ item = i, step_scope = scope })
       local ok, value, err = pcall(fn, items[i], i)
       if not ok then value, err = nil, value end
       if value == nil and err ~= nil then
         failures = failures or {}
         failures[i] = err
         failed = failed + 1
+        if resil.run and resil.run.started() then resil.run.item_failed(scope, err) end
       else
         results[i] = value
       end
@@ -175,7 +177,9 @@ local function module_file(name)
   return name
 end
 
+local reloads_total
 local function reload_policies()
+  reloads_total = reloads_total or resil.metrics.counter("resil_reloads_total", "Policy reloads, by result")
   local names = policy_names()
   replaced = {}
   for _, name in ipairs(names) do
@@ -192,11 +196,13 @@ local function reload_policies()
       restore_policies()
       local message = ("reload: %s"):format(tostring(mod))
       log.error("policy reload failed; the old version keeps serving", { error = message })
+      reloads_total:inc({ result = "failed" })
       return false, message
     end
   end
   replaced = nil
   log.info("policies reloaded", { modules = names })
+  reloads_total:inc({ result = "ok" })
   return true, names
 end
 
@@ -231,4 +237,4 @@ end
 -- each of these adds its part of the API to resil
 resil.metrics = require "resil.metrics"
 resil.mock = require "resil.mock"
-for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits" }) do require("resil." .. name) end
+for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "trace" }) do require("resil." .. name) end
