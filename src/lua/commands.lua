@@ -226,7 +226,7 @@ function commands.costs(args)
     local out = {}
     for _, r in ipairs(assert(s.backend:cost_rows(filter))) do
       out[#out + 1] = { os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(r.at)), r.provider, r.model, r.operation, r.user,
-                        r.run, r.item, r.step, r.budget, ("%.6f"):format(r.micro_usd / 1e6), r.units }
+                        r.run, r.item, r.step, r.budget, r.micro_usd and ("%.6f"):format(r.micro_usd / 1e6) or "", r.units }
     end
     csv_print({ "at", "provider", "model", "operation", "user", "run", "item", "step", "budget", "usd", "units" }, out)
     return
@@ -240,13 +240,13 @@ function commands.costs(args)
       csv_print({ by, "calls", "usd" }, out)
       return
     end
-    local out, total = {}, 0
+    local out, total, unpriced = {}, 0, 0
     for _, r in ipairs(rows) do
-      out[#out + 1] = { r.key or "-", r.calls, ("$%.6f"):format(r.usd) }
-      total = total + r.usd
+      out[#out + 1] = { r.key or "-", r.calls, ("$%.6f"):format(r.usd), r.unpriced or "" }
+      total, unpriced = total + r.usd, unpriced + (r.unpriced or 0)
     end
-    out[#out + 1] = { "TOTAL", "", ("$%.6f"):format(total) }
-    table_print({ by:upper(), "CALLS", "USD" }, out)
+    out[#out + 1] = { "TOTAL", "", ("$%.6f"):format(total), unpriced > 0 and unpriced or "" }
+    table_print({ by:upper(), "CALLS", "USD", "UNPRICED" }, out)
   else
     local total = assert(resil.cost.total(filter))
     if as_json then print(json.encode({ usd = total })) return end

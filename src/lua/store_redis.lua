@@ -603,14 +603,16 @@ function R:cost_query(by, filter)
       local gk = k == nil and "\0" or k
       local g = groups[gk]
       if not g then
-        g = { key = k, micro_usd = 0, calls = 0 }
+        g = { key = k, micro_usd = 0, calls = 0, unpriced = 0 }
         groups[gk] = g
         order[#order + 1] = g
       end
-      g.micro_usd, g.calls = g.micro_usd + e.micro_usd, g.calls + 1
+      local micro = e.micro_usd ~= resil.json.null and e.micro_usd or nil -- nil: a call without a price
+      g.micro_usd, g.calls = g.micro_usd + (micro or 0), g.calls + 1
+      if not micro then g.unpriced = g.unpriced + 1 end
     end
   end
-  if not by and #order == 0 then order[1] = { micro_usd = 0, calls = 0 } end
+  if not by and #order == 0 then order[1] = { micro_usd = 0, calls = 0, unpriced = 0 } end
   table.sort(order, function(a, b) return a.micro_usd > b.micro_usd end)
   return order
 end

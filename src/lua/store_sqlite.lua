@@ -57,6 +57,20 @@ local migrations = {
     declared_micro INTEGER, declared_per TEXT, declared_at REAL);
   ALTER TABLE reservations ADD COLUMN created_at REAL;
   ]],
+  -- 6: a call without a price is a row with micro_usd NULL (SQLite cannot
+  -- drop a NOT NULL constraint: the table is rebuilt, rows and ids kept)
+  [[
+  CREATE TABLE costs_v6 (id INTEGER PRIMARY KEY, dedupe TEXT UNIQUE, at REAL NOT NULL, day TEXT NOT NULL,
+    provider TEXT, model TEXT, operation TEXT, user TEXT, run TEXT, step TEXT,
+    micro_usd INTEGER, units TEXT, budget TEXT, period TEXT, ticket TEXT UNIQUE, item TEXT);
+  INSERT INTO costs_v6 (id, dedupe, at, day, provider, model, operation, user, run, step, micro_usd, units, budget,
+    period, ticket, item) SELECT id, dedupe, at, day, provider, model, operation, user, run, step, micro_usd, units,
+    budget, period, ticket, item FROM costs;
+  DROP TABLE costs;
+  ALTER TABLE costs_v6 RENAME TO costs;
+  CREATE INDEX costs_budget ON costs(budget, period);
+  CREATE INDEX costs_day ON costs(day);
+  ]],
 }
 
 local B = {}
@@ -354,7 +368,8 @@ function B:cost_query(by, filter)
   if filter.since then where[#where + 1] = "at >= ?"; args[#args + 1] = filter.since end
   if filter["until"] then where[#where + 1] = "at < ?"; args[#args + 1] = filter["until"] end
   local column = by and assert(BY[by], "cost: cannot break down by " .. tostring(by))
-  local sql = ("SELECT %s AS key, coalesce(sum(micro_usd), 0) AS micro_usd, count(*) AS calls FROM costs " ..
+  local sql = ("SELECT %s AS key, coalesce(sum(micro_usd), 0) AS micro_usd, count(*) AS calls, " ..
+               "sum(micro_usd IS NULL) AS unpriced FROM costs " ..
                "WHERE %s %s ORDER BY %s"):format(column or "NULL", table.concat(where, " AND "),
                column and ("GROUP BY " .. column) or "", column and "micro_usd DESC" or "1")
   return self.db:tx(function(tx) return tx:rows(sql, table.unpack(args)) end)
