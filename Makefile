@@ -51,8 +51,11 @@ $(BUILD)/libresil.so: $(LIB_OBJ)
 $(BIN): $(BUILD)/main.o $(BUILD)/libresil.a
 	$(CC) $(LDFLAGS) -o $@ $(BUILD)/main.o $(BUILD)/libresil.a $(BIN_ALLOC) $(LDLIBS)
 
-$(BUILD)/embed_test: tests/embed_test.c $(BUILD)/libresil.a
-	$(CC) $(CFLAGS) -Isrc -o $@ $< $(BUILD)/libresil.a $(LDFLAGS) $(LDLIBS)
+# the C tests: one program per file in tests/, each printing TAP
+C_TESTS  = $(patsubst tests/%.c,$(BUILD)/%,$(wildcard tests/*_test.c))
+
+$(BUILD)/%_test: tests/%_test.c $(BUILD)/libresil.a
+	$(CC) $(CFLAGS) -Isrc -o $@ $< $(BUILD)/libresil.a $(LDFLAGS) $(LDLIBS) -lpthread
 
 # Installs the Debian packages the project needs; nothing when all are present.
 deps:
@@ -66,8 +69,8 @@ deps:
 demo: all
 	./resil-lua examples/pipeline.lua
 
-test: all $(BUILD)/embed_test
-	RESIL=$(abspath $(BIN)) EMBED_TEST=$(abspath $(BUILD)/embed_test) RESIL_HOME=$(CURDIR) \
+test: all $(C_TESTS)
+	RESIL=$(abspath $(BIN)) EMBED_TEST="$(abspath $(C_TESTS))" RESIL_HOME=$(CURDIR) \
 	  RESIL_LIBDIR=$(BUILD) SAN_FLAGS="$(SAN)" spec/run
 
 check:
