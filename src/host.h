@@ -46,6 +46,7 @@ struct resil {
   int in_loop;           /* inside resil_run, resil_step or resil_call */
   task *current;
   task *main_task;
+  int main_ref; /* the registry's reference to it (0: none yet) */
   int tasks_alive;
   int next_task_id;
   int io_pending; /* real I/O that tasks wait on (HTTP transfers) */

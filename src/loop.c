@@ -490,7 +490,10 @@ task *task_spawn(resil_t *R, int nargs) {
 
 task *task_spawn_main(resil_t *R, int nargs) {
   task *t = task_create(R->L, R, nargs, NULL);
-  lua_pop(R->L, 1);
+  /* pinned until the next main task: resil_run, resil_step and resil_call
+   * read it after it ended */
+  if (R->main_ref > 0) luaL_unref(R->L, LUA_REGISTRYINDEX, R->main_ref);
+  R->main_ref = luaL_ref(R->L, LUA_REGISTRYINDEX);
   R->main_task = t;
   return t;
 }
@@ -636,6 +639,7 @@ static int task_gc(lua_State *L) {
   if (t->failed && !t->joined && !t->canceled && t != t->R->main_task && t->traceback)
     redact_fprintf(t->R, stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, task_where(t),
                    t->traceback);
+  if (t->R->main_task == t) t->R->main_task = NULL; /* collected once it ended: resil_call and resil_step look later */
   timer_free(&t->timer);
   free(t->joiners);
   t->joiners = NULL;
@@ -814,7 +818,7 @@ static int loop_status(resil_t *R, int main) {
     return RESIL_ERR_INTERRUPT;
   }
   task *m = R->main_task;
-  if (m && m->failed && (main == 1 || (main == 2 && !m->joined))) {
+  if (main && m && m->failed && (main == 1 || !m->joined)) {
     resil_set_error(R, m->traceback ? m->traceback : "main task failed");
     m->joined = 1;
     return RESIL_ERR_SCRIPT;
