@@ -70,7 +70,7 @@ demo: all
 	./resil-lua examples/pipeline.lua
 
 test: all $(C_TESTS)
-	RESIL=$(abspath $(BIN)) EMBED_TEST="$(abspath $(C_TESTS))" RESIL_HOME=$(CURDIR) \
+	RESIL=$(abspath $(BIN)) EMBED_TEST="$(abspath $(C_TESTS) $(wildcard tests/*_test.sh))" RESIL_HOME=$(CURDIR) \
 	  RESIL_LIBDIR=$(BUILD) SAN_FLAGS="$(SAN)" spec/run
 
 check:
@@ -82,12 +82,12 @@ bench: all
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include \
 	  $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/share/resil/policies
-	install -m 755 resil-lua $(DESTDIR)$(PREFIX)/bin/
+	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/
 	install -m 644 $(BUILD)/libresil.a $(BUILD)/libresil.so $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 src/resil.h $(DESTDIR)$(PREFIX)/include/
 	cp -R policies/. $(DESTDIR)$(PREFIX)/share/resil/policies/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(shell sed -n 's/.*RESIL_VERSION "\(.*\)"/\1/p' src/resil.h)|' \
-	  -e 's|@REQUIRES@|$(PKGS)|' resil.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil.pc
+	  -e 's|@REQUIRES@|$(filter-out lua5.4,$(PKGS))|' resil.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil.pc
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/resil-lua $(DESTDIR)$(PREFIX)/lib/libresil.a $(DESTDIR)$(PREFIX)/lib/libresil.so \

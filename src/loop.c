@@ -826,30 +826,42 @@ static int loop_status(resil_t *R, int main) {
   return RESIL_OK;
 }
 
-int loop_run(resil_t *R) {
+/* Entering the host's own loop: the pump is not needed (a pending one would
+ * end the first wait at once); leaving it with tasks ready: it is again. */
+static void loop_enter(resil_t *R) {
   R->in_loop++;
+  if (R->pump_ev) event_del(R->pump_ev);
+}
+
+static void loop_leave(resil_t *R) {
+  R->in_loop--;
+  if (!R->in_loop && R->ready_head && R->pump_ev) event_active(R->pump_ev, EV_TIMEOUT, 0);
+}
+
+int loop_run(resil_t *R) {
+  loop_enter(R);
   while (R->tasks_alive > 0 && !R->interrupted) {
     if (R->main_task && R->main_task->failed) break;
     loop_turn(R);
   }
-  R->in_loop--;
+  loop_leave(R);
   return loop_status(R, 1);
 }
 
 int loop_run_until(resil_t *R, const int *done) {
-  R->in_loop++;
+  loop_enter(R);
   while (!*done && R->tasks_alive > 0 && !R->interrupted) loop_turn(R);
-  R->in_loop--;
+  loop_leave(R);
   return loop_status(R, 0);
 }
 
 static void step_timeout_cb(evutil_socket_t fd, short what, void *arg) { (void)fd, (void)what, (void)arg; }
 
 int loop_step(resil_t *R, int timeout_ms) {
-  R->in_loop++;
+  loop_enter(R);
   if (R->ready_head) {
     loop_turn(R);
-  } else if (R->tasks_alive > 0 && !R->interrupted) {
+  } else if ((R->tasks_alive > 0 || timeout_ms >= 0) && !R->interrupted) { /* servers and signals need turns too */
     if (timeout_ms == 0) {
       event_base_loop(R->base, EVLOOP_NONBLOCK);
       if (R->virtual_clock && !R->ready_head && R->io_pending == 0 && R->vheap_len > 0) virtual_advance(R);
@@ -863,7 +875,7 @@ int loop_step(resil_t *R, int timeout_ms) {
       if (tm) event_free(tm);
     }
   }
-  R->in_loop--;
+  loop_leave(R);
   int status = loop_status(R, 2);
   if (status != RESIL_OK) return -status;
   return R->tasks_alive > 0;

@@ -3,6 +3,7 @@
  * cap), the libevent loop, the `resil` module and the policy search path, and
  * turns a script into the first task.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -138,7 +139,17 @@ static void install_policy_searcher(lua_State *L) {
   lua_pop(L, 2);
 }
 
-/* The shipped policies: next to the binary in a build tree, else installed. */
+static int has_policies(const char *dir) {
+  char probe[PATH_MAX + 32];
+  struct stat st;
+  snprintf(probe, sizeof probe, "%s/policies", dir);
+  return stat(probe, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* The shipped policies: $RESIL_HOME; next to the binary in a build tree;
+ * <prefix>/share/resil of the installation this code was loaded from
+ * (libresil.so's folder, or the binary's, /../share/resil: right for a
+ * prefix chosen at install time); else the prefix compiled in. */
 static char *find_share_dir(void) {
   const char *env = getenv("RESIL_HOME");
   if (env && *env) return strdup(env);
@@ -149,10 +160,20 @@ static char *find_share_dir(void) {
     char *slash = strrchr(exe, '/');
     if (slash) {
       *slash = '\0';
-      char probe[PATH_MAX + 32];
-      snprintf(probe, sizeof probe, "%s/policies", exe);
-      struct stat st;
-      if (stat(probe, &st) == 0 && S_ISDIR(st.st_mode)) return strdup(exe);
+      char tree[PATH_MAX + 32];
+      snprintf(tree, sizeof tree, "%s/src/resil.h", exe); /* the build tree, not any folder with policies */
+      if (has_policies(exe) && file_exists(tree)) return strdup(exe);
+    }
+  }
+  Dl_info info;
+  char here[PATH_MAX], share[PATH_MAX + 32];
+  if (dladdr((void *)find_share_dir, &info) && info.dli_fname && realpath(info.dli_fname, here)) {
+    char *slash = strrchr(here, '/');
+    if (slash) {
+      *slash = '\0';
+      snprintf(share, sizeof share, "%s/../share/resil", here);
+      char real[PATH_MAX];
+      if (realpath(share, real) && has_policies(real)) return strdup(real);
     }
   }
   return strdup(RESIL_SHAREDIR);
@@ -346,7 +367,12 @@ static void apply_sandbox(resil_t *R, const resil_options *opts) {
   lua_getfield(L, -1, "package");
   lua_pushliteral(L, "");
   lua_setfield(L, -2, "cpath");
-  lua_pop(L, 2);
+  lua_getfield(L, -1, "searchers");
+  for (lua_Integer i = luaL_len(L, -1); i > 3; i--) { /* preload, policies, Lua files: the C ones go */
+    lua_pushnil(L);
+    lua_rawseti(L, -2, i);
+  }
+  lua_pop(L, 3);
 }
 
 /* ---------- lifecycle ---------- */

@@ -155,7 +155,8 @@ int resil_call_async(resil_t *R, const char *fn, const char *json_args,
 
 /* One loop turn, for a program whose loop is not libevent's: run the tasks
  * that are ready, or else wait for I/O up to timeout_ms (0: only look; -1:
- * until something happens). Returns 1 while tasks remain, 0 when none is
+ * until something happens, and not at all when no task is left). The turns
+ * also serve the host's servers (resil.server, the mock) and SIGHUP. Returns 1 while tasks remain, 0 when none is
  * left, -RESIL_ERR_SCRIPT once when the main task failed (resil_error()
  * says why), -RESIL_ERR_INTERRUPT after resil_interrupt, -RESIL_ERR_USAGE
  * when called from inside the loop. */

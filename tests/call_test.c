@@ -343,7 +343,8 @@ int main(void) {
     {"debug.sethook()", "debug.sethook is not allowed in the sandbox"},
     {"package.loadlib('x', 'y')", "package.loadlib is not allowed in the sandbox"},
     {"return package.cpath", "package.cpath is not allowed in the sandbox"},
-    {"return package.loaded.os", "package.loaded is not allowed in the sandbox"},
+    {"return package.searchers", "package.searchers is not allowed in the sandbox"},
+    {"package.loaded.os = {}", "package.loaded[\"os\"] cannot be set in the sandbox"},
     {"require 'socket'", "require \"socket\" is not allowed in the sandbox"},
     {"require 'debug'", "require \"debug\" is not allowed in the sandbox"},
     {"load('return 1', 'x', 'b')", "load: binary chunks are not allowed in the sandbox"},
@@ -376,6 +377,9 @@ int main(void) {
   check(call(SB, "try", "[\"return require('resil').version, os.time() > 0, string.rep('a', 2), require('policies.router').combine(1, 1)\"]") == RESIL_OK &&
             contains(result, "\"aa\",1001]"),
         "sandbox: resil, the safe libraries and the policies are there");
+  check(call(SB, "try", "[\"return package.loaded.os == os, package.loaded.debug == nil, package.loaded['policies.router'] ~= nil\"]") == RESIL_OK &&
+            strcmp(result, "[true,true,true]") == 0,
+        "sandbox: package.loaded shows the sandbox's libraries and the policies, not the host's");
   check(call(SB, "try", "[\"local s = require('resil').sqlite.open(':memory:') return s ~= nil\"]") == RESIL_OK,
         "sandbox: the host's own modules keep working");
   resil_close(SB);

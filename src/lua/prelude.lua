@@ -358,7 +358,23 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     end
     error(("require %q is not allowed in the sandbox: only resil, resil.* and modules in the policy folders"):format(name), 2)
   end
-  env.package = refusing("package.", { path = search, config = package.config })
+  -- package.loaded: what require may give (the policy library reads its
+  -- own current version there after a reload), read only
+  local function visible(name)
+    return type(name) == "string" and (name == "resil" or name:match("^resil%.") or name:match("^policies%.")
+      or package.searchpath(name, search) ~= nil)
+  end
+  local loaded_view = setmetatable({}, {
+    __index = function(_, name)
+      if own[name] then return own[name] end
+      if visible(name) then return package.loaded[name] end
+      return nil
+    end,
+    __newindex = function(_, name)
+      error(("package.loaded[%q] cannot be set in the sandbox"):format(tostring(name)), 2)
+    end,
+  })
+  env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_view })
   env.package.loadlib = refused("package.loadlib")
   env._G = env
   return env
