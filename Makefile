@@ -29,7 +29,7 @@ LIB_OBJ  = $(LIB_SRC:src/%.c=$(BUILD)/%.o)
 LUA_SRC  = $(wildcard src/lua/*.lua)
 BIN      = $(if $(filter build,$(BUILD)),resil-lua,$(BUILD)/resil-lua)
 
-.PHONY: all deps demo test check bench install uninstall clean
+.PHONY: all deps demo test check fuzz fuzz-build fuzz-smoke bench install uninstall clean
 
 all: $(BIN) $(BUILD)/libresil.a $(BUILD)/libresil.so
 
@@ -75,6 +75,44 @@ test: all $(C_TESTS)
 
 check:
 	$(MAKE) BUILD=build/asan OPT=-O1 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer" test
+	$(MAKE) fuzz-smoke
+
+# libFuzzer targets (fuzz/*_fuzz.c) for what reads bytes from outside, on a
+# library built by clang with ASan+UBSan. `make fuzz` runs each for
+# FUZZ_TIME seconds, new inputs in build/fuzz/corpus/, crashes as
+# build/fuzz/crash-*; `make check` runs each for a few seconds over the
+# committed seeds (fuzz/corpus/<target>/). A crash becomes a seed and a spec.
+FUZZ_CC      ?= clang
+FUZZ_BUILD    = build/fuzz
+FUZZ_SAN      = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_TARGETS  = $(patsubst fuzz/%_fuzz.c,%,$(wildcard fuzz/*_fuzz.c))
+FUZZ_TIME    ?= 60
+FUZZ_SMOKE   ?= 3
+
+fuzz-build:
+	$(MAKE) BUILD=$(FUZZ_BUILD) CC=$(FUZZ_CC) OPT=-O1 SAN="$(FUZZ_SAN) -fsanitize=fuzzer-no-link" $(FUZZ_BUILD)/libresil.a
+	$(MAKE) $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%_fuzz)
+
+$(FUZZ_BUILD)/%_fuzz: fuzz/%_fuzz.c fuzz/fuzz_host.h $(FUZZ_BUILD)/libresil.a
+	$(FUZZ_CC) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer -D_GNU_SOURCE -Isrc $(PKG_CFLAGS) -o $@ $< $(FUZZ_BUILD)/libresil.a $(LDLIBS)
+
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t; echo "fuzz: $$t for $(FUZZ_TIME) s"; \
+	  $(FUZZ_BUILD)/$${t}_fuzz -max_total_time=$(FUZZ_TIME) -artifact_prefix=$(FUZZ_BUILD)/$$t- \
+	    $(FUZZ_BUILD)/corpus/$$t fuzz/corpus/$$t > $(FUZZ_BUILD)/$$t.log 2>&1; status=$$?; \
+	  if [ $$status -ne 0 ]; then echo "fuzz: $$t FAILED"; tail -40 $(FUZZ_BUILD)/$$t.log; exit 1; fi; \
+	  echo "fuzz: $$t ok ($$(grep -o 'DONE.*' $(FUZZ_BUILD)/$$t.log | head -1))"; \
+	done
+
+fuzz-smoke: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  scratch=$$(mktemp -d); \
+	  $(FUZZ_BUILD)/$${t}_fuzz -max_total_time=$(FUZZ_SMOKE) -artifact_prefix=$(FUZZ_BUILD)/$$t- $$scratch fuzz/corpus/$$t \
+	    > $(FUZZ_BUILD)/$$t.log 2>&1; status=$$?; rm -rf $$scratch; \
+	  if [ $$status -ne 0 ]; then echo "fuzz: $$t FAILED"; tail -40 $(FUZZ_BUILD)/$$t.log; exit 1; fi; \
+	  echo "fuzz: $$t ok ($$(grep -o 'DONE.*' $(FUZZ_BUILD)/$$t.log | head -1))"; \
+	done
 
 bench: all
 	bench/run
