@@ -63,12 +63,6 @@ static int host_add(lua_State *L) {
   return 1;
 }
 
-static int host_call_back(lua_State *L) {
-  resil_t *R = lua_touserdata(L, lua_upvalueindex(1));
-  (void)R;
-  return 0;
-}
-
 static resil_t *reentrant_host;
 static int host_reenter(lua_State *L) {
   char *out = NULL;
@@ -230,7 +224,6 @@ int main(void) {
         "its errors reach the caller as RESIL_ERR_SCRIPT");
   reentrant_host = R;
   resil_register(R, "reenter", host_reenter);
-  (void)host_call_back;
   load(R, "function reenter() return require('resil').host.reenter() end\n");
   check(call(R, "reenter", NULL) == RESIL_OK && strcmp(result, "[6]") == 0,
         "resil_call from inside a task is refused with RESIL_ERR_USAGE");
