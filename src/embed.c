@@ -220,7 +220,10 @@ static int start_call(resil_t *R, const char *fn, const char *json_args, embed_c
   lua_pushstring(L, fn);
   lua_insert(L, -3);
   lua_remove(L, helpers);
+  lua_pushvalue(L, -2); /* f, to name the task after it rather than the wrapper */
+  lua_insert(L, -5);
   task *t = task_spawn(R, 3);
+  task_describe(t, L, -1);
   c->R = R;
   task_on_done(t, call_done, c);
   embed_state *st = R->embed;

@@ -129,6 +129,7 @@ task *task_spawn(resil_t *R, int nargs);      /* the same, not the main task */
  * task_traceback the failure's message with its traceback (NULL if none). */
 typedef void (*task_done_fn)(void *arg, task *t);
 void task_on_done(task *t, task_done_fn fn, void *arg);
+void task_describe(task *t, lua_State *L, int idx); /* messages name the function at idx as the task's */
 int task_push_results(lua_State *L, task *t);
 const char *task_traceback(const task *t);
 /* Call fn(arg) after each pass over the ready tasks: work that the tasks of

@@ -332,6 +332,7 @@ static void task_drop_stack(task *t) {
 static void instruction_hook(lua_State *L, lua_Debug *ar);
 static const char *task_where(task *t);
 static int push_results(lua_State *L, task *t);
+static void describe_function(lua_State *L, int idx, task *t);
 
 static void task_resume(resil_t *R, task *t) {
   int nres = 0, nargs = t->nargs;
@@ -515,6 +516,8 @@ static int l_background(lua_State *L) {
   R->tasks_alive--;
   return 1;
 }
+
+void task_describe(task *t, lua_State *L, int idx) { describe_function(L, idx, t); }
 
 void task_on_done(task *t, task_done_fn fn, void *arg) {
   t->on_done = fn;
