@@ -374,6 +374,11 @@ static int b_charge(lua_State *L) {
 
 /* ---------- provider headers ---------- */
 
+/* A provider's word on waiting is believed up to a day: a larger one (or a
+ * garbled one) must not park the bucket for good, nor overflow the clock's
+ * integer nanoseconds (headers_fuzz found "1e300"). */
+#define MAX_PAUSE_S 86400.0
+
 /* OpenAI's durations: "6m0s", "1.5s", "20ms", "1h2m3s"; also plain seconds. */
 static int parse_duration(const char *s, double *out) {
   char *end;
@@ -391,6 +396,7 @@ static int parse_duration(const char *s, double *out) {
     total += v;
     parts++;
   }
+  if (!isfinite(total)) return 0; /* "1e309s", "nan": not a duration */
   *out = total;
   return parts > 0;
 }
@@ -428,7 +434,7 @@ static int parse_retry_after(const char *s, double *out) {
   double v = strtod(s, &end);
   if (end != s && *end == '\0') {
     *out = v;
-    return 1;
+    return isfinite(v); /* "1e309", "nan", "inf": not a number of seconds */
   }
   time_t at = curl_getdate(s, NULL);
   if (at == -1) return 0;
@@ -446,6 +452,7 @@ static const char *header(lua_State *L, int headers, const char *name) {
 
 static void pause_for(bucket *b, double seconds) {
   if (!(seconds > 0)) return;
+  if (seconds > MAX_PAUSE_S) seconds = MAX_PAUSE_S;
   int64_t until = now_ns(b->R) + (int64_t)llround(seconds * NS);
   if (until > b->paused_until_ns) b->paused_until_ns = until;
   serve(b);
@@ -466,6 +473,9 @@ static int b_observe(lua_State *L) {
   if ((v = header(L, 2, b->h_reset))) have_reset = parse_duration(v, &reset);
   if (!have_remaining && (v = header(L, 2, b->h_anthropic_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
   if (!have_reset && (v = header(L, 2, b->h_anthropic_reset))) have_reset = parse_rfc3339(v, &reset);
+  if (have_remaining && !isfinite(remaining)) remaining = remaining < 0 ? 0 : NAN; /* -1e309: none left */
+  if (have_remaining && isnan(remaining)) have_remaining = 0;
+  if (have_remaining && remaining < 0) remaining = 0;
 
   if (have_remaining) {
     int64_t now = now_ns(b->R);
@@ -504,7 +514,7 @@ static int l_retry_after(lua_State *L) {
     if (remaining && atof(remaining) <= 0 && (s = header(L, 1, name)) && parse_rfc3339(s, &v) && v > best) best = v;
   }
   if (best < 0) return 0;
-  lua_pushnumber(L, best);
+  lua_pushnumber(L, best > MAX_PAUSE_S ? MAX_PAUSE_S : best);
   return 1;
 }
 

@@ -50,6 +50,7 @@ static void usage(FILE *out) {
           "  --run ID                the run resil.step checkpoints into (default: from script and args)\n"
           "  --fresh                 start the run over, forgetting its checkpoints\n"
           "  --wait                  when another process holds the run, wait for it (default: stop)\n"
+          "  --sandbox               run scripts and policies in the sandbox (no os.execute, io.popen, ...)\n"
           "  --log-file PATH         append JSON log lines to PATH (default stderr)\n"
           "  --metrics-addr HOST:PORT  serve GET /metrics (Prometheus text) while the run lasts\n"
           "  --metrics-file PATH     write the metrics to PATH every 15 s and at exit (textfile collector)\n"
@@ -225,7 +226,9 @@ static int run_mock(int argc, char **argv) {
   long port_number;
   if (strcmp(port, "0") != 0 && (parse_count(port, &port_number) != 0 || port_number > 65535))
     return fail("mock: bad port '%s'", port);
-  resil_t *R = resil_open(NULL);
+  resil_options mock_opts = {0};
+  mock_opts.sandbox = RESIL_SANDBOX_OFF; /* the command's own script */
+  resil_t *R = resil_open(&mock_opts);
   if (!R) return fail("%s", "cannot create the host");
   lua_State *L = resil_lua(R);
   lua_createtable(L, 3, 1);
@@ -257,6 +260,7 @@ static int run_mock(int argc, char **argv) {
 static int run_command(const char *name, int argc, char **argv) {
   resil_options opts = {0};
   opts.log_level = "warn";
+  opts.sandbox = RESIL_SANDBOX_OFF;
   for (int i = 0; i < argc; i++) {
     if (strcmp(argv[i], "--store") != 0) continue;
     if (i + 1 >= argc) return fail("%s: --store needs a path or URL", name);
@@ -320,6 +324,7 @@ static void finish_run(resil_t *R, int status) {
 
 int main(int argc, char **argv) {
   resil_options opts = {0};
+  opts.sandbox = RESIL_SANDBOX_OFF; /* the sandbox is for embedders and --sandbox */
   const char *codes[64];
   int ncodes = 0, i = 1, watch = 0, wait = 0;
   const char *metrics_addr = NULL, *metrics_file = NULL, *otlp_endpoint = NULL;
@@ -358,6 +363,10 @@ int main(int argc, char **argv) {
     }
     if (strcmp(a, "--wait") == 0) {
       wait = 1;
+      continue;
+    }
+    if (strcmp(a, "--sandbox") == 0) {
+      opts.sandbox = RESIL_SANDBOX_ON;
       continue;
     }
     if (strcmp(a, "-e") == 0 || strcmp(a, "--max-instructions") == 0 || strcmp(a, "--max-memory") == 0 ||
