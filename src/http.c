@@ -64,7 +64,7 @@ typedef struct {
   char *name;
   size_t len;
   long connections, version;
-  long mux_active;           /* its transfers on the h2 multi handle */
+  long mux_active, mux_connections; /* its transfers and connections on the h2 multi handle */
   http_req *parked, *parked_tail; /* h2 transfers waiting for a free stream */
   http_req *opener;          /* the transfer let in to open one more connection */
 } origin;
@@ -87,7 +87,7 @@ struct http_state {
   CURLSH *share;            /* TLS sessions, resumed by every handle */
   origin *origins;
   int norigins, last_origin;
-  int *socket_origin;       /* fd -> index in origins + 1 (0: not ours) */
+  int *socket_origin;       /* fd -> 2 x (index in origins + 1), + 1 on the h2 handle (0: not ours) */
   int socket_cap;
   int parked;               /* h2 transfers waiting, over all origins */
   http_req *free_reqs;      /* recycled requests, each with its easy handle */
@@ -128,7 +128,7 @@ static int origin_index(http_state *H, const char *url) {
   o = &grown[H->norigins];
   if (!(o->name = strndup(url, len))) return -1;
   o->len = len;
-  o->connections = o->version = o->mux_active = 0;
+  o->connections = o->version = o->mux_active = o->mux_connections = 0;
   o->parked = o->parked_tail = o->opener = NULL;
   return H->last_origin = H->norigins++;
 }
@@ -207,7 +207,8 @@ static void note_http_version(http_req *r) {
   curl_easy_getinfo(r->easy, CURLINFO_HTTP_VERSION, &v);
   if (!v) return;
   r->http_version = v;
-  if (r->origin >= 0) r->H->origins[r->origin].version = v;
+  if (r->set.http_version != CURL_HTTP_VERSION_1_1) /* what the origin offers, not what was asked */
+    r->H->origins[r->origin].version = v;
 }
 
 void request_finish(http_req *r, CURLcode result, abort_reason why) {
@@ -254,7 +255,7 @@ static void admit_parked(http_state *H) {
       http_req *r = o->parked;
       int plain = http1 && r->set.http_version == CURL_HTTP_VERSION_2TLS;
       /* the opener's connection has no room until it is up */
-      long ready = o->connections - (o->opener != NULL);
+      long ready = o->mux_connections - (o->opener != NULL);
       if (!plain && o->mux_active >= H2_STREAMS_PER_CONNECTION * ready) {
         if (o->opener) break;
         o->opener = r;
@@ -552,15 +553,19 @@ static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct 
     H->socket_origin = grown;
     H->socket_cap = cap;
   }
-  H->socket_origin[s] = i + 1;
+  int mux = r->driver == &H->drivers[DRIVER_MUX];
+  H->socket_origin[s] = 2 * (i + 1) + mux;
   H->origins[i].connections++;
+  H->origins[i].mux_connections += mux;
   return s;
 }
 
 static int close_socket_cb(void *clientp, curl_socket_t s) {
   http_state *H = clientp;
   if (s >= 0 && s < H->socket_cap && H->socket_origin[s]) {
-    H->origins[H->socket_origin[s] - 1].connections--;
+    origin *o = &H->origins[H->socket_origin[s] / 2 - 1];
+    o->connections--;
+    o->mux_connections -= H->socket_origin[s] & 1;
     H->socket_origin[s] = 0;
   }
   return close(s);
