@@ -6,7 +6,7 @@ local helpers = require "spec.helpers"
 local classify = require "policies.classify"
 local http = resil.http
 
-local dir, tls_port, h2c_port, backend, origin, ca
+local dir, tls_port, h2c_port, goaway_port, backend, origin, ca
 local sse_events = 10
 
 local function nginx(args)
@@ -48,7 +48,7 @@ setup(function()
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"ok":true}',
       delay = tonumber(req.query and req.query:match("delay=([%d.]+)")) }
   end })
-  tls_port, h2c_port = helpers.free_port(), helpers.free_port()
+  tls_port, h2c_port, goaway_port = helpers.free_port(), helpers.free_port(), helpers.free_port()
   helpers.write(dir .. "/nginx.conf", ([[
 worker_processes 1;
 daemon on;
@@ -72,8 +72,15 @@ http {
       proxy_http_version 1.1;
     }
   }
+  server {
+    listen 127.0.0.1:GOAWAY ssl http2;
+    keepalive_requests 100;
+    ssl_certificate DIR/cert.pem;
+    ssl_certificate_key DIR/key.pem;
+    location = /fast { default_type application/json; return 200 '{"ok":true}'; }
+  }
 }
-]]):gsub("DIR", dir):gsub("TLS", tls_port):gsub("H2C", h2c_port):gsub("BACKEND", backend:port()))
+]]):gsub("DIR", dir):gsub("TLS", tls_port):gsub("H2C", h2c_port):gsub("GOAWAY", goaway_port):gsub("BACKEND", backend:port()))
   r = nginx()
   assert.are.equal(0, r.code, r.stderr)
   origin = ("https://127.0.0.1:%d"):format(tls_port)
@@ -202,8 +209,26 @@ describe("streams over h2", function()
   end)
 end)
 
-describe("a server going away (nginx -s reload sends GOAWAY)", function()
-  it("fails no request with a kind that is not retryable, and loses none", function()
+describe("a server going away", function()
+  it("fails no request when it closes each connection after 100 requests (GOAWAY)", function()
+    local url = ("https://127.0.0.1:%d/fast"):format(goaway_port)
+    local n, c, next_i, failures = 3000, 50, 0, {}
+    local workers = {}
+    for w = 1, c do
+      workers[w] = resil.spawn(function()
+        while next_i < n do
+          next_i = next_i + 1
+          local res, err = http.request({ url = url, ca_file = ca })
+          if not res then failures[#failures + 1] = err.kind .. ": " .. err.message end
+        end
+      end)
+    end
+    for w = 1, c do workers[w]:join() end
+    assert.are.same({}, failures)
+  end)
+
+
+  it("on nginx -s reload (GOAWAY) fails no request with a kind that is not retryable, and loses none", function()
     local n, outcomes, done = 300, { ok = 0, retryable = 0, other = {} }, 0
     local next_i = 0
     local workers = {}

@@ -276,12 +276,14 @@ static void admit_parked(http_state *H) {
 }
 
 /* The opener's connection is up (or it found a free stream): the origin has
- * room for more. */
+ * room for more. Also counts the times curl sends a request: it resends one
+ * that a GOAWAY or a dead reused connection refused. */
 static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port) {
   (void)primary_ip, (void)local_ip, (void)primary_port, (void)local_port;
   http_req *r = clientp;
   origin *o = &r->H->origins[r->origin];
   if (o->opener == r) o->opener = NULL;
+  if (++r->sends > 1) r->set.retried++; /* curl sent it again: see easy_retries_spent */
   return CURL_PREREQFUNC_OK;
 }
 
@@ -1078,6 +1080,23 @@ static void set_method(http_req *r, const char *method, size_t body_len) {
   }
 }
 
+/* Back to libcurl's defaults and ours (verified against the system's CAs). */
+static void easy_reset(http_req *r) {
+  curl_easy_reset(r->easy);
+  easy_defaults(r);
+}
+
+/* libcurl 7.88 counts the resends of a refused request (a stream past a
+ * GOAWAY's last id, a reused connection found dead) per easy handle, never
+ * per transfer, and gives up at 5 ("Connection died, tried 5 times"): a
+ * recycled handle would fail a request after a few GOAWAYs that it would
+ * have sent on a new connection (nginx's default keepalive_requests sends
+ * one every 1,000 requests). A reset clears the count: a handle that resent
+ * is reset before its next request (rare: a reset costs its options). */
+static void easy_retries_spent(http_req *r) {
+  if (r->set.retried > 0) easy_reset(r);
+}
+
 static int same_string(const char *a, const char *b) { return a == b || (a && b && strcmp(a, b) == 0); }
 
 /* TLS options are set only on the handle whose request asks for them; the
@@ -1087,10 +1106,7 @@ static void set_tls(http_req *r, const char *ca_file, long insecure) {
   easy_options *o = &r->set;
   long custom = ca_file || insecure;
   if (o->tls_custom == custom && o->insecure == insecure && same_string(o->ca_file, ca_file)) return;
-  if (o->tls_custom) { /* back to libcurl's defaults: verified against the system's CAs */
-    curl_easy_reset(r->easy);
-    easy_defaults(r);
-  }
+  if (o->tls_custom) easy_reset(r);
   o->tls_custom = custom; /* a failed strdup below only costs a reset next time */
   if (ca_file) {
     o->ca_file = strdup(ca_file);
@@ -1157,7 +1173,8 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   r->max_body = (size_t)f.max_body;
   r->max_event = f.max_event >= (double)SIZE_MAX ? SIZE_MAX : (size_t)f.max_event;
 
-  set_tls(r, f.ca_file, f.insecure); /* first: it may reset the handle */
+  easy_retries_spent(r); /* first, with set_tls: they may reset the handle */
+  set_tls(r, f.ca_file, f.insecure);
   CURL *e = r->easy;
   if (!r->set.url || strcmp(r->set.url, url) != 0) {
     char *copy = strdup(url);

@@ -35,6 +35,7 @@ typedef struct {
   char *url;
   char *ca_file;             /* with insecure: TLS options a later request must not inherit */
   long connect_ms, follow, one_shot, insecure, tls_custom, http_version;
+  long retried;              /* resends curl made on this handle (easy_retries_spent) */
   curl_off_t max_body;
   struct curl_slist *headers;
   const char *body;          /* with body_len and method: the request line and body */
@@ -69,7 +70,7 @@ struct http_req {
   long http_version;         /* negotiated: CURL_HTTP_VERSION_1_1, _2_0, ... (0: none yet) */
   int origin;                /* index in http_state's origins */
   http_req *park_next, *park_prev; /* waiting for room on its origin's h2 connections */
-  int parked;
+  int parked, sends;
   int active, done, stream, headers_done, paused;
   CURLcode result;
   abort_reason aborted;
