@@ -7,8 +7,10 @@
  * timers and its buffers (a request costs no allocation once the pool is
  * warm). A request (resil.http.request) belongs to the waiting task: the
  * continuation or the task's cancellation gives it back. A stream's belongs
- * to its userdata (http_stream.c). Connections live in the multi handle's
- * cache, so requests to the same host reuse them.
+ * to its userdata (http_stream.c). Connections live in the multi handles'
+ * caches, so requests to the same host reuse them: one multi handle for
+ * HTTP/1.1 (a connection per transfer in flight), one for HTTP/2 (a few
+ * connections per origin, each carrying up to 100 streams; admit_parked).
  *
  * Network trouble never raises: the task gets nil, err{kind=...}. Misuse
  * (no url, a malformed url, a header with a line break) raises.
