@@ -66,6 +66,7 @@ http {
     ssl_certificate DIR/cert.pem;
     ssl_certificate_key DIR/key.pem;
     location = /fast { default_type application/json; return 200 '{"ok":true}'; }
+    location = /big.bin { root DIR; }
     location / {
       proxy_pass http://127.0.0.1:BACKEND;
       proxy_buffering off;
@@ -195,6 +196,18 @@ describe("streams over h2", function()
     assert.are.equal(1, server_connections("/sse"))
     for i = 1, 3 do streams[i] = nil end
     collectgarbage()
+  end)
+
+  it("a stream its reader leaves behind does not hold up its neighbours on the connection", function()
+    helpers.write(dir .. "/big.bin", ("x"):rep(8 * 1024 * 1024))
+    local big = assert(http.stream({ url = origin .. "/big.bin", ca_file = ca }))
+    resil.sleep(0.2) -- unread: more than a megabyte arrives meanwhile
+    local res, err = http.request({ url = origin .. "/fast", ca_file = ca, timeout = 3 })
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+    local n = 0
+    for chunk in function() return big:read() end do n = n + #chunk end
+    assert.are.equal(8 * 1024 * 1024, n)
   end)
 
   it("a stream that goes idle times out alone, its neighbour goes on", function()

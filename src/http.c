@@ -481,10 +481,13 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
     r->aborted = ABORT_TOO_LARGE;
     return 0; /* curl stops the transfer: nothing is buffered past the limit */
   }
-  if (r->stream && r->body.len >= STREAM_HIGH_WATER) {
+  /* The reader is behind: let TCP push back. Not on h2, where libcurl 7.88
+   * stops reading the whole connection for a paused stream and its
+   * neighbours stall: there the buffer may grow to max_body. */
+  if (r->stream && r->body.len >= STREAM_HIGH_WATER && r->http_version != CURL_HTTP_VERSION_2_0) {
     r->total_received -= len;
     r->paused = 1;
-    return CURL_WRITEFUNC_PAUSE; /* the reader is behind: let TCP push back */
+    return CURL_WRITEFUNC_PAUSE;
   }
   if (buffer_append(&r->body, data, len) != 0) return 0;
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
