@@ -113,6 +113,10 @@ void task_wake(task *t);
 int task_id(const task *t);
 int task_context_ref(const task *t);
 task *task_spawn_main(resil_t *R, int nargs); /* function + args on R->L */
+/* L stack: fn, args... (nargs) -> task userdata; a task of its own, not main */
+task *task_spawn(lua_State *L, int nargs);
+/* Cancel from C, as t:cancel(): 1 canceled, 0 already ended, -1 it is the running task */
+int task_stop(task *t);
 /* Call fn(arg) after each pass over the ready tasks: work that the tasks of
  * one turn queued, done once for all of them (HTTP starts their transfers). */
 int loop_on_turn_end(resil_t *R, void (*fn)(void *arg), void *arg); /* -1: no room */
