@@ -181,6 +181,7 @@ int luaopen_resil_json(lua_State *L);
 int luaopen_resil_log(lua_State *L);
 void host_log(lua_State *L, const char *level, const char *msg); /* pops a fields table */
 int luaopen_resil_server(lua_State *L);
+int luaopen_resil_crypto(lua_State *L);
 int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
