@@ -242,7 +242,8 @@ end
 -- the key's own rate limits: nil, or a 429 reply
 local function key_limits(rec, api, tokens)
   if rec.rpm then
-    local b = resil.bucket("gateway:" .. rec.id .. ":rpm", { rate = rec.rpm, per = 60, burst = rec.rpm })
+    local b = resil.bucket("gateway:" .. rec.id .. ":rpm", { rate = rec.rpm, per = 60, burst = rec.rpm,
+      shared = gateway.config.shared_limits })
     local ok, wait = b:try(1)
     if not ok then
       return error_reply(api, 429, ("key '%s': %d requests per minute"):format(rec.name, rec.rpm),
@@ -250,7 +251,8 @@ local function key_limits(rec, api, tokens)
     end
   end
   if rec.tpm then
-    local b = resil.bucket("gateway:" .. rec.id .. ":tpm", { rate = rec.tpm, per = 60, burst = rec.tpm, unit = "tokens" })
+    local b = resil.bucket("gateway:" .. rec.id .. ":tpm", { rate = rec.tpm, per = 60, burst = rec.tpm, unit = "tokens",
+      shared = gateway.config.shared_limits })
     local ok, wait = b:try(math.min(tokens, rec.tpm))
     if not ok then
       return error_reply(api, 429, ("key '%s': %d tokens per minute"):format(rec.name, rec.tpm),
@@ -485,8 +487,13 @@ function gateway.serve(o)
   end
   local host, port = (o.listen or "127.0.0.1:8080"):match("^%[?([^%]]*)%]?:(%d+)$")
   if not host then error(("gateway: --listen wants host:port, not '%s'"):format(tostring(o.listen)), 0) end
+  local workers = o.workers or 1
+  if workers > 1 then
+    if tonumber(port) == 0 then error("gateway: --workers needs a fixed port in --listen", 0) end
+    gateway.config.shared_limits = true -- a key's rate limits hold across the workers
+  end
   local s, err = resil.server.listen({ host = host, port = tonumber(port), tasks = true,
-    reuseport = o.reuseport, max_body = gateway.config.max_body, read_timeout = gateway.config.read_timeout,
+    reuseport = workers > 1, max_body = gateway.config.max_body, read_timeout = gateway.config.read_timeout,
     -- the current version of this module: a policy reload changes what new requests run
     handler = function(req) return (package.loaded["policies.gateway"] or gateway).handle(req) end })
   if not s then error(tostring(err), 0) end

@@ -256,3 +256,87 @@ describe("gateway: virtual keys", function()
     end
   end)
 end)
+
+describe("resil-lua gateway and resil-lua keys", function()
+  it("keys add prints a key once; the gateway process serves it; keys revoke shuts it out", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local db = helpers.tmpname(".db")
+    local add = helpers.run(("%s keys add --name team-a --budget 50/day --rpm 600 --tpm 200000 --models fast,x " ..
+      "--store %s"):format(helpers.resil, db))
+    assert.are.equal(0, add.code, add.stderr)
+    local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+    assert.is_string(key)
+    local list = helpers.run(("%s keys list --store %s"):format(helpers.resil, db))
+    assert.matches("team%-a%s+active%s+%$50/day%s+600%s+200000%s+fast,x", list.stdout)
+    assert.is_nil(list.stdout:find(key, 1, true))
+    assert.is_nil(helpers.slurp(db):find(key, 1, true)) -- only its digest is stored
+
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      local ai = require "policies.ai"
+      ai.configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }
+    ]]):format(m.url .. "/v1"))
+    local port = helpers.free_port()
+    local pid
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
+      helpers.resil, port, config, db, log, pidfile))
+    pid = helpers.slurp(pidfile):match("%d+")
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10),
+      helpers.slurp(log))
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local body = json.encode({ model = "fast", messages = MSGS })
+    local res = assert(http.request({ method = "POST", url = url, body = body,
+      headers = { authorization = "Bearer " .. key } }))
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("served", json.decode(res.body).choices[1].message.content)
+    local rev = helpers.run(("%s keys revoke team-a --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, rev.code, rev.stderr)
+    res = assert(http.request({ method = "POST", url = url, body = body, headers = { authorization = "Bearer " .. key } }))
+    assert.are.equal(401, res.status)
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+  end)
+
+  it("--workers 2: two processes serve one port; stopping the first stops both", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(m.url .. "/v1"))
+    local port = helpers.free_port()
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local child = function() return helpers.run("pgrep -P " .. pid).stdout:match("%d+") end
+    local worker = child()
+    finally(function()
+      for _, p in ipairs({ pid, worker }) do if p and helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+      m:stop()
+      resil.log.level("info")
+    end)
+    assert.is_true(helpers.wait_until(function()
+      local _, n = helpers.slurp(log):gsub("listening", "")
+      return n == 2
+    end, 10), helpers.slurp(log))
+    worker = child()
+    assert.is_string(worker)
+    for _ = 1, 4 do
+      local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+        body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+      assert.are.equal(200, res.status)
+    end
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) and not helpers.alive(worker) end, 10))
+  end)
+end)

@@ -11,7 +11,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -344,6 +347,24 @@ int main(int argc, char **argv) {
   }
 
   raise_fd_limit();
+  /* gateway --workers N: N processes on one SO_REUSEPORT socket, each with
+   * its own loop, sharing keys, limits and budgets through the store. The
+   * first is the parent; the others end with it. */
+  pid_t workers[256];
+  int nworkers = 0;
+  if (gateway && gw_workers > 1) {
+    fflush(NULL);
+    for (long w = 1; w < gw_workers; w++) {
+      pid_t pid = fork();
+      if (pid < 0) return fail("gateway: fork: %s", strerror(errno));
+      if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        nworkers = 0;
+        break;
+      }
+      workers[nworkers++] = pid;
+    }
+  }
   resil_t *R = resil_open(&opts);
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
   if (open_failed(R)) return 1;
@@ -382,5 +403,7 @@ int main(int argc, char **argv) {
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
   signal_target = NULL;
   resil_close(R);
+  for (int w = 0; w < nworkers; w++) kill(workers[w], SIGTERM);
+  for (int w = 0; w < nworkers; w++) waitpid(workers[w], NULL, 0);
   return code;
 }

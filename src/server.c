@@ -4,14 +4,20 @@
  *
  *   local s = resil.server.listen{ host = "127.0.0.1", port = 0,
  *                                  handler = function(req) return resp end,
- *                                  max_headers = 64 KiB, max_body = 16 MiB, read_timeout = 30 }
+ *                                  max_headers = 64 KiB, max_body = 16 MiB, read_timeout = 30,
+ *                                  tasks = false, reuseport = false }
  *   -- req  = { method, path, query, headers (lower-cased), body, peer }
  *   -- resp = { status, headers, body, delay = s, action = "hang"|"reset"|"truncate"|"raw",
  *   --          chunks = {...}, chunk_interval = s, stall_after = n }
  *
  * The handler runs on the host's main state through host_pcall (protected,
  * under the instruction and memory caps and the interrupt hook) and must
- * not wait. Delays and chunk intervals use host timers (so they follow the
+ * not wait. With tasks = true each request is a task of its own instead: the
+ * handler may wait (HTTP, buckets, the store), a reply may be streamed
+ * ({status, headers, stream = function(write) ... end}: each write is one
+ * chunk on the wire, and waits while the client is slow to read), and a
+ * client that hangs up cancels the task, which aborts what it waits on and
+ * gives back what it holds. Delays and chunk intervals use host timers (so they follow the
  * virtual clock); nothing blocks: any number of delayed replies can be
  * pending. Limits: a request whose headers pass max_headers gets libevent's
  * 400, a body past max_body a 413, and one not read within read_timeout of
@@ -869,7 +875,9 @@ static int l_listen(lua_State *L) {
   lua_Integer port = luaL_optinteger(L, -1, 0);
   lua_getfield(L, 1, "tasks");
   int tasks = lua_toboolean(L, -1);
-  lua_pop(L, 1);
+  lua_getfield(L, 1, "reuseport");
+  int reuseport = lua_toboolean(L, -1);
+  lua_pop(L, 2);
   lua_getfield(L, 1, "handler");
   luaL_checktype(L, -1, LUA_TFUNCTION);
   if (port < 0 || port > 65535) return luaL_error(L, "server: port %d out of range", (int)port);
@@ -906,7 +914,9 @@ static int l_listen(lua_State *L) {
   if (evutil_getaddrinfo(host, port_text, &hints, &ai) == 0 && ai) {
     fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
+    /* reuseport: several processes (gateway --workers) accept on one port, the kernel spreads connections */
     if (fd >= 0 && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+                    (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) ||
                     bind(fd, ai->ai_addr, (socklen_t)ai->ai_addrlen) != 0 || listen(fd, 65535) != 0)) {
       evutil_closesocket(fd);
       fd = -1;
