@@ -31,7 +31,7 @@ local json = resil.json
 local ai = {}
 
 ai.adapters = {}
-ai.config = {}      -- per provider, see ai.configure
+ai.config = resil.keep("policies.ai.config") -- per provider, see ai.configure; kept across a policy reload
 
 -- the options of policies.call a provider's config or a call may set
 local CALL_OPTIONS = { "timeout", "deadline", "retry", "breaker", "rate", "tokens", "concurrency", "idempotency" }

@@ -30,12 +30,14 @@ local null = json.null
 
 local gateway = {}
 
-gateway.config = {
-  models = {},
-  auth = true,
-  key_cache = 2,        -- seconds a key's record is kept in memory (a revoke takes at most this long)
-  max_tokens = 4096,    -- for Anthropic-bound requests that name none
-}
+-- kept across a policy reload (--watch, SIGHUP): the config file ran once, at start
+gateway.config = resil.keep("policies.gateway.config", function()
+  return {
+    models = {},
+    auth = true,
+    key_cache = 2,        -- seconds a key's record is kept in memory (a revoke takes at most this long)
+  }
+end)
 
 local requests_total = resil.metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")

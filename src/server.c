@@ -69,6 +69,7 @@ typedef struct pending {
   int task_ref;
   struct reply_handle *handle;
   task *drain_waiter; /* a write waiting for the client to read */
+  conn *c;            /* its connection's tracking, which outlives it */
 } pending;
 
 /* What a handler task holds: the reply it writes to, cleared when the
@@ -87,6 +88,7 @@ struct conn {
   struct evbuffer_cb_entry *first_byte; /* enabled while waiting for a request */
   struct event *ev;                /* set-up, then the read deadline */
   evutil_socket_t fd;
+  pending *streaming; /* the reply being streamed on it, told when its writes drain */
   conn *prev, *next;
 };
 
@@ -133,6 +135,7 @@ static void pending_detach(pending *p, int cancel) {
 
 static void pending_free(pending *p) {
   pending_detach(p, 1);
+  if (p->c && p->c->streaming == p) p->c->streaming = NULL;
   timer_free(&p->timer);
   if (p->client_watch) event_free(p->client_watch);
   pending_clear_reply(p);
@@ -152,6 +155,9 @@ static void drop_pendings(server *srv, struct evhttp_connection *evcon) {
     pending *p = *pp;
     if (p->conn == evcon) {
       *pp = p->next;
+      /* a client that failed a write mid-reply: libevent detached the
+       * request from the connection and leaves it to us to free */
+      if (!evhttp_request_get_connection(p->req)) evhttp_request_free(p->req);
       pending_free(p);
     } else {
       pp = &p->next;
@@ -617,10 +623,12 @@ static void log_handler_error(lua_State *L, pending *p, const char *msg) {
   host_log(L, "error", msg);
 }
 
+/* The output of a connection drained; arg is its conn, which lives as long
+ * as the connection (libevent keeps this callback until the next write) */
 static void chunk_drained(struct evhttp_connection *evcon, void *arg) {
   (void)evcon;
-  pending *p = arg;
-  if (p->drain_waiter) task_wake(p->drain_waiter);
+  pending *p = ((conn *)arg)->streaming;
+  if (p && p->drain_waiter) task_wake(p->drain_waiter);
 }
 
 static void drain_cancel(void *arg) { ((pending *)arg)->drain_waiter = NULL; }
@@ -651,7 +659,7 @@ static int reply_write(lua_State *L) {
     if (buf) evbuffer_free(buf);
     return luaL_error(L, "not enough memory");
   }
-  evhttp_send_reply_chunk_with_cb(p->req, buf, chunk_drained, p);
+  evhttp_send_reply_chunk_with_cb(p->req, buf, chunk_drained, p->c);
   evbuffer_free(buf);
   struct bufferevent *bev = evhttp_connection_get_bufferevent(p->conn);
   task *me = task_running(L);
@@ -717,6 +725,7 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     copy_headers(p->req, &p->headers);
     evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
     p->started = 1;
+    p->c->streaming = p;
     lua_pushvalue(L, 1);
     lua_pushcclosure(L, reply_write, 1);
     return serve_k(L, lua_pcallk(L, 1, 0, 4, STAGE_STREAM, serve_k), STAGE_STREAM);
@@ -770,6 +779,7 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   p->srv = srv;
   p->req = req;
   p->conn = c->evcon;
+  p->c = c;
   TAILQ_INIT(&p->headers);
   timer_init(srv->R, &p->timer, send_next_chunk, p);
   p->next = srv->pendings;
