@@ -41,11 +41,14 @@ end)
 
 local requests_total = resil.metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")
+local request_series = {}
 
-local seq = 0
+-- request ids: this process's random prefix and a count (unique across workers and restarts)
+local id_prefix, seq = nil, 0
 local function request_id()
+  id_prefix = id_prefix or resil.crypto.sha256(resil.crypto.random(16)):sub(1, 12)
   seq = seq + 1
-  return ("req_%s%06x"):format(resil.hash(tostring(resil.clock.wall()) .. tostring(seq)):sub(1, 10), seq % 0xffffff)
+  return ("req_%s%08x"):format(id_prefix, seq)
 end
 
 ---------------------------------------------------------------------------
@@ -208,7 +211,7 @@ end
 ---------------------------------------------------------------------------
 -- virtual keys
 
-local key_cache = {} -- sha256 -> { record, until }
+local key_cache, key_cache_size = {}, 0 -- sha256 -> { record, expires }
 
 local function bearer(req)
   local h = req.headers.authorization
@@ -232,6 +235,9 @@ local function authenticate(req, api)
     rec = c.record
   else
     rec = keys.lookup(hash)
+    -- bounded: a flood of made-up keys cannot grow it without end
+    if key_cache_size >= 10000 then key_cache, key_cache_size = {}, 0 end
+    if not key_cache[hash] then key_cache_size = key_cache_size + 1 end
     key_cache[hash] = { record = rec or false, expires = now + gateway.config.key_cache }
   end
   -- the lookup is by digest; compared again in constant time all the same
@@ -241,21 +247,36 @@ local function authenticate(req, api)
   return rec
 end
 
+-- a key's buckets, made once per record (a changed record makes new ones)
+local buckets_of = setmetatable({}, { __mode = "k" })
+
+local function key_buckets(rec)
+  local b = buckets_of[rec]
+  if b then return b end
+  local shared = gateway.config.shared_limits
+  b = {
+    rpm = rec.rpm and resil.bucket("gateway:" .. rec.id .. ":rpm", { rate = rec.rpm, per = 60, burst = rec.rpm,
+      shared = shared }),
+    tpm = rec.tpm and resil.bucket("gateway:" .. rec.id .. ":tpm", { rate = rec.tpm, per = 60, burst = rec.tpm,
+      unit = "tokens", shared = shared }),
+  }
+  buckets_of[rec] = b
+  return b
+end
+
 -- the key's own rate limits: nil, or a 429 reply
 local function key_limits(rec, api, tokens)
+  if not rec.rpm and not rec.tpm then return nil end
+  local buckets = key_buckets(rec)
   if rec.rpm then
-    local b = resil.bucket("gateway:" .. rec.id .. ":rpm", { rate = rec.rpm, per = 60, burst = rec.rpm,
-      shared = gateway.config.shared_limits })
-    local ok, wait = b:try(1)
+    local ok, wait = buckets.rpm:try(1)
     if not ok then
       return error_reply(api, 429, ("key '%s': %d requests per minute"):format(rec.name, rec.rpm),
         { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) }, code = "rate_limit_exceeded" })
     end
   end
   if rec.tpm then
-    local b = resil.bucket("gateway:" .. rec.id .. ":tpm", { rate = rec.tpm, per = 60, burst = rec.tpm, unit = "tokens",
-      shared = gateway.config.shared_limits })
-    local ok, wait = b:try(math.min(tokens, rec.tpm))
+    local ok, wait = buckets.tpm:try(math.min(tokens, rec.tpm))
     if not ok then
       return error_reply(api, 429, ("key '%s': %d tokens per minute"):format(rec.name, rec.tpm),
         { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) }, code = "rate_limit_exceeded" })
@@ -467,7 +488,13 @@ function gateway.handle(req)
   else
     reply = error_reply(api, 404, ("no route %s %s"):format(req.method, req.path), { code = "unknown_url" })
   end
-  requests_total:inc({ route = route and path or "other", status = tostring(reply.status or 200) })
+  local series_key = (route and path or "other") .. " " .. (reply.status or 200)
+  local series = request_series[series_key]
+  if not series then
+    series = requests_total:labels({ route = route and path or "other", status = tostring(reply.status or 200) })
+    request_series[series_key] = series
+  end
+  series:inc()
   return reply
 end
 
