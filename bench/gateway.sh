@@ -15,6 +15,8 @@ work=$(mktemp -d)
 cleanup() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
   [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null || true
+  [ -n "${sgw_pid:-}" ] && kill "$sgw_pid" 2>/dev/null || true
+  [ -n "${mock_pid:-}" ] && kill "$mock_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -93,3 +95,26 @@ run 1 "$through"; g50=$(pct 50%); g99=$(pct 99%)
 echo "gateway: wrk ${GW_SECONDS}s per run, nginx upstream (1 worker), full policy (key, buckets, breaker, retry, ledger)"
 echo "  $GW_C connections  direct ${d_rps} req/s; through the gateway ${g_rps} req/s ${d_err}${g_err}${pin_gw:+(gateway on core 0, wrk and nginx on core 1)}"
 echo "  1 connection    direct p50 ${d50} us p99 ${d99} us; through p50 ${g50} us p99 ${g99} us; added p50 $((g50 - d50)) us, p99 $((g99 - d99)) us${pin_gw:+ (all on core 0)}"
+
+# --- streams: GW_STREAMS concurrent streams of 200 deltas (10 ms apart) from the mock ---
+GW_STREAMS=${GW_STREAMS:-1000}
+kill "$gw_pid" 2>/dev/null || true
+echo 'return { strict = true, reply = ("w "):rep(200), stream_interval = 0.01 }' > "$work/streams.lua"
+mock_port=$(free_port)
+"$RESIL" mock "$work/streams.lua" --port "$mock_port" > "$work/mock.out" 2>&1 &
+mock_pid=$!
+cat > "$work/streams_gw.lua" <<CONF
+require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:$mock_port/v1", api_key = "sk-bench-123456" })
+return { key_cache = 2 }
+CONF
+sgw_port=$(free_port)
+"$RESIL" gateway --listen "127.0.0.1:$sgw_port" --config "$work/streams_gw.lua" --store "$db" --log-level error \
+  > "$work/sgw.out" 2>&1 &
+sgw_pid=$!
+for _ in $(seq 100); do grep -q listening "$work/sgw.out" && grep -q http "$work/mock.out" && break; sleep 0.05; done
+read -r _ d_ok _ d_s _ d_gap < <("$RESIL" bench/gateway_streams.lua "http://127.0.0.1:$mock_port/v1/chat/completions" "$GW_STREAMS")
+read -r _ g_ok _ g_s _ g_gap < <("$RESIL" bench/gateway_streams.lua "http://127.0.0.1:$sgw_port/v1/chat/completions" "$GW_STREAMS")
+rss=$(awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$sgw_pid/status")
+echo "gateway streams: $GW_STREAMS at once, 200 deltas each, 10 ms apart (mock upstream, no pinning)"
+echo "  direct          ${d_ok} complete in ${d_s} s, mean gap between deltas ${d_gap} ms"
+echo "  through         ${g_ok} complete in ${g_s} s, mean gap ${g_gap} ms; gateway peak RSS ${rss} MB"
