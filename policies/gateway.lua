@@ -95,8 +95,12 @@ local function error_reply(api, status, message, o)
 end
 gateway.error_reply = error_reply
 
--- an error from policies.ai as the client's API says it
+-- an error from policies.ai as the client's API says it; one ai raised (a
+-- string: the request misused the API) is the client's bad request
 local function ai_error_reply(api, err)
+  if type(err) ~= "table" then
+    return error_reply(api, 400, resil.redact(tostring(err):gsub("^[^:]*:%d+: ", "")))
+  end
   local status = status_of(err)
   local headers = {}
   local retry_after = type(err) == "table" and tonumber(err.retry_after)
@@ -163,8 +167,11 @@ end
 local OPENAI_PASSED = { "temperature", "top_p", "tool_choice", "n", "seed", "response_format",
   "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }
 
+-- a JSON number that is a whole number -> integer; anything else -> nil
+local function whole(v) return type(v) == "number" and math.tointeger(v) or nil end
+
 local function from_openai(b)
-  local req = { messages = b.messages, max_tokens = math.tointeger(b.max_completion_tokens or b.max_tokens),
+  local req = { messages = b.messages, max_tokens = whole(b.max_completion_tokens or b.max_tokens),
     stop = b.stop ~= null and b.stop or nil, tools = b.tools }
   for _, k in ipairs(OPENAI_PASSED) do if b[k] ~= null then req[k] = b[k] end end
   return req
@@ -173,7 +180,7 @@ end
 local ANTHROPIC_PASSED = { "temperature", "top_p", "top_k", "metadata" }
 
 local function from_anthropic(b)
-  local req = { messages = b.messages, system = b.system, max_tokens = math.tointeger(b.max_tokens),
+  local req = { messages = b.messages, system = b.system, max_tokens = whole(b.max_tokens),
     stop = b.stop_sequences, tools = b.tools }
   if type(b.tool_choice) == "table" then
     local t = b.tool_choice.type
@@ -404,7 +411,8 @@ local function complete(req, api)
   local route, why = route_model(b.model, api)
   if not route then return with_id(error_reply(api, 404, why, { code = "model_not_found" }), id) end
   local r = api == "anthropic" and from_anthropic(b) or from_openai(b)
-  if (r.max_tokens ~= nil and r.max_tokens < 1) then
+  local asked = b.max_completion_tokens or b.max_tokens
+  if (asked ~= nil and asked ~= null and r.max_tokens == nil) or (r.max_tokens ~= nil and r.max_tokens < 1) then
     return with_id(error_reply(api, 400, "max_tokens must be a positive integer"), id)
   end
   r.model, r.fallback = route.model, route.fallback
@@ -437,13 +445,16 @@ local function complete(req, api)
     res, err = resil.once({ key = ("gateway:%s:%s"):format(rec.id or "-", idem),
       fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
       ran = true
-      local v, e = ai.chat(r)
+      local ok, v, e = pcall(ai.chat, r)
+      if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
       if v then v.raw = nil end
       return v, e
     end)
     replayed = res ~= nil and not ran
   else
-    res, err = ai.chat(r)
+    local ok
+    ok, res, err = pcall(ai.chat, r)
+    if not ok then res, err = nil, res end
   end
   if not res then return with_id(ai_error_reply(api, err), id) end
   local headers = answer_headers(id, res)

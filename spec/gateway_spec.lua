@@ -96,6 +96,16 @@ describe("gateway: OpenAI chat completions", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  it("a request policies.ai refuses (max_tokens not an integer) is a 400, not a 500", function()
+    local url, m = start({ strict = true })
+    local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS, max_tokens = 1.5 })
+    assert.are.equal(400, res.status)
+    res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS, max_tokens = "lots" })
+    assert.are.equal(400, res.status)
+    assert.is_string(json.decode(res.body).error.message)
+    assert.are.equal(0, m:stats().total)
+  end)
+
   it("a body past the server's limit is a 413", function()
     local url = start({ strict = true }, { max_body = 1024 })
     local res = post(url .. "/v1/chat/completions", { model = "fast", messages = { { role = "user",
