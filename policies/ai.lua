@@ -581,6 +581,105 @@ function ai.stream(req)
 end
 
 ---------------------------------------------------------------------------
+-- embeddings
+
+-- ai.embed{ model = "openai/text-embedding-3-small", input = "text" or {"a", "b"}, dimensions =,
+--   encoding_format = "float" | "base64", fallback =, budget =, user =, deadline = }
+--   -> { embeddings = {vector, ...} (base64 strings when asked), usage, cost_usd, provider, model, attempts }
+--   | nil, err. An adapter that embeds has embed_url, embed_body and embed_parse.
+local embed_callers = {} -- provider -> { conf =, caller = }; a new ai.configure makes a new caller
+local NO_CONF = {}
+
+local function embed_caller(provider, adapter, conf)
+  local c = embed_callers[provider]
+  if c and c.conf == conf then return c.caller end
+  local o = {}
+  for _, k in ipairs(CALL_OPTIONS) do o[k] = conf[k] end
+  o.validate = function(res)
+    local data, why = classify.decoded(res)
+    if data == nil then return nil, why end
+    local r, bad = adapter.embed_parse(data)
+    if not r then return nil, bad end
+    return true
+  end
+  local caller = call.provider(provider, o)
+  embed_callers[provider] = { conf = conf, caller = caller }
+  return caller
+end
+
+local function embed_strategy(spec, req, level)
+  local p, model = parse_model(spec, level + 1)
+  local adapter = adapter_of(p, level + 1)
+  if not adapter.embed_body then error(("ai.embed: provider '%s' has no embeddings"):format(p), level + 1) end
+  local conf = ai.config[p] or NO_CONF
+  local key, err = key_of(p, adapter, conf, model)
+  if key == nil then return nil, err end
+  local t = { provider = p, model = model, name = p .. "/" .. model }
+  local caller = embed_caller(p, adapter, conf)
+  local wire = { method = "POST", url = adapter.embed_url(base_url(adapter, conf)),
+    headers = adapter.headers(key or nil, conf), json = adapter.embed_body(req, model, conf) }
+  return { name = t.name, t = t, fn = function(_, deadline)
+    local res, cerr = caller:attempts(wire, deadline)
+    if res == nil then
+      if type(cerr) == "table" then cerr.model = cerr.model or model end
+      return nil, cerr
+    end
+    local r = adapter.embed_parse(classify.decoded(res))
+    r.attempts = res.attempts
+    r.usage.requests = 1
+    return finish_result(t, r, nil)
+  end }
+end
+
+function ai.embed(req)
+  if type(req) ~= "table" then error("ai.embed: expects a request table", 2) end
+  local input = req.input
+  if type(input) ~= "string" and (type(input) ~= "table" or #input == 0) then
+    error("ai.embed: input must be a string or a non-empty list", 2)
+  end
+  local list = { req.model }
+  for _, f in ipairs(req.fallback or {}) do list[#list + 1] = f end
+  local strategies = {}
+  for i, spec in ipairs(list) do
+    local st, err = embed_strategy(spec, req, 2)
+    if not st then return nil, err end
+    strategies[i] = st
+  end
+  local ticket
+  if req.budget ~= nil then
+    local budget = type(req.budget) == "string" and resil.budget(req.budget) or req.budget
+    local text = type(input) == "string" and input or json.encode(input)
+    local usd = 0
+    for _, st in ipairs(strategies) do
+      local c, why = pricing.cost(st.t.provider, st.t.model, { input_tokens = math.ceil(#text / 4) })
+      if c == nil then
+        return nil, resil.error("unpriced", ("budget '%s' cannot hold a call without a price: %s"):format(
+          tostring(budget.name), why), { class = "unpriced", retryable = false })
+      end
+      if c > usd then usd = c end
+    end
+    local berr
+    ticket, berr = budget:reserve(usd)
+    if berr then return nil, berr end
+  end
+  local d = req.deadline or (ai.config[strategies[1].t.provider] or NO_CONF).deadline
+  local deadline = d and resil.now() + d
+  local r, err, info
+  if #strategies == 1 then
+    r, err = strategies[1].fn(req, deadline)
+  else
+    r, err, info = fallback.chain(strategies)(req, deadline)
+    if r and info then r.attempts = (r.attempts or 1) + attempts_failed(info.errors) end
+  end
+  if r == nil then
+    if ticket then ticket:settle(0) end
+    return nil, err
+  end
+  record_cost(r, req, ticket, "embed")
+  return r
+end
+
+---------------------------------------------------------------------------
 -- async jobs and speech live in policies.jobs (Replicate, fal, ElevenLabs)
 
 local function jobs_module()

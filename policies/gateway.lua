@@ -17,7 +17,7 @@
 --   }
 --
 -- Endpoints: POST /v1/chat/completions (OpenAI; streaming and not), POST
--- /v1/messages (Anthropic), GET /v1/models, GET /health, GET /metrics. A
+-- /v1/messages (Anthropic), POST /v1/embeddings (OpenAI), GET /v1/models, GET /health, GET /metrics. A
 -- `model` is an alias from `models`, "provider/model", or a bare name for
 -- the endpoint's own provider (openai on /v1/chat/completions, anthropic on
 -- /v1/messages). Copy this file into your project's policies/ to change it.
@@ -463,6 +463,43 @@ local function complete(req, api)
   return { status = 200, headers = headers, body = json.encode(body) }
 end
 
+-- POST /v1/embeddings (OpenAI's shape; vectors, or base64 strings when the client asks, as the SDKs do)
+local function embeddings(req)
+  local id = request_id()
+  local rec, refused = authenticate(req, "openai")
+  if not rec then return with_id(refused, id) end
+  local b = json.decode(req.body)
+  if type(b) ~= "table" then
+    return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)
+  end
+  if type(b.model) ~= "string" or b.model == "" then
+    return with_id(error_reply("openai", 400, "model is required"), id)
+  end
+  local input = b.input
+  if type(input) ~= "string" and (type(input) ~= "table" or #input == 0) then
+    return with_id(error_reply("openai", 400, "input must be a string or a non-empty array"), id)
+  end
+  if not model_allowed(rec, b.model) then
+    return with_id(error_reply("openai", 403, ("key '%s' may not use model '%s'"):format(rec.name, b.model),
+      { code = "model_not_allowed" }), id)
+  end
+  local route, why = route_model(b.model, "openai")
+  if not route then return with_id(error_reply("openai", 404, why, { code = "model_not_found" }), id) end
+  local r = { model = route.model, fallback = route.fallback, input = input, dimensions = whole(b.dimensions),
+    encoding_format = type(b.encoding_format) == "string" and b.encoding_format or nil, user = rec.name }
+  if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
+  local limited = key_limits(rec, "openai", math.ceil(#req.body / 4))
+  if limited then return with_id(limited, id) end
+  local ok, res, err = pcall(ai.embed, r)
+  if not ok then res, err = nil, res end
+  if not res then return with_id(ai_error_reply("openai", err), id) end
+  local data = {}
+  for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = v } end
+  local n = res.usage and res.usage.input_tokens or 0
+  return { status = 200, headers = answer_headers(id, res), body = json.encode({ object = "list", data = data,
+    model = b.model, usage = { prompt_tokens = n, total_tokens = n } }) }
+end
+
 local function models(req)
   local rec, refused = authenticate(req, "openai")
   if not rec then return refused end
@@ -481,6 +518,7 @@ end
 gateway.routes = {
   ["POST /v1/chat/completions"] = function(req) return complete(req, "openai") end,
   ["POST /v1/messages"] = function(req) return complete(req, "anthropic") end,
+  ["POST /v1/embeddings"] = embeddings,
   ["GET /v1/models"] = models,
   ["GET /health"] = function() return { status = 200, body = '{"status":"ok"}' } end,
   ["GET /metrics"] = function()

@@ -52,6 +52,10 @@ pricing.models = {
     ["gpt-5-nano"] = { input = 0.05, cached_input = 0.005, output = 0.40 },
     ["o3"] = { input = 2.00, cached_input = 0.50, output = 8.00 },
     ["o4-mini"] = { input = 1.10, cached_input = 0.275, output = 4.40 },
+    -- embeddings: input tokens only
+    ["text-embedding-3-small"] = { input = 0.02 },
+    ["text-embedding-3-large"] = { input = 0.13 },
+    ["text-embedding-ada-002"] = { input = 0.10 },
   },
   -- cache_write: the 5-minute cache (1.25x input); cached_input: cache reads (0.1x)
   anthropic = {

@@ -42,6 +42,7 @@ describe("the official SDKs against the gateway", function()
   local CHECKS = {
     "openai: chat through the gateway",
     "openai: the stream helper accumulates the final completion",
+    "openai: embeddings.create through the gateway (base64 by default, decoded by the SDK)",
     "anthropic: messages through the gateway",
     "anthropic: the stream helper accumulates the final message",
     "anthropic: a 529 on the primary falls back (the SDK sees a normal answer)",

@@ -225,6 +225,58 @@ describe("gateway: Idempotency-Key", function()
   end)
 end)
 
+describe("gateway: embeddings", function()
+  it("answers POST /v1/embeddings in OpenAI's shape, priced per input token, through the ledger", function()
+    local url, m = start({ strict = true })
+    local res = post(url .. "/v1/embeddings", { model = "openai/text-embedding-3-small",
+      input = { "tides", "moon" }, dimensions = 4 })
+    assert.are.equal(200, res.status, res.body)
+    local b = json.decode(res.body)
+    assert.are.equal("list", b.object)
+    assert.are.equal(2, #b.data)
+    assert.are.equal("embedding", b.data[2].object)
+    assert.are.equal(1, b.data[2].index)
+    assert.are.equal(4, #b.data[1].embedding)
+    assert.is_true(b.usage.prompt_tokens > 0)
+    assert.are.equal(b.usage.prompt_tokens, b.usage.total_tokens)
+    assert.are.equal("openai", res.headers["x-resil-provider"])
+    -- $0.02 per 1M input tokens
+    assert.are.equal(("%.6f"):format(b.usage.prompt_tokens * 0.02 / 1e6), res.headers["x-resil-cost-usd"])
+    assert.are.equal(1, m:stats().routes.embeddings)
+    -- the same text, the same vector; base64 (the SDKs' default) passes through as a string
+    local again = json.decode(post(url .. "/v1/embeddings", { model = "text-embedding-3-small", input = "tides",
+      dimensions = 4 }).body)
+    assert.are.same(b.data[1].embedding, again.data[1].embedding)
+    local b64 = json.decode(post(url .. "/v1/embeddings", { model = "text-embedding-3-small", input = "tides",
+      dimensions = 4, encoding_format = "base64" }).body)
+    assert.are.equal("string", type(b64.data[1].embedding))
+    assert.are.equal(24, #b64.data[1].embedding) -- 4 float32s
+  end)
+
+  it("a bad request is a 400 and an upstream failure keeps its status, in OpenAI's error shape", function()
+    local url = start({ strict = true, sequence = { embeddings = { 500, 500, 500, 500 } } })
+    local res = post(url .. "/v1/embeddings", { model = "openai/text-embedding-3-small" })
+    assert.are.equal(400, res.status)
+    assert.is_string(json.decode(res.body).error.message)
+    res = post(url .. "/v1/embeddings", { model = "openai/text-embedding-3-small", input = "x" })
+    assert.are.equal(500, res.status)
+    assert.are.equal("server_error", json.decode(res.body).error.type)
+  end)
+
+  it("ai.embed records its cost in the ledger under operation 'embed'", function()
+    start({ strict = true })
+    local ai = require "policies.ai"
+    local r = assert(ai.embed({ model = "openai/text-embedding-3-large", input = "hello there", user = "u1" }))
+    assert.are.equal(1, #r.embeddings)
+    assert.are.equal(8, #r.embeddings[1])
+    assert.are.equal(r.usage.input_tokens * 0.13 / 1e6, r.cost_usd)
+    local by = assert(resil.cost.breakdown("model"))
+    assert.are.equal("text-embedding-3-large", by[1].key)
+    assert.are.equal(1, by[1].calls)
+    assert.has_error(function() ai.embed({ model = "openai/text-embedding-3-large" }) end)
+  end)
+end)
+
 describe("gateway: virtual keys", function()
   local keys = require "resil.keys"
 

@@ -147,4 +147,33 @@ function openai.validate(data)
   return true
 end
 
+---------------------------------------------------------------------------
+-- embeddings (POST /embeddings)
+
+function openai.embed_url(base) return base .. "/embeddings" end
+
+-- openai.embed_body(req, model) -> the JSON body; encoding_format "base64"
+-- answers each vector as a base64 string of little-endian float32s
+function openai.embed_body(req, model)
+  return { model = model, input = req.input, dimensions = req.dimensions, encoding_format = req.encoding_format,
+    user = req.user }
+end
+
+-- openai.embed_parse(data) -> { embeddings = {vector or base64 string, ...}, usage, model, id } | nil, why
+function openai.embed_parse(data)
+  if type(data) ~= "table" or type(data.data) ~= "table" or #data.data == 0 then
+    return nil, "no embeddings in the response"
+  end
+  local out = {}
+  for i, e in ipairs(data.data) do
+    local v = type(e) == "table" and e.embedding
+    if type(v) ~= "table" and type(v) ~= "string" then return nil, ("embedding %d is missing"):format(i - 1) end
+    out[(math.tointeger(e.index) or (i - 1)) + 1] = v
+  end
+  local u = type(data.usage) == "table" and data.usage or {}
+  return { embeddings = out, model = type(data.model) == "string" and data.model or nil,
+    usage = { input_tokens = num(u.prompt_tokens) or 0, output_tokens = 0, cached_input_tokens = 0,
+      cache_write_tokens = 0 } }
+end
+
 return openai

@@ -44,6 +44,19 @@ await check('openai: the stream helper accumulates the final completion', async 
   expect(final.choices[0].finish_reason === 'stop', 'finish_reason');
 });
 
+await check('openai: embeddings.create through the gateway (base64 by default, decoded by the SDK)', async () => {
+  const r = await oai().embeddings.create({ model: 'text-embedding-3-small', input: ['tides', 'moon'], dimensions: 8 });
+  expect(r.data.length === 2 && r.data[1].index === 1, `data ${JSON.stringify(r.data)}`);
+  const v = r.data[0].embedding;
+  expect(Array.isArray(v) && v.length === 8 && v.every((x) => typeof x === 'number'), `vector ${JSON.stringify(v)}`);
+  const norm = Math.sqrt(v.reduce((a, x) => a + x * x, 0));
+  expect(Math.abs(norm - 1) < 1e-3, `norm ${norm}`);
+  expect(r.usage.prompt_tokens > 0, `usage ${JSON.stringify(r.usage)}`);
+  const f = await oai().embeddings.create({ model: 'text-embedding-3-small', input: 'tides', dimensions: 8,
+    encoding_format: 'float' });
+  expect(f.data[0].embedding.every((x, i) => Math.abs(x - v[i]) < 1e-5), 'float and base64 agree');
+});
+
 await check('anthropic: messages through the gateway', async () => {
   const r = await ant().messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 100, messages: msgs });
   expect(r.content[0].text === REPLY, `text ${r.content[0].text}`);

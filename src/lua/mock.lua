@@ -24,6 +24,7 @@ Mock.__index = Mock
 local BUILTIN_ROUTES = {
   { "POST", "^/v1/chat/completions$", "chat" },
   { "POST", "^/v1/messages$", "messages" },
+  { "POST", "^/v1/embeddings$", "embeddings" },
 }
 
 local NAMED_FAULTS = { hang = true, reset = true, truncate = true, garbage = true, empty = true, stall = true,
@@ -431,6 +432,8 @@ function Mock:chat(req, fault)
   }) }
 end
 
+local EMBEDDING_FIELDS = { input = true, model = true, encoding_format = true, dimensions = true, user = true }
+
 -- Anthropic messages: what the API requires and accepts.
 local ANTHROPIC_FIELDS = {}
 for f in ([[model messages max_tokens system metadata stop_sequences stream temperature top_k top_p tools
@@ -577,11 +580,91 @@ function Mock:messages(req, fault)
     stall_after = fault and fault.kind == "stall" and (fault.after or 2) or nil }
 end
 
+-- OpenAI embeddings: one vector per input, the same text always the same
+-- vector; encoding_format "base64" (the official SDKs' default) packs float32s.
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local function base64(bytes)
+  local out = {}
+  for i = 1, #bytes, 3 do
+    local a, b, c = bytes:byte(i, i + 2)
+    local n = (a << 16) | ((b or 0) << 8) | (c or 0)
+    for k = 0, 3 do
+      if k <= #bytes - i + 1 then
+        local v = (n >> (18 - 6 * k)) & 63
+        out[#out + 1] = B64:sub(v + 1, v + 1)
+      else
+        out[#out + 1] = "="
+      end
+    end
+  end
+  return table.concat(out)
+end
+
+local function vector_of(text, dims)
+  local seed = tonumber(resil.hash(text):sub(1, 8), 16) or 1
+  local v, norm = {}, 0
+  for i = 1, dims do
+    seed = (seed * 1103515245 + 12345) % 2147483648
+    v[i] = seed / 1073741824 - 1
+    norm = norm + v[i] * v[i]
+  end
+  norm = math.sqrt(norm)
+  for i = 1, dims do v[i] = v[i] / norm end
+  return v
+end
+
+function Mock:embeddings(req)
+  local body = json.decode(req.body)
+  if type(body) ~= "table" then
+    return { status = 400, body = error_body(400, { message = "request body is not valid JSON" }) }
+  end
+  if self.scenario.strict then
+    local auth = req.headers["authorization"]
+    if not auth or not self:key_ok(auth:match("^Bearer (.+)$") or "") then
+      return { status = 401, body = openai_error(401, "Incorrect API key provided.", "invalid_request_error",
+        "invalid_api_key") }
+    end
+    for k in pairs(body) do
+      if not EMBEDDING_FIELDS[k] then
+        return { status = 400, body = openai_error(400, "Unrecognized request argument supplied: " .. tostring(k),
+          "invalid_request_error") }
+      end
+    end
+  end
+  local input = body.input
+  if type(input) == "string" then input = { input } end
+  if type(input) ~= "table" or #input == 0 or type(body.model) ~= "string" then
+    return { status = 400, body = openai_error(400, "'input' and 'model' are required", "invalid_request_error",
+      nil, "input") }
+  end
+  local dims = int(body.dimensions) or self.scenario.dimensions or 8
+  local data, tokens = {}, 0
+  for i, text in ipairs(input) do
+    text = type(text) == "string" and text or json.encode(text)
+    tokens = tokens + estimate_tokens(text)
+    local v = vector_of(text, dims)
+    local e = v
+    if body.encoding_format == "base64" then
+      local packed = {}
+      for j, x in ipairs(v) do packed[j] = string.pack("<f", x) end
+      e = base64(table.concat(packed))
+    end
+    data[i] = { object = "embedding", index = i - 1, embedding = e }
+  end
+  local usage = { prompt_tokens = tokens, completion_tokens = 0 }
+  self:bill(req, usage)
+  local headers = self:rate_headers("openai", tokens)
+  headers["content-type"] = "application/json"
+  return { status = 200, headers = headers, body = json.encode({ object = "list", data = data, model = body.model,
+    usage = { prompt_tokens = tokens, total_tokens = tokens } }) }
+end
+
 -- handler(self, req, fault, capture) -> reply; the flavor names the API whose
 -- error bodies a status fault on the route sends
 local HANDLERS = {
   chat = { fn = Mock.chat },
   messages = { fn = Mock.messages, flavor = "anthropic" },
+  embeddings = { fn = Mock.embeddings },
 }
 mock.routes, mock.handlers = BUILTIN_ROUTES, HANDLERS
 
