@@ -291,6 +291,74 @@ local function key_limits(rec, api, tokens)
   end
 end
 
+---------------------------------------------------------------------------
+-- concurrency: the gateway's total (config max_concurrent) and each key's
+-- own (keys add --concurrency N), per process. A request past them waits in
+-- a bounded FIFO queue (config queue, queue_timeout); past the queue it is a
+-- 503 with Retry-After. The key's permit is taken first, so a busy key does
+-- not sit on the gateway's permits while it waits.
+
+local Permits = {}
+Permits.__index = Permits
+function Permits:release()
+  if self.key then self.key:release(); self.key = nil end
+  if self.total then self.total:release(); self.total = nil end
+end
+Permits.__close = Permits.release
+local NO_PERMITS = setmetatable({}, { __close = function() end, __index = { release = function() end } })
+
+local total_sem -- { sem =, size = }: a changed max_concurrent makes a new one
+local key_sems = setmetatable({}, { __mode = "k" }) -- record -> semaphore
+
+local function semaphore(name, size)
+  return resil.semaphore(name, { size = size, queue = gateway.config.queue or 64 })
+end
+
+local function busy(api, who, n)
+  return error_reply(api, 503, ("%s: %d requests at once already, and its queue is full"):format(who, n),
+    { headers = { ["retry-after"] = "1" }, code = "too_many_concurrent_requests" })
+end
+
+-- -> permits (a to-be-closed value) | nil, a 503 reply
+local function admit(rec, api)
+  local max = gateway.config.max_concurrent
+  if not max and not rec.concurrency then return NO_PERMITS end
+  local p = setmetatable({}, Permits)
+  local wait = { timeout = gateway.config.queue_timeout or 10 }
+  if rec.concurrency then
+    local sem = key_sems[rec]
+    if not sem then
+      -- named by the key and its limit: a changed limit is a new semaphore
+      sem = semaphore(("gateway:%s:%d"):format(rec.id or rec.name, rec.concurrency), rec.concurrency)
+      key_sems[rec] = sem
+    end
+    if not sem:acquire(wait) then return nil, busy(api, ("key '%s'"):format(rec.name), rec.concurrency) end
+    p.key = sem
+  end
+  if max then
+    if not total_sem or total_sem.size ~= max then
+      total_sem = { sem = semaphore("gateway:total:" .. max, max), size = max }
+    end
+    if not total_sem.sem:acquire(wait) then
+      p:release()
+      return nil, busy(api, "the gateway", max)
+    end
+    p.total = total_sem.sem
+  end
+  return p
+end
+
+-- a streamed reply keeps its permits until its stream ends (or its client leaves)
+local function hold(reply, permits)
+  if permits == NO_PERMITS or not reply.stream then return reply, false end
+  local stream = reply.stream
+  reply.stream = function(write)
+    local _ <close> = permits
+    return stream(write)
+  end
+  return reply, true
+end
+
 local function model_allowed(rec, name)
   if not rec.models or #rec.models == 0 then return true end
   for _, m in ipairs(rec.models) do if m == name then return true end end
@@ -391,10 +459,23 @@ local function anthropic_stream(s, first, id, model, headers, req)
 end
 
 -- POST /v1/chat/completions and POST /v1/messages
+local complete_admitted
+
 local function complete(req, api)
   local id = request_id()
   local rec, refused = authenticate(req, api)
   if not rec then return with_id(refused, id) end
+  local permits, full = admit(rec, api)
+  if not permits then return with_id(full, id) end
+  if permits == NO_PERMITS then return complete_admitted(req, api, id, rec) end
+  local held = false
+  local _ <close> = setmetatable({}, { __close = function() if not held then permits:release() end end })
+  local reply = complete_admitted(req, api, id, rec)
+  reply, held = hold(reply, permits)
+  return reply
+end
+
+function complete_admitted(req, api, id, rec)
   local b = json.decode(req.body)
   if type(b) ~= "table" then
     return with_id(error_reply(api, 400, "the body is not a JSON object", { code = "invalid_json" }), id)
@@ -468,6 +549,8 @@ local function embeddings(req)
   local id = request_id()
   local rec, refused = authenticate(req, "openai")
   if not rec then return with_id(refused, id) end
+  local permits <close>, full = admit(rec, "openai")
+  if not permits then return with_id(full, id) end
   local b = json.decode(req.body)
   if type(b) ~= "table" then
     return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)

@@ -277,6 +277,107 @@ describe("gateway: embeddings", function()
   end)
 end)
 
+describe("gateway: concurrency", function()
+  local keys = require "resil.keys"
+
+  -- n requests at once (the mock answers each after `latency`); -> their replies
+  local function at_once(n, url, body, headers)
+    local tasks, out = {}, {}
+    for i = 1, n do tasks[i] = resil.spawn(post, url, body, headers) end
+    for i, t in ipairs(tasks) do
+      local ok, res = t:join()
+      assert(ok, tostring(res))
+      out[i] = res
+    end
+    return out
+  end
+
+  local function statuses(replies)
+    local n = {}
+    for _, r in ipairs(replies) do n[r.status] = (n[r.status] or 0) + 1 end
+    return n
+  end
+
+  local BODY = { model = "openai/gpt-4o-mini", messages = MSGS }
+
+  it("past max_concurrent and its queue a request is a 503 with Retry-After, in OpenAI's shape", function()
+    local url, m = start({ strict = true, latency = 0.1 }, { max_concurrent = 2, queue = 0 })
+    local replies = at_once(3, url .. "/v1/chat/completions", BODY)
+    assert.are.same({ [200] = 2, [503] = 1 }, statuses(replies))
+    for _, r in ipairs(replies) do
+      if r.status == 503 then
+        assert.are.equal("1", r.headers["retry-after"])
+        local e = json.decode(r.body).error
+        assert.are.equal("too_many_concurrent_requests", e.code)
+        assert.are.equal("server_error", e.type)
+      end
+    end
+    assert.are.equal(2, m:stats().total)
+    -- the permits came back
+    assert.are.same({ [200] = 2 }, statuses(at_once(2, url .. "/v1/chat/completions", BODY)))
+  end)
+
+  it("a request within the queue waits for a permit instead", function()
+    local url = start({ strict = true, latency = 0.05 }, { max_concurrent = 1, queue = 4 })
+    assert.are.same({ [200] = 3 }, statuses(at_once(3, url .. "/v1/chat/completions", BODY)))
+  end)
+
+  it("keys add --concurrency N: the key's own limit; other keys are not held up", function()
+    local url = start({ strict = true, latency = 0.1 }, { auth = true, queue = 0 })
+    local one = assert(keys.add({ name = "one-at-a-time", concurrency = 1 }))
+    local other = assert(keys.add({ name = "other" }))
+    local tasks = {
+      resil.spawn(post, url .. "/v1/chat/completions", BODY, { authorization = "Bearer " .. one }),
+      resil.spawn(post, url .. "/v1/chat/completions", BODY, { authorization = "Bearer " .. one }),
+      resil.spawn(post, url .. "/v1/chat/completions", BODY, { authorization = "Bearer " .. other }),
+      resil.spawn(post, url .. "/v1/embeddings", { model = "openai/text-embedding-3-small", input = "x" },
+        { authorization = "Bearer " .. other }),
+    }
+    local got = {}
+    for i, t in ipairs(tasks) do got[i] = select(2, t:join()).status end
+    table.sort(got, function(a, b) return a > b end)
+    assert.are.same({ 503, 200, 200, 200 }, got)
+    assert.has_error(function() keys.add({ name = "bad", concurrency = 0 }) end)
+  end)
+
+  it("a stream keeps its permit until it ends", function()
+    local url = start({ strict = true, reply = "a b c d e f", stream_interval = 0.02 }, { max_concurrent = 1, queue = 0 })
+    local streaming = resil.spawn(events_of, url .. "/v1/chat/completions",
+      { model = "openai/gpt-4o-mini", messages = MSGS, stream = true })
+    resil.sleep(0.03) -- the stream has started (its first delta came after the upstream's first chunk)
+    assert.are.equal(503, post(url .. "/v1/chat/completions", BODY).status)
+    local ok, evs = streaming:join()
+    assert.is_true(ok)
+    assert.are.equal("[DONE]", evs[#evs].data)
+    assert.are.equal(200, post(url .. "/v1/chat/completions", BODY).status)
+  end)
+end)
+
+describe("gateway: slow clients", function()
+  -- a client that sends part of a request and waits: raw bytes over bash's /dev/tcp
+  local function half_request(port, bytes, out)
+    os.execute(([[bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; printf "%s" >&3; timeout 5 cat <&3' > %s 2>&1 &]]):format(
+      port, bytes, out))
+  end
+
+  it("one that stalls in its headers or its body is a 408 at read_timeout; the gateway serves others meanwhile",
+    function()
+      local url, m = start({ strict = true }, { read_timeout = 0.2 })
+      local port = tonumber(url:match(":(%d+)$"))
+      local slow_headers, slow_body = helpers.tmpname(".out"), helpers.tmpname(".out")
+      half_request(port, [[POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le]], slow_headers)
+      half_request(port, [[POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mo]],
+        slow_body)
+      -- served while both are stalled
+      assert.are.equal(200, post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS }).status)
+      for _, out in ipairs({ slow_headers, slow_body }) do
+        assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("\r\n\r\n.") ~= nil end, 10))
+        assert.matches("^HTTP/1%.1 408 Request Timeout\r\n", helpers.slurp(out))
+      end
+      assert.are.equal(1, m:stats().total) -- neither reached a handler task
+    end)
+end)
+
 describe("gateway: virtual keys", function()
   local keys = require "resil.keys"
 
@@ -337,13 +438,13 @@ describe("resil-lua gateway and resil-lua keys", function()
     resil.log.level("off")
     local m = assert(resil.mock.start({ strict = true, reply = "served" }))
     local db = helpers.tmpname(".db")
-    local add = helpers.run(("%s keys add --name team-a --budget 50/day --rpm 600 --tpm 200000 --models fast,x " ..
+    local add = helpers.run(("%s keys add --name team-a --budget 50/day --rpm 600 --tpm 200000 --concurrency 4 --models fast,x " ..
       "--store %s"):format(helpers.resil, db))
     assert.are.equal(0, add.code, add.stderr)
     local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
     assert.is_string(key)
     local list = helpers.run(("%s keys list --store %s"):format(helpers.resil, db))
-    assert.matches("team%-a%s+active%s+%$50/day%s+600%s+200000%s+fast,x", list.stdout)
+    assert.matches("team%-a%s+active%s+%$50/day%s+600%s+200000%s+4%s+fast,x", list.stdout)
     assert.is_nil(list.stdout:find(key, 1, true))
     assert.is_nil(helpers.slurp(db):find(key, 1, true)) -- only its digest is stored
 

@@ -62,10 +62,13 @@ local function parse_budget(v)
 end
 keys.parse_budget = parse_budget
 
--- keys.add{name=, budget="50/day" | {limit=, per=}, rpm=, tpm=, models={...}} -> key, record | nil, err
+-- keys.add{name=, budget="50/day" | {limit=, per=}, rpm=, tpm=, concurrency=, models={...}} -> key, record | nil, err
 function keys.add(o)
   if type(o) ~= "table" or type(o.name) ~= "string" or not o.name:match("^[%w_.:%-]+$") then
     error("keys.add: name must be letters, digits, _ . : -", 2)
+  end
+  if o.concurrency ~= nil and (math.type(o.concurrency) ~= "integer" or o.concurrency < 1) then
+    error("keys.add: concurrency must be a positive integer", 2)
   end
   local s, err = store()
   if not s then return nil, err end
@@ -83,7 +86,7 @@ function keys.add(o)
   local key = "sk-resil-" .. b64url(resil.crypto.random(32))
   local hash = resil.crypto.sha256(key)
   local rec = { id = "key_" .. hash:sub(1, 12), name = o.name, hash = hash, budget = budget,
-    rpm = o.rpm, tpm = o.tpm, models = o.models, created = resil.clock.wall() }
+    rpm = o.rpm, tpm = o.tpm, concurrency = o.concurrency, models = o.models, created = resil.clock.wall() }
   s:set(record_key(hash), json.encode(rec))
   list[#list + 1] = { id = rec.id, name = rec.name, hash = hash }
   s:set(INDEX, json.encode(list))
@@ -135,7 +138,7 @@ local function count(v, flag)
 end
 
 local USAGE = "usage: resil-lua keys add --name NAME [--budget USD[/day|/month]] [--rpm N] [--tpm N] "
-  .. "[--models a,b]\n       resil-lua keys list [--json]\n       resil-lua keys revoke NAME|ID"
+  .. "[--concurrency N] [--models a,b]\n       resil-lua keys list [--json]\n       resil-lua keys revoke NAME|ID"
 
 function keys.main(args)
   local cmd = args[1]
@@ -148,6 +151,7 @@ function keys.main(args)
       elseif a == "--budget" then o.budget = v
       elseif a == "--rpm" then o.rpm = count(v, a)
       elseif a == "--tpm" then o.tpm = count(v, a)
+      elseif a == "--concurrency" then o.concurrency = count(v, a)
       elseif a == "--models" then
         o.models = {}
         for m in v:gmatch("[^,%s]+") do o.models[#o.models + 1] = m end
@@ -169,11 +173,13 @@ function keys.main(args)
       return
     end
     if #list == 0 then print("no keys") return end
-    print(("%-18s %-16s %-8s %-14s %-8s %-8s %s"):format("ID", "NAME", "STATUS", "BUDGET", "RPM", "TPM", "MODELS"))
+    print(("%-18s %-16s %-8s %-14s %-8s %-8s %-6s %s"):format("ID", "NAME", "STATUS", "BUDGET", "RPM", "TPM", "CONC",
+      "MODELS"))
     for _, r in ipairs(list) do
       local b = r.budget and ("$%g%s"):format(r.budget.limit, r.budget.per and ("/" .. r.budget.per) or "") or "-"
-      print(("%-18s %-16s %-8s %-14s %-8s %-8s %s"):format(r.id, r.name, r.revoked and "revoked" or "active", b,
-        r.rpm and ("%g"):format(r.rpm) or "-", r.tpm and ("%g"):format(r.tpm) or "-", r.models and table.concat(r.models, ",") or "*"))
+      print(("%-18s %-16s %-8s %-14s %-8s %-8s %-6s %s"):format(r.id, r.name, r.revoked and "revoked" or "active", b,
+        r.rpm and ("%g"):format(r.rpm) or "-", r.tpm and ("%g"):format(r.tpm) or "-",
+        r.concurrency and ("%d"):format(r.concurrency) or "-", r.models and table.concat(r.models, ",") or "*"))
     end
   elseif cmd == "revoke" then
     local which = args[2] or fail("revoke needs a key's name or id")
