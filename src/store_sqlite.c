@@ -47,6 +47,7 @@ typedef struct store_db {
   struct timespec lock_since;
   double timeout; /* the longest wait for the write lock; then store_unavailable */
   int ref_stmts; /* sql -> lightuserdata stmt */
+  sqlite3_stmt *ctl[5]; /* the transaction statements, prepared once (see exec_ctl) */
   int in_tx;
   long commits, ops;
 } store_db;
@@ -195,6 +196,23 @@ static int tx_value(lua_State *L) {
 
 static int exec_sql(store_db *d, const char *sql) { return sqlite3_exec(d->db, sql, NULL, NULL, NULL); }
 
+/* The statements every operation and batch runs, prepared once: parsing
+ * them again for each op cost more than the op's own insert. */
+enum { CTL_BEGIN, CTL_COMMIT, CTL_SAVEPOINT, CTL_RELEASE, CTL_ROLLBACK_TO };
+static const char *const CTL_SQL[] = {"BEGIN IMMEDIATE", "COMMIT", "SAVEPOINT op", "RELEASE op", "ROLLBACK TO op"};
+
+static int exec_ctl(store_db *d, int which) {
+  sqlite3_stmt *st = d->ctl[which];
+  if (!st) {
+    int rc = sqlite3_prepare_v2(d->db, CTL_SQL[which], -1, &st, NULL);
+    if (rc != SQLITE_OK) return rc;
+    d->ctl[which] = st;
+  }
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  return rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
 static void op_free(lua_State *L, op *o) {
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_fn_args);
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
@@ -203,7 +221,7 @@ static void op_free(lua_State *L, op *o) {
 
 /* Run one op on L (the main state) under a savepoint; store its results. */
 static void run_op(lua_State *L, store_db *d, op *o, int txh) {
-  exec_sql(d, "SAVEPOINT op");
+  exec_ctl(d, CTL_SAVEPOINT);
   int base = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_fn_args);
   int n = (int)lua_rawlen(L, -1);
@@ -213,10 +231,10 @@ static void run_op(lua_State *L, store_db *d, op *o, int txh) {
   for (int i = 2; i <= n; i++) lua_rawgeti(L, args, i);
   int rc = lua_pcall(L, n, LUA_MULTRET, 0); /* the error value as raised: tables stay tables */
   if (rc != LUA_OK) {
-    exec_sql(d, "ROLLBACK TO op");
+    exec_ctl(d, CTL_ROLLBACK_TO);
     o->failed = 1;
   }
-  exec_sql(d, "RELEASE op");
+  exec_ctl(d, CTL_RELEASE);
   int nres = lua_gettop(L) - args;
   lua_createtable(L, nres, 1);
   for (int i = 1; i <= nres; i++) {
@@ -247,7 +265,7 @@ static void commit_batch(lua_State *L, store_db *d, op *first, int txh, int bega
   d->in_tx = 1;
   for (op *o = first; o; o = o->next) run_op(L, d, o, txh);
   d->in_tx = 0;
-  int rc = exec_sql(d, "COMMIT");
+  int rc = exec_ctl(d, CTL_COMMIT);
   if (rc != SQLITE_OK) {
     char why[512];
     snprintf(why, sizeof why, "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
@@ -272,7 +290,7 @@ static double seconds_since(const struct timespec *t0) {
  * growing) while a timer retries with a growing delay, and the other tasks'
  * I/O goes on meanwhile; after d->timeout the batch fails. */
 static int take_write_lock(store_db *d) {
-  int rc = exec_sql(d, "BEGIN IMMEDIATE");
+  int rc = exec_ctl(d, CTL_BEGIN);
   if (rc != SQLITE_BUSY || (d->waiting_lock && seconds_since(&d->lock_since) >= d->timeout)) {
     if (d->waiting_lock) d->R->io_pending--; /* done waiting (or given up: "database is locked") */
     d->waiting_lock = 0;
@@ -483,6 +501,8 @@ static void db_close_all(lua_State *L, store_db *d) {
   }
   lua_pop(L, 1);
   luaL_unref(L, LUA_REGISTRYINDEX, d->ref_stmts);
+  for (size_t i = 0; i < sizeof d->ctl / sizeof d->ctl[0]; i++) sqlite3_finalize(d->ctl[i]);
+  memset(d->ctl, 0, sizeof d->ctl);
   sqlite3_close(d->db);
   d->db = NULL;
   if (d->flush_ev) event_free(d->flush_ev);

@@ -91,8 +91,16 @@ local function tool_calls_of(calls)
   return out
 end
 
+-- a body validate() parsed, for the parse that follows it (one parse per answer)
+local parsed = setmetatable({}, { __mode = "k" })
+
 -- openai.parse(data) -> normalized result | nil, why
 function openai.parse(data)
+  local done = parsed[data]
+  if done then
+    parsed[data] = nil
+    return done
+  end
   if type(data) ~= "table" or type(data.choices) ~= "table" or type(data.choices[1]) ~= "table" then
     return nil, "no choices in the response"
   end
@@ -144,6 +152,7 @@ function openai.validate(data)
   if r.text:match("^%s*$") and not r.tool_calls and r.finish_reason ~= "length" and not r.refusal then
     return nil, "empty content"
   end
+  parsed[data] = r
   return true
 end
 

@@ -24,16 +24,48 @@ local token_usage = resil.metrics.histogram("gen_ai_client_token_usage",
 local TOKEN_TYPES = { input_tokens = "input", prompt_tokens = "input", output_tokens = "output",
                       completion_tokens = "output" }
 
+-- the series of one provider and model, each bound at its first use (a
+-- label key is a sort and a concatenation: too much for every call of a
+-- gateway's hot path)
+local bound, bound_count = {}, 0
+local function series_of(provider, model)
+  local by = bound[provider]
+  local b = by and by[model]
+  if b then return b end
+  if bound_count >= 1000 then bound, bound_count = {}, 0 end -- the metrics bound their own series anyway
+  b = {}
+  bound[provider] = bound[provider] or {}
+  bound[provider][model] = b
+  bound_count = bound_count + 1
+  return b
+end
+
 local function observe_cost(e, units)
   local provider, model = e.provider or "unknown", e.model or "unknown"
-  if e.usd then usd_total:inc({ provider = provider, model = model }, e.usd)
-  else unpriced_total:inc({ provider = provider, model = model }) end
+  local b = series_of(provider, model)
+  if e.usd then
+    local usd = b.usd
+    if not usd then
+      usd = usd_total:labels({ provider = provider, model = model })
+      b.usd = usd
+    end
+    usd:inc(e.usd)
+  else
+    unpriced_total:inc({ provider = provider, model = model })
+  end
   if type(units) ~= "table" then return end
   for field, token_type in pairs(TOKEN_TYPES) do
     local n = units[field]
     if type(n) == "number" and n >= 0 then
-      tokens_total:inc({ provider = provider, model = model, type = token_type }, n)
-      token_usage:observe({ gen_ai_system = provider, gen_ai_request_model = model, gen_ai_token_type = token_type }, n)
+      local f = b[field]
+      if not f then
+        f = { tokens = tokens_total:labels({ provider = provider, model = model, type = token_type }),
+          usage = token_usage:labels({ gen_ai_system = provider, gen_ai_request_model = model,
+            gen_ai_token_type = token_type }) }
+        b[field] = f
+      end
+      f.tokens:inc(n)
+      f.usage:observe(n)
     end
   end
 end
