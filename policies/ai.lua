@@ -62,6 +62,7 @@ end
 
 local function base_url(adapter, conf)
   local base = conf.base_url or os.getenv(adapter.base_env) or adapter.default_base
+  if base:byte(-1) ~= 47 then return base end -- no trailing "/": nothing to strip (the common case)
   return (base:gsub("/+$", ""))
 end
 

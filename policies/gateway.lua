@@ -619,7 +619,8 @@ gateway.routes = {
 
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
 function gateway.handle(req)
-  local path = req.path:gsub("/+$", "")
+  local path = req.path
+  if path:byte(-1) == 47 then path = path:gsub("/+$", "") end -- "/v1/models/" is "/v1/models"
   local route = gateway.routes[req.method .. " " .. path]
   local api = path == "/v1/messages" and "anthropic" or "openai"
   local reply
