@@ -341,10 +341,12 @@ describe("gateway: concurrency", function()
   end)
 
   it("a stream keeps its permit until it ends", function()
-    local url = start({ strict = true, reply = "a b c d e f", stream_interval = 0.02 }, { max_concurrent = 1, queue = 0 })
+    local url, m = start({ strict = true, reply = ("w "):rep(20), stream_interval = 0.02 },
+      { max_concurrent = 1, queue = 0 })
     local streaming = resil.spawn(events_of, url .. "/v1/chat/completions",
       { model = "openai/gpt-4o-mini", messages = MSGS, stream = true })
-    resil.sleep(0.03) -- the stream has started (its first delta came after the upstream's first chunk)
+    -- the stream is under way upstream (it lasts 0.4 s)
+    assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 5))
     assert.are.equal(503, post(url .. "/v1/chat/completions", BODY).status)
     local ok, evs = streaming:join()
     assert.is_true(ok)
