@@ -62,34 +62,50 @@ local function take_run(s, id)
   end
 end
 
+-- The run as this process counts it, made at the first step whether or not
+-- the store can be reached: a step that found the store unavailable keeps
+-- its position, so the steps after it keep theirs (a renumbered step would
+-- be taken for another step's record: a divergence, or a wrong replay).
+local function run_object()
+  if not run then
+    -- inflight: the steps running now, recorded as pending if the run ends
+    -- before they do; failed: the items with a failed step recorded
+    run = { id = config.run or default_run_id(), seq = {}, resumed = false, held = false, inflight = {},
+            failed = {}, retries = {} }
+  end
+  return run
+end
+
 -- -> the current run, taken on first use | nil, err{kind="store_unavailable"}
--- (a run another process holds raises: the script must stop)
+-- (taken again at the next step). A run another process holds raises: the
+-- script must stop.
 local function current_run()
-  if run then
-    -- another task is still recording the run's start: wait for it
-    if run.starter and run.starter ~= resil.running() then run.starter:join() end
-    if run then return run end
+  local r = run_object()
+  if r.held then return r end
+  if r.starter then -- another task is taking it: its outcome is ours
+    if r.starter ~= resil.running() then r.starter:join() end
+    if r.held then return r end
+    return nil, r.take_error
   end
   local s, serr = store_or_fail()
   if not s then return nil, serr end
-  local id = config.run or default_run_id()
-  -- inflight: the steps running now, recorded as pending if the run ends
-  -- before they do; failed: the items with a failed step recorded
-  run = { id = id, seq = {}, store = s, resumed = false, inflight = {}, failed = {},
-          retries = {} }
-  run.starter = resil.spawn(function()
-    local done, generation = take_run(s, id)
-    run.held, run.resumed, run.generation = true, done > 0, generation
-    resil.log.info(done > 0 and "run resumed" or "run started", { run = id, steps_done = done })
+  r.store = s
+  r.starter = resil.spawn(function()
+    local done, generation = take_run(s, r.id)
+    r.held, r.resumed, r.generation = true, done > 0, generation
+    resil.log.info(done > 0 and "run resumed" or "run started", { run = r.id, steps_done = done })
   end)
-  local ok, err = run.starter:join()
-  run.starter = nil
+  local ok, err = r.starter:join()
+  r.starter = nil
   if not ok then
-    run = nil
-    if resil.is_error(err) and err.kind == "store_unavailable" then return nil, err end
+    if resil.is_error(err) and err.kind == "store_unavailable" then
+      r.take_error = err
+      return nil, err
+    end
+    if run == r then run = nil end
     error(err, 3)
   end
-  return run
+  return r
 end
 
 local function current_run_or_raise()
@@ -100,7 +116,7 @@ end
 
 resil.run = {}
 function resil.run.id() return current_run_or_raise().id end
-function resil.run.started() return run ~= nil end
+function resil.run.started() return run ~= nil and run.held end
 function resil.run.resumed() return current_run_or_raise().resumed end
 -- Record how the run ended and give it up (the CLI does this when the
 -- script ends). Works outside a task: it writes at once, without the loop.
@@ -155,11 +171,12 @@ function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.step: fn must be a function", 2) end
   if S.holds_secret(name) then error("resil.step: the step's name contains a value read through resil.secret", 2) end
+  local scope = resil.context().step_scope or "" -- set per resil.map item
+  local counted = run_object()
+  local seq = (counted.seq[scope] or 0) + 1
+  counted.seq[scope] = seq -- this step's place, even if the store fails it now
   local r, rerr = current_run()
   if not r then return nil, rerr end
-  local scope = resil.context().step_scope or "" -- set per resil.map item
-  local seq = (r.seq[scope] or 0) + 1
-  r.seq[scope] = seq
   local backend = r.store.backend
   local recorded, result = backend:step_get(r.id, scope, seq)
   -- unknown is not "not done": running it again could pay twice

@@ -93,22 +93,29 @@ end
 -- Opening a store whose schema is current takes no lock; a migration takes
 -- the write lock, waiting for another process's writer up to the store's
 -- timeout (on a timer inside a task, so the loop goes on).
+local function read_version(tx) return tx:value("PRAGMA user_version") end
+
+-- (Even a read can find the file busy for a moment, while another process
+-- recovers its WAL at open: both steps wait the same way.)
 local function migrate(db, path, timeout)
-  local version, verr = db:read(function(tx) return tx:value("PRAGMA user_version") end)
-  if version == nil then return nil, verr end
-  if version == #migrations then return true end
   local in_task = resil.running() ~= nil
   if not in_task then db:blocking(true) end
   local deadline, pause = resil.now() + timeout, 0.001
-  while true do
-    local ok, err = db:now(apply_migrations, path)
-    if ok or not (err and err.busy and in_task and resil.now() + pause < deadline) then
-      if not in_task then db:blocking(false) end
-      return ok, err
-    end
+  local function retry(err)
+    if not (err and err.busy and in_task and resil.now() + pause < deadline) then return false end
     resil.sleep(pause)
     pause = math.min(pause * 2, 0.05)
+    return true
   end
+  local version, err
+  repeat version, err = db:read(read_version) until version ~= nil or not retry(err)
+  local ok = version == #migrations
+  if version ~= nil and not ok then
+    repeat ok, err = db:now(apply_migrations, path) until ok or not retry(err)
+  end
+  if not in_task then db:blocking(false) end
+  if version == nil then return nil, err end
+  return ok, err
 end
 
 function B.open(path, opts)
