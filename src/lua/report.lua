@@ -99,7 +99,8 @@ local function figures(report, ledger)
 end
 
 local CSS = [[
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1100px;color:#222;
+padding:0 1em}
 h1{font-size:1.4em;margin-bottom:.2em}h2{font-size:1.1em;margin-top:2em;border-bottom:1px solid #ddd}
 .summary{display:flex;flex-wrap:wrap;gap:.5em 2em;margin:1em 0}.summary div b{display:block;font-size:1.3em}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:3px 8px;border-bottom:1px solid #eee;
@@ -117,7 +118,10 @@ document.querySelectorAll("table.sortable th").forEach(function (th, col) {
   th.addEventListener("click", function () {
     var body = th.closest("table").tBodies[0], rows = Array.from(body.rows);
     var up = th.dataset.dir !== "asc"; th.dataset.dir = up ? "asc" : "desc";
-    function key(r) { var c = r.cells[col]; var v = c.dataset.v; return v !== undefined ? parseFloat(v) : c.textContent; }
+    function key(r) {
+      var c = r.cells[col], v = c.dataset.v;
+      return v !== undefined ? parseFloat(v) : c.textContent;
+    }
     rows.sort(function (a, b) { var x = key(a), y = key(b); return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1); });
     rows.forEach(function (r) { body.appendChild(r); });
   });
