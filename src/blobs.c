@@ -23,6 +23,7 @@
   X(limits, "src/lua/limits.lua")             /* resil.bucket, resil.breaker */      \
   X(trace, "src/lua/trace.lua")               /* W3C trace context, OTLP export */   \
   X(commands, "src/lua/commands.lua")         /* resil-lua runs | costs | budgets */ \
+  X(report, "src/lua/report.lua")             /* runs show --html: the run report */  \
   X(keys, "src/lua/keys.lua")                 /* the gateway's keys; resil-lua keys */
 
 #define EMBED_LUA(name, file)                                                                                   \

@@ -24,8 +24,11 @@ local token_usage = resil.metrics.histogram("gen_ai_client_token_usage",
 local TOKEN_TYPES = { input_tokens = "input", prompt_tokens = "input", output_tokens = "output",
                       completion_tokens = "output" }
 
+local spent_usd = 0 -- by this process, for resil.map's progress line
+
 local function observe_cost(e, units)
   local provider, model = e.provider or "unknown", e.model or "unknown"
+  if e.usd then spent_usd = spent_usd + e.usd end
   if e.usd then usd_total:inc({ provider = provider, model = model }, e.usd)
   else unpriced_total:inc({ provider = provider, model = model }) end
   if type(units) ~= "table" then return end
@@ -94,5 +97,7 @@ function resil.cost.breakdown(by, f)
   return out
 end
 
--- for budgets: ledger entries and money in micro-dollars
-return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, observe = observe_cost }
+-- for budgets: ledger entries and money in micro-dollars; for the progress
+-- line: what this process has recorded so far
+return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, observe = observe_cost,
+         spent = function() return spent_usd end }
