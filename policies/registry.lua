@@ -637,6 +637,8 @@ function registry.problems(entries, opts)
         local days = (day_of(e.sunset) - t) / 86400
         if days <= 0 and not e.replacement then
           add("error", key, "passed its sunset (%s) and has no replacement: its calls fail", e.sunset)
+        elseif days <= 0 then
+          add("warning", key, "passed its sunset (%s): its calls go to %s", e.sunset, e.replacement)
         elseif days > 0 and days <= 30 then
           add("warning", key, "sunset in %d days (%s)", math.ceil(days), e.sunset)
         end

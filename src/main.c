@@ -36,6 +36,7 @@ static void usage(FILE *out) {
           "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR]\n"
           "       " PROGNAME " runs [show ID] [--store URL]     runs and their checkpointed steps\n"
           "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--json] [--store URL]\n"
+          "       " PROGNAME " check [files...]                 policy files and the model registry, without running\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
           "  -                       read the script from stdin\n"
@@ -203,7 +204,8 @@ static int run_command(const char *name, int argc, char **argv) {
   }
   lua_setglobal(L, "arg");
   signal_target = R;
-  int status = resil_load_string(R, "require('resil.commands')(arg)", "=[resil commands]");
+  int status = resil_load_string(R, "require(arg[0] == 'check' and 'resil.check' or 'resil.commands')(arg)",
+                                 "=[resil commands]");
   if (status == RESIL_OK) status = resil_run(R);
   int code = report(R, status);
   signal_target = NULL;
@@ -247,7 +249,7 @@ int main(int argc, char **argv) {
   int ncodes = 0, i = 1, watch = 0, wait = 0;
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
-  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0))
+  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "check") == 0))
     return run_command(argv[1], argc - 2, argv + 2);
 
   for (; i < argc; i++) {
