@@ -7,7 +7,11 @@
 --     cache = { ttl = 3600 },                                   -- answer repeats from the store
 --     retry = { base = 1 }, deadline = 60 }                     -- call.provider options, for this call
 --   -- r.text, r.usage {input_tokens, output_tokens, cached_input_tokens, cache_write_tokens},
---   -- r.cost_usd, r.provider, r.model (what served), r.finish_reason, r.id, r.raw
+--   -- r.cost_usd, r.provider, r.model (what served), r.finish_reason, r.id, r.raw,
+--   -- r.fallbacks (how many targets failed before this one), and from the registry
+--   -- (policies/models.lua): r.alias, r.routed {from, to, reason}, r.migration {alias, side},
+--   -- r.deployment
+--   -- model: an alias of the registry or "provider/model[:version]"
 --
 --   local s = ai.stream{ model = "anthropic/claude-sonnet-4-5-20250929", messages = msgs, max_tokens = 800 }
 --   for delta in s do io.write(delta) end     -- raises kind="stream_interrupted" (err.text) if cut
@@ -439,11 +443,14 @@ function ai.chat(req)
   local r, err
   if #targets == 1 then
     r, err = watched(chat_strategy(targets[1], req), targets).fn(req, deadline_of(targets, req))
+    if r then r.fallbacks = 0 end
   else
     local strategies = {}
     for i, t in ipairs(targets) do strategies[i] = chat_strategy(t, req) end
     strategies[1] = watched(strategies[1], targets)
-    r, err = fallback.chain(strategies)(req, deadline_of(targets, req))
+    local info
+    r, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
+    if r then r.fallbacks = info and info.index and info.index - 1 or 0 end
   end
   if r == nil then
     if ticket then ticket:settle(0) end

@@ -181,6 +181,16 @@ function registry.use(entries, file)
   registry.entries, registry.file = r.entries, r.file
 end
 
+-- registry.load(path): a registry file (plain data, run with nothing in
+-- reach) for this module: a demo's or a tool's own, outside policies/
+function registry.load(path)
+  local chunk, err = loadfile(path, "t", {})
+  if not chunk then error(err, 2) end
+  local ok, entries = pcall(chunk)
+  if not ok then error(entries, 2) end
+  registry.use(entries, path)
+end
+
 ---------------------------------------------------------------------------
 -- names
 
@@ -484,6 +494,10 @@ local function expand(name, req, plan, level, depth)
   local e = registry.entries[name]
   if type(e) == "table" and (e.use or e.deployments) then
     plan.alias = plan.alias or name
+    if e.pinned and type(e.use) == "string" then
+      plan.pinned = plan.pinned or {}
+      plan.pinned[e.use] = true
+    end
     if e.deadline and plan.deadline == nil then plan.deadline = e.deadline end
     local list = {}
     local function add_all(more) for _, c in ipairs(more) do list[#list + 1] = c end end
@@ -528,11 +542,13 @@ local function expand(name, req, plan, level, depth)
     end
     if model ~= name then return expand(model, req, plan, level + 1, depth + 1) end
   end
-  if not registry.is_pinned(model) and not once["unpinned:" .. model] then
-    once["unpinned:" .. model] = true
-    resil.log.warn("model is not pinned to a version: the provider may change it under you", { model = model })
+  if not registry.is_pinned(model) and not (plan.pinned and plan.pinned[model]) then
+    if not once["unpinned:" .. model] then
+      once["unpinned:" .. model] = true
+      resil.log.warn("model is not pinned to a version: the provider may change it under you", { model = model })
+    end
+    unpinned_total:inc({ model = model })
   end
-  if not registry.is_pinned(model) then unpinned_total:inc({ model = model }) end
   return { { model = model } }
 end
 
@@ -599,7 +615,7 @@ function registry.problems(entries, opts)
     out[#out + 1] = { level = level, key = key,
       message = ("%s: model '%s': " .. fmt):format(where(file, key), key, ...) }
   end
-  local function check_model(key, what, m, need_pinned)
+  local function check_model(key, what, m, need_pinned, pinned_here)
     if entries[m] and (entries[m].use or entries[m].deployments) then return end
     local p, name = split(m)
     if not p then
@@ -616,7 +632,7 @@ function registry.problems(entries, opts)
     end
     if need_pinned and not registry.is_pinned(m) then
       add("error", key, "%s '%s' is not pinned to a version", what, m)
-    elseif not registry.is_pinned(m) then
+    elseif not registry.is_pinned(m) and not pinned_here then
       add("warning", key, "%s '%s' is not pinned to a version", what, m)
     end
   end
@@ -627,7 +643,7 @@ function registry.problems(entries, opts)
   registry.entries = entries -- is_pinned reads pinned = true from the entries being checked
   for _, key in ipairs(keys) do
     local e = entries[key]
-    if e.use then check_model(key, "use", e.use) end
+    if e.use then check_model(key, "use", e.use, false, e.pinned) end
     for _, d in ipairs(e.deployments or {}) do check_model(key, "deployment", d.use) end
     for _, f in ipairs(e.fallbacks or {}) do check_model(key, "fallback", f) end
     if e.migrate then check_model(key, "migrate.to", e.migrate.to, true) end
