@@ -6,7 +6,7 @@ CC       ?= cc
 PKGS      = lua5.4 lua5.4-cjson libcurl libevent sqlite3 hiredis
 DEB_PKGS  = build-essential pkg-config liblua5.4-dev lua-cjson-dev libcurl4-openssl-dev libevent-dev \
             libhiredis-dev libsqlite3-dev libmimalloc-dev lua-busted redis-server nginx-light openssl \
-            ca-certificates
+            ca-certificates prometheus clang valgrind
 
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
@@ -29,7 +29,7 @@ LIB_OBJ  = $(LIB_SRC:src/%.c=$(BUILD)/%.o)
 LUA_SRC  = $(wildcard src/lua/*.lua)
 BIN      = $(if $(filter build,$(BUILD)),resil-lua,$(BUILD)/resil-lua)
 
-.PHONY: all deps demo test check bench install uninstall clean
+.PHONY: all deps demo test check fuzz fuzz-build fuzz-smoke bench install uninstall clean
 
 all: $(BIN) $(BUILD)/libresil.a $(BUILD)/libresil.so
 
@@ -52,8 +52,11 @@ $(BUILD)/libresil.so: $(LIB_OBJ)
 $(BIN): $(BUILD)/main.o $(BUILD)/libresil.a
 	$(CC) $(LDFLAGS) -o $@ $(BUILD)/main.o $(BUILD)/libresil.a $(BIN_ALLOC) $(LDLIBS)
 
-$(BUILD)/embed_test: tests/embed_test.c $(BUILD)/libresil.a
-	$(CC) $(CFLAGS) -Isrc -o $@ $< $(BUILD)/libresil.a $(LDFLAGS) $(LDLIBS)
+# the C tests: one program per file in tests/, each printing TAP
+C_TESTS  = $(patsubst tests/%.c,$(BUILD)/%,$(wildcard tests/*_test.c))
+
+$(BUILD)/%_test: tests/%_test.c $(BUILD)/libresil.a
+	$(CC) $(CFLAGS) -Isrc -o $@ $< $(BUILD)/libresil.a $(LDFLAGS) $(LDLIBS) -lpthread
 
 # Installs the Debian packages the project needs; nothing when all are present.
 deps:
@@ -72,12 +75,50 @@ deps:
 demo: all
 	./resil-lua examples/pipeline.lua
 
-test: all $(BUILD)/embed_test
-	RESIL=$(abspath $(BIN)) EMBED_TEST=$(abspath $(BUILD)/embed_test) RESIL_HOME=$(CURDIR) \
+test: all $(C_TESTS)
+	RESIL=$(abspath $(BIN)) EMBED_TEST="$(abspath $(C_TESTS) $(wildcard tests/*_test.sh))" RESIL_HOME=$(CURDIR) \
 	  RESIL_LIBDIR=$(BUILD) SAN_FLAGS="$(SAN)" spec/run
 
 check:
 	$(MAKE) BUILD=build/asan OPT=-O1 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer" test
+	$(MAKE) fuzz-smoke
+
+# libFuzzer targets (fuzz/*_fuzz.c) for what reads bytes from outside, on a
+# library built by clang with ASan+UBSan. `make fuzz` runs each for
+# FUZZ_TIME seconds, new inputs in build/fuzz/corpus/, crashes as
+# build/fuzz/crash-*; `make check` runs each for a few seconds over the
+# committed seeds (fuzz/corpus/<target>/). A crash becomes a seed and a spec.
+FUZZ_CC      ?= clang
+FUZZ_BUILD    = build/fuzz
+FUZZ_SAN      = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_TARGETS  = $(patsubst fuzz/%_fuzz.c,%,$(wildcard fuzz/*_fuzz.c))
+FUZZ_TIME    ?= 60
+FUZZ_SMOKE   ?= 3
+
+fuzz-build:
+	$(MAKE) BUILD=$(FUZZ_BUILD) CC=$(FUZZ_CC) OPT=-O1 SAN="$(FUZZ_SAN) -fsanitize=fuzzer-no-link" $(FUZZ_BUILD)/libresil.a
+	$(MAKE) $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%_fuzz)
+
+$(FUZZ_BUILD)/%_fuzz: fuzz/%_fuzz.c fuzz/fuzz_host.h $(FUZZ_BUILD)/libresil.a
+	$(FUZZ_CC) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer -D_GNU_SOURCE -Isrc $(PKG_CFLAGS) -o $@ $< $(FUZZ_BUILD)/libresil.a $(LDLIBS)
+
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t; echo "fuzz: $$t for $(FUZZ_TIME) s"; \
+	  $(FUZZ_BUILD)/$${t}_fuzz -max_total_time=$(FUZZ_TIME) -artifact_prefix=$(FUZZ_BUILD)/$$t- \
+	    $(FUZZ_BUILD)/corpus/$$t fuzz/corpus/$$t > $(FUZZ_BUILD)/$$t.log 2>&1; status=$$?; \
+	  if [ $$status -ne 0 ]; then echo "fuzz: $$t FAILED"; tail -40 $(FUZZ_BUILD)/$$t.log; exit 1; fi; \
+	  echo "fuzz: $$t ok ($$(grep -o 'DONE.*' $(FUZZ_BUILD)/$$t.log | head -1))"; \
+	done
+
+fuzz-smoke: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  scratch=$$(mktemp -d); \
+	  $(FUZZ_BUILD)/$${t}_fuzz -max_total_time=$(FUZZ_SMOKE) -artifact_prefix=$(FUZZ_BUILD)/$$t- $$scratch fuzz/corpus/$$t \
+	    > $(FUZZ_BUILD)/$$t.log 2>&1; status=$$?; rm -rf $$scratch; \
+	  if [ $$status -ne 0 ]; then echo "fuzz: $$t FAILED"; tail -40 $(FUZZ_BUILD)/$$t.log; exit 1; fi; \
+	  echo "fuzz: $$t ok ($$(grep -o 'DONE.*' $(FUZZ_BUILD)/$$t.log | head -1))"; \
+	done
 
 bench: all
 	bench/run
@@ -85,12 +126,12 @@ bench: all
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include \
 	  $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/share/resil/policies
-	install -m 755 resil-lua $(DESTDIR)$(PREFIX)/bin/
+	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/
 	install -m 644 $(BUILD)/libresil.a $(BUILD)/libresil.so $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 src/resil.h $(DESTDIR)$(PREFIX)/include/
 	cp -R policies/. $(DESTDIR)$(PREFIX)/share/resil/policies/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(shell sed -n 's/.*RESIL_VERSION "\(.*\)"/\1/p' src/resil.h)|' \
-	  -e 's|@REQUIRES@|$(PKGS)|' resil.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil.pc
+	  -e 's|@REQUIRES@|$(filter-out lua5.4,$(PKGS))|' resil.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil.pc
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/resil-lua $(DESTDIR)$(PREFIX)/lib/libresil.a $(DESTDIR)$(PREFIX)/lib/libresil.so \

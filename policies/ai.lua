@@ -294,11 +294,9 @@ local function record_cost(r, req, ticket, operation)
   local ok, err
   if ticket then
     ok, err = ticket:settle(usd or 0, entry)
-  elseif usd then
-    entry.usd = usd
-    ok, err = resil.cost.record(entry)
   else
-    return
+    entry.usd = usd -- nil: recorded without a price (pricing warned once), never as a zero
+    ok, err = resil.cost.record(entry)
   end
   if ok == nil and err then
     r.ledger_error = err

@@ -33,6 +33,10 @@ local now = resil.now
 
 local calls_total = resil.metrics.counter("resil_calls_total", "Provider attempts, by provider and outcome")
 local call_seconds = resil.metrics.histogram("resil_call_seconds", "Time of one provider attempt, by provider")
+-- OpenTelemetry's gen_ai.client.operation.duration, with its buckets
+local operation_duration = resil.metrics.histogram("gen_ai_client_operation_duration_seconds",
+  "Time of one provider attempt (OpenTelemetry gen_ai.client.operation.duration), by system, model and error type",
+  { buckets = { 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92 } })
 
 local Provider = {}
 Provider.__index = Provider
@@ -56,7 +60,7 @@ local function used_tokens(res)
     + (usage.completion_tokens or usage.output_tokens or 0))
 end
 
-local function merged_request(self, req, left)
+local function merged_request(self, req, left, span)
   local base = self.request
   local r = {}
   for k, v in pairs(base) do r[k] = v end
@@ -64,11 +68,12 @@ local function merged_request(self, req, left)
   local key = req.idempotency_key
   if key == nil and self.idempotency then key = resil.context().idempotency_key end -- inside resil.once
   r.idempotency_key = nil
-  if key or (base.headers and req.headers) then
+  if key or span or (base.headers and req.headers) then
     local h = {}
     for k, v in pairs(base.headers or {}) do h[k] = v end
     for k, v in pairs(req.headers or {}) do h[k] = v end
     if key then h["Idempotency-Key"] = key end
+    if span then h["traceparent"] = span.traceparent end -- W3C trace context: the attempt's span
     r.headers = h
   end
   local timeout = r.timeout or self.timeout
@@ -77,12 +82,43 @@ local function merged_request(self, req, left)
   return r
 end
 
-local function send(self, req, attempt, left)
+local function send(self, req, attempt, left, span)
   if type(req) == "function" then
     if left then return resil.timeout(left, req, attempt, left) end
     return req(attempt, left)
   end
-  return resil.http.request(merged_request(self, req, left))
+  return resil.http.request(merged_request(self, req, left, span))
+end
+
+-- Each attempt is a span (src/lua/trace.lua) with OpenTelemetry's GenAI
+-- attributes; its ids are on the log lines written while it runs.
+local function start_span(self, req, n)
+  local model = type(req) == "table" and type(req.json) == "table" and req.json.model or nil
+  local span = resil.trace.start(("chat %s"):format(model or self.name), {
+    ["gen_ai.system"] = self.name, ["gen_ai.operation.name"] = "chat", ["gen_ai.request.model"] = model,
+    ["resil.attempt"] = n })
+  local ctx = resil.context()
+  span.saved = { ctx.trace_id, ctx.span_id }
+  ctx.trace_id, ctx.span_id = span.trace_id, span.span_id
+  return span
+end
+
+local function finish_span(span, res, err)
+  local ctx = resil.context()
+  ctx.trace_id, ctx.span_id = span.saved[1], span.saved[2]
+  local attrs = {}
+  if type(res) == "table" and res.status then
+    attrs["http.response.status_code"] = res.status
+    local data = res.status == 200 and classify.decoded(res)
+    if type(data) == "table" then
+      attrs["gen_ai.response.model"] = type(data.model) == "string" and data.model or nil
+      attrs["gen_ai.response.id"] = type(data.id) == "string" and data.id or nil
+      local usage = type(data.usage) == "table" and data.usage or {}
+      attrs["gen_ai.usage.input_tokens"] = math.tointeger(usage.prompt_tokens or usage.input_tokens)
+      attrs["gen_ai.usage.output_tokens"] = math.tointeger(usage.completion_tokens or usage.output_tokens)
+    end
+  end
+  span:finish(attrs, err)
 end
 
 -- One attempt through breaker, buckets and the concurrency limit.
@@ -118,9 +154,10 @@ local function attempt(n, self, req, deadline)
   end
   local start = now()
   local res, err
+  local span = start_span(self, req, n)
   do
     local _ <close> = sem and self.releaser or nil
-    res, err = send(self, req, n, deadline and deadline - now())
+    res, err = send(self, req, n, deadline and deadline - now(), span)
   end
   local elapsed = now() - start
 
@@ -138,6 +175,9 @@ local function attempt(n, self, req, deadline)
   end
   series:inc()
   self.call_time:observe(elapsed)
+  local model = type(req) == "table" and type(req.json) == "table" and req.json.model or nil
+  operation_duration:observe({ gen_ai_system = self.name, gen_ai_request_model = tostring(model or "unknown"),
+                               error_type = verdict and outcome or "none" }, elapsed)
   if self.token_bucket then
     local used = used_tokens(res) or (verdict and 0) or tokens
     if used > tokens then self.token_bucket:charge(used - tokens)
@@ -148,8 +188,12 @@ local function attempt(n, self, req, deadline)
     br:record(not (verdict and verdict.breaker), elapsed)
   end
   if verdict then
-    return nil, classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })
+    local e = classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })
+    e.trace_id, e.span_id = span.trace_id, span.span_id -- for the retry's log line
+    finish_span(span, res, e)
+    return nil, e
   end
+  finish_span(span, res)
   return res
 end
 

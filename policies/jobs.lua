@@ -182,8 +182,8 @@ local function charge(ctx, spec, operation, job_id, usage, ticket)
     ok, err = ticket:settle(usd, entry)
   else
     if ticket then ticket:release() end
-    entry.usd = usd or 0 -- an unpriced row is marked units.unpriced
-    if entry.usd > 0 or usd == nil then ok, err = resil.cost.record(entry) else ok = true end
+    entry.usd = usd -- nil: a row without a price (warned once), never a zero
+    if usd == nil or usd > 0 then ok, err = resil.cost.record(entry) else ok = true end
   end
   if ok == nil and err then
     resil.log.warn("cost not recorded", { provider = ctx.name, model = ctx.model, id = job_id, error = tostring(err) })

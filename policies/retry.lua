@@ -202,9 +202,11 @@ function retry.call(fn, opts, ...)
     end
     retries_of[class] = done + 1
     retries_total:inc({ provider = provider, class = class })
+    if resil.run then resil.run.retried() end -- per item and step, for `resil-lua runs show`
     local reason = verdict.reason or verdict.message
+    local failed = type(err) == "table" and err or {}
     resil.log.info("retry", { provider = provider, attempt = attempt, class = class, delay = delay,
-                              reason = reason })
+                              reason = reason, trace_id = failed.trace_id, span_id = failed.span_id })
     if opts.on_retry then
       opts.on_retry({ attempt = attempt, class = class, delay = delay, reason = reason, error = err,
                       response = res, provider = provider })

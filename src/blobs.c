@@ -21,7 +21,8 @@
   X(costs, "src/lua/costs.lua")               /* resil.cost */                       \
   X(budgets, "src/lua/budgets.lua")           /* resil.budget */                     \
   X(limits, "src/lua/limits.lua")             /* resil.bucket, resil.breaker */      \
-  X(commands, "src/lua/commands.lua")         /* resil-lua runs | costs */        \
+  X(trace, "src/lua/trace.lua")               /* W3C trace context, OTLP export */   \
+  X(commands, "src/lua/commands.lua")         /* resil-lua runs | costs */           \
   X(check, "src/lua/check.lua")               /* resil-lua check */
 
 #define EMBED_LUA(name, file)                                                                                   \

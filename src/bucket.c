@@ -50,6 +50,7 @@ struct bucket {
   int64_t due_ns; /* when the armed timer was meant to fire */
   waiter *head, *tail;
   int waiting;
+  lua_Integer waits, refusals; /* acquires that queued; that were refused (for metrics) */
   resil_timer timer;
 };
 
@@ -257,6 +258,7 @@ static double check_tokens(lua_State *L, int idx, bucket *b) {
 }
 
 static int push_limited(lua_State *L, bucket *b, double n, double retry_after) {
+  b->refusals++;
   if (retry_after < 0) {
     resil_push_error(L, "rate_limited", "bucket '%s': %g tokens can never be granted (burst is %g)", b->name, n,
                      b->burst);
@@ -340,6 +342,7 @@ static int b_acquire(lua_State *L) {
   else b->head = w;
   b->tail = w;
   b->waiting++;
+  b->waits++;
   if (timeout >= 0) {
     timer_init(b->R, &w->timeout, waiter_timed_out, w);
     w->has_timeout = 1;
@@ -371,6 +374,11 @@ static int b_charge(lua_State *L) {
 
 /* ---------- provider headers ---------- */
 
+/* A provider's word on waiting is believed up to a day: a larger one (or a
+ * garbled one) must not park the bucket for good, nor overflow the clock's
+ * integer nanoseconds (headers_fuzz found "1e300"). */
+#define MAX_PAUSE_S 86400.0
+
 /* OpenAI's durations: "6m0s", "1.5s", "20ms", "1h2m3s"; also plain seconds. */
 static int parse_duration(const char *s, double *out) {
   char *end;
@@ -388,6 +396,7 @@ static int parse_duration(const char *s, double *out) {
     total += v;
     parts++;
   }
+  if (!isfinite(total)) return 0; /* "1e309s", "nan": not a duration */
   *out = total;
   return parts > 0;
 }
@@ -425,7 +434,7 @@ static int parse_retry_after(const char *s, double *out) {
   double v = strtod(s, &end);
   if (end != s && *end == '\0') {
     *out = v;
-    return 1;
+    return isfinite(v); /* "1e309", "nan", "inf": not a number of seconds */
   }
   time_t at = curl_getdate(s, NULL);
   if (at == -1) return 0;
@@ -443,6 +452,7 @@ static const char *header(lua_State *L, int headers, const char *name) {
 
 static void pause_for(bucket *b, double seconds) {
   if (!(seconds > 0)) return;
+  if (seconds > MAX_PAUSE_S) seconds = MAX_PAUSE_S;
   int64_t until = now_ns(b->R) + (int64_t)llround(seconds * NS);
   if (until > b->paused_until_ns) b->paused_until_ns = until;
   serve(b);
@@ -463,6 +473,9 @@ static int b_observe(lua_State *L) {
   if ((v = header(L, 2, b->h_reset))) have_reset = parse_duration(v, &reset);
   if (!have_remaining && (v = header(L, 2, b->h_anthropic_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
   if (!have_reset && (v = header(L, 2, b->h_anthropic_reset))) have_reset = parse_rfc3339(v, &reset);
+  if (have_remaining && !isfinite(remaining)) remaining = remaining < 0 ? 0 : NAN; /* -1e309: none left */
+  if (have_remaining && isnan(remaining)) have_remaining = 0;
+  if (have_remaining && remaining < 0) remaining = 0;
 
   if (have_remaining) {
     int64_t now = now_ns(b->R);
@@ -501,7 +514,7 @@ static int l_retry_after(lua_State *L) {
     if (remaining && atof(remaining) <= 0 && (s = header(L, 1, name)) && parse_rfc3339(s, &v) && v > best) best = v;
   }
   if (best < 0) return 0;
-  lua_pushnumber(L, best);
+  lua_pushnumber(L, best > MAX_PAUSE_S ? MAX_PAUSE_S : best);
   return 1;
 }
 
@@ -515,11 +528,15 @@ static int l_parse_duration(lua_State *L) {
 
 /* ---------- introspection ---------- */
 
-/* b:state() -> {remaining=, waiting=, paused_for=, rate=, per=, burst=} */
+/* b:state() -> {remaining=, waiting=, paused_for=, rate=, per=, burst=, waits=, refusals=} */
 static int b_state(lua_State *L) {
   bucket *b = check_bucket(L, 1);
   int64_t now = now_ns(b->R);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 10);
+  lua_pushinteger(L, b->waits);
+  lua_setfield(L, -2, "waits");
+  lua_pushinteger(L, b->refusals);
+  lua_setfield(L, -2, "refusals");
   lua_pushstring(L, b->name);
   lua_setfield(L, -2, "name");
   push_count(L, remaining_at(b, now));
@@ -536,6 +553,19 @@ static int b_state(lua_State *L) {
   lua_setfield(L, -2, "burst");
   lua_pushstring(L, b->unit);
   lua_setfield(L, -2, "unit");
+  return 1;
+}
+
+/* buckets() -> {name = bucket, ...}: every named bucket (for metrics) */
+static int l_buckets(lua_State *L) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, REGISTRY);
+  lua_newtable(L);
+  lua_pushnil(L);
+  while (lua_next(L, -3)) { /* L stack: registry, copy, name, bucket */
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, -4);
+  }
   return 1;
 }
 
@@ -597,5 +627,7 @@ int luaopen_resil_bucket(lua_State *L) {
   lua_setfield(L, -2, "retry_after");
   lua_pushcfunction(L, l_parse_duration);
   lua_setfield(L, -2, "parse_duration");
+  lua_pushcfunction(L, l_buckets);
+  lua_setfield(L, -2, "buckets");
   return 1;
 }

@@ -42,9 +42,11 @@ struct resil {
 
   /* tasks */
   task *ready_head, *ready_tail;
-  struct event *ready_ev;
+  struct event *pump_ev; /* runs ready tasks when the embedder runs the event base */
+  int in_loop;           /* inside resil_run, resil_step or resil_call */
   task *current;
   task *main_task;
+  int main_ref; /* the registry's reference to it (0: none yet) */
   int tasks_alive;
   int next_task_id;
   int io_pending; /* real I/O that tasks wait on (HTTP transfers) */
@@ -81,6 +83,10 @@ struct resil {
 
   http_state *http;
   reload_state *reload;
+  void (*log_fn)(void *ud, const char *line); /* resil_options.log */
+  void *log_ud;
+  struct embed_state *embed; /* embed.c: resil_call_async's calls */
+  int sandbox;
   char *policies_dir;
   char *share_dir;
   int status;
@@ -95,6 +101,10 @@ void resil_set_error(resil_t *R, const char *msg);
  * --max-instructions, --max-memory and the interrupt hook. `what` names it
  * in errors. Returns lua_pcall's status. */
 int host_pcall(lua_State *L, const char *what, int nargs, int nresults);
+void resil_push_host_env(lua_State *L); /* the host's own globals, not the scripts' sandbox */
+
+/* embed.c */
+void embed_free(resil_t *R);
 
 /* loop.c: tasks */
 task *task_current(lua_State *L, const char *what); /* raises outside a task */
@@ -113,12 +123,23 @@ void task_wake(task *t);
 int task_id(const task *t);
 int task_context_ref(const task *t);
 task *task_spawn_main(resil_t *R, int nargs); /* function + args on R->L */
+task *task_spawn(resil_t *R, int nargs);      /* the same, not the main task */
+/* fn(arg, t) once when t ends, from the loop (before it may be collected);
+ * there, task_push_results gives true, results... | false, err and
+ * task_traceback the failure's message with its traceback (NULL if none). */
+typedef void (*task_done_fn)(void *arg, task *t);
+void task_on_done(task *t, task_done_fn fn, void *arg);
+void task_describe(task *t, lua_State *L, int idx); /* messages name the function at idx as the task's */
+int task_push_results(lua_State *L, task *t);
+const char *task_traceback(const task *t);
 /* Call fn(arg) after each pass over the ready tasks: work that the tasks of
  * one turn queued, done once for all of them (HTTP starts their transfers). */
 int loop_on_turn_end(resil_t *R, void (*fn)(void *arg), void *arg); /* -1: no room */
 void loop_init(resil_t *R);
 void loop_free(resil_t *R);
 int loop_run(resil_t *R);
+int loop_run_until(resil_t *R, const int *done); /* until *done, no task left or an interrupt */
+int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
 

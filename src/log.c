@@ -155,8 +155,15 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg) 
   luaL_pushresult(&b);
   size_t line_len;
   const char *line = lua_tolstring(L, -1, &line_len);
-  fwrite(line, 1, line_len, st->out);
-  fflush(st->out);
+  resil_t *R = resil_from_lua(L);
+  if (R->log_fn) {
+    lua_pushlstring(L, line, line_len - 1); /* without the newline */
+    R->log_fn(R->log_ud, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  } else {
+    fwrite(line, 1, line_len, st->out);
+    fflush(st->out);
+  }
   lua_pop(L, 4);
 }
 
@@ -254,6 +261,7 @@ static void close_output(log_state *st) {
 static int log_output(lua_State *L) {
   log_state *st = lua_touserdata(L, STATE_UPVALUE);
   const char *where = luaL_checkstring(L, 1);
+  resil_from_lua(L)->log_fn = NULL; /* the script's choice wins over resil_options.log */
   if (strcmp(where, "stderr") == 0 || strcmp(where, "stdout") == 0) {
     close_output(st);
     st->out = where[3] == 'e' ? stderr : stdout;

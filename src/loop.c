@@ -48,6 +48,8 @@ struct task {
   int canceling;           /* its <close> handlers are running: a second cancel is a no-op */
   int nres;                /* results (or 1 error) at the top of co */
   char *traceback;
+  task_done_fn on_done;    /* resil_call: told once when the task ends */
+  void *on_done_arg;
   char where[96];
   int where_line;          /* not yet appended to where */
 };
@@ -216,6 +218,9 @@ task *task_current(lua_State *L, const char *what) {
 }
 
 static void ready_push(resil_t *R, task *t) {
+  /* outside resil_run/resil_step/resil_call (an embedder runs the event base
+   * itself): libevent calls loop_pump to run it */
+  if (!R->in_loop && !R->ready_head && R->pump_ev) event_active(R->pump_ev, EV_TIMEOUT, 0);
   t->state = TASK_READY;
   t->next_ready = NULL;
   if (R->ready_tail) R->ready_tail->next_ready = t;
@@ -279,6 +284,11 @@ static void task_done(task *t) {
   }
   t->njoiners = 0;
   if (!t->background) R->tasks_alive--;
+  if (t->on_done) {
+    t->joined = 1; /* its caller sees the failure: not reported again when collected */
+    t->on_done(t->on_done_arg, t);
+    t->on_done = NULL;
+  }
   luaL_unref(R->L, LUA_REGISTRYINDEX, t->ref_self);
   t->ref_self = LUA_NOREF;
 }
@@ -321,6 +331,8 @@ static void task_drop_stack(task *t) {
 
 static void instruction_hook(lua_State *L, lua_Debug *ar);
 static const char *task_where(task *t);
+static int push_results(lua_State *L, task *t);
+static void describe_function(lua_State *L, int idx, task *t);
 
 static void task_resume(resil_t *R, task *t) {
   int nres = 0, nargs = t->nargs;
@@ -471,9 +483,18 @@ static task *task_create(lua_State *L, resil_t *R, int nargs, task *parent) {
   return t;
 }
 
-task *task_spawn_main(resil_t *R, int nargs) {
+task *task_spawn(resil_t *R, int nargs) {
   task *t = task_create(R->L, R, nargs, NULL);
   lua_pop(R->L, 1);
+  return t;
+}
+
+task *task_spawn_main(resil_t *R, int nargs) {
+  task *t = task_create(R->L, R, nargs, NULL);
+  /* pinned until the next main task: resil_run, resil_step and resil_call
+   * read it after it ended */
+  if (R->main_ref > 0) luaL_unref(R->L, LUA_REGISTRYINDEX, R->main_ref);
+  R->main_ref = luaL_ref(R->L, LUA_REGISTRYINDEX);
   R->main_task = t;
   return t;
 }
@@ -495,6 +516,17 @@ static int l_background(lua_State *L) {
   R->tasks_alive--;
   return 1;
 }
+
+void task_describe(task *t, lua_State *L, int idx) { describe_function(L, idx, t); }
+
+void task_on_done(task *t, task_done_fn fn, void *arg) {
+  t->on_done = fn;
+  t->on_done_arg = arg;
+}
+
+const char *task_traceback(const task *t) { return t->failed ? t->traceback : NULL; }
+
+int task_push_results(lua_State *L, task *t) { return push_results(L, t); }
 
 /* L stack on return: true, results... | false, err */
 static int push_results(lua_State *L, task *t) {
@@ -610,6 +642,7 @@ static int task_gc(lua_State *L) {
   if (t->failed && !t->joined && !t->canceled && t != t->R->main_task && t->traceback)
     redact_fprintf(t->R, stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, task_where(t),
                    t->traceback);
+  if (t->R->main_task == t) t->R->main_task = NULL; /* collected once it ended: resil_call and resil_step look later */
   timer_free(&t->timer);
   free(t->joiners);
   t->joiners = NULL;
@@ -718,6 +751,8 @@ static void wake_cb(evutil_socket_t fd, short what, void *arg) {
   }
 }
 
+static void pump_cb(evutil_socket_t fd, short what, void *arg);
+
 int loop_on_turn_end(resil_t *R, void (*fn)(void *arg), void *arg) {
   if (R->nturn_end >= (int)(sizeof R->turn_end / sizeof R->turn_end[0])) return -1; /* a fixed few, by design */
   R->turn_end[R->nturn_end].fn = fn;
@@ -730,12 +765,14 @@ void loop_init(resil_t *R) {
   R->grace_ev = evtimer_new(R->base, grace_cb, R);
   if (R->wake_pipe[0] >= 0) R->wake_ev = event_new(R->base, R->wake_pipe[0], EV_READ | EV_PERSIST, wake_cb, R);
   if (R->wake_ev) event_add(R->wake_ev, NULL);
+  R->pump_ev = event_new(R->base, -1, 0, pump_cb, R);
 }
 
 void loop_free(resil_t *R) {
   if (R->grace_ev) event_free(R->grace_ev);
   if (R->wake_ev) event_free(R->wake_ev);
-  R->grace_ev = R->wake_ev = NULL;
+  if (R->pump_ev) event_free(R->pump_ev);
+  R->grace_ev = R->wake_ev = R->pump_ev = NULL;
   free(R->vheap);
   R->vheap = NULL;
   R->vheap_len = R->vheap_cap = 0;
@@ -760,17 +797,22 @@ static void loop_wait(resil_t *R) {
   if (!R->ready_head && R->vheap_len > 0 && !R->interrupted) virtual_advance(R);
 }
 
-int loop_run(resil_t *R) {
-  while (R->tasks_alive > 0 && !R->interrupted) {
-    if (R->main_task && R->main_task->failed) break;
-    if (R->ready_head) {
-      loop_run_ready(R);
-      for (int i = 0; i < R->nturn_end; i++) R->turn_end[i].fn(R->turn_end[i].arg);
-      if (R->ready_head && !R->interrupted) event_base_loop(R->base, EVLOOP_NONBLOCK);
-    } else {
-      loop_wait(R);
-    }
+/* One turn: the ready tasks (then the turn-end work and a look at I/O),
+ * or a wait for I/O (on the virtual clock, time jumps once idle). */
+static void loop_turn(resil_t *R) {
+  if (R->ready_head) {
+    loop_run_ready(R);
+    for (int i = 0; i < R->nturn_end; i++) R->turn_end[i].fn(R->turn_end[i].arg);
+    if (R->ready_head && !R->interrupted) event_base_loop(R->base, EVLOOP_NONBLOCK);
+  } else {
+    loop_wait(R);
   }
+}
+
+/* The outcome once the loop stops: an interrupt, else the main task's
+ * failure. main: 0 not looked at (resil_call), 1 reported each time
+ * (resil_run stops on it), 2 reported once (resil_step). */
+static int loop_status(resil_t *R, int main) {
   if (R->interrupted) {
     char msg[64];
     snprintf(msg, sizeof msg, "interrupted by signal %d", (int)R->interrupted);
@@ -779,12 +821,84 @@ int loop_run(resil_t *R) {
     return RESIL_ERR_INTERRUPT;
   }
   task *m = R->main_task;
-  if (m && m->failed) {
+  if (main && m && m->failed && (main == 1 || !m->joined)) {
     resil_set_error(R, m->traceback ? m->traceback : "main task failed");
     m->joined = 1;
     return RESIL_ERR_SCRIPT;
   }
   return RESIL_OK;
+}
+
+/* Entering the host's own loop: the pump is not needed (a pending one would
+ * end the first wait at once); leaving it with tasks ready: it is again. */
+static void loop_enter(resil_t *R) {
+  R->in_loop++;
+  if (R->pump_ev) event_del(R->pump_ev);
+}
+
+static void loop_leave(resil_t *R) {
+  R->in_loop--;
+  if (!R->in_loop && R->ready_head && R->pump_ev) event_active(R->pump_ev, EV_TIMEOUT, 0);
+}
+
+int loop_run(resil_t *R) {
+  loop_enter(R);
+  while (R->tasks_alive > 0 && !R->interrupted) {
+    if (R->main_task && R->main_task->failed) break;
+    loop_turn(R);
+  }
+  loop_leave(R);
+  return loop_status(R, 1);
+}
+
+int loop_run_until(resil_t *R, const int *done) {
+  loop_enter(R);
+  while (!*done && R->tasks_alive > 0 && !R->interrupted) loop_turn(R);
+  loop_leave(R);
+  return loop_status(R, 0);
+}
+
+static void step_timeout_cb(evutil_socket_t fd, short what, void *arg) { (void)fd, (void)what, (void)arg; }
+
+int loop_step(resil_t *R, int timeout_ms) {
+  loop_enter(R);
+  if (R->ready_head) {
+    loop_turn(R);
+  } else if ((R->tasks_alive > 0 || timeout_ms >= 0) && !R->interrupted) { /* servers and signals need turns too */
+    if (timeout_ms == 0) {
+      event_base_loop(R->base, EVLOOP_NONBLOCK);
+      if (R->virtual_clock && !R->ready_head && R->io_pending == 0 && R->vheap_len > 0) virtual_advance(R);
+    } else {
+      struct event *tm = NULL;
+      if (timeout_ms > 0 && (tm = evtimer_new(R->base, step_timeout_cb, R))) {
+        struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+        evtimer_add(tm, &tv);
+      }
+      loop_wait(R);
+      if (tm) event_free(tm);
+    }
+  }
+  loop_leave(R);
+  int status = loop_status(R, 2);
+  if (status != RESIL_OK) return -status;
+  return R->tasks_alive > 0;
+}
+
+/* The embedder runs the event base itself (resil_call_async): libevent
+ * calls this whenever a task became ready outside the host's own loops. */
+static void pump_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  resil_t *R = arg;
+  if (R->in_loop) return; /* resil_run or resil_step is running them */
+  R->in_loop++;
+  if (R->ready_head) {
+    loop_run_ready(R);
+    for (int i = 0; i < R->nturn_end; i++) R->turn_end[i].fn(R->turn_end[i].arg);
+  }
+  if (!R->ready_head && R->virtual_clock && R->io_pending == 0 && R->vheap_len > 0 && R->tasks_alive > 0)
+    virtual_advance(R);
+  R->in_loop--;
+  if (R->ready_head) event_active(R->pump_ev, EV_TIMEOUT, 0); /* after this turn's I/O */
 }
 
 static const luaL_Reg task_methods[] = {

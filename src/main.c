@@ -3,7 +3,7 @@
  * client of the embedding API in resil.h.
  *
  *   resil-lua [options] script.lua [args...]
- *   resil-lua mock [scenario.lua] [--port N] [--host ADDR]
+ *   resil-lua mock [scenario.lua] [--port N] [--host ADDR] [--metrics-addr A] [--metrics-file F]
  */
 #include <errno.h>
 #include <limits.h>
@@ -33,9 +33,10 @@ static void on_signal(int signo) {
 static void usage(FILE *out) {
   fprintf(out,
           "usage: " PROGNAME " [options] [script [args...]]\n"
-          "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR]\n"
+          "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR] [--metrics-addr A] [--metrics-file F]\n"
           "       " PROGNAME " runs [show ID] [--store URL]     runs and their checkpointed steps\n"
-          "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--json] [--store URL]\n"
+          "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--run ID] [--json|--csv]\n"
+          "       " PROGNAME " budgets [--json] | show NAME | release NAME [--stale] | set NAME --limit USD [--per day]\n"
           "       " PROGNAME " check [files...]                 policy files and the model registry, without running\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
@@ -50,7 +51,11 @@ static void usage(FILE *out) {
           "  --run ID                the run resil.step checkpoints into (default: from script and args)\n"
           "  --fresh                 start the run over, forgetting its checkpoints\n"
           "  --wait                  when another process holds the run, wait for it (default: stop)\n"
+          "  --sandbox               run scripts and policies in the sandbox (no os.execute, io.popen, ...)\n"
           "  --log-file PATH         append JSON log lines to PATH (default stderr)\n"
+          "  --metrics-addr HOST:PORT  serve GET /metrics (Prometheus text) while the run lasts\n"
+          "  --metrics-file PATH     write the metrics to PATH every 15 s and at exit (textfile collector)\n"
+          "  --otlp-endpoint URL     export the run's spans as OTLP/HTTP JSON (URL or URL/v1/traces)\n"
           "  --log-level LEVEL       debug | info | warn | error | off\n"
           "  -v, --version           print the version\n"
           "  -h, --help              print this help\n");
@@ -126,6 +131,72 @@ static int report(resil_t *R, int status) {
   return 1;
 }
 
+/* --metrics-addr / --metrics-file: GET /metrics and the textfile for the
+ * life of the run (src/lua/metrics.lua). -> 0 | -1 (reported) */
+static int export_metrics(resil_t *R, const char *addr, const char *file) {
+  if (!addr && !file) return 0;
+  lua_State *L = resil_lua(R);
+  int top = lua_gettop(L), rc = 0;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil.metrics");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "export") == LUA_TFUNCTION) {
+    lua_createtable(L, 0, 2);
+    if (addr) lua_pushstring(L, addr), lua_setfield(L, -2, "addr");
+    if (file) lua_pushstring(L, file), lua_setfield(L, -2, "file");
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+      fprintf(stderr, PROGNAME ": %s\n", lua_tostring(L, -1));
+      rc = -1;
+    }
+  }
+  lua_settop(L, top);
+  return rc;
+}
+
+/* --otlp-endpoint URL: the run's spans exported as OTLP/HTTP JSON (src/lua/trace.lua) */
+static int export_traces(resil_t *R, const char *url) {
+  if (!url) return 0;
+  lua_State *L = resil_lua(R);
+  int top = lua_gettop(L), rc = 0;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil.trace");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "export") == LUA_TFUNCTION) {
+    lua_createtable(L, 0, 1);
+    lua_pushstring(L, url);
+    lua_setfield(L, -2, "url");
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+      fprintf(stderr, PROGNAME ": --otlp-endpoint: %s\n", lua_tostring(L, -1));
+      rc = -1;
+    }
+  } else {
+    fprintf(stderr, PROGNAME ": --otlp-endpoint: %s\n", lua_tostring(L, -1));
+    rc = -1;
+  }
+  lua_settop(L, top);
+  return rc;
+}
+
+/* The run's root span ends and what is queued is sent: a last task on the
+ * loop (HTTP needs it), after the script's. */
+static void finish_traces(resil_t *R, const char *url, const char *status) {
+  if (!url) return;
+  char code[128];
+  snprintf(code, sizeof code, "require('resil.trace').finish('%s')", status);
+  if (resil_load_string(R, code, "=[trace export]") != RESIL_OK || resil_run(R) != RESIL_OK)
+    fprintf(stderr, PROGNAME ": --otlp-endpoint: %s\n", resil_error(R));
+}
+
+/* the metrics file written a last time, with every count the run made */
+static void finish_metrics(resil_t *R) {
+  lua_State *L = resil_lua(R);
+  int top = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil.metrics");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "finish") == LUA_TFUNCTION &&
+      lua_pcall(L, 0, 0, 0) != LUA_OK)
+    fprintf(stderr, PROGNAME ": --metrics-file: %s\n", lua_tostring(L, -1));
+  lua_settop(L, top);
+}
+
 static const char mock_driver[] =
   "local resil = require 'resil'\n"
   "local path, port, host = arg[1], tonumber(arg[2]), arg[3]\n"
@@ -143,10 +214,12 @@ static const char mock_driver[] =
   "resil.sleep(math.huge)\n";
 
 static int run_mock(int argc, char **argv) {
-  const char *scenario = NULL, *port = "0", *host = "127.0.0.1";
+  const char *scenario = NULL, *port = "0", *host = "127.0.0.1", *metrics_addr = NULL, *metrics_file = NULL;
   for (int i = 0; i < argc; i++) {
     if (strcmp(argv[i], "--port") == 0 && i + 1 < argc) port = argv[++i];
     else if (strcmp(argv[i], "--host") == 0 && i + 1 < argc) host = argv[++i];
+    else if (strcmp(argv[i], "--metrics-addr") == 0 && i + 1 < argc) metrics_addr = argv[++i];
+    else if (strcmp(argv[i], "--metrics-file") == 0 && i + 1 < argc) metrics_file = argv[++i];
     else if (argv[i][0] == '-') return fail("mock: unknown option '%s' (try --help)", argv[i]);
     else if (!scenario) scenario = argv[i];
     else return fail("mock: unexpected argument '%s'", argv[i]);
@@ -154,7 +227,9 @@ static int run_mock(int argc, char **argv) {
   long port_number;
   if (strcmp(port, "0") != 0 && (parse_count(port, &port_number) != 0 || port_number > 65535))
     return fail("mock: bad port '%s'", port);
-  resil_t *R = resil_open(NULL);
+  resil_options mock_opts = {0};
+  mock_opts.sandbox = RESIL_SANDBOX_OFF; /* the command's own script */
+  resil_t *R = resil_open(&mock_opts);
   if (!R) return fail("%s", "cannot create the host");
   lua_State *L = resil_lua(R);
   lua_createtable(L, 3, 1);
@@ -168,19 +243,25 @@ static int run_mock(int argc, char **argv) {
   lua_pushstring(L, host);
   lua_rawseti(L, -2, 3);
   lua_setglobal(L, "arg");
+  if (export_metrics(R, metrics_addr, metrics_file) != 0) {
+    resil_close(R);
+    return 1;
+  }
   signal_target = R;
   int status = resil_load_string(R, mock_driver, "=mock");
   if (status == RESIL_OK) status = resil_run(R);
   int code = status == RESIL_ERR_INTERRUPT ? 0 : report(R, status);
+  finish_metrics(R);
   signal_target = NULL;
   resil_close(R);
   return code;
 }
 
-/* resil-lua runs|costs [--store URL] args...: the store's subcommands */
+/* resil-lua runs|costs|budgets [--store URL] args...: the store's subcommands */
 static int run_command(const char *name, int argc, char **argv) {
   resil_options opts = {0};
   opts.log_level = "warn";
+  opts.sandbox = RESIL_SANDBOX_OFF;
   for (int i = 0; i < argc; i++) {
     if (strcmp(argv[i], "--store") != 0) continue;
     if (i + 1 >= argc) return fail("%s: --store needs a path or URL", name);
@@ -245,11 +326,14 @@ static void finish_run(resil_t *R, int status) {
 
 int main(int argc, char **argv) {
   resil_options opts = {0};
+  opts.sandbox = RESIL_SANDBOX_OFF; /* the sandbox is for embedders and --sandbox */
   const char *codes[64];
   int ncodes = 0, i = 1, watch = 0, wait = 0;
+  const char *metrics_addr = NULL, *metrics_file = NULL, *otlp_endpoint = NULL;
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
-  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "check") == 0))
+  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "budgets") == 0 ||
+                   strcmp(argv[1], "check") == 0))
     return run_command(argv[1], argc - 2, argv + 2);
 
   for (; i < argc; i++) {
@@ -284,9 +368,14 @@ int main(int argc, char **argv) {
       wait = 1;
       continue;
     }
+    if (strcmp(a, "--sandbox") == 0) {
+      opts.sandbox = RESIL_SANDBOX_ON;
+      continue;
+    }
     if (strcmp(a, "-e") == 0 || strcmp(a, "--max-instructions") == 0 || strcmp(a, "--max-memory") == 0 ||
         strcmp(a, "--policies") == 0 || strcmp(a, "--log-file") == 0 || strcmp(a, "--log-level") == 0 ||
-        strcmp(a, "--store") == 0 || strcmp(a, "--run") == 0) {
+        strcmp(a, "--store") == 0 || strcmp(a, "--run") == 0 || strcmp(a, "--metrics-addr") == 0 ||
+        strcmp(a, "--metrics-file") == 0 || strcmp(a, "--otlp-endpoint") == 0) {
       if (!next) return fail("option '%s' needs an argument", a);
       i++;
       if (a[1] == 'e') {
@@ -304,6 +393,12 @@ int main(int argc, char **argv) {
         opts.store = next;
       } else if (strcmp(a, "--run") == 0) {
         opts.run_id = next;
+      } else if (strcmp(a, "--metrics-addr") == 0) {
+        metrics_addr = next;
+      } else if (strcmp(a, "--metrics-file") == 0) {
+        metrics_file = next;
+      } else if (strcmp(a, "--otlp-endpoint") == 0) {
+        otlp_endpoint = next;
       } else if (strcmp(a, "--log-file") == 0) {
         if (check_log_file(next) != 0) return 1;
         opts.log_file = next;
@@ -331,6 +426,10 @@ int main(int argc, char **argv) {
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
   if (open_failed(R)) return 1;
   if (wait) wait_for_run(R);
+  if (export_metrics(R, metrics_addr, metrics_file) != 0 || export_traces(R, otlp_endpoint) != 0) {
+    resil_close(R);
+    return 1;
+  }
   signal_target = R;
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);
@@ -348,6 +447,8 @@ int main(int argc, char **argv) {
   }
   int code = report(R, status);
   if (status != RESIL_ERR_FILE) finish_run(R, status);
+  finish_traces(R, otlp_endpoint, status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
+  finish_metrics(R);
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
   signal_target = NULL;
   resil_close(R);

@@ -3,6 +3,7 @@
  * cap), the libevent loop, the `resil` module and the policy search path, and
  * turns a script into the first task.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -112,7 +113,7 @@ static int policy_searcher(lua_State *L) {
     if (!dirs[i]) continue;
     const char *path = lua_pushfstring(L, "%s/%s.lua", dirs[i], rest);
     if (file_exists(path)) {
-      if (luaL_loadfile(L, path) != LUA_OK)
+      if (luaL_loadfilex(L, path, R->sandbox ? "t" : NULL) != LUA_OK)
         return luaL_error(L, "error loading policy '%s':\n\t%s", name, lua_tostring(L, -1));
       lua_pushstring(L, path);
       return 2;
@@ -138,7 +139,17 @@ static void install_policy_searcher(lua_State *L) {
   lua_pop(L, 2);
 }
 
-/* The shipped policies: next to the binary in a build tree, else installed. */
+static int has_policies(const char *dir) {
+  char probe[PATH_MAX + 32];
+  struct stat st;
+  snprintf(probe, sizeof probe, "%s/policies", dir);
+  return stat(probe, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* The shipped policies: $RESIL_HOME; next to the binary in a build tree;
+ * <prefix>/share/resil of the installation this code was loaded from
+ * (libresil.so's folder, or the binary's, /../share/resil: right for a
+ * prefix chosen at install time); else the prefix compiled in. */
 static char *find_share_dir(void) {
   const char *env = getenv("RESIL_HOME");
   if (env && *env) return strdup(env);
@@ -149,10 +160,20 @@ static char *find_share_dir(void) {
     char *slash = strrchr(exe, '/');
     if (slash) {
       *slash = '\0';
-      char probe[PATH_MAX + 32];
-      snprintf(probe, sizeof probe, "%s/policies", exe);
-      struct stat st;
-      if (stat(probe, &st) == 0 && S_ISDIR(st.st_mode)) return strdup(exe);
+      char tree[PATH_MAX + 32];
+      snprintf(tree, sizeof tree, "%s/src/resil.h", exe); /* the build tree, not any folder with policies */
+      if (has_policies(exe) && file_exists(tree)) return strdup(exe);
+    }
+  }
+  Dl_info info;
+  char here[PATH_MAX], share[PATH_MAX + 32];
+  if (dladdr((void *)find_share_dir, &info) && info.dli_fname && realpath(info.dli_fname, here)) {
+    char *slash = strrchr(here, '/');
+    if (slash) {
+      *slash = '\0';
+      snprintf(share, sizeof share, "%s/../share/resil", here);
+      char real[PATH_MAX];
+      if (realpath(share, real) && has_policies(real)) return strdup(real);
     }
   }
   return strdup(RESIL_SHAREDIR);
@@ -189,6 +210,14 @@ static const struct {
 };
 
 #define RESIL_TABLE_KEY "resil.module" /* the resil table, for the embedded modules' loaders */
+#define HOST_ENV_KEY "resil.host_env"  /* the host's own globals: the sandbox is for scripts only */
+
+void resil_push_host_env(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, HOST_ENV_KEY) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  }
+}
 
 /* package.preload["resil.<name>"]: compile the embedded module and run it
  * with the resil table (modules load while resil itself is still loading,
@@ -198,6 +227,8 @@ static int load_embedded(lua_State *L) {
   char chunkname[64];
   snprintf(chunkname, sizeof chunkname, "=[resil %s]", m->name);
   if (luaL_loadbuffer(L, m->source, strlen(m->source), chunkname) != LUA_OK) return lua_error(L);
+  resil_push_host_env(L);
+  lua_setupvalue(L, -2, 1);
   lua_getfield(L, LUA_REGISTRYINDEX, RESIL_TABLE_KEY);
   lua_call(L, 1, 1);
   return 1;
@@ -259,6 +290,8 @@ static int luaopen_resil(lua_State *L) {
   lua_setfield(L, -2, "hash");
   lua_pushliteral(L, RESIL_VERSION);
   lua_setfield(L, -2, "version");
+  lua_newtable(L); /* resil_register's functions */
+  lua_setfield(L, -2, "host");
 
   /* the Lua half (src/lua/), starting with the prelude, which requires the rest */
   lua_pushvalue(L, -1);
@@ -268,6 +301,78 @@ static int luaopen_resil(lua_State *L) {
   lua_pushliteral(L, "resil.prelude");
   lua_call(L, 1, 0);
   return 1;
+}
+
+/* ---------- the sandbox ---------- */
+
+/* canonical(path) -> the absolute path with its folder resolved (symlinks,
+ * "..") | nil when that folder does not exist: what io.open checks under the
+ * sandbox. */
+static int l_canonical(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  char dir[PATH_MAX], real[PATH_MAX];
+  const char *slash = strrchr(path, '/');
+  const char *base = slash ? slash + 1 : path;
+  if (!slash) snprintf(dir, sizeof dir, ".");
+  else if (slash == path) snprintf(dir, sizeof dir, "/");
+  else snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+  if (!realpath(dir, real)) return 0;
+  if (strcmp(base, "..") == 0 || strcmp(base, ".") == 0 || !*base) {
+    lua_pushstring(L, real); /* a folder itself; checked as such */
+    return 1;
+  }
+  lua_pushfstring(L, "%s%s%s", real, strcmp(real, "/") == 0 ? "" : "/", base);
+  return 1;
+}
+
+/* L stack: list -> list with dir appended when it exists (canonical) */
+static void add_dir(lua_State *L, const char *dir) {
+  char real[PATH_MAX];
+  if (!dir || !realpath(dir, real)) return;
+  lua_pushstring(L, real);
+  lua_rawseti(L, -2, (lua_Integer)luaL_len(L, -2) + 1);
+}
+
+/* L stack: resil -> resil. Scripts get resil.sandbox_env's table as their
+ * globals; what was loaded before (the host's modules) keeps the old one. */
+static void apply_sandbox(resil_t *R, const resil_options *opts) {
+  lua_State *L = R->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  lua_setfield(L, LUA_REGISTRYINDEX, HOST_ENV_KEY);
+  lua_getfield(L, -1, "sandbox_env");
+  lua_pushcfunction(L, l_canonical);
+  lua_newtable(L);
+  if (opts->sandbox_dirs) {
+    char *copy = strdup(opts->sandbox_dirs), *save = NULL;
+    for (char *d = copy ? strtok_r(copy, ":", &save) : NULL; d; d = strtok_r(NULL, ":", &save)) add_dir(L, d);
+    free(copy);
+  }
+  lua_newtable(L);
+  add_dir(L, R->policies_dir);
+  add_dir(L, "policies");
+  if (R->share_dir) {
+    char shipped[PATH_MAX];
+    snprintf(shipped, sizeof shipped, "%s/policies", R->share_dir);
+    add_dir(L, shipped);
+  }
+  if (lua_pcall(L, 3, 1, 0) != LUA_OK) { /* only without memory: scripts keep the host's globals */
+    resil_set_error(R, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return;
+  }
+  lua_rawseti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  /* the C loaders stay out of reach of the scripts' require: they use the
+   * host's, which only the sandbox's require calls, for resil and policies */
+  lua_getfield(L, LUA_REGISTRYINDEX, HOST_ENV_KEY);
+  lua_getfield(L, -1, "package");
+  lua_pushliteral(L, "");
+  lua_setfield(L, -2, "cpath");
+  lua_getfield(L, -1, "searchers");
+  for (lua_Integer i = luaL_len(L, -1); i > 3; i--) { /* preload, policies, Lua files: the C ones go */
+    lua_pushnil(L);
+    lua_rawseti(L, -2, i);
+  }
+  lua_pop(L, 3);
 }
 
 /* ---------- lifecycle ---------- */
@@ -359,6 +464,18 @@ resil_t *resil_open(const resil_options *opts) {
   }
   lua_pop(L, 2);
   if (opts->virtual_clock) clock_set_virtual(R, 1);
+  R->sandbox = opts->sandbox != RESIL_SANDBOX_OFF;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil");
+  lua_call(L, 1, 1);
+  if (R->sandbox) apply_sandbox(R, opts);
+  lua_pushnil(L);
+  lua_setfield(L, -2, "sandbox_env");
+  lua_pop(L, 1);
+  if (opts->log) { /* after log_file: the callback wins */
+    R->log_fn = opts->log;
+    R->log_ud = opts->log_ud;
+  }
   return R;
 }
 
@@ -444,6 +561,7 @@ void resil_close(resil_t *R) {
     lua_close(R->L);
   }
   R->L = NULL;
+  embed_free(R);
   http_free(R);
   reload_free(R);
   redact_free(R);

@@ -5,6 +5,18 @@
  * Scripts run as tasks (coroutines) on that loop. Several instances may live
  * in one process, one per thread: there is no global state.
  *
+ * Threads: a host is not thread-safe. Every function below takes the host
+ * and must be called from one thread at a time, the thread that runs its
+ * loop; only resil_interrupt may be called from elsewhere (another thread or
+ * a signal handler). Two threads with a host each need no locking.
+ *
+ * Strings handed in are copied or used only during the call; strings handed
+ * out are the host's (valid until the next call on it) unless a function
+ * says "malloc'd": those are the caller's to free().
+ *
+ * Build with `pkg-config --cflags --libs resil` (Lua 5.4 and libevent come
+ * with it: the header hands out a lua_State and takes an event_base).
+ *
  *   resil_t *R = resil_open(NULL);
  *   if (resil_load_file(R, "pipeline.lua", argc, argv) != RESIL_OK ||
  *       resil_run(R) != RESIL_OK)
@@ -27,7 +39,16 @@ enum {
   RESIL_ERR_SCRIPT = 1,   /* a syntax error, or the main task raised */
   RESIL_ERR_FILE = 2,     /* a script file could not be read */
   RESIL_ERR_MEMORY = 3,   /* allocation failed */
-  RESIL_ERR_INTERRUPT = 4 /* stopped by resil_interrupt() */
+  RESIL_ERR_INTERRUPT = 4, /* stopped by resil_interrupt(), or the host closed first */
+  RESIL_ERR_FAILED = 5,    /* resil_call: the function returned nil, err */
+  RESIL_ERR_USAGE = 6      /* a bad argument or a call from the wrong place; nothing ran */
+};
+
+/* resil_options.sandbox */
+enum {
+  RESIL_SANDBOX_DEFAULT = 0, /* on: what resil_open(NULL) gives */
+  RESIL_SANDBOX_ON = 1,
+  RESIL_SANDBOX_OFF = -1 /* scripts get the whole standard library (the CLI's default) */
 };
 
 typedef struct resil_options {
@@ -35,16 +56,34 @@ typedef struct resil_options {
   long max_instructions;    /* per task between yields; 0 = unlimited */
   size_t max_memory;        /* bytes for the Lua state; 0 = unlimited */
   int virtual_clock;        /* start with the virtual clock */
-  const char *policies_dir; /* searched first for require "policies.x" */
+  /* The folder that holds the policy files themselves: require "policies.x"
+   * loads <policies_dir>/x.lua first, then ./policies/x.lua, then the shipped
+   * library (<prefix>/share/resil/policies of the installation, or
+   * $RESIL_HOME/policies). */
+  const char *policies_dir;
   const char *log_file;     /* JSON lines go here instead of stderr */
   const char *log_level;    /* "debug" | "info" | "warn" | "error" */
   const char *store;        /* store URL: a SQLite path or redis://host:port/db; NULL: $RESIL_STORE or
                                .resil/state.db */
   const char *run_id;       /* the run resil.step checkpoints into; NULL: derived from script + args */
   int fresh;                /* start the run over: forget its checkpoints */
+  /* Each JSON log line (no trailing newline, NUL-terminated, valid during
+   * the call) goes here instead of stderr or log_file. Called from the
+   * host's thread, from inside Lua: it must not call back into the host. A
+   * script's resil.log.output() switches to the file it names. */
+  void (*log)(void *log_ud, const char *line);
+  void *log_ud;
+  /* Scripts and policies run with an allow-list environment: os.execute,
+   * io.popen, os.exit, os.remove, os.rename, package.loadlib, debug, binary
+   * chunks in load/loadfile/dofile, and io.open/io.lines outside
+   * sandbox_dirs and the policy folders are refused with an error naming the
+   * function; require finds only resil and modules in the policy folders.
+   * C code (resil_lua, resil_register's functions) is not limited. */
+  int sandbox;              /* RESIL_SANDBOX_DEFAULT (on) | _ON | _OFF */
+  const char *sandbox_dirs; /* ':'-separated folders io.open may read and write under the sandbox */
 } resil_options;
 
-/* A new host; opts may be NULL. NULL only when memory is exhausted. An
+/* A new host; opts may be NULL (all defaults, the sandbox on). NULL only when memory is exhausted. An
  * option it could not honour (a log file it cannot open, a store URL of an
  * unknown scheme) leaves resil_error() non-empty: the host then logs to
  * stderr and has no store URL set. */
@@ -79,6 +118,56 @@ int resil_watch(resil_t *R, int on);
 
 /* Reload on SIGHUP (through libevent: the reload runs in the loop). */
 int resil_reload_on_sighup(resil_t *R);
+
+/* ---------- calling Lua from C ---------- */
+
+/* Call fn with the arguments in json_args (a JSON array; NULL: none) as a
+ * task, run the loop until it ends, and hand its results back as a JSON
+ * array in *json_result (malloc'd: the caller frees it; NULL on failure).
+ * fn is a global ("decide"), a field path from a global ("limits.check"),
+ * or "module.fn": the module is loaded with require (so "policies.retry.
+ * decide" finds the policy library's file, hot reload included). JSON null
+ * in the arguments is nil; nil among the results is null.
+ * Returns RESIL_OK; RESIL_ERR_SCRIPT when fn raised (or its module failed to
+ * load, or a cap stopped it: resil_error() has file:line and a traceback);
+ * RESIL_ERR_FAILED when it returned nil, err (resil_error(): "fn (file:line)
+ * returned nil, kind: message"); RESIL_ERR_USAGE when fn is not a function,
+ * json_args is not a JSON array, or resil_call was called from inside the
+ * loop (from a task, a handler, a resil_call_async callback or any libevent
+ * callback on the host's event base): use resil_call_async there;
+ * RESIL_ERR_INTERRUPT after resil_interrupt (the call's task goes on and
+ * ends in a later run). Other tasks run meanwhile; resil_call returns when
+ * its own call ends, even if they go on. max_instructions and max_memory
+ * apply to the call as to any task. */
+int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result);
+
+/* The same without waiting, for a program that runs the loop itself
+ * (resil_options.base with event_base_dispatch, or resil_step, or
+ * resil_run). Resolving fn and decoding json_args happen now: a failure
+ * returns its code and done is not called. Otherwise done(ud, status,
+ * json_result) is called once, from the loop at the end of a turn (never
+ * from inside Lua, so it may start new calls): json_result (the host's,
+ * valid during the callback) on RESIL_OK, NULL with resil_error() set
+ * otherwise. A call still running at resil_close gets RESIL_ERR_INTERRUPT
+ * from resil_close. */
+int resil_call_async(resil_t *R, const char *fn, const char *json_args,
+                     void (*done)(void *ud, int status, const char *json_result), void *ud);
+
+/* One loop turn, for a program whose loop is not libevent's: run the tasks
+ * that are ready, or else wait for I/O up to timeout_ms (0: only look; -1:
+ * until something happens, and not at all when no task is left). The turns
+ * also serve the host's servers (resil.server, the mock) and SIGHUP. Returns 1 while tasks remain, 0 when none is
+ * left, -RESIL_ERR_SCRIPT once when the main task failed (resil_error()
+ * says why), -RESIL_ERR_INTERRUPT after resil_interrupt, -RESIL_ERR_USAGE
+ * when called from inside the loop. */
+int resil_step(resil_t *R, int timeout_ms);
+
+/* Make f callable from Lua as resil.host.<name> (also under the sandbox).
+ * name must be a Lua identifier; a second registration replaces the first.
+ * f runs on the host's thread inside a task or handler: it may raise with
+ * lua_error/luaL_error (the caller sees it at its line) but must not block
+ * or call resil_call. Returns RESIL_OK or RESIL_ERR_USAGE. */
+int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L));
 
 struct lua_State *resil_lua(resil_t *R);
 struct event_base *resil_event_base(resil_t *R);

@@ -226,6 +226,19 @@ static int s_tostring(lua_State *L) {
 static const luaL_Reg semaphore_methods[] = {
   {"acquire", s_acquire}, {"try", s_try}, {"release", s_release}, {"state", s_state}, {NULL, NULL}};
 
+/* resil.semaphores() -> {name = semaphore, ...}: every named semaphore (for metrics) */
+static int l_semaphores(lua_State *L) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, REGISTRY);
+  lua_newtable(L);
+  lua_pushnil(L);
+  while (lua_next(L, -3)) { /* L stack: registry, copy, name, semaphore */
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, -4);
+  }
+  return 1;
+}
+
 int luaopen_resil_semaphore(lua_State *L) {
   luaL_newmetatable(L, SEMAPHORE_MT);
   luaL_newlib(L, semaphore_methods);
@@ -236,5 +249,7 @@ int luaopen_resil_semaphore(lua_State *L) {
   lua_newtable(L);
   lua_pushcfunction(L, l_semaphore);
   lua_setfield(L, -2, "semaphore");
+  lua_pushcfunction(L, l_semaphores);
+  lua_setfield(L, -2, "semaphores");
   return 1;
 }

@@ -7,6 +7,22 @@ local owner = require "resil.owner"
 local store_now, store_or_fail = S.now, S.open
 local costs = require "resil.costs"
 local cost_entry, to_micro, from_micro = costs.entry, costs.to_micro, costs.from_micro
+local spent_usd = resil.metrics.gauge("resil_budget_spent_usd", "Spent in the budget's current period, by budget")
+local reserved_usd = resil.metrics.gauge("resil_budget_reserved_usd", "Held by open reservations, by budget")
+local limit_usd = resil.metrics.gauge("resil_budget_limit_usd", "The budget's limit in force, by budget")
+local soft_usd = resil.metrics.gauge("resil_budget_soft_limit_usd", "The budget's soft limit (limit x soft), by budget")
+local remaining_usd = resil.metrics.gauge("resil_budget_remaining_usd",
+  "Limit minus spent and reserved, by budget")
+
+-- the budget's figures as the store last reported them
+local function observe_budget(b, limit, spent, reserved)
+  local l = { budget = b.name }
+  spent_usd:set(l, spent)
+  reserved_usd:set(l, reserved)
+  limit_usd:set(l, limit)
+  soft_usd:set(l, limit * b.soft)
+  remaining_usd:set(l, math.max(0, limit - spent - reserved))
+end
 
 local Budget = {}
 Budget.__index = Budget
@@ -44,8 +60,30 @@ function resil.budget(name, opts)
     end
     b.limit, b.per, b.hold, b.soft = opts.limit, opts.per, opts.hold or 600, opts.soft or 0.8
     b.on_outage = opts.on_outage or "deny"
+    b.declared = nil -- written to the store again at the next reservation
   end
   return b
+end
+
+-- The limit in force: one set with `resil-lua budgets set` (in the store,
+-- read at every reservation, so every process sees a change at once) over
+-- the script's. The script's is written to the store when it changes, for
+-- `resil-lua budgets`. -> limit, per
+local function limit_in_force(b, backend, now)
+  local cfg, err = backend:budget_config(b.name)
+  if cfg == nil and err then return b.limit, b.per end -- the store is unavailable: the reservation will say
+  cfg = cfg or {}
+  local declared_micro, declared_per = to_micro(b.limit), b.per or "none"
+  if b.declared ~= backend and (cfg.declared_micro ~= declared_micro or cfg.declared_per ~= declared_per) then
+    if backend:budget_declare(b.name, declared_micro, declared_per, now) then b.declared = backend end
+  elseif cfg.declared_micro then
+    b.declared = backend
+  end
+  if cfg.limit_micro then
+    local per = cfg.per
+    return from_micro(cfg.limit_micro), per ~= "none" and per or nil
+  end
+  return b.limit, b.per
 end
 
 -- budget:reserve(estimate_usd [, {hold=}]) -> ticket | nil, err{kind="budget_exceeded"|"store_unavailable"}
@@ -54,7 +92,8 @@ function Budget:reserve(estimate, o)
   local s, serr = store_or_fail()
   if not s then return nil, serr end -- a store that cannot be opened fails closed
   local now = store_now()
-  local period = period_of(self.per, now)
+  local limit, per = limit_in_force(self, s.backend, now)
+  local period = period_of(per, now)
   ticket_seq = ticket_seq + 1
   local me = owner.me()
   local id = ("%s:%s:%d"):format(self.name, me.tag, ticket_seq)
@@ -62,7 +101,7 @@ function Budget:reserve(estimate, o)
   local hold = o and o.hold or self.hold
   -- the hold names this process: it stops counting when the process dies
   local lease_until = owner.lease_due(s.backend, now)
-  local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(self.limit), est, id, now + hold,
+  local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(limit), est, id, now + hold,
     now, me.id, lease_until)
   if ok ~= nil then owner.lease_written(s.backend, lease_until) end
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
@@ -83,20 +122,21 @@ function Budget:reserve(estimate, o)
       seconds = now - self.outage.since })
     self.outage = nil
   end
+  observe_budget(self, limit, from_micro(spent), from_micro(reserved))
   if not ok then
     return nil, resil.error("budget_exceeded", ("budget '%s': $%.6f spent + $%.6f reserved + $%.6f > $%.6f"):format(
-      self.name, from_micro(spent), from_micro(reserved), estimate, self.limit),
-      { budget = self.name, limit = self.limit, spent = from_micro(spent), reserved = from_micro(reserved),
+      self.name, from_micro(spent), from_micro(reserved), estimate, limit),
+      { budget = self.name, limit = limit, spent = from_micro(spent), reserved = from_micro(reserved),
         period = period })
   end
   owner.keep(s.backend, id, now + hold)
   local used = from_micro(spent + reserved)
-  if used >= self.soft * self.limit then
+  if used >= self.soft * limit then
     soft_total:inc({ budget = self.name })
     if self.warned_period ~= period then
       self.warned_period = period -- once per period and process: a warning, not a flood
-      resil.log.warn("budget soft limit reached", { budget = self.name, limit = self.limit, period = period,
-        used = used, share = used / self.limit })
+      resil.log.warn("budget soft limit reached", { budget = self.name, limit = limit, period = period,
+        used = used, share = limit > 0 and used / limit or 1 })
     end
   end
   return ticket
@@ -106,17 +146,19 @@ end
 -- owner = {host=, pid=, since=}, expires_at=}, ... }}; holds of dead owners are released first
 function Budget:state()
   local now = store_now()
-  local period = period_of(self.per, now)
   local s, serr = store_or_fail()
   if not s then return nil, serr end
+  local limit, per = limit_in_force(self, s.backend, now)
+  local period = period_of(per, now)
   local spent, reserved, rows = s.backend:budget_usage(self.name, period, now, owner.me().id)
   if spent == nil then return nil, reserved end
   local holds = {}
   for i, h in ipairs(rows) do
     holds[i] = { ticket = h.ticket, usd = from_micro(h.micro_usd), owner = h.owner and owner.describe(h.owner),
-                 expires_at = h.expires_at }
+                 expires_at = h.expires_at, created_at = h.created_at }
   end
-  return { spent = from_micro(spent), reserved = from_micro(reserved), limit = self.limit, period = period,
+  observe_budget(self, limit, from_micro(spent), from_micro(reserved))
+  return { spent = from_micro(spent), reserved = from_micro(reserved), limit = limit, period = period,
            holds = holds }
 end
 
@@ -131,10 +173,71 @@ function Ticket:settle(actual, e)
   local entry = cost_entry(fields, store_now())
   entry.ticket = self.id
   entry.dedupe = entry.dedupe or ("ticket:" .. self.id)
-  return self.store.backend:budget_settle(self.id, entry)
+  local ok, err = self.store.backend:budget_settle(self.id, entry)
+  if ok and actual > 0 then costs.observe(fields, fields.units) end
+  return ok, err
 end
 
 function Ticket:release()
   owner.drop(self.store.backend, self.id)
   return self.store.backend:budget_release(self.id)
 end
+
+-- For `resil-lua budgets`: the budgets a store knows, their limits (set from
+-- the command line, else the script's) and usage in the current period.
+local admin = {}
+
+local function describe(backend, cfg, now)
+  local limit_micro, per, source = cfg.limit_micro, cfg.per, "set"
+  if not limit_micro then limit_micro, per, source = cfg.declared_micro, cfg.declared_per, "script" end
+  if per == "none" then per = nil end
+  local period = period_of(per, now)
+  local spent, reserved, rows = backend:budget_usage(cfg.name, period, now, owner.me().id)
+  if spent == nil then return nil, reserved end
+  local holds = {}
+  for i, h in ipairs(rows) do
+    holds[i] = { ticket = h.ticket, usd = from_micro(h.micro_usd), owner = h.owner and owner.describe(h.owner),
+                 expires_at = h.expires_at, age = h.created_at and now - h.created_at or nil }
+  end
+  local limit = limit_micro and from_micro(limit_micro)
+  return { name = cfg.name, limit = limit, per = per or "none", period = period, source = limit and source or nil,
+           spent = from_micro(spent), reserved = from_micro(reserved),
+           remaining = limit and math.max(0, limit - from_micro(spent + reserved)) or nil, holds = holds }
+end
+
+-- -> { {name=, limit=, per=, period=, spent=, reserved=, remaining=, holds = {...}}, ... } | nil, err
+function admin.list(s)
+  local now = store_now()
+  local rows, err = s.backend:budget_list()
+  if not rows then return nil, err end
+  local out = {}
+  for _, cfg in ipairs(rows) do
+    local d, derr = describe(s.backend, cfg, now)
+    if not d then return nil, derr end
+    out[#out + 1] = d
+  end
+  return out
+end
+
+function admin.show(s, name)
+  local cfg, err = s.backend:budget_config(name)
+  if cfg == nil and err then return nil, err end
+  cfg = cfg or {}
+  cfg.name = name
+  return describe(s.backend, cfg, store_now())
+end
+
+-- release a budget's holds in its current period (stale: only those whose owner is gone) -> how many
+function admin.release(s, name, stale)
+  local cfg = s.backend:budget_config(name) or {}
+  local per = cfg.limit_micro and cfg.per or cfg.declared_per
+  if per == "none" then per = nil end
+  local now = store_now()
+  return s.backend:budget_release_holds(name, period_of(per, now), stale, now, owner.me().id)
+end
+
+function admin.set(s, name, limit, per)
+  return s.backend:budget_set(name, to_micro(limit), per or "none", store_now())
+end
+
+return admin

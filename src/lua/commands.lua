@@ -1,5 +1,6 @@
--- The store's subcommands: `resil-lua runs [show ID]` and
--- `resil-lua costs [--by provider|model|user|day] [--since DATE] [--json]`.
+-- The store's subcommands: `resil-lua runs [show ID]`,
+-- `resil-lua costs [--by provider|model|user|day] [--since DATE] [--run ID] [--json|--csv]` and
+-- `resil-lua budgets [show|release|set NAME ...]`.
 -- The module is the command's entry point: the CLI runs
 -- require("resil.commands")(arg) as its main task.
 local resil = require "resil"
@@ -34,22 +35,117 @@ local function table_print(header, rows)
   for _, r in ipairs(rows) do line(r) end
 end
 
+-- cjson writes an empty table as {}: a list says []
+local function json_list(items)
+  if #items == 0 then return "[]" end
+  local parts = {}
+  for i, v in ipairs(items) do parts[i] = type(v) == "string" and v or json.encode(v) end
+  return "[" .. table.concat(parts, ",") .. "]"
+end
+
 local commands = {}
+
+-- "2/10" before "10": items in their order, each scope split at "/"
+local function scope_less(a, b)
+  if a == b then return false end
+  local pa, pb = {}, {}
+  for p in a:gmatch("[^/]+") do pa[#pa + 1] = p end
+  for p in b:gmatch("[^/]+") do pb[#pb + 1] = p end
+  for i = 1, math.max(#pa, #pb) do
+    local x, y = pa[i], pb[i]
+    if x == nil then return true end
+    if y == nil then return false end
+    if x ~= y then
+      local nx, ny = tonumber(x), tonumber(y)
+      if nx and ny then return nx < ny end
+      return x < y
+    end
+  end
+  return false
+end
+
+local function shell_quote(v)
+  v = tostring(v)
+  if v:match("^[%w%./_:=@%-+,]+$") then return v end
+  return "'" .. v:gsub("'", "'\\''") .. "'"
+end
+
+local function money(usd) return ("$%.6f"):format(usd or 0) end
+
+-- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ... }
+local function run_report(s, id)
+  local run = s.backend:run_get(id)
+  local steps = assert(s.backend:run_steps(id))
+  if not run and #steps == 0 then return nil end
+  local items, by_scope = {}, {}
+  for _, st in ipairs(steps) do
+    local it = by_scope[st.scope]
+    if not it then
+      it = { scope = st.scope, steps = {}, retries = 0, usd = 0, state = "done" }
+      by_scope[st.scope] = it
+      items[#items + 1] = it
+    end
+    it.steps[#it.steps + 1] = st
+    it.retries = it.retries + (st.retries or 0)
+    if st.state == "failed" then it.state = "failed"
+    elseif st.state == "pending" and it.state ~= "failed" then it.state = "pending" end
+  end
+  local costs = assert(resil.cost.breakdown("item", { run = id }))
+  local total = 0
+  for _, c in ipairs(costs) do
+    total = total + c.usd
+    local it = by_scope[c.key or ""]
+    if it then it.usd = it.usd + c.usd end
+  end
+  table.sort(items, function(a, b) return scope_less(a.scope, b.scope) end)
+  for _, it in ipairs(items) do table.sort(it.steps, function(a, b) return a.seq < b.seq end) end
+  return { run = run or { id = id }, items = items, usd = total }
+end
+
+local function resume_command(s, run)
+  local args = run.args and json.decode(run.args) or {}
+  local parts = { "resil-lua" }
+  if s.url ~= ".resil/state.db" then parts[#parts + 1] = "--store " .. shell_quote(s.url) end
+  parts[#parts + 1] = "--run " .. shell_quote(run.id)
+  parts[#parts + 1] = shell_quote(run.script or "SCRIPT")
+  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
+  return table.concat(parts, " ")
+end
+
+local function runs_show(s, args)
+  local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
+  local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
+  local run = report.run
+  print(("run %s: %s%s"):format(run.id, run.status or "?", run.script and (" (" .. run.script .. ")") or ""))
+  local rows, counts = {}, { done = 0, failed = 0, pending = 0 }
+  local retries = 0
+  for _, it in ipairs(report.items) do
+    counts[it.state] = counts[it.state] + 1
+    retries = retries + it.retries
+    for _, st in ipairs(it.steps) do
+      rows[#rows + 1] = { st.scope == "" and "-" or st.scope, st.seq, st.name, st.state, st.retries or 0,
+                          date(st.at), st.error and (st.error:gsub("%s+", " ")) or "" }
+    end
+  end
+  table_print({ "ITEM", "SEQ", "STEP", "STATE", "RETRIES", "AT (UTC)", "ERROR" }, rows)
+  print("")
+  local item_rows = {}
+  for _, it in ipairs(report.items) do
+    item_rows[#item_rows + 1] = { it.scope == "" and "-" or it.scope, it.state, #it.steps, it.retries, money(it.usd) }
+  end
+  table_print({ "ITEM", "STATE", "STEPS", "RETRIES", "COST" }, item_rows)
+  print("")
+  print(("%d items: %d done, %d failed, %d pending; %d retries; cost %s"):format(#report.items, counts.done,
+    counts.failed, counts.pending, retries, money(report.usd)))
+  if run.status ~= "done" and run.status ~= "running" then
+    print("resume: " .. redact(resume_command(s, run)))
+  end
+end
 
 function commands.runs(args)
   local s, err = resil.store()
   if not s then fail("%s", tostring(err)) end
-  if args[1] == "show" then
-    local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
-    local steps = assert(s.backend:run_steps(id))
-    if #steps == 0 then fail("runs show: no steps recorded for run '%s'", id) end
-    local rows = {}
-    for _, st in ipairs(steps) do
-      rows[#rows + 1] = { st.scope == "" and "-" or st.scope, st.seq, st.name, date(st.at), st.bytes }
-    end
-    table_print({ "ITEM", "SEQ", "STEP", "DONE AT (UTC)", "BYTES" }, rows)
-    return
-  end
+  if args[1] == "show" then return runs_show(s, args) end
   if args[1] then fail("runs: unknown argument '%s' (runs, or runs show ID)", args[1]) end
   local runs = assert(s.backend:runs_list(resil.store_now()))
   local rows = {}
@@ -80,8 +176,25 @@ local function parse_since(v)
   fail("costs: --since takes YYYY-MM-DD, Nd or Nh, not '%s'", v)
 end
 
+local function csv_cell(v)
+  if v == nil then return "" end
+  v = redact(tostring(v))
+  if v:find('[,"\r\n]') then return '"' .. v:gsub('"', '""') .. '"' end
+  return v
+end
+
+local function csv_print(header, rows)
+  local function line(r)
+    local cells = {}
+    for i = 1, #header do cells[i] = csv_cell(r[i]) end
+    io.stdout:write(table.concat(cells, ","), "\n")
+  end
+  line(header)
+  for _, r in ipairs(rows) do line(r) end
+end
+
 function commands.costs(args)
-  local by, since, as_json = nil, nil, false
+  local by, since, as_json, as_csv, run = nil, nil, false, false, nil
   local i = 1
   while args[i] do
     local a = args[i]
@@ -94,28 +207,168 @@ function commands.costs(args)
     elseif a == "--since" then
       since = parse_since(args[i + 1] or fail("costs: --since needs a date"))
       i = i + 2
+    elseif a == "--run" then
+      run = args[i + 1] or fail("costs: --run needs a run id (resil-lua runs lists them)")
+      i = i + 2
     elseif a == "--json" then
       as_json, i = true, i + 1
+    elseif a == "--csv" then
+      as_csv, i = true, i + 1
     else
       fail("costs: unknown argument '%s'", a)
     end
   end
-  local filter = { since = since }
+  if as_json and as_csv then fail("costs: --json or --csv, not both") end
+  local filter = { since = since, run = run }
+  if as_csv and not by then -- the ledger's rows, for a spreadsheet
+    local s, err = resil.store()
+    if not s then fail("%s", tostring(err)) end
+    local out = {}
+    for _, r in ipairs(assert(s.backend:cost_rows(filter))) do
+      out[#out + 1] = { os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(r.at)), r.provider, r.model, r.operation, r.user,
+                        r.run, r.item, r.step, r.budget, r.micro_usd and ("%.6f"):format(r.micro_usd / 1e6) or "", r.units }
+    end
+    csv_print({ "at", "provider", "model", "operation", "user", "run", "item", "step", "budget", "usd", "units" }, out)
+    return
+  end
   if by then
     local rows = assert(resil.cost.breakdown(by, filter))
-    if as_json then print(json.encode(#rows > 0 and rows or json.decode("[]"))) return end
-    local out, total = {}, 0
-    for _, r in ipairs(rows) do
-      out[#out + 1] = { r.key or "-", r.calls, ("$%.6f"):format(r.usd) }
-      total = total + r.usd
+    if as_json then print(json_list(rows)) return end
+    if as_csv then
+      local out = {}
+      for i, r in ipairs(rows) do out[i] = { r.key, r.calls, ("%.6f"):format(r.usd) } end
+      csv_print({ by, "calls", "usd" }, out)
+      return
     end
-    out[#out + 1] = { "TOTAL", "", ("$%.6f"):format(total) }
-    table_print({ by:upper(), "CALLS", "USD" }, out)
+    local out, total, unpriced = {}, 0, 0
+    for _, r in ipairs(rows) do
+      out[#out + 1] = { r.key or "-", r.calls, ("$%.6f"):format(r.usd), r.unpriced or "" }
+      total, unpriced = total + r.usd, unpriced + (r.unpriced or 0)
+    end
+    out[#out + 1] = { "TOTAL", "", ("$%.6f"):format(total), unpriced > 0 and unpriced or "" }
+    table_print({ by:upper(), "CALLS", "USD", "UNPRICED" }, out)
   else
     local total = assert(resil.cost.total(filter))
     if as_json then print(json.encode({ usd = total })) return end
     print(("total $%.6f"):format(total))
   end
+end
+
+local function age(seconds)
+  if not seconds then return "-" end
+  if seconds < 120 then return ("%ds"):format(math.floor(seconds)) end
+  if seconds < 7200 then return ("%dm"):format(math.floor(seconds / 60)) end
+  return ("%.1fh"):format(seconds / 3600)
+end
+
+local function holder_text(o)
+  if not o then return "-" end
+  return o.pid and ("pid %d on %s"):format(o.pid, o.host) or tostring(o.host or "-")
+end
+
+-- one budget as JSON text (its holds a list, even when empty)
+local function budget_json(b)
+  local holds = {}
+  for i, h in ipairs(b.holds) do
+    holds[i] = { ticket = h.ticket, usd = h.usd, owner = h.owner, expires_at = h.expires_at, age = h.age }
+  end
+  local head = json.encode({ name = b.name, limit = b.limit, per = b.per, period = b.period, source = b.source,
+                             spent = b.spent, reserved = b.reserved, remaining = b.remaining })
+  return head:sub(1, -2) .. ',"holds":' .. json_list(holds) .. "}"
+end
+
+local function opt_money(v) return v and money(v) or "-" end
+
+-- resil-lua budgets [--json] | show NAME [--json] | release NAME [--stale] | set NAME --limit USD [--per P]
+function commands.budgets(args)
+  local s, err = resil.store()
+  if not s then fail("%s", tostring(err)) end
+  local admin = require "resil.budgets"
+  local sub = args[1]
+  local as_json = false
+  for i = 1, #args do if args[i] == "--json" then as_json = true end end
+  if sub == nil or sub == "--json" then
+    for i = 1, #args do if args[i] ~= "--json" then fail("budgets: unknown argument '%s'", args[i]) end end
+    local list = admin.list(s) or fail("budgets: %s", "the store is unavailable")
+    if as_json then
+      local out = {}
+      for i, b in ipairs(list) do out[i] = budget_json(b) end
+      print(json_list(out))
+      return
+    end
+    if #list == 0 then print("no budgets recorded in " .. s.url) return end
+    local rows = {}
+    for _, b in ipairs(list) do
+      rows[#rows + 1] = { b.name, opt_money(b.limit), b.per, b.period, money(b.spent), money(b.reserved),
+                          opt_money(b.remaining), #b.holds, b.source or "-" }
+    end
+    table_print({ "BUDGET", "LIMIT", "PER", "PERIOD", "SPENT", "RESERVED", "REMAINING", "HOLDS", "LIMIT SET BY" },
+      rows)
+    return
+  end
+  local name = args[2]
+  if sub == "show" then
+    name = name or fail("budgets show: which budget? (resil-lua budgets lists them)")
+    for i = 3, #args do if args[i] ~= "--json" then fail("budgets show: unknown argument '%s'", args[i]) end end
+    local b, berr = admin.show(s, name)
+    if not b then fail("budgets show: %s", tostring(berr)) end
+    if as_json then print(budget_json(b)) return end
+    print(("budget %s: limit %s per %s (%s), period %s"):format(b.name, opt_money(b.limit), b.per,
+      b.source and ("set by " .. b.source) or "not known to the store", b.period))
+    print(("spent %s, reserved %s, remaining %s"):format(money(b.spent), money(b.reserved), opt_money(b.remaining)))
+    if #b.holds == 0 then print("no open holds") return end
+    local rows = {}
+    for _, h in ipairs(b.holds) do
+      rows[#rows + 1] = { h.ticket, money(h.usd), holder_text(h.owner), age(h.age), date(h.expires_at) }
+    end
+    table_print({ "HOLD", "USD", "OWNER", "AGE", "EXPIRES (UTC)" }, rows)
+    return
+  end
+  if sub == "release" then
+    name = name or fail("budgets release: which budget?")
+    local stale = false
+    for i = 3, #args do
+      if args[i] == "--stale" then stale = true else fail("budgets release: unknown argument '%s'", args[i]) end
+    end
+    local n, rerr = admin.release(s, name, stale)
+    if not n then fail("budgets release: %s", tostring(rerr)) end
+    print(("released %d %shold%s of budget %s"):format(n, stale and "stale " or "", n == 1 and "" or "s", name))
+    return
+  end
+  if sub == "set" then
+    name = name or fail("budgets set: which budget?")
+    local limit, per
+    local i = 3
+    while args[i] do
+      local a, v = args[i], args[i + 1]
+      if a == "--limit" then
+        limit = tonumber(v)
+        if not limit or limit < 0 or limit ~= limit or limit == math.huge then
+          fail("budgets set: --limit takes an amount in USD >= 0, not '%s'", tostring(v))
+        end
+      elseif a == "--per" then
+        if v ~= "day" and v ~= "month" and v ~= "none" then
+          fail("budgets set: --per takes day, month or none, not '%s'", tostring(v))
+        end
+        per = v
+      else
+        fail("budgets set: unknown argument '%s'", a)
+      end
+      i = i + 2
+    end
+    if not limit then fail("budgets set: --limit USD is needed") end
+    if not per then -- keep the period the budget has
+      local cfg = s.backend:budget_config(name) or {}
+      per = cfg.per or cfg.declared_per or "none"
+    end
+    local ok, serr = admin.set(s, name, limit, per)
+    if not ok then fail("budgets set: %s", tostring(serr)) end
+    print(("budget %s: limit %s per %s (every process reserves against it from now on)"):format(name, money(limit),
+      per))
+    return
+  end
+  fail("budgets: unknown argument '%s' (budgets, budgets show NAME, budgets release NAME [--stale], " ..
+       "budgets set NAME --limit USD [--per day|month|none])", sub)
 end
 
 return function(args)

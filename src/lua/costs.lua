@@ -11,10 +11,38 @@ local function to_micro(usd) return math.floor(usd * MICRO + 0.5) end
 local function from_micro(m) return m / MICRO end
 resil.cost = {}
 
+-- Spend as metrics: USD by provider and model, and tokens in the units of
+-- OpenTelemetry's GenAI metric gen_ai.client.token.usage (a histogram of
+-- tokens per call, by gen_ai.system, gen_ai.request.model, gen_ai.token.type).
+local usd_total = resil.metrics.counter("resil_cost_usd_total", "Recorded spend in USD, by provider and model")
+local unpriced_total = resil.metrics.counter("resil_cost_unpriced_total",
+  "Calls recorded without a price (usd = nil), by provider and model")
+local tokens_total = resil.metrics.counter("resil_tokens_total", "Recorded tokens, by provider, model and type")
+local token_usage = resil.metrics.histogram("gen_ai_client_token_usage",
+  "Tokens used per call (OpenTelemetry gen_ai.client.token.usage), by system, model and token type",
+  { buckets = { 1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864 } })
+local TOKEN_TYPES = { input_tokens = "input", prompt_tokens = "input", output_tokens = "output",
+                      completion_tokens = "output" }
+
+local function observe_cost(e, units)
+  local provider, model = e.provider or "unknown", e.model or "unknown"
+  if e.usd then usd_total:inc({ provider = provider, model = model }, e.usd)
+  else unpriced_total:inc({ provider = provider, model = model }) end
+  if type(units) ~= "table" then return end
+  for field, token_type in pairs(TOKEN_TYPES) do
+    local n = units[field]
+    if type(n) == "number" and n >= 0 then
+      tokens_total:inc({ provider = provider, model = model, type = token_type }, n)
+      token_usage:observe({ gen_ai_system = provider, gen_ai_request_model = model, gen_ai_token_type = token_type }, n)
+    end
+  end
+end
+
 local function cost_entry(e, at)
   if type(e) ~= "table" then error("resil.cost.record: expects a table", 3) end
-  if type(e.usd) ~= "number" or e.usd < 0 or e.usd ~= e.usd then
-    error("resil.cost.record: usd must be a number >= 0", 3)
+  -- usd = nil: a call without a price, recorded as such (never as a zero)
+  if e.usd ~= nil and (type(e.usd) ~= "number" or e.usd < 0 or e.usd ~= e.usd) then
+    error("resil.cost.record: usd must be a number >= 0, or nil for a call without a price", 3)
   end
   local ctx = resil.context()
   -- Only the caller knows when two records are one charge (e.g. the
@@ -27,7 +55,8 @@ local function cost_entry(e, at)
   return { dedupe = dedupe, at = at, day = os.date("!%Y-%m-%d", math.floor(at)), provider = e.provider,
            model = e.model, operation = e.operation, user = e.user and tostring(e.user),
            run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
-           micro_usd = to_micro(e.usd), units = units, budget = e.budget, period = e.period }
+           micro_usd = e.usd and to_micro(e.usd), units = units, budget = e.budget, period = e.period,
+           item = e.item or ctx.step_scope }
 end
 
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
@@ -37,6 +66,7 @@ function resil.cost.record(e)
   local entry = cost_entry(e, store_now())
   local ok, err = s.backend:cost_record(entry)
   if ok == nil and err then return nil, err end
+  if ok then observe_cost(e, e.units) end
   return true
 end
 
@@ -56,9 +86,13 @@ function resil.cost.breakdown(by, f)
   local rows, err = s.backend:cost_query(by, f or {})
   if not rows then return nil, err end
   local out = {}
-  for i, r in ipairs(rows) do out[i] = { key = r.key, usd = from_micro(r.micro_usd), calls = r.calls } end
+  for i, r in ipairs(rows) do
+    -- unpriced: how many of the calls have no price (only when some have none)
+    out[i] = { key = r.key, usd = from_micro(r.micro_usd), calls = r.calls,
+               unpriced = (r.unpriced or 0) > 0 and r.unpriced or nil }
+  end
   return out
 end
 
 -- for budgets: ledger entries and money in micro-dollars
-return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro }
+return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, observe = observe_cost }

@@ -206,6 +206,39 @@ instrumented = function(br)
   return br
 end
 
+-- What is read from state at each exposition: each breaker's state (1 for
+-- the state it is in, 0 for the others), each bucket's queue, waits and
+-- refusals, each semaphore's permits in use, queue and refusals.
+local breaker_state = resil.metrics.gauge("resil_breaker_state",
+  "Circuit breaker state: 1 for the state each breaker is in, by breaker and state")
+local bucket_waiting = resil.metrics.gauge("resil_bucket_waiting", "Tasks waiting for a bucket's tokens, by bucket")
+local bucket_waits = resil.metrics.counter("resil_bucket_waits_total", "Acquires that had to wait, by bucket")
+local bucket_refusals = resil.metrics.counter("resil_bucket_refusals_total",
+  "Acquires refused (rate_limited: timeout or more than the burst), by bucket")
+local sem_in_use = resil.metrics.gauge("resil_semaphore_in_use", "Permits in use, by semaphore")
+local sem_waiting = resil.metrics.gauge("resil_semaphore_waiting", "Tasks queued for a permit, by semaphore")
+local sem_rejected = resil.metrics.counter("resil_semaphore_rejected_total",
+  "Acquires refused (bulkhead_full), by semaphore")
+local STATES = { "closed", "open", "half_open", "isolated" }
+resil.metrics.collect(function()
+  for br in pairs(instrumented_set) do
+    local name, now = br:name(), br:state()
+    for _, st in ipairs(STATES) do breaker_state:set({ breaker = name, state = st }, st == now and 1 or 0) end
+  end
+  for name, b in pairs(core_bucket.buckets()) do
+    local st = b:state()
+    bucket_waiting:set({ bucket = name }, st.waiting)
+    bucket_waits:collected({ bucket = name }, st.waits)
+    bucket_refusals:collected({ bucket = name }, st.refusals)
+  end
+  for name, sem in pairs(resil.semaphores()) do
+    local st = sem:state()
+    sem_in_use:set({ semaphore = name }, st.in_use)
+    sem_waiting:set({ semaphore = name }, st.waiting)
+    sem_rejected:collected({ semaphore = name }, st.rejected)
+  end
+end)
+
 local SharedBreaker = {}
 SharedBreaker.__index = SharedBreaker
 

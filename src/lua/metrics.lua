@@ -42,6 +42,28 @@ end
 local Metric = {}
 Metric.__index = Metric
 
+-- Label values are bounded: a metric keeps at most max_series series (its
+-- own opts.max_series, else metrics.max_series); label sets beyond that are
+-- dropped, counted, and warned about once per metric. Memory stays bounded
+-- whatever a label is fed (user ids, URLs, model names from responses).
+metrics.max_series = 1000
+local dropped_total -- resil_metrics_series_dropped_total, defined below
+
+local function admit(m, key)
+  if m.series[key] ~= nil then return true end
+  if m.nseries < (m.max_series or metrics.max_series) then
+    m.nseries = m.nseries + 1
+    return true
+  end
+  if m ~= dropped_total then dropped_total:inc({ metric = m.name }) end
+  if not m.warned then
+    m.warned = true
+    resil.log.warn("metrics: too many label sets, new ones are dropped", { metric = m.name,
+      max_series = m.max_series or metrics.max_series })
+  end
+  return false
+end
+
 local function define(kind, name, help, opts)
   if type(name) ~= "string" or not name:match("^[%a_:][%w_:]*$") then
     error(("resil.metrics.%s: bad metric name %q"):format(kind, tostring(name)), 3)
@@ -54,7 +76,8 @@ local function define(kind, name, help, opts)
     end
     return m
   end
-  m = setmetatable({ kind = kind, name = name, help = help or name, series = {} }, Metric)
+  m = setmetatable({ kind = kind, name = name, help = help or name, series = {}, nseries = 0,
+                     max_series = opts and opts.max_series }, Metric)
   if kind == "histogram" then
     m.buckets = (opts and opts.buckets) or { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 }
     table.sort(m.buckets)
@@ -64,8 +87,9 @@ local function define(kind, name, help, opts)
   return m
 end
 
-function metrics.counter(name, help) return define("counter", name, help) end
-function metrics.gauge(name, help) return define("gauge", name, help) end
+-- opts.max_series: the most label sets this metric keeps (default metrics.max_series)
+function metrics.counter(name, help, opts) return define("counter", name, help, opts) end
+function metrics.gauge(name, help, opts) return define("gauge", name, help, opts) end
 -- opts.buckets: upper bounds in seconds (or any unit), sorted for you
 function metrics.histogram(name, help, opts) return define("histogram", name, help, opts) end
 
@@ -76,6 +100,7 @@ function Metric:inc(labels, n)
   if self.kind == "counter" and n < 0 then error("metrics: a counter only goes up", 2) end
   if self.kind == "histogram" then error("metrics: use observe() on a histogram", 2) end
   local key = label_key(labels)
+  if not admit(self, key) then return end
   self.series[key] = (self.series[key] or 0) + n
 end
 
@@ -87,12 +112,14 @@ end
 function Metric:set(labels, v)
   if self.kind ~= "gauge" then error("metrics: only a gauge is set", 2) end
   check_number(v, "the value")
-  self.series[label_key(labels)] = v
+  local key = label_key(labels)
+  if admit(self, key) then self.series[key] = v end
 end
 
 local function observe(m, key, v)
   local s = m.series[key]
   if not s then
+    if not admit(m, key) then return end
     s = { counts = {}, sum = 0, count = 0 }
     for i = 1, #m.buckets do s.counts[i] = 0 end
     m.series[key] = s
@@ -120,8 +147,15 @@ end
 local Series = {}
 Series.__index = Series
 
+-- a label set past the metric's bound: a series that keeps nothing
+local Dropped = {}
+Dropped.__index = function() return function() end end
+
 function Metric:labels(labels)
-  return setmetatable({ metric = self, key = label_key(labels) }, Series)
+  local key = label_key(labels)
+  if not admit(self, key) then return setmetatable({}, Dropped) end
+  if self.kind ~= "histogram" and self.series[key] == nil then self.series[key] = 0 end -- admitted: hold its place
+  return setmetatable({ metric = self, key = key }, Series)
 end
 
 function Series:inc(n)
@@ -167,12 +201,35 @@ local function with(key, extra)
   return "{" .. key .. (extra ~= "" and ("," .. extra) or "") .. "}"
 end
 
+-- resil.metrics.collect(fn): fn() runs before each exposition, to set the
+-- metrics that are read from state (queue depths, breaker states) rather
+-- than counted as things happen. A collector that raises is logged and skipped.
+local collectors = {}
+function metrics.collect(fn)
+  if type(fn) ~= "function" then error("resil.metrics.collect: fn must be a function", 2) end
+  collectors[#collectors + 1] = fn
+end
+
+-- counter:collected(labels, total): a counter read from a primitive's own
+-- running total (it only goes up; not for counting things yourself)
+function Metric:collected(labels, total)
+  local key = label_key(labels)
+  if admit(self, key) then self.series[key] = total end
+end
+
+dropped_total = metrics.counter("resil_metrics_series_dropped_total",
+  "Label sets dropped because a metric reached its bound on series, by metric")
+
 -- resil.metrics.text() -> the Prometheus text exposition of every metric
 function metrics.text()
+  for _, fn in ipairs(collectors) do
+    local ok, err = pcall(fn)
+    if not ok then resil.log.warn("metrics: a collector failed", { error = tostring(err) }) end
+  end
   local out = {}
   for _, name in ipairs(order) do
     local m = registry[name]
-    out[#out + 1] = ("# HELP %s %s"):format(name, (redact(m.help):gsub("\n", " ")))
+    out[#out + 1] = ("# HELP %s %s"):format(name, (redact(m.help):gsub("\\", "\\\\"):gsub("\n", " ")))
     out[#out + 1] = ("# TYPE %s %s"):format(name, m.kind)
     local keys = {}
     for key in pairs(m.series) do keys[#keys + 1] = key end
@@ -194,6 +251,85 @@ function metrics.text()
     end
   end
   return table.concat(out, "\n") .. "\n"
+end
+
+local pid
+local function own_pid()
+  if not pid then
+    local f = io.open("/proc/self/stat")
+    pid = f and f:read("n") or math.random(1 << 30)
+    if f then f:close() end
+  end
+  return pid
+end
+
+-- metrics.write_file(path): the exposition written whole, then renamed over
+-- path (node-exporter's textfile collector never reads half a file)
+function metrics.write_file(path)
+  local tmp = ("%s.%s.tmp"):format(path, own_pid())
+  local f, err = io.open(tmp, "w")
+  if not f then return nil, resil.error("io", ("metrics file: %s"):format(err)) end
+  local ok, werr = f:write(metrics.text())
+  local closed, cerr = f:close()
+  if not (ok and closed) then
+    os.remove(tmp)
+    return nil, resil.error("io", ("metrics file %s: %s"):format(tmp, tostring(werr or cerr)))
+  end
+  local renamed, rerr = os.rename(tmp, path)
+  if not renamed then
+    os.remove(tmp)
+    return nil, resil.error("io", ("metrics file: %s"):format(rerr))
+  end
+  return true
+end
+
+-- "HOST:PORT", "[::1]:PORT" or ":PORT" -> host, port | nil
+local function parse_addr(addr)
+  local host, port = addr:match("^%[([^%]]+)%]:(%d+)$")
+  if not host then host, port = addr:match("^([^:]*):(%d+)$") end
+  port = tonumber(port)
+  if not port or port > 65535 then return nil end
+  return host ~= "" and host or "127.0.0.1", port
+end
+
+-- The command line's --metrics-addr and --metrics-file, for the life of the
+-- run: GET /metrics on addr; the file written every `interval` seconds (in a
+-- background task, which does not keep the process running) and at exit
+-- (metrics.finish, called by the CLI). -> true | raises with the reason
+local exported
+function metrics.export(opts)
+  exported = exported or {}
+  if opts.addr then
+    local host, port = parse_addr(opts.addr)
+    if not host then error(("--metrics-addr: '%s' is not HOST:PORT"):format(opts.addr), 0) end
+    local ok, srv = pcall(metrics.serve, { host = host, port = port })
+    if not ok or not srv then
+      error(("--metrics-addr %s: %s"):format(opts.addr, tostring(srv)), 0)
+    end
+    exported.server = srv
+  end
+  if opts.file then
+    local ok, err = metrics.write_file(opts.file)
+    if not ok then error("--metrics-file: " .. tostring(err), 0) end
+    exported.file = opts.file
+    local interval = opts.interval or 15
+    resil.background(function()
+      while true do
+        resil.sleep(interval)
+        local wrote, werr = metrics.write_file(opts.file)
+        if not wrote then resil.log.warn("metrics file not written", { error = tostring(werr) }) end
+      end
+    end)
+  end
+  return true
+end
+
+-- at exit: the file written a last time (every count the run made)
+function metrics.finish()
+  if exported and exported.file then
+    local ok, err = metrics.write_file(exported.file)
+    if not ok then io.stderr:write("resil-lua: ", tostring(err), "\n") end
+  end
 end
 
 -- resil.metrics.serve{host = "127.0.0.1", port = 9464} -> server (GET /metrics)

@@ -8,9 +8,9 @@
 -- read_timeout).
 --
 -- Routes: chat (POST /v1/chat/completions, OpenAI shape, SSE when
--- "stream": true), predictions (POST /v1/predictions), prediction (GET
--- /v1/predictions/{id}), cancel (POST /v1/predictions/{id}/cancel), and
--- GET /__mock/stats. Custom routes: routes = { ["POST /path"] = fn(req) }.
+-- "stream": true), messages (POST /v1/messages, Anthropic's), the job and
+-- speech APIs of src/lua/mock_jobs.lua (Replicate predictions, the fal queue,
+-- ElevenLabs), and GET /__mock/stats. Custom routes: routes = { ["POST /path"] = fn(req) }.
 local resil = ...
 local json = resil.json
 local job_routes = require("resil.mock_jobs").route -- Replicate, fal, ElevenLabs (src/lua/mock_jobs.lua)
@@ -24,9 +24,6 @@ Mock.__index = Mock
 local BUILTIN_ROUTES = {
   { "POST", "^/v1/chat/completions$", "chat" },
   { "POST", "^/v1/messages$", "messages" },
-  { "POST", "^/v1/predictions$", "predictions" },
-  { "GET", "^/v1/predictions/([%w%-_]+)$", "prediction" },
-  { "POST", "^/v1/predictions/([%w%-_]+)/cancel$", "cancel" },
 }
 
 local NAMED_FAULTS = { hang = true, reset = true, truncate = true, garbage = true, empty = true, stall = true,
@@ -122,7 +119,6 @@ function mock.start(scenario, opts)
   local self = setmetatable({}, Mock)
   self:configure(scenario)
   self:reset()
-  self.jobs, self.next_job = {}, 0
   -- response ids unique across mocks, as a real provider's are (costs may be recorded under them)
   self.instance = resil.hash(tostring(self) .. tostring(resil.clock.wall()) .. tostring(os.clock())):sub(1, 8)
   local server, err = resil.server.listen({
@@ -589,68 +585,11 @@ function Mock:messages(req, fault)
     stall_after = fault and fault.kind == "stall" and (fault.after or 2) or nil }
 end
 
-function Mock:job_view(job)
-  return { id = job.id, status = job.status, input = job.input, output = job.output, error = job.error,
-    created_at = job.created_at, metrics = job.usd and { cost_usd = job.usd } or nil, urls = { get = self.url .. "/v1/predictions/" .. job.id,
-      cancel = self.url .. "/v1/predictions/" .. job.id .. "/cancel" } }
-end
-
-function Mock:create_job(req)
-  local body = json.decode(req.body)
-  if type(body) ~= "table" then
-    return { status = 400, body = error_body(400, { message = "request body is not valid JSON" }) }
-  end
-  local cfg = self.scenario.jobs or {}
-  self.next_job = self.next_job + 1
-  local id = ("p%d"):format(self.next_job)
-  local r = self.random()
-  local job = { id = id, status = "starting", input = body.input or json.null, polls = 0,
-    started = resil.now(), created_at = math.floor(resil.clock.wall()),
-    fate = r < (cfg.stuck or 0) and "stuck" or r < (cfg.stuck or 0) + (cfg.fail or 0) and "failed" or "succeeded" }
-  self.jobs[id] = job
-  return { status = 201, body = json.encode(self:job_view(job)) }
-end
-
--- A job succeeds after `polls` reads or `duration` seconds (host clock).
-function Mock:poll_job(id)
-  local job = self.jobs[id]
-  if not job then return { status = 404, body = error_body(404, { message = "no prediction " .. id }) } end
-  local cfg = self.scenario.jobs or {}
-  job.polls = job.polls + 1
-  if job.status == "starting" or job.status == "processing" then
-    local ready
-    if cfg.duration then ready = resil.now() - job.started >= cfg.duration
-    else ready = job.polls > (cfg.polls or 2) end
-    if job.fate == "stuck" or not ready then
-      job.status = "processing"
-    elseif job.fate == "failed" then
-      job.status, job.error = "failed", cfg.error or "mock: prediction failed"
-    else
-      job.status = "succeeded"
-      job.output = cfg.output or ("https://mock.invalid/outputs/%s.png"):format(id)
-      local cost = cfg.usd or 0.01
-      job.usd = cost
-      self.counts.billed.usd = self.counts.billed.usd + cost
-    end
-  end
-  return { status = 200, body = json.encode(self:job_view(job)) }
-end
-
-function Mock:cancel_job(id)
-  local job = self.jobs[id]
-  if not job then return { status = 404, body = error_body(404, { message = "no prediction " .. id }) } end
-  if job.status == "starting" or job.status == "processing" then job.status = "canceled" end
-  return { status = 200, body = json.encode(self:job_view(job)) }
-end
-
 -- handler(self, req, fault, capture) -> reply; the flavor names the API whose
 -- error bodies a status fault on the route sends
 local HANDLERS = {
   chat = { fn = Mock.chat },
   messages = { fn = Mock.messages, flavor = "anthropic" },
-  predictions = { fn = function(self, req) return self:create_job(req) end },
-  prediction = { fn = function(self, _, _, id) return self:poll_job(id) end },
-  cancel = { fn = function(self, _, _, id) return self:cancel_job(id) end },
 }
 mock.routes, mock.handlers = BUILTIN_ROUTES, HANDLERS
 

@@ -10,6 +10,8 @@ local json = resil.json
 local pack, unpack = table.pack, table.unpack
 
 local inflight = {} -- key -> the child task running fn in this process
+local replays_total = resil.metrics.counter("resil_once_replays_total",
+  "resil.once calls answered with a stored result (fn not run again)")
 
 -- A failure is stored (and replayed) only when it says it is permanent,
 -- err.retryable == false (policies.classify sets it); anything else frees the
@@ -89,6 +91,7 @@ function resil.once(spec, fn, ...)
     if state == nil then return nil, data end -- the store is unavailable
     owner.lease_written(s.backend, lease_until)
     if state == "done" then
+      replays_total:inc()
       local r = decode_values(data)
       return unpack(r, 1, r.n)
     elseif state == "key_reused" then

@@ -78,13 +78,15 @@ function resil.map(items, fn, opts)
       next_index = next_index + 1
       local i = next_index
       -- steps inside an item are checkpointed under the item (resil.step)
-      resil.context({ item = i, step_scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i) })
+      local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
+      resil.context({ item = i, step_scope = scope })
       local ok, value, err = pcall(fn, items[i], i)
       if not ok then value, err = nil, value end
       if value == nil and err ~= nil then
         failures = failures or {}
         failures[i] = err
         failed = failed + 1
+        if resil.run and resil.run.started() then resil.run.item_failed(scope, err) end
       else
         results[i] = value
       end
@@ -175,7 +177,9 @@ local function module_file(name)
   return name
 end
 
+local reloads_total
 local function reload_policies()
+  reloads_total = reloads_total or resil.metrics.counter("resil_reloads_total", "Policy reloads, by result")
   local names = policy_names()
   replaced = {}
   for _, name in ipairs(names) do
@@ -192,11 +196,13 @@ local function reload_policies()
       restore_policies()
       local message = ("reload: %s"):format(tostring(mod))
       log.error("policy reload failed; the old version keeps serving", { error = message })
+      reloads_total:inc({ result = "failed" })
       return false, message
     end
   end
   replaced = nil
   log.info("policies reloaded", { modules = names })
+  reloads_total:inc({ result = "ok" })
   return true, names
 end
 
@@ -231,4 +237,151 @@ end
 -- each of these adds its part of the API to resil
 resil.metrics = require "resil.metrics"
 resil.mock = require "resil.mock"
-for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits" }) do require("resil." .. name) end
+for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "trace" }) do require("resil." .. name) end
+
+-- The sandbox (resil_options.sandbox, --sandbox): the global environment of
+-- scripts and policies is this allow-list, not the host's own (the host's
+-- modules keep theirs, so they still open files and load C code). C calls
+-- resil.sandbox_env once with a canonical(path) helper, the folders io.open
+-- may use, and the policy folders (readable, and where require looks), and
+-- makes the result the globals table.
+local function refused(name)
+  return function()
+    error(("%s is not allowed in the sandbox (resil_options.sandbox, --sandbox)"):format(name), 2)
+  end
+end
+
+-- a library table of allowed functions; the named others raise when called
+local function library(lib, prefix, allowed, denied)
+  local t = {}
+  for _, k in ipairs(allowed) do t[k] = lib[k] end
+  for _, k in ipairs(denied) do t[k] = refused(prefix .. k) end
+  return t
+end
+
+-- a table whose every field is refused by name (debug, package's C loading)
+local function refusing(prefix, t)
+  return setmetatable(t or {}, {
+    __index = function(_, k) error(("%s%s is not allowed in the sandbox (resil_options.sandbox, --sandbox)")
+      :format(prefix, tostring(k)), 2) end,
+  })
+end
+
+function resil.sandbox_env(canonical, dirs, policy_dirs)
+  local env = {}
+  for _, k in ipairs({ "assert", "error", "ipairs", "next", "pairs", "pcall", "print", "rawequal", "rawget",
+    "rawlen", "rawset", "select", "setmetatable", "getmetatable", "tonumber", "tostring", "type", "xpcall",
+    "_VERSION", "warn" }) do
+    env[k] = _G[k]
+  end
+  env.collectgarbage = function(opt, ...)
+    if opt == nil or opt == "collect" or opt == "count" or opt == "step" or opt == "isrunning" then
+      return collectgarbage(opt, ...)
+    end
+    error(("collectgarbage(%q) is not allowed in the sandbox"):format(tostring(opt)), 2)
+  end
+  for _, lib in ipairs({ "string", "table", "math", "utf8", "coroutine" }) do
+    local copy = {}
+    for k, v in pairs(_G[lib]) do copy[k] = v end
+    env[lib] = copy
+  end
+  env.os = library(os, "os.", { "clock", "date", "difftime", "getenv", "time" },
+    { "execute", "exit", "remove", "rename", "tmpname", "setlocale" })
+  env.debug = refusing("debug.", { traceback = debug.traceback })
+
+  -- files: only under the configured folders (the policy folders: read only)
+  local function under(path, list)
+    for _, dir in ipairs(list) do
+      if path == dir or path:sub(1, #dir + 1) == dir .. "/" then return true end
+    end
+    return false
+  end
+  local function check_path(fname, path, mode)
+    if type(path) ~= "string" then error(("bad argument #1 to '%s' (string expected)"):format(fname), 3) end
+    local full = canonical(path)
+    local reading = mode == nil or mode == "r" or mode == "rb"
+    if full and (under(full, dirs) or (reading and under(full, policy_dirs))) then return end
+    error(("%s(%q) is not allowed in the sandbox: outside the folders it may use (resil_options.sandbox_dirs)")
+      :format(fname, path), 3)
+  end
+  env.io = library(io, "io.", { "write", "read", "type", "stdout", "stderr", "stdin" },
+    { "popen", "tmpfile", "input", "output" })
+  env.io.open = function(path, mode)
+    check_path("io.open", path, mode)
+    return io.open(path, mode)
+  end
+  env.io.lines = function(path, ...)
+    if path == nil then return io.lines() end
+    check_path("io.lines", path, "r")
+    return io.lines(path, ...)
+  end
+
+  -- code: text only, in this environment
+  local function text_only(fname, chunk)
+    if type(chunk) == "string" and chunk:byte(1) == 27 then
+      error(("%s: binary chunks are not allowed in the sandbox"):format(fname), 3)
+    end
+  end
+  env.load = function(chunk, name, mode, chunk_env)
+    text_only("load", chunk)
+    if mode ~= nil and mode ~= "t" then error("load: binary chunks are not allowed in the sandbox", 2) end
+    if chunk_env == nil then chunk_env = env end
+    return load(chunk, name, "t", chunk_env)
+  end
+  env.loadfile = function(path, mode, chunk_env)
+    if path == nil then error("loadfile from stdin is not allowed in the sandbox", 2) end
+    check_path("loadfile", path, "r")
+    if mode ~= nil and mode ~= "t" then error("loadfile: binary chunks are not allowed in the sandbox", 2) end
+    return loadfile(path, "t", chunk_env == nil and env or chunk_env)
+  end
+  env.dofile = function(path)
+    if path == nil then error("dofile from stdin is not allowed in the sandbox", 2) end
+    check_path("dofile", path, "r")
+    local f = assert(loadfile(path, "t", env))
+    return f()
+  end
+
+  -- require: resil, the policy library, and modules in the policy folders
+  local own = { string = env.string, table = env.table, math = env.math, utf8 = env.utf8,
+    coroutine = env.coroutine, os = env.os, io = env.io, _G = env }
+  local search = {}
+  for _, dir in ipairs(policy_dirs) do search[#search + 1] = dir .. "/?.lua" end
+  search = table.concat(search, ";")
+  env.require = function(name)
+    if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
+    if own[name] then return own[name] end
+    if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then return require(name) end
+    local loaded = package.loaded[name]
+    local path = package.searchpath(name, search)
+    if path then
+      if loaded ~= nil then return loaded end
+      local chunk, err = loadfile(path, "t", env)
+      if not chunk then error(err, 2) end
+      local mod = chunk(name, path)
+      if mod == nil then mod = true end
+      package.loaded[name] = mod
+      return mod, path
+    end
+    error(("require %q is not allowed in the sandbox: only resil, resil.* and modules in the policy folders"):format(name), 2)
+  end
+  -- package.loaded: what require may give (the policy library reads its
+  -- own current version there after a reload), read only
+  local function visible(name)
+    return type(name) == "string" and (name == "resil" or name:match("^resil%.") or name:match("^policies%.")
+      or package.searchpath(name, search) ~= nil)
+  end
+  local loaded_view = setmetatable({}, {
+    __index = function(_, name)
+      if own[name] then return own[name] end
+      if visible(name) then return package.loaded[name] end
+      return nil
+    end,
+    __newindex = function(_, name)
+      error(("package.loaded[%q] cannot be set in the sandbox"):format(tostring(name)), 2)
+    end,
+  })
+  env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_view })
+  env.package.loadlib = refused("package.loadlib")
+  env._G = env
+  return env
+end

@@ -8,6 +8,12 @@ local owner = require "resil.owner"
 local store_now, store_or_fail = S.now, S.open
 local config, encode_values, decode_values = S.config, S.encode_values, S.decode_values
 local unpack, pack = table.unpack, table.pack
+local json = resil.json
+
+local steps_total = resil.metrics.counter("resil_steps_total",
+  "Checkpointed steps, by result: done (run and stored), replayed (from a resumed run), failed")
+local steps_done, steps_replayed, steps_failed = steps_total:labels({ result = "done" }),
+  steps_total:labels({ result = "replayed" }), steps_total:labels({ result = "failed" })
 
 local run -- the current run: { id =, seq = { [scope] = n } }, once a step has run
 
@@ -37,7 +43,8 @@ local function take_run(s, id)
   while true do
     local now = store_now()
     local lease_until = owner.lease_due(s.backend, now)
-    local done, generation, since = s.backend:run_start(id, config.script, config.fresh, now, me, lease_until)
+    local done, generation, since = s.backend:run_start(id, config.script, config.fresh, now, me, lease_until,
+      config.args and json.encode({ unpack(config.args) }))
     if done == nil then error(generation, 0) end -- the store is unavailable
     owner.lease_written(s.backend, lease_until)
     if done then
@@ -66,7 +73,10 @@ local function current_run()
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   local id = config.run or default_run_id()
-  run = { id = id, seq = {}, store = s, resumed = false }
+  -- inflight: the steps running now, recorded as pending if the run ends
+  -- before they do; failed: the items with a failed step recorded
+  run = { id = id, seq = {}, store = s, resumed = false, inflight = {}, failed = {},
+          retries = {} }
   run.starter = resil.spawn(function()
     local done, generation = take_run(s, id)
     run.held, run.resumed, run.generation = true, done > 0, generation
@@ -100,7 +110,44 @@ function resil.run.finish(status)
   if not (r and r.held) then return end
   run = nil
   owner.drop(r.store.backend, "run:" .. r.id)
-  r.store.backend:run_finish_now(r.id, status or "done", store_now(), owner.me().id)
+  local pending = {}
+  for _, p in pairs(r.inflight) do pending[#pending + 1] = p end
+  table.sort(pending, function(a, b) return a.scope < b.scope or (a.scope == b.scope and a.seq < b.seq) end)
+  r.store.backend:run_finish_now(r.id, status or "done", store_now(), owner.me().id, pending)
+end
+
+-- What a failure leaves in the store: its kind and message, short.
+local function error_text(err)
+  local text = tostring(err)
+  if #text > 2000 then text = text:sub(1, 2000) .. "..." end
+  return text
+end
+
+-- Record a failed step (unless the run's store is gone: the failure is
+-- then only the script's to report).
+local function record_failure(r, scope, seq, name, err, retries)
+  steps_failed:inc()
+  r.failed[scope] = true
+  local ok, serr, since = r.store.backend:step_failed(r.id, scope, seq, name, error_text(err), retries, store_now(),
+    owner.me().id)
+  if ok == false then error(run_held(r.id, serr, since, true), 0) end
+end
+
+-- policies/retry.lua calls this for each retry: counted for the item (the
+-- task's step scope) and shown by `resil-lua runs show`
+function resil.run.retried()
+  local r = run
+  if not r then return end
+  local scope = resil.context().step_scope or ""
+  r.retries[scope] = (r.retries[scope] or 0) + 1
+end
+
+-- resil.map calls this for an item that failed: one that failed outside any
+-- step is recorded as a failed "(item)" step after its last one.
+function resil.run.item_failed(scope, err)
+  local r = run
+  if not (r and r.held) or r.failed[scope] then return end
+  record_failure(r, scope, (r.seq[scope] or 0) + 1, "(item)", err, 0)
 end
 
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
@@ -123,21 +170,35 @@ function resil.step(name, fn, ...)
         .. "start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name),
         { run = r.id, seq = seq, recorded = recorded, name = name }), 2)
     end
+    steps_replayed:inc()
     local values = decode_values(result)
     return unpack(values, 1, values.n)
   end
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
   local saved_step = ctx.step
   ctx.step = name
+  -- retries made by policies/retry.lua inside the step (counted per item)
+  local retries0 = r.retries[scope] or 0
+  local key = scope .. "|" .. seq
+  r.inflight[key] = { scope = scope, seq = seq, name = name }
   local out = pack(pcall(fn, ...))
   ctx.step = saved_step
-  if not out[1] then error(out[2], 0) end
-  if out[2] == nil and out.n >= 3 and out[3] ~= nil then return unpack(out, 2, out.n) end -- not checkpointed
+  r.inflight[key] = nil
+  if not out[1] then
+    if run == r then record_failure(r, scope, seq, name, out[2], (r.retries[scope] or 0) - retries0) end
+    error(out[2], 0)
+  end
+  if out[2] == nil and out.n >= 3 and out[3] ~= nil then -- not checkpointed
+    if run == r then record_failure(r, scope, seq, name, out[3], (r.retries[scope] or 0) - retries0) end
+    return unpack(out, 2, out.n)
+  end
   local text, err = encode_values(out, 2)
   if not text then error("resil.step: cannot checkpoint the results: " .. err, 2) end
-  local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id)
+  local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id,
+    (r.retries[scope] or 0) - retries0)
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
   if not ok then return nil, serr end -- not checkpointed: the store is unavailable
+  steps_done:inc()
   return unpack(out, 2, out.n)
 end
 

@@ -93,9 +93,9 @@ if r[1] == ARGV[1] and r[2] == 'running' then redis.call('DEL', KEYS[1]) return 
 return 0
 ]]
 
--- KEYS: run hash, steps hash, runs index, owners; ARGV: id, script, fresh, now, me, dead, same_host,
--- lease_until -> {steps done, generation} | {'held', holder, since}; --fresh forgets the steps and
--- starts a new generation
+-- KEYS: run hash, steps hash, runs index, owners, unfinished steps hash; ARGV: id, script, fresh, now,
+-- me, dead, same_host, lease_until, args -> {steps done, generation} | {'held', holder, since}; --fresh
+-- forgets the steps and starts a new generation; what failed or was cut short last time runs again
 scripts.run_start = holders_lib .. [[
 renew(KEYS[4], ARGV[5], ARGV[8])
 local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
@@ -103,7 +103,9 @@ if holder[1] and holder[1] ~= ARGV[5] and
     holder_alive(KEYS[4], holder[1], dead_set(ARGV[6]), ARGV[7], tonumber(ARGV[4])) then
   return {'held', holder[1], holder[2] or ''}
 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'owner_since', ARGV[4])
+redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'owner_since', ARGV[4], 'failed', '0')
+redis.call('DEL', KEYS[5])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'args', ARGV[9]) end
 local steps = redis.call('HGET', KEYS[1], 'steps')
 if steps and ARGV[3] == '1' then
   redis.call('DEL', KEYS[2])
@@ -122,6 +124,16 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return {0, 0}
 ]]
 
+-- KEYS: run hash, unfinished steps hash; ARGV: field, json, now, me -> {1} | {0, holder, since}
+scripts.step_failed = [[
+local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
+if holder[1] and holder[1] ~= ARGV[4] then return {0, holder[1], holder[2] or ''} end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'failed', 1)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+return {1}
+]]
+
 -- KEYS: run hash, steps hash; ARGV: field, json, now, me -> {1} | {0, holder, since} (taken over)
 scripts.step_put = [[
 local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
@@ -133,11 +145,18 @@ redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 return {1}
 ]]
 
--- KEYS: run hash; ARGV: status, now, me. The holder gives the run up (unless another took it over).
+-- KEYS: run hash, unfinished steps hash; ARGV: status, now, me, then field, json of each step cut
+-- short. The holder gives the run up (unless another took it over); "done" with failed steps is
+-- "done_with_failures".
 local run_finish = [[
 local holder = redis.call('HGET', KEYS[1], 'owner')
 if holder and holder ~= ARGV[3] then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local status = ARGV[1]
+if status == 'done' and tonumber(redis.call('HGET', KEYS[1], 'failed') or '0') > 0 then
+  status = 'done_with_failures'
+end
+redis.call('HSET', KEYS[1], 'status', status, 'updated_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'owner', 'owner_since')
 return 1
 ]]
@@ -214,7 +233,7 @@ redis.call('INCRBY', KEYS[2], est)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
 redis.call('HSET', KEYS[6], ARGV[3], ARGV[8])
-redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7])
+redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7], 'at', ARGV[5])
 return {1, spent, reserved + est}
 ]]
 
@@ -226,7 +245,7 @@ local spent, reserved = usage()
 local holds, z = {}, redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf', 'WITHSCORES')
 for i = 1, #z, 2 do
   holds[#holds + 1] = {z[i], tonumber(redis.call('HGET', KEYS[4], z[i]) or '0'), redis.call('HGET', KEYS[6], z[i]) or '',
-    z[i + 1]}
+    z[i + 1], redis.call('HGET', ARGV[5] .. z[i], 'at') or ''}
 end
 return {spent, reserved, to_judge, holds}
 ]]
@@ -240,6 +259,26 @@ if tonumber(ARGV[2]) == 0 then return 1 end
 redis.call('INCRBY', KEYS[1], ARGV[2])
 insert_cost(KEYS[8], KEYS[9], ARGV[3], ARGV[4])
 return 1
+]]
+
+-- ARGV: stale ('1': only holds whose owner is not alive), now, me, dead, same_host, ticket prefix
+-- -> {released, holders to judge...}
+scripts.budget_release_holds = budget_lib .. [[
+sweep(ARGV[2])
+local released, to_judge
+if ARGV[1] == '1' then
+  released, to_judge = sweep_dead(ARGV[3], dead_set(ARGV[4]), ARGV[5], tonumber(ARGV[2]))
+else
+  released, to_judge = 0, {}
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')) do
+    unhold(t)
+    redis.call('HSET', ARGV[6] .. t, 'state', 'released')
+    released = released + 1
+  end
+end
+local r = {released}
+for _, o in ipairs(to_judge) do r[#r + 1] = o end
+return r
 ]]
 
 scripts.budget_release = budget_lib .. [[
@@ -429,15 +468,16 @@ function R:once_reap() return 0 end -- records expire by themselves (PEXPIRE)
 -- ---------- runs and steps ----------
 
 local function run_keys(id) return { P .. "run:" .. id, P .. "steps:" .. id, P .. "runs" } end
+local function unfinished_key(id) return P .. "unfinished:" .. id end
 
 -- -> steps done, generation | false, holder, since
-function R:run_start(id, script, fresh, now, me, lease_until)
+function R:run_start(id, script, fresh, now, me, lease_until, args)
   local keys = run_keys(id)
-  keys[4] = OWNERS
+  keys[4], keys[5] = OWNERS, unfinished_key(id)
   local dead = ""
   while true do
     local r, err = self:script("run_start", keys, id, script or "", fresh and "1" or "0", fmt_time(now), me, dead,
-      same_host(), lease_arg(lease_until))
+      same_host(), lease_arg(lease_until), args or "")
     if r == nil then return nil, err end
     if r[1] ~= "held" then return r[1], r[2] end
     local holder_dead = dead == "" and dead_among({ r[2] })
@@ -447,8 +487,15 @@ function R:run_start(id, script, fresh, now, me, lease_until)
 end
 
 -- after the last task: the loop has stopped, so one blocking command
-function R:run_finish_now(id, status, now, me)
-  local n, err = self.conn:call_now("EVAL", run_finish, 1, P .. "run:" .. id, status, fmt_time(now), me)
+function R:run_finish_now(id, status, now, me, pending)
+  local extra = {}
+  for _, p in ipairs(pending or {}) do
+    extra[#extra + 1] = p.scope .. "|" .. p.seq
+    extra[#extra + 1] = resil.json.encode({ scope = p.scope, seq = p.seq, name = p.name, state = "pending",
+      retries = p.retries or 0, at = now })
+  end
+  local n, err = self.conn:call_now("EVAL", run_finish, 2, P .. "run:" .. id, unfinished_key(id), status,
+    fmt_time(now), me, table.unpack(extra))
   if n == nil then error(err, 0) end
   return n == 1
 end
@@ -462,9 +509,10 @@ function R:step_get(run, scope, seq)
 end
 
 -- -> true | false, holder, since (the run was taken over)
-function R:step_put(run, scope, seq, name, result, now, me)
+function R:step_put(run, scope, seq, name, result, now, me, retries)
   local keys = run_keys(run)
-  local rec = resil.json.encode({ name = name, result = result, at = now, scope = scope, seq = seq })
+  local rec = resil.json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
+    retries = retries or 0 })
   local r, err = self:script("step_put", { keys[1], keys[2] }, scope .. "|" .. seq, rec, fmt_time(now), me)
   if r == nil then return nil, err end
   if r[1] == 1 then return true end
@@ -486,15 +534,43 @@ function R:runs_list(now)
   return out
 end
 
+-- A step that failed, with its error: -> true | false, holder, since
+function R:step_failed(run, scope, seq, name, err_text, retries, now, me)
+  local rec = resil.json.encode({ scope = scope, seq = seq, name = name, state = "failed", error = err_text,
+    retries = retries or 0, at = now })
+  local r, err = self:script("step_failed", { P .. "run:" .. run, unfinished_key(run) }, scope .. "|" .. seq, rec,
+    fmt_time(now), me)
+  if r == nil then return nil, err end
+  if r[1] == 1 then return true end
+  return false, r[2], tonumber(r[3])
+end
+
+function R:run_get(id)
+  local h, err = self.conn:call("HGETALL", P .. "run:" .. id)
+  if not h then return nil, err end
+  if #h == 0 then return nil end
+  local row = { id = id }
+  for i = 1, #h, 2 do row[h[i]] = tonumber(h[i + 1]) or h[i + 1] end
+  return row
+end
+
+-- -> { {scope=, seq=, name=, at=, bytes=, retries=, state="done"|"failed"|"pending", error=}, ... }
 function R:run_steps(run)
   local h, err = self.conn:call("HVALS", P .. "steps:" .. run)
   if not h then return nil, err end
   local out = {}
   for _, v in ipairs(h) do
     local rec = resil.json.decode(v)
-    out[#out + 1] = { scope = rec.scope, seq = rec.seq, name = rec.name, at = rec.at, bytes = #rec.result }
+    out[#out + 1] = { scope = rec.scope, seq = math.tointeger(rec.seq), name = rec.name, at = rec.at,
+                      bytes = #rec.result, retries = math.tointeger(rec.retries or 0), state = "done" }
   end
   table.sort(out, function(a, b) return a.at < b.at end)
+  for _, v in ipairs(self.conn:call("HVALS", unfinished_key(run)) or {}) do
+    local rec = resil.json.decode(v)
+    if rec.error == resil.json.null then rec.error = nil end
+    rec.seq, rec.retries = math.tointeger(rec.seq), math.tointeger(rec.retries or 0)
+    out[#out + 1] = rec
+  end
   return out
 end
 
@@ -527,16 +603,39 @@ function R:cost_query(by, filter)
       local gk = k == nil and "\0" or k
       local g = groups[gk]
       if not g then
-        g = { key = k, micro_usd = 0, calls = 0 }
+        g = { key = k, micro_usd = 0, calls = 0, unpriced = 0 }
         groups[gk] = g
         order[#order + 1] = g
       end
-      g.micro_usd, g.calls = g.micro_usd + e.micro_usd, g.calls + 1
+      local micro = e.micro_usd ~= resil.json.null and e.micro_usd or nil -- nil: a call without a price
+      g.micro_usd, g.calls = g.micro_usd + (micro or 0), g.calls + 1
+      if not micro then g.unpriced = g.unpriced + 1 end
     end
   end
-  if not by and #order == 0 then order[1] = { micro_usd = 0, calls = 0 } end
+  if not by and #order == 0 then order[1] = { micro_usd = 0, calls = 0, unpriced = 0 } end
   table.sort(order, function(a, b) return a.micro_usd > b.micro_usd end)
   return order
+end
+
+-- the ledger's rows that pass the filter, oldest first
+function R:cost_rows(filter)
+  local all, err = self.conn:call("LRANGE", P .. "costs", 0, -1)
+  if not all then return nil, err end
+  local out = {}
+  for _, text in ipairs(all) do
+    local e = resil.json.decode(text)
+    local keep = not (filter.since and e.at < filter.since)
+    for _, f in ipairs(FILTERS) do
+      if filter[f] ~= nil and e[f] ~= filter[f] then keep = false end
+    end
+    if keep then
+      for k, v in pairs(e) do if v == resil.json.null then e[k] = nil end end
+      e.micro_usd = math.tointeger(e.micro_usd) or e.micro_usd
+      out[#out + 1] = e
+    end
+  end
+  table.sort(out, function(a, b) return a.at < b.at end)
+  return out
 end
 
 -- ---------- budgets ----------
@@ -560,17 +659,19 @@ function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   end
 end
 
--- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=}, ... }
+-- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=, created_at=}, ... }
 function R:budget_usage(budget, period, now, me)
   local dead = ""
   while true do
-    local r, err = self:script("budget_usage", budget_keys(budget, period), fmt_time(now), me, dead, same_host())
+    local r, err = self:script("budget_usage", budget_keys(budget, period), fmt_time(now), me, dead, same_host(),
+      P .. "ticket:")
     if r == nil then return nil, err end
     local holders_dead = dead == "" and dead_among(r[3])
     if not holders_dead then
       local holds = {}
       for i, h in ipairs(r[4]) do
-        holds[i] = { ticket = h[1], micro_usd = h[2], owner = h[3] ~= "" and h[3] or nil, expires_at = tonumber(h[4]) }
+        holds[i] = { ticket = h[1], micro_usd = h[2], owner = h[3] ~= "" and h[3] or nil, expires_at = tonumber(h[4]),
+                     created_at = tonumber(h[5]) }
       end
       return r[1], r[2], holds
     end
@@ -585,6 +686,64 @@ function R:budget_settle(ticket, entry)
     resil.json.encode(entry))
   if n == nil then return nil, err end
   return n == 1
+end
+
+-- Release a budget's live holds in a period: all, or (stale) those whose owner is not alive. -> how many
+function R:budget_release_holds(budget, period, stale, now, me)
+  local dead = ""
+  while true do
+    local r, err = self:script("budget_release_holds", budget_keys(budget, period), stale and "1" or "0",
+      fmt_time(now), me, dead, same_host(), P .. "ticket:")
+    if r == nil then return nil, err end
+    local holders_dead = stale and dead == "" and dead_among({ table.unpack(r, 2) })
+    if not holders_dead then return r[1] end
+    dead = holders_dead
+  end
+end
+
+-- A budget's settings live in a hash: limit, per (set from the command line), declared_limit,
+-- declared_per (the script's); the names in a set.
+local BUDGETS = P .. "budgets"
+local function budget_config_of(h)
+  if not h or #h == 0 then return nil end
+  local row = {}
+  for i = 1, #h, 2 do row[h[i]] = h[i + 1] end
+  return { limit_micro = tonumber(row.limit), per = row.per, declared_micro = tonumber(row.declared_limit),
+           declared_per = row.declared_per }
+end
+
+function R:budget_config(name)
+  local h, err = self.conn:call("HGETALL", BUDGETS .. ":" .. name)
+  if h == nil then return nil, err end
+  return budget_config_of(h)
+end
+
+function R:budget_declare(name, micro, per, now)
+  local ok, err = self.conn:call("HSET", BUDGETS .. ":" .. name, "declared_limit", micro, "declared_per", per,
+    "declared_at", fmt_time(now))
+  if ok == nil then return nil, err end
+  self.conn:call("SADD", BUDGETS, name)
+  return true
+end
+
+function R:budget_set(name, micro, per, now)
+  local ok, err = self.conn:call("HSET", BUDGETS .. ":" .. name, "limit", micro, "per", per, "set_at", fmt_time(now))
+  if ok == nil then return nil, err end
+  self.conn:call("SADD", BUDGETS, name)
+  return true
+end
+
+function R:budget_list()
+  local names, err = self.conn:call("SMEMBERS", BUDGETS)
+  if not names then return nil, err end
+  table.sort(names)
+  local out = {}
+  for _, name in ipairs(names) do
+    local c = budget_config_of(self.conn:call("HGETALL", BUDGETS .. ":" .. name)) or {}
+    c.name = name
+    out[#out + 1] = c
+  end
+  return out
 end
 
 function R:budget_release(ticket)

@@ -39,6 +39,38 @@ local migrations = {
   ALTER TABLE runs ADD COLUMN owner_since REAL;
   ALTER TABLE reservations ADD COLUMN owner TEXT;
   ]],
+  -- 4: runs people can read: the steps that failed (with their error) or
+  -- were cut short in the run's last attempt, retries per step, the item a
+  -- cost belongs to, and the arguments that resume the run
+  [[
+  CREATE TABLE unfinished_steps (run TEXT NOT NULL, scope TEXT NOT NULL, seq INTEGER NOT NULL, name TEXT NOT NULL,
+    state TEXT NOT NULL, error TEXT, retries INTEGER NOT NULL DEFAULT 0, at REAL NOT NULL,
+    PRIMARY KEY (run, scope, seq));
+  ALTER TABLE steps ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+  ALTER TABLE costs ADD COLUMN item TEXT;
+  ALTER TABLE runs ADD COLUMN args TEXT;
+  ]],
+  -- 5: budgets people can manage: a limit set from the command line (seen by
+  -- every process) over the one the script declares, and each hold's start
+  [[
+  CREATE TABLE budgets (name TEXT PRIMARY KEY, limit_micro INTEGER, per TEXT, set_at REAL,
+    declared_micro INTEGER, declared_per TEXT, declared_at REAL);
+  ALTER TABLE reservations ADD COLUMN created_at REAL;
+  ]],
+  -- 6: a call without a price is a row with micro_usd NULL (SQLite cannot
+  -- drop a NOT NULL constraint: the table is rebuilt, rows and ids kept)
+  [[
+  CREATE TABLE costs_v6 (id INTEGER PRIMARY KEY, dedupe TEXT UNIQUE, at REAL NOT NULL, day TEXT NOT NULL,
+    provider TEXT, model TEXT, operation TEXT, user TEXT, run TEXT, step TEXT,
+    micro_usd INTEGER, units TEXT, budget TEXT, period TEXT, ticket TEXT UNIQUE, item TEXT);
+  INSERT INTO costs_v6 (id, dedupe, at, day, provider, model, operation, user, run, step, micro_usd, units, budget,
+    period, ticket, item) SELECT id, dedupe, at, day, provider, model, operation, user, run, step, micro_usd, units,
+    budget, period, ticket, item FROM costs;
+  DROP TABLE costs;
+  ALTER TABLE costs_v6 RENAME TO costs;
+  CREATE INDEX costs_budget ON costs(budget, period);
+  CREATE INDEX costs_day ON costs(day);
+  ]],
 }
 
 local B = {}
@@ -205,34 +237,48 @@ end
 -- ---------- runs and steps ----------
 
 -- -> steps done, generation | false, holder, since (another live process holds the run)
-function B:run_start(id, script, fresh, now, me, lease_until)
+function B:run_start(id, script, fresh, now, me, lease_until, args)
   return self.db:tx(function(tx)
     renew(tx, me, lease_until)
     local row = tx:row("SELECT * FROM runs WHERE id = ?", id)
     if row and row.owner and row.owner ~= me and alive(tx, row.owner, now) then
       return false, row.owner, row.owner_since
     end
+    -- what failed or was cut short last time runs again now
+    if row then tx:exec("DELETE FROM unfinished_steps WHERE run = ?", id) end
     if row and fresh then
       tx:exec("DELETE FROM steps WHERE run = ?", id)
       tx:exec("UPDATE runs SET steps = 0, generation = generation + 1, created_at = ? WHERE id = ?", now, id)
       row.steps, row.generation = 0, row.generation + 1
     end
     if row then
-      tx:exec("UPDATE runs SET status = 'running', updated_at = ?, owner = ?, owner_since = ? WHERE id = ?",
-        now, me, now, id)
+      tx:exec("UPDATE runs SET status = 'running', updated_at = ?, owner = ?, owner_since = ?, " ..
+              "args = coalesce(?, args) WHERE id = ?", now, me, now, args, id)
       return row.steps, row.generation
     end
-    tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at, owner, owner_since) " ..
-            "VALUES (?, ?, 'running', 0, ?, ?, ?, ?)", id, script, now, now, me, now)
+    tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at, owner, owner_since, args) " ..
+            "VALUES (?, ?, 'running', 0, ?, ?, ?, ?, ?)", id, script, now, now, me, now, args)
     return 0, 0
   end)
 end
 
--- the run's end, and its holder gives it up (unless another took it over)
-function B:run_finish_now(id, status, now, me)
+-- the run's end, and its holder gives it up (unless another took it over).
+-- pending: the steps cut short, { {scope=, seq=, name=, retries=}, ... }. A run
+-- that ends "done" with failed steps is "done_with_failures".
+function B:run_finish_now(id, status, now, me, pending)
   return self.db:now(function(tx)
+    local holder = tx:value("SELECT owner FROM runs WHERE id = ?", id)
+    if holder ~= nil and holder ~= me then return false end
+    for _, p in ipairs(pending or {}) do
+      tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at) " ..
+              "VALUES (?, ?, ?, ?, 'pending', NULL, ?, ?)", id, p.scope, p.seq, p.name, p.retries or 0, now)
+    end
+    if status == "done" and tx:value("SELECT count(*) FROM unfinished_steps WHERE run = ? AND state = 'failed'",
+        id) > 0 then
+      status = "done_with_failures"
+    end
     return tx:exec("UPDATE runs SET status = ?, updated_at = ?, owner = NULL, owner_since = NULL " ..
-                   "WHERE id = ? AND (owner IS NULL OR owner = ?)", status, now, id, me) > 0
+                   "WHERE id = ?", status, now, id) > 0
   end)
 end
 
@@ -245,12 +291,12 @@ function B:step_get(run, scope, seq)
 end
 
 -- -> true | false, holder, since (the run was taken over: this process lost it)
-function B:step_put(run, scope, seq, name, result, now, me)
+function B:step_put(run, scope, seq, name, result, now, me, retries)
   return self.db:tx(function(tx)
     local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
     if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
-    tx:exec("INSERT INTO steps (run, scope, seq, name, result, at) VALUES (?, ?, ?, ?, ?, ?)",
-      run, scope, seq, name, result, now)
+    tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries) VALUES (?, ?, ?, ?, ?, ?, ?)",
+      run, scope, seq, name, result, now, retries or 0)
     tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
     return true
   end)
@@ -267,10 +313,32 @@ function B:runs_list(now)
   end)
 end
 
+-- A step that failed (state "failed", with its error): -> true | false, holder, since
+function B:step_failed(run, scope, seq, name, err, retries, now, me)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
+    if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
+    tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at) " ..
+            "VALUES (?, ?, ?, ?, 'failed', ?, ?, ?)", run, scope, seq, name, err, retries or 0, now)
+    return true
+  end)
+end
+
+-- the run's row (nil when unknown)
+function B:run_get(id)
+  return self.db:tx(function(tx) return tx:row("SELECT * FROM runs WHERE id = ?", id) end)
+end
+
+-- -> { {scope=, seq=, name=, at=, bytes=, retries=, state="done"|"failed"|"pending", error=}, ... }
 function B:run_steps(run)
   return self.db:tx(function(tx)
-    return tx:rows("SELECT scope, seq, name, at, length(result) AS bytes FROM steps WHERE run = ? " ..
-                   "ORDER BY at, scope, seq", run)
+    local rows = tx:rows("SELECT scope, seq, name, at, length(result) AS bytes, retries, 'done' AS state " ..
+                         "FROM steps WHERE run = ? ORDER BY at, scope, seq", run)
+    for _, r in ipairs(tx:rows("SELECT scope, seq, name, at, state, error, retries FROM unfinished_steps " ..
+                               "WHERE run = ?", run)) do
+      rows[#rows + 1] = r
+    end
+    return rows
   end)
 end
 
@@ -278,9 +346,9 @@ end
 
 local function insert_cost(tx, e)
   return tx:exec("INSERT OR IGNORE INTO costs (dedupe, at, day, provider, model, operation, user, run, step, " ..
-                 "micro_usd, units, budget, period, ticket) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 "micro_usd, units, budget, period, ticket, item) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     e.dedupe, e.at, e.day, e.provider, e.model, e.operation, e.user, e.run, e.step, e.micro_usd, e.units,
-    e.budget, e.period, e.ticket) > 0
+    e.budget, e.period, e.ticket, e.item) > 0
 end
 
 function B:cost_record(e)
@@ -289,7 +357,7 @@ end
 
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
 local BY = { provider = "provider", model = "model", user = "user", day = "day", operation = "operation",
-             run = "run" }
+             run = "run", item = "item" }
 
 -- -> { {key=, micro_usd=, calls=}, ... } (one row with key=nil when by is nil)
 function B:cost_query(by, filter)
@@ -300,9 +368,22 @@ function B:cost_query(by, filter)
   if filter.since then where[#where + 1] = "at >= ?"; args[#args + 1] = filter.since end
   if filter["until"] then where[#where + 1] = "at < ?"; args[#args + 1] = filter["until"] end
   local column = by and assert(BY[by], "cost: cannot break down by " .. tostring(by))
-  local sql = ("SELECT %s AS key, coalesce(sum(micro_usd), 0) AS micro_usd, count(*) AS calls FROM costs " ..
+  local sql = ("SELECT %s AS key, coalesce(sum(micro_usd), 0) AS micro_usd, count(*) AS calls, " ..
+               "sum(micro_usd IS NULL) AS unpriced FROM costs " ..
                "WHERE %s %s ORDER BY %s"):format(column or "NULL", table.concat(where, " AND "),
                column and ("GROUP BY " .. column) or "", column and "micro_usd DESC" or "1")
+  return self.db:tx(function(tx) return tx:rows(sql, table.unpack(args)) end)
+end
+
+-- the ledger's rows that pass the filter, oldest first
+function B:cost_rows(filter)
+  local where, args = { "1 = 1" }, {}
+  for _, f in ipairs(FILTERS) do
+    if filter[f] ~= nil then where[#where + 1] = f .. " = ?"; args[#args + 1] = filter[f] end
+  end
+  if filter.since then where[#where + 1] = "at >= ?"; args[#args + 1] = filter.since end
+  local sql = "SELECT at, provider, model, operation, user, run, item, step, budget, micro_usd, units FROM costs " ..
+              "WHERE " .. table.concat(where, " AND ") .. " ORDER BY at, id"
   return self.db:tx(function(tx) return tx:rows(sql, table.unpack(args)) end)
 end
 
@@ -340,8 +421,8 @@ function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
     end
     if spent + reserved + estimate > limit then return false, spent, reserved end
     renew(tx, me, lease_until)
-    tx:exec("INSERT INTO reservations (ticket, budget, period, micro_usd, expires_at, state, owner) " ..
-            "VALUES (?, ?, ?, ?, ?, 'held', ?)", ticket, budget, period, estimate, expires_at, me)
+    tx:exec("INSERT INTO reservations (ticket, budget, period, micro_usd, expires_at, state, owner, created_at) " ..
+            "VALUES (?, ?, ?, ?, ?, 'held', ?, ?)", ticket, budget, period, estimate, expires_at, me, now)
     return true, spent, reserved + estimate
   end)
 end
@@ -351,7 +432,7 @@ function B:budget_usage(budget, period, now, me)
   return self.db:tx(function(tx)
     release_dead(tx, budget, period, me, now)
     local spent, reserved = budget_usage(tx, budget, period, now)
-    return spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at FROM reservations WHERE " ..
+    return spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations WHERE " ..
       "budget = ? AND period = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket",
       budget, period, now)
   end)
@@ -371,6 +452,53 @@ end
 function B:budget_release(ticket)
   return self.db:tx(function(tx)
     return tx:exec("UPDATE reservations SET state = 'released' WHERE ticket = ? AND state = 'held'", ticket) > 0
+  end)
+end
+
+-- A budget's stored settings: -> {limit_micro=, per=, declared_micro=, declared_per=} | nil
+-- (per: "day", "month" or "none"). A read: it never waits for a writer.
+function B:budget_config(name)
+  return self.db:read(function(tx)
+    return tx:row("SELECT limit_micro, per, declared_micro, declared_per FROM budgets WHERE name = ?", name)
+  end)
+end
+
+-- the limit a script declares (resil.budget), for `resil-lua budgets`
+function B:budget_declare(name, micro, per, now)
+  return self.db:tx(function(tx)
+    tx:exec("INSERT INTO budgets (name, declared_micro, declared_per, declared_at) VALUES (?, ?, ?, ?) " ..
+            "ON CONFLICT (name) DO UPDATE SET declared_micro = excluded.declared_micro, " ..
+            "declared_per = excluded.declared_per, declared_at = excluded.declared_at", name, micro, per, now)
+    return true
+  end)
+end
+
+-- the limit set from the command line: every process reserves against it
+function B:budget_set(name, micro, per, now)
+  return self.db:tx(function(tx)
+    tx:exec("INSERT INTO budgets (name, limit_micro, per, set_at) VALUES (?, ?, ?, ?) " ..
+            "ON CONFLICT (name) DO UPDATE SET limit_micro = excluded.limit_micro, per = excluded.per, " ..
+            "set_at = excluded.set_at", name, micro, per, now)
+    return true
+  end)
+end
+
+-- every budget known: declared, set, or with reservations -> { {name=, limit_micro=, per=, ...}, ... }
+function B:budget_list()
+  return self.db:tx(function(tx)
+    return tx:rows("SELECT n.name, b.limit_micro, b.per, b.declared_micro, b.declared_per FROM " ..
+                   "(SELECT name FROM budgets UNION SELECT budget FROM reservations) AS n " ..
+                   "LEFT JOIN budgets b ON b.name = n.name ORDER BY n.name")
+  end)
+end
+
+-- Release a budget's live holds in a period: all of them, or (stale) those
+-- whose owner is not alive. -> how many
+function B:budget_release_holds(budget, period, stale, now, me)
+  return self.db:tx(function(tx)
+    if stale then return release_dead(tx, budget, period, me, now) end
+    return tx:exec("UPDATE reservations SET state = 'released' WHERE budget = ? AND period = ? AND " ..
+                   "state = 'held' AND expires_at > ?", budget, period, now)
   end)
 end
 

@@ -1,0 +1,1 @@
+resil-lua: cannot open p.lua: No such file or directory

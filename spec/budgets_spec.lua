@@ -1,0 +1,127 @@
+-- Budgets people can manage, from the command line: `resil-lua budgets`
+-- lists them, `budgets show` their open holds with owner and age, `budgets
+-- release` frees holds (or only those of dead owners), `budgets set` changes
+-- a limit in the store that every process, even a running one, reserves
+-- against. And `costs --run ID`, `costs --csv`. On SQLite and a real redis-server.
+local helpers = require "spec.helpers"
+
+local function sh(cmd) return helpers.run(cmd) end
+
+-- Reserves $2 and holds it until the file arg[1] appears; then tries $5 and prints the verdict.
+local holder = [[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 4, per = "day" })
+local t = assert(b:reserve(2))
+io.stdout:write("held\n"); io.stdout:flush()
+while not io.open(arg[1]) do resil.sleep(0.01) end
+local t2, err = b:reserve(5)
+print(t2 and "reserved 5" or tostring(err))
+t:settle(1.5, { provider = "mock", model = "m" })
+if t2 then t2:release() end
+]]
+
+local function backends()
+  local redis = helpers.redis_server()
+  return {
+    { name = "SQLite", url = function() return helpers.tmpname(".db") end },
+    { name = "Redis", url = function() return redis.url() end, stop = redis.stop },
+  }
+end
+
+for _, b in ipairs(backends()) do
+  describe("budgets on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+    local url, go, pid, out
+    local function cli(args) return sh(("%s %s --store '%s'"):format(helpers.resil, args, url)) end
+
+    before_each(function()
+      url, go = b.url(), helpers.tmpname(".go")
+      pid, out = helpers.start(holder, ("--store '%s' --log-level off"):format(url), go)
+      assert(helpers.wait_until(function() return helpers.slurp(out):match("held") ~= nil end, 20), helpers.slurp(out))
+    end)
+    after_each(function()
+      if helpers.alive(pid) then os.execute("kill -9 " .. pid) end
+      helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+    end)
+
+    it("lists budgets with limit, period, spent, reserved, remaining and holds", function()
+      local r = cli("budgets")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("BUDGET%s+LIMIT%s+PER%s+PERIOD%s+SPENT%s+RESERVED%s+REMAINING%s+HOLDS", r.stdout)
+      assert.matches("\nteam%s+%$4%.000000%s+day%s+%d+%-%d+%-%d+%s+%$0%.000000%s+%$2%.000000%s+%$2%.000000%s+1%s+script",
+        r.stdout)
+      local j = require("resil").json.decode(cli("budgets --json").stdout)
+      assert.are.equal("team", j[1].name)
+      assert.are.same({ 4, 2, 2, 0, 1 }, { j[1].limit, j[1].reserved, j[1].remaining, j[1].spent, #j[1].holds })
+      assert.are.equal(tonumber(pid), j[1].holds[1].owner.pid)
+    end)
+
+    it("shows the open holds with their owner and age", function()
+      local r = cli("budgets show team")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("budget team: limit %$4%.000000 per day %(set by script%)", r.stdout)
+      assert.matches("spent %$0%.000000, reserved %$2%.000000, remaining %$2%.000000", r.stdout)
+      assert.matches("\nteam:%S+%s+%$2%.000000%s+pid " .. pid .. " on %S+%s+%d+s%s+%d", r.stdout)
+    end)
+
+    it("release frees every hold; --stale only those whose owner is gone", function()
+      local r = cli("budgets release team --stale")
+      assert.are.equal("released 0 stale holds of budget team\n", r.stdout)
+      os.execute("kill -9 " .. pid)
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      r = cli("budgets release team --stale")
+      assert.are.equal("released 1 stale hold of budget team\n", r.stdout)
+      assert.matches("no open holds", cli("budgets show team").stdout)
+    end)
+
+    it("release without --stale frees a live process's holds", function()
+      assert.are.equal("released 1 hold of budget team\n", cli("budgets release team").stdout)
+      assert.matches("reserved %$0%.000000, remaining %$4%.000000", cli("budgets show team").stdout)
+    end)
+
+    it("set changes the limit for every process, a running one included", function()
+      local r = cli("budgets set team --limit 50")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("budget team: limit %$50%.000000 per day", r.stdout) -- the period kept
+      helpers.write(go, "")
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20))
+      assert.matches("reserved 5", helpers.slurp(out))
+      assert.matches("\nteam%s+%$50%.000000%s+day%s+%S+%s+%$1%.500000%s+%$0%.000000%s+%$48%.500000%s+0%s+set",
+        cli("budgets").stdout)
+      -- and back down: the running script's own limit no longer counts
+      cli("budgets set team --limit 1 --per month")
+      local again = helpers.run_script([[
+local resil = require "resil"
+local t, err = resil.budget("team", { limit = 100, per = "day" }):reserve(2)
+print(t and "reserved" or err.kind, err and ("%g"):format(err.limit))
+]], ("--store '%s' --log-level off"):format(url))
+      assert.are.equal("budget_exceeded\t1\n", again.stdout)
+    end)
+
+    it("refuses a bad limit or period with a message", function()
+      local r = cli("budgets set team --limit lots")
+      assert.are.equal(1, r.code)
+      assert.matches("%-%-limit takes an amount in USD >= 0, not 'lots'", r.stderr)
+      r = cli("budgets set team --limit 5 --per week")
+      assert.matches("%-%-per takes day, month or none, not 'week'", r.stderr)
+      assert.matches("which budget", cli("budgets show").stderr)
+    end)
+
+    it("costs --run ID keeps one run's costs; --csv writes rows a spreadsheet reads", function()
+      helpers.write(go, "")
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20))
+      local r = helpers.run_script([[
+local resil = require "resil"
+resil.step("one", function() resil.cost.record{ provider = "mock", model = "a,b", usd = 0.25, user = 'say "hi"' } end)
+]], ("--store '%s' --log-level off --run r9"):format(url))
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("total $0.250000\n", cli("costs --run r9").stdout)
+      assert.are.equal("total $1.750000\n", cli("costs").stdout)
+      local csv = cli("costs --run r9 --csv").stdout
+      assert.matches('^at,provider,model,operation,user,run,item,step,budget,usd,units\n', csv)
+      assert.matches('\n%d+%-%d+%-%d+T[%d:]+Z,mock,"a,b",,"say ""hi""",r9,,one,,0%.250000,\n$', csv)
+      assert.are.equal("provider,calls,usd\nmock,2,1.750000\n", cli("costs --by provider --csv").stdout)
+      assert.matches("both", cli("costs --csv --json").stderr)
+    end)
+  end)
+end

@@ -1,0 +1,113 @@
+-- Runs people can read: a run whose items failed ends "done_with_failures";
+-- `resil-lua runs show ID` lists each item's steps in order, what failed or
+-- was cut short with its error, retries and cost per item, and the command
+-- that resumes the run. On SQLite and on a real redis-server.
+local helpers = require "spec.helpers"
+
+local function sh(cmd) return helpers.run(cmd) end
+
+-- Items finish out of order (item 1 sleeps longest); item 3 fails outside a
+-- step, item 5's second step fails after two retries; FIX=1 mends both.
+local pipeline = [[
+local resil = require "resil"
+local retry = require "policies.retry"
+local fix = os.getenv("FIX") == "1"
+local _, failures = resil.map({ 1, 2, 3, 4, 5, 6 }, function(i)
+  resil.step("fetch", function()
+    resil.sleep(10 - i)
+    resil.cost.record{ provider = "mock", model = "m", usd = 0.01 * i }
+    return i
+  end)
+  if i == 3 and not fix then error("boom at item 3") end
+  return resil.step("caption", function()
+    return retry.call(function(attempt)
+      if i == 5 and (attempt < 3 or not fix) then return nil, resil.error("timeout", "provider too slow") end
+      return i * 2
+    end, { provider = "mock", max_retries = 2 })
+  end)
+end, { concurrency = 6 })
+local n = 0
+for _ in pairs(failures or {}) do n = n + 1 end
+print("failed items", n)
+]]
+
+local function backends()
+  local redis = helpers.redis_server()
+  return {
+    { name = "SQLite", url = function() return helpers.tmpname(".db") end },
+    { name = "Redis", url = function() return redis.url() end, stop = redis.stop },
+  }
+end
+
+for _, b in ipairs(backends()) do
+  describe("runs show on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+    local url, script
+    local function run(env, extra)
+      return sh(("%s %s --store '%s' --virtual-clock --log-level off --run r1 %s %s arg1 'two words'"):format(
+        env or "", helpers.resil, url, extra or "", script))
+    end
+
+    before_each(function()
+      url = b.url()
+      script = helpers.write(helpers.tmpname(".lua"), pipeline)
+    end)
+
+    it("a run whose items failed is done_with_failures, not done", function()
+      local r = run()
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("failed items\t2\n", r.stdout)
+      local list = sh(("%s runs --store '%s'"):format(helpers.resil, url))
+      assert.matches("r1%s+done_with_failures", list.stdout)
+    end)
+
+    it("lists items in order with their steps, errors, retries, cost and the command to resume", function()
+      run()
+      local show = sh(("%s runs show r1 --store '%s'"):format(helpers.resil, url))
+      assert.are.equal(0, show.code, show.stderr)
+      local out = show.stdout
+      assert.matches("^run r1: done_with_failures", out)
+      -- steps by item then sequence, not by completion time (item 6 finished first)
+      local order = {}
+      for item, seq, name in out:gmatch("\n(%d)%s+(%d)%s+(%S+)%s+%a+%s") do order[#order + 1] = item .. seq .. name end
+      assert.are.same({ "1" .. "1fetch", "12caption", "21fetch", "22caption", "31fetch", "32(item)", "41fetch",
+                        "42caption", "51fetch", "52caption", "61fetch", "62caption" }, order)
+      assert.matches("\n3%s+2%s+%(item%)%s+failed%s+0%s+%S+ %S+%s+[^\n]*boom at item 3", out)
+      assert.matches("\n5%s+2%s+caption%s+failed%s+2%s+%S+ %S+%s+timeout: provider too slow", out)
+      -- per item: state, steps, retries, cost from the ledger
+      assert.matches("\n5%s+failed%s+2%s+2%s+%$0%.050000", out)
+      assert.matches("\n6%s+done%s+2%s+0%s+%$0%.060000", out)
+      assert.matches("6 items: 4 done, 2 failed, 0 pending; 2 retries; cost %$0%.210000", out)
+      assert.matches("resume: resil%-lua %-%-store %S+ %-%-run r1 " .. script:gsub("%p", "%%%0") ..
+        " arg1 'two words'", out)
+    end)
+
+    it("a resumed run that mends its failures ends done and forgets them", function()
+      run()
+      local r = run("FIX=1")
+      assert.are.equal("failed items\t0\n", r.stdout)
+      local show = sh(("%s runs show r1 --store '%s'"):format(helpers.resil, url))
+      assert.matches("^run r1: done", show.stdout)
+      assert.not_matches("%sfailed%s", show.stdout)
+      assert.matches("\n5%s+2%s+caption%s+done%s+2", show.stdout) -- its two retries this time
+      assert.not_matches("resume:", show.stdout)
+    end)
+
+    it("steps cut short by a failing script are pending", function()
+      local cut = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.step("first", function() return 1 end)
+resil.spawn(function() resil.step("long", function() resil.sleep(100) end) end)
+resil.sleep(1)
+error("the script gave up")
+]])
+      local r = sh(("%s --store '%s' --virtual-clock --log-level off --run r2 %s"):format(helpers.resil, url, cut))
+      assert.are.equal(1, r.code)
+      local show = sh(("%s runs show r2 --store '%s'"):format(helpers.resil, url))
+      assert.matches("^run r2: failed", show.stdout)
+      assert.matches("\n%-%s+2%s+long%s+pending", show.stdout)
+      assert.matches("1 items: 0 done, 0 failed, 1 pending", show.stdout)
+      assert.matches("resume: ", show.stdout)
+    end)
+  end)
+end

@@ -1,0 +1,123 @@
+-- W3C trace context and OTLP/HTTP JSON export: a run continues TRACEPARENT,
+-- each provider attempt is a span whose traceparent header the provider
+-- receives, and --otlp-endpoint sends the spans, received here on a local
+-- resil.server, with their parent/child links and GenAI attributes.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+-- A provider that answers 429 once, then a chat completion; it writes the
+-- traceparent headers it received to arg[1].
+local pipeline = [[
+local resil = require "resil"
+local call = require "policies.call"
+local seen, n = {}, 0
+local provider = resil.server.listen({ port = 0, handler = function(req)
+  n = n + 1
+  seen[#seen + 1] = req.headers.traceparent or "-"
+  if n == 1 then return { status = 429, headers = { ["retry-after"] = "0" }, body = "{}" } end
+  return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+    id = "resp-1", model = "mock-1-2026", choices = { { message = { role = "assistant", content = "hi" } } },
+    usage = { prompt_tokens = 7, completion_tokens = 3, total_tokens = 10 } }) }
+end })
+local p = call.provider("mockai", { request = { method = "POST",
+  url = ("http://127.0.0.1:%d/v1/chat/completions"):format(provider:port()) }, retry = { base = 0, cap = 0 } })
+assert(p{ json = { model = "mock-1", messages = { { role = "user", content = "hi" } } } })
+local f = assert(io.open(arg[1], "w")); f:write(table.concat(seen, "\n"), "\n"); f:close()
+provider:close()
+]]
+
+local function attrs_of(span)
+  local out = {}
+  for _, a in ipairs(span.attributes or {}) do
+    local v = a.value
+    out[a.key] = v.stringValue or (v.intValue and tonumber(v.intValue)) or v.doubleValue or v.boolValue
+  end
+  return out
+end
+
+describe("trace context and OTLP export", function()
+  it("sends each attempt as a span under the run's, with GenAI attributes and the traceparent the provider got", function()
+    local bodies = {}
+    local collector = resil.server.listen({ port = 0, handler = function(req)
+      bodies[#bodies + 1] = { path = req.path, type = req.headers["content-type"], body = req.body }
+      return { status = 200, body = "{}" }
+    end })
+    local headers, log = helpers.tmpname(".tp"), helpers.tmpname(".log")
+    local parent_trace, parent_span = ("4bf92f3577b34da6a3ce929d0e0e4736"), "00f067aa0ba902b7"
+    local script = helpers.write(helpers.tmpname(".lua"), pipeline)
+    local pidfile = helpers.tmpname(".pid")
+    os.execute(("TRACEPARENT=00-%s-%s-01 %s --store %s --log-level info --log-file %s --otlp-endpoint " ..
+      "http://127.0.0.1:%d %s %s > /dev/null 2>&1 & echo $! > %s"):format(parent_trace, parent_span, helpers.resil,
+      helpers.tmpname(".db"), log, collector:port(), script, headers, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20))
+    collector:close()
+
+    assert.is_true(#bodies >= 1)
+    local spans = {}
+    for _, b in ipairs(bodies) do
+      assert.are.equal("/v1/traces", b.path)
+      assert.matches("application/json", b.type)
+      local doc = assert(resil.json.decode(b.body))
+      local rs = doc.resourceSpans[1]
+      assert.are.equal("service.name", rs.resource.attributes[1].key)
+      for _, s in ipairs(rs.scopeSpans[1].spans) do spans[#spans + 1] = s end
+    end
+    assert.are.equal(3, #spans) -- the run and its two attempts
+    local run, attempts = nil, {}
+    for _, s in ipairs(spans) do
+      if s.name == "run" then run = s else attempts[#attempts + 1] = s end
+      assert.are.equal(parent_trace, s.traceId) -- the trace TRACEPARENT began
+      assert.matches("^%d+$", s.startTimeUnixNano)
+      assert.is_true(tonumber(s.endTimeUnixNano) >= tonumber(s.startTimeUnixNano))
+    end
+    assert.are.equal(parent_span, run.parentSpanId)
+    table.sort(attempts, function(a, b) return attrs_of(a)["resil.attempt"] < attrs_of(b)["resil.attempt"] end)
+    local received = {}
+    for line in helpers.slurp(headers):gmatch("[^\n]+") do received[#received + 1] = line end
+    for i, a in ipairs(attempts) do
+      assert.are.equal(run.spanId, a.parentSpanId)
+      assert.are.equal(3, a.kind) -- client
+      assert.are.equal(("00-%s-%s-01"):format(parent_trace, a.spanId), received[i]) -- what the provider got
+      local at = attrs_of(a)
+      assert.are.equal("mockai", at["gen_ai.system"])
+      assert.are.equal("mock-1", at["gen_ai.request.model"])
+      assert.are.equal("chat", at["gen_ai.operation.name"])
+    end
+    local first, second = attrs_of(attempts[1]), attrs_of(attempts[2])
+    assert.are.equal(429, first["http.response.status_code"])
+    assert.are.equal("rate_limited", first["error.type"])
+    assert.are.equal(2, attempts[1].status.code)
+    assert.are.equal("mock-1-2026", second["gen_ai.response.model"])
+    assert.are.equal(7, second["gen_ai.usage.input_tokens"])
+    assert.are.equal(3, second["gen_ai.usage.output_tokens"])
+    assert.are.equal(1, attempts[2].status.code)
+    -- the attempt's ids are on its log lines
+    local retry_line = helpers.slurp(log):match('[^\n]*"msg":"retry"[^\n]*')
+    assert.matches('"span_id":"' .. attempts[1].spanId .. '"', retry_line or "", 1, true)
+  end)
+
+  it("starts a new trace without TRACEPARENT, and ignores a malformed one", function()
+    for _, env in ipairs({ "", "TRACEPARENT=00-zz-00-01" }) do
+      local r = helpers.run(("%s %s -e 'local t = require(\"resil\").trace.root(); print(t.trace_id, t.parent_id)'")
+        :format(env, helpers.resil))
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("^%x+\tnil\n$", r.stdout)
+      assert.are.equal(32, #r.stdout:match("^%x+"))
+    end
+    assert.are.same({ "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", "01" },
+      { resil.trace.parse("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01") })
+    assert.is_nil(resil.trace.parse("00-" .. ("0"):rep(32) .. "-00f067aa0ba902b7-01"))
+  end)
+
+  it("drops spans past a full queue and counts them; the caller never waits", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.trace.export({ url = "http://127.0.0.1:9/v1/traces", max_queue = 10, interval = 3600 })
+for i = 1, 25 do resil.trace.start("s" .. i):finish() end
+print(resil.metrics.counter("resil_trace_spans_dropped_total"):value())
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("15.0\n", r.stdout:gsub("^15\n$", "15.0\n"))
+  end)
+end)

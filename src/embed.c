@@ -1,0 +1,338 @@
+/*
+ * embed.c: calling Lua from a C program: resil_call (drive the loop until
+ * one call ends), resil_call_async (the loop is the embedder's; a callback
+ * says when it ended), resil_step (one loop turn), resil_register (a C
+ * function as resil.host.<name>).
+ *
+ * A call is a task like any other: it yields on I/O, meets the instruction
+ * and memory caps, and can be canceled. Resolving the function and decoding
+ * the arguments happen at once, under host_pcall, so a bad name or bad JSON
+ * is refused before anything runs.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "host.h"
+
+#define HELPERS_KEY "resil.embed_helpers" /* registry: { prepare, body } */
+
+typedef struct embed_call embed_call;
+struct embed_call {
+  resil_t *R;
+  void (*done)(void *ud, int status, const char *json_result); /* NULL: resil_call waits for it */
+  void *ud;
+  int finished;  /* the task ended: status and text are set */
+  int abandoned; /* resil_call stopped waiting (an interrupt): freed when the task ends */
+  int status;
+  char *text; /* the JSON results, or the error message */
+  embed_call *next, *prev; /* in the unfinished list, then in the completed queue */
+};
+
+typedef struct embed_state {
+  embed_call *unfinished;
+  embed_call *completed_head, *completed_tail; /* async calls whose callback is due */
+  int hooked;                                  /* deliver() runs at each turn's end */
+} embed_state;
+
+/* The Lua half: resolve "name" or "module.fn" in the scripts' global
+ * environment (through its require, so the sandbox applies), decode the
+ * arguments, and turn results into JSON or nil, err into a message. */
+static const char helpers_lua[] =
+  "local resil = require 'resil'\n"
+  "local json, null = resil.json, resil.json.null\n"
+  "local pack, unpack = table.pack, table.unpack\n"
+  "local function callable(v)\n"
+  "  if type(v) == 'function' then return true end\n"
+  "  local mt = getmetatable(v)\n"
+  "  return type(mt) == 'table' and mt.__call ~= nil\n"
+  "end\n"
+  "local function resolve(env, name)\n"
+  "  local root = name:match('^[^.]*')\n"
+  "  local v\n"
+  "  if env[root] ~= nil or not name:find('.', 1, true) then\n"
+  "    v = env\n"
+  "    for part in name:gmatch('[^.]+') do\n"
+  "      if type(v) ~= 'table' then v = nil break end\n"
+  "      v = v[part]\n"
+  "    end\n"
+  "  else\n"
+  "    local modname, field = name:match('^(.+)%.([^.]+)$')\n"
+  "    if not modname then return nil end\n"
+  "    local mod = env.require(modname)\n"
+  "    v = type(mod) == 'table' and mod[field] or nil\n"
+  "  end\n"
+  "  return v\n"
+  "end\n"
+  "local function prepare(env, name, args_json)\n"
+  "  local f = resolve(env, name)\n"
+  "  if not callable(f) then\n"
+  "    return nil, ('resil_call: %s is not a function (it is %s)'):format(name, type(f))\n"
+  "  end\n"
+  "  local args = { n = 0 }\n"
+  "  if args_json then\n"
+  "    local v, err = json.decode(args_json)\n"
+  "    if v == nil then return nil, 'resil_call: json_args: ' .. tostring(err) end\n"
+  "    if type(v) ~= 'table' then return nil, 'resil_call: json_args must be a JSON array' end\n"
+  "    local n = 0\n"
+  "    for k in pairs(v) do\n"
+  "      if math.type(k) ~= 'integer' or k < 1 then return nil, 'resil_call: json_args must be a JSON array' end\n"
+  "      if k > n then n = k end\n"
+  "    end\n"
+  "    for i = 1, n do if v[i] == null then v[i] = nil end end\n"
+  "    v.n = n\n"
+  "    args = v\n"
+  "  end\n"
+  "  return f, args\n"
+  "end\n"
+  "local function finish(name, f, r)\n"
+  "  if r.n >= 2 and r[1] == nil and r[2] ~= nil then\n"
+  "    local where = type(f) == 'function' and debug.getinfo(f, 'S')\n"
+  "    where = where and where.linedefined > 0 and (' (%s:%d)'):format(where.short_src, where.linedefined) or ''\n"
+  "    local err = r[2]\n"
+  "    local kind = type(err) == 'table' and err.kind\n"
+  "    return false, ('%s%s returned nil, %s'):format(name, where,\n"
+  "      kind and tostring(err) or ('err: ' .. tostring(err)))\n"
+  "  end\n"
+  "  local out = {}\n"
+  "  for i = 1, r.n do if r[i] == nil then out[i] = null else out[i] = r[i] end end\n"
+  "  if r.n == 0 then return true, '[]' end\n"
+  "  return true, json.encode(out)\n"
+  "end\n"
+  "local function body(name, f, args)\n"
+  "  return finish(name, f, pack(f(unpack(args, 1, args.n))))\n"
+  "end\n"
+  "return prepare, body\n";
+
+static embed_state *state_of(resil_t *R) {
+  if (!R->embed) R->embed = calloc(1, sizeof *R->embed);
+  return R->embed;
+}
+
+static void unlink_unfinished(embed_state *st, embed_call *c) {
+  if (c->prev) c->prev->next = c->next;
+  else if (st->unfinished == c) st->unfinished = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->next = c->prev = NULL;
+}
+
+static void free_call(embed_call *c) {
+  free(c->text);
+  free(c);
+}
+
+/* The async calls that ended: their callbacks run here, at the end of a
+ * loop turn, never from inside a task, so a callback may start new calls. */
+static void deliver(void *arg) {
+  resil_t *R = arg;
+  embed_state *st = R->embed;
+  embed_call *c;
+  while (st && (c = st->completed_head)) {
+    st->completed_head = c->next;
+    if (!st->completed_head) st->completed_tail = NULL;
+    if (c->status != RESIL_OK) resil_set_error(R, c->text);
+    c->done(c->ud, c->status, c->status == RESIL_OK ? c->text : NULL);
+    free_call(c);
+  }
+}
+
+static char *copy_or_placeholder(const char *s, const char *placeholder) { return strdup(s ? s : placeholder); }
+
+/* The call's task ended (task_done): keep its outcome. L stack (R->L): unchanged. */
+static void call_done(void *arg, task *t) {
+  embed_call *c = arg;
+  resil_t *R = c->R;
+  lua_State *L = R->L;
+  int top = lua_gettop(L);
+  int n = lua_checkstack(L, 8) ? task_push_results(L, t) : 0;
+  if (n == 0 || !lua_toboolean(L, top + 1)) { /* it raised, or was canceled */
+    const char *tb = task_traceback(t);
+    c->status = R->interrupted ? RESIL_ERR_INTERRUPT : RESIL_ERR_SCRIPT;
+    c->text = copy_or_placeholder(tb ? tb : (n >= 2 ? resil_describe(L, top + 2) : NULL), "resil_call: the call failed");
+  } else {
+    c->status = lua_toboolean(L, top + 2) ? RESIL_OK : RESIL_ERR_FAILED;
+    c->text = copy_or_placeholder(lua_tostring(L, top + 3), "resil_call: no result");
+  }
+  lua_settop(L, top);
+  c->finished = 1;
+  embed_state *st = R->embed;
+  unlink_unfinished(st, c);
+  if (c->abandoned) {
+    free_call(c);
+  } else if (c->done) {
+    if (st->completed_tail) st->completed_tail->next = c;
+    else st->completed_head = c;
+    st->completed_tail = c;
+  }
+}
+
+/* L stack: -> helpers table (compiled once per host, run with the host's
+ * own globals, not the scripts' sandbox). */
+static int push_helpers(resil_t *R) {
+  lua_State *L = R->L;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, HELPERS_KEY) == LUA_TTABLE) return LUA_OK;
+  lua_pop(L, 1);
+  if (luaL_loadbuffer(L, helpers_lua, sizeof helpers_lua - 1, "=[resil embed]") != LUA_OK) return LUA_ERRSYNTAX;
+  resil_push_host_env(L);
+  lua_setupvalue(L, -2, 1);
+  if (host_pcall(L, "resil_call", 0, 2) != LUA_OK) return LUA_ERRRUN;
+  lua_createtable(L, 2, 0);
+  lua_insert(L, -3);
+  lua_rawseti(L, -3, 2);
+  lua_rawseti(L, -2, 1);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, HELPERS_KEY);
+  return LUA_OK;
+}
+
+/* Resolve and decode now, then queue the call's task. */
+static int start_call(resil_t *R, const char *fn, const char *json_args, embed_call *c) {
+  lua_State *L = R->L;
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 8)) {
+    resil_set_error(R, "resil_call: not enough memory");
+    return RESIL_ERR_MEMORY;
+  }
+  if (push_helpers(R) != LUA_OK) {
+    resil_set_error(R, lua_tostring(L, -1));
+    lua_settop(L, top);
+    return RESIL_ERR_SCRIPT;
+  }
+  int helpers = lua_gettop(L);
+  /* L stack: helpers, prepare, env, name, args */
+  lua_rawgeti(L, helpers, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  lua_pushstring(L, fn);
+  if (json_args) lua_pushstring(L, json_args);
+  else lua_pushnil(L);
+  if (host_pcall(L, "resil_call", 3, 2) != LUA_OK) { /* a policy that fails to load */
+    resil_set_error(R, resil_describe(L, -1));
+    lua_settop(L, top);
+    return RESIL_ERR_SCRIPT;
+  }
+  if (lua_isnil(L, -2)) {
+    resil_set_error(R, lua_tostring(L, -1));
+    lua_settop(L, top);
+    return RESIL_ERR_USAGE;
+  }
+  /* L stack: helpers, f, args -> body, name, f, args */
+  lua_rawgeti(L, helpers, 2);
+  lua_insert(L, -3);
+  lua_pushstring(L, fn);
+  lua_insert(L, -3);
+  lua_remove(L, helpers);
+  lua_pushvalue(L, -2); /* f, to name the task after it rather than the wrapper */
+  lua_insert(L, -5);
+  task *t = task_spawn(R, 3);
+  task_describe(t, L, -1);
+  c->R = R;
+  task_on_done(t, call_done, c);
+  embed_state *st = R->embed;
+  c->next = st->unfinished;
+  if (st->unfinished) st->unfinished->prev = c;
+  st->unfinished = c;
+  lua_settop(L, top);
+  return RESIL_OK;
+}
+
+static int refuse(resil_t *R, const char *msg) {
+  if (R) resil_set_error(R, msg);
+  return RESIL_ERR_USAGE;
+}
+
+int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result) {
+  if (json_result) *json_result = NULL;
+  if (!R || !fn) return refuse(R, "resil_call: no host or no function name");
+  if (R->in_loop || R->current || R->host_L)
+    return refuse(R, "resil_call: called from inside the host's loop (a task, a handler or a callback); "
+                     "use resil_call_async there");
+  if (!state_of(R)) return RESIL_ERR_MEMORY;
+  embed_call *c = calloc(1, sizeof *c);
+  if (!c) return RESIL_ERR_MEMORY;
+  int status = start_call(R, fn, json_args, c);
+  if (status != RESIL_OK) {
+    free(c);
+    return status;
+  }
+  int loop_status = loop_run_until(R, &c->finished);
+  if (!c->finished) { /* interrupted: the task may end later; it frees the call then */
+    c->abandoned = 1;
+    if (loop_status == RESIL_OK) resil_set_error(R, "resil_call: the loop stopped before the call ended");
+    return loop_status == RESIL_OK ? RESIL_ERR_INTERRUPT : loop_status;
+  }
+  status = c->status;
+  if (status == RESIL_OK) {
+    if (json_result) *json_result = c->text;
+    else free(c->text);
+    c->text = NULL;
+  } else {
+    resil_set_error(R, c->text);
+  }
+  free_call(c);
+  return status;
+}
+
+int resil_call_async(resil_t *R, const char *fn, const char *json_args,
+                     void (*done)(void *ud, int status, const char *json_result), void *ud) {
+  if (!R || !fn || !done) return refuse(R, "resil_call_async: no host, function name or callback");
+  embed_state *st = state_of(R);
+  if (!st) return RESIL_ERR_MEMORY;
+  if (!st->hooked) {
+    if (loop_on_turn_end(R, deliver, R) != 0) return refuse(R, "resil_call_async: no room for the turn-end hook");
+    st->hooked = 1;
+  }
+  embed_call *c = calloc(1, sizeof *c);
+  if (!c) return RESIL_ERR_MEMORY;
+  c->done = done;
+  c->ud = ud;
+  int status = start_call(R, fn, json_args, c);
+  if (status != RESIL_OK) free(c);
+  return status;
+}
+
+int resil_step(resil_t *R, int timeout_ms) {
+  if (!R) return -RESIL_ERR_USAGE;
+  if (R->in_loop || R->current || R->host_L) {
+    resil_set_error(R, "resil_step: called from inside the host's loop");
+    return -RESIL_ERR_USAGE;
+  }
+  int status = loop_step(R, timeout_ms);
+  deliver(R); /* calls that ended outside a pass over the ready tasks (canceled from a handler) */
+  return status;
+}
+
+static int valid_name(const char *s) {
+  if (!s || !(*s == '_' || (*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z'))) return 0;
+  for (; *s; s++)
+    if (!(*s == '_' || (*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9'))) return 0;
+  return 1;
+}
+
+int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) {
+  if (!R || !f || !valid_name(name)) return refuse(R, "resil_register: the name must be a Lua identifier");
+  lua_State *L = R->L;
+  if (!lua_checkstack(L, 4)) return RESIL_ERR_MEMORY;
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, "resil") != LUA_TTABLE || lua_getfield(L, -1, "host") != LUA_TTABLE) {
+    lua_pop(L, 3);
+    return refuse(R, "resil_register: the resil module is not loaded");
+  }
+  lua_pushcfunction(L, f);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 3);
+  return RESIL_OK;
+}
+
+/* resil_close: calls still running never end; their callbacks hear so. */
+void embed_free(resil_t *R) {
+  embed_state *st = R->embed;
+  if (!st) return;
+  deliver(R);
+  while (st->unfinished) {
+    embed_call *c = st->unfinished;
+    unlink_unfinished(st, c);
+    if (c->done && !c->abandoned) c->done(c->ud, RESIL_ERR_INTERRUPT, NULL);
+    free_call(c);
+  }
+  free(st);
+  R->embed = NULL;
+}

@@ -1,0 +1,203 @@
+-- resil.trace: W3C trace context and OTLP/HTTP JSON export.
+--
+-- Every run has a trace: its id continues TRACEPARENT from the environment
+-- when that is valid, else it is new. The run is the root span; each
+-- provider attempt (policies/call.lua) is a child span whose `traceparent`
+-- header goes to the provider and whose ids go on the attempt's log lines.
+-- With an exporter (--otlp-endpoint URL, or resil.trace.export{url=}),
+-- finished spans are queued (bounded: past max_queue they are dropped and
+-- counted) and posted in batches by a background task, never by the caller.
+--
+--   local span = resil.trace.start("chat gpt-4o", { ["gen_ai.system"] = "openai" })
+--   ... span.traceparent goes in the request's headers ...
+--   span:finish({ ["gen_ai.usage.input_tokens"] = 12 }, err)
+local resil = ...
+
+local trace = {}
+local json = resil.json
+
+local dropped_total = resil.metrics.counter("resil_trace_spans_dropped_total",
+  "Finished spans dropped because the export queue was full")
+local exported_total = resil.metrics.counter("resil_trace_spans_exported_total",
+  "Spans sent to the OTLP endpoint, by result")
+
+-- ids from the kernel's generator, read in blocks (math.random is the
+-- script's, and resil.run.random journals it)
+local pool, pool_pos = "", 1
+local function random_hex(bytes)
+  if pool_pos + bytes - 1 > #pool then
+    local f = assert(io.open("/dev/urandom", "rb"))
+    pool, pool_pos = f:read(4096), 1
+    f:close()
+  end
+  local s = pool:sub(pool_pos, pool_pos + bytes - 1)
+  pool_pos = pool_pos + bytes
+  return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+
+local function new_trace_id()
+  local id
+  repeat id = random_hex(16) until id ~= ("0"):rep(32)
+  return id
+end
+
+local function new_span_id()
+  local id
+  repeat id = random_hex(8) until id ~= ("0"):rep(16)
+  return id
+end
+
+-- "00-<32 hex>-<16 hex>-<2 hex>" -> trace_id, parent_id, flags | nil
+function trace.parse(header)
+  if type(header) ~= "string" then return nil end
+  local version, trace_id, parent_id, flags = header:lower():match(
+    "^%s*(%x%x)%-(" .. ("%x"):rep(32) .. ")%-(" .. ("%x"):rep(16) .. ")%-(%x%x)%s*$")
+  if not version or version == "ff" or trace_id == ("0"):rep(32) or parent_id == ("0"):rep(16) then return nil end
+  return trace_id, parent_id, flags
+end
+
+local function now_nano() return ("%.0f"):format(resil.clock.wall() * 1e9) end
+
+local root -- the run's span, made on first use
+local queue, exporter = {}, nil
+
+local Span = {}
+Span.__index = Span
+
+local function root_span()
+  if not root then
+    local trace_id, parent_id, flags = trace.parse(os.getenv("TRACEPARENT"))
+    root = setmetatable({ trace_id = trace_id or new_trace_id(), span_id = new_span_id(), parent_id = parent_id,
+                          flags = flags or "01", name = "run", kind = 1, start = now_nano(), attributes = {} }, Span)
+    root.traceparent = ("00-%s-%s-%s"):format(root.trace_id, root.span_id, root.flags)
+  end
+  return root
+end
+
+-- the run's trace id and root span id (for logs and reports)
+function trace.root() return root_span() end
+
+-- the span the running task is in: the innermost started in it, else the run's
+local function current_parent()
+  local ctx = resil.running() and resil.context() or {}
+  return ctx.span_id and ctx or root_span()
+end
+
+-- resil.trace.start(name, attributes) -> span (a child of the task's current span)
+function trace.start(name, attributes)
+  local parent = current_parent()
+  local r = root_span()
+  local span = setmetatable({ trace_id = r.trace_id, span_id = new_span_id(), parent_id = parent.span_id,
+                              flags = r.flags, name = name, kind = 3, start = now_nano(),
+                              attributes = attributes or {} }, Span)
+  span.traceparent = ("00-%s-%s-%s"):format(span.trace_id, span.span_id, span.flags)
+  return span
+end
+
+local function enqueue(span)
+  if not exporter then return end
+  if #queue >= exporter.max_queue then
+    dropped_total:inc()
+    return
+  end
+  queue[#queue + 1] = span
+  if #queue >= exporter.batch and exporter.wake then exporter.wake() end
+end
+
+-- span:finish([attributes], [err]): ends the span; an err marks it failed
+function Span:finish(attributes, err)
+  if self.finished then return end
+  self.finished = now_nano()
+  for k, v in pairs(attributes or {}) do self.attributes[k] = v end
+  if err ~= nil then
+    self.error = tostring(err)
+    if type(err) == "table" and err.kind then self.attributes["error.type"] = err.kind end
+  end
+  enqueue(self)
+end
+
+local function attribute(key, v)
+  local value
+  if math.type(v) == "integer" then value = { intValue = tostring(v) }
+  elseif type(v) == "number" then value = { doubleValue = v }
+  elseif type(v) == "boolean" then value = { boolValue = v }
+  else value = { stringValue = resil.redact(tostring(v)) } end
+  return { key = key, value = value }
+end
+
+local function otlp_span(s)
+  local attrs = {}
+  local keys = {}
+  for k in pairs(s.attributes) do keys[#keys + 1] = k end
+  table.sort(keys)
+  for i, k in ipairs(keys) do attrs[i] = attribute(k, s.attributes[k]) end
+  local out = { traceId = s.trace_id, spanId = s.span_id, parentSpanId = s.parent_id, name = s.name, kind = s.kind,
+                startTimeUnixNano = s.start, endTimeUnixNano = s.finished,
+                status = s.error and { code = 2, message = resil.redact(s.error) } or { code = 1 } }
+  if #attrs > 0 then out.attributes = attrs end
+  return out
+end
+
+-- the OTLP/HTTP JSON body for a batch of spans
+function trace.otlp_body(spans)
+  local list = {}
+  for i, s in ipairs(spans) do list[i] = otlp_span(s) end
+  return json.encode({ resourceSpans = { {
+    resource = { attributes = { attribute("service.name", exporter and exporter.service or "resil-lua") } },
+    scopeSpans = { { scope = { name = "resil-lua", version = resil.version or "" }, spans = list } },
+  } } })
+end
+
+local function post(batch)
+  local res, err = resil.http.request({ method = "POST", url = exporter.url, body = trace.otlp_body(batch),
+    headers = { ["content-type"] = "application/json" }, timeout = exporter.timeout })
+  local ok = res and res.status >= 200 and res.status < 300
+  exported_total:inc({ result = ok and "ok" or "failed" }, #batch)
+  if not ok and not exporter.warned then
+    exporter.warned = true -- once: an unreachable collector must not flood the log
+    resil.log.warn("trace export failed; spans are dropped", { url = exporter.url,
+      error = err and tostring(err) or ("status " .. tostring(res and res.status)) })
+  end
+end
+
+-- Send what is queued, in batches. -> nothing
+function trace.flush()
+  if not exporter then return end
+  while #queue > 0 do
+    local n, k = #queue, math.min(exporter.batch, #queue)
+    local batch = table.move(queue, 1, k, 1, {})
+    table.move(queue, k + 1, n, 1)
+    for i = n - k + 1, n do queue[i] = nil end
+    post(batch)
+  end
+end
+
+-- resil.trace.export{url=, batch=256, max_queue=4096, interval=1, timeout=5, service="resil-lua"}
+-- url: the collector's base (http://host:4318) or its /v1/traces
+function trace.export(opts)
+  if type(opts) ~= "table" or type(opts.url) ~= "string" or not opts.url:match("^https?://") then
+    error("resil.trace.export: url must be an http(s) URL", 2)
+  end
+  local url = opts.url
+  if not url:match("/v1/traces$") then url = url:gsub("/$", "") .. "/v1/traces" end
+  exporter = { url = url, batch = opts.batch or 256, max_queue = opts.max_queue or 4096,
+               interval = opts.interval or 1, timeout = opts.timeout or 5, service = opts.service }
+  root_span()
+  resil.background(function()
+    while true do
+      resil.sleep(exporter.interval)
+      trace.flush()
+    end
+  end)
+end
+
+-- At the end of the run: the root span is finished and everything sent (the
+-- CLI runs this as a last task).
+function trace.finish(status)
+  if not (exporter and root) then return end
+  root:finish({ ["resil.run.status"] = status or "done" }, status and status ~= "done" and status or nil)
+  trace.flush()
+end
+
+resil.trace = trace
+return trace

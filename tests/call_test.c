@@ -1,0 +1,397 @@
+/*
+ * call_test.c: calling Lua from C (resil_call, resil_call_async,
+ * resil_step, resil_register, resil_options.log) and the sandbox, as a C
+ * program uses them (resil.h, plus the Lua API for a host function).
+ * Prints TAP lines; spec/run counts them.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "resil.h"
+
+static int test_number;
+static int failures;
+
+static void check(int ok, const char *what) {
+  test_number++;
+  if (!ok) failures++;
+  printf("%sok %d - %s\n", ok ? "" : "not ", test_number, what);
+  fflush(stdout);
+}
+
+static int contains(const char *s, const char *needle) { return s && strstr(s, needle) != NULL; }
+
+static char dir[] = "/tmp/resil-call-XXXXXX";
+
+static void write_file(const char *name, const char *text) {
+  char path[512];
+  snprintf(path, sizeof path, "%s/%s", dir, name);
+  FILE *f = fopen(path, "w");
+  if (!f) exit(2);
+  fputs(text, f);
+  fclose(f);
+}
+
+/* resil_call with a string result: "" on failure, the caller frees nothing */
+static char result[4096];
+static int call(resil_t *R, const char *fn, const char *args) {
+  char *out = NULL;
+  int status = resil_call(R, fn, args, &out);
+  snprintf(result, sizeof result, "%s", out ? out : "");
+  free(out);
+  return status;
+}
+
+static void load(resil_t *R, const char *code) {
+  if (resil_load_string(R, code, "=setup") != RESIL_OK || resil_run(R) != RESIL_OK) {
+    fprintf(stderr, "setup failed: %s\n", resil_error(R));
+    exit(2);
+  }
+}
+
+/* ---------- a host function ---------- */
+
+static int host_add(lua_State *L) {
+  lua_pushinteger(L, luaL_checkinteger(L, 1) + luaL_checkinteger(L, 2));
+  return 1;
+}
+
+static resil_t *reentrant_host;
+static int host_reenter(lua_State *L) {
+  char *out = NULL;
+  int status = resil_call(reentrant_host, "add", "[1,2]", &out);
+  free(out);
+  lua_pushinteger(L, status);
+  return 1;
+}
+
+/* ---------- the log callback ---------- */
+
+static char log_lines[8192];
+static void on_log(void *ud, const char *line) {
+  int *count = ud;
+  (*count)++;
+  strncat(log_lines, line, sizeof log_lines - strlen(log_lines) - 2);
+  strcat(log_lines, "\n");
+}
+
+/* ---------- async ---------- */
+
+typedef struct {
+  int calls, status;
+  char text[256];
+  struct event_base *base;
+  int stop_after;
+} async_seen;
+
+static void on_done(void *ud, int status, const char *json) {
+  async_seen *s = ud;
+  s->calls++;
+  s->status = status;
+  snprintf(s->text, sizeof s->text, "%s", json ? json : "(null)");
+  if (s->base && s->calls == s->stop_after) event_base_loopbreak(s->base);
+}
+
+/* ---------- two threads, a host each ---------- */
+
+static void *thread_main(void *arg) {
+  long id = (long)arg;
+  resil_options o = {0};
+  o.policies_dir = dir;
+  o.log_level = "off";
+  resil_t *R = resil_open(&o);
+  if (!R) return (void *)1;
+  long bad = 0;
+  for (int i = 0; i < 200; i++) {
+    char args[64], want[64];
+    char *out = NULL;
+    snprintf(args, sizeof args, "[%ld, %d]", id, i);
+    snprintf(want, sizeof want, "[%ld]", id * 1000 + i);
+    if (resil_call(R, "policies.router.combine", args, &out) != RESIL_OK || !out || strcmp(out, want) != 0) bad++;
+    free(out);
+  }
+  resil_close(R);
+  return (void *)bad;
+}
+
+int main(void) {
+  if (!mkdtemp(dir)) return 1;
+  write_file("router.lua",
+             "local resil = require 'resil'\n"
+             "local M = {}\n"
+             "function M.pick(req) return { model = req.tokens > 100 and 'large' or 'small' }, 'second' end\n"
+             "function M.broken() error('no route for this') end\n"
+             "function M.unavailable()\n"
+             "  return nil, resil.error('rate_limited', 'try later')\n"
+             "end\n"
+             "function M.plain_nil_err() return nil, 'just a string' end\n"
+             "function M.nothing() end\n"
+             "function M.holes() return 1, nil, 3 end\n"
+             "function M.combine(a, b) return a * 1000 + b end\n"
+             "function M.wait(seconds) resil.sleep(seconds) return 'woke' end\n"
+             "return M\n");
+  write_file("data.txt", "inside\n");
+
+  int log_count = 0;
+  resil_options o = {0};
+  o.policies_dir = dir;
+  o.log = on_log;
+  o.log_ud = &log_count;
+  o.max_instructions = 1000000;
+  o.max_memory = 64 << 20;
+  o.virtual_clock = 1;
+  resil_t *R = resil_open(&o);
+  check(R != NULL && resil_error(R)[0] == '\0', "a host with the log callback, caps and a policy folder");
+
+  /* ---- resil_call ---- */
+  check(call(R, "policies.router.pick", "[{\"tokens\": 500}]") == RESIL_OK &&
+            strcmp(result, "[{\"model\":\"large\"},\"second\"]") == 0,
+        "resil_call runs a policy function found through require and returns its results as a JSON array");
+  check(call(R, "policies.router.holes", "[]") == RESIL_OK && strcmp(result, "[1,null,3]") == 0,
+        "nil among the results is null");
+  check(call(R, "policies.router.nothing", NULL) == RESIL_OK && strcmp(result, "[]") == 0,
+        "no results is an empty array, and NULL args are no arguments");
+  load(R, "function add(a, b) return a + b end\n"
+          "function args_seen(...) return select('#', ...), (select(2, ...)) == nil end\n"
+          "limits = { double = function(x) return 2 * x end }\n");
+  check(call(R, "add", "[2, 40]") == RESIL_OK && strcmp(result, "[42]") == 0, "a global function of a loaded script");
+  check(call(R, "limits.double", "[21]") == RESIL_OK && strcmp(result, "[42]") == 0, "a field path from a global table");
+  check(call(R, "args_seen", "[1, null, 3]") == RESIL_OK && strcmp(result, "[3,true]") == 0,
+        "null in the arguments is nil, and the count is kept");
+
+  check(call(R, "policies.router.broken", "[]") == RESIL_ERR_SCRIPT && contains(resil_error(R), "router.lua:4: no route for this") &&
+            contains(resil_error(R), "stack traceback"),
+        "a raise is RESIL_ERR_SCRIPT with file:line and a traceback");
+  check(call(R, "policies.router.unavailable", "[]") == RESIL_ERR_FAILED &&
+            contains(resil_error(R), "policies.router.unavailable (") && contains(resil_error(R), "router.lua:5)") &&
+            contains(resil_error(R), "rate_limited: try later"),
+        "nil, err is RESIL_ERR_FAILED naming the function's file:line and the error's kind");
+  check(call(R, "policies.router.plain_nil_err", "[]") == RESIL_ERR_FAILED && contains(resil_error(R), "err: just a string"),
+        "nil, a string is RESIL_ERR_FAILED with the string");
+  check(call(R, "policies.router.missing", "[]") == RESIL_ERR_USAGE && contains(resil_error(R), "policies.router.missing is not a function (it is nil)"),
+        "an unknown function is RESIL_ERR_USAGE and nothing runs");
+  check(call(R, "policies.nowhere.fn", "[]") == RESIL_ERR_SCRIPT && contains(resil_error(R), "module 'policies.nowhere' not found"),
+        "a module that cannot be found is RESIL_ERR_SCRIPT");
+  check(call(R, "add", "[1, 2") == RESIL_ERR_USAGE && contains(resil_error(R), "json_args"),
+        "bad JSON is RESIL_ERR_USAGE");
+  check(call(R, "add", "{\"a\": 1}") == RESIL_ERR_USAGE && contains(resil_error(R), "must be a JSON array"),
+        "a JSON object is RESIL_ERR_USAGE");
+  char *out = (char *)1;
+  check(resil_call(R, NULL, "[]", &out) == RESIL_ERR_USAGE && out == NULL, "no function name: RESIL_ERR_USAGE, result NULL");
+  load(R, "function returns_function() return print end\n");
+  check(call(R, "returns_function", NULL) == RESIL_ERR_SCRIPT && contains(resil_error(R), "serialise"),
+        "a result JSON cannot hold is RESIL_ERR_SCRIPT");
+
+  /* a call that waits: it yields, time passes (virtual), it resumes */
+  check(call(R, "policies.router.wait", "[3600]") == RESIL_OK && strcmp(result, "[\"woke\"]") == 0,
+        "a call that sleeps an hour on the virtual clock finishes");
+
+  /* caps inside resil_call */
+  load(R, "function spin() local n = 0 while true do n = n + 1 end end\n"
+          "function hog() local t = {} for i = 1, 1e9 do t[i] = ('x'):rep(1 << 20) .. i end end\n");
+  check(call(R, "spin", NULL) == RESIL_ERR_SCRIPT && contains(resil_error(R), "ran more than --max-instructions=1000000"),
+        "max_instructions stops a call that never yields");
+  check(call(R, "hog", NULL) == RESIL_ERR_SCRIPT && contains(resil_error(R), "not enough memory"),
+        "max_memory stops a call that allocates without end");
+  check(call(R, "add", "[1, 1]") == RESIL_OK && strcmp(result, "[2]") == 0, "and the host serves the next call");
+
+  /* a call against the mock provider over real HTTP */
+  load(R, "local resil = require 'resil'\n"
+          "mock = resil.mock.start({})\n"
+          "function ask(text)\n"
+          "  local res, err = resil.http.request({ method = 'POST', url = mock.url .. '/v1/chat/completions',\n"
+          "    json = { model = 'm', messages = { { role = 'user', content = text } } } })\n"
+          "  if not res then return nil, err end\n"
+          "  return res.status, resil.json.decode(res.body).object\n"
+          "end\n");
+  check(call(R, "ask", "[\"hello\"]") == RESIL_OK && strcmp(result, "[200,\"chat.completion\"]") == 0,
+        "resil_call makes HTTP requests to the mock and returns their results");
+
+  /* resil_register */
+  check(resil_register(R, "add", host_add) == RESIL_OK, "resil_register adds a host function");
+  check(resil_register(R, "not a name", host_add) == RESIL_ERR_USAGE, "resil_register refuses a name that is not an identifier");
+  load(R, "function use_host(a, b) return require('resil').host.add(a, b) end\n"
+          "function misuse_host() return require('resil').host.add('x', 1) end\n");
+  check(call(R, "use_host", "[20, 22]") == RESIL_OK && strcmp(result, "[42]") == 0, "Lua calls it as resil.host.<name>");
+  check(call(R, "misuse_host", NULL) == RESIL_ERR_SCRIPT && contains(resil_error(R), "bad argument #1 to 'add'"),
+        "its errors reach the caller as RESIL_ERR_SCRIPT");
+  reentrant_host = R;
+  resil_register(R, "reenter", host_reenter);
+  load(R, "function reenter() return require('resil').host.reenter() end\n");
+  check(call(R, "reenter", NULL) == RESIL_OK && strcmp(result, "[6]") == 0,
+        "resil_call from inside a task is refused with RESIL_ERR_USAGE");
+
+  /* the log callback */
+  load(R, "require('resil').log.info('from the script', { answer = 42 })\n");
+  check(log_count > 0 && contains(log_lines, "\"msg\":\"from the script\"") && contains(log_lines, "\"answer\":42") &&
+            !contains(log_lines, "42}\n\n"),
+        "resil_options.log receives each JSON line");
+
+  /* resil_step drives a run to completion */
+  load(R, "mock:stop()\n");
+  check(resil_load_string(R,
+                          "local resil = require 'resil'\n"
+                          "local a = resil.spawn(function() resil.sleep(5) return 2 end)\n"
+                          "local b = resil.spawn(function() resil.sleep(1) return 3 end)\n"
+                          "stepped = select(2, a:join()) * select(2, b:join())\n",
+                          "=stepped") == RESIL_OK,
+        "a run loads for stepping");
+  int steps = 0, n;
+  while ((n = resil_step(R, 100)) > 0 && steps < 1000) steps++;
+  lua_State *L = resil_lua(R);
+  lua_getglobal(L, "stepped");
+  check(n == 0 && steps > 1 && lua_tointeger(L, -1) == 6, "resil_step runs it a turn at a time until no task is left");
+  lua_pop(L, 1);
+  check(resil_step(R, 0) == 0, "resil_step with nothing to do returns 0 at once");
+  resil_load_string(R, "require('resil').sleep(1) error('late failure')", "=stepfail");
+  while ((n = resil_step(R, 10)) > 0) {
+  }
+  check(n == -RESIL_ERR_SCRIPT && contains(resil_error(R), "stepfail:1: late failure"),
+        "resil_step returns -RESIL_ERR_SCRIPT when the main task fails");
+  resil_close(R);
+
+  /* resil_call_async on the embedder's own event base, run by event_base_dispatch */
+  struct event_base *base = event_base_new();
+  resil_options ob = {0};
+  ob.base = base;
+  ob.policies_dir = dir;
+  ob.log_level = "off";
+  resil_t *RB = resil_open(&ob);
+  async_seen seen = {0}, seen2 = {0};
+  seen.base = seen2.base = base;
+  seen.stop_after = 1;
+  seen2.stop_after = 99;
+  check(resil_call_async(RB, "policies.router.wait", "[0.02]", on_done, &seen) == RESIL_OK &&
+            resil_call_async(RB, "policies.router.combine", "[1, 2]", on_done, &seen2) == RESIL_OK,
+        "resil_call_async queues two calls");
+  event_base_dispatch(base);
+  check(seen.calls == 1 && seen.status == RESIL_OK && strcmp(seen.text, "[\"woke\"]") == 0 && seen2.calls == 1 &&
+            strcmp(seen2.text, "[1002]") == 0,
+        "the embedder's event_base_dispatch runs them and each callback fires once with the results");
+  async_seen bad = {0};
+  check(resil_call_async(RB, "nope", NULL, on_done, &bad) == RESIL_ERR_USAGE && bad.calls == 0,
+        "a call refused at once returns its code and no callback");
+  async_seen failing = {0};
+  failing.base = base;
+  failing.stop_after = 1;
+  resil_call_async(RB, "policies.router.broken", NULL, on_done, &failing);
+  event_base_dispatch(base);
+  check(failing.calls == 1 && failing.status == RESIL_ERR_SCRIPT && strcmp(failing.text, "(null)") == 0 &&
+            contains(resil_error(RB), "no route for this"),
+        "a failing async call reports its status, with resil_error set");
+  async_seen pending = {0};
+  resil_call_async(RB, "policies.router.wait", "[3600]", on_done, &pending);
+  resil_close(RB);
+  check(pending.calls == 1 && pending.status == RESIL_ERR_INTERRUPT, "a call still running at resil_close hears RESIL_ERR_INTERRUPT");
+  event_base_free(base);
+
+  /* resil_call_async under resil_step */
+  ob.base = NULL;
+  resil_t *RS = resil_open(&ob);
+  async_seen stepped = {0};
+  resil_call_async(RS, "policies.router.combine", "[7, 7]", on_done, &stepped);
+  while (resil_step(RS, 100) > 0) {
+  }
+  check(stepped.calls == 1 && strcmp(stepped.text, "[7007]") == 0, "resil_step delivers async calls too");
+  resil_close(RS);
+
+  /* two threads, a host each */
+  pthread_t threads[2];
+  for (long i = 0; i < 2; i++) pthread_create(&threads[i], NULL, thread_main, (void *)(i + 1));
+  long bad_results = 0;
+  for (int i = 0; i < 2; i++) {
+    void *r;
+    pthread_join(threads[i], &r);
+    bad_results += (long)r;
+  }
+  check(bad_results == 0, "two threads with a host each call a policy 200 times each and get their own results");
+
+  /* ---------- the sandbox ---------- */
+  char allowed[600];
+  snprintf(allowed, sizeof allowed, "%s", dir);
+  resil_options os = {0};
+  os.policies_dir = dir;
+  os.sandbox_dirs = allowed;
+  os.log_level = "off";
+  resil_t *SB = resil_open(&os);
+  load(SB, "function try(code) return load(code)() end\n"
+           "function try_bin() return load(string.dump(function() return 1 end)) end\n");
+  static const struct {
+    const char *code, *refusal;
+  } refusals[] = {
+    {"os.execute('true')", "os.execute is not allowed in the sandbox"},
+    {"io.popen('ls')", "io.popen is not allowed in the sandbox"},
+    {"os.exit(1)", "os.exit is not allowed in the sandbox"},
+    {"os.remove('/tmp/x')", "os.remove is not allowed in the sandbox"},
+    {"io.open('/etc/hostname')", "io.open(\"/etc/hostname\") is not allowed in the sandbox"},
+    {"io.lines('/etc/hostname')", "io.lines(\"/etc/hostname\") is not allowed in the sandbox"},
+    {"debug.getinfo(1)", "debug.getinfo is not allowed in the sandbox"},
+    {"debug.sethook()", "debug.sethook is not allowed in the sandbox"},
+    {"package.loadlib('x', 'y')", "package.loadlib is not allowed in the sandbox"},
+    {"return package.cpath", "package.cpath is not allowed in the sandbox"},
+    {"return package.searchers", "package.searchers is not allowed in the sandbox"},
+    {"package.loaded.os = {}", "package.loaded[\"os\"] cannot be set in the sandbox"},
+    {"require 'socket'", "require \"socket\" is not allowed in the sandbox"},
+    {"require 'debug'", "require \"debug\" is not allowed in the sandbox"},
+    {"load('return 1', 'x', 'b')", "load: binary chunks are not allowed in the sandbox"},
+    {"dofile('/etc/hostname')", "dofile(\"/etc/hostname\") is not allowed in the sandbox"},
+    {"collectgarbage('stop')", "collectgarbage(\"stop\") is not allowed in the sandbox"},
+  };
+  for (size_t i = 0; i < sizeof refusals / sizeof refusals[0]; i++) {
+    char args[400], what[300];
+    snprintf(args, sizeof args, "[\"%s\"]", refusals[i].code);
+    /* JSON-escape the quotes of the snippet */
+    char escaped[300];
+    size_t k = 0;
+    for (const char *p = refusals[i].code; *p && k < sizeof escaped - 3; p++) {
+      if (*p == '"') escaped[k++] = '\\';
+      escaped[k++] = *p;
+    }
+    escaped[k] = '\0';
+    snprintf(args, sizeof args, "[\"%s\"]", escaped);
+    snprintf(what, sizeof what, "sandbox: %s is refused, naming the function", refusals[i].code);
+    int status = call(SB, "try", args);
+    check(status == RESIL_ERR_SCRIPT && contains(resil_error(SB), refusals[i].refusal), what);
+    if (status != RESIL_ERR_SCRIPT || !contains(resil_error(SB), refusals[i].refusal))
+      printf("# got %d: %s\n", status, resil_error(SB));
+  }
+  check(call(SB, "try_bin", NULL) == RESIL_ERR_SCRIPT && contains(resil_error(SB), "load: binary chunks are not allowed"),
+        "sandbox: load of a binary chunk is refused");
+  char args[700];
+  snprintf(args, sizeof args, "[\"local f = assert(io.open('%s/data.txt')) local s = f:read('l') f:close() return s\"]", dir);
+  check(call(SB, "try", args) == RESIL_OK && strcmp(result, "[\"inside\"]") == 0, "sandbox: io.open inside sandbox_dirs works");
+  check(call(SB, "try", "[\"return require('resil').version, os.time() > 0, string.rep('a', 2), require('policies.router').combine(1, 1)\"]") == RESIL_OK &&
+            contains(result, "\"aa\",1001]"),
+        "sandbox: resil, the safe libraries and the policies are there");
+  check(call(SB, "try", "[\"return package.loaded.os == os, package.loaded.debug == nil, package.loaded['policies.router'] ~= nil\"]") == RESIL_OK &&
+            strcmp(result, "[true,true,true]") == 0,
+        "sandbox: package.loaded shows the sandbox's libraries and the policies, not the host's");
+  check(call(SB, "try", "[\"local s = require('resil').sqlite.open(':memory:') return s ~= nil\"]") == RESIL_OK,
+        "sandbox: the host's own modules keep working");
+  resil_close(SB);
+
+  resil_options off = os;
+  off.sandbox = RESIL_SANDBOX_OFF;
+  resil_t *NS = resil_open(&off);
+  load(NS, "function try(code) return load(code)() end\n");
+  check(call(NS, "try", "[\"return type(os.execute), type(debug.getinfo)\"]") == RESIL_OK &&
+            strcmp(result, "[\"function\",\"function\"]") == 0,
+        "RESIL_SANDBOX_OFF gives the whole standard library");
+  resil_close(NS);
+
+  char path[600];
+  snprintf(path, sizeof path, "%s/router.lua", dir);
+  unlink(path);
+  snprintf(path, sizeof path, "%s/data.txt", dir);
+  unlink(path);
+  rmdir(dir);
+  printf("1..%d\n", test_number);
+  return failures ? 1 : 0;
+}

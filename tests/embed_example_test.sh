@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The embedding example as a user builds it: install into a temporary
+# prefix, build examples/embed with pkg-config only, run it (two threads, a
+# reload on SIGHUP). Prints TAP; spec/run counts it. VALGRIND=1 also runs
+# the example under valgrind memcheck (.ci/run; not with a sanitizer build).
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${RESIL_LIBDIR:-build}
+tmp=$(mktemp -d)
+pid=
+trap '[ -n "$pid" ] && kill -KILL $pid 2>/dev/null; rm -rf "$tmp"' EXIT
+n=0
+failed=0
+ok() { # ok CONDITION-STATUS DESCRIPTION
+  n=$((n + 1))
+  if [ "$1" -eq 0 ]; then echo "ok $n - $2"; else echo "not ok $n - $2"; failed=1; fi
+}
+unset RESIL_HOME MAKEFLAGS MFLAGS MAKELEVEL
+
+prefix=$tmp/prefix
+make -s -C "$root" install DESTDIR= PREFIX="$prefix" BUILD="$build" SAN="${SAN_FLAGS:-}" > "$tmp/install.log" 2>&1
+ok $? "make install DESTDIR= PREFIX=<temporary prefix>"
+export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
+flags=$(pkg-config --cflags --libs resil 2>&1)
+[[ "$flags" == *"-I$prefix/include"* && "$flags" == *"-lresil"* && "$flags" == *"-llua5.4"* && "$flags" == *"-levent"* ]]
+ok $? "pkg-config --cflags --libs resil names the prefix, libresil, Lua and libevent: $flags"
+
+(cd "$tmp" && "$prefix/bin/resil-lua" -e "assert(require('policies.retry')) print(package.searchpath('x', 'y') or 'found')" > "$tmp/policies.out" 2>&1)
+ok $? "the installed resil-lua finds the shipped policies under the prefix (no RESIL_HOME)"
+
+cp -R "$root/examples/embed" "$tmp/example"
+rm -f "$tmp/example/embed"
+san=${SAN_FLAGS:-}
+make -s -C "$tmp/example" CFLAGS="-O1 -g $san" LDFLAGS="$san" > "$tmp/build.log" 2>&1
+status=$?
+ok $status "examples/embed builds with its own Makefile through pkg-config only"
+[ $status -eq 0 ] || sed 's/^/# /' "$tmp/build.log"
+
+run=()
+[ "${VALGRIND:-}" = 1 ] && run=(valgrind -q --leak-check=full --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect --error-exitcode=99)
+cd "$tmp/example"
+"${run[@]}" ./embed --wait-for-sighup > "$tmp/run.out" 2> "$tmp/run.err" &
+pid=$!
+for _ in $(seq 600); do grep -q "waiting for SIGHUP" "$tmp/run.out" && break; kill -0 $pid 2>/dev/null || break; sleep 0.05; done
+grep -q '^main: \["Mock reply to: hello",1\]$' "$tmp/run.out"
+ok $? "it calls the policy with resil_call against the mock"
+[ "$(grep -c '^thread-1: \["Mock reply to: thread-1 question' "$tmp/run.out")" = 3 ] &&
+  [ "$(grep -c '^thread-2: \["Mock reply to: thread-2 question' "$tmp/run.out")" = 3 ]
+ok $? "and from two threads with a host each"
+sed -i 's/version = 1/version = 2/' policies/answer.lua
+kill -HUP $pid 2>/dev/null
+wait $pid
+status=$?
+pid=
+grep -q '^policy version 2 after reload$' "$tmp/run.out" && grep -q '^main: \["Mock reply to: after reload",2\]$' "$tmp/run.out"
+ok $? "SIGHUP reloads the policy and new calls see the new version"
+ok $status "the example exits 0${VALGRIND:+ under valgrind memcheck (no leaks, no errors)}"
+if [ $failed -ne 0 ]; then
+  sed 's/^/# out: /' "$tmp/run.out"
+  sed 's/^/# err: /' "$tmp/run.err"
+fi
+echo "1..$n"
+exit $failed
