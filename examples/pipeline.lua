@@ -52,9 +52,7 @@ local function served(r)
   local x = row(step_name(), r.provider)
   x.calls = x.calls + 1
   x.fallbacks = x.fallbacks + (r.fallbacks or 0)
-  if (r.attempts or 1) > 1 then -- a job canceled at its deadline (or failed) and made again
-    x.retries.job_remade = (x.retries.job_remade or 0) + r.attempts - 1
-  end
+  x.remade = (x.remade or 0) + (r.attempts or 1) - 1 -- jobs canceled at their deadline (or failed), made again
   x.micro_usd = (x.micro_usd or 0) + math.floor((r.cost_usd or 0) * 1e6 + 0.5) -- as the ledger counts
   if r.routed then x.note = ("%s -> %s (%s)"):format(r.routed.from, r.routed.to, r.reason or r.routed.reason) end
   return r
@@ -133,7 +131,7 @@ for i = 1, ITEMS do
   items[i] = { customer = customer, topic = subjects[(i - 1) % #subjects + 1] }
 end
 
-local started = resil.now()
+local started, since = resil.now(), resil.store_now()
 local results, failures = resil.map(items, produce, { concurrency = 4, progress = "videos" })
 local elapsed = resil.now() - started
 
@@ -147,17 +145,25 @@ print(("resil-lua demo: %d videos (script, title, 2 prompts, still, thumbnail, v
 print()
 print(("%-10s %-11s %5s  %-32s %9s %10s"):format("STEP", "PROVIDER", "CALLS", "RETRIES", "FALLBACKS", "COST"))
 table.sort(order)
+local calls, retried, fell, remade = 0, 0, 0, {}
 for _, k in ipairs(order) do
   local r = rows[k]
   local retries = {}
-  for class, n in pairs(r.retries) do retries[#retries + 1] = ("%s=%d"):format(class, n) end
+  for class, n in pairs(r.retries) do
+    retries[#retries + 1] = ("%s=%d"):format(class, n)
+    retried = retried + n
+  end
   table.sort(retries)
+  calls, fell = calls + r.calls, fell + r.fallbacks
+  if (r.remade or 0) > 0 then remade[#remade + 1] = ("%s %s: %d"):format(r.step, r.provider, r.remade) end
   paid = paid + r.micro_usd
   print(("%-10s %-11s %5d  %-32s %9d %10s"):format(r.step, r.provider, r.calls,
     #retries > 0 and table.concat(retries, " ") or "-", r.fallbacks, ("$%.6f"):format(r.micro_usd / 1e6)))
 end
 if #order == 0 then print("(every step replayed from its checkpoint: no provider was called)") end
+print(("%-10s %-11s %5d  %-32s %9d %10s"):format("TOTAL", "", calls, retried, fell, ("$%.6f"):format(paid / 1e6)))
 print()
+if #remade > 0 then print(("hung jobs  canceled at their deadline and made again: %s"):format(table.concat(remade, ", "))) end
 local transitions = resil.metrics.counter("resil_breaker_transitions_total")
 for _, p in ipairs({ "anthropic", "openai", "replicate", "fal", "elevenlabs" }) do
   local trips = transitions:value({ breaker = p, to = "open" })
@@ -176,7 +182,8 @@ if st.rolled_back then
 else
   print(("migration  prompter %s -> %s: holding at %.0f%%"):format(st.from, st.to, 100 * st.share))
 end
-print(("paid       $%.6f in this process; ledger $%.6f for run %s (resil-lua costs, resil-lua runs show %s)"):format(
-  paid / 1e6, resil.cost.total({ run = run }), run, run))
+print(("paid       $%.6f in this process; ledger $%.6f for run %s since it started (resil-lua costs --run %s); "
+  .. "$%.6f in all"):format(paid / 1e6, resil.cost.total({ run = run, since = since }), run, run,
+  resil.cost.total({ run = run })))
 for i, err in pairs(failures or {}) do print(("item %d (%s) failed: %s"):format(i, items[i].topic, tostring(err))) end
 mock:stop()
