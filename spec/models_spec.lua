@@ -239,6 +239,34 @@ describe("migrations", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  it("roll back for every machine sharing a Redis store", function()
+    local redis = helpers.redis_server()
+    local url = redis.url()
+    local ok, err = pcall(function()
+      resil.store_config({ url = url })
+      registry.use({ canary = MIGRATION })
+      m:configure({ strict = true, reply = "one two three",
+        faults = { { route = "chat", model = "gpt-4.1-mini-2025-04-14", kind = "garbage" } } })
+      logged(function() run_users(120) end)
+      assert.are.equal("invalid_output", registry.migration_state("canary").rolled_back.reason)
+      local dir = helpers.tmpname("")
+      os.execute("mkdir -p " .. dir .. "/policies")
+      helpers.write(dir .. "/policies/models.lua", ([[
+        return { canary = { use = %q, migrate = { to = %q, share = 0.2, sticky = "user",
+          rollback = { error_rate = 0.05, invalid_output = 0.02, min_calls = 10 } } } }]]):format(
+        MIGRATION.use, MIGRATION.migrate.to))
+      local out = helpers.run_script([[
+        local st = require("policies.registry").migration_state("canary")
+        print(st.share, st.rolled_back and st.rolled_back.new_calls)
+      ]], ("--store %s --policies %s/policies"):format(url, dir))
+      os.execute("rm -rf " .. dir)
+      assert.matches("^0\t%d+\n$", out.stdout, out.stderr)
+    end)
+    resil.store_config({ url = store_path })
+    redis.stop()
+    assert(ok, err)
+  end)
+
   it("do not roll back when the new version does as well", function()
     registry.use({ canary = MIGRATION })
     m:configure({ strict = true, reply = "one two three",
