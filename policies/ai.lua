@@ -389,12 +389,17 @@ local function describe(r, targets)
 end
 
 -- A migration's first strategy reports its outcome to the registry (the
--- rollback compares the sides' outcomes, before any fallback).
+-- rollback compares the sides' outcomes, before any fallback). On the new
+-- side any failure but these moves on to the old version: a canary's 400 is
+-- the canary's problem, not the call's.
+local CANARY_STOPS = { auth = true, canceled = true, deadline = true }
+local function canary_moves_on(_, class) return not CANARY_STOPS[class] end
+
 local function watched(strategy, targets)
   local mig = targets.plan.migration
   if not mig then return strategy end
   local fn = strategy.fn
-  return { name = strategy.name, fn = function(q, deadline)
+  return { name = strategy.name, on = mig.side == "new" and canary_moves_on or strategy.on, fn = function(q, deadline)
     local start = resil.now()
     local r, err = fn(q, deadline)
     local class = type(err) == "table" and (err.class or err.kind) or (err ~= nil and "unknown" or nil)
@@ -527,6 +532,7 @@ local function stream_result(self)
   local st = self.state or {}
   local r = { id = st.id, model = st.model or self.target.model, text = table.concat(self.parts),
     finish_reason = st.finish_reason, usage = st.usage }
+  r.fallbacks = self.fallbacks
   return describe(finish_result(self.target, r, nil), self.targets)
 end
 
@@ -565,7 +571,9 @@ local function open(self)
       return { res = res, target = t }
     end }
   end
-  local got, err = fallback.chain(strategies)(req, deadline_of(targets, req))
+  strategies[1] = watched(strategies[1], targets) -- a migration counts a stream that opened as a success
+  local got, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
+  self.fallbacks = got and info and info.index and info.index - 1 or 0
   if got == nil then
     if ticket then ticket:settle(0) end
     self.done, self.err = true, err

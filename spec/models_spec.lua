@@ -355,3 +355,24 @@ describe("reload", function()
     os.execute("rm -rf " .. dir)
   end)
 end)
+
+describe("streams", function()
+  it("take aliases and count for a migration's sides", function()
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.5, sticky = "user",
+      rollback = { error_rate = 0.05, min_calls = 5 } } } })
+    m:configure({ strict = true, reply = "one two three", faults = { { route = "chat", model = "gpt-4.1-mini-2025-04-14",
+      status = 400 } } })
+    local lines = logged(function()
+      for i = 1, 40 do
+        local s = ai.stream({ model = "canary", messages = MSGS, user = "s" .. i })
+        local text = {}
+        for d in s do text[#text + 1] = d end
+        local r = assert(s:result())
+        assert.are.equal("canary", r.alias)
+        assert.are.equal("one two three", table.concat(text))
+      end
+    end)
+    assert.are.equal(1, #with_msg(lines, "rolled back"))
+    assert.are.equal("error_rate", registry.migration_state("canary").rolled_back.reason)
+  end)
+end)
