@@ -4,7 +4,11 @@
  * reused, the same request the resil-lua side sends, byte for byte (its
  * default headers included: the user agent, and Accept-Encoding: gzip).
  *
- *   bare_client URL N CONCURRENCY  -> prints "requests seconds rps errors"
+ *   bare_client URL N CONCURRENCY [CA_FILE]  -> prints "requests seconds rps errors"
+ *
+ * With CA_FILE (an https URL), the TLS and HTTP/2 settings resil-lua uses:
+ * h2 by ALPN, multiplexing, transfers waiting for a connection to share
+ * (PIPEWAIT), at most 100 streams per connection, TLS sessions shared.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +24,9 @@ static const char body[] = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"
 
 static size_t discard(char *p, size_t s, size_t n, void *u) { (void)p, (void)u; return s * n; }
 
+static const char *ca_file;
+static CURLSH *share;
+
 static void setup(CURL *e, const char *url, struct curl_slist *headers) {
   curl_easy_setopt(e, CURLOPT_URL, url);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, discard);
@@ -27,17 +34,30 @@ static void setup(CURL *e, const char *url, struct curl_slist *headers) {
   curl_easy_setopt(e, CURLOPT_HTTPHEADER, headers);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "gzip");
+  if (ca_file) {
+    curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
+    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+    curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+    curl_easy_setopt(e, CURLOPT_SHARE, share);
+  }
 }
 
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: bare_client URL N CONCURRENCY\n");
+  if (argc != 4 && argc != 5) {
+    fprintf(stderr, "usage: bare_client URL N CONCURRENCY [CA_FILE]\n");
     return 2;
   }
   const char *url = argv[1];
   long n = atol(argv[2]), c = atol(argv[3]), started = 0, done = 0, errors = 0;
   curl_global_init(CURL_GLOBAL_DEFAULT);
   CURLM *m = curl_multi_init();
+  if (argc == 5) {
+    ca_file = argv[4];
+    share = curl_share_init();
+    curl_share_setopt(share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION);
+    curl_multi_setopt(m, CURLMOPT_PIPELINING, CURLPIPE_MULTIPLEX);
+    curl_multi_setopt(m, CURLMOPT_MAX_CONCURRENT_STREAMS, 100L);
+  }
   struct curl_slist *headers = curl_slist_append(NULL, "content-type: application/json");
   headers = curl_slist_append(headers, "Expect:");
   headers = curl_slist_append(headers, "User-Agent: " USER_AGENT);
@@ -75,6 +95,7 @@ int main(int argc, char **argv) {
   printf("%ld %.3f %.0f %ld\n", n, secs, (double)n / secs, errors);
   curl_slist_free_all(headers);
   curl_multi_cleanup(m);
+  if (share) curl_share_cleanup(share);
   curl_global_cleanup();
   return errors ? 1 : 0;
 }

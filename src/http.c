@@ -7,8 +7,10 @@
  * timers and its buffers (a request costs no allocation once the pool is
  * warm). A request (resil.http.request) belongs to the waiting task: the
  * continuation or the task's cancellation gives it back. A stream's belongs
- * to its userdata (http_stream.c). Connections live in the multi handle's
- * cache, so requests to the same host reuse them.
+ * to its userdata (http_stream.c). Connections live in the multi handles'
+ * caches, so requests to the same host reuse them: one multi handle for
+ * HTTP/1.1 (a connection per transfer in flight), one for HTTP/2 (a few
+ * connections per origin, each carrying up to 100 streams; admit_parked).
  *
  * Network trouble never raises: the task gets nil, err{kind=...}. Misuse
  * (no url, a malformed url, a header with a line break) raises.
@@ -16,6 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <event2/event_struct.h>
 
@@ -38,6 +43,10 @@
  * far beyond any provider, and keeps bench/scale.lua under 200 MB with
  * mimalloc (4 KiB: 202 MB). */
 #define RECEIVE_BUFFER_SIZE 3072L
+/* HTTP/2 streams one connection carries before curl opens another (a lower
+ * limit in the server's SETTINGS wins): 10,000 in flight on 100 connections */
+#define H2_STREAMS_PER_CONNECTION 100L
+#define H2_CONNECTIONS_PER_ORIGIN 100L
 
 /* A request's header lines as a curl list, shared by the requests that send
  * the same headers (most pipelines send one set per provider): built once,
@@ -50,17 +59,45 @@ struct header_set {
   int refs;
 };
 
-struct http_state {
-  resil_t *R;
+/* scheme://host:port as the URL spells it: its open connections (counted
+ * by the open and close socket callbacks) and the HTTP version it last
+ * answered with */
+typedef struct {
+  char *name;
+  size_t len;
+  long connections, version;
+  long mux_active, mux_connections; /* its transfers and connections on the h2 multi handle */
+  http_req *parked, *parked_tail; /* h2 transfers waiting for a free stream */
+  http_req *opener;          /* the transfer let in to open one more connection */
+} origin;
+
+/* A libcurl multi handle driven by the loop. Two of them: HTTP/1.1 needs a
+ * connection per transfer in flight, while h2 transfers must be held to a
+ * few connections per origin (CURLMOPT_MAX_HOST_CONNECTIONS is per multi). */
+struct curl_driver {
+  http_state *H;
   CURLM *multi;
   struct event *timer_ev;
+  int added;                /* transfers added in this loop turn */
+};
+
+enum { DRIVER_PLAIN, DRIVER_MUX, NDRIVERS };
+
+struct http_state {
+  resil_t *R;
+  curl_driver drivers[NDRIVERS];
+  CURLSH *share;            /* TLS sessions, resumed by every handle */
+  origin *origins;
+  int norigins, last_origin;
+  int *socket_origin;       /* fd -> 2 x (index in origins + 1), + 1 on the h2 handle (0: not ours) */
+  int socket_cap;
+  int parked;               /* h2 transfers waiting, over all origins */
   http_req *free_reqs;      /* recycled requests, each with its easy handle */
   int nfree;
   http_req *live;           /* requests in use, freed by http_free if still there */
   header_set *last_headers;
   buffer scratch;
   buffer reply_head, reply_body; /* a finished request's buffers, swapped in to build its response */
-  int added;
   char last_url[1024]; /* the last URL that parsed: the same URL is not parsed again */
 };
 
@@ -71,11 +108,38 @@ static void header_set_release(http_state *H, header_set *hs) {
   free(hs);
 }
 
+/* The length of url's scheme://host:port */
+static size_t origin_length(const char *url) {
+  const char *host = strstr(url, "://");
+  host = host ? host + 3 : url;
+  return (size_t)(host - url) + strcspn(host, "/?#");
+}
+
+/* url's origin: its index in H->origins, added if new; -1 without memory */
+static int origin_index(http_state *H, const char *url) {
+  size_t len = origin_length(url);
+  origin *o = H->norigins ? &H->origins[H->last_origin] : NULL;
+  if (o && o->len == len && strncasecmp(o->name, url, len) == 0) return H->last_origin;
+  for (int i = 0; i < H->norigins; i++) {
+    o = &H->origins[i];
+    if (o->len == len && strncasecmp(o->name, url, len) == 0) return H->last_origin = i;
+  }
+  origin *grown = realloc(H->origins, (size_t)(H->norigins + 1) * sizeof *grown);
+  if (!grown) return -1;
+  H->origins = grown;
+  o = &grown[H->norigins];
+  if (!(o->name = strndup(url, len))) return -1;
+  o->len = len;
+  o->connections = o->version = o->mux_active = o->mux_connections = 0;
+  o->parked = o->parked_tail = o->opener = NULL;
+  return H->last_origin = H->norigins++;
+}
+
 /* What a finished request's result is built from, copied out so that the
  * request can go back to the pool before anything that may raise. */
 typedef struct {
   const char *url;
-  long status;
+  long status, http_version;
   double elapsed, timeout, idle_timeout;
   size_t max_body, max_event;
   CURLcode result;
@@ -85,7 +149,7 @@ typedef struct {
 
 typedef struct {
   struct event ev; /* re-assigned in place when curl changes its interest */
-  http_state *H;
+  curl_driver *d;
 } socket_watch;
 
 /* ---------- buffers ---------- */
@@ -107,20 +171,54 @@ static int buffer_append(buffer *b, const char *data, size_t n) {
 
 /* ---------- completion ---------- */
 
-/* Take the transfer off the multi handle; the easy handle stays with r. */
+static void unpark(http_req *r) {
+  origin *o = &r->H->origins[r->origin];
+  if (r->park_prev) r->park_prev->park_next = r->park_next;
+  else o->parked = r->park_next;
+  if (r->park_next) r->park_next->park_prev = r->park_prev;
+  else o->parked_tail = r->park_prev;
+  r->park_next = r->park_prev = NULL;
+  r->parked = 0;
+  r->H->parked--;
+}
+
+/* Take the transfer off the multi handle (or out of its origin's queue);
+ * the easy handle stays with r. */
 static void request_detach(http_req *r) {
   timer_stop(&r->deadline);
   timer_stop(&r->idle);
   if (r->active) {
-    curl_multi_remove_handle(r->H->multi, r->easy);
+    http_state *H = r->H;
+    origin *o = &H->origins[r->origin];
+    if (r->parked) {
+      unpark(r);
+    } else {
+      curl_multi_remove_handle(r->driver->multi, r->easy);
+      if (r->driver == &H->drivers[DRIVER_MUX]) o->mux_active--;
+    }
+    if (o->opener == r) o->opener = NULL;
     r->active = 0;
-    r->H->R->io_pending--;
+    H->R->io_pending--;
   }
+}
+
+/* The version the response came with, remembered for its origin (whether
+ * later requests there multiplex) */
+static void note_http_version(http_req *r) {
+  long v = 0;
+  curl_easy_getinfo(r->easy, CURLINFO_HTTP_VERSION, &v);
+  if (!v) return;
+  r->http_version = v;
+  if (r->set.http_version != CURL_HTTP_VERSION_1_1) /* what the origin offers, not what was asked */
+    r->H->origins[r->origin].version = v;
 }
 
 void request_finish(http_req *r, CURLcode result, abort_reason why) {
   if (r->done) return;
-  if (r->easy && why == ABORT_NONE) curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &r->status);
+  if (r->easy && why == ABORT_NONE) {
+    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &r->status);
+    note_http_version(r);
+  }
   r->done = 1;
   r->result = result;
   if (r->aborted == ABORT_NONE) r->aborted = why;
@@ -133,10 +231,10 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
   }
 }
 
-static void check_multi_info(http_state *H) {
+static void check_multi_info(curl_driver *d) {
   CURLMsg *msg;
   int pending;
-  while ((msg = curl_multi_info_read(H->multi, &pending))) {
+  while ((msg = curl_multi_info_read(d->multi, &pending))) {
     if (msg->msg != CURLMSG_DONE) continue;
     http_req *r = NULL;
     curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
@@ -144,24 +242,74 @@ static void check_multi_info(http_state *H) {
   }
 }
 
+/* ---------- admission to h2 connections ---------- */
+
+/* h2 transfers enter curl only as the origin's connections have free
+ * streams, plus one at a time to open the next connection once those are
+ * full: curl would otherwise open a connection for each transfer that finds
+ * the others full (200 at once: 100 connections). An origin that turned out
+ * to speak HTTP/1.1 sends its waiting "auto" transfers to the plain handle. */
+static void admit_parked(http_state *H) {
+  for (int i = 0; i < H->norigins && H->parked > 0; i++) {
+    origin *o = &H->origins[i];
+    int http1 = o->version == CURL_HTTP_VERSION_1_1 || o->version == CURL_HTTP_VERSION_1_0;
+    while (o->parked) {
+      http_req *r = o->parked;
+      int plain = http1 && r->set.http_version == CURL_HTTP_VERSION_2TLS;
+      /* the opener's connection has no room until it is up */
+      long ready = o->mux_connections - (o->opener != NULL);
+      if (!plain && o->mux_active >= H2_STREAMS_PER_CONNECTION * ready) {
+        if (o->opener) break;
+        o->opener = r;
+      }
+      unpark(r);
+      r->driver = &H->drivers[plain ? DRIVER_PLAIN : DRIVER_MUX];
+      if (curl_multi_add_handle(r->driver->multi, r->easy) != CURLM_OK) {
+        r->active = 0; /* never in curl */
+        H->R->io_pending--;
+        if (o->opener == r) o->opener = NULL;
+        request_finish(r, CURLE_OUT_OF_MEMORY, ABORT_NONE);
+        continue;
+      }
+      if (!plain) o->mux_active++;
+      r->driver->added = 1;
+    }
+  }
+}
+
+/* The opener's connection is up (or it found a free stream): the origin has
+ * room for more. Also counts the times curl sends a request: it resends one
+ * that a GOAWAY or a dead reused connection refused. */
+static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port) {
+  (void)primary_ip, (void)local_ip, (void)primary_port, (void)local_port;
+  http_req *r = clientp;
+  origin *o = &r->H->origins[r->origin];
+  if (o->opener == r) o->opener = NULL;
+  if (++r->sends > 1) r->set.retried++; /* curl sent it again: see easy_retries_spent */
+  return CURL_PREREQFUNC_OK;
+}
+
+static void http_flush(void *arg);
+
 /* ---------- curl <-> libevent ---------- */
 
 static void socket_event_cb(evutil_socket_t fd, short what, void *arg) {
-  http_state *H = ((socket_watch *)arg)->H; /* the watch may be freed during the action */
+  curl_driver *d = ((socket_watch *)arg)->d; /* the watch may be freed during the action */
   int running, action = (what & EV_READ ? CURL_CSELECT_IN : 0) | (what & EV_WRITE ? CURL_CSELECT_OUT : 0);
-  curl_multi_socket_action(H->multi, fd, action, &running);
-  check_multi_info(H);
+  curl_multi_socket_action(d->multi, fd, action, &running);
+  check_multi_info(d);
+  if (d->H->parked) http_flush(d->H);
 }
 
 static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
   (void)easy;
-  http_state *H = userp;
+  curl_driver *d = userp;
   socket_watch *w = socketp;
   if (what == CURL_POLL_REMOVE) {
     if (w) {
       event_del(&w->ev);
       free(w);
-      curl_multi_assign(H->multi, s, NULL);
+      curl_multi_assign(d->multi, s, NULL);
     }
     return 0;
   }
@@ -169,37 +317,72 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
   if (!w) {
     w = calloc(1, sizeof *w);
     if (!w) return -1;
-    w->H = H;
-    curl_multi_assign(H->multi, s, w);
+    w->d = d;
+    curl_multi_assign(d->multi, s, w);
   } else {
     event_del(&w->ev);
   }
-  if (event_assign(&w->ev, H->R->base, s, flags, socket_event_cb, w) != 0) return -1;
+  if (event_assign(&w->ev, d->H->R->base, s, flags, socket_event_cb, w) != 0) return -1;
   event_add(&w->ev, NULL);
   return 0;
 }
 
 static void curl_timer_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
-  http_state *H = arg;
+  curl_driver *d = arg;
   int running;
-  curl_multi_socket_action(H->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-  check_multi_info(H);
+  curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  check_multi_info(d);
+  if (d->H->parked) http_flush(d->H);
 }
 
 static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
   (void)multi;
-  http_state *H = userp;
+  curl_driver *d = userp;
   if (timeout_ms < 0) {
-    evtimer_del(H->timer_ev);
+    evtimer_del(d->timer_ev);
     return 0;
   }
   struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-  evtimer_add(H->timer_ev, &tv);
+  evtimer_add(d->timer_ev, &tv);
   return 0;
 }
 
-static void http_flush(void *arg);
+static void driver_free(curl_driver *d) {
+  if (d->multi) curl_multi_cleanup(d->multi); /* closes its cached connections: H still counts them */
+  if (d->timer_ev) event_free(d->timer_ev);
+  d->multi = NULL;
+  d->timer_ev = NULL;
+}
+
+/* libcurl's default cache limit is 4 x the transfers attached right now;
+ * ours are detached as they finish and re-attached when their tasks run,
+ * so a burst of completions would shrink the cache and close connections
+ * that the next requests need. A fixed size keeps them. */
+static int driver_init(http_state *H, curl_driver *d, int mux) {
+  d->H = H;
+  d->multi = curl_multi_init();
+  d->timer_ev = evtimer_new(H->R->base, curl_timer_cb, d);
+  if (!d->multi || !d->timer_ev) return -1;
+  curl_multi_setopt(d->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+  curl_multi_setopt(d->multi, CURLMOPT_SOCKETDATA, d);
+  curl_multi_setopt(d->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+  curl_multi_setopt(d->multi, CURLMOPT_TIMERDATA, d);
+  curl_multi_setopt(d->multi, CURLMOPT_MAXCONNECTS, (long)ONE_SHOT_CONNECTIONS_ABOVE);
+  if (mux) {
+    /* h2: transfers to one origin share its connections, up to this many
+     * streams each, and at most this many connections: past them transfers
+     * wait in curl for a free stream rather than open a connection each.
+     * Transfers started together wait for the first connection's ALPN
+     * answer (CURLOPT_PIPEWAIT) to share it. */
+    curl_multi_setopt(d->multi, CURLMOPT_PIPELINING, CURLPIPE_MULTIPLEX);
+    curl_multi_setopt(d->multi, CURLMOPT_MAX_CONCURRENT_STREAMS, H2_STREAMS_PER_CONNECTION);
+    curl_multi_setopt(d->multi, CURLMOPT_MAX_HOST_CONNECTIONS, H2_CONNECTIONS_PER_ORIGIN);
+  } else {
+    curl_multi_setopt(d->multi, CURLMOPT_PIPELINING, CURLPIPE_NOTHING);
+  }
+  return 0;
+}
 
 static http_state *http_get(lua_State *L) {
   resil_t *R = resil_from_lua(L);
@@ -215,27 +398,20 @@ static http_state *http_get(lua_State *L) {
     return NULL;
   }
   H->R = R;
-  H->multi = curl_multi_init();
-  H->timer_ev = evtimer_new(R->base, curl_timer_cb, H);
-  if (!H->multi || !H->timer_ev) {
-    if (H->multi) curl_multi_cleanup(H->multi);
-    if (H->timer_ev) event_free(H->timer_ev);
+  if (driver_init(H, &H->drivers[DRIVER_PLAIN], 0) != 0 || driver_init(H, &H->drivers[DRIVER_MUX], 1) != 0) {
+    for (int i = 0; i < NDRIVERS; i++) driver_free(&H->drivers[i]);
     free(H);
     luaL_error(L, "cannot start the HTTP client");
     return NULL;
   }
-  curl_multi_setopt(H->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
-  curl_multi_setopt(H->multi, CURLMOPT_SOCKETDATA, H);
-  curl_multi_setopt(H->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
-  curl_multi_setopt(H->multi, CURLMOPT_TIMERDATA, H);
-  /* libcurl's default cache limit is 4 x the transfers attached right now;
-   * ours are detached as they finish and re-attached when their tasks run,
-   * so a burst of completions would shrink the cache and close connections
-   * that the next requests need. A fixed size keeps them. */
-  curl_multi_setopt(H->multi, CURLMOPT_MAXCONNECTS, (long)ONE_SHOT_CONNECTIONS_ABOVE);
+  /* TLS sessions shared by all handles: a new connection to a known server
+   * resumes (one round trip and no certificate check). Single-threaded: no
+   * locks. */
+  H->share = curl_share_init();
+  if (H->share) curl_share_setopt(H->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION);
   if (loop_on_turn_end(R, http_flush, H) != 0) {
-    curl_multi_cleanup(H->multi);
-    event_free(H->timer_ev);
+    for (int i = 0; i < NDRIVERS; i++) driver_free(&H->drivers[i]);
+    if (H->share) curl_share_cleanup(H->share);
     free(H);
     luaL_error(L, "cannot start the HTTP client: no room for its turn-end hook");
     return NULL;
@@ -252,11 +428,15 @@ static void req_destroy(http_req *r);
  * bench/throughput.lua over starting each at once). */
 static void http_flush(void *arg) {
   http_state *H = arg;
-  if (!H->added) return;
-  H->added = 0;
-  int running;
-  curl_multi_socket_action(H->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-  check_multi_info(H);
+  if (H->parked) admit_parked(H);
+  for (int i = 0; i < NDRIVERS; i++) {
+    curl_driver *d = &H->drivers[i];
+    if (!d->added) continue;
+    d->added = 0;
+    int running;
+    curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_multi_info(d);
+  }
 }
 
 void http_free(resil_t *R) {
@@ -282,8 +462,11 @@ void http_free(resil_t *R) {
   free(H->scratch.data);
   free(H->reply_head.data);
   free(H->reply_body.data);
-  curl_multi_cleanup(H->multi);
-  event_free(H->timer_ev);
+  for (int i = 0; i < NDRIVERS; i++) driver_free(&H->drivers[i]);
+  if (H->share) curl_share_cleanup(H->share);
+  for (int i = 0; i < H->norigins; i++) free(H->origins[i].name);
+  free(H->origins);
+  free(H->socket_origin);
   free(H);
   R->http = NULL;
 }
@@ -298,10 +481,13 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
     r->aborted = ABORT_TOO_LARGE;
     return 0; /* curl stops the transfer: nothing is buffered past the limit */
   }
-  if (r->stream && r->body.len >= STREAM_HIGH_WATER) {
+  /* The reader is behind: let TCP push back. Not on h2, where libcurl 7.88
+   * stops reading the whole connection for a paused stream and its
+   * neighbours stall: there the buffer may grow to max_body. */
+  if (r->stream && r->body.len >= STREAM_HIGH_WATER && r->http_version != CURL_HTTP_VERSION_2_0) {
     r->total_received -= len;
     r->paused = 1;
-    return CURL_WRITEFUNC_PAUSE; /* the reader is behind: let TCP push back */
+    return CURL_WRITEFUNC_PAUSE;
   }
   if (buffer_append(&r->body, data, len) != 0) return 0;
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
@@ -324,6 +510,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     if (code >= 200) {
       r->status = code;
       r->headers_done = 1;
+      note_http_version(r);
       if (r->stream && r->waiter) {
         task *t = r->waiter;
         r->waiter = NULL;
@@ -351,10 +538,50 @@ static void idle_cb(void *arg) {
 
 /* ---------- the request pool ---------- */
 
-/* What every transfer sets alike, once per easy handle. */
-static CURL *new_easy(http_req *r) {
-  CURL *e = curl_easy_init();
-  if (!e) return NULL;
+/* Connections counted per origin, for resil.http.stats(): every socket curl
+ * opens is an origin's until curl closes it (the close callback is the
+ * connection's, given H, so it runs whichever handle closes it). */
+static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct curl_sockaddr *a) {
+  (void)purpose;
+  http_req *r = clientp;
+  http_state *H = r->H;
+  curl_socket_t s = socket(a->family, a->socktype, a->protocol);
+  if (s == CURL_SOCKET_BAD || s < 0) return CURL_SOCKET_BAD;
+  char *url = NULL; /* a redirect's target, or the request's url */
+  curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &url);
+  int i = origin_index(H, url ? url : r->url);
+  if (i < 0) return s;
+  if (s >= H->socket_cap) {
+    int cap = H->socket_cap ? H->socket_cap : 256;
+    while (cap <= s) cap *= 2;
+    int *grown = realloc(H->socket_origin, (size_t)cap * sizeof *grown);
+    if (!grown) return s;
+    memset(grown + H->socket_cap, 0, (size_t)(cap - H->socket_cap) * sizeof *grown);
+    H->socket_origin = grown;
+    H->socket_cap = cap;
+  }
+  int mux = r->driver == &H->drivers[DRIVER_MUX];
+  H->socket_origin[s] = 2 * (i + 1) + mux;
+  H->origins[i].connections++;
+  H->origins[i].mux_connections += mux;
+  return s;
+}
+
+static int close_socket_cb(void *clientp, curl_socket_t s) {
+  http_state *H = clientp;
+  if (s >= 0 && s < H->socket_cap && H->socket_origin[s]) {
+    origin *o = &H->origins[H->socket_origin[s] / 2 - 1];
+    o->connections--;
+    o->mux_connections -= H->socket_origin[s] & 1;
+    H->socket_origin[s] = 0;
+  }
+  return close(s);
+}
+
+/* What every transfer sets alike: on a new easy handle, and again after a
+ * reset (a request with TLS options of its own). */
+static void easy_defaults(http_req *r) {
+  CURL *e = r->easy;
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
   curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
@@ -366,15 +593,35 @@ static CURL *new_easy(http_req *r) {
   curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
   curl_easy_setopt(e, CURLOPT_BUFFERSIZE, RECEIVE_BUFFER_SIZE);
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+  /* h2 transfers started together wait for the first connection's ALPN
+   * answer and share it, instead of each opening its own */
+  curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+  curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+  if (r->H->share) curl_easy_setopt(e, CURLOPT_SHARE, r->H->share);
+  curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
+  curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, r);
+  curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
+  curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, r->H);
+  curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, prereq_cb);
+  curl_easy_setopt(e, CURLOPT_PREREQDATA, r);
+  free(r->set.url);
+  free(r->set.ca_file);
   memset(&r->set, 0, sizeof r->set); /* libcurl's defaults */
   r->set.body_len = -1;
-  return e;
+  r->set.http_version = CURL_HTTP_VERSION_2TLS;
+}
+
+static CURL *new_easy(http_req *r) {
+  if (!(r->easy = curl_easy_init())) return NULL;
+  easy_defaults(r);
+  return r->easy;
 }
 
 static void req_destroy(http_req *r) {
   if (r->easy) curl_easy_cleanup(r->easy);
   sse_free(r->sse);
   free(r->set.url);
+  free(r->set.ca_file);
   timer_free(&r->deadline);
   timer_free(&r->idle);
   buffer_free(&r->body);
@@ -425,12 +672,6 @@ void req_release(http_req *r) {
     req_destroy(r);
     return;
   }
-  if (r->tls_options) { /* options a later request must not inherit */
-    curl_easy_cleanup(r->easy);
-    r->easy = NULL;
-    free(r->set.url);
-    r->set.url = NULL;
-  }
   if (r->body.cap > KEEP_BUFFER_MAX) buffer_free(&r->body);
   if (r->head.cap > KEEP_BUFFER_MAX) buffer_free(&r->head);
   r->next = H->free_reqs;
@@ -480,7 +721,10 @@ static const char *error_kind(CURLcode rc, const char *detail) {
   case CURLE_SEND_ERROR:
   case CURLE_RECV_ERROR:
   case CURLE_GOT_NOTHING:
-  case CURLE_PARTIAL_FILE: return "reset";
+  case CURLE_PARTIAL_FILE:
+  case CURLE_HTTP2:        /* the connection's h2 session failed (GOAWAY with an error, ...) */
+  case CURLE_HTTP2_STREAM: /* this stream reset by the server */
+    return "reset";
   case CURLE_FILESIZE_EXCEEDED: return "too_large";
   case CURLE_ABORTED_BY_CALLBACK: return "canceled";
   default: return "protocol";
@@ -490,6 +734,7 @@ static const char *error_kind(CURLcode rc, const char *detail) {
 static void outcome_of(const http_req *r, outcome *o) {
   o->url = r->url;
   o->status = r->status;
+  o->http_version = r->http_version;
   o->elapsed = r->done ? r->elapsed : resil_now(r->H->R) - r->started;
   o->timeout = r->timeout;
   o->idle_timeout = r->idle_timeout;
@@ -593,6 +838,15 @@ static void push_response(lua_State *L, const outcome *o, const buffer *head, co
   }
   lua_pushnumber(L, o->elapsed);
   lua_setfield(L, -2, "time");
+  const char *version = o->http_version == CURL_HTTP_VERSION_2_0   ? "2"
+                        : o->http_version == CURL_HTTP_VERSION_1_1 ? "1.1"
+                        : o->http_version == CURL_HTTP_VERSION_1_0 ? "1.0"
+                        : o->http_version == CURL_HTTP_VERSION_3   ? "3"
+                                                                   : NULL;
+  if (version) {
+    lua_pushstring(L, version);
+    lua_setfield(L, -2, "http_version");
+  }
 }
 
 /* For streams, whose request is read while it runs. */
@@ -709,6 +963,7 @@ typedef struct {
   const char *method, *ca_file;
   double timeout, idle_timeout, connect_timeout, max_body, max_event;
   int insecure, follow;
+  int http_version; /* 0 auto, 11 "1.1", 20 "2" */
   int extras; /* on_chunk or on_event: for the prelude's stream_request */
 } request_fields;
 
@@ -722,7 +977,7 @@ static void read_fields(lua_State *L, request_fields *f) {
   f->connect_timeout = DEFAULT_CONNECT_TIMEOUT;
   f->max_body = DEFAULT_MAX_BODY;
   f->max_event = DEFAULT_MAX_EVENT;
-  f->insecure = f->follow = f->extras = 0;
+  f->insecure = f->follow = f->extras = f->http_version = 0;
   lua_pushnil(L);
   while (lua_next(L, SLOT_TABLE)) {
     size_t n;
@@ -755,6 +1010,12 @@ static void read_fields(lua_State *L, request_fields *f) {
       f->ca_file = string_field(L, "ca_file");
     } else if (IS("insecure")) {
       f->insecure = lua_toboolean(L, -1);
+    } else if (IS("http_version")) {
+      const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+      if (strcmp(v, "auto") == 0) f->http_version = 0;
+      else if (strcmp(v, "1.1") == 0) f->http_version = 11;
+      else if (strcmp(v, "2") == 0) f->http_version = 20;
+      else resil_raise(L, "http request: 'http_version' must be \"1.1\", \"2\" or \"auto\"");
     } else if (IS("follow_redirects")) {
       f->follow = lua_toboolean(L, -1);
     } else if (IS("json")) {
@@ -776,9 +1037,7 @@ static void read_fields(lua_State *L, request_fields *f) {
 /* Turning TLS verification off is never silent: a warning through resil.log,
  * once per scheme://host:port. */
 static void warn_insecure(lua_State *L, const char *url) {
-  const char *host = strstr(url, "://");
-  host = host ? host + 3 : url;
-  size_t origin_len = (size_t)(host - url) + strcspn(host, "/?#");
+  size_t origin_len = origin_length(url);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, "resil.http.insecure_warned");
   lua_pushlstring(L, url, origin_len);
   if (lua_rawget(L, -2) == LUA_TNIL) {
@@ -826,6 +1085,45 @@ static void set_method(http_req *r, const char *method, size_t body_len) {
   }
 }
 
+/* Back to libcurl's defaults and ours (verified against the system's CAs). */
+static void easy_reset(http_req *r) {
+  curl_easy_reset(r->easy);
+  easy_defaults(r);
+}
+
+/* libcurl 7.88 counts the resends of a refused request (a stream past a
+ * GOAWAY's last id, a reused connection found dead) per easy handle, never
+ * per transfer, and gives up at 5 ("Connection died, tried 5 times"): a
+ * recycled handle would fail a request after a few GOAWAYs that it would
+ * have sent on a new connection (nginx's default keepalive_requests sends
+ * one every 1,000 requests). A reset clears the count: a handle that resent
+ * is reset before its next request (rare: a reset costs its options). */
+static void easy_retries_spent(http_req *r) {
+  if (r->set.retried > 0) easy_reset(r);
+}
+
+static int same_string(const char *a, const char *b) { return a == b || (a && b && strcmp(a, b) == 0); }
+
+/* TLS options are set only on the handle whose request asks for them; the
+ * next request with other options starts from a reset handle (so it never
+ * inherits a CA file or verification turned off). */
+static void set_tls(http_req *r, const char *ca_file, long insecure) {
+  easy_options *o = &r->set;
+  long custom = ca_file || insecure;
+  if (o->tls_custom == custom && o->insecure == insecure && same_string(o->ca_file, ca_file)) return;
+  if (o->tls_custom) easy_reset(r);
+  o->tls_custom = custom; /* a failed strdup below only costs a reset next time */
+  if (ca_file) {
+    o->ca_file = strdup(ca_file);
+    curl_easy_setopt(r->easy, CURLOPT_CAINFO, ca_file);
+  }
+  if (insecure) {
+    o->insecure = 1;
+    curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+}
+
 static const char json_encode_key = 'J';
 
 /* json = table: encoded into the body slot (a POST unless a method is given) */
@@ -865,8 +1163,11 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   if (f.insecure) warn_insecure(L, url);
   size_t body_len = 0;
   const char *body = lua_tolstring(L, SLOT_BODY, &body_len);
+  int origin = origin_index(H, url);
+  if (origin < 0) luaL_error(L, "not enough memory");
 
   http_req *r = req_take(L, H); /* nothing raises from here on */
+  r->origin = origin;
   hs->refs++;
   r->req_headers = hs;
   r->stream = stream;
@@ -877,6 +1178,8 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   r->max_body = (size_t)f.max_body;
   r->max_event = f.max_event >= (double)SIZE_MAX ? SIZE_MAX : (size_t)f.max_event;
 
+  easy_retries_spent(r); /* first, with set_tls: they may reset the handle */
+  set_tls(r, f.ca_file, f.insecure);
   CURL *e = r->easy;
   if (!r->set.url || strcmp(r->set.url, url) != 0) {
     char *copy = strdup(url);
@@ -890,21 +1193,27 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   SET_IF_CHANGED(r, connect_ms, CURLOPT_CONNECTTIMEOUT_MS, (long)(f.connect_timeout * 1000));
   SET_IF_CHANGED(r, max_body, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_body);
   SET_IF_CHANGED(r, follow, CURLOPT_FOLLOWLOCATION, (long)f.follow);
+  int https = strncasecmp(url, "https:", 6) == 0;
+  long version = f.http_version == 11 ? CURL_HTTP_VERSION_1_1
+                 : f.http_version == 0 ? CURL_HTTP_VERSION_2TLS /* h2 if TLS offers it */
+                 : https               ? CURL_HTTP_VERSION_2_0
+                                       : CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE; /* h2c */
+  SET_IF_CHANGED(r, http_version, CURLOPT_HTTP_VERSION, version);
   /* libcurl 7.88 walks every cached connection when a transfer that kept its
    * connection is removed (and when it looks for one to reuse), which is
    * quadratic with thousands in flight. Transfers beyond this many in flight
-   * use a one-shot connection, so the cache stays this size. */
-  long one_shot = H->R->io_pending >= ONE_SHOT_CONNECTIONS_ABOVE;
+   * use a one-shot connection, so the cache stays this size. Not those that
+   * may multiplex: h2 needs few connections, and a one-shot one would defeat
+   * it (an https origin counts as h2 until it answers in HTTP/1.1). */
+  int multiplexed = f.http_version == 20 ||
+                    (https && f.http_version == 0 && H->origins[origin].version != CURL_HTTP_VERSION_1_1 &&
+                     H->origins[origin].version != CURL_HTTP_VERSION_1_0);
+  r->driver = &H->drivers[multiplexed ? DRIVER_MUX : DRIVER_PLAIN];
+  long one_shot = !multiplexed && H->R->io_pending >= ONE_SHOT_CONNECTIONS_ABOVE;
   if (r->set.one_shot != one_shot) {
     r->set.one_shot = one_shot;
     curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, one_shot);
     curl_easy_setopt(e, CURLOPT_FORBID_REUSE, one_shot);
-  }
-  r->tls_options = f.ca_file || f.insecure;
-  if (f.ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, f.ca_file);
-  if (f.insecure) {
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
   }
   set_method(r, f.method, body_len);
   return r;
@@ -919,12 +1228,22 @@ http_req *request_prepare(lua_State *L, int stream) {
 
 void request_start(lua_State *L, http_req *r) {
   http_state *H = r->H;
-  if (curl_multi_add_handle(H->multi, r->easy) != CURLM_OK) {
-    req_release(r);
-    luaL_error(L, "cannot start the HTTP transfer");
+  if (r->driver == &H->drivers[DRIVER_MUX]) { /* into curl at the turn's end (admit_parked) */
+    origin *o = &H->origins[r->origin];
+    r->park_prev = o->parked_tail;
+    if (o->parked_tail) o->parked_tail->park_next = r;
+    else o->parked = r;
+    o->parked_tail = r;
+    r->parked = 1;
+    H->parked++;
+  } else {
+    if (curl_multi_add_handle(r->driver->multi, r->easy) != CURLM_OK) {
+      req_release(r);
+      luaL_error(L, "cannot start the HTTP transfer");
+    }
+    r->driver->added = 1;
   }
   r->active = 1;
-  H->added = 1;
   H->R->io_pending++;
   r->started = resil_now(H->R);
   if (r->timeout > 0) timer_start(&r->deadline, r->timeout);
@@ -990,9 +1309,10 @@ static int l_request(lua_State *L) {
   return lua_gettop(L);
 }
 
-/* resil.http.stats() -> {in_flight =, open =, pooled =}: transfers running,
- * requests not given back yet (running, finished but not yet read by their
- * task, open streams), recycled requests ready for reuse */
+/* resil.http.stats() -> {in_flight =, open =, pooled =, connections =}:
+ * transfers running, requests not given back yet (running, finished but not
+ * yet read by their task, open streams), recycled requests ready for reuse,
+ * and {[origin] = TCP connections open, busy or idle} */
 static int l_stats(lua_State *L) {
   http_state *H = resil_from_lua(L)->http;
   lua_Integer open = 0, in_flight = 0;
@@ -1000,13 +1320,21 @@ static int l_stats(lua_State *L) {
     open++;
     in_flight += r->active;
   }
-  lua_createtable(L, 0, 3);
+  lua_createtable(L, 0, 4);
   lua_pushinteger(L, in_flight);
   lua_setfield(L, -2, "in_flight");
   lua_pushinteger(L, open);
   lua_setfield(L, -2, "open");
   lua_pushinteger(L, H ? H->nfree : 0);
   lua_setfield(L, -2, "pooled");
+  lua_newtable(L);
+  for (int i = 0; H && i < H->norigins; i++) {
+    if (H->origins[i].connections <= 0) continue;
+    lua_pushlstring(L, H->origins[i].name, H->origins[i].len);
+    lua_pushinteger(L, H->origins[i].connections);
+    lua_rawset(L, -3);
+  }
+  lua_setfield(L, -2, "connections");
   return 1;
 }
 

@@ -33,7 +33,9 @@ typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_EVE
  * changed (options are most of the per-request work in libcurl). */
 typedef struct {
   char *url;
-  long connect_ms, follow, one_shot;
+  char *ca_file;             /* with insecure: TLS options a later request must not inherit */
+  long connect_ms, follow, one_shot, insecure, tls_custom, http_version;
+  long retried;              /* resends curl made on this handle (easy_retries_spent) */
   curl_off_t max_body;
   struct curl_slist *headers;
   const char *body;          /* with body_len and method: the request line and body */
@@ -43,12 +45,14 @@ typedef struct {
 } easy_options;
 
 typedef struct http_req http_req;
+typedef struct curl_driver curl_driver;
 
 struct http_req {
   /* kept across reuse */
   http_state *H;
   http_req *next, *prev;     /* the free list, or the live list */
   CURL *easy;
+  curl_driver *driver;       /* the multi handle it runs on, while active */
   easy_options set;
   resil_timer deadline, idle;
   buffer body, head;
@@ -63,7 +67,11 @@ struct http_req {
   size_t sse_used;           /* body bytes it has framed */
   size_t max_event;
   long status;
-  int active, done, stream, headers_done, paused, tls_options;
+  long http_version;         /* negotiated: CURL_HTTP_VERSION_1_1, _2_0, ... (0: none yet) */
+  int origin;                /* index in http_state's origins */
+  http_req *park_next, *park_prev; /* waiting for room on its origin's h2 connections */
+  int parked, sends;
+  int active, done, stream, headers_done, paused;
   CURLcode result;
   abort_reason aborted;
   double timeout, idle_timeout, started, elapsed;

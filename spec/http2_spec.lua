@@ -1,0 +1,275 @@
+-- HTTP/2 against a real nginx over TLS (h2 by ALPN) and plain text (h2c),
+-- started here on free ports with a certificate made on the fly, in front of
+-- a resil.server in this process (the slow and streamed replies).
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local classify = require "policies.classify"
+local http = resil.http
+
+local dir, tls_port, h2c_port, goaway_port, backend, origin, ca
+local sse_events = 10
+
+local function nginx(args)
+  return helpers.run(("nginx -c %s/nginx.conf -p %s %s"):format(dir, dir, args or ""))
+end
+
+-- distinct TCP connections nginx saw for `path` since the log was cleared
+local function server_connections(path)
+  local seen, n = {}, 0
+  for conn, uri in helpers.slurp(dir .. "/access.log"):gmatch("(%d+) %S+ (%S+)") do
+    if uri:sub(1, #path) == path and not seen[conn] then
+      seen[conn] = true
+      n = n + 1
+    end
+  end
+  return n
+end
+
+local function clear_log()
+  helpers.write(dir .. "/access.log", "")
+  nginx("-s reopen")
+end
+
+setup(function()
+  resil.clock.real()
+  dir = helpers.tmpname("-h2")
+  os.execute("mkdir -p " .. dir)
+  local r = helpers.run(("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 " ..
+    "-addext subjectAltName=IP:127.0.0.1 -keyout %s/key.pem -out %s/cert.pem"):format(dir, dir))
+  assert.are.equal(0, r.code, r.stderr)
+  ca = dir .. "/cert.pem"
+  backend = resil.server.listen({ handler = function(req)
+    if req.path == "/sse" then
+      local chunks = {}
+      for i = 1, sse_events do chunks[i] = ("data: %d\n\n"):format(i) end
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = chunks,
+        chunk_interval = 0.02 }
+    end
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"ok":true}',
+      delay = tonumber(req.query and req.query:match("delay=([%d.]+)")) }
+  end })
+  tls_port, h2c_port, goaway_port = helpers.free_port(), helpers.free_port(), helpers.free_port()
+  helpers.write(dir .. "/nginx.conf", ([[
+worker_processes 1;
+daemon on;
+pid DIR/nginx.pid;
+error_log DIR/error.log;
+events { worker_connections 4096; }
+http {
+  log_format conn '$connection $server_protocol $uri';
+  access_log DIR/access.log conn;
+  client_body_temp_path DIR; proxy_temp_path DIR; fastcgi_temp_path DIR; uwsgi_temp_path DIR; scgi_temp_path DIR;
+  keepalive_requests 100000;
+  server {
+    listen 127.0.0.1:TLS ssl http2;
+    listen 127.0.0.1:H2C http2;
+    ssl_certificate DIR/cert.pem;
+    ssl_certificate_key DIR/key.pem;
+    location = /fast { default_type application/json; return 200 '{"ok":true}'; }
+    location = /big.bin { root DIR; }
+    location / {
+      proxy_pass http://127.0.0.1:BACKEND;
+      proxy_buffering off;
+      proxy_http_version 1.1;
+    }
+  }
+  server {
+    listen 127.0.0.1:GOAWAY ssl http2;
+    keepalive_requests 100;
+    ssl_certificate DIR/cert.pem;
+    ssl_certificate_key DIR/key.pem;
+    location = /fast { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+]]):gsub("DIR", dir):gsub("TLS", tls_port):gsub("H2C", h2c_port):gsub("GOAWAY", goaway_port):gsub("BACKEND", backend:port()))
+  r = nginx()
+  assert.are.equal(0, r.code, r.stderr)
+  origin = ("https://127.0.0.1:%d"):format(tls_port)
+  assert(helpers.wait_until(function()
+    local res = http.request({ url = origin .. "/fast", ca_file = ca, timeout = 1 })
+    return res ~= nil
+  end), "nginx did not start")
+end)
+
+teardown(function()
+  if dir then
+    local pid = helpers.slurp(dir .. "/nginx.pid"):match("%d+")
+    if pid then
+      os.execute("kill " .. pid)
+      helpers.wait_until(function() return not helpers.alive(pid) end, 5)
+    end
+    os.execute("rm -rf " .. dir)
+  end
+  if backend then backend:close() end
+end)
+
+describe("HTTP/2 by default over TLS", function()
+  it("negotiates h2 by ALPN and says so in res.http_version", function()
+    local res, err = http.request({ url = origin .. "/fast", ca_file = ca })
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+    assert.are.equal("2", res.http_version)
+    assert.are.equal("application/json", res.headers["content-type"])
+  end)
+
+  it("speaks HTTP/1.1 when asked (http_version = '1.1')", function()
+    local res = assert(http.request({ url = origin .. "/fast", ca_file = ca, http_version = "1.1" }))
+    assert.are.equal("1.1", res.http_version)
+  end)
+
+  it("speaks h2c by prior knowledge to a plain-text upstream with http_version = '2'", function()
+    local res, err = http.request({ url = ("http://127.0.0.1:%d/fast"):format(h2c_port), http_version = "2" })
+    assert.is_nil(err)
+    assert.are.equal("2", res.http_version)
+    assert.are.equal(200, res.status)
+  end)
+
+  it("stays on HTTP/1.1 over plain text by default", function()
+    local res = assert(http.request({ url = ("http://127.0.0.1:%d/"):format(backend:port()) }))
+    assert.are.equal("1.1", res.http_version)
+  end)
+
+  it("raises on an unknown http_version", function()
+    assert.has_error(function() http.request({ url = origin, http_version = "3" }) end,
+      [[http request: 'http_version' must be "1.1", "2" or "auto"]])
+  end)
+end)
+
+describe("multiplexing", function()
+  it("carries 200 concurrent requests on fewer than 10 connections", function()
+    clear_log()
+    local ok, versions, peak = 0, {}, 0
+    local tasks = {}
+    for i = 1, 200 do
+      tasks[i] = resil.spawn(function()
+        local res, err = http.request({ url = origin .. "/slow?delay=0.2", ca_file = ca })
+        assert(res, err and err.message)
+        if res.status == 200 then ok = ok + 1 end
+        versions[res.http_version] = true
+      end)
+    end
+    local watcher = resil.spawn(function()
+      while ok < 200 do
+        peak = math.max(peak, http.stats().connections[origin] or 0)
+        resil.sleep(0.005)
+      end
+    end)
+    for i = 1, 200 do tasks[i]:join() end
+    watcher:join()
+    assert.are.equal(200, ok)
+    assert.are.same({ ["2"] = true }, versions)
+    assert.is_true(peak >= 1 and peak < 10, "peak connections " .. peak)
+    local seen = server_connections("/slow")
+    assert.is_true(seen >= 1 and seen < 10, "nginx saw " .. seen .. " connections")
+  end)
+
+  it("counts the connections open per origin in resil.http.stats()", function()
+    assert(http.request({ url = origin .. "/fast", ca_file = ca }))
+    local conns = http.stats().connections
+    assert.is_true(conns[origin] >= 1)
+  end)
+end)
+
+describe("streams over h2", function()
+  it("canceling one stream leaves its neighbours on the same connection running", function()
+    clear_log()
+    local streams = {}
+    for i = 1, 3 do
+      streams[i] = assert(http.stream({ url = origin .. "/sse", ca_file = ca, idle_timeout = 5 }))
+      assert.are.equal("2", streams[i].response.http_version)
+      assert.are.equal("1", streams[i]:read_event().data)
+    end
+    streams[2]:close()
+    local _, err = streams[2]:read_event()
+    assert.are.equal("canceled", err.kind)
+    for _, i in ipairs({ 1, 3 }) do
+      local n = 1
+      while true do
+        local ev, e = streams[i]:read_event()
+        assert.is_nil(e)
+        if not ev then break end
+        n = n + 1
+        assert.are.equal(tostring(n), ev.data)
+      end
+      assert.are.equal(sse_events, n)
+    end
+    assert.are.equal(1, server_connections("/sse"))
+    for i = 1, 3 do streams[i] = nil end
+    collectgarbage()
+  end)
+
+  it("a stream its reader leaves behind does not hold up its neighbours on the connection", function()
+    helpers.write(dir .. "/big.bin", ("x"):rep(8 * 1024 * 1024))
+    local big = assert(http.stream({ url = origin .. "/big.bin", ca_file = ca }))
+    resil.sleep(0.2) -- unread: more than a megabyte arrives meanwhile
+    local res, err = http.request({ url = origin .. "/fast", ca_file = ca, timeout = 3 })
+    assert.is_nil(err)
+    assert.are.equal(200, res.status)
+    local n = 0
+    for chunk in function() return big:read() end do n = n + #chunk end
+    assert.are.equal(8 * 1024 * 1024, n)
+  end)
+
+  it("a stream that goes idle times out alone, its neighbour goes on", function()
+    local busy = assert(http.stream({ url = origin .. "/sse", ca_file = ca, idle_timeout = 5 }))
+    assert.are.equal("1", busy:read_event().data)
+    local idle, err = http.stream({ url = origin .. "/slow?delay=2", ca_file = ca, idle_timeout = 0.2 })
+    assert.is_nil(idle)
+    assert.are.equal("timeout", err.kind)
+    local n = 1
+    while busy:read_event() do n = n + 1 end
+    assert.are.equal(sse_events, n)
+  end)
+end)
+
+describe("a server going away", function()
+  it("fails no request when it closes each connection after 100 requests (GOAWAY)", function()
+    local url = ("https://127.0.0.1:%d/fast"):format(goaway_port)
+    local n, c, next_i, failures = 3000, 50, 0, {}
+    local workers = {}
+    for w = 1, c do
+      workers[w] = resil.spawn(function()
+        while next_i < n do
+          next_i = next_i + 1
+          local res, err = http.request({ url = url, ca_file = ca })
+          if not res then failures[#failures + 1] = err.kind .. ": " .. err.message end
+        end
+      end)
+    end
+    for w = 1, c do workers[w]:join() end
+    assert.are.same({}, failures)
+  end)
+
+
+  it("on nginx -s reload (GOAWAY) fails no request with a kind that is not retryable, and loses none", function()
+    local n, outcomes, done = 300, { ok = 0, retryable = 0, other = {} }, 0
+    local next_i = 0
+    local workers = {}
+    local reloaded = false
+    for w = 1, 60 do
+      workers[w] = resil.spawn(function()
+        while next_i < n do
+          next_i = next_i + 1
+          local res, err = http.request({ url = origin .. "/slow?delay=0.02", ca_file = ca, timeout = 10 })
+          local verdict = classify.outcome(res, err)
+          if not verdict then outcomes.ok = outcomes.ok + 1
+          elseif verdict.retryable then outcomes.retryable = outcomes.retryable + 1
+          else outcomes.other[#outcomes.other + 1] = tostring(err or res.status) end
+          done = done + 1
+          if done == 100 and not reloaded then
+            reloaded = true
+            assert.are.equal(0, nginx("-s reload").code)
+          end
+        end
+      end)
+    end
+    for w = 1, #workers do workers[w]:join() end
+    assert.is_true(reloaded)
+    assert.are.same({}, outcomes.other)
+    assert.are.equal(n, outcomes.ok + outcomes.retryable)
+    -- and the next request finds a live connection
+    local res, err = http.request({ url = origin .. "/fast", ca_file = ca })
+    assert.is_nil(err)
+    assert.are.equal("2", res.http_version)
+  end)
+end)
