@@ -467,7 +467,7 @@ local function unknown(name)
 end
 
 -- a full model name after deprecations: model, routed | nil, err
-local function past_sunset(model, level, depth)
+local function past_sunset(model)
   local dep = deprecation(model)
   if not dep then return model end
   local days = dep.sunset and (day_of(dep.sunset) - now()) / 86400
@@ -490,7 +490,7 @@ local function past_sunset(model, level, depth)
 end
 
 -- expand(name) -> list of choices for a name (an alias or provider/model), in order
-local function expand(name, req, plan, level, depth)
+local function expand(name, req, plan, depth)
   if depth > MAX_DEPTH then error(("model '%s': aliases nest too deep"):format(name), 0) end
   local e = registry.entries[name]
   if type(e) == "table" and (e.use or e.deployments) then
@@ -502,37 +502,41 @@ local function expand(name, req, plan, level, depth)
     if e.deadline and plan.deadline == nil then plan.deadline = e.deadline end
     local list = {}
     local function add_all(more) for _, c in ipairs(more) do list[#list + 1] = c end end
-    if e.migrate and depth == 0 then
+    -- a migration met on the way to the first target (not in a fallback) picks the side
+    if e.migrate and not plan.migration and not plan.in_fallback then
       local side, st = side_for(name, e, req)
       plan.migration = { alias = name, side = side, from = e.use, to = e.migrate.to,
         rolled_back = st and st.rolled_back ~= nil or nil }
       if side == "new" then
-        add_all(expand(e.migrate.to, req, plan, level + 1, depth + 1))
+        add_all(expand(e.migrate.to, req, plan, depth + 1))
         plan.migration.primary = #list
       end
-      add_all(expand(e.use, req, plan, level + 1, depth + 1))
+      add_all(expand(e.use, req, plan, depth + 1))
     elseif e.deployments then
       local group = { deployments = {}, strategy = e.strategy or "weighted" }
       for i, d in ipairs(e.deployments) do
-        local model, routed = past_sunset(d.use, level + 1, depth)
-        if model == nil then return error(routed, level + 1) end
+        local model, routed = past_sunset(d.use)
+        if model == nil then error(routed, 0) end
         if routed then plan.routed = plan.routed or routed end
         group.deployments[i] = { model = model, weight = d.weight or 1, name = d.name or (name .. "#" .. i),
           config = d.config }
       end
       list[#list + 1] = group
     else
-      add_all(expand(e.use, req, plan, level + 1, depth + 1))
+      add_all(expand(e.use, req, plan, depth + 1))
     end
     for _, f in ipairs(e.fallbacks or {}) do
-      local ok, more = pcall(expand, f, req, plan, level + 1, depth + 1)
+      local was = plan.in_fallback
+      plan.in_fallback = true
+      local ok, more = pcall(expand, f, req, plan, depth + 1)
+      plan.in_fallback = was
       if ok then add_all(more) else resil.log.warn("model registry: a fallback cannot be used",
         { alias = name, fallback = f, error = tostring(more) }) end
     end
     return list
   end
   if not split(name) then unknown(name) end
-  local model, routed = past_sunset(name, level + 1, depth)
+  local model, routed = past_sunset(name)
   if model == nil then error(routed, 0) end
   if routed then
     plan.routed = plan.routed or routed
@@ -541,7 +545,7 @@ local function expand(name, req, plan, level, depth)
       routed_total:inc({ model = name, replacement = model })
       resil.log.warn("model past its sunset: calls go to its replacement", routed)
     end
-    if model ~= name then return expand(model, req, plan, level + 1, depth + 1) end
+    if model ~= name then return expand(model, req, plan, depth + 1) end
   end
   if not registry.is_pinned(model) and not (plan.pinned and plan.pinned[model]) then
     if not once["unpinned:" .. model] then
@@ -561,7 +565,7 @@ function registry.resolve(name, req, level)
   level = level or 2
   if type(name) ~= "string" then error("model must be a string: an alias or \"provider/model\"", level) end
   local plan = {}
-  local ok, choices = pcall(expand, name, req, plan, level, 0)
+  local ok, choices = pcall(expand, name, req, plan, 0)
   if not ok then
     if type(choices) == "table" and choices.kind then plan.err = choices return plan end
     error(choices, level)
