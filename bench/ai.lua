@@ -3,16 +3,18 @@
 --   resil-lua bench/ai.lua URL N MODE   MODE: plain | ai | ai_ledger
 -- prints "MODE calls seconds us_per_call errors"
 --   plain      resil.http.request with the body ai.chat would send, JSON decoded
---   ai         ai.chat (adapter, policies.call, parse, pricing) on a model without a price: no ledger row
---   ai_ledger  ai.chat on a priced model: each call's cost is a ledger row (SQLite, synchronous=FULL)
+--   ai         ai.chat (adapter, policies.call, parse, pricing) with its ledger row in an in-memory
+--              SQLite store: the policy's own cost, without a disk's fsync
+--   ai_ledger  ai.chat with each call's ledger row durable (SQLite file, synchronous=FULL)
 local resil = require "resil"
 local ai = require "policies.ai"
 local url, n, mode = arg[1], tonumber(arg[2]), arg[3]
+if mode == "ai" then resil.store_config({ url = ":memory:" }) end
 local KEY = "sk-bench-0123456789"
 resil.log.level("error")
 ai.configure("openai", { base_url = url .. "/v1", api_key = KEY })
 local msgs = { { role = "user", content = "Say hello" } }
-local req = { model = mode == "ai_ledger" and "openai/gpt-4o-mini" or "openai/bench-unpriced", messages = msgs,
+local req = { model = "openai/gpt-4o-mini", messages = msgs,
   max_tokens = 50 }
 local plain = { method = "POST", url = url .. "/v1/chat/completions",
   headers = { authorization = "Bearer " .. KEY, ["content-type"] = "application/json", accept = "application/json" },

@@ -52,7 +52,7 @@ local function served(r)
   local x = row(step_name(), r.provider)
   x.calls = x.calls + 1
   x.fallbacks = x.fallbacks + (r.fallbacks or 0)
-  x.remade = (x.remade or 0) + (r.attempts or 1) - 1 -- jobs canceled at their deadline (or failed), made again
+  x.remade = (x.remade or 0) + (r.job_ids and #r.job_ids - 1 or 0) -- jobs canceled at their deadline (or failed), made again
   x.micro_usd = (x.micro_usd or 0) + math.floor((r.cost_usd or 0) * 1e6 + 0.5) -- as the ledger counts
   if r.routed then x.note = ("%s -> %s (%s)"):format(r.routed.from, r.routed.to, r.reason or r.routed.reason) end
   return r

@@ -35,7 +35,7 @@ local json = resil.json
 local ai = {}
 
 ai.adapters = {}
-ai.config = {}      -- per provider, see ai.configure
+ai.config = resil.keep("policies.ai.config") -- per provider, see ai.configure; kept across a policy reload
 
 -- the options of policies.call a provider's config or a call may set
 local CALL_OPTIONS = { "timeout", "deadline", "retry", "breaker", "rate", "tokens", "concurrency", "idempotency" }
@@ -419,8 +419,16 @@ local function chat_strategy(t, req)
     local data = classify.decoded(res)
     local r = t.adapter.parse(data)
     if r.usage then r.usage.requests = 1 end
+    r.attempts = res.attempts
     return finish_result(t, r, data)
   end }
+end
+
+-- attempts made by the targets that failed before one served
+local function attempts_failed(errors)
+  local n = 0
+  for _, e in ipairs(errors or {}) do n = n + (type(e.error) == "table" and e.error.attempts or 1) end
+  return n
 end
 
 local function deadline_of(targets, req)
@@ -454,6 +462,7 @@ function ai.chat(req)
     local info
     r, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
     if r then r.fallbacks = info and info.index and info.index - 1 or 0 end
+    if r and info then r.attempts = (r.attempts or 1) + attempts_failed(info.errors) end
   end
   if r == nil then
     if ticket then ticket:settle(0) end
@@ -531,7 +540,7 @@ Stream.__index = Stream
 local function stream_result(self)
   local st = self.state or {}
   local r = { id = st.id, model = st.model or self.target.model, text = table.concat(self.parts),
-    finish_reason = st.finish_reason, usage = st.usage }
+    finish_reason = st.finish_reason, usage = st.usage, attempts = self.attempts }
   r.fallbacks = self.fallbacks
   return describe(finish_result(self.target, r, nil), self.targets)
 end
@@ -574,6 +583,7 @@ local function open(self)
   strategies[1] = watched(strategies[1], targets) -- a migration counts a stream that opened as a success
   local got, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
   self.fallbacks = got and info and info.index and info.index - 1 or 0
+  if got then self.attempts = (got.res.attempts or 1) + attempts_failed(info and info.errors) end
   if got == nil then
     if ticket then ticket:settle(0) end
     self.done, self.err = true, err
@@ -656,13 +666,22 @@ function Stream:result()
   return self.final
 end
 
+-- A stream closed before its end (its reader stopped, or its task was
+-- canceled) is recorded as what it streamed. A close while a task is being
+-- canceled cannot wait for the store: that record is a task of its own.
 function Stream:close()
   if self.s then self.s:close() end
   self.s = nil
-  if not self.done then
-    self.done = true
-    if self.ticket then self.ticket:settle(0) end
+  if self.done then return end
+  self.done = true
+  local record
+  if self.target then
+    record = function() interrupted(self, "closed by its reader before the end") end
+  elseif self.ticket then
+    record = function() self.ticket:settle(0) end
   end
+  if record and coroutine.isyieldable() then record()
+  elseif record then resil.spawn(record) end
 end
 Stream.__close = Stream.close
 

@@ -92,11 +92,14 @@ end
 
 -- Each attempt is a span (src/lua/trace.lua) with OpenTelemetry's GenAI
 -- attributes; its ids are on the log lines written while it runs.
+-- A function "request" sends no header: without an exporter it needs no span.
 local function start_span(self, req, n)
+  local exporting = resil.trace.exporting()
+  if type(req) ~= "table" and not exporting then return nil end
   local model = type(req) == "table" and type(req.json) == "table" and req.json.model or nil
-  local span = resil.trace.start(("chat %s"):format(model or self.name), {
+  local span = resil.trace.start(exporting and ("chat %s"):format(model or self.name) or "chat", exporting and {
     ["gen_ai.system"] = self.name, ["gen_ai.operation.name"] = "chat", ["gen_ai.request.model"] = model,
-    ["resil.attempt"] = n })
+    ["resil.attempt"] = n } or nil)
   local ctx = resil.context()
   span.saved = { ctx.trace_id, ctx.span_id }
   ctx.trace_id, ctx.span_id = span.trace_id, span.span_id
@@ -104,8 +107,10 @@ local function start_span(self, req, n)
 end
 
 local function finish_span(span, res, err)
+  if not span then return end
   local ctx = resil.context()
   ctx.trace_id, ctx.span_id = span.saved[1], span.saved[2]
+  if not resil.trace.exporting() then return span:finish(nil, err) end -- only the export reads attributes
   local attrs = {}
   if type(res) == "table" and res.status then
     attrs["http.response.status_code"] = res.status
@@ -119,6 +124,28 @@ local function finish_span(span, res, err)
     end
   end
   span:finish(attrs, err)
+end
+
+-- gen_ai.client.operation.duration's series for (model, error type), bound
+-- once per provider: label sets are not sorted and formatted on every attempt
+local function operation_series(self, model, error_type)
+  local by_model = self.operation_series
+  if not by_model then
+    by_model = {}
+    self.operation_series = by_model
+  end
+  local by_error = by_model[model]
+  if not by_error then
+    by_error = {}
+    by_model[model] = by_error
+  end
+  local series = by_error[error_type]
+  if not series then
+    series = operation_duration:labels({ gen_ai_system = self.name, gen_ai_request_model = model,
+                                         error_type = error_type })
+    by_error[error_type] = series
+  end
+  return series
 end
 
 -- One attempt through breaker, buckets and the concurrency limit.
@@ -176,8 +203,7 @@ local function attempt(n, self, req, deadline)
   series:inc()
   self.call_time:observe(elapsed)
   local model = type(req) == "table" and type(req.json) == "table" and req.json.model or nil
-  operation_duration:observe({ gen_ai_system = self.name, gen_ai_request_model = tostring(model or "unknown"),
-                               error_type = verdict and outcome or "none" }, elapsed)
+  operation_series(self, tostring(model or "unknown"), verdict and outcome or "none"):observe(elapsed)
   if self.token_bucket then
     local used = used_tokens(res) or (verdict and 0) or tokens
     if used > tokens then self.token_bucket:charge(used - tokens)
@@ -189,7 +215,7 @@ local function attempt(n, self, req, deadline)
   end
   if verdict then
     local e = classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })
-    e.trace_id, e.span_id = span.trace_id, span.span_id -- for the retry's log line
+    if span then e.trace_id, e.span_id = span.trace_id, span.span_id end -- for the retry's log line
     finish_span(span, res, e)
     return nil, e
   end

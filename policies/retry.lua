@@ -179,7 +179,11 @@ function retry.call(fn, opts, ...)
       res, err = fn(attempt, ...)
     end
     local verdict = classify_fn(res, err, opts)
-    if verdict == nil then return res end
+    if verdict == nil then
+      -- a response table says how many attempts it took (as res.time says how long)
+      if type(res) == "table" and rawget(res, "attempts") == nil then rawset(res, "attempts", attempt) end
+      return res
+    end
 
     retries_of = retries_of or {}
     local class = verdict.class

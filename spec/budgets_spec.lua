@@ -20,15 +20,8 @@ t:settle(1.5, { provider = "mock", model = "m" })
 if t2 then t2:release() end
 ]]
 
-local function backends()
-  local redis = helpers.redis_server()
-  return {
-    { name = "SQLite", url = function() return helpers.tmpname(".db") end },
-    { name = "Redis", url = function() return redis.url() end, stop = redis.stop },
-  }
-end
 
-for _, b in ipairs(backends()) do
+for _, b in ipairs(helpers.store_backends()) do
   describe("budgets on " .. b.name, function()
     teardown(function() if b.stop then b.stop() end end)
     local url, go, pid, out

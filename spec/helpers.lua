@@ -103,6 +103,26 @@ function helpers.alive(pid)
   return state ~= nil and state ~= "Z" and state ~= "X"
 end
 
+-- Why the official SDKs (spec/sdk, installed by `make deps`) cannot run
+-- here, or nil when they can.
+function helpers.sdk_skip_reason()
+  if helpers.run("command -v node").code ~= 0 then return "node is not installed" end
+  local f = io.open("spec/sdk/node_modules/openai/package.json")
+  if not f then return "the SDKs are not installed (make deps runs npm ci in spec/sdk)" end
+  f:close()
+  return nil
+end
+
+-- The store backends a spec runs on: a fresh SQLite file, and a database of
+-- a real redis-server started for the spec file ({name=, url(), stop()}).
+function helpers.store_backends()
+  local redis = helpers.redis_server()
+  return {
+    { name = "SQLite", url = function() return helpers.tmpname(".db") end },
+    { name = "Redis", url = function() return redis.url() end, stop = redis.stop },
+  }
+end
+
 -- A free loopback TCP port.
 function helpers.free_port()
   local resil = require "resil"

@@ -66,7 +66,7 @@ describe("README examples", function()
     local bin = helpers.tmpname("")
     local lib = os.getenv("RESIL_LIBDIR") or "build"
     local r = helpers.run(("cc -std=c11 -Isrc -o %s %s %s/libresil.a $(pkg-config --cflags --libs lua5.4 " ..
-      "lua5.4-cjson libcurl libevent sqlite3 hiredis) -lm %s"):format(bin, src, lib, os.getenv("SAN_FLAGS") or ""))
+      "lua5.4-cjson libcurl libevent sqlite3 hiredis libcrypto) -lm %s"):format(bin, src, lib, os.getenv("SAN_FLAGS") or ""))
     assert.are.equal(0, r.code, r.stderr)
     r = helpers.run(bin)
     os.remove(bin)

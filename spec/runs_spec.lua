@@ -31,15 +31,8 @@ for _ in pairs(failures or {}) do n = n + 1 end
 print("failed items", n)
 ]]
 
-local function backends()
-  local redis = helpers.redis_server()
-  return {
-    { name = "SQLite", url = function() return helpers.tmpname(".db") end },
-    { name = "Redis", url = function() return redis.url() end, stop = redis.stop },
-  }
-end
 
-for _, b in ipairs(backends()) do
+for _, b in ipairs(helpers.store_backends()) do
   describe("runs show on " .. b.name, function()
     teardown(function() if b.stop then b.stop() end end)
     local url, script

@@ -4,16 +4,9 @@
 local resil = require "resil"
 local helpers = require "spec.helpers"
 
-local function skip_reason()
-  if helpers.run("command -v node").code ~= 0 then return "node is not installed" end
-  local f = io.open("spec/sdk/node_modules/openai/package.json")
-  if not f then return "the SDKs are not installed (make deps runs npm ci in spec/sdk)" end
-  f:close()
-  return nil
-end
 
 describe("the official SDKs against the mock", function()
-  local why = skip_reason()
+  local why = helpers.sdk_skip_reason()
   if why then
     it("skipped: " .. why, function() print("# sdk_spec skipped: " .. why) end)
     return

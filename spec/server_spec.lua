@@ -224,3 +224,117 @@ describe("server replies", function()
       "HTTP/1.1 529 Overloaded", "HTTP/1.1 599 Server Error" }, lines)
   end)
 end)
+
+describe("server handlers as tasks (tasks = true)", function()
+  local function listen(handler, opts)
+    resil.clock.real()
+    local o = { port = 0, tasks = true, handler = handler }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    local s = assert(resil.server.listen(o))
+    return s, ("http://127.0.0.1:%d"):format(s:port())
+  end
+
+  it("a handler may wait (sleep, an upstream request) before it answers", function()
+    local up <close> = assert(resil.server.listen({ port = 0, handler = function(req)
+      return { status = 200, body = "upstream saw " .. req.path }
+    end }))
+    local s <close>, url = listen(function(req)
+      resil.sleep(0.01)
+      local r = assert(http.request({ url = ("http://127.0.0.1:%d%s"):format(up:port(), req.path) }))
+      return { status = 201, headers = { ["x-via"] = "task" }, body = r.body }
+    end)
+    local res = assert(http.request({ url = url .. "/a" }))
+    assert.are.equal(201, res.status)
+    assert.are.equal("task", res.headers["x-via"])
+    assert.are.equal("upstream saw /a", res.body)
+  end)
+
+  it("serves many waiting requests at once", function()
+    local s <close>, url = listen(function(req)
+      resil.sleep(0.05)
+      return { status = 200, body = req.path }
+    end)
+    local got = resil.map({ 1, 2, 3, 4, 5, 6, 7, 8 }, function(i)
+      return assert(http.request({ url = url .. "/" .. i })).body
+    end, { concurrency = 8 })
+    assert.are.same({ "/1", "/2", "/3", "/4", "/5", "/6", "/7", "/8" }, got)
+  end)
+
+  it("streams a reply chunk by chunk: the client reads each chunk before the handler writes the next", function()
+    local s <close>, url = listen(function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, stream = function(write)
+        for i = 1, 3 do
+          assert(write("data: " .. i .. "\n\n"))
+          resil.sleep(0.02)
+        end
+      end }
+    end)
+    local st = assert(http.stream({ url = url .. "/s" }))
+    assert.are.equal(200, st.status)
+    assert.are.equal("text/event-stream", st.headers["content-type"])
+    local events = {}
+    while true do
+      local ev = st:read_event()
+      if not ev then break end
+      events[#events + 1] = ev.data
+    end
+    assert.are.same({ "1", "2", "3" }, events)
+  end)
+
+  it("a handler that raises answers 500; one that raises mid-stream cuts the reply, never ends it", function()
+    resil.log.level("off")
+    local s <close>, url = listen(function(req)
+      if req.path == "/raise" then error("broken handler") end
+      return { status = 200, stream = function(write)
+        write("partial")
+        error("broken stream")
+      end }
+    end)
+    local res = assert(http.request({ url = url .. "/raise" }))
+    assert.are.equal(500, res.status)
+    local st = assert(http.stream({ url = url .. "/cut" }))
+    assert.are.equal(200, st.status)
+    assert.are.equal("partial", st:read())
+    local chunk, err = st:read()
+    assert.is_nil(chunk)
+    assert.is_table(err) -- a cut body, not a normal end
+    resil.log.level("info")
+  end)
+
+  it("a client that leaves cancels the task: its upstream transfer is aborted and its permit given back", function()
+    local up <close> = assert(resil.server.listen({ port = 0, handler = function()
+      return { action = "hang" }
+    end }))
+    local sem = resil.semaphore("server-spec-leave", { size = 1 })
+    local closed = false
+    local s <close>, url = listen(function()
+      local _ <close> = setmetatable({}, { __close = function() closed = true end })
+      assert(sem:acquire())
+      local _ <close> = setmetatable({}, { __close = function() sem:release() end }) -- as policies.call does
+      local r = http.request({ url = ("http://127.0.0.1:%d/"):format(up:port()), timeout = 30 })
+      return { status = 200, body = tostring(r) }
+    end)
+    local res, err = http.request({ url = url .. "/", timeout = 0.3 })
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+    assert.is_true(helpers.wait_until(function() return closed end, 5), "the handler's task was not canceled")
+    assert.is_true(helpers.wait_until(function() return up:pending() == 0 end, 5), "the upstream still waits")
+    assert.are.equal(0, s:pending())
+    assert.is_true(sem:try()) -- the permit came back
+  end)
+
+  it("a curl client that hangs up mid-stream cancels the task", function()
+    local pid, port, out = start_server([[function(req)
+      return { status = 200, stream = function(write)
+        local _ <close> = setmetatable({}, { __close = function() print("canceled"); io.stdout:flush() end })
+        for i = 1, 1000 do write("data: " .. i .. "\n\n"); resil.sleep(0.01) end
+        print("finished"); io.stdout:flush()
+      end }
+    end]], nil, "tasks = true")
+    helpers.run(("curl -sN --max-time 0.2 http://127.0.0.1:%s/ >/dev/null"):format(port))
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("canceled") ~= nil end, 5),
+      helpers.slurp(out))
+    assert.is_true(stop(pid))
+    assert.is_nil(helpers.slurp(out):match("finished"))
+  end)
+end)

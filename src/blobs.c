@@ -22,7 +22,8 @@
   X(budgets, "src/lua/budgets.lua")           /* resil.budget */                     \
   X(limits, "src/lua/limits.lua")             /* resil.bucket, resil.breaker */      \
   X(trace, "src/lua/trace.lua")               /* W3C trace context, OTLP export */   \
-  X(commands, "src/lua/commands.lua")         /* resil-lua runs | costs */           \
+  X(commands, "src/lua/commands.lua")         /* resil-lua runs | costs | budgets */ \
+  X(keys, "src/lua/keys.lua")                 /* the gateway's keys; resil-lua keys */ \
   X(check, "src/lua/check.lua")               /* resil-lua check */
 
 #define EMBED_LUA(name, file)                                                                                   \

@@ -222,7 +222,8 @@ static int start_call(resil_t *R, const char *fn, const char *json_args, embed_c
   lua_remove(L, helpers);
   lua_pushvalue(L, -2); /* f, to name the task after it rather than the wrapper */
   lua_insert(L, -5);
-  task *t = task_spawn(R, 3);
+  task *t = task_spawn(L, 3);
+  lua_pop(L, 1); /* the task's handle: the call holds the task through task_on_done */
   task_describe(t, L, -1);
   c->R = R;
   task_on_done(t, call_done, c);

@@ -123,7 +123,10 @@ void task_wake(task *t);
 int task_id(const task *t);
 int task_context_ref(const task *t);
 task *task_spawn_main(resil_t *R, int nargs); /* function + args on R->L */
-task *task_spawn(resil_t *R, int nargs);      /* the same, not the main task */
+/* L stack: fn, args... (nargs) -> task userdata; a task of its own, not main */
+task *task_spawn(lua_State *L, int nargs);
+/* Cancel from C, as t:cancel(): 1 canceled, 0 already ended, -1 it is the running task */
+int task_stop(task *t);
 /* fn(arg, t) once when t ends, from the loop (before it may be collected);
  * there, task_push_results gives true, results... | false, err and
  * task_traceback the failure's message with its traceback (NULL if none). */
@@ -198,6 +201,7 @@ int luaopen_resil_json(lua_State *L);
 int luaopen_resil_log(lua_State *L);
 void host_log(lua_State *L, const char *level, const char *msg); /* pops a fields table */
 int luaopen_resil_server(lua_State *L);
+int luaopen_resil_crypto(lua_State *L);
 int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);

@@ -483,12 +483,6 @@ static task *task_create(lua_State *L, resil_t *R, int nargs, task *parent) {
   return t;
 }
 
-task *task_spawn(resil_t *R, int nargs) {
-  task *t = task_create(R->L, R, nargs, NULL);
-  lua_pop(R->L, 1);
-  return t;
-}
-
 task *task_spawn_main(resil_t *R, int nargs) {
   task *t = task_create(R->L, R, nargs, NULL);
   /* pinned until the next main task: resil_run, resil_step and resil_call
@@ -497,6 +491,10 @@ task *task_spawn_main(resil_t *R, int nargs) {
   R->main_ref = luaL_ref(R->L, LUA_REGISTRYINDEX);
   R->main_task = t;
   return t;
+}
+
+task *task_spawn(lua_State *L, int nargs) {
+  return task_create(L, resil_from_lua(L), nargs, task_of(L));
 }
 
 static int l_spawn(lua_State *L) {
@@ -598,11 +596,16 @@ static int task_join(lua_State *L) {
  * a timer) is aborted at once and its to-be-closed variables are closed. */
 static int task_cancel(lua_State *L) {
   task *t = check_task(L, 1);
-  if (t->state == TASK_DONE || t->canceling) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  if (t->state == TASK_RUNNING) return luaL_error(L, "a task cannot cancel itself; return or error() instead");
+  if (t->state == TASK_RUNNING && !t->canceling)
+    return luaL_error(L, "a task cannot cancel itself; return or error() instead");
+  lua_pushboolean(L, task_stop(t) == 1);
+  return 1;
+}
+
+/* 1: canceled; 0: it had ended (or is being canceled); -1: it is running */
+int task_stop(task *t) {
+  if (t->state == TASK_DONE || t->canceling) return 0;
+  if (t->state == TASK_RUNNING) return -1;
   task_end_wait(t);
   if (t->state == TASK_READY) ready_remove(t->R, t);
   t->canceling = 1; /* a <close> handler may cancel it again: resetting a thread twice corrupts it */
@@ -612,7 +615,6 @@ static int task_cancel(lua_State *L) {
   t->failed = t->canceled = 1;
   t->nres = 1;
   task_done(t);
-  lua_pushboolean(L, 1);
   return 1;
 }
 

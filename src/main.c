@@ -11,7 +11,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -37,6 +40,8 @@ static void usage(FILE *out) {
           "       " PROGNAME " runs [show ID] [--store URL]     runs and their checkpointed steps\n"
           "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--run ID] [--json|--csv]\n"
           "       " PROGNAME " budgets [--json] | show NAME | release NAME [--stale] | set NAME --limit USD [--per day]\n"
+          "       " PROGNAME " gateway [--listen HOST:PORT] [--config FILE] [--workers N] [options]\n"
+          "       " PROGNAME " keys add --name NAME [--budget USD/day] [--rpm N] [--tpm N] [--models a,b] | list | revoke NAME\n"
           "       " PROGNAME " check [files...]                 policy files and the model registry, without running\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
@@ -257,8 +262,8 @@ static int run_mock(int argc, char **argv) {
   return code;
 }
 
-/* resil-lua runs|costs|budgets [--store URL] args...: the store's subcommands */
-static int run_command(const char *name, int argc, char **argv) {
+/* resil-lua runs|costs|budgets|keys [--store URL] args...: the store's subcommands */
+static int run_command(const char *name, const char *chunk, int argc, char **argv) {
   resil_options opts = {0};
   opts.log_level = "warn";
   opts.sandbox = RESIL_SANDBOX_OFF;
@@ -285,8 +290,7 @@ static int run_command(const char *name, int argc, char **argv) {
   }
   lua_setglobal(L, "arg");
   signal_target = R;
-  int status = resil_load_string(R, "require(arg[0] == 'check' and 'resil.check' or 'resil.commands')(arg)",
-                                 "=[resil commands]");
+  int status = resil_load_string(R, chunk, "=[resil commands]");
   if (status == RESIL_OK) status = resil_run(R);
   int code = report(R, status);
   signal_target = NULL;
@@ -332,9 +336,17 @@ int main(int argc, char **argv) {
   const char *metrics_addr = NULL, *metrics_file = NULL, *otlp_endpoint = NULL;
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
-  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "budgets") == 0 ||
-                   strcmp(argv[1], "check") == 0))
-    return run_command(argv[1], argc - 2, argv + 2);
+  if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "budgets") == 0))
+    return run_command(argv[1], "require('resil.commands')(arg)", argc - 2, argv + 2);
+  if (argc > 1 && strcmp(argv[1], "keys") == 0)
+    return run_command("keys", "require('resil.keys').main(arg)", argc - 2, argv + 2);
+  if (argc > 1 && strcmp(argv[1], "check") == 0)
+    return run_command("check", "require('resil.check')(arg)", argc - 2, argv + 2);
+  /* the gateway: the usual options, plus its own, and policies.gateway for a script */
+  int gateway = argc > 1 && strcmp(argv[1], "gateway") == 0;
+  const char *gw_listen = "127.0.0.1:8080", *gw_config = NULL;
+  long gw_workers = 1;
+  if (gateway) i = 2;
 
   for (; i < argc; i++) {
     const char *a = argv[i];
@@ -351,6 +363,15 @@ int main(int argc, char **argv) {
     if (strcmp(a, "-v") == 0 || strcmp(a, "--version") == 0) {
       printf(PROGNAME " " RESIL_VERSION " (" LUA_RELEASE ")\n");
       return 0;
+    }
+    if (gateway && (strcmp(a, "--listen") == 0 || strcmp(a, "--config") == 0 || strcmp(a, "--workers") == 0)) {
+      if (!next) return fail("gateway: option '%s' needs an argument", a);
+      i++;
+      if (a[2] == 'l') gw_listen = next;
+      else if (a[2] == 'c') gw_config = next;
+      else if (parse_count(next, &gw_workers) != 0 || gw_workers > 256)
+        return fail("gateway: --workers: bad count '%s' (1 to 256)", next);
+      continue;
     }
     if (strcmp(a, "--virtual-clock") == 0) {
       opts.virtual_clock = 1;
@@ -415,13 +436,32 @@ int main(int argc, char **argv) {
     usage(stderr);
     return 1;
   }
+  if (gateway && i < argc) return fail("gateway: unexpected argument '%s'", argv[i]);
   const char *script = i < argc ? argv[i++] : NULL;
-  if (!script && ncodes == 0) {
+  if (!script && ncodes == 0 && !gateway) {
     usage(stderr);
     return 1;
   }
 
   raise_fd_limit();
+  /* gateway --workers N: N processes on one SO_REUSEPORT socket, each with
+   * its own loop, sharing keys, limits and budgets through the store. The
+   * first is the parent; the others end with it. */
+  pid_t workers[256];
+  int nworkers = 0;
+  if (gateway && gw_workers > 1) {
+    fflush(NULL);
+    for (long w = 1; w < gw_workers; w++) {
+      pid_t pid = fork();
+      if (pid < 0) return fail("gateway: fork: %s", strerror(errno));
+      if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        nworkers = 0;
+        break;
+      }
+      workers[nworkers++] = pid;
+    }
+  }
   resil_t *R = resil_open(&opts);
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
   if (open_failed(R)) return 1;
@@ -441,6 +481,20 @@ int main(int argc, char **argv) {
     status = resil_load_string(R, codes[k], "=(command line)");
     if (status == RESIL_OK) status = resil_run(R);
   }
+  if (status == RESIL_OK && gateway) {
+    lua_State *L = resil_lua(R);
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, gw_listen);
+    lua_setfield(L, -2, "listen");
+    if (gw_config) lua_pushstring(L, gw_config);
+    else lua_pushnil(L);
+    lua_setfield(L, -2, "config");
+    lua_pushinteger(L, gw_workers);
+    lua_setfield(L, -2, "workers");
+    lua_setglobal(L, "gateway_options");
+    status = resil_load_string(R, "require('policies.gateway').main(gateway_options)", "=[gateway]");
+    if (status == RESIL_OK) status = resil_run(R);
+  }
   if (status == RESIL_OK && script) {
     status = resil_load_file(R, script, argc - i, argv + i);
     if (status == RESIL_OK) status = resil_run(R);
@@ -452,5 +506,7 @@ int main(int argc, char **argv) {
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
   signal_target = NULL;
   resil_close(R);
+  for (int w = 0; w < nworkers; w++) kill(workers[w], SIGTERM);
+  for (int w = 0; w < nworkers; w++) waitpid(workers[w], NULL, 0);
   return code;
 }

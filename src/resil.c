@@ -191,6 +191,7 @@ static const struct {
   {"json", luaopen_resil_json},
   {"log", luaopen_resil_log},
   {"server", luaopen_resil_server},
+  {"crypto", luaopen_resil_crypto},
   {NULL, luaopen_resil_semaphore},
   {NULL, luaopen_resil_reload},
   {NULL, luaopen_resil_redact},

@@ -4,14 +4,20 @@
  *
  *   local s = resil.server.listen{ host = "127.0.0.1", port = 0,
  *                                  handler = function(req) return resp end,
- *                                  max_headers = 64 KiB, max_body = 16 MiB, read_timeout = 30 }
+ *                                  max_headers = 64 KiB, max_body = 16 MiB, read_timeout = 30,
+ *                                  tasks = false, reuseport = false }
  *   -- req  = { method, path, query, headers (lower-cased), body, peer }
  *   -- resp = { status, headers, body, delay = s, action = "hang"|"reset"|"truncate"|"raw",
  *   --          chunks = {...}, chunk_interval = s, stall_after = n }
  *
  * The handler runs on the host's main state through host_pcall (protected,
  * under the instruction and memory caps and the interrupt hook) and must
- * not wait. Delays and chunk intervals use host timers (so they follow the
+ * not wait. With tasks = true each request is a task of its own instead: the
+ * handler may wait (HTTP, buckets, the store), a reply may be streamed
+ * ({status, headers, stream = function(write) ... end}: each write is one
+ * chunk on the wire, and waits while the client is slow to read), and a
+ * client that hangs up cancels the task, which aborts what it waits on and
+ * gives back what it holds. Delays and chunk intervals use host timers (so they follow the
  * virtual clock); nothing blocks: any number of delayed replies can be
  * pending. Limits: a request whose headers pass max_headers gets libevent's
  * 400, a body past max_body a 413, and one not read within read_timeout of
@@ -58,7 +64,19 @@ typedef struct pending {
   char **chunks;
   int nchunks, next_chunk, stall_after, started;
   double chunk_interval, delay;
+  /* tasks = true: the task running the handler, until it has answered */
+  task *task;
+  int task_ref;
+  struct reply_handle *handle;
+  task *drain_waiter; /* a write waiting for the client to read */
+  conn *c;            /* its connection's tracking, which outlives it */
 } pending;
+
+/* What a handler task holds: the reply it writes to, cleared when the
+ * reply is gone (the client left, the server stopped). */
+typedef struct reply_handle {
+  pending *p;
+} reply_handle;
 
 /* One per accepted connection, to time the reading of each request: from
  * its first byte until evhttp hands it over. libevent 2.1's own timeout is
@@ -70,6 +88,7 @@ struct conn {
   struct evbuffer_cb_entry *first_byte; /* enabled while waiting for a request */
   struct event *ev;                /* set-up, then the read deadline */
   evutil_socket_t fd;
+  pending *streaming; /* the reply being streamed on it, told when its writes drain */
   conn *prev, *next;
 };
 
@@ -78,6 +97,7 @@ struct server {
   struct evhttp *http;
   int port;
   int handler_ref;
+  int tasks; /* run the handler as a task */
   pending *pendings;
   conn *conns;
   conn **by_fd; /* request -> its connection */
@@ -98,7 +118,24 @@ static void pending_clear_reply(pending *p) {
   p->action = REPLY_NORMAL;
 }
 
+/* The handler's task no longer owns the reply: it answered, or the reply
+ * is gone. A reply freed while its task still waits means the client left
+ * (or the server stopped): the task is canceled, which aborts its transfers
+ * and gives back what it holds. */
+static void pending_detach(pending *p, int cancel) {
+  task *t = p->task;
+  int ref = p->task_ref;
+  if (p->handle) p->handle->p = NULL;
+  p->handle = NULL;
+  p->task = p->drain_waiter = NULL;
+  p->task_ref = LUA_NOREF;
+  if (t && cancel) task_stop(t); /* -1 (it is the running one): it sees its handle cleared */
+  if (ref != LUA_NOREF) luaL_unref(p->srv->R->L, LUA_REGISTRYINDEX, ref);
+}
+
 static void pending_free(pending *p) {
+  pending_detach(p, 1);
+  if (p->c && p->c->streaming == p) p->c->streaming = NULL;
   timer_free(&p->timer);
   if (p->client_watch) event_free(p->client_watch);
   pending_clear_reply(p);
@@ -118,6 +155,9 @@ static void drop_pendings(server *srv, struct evhttp_connection *evcon) {
     pending *p = *pp;
     if (p->conn == evcon) {
       *pp = p->next;
+      /* a client that failed a write mid-reply: libevent detached the
+       * request from the connection and leaves it to us to free */
+      if (!evhttp_request_get_connection(p->req)) evhttp_request_free(p->req);
       pending_free(p);
     } else {
       pp = &p->next;
@@ -560,6 +600,171 @@ static int handle_request(lua_State *L) {
   return 0;
 }
 
+/* ---------- tasks = true: the handler runs as a task ---------- */
+
+#define REPLY_HANDLE_MT "resil.ServerReply"
+#define WRITE_HIGH_WATER (256 * 1024) /* a write waits while the client has this much unread */
+
+static void answer_500(pending *p) {
+  pending_clear_reply(p);
+  p->status = 500;
+  p->body = dup_bytes("{\"error\":{\"message\":\"handler error\"}}", 37);
+  p->body_len = p->body ? 37 : 0;
+  evhttp_add_header(&p->headers, "Content-Type", "application/json");
+}
+
+/* L stack: error -> nothing; logs it with the request it came from */
+static void log_handler_error(lua_State *L, pending *p, const char *msg) {
+  lua_createtable(L, 0, 2);
+  lua_insert(L, -2);
+  lua_setfield(L, -2, "error");
+  lua_pushfstring(L, "%s %s", method_name(p->req), evhttp_request_get_uri(p->req));
+  lua_setfield(L, -2, "request");
+  host_log(L, "error", msg);
+}
+
+/* The output of a connection drained; arg is its conn, which lives as long
+ * as the connection (libevent keeps this callback until the next write) */
+static void chunk_drained(struct evhttp_connection *evcon, void *arg) {
+  (void)evcon;
+  pending *p = ((conn *)arg)->streaming;
+  if (p && p->drain_waiter) task_wake(p->drain_waiter);
+}
+
+static void drain_cancel(void *arg) { ((pending *)arg)->drain_waiter = NULL; }
+
+static int write_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  reply_handle *h = lua_touserdata(L, lua_upvalueindex(1));
+  if (h->p) h->p->drain_waiter = NULL;
+  if (!h->p) return resil_error_result(L, "closed", "the client has gone");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* write(chunk) -> true | nil, err{kind="closed"}: one chunk of a streamed
+ * reply, sent now; waits while the client is slow to read it. */
+static int reply_write(lua_State *L) {
+  reply_handle *h = lua_touserdata(L, lua_upvalueindex(1));
+  size_t len;
+  const char *chunk = luaL_checklstring(L, 1, &len);
+  pending *p = h->p;
+  if (!p) return resil_error_result(L, "closed", "the client has gone");
+  if (len == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  struct evbuffer *buf = evbuffer_new();
+  if (!buf || evbuffer_add(buf, chunk, len) != 0) {
+    if (buf) evbuffer_free(buf);
+    return luaL_error(L, "not enough memory");
+  }
+  evhttp_send_reply_chunk_with_cb(p->req, buf, chunk_drained, p->c);
+  evbuffer_free(buf);
+  struct bufferevent *bev = evhttp_connection_get_bufferevent(p->conn);
+  task *me = task_running(L);
+  if (bev && me && lua_isyieldable(L) && evbuffer_get_length(bufferevent_get_output(bev)) > WRITE_HIGH_WATER) {
+    static const task_wait_ops drain_wait = {drain_cancel, NULL};
+    p->drain_waiter = me;
+    task_wait(me, &drain_wait, p);
+    return lua_yieldk(L, 0, 0, write_k);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void output_drained_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg) {
+  if (info->n_deleted == 0 || evbuffer_get_length(buf) > 0) return;
+  evbuffer_remove_cb(buf, output_drained_cb, arg); /* libevent's loop over callbacks allows this */
+  event_base_once(bufferevent_get_base(evhttp_connection_get_bufferevent(arg)), -1, EV_TIMEOUT, close_later_cb, arg,
+                  NULL);
+}
+
+/* Close p's connection once what was written reached the client (a cut
+ * reply: its status and deltas arrive, its end never does). */
+static void close_when_sent(pending *p) {
+  struct bufferevent *bev = evhttp_connection_get_bufferevent(p->conn);
+  struct evbuffer *out = bev ? bufferevent_get_output(bev) : NULL;
+  if (out && evbuffer_get_length(out) > 0 && evbuffer_add_cb(out, output_drained_cb, p->conn)) return;
+  event_base_once(p->srv->R->base, -1, EV_TIMEOUT, close_later_cb, p->conn, NULL);
+}
+
+enum { STAGE_HANDLER, STAGE_STREAM };
+
+/* Send what the handler's reply table says, or start a streamed reply and
+ * call its stream(write). L stack: handle, handler, req, traceback, result */
+static int serve_k(lua_State *L, int status, lua_KContext stage) {
+  reply_handle *h = luaL_checkudata(L, 1, REPLY_HANDLE_MT);
+  pending *p = h->p;
+  if (status == LUA_YIELD) status = LUA_OK; /* pcallk's success after a yield */
+  if (!p) return 0; /* the client left meanwhile */
+  if (stage == STAGE_STREAM) {
+    pending_unlink(p);
+    pending_detach(p, 0);
+    if (status != LUA_OK) {
+      /* the status line is gone already: end the connection without the
+       * last chunk, so the client sees a cut reply, never a complete one */
+      log_handler_error(L, p, "server stream failed; connection closed");
+      close_when_sent(p);
+    } else {
+      evhttp_send_reply_end(p->req);
+    }
+    pending_free(p);
+    return 0;
+  }
+  if (status == LUA_OK && !lua_istable(L, -1)) {
+    lua_pushfstring(L, "the handler returned %s, not a response table", luaL_typename(L, -1));
+    status = LUA_ERRRUN;
+  }
+  if (status != LUA_OK) {
+    answer_500(p);
+    log_handler_error(L, p, "server handler failed; answered 500");
+  } else if (lua_getfield(L, -1, "stream") == LUA_TFUNCTION) {
+    /* L stack: ..., result, stream */
+    read_reply(L, lua_gettop(L) - 1, p);
+    copy_headers(p->req, &p->headers);
+    evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
+    p->started = 1;
+    p->c->streaming = p;
+    lua_pushvalue(L, 1);
+    lua_pushcclosure(L, reply_write, 1);
+    return serve_k(L, lua_pcallk(L, 1, 0, 4, STAGE_STREAM, serve_k), STAGE_STREAM);
+  } else {
+    lua_pop(L, 1);
+    read_reply(L, lua_gettop(L), p);
+  }
+  pending_detach(p, 0);
+  if (p->delay > 0) timer_start(&p->timer, p->delay);
+  else pending_send(p);
+  return 0;
+}
+
+/* The task's body. L stack: handle, handler, req */
+static int serve_task(lua_State *L) {
+  lua_pushcfunction(L, resil_traceback);
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 3);
+  return serve_k(L, lua_pcallk(L, 1, 1, 4, STAGE_HANDLER, serve_k), STAGE_HANDLER);
+}
+
+/* L stack: srv, req, p (light userdata) -> nothing; p's task is started */
+static int spawn_handler(lua_State *L) {
+  server *srv = lua_touserdata(L, 1);
+  struct evhttp_request *req = lua_touserdata(L, 2);
+  pending *p = lua_touserdata(L, 3);
+  lua_pushcfunction(L, serve_task);
+  reply_handle *h = lua_newuserdatauv(L, sizeof *h, 0);
+  h->p = NULL;
+  luaL_setmetatable(L, REPLY_HANDLE_MT);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
+  push_request(L, req);
+  p->task = task_spawn(L, 3);
+  h->p = p;
+  p->handle = h;
+  p->task_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
 static void request_cb(struct evhttp_request *req, void *arg) {
   server *srv = arg;
   lua_State *L = srv->R->L;
@@ -574,12 +779,31 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   p->srv = srv;
   p->req = req;
   p->conn = c->evcon;
+  p->c = c;
   TAILQ_INIT(&p->headers);
   timer_init(srv->R, &p->timer, send_next_chunk, p);
   p->next = srv->pendings;
   srv->pendings = p;
 
+  p->task_ref = LUA_NOREF;
   int top = lua_gettop(L);
+  if (srv->tasks) {
+    lua_pushcfunction(L, spawn_handler);
+    lua_pushlightuserdata(L, srv);
+    lua_pushlightuserdata(L, req);
+    lua_pushlightuserdata(L, p);
+    if (host_pcall(L, "server handler", 3, 0) == LUA_OK) {
+      lua_settop(L, top);
+      watch_client(p); /* a client that leaves cancels the task */
+      return;
+    }
+    pending_detach(p, 1);
+    answer_500(p);
+    log_handler_error(L, p, "server handler not started; answered 500");
+    lua_settop(L, top);
+    pending_send(p);
+    return;
+  }
   lua_pushcfunction(L, handle_request);
   lua_pushlightuserdata(L, srv);
   lua_pushlightuserdata(L, req);
@@ -659,6 +883,11 @@ static int l_listen(lua_State *L) {
   const char *host = luaL_optstring(L, -1, "127.0.0.1");
   lua_getfield(L, 1, "port");
   lua_Integer port = luaL_optinteger(L, -1, 0);
+  lua_getfield(L, 1, "tasks");
+  int tasks = lua_toboolean(L, -1);
+  lua_getfield(L, 1, "reuseport");
+  int reuseport = lua_toboolean(L, -1);
+  lua_pop(L, 2);
   lua_getfield(L, 1, "handler");
   luaL_checktype(L, -1, LUA_TFUNCTION);
   if (port < 0 || port > 65535) return luaL_error(L, "server: port %d out of range", (int)port);
@@ -667,6 +896,7 @@ static int l_listen(lua_State *L) {
   memset(srv, 0, sizeof *srv);
   srv->R = R;
   srv->handler_ref = LUA_NOREF;
+  srv->tasks = tasks;
   luaL_setmetatable(L, SERVER_MT);
   srv->http = evhttp_new(R->base);
   if (!srv->http) return luaL_error(L, "server: cannot create the HTTP server");
@@ -694,7 +924,9 @@ static int l_listen(lua_State *L) {
   if (evutil_getaddrinfo(host, port_text, &hints, &ai) == 0 && ai) {
     fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
+    /* reuseport: several processes (gateway --workers) accept on one port, the kernel spreads connections */
     if (fd >= 0 && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+                    (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) ||
                     bind(fd, ai->ai_addr, (socklen_t)ai->ai_addrlen) != 0 || listen(fd, 65535) != 0)) {
       evutil_closesocket(fd);
       fd = -1;
@@ -746,6 +978,8 @@ static const luaL_Reg server_methods[] = {
 static const luaL_Reg server_meta[] = {{"__gc", server_close}, {"__close", server_close}, {NULL, NULL}};
 
 int luaopen_resil_server(lua_State *L) {
+  luaL_newmetatable(L, REPLY_HANDLE_MT);
+  lua_pop(L, 1);
   luaL_newmetatable(L, SERVER_MT);
   luaL_setfuncs(L, server_meta, 0);
   luaL_newlib(L, server_methods);

@@ -92,7 +92,11 @@ function resil.once(spec, fn, ...)
     owner.lease_written(s.backend, lease_until)
     if state == "done" then
       replays_total:inc()
-      local r = decode_values(data)
+      local r, why = decode_values(data)
+      if not r then
+        return nil, resil.error("store_unavailable", ("store: the record of once %s is unreadable (%s)"):format(key, why),
+          { key = key })
+      end
       return unpack(r, 1, r.n)
     elseif state == "key_reused" then
       return nil, resil.error("key_reused", ("once %s: the key was used with different arguments"):format(key),

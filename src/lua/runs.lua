@@ -173,7 +173,11 @@ function resil.step(name, fn, ...)
         { run = r.id, seq = seq, recorded = recorded, name = name }), 2)
     end
     steps_replayed:inc()
-    local values = decode_values(result)
+    local values, why = decode_values(result)
+    if not values then -- never runs fn again: the step did happen
+      return nil, resil.error("store_unavailable", ("store: the record of run %s step %d is unreadable (%s)"):format(
+        r.id, seq, why), { run = r.id, seq = seq })
+    end
     return unpack(values, 1, values.n)
   end
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)

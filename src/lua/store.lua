@@ -170,15 +170,26 @@ local function integers(v, depth)
   return v
 end
 
+-- A stored record back into values: -> {n=, ...} | nil, why. A record that
+-- is not one this module wrote (a corrupt file, a hand-edited key) is refused
+-- rather than half read: the caller reports the store unavailable.
+local MAX_VALUES = 250 -- more results than Lua's stack could return
 local function decode_values(text)
-  local t = integers(json.decode(text), 0)
+  local t = type(text) == "string" and json.decode(text)
+  if type(t) ~= "table" then return nil, "not JSON" end
+  t = integers(t, 0)
+  if math.type(t.n) ~= "integer" or t.n < 0 or t.n > MAX_VALUES or type(t.v) ~= "table" then
+    return nil, "not a record of values"
+  end
   local out = { n = t.n }
   for i = 1, t.n do
     local v = t.v[i]
     if v == null then v = nil end
-    if type(v) == "table" and v["@error"] then
+    if type(v) == "table" and v["@error"] ~= nil then
       local f = v["@error"]
-      v = resil.error(f.kind or "error", f.message or "stored error", f)
+      if type(f) ~= "table" then return nil, "a stored error that is not a table" end
+      v = resil.error(type(f.kind) == "string" and f.kind or "error",
+        type(f.message) == "string" and f.message or "stored error", f)
     end
     out[i] = v
   end

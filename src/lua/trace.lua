@@ -23,16 +23,18 @@ local exported_total = resil.metrics.counter("resil_trace_spans_exported_total",
 
 -- ids from the kernel's generator, read in blocks (math.random is the
 -- script's, and resil.run.random journals it)
+-- (one format call per id: ids are made on every provider attempt)
 local pool, pool_pos = "", 1
+local HEX = { [8] = ("%02x"):rep(8), [16] = ("%02x"):rep(16) }
 local function random_hex(bytes)
   if pool_pos + bytes - 1 > #pool then
     local f = assert(io.open("/dev/urandom", "rb"))
     pool, pool_pos = f:read(4096), 1
     f:close()
   end
-  local s = pool:sub(pool_pos, pool_pos + bytes - 1)
+  local first = pool_pos
   pool_pos = pool_pos + bytes
-  return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+  return HEX[bytes]:format(pool:byte(first, first + bytes - 1))
 end
 
 local function new_trace_id()
@@ -56,7 +58,9 @@ function trace.parse(header)
   return trace_id, parent_id, flags
 end
 
-local function now_nano() return ("%.0f"):format(resil.clock.wall() * 1e9) end
+-- times are kept as wall-clock seconds and written in nanoseconds at export
+local wall = resil.clock.wall
+local function nano(t) return t and ("%.0f"):format(t * 1e9) or nil end
 
 local root -- the run's span, made on first use
 local queue, exporter = {}, nil
@@ -68,7 +72,7 @@ local function root_span()
   if not root then
     local trace_id, parent_id, flags = trace.parse(os.getenv("TRACEPARENT"))
     root = setmetatable({ trace_id = trace_id or new_trace_id(), span_id = new_span_id(), parent_id = parent_id,
-                          flags = flags or "01", name = "run", kind = 1, start = now_nano(), attributes = {} }, Span)
+                          flags = flags or "01", name = "run", kind = 1, start = wall(), attributes = {} }, Span)
     root.traceparent = ("00-%s-%s-%s"):format(root.trace_id, root.span_id, root.flags)
   end
   return root
@@ -88,7 +92,7 @@ function trace.start(name, attributes)
   local parent = current_parent()
   local r = root_span()
   local span = setmetatable({ trace_id = r.trace_id, span_id = new_span_id(), parent_id = parent.span_id,
-                              flags = r.flags, name = name, kind = 3, start = now_nano(),
+                              flags = r.flags, name = name, kind = 3, start = wall(),
                               attributes = attributes or {} }, Span)
   span.traceparent = ("00-%s-%s-%s"):format(span.trace_id, span.span_id, span.flags)
   return span
@@ -107,7 +111,7 @@ end
 -- span:finish([attributes], [err]): ends the span; an err marks it failed
 function Span:finish(attributes, err)
   if self.finished then return end
-  self.finished = now_nano()
+  self.finished = wall()
   for k, v in pairs(attributes or {}) do self.attributes[k] = v end
   if err ~= nil then
     self.error = tostring(err)
@@ -132,7 +136,7 @@ local function otlp_span(s)
   table.sort(keys)
   for i, k in ipairs(keys) do attrs[i] = attribute(k, s.attributes[k]) end
   local out = { traceId = s.trace_id, spanId = s.span_id, parentSpanId = s.parent_id, name = s.name, kind = s.kind,
-                startTimeUnixNano = s.start, endTimeUnixNano = s.finished,
+                startTimeUnixNano = nano(s.start), endTimeUnixNano = nano(s.finished),
                 status = s.error and { code = 2, message = resil.redact(s.error) } or { code = 1 } }
   if #attrs > 0 then out.attributes = attrs end
   return out
@@ -190,6 +194,10 @@ function trace.export(opts)
     end
   end)
 end
+
+-- whether finished spans go anywhere: attributes only the export reads
+-- need not be gathered otherwise
+function trace.exporting() return exporter ~= nil end
 
 -- At the end of the run: the root span is finished and everything sent (the
 -- CLI runs this as a last task).

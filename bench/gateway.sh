@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The gateway's cost (bench/run calls this; it also runs alone): wrk against
+# the upstream directly, then through `resil-lua gateway` with the full
+# policy (key lookup, the key's bucket, the provider's bucket and breaker,
+# retry, the cost ledger). Requests/s at GW_C connections, and the latency the
+# gateway adds at one connection (p50, p99).
+set -eu
+cd "$(dirname "$0")/.."
+RESIL=${RESIL:-./resil-lua}
+GW_C=${GW_C:-64}
+GW_SECONDS=${GW_SECONDS:-10}
+command -v wrk >/dev/null || { echo "gateway: wrk is not installed (Debian package wrk; make deps)"; exit 0; }
+command -v nginx >/dev/null || { echo "gateway: nginx is not installed"; exit 0; }
+work=$(mktemp -d)
+cleanup() {
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null || true
+  [ -n "${sgw_pid:-}" ] && kill "$sgw_pid" 2>/dev/null || true
+  [ -n "${mock_pid:-}" ] && kill "$mock_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { "$RESIL" -e 'local s = require("resil").server.listen({ handler = function() end }); print(s:port()); s:close()'; }
+
+up_port=$(free_port)
+reply='{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon on;
+pid $work/nginx.pid;
+error_log $work/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
+  uwsgi_temp_path $work; scgi_temp_path $work;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$up_port;
+    location / { default_type application/json; return 200 '$reply'; }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" -p "$work"
+
+cat > "$work/gateway.lua" <<CONF
+local ai = require "policies.ai"
+ai.configure("openai", { base_url = "http://127.0.0.1:$up_port/v1", api_key = "sk-bench-123456",
+  rate = { rate = 1e9, per = 1 }, breaker = { failure_rate = 0.5, min_calls = 20 }, retry = { base = 0.1 } })
+return { key_cache = 2 }
+CONF
+db="$work/state.db"
+key=$("$RESIL" keys add --name bench --rpm 100000000 --store "$db" 2>/dev/null)
+gw_port=$(free_port)
+pin_gw="" pin_rest=""
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  pin_gw="taskset -c 0"
+  pin_rest="taskset -c 1"
+  for p in $(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" || true); do taskset -pc 1 "$p" >/dev/null; done
+fi
+$pin_gw "$RESIL" gateway --listen "127.0.0.1:$gw_port" --config "$work/gateway.lua" --store "$db" --log-level error \
+  > "$work/gw.out" 2>&1 &
+gw_pid=$!
+for _ in $(seq 100); do grep -q listening "$work/gw.out" && break; sleep 0.05; done
+
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"' .. (os.getenv("GW_MODEL") or "gpt-4o-mini") .. '","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("GW_KEY")
+LUA
+export GW_KEY=$key
+direct="http://127.0.0.1:$up_port/v1/chat/completions"
+through="http://127.0.0.1:$gw_port/v1/chat/completions"
+check=$(curl -s -o /dev/null -w "%{http_code}" -H "Authorization: Bearer $key" -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' "$through")
+[ "$check" = 200 ] || { echo "gateway: a request through the gateway got $check"; cat "$work/gw.out"; exit 1; }
+
+run() { $pin_rest wrk -t1 -c"$1" -d"${GW_SECONDS}s" --latency -s "$work/post.lua" "$2" > "$work/wrk.out"; }
+rps() { awk '/^Requests\/sec/ { print $2 }' "$work/wrk.out"; }
+# wrk prints "50%  1.23ms" (or us, s); -> microseconds
+pct() { awk -v p="$1" '$1 == p { v = $2; u = v; gsub(/[0-9.]/, "", u); sub(/[a-z]+$/, "", v);
+  m = (u == "us") ? 1 : (u == "ms") ? 1000 : 1000000; printf "%.0f", v * m }' "$work/wrk.out"; }
+errs() { awk '/Non-2xx|Socket errors/ { print }' "$work/wrk.out" | tr '\n' ' '; }
+
+run "$GW_C" "$direct"; d_rps=$(rps); d_err=$(errs)
+run "$GW_C" "$through"; g_rps=$(rps); g_err=$(errs)
+# latency: everything on one core, so that neither path pays for waking another core
+# (an idle core takes tens of microseconds to wake; the direct path would pay none)
+if [ -n "$pin_gw" ]; then
+  pin_rest="taskset -c 0"
+  for p in $(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" || true); do taskset -pc 0 "$p" >/dev/null; done
+fi
+run 1 "$direct"; d50=$(pct 50%); d99=$(pct 99%)
+run 1 "$through"; g50=$(pct 50%); g99=$(pct 99%)
+echo "gateway: wrk ${GW_SECONDS}s per run, nginx upstream (1 worker), full policy (key, buckets, breaker, retry, ledger)"
+echo "  $GW_C connections  direct ${d_rps} req/s; through the gateway ${g_rps} req/s ${d_err}${g_err}${pin_gw:+(gateway on core 0, wrk and nginx on core 1)}"
+echo "  1 connection    direct p50 ${d50} us p99 ${d99} us; through p50 ${g50} us p99 ${g99} us; added p50 $((g50 - d50)) us, p99 $((g99 - d99)) us${pin_gw:+ (all on core 0)}"
+
+# --- streams: GW_STREAMS concurrent streams of 200 deltas (10 ms apart) from the mock ---
+GW_STREAMS=${GW_STREAMS:-1000}
+kill "$gw_pid" 2>/dev/null || true
+echo 'return { strict = true, reply = ("w "):rep(200), stream_interval = 0.01 }' > "$work/streams.lua"
+mock_port=$(free_port)
+"$RESIL" mock "$work/streams.lua" --port "$mock_port" > "$work/mock.out" 2>&1 &
+mock_pid=$!
+cat > "$work/streams_gw.lua" <<CONF
+require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:$mock_port/v1", api_key = "sk-bench-123456" })
+return { key_cache = 2 }
+CONF
+sgw_port=$(free_port)
+"$RESIL" gateway --listen "127.0.0.1:$sgw_port" --config "$work/streams_gw.lua" --store "$db" --log-level error \
+  > "$work/sgw.out" 2>&1 &
+sgw_pid=$!
+for _ in $(seq 100); do grep -q listening "$work/sgw.out" && grep -q http "$work/mock.out" && break; sleep 0.05; done
+read -r _ d_ok _ d_s _ d_gap < <("$RESIL" bench/gateway_streams.lua "http://127.0.0.1:$mock_port/v1/chat/completions" "$GW_STREAMS")
+read -r _ g_ok _ g_s _ g_gap < <("$RESIL" bench/gateway_streams.lua "http://127.0.0.1:$sgw_port/v1/chat/completions" "$GW_STREAMS")
+rss=$(awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$sgw_pid/status")
+echo "gateway streams: $GW_STREAMS at once, 200 deltas each, 10 ms apart (mock upstream, no pinning)"
+echo "  direct          ${d_ok} complete in ${d_s} s, mean gap between deltas ${d_gap} ms"
+echo "  through         ${g_ok} complete in ${g_s} s, mean gap ${g_gap} ms; gateway peak RSS ${rss} MB"

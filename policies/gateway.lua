@@ -1,0 +1,552 @@
+-- policies/gateway.lua: the handler of `resil-lua gateway`, an OpenAI- and
+-- Anthropic-compatible HTTP API in front of policies.ai, so any app gets the
+-- same retries, fallbacks, breakers, limits, budgets and cost ledger by
+-- changing its base URL.
+--
+--   resil-lua gateway --listen 127.0.0.1:8080 --config gateway.lua
+--
+--   -- gateway.lua (the config, plain Lua run before serving):
+--   local ai = require "policies.ai"
+--   ai.configure("openai", { rate = { rate = 500, per = 60 }, breaker = { failure_rate = 0.5 } })
+--   return {
+--     models = {                                   -- what clients may name in `model`
+--       ["chat-fast"] = { model = "openai/gpt-4o-mini", fallback = { "anthropic/claude-haiku-4-5" } },
+--       ["chat-best"] = "anthropic/claude-sonnet-4-5-20250929",
+--     },
+--     auth = true,          -- virtual keys (resil-lua keys add); false: no key needed (development)
+--   }
+--
+-- Endpoints: POST /v1/chat/completions (OpenAI; streaming and not), POST
+-- /v1/messages (Anthropic), GET /v1/models, GET /health, GET /metrics. A
+-- `model` is an alias from `models`, "provider/model", or a bare name for
+-- the endpoint's own provider (openai on /v1/chat/completions, anthropic on
+-- /v1/messages). Copy this file into your project's policies/ to change it.
+local resil = require "resil"
+local ai = require "policies.ai"
+local keys = require "resil.keys"
+
+local json = resil.json
+local null = json.null
+
+local gateway = {}
+
+-- kept across a policy reload (--watch, SIGHUP): the config file ran once, at start
+gateway.config = resil.keep("policies.gateway.config", function()
+  return {
+    models = {},
+    auth = true,
+    key_cache = 2,        -- seconds a key's record is kept in memory (a revoke takes at most this long)
+  }
+end)
+
+local requests_total = resil.metrics.counter("resil_gateway_requests_total",
+  "Gateway requests, by route and status")
+local request_series = {}
+
+-- request ids: this process's random prefix and a count (unique across workers and restarts)
+local id_prefix, seq = nil, 0
+local function request_id()
+  id_prefix = id_prefix or resil.crypto.sha256(resil.crypto.random(16)):sub(1, 12)
+  seq = seq + 1
+  return ("req_%s%08x"):format(id_prefix, seq)
+end
+
+---------------------------------------------------------------------------
+-- the two APIs' shapes
+
+-- OpenAI's error types by status, and Anthropic's
+local OPENAI_TYPE = { [400] = "invalid_request_error", [401] = "invalid_request_error", [403] = "permission_error",
+  [404] = "not_found_error", [408] = "timeout", [413] = "invalid_request_error", [429] = "rate_limit_exceeded",
+  [500] = "server_error", [502] = "server_error", [503] = "server_error", [504] = "timeout", [529] = "server_error" }
+local ANTHROPIC_TYPE = { [400] = "invalid_request_error", [401] = "authentication_error",
+  [403] = "permission_error", [404] = "not_found_error", [413] = "request_too_large", [429] = "rate_limit_error",
+  [500] = "api_error", [502] = "api_error", [503] = "api_error", [504] = "timeout_error",
+  [529] = "overloaded_error" }
+
+-- err (policies' {kind, class, status, retry_after}) -> status, code
+local CLASS_STATUS = { rate_limited = 429, quota = 429, quota_exceeded = 429, budget_exceeded = 429,
+  overloaded = 529, timeout = 504, deadline = 504, circuit_open = 503, unavailable = 503, bulkhead_full = 503,
+  auth = 502, bad_request = 400, context_length = 400, content_policy = 400, too_large = 413,
+  not_found = 404, server_error = 502, protocol = 502, invalid_output = 502, tls = 502, canceled = 499 }
+local KIND_STATUS = { budget_exceeded = 429, missing_secret = 500, unpriced = 500, store_unavailable = 503,
+  connect = 502, dns = 502, reset = 502, timeout = 504, in_progress = 409, key_reused = 422 }
+
+local function status_of(err)
+  if type(err) ~= "table" then return 502 end
+  local up = tonumber(err.status)
+  -- the upstream's own answer keeps its status, except its auth trouble:
+  -- the gateway's provider key is not the client's fault
+  if up and up >= 400 and up ~= 401 and up ~= 403 then return math.tointeger(up) end
+  return KIND_STATUS[err.kind] or CLASS_STATUS[err.class] or CLASS_STATUS[err.kind] or 502
+end
+
+local function error_reply(api, status, message, o)
+  o = o or {}
+  local headers = { ["content-type"] = "application/json" }
+  for k, v in pairs(o.headers or {}) do headers[k] = v end
+  local body
+  if api == "anthropic" then
+    body = { type = "error", error = { type = o.type or ANTHROPIC_TYPE[status] or "api_error", message = message } }
+  else
+    body = { error = { message = message, type = o.type or OPENAI_TYPE[status] or "server_error",
+      param = null, code = o.code or null } }
+  end
+  return { status = status, headers = headers, body = json.encode(body) }
+end
+gateway.error_reply = error_reply
+
+-- an error from policies.ai as the client's API says it; one ai raised (a
+-- string: the request misused the API) is the client's bad request
+local function ai_error_reply(api, err)
+  if type(err) ~= "table" then
+    return error_reply(api, 400, resil.redact(tostring(err):gsub("^[^:]*:%d+: ", "")))
+  end
+  local status = status_of(err)
+  local headers = {}
+  local retry_after = type(err) == "table" and tonumber(err.retry_after)
+  if status == 429 or status == 503 or status == 529 then
+    headers["retry-after"] = tostring(math.max(1, math.ceil(retry_after or 1)))
+  end
+  local code
+  if type(err) == "table" and (err.kind == "budget_exceeded" or err.class == "quota") then
+    headers["x-should-retry"] = "false"
+    code = "insufficient_quota"
+  end
+  local msg = type(err) == "table" and tostring(err.message or err.kind) or tostring(err)
+  return error_reply(api, status, resil.redact(msg), { headers = headers, code = code,
+    type = code == "insufficient_quota" and (api == "anthropic" and "rate_limit_error" or "insufficient_quota") or nil })
+end
+
+local STOP_REASON = { stop = "end_turn", length = "max_tokens", tool_calls = "tool_use",
+  content_filter = "refusal" }
+
+local function openai_usage(u)
+  u = u or {}
+  local i, o = u.input_tokens or 0, u.output_tokens or 0
+  return { prompt_tokens = i, completion_tokens = o, total_tokens = i + o }
+end
+
+local function anthropic_usage(u)
+  u = u or {}
+  return { input_tokens = (u.input_tokens or 0) - (u.cached_input_tokens or 0) - (u.cache_write_tokens or 0),
+    output_tokens = u.output_tokens or 0, cache_read_input_tokens = u.cached_input_tokens or 0,
+    cache_creation_input_tokens = u.cache_write_tokens or 0 }
+end
+
+local function openai_tool_calls(calls)
+  if not calls then return nil end
+  local out = {}
+  for i, c in ipairs(calls) do
+    out[i] = { id = c.id, type = "function", ["function"] = { name = c.name, arguments = c.arguments or "{}" } }
+  end
+  return out
+end
+
+local function openai_answer(r, id, model)
+  return { id = "chatcmpl-" .. id, object = "chat.completion", created = math.floor(resil.clock.wall()),
+    model = model, system_fingerprint = null,
+    choices = { { index = 0, message = { role = "assistant", content = r.text or "", refusal = null,
+      tool_calls = openai_tool_calls(r.tool_calls) }, logprobs = null, finish_reason = r.finish_reason or "stop" } },
+    usage = openai_usage(r.usage) }
+end
+
+local function anthropic_answer(r, id, model)
+  local content = {}
+  if (r.text or "") ~= "" or not r.tool_calls then content[1] = { type = "text", text = r.text or "" } end
+  for _, c in ipairs(r.tool_calls or {}) do
+    content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = json.decode(c.arguments or "{}") or {} }
+  end
+  return { id = "msg_" .. id, type = "message", role = "assistant", model = model, content = content,
+    stop_reason = STOP_REASON[r.finish_reason] or r.stop_reason or "end_turn", stop_sequence = null,
+    usage = anthropic_usage(r.usage) }
+end
+
+---------------------------------------------------------------------------
+-- requests: the client's API -> policies.ai
+
+local OPENAI_PASSED = { "temperature", "top_p", "tool_choice", "n", "seed", "response_format",
+  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }
+
+-- a JSON number that is a whole number -> integer; anything else -> nil
+local function whole(v) return type(v) == "number" and math.tointeger(v) or nil end
+
+local function from_openai(b)
+  local req = { messages = b.messages, max_tokens = whole(b.max_completion_tokens or b.max_tokens),
+    stop = b.stop ~= null and b.stop or nil, tools = b.tools }
+  for _, k in ipairs(OPENAI_PASSED) do if b[k] ~= null then req[k] = b[k] end end
+  return req
+end
+
+local ANTHROPIC_PASSED = { "temperature", "top_p", "top_k", "metadata" }
+
+local function from_anthropic(b)
+  local req = { messages = b.messages, system = b.system, max_tokens = whole(b.max_tokens),
+    stop = b.stop_sequences, tools = b.tools }
+  if type(b.tool_choice) == "table" then
+    local t = b.tool_choice.type
+    req.tool_choice = t == "any" and "required" or t == "tool" and
+      { type = "function", ["function"] = { name = b.tool_choice.name } } or t
+  end
+  local extra = {}
+  for _, k in ipairs(ANTHROPIC_PASSED) do extra[k] = b[k] end
+  req.extra = next(extra) and extra or nil
+  return req
+end
+
+-- the model a client named -> the request's model and fallback, or nil, why
+local function route_model(name, native)
+  local m = gateway.config.models[name]
+  if type(m) == "string" then return { model = m } end
+  if type(m) == "table" then return { model = m.model, fallback = m.fallback } end
+  if name:match("^[%w_%-]+/.") then
+    local ok = pcall(require, "policies.providers." .. name:match("^([%w_%-]+)/"))
+    if ok then return { model = name } end
+    return nil, ("unknown provider in '%s'"):format(name)
+  end
+  return { model = native .. "/" .. name }
+end
+
+local function check_messages(msgs)
+  if type(msgs) ~= "table" or #msgs == 0 then return "messages must be a non-empty array" end
+  for i, m in ipairs(msgs) do
+    if type(m) ~= "table" or type(m.role) ~= "string" then
+      return ("messages[%d] must be an object with a role"):format(i - 1)
+    end
+  end
+end
+
+---------------------------------------------------------------------------
+-- virtual keys
+
+local key_cache, key_cache_size = {}, 0 -- sha256 -> { record, expires }
+
+local function bearer(req)
+  local h = req.headers.authorization
+  local token = h and h:match("^[Bb]earer%s+(%S+)$")
+  return token or req.headers["x-api-key"]
+end
+
+-- -> the key's record | nil, error reply
+local function authenticate(req, api)
+  if not gateway.config.auth then return {} end
+  local token = bearer(req)
+  if not token then
+    return nil, error_reply(api, 401, "missing API key: send Authorization: Bearer <key>",
+      { code = "invalid_api_key" })
+  end
+  local hash = resil.crypto.sha256(token)
+  local now = resil.now()
+  local c = key_cache[hash]
+  local rec
+  if c and c.expires > now then
+    rec = c.record
+  else
+    rec = keys.lookup(hash)
+    -- bounded: a flood of made-up keys cannot grow it without end
+    if key_cache_size >= 10000 then key_cache, key_cache_size = {}, 0 end
+    if not key_cache[hash] then key_cache_size = key_cache_size + 1 end
+    key_cache[hash] = { record = rec or false, expires = now + gateway.config.key_cache }
+  end
+  -- the lookup is by digest; compared again in constant time all the same
+  if not rec or rec.revoked or not resil.crypto.equal(rec.hash or "", hash) then
+    return nil, error_reply(api, 401, "invalid or revoked API key", { code = "invalid_api_key" })
+  end
+  return rec
+end
+
+-- a key's buckets, made once per record (a changed record makes new ones)
+local buckets_of = setmetatable({}, { __mode = "k" })
+
+local function key_buckets(rec)
+  local b = buckets_of[rec]
+  if b then return b end
+  local shared = gateway.config.shared_limits
+  b = {
+    rpm = rec.rpm and resil.bucket("gateway:" .. rec.id .. ":rpm", { rate = rec.rpm, per = 60, burst = rec.rpm,
+      shared = shared }),
+    tpm = rec.tpm and resil.bucket("gateway:" .. rec.id .. ":tpm", { rate = rec.tpm, per = 60, burst = rec.tpm,
+      unit = "tokens", shared = shared }),
+  }
+  buckets_of[rec] = b
+  return b
+end
+
+-- the key's own rate limits: nil, or a 429 reply
+local function key_limits(rec, api, tokens)
+  if not rec.rpm and not rec.tpm then return nil end
+  local buckets = key_buckets(rec)
+  if rec.rpm then
+    local ok, wait = buckets.rpm:try(1)
+    if not ok then
+      return error_reply(api, 429, ("key '%s': %d requests per minute"):format(rec.name, rec.rpm),
+        { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) }, code = "rate_limit_exceeded" })
+    end
+  end
+  if rec.tpm then
+    local ok, wait = buckets.tpm:try(math.min(tokens, rec.tpm))
+    if not ok then
+      return error_reply(api, 429, ("key '%s': %d tokens per minute"):format(rec.name, rec.tpm),
+        { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) }, code = "rate_limit_exceeded" })
+    end
+  end
+end
+
+local function model_allowed(rec, name)
+  if not rec.models or #rec.models == 0 then return true end
+  for _, m in ipairs(rec.models) do if m == name then return true end end
+  return false
+end
+
+---------------------------------------------------------------------------
+-- answering
+
+local function answer_headers(id, r)
+  local h = { ["content-type"] = "application/json", ["x-request-id"] = id }
+  if r then
+    h["x-resil-provider"] = r.provider
+    h["x-resil-model"] = r.model
+    h["x-resil-attempts"] = tostring(r.attempts or 1)
+    h["x-resil-cost-usd"] = r.cost_usd and ("%.6f"):format(r.cost_usd) or "unknown"
+  end
+  return h
+end
+
+local function with_id(reply, id)
+  reply.headers["x-request-id"] = id
+  return reply
+end
+
+-- JSON where an empty `content` or `choices` is the list the APIs send, not an object
+local function encode(v)
+  return (json.encode(v):gsub('"(%a+)":{}', function(k)
+    if k == "content" or k == "choices" then return '"' .. k .. '":[]' end
+  end))
+end
+
+-- one SSE event
+local function sse(event, data)
+  if event then return "event: " .. event .. "\ndata: " .. encode(data) .. "\n\n" end
+  return "data: " .. encode(data) .. "\n\n"
+end
+
+local function openai_stream(s, first, id, model, b, headers)
+  local created = math.floor(resil.clock.wall())
+  local function chunk(delta, finish)
+    return sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
+      system_fingerprint = null, choices = { { index = 0, delta = delta, logprobs = null, finish_reason = finish or null } } })
+  end
+  local include_usage = type(b.stream_options) == "table" and b.stream_options.include_usage
+  return { status = 200, headers = headers, stream = function(write)
+    local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
+    write(chunk({ role = "assistant", content = "" }))
+    if first then write(chunk({ content = first })) end
+    while true do
+      local delta, err = s:next()
+      if err then
+        -- no [DONE]: the client's SDK raises instead of keeping a cut answer
+        write(sse(nil, { error = { message = resil.redact(tostring(err.message or err.kind)),
+          type = "server_error", code = err.kind or "stream_interrupted" } }))
+        return
+      end
+      if not delta then break end
+      write(chunk({ content = delta }))
+    end
+    local r = s:result()
+    write(chunk({}, r and r.finish_reason or "stop"))
+    if include_usage and r then
+      write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
+        choices = {}, usage = openai_usage(r.usage) }))
+    end
+    write("data: [DONE]\n\n")
+  end }
+end
+
+local function anthropic_stream(s, first, id, model, headers, req)
+  return { status = 200, headers = headers, stream = function(write)
+    local _ <close> = s
+    write(sse("message_start", { type = "message_start", message = { id = "msg_" .. id, type = "message",
+      role = "assistant", model = model, content = {}, stop_reason = null, stop_sequence = null,
+      usage = { input_tokens = math.ceil(#json.encode(req.messages) / 4), output_tokens = 0 } } }))
+    write(sse("content_block_start", { type = "content_block_start", index = 0,
+      content_block = { type = "text", text = "" } }))
+    local delta, err = first, nil
+    while true do
+      if err then
+        -- no message_stop: the client's SDK raises
+        write(sse("error", { type = "error", error = { type = "api_error",
+          message = resil.redact(tostring(err.message or err.kind)) } }))
+        return
+      end
+      if not delta then break end
+      write(sse("content_block_delta", { type = "content_block_delta", index = 0,
+        delta = { type = "text_delta", text = delta } }))
+      delta, err = s:next()
+    end
+    local r = s:result() or {}
+    write(sse("content_block_stop", { type = "content_block_stop", index = 0 }))
+    write(sse("message_delta", { type = "message_delta", delta = { stop_reason = STOP_REASON[r.finish_reason] or
+      "end_turn", stop_sequence = null }, usage = { output_tokens = r.usage and r.usage.output_tokens or 0 } }))
+    write(sse("message_stop", { type = "message_stop" }))
+  end }
+end
+
+-- POST /v1/chat/completions and POST /v1/messages
+local function complete(req, api)
+  local id = request_id()
+  local rec, refused = authenticate(req, api)
+  if not rec then return with_id(refused, id) end
+  local b = json.decode(req.body)
+  if type(b) ~= "table" then
+    return with_id(error_reply(api, 400, "the body is not a JSON object", { code = "invalid_json" }), id)
+  end
+  if type(b.model) ~= "string" or b.model == "" then
+    return with_id(error_reply(api, 400, "model is required"), id)
+  end
+  local bad = check_messages(b.messages)
+  if bad then return with_id(error_reply(api, 400, bad), id) end
+  if not model_allowed(rec, b.model) then
+    return with_id(error_reply(api, 403, ("key '%s' may not use model '%s'"):format(rec.name, b.model),
+      { code = "model_not_allowed" }), id)
+  end
+  local route, why = route_model(b.model, api)
+  if not route then return with_id(error_reply(api, 404, why, { code = "model_not_found" }), id) end
+  local r = api == "anthropic" and from_anthropic(b) or from_openai(b)
+  local asked = b.max_completion_tokens or b.max_tokens
+  if (asked ~= nil and asked ~= null and r.max_tokens == nil) or (r.max_tokens ~= nil and r.max_tokens < 1) then
+    return with_id(error_reply(api, 400, "max_tokens must be a positive integer"), id)
+  end
+  r.model, r.fallback = route.model, route.fallback
+  r.user = rec.name
+  if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
+  local limited = key_limits(rec, api, math.ceil(#req.body / 4) + (r.max_tokens or 0))
+  if limited then return with_id(limited, id) end
+  local idem = req.headers["idempotency-key"]
+
+  if b.stream == true then
+    local ok, s = pcall(ai.stream, r)
+    if not ok then return with_id(ai_error_reply(api, s), id) end
+    -- closed here unless the reply takes it over (a client leaving before the first delta)
+    local handed_over = false
+    local _ <close> = setmetatable({}, { __close = function() if not handed_over then s:close() end end })
+    -- up to the first delta a failure is retried and fallen back from; only then does the reply start
+    local first, err = s:next()
+    if err then return with_id(ai_error_reply(api, err), id) end
+    local t = s.target or {}
+    local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id,
+      ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model, ["x-resil-attempts"] = tostring(s.attempts or 1) }
+    handed_over = true
+    if api == "anthropic" then return anthropic_stream(s, first, id, b.model, headers, r) end
+    return openai_stream(s, first, id, b.model, b, headers)
+  end
+
+  local res, err, replayed
+  if idem and idem ~= "" then
+    local ran = false
+    res, err = resil.once({ key = ("gateway:%s:%s"):format(rec.id or "-", idem),
+      fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
+      ran = true
+      local ok, v, e = pcall(ai.chat, r)
+      if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
+      if v then v.raw = nil end
+      return v, e
+    end)
+    replayed = res ~= nil and not ran
+  else
+    local ok
+    ok, res, err = pcall(ai.chat, r)
+    if not ok then res, err = nil, res end
+  end
+  if not res then return with_id(ai_error_reply(api, err), id) end
+  local headers = answer_headers(id, res)
+  if replayed then headers["x-resil-replayed"] = "true" end
+  local body = api == "anthropic" and anthropic_answer(res, id, b.model) or openai_answer(res, id, b.model)
+  return { status = 200, headers = headers, body = json.encode(body) }
+end
+
+local function models(req)
+  local rec, refused = authenticate(req, "openai")
+  if not rec then return refused end
+  local data, seen = {}, {}
+  local function add(name)
+    if seen[name] or not model_allowed(rec, name) then return end
+    seen[name] = true
+    data[#data + 1] = { id = name, object = "model", created = 0, owned_by = "resil" }
+  end
+  for name in pairs(gateway.config.models) do add(name) end
+  for _, m in ipairs(rec.models or {}) do add(m) end
+  table.sort(data, function(a, b) return a.id < b.id end)
+  return { status = 200, body = json.encode({ object = "list", data = data }) }
+end
+
+gateway.routes = {
+  ["POST /v1/chat/completions"] = function(req) return complete(req, "openai") end,
+  ["POST /v1/messages"] = function(req) return complete(req, "anthropic") end,
+  ["GET /v1/models"] = models,
+  ["GET /health"] = function() return { status = 200, body = '{"status":"ok"}' } end,
+  ["GET /metrics"] = function()
+    return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = resil.metrics.text() }
+  end,
+}
+
+-- gateway.handle(req) -> the reply; the server's handler (a task per request)
+function gateway.handle(req)
+  local path = req.path:gsub("/+$", "")
+  local route = gateway.routes[req.method .. " " .. path]
+  local api = path == "/v1/messages" and "anthropic" or "openai"
+  local reply
+  if route then
+    reply = route(req)
+  else
+    reply = error_reply(api, 404, ("no route %s %s"):format(req.method, req.path), { code = "unknown_url" })
+  end
+  local series_key = (route and path or "other") .. " " .. (reply.status or 200)
+  local series = request_series[series_key]
+  if not series then
+    series = requests_total:labels({ route = route and path or "other", status = tostring(reply.status or 200) })
+    request_series[series_key] = series
+  end
+  series:inc()
+  return reply
+end
+
+-- gateway.configure(conf): a config file's returned table, merged over the defaults
+function gateway.configure(conf)
+  if type(conf) ~= "table" then error("gateway.configure: conf must be a table", 2) end
+  for k, v in pairs(conf) do gateway.config[k] = v end
+  return gateway.config
+end
+
+-- gateway.serve{ listen = "127.0.0.1:8080", config = path } -> the server (keeps serving)
+function gateway.serve(o)
+  o = o or {}
+  if o.config then
+    local chunk, err = loadfile(o.config)
+    if not chunk then error(err, 0) end
+    local conf = chunk()
+    if conf ~= nil then gateway.configure(conf) end
+  end
+  local host, port = (o.listen or "127.0.0.1:8080"):match("^%[?([^%]]*)%]?:(%d+)$")
+  if not host then error(("gateway: --listen wants host:port, not '%s'"):format(tostring(o.listen)), 0) end
+  local workers = o.workers or 1
+  if workers > 1 then
+    if tonumber(port) == 0 then error("gateway: --workers needs a fixed port in --listen", 0) end
+    gateway.config.shared_limits = true -- a key's rate limits hold across the workers
+  end
+  local s, err = resil.server.listen({ host = host, port = tonumber(port), tasks = true,
+    reuseport = workers > 1, max_body = gateway.config.max_body, read_timeout = gateway.config.read_timeout,
+    -- the current version of this module: a policy reload changes what new requests run
+    handler = function(req) return (package.loaded["policies.gateway"] or gateway).handle(req) end })
+  if not s then error(tostring(err), 0) end
+  return s
+end
+
+-- `resil-lua gateway`: serve until stopped (SIGTERM, SIGINT)
+function gateway.main(o)
+  local s = gateway.serve(o)
+  local host = (o.listen or "127.0.0.1:8080"):match("^(.*):%d+$")
+  io.stdout:write(("gateway listening on http://%s:%d\n"):format(host, s:port()))
+  io.stdout:flush()
+  resil.sleep(math.huge)
+end
+
+return gateway

@@ -1,0 +1,66 @@
+-- The official TypeScript SDKs (openai, @anthropic-ai/sdk; spec/sdk) against
+-- the gateway: apps that change their base URL keep working, errors keep
+-- their classes. Skips, saying why, when node or the SDKs are absent.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+
+describe("the official SDKs against the gateway", function()
+  local why = helpers.sdk_skip_reason()
+  if why then
+    it("skipped: " .. why, function() print("# gateway_sdk_spec skipped: " .. why) end)
+    return
+  end
+
+  local results, out
+  setup(function()
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s spec/sdk/gateway_server.lua %s > %s 2>&1 & echo $! > %s"):format(helpers.resil,
+      helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    resil.clock.real()
+    local line
+    helpers.wait_until(function()
+      line = helpers.slurp(log):match("(%b{})")
+      return line ~= nil
+    end, 10)
+    if line then
+      local env = helpers.write(helpers.tmpname(".json"), line)
+      out = helpers.run(("cd spec/sdk && GATEWAY=\"$(cat %s)\" node gateway.mjs"):format(env))
+    end
+    os.execute("kill -TERM " .. pid)
+    helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+    assert(line, "the gateway did not start: " .. helpers.slurp(log))
+    results = {}
+    for l in out.stdout:gmatch("[^\n]+") do
+      local ok, name, reason = l:match("^(ok) (.-)$")
+      if not ok then ok, name, reason = l:match("^(not ok) (.-) %-%- (.*)$") end
+      if ok then results[name] = ok == "ok" or reason end
+    end
+  end)
+
+  local CHECKS = {
+    "openai: chat through the gateway",
+    "openai: the stream helper accumulates the final completion",
+    "anthropic: messages through the gateway",
+    "anthropic: the stream helper accumulates the final message",
+    "anthropic: a 529 on the primary falls back (the SDK sees a normal answer)",
+    "openai: a stream cut after its first delta raises in the SDK",
+    "anthropic: a stream cut after its first delta raises in the SDK",
+    "openai: a bad request is BadRequestError",
+    "openai: an unknown key is AuthenticationError",
+    "openai: a revoked key is AuthenticationError",
+    "anthropic: a revoked key is AuthenticationError",
+    "openai: the key's rate limit is RateLimitError",
+    "openai: an exhausted budget is refused, not retried, no provider called",
+    "openai: an Idempotency-Key replays the first answer, billed once",
+    "openai: a client that aborts a stream cancels the upstream transfer",
+  }
+  for _, name in ipairs(CHECKS) do
+    it(name, function()
+      local r = results[name]
+      assert(r ~= nil, "the check did not run: " .. out.stdout .. out.stderr)
+      assert(r == true, tostring(r))
+    end)
+  end
+end)

@@ -1,0 +1,364 @@
+-- The gateway (policies/gateway.lua on resil.server with tasks = true): the
+-- OpenAI and Anthropic HTTP APIs in front of policies.ai, driven here by real
+-- HTTP clients on loopback against the mock provider.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local http = resil.http
+local json = resil.json
+
+local function fresh_gateway()
+  for _, name in ipairs({ "policies.gateway", "policies.ai", "policies.call" }) do package.loaded[name] = nil end
+  return require "policies.gateway", require "policies.ai"
+end
+
+-- a mock, a gateway in front of it, a fresh store; -> gw url, mock, gateway module
+local function start(scenario, config)
+  resil.clock.real()
+  resil.log.level("off")
+  resil.store_config({ url = helpers.tmpname(".db") })
+  local m = assert(resil.mock.start(scenario))
+  local gateway, ai = fresh_gateway()
+  for k in pairs(gateway.config) do gateway.config[k] = nil end
+  gateway.configure({ models = {}, auth = true, key_cache = 2 })
+  local fast = { base = 0.001, cap = 0.005 } -- retries without waiting
+  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+  ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-test-123456", retry = fast })
+  gateway.configure({ auth = false, key_cache = 0, models = {
+    fast = { model = "openai/gpt-4o-mini", fallback = { "anthropic/claude-sonnet-4-5-20250929" } },
+    claude = { model = "anthropic/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
+  } })
+  for k, v in pairs(config or {}) do gateway.config[k] = v end
+  local s = gateway.serve({ listen = "127.0.0.1:0" })
+  finally(function()
+    s:close()
+    m:stop()
+    resil.log.level("info")
+  end)
+  return ("http://127.0.0.1:%d"):format(s:port()), m, gateway
+end
+
+local MSGS = { { role = "user", content = "hi" } }
+
+local function post(url, body, headers)
+  local h = { ["content-type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  return assert(http.request({ method = "POST", url = url, headers = h,
+    body = type(body) == "string" and body or json.encode(body) }))
+end
+
+-- an SSE reply's events -> list of {event=, data=}, and the error that ended it (nil: a clean end)
+local function events_of(url, body, headers)
+  local h = { ["content-type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  local s = assert(http.stream({ method = "POST", url = url, headers = h, body = json.encode(body) }))
+  local out = {}
+  while true do
+    local ev, err = s:read_event()
+    if not ev then return out, err, s end
+    out[#out + 1] = { event = ev.event, data = ev.data }
+  end
+end
+
+describe("gateway: OpenAI chat completions", function()
+  it("answers in OpenAI's shape with the resil headers", function()
+    local url = start({ strict = true, reply = "Tides follow the moon." })
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.are.equal(200, res.status)
+    local b = json.decode(res.body)
+    assert.are.equal("chat.completion", b.object)
+    assert.are.equal("Tides follow the moon.", b.choices[1].message.content)
+    assert.are.equal("stop", b.choices[1].finish_reason)
+    assert.is_true(b.usage.total_tokens > 0)
+    assert.are.equal("openai", res.headers["x-resil-provider"])
+    assert.are.equal("gpt-4o-mini", res.headers["x-resil-model"])
+    assert.are.equal("1", res.headers["x-resil-attempts"])
+    assert.is_true(tonumber(res.headers["x-resil-cost-usd"]) > 0)
+    assert.matches("^req_", res.headers["x-request-id"])
+  end)
+
+  it("an OpenAI client served by Anthropic when OpenAI fails gets an OpenAI-shaped answer", function()
+    local url, m = start({ strict = true, reply = "from claude", sequence = { chat = { 500, 500, 500, 500 } } })
+    local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS })
+    assert.are.equal(200, res.status)
+    assert.are.equal("from claude", json.decode(res.body).choices[1].message.content)
+    assert.are.equal("anthropic", res.headers["x-resil-provider"])
+    assert.are.equal(5, tonumber(res.headers["x-resil-attempts"])) -- 4 to OpenAI, then Anthropic
+    assert.are.equal(1, m:stats().routes.messages)
+  end)
+
+  it("malformed JSON is a 400 in OpenAI's error shape", function()
+    local url, m = start({ strict = true })
+    local res = post(url .. "/v1/chat/completions", '{"model":')
+    assert.are.equal(400, res.status)
+    local e = json.decode(res.body).error
+    assert.are.equal("invalid_request_error", e.type)
+    assert.are.equal("invalid_json", e.code)
+    assert.are.equal(0, m:stats().total)
+  end)
+
+  it("a request policies.ai refuses (max_tokens not an integer) is a 400, not a 500", function()
+    local url, m = start({ strict = true })
+    local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS, max_tokens = 1.5 })
+    assert.are.equal(400, res.status)
+    res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS, max_tokens = "lots" })
+    assert.are.equal(400, res.status)
+    assert.is_string(json.decode(res.body).error.message)
+    assert.are.equal(0, m:stats().total)
+  end)
+
+  it("a body past the server's limit is a 413", function()
+    local url = start({ strict = true }, { max_body = 1024 })
+    local res = post(url .. "/v1/chat/completions", { model = "fast", messages = { { role = "user",
+      content = ("x"):rep(4096) } } })
+    assert.are.equal(413, res.status)
+  end)
+
+  it("an upstream failure after every retry and fallback keeps its status, in the client's error shape", function()
+    local url = start({ strict = true, sequence = { chat = { 400 }, messages = { 400 } } })
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.are.equal(400, res.status)
+    assert.is_string(json.decode(res.body).error.message)
+    res = post(url .. "/v1/messages", { model = "claude-sonnet-4-5-20250929", max_tokens = 10, messages = MSGS })
+    assert.are.equal(400, res.status)
+    local b = json.decode(res.body)
+    assert.are.equal("error", b.type)
+    assert.are.equal("invalid_request_error", b.error.type)
+  end)
+
+  it("unknown routes are 404s; /health, /v1/models and /metrics answer", function()
+    local url = start({ strict = true })
+    assert.are.equal(404, assert(http.request({ url = url .. "/v2/nothing" })).status)
+    assert.are.equal(200, assert(http.request({ url = url .. "/health" })).status)
+    local models = json.decode(assert(http.request({ url = url .. "/v1/models" })).body)
+    assert.are.equal("list", models.object)
+    assert.are.same({ "claude", "fast" }, { models.data[1].id, models.data[2].id })
+    assert.matches("resil_gateway_requests_total", assert(http.request({ url = url .. "/metrics" })).body)
+  end)
+end)
+
+describe("gateway: policy reload", function()
+  it("keeps the config file's settings and the providers' configuration", function()
+    local url = start({ strict = true, reply = "after reload" })
+    assert(resil.reload())
+    local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("after reload", json.decode(res.body).choices[1].message.content)
+  end)
+end)
+
+describe("gateway: Anthropic messages", function()
+  it("answers in Anthropic's shape; a 529 on the primary falls back to OpenAI", function()
+    local url, m = start({ strict = true, reply = "from gpt", sequence = { messages = { 529, 529, 529, 529, 529 } } })
+    local res = post(url .. "/v1/messages", { model = "claude", max_tokens = 50, messages = MSGS })
+    assert.are.equal(200, res.status)
+    local b = json.decode(res.body)
+    assert.are.equal("message", b.type)
+    assert.are.equal("from gpt", b.content[1].text)
+    assert.are.equal("end_turn", b.stop_reason)
+    assert.are.equal("openai", res.headers["x-resil-provider"])
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+end)
+
+describe("gateway: streams", function()
+  it("relays OpenAI deltas and ends with [DONE]", function()
+    local url = start({ strict = true, reply = "one two three" })
+    local evs, err = events_of(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS,
+      stream = true, stream_options = { include_usage = true } })
+    assert.is_nil(err)
+    local text = {}
+    for _, e in ipairs(evs) do
+      local d = e.data ~= "[DONE]" and json.decode(e.data)
+      if d and d.choices[1] and d.choices[1].delta.content then text[#text + 1] = d.choices[1].delta.content end
+    end
+    assert.are.equal("one two three", table.concat(text))
+    assert.are.equal("[DONE]", evs[#evs].data)
+    assert.is_true(json.decode(evs[#evs - 1].data).usage.completion_tokens > 0)
+  end)
+
+  it("a failure before the first delta falls back, across wire formats", function()
+    local url = start({ strict = true, reply = "one two", sequence = { messages = { 529, 529, 529, 529, 529 } } })
+    local evs, err, s = events_of(url .. "/v1/messages", { model = "claude", max_tokens = 20, messages = MSGS,
+      stream = true })
+    assert.is_nil(err)
+    assert.are.equal("openai", s.headers["x-resil-provider"])
+    assert.are.equal("message_stop", evs[#evs].event)
+  end)
+
+  it("a stream cut after its first delta ends with an error event, never [DONE] or message_stop", function()
+    local url = start({ strict = true, reply = "one two three four five", sequence = { chat = { "cut" },
+      messages = { "cut" } } })
+    local evs = events_of(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS,
+      stream = true })
+    local last = json.decode(evs[#evs].data)
+    assert.is_table(last.error)
+    for _, e in ipairs(evs) do assert.are_not.equal("[DONE]", e.data) end
+    evs = events_of(url .. "/v1/messages", { model = "claude-sonnet-4-5-20250929", max_tokens = 20,
+      messages = MSGS, stream = true })
+    assert.are.equal("error", evs[#evs].event)
+    for _, e in ipairs(evs) do assert.are_not.equal("message_stop", e.event) end
+  end)
+
+  it("a client that leaves mid-stream cancels the upstream transfer", function()
+    local url, m = start({ strict = true, reply = ("word "):rep(200), stream_interval = 0.02 })
+    local s = assert(http.stream({ method = "POST", url = url .. "/v1/chat/completions",
+      headers = { ["content-type"] = "application/json" },
+      body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS, stream = true }) }))
+    assert(s:read_event())
+    assert.are.equal(1, m.server:pending()) -- the upstream is still streaming
+    s:close()
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 0 end, 2),
+      "the upstream stream was not canceled")
+  end)
+end)
+
+describe("gateway: Idempotency-Key", function()
+  it("a retry with the same key gets the first answer again and is not billed twice", function()
+    local url, m = start({ strict = true })
+    local body = { model = "openai/gpt-4o-mini", messages = MSGS }
+    local a = post(url .. "/v1/chat/completions", body, { ["idempotency-key"] = "retry-1" })
+    local b = post(url .. "/v1/chat/completions", body, { ["idempotency-key"] = "retry-1" })
+    assert.are.equal(200, b.status)
+    assert.are.equal(json.decode(a.body).choices[1].message.content, json.decode(b.body).choices[1].message.content)
+    assert.are.equal("true", b.headers["x-resil-replayed"])
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+end)
+
+describe("gateway: virtual keys", function()
+  local keys = require "resil.keys"
+
+  local function bearer(k) return { authorization = "Bearer " .. k } end
+
+  it("an unknown key, a missing one and a revoked one are 401s in OpenAI's shape", function()
+    local url, m = start({ strict = true }, { auth = true })
+    local key = assert(keys.add({ name = "team-a" }))
+    local body = { model = "openai/gpt-4o-mini", messages = MSGS }
+    assert.are.equal(200, post(url .. "/v1/chat/completions", body, bearer(key)).status)
+    local res = post(url .. "/v1/chat/completions", body, bearer("sk-resil-nope"))
+    assert.are.equal(401, res.status)
+    assert.are.equal("invalid_api_key", json.decode(res.body).error.code)
+    assert.are.equal(401, post(url .. "/v1/chat/completions", body).status)
+    assert.are.equal(1, keys.revoke("team-a"))
+    assert.are.equal(401, post(url .. "/v1/chat/completions", body, bearer(key)).status)
+    assert.are.equal(1, m:stats().total)
+  end)
+
+  it("the key's models only; its own rate limit is a 429 with Retry-After", function()
+    local url = start({ strict = true }, { auth = true })
+    local key = assert(keys.add({ name = "team-b", rpm = 1, models = { "fast" } }))
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o", messages = MSGS }, bearer(key))
+    assert.are.equal(403, res.status)
+    assert.are.equal(200, post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS }, bearer(key)).status)
+    res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS }, bearer(key))
+    assert.are.equal(429, res.status)
+    assert.is_true(tonumber(res.headers["retry-after"]) >= 1)
+    assert.are.equal("rate_limit_exceeded", json.decode(res.body).error.code)
+  end)
+
+  it("an exhausted budget is refused before any provider is called, with x-should-retry: false", function()
+    local url, m = start({ strict = true }, { auth = true })
+    local key = assert(keys.add({ name = "team-c", budget = "0.000001/day" }))
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS,
+      max_tokens = 1000 }, bearer(key))
+    assert.are.equal(429, res.status)
+    assert.are.equal("false", res.headers["x-should-retry"])
+    assert.are.equal("insufficient_quota", json.decode(res.body).error.code)
+    assert.are.equal(0, m:stats().total)
+  end)
+
+  it("keys are kept as SHA-256 digests only", function()
+    start({ strict = true })
+    local key, rec = assert(keys.add({ name = "team-d" }))
+    assert.are.equal(resil.crypto.sha256(key), rec.hash)
+    assert.matches("^sk%-resil%-[%w_%-]+$", key)
+    assert.is_true(#key >= 50)
+    for _, r in ipairs(keys.list()) do
+      for _, v in pairs(r) do assert.are_not.equal(key, v) end
+    end
+  end)
+end)
+
+describe("resil-lua gateway and resil-lua keys", function()
+  it("keys add prints a key once; the gateway process serves it; keys revoke shuts it out", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local db = helpers.tmpname(".db")
+    local add = helpers.run(("%s keys add --name team-a --budget 50/day --rpm 600 --tpm 200000 --models fast,x " ..
+      "--store %s"):format(helpers.resil, db))
+    assert.are.equal(0, add.code, add.stderr)
+    local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+    assert.is_string(key)
+    local list = helpers.run(("%s keys list --store %s"):format(helpers.resil, db))
+    assert.matches("team%-a%s+active%s+%$50/day%s+600%s+200000%s+fast,x", list.stdout)
+    assert.is_nil(list.stdout:find(key, 1, true))
+    assert.is_nil(helpers.slurp(db):find(key, 1, true)) -- only its digest is stored
+
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      local ai = require "policies.ai"
+      ai.configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }
+    ]]):format(m.url .. "/v1"))
+    local port = helpers.free_port()
+    local pid
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
+      helpers.resil, port, config, db, log, pidfile))
+    pid = helpers.slurp(pidfile):match("%d+")
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10),
+      helpers.slurp(log))
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local body = json.encode({ model = "fast", messages = MSGS })
+    local res = assert(http.request({ method = "POST", url = url, body = body,
+      headers = { authorization = "Bearer " .. key } }))
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("served", json.decode(res.body).choices[1].message.content)
+    local rev = helpers.run(("%s keys revoke team-a --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, rev.code, rev.stderr)
+    res = assert(http.request({ method = "POST", url = url, body = body, headers = { authorization = "Bearer " .. key } }))
+    assert.are.equal(401, res.status)
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+  end)
+
+  it("--workers 2: two processes serve one port; stopping the first stops both", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(m.url .. "/v1"))
+    local port = helpers.free_port()
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local child = function() return helpers.run("pgrep -P " .. pid).stdout:match("%d+") end
+    local worker = child()
+    finally(function()
+      for _, p in ipairs({ pid, worker }) do if p and helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+      m:stop()
+      resil.log.level("info")
+    end)
+    assert.is_true(helpers.wait_until(function()
+      local _, n = helpers.slurp(log):gsub("listening", "")
+      return n == 2
+    end, 10), helpers.slurp(log))
+    worker = child()
+    assert.is_string(worker)
+    for _ = 1, 4 do
+      local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+        body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+      assert.are.equal(200, res.status)
+    end
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) and not helpers.alive(worker) end, 10))
+  end)
+end)

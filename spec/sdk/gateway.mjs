@@ -1,0 +1,147 @@
+// The official OpenAI and Anthropic clients against the gateway (started by
+// spec/gateway_sdk_spec.lua from spec/sdk/gateway_server.lua). One line per
+// check: "ok <name>" or "not ok <name> -- <why>". GATEWAY is its JSON line.
+import OpenAI from 'openai';
+import Anthropic from '@anthropic-ai/sdk';
+
+const { url, keys } = JSON.parse(process.env.GATEWAY);
+const REPLY = 'one two three four five six';
+const msgs = [{ role: 'user', content: 'Say hello' }];
+
+async function check(name, fn) {
+  try {
+    await fn();
+    console.log(`ok ${name}`);
+  } catch (e) {
+    console.log(`not ok ${name} -- ${e && e.stack ? e.stack.split('\n').slice(0, 3).join(' | ') : e}`);
+  }
+}
+function expect(cond, what) { if (!cond) throw new Error(what); }
+async function rejects(promise, cls, what) {
+  try {
+    await promise;
+  } catch (e) {
+    expect(e instanceof cls, `${what}: got ${e && e.constructor && e.constructor.name}: ${e && e.message}`);
+    return e;
+  }
+  throw new Error(`${what}: no error`);
+}
+const upstream = async () => (await fetch(url + '/__test/upstream')).json();
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const oai = (key = keys.good, retries = 0) => new OpenAI({ apiKey: key, baseURL: url + '/v1', maxRetries: retries });
+const ant = (key = keys.good) => new Anthropic({ apiKey: key, baseURL: url, maxRetries: 0 });
+
+await check('openai: chat through the gateway', async () => {
+  const r = await oai().chat.completions.create({ model: 'chat-fast', messages: msgs });
+  expect(r.choices[0].message.content === REPLY, `content ${r.choices[0].message.content}`);
+  expect(r.usage.completion_tokens === 6, `usage ${JSON.stringify(r.usage)}`);
+});
+
+await check('openai: the stream helper accumulates the final completion', async () => {
+  const final = await oai().chat.completions.stream({ model: 'chat-fast', messages: msgs }).finalChatCompletion();
+  expect(final.choices[0].message.content === REPLY, `content ${final.choices[0].message.content}`);
+  expect(final.choices[0].finish_reason === 'stop', 'finish_reason');
+});
+
+await check('anthropic: messages through the gateway', async () => {
+  const r = await ant().messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 100, messages: msgs });
+  expect(r.content[0].text === REPLY, `text ${r.content[0].text}`);
+  expect(r.stop_reason === 'end_turn', `stop_reason ${r.stop_reason}`);
+});
+
+await check('anthropic: the stream helper accumulates the final message', async () => {
+  const final = await ant().messages.stream({ model: 'claude-sonnet-4-5-20250929', max_tokens: 100,
+    messages: msgs }).finalMessage();
+  expect(final.content[0].text === REPLY, `text ${final.content[0].text}`);
+  expect(final.stop_reason === 'end_turn', `stop_reason ${final.stop_reason}`);
+});
+
+await check('anthropic: a 529 on the primary falls back (the SDK sees a normal answer)', async () => {
+  const before = await upstream();
+  const { data, response } = await ant().messages.create({ model: 'claude-busy', max_tokens: 100, messages: msgs })
+    .withResponse();
+  expect(data.content[0].text === REPLY, `text ${data.content[0].text}`);
+  expect(response.headers.get('x-resil-provider') === 'openai', `provider ${response.headers.get('x-resil-provider')}`);
+  expect((await upstream()).down > before.down, 'the overloaded upstream was tried first');
+});
+
+await check('openai: a stream cut after its first delta raises in the SDK', async () => {
+  let text = '';
+  try {
+    const s = await oai().chat.completions.create({ model: 'chat-cut', messages: msgs, stream: true });
+    for await (const chunk of s) text += chunk.choices[0]?.delta?.content ?? '';
+  } catch (e) {
+    expect(e instanceof OpenAI.APIError, `got ${e && e.constructor && e.constructor.name}`);
+    expect(text.length > 0 && text !== REPLY, `text before the error: ${text}`);
+    return;
+  }
+  throw new Error(`no error; text ${text}`);
+});
+
+await check('anthropic: a stream cut after its first delta raises in the SDK', async () => {
+  await rejects(ant().messages.stream({ model: 'claude-cut', max_tokens: 100, messages: msgs }).finalMessage(),
+    Anthropic.APIError, 'cut');
+});
+
+await check('openai: a bad request is BadRequestError', async () => {
+  await rejects(oai().chat.completions.create({ model: 'chat-fast', messages: [] }), OpenAI.BadRequestError, '400');
+});
+
+await check('openai: an unknown key is AuthenticationError', async () => {
+  await rejects(oai('sk-resil-unknown').chat.completions.create({ model: 'chat-fast', messages: msgs }),
+    OpenAI.AuthenticationError, '401');
+});
+
+await check('openai: a revoked key is AuthenticationError', async () => {
+  await rejects(oai(keys.revoked).chat.completions.create({ model: 'chat-fast', messages: msgs }),
+    OpenAI.AuthenticationError, '401');
+});
+
+await check('anthropic: a revoked key is AuthenticationError', async () => {
+  await rejects(ant(keys.revoked).messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 10,
+    messages: msgs }), Anthropic.AuthenticationError, '401');
+});
+
+await check('openai: the key\'s rate limit is RateLimitError', async () => {
+  await oai(keys.slow).chat.completions.create({ model: 'chat-fast', messages: msgs });
+  const e = await rejects(oai(keys.slow).chat.completions.create({ model: 'chat-fast', messages: msgs }),
+    OpenAI.RateLimitError, '429');
+  expect(Number(e.headers['retry-after'] ?? e.headers.get?.('retry-after')) >= 1, 'retry-after');
+});
+
+await check('openai: an exhausted budget is refused, not retried, no provider called', async () => {
+  const before = await upstream();
+  const e = await rejects(oai(keys.broke, 2).chat.completions.create({ model: 'chat-fast', messages: msgs,
+    max_tokens: 1000 }), OpenAI.RateLimitError, 'budget');
+  expect(e.code === 'insufficient_quota', `code ${e.code}`);
+  expect((await upstream()).total === before.total, 'a provider was called');
+});
+
+await check('openai: an Idempotency-Key replays the first answer, billed once', async () => {
+  const before = await upstream();
+  const opts = { headers: { 'Idempotency-Key': 'sdk-replay-1' } };
+  const a = await oai().chat.completions.create({ model: 'chat-fast', messages: msgs }, opts);
+  const b = await oai().chat.completions.create({ model: 'chat-fast', messages: msgs }, opts);
+  expect(a.choices[0].message.content === b.choices[0].message.content, 'same answer');
+  expect((await upstream()).total === before.total + 1, 'the upstream was called twice');
+});
+
+await check('openai: a client that aborts a stream cancels the upstream transfer', async () => {
+  const long = oai();
+  const ctl = new AbortController();
+  const s = await long.chat.completions.create({ model: 'chat-long', messages: msgs, stream: true },
+    { signal: ctl.signal });
+  try {
+    for await (const chunk of s) {
+      if (chunk.choices[0]?.delta?.content) { ctl.abort(); }
+    }
+  } catch (e) { /* the abort */ }
+  let pending = -1;
+  for (let i = 0; i < 200; i++) {
+    pending = (await upstream()).long_pending;
+    if (pending === 0) break;
+    await sleep(10);
+  }
+  expect(pending === 0, `the upstream still streams (${pending} open)`);
+});

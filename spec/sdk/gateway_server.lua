@@ -1,0 +1,53 @@
+-- A gateway in front of two mocks, for spec/sdk/gateway.mjs (run by
+-- spec/gateway_sdk_spec.lua): prints one JSON line {url=, keys=} and serves.
+local resil = require "resil"
+local ai = require "policies.ai"
+local gateway = require "policies.gateway"
+local keys = require "resil.keys"
+resil.log.level("off")
+resil.store_config({ url = arg[1] })
+
+local up = assert(resil.mock.start({ strict = true, reply = "one two three four five six", idempotency = true,
+  stream_interval = 0.01 }))
+-- a second Anthropic that is overloaded: a model routed there falls back
+local down = assert(resil.mock.start({ strict = true, faults = { { route = "messages", probability = 1, status = 529 } } }))
+-- a long, slow stream: a client that aborts it must cancel it upstream
+local long = assert(resil.mock.start({ strict = true, reply = ("word "):rep(500), stream_interval = 0.02 }))
+-- streams cut after their first deltas: the SDKs must raise, not return a short answer
+local cut = assert(resil.mock.start({ strict = true, reply = "one two three four five six",
+  faults = { { route = "chat", probability = 1, kind = "cut" }, { route = "messages", probability = 1, kind = "cut" } } }))
+local fast = { base = 0.001, cap = 0.005 }
+ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.overloaded = ai.adapters.anthropic or require "policies.providers.anthropic"
+ai.adapters.slow = require "policies.providers.openai"
+ai.configure("slow", { base_url = long.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.cutopenai = require "policies.providers.openai"
+ai.configure("cutopenai", { base_url = cut.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.cutanthropic = require "policies.providers.anthropic"
+ai.configure("cutanthropic", { base_url = cut.url, api_key = "sk-ant-test-123456", retry = fast })
+ai.configure("overloaded", { base_url = down.url, api_key = "sk-ant-test-123456", retry = fast })
+
+gateway.configure({ auth = true, key_cache = 0, models = {
+  ["chat-fast"] = "openai/gpt-4o-mini",
+  ["chat-long"] = "slow/gpt-4o-mini",
+  ["chat-cut"] = "cutopenai/gpt-4o-mini",
+  ["claude-cut"] = "cutanthropic/claude-sonnet-4-5-20250929",
+  ["claude-busy"] = { model = "overloaded/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
+} })
+-- what the checks read of the upstream: its counts, and transfers still open
+gateway.routes["GET /__test/upstream"] = function()
+  return { status = 200, body = resil.json.encode({ total = up:stats().total, pending = up.server:pending(),
+    down = down:stats().total, long_pending = long.server:pending() }) }
+end
+
+local good = assert(keys.add({ name = "good" }))
+local revoked = assert(keys.add({ name = "gone" }))
+keys.revoke("gone")
+local broke = assert(keys.add({ name = "broke", budget = "0.000001/day" }))
+local slow = assert(keys.add({ name = "slow", rpm = 1 }))
+local s = gateway.serve({ listen = "127.0.0.1:0" })
+print(resil.json.encode({ url = ("http://127.0.0.1:%d"):format(s:port()),
+  keys = { good = good, revoked = revoked, broke = broke, slow = slow } }))
+io.stdout:flush()
+resil.sleep(math.huge)

@@ -1,0 +1,189 @@
+-- The gateway's virtual keys (resil.keys), and `resil-lua keys add | list | revoke`.
+--
+-- A key is shown once, when it is made, from OpenSSL's random source; the
+-- store keeps only its SHA-256, under "gateway:key:<digest>", with the
+-- key's name, budget, rate limits and allowed models. The gateway finds a
+-- key by its digest, so no comparison of secrets depends on their bytes.
+-- "gateway:keys" lists the digests, for `keys list` (an admin command: two
+-- `keys add` at the same instant may race on that list, never on a key).
+local resil = ...
+local json = resil.json
+
+local keys = {}
+local INDEX = "gateway:keys"
+
+local function store()
+  local s, err = resil.store()
+  if not s then return nil, err end
+  return s
+end
+
+local function record_key(hash) return "gateway:key:" .. hash end
+
+-- keys.lookup(sha256 hex) -> record | nil (unknown) | nil, err (no store)
+function keys.lookup(hash)
+  local s, err = store()
+  if not s then return nil, err end
+  local v = s:get(record_key(hash))
+  local rec = type(v) == "string" and json.decode(v)
+  return type(rec) == "table" and rec or nil
+end
+
+local function index(s)
+  local v = s:get(INDEX)
+  local list = type(v) == "string" and json.decode(v)
+  return type(list) == "table" and list or {}
+end
+
+local function b64url(bytes)
+  local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+  local out = {}
+  for i = 1, #bytes, 3 do
+    local a, b, c = bytes:byte(i, i + 2)
+    local n = (a << 16) | ((b or 0) << 8) | (c or 0)
+    local chars = #bytes - i + 2 -- 2, 3 or 4 characters
+    for k = 1, math.min(4, chars) do
+      local v = (n >> (18 - 6 * (k - 1))) & 63
+      out[#out + 1] = alphabet:sub(v + 1, v + 1)
+    end
+  end
+  return table.concat(out)
+end
+
+-- "50/day" | "10/month" | "5" -> {limit=, per=}
+local function parse_budget(v)
+  local limit, per = tostring(v):match("^%$?([%d.]+)/(%a+)$")
+  if not limit then limit = tostring(v):match("^%$?([%d.]+)$") end
+  limit = tonumber(limit)
+  if not limit or limit <= 0 or (per and per ~= "day" and per ~= "month") then
+    return nil, ("--budget wants USD, USD/day or USD/month, not '%s'"):format(tostring(v))
+  end
+  return { limit = limit, per = per }
+end
+keys.parse_budget = parse_budget
+
+-- keys.add{name=, budget="50/day" | {limit=, per=}, rpm=, tpm=, models={...}} -> key, record | nil, err
+function keys.add(o)
+  if type(o) ~= "table" or type(o.name) ~= "string" or not o.name:match("^[%w_.:%-]+$") then
+    error("keys.add: name must be letters, digits, _ . : -", 2)
+  end
+  local s, err = store()
+  if not s then return nil, err end
+  local budget = o.budget
+  if type(budget) == "string" or type(budget) == "number" then
+    budget, err = parse_budget(budget)
+    if not budget then return nil, resil.error("bad_option", err) end
+  end
+  local list = index(s)
+  for _, e in ipairs(list) do
+    if e.name == o.name and not e.revoked then
+      return nil, resil.error("exists", ("a live key is named '%s' already (revoke it first)"):format(o.name))
+    end
+  end
+  local key = "sk-resil-" .. b64url(resil.crypto.random(32))
+  local hash = resil.crypto.sha256(key)
+  local rec = { id = "key_" .. hash:sub(1, 12), name = o.name, hash = hash, budget = budget,
+    rpm = o.rpm, tpm = o.tpm, models = o.models, created = resil.clock.wall() }
+  s:set(record_key(hash), json.encode(rec))
+  list[#list + 1] = { id = rec.id, name = rec.name, hash = hash }
+  s:set(INDEX, json.encode(list))
+  return key, rec
+end
+
+-- keys.list() -> records (revoked ones too), oldest first
+function keys.list()
+  local s, err = store()
+  if not s then return nil, err end
+  local out = {}
+  for _, e in ipairs(index(s)) do
+    local rec = keys.lookup(e.hash)
+    if rec then out[#out + 1] = rec end
+  end
+  return out
+end
+
+-- keys.revoke(name or id) -> how many keys were revoked
+function keys.revoke(which)
+  local s, err = store()
+  if not s then return nil, err end
+  local n = 0
+  for _, e in ipairs(index(s)) do
+    if e.name == which or e.id == which then
+      local rec = keys.lookup(e.hash)
+      if rec and not rec.revoked then
+        rec.revoked = resil.clock.wall()
+        s:set(record_key(e.hash), json.encode(rec))
+        n = n + 1
+      end
+    end
+  end
+  return n
+end
+
+---------------------------------------------------------------------------
+-- the command
+
+local function fail(fmt, ...)
+  io.stderr:write("resil-lua: keys: ", resil.redact(fmt:format(...)), "\n")
+  os.exit(1)
+end
+
+local function count(v, flag)
+  local n = math.tointeger(tonumber(v))
+  if not n or n <= 0 then fail("%s wants a positive whole number, not '%s'", flag, tostring(v)) end
+  return n
+end
+
+local USAGE = "usage: resil-lua keys add --name NAME [--budget USD[/day|/month]] [--rpm N] [--tpm N] "
+  .. "[--models a,b]\n       resil-lua keys list [--json]\n       resil-lua keys revoke NAME|ID"
+
+function keys.main(args)
+  local cmd = args[1]
+  if cmd == "add" then
+    local o, i = {}, 2
+    while args[i] do
+      local a, v = args[i], args[i + 1]
+      if v == nil then fail("%s needs a value", a) end
+      if a == "--name" then o.name = v
+      elseif a == "--budget" then o.budget = v
+      elseif a == "--rpm" then o.rpm = count(v, a)
+      elseif a == "--tpm" then o.tpm = count(v, a)
+      elseif a == "--models" then
+        o.models = {}
+        for m in v:gmatch("[^,%s]+") do o.models[#o.models + 1] = m end
+      else fail("unknown option '%s'\n%s", a, USAGE) end
+      i = i + 2
+    end
+    if not o.name or not o.name:match("^[%w_.:%-]+$") then fail("add needs --name (letters, digits, _ . : -)") end
+    local key, rec = keys.add(o)
+    if not key then fail("%s", tostring(rec)) end
+    -- the only time the key is shown; the store keeps its digest
+    print(key)
+    io.stderr:write(("key %s (%s) made; it is not shown again\n"):format(rec.id, rec.name))
+  elseif cmd == "list" then
+    local list, err = keys.list()
+    if not list then fail("%s", tostring(err)) end
+    if args[2] == "--json" then
+      for _, r in ipairs(list) do r.hash = nil end
+      print(#list > 0 and json.encode(list) or "[]")
+      return
+    end
+    if #list == 0 then print("no keys") return end
+    print(("%-18s %-16s %-8s %-14s %-8s %-8s %s"):format("ID", "NAME", "STATUS", "BUDGET", "RPM", "TPM", "MODELS"))
+    for _, r in ipairs(list) do
+      local b = r.budget and ("$%g%s"):format(r.budget.limit, r.budget.per and ("/" .. r.budget.per) or "") or "-"
+      print(("%-18s %-16s %-8s %-14s %-8s %-8s %s"):format(r.id, r.name, r.revoked and "revoked" or "active", b,
+        r.rpm and ("%g"):format(r.rpm) or "-", r.tpm and ("%g"):format(r.tpm) or "-", r.models and table.concat(r.models, ",") or "*"))
+    end
+  elseif cmd == "revoke" then
+    local which = args[2] or fail("revoke needs a key's name or id")
+    local n, err = keys.revoke(which)
+    if not n then fail("%s", tostring(err)) end
+    if n == 0 then fail("no live key named '%s'", which) end
+    print(("revoked %d key%s"):format(n, n == 1 and "" or "s"))
+  else
+    fail("%s", USAGE)
+  end
+end
+
+return keys
