@@ -118,6 +118,8 @@ resil.run = {}
 function resil.run.id() return current_run_or_raise().id end
 function resil.run.started() return run ~= nil and run.held end
 function resil.run.resumed() return current_run_or_raise().resumed end
+-- how many times the run was started over (--fresh): keys derived from the run include it
+function resil.run.generation() return current_run_or_raise().generation or 0 end
 -- Record how the run ended and give it up (the CLI does this when the
 -- script ends). Works outside a task: it writes at once, without the loop.
 -- A later resil.step takes the run again and resumes it.
