@@ -1,167 +1,189 @@
--- The demo pipeline: for each topic, write a script (chat), render images
--- (async jobs), assemble a video (async job) and record narration, against
--- the in-process mock provider with faults injected. Every provider call goes
--- through the policy library (policies/call.lua): retries by class, breakers,
--- rate and concurrency limits, output validation.
+-- The demo pipeline: for each customer's topic, write a script (chat), a title
+-- and two shot prompts, render a still (Replicate) and a thumbnail (fal), make
+-- a video (an async job with a deadline) and record narration (text to
+-- speech). Every call goes through policies.ai and the model registry
+-- (examples/models.lua): aliases, fallbacks, a retired model routed to its
+-- replacement, a canary migration that rolls back by itself. The providers
+-- are the in-process mock, with faults: a 429 burst with Retry-After, an
+-- Anthropic outage that trips its breaker, garbage output, a hung job.
 --
 --   resil-lua examples/pipeline.lua [items] [seed]
 --   resil-lua --fresh examples/pipeline.lua [items] [seed]     (start over)
 local resil = require "resil"
-local json, http = resil.json, resil.http
+local ai = require "policies.ai"
+local jobs = require "policies.jobs"
+local registry = require "policies.registry"
 
-local ITEMS = tonumber(arg and arg[1]) or 8
+local ITEMS = tonumber(arg and arg[1]) or 12
 local SEED = tonumber(arg and arg[2]) or 7
+local here = (arg and arg[0] or "examples/pipeline.lua"):match("^(.*)/[^/]*$") or "."
+registry.load(here .. "/models.lua")
+resil.log.level(os.getenv("RESIL_LOG_LEVEL") or "warn")
 
 local mock = resil.mock.start({
   seed = SEED,
-  latency = { min = 0.01, max = 0.08 },
-  jobs = { polls = 2 },
+  latency = { min = 0.005, max = 0.03 },
+  sequence = { chat = { { status = 429, retry_after = 0.2 }, { status = 429, retry_after = 0.2 },
+                        { status = 429, retry_after = 0.2 } } },                         -- a 429 burst
   faults = {
-    { route = "chat", probability = 0.12, status = 429, retry_after = 0.2 },
-    { route = "chat", probability = 0.06, kind = "garbage" },
-    { route = "chat", probability = 0.04, kind = "empty" },
-    { route = "predictions", probability = 0.10, status = 503 },
-    { route = "prediction", probability = 0.04, kind = "reset" },
-    { route = "POST /v1/audio/speech", probability = 0.08, status = 500 },
+    { route = "messages", status = 529 },                                                -- Anthropic is down
+    { route = "chat", model = "gpt-4.1-mini-2025-04-14", kind = "garbage" },             -- the canary is broken
+    { route = "chat", probability = 0.05, kind = "garbage" },
   },
-  routes = {
-    ["POST /v1/audio/speech"] = function(req)
-      local body = json.decode(req.body) or {}
-      return { status = 200, json = { audio_url = "https://mock.invalid/audio/" .. #(body.input or "") .. ".mp3" } }
-    end,
-  },
+  jobs = { polls = 1, fates = { "succeeded", "succeeded", "stuck" } },                   -- one job hangs
 })
 
--- what the summary reports
-local stats = { retries = 0, failures = {}, latencies = {} }
-local function note_retry(info)
-  stats.retries = stats.retries + 1
-  stats.failures[info.class] = (stats.failures[info.class] or 0) + 1
+-- what the summary counts, by step and provider
+local rows, order = {}, {}
+local function row(step, provider)
+  local k = step .. "\0" .. provider
+  if not rows[k] then
+    rows[k] = { step = step, provider = provider, calls = 0, retries = {}, fallbacks = 0, micro_usd = 0 }
+    order[#order + 1] = k
+  end
+  return rows[k]
+end
+local function step_name() return (resil.context().step or "-"):gsub(" %d+$", "") end
+local function on_retry(info)
+  local r = row(step_name(), info.provider)
+  r.retries[info.class] = (r.retries[info.class] or 0) + 1
+end
+local function served(r)
+  local x = row(step_name(), r.provider)
+  x.calls = x.calls + 1
+  x.fallbacks = x.fallbacks + (r.fallbacks or 0)
+  x.remade = (x.remade or 0) + (r.job_ids and #r.job_ids - 1 or 0) -- jobs canceled at their deadline (or failed), made again
+  x.micro_usd = (x.micro_usd or 0) + math.floor((r.cost_usd or 0) * 1e6 + 0.5) -- as the ledger counts
+  if r.routed then x.note = ("%s -> %s (%s)"):format(r.routed.from, r.routed.to, r.reason or r.routed.reason) end
+  return r
 end
 
--- One provider per API, each wrapped the same way (policies/call.lua):
--- deadline > retry > breaker > rate limit > concurrency > classify/validate.
-local call = require "policies.call"
-local function provider(name, conf)
-  conf.retry = { base = 0.05, cap = 2, on_retry = note_retry }
-  conf.breaker = { window_type = "count", window = 20, min_calls = 10, failure_rate = 0.5, open_for = 2 }
-  conf.timeout = conf.timeout or 5
-  conf.deadline = conf.deadline or 30
-  return call.provider(name, conf)
+-- Providers, all on the mock. Real ones: drop base_url and api_key, export
+-- OPENAI_API_KEY, ANTHROPIC_API_KEY, REPLICATE_API_TOKEN, FAL_KEY, ELEVENLABS_API_KEY.
+local retry = { base = 0.02, cap = 0.5, on_retry = on_retry }
+ai.configure("openai", { base_url = mock.url .. "/v1", api_key = "sk-demo-000000", retry = retry })
+ai.configure("anthropic", { base_url = mock.url, api_key = "sk-ant-demo-000000", retry = retry,
+  breaker = { window_type = "count", window = 10, min_calls = 4, failure_rate = 0.5, open_for = 30 } })
+local poll = { first = 0.05, factor = 1.5, max = 0.2 }
+jobs.configure("replicate", { base_url = mock.url .. "/v1", api_key = "r8_demo_000000", poll = poll, retry = retry })
+jobs.configure("fal", { base_url = mock.url .. "/fal", api_key = "fal_demo_000000", poll = poll, retry = retry })
+jobs.configure("elevenlabs", { base_url = mock.url, api_key = "xi_demo_000000", retry = retry })
+
+local function chat(model, customer, prompt)
+  local r, err = ai.chat({ model = model, user = customer, budget = customer, max_tokens = 300,
+    messages = { { role = "user", content = prompt } } })
+  if not r then return nil, err end
+  return served(r).text
 end
 
-local openai = provider("openai", {
-  request = { method = "POST", url = mock.url .. "/v1/chat/completions" },
-  rate = { rate = 50, per = 1, burst = 10 },
-  concurrency = { size = 4, queue = 100 },
-  validate = "chat",
-})
--- the mock checks auth as Replicate does; any token passes
-local replicate_auth = { Authorization = "Bearer r8_mock_token" }
-local jobs = provider("jobs", {
-  request = { method = "POST", url = mock.url .. "/v1/predictions", headers = replicate_auth },
-  concurrency = { size = 8, queue = 100 }, validate = "prediction" })
-local polls = provider("polls", { request = { method = "GET", headers = replicate_auth }, validate = "prediction" })
-local tts = provider("tts", { request = { method = "POST", url = mock.url .. "/v1/audio/speech" }, validate = "json" })
-
-local function timed(res)
-  stats.latencies[#stats.latencies + 1] = res.time
-  return res
-end
-
--- what the mock charges per 1K tokens (its default price list)
-local PRICE = { input = 0.0005, output = 0.0015 }
-
-local function chat(prompt)
-  local res, err = openai({ json = { model = "gpt-4o-mini", messages = { { role = "user", content = prompt } } } })
-  if not res then return nil, err end
-  local body = json.decode(timed(res).body)
-  local u = body.usage
-  resil.cost.record({ provider = "openai", model = "gpt-4o-mini", operation = "chat",
-    usd = (u.prompt_tokens * PRICE.input + u.completion_tokens * PRICE.output) / 1000,
-    units = { input_tokens = u.prompt_tokens, output_tokens = u.completion_tokens } })
-  return body.choices[1].message.content
-end
-
--- Start an async job and poll it until it finishes (a hung job times out).
-local function run_job(input)
-  local res, err = jobs({ json = { version = "mock-version", input = input } })
-  if not res then return nil, err end
-  local job = json.decode(timed(res).body)
-  local finished, ferr = resil.timeout(10, function()
-    while job.status == "starting" or job.status == "processing" do
-      resil.sleep(0.05)
-      local poll, perr = polls({ url = job.urls.get })
-      if not poll then return nil, perr end
-      job = json.decode(timed(poll).body)
-    end
-    return job
-  end)
-  if not finished then return nil, ferr or resil.error("job_failed", "prediction " .. job.id .. " did not finish") end
-  if finished.status ~= "succeeded" then return nil, resil.error("job_failed", tostring(finished.error)) end
-  resil.cost.record({ provider = "replicate", model = "mock-model", operation = "prediction",
-    usd = 0.01 }) -- the mock's price per prediction (Replicate's answer carries no cost)
-  return finished.output
-end
-
-local function speech(text)
-  local res, err = tts({ json = { input = text } })
-  if not res then return nil, err end
-  return json.decode(timed(res).body).audio_url
+local function image(model, customer, prompt)
+  local r, err = ai.job({ model = model, user = customer, budget = customer, input = { prompt = prompt } })
+  if not r then return nil, err end
+  return served(r).output
 end
 
 -- Each stage is a checkpointed step (resil.step): run the demo again and it
 -- resumes, skipping what is done, paying nothing twice. --fresh starts over.
-local function produce(topic)
-  local script, err = resil.step("script", chat, "Write a 30 second video script about " .. topic)
+local function produce(item)
+  local customer, topic = item.customer, item.topic
+  local script, err = resil.step("script", chat, "writer", customer, "Write a 30 second video script about " .. topic)
   if not script then return nil, err end
-  local images = {}
+  local title
+  title, err = resil.step("title", chat, "openai/gpt-4o-2024-05-13", customer, "A title for: " .. script)
+  if not title then return nil, err end
+  local prompts = {}
   for shot = 1, 2 do
-    images[shot], err = resil.step("image " .. shot, run_job, { prompt = topic .. ", shot " .. shot })
-    if not images[shot] then return nil, err end
+    prompts[shot], err = resil.step("prompt " .. shot, chat, "prompter", customer,
+      ("Shot %d of a video about %s: describe the image"):format(shot, topic))
+    if not prompts[shot] then return nil, err end
   end
+  local still, thumb
+  still, err = resil.step("still", image, "still", customer, prompts[1])
+  if not still then return nil, err end
+  thumb, err = resil.step("thumbnail", image, "thumbnail", customer, prompts[2])
+  if not thumb then return nil, err end
   local video
-  video, err = resil.step("video", run_job, { images = images, script = script })
+  video, err = resil.step("video", function()
+    local r, verr = ai.job({ model = "video", user = customer, budget = customer,
+      input = { prompt = script, image = still[1] or still, duration = 5 } })
+    if not r then return nil, verr end
+    return served(r).output
+  end)
   if not video then return nil, err end
   local narration
-  narration, err = resil.step("narration", speech, script)
+  narration, err = resil.step("narration", function()
+    local r, serr = ai.speech({ model = "voice", voice = "21m00Tcm4TlvDq8ikWAM", text = script, user = customer,
+      budget = customer })
+    if not r then return nil, serr end
+    return served(r).characters
+  end)
   if not narration then return nil, err end
-  return { topic = topic, video = video, narration = narration }
+  return { topic = topic, title = title, video = video }
 end
 
-local topics = {}
 local subjects = { "tides", "volcanoes", "honeybees", "comets", "glaciers", "octopuses", "auroras", "coral reefs" }
-for i = 1, ITEMS do topics[i] = subjects[(i - 1) % #subjects + 1] end
+local items = {}
+local names = { "ada", "grace", "alan", "edsger", "barbara", "donald", "ken", "dennis", "margaret", "linus",
+  "guido", "bjarne" }
+for i = 1, ITEMS do
+  local customer = names[(i - 1) % #names + 1] .. (i > #names and tostring(i) or "")
+  resil.budget(customer, { limit = 1.00, per = "day" }) -- a budget per customer
+  items[i] = { customer = customer, topic = subjects[(i - 1) % #subjects + 1] }
+end
 
-local started = resil.now()
-resil.log.level(os.getenv("RESIL_LOG_LEVEL") or "warn")
-local results, failures = resil.map(topics, produce, { concurrency = 4, progress = "videos" })
+local started, since = resil.now(), resil.store_now()
+local results, failures = resil.map(items, produce, { concurrency = 4, progress = "videos" })
 local elapsed = resil.now() - started
 
-local function percentile(values, p)
-  if #values == 0 then return 0 end
-  table.sort(values)
-  return values[math.max(1, math.ceil(#values * p))]
+-- the summary
+local done = 0
+for i = 1, ITEMS do if results[i] then done = done + 1 end end
+local run = resil.run.id()
+local paid = 0
+print(("resil-lua demo: %d videos (script, title, 2 prompts, still, thumbnail, video, narration), %d done, "
+  .. "%d failed in %.2f s%s"):format(ITEMS, done, ITEMS - done, elapsed, resil.run.resumed() and ", resumed" or ""))
+print()
+print(("%-10s %-11s %5s  %-32s %9s %10s"):format("STEP", "PROVIDER", "CALLS", "RETRIES", "FALLBACKS", "COST"))
+table.sort(order)
+local calls, retried, fell, remade = 0, 0, 0, {}
+for _, k in ipairs(order) do
+  local r = rows[k]
+  local retries = {}
+  for class, n in pairs(r.retries) do
+    retries[#retries + 1] = ("%s=%d"):format(class, n)
+    retried = retried + n
+  end
+  table.sort(retries)
+  calls, fell = calls + r.calls, fell + r.fallbacks
+  if (r.remade or 0) > 0 then remade[#remade + 1] = ("%s %s: %d"):format(r.step, r.provider, r.remade) end
+  paid = paid + r.micro_usd
+  print(("%-10s %-11s %5d  %-32s %9d %10s"):format(r.step, r.provider, r.calls,
+    #retries > 0 and table.concat(retries, " ") or "-", r.fallbacks, ("$%.6f"):format(r.micro_usd / 1e6)))
 end
-
-local done, failed = 0, 0
-for i = 1, ITEMS do
-  if results[i] then done = done + 1 else failed = failed + 1 end
+if #order == 0 then print("(every step replayed from its checkpoint: no provider was called)") end
+print(("%-10s %-11s %5d  %-32s %9d %10s"):format("TOTAL", "", calls, retried, fell, ("$%.6f"):format(paid / 1e6)))
+print()
+if #remade > 0 then print(("hung jobs  canceled at their deadline and made again: %s"):format(table.concat(remade, ", "))) end
+local transitions = resil.metrics.counter("resil_breaker_transitions_total")
+for _, p in ipairs({ "anthropic", "openai", "replicate", "fal", "elevenlabs" }) do
+  local trips = transitions:value({ breaker = p, to = "open" })
+  if trips > 0 then print(("breaker    %s opened %d time%s"):format(p, trips, trips == 1 and "" or "s")) end
 end
-local kinds = {}
-for class, n in pairs(stats.failures) do kinds[#kinds + 1] = ("%s=%d"):format(class, n) end
-table.sort(kinds)
-local billed = mock:stats().billed
-
-print(("resil-lua demo pipeline: %d items x 4 steps (script, images, video, narration)"):format(ITEMS))
-print(("  items      %d done, %d failed"):format(done, failed))
-print(("  requests   %d (%d retries)"):format(mock:stats().total, stats.retries))
-print(("  retried    %s"):format(#kinds > 0 and table.concat(kinds, " ") or "none"))
-print(("  time       %.2f s"):format(elapsed))
-print(("  latency    p50 %.3f s, p95 %.3f s"):format(percentile(stats.latencies, 0.5),
-  percentile(stats.latencies, 0.95)))
-print(("  billed     $%.4f by the mock provider in this run"):format(billed.usd))
-print(("  ledger     $%.4f for run %s (resil-lua costs --by model)%s"):format(
-  resil.cost.total({ run = resil.run.id() }), resil.run.id(), resil.run.resumed() and ", resumed" or ""))
-for i, err in pairs(failures or {}) do print(("  item %d (%s) failed: %s"):format(i, topics[i], tostring(err))) end
+for _, k in ipairs(order) do
+  if rows[k].note then print(("sunset     %s"):format(rows[k].note)) break end
+end
+local st = registry.migration_state("prompter")
+if st.rolled_back then
+  local f = st.rolled_back
+  print(("migration  prompter %s -> %s: ROLLED BACK (%s: invalid %.0f%% vs %.0f%%, errors %.0f%% vs %.0f%%, "
+    .. "new side %d calls, old %d); share 0 until examples/models.lua changes"):format(st.from, st.to, f.reason,
+    100 * f.new_invalid_rate, 100 * f.old_invalid_rate, 100 * f.new_error_rate, 100 * f.old_error_rate,
+    f.new_calls, f.old_calls))
+else
+  print(("migration  prompter %s -> %s: holding at %.0f%%"):format(st.from, st.to, 100 * st.share))
+end
+print(("paid       $%.6f in this process; ledger $%.6f for run %s since it started (resil-lua costs --run %s); "
+  .. "$%.6f in all"):format(paid / 1e6, resil.cost.total({ run = run, since = since }), run, run,
+  resil.cost.total({ run = run })))
+for i, err in pairs(failures or {}) do print(("item %d (%s) failed: %s"):format(i, items[i].topic, tostring(err))) end
 mock:stop()

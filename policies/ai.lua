@@ -7,7 +7,11 @@
 --     cache = { ttl = 3600 },                                   -- answer repeats from the store
 --     retry = { base = 1 }, deadline = 60 }                     -- call.provider options, for this call
 --   -- r.text, r.usage {input_tokens, output_tokens, cached_input_tokens, cache_write_tokens},
---   -- r.cost_usd, r.provider, r.model (what served), r.finish_reason, r.id, r.raw
+--   -- r.cost_usd, r.provider, r.model (what served), r.finish_reason, r.id, r.raw,
+--   -- r.fallbacks (how many targets failed before this one), and from the registry
+--   -- (policies/models.lua): r.alias, r.routed {from, to, reason}, r.migration {alias, side},
+--   -- r.deployment
+--   -- model: an alias of the registry or "provider/model[:version]"
 --
 --   local s = ai.stream{ model = "anthropic/claude-sonnet-4-5-20250929", messages = msgs, max_tokens = 800 }
 --   for delta in s do io.write(delta) end     -- raises kind="stream_interrupted" (err.text) if cut
@@ -52,6 +56,7 @@ end
 -- list of models), cache = {ttl=}, max_tokens (default for this provider),
 -- idle_timeout (streams, default 60 s), stream_timeout (default 600 s).
 local callers = {}
+local NO_CONF = {} -- a provider not configured: one stable table, so its caller is kept
 function ai.configure(provider, conf)
   if type(provider) ~= "string" then error("ai.configure: provider must be a string", 2) end
   if type(conf) ~= "table" then error("ai.configure: conf must be a table", 2) end
@@ -80,15 +85,16 @@ local function key_of(provider, adapter, conf, model)
   return key
 end
 
--- One policies.call provider per provider name, or a fresh one for a call
--- that overrides its options (buckets, breakers and semaphores are shared by name).
-local function caller_of(provider, adapter, conf, req)
+-- One policies.call provider per provider name (or registry deployment), or
+-- a fresh one for a call that overrides its options (buckets, breakers and
+-- semaphores are shared by name).
+local function caller_of(name, adapter, conf, req)
   local override = false
   for _, k in ipairs(CALL_OPTIONS) do
     if req[k] ~= nil then override = true break end
   end
-  local c = not override and callers[provider]
-  if c then return c end
+  local c = not override and callers[name]
+  if c and c.conf == conf then return c.caller end
   local o = {}
   for _, k in ipairs(CALL_OPTIONS) do
     if req[k] ~= nil then o[k] = req[k] else o[k] = conf[k] end
@@ -99,9 +105,9 @@ local function caller_of(provider, adapter, conf, req)
     if data == nil then return nil, why end
     return adapter.validate(data)
   end
-  c = call.provider(provider, o)
-  if not override then callers[provider] = c end
-  return c
+  local caller = call.provider(name, o)
+  if not override then callers[name] = { caller = caller, conf = conf } end
+  return caller
 end
 
 local function parse_model(spec, level)
@@ -114,26 +120,95 @@ local function parse_model(spec, level)
   return provider, name
 end
 
--- The targets of a call, first the model, then its fallbacks, each with
+-- the registry now loaded (a reload swaps it in for the next call)
+local function registry() return require "policies.registry" end
+
+-- a deployment's config: the provider's, then ai.configure(name), then the registry entry's
+local merged_confs = setmetatable({}, { __mode = "k" })
+local function deployment_conf(provider, d)
+  local base, named, own = ai.config[provider] or NO_CONF, ai.config[d.name], d.config
+  if not named and not own then return base end
+  local key = own or named
+  local m = merged_confs[key]
+  if m and m.base == base and m.named == named then return m.conf end
+  local conf = {}
+  for _, t in ipairs({ base, named or {}, own or {} }) do for k, v in pairs(t) do conf[k] = v end end
+  merged_confs[key] = { base = base, named = named, conf = conf }
+  return conf
+end
+
+local function target_of(model, req, level, spec, d)
+  local p, name = parse_model(model, level + 1)
+  local adapter = adapter_of(p, level + 1)
+  local conf = d and deployment_conf(p, d) or ai.config[p] or NO_CONF
+  local key, err = key_of(p, adapter, conf, name)
+  if key == nil then return nil, err end
+  local limits = d and d.name or p
+  return { provider = p, model = name, adapter = adapter, conf = conf, key = key,
+    overrides = type(spec) == "table" and spec or nil, name = d and (d.name .. ":" .. p .. "/" .. name) or (p .. "/" .. name),
+    deployment = d and d.name or nil, caller = caller_of(limits, adapter, conf, req) }
+end
+
+-- a deployment's state for spreading: breaker open?, seconds until its bucket admits a call
+local function deployment_state(t)
+  local c = t.caller
+  local open = c.breaker ~= nil and c.breaker:state() == "open"
+  local wait = 0
+  for _, b in ipairs({ c.bucket, c.token_bucket }) do
+    if b.wait_time then wait = math.max(wait, b:wait_time(1)) end
+  end
+  return open, wait
+end
+
+-- The targets of a call, first the model (through the registry: alias,
+-- deprecation, migration, deployments), then its fallbacks, each with
 -- adapter, config, key and caller. Keys are checked before anything is sent.
 local function targets_of(req, level)
-  local list = { req.model }
-  local provider = parse_model(req.model, level + 1)
-  local fb = req.fallback
-  if fb == nil then fb = (ai.config[provider] or {}).fallback end
-  if fb ~= nil and type(fb) ~= "table" then error("ai: fallback must be a list of models", level + 1) end
-  for _, f in ipairs(fb or {}) do list[#list + 1] = f end
-  local targets = {}
-  for i, spec in ipairs(list) do
-    local p, model = parse_model(spec, level + 1)
-    local adapter = adapter_of(p, level + 1)
-    local conf = ai.config[p] or {}
-    local key, err = key_of(p, adapter, conf, model)
-    if key == nil then return nil, err end
-    targets[i] = { provider = p, model = model, adapter = adapter, conf = conf, key = key,
-      overrides = type(spec) == "table" and spec or nil, name = p .. "/" .. model,
-      caller = caller_of(p, adapter, conf, req) }
+  if type(req.model) ~= "string" then error("ai: model must be a string: an alias or \"provider/model\"", level + 1) end
+  local reg = registry()
+  local plan = reg.resolve(req.model, req, level + 2)
+  if plan.err then return nil, plan.err end
+  local targets, seen = {}, {}
+  local function add(t)
+    if not seen[t.name] then
+      seen[t.name] = true
+      targets[#targets + 1] = t
+    end
   end
+  local left = req.deadline or plan.deadline
+  local function add_choices(choices, spec)
+    for _, c in ipairs(choices) do
+      if c.deployments then
+        local by = {}
+        for _, d in ipairs(c.deployments) do
+          local t, err = target_of(d.model, req, level + 1, spec, d)
+          if not t then return nil, err end
+          by[d] = t
+        end
+        for _, d in ipairs(reg.order(c, function(d) return deployment_state(by[d]) end, left)) do add(by[d]) end
+      else
+        local t, err = target_of(c.model, req, level + 1, spec)
+        if not t then return nil, err end
+        add(t)
+      end
+    end
+    return true
+  end
+  local ok, err = add_choices(plan.choices)
+  if not ok then return nil, err end
+  local fb = req.fallback
+  if fb == nil then fb = (ai.config[targets[1].provider] or {}).fallback end
+  if fb ~= nil and type(fb) ~= "table" then error("ai: fallback must be a list of models", level + 1) end
+  for _, f in ipairs(fb or {}) do
+    local m = type(f) == "table" and f.model or f
+    if type(m) ~= "string" then error("ai: fallback entries must be models or {model=, ...}", level + 1) end
+    local fplan = reg.resolve(m, req, level + 2)
+    if not fplan.err then
+      ok, err = add_choices(fplan.choices, f)
+      if not ok then return nil, err end
+    end
+  end
+  targets.plan = plan
   return targets
 end
 
@@ -300,7 +375,38 @@ end
 local function finish_result(t, r, data)
   r.provider, r.requested_model, r.raw = t.provider, t.model, data
   r.model = r.model or t.model
+  r.deployment = t.deployment
   return r
+end
+
+-- what the registry did with the name asked for: the alias, a sunset's
+-- routing, the migration's side
+local function describe(r, targets)
+  local plan = targets.plan
+  r.alias, r.routed = plan.alias, plan.routed
+  local m = plan.migration
+  if m then r.migration = { alias = m.alias, side = m.side, from = m.from, to = m.to, rolled_back = m.rolled_back } end
+  return r
+end
+
+-- A migration's first strategy reports its outcome to the registry (the
+-- rollback compares the sides' outcomes, before any fallback). On the new
+-- side any failure but these moves on to the old version: a canary's 400 is
+-- the canary's problem, not the call's.
+local CANARY_STOPS = { auth = true, canceled = true, deadline = true }
+local function canary_moves_on(_, class) return not CANARY_STOPS[class] end
+
+local function watched(strategy, targets)
+  local mig = targets.plan.migration
+  if not mig then return strategy end
+  local fn = strategy.fn
+  return { name = strategy.name, on = mig.side == "new" and canary_moves_on or strategy.on, fn = function(q, deadline)
+    local start = resil.now()
+    local r, err = fn(q, deadline)
+    local class = type(err) == "table" and (err.class or err.kind) or (err ~= nil and "unknown" or nil)
+    registry().record(mig, { ok = r ~= nil, class = class, seconds = resil.now() - start })
+    return r, err
+  end }
 end
 
 local function chat_strategy(t, req)
@@ -327,7 +433,7 @@ local function attempts_failed(errors)
 end
 
 local function deadline_of(targets, req)
-  local d = req.deadline or targets[1].conf.deadline
+  local d = req.deadline or targets.plan.deadline or targets[1].conf.deadline
   return d and resil.now() + d
 end
 
@@ -348,18 +454,22 @@ function ai.chat(req)
   if berr then return nil, berr end
   local r, err
   if #targets == 1 then
-    r, err = chat_strategy(targets[1], req).fn(req, deadline_of(targets, req))
+    r, err = watched(chat_strategy(targets[1], req), targets).fn(req, deadline_of(targets, req))
+    if r then r.fallbacks = 0 end
   else
     local strategies = {}
     for i, t in ipairs(targets) do strategies[i] = chat_strategy(t, req) end
+    strategies[1] = watched(strategies[1], targets)
     local info
     r, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
+    if r then r.fallbacks = info and info.index and info.index - 1 or 0 end
     if r and info then r.attempts = (r.attempts or 1) + attempts_failed(info.errors) end
   end
   if r == nil then
     if ticket then ticket:settle(0) end
     return nil, err
   end
+  describe(r, targets)
   record_cost(r, req, ticket, "chat")
   if cache then cache_put(cache, r) end
   return r
@@ -432,7 +542,8 @@ local function stream_result(self)
   local st = self.state or {}
   local r = { id = st.id, model = st.model or self.target.model, text = table.concat(self.parts),
     finish_reason = st.finish_reason, usage = st.usage, attempts = self.attempts }
-  return finish_result(self.target, r, nil)
+  r.fallbacks = self.fallbacks
+  return describe(finish_result(self.target, r, nil), self.targets)
 end
 
 -- usage the provider did not report (a cut stream): estimated, and marked so
@@ -470,7 +581,9 @@ local function open(self)
       return { res = res, target = t }
     end }
   end
+  strategies[1] = watched(strategies[1], targets) -- a migration counts a stream that opened as a success
   local got, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
+  self.fallbacks = got and info and info.index and info.index - 1 or 0
   if got then self.attempts = (got.res.attempts or 1) + attempts_failed(info and info.errors) end
   if got == nil then
     if ticket then ticket:settle(0) end
@@ -689,12 +802,41 @@ local function jobs_module()
   return nil, ok and "policies.jobs is not a module" or mod
 end
 
+-- A job or speech call names an alias or a model: the registry picks the
+-- model (its first choice: deprecations and migrations apply), and the
+-- alias's deadline when the call sets none.
+local function through_registry(req, level)
+  if type(req) ~= "table" or type(req.model) ~= "string" then return req end
+  local plan = registry().resolve(req.model, req, level + 1)
+  if plan.err then return nil, plan.err end
+  local first = plan.choices[1]
+  local model = first.model or (first.deployments and first.deployments[1].model)
+  if model == req.model and not plan.deadline then return req end
+  local r = {}
+  for k, v in pairs(req) do r[k] = v end
+  r.model = model
+  if r.deadline == nil then r.deadline = plan.deadline end
+  return r, nil, plan
+end
+
+local function with_plan(r, err, plan)
+  if r and plan then
+    r.alias, r.routed = plan.alias, plan.routed
+    if plan.migration then r.migration = { alias = plan.migration.alias, side = plan.migration.side } end
+  end
+  return r, err
+end
+
 function ai.job(req)
   local jobs, why = jobs_module()
   if not jobs or type(jobs.job) ~= "function" then
     error("ai.job: not available (policies.jobs is missing: " .. tostring(why) .. ")", 2)
   end
-  return jobs.job(req)
+  local r, err, plan = through_registry(req, 2)
+  if r == nil then return nil, err end
+  if not plan then return jobs.job(r) end -- a tail call: misuse raises at the caller's line
+  local res, jerr = jobs.job(r)
+  return with_plan(res, jerr, plan)
 end
 
 function ai.speech(req)
@@ -702,7 +844,11 @@ function ai.speech(req)
   if not jobs or type(jobs.speech) ~= "function" then
     error("ai.speech: not available (policies.jobs is missing: " .. tostring(why) .. ")", 2)
   end
-  return jobs.speech(req)
+  local r, err, plan = through_registry(req, 2)
+  if r == nil then return nil, err end
+  if not plan then return jobs.speech(r) end -- a tail call: misuse raises at the caller's line
+  local res, jerr = jobs.speech(r)
+  return with_plan(res, jerr, plan)
 end
 
 return ai

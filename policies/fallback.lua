@@ -61,6 +61,7 @@ function Chain:__call(...)
       local stopped = last and "" or " (its class does not move on)"
       return nil, resil.error(kind, ("%s failed%s: %s"):format(s.name, stopped, tostring(err)), fields)
     end
+    if resil.run then resil.run.fell_back(class_of(err)) end -- for the run report
     resil.log.info("fallback", { from = s.name, to = self.strategies[i + 1] and self.strategies[i + 1].name
                                  or "placeholder", class = class_of(err), reason = tostring(err) })
   end

@@ -154,8 +154,10 @@ local function durable_key(spec)
   if spec.key ~= nil then return tostring(spec.key) end
   local c = resil.context()
   if not c.step then return nil end
-  return ("%s/%s%s/%s"):format(resil.run.id(), c.step_scope and (c.step_scope .. "/") or "", c.step,
-    fingerprint(spec.model, spec.input):sub(1, 16))
+  -- a run started over (--fresh) makes new jobs: its generation is in the key
+  local gen = resil.run.generation()
+  return ("%s%s/%s%s/%s"):format(resil.run.id(), gen > 0 and ("~" .. gen) or "", c.step_scope and (c.step_scope .. "/")
+    or "", c.step, fingerprint(spec.model, spec.input):sub(1, 16))
 end
 
 local warned = {}

@@ -166,7 +166,9 @@ function retry.call(fn, opts, ...)
         return nil, resil.error("deadline", ("deadline passed before attempt %d"):format(attempt),
           { attempts = attempt - 1, provider = provider, class = "deadline", retryable = false })
       end
+      local t0 = now()
       res, err = resil.timeout(left, fn, attempt, ...)
+      if resil.run then resil.run.attempted(provider, now() - t0) end -- for the run report
       if res == nil and type(err) == "table" and err.kind == "timeout" and now() >= deadline then
         err = resil.error("deadline", ("attempt %d cut at the deadline"):format(attempt),
           { provider = provider, class = "deadline", retryable = false })
@@ -176,7 +178,9 @@ function retry.call(fn, opts, ...)
         return nil, resil.error("deadline", ("deadline passed before attempt %d"):format(attempt),
           { attempts = attempt - 1, provider = provider, class = "deadline", retryable = false })
       end
+      local t0 = now()
       res, err = fn(attempt, ...)
+      if resil.run then resil.run.attempted(provider, now() - t0) end
     end
     local verdict = classify_fn(res, err, opts)
     if verdict == nil then
@@ -206,7 +210,7 @@ function retry.call(fn, opts, ...)
     end
     retries_of[class] = done + 1
     retries_total:inc({ provider = provider, class = class })
-    if resil.run then resil.run.retried() end -- per item and step, for `resil-lua runs show`
+    if resil.run then resil.run.retried(class) end -- per item and step, for `resil-lua runs show`
     local reason = verdict.reason or verdict.message
     local failed = type(err) == "table" and err or {}
     resil.log.info("retry", { provider = provider, attempt = attempt, class = class, delay = delay,

@@ -192,3 +192,37 @@ describe("a stored record the store did not write (a corrupt file, a hand-edited
     os.remove(path)
   end)
 end)
+
+describe("a step that found the store unavailable", function()
+  it("keeps its place: the steps after it keep theirs, and a re-run neither diverges nor replays the wrong one",
+    function()
+      local path = helpers.tmpname(".db")
+      local holder = helpers.write(helpers.tmpname(".lua"), ([[
+        local resil = require "resil"
+        local db = assert(resil.sqlite.open(%q))
+        db:now(function(tx) io.stdout:write("holding\n"); io.stdout:flush(); os.execute("sleep 1") end)
+      ]]):format(path))
+      assert(resil.store(path)) -- the schema, before anyone holds the lock
+      local script = helpers.write(helpers.tmpname(".lua"), ([[
+        local resil = require "resil"
+        if ... == "lock" then
+          local h = io.popen(%q .. " " .. %q)
+          assert(h:read("l") == "holding")
+          print("a", resil.step("a", function() print("a runs") return 1 end))
+          while resil.store():set("probe", "x") == nil do resil.sleep(0.1) end -- the lock is free again
+        else
+          print("a", resil.step("a", function() print("a runs") return 1 end))
+        end
+        print("b", resil.step("b", function() print("b runs") return 2 end))
+      ]]):format(helpers.resil, holder))
+      local cmd = ("%s --store '%s?timeout=0.3' --run r1 %s"):format(helpers.resil, path, script)
+      local first = helpers.run(cmd .. " lock")
+      assert.are.equal(0, first.code, first.stderr)
+      assert.matches("a\tnil\tstore_unavailable", first.stdout)
+      assert.matches("b runs\nb\t2\n", first.stdout, 1, true)
+      local again = helpers.run(cmd)
+      assert.are.equal(0, again.code, again.stderr)
+      assert.are.equal("a runs\na\t1\nb\t2\n", again.stdout) -- a runs now; b is its own record
+      os.remove(path)
+    end)
+end)

@@ -121,3 +121,30 @@ print(resil.metrics.counter("resil_trace_spans_dropped_total"):value())
     assert.are.equal("15.0\n", r.stdout:gsub("^15\n$", "15.0\n"))
   end)
 end)
+
+describe("a task that continues a caller's trace (resil.trace.continue)", function()
+  it("sends its attempts as children of the caller's span, in the caller's trace", function()
+    local seen = {}
+    local provider = resil.server.listen({ port = 0, handler = function(req)
+      seen[#seen + 1] = req.headers.traceparent
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = "{}" }
+    end })
+    local call = require "policies.call"
+    local p = call.provider("trace-continue", { request = { method = "POST",
+      url = ("http://127.0.0.1:%d/v1/x"):format(provider:port()) } })
+    local caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    local t = resil.spawn(function()
+      assert.is_true(resil.trace.continue(("00-%s-%s-01"):format(caller_trace, caller_span)))
+      return p({ json = {} })
+    end)
+    assert.is_truthy(select(2, t:join()))
+    local other = resil.spawn(function() return p({ json = {} }) end)
+    assert.is_truthy(select(2, other:join()))
+    provider:close()
+    local trace_id, span_id = seen[1]:match("^00%-(%x+)%-(%x+)%-01$")
+    assert.are.equal(caller_trace, trace_id)
+    assert.are_not.equal(caller_span, span_id) -- the attempt is a span of its own under the caller's
+    assert.are_not.equal(caller_trace, seen[2]:match("^00%-(%x+)%-")) -- a task without it is in the run's trace
+    assert.is_false(resil.trace.continue("not a traceparent"))
+  end)
+end)

@@ -23,7 +23,9 @@
   X(limits, "src/lua/limits.lua")             /* resil.bucket, resil.breaker */      \
   X(trace, "src/lua/trace.lua")               /* W3C trace context, OTLP export */   \
   X(commands, "src/lua/commands.lua")         /* resil-lua runs | costs | budgets */ \
-  X(keys, "src/lua/keys.lua")                 /* the gateway's keys; resil-lua keys */
+  X(report, "src/lua/report.lua")             /* runs show --html: the run report */  \
+  X(keys, "src/lua/keys.lua")                 /* the gateway's keys; resil-lua keys */ \
+  X(check, "src/lua/check.lua")               /* resil-lua check */
 
 #define EMBED_LUA(name, file)                                                                                   \
   __asm__(".section .rodata\n.global resil_lua_" #name "\n.type resil_lua_" #name ", @object\n.balign 16\n" \

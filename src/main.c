@@ -42,6 +42,7 @@ static void usage(FILE *out) {
           "       " PROGNAME " budgets [--json] | show NAME | release NAME [--stale] | set NAME --limit USD [--per day]\n"
           "       " PROGNAME " gateway [--listen HOST:PORT] [--config FILE] [--workers N] [options]\n"
           "       " PROGNAME " keys add --name NAME [--budget USD/day] [--rpm N] [--tpm N] [--models a,b] | list | revoke NAME\n"
+          "       " PROGNAME " check [files...]                 policy files and the model registry, without running\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
           "  -                       read the script from stdin\n"
@@ -339,6 +340,8 @@ int main(int argc, char **argv) {
     return run_command(argv[1], "require('resil.commands')(arg)", argc - 2, argv + 2);
   if (argc > 1 && strcmp(argv[1], "keys") == 0)
     return run_command("keys", "require('resil.keys').main(arg)", argc - 2, argv + 2);
+  if (argc > 1 && strcmp(argv[1], "check") == 0)
+    return run_command("check", "require('resil.check')(arg)", argc - 2, argv + 2);
   /* the gateway: the usual options, plus its own, and policies.gateway for a script */
   int gateway = argc > 1 && strcmp(argv[1], "gateway") == 0;
   const char *gw_listen = "127.0.0.1:8080", *gw_config = NULL;

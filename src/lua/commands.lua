@@ -1,4 +1,4 @@
--- The store's subcommands: `resil-lua runs [show ID]`,
+-- The store's subcommands: `resil-lua runs [show ID [--html FILE]]`,
 -- `resil-lua costs [--by provider|model|user|day] [--since DATE] [--run ID] [--json|--csv]` and
 -- `resil-lua budgets [show|release|set NAME ...]`.
 -- The module is the command's entry point: the CLI runs
@@ -114,8 +114,19 @@ end
 
 local function runs_show(s, args)
   local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
+  local html
+  if args[3] == "--html" then html = args[4] or fail("runs show: --html needs a file name") end
+  local extra = args[html and 5 or 3]
+  if extra then fail("runs show: unknown argument '%s' (runs show ID [--html FILE])", extra) end
   local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
   local run = report.run
+  if html then -- the page: src/lua/report.lua
+    local ok, err = require("resil.report").write(html, report, assert(s.backend:cost_rows({ run = id })),
+      run.status ~= "done" and run.status ~= "running" and resume_command(s, run) or nil)
+    if not ok then fail("runs show: cannot write %s: %s", html, tostring(err)) end
+    print(("wrote %s"):format(html))
+    return
+  end
   print(("run %s: %s%s"):format(run.id, run.status or "?", run.script and (" (" .. run.script .. ")") or ""))
   local rows, counts = {}, { done = 0, failed = 0, pending = 0 }
   local retries = 0

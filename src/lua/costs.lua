@@ -28,6 +28,7 @@ local TOKEN_TYPES = { input_tokens = "input", prompt_tokens = "input", output_to
 -- label key is a sort and a concatenation: too much for every call of a
 -- gateway's hot path)
 local bound, bound_count = {}, 0
+local spent_usd = 0 -- by this process, for resil.map's progress line
 local function series_of(provider, model)
   local by = bound[provider]
   local b = by and by[model]
@@ -44,6 +45,7 @@ local function observe_cost(e, units)
   local provider, model = e.provider or "unknown", e.model or "unknown"
   local b = series_of(provider, model)
   if e.usd then
+    spent_usd = spent_usd + e.usd
     local usd = b.usd
     if not usd then
       usd = usd_total:labels({ provider = provider, model = model })
@@ -126,5 +128,7 @@ function resil.cost.breakdown(by, f)
   return out
 end
 
--- for budgets: ledger entries and money in micro-dollars
-return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, observe = observe_cost }
+-- for budgets: ledger entries and money in micro-dollars; for the progress
+-- line: what this process has recorded so far
+return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, observe = observe_cost,
+         spent = function() return spent_usd end }

@@ -313,3 +313,17 @@ function resil.breaker(name, opts)
   end
   return instrumented(local_breaker(name, opts))
 end
+
+-- for resil.map's progress line: the breakers (seen through resil.breaker)
+-- that are not closed, as {{name=, state=}, ...} sorted by name
+local function breakers_not_closed()
+  local out = {}
+  for br in pairs(instrumented_set) do
+    local state = br:state()
+    if state ~= "closed" then out[#out + 1] = { name = br:name(), state = state } end
+  end
+  table.sort(out, function(a, b) return a.name < b.name end)
+  return out
+end
+
+return { breakers_not_closed = breakers_not_closed }

@@ -164,9 +164,16 @@ function Mock:stop()
 end
 Mock.__close = Mock.stop
 
+-- the model a request's JSON body names, for faults with `model =`
+local function body_model(req)
+  local body = req and req.body and json.decode(req.body)
+  return type(body) == "table" and body.model or nil
+end
+
 -- The fault for this request: the route's sequence first, then faults by
--- probability; nil means a normal answer.
-function Mock:pick_fault(route)
+-- probability (a fault with `model = "x"` only for requests naming model x);
+-- nil means a normal answer.
+function Mock:pick_fault(route, req)
   local s = self.scenario
   local seq = s.sequence and (s.sequence[route] or s.sequence["*"])
   if seq then
@@ -181,7 +188,8 @@ function Mock:pick_fault(route)
     end
   end
   for _, f in ipairs(s.faults or {}) do
-    if (f.route == nil or f.route == route) and self.random() < (f.probability or 1) then return f end
+    if (f.route == nil or f.route == route) and (f.model == nil or f.model == body_model(req))
+      and self.random() < (f.probability or 1) then return f end
   end
   return nil
 end
@@ -731,7 +739,7 @@ function Mock:handle(req)
   -- that cannot follow a sequence: the official SDKs in spec/sdk)
   local asked = req.headers["x-mock-fault"]
   local fault = asked and (tonumber(asked) and { status = tonumber(asked) } or { kind = asked })
-    or route ~= "unknown" and self:pick_fault(route) or nil
+    or route ~= "unknown" and self:pick_fault(route, req) or nil
   if fault then self.counts.faults[route] = (self.counts.faults[route] or 0) + 1 end
   local function normal()
     if custom then

@@ -40,17 +40,64 @@ function resil.timeout(seconds, fn, ...)
   return timeout_result(seconds, child, child:join(seconds))
 end
 
-local function progress_bar(label, total)
-  local last = -1
+-- What the progress line adds to the count: the cost this process has
+-- recorded, its retries by class, and the breakers that are not closed.
+-- Read from the modules that keep them (loaded after this one).
+local function progress_situation()
+  local parts = {}
+  local costs, runs, limits = package.loaded["resil.costs"], package.loaded["resil.runs"],
+    package.loaded["resil.limits"]
+  if type(costs) == "table" then parts[#parts + 1] = ("$%.4f"):format(costs.spent()) end
+  local retries = type(runs) == "table" and runs.retries()
+  if retries and retries.total > 0 then
+    local classes = {}
+    for class, n in pairs(retries.by_class) do classes[#classes + 1] = { class, n } end
+    table.sort(classes, function(a, b) return a[2] > b[2] or (a[2] == b[2] and a[1] < b[1]) end)
+    local shown = {}
+    for i = 1, math.min(#classes, 3) do shown[i] = classes[i][1] .. " " .. classes[i][2] end
+    parts[#parts + 1] = ("%d retr%s (%s%s)"):format(retries.total, retries.total == 1 and "y" or "ies",
+      table.concat(shown, ", "), #classes > 3 and ", ..." or "")
+  end
+  local open = type(limits) == "table" and limits.breakers_not_closed() or {}
+  if #open > 0 then
+    local shown = {}
+    for i = 1, math.min(#open, 3) do shown[i] = open[i].name .. " " .. open[i].state:gsub("_", "-") end
+    parts[#parts + 1] = "breaker " .. table.concat(shown, ", ") .. (#open > 3 and ", ..." or "")
+  end
+  return resil.redact(table.concat(parts, ", "))
+end
+
+-- resil.map's progress on stderr: on a terminal one line redrawn (at most
+-- ten times a second, cleared to its end); elsewhere (a log file, CI) a
+-- plain line at each tenth of the items and at the end.
+local function progress_reporter(label, total, tty)
+  local last, last_tenth, last_done, width_drawn = -1, 0, -1, 0
   return function(done, failed, final)
-    local now = resil.clock.wall()
-    if not final and now - last < 0.1 then return end
-    last = now
-    local width = 30
-    local filled = total > 0 and math.floor(width * done / total) or width
-    io.stderr:write(("\r%s [%s%s] %d/%d%s"):format(label, ("#"):rep(filled), ("."):rep(width - filled),
-      done, total, failed > 0 and (" (%d failed)"):format(failed) or ""))
-    if final then io.stderr:write("\n") end
+    local line
+    if tty then
+      local now = resil.clock.wall()
+      if not final and now - last < 0.1 then return end
+      last = now
+      local width = 30
+      local filled = total > 0 and math.floor(width * done / total) or width
+      line = ("%s [%s%s] %d/%d"):format(label, ("#"):rep(filled), ("."):rep(width - filled), done, total)
+    else
+      if done == last_done then return end -- the end, already written at its last tenth
+      local tenth = total > 0 and math.floor(10 * done / total) or 10
+      if not final and tenth <= last_tenth then return end
+      last_tenth, last_done = tenth, done
+      line = ("%s: %d/%d"):format(label, done, total)
+    end
+    if failed > 0 then line = line .. (", %d failed"):format(failed) end
+    local situation = progress_situation()
+    if situation ~= "" then line = line .. ", " .. situation end
+    if tty then
+      -- redraw over the last line; pad when the new one is shorter
+      io.stderr:write("\r", line, (" "):rep(math.max(width_drawn - #line, 0)), final and "\n" or "")
+      width_drawn = #line
+    else
+      io.stderr:write(line, "\n")
+    end
     io.stderr:flush()
   end
 end
@@ -68,7 +115,7 @@ function resil.map(items, fn, opts)
     error("resil.map: concurrency must be a number >= 1", 2)
   end
   concurrency = math.min(math.floor(concurrency), math.max(n, 1))
-  local progress = opts.progress and resil.isatty(2) and progress_bar(tostring(opts.progress), n)
+  local progress = opts.progress and progress_reporter(tostring(opts.progress), n, resil.isatty(2))
   local results, failures = {}, nil
   local next_index, done, failed = 0, 0, 0
   local parent_scope = resil.context().step_scope

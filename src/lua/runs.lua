@@ -62,34 +62,50 @@ local function take_run(s, id)
   end
 end
 
+-- The run as this process counts it, made at the first step whether or not
+-- the store can be reached: a step that found the store unavailable keeps
+-- its position, so the steps after it keep theirs (a renumbered step would
+-- be taken for another step's record: a divergence, or a wrong replay).
+local function run_object()
+  if not run then
+    -- inflight: the steps running now, recorded as pending if the run ends
+    -- before they do; failed: the items with a failed step recorded
+    run = { id = config.run or default_run_id(), seq = {}, resumed = false, held = false, inflight = {},
+            failed = {}, retries = {}, notes = {} }
+  end
+  return run
+end
+
 -- -> the current run, taken on first use | nil, err{kind="store_unavailable"}
--- (a run another process holds raises: the script must stop)
+-- (taken again at the next step). A run another process holds raises: the
+-- script must stop.
 local function current_run()
-  if run then
-    -- another task is still recording the run's start: wait for it
-    if run.starter and run.starter ~= resil.running() then run.starter:join() end
-    if run then return run end
+  local r = run_object()
+  if r.held then return r end
+  if r.starter then -- another task is taking it: its outcome is ours
+    if r.starter ~= resil.running() then r.starter:join() end
+    if r.held then return r end
+    return nil, r.take_error
   end
   local s, serr = store_or_fail()
   if not s then return nil, serr end
-  local id = config.run or default_run_id()
-  -- inflight: the steps running now, recorded as pending if the run ends
-  -- before they do; failed: the items with a failed step recorded
-  run = { id = id, seq = {}, store = s, resumed = false, inflight = {}, failed = {},
-          retries = {} }
-  run.starter = resil.spawn(function()
-    local done, generation = take_run(s, id)
-    run.held, run.resumed, run.generation = true, done > 0, generation
-    resil.log.info(done > 0 and "run resumed" or "run started", { run = id, steps_done = done })
+  r.store = s
+  r.starter = resil.spawn(function()
+    local done, generation = take_run(s, r.id)
+    r.held, r.resumed, r.generation = true, done > 0, generation
+    resil.log.info(done > 0 and "run resumed" or "run started", { run = r.id, steps_done = done })
   end)
-  local ok, err = run.starter:join()
-  run.starter = nil
+  local ok, err = r.starter:join()
+  r.starter = nil
   if not ok then
-    run = nil
-    if resil.is_error(err) and err.kind == "store_unavailable" then return nil, err end
+    if resil.is_error(err) and err.kind == "store_unavailable" then
+      r.take_error = err
+      return nil, err
+    end
+    if run == r then run = nil end
     error(err, 3)
   end
-  return run
+  return r
 end
 
 local function current_run_or_raise()
@@ -100,8 +116,10 @@ end
 
 resil.run = {}
 function resil.run.id() return current_run_or_raise().id end
-function resil.run.started() return run ~= nil end
+function resil.run.started() return run ~= nil and run.held end
 function resil.run.resumed() return current_run_or_raise().resumed end
+-- how many times the run was started over (--fresh): keys derived from the run include it
+function resil.run.generation() return current_run_or_raise().generation or 0 end
 -- Record how the run ended and give it up (the CLI does this when the
 -- script ends). Works outside a task: it writes at once, without the loop.
 -- A later resil.step takes the run again and resumes it.
@@ -111,7 +129,10 @@ function resil.run.finish(status)
   run = nil
   owner.drop(r.store.backend, "run:" .. r.id)
   local pending = {}
-  for _, p in pairs(r.inflight) do pending[#pending + 1] = p end
+  for _, p in pairs(r.inflight) do
+    pending[#pending + 1] = { scope = p.scope, seq = p.seq, name = p.name, started = p.started,
+                              detail = next(p.notes) and json.encode(p.notes) or nil }
+  end
   table.sort(pending, function(a, b) return a.scope < b.scope or (a.scope == b.scope and a.seq < b.seq) end)
   r.store.backend:run_finish_now(r.id, status or "done", store_now(), owner.me().id, pending)
 end
@@ -125,22 +146,63 @@ end
 
 -- Record a failed step (unless the run's store is gone: the failure is
 -- then only the script's to report).
-local function record_failure(r, scope, seq, name, err, retries)
+local function record_failure(r, scope, seq, name, err, retries, started, detail)
   steps_failed:inc()
   r.failed[scope] = true
   local ok, serr, since = r.store.backend:step_failed(r.id, scope, seq, name, error_text(err), retries, store_now(),
-    owner.me().id)
+    owner.me().id, started, detail)
   if ok == false then error(run_held(r.id, serr, since, true), 0) end
 end
 
+-- What happens inside a step, for `runs show --html`: each attempt's
+-- seconds by provider, retries and fallbacks by class, stored with the step
+-- as JSON. Notes made outside any step are not kept (only counted for the
+-- progress line).
+local MAX_LATENCIES = 64 -- per provider per step: a step that retries forever stays small
+local function step_notes()
+  local r = run
+  if not r then return nil end
+  return r.notes[resil.context().step_scope or ""]
+end
+
+local function note_class(field, class)
+  local notes = step_notes()
+  if not notes then return end
+  local t = notes[field] or {}
+  notes[field] = t
+  class = tostring(class or "unknown")
+  t[class] = (t[class] or 0) + 1
+end
+
+-- the process's retries so far, by class (the progress line shows them)
+local retries_seen = { total = 0, by_class = {} }
+
 -- policies/retry.lua calls this for each retry: counted for the item (the
 -- task's step scope) and shown by `resil-lua runs show`
-function resil.run.retried()
+function resil.run.retried(class)
+  retries_seen.total = retries_seen.total + 1
+  local c = tostring(class or "unknown")
+  retries_seen.by_class[c] = (retries_seen.by_class[c] or 0) + 1
   local r = run
   if not r then return end
   local scope = resil.context().step_scope or ""
   r.retries[scope] = (r.retries[scope] or 0) + 1
+  note_class("retries", class)
 end
+
+-- policies/retry.lua: one attempt to provider took seconds
+function resil.run.attempted(provider, seconds)
+  local notes = step_notes()
+  if not notes then return end
+  local lat = notes.latency or {}
+  notes.latency = lat
+  local list = lat[tostring(provider)] or {}
+  lat[tostring(provider)] = list
+  if #list < MAX_LATENCIES then list[#list + 1] = math.floor(seconds * 1e4 + 0.5) / 1e4 end
+end
+
+-- policies/fallback.lua: the chain moved on after an error of this class
+function resil.run.fell_back(class) note_class("fallbacks", class) end
 
 -- resil.map calls this for an item that failed: one that failed outside any
 -- step is recorded as a failed "(item)" step after its last one.
@@ -155,11 +217,12 @@ function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.step: fn must be a function", 2) end
   if S.holds_secret(name) then error("resil.step: the step's name contains a value read through resil.secret", 2) end
+  local scope = resil.context().step_scope or "" -- set per resil.map item
+  local counted = run_object()
+  local seq = (counted.seq[scope] or 0) + 1
+  counted.seq[scope] = seq -- this step's place, even if the store fails it now
   local r, rerr = current_run()
   if not r then return nil, rerr end
-  local scope = resil.context().step_scope or "" -- set per resil.map item
-  local seq = (r.seq[scope] or 0) + 1
-  r.seq[scope] = seq
   local backend = r.store.backend
   local recorded, result = backend:step_get(r.id, scope, seq)
   -- unknown is not "not done": running it again could pay twice
@@ -184,22 +247,31 @@ function resil.step(name, fn, ...)
   -- retries made by policies/retry.lua inside the step (counted per item)
   local retries0 = r.retries[scope] or 0
   local key = scope .. "|" .. seq
-  r.inflight[key] = { scope = scope, seq = seq, name = name }
+  -- a step inside a step keeps its own notes; the outer one's come back after it
+  local started, notes, outer_notes = store_now(), {}, r.notes[scope]
+  r.notes[scope] = notes
+  r.inflight[key] = { scope = scope, seq = seq, name = name, started = started, notes = notes }
   local out = pack(pcall(fn, ...))
   ctx.step = saved_step
   r.inflight[key] = nil
+  r.notes[scope] = outer_notes
+  local detail = next(notes) and json.encode(notes) or nil
   if not out[1] then
-    if run == r then record_failure(r, scope, seq, name, out[2], (r.retries[scope] or 0) - retries0) end
+    if run == r then
+      record_failure(r, scope, seq, name, out[2], (r.retries[scope] or 0) - retries0, started, detail)
+    end
     error(out[2], 0)
   end
   if out[2] == nil and out.n >= 3 and out[3] ~= nil then -- not checkpointed
-    if run == r then record_failure(r, scope, seq, name, out[3], (r.retries[scope] or 0) - retries0) end
+    if run == r then
+      record_failure(r, scope, seq, name, out[3], (r.retries[scope] or 0) - retries0, started, detail)
+    end
     return unpack(out, 2, out.n)
   end
   local text, err = encode_values(out, 2)
   if not text then error("resil.step: cannot checkpoint the results: " .. err, 2) end
   local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id,
-    (r.retries[scope] or 0) - retries0)
+    (r.retries[scope] or 0) - retries0, started, detail)
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
   if not ok then return nil, serr end -- not checkpointed: the store is unavailable
   steps_done:inc()
@@ -216,4 +288,6 @@ function resil.run.random(m, n)
 end
 
 -- for the ledger: the run a cost belongs to
-return { current_id = function() return run and run.id end }
+-- for the ledger: the run a cost belongs to; for the progress line: the
+-- retries so far ({total=, by_class={}}, read only)
+return { current_id = function() return run and run.id end, retries = function() return retries_seen end }

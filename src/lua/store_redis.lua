@@ -492,7 +492,7 @@ function R:run_finish_now(id, status, now, me, pending)
   for _, p in ipairs(pending or {}) do
     extra[#extra + 1] = p.scope .. "|" .. p.seq
     extra[#extra + 1] = resil.json.encode({ scope = p.scope, seq = p.seq, name = p.name, state = "pending",
-      retries = p.retries or 0, at = now })
+      retries = p.retries or 0, at = now, started = p.started, detail = p.detail })
   end
   local n, err = self.conn:call_now("EVAL", run_finish, 2, P .. "run:" .. id, unfinished_key(id), status,
     fmt_time(now), me, table.unpack(extra))
@@ -509,10 +509,10 @@ function R:step_get(run, scope, seq)
 end
 
 -- -> true | false, holder, since (the run was taken over)
-function R:step_put(run, scope, seq, name, result, now, me, retries)
+function R:step_put(run, scope, seq, name, result, now, me, retries, started, detail)
   local keys = run_keys(run)
   local rec = resil.json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
-    retries = retries or 0 })
+    retries = retries or 0, started = started, detail = detail })
   local r, err = self:script("step_put", { keys[1], keys[2] }, scope .. "|" .. seq, rec, fmt_time(now), me)
   if r == nil then return nil, err end
   if r[1] == 1 then return true end
@@ -535,9 +535,9 @@ function R:runs_list(now)
 end
 
 -- A step that failed, with its error: -> true | false, holder, since
-function R:step_failed(run, scope, seq, name, err_text, retries, now, me)
+function R:step_failed(run, scope, seq, name, err_text, retries, now, me, started, detail)
   local rec = resil.json.encode({ scope = scope, seq = seq, name = name, state = "failed", error = err_text,
-    retries = retries or 0, at = now })
+    retries = retries or 0, at = now, started = started, detail = detail })
   local r, err = self:script("step_failed", { P .. "run:" .. run, unfinished_key(run) }, scope .. "|" .. seq, rec,
     fmt_time(now), me)
   if r == nil then return nil, err end
@@ -562,7 +562,8 @@ function R:run_steps(run)
   for _, v in ipairs(h) do
     local rec = resil.json.decode(v)
     out[#out + 1] = { scope = rec.scope, seq = math.tointeger(rec.seq), name = rec.name, at = rec.at,
-                      bytes = #rec.result, retries = math.tointeger(rec.retries or 0), state = "done" }
+                      started = rec.started, detail = rec.detail, bytes = #rec.result,
+                      retries = math.tointeger(rec.retries or 0), state = "done" }
   end
   table.sort(out, function(a, b) return a.at < b.at end)
   for _, v in ipairs(self.conn:call("HVALS", unfinished_key(run)) or {}) do

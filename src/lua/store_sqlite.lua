@@ -71,6 +71,15 @@ local migrations = {
   CREATE INDEX costs_budget ON costs(budget, period);
   CREATE INDEX costs_day ON costs(day);
   ]],
+  -- 7: run reports (`runs show --html`): when each step started, and what
+  -- happened inside it (attempt latencies by provider, retries and fallbacks
+  -- by class) as JSON
+  [[
+  ALTER TABLE steps ADD COLUMN started REAL;
+  ALTER TABLE steps ADD COLUMN detail TEXT;
+  ALTER TABLE unfinished_steps ADD COLUMN started REAL;
+  ALTER TABLE unfinished_steps ADD COLUMN detail TEXT;
+  ]],
 }
 
 local B = {}
@@ -93,22 +102,29 @@ end
 -- Opening a store whose schema is current takes no lock; a migration takes
 -- the write lock, waiting for another process's writer up to the store's
 -- timeout (on a timer inside a task, so the loop goes on).
+local function read_version(tx) return tx:value("PRAGMA user_version") end
+
+-- (Even a read can find the file busy for a moment, while another process
+-- recovers its WAL at open: both steps wait the same way.)
 local function migrate(db, path, timeout)
-  local version, verr = db:read(function(tx) return tx:value("PRAGMA user_version") end)
-  if version == nil then return nil, verr end
-  if version == #migrations then return true end
   local in_task = resil.running() ~= nil
   if not in_task then db:blocking(true) end
   local deadline, pause = resil.now() + timeout, 0.001
-  while true do
-    local ok, err = db:now(apply_migrations, path)
-    if ok or not (err and err.busy and in_task and resil.now() + pause < deadline) then
-      if not in_task then db:blocking(false) end
-      return ok, err
-    end
+  local function retry(err)
+    if not (err and err.busy and in_task and resil.now() + pause < deadline) then return false end
     resil.sleep(pause)
     pause = math.min(pause * 2, 0.05)
+    return true
   end
+  local version, err
+  repeat version, err = db:read(read_version) until version ~= nil or not retry(err)
+  local ok = version == #migrations
+  if version ~= nil and not ok then
+    repeat ok, err = db:now(apply_migrations, path) until ok or not retry(err)
+  end
+  if not in_task then db:blocking(false) end
+  if version == nil then return nil, err end
+  return ok, err
 end
 
 function B.open(path, opts)
@@ -270,8 +286,9 @@ function B:run_finish_now(id, status, now, me, pending)
     local holder = tx:value("SELECT owner FROM runs WHERE id = ?", id)
     if holder ~= nil and holder ~= me then return false end
     for _, p in ipairs(pending or {}) do
-      tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at) " ..
-              "VALUES (?, ?, ?, ?, 'pending', NULL, ?, ?)", id, p.scope, p.seq, p.name, p.retries or 0, now)
+      tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at, started, " ..
+              "detail) VALUES (?, ?, ?, ?, 'pending', NULL, ?, ?, ?, ?)", id, p.scope, p.seq, p.name, p.retries or 0,
+              now, p.started, p.detail)
     end
     if status == "done" and tx:value("SELECT count(*) FROM unfinished_steps WHERE run = ? AND state = 'failed'",
         id) > 0 then
@@ -291,12 +308,12 @@ function B:step_get(run, scope, seq)
 end
 
 -- -> true | false, holder, since (the run was taken over: this process lost it)
-function B:step_put(run, scope, seq, name, result, now, me, retries)
+function B:step_put(run, scope, seq, name, result, now, me, retries, started, detail)
   return self.db:tx(function(tx)
     local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
     if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
-    tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries) VALUES (?, ?, ?, ?, ?, ?, ?)",
-      run, scope, seq, name, result, now, retries or 0)
+    tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries, started, detail) " ..
+      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", run, scope, seq, name, result, now, retries or 0, started, detail)
     tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
     return true
   end)
@@ -314,12 +331,13 @@ function B:runs_list(now)
 end
 
 -- A step that failed (state "failed", with its error): -> true | false, holder, since
-function B:step_failed(run, scope, seq, name, err, retries, now, me)
+function B:step_failed(run, scope, seq, name, err, retries, now, me, started, detail)
   return self.db:tx(function(tx)
     local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
     if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
-    tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at) " ..
-            "VALUES (?, ?, ?, ?, 'failed', ?, ?, ?)", run, scope, seq, name, err, retries or 0, now)
+    tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at, started, " ..
+            "detail) VALUES (?, ?, ?, ?, 'failed', ?, ?, ?, ?, ?)", run, scope, seq, name, err, retries or 0, now,
+            started, detail)
     return true
   end)
 end
@@ -329,12 +347,14 @@ function B:run_get(id)
   return self.db:tx(function(tx) return tx:row("SELECT * FROM runs WHERE id = ?", id) end)
 end
 
--- -> { {scope=, seq=, name=, at=, bytes=, retries=, state="done"|"failed"|"pending", error=}, ... }
+-- -> { {scope=, seq=, name=, at=, started=, detail=, bytes=, retries=, state="done"|"failed"|"pending",
+--       error=}, ... } (started and detail: nil for steps recorded before schema 7)
 function B:run_steps(run)
   return self.db:tx(function(tx)
-    local rows = tx:rows("SELECT scope, seq, name, at, length(result) AS bytes, retries, 'done' AS state " ..
-                         "FROM steps WHERE run = ? ORDER BY at, scope, seq", run)
-    for _, r in ipairs(tx:rows("SELECT scope, seq, name, at, state, error, retries FROM unfinished_steps " ..
+    local rows = tx:rows("SELECT scope, seq, name, at, started, detail, length(result) AS bytes, retries, " ..
+                         "'done' AS state FROM steps WHERE run = ? ORDER BY at, scope, seq", run)
+    for _, r in ipairs(tx:rows("SELECT scope, seq, name, at, started, detail, state, error, retries " ..
+                               "FROM unfinished_steps " ..
                                "WHERE run = ?", run)) do
       rows[#rows + 1] = r
     end

@@ -90,12 +90,14 @@ local function current_parent()
 end
 
 -- resil.trace.start(name, attributes) -> span (a child of the task's current span)
+-- (a task that continues a caller's trace, a gateway request with its
+-- `traceparent`, carries that trace's id and flags in its context)
 function trace.start(name, attributes)
   local parent = current_parent()
   local r = root_span()
-  local span = setmetatable({ trace_id = r.trace_id, span_id = new_span_id(), parent_id = parent.span_id,
-                              flags = r.flags, name = name, kind = 3, start = wall(),
-                              attributes = attributes or {} }, Span)
+  local span = setmetatable({ trace_id = parent.trace_id or r.trace_id, span_id = new_span_id(),
+                              parent_id = parent.span_id, flags = parent.trace_flags or r.flags, name = name,
+                              kind = 3, start = wall(), attributes = attributes or {} }, Span)
   span.traceparent = ("00-%s-%s-%s"):format(span.trace_id, span.span_id, span.flags)
   return span
 end
@@ -195,6 +197,15 @@ function trace.export(opts)
       trace.flush()
     end
   end)
+end
+
+-- resil.trace.continue(header): the running task joins the caller's trace
+-- (a W3C traceparent) -> true | false when the header is not one
+function trace.continue(header)
+  local trace_id, parent_id, flags = trace.parse(header)
+  if not trace_id then return false end
+  resil.context({ trace_id = trace_id, span_id = parent_id, trace_flags = flags })
+  return true
 end
 
 -- whether finished spans go anywhere: attributes only the export reads

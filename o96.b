@@ -1,1 +1,0 @@
-resil-lua: cannot open p.lua: No such file or directory

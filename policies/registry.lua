@@ -1,0 +1,673 @@
+-- policies/registry.lua: what a model name in a call means, from the
+-- registry in policies/models.lua (aliases, pinned versions, deprecations,
+-- migrations, deployments). policies.ai asks it on every call, so a reloaded
+-- registry applies to the next call.
+--
+--   local registry = require "policies.registry"
+--   local plan = registry.resolve("chat-fast", req)   -- raises on an unknown alias
+--   -- plan.choices: the targets in order { model = "openai/...", deployment =, config = }
+--   -- plan.alias, plan.routed = { from =, to =, reason = "sunset" }, plan.migration = { alias =, side = }
+--   registry.problems(entries, { now = epoch }) -> { {level = "error"|"warning", message =, key =}, ... }
+--
+-- Migration state (the rollback) lives in the store under a fingerprint of
+-- the migrate table, so every process sees it and editing the entry starts over.
+local resil = require "resil"
+
+local registry = {}
+
+-- The random source for spreading and unsticky canary calls: specs seed it.
+registry.random = math.random
+
+-- Pinned model names, by provider: a model matching one of these is a fixed
+-- version. Rules are data: add your provider's convention here.
+registry.pinned = {
+  ["*"] = { "%-%d%d%d%d%-%d%d%-%d%d$", "%-%d%d%d%d%d%d%d%d$", ":[%w]+$" },
+  elevenlabs = { "_v%d[%d_]*$" },
+}
+
+local DEFAULTS = { window = 3600, min_calls = 50 }
+
+---------------------------------------------------------------------------
+-- loading and structural checks (a broken registry fails to load: a reload
+-- keeps the old one serving, reported with file:line)
+
+local function source_of(modname)
+  local ok, searchers = pcall(function() return package.searchers end) -- the sandbox hides them
+  for _, searcher in ipairs(ok and searchers or {}) do
+    local loader, where = searcher(modname)
+    if type(loader) == "function" and type(where) == "string" then return where end
+  end
+  return "policies/" .. modname:gsub("^policies%.", "") .. ".lua"
+end
+
+-- the line an entry's key is written on, for messages
+local function locate(file, key)
+  local ok, f = pcall(io.open, file, "r") -- a sandbox may refuse it: then no line
+  if not ok or not f then return nil end
+  local n, plain = 0, tostring(key)
+  for line in f:lines() do
+    n = n + 1
+    if line:find('["' .. plain .. '"]', 1, true) or line:find("[%s{,]" .. plain:gsub("%p", "%%%0") .. "%s*=")
+      or line:find("^" .. plain:gsub("%p", "%%%0") .. "%s*=") then
+      f:close()
+      return n
+    end
+  end
+  f:close()
+  return nil
+end
+registry.locate = locate
+
+local function where(file, key)
+  local line = file and locate(file, key)
+  return line and ("%s:%d"):format(file, line) or (file or "models")
+end
+
+local function is_name(v) return type(v) == "string" and v ~= "" end
+
+-- Errors a registry must not load with: wrong shapes and alias cycles.
+local function structure_errors(entries, file)
+  local errs = {}
+  local function bad(key, fmt, ...)
+    errs[#errs + 1] = { level = "error", key = key, message = ("%s: model '%s': " .. fmt):format(where(file, key), key, ...) }
+  end
+  if type(entries) ~= "table" then
+    return { { level = "error", message = ("%s: the registry must return a table, not %s"):format(file, type(entries)) } }
+  end
+  for key, e in pairs(entries) do
+    if type(key) ~= "string" then
+      errs[#errs + 1] = { level = "error", message = ("%s: registry keys must be model names"):format(file) }
+    elseif type(e) ~= "table" then
+      bad(key, "an entry must be a table")
+    else
+      if e.use ~= nil and not is_name(e.use) then bad(key, "use must be \"provider/model\"") end
+      if e.use == nil and e.deployments == nil and not e.deprecated then
+        bad(key, "needs use = \"provider/model\", deployments = {...} or deprecated = true")
+      end
+      if e.fallbacks ~= nil and type(e.fallbacks) ~= "table" then bad(key, "fallbacks must be a list of models") end
+      for i, f in ipairs(type(e.fallbacks) == "table" and e.fallbacks or {}) do
+        if not is_name(f) then bad(key, "fallbacks[%d] must be a model name", i) end
+      end
+      if e.deadline ~= nil and type(e.deadline) ~= "number" then bad(key, "deadline must be seconds") end
+      if e.sunset ~= nil and (type(e.sunset) ~= "string" or not e.sunset:match("^%d%d%d%d%-%d%d%-%d%d$")) then
+        bad(key, "sunset must be a date \"YYYY-MM-DD\"")
+      end
+      if e.replacement ~= nil and not is_name(e.replacement) then bad(key, "replacement must be a model name") end
+      if e.deployments ~= nil then
+        if type(e.deployments) ~= "table" or #e.deployments == 0 then
+          bad(key, "deployments must be a non-empty list of { use =, weight = }")
+        else
+          for i, d in ipairs(e.deployments) do
+            if type(d) ~= "table" or not is_name(d.use) then bad(key, "deployments[%d] needs use = \"provider/model\"", i)
+            elseif d.weight ~= nil and (type(d.weight) ~= "number" or d.weight < 0) then
+              bad(key, "deployments[%d].weight must be a number >= 0", i)
+            elseif d.config ~= nil and type(d.config) ~= "table" then bad(key, "deployments[%d].config must be a table", i)
+            end
+          end
+        end
+      end
+      if e.strategy ~= nil and e.strategy ~= "weighted" and e.strategy ~= "least-wait" then
+        bad(key, "strategy must be \"weighted\" or \"least-wait\"")
+      end
+      local m = e.migrate
+      if m ~= nil then
+        if type(m) ~= "table" or not is_name(m.to) then bad(key, "migrate needs to = \"provider/model\"")
+        elseif type(m.share) ~= "number" or m.share < 0 or m.share > 1 then bad(key, "migrate.share must be 0..1")
+        elseif m.rollback ~= nil and type(m.rollback) ~= "table" then bad(key, "migrate.rollback must be a table")
+        elseif e.use == nil then bad(key, "migrate needs use = the model it migrates from")
+        end
+      end
+    end
+  end
+  -- alias cycles: follow use, fallbacks, replacement and migrate.to through aliases
+  local state = {}
+  local function visit(key, path)
+    if state[key] == "done" then return end
+    if state[key] == "active" then
+      local from = 1
+      for i, k in ipairs(path) do if k == key then from = i break end end
+      local cycle = {}
+      for i = from, #path do cycle[#cycle + 1] = path[i] end
+      cycle[#cycle + 1] = key
+      bad(key, "alias cycle %s", table.concat(cycle, " -> "))
+      return true
+    end
+    state[key] = "active"
+    path[#path + 1] = key
+    local e = entries[key]
+    local refs = {}
+    local function ref(r) if type(r) == "string" and type(entries[r]) == "table" then refs[#refs + 1] = r end end
+    ref(e.use)
+    ref(e.replacement)
+    ref(type(e.migrate) == "table" and e.migrate.to or nil)
+    for _, f in ipairs(type(e.fallbacks) == "table" and e.fallbacks or {}) do ref(f) end
+    for _, d in ipairs(type(e.deployments) == "table" and e.deployments or {}) do
+      if type(d) == "table" then ref(d.use) end
+    end
+    local found
+    for _, r in ipairs(refs) do
+      if visit(r, path) then found = true break end
+    end
+    path[#path] = nil
+    state[key] = "done"
+    return found
+  end
+  local keys = {}
+  for key, e in pairs(entries) do if type(key) == "string" and type(e) == "table" then keys[#keys + 1] = key end end
+  table.sort(keys)
+  for _, key in ipairs(keys) do
+    if state[key] == nil then visit(key, {}) end
+  end
+  return errs
+end
+registry.structure_errors = structure_errors
+
+-- load(entries, file) -> a registry view | raises "file:line: ..."
+local function load(entries, file)
+  local errs = structure_errors(entries, file)
+  if #errs > 0 then
+    local lines = {}
+    for _, e in ipairs(errs) do lines[#lines + 1] = e.message end
+    error(table.concat(lines, "\n"), 0)
+  end
+  return { entries = entries, file = file }
+end
+
+local current = load(require "policies.models", source_of("policies.models"))
+registry.entries, registry.file = current.entries, current.file
+
+-- registry.use(entries[, file]): another registry for this module (specs, tools)
+function registry.use(entries, file)
+  local r = load(entries, file or "(registry)")
+  registry.entries, registry.file = r.entries, r.file
+end
+
+-- registry.load(path): a registry file (plain data, run with nothing in
+-- reach) for this module: a demo's or a tool's own, outside policies/
+function registry.load(path)
+  local chunk, err = loadfile(path, "t", {})
+  if not chunk then error(err, 2) end
+  local ok, entries = pcall(chunk)
+  if not ok then error(entries, 2) end
+  registry.use(entries, path)
+end
+
+---------------------------------------------------------------------------
+-- names
+
+local function split(model)
+  local provider, name = model:match("^([%w_%-]+)/(.+)$")
+  return provider, name
+end
+registry.split = split
+
+function registry.is_pinned(model)
+  local provider, name = split(model)
+  if not provider then return false end
+  local e = registry.entries[model] or registry.entries[name]
+  if type(e) == "table" and e.pinned then return true end
+  for _, set in ipairs({ registry.pinned[provider] or {}, registry.pinned["*"] }) do
+    for _, p in ipairs(set) do if name:find(p) then return true end end
+  end
+  return false
+end
+
+local function distance(a, b)
+  if #a > #b then a, b = b, a end
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:byte(i) == b:byte(j) and 0 or 1))
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+-- every model name with a price, as "provider/model"
+local function priced_models()
+  local out = {}
+  local okp, pricing = pcall(require, "policies.pricing")
+  for p, models in pairs(okp and type(pricing.models) == "table" and pricing.models or {}) do
+    for m in pairs(type(models) == "table" and models or {}) do out[#out + 1] = p .. "/" .. m end
+  end
+  local okm, media = pcall(require, "policies.pricing_media")
+  for m in pairs(okm and type(media) == "table" and type(media.models) == "table" and media.models or {}) do
+    out[#out + 1] = m
+  end
+  return out
+end
+
+-- the closest known names (aliases, then priced models), at most three
+function registry.closest(name)
+  local scored, lname = {}, name:lower()
+  local function add(k, against)
+    local a = against:lower()
+    local d = distance(lname, a)
+    if a:find(lname, 1, true) or lname:find(a, 1, true) then d = math.min(d, math.abs(#a - #lname) / 100) end
+    scored[#scored + 1] = { k, d }
+  end
+  for k, e in pairs(registry.entries) do if type(e) == "table" and (e.use or e.deployments) then add(k, k) end end
+  for _, k in ipairs(priced_models()) do add(k, k:match("^[^/]+/(.+)$") or k) end
+  table.sort(scored, function(x, y) return x[2] < y[2] or (x[2] == y[2] and x[1] < y[1]) end)
+  local out = {}
+  for i = 1, math.min(3, #scored) do out[i] = scored[i][1] end
+  return out
+end
+
+---------------------------------------------------------------------------
+-- warnings once per process (kept across reloads)
+
+local once = resil.keep("policies.registry.once")
+local unpinned_total = resil.metrics.counter("resil_model_unpinned_total",
+  "Calls naming a model that is not pinned to a version, by model")
+local sunset_days = resil.metrics.gauge("resil_model_sunset_days",
+  "Days left before a deprecated model's sunset, by model")
+local routed_total = resil.metrics.counter("resil_model_routed_total",
+  "Calls routed from a model past its sunset to its replacement, by model and replacement")
+local rollback_total = resil.metrics.counter("resil_model_rollbacks_total",
+  "Migrations rolled back automatically, by alias")
+local side_total = resil.metrics.counter("resil_model_migration_calls_total",
+  "Calls of a migration, by alias, side (old|new) and outcome")
+
+-- registry.reset_warnings(): warn again as a new process would (specs, tools)
+function registry.reset_warnings()
+  for k in pairs(once) do once[k] = nil end
+end
+
+local function warn_once(key, msg, fields)
+  if once[key] then return end
+  once[key] = true
+  resil.log.warn(msg, fields)
+end
+
+-- the store's clock: the virtual clock moves it in specs
+local function now() return resil.store_now() end
+
+local function day_of(date)
+  local y, m, d = date:match("^(%d+)-(%d+)-(%d+)$")
+  -- noon UTC of that day, as epoch seconds (os.time reads local time)
+  local t = os.time({ year = tonumber(y), month = tonumber(m), day = tonumber(d), hour = 0 })
+  return t - os.time(os.date("!*t", 0))
+end
+registry.day_of = day_of
+
+-- the deprecation entry for a full model name, if any
+local function deprecation(model)
+  local _, name = split(model)
+  local e = registry.entries[model] or (name and registry.entries[name])
+  if type(e) == "table" and e.deprecated then return e end
+  return nil
+end
+
+---------------------------------------------------------------------------
+-- migrations: which side a call takes, outcomes per side, the rollback
+
+local function fingerprint(alias, e)
+  local m = e.migrate
+  local rb = m.rollback or {}
+  return resil.hash(table.concat({ alias, e.use, m.to, tostring(m.share), tostring(m.sticky),
+    tostring(rb.error_rate), tostring(rb.invalid_output), tostring(rb.latency), tostring(rb.min_calls),
+    tostring(m.window) }, "\0"))
+end
+
+local memory = resil.keep("policies.registry.migrations") -- when the store is down
+
+local function store_or_memory()
+  local s, err = resil.store()
+  if s then return s end
+  warn_once("store", "model registry: the store is unavailable; migration state is kept in this process only",
+    { error = tostring(err) })
+  return {
+    get = function(_, k) return memory[k] end,
+    set = function(_, k, v) memory[k] = v return true end,
+    incr = function(_, k, n) memory[k] = (tonumber(memory[k]) or 0) + n return memory[k] end,
+  }
+end
+
+local function safe(fn, ...)
+  local ok, a, b = pcall(fn, ...)
+  if ok then return a, b end
+  return nil, a
+end
+
+-- the migration's state: { key, rolled_back = figures | nil }
+function registry.migration_state(alias)
+  local e = registry.entries[alias]
+  if type(e) ~= "table" or type(e.migrate) ~= "table" then return nil end
+  local key = "models:migration:" .. fingerprint(alias, e)
+  local v = safe(store_or_memory().get, store_or_memory(), key .. ":rolled_back")
+  local st = { key = key, share = e.migrate.share, to = e.migrate.to, from = e.use }
+  if type(v) == "string" then
+    st.rolled_back = resil.json.decode(v) or { reason = v }
+    st.share = 0
+  end
+  return st
+end
+
+-- the fraction in [0, 1) a sticky key falls on
+-- (FNV-1a, then murmur3's finalizer: FNV alone leaves keys that differ in
+-- their last characters bunched together in the high bits)
+local function point_of(alias, key)
+  local h = math.tointeger(tonumber(resil.hash(alias .. "\0" .. tostring(key)), 16)) or 0
+  h = h ~ (h >> 33)
+  h = h * -49064778989728563 -- 0xff51afd7ed558ccd
+  h = h ~ (h >> 33)
+  h = h * -4265267296055464877 -- 0xc4ceb9fe1a85ec53
+  h = h ~ (h >> 33)
+  return ((h >> 11) & 0x1FFFFFFFFFFFFF) / 9007199254740992.0
+end
+registry.point_of = point_of
+
+local function side_for(alias, e, req)
+  local m = e.migrate
+  if m.share >= 1 then return "new", nil end
+  local st = registry.migration_state(alias)
+  if st.share <= 0 then return "old", st end
+  local field = m.sticky or "user"
+  local key = type(req) == "table" and req[field]
+  local u = key ~= nil and point_of(alias, key) or registry.random()
+  return u < st.share and "new" or "old", st
+end
+
+local FIELDS = { "calls", "errors", "invalid", "latency_ms" }
+
+local function window_of(m) return m.window or DEFAULTS.window end
+
+local function read_side(s, key, side, m)
+  local w = math.floor(now() / window_of(m))
+  local out = {}
+  for _, f in ipairs(FIELDS) do
+    local total = 0
+    for _, win in ipairs({ w, w - 1 }) do -- this window and the one before
+      total = total + (tonumber(safe(s.get, s, ("%s:%s:%s:%d"):format(key, side, f, win))) or 0)
+    end
+    out[f] = total
+  end
+  return out
+end
+
+local function rates(c)
+  local n = math.max(c.calls, 1)
+  return c.errors / n, c.invalid / n, c.calls > 0 and c.latency_ms / c.calls or 0
+end
+
+-- the rollback's verdict: figures when the new side is worse by a margin
+local function worse(m, old, new)
+  local rb = m.rollback or {}
+  local min_calls = rb.min_calls or DEFAULTS.min_calls
+  if new.calls < min_calls then return nil end
+  local oe, oi, ol = rates(old)
+  local ne, ni, nl = rates(new)
+  local reasons = {}
+  if rb.error_rate and ne - oe > rb.error_rate then reasons[#reasons + 1] = "error_rate" end
+  if rb.invalid_output and ni - oi > rb.invalid_output then reasons[#reasons + 1] = "invalid_output" end
+  if rb.latency and ol > 0 and nl > ol * rb.latency then reasons[#reasons + 1] = "latency" end
+  if #reasons == 0 then return nil end
+  local function r3(x) return math.floor(x * 1000 + 0.5) / 1000 end
+  return { reason = table.concat(reasons, ","), new_calls = new.calls, old_calls = old.calls,
+    new_error_rate = r3(ne), old_error_rate = r3(oe), new_invalid_rate = r3(ni), old_invalid_rate = r3(oi),
+    new_latency_ms = r3(nl), old_latency_ms = r3(ol), at = now() }
+end
+
+-- registry.record(migration, outcome): after a call on one side. outcome =
+-- { ok = bool, class = "invalid_output" | ..., seconds = }
+function registry.record(mig, outcome)
+  local e = registry.entries[mig.alias]
+  if type(e) ~= "table" or type(e.migrate) ~= "table" or e.migrate.share >= 1 then return end
+  local m = e.migrate
+  local s = store_or_memory()
+  local key = "models:migration:" .. fingerprint(mig.alias, e)
+  local w = math.floor(now() / window_of(m))
+  local ttl = 2 * window_of(m) + 60
+  local function incr(f, n) safe(s.incr, s, ("%s:%s:%s:%d"):format(key, mig.side, f, w), n, ttl) end
+  incr("calls", 1)
+  local label = outcome.ok and "ok" or (outcome.class or "error")
+  side_total:inc({ alias = mig.alias, side = mig.side, outcome = label })
+  if not outcome.ok then
+    if outcome.class == "invalid_output" then incr("invalid", 1) else incr("errors", 1) end
+  end
+  incr("latency_ms", math.floor((outcome.seconds or 0) * 1000 + 0.5))
+  if mig.side ~= "new" or mig.rolled_back then return end
+  local new = read_side(s, key, "new", m)
+  local old = read_side(s, key, "old", m)
+  local figures = worse(m, old, new)
+  if not figures then return end
+  -- the first process to see it says so; the others find it in the store
+  local first = safe(s.incr, s, key .. ":rollback_logged", 1)
+  safe(s.set, s, key .. ":rolled_back", resil.json.encode(figures))
+  if first == 1 or first == nil then
+    rollback_total:inc({ alias = mig.alias })
+    local fields = { alias = mig.alias, from = e.use, to = m.to, share = 0 }
+    for k, v in pairs(figures) do fields[k] = v end
+    resil.log.warn("model migration rolled back: the new version did worse; all calls go to the old one until the entry changes",
+      fields)
+  end
+end
+
+-- registry.reset_migration(alias): forget a migration's counts and rollback (tools, specs)
+function registry.reset_migration(alias)
+  local st = registry.migration_state(alias)
+  if not st then return end
+  local s = store_or_memory()
+  if s.del then safe(s.del, s, st.key .. ":rolled_back"); safe(s.del, s, st.key .. ":rollback_logged") end
+end
+
+---------------------------------------------------------------------------
+-- resolution
+
+local MAX_DEPTH = 8
+
+local function unknown(name)
+  local near = registry.closest(name)
+  error(("ai: model '%s' must name its provider (\"openai/%s\") or be an alias in %s%s"):format(name, name,
+    registry.file or "policies/models.lua", #near > 0 and ("; closest: " .. table.concat(near, ", ")) or ""), 0)
+end
+
+-- a full model name after deprecations: model, routed | nil, err
+local function past_sunset(model)
+  local dep = deprecation(model)
+  if not dep then return model end
+  local days = dep.sunset and (day_of(dep.sunset) - now()) / 86400
+  if days and days > 0 then
+    sunset_days:set({ model = model }, math.floor(days * 10 + 0.5) / 10)
+    warn_once("deprecated:" .. model, "model is deprecated", { model = model, sunset = dep.sunset,
+      days_left = math.ceil(days), replacement = dep.replacement })
+    return model
+  end
+  if days == nil then -- no date yet: it still serves
+    warn_once("deprecated:" .. model, "model is deprecated", { model = model, replacement = dep.replacement })
+    return model
+  end
+  if not dep.replacement then
+    return nil, resil.error("model_retired", ("model %s passed its sunset (%s) and has no replacement in %s"):format(
+      model, tostring(dep.sunset), registry.file), { model = model, class = "model_retired", retryable = false })
+  end
+  sunset_days:set({ model = model }, 0)
+  return dep.replacement, { from = model, to = dep.replacement, reason = "sunset", sunset = dep.sunset }
+end
+
+-- expand(name) -> list of choices for a name (an alias or provider/model), in order
+local function expand(name, req, plan, depth)
+  if depth > MAX_DEPTH then error(("model '%s': aliases nest too deep"):format(name), 0) end
+  local e = registry.entries[name]
+  if type(e) == "table" and (e.use or e.deployments) then
+    plan.alias = plan.alias or name
+    if e.pinned and type(e.use) == "string" then
+      plan.pinned = plan.pinned or {}
+      plan.pinned[e.use] = true
+    end
+    if e.deadline and plan.deadline == nil then plan.deadline = e.deadline end
+    local list = {}
+    local function add_all(more) for _, c in ipairs(more) do list[#list + 1] = c end end
+    -- a migration met on the way to the first target (not in a fallback) picks the side
+    if e.migrate and not plan.migration and not plan.in_fallback then
+      local side, st = side_for(name, e, req)
+      plan.migration = { alias = name, side = side, from = e.use, to = e.migrate.to,
+        rolled_back = st and st.rolled_back ~= nil or nil }
+      if side == "new" then
+        add_all(expand(e.migrate.to, req, plan, depth + 1))
+        plan.migration.primary = #list
+      end
+      add_all(expand(e.use, req, plan, depth + 1))
+    elseif e.deployments then
+      local group = { deployments = {}, strategy = e.strategy or "weighted" }
+      for i, d in ipairs(e.deployments) do
+        local model, routed = past_sunset(d.use)
+        if model == nil then error(routed, 0) end
+        if routed then plan.routed = plan.routed or routed end
+        group.deployments[i] = { model = model, weight = d.weight or 1, name = d.name or (name .. "#" .. i),
+          config = d.config }
+      end
+      list[#list + 1] = group
+    else
+      add_all(expand(e.use, req, plan, depth + 1))
+    end
+    for _, f in ipairs(e.fallbacks or {}) do
+      local was = plan.in_fallback
+      plan.in_fallback = true
+      local ok, more = pcall(expand, f, req, plan, depth + 1)
+      plan.in_fallback = was
+      if ok then add_all(more) else resil.log.warn("model registry: a fallback cannot be used",
+        { alias = name, fallback = f, error = tostring(more) }) end
+    end
+    return list
+  end
+  if not split(name) then unknown(name) end
+  local model, routed = past_sunset(name)
+  if model == nil then error(routed, 0) end
+  if routed then
+    plan.routed = plan.routed or routed
+    if not once["routed:" .. name] then
+      once["routed:" .. name] = true
+      routed_total:inc({ model = name, replacement = model })
+      resil.log.warn("model past its sunset: calls go to its replacement", routed)
+    end
+    if model ~= name then return expand(model, req, plan, depth + 1) end
+  end
+  if not registry.is_pinned(model) and not (plan.pinned and plan.pinned[model]) then
+    if not once["unpinned:" .. model] then
+      once["unpinned:" .. model] = true
+      resil.log.warn("model is not pinned to a version: the provider may change it under you", { model = model })
+    end
+    unpinned_total:inc({ model = model })
+  end
+  return { { model = model } }
+end
+
+-- registry.resolve(name, req) -> plan { choices = {...}, alias, routed, migration, deadline }
+-- A choice is { model = "provider/model" } or a group { deployments = {...}, strategy = }.
+-- Raises on an unknown alias at `level` (as error's: 2 is resolve's caller);
+-- a model past its sunset with no replacement is returned as plan.err.
+function registry.resolve(name, req, level)
+  level = level or 2
+  if type(name) ~= "string" then error("model must be a string: an alias or \"provider/model\"", level) end
+  local plan = {}
+  local ok, choices = pcall(expand, name, req, plan, 0)
+  if not ok then
+    if type(choices) == "table" and choices.kind then plan.err = choices return plan end
+    error(choices, level)
+  end
+  plan.choices = choices
+  return plan
+end
+
+-- a deployment group in the order to try it: the chosen one first.
+-- state(d) -> open (bool), wait (seconds until its bucket admits one call)
+function registry.order(group, state, left)
+  local usable, skipped = {}, {}
+  for _, d in ipairs(group.deployments) do
+    local open, wait = state(d)
+    d.wait = wait or 0
+    if open or (left and d.wait > left) or d.weight <= 0 then skipped[#skipped + 1] = d else usable[#usable + 1] = d end
+  end
+  local first
+  if #usable > 0 then
+    if group.strategy == "least-wait" then
+      first = usable[1]
+      for _, d in ipairs(usable) do if d.wait < first.wait then first = d end end
+    else
+      local total = 0
+      for _, d in ipairs(usable) do total = total + d.weight end
+      local x = registry.random() * total
+      first = usable[#usable]
+      for _, d in ipairs(usable) do
+        x = x - d.weight
+        if x < 0 then first = d break end
+      end
+    end
+  end
+  local out = { first }
+  for _, d in ipairs(usable) do if d ~= first then out[#out + 1] = d end end
+  for _, d in ipairs(skipped) do out[#out + 1] = d end
+  return out
+end
+
+---------------------------------------------------------------------------
+-- problems for `resil-lua check`
+
+-- registry.problems(entries, opts) -> list of { level, message, key }
+-- opts: file, now (epoch), provider_known(p) -> bool, price(p, m) -> table|nil
+function registry.problems(entries, opts)
+  opts = opts or {}
+  local file = opts.file
+  local out = structure_errors(entries, file)
+  if #out > 0 or type(entries) ~= "table" then return out end
+  local t = opts.now or now()
+  local function add(level, key, fmt, ...)
+    out[#out + 1] = { level = level, key = key,
+      message = ("%s: model '%s': " .. fmt):format(where(file, key), key, ...) }
+  end
+  local function check_model(key, what, m, need_pinned, pinned_here)
+    if entries[m] and (entries[m].use or entries[m].deployments) then return end
+    local p, name = split(m)
+    if not p then
+      if not entries[m] then add("error", key, "%s '%s' is neither an alias nor \"provider/model\"", what, m) end
+      return
+    end
+    if opts.provider_known and not opts.provider_known(p) then
+      add("error", key, "%s '%s': unknown provider '%s' (no policies/providers/%s.lua)", what, m, p, p)
+      return
+    end
+    if opts.price and not opts.price(p, (name:gsub(":.*$", ""))) and not opts.price(p, name) then
+      add("error", key, "%s '%s' has no price (policies/pricing.lua): its calls would cost nothing in the ledger",
+        what, m)
+    end
+    if need_pinned and not registry.is_pinned(m) then
+      add("error", key, "%s '%s' is not pinned to a version", what, m)
+    elseif not registry.is_pinned(m) and not pinned_here then
+      add("warning", key, "%s '%s' is not pinned to a version", what, m)
+    end
+  end
+  local keys = {}
+  for k in pairs(entries) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local saved = registry.entries
+  registry.entries = entries -- is_pinned reads pinned = true from the entries being checked
+  for _, key in ipairs(keys) do
+    local e = entries[key]
+    if e.use then check_model(key, "use", e.use, false, e.pinned) end
+    for _, d in ipairs(e.deployments or {}) do check_model(key, "deployment", d.use) end
+    for _, f in ipairs(e.fallbacks or {}) do check_model(key, "fallback", f) end
+    if e.migrate then check_model(key, "migrate.to", e.migrate.to, true) end
+    if e.deprecated then
+      if e.replacement then check_model(key, "replacement", e.replacement) end
+      if e.sunset then
+        local days = (day_of(e.sunset) - t) / 86400
+        if days <= 0 and not e.replacement then
+          add("error", key, "passed its sunset (%s) and has no replacement: its calls fail", e.sunset)
+        elseif days <= 0 then
+          add("warning", key, "passed its sunset (%s): its calls go to %s", e.sunset, e.replacement)
+        elseif days > 0 and days <= 30 then
+          add("warning", key, "sunset in %d days (%s)", math.ceil(days), e.sunset)
+        end
+      end
+    end
+  end
+  registry.entries = saved
+  return out
+end
+
+return registry

@@ -1,0 +1,95 @@
+-- `resil-lua check [files...]`: policy files and the registry, checked
+-- without running anything; file:line in every message; exit 1 on errors.
+local helpers = require "spec.helpers"
+
+local dir
+before_each(function()
+  dir = helpers.tmpname("")
+  os.execute("mkdir -p " .. dir .. "/policies")
+end)
+after_each(function() os.execute("rm -rf " .. dir) end)
+
+local function check(args)
+  return helpers.run(("cd %s && %s check %s"):format(dir, helpers.resil, args or ""))
+end
+
+local function lines_of(text)
+  local out = {}
+  for l in text:gmatch("[^\n]+") do out[#out + 1] = l end
+  return out
+end
+
+describe("resil-lua check", function()
+  it("passes the shipped registry and policies: exit 0, warnings printed", function()
+    local r = helpers.run(helpers.resil .. " check policies/*.lua policies/providers/*.lua")
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("\n0 errors, %d+ warnings?\n$", "\n" .. r.stdout)
+  end)
+
+  it("reports a syntax error with file:line and exits 1", function()
+    helpers.write(dir .. "/policies/retry.lua", "local retry = {}\n\nfunction retry.call(\n  return retry\n")
+    local r = check()
+    assert.are.equal(1, r.code)
+    assert.matches("error: policies/retry%.lua:4: <name> or '%.%.%.' expected near 'return'", r.stdout)
+  end)
+
+  it("reports an error raised while a policy module loads", function()
+    helpers.write(dir .. "/policies/mine.lua", "local x = {}\nerror('mine: bad config')\nreturn x\n")
+    local r = check("policies/mine.lua")
+    assert.are.equal(1, r.code)
+    assert.matches("error: policies/mine%.lua:2: mine: bad config", r.stdout)
+  end)
+
+  it("finds what is wrong in a registry, each with its file:line", function()
+    helpers.write(dir .. "/policies/models.lua", [[
+return {
+  ["ok"] = { use = "openai/gpt-4o-mini-2024-07-18" },
+  ["typo-provider"] = { use = "opena/gpt-4o-mini-2024-07-18" },
+  ["ping"] = { use = "pong" },
+  ["pong"] = { use = "ping" },
+  ["bad-fallback"] = { use = "openai/gpt-4o-mini-2024-07-18", fallbacks = { "claude-fast" } },
+  ["unpriced"] = { use = "openai/my-finetune-2025-01-01" },
+  ["openai/gpt-4-0613"] = { deprecated = true, sunset = "2025-01-01" },
+  ["canary"] = { use = "openai/gpt-4o-mini-2024-07-18", migrate = { to = "openai/gpt-4o", share = 0.1 } },
+  ["floating"] = { use = "openai/gpt-4o" },
+}
+]])
+    local r = check()
+    assert.are.equal(1, r.code)
+    local out = r.stdout
+    -- cycles are refused before anything else is looked at: the registry would not load
+    assert.matches("error: policies/models%.lua:4: model 'ping': alias cycle ping %-> pong %-> ping", out)
+    helpers.write(dir .. "/policies/models.lua", (helpers.slurp(dir .. "/policies/models.lua")
+      :gsub('  %["ping"%][^\n]*\n  %["pong"%][^\n]*\n', '')))
+    r = check()
+    assert.are.equal(1, r.code)
+    local l = lines_of(r.stdout)
+    out = r.stdout
+    assert.matches("error: policies/models%.lua:3: model 'typo%-provider': use 'opena/gpt%-4o%-mini%-2024%-07%-18': "
+      .. "unknown provider 'opena'", out)
+    assert.matches("error: policies/models%.lua:4: model 'bad%-fallback': fallback 'claude%-fast' is neither an "
+      .. "alias nor \"provider/model\"", out)
+    assert.matches("error: policies/models%.lua:5: model 'unpriced': use 'openai/my%-finetune%-2025%-01%-01' has no "
+      .. "price", out)
+    assert.matches("error: policies/models%.lua:6: model 'openai/gpt%-4%-0613': passed its sunset %(2025%-01%-01%) "
+      .. "and has no replacement", out)
+    assert.matches("error: policies/models%.lua:7: model 'canary': migrate%.to 'openai/gpt%-4o' is not pinned", out)
+    assert.matches("warning: policies/models%.lua:8: model 'floating': use 'openai/gpt%-4o' is not pinned", out)
+    assert.are.equal("5 errors, 1 warning", l[#l])
+  end)
+
+  it("checks the registry file given, and exits 0 when it only warns", function()
+    helpers.write(dir .. "/staging-models.lua", 'return { fast = { use = "openai/gpt-4o" } }\n')
+    os.rename(dir .. "/staging-models.lua", dir .. "/models.lua")
+    local r = check("models.lua")
+    assert.are.equal(0, r.code, r.stdout)
+    assert.matches("warning: models%.lua:1: model 'fast': use 'openai/gpt%-4o' is not pinned", r.stdout)
+  end)
+
+  it("runs nothing: a registry that calls out cannot reach os or io", function()
+    helpers.write(dir .. "/policies/models.lua", 'os.exit(0)\nreturn {}\n')
+    local r = check()
+    assert.are.equal(1, r.code)
+    assert.matches("error: policies/models%.lua:1: attempt to index a nil value %(global 'os'%)", r.stdout)
+  end)
+end)

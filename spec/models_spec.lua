@@ -1,0 +1,391 @@
+-- The model registry (policies/registry.lua over policies/models.lua):
+-- aliases, pinned versions, deprecations, migrations with their rollback,
+-- deployments; against the strict mock and a real store.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local ai = require "policies.ai"
+local registry = require "policies.registry"
+
+local MSGS = { { role = "user", content = "Say hello" } }
+local shipped = registry.entries
+
+local function point_at(url)
+  ai.configure("openai", { base_url = url .. "/v1", api_key = "sk-spec-openai-0123456789", retry = { base = 0.01 } })
+  ai.configure("anthropic", { base_url = url, api_key = "sk-ant-spec-0123456789", retry = { base = 0.01 } })
+end
+
+-- the JSON log lines fn() writes
+local function logged(fn)
+  local path = helpers.tmpname(".log")
+  resil.log.output(path)
+  local ok, err = pcall(fn)
+  resil.log.output("stderr")
+  local lines = {}
+  for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = resil.json.decode(line) end
+  os.remove(path)
+  assert(ok, err)
+  return lines
+end
+
+local function with_msg(lines, pattern)
+  local out = {}
+  for _, l in ipairs(lines) do if l.msg:find(pattern) then out[#out + 1] = l end end
+  return out
+end
+
+local function date_in(days)
+  return os.date("!%Y-%m-%d", math.floor(resil.store_now() + days * 86400))
+end
+
+local m, store_path
+before_each(function()
+  resil.clock.virtual()
+  store_path = helpers.tmpname(".db")
+  resil.store_config({ url = store_path })
+  m = resil.mock.start({ strict = true, reply = "one two three" })
+  point_at(m.url)
+  registry.reset_warnings()
+end)
+after_each(function()
+  m:stop()
+  registry.use(shipped, "policies/models.lua")
+  registry.random = math.random
+end)
+
+describe("aliases", function()
+  it("an alias calls its pinned model and says so in the result", function()
+    local r = assert(ai.chat({ model = "chat-fast", messages = MSGS }))
+    assert.are.equal("openai", r.provider)
+    assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+    assert.are.equal("chat-fast", r.alias)
+  end)
+
+  it("an alias falls back across providers to its fallbacks", function()
+    m:configure({ strict = true, reply = "one two three", sequence = { chat = { 500, 500, 500, 500 } } })
+    local r = assert(ai.chat({ model = "chat-fast", messages = MSGS }))
+    assert.are.equal("anthropic", r.provider)
+    assert.are.equal("claude-haiku-4-5-20251001", r.requested_model)
+  end)
+
+  it("an alias may name another alias, and the alias's deadline applies", function()
+    registry.use({ inner = { use = "openai/gpt-4o-mini-2024-07-18" }, outer = { use = "inner", deadline = 5 } })
+    local r = assert(ai.chat({ model = "outer", messages = MSGS }))
+    assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+    assert.are.equal("outer", r.alias)
+  end)
+
+  it("an unknown alias raises at the caller's line, naming the closest known names", function()
+    local ok, err = pcall(function()
+      local r = ai.chat({ model = "chat-fsat", messages = MSGS }) -- not a tail call: this line is in the message
+      return r
+    end)
+    assert.is_false(ok)
+    assert.matches("models_spec.lua:%d+: ai: model 'chat%-fsat' must name its provider", err)
+    assert.matches("closest: chat%-fast", err)
+    ok, err = pcall(function() return ai.chat({ model = "gpt-4o", messages = MSGS }) end)
+    assert.matches("closest: openai/gpt%-4o,", err)
+  end)
+
+  it("an unpinned model warns once per process and counts every call in a metric", function()
+    local unpinned = resil.metrics.counter("resil_model_unpinned_total")
+    local before = unpinned:value({ model = "openai/gpt-4o-mini" })
+    local lines = logged(function()
+      for _ = 1, 3 do assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS })) end
+      assert(ai.chat({ model = "openai/gpt-4o-mini-2024-07-18", messages = MSGS }))
+    end)
+    local warned = with_msg(lines, "not pinned")
+    assert.are.equal(1, #warned)
+    assert.are.equal("openai/gpt-4o-mini", warned[1].model)
+    assert.are.equal(before + 3, unpinned:value({ model = "openai/gpt-4o-mini" }))
+  end)
+
+  it("pinned means a date or a version", function()
+    assert.is_true(registry.is_pinned("openai/gpt-4o-mini-2024-07-18"))
+    assert.is_true(registry.is_pinned("anthropic/claude-haiku-4-5-20251001"))
+    assert.is_true(registry.is_pinned("replicate/bytedance/seedance-1-lite:5f1e2d3c"))
+    assert.is_true(registry.is_pinned("elevenlabs/eleven_flash_v2_5"))
+    assert.is_false(registry.is_pinned("openai/gpt-4o"))
+    assert.is_false(registry.is_pinned("replicate/bytedance/seedance-1-lite"))
+  end)
+end)
+
+describe("deprecations", function()
+  it("warn with the days left before the sunset, then route to the replacement on and after it", function()
+    registry.use({ ["openai/gpt-4o-2024-05-13"] = { deprecated = true, replacement = "openai/gpt-4o-2024-08-06",
+      sunset = date_in(2.5) } })
+    local days = resil.metrics.gauge("resil_model_sunset_days")
+    local lines = logged(function()
+      for _ = 1, 2 do
+        local r = assert(ai.chat({ model = "openai/gpt-4o-2024-05-13", messages = MSGS }))
+        assert.are.equal("gpt-4o-2024-05-13", r.requested_model)
+        assert.is_nil(r.routed)
+      end
+    end)
+    local warned = with_msg(lines, "deprecated")
+    assert.are.equal(1, #warned)
+    assert.is_true(warned[1].days_left == 2 or warned[1].days_left == 3)
+    assert.is_true(days:value({ model = "openai/gpt-4o-2024-05-13" }) > 1)
+
+    resil.sleep(3 * 86400) -- the virtual clock moves the store's wall time
+    lines = logged(function()
+      for _ = 1, 2 do
+        local r = assert(ai.chat({ model = "openai/gpt-4o-2024-05-13", messages = MSGS }))
+        assert.are.equal("gpt-4o-2024-08-06", r.requested_model)
+        assert.are.same({ from = "openai/gpt-4o-2024-05-13", to = "openai/gpt-4o-2024-08-06", reason = "sunset",
+          sunset = date_in(-0.5) }, r.routed)
+      end
+    end)
+    assert.are.equal(1, #with_msg(lines, "past its sunset"))
+    assert.are.equal(0, days:value({ model = "openai/gpt-4o-2024-05-13" }))
+  end)
+
+  it("a sunset passed with no replacement fails the call before anything is sent", function()
+    registry.use({ ["openai/gpt-4o-2024-05-13"] = { deprecated = true, sunset = date_in(-1) } })
+    local r, err = ai.chat({ model = "openai/gpt-4o-2024-05-13", messages = MSGS })
+    assert.is_nil(r)
+    assert.are.equal("model_retired", err.kind)
+    assert.are.equal(0, m:stats().total)
+  end)
+end)
+
+local MIGRATION = { use = "openai/gpt-4o-mini-2024-07-18",
+  migrate = { to = "openai/gpt-4.1-mini-2025-04-14", share = 0.2, sticky = "user",
+              rollback = { error_rate = 0.05, invalid_output = 0.02, min_calls = 10 } } }
+
+describe("migrations", function()
+  it("send the share of keys to the new version, within statistical bounds, sticky per key", function()
+    registry.use({ canary = MIGRATION })
+    local new = 0
+    for i = 1, 4000 do
+      if registry.resolve("canary", { user = "u" .. i }).migration.side == "new" then new = new + 1 end
+    end
+    -- binomial(4000, 0.2): sd 25; 4 sd either side
+    assert.is_true(new > 700 and new < 900, "new side: " .. new)
+    for i = 1, 50 do
+      local side = registry.resolve("canary", { user = "u" .. i }).migration.side
+      for _ = 1, 5 do assert.are.equal(side, registry.resolve("canary", { user = "u" .. i }).migration.side) end
+    end
+  end)
+
+  it("calls without a sticky key draw from the random source: seeded, within bounds", function()
+    registry.use({ canary = MIGRATION })
+    math.randomseed(42)
+    registry.random = math.random
+    local new = 0
+    for _ = 1, 4000 do
+      if registry.resolve("canary", {}).migration.side == "new" then new = new + 1 end
+    end
+    assert.is_true(new > 700 and new < 900, "new side: " .. new)
+  end)
+
+  it("share = 1 completes the migration: every call to the new version", function()
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 1 } } })
+    for i = 1, 20 do
+      local r = assert(ai.chat({ model = "canary", messages = MSGS, user = "u" .. i }))
+      assert.are.equal("gpt-4.1-mini-2025-04-14", r.requested_model)
+    end
+  end)
+
+  local function run_users(n, from)
+    local sides = { old = 0, new = 0 }
+    for i = from or 1, (from or 1) + n - 1 do
+      local r = assert(ai.chat({ model = "canary", messages = MSGS, user = "u" .. i }))
+      sides[r.migration.side] = sides[r.migration.side] + 1
+    end
+    return sides
+  end
+
+  it("roll back by themselves when the new version returns garbage, and say so with the figures", function()
+    registry.use({ canary = MIGRATION })
+    m:configure({ strict = true, reply = "one two three",
+      faults = { { route = "chat", model = "gpt-4.1-mini-2025-04-14", kind = "garbage" } } })
+    local rollbacks = resil.metrics.counter("resil_model_rollbacks_total")
+    local before = rollbacks:value({ alias = "canary" })
+    local lines = logged(function() run_users(120) end) -- every call answered: the new side falls back to the old
+    local warned = with_msg(lines, "rolled back")
+    assert.are.equal(1, #warned)
+    assert.are.equal("invalid_output", warned[1].reason)
+    assert.are.equal(10, warned[1].new_calls)
+    assert.are.equal(1, warned[1].new_invalid_rate)
+    assert.are.equal(0, warned[1].old_invalid_rate)
+    assert.are.equal(before + 1, rollbacks:value({ alias = "canary" }))
+    local st = registry.migration_state("canary")
+    assert.are.equal(0, st.share)
+    -- rolled back: every later call takes the old side, those that were new included
+    assert.are.same({ old = 200, new = 0 }, run_users(200))
+
+    -- a second process sharing the store sees the rollback
+    local dir = helpers.tmpname("")
+    os.execute("mkdir -p " .. dir .. "/policies")
+    helpers.write(dir .. "/policies/models.lua", ([[
+      return { canary = { use = %q, migrate = { to = %q, share = 0.2, sticky = "user",
+        rollback = { error_rate = 0.05, invalid_output = 0.02, min_calls = 10 } } } }]]):format(
+      MIGRATION.use, MIGRATION.migrate.to))
+    local out = helpers.run_script([[
+      local registry = require "policies.registry"
+      local st = registry.migration_state("canary")
+      local new = 0
+      for i = 1, 500 do
+        if registry.resolve("canary", { user = "u" .. i }).migration.side == "new" then new = new + 1 end
+      end
+      print(st.share, st.rolled_back and st.rolled_back.reason, new)
+    ]], ("--store %s --policies %s/policies"):format(store_path, dir))
+    assert.are.equal("0\tinvalid_output\t0\n", out.stdout, out.stderr)
+
+    -- an edited entry is a new migration: it starts again
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.3,
+      sticky = "user", rollback = MIGRATION.migrate.rollback } } })
+    assert.are.equal(0.3, registry.migration_state("canary").share)
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("roll back for every machine sharing a Redis store", function()
+    local redis = helpers.redis_server()
+    local url = redis.url()
+    local ok, err = pcall(function()
+      resil.store_config({ url = url })
+      registry.use({ canary = MIGRATION })
+      m:configure({ strict = true, reply = "one two three",
+        faults = { { route = "chat", model = "gpt-4.1-mini-2025-04-14", kind = "garbage" } } })
+      logged(function() run_users(120) end)
+      assert.are.equal("invalid_output", registry.migration_state("canary").rolled_back.reason)
+      local dir = helpers.tmpname("")
+      os.execute("mkdir -p " .. dir .. "/policies")
+      helpers.write(dir .. "/policies/models.lua", ([[
+        return { canary = { use = %q, migrate = { to = %q, share = 0.2, sticky = "user",
+          rollback = { error_rate = 0.05, invalid_output = 0.02, min_calls = 10 } } } }]]):format(
+        MIGRATION.use, MIGRATION.migrate.to))
+      local out = helpers.run_script([[
+        local st = require("policies.registry").migration_state("canary")
+        print(st.share, st.rolled_back and st.rolled_back.new_calls)
+      ]], ("--store %s --policies %s/policies"):format(url, dir))
+      os.execute("rm -rf " .. dir)
+      assert.matches("^0\t%d+", out.stdout, out.stderr)
+    end)
+    resil.store_config({ url = store_path })
+    redis.stop()
+    assert(ok, err)
+  end)
+
+  it("do not roll back when the new version does as well", function()
+    registry.use({ canary = MIGRATION })
+    m:configure({ strict = true, reply = "one two three",
+      faults = { { route = "chat", probability = 0.03, status = 500 } } })
+    local lines = logged(function() run_users(300) end)
+    assert.are.equal(0, #with_msg(lines, "rolled back"))
+    assert.is_nil(registry.migration_state("canary").rolled_back)
+    local sides = run_users(100, 301)
+    assert.is_true(sides.new > 0)
+  end)
+end)
+
+describe("deployments", function()
+  local function group(strategy)
+    return { strategy = strategy, deployments = {
+      { name = "east", weight = 3, model = "openai/gpt-4o-mini-2024-07-18" },
+      { name = "west", weight = 1, model = "openai/gpt-4o-mini-2024-07-18" } } }
+  end
+
+  it("spread calls by weight, skipping an open breaker or a bucket that cannot admit in time", function()
+    math.randomseed(7)
+    registry.random = math.random
+    local east = 0
+    for _ = 1, 4000 do
+      if registry.order(group(), function() return false, 0 end)[1].name == "east" then east = east + 1 end
+    end
+    assert.is_true(east > 2880 and east < 3120, "east: " .. east) -- 3/4 of 4000, 4 sd
+    local function state(d) return d.name == "east", 0 end
+    assert.are.equal("west", registry.order(group(), state)[1].name)
+    state = function(d) return false, d.name == "east" and 30 or 0 end
+    assert.are.equal("west", registry.order(group(), state, 5)[1].name)
+    assert.are.equal("east", registry.order(group(), state, 5)[2].name) -- still a fallback
+  end)
+
+  it("least-wait goes where the expected wait is shortest", function()
+    local state = function(d) return false, d.name == "east" and 2 or 0.5 end
+    assert.are.equal("west", registry.order(group("least-wait"), state)[1].name)
+  end)
+
+  it("each deployment has its own limits and config, and the result names it", function()
+    registry.use({ spread = { strategy = "least-wait", deployments = {
+      { name = "dep-a", use = "openai/gpt-4o-mini-2024-07-18", config = { rate = { rate = 1, per = 60, burst = 1 } } },
+      { name = "dep-b", use = "openai/gpt-4o-mini-2024-07-18", config = { rate = { rate = 1, per = 60, burst = 1 } } },
+    } } })
+    local first = assert(ai.chat({ model = "spread", messages = MSGS }))
+    local second = assert(ai.chat({ model = "spread", messages = MSGS }))
+    assert.are_not.equal(first.deployment, second.deployment) -- the first one's bucket is empty now
+    assert.are.same({ "dep-a", "dep-b" }, (function()
+      local t = { first.deployment, second.deployment }
+      table.sort(t)
+      return t
+    end)())
+  end)
+end)
+
+describe("reload", function()
+  it("applies an edited registry to the next call; a broken one keeps the old serving, with file:line", function()
+    local dir = helpers.tmpname("")
+    os.execute("mkdir -p " .. dir .. "/policies")
+    local file = dir .. "/policies/models.lua"
+    helpers.write(file, 'return { chat = { use = "openai/gpt-4o-mini-2024-07-18" } }\n')
+    local out = helpers.run_script(([[
+      local resil = require "resil"
+      local ai = require "policies.ai"
+      local m = resil.mock.start({ strict = true })
+      ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-spec-openai-0123456789" })
+      local msgs = { { role = "user", content = "hi" } }
+      local function write(text) local f = assert(io.open(%q, "w")) f:write(text) f:close() end
+      print(ai.chat({ model = "chat", messages = msgs }).requested_model)
+      write('return { chat = { use = "openai/gpt-4.1-mini-2025-04-14" } }\n')
+      print(resil.reload())
+      print(ai.chat({ model = "chat", messages = msgs }).requested_model)
+      write('return {\n  chat = { use = "openai/gpt-4o-2024-08-06" },\n  loop = { use = "loop" },\n}\n')
+      local ok, err = resil.reload()
+      print(ok, err)
+      print(ai.chat({ model = "chat", messages = msgs }).requested_model)
+      m:stop()
+    ]]):format(file), ("--store %s --policies %s/policies --log-level off"):format(helpers.tmpname(".db"), dir))
+    local lines = {}
+    for l in out.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.are.equal("gpt-4o-mini-2024-07-18", lines[1], out.stderr)
+    assert.matches("^true", lines[2])
+    assert.are.equal("gpt-4.1-mini-2025-04-14", lines[3])
+    assert.matches("^false\treload: .*models%.lua:3: model 'loop': alias cycle loop %-> loop", lines[4])
+    assert.are.equal("gpt-4.1-mini-2025-04-14", lines[5])
+    os.execute("rm -rf " .. dir)
+  end)
+end)
+
+describe("streams", function()
+  it("take aliases and count for a migration's sides", function()
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.5, sticky = "user",
+      rollback = { error_rate = 0.05, min_calls = 5 } } } })
+    m:configure({ strict = true, reply = "one two three", faults = { { route = "chat", model = "gpt-4.1-mini-2025-04-14",
+      status = 400 } } })
+    local lines = logged(function()
+      for i = 1, 40 do
+        local s = ai.stream({ model = "canary", messages = MSGS, user = "s" .. i })
+        local text = {}
+        for d in s do text[#text + 1] = d end
+        local r = assert(s:result())
+        assert.are.equal("canary", r.alias)
+        assert.are.equal("one two three", table.concat(text))
+      end
+    end)
+    assert.are.equal(1, #with_msg(lines, "rolled back"))
+    assert.are.equal("error_rate", registry.migration_state("canary").rolled_back.reason)
+  end)
+end)
+
+describe("migrations behind another alias", function()
+  it("apply on the way to the first target, not in a fallback", function()
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 1 } },
+      front = { use = "canary" }, other = { use = "anthropic/claude-haiku-4-5-20251001", fallbacks = { "canary" } } })
+    local plan = registry.resolve("front", { user = "u1" })
+    assert.are.equal("new", plan.migration.side)
+    assert.are.equal("openai/gpt-4.1-mini-2025-04-14", plan.choices[1].model)
+    plan = registry.resolve("other", { user = "u1" })
+    assert.is_nil(plan.migration)
+    assert.are.equal("openai/gpt-4o-mini-2024-07-18", plan.choices[2].model)
+  end)
+end)

@@ -1,0 +1,129 @@
+-- `resil-lua check [files...]`: load policy files and the model registry
+-- without running a pipeline, and say what is wrong with file:line.
+--   - every file: syntax errors; a policy module (under a policies/ folder)
+--     is also loaded as require would, so its load-time errors show
+--   - a registry (a file named models.lua, and always the registry in effect):
+--     shapes, alias cycles, unknown providers, fallbacks to unknown models,
+--     models without a price, sunsets passed with no replacement,
+--     migrations to unpinned targets
+-- Exit status 1 on any error; 0 with the warnings printed. No files: the
+-- project's policies/*.lua and the registry in effect.
+local resil = require "resil"
+
+local function list_dir(dir)
+  local p = io.popen(("ls -1 %s/*.lua 2>/dev/null"):format(("'" .. dir:gsub("'", "'\\''") .. "'")))
+  local out = {}
+  if not p then return out end
+  for line in p:lines() do out[#out + 1] = line end
+  p:close()
+  return out
+end
+
+local function exists(path)
+  local f = io.open(path, "r")
+  if f then f:close() end
+  return f ~= nil
+end
+
+-- the file require "policies.models" finds (the project's copy first)
+local function registry_in_effect()
+  for _, searcher in ipairs(package.searchers) do
+    local loader, where = searcher("policies.models")
+    if type(loader) == "function" and type(where) == "string" then return where end
+  end
+  return nil
+end
+
+-- the registry's logic, whatever state the registry file in effect is in
+local function registry_module()
+  local saved = package.loaded["policies.models"]
+  package.loaded["policies.models"] = {}
+  local ok, reg = pcall(require, "policies.registry")
+  package.loaded["policies.models"] = saved
+  package.loaded["policies.registry"] = nil -- a later require loads the real one
+  if not ok then return nil, reg end
+  return reg
+end
+
+local function provider_known(p)
+  local ok, mod = pcall(require, "policies.providers." .. p)
+  return ok and type(mod) == "table"
+end
+
+local function price(p, m)
+  local okp, pricing = pcall(require, "policies.pricing")
+  if okp and pricing.price(p, m) then return true end
+  local okm, media = pcall(require, "policies.pricing_media")
+  return okm and media.price(p .. "/" .. m) ~= nil
+end
+
+return function(args)
+  local files, seen = {}, {}
+  for i = 1, #args do
+    if args[i]:sub(1, 1) == "-" then
+      io.stderr:write(("resil-lua check: unknown option '%s' (usage: resil-lua check [files...])\n"):format(args[i]))
+      os.exit(2)
+    end
+    files[#files + 1] = args[i]
+  end
+  if #files == 0 then files = list_dir("policies") end
+  local problems = {}
+  local function add(level, message) problems[#problems + 1] = { level = level, message = message } end
+
+  local reg, why = registry_module()
+  if not reg then add("error", "policies/registry.lua: " .. tostring(why)) end
+
+  local function check_registry(path, entries)
+    if not reg then return end
+    for _, p in ipairs(reg.problems(entries, { file = path, provider_known = provider_known, price = price })) do
+      add(p.level, p.message)
+    end
+  end
+
+  local registry_checked = false
+  for _, path in ipairs(files) do
+    seen[path] = true
+    if not exists(path) then
+      add("error", path .. ": no such file")
+    else
+      local chunk, err
+      if path:match("models%.lua$") then chunk, err = loadfile(path, "t", {}) else chunk, err = loadfile(path, "t") end
+      if not chunk then
+        add("error", err)
+      elseif path:match("models%.lua$") then
+        -- data only: run it with nothing in reach
+        local ok, entries = pcall(chunk)
+        if not ok then add("error", tostring(entries)) else check_registry(path, entries) end
+        registry_checked = true
+      elseif path:match("policies/[^/]+%.lua$") or path:match("policies/providers/[^/]+%.lua$") then
+        local modname = "policies." .. path:match("policies/(.-)%.lua$"):gsub("/", ".")
+        local ok, mod = pcall(chunk, modname)
+        if not ok then add("error", tostring(mod))
+        elseif type(mod) ~= "table" then
+          add("error", ("%s: a policy module must return a table, not %s"):format(path, type(mod)))
+        end
+      end
+    end
+  end
+  if not registry_checked then
+    local path = registry_in_effect()
+    if path and not seen[path] then
+      local chunk, err = loadfile(path, "t", {})
+      if not chunk then add("error", err)
+      else
+        local ok, entries = pcall(chunk)
+        if not ok then add("error", tostring(entries)) else check_registry(path, entries) end
+      end
+    end
+  end
+
+  local errors, warnings = 0, 0
+  for _, p in ipairs(problems) do
+    if p.level == "error" then errors = errors + 1 else warnings = warnings + 1 end
+    io.stdout:write(p.level, ": ", resil.redact(p.message), "\n")
+  end
+  io.stdout:write(("%d error%s, %d warning%s\n"):format(errors, errors == 1 and "" or "s", warnings,
+    warnings == 1 and "" or "s"))
+  io.stdout:flush()
+  if errors > 0 then os.exit(1) end
+end
