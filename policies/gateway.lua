@@ -619,6 +619,10 @@ gateway.routes = {
 
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
 function gateway.handle(req)
+  -- a caller that sends its W3C trace context gets the provider attempts as
+  -- children of its span (each request is a task of its own)
+  local traceparent = req.headers.traceparent
+  if traceparent then resil.trace.continue(traceparent) end
   local path = req.path
   if path:byte(-1) == 47 then path = path:gsub("/+$", "") end -- "/v1/models/" is "/v1/models"
   local route = gateway.routes[req.method .. " " .. path]

@@ -76,6 +76,25 @@ describe("gateway: OpenAI chat completions", function()
     assert.matches("^req_", res.headers["x-request-id"])
   end)
 
+  it("a client's traceparent continues into the provider call (the attempt is a child of the client's span)",
+    function()
+      local seen = {}
+      local url = start({ routes = { ["POST /v1/chat/completions"] = function(req)
+        seen[#seen + 1] = req.headers.traceparent or "-"
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+          id = "chatcmpl-t", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+          choices = { { index = 0, message = { role = "assistant", content = "ok" }, finish_reason = "stop" } },
+          usage = { prompt_tokens = 1, completion_tokens = 1, total_tokens = 2 } }) }
+      end } })
+      local client_trace, client_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+      local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS },
+        { traceparent = ("00-%s-%s-01"):format(client_trace, client_span) })
+      assert.are.equal(200, res.status, res.body)
+      local trace_id, span_id = seen[1]:match("^00%-(%x+)%-(%x+)%-01$")
+      assert.are.equal(client_trace, trace_id)
+      assert.are_not.equal(client_span, span_id)
+    end)
+
   it("an OpenAI client served by Anthropic when OpenAI fails gets an OpenAI-shaped answer", function()
     local url, m = start({ strict = true, reply = "from claude", sequence = { chat = { 500, 500, 500, 500 } } })
     local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS })
