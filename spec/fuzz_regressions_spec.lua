@@ -41,3 +41,35 @@ describe("provider rate-limit headers with numbers out of range (headers_fuzz)",
     assert.are.equal(86400, resil.retry_after({ ["retry-after-ms"] = "1e300" }))
   end)
 end)
+
+describe("a response whose first header line is folded (http_fuzz)", function()
+  -- libcurl before 8.1.0 (curl/curl#11103) unfolded such a line into the
+  -- last header of the handle's previous transfer, already freed: a server
+  -- could corrupt the host's memory. Each answer comes from its own server,
+  -- so the second request runs on a recycled handle, not a reused connection.
+  local function raw_server(bytes)
+    return resil.server.listen({ handler = function() return { action = "raw", body = bytes } end })
+  end
+
+  it("is read as a response, many times over, without touching the previous one's headers", function()
+    for i = 1, 20 do
+      local plain = raw_server("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\nX-Previous: "
+        .. ("p"):rep(40 + i) .. "\r\n\r\nok")
+      local res = resil.http.request({ url = ("http://127.0.0.1:%d/"):format(plain:port()) })
+      plain:close()
+      assert.are.equal(200, res.status)
+      local folded = raw_server("HTTP/1.1 429 Too Many\r\n\tcontinued: 4\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
+      local res2, err = resil.http.request({ url = ("http://127.0.0.1:%d/"):format(folded:port()) })
+      folded:close()
+      if res2 then
+        assert.are.equal(429, res2.status)
+        assert.are.equal("no", res2.body)
+        for name, value in pairs(res2.headers) do
+          assert.is_nil(value:find("p", 1, true), name .. " holds the previous response's header")
+        end
+      else
+        assert.are.equal("protocol", err.kind)
+      end
+    end
+  end)
+end)

@@ -656,6 +656,17 @@ static http_req *req_take(lua_State *L, http_state *H) {
   return r;
 }
 
+/* libcurl before 8.1.0 keeps a pointer to the last response header of a
+ * handle's previous transfer (curl/curl#11103): a response whose first
+ * header line is folded is unfolded into that freed header. Found by
+ * fuzz/http_fuzz.c. There a handle serves one transfer (connections are
+ * still reused: they belong to the multi handle). */
+static int handles_reusable(void) {
+  static int reusable = -1;
+  if (reusable < 0) reusable = curl_version_info(CURLVERSION_NOW)->version_num >= 0x080100;
+  return reusable;
+}
+
 /* Back to the pool: the transfer aborted if still running. */
 void req_release(http_req *r) {
   http_state *H = r->H;
@@ -671,6 +682,10 @@ void req_release(http_req *r) {
   if (H->nfree >= REQ_POOL_MAX) {
     req_destroy(r);
     return;
+  }
+  if (!handles_reusable() && r->easy) {
+    curl_easy_cleanup(r->easy);
+    r->easy = NULL; /* req_take makes a new one */
   }
   if (r->body.cap > KEEP_BUFFER_MAX) buffer_free(&r->body);
   if (r->head.cap > KEEP_BUFFER_MAX) buffer_free(&r->head);
