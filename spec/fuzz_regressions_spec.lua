@@ -73,3 +73,18 @@ describe("a response whose first header line is folded (http_fuzz)", function()
     end
   end)
 end)
+
+describe("a repeated response header with an empty value (http_fuzz)", function()
+  it("adds no empty element to the joined value", function()
+    local s = resil.server.listen({ handler = function()
+      return { action = "raw", body = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n"
+        .. "X-Empty: a\r\nX-Empty:\r\nX-Both:\r\nX-Both:  \r\nX-Late:\r\nX-Late: b\r\nX-List: a\r\nX-List: b\r\n\r\n" }
+    end })
+    local res = assert(resil.http.request({ url = ("http://127.0.0.1:%d/"):format(s:port()) }))
+    s:close()
+    assert.are.equal("a", res.headers["x-empty"])
+    assert.are.equal("", res.headers["x-both"])
+    assert.are.equal("b", res.headers["x-late"])
+    assert.are.equal("a, b", res.headers["x-list"])
+  end)
+end)

@@ -802,10 +802,14 @@ void push_header_table(lua_State *L, const char *p, size_t len) {
       while (v < vend && (*v == ' ' || *v == '\t')) v++;
       while (vend > v && (vend[-1] == '\r' || vend[-1] == ' ' || vend[-1] == '\t')) vend--;
       lua_pushvalue(L, -1);
-      if (lua_rawget(L, -3) == LUA_TSTRING) { /* a repeated header: joined, as HTTP allows */
+      /* a repeated header: joined, as HTTP allows; an empty value adds no
+       * element to the list (not "a, " nor ", ") */
+      if (lua_rawget(L, -3) == LUA_TSTRING && lua_rawlen(L, -1) > 0 && vend > v) {
         lua_pushliteral(L, ", ");
         lua_pushlstring(L, v, (size_t)(vend - v));
         lua_concat(L, 3);
+      } else if (lua_type(L, -1) == LUA_TSTRING && vend == v) {
+        /* empty: the value so far stands */
       } else {
         lua_pop(L, 1);
         lua_pushlstring(L, v, (size_t)(vend - v));
