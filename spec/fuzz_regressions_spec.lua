@@ -88,3 +88,15 @@ describe("a repeated response header with an empty value (http_fuzz)", function(
     assert.are.equal("a, b", res.headers["x-list"])
   end)
 end)
+
+describe("a response without a valid status line (http_fuzz)", function()
+  it("is a protocol error, not a response with status 0", function()
+    local s = resil.server.listen({ handler = function()
+      return { action = "raw", body = "HTTP/200\155\7m\r\ndata: a\n\n" }
+    end })
+    local res, err = resil.http.request({ url = ("http://127.0.0.1:%d/"):format(s:port()) })
+    s:close()
+    assert.is_nil(res)
+    assert.are.equal("protocol", err.kind)
+  end)
+end)

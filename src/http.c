@@ -218,6 +218,12 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
   if (r->easy && why == ABORT_NONE) {
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &r->status);
     note_http_version(r);
+    /* libcurl 7.88 ends some answers without a status it could read
+     * ("HTTP/200...") as a success with status 0: not a response */
+    if (result == CURLE_OK && r->status < 100) {
+      result = CURLE_WEIRD_SERVER_REPLY;
+      snprintf(r->errbuf, sizeof r->errbuf, "no valid HTTP status line in the response");
+    }
   }
   r->done = 1;
   r->result = result;
