@@ -282,6 +282,15 @@ local function reserve(targets, req)
   return budget:reserve(usd)
 end
 
+-- A call canceled between its reservation and its settle (a client that gave
+-- up, a deadline) must not leave the hold until it expires: the guard's
+-- __close runs at the cancel, outside any task, so the release is a task of
+-- its own. A settled or released ticket ignores it.
+local hold_guard_mt = { __close = function(g, err)
+  if not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
+end }
+local function hold_guard(ticket) return setmetatable({ ticket = ticket }, hold_guard_mt) end
+
 -- Cost to the ledger: through the ticket when there is one (it writes the
 -- row), else a row of its own, keyed by the provider's response id.
 local function record_cost(r, req, ticket, operation)
@@ -452,6 +461,7 @@ function ai.chat(req)
   end
   local ticket, berr = reserve(targets, req)
   if berr then return nil, berr end
+  local _ <close> = ticket and hold_guard(ticket) -- a canceled call gives its hold back
   local r, err
   if #targets == 1 then
     r, err = watched(chat_strategy(targets[1], req), targets).fn(req, deadline_of(targets, req))

@@ -99,7 +99,7 @@ gateway.error_reply = error_reply
 -- string: the request misused the API) is the client's bad request
 local function ai_error_reply(api, err)
   if type(err) ~= "table" then
-    return error_reply(api, 400, resil.redact(tostring(err):gsub("^[^:]*:%d+: ", "")))
+    return error_reply(api, 400, resil.redact((tostring(err):gsub("^[^:]*:%d+: ", ""))))
   end
   local status = status_of(err)
   local headers = {}

@@ -244,6 +244,19 @@ describe("chat over the strict mock", function()
     assert.are.equal(1, ledger_rows())
   end)
 
+  it("a call canceled between its reservation and its answer gives the hold back", function()
+    local b = resil.budget("ai-spec-cancel", { limit = 1 })
+    m:configure({ strict = true, latency = { min = 5, max = 5 } })
+    local t = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      budget = "ai-spec-cancel" })
+    resil.sleep(1) -- reserved, waiting for the answer
+    assert.is_true(b:state().reserved > 0)
+    t:cancel()
+    resil.sleep(0.1) -- the release is a task of its own
+    assert.are.equal(0, b:state().reserved)
+    assert.are.equal(0, #b:state().holds)
+  end)
+
   it("a budget refuses a model without a price before sending anything", function()
     resil.budget("ai-spec-2", { limit = 1 })
     local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, budget = "ai-spec-2" })

@@ -33,6 +33,16 @@ describe("resil-lua check", function()
     assert.matches("error: policies/retry%.lua:4: <name> or '%.%.%.' expected near 'return'", r.stdout)
   end)
 
+  it("does not hang on a registry or a policy that loops at load: an error with file:line", function()
+    helpers.write(dir .. "/policies/models.lua", "local t = {}\nwhile true do end\nreturn t\n")
+    helpers.write(dir .. "/policies/spin.lua", "local n = 0\nwhile true do n = n + 1 end\n")
+    local r = helpers.run(("cd %s && timeout 60 %s check policies/models.lua policies/spin.lua"):format(dir,
+      helpers.resil))
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("error: policies/models%.lua:2: ran more than %d+ instructions at load", r.stdout)
+    assert.matches("error: policies/spin%.lua:2: ran more than %d+ instructions at load", r.stdout)
+  end)
+
   it("reports an error raised while a policy module loads", function()
     helpers.write(dir .. "/policies/mine.lua", "local x = {}\nerror('mine: bad config')\nreturn x\n")
     local r = check("policies/mine.lua")

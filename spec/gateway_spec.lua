@@ -115,6 +115,17 @@ describe("gateway: OpenAI chat completions", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  it("numbers JSON allows but a provider cannot take (NaN, Infinity) are a 400, not a 500", function()
+    local url, m = start({ strict = true })
+    for _, bad in ipairs({ "NaN", "Infinity", "1e999" }) do
+      local res = post(url .. "/v1/chat/completions",
+        '{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"x"}],"temperature":' .. bad .. '}')
+      assert.are.equal(400, res.status, bad .. ": " .. res.body)
+      assert.are.equal("invalid_request_error", json.decode(res.body).error.type)
+    end
+    assert.are.equal(0, m:stats().total)
+  end)
+
   it("a request policies.ai refuses (max_tokens not an integer) is a 400, not a 500", function()
     local url, m = start({ strict = true })
     local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS, max_tokens = 1.5 })
@@ -416,6 +427,10 @@ describe("gateway: virtual keys", function()
     assert.are.equal(1, keys.revoke("team-a"))
     assert.are.equal(401, post(url .. "/v1/chat/completions", body, bearer(key)).status)
     assert.are.equal(1, m:stats().total)
+    -- rotating: the name is free again once its key is revoked; a live one is not
+    local rotated = assert(keys.add({ name = "team-a" }))
+    assert.are_not.equal(key, rotated)
+    assert.are.equal("exists", select(2, keys.add({ name = "team-a" })).kind)
   end)
 
   it("the key's models only; its own rate limit is a 429 with Retry-After", function()

@@ -60,6 +60,23 @@ print("done", table.concat(items, ","), resil.run.resumed())
   end)
 end)
 
+describe("resil.once across processes", function()
+  it("fingerprints table arguments the same way in every process (a resumed run is not 'key_reused')", function()
+    local path = helpers.tmpname(".db")
+    local script = [[
+      local resil = require "resil"
+      local req = { model = "m", messages = { { role = "user", content = "x" } }, max_tokens = 20,
+                    temperature = 1, user = "u", extra = { a = 1, b = 2, c = 3, d = 4 } }
+      print(resil.once({ key = "fp" }, function() return "ran" end, req))
+    ]]
+    for _ = 1, 4 do -- Lua randomises table order per process: four chances to differ
+      local r = helpers.run_script(script, ("--store %s --log-level off"):format(path))
+      assert.are.equal("ran\n", r.stdout, r.stderr)
+    end
+    os.remove(path)
+  end)
+end)
+
 describe("a run started over with --fresh", function()
   it("records its costs again: a new generation is not taken for the old one", function()
     local db = helpers.tmpname(".db")

@@ -104,7 +104,7 @@ describe("resil.once", function()
 
   it("takes over a stale lease", function()
     local s = resil.store()
-    s.backend:once_claim("job-4", resil.hash(resil.json.encode(table.pack(7))), "dead-process", 2, 86400,
+    s.backend:once_claim("job-4", require("resil.once").fingerprint(7), "dead-process", 2, 86400,
       resil.store_now(), resil.store_now() + 30)
     resil.sleep(3)
     assert.are.equal(14, (resil.once({ key = "job-4", lease = 2 }, work, 7)))

@@ -166,6 +166,7 @@ end
 -- settle(0) frees the hold and writes no ledger row (a call that failed cost nothing).
 function Ticket:settle(actual, e)
   if type(actual) ~= "number" or actual < 0 then error("ticket:settle: actual must be a number >= 0", 2) end
+  self.done = true -- (a guard that would release it on a cancel has nothing left to do)
   owner.drop(self.store.backend, self.id)
   local fields = {}
   for k, v in pairs(e or {}) do fields[k] = v end
@@ -179,6 +180,7 @@ function Ticket:settle(actual, e)
 end
 
 function Ticket:release()
+  self.done = true
   owner.drop(self.store.backend, self.id)
   return self.store.backend:budget_release(self.id)
 end

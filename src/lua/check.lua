@@ -81,6 +81,22 @@ return function(args)
   end
 
   local registry_checked = false
+  -- a file that loops at load must not hang a pre-commit hook or a CI step:
+  -- its chunk runs under an instruction budget and fails with file:line
+  local BUDGET = 50000000
+  local function run_capped(chunk, ...)
+    local co = coroutine.create(chunk)
+    debug.sethook(co, function()
+      debug.sethook(co, function() error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2) end,
+        "", 1) -- keeps firing, so a pcall inside cannot swallow it
+      error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2)
+    end, "", BUDGET)
+    local r = table.pack(coroutine.resume(co, ...))
+    if not r[1] then return false, r[2] end
+    if coroutine.status(co) ~= "dead" then return false, "it yielded at load" end
+    return true, table.unpack(r, 2, r.n)
+  end
+
   for _, path in ipairs(files) do
     seen[path] = true
     if not exists(path) then
@@ -92,12 +108,12 @@ return function(args)
         add("error", err)
       elseif path:match("models%.lua$") then
         -- data only: run it with nothing in reach
-        local ok, entries = pcall(chunk)
+        local ok, entries = run_capped(chunk)
         if not ok then add("error", tostring(entries)) else check_registry(path, entries) end
         registry_checked = true
       elseif path:match("policies/[^/]+%.lua$") or path:match("policies/providers/[^/]+%.lua$") then
         local modname = "policies." .. path:match("policies/(.-)%.lua$"):gsub("/", ".")
-        local ok, mod = pcall(chunk, modname)
+        local ok, mod = run_capped(chunk, modname)
         if not ok then add("error", tostring(mod))
         elseif type(mod) ~= "table" then
           add("error", ("%s: a policy module must return a table, not %s"):format(path, type(mod)))
@@ -111,7 +127,7 @@ return function(args)
       local chunk, err = loadfile(path, "t", {})
       if not chunk then add("error", err)
       else
-        local ok, entries = pcall(chunk)
+        local ok, entries = run_capped(chunk)
         if not ok then add("error", tostring(entries)) else check_registry(path, entries) end
       end
     end

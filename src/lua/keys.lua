@@ -79,7 +79,10 @@ function keys.add(o)
   end
   local list = index(s)
   for _, e in ipairs(list) do
-    if e.name == o.name and not e.revoked then
+    -- the record says whether it was revoked (the index entry does not), so a
+    -- name can be used again once its key is revoked: rotating a key
+    local live = e.name == o.name and keys.lookup(e.hash)
+    if live and not live.revoked then
       return nil, resil.error("exists", ("a live key is named '%s' already (revoke it first)"):format(o.name))
     end
   end

@@ -6,7 +6,6 @@ local S = require "resil.store"
 local owner = require "resil.owner"
 local store_now, store_or_fail = S.now, S.open
 local encode_values, decode_values = S.encode_values, S.decode_values
-local json = resil.json
 local pack, unpack = table.pack, table.unpack
 
 local inflight = {} -- key -> the child task running fn in this process
@@ -54,9 +53,44 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
   return unpack(r, 2, r.n)
 end
 
+-- The arguments' fingerprint must be the same in every process: cjson
+-- writes a table's keys in hash order, which Lua randomises per process, so
+-- a resumed run would find its own key "reused". Keys are sorted here
+-- (numbers first, in order; then strings).
+local function key_before(a, b)
+  local ta, tb = type(a), type(b)
+  if ta ~= tb then return ta == "number" end
+  if ta == "number" or ta == "string" then return a < b end
+  return tostring(a) < tostring(b)
+end
+
+local function canonical(v, out, depth)
+  local t = type(v)
+  if t == "table" and depth < 32 then
+    local keys = {}
+    for k in pairs(v) do keys[#keys + 1] = k end
+    table.sort(keys, key_before)
+    out[#out + 1] = "{"
+    for _, k in ipairs(keys) do
+      canonical(k, out, depth + 1)
+      out[#out + 1] = "="
+      canonical(v[k], out, depth + 1)
+      out[#out + 1] = ","
+    end
+    out[#out + 1] = "}"
+  elseif t == "string" then
+    out[#out + 1] = ("%q"):format(v)
+  elseif t == "number" then
+    out[#out + 1] = math.type(v) == "integer" and ("%d"):format(v) or ("%.17g"):format(v)
+  else
+    out[#out + 1] = t == "boolean" and tostring(v) or t -- functions and the like: their type only
+  end
+end
+
 local function fingerprint_of(...)
-  local ok, text = pcall(json.encode, pack(...))
-  return resil.hash(ok and text or "")
+  local out = {}
+  canonical(pack(...), out, 0)
+  return resil.hash(table.concat(out))
 end
 
 -- resil.once(key | {key=, fingerprint=, lease=, wait=, retention=}, fn, ...)
@@ -123,3 +157,6 @@ end
 function resil.once_reap()
   return S.open_or_raise(2).backend:once_reap(store_now())
 end
+
+-- for specs that seed a record as another process would
+return { fingerprint = fingerprint_of }
