@@ -530,8 +530,9 @@ local function expand(name, req, plan, depth)
       plan.in_fallback = true
       local ok, more = pcall(expand, f, req, plan, depth + 1)
       plan.in_fallback = was
-      if ok then add_all(more) else resil.log.warn("model registry: a fallback cannot be used",
-        { alias = name, fallback = f, error = tostring(more) }) end
+      -- once per alias and fallback: a broken entry must not write a line per call
+      if ok then add_all(more) else warn_once("fallback\0" .. name .. "\0" .. tostring(f),
+        "model registry: a fallback cannot be used", { alias = name, fallback = f, error = tostring(more) }) end
     end
     return list
   end

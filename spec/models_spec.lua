@@ -67,6 +67,14 @@ describe("aliases", function()
     assert.are.equal("claude-haiku-4-5-20251001", r.requested_model)
   end)
 
+  it("a fallback that cannot be used is warned about once, not on every call", function()
+    registry.use({ broken = { use = "openai/gpt-4o-mini-2024-07-18", fallbacks = { "zz-unknown" } } })
+    local lines = logged(function()
+      for _ = 1, 20 do assert(ai.chat({ model = "broken", messages = MSGS })) end
+    end)
+    assert.are.equal(1, #with_msg(lines, "a fallback cannot be used"))
+  end)
+
   it("an alias may name another alias, and the alias's deadline applies", function()
     registry.use({ inner = { use = "openai/gpt-4o-mini-2024-07-18" }, outer = { use = "inner", deadline = 5 } })
     local r = assert(ai.chat({ model = "outer", messages = MSGS }))
