@@ -837,28 +837,21 @@ local function with_plan(r, err, plan)
   return r, err
 end
 
-function ai.job(req)
-  local jobs, why = jobs_module()
-  if not jobs or type(jobs.job) ~= "function" then
-    error("ai.job: not available (policies.jobs is missing: " .. tostring(why) .. ")", 2)
+-- ai.job and ai.speech: policies.jobs through the registry (one wrapper: the
+-- levels and tail calls keep misuse pointing at the caller's line)
+local function through_jobs(fname)
+  return function(req)
+    local jobs, why = jobs_module()
+    if not jobs or type(jobs[fname]) ~= "function" then
+      error(("ai.%s: not available (policies.jobs is missing: %s)"):format(fname, tostring(why)), 2)
+    end
+    local r, err, plan = through_registry(req, 2)
+    if r == nil then return nil, err end
+    if not plan then return jobs[fname](r) end -- a tail call: misuse raises at the caller's line
+    local res, jerr = jobs[fname](r)
+    return with_plan(res, jerr, plan)
   end
-  local r, err, plan = through_registry(req, 2)
-  if r == nil then return nil, err end
-  if not plan then return jobs.job(r) end -- a tail call: misuse raises at the caller's line
-  local res, jerr = jobs.job(r)
-  return with_plan(res, jerr, plan)
 end
-
-function ai.speech(req)
-  local jobs, why = jobs_module()
-  if not jobs or type(jobs.speech) ~= "function" then
-    error("ai.speech: not available (policies.jobs is missing: " .. tostring(why) .. ")", 2)
-  end
-  local r, err, plan = through_registry(req, 2)
-  if r == nil then return nil, err end
-  if not plan then return jobs.speech(r) end -- a tail call: misuse raises at the caller's line
-  local res, jerr = jobs.speech(r)
-  return with_plan(res, jerr, plan)
-end
+ai.job, ai.speech = through_jobs("job"), through_jobs("speech")
 
 return ai
