@@ -21,6 +21,7 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "fuzz_host.h"
 #include "http.h"
 
 static resil_t *R;
@@ -89,16 +90,8 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 }
 
 static int setup(void) {
-  resil_options opts = {0};
-  opts.sandbox = RESIL_SANDBOX_OFF;
-  opts.log_level = "off";
-  R = resil_open(&opts);
-  if (!R) abort();
-  lua_State *L = resil_lua(R);
-  if (luaL_dostring(L, code) != LUA_OK) {
-    fprintf(stderr, "fuzz setup: %s\n", lua_tostring(L, -1));
-    abort();
-  }
+  R = fuzz_host(code, 0);
+  lua_pop(resil_lua(R), 1); /* the code defines globals and returns nothing */
   struct sockaddr_in sin = {0};
   sin.sin_family = AF_INET;
   sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);

@@ -43,16 +43,8 @@ static const char code[] =
   "return fuzz_server:port() -- a global: the server lives as long as the process\n";
 
 static void setup(void) {
-  resil_options opts = {0};
-  opts.sandbox = RESIL_SANDBOX_OFF;
-  opts.log_level = "off";
-  R = resil_open(&opts);
-  if (!R) abort();
+  R = fuzz_host(code, 0);
   lua_State *L = resil_lua(R);
-  if (luaL_dostring(L, code) != LUA_OK) {
-    fprintf(stderr, "fuzz setup: %s\n", lua_tostring(L, -1));
-    abort();
-  }
   port = (int)lua_tointeger(L, -1);
   lua_pop(L, 1);
 }

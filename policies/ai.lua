@@ -786,6 +786,7 @@ function ai.embed(req)
     ticket, berr = budget:reserve(usd)
     if berr then return nil, berr end
   end
+  local _ <close> = ticket and hold_guard(ticket) -- a canceled call gives its hold back
   local d = req.deadline or (ai.config[strategies[1].t.provider] or NO_CONF).deadline
   local deadline = d and resil.now() + d
   local r, err, info

@@ -31,12 +31,7 @@ describe("the official SDKs against the gateway", function()
     os.execute("kill -TERM " .. pid)
     helpers.wait_until(function() return not helpers.alive(pid) end, 10)
     assert(line, "the gateway did not start: " .. helpers.slurp(log))
-    results = {}
-    for l in out.stdout:gmatch("[^\n]+") do
-      local ok, name, reason = l:match("^(ok) (.-)$")
-      if not ok then ok, name, reason = l:match("^(not ok) (.-) %-%- (.*)$") end
-      if ok then results[name] = ok == "ok" or reason end
-    end
+    results = helpers.sdk_results(out.stdout)
   end)
 
   local CHECKS = {

@@ -103,6 +103,32 @@ function helpers.alive(pid)
   return state ~= nil and state ~= "Z" and state ~= "X"
 end
 
+-- The JSON log lines fn() writes, decoded (fn's error is raised after).
+function helpers.logged(fn)
+  local resil = require "resil"
+  local path = helpers.tmpname(".log")
+  resil.log.output(path)
+  local ok, err = pcall(fn)
+  resil.log.output("stderr")
+  local lines = {}
+  for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = resil.json.decode(line) end
+  os.remove(path)
+  assert(ok, err)
+  return lines
+end
+
+-- The TAP-like lines a node check script prints ("ok NAME" or "not ok NAME
+-- -- reason") -> { [name] = true | reason }
+function helpers.sdk_results(stdout)
+  local results = {}
+  for line in stdout:gmatch("[^\n]+") do
+    local ok, name, reason = line:match("^(ok) (.-)$")
+    if not ok then ok, name, reason = line:match("^(not ok) (.-) %-%- (.*)$") end
+    if ok then results[name] = ok == "ok" or reason end
+  end
+  return results
+end
+
 -- Why the official SDKs (spec/sdk, installed by `make deps`) cannot run
 -- here, or nil when they can.
 function helpers.sdk_skip_reason()

@@ -20,17 +20,7 @@ local function fresh_store()
   return assert(resil.store())
 end
 
-local function capture_log(fn)
-  local path = helpers.tmpname(".log")
-  resil.log.output(path)
-  local ok, err = pcall(fn)
-  resil.log.output("stderr")
-  local lines = {}
-  for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = json.decode(line) end
-  os.remove(path)
-  assert(ok, err)
-  return lines
-end
+local capture_log = helpers.logged
 
 local VIDEO = "replicate/acme/video:5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
 local FLUX = "replicate/black-forest-labs/flux-schnell"

@@ -14,18 +14,7 @@ local function point_at(url)
   ai.configure("anthropic", { base_url = url, api_key = "sk-ant-spec-0123456789", retry = { base = 0.01 } })
 end
 
--- the JSON log lines fn() writes
-local function logged(fn)
-  local path = helpers.tmpname(".log")
-  resil.log.output(path)
-  local ok, err = pcall(fn)
-  resil.log.output("stderr")
-  local lines = {}
-  for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = resil.json.decode(line) end
-  os.remove(path)
-  assert(ok, err)
-  return lines
-end
+local logged = helpers.logged
 
 local function with_msg(lines, pattern)
   local out = {}

@@ -276,18 +276,7 @@ print(br:allow() and 1 or 0)
 end)
 
 describe("a Redis outage", function()
-  -- the log lines fn writes, decoded
-  local function logged(fn)
-    local path = helpers.tmpname(".log")
-    resil.log.output(path)
-    local ok, err = pcall(fn)
-    resil.log.output("stderr")
-    local lines = {}
-    for line in helpers.slurp(path):gmatch("[^\n]+") do lines[#lines + 1] = resil.json.decode(line) end
-    os.remove(path)
-    assert(ok, err)
-    return lines
-  end
+  local logged = helpers.logged
   local function count(lines, msg)
     local n = 0
     for _, l in ipairs(lines) do if l.msg:find(msg, 1, true) then n = n + 1 end end

@@ -33,12 +33,7 @@ describe("the official SDKs against the mock", function()
     os.execute("kill -TERM " .. pid)
     helpers.wait_until(function() return not helpers.alive(pid) end, 10)
     assert(url, "the mock did not start: " .. helpers.slurp(log))
-    results = {}
-    for line in out.stdout:gmatch("[^\n]+") do
-      local ok, name, reason = line:match("^(ok) (.-)$")
-      if not ok then ok, name, reason = line:match("^(not ok) (.-) %-%- (.*)$") end
-      if ok then results[name] = ok == "ok" or reason end
-    end
+    results = helpers.sdk_results(out.stdout)
   end)
 
   local CHECKS = {
