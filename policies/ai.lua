@@ -56,6 +56,7 @@ end
 -- list of models), cache = {ttl=}, max_tokens (default for this provider),
 -- idle_timeout (streams, default 60 s), stream_timeout (default 600 s).
 local callers = {}
+local configured, CONFIG_GEN = 0, {} -- ai.configure calls so far: kept targets older than that are dropped
 local NO_CONF = {} -- a provider not configured: one stable table, so its caller is kept
 function ai.configure(provider, conf)
   if type(provider) ~= "string" then error("ai.configure: provider must be a string", 2) end
@@ -63,6 +64,7 @@ function ai.configure(provider, conf)
   if type(conf.api_key) == "string" and #conf.api_key >= 6 then resil.log.redact(conf.api_key) end
   ai.config[provider] = conf
   callers[provider] = nil
+  configured = configured + 1
 end
 
 local function base_url(adapter, conf)
@@ -163,11 +165,39 @@ end
 -- The targets of a call, first the model (through the registry: alias,
 -- deprecation, migration, deployments), then its fallbacks, each with
 -- adapter, config, key and caller. Keys are checked before anything is sent.
+local targets_from
+
+-- A call with none of the call options of its own gets the targets kept on
+-- its plan (the registry keeps a plan a second; see registry.resolve), one
+-- set per fallback list: the same few aliases on every request of a gateway.
+-- Deployments are ordered per call, so their targets are never kept.
+local NO_FALLBACK = {}
+local function kept_targets(plan, req)
+  if plan.migration then return nil end
+  for _, k in ipairs(CALL_OPTIONS) do if req[k] ~= nil then return nil end end
+  local by = plan.targets
+  if not by or by[CONFIG_GEN] ~= configured then -- ai.configure since: made again
+    by = setmetatable({ [CONFIG_GEN] = configured }, { __mode = "k" })
+    plan.targets = by
+  end
+  return by, req.fallback or NO_FALLBACK
+end
+
 local function targets_of(req, level)
   if type(req.model) ~= "string" then error("ai: model must be a string: an alias or \"provider/model\"", level + 1) end
   local reg = registry()
   local plan = reg.resolve(req.model, req, level + 2)
   if plan.err then return nil, plan.err end
+  local kept, fb_key = kept_targets(plan, req)
+  local targets = kept and kept[fb_key]
+  if targets then return targets end
+  local err
+  targets, err = targets_from(reg, plan, req, level + 1)
+  if kept and targets and not targets.deployments then kept[fb_key] = targets end
+  return targets, err
+end
+
+function targets_from(reg, plan, req, level)
   local targets, seen = {}, {}
   local function add(t)
     if not seen[t.name] then
@@ -186,6 +216,7 @@ local function targets_of(req, level)
           by[d] = t
         end
         for _, d in ipairs(reg.order(c, function(d) return deployment_state(by[d]) end, left)) do add(by[d]) end
+        targets.deployments = true -- in this call's order: not kept
       else
         local t, err = target_of(c.model, req, level + 1, spec)
         if not t then return nil, err end

@@ -273,8 +273,10 @@ local side_total = resil.metrics.counter("resil_model_migration_calls_total",
   "Calls of a migration, by alias, side (old|new) and outcome")
 
 -- registry.reset_warnings(): warn again as a new process would (specs, tools)
+local memo = { expires = -math.huge, plans = {}, size = 0 } -- plans kept (see resolve)
 function registry.reset_warnings()
   for k in pairs(once) do once[k] = nil end
+  memo.expires = -math.huge -- a kept plan would not warn again
 end
 
 local function warn_once(key, msg, fields)
@@ -553,25 +555,61 @@ local function expand(name, req, plan, depth)
       once["unpinned:" .. model] = true
       resil.log.warn("model is not pinned to a version: the provider may change it under you", { model = model })
     end
-    unpinned_total:inc({ model = model })
+    plan.unpinned = plan.unpinned or {}
+    plan.unpinned[#plan.unpinned + 1] = model -- counted on every call, by resolve
   end
   return { { model = model } }
+end
+
+-- Plans that do not depend on the call (no migration: its side is per key and
+-- per stored state) are kept for a second: a gateway resolves the same few
+-- names on every request. A new registry (registry.use, a reload, other
+-- pinning rules) starts over at once; a sunset is seen within the second.
+local MEMO_SECONDS, MEMO_MAX = 1, 1000
+local unpinned_series = {}
+
+-- every call naming an unpinned model counts, a plan kept or not
+local function count_unpinned(plan)
+  for _, model in ipairs(plan.unpinned) do
+    local series = unpinned_series[model]
+    if not series then
+      series = unpinned_total:labels({ model = model })
+      unpinned_series[model] = series
+    end
+    series:inc()
+  end
 end
 
 -- registry.resolve(name, req) -> plan { choices = {...}, alias, routed, migration, deadline }
 -- A choice is { model = "provider/model" } or a group { deployments = {...}, strategy = }.
 -- Raises on an unknown alias at `level` (as error's: 2 is resolve's caller);
 -- a model past its sunset with no replacement is returned as plan.err.
+-- A plan is shared by the calls that get it: read it, never change it.
 function registry.resolve(name, req, level)
   level = level or 2
   if type(name) ~= "string" then error("model must be a string: an alias or \"provider/model\"", level) end
-  local plan = {}
+  local t = now()
+  if memo.entries ~= registry.entries or memo.pinned ~= registry.pinned or t >= memo.expires then
+    memo.entries, memo.pinned, memo.expires, memo.plans, memo.size = registry.entries, registry.pinned,
+      t + MEMO_SECONDS, {}, 0
+  end
+  local plan = memo.plans[name]
+  if plan then
+    if plan.unpinned then count_unpinned(plan) end
+    return plan
+  end
+  plan = {}
   local ok, choices = pcall(expand, name, req, plan, 0)
   if not ok then
     if type(choices) == "table" and choices.kind then plan.err = choices return plan end
     error(choices, level)
   end
   plan.choices = choices
+  if plan.unpinned then count_unpinned(plan) end
+  if not plan.migration and memo.size < MEMO_MAX then
+    memo.plans[name] = plan
+    memo.size = memo.size + 1
+  end
   return plan
 end
 
