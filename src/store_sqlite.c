@@ -60,9 +60,14 @@ static store_db *check_db(lua_State *L, int idx) {
 
 /* ---------- statements ---------- */
 
-static sqlite3_stmt *prepare(lua_State *L, store_db *d, const char *sql) {
+/* The statement of the SQL text at stack index `at`, prepared on first use.
+ * Looked up by that Lua string itself: a constant in a script keeps its
+ * hash, where a C string would be copied into a new one on every call. */
+static sqlite3_stmt *prepare(lua_State *L, store_db *d, int at) {
+  const char *sql = luaL_checkstring(L, at);
   lua_rawgeti(L, LUA_REGISTRYINDEX, d->ref_stmts);
-  lua_getfield(L, -1, sql);
+  lua_pushvalue(L, at);
+  lua_rawget(L, -2);
   sqlite3_stmt *st = lua_touserdata(L, -1);
   lua_pop(L, 1);
   if (!st) {
@@ -70,8 +75,9 @@ static sqlite3_stmt *prepare(lua_State *L, store_db *d, const char *sql) {
       lua_pop(L, 1);
       luaL_error(L, "store: %s in: %s", sqlite3_errmsg(d->db), sql);
     }
+    lua_pushvalue(L, at);
     lua_pushlightuserdata(L, st);
-    lua_setfield(L, -2, sql);
+    lua_rawset(L, -3);
   }
   lua_pop(L, 1);
   sqlite3_reset(st);
@@ -144,7 +150,7 @@ static store_db *check_tx(lua_State *L) {
 /* tx:exec(sql, ...) -> rows changed */
 static int tx_exec(lua_State *L) {
   store_db *d = check_tx(L);
-  sqlite3_stmt *st = prepare(L, d, luaL_checkstring(L, 2));
+  sqlite3_stmt *st = prepare(L, d, 2);
   bind_args(L, st, 3, lua_gettop(L));
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {}
@@ -156,7 +162,7 @@ static int tx_exec(lua_State *L) {
 /* tx:rows(sql, ...) -> { {col = value, ...}, ... } */
 static int tx_rows(lua_State *L) {
   store_db *d = check_tx(L);
-  sqlite3_stmt *st = prepare(L, d, luaL_checkstring(L, 2));
+  sqlite3_stmt *st = prepare(L, d, 2);
   bind_args(L, st, 3, lua_gettop(L));
   lua_newtable(L);
   int rc, n = 0, cols = sqlite3_column_count(st);
@@ -182,7 +188,7 @@ static int tx_row(lua_State *L) {
 /* tx:value(sql, ...) -> the first column of the first row, or nil */
 static int tx_value(lua_State *L) {
   store_db *d = check_tx(L);
-  sqlite3_stmt *st = prepare(L, d, luaL_checkstring(L, 2));
+  sqlite3_stmt *st = prepare(L, d, 2);
   bind_args(L, st, 3, lua_gettop(L));
   int rc = sqlite3_step(st);
   if (rc == SQLITE_ROW) push_column(L, st, 0);

@@ -72,6 +72,16 @@ local function observe_cost(e, units)
   end
 end
 
+-- the UTC day of `at`, formatted once per day rather than once per row
+local day_start, day_text = 0, nil
+local function day_of(at)
+  if at < day_start or at >= day_start + 86400 or not day_text then
+    day_start = at - at % 86400
+    day_text = os.date("!%Y-%m-%d", math.floor(day_start))
+  end
+  return day_text
+end
+
 local function cost_entry(e, at)
   if type(e) ~= "table" then error("resil.cost.record: expects a table", 3) end
   -- usd = nil: a call without a price, recorded as such (never as a zero)
@@ -86,7 +96,7 @@ local function cost_entry(e, at)
   local dedupe = e.id ~= nil and tostring(e.id) or nil
   local units = e.units
   if units ~= nil then units = json.encode(units) end
-  return { dedupe = dedupe, at = at, day = os.date("!%Y-%m-%d", math.floor(at)), provider = e.provider,
+  return { dedupe = dedupe, at = at, day = day_of(at), provider = e.provider,
            model = e.model, operation = e.operation, user = e.user and tostring(e.user),
            run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
            micro_usd = e.usd and to_micro(e.usd), units = units, budget = e.budget, period = e.period,

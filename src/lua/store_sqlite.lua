@@ -364,10 +364,11 @@ end
 
 -- ---------- costs ----------
 
+-- one string, made once: the statement cache finds it by its hash, kept in the string
+local INSERT_COST = "INSERT OR IGNORE INTO costs (dedupe, at, day, provider, model, operation, user, run, step, " ..
+  "micro_usd, units, budget, period, ticket, item) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 local function insert_cost(tx, e)
-  return tx:exec("INSERT OR IGNORE INTO costs (dedupe, at, day, provider, model, operation, user, run, step, " ..
-                 "micro_usd, units, budget, period, ticket, item) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    e.dedupe, e.at, e.day, e.provider, e.model, e.operation, e.user, e.run, e.step, e.micro_usd, e.units,
+  return tx:exec(INSERT_COST, e.dedupe, e.at, e.day, e.provider, e.model, e.operation, e.user, e.run, e.step, e.micro_usd, e.units,
     e.budget, e.period, e.ticket, e.item) > 0
 end
 
