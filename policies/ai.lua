@@ -270,10 +270,21 @@ local function request_for(t, req)
   return r
 end
 
-local function wire_request(t, req, stream)
+-- a target's URL, headers and adapter config, made once per target (a target
+-- lives as long as its config: see targets_of)
+local function wire_parts(t)
+  local w = t.wire
+  if w then return w end
   local conf = t.conf
   local base = base_url(t.adapter, conf)
-  local aconf = setmetatable({ official = base == t.adapter.default_base }, { __index = conf })
+  w = { url = t.adapter.url(base), headers = t.adapter.headers(t.key or nil, conf),
+    aconf = setmetatable({ official = base == t.adapter.default_base }, { __index = conf }) }
+  t.wire = w
+  return w
+end
+
+local function wire_request(t, req, stream)
+  local w = wire_parts(t)
   local r = request_for(t, req)
   if stream then
     local s = {}
@@ -281,8 +292,7 @@ local function wire_request(t, req, stream)
     s.stream = true
     r = s
   end
-  return { method = "POST", url = t.adapter.url(base), headers = t.adapter.headers(t.key or nil, conf),
-    json = t.adapter.body(r, t.model, aconf) }
+  return { method = "POST", url = w.url, headers = w.headers, json = t.adapter.body(r, t.model, w.aconf) }
 end
 ai.wire_request = wire_request
 

@@ -110,7 +110,7 @@ local function finish_span(span, res, err)
   if not span then return end
   local ctx = resil.context()
   ctx.trace_id, ctx.span_id = span.saved[1], span.saved[2]
-  if not resil.trace.exporting() then return span:finish(nil, err) end -- only the export reads attributes
+  if not resil.trace.exporting() then return end -- nothing reads a span that is not exported
   local attrs = {}
   if type(res) == "table" and res.status then
     attrs["http.response.status_code"] = res.status

@@ -171,8 +171,11 @@ end
 ---------------------------------------------------------------------------
 -- requests: the client's API -> policies.ai
 
-local OPENAI_PASSED = { "temperature", "top_p", "tool_choice", "n", "seed", "response_format",
-  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }
+local OPENAI_PASSED = {}
+for _, k in ipairs({ "temperature", "top_p", "tool_choice", "n", "seed", "response_format",
+  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }) do
+  OPENAI_PASSED[k] = true
+end
 
 -- a JSON number that is a whole number -> integer; anything else -> nil
 local function whole(v) return type(v) == "number" and math.tointeger(v) or nil end
@@ -180,7 +183,7 @@ local function whole(v) return type(v) == "number" and math.tointeger(v) or nil 
 local function from_openai(b)
   local req = { messages = b.messages, max_tokens = whole(b.max_completion_tokens or b.max_tokens),
     stop = b.stop ~= null and b.stop or nil, tools = b.tools }
-  for _, k in ipairs(OPENAI_PASSED) do if b[k] ~= null then req[k] = b[k] end end
+  for k, v in pairs(b) do if OPENAI_PASSED[k] and v ~= null then req[k] = v end end -- the body's few fields
   return req
 end
 

@@ -103,11 +103,17 @@ function pricing.cost(provider, model, usage)
     end
     return nil, "no price for " .. name
   end
-  local usd = 0
-  for field, count in pairs(pricing.units) do
-    local p = price[field]
-    if p == nil and FALLS_BACK_TO_INPUT[field] then p = price.input end
-    if p ~= nil then usd = usd + p * count(usage) end
+  -- the price's own few fields, then the cache prices it lacks at the input price
+  local units, usd = pricing.units, 0
+  for field, p in pairs(price) do
+    local count = units[field]
+    if count and p ~= nil then usd = usd + p * count(usage) end
+  end
+  local input = price.input
+  if input ~= nil then
+    for field in pairs(FALLS_BACK_TO_INPUT) do
+      if price[field] == nil and units[field] then usd = usd + input * units[field](usage) end
+    end
   end
   -- per_request counts 1 by default: only charge it where a price is set
   return math.floor(usd * 1e9 + 0.5) / 1e9

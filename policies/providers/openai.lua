@@ -20,8 +20,11 @@ local openai = {
 }
 
 -- the fields of the normalized request this adapter sends as they are
-local PASSED = { "temperature", "top_p", "tool_choice", "n", "seed", "user", "response_format",
-  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }
+local PASSED = {}
+for _, k in ipairs({ "temperature", "top_p", "tool_choice", "n", "seed", "user", "response_format",
+  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }) do
+  PASSED[k] = true
+end
 
 function openai.url(base) return base .. "/chat/completions" end
 
@@ -58,14 +61,14 @@ function openai.body(req, model, conf)
     local field = conf.max_tokens_field or (conf.official and "max_completion_tokens" or "max_tokens")
     body[field] = req.max_tokens
   end
-  for _, k in ipairs(PASSED) do body[k] = req[k] end
+  for k, v in pairs(req) do if PASSED[k] then body[k] = v end end -- the request's few fields, not the list
   if req.stop ~= nil then body.stop = req.stop end
   body.tools = tools_of(req.tools)
   if req.stream then
     body.stream = true
     if conf.stream_usage ~= false then body.stream_options = { include_usage = true } end
   end
-  for k, v in pairs(req.extra or {}) do body[k] = v end
+  if req.extra then for k, v in pairs(req.extra) do body[k] = v end end
   return body
 end
 
