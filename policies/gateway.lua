@@ -203,7 +203,14 @@ local function from_anthropic(b)
   return req
 end
 
+-- a bare name on an endpoint -> its route, made once per name
+local native_routes = setmetatable({}, { __index = function(t, api)
+  t[api] = { size = 0 }
+  return t[api]
+end })
+
 -- the model a client named -> the request's model and fallback, or nil, why
+-- (a route is shared by the requests that name the model: read it only)
 local function route_model(name, native)
   local m = gateway.config.models[name]
   if type(m) == "string" then return { model = m } end
@@ -213,7 +220,15 @@ local function route_model(name, native)
     if ok then return { model = name } end
     return nil, ("unknown provider in '%s'"):format(name)
   end
-  return { model = native .. "/" .. name }
+  local routes = native_routes[native]
+  local route = routes[name]
+  if not route then
+    route = { model = native .. "/" .. name }
+    if routes.size < 1000 then -- bounded: a client's made-up names must not grow it without end
+      routes[name], routes.size = route, routes.size + 1
+    end
+  end
+  return route
 end
 
 local function check_messages(msgs)
@@ -378,13 +393,21 @@ end
 ---------------------------------------------------------------------------
 -- answering
 
+-- USD with six decimals, through integers (a float format is the costliest
+-- conversion on the answer's path)
+local function usd_text(usd)
+  local micro = math.floor(usd * 1e6 + 0.5)
+  local frac = tostring(micro % 1000000)
+  return (micro // 1000000) .. "." .. ("000000"):sub(#frac + 1) .. frac
+end
+
 local function answer_headers(id, r)
   local h = { ["content-type"] = "application/json", ["x-request-id"] = id }
   if r then
     h["x-resil-provider"] = r.provider
     h["x-resil-model"] = r.model
     h["x-resil-attempts"] = tostring(r.attempts or 1)
-    h["x-resil-cost-usd"] = r.cost_usd and ("%.6f"):format(r.cost_usd) or "unknown"
+    h["x-resil-cost-usd"] = r.cost_usd and usd_text(r.cost_usd) or "unknown"
   end
   return h
 end
@@ -620,6 +643,24 @@ gateway.routes = {
   end,
 }
 
+-- "METHOD /path", the key of gateway.routes, made once per method and path
+-- (an unknown path is not kept: a scan of made-up paths must not grow it)
+local route_keys = {}
+local function route_key(method, path)
+  local by_path = route_keys[method]
+  local key = by_path and by_path[path]
+  if key then return key end
+  key = method .. " " .. path
+  if gateway.routes[key] then
+    if not by_path then
+      by_path = {}
+      route_keys[method] = by_path
+    end
+    by_path[path] = key
+  end
+  return key
+end
+
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
 function gateway.handle(req)
   -- a caller that sends its W3C trace context gets the provider attempts as
@@ -628,7 +669,7 @@ function gateway.handle(req)
   if traceparent then resil.trace.continue(traceparent) end
   local path = req.path
   if path:byte(-1) == 47 then path = path:gsub("/+$", "") end -- "/v1/models/" is "/v1/models"
-  local route = gateway.routes[req.method .. " " .. path]
+  local route = gateway.routes[route_key(req.method, path)]
   local api = path == "/v1/messages" and "anthropic" or "openai"
   local reply
   if route then
@@ -636,11 +677,18 @@ function gateway.handle(req)
   else
     reply = error_reply(api, 404, ("no route %s %s"):format(req.method, req.path), { code = "unknown_url" })
   end
-  local series_key = (route and path or "other") .. " " .. (reply.status or 200)
-  local series = request_series[series_key]
+  -- by route and status, each series bound once (no label key built per request)
+  local label = route and path or "other"
+  local status = reply.status or 200
+  local by_status = request_series[label]
+  if not by_status then
+    by_status = {}
+    request_series[label] = by_status
+  end
+  local series = by_status[status]
   if not series then
-    series = requests_total:labels({ route = route and path or "other", status = tostring(reply.status or 200) })
-    request_series[series_key] = series
+    series = requests_total:labels({ route = label, status = tostring(status) })
+    by_status[status] = series
   end
   series:inc()
   return reply

@@ -570,7 +570,9 @@ local unpinned_series = {}
 
 -- every call naming an unpinned model counts, a plan kept or not
 local function count_unpinned(plan)
-  for _, model in ipairs(plan.unpinned) do
+  local list = plan.unpinned
+  for i = 1, #list do
+    local model = list[i]
     local series = unpinned_series[model]
     if not series then
       series = unpinned_total:labels({ model = model })

@@ -77,11 +77,10 @@ local function num(v) return type(v) == "number" and (math.tointeger(v) or v) or
 -- openai.usage(u) -> normalized usage (input_tokens counts cached ones too)
 function openai.usage(u)
   if type(u) ~= "table" then return nil end
-  local details = type(u.prompt_tokens_details) == "table" and u.prompt_tokens_details or {}
-  local out_details = type(u.completion_tokens_details) == "table" and u.completion_tokens_details or {}
+  local details, out_details = u.prompt_tokens_details, u.completion_tokens_details
   return { input_tokens = num(u.prompt_tokens) or 0, output_tokens = num(u.completion_tokens) or 0,
-    cached_input_tokens = num(details.cached_tokens) or 0, cache_write_tokens = 0,
-    reasoning_tokens = num(out_details.reasoning_tokens) }
+    cached_input_tokens = type(details) == "table" and num(details.cached_tokens) or 0, cache_write_tokens = 0,
+    reasoning_tokens = type(out_details) == "table" and num(out_details.reasoning_tokens) or nil }
 end
 
 local function tool_calls_of(calls)

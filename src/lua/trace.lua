@@ -94,12 +94,11 @@ end
 -- `traceparent`, carries that trace's id and flags in its context)
 function trace.start(name, attributes)
   local parent = current_parent()
-  local r = root_span()
-  local span = setmetatable({ trace_id = parent.trace_id or r.trace_id, span_id = new_span_id(),
-                              parent_id = parent.span_id, flags = parent.trace_flags or r.flags, name = name,
-                              kind = 3, start = wall(), attributes = attributes or {} }, Span)
-  span.traceparent = ("00-%s-%s-%s"):format(span.trace_id, span.span_id, span.flags)
-  return span
+  local r = root or root_span()
+  local trace_id, span_id, flags = parent.trace_id or r.trace_id, new_span_id(), parent.trace_flags or r.flags
+  return setmetatable({ trace_id = trace_id, span_id = span_id, parent_id = parent.span_id, flags = flags,
+                        name = name, kind = 3, start = wall(), attributes = attributes or {},
+                        traceparent = "00-" .. trace_id .. "-" .. span_id .. "-" .. flags }, Span)
 end
 
 local function enqueue(span)
