@@ -180,8 +180,10 @@ if [ -z "$pk_skip" ]; then
       v, a, c, e, w, g / a }'
   awk -v p50="$p50" -v p99="$p99" -v d50="$d50" -v d99="$d99" -v g50="$g50" -v g99="$g99" 'BEGIN {
     ap = p50 - d50; aq = p99 - d99; gp = g50 - d50; gq = g99 - d99
-    printf "  Portkey 1 conn. p50 %d us p99 %d us; added p50 %d us, p99 %d us (%.1fx and %.1fx what the gateway adds)\n",
-      p50, p99, ap, aq, (gp > 0 ? ap / gp : 0), (gq > 0 ? aq / gq : 0) }'
+    # a ratio only over an added latency above zero (noise can put a p99 below the direct p99)
+    r50 = gp > 0 ? sprintf("%.1fx", ap / gp) : "n/a"; r99 = gq > 0 ? sprintf("%.1fx", aq / gq) : "n/a"
+    printf "  Portkey 1 conn. p50 %d us p99 %d us; added p50 %d us, p99 %d us (%s and %s what the gateway adds)\n",
+      p50, p99, ap, aq, r50, r99 }'
 else
   echo "  Portkey         skipped: $pk_skip"
 fi
