@@ -176,8 +176,9 @@ echo "  1 connection    direct p50 ${d50} us p99 ${d99} us; through p50 ${g50} u
 if [ -z "$pk_skip" ]; then
   pk_where="node $(node --version)${pin_gw:+, on core 0 as the gateway}, after a ${PK_WARMUP} s warm-up"
   awk -v a="$pk_rps" -v g="$g_rps" -v c="$GW_C" -v e="$pk_err" -v v="$PK_VERSION" -v w="$pk_where" 'BEGIN {
-    printf "  Portkey %s  %s req/s at %s connections %s(%s); resil-lua gateway %.1fx Portkey (target >= 15x)\n",
-      v, a, c, e, w, g / a }'
+    r = a > 0 ? sprintf("%.1fx", g / a) : "n/a" # no division by zero: Portkey never fails the bench
+    printf "  Portkey %s  %s req/s at %s connections %s(%s); resil-lua gateway %s Portkey (target >= 15x)\n",
+      v, a, c, e, w, r }'
   awk -v p50="$p50" -v p99="$p99" -v d50="$d50" -v d99="$d99" -v g50="$g50" -v g99="$g99" 'BEGIN {
     ap = p50 - d50; aq = p99 - d99; gp = g50 - d50; gq = g99 - d99
     # a ratio only over an added latency above zero (noise can put a p99 below the direct p99)
