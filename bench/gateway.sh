@@ -3,7 +3,10 @@
 # the upstream directly, then through `resil-lua gateway` with the full
 # policy (key lookup, the key's bucket, the provider's bucket and breaker,
 # retry, the cost ledger). Requests/s at GW_C connections, and the latency the
-# gateway adds at one connection (p50, p99).
+# gateway adds at one connection (p50, p99). Side by side in the same run:
+# the gateway with --workers 2, and Portkey's gateway (npm @portkey-ai/gateway,
+# installed into bench/node_modules; skipped when node or the package is not
+# there) with the same upstream and body.
 set -eu
 cd "$(dirname "$0")/.."
 RESIL=${RESIL:-./resil-lua}
@@ -15,6 +18,8 @@ work=$(mktemp -d)
 cleanup() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
   [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null || true
+  [ -n "${w2_pid:-}" ] && kill "$w2_pid" 2>/dev/null || true
+  [ -n "${pk_pid:-}" ] && kill "$pk_pid" 2>/dev/null || true
   [ -n "${sgw_pid:-}" ] && kill "$sgw_pid" 2>/dev/null || true
   [ -n "${mock_pid:-}" ] && kill "$mock_pid" 2>/dev/null || true
   rm -rf "$work"
@@ -84,6 +89,76 @@ errs() { awk '/Non-2xx|Socket errors/ { print }' "$work/wrk.out" | tr '\n' ' '; 
 
 run "$GW_C" "$direct"; d_rps=$(rps); d_err=$(errs)
 run "$GW_C" "$through"; g_rps=$(rps); g_err=$(errs)
+
+# --- the same gateway with --workers 2 (N processes on one SO_REUSEPORT socket) ---
+# Not pinned: wrk and nginx stay on core 1 as above, and on two cores there is
+# no core left free of them; with three or more the workers get 0 and 2.
+w2_pin="" w2_where="not pinned: on 2 cores none is free of wrk and nginx"
+if [ -n "$pin_gw" ] && [ "$(nproc)" -ge 3 ]; then w2_pin="taskset -c 0,2" w2_where="on cores 0 and 2"; fi
+w2_port=$(free_port)
+$w2_pin "$RESIL" gateway --listen "127.0.0.1:$w2_port" --workers 2 --config "$work/gateway.lua" --store "$db" \
+  --log-level error > "$work/w2.out" 2>&1 &
+w2_pid=$!
+# each worker says it listens
+for _ in $(seq 100); do [ "$(grep -sc listening "$work/w2.out")" = 2 ] && break; sleep 0.05; done
+w2_url="http://127.0.0.1:$w2_port/v1/chat/completions"
+check=$(curl -s -o /dev/null -w "%{http_code}" -H "Authorization: Bearer $key" -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' "$w2_url")
+[ "$check" = 200 ] || { echo "gateway: a request through the gateway (--workers 2) got $check"; cat "$work/w2.out"; exit 1; }
+run "$GW_C" "$w2_url"; w2_rps=$(rps); w2_err=$(errs)
+kill "$w2_pid" 2>/dev/null || true
+
+# --- Portkey's gateway (node), the same upstream and body, pinned as the gateway ---
+# Started from the package's bin (build/start-server.js --port=N --headless);
+# the provider and upstream go in headers on every request: x-portkey-provider
+# openai, x-portkey-custom-host the upstream's /v1 (127.0.0.1 is in Portkey's
+# default trusted hosts). A warm-up run first so that V8 has compiled the hot
+# path (without it the first seconds run at half speed, with 2 s timeouts).
+PK_VERSION=1.15.2
+PK_WARMUP=${PK_WARMUP:-10}
+pk_dir=bench/node_modules/@portkey-ai/gateway
+pk_skip=""
+if ! command -v node >/dev/null; then
+  pk_skip="node is not installed"
+else
+  if ! grep -q "\"version\": \"$PK_VERSION\"" "$pk_dir/package.json" 2>/dev/null; then
+    # the same list as bench/run: an `npm install --no-save` removes what an earlier one put there
+    (cd bench && npm install --no-save --no-audit --no-fund --silent --fetch-retries 1 \
+      --fetch-retry-mintimeout 1000 --fetch-retry-maxtimeout 2000 cockatiel@3 bottleneck@2 \
+      "@portkey-ai/gateway@$PK_VERSION" > "$work/npm.out" 2>&1) || true
+  fi
+  grep -q "\"version\": \"$PK_VERSION\"" "$pk_dir/package.json" 2>/dev/null ||
+    pk_skip="npm package @portkey-ai/gateway@$PK_VERSION unavailable (npm install failed or no registry)"
+fi
+if [ -z "$pk_skip" ]; then
+  pk_port=$(free_port)
+  # the pinning at start, so that node's threads (libuv, V8's) are on core 0 too
+  $pin_gw node "$pk_dir/build/start-server.js" --port="$pk_port" --headless > "$work/pk.out" 2>&1 &
+  pk_pid=$!
+  pk_url="http://127.0.0.1:$pk_port/v1/chat/completions"
+  pk_host="http://127.0.0.1:$up_port/v1"
+  pk_check() { curl -s -o "$work/pk.body" -w "%{http_code}" -H "Content-Type: application/json" \
+    -H "x-portkey-provider: openai" -H "x-portkey-custom-host: $pk_host" -H "Authorization: Bearer sk-bench-123456" \
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":16}' "$pk_url" || true; }
+  check=000
+  for _ in $(seq 100); do check=$(pk_check); [ "$check" = 000 ] || break; sleep 0.1; done
+  # nginx's fixed reply (its id) comes back: the request went through to the upstream
+  if [ "$check" != 200 ] || ! grep -q chatcmpl-1 "$work/pk.body"; then
+    pk_skip="a request through Portkey got $check: $(head -c 300 "$work/pk.body" 2>/dev/null)"
+    kill "$pk_pid" 2>/dev/null || true
+  fi
+fi
+if [ -z "$pk_skip" ]; then
+  { cat "$work/post.lua"; cat <<LUA
+wrk.headers["Authorization"] = "Bearer sk-bench-123456"
+wrk.headers["x-portkey-provider"] = "openai"
+wrk.headers["x-portkey-custom-host"] = "$pk_host"
+LUA
+  } > "$work/post_pk.lua"
+  GW_KEY=unused $pin_rest wrk -t1 -c"$GW_C" -d"${PK_WARMUP}s" -s "$work/post_pk.lua" "$pk_url" > /dev/null || true
+  pk_run() { GW_KEY=unused $pin_rest wrk -t1 -c"$1" -d"${GW_SECONDS}s" --latency -s "$work/post_pk.lua" "$pk_url" \
+    > "$work/wrk.out" || true; }
+  pk_run "$GW_C"; pk_rps=$(rps); pk_err=$(errs)
+fi
 # latency: everything on one core, so that neither path pays for waking another core
 # (an idle core takes tens of microseconds to wake; the direct path would pay none)
 if [ -n "$pin_gw" ]; then
@@ -92,9 +167,27 @@ if [ -n "$pin_gw" ]; then
 fi
 run 1 "$direct"; d50=$(pct 50%); d99=$(pct 99%)
 run 1 "$through"; g50=$(pct 50%); g99=$(pct 99%)
+if [ -z "$pk_skip" ]; then pk_run 1; p50=$(pct 50%); p99=$(pct 99%); kill "$pk_pid" 2>/dev/null || true; fi
 echo "gateway: wrk ${GW_SECONDS}s per run, nginx upstream (1 worker), full policy (key, buckets, breaker, retry, ledger)"
 echo "  $GW_C connections  direct ${d_rps} req/s; through the gateway ${g_rps} req/s ${d_err}${g_err}${pin_gw:+(gateway on core 0, wrk and nginx on core 1)}"
+awk -v a="$w2_rps" -v b="$g_rps" -v w="$w2_where" -v e="$w2_err" -v c="$GW_C" 'BEGIN {
+  printf "  --workers 2     %s req/s at %s connections, %.2fx one worker %s(%s)\n", a, c, a / b, e, w }'
 echo "  1 connection    direct p50 ${d50} us p99 ${d99} us; through p50 ${g50} us p99 ${g99} us; added p50 $((g50 - d50)) us, p99 $((g99 - d99)) us${pin_gw:+ (all on core 0)}"
+if [ -z "$pk_skip" ]; then
+  pk_where="node $(node --version)${pin_gw:+, on core 0 as the gateway}, after a ${PK_WARMUP} s warm-up"
+  awk -v a="$pk_rps" -v g="$g_rps" -v c="$GW_C" -v e="$pk_err" -v v="$PK_VERSION" -v w="$pk_where" 'BEGIN {
+    r = a > 0 ? sprintf("%.1fx", g / a) : "n/a" # no division by zero: Portkey never fails the bench
+    printf "  Portkey %s  %s req/s at %s connections %s(%s); resil-lua gateway %s Portkey (target >= 15x)\n",
+      v, a, c, e, w, r }'
+  awk -v p50="$p50" -v p99="$p99" -v d50="$d50" -v d99="$d99" -v g50="$g50" -v g99="$g99" 'BEGIN {
+    ap = p50 - d50; aq = p99 - d99; gp = g50 - d50; gq = g99 - d99
+    # a ratio only over an added latency above zero (noise can put a p99 below the direct p99)
+    r50 = gp > 0 ? sprintf("%.1fx", ap / gp) : "n/a"; r99 = gq > 0 ? sprintf("%.1fx", aq / gq) : "n/a"
+    printf "  Portkey 1 conn. p50 %d us p99 %d us; added p50 %d us, p99 %d us (%s and %s what the gateway adds)\n",
+      p50, p99, ap, aq, r50, r99 }'
+else
+  echo "  Portkey         skipped: $pk_skip"
+fi
 
 # --- streams: GW_STREAMS concurrent streams of 200 deltas (10 ms apart) from the mock ---
 GW_STREAMS=${GW_STREAMS:-1000}
