@@ -250,6 +250,26 @@ describe("a shared bucket (GCRA state in the store)", function()
       assert.is_true(ops <= #times + 100, ops .. " store calls for " .. #times .. " admissions")
     end)
 
+  it("a fast bucket's try takes tokens from the store a lease at a time, and keeps to the limit", function()
+    -- a gateway key at 6,000,000 requests per minute: a lease is 500 tokens
+    local b = resil.bucket("shared-lease", { rate = 6000000, per = 60, burst = 100000, shared = true })
+    local s = assert(resil.store())
+    local ops0 = s:stats().ops
+    for _ = 1, 2000 do assert.is_true((b:try(1))) end
+    local ops = s:stats().ops - ops0
+    assert.is_true(ops <= 5, ops .. " store calls for 2000 tries")
+    -- at the limit: 1,000/s with a burst of 100 (leases of 5), asked every 0.1 ms for 2 s
+    local limited = resil.bucket("shared-lease-limit", { rate = 1000, per = 1, burst = 100, shared = true })
+    local granted, t0 = 0, resil.now()
+    while resil.now() - t0 < 2 do
+      if limited:try(1) then granted = granted + 1 end
+      resil.sleep(0.0001)
+    end
+    -- never past rate x time + burst; and leases dropped at their end cost little of the rate
+    assert.is_true(granted <= 2000 + 100, granted .. " granted")
+    assert.is_true(granted >= 1900, granted .. " granted")
+  end)
+
   it("books only what fits the caller's timeout; try never books", function()
     local b = resil.bucket("shared-timeout", { rate = 10, per = 1, burst = 1, shared = true })
     assert.is_true((b:try(1)))

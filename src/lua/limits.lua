@@ -95,6 +95,16 @@ end
 
 local OUTAGE_CHOICES = { ["local"] = true, deny = true, allow = true }
 
+-- A try on a fast shared bucket (a gateway key's requests per minute, on
+-- every request, from several workers) would be a store transaction each:
+-- the workers would queue on the store's write lock. Instead a process takes
+-- a lease of the tokens the rate grants in LEASE_SECONDS (at most a quarter
+-- of the burst) in one call and hands them out itself; what it has not
+-- handed out when the lease ends is dropped, never carried over, so the
+-- processes together never pass the limit. Slower buckets (the lease would
+-- be one token) ask the store every time, as before.
+local LEASE_SECONDS = 0.005
+
 function SharedBucket:configure(opts)
   local outage = opts.on_outage or self.on_outage or "local"
   if not OUTAGE_CHOICES[outage] then
@@ -107,6 +117,11 @@ function SharedBucket:configure(opts)
   self.interval = per / rate
   self.tolerance = self.burst * self.interval
   self.fallback = local_bucket(self.name .. ":local", { rate = rate, per = per, burst = self.burst })
+  -- a bucket fast enough to grant several tokens in LEASE_SECONDS takes them
+  -- from the store that many at a time (see SharedBucket:try)
+  local lease = math.floor(rate / per * LEASE_SECONDS)
+  self.lease_size = lease >= 2 and math.min(lease, math.max(1, math.floor(self.burst / 4))) or nil
+  self.leased, self.lease_until, self.lease_off_until = 0, -math.huge, -math.huge
 end
 
 -- One call to the store: -> true, remaining, wait | false, seconds. A wait
@@ -134,6 +149,23 @@ end
 function SharedBucket:try(n)
   n = n or 1
   if n > self.burst then return false, math.huge end
+  local size = self.lease_size
+  if size and n <= size then
+    local t = resil.now()
+    if self.leased >= n and t < self.lease_until then
+      self.leased = self.leased - n
+      return true, self.leased
+    end
+    if t >= self.lease_off_until then
+      local ok, x = take(self, size, 0)
+      if ok then
+        self.leased, self.lease_until = size - n, t + LEASE_SECONDS
+        return true, self.leased
+      end
+      -- a whole lease does not fit: single tokens until it could again
+      self.leased, self.lease_off_until = 0, t + (x or 0)
+    end
+  end
   local ok, x = take(self, n, 0)
   return ok, x
 end
