@@ -98,12 +98,15 @@ local OUTAGE_CHOICES = { ["local"] = true, deny = true, allow = true }
 -- A try on a fast shared bucket (a gateway key's requests per minute, on
 -- every request, from several workers) would be a store transaction each:
 -- the workers would queue on the store's write lock. Instead a process takes
--- a lease of the tokens the rate grants in LEASE_SECONDS (at most a quarter
--- of the burst) in one call and hands them out itself; what it has not
--- handed out when the lease ends is dropped, never carried over, so the
--- processes together never pass the limit. Slower buckets (the lease would
--- be one token) ask the store every time, as before.
-local LEASE_SECONDS = 0.005
+-- a lease of tokens in one call (booked in the store like any others) and
+-- hands them out itself. The lease follows demand: it doubles while one lasts
+-- less than LEASE_SECONDS and halves while one lasts four times that, from 2
+-- up to what the rate grants in LEASE_SECONDS (at most a quarter of the
+-- burst), so each process books about what it uses; tokens left after
+-- LEASE_KEEP are dropped. A lease that does not fit any more gives way to
+-- single tokens, exact as before. Slower buckets, where a lease would be one
+-- token, ask the store every time.
+local LEASE_SECONDS, LEASE_KEEP = 0.005, 1
 
 function SharedBucket:configure(opts)
   local outage = opts.on_outage or self.on_outage or "local"
@@ -119,9 +122,9 @@ function SharedBucket:configure(opts)
   self.fallback = local_bucket(self.name .. ":local", { rate = rate, per = per, burst = self.burst })
   -- a bucket fast enough to grant several tokens in LEASE_SECONDS takes them
   -- from the store that many at a time (see SharedBucket:try)
-  local lease = math.floor(rate / per * LEASE_SECONDS)
-  self.lease_size = lease >= 2 and math.min(lease, math.max(1, math.floor(self.burst / 4))) or nil
-  self.leased, self.lease_until, self.lease_off_until = 0, -math.huge, -math.huge
+  local most = math.min(math.floor(rate / per * LEASE_SECONDS), math.floor(self.burst / 4))
+  self.lease_most = most >= 2 and most or nil
+  self.lease_size, self.leased, self.lease_at, self.lease_off_until = 2, 0, -math.huge, -math.huge
 end
 
 -- One call to the store: -> true, remaining, wait | false, seconds. A wait
@@ -149,21 +152,26 @@ end
 function SharedBucket:try(n)
   n = n or 1
   if n > self.burst then return false, math.huge end
-  local size = self.lease_size
-  if size and n <= size then
+  local most = self.lease_most
+  if most and n <= most then
     local t = resil.now()
-    if self.leased >= n and t < self.lease_until then
+    if self.leased >= n and t - self.lease_at < LEASE_KEEP then
       self.leased = self.leased - n
       return true, self.leased
     end
     if t >= self.lease_off_until then
+      local size = self.lease_size
+      local lasted = t - self.lease_at
+      if lasted < LEASE_SECONDS then size = math.min(size * 2, most)
+      elseif lasted > 4 * LEASE_SECONDS then size = math.max(size // 2, 2) end
+      if size < n then size = n end
       local ok, x = take(self, size, 0)
       if ok then
-        self.leased, self.lease_until = size - n, t + LEASE_SECONDS
+        self.lease_size, self.leased, self.lease_at = size, size - n, t
         return true, self.leased
       end
-      -- a whole lease does not fit: single tokens until it could again
-      self.leased, self.lease_off_until = 0, t + (x or 0)
+      -- a lease does not fit: single tokens until one could again
+      self.leased, self.lease_size, self.lease_off_until = 0, 2, t + (x or 0)
     end
   end
   local ok, x = take(self, n, 0)
