@@ -18,9 +18,12 @@
 --
 -- Endpoints: POST /v1/chat/completions (OpenAI; streaming and not), POST
 -- /v1/messages (Anthropic), POST /v1/embeddings (OpenAI), GET /v1/models, GET /health, GET /metrics. A
--- `model` is an alias from `models`, "provider/model", or a bare name for
--- the endpoint's own provider (openai on /v1/chat/completions, anthropic on
--- /v1/messages). Copy this file into your project's policies/ to change it.
+-- `model` is an alias from the config's `models`, an alias of the model
+-- registry (policies/models.lua: pins, fallbacks, deployments, migrations),
+-- "provider/model", or a bare name for the endpoint's own provider (openai on
+-- /v1/chat/completions, anthropic on /v1/messages). GET /v1/models lists the
+-- config's and the registry's aliases. Copy this file into your project's
+-- policies/ to change it.
 local resil = require "resil"
 local ai = require "policies.ai"
 local keys = require "resil.keys"
@@ -203,6 +206,27 @@ local function from_anthropic(b)
   return req
 end
 
+-- the registry now loaded (a reload swaps it in for the next request)
+local function registry() return require "policies.registry" end
+
+local alias_routes = setmetatable({}, { __mode = "k" }) -- registry entries -> { name -> route }
+local function registry_alias(name)
+  local entries = registry().entries
+  local e = entries[name]
+  if type(e) ~= "table" or not (e.use or e.deployments) then return nil end
+  local routes = alias_routes[entries]
+  if not routes then
+    routes = {}
+    alias_routes[entries] = routes
+  end
+  local route = routes[name]
+  if not route then
+    route = { model = name }
+    routes[name] = route
+  end
+  return route
+end
+
 -- a bare name on an endpoint -> its route, made once per name
 local native_routes = setmetatable({}, { __index = function(t, api)
   t[api] = { size = 0 }
@@ -215,6 +239,10 @@ local function route_model(name, native)
   local m = gateway.config.models[name]
   if type(m) == "string" then return { model = m } end
   if type(m) == "table" then return { model = m.model, fallback = m.fallback } end
+  -- an alias of the model registry (policies/models.lua) goes to policies.ai
+  -- as it is: its pin, fallbacks, deployments and migration are the registry's
+  local alias = registry_alias(name)
+  if alias then return alias end
   if name:match("^[%w_%-]+/.") then
     local ok = pcall(require, "policies.providers." .. name:match("^([%w_%-]+)/"))
     if ok then return { model = name } end
@@ -621,13 +649,22 @@ local function models(req)
   local rec, refused = authenticate(req, "openai")
   if not rec then return refused end
   local data, seen = {}, {}
-  local function add(name)
+  local function add(name, owner)
     if seen[name] or not model_allowed(rec, name) then return end
     seen[name] = true
-    data[#data + 1] = { id = name, object = "model", created = 0, owned_by = "resil" }
+    data[#data + 1] = { id = name, object = "model", created = 0, owned_by = owner or "resil" }
   end
-  for name in pairs(gateway.config.models) do add(name) end
-  for _, m in ipairs(rec.models or {}) do add(m) end
+  local function provider_of(model) return type(model) == "string" and model:match("^([%w_%-]+)/") or nil end
+  for name, m in pairs(gateway.config.models) do
+    add(name, provider_of(type(m) == "table" and m.model or m))
+  end
+  -- the registry's aliases (policies/models.lua), by the provider they are pinned to
+  for name, e in pairs(registry().entries) do
+    if type(e) == "table" and (e.use or e.deployments) then
+      add(name, provider_of(e.use or (e.deployments[1] or {}).use))
+    end
+  end
+  for _, m in ipairs(rec.models or {}) do add(m, provider_of(m)) end
   table.sort(data, function(a, b) return a.id < b.id end)
   return { status = 200, body = json.encode({ object = "list", data = data }) }
 end

@@ -161,8 +161,49 @@ describe("gateway: OpenAI chat completions", function()
     assert.are.equal(200, assert(http.request({ url = url .. "/health" })).status)
     local models = json.decode(assert(http.request({ url = url .. "/v1/models" })).body)
     assert.are.equal("list", models.object)
-    assert.are.same({ "claude", "fast" }, { models.data[1].id, models.data[2].id })
+    local ids = {}
+    for i, m in ipairs(models.data) do ids[i] = m.id end
+    -- the config's aliases and the shipped registry's (policies/models.lua)
+    assert.are.same({ "chat-best", "chat-cheap", "chat-fast", "claude", "fast" }, ids)
     assert.matches("resil_gateway_requests_total", assert(http.request({ url = url .. "/metrics" })).body)
+  end)
+end)
+
+describe("gateway: the model registry", function()
+  local registry = require "policies.registry"
+  local function use_registry(entries)
+    local saved, file = registry.entries, registry.file
+    registry.use(entries)
+    finally(function() registry.entries, registry.file = saved, file end)
+  end
+
+  it("a registry alias is served by its pinned model, falls back by the registry's list, and is listed", function()
+    use_registry({ ["team-chat"] = { use = "openai/gpt-4o-mini-2024-07-18",
+      fallbacks = { "anthropic/claude-haiku-4-5-20251001" } } })
+    local url, m = start({ strict = true, reply = "pinned", sequence = { chat = { "ok", 500, 500, 500, 500 } } })
+    local res = post(url .. "/v1/chat/completions", { model = "team-chat", messages = MSGS })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("openai", res.headers["x-resil-provider"])
+    assert.are.equal("gpt-4o-mini-2024-07-18", res.headers["x-resil-model"])
+    -- OpenAI fails every attempt: the registry's fallback serves, in the client's shape
+    res = post(url .. "/v1/chat/completions", { model = "team-chat", messages = MSGS })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("anthropic", res.headers["x-resil-provider"])
+    assert.are.equal("claude-haiku-4-5-20251001", res.headers["x-resil-model"])
+    assert.are.equal(1, m:stats().routes.messages)
+    local models = json.decode(assert(http.request({ url = url .. "/v1/models" })).body)
+    local owner = {}
+    for _, d in ipairs(models.data) do owner[d.id] = d.owned_by end
+    assert.are.equal("openai", owner["team-chat"])
+  end)
+
+  it("an alias the config does not name is not taken for a bare model of the endpoint's provider", function()
+    use_registry({ ["team-chat"] = { use = "anthropic/claude-haiku-4-5-20251001" } })
+    local url = start({ strict = true, reply = "from the registry" })
+    -- on OpenAI's endpoint, yet served by Anthropic: the alias, not "openai/team-chat"
+    local res = post(url .. "/v1/chat/completions", { model = "team-chat", messages = MSGS })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("anthropic", res.headers["x-resil-provider"])
   end)
 end)
 
