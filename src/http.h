@@ -70,7 +70,8 @@ struct http_req {
   long http_version;         /* negotiated: CURL_HTTP_VERSION_1_1, _2_0, ... (0: none yet) */
   int origin;                /* index in http_state's origins */
   http_req *park_next, *park_prev; /* waiting for room on its origin's h2 connections */
-  int parked, sends;
+  http_req *up_next, *up_prev; /* in curl with its body not all sent (release_upload_buffers) */
+  int parked, sends, uploading;
   int active, done, stream, headers_done, paused;
   CURLcode result;
   abort_reason aborted;
