@@ -98,6 +98,7 @@ struct http_state {
   int upload_buffers_kept;  /* libcurl < 8.7.0: see release_upload_buffers */
   http_req *fed;            /* h2 transfers given data by the last curl call, not finished */
   int h2_holds_data;        /* libcurl < 8.1.0: see kick_cb */
+  int kick_once_more;       /* the last kick handed over a full receive buffer */
   curl_socket_t acting_fd;  /* the socket of the curl call running (CURL_SOCKET_BAD: a timeout) */
   http_req *free_reqs;      /* recycled requests, each with its easy handle */
   int nfree;
@@ -237,13 +238,15 @@ static void fed_unlink(http_req *r) {
   if (r->fed_next) r->fed_next->fed_prev = r->fed_prev;
   r->fed_next = r->fed_prev = NULL;
   r->fed = 0;
+  r->fed_bytes = 0;
 }
 
 /* From write_cb and header_cb: an h2 transfer got data (see kick_cb) */
-static void note_fed(http_req *r) {
+static void note_fed(http_req *r, size_t len) {
   http_state *H = r->H;
   if (!H->h2_holds_data || r->driver != &H->drivers[DRIVER_MUX]) return;
   if (H->acting_fd != CURL_SOCKET_BAD) r->conn_fd = H->acting_fd;
+  r->fed_bytes += len;
   if (r->fed) return;
   r->fed = 1;
   r->fed_prev = NULL;
@@ -377,7 +380,18 @@ static void after_action(curl_driver *d) {
   http_state *H = d->H;
   if (H->uploading) release_upload_buffers(H);
   check_multi_info(d);
-  if (H->fed) event_active(H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
+  if (!H->fed) return;
+  /* curl holds data only for a stream given a full receive buffer (the rest
+   * paused); the run after the last such one reads what the pause left in
+   * the connection's buffer for its neighbours */
+  int full = 0;
+  for (http_req *r = H->fed; r && !full; r = r->fed_next) full = r->fed_bytes >= (size_t)RECEIVE_BUFFER_SIZE;
+  if (full || H->kick_once_more) {
+    H->kick_once_more = full;
+    event_active(H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
+  } else {
+    while (H->fed) fed_unlink(H->fed);
+  }
 }
 
 /* libcurl before 8.1.0 can hold an h2 stream's data that did not fit its
@@ -629,7 +643,7 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
     return CURL_WRITEFUNC_PAUSE;
   }
   if (buffer_append(&r->body, data, len) != 0) return 0;
-  note_fed(r);
+  note_fed(r, len);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   if (r->stream && r->waiter) {
     task *t = r->waiter;
@@ -648,7 +662,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
     if (code >= 200) {
-      note_fed(r);
+      note_fed(r, len);
       r->status = code;
       r->headers_done = 1;
       note_http_version(r);
@@ -661,6 +675,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     return len;
   }
   if (buffer_append(&r->head, data, len) != 0) return 0;
+  note_fed(r, len);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   return len;
 }
