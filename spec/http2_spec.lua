@@ -67,6 +67,7 @@ http {
     ssl_certificate_key DIR/key.pem;
     location = /fast { default_type application/json; return 200 '{"ok":true}'; }
     location = /big.bin { root DIR; }
+    location /replies/ { root DIR; }
     location / {
       proxy_pass http://127.0.0.1:BACKEND;
       proxy_buffering off;
@@ -219,6 +220,21 @@ describe("streams over h2", function()
     local n = 1
     while busy:read_event() do n = n + 1 end
     assert.are.equal(sse_events, n)
+  end)
+end)
+
+describe("replies over h2", function()
+  -- libcurl 7.88 left the end of these in its buffers with nothing to call
+  -- it again: 10,000 bytes came after its 10 s timer, 40,000 never
+  it("arrive whole whatever their size, without waiting for a timer", function()
+    os.execute("mkdir -p " .. dir .. "/replies")
+    for _, size in ipairs({ 3000, 8192, 10000, 40000, 100000, 333333 }) do
+      helpers.write(("%s/replies/%d.bin"):format(dir, size), ("y"):rep(size))
+      local res, err = http.request({ url = ("%s/replies/%d.bin"):format(origin, size), ca_file = ca, timeout = 3 })
+      assert.is_nil(err, size)
+      assert.are.equal("2", res.http_version)
+      assert.are.equal(size, #res.body)
+    end
   end)
 end)
 

@@ -43,6 +43,7 @@
  * far beyond any provider, and keeps bench/scale.lua under 200 MB with
  * mimalloc (4 KiB: 202 MB). */
 #define RECEIVE_BUFFER_SIZE 3072L
+#define UPLOAD_BUFFER_SIZE 65536L /* libcurl's default */
 /* HTTP/2 streams one connection carries before curl opens another (a lower
  * limit in the server's SETTINGS wins): 10,000 in flight on 100 connections */
 #define H2_STREAMS_PER_CONNECTION 100L
@@ -78,6 +79,7 @@ struct curl_driver {
   http_state *H;
   CURLM *multi;
   struct event *timer_ev;
+  struct event *kick_ev;    /* h2: calls curl again for data it holds (kick_cb) */
   int added;                /* transfers added in this loop turn */
 };
 
@@ -92,6 +94,12 @@ struct http_state {
   int *socket_origin;       /* fd -> 2 x (index in origins + 1), + 1 on the h2 handle (0: not ours) */
   int socket_cap;
   int parked;               /* h2 transfers waiting, over all origins */
+  http_req *uploading;      /* transfers whose upload buffer goes once the body is sent */
+  int upload_buffers_kept;  /* libcurl < 8.7.0: see release_upload_buffers */
+  http_req *fed;            /* h2 transfers given data by the last curl call, not finished */
+  int h2_holds_data;        /* libcurl < 8.1.0: see kick_cb */
+  int kick_once_more;       /* the last kick handed over a full receive buffer */
+  curl_socket_t acting_fd;  /* the socket of the curl call running (CURL_SOCKET_BAD: a timeout) */
   http_req *free_reqs;      /* recycled requests, each with its easy handle */
   int nfree;
   http_req *live;           /* requests in use, freed by http_free if still there */
@@ -182,11 +190,78 @@ static void unpark(http_req *r) {
   r->H->parked--;
 }
 
+static void upload_unlink(http_req *r) {
+  if (r->up_prev) r->up_prev->up_next = r->up_next;
+  else r->H->uploading = r->up_next;
+  if (r->up_next) r->up_next->up_prev = r->up_prev;
+  r->up_next = r->up_prev = NULL;
+  r->uploading = 0;
+}
+
+/* libcurl before 8.7.0 gives a transfer that sends a body over TLS or h2 a
+ * 64 KiB upload buffer (the page a small body is copied to is touched: 4 KB
+ * of RSS) and keeps it until the transfer ends: 42 MB at 10,000 h2 POSTs in
+ * flight, for bodies sent in their first millisecond (bench/README.md).
+ * Once curl has sent all of the body (CURLINFO_SIZE_UPLOAD_T, counted as
+ * bytes leave the buffer, per attempt) the buffer holds nothing, and setting
+ * CURLOPT_UPLOAD_BUFFERSIZE frees it: the next transfer's upload reuses the
+ * block. Called between curl calls, never from a callback. */
+static void release_upload_buffers(http_state *H) {
+  http_req *r = H->uploading;
+  while (r) {
+    http_req *next = r->up_next;
+    curl_off_t sent = 0;
+    if (curl_easy_getinfo(r->easy, CURLINFO_SIZE_UPLOAD_T, &sent) == CURLE_OK && sent >= r->set.body_len) {
+      upload_unlink(r);
+      curl_easy_setopt(r->easy, CURLOPT_UPLOAD_BUFFERSIZE, UPLOAD_BUFFER_SIZE);
+    }
+    r = next;
+  }
+}
+
+/* A transfer just handed to curl: watched by release_upload_buffers if
+ * curl will give it an upload buffer. */
+static void upload_watch(http_req *r) {
+  http_state *H = r->H;
+  if (!r->req_body || r->set.body_len <= 0 || !H->upload_buffers_kept) return;
+  if (r->driver != &H->drivers[DRIVER_MUX] && strncasecmp(r->url, "https:", 6) != 0) return; /* sent with the headers */
+  r->uploading = 1;
+  r->up_prev = NULL;
+  r->up_next = H->uploading;
+  if (H->uploading) H->uploading->up_prev = r;
+  H->uploading = r;
+}
+
+static void fed_unlink(http_req *r) {
+  if (r->fed_prev) r->fed_prev->fed_next = r->fed_next;
+  else r->H->fed = r->fed_next;
+  if (r->fed_next) r->fed_next->fed_prev = r->fed_prev;
+  r->fed_next = r->fed_prev = NULL;
+  r->fed = 0;
+  r->fed_bytes = 0;
+}
+
+/* From write_cb and header_cb: an h2 transfer got data (see kick_cb) */
+static void note_fed(http_req *r, size_t len) {
+  http_state *H = r->H;
+  if (!H->h2_holds_data || r->driver != &H->drivers[DRIVER_MUX]) return;
+  if (H->acting_fd != CURL_SOCKET_BAD) r->conn_fd = H->acting_fd;
+  r->fed_bytes += len;
+  if (r->fed) return;
+  r->fed = 1;
+  r->fed_prev = NULL;
+  r->fed_next = H->fed;
+  if (H->fed) H->fed->fed_prev = r;
+  H->fed = r;
+}
+
 /* Take the transfer off the multi handle (or out of its origin's queue);
  * the easy handle stays with r. */
 static void request_detach(http_req *r) {
   timer_stop(&r->deadline);
   timer_stop(&r->idle);
+  if (r->uploading) upload_unlink(r);
+  if (r->fed) fed_unlink(r);
   if (r->active) {
     http_state *H = r->H;
     origin *o = &H->origins[r->origin];
@@ -278,6 +353,7 @@ static void admit_parked(http_state *H) {
         continue;
       }
       if (!plain) o->mux_active++;
+      upload_watch(r);
       r->driver->added = 1;
     }
   }
@@ -297,13 +373,78 @@ static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primar
 
 static void http_flush(void *arg);
 
+/* What follows every curl call: free upload buffers whose bodies went,
+ * finish the transfers curl finished, and look again at h2 transfers that
+ * got data and are not finished (kick_cb). */
+static void after_action(curl_driver *d) {
+  http_state *H = d->H;
+  if (H->uploading) release_upload_buffers(H);
+  check_multi_info(d);
+  if (!H->fed) return;
+  /* curl holds data only for a stream given a full receive buffer (the rest
+   * paused); the run after the last such one reads what the pause left in
+   * the connection's buffer for its neighbours */
+  int full = 0;
+  for (http_req *r = H->fed; r && !full; r = r->fed_next) full = r->fed_bytes >= (size_t)RECEIVE_BUFFER_SIZE;
+  if (full || H->kick_once_more) {
+    H->kick_once_more = full;
+    event_active(H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
+  } else {
+    while (H->fed) fed_unlink(H->fed);
+  }
+}
+
+/* libcurl before 8.1.0 can hold an h2 stream's data that did not fit its
+ * receive buffer (a paused DATA frame, the rest of the connection's read)
+ * and not call for the transfer to run again: its data-pending check is
+ * inverted (7.88 lib/http2.c, cf_h2_data_pending). Nothing more comes from
+ * the socket, and the reply waits for a timer: a 10,000-byte reply took
+ * 10 s (the connect timeout's), a 40 KB one timed out. So a transfer that
+ * got data and is not finished has its connection's socket run once more,
+ * after the events already due (each run hands over at most a receive
+ * buffer per stream); a run that gives it nothing ends the kicks. */
+static void kick_socket(curl_driver *d, curl_socket_t s) {
+  int running;
+  d->H->acting_fd = s;
+  curl_multi_socket_action(d->multi, s, CURL_CSELECT_IN, &running);
+  d->H->acting_fd = CURL_SOCKET_BAD;
+  after_action(d);
+}
+
+static void kick_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  curl_driver *d = arg;
+  http_state *H = d->H;
+  curl_socket_t socks[8];
+  int n = 0, all = 0;
+  while (H->fed) {
+    http_req *r = H->fed;
+    curl_socket_t s = r->conn_fd;
+    fed_unlink(r);
+    int seen = 0;
+    for (int i = 0; i < n; i++) seen |= socks[i] == s;
+    if (seen) continue;
+    if (s == CURL_SOCKET_BAD || n == (int)(sizeof socks / sizeof socks[0])) all = 1;
+    else socks[n++] = s;
+  }
+  if (all) { /* data given in a timeout's run, or many connections: every h2 socket */
+    n = 0;
+    for (int s = 0; s < H->socket_cap; s++)
+      if (H->socket_origin[s] & 1) kick_socket(d, s);
+  }
+  for (int i = 0; i < n; i++) kick_socket(d, socks[i]);
+  if (H->parked) http_flush(H);
+}
+
 /* ---------- curl <-> libevent ---------- */
 
 static void socket_event_cb(evutil_socket_t fd, short what, void *arg) {
   curl_driver *d = ((socket_watch *)arg)->d; /* the watch may be freed during the action */
   int running, action = (what & EV_READ ? CURL_CSELECT_IN : 0) | (what & EV_WRITE ? CURL_CSELECT_OUT : 0);
+  d->H->acting_fd = fd;
   curl_multi_socket_action(d->multi, fd, action, &running);
-  check_multi_info(d);
+  d->H->acting_fd = CURL_SOCKET_BAD;
+  after_action(d);
   if (d->H->parked) http_flush(d->H);
 }
 
@@ -338,7 +479,7 @@ static void curl_timer_cb(evutil_socket_t fd, short what, void *arg) {
   curl_driver *d = arg;
   int running;
   curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-  check_multi_info(d);
+  after_action(d);
   if (d->H->parked) http_flush(d->H);
 }
 
@@ -357,8 +498,10 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
 static void driver_free(curl_driver *d) {
   if (d->multi) curl_multi_cleanup(d->multi); /* closes its cached connections: H still counts them */
   if (d->timer_ev) event_free(d->timer_ev);
+  if (d->kick_ev) event_free(d->kick_ev);
   d->multi = NULL;
   d->timer_ev = NULL;
+  d->kick_ev = NULL;
 }
 
 /* libcurl's default cache limit is 4 x the transfers attached right now;
@@ -369,7 +512,8 @@ static int driver_init(http_state *H, curl_driver *d, int mux) {
   d->H = H;
   d->multi = curl_multi_init();
   d->timer_ev = evtimer_new(H->R->base, curl_timer_cb, d);
-  if (!d->multi || !d->timer_ev) return -1;
+  d->kick_ev = event_new(H->R->base, -1, 0, kick_cb, d);
+  if (!d->multi || !d->timer_ev || !d->kick_ev) return -1;
   curl_multi_setopt(d->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
   curl_multi_setopt(d->multi, CURLMOPT_SOCKETDATA, d);
   curl_multi_setopt(d->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
@@ -404,6 +548,9 @@ static http_state *http_get(lua_State *L) {
     return NULL;
   }
   H->R = R;
+  H->upload_buffers_kept = curl_version_info(CURLVERSION_NOW)->version_num < 0x080700;
+  H->h2_holds_data = curl_version_info(CURLVERSION_NOW)->version_num < 0x080100;
+  H->acting_fd = CURL_SOCKET_BAD;
   if (driver_init(H, &H->drivers[DRIVER_PLAIN], 0) != 0 || driver_init(H, &H->drivers[DRIVER_MUX], 1) != 0) {
     for (int i = 0; i < NDRIVERS; i++) driver_free(&H->drivers[i]);
     free(H);
@@ -441,7 +588,7 @@ static void http_flush(void *arg) {
     d->added = 0;
     int running;
     curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    check_multi_info(d);
+    after_action(d);
   }
 }
 
@@ -496,6 +643,7 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
     return CURL_WRITEFUNC_PAUSE;
   }
   if (buffer_append(&r->body, data, len) != 0) return 0;
+  note_fed(r, len);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   if (r->stream && r->waiter) {
     task *t = r->waiter;
@@ -514,6 +662,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
     if (code >= 200) {
+      note_fed(r, len);
       r->status = code;
       r->headers_done = 1;
       note_http_version(r);
@@ -526,6 +675,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     return len;
   }
   if (buffer_append(&r->head, data, len) != 0) return 0;
+  note_fed(r, len);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   return len;
 }
@@ -653,6 +803,7 @@ static http_req *req_take(lua_State *L, http_state *H) {
     luaL_error(L, "cannot create an HTTP transfer");
   }
   memset(&r->waiter, 0, sizeof *r - offsetof(http_req, waiter));
+  r->conn_fd = CURL_SOCKET_BAD;
   r->body.len = r->head.len = 0;
   r->errbuf[0] = '\0';
   r->prev = NULL;
@@ -1266,6 +1417,7 @@ void request_start(lua_State *L, http_req *r) {
       req_release(r);
       luaL_error(L, "cannot start the HTTP transfer");
     }
+    upload_watch(r);
     r->driver->added = 1;
   }
   r->active = 1;

@@ -70,7 +70,11 @@ struct http_req {
   long http_version;         /* negotiated: CURL_HTTP_VERSION_1_1, _2_0, ... (0: none yet) */
   int origin;                /* index in http_state's origins */
   http_req *park_next, *park_prev; /* waiting for room on its origin's h2 connections */
-  int parked, sends;
+  http_req *up_next, *up_prev; /* in curl with its body not all sent (release_upload_buffers) */
+  http_req *fed_next, *fed_prev; /* an h2 transfer given data by the last curl call (kick_cb) */
+  size_t fed_bytes;          /* how much, in that call */
+  curl_socket_t conn_fd;     /* the socket curl was driving when it last gave this transfer data */
+  int parked, sends, uploading, fed;
   int active, done, stream, headers_done, paused;
   CURLcode result;
   abort_reason aborted;
