@@ -102,7 +102,10 @@ local function caller_of(name, adapter, conf, req)
     if req[k] ~= nil then o[k] = req[k] else o[k] = conf[k] end
   end
   o.validate = function(res)
-    if res.stream then return true end -- a stream that delivered its first delta
+    if res.stream then -- a stream that delivered its first delta, or ended
+      if res.empty then return nil, "empty content (the stream ended before any text)" end
+      return true
+    end
     local data, why = classify.decoded(res)
     if data == nil then return nil, why end
     return adapter.validate(data)
@@ -544,6 +547,15 @@ local function read_all(s)
   return table.concat(parts)
 end
 
+-- A stream that ended before any text: as ai.chat's empty answer, invalid
+-- output (retried, fallen back from), unless it stopped at max_tokens or
+-- called tools (the caller's validate reads `empty`)
+local function ended_empty(s, state)
+  s:close()
+  return { status = 200, headers = s.headers, stream = true, state = state, ended = true,
+    empty = state.finish_reason ~= "length" and not state.tool_calls or nil }
+end
+
 -- Open a stream and read it up to its first delta: until then a failure is
 -- an ordinary failed attempt (retried, fallen back from).
 local function stream_opener(t, req)
@@ -564,9 +576,7 @@ local function stream_opener(t, req)
       if ev == nil then
         s:close()
         if e then return nil, e end
-        if t.adapter.complete(state, true) then
-          return { status = 200, headers = s.headers, stream = true, state = state, ended = true }
-        end
+        if t.adapter.complete(state, true) then return ended_empty(s, state) end
         return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
       end
       local delta, done, eerr, ebody = t.adapter.event(state, ev)
@@ -578,10 +588,7 @@ local function stream_opener(t, req)
           body = json.encode(ebody or { error = { message = eerr } }) }
       end
       if delta then return { status = 200, headers = s.headers, stream = s, state = state, first = delta } end
-      if done then
-        s:close()
-        return { status = 200, headers = s.headers, stream = true, state = state, ended = true }
-      end
+      if done then return ended_empty(s, state) end
     end
   end
 end

@@ -59,10 +59,12 @@ end
 
 -- OpenAI's error types by status, and Anthropic's
 local OPENAI_TYPE = { [400] = "invalid_request_error", [401] = "invalid_request_error", [403] = "permission_error",
-  [404] = "not_found_error", [408] = "timeout", [413] = "invalid_request_error", [429] = "rate_limit_exceeded",
+  [404] = "not_found_error", [408] = "timeout", [409] = "invalid_request_error", [413] = "invalid_request_error",
+  [422] = "invalid_request_error", [429] = "rate_limit_exceeded",
   [500] = "server_error", [502] = "server_error", [503] = "server_error", [504] = "timeout", [529] = "server_error" }
 local ANTHROPIC_TYPE = { [400] = "invalid_request_error", [401] = "authentication_error",
-  [403] = "permission_error", [404] = "not_found_error", [413] = "request_too_large", [429] = "rate_limit_error",
+  [403] = "permission_error", [404] = "not_found_error", [409] = "invalid_request_error",
+  [413] = "request_too_large", [422] = "invalid_request_error", [429] = "rate_limit_error",
   [500] = "api_error", [502] = "api_error", [503] = "api_error", [504] = "timeout_error",
   [529] = "overloaded_error" }
 

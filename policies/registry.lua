@@ -115,6 +115,15 @@ local function structure_errors(entries, file)
         elseif type(m.share) ~= "number" or m.share < 0 or m.share > 1 then bad(key, "migrate.share must be 0..1")
         elseif m.rollback ~= nil and type(m.rollback) ~= "table" then bad(key, "migrate.rollback must be a table")
         elseif e.use == nil then bad(key, "migrate needs use = the model it migrates from")
+        elseif m.sticky ~= nil and (type(m.sticky) ~= "string" or m.sticky == "") then
+          bad(key, "migrate.sticky must name a request field (\"user\", \"session\"), not %s", tostring(m.sticky))
+        elseif m.window ~= nil and (type(m.window) ~= "number" or not (m.window > 0)) then
+          bad(key, "migrate.window must be seconds > 0")
+        else
+          for _, f in ipairs({ "error_rate", "invalid_output", "latency", "min_calls" }) do
+            local v = type(m.rollback) == "table" and m.rollback[f]
+            if v and (type(v) ~= "number" or not (v >= 0)) then bad(key, "migrate.rollback.%s must be a number >= 0", f) end
+          end
         end
       end
     end

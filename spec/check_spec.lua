@@ -88,6 +88,25 @@ return {
     assert.are.equal("5 errors, 1 warning", l[#l])
   end)
 
+  it("a migration's sticky, window and rollback margins of the wrong kind are errors at their line", function()
+    helpers.write(dir .. "/policies/models.lua", [[
+return {
+  ["a"] = { use = "openai/gpt-4o-mini-2024-07-18",
+            migrate = { to = "openai/gpt-4.1-2025-04-14", share = 0.1, sticky = 3 } },
+  ["b"] = { use = "openai/gpt-4o-mini-2024-07-18",
+            migrate = { to = "openai/gpt-4.1-2025-04-14", share = 0.1, window = -1 } },
+  ["c"] = { use = "openai/gpt-4o-mini-2024-07-18",
+            migrate = { to = "openai/gpt-4.1-2025-04-14", share = 0.1, rollback = { error_rate = "5%" } } },
+}
+]])
+    local r = check()
+    assert.are.equal(1, r.code)
+    assert.matches("error: policies/models%.lua:2: model 'a': migrate%.sticky must name a request field", r.stdout)
+    assert.matches("error: policies/models%.lua:4: model 'b': migrate%.window must be seconds > 0", r.stdout)
+    assert.matches("error: policies/models%.lua:6: model 'c': migrate%.rollback%.error_rate must be a number >= 0",
+      r.stdout)
+  end)
+
   it("checks the registry file given, and exits 0 when it only warns", function()
     helpers.write(dir .. "/staging-models.lua", 'return { fast = { use = "openai/gpt-4o" } }\n')
     os.rename(dir .. "/staging-models.lua", dir .. "/models.lua")

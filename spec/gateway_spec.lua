@@ -294,6 +294,26 @@ describe("gateway: Idempotency-Key", function()
     assert.are.equal("true", b.headers["x-resil-replayed"])
     assert.are.equal(1, m:stats().routes.chat)
   end)
+
+  it("the same key with another body is a 422 invalid_request_error, in both APIs' shapes, calling no one",
+    function()
+      local url, m = start({ strict = true })
+      post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS }, { ["idempotency-key"] = "k-2" })
+      local other = { model = "openai/gpt-4o-mini", messages = { { role = "user", content = "something else" } } }
+      local res = post(url .. "/v1/chat/completions", other, { ["idempotency-key"] = "k-2" })
+      assert.are.equal(422, res.status)
+      assert.are.equal("invalid_request_error", json.decode(res.body).error.type)
+      local amsg = { model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = MSGS }
+      post(url .. "/v1/messages", amsg, { ["idempotency-key"] = "k-3" })
+      amsg.max_tokens = 60
+      res = post(url .. "/v1/messages", amsg, { ["idempotency-key"] = "k-3" })
+      assert.are.equal(422, res.status)
+      local b = json.decode(res.body)
+      assert.are.equal("error", b.type)
+      assert.are.equal("invalid_request_error", b.error.type)
+      assert.are.equal(1, m:stats().routes.chat)
+      assert.are.equal(1, m:stats().routes.messages)
+    end)
 end)
 
 describe("gateway: embeddings", function()
