@@ -13,7 +13,7 @@ PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 SAN        ?=
 OPT        ?= -O2
 CFLAGS     ?= $(OPT) -g
-CFLAGS     += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC $(SAN) $(PKG_CFLAGS) \
+CFLAGS     += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC -fvisibility=hidden $(SAN) $(PKG_CFLAGS) \
               -DRESIL_SHAREDIR='"$(PREFIX)/share/resil"'
 LDFLAGS    += $(SAN)
 LDLIBS     += $(PKG_LIBS) -lm

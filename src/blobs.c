@@ -28,7 +28,8 @@
   X(check, "src/lua/check.lua")               /* resil-lua check */
 
 #define EMBED_LUA(name, file)                                                                                   \
-  __asm__(".section .rodata\n.global resil_lua_" #name "\n.type resil_lua_" #name ", @object\n.balign 16\n" \
+  __asm__(".section .rodata\n.global resil_lua_" #name "\n.hidden resil_lua_" #name                             \
+          "\n.type resil_lua_" #name ", @object\n.balign 16\n"                                                   \
           "resil_lua_" #name ":\n.incbin \"" file "\"\n.byte 0\n.previous\n");                                \
   extern const char resil_lua_##name[];
 EMBEDDED(EMBED_LUA)

@@ -28,6 +28,15 @@
 
 #include <stddef.h>
 
+/* The public API; everything else in libresil is hidden (-fvisibility=hidden),
+ * so an embedding program's own names (loop_run, timer_init, ...) never clash
+ * with or interpose on the library's. */
+#if defined(__GNUC__)
+#define RESIL_API __attribute__((visibility("default")))
+#else
+#define RESIL_API
+#endif
+
 #define RESIL_VERSION "0.1.0"
 
 typedef struct resil resil_t;
@@ -87,37 +96,37 @@ typedef struct resil_options {
  * option it could not honour (a log file it cannot open, a store URL of an
  * unknown scheme) leaves resil_error() non-empty: the host then logs to
  * stderr and has no store URL set. */
-resil_t *resil_open(const resil_options *opts);
+RESIL_API resil_t *resil_open(const resil_options *opts);
 
 /* Compile a script (path "-" or NULL reads stdin) and queue it as the first
  * task with argv[0..argc-1] as its arguments (`...`) and as the global arg. */
-int resil_load_file(resil_t *R, const char *path, int argc, char **argv);
-int resil_load_string(resil_t *R, const char *code, const char *chunkname);
+RESIL_API int resil_load_file(resil_t *R, const char *path, int argc, char **argv);
+RESIL_API int resil_load_string(resil_t *R, const char *code, const char *chunkname);
 
 /* Run the loop until no task is left (or the main task fails). */
-int resil_run(resil_t *R);
+RESIL_API int resil_run(resil_t *R);
 
 /* The last error message, with a traceback when a task raised. Values read
  * through resil.secret and credential URL parameters (?key=...) are replaced
  * by [REDACTED]. */
-const char *resil_error(resil_t *R);
+RESIL_API const char *resil_error(resil_t *R);
 
 /* Async-signal-safe: stop the running task and the loop. */
-void resil_interrupt(resil_t *R, int signo);
+RESIL_API void resil_interrupt(resil_t *R, int signo);
 
 /* Re-load every loaded policy module into a fresh environment (hot reload):
  * only when all of them load are they swapped in; otherwise the old ones keep
  * serving and resil_error() says what failed, with file:line. Call it from
  * the thread that runs the host, outside resil_run or between loop turns
  * (e.g. from a libevent callback on resil_event_base()). */
-int resil_reload(resil_t *R);
+RESIL_API int resil_reload(resil_t *R);
 
 /* Reload whenever a .lua file changes in a policy folder (--policies DIR,
  * ./policies, the shipped library), after 100 ms of quiet. on = 0 stops. */
-int resil_watch(resil_t *R, int on);
+RESIL_API int resil_watch(resil_t *R, int on);
 
 /* Reload on SIGHUP (through libevent: the reload runs in the loop). */
-int resil_reload_on_sighup(resil_t *R);
+RESIL_API int resil_reload_on_sighup(resil_t *R);
 
 /* ---------- calling Lua from C ---------- */
 
@@ -139,7 +148,7 @@ int resil_reload_on_sighup(resil_t *R);
  * ends in a later run). Other tasks run meanwhile; resil_call returns when
  * its own call ends, even if they go on. max_instructions and max_memory
  * apply to the call as to any task. */
-int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result);
+RESIL_API int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result);
 
 /* The same without waiting, for a program that runs the loop itself
  * (resil_options.base with event_base_dispatch, or resil_step, or
@@ -150,7 +159,7 @@ int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_re
  * valid during the callback) on RESIL_OK, NULL with resil_error() set
  * otherwise. A call still running at resil_close gets RESIL_ERR_INTERRUPT
  * from resil_close. */
-int resil_call_async(resil_t *R, const char *fn, const char *json_args,
+RESIL_API int resil_call_async(resil_t *R, const char *fn, const char *json_args,
                      void (*done)(void *ud, int status, const char *json_result), void *ud);
 
 /* One loop turn, for a program whose loop is not libevent's: run the tasks
@@ -160,18 +169,18 @@ int resil_call_async(resil_t *R, const char *fn, const char *json_args,
  * left, -RESIL_ERR_SCRIPT once when the main task failed (resil_error()
  * says why), -RESIL_ERR_INTERRUPT after resil_interrupt, -RESIL_ERR_USAGE
  * when called from inside the loop. */
-int resil_step(resil_t *R, int timeout_ms);
+RESIL_API int resil_step(resil_t *R, int timeout_ms);
 
 /* Make f callable from Lua as resil.host.<name> (also under the sandbox).
  * name must be a Lua identifier; a second registration replaces the first.
  * f runs on the host's thread inside a task or handler: it may raise with
  * lua_error/luaL_error (the caller sees it at its line) but must not block
  * or call resil_call. Returns RESIL_OK or RESIL_ERR_USAGE. */
-int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L));
+RESIL_API int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L));
 
-struct lua_State *resil_lua(resil_t *R);
-struct event_base *resil_event_base(resil_t *R);
+RESIL_API struct lua_State *resil_lua(resil_t *R);
+RESIL_API struct event_base *resil_event_base(resil_t *R);
 
-void resil_close(resil_t *R);
+RESIL_API void resil_close(resil_t *R);
 
 #endif

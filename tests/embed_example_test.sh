@@ -25,6 +25,10 @@ flags=$(pkg-config --cflags --libs resil 2>&1)
 [[ "$flags" == *"-I$prefix/include"* && "$flags" == *"-lresil"* && "$flags" == *"-llua5.4"* && "$flags" == *"-levent"* ]]
 ok $? "pkg-config --cflags --libs resil names the prefix, libresil, Lua and libevent: $flags"
 
+exported=$(nm -D --defined-only "$prefix/lib/libresil.so" | awk '$3 !~ /^resil_/ { print $3 }' | tr '\n' ' ')
+[ -z "$exported" ]
+ok $? "libresil.so exports the resil_* API only (no loop_run, timer_init, ... to clash with a program's own)${exported:+: $exported}"
+
 (cd "$tmp" && "$prefix/bin/resil-lua" -e "assert(require('policies.retry')) print(package.searchpath('x', 'y') or 'found')" > "$tmp/policies.out" 2>&1)
 ok $? "the installed resil-lua finds the shipped policies under the prefix (no RESIL_HOME)"
 
