@@ -91,11 +91,14 @@ local function send(self, req, attempt, left, span)
 end
 
 -- Each attempt is a span (src/lua/trace.lua) with OpenTelemetry's GenAI
--- attributes; its ids are on the log lines written while it runs.
--- A function "request" sends no header: without an exporter it needs no span.
+-- attributes; its ids are on the log lines written while it runs. Without
+-- an exporter a span is made only to carry a caller's trace on to the
+-- provider (a request table in a followed trace): as OpenTelemetry's API
+-- without an SDK, no new trace nobody collects (it was a tenth of a
+-- gateway request, most of it libcurl writing the header byte by byte).
 local function start_span(self, req, n)
   local exporting = resil.trace.exporting()
-  if type(req) ~= "table" and not exporting then return nil end
+  if not exporting and (type(req) ~= "table" or not resil.trace.followed()) then return nil end
   local model = type(req) == "table" and type(req.json) == "table" and req.json.model or nil
   local span = resil.trace.start(exporting and ("chat %s"):format(model or self.name) or "chat", exporting and {
     ["gen_ai.system"] = self.name, ["gen_ai.operation.name"] = "chat", ["gen_ai.request.model"] = model,

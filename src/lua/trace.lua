@@ -3,7 +3,10 @@
 -- Every run has a trace: its id continues TRACEPARENT from the environment
 -- when that is valid, else it is new. The run is the root span; each
 -- provider attempt (policies/call.lua) is a child span whose `traceparent`
--- header goes to the provider and whose ids go on the attempt's log lines.
+-- header goes to the provider and whose ids go on the attempt's log lines,
+-- when the spans are exported or the trace is someone else's (TRACEPARENT,
+-- trace.continue). Otherwise attempts make no spans, as OpenTelemetry's API
+-- makes none without an SDK: nothing would ever read them.
 -- With an exporter (--otlp-endpoint URL, or resil.trace.export{url=}),
 -- finished spans are queued (bounded: past max_queue they are dropped and
 -- counted) and posted in batches by a background task, never by the caller.
@@ -210,6 +213,15 @@ end
 -- whether finished spans go anywhere: attributes only the export reads
 -- need not be gathered otherwise
 function trace.exporting() return exporter ~= nil end
+
+-- whether the running task is in someone else's trace: a caller's
+-- traceparent (trace.continue) or the run's TRACEPARENT. Its attempts then
+-- carry it on to the provider even when nothing is exported.
+function trace.followed()
+  local ctx = resil.running() and resil.context()
+  if ctx and ctx.span_id then return true end
+  return (root or root_span()).parent_id ~= nil
+end
 
 -- At the end of the run: the root span is finished and everything sent (the
 -- CLI runs this as a last task).
