@@ -239,14 +239,17 @@ static void fed_unlink(http_req *r) {
   r->fed_next = r->fed_prev = NULL;
   r->fed = 0;
   r->fed_bytes = 0;
+  r->fed_head = 0;
 }
 
-/* From write_cb and header_cb: an h2 transfer got data (see kick_cb) */
-static void note_fed(http_req *r, size_t len) {
+/* From write_cb and header_cb: an h2 transfer got data, header lines if
+ * head (see kick_cb) */
+static void note_fed(http_req *r, size_t len, int head) {
   http_state *H = r->H;
   if (!H->h2_holds_data || r->driver != &H->drivers[DRIVER_MUX]) return;
   if (H->acting_fd != CURL_SOCKET_BAD) r->conn_fd = H->acting_fd;
   r->fed_bytes += len;
+  r->fed_head |= head;
   if (r->fed) return;
   r->fed = 1;
   r->fed_prev = NULL;
@@ -382,10 +385,13 @@ static void after_action(curl_driver *d) {
   check_multi_info(d);
   if (!H->fed) return;
   /* curl holds data only for a stream given a full receive buffer (the rest
-   * paused); the run after the last such one reads what the pause left in
-   * the connection's buffer for its neighbours */
+   * paused) or part of a header block (the rest of the decoded block, a
+   * buffer at a time: the partial line it keeps never reaches header_cb);
+   * the run after the last such one reads what the pause left in the
+   * connection's buffer for its neighbours */
   int full = 0;
-  for (http_req *r = H->fed; r && !full; r = r->fed_next) full = r->fed_bytes >= (size_t)RECEIVE_BUFFER_SIZE;
+  for (http_req *r = H->fed; r && !full; r = r->fed_next)
+    full = r->fed_bytes >= (size_t)RECEIVE_BUFFER_SIZE || (r->fed_head && !r->headers_done);
   if (full || H->kick_once_more) {
     H->kick_once_more = full;
     event_active(H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
@@ -399,7 +405,8 @@ static void after_action(curl_driver *d) {
  * and not call for the transfer to run again: its data-pending check is
  * inverted (7.88 lib/http2.c, cf_h2_data_pending). Nothing more comes from
  * the socket, and the reply waits for a timer: a 10,000-byte reply took
- * 10 s (the connect timeout's), a 40 KB one timed out. So a transfer that
+ * 10 s (the connect timeout's), a 40 KB one timed out; a header block
+ * bigger than the receive buffer never completed. So a transfer that
  * got data and is not finished has its connection's socket run once more,
  * after the events already due (each run hands over at most a receive
  * buffer per stream); a run that gives it nothing ends the kicks. */
@@ -643,7 +650,7 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
     return CURL_WRITEFUNC_PAUSE;
   }
   if (buffer_append(&r->body, data, len) != 0) return 0;
-  note_fed(r, len);
+  note_fed(r, len, 0);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   if (r->stream && r->waiter) {
     task *t = r->waiter;
@@ -662,7 +669,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
     if (code >= 200) {
-      note_fed(r, len);
+      note_fed(r, len, 0);
       r->status = code;
       r->headers_done = 1;
       note_http_version(r);
@@ -675,7 +682,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     return len;
   }
   if (buffer_append(&r->head, data, len) != 0) return 0;
-  note_fed(r, len);
+  note_fed(r, len, 1);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   return len;
 }

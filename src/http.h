@@ -73,6 +73,7 @@ struct http_req {
   http_req *up_next, *up_prev; /* in curl with its body not all sent (release_upload_buffers) */
   http_req *fed_next, *fed_prev; /* an h2 transfer given data by the last curl call (kick_cb) */
   size_t fed_bytes;          /* how much, in that call */
+  int fed_head;              /* some of it header lines */
   curl_socket_t conn_fd;     /* the socket curl was driving when it last gave this transfer data */
   int parked, sends, uploading, fed;
   int active, done, stream, headers_done, paused;
