@@ -28,7 +28,10 @@ trap cleanup EXIT
 free_port() { "$RESIL" -e 'local s = require("resil").server.listen({ handler = function() end }); print(s:port()); s:close()'; }
 
 up_port=$(free_port)
-reply='{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
+# every answer has an id of its own (nginx's $request_id), as a provider's do:
+# the ledger keeps one row per provider response id, so a fixed id would have
+# recorded one row for the whole run and measured no ledger writes at all
+reply='{"id":"chatcmpl-$request_id","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
 cat > "$work/nginx.conf" <<CONF
 worker_processes 1;
 daemon on;
@@ -141,8 +144,8 @@ if [ -z "$pk_skip" ]; then
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":16}' "$pk_url" || true; }
   check=000
   for _ in $(seq 100); do check=$(pk_check); [ "$check" = 000 ] || break; sleep 0.1; done
-  # nginx's fixed reply (its id) comes back: the request went through to the upstream
-  if [ "$check" != 200 ] || ! grep -q chatcmpl-1 "$work/pk.body"; then
+  # nginx's reply (its id, made of nginx's $request_id) comes back: the request went through to the upstream
+  if [ "$check" != 200 ] || ! grep -Eq '"id": ?"chatcmpl-[0-9a-f]{32}"' "$work/pk.body"; then
     pk_skip="a request through Portkey got $check: $(head -c 300 "$work/pk.body" 2>/dev/null)"
     kill "$pk_pid" 2>/dev/null || true
   fi

@@ -258,3 +258,44 @@ print("finished")
     assert_ledger_matches(s.billed)
   end)
 end)
+
+describe("the ledger's schema", function()
+  it("a store from before migration 8 keeps its rows and ids, and its keys still dedupe", function()
+    local path = helpers.tmpname(".db")
+    -- a version-7 store: made current in a process of its own, then its ledger put back as version 7 had it
+    local r = helpers.run_script(([[
+local resil = require "resil"
+assert(resil.store())
+local db = assert(resil.sqlite.open(%q, {}))
+db:tx(function(tx)
+  tx:exec("DROP TABLE costs")
+  tx:exec("CREATE TABLE costs (id INTEGER PRIMARY KEY, dedupe TEXT UNIQUE, at REAL NOT NULL, day TEXT NOT NULL, " ..
+    "provider TEXT, model TEXT, operation TEXT, user TEXT, run TEXT, step TEXT, micro_usd INTEGER, units TEXT, " ..
+    "budget TEXT, period TEXT, ticket TEXT UNIQUE, item TEXT)")
+  tx:exec("CREATE INDEX costs_budget ON costs(budget, period)")
+  tx:exec("CREATE INDEX costs_day ON costs(day)")
+  tx:exec("INSERT INTO costs (id, dedupe, at, day, provider, micro_usd) VALUES (7, 'openai:r1', 1, '2026-01-01', " ..
+    "'openai', 1500)")
+  tx:exec("INSERT INTO costs (id, at, day, provider, micro_usd, ticket, budget, period) VALUES (9, 2, " ..
+    "'2026-01-01', 'anthropic', 2500, 't-1', 'team', 'all')")
+  tx:exec("PRAGMA user_version = 7")
+end)
+db:close()
+]]):format(path), "--store " .. path)
+    assert.are.equal(0, r.code, r.stderr)
+    r = helpers.run_script([[
+local resil = require "resil"
+-- the provider's id again: the same charge, kept once; a new one is a row of its own
+assert(resil.cost.record({ provider = "openai", id = "openai:r1", usd = 0.0015 }))
+assert(resil.cost.record({ provider = "openai", id = "openai:r2", usd = 0.001 }))
+assert(resil.cost.record({ provider = "openai", usd = 0.001 }))
+assert(resil.cost.record({ provider = "openai", usd = 0.001 }))
+for _, g in ipairs(resil.cost.breakdown("provider")) do print(g.key, g.calls, ("%.6f"):format(g.usd)) end
+local db = assert(resil.sqlite.open(resil.store().url, {}))
+print(db:tx(function(tx) return tx:value("PRAGMA user_version") end),
+  db:tx(function(tx) return tx:value("SELECT group_concat(id) FROM (SELECT id FROM costs WHERE id < 10 ORDER BY id)") end))
+]], "--store " .. path)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n8\t7,9\n", r.stdout)
+  end)
+end)

@@ -80,6 +80,24 @@ local migrations = {
   ALTER TABLE unfinished_steps ADD COLUMN started REAL;
   ALTER TABLE unfinished_steps ADD COLUMN detail TEXT;
   ]],
+  -- 8: an insert into the ledger wrote five B-trees (the table, two UNIQUE
+  -- keys, the budget index and an index on day no query reads). The keys
+  -- and the budget index now hold only the rows that have them (most rows
+  -- have no ticket and no budget) and the day index is gone: a gateway's row
+  -- writes two. SQLite cannot drop a UNIQUE constraint: the table is rebuilt.
+  [[
+  CREATE TABLE costs_v8 (id INTEGER PRIMARY KEY, dedupe TEXT, at REAL NOT NULL, day TEXT NOT NULL,
+    provider TEXT, model TEXT, operation TEXT, user TEXT, run TEXT, step TEXT,
+    micro_usd INTEGER, units TEXT, budget TEXT, period TEXT, ticket TEXT, item TEXT);
+  INSERT INTO costs_v8 (id, dedupe, at, day, provider, model, operation, user, run, step, micro_usd, units, budget,
+    period, ticket, item) SELECT id, dedupe, at, day, provider, model, operation, user, run, step, micro_usd, units,
+    budget, period, ticket, item FROM costs;
+  DROP TABLE costs;
+  ALTER TABLE costs_v8 RENAME TO costs;
+  CREATE UNIQUE INDEX costs_dedupe ON costs(dedupe) WHERE dedupe IS NOT NULL;
+  CREATE UNIQUE INDEX costs_ticket ON costs(ticket) WHERE ticket IS NOT NULL;
+  CREATE INDEX costs_budget ON costs(budget, period) WHERE budget IS NOT NULL;
+  ]],
 }
 
 local B = {}
