@@ -211,16 +211,22 @@ end
 -- the registry now loaded (a reload swaps it in for the next request)
 local function registry() return require "policies.registry" end
 
+-- t[k], a table made on first use (caches keyed in two levels)
+local function sub(t, k)
+  local v = t[k]
+  if v == nil then
+    v = {}
+    t[k] = v
+  end
+  return v
+end
+
 local alias_routes = setmetatable({}, { __mode = "k" }) -- registry entries -> { name -> route }
 local function registry_alias(name)
   local entries = registry().entries
   local e = entries[name]
   if type(e) ~= "table" or not (e.use or e.deployments) then return nil end
-  local routes = alias_routes[entries]
-  if not routes then
-    routes = {}
-    alias_routes[entries] = routes
-  end
+  local routes = sub(alias_routes, entries)
   local route = routes[name]
   if not route then
     route = { model = name }
@@ -719,11 +725,7 @@ function gateway.handle(req)
   -- by route and status, each series bound once (no label key built per request)
   local label = route and path or "other"
   local status = reply.status or 200
-  local by_status = request_series[label]
-  if not by_status then
-    by_status = {}
-    request_series[label] = by_status
-  end
+  local by_status = sub(request_series, label)
   local series = by_status[status]
   if not series then
     series = requests_total:labels({ route = label, status = tostring(status) })
