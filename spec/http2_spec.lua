@@ -4,9 +4,12 @@
 local resil = require "resil"
 local helpers = require "spec.helpers"
 local classify = require "policies.classify"
+local call = require "policies.call"
 local http = resil.http
 
 local dir, tls_port, h2c_port, goaway_port, backend, origin, ca
+-- more TLS ports of the main server: origins of their own
+local extra_ports = {}
 local sse_events = 10
 -- header blocks a CDN in front of a provider may send (cookies, CSP, ids),
 -- up to near libcurl 7.88's limit on one (its h2 header buffer is 128 KiB)
@@ -70,6 +73,11 @@ setup(function()
       delay = tonumber(req.query and req.query:match("delay=([%d.]+)")) }
   end })
   tls_port, h2c_port, goaway_port = helpers.free_port(), helpers.free_port(), helpers.free_port()
+  local extra_listen = {}
+  for i = 1, 6 do
+    extra_ports[i] = helpers.free_port()
+    extra_listen[i] = ("listen 127.0.0.1:%d ssl http2;"):format(extra_ports[i])
+  end
   helpers.write(dir .. "/nginx.conf", ([[
 worker_processes 1;
 daemon on;
@@ -84,6 +92,7 @@ http {
   server {
     listen 127.0.0.1:TLS ssl http2;
     listen 127.0.0.1:H2C http2;
+    EXTRA
     ssl_certificate DIR/cert.pem;
     ssl_certificate_key DIR/key.pem;
     location = /fast { default_type application/json; return 200 '{"ok":true}'; }
@@ -104,7 +113,7 @@ http {
     location = /fast { default_type application/json; return 200 '{"ok":true}'; }
   }
 }
-]]):gsub("HEADERS", header_locations()):gsub("DIR", dir):gsub("TLS", tls_port):gsub("H2C", h2c_port):gsub("GOAWAY", goaway_port):gsub("BACKEND", backend:port()))
+]]):gsub("HEADERS", header_locations()):gsub("EXTRA", table.concat(extra_listen, "\n    ")):gsub("DIR", dir):gsub("TLS", tls_port):gsub("H2C", h2c_port):gsub("GOAWAY", goaway_port):gsub("BACKEND", backend:port()))
   os.execute("mkdir -p " .. dir .. "/hbody")
   helpers.write(dir .. "/hbody/small.json", '{"ok":true}')
   helpers.write(dir .. "/hbody/large.bin", ("z"):rep(300000))
@@ -314,6 +323,113 @@ describe("big header blocks over h2", function()
     end
     for i = 1, #tasks do tasks[i]:join() end
     assert.are.same({}, hung)
+  end)
+end)
+
+-- libcurl < 8.1.0 loses the start of a header block bigger than the
+-- receive buffer (3 KiB) when its HEADERS frame is read on behalf of another
+-- stream: the request fails at once, saying so, and its origin's later
+-- requests get a receive buffer the next size up (32 KiB, 128 KiB)
+describe("an origin whose h2 header blocks outgrow the receive buffer", function()
+  local lost = "h2 header block larger than the (%d+) KiB receive buffer, lost by libcurl < 8.1.0 " ..
+    "%(\"Received HTTP/0.9 when not allowed\"%); later requests to this origin use (%d+) KiB"
+  before_each(function() resil.log.level("error") end) -- the retries' log lines
+  after_each(function() resil.log.level("info") end)
+  local next_port = 0
+  local function new_origin()
+    next_port = next_port + 1
+    return ("https://127.0.0.1:%d"):format(extra_ports[next_port])
+  end
+
+  -- n requests at once (fn(url) -> res, err): how many arrived whole, and
+  -- the failures' "kind: message" (without the URL) -> count
+  local function round(base, size, fn, n)
+    local url = ("%s/hdr%d/small.json"):format(base, size)
+    local tasks, whole, failures = {}, 0, {}
+    for i = 1, n or 40 do
+      tasks[i] = resil.spawn(function()
+        local res, err = fn(url)
+        if res and res.headers["x-end"] == "end-of-" .. size and
+           res.headers["x-fill-001"] == ("v"):rep(header_line - 20) .. 1 then
+          whole = whole + 1
+        else
+          local what = res and ("status %d, x-end %s"):format(res.status, tostring(res.headers["x-end"]))
+            or err.kind .. ": " .. err.message:sub(#url + 3)
+          failures[what] = (failures[what] or 0) + 1
+        end
+      end)
+    end
+    for i = 1, #tasks do tasks[i]:join() end
+    return whole, failures
+  end
+  local function plain(url) return http.request({ url = url, ca_file = ca, timeout = 3 }) end
+
+  -- the failures of a round that lost blocks: each says so, and the size
+  -- later requests get; -> that size in bytes (nil if none failed)
+  local function lost_blocks(failures, had)
+    local grown
+    for what in pairs(failures) do
+      local kind, from, to = what:match("^(%w+): " .. lost .. "$")
+      assert.are.equal("protocol", kind, what)
+      assert.are.equal(had, tonumber(from), what)
+      grown = tonumber(to) * 1024
+    end
+    return grown
+  end
+
+  it("a 6 KB block: the requests that lose it fail at once saying why; the next round arrives whole", function()
+    local base = new_origin()
+    local whole, failures = round(base, 6144, plain)
+    local grown = lost_blocks(failures, 3)
+    if grown then assert.are.equal(32768, grown) end
+    assert.are.equal(grown or 3072, http.stats().receive_buffers[base])
+    -- the next round, through the usual provider call
+    local p = call.provider("h2-6k", { request = { ca_file = ca }, timeout = 3 })
+    whole, failures = round(base, 6144, function(url) return p({ url = url }) end)
+    assert.are.same({}, failures)
+    assert.are.equal(40, whole)
+  end)
+
+  it("a 20 KB block: calls through policies.call that lose it succeed on their one retry", function()
+    local base = new_origin()
+    local p = call.provider("h2-20k", { request = { ca_file = ca }, timeout = 3,
+                                        retry = { base = 0.01, budget = false } })
+    local whole, failures = round(base, 20480, function(url) return p({ url = url }) end)
+    assert.are.same({}, failures)
+    assert.are.equal(40, whole)
+    whole, failures = round(base, 20480, plain)
+    assert.are.same({}, failures)
+    assert.are.equal(40, whole)
+  end)
+
+  it("a 100 KB block: the buffer grows twice, to 128 KiB, then every block arrives whole", function()
+    local base = new_origin()
+    local had = 3
+    for _ = 1, 2 do
+      local _, failures = round(base, 100000, plain)
+      local grown = lost_blocks(failures, had)
+      if grown then had = grown // 1024 end
+    end
+    local whole, failures = round(base, 100000, plain)
+    assert.are.same({}, failures)
+    assert.are.equal(40, whole)
+    assert.is_true(({ [3] = true, [128] = true })[had], had)
+    assert.are.equal(had * 1024, http.stats().receive_buffers[base])
+  end)
+
+  it("an origin with small header blocks keeps the 3 KiB receive buffer", function()
+    local big, small = new_origin(), new_origin()
+    local _, failures = round(big, 6144, plain)
+    local grown = lost_blocks(failures, 3)
+    for _ = 1, 2 do
+      local whole
+      whole, failures = round(small, 2048, plain)
+      assert.are.same({}, failures)
+      assert.are.equal(40, whole)
+    end
+    local buffers = http.stats().receive_buffers
+    assert.are.equal(3072, buffers[small])
+    assert.are.equal(grown or 3072, buffers[big])
   end)
 end)
 
