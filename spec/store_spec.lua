@@ -252,3 +252,51 @@ describe("resil.budget", function()
     assert.is_truthy(b:reserve(1))
   end)
 end)
+
+describe("a store on a slow disk (fdatasync made slow by an LD_PRELOAD shim)", function()
+  local shim
+  setup(function()
+    local src = helpers.write(helpers.tmpname(".c"), [[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <unistd.h>
+static void slow(void) { const char *ms = getenv("SLOW_SYNC_MS"); if (ms) usleep(atoi(ms) * 1000); }
+int fdatasync(int fd) { static int (*real)(int); if (!real) real = dlsym(RTLD_NEXT, "fdatasync"); slow(); return real(fd); }
+int fsync(int fd) { static int (*real)(int); if (!real) real = dlsym(RTLD_NEXT, "fsync"); slow(); return real(fd); }
+]])
+    shim = helpers.tmpname(".so")
+    assert(os.execute(("cc -shared -fPIC -o %s %s -ldl"):format(shim, src)), "cc could not build the shim")
+  end)
+
+  it("does not stop the loop while a commit is made durable; the writer continues only once it is", function()
+    local db = helpers.tmpname(".db")
+    -- the store opened (and its migrations synced) before the disk turns slow
+    local r = helpers.run_script([[
+local resil = require "resil"
+assert(resil.store())
+]], "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    r = helpers.run(("SLOW_SYNC_MS=500 LD_PRELOAD=%s %s --store %s %s"):format(shim, helpers.resil, db,
+      helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local order = {}
+local server = resil.server.listen({ port = 0, handler = function() return { status = 200, body = "ok" } end })
+local writer = resil.spawn(function()
+  assert(resil.cost.record({ provider = "slow-disk", usd = 0.25 }))
+  order[#order + 1] = "durable"
+end)
+local reader = resil.spawn(function()
+  assert(resil.http.request({ url = ("http://127.0.0.1:%d/"):format(server:port()) }))
+  order[#order + 1] = "http"
+end)
+writer:join()
+reader:join()
+print(table.concat(order, " "))
+print(resil.cost.total({ provider = "slow-disk" }))
+]])))
+    assert.are.equal(0, r.code, r.stderr)
+    -- the HTTP round trip went on during the half-second sync; the record returned after it
+    assert.are.equal("http durable\n0.25\n", r.stdout)
+  end)
+end)

@@ -50,6 +50,7 @@ struct resil {
   int tasks_alive;
   int next_task_id;
   int io_pending; /* real I/O that tasks wait on (HTTP transfers) */
+  int disk_pending; /* local disk work tasks wait on (a store's sync): the virtual clock waits for it, no grace */
 
   /* clock */
   int virtual_clock;
@@ -192,6 +193,14 @@ int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_eve
 
 /* reload.c */
 void reload_free(resil_t *R);
+
+/* wal_sync.c: a store's commits made durable by a thread of its own */
+typedef struct wal_syncer wal_syncer;
+wal_syncer *wal_syncer_new(struct event_base *base, const char *db_path, void (*done)(void *arg, int err),
+                           void *arg);
+void wal_syncer_request(wal_syncer *s, int checkpoint); /* done(arg, errno or 0) on the loop, when durable */
+int wal_syncer_sync_now(wal_syncer *s); /* the same, blocking: -> 0 | errno */
+void wal_syncer_free(wal_syncer *s);
 
 /* openers, one per primitive */
 int luaopen_resil_error(lua_State *L);

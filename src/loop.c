@@ -782,7 +782,7 @@ void loop_free(resil_t *R) {
 
 /* Wait for I/O; on the virtual clock, jump to the next timer once idle. */
 static void loop_wait(resil_t *R) {
-  if (!R->virtual_clock || R->vheap_len == 0) {
+  if (!R->virtual_clock || R->vheap_len == 0 || R->disk_pending > 0) {
     event_base_loop(R->base, EVLOOP_ONCE);
     return;
   }
@@ -796,7 +796,8 @@ static void loop_wait(resil_t *R) {
     evtimer_del(R->grace_ev);
     if (!R->grace_expired) return;
   }
-  if (!R->ready_head && R->vheap_len > 0 && !R->interrupted) virtual_advance(R);
+  /* (a store's flush in that turn may have left its tasks waiting for the disk) */
+  if (!R->ready_head && R->vheap_len > 0 && !R->interrupted && R->disk_pending == 0) virtual_advance(R);
 }
 
 /* One turn: the ready tasks (then the turn-end work and a look at I/O),
@@ -869,7 +870,8 @@ int loop_step(resil_t *R, int timeout_ms) {
   } else if ((R->tasks_alive > 0 || timeout_ms >= 0) && !R->interrupted) { /* servers and signals need turns too */
     if (timeout_ms == 0) {
       event_base_loop(R->base, EVLOOP_NONBLOCK);
-      if (R->virtual_clock && !R->ready_head && R->io_pending == 0 && R->vheap_len > 0) virtual_advance(R);
+      if (R->virtual_clock && !R->ready_head && R->io_pending == 0 && R->disk_pending == 0 && R->vheap_len > 0)
+        virtual_advance(R);
     } else {
       struct event *tm = NULL;
       if (timeout_ms > 0 && (tm = evtimer_new(R->base, step_timeout_cb, R))) {
@@ -897,7 +899,8 @@ static void pump_cb(evutil_socket_t fd, short what, void *arg) {
     loop_run_ready(R);
     for (int i = 0; i < R->nturn_end; i++) R->turn_end[i].fn(R->turn_end[i].arg);
   }
-  if (!R->ready_head && R->virtual_clock && R->io_pending == 0 && R->vheap_len > 0 && R->tasks_alive > 0)
+  if (!R->ready_head && R->virtual_clock && R->io_pending == 0 && R->disk_pending == 0 && R->vheap_len > 0 &&
+      R->tasks_alive > 0)
     virtual_advance(R);
   R->in_loop--;
   if (R->ready_head) event_active(R->pump_ev, EV_TIMEOUT, 0); /* after this turn's I/O */

@@ -4,9 +4,12 @@
  * A task submits an operation, fn(tx, ...), and waits. Once per loop turn
  * every operation submitted in that turn runs inside one BEGIN IMMEDIATE
  * transaction (each under its own savepoint, so one failing operation undoes
- * only itself), the transaction commits (WAL, synchronous=FULL: durable when
- * COMMIT returns), and only then do the tasks continue. Many tasks writing
- * checkpoints cost one fsync per turn instead of one each.
+ * only itself), the transaction commits, a thread of its own makes the WAL
+ * durable (wal_sync.c: the loop never waits for the disk), and only then do
+ * the tasks continue. Many tasks writing checkpoints cost one fsync per turn
+ * instead of one each, and the next batch waits for it, so nothing is read
+ * or acted on before it is durable. Without that thread (it could not be
+ * started) COMMIT syncs on the loop, synchronous=FULL, as before.
  *
  * The store's logic (idempotency, steps, ledger, budgets) is Lua in
  * src/lua/store_sqlite.lua; this file only runs SQL, fast and safely.
@@ -24,6 +27,7 @@
 #define DB_MT "resil.SqliteDb"
 #define TX_MT "resil.SqliteTx"
 #define DEFAULT_TIMEOUT 5.0 /* seconds an operation may wait for another process's write lock */
+#define CHECKPOINT_FRAMES 1000 /* SQLite's own wal_autocheckpoint, done by the syncer thread */
 
 typedef struct op op;
 struct op {
@@ -50,6 +54,9 @@ typedef struct store_db {
   sqlite3_stmt *ctl[5]; /* the transaction statements, prepared once (see exec_ctl) */
   int in_tx;
   long commits, ops;
+  wal_syncer *syncer; /* NULL: synchronous=FULL, COMMIT syncs */
+  int wal_frames;     /* frames in the WAL after the last commit (wal_hook) */
+  op *syncing;        /* the batch committed and being made durable */
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -261,12 +268,12 @@ static void fail_op(lua_State *L, op *o, const char *why) {
 
 /* One transaction for a list of ops; every op gets a result or a failure.
  * began: BEGIN IMMEDIATE already succeeded. */
-static void commit_batch(lua_State *L, store_db *d, op *first, int txh, int began) {
+static int commit_batch(lua_State *L, store_db *d, op *first, int txh, int began) {
   if (!began) {
     char why[512];
     snprintf(why, sizeof why, "store %s: %s", d->path, sqlite3_errmsg(d->db));
     for (op *o = first; o; o = o->next) fail_op(L, o, why);
-    return;
+    return 0;
   }
   d->in_tx = 1;
   for (op *o = first; o; o = o->next) run_op(L, d, o, txh);
@@ -283,6 +290,49 @@ static void commit_batch(lua_State *L, store_db *d, op *first, int txh, int bega
     }
   }
   d->commits++;
+  return rc == SQLITE_OK;
+}
+
+/* Every op of a batch gets its result: its task continues (its
+ * continuation frees the op), or the op is freed (its task was canceled). */
+static void finish_batch(lua_State *L, store_db *d, op *batch) {
+  for (op *o = batch; o;) {
+    op *next = o->next;
+    d->ops++;
+    if (o->t) {
+      task_wake(o->t);
+    } else {
+      op_free(L, o);
+    }
+    o = next;
+  }
+}
+
+/* After each commit: how long the WAL is, for the syncer's checkpoints */
+static int count_frames(void *arg, sqlite3 *db, const char *name, int frames) {
+  ((store_db *)arg)->wal_frames = frames;
+  return SQLITE_OK;
+}
+
+/* The syncer made the batch's commit durable (err 0) or could not. */
+static void synced_cb(void *arg, int err) {
+  store_db *d = arg;
+  lua_State *L = d->R->L;
+  op *batch = d->syncing;
+  d->syncing = NULL;
+  d->R->disk_pending--;
+  if (err) {
+    char why[512];
+    snprintf(why, sizeof why, "store %s: the commit could not be made durable: fdatasync: %s", d->path,
+             strerror(err));
+    for (op *o = batch; o; o = o->next) {
+      if (o->ref_result != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
+      o->ref_result = LUA_NOREF;
+      fail_op(L, o, why);
+    }
+  }
+  finish_batch(L, d, batch);
+  if (d->head && !d->waiting_lock) event_active(d->flush_ev, EV_TIMEOUT, 0);
 }
 
 static double seconds_since(const struct timespec *t0) {
@@ -320,7 +370,7 @@ static int take_write_lock(store_db *d) {
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   lua_State *L = d->R->L;
-  if (!d->head) return;
+  if (!d->head || d->syncing) return; /* after the sync: synced_cb flushes again */
   int rc = take_write_lock(d);
   if (rc == -1) return; /* retried by the timer */
   int began = rc == SQLITE_OK;
@@ -338,19 +388,16 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   *txp = d;
   luaL_setmetatable(L, TX_MT);
   int txh = lua_gettop(L);
-  commit_batch(L, d, batch, txh, began);
+  int committed = commit_batch(L, d, batch, txh, began);
   *txp = NULL; /* a handle kept by fn is dead now */
   lua_pop(L, 1);
-  for (op *o = batch; o;) {
-    op *next = o->next;
-    d->ops++;
-    if (o->t) {
-      task_wake(o->t); /* its continuation frees the op */
-    } else {
-      op_free(L, o);
-    }
-    o = next;
+  if (committed && d->syncer) {
+    d->syncing = batch; /* its tasks continue when it is durable (synced_cb) */
+    d->R->disk_pending++; /* the virtual clock stands still until it is: a disk always answers */
+    wal_syncer_request(d->syncer, d->wal_frames >= CHECKPOINT_FRAMES);
+    return;
   }
+  finish_batch(L, d, batch);
 }
 
 /* Canceled while queued (a flush wakes every task it ran, so a waiting
@@ -472,6 +519,11 @@ static int run_now(lua_State *L, const char *begin) {
     exec_sql(d, "ROLLBACK");
     return resil_error_result(L, "store_unavailable", "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
   }
+  int err = d->syncer && strcmp(begin, "BEGIN") != 0 ? wal_syncer_sync_now(d->syncer) : 0;
+  if (err) {
+    return resil_error_result(L, "store_unavailable", "store %s: the commit could not be made durable: %s", d->path,
+                              strerror(err));
+  }
   return lua_gettop(L) - 1;
 }
 
@@ -501,6 +553,8 @@ static int db_stats(lua_State *L) {
 
 static void db_close_all(lua_State *L, store_db *d) {
   if (!d->db) return;
+  wal_syncer_free(d->syncer); /* waits for a sync under way */
+  d->syncer = NULL;
   lua_rawgeti(L, LUA_REGISTRYINDEX, d->ref_stmts);
   lua_pushnil(L);
   while (lua_next(L, -2)) {
@@ -522,7 +576,7 @@ static void db_close_all(lua_State *L, store_db *d) {
 
 static int db_close(lua_State *L) {
   store_db *d = luaL_checkudata(L, 1, DB_MT);
-  if (d->head) return luaL_error(L, "store: close with operations pending");
+  if (d->head || d->syncing) return luaL_error(L, "store: close with operations pending");
   db_close_all(L, d);
   return 0;
 }
@@ -579,6 +633,12 @@ static int l_open(lua_State *L) {
   sqlite3_busy_timeout(d->db, (int)(timeout * 1000));
   char *err = NULL;
   int wal = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err);
+  /* commits made durable by the syncer thread (wal_sync.c), which also
+   * checkpoints; without it COMMIT syncs, and checkpoints, on the loop */
+  if (wal == SQLITE_OK && (d->syncer = wal_syncer_new(R->base, path, synced_cb, d)) != NULL) {
+    sqlite3_exec(d->db, "PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;", NULL, NULL, NULL);
+    sqlite3_wal_hook(d->db, count_frames, d);
+  }
   /* from now on never wait for a lock inside SQLite: that would block the
    * loop (writes wait on a timer instead, take_write_lock) */
   sqlite3_busy_timeout(d->db, 0);
