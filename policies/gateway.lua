@@ -39,6 +39,10 @@ gateway.config = resil.keep("policies.gateway.config", function()
     models = {},
     auth = true,
     key_cache = 2,        -- seconds a key's record is kept in memory (a revoke takes at most this long)
+    -- an answer waits for its ledger row to be committed (it survives a crash
+    -- of the gateway), not for the disk sync that follows (a power cut may lose
+    -- the last rows): true makes every answer wait for the disk, as pipelines do
+    ledger_sync = false,
   }
 end)
 
@@ -567,6 +571,7 @@ function complete_admitted(req, api, id, rec)
   end
   r.model, r.fallback = route.model, route.fallback
   r.user = rec.name
+  r.ledger_sync = gateway.config.ledger_sync
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
   local limited = key_limits(rec, api, math.ceil(#req.body / 4) + (r.max_tokens or 0))
   if limited then return with_id(limited, id) end
@@ -639,7 +644,8 @@ local function embeddings(req)
   local route, why = route_model(b.model, "openai")
   if not route then return with_id(error_reply("openai", 404, why, { code = "model_not_found" }), id) end
   local r = { model = route.model, fallback = route.fallback, input = input, dimensions = whole(b.dimensions),
-    encoding_format = type(b.encoding_format) == "string" and b.encoding_format or nil, user = rec.name }
+    encoding_format = type(b.encoding_format) == "string" and b.encoding_format or nil, user = rec.name,
+    ledger_sync = gateway.config.ledger_sync }
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
   local limited = key_limits(rec, "openai", math.ceil(#req.body / 4))
   if limited then return with_id(limited, id) end

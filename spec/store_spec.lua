@@ -301,4 +301,43 @@ print(resil.cost.total({ provider = "slow-disk" }))
     -- the HTTP round trip went on during the half-second sync; the record returned after it
     assert.are.equal("http durable\n0.25\n", r.stdout)
   end)
+
+  it("a cost recorded with sync = false continues at the commit, and survives a kill -9 before the sync", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script('assert(require("resil").store())', "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    local slow = ("SLOW_SYNC_MS=500 ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s --store %s %s"):format(
+      shim, helpers.resil, db, "%s")
+    r = helpers.run(slow:format(helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local order = {}
+local server = resil.server.listen({ port = 0, handler = function() return { status = 200, body = "ok" } end })
+local fast = resil.spawn(function()
+  assert(resil.cost.record({ provider = "committed", usd = 0.5, sync = false }))
+  order[#order + 1] = "committed"
+  assert(resil.http.request({ url = ("http://127.0.0.1:%d/"):format(server:port()) }))
+  order[#order + 1] = "http"
+end)
+local durable = resil.spawn(function()
+  assert(resil.cost.record({ provider = "durable", usd = 0.25 }))
+  order[#order + 1] = "durable"
+end)
+fast:join()
+durable:join()
+print(table.concat(order, " "))
+]])))
+    assert.are.equal(0, r.code, r.stderr)
+    -- in one batch: the sync = false row's caller went on (an HTTP round trip) while the other waited
+    assert.are.equal("committed http durable\n", r.stdout)
+    -- killed while the sync of a committed row is still under way: the row is there
+    r = helpers.run(slow:format(helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "killed", usd = 0.125, sync = false }))
+os.execute("kill -9 " .. io.open("/proc/self/stat"):read("l"):match("^(%d+)")) -- this process
+os.exit(3) -- (not reached)
+]])))
+    assert.are.equal(137, r.code)
+    r = helpers.run_script('print(require("resil").cost.total({ provider = "killed" }))', "--store " .. db)
+    assert.are.equal("0.125\n", r.stdout)
+  end)
 end)

@@ -36,6 +36,7 @@ struct op {
   int ref_fn_args; /* a table {fn, args...} in the registry */
   int ref_result;  /* {n = k, ...} after the flush */
   int failed;      /* 1: fn raised (result holds the error); 2: the store failed */
+  int committed_enough; /* db:commit_only: its task continues at the commit, before the sync */
   op *next;
 };
 
@@ -55,6 +56,8 @@ typedef struct store_db {
   int in_tx;
   long commits, ops;
   wal_syncer *syncer; /* NULL: synchronous=FULL, COMMIT syncs */
+  int sync_pending;   /* a sync is under way: the next batch waits for it (a commit during it
+                       * would wait in the kernel for the pages being written back, on the loop) */
   int wal_frames;     /* frames in the WAL after the last commit (wal_hook) */
   op *syncing;        /* the batch committed and being made durable */
 } store_db;
@@ -320,6 +323,7 @@ static void synced_cb(void *arg, int err) {
   lua_State *L = d->R->L;
   op *batch = d->syncing;
   d->syncing = NULL;
+  d->sync_pending = 0;
   d->R->disk_pending--;
   if (err) {
     char why[512];
@@ -370,7 +374,7 @@ static int take_write_lock(store_db *d) {
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   lua_State *L = d->R->L;
-  if (!d->head || d->syncing) return; /* after the sync: synced_cb flushes again */
+  if (!d->head || d->sync_pending) return; /* after the sync: synced_cb flushes again */
   int rc = take_write_lock(d);
   if (rc == -1) return; /* retried by the timer */
   int began = rc == SQLITE_OK;
@@ -392,9 +396,24 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   *txp = NULL; /* a handle kept by fn is dead now */
   lua_pop(L, 1);
   if (committed && d->syncer) {
-    d->syncing = batch; /* its tasks continue when it is durable (synced_cb) */
+    /* db:commit_only ops continue now; the others when the batch is durable (synced_cb) */
+    op *wait = NULL, **tail = &wait, *now = NULL, **now_tail = &now;
+    for (op *o = batch, *next; o; o = next) {
+      next = o->next;
+      o->next = NULL;
+      if (o->committed_enough) {
+        *now_tail = o;
+        now_tail = &o->next;
+      } else {
+        *tail = o;
+        tail = &o->next;
+      }
+    }
+    d->syncing = wait;
+    d->sync_pending = 1;
     d->R->disk_pending++; /* the virtual clock stands still until it is: a disk always answers */
     wal_syncer_request(d->syncer, d->wal_frames >= CHECKPOINT_FRAMES);
+    finish_batch(L, d, now);
     return;
   }
   finish_batch(L, d, batch);
@@ -459,8 +478,18 @@ static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   return n;
 }
 
+static int submit(lua_State *L, int committed_enough);
+
 /* db:tx(fn, ...) -> fn(tx, ...)'s results, once durable | nil, err{kind="store_unavailable"} */
-static int db_tx(lua_State *L) {
+static int db_tx(lua_State *L) { return submit(L, 0); }
+
+/* db:commit_only(fn, ...): the same, continuing once committed: the write
+ * survives a crash of this process (the WAL is in the kernel's hands) and
+ * is synced to the disk right after, without the caller waiting for it (a
+ * power cut may lose it). For writes an answer need not wait for. */
+static int db_commit_only(lua_State *L) { return submit(L, 1); }
+
+static int submit(lua_State *L, int committed_enough) {
   store_db *d = check_db(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   task *t = task_current(L, "store operations");
@@ -476,6 +505,7 @@ static int db_tx(lua_State *L) {
   o->ref_result = LUA_NOREF;
   o->t = t;
   o->d = d;
+  o->committed_enough = committed_enough;
   if (d->tail) d->tail->next = o;
   else d->head = o;
   d->tail = o;
@@ -576,7 +606,7 @@ static void db_close_all(lua_State *L, store_db *d) {
 
 static int db_close(lua_State *L) {
   store_db *d = luaL_checkudata(L, 1, DB_MT);
-  if (d->head || d->syncing) return luaL_error(L, "store: close with operations pending");
+  if (d->head || d->sync_pending) return luaL_error(L, "store: close with operations pending");
   db_close_all(L, d);
   return 0;
 }
@@ -658,8 +688,10 @@ static int l_open(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg db_methods[] = {{"tx", db_tx},       {"now", db_now},   {"read", db_read}, {"blocking", db_blocking}, {"stats", db_stats},
-                                      {"close", db_close}, {NULL, NULL}};
+static const luaL_Reg db_methods[] = {{"tx", db_tx},         {"commit_only", db_commit_only},
+                                      {"now", db_now},       {"read", db_read},
+                                      {"blocking", db_blocking}, {"stats", db_stats},
+                                      {"close", db_close},   {NULL, NULL}};
 static const luaL_Reg tx_methods[] = {
   {"exec", tx_exec}, {"rows", tx_rows}, {"row", tx_row}, {"value", tx_value}, {NULL, NULL}};
 

@@ -104,10 +104,14 @@ local function cost_entry(e, at)
 end
 
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
+-- sync = false: return once the row is committed (it survives a crash of the
+-- process) rather than once it is on the disk (a power cut may lose it);
+-- SQLite only (Redis keeps to its own persistence either way)
 function resil.cost.record(e)
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   local entry = cost_entry(e, store_now())
+  entry.sync = e.sync
   local ok, err = s.backend:cost_record(entry)
   if ok == nil and err then return nil, err end
   if ok then observe_cost(e, e.units) end

@@ -391,6 +391,8 @@ local function insert_cost(tx, e)
 end
 
 function B:cost_record(e)
+  -- sync = false: continue once committed (crash-safe), the disk sync follows (src/wal_sync.c)
+  if e.sync == false then return self.db:commit_only(insert_cost, e) end
   return self.db:tx(insert_cost, e)
 end
 
