@@ -5,7 +5,7 @@
 --   plain      resil.http.request with the body ai.chat would send, JSON decoded
 --   ai         ai.chat (adapter, policies.call, parse, pricing) with its ledger row in an in-memory
 --              SQLite store: the policy's own cost, without a disk's fsync
---   ai_ledger  ai.chat with each call's ledger row durable (SQLite file, synchronous=FULL)
+--   ai_ledger  ai.chat with each call's ledger row durable (SQLite file, synced before the call returns)
 local resil = require "resil"
 local ai = require "policies.ai"
 local url, n, mode = arg[1], tonumber(arg[2]), arg[3]

@@ -1,5 +1,5 @@
 -- Store throughput. "sqlite PATH": durable checkpoints per second from 64
--- concurrent tasks on SQLite (WAL, synchronous=FULL), with group commit and
+-- concurrent tasks on SQLite (WAL, each write synced before its task goes on), with group commit and
 -- with one commit per checkpoint, in the same run. "redis URL": operations
 -- per second for once (claim + finish), budget reserve and shared GCRA.
 -- Prints one line per figure: "name ops seconds ops_per_s".
