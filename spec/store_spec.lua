@@ -261,9 +261,16 @@ describe("a store on a slow disk (fdatasync made slow by an LD_PRELOAD shim)", f
 #include <dlfcn.h>
 #include <stdlib.h>
 #include <unistd.h>
-static void slow(void) { const char *ms = getenv("SLOW_SYNC_MS"); if (ms) usleep(atoi(ms) * 1000); }
-int fdatasync(int fd) { static int (*real)(int); if (!real) real = dlsym(RTLD_NEXT, "fdatasync"); slow(); return real(fd); }
-int fsync(int fd) { static int (*real)(int); if (!real) real = dlsym(RTLD_NEXT, "fsync"); slow(); return real(fd); }
+#include <errno.h>
+/* slow, and failing (EIO) while the file SYNC_FAIL_FILE names exists */
+static int slow(void) {
+  const char *ms = getenv("SLOW_SYNC_MS"), *fail = getenv("SYNC_FAIL_FILE");
+  if (ms) usleep(atoi(ms) * 1000);
+  if (fail && access(fail, F_OK) == 0) { errno = EIO; return -1; }
+  return 0;
+}
+int fdatasync(int fd) { static int (*real)(int); if (!real) real = dlsym(RTLD_NEXT, "fdatasync"); return slow() ? -1 : real(fd); }
+int fsync(int fd) { static int (*real)(int); if (!real) real = dlsym(RTLD_NEXT, "fsync"); return slow() ? -1 : real(fd); }
 ]])
     shim = helpers.tmpname(".so")
     assert(os.execute(("cc -shared -fPIC -o %s %s -ldl"):format(shim, src)), "cc could not build the shim")
@@ -339,5 +346,79 @@ os.exit(3) -- (not reached)
     assert.are.equal(137, r.code)
     r = helpers.run_script('print(require("resil").cost.total({ provider = "killed" }))', "--store " .. db)
     assert.are.equal("0.125\n", r.stdout)
+  end)
+
+  local function slow_run(db, source, env)
+    return helpers.run(("%s SLOW_SYNC_MS=500 ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s --store %s %s")
+      :format(env or "", shim, helpers.resil, db, helpers.write(helpers.tmpname(".lua"), source)))
+  end
+
+  it("a task canceled while its write is made durable gets the result first: its <close> gives the hold back",
+    function()
+      local db = helpers.tmpname(".db")
+      assert.are.equal(0, helpers.run_script('assert(require("resil").store())', "--store " .. db).code)
+      local r = slow_run(db, [[
+local resil = require "resil"
+local b = resil.budget("cancel-sync", { limit = 1, hold = 600 })
+assert(b:reserve(0.05)):release() -- the budget declared, the owner's lease written
+local released
+local t = resil.spawn(function()
+  local ticket = assert(b:reserve(0.9))
+  local _ <close> = setmetatable({}, { __close = function() released = resil.spawn(ticket.release, ticket) end })
+  resil.sleep(60)
+end)
+resil.sleep(0.1) -- the reservation is committed; its half-second sync is under way
+t:cancel()
+t:join()
+assert(released, "the task got its ticket and gave it back")
+released:join()
+local st = b:state()
+print(st.reserved, #st.holds)
+]])
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("0.0\t0\n", r.stdout)
+    end)
+
+  it("a failed sync keeps the committed write's result (a retry would charge twice) and refuses later writes",
+    function()
+      local db, fail = helpers.tmpname(".db"), helpers.tmpname(".fail")
+      assert.are.equal(0, helpers.run_script('assert(require("resil").store())', "--store " .. db).code)
+      local r = slow_run(db, ([[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "eio", usd = 0.25 }))
+io.open(%q, "w"):close()
+print(resil.cost.record({ provider = "eio", usd = 0.25 }))
+os.remove(%q)
+local ok, err = resil.cost.record({ provider = "eio", usd = 0.25 })
+print(ok, err.kind)
+]]):format(fail, fail), "SYNC_FAIL_FILE=" .. fail)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("true\nnil\tstore_unavailable\n", r.stdout)
+      assert.matches("the disk failed a sync", r.stderr)
+      r = helpers.run_script('print(require("resil").cost.total({ provider = "eio" }))', "--store " .. db)
+      assert.are.equal("0.5\n", r.stdout)
+    end)
+
+  it("a store collected or closed with a sync under way: the virtual clock goes on, close does not refuse", function()
+    local path = helpers.tmpname(".db")
+    local r = helpers.run(("timeout 20 %s --virtual-clock %s"):format(helpers.resil, helpers.write(helpers.tmpname(".lua"),
+      ([[
+local resil = require "resil"
+resil.spawn(function()
+  local db = resil.sqlite.open(%q)
+  db:now(function(tx) tx:exec("CREATE TABLE IF NOT EXISTS t (x)") end)
+  db:commit_only(function(tx) tx:exec("INSERT INTO t VALUES (1)") end)
+  db = nil
+  collectgarbage()
+  collectgarbage()
+  local other = resil.sqlite.open(%q)
+  other:commit_only(function(tx) tx:exec("INSERT INTO t VALUES (2)") end)
+  print(pcall(other.close, other))
+end):join()
+resil.sleep(10)
+print("slept")
+]]):format(path, path))))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\nslept\n", r.stdout)
   end)
 end)

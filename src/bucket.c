@@ -172,7 +172,7 @@ static void waiter_give_back(void *arg) {
   }
 }
 
-static const task_wait_ops bucket_wait = {waiter_canceled, waiter_give_back};
+static const task_wait_ops bucket_wait = {waiter_canceled, waiter_give_back, NULL};
 
 /* ---------- options ---------- */
 

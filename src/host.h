@@ -118,6 +118,11 @@ task *task_running(lua_State *L);                    /* NULL outside a task */
 typedef struct task_wait_ops {
   void (*cancel)(void *arg);
   void (*give_back)(void *arg);
+  /* optional: 1 while the wait cannot be abandoned (what it waits for has
+   * happened and only its result is due): a cancel then waits for the
+   * result and takes effect at the task's next wait, so the task holds what
+   * it was granted (and its <close> handlers can give it back) */
+  int (*settling)(void *arg);
 } task_wait_ops;
 void task_wait(task *t, const task_wait_ops *ops, void *arg);
 void task_wake(task *t);

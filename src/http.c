@@ -1512,7 +1512,7 @@ static int request_await(lua_State *L, task *t, const request_fields *f) {
   http_req *r = request_new(L, 0, f);
   request_start(L, r);
   r->waiter = t;
-  static const task_wait_ops request_wait = {request_cancel, request_give_back};
+  static const task_wait_ops request_wait = {request_cancel, request_give_back, NULL};
   task_wait(t, &request_wait, r);
   return lua_yieldk(L, 0, (lua_KContext)r, request_result_k);
 }

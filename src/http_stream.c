@@ -59,7 +59,7 @@ int http_stream_open(lua_State *L) {
   lua_setiuservalue(L, SLOT_STREAM, 2);
   request_start(L, r);
   r->waiter = t;
-  static const task_wait_ops stream_open_wait = {stream_cancel, NULL};
+  static const task_wait_ops stream_open_wait = {stream_cancel, NULL, NULL};
   task_wait(t, &stream_open_wait, r);
   return lua_yieldk(L, 0, 0, stream_open_k);
 }
@@ -85,7 +85,7 @@ static int stream_read_k(lua_State *L, int status, lua_KContext ctx) {
   }
   task *t = task_current(L, "stream:read");
   r->waiter = t;
-  static const task_wait_ops stream_read_wait = {read_cancel, NULL};
+  static const task_wait_ops stream_read_wait = {read_cancel, NULL, NULL};
   task_wait(t, &stream_read_wait, r);
   return lua_yieldk(L, 0, 0, stream_read_k);
 }
@@ -156,7 +156,7 @@ static int stream_read_event_k(lua_State *L, int status, lua_KContext ctx) {
   }
   task *t = task_current(L, "stream:read_event");
   r->waiter = t;
-  static const task_wait_ops event_read_wait = {read_cancel, NULL};
+  static const task_wait_ops event_read_wait = {read_cancel, NULL, NULL};
   task_wait(t, &event_read_wait, r);
   return lua_yieldk(L, 0, 0, stream_read_event_k);
 }

@@ -46,6 +46,7 @@ struct task {
   int timed_out;
   int failed, canceled, joined;
   int canceling;           /* its <close> handlers are running: a second cancel is a no-op */
+  int cancel_due;          /* canceled while its wait was settling: stopped at its next wait */
   int nres;                /* results (or 1 error) at the top of co */
   char *traceback;
   task_done_fn on_done;    /* resil_call: told once when the task ends */
@@ -349,6 +350,10 @@ static void task_resume(resil_t *R, task *t) {
       lua_pop(t->co, nres);
       ready_push(R, t);
     }
+    if (t->cancel_due && t->state != TASK_RUNNING) { /* a cancel that waited for a settling wait */
+      t->cancel_due = 0;
+      task_stop(t);
+    }
     return;
   }
   if (status == LUA_OK) {
@@ -587,7 +592,7 @@ static int task_join(lua_State *L) {
     me->timer.fn = join_timeout_cb;
     timer_start(&me->timer, timeout);
   }
-  static const task_wait_ops join_wait = {join_cancel, NULL};
+  static const task_wait_ops join_wait = {join_cancel, NULL, NULL};
   task_wait(me, &join_wait, me);
   return lua_yieldk(L, 0, 0, join_k);
 }
@@ -606,6 +611,10 @@ static int task_cancel(lua_State *L) {
 int task_stop(task *t) {
   if (t->state == TASK_DONE || t->canceling) return 0;
   if (t->state == TASK_RUNNING) return -1;
+  if (t->state == TASK_WAITING && t->wait_ops && t->wait_ops->settling && t->wait_ops->settling(t->wait_arg)) {
+    t->cancel_due = 1; /* task_resume stops it when it waits next, its result in hand */
+    return 1;
+  }
   task_end_wait(t);
   if (t->state == TASK_READY) ready_remove(t->R, t);
   t->canceling = 1; /* a <close> handler may cancel it again: resetting a thread twice corrupts it */
@@ -672,7 +681,7 @@ static int l_sleep(lua_State *L) {
   if (seconds <= 0) return lua_yield(L, 0);
   t->timer.fn = sleep_fired;
   timer_start(&t->timer, seconds);
-  static const task_wait_ops sleep_wait = {sleep_cancel, NULL};
+  static const task_wait_ops sleep_wait = {sleep_cancel, NULL, NULL};
   task_wait(t, &sleep_wait, t);
   return lua_yieldk(L, 0, 0, sleep_k);
 }

@@ -81,7 +81,7 @@ static void waiter_give_back(void *arg) {
   }
 }
 
-static const task_wait_ops semaphore_wait = {waiter_canceled, waiter_give_back};
+static const task_wait_ops semaphore_wait = {waiter_canceled, waiter_give_back, NULL};
 
 static int opt_count(lua_State *L, int idx, semaphore *s, const char *field, int dflt, int lo) {
   int v = dflt;

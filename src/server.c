@@ -664,7 +664,7 @@ static int reply_write(lua_State *L) {
   struct bufferevent *bev = evhttp_connection_get_bufferevent(p->conn);
   task *me = task_running(L);
   if (bev && me && lua_isyieldable(L) && evbuffer_get_length(bufferevent_get_output(bev)) > WRITE_HIGH_WATER) {
-    static const task_wait_ops drain_wait = {drain_cancel, NULL};
+    static const task_wait_ops drain_wait = {drain_cancel, NULL, NULL};
     p->drain_waiter = me;
     task_wait(me, &drain_wait, p);
     return lua_yieldk(L, 0, 0, write_k);

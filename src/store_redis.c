@@ -187,7 +187,7 @@ static void cmd_give_back(void *arg) {
   free(cmd);
 }
 
-static const task_wait_ops redis_cmd_wait = {cmd_canceled, cmd_give_back};
+static const task_wait_ops redis_cmd_wait = {cmd_canceled, cmd_give_back, NULL};
 
 static int call_k(lua_State *L, int status, lua_KContext ctx) {
   redis_cmd *cmd = (redis_cmd *)ctx;

@@ -60,6 +60,7 @@ typedef struct store_db {
                        * would wait in the kernel for the pages being written back, on the loop) */
   int wal_frames;     /* frames in the WAL after the last commit (wal_hook) */
   op *syncing;        /* the batch committed and being made durable */
+  int sync_error;     /* errno of a failed sync: the store refuses writes from then on */
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -325,15 +326,16 @@ static void synced_cb(void *arg, int err) {
   d->syncing = NULL;
   d->sync_pending = 0;
   d->R->disk_pending--;
-  if (err) {
-    char why[512];
-    snprintf(why, sizeof why, "store %s: the commit could not be made durable: fdatasync: %s", d->path,
-             strerror(err));
-    for (op *o = batch; o; o = o->next) {
-      if (o->ref_result != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
-      o->ref_result = LUA_NOREF;
-      fail_op(L, o, why);
-    }
+  if (err && !d->sync_error) {
+    /* The batch is committed (a retry would write it twice): its results
+     * stand, but a disk that failed a sync takes no more writes. */
+    d->sync_error = err;
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, d->path);
+    lua_setfield(L, -2, "store");
+    lua_pushstring(L, strerror(err));
+    lua_setfield(L, -2, "error");
+    host_log(L, "error", "store: the disk failed a sync; writes are refused until the store is opened again");
   }
   finish_batch(L, d, batch);
   if (d->head && !d->waiting_lock) event_active(d->flush_ev, EV_TIMEOUT, 0);
@@ -375,6 +377,16 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   lua_State *L = d->R->L;
   if (!d->head || d->sync_pending) return; /* after the sync: synced_cb flushes again */
+  if (d->sync_error) {
+    char why[512];
+    snprintf(why, sizeof why, "store %s: the disk failed a sync (%s): writes are refused until it is opened again",
+             d->path, strerror(d->sync_error));
+    op *batch = d->head;
+    d->head = d->tail = NULL;
+    for (op *o = batch; o; o = o->next) fail_op(L, o, why);
+    finish_batch(L, d, batch);
+    return;
+  }
   int rc = take_write_lock(d);
   if (rc == -1) return; /* retried by the timer */
   int began = rc == SQLITE_OK;
@@ -448,7 +460,16 @@ static void op_give_back(void *arg) {
   op_free(o->d->R->L, o);
 }
 
-static const task_wait_ops store_op_wait = {op_canceled, op_give_back};
+/* Committed and being made durable: it has happened; its task gets the
+ * result before a cancel takes effect (loop.c, task_stop). */
+static int op_settling(void *arg) {
+  op *o = arg;
+  for (op *p = o->d->head; p; p = p->next)
+    if (p == o) return 0;
+  return 1;
+}
+
+static const task_wait_ops store_op_wait = {op_canceled, op_give_back, op_settling};
 
 static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   op *o = (op *)ctx;
@@ -550,6 +571,7 @@ static int run_now(lua_State *L, const char *begin) {
     return resil_error_result(L, "store_unavailable", "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
   }
   int err = d->syncer && strcmp(begin, "BEGIN") != 0 ? wal_syncer_sync_now(d->syncer) : 0;
+  if (err) d->sync_error = err;
   if (err) {
     return resil_error_result(L, "store_unavailable", "store %s: the commit could not be made durable: %s", d->path,
                               strerror(err));
@@ -583,8 +605,15 @@ static int db_stats(lua_State *L) {
 
 static void db_close_all(lua_State *L, store_db *d) {
   if (!d->db) return;
-  wal_syncer_free(d->syncer); /* waits for a sync under way */
+  wal_syncer_free(d->syncer); /* finishes a sync asked for or under way */
   d->syncer = NULL;
+  if (d->sync_pending) { /* its done_cb will not come: the batch is durable now */
+    d->sync_pending = 0;
+    d->R->disk_pending--;
+    op *batch = d->syncing;
+    d->syncing = NULL;
+    finish_batch(L, d, batch);
+  }
   lua_rawgeti(L, LUA_REGISTRYINDEX, d->ref_stmts);
   lua_pushnil(L);
   while (lua_next(L, -2)) {
@@ -606,7 +635,7 @@ static void db_close_all(lua_State *L, store_db *d) {
 
 static int db_close(lua_State *L) {
   store_db *d = luaL_checkudata(L, 1, DB_MT);
-  if (d->head || d->sync_pending) return luaL_error(L, "store: close with operations pending");
+  if (d->head) return luaL_error(L, "store: close with operations pending");
   db_close_all(L, d);
   return 0;
 }

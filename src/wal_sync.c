@@ -82,7 +82,7 @@ static void *syncer_main(void *arg) {
   pthread_mutex_lock(&s->mu);
   for (;;) {
     while (!s->asked && !s->stop) pthread_cond_wait(&s->cv, &s->mu);
-    if (s->stop) break;
+    if (!s->asked) break; /* stopped, with no sync asked for (one asked for is done first) */
     int checkpoint = s->checkpoint;
     s->asked = s->checkpoint = 0;
     pthread_mutex_unlock(&s->mu);
