@@ -379,6 +379,22 @@ print(st.reserved, #st.holds)
       assert.are.equal("0.0\t0\n", r.stdout)
     end)
 
+  it("a task canceled during its write's sync that ends before waiting again ends canceled, once", function()
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, helpers.run_script('assert(require("resil").store())', "--store " .. db).code)
+    local r = slow_run(db, [[
+local resil = require "resil"
+local t = resil.spawn(function() assert(resil.store():set("k", "v")); return "done" end)
+resil.sleep(0.1) -- its write committed, the sync under way
+print(t:cancel(), t:cancel())
+print(t:join())
+print(t:status(), resil.store():get("k"))
+]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\tfalse\nfalse\tcanceled: task 2 was canceled\ncanceled\tv\n", r.stdout)
+    assert.are.equal("", r.stderr)
+  end)
+
   it("a failed sync keeps the committed write's result (a retry would charge twice) and refuses later writes",
     function()
       local db, fail = helpers.tmpname(".db"), helpers.tmpname(".fail")

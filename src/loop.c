@@ -356,6 +356,16 @@ static void task_resume(resil_t *R, task *t) {
     }
     return;
   }
+  if (t->cancel_due) { /* canceled while settling, and it ended before it waited again */
+    t->cancel_due = 0;
+    lua_resetthread(t->co);
+    lua_settop(t->co, 0);
+    resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
+    t->failed = t->canceled = 1;
+    t->nres = 1;
+    task_done(t);
+    return;
+  }
   if (status == LUA_OK) {
     t->nres = nres;
   } else {
@@ -609,7 +619,7 @@ static int task_cancel(lua_State *L) {
 
 /* 1: canceled; 0: it had ended (or is being canceled); -1: it is running */
 int task_stop(task *t) {
-  if (t->state == TASK_DONE || t->canceling) return 0;
+  if (t->state == TASK_DONE || t->canceling || t->cancel_due) return 0;
   if (t->state == TASK_RUNNING) return -1;
   if (t->state == TASK_WAITING && t->wait_ops && t->wait_ops->settling && t->wait_ops->settling(t->wait_arg)) {
     t->cancel_due = 1; /* task_resume stops it when it waits next, its result in hand */

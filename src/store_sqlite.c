@@ -60,7 +60,7 @@ typedef struct store_db {
                        * would wait in the kernel for the pages being written back, on the loop) */
   int wal_frames;     /* frames in the WAL after the last commit (wal_hook) */
   op *syncing;        /* the batch committed and being made durable */
-  int sync_error;     /* errno of a failed sync: the store refuses writes from then on */
+  int sync_error;     /* errno of a failed sync: the store refuses operations from then on */
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -335,7 +335,7 @@ static void synced_cb(void *arg, int err) {
     lua_setfield(L, -2, "store");
     lua_pushstring(L, strerror(err));
     lua_setfield(L, -2, "error");
-    host_log(L, "error", "store: the disk failed a sync; writes are refused until the store is opened again");
+    host_log(L, "error", "store: the disk failed a sync; its operations are refused until it is opened again");
   }
   finish_batch(L, d, batch);
   if (d->head && !d->waiting_lock) event_active(d->flush_ev, EV_TIMEOUT, 0);
@@ -379,7 +379,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   if (!d->head || d->sync_pending) return; /* after the sync: synced_cb flushes again */
   if (d->sync_error) {
     char why[512];
-    snprintf(why, sizeof why, "store %s: the disk failed a sync (%s): writes are refused until it is opened again",
+    snprintf(why, sizeof why, "store %s: the disk failed a sync (%s): operations are refused until it is opened again",
              d->path, strerror(d->sync_error));
     op *batch = d->head;
     d->head = d->tail = NULL;
