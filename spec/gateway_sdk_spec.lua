@@ -14,23 +14,13 @@ describe("the official SDKs against the gateway", function()
 
   local results, out
   setup(function()
-    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
-    os.execute(("%s spec/sdk/gateway_server.lua %s > %s 2>&1 & echo $! > %s"):format(helpers.resil,
-      helpers.tmpname(".db"), log, pidfile))
-    local pid = helpers.slurp(pidfile):match("%d+")
-    resil.clock.real()
-    local line
-    helpers.wait_until(function()
-      line = helpers.slurp(log):match("(%b{})")
-      return line ~= nil
-    end, 10)
-    if line then
-      local env = helpers.write(helpers.tmpname(".json"), line)
-      out = helpers.run(("cd spec/sdk && GATEWAY=\"$(cat %s)\" node gateway.mjs"):format(env))
-    end
-    os.execute("kill -TERM " .. pid)
-    helpers.wait_until(function() return not helpers.alive(pid) end, 10)
-    assert(line, "the gateway did not start: " .. helpers.slurp(log))
+    local log
+    out, log = helpers.with_server(("%s spec/sdk/gateway_server.lua %s"):format(helpers.resil, helpers.tmpname(".db")),
+      "(%b{})", function(line)
+        local env = helpers.write(helpers.tmpname(".json"), line)
+        return helpers.run(("cd spec/sdk && GATEWAY=\"$(cat %s)\" node gateway.mjs"):format(env))
+      end)
+    assert(out, "the gateway did not start: " .. tostring(log))
     results = helpers.sdk_results(out.stdout)
   end)
 

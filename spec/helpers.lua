@@ -129,6 +129,26 @@ function helpers.sdk_results(stdout)
   return results
 end
 
+-- Run cmd (a server) in the background until its output shows pattern, then
+-- fn(the match); the server is stopped (SIGTERM) after. -> fn's result, and
+-- the server's output when the pattern never showed (nil result).
+function helpers.with_server(cmd, pattern, fn)
+  local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+  os.execute(("%s > %s 2>&1 & echo $! > %s"):format(cmd, log, pidfile))
+  local pid = helpers.slurp(pidfile):match("%d+")
+  local resil = require "resil"
+  resil.clock.real()
+  local found
+  helpers.wait_until(function()
+    found = helpers.slurp(log):match(pattern)
+    return found ~= nil
+  end, 10)
+  local result = found and fn(found)
+  os.execute("kill -TERM " .. pid)
+  helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+  return result, not found and helpers.slurp(log) or nil
+end
+
 -- Why the official SDKs (spec/sdk, installed by `make deps`) cannot run
 -- here, or nil when they can.
 function helpers.sdk_skip_reason()

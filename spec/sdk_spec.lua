@@ -17,22 +17,11 @@ describe("the official SDKs against the mock", function()
     -- the mock runs in a process of its own: node runs while this one waits
     local scenario = helpers.write(helpers.tmpname(".lua"),
       'return { strict = true, reply = "one two three four five six", api_keys = { "sk-spec-sdk-0123456789" } }')
-    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
-    os.execute(("%s mock %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, scenario, log, pidfile))
-    local pid = helpers.slurp(pidfile):match("%d+")
-    resil.clock.real()
-    local url
-    for _ = 1, 500 do
-      url = helpers.slurp(log):match("(http://[%d%.:]+)")
-      if url then break end
-      resil.sleep(0.01)
-    end
-    if url then
-      out = helpers.run(("cd spec/sdk && MOCK_URL=%s node check.mjs"):format(url))
-    end
-    os.execute("kill -TERM " .. pid)
-    helpers.wait_until(function() return not helpers.alive(pid) end, 10)
-    assert(url, "the mock did not start: " .. helpers.slurp(log))
+    local log
+    out, log = helpers.with_server(("%s mock %s"):format(helpers.resil, scenario), "(http://[%d%.:]+)", function(url)
+      return helpers.run(("cd spec/sdk && MOCK_URL=%s node check.mjs"):format(url))
+    end)
+    assert(out, "the mock did not start: " .. tostring(log))
     results = helpers.sdk_results(out.stdout)
   end)
 

@@ -3,32 +3,13 @@
 // "ok <name>" or "not ok <name> -- <why>". MOCK_URL is the mock's root URL.
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
+import { check, expect, rejects, tally } from './harness.mjs';
 
 const url = process.env.MOCK_URL;
 const KEY = 'sk-spec-sdk-0123456789';
 const REPLY = 'one two three four five six';
 const msgs = [{ role: 'user', content: 'Say hello' }];
-let failed = 0;
 
-async function check(name, fn) {
-  try {
-    await fn();
-    console.log(`ok ${name}`);
-  } catch (e) {
-    failed++;
-    console.log(`not ok ${name} -- ${e && e.stack ? e.stack.split('\n').slice(0, 3).join(' | ') : e}`);
-  }
-}
-function expect(cond, what) { if (!cond) throw new Error(what); }
-async function rejects(promise, cls, what) {
-  try {
-    await promise;
-  } catch (e) {
-    expect(e instanceof cls, `${what}: got ${e && e.constructor && e.constructor.name}: ${e && e.message}`);
-    return e;
-  }
-  throw new Error(`${what}: no error`);
-}
 
 const oai = new OpenAI({ apiKey: KEY, baseURL: url + '/v1', maxRetries: 0 });
 const oaiFault = (f) => new OpenAI({ apiKey: KEY, baseURL: url + '/v1', maxRetries: 0,
@@ -139,4 +120,4 @@ await check('anthropic: a request without max_tokens is refused as the API does 
   await rejects(ant.messages.create({ model: 'claude-haiku-4-5', messages: msgs }), Anthropic.BadRequestError, '400');
 });
 
-process.exit(failed ? 1 : 0);
+process.exit(tally.failed ? 1 : 0);

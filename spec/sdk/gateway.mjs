@@ -3,29 +3,12 @@
 // check: "ok <name>" or "not ok <name> -- <why>". GATEWAY is its JSON line.
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
+import { check, expect, rejects } from './harness.mjs';
 
 const { url, keys } = JSON.parse(process.env.GATEWAY);
 const REPLY = 'one two three four five six';
 const msgs = [{ role: 'user', content: 'Say hello' }];
 
-async function check(name, fn) {
-  try {
-    await fn();
-    console.log(`ok ${name}`);
-  } catch (e) {
-    console.log(`not ok ${name} -- ${e && e.stack ? e.stack.split('\n').slice(0, 3).join(' | ') : e}`);
-  }
-}
-function expect(cond, what) { if (!cond) throw new Error(what); }
-async function rejects(promise, cls, what) {
-  try {
-    await promise;
-  } catch (e) {
-    expect(e instanceof cls, `${what}: got ${e && e.constructor && e.constructor.name}: ${e && e.message}`);
-    return e;
-  }
-  throw new Error(`${what}: no error`);
-}
 const upstream = async () => (await fetch(url + '/__test/upstream')).json();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
