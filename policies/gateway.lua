@@ -239,11 +239,10 @@ local function registry_alias(name)
   return route
 end
 
--- a bare name on an endpoint -> its route, made once per name
-local native_routes = setmetatable({}, { __index = function(t, api)
-  t[api] = { size = 0 }
-  return t[api]
-end })
+-- a bare name on an endpoint -> its route, made once per name (api -> name -> route);
+-- how many each endpoint keeps is counted apart: any name is a client's to choose
+local native_routes, native_counts = {}, {}
+local NATIVE_ROUTES_MAX = 1000 -- a client's made-up names must not grow it without end
 
 -- the model a client named -> the request's model and fallback, or nil, why
 -- (a route is shared by the requests that name the model: read it only)
@@ -260,13 +259,12 @@ local function route_model(name, native)
     if ok then return { model = name } end
     return nil, ("unknown provider in '%s'"):format(name)
   end
-  local routes = native_routes[native]
+  local routes = sub(native_routes, native)
   local route = routes[name]
   if not route then
     route = { model = native .. "/" .. name }
-    if routes.size < 1000 then -- bounded: a client's made-up names must not grow it without end
-      routes[name], routes.size = route, routes.size + 1
-    end
+    local n = native_counts[native] or 0
+    if n < NATIVE_ROUTES_MAX then routes[name], native_counts[native] = route, n + 1 end
   end
   return route
 end

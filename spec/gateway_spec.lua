@@ -105,6 +105,15 @@ describe("gateway: OpenAI chat completions", function()
     assert.are.equal(1, m:stats().routes.messages)
   end)
 
+  it("any bare model name routes to the endpoint's provider, even one the gateway uses as a word itself", function()
+    local url = start({ strict = true })
+    for _, name in ipairs({ "size", "__index", "gpt-4o-mini" }) do
+      local res = post(url .. "/v1/chat/completions", { model = name, messages = MSGS })
+      assert.are.equal(200, res.status, name .. ": " .. res.body)
+      assert.are.equal("openai", res.headers["x-resil-provider"])
+    end
+  end)
+
   it("malformed JSON is a 400 in OpenAI's error shape", function()
     local url, m = start({ strict = true })
     local res = post(url .. "/v1/chat/completions", '{"model":')
