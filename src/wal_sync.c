@@ -147,8 +147,9 @@ void wal_syncer_request(wal_syncer *s, int checkpoint) {
   pthread_mutex_unlock(&s->mu);
 }
 
-/* The same, here and now (setup and migrations, outside the loop's turns).
- * Only while no request is pending: the thread and the caller never sync at once. */
+/* The same, here and now (db:now: setup and migrations, outside the loop's
+ * turns), on a descriptor of its own: it may overlap the thread's sync,
+ * which is harmless (each covers what was written before it began). */
 int wal_syncer_sync_now(wal_syncer *s) {
   int fd = open(s->wal_path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return errno == ENOENT ? 0 : errno;
