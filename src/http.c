@@ -43,6 +43,11 @@
  * far beyond any provider, and keeps bench/scale.lua under 200 MB with
  * mimalloc (4 KiB: 202 MB). */
 #define RECEIVE_BUFFER_SIZE 3072L
+/* curl allocates a receive buffer one byte longer than CURLOPT_BUFFERSIZE
+ * (for a NUL): told 3071, it asks for exactly 3 KiB, one of the allocator's
+ * size classes (3072 would take a 3.5 KiB block: 5 MB at 10,000 in flight).
+ * Sizes here and in resil.http.stats() are the blocks. */
+#define CURL_BUFFER_OPTION(block) ((block) - 1)
 /* libcurl < 8.1.0: the receive buffers an origin whose h2 header blocks
  * outgrew the last one gets (note_lost_header_block). 32 KiB holds the
  * blocks CDNs send (cookies, CSP, ids); the last is about libcurl 7.88's
@@ -434,7 +439,7 @@ static void after_action(curl_driver *d) {
    * connection's buffer for its neighbours */
   int full = 0;
   for (http_req *r = H->fed; r && !full; r = r->fed_next)
-    full = r->fed_bytes >= (size_t)r->set.recv_buffer || (r->fed_head && !r->headers_done);
+    full = r->fed_bytes >= (size_t)CURL_BUFFER_OPTION(r->set.recv_buffer) || (r->fed_head && !r->headers_done);
   if (full || H->kick_once_more) {
     H->kick_once_more = full;
     event_active(H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
@@ -798,7 +803,7 @@ static void easy_defaults(http_req *r) {
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
   curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "gzip");
   curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-  curl_easy_setopt(e, CURLOPT_BUFFERSIZE, RECEIVE_BUFFER_SIZE);
+  curl_easy_setopt(e, CURLOPT_BUFFERSIZE, CURL_BUFFER_OPTION(RECEIVE_BUFFER_SIZE));
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
   /* h2 transfers started together wait for the first connection's ALPN
    * answer and share it, instead of each opening its own */
@@ -1419,7 +1424,10 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   }
   SET_IF_CHANGED(r, headers, CURLOPT_HTTPHEADER, r->req_headers->list);
   /* set before the transfer starts: libcurl allocates the buffer then */
-  SET_IF_CHANGED(r, recv_buffer, CURLOPT_BUFFERSIZE, H->origins[origin].recv_buffer);
+  if (r->set.recv_buffer != H->origins[origin].recv_buffer) {
+    r->set.recv_buffer = H->origins[origin].recv_buffer;
+    curl_easy_setopt(r->easy, CURLOPT_BUFFERSIZE, CURL_BUFFER_OPTION(r->set.recv_buffer));
+  }
   SET_IF_CHANGED(r, connect_ms, CURLOPT_CONNECTTIMEOUT_MS, (long)(f.connect_timeout * 1000));
   SET_IF_CHANGED(r, max_body, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_body);
   SET_IF_CHANGED(r, follow, CURLOPT_FOLLOWLOCATION, (long)f.follow);

@@ -35,7 +35,7 @@ typedef struct {
   char *url;
   char *ca_file;             /* with insecure: TLS options a later request must not inherit */
   long connect_ms, follow, one_shot, insecure, tls_custom, http_version;
-  long recv_buffer;          /* CURLOPT_BUFFERSIZE: its origin's (note_lost_header_block) */
+  long recv_buffer;          /* the receive buffer: its origin's (CURLOPT_BUFFERSIZE is one less) */
   long retried;              /* resends curl made on this handle (easy_retries_spent) */
   curl_off_t max_body;
   struct curl_slist *headers;
