@@ -188,6 +188,29 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal(200, results[50])
     assert.is_true(resil.now() - t0 < 10) -- 50 requests of 1 s each overlapped (not 50 s)
   end)
+
+  it("forgets idle origins (a process calling hundreds of hosts stays bounded) but never a busy one", function()
+    local port = mock.url:match(":(%d+)$")
+    -- userinfo makes each URL an origin of its own, all served by the mock
+    local function url(i) return ("http://u%d@127.0.0.1:%s/v1/chat/completions"):format(i, port) end
+    local function origins()
+      local n = 0
+      for _ in pairs(http.stats().receive_buffers) do n = n + 1 end
+      return n
+    end
+    for i = 1, 300 do assert.are.equal(200, http.request({ url = url(i), json = {} }).status) end
+    assert.is_true(origins() <= 64, "origins remembered: " .. origins())
+    -- 100 new origins in flight at once: each keeps its own entry until done
+    mock:configure({ latency = 1 })
+    local busy = {}
+    for i = 1, 100 do busy[i] = resil.spawn(http.request, { url = url(1000 + i), json = {} }) end
+    while http.stats().in_flight < 100 do resil.yield() end
+    local in_flight = origins()
+    for i = 1, 100 do assert.are.equal(200, select(2, busy[i]:join()).status) end
+    assert.is_true(in_flight >= 100, "origins while 100 were in flight: " .. in_flight)
+    for name, open in pairs(http.stats().connections) do assert.is_true(open > 0, name) end
+    assert.are.equal(0, http.stats().in_flight)
+  end)
 end)
 
 describe("streaming", function()

@@ -58,6 +58,10 @@ static const long header_block_buffers[] = {32768L, 131072L};
  * limit in the server's SETTINGS wins): 10,000 in flight on 100 connections */
 #define H2_STREAMS_PER_CONNECTION 100L
 #define H2_CONNECTIONS_PER_ORIGIN 100L
+/* origins remembered when idle: past this many, a new origin takes the slot
+ * of one with no request and no connection (a process that calls thousands
+ * of hosts, or follows redirects to them, does not grow without end) */
+#define ORIGINS_KEPT 64
 
 /* A request's header lines as a curl list, shared by the requests that send
  * the same headers (most pipelines send one set per provider): built once,
@@ -81,6 +85,7 @@ typedef struct {
   http_req *parked, *parked_tail; /* h2 transfers waiting for a free stream */
   http_req *opener;          /* the transfer let in to open one more connection */
   long recv_buffer;          /* its transfers' receive buffer (note_lost_header_block) */
+  int users;                 /* requests taken for it and not given back */
 } origin;
 
 /* A libcurl multi handle driven by the loop. Two of them: HTTP/1.1 needs a
@@ -135,25 +140,48 @@ static size_t origin_length(const char *url) {
   return (size_t)(host - url) + strcspn(host, "/?#");
 }
 
+/* An origin's slot can be given to another: nothing refers to its index (no
+ * request, no socket, no transfer waiting) and it has learned nothing worth
+ * keeping (a grown receive buffer is: forgetting it would lose a burst of
+ * header blocks again). */
+static int origin_idle(const origin *o) {
+  return o->users == 0 && o->connections == 0 && o->mux_connections == 0 && o->mux_active == 0 && !o->parked &&
+         !o->opener && o->recv_buffer == RECEIVE_BUFFER_SIZE;
+}
+
 /* url's origin: its index in H->origins, added if new; -1 without memory */
 static int origin_index(http_state *H, const char *url) {
   size_t len = origin_length(url);
   origin *o = H->norigins ? &H->origins[H->last_origin] : NULL;
   if (o && o->len == len && strncasecmp(o->name, url, len) == 0) return H->last_origin;
+  int idle = -1;
   for (int i = 0; i < H->norigins; i++) {
     o = &H->origins[i];
     if (o->len == len && strncasecmp(o->name, url, len) == 0) return H->last_origin = i;
+    if (idle < 0 && origin_idle(o)) idle = i;
   }
-  origin *grown = realloc(H->origins, (size_t)(H->norigins + 1) * sizeof *grown);
-  if (!grown) return -1;
-  H->origins = grown;
-  o = &grown[H->norigins];
-  if (!(o->name = strndup(url, len))) return -1;
+  char *name = strndup(url, len);
+  if (!name) return -1;
+  int i = H->norigins >= ORIGINS_KEPT ? idle : -1;
+  if (i < 0) {
+    origin *grown = realloc(H->origins, (size_t)(H->norigins + 1) * sizeof *grown);
+    if (!grown) {
+      free(name);
+      return -1;
+    }
+    H->origins = grown;
+    i = H->norigins++;
+  } else {
+    free(H->origins[i].name);
+  }
+  o = &H->origins[i];
+  o->name = name;
   o->len = len;
   o->connections = o->version = o->mux_active = o->mux_connections = 0;
   o->parked = o->parked_tail = o->opener = NULL;
   o->recv_buffer = RECEIVE_BUFFER_SIZE;
-  return H->last_origin = H->norigins++;
+  o->users = 0;
+  return H->last_origin = i;
 }
 
 /* What a finished request's result is built from, copied out so that the
@@ -886,6 +914,7 @@ void req_release(http_req *r) {
   http_state *H = r->H;
   r->waiter = NULL;
   request_detach(r);
+  H->origins[r->origin].users--;
   header_set_release(H, r->req_headers);
   r->req_headers = NULL;
   sse_free(r->sse);
@@ -1401,6 +1430,7 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
 
   http_req *r = req_take(L, H); /* nothing raises from here on */
   r->origin = origin;
+  H->origins[origin].users++;
   hs->refs++;
   r->req_headers = hs;
   r->stream = stream;
