@@ -10,6 +10,7 @@ local http = resil.http
 local dir, tls_port, h2c_port, goaway_port, backend, origin, ca
 -- more TLS ports of the main server: origins of their own
 local extra_ports = {}
+local burst_arrived = 0 -- requests for /burst the backend has seen
 local sse_events = 10
 -- header blocks a CDN in front of a provider may send (cookies, CSP, ids),
 -- up to near libcurl 7.88's limit on one (its h2 header buffer is 128 KiB)
@@ -63,6 +64,7 @@ setup(function()
   assert.are.equal(0, r.code, r.stderr)
   ca = dir .. "/cert.pem"
   backend = resil.server.listen({ handler = function(req)
+    if req.path == "/burst" then burst_arrived = burst_arrived + 1 end
     if req.path == "/sse" then
       local chunks = {}
       for i = 1, sse_events do chunks[i] = ("data: %d\n\n"):format(i) end
@@ -74,7 +76,7 @@ setup(function()
   end })
   tls_port, h2c_port, goaway_port = helpers.free_port(), helpers.free_port(), helpers.free_port()
   local extra_listen = {}
-  for i = 1, 6 do
+  for i = 1, 7 do
     extra_ports[i] = helpers.free_port()
     extra_listen[i] = ("listen 127.0.0.1:%d ssl http2;"):format(extra_ports[i])
   end
@@ -196,6 +198,35 @@ describe("multiplexing", function()
     assert.is_true(peak >= 1 and peak < 10, "peak connections " .. peak)
     local seen = server_connections("/slow")
     assert.is_true(seen >= 1 and seen < 10, "nginx saw " .. seen .. " connections")
+  end)
+
+  it("opens the connections a burst needs several at once when the origin is known to multiplex", function()
+    local base = ("https://127.0.0.1:%d"):format(extra_ports[7]) -- an origin no other test calls
+    local url = base .. "/burst?delay=0.5"
+    local tasks = {}
+    local function send(n)
+      for _ = 1, n do
+        tasks[#tasks + 1] = resil.spawn(function()
+          local res, err = http.request({ url = url, ca_file = ca })
+          return res and res.status, err and err.message
+        end)
+      end
+    end
+    -- two requests at once on the first connection: it multiplexes
+    send(2)
+    assert(helpers.wait_until(function() return burst_arrived >= 2 end), "the first two never arrived")
+    assert.are.equal(1, http.stats().connections[base])
+    -- 448 more need four more connections (100 streams each): opened together,
+    -- not one handshake after another
+    send(448)
+    local opened
+    repeat
+      resil.yield()
+      opened = http.stats().connections[base]
+    until opened > 1
+    assert.are.equal(5, opened)
+    for _, t in ipairs(tasks) do assert.are.same({ true, 200 }, { t:join() }) end
+    assert.are.equal(5, http.stats().connections[base])
   end)
 
   it("counts the connections open per origin in resil.http.stats()", function()

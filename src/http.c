@@ -58,6 +58,13 @@ static const long header_block_buffers[] = {32768L, 131072L};
  * limit in the server's SETTINGS wins): 10,000 in flight on 100 connections */
 #define H2_STREAMS_PER_CONNECTION 100L
 #define H2_CONNECTIONS_PER_ORIGIN 100L
+/* h2 connections an origin known to speak h2 may have opening at once: a
+ * burst of 10,000 needs 100, and one at a time takes 100 handshakes' time
+ * (about 10 s at a provider's 50 ms round trip) */
+#define H2_OPENING_PER_ORIGIN 16
+/* how admit_parked lets an opener in, and where it is (http_req.opener) */
+enum { OPENER_WAITING = 1, OPENER_ALONE };
+enum { OPENER_ADMITTED = 1, OPENER_SOCKET };
 /* origins remembered when idle: past this many, a new origin takes the slot
  * of one with no request and no connection (a process that calls thousands
  * of hosts, or follows redirects to them, does not grow without end) */
@@ -83,7 +90,12 @@ typedef struct {
   long connections, version;
   long mux_active, mux_connections; /* its transfers and connections on the h2 multi handle */
   http_req *parked, *parked_tail; /* h2 transfers waiting for a free stream */
-  http_req *opener;          /* the transfer let in to open one more connection */
+  int nparked;               /* transfers in parked */
+  int openers;               /* transfers let in to open one more connection each, not yet sent */
+  int opener_sockets;        /* those of them whose connection's socket is open */
+  http_req *probe;           /* an h2-handle transfer sent and not finished, and its local port: */
+  int probe_port;            /* another sent from that port meanwhile shares its connection */
+  int multiplexes;           /* one did: it speaks h2 */
   long recv_buffer;          /* its transfers' receive buffer (note_lost_header_block) */
   int users;                 /* requests taken for it and not given back */
 } origin;
@@ -146,7 +158,7 @@ static size_t origin_length(const char *url) {
  * header blocks again). */
 static int origin_idle(const origin *o) {
   return o->users == 0 && o->connections == 0 && o->mux_connections == 0 && o->mux_active == 0 && !o->parked &&
-         !o->opener && o->recv_buffer == RECEIVE_BUFFER_SIZE;
+         !o->openers && o->recv_buffer == RECEIVE_BUFFER_SIZE;
 }
 
 /* url's origin: its index in H->origins, added if new; -1 without memory */
@@ -178,7 +190,9 @@ static int origin_index(http_state *H, const char *url) {
   o->name = name;
   o->len = len;
   o->connections = o->version = o->mux_active = o->mux_connections = 0;
-  o->parked = o->parked_tail = o->opener = NULL;
+  o->parked = o->parked_tail = NULL;
+  o->nparked = o->openers = o->opener_sockets = o->multiplexes = 0;
+  o->probe = NULL;
   o->recv_buffer = RECEIVE_BUFFER_SIZE;
   o->users = 0;
   return H->last_origin = i;
@@ -228,6 +242,7 @@ static void unpark(http_req *r) {
   else o->parked_tail = r->park_prev;
   r->park_next = r->park_prev = NULL;
   r->parked = 0;
+  o->nparked--;
   r->H->parked--;
 }
 
@@ -299,6 +314,15 @@ static void note_fed(http_req *r, size_t len, int head) {
   H->fed = r;
 }
 
+/* r, let in to open a connection, has it (or a free stream), or is gone */
+static void opener_done(http_req *r) {
+  if (!r->opener) return;
+  origin *o = &r->H->origins[r->origin];
+  o->openers--;
+  o->opener_sockets -= r->opener == OPENER_SOCKET;
+  r->opener = 0;
+}
+
 /* Take the transfer off the multi handle (or out of its origin's queue);
  * the easy handle stays with r. */
 static void request_detach(http_req *r) {
@@ -315,7 +339,8 @@ static void request_detach(http_req *r) {
       curl_multi_remove_handle(r->driver->multi, r->easy);
       if (r->driver == &H->drivers[DRIVER_MUX]) o->mux_active--;
     }
-    if (o->opener == r) o->opener = NULL;
+    opener_done(r);
+    if (o->probe == r) o->probe = NULL;
     r->active = 0;
     H->R->io_pending--;
   }
@@ -405,29 +430,47 @@ static void check_multi_info(curl_driver *d) {
 /* ---------- admission to h2 connections ---------- */
 
 /* h2 transfers enter curl only as the origin's connections have free
- * streams, plus one at a time to open the next connection once those are
- * full: curl would otherwise open a connection for each transfer that finds
- * the others full (200 at once: 100 connections). An origin that turned out
- * to speak HTTP/1.1 sends its waiting "auto" transfers to the plain handle. */
+ * streams, plus openers, each let in to open one more connection once those
+ * are full: curl would otherwise open a connection for each transfer that
+ * finds the others full (200 at once: 100 connections). Until the origin has
+ * answered once, one opener, whose ALPN answer the others wait for
+ * (CURLOPT_PIPEWAIT); then as many as the waiting transfers fill, up to
+ * H2_OPENING_PER_ORIGIN at once, without PIPEWAIT (with it, curl 7.88 makes
+ * each wait for the connections being opened: one handshake at a time). An
+ * origin that turned out to speak HTTP/1.1 sends its waiting "auto"
+ * transfers to the plain handle. */
 static void admit_parked(http_state *H) {
   for (int i = 0; i < H->norigins && H->parked > 0; i++) {
     origin *o = &H->origins[i];
     int http1 = o->version == CURL_HTTP_VERSION_1_1 || o->version == CURL_HTTP_VERSION_1_0;
     while (o->parked) {
       http_req *r = o->parked;
-      int plain = http1 && r->set.http_version == CURL_HTTP_VERSION_2TLS;
-      /* the opener's connection has no room until it is up */
-      long ready = o->mux_connections - (o->opener != NULL);
+      int plain = http1 && r->set.http_version == CURL_HTTP_VERSION_2TLS, opener = 0;
+      /* an opener's connection has no room until it is up */
+      long ready = o->mux_connections - o->opener_sockets;
       if (!plain && o->mux_active >= H2_STREAMS_PER_CONNECTION * ready) {
-        if (o->opener) break;
-        o->opener = r;
+        int known = o->multiplexes || o->version == CURL_HTTP_VERSION_2_0;
+        int sockets_coming = o->openers - o->opener_sockets;
+        if (o->openers >= (known ? H2_OPENING_PER_ORIGIN : 1) ||
+            (long)o->openers * H2_STREAMS_PER_CONNECTION >= o->nparked ||
+            o->mux_connections + sockets_coming >= H2_CONNECTIONS_PER_ORIGIN)
+          break;
+        opener = known ? OPENER_ALONE : OPENER_WAITING;
       }
       unpark(r);
       r->driver = &H->drivers[plain ? DRIVER_PLAIN : DRIVER_MUX];
+      if (opener) {
+        r->opener = OPENER_ADMITTED;
+        o->openers++;
+        if (opener == OPENER_ALONE && !r->set.no_pipewait) {
+          curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 0L);
+          r->set.no_pipewait = 1;
+        }
+      }
       if (curl_multi_add_handle(r->driver->multi, r->easy) != CURLM_OK) {
         r->active = 0; /* never in curl */
         H->R->io_pending--;
-        if (o->opener == r) o->opener = NULL;
+        opener_done(r);
         request_finish(r, CURLE_OUT_OF_MEMORY, ABORT_NONE);
         continue;
       }
@@ -442,10 +485,20 @@ static void admit_parked(http_state *H) {
  * room for more. Also counts the times curl sends a request: it resends one
  * that a GOAWAY or a dead reused connection refused. */
 static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port) {
-  (void)primary_ip, (void)local_ip, (void)primary_port, (void)local_port;
+  (void)primary_ip, (void)local_ip, (void)primary_port;
   http_req *r = clientp;
+  opener_done(r);
   origin *o = &r->H->origins[r->origin];
-  if (o->opener == r) o->opener = NULL;
+  if (!o->multiplexes && r->driver == &r->H->drivers[DRIVER_MUX]) {
+    /* the version is known when the answer comes; two transfers sent at once
+     * from one local port share a connection: it multiplexes */
+    if (!o->probe) {
+      o->probe = r;
+      o->probe_port = local_port;
+    } else if (o->probe != r && o->probe_port == local_port) {
+      o->multiplexes = 1;
+    }
+  }
   if (++r->sends > 1) r->set.retried++; /* curl sent it again: see easy_retries_spent */
   return CURL_PREREQFUNC_OK;
 }
@@ -802,6 +855,10 @@ static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct 
   }
   int mux = r->driver == &H->drivers[DRIVER_MUX];
   H->socket_origin[s] = 2 * (i + 1) + mux;
+  if (r->opener == OPENER_ADMITTED) {
+    r->opener = OPENER_SOCKET;
+    H->origins[r->origin].opener_sockets++;
+  }
   H->origins[i].connections++;
   H->origins[i].mux_connections += mux;
   return s;
@@ -1467,6 +1524,10 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
                  : https               ? CURL_HTTP_VERSION_2_0
                                        : CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE; /* h2c */
   SET_IF_CHANGED(r, http_version, CURLOPT_HTTP_VERSION, version);
+  if (r->set.no_pipewait) { /* the last transfer on this handle opened a connection */
+    curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
+    r->set.no_pipewait = 0;
+  }
   /* libcurl 7.88 walks every cached connection when a transfer that kept its
    * connection is removed (and when it looks for one to reuse), which is
    * quadratic with thousands in flight. Transfers beyond this many in flight
@@ -1502,6 +1563,7 @@ void request_start(lua_State *L, http_req *r) {
     if (o->parked_tail) o->parked_tail->park_next = r;
     else o->parked = r;
     o->parked_tail = r;
+    o->nparked++;
     r->parked = 1;
     H->parked++;
   } else {

@@ -37,6 +37,7 @@ typedef struct {
   long connect_ms, follow, one_shot, insecure, tls_custom, http_version;
   long recv_buffer;          /* the receive buffer: its origin's (CURLOPT_BUFFERSIZE is one less) */
   long retried;              /* resends curl made on this handle (easy_retries_spent) */
+  int no_pipewait;           /* CURLOPT_PIPEWAIT off: an opener that need not wait (admit_parked) */
   curl_off_t max_body;
   struct curl_slist *headers;
   const char *body;          /* with body_len and method: the request line and body */
@@ -76,7 +77,7 @@ struct http_req {
   size_t fed_bytes;          /* how much, in that call */
   int fed_head;              /* some of it header lines */
   curl_socket_t conn_fd;     /* the socket curl was driving when it last gave this transfer data */
-  int parked, sends, uploading, fed;
+  int parked, opener, sends, uploading, fed;
   int active, done, stream, headers_done, paused;
   CURLcode result;
   abort_reason aborted;
