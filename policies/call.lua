@@ -214,7 +214,8 @@ local function attempt(n, self, req, deadline)
   end
   if br then
     if guard then guard.done = true end
-    br:record(not (verdict and verdict.breaker), elapsed)
+    if verdict and verdict.client_fault then br:record(nil) -- says nothing of the provider
+    else br:record(not (verdict and verdict.breaker), elapsed) end
   end
   if verdict then
     local e = classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })

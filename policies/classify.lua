@@ -243,7 +243,11 @@ function classify.outcome(res, err, opts)
       return verdict_of(classify.unknown, tostring(err), nil, nil, nil)
     end
     local rule = classify.kinds[err.kind] or classify.unknown
-    return verdict_of(rule, err.message or err.kind, err.status, err.kind, err.retry_after)
+    local v = verdict_of(rule, err.message or err.kind, err.status, err.kind, err.retry_after)
+    if err.client_fault then -- libcurl lost the reply (not the provider's doing): neither breaker nor retry budget
+      v.breaker, v.client_fault = nil, true
+    end
+    return v
   end
   if type(res) ~= "table" or type(res.status) ~= "number" then
     -- not an HTTP response: a function validator may still check the value

@@ -205,7 +205,9 @@ function retry.call(fn, opts, ...)
     if deadline and now() + delay + (opts.attempt_time or 0) >= deadline then
       return nil, final_error(res, err, verdict, attempt, provider, "deadline")
     end
-    if budget and not budget:withdraw() then
+    -- the budget keeps retries from piling onto a provider in trouble; a
+    -- client fault (libcurl lost a reply) is not that
+    if budget and not verdict.client_fault and not budget:withdraw() then
       return nil, final_error(res, err, verdict, attempt, provider, "retry_budget")
     end
     retries_of[class] = done + 1

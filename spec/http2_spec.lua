@@ -410,8 +410,16 @@ describe("an origin whose h2 header blocks outgrow the receive buffer", function
 
   it("a 6 KB block: the requests that lose it fail at once saying why; the next round arrives whole", function()
     local base = new_origin()
-    local whole, failures = round(base, 6144, plain)
+    local client_faults = 0
+    local whole, failures = round(base, 6144, function(url)
+      local res, err = plain(url)
+      if err and err.client_fault then client_faults = client_faults + 1 end
+      return res, err
+    end)
     local grown = lost_blocks(failures, 3)
+    local lost = 0
+    for _, n in pairs(failures) do lost = lost + n end
+    assert.are.equal(lost, client_faults) -- each says it is libcurl's fault
     if grown then assert.are.equal(32768, grown) end
     assert.are.equal(grown or 3072, http.stats().receive_buffers[base])
     -- the next round, through the usual provider call
@@ -421,13 +429,15 @@ describe("an origin whose h2 header blocks outgrow the receive buffer", function
     assert.are.equal(40, whole)
   end)
 
-  it("a 20 KB block: calls through policies.call that lose it succeed on their one retry", function()
+  it("a 20 KB block: calls through policies.call that lose it succeed on their one retry, and the provider's " ..
+     "breaker and retry budget do not count the loss (libcurl's fault, not the server's)", function()
     local base = new_origin()
-    local p = call.provider("h2-20k", { request = { ca_file = ca }, timeout = 3,
-                                        retry = { base = 0.01, budget = false } })
+    local p = call.provider("h2-20k", { request = { ca_file = ca }, timeout = 3, retry = { base = 0.01 },
+                                        breaker = { failure_rate = 0.5, min_calls = 10 } })
     local whole, failures = round(base, 20480, function(url) return p({ url = url }) end)
     assert.are.same({}, failures)
     assert.are.equal(40, whole)
+    assert.are.equal("closed", p.breaker:state())
     whole, failures = round(base, 20480, plain)
     assert.are.same({}, failures)
     assert.are.equal(40, whole)

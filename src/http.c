@@ -208,6 +208,7 @@ typedef struct {
   CURLcode result;
   abort_reason aborted;
   const char *detail;
+  int client_fault;
 } outcome;
 
 typedef struct {
@@ -402,7 +403,10 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
       result = CURLE_WEIRD_SERVER_REPLY;
       snprintf(r->errbuf, sizeof r->errbuf, "no valid HTTP status line in the response");
     }
-    if (lost_header_block(r, result)) note_lost_header_block(r);
+    if (lost_header_block(r, result)) {
+      note_lost_header_block(r);
+      r->client_fault = 1;
+    }
   }
   r->done = 1;
   r->result = result;
@@ -1058,6 +1062,7 @@ static void outcome_of(const http_req *r, outcome *o) {
   o->result = r->result;
   o->aborted = r->aborted;
   o->detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
+  o->client_fault = r->client_fault;
 }
 
 static int failed(const outcome *o) { return o->aborted != ABORT_NONE || o->result != CURLE_OK; }
@@ -1077,7 +1082,12 @@ static int push_failure(lua_State *L, const outcome *o) {
   case ABORT_CANCELED: return resil_error_result(L, "canceled", "%s: request canceled", o->url);
   case ABORT_NONE: break;
   }
-  return resil_error_result(L, error_kind(o->result, o->detail), "%s: %s", o->url, o->detail);
+  int n = resil_error_result(L, error_kind(o->result, o->detail), "%s: %s", o->url, o->detail);
+  if (o->client_fault) { /* libcurl's, not the server's: not counted against it (classify) */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "client_fault");
+  }
+  return n;
 }
 
 /* Raw header lines -> { ["lower-cased-name"] = "value", ... }; a repeated

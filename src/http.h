@@ -79,6 +79,7 @@ struct http_req {
   curl_socket_t conn_fd;     /* the socket curl was driving when it last gave this transfer data */
   int parked, opener, sends, uploading, fed;
   int active, done, stream, headers_done, paused;
+  int client_fault;          /* failed by libcurl's fault, not the server's (a lost h2 header block) */
   CURLcode result;
   abort_reason aborted;
   double timeout, idle_timeout, started, elapsed;
