@@ -7,7 +7,7 @@ local classify = require "policies.classify"
 local call = require "policies.call"
 local http = resil.http
 
-local dir, tls_port, h2c_port, goaway_port, backend, origin, ca
+local dir, tls_port, h2c_port, goaway_port, h1_port, backend, origin, ca
 -- more TLS ports of the main server: origins of their own
 local extra_ports = {}
 local burst_arrived = 0 -- requests for /burst the backend has seen
@@ -75,6 +75,7 @@ setup(function()
       delay = tonumber(req.query and req.query:match("delay=([%d.]+)")) }
   end })
   tls_port, h2c_port, goaway_port = helpers.free_port(), helpers.free_port(), helpers.free_port()
+  h1_port = helpers.free_port()
   local extra_listen = {}
   for i = 1, 7 do
     extra_ports[i] = helpers.free_port()
@@ -108,6 +109,12 @@ http {
     }
   }
   server {
+    listen 127.0.0.1:H1ONLY ssl;
+    ssl_certificate DIR/cert.pem;
+    ssl_certificate_key DIR/key.pem;
+    location / { proxy_pass http://127.0.0.1:BACKEND; }
+  }
+  server {
     listen 127.0.0.1:GOAWAY ssl http2;
     keepalive_requests 100;
     ssl_certificate DIR/cert.pem;
@@ -115,7 +122,7 @@ http {
     location = /fast { default_type application/json; return 200 '{"ok":true}'; }
   }
 }
-]]):gsub("HEADERS", header_locations()):gsub("EXTRA", table.concat(extra_listen, "\n    ")):gsub("DIR", dir):gsub("TLS", tls_port):gsub("H2C", h2c_port):gsub("GOAWAY", goaway_port):gsub("BACKEND", backend:port()))
+]]):gsub("HEADERS", header_locations()):gsub("EXTRA", table.concat(extra_listen, "\n    ")):gsub("DIR", dir):gsub("TLS", tls_port):gsub("H2C", h2c_port):gsub("GOAWAY", goaway_port):gsub("H1ONLY", h1_port):gsub("BACKEND", backend:port()))
   os.execute("mkdir -p " .. dir .. "/hbody")
   helpers.write(dir .. "/hbody/small.json", '{"ok":true}')
   helpers.write(dir .. "/hbody/large.bin", ("z"):rep(300000))
@@ -227,6 +234,25 @@ describe("multiplexing", function()
     assert.are.equal(5, opened)
     for _, t in ipairs(tasks) do assert.are.same({ true, 200 }, { t:join() }) end
     assert.are.equal(5, http.stats().connections[base])
+  end)
+
+  it("an https origin that speaks only HTTP/1.1 is not held to the h2 connection limit", function()
+    local base = ("https://127.0.0.1:%d"):format(h1_port)
+    local tasks, peak, done = {}, 0, 0
+    for i = 1, 300 do
+      tasks[i] = resil.spawn(function()
+        local res, err = http.request({ url = base .. "/slow?delay=0.3", ca_file = ca })
+        done = done + 1
+        return res and res.status, res and res.http_version, err and err.message
+      end)
+    end
+    while done < 300 do
+      peak = math.max(peak, http.stats().connections[base] or 0)
+      resil.sleep(0.01)
+    end
+    for i = 1, 300 do assert.are.same({ true, 200, "1.1" }, { tasks[i]:join() }) end
+    -- all at once, a connection each, once its first answer said HTTP/1.1 (not 100 at a time)
+    assert.is_true(peak > 100, "peak connections " .. peak)
   end)
 
   it("counts the connections open per origin in resil.http.stats()", function()

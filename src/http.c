@@ -450,13 +450,15 @@ static void admit_parked(http_state *H) {
     while (o->parked) {
       http_req *r = o->parked;
       int plain = http1 && r->set.http_version == CURL_HTTP_VERSION_2TLS, opener = 0;
-      /* an opener's connection has no room until it is up */
-      long ready = o->mux_connections - o->opener_sockets;
-      if (!plain && o->mux_active >= H2_STREAMS_PER_CONNECTION * ready) {
-        int known = o->multiplexes || o->version == CURL_HTTP_VERSION_2_0;
+      /* an opener's connection has no room until it is up; until the origin
+       * is known to multiplex, a connection may carry one transfer (an https
+       * origin may speak only HTTP/1.1: curl would queue the rest behind
+       * its connection limit, and they would not move to the plain handle) */
+      int known = o->multiplexes || o->version == CURL_HTTP_VERSION_2_0;
+      long ready = o->mux_connections - o->opener_sockets, per_connection = known ? H2_STREAMS_PER_CONNECTION : 1;
+      if (!plain && o->mux_active >= per_connection * ready) {
         int sockets_coming = o->openers - o->opener_sockets;
-        if (o->openers >= (known ? H2_OPENING_PER_ORIGIN : 1) ||
-            (long)o->openers * H2_STREAMS_PER_CONNECTION >= o->nparked ||
+        if (o->openers >= (known ? H2_OPENING_PER_ORIGIN : 1) || (long)o->openers * per_connection >= o->nparked ||
             o->mux_connections + sockets_coming >= H2_CONNECTIONS_PER_ORIGIN)
           break;
         opener = known ? OPENER_ALONE : OPENER_WAITING;
