@@ -262,9 +262,11 @@ describe("a store on a slow disk (fdatasync made slow by an LD_PRELOAD shim)", f
 #include <stdlib.h>
 #include <unistd.h>
 #include <errno.h>
-/* slow, and failing (EIO) while the file SYNC_FAIL_FILE names exists */
+#include <stdio.h>
+/* counted (a byte per sync appended to SYNC_LOG), slow, and failing (EIO) while the file SYNC_FAIL_FILE names exists */
 static int slow(void) {
-  const char *ms = getenv("SLOW_SYNC_MS"), *fail = getenv("SYNC_FAIL_FILE");
+  const char *ms = getenv("SLOW_SYNC_MS"), *fail = getenv("SYNC_FAIL_FILE"), *log = getenv("SYNC_LOG");
+  if (log) { FILE *f = fopen(log, "a"); if (f) { fputs("s", f); fclose(f); } }
   if (ms) usleep(atoi(ms) * 1000);
   if (fail && access(fail, F_OK) == 0) { errno = EIO; return -1; }
   return 0;
@@ -346,6 +348,42 @@ os.exit(3) -- (not reached)
     assert.are.equal(137, r.code)
     r = helpers.run_script('print(require("resil").cost.total({ provider = "killed" }))', "--store " .. db)
     assert.are.equal("0.125\n", r.stdout)
+  end)
+
+  it("sync = false writes go on during another write's sync, and share a sync of their own, not one each", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script('assert(require("resil").store())', "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    -- a durable row and n sync = false rows at once -> output, syncs made
+    local function run(n)
+      local log = helpers.tmpname(".log")
+      local out = helpers.run(("SYNC_LOG=%s SLOW_SYNC_MS=300 ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s " ..
+        "--store %s %s"):format(log, shim, helpers.resil, db, helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+local order = {}
+local durable = resil.spawn(function()
+  assert(resil.cost.record({ provider = "durable", usd = 0.25 }))
+  order[#order + 1] = "durable"
+end)
+local ledger = resil.spawn(function()
+  for i = 1, N do assert(resil.cost.record({ provider = "ledger", usd = 0.01, sync = false, id = "N" .. i })) end
+  order[#order + 1] = N .. " ledger rows"
+end)
+durable:join()
+ledger:join()
+print(table.concat(order, ", "))
+]]):gsub("N", tostring(n)))))
+      assert.are.equal(0, out.code, out.stderr)
+      return out.stdout, #helpers.slurp(log)
+    end
+    local _, baseline = run(0)
+    local out, syncs = run(20)
+    -- one after another, the 20 rows committed while the durable one's sync ran
+    assert.are.equal("20 ledger rows, durable\n", out)
+    -- the same syncs as the durable row alone, plus one or two for the 20 rows (not 20)
+    assert.is_true(syncs - baseline <= 2, ("syncs: %d, %d for the durable row alone"):format(syncs, baseline))
+    r = helpers.run_script('print(require("resil").cost.total({ provider = "ledger" }))', "--store " .. db)
+    assert.are.equal("0.2\n", r.stdout)
   end)
 
   local function slow_run(db, source, env)

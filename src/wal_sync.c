@@ -15,8 +15,11 @@
  * (store_sqlite.c), so nothing committed is read or acted on before it is
  * durable. (Committing during a sync was tried: the commit's writes to the
  * WAL pages under writeback wait in the kernel, on the loop, and the
- * gateway ran slower.) A write made with db:commit_only lets its task go on
- * at the commit: it survives a crash of the process, not a power cut.
+ * gateway ran slower.) The checkpoint that may follow a sync runs after the
+ * loop is told: commits go on during it (it writes the database file, not
+ * the WAL). A write made with db:commit_only lets its task go on at the
+ * commit: it survives a crash of the process, and is synced with the
+ * commits of the next few milliseconds (store_sqlite.c), not one by one.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -51,7 +54,7 @@ struct wal_syncer {
 /* fdatasync the WAL as it is now: the file SQLite writes may have been made
  * again (a store closed by every process loses its WAL), so it is opened
  * again when its inode changed. -> 0 | errno */
-static int sync_wal(wal_syncer *s, int checkpoint) {
+static int sync_wal(wal_syncer *s) {
   struct stat now, held;
   if (stat(s->wal_path, &now) != 0) return errno == ENOENT ? 0 : errno; /* no WAL: nothing unsynced */
   if (s->wal_fd >= 0 && (fstat(s->wal_fd, &held) != 0 || held.st_ino != now.st_ino || held.st_dev != now.st_dev)) {
@@ -63,18 +66,21 @@ static int sync_wal(wal_syncer *s, int checkpoint) {
     if (s->wal_fd < 0) return errno;
   }
   if (fdatasync(s->wal_fd) != 0) return errno;
-  if (checkpoint) {
-    if (!s->checkpointer &&
-        sqlite3_open_v2(s->db_path, &s->checkpointer, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
-      sqlite3_close(s->checkpointer);
-      s->checkpointer = NULL;
-      return 0; /* durable all the same; SQLite checkpoints at the next open */
-    }
-    /* PASSIVE: never waits for a reader or the writer; the rest goes next time */
-    sqlite3_exec(s->checkpointer, "PRAGMA synchronous=NORMAL", NULL, NULL, NULL);
-    sqlite3_wal_checkpoint_v2(s->checkpointer, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
-  }
   return 0;
+}
+
+/* Copy the WAL's pages into the database (after a sync: what it copies is
+ * durable already). PASSIVE never waits for a reader or the writer, so the
+ * loop commits meanwhile; the rest goes next time. */
+static void checkpoint_wal(wal_syncer *s) {
+  if (!s->checkpointer &&
+      sqlite3_open_v2(s->db_path, &s->checkpointer, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+    sqlite3_close(s->checkpointer);
+    s->checkpointer = NULL;
+    return; /* SQLite checkpoints at the next open */
+  }
+  sqlite3_exec(s->checkpointer, "PRAGMA synchronous=NORMAL", NULL, NULL, NULL);
+  sqlite3_wal_checkpoint_v2(s->checkpointer, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
 }
 
 static void *syncer_main(void *arg) {
@@ -86,12 +92,17 @@ static void *syncer_main(void *arg) {
     int checkpoint = s->checkpoint;
     s->asked = s->checkpoint = 0;
     pthread_mutex_unlock(&s->mu);
-    int err = sync_wal(s, checkpoint);
+    int err = sync_wal(s);
     pthread_mutex_lock(&s->mu);
     s->result = err;
     uint64_t one = 1;
-    ssize_t w = write(s->efd, &one, sizeof one); /* the loop's done_cb */
+    ssize_t w = write(s->efd, &one, sizeof one); /* the loop's done_cb: the batch goes on now */
     (void)w;
+    if (checkpoint && !err) {
+      pthread_mutex_unlock(&s->mu);
+      checkpoint_wal(s);
+      pthread_mutex_lock(&s->mu);
+    }
   }
   pthread_mutex_unlock(&s->mu);
   return NULL;
