@@ -269,6 +269,18 @@ local function route_model(name, native)
   return route
 end
 
+-- A model name is echoed in a header (x-resil-model), logged, and becomes a
+-- metric label and a key of per-model warnings: a client's name is held to
+-- what real model ids look like, printable ASCII and short, so one request
+-- cannot put megabytes into each of those (or a control byte into a header)
+local MODEL_MAX = 256
+local function check_model(name)
+  if type(name) ~= "string" or name == "" then return "model is required" end
+  if #name > MODEL_MAX or name:find("[^!-~]") then
+    return ("model must be at most %d printable ASCII characters, without spaces"):format(MODEL_MAX)
+  end
+end
+
 local function check_messages(msgs)
   if type(msgs) ~= "table" or #msgs == 0 then return "messages must be a non-empty array" end
   for i, m in ipairs(msgs) do
@@ -551,9 +563,8 @@ function complete_admitted(req, api, id, rec)
   if type(b) ~= "table" then
     return with_id(error_reply(api, 400, "the body is not a JSON object", { code = "invalid_json" }), id)
   end
-  if type(b.model) ~= "string" or b.model == "" then
-    return with_id(error_reply(api, 400, "model is required"), id)
-  end
+  local bad_model = check_model(b.model)
+  if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
   local bad = check_messages(b.messages)
   if bad then return with_id(error_reply(api, 400, bad), id) end
   if not model_allowed(rec, b.model) then
@@ -628,9 +639,8 @@ local function embeddings(req)
   if type(b) ~= "table" then
     return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)
   end
-  if type(b.model) ~= "string" or b.model == "" then
-    return with_id(error_reply("openai", 400, "model is required"), id)
-  end
+  local bad_model = check_model(b.model)
+  if bad_model then return with_id(error_reply("openai", 400, bad_model, { code = "invalid_model" }), id) end
   local input = b.input
   if type(input) ~= "string" and (type(input) ~= "table" or #input == 0) then
     return with_id(error_reply("openai", 400, "input must be a string or a non-empty array"), id)

@@ -178,6 +178,33 @@ describe("gateway: OpenAI chat completions", function()
   end)
 end)
 
+describe("gateway: hostile requests", function()
+  it("a model name that is huge, or holds control bytes, spaces or non-ASCII, is a 400 in the client's shape; " ..
+    "nothing of it reaches a header, the metrics or a provider", function()
+    local url, m = start({ strict = true })
+    local huge = "gpt-" .. ("x"):rep(100000)
+    for _, name in ipairs({ huge, "gpt-4o-mini\0x", "gpt\r\nx-injected: 1", "gpt 4o", "gpt-\xff\xfe" }) do
+      local res = post(url .. "/v1/chat/completions", { model = name, messages = MSGS })
+      assert.are.equal(400, res.status, res.body)
+      local e = json.decode(res.body).error
+      assert.are.equal("invalid_request_error", e.type)
+      assert.are.equal("invalid_model", e.code)
+      assert.is_nil(res.headers["x-resil-model"])
+      res = post(url .. "/v1/messages", { model = name, max_tokens = 10, messages = MSGS })
+      assert.are.equal(400, res.status)
+      assert.are.equal("invalid_request_error", json.decode(res.body).error.type)
+      res = post(url .. "/v1/embeddings", { model = name, input = "x" })
+      assert.are.equal(400, res.status)
+    end
+    assert.are.equal(0, m:stats().total)
+    local metrics = assert(http.request({ url = url .. "/metrics" })).body
+    assert.is_nil(metrics:find("xxxxxxxxxx", 1, true))
+    -- real ids pass: a fine-tune's colons, a dated pin's dots and dashes
+    local res = post(url .. "/v1/chat/completions", { model = "ft:gpt-4o-mini-2024-07-18:acme:v1.2:abc", messages = MSGS })
+    assert.are.equal(200, res.status, res.body)
+  end)
+end)
+
 describe("gateway: the model registry", function()
   local registry = require "policies.registry"
   local function use_registry(entries)
