@@ -316,7 +316,15 @@ local function authenticate(req, api)
   if c and c.expires > now then
     rec = c.record
   else
-    rec = keys.lookup(hash)
+    local err
+    rec, err = keys.lookup(hash)
+    if err ~= nil then
+      -- the store cannot say: a 503 the client retries, never a 401 (which
+      -- SDKs do not retry) and nothing cached
+      resil.log.error("gateway: keys cannot be checked", { error = tostring(err) })
+      return nil, error_reply(api, 503, "the gateway cannot check API keys right now; retry shortly",
+        { headers = { ["retry-after"] = "1" }, code = "store_unavailable" })
+    end
     -- bounded: a flood of made-up keys cannot grow it without end
     if key_cache_size >= 10000 then key_cache, key_cache_size = {}, 0 end
     if not key_cache[hash] then key_cache_size = key_cache_size + 1 end

@@ -553,6 +553,26 @@ describe("gateway: virtual keys", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  it("a store that cannot be read is a 503 with Retry-After, never a 401 that is then cached", function()
+    local url, m = start({ strict = true }, { auth = true, key_cache = 60 })
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    local key = assert(keys.add({ name = "team-outage" }))
+    local body = { model = "openai/gpt-4o-mini", messages = MSGS }
+    resil.store_config({ url = helpers.write(helpers.tmpname(".file"), "") .. "/state.db" }) -- cannot be opened
+    for _, path in ipairs({ "/v1/chat/completions", "/v1/messages" }) do
+      local res = post(url .. path, body, bearer(key))
+      assert.are.equal(503, res.status, res.body)
+      assert.are.equal("1", res.headers["retry-after"])
+      local b = json.decode(res.body)
+      if path == "/v1/messages" then assert.are.equal("api_error", b.error.type)
+      else assert.are.equal("store_unavailable", b.error.code) end
+    end
+    resil.store_config({ url = db }) -- back: the key is served at once, whatever key_cache says
+    assert.are.equal(200, post(url .. "/v1/chat/completions", body, bearer(key)).status)
+    assert.are.equal(1, m:stats().total)
+  end)
+
   it("keys are kept as SHA-256 digests only", function()
     start({ strict = true })
     local key, rec = assert(keys.add({ name = "team-d" }))
