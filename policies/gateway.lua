@@ -158,11 +158,11 @@ local OPENAI_ANSWER = '{"id":"chatcmpl-%s","object":"chat.completion","created":
   .. '"logprobs":null,"finish_reason":%s}],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}'
 local function count(v) return math.tointeger(v) or 0 end
 
-local function openai_answer_json(r, id, model)
+local function openai_answer_json(r, id, model, created)
   local u = r.usage or {}
   local i, o = count(u.input_tokens), count(u.output_tokens)
   local calls = r.tool_calls and (',"tool_calls":' .. json.encode(openai_tool_calls(r.tool_calls))) or ""
-  return OPENAI_ANSWER:format(id, math.floor(resil.clock.wall()), json.encode(model), json.encode(r.text or ""),
+  return OPENAI_ANSWER:format(id, created or math.floor(resil.clock.wall()), json.encode(model), json.encode(r.text or ""),
     calls, json.encode(r.finish_reason or "stop"), i, o, i + o)
 end
 
@@ -619,7 +619,10 @@ function complete_admitted(req, api, id, rec)
       ran = true
       local ok, v, e = pcall(ai.chat, r)
       if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
-      if v then v.raw = nil end
+      if v then
+        -- stored with the answer's own id and time: a replay is the same answer, not a twin of it
+        v.raw, v.answer_id, v.answer_created = nil, id, math.floor(resil.clock.wall())
+      end
       return v, e
     end)
     replayed = res ~= nil and not ran
@@ -631,8 +634,9 @@ function complete_admitted(req, api, id, rec)
   if not res then return with_id(ai_error_reply(api, err), id) end
   local headers = answer_headers(id, res)
   if replayed then headers["x-resil-replayed"] = "true" end
-  local body = api == "anthropic" and json.encode(anthropic_answer(res, id, b.model))
-    or openai_answer_json(res, id, b.model)
+  local answer_id = math.type(res.answer_created) and type(res.answer_id) == "string" and res.answer_id or id
+  local body = api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))
+    or openai_answer_json(res, answer_id, b.model, res.answer_created)
   return { status = 200, headers = headers, body = body }
 end
 

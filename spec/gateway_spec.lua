@@ -329,7 +329,34 @@ describe("gateway: Idempotency-Key", function()
     assert.are.equal(json.decode(a.body).choices[1].message.content, json.decode(b.body).choices[1].message.content)
     assert.are.equal("true", b.headers["x-resil-replayed"])
     assert.are.equal(1, m:stats().routes.chat)
+    -- the same answer, not a twin: a client that keeps answers by id sees one
+    assert.are.equal(json.decode(a.body).id, json.decode(b.body).id)
+    assert.are.equal(json.decode(a.body).created, json.decode(b.body).created)
+    assert.are_not.equal(a.headers["x-request-id"], b.headers["x-request-id"]) -- two HTTP requests all the same
   end)
+
+  it("two copies sent at once are answered the same and billed once; another body under the key is a 422",
+    function()
+      local url, m = start({ strict = true, latency = 0.05 })
+      for _, api in ipairs({ { "/v1/chat/completions", "openai/gpt-4o-mini" }, { "/v1/messages", "claude" } }) do
+        local body = { model = api[2], max_tokens = 20, messages = MSGS }
+        local h = { ["idempotency-key"] = "at-once" .. api[1] }
+        local tasks = { resil.spawn(post, url .. api[1], body, h), resil.spawn(post, url .. api[1], body, h) }
+        assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 5)) -- the first is upstream
+        local other = post(url .. api[1], { model = api[2], max_tokens = 21, messages = MSGS }, h)
+        local _, a = tasks[1]:join()
+        local _, b = tasks[2]:join()
+        assert.are.equal(200, a.status, a.body)
+        assert.are.equal(200, b.status, b.body)
+        assert.are.equal(json.decode(a.body).id, json.decode(b.body).id)
+        assert.are.equal(422, other.status, other.body)
+      end
+      assert.are.equal(1, m:stats().routes.chat)
+      assert.are.equal(1, m:stats().routes.messages)
+      local calls = 0
+      for _, row in ipairs(assert(resil.cost.breakdown("model"))) do calls = calls + row.calls end
+      assert.are.equal(2, calls) -- one ledger row per answer
+    end)
 
   it("the same key with another body is a 422 invalid_request_error, in both APIs' shapes, calling no one",
     function()
