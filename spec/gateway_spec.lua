@@ -205,6 +205,34 @@ describe("gateway: hostile requests", function()
   end)
 end)
 
+describe("gateway: a hostile upstream", function()
+  local keys = require "resil.keys"
+
+  -- an OpenAI-shaped answer whose usage is `usage` (raw JSON)
+  local function answering(usage)
+    return { routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"id":"up-1",' ..
+        '"object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant",' ..
+        '"content":"ok"},"finish_reason":"stop"}],"usage":' .. usage .. '}' }
+    end } }
+  end
+
+  it("token counts that are infinite or negative are the provider's garbage: the client still gets its answer, " ..
+    "the hold is given back and the call is in the ledger once", function()
+    for i, usage in ipairs({ '{"prompt_tokens":1e999,"completion_tokens":3}', '{"prompt_tokens":2000,"completion_tokens":-1e300}' }) do
+      local url = start(answering(usage), { auth = true })
+      local key = assert(keys.add({ name = "team-" .. i, budget = "10/day" }))
+      local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS },
+        { authorization = "Bearer " .. key, ["idempotency-key"] = "k" })
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal("ok", json.decode(res.body).choices[1].message.content)
+      local state = assert(resil.budget("key:team-" .. i):state())
+      assert.are.equal(0, #state.holds)
+      assert.are.equal(1, assert(resil.cost.breakdown("model"))[1].calls)
+    end
+  end)
+end)
+
 describe("gateway: the model registry", function()
   local registry = require "policies.registry"
   local function use_registry(entries)
