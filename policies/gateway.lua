@@ -104,11 +104,18 @@ local function error_reply(api, status, message, o)
 end
 gateway.error_reply = error_reply
 
+-- an error's message as a client may read it: secrets redacted, and the
+-- upstream's URL (an internal host, an Azure resource and deployment) named
+-- only as "the upstream"
+local function public_message(msg)
+  return (resil.redact(tostring(msg)):gsub("%a[%w+.%-]*://[^%s\"']+", "the upstream"))
+end
+
 -- an error from policies.ai as the client's API says it; one ai raised (a
 -- string: the request misused the API) is the client's bad request
 local function ai_error_reply(api, err)
   if type(err) ~= "table" then
-    return error_reply(api, 400, resil.redact((tostring(err):gsub("^[^:]*:%d+: ", ""))))
+    return error_reply(api, 400, public_message((tostring(err):gsub("^[^:]*:%d+: ", ""))))
   end
   local status = status_of(err)
   local headers = {}
@@ -122,7 +129,7 @@ local function ai_error_reply(api, err)
     code = "insufficient_quota"
   end
   local msg = type(err) == "table" and tostring(err.message or err.kind) or tostring(err)
-  return error_reply(api, status, resil.redact(msg), { headers = headers, code = code,
+  return error_reply(api, status, public_message(msg), { headers = headers, code = code,
     type = code == "insufficient_quota" and (api == "anthropic" and "rate_limit_error" or "insufficient_quota") or nil })
 end
 
@@ -503,7 +510,7 @@ local function openai_stream(s, first, id, model, b, headers)
       local delta, err = s:next()
       if err then
         -- no [DONE]: the client's SDK raises instead of keeping a cut answer
-        write(sse(nil, { error = { message = resil.redact(tostring(err.message or err.kind)),
+        write(sse(nil, { error = { message = public_message(err.message or err.kind),
           type = "server_error", code = err.kind or "stream_interrupted" } }))
         return
       end
@@ -533,7 +540,7 @@ local function anthropic_stream(s, first, id, model, headers, req)
       if err then
         -- no message_stop: the client's SDK raises
         write(sse("error", { type = "error", error = { type = "api_error",
-          message = resil.redact(tostring(err.message or err.kind)) } }))
+          message = public_message(err.message or err.kind) } }))
         return
       end
       if not delta then break end

@@ -217,6 +217,27 @@ describe("gateway: a hostile upstream", function()
     end } }
   end
 
+  it("one that hangs is a 504 (and a stalled stream an error event) that does not name the upstream's URL; " ..
+    "/health answers meanwhile", function()
+    resil.clock.real()
+    local url, m = start({ strict = true, reply = "one two three", sequence = { chat = { "hang", "hang", "hang", "hang",
+      "stall" } } })
+    require("policies.ai").configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+      retry = { base = 0.001, cap = 0.005 }, timeout = 0.1, idle_timeout = 0.1 })
+    local hung = resil.spawn(post, url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 5))
+    assert.are.equal(200, assert(http.request({ url = url .. "/health", timeout = 1 })).status)
+    local _, res = hung:join()
+    assert.are.equal(504, res.status, res.body)
+    local upstream = m.url:match("//(.*)$")
+    assert.is_nil(res.body:find(upstream, 1, true), res.body)
+    assert.matches("the upstream", json.decode(res.body).error.message)
+    local evs = events_of(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, stream = true })
+    local last = evs[#evs].data
+    assert.is_table(json.decode(last).error, last)
+    assert.is_nil(last:find(upstream, 1, true), last)
+  end)
+
   it("token counts that are infinite or negative are the provider's garbage: the client still gets its answer, " ..
     "the hold is given back and the call is in the ledger once", function()
     for i, usage in ipairs({ '{"prompt_tokens":1e999,"completion_tokens":3}', '{"prompt_tokens":2000,"completion_tokens":-1e300}' }) do
