@@ -108,7 +108,8 @@ gateway.error_reply = error_reply
 -- upstream's URL (an internal host, an Azure resource and deployment) named
 -- only as "the upstream"
 local function public_message(msg)
-  return (resil.redact(tostring(msg)):gsub("%a[%w+.%-]*://[^%s\"']+", "the upstream"))
+  -- (a transport error starts "<url>: "; a link in a provider's own message is kept)
+  return (resil.redact(tostring(msg)):gsub("%a[%w+.%-]*://[^%s\"']-: ", "the upstream: "))
 end
 
 -- an error from policies.ai as the client's API says it; one ai raised (a

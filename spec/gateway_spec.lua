@@ -236,6 +236,12 @@ describe("gateway: a hostile upstream", function()
     local last = evs[#evs].data
     assert.is_table(json.decode(last).error, last)
     assert.is_nil(last:find(upstream, 1, true), last)
+    -- a link in the provider's own message is the provider's, and kept
+    m:configure({ strict = true, sequence = { chat = { { status = 400, body = json.encode({ error = {
+      message = "Bad thing. Read the docs: https://platform.example/docs/errors.", type = "invalid_request_error" } }) } } } })
+    res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.are.equal(400, res.status)
+    assert.matches("https://platform.example/docs/errors.", json.decode(res.body).error.message, 1, true)
   end)
 
   it("token counts that are infinite or negative are the provider's garbage: the client still gets its answer, " ..
