@@ -104,11 +104,19 @@ local function error_reply(api, status, message, o)
 end
 gateway.error_reply = error_reply
 
+-- an error's message as a client may read it: secrets redacted, and the
+-- upstream's URL (an internal host, an Azure resource and deployment) named
+-- only as "the upstream"
+local function public_message(msg)
+  -- (a transport error starts "<url>: "; a link in a provider's own message is kept)
+  return (resil.redact(tostring(msg)):gsub("%a[%w+.%-]*://[^%s\"']-: ", "the upstream: "))
+end
+
 -- an error from policies.ai as the client's API says it; one ai raised (a
 -- string: the request misused the API) is the client's bad request
 local function ai_error_reply(api, err)
   if type(err) ~= "table" then
-    return error_reply(api, 400, resil.redact((tostring(err):gsub("^[^:]*:%d+: ", ""))))
+    return error_reply(api, 400, public_message((tostring(err):gsub("^[^:]*:%d+: ", ""))))
   end
   local status = status_of(err)
   local headers = {}
@@ -122,7 +130,7 @@ local function ai_error_reply(api, err)
     code = "insufficient_quota"
   end
   local msg = type(err) == "table" and tostring(err.message or err.kind) or tostring(err)
-  return error_reply(api, status, resil.redact(msg), { headers = headers, code = code,
+  return error_reply(api, status, public_message(msg), { headers = headers, code = code,
     type = code == "insufficient_quota" and (api == "anthropic" and "rate_limit_error" or "insufficient_quota") or nil })
 end
 
@@ -158,11 +166,11 @@ local OPENAI_ANSWER = '{"id":"chatcmpl-%s","object":"chat.completion","created":
   .. '"logprobs":null,"finish_reason":%s}],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}'
 local function count(v) return math.tointeger(v) or 0 end
 
-local function openai_answer_json(r, id, model)
+local function openai_answer_json(r, id, model, created)
   local u = r.usage or {}
   local i, o = count(u.input_tokens), count(u.output_tokens)
   local calls = r.tool_calls and (',"tool_calls":' .. json.encode(openai_tool_calls(r.tool_calls))) or ""
-  return OPENAI_ANSWER:format(id, math.floor(resil.clock.wall()), json.encode(model), json.encode(r.text or ""),
+  return OPENAI_ANSWER:format(id, created or math.floor(resil.clock.wall()), json.encode(model), json.encode(r.text or ""),
     calls, json.encode(r.finish_reason or "stop"), i, o, i + o)
 end
 
@@ -269,6 +277,18 @@ local function route_model(name, native)
   return route
 end
 
+-- A model name is echoed in a header (x-resil-model), logged, and becomes a
+-- metric label and a key of per-model warnings: a client's name is held to
+-- what real model ids look like, printable ASCII and short, so one request
+-- cannot put megabytes into each of those (or a control byte into a header)
+local MODEL_MAX = 256
+local function check_model(name)
+  if type(name) ~= "string" or name == "" then return "model is required" end
+  if #name > MODEL_MAX or name:find("[^!-~]") then
+    return ("model must be at most %d printable ASCII characters, without spaces"):format(MODEL_MAX)
+  end
+end
+
 local function check_messages(msgs)
   if type(msgs) ~= "table" or #msgs == 0 then return "messages must be a non-empty array" end
   for i, m in ipairs(msgs) do
@@ -304,7 +324,15 @@ local function authenticate(req, api)
   if c and c.expires > now then
     rec = c.record
   else
-    rec = keys.lookup(hash)
+    local err
+    rec, err = keys.lookup(hash)
+    if err ~= nil then
+      -- the store cannot say: a 503 the client retries, never a 401 (which
+      -- SDKs do not retry) and nothing cached
+      resil.log.error("gateway: keys cannot be checked", { error = tostring(err) })
+      return nil, error_reply(api, 503, "the gateway cannot check API keys right now; retry shortly",
+        { headers = { ["retry-after"] = "1" }, code = "store_unavailable" })
+    end
     -- bounded: a flood of made-up keys cannot grow it without end
     if key_cache_size >= 10000 then key_cache, key_cache_size = {}, 0 end
     if not key_cache[hash] then key_cache_size = key_cache_size + 1 end
@@ -483,7 +511,7 @@ local function openai_stream(s, first, id, model, b, headers)
       local delta, err = s:next()
       if err then
         -- no [DONE]: the client's SDK raises instead of keeping a cut answer
-        write(sse(nil, { error = { message = resil.redact(tostring(err.message or err.kind)),
+        write(sse(nil, { error = { message = public_message(err.message or err.kind),
           type = "server_error", code = err.kind or "stream_interrupted" } }))
         return
       end
@@ -513,7 +541,7 @@ local function anthropic_stream(s, first, id, model, headers, req)
       if err then
         -- no message_stop: the client's SDK raises
         write(sse("error", { type = "error", error = { type = "api_error",
-          message = resil.redact(tostring(err.message or err.kind)) } }))
+          message = public_message(err.message or err.kind) } }))
         return
       end
       if not delta then break end
@@ -551,9 +579,8 @@ function complete_admitted(req, api, id, rec)
   if type(b) ~= "table" then
     return with_id(error_reply(api, 400, "the body is not a JSON object", { code = "invalid_json" }), id)
   end
-  if type(b.model) ~= "string" or b.model == "" then
-    return with_id(error_reply(api, 400, "model is required"), id)
-  end
+  local bad_model = check_model(b.model)
+  if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
   local bad = check_messages(b.messages)
   if bad then return with_id(error_reply(api, 400, bad), id) end
   if not model_allowed(rec, b.model) then
@@ -600,7 +627,10 @@ function complete_admitted(req, api, id, rec)
       ran = true
       local ok, v, e = pcall(ai.chat, r)
       if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
-      if v then v.raw = nil end
+      if v then
+        -- stored with the answer's own id and time: a replay is the same answer, not a twin of it
+        v.raw, v.answer_id, v.answer_created = nil, id, math.floor(resil.clock.wall())
+      end
       return v, e
     end)
     replayed = res ~= nil and not ran
@@ -612,8 +642,9 @@ function complete_admitted(req, api, id, rec)
   if not res then return with_id(ai_error_reply(api, err), id) end
   local headers = answer_headers(id, res)
   if replayed then headers["x-resil-replayed"] = "true" end
-  local body = api == "anthropic" and json.encode(anthropic_answer(res, id, b.model))
-    or openai_answer_json(res, id, b.model)
+  local answer_id = math.type(res.answer_created) and type(res.answer_id) == "string" and res.answer_id or id
+  local body = api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))
+    or openai_answer_json(res, answer_id, b.model, res.answer_created)
   return { status = 200, headers = headers, body = body }
 end
 
@@ -628,9 +659,8 @@ local function embeddings(req)
   if type(b) ~= "table" then
     return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)
   end
-  if type(b.model) ~= "string" or b.model == "" then
-    return with_id(error_reply("openai", 400, "model is required"), id)
-  end
+  local bad_model = check_model(b.model)
+  if bad_model then return with_id(error_reply("openai", 400, bad_model, { code = "invalid_model" }), id) end
   local input = b.input
   if type(input) ~= "string" and (type(input) ~= "table" or #input == 0) then
     return with_id(error_reply("openai", 400, "input must be a string or a non-empty array"), id)

@@ -178,6 +178,88 @@ describe("gateway: OpenAI chat completions", function()
   end)
 end)
 
+describe("gateway: hostile requests", function()
+  it("a model name that is huge, or holds control bytes, spaces or non-ASCII, is a 400 in the client's shape; " ..
+    "nothing of it reaches a header, the metrics or a provider", function()
+    local url, m = start({ strict = true })
+    local huge = "gpt-" .. ("x"):rep(100000)
+    for _, name in ipairs({ huge, "gpt-4o-mini\0x", "gpt\r\nx-injected: 1", "gpt 4o", "gpt-\xff\xfe" }) do
+      local res = post(url .. "/v1/chat/completions", { model = name, messages = MSGS })
+      assert.are.equal(400, res.status, res.body)
+      local e = json.decode(res.body).error
+      assert.are.equal("invalid_request_error", e.type)
+      assert.are.equal("invalid_model", e.code)
+      assert.is_nil(res.headers["x-resil-model"])
+      res = post(url .. "/v1/messages", { model = name, max_tokens = 10, messages = MSGS })
+      assert.are.equal(400, res.status)
+      assert.are.equal("invalid_request_error", json.decode(res.body).error.type)
+      res = post(url .. "/v1/embeddings", { model = name, input = "x" })
+      assert.are.equal(400, res.status)
+    end
+    assert.are.equal(0, m:stats().total)
+    local metrics = assert(http.request({ url = url .. "/metrics" })).body
+    assert.is_nil(metrics:find("xxxxxxxxxx", 1, true))
+    -- real ids pass: a fine-tune's colons, a dated pin's dots and dashes
+    local res = post(url .. "/v1/chat/completions", { model = "ft:gpt-4o-mini-2024-07-18:acme:v1.2:abc", messages = MSGS })
+    assert.are.equal(200, res.status, res.body)
+  end)
+end)
+
+describe("gateway: a hostile upstream", function()
+  local keys = require "resil.keys"
+
+  -- an OpenAI-shaped answer whose usage is `usage` (raw JSON)
+  local function answering(usage)
+    return { routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"id":"up-1",' ..
+        '"object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant",' ..
+        '"content":"ok"},"finish_reason":"stop"}],"usage":' .. usage .. '}' }
+    end } }
+  end
+
+  it("one that hangs is a 504 (and a stalled stream an error event) that does not name the upstream's URL; " ..
+    "/health answers meanwhile", function()
+    resil.clock.real()
+    local url, m = start({ strict = true, reply = "one two three", sequence = { chat = { "hang", "hang", "hang", "hang",
+      "stall" } } })
+    require("policies.ai").configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+      retry = { base = 0.001, cap = 0.005 }, timeout = 0.1, idle_timeout = 0.1 })
+    local hung = resil.spawn(post, url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 5))
+    assert.are.equal(200, assert(http.request({ url = url .. "/health", timeout = 1 })).status)
+    local _, res = hung:join()
+    assert.are.equal(504, res.status, res.body)
+    local upstream = m.url:match("//(.*)$")
+    assert.is_nil(res.body:find(upstream, 1, true), res.body)
+    assert.matches("the upstream", json.decode(res.body).error.message)
+    local evs = events_of(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, stream = true })
+    local last = evs[#evs].data
+    assert.is_table(json.decode(last).error, last)
+    assert.is_nil(last:find(upstream, 1, true), last)
+    -- a link in the provider's own message is the provider's, and kept
+    m:configure({ strict = true, sequence = { chat = { { status = 400, body = json.encode({ error = {
+      message = "Bad thing. Read the docs: https://platform.example/docs/errors.", type = "invalid_request_error" } }) } } } })
+    res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.are.equal(400, res.status)
+    assert.matches("https://platform.example/docs/errors.", json.decode(res.body).error.message, 1, true)
+  end)
+
+  it("token counts that are infinite or negative are the provider's garbage: the client still gets its answer, " ..
+    "the hold is given back and the call is in the ledger once", function()
+    for i, usage in ipairs({ '{"prompt_tokens":1e999,"completion_tokens":3}', '{"prompt_tokens":2000,"completion_tokens":-1e300}' }) do
+      local url = start(answering(usage), { auth = true })
+      local key = assert(keys.add({ name = "team-" .. i, budget = "10/day" }))
+      local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS },
+        { authorization = "Bearer " .. key, ["idempotency-key"] = "k" })
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal("ok", json.decode(res.body).choices[1].message.content)
+      local state = assert(resil.budget("key:team-" .. i):state())
+      assert.are.equal(0, #state.holds)
+      assert.are.equal(1, assert(resil.cost.breakdown("model"))[1].calls)
+    end
+  end)
+end)
+
 describe("gateway: the model registry", function()
   local registry = require "policies.registry"
   local function use_registry(entries)
@@ -302,7 +384,34 @@ describe("gateway: Idempotency-Key", function()
     assert.are.equal(json.decode(a.body).choices[1].message.content, json.decode(b.body).choices[1].message.content)
     assert.are.equal("true", b.headers["x-resil-replayed"])
     assert.are.equal(1, m:stats().routes.chat)
+    -- the same answer, not a twin: a client that keeps answers by id sees one
+    assert.are.equal(json.decode(a.body).id, json.decode(b.body).id)
+    assert.are.equal(json.decode(a.body).created, json.decode(b.body).created)
+    assert.are_not.equal(a.headers["x-request-id"], b.headers["x-request-id"]) -- two HTTP requests all the same
   end)
+
+  it("two copies sent at once are answered the same and billed once; another body under the key is a 422",
+    function()
+      local url, m = start({ strict = true, latency = 0.05 })
+      for _, api in ipairs({ { "/v1/chat/completions", "openai/gpt-4o-mini" }, { "/v1/messages", "claude" } }) do
+        local body = { model = api[2], max_tokens = 20, messages = MSGS }
+        local h = { ["idempotency-key"] = "at-once" .. api[1] }
+        local tasks = { resil.spawn(post, url .. api[1], body, h), resil.spawn(post, url .. api[1], body, h) }
+        assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 5)) -- the first is upstream
+        local other = post(url .. api[1], { model = api[2], max_tokens = 21, messages = MSGS }, h)
+        local _, a = tasks[1]:join()
+        local _, b = tasks[2]:join()
+        assert.are.equal(200, a.status, a.body)
+        assert.are.equal(200, b.status, b.body)
+        assert.are.equal(json.decode(a.body).id, json.decode(b.body).id)
+        assert.are.equal(422, other.status, other.body)
+      end
+      assert.are.equal(1, m:stats().routes.chat)
+      assert.are.equal(1, m:stats().routes.messages)
+      local calls = 0
+      for _, row in ipairs(assert(resil.cost.breakdown("model"))) do calls = calls + row.calls end
+      assert.are.equal(2, calls) -- one ledger row per answer
+    end)
 
   it("the same key with another body is a 422 invalid_request_error, in both APIs' shapes, calling no one",
     function()
@@ -524,6 +633,26 @@ describe("gateway: virtual keys", function()
     assert.are.equal("false", res.headers["x-should-retry"])
     assert.are.equal("insufficient_quota", json.decode(res.body).error.code)
     assert.are.equal(0, m:stats().total)
+  end)
+
+  it("a store that cannot be read is a 503 with Retry-After, never a 401 that is then cached", function()
+    local url, m = start({ strict = true }, { auth = true, key_cache = 60 })
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    local key = assert(keys.add({ name = "team-outage" }))
+    local body = { model = "openai/gpt-4o-mini", messages = MSGS }
+    resil.store_config({ url = helpers.write(helpers.tmpname(".file"), "") .. "/state.db" }) -- cannot be opened
+    for _, path in ipairs({ "/v1/chat/completions", "/v1/messages" }) do
+      local res = post(url .. path, body, bearer(key))
+      assert.are.equal(503, res.status, res.body)
+      assert.are.equal("1", res.headers["retry-after"])
+      local b = json.decode(res.body)
+      if path == "/v1/messages" then assert.are.equal("api_error", b.error.type)
+      else assert.are.equal("store_unavailable", b.error.code) end
+    end
+    resil.store_config({ url = db }) -- back: the key is served at once, whatever key_cache says
+    assert.are.equal(200, post(url .. "/v1/chat/completions", body, bearer(key)).status)
+    assert.are.equal(1, m:stats().total)
   end)
 
   it("keys are kept as SHA-256 digests only", function()

@@ -112,7 +112,11 @@ function anthropic.body(req, model, conf)
   return body
 end
 
-local function num(v) return type(v) == "number" and (math.tointeger(v) or v) or nil end
+-- a count the provider sent: a finite number >= 0, else absent (an infinite or
+-- negative count cannot be priced, stored or settled)
+local function num(v)
+  return type(v) == "number" and v >= 0 and v < math.huge and (math.tointeger(v) or v) or nil
+end
 
 -- anthropic.usage(u) -> normalized usage. Anthropic's input_tokens leaves out
 -- cache reads and writes; the normalized input_tokens counts them.

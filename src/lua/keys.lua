@@ -24,7 +24,8 @@ local function record_key(hash) return "gateway:key:" .. hash end
 function keys.lookup(hash)
   local s, err = store()
   if not s then return nil, err end
-  local v = s:get(record_key(hash))
+  local v, gerr = s:get(record_key(hash))
+  if v == nil and gerr ~= nil then return nil, gerr end -- the store failed: not an unknown key
   local rec = type(v) == "string" and json.decode(v)
   return type(rec) == "table" and rec or nil
 end
