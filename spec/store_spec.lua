@@ -149,6 +149,23 @@ describe("resil.once", function()
     assert.are.equal(2, calls)
   end)
 
+  it("forgets a run whose caller was canceled once the run ends (nothing kept for good)", function()
+    local seen = setmetatable({}, { __mode = "v" })
+    local caller = resil.spawn(resil.once, "job-left", function()
+      resil.sleep(1)
+      local result = { text = ("x"):rep(1000) }
+      seen[1] = result
+      return result
+    end)
+    resil.sleep(0.5)
+    caller:cancel()
+    resil.sleep(1) -- the run goes on without its caller and stores its result
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(seen[1])
+    assert.are.equal(1000, #resil.once("job-left", function() error("run again") end).text)
+  end)
+
   it("reaps records past their retention", function()
     resil.once({ key = "job-9", retention = 10 }, work, 1)
     resil.sleep(11)

@@ -136,7 +136,15 @@ function resil.once(spec, fn, ...)
       return nil, resil.error("key_reused", ("once %s: the key was used with different arguments"):format(key),
         { key = key })
     elseif state == "claimed" then
-      local child = resil.spawn(run_once, s, holder_id, key, lease, retention, fn, ...)
+      -- the run forgets itself when it ends: its caller may be canceled
+      -- meanwhile (a client that left), and the run goes on without it
+      local child
+      child = resil.spawn(function(...)
+        local _ <close> = setmetatable({}, { __close = function()
+          if inflight[key] == child then inflight[key] = nil end
+        end })
+        return run_once(...)
+      end, s, holder_id, key, lease, retention, fn, ...)
       inflight[key] = child
       local r = pack(child:join())
       if inflight[key] == child then inflight[key] = nil end
