@@ -77,7 +77,9 @@ local CLASS_STATUS = { rate_limited = 429, quota = 429, quota_exceeded = 429, bu
   overloaded = 529, timeout = 504, deadline = 504, circuit_open = 503, unavailable = 503, bulkhead_full = 503,
   auth = 502, bad_request = 400, context_length = 400, content_policy = 400, too_large = 413,
   not_found = 404, server_error = 502, protocol = 502, invalid_output = 502, tls = 502, canceled = 499 }
-local KIND_STATUS = { budget_exceeded = 429, missing_secret = 500, unpriced = 500, store_unavailable = 503,
+-- unpriced: a budgeted key asked for a model nobody priced (often a typo):
+-- the client's to fix, and a 5xx would be retried by its SDK
+local KIND_STATUS = { budget_exceeded = 429, missing_secret = 500, unpriced = 400, store_unavailable = 503,
   connect = 502, dns = 502, reset = 502, timeout = 504, in_progress = 409, key_reused = 422 }
 
 local function status_of(err)
@@ -128,6 +130,8 @@ local function ai_error_reply(api, err)
   if type(err) == "table" and (err.kind == "budget_exceeded" or err.class == "quota") then
     headers["x-should-retry"] = "false"
     code = "insufficient_quota"
+  elseif type(err) == "table" and err.kind == "unpriced" then
+    code = "model_not_priced"
   end
   local msg = type(err) == "table" and tostring(err.message or err.kind) or tostring(err)
   return error_reply(api, status, public_message(msg), { headers = headers, code = code,

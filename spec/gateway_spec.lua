@@ -635,6 +635,21 @@ describe("gateway: virtual keys", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  it("a model without a price on a budgeted key is the client's 400 (model_not_priced), not a 500 an SDK retries",
+     function()
+    local url, m = start({ strict = true }, { auth = true })
+    local key = assert(keys.add({ name = "team-typo", budget = "10/day" }))
+    for _, path in ipairs({ "/v1/chat/completions", "/v1/messages" }) do
+      local res = post(url .. path, { model = "openai/gpt-4o-minni", messages = MSGS, max_tokens = 16 }, bearer(key))
+      assert.are.equal(400, res.status, res.body)
+      local b = json.decode(res.body)
+      if path == "/v1/messages" then assert.are.equal("invalid_request_error", b.error.type)
+      else assert.are.equal("model_not_priced", b.error.code) end
+      assert.matches("gpt%-4o%-minni", b.error.message)
+    end
+    assert.are.equal(0, m:stats().total)
+  end)
+
   it("a store that cannot be read is a 503 with Retry-After, never a 401 that is then cached", function()
     local url, m = start({ strict = true }, { auth = true, key_cache = 60 })
     local db = helpers.tmpname(".db")
