@@ -730,7 +730,8 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
   end)
 
-  it("--workers 2: two processes serve one port; stopping the first stops both", function()
+  it("--workers 2: two processes serve one port, a worker killed with -9 is replaced, stopping the gateway " ..
+     "stops them all", function()
     resil.clock.real()
     resil.log.level("off")
     local m = assert(resil.mock.start({ strict = true, reply = "served" }))
@@ -743,25 +744,56 @@ describe("resil-lua gateway and resil-lua keys", function()
     os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
       :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
     local pid = helpers.slurp(pidfile):match("%d+")
-    local child = function() return helpers.run("pgrep -P " .. pid).stdout:match("%d+") end
-    local worker = child()
+    local function workers()
+      local list = {}
+      for p in helpers.run("pgrep -P " .. pid).stdout:gmatch("%d+") do list[#list + 1] = p end
+      return list
+    end
+    local seen = {}
     finally(function()
-      for _, p in ipairs({ pid, worker }) do if p and helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+      for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
       m:stop()
       resil.log.level("info")
     end)
-    assert.is_true(helpers.wait_until(function()
-      local _, n = helpers.slurp(log):gsub("listening", "")
-      return n == 2
-    end, 10), helpers.slurp(log))
-    worker = child()
-    assert.is_string(worker)
-    for _ = 1, 4 do
-      local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
-        body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
-      assert.are.equal(200, res.status)
+    local function listening(n)
+      return helpers.wait_until(function()
+        local _, k = helpers.slurp(log):gsub("listening", "")
+        return k == n
+      end, 10)
     end
+    local function serves()
+      for _ = 1, 4 do
+        local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+          body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+        assert.are.equal(200, res.status)
+      end
+    end
+    assert.is_true(listening(2), helpers.slurp(log))
+    local first = workers()
+    assert.are.equal(2, #first)
+    seen = { first[1], first[2] }
+    serves()
+    os.execute("kill -KILL " .. first[1])
+    assert.is_true(listening(3), helpers.slurp(log)) -- another took its place
+    local now = workers()
+    assert.are.equal(2, #now)
+    seen[3] = now[1] ~= first[2] and now[1] or now[2]
+    assert.are_not.equal(first[1], seen[3])
+    assert.matches("worker " .. first[1] .. " killed by signal 9; starting another", helpers.slurp(log))
+    serves()
     os.execute("kill -TERM " .. pid)
-    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) and not helpers.alive(worker) end, 10))
+    assert.is_true(helpers.wait_until(function()
+      for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then return false end end
+      return true
+    end, 10))
+  end)
+
+  it("--workers 2: workers that die as they start stop the gateway with their exit code", function()
+    local config = helpers.write(helpers.tmpname(".lua"), 'error("config broken")')
+    local r = helpers.run(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s")
+      :format(helpers.resil, helpers.free_port(), config, helpers.tmpname(".db")))
+    assert.are_not.equal(0, r.code)
+    assert.matches("config broken", r.stderr)
+    assert.matches("workers keep dying as they start; stopping", r.stderr)
   end)
 end)

@@ -14,6 +14,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -328,6 +329,131 @@ static void finish_run(resil_t *R, int status) {
   lua_settop(L, top);
 }
 
+/* ---------- gateway --workers N: a supervisor and its workers ---------- */
+
+static volatile sig_atomic_t supervisor_signal, supervisor_hup;
+static void supervisor_on_signal(int sig) {
+  if (sig == SIGHUP) supervisor_hup = 1;
+  else if (sig != SIGCHLD && !supervisor_signal) supervisor_signal = sig;
+}
+
+static double seconds_now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* Fork one worker: 0 in the worker (signals as they were), its pid in the
+ * supervisor, -1 if fork failed. */
+static pid_t fork_worker(const sigset_t *worker_mask) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGTERM); /* a supervisor killed with -9 takes its workers along */
+    signal(SIGCHLD, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    sigprocmask(SIG_SETMASK, worker_mask, NULL);
+  }
+  return pid;
+}
+
+/* The process that started N workers on one SO_REUSEPORT socket serves none
+ * itself: it forks them (before anything is opened: a store, a loop or
+ * libcurl's threads do not survive fork) and starts another when one dies (a
+ * crash, the OOM killer, kill -9), so the gateway keeps its N processes.
+ * SIGTERM and SIGINT stop them all; SIGHUP is passed on (each reloads). A
+ * worker that dies within a second of starting three times in a row (a bad
+ * config, a port in use) stops the gateway with its exit code.
+ * -> -1 in a worker (go on and serve), the exit code in the supervisor */
+static int supervise_workers(long n) {
+  pid_t pids[256];
+  double started[256];
+  int quick_deaths = 0, code = 0, passed_on = 0;
+  sigset_t block, worker_mask;
+  sigemptyset(&block);
+  sigaddset(&block, SIGCHLD);
+  sigaddset(&block, SIGTERM);
+  sigaddset(&block, SIGINT);
+  sigaddset(&block, SIGHUP);
+  sigprocmask(SIG_BLOCK, &block, &worker_mask);
+  struct sigaction sa = {0};
+  sa.sa_handler = supervisor_on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGCHLD, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGHUP, &sa, NULL);
+  fflush(NULL);
+  for (long w = 0; w < n; w++) {
+    pids[w] = fork_worker(&worker_mask);
+    if (pids[w] == 0) return -1;
+    if (pids[w] < 0) {
+      fprintf(stderr, PROGNAME ": gateway: fork: %s\n", strerror(errno));
+      n = w; /* stop those started */
+      supervisor_signal = SIGTERM;
+      code = 1;
+      break;
+    }
+    started[w] = seconds_now();
+  }
+  int running = (int)n;
+  while (running > 0) {
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+      long w = 0;
+      while (w < n && pids[w] != pid) w++;
+      if (w == n) continue;
+      pids[w] = 0;
+      running--;
+      int died = WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 0);
+      if (supervisor_signal || !died) continue; /* stopping, or a worker that finished */
+      int quick = seconds_now() - started[w] < 1.0;
+      quick_deaths = quick ? quick_deaths + 1 : 0;
+      if (WIFSIGNALED(status))
+        fprintf(stderr, PROGNAME ": gateway: worker %d killed by signal %d; starting another\n", (int)pid,
+                WTERMSIG(status));
+      else
+        fprintf(stderr, PROGNAME ": gateway: worker %d exited with code %d%s\n", (int)pid, WEXITSTATUS(status),
+                quick_deaths >= 3 ? "" : "; starting another");
+      if (quick_deaths >= 3) {
+        fprintf(stderr, PROGNAME ": gateway: workers keep dying as they start; stopping\n");
+        code = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+        supervisor_signal = SIGTERM;
+        for (long k = 0; k < n; k++)
+          if (pids[k] > 0) kill(pids[k], SIGTERM);
+        continue;
+      }
+      if (quick) {
+        struct timespec pause = {0, 200 * 1000 * 1000};
+        nanosleep(&pause, NULL);
+      }
+      fflush(NULL);
+      pid_t again = fork_worker(&worker_mask);
+      if (again == 0) return -1;
+      if (again > 0) {
+        pids[w] = again;
+        started[w] = seconds_now();
+        running++;
+      }
+    }
+    if (supervisor_hup) {
+      supervisor_hup = 0;
+      for (long w = 0; w < n; w++)
+        if (pids[w] > 0) kill(pids[w], SIGHUP);
+    }
+    if (supervisor_signal && !passed_on) {
+      passed_on = 1;
+      for (long w = 0; w < n; w++)
+        if (pids[w] > 0) kill(pids[w], SIGTERM);
+      if (!code) code = 128 + (int)supervisor_signal;
+    }
+    if (running > 0) sigsuspend(&worker_mask);
+  }
+  return code;
+}
+
 int main(int argc, char **argv) {
   resil_options opts = {0};
   opts.sandbox = RESIL_SANDBOX_OFF; /* the sandbox is for embedders and --sandbox */
@@ -445,22 +571,11 @@ int main(int argc, char **argv) {
 
   raise_fd_limit();
   /* gateway --workers N: N processes on one SO_REUSEPORT socket, each with
-   * its own loop, sharing keys, limits and budgets through the store. The
-   * first is the parent; the others end with it. */
-  pid_t workers[256];
-  int nworkers = 0;
+   * its own loop, sharing keys, limits and budgets through the store, kept
+   * at N by this process (supervise_workers) */
   if (gateway && gw_workers > 1) {
-    fflush(NULL);
-    for (long w = 1; w < gw_workers; w++) {
-      pid_t pid = fork();
-      if (pid < 0) return fail("gateway: fork: %s", strerror(errno));
-      if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGTERM);
-        nworkers = 0;
-        break;
-      }
-      workers[nworkers++] = pid;
-    }
+    int code = supervise_workers(gw_workers);
+    if (code >= 0) return code;
   }
   resil_t *R = resil_open(&opts);
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
@@ -506,7 +621,5 @@ int main(int argc, char **argv) {
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
   signal_target = NULL;
   resil_close(R);
-  for (int w = 0; w < nworkers; w++) kill(workers[w], SIGTERM);
-  for (int w = 0; w < nworkers; w++) waitpid(workers[w], NULL, 0);
   return code;
 }
