@@ -293,11 +293,42 @@ local function check_model(name)
   end
 end
 
+-- tool calls and tools are reshaped between the two APIs: a shape that is
+-- not theirs is the client's 400, named, before any provider is called
+local function check_tool_calls(calls, i)
+  if calls == nil or calls == null then return end
+  if type(calls) ~= "table" then return ("messages[%d].tool_calls must be an array"):format(i) end
+  for j, c in ipairs(calls) do
+    local f = type(c) == "table" and c["function"]
+    if type(f) ~= "table" or type(f.name) ~= "string" or (f.arguments ~= nil and type(f.arguments) ~= "string") then
+      return ("messages[%d].tool_calls[%d] must be {id, type, function = {name, arguments (a JSON string)}}")
+        :format(i, j - 1)
+    end
+  end
+end
+
 local function check_messages(msgs)
   if type(msgs) ~= "table" or #msgs == 0 then return "messages must be a non-empty array" end
   for i, m in ipairs(msgs) do
     if type(m) ~= "table" or type(m.role) ~= "string" then
       return ("messages[%d] must be an object with a role"):format(i - 1)
+    end
+    local bad = check_tool_calls(m.tool_calls, i - 1)
+    if bad then return bad end
+  end
+end
+
+local function check_tools(tools)
+  if tools == nil or tools == null then return end
+  if type(tools) ~= "table" then return "tools must be an array" end
+  for i, t in ipairs(tools) do
+    local f = type(t) == "table" and t["function"]
+    -- a function, Anthropic's {name, input_schema} (or a server tool's
+    -- {type, name}), or another type's object ({type = "custom", custom = {...}})
+    local other = type(t) == "table" and type(t.type) == "string" and type(t[t.type]) == "table"
+    if type(t) ~= "table" or (f ~= nil and (type(f) ~= "table" or type(f.name) ~= "string")) or
+       (f == nil and type(t.name) ~= "string" and not other) then
+      return ("tools[%d] must be {type = \"function\", function = {name, ...}} or {name, input_schema}"):format(i - 1)
     end
   end
 end
@@ -585,7 +616,7 @@ function complete_admitted(req, api, id, rec)
   end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
-  local bad = check_messages(b.messages)
+  local bad = check_messages(b.messages) or check_tools(b.tools)
   if bad then return with_id(error_reply(api, 400, bad), id) end
   if not model_allowed(rec, b.model) then
     return with_id(error_reply(api, 403, ("key '%s' may not use model '%s'"):format(rec.name, b.model),

@@ -203,6 +203,39 @@ describe("gateway: hostile requests", function()
     local res = post(url .. "/v1/chat/completions", { model = "ft:gpt-4o-mini-2024-07-18:acme:v1.2:abc", messages = MSGS })
     assert.are.equal(200, res.status, res.body)
   end)
+
+  it("malformed tools and tool calls are a 400 naming the field, never an internal error's text", function()
+    local url, m = start({ strict = true })
+    local openai = { model = "openai/gpt-4o-mini", messages = MSGS }
+    local claude = { model = "anthropic/claude-3-5-haiku-latest", max_tokens = 10, messages = MSGS }
+    local function with(base, fields)
+      local b = {}
+      for k, v in pairs(base) do b[k] = v end
+      for k, v in pairs(fields) do b[k] = v end
+      return b
+    end
+    local calls = { { role = "user", content = "hi" }, { role = "assistant", content = "", tool_calls = "X" } }
+    local cases = {
+      { "tools", { tools = { 1 } } },
+      { "tools", { tools = { { type = "function", ["function"] = 5 } } } },
+      { "tools", { tools = "all of them" } },
+      { "tool_calls", { messages = { calls[1], with(calls[2], { tool_calls = { 7 } }) } } },
+      { "tool_calls", { messages = { calls[1], with(calls[2], { tool_calls = { { id = "c1", ["function"] = "f" } } }) } } },
+      { "tool_calls", { messages = { calls[1], with(calls[2], { tool_calls = { { id = "c1", type = "function",
+        ["function"] = { name = "f", arguments = { 1 } } } } }) } } },
+    }
+    for _, case in ipairs(cases) do
+      for _, req in ipairs({ { "/v1/chat/completions", openai }, { "/v1/messages", claude } }) do
+        local res = post(url .. req[1], with(req[2], case[2]))
+        assert.are.equal(400, res.status, res.body)
+        local msg = json.decode(res.body).error.message
+        assert.matches(case[1], msg)
+        assert.is_nil(msg:find("attempt to", 1, true), msg)
+        assert.is_nil(msg:find(".lua", 1, true), msg)
+      end
+    end
+    assert.are.equal(0, m:stats().total)
+  end)
 end)
 
 describe("gateway: a hostile upstream", function()
