@@ -226,3 +226,63 @@ describe("a step that found the store unavailable", function()
       os.remove(path)
     end)
 end)
+
+-- resil.once whose record could not be written at the end (another process
+-- held SQLite's write lock past the timeout): the record went on naming this
+-- live process as running fn, so the key was "in progress" for as long as
+-- the process lived, here and everywhere, and the caller lost fn's result.
+describe("resil.once when the store is unavailable as fn ends", function()
+  local path
+  before_each(function()
+    resil.clock.real()
+    path = helpers.tmpname(".db")
+    resil.store_config({ url = path .. "?timeout=0.1" })
+    assert(resil.store())
+  end)
+  after_each(function() os.remove(path) end)
+
+  -- another process takes SQLite's write lock and keeps it 0.4 s; -> its pid, once it holds it
+  local function lock_for_a_while()
+    local pid, out = helpers.start(([[
+      local resil = require "resil"
+      local db = assert(resil.sqlite.open(%q))
+      db:now(function(tx)
+        tx:exec("INSERT OR REPLACE INTO kv (key, value) VALUES ('holder', 'x')")
+        io.stdout:write("holding\n"); io.stdout:flush()
+        os.execute("sleep 0.4")
+      end)
+    ]]):format(path))
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("holding") end, 10))
+    return pid
+  end
+
+  it("returns fn's results and stores them once the store is back: nobody runs fn again", function()
+    local runs = 0
+    local function job()
+      runs = runs + 1
+      lock_for_a_while()
+      return "paid", runs
+    end
+    assert.are.same({ "paid", 1 }, { resil.once("job", job) })
+    -- a second copy in another process, and this one, get the stored result
+    local pid, out = helpers.start([[
+local resil = require "resil"
+print(resil.once({ key = "job", wait = 3 }, function() return "ran again" end))
+]], ("--store %s --log-level off"):format(path))
+    assert.are.same({ "paid", 1 }, { resil.once({ key = "job", wait = 3 }, job) })
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert.are.equal("paid\t1\n", helpers.slurp(out))
+    assert.are.equal(1, runs)
+  end)
+
+  it("a failed fn frees its key once the store is back", function()
+    local holder
+    local ok = pcall(resil.once, "failing", function()
+      holder = lock_for_a_while()
+      error("provider down")
+    end)
+    assert.is_false(ok)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(holder) end, 10))
+    assert.are.equal("second try", resil.once({ key = "failing", wait = 3 }, function() return "second try" end))
+  end)
+end)
