@@ -231,7 +231,7 @@ end)
 -- held SQLite's write lock past the timeout): the record went on naming this
 -- live process as running fn, so the key was "in progress" for as long as
 -- the process lived, here and everywhere, and the caller lost fn's result.
-describe("resil.once when the store is unavailable as fn ends", function()
+describe("resil.once and settles when the store is unavailable as they end", function()
   local path
   before_each(function()
     resil.clock.real()
@@ -273,6 +273,23 @@ print(resil.once({ key = "job", wait = 3 }, function() return "ran again" end))
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
     assert.are.equal("paid\t1\n", helpers.slurp(out))
     assert.are.equal(1, runs)
+  end)
+
+  -- (policies.ai logs a settle that failed and goes on: the call was paid, and
+  -- its hold stopped counting at its expiry with nothing spent)
+  it("a ticket's settle is written when the store is back, once", function()
+    local budget = resil.budget("settle-later", { limit = 1 })
+    local t = assert(budget:reserve(0.5))
+    local holder = lock_for_a_while()
+    local ok, err = t:settle(0.4, { provider = "p" })
+    assert.is_nil(ok)
+    assert.are.same({ "store_unavailable", true }, { err.kind, err.retrying })
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(holder) end, 10))
+    assert.is_true(helpers.wait_until(function() return budget:state().spent > 0 end, 5))
+    assert.is_false(t:settle(0.4, { provider = "p" })) -- the caller's own retry: kept once
+    local st = budget:state()
+    assert.are.same({ 0.4, 0 }, { st.spent, st.reserved })
+    assert.are.equal(0.4, resil.cost.total())
   end)
 
   it("a failed fn frees its key once the store is back", function()

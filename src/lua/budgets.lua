@@ -168,7 +168,33 @@ function Budget:state()
            holds = holds }
 end
 
+-- A settle that found the store unavailable (SQLite's lock held past the
+-- timeout, a frozen Redis) is tried again until the store takes it, for a
+-- minute at most: the call was paid, and its hold would otherwise stop
+-- counting at its expiry with nothing spent (a caller such as policies.ai
+-- logs the error and goes on). A settle is kept once per ticket (its state
+-- in the store, its ticket in the ledger), so a retry that meets one that
+-- did land, or the caller's own retry, changes nothing.
+local SETTLE_RETRY = 60
+local function settle_later(ticket, entry, fields)
+  resil.spawn(function()
+    local pause, deadline = 0.05, resil.now() + SETTLE_RETRY
+    local ok, err
+    repeat
+      resil.sleep(pause)
+      pause = math.min(pause * 2, 2)
+      ok, err = ticket.store.backend:budget_settle(ticket.id, entry)
+    until ok ~= nil or resil.now() + pause > deadline
+    if ok and fields.usd > 0 then costs.observe(fields, fields.units) end
+    if ok == nil then
+      resil.log.error("budget: a settle could not be written; its cost is not in the ledger",
+        { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd, error = tostring(err) })
+    end
+  end)
+end
+
 -- ticket:settle(actual_usd [, cost fields]) -> true (first time) | false (already settled)
+-- | nil, err{kind="store_unavailable", retrying=true} (tried again meanwhile, see above)
 -- settle(0) frees the hold and writes no ledger row (a call that failed cost nothing).
 function Ticket:settle(actual, e)
   if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
@@ -182,6 +208,10 @@ function Ticket:settle(actual, e)
   entry.dedupe = entry.dedupe or ("ticket:" .. self.id)
   local ok, err = self.store.backend:budget_settle(self.id, entry)
   if ok and actual > 0 then costs.observe(fields, fields.units) end
+  if ok == nil and resil.is_error(err) and err.kind == "store_unavailable" then
+    settle_later(self, entry, fields)
+    err.retrying = true
+  end
   return ok, err
 end
 
