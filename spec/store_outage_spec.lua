@@ -26,6 +26,7 @@ describe("a frozen Redis (SIGSTOP)", function()
     local s = assert(resil.store(url))
     assert.are.equal(1, s:incr("n"))
     local budget = resil.budget("frozen", { limit = 5 })
+    local held = assert(budget:reserve(2))
     -- frozen, and thawed 4 s later: without a timeout every call below
     -- would simply wait for the thaw and succeed
     os.execute(("kill -STOP %s; (sleep 4; kill -CONT %s) >/dev/null 2>&1 &"):format(redis.pid, redis.pid))
@@ -42,10 +43,18 @@ describe("a frozen Redis (SIGSTOP)", function()
     local ticket, rerr = budget:reserve(1)
     assert.is_nil(ticket)
     assert.are.equal("store_unavailable", rerr.kind)
+    local settled, serr = held:settle(1.5, { provider = "p" })
+    assert.is_nil(settled)
+    assert.are.same({ "store_unavailable", true }, { serr.kind, serr.retrying })
     assert.is_true(ticks.n > 10, "the loop was blocked while Redis was frozen")
     ticks.task:cancel()
-    -- thawed: the store works again
+    -- thawed: the store works again; the settle lands once, the refused reservation holds nothing
     assert.is_true(helpers.wait_until(function() return s:incr("n") ~= nil end, 10))
+    assert.is_true(helpers.wait_until(function() return budget:state().spent > 0 end, 10))
+    local st = budget:state()
+    assert.are.same({ 1.5, 0, 0 }, { st.spent, st.reserved, #st.holds })
+    assert.is_false(held:settle(1.5, { provider = "p" }))
+    assert.are.equal(1.5, resil.cost.total())
   end)
 end)
 
