@@ -288,6 +288,32 @@ describe("a shared bucket (GCRA state in the store)", function()
       assert.are.equal(0, refused)
     end)
 
+  -- Leased tokens are booked when leased and may be handed out up to a second
+  -- later: in any window a shared bucket admits at most rate x window +
+  -- burst + what each process had left of its lease (under 5 ms of the rate,
+  -- at most a quarter of the burst). A process killed with tokens leased just
+  -- loses them: the others get fewer, never more.
+  it("admits at most burst + each process's unused lease at one instant", function()
+    local opts = { rate = 1000, per = 1, burst = 100, shared = true } -- leases of at most 5
+    local first = resil.bucket("shared-lease-slack", opts)
+    local processes = {} -- a process's object each: its own lease, the same state in the store
+    for i = 1, 8 do
+      processes[i] = setmetatable({ name = "shared-lease-slack" }, getmetatable(first))
+      processes[i]:configure(opts)
+      for _ = 1, 3 do assert.is_true((processes[i]:try(1))) end -- a lease of 2, then of 4: 3 left
+    end
+    resil.sleep(0.9) -- the bucket is full again; the leases are not dropped yet
+    local admitted = 0
+    while first:try(1) do admitted = admitted + 1 end
+    for i = 1, 8 do while processes[i]:try(1) do admitted = admitted + 1 end end
+    assert.is_true(admitted <= 100 + 8 * 4, admitted .. " admitted")
+    resil.sleep(1.1) -- past the leases' second: only the burst
+    admitted = 0
+    for i = 1, 8 do while processes[i]:try(1) do admitted = admitted + 1 end end
+    while first:try(1) do admitted = admitted + 1 end
+    assert.is_true(admitted <= 100, admitted .. " admitted")
+  end)
+
   it("books only what fits the caller's timeout; try never books", function()
     local b = resil.bucket("shared-timeout", { rate = 10, per = 1, burst = 1, shared = true })
     assert.is_true((b:try(1)))

@@ -118,3 +118,60 @@ resil.step("one", function() resil.cost.record{ provider = "mock", model = "a,b"
     end)
   end)
 end
+
+-- Money that is not money (NaN, inf, a billion dollars and up) is misuse:
+-- before, NaN passed every `< 0` check (a reservation of NaN was admitted on
+-- a full budget, or failed inside the store), inf made the ledger's total
+-- inf for good, and on Redis a settle of 1e300 freed the hold and charged
+-- nothing. And a settle whose row the ledger already has (the same id: a
+-- provider's replayed answer) is not spent twice: on Redis it was.
+for _, b in ipairs(helpers.store_backends()) do
+  describe("money in and out of budgets on " .. b.name, function()
+    local resil = require "resil"
+    teardown(function() if b.stop then b.stop() end end)
+    before_each(function()
+      resil.clock.virtual()
+      resil.store_config({ url = b.url() })
+    end)
+
+    local function misuse(fn, message)
+      local ok, err = pcall(fn)
+      assert.is_false(ok, "accepted")
+      assert.matches("budgets_spec.lua:%d+: " .. message, err)
+    end
+
+    it("NaN, inf and huge amounts raise at the caller's line; nothing is held or charged", function()
+      local nan, inf = 0 / 0, math.huge
+      local budget = resil.budget("money-in", { limit = 1 })
+      local t = assert(budget:reserve(1))
+      for _, v in ipairs({ nan, inf, -inf, -1, 1e300, 2e9 }) do
+        misuse(function() local _ = budget:reserve(v) end, "budget:reserve: estimate must be a number from 0 to 1e9")
+        misuse(function() local _ = t:settle(v) end, "ticket:settle: actual must be a number from 0 to 1e9")
+        misuse(function() local _ = resil.cost.record({ provider = "p", usd = v }) end,
+          "resil.cost.record: usd must be a number from 0 to 1e9, or nil")
+        misuse(function() local _ = resil.budget("money-limit", { limit = v * 1e3 }) end,
+          "resil.budget: limit must be a number from 0 to 1e12")
+      end
+      misuse(function() local _ = budget:reserve(0.1, { hold = nan }) end, "budget:reserve: hold must be a number")
+      local st = assert(budget:state())
+      assert.are.same({ 0, 1, 1 }, { st.spent, st.reserved, #st.holds })
+      assert.is_true(t:settle(0.25, { provider = "p" }))
+      st = assert(budget:state())
+      assert.are.same({ 0.25, 0 }, { st.spent, st.reserved })
+      assert.are.equal(0.25, resil.cost.total())
+      assert.is_truthy(budget:reserve(0.75))
+      assert.is_nil((budget:reserve(0.01)))
+    end)
+
+    it("a settle with an id the ledger already has is kept once, in the ledger and in the budget", function()
+      local budget = resil.budget("money-dedupe", { limit = 1 })
+      local first, again = assert(budget:reserve(0.5)), assert(budget:reserve(0.5))
+      assert.is_true(first:settle(0.4, { provider = "p", id = "p:resp-1" }))
+      assert.is_false(again:settle(0.4, { provider = "p", id = "p:resp-1" })) -- the provider replayed it
+      local st = assert(budget:state())
+      assert.are.same({ 0.4, 0, 0 }, { st.spent, st.reserved, #st.holds })
+      assert.are.equal(0.4, resil.cost.total())
+      assert.is_truthy(budget:reserve(0.6))
+    end)
+  end)
+end

@@ -150,6 +150,29 @@ print(admitted)
 ]]
     assert.are.equal(50, helpers.sum_of(helpers.run_together(4, source, "--store " .. url .. " --log-level off")))
   end)
+
+  -- Each reservation wrote a key (its ticket's state) that Redis kept for ever: a gateway
+  -- left one per request behind.
+  it("a ticket's record is kept a day past its hold, then Redis drops it; the ledger still dedupes", function()
+    local conn = resil.store().backend.conn
+    local b = resil.budget("ttl", { limit = 10, hold = 600 })
+    local settled, released, held = assert(b:reserve(1)), assert(b:reserve(1)), assert(b:reserve(1))
+    local swept = assert(b:reserve(1, { hold = 60 }))
+    assert.is_true(settled:settle(0.5, { provider = "p" }))
+    assert.is_true(released:release())
+    assert.are.equal(2, require("resil.budgets").release(resil.store(), "ttl")) -- `budgets release`
+    local function ttl(t) return conn:call("PTTL", "resil:ticket:" .. t.id) / 1000 end
+    for _, t in ipairs({ settled, released, held }) do
+      local left = ttl(t)
+      assert.is_true(left > 86400 - 5 and left <= 86400 + 600, t.id .. ": " .. left)
+    end
+    assert.is_true(ttl(swept) > 86400 - 5)
+    -- the record gone (a day later), a second settle finds the ticket in the ledger: nothing spent twice
+    conn:call("DEL", "resil:ticket:" .. settled.id)
+    assert.is_false(settled:settle(0.5, { provider = "p" }))
+    assert.are.equal(0.5, b:state().spent)
+    assert.are.equal(0.5, resil.cost.total())
+  end)
 end)
 
 describe("runs on Redis", function()

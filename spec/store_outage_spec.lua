@@ -26,6 +26,7 @@ describe("a frozen Redis (SIGSTOP)", function()
     local s = assert(resil.store(url))
     assert.are.equal(1, s:incr("n"))
     local budget = resil.budget("frozen", { limit = 5 })
+    local held = assert(budget:reserve(2))
     -- frozen, and thawed 4 s later: without a timeout every call below
     -- would simply wait for the thaw and succeed
     os.execute(("kill -STOP %s; (sleep 4; kill -CONT %s) >/dev/null 2>&1 &"):format(redis.pid, redis.pid))
@@ -42,10 +43,18 @@ describe("a frozen Redis (SIGSTOP)", function()
     local ticket, rerr = budget:reserve(1)
     assert.is_nil(ticket)
     assert.are.equal("store_unavailable", rerr.kind)
+    local settled, serr = held:settle(1.5, { provider = "p" })
+    assert.is_nil(settled)
+    assert.are.same({ "store_unavailable", true }, { serr.kind, serr.retrying })
     assert.is_true(ticks.n > 10, "the loop was blocked while Redis was frozen")
     ticks.task:cancel()
-    -- thawed: the store works again
+    -- thawed: the store works again; the settle lands once, the refused reservation holds nothing
     assert.is_true(helpers.wait_until(function() return s:incr("n") ~= nil end, 10))
+    assert.is_true(helpers.wait_until(function() return budget:state().spent > 0 end, 10))
+    local st = budget:state()
+    assert.are.same({ 1.5, 0, 0 }, { st.spent, st.reserved, #st.holds })
+    assert.is_false(held:settle(1.5, { provider = "p" }))
+    assert.are.equal(1.5, resil.cost.total())
   end)
 end)
 
@@ -225,4 +234,81 @@ describe("a step that found the store unavailable", function()
       assert.are.equal("a runs\na\t1\nb\t2\n", again.stdout) -- a runs now; b is its own record
       os.remove(path)
     end)
+end)
+
+-- resil.once whose record could not be written at the end (another process
+-- held SQLite's write lock past the timeout): the record went on naming this
+-- live process as running fn, so the key was "in progress" for as long as
+-- the process lived, here and everywhere, and the caller lost fn's result.
+describe("resil.once and settles when the store is unavailable as they end", function()
+  local path
+  before_each(function()
+    resil.clock.real()
+    path = helpers.tmpname(".db")
+    resil.store_config({ url = path .. "?timeout=0.1" })
+    assert(resil.store())
+  end)
+  after_each(function() os.remove(path) end)
+
+  -- another process takes SQLite's write lock and keeps it 0.4 s; -> its pid, once it holds it
+  local function lock_for_a_while()
+    local pid, out = helpers.start(([[
+      local resil = require "resil"
+      local db = assert(resil.sqlite.open(%q))
+      db:now(function(tx)
+        tx:exec("INSERT OR REPLACE INTO kv (key, value) VALUES ('holder', 'x')")
+        io.stdout:write("holding\n"); io.stdout:flush()
+        os.execute("sleep 0.4")
+      end)
+    ]]):format(path))
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("holding") end, 10))
+    return pid
+  end
+
+  it("returns fn's results and stores them once the store is back: nobody runs fn again", function()
+    local runs = 0
+    local function job()
+      runs = runs + 1
+      lock_for_a_while()
+      return "paid", runs
+    end
+    assert.are.same({ "paid", 1 }, { resil.once("job", job) })
+    -- a second copy in another process, and this one, get the stored result
+    local pid, out = helpers.start([[
+local resil = require "resil"
+print(resil.once({ key = "job", wait = 3 }, function() return "ran again" end))
+]], ("--store %s --log-level off"):format(path))
+    assert.are.same({ "paid", 1 }, { resil.once({ key = "job", wait = 3 }, job) })
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert.are.equal("paid\t1\n", helpers.slurp(out))
+    assert.are.equal(1, runs)
+  end)
+
+  -- (policies.ai logs a settle that failed and goes on: the call was paid, and
+  -- its hold stopped counting at its expiry with nothing spent)
+  it("a ticket's settle is written when the store is back, once", function()
+    local budget = resil.budget("settle-later", { limit = 1 })
+    local t = assert(budget:reserve(0.5))
+    local holder = lock_for_a_while()
+    local ok, err = t:settle(0.4, { provider = "p" })
+    assert.is_nil(ok)
+    assert.are.same({ "store_unavailable", true }, { err.kind, err.retrying })
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(holder) end, 10))
+    assert.is_true(helpers.wait_until(function() return budget:state().spent > 0 end, 5))
+    assert.is_false(t:settle(0.4, { provider = "p" })) -- the caller's own retry: kept once
+    local st = budget:state()
+    assert.are.same({ 0.4, 0 }, { st.spent, st.reserved })
+    assert.are.equal(0.4, resil.cost.total())
+  end)
+
+  it("a failed fn frees its key once the store is back", function()
+    local holder
+    local ok = pcall(resil.once, "failing", function()
+      holder = lock_for_a_while()
+      error("provider down")
+    end)
+    assert.is_false(ok)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(holder) end, 10))
+    assert.are.equal("second try", resil.once({ key = "failing", wait = 3 }, function() return "second try" end))
+  end)
 end)

@@ -165,3 +165,24 @@ print("released"); io.stdout:flush()
     helpers.wait_until(function() return not helpers.alive(pid) end, 10)
   end)
 end)
+
+-- Processes creating one store file at once (a gateway's workers on a new
+-- deployment, copies of a cron job): one that had begun reading the new
+-- file when another took its write lock was refused at once ("database is
+-- locked"; SQLite does not wait there, to avoid a deadlock), not after the
+-- timeout: 2 of 80 processes opening a new store together failed. Here the
+-- sqlite3 shell holds the new file's write lock for 0.3 s.
+describe("a new SQLite store whose write lock another process holds as it is opened", function()
+  it("opens once the lock is free, within the store's timeout", function()
+    local db = helpers.tmpname(".db")
+    os.execute(("(echo 'BEGIN IMMEDIATE;'; echo 'locked' > %s.locked; sleep 0.3; echo 'COMMIT;') | sqlite3 %s &")
+      :format(db, db))
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(db .. ".locked") ~= "" end, 10))
+    local r = helpers.run_script([[
+local s, err = require("resil").store()
+print(s and "opened" or tostring(err))
+]], "--store " .. db .. " --log-level off")
+    assert.are.equal("opened\n", r.stdout, r.stderr)
+    os.execute("rm -f " .. db .. "*")
+  end)
+end)

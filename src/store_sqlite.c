@@ -742,7 +742,21 @@ static int l_open(lua_State *L) {
    * file already in WAL mode takes no lock here. */
   sqlite3_busy_timeout(d->db, (int)(timeout * 1000));
   char *err = NULL;
-  int wal = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err);
+  int wal;
+  /* Processes creating the file at once can find it busy without SQLite's
+   * busy handler being called (each holds the read lock that the other's
+   * switch to WAL waits for, so SQLite refuses at once rather than
+   * deadlock): 2 of 80 processes opening a new store together failed. Try
+   * again, up to the timeout. */
+  struct timespec opened_at;
+  clock_gettime(CLOCK_MONOTONIC, &opened_at);
+  for (int pause_ms = 1;; pause_ms = pause_ms < 16 ? pause_ms * 2 : pause_ms) {
+    wal = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err);
+    if (wal != SQLITE_BUSY || seconds_since(&opened_at) >= timeout) break;
+    sqlite3_free(err);
+    err = NULL;
+    sqlite3_sleep(pause_ms);
+  }
   /* commits made durable by the syncer thread (wal_sync.c), which also
    * checkpoints; without it COMMIT syncs, and checkpoints, on the loop */
   if (wal == SQLITE_OK && (d->syncer = wal_syncer_new(R->base, path, synced_cb, d)) != NULL) {

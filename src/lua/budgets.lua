@@ -6,7 +6,7 @@ local S = require "resil.store"
 local owner = require "resil.owner"
 local store_now, store_or_fail = S.now, S.open
 local costs = require "resil.costs"
-local cost_entry, to_micro, from_micro = costs.entry, costs.to_micro, costs.from_micro
+local cost_entry, to_micro, from_micro, is_usd = costs.entry, costs.to_micro, costs.from_micro, costs.is_usd
 local spent_usd = resil.metrics.gauge("resil_budget_spent_usd", "Spent in the budget's current period, by budget")
 local reserved_usd = resil.metrics.gauge("resil_budget_reserved_usd", "Held by open reservations, by budget")
 local limit_usd = resil.metrics.gauge("resil_budget_limit_usd", "The budget's limit in force, by budget")
@@ -51,7 +51,10 @@ function resil.budget(name, opts)
     budgets[name] = b
   end
   if opts then
-    if type(opts.limit) ~= "number" or opts.limit < 0 then error("resil.budget: limit must be a number >= 0", 2) end
+    if not is_usd(opts.limit, 1e12) then error("resil.budget: limit must be a number from 0 to 1e12", 2) end
+    if opts.hold ~= nil and not (type(opts.hold) == "number" and opts.hold > 0 and opts.hold < math.huge) then
+      error("resil.budget: hold must be a number of seconds > 0", 2)
+    end
     if opts.per ~= nil and opts.per ~= "day" and opts.per ~= "month" then
       error("resil.budget: per must be \"day\", \"month\" or nil", 2)
     end
@@ -88,7 +91,11 @@ end
 
 -- budget:reserve(estimate_usd [, {hold=}]) -> ticket | nil, err{kind="budget_exceeded"|"store_unavailable"}
 function Budget:reserve(estimate, o)
-  if type(estimate) ~= "number" or estimate < 0 then error("budget:reserve: estimate must be a number >= 0", 2) end
+  if not is_usd(estimate) then error("budget:reserve: estimate must be a number from 0 to 1e9", 2) end
+  local hold = o and o.hold or self.hold
+  if not (type(hold) == "number" and hold > 0 and hold < math.huge) then
+    error("budget:reserve: hold must be a number of seconds > 0", 2)
+  end
   local s, serr = store_or_fail()
   if not s then return nil, serr end -- a store that cannot be opened fails closed
   local now = store_now()
@@ -98,7 +105,6 @@ function Budget:reserve(estimate, o)
   local me = owner.me()
   local id = ("%s:%s:%d"):format(self.name, me.tag, ticket_seq)
   local est = to_micro(estimate)
-  local hold = o and o.hold or self.hold
   -- the hold names this process: it stops counting when the process dies
   local lease_until = owner.lease_due(s.backend, now)
   local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(limit), est, id, now + hold,
@@ -162,10 +168,36 @@ function Budget:state()
            holds = holds }
 end
 
+-- A settle that found the store unavailable (SQLite's lock held past the
+-- timeout, a frozen Redis) is tried again until the store takes it, for a
+-- minute at most: the call was paid, and its hold would otherwise stop
+-- counting at its expiry with nothing spent (a caller such as policies.ai
+-- logs the error and goes on). A settle is kept once per ticket (its state
+-- in the store, its ticket in the ledger), so a retry that meets one that
+-- did land, or the caller's own retry, changes nothing.
+local SETTLE_RETRY = 60
+local function settle_later(ticket, entry, fields)
+  resil.spawn(function()
+    local pause, deadline = 0.05, resil.now() + SETTLE_RETRY
+    local ok, err
+    repeat
+      resil.sleep(pause)
+      pause = math.min(pause * 2, 2)
+      ok, err = ticket.store.backend:budget_settle(ticket.id, entry)
+    until ok ~= nil or resil.now() + pause > deadline
+    if ok and fields.usd > 0 then costs.observe(fields, fields.units) end
+    if ok == nil then
+      resil.log.error("budget: a settle could not be written; its cost is not in the ledger",
+        { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd, error = tostring(err) })
+    end
+  end)
+end
+
 -- ticket:settle(actual_usd [, cost fields]) -> true (first time) | false (already settled)
+-- | nil, err{kind="store_unavailable", retrying=true} (tried again meanwhile, see above)
 -- settle(0) frees the hold and writes no ledger row (a call that failed cost nothing).
 function Ticket:settle(actual, e)
-  if type(actual) ~= "number" or actual < 0 then error("ticket:settle: actual must be a number >= 0", 2) end
+  if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
   self.done = true -- (a guard that would release it on a cancel has nothing left to do)
   owner.drop(self.store.backend, self.id)
   local fields = {}
@@ -176,6 +208,10 @@ function Ticket:settle(actual, e)
   entry.dedupe = entry.dedupe or ("ticket:" .. self.id)
   local ok, err = self.store.backend:budget_settle(self.id, entry)
   if ok and actual > 0 then costs.observe(fields, fields.units) end
+  if ok == nil and resil.is_error(err) and err.kind == "store_unavailable" then
+    settle_later(self, entry, fields)
+    err.retrying = true
+  end
   return ok, err
 end
 

@@ -8,6 +8,13 @@ local json = resil.json
 
 local MICRO = 1e6
 local function to_micro(usd) return math.floor(usd * MICRO + 0.5) end
+-- An amount of money from a caller: a number from 0 to `most` ($1e9 by
+-- default; in micro-dollars far below 2^63, so every sum is an exact
+-- integer on both stores). NaN passed every `< 0` check (a reservation of
+-- NaN was always admitted, or failed inside the store), and inf made a
+-- ledger's total inf for good, or a Redis script fail half-way.
+local MAX_USD = 1e9
+local function is_usd(v, most) return type(v) == "number" and v >= 0 and v <= (most or MAX_USD) end
 local function from_micro(m) return m / MICRO end
 resil.cost = {}
 
@@ -85,8 +92,8 @@ end
 local function cost_entry(e, at)
   if type(e) ~= "table" then error("resil.cost.record: expects a table", 3) end
   -- usd = nil: a call without a price, recorded as such (never as a zero)
-  if e.usd ~= nil and (type(e.usd) ~= "number" or e.usd < 0 or e.usd ~= e.usd) then
-    error("resil.cost.record: usd must be a number >= 0, or nil for a call without a price", 3)
+  if e.usd ~= nil and not is_usd(e.usd) then
+    error("resil.cost.record: usd must be a number from 0 to 1e9, or nil for a call without a price", 3)
   end
   local ctx = resil.context()
   -- Only the caller knows when two records are one charge (e.g. the
@@ -144,5 +151,5 @@ end
 
 -- for budgets: ledger entries and money in micro-dollars; for the progress
 -- line: what this process has recorded so far
-return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, observe = observe_cost,
+return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, is_usd = is_usd, observe = observe_cost,
          spent = function() return spent_usd end }

@@ -21,6 +21,42 @@ end
 
 local drop_mt = { __close = function(d) owner.drop(d[1], d[2]) end }
 
+-- The record of a key whose fn has ended could not be written (the store
+-- was unavailable: SQLite's lock held past the timeout, a frozen Redis). It
+-- still names this process, alive, as running fn: every caller, here and in
+-- other processes, saw the key in progress for as long as this process
+-- lived. The write is retried until the store takes it (a minute at most);
+-- callers in this process wait for that as for fn itself. -> the task
+local GIVE_UP = 60
+local function write_later(s, key, write)
+  local token = "once-pending:" .. key -- renews our lease (another host must not take the key over)
+  owner.keep(s.backend, token)
+  local task
+  task = resil.spawn(function()
+    local pause, deadline = 0.05, resil.now() + GIVE_UP
+    local ok, err
+    repeat
+      resil.sleep(pause)
+      pause = math.min(pause * 2, 2)
+      ok, err = write()
+    until ok ~= nil or resil.now() + pause > deadline
+    owner.drop(s.backend, token)
+    if inflight[key] == task then inflight[key] = nil end
+    if ok == nil then
+      resil.log.error("once: the record could not be written; the key stays held until this process ends",
+        { key = key, error = tostring(err) })
+    end
+  end)
+  inflight[key] = task
+  return task
+end
+
+local function release(s, key, holder)
+  if s.backend:once_release(key, holder) == nil then
+    write_later(s, key, function() return s.backend:once_release(key, holder) end)
+  end
+end
+
 local function run_once(s, holder, key, lease, retention, fn, ...)
   resil.context({ idempotency_key = key })
   owner.keep(s.backend, "once:" .. key) -- renew this process's lease while fn runs
@@ -28,20 +64,25 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
   local r = pack(pcall(fn, ...))
   local now = store_now()
   if not r[1] then
-    s.backend:once_release(key, holder)
+    release(s, key, holder)
     error(r[2], 0)
   end
   if r[2] == nil and r[3] ~= nil and not is_permanent(r[3]) then
-    s.backend:once_release(key, holder) -- a retryable failure: someone may try again
+    release(s, key, holder) -- a retryable failure: someone may try again
     return unpack(r, 2, r.n)
   end
   local text, err = encode_values(r, 2)
   if not text then
-    s.backend:once_release(key, holder)
+    release(s, key, holder)
     error("resil.once: cannot store the results: " .. err, 0)
   end
-  local ok, serr = s.backend:once_finish(key, holder, text, retention, now)
-  if ok == nil and serr then return nil, serr end
+  local ok = s.backend:once_finish(key, holder, text, retention, now)
+  if ok == nil then
+    -- fn ran (and was paid for): its caller gets the results, and the record
+    -- is written when the store takes it, so a second copy replays them
+    write_later(s, key, function() return s.backend:once_finish(key, holder, text, retention, store_now()) end)
+    return unpack(r, 2, r.n)
+  end
   if not ok then
     -- another process took the key over (it found this one dead or its
     -- lease lapsed) and runs fn itself: its result is the one that counts

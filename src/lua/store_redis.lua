@@ -211,8 +211,8 @@ local function sweep_dead(me, dead, same_host, now)
 end
 ]]
 
--- ARGV: limit, estimate, ticket, expires_at, now, budget, period, me, dead, same_host, lease_until
--- -> {1, spent, reserved} | {0, spent, reserved, holders to judge...}
+-- ARGV: limit, estimate, ticket, expires_at, now, budget, period, me, dead, same_host, lease_until,
+-- the ticket's time to live (ms) -> {1, spent, reserved} | {0, spent, reserved, holders to judge...}
 -- Dead owners' holds are looked for only when the reservation does not fit.
 scripts.budget_reserve = budget_lib .. [[
 sweep(ARGV[5])
@@ -234,6 +234,7 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
 redis.call('HSET', KEYS[6], ARGV[3], ARGV[8])
 redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7], 'at', ARGV[5])
+redis.call('PEXPIRE', KEYS[5], ARGV[12])
 return {1, spent, reserved + est}
 ]]
 
@@ -250,19 +251,23 @@ end
 return {spent, reserved, to_judge, holds}
 ]]
 
--- ARGV: ticket, micro_usd, dedupe, entry json; a settle of $0 writes no ledger row
+-- ARGV: ticket, micro_usd, dedupe, entry json, the ticket's time to live (ms); a settle of $0
+-- writes no ledger row. The spent total grows with the ledger: a row the ledger already has
+-- (the same id, a provider's replayed answer) is not spent twice, as on SQLite, where spent is
+-- the ledger's sum.
 scripts.budget_settle = budget_lib .. insert_cost .. [[
 if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
 unhold(ARGV[1])
 redis.call('HSET', KEYS[5], 'state', 'settled')
+redis.call('PEXPIRE', KEYS[5], ARGV[5])
 if tonumber(ARGV[2]) == 0 then return 1 end
+if insert_cost(KEYS[8], KEYS[9], ARGV[3], ARGV[4]) == 0 then return 0 end
 redis.call('INCRBY', KEYS[1], ARGV[2])
-insert_cost(KEYS[8], KEYS[9], ARGV[3], ARGV[4])
 return 1
 ]]
 
--- ARGV: stale ('1': only holds whose owner is not alive), now, me, dead, same_host, ticket prefix
--- -> {released, holders to judge...}
+-- ARGV: stale ('1': only holds whose owner is not alive), now, me, dead, same_host, ticket prefix,
+-- the tickets' time to live (ms) -> {released, holders to judge...}
 scripts.budget_release_holds = budget_lib .. [[
 sweep(ARGV[2])
 local released, to_judge
@@ -273,6 +278,7 @@ else
   for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')) do
     unhold(t)
     redis.call('HSET', ARGV[6] .. t, 'state', 'released')
+    redis.call('PEXPIRE', ARGV[6] .. t, ARGV[7])
     released = released + 1
   end
 end
@@ -281,10 +287,12 @@ for _, o in ipairs(to_judge) do r[#r + 1] = o end
 return r
 ]]
 
+-- ARGV: ticket, the ticket's time to live (ms)
 scripts.budget_release = budget_lib .. [[
 if redis.call('HGET', KEYS[5], 'state') ~= 'held' then return 0 end
 unhold(ARGV[1])
 redis.call('HSET', KEYS[5], 'state', 'released')
+redis.call('PEXPIRE', KEYS[5], ARGV[2])
 return 1
 ]]
 
@@ -641,6 +649,13 @@ end
 
 -- ---------- budgets ----------
 
+-- A ticket's record (its state: held, settled, released) is kept a day past
+-- its hold, so that a settle retried after a timeout finds it settled; then
+-- Redis drops it (one key per reservation, kept for ever, was a leak). The
+-- ledger's row keeps its ticket, so a settle later still is not recorded twice.
+local TICKET_KEPT = 86400
+local function ticket_ttl(seconds) return tostring(math.ceil(((seconds or 0) + TICKET_KEPT) * 1000)) end
+
 local function budget_keys(budget, period, ticket)
   local b = P .. "budget:" .. budget .. ":" .. period
   return { b .. ":spent", b .. ":reserved", b .. ":holds", b .. ":amounts", P .. "ticket:" .. (ticket or ""),
@@ -652,7 +667,8 @@ function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   local dead = ""
   while true do
     local r, err = self:script("budget_reserve", budget_keys(budget, period, ticket), limit, estimate, ticket,
-      fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until))
+      fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until),
+      ticket_ttl(expires_at - now))
     if r == nil then return nil, err end
     local holders_dead = r[1] == 0 and dead == "" and dead_among({ table.unpack(r, 4) })
     if not holders_dead then return r[1] == 1, r[2], r[3] end
@@ -684,7 +700,7 @@ function R:budget_settle(ticket, entry)
   local keys = budget_keys(entry.budget, entry.period, ticket)
   keys[8], keys[9] = P .. "costs", P .. "costs:dedupe"
   local n, err = self:script("budget_settle", keys, ticket, entry.micro_usd, entry.dedupe or "",
-    resil.json.encode(entry))
+    resil.json.encode(entry), ticket_ttl())
   if n == nil then return nil, err end
   return n == 1
 end
@@ -694,7 +710,7 @@ function R:budget_release_holds(budget, period, stale, now, me)
   local dead = ""
   while true do
     local r, err = self:script("budget_release_holds", budget_keys(budget, period), stale and "1" or "0",
-      fmt_time(now), me, dead, same_host(), P .. "ticket:")
+      fmt_time(now), me, dead, same_host(), P .. "ticket:", ticket_ttl())
     if r == nil then return nil, err end
     local holders_dead = stale and dead == "" and dead_among({ table.unpack(r, 2) })
     if not holders_dead then return r[1] end
@@ -748,9 +764,10 @@ function R:budget_list()
 end
 
 function R:budget_release(ticket)
-  local state = self.conn:call("HMGET", P .. "ticket:" .. ticket, "budget", "period")
-  if not state or not state[1] then return false end
-  local n, err = self:script("budget_release", budget_keys(state[1], state[2], ticket), ticket)
+  local state, serr = self.conn:call("HMGET", P .. "ticket:" .. ticket, "budget", "period")
+  if state == nil then return nil, serr end
+  if not state[1] then return false end
+  local n, err = self:script("budget_release", budget_keys(state[1], state[2], ticket), ticket, ticket_ttl())
   if n == nil then return nil, err end
   return n == 1
 end
