@@ -69,6 +69,7 @@ typedef struct store_db {
   op *syncing;        /* the batch committed and being made durable */
   int sync_error;     /* errno of a failed sync: the store refuses operations from then on */
   int unsynced;       /* commit_only batches committed since the last sync asked for */
+  struct timespec contended_at; /* when another process last held the write lock we asked for */
   struct event *unsynced_ev; /* syncs them (COMMIT_ONLY_SYNC_DELAY_US) */
 } store_db;
 
@@ -367,6 +368,7 @@ static int take_write_lock(store_db *d) {
     d->waiting_lock = 0;
     return rc;
   }
+  clock_gettime(CLOCK_MONOTONIC, &d->contended_at);
   if (!d->waiting_lock) {
     d->waiting_lock = 1;
     d->lock_attempts = 0;
@@ -407,18 +409,26 @@ static void unsynced_cb(evutil_socket_t fd, short what, void *arg) {
 }
 
 /* Ops that all continue at their commit: they need not wait for a sync under
- * way (theirs comes with the next, COMMIT_ONLY_SYNC_DELAY_US later). */
+ * way (theirs comes with the next, COMMIT_ONLY_SYNC_DELAY_US later)... */
 static int only_commit_only(const op *o) {
   for (; o; o = o->next)
     if (!o->committed_enough) return 0;
   return 1;
 }
 
+/* ...unless other processes write the store too: then every batch waits for
+ * the sync of the one before, as the others' do, which spaces the commits
+ * out (committing every turn, two gateway workers took the write lock from
+ * each other and served 11 % less) */
+static int contended(const store_db *d) {
+  return d->contended_at.tv_sec != 0 && seconds_since(&d->contended_at) < 1.0;
+}
+
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   lua_State *L = d->R->L;
   /* after the sync (synced_cb flushes again), unless nobody would wait for one */
-  if (!d->head || (d->sync_pending && !only_commit_only(d->head))) return;
+  if (!d->head || (d->sync_pending && (contended(d) || !only_commit_only(d->head)))) return;
   if (d->sync_error) {
     char why[512];
     snprintf(why, sizeof why, "store %s: the disk failed a sync (%s): operations are refused until it is opened again",
@@ -463,7 +473,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
         tail = &o->next;
       }
     }
-    if (!wait) { /* nobody waits for the sync: soon, with the commits until then */
+    if (!wait && !contended(d)) { /* nobody waits for the sync: soon, with the commits until then */
       if (!d->unsynced) {
         struct timeval tv = {0, COMMIT_ONLY_SYNC_DELAY_US};
         evtimer_add(d->unsynced_ev, &tv);
