@@ -11,6 +11,22 @@ local function ticker()
   return t
 end
 
+-- another process takes SQLite's write lock on path and keeps it `seconds`;
+-- -> its pid, once it holds it
+local function hold_write_lock(path, seconds)
+  local pid, out = helpers.start(([[
+    local resil = require "resil"
+    local db = assert(resil.sqlite.open(%q))
+    db:now(function(tx)
+      tx:exec("INSERT OR REPLACE INTO kv (key, value) VALUES ('holder', 'x')")
+      io.stdout:write("holding\n"); io.stdout:flush()
+      os.execute("sleep %s")
+    end)
+  ]]):format(path, seconds))
+  assert(helpers.wait_until(function() return helpers.slurp(out):match("holding") end, 10))
+  return pid
+end
+
 describe("a frozen Redis (SIGSTOP)", function()
   local redis
   setup(function()
@@ -64,18 +80,7 @@ describe("SQLite with another process holding the write lock", function()
     resil.clock.real()
     path = helpers.tmpname(".db")
     assert(resil.store(path)) -- create it with its schema
-    -- a second process takes BEGIN IMMEDIATE and keeps it 3 s
-    local out
-    holder, out = helpers.start(([[
-      local resil = require "resil"
-      local db = assert(resil.sqlite.open(%q))
-      db:now(function(tx)
-        tx:exec("INSERT INTO kv (key, value) VALUES ('holder', 'x')")
-        io.stdout:write("holding\n"); io.stdout:flush()
-        os.execute("sleep 3")
-      end)
-    ]]):format(path))
-    assert(helpers.wait_until(function() return helpers.slurp(out):match("holding") end, 10))
+    holder = hold_write_lock(path, 3) -- a second process takes BEGIN IMMEDIATE and keeps it 3 s
   end)
   after_each(function()
     helpers.wait_until(function() return not helpers.alive(holder) end, 10)
@@ -250,20 +255,7 @@ describe("resil.once and settles when the store is unavailable as they end", fun
   end)
   after_each(function() os.remove(path) end)
 
-  -- another process takes SQLite's write lock and keeps it 0.4 s; -> its pid, once it holds it
-  local function lock_for_a_while()
-    local pid, out = helpers.start(([[
-      local resil = require "resil"
-      local db = assert(resil.sqlite.open(%q))
-      db:now(function(tx)
-        tx:exec("INSERT OR REPLACE INTO kv (key, value) VALUES ('holder', 'x')")
-        io.stdout:write("holding\n"); io.stdout:flush()
-        os.execute("sleep 0.4")
-      end)
-    ]]):format(path))
-    assert(helpers.wait_until(function() return helpers.slurp(out):match("holding") end, 10))
-    return pid
-  end
+  local function lock_for_a_while() return hold_write_lock(path, 0.4) end
 
   it("returns fn's results and stores them once the store is back: nobody runs fn again", function()
     local runs = 0
