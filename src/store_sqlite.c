@@ -348,7 +348,9 @@ static void synced_cb(void *arg, int err) {
     host_log(L, "error", "store: the disk failed a sync; its operations are refused until it is opened again");
   }
   finish_batch(L, d, batch);
-  if (d->head && !d->waiting_lock) event_active(d->flush_ev, EV_TIMEOUT, 0);
+  /* also during a wait for the write lock: a batch that met the lock during
+   * the sync stopped retrying to wait for it (flush_cb) */
+  if (d->head) event_active(d->flush_ev, EV_TIMEOUT, 0);
 }
 
 static double seconds_since(const struct timespec *t0) {
