@@ -665,7 +665,9 @@ static int db_stats(lua_State *L) {
 
 static void db_close_all(lua_State *L, store_db *d) {
   if (!d->db) return;
-  if (d->unsynced && !d->sync_pending && d->syncer) wal_syncer_sync_now(d->syncer); /* closing: durable now */
+  /* closing: durable now (also with a sync under way: these may have
+   * committed after it began) */
+  if (d->unsynced && d->syncer) wal_syncer_sync_now(d->syncer);
   d->unsynced = 0;
   wal_syncer_free(d->syncer); /* finishes a sync asked for or under way */
   d->syncer = NULL;
