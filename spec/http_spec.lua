@@ -404,3 +404,45 @@ describe("TLS", function()
     end
   end)
 end)
+
+-- Past 64 origins, a new origin takes the slot of one with no request and no
+-- connection: requests that redirect to other origins, with connections
+-- closed after each answer, must keep every origin's count of connections
+-- right while slots change hands (under `make check`, ASan watches the slots).
+describe("many origins", function()
+  it("100 origins, each request redirected to another: all answered, no connection left counted", function()
+    resil.clock.virtual()
+    local servers = {}
+    for i = 1, 100 do
+      servers[i] = resil.server.listen({ port = 0, handler = function(req)
+        if req.path == "/hop" then
+          local to = servers[i % #servers + 1]
+          return { status = 302, headers = { location = ("http://127.0.0.1:%d/end"):format(to:port()),
+            connection = "close" }, body = "" }
+        end
+        return { status = 200, headers = { connection = "close" }, body = tostring(i) }
+      end })
+    end
+    for round = 1, 2 do
+      local tasks = {}
+      for i = 1, #servers do
+        tasks[i] = resil.spawn(function()
+          return http.request({ url = ("http://127.0.0.1:%d/hop"):format(servers[i]:port()), follow_redirects = true })
+        end)
+      end
+      for i, t in ipairs(tasks) do
+        local ok, res = t:join()
+        assert.is_true(ok, res)
+        assert(res, select(3, t:join()))
+        assert.are.equal(200, res.status, round)
+        assert.are.equal(tostring(i % #servers + 1), res.body)
+      end
+    end
+    for _, s in ipairs(servers) do s:close() end
+    local stats = http.stats()
+    local kept = 0
+    for _ in pairs(stats.receive_buffers) do kept = kept + 1 end
+    assert.is_true(kept <= 100, kept)
+    for origin, n in pairs(stats.connections) do assert.is_true(n >= 0 and n <= 2, origin .. ": " .. n) end
+  end)
+end)
