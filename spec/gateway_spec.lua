@@ -821,6 +821,56 @@ describe("resil-lua gateway and resil-lua keys", function()
     end, 10))
   end)
 
+  -- SIGHUP (reload) is passed on to the workers: one just started, that had
+  -- not yet set its handler, was killed by it (the default action), and a
+  -- reload in the gateway's first second counted as workers dying as they
+  -- start: the gateway stopped.
+  it("--workers 3: a SIGHUP as the workers start reloads them, it does not kill them", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(m.url .. "/v1"))
+    local port = helpers.free_port()
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    -- SIGHUP the moment the first worker exists
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 3 --config %s --store %s > %s 2>&1 & P=$!; echo $P > %s; " ..
+      "while [ -z \"$(cat /proc/$P/task/$P/children 2>/dev/null)\" ]; do :; done; kill -HUP $P")
+      :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local function workers()
+      local list = {}
+      for p in helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid)):gmatch("%d+") do list[#list + 1] = p end
+      return list
+    end
+    local seen = {}
+    finally(function()
+      for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+      m:stop()
+      resil.log.level("info")
+    end)
+    assert.is_true(helpers.wait_until(function()
+      local _, k = helpers.slurp(log):gsub("listening", "")
+      return k >= 3
+    end, 10), helpers.slurp(log))
+    seen = workers()
+    assert.is_nil(helpers.slurp(log):match("killed by signal"), helpers.slurp(log))
+    assert.are.equal(3, #seen)
+    os.execute("kill -HUP " .. pid) -- once they serve: each reloads
+    assert.is_true(helpers.wait_until(function()
+      local _, k = helpers.slurp(log):gsub("reload", "")
+      return k >= 3
+    end, 10), helpers.slurp(log))
+    assert.are.same(seen, workers())
+    local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+      body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+    assert.are.equal(200, res.status)
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+  end)
+
   it("--workers 2: workers that die as they start stop the gateway with their exit code", function()
     local config = helpers.write(helpers.tmpname(".lua"), 'error("config broken")')
     local r = helpers.run(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s")

@@ -404,3 +404,51 @@ describe("TLS", function()
     end
   end)
 end)
+
+-- Past 64 origins, a new origin takes the slot of one with no request and no
+-- connection: requests that redirect to other origins, with connections
+-- closed after each answer, must keep every origin's count of connections
+-- right while slots change hands (under `make check`, ASan watches the slots).
+describe("many origins", function()
+  it("100 origins, each request redirected to another, then 100 others: all answered, idle slots reused", function()
+    resil.clock.virtual()
+    local function origins()
+      local n = 0
+      for _ in pairs(http.stats().receive_buffers) do n = n + 1 end
+      return n
+    end
+    local function round()
+      local servers = {}
+      for i = 1, 100 do
+        servers[i] = resil.server.listen({ port = 0, handler = function(req)
+          if req.path == "/hop" then
+            local to = servers[i % #servers + 1]
+            return { status = 302, headers = { location = ("http://127.0.0.1:%d/end"):format(to:port()),
+              connection = "close" }, body = "" }
+          end
+          return { status = 200, headers = { connection = "close" }, body = tostring(i) }
+        end })
+      end
+      local tasks = {}
+      for i = 1, #servers do
+        tasks[i] = resil.spawn(function()
+          return http.request({ url = ("http://127.0.0.1:%d/hop"):format(servers[i]:port()), follow_redirects = true })
+        end)
+      end
+      for i, t in ipairs(tasks) do
+        local ok, res = t:join()
+        assert.is_true(ok, res)
+        assert(res, select(3, t:join()))
+        assert.are.equal(200, res.status)
+        assert.are.equal(tostring(i % #servers + 1), res.body)
+      end
+      for _, s in ipairs(servers) do s:close() end
+    end
+    round()
+    local first = origins()
+    round()
+    -- the first hundred had no request and no connection left: their slots went to the others
+    assert.are.equal(first, origins())
+    for origin, n in pairs(http.stats().connections) do assert.is_true(n >= 0 and n <= 2, origin .. ": " .. n) end
+  end)
+end)

@@ -470,6 +470,60 @@ print(ok, err.kind)
       assert.are.equal("0.5\n", r.stdout)
     end)
 
+  -- A write that found another process's write lock during a sync under way
+  -- waited for the sync, and the end of the sync did not flush it (the lock
+  -- wait was still marked): it never ran, nor any write after it.
+  it("a sync = false write that finds another process's write lock during a sync under way still commits",
+    function()
+      local db, locked = helpers.tmpname(".db"), helpers.tmpname(".locked")
+      local r = slow_run(db, ([[
+local resil = require "resil"
+local db = resil.sqlite.open(%q)
+db:now(function(tx) tx:exec("CREATE TABLE IF NOT EXISTS t (x)") end)
+db:commit_only(function(tx) tx:exec("INSERT INTO t VALUES (1)") end)
+resil.sleep(0.05) -- its sync, 10 ms later, is under way (half a second)
+-- another process takes the write lock for 0.1 s (the shell says so once it has it)
+os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell echo locked > %%s\\n.shell sleep 0.1\\nCOMMIT;\\n' | env -u LD_PRELOAD sqlite3 %%s &")
+  :format(%q, %q))
+while not io.open(%q) do resil.sleep(0.005) end
+local t = resil.spawn(function()
+  db:commit_only(function(tx) tx:exec("INSERT INTO t VALUES (2)") end)
+  db:tx(function(tx) tx:exec("INSERT INTO t VALUES (3)") end)
+end)
+local deadline = resil.clock.wall() + 5
+while t:status() ~= "done" and resil.clock.wall() < deadline do resil.sleep(0.01) end
+print(t:status(), db:read(function(tx) return tx:value("SELECT count(*) FROM t") end))
+os.exit(0)
+]]):format(db, locked, db, locked))
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("done\t3\n", r.stdout)
+    end)
+
+  -- close syncs the sync = false writes not yet synced, but skipped that when
+  -- a sync was under way: one that committed during it was left unsynced
+  -- (another process keeping the store open, SQLite does not checkpoint)
+  it("closing makes a sync = false write durable that committed during another write's sync", function()
+    local db, log = helpers.tmpname(".db"), helpers.tmpname(".log")
+    local r = slow_run(db, ([[
+local resil = require "resil"
+local keep = resil.sqlite.open(%q) -- as another process would
+local db = resil.sqlite.open(%q)
+db:now(function(tx) tx:exec("CREATE TABLE IF NOT EXISTS t (x)") end)
+keep:read(function(tx) return tx:value("SELECT count(*) FROM t") end) -- it has the store open
+local durable = resil.spawn(function() db:tx(function(tx) tx:exec("INSERT INTO t VALUES (1)") end) end)
+resil.sleep(0.05) -- its sync is under way
+db:commit_only(function(tx) tx:exec("INSERT INTO t VALUES (2)") end)
+local function syncs() local f = io.open(%q); local n = #f:read("a"); f:close(); return n end
+local before = syncs()
+db:close()
+durable:join()
+print(syncs() - before)
+keep:close()
+]]):format(db, db, log), "SYNC_LOG=" .. log)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("1\n", r.stdout)
+  end)
+
   it("a store collected or closed with a sync under way: the virtual clock goes on, close does not refuse", function()
     local path = helpers.tmpname(".db")
     local r = helpers.run(("timeout 20 %s --virtual-clock %s"):format(helpers.resil, helpers.write(helpers.tmpname(".lua"),

@@ -331,9 +331,10 @@ static void finish_run(resil_t *R, int status) {
 
 /* ---------- gateway --workers N: a supervisor and its workers ---------- */
 
-static volatile sig_atomic_t supervisor_signal, supervisor_hup;
+static volatile sig_atomic_t supervisor_signal, supervisor_hup, supervisor_alarm;
 static void supervisor_on_signal(int sig) {
   if (sig == SIGHUP) supervisor_hup = 1;
+  else if (sig == SIGALRM) supervisor_alarm = 1;
   else if (sig != SIGCHLD && !supervisor_signal) supervisor_signal = sig;
 }
 
@@ -346,11 +347,17 @@ static double seconds_now(void) {
 /* Fork one worker: 0 in the worker (signals as they were), its pid in the
  * supervisor, -1 if fork failed. */
 static pid_t fork_worker(const sigset_t *worker_mask) {
+  pid_t supervisor = getpid();
   pid_t pid = fork();
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGTERM); /* a supervisor killed with -9 takes its workers along */
+    if (getppid() != supervisor) _exit(1); /* it died before that was set */
     signal(SIGCHLD, SIG_DFL);
-    signal(SIGHUP, SIG_DFL);
+    signal(SIGALRM, SIG_DFL);
+    /* a reload passed on before the worker's handler is set (main,
+     * resil_reload_on_sighup) would kill it; it reads its config and
+     * policies after that point anyway */
+    signal(SIGHUP, SIG_IGN);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
     sigprocmask(SIG_SETMASK, worker_mask, NULL);
@@ -376,6 +383,7 @@ static int supervise_workers(long n) {
   sigaddset(&block, SIGTERM);
   sigaddset(&block, SIGINT);
   sigaddset(&block, SIGHUP);
+  sigaddset(&block, SIGALRM);
   sigprocmask(SIG_BLOCK, &block, &worker_mask);
   struct sigaction sa = {0};
   sa.sa_handler = supervisor_on_signal;
@@ -384,6 +392,7 @@ static int supervise_workers(long n) {
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGHUP, &sa, NULL);
+  sigaction(SIGALRM, &sa, NULL);
   fflush(NULL);
   for (long w = 0; w < n; w++) {
     pids[w] = fork_worker(&worker_mask);
@@ -397,8 +406,8 @@ static int supervise_workers(long n) {
     }
     started[w] = seconds_now();
   }
-  int running = (int)n;
-  while (running > 0) {
+  int running = (int)n, vacant = 0; /* vacant: workers to start again, fork having failed (pids -1) */
+  while (running > 0 || (vacant && !supervisor_signal)) {
     int status;
     pid_t pid;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
@@ -421,6 +430,7 @@ static int supervise_workers(long n) {
         fprintf(stderr, PROGNAME ": gateway: workers keep dying as they start; stopping\n");
         code = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
         supervisor_signal = SIGTERM;
+        passed_on = 1; /* once: a second SIGTERM stops a worker at once, without draining */
         for (long k = 0; k < n; k++)
           if (pids[k] > 0) kill(pids[k], SIGTERM);
         continue;
@@ -433,6 +443,28 @@ static int supervise_workers(long n) {
       pid_t again = fork_worker(&worker_mask);
       if (again == 0) return -1;
       if (again > 0) {
+        pids[w] = again;
+        started[w] = seconds_now();
+        running++;
+      } else { /* without a retry, the gateway would stay a worker short for good */
+        fprintf(stderr, PROGNAME ": gateway: fork: %s; trying again in a second\n", strerror(errno));
+        pids[w] = -1;
+        vacant = 1;
+        alarm(1);
+      }
+    }
+    if (supervisor_alarm) {
+      supervisor_alarm = vacant = 0;
+      for (long w = 0; w < n && !supervisor_signal; w++) {
+        if (pids[w] != -1) continue;
+        fflush(NULL);
+        pid_t again = fork_worker(&worker_mask);
+        if (again == 0) return -1;
+        if (again < 0) {
+          vacant = 1;
+          alarm(1);
+          continue;
+        }
         pids[w] = again;
         started[w] = seconds_now();
         running++;
@@ -449,7 +481,7 @@ static int supervise_workers(long n) {
         if (pids[w] > 0) kill(pids[w], SIGTERM);
       if (!code) code = 128 + (int)supervisor_signal;
     }
-    if (running > 0) sigsuspend(&worker_mask);
+    if (running > 0 || (vacant && !supervisor_signal)) sigsuspend(&worker_mask);
   }
   return code;
 }

@@ -348,7 +348,9 @@ static void synced_cb(void *arg, int err) {
     host_log(L, "error", "store: the disk failed a sync; its operations are refused until it is opened again");
   }
   finish_batch(L, d, batch);
-  if (d->head && !d->waiting_lock) event_active(d->flush_ev, EV_TIMEOUT, 0);
+  /* also during a wait for the write lock: a batch that met the lock during
+   * the sync stopped retrying to wait for it (flush_cb) */
+  if (d->head) event_active(d->flush_ev, EV_TIMEOUT, 0);
 }
 
 static double seconds_since(const struct timespec *t0) {
@@ -663,7 +665,9 @@ static int db_stats(lua_State *L) {
 
 static void db_close_all(lua_State *L, store_db *d) {
   if (!d->db) return;
-  if (d->unsynced && !d->sync_pending && d->syncer) wal_syncer_sync_now(d->syncer); /* closing: durable now */
+  /* closing: durable now (also with a sync under way: these may have
+   * committed after it began) */
+  if (d->unsynced && d->syncer) wal_syncer_sync_now(d->syncer);
   d->unsynced = 0;
   wal_syncer_free(d->syncer); /* finishes a sync asked for or under way */
   d->syncer = NULL;
