@@ -69,6 +69,7 @@ typedef struct store_db {
   op *syncing;        /* the batch committed and being made durable */
   int sync_error;     /* errno of a failed sync: the store refuses operations from then on */
   int unsynced;       /* commit_only batches committed since the last sync asked for */
+  int unsynced_due;   /* their time came during a sync: synced after it (synced_cb) */
   struct timespec contended_at; /* when another process last held the write lock we asked for */
   struct event *unsynced_ev; /* syncs them (COMMIT_ONLY_SYNC_DELAY_US) */
 } store_db;
@@ -351,6 +352,11 @@ static void synced_cb(void *arg, int err) {
   /* also during a wait for the write lock: a batch that met the lock during
    * the sync stopped retrying to wait for it (flush_cb) */
   if (d->head) event_active(d->flush_ev, EV_TIMEOUT, 0);
+  if (d->unsynced_due) { /* after that flush, whose own sync may cover them */
+    struct timeval now = {0, 0};
+    d->unsynced_due = 0;
+    evtimer_add(d->unsynced_ev, &now);
+  }
 }
 
 static double seconds_since(const struct timespec *t0) {
@@ -403,8 +409,7 @@ static void unsynced_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   if (!d->unsynced || !d->syncer) return;
   if (d->sync_pending) {
-    struct timeval tv = {0, COMMIT_ONLY_SYNC_DELAY_US / 10};
-    evtimer_add(d->unsynced_ev, &tv);
+    d->unsynced_due = 1;
     return;
   }
   request_sync(d, NULL);
