@@ -25,6 +25,20 @@ describe("resil.store (SQLite)", function()
     assert.are.equal("ok", s.backend:integrity_check())
   end)
 
+  it("keeps its WAL short under steady sync = false writes (it is checkpointed and started again)", function()
+    resil.clock.real()
+    local _, path = fresh_store()
+    for i = 1, 6000 do
+      assert(resil.cost.record({ provider = "wal", usd = 0.001, sync = false, id = "w" .. i }))
+    end
+    local wal = assert(io.open(path .. "-wal", "rb"))
+    local size = wal:seek("end")
+    wal:close()
+    -- a checkpoint every 1,000 frames or so (4 MB of 4 KiB pages): not a frame per write for ever
+    assert.is_true(size < 8 * 1024 * 1024, ("the WAL is %.1f MB"):format(size / 1048576))
+    assert.are.equal(6, resil.cost.total({ provider = "wal" }))
+  end)
+
   it("refuses a URL of an unknown scheme instead of making a file of it", function()
     local ok, err = pcall(function() local s = resil.store("ftp://example.com/x"); return s end)
     assert.is_false(ok)
@@ -407,6 +421,27 @@ print(table.concat(order, ", "))
     return helpers.run(("%s SLOW_SYNC_MS=500 ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s --store %s %s")
       :format(env or "", shim, helpers.resil, db, helpers.write(helpers.tmpname(".lua"), source)))
   end
+
+  it("sync = false writes that make the WAL due for a checkpoint during another write's sync: both go on", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script('assert(require("resil").store())', "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    r = slow_run(db, [[
+local resil = require "resil"
+local durable = resil.spawn(function()
+  assert(resil.cost.record({ provider = "durable", usd = 0.25 }))
+  return "durable"
+end)
+local ledger = resil.spawn(function()
+  for i = 1, 1500 do assert(resil.cost.record({ provider = "ledger", usd = 0.001, sync = false, id = "l" .. i })) end
+  return "ledger"
+end)
+print(select(2, ledger:join()), select(2, durable:join()))
+]], "timeout 30 env")
+    -- (a second sync asked for while one was under way took its batch's place: the durable write never returned)
+    assert.are.equal(0, r.code, "exit " .. tostring(r.code) .. " " .. r.stderr)
+    assert.are.equal("ledger\tdurable\n", r.stdout)
+  end)
 
   it("a task canceled while its write is made durable gets the result first: its <close> gives the hold back",
     function()

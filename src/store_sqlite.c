@@ -426,16 +426,20 @@ static int only_commit_only(const op *o) {
 /* ...unless other processes write the store too: then every batch waits for
  * the sync of the one before, as the others' do, which spaces the commits
  * out (committing every turn, two gateway workers took the write lock from
- * each other and served 11 % less) */
+ * each other and served 11 % less)... */
 static int contended(const store_db *d) {
   return d->contended_at.tv_sec != 0 && seconds_since(&d->contended_at) < 1.0;
 }
+
+/* ...or the WAL is due for a checkpoint: the batch after it must begin with
+ * the WAL all copied, or SQLite appends to it for ever (wal_sync.c) */
+static int wal_long(const store_db *d) { return d->wal_frames >= CHECKPOINT_FRAMES; }
 
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   lua_State *L = d->R->L;
   /* after the sync (synced_cb flushes again), unless nobody would wait for one */
-  if (!d->head || (d->sync_pending && (contended(d) || !only_commit_only(d->head)))) return;
+  if (!d->head || (d->sync_pending && (contended(d) || wal_long(d) || !only_commit_only(d->head)))) return;
   if (d->sync_error) {
     char why[512];
     snprintf(why, sizeof why, "store %s: the disk failed a sync (%s): operations are refused until it is opened again",
@@ -480,7 +484,10 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
         tail = &o->next;
       }
     }
-    if (!wait && !contended(d)) { /* nobody waits for the sync: soon, with the commits until then */
+    /* nobody waits for the sync: soon, with the commits until then; or after
+     * the sync under way (only such a batch commits during one: a second
+     * request would take the place of the batch that one makes durable) */
+    if (!wait && (d->sync_pending || (!contended(d) && !wal_long(d)))) {
       if (!d->unsynced) {
         struct timeval tv = {0, COMMIT_ONLY_SYNC_DELAY_US};
         evtimer_add(d->unsynced_ev, &tv);
