@@ -16,10 +16,11 @@
  * durable. (Committing during a sync was tried: the commit's writes to the
  * WAL pages under writeback wait in the kernel, on the loop, and the
  * gateway ran slower.) The checkpoint that may follow a sync runs before the
- * loop is told, and the store's next batch waits for it, whatever it holds
- * (store_sqlite.c): that batch's write restarts the WAL from the top, which
- * SQLite does only for a write that begins with the WAL all copied. A write
- * made with db:commit_only lets its task go on at the
+ * loop is told; the store then has the few frames written meanwhile synced
+ * and copied too, its batches waiting (store_sqlite.c), so that its next
+ * write restarts the WAL from the top, which SQLite does only for a write
+ * that begins with the WAL all copied. A write made with db:commit_only lets
+ * its task go on at the
  * commit: it survives a crash of the process, and is synced with the
  * commits of the next few milliseconds (store_sqlite.c), not one by one.
  */
