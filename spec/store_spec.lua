@@ -34,8 +34,8 @@ describe("resil.store (SQLite)", function()
     local wal = assert(io.open(path .. "-wal", "rb"))
     local size = wal:seek("end")
     wal:close()
-    -- a checkpoint every 4,000 frames or so (16 MB of 4 KiB pages): not a frame per write for ever
-    assert.is_true(size < 24 * 1024 * 1024, ("the WAL is %.1f MB"):format(size / 1048576))
+    -- a checkpoint every 1,000 frames or so (4 MB of 4 KiB pages): not a frame per write for ever
+    assert.is_true(size < 8 * 1024 * 1024, ("the WAL is %.1f MB"):format(size / 1048576))
     assert.are.equal(10, resil.cost.total({ provider = "wal" }))
   end)
 
