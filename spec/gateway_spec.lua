@@ -763,8 +763,9 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
   end)
 
-  it("--workers 2: two processes serve one port, a worker killed with -9 is replaced, stopping the gateway " ..
-     "stops them all", function()
+  -- for a gateway with --workers: a mock upstream and a config routing to it
+  -- -> mock, config, port, log file, pid file
+  local function workers_setup()
     resil.clock.real()
     resil.log.level("off")
     local m = assert(resil.mock.start({ strict = true, reply = "served" }))
@@ -772,22 +773,32 @@ describe("resil-lua gateway and resil-lua keys", function()
       require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
       return { auth = false }
     ]]):format(m.url .. "/v1"))
-    local port = helpers.free_port()
-    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    return m, config, helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+  end
+
+  -- the supervisor's workers
+  local function workers_of(pid)
+    local list = {}
+    for p in helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid)):gmatch("%d+") do list[#list + 1] = p end
+    return list
+  end
+
+  -- after a test: the gateway and every worker it had, gone for sure
+  local function stop_all(pid, seen, m)
+    for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+    m:stop()
+    resil.log.level("info")
+  end
+
+  it("--workers 2: two processes serve one port, a worker killed with -9 is replaced, stopping the gateway " ..
+     "stops them all", function()
+    local m, config, port, log, pidfile = workers_setup()
     os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
       :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
     local pid = helpers.slurp(pidfile):match("%d+")
-    local function workers()
-      local list = {}
-      for p in helpers.run("pgrep -P " .. pid).stdout:gmatch("%d+") do list[#list + 1] = p end
-      return list
-    end
+    local function workers() return workers_of(pid) end
     local seen = {}
-    finally(function()
-      for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
-      m:stop()
-      resil.log.level("info")
-    end)
+    finally(function() stop_all(pid, seen, m) end)
     local function listening(n)
       return helpers.wait_until(function()
         local _, k = helpers.slurp(log):gsub("listening", "")
@@ -826,31 +837,15 @@ describe("resil-lua gateway and resil-lua keys", function()
   -- reload in the gateway's first second counted as workers dying as they
   -- start: the gateway stopped.
   it("--workers 3: a SIGHUP as the workers start reloads them, it does not kill them", function()
-    resil.clock.real()
-    resil.log.level("off")
-    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { auth = false }
-    ]]):format(m.url .. "/v1"))
-    local port = helpers.free_port()
-    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    local m, config, port, log, pidfile = workers_setup()
     -- SIGHUP the moment the first worker exists
     os.execute(("%s gateway --listen 127.0.0.1:%d --workers 3 --config %s --store %s > %s 2>&1 & P=$!; echo $P > %s; " ..
       "while [ -z \"$(cat /proc/$P/task/$P/children 2>/dev/null)\" ]; do :; done; kill -HUP $P")
       :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
     local pid = helpers.slurp(pidfile):match("%d+")
-    local function workers()
-      local list = {}
-      for p in helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid)):gmatch("%d+") do list[#list + 1] = p end
-      return list
-    end
+    local function workers() return workers_of(pid) end
     local seen = {}
-    finally(function()
-      for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
-      m:stop()
-      resil.log.level("info")
-    end)
+    finally(function() stop_all(pid, seen, m) end)
     assert.is_true(helpers.wait_until(function()
       local _, k = helpers.slurp(log):gsub("listening", "")
       return k >= 3
