@@ -335,6 +335,19 @@ static const char *task_where(task *t);
 static int push_results(lua_State *L, task *t);
 static void describe_function(lua_State *L, int idx, task *t);
 
+/* t ends canceled: its thread is reset, which runs its pending <close>
+ * handlers (one may cancel it again: canceling keeps that from resetting the
+ * thread twice, which corrupts it) */
+static void task_end_canceled(task *t) {
+  t->canceling = 1;
+  lua_resetthread(t->co);
+  lua_settop(t->co, 0);
+  resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
+  t->failed = t->canceled = 1;
+  t->nres = 1;
+  task_done(t);
+}
+
 static void task_resume(resil_t *R, task *t) {
   int nres = 0, nargs = t->nargs;
   t->nargs = 0;
@@ -358,12 +371,7 @@ static void task_resume(resil_t *R, task *t) {
   }
   if (t->cancel_due) { /* canceled while settling, and it ended before it waited again */
     t->cancel_due = 0;
-    lua_resetthread(t->co);
-    lua_settop(t->co, 0);
-    resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
-    t->failed = t->canceled = 1;
-    t->nres = 1;
-    task_done(t);
+    task_end_canceled(t);
     return;
   }
   if (status == LUA_OK) {
@@ -627,13 +635,7 @@ int task_stop(task *t) {
   }
   task_end_wait(t);
   if (t->state == TASK_READY) ready_remove(t->R, t);
-  t->canceling = 1; /* a <close> handler may cancel it again: resetting a thread twice corrupts it */
-  lua_resetthread(t->co);
-  lua_settop(t->co, 0);
-  resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
-  t->failed = t->canceled = 1;
-  t->nres = 1;
-  task_done(t);
+  task_end_canceled(t);
   return 1;
 }
 
