@@ -365,6 +365,17 @@ static pid_t fork_worker(const sigset_t *worker_mask) {
   return pid;
 }
 
+/* Worker w's slot: started (1), or fork failed (-1, its pid -1: tried again
+ * on the next alarm); 0 in the new worker itself. */
+static int start_worker(pid_t *pids, double *started, long w, const sigset_t *worker_mask) {
+  fflush(NULL);
+  pid_t pid = fork_worker(worker_mask);
+  if (pid == 0) return 0;
+  pids[w] = pid < 0 ? -1 : pid;
+  started[w] = seconds_now();
+  return pid < 0 ? -1 : 1;
+}
+
 /* The process that started N workers on one SO_REUSEPORT socket serves none
  * itself: it forks them (before anything is opened: a store, a loop or
  * libcurl's threads do not survive fork) and starts another when one dies (a
@@ -388,23 +399,18 @@ static int supervise_workers(long n) {
   struct sigaction sa = {0};
   sa.sa_handler = supervisor_on_signal;
   sigemptyset(&sa.sa_mask);
-  sigaction(SIGCHLD, &sa, NULL);
-  sigaction(SIGTERM, &sa, NULL);
-  sigaction(SIGINT, &sa, NULL);
-  sigaction(SIGHUP, &sa, NULL);
-  sigaction(SIGALRM, &sa, NULL);
-  fflush(NULL);
+  const int handled[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGALRM};
+  for (size_t i = 0; i < sizeof handled / sizeof *handled; i++) sigaction(handled[i], &sa, NULL);
   for (long w = 0; w < n; w++) {
-    pids[w] = fork_worker(&worker_mask);
-    if (pids[w] == 0) return -1;
-    if (pids[w] < 0) {
+    int started_one = start_worker(pids, started, w, &worker_mask);
+    if (started_one == 0) return -1;
+    if (started_one < 0) {
       fprintf(stderr, PROGNAME ": gateway: fork: %s\n", strerror(errno));
       n = w; /* stop those started */
       supervisor_signal = SIGTERM;
       code = 1;
       break;
     }
-    started[w] = seconds_now();
   }
   int running = (int)n, vacant = 0; /* vacant: workers to start again, fork having failed (pids -1) */
   while (running > 0 || (vacant && !supervisor_signal)) {
@@ -439,16 +445,12 @@ static int supervise_workers(long n) {
         struct timespec pause = {0, 200 * 1000 * 1000};
         nanosleep(&pause, NULL);
       }
-      fflush(NULL);
-      pid_t again = fork_worker(&worker_mask);
+      int again = start_worker(pids, started, w, &worker_mask);
       if (again == 0) return -1;
       if (again > 0) {
-        pids[w] = again;
-        started[w] = seconds_now();
         running++;
       } else { /* without a retry, the gateway would stay a worker short for good */
         fprintf(stderr, PROGNAME ": gateway: fork: %s; trying again in a second\n", strerror(errno));
-        pids[w] = -1;
         vacant = 1;
         alarm(1);
       }
@@ -457,17 +459,14 @@ static int supervise_workers(long n) {
       supervisor_alarm = vacant = 0;
       for (long w = 0; w < n && !supervisor_signal; w++) {
         if (pids[w] != -1) continue;
-        fflush(NULL);
-        pid_t again = fork_worker(&worker_mask);
+        int again = start_worker(pids, started, w, &worker_mask);
         if (again == 0) return -1;
-        if (again < 0) {
+        if (again > 0) {
+          running++;
+        } else {
           vacant = 1;
           alarm(1);
-          continue;
         }
-        pids[w] = again;
-        started[w] = seconds_now();
-        running++;
       }
     }
     if (supervisor_hup) {

@@ -448,11 +448,11 @@ static int contended(const store_db *d) {
   return d->contended_at.tv_sec != 0 && seconds_since(&d->contended_at) < 1.0;
 }
 
-/* ...or the WAL is being copied for the second time (checkpointing 2): the
- * batch after it must begin with the WAL all copied, or SQLite appends to it
- * for ever (under steady writes: 51.6 MB from 6,000 of them). The first copy,
- * of the long WAL, lets batches go on; the second, of what they wrote
- * meanwhile, is short. */
+/* A WAL due for a checkpoint: its sync, which copies it, is asked for at once.
+ * The copy comes in two (checkpointing): the long one while batches go on,
+ * then what they wrote meanwhile while they wait, so that the next batch
+ * begins with the WAL all copied and restarts it; otherwise SQLite appends to
+ * it for ever (under steady writes: 51.6 MB from 6,000 of them). */
 static int wal_long(const store_db *d) { return d->wal_frames >= CHECKPOINT_FRAMES; }
 
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
@@ -591,17 +591,7 @@ static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   return n;
 }
 
-static int submit(lua_State *L, int committed_enough);
-
-/* db:tx(fn, ...) -> fn(tx, ...)'s results, once durable | nil, err{kind="store_unavailable"} */
-static int db_tx(lua_State *L) { return submit(L, 0); }
-
-/* db:commit_only(fn, ...): the same, continuing once committed: the write
- * survives a crash of this process (the WAL is in the kernel's hands) and
- * is synced to the disk right after, without the caller waiting for it (a
- * power cut may lose it). For writes an answer need not wait for. */
-static int db_commit_only(lua_State *L) { return submit(L, 1); }
-
+/* queues fn(tx, ...) for the next group commit; the task waits for it */
 static int submit(lua_State *L, int committed_enough) {
   store_db *d = check_db(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -626,6 +616,16 @@ static int submit(lua_State *L, int committed_enough) {
   task_wait(t, &store_op_wait, o);
   return lua_yieldk(L, 0, (lua_KContext)o, tx_k);
 }
+
+/* db:tx(fn, ...) -> fn(tx, ...)'s results, once durable | nil, err{kind="store_unavailable"} */
+static int db_tx(lua_State *L) { return submit(L, 0); }
+
+/* db:commit_only(fn, ...): the same, continuing once committed: the write
+ * survives a crash of this process (the WAL is in the kernel's hands) and
+ * is synced to the disk within COMMIT_ONLY_SYNC_DELAY_US, without the caller
+ * waiting for it (a power cut may lose it). For writes an answer need not
+ * wait for. */
+static int db_commit_only(lua_State *L) { return submit(L, 1); }
 
 /* db:now(fn, ...) -> fn(tx, ...) at once, in its own transaction (setup,
  * migrations, reads outside tasks). */
@@ -663,8 +663,8 @@ static int run_now(lua_State *L, const char *begin) {
     return resil_error_result(L, "store_unavailable", "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
   }
   int err = d->syncer && strcmp(begin, "BEGIN") != 0 ? wal_syncer_sync_now(d->syncer) : 0;
-  if (err) d->sync_error = err;
   if (err) {
+    d->sync_error = err;
     return resil_error_result(L, "store_unavailable", "store %s: the commit could not be made durable: %s", d->path,
                               strerror(err));
   }

@@ -20,9 +20,9 @@
  * and copied too, its batches waiting (store_sqlite.c), so that its next
  * write restarts the WAL from the top, which SQLite does only for a write
  * that begins with the WAL all copied. A write made with db:commit_only lets
- * its task go on at the
- * commit: it survives a crash of the process, and is synced with the
- * commits of the next few milliseconds (store_sqlite.c), not one by one.
+ * its task go on at the commit: it survives a crash of the process, and is
+ * synced with the commits of the next few milliseconds (store_sqlite.c), not
+ * one by one.
  */
 #include <errno.h>
 #include <fcntl.h>
