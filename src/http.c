@@ -62,8 +62,7 @@ static const long header_block_buffers[] = {32768L, 131072L};
  * burst of 10,000 needs 100, and one at a time takes 100 handshakes' time
  * (about 10 s at a provider's 50 ms round trip) */
 #define H2_OPENING_PER_ORIGIN 16
-/* how admit_parked lets an opener in, and where it is (http_req.opener) */
-enum { OPENER_WAITING = 1, OPENER_ALONE };
+/* where a transfer let in to open a connection is (http_req.opener) */
 enum { OPENER_ADMITTED = 1, OPENER_SOCKET };
 /* origins remembered when idle: past this many, a new origin takes the slot
  * of one with no request and no connection (a process that calls thousands
@@ -157,8 +156,8 @@ static size_t origin_length(const char *url) {
  * keeping (a grown receive buffer is: forgetting it would lose a burst of
  * header blocks again). */
 static int origin_idle(const origin *o) {
-  return o->users == 0 && o->connections == 0 && o->mux_connections == 0 && o->mux_active == 0 && !o->parked &&
-         !o->openers && o->recv_buffer == RECEIVE_BUFFER_SIZE;
+  return o->users == 0 && o->connections == 0 && o->mux_active == 0 && !o->parked && !o->openers &&
+         o->recv_buffer == RECEIVE_BUFFER_SIZE;
 }
 
 /* url's origin: its index in H->origins, added if new; -1 without memory */
@@ -461,14 +460,14 @@ static void admit_parked(http_state *H) {
         if (o->openers >= (known ? H2_OPENING_PER_ORIGIN : 1) || (long)o->openers * per_connection >= o->nparked ||
             o->mux_connections + sockets_coming >= H2_CONNECTIONS_PER_ORIGIN)
           break;
-        opener = known ? OPENER_ALONE : OPENER_WAITING;
+        opener = 1;
       }
       unpark(r);
       r->driver = &H->drivers[plain ? DRIVER_PLAIN : DRIVER_MUX];
       if (opener) {
         r->opener = OPENER_ADMITTED;
         o->openers++;
-        if (opener == OPENER_ALONE && !r->set.no_pipewait) {
+        if (known && !r->set.no_pipewait) {
           curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 0L);
           r->set.no_pipewait = 1;
         }
