@@ -175,16 +175,9 @@ end
 -- logs the error and goes on). A settle is kept once per ticket (its state
 -- in the store, its ticket in the ledger), so a retry that meets one that
 -- did land, or the caller's own retry, changes nothing.
-local SETTLE_RETRY = 60
 local function settle_later(ticket, entry, fields)
   resil.spawn(function()
-    local pause, deadline = 0.05, resil.now() + SETTLE_RETRY
-    local ok, err
-    repeat
-      resil.sleep(pause)
-      pause = math.min(pause * 2, 2)
-      ok, err = ticket.store.backend:budget_settle(ticket.id, entry)
-    until ok ~= nil or resil.now() + pause > deadline
+    local ok, err = S.retry_write(function() return ticket.store.backend:budget_settle(ticket.id, entry) end)
     if ok and fields.usd > 0 then costs.observe(fields, fields.units) end
     if ok == nil then
       resil.log.error("budget: a settle could not be written; its cost is not in the ledger",

@@ -27,19 +27,12 @@ local drop_mt = { __close = function(d) owner.drop(d[1], d[2]) end }
 -- other processes, saw the key in progress for as long as this process
 -- lived. The write is retried until the store takes it (a minute at most);
 -- callers in this process wait for that as for fn itself. -> the task
-local GIVE_UP = 60
 local function write_later(s, key, write)
   local token = "once-pending:" .. key -- renews our lease (another host must not take the key over)
   owner.keep(s.backend, token)
   local task
   task = resil.spawn(function()
-    local pause, deadline = 0.05, resil.now() + GIVE_UP
-    local ok, err
-    repeat
-      resil.sleep(pause)
-      pause = math.min(pause * 2, 2)
-      ok, err = write()
-    until ok ~= nil or resil.now() + pause > deadline
+    local ok, err = S.retry_write(write)
     owner.drop(s.backend, token)
     if inflight[key] == task then inflight[key] = nil end
     if ok == nil then

@@ -196,8 +196,26 @@ local function decode_values(text)
   return out
 end
 
+-- A write the store refused (unavailable: SQLite's lock held past the
+-- timeout, a frozen Redis) that must not be lost (a paid call's settle, a
+-- once record): write() tried again, backing off from 50 ms to 2 s, until the
+-- store answers or a minute has gone. In a task of the caller's; -> write()'s
+-- last results (nil, err when the store never took it).
+local RETRY_FOR = 60
+local function retry_write(write)
+  local pause, deadline = 0.05, resil.now() + RETRY_FOR
+  local ok, err
+  repeat
+    resil.sleep(pause)
+    pause = math.min(pause * 2, 2)
+    ok, err = write()
+  until ok ~= nil or resil.now() + pause > deadline
+  return ok, err
+end
+
 -- what the modules built on the store share (not a public API)
 return {
+  retry_write = retry_write,
   config = config,
   now = store_now,
   open = store_or_fail,
