@@ -548,7 +548,9 @@ describe("a server going away", function()
     -- and the next request finds a live connection (one that meets a
     -- connection the old worker is still closing fails retryably, as above)
     local res, err = http.request({ url = origin .. "/fast", ca_file = ca })
-    if err and classify.outcome(nil, err).retryable then res, err = http.request({ url = origin .. "/fast", ca_file = ca }) end
+    if err and classify.outcome(nil, err).retryable then
+      res, err = http.request({ url = origin .. "/fast", ca_file = ca })
+    end
     assert.is_nil(err)
     assert.are.equal("2", res.http_version)
   end)
