@@ -345,7 +345,8 @@ local function record_cost(r, req, ticket, operation)
   r.cost_usd = usd
   local entry = { provider = r.provider, model = r.model or r.requested_model, operation = operation,
     user = req.user, units = r.usage, id = r.id and (r.provider .. ":" .. r.id) or nil,
-    sync = req.ledger_sync } -- false: the answer waits for the row's commit, not its disk sync
+    sync = req.ledger_sync, -- false: the answer waits for the row's commit, not its disk sync
+    wait = req.ledger_wait } -- false: nor for the commit (the gateway's default)
   local ok, err
   if ticket then
     ok, err = ticket:settle(usd or 0, entry)

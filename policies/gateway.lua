@@ -39,9 +39,15 @@ gateway.config = resil.keep("policies.gateway.config", function()
     models = {},
     auth = true,
     key_cache = 2,        -- seconds a key's record is kept in memory (a revoke takes at most this long)
-    -- an answer waits for its ledger row to be committed (it survives a crash
-    -- of the gateway), not for the disk sync that follows (a power cut may lose
-    -- the last rows): true makes every answer wait for the disk, as pipelines do
+    -- An answer does not wait for its ledger row (or its budget's settle):
+    -- the row is committed with the store's next group commit, in the same
+    -- loop turn unless another process holds the write lock, and synced to
+    -- the disk some 10 ms later. A crash of the gateway loses the rows not
+    -- committed yet, as it would lose a call answered by the provider an
+    -- instant before; stopping it commits them. ledger_wait = true makes
+    -- answers wait for the commit, and ledger_sync = true (with it) for the
+    -- disk, as pipelines do.
+    ledger_wait = false,
     ledger_sync = false,
   }
 end)
@@ -631,7 +637,7 @@ function complete_admitted(req, api, id, rec)
   end
   r.model, r.fallback = route.model, route.fallback
   r.user = rec.name
-  r.ledger_sync = gateway.config.ledger_sync
+  r.ledger_sync, r.ledger_wait = gateway.config.ledger_sync, gateway.config.ledger_wait
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
   local limited = key_limits(rec, api, math.ceil(#req.body / 4) + (r.max_tokens or 0))
   if limited then return with_id(limited, id) end
@@ -708,7 +714,7 @@ local function embeddings(req)
   if not route then return with_id(error_reply("openai", 404, why, { code = "model_not_found" }), id) end
   local r = { model = route.model, fallback = route.fallback, input = input, dimensions = whole(b.dimensions),
     encoding_format = type(b.encoding_format) == "string" and b.encoding_format or nil, user = rec.name,
-    ledger_sync = gateway.config.ledger_sync }
+    ledger_sync = gateway.config.ledger_sync, ledger_wait = gateway.config.ledger_wait }
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
   local limited = key_limits(rec, "openai", math.ceil(#req.body / 4))
   if limited then return with_id(limited, id) end

@@ -132,6 +132,25 @@ describe("resil.cost inside steps and once (one process)", function()
     assert.are.equal(2, resil.cost.breakdown("provider")[1].calls)
   end)
 
+  it("wait = false: the caller goes on at once; the rows are written with the next commit, once per id, " ..
+     "and counted once in the metrics", function()
+    local function metric()
+      return tonumber(resil.metrics.text():match('resil_cost_usd_total{model="m",provider="later"} (%S+)')) or 0
+    end
+    local before = metric()
+    for _ = 1, 2 do assert(resil.cost.record({ provider = "later", model = "m", usd = 0.25, id = "same", wait = false })) end
+    assert(resil.cost.record({ provider = "later", model = "m", usd = 0.5, wait = false }))
+    local budget = resil.budget("later", { limit = 10 })
+    local ticket = assert(budget:reserve(1))
+    assert.is_true(ticket:settle(0.125, { provider = "later", model = "m", wait = false }))
+    -- a read goes through the same queue: it sees every row before it
+    assert.are.equal(0.875, resil.cost.total({ provider = "later" }))
+    assert.are.equal(0.875, metric() - before)
+    local st = assert(budget:state())
+    assert.are.equal(0.125, st.spent)
+    assert.are.equal(0, st.reserved)
+  end)
+
   it("a ticket's settle is kept once, inside a step too", function()
     local b = resil.budget("cost-spec", { limit = 10 })
     resil.step("settled", function()

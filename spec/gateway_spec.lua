@@ -763,6 +763,56 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
   end)
 
+  it("answers without waiting for its ledger rows: while another process holds the store's write lock, and " ..
+     "rows still queued when it is stopped are written as it exits", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local db, locked, release = helpers.tmpname(".db"), helpers.tmpname(".locked"), helpers.tmpname(".release")
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(m.url .. "/v1"))
+    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
+      helpers.resil, port, config, db, log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function()
+      helpers.write(release, "")
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10),
+      helpers.slurp(log))
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local body = json.encode({ model = "gpt-4o-mini", messages = MSGS })
+    assert.are.equal(200, post(url, body).status) -- (the store's file and schema exist now)
+    -- another process takes the store's write lock, until the file `release` exists
+    os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell touch %s\\n.shell while [ ! -e %s ]; do sleep 0.02; done\\n" ..
+      "COMMIT;\\n' | sqlite3 %s > /dev/null 2>&1 &"):format(locked, release, db))
+    assert.is_true(helpers.wait_until(function()
+      local f = io.open(locked)
+      if f then f:close() end
+      return f ~= nil
+    end))
+    -- answered at once, within a timeout far below the store's own (5 s) that each waited for before
+    for _ = 1, 5 do
+      local res = assert(http.request({ method = "POST", url = url, body = body, timeout = 2,
+        headers = { ["content-type"] = "application/json" } }))
+      assert.are.equal(200, res.status, res.body)
+    end
+    os.execute("kill -TERM " .. pid)
+    resil.sleep(0.3) -- stopping: it waits for the lock to write its queued rows
+    assert.is_true(helpers.alive(pid))
+    helpers.write(release, "")
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    local r = helpers.run_script('for _, g in ipairs(require("resil").cost.breakdown("provider")) do ' ..
+      'print(g.key, g.calls) end', "--store " .. db)
+    assert.are.equal("openai\t6\n", r.stdout)
+    assert.are.equal(6, m:stats().routes.chat)
+  end)
+
   -- for a gateway with --workers: a mock upstream and a config routing to it
   -- -> mock, config, port, log file, pid file
   local function workers_setup()

@@ -140,7 +140,7 @@ describe("a corrupt SQLite file", function()
     }
     resil.store_config({ url = false })
     for what, r in pairs(results) do
-      assert.is_nil(r[1], what)
+      assert.is_nil(r[1], what); assert(r[2], what .. ": " .. tostring(r[1]) .. " " .. tostring(r[2]))
       assert.are.equal("store_unavailable", r[2].kind, what)
       assert.matches(path, r[2].message, 1, true)
     end

@@ -227,6 +227,70 @@ describe("resil.cost", function()
   end)
 end)
 
+describe("resil.cost with wait = false (db:enqueue), against another process's write lock", function()
+  -- a store with its schema, and another process (sqlite3) that takes its
+  -- write lock and keeps it until the file `release` exists
+  local function locked_store()
+    local db, locked, release = helpers.tmpname(".db"), helpers.tmpname(".locked"), helpers.tmpname(".release")
+    assert.are.equal(0, helpers.run_script('assert(require("resil").cost.total())', "--store " .. db).code)
+    os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell touch %s\\n.shell while [ ! -e %s ]; do sleep 0.02; done\\n" ..
+      "COMMIT;\\n' | sqlite3 %s > /dev/null 2>&1 &"):format(locked, release, db))
+    assert.is_true(helpers.wait_until(function()
+      local f = io.open(locked)
+      if f then f:close() end
+      return f ~= nil
+    end))
+    finally(function() helpers.write(release, "") end)
+    return db, release
+  end
+  local function total(db)
+    return helpers.run_script('print(require("resil").cost.total({ provider = "later" }))', "--store " .. db).stdout
+  end
+
+  it("returns at once while the lock is held; the rows are written once it is let go", function()
+    resil.clock.real()
+    local db, release = locked_store()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
+print("returned")
+io.open(%q, "w"):close() -- the other process lets go
+print(resil.cost.total({ provider = "later" })) -- a read, queued after the rows
+]]):format(release), "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("returned\n0.2\n", r.stdout)
+  end)
+
+  it("rows still queued when the process ends are written as it closes the store, once the lock is free", function()
+    resil.clock.real()
+    local db, release = locked_store()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
+os.execute("(sleep 0.3; touch %s) &")
+]]):format(release), "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("0.2\n", total(db))
+  end)
+
+  it("a lock held past the store's timeout: the rows are tried again until they are written", function()
+    resil.clock.real()
+    local db, release = locked_store()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.log.level("off")
+for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
+os.execute("(sleep 1; touch %s) &") -- past the timeout of 0.2 s
+local deadline = resil.clock.wall() + 20
+repeat resil.sleep(0.1) until (resil.cost.total({ provider = "later" }) or 0) >= 0.2 or resil.clock.wall() > deadline
+print(resil.cost.total({ provider = "later" }))
+]]):format(release), "--store 'sqlite://" .. db .. "?timeout=0.2'")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("0.2\n", r.stdout)
+    assert.are.equal("0.2\n", total(db))
+  end)
+end)
+
 describe("resil.budget", function()
   before_each(function()
     resil.clock.virtual()

@@ -38,7 +38,15 @@
  * batch held every next batch behind it (a gateway's ledger row answered
  * 375 us at the median at one connection instead of 113 us). It bounds what
  * a power cut may lose of such writes; a crash of the process loses none. */
+#ifndef COMMIT_ONLY_SYNC_DELAY_US
 #define COMMIT_ONLY_SYNC_DELAY_US 10000
+#endif
+/* Detached ops (db:enqueue) are committed this long after the first of them
+ * was queued, with whatever comes meanwhile, or sooner with an op a task
+ * waits for: a commit of many rows costs little more than one of a few. */
+#ifndef DETACHED_FLUSH_DELAY_US
+#define DETACHED_FLUSH_DELAY_US 2000
+#endif
 
 typedef struct op op;
 struct op {
@@ -48,6 +56,8 @@ struct op {
   int ref_result;  /* {n = k, ...} after the flush */
   int failed;      /* 1: fn raised (result holds the error); 2: the store failed */
   int committed_enough; /* db:commit_only: its task continues at the commit, before the sync */
+  int detached;    /* db:enqueue: no task waits; ref_done (if any) is told the outcome */
+  int ref_done;
   op *next;
 };
 
@@ -79,6 +89,7 @@ typedef struct store_db {
                        * wrote meanwhile, batches wait (so the next restarts the WAL) */
   struct timespec contended_at; /* when another process last held the write lock we asked for */
   struct event *unsynced_ev; /* syncs them (COMMIT_ONLY_SYNC_DELAY_US) */
+  struct event *detached_ev; /* commits detached ops (DETACHED_FLUSH_DELAY_US) */
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -251,6 +262,7 @@ static int exec_ctl(store_db *d, int which) {
 static void op_free(lua_State *L, op *o) {
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_fn_args);
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
+  luaL_unref(L, LUA_REGISTRYINDEX, o->ref_done);
   free(o);
 }
 
@@ -315,8 +327,52 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int txh, int began
   return rc == SQLITE_OK;
 }
 
+/* A detached op's outcome, to its done(nil, results...) | done(err), called
+ * on the loop outside any task (it may spawn one); without a done, a
+ * failure is logged. */
+static void tell_done(lua_State *L, store_db *d, op *o) {
+  int top = lua_gettop(L);
+  if (o->ref_done == LUA_NOREF && !o->failed) return;
+  if (o->ref_done != LUA_NOREF) lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_done);
+  int nargs = 1;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result);
+  if (o->failed == 2) {
+    const char *why = lua_tostring(L, -1);
+    resil_push_error(L, "store_unavailable", "%s", why ? why : "store failed");
+    lua_remove(L, -2);
+  } else if (o->failed == 1) {
+    lua_rawgeti(L, -1, 1);
+    lua_remove(L, -2);
+  } else {
+    int res = lua_gettop(L);
+    lua_getfield(L, res, "n");
+    int n = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    luaL_checkstack(L, n + 1, "store results");
+    lua_pushnil(L);
+    for (int i = 1; i <= n; i++) lua_rawgeti(L, res, i);
+    lua_remove(L, res);
+    nargs = n + 1;
+  }
+  if (o->ref_done == LUA_NOREF) {
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, d->path);
+    lua_setfield(L, -2, "store");
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "error");
+    host_log(L, "error", "store: a write nobody waited for failed");
+  } else if (lua_pcall(L, nargs, 0, 0) != LUA_OK) {
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "error");
+    host_log(L, "error", "store: a write's done callback raised");
+  }
+  lua_settop(L, top);
+}
+
 /* Every op of a batch gets its result: its task continues (its
- * continuation frees the op), or the op is freed (its task was canceled). */
+ * continuation frees the op), a detached op's done is told, or the op is
+ * freed (its task was canceled). */
 static void finish_batch(lua_State *L, store_db *d, op *batch) {
   for (op *o = batch; o;) {
     op *next = o->next;
@@ -324,6 +380,7 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
     if (o->t) {
       task_wake(o->t);
     } else {
+      if (o->detached) tell_done(L, d, o);
       op_free(L, o);
     }
     o = next;
@@ -591,28 +648,41 @@ static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   return n;
 }
 
-/* queues fn(tx, ...) for the next group commit; the task waits for it */
-static int submit(lua_State *L, int committed_enough) {
-  store_db *d = check_db(L, 1);
-  luaL_checktype(L, 2, LUA_TFUNCTION);
-  task *t = task_current(L, "store operations");
-  int n = lua_gettop(L) - 1;
+/* queues fn(tx, ...) (the values from index `first` on) for the next group
+ * commit: this loop turn's, or a detached op's (see DETACHED_FLUSH_DELAY_US) */
+static op *enqueue(lua_State *L, store_db *d, int first, int detached) {
+  luaL_checktype(L, first, LUA_TFUNCTION);
+  int n = lua_gettop(L) - first + 1;
   lua_createtable(L, n, 0);
   for (int i = 1; i <= n; i++) {
-    lua_pushvalue(L, i + 1);
+    lua_pushvalue(L, first + i - 1);
     lua_rawseti(L, -2, i);
   }
-  op *o = calloc(1, sizeof *o); /* freed by the continuation, or by the flush if canceled */
-  if (!o) return luaL_error(L, "out of memory");
+  op *o = calloc(1, sizeof *o); /* freed by the continuation, or by the flush */
+  if (!o) luaL_error(L, "out of memory");
   o->ref_fn_args = luaL_ref(L, LUA_REGISTRYINDEX);
-  o->ref_result = LUA_NOREF;
-  o->t = t;
+  o->ref_result = o->ref_done = LUA_NOREF;
   o->d = d;
-  o->committed_enough = committed_enough;
   if (d->tail) d->tail->next = o;
   else d->head = o;
   d->tail = o;
-  if (!d->waiting_lock) event_active(d->flush_ev, EV_TIMEOUT, 0);
+  if (d->waiting_lock) return o; /* the lock's retry timer flushes */
+  if (!detached) {
+    event_active(d->flush_ev, EV_TIMEOUT, 0);
+  } else if (!evtimer_pending(d->detached_ev, NULL)) {
+    struct timeval tv = {0, DETACHED_FLUSH_DELAY_US};
+    evtimer_add(d->detached_ev, &tv);
+  }
+  return o;
+}
+
+/* queues fn(tx, ...) for the next group commit; the task waits for it */
+static int submit(lua_State *L, int committed_enough) {
+  store_db *d = check_db(L, 1);
+  task *t = task_current(L, "store operations");
+  op *o = enqueue(L, d, 2, 0);
+  o->t = t;
+  o->committed_enough = committed_enough;
   task_wait(t, &store_op_wait, o);
   return lua_yieldk(L, 0, (lua_KContext)o, tx_k);
 }
@@ -626,6 +696,26 @@ static int db_tx(lua_State *L) { return submit(L, 0); }
  * waiting for it (a power cut may lose it). For writes an answer need not
  * wait for. */
 static int db_commit_only(lua_State *L) { return submit(L, 1); }
+
+/* db:enqueue(done, fn, ...): fn(tx, ...) in the next group commit, like
+ * db:commit_only, but nobody waits: it returns at once, from a task or not.
+ * After the commit, done(nil, fn's results...), or done(err) when fn raised
+ * or the store failed (done may be nil: a failure is then logged). Called
+ * on the loop, outside any task. For writes no answer should wait for (the
+ * gateway's ledger rows): a crash of the process loses those not committed
+ * yet, as it loses a call whose answer came back before its row was
+ * written; closing the store commits those still queued. */
+static int db_enqueue(lua_State *L) {
+  store_db *d = check_db(L, 1);
+  if (!d->db) return luaL_error(L, "store: enqueue on a closed store");
+  if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_pushvalue(L, 2);
+  int ref_done = luaL_ref(L, LUA_REGISTRYINDEX); /* LUA_REFNIL for nil */
+  op *o = enqueue(L, d, 3, 1);
+  o->detached = o->committed_enough = 1;
+  o->ref_done = ref_done == LUA_REFNIL ? LUA_NOREF : ref_done;
+  return 0;
+}
 
 /* db:now(fn, ...) -> fn(tx, ...) at once, in its own transaction (setup,
  * migrations, reads outside tasks). */
@@ -695,8 +785,56 @@ static int db_stats(lua_State *L) {
   return 1;
 }
 
+/* Closing with detached ops still queued (db:enqueue; a gateway stopped
+ * mid-traffic, another process holding the write lock): they are written
+ * now, waiting for the lock inside SQLite up to the timeout, since nobody
+ * will queue them again. Ops whose tasks wait stay where they are: those
+ * tasks will not run again. */
+static void commit_detached_at_close(lua_State *L, store_db *d) {
+  op *detached = NULL, **tail = &detached, **link = &d->head;
+  d->tail = NULL;
+  while (*link) {
+    op *o = *link;
+    if (o->detached) {
+      *link = o->next;
+      o->next = NULL;
+      *tail = o;
+      tail = &o->next;
+    } else {
+      d->tail = o;
+      link = &o->next;
+    }
+  }
+  if (!detached) return;
+  if (d->waiting_lock) {
+    evtimer_del(d->retry_ev);
+    d->waiting_lock = 0;
+    d->R->io_pending--;
+  }
+  int began = 0;
+  if (!d->sync_error) {
+    sqlite3_busy_timeout(d->db, (int)(d->timeout * 1000));
+    began = exec_ctl(d, CTL_BEGIN) == SQLITE_OK;
+    sqlite3_busy_timeout(d->db, 0);
+  }
+  store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
+  *txp = d;
+  luaL_setmetatable(L, TX_MT);
+  int committed = commit_batch(L, d, detached, lua_gettop(L), began);
+  *txp = NULL;
+  lua_pop(L, 1);
+  if (committed) d->unsynced = 1; /* synced below, with the rest */
+  /* their done callbacks are not called (the loop is over): failures are logged */
+  for (op *o = detached; o; o = o->next) {
+    luaL_unref(L, LUA_REGISTRYINDEX, o->ref_done);
+    o->ref_done = LUA_NOREF;
+  }
+  finish_batch(L, d, detached);
+}
+
 static void db_close_all(lua_State *L, store_db *d) {
   if (!d->db) return;
+  commit_detached_at_close(L, d);
   /* closing: durable now (also with a sync under way: these may have
    * committed after it began) */
   if (d->unsynced && d->syncer) wal_syncer_sync_now(d->syncer);
@@ -725,14 +863,16 @@ static void db_close_all(lua_State *L, store_db *d) {
   if (d->flush_ev) event_free(d->flush_ev);
   if (d->retry_ev) event_free(d->retry_ev);
   if (d->unsynced_ev) event_free(d->unsynced_ev);
-  d->flush_ev = d->retry_ev = d->unsynced_ev = NULL;
+  if (d->detached_ev) event_free(d->detached_ev);
+  d->flush_ev = d->retry_ev = d->unsynced_ev = d->detached_ev = NULL;
   free(d->path);
   d->path = NULL;
 }
 
 static int db_close(lua_State *L) {
   store_db *d = luaL_checkudata(L, 1, DB_MT);
-  if (d->head) return luaL_error(L, "store: close with operations pending");
+  for (op *o = d->head; o; o = o->next)
+    if (!o->detached) return luaL_error(L, "store: close with operations pending");
   db_close_all(L, d);
   return 0;
 }
@@ -812,6 +952,7 @@ static int l_open(lua_State *L) {
   /* from now on never wait for a lock inside SQLite: that would block the
    * loop (writes wait on a timer instead, take_write_lock) */
   sqlite3_busy_timeout(d->db, 0);
+  if (getenv("XP_PRAGMA")) sqlite3_exec(d->db, getenv("XP_PRAGMA"), NULL, NULL, NULL);
   if (wal != SQLITE_OK) {
     lua_pushnil(L);
     resil_push_error(L, "store_unavailable", "store: %s: %s", path, err ? err : "cannot set WAL mode");
@@ -826,10 +967,12 @@ static int l_open(lua_State *L) {
   d->flush_ev = event_new(R->base, -1, 0, flush_cb, d);
   d->retry_ev = evtimer_new(R->base, flush_cb, d);
   d->unsynced_ev = evtimer_new(R->base, unsynced_cb, d);
+  d->detached_ev = evtimer_new(R->base, flush_cb, d);
   return 1;
 }
 
 static const luaL_Reg db_methods[] = {{"tx", db_tx},         {"commit_only", db_commit_only},
+                                      {"enqueue", db_enqueue},
                                       {"now", db_now},       {"read", db_read},
                                       {"blocking", db_blocking}, {"stats", db_stats},
                                       {"close", db_close},   {NULL, NULL}};

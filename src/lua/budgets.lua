@@ -176,19 +176,17 @@ end
 -- in the store, its ticket in the ledger), so a retry that meets one that
 -- did land, or the caller's own retry, changes nothing.
 local function settle_later(ticket, entry, fields)
-  resil.spawn(function()
-    local ok, err = S.retry_write(function() return ticket.store.backend:budget_settle(ticket.id, entry) end)
-    if ok and fields.usd > 0 then costs.observe(fields, fields.units) end
-    if ok == nil then
-      resil.log.error("budget: a settle could not be written; its cost is not in the ledger",
-        { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd, error = tostring(err) })
-    end
-  end)
+  costs.retry_later("a settle", function() return ticket.store.backend:budget_settle(ticket.id, entry) end,
+    function(ok) return ok and fields.usd > 0 end, fields,
+    { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd })
 end
 
 -- ticket:settle(actual_usd [, cost fields]) -> true (first time) | false (already settled)
 -- | nil, err{kind="store_unavailable", retrying=true} (tried again meanwhile, see above)
 -- settle(0) frees the hold and writes no ledger row (a call that failed cost nothing).
+-- With wait = false in the cost fields it returns true at once: the settle is
+-- written with the next group commit (SQLite) or by a task of its own
+-- (Redis), tried again as above when the store is unavailable.
 function Ticket:settle(actual, e)
   if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
   self.done = true -- (a guard that would release it on a cancel has nothing left to do)
@@ -199,6 +197,11 @@ function Ticket:settle(actual, e)
   local entry = cost_entry(fields, store_now())
   entry.ticket = self.id
   entry.dedupe = entry.dedupe or ("ticket:" .. self.id)
+  if fields.wait == false then
+    costs.write_later(self.store.backend, "budget_settle", fields,
+      { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry)
+    return true
+  end
   local ok, err = self.store.backend:budget_settle(self.id, entry)
   if ok and actual > 0 then costs.observe(fields, fields.units) end
   if ok == nil and resil.is_error(err) and err.kind == "store_unavailable" then

@@ -110,15 +110,68 @@ local function cost_entry(e, at)
            item = e.item or ctx.step_scope }
 end
 
+-- A write nobody waits for (write_later below) found the store unavailable:
+-- it is tried again in a task of its own, for a minute at most, since the
+-- call it records was paid for. A row keyed by an id (or a ticket) is
+-- written once however often it is tried.
+local function retry_later(what, write, counts, fields, log_fields)
+  resil.spawn(function()
+    local ok, err = S.retry_write(write)
+    if counts(ok) then observe_cost(fields, fields.units) end
+    if ok == nil then
+      log_fields.error = tostring(err)
+      resil.log.error(what .. " could not be written; its cost is not in the ledger", log_fields)
+    end
+  end)
+end
+
+-- backend:<name>_later(args..., done) when the store has it (SQLite: the next
+-- group commit), else <name>(args...) in a task of its own (Redis); then
+-- the metrics, or the retry above
+local function write_later(backend, name, fields, log_fields, ...)
+  local args = table.pack(...)
+  local function write() return backend[name](backend, table.unpack(args, 1, args.n)) end
+  -- a row that was written (not one already there) counts in the metrics;
+  -- a settle of 0 writes none
+  local function counts(ok) return ok and (name == "cost_record" or fields.usd > 0) end
+  local function done(err, ok)
+    if err == nil then
+      if counts(ok) then observe_cost(fields, fields.units) end
+    elseif resil.is_error(err) and err.kind == "store_unavailable" then
+      retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, fields, log_fields)
+    else
+      log_fields.error = tostring(err)
+      resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
+    end
+  end
+  local later = backend[name .. "_later"]
+  if later then
+    args[args.n + 1] = done
+    return later(backend, table.unpack(args, 1, args.n + 1))
+  end
+  resil.spawn(function()
+    local ok, err = write()
+    if ok == nil and err then done(err) else done(nil, ok) end
+  end)
+end
+
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
 -- sync = false: return once the row is committed (it survives a crash of the
 -- process) rather than once it is on the disk (a power cut may lose it);
--- SQLite only (Redis keeps to its own persistence either way)
+-- SQLite only (Redis keeps to its own persistence either way).
+-- wait = false: return at once; the row is written with the next group
+-- commit (SQLite), or by a task of its own (Redis), and a store that is
+-- unavailable meanwhile is tried again for a minute (failures are logged).
 function resil.cost.record(e)
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   local entry = cost_entry(e, store_now())
   entry.sync = e.sync
+  if e.wait == false then
+    write_later(s.backend, "cost_record", e, { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe },
+      entry)
+    return true
+  end
   local ok, err = s.backend:cost_record(entry)
   if ok == nil and err then return nil, err end
   if ok then observe_cost(e, e.units) end
@@ -152,4 +205,4 @@ end
 -- for budgets: ledger entries and money in micro-dollars; for the progress
 -- line: what this process has recorded so far
 return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, is_usd = is_usd, observe = observe_cost,
-         spent = function() return spent_usd end }
+         write_later = write_later, retry_later = retry_later, spent = function() return spent_usd end }

@@ -396,6 +396,9 @@ function B:cost_record(e)
   return self.db:tx(insert_cost, e)
 end
 
+-- the same in the next group commit, without waiting: done(nil, inserted) | done(err)
+function B:cost_record_later(e, done) self.db:enqueue(done, insert_cost, e) end
+
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
 local BY = { provider = "provider", model = "model", user = "user", day = "day", operation = "operation",
              run = "run", item = "item" }
@@ -480,15 +483,18 @@ function B:budget_usage(budget, period, now, me)
 end
 
 -- Replace the reservation by the actual cost; a second settle changes nothing.
-function B:budget_settle(ticket, entry)
-  return self.db:tx(function(tx)
-    local row = tx:row("SELECT state FROM reservations WHERE ticket = ?", ticket)
-    if row and row.state == "settled" then return false end
-    tx:exec("UPDATE reservations SET state = 'settled' WHERE ticket = ?", ticket)
-    if entry.micro_usd == 0 then return true end -- nothing spent: no ledger row
-    return insert_cost(tx, entry)
-  end)
+local function settle(tx, ticket, entry)
+  local row = tx:row("SELECT state FROM reservations WHERE ticket = ?", ticket)
+  if row and row.state == "settled" then return false end
+  tx:exec("UPDATE reservations SET state = 'settled' WHERE ticket = ?", ticket)
+  if entry.micro_usd == 0 then return true end -- nothing spent: no ledger row
+  return insert_cost(tx, entry)
 end
+
+function B:budget_settle(ticket, entry) return self.db:tx(settle, ticket, entry) end
+
+-- the same in the next group commit, without waiting: done(nil, first) | done(err)
+function B:budget_settle_later(ticket, entry, done) self.db:enqueue(done, settle, ticket, entry) end
 
 function B:budget_release(ticket)
   return self.db:tx(function(tx)
