@@ -886,6 +886,42 @@ describe("resil-lua gateway and resil-lua keys", function()
   -- not yet set its handler, was killed by it (the default action), and a
   -- reload in the gateway's first second counted as workers dying as they
   -- start: the gateway stopped.
+  it("--workers 2: a worker that exits on its own with status 0 (a policy's os.exit) is replaced too", function()
+    local trigger = helpers.tmpname(".exit")
+    local m, _, port, log, pidfile = workers_setup()
+    -- each worker ends with status 0 once a file named after its pid exists
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      local resil = require "resil"
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      local mine = %q .. "." .. io.open("/proc/self/stat"):read("l"):match("^(%%d+)")
+      resil.spawn(function()
+        while not io.open(mine) do resil.sleep(0.02) end
+        os.exit(0)
+      end)
+      return { auth = false }
+    ]]):format(m.url .. "/v1", trigger))
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local seen = {}
+    finally(function() stop_all(pid, seen, m) end)
+    assert.is_true(helpers.wait_until(function() return #workers_of(pid) == 2 end, 10), helpers.slurp(log))
+    assert.is_true(helpers.wait_until(function() return select(2, helpers.slurp(log):gsub("listening", "")) == 2 end))
+    local first = workers_of(pid)
+    seen = { first[1], first[2] }
+    helpers.write(trigger .. "." .. first[1], "")
+    assert.is_true(helpers.wait_until(function() return select(2, helpers.slurp(log):gsub("listening", "")) == 3 end),
+      helpers.slurp(log))
+    local now = workers_of(pid)
+    assert.are.equal(2, #now)
+    seen[3] = now[1] ~= first[2] and now[1] or now[2]
+    assert.are_not.equal(first[1], seen[3])
+    assert.matches("worker " .. first[1] .. " exited with code 0; starting another", helpers.slurp(log))
+    local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+      body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+    assert.are.equal(200, res.status)
+  end)
+
   it("--workers 3: a SIGHUP as the workers start reloads them, it does not kill them", function()
     local m, config, port, log, pidfile = workers_setup()
     -- SIGHUP the moment the first worker exists

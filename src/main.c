@@ -381,8 +381,9 @@ static int start_worker(pid_t *pids, double *started, long w, const sigset_t *wo
  * libcurl's threads do not survive fork) and starts another when one dies (a
  * crash, the OOM killer, kill -9), so the gateway keeps its N processes.
  * SIGTERM and SIGINT stop them all; SIGHUP is passed on (each reloads). A
- * worker that dies within a second of starting three times in a row (a bad
- * config, a port in use) stops the gateway with its exit code.
+ * worker that ends on its own is replaced whatever its exit code; one that
+ * dies within a second of starting three times in a row (a bad config, a
+ * port in use) stops the gateway with its exit code (1 for 0).
  * -> -1 in a worker (go on and serve), the exit code in the supervisor */
 static int supervise_workers(long n) {
   pid_t pids[256];
@@ -422,8 +423,9 @@ static int supervise_workers(long n) {
       if (w == n) continue;
       pids[w] = 0;
       running--;
-      int died = WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 0);
-      if (supervisor_signal || !died) continue; /* stopping, or a worker that finished */
+      /* stopping; otherwise a worker that ended, even with 0 (a policy's
+       * os.exit), left the gateway a process short: it is replaced */
+      if (supervisor_signal) continue;
       int quick = seconds_now() - started[w] < 1.0;
       quick_deaths = quick ? quick_deaths + 1 : 0;
       if (WIFSIGNALED(status))
@@ -434,7 +436,7 @@ static int supervise_workers(long n) {
                 quick_deaths >= 3 ? "" : "; starting another");
       if (quick_deaths >= 3) {
         fprintf(stderr, PROGNAME ": gateway: workers keep dying as they start; stopping\n");
-        code = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+        code = WIFEXITED(status) && WEXITSTATUS(status) != 0 ? WEXITSTATUS(status) : 1;
         supervisor_signal = SIGTERM;
         passed_on = 1; /* once: a second SIGTERM stops a worker at once, without draining */
         for (long k = 0; k < n; k++)
