@@ -315,6 +315,6 @@ print(db:tx(function(tx) return tx:value("PRAGMA user_version") end),
   db:tx(function(tx) return tx:value("SELECT group_concat(id) FROM (SELECT id FROM costs WHERE id < 10 ORDER BY id)") end))
 ]], "--store " .. path)
     assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n8\t7,9\n", r.stdout)
+    assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n9\t7,9\n", r.stdout) -- (9: the newest schema)
   end)
 end)

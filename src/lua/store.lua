@@ -83,6 +83,21 @@ end
 local Store = {}
 Store.__index = Store
 
+-- A SQLite store sweeps what has expired (its backend's sweep: kv keys past
+-- their TTL, once records, old budget holds) once a minute while the process
+-- runs, as Redis expires its keys itself: a gateway's file grew for good
+-- with every cached answer, Idempotency-Key and budgeted request. A task
+-- that does not keep the process running; a long backlog goes in chunks,
+-- each its own commit, other writes between.
+local SWEEP_EVERY, SWEEP_ROWS = 60, 1000
+local function sweeper(backend)
+  while true do
+    resil.sleep(SWEEP_EVERY)
+    local n
+    repeat n = backend:sweep(store_now(), SWEEP_ROWS) until not n or n < SWEEP_ROWS
+  end
+end
+
 -- opts (first open only): group_commit = false commits each operation alone
 function resil.store(url, opts)
   url = url or default_url()
@@ -99,6 +114,7 @@ function resil.store(url, opts)
     local o = { timeout = timeout }
     for k, v in pairs(opts or {}) do o[k] = v end
     backend, err = backends.sqlite.open(path, o)
+    if backend then resil.background(sweeper, backend) end
   end
   if not backend then return nil, err end
   s = setmetatable({ backend = backend, url = url, kind = backend.kind }, Store)

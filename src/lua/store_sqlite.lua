@@ -98,6 +98,12 @@ local migrations = {
   CREATE UNIQUE INDEX costs_ticket ON costs(ticket) WHERE ticket IS NOT NULL;
   CREATE INDEX costs_budget ON costs(budget, period) WHERE budget IS NOT NULL;
   ]],
+  -- 9: what B:sweep deletes is found by an index: kv keys past their TTL
+  -- and reservations past their hold
+  [[
+  CREATE INDEX IF NOT EXISTS kv_expiry ON kv(expires_at) WHERE expires_at IS NOT NULL;
+  CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations(expires_at);
+  ]],
 }
 
 local B = {}
@@ -263,6 +269,23 @@ function B:once_release(key, owner)
     return tx:exec("DELETE FROM idempotency WHERE key = ? AND owner = ? AND state = 'running'", key, owner) > 0
   end)
 end
+
+-- What has expired, at most `limit` rows of each table per call (a long
+-- backlog goes over several calls, never one long transaction): kv keys
+-- past their TTL (otherwise deleted only if read again: a cache's answers
+-- stayed for good), once records past their retention, and reservations a
+-- day past their hold, whatever their state (none counts any more; a late
+-- settle of one finds its ticket in the ledger, or writes it: it is charged
+-- either way). -> rows deleted | nil, err
+local SWEEP_KV = "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= ? LIMIT ?)"
+local SWEEP_ONCE = "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE expires_at <= ? LIMIT ?)"
+local SWEEP_HOLDS = "DELETE FROM reservations WHERE ticket IN (SELECT ticket FROM reservations WHERE expires_at <= ? " ..
+  "LIMIT ?)"
+local HOLDS_KEPT = 86400
+local function sweep(tx, now, limit)
+  return tx:exec(SWEEP_KV, now, limit) + tx:exec(SWEEP_ONCE, now, limit) + tx:exec(SWEEP_HOLDS, now - HOLDS_KEPT, limit)
+end
+function B:sweep(now, limit) return self.db:commit_only(sweep, now, limit) end
 
 function B:once_reap(now)
   return self.db:tx(function(tx) return tx:exec("DELETE FROM idempotency WHERE expires_at <= ?", now) end)
