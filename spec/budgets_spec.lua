@@ -163,6 +163,16 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.is_nil((budget:reserve(0.01)))
     end)
 
+    it("a call that cost less than a micro-dollar still has its ledger row; a settle of 0 has none", function()
+      local budget = resil.budget("money-tiny", { limit = 1 })
+      assert.is_true(assert(budget:reserve(0.01)):settle(0.0000004, { provider = "tiny", units = { input_tokens = 20 } }))
+      assert.is_true(assert(budget:reserve(0.01)):settle(0, { provider = "failed" }))
+      local calls = {}
+      for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do calls[g.key] = g.calls end
+      assert.are.same({ tiny = 1 }, calls)
+      assert.are.equal(0, assert(budget:state()).reserved)
+    end)
+
     it("a settle with an id the ledger already has is kept once, in the ledger and in the budget", function()
       local budget = resil.budget("money-dedupe", { limit = 1 })
       local first, again = assert(budget:reserve(0.5)), assert(budget:reserve(0.5))

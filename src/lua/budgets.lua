@@ -197,6 +197,9 @@ function Ticket:settle(actual, e)
   local entry = cost_entry(fields, store_now())
   entry.ticket = self.id
   entry.dedupe = entry.dedupe or ("ticket:" .. self.id)
+  -- a call that cost something, however little (under half a micro-dollar
+  -- rounds to 0): its row is written; settle(0) writes none
+  entry.charged = actual > 0
   if fields.wait == false then
     costs.write_later(self.store.backend, "budget_settle", fields,
       { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry)

@@ -251,8 +251,8 @@ end
 return {spent, reserved, to_judge, holds}
 ]]
 
--- ARGV: ticket, micro_usd, dedupe, entry json, the ticket's time to live (ms); a settle of $0
--- writes no ledger row. The spent total grows with the ledger: a row the ledger already has
+-- ARGV: ticket, micro_usd, dedupe, entry json, the ticket's time to live (ms), '1' when the call
+-- cost something (a row even under half a micro-dollar); a settle of $0 writes no ledger row. The spent total grows with the ledger: a row the ledger already has
 -- (the same id, a provider's replayed answer) is not spent twice, as on SQLite, where spent is
 -- the ledger's sum.
 scripts.budget_settle = budget_lib .. insert_cost .. [[
@@ -260,7 +260,7 @@ if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
 unhold(ARGV[1])
 redis.call('HSET', KEYS[5], 'state', 'settled')
 redis.call('PEXPIRE', KEYS[5], ARGV[5])
-if tonumber(ARGV[2]) == 0 then return 1 end
+if ARGV[6] ~= '1' then return 1 end
 if insert_cost(KEYS[8], KEYS[9], ARGV[3], ARGV[4]) == 0 then return 0 end
 redis.call('INCRBY', KEYS[1], ARGV[2])
 return 1
@@ -700,7 +700,7 @@ function R:budget_settle(ticket, entry)
   local keys = budget_keys(entry.budget, entry.period, ticket)
   keys[8], keys[9] = P .. "costs", P .. "costs:dedupe"
   local n, err = self:script("budget_settle", keys, ticket, entry.micro_usd, entry.dedupe or "",
-    resil.json.encode(entry), ticket_ttl())
+    resil.json.encode(entry), ticket_ttl(), entry.charged and "1" or "0")
   if n == nil then return nil, err end
   return n == 1
 end

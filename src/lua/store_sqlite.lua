@@ -510,7 +510,7 @@ local function settle(tx, ticket, entry)
   local row = tx:row("SELECT state FROM reservations WHERE ticket = ?", ticket)
   if row and row.state == "settled" then return false end
   tx:exec("UPDATE reservations SET state = 'settled' WHERE ticket = ?", ticket)
-  if entry.micro_usd == 0 then return true end -- nothing spent: no ledger row
+  if not entry.charged then return true end -- settle(0): nothing spent, no ledger row
   return insert_cost(tx, entry)
 end
 
