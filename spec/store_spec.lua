@@ -289,6 +289,22 @@ print(resil.cost.total({ provider = "later" }))
     assert.are.equal("0.2\n", r.stdout)
     assert.are.equal("0.2\n", total(db))
   end)
+
+  it("a lock held past the store's timeout, then SIGTERM: the rows waiting for it are written as it stops", function()
+    resil.clock.real()
+    local db, release = locked_store()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.log.level("off")
+for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
+resil.sleep(0.5) -- past the timeout of 0.2 s: the rows wait on
+io.open(%q, "w"):close() -- the other process lets go, while this one is stopped
+os.execute("kill -TERM " .. io.open("/proc/self/stat"):read("l"):match("^(%%d+)"))
+resil.sleep(10)
+]]):format(release), "--store 'sqlite://" .. db .. "?timeout=0.2'")
+    assert.are.equal(143, r.code, r.stderr)
+    assert.are.equal("0.2\n", total(db))
+  end)
 end)
 
 describe("resil.budget", function()
