@@ -307,6 +307,24 @@ resil.sleep(10)
   end)
 end)
 
+describe("resil.cost with wait = false on the virtual clock", function()
+  it("a row recorded without waiting is in the store before time moves on", function()
+    resil.clock.real()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.clock.virtual()
+assert(resil.cost.record({ provider = "later", usd = 0.25, wait = false }))
+resil.sleep(10)
+local f = io.popen("sqlite3 %s 'SELECT count(*) FROM costs'") -- another process
+print(f:read("a"))
+f:close()
+]]):format(db), "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("1\n\n", r.stdout)
+  end)
+end)
+
 describe("resil.budget", function()
   before_each(function()
     resil.clock.virtual()

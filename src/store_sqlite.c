@@ -718,7 +718,9 @@ static op *enqueue(lua_State *L, store_db *d, int first, int detached) {
   else d->head = o;
   d->tail = o;
   if (d->waiting_lock) return o; /* the lock's retry timer flushes */
-  if (!detached) {
+  /* (on the virtual clock, this turn: time would move on past the real
+   * delay, and a sleep of hours end before a row recorded ahead of it) */
+  if (!detached || d->R->virtual_clock) {
     event_active(d->flush_ev, EV_TIMEOUT, 0);
   } else if (!evtimer_pending(d->detached_ev, NULL)) {
     struct timeval tv = {0, DETACHED_FLUSH_DELAY_US};
