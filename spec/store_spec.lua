@@ -325,6 +325,22 @@ f:close()
   end)
 end)
 
+describe("db:enqueue misused", function()
+  it("raises, and keeps nothing of the call (its done is collected)", function()
+    local db = assert(resil.sqlite.open(helpers.tmpname(".db")))
+    local alive = setmetatable({}, { __mode = "k" })
+    do
+      local done = function() end
+      alive[done] = true
+      assert.has_error(function() db:enqueue(done, "not a function") end)
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(next(alive), "the done callback is still referenced")
+    db:close()
+  end)
+end)
+
 describe("resil.budget", function()
   before_each(function()
     resil.clock.virtual()

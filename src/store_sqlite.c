@@ -761,8 +761,8 @@ static int db_commit_only(lua_State *L) { return submit(L, 1); }
  * write lock is waited for up to DETACHED_LOCK_WAIT, queued. */
 static int db_enqueue(lua_State *L) {
   store_db *d = check_db(L, 1);
-  if (!d->db) return luaL_error(L, "store: enqueue on a closed store");
   if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
+  luaL_checktype(L, 3, LUA_TFUNCTION); /* before done is referenced: a raise would leave it so */
   lua_pushvalue(L, 2);
   int ref_done = luaL_ref(L, LUA_REGISTRYINDEX); /* LUA_REFNIL for nil */
   op *o = enqueue(L, d, 3, 1);
