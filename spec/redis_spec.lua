@@ -175,6 +175,53 @@ print(admitted)
   end)
 end)
 
+describe("the ledger on Redis with wait = false", function()
+  before_each(function() fresh_url() end)
+
+  it("a read right after a record or a settle that did not wait sees it", function()
+    assert(resil.cost.total()) -- connected, as a gateway's store is
+    assert(resil.cost.record({ provider = "later", usd = 0.25, wait = false }))
+    assert.are.equal(0.25, resil.cost.total({ provider = "later" }))
+    local b = resil.budget("later", { limit = 10 })
+    local ticket = assert(b:reserve(1))
+    assert.is_true(ticket:settle(0.5, { provider = "later", wait = false }))
+    assert.are.equal(0.75, resil.cost.total({ provider = "later" }))
+    assert.are.same({ 0.5, 0 }, { b:state().spent, b:state().reserved })
+  end)
+
+  it("rows recorded just before the host closes its Lua state are written (os.exit(0, true), as resil_close)",
+    function()
+      local url = resil.store().url
+      local r = helpers.run_script([[
+local resil = require "resil"
+for i = 1, 5 do assert(resil.cost.record({ provider = "closing", usd = 0.01, wait = false })) end
+os.exit(0, true)
+]], "--store " .. url)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal(0.05, resil.cost.total({ provider = "closing" }))
+      assert.are.equal(5, resil.cost.breakdown("provider")[1].calls)
+    end)
+
+  it("a frozen Redis (SIGSTOP past the timeout): the rows are tried again once it thaws, each written once",
+    function()
+      local url = fresh_url():gsub("$", "?timeout=0.3")
+      local r = helpers.run_script(([[
+local resil = require "resil"
+resil.log.level("off")
+local ticket = assert(resil.budget("frozen", { limit = 1 }):reserve(0.5))
+os.execute("kill -STOP %s; (sleep 0.6; kill -CONT %s) &")
+for i = 1, 5 do assert(resil.cost.record({ provider = "frozen", usd = 0.01, wait = false })) end
+assert(resil.cost.record({ provider = "frozen", usd = 0.01, id = "keyed", wait = false }))
+assert(ticket:settle(0.01, { provider = "frozen", wait = false }))
+resil.sleep(1) -- their commands time out (and are tried again) meanwhile
+]]):format(pid, pid), "--store '" .. url .. "'")
+      assert.are.equal(0, r.code, r.stderr)
+      resil.store_config({ url = url })
+      local by = assert(resil.cost.breakdown("provider"))
+      assert.are.equal(7, by[1] and by[1].calls, r.stderr)
+    end)
+end)
+
 describe("runs on Redis", function()
   before_each(fresh_url)
 

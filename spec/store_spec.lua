@@ -313,6 +313,56 @@ print(resil.cost.total({ provider = "later" }))
     assert.are.equal("0.2\n", r.stdout)
     assert.are.equal("0.2\n", total(db))
   end)
+
+  it("a lock held past the store's timeout, then SIGTERM: the rows waiting for it are written as it stops", function()
+    resil.clock.real()
+    local db, release = locked_store()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.log.level("off")
+for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
+resil.sleep(0.5) -- past the timeout of 0.2 s: the rows wait on
+io.open(%q, "w"):close() -- the other process lets go, while this one is stopped
+os.execute("kill -TERM " .. io.open("/proc/self/stat"):read("l"):match("^(%%d+)"))
+resil.sleep(10)
+]]):format(release), "--store 'sqlite://" .. db .. "?timeout=0.2'")
+    assert.are.equal(143, r.code, r.stderr)
+    assert.are.equal("0.2\n", total(db))
+  end)
+end)
+
+describe("resil.cost with wait = false on the virtual clock", function()
+  it("a row recorded without waiting is in the store before time moves on", function()
+    resil.clock.real()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.clock.virtual()
+assert(resil.cost.record({ provider = "later", usd = 0.25, wait = false }))
+resil.sleep(10)
+local f = io.popen("sqlite3 %s 'SELECT count(*) FROM costs'") -- another process
+print(f:read("a"))
+f:close()
+]]):format(db), "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("1\n\n", r.stdout)
+  end)
+end)
+
+describe("db:enqueue misused", function()
+  it("raises, and keeps nothing of the call (its done is collected)", function()
+    local db = assert(resil.sqlite.open(helpers.tmpname(".db")))
+    local alive = setmetatable({}, { __mode = "k" })
+    do
+      local done = function() end
+      alive[done] = true
+      assert.has_error(function() db:enqueue(done, "not a function") end)
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(next(alive), "the done callback is still referenced")
+    db:close()
+  end)
 end)
 
 describe("resil.budget", function()

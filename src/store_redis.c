@@ -12,6 +12,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <time.h>
 
 #include <hiredis/adapters/libevent.h>
@@ -36,12 +37,14 @@ typedef struct {
   int ref_self; /* alive while commands are in flight */
   int pending;
   double timeout;
+  int closing; /* collected: replies are no longer told to Lua */
 } redis_conn;
 
 typedef struct {
   redis_conn *c;
   task *t;
   int ref_result; /* {n=, ...} or {err = message, kind = } */
+  int ref_done;   /* conn:send: told the reply, no task waits */
   struct event *deadline; /* real time: a frozen server must not hold the task */
 } redis_cmd;
 
@@ -66,6 +69,34 @@ static void push_reply(lua_State *L, redisReply *r, int depth) {
     break;
   default: lua_pushlstring(L, r->str ? r->str : "", r->str ? r->len : 0); break;
   }
+}
+
+/* conn:send's reply to its done(reply) | done(nil, err), on the loop outside
+ * any task; a done that raises is logged. */
+static void tell_done(lua_State *L, redis_cmd *cmd) {
+  int top = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, cmd->ref_result); /* L stack: res */
+  int res = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, cmd->ref_done); /* res done */
+  if (lua_getfield(L, res, "err") != LUA_TNIL) {     /* res done message */
+    lua_getfield(L, res, "kind");                    /* res done message kind */
+    const char *kind = lua_tostring(L, -1);
+    lua_pushnil(L);
+    resil_push_error(L, kind ? kind : "store_error", "%s", lua_tostring(L, -3));
+    lua_rotate(L, res + 2, 2); /* res done nil err message kind */
+    lua_pop(L, 2);
+  } else {
+    lua_pop(L, 1);
+    lua_rawgeti(L, res, 1);
+    lua_pushnil(L); /* res done reply nil */
+  }
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "error");
+    host_log(L, "error", "redis: a command's done callback raised");
+  }
+  lua_settop(L, top);
 }
 
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
@@ -98,10 +129,12 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   }
   if (cmd->t) {
     task_wake(cmd->t); /* the continuation frees cmd */
-  } else {
-    luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_result);
-    free(cmd);
+    return;
   }
+  if (cmd->ref_done != LUA_NOREF && !c->closing) tell_done(L, cmd);
+  luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_done);
+  luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_result);
+  free(cmd);
 }
 
 /* ---------- the connection ---------- */
@@ -205,13 +238,13 @@ static int call_k(lua_State *L, int status, lua_KContext ctx) {
   return 1;
 }
 
-/* The arguments at 2.. as hiredis argv; raises on a bad one. */
-static int command_args(lua_State *L, const char **argv_s, size_t *argv_len, int max) {
-  int argc = lua_gettop(L) - 1;
+/* The arguments at first.. as hiredis argv; raises on a bad one. */
+static int command_args(lua_State *L, int first, const char **argv_s, size_t *argv_len, int max) {
+  int argc = lua_gettop(L) - first + 1;
   if (argc < 1) return luaL_error(L, "redis: call needs a command");
   if (argc > max) return luaL_error(L, "redis: at most %d arguments", max);
   for (int i = 0; i < argc; i++) {
-    int idx = i + 2;
+    int idx = i + first;
     if (lua_type(L, idx) != LUA_TSTRING && lua_type(L, idx) != LUA_TNUMBER)
       return luaL_error(L, "redis: argument %d must be a string or a number, got %s", i + 1, luaL_typename(L, idx));
     argv_s[i] = lua_tolstring(L, idx, &argv_len[i]); /* numbers become strings in place */
@@ -219,26 +252,22 @@ static int command_args(lua_State *L, const char **argv_s, size_t *argv_len, int
   return argc;
 }
 
-/* conn:call(cmd, args...) -> reply | nil, err{kind="store_unavailable"|"store_error"}
- * Replies: strings, integers, arrays as tables; a nil reply is false. */
-static int conn_call(lua_State *L) {
-  redis_conn *c = check_conn(L, 1);
-  const char *argv_s[64];
-  size_t argv_len[64];
-  int argc = command_args(L, argv_s, argv_len, 64);
-  task *t = task_current(L, "redis commands");
+/* The command sent (queued on the connection, in order): -> it, or NULL
+ * with nil, err pushed. The conn is at index 1. */
+static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char **argv_s, size_t *argv_len) {
   if (!ensure_connected(c)) {
-    return resil_error_result(L, "store_unavailable", "%s", c->last_error[0] ? c->last_error : "redis: not connected");
+    resil_error_result(L, "store_unavailable", "%s", c->last_error[0] ? c->last_error : "redis: not connected");
+    return NULL;
   }
   redis_cmd *cmd = calloc(1, sizeof *cmd);
-  if (!cmd) return luaL_error(L, "out of memory");
+  if (!cmd) luaL_error(L, "out of memory");
   cmd->c = c;
-  cmd->t = t;
-  cmd->ref_result = LUA_NOREF;
+  cmd->ref_result = cmd->ref_done = LUA_NOREF;
   if (redisAsyncCommandArgv(c->ac, on_reply, cmd, argc, argv_s, argv_len) != REDIS_OK) {
     free(cmd);
-    return resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
-                              c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
+    resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
+                       c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
+    return NULL;
   }
   c->R->io_pending++; /* real I/O: the virtual clock waits for it as for HTTP */
   cmd->deadline = evtimer_new(c->R->base, cmd_timed_out, cmd);
@@ -250,8 +279,43 @@ static int conn_call(lua_State *L) {
     lua_pushvalue(L, 1);
     c->ref_self = luaL_ref(L, LUA_REGISTRYINDEX);
   }
+  return cmd;
+}
+
+/* conn:call(cmd, args...) -> reply | nil, err{kind="store_unavailable"|"store_error"}
+ * Replies: strings, integers, arrays as tables; a nil reply is false. */
+static int conn_call(lua_State *L) {
+  redis_conn *c = check_conn(L, 1);
+  const char *argv_s[64];
+  size_t argv_len[64];
+  int argc = command_args(L, 2, argv_s, argv_len, 64);
+  task *t = task_current(L, "redis commands");
+  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len);
+  if (!cmd) return 2;
+  cmd->t = t;
   task_wait(t, &redis_cmd_wait, cmd);
   return lua_yieldk(L, 0, (lua_KContext)cmd, call_k);
+}
+
+/* conn:send(done, cmd, args...) -> true | nil, err: the command is sent
+ * without waiting, from a task or not: after every command sent before it on
+ * this connection, before every one sent after (a read that follows sees a
+ * write sent so). Its reply goes to done(reply) | done(nil, err), called on
+ * the loop outside any task. For writes nobody waits for (the ledger's
+ * wait = false rows); sent commands still in this process when the
+ * connection is collected are written then (conn_gc). */
+static int conn_send(lua_State *L) {
+  redis_conn *c = check_conn(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  const char *argv_s[64];
+  size_t argv_len[64];
+  int argc = command_args(L, 3, argv_s, argv_len, 64);
+  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len);
+  if (!cmd) return 2;
+  lua_pushvalue(L, 2);
+  cmd->ref_done = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 /* A setup reply (AUTH, SELECT): freed when it succeeded; a failure (an
@@ -270,7 +334,7 @@ static int conn_call_now(lua_State *L) {
   redis_conn *c = check_conn(L, 1);
   const char *argv_s[64];
   size_t argv_len[64];
-  int argc = command_args(L, argv_s, argv_len, 64);
+  int argc = command_args(L, 2, argv_s, argv_len, 64);
   struct timeval limit = {1, 0};
   redisContext *rc = redisConnectWithTimeout(c->host, c->port, limit);
   if (!rc || rc->err) {
@@ -311,8 +375,35 @@ static int conn_close(lua_State *L) {
   return 0;
 }
 
+/* Collected (the host closing) with commands this process has queued but
+ * not yet written (conn:send's, sent in the loop's last turn): written now,
+ * up to the timeout, so that the server runs them; their replies are not
+ * waited for. A connection still being made is finished first. */
+static void write_queued(redis_conn *c) {
+  struct timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (;;) {
+    redisContext *rc = c->ac ? &c->ac->c : NULL;
+    if (!rc || rc->err) return;
+    int done = 0;
+    if (rc->flags & REDIS_CONNECTED) {
+      if (redisBufferWrite(rc, &done) != REDIS_OK || done) return;
+    } else {
+      redisAsyncHandleWrite(c->ac); /* completes the connect (or fails it: c->ac is then NULL) */
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double left = c->timeout - ((double)(now.tv_sec - t0.tv_sec) + (double)(now.tv_nsec - t0.tv_nsec) / 1e9);
+    if (left <= 0 || !c->ac) return;
+    struct pollfd p = {c->ac->c.fd, POLLOUT, 0};
+    if (poll(&p, 1, (int)(left * 1000) + 1) < 0) return;
+  }
+}
+
 static int conn_gc(lua_State *L) {
   redis_conn *c = check_conn(L, 1);
+  c->closing = 1;
+  if (c->ac && c->pending > 0) write_queued(c);
   if (c->ac) {
     c->ac->data = NULL;
     redisAsyncFree(c->ac);
@@ -352,7 +443,7 @@ static int l_connect(lua_State *L) {
 }
 
 static const luaL_Reg conn_methods[] = {
-  {"call", conn_call}, {"call_now", conn_call_now}, {"close", conn_close}, {"connected", conn_connected},
+  {"call", conn_call}, {"send", conn_send}, {"call_now", conn_call_now}, {"close", conn_close}, {"connected", conn_connected},
   {NULL, NULL}};
 
 int luaopen_resil_redis(lua_State *L) {

@@ -45,6 +45,12 @@
  * before the answer that queued it (libevent writes the answer a turn
  * later): 112 us at the median at one connection, 86 us with the delay. */
 #define DETACHED_FLUSH_DELAY_US 2000
+/* A detached op waits this long for another process's write lock, not the
+ * store's timeout: nobody waits for it, and it records a call already paid
+ * for. It stays queued meanwhile, so a stop (db_close_all) still writes it;
+ * a task that retried it instead was dropped with the loop, and with it
+ * every row of the gateway's answers while a backup held the lock. */
+#define DETACHED_LOCK_WAIT 60.0
 
 typedef struct op op;
 struct op {
@@ -56,6 +62,7 @@ struct op {
   int committed_enough; /* db:commit_only: its task continues at the commit, before the sync */
   int detached;    /* db:enqueue: no task waits; ref_done (if any) is told the outcome */
   int ref_done;
+  struct timespec queued_at; /* a detached op's, for DETACHED_LOCK_WAIT */
   op *next;
 };
 
@@ -510,6 +517,39 @@ static int contended(const store_db *d) {
  * it for ever (under steady writes: 51.6 MB from 6,000 of them). */
 static int wal_long(const store_db *d) { return d->wal_frames >= CHECKPOINT_FRAMES; }
 
+/* The lock's wait gave up after the store's timeout: the ops whose tasks
+ * waited for it fail, taken out of the queue; detached ops stay queued and
+ * wait again, up to DETACHED_LOCK_WAIT. -> the ops that fail */
+static op *take_past_wait(store_db *d) {
+  op *failing = NULL, **failing_tail = &failing, **link = &d->head;
+  d->tail = NULL;
+  while (*link) {
+    op *o = *link;
+    if (!o->detached || seconds_since(&o->queued_at) >= DETACHED_LOCK_WAIT) {
+      *link = o->next;
+      o->next = NULL;
+      *failing_tail = o;
+      failing_tail = &o->next;
+    } else {
+      d->tail = o;
+      link = &o->next;
+    }
+  }
+  return failing;
+}
+
+/* Detached ops still queued wait for the lock again, as take_write_lock does. */
+static void wait_again(store_db *d) {
+  d->waiting_lock = 1;
+  d->lock_attempts = 3; /* the longest back-off: the lock has been held a while */
+  d->R->io_pending++;
+  clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
+  struct timeval tv = {0, 500L << 3};
+  evtimer_add(d->retry_ev, &tv);
+}
+
+static void flush_head(lua_State *L, store_db *d, int began);
+
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   store_db *d = arg;
   lua_State *L = d->R->L;
@@ -527,7 +567,20 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   }
   int rc = take_write_lock(d);
   if (rc == -1) return; /* retried by the timer */
-  int began = rc == SQLITE_OK;
+  if (rc == SQLITE_BUSY) { /* waited the timeout: the tasks' ops fail, detached ops wait on */
+    op *failing = take_past_wait(d);
+    if (d->head) wait_again(d);
+    if (!failing) return;
+    commit_batch(L, d, failing, 0, 0);
+    finish_batch(L, d, failing);
+    return;
+  }
+  flush_head(L, d, rc == SQLITE_OK);
+}
+
+/* The queue's ops in one transaction (began: BEGIN IMMEDIATE succeeded; else
+ * they fail), then their tasks continue, now or after the sync. */
+static void flush_head(lua_State *L, store_db *d, int began) {
   op *batch = d->head;
   if (d->group_commit) {
     d->head = d->tail = NULL;
@@ -665,7 +718,9 @@ static op *enqueue(lua_State *L, store_db *d, int first, int detached) {
   else d->head = o;
   d->tail = o;
   if (d->waiting_lock) return o; /* the lock's retry timer flushes */
-  if (!detached) {
+  /* (on the virtual clock, this turn: time would move on past the real
+   * delay, and a sleep of hours end before a row recorded ahead of it) */
+  if (!detached || d->R->virtual_clock) {
     event_active(d->flush_ev, EV_TIMEOUT, 0);
   } else if (!evtimer_pending(d->detached_ev, NULL)) {
     struct timeval tv = {0, DETACHED_FLUSH_DELAY_US};
@@ -702,15 +757,17 @@ static int db_commit_only(lua_State *L) { return submit(L, 1); }
  * on the loop, outside any task. For writes no answer should wait for (the
  * gateway's ledger rows): a crash of the process loses those not committed
  * yet, as it loses a call whose answer came back before its row was
- * written; closing the store commits those still queued. */
+ * written; closing the store commits those still queued. Another process's
+ * write lock is waited for up to DETACHED_LOCK_WAIT, queued. */
 static int db_enqueue(lua_State *L) {
   store_db *d = check_db(L, 1);
-  if (!d->db) return luaL_error(L, "store: enqueue on a closed store");
   if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
+  luaL_checktype(L, 3, LUA_TFUNCTION); /* before done is referenced: a raise would leave it so */
   lua_pushvalue(L, 2);
   int ref_done = luaL_ref(L, LUA_REGISTRYINDEX); /* LUA_REFNIL for nil */
   op *o = enqueue(L, d, 3, 1);
   o->detached = o->committed_enough = 1;
+  clock_gettime(CLOCK_MONOTONIC, &o->queued_at);
   o->ref_done = ref_done == LUA_REFNIL ? LUA_NOREF : ref_done;
   return 0;
 }
@@ -822,10 +879,27 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
   *txp = NULL;
   lua_pop(L, 1);
   if (committed) d->unsynced = 1; /* synced below, with the rest */
-  /* their done callbacks are not called (the loop is over): failures are logged */
+  /* their done callbacks are not called (the loop is over): failures are
+   * logged, those of the store (the lock still held) in one line, not one
+   * per row */
+  long unwritten = 0;
   for (op *o = detached; o; o = o->next) {
     luaL_unref(L, LUA_REGISTRYINDEX, o->ref_done);
     o->ref_done = LUA_NOREF;
+    if (o->failed == 2) {
+      if (!unwritten++) lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result); /* L stack: why */
+      o->failed = 0; /* not told again */
+    }
+  }
+  if (unwritten) {
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, d->path);
+    lua_setfield(L, -2, "store");
+    lua_pushinteger(L, unwritten);
+    lua_setfield(L, -2, "writes");
+    lua_rotate(L, -2, 1); /* L stack: fields why */
+    lua_setfield(L, -2, "error");
+    host_log(L, "error", "store: writes nobody waited for could not be written as it closed; they are lost");
   }
   finish_batch(L, d, detached);
 }

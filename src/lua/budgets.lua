@@ -185,8 +185,9 @@ end
 -- | nil, err{kind="store_unavailable", retrying=true} (tried again meanwhile, see above)
 -- settle(0) frees the hold and writes no ledger row (a call that failed cost nothing).
 -- With wait = false in the cost fields it returns true at once: the settle is
--- written with the next group commit (SQLite) or by a task of its own
--- (Redis), tried again as above when the store is unavailable.
+-- written with the next group commit (SQLite) or sent at once without
+-- waiting for the reply (Redis), tried again as above when the store is
+-- unavailable.
 function Ticket:settle(actual, e)
   if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
   self.done = true -- (a guard that would release it on a cancel has nothing left to do)

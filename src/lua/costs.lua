@@ -4,6 +4,7 @@ local resil = ...
 local S = require "resil.store"
 local store_now, store_or_fail = S.now, S.open
 local runs = require "resil.runs"
+local owner = require "resil.owner"
 local json = resil.json
 
 local MICRO = 1e6
@@ -125,9 +126,9 @@ local function retry_later(what, write, counts, fields, log_fields)
   end)
 end
 
--- backend:<name>_later(args..., done) when the store has it (SQLite: the next
--- group commit), else <name>(args...) in a task of its own (Redis); then
--- the metrics, or the retry above
+-- backend:<name>_later(args..., done) (SQLite: the next group commit; Redis:
+-- sent at once, ahead of any later command), else <name>(args...) in a task
+-- of its own; then the metrics, or the retry above
 local function write_later(backend, name, fields, log_fields, ...)
   local args = table.pack(...)
   local function write() return backend[name](backend, table.unpack(args, 1, args.n)) end
@@ -160,14 +161,27 @@ end
 -- process) rather than once it is on the disk (a power cut may lose it);
 -- SQLite only (Redis keeps to its own persistence either way).
 -- wait = false: return at once; the row is written with the next group
--- commit (SQLite), or by a task of its own (Redis), and a store that is
--- unavailable meanwhile is tried again for a minute (failures are logged).
+-- commit (SQLite), or sent at once without waiting for the reply (Redis);
+-- either way a read that follows sees it. A store that is unavailable
+-- meanwhile is tried again for a minute (failures are logged).
+-- A row without an id, written without waiting on Redis, gets one of its own
+-- (this process's tag and a count): a command that timed out (a frozen
+-- server) still runs when the server thaws, and the retry (retry_later)
+-- wrote the row a second time. On SQLite a write that failed was not made.
+local unkeyed = 0
+local function own_key(backend, entry)
+  if entry.dedupe ~= nil or backend.kind ~= "redis" then return end
+  unkeyed = unkeyed + 1
+  entry.dedupe = ("row:%s:%d"):format(owner.me().tag, unkeyed)
+end
+
 function resil.cost.record(e)
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   local entry = cost_entry(e, store_now())
   entry.sync = e.sync
   if e.wait == false then
+    own_key(s.backend, entry)
     write_later(s.backend, "cost_record", e, { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe },
       entry)
     return true

@@ -375,6 +375,33 @@ function R:script(name, keys, ...)
   return self.conn:call(table.unpack(args))
 end
 
+-- The same without waiting (wait = false writes): sent now, before any
+-- command this process sends after it (a read that follows sees it), from a
+-- task or not; done(reply) | done(nil, err) on the loop, outside any task.
+-- A script not loaded yet goes whole (EVAL) and is loaded for the next.
+function R:script_later(name, keys, args, done)
+  self.ops = self.ops + 1
+  local argv = { false, false, #keys }
+  for i = 1, #keys do argv[#argv + 1] = keys[i] end
+  for i = 1, args.n do argv[#argv + 1] = args[i] end
+  local function send(sha)
+    if sha then argv[1], argv[2] = "EVALSHA", sha else argv[1], argv[2] = "EVAL", scripts[name] end
+    local ok, err = self.conn:send(function(reply, rerr)
+      if reply == nil and sha and tostring(rerr.message):match("NOSCRIPT") then -- the server's scripts were flushed
+        self.shas[name] = nil
+        return send(nil)
+      end
+      done(reply, rerr)
+    end, table.unpack(argv))
+    if not ok then return done(nil, err) end
+    if not sha and not self.shas[name] then
+      self.conn:send(function(loaded) if type(loaded) == "string" then self.shas[name] = loaded end end,
+        "SCRIPT", "LOAD", scripts[name])
+    end
+  end
+  send(self.shas[name])
+end
+
 local function ok_or(reply, err)
   if reply == nil then return nil, err end
   return reply
@@ -592,6 +619,15 @@ function R:cost_record(e)
   return n == 1
 end
 
+-- the same, without waiting (R:script_later): done(nil, inserted) | done(err)
+function R:cost_record_later(e, done)
+  self:script_later("cost_record", { P .. "costs", P .. "costs:dedupe" },
+    table.pack(e.dedupe or "", resil.json.encode(e)), function(n, err)
+      if n == nil then return done(err) end
+      done(nil, n == 1)
+    end)
+end
+
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
 
 function R:cost_query(by, filter)
@@ -696,13 +732,28 @@ function R:budget_usage(budget, period, now, me)
   end
 end
 
-function R:budget_settle(ticket, entry)
+-- the keys and arguments of a settle (scripts.budget_settle)
+local function settle_call(ticket, entry)
   local keys = budget_keys(entry.budget, entry.period, ticket)
   keys[8], keys[9] = P .. "costs", P .. "costs:dedupe"
-  local n, err = self:script("budget_settle", keys, ticket, entry.micro_usd, entry.dedupe or "",
-    resil.json.encode(entry), ticket_ttl(), entry.charged and "1" or "0")
+  return keys, table.pack(ticket, entry.micro_usd, entry.dedupe or "", resil.json.encode(entry), ticket_ttl(),
+    entry.charged and "1" or "0")
+end
+
+function R:budget_settle(ticket, entry)
+  local keys, args = settle_call(ticket, entry)
+  local n, err = self:script("budget_settle", keys, table.unpack(args, 1, args.n))
   if n == nil then return nil, err end
   return n == 1
+end
+
+-- the same, without waiting (R:script_later): done(nil, first) | done(err)
+function R:budget_settle_later(ticket, entry, done)
+  local keys, args = settle_call(ticket, entry)
+  self:script_later("budget_settle", keys, args, function(n, err)
+    if n == nil then return done(err) end
+    done(nil, n == 1)
+  end)
 end
 
 -- Release a budget's live holds in a period: all, or (stale) those whose owner is not alive. -> how many
