@@ -285,6 +285,22 @@ print(resil.cost.total({ provider = "later" })) -- a read, queued after the rows
     assert.are.equal("returned\n0.2\n", r.stdout)
   end)
 
+  it("past 10,000 rows queued, the next caller waits for its own write instead of queueing more", function()
+    resil.clock.real()
+    local db, release = locked_store()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+for i = 1, 10000 do assert(resil.cost.record({ provider = "later", usd = 0.01, wait = false })) end
+os.execute("(sleep 0.3; touch %s) &")
+assert(resil.cost.record({ provider = "later", usd = 0.01, wait = false })) -- the lock is let go meanwhile
+local f = io.open(%q)
+print(f ~= nil)
+print(resil.cost.breakdown("provider")[1].calls)
+]]):format(release, release), "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\n10001\n", r.stdout)
+  end)
+
   it("rows still queued when the process ends are written as it closes the store, once the lock is free", function()
     resil.clock.real()
     local db, release = locked_store()

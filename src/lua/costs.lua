@@ -148,12 +148,14 @@ local function write_later(backend, name, fields, log_fields, ...)
   local later = backend[name .. "_later"]
   if later then
     args[args.n + 1] = done
-    return later(backend, table.unpack(args, 1, args.n + 1))
+    local queued = later(backend, table.unpack(args, 1, args.n + 1))
+    args[args.n + 1] = nil
+    if queued ~= false then return end
   end
-  resil.spawn(function()
-    local ok, err = write()
-    if ok == nil and err then done(err) else done(nil, ok) end
-  end)
+  -- the store's queue is full (a write lock held for long): this caller
+  -- waits for its own write, as with wait = true, rather than queue more
+  local ok, err = write()
+  if ok == nil and err then done(err) else done(nil, ok) end
 end
 
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err

@@ -420,7 +420,7 @@ function B:cost_record(e)
 end
 
 -- the same in the next group commit, without waiting: done(nil, inserted) | done(err)
-function B:cost_record_later(e, done) self.db:enqueue(done, insert_cost, e) end
+function B:cost_record_later(e, done) return self.db:enqueue(done, insert_cost, e) end
 
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
 local BY = { provider = "provider", model = "model", user = "user", day = "day", operation = "operation",
@@ -517,7 +517,7 @@ end
 function B:budget_settle(ticket, entry) return self.db:tx(settle, ticket, entry) end
 
 -- the same in the next group commit, without waiting: done(nil, first) | done(err)
-function B:budget_settle_later(ticket, entry, done) self.db:enqueue(done, settle, ticket, entry) end
+function B:budget_settle_later(ticket, entry, done) return self.db:enqueue(done, settle, ticket, entry) end
 
 function B:budget_release(ticket)
   return self.db:tx(function(tx)
