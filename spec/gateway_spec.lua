@@ -768,7 +768,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     resil.clock.real()
     resil.log.level("off")
     local m = assert(resil.mock.start({ strict = true, reply = "served" }))
-    local db, locked, release = helpers.tmpname(".db"), helpers.tmpname(".locked"), helpers.tmpname(".release")
+    local db, release = helpers.tmpname(".db"), nil
     local config = helpers.write(helpers.tmpname(".lua"), ([[
       require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
       return { auth = false }
@@ -778,7 +778,7 @@ describe("resil-lua gateway and resil-lua keys", function()
       helpers.resil, port, config, db, log, pidfile))
     local pid = helpers.slurp(pidfile):match("%d+")
     finally(function()
-      helpers.write(release, "")
+      if release then helpers.write(release, "") end
       if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
       m:stop()
       resil.log.level("info")
@@ -788,14 +788,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
     local body = json.encode({ model = "gpt-4o-mini", messages = MSGS })
     assert.are.equal(200, post(url, body).status) -- (the store's file and schema exist now)
-    -- another process takes the store's write lock, until the file `release` exists
-    os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell touch %s\\n.shell while [ ! -e %s ]; do sleep 0.02; done\\n" ..
-      "COMMIT;\\n' | sqlite3 %s > /dev/null 2>&1 &"):format(locked, release, db))
-    assert.is_true(helpers.wait_until(function()
-      local f = io.open(locked)
-      if f then f:close() end
-      return f ~= nil
-    end))
+    release = helpers.hold_write_lock(db) -- another process takes the store's write lock
     -- answered at once, within a timeout far below the store's own (5 s) that each waited for before
     for _ = 1, 5 do
       local res = assert(http.request({ method = "POST", url = url, body = body, timeout = 2,

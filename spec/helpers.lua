@@ -59,6 +59,20 @@ function helpers.run(cmd, stdin)
   return result
 end
 
+-- Another process (sqlite3) takes the write lock of the SQLite store at
+-- `db` and keeps it until the file whose path this returns exists.
+function helpers.hold_write_lock(db)
+  local locked, release = helpers.tmpname(".locked"), helpers.tmpname(".release")
+  os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell touch %s\\n.shell while [ ! -e %s ]; do sleep 0.02; done\\n" ..
+    "COMMIT;\\n' | sqlite3 %s > /dev/null 2>&1 &"):format(locked, release, db))
+  assert(helpers.wait_until(function()
+    local f = io.open(locked)
+    if f then f:close() end
+    return f ~= nil
+  end), "sqlite3 did not take the store's write lock")
+  return release
+end
+
 -- Run a script file through the host: args is a string appended to the command line.
 function helpers.run_script(source, opts, args)
   local path = helpers.write(helpers.tmpname(".lua"), source)

@@ -255,15 +255,9 @@ describe("resil.cost with wait = false (db:enqueue), against another process's w
   -- a store with its schema, and another process (sqlite3) that takes its
   -- write lock and keeps it until the file `release` exists
   local function locked_store()
-    local db, locked, release = helpers.tmpname(".db"), helpers.tmpname(".locked"), helpers.tmpname(".release")
+    local db = helpers.tmpname(".db")
     assert.are.equal(0, helpers.run_script('assert(require("resil").cost.total())', "--store " .. db).code)
-    os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell touch %s\\n.shell while [ ! -e %s ]; do sleep 0.02; done\\n" ..
-      "COMMIT;\\n' | sqlite3 %s > /dev/null 2>&1 &"):format(locked, release, db))
-    assert.is_true(helpers.wait_until(function()
-      local f = io.open(locked)
-      if f then f:close() end
-      return f ~= nil
-    end))
+    local release = helpers.hold_write_lock(db)
     finally(function() helpers.write(release, "") end)
     return db, release
   end
