@@ -716,6 +716,18 @@ describe("gateway: virtual keys", function()
 end)
 
 describe("resil-lua gateway and resil-lua keys", function()
+  -- `resil-lua gateway` in the background on a free port, once it listens -> pid, port
+  local function start_gateway(config, db)
+    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
+      helpers.resil, port, config, db, log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local up = helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10)
+    if not up and helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+    assert(up, helpers.slurp(log))
+    return pid, port
+  end
+
   it("keys add prints a key once; the gateway process serves it; keys revoke shuts it out", function()
     resil.clock.real()
     resil.log.level("off")
@@ -736,19 +748,12 @@ describe("resil-lua gateway and resil-lua keys", function()
       ai.configure("openai", { base_url = %q, api_key = "sk-test-123456" })
       return { key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }
     ]]):format(m.url .. "/v1"))
-    local port = helpers.free_port()
-    local pid
-    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
-    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
-      helpers.resil, port, config, db, log, pidfile))
-    pid = helpers.slurp(pidfile):match("%d+")
+    local pid, port = start_gateway(config, db)
     finally(function()
       if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
       m:stop()
       resil.log.level("info")
     end)
-    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10),
-      helpers.slurp(log))
     local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
     local body = json.encode({ model = "fast", messages = MSGS })
     local res = assert(http.request({ method = "POST", url = url, body = body,
@@ -773,18 +778,13 @@ describe("resil-lua gateway and resil-lua keys", function()
       require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
       return { auth = false }
     ]]):format(m.url .. "/v1"))
-    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
-    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
-      helpers.resil, port, config, db, log, pidfile))
-    local pid = helpers.slurp(pidfile):match("%d+")
+    local pid, port = start_gateway(config, db)
     finally(function()
       if release then helpers.write(release, "") end
       if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
       m:stop()
       resil.log.level("info")
     end)
-    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10),
-      helpers.slurp(log))
     local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
     local body = json.encode({ model = "gpt-4o-mini", messages = MSGS })
     assert.are.equal(200, post(url, body).status) -- (the store's file and schema exist now)

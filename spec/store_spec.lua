@@ -265,16 +265,25 @@ describe("resil.cost with wait = false (db:enqueue), against another process's w
     return helpers.run_script('print(require("resil").cost.total({ provider = "later" }))', "--store " .. db).stdout
   end
 
+  -- a script that records 20 rows without waiting, then runs `after`
+  -- (RELEASE in it: the file that makes the other process let go) -> its result
+  local function record_then(db, release, after, timeout)
+    local store = timeout and ("'sqlite://%s?timeout=%s'"):format(db, timeout) or db
+    return helpers.run_script([[
+local resil = require "resil"
+resil.log.level("off")
+for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
+]] .. after:gsub("RELEASE", release), "--store " .. store)
+  end
+
   it("returns at once while the lock is held; the rows are written once it is let go", function()
     resil.clock.real()
     local db, release = locked_store()
-    local r = helpers.run_script(([[
-local resil = require "resil"
-for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
+    local r = record_then(db, release, [[
 print("returned")
-io.open(%q, "w"):close() -- the other process lets go
+io.open("RELEASE", "w"):close() -- the other process lets go
 print(resil.cost.total({ provider = "later" })) -- a read, queued after the rows
-]]):format(release), "--store " .. db)
+]])
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("returned\n0.2\n", r.stdout)
   end)
@@ -282,15 +291,14 @@ print(resil.cost.total({ provider = "later" })) -- a read, queued after the rows
   it("past 10,000 rows queued, the next caller waits for its own write instead of queueing more", function()
     resil.clock.real()
     local db, release = locked_store()
-    local r = helpers.run_script(([[
-local resil = require "resil"
-for i = 1, 10000 do assert(resil.cost.record({ provider = "later", usd = 0.01, wait = false })) end
-os.execute("(sleep 0.3; touch %s) &")
+    local r = record_then(db, release, [[
+for i = 1, 9980 do assert(resil.cost.record({ provider = "later", usd = 0.01, wait = false })) end
+os.execute("(sleep 0.3; touch RELEASE) &")
 assert(resil.cost.record({ provider = "later", usd = 0.01, wait = false })) -- the lock is let go meanwhile
-local f = io.open(%q)
+local f = io.open("RELEASE")
 print(f ~= nil)
 print(resil.cost.breakdown("provider")[1].calls)
-]]):format(release, release), "--store " .. db)
+]])
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("true\n10001\n", r.stdout)
   end)
@@ -298,11 +306,7 @@ print(resil.cost.breakdown("provider")[1].calls)
   it("rows still queued when the process ends are written as it closes the store, once the lock is free", function()
     resil.clock.real()
     local db, release = locked_store()
-    local r = helpers.run_script(([[
-local resil = require "resil"
-for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
-os.execute("(sleep 0.3; touch %s) &")
-]]):format(release), "--store " .. db)
+    local r = record_then(db, release, [[os.execute("(sleep 0.3; touch RELEASE) &")]])
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("0.2\n", total(db))
   end)
@@ -310,15 +314,12 @@ os.execute("(sleep 0.3; touch %s) &")
   it("a lock held past the store's timeout: the rows are tried again until they are written", function()
     resil.clock.real()
     local db, release = locked_store()
-    local r = helpers.run_script(([[
-local resil = require "resil"
-resil.log.level("off")
-for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
-os.execute("(sleep 1; touch %s) &") -- past the timeout of 0.2 s
+    local r = record_then(db, release, [[
+os.execute("(sleep 1; touch RELEASE) &") -- past the timeout of 0.2 s
 local deadline = resil.clock.wall() + 20
 repeat resil.sleep(0.1) until (resil.cost.total({ provider = "later" }) or 0) >= 0.2 or resil.clock.wall() > deadline
 print(resil.cost.total({ provider = "later" }))
-]]):format(release), "--store 'sqlite://" .. db .. "?timeout=0.2'")
+]], 0.2)
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("0.2\n", r.stdout)
     assert.are.equal("0.2\n", total(db))
@@ -327,15 +328,12 @@ print(resil.cost.total({ provider = "later" }))
   it("a lock held past the store's timeout, then SIGTERM: the rows waiting for it are written as it stops", function()
     resil.clock.real()
     local db, release = locked_store()
-    local r = helpers.run_script(([[
-local resil = require "resil"
-resil.log.level("off")
-for i = 1, 20 do assert(resil.cost.record({ provider = "later", usd = 0.01, id = "L" .. i, wait = false })) end
+    local r = record_then(db, release, [[
 resil.sleep(0.5) -- past the timeout of 0.2 s: the rows wait on
-io.open(%q, "w"):close() -- the other process lets go, while this one is stopped
-os.execute("kill -TERM " .. io.open("/proc/self/stat"):read("l"):match("^(%%d+)"))
+io.open("RELEASE", "w"):close() -- the other process lets go, while this one is stopped
+os.execute("kill -TERM " .. io.open("/proc/self/stat"):read("l"):match("^(%d+)"))
 resil.sleep(10)
-]]):format(release), "--store 'sqlite://" .. db .. "?timeout=0.2'")
+]], 0.2)
     assert.are.equal(143, r.code, r.stderr)
     assert.are.equal("0.2\n", total(db))
   end)
