@@ -88,13 +88,21 @@ Store.__index = Store
 -- runs, as Redis expires its keys itself: a gateway's file grew for good
 -- with every cached answer, Idempotency-Key and budgeted request. A task
 -- that does not keep the process running; a long backlog goes in chunks,
--- each its own commit, other writes between.
-local SWEEP_EVERY, SWEEP_ROWS = 60, 1000
+-- each its own commit, other writes between. While a sweep finds nothing
+-- the next comes twice as late, up to an hour (what has expired is not
+-- read meanwhile, only kept): on the virtual clock a sleep of a year was
+-- 525,600 commits of nothing, seconds of real time.
+local SWEEP_EVERY, SWEEP_IDLE_EVERY, SWEEP_ROWS = 60, 3600, 1000
 local function sweeper(backend)
+  local pause = SWEEP_EVERY
   while true do
-    resil.sleep(SWEEP_EVERY)
-    local n
-    repeat n = backend:sweep(store_now(), SWEEP_ROWS) until not n or n < SWEEP_ROWS
+    resil.sleep(pause)
+    local n, swept = nil, 0
+    repeat
+      n = backend:sweep(store_now(), SWEEP_ROWS)
+      swept = swept + (n or 0)
+    until not n or n < SWEEP_ROWS
+    pause = swept > 0 and SWEEP_EVERY or math.min(pause * 2, SWEEP_IDLE_EVERY)
   end
 end
 
