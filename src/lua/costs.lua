@@ -111,10 +111,24 @@ local function cost_entry(e, at)
            item = e.item or ctx.step_scope }
 end
 
+-- What the metrics need of a call, copied when it is recorded: a write
+-- nobody waits for counts in them once it is written, and by then the
+-- caller may have changed its table (reused it for its next call).
+local function metric_fields(e)
+  local units = e.units
+  if type(units) == "table" then
+    local copy = {}
+    for field in pairs(TOKEN_TYPES) do copy[field] = units[field] end
+    units = copy
+  end
+  return { provider = e.provider, model = e.model, usd = e.usd, units = units }
+end
+
 -- A write nobody waits for (write_later below) found the store unavailable:
 -- it is tried again in a task of its own, for a minute at most, since the
 -- call it records was paid for. A row keyed by an id (or a ticket) is
--- written once however often it is tried.
+-- written once however often it is tried. counts(ok): the write made a row
+-- (observed in the metrics with `fields`).
 local function retry_later(what, write, counts, fields, log_fields)
   resil.spawn(function()
     local ok, err = S.retry_write(write)
@@ -127,19 +141,20 @@ local function retry_later(what, write, counts, fields, log_fields)
 end
 
 -- backend:<name>_later(args..., done) (SQLite: the next group commit; Redis:
--- sent at once, ahead of any later command), else <name>(args...) in a task
--- of its own; then the metrics, or the retry above
+-- sent at once, ahead of any later command); then the metrics, or the
+-- retry above. Past the SQLite queue's bound, <name>(args...) itself.
 local function write_later(backend, name, fields, log_fields, ...)
   local args = table.pack(...)
+  local seen = metric_fields(fields)
   local function write() return backend[name](backend, table.unpack(args, 1, args.n)) end
   -- a row that was written (not one already there) counts in the metrics;
   -- a settle of 0 writes none
-  local function counts(ok) return ok and (name == "cost_record" or fields.usd > 0) end
+  local function counts(ok) return ok and (name == "cost_record" or seen.usd > 0) end
   local function done(err, ok)
     if err == nil then
-      if counts(ok) then observe_cost(fields, fields.units) end
+      if counts(ok) then observe_cost(seen, seen.units) end
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
-      retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, fields, log_fields)
+      retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, seen, log_fields)
     else
       log_fields.error = tostring(err)
       resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
@@ -153,9 +168,14 @@ local function write_later(backend, name, fields, log_fields, ...)
     if queued ~= false then return end
   end
   -- the store's queue is full (a write lock held for long): this caller
-  -- waits for its own write, as with wait = true, rather than queue more
-  local ok, err = write()
-  if ok == nil and err then done(err) else done(nil, ok) end
+  -- waits for its own write, as with wait = true, rather than queue more;
+  -- one that cannot wait (outside a task: a plain coroutine, a metamethod,
+  -- a callback) has a task write it (the store raised at it)
+  local function write_and_tell()
+    local ok, err = write()
+    if ok == nil and err then done(err) else done(nil, ok) end
+  end
+  if resil.running() and coroutine.isyieldable() then write_and_tell() else resil.spawn(write_and_tell) end
 end
 
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
