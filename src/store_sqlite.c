@@ -45,12 +45,6 @@
  * before the answer that queued it (libevent writes the answer a turn
  * later): 112 us at the median at one connection, 86 us with the delay. */
 #define DETACHED_FLUSH_DELAY_US 2000
-/* Detached ops queued at most: past it db:enqueue refuses and the caller
- * waits for its write (costs.lua), so a write lock held for long (a backup,
- * a forgotten sqlite3 shell) slows answers down instead of queueing every
- * row in memory (about 2 KB each with its Lua tables: a gateway at 10,000
- * answers a second would have queued 1.2 GB in the minute it waits). */
-#define DETACHED_MAX 10000
 /* A detached op waits this long for another process's write lock, not the
  * store's timeout: nobody waits for it, and it records a call already paid
  * for. It stays queued meanwhile, so a stop (db_close_all) still writes it;
@@ -86,7 +80,6 @@ typedef struct store_db {
   int ref_stmts; /* sql -> lightuserdata stmt */
   sqlite3_stmt *ctl[5]; /* the transaction statements, prepared once (see exec_ctl) */
   int in_tx;
-  int detached_queued; /* detached ops in the queue (DETACHED_MAX) */
   long commits, ops;
   wal_syncer *syncer; /* NULL: synchronous=FULL, COMMIT syncs */
   int sync_pending;   /* a sync is under way: the next batch waits for it (a commit during it
@@ -392,10 +385,7 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
     if (o->t) {
       task_wake(o->t);
     } else {
-      if (o->detached) {
-        d->detached_queued--;
-        tell_done(L, d, o);
-      }
+      if (o->detached) tell_done(L, d, o);
       op_free(L, o);
     }
     o = next;
@@ -760,9 +750,9 @@ static int db_tx(lua_State *L) { return submit(L, 0); }
  * wait for. */
 static int db_commit_only(lua_State *L) { return submit(L, 1); }
 
-/* db:enqueue(done, fn, ...) -> true: fn(tx, ...) in the next group commit,
- * like db:commit_only, but nobody waits: it returns at once, from a task or
- * not; false (nothing queued) when DETACHED_MAX are queued already.
+/* db:enqueue(done, fn, ...): fn(tx, ...) in the next group commit, like
+ * db:commit_only, but nobody waits: it returns at once, from a task or not
+ * (how many may be queued is bounded by the caller: costs.lua, LATER_MAX).
  * After the commit, done(nil, fn's results...), or done(err) when fn raised
  * or the store failed (done may be nil: a failure is then logged). Called
  * on the loop, outside any task. For writes no answer should wait for (the
@@ -774,19 +764,13 @@ static int db_enqueue(lua_State *L) {
   store_db *d = check_db(L, 1);
   if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
   luaL_checktype(L, 3, LUA_TFUNCTION); /* before done is referenced: a raise would leave it so */
-  if (d->detached_queued >= DETACHED_MAX) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  d->detached_queued++;
   lua_pushvalue(L, 2);
   int ref_done = luaL_ref(L, LUA_REGISTRYINDEX); /* LUA_REFNIL for nil */
   op *o = enqueue(L, d, 3, 1);
   o->detached = o->committed_enough = 1;
   clock_gettime(CLOCK_MONOTONIC, &o->queued_at);
   o->ref_done = ref_done == LUA_REFNIL ? LUA_NOREF : ref_done;
-  lua_pushboolean(L, 1);
-  return 1;
+  return 0;
 }
 
 /* db:now(fn, ...) -> fn(tx, ...) at once, in its own transaction (setup,
