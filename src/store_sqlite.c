@@ -442,6 +442,24 @@ static double seconds_since(const struct timespec *t0) {
   return (double)(now.tv_sec - t0->tv_sec) + (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
 }
 
+/* A wait for another process's write lock begins (its timeout counts from
+ * now); attempts: the back-off's step to start from */
+static void begin_lock_wait(store_db *d, int attempts) {
+  d->waiting_lock = 1;
+  d->lock_attempts = attempts;
+  d->R->io_pending++; /* real I/O: the virtual clock must not race ahead of it */
+  clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
+}
+
+/* 0.5 ms .. 4 ms: workers of one gateway take turns on the lock for every
+ * group commit; a longer back-off left one idle with its batch queued */
+static void retry_lock_later(store_db *d) {
+  long usec = 500L << (d->lock_attempts < 3 ? d->lock_attempts : 3);
+  d->lock_attempts++;
+  struct timeval tv = {0, usec};
+  evtimer_add(d->retry_ev, &tv);
+}
+
 /* Writes take the write lock without blocking the loop (the busy timeout is
  * 0): when another process holds it, the batch stays queued (and keeps
  * growing) while a timer retries with a growing delay, and the other tasks'
@@ -454,18 +472,8 @@ static int take_write_lock(store_db *d) {
     return rc;
   }
   clock_gettime(CLOCK_MONOTONIC, &d->contended_at);
-  if (!d->waiting_lock) {
-    d->waiting_lock = 1;
-    d->lock_attempts = 0;
-    d->R->io_pending++; /* real I/O: the virtual clock must not race ahead of it */
-    clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
-  }
-  /* 0.5 ms .. 4 ms: workers of one gateway take turns on the lock for every
-   * group commit; a longer back-off left one idle with its batch queued */
-  long usec = 500L << (d->lock_attempts < 3 ? d->lock_attempts : 3);
-  d->lock_attempts++;
-  struct timeval tv = {0, usec};
-  evtimer_add(d->retry_ev, &tv);
+  if (!d->waiting_lock) begin_lock_wait(d, 0);
+  retry_lock_later(d);
   return -1;
 }
 
@@ -517,36 +525,33 @@ static int contended(const store_db *d) {
  * it for ever (under steady writes: 51.6 MB from 6,000 of them). */
 static int wal_long(const store_db *d) { return d->wal_frames >= CHECKPOINT_FRAMES; }
 
-/* The lock's wait gave up after the store's timeout: the ops whose tasks
- * waited for it fail, taken out of the queue; detached ops stay queued and
- * wait again, up to DETACHED_LOCK_WAIT. -> the ops that fail */
-static op *take_past_wait(store_db *d) {
-  op *failing = NULL, **failing_tail = &failing, **link = &d->head;
+/* The queue's ops that `take` picks, taken out of it in order (the others
+ * stay queued, in order) -> them */
+static op *take_ops(store_db *d, int (*take)(const op *)) {
+  op *taken = NULL, **taken_tail = &taken, **link = &d->head;
   d->tail = NULL;
   while (*link) {
     op *o = *link;
-    if (!o->detached || seconds_since(&o->queued_at) >= DETACHED_LOCK_WAIT) {
+    if (take(o)) {
       *link = o->next;
       o->next = NULL;
-      *failing_tail = o;
-      failing_tail = &o->next;
+      *taken_tail = o;
+      taken_tail = &o->next;
     } else {
       d->tail = o;
       link = &o->next;
     }
   }
-  return failing;
+  return taken;
 }
 
-/* Detached ops still queued wait for the lock again, as take_write_lock does. */
-static void wait_again(store_db *d) {
-  d->waiting_lock = 1;
-  d->lock_attempts = 3; /* the longest back-off: the lock has been held a while */
-  d->R->io_pending++;
-  clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
-  struct timeval tv = {0, 500L << 3};
-  evtimer_add(d->retry_ev, &tv);
+/* The lock's wait gave up after the store's timeout: the ops whose tasks
+ * waited for it fail; detached ops wait again, up to DETACHED_LOCK_WAIT. */
+static int past_lock_wait(const op *o) {
+  return !o->detached || seconds_since(&o->queued_at) >= DETACHED_LOCK_WAIT;
 }
+
+static int is_detached(const op *o) { return o->detached; }
 
 static void flush_head(lua_State *L, store_db *d, int began);
 
@@ -568,8 +573,11 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   int rc = take_write_lock(d);
   if (rc == -1) return; /* retried by the timer */
   if (rc == SQLITE_BUSY) { /* waited the timeout: the tasks' ops fail, detached ops wait on */
-    op *failing = take_past_wait(d);
-    if (d->head) wait_again(d);
+    op *failing = take_ops(d, past_lock_wait);
+    if (d->head) { /* detached ops wait on, at the longest back-off: the lock has been held a while */
+      begin_lock_wait(d, 3);
+      retry_lock_later(d);
+    }
     if (!failing) return;
     commit_batch(L, d, failing, 0, 0);
     finish_batch(L, d, failing);
@@ -847,20 +855,7 @@ static int db_stats(lua_State *L) {
  * will queue them again. Ops whose tasks wait stay where they are: those
  * tasks will not run again. */
 static void commit_detached_at_close(lua_State *L, store_db *d) {
-  op *detached = NULL, **tail = &detached, **link = &d->head;
-  d->tail = NULL;
-  while (*link) {
-    op *o = *link;
-    if (o->detached) {
-      *link = o->next;
-      o->next = NULL;
-      *tail = o;
-      tail = &o->next;
-    } else {
-      d->tail = o;
-      link = &o->next;
-    }
-  }
+  op *detached = take_ops(d, is_detached);
   if (!detached) return;
   if (d->waiting_lock) {
     evtimer_del(d->retry_ev);
