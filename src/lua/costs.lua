@@ -189,7 +189,8 @@ end
 -- wait = false: return at once; the row is written with the next group
 -- commit (SQLite), or sent at once without waiting for the reply (Redis);
 -- either way a read that follows sees it. A store that is unavailable
--- meanwhile is tried again for a minute (failures are logged).
+-- meanwhile is tried again for a minute (failures are logged). Past 10,000
+-- such writes not yet written (LATER_MAX), it writes as without it.
 -- A row without an id, written without waiting on Redis, gets one of its own
 -- (this process's tag and a count): a command that timed out (a frozen
 -- server) still runs when the server thaws, and the retry (retry_later)
