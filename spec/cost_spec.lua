@@ -151,6 +151,23 @@ describe("resil.cost inside steps and once (one process)", function()
     assert.are.equal(0, st.reserved)
   end)
 
+  it("wait = false: the metrics count the call as it was recorded, not the caller's table as changed after",
+    function()
+      local function metric(provider)
+        return tonumber(resil.metrics.text():match('resil_cost_usd_total{model="m",provider="' .. provider ..
+          '"} (%S+)')) or 0
+      end
+      local before = metric("kept")
+      local e = { provider = "kept", model = "m", usd = 0.25, units = { input_tokens = 10 }, wait = false }
+      assert(resil.cost.record(e))
+      -- the caller's table, reused for its next call before the row is committed
+      e.provider, e.usd, e.units.input_tokens = "changed", 100, 1e6
+      assert.are.equal(0.25, resil.cost.total({ provider = "kept" }))
+      assert.are.equal(0.25, metric("kept") - before)
+      assert.are.equal(0, metric("changed"))
+      assert.matches('resil_tokens_total{model="m",provider="kept",type="input"} 10\n', resil.metrics.text(), 1, true)
+    end)
+
   it("a ticket's settle is kept once, inside a step too", function()
     local b = resil.budget("cost-spec", { limit = 10 })
     resil.step("settled", function()

@@ -880,13 +880,14 @@ describe("resil-lua gateway and resil-lua keys", function()
   -- reload in the gateway's first second counted as workers dying as they
   -- start: the gateway stopped.
   it("--workers 2: a worker that exits on its own with status 0 (a policy's os.exit) is replaced too", function()
-    local trigger = helpers.tmpname(".exit")
+    local trigger = helpers.tmpname(".exit") -- a folder (removed with what is in it)
+    os.execute("mkdir " .. trigger)
     local m, _, port, log, pidfile = workers_setup()
     -- each worker ends with status 0 once a file named after its pid exists
     local config = helpers.write(helpers.tmpname(".lua"), ([[
       local resil = require "resil"
       require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      local mine = %q .. "." .. io.open("/proc/self/stat"):read("l"):match("^(%%d+)")
+      local mine = %q .. "/" .. io.open("/proc/self/stat"):read("l"):match("^(%%d+)")
       resil.spawn(function()
         while not io.open(mine) do resil.sleep(0.02) end
         os.exit(0)
@@ -902,7 +903,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.wait_until(function() return select(2, helpers.slurp(log):gsub("listening", "")) == 2 end))
     local first = workers_of(pid)
     seen = { first[1], first[2] }
-    helpers.write(trigger .. "." .. first[1], "")
+    helpers.write(trigger .. "/" .. first[1], "")
     assert.is_true(helpers.wait_until(function() return select(2, helpers.slurp(log):gsub("listening", "")) == 3 end),
       helpers.slurp(log))
     local now = workers_of(pid)

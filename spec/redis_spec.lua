@@ -222,6 +222,22 @@ resil.sleep(1) -- their commands time out (and are tried again) meanwhile
     end)
 end)
 
+describe("the ledger on Redis with wait = false, Redis down", function()
+  it("past 10,000 rows not yet written (each tried again), the next caller writes as with wait = true and gets " ..
+     "its error: memory stays bounded", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.log.level("off")
+for i = 1, 10000 do assert(resil.cost.record({ provider = "down", usd = 0.01, wait = false })) end
+local ok, err = resil.cost.record({ provider = "down", usd = 0.01, wait = false })
+print(ok, err and err.kind)
+os.exit(0)
+]], ("--store redis://127.0.0.1:%d/0"):format(free_port()))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("nil\tstore_unavailable\n", r.stdout)
+  end)
+end)
+
 describe("runs on Redis", function()
   before_each(fresh_url)
 

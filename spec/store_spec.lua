@@ -40,8 +40,8 @@ describe("resil.store (SQLite)", function()
     assert.are.equal(10, resil.cost.total({ provider = "wal" }))
   end)
 
-  it("sweeps what has expired once a minute: kv keys past their TTL, once records past their retention, " ..
-     "budget holds a day past their end", function()
+  it("sweeps what has expired once a minute (up to an hour while it finds nothing): kv keys past their TTL, " ..
+     "once records past their retention, budget holds a day past their end", function()
     local s = fresh_store()
     local function count(tbl)
       return s.backend.db:read(function(tx) return tx:value("SELECT count(*) FROM " .. tbl) end)
@@ -56,12 +56,74 @@ describe("resil.store (SQLite)", function()
     assert.are.equal(1, count("kv"))
     assert.are.equal(0, count("idempotency"))
     assert.are.equal(2, count("reservations"))
-    resil.sleep(86400 + 60)
+    resil.sleep(86400 + 3600)
     assert.are.equal(0, count("reservations"))
     assert.are.equal("y", s:get("kept"))
     local st = assert(budget:state())
     assert.are.equal(0.5, st.spent)
     assert.are.equal(0, st.reserved)
+  end)
+
+  it("sweeps no once record of a run still in progress, however long it runs past its retention; a dead " ..
+     "holder's is swept", function()
+    local s = fresh_store()
+    local runs = 0
+    local function slow() runs = runs + 1; resil.sleep(90); return "made" end
+    -- the sweep at 60 s found the record running, its holder (this process) alive
+    local r, err = resil.once({ key = "long", retention = 30 }, slow)
+    assert.are.equal("made", r, tostring(err))
+    assert.are.equal("made", (resil.once({ key = "long", retention = 30 }, slow)))
+    assert.are.equal(1, runs)
+    -- a record left running by a process that is gone
+    local now = resil.store_now()
+    assert(s.backend.db:tx(function(tx)
+      return tx:exec("INSERT INTO idempotency (key, fingerprint, state, owner, locked_at, created_at, expires_at) " ..
+        "VALUES ('orphan', 'f', 'running', 'gone', ?, ?, ?)", now, now, now + 1)
+    end))
+    resil.sleep(3600)
+    assert.are.equal(0, s.backend.db:read(function(tx)
+      return tx:value("SELECT count(*) FROM idempotency WHERE key = 'orphan'")
+    end))
+  end)
+
+  it("sweeps a backlog in small commits with pauses between: other tasks' writes go in meanwhile (1,000 rows " ..
+     "of 2 KB a commit, back to back, held the loop 12-29 ms at a time)", function()
+    local s = fresh_store()
+    local now = resil.store_now()
+    assert(s.backend.db:tx(function(tx)
+      for i = 1, 1000 do
+        tx:exec("INSERT INTO kv (key, value, expires_at) VALUES (?, ?, ?)", "old:" .. i, ("x"):rep(2000), now)
+      end
+      return true
+    end))
+    local left_at_probe
+    local probe = resil.spawn(function()
+      resil.sleep(60.001) -- just after the first sweep began
+      assert(s:set("probe", "1"))
+      left_at_probe = s.backend.db:read(function(tx)
+        return tx:value("SELECT count(*) FROM kv WHERE key LIKE 'old:%'")
+      end)
+    end)
+    resil.sleep(61)
+    assert(probe:join())
+    assert.is_true(left_at_probe > 0 and left_at_probe < 1000, tostring(left_at_probe))
+    assert.are.equal(0, s.backend.db:read(function(tx) return tx:value("SELECT count(*) FROM kv WHERE key LIKE 'old:%'") end))
+  end)
+
+  it("on the virtual clock, a month's sleep costs the sweeper a commit an hour at most while it finds nothing " ..
+     "(one a minute made a year's sleep take seconds)", function()
+    resil.clock.real()
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.clock.virtual()
+local s = assert(resil.store())
+local before = s:stats().commits
+resil.sleep(30 * 86400)
+print(s:stats().commits - before)
+]], "--store " .. helpers.tmpname(".db"))
+    assert.are.equal(0, r.code, r.stderr)
+    local commits = tonumber(r.stdout)
+    assert.is_true(commits <= 30 * 24 + 10, r.stdout)
   end)
 
   it("refuses a URL of an unknown scheme instead of making a file of it", function()
@@ -301,6 +363,23 @@ print(resil.cost.breakdown("provider")[1].calls)
 ]])
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("true\n10001\n", r.stdout)
+  end)
+
+  it("past 10,000 rows queued, a caller outside a task (a plain coroutine) has its row written by a task of its " ..
+     "own; it does not raise", function()
+    resil.clock.real()
+    local db, release = locked_store()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+for i = 1, 10000 do assert(resil.cost.record({ provider = "later", usd = 0.01, wait = false })) end
+print(pcall(coroutine.wrap(function() return resil.cost.record({ provider = "later", usd = 0.01, wait = false }) end)))
+io.open(%q, "w"):close() -- the other process lets go
+local deadline = resil.clock.wall() + 10
+repeat resil.sleep(0.02) until resil.cost.breakdown("provider")[1].calls == 10001 or resil.clock.wall() > deadline
+print(resil.cost.breakdown("provider")[1].calls)
+]]):format(release), "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\ttrue\n10001\n", r.stdout)
   end)
 
   it("rows still queued when the process ends are written as it closes the store, once the lock is free", function()

@@ -45,12 +45,6 @@
  * before the answer that queued it (libevent writes the answer a turn
  * later): 112 us at the median at one connection, 86 us with the delay. */
 #define DETACHED_FLUSH_DELAY_US 2000
-/* Detached ops queued at most: past it db:enqueue refuses and the caller
- * waits for its write (costs.lua), so a write lock held for long (a backup,
- * a forgotten sqlite3 shell) slows answers down instead of queueing every
- * row in memory (about 2 KB each with its Lua tables: a gateway at 10,000
- * answers a second would have queued 1.2 GB in the minute it waits). */
-#define DETACHED_MAX 10000
 /* A detached op waits this long for another process's write lock, not the
  * store's timeout: nobody waits for it, and it records a call already paid
  * for. It stays queued meanwhile, so a stop (db_close_all) still writes it;
@@ -86,7 +80,6 @@ typedef struct store_db {
   int ref_stmts; /* sql -> lightuserdata stmt */
   sqlite3_stmt *ctl[5]; /* the transaction statements, prepared once (see exec_ctl) */
   int in_tx;
-  int detached_queued; /* detached ops in the queue (DETACHED_MAX) */
   long commits, ops;
   wal_syncer *syncer; /* NULL: synchronous=FULL, COMMIT syncs */
   int sync_pending;   /* a sync is under way: the next batch waits for it (a commit during it
@@ -392,10 +385,7 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
     if (o->t) {
       task_wake(o->t);
     } else {
-      if (o->detached) {
-        d->detached_queued--;
-        tell_done(L, d, o);
-      }
+      if (o->detached) tell_done(L, d, o);
       op_free(L, o);
     }
     o = next;
@@ -452,6 +442,24 @@ static double seconds_since(const struct timespec *t0) {
   return (double)(now.tv_sec - t0->tv_sec) + (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
 }
 
+/* A wait for another process's write lock begins (its timeout counts from
+ * now); attempts: the back-off's step to start from */
+static void begin_lock_wait(store_db *d, int attempts) {
+  d->waiting_lock = 1;
+  d->lock_attempts = attempts;
+  d->R->io_pending++; /* real I/O: the virtual clock must not race ahead of it */
+  clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
+}
+
+/* 0.5 ms .. 4 ms: workers of one gateway take turns on the lock for every
+ * group commit; a longer back-off left one idle with its batch queued */
+static void retry_lock_later(store_db *d) {
+  long usec = 500L << (d->lock_attempts < 3 ? d->lock_attempts : 3);
+  d->lock_attempts++;
+  struct timeval tv = {0, usec};
+  evtimer_add(d->retry_ev, &tv);
+}
+
 /* Writes take the write lock without blocking the loop (the busy timeout is
  * 0): when another process holds it, the batch stays queued (and keeps
  * growing) while a timer retries with a growing delay, and the other tasks'
@@ -464,18 +472,8 @@ static int take_write_lock(store_db *d) {
     return rc;
   }
   clock_gettime(CLOCK_MONOTONIC, &d->contended_at);
-  if (!d->waiting_lock) {
-    d->waiting_lock = 1;
-    d->lock_attempts = 0;
-    d->R->io_pending++; /* real I/O: the virtual clock must not race ahead of it */
-    clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
-  }
-  /* 0.5 ms .. 4 ms: workers of one gateway take turns on the lock for every
-   * group commit; a longer back-off left one idle with its batch queued */
-  long usec = 500L << (d->lock_attempts < 3 ? d->lock_attempts : 3);
-  d->lock_attempts++;
-  struct timeval tv = {0, usec};
-  evtimer_add(d->retry_ev, &tv);
+  if (!d->waiting_lock) begin_lock_wait(d, 0);
+  retry_lock_later(d);
   return -1;
 }
 
@@ -527,36 +525,33 @@ static int contended(const store_db *d) {
  * it for ever (under steady writes: 51.6 MB from 6,000 of them). */
 static int wal_long(const store_db *d) { return d->wal_frames >= CHECKPOINT_FRAMES; }
 
-/* The lock's wait gave up after the store's timeout: the ops whose tasks
- * waited for it fail, taken out of the queue; detached ops stay queued and
- * wait again, up to DETACHED_LOCK_WAIT. -> the ops that fail */
-static op *take_past_wait(store_db *d) {
-  op *failing = NULL, **failing_tail = &failing, **link = &d->head;
+/* The queue's ops that `take` picks, taken out of it in order (the others
+ * stay queued, in order) -> them */
+static op *take_ops(store_db *d, int (*take)(const op *)) {
+  op *taken = NULL, **taken_tail = &taken, **link = &d->head;
   d->tail = NULL;
   while (*link) {
     op *o = *link;
-    if (!o->detached || seconds_since(&o->queued_at) >= DETACHED_LOCK_WAIT) {
+    if (take(o)) {
       *link = o->next;
       o->next = NULL;
-      *failing_tail = o;
-      failing_tail = &o->next;
+      *taken_tail = o;
+      taken_tail = &o->next;
     } else {
       d->tail = o;
       link = &o->next;
     }
   }
-  return failing;
+  return taken;
 }
 
-/* Detached ops still queued wait for the lock again, as take_write_lock does. */
-static void wait_again(store_db *d) {
-  d->waiting_lock = 1;
-  d->lock_attempts = 3; /* the longest back-off: the lock has been held a while */
-  d->R->io_pending++;
-  clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
-  struct timeval tv = {0, 500L << 3};
-  evtimer_add(d->retry_ev, &tv);
+/* The lock's wait gave up after the store's timeout: the ops whose tasks
+ * waited for it fail; detached ops wait again, up to DETACHED_LOCK_WAIT. */
+static int past_lock_wait(const op *o) {
+  return !o->detached || seconds_since(&o->queued_at) >= DETACHED_LOCK_WAIT;
 }
+
+static int is_detached(const op *o) { return o->detached; }
 
 static void flush_head(lua_State *L, store_db *d, int began);
 
@@ -578,8 +573,11 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
   int rc = take_write_lock(d);
   if (rc == -1) return; /* retried by the timer */
   if (rc == SQLITE_BUSY) { /* waited the timeout: the tasks' ops fail, detached ops wait on */
-    op *failing = take_past_wait(d);
-    if (d->head) wait_again(d);
+    op *failing = take_ops(d, past_lock_wait);
+    if (d->head) { /* detached ops wait on, at the longest back-off: the lock has been held a while */
+      begin_lock_wait(d, 3);
+      retry_lock_later(d);
+    }
     if (!failing) return;
     commit_batch(L, d, failing, 0, 0);
     finish_batch(L, d, failing);
@@ -760,9 +758,9 @@ static int db_tx(lua_State *L) { return submit(L, 0); }
  * wait for. */
 static int db_commit_only(lua_State *L) { return submit(L, 1); }
 
-/* db:enqueue(done, fn, ...) -> true: fn(tx, ...) in the next group commit,
- * like db:commit_only, but nobody waits: it returns at once, from a task or
- * not; false (nothing queued) when DETACHED_MAX are queued already.
+/* db:enqueue(done, fn, ...): fn(tx, ...) in the next group commit, like
+ * db:commit_only, but nobody waits: it returns at once, from a task or not
+ * (how many may be queued is bounded by the caller: costs.lua, LATER_MAX).
  * After the commit, done(nil, fn's results...), or done(err) when fn raised
  * or the store failed (done may be nil: a failure is then logged). Called
  * on the loop, outside any task. For writes no answer should wait for (the
@@ -774,19 +772,13 @@ static int db_enqueue(lua_State *L) {
   store_db *d = check_db(L, 1);
   if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
   luaL_checktype(L, 3, LUA_TFUNCTION); /* before done is referenced: a raise would leave it so */
-  if (d->detached_queued >= DETACHED_MAX) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  d->detached_queued++;
   lua_pushvalue(L, 2);
   int ref_done = luaL_ref(L, LUA_REGISTRYINDEX); /* LUA_REFNIL for nil */
   op *o = enqueue(L, d, 3, 1);
   o->detached = o->committed_enough = 1;
   clock_gettime(CLOCK_MONOTONIC, &o->queued_at);
   o->ref_done = ref_done == LUA_REFNIL ? LUA_NOREF : ref_done;
-  lua_pushboolean(L, 1);
-  return 1;
+  return 0;
 }
 
 /* db:now(fn, ...) -> fn(tx, ...) at once, in its own transaction (setup,
@@ -863,20 +855,7 @@ static int db_stats(lua_State *L) {
  * will queue them again. Ops whose tasks wait stay where they are: those
  * tasks will not run again. */
 static void commit_detached_at_close(lua_State *L, store_db *d) {
-  op *detached = NULL, **tail = &detached, **link = &d->head;
-  d->tail = NULL;
-  while (*link) {
-    op *o = *link;
-    if (o->detached) {
-      *link = o->next;
-      o->next = NULL;
-      *tail = o;
-      tail = &o->next;
-    } else {
-      d->tail = o;
-      link = &o->next;
-    }
-  }
+  op *detached = take_ops(d, is_detached);
   if (!detached) return;
   if (d->waiting_lock) {
     evtimer_del(d->retry_ev);

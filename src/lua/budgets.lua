@@ -187,7 +187,8 @@ end
 -- With wait = false in the cost fields it returns true at once: the settle is
 -- written with the next group commit (SQLite) or sent at once without
 -- waiting for the reply (Redis), tried again as above when the store is
--- unavailable.
+-- unavailable; past 10,000 such writes not yet written it waits, as
+-- without it (costs.lua, LATER_MAX).
 function Ticket:settle(actual, e)
   if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
   self.done = true -- (a guard that would release it on a cancel has nothing left to do)
@@ -201,9 +202,8 @@ function Ticket:settle(actual, e)
   -- a call that cost something, however little (under half a micro-dollar
   -- rounds to 0): its row is written; settle(0) writes none
   entry.charged = actual > 0
-  if fields.wait == false then
-    costs.write_later(self.store.backend, "budget_settle", fields,
-      { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry)
+  if fields.wait == false and costs.write_later(self.store.backend, "budget_settle", fields,
+    { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry) then
     return true
   end
   local ok, err = self.store.backend:budget_settle(self.id, entry)

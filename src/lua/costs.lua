@@ -111,12 +111,40 @@ local function cost_entry(e, at)
            item = e.item or ctx.step_scope }
 end
 
+-- What the metrics need of a call, copied when it is recorded: a write
+-- nobody waits for counts in them once it is written, and by then the
+-- caller may have changed its table (reused it for its next call).
+local function metric_fields(e)
+  local units = e.units
+  if type(units) == "table" then
+    local copy = {}
+    for field in pairs(TOKEN_TYPES) do copy[field] = units[field] end
+    units = copy
+  end
+  return { provider = e.provider, model = e.model, usd = e.usd, units = units }
+end
+
+-- Writes nobody waits for that are not written yet: queued for SQLite's
+-- next group commit, sent to Redis without their reply, or tried again
+-- (the store unavailable). At most LATER_MAX: past it a caller writes as
+-- with wait = true (it waits, and gets the outcome), so a store unavailable
+-- for long (a write lock held, Redis down) slows the callers down instead
+-- of holding every row in memory (some 4 KB each with its task: 378 MB for
+-- 100,000 rows recorded while Redis was down; 1.2 GB a minute at 10,000 a
+-- second). A caller that cannot wait (outside a task) is queued anyway.
+local LATER_MAX = 10000
+local unwritten = 0
+local retry_ended = setmetatable({}, { __close = function() unwritten = unwritten - 1 end }) -- however it ends
+
 -- A write nobody waits for (write_later below) found the store unavailable:
 -- it is tried again in a task of its own, for a minute at most, since the
 -- call it records was paid for. A row keyed by an id (or a ticket) is
--- written once however often it is tried.
+-- written once however often it is tried. counts(ok): the write made a row
+-- (observed in the metrics with `fields`).
 local function retry_later(what, write, counts, fields, log_fields)
+  unwritten = unwritten + 1
   resil.spawn(function()
+    local _ <close> = retry_ended
     local ok, err = S.retry_write(write)
     if counts(ok) then observe_cost(fields, fields.units) end
     if ok == nil then
@@ -127,35 +155,31 @@ local function retry_later(what, write, counts, fields, log_fields)
 end
 
 -- backend:<name>_later(args..., done) (SQLite: the next group commit; Redis:
--- sent at once, ahead of any later command), else <name>(args...) in a task
--- of its own; then the metrics, or the retry above
+-- sent at once, ahead of any later command); then the metrics, or the
+-- retry above. -> true, or false past LATER_MAX: the caller writes itself.
 local function write_later(backend, name, fields, log_fields, ...)
+  if unwritten >= LATER_MAX and resil.running() and coroutine.isyieldable() then return false end
   local args = table.pack(...)
+  local seen = metric_fields(fields)
   local function write() return backend[name](backend, table.unpack(args, 1, args.n)) end
   -- a row that was written (not one already there) counts in the metrics;
   -- a settle of 0 writes none
-  local function counts(ok) return ok and (name == "cost_record" or fields.usd > 0) end
+  local function counts(ok) return ok and (name == "cost_record" or seen.usd > 0) end
   local function done(err, ok)
+    unwritten = unwritten - 1
     if err == nil then
-      if counts(ok) then observe_cost(fields, fields.units) end
+      if counts(ok) then observe_cost(seen, seen.units) end
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
-      retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, fields, log_fields)
+      retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, seen, log_fields)
     else
       log_fields.error = tostring(err)
       resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
     end
   end
-  local later = backend[name .. "_later"]
-  if later then
-    args[args.n + 1] = done
-    local queued = later(backend, table.unpack(args, 1, args.n + 1))
-    args[args.n + 1] = nil
-    if queued ~= false then return end
-  end
-  -- the store's queue is full (a write lock held for long): this caller
-  -- waits for its own write, as with wait = true, rather than queue more
-  local ok, err = write()
-  if ok == nil and err then done(err) else done(nil, ok) end
+  unwritten = unwritten + 1
+  args[args.n + 1] = done
+  backend[name .. "_later"](backend, table.unpack(args, 1, args.n + 1))
+  return true
 end
 
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
@@ -165,7 +189,8 @@ end
 -- wait = false: return at once; the row is written with the next group
 -- commit (SQLite), or sent at once without waiting for the reply (Redis);
 -- either way a read that follows sees it. A store that is unavailable
--- meanwhile is tried again for a minute (failures are logged).
+-- meanwhile is tried again for a minute (failures are logged). Past 10,000
+-- such writes not yet written (LATER_MAX), it writes as without it.
 -- A row without an id, written without waiting on Redis, gets one of its own
 -- (this process's tag and a count): a command that timed out (a frozen
 -- server) still runs when the server thaws, and the retry (retry_later)
@@ -184,9 +209,10 @@ function resil.cost.record(e)
   entry.sync = e.sync
   if e.wait == false then
     own_key(s.backend, entry)
-    write_later(s.backend, "cost_record", e, { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe },
-      entry)
-    return true
+    if write_later(s.backend, "cost_record", e,
+      { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, entry) then
+      return true
+    end
   end
   local ok, err = s.backend:cost_record(entry)
   if ok == nil and err then return nil, err end

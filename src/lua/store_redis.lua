@@ -619,13 +619,19 @@ function R:cost_record(e)
   return n == 1
 end
 
+-- a script's reply of 1 or 0, to a done of the store's *_later methods:
+-- done(nil, reply == 1) | done(err)
+local function tell_done(done)
+  return function(n, err)
+    if n == nil then return done(err) end
+    done(nil, n == 1)
+  end
+end
+
 -- the same, without waiting (R:script_later): done(nil, inserted) | done(err)
 function R:cost_record_later(e, done)
   self:script_later("cost_record", { P .. "costs", P .. "costs:dedupe" },
-    table.pack(e.dedupe or "", resil.json.encode(e)), function(n, err)
-      if n == nil then return done(err) end
-      done(nil, n == 1)
-    end)
+    table.pack(e.dedupe or "", resil.json.encode(e)), tell_done(done))
 end
 
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
@@ -750,10 +756,7 @@ end
 -- the same, without waiting (R:script_later): done(nil, first) | done(err)
 function R:budget_settle_later(ticket, entry, done)
   local keys, args = settle_call(ticket, entry)
-  self:script_later("budget_settle", keys, args, function(n, err)
-    if n == nil then return done(err) end
-    done(nil, n == 1)
-  end)
+  self:script_later("budget_settle", keys, args, tell_done(done))
 end
 
 -- Release a budget's live holds in a period: all, or (stale) those whose owner is not alive. -> how many

@@ -276,9 +276,13 @@ end
 -- stayed for good), once records past their retention, and reservations a
 -- day past their hold, whatever their state (none counts any more; a late
 -- settle of one finds its ticket in the ledger, or writes it: it is charged
--- either way). -> rows deleted | nil, err
+-- either way). A once record still running stays while its holder's lease
+-- lives (the heartbeat renews it while fn runs): swept, a run longer than
+-- its retention lost its result (once_finish found no record). -> rows
+-- deleted | nil, err
 local SWEEP_KV = "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= ? LIMIT ?)"
-local SWEEP_ONCE = "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE expires_at <= ? LIMIT ?)"
+local SWEEP_ONCE = "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE expires_at <= ?1 AND " ..
+  "(state <> 'running' OR owner IS NULL OR owner NOT IN (SELECT id FROM owners WHERE expires_at > ?1)) LIMIT ?2)"
 local SWEEP_HOLDS = "DELETE FROM reservations WHERE ticket IN (SELECT ticket FROM reservations WHERE expires_at <= ? " ..
   "LIMIT ?)"
 local HOLDS_KEPT = 86400
