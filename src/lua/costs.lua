@@ -115,13 +115,12 @@ end
 -- nobody waits for counts in them once it is written, and by then the
 -- caller may have changed its table (reused it for its next call).
 local function metric_fields(e)
-  local units = e.units
-  if type(units) == "table" then
-    local copy = {}
-    for field in pairs(TOKEN_TYPES) do copy[field] = units[field] end
-    units = copy
+  local u = e.units
+  if type(u) == "table" then -- (the fields TOKEN_TYPES names)
+    u = { input_tokens = u.input_tokens, prompt_tokens = u.prompt_tokens, output_tokens = u.output_tokens,
+          completion_tokens = u.completion_tokens }
   end
-  return { provider = e.provider, model = e.model, usd = e.usd, units = units }
+  return { provider = e.provider, model = e.model, usd = e.usd, units = u }
 end
 
 -- Writes nobody waits for that are not written yet: queued for SQLite's
