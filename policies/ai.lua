@@ -350,6 +350,10 @@ local function record_cost(r, req, ticket, operation)
   local ok, err
   if ticket then
     ok, err = ticket:settle(usd or 0, entry)
+    -- an answer without usage (some OpenAI-compatible servers) has no price:
+    -- the hold is freed and the call still gets its row, without a price,
+    -- as without a budget (it went unrecorded)
+    if usd == nil and ok ~= nil then ok, err = resil.cost.record(entry) end
   else
     entry.usd = usd -- nil: recorded without a price (pricing warned once), never as a zero
     ok, err = resil.cost.record(entry)

@@ -244,6 +244,22 @@ describe("chat over the strict mock", function()
     assert.are.equal(1, ledger_rows())
   end)
 
+  it("a budgeted answer without usage (some OpenAI-compatible servers) has its ledger row, without a price",
+    function()
+      m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+          id = "chatcmpl-nousage", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+          choices = { { index = 0, message = { role = "assistant", content = "hi" }, finish_reason = "stop" } } }) }
+      end } })
+      local b = resil.budget("ai-spec-nousage", { limit = 1 })
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        budget = "ai-spec-nousage" }))
+      assert.is_nil(r.cost_usd)
+      assert.are.same({ 0, 0 }, { b:state().spent, b:state().reserved })
+      local by = assert(resil.cost.breakdown("model"))
+      assert.are.same({ { key = "gpt-4o-mini", usd = 0, calls = 1, unpriced = 1 } }, by)
+    end)
+
   it("a call canceled between its reservation and its answer gives the hold back", function()
     local b = resil.budget("ai-spec-cancel", { limit = 1 })
     m:configure({ strict = true, latency = { min = 5, max = 5 } })
