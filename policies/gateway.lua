@@ -40,9 +40,9 @@ gateway.config = resil.keep("policies.gateway.config", function()
     auth = true,
     key_cache = 2,        -- seconds a key's record is kept in memory (a revoke takes at most this long)
     -- An answer does not wait for its ledger row (or its budget's settle):
-    -- the row is committed with the store's next group commit, in the same
-    -- loop turn unless another process holds the write lock, and synced to
-    -- the disk some 10 ms later. A crash of the gateway loses the rows not
+    -- the row is committed with the store's next group commit, within 2 ms
+    -- unless another process holds the write lock, and synced to the disk
+    -- some 10 ms later. A crash of the gateway loses the rows not
     -- committed yet, as it would lose a call answered by the provider an
     -- instant before; stopping it commits them. ledger_wait = true makes
     -- answers wait for the commit, and ledger_sync = true (with it) for the

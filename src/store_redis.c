@@ -443,8 +443,8 @@ static int l_connect(lua_State *L) {
 }
 
 static const luaL_Reg conn_methods[] = {
-  {"call", conn_call}, {"send", conn_send}, {"call_now", conn_call_now}, {"close", conn_close}, {"connected", conn_connected},
-  {NULL, NULL}};
+  {"call", conn_call},   {"send", conn_send},           {"call_now", conn_call_now},
+  {"close", conn_close}, {"connected", conn_connected}, {NULL, NULL}};
 
 int luaopen_resil_redis(lua_State *L) {
   luaL_newmetatable(L, CONN_MT);

@@ -307,16 +307,22 @@ static void fail_op(lua_State *L, op *o, const char *why) {
 
 /* One transaction for a list of ops; every op gets a result or a failure.
  * began: BEGIN IMMEDIATE already succeeded. */
-static int commit_batch(lua_State *L, store_db *d, op *first, int txh, int began) {
+static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
   if (!began) {
     char why[512];
     snprintf(why, sizeof why, "store %s: %s", d->path, sqlite3_errmsg(d->db));
     for (op *o = first; o; o = o->next) fail_op(L, o, why);
     return 0;
   }
+  store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
+  *txp = d;
+  luaL_setmetatable(L, TX_MT);
+  int txh = lua_gettop(L);
   d->in_tx = 1;
   for (op *o = first; o; o = o->next) run_op(L, d, o, txh);
   d->in_tx = 0;
+  *txp = NULL; /* a handle kept by fn is dead now */
+  lua_pop(L, 1);
   int rc = exec_ctl(d, CTL_COMMIT);
   if (rc != SQLITE_OK) {
     char why[512];
@@ -451,6 +457,14 @@ static void begin_lock_wait(store_db *d, int attempts) {
   clock_gettime(CLOCK_MONOTONIC, &d->lock_since);
 }
 
+/* ...and ends (the lock taken, given up, or nothing left to take it for) */
+static void end_lock_wait(store_db *d) {
+  if (!d->waiting_lock) return;
+  evtimer_del(d->retry_ev);
+  d->waiting_lock = 0;
+  d->R->io_pending--;
+}
+
 /* 0.5 ms .. 4 ms: workers of one gateway take turns on the lock for every
  * group commit; a longer back-off left one idle with its batch queued */
 static void retry_lock_later(store_db *d) {
@@ -467,8 +481,7 @@ static void retry_lock_later(store_db *d) {
 static int take_write_lock(store_db *d) {
   int rc = exec_ctl(d, CTL_BEGIN);
   if (rc != SQLITE_BUSY || (d->waiting_lock && seconds_since(&d->lock_since) >= d->timeout)) {
-    if (d->waiting_lock) d->R->io_pending--; /* done waiting (or given up: "database is locked") */
-    d->waiting_lock = 0;
+    end_lock_wait(d); /* done waiting (or given up: "database is locked") */
     return rc;
   }
   clock_gettime(CLOCK_MONOTONIC, &d->contended_at);
@@ -477,10 +490,17 @@ static int take_write_lock(store_db *d) {
   return -1;
 }
 
+/* A WAL due for a checkpoint: its sync, which copies it, is asked for at once.
+ * The copy comes in two (checkpointing): the long one while batches go on,
+ * then what they wrote meanwhile while they wait, so that the next batch
+ * begins with the WAL all copied and restarts it; otherwise SQLite appends to
+ * it for ever (under steady writes: 51.6 MB from 6,000 of them). */
+static int wal_long(const store_db *d) { return d->wal_frames >= CHECKPOINT_FRAMES; }
+
 /* Ask the syncer to make every commit so far durable; batch (may be NULL)
  * continues when it is. The next batch waits for it (sync_pending). */
 static void request_sync(store_db *d, op *batch) {
-  int checkpoint = d->wal_frames >= CHECKPOINT_FRAMES;
+  int checkpoint = wal_long(d);
   if (checkpoint && !d->checkpointing) d->checkpointing = 1;
   d->syncing = batch;
   d->sync_pending = 1;
@@ -517,13 +537,6 @@ static int only_commit_only(const op *o) {
 static int contended(const store_db *d) {
   return d->contended_at.tv_sec != 0 && seconds_since(&d->contended_at) < 1.0;
 }
-
-/* A WAL due for a checkpoint: its sync, which copies it, is asked for at once.
- * The copy comes in two (checkpointing): the long one while batches go on,
- * then what they wrote meanwhile while they wait, so that the next batch
- * begins with the WAL all copied and restarts it; otherwise SQLite appends to
- * it for ever (under steady writes: 51.6 MB from 6,000 of them). */
-static int wal_long(const store_db *d) { return d->wal_frames >= CHECKPOINT_FRAMES; }
 
 /* The queue's ops that `take` picks, taken out of it in order (the others
  * stay queued, in order) -> them */
@@ -579,7 +592,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
       retry_lock_later(d);
     }
     if (!failing) return;
-    commit_batch(L, d, failing, 0, 0);
+    commit_batch(L, d, failing, 0);
     finish_batch(L, d, failing);
     return;
   }
@@ -599,13 +612,7 @@ static void flush_head(lua_State *L, store_db *d, int began) {
     if (!rest) d->tail = NULL;
     else event_active(d->flush_ev, EV_TIMEOUT, 0);
   }
-  store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
-  *txp = d;
-  luaL_setmetatable(L, TX_MT);
-  int txh = lua_gettop(L);
-  int committed = commit_batch(L, d, batch, txh, began);
-  *txp = NULL; /* a handle kept by fn is dead now */
-  lua_pop(L, 1);
+  int committed = commit_batch(L, d, batch, began);
   if (committed && d->syncer) {
     /* db:commit_only ops continue now; the others when the batch is durable (synced_cb) */
     op *wait = NULL, **tail = &wait, *now = NULL, **now_tail = &now;
@@ -652,11 +659,7 @@ static void op_canceled(void *arg) {
     else d->head = o->next;
     if (d->tail == o) d->tail = prev;
     op_free(d->R->L, o);
-    if (!d->head && d->waiting_lock) { /* nothing left to take the lock for */
-      evtimer_del(d->retry_ev);
-      d->waiting_lock = 0;
-      d->R->io_pending--;
-    }
+    if (!d->head) end_lock_wait(d); /* nothing left to take the lock for */
     return;
   }
   o->t = NULL; /* not queued (cannot happen): it runs, and nobody waits */
@@ -857,23 +860,14 @@ static int db_stats(lua_State *L) {
 static void commit_detached_at_close(lua_State *L, store_db *d) {
   op *detached = take_ops(d, is_detached);
   if (!detached) return;
-  if (d->waiting_lock) {
-    evtimer_del(d->retry_ev);
-    d->waiting_lock = 0;
-    d->R->io_pending--;
-  }
+  end_lock_wait(d);
   int began = 0;
   if (!d->sync_error) {
     sqlite3_busy_timeout(d->db, (int)(d->timeout * 1000));
     began = exec_ctl(d, CTL_BEGIN) == SQLITE_OK;
     sqlite3_busy_timeout(d->db, 0);
   }
-  store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
-  *txp = d;
-  luaL_setmetatable(L, TX_MT);
-  int committed = commit_batch(L, d, detached, lua_gettop(L), began);
-  *txp = NULL;
-  lua_pop(L, 1);
+  int committed = commit_batch(L, d, detached, began);
   if (committed) d->unsynced = 1; /* synced below, with the rest */
   /* their done callbacks are not called (the loop is over): failures are
    * logged, those of the store (the lock still held) in one line, not one

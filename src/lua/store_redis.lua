@@ -252,9 +252,9 @@ return {spent, reserved, to_judge, holds}
 ]]
 
 -- ARGV: ticket, micro_usd, dedupe, entry json, the ticket's time to live (ms), '1' when the call
--- cost something (a row even under half a micro-dollar); a settle of $0 writes no ledger row. The spent total grows with the ledger: a row the ledger already has
--- (the same id, a provider's replayed answer) is not spent twice, as on SQLite, where spent is
--- the ledger's sum.
+-- cost something (a row even under half a micro-dollar); a settle of $0 writes no ledger row.
+-- The spent total grows with the ledger: a row the ledger already has (the same id, a
+-- provider's replayed answer) is not spent twice, as on SQLite, where spent is the ledger's sum.
 scripts.budget_settle = budget_lib .. insert_cost .. [[
 if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
 unhold(ARGV[1])
