@@ -105,6 +105,42 @@ describe("resil.once on Redis", function()
     assert.are.equal(2, calls) -- work once, refuse once
   end)
 
+  it("keeps a running record past its retention while its run goes on: fn runs once", function()
+    local first = resil.spawn(resil.once, { key = "long-run", fingerprint = "fp", retention = 0.2 }, function()
+      calls = calls + 1
+      resil.sleep(0.6)
+      return "made"
+    end)
+    resil.sleep(0.4) -- past the retention, the run still going
+    local s = resil.store()
+    -- what a second process asking for the key is told
+    assert.are.equal("in_progress", (s.backend:once_claim("long-run", "fp", "another-process", 300, 0.2,
+      resil.store_now())))
+    assert.are.equal("made", select(2, first:join()))
+    assert.are.equal(1, calls)
+    -- the run over, its record keeps its retention as before
+    assert.is_true(helpers.wait_until(function()
+      return os.execute(("redis-cli -p %d -n %d exists resil:once:long-run | grep -q '^0'"):format(port, db_seq)) == true
+    end, 10))
+  end)
+
+  it("renews a running record with the heartbeat: it outlives its first lease", function()
+    local owner = require "resil.owner"
+    local saved = owner.lease
+    owner.lease = 0.3
+    local _ <close> = setmetatable({}, { __close = function() owner.lease = saved end })
+    local first = resil.spawn(resil.once, { key = "beaten", fingerprint = "fp", retention = 0.1 }, function()
+      calls = calls + 1
+      resil.sleep(1)
+      return "made"
+    end)
+    resil.sleep(0.8) -- more than twice the lease: only the beats keep it
+    assert.are.equal("in_progress", (resil.store().backend:once_claim("beaten", "fp", "another-process", 300, 0.1,
+      resil.store_now())))
+    assert.are.equal("made", select(2, first:join()))
+    assert.are.equal(1, calls)
+  end)
+
   it("records expire after their retention (reaped by Redis)", function()
     resil.once({ key = "short", retention = 0.2 }, work, 1)
     assert.is_true(helpers.wait_until(function()

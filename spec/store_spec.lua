@@ -86,6 +86,28 @@ describe("resil.store (SQLite)", function()
     end))
   end)
 
+  it("runs fn once when it runs past its retention: another caller finds it in progress, not a free key", function()
+    local s = fresh_store()
+    local runs = 0
+    local first = resil.spawn(resil.once, { key = "long-run", fingerprint = "fp", retention = 30 }, function()
+      runs = runs + 1
+      resil.sleep(90)
+      return "made"
+    end)
+    resil.sleep(60) -- past the retention, the run still going
+    -- what a second process asking for the key is told (it is not this process, so no in-flight shortcut)
+    assert.are.equal("in_progress", (s.backend:once_claim("long-run", "fp", "another-process", 300, 30,
+      resil.store_now())))
+    resil.once_reap() -- reaping leaves it too
+    assert.are.equal("in_progress", (s.backend:once_claim("long-run", "fp", "another-process", 300, 30,
+      resil.store_now())))
+    assert.are.equal("made", select(2, first:join()))
+    assert.are.equal("made", (resil.once({ key = "long-run", fingerprint = "fp", retention = 30 }, function()
+      runs = runs + 1
+    end)))
+    assert.are.equal(1, runs)
+  end)
+
   it("sweeps a backlog in small commits with pauses between: other tasks' writes go in meanwhile (1,000 rows " ..
      "of 2 KB a commit, back to back, held the loop 12-29 ms at a time)", function()
     local s = fresh_store()

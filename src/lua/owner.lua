@@ -124,7 +124,7 @@ local function beat(backend, tokens)
       beating[backend] = nil
       return
     end
-    if backend:owner_beat(M.me().id, now + M.lease, now) then -- a failed beat is retried at the next
+    if backend:owner_beat(M.me().id, now + M.lease, now, tokens) then -- a failed beat is retried at the next
       written[backend] = now + M.lease
     end
   end

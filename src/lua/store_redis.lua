@@ -51,10 +51,20 @@ local function renew(owners, me, lease_until)
 end
 ]]
 
--- KEYS[1] owners; ARGV: me, lease_until, now
+-- KEYS: owners, then the once records this process is running; ARGV: me,
+-- lease_until, now, lease (ms). A running record lives at least a lease
+-- past each beat: its retention counts from the end of the run, so fn
+-- running longer than the retention is not run a second time
 scripts.owner_beat = holders_lib .. [[
 renew(KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local lease = tonumber(ARGV[4])
+for i = 2, #KEYS do
+  local r = redis.call('HMGET', KEYS[i], 'owner', 'state')
+  if r[1] == ARGV[1] and r[2] == 'running' and redis.call('PTTL', KEYS[i]) < lease then
+    redis.call('PEXPIRE', KEYS[i], lease)
+  end
+end
 return 1
 ]]
 
@@ -74,6 +84,7 @@ if r[2] == 'done' then return {'done', r[5]} end
 local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], now)
 if alive == false or (alive == nil and tonumber(r[4]) + lease <= now) then
   redis.call('HSET', KEYS[1], 'owner', me, 'locked_at', ARGV[5])
+  if redis.call('PTTL', KEYS[1]) < retention * 1000 then redis.call('PEXPIRE', KEYS[1], math.floor(retention * 1000)) end
   return {'claimed', 'takeover'}
 end
 return {'in_progress', r[4], r[3]}
@@ -413,8 +424,14 @@ local function fmt_time(t) return string.format("%.6f", t) end
 
 local OWNERS = P .. "owners"
 
-function R:owner_beat(me, lease_until, now)
-  return ok_or(self:script("owner_beat", { OWNERS }, me, fmt_time(lease_until), fmt_time(now)))
+-- held: owner.lua's tokens (what this process holds here); "once:<key>" are running once records
+function R:owner_beat(me, lease_until, now, held)
+  local keys = { OWNERS }
+  for token in pairs(held or {}) do
+    if token:sub(1, 5) == "once:" then keys[#keys + 1] = P .. token end
+  end
+  return ok_or(self:script("owner_beat", keys, me, fmt_time(lease_until), fmt_time(now),
+    math.floor(owner.lease * 1000)))
 end
 
 -- Of the holders a script reported (on this machine), the dead ones, as the
@@ -474,7 +491,9 @@ end
 function R:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
   local dead = ""
   while true do
-    local r, err = self:script("once_claim", { P .. "once:" .. key, OWNERS }, fingerprint, me, lease, retention,
+    -- a running record lives at least a lease (the heartbeat extends it while fn runs)
+    local r, err = self:script("once_claim", { P .. "once:" .. key, OWNERS }, fingerprint, me, lease,
+      math.max(retention, owner.lease),
       fmt_time(now), dead, same_host(), lease_arg(lease_until))
     if r == nil then return nil, err end
     local data = r[2]

@@ -229,6 +229,14 @@ end
 
 -- ---------- idempotency ----------
 
+-- Is a running record's holder alive (for one without identity: is the
+-- record's own lease fresh)?
+local function holder_lives(tx, row, me, lease, now)
+  local verdict = row.owner == me or alive(tx, row.owner, now)
+  if verdict == nil then return row.locked_at + lease > now end
+  return verdict
+end
+
 -- -> "claimed" | "done", result | "in_progress", locked_at, holder | "key_reused"
 -- A running record is taken over when its holder is dead or, for a holder
 -- without identity, when its lease is stale. One held by this very host is
@@ -237,7 +245,9 @@ function B:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
   return self.db:tx(function(tx)
     renew(tx, me, lease_until)
     local row = tx:row("SELECT * FROM idempotency WHERE key = ?", key)
-    if row and row.expires_at <= now then
+    -- a record past its retention is gone, unless its run is still going:
+    -- fn running longer than the retention must not run a second time
+    if row and row.expires_at <= now and (row.state ~= "running" or not holder_lives(tx, row, me, lease, now)) then
       tx:exec("DELETE FROM idempotency WHERE key = ?", key)
       row = nil
     end
@@ -248,9 +258,9 @@ function B:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
     end
     if row.fingerprint ~= fingerprint then return "key_reused" end
     if row.state == "done" then return "done", row.result end
-    local holder_alive = row.owner == me or alive(tx, row.owner, now)
-    if holder_alive == false or (holder_alive == nil and row.locked_at + lease <= now) then
-      tx:exec("UPDATE idempotency SET owner = ?, locked_at = ? WHERE key = ?", me, now, key)
+    if not holder_lives(tx, row, me, lease, now) then
+      tx:exec("UPDATE idempotency SET owner = ?, locked_at = ?, expires_at = max(expires_at, ?) WHERE key = ?",
+              me, now, now + retention, key)
       return "claimed", "takeover"
     end
     return "in_progress", row.locked_at, row.owner
@@ -291,8 +301,11 @@ local function sweep(tx, now, limit)
 end
 function B:sweep(now, limit) return self.db:commit_only(sweep, now, limit) end
 
+-- as the sweep: a record whose run is still going stays
+local REAP_ONCE = "DELETE FROM idempotency WHERE expires_at <= ?1 AND " ..
+  "(state <> 'running' OR owner IS NULL OR owner NOT IN (SELECT id FROM owners WHERE expires_at > ?1))"
 function B:once_reap(now)
-  return self.db:tx(function(tx) return tx:exec("DELETE FROM idempotency WHERE expires_at <= ?", now) end)
+  return self.db:tx(function(tx) return tx:exec(REAP_ONCE, now) end)
 end
 
 -- ---------- runs and steps ----------
