@@ -274,6 +274,27 @@ os.exit(0)
   end)
 end)
 
+describe("the ledger on Redis with wait = false, Redis down as the process ends", function()
+  it("names each row still being tried again in its log (before, they were dropped without a word)", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+for i = 1, 3 do assert(resil.cost.record({ provider = "down", usd = 0.25, id = "row-" .. i, wait = false })) end
+resil.sleep(0.2)
+os.exit(0, true)
+]], ("--store redis://127.0.0.1:%d/0?timeout=0.1"):format(free_port()))
+    assert.are.equal(0, r.code, r.stderr)
+    local named = {}
+    for line in r.stderr:gmatch("[^\n]+") do
+      if line:find("was not written before the process ended", 1, true) then
+        local row = resil.json.decode(line)
+        named[#named + 1] = row.id .. " " .. row.usd
+      end
+    end
+    table.sort(named)
+    assert.are.same({ "row-1 0.25", "row-2 0.25", "row-3 0.25" }, named, r.stderr)
+  end)
+end)
+
 describe("runs on Redis", function()
   before_each(fresh_url)
 

@@ -140,11 +140,25 @@ local retry_ended = setmetatable({}, { __close = function() unwritten = unwritte
 -- call it records was paid for. A row keyed by an id (or a ticket) is
 -- written once however often it is tried. counts(ok): the write made a row
 -- (observed in the metrics with `fields`).
+-- Those being tried again: a process that ends meanwhile (SIGTERM, the end
+-- of its script) names each in its log, so that an operator can enter it,
+-- instead of dropping it without a word.
+local retrying = {}
+local exit_report = setmetatable({}, { __gc = function()
+  for r in pairs(retrying) do
+    r.fields.error = "the store was still unavailable"
+    resil.log.error(r.what .. " was not written before the process ended; its cost is not in the ledger", r.fields)
+  end
+end })
+
 local function retry_later(what, write, counts, fields, log_fields)
   unwritten = unwritten + 1
+  local pending = { what = what, fields = log_fields }
+  retrying[pending] = true
   resil.spawn(function()
     local _ <close> = retry_ended
     local ok, err = S.retry_write(write)
+    retrying[pending] = nil
     if counts(ok) then observe_cost(fields, fields.units) end
     if ok == nil then
       log_fields.error = tostring(err)
@@ -246,4 +260,5 @@ end
 -- for budgets: ledger entries and money in micro-dollars; for the progress
 -- line: what this process has recorded so far
 return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, is_usd = is_usd, observe = observe_cost,
-         write_later = write_later, retry_later = retry_later, spent = function() return spent_usd end }
+         write_later = write_later, retry_later = retry_later, spent = function() return spent_usd end,
+         exit_report = exit_report }
