@@ -806,6 +806,63 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal(6, m:stats().routes.chat)
   end)
 
+  it("kill -9 under load, a budgeted key: no hold of the dead gateway counts, the budget's spend is its ledger's " ..
+     "sum, and no row is for a call the provider did not answer", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served", latency = { min = 0.002, max = 0.01 } }))
+    local db = helpers.tmpname(".db")
+    local add = helpers.run(("%s keys add --name crashy --budget 1000/day --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, add.code, add.stderr)
+    local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { key_cache = 0 }
+    ]]):format(m.url .. "/v1"))
+    local pid, port = start_gateway(config, db)
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local body = json.encode({ model = "gpt-4o-mini", messages = MSGS })
+    local answered, stop = 0, false
+    local clients = {}
+    for i = 1, 32 do
+      clients[i] = resil.spawn(function()
+        while not stop do
+          local res = http.request({ method = "POST", url = url, body = body, timeout = 5,
+            headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
+          if res and res.status == 200 then answered = answered + 1 elseif not res then return end
+        end
+      end)
+    end
+    resil.sleep(0.6)
+    os.execute("kill -KILL " .. pid) -- mid-call: requests in flight, rows queued, holds taken
+    stop = true
+    for _, c in ipairs(clients) do c:join() end
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert.is_true(answered > 20, "answered " .. answered)
+
+    local show = helpers.run(("%s budgets show key:crashy --json --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, show.code, show.stderr)
+    local b = json.decode(show.stdout)
+    assert.are.equal(0, b.reserved, show.stdout) -- the dead gateway's holds count no more
+    local r = helpers.run_script([[
+local resil = require "resil"
+local by = resil.cost.breakdown("provider", { budget = "key:crashy" })[1]
+print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by and by.calls or 0))
+]], "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    local ledger_usd, rows = r.stdout:match("^(%S+) (%d+)")
+    -- each settle wrote its spend and its row in one transaction: a kill between them left neither
+    assert.are.equal(("%.6f"):format(b.spent), ledger_usd)
+    -- rows only for calls the provider answered, each once; at most the last ~2 ms of answers lost
+    assert.is_true(tonumber(rows) <= m:stats().routes.chat, rows .. " rows, " .. m:stats().routes.chat .. " calls")
+    assert.is_true(tonumber(rows) >= answered - 32, rows .. " rows for " .. answered .. " answers")
+  end)
+
   -- for a gateway with --workers: a mock upstream and a config routing to it
   -- -> mock, config, port, log file, pid file
   local function workers_setup()
