@@ -2,6 +2,7 @@
 -- before its task resumed must give back what it was granted: under client
 -- disconnects, a bulkhead would otherwise shrink to nothing.
 local resil = require "resil"
+local helpers = require "spec.helpers"
 
 local seq = 0
 local function name(prefix)
@@ -53,7 +54,7 @@ describe("a task canceled after its wait was granted", function()
   -- (the leak this spec would show is the operation itself: make check's
   -- LeakSanitizer reports it)
   it("frees a store operation's result and keeps the store usable", function()
-    local path = os.tmpname()
+    local path = helpers.tmpname(".db")
     local store = assert(resil.store(path))
     local t = resil.spawn(function() return store:set("k", "v") end)
     resil.yield() -- it submits its operation and waits
@@ -67,7 +68,7 @@ describe("a task canceled after its wait was granted", function()
   end)
 
   it("runs <close> handlers at the cancel; cleanup that needs I/O goes in a task they start", function()
-    local path = os.tmpname()
+    local path = helpers.tmpname(".db")
     local store = assert(resil.store(path))
     assert.is_true(store:set("lock", "mine"))
     local errors = {}
@@ -112,7 +113,6 @@ end)
 
 describe("a store operation canceled while queued", function()
   it("never runs: a reservation for a caller that gave up holds nothing", function()
-    local helpers = require "spec.helpers"
     resil.clock.real()
     local path = helpers.tmpname(".db")
     resil.store_config({ url = path })
