@@ -211,6 +211,29 @@ print(admitted)
   end)
 end)
 
+describe("the ledger on Redis, large", function()
+  before_each(function() fresh_url() end)
+
+  it("reports read it a page at a time: a server's client-output-buffer-limit below the whole ledger's size " ..
+     "does not cut the report off (one LRANGE of it all did)", function()
+    for i = 1, 3500 do
+      assert(resil.cost.record({ provider = i % 2 == 0 and "even" or "odd", model = "m", usd = 0.001,
+        user = "a-user-name-of-some-length", id = "row-" .. i, wait = false }))
+    end
+    assert.are.equal(3.5, resil.cost.total()) -- (every row written)
+    local function limit(v)
+      os.execute(("redis-cli -p %d config set client-output-buffer-limit '%s' > /dev/null"):format(port, v))
+    end
+    limit("normal 512kb 512kb 0") -- the ledger's rows are some 900 KB
+    finally(function() limit("normal 0 0 0") end)
+    assert.are.equal(3.5, resil.cost.total())
+    local calls = {}
+    for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do calls[g.key] = g.calls end
+    assert.are.same({ even = 1750, odd = 1750 }, calls)
+    assert.are.equal(3500, #assert(resil.store().backend:cost_rows({})))
+  end)
+end)
+
 describe("the ledger on Redis with wait = false", function()
   before_each(function() fresh_url() end)
 

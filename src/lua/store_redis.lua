@@ -655,11 +655,28 @@ end
 
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
 
+-- The ledger's rows, oldest first, LEDGER_PAGE at a time: one LRANGE of a
+-- whole ledger held Redis (single-threaded: every budget and limit of every
+-- gateway behind it) for as long as it took to send millions of rows, was
+-- as large a reply (past a server's client-output-buffer-limit, the
+-- connection was closed and the report failed), and as large in this
+-- process. The list is only appended to, so a row's index is fixed and the
+-- pages join up. each(text) -> nothing | nil, err
+local LEDGER_PAGE = 1000
+local function each_ledger_row(self, each)
+  local from = 0
+  while true do
+    local page, err = self.conn:call("LRANGE", P .. "costs", from, from + LEDGER_PAGE - 1)
+    if not page then return nil, err end
+    for _, text in ipairs(page) do each(text) end
+    if #page < LEDGER_PAGE then return true end
+    from = from + LEDGER_PAGE
+  end
+end
+
 function R:cost_query(by, filter)
-  local all, err = self.conn:call("LRANGE", P .. "costs", 0, -1)
-  if not all then return nil, err end
   local groups, order = {}, {}
-  for _, text in ipairs(all) do
+  local ok, err = each_ledger_row(self, function(text)
     local e = resil.json.decode(text)
     local keep = true
     for _, f in ipairs(FILTERS) do
@@ -681,7 +698,8 @@ function R:cost_query(by, filter)
       g.micro_usd, g.calls = g.micro_usd + (micro or 0), g.calls + 1
       if not micro then g.unpriced = g.unpriced + 1 end
     end
-  end
+  end)
+  if not ok then return nil, err end
   if not by and #order == 0 then order[1] = { micro_usd = 0, calls = 0, unpriced = 0 } end
   table.sort(order, function(a, b) return a.micro_usd > b.micro_usd end)
   return order
@@ -689,10 +707,8 @@ end
 
 -- the ledger's rows that pass the filter, oldest first
 function R:cost_rows(filter)
-  local all, err = self.conn:call("LRANGE", P .. "costs", 0, -1)
-  if not all then return nil, err end
   local out = {}
-  for _, text in ipairs(all) do
+  local ok, err = each_ledger_row(self, function(text)
     local e = resil.json.decode(text)
     local keep = not (filter.since and e.at < filter.since)
     for _, f in ipairs(FILTERS) do
@@ -703,7 +719,8 @@ function R:cost_rows(filter)
       e.micro_usd = math.tointeger(e.micro_usd) or e.micro_usd
       out[#out + 1] = e
     end
-  end
+  end)
+  if not ok then return nil, err end
   table.sort(out, function(a, b) return a.at < b.at end)
   return out
 end
