@@ -141,6 +141,31 @@ describe("resil.once on Redis", function()
     assert.are.equal(1, calls)
   end)
 
+  -- hostile-once: owner_beat sends every running once key as a KEYS
+  -- argument of one EVALSHA; the connection takes at most 64 arguments, so
+  -- past 56 running keys the beat raises, the heartbeat task dies for good
+  -- (beating[backend] still names it, so it is never started again) and
+  -- neither this process's lease nor its running records are renewed.
+  it("renews running records with the heartbeat when this process runs 60 of them at once", function()
+    local owner = require "resil.owner"
+    local saved = owner.lease
+    owner.lease = 0.3
+    local _ <close> = setmetatable({}, { __close = function() owner.lease = saved end })
+    local tasks = {}
+    for i = 1, 60 do
+      tasks[i] = resil.spawn(resil.once, { key = "many-" .. i, fingerprint = "fp", retention = 0.1 }, function()
+        calls = calls + 1
+        resil.sleep(1)
+        return "made"
+      end)
+    end
+    resil.sleep(0.8) -- more than twice the lease: only the beats keep them
+    assert.are.equal("in_progress", (resil.store().backend:once_claim("many-1", "fp", "another-process", 300, 0.1,
+      resil.store_now())))
+    for i = 1, 60 do assert.are.equal("made", select(2, tasks[i]:join())) end
+    assert.are.equal(60, calls)
+  end)
+
   it("records expire after their retention (reaped by Redis)", function()
     resil.once({ key = "short", retention = 0.2 }, work, 1)
     assert.is_true(helpers.wait_until(function()

@@ -108,6 +108,37 @@ describe("resil.store (SQLite)", function()
     assert.are.equal(1, runs)
   end)
 
+  -- hostile-once: once_claim judges a holder on this machine by its pid
+  -- (alive: the record stays, in progress), but once_reap and the sweep by
+  -- its lease in the owners table. A holder whose lease lapsed while it
+  -- lives (its loop blocked past a lease by a synchronous call in fn,
+  -- SIGSTOP) loses its record to the reap and a second caller runs fn again.
+  it("reaps no running record whose holder on this machine lives (its pid runs), even with its lease lapsed: " ..
+     "reap and claim agree", function()
+    local s = fresh_store()
+    local owner = require "resil.owner"
+    local me = owner.me()
+    local f = assert(io.popen("sleep 60 > /dev/null 2>&1 & echo $!"))
+    local pid = f:read("l")
+    f:close()
+    local _ <close> = setmetatable({}, { __close = function() os.execute("kill " .. pid) end })
+    local stat = helpers.slurp("/proc/" .. pid .. "/stat")
+    local fields = {}
+    for field in stat:match("^.*%)%s(.*)$"):gmatch("%S+") do fields[#fields + 1] = field end
+    local holder = ("%s|%s|%s|%s|%.3f|abcdef"):format(me.host, me.boot, pid, fields[20], resil.store_now())
+    assert.are.equal("alive", owner.verdict(holder))
+    local now = resil.store_now()
+    assert(s.backend.db:tx(function(tx)
+      return tx:exec("INSERT INTO idempotency (key, fingerprint, state, owner, locked_at, created_at, expires_at) " ..
+        "VALUES ('blocked', 'fp', 'running', ?, ?, ?, ?)", holder, now - 100, now - 100, now - 70)
+    end))
+    -- past its retention, its holder alive (no lease row): a second caller finds it in progress
+    assert.are.equal("in_progress", (s.backend:once_claim("blocked", "fp", "another-process", 300, 30, now)))
+    resil.once_reap() -- reaping must leave it as the claim does
+    assert.are.equal("in_progress", (s.backend:once_claim("blocked", "fp", "another-process", 300, 30,
+      resil.store_now())))
+  end)
+
   it("sweeps a backlog in small commits with pauses between: other tasks' writes go in meanwhile (1,000 rows " ..
      "of 2 KB a commit, back to back, held the loop 12-29 ms at a time)", function()
     local s = fresh_store()
