@@ -468,6 +468,41 @@ resil.sleep(10)
     assert.are.equal(143, r.code, r.stderr)
     assert.are.equal("0.2\n", total(db))
   end)
+  it("os.exit(0) right after rows recorded without waiting: they are written (the host closes its state first)",
+    function()
+      resil.clock.real()
+      local db = helpers.tmpname(".db")
+      local r = helpers.run_script([[
+local resil = require "resil"
+for i = 1, 3 do assert(resil.cost.record({ provider = "later", usd = 0.25, id = "exit-" .. i, wait = false })) end
+os.exit(0)
+]], "--store " .. db)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("0.75\n", total(db))
+    end)
+
+  it("the lock held past SIGTERM: each row it could not write is named in the log (a count was all it said)",
+    function()
+      resil.clock.real()
+      local db = locked_store()
+      local r = helpers.run_script([[
+local resil = require "resil"
+for i = 1, 3 do assert(resil.cost.record({ provider = "later", usd = 0.25, id = "held-" .. i, wait = false })) end
+resil.sleep(0.3)
+os.execute("kill -TERM " .. io.open("/proc/self/stat"):read("l"):match("^(%d+)"))
+resil.sleep(10)
+]], ("--store 'sqlite://%s?timeout=0.2'"):format(db))
+      assert.are.equal(143, r.code, r.stderr)
+      local named = {}
+      for line in r.stderr:gmatch("[^\n]+") do
+        if line:find("was not written before the process ended", 1, true) then
+          local row = resil.json.decode(line)
+          named[#named + 1] = row.id .. " " .. row.usd
+        end
+      end
+      table.sort(named)
+      assert.are.same({ "held-1 0.25", "held-2 0.25", "held-3 0.25" }, named, r.stderr)
+    end)
 end)
 
 describe("resil.cost with wait = false on the virtual clock", function()

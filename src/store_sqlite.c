@@ -88,6 +88,7 @@ typedef struct store_db {
   int wal_frames;     /* frames in the WAL after the last commit (wal_hook) */
   op *syncing;        /* the batch committed and being made durable */
   int sync_error;     /* errno of a failed sync: the store refuses operations from then on */
+  int closing;        /* the detached ops written at close: a failed one's done is told closing = true */
   int unsynced;       /* commit_only batches committed since the last sync asked for */
   int unsynced_due;   /* their time came during a sync: synced after it (synced_cb) */
   int checkpointing;  /* 1: the syncer copies a long WAL, batches go on; 2: then what they
@@ -351,6 +352,10 @@ static void tell_done(lua_State *L, store_db *d, op *o) {
     const char *why = lua_tostring(L, -1);
     resil_push_error(L, "store_unavailable", "%s", why ? why : "store failed");
     lua_remove(L, -2);
+    if (d->closing && lua_istable(L, -1)) { /* nothing will try it again */
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -2, "closing");
+    }
   } else if (o->failed == 1) {
     lua_rawgeti(L, -1, 1);
     lua_remove(L, -2);
@@ -869,16 +874,18 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
   }
   int committed = commit_batch(L, d, detached, began);
   if (committed) d->unsynced = 1; /* synced below, with the rest */
-  /* their done callbacks are not called (the loop is over): failures are
-   * logged, those of the store (the lock still held) in one line, not one
-   * per row */
+  /* the done callbacks of those written are not called (the loop is over);
+   * those the store refused (the lock still held) are told, with
+   * closing = true, so that their callers can say what is lost (the
+   * ledger logs each row), and counted in one line here */
   long unwritten = 0;
   for (op *o = detached; o; o = o->next) {
-    luaL_unref(L, LUA_REGISTRYINDEX, o->ref_done);
-    o->ref_done = LUA_NOREF;
     if (o->failed == 2) {
       if (!unwritten++) lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result); /* L stack: why */
-      o->failed = 0; /* not told again */
+      if (o->ref_done == LUA_NOREF) o->failed = 0; /* counted here, not told again */
+    } else {
+      luaL_unref(L, LUA_REGISTRYINDEX, o->ref_done);
+      o->ref_done = LUA_NOREF;
     }
   }
   if (unwritten) {
@@ -891,7 +898,9 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
     lua_setfield(L, -2, "error");
     host_log(L, "error", "store: writes nobody waited for could not be written as it closed; they are lost");
   }
+  d->closing = 1;
   finish_batch(L, d, detached);
+  d->closing = 0;
 }
 
 static void db_close_all(lua_State *L, store_db *d) {

@@ -182,6 +182,11 @@ local function write_later(backend, name, fields, log_fields, ...)
     unwritten = unwritten - 1
     if err == nil then
       if counts(ok) then observe_cost(seen, seen.units) end
+    elseif resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
+      -- the store closed with it unwritten (another process held the write lock): said row by row
+      log_fields.error = tostring(err)
+      resil.log.error((name == "cost_record" and "a cost row" or "a settle") ..
+        " was not written before the process ended; its cost is not in the ledger", log_fields)
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
       retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, seen, log_fields)
     else

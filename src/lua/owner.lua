@@ -124,8 +124,13 @@ local function beat(backend, tokens)
       beating[backend] = nil
       return
     end
-    if backend:owner_beat(M.me().id, now + M.lease, now, tokens) then -- a failed beat is retried at the next
+    -- a failed beat is tried again at the next; one that raises too (the
+    -- heartbeat stopping for good would let every lease and record lapse)
+    local ok, renewed = pcall(backend.owner_beat, backend, M.me().id, now + M.lease, now, tokens)
+    if ok and renewed then
       written[backend] = now + M.lease
+    elseif not ok then
+      resil.log.error("owner: the heartbeat could not renew this process's lease", { error = tostring(renewed) })
     end
   end
 end

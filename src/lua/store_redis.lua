@@ -424,14 +424,24 @@ local function fmt_time(t) return string.format("%.6f", t) end
 
 local OWNERS = P .. "owners"
 
--- held: owner.lua's tokens (what this process holds here); "once:<key>" are running once records
+-- held: owner.lua's tokens (what this process holds here); "once:<key>" are
+-- running once records, renewed BEAT_KEYS to a script (a command takes at
+-- most 64 arguments: with 57 running records the beat raised and stopped)
+local BEAT_KEYS = 48
 function R:owner_beat(me, lease_until, now, held)
-  local keys = { OWNERS }
+  local records = {}
   for token in pairs(held or {}) do
-    if token:sub(1, 5) == "once:" then keys[#keys + 1] = P .. token end
+    if token:sub(1, 5) == "once:" then records[#records + 1] = P .. token end
   end
-  return ok_or(self:script("owner_beat", keys, me, fmt_time(lease_until), fmt_time(now),
-    math.floor(owner.lease * 1000)))
+  local lease_ms = math.floor(owner.lease * 1000)
+  local from = 1
+  repeat
+    local keys = { OWNERS, table.unpack(records, from, math.min(from + BEAT_KEYS - 1, #records)) }
+    local ok, err = self:script("owner_beat", keys, me, fmt_time(lease_until), fmt_time(now), lease_ms)
+    if ok == nil then return nil, err end
+    from = from + BEAT_KEYS
+  until from > #records
+  return true
 end
 
 -- Of the holders a script reported (on this machine), the dead ones, as the

@@ -286,26 +286,42 @@ end
 -- stayed for good), once records past their retention, and reservations a
 -- day past their hold, whatever their state (none counts any more; a late
 -- settle of one finds its ticket in the ledger, or writes it: it is charged
--- either way). A once record still running stays while its holder's lease
--- lives (the heartbeat renews it while fn runs): swept, a run longer than
--- its retention lost its result (once_finish found no record). -> rows
--- deleted | nil, err
+-- either way). A once record still running stays while its holder lives,
+-- judged as once_claim judges it: on this machine by its pid (a holder
+-- whose loop was held past a lease by fn still runs fn), elsewhere by its
+-- lease; swept, a run longer than its retention lost its result and a
+-- second caller ran fn again. -> rows deleted | nil, err
 local SWEEP_KV = "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= ? LIMIT ?)"
-local SWEEP_ONCE = "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE expires_at <= ?1 AND " ..
-  "(state <> 'running' OR owner IS NULL OR owner NOT IN (SELECT id FROM owners WHERE expires_at > ?1)) LIMIT ?2)"
+local SWEEP_ONCE = "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE expires_at <= ? AND " ..
+  "state <> 'running' LIMIT ?)"
+local EXPIRED_RUNS = "SELECT key, owner FROM idempotency WHERE expires_at <= ? AND state = 'running' LIMIT ?"
 local SWEEP_HOLDS = "DELETE FROM reservations WHERE ticket IN (SELECT ticket FROM reservations WHERE expires_at <= ? " ..
   "LIMIT ?)"
 local HOLDS_KEPT = 86400
+
+-- running records past their retention whose holder is gone (or has no identity) -> how many
+local function sweep_runs(tx, now, limit)
+  local n = 0
+  for _, r in ipairs(tx:rows(EXPIRED_RUNS, now, limit)) do
+    if alive(tx, r.owner, now) ~= true then
+      n = n + tx:exec("DELETE FROM idempotency WHERE key = ? AND state = 'running' AND owner IS ?", r.key, r.owner)
+    end
+  end
+  return n
+end
+
 local function sweep(tx, now, limit)
-  return tx:exec(SWEEP_KV, now, limit) + tx:exec(SWEEP_ONCE, now, limit) + tx:exec(SWEEP_HOLDS, now - HOLDS_KEPT, limit)
+  return tx:exec(SWEEP_KV, now, limit) + tx:exec(SWEEP_ONCE, now, limit) + sweep_runs(tx, now, limit) +
+    tx:exec(SWEEP_HOLDS, now - HOLDS_KEPT, limit)
 end
 function B:sweep(now, limit) return self.db:commit_only(sweep, now, limit) end
 
--- as the sweep: a record whose run is still going stays
-local REAP_ONCE = "DELETE FROM idempotency WHERE expires_at <= ?1 AND " ..
-  "(state <> 'running' OR owner IS NULL OR owner NOT IN (SELECT id FROM owners WHERE expires_at > ?1))"
+-- as the sweep, all at once
 function B:once_reap(now)
-  return self.db:tx(function(tx) return tx:exec(REAP_ONCE, now) end)
+  return self.db:tx(function(tx)
+    return tx:exec("DELETE FROM idempotency WHERE expires_at <= ? AND state <> 'running'", now) +
+      sweep_runs(tx, now, -1)
+  end)
 end
 
 -- ---------- runs and steps ----------
