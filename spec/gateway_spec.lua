@@ -728,6 +728,23 @@ describe("resil-lua gateway and resil-lua keys", function()
     return pid, port
   end
 
+  -- `resil-lua gateway` routing to the mock m, its config returning `conf`
+  -- (Lua source); it and the mock are stopped after the test -> the chat
+  -- completions URL, its pid
+  local function gateway_for(m, db, conf)
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return %s
+    ]]):format(m.url .. "/v1", conf))
+    local pid, port = start_gateway(config, db)
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    return ("http://127.0.0.1:%d/v1/chat/completions"):format(port), pid
+  end
+
   it("keys add prints a key once; the gateway process serves it; keys revoke shuts it out", function()
     resil.clock.real()
     resil.log.level("off")
@@ -743,18 +760,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_nil(list.stdout:find(key, 1, true))
     assert.is_nil(helpers.slurp(db):find(key, 1, true)) -- only its digest is stored
 
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      local ai = require "policies.ai"
-      ai.configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }
-    ]]):format(m.url .. "/v1"))
-    local pid, port = start_gateway(config, db)
-    finally(function()
-      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
-      m:stop()
-      resil.log.level("info")
-    end)
-    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local url, pid = gateway_for(m, db, '{ key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }')
     local body = json.encode({ model = "fast", messages = MSGS })
     local res = assert(http.request({ method = "POST", url = url, body = body,
       headers = { authorization = "Bearer " .. key } }))
@@ -815,17 +821,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     local add = helpers.run(("%s keys add --name crashy --budget 1000/day --store %s"):format(helpers.resil, db))
     assert.are.equal(0, add.code, add.stderr)
     local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { key_cache = 0 }
-    ]]):format(m.url .. "/v1"))
-    local pid, port = start_gateway(config, db)
-    finally(function()
-      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
-      m:stop()
-      resil.log.level("info")
-    end)
-    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local url, pid = gateway_for(m, db, "{ key_cache = 0 }")
     local body = json.encode({ model = "gpt-4o-mini", messages = MSGS })
     local answered, stop = 0, false
     local clients = {}

@@ -243,4 +243,17 @@ function helpers.redis_server()
   return server
 end
 
+-- the ledger rows a process's log says were lost as it ended -> sorted { "id usd", ... }
+function helpers.rows_logged_lost(stderr)
+  local named = {}
+  for line in stderr:gmatch("[^\n]+") do
+    if line:find("was not written before the process ended", 1, true) then
+      local row = require("resil").json.decode(line)
+      named[#named + 1] = row.id .. " " .. row.usd
+    end
+  end
+  table.sort(named)
+  return named
+end
+
 return helpers

@@ -49,6 +49,14 @@ end)
 
 teardown(function() stop_redis() end)
 
+-- this process's lease (30 s) made `seconds` until the returned value is closed
+local function short_lease(seconds)
+  local owner = require "resil.owner"
+  local saved = owner.lease
+  owner.lease = seconds
+  return setmetatable({}, { __close = function() owner.lease = saved end })
+end
+
 describe("resil.once on Redis", function()
   local calls
   local function work(x)
@@ -125,10 +133,7 @@ describe("resil.once on Redis", function()
   end)
 
   it("renews a running record with the heartbeat: it outlives its first lease", function()
-    local owner = require "resil.owner"
-    local saved = owner.lease
-    owner.lease = 0.3
-    local _ <close> = setmetatable({}, { __close = function() owner.lease = saved end })
+    local _ <close> = short_lease(0.3)
     local first = resil.spawn(resil.once, { key = "beaten", fingerprint = "fp", retention = 0.1 }, function()
       calls = calls + 1
       resil.sleep(1)
@@ -147,10 +152,7 @@ describe("resil.once on Redis", function()
   -- (beating[backend] still names it, so it is never started again) and
   -- neither this process's lease nor its running records are renewed.
   it("renews running records with the heartbeat when this process runs 60 of them at once", function()
-    local owner = require "resil.owner"
-    local saved = owner.lease
-    owner.lease = 0.3
-    local _ <close> = setmetatable({}, { __close = function() owner.lease = saved end })
+    local _ <close> = short_lease(0.3)
     local tasks = {}
     for i = 1, 60 do
       tasks[i] = resil.spawn(resil.once, { key = "many-" .. i, fingerprint = "fp", retention = 0.1 }, function()
@@ -331,15 +333,7 @@ resil.sleep(0.2)
 os.exit(0, true)
 ]], ("--store redis://127.0.0.1:%d/0?timeout=0.1"):format(free_port()))
     assert.are.equal(0, r.code, r.stderr)
-    local named = {}
-    for line in r.stderr:gmatch("[^\n]+") do
-      if line:find("was not written before the process ended", 1, true) then
-        local row = resil.json.decode(line)
-        named[#named + 1] = row.id .. " " .. row.usd
-      end
-    end
-    table.sort(named)
-    assert.are.same({ "row-1 0.25", "row-2 0.25", "row-3 0.25" }, named, r.stderr)
+    assert.are.same({ "row-1 0.25", "row-2 0.25", "row-3 0.25" }, helpers.rows_logged_lost(r.stderr), r.stderr)
   end)
 end)
 

@@ -493,15 +493,7 @@ os.execute("kill -TERM " .. io.open("/proc/self/stat"):read("l"):match("^(%d+)")
 resil.sleep(10)
 ]], ("--store 'sqlite://%s?timeout=0.2'"):format(db))
       assert.are.equal(143, r.code, r.stderr)
-      local named = {}
-      for line in r.stderr:gmatch("[^\n]+") do
-        if line:find("was not written before the process ended", 1, true) then
-          local row = resil.json.decode(line)
-          named[#named + 1] = row.id .. " " .. row.usd
-        end
-      end
-      table.sort(named)
-      assert.are.same({ "held-1 0.25", "held-2 0.25", "held-3 0.25" }, named, r.stderr)
+      assert.are.same({ "held-1 0.25", "held-2 0.25", "held-3 0.25" }, helpers.rows_logged_lost(r.stderr), r.stderr)
     end)
 end)
 
