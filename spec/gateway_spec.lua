@@ -854,9 +854,11 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     local ledger_usd, rows = r.stdout:match("^(%S+) (%d+)")
     -- each settle wrote its spend and its row in one transaction: a kill between them left neither
     assert.are.equal(("%.6f"):format(b.spent), ledger_usd)
-    -- rows only for calls the provider answered, each once; at most the last ~2 ms of answers lost
+    -- rows only for calls the provider answered, each once; lost at most those of the last group commit
+    -- and the one held behind its sync (answered 2-20 ms before the kill): well under 50 ms of answers
     assert.is_true(tonumber(rows) <= m:stats().routes.chat, rows .. " rows, " .. m:stats().routes.chat .. " calls")
-    assert.is_true(tonumber(rows) >= answered - 32, rows .. " rows for " .. answered .. " answers")
+    local per_second = answered / 0.6
+    assert.is_true(tonumber(rows) >= answered - per_second * 0.05, rows .. " rows for " .. answered .. " answers")
   end)
 
   -- for a gateway with --workers: a mock upstream and a config routing to it

@@ -146,11 +146,9 @@ describe("resil.once on Redis", function()
     assert.are.equal(1, calls)
   end)
 
-  -- hostile-once: owner_beat sends every running once key as a KEYS
-  -- argument of one EVALSHA; the connection takes at most 64 arguments, so
-  -- past 56 running keys the beat raises, the heartbeat task dies for good
-  -- (beating[backend] still names it, so it is never started again) and
-  -- neither this process's lease nor its running records are renewed.
+  -- a command takes at most 64 arguments: the beat sends the running
+  -- records in batches (one EVALSHA of all 60 raised, and the heartbeat
+  -- stopped for good: no lease and no record renewed after it)
   it("renews running records with the heartbeat when this process runs 60 of them at once", function()
     local _ <close> = short_lease(0.3)
     local tasks = {}
@@ -330,7 +328,7 @@ describe("the ledger on Redis with wait = false, Redis down as the process ends"
 local resil = require "resil"
 for i = 1, 3 do assert(resil.cost.record({ provider = "down", usd = 0.25, id = "row-" .. i, wait = false })) end
 resil.sleep(0.2)
-os.exit(0, true)
+os.exit(0)
 ]], ("--store redis://127.0.0.1:%d/0?timeout=0.1"):format(free_port()))
     assert.are.equal(0, r.code, r.stderr)
     assert.are.same({ "row-1 0.25", "row-2 0.25", "row-3 0.25" }, helpers.rows_logged_lost(r.stderr), r.stderr)

@@ -108,11 +108,10 @@ describe("resil.store (SQLite)", function()
     assert.are.equal(1, runs)
   end)
 
-  -- hostile-once: once_claim judges a holder on this machine by its pid
-  -- (alive: the record stays, in progress), but once_reap and the sweep by
-  -- its lease in the owners table. A holder whose lease lapsed while it
-  -- lives (its loop blocked past a lease by a synchronous call in fn,
-  -- SIGSTOP) loses its record to the reap and a second caller runs fn again.
+  -- the reap and the sweep judge a holder on this machine by its pid, as
+  -- the claim does: one whose lease lapsed while it lives (its loop held
+  -- past a lease by a blocking call in fn, SIGSTOP) keeps its record (by
+  -- the lease alone, the reap deleted it and a second caller ran fn again)
   it("reaps no running record whose holder on this machine lives (its pid runs), even with its lease lapsed: " ..
      "reap and claim agree", function()
     local s = fresh_store()

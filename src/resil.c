@@ -60,6 +60,25 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return p;
 }
 
+/* os.exit([code [, close]]): Lua's, except that close defaults to true and
+ * closes as resil_close does: no task current (the memory cap would refuse
+ * the finalizers), and R->L cleared, so that an embedder's resil_close at
+ * exit does not close the state again. The stores' finalizers write what
+ * is still queued (the ledger's rows nobody waited for); Lua's own
+ * os.exit(code) dropped them without a word. */
+static int host_os_exit(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  int status = lua_isboolean(L, 1) ? (lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE)
+                                   : (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
+  if (lua_isnoneornil(L, 2) || lua_toboolean(L, 2)) {
+    R->current = NULL;
+    R->host_L = NULL;
+    lua_close(R->L);
+    R->L = NULL;
+  }
+  exit(status);
+}
+
 static int host_panic(lua_State *L) {
   const char *msg = lua_tostring(L, -1);
   redact_fprintf(resil_from_lua(L), stderr, "resil-lua: PANIC: unprotected error: %s\n", msg ? msg : "?");
@@ -411,6 +430,10 @@ resil_t *resil_open(const resil_options *opts) {
   *(void **)lua_getextraspace(L) = NULL;
   lua_atpanic(L, host_panic);
   luaL_openlibs(L);
+  lua_getglobal(L, "os");
+  lua_pushcfunction(L, host_os_exit);
+  lua_setfield(L, -2, "exit");
+  lua_pop(L, 1);
   install_policy_searcher(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, luaopen_resil);

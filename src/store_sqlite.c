@@ -340,8 +340,9 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
 }
 
 /* A detached op's outcome, to its done(nil, results...) | done(err), called
- * on the loop outside any task (it may spawn one); without a done, a
- * failure is logged. */
+ * on the loop outside any task (it may spawn one), or as the store closes
+ * (commit_detached_at_close: err.closing, and done must neither spawn nor
+ * wait); without a done, a failure is logged. */
 static void tell_done(lua_State *L, store_db *d, op *o) {
   int top = lua_gettop(L);
   if (o->ref_done == LUA_NOREF && !o->failed) return;
@@ -876,13 +877,15 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
   if (committed) d->unsynced = 1; /* synced below, with the rest */
   /* the done callbacks of those written are not called (the loop is over);
    * those the store refused (the lock still held) are told, with
-   * closing = true, so that their callers can say what is lost (the
-   * ledger logs each row), and counted in one line here */
+   * closing = true, so that their callers say what is lost (the ledger
+   * names each row); any without a done are counted in one line here */
   long unwritten = 0;
   for (op *o = detached; o; o = o->next) {
     if (o->failed == 2) {
-      if (!unwritten++) lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result); /* L stack: why */
-      if (o->ref_done == LUA_NOREF) o->failed = 0; /* counted here, not told again */
+      if (o->ref_done == LUA_NOREF) {
+        if (!unwritten++) lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result); /* L stack: why */
+        o->failed = 0; /* counted here, not told again */
+      }
     } else {
       luaL_unref(L, LUA_REGISTRYINDEX, o->ref_done);
       o->ref_done = LUA_NOREF;

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -28,6 +29,26 @@ static const char *global_string(resil_t *R, const char *name) {
   const char *s = lua_tostring(L, -1);
   lua_pop(L, 1);
   return s ? s : "";
+}
+
+/* a policy's os.exit in an embedder that closes its host at exit (atexit) */
+static resil_t *exiting_host;
+static void close_exiting_host(void) { resil_close(exiting_host); }
+
+static int exit_status_of(const char *code) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    resil_options o = {0};
+    o.sandbox = RESIL_SANDBOX_OFF; /* (os.exit is refused in the sandbox) */
+    exiting_host = resil_open(&o);
+    atexit(close_exiting_host);
+    resil_load_string(exiting_host, code, "=exiting");
+    resil_run(exiting_host);
+    _exit(99); /* os.exit did not exit */
+  }
+  int st = 0;
+  if (pid < 0 || waitpid(pid, &st, 0) != pid) return -1;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
 int main(void) {
@@ -158,6 +179,11 @@ int main(void) {
   snprintf(side, sizeof side, "%s-shm", store);
   unlink(side);
   rmdir(dir);
+
+  check(exit_status_of("require('resil').spawn(function() os.exit(7) end)") == 7,
+        "a policy's os.exit(7) from a task closes the Lua state, and the embedder's resil_close at exit does not "
+        "close it again");
+  check(exit_status_of("os.exit(true, false)") == 0, "os.exit(true, false) exits at once with 0");
 
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;

@@ -140,14 +140,28 @@ local retry_ended = setmetatable({}, { __close = function() unwritten = unwritte
 -- call it records was paid for. A row keyed by an id (or a ticket) is
 -- written once however often it is tried. counts(ok): the write made a row
 -- (observed in the metrics with `fields`).
--- Those being tried again: a process that ends meanwhile (SIGTERM, the end
--- of its script) names each in its log, so that an operator can enter it,
--- instead of dropping it without a word.
+--
+-- A process that ends meanwhile (SIGTERM, the end of its script) names
+-- each in its log, so that an operator can enter it, instead of dropping
+-- it without a word; one whose attempt was out (sent to Redis, or
+-- committed on SQLite and waiting for its sync) may have been written, and
+-- says so. A settle of 0 has no row to lose (its hold expires).
 local retrying = {}
-local exit_report = setmetatable({}, { __gc = function()
+local function say_lost(what, fields, why)
+  if what == "a settle" and fields.usd == 0 then return end
+  fields.error = why
+  resil.log.error(what .. " was not written before the process ended; its cost is not in the ledger", fields)
+end
+local function say_unknown(what, fields)
+  resil.log.error(what .. " may not have been written before the process ended: look for its id or ticket " ..
+    "in the ledger before entering it", fields)
+end
+-- (anchored in the registry: nothing else refers to it, and collected
+-- early its report would never be made)
+debug.getregistry()["resil.costs: rows lost at exit"] = setmetatable({}, { __gc = function()
   for r in pairs(retrying) do
-    r.fields.error = "the store was still unavailable"
-    resil.log.error(r.what .. " was not written before the process ended; its cost is not in the ledger", r.fields)
+    if r.attempting then say_unknown(r.what, r.fields)
+    else say_lost(r.what, r.fields, "the store was still unavailable") end
   end
 end })
 
@@ -155,10 +169,16 @@ local function retry_later(what, write, counts, fields, log_fields)
   unwritten = unwritten + 1
   local pending = { what = what, fields = log_fields }
   retrying[pending] = true
+  local function attempt()
+    pending.attempting = true
+    local ok, err = write()
+    pending.attempting = false
+    return ok, err
+  end
   resil.spawn(function()
     local _ <close> = retry_ended
-    local ok, err = S.retry_write(write)
-    retrying[pending] = nil
+    local _ <close> = setmetatable({}, { __close = function() retrying[pending] = nil end })
+    local ok, err = S.retry_write(attempt)
     if counts(ok) then observe_cost(fields, fields.units) end
     if ok == nil then
       log_fields.error = tostring(err)
@@ -184,9 +204,7 @@ local function write_later(backend, name, fields, log_fields, ...)
       if counts(ok) then observe_cost(seen, seen.units) end
     elseif resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
       -- the store closed with it unwritten (another process held the write lock): said row by row
-      log_fields.error = tostring(err)
-      resil.log.error((name == "cost_record" and "a cost row" or "a settle") ..
-        " was not written before the process ended; its cost is not in the ledger", log_fields)
+      say_lost(name == "cost_record" and "a cost row" or "a settle", log_fields, tostring(err))
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
       retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, seen, log_fields)
     else
@@ -265,5 +283,4 @@ end
 -- for budgets: ledger entries and money in micro-dollars; for the progress
 -- line: what this process has recorded so far
 return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, is_usd = is_usd, observe = observe_cost,
-         write_later = write_later, retry_later = retry_later, spent = function() return spent_usd end,
-         exit_report = exit_report }
+         write_later = write_later, retry_later = retry_later, spent = function() return spent_usd end }

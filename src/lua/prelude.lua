@@ -256,16 +256,6 @@ end
 resil.set_reload_steps(reload_policies, restore_policies)
 resil.set_reload_steps = nil
 
--- os.exit closes the Lua state first unless told not to (close = false):
--- the stores then write what is still queued (the ledger's rows nobody
--- waited for) and log what they cannot, where Lua's own os.exit(code)
--- dropped them without a word
-local lua_exit = os.exit
-function os.exit(code, close)
-  if close == nil then close = true end
-  return lua_exit(code, close)
-end
-
 -- resil.keep(name, init) -> a table that lives as long as the host, so a
 -- policy's own state (a retry budget, a canary's counts) survives reloads.
 local kept = {}

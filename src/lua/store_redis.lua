@@ -667,11 +667,11 @@ local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
 
 -- The ledger's rows, oldest first, LEDGER_PAGE at a time: one LRANGE of a
 -- whole ledger held Redis (single-threaded: every budget and limit of every
--- gateway behind it) for as long as it took to send millions of rows, was
--- as large a reply (past a server's client-output-buffer-limit, the
--- connection was closed and the report failed), and as large in this
--- process. The list is only appended to, so a row's index is fixed and the
--- pages join up. each(text) -> nothing | nil, err
+-- gateway behind it) for as long as it took to send millions of rows, and
+-- was as large a reply (past a server's client-output-buffer-limit, the
+-- connection was closed and the report failed). The list is only appended
+-- to, so a row's index is fixed and the pages join up. each(text) ->
+-- nothing | nil, err
 local LEDGER_PAGE = 1000
 local function each_ledger_row(self, each)
   local from = 0

@@ -286,15 +286,19 @@ end
 -- stayed for good), once records past their retention, and reservations a
 -- day past their hold, whatever their state (none counts any more; a late
 -- settle of one finds its ticket in the ledger, or writes it: it is charged
--- either way). A once record still running stays while its holder lives,
--- judged as once_claim judges it: on this machine by its pid (a holder
--- whose loop was held past a lease by fn still runs fn), elsewhere by its
--- lease; swept, a run longer than its retention lost its result and a
--- second caller ran fn again. -> rows deleted | nil, err
+-- either way). A once record still running stays while its holder lives:
+-- on this machine by its pid, as once_claim judges it (a holder whose loop
+-- was held past a lease by fn still runs fn), elsewhere by its lease; one
+-- whose holder has no identity (written by versions before holders were
+-- named) goes once past its retention. Swept, a run longer than its
+-- retention lost its result and a second caller ran fn again. -> rows
+-- deleted | nil, err
 local SWEEP_KV = "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= ? LIMIT ?)"
 local SWEEP_ONCE = "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE expires_at <= ? AND " ..
   "state <> 'running' LIMIT ?)"
-local EXPIRED_RUNS = "SELECT key, owner FROM idempotency WHERE expires_at <= ? AND state = 'running' LIMIT ?"
+-- (in no order: the first `limit` could all be live holders' for good)
+local EXPIRED_RUNS = "SELECT key, owner FROM idempotency WHERE expires_at <= ? AND state = 'running' " ..
+  "ORDER BY random() LIMIT ?"
 local SWEEP_HOLDS = "DELETE FROM reservations WHERE ticket IN (SELECT ticket FROM reservations WHERE expires_at <= ? " ..
   "LIMIT ?)"
 local HOLDS_KEPT = 86400
