@@ -1,0 +1,114 @@
+-- Hostile pass on the gateway over a Redis store: failing specs for defects
+-- found. CLIENT PAUSE ... WRITE holds Redis' write commands (the reserve
+-- script) while reads (the key lookup, the budget's limit) still answer, so
+-- a client can give up exactly while its reservation is on its way.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local http = resil.http
+local json = resil.json
+local keys = require "resil.keys"
+
+local redis
+
+setup(function()
+  resil.clock.real()
+  redis = helpers.redis_server()
+end)
+
+teardown(function() redis.stop() end)
+
+local function fresh_gateway()
+  for _, name in ipairs({ "policies.gateway", "policies.ai", "policies.call" }) do package.loaded[name] = nil end
+  return require "policies.gateway", require "policies.ai"
+end
+
+-- a mock, a gateway in front of it (virtual keys on), a fresh Redis database
+local function start(store_query)
+  resil.log.level("off")
+  resil.store_config({ url = redis.url(nil, store_query) })
+  local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+  local gateway, ai = fresh_gateway()
+  for k in pairs(gateway.config) do gateway.config[k] = nil end
+  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+    retry = { base = 0.001, cap = 0.005 } })
+  gateway.configure({ auth = true, key_cache = 60, models = {} })
+  local s = gateway.serve({ listen = "127.0.0.1:0" })
+  finally(function()
+    os.execute(("redis-cli -p %d client unpause > /dev/null"):format(redis.port))
+    s:close()
+    m:stop()
+    resil.log.level("info")
+  end)
+  return ("http://127.0.0.1:%d/v1/chat/completions"):format(s:port()), m
+end
+
+local BODY = json.encode({ model = "gpt-4o-mini", messages = { { role = "user", content = "hi" } } })
+
+local function post(url, key, timeout)
+  return http.request({ method = "POST", url = url, body = BODY, timeout = timeout,
+    headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
+end
+
+local function pause_writes(ms)
+  os.execute(("redis-cli -p %d client pause %d write > /dev/null"):format(redis.port, ms))
+end
+
+describe("hostile gateway on Redis: budget holds", function()
+  it("a reservation canceled while on its way to Redis leaves no hold (resil.budget directly)", function()
+    resil.log.level("off")
+    resil.store_config({ url = redis.url() })
+    local b = resil.budget("probe", { limit = 100, per = "day" })
+    assert(b:reserve(0)):settle(0) -- the limit is declared, the scripts loaded
+    pause_writes(300)
+    local t = resil.spawn(function() return b:reserve(1) end)
+    resil.sleep(0.1) -- the limit was read; the reserve script waits behind the pause
+    t:cancel()
+    resil.sleep(0.5) -- the pause is over: the script has run
+    local st = assert(b:state())
+    resil.log.level("info")
+    -- observed: reserved 1.0, one hold of this (live) process, counted for `hold` seconds (600)
+    assert.are.equal(0, st.reserved)
+    assert.are.equal(0, #st.holds)
+  end)
+
+  it("a client that gives up while its key's reservation is on its way leaves no hold: the key is not " ..
+     "locked out of its budget for 10 minutes by clients that timed out", function()
+    local url, m = start()
+    -- room for 2 estimates of a default call (4096 output tokens of gpt-4o-mini: $0.002459 each)
+    local key = assert(keys.add({ name = "tight", budget = "0.005/day" }))
+    assert.are.equal(200, assert(post(url, key)).status) -- the key is cached, the budget declared
+    for _ = 1, 2 do
+      pause_writes(300)
+      local res = post(url, key, 0.1) -- the client's timeout; its task is canceled as it leaves
+      assert.is_nil(res)
+      resil.sleep(0.5)
+    end
+    local st = assert(resil.budget("key:tight"):state())
+    -- observed: reserved 0.004918 (2 holds of a live process) and nothing in flight
+    assert.are.equal(0, st.reserved)
+    local res = assert(post(url, key))
+    -- observed: 429 insufficient_quota, x-should-retry: false, $0.000001 spent
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal(2, m:stats().routes.chat)
+  end)
+end)
+
+describe("hostile gateway on Redis: the store's outage as the client sees it", function()
+  it("a reservation the store cannot answer is a 503 with code store_unavailable, not naming the store's address",
+    function()
+      local url, m = start("timeout=0.2")
+      local key = assert(keys.add({ name = "outage", budget = "5/day" }))
+      assert.are.equal(200, assert(post(url, key)).status)
+      pause_writes(600) -- the reserve script gets no reply within the store's timeout
+      local res = assert(post(url, key))
+      resil.sleep(0.7)
+      assert.are.equal(503, res.status, res.body)
+      assert.is_truthy(res.headers["retry-after"])
+      local e = json.decode(res.body).error
+      -- observed: code = null, message "redis 127.0.0.1:<port>: no reply within 0.2 s"
+      -- (after a kill of Redis: "Connection reset by peer"); the key check's 503 says store_unavailable
+      assert.are.equal("store_unavailable", e.code, res.body)
+      assert.is_nil(e.message:find(tostring(redis.port), 1, true), e.message)
+      assert.are.equal(1, m:stats().routes.chat)
+    end)
+end)
