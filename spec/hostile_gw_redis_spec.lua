@@ -112,3 +112,32 @@ describe("hostile gateway on Redis: the store's outage as the client sees it", f
       assert.are.equal(1, m:stats().routes.chat)
     end)
 end)
+
+describe("hostile gateway on Redis: a limit set with `budgets set` during a stall", function()
+  it("a reservation whose read of the limit timed out is not checked against the script's larger limit", function()
+    resil.log.level("off")
+    local url = redis.url(nil, "timeout=1")
+    resil.store_config({ url = url })
+    local b = resil.budget("lowered", { limit = 100, per = "day" }) -- a key's budget: 100/day
+    assert(b:reserve(0)):settle(0)
+    -- the admin lowers it (resil-lua budgets set lowered --limit 0.5)
+    local r = helpers.run(("%s budgets set lowered --limit 0.5 --store '%s'"):format(helpers.resil, url))
+    assert.are.equal(0, r.code, r.stderr)
+    local _, refused = b:reserve(1)
+    assert.are.equal("budget_exceeded", refused.kind)
+    -- Redis stalls 1.5 s (a paused VM): the limit's read gets no reply within the
+    -- timeout and the connection is dropped; the reserve script goes on a new one
+    os.execute("kill -STOP " .. redis.pid)
+    local cont = resil.spawn(function() resil.sleep(1.5); os.execute("kill -CONT " .. redis.pid) end)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    local ticket, err = b:reserve(1)
+    cont:join()
+    local st = assert(b:state())
+    resil.log.level("info")
+    -- observed: a ticket; limit 0.5, reserved 1.0 (checked against the script's 100:
+    -- limit_in_force, src/lua/budgets.lua:76, falls back to b.limit when the read fails)
+    assert.is_nil(ticket)
+    assert.is_truthy(err)
+    assert.is_true(st.reserved <= st.limit, ("reserved %s > limit %s"):format(st.reserved, st.limit))
+  end)
+end)
