@@ -140,6 +140,10 @@ local function ai_error_reply(api, err)
     code = "model_not_priced"
   end
   local msg = type(err) == "table" and tostring(err.message or err.kind) or tostring(err)
+  if err.kind == "store_unavailable" then
+    -- (its message names the store's address, or is a bare "Connection reset by peer")
+    code, msg = "store_unavailable", "the gateway's store is unavailable right now; retry shortly"
+  end
   return error_reply(api, status, public_message(msg), { headers = headers, code = code,
     type = code == "insufficient_quota" and (api == "anthropic" and "rate_limit_error" or "insufficient_quota") or nil })
 end
@@ -343,6 +347,7 @@ end
 -- virtual keys
 
 local key_cache, key_cache_size = {}, 0 -- sha256 -> { record, expires }
+local keys_outage -- since when the store could not check keys (nil: it can)
 
 local function bearer(req)
   local h = req.headers.authorization
@@ -369,10 +374,18 @@ local function authenticate(req, api)
     rec, err = keys.lookup(hash)
     if err ~= nil then
       -- the store cannot say: a 503 the client retries, never a 401 (which
-      -- SDKs do not retry) and nothing cached
-      resil.log.error("gateway: keys cannot be checked", { error = tostring(err) })
+      -- SDKs do not retry) and nothing cached; logged once per outage (a
+      -- line per request was 131,419 lines in 3 s)
+      if not keys_outage then
+        keys_outage = resil.now()
+        resil.log.error("gateway: keys cannot be checked until the store is back", { error = tostring(err) })
+      end
       return nil, error_reply(api, 503, "the gateway cannot check API keys right now; retry shortly",
         { headers = { ["retry-after"] = "1" }, code = "store_unavailable" })
+    end
+    if keys_outage then
+      resil.log.info("gateway: keys can be checked again", { seconds = now - keys_outage })
+      keys_outage = nil
     end
     -- bounded: a flood of made-up keys cannot grow it without end
     if key_cache_size >= 10000 then key_cache, key_cache_size = {}, 0 end

@@ -72,9 +72,12 @@ end
 -- read at every reservation, so every process sees a change at once) over
 -- the script's. The script's is written to the store when it changes, for
 -- `resil-lua budgets`. -> limit, per
+-- A limit that cannot be read is not guessed at: the script's may be far
+-- above one an admin set (a stalled Redis let reservations through against
+-- it). -> limit, per | nil, nil, err
 local function limit_in_force(b, backend, now)
   local cfg, err = backend:budget_config(b.name)
-  if cfg == nil and err then return b.limit, b.per end -- the store is unavailable: the reservation will say
+  if cfg == nil and err then return nil, nil, err end
   cfg = cfg or {}
   local declared_micro, declared_per = to_micro(b.limit), b.per or "none"
   if b.declared ~= backend and (cfg.declared_micro ~= declared_micro or cfg.declared_per ~= declared_per) then
@@ -89,6 +92,24 @@ local function limit_in_force(b, backend, now)
   return b.limit, b.per
 end
 
+-- A reservation whose outcome its caller did not see (its task canceled
+-- while the store had it: a client that gave up; or the store did not
+-- answer in time) may still have been made, or be on its way: it is
+-- abandoned, in a task of its own (a cancel cannot wait) and tried again as
+-- a settle is, rather than held for `hold` seconds with nobody to settle it
+-- (on Redis a gateway's clients that timed out locked their key out of its
+-- budget for ten minutes).
+local function abandon(g)
+  local function write() return g.backend:budget_abandon(g.budget, g.period, g.id, g.expires_at, store_now()) end
+  local ok, err = write()
+  if ok == nil then ok, err = S.retry_write(write) end
+  if ok == nil then
+    resil.log.error("budget: a reservation whose outcome was not seen could not be given back; it counts until " ..
+      "its hold ends", { budget = g.budget, ticket = g.id, error = tostring(err) })
+  end
+end
+local outcome_guard = { __close = function(g) if not g.seen then resil.spawn(abandon, g) end end }
+
 -- budget:reserve(estimate_usd [, {hold=}]) -> ticket | nil, err{kind="budget_exceeded"|"store_unavailable"}
 function Budget:reserve(estimate, o)
   if not is_usd(estimate) then error("budget:reserve: estimate must be a number from 0 to 1e9", 2) end
@@ -99,17 +120,24 @@ function Budget:reserve(estimate, o)
   local s, serr = store_or_fail()
   if not s then return nil, serr end -- a store that cannot be opened fails closed
   local now = store_now()
-  local limit, per = limit_in_force(self, s.backend, now)
+  local limit, per, lerr = limit_in_force(self, s.backend, now)
+  if lerr then per = self.per end
   local period = period_of(per, now)
   ticket_seq = ticket_seq + 1
   local me = owner.me()
   local id = ("%s:%s:%d"):format(self.name, me.tag, ticket_seq)
-  local est = to_micro(estimate)
-  -- the hold names this process: it stops counting when the process dies
-  local lease_until = owner.lease_due(s.backend, now)
-  local ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(limit), est, id, now + hold,
-    now, me.id, lease_until)
-  if ok ~= nil then owner.lease_written(s.backend, lease_until) end
+  local ok, spent, reserved = nil, lerr, nil
+  if not lerr then
+    -- the hold names this process: it stops counting when the process dies
+    local lease_until = owner.lease_due(s.backend, now)
+    local outcome <close> = setmetatable({ backend = s.backend, budget = self.name, period = period, id = id,
+      expires_at = now + hold }, outcome_guard)
+    ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(limit), to_micro(estimate), id,
+      now + hold, now, me.id, lease_until)
+    -- seen: made or refused, or (allowed unchecked) the ticket's settle or release will say
+    outcome.seen = ok ~= nil or self.on_outage == "allow"
+    if ok ~= nil then owner.lease_written(s.backend, lease_until) end
+  end
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
@@ -154,7 +182,8 @@ function Budget:state()
   local now = store_now()
   local s, serr = store_or_fail()
   if not s then return nil, serr end
-  local limit, per = limit_in_force(self, s.backend, now)
+  local limit, per, lerr = limit_in_force(self, s.backend, now)
+  if lerr then return nil, lerr end
   local period = period_of(per, now)
   local spent, reserved, rows = s.backend:budget_usage(self.name, period, now, owner.me().id)
   if spent == nil then return nil, reserved end

@@ -228,6 +228,8 @@ end
 scripts.budget_reserve = budget_lib .. [[
 sweep(ARGV[5])
 local spent, reserved = usage()
+-- a ticket already known was given up by its caller (budget_abandon) before this arrived
+if redis.call('EXISTS', KEYS[5]) == 1 then return {0, spent, reserved} end
 local est, limit, to_judge = tonumber(ARGV[2]), tonumber(ARGV[1]), {}
 if spent + reserved + est > limit then
   local released
@@ -305,6 +307,25 @@ unhold(ARGV[1])
 redis.call('HSET', KEYS[5], 'state', 'released')
 redis.call('PEXPIRE', KEYS[5], ARGV[2])
 return 1
+]]
+
+-- A reservation whose caller gave up before its outcome came back: released
+-- if it was made; if not (yet), a marker that the reserve script refuses,
+-- since a reserve sent on a connection that timed out may still arrive
+-- after this. ARGV: ticket, the marker's TTL (ms)
+scripts.budget_abandon = budget_lib .. [[
+local state = redis.call('HGET', KEYS[5], 'state')
+if state == 'held' then
+  unhold(ARGV[1])
+  redis.call('HSET', KEYS[5], 'state', 'released')
+  redis.call('PEXPIRE', KEYS[5], ARGV[2])
+  return 1
+end
+if not state then
+  redis.call('HSET', KEYS[5], 'state', 'abandoned')
+  redis.call('PEXPIRE', KEYS[5], ARGV[2])
+end
+return 0
 ]]
 
 -- GCRA: KEYS[1] tat; ARGV: interval, tolerance, n, now, max_wait (-1: unbounded)
@@ -868,6 +889,16 @@ function R:budget_release(ticket)
   if state == nil then return nil, serr end
   if not state[1] then return false end
   local n, err = self:script("budget_release", budget_keys(state[1], state[2], ticket), ticket, ticket_ttl())
+  if n == nil then return nil, err end
+  return n == 1
+end
+
+-- the reservation `ticket` (of budget, period, held until expires_at) whose
+-- outcome its caller did not see: -> true (released) | false (never made,
+-- and now never will be) | nil, err
+function R:budget_abandon(budget, period, ticket, expires_at, now)
+  local n, err = self:script("budget_abandon", budget_keys(budget, period, ticket), ticket,
+    ticket_ttl(expires_at - now))
   if n == nil then return nil, err end
   return n == 1
 end

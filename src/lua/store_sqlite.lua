@@ -562,6 +562,12 @@ function B:budget_release(ticket)
   end)
 end
 
+-- the reservation `ticket` whose outcome its caller did not see (the store
+-- failed): -> true (released) | false (never made). A transaction either
+-- committed or not, and a canceled one never runs (store_sqlite.c,
+-- op_canceled): nothing can arrive after this.
+function B:budget_abandon(_, _, ticket) return self:budget_release(ticket) end
+
 -- A budget's stored settings: -> {limit_micro=, per=, declared_micro=, declared_per=} | nil
 -- (per: "day", "month" or "none"). A read: it never waits for a writer.
 function B:budget_config(name)
