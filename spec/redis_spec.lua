@@ -286,6 +286,26 @@ os.exit(0, true)
       assert.are.equal(5, resil.cost.breakdown("provider")[1].calls)
     end)
 
+  it("a burst of rows as a script ends, before the server knows the script: every row is written (the closing " ..
+     "connection was reset with 116 of 200 unread), and the script is loaded once, not once a row", function()
+    local url = fresh_url()
+    local function script_loads()
+      local f = assert(io.popen(("redis-cli -p %d info commandstats"):format(port)))
+      local text = f:read("a")
+      f:close()
+      return tonumber(text:match("cmdstat_script|load:calls=(%d+)") or text:match("cmdstat_script:calls=(%d+)") or 0)
+    end
+    os.execute(("redis-cli -p %d script flush > /dev/null"):format(port))
+    local before = script_loads()
+    local r = helpers.run_script([[
+local resil = require "resil"
+for i = 1, 200 do assert(resil.cost.record({ provider = "burst", usd = 0.01, id = "b" .. i, wait = false })) end
+]], "--store " .. url)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(200, resil.cost.breakdown("provider")[1].calls)
+    assert.is_true(script_loads() - before <= 2, ("%d SCRIPT calls for 200 rows"):format(script_loads() - before))
+  end)
+
   it("a frozen Redis (SIGSTOP past the timeout): the rows are tried again once it thaws, each written once",
     function()
       local url = fresh_url():gsub("$", "?timeout=0.3")

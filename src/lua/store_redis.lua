@@ -383,7 +383,7 @@ function R.open(url)
   local o, err = parse_url(url)
   if not o then return nil, resil.error("store_unavailable", err) end
   local conn = resil.redis.connect(o)
-  return setmetatable({ conn = conn, url = url, kind = "redis", shas = {}, commits = 0, ops = 0 }, R)
+  return setmetatable({ conn = conn, url = url, kind = "redis", shas = {}, loading = {}, commits = 0, ops = 0 }, R)
 end
 
 function R:stats() return { commits = self.commits, ops = self.ops, connected = self.conn:connected() } end
@@ -426,9 +426,13 @@ function R:script_later(name, keys, args, done)
       done(reply, rerr)
     end, table.unpack(argv))
     if not ok then return done(nil, err) end
-    if not sha and not self.shas[name] then
-      self.conn:send(function(loaded) if type(loaded) == "string" then self.shas[name] = loaded end end,
-        "SCRIPT", "LOAD", scripts[name])
+    -- one SCRIPT LOAD at a time per script: a burst before its reply sent one per row
+    if not sha and not self.shas[name] and not self.loading[name] then
+      self.loading[name] = true
+      self.conn:send(function(loaded)
+        self.loading[name] = nil
+        if type(loaded) == "string" then self.shas[name] = loaded end
+      end, "SCRIPT", "LOAD", scripts[name])
     end
   end
   send(self.shas[name])
