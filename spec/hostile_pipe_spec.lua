@@ -1,0 +1,49 @@
+-- Hostile pass on pipelines (hostile-pipe): what a run says about itself
+-- when its steps run in resil.map. Real processes.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+describe("hostile-pipe: runs in resil.map", function()
+  it("a run whose failed item could not be recorded (store locked) does not end 'done'", function()
+    local db = helpers.tmpname(".db")
+    local rel = helpers.tmpname(".rel")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+local _, failures = resil.map({ 1, 2, 3 }, function(i)
+  return resil.step("s", function()
+    if i == 2 then -- another process holds the store's write lock as this step ends, for 1.5 s
+      os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 1.5\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)"):format(rel, db))
+      while not io.open(rel .. ".locked") do resil.sleep(0.02) end
+    end
+    return i
+  end)
+end, { concurrency = 1 })
+resil.sleep(2) -- the lock is gone before the run ends
+print("failed items: " .. (failures and failures[2] and 1 or 0))
+]], ("--store '%s?timeout=0.5' --run lk --log-level off"):format(db), db .. " " .. rel)
+    assert.matches("failed items: 1", r.stdout)          -- the script saw item 2 fail
+    local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db))
+    -- observed: "lk   done    2 ..." and `runs show lk` lists 2 items, both done
+    assert.matches("lk%s+done_with_failures", runs.stdout)
+  end)
+
+  it("a second copy of a run whose steps are in resil.map stops with run_held and status 1", function()
+    local db = helpers.tmpname(".db")
+    local script = [[
+local resil = require "resil"
+resil.map({ 1, 2, 3 }, function(i) return resil.step("x", function() resil.sleep(1.5); return i end) end)
+print("after map")
+]]
+    local pid = helpers.start(script, ("--store %s --run same --log-level off"):format(db))
+    assert(helpers.wait_until(function()
+      return helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout:match("same%s+running") ~= nil
+    end, 10))
+    local r = helpers.run_script(script, ("--store %s --run same --log-level off"):format(db))
+    helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+    -- observed: "after map", exit status 0, nothing said: cron sees a success
+    assert.is_not.matches("after map", r.stdout)
+    assert.matches("run_held", r.stdout .. r.stderr)
+    assert.are.equal(1, r.code)
+  end)
+end)
