@@ -358,10 +358,14 @@ local function record_cost(r, req, ticket, operation)
     entry.usd = usd -- nil: recorded without a price (pricing warned once), never as a zero
     ok, err = resil.cost.record(entry)
   end
-  if ok == nil and err then
+  if ok == nil and err and resil.is_error(err) and err.retrying then
+    -- the settle is tried again until the store takes it (budgets.lua): late, not lost
+    resil.log.warn("ai: the cost will be recorded when the store takes it", { provider = r.provider,
+      model = entry.model, usd = usd, id = entry.id, ticket = ticket and ticket.id, error = tostring(err) })
+  elseif ok == nil and err then
     r.ledger_error = err
     resil.log.error("ai: the cost was not recorded", { provider = r.provider, model = entry.model, usd = usd,
-      error = tostring(err) })
+      id = entry.id, ticket = ticket and ticket.id, error = tostring(err) })
   end
 end
 

@@ -128,6 +128,10 @@ function resil.map(items, fn, opts)
       local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
       resil.context({ item = i, step_scope = scope })
       local ok, value, err = pcall(fn, items[i], i)
+      -- the run lost to another process, or diverged: the script must stop, not carry on past the map
+      if not ok and resil.is_error(value) and (value.kind == "run_held" or value.kind == "divergence") then
+        error(value, 0)
+      end
       if not ok then value, err = nil, value end
       if value == nil and err ~= nil then
         failures = failures or {}
@@ -145,7 +149,10 @@ function resil.map(items, fn, opts)
   local workers = {}
   local guard <close> = cancel_on_close(workers)
   for w = 1, concurrency do workers[w] = resil.spawn(worker) end
-  for w = 1, concurrency do workers[w]:join() end
+  for w = 1, concurrency do
+    local ok, err = workers[w]:join()
+    if not ok then error(err, 0) end -- (the run lost or diverged: the others are canceled as this returns)
+  end
   if progress then progress(done, failed, true) end
   return results, failures
 end

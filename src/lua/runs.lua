@@ -134,7 +134,11 @@ function resil.run.finish(status)
                               detail = next(p.notes) and json.encode(p.notes) or nil }
   end
   table.sort(pending, function(a, b) return a.scope < b.scope or (a.scope == b.scope and a.seq < b.seq) end)
-  r.store.backend:run_finish_now(r.id, status or "done", store_now(), owner.me().id, pending)
+  status = status or "done"
+  -- this process saw steps fail, whether or not the store took their
+  -- records (it refused some: the run said "done", its failures nowhere)
+  if status == "done" and next(r.failed) then status = "done_with_failures" end
+  r.store.backend:run_finish_now(r.id, status, store_now(), owner.me().id, pending)
 end
 
 -- What a failure leaves in the store: its kind and message, short.
