@@ -1,0 +1,181 @@
+-- Hostile tests of the host: the embedded server and --watch, driven the way
+-- production drives them. Each case runs in a process of its own, since the
+-- defects they show crash or hang the host.
+local helpers = require "spec.helpers"
+local resil = require "resil"
+
+-- A process serving one handler; `path` asked with curl from here (the
+-- server is another process: curl blocks this one's loop, never its).
+-- -> curl's raw answer, whether the server is still alive after it, its output
+local function serve_and_ask(handler_src, tasks, path, curl_opts, host_opts)
+  local port = helpers.free_port()
+  local pid, out = helpers.start(([[
+local resil = require "resil"
+local s
+s = assert(resil.server.listen{ port = %d, tasks = %s, handler = %s })
+print("listening")
+io.stdout:flush()
+while true do resil.sleep(3600) end
+]]):format(port, tasks and "true" or "false", handler_src), "--log-level error " .. (host_opts or ""))
+  assert(helpers.wait_until(function() return helpers.slurp(out):find("listening") ~= nil end, 5), "no server")
+  local client = curl_opts == "raw"
+    and "python3 -c 'import socket,sys; s=socket.create_connection((\"127.0.0.1\",%d)); s.settimeout(3); " ..
+        "s.sendall(b\"GET %s HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n\"); " ..
+        "sys.stdout.buffer.write(b\"\".join(iter(lambda: s.recv(65536), b\"\")))'"
+    or "curl -s -i --max-time 3 " .. (curl_opts or "") .. " http://127.0.0.1:%d%s"
+  local r = helpers.run(client:format(port, path))
+  resil.sleep(0.2)
+  local alive = helpers.alive(pid)
+  os.execute("kill " .. pid .. " 2>/dev/null")
+  return { stdout = r.stdout, alive = alive, output = helpers.slurp(out) }
+end
+
+describe("hostile: the embedded server", function()
+  -- an admin endpoint that stops its own server (a /shutdown route) is a
+  -- plain use of the API; it must not crash the host
+  it("a handler (tasks = false) that closes its own server does not crash the host", function()
+    local r = serve_and_ask([[function(req) s:close(); return { status = 200, body = "bye" } end]], false, "/close")
+    assert.is_true(r.alive, "the host died: " .. r.output)
+  end)
+
+  it("a handler (tasks = false) with a delayed reply that closes its server does not crash the host", function()
+    local r = serve_and_ask([[function(req) s:close(); return { status = 200, body = "bye", delay = 0.05 } end]],
+      false, "/close")
+    assert.is_true(r.alive, "the host died: " .. r.output)
+  end)
+
+  -- nobody keeps the server object: a GC cycle inside the handler runs its __gc
+  it("a server collected while its handler runs does not crash the host", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local port
+do
+  local s = assert(resil.server.listen{ port = 0, handler = function(req)
+    collectgarbage(); collectgarbage()
+    return { status = 200, body = "ok" }
+  end })
+  port = s:port()
+end
+local res, err = resil.http.request{ url = "http://127.0.0.1:" .. port .. "/", timeout = 2 }
+print(res and res.status, err and err.kind)
+]], "--log-level error")
+    assert.are.equal(0, r.code, r.stderr)
+  end)
+
+  -- a reply table whose fields are read through a metamethod that fails:
+  -- tasks = false answers 500; tasks = true must too, not leave the client hanging
+  it("a task handler whose reply table errors when read answers 500 (it does not hang the client)", function()
+    local r = serve_and_ask(
+      [[function(req) return setmetatable({}, { __index = function(_, k) error("no field " .. k) end }) end]],
+      true, "/x")
+    assert.is_true(r.alive, r.output)
+    assert.matches("^HTTP/1.1 500", r.stdout)
+  end)
+
+  it("a task handler whose reply runs past --max-instructions while read answers 500", function()
+    local r = serve_and_ask(
+      [[function(req) return setmetatable({}, { __index = function() while true do end end }) end]],
+      true, "/x", nil, "--max-instructions 100000")
+    assert.is_true(r.alive, r.output)
+    assert.matches("^HTTP/1.1 500", r.stdout)
+  end)
+
+  it("a status outside 100..599 is not sent as a malformed status line", function()
+    for _, status in ipairs({ 0, -5, 99, 1000 }) do
+      local r = serve_and_ask(("function(req) return { status = %d, body = 'x' } end"):format(status), false, "/")
+      assert.matches("^HTTP/1.1 [1-5]%d%d ", r.stdout, "status " .. status)
+    end
+  end)
+
+  -- a header name is a token: one with ": " or "" makes a header the handler never named
+  it("a header name with a colon does not inject another header", function()
+    local r = serve_and_ask([[function(req) return { headers = { ["Set-Cookie: admin=1; x"] = "y" }, body = "x" } end]],
+      false, "/")
+    assert.matches("^HTTP/1.1 200", r.stdout)
+    assert.is_nil(r.stdout:lower():find("\nset%-cookie:"), r.stdout)
+  end)
+
+  -- a 204 has no body; bytes after its head are read as the next reply on a kept-alive connection
+  it("a 204 or 304 reply sends no body bytes", function()
+    for _, status in ipairs({ 204, 304 }) do
+      local r = serve_and_ask(("function(req) return { status = %d, body = 'smuggled' } end"):format(status), false, "/",
+        "raw")
+      assert.matches("^HTTP/1.1 %d", r.stdout)
+      assert.is_nil(r.stdout:find("smuggled"), r.stdout)
+    end
+  end)
+end)
+
+describe("hostile: --watch as deploys change files", function()
+  local function start_server(cwd, opts)
+    local port = helpers.free_port()
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+local p = resil.policy("p")
+local s = assert(resil.server.listen{ port = %d, handler = function(req) return p.handle(req) end })
+while true do resil.sleep(3600) end
+]]):format(port))
+    local out = helpers.tmpname(".out")
+    local pidfile = helpers.tmpname(".pid")
+    os.execute(("cd %s && exec %s --watch %s %s > %s 2>&1 & echo $! > %s"):format(cwd, helpers.resil, opts, script,
+      out, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local function ask()
+      local res = resil.http.request({ url = ("http://127.0.0.1:%d/"):format(port), timeout = 2 })
+      return res and res.body
+    end
+    assert(helpers.wait_until(function() return ask() ~= nil end, 5), "the server did not start")
+    return pid, ask
+  end
+  local function version(dir, v)
+    assert(os.execute("mkdir -p " .. dir))
+    helpers.write(dir .. "/p.lua", ("return { handle = function() return { body = %q } end }"):format(v))
+  end
+
+  -- capistrano & co: releases/N, and `current` swapped atomically with rename(2)
+  it("follows an atomic symlink swap of the release holding --policies", function()
+    local root = helpers.tmpname("-deploy")
+    version(root .. "/releases/1/policies", "v1")
+    version(root .. "/releases/2/policies", "v2")
+    assert(os.execute(("cd %s && ln -sfn releases/1 current"):format(root)))
+    local pid, ask = start_server(root, "--policies current/policies")
+    assert.are.equal("v1", ask())
+    assert(os.execute(("cd %s && ln -sfn releases/2 current.tmp && mv -T current.tmp current"):format(root)))
+    local swapped = helpers.wait_until(function() return ask() == "v2" end, 3)
+    -- and an edit of the live release is noticed
+    version(root .. "/releases/2/policies", "v2-edited")
+    local edited = helpers.wait_until(function() return ask() == "v2-edited" end, 3)
+    os.execute("kill " .. pid)
+    assert.is_true(swapped, "the swap to release 2 was not noticed")
+    assert.is_true(edited, "an edit of the live release was not noticed")
+  end)
+
+  it("keeps watching a policies folder that was replaced (rm -rf; mv new into place)", function()
+    local root = helpers.tmpname("-replace")
+    version(root .. "/policies", "A")
+    local pid, ask = start_server(root, "")
+    assert.are.equal("A", ask())
+    version(root .. "/policies.new", "B")
+    assert(os.execute(("cd %s && rm -rf policies && mv policies.new policies"):format(root)))
+    assert(helpers.wait_until(function() return ask() == "B" end, 3))
+    version(root .. "/policies", "C") -- an edit after the replacement
+    local edited = helpers.wait_until(function() return ask() == "C" end, 3)
+    os.execute("kill " .. pid)
+    assert.is_true(edited, "an edit in the new policies folder was not noticed")
+  end)
+end)
+
+describe("hostile: the command line", function()
+  it("--metrics-addr on a port in use names the reason", function()
+    local port = helpers.free_port()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local s = assert(resil.server.listen{ port = %d, handler = function() return {} end })
+local f = io.popen(%q)
+io.write(f:read("a"))
+f:close()
+]]):format(port, ("%s --metrics-addr 127.0.0.1:%d -e 'print(1)' 2>&1"):format(helpers.resil, port)), "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("in use", r.stdout)
+  end)
+end)
