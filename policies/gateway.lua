@@ -122,7 +122,19 @@ end
 
 -- an error from policies.ai as the client's API says it; one ai raised (a
 -- string: the request misused the API) is the client's bad request
+-- An error ai raised that is the gateway's own failure, not the request's:
+-- the host's caps (--max-memory, --max-instructions) ran out serving it
+local function host_failure(err)
+  local text = tostring(err)
+  return text:find("not enough memory", 1, true) or text:find("--max-instructions", 1, true)
+end
+
 local function ai_error_reply(api, err)
+  if type(err) ~= "table" and host_failure(err) then
+    -- (a 400 is not retried by SDKs, and its message was the host's)
+    return error_reply(api, 503, "the gateway could not serve this request right now; retry shortly",
+      { headers = { ["retry-after"] = "1" }, code = "gateway_overloaded" })
+  end
   if type(err) ~= "table" then
     return error_reply(api, 400, public_message((tostring(err):gsub("^[^:]*:%d+: ", ""))))
   end
@@ -138,6 +150,8 @@ local function ai_error_reply(api, err)
     code = "insufficient_quota"
   elseif type(err) == "table" and err.kind == "unpriced" then
     code = "model_not_priced"
+  elseif type(err) == "table" and err.kind == "gateway_overloaded" then
+    code = "gateway_overloaded"
   end
   local msg = type(err) == "table" and tostring(err.message or err.kind) or tostring(err)
   if err.kind == "store_unavailable" then
@@ -680,6 +694,11 @@ function complete_admitted(req, api, id, rec)
       fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
       ran = true
       local ok, v, e = pcall(ai.chat, r)
+      if not ok and host_failure(v) then -- not the request's fault: nothing kept under its key
+        return nil, resil.error("gateway_overloaded",
+          "the gateway could not serve this request right now; retry shortly",
+          { class = "overloaded", status = 503, retryable = true, retry_after = 1 })
+      end
       if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
       if v then
         -- stored with the answer's own id and time: a replay is the same answer, not a twin of it

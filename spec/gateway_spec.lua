@@ -164,6 +164,25 @@ describe("gateway: OpenAI chat completions", function()
     assert.are.equal("invalid_request_error", b.error.type)
   end)
 
+  it("the host's own failure serving a request (--max-memory ran out) is a 503 the SDKs retry, never a 400; " ..
+     "under an Idempotency-Key nothing is kept, so the retry is served", function()
+    local url, m = start({ strict = true, reply = "served" })
+    local ai = require "policies.ai"
+    local chat = ai.chat
+    ai.chat = function() error("not enough memory") end
+    local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS },
+      { ["idempotency-key"] = "k-oom" })
+    ai.chat = chat
+    assert.are.equal(503, res.status, res.body)
+    assert.are.equal("1", res.headers["retry-after"])
+    local e = json.decode(res.body).error
+    assert.are.equal("gateway_overloaded", e.code)
+    assert.is_nil(e.message:find("memory", 1, true))
+    res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS }, { ["idempotency-key"] = "k-oom" })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+
   it("unknown routes are 404s; /health, /v1/models and /metrics answer", function()
     local url = start({ strict = true })
     assert.are.equal(404, assert(http.request({ url = url .. "/v2/nothing" })).status)

@@ -213,6 +213,19 @@ function helpers.free_port()
   return p
 end
 
+-- n free loopback ports, all different (each held open until all are
+-- found: one at a time, the system may hand out the same port twice)
+function helpers.free_ports(n)
+  local resil = require "resil"
+  local servers, ports = {}, {}
+  for i = 1, n do
+    servers[i] = resil.server.listen({ handler = function() end })
+    ports[i] = servers[i]:port()
+  end
+  for _, s in ipairs(servers) do s:close() end
+  return table.unpack(ports, 1, n)
+end
+
 -- A real redis-server on a free loopback port, in a folder of its own, for
 -- one spec file: -> {port=, pid=, url([db] [, query]) (a fresh database's
 -- URL without db), stop()}. Always stop it.

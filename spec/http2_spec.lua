@@ -74,11 +74,12 @@ setup(function()
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"ok":true}',
       delay = tonumber(req.query and req.query:match("delay=([%d.]+)")) }
   end })
-  tls_port, h2c_port, goaway_port = helpers.free_port(), helpers.free_port(), helpers.free_port()
-  h1_port = helpers.free_port()
+  -- eleven ports nginx listens on, all different (one at a time, two were once the same)
+  local ports = { helpers.free_ports(11) }
+  tls_port, h2c_port, goaway_port, h1_port = ports[1], ports[2], ports[3], ports[4]
   local extra_listen = {}
   for i = 1, 7 do
-    extra_ports[i] = helpers.free_port()
+    extra_ports[i] = ports[4 + i]
     extra_listen[i] = ("listen 127.0.0.1:%d ssl http2;"):format(extra_ports[i])
   end
   helpers.write(dir .. "/nginx.conf", ([[

@@ -22,10 +22,21 @@
 #define QUIET_SECONDS 0.1
 #define STEPS_KEY "resil.reload_steps" /* registry: { reload_policies, restore_policies } */
 
+/* The policy folders --watch follows: by path, their inode seen when the
+ * watches were made. inotify watches inodes, and deploys swap paths (a
+ * release symlink renamed over `current`, a folder replaced by `mv`): a
+ * folder whose path now leads elsewhere is watched again, and reloaded. */
+#define WATCH_ROOTS 3
+#define RECHECK_SECONDS 1
+
 struct reload_state {
   int inotify_fd;
   struct event *inotify_ev;
   struct event *debounce_ev; /* real time: file changes happen in the real world */
+  struct event *recheck_ev;
+  char roots[WATCH_ROOTS][PATH_MAX];
+  dev_t root_dev[WATCH_ROOTS];
+  ino_t root_ino[WATCH_ROOTS];
   struct event *sighup_ev;
 };
 
@@ -141,9 +152,34 @@ static void watch_dir(int fd, const char *dir, int depth) {
 static void watch_stop(reload_state *st) {
   if (st->inotify_ev) event_free(st->inotify_ev);
   if (st->debounce_ev) event_free(st->debounce_ev);
+  if (st->recheck_ev) event_free(st->recheck_ev);
   if (st->inotify_fd >= 0) close(st->inotify_fd);
-  st->inotify_ev = st->debounce_ev = NULL;
+  st->inotify_ev = st->debounce_ev = st->recheck_ev = NULL;
   st->inotify_fd = -1;
+}
+
+/* the roots' inodes now (0: missing); -> whether one changed since last time */
+static int roots_moved(reload_state *st) {
+  int moved = 0;
+  for (int i = 0; i < WATCH_ROOTS; i++) {
+    struct stat sb;
+    dev_t dev = 0;
+    ino_t ino = 0;
+    if (st->roots[i][0] && stat(st->roots[i], &sb) == 0) dev = sb.st_dev, ino = sb.st_ino;
+    if (dev != st->root_dev[i] || ino != st->root_ino[i]) moved = 1;
+    st->root_dev[i] = dev;
+    st->root_ino[i] = ino;
+  }
+  return moved;
+}
+
+static void recheck_cb(evutil_socket_t fd, short what, void *arg) {
+  resil_t *R = arg;
+  reload_state *st = R->reload;
+  if (!roots_moved(st)) return;
+  if (resil_watch(R, 1) != RESIL_OK) return; /* watches made again (this event with them) */
+  struct timeval quiet = {0, (long)(QUIET_SECONDS * 1e6)};
+  event_add(R->reload->debounce_ev, &quiet);
 }
 
 int resil_watch(resil_t *R, int on) {
@@ -156,16 +192,18 @@ int resil_watch(resil_t *R, int on) {
     resil_set_error(R, strerror(errno));
     return RESIL_ERR_FILE;
   }
-  if (R->policies_dir) watch_dir(st->inotify_fd, R->policies_dir, 2);
-  watch_dir(st->inotify_fd, "policies", 2);
-  if (R->share_dir) {
-    char shipped[PATH_MAX];
-    snprintf(shipped, sizeof shipped, "%s/policies", R->share_dir);
-    watch_dir(st->inotify_fd, shipped, 2);
-  }
+  snprintf(st->roots[0], PATH_MAX, "%s", R->policies_dir ? R->policies_dir : "");
+  snprintf(st->roots[1], PATH_MAX, "policies");
+  snprintf(st->roots[2], PATH_MAX, "%s%s", R->share_dir ? R->share_dir : "", R->share_dir ? "/policies" : "");
+  roots_moved(st);
+  for (int i = 0; i < WATCH_ROOTS; i++)
+    if (st->roots[i][0]) watch_dir(st->inotify_fd, st->roots[i], 2);
   st->inotify_ev = event_new(R->base, st->inotify_fd, EV_READ | EV_PERSIST, inotify_cb, R);
   st->debounce_ev = evtimer_new(R->base, debounce_cb, R);
-  if (!st->inotify_ev || !st->debounce_ev || event_add(st->inotify_ev, NULL) != 0) {
+  st->recheck_ev = event_new(R->base, -1, EV_PERSIST, recheck_cb, R);
+  struct timeval every = {RECHECK_SECONDS, 0};
+  if (!st->inotify_ev || !st->debounce_ev || !st->recheck_ev || event_add(st->inotify_ev, NULL) != 0 ||
+      event_add(st->recheck_ev, &every) != 0) {
     watch_stop(st);
     return RESIL_ERR_MEMORY;
   }

@@ -23,6 +23,7 @@
  * 400, a body past max_body a 413, and one not read within read_timeout of
  * its first byte a 408 (real time: clients live in the real world).
  */
+#include <ctype.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdlib.h>
@@ -103,6 +104,10 @@ struct server {
   conn **by_fd; /* request -> its connection */
   size_t by_fd_len;
   const struct timeval *read_timeout; /* a libevent common timeout */
+  /* a handler (tasks = false) runs: a close (its own, or the collector's)
+   * waits until it has returned, the server kept reachable meanwhile:
+   * stopping inside libevent's request callback freed what it was using */
+  int in_handler, stop_deferred, self_ref;
 };
 
 static void pending_clear_reply(pending *p) {
@@ -534,10 +539,24 @@ static char *dup_bytes(const char *s, size_t len) {
 }
 
 /* L stack: resp table at idx -> fills p (all copied into C memory) */
+/* A header name is an RFC 9110 token: one with ": " in it made a header the
+ * handler never named. */
+static int is_token(const char *s) {
+  if (!*s) return 0;
+  for (; *s; s++)
+    if (!(isalnum((unsigned char)*s) || strchr("!#$%&'*+-.^_`|~", *s))) return 0;
+  return 1;
+}
+
+/* Raises (the handler's 500) on a reply HTTP cannot carry: a status that
+ * is not a final one, a header name that is not a token, a value with a
+ * line break. The server frames the body itself: a handler's own
+ * Content-Length or Transfer-Encoding could only disagree with it. */
 static void read_reply(lua_State *L, int idx, pending *p) {
   lua_getfield(L, idx, "status");
   p->status = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 200;
   lua_pop(L, 1);
+  if (p->status < 200 || p->status > 599) luaL_error(L, "reply status %d is not a final status (200-599)", p->status);
   lua_getfield(L, idx, "action");
   const char *action = lua_tostring(L, -1);
   if (action && strcmp(action, "hang") == 0) p->action = REPLY_HANG;
@@ -550,9 +569,12 @@ static void read_reply(lua_State *L, int idx, pending *p) {
     lua_pushnil(L);
     while (lua_next(L, -2)) {
       if (lua_type(L, -2) == LUA_TSTRING && lua_isstring(L, -1)) {
-        const char *k = lua_tostring(L, -2);
+        const char *k = lua_tostring(L, -2), *v = lua_tostring(L, -1);
+        if (!is_token(k)) luaL_error(L, "reply header name '%s' is not a token", k);
+        if (strpbrk(v, "\r\n")) luaL_error(L, "reply header '%s' has a line break in its value", k);
         if (strcasecmp(k, "content-type") == 0) has_type = 1;
-        evhttp_add_header(&p->headers, k, lua_tostring(L, -1));
+        if (strcasecmp(k, "content-length") != 0 && strcasecmp(k, "transfer-encoding") != 0)
+          evhttp_add_header(&p->headers, k, v);
       }
       lua_pop(L, 1);
     }
@@ -562,6 +584,7 @@ static void read_reply(lua_State *L, int idx, pending *p) {
   size_t len = 0;
   lua_getfield(L, idx, "body");
   const char *body = lua_tolstring(L, -1, &len);
+  if (p->status == 204 || p->status == 304) body = NULL; /* no body: bytes after the head read as the next reply */
   p->body = dup_bytes(body ? body : "", body ? len : 0);
   p->body_len = body ? len : 0;
   lua_pop(L, 1);
@@ -597,6 +620,13 @@ static int handle_request(lua_State *L) {
   lua_call(L, 1, 1);
   if (!lua_istable(L, -1)) return luaL_error(L, "the handler returned %s, not a response table", luaL_typename(L, -1));
   read_reply(L, lua_gettop(L), p);
+  return 0;
+}
+
+/* L stack: reply table, p (light userdata): read_reply, protected (its
+ * metamethods may raise, loop past the cap, or try to wait) */
+static int read_reply_protected(lua_State *L) {
+  read_reply(L, 1, lua_touserdata(L, 2));
   return 0;
 }
 
@@ -716,12 +746,17 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     lua_pushfstring(L, "the handler returned %s, not a response table", luaL_typename(L, -1));
     status = LUA_ERRRUN;
   }
+  if (status == LUA_OK) { /* read here, where a failure is still the handler's 500 */
+    lua_pushcfunction(L, read_reply_protected);
+    lua_pushvalue(L, -2);
+    lua_pushlightuserdata(L, p);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) status = LUA_ERRRUN;
+  }
   if (status != LUA_OK) {
     answer_500(p);
     log_handler_error(L, p, "server handler failed; answered 500");
   } else if (lua_getfield(L, -1, "stream") == LUA_TFUNCTION) {
     /* L stack: ..., result, stream */
-    read_reply(L, lua_gettop(L) - 1, p);
     copy_headers(p->req, &p->headers);
     evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
     p->started = 1;
@@ -731,7 +766,6 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     return serve_k(L, lua_pcallk(L, 1, 0, 4, STAGE_STREAM, serve_k), STAGE_STREAM);
   } else {
     lua_pop(L, 1);
-    read_reply(L, lua_gettop(L), p);
   }
   pending_detach(p, 0);
   if (p->delay > 0) timer_start(&p->timer, p->delay);
@@ -763,6 +797,19 @@ static int spawn_handler(lua_State *L) {
   p->handle = h;
   p->task_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 0;
+}
+
+static void server_stop(lua_State *L, server *srv);
+
+/* a close asked for while a handler ran, now that libevent's callback is over */
+static void deferred_stop_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  server *srv = arg;
+  lua_State *L = srv->R->L;
+  server_stop(L, srv);
+  luaL_unref(L, LUA_REGISTRYINDEX, srv->self_ref); /* collectable again (its __gc has run, or will find it stopped) */
+  srv->self_ref = LUA_NOREF;
 }
 
 static void request_cb(struct evhttp_request *req, void *arg) {
@@ -808,7 +855,11 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   lua_pushlightuserdata(L, srv);
   lua_pushlightuserdata(L, req);
   lua_pushlightuserdata(L, p);
-  if (host_pcall(L, "server handler", 3, 0) != LUA_OK) {
+  srv->in_handler++;
+  int handled = host_pcall(L, "server handler", 3, 0);
+  srv->in_handler--;
+  if (srv->stop_deferred && !srv->in_handler) event_base_once(srv->R->base, -1, EV_TIMEOUT, deferred_stop_cb, srv, NULL);
+  if (handled != LUA_OK) {
     /* L stack: error */
     pending_clear_reply(p);
     p->status = 500;
@@ -895,7 +946,7 @@ static int l_listen(lua_State *L) {
   server *srv = lua_newuserdatauv(L, sizeof *srv, 0);
   memset(srv, 0, sizeof *srv);
   srv->R = R;
-  srv->handler_ref = LUA_NOREF;
+  srv->handler_ref = srv->self_ref = LUA_NOREF;
   srv->tasks = tasks;
   luaL_setmetatable(L, SERVER_MT);
   srv->http = evhttp_new(R->base);
@@ -968,7 +1019,16 @@ static int server_pending(lua_State *L) {
 }
 
 static int server_close(lua_State *L) {
-  server_stop(L, luaL_checkudata(L, 1, SERVER_MT));
+  server *srv = luaL_checkudata(L, 1, SERVER_MT);
+  if (srv->in_handler) { /* (a __gc too: the reference makes it reachable again until then) */
+    if (!srv->stop_deferred) {
+      srv->stop_deferred = 1;
+      lua_pushvalue(L, 1);
+      srv->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    return 0;
+  }
+  server_stop(L, srv);
   return 0;
 }
 

@@ -302,9 +302,10 @@ function metrics.export(opts)
   if opts.addr then
     local host, port = parse_addr(opts.addr)
     if not host then error(("--metrics-addr: '%s' is not HOST:PORT"):format(opts.addr), 0) end
-    local ok, srv = pcall(metrics.serve, { host = host, port = port })
+    local ok, srv, err = pcall(metrics.serve, { host = host, port = port })
     if not ok or not srv then
-      error(("--metrics-addr %s: %s"):format(opts.addr, tostring(srv)), 0)
+      -- (raised: srv is the message; returned: nil, err)
+      error(("--metrics-addr %s: %s"):format(opts.addr, tostring(ok and (err and (err.message or err)) or srv)), 0)
     end
     exported.server = srv
   end
