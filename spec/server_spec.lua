@@ -48,6 +48,15 @@ local function curl(url, args)
 end
 
 describe("server handlers under the host's caps", function()
+  it("sends a reply's chunks byte for byte, NUL bytes too (each was cut at its first NUL)", function()
+    local s = resil.server.listen({ handler = function()
+      return { status = 200, chunks = { "a\0b", "\0", "c" } }
+    end })
+    local res = assert(http.request({ url = ("http://127.0.0.1:%d/"):format(s:port()) }))
+    s:close()
+    assert.are.equal("a\0b\0c", res.body)
+  end)
+
   it("a handler that loops under --max-instructions: the client gets a 500, the next request is served", function()
     local r = run_script([[
       local resil = require "resil"

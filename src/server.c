@@ -63,6 +63,7 @@ typedef struct pending {
   char *body;
   size_t body_len;
   char **chunks;
+  size_t *chunk_lens; /* (a chunk may hold NUL bytes) */
   int nchunks, next_chunk, stall_after, started;
   double chunk_interval, delay;
   /* tasks = true: the task running the handler, until it has answered */
@@ -115,8 +116,10 @@ static void pending_clear_reply(pending *p) {
   free(p->body);
   for (int i = 0; i < p->nchunks; i++) free(p->chunks[i]);
   free(p->chunks);
+  free(p->chunk_lens);
   p->body = NULL;
   p->chunks = NULL;
+  p->chunk_lens = NULL;
   p->body_len = 0;
   p->nchunks = p->stall_after = 0;
   p->chunk_interval = p->delay = 0;
@@ -471,7 +474,7 @@ static void send_next_chunk(void *arg) {
   struct evbuffer *buf = evbuffer_new();
   if (buf) {
     const char *c = p->chunks[p->next_chunk];
-    evbuffer_add(buf, c, strlen(c));
+    evbuffer_add(buf, c ? c : "", p->chunk_lens[p->next_chunk]);
     evhttp_send_reply_chunk(p->req, buf);
     evbuffer_free(buf);
   }
@@ -591,10 +594,13 @@ static void read_reply(lua_State *L, int idx, pending *p) {
   if (lua_getfield(L, idx, "chunks") == LUA_TTABLE) {
     int n = (int)luaL_len(L, -1);
     p->chunks = calloc((size_t)(n > 0 ? n : 1), sizeof *p->chunks);
-    for (int i = 1; p->chunks && i <= n; i++) {
+    p->chunk_lens = calloc((size_t)(n > 0 ? n : 1), sizeof *p->chunk_lens);
+    for (int i = 1; p->chunks && p->chunk_lens && i <= n; i++) {
       lua_rawgeti(L, -1, i);
       const char *c = lua_tolstring(L, -1, &len);
-      p->chunks[p->nchunks++] = dup_bytes(c ? c : "", c ? len : 0);
+      char *copy = dup_bytes(c ? c : "", c ? len : 0);
+      p->chunk_lens[p->nchunks] = copy && c ? len : 0;
+      p->chunks[p->nchunks++] = copy;
       lua_pop(L, 1);
     }
   }
