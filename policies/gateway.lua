@@ -120,8 +120,6 @@ local function public_message(msg)
   return (resil.redact(tostring(msg)):gsub("%a[%w+.%-]*://[^%s\"']-: ", "the upstream: "))
 end
 
--- an error from policies.ai as the client's API says it; one ai raised (a
--- string: the request misused the API) is the client's bad request
 -- An error ai raised that is the gateway's own failure, not the request's:
 -- the host's caps (--max-memory, --max-instructions) ran out serving it
 local function host_failure(err)
@@ -129,6 +127,9 @@ local function host_failure(err)
   return text:find("not enough memory", 1, true) or text:find("--max-instructions", 1, true)
 end
 
+-- an error from policies.ai as the client's API says it; one ai raised (a
+-- string: the request misused the API) is the client's bad request, unless
+-- it was the host's own failure
 local function ai_error_reply(api, err)
   if type(err) ~= "table" and host_failure(err) then
     -- (a 400 is not retried by SDKs, and its message was the host's)

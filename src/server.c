@@ -541,7 +541,6 @@ static char *dup_bytes(const char *s, size_t len) {
   return copy;
 }
 
-/* L stack: resp table at idx -> fills p (all copied into C memory) */
 /* A header name is an RFC 9110 token: one with ": " in it made a header the
  * handler never named. */
 static int is_token(const char *s) {
@@ -551,7 +550,8 @@ static int is_token(const char *s) {
   return 1;
 }
 
-/* Raises (the handler's 500) on a reply HTTP cannot carry: a status that
+/* L stack: resp table at idx -> fills p (all copied into C memory).
+ * Raises (the handler's 500) on a reply HTTP cannot carry: a status that
  * is not a final one, a header name that is not a token, a value with a
  * line break. The server frames the body itself: a handler's own
  * Content-Length or Transfer-Encoding could only disagree with it. */

@@ -10,13 +10,13 @@
  * the timeout (real time, default 5 s) drops the connection, which fails
  * every command in flight on it.
  */
-#include <stdlib.h>
-#include <string.h>
 #include <errno.h>
 #include <poll.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
-#include <unistd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>

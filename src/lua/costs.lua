@@ -133,7 +133,6 @@ end
 -- second). A caller that cannot wait (outside a task) is queued anyway.
 local LATER_MAX = 10000
 local unwritten = 0
-local retry_ended = setmetatable({}, { __close = function() unwritten = unwritten - 1 end }) -- however it ends
 
 -- A write nobody waits for (write_later below) found the store unavailable:
 -- it is tried again in a task of its own, for a minute at most, since the
@@ -147,6 +146,10 @@ local retry_ended = setmetatable({}, { __close = function() unwritten = unwritte
 -- committed on SQLite and waiting for its sync) may have been written, and
 -- says so. A settle of 0 has no row to lose (its hold expires).
 local retrying = {}
+local retry_ended = { __close = function(pending)
+  unwritten = unwritten - 1
+  retrying[pending] = nil
+end }
 local function say_lost(what, fields, why)
   if what == "a settle" and fields.usd == 0 then return end
   fields.error = why
@@ -176,8 +179,7 @@ local function retry_later(what, write, counts, fields, log_fields)
     return ok, err
   end
   resil.spawn(function()
-    local _ <close> = retry_ended
-    local _ <close> = setmetatable({}, { __close = function() retrying[pending] = nil end })
+    local _ <close> = setmetatable(pending, retry_ended) -- however it ends
     local ok, err = S.retry_write(attempt)
     if counts(ok) then observe_cost(fields, fields.units) end
     if ok == nil then

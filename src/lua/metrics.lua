@@ -304,8 +304,8 @@ function metrics.export(opts)
     if not host then error(("--metrics-addr: '%s' is not HOST:PORT"):format(opts.addr), 0) end
     local ok, srv, err = pcall(metrics.serve, { host = host, port = port })
     if not ok or not srv then
-      -- (raised: srv is the message; returned: nil, err)
-      error(("--metrics-addr %s: %s"):format(opts.addr, tostring(ok and (err and (err.message or err)) or srv)), 0)
+      local why = not ok and srv or (type(err) == "table" and err.message or err) -- raised, or nil, err
+      error(("--metrics-addr %s: %s"):format(opts.addr, tostring(why)), 0)
     end
     exported.server = srv
   end
