@@ -818,10 +818,42 @@ static void deferred_stop_cb(evutil_socket_t fd, short what, void *arg) {
   srv->self_ref = LUA_NOREF;
 }
 
+/* Content-Length given more than once with different values (RFC 9112
+ * 6.3): libevent reads the body by the first, a proxy in front may have
+ * read it by another, and the bytes between would be a request of their
+ * own that the proxy never saw (request smuggling). */
+static int conflicting_lengths(struct evhttp_request *req) {
+  const char *first = NULL;
+  struct evkeyval *h;
+  TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next) {
+    if (evutil_ascii_strcasecmp(h->key, "content-length") != 0) continue;
+    if (!first) first = h->value;
+    else if (strcmp(first, h->value) != 0) return 1;
+  }
+  return 0;
+}
+
+/* a 400 of the server's own, before any handler; the connection closes,
+ * since what follows the body on it cannot be trusted */
+static void refuse_request(struct evhttp_request *req, const char *message) {
+  struct evkeyvalq *out = evhttp_request_get_output_headers(req);
+  struct evbuffer *body = evbuffer_new();
+  evhttp_add_header(out, "Content-Type", "application/json");
+  evhttp_add_header(out, "Connection", "close");
+  if (body) evbuffer_add_printf(body, "{\"error\":{\"message\":\"%s\"}}", message);
+  evhttp_send_reply(req, 400, "Bad Request", body);
+  if (body) evbuffer_free(body);
+}
+
 static void request_cb(struct evhttp_request *req, void *arg) {
   server *srv = arg;
   lua_State *L = srv->R->L;
   conn *c = conn_of(srv, req);
+  if (conflicting_lengths(req)) {
+    if (c) evtimer_del(c->ev); /* read in time; the reply closes it */
+    refuse_request(req, "conflicting Content-Length headers");
+    return;
+  }
   pending *p = c ? calloc(1, sizeof *p) : NULL;
   if (!p) {
     evhttp_send_error(req, 503, NULL);
