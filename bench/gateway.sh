@@ -93,6 +93,44 @@ errs() { awk '/Non-2xx|Socket errors/ { print }' "$work/wrk.out" | tr '\n' ' '; 
 run "$GW_C" "$direct"; d_rps=$(rps); d_err=$(errs)
 run "$GW_C" "$through"; g_rps=$(rps); g_err=$(errs)
 
+# --- GW_STAGES=1: what each piece of a request costs (bench/gateway_stages.lua) ---
+# The same gateway with its handler cut down to the first N pieces of the
+# work, side by side with the full policy above: requests/s and user+system
+# CPU per request at GW_C connections (gateway on core 0), p50/p99 at one
+# connection (all on core 0). Instead of the usual figures; not in bench/run.
+if [ -n "${GW_STAGES:-}" ]; then
+  cpu_us() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # clock ticks (1/100 s)
+  pin_upstream() { for p in $(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" || true); do
+    taskset -pc "$1" "$p" >/dev/null; done; }
+  stage() { # $1: a label; $2: the gateway's pid; $3: its URL
+    local t0 t1 n r64 cpu
+    t0=$(cpu_us "$2"); run "$GW_C" "$3"; t1=$(cpu_us "$2"); r64=$(rps)
+    n=$(awk '/requests in/ { print $1 }' "$work/wrk.out")
+    cpu=$(awk -v a="$t0" -v b="$t1" -v n="$n" 'BEGIN { printf "%.1f", (b - a) * 10000 / n }')
+    [ -n "$pin_gw" ] && { pin_rest="taskset -c 0"; pin_upstream 0; }
+    run 1 "$3"
+    printf "  %-52s %9s req/s %7s us CPU/request   p50 %5s us  p99 %6s us\n" "$1" "$r64" "$cpu" "$(pct 50%)" "$(pct 99%)"
+    [ -n "$pin_gw" ] && { pin_rest="taskset -c 1"; pin_upstream 1; }
+  }
+  echo "gateway stages: wrk ${GW_SECONDS}s at $GW_C connections (gateway on core 0), then 1 connection (all on core 0)"
+  names=("relay: the body sent upstream, the answer back" "+ the virtual key (SHA-256, cached record)"
+    "+ the request's JSON decoded" "+ policies.call (bucket, breaker, retry, metrics)" "+ a ledger row (pricing, resil.cost.record)")
+  for n in 0 1 2 3 4; do
+    { cat "$work/gateway.lua" | sed '$d'; echo "UP = $up_port"; echo "dofile('bench/gateway_stages.lua')"
+      echo "return { key_cache = 2 }"; } > "$work/stage.lua"
+    sp=$(free_port)
+    GW_STAGE=$n $pin_gw "$RESIL" gateway --listen "127.0.0.1:$sp" --config "$work/stage.lua" --store "$db" \
+      --log-level error > "$work/stage.out" 2>&1 &
+    st_pid=$!
+    for _ in $(seq 100); do grep -q listening "$work/stage.out" && break; sleep 0.05; done
+    stage "$n ${names[$n]}" "$st_pid" "http://127.0.0.1:$sp/v1/chat/completions"
+    kill "$st_pid" 2>/dev/null || true
+    wait "$st_pid" 2>/dev/null || true
+  done
+  stage "full policy (policies/gateway.lua)" "$gw_pid" "$through"
+  exit 0
+fi
+
 # --- the same gateway with --workers 2 (N processes on one SO_REUSEPORT socket) ---
 # Not pinned: wrk and nginx stay on core 1 as above, and on two cores there is
 # no core left free of them; with three or more the workers get 0 and 2.
