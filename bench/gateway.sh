@@ -99,12 +99,12 @@ run "$GW_C" "$through"; g_rps=$(rps); g_err=$(errs)
 # CPU per request at GW_C connections (gateway on core 0), p50/p99 at one
 # connection (all on core 0). Instead of the usual figures; not in bench/run.
 if [ -n "${GW_STAGES:-}" ]; then
-  cpu_us() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # clock ticks (1/100 s)
+  cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user + system, in 1/100 s
   pin_upstream() { for p in $(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" || true); do
     taskset -pc "$1" "$p" >/dev/null; done; }
   stage() { # $1: a label; $2: the gateway's pid; $3: its URL
     local t0 t1 n r64 cpu
-    t0=$(cpu_us "$2"); run "$GW_C" "$3"; t1=$(cpu_us "$2"); r64=$(rps)
+    t0=$(cpu_ticks "$2"); run "$GW_C" "$3"; t1=$(cpu_ticks "$2"); r64=$(rps)
     n=$(awk '/requests in/ { print $1 }' "$work/wrk.out")
     cpu=$(awk -v a="$t0" -v b="$t1" -v n="$n" 'BEGIN { printf "%.1f", (b - a) * 10000 / n }')
     [ -n "$pin_gw" ] && { pin_rest="taskset -c 0"; pin_upstream 0; }
@@ -116,7 +116,7 @@ if [ -n "${GW_STAGES:-}" ]; then
   names=("relay: the body sent upstream, the answer back" "+ the virtual key (SHA-256, cached record)"
     "+ the request's JSON decoded" "+ policies.call (bucket, breaker, retry, metrics)" "+ a ledger row (pricing, resil.cost.record)")
   for n in 0 1 2 3 4; do
-    { cat "$work/gateway.lua" | sed '$d'; echo "UP = $up_port"; echo "dofile('bench/gateway_stages.lua')"
+    { sed '$d' "$work/gateway.lua"; echo "UP = $up_port"; echo "dofile('bench/gateway_stages.lua')"
       echo "return { key_cache = 2 }"; } > "$work/stage.lua"
     sp=$(free_port)
     GW_STAGE=$n $pin_gw "$RESIL" gateway --listen "127.0.0.1:$sp" --config "$work/stage.lua" --store "$db" \

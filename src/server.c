@@ -835,12 +835,12 @@ static int conflicting_lengths(struct evhttp_request *req) {
 
 /* a 400 of the server's own, before any handler; the connection closes,
  * since what follows the body on it cannot be trusted */
-static void refuse_request(struct evhttp_request *req, const char *message) {
+static void refuse_request(struct evhttp_request *req, const char *json_body) {
   struct evkeyvalq *out = evhttp_request_get_output_headers(req);
   struct evbuffer *body = evbuffer_new();
   evhttp_add_header(out, "Content-Type", "application/json");
   evhttp_add_header(out, "Connection", "close");
-  if (body) evbuffer_add_printf(body, "{\"error\":{\"message\":\"%s\"}}", message);
+  if (body) evbuffer_add(body, json_body, strlen(json_body));
   evhttp_send_reply(req, 400, "Bad Request", body);
   if (body) evbuffer_free(body);
 }
@@ -851,7 +851,7 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   conn *c = conn_of(srv, req);
   if (conflicting_lengths(req)) {
     if (c) evtimer_del(c->ev); /* read in time; the reply closes it */
-    refuse_request(req, "conflicting Content-Length headers");
+    refuse_request(req, "{\"error\":{\"message\":\"conflicting Content-Length headers\"}}");
     return;
   }
   pending *p = c ? calloc(1, sizeof *p) : NULL;
