@@ -129,6 +129,23 @@ print(res and res.status, err and err.kind)
     assert.is_true(r.alive)
   end)
 
+  -- framings a proxy in front may read otherwise than libevent does: each
+  -- is refused, with the connection closed, before the bytes after it are
+  -- read as a request
+  for _, case in ipairs({
+    { "a Content-Length that is not digits", "Content-Length: +5\r\n", "^HTTP/1.1 400" },
+    { "whitespace between a header name and its colon", "Content-Length : 5\r\n", "^HTTP/1.1 400" },
+    { "a Transfer-Encoding other than chunked", "Transfer-Encoding: xchunked\r\n", "^HTTP/1.1 501" },
+  }) do
+    it(case[1] .. " is refused and closes the connection (no request smuggled after it)", function()
+      local r = ask_raw("POST /a HTTP/1.1\r\nHost: x\r\n" .. case[2] .. "\r\nhelloGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+      assert.matches(case[3], r.stdout)
+      assert.is_nil(r.stdout:find("seen"), r.stdout)
+      assert.is_nil(r.stdout:find("HTTP/1.1.*HTTP/1.1"), r.stdout) -- one answer: the connection closed after it
+      assert.is_true(r.alive)
+    end)
+  end
+
   it("repeated equal Content-Length headers are one length (RFC 9112), served as usual", function()
     local r = ask_raw("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n" ..
       "Connection: close\r\n\r\nhello")

@@ -818,30 +818,44 @@ static void deferred_stop_cb(evutil_socket_t fd, short what, void *arg) {
   srv->self_ref = LUA_NOREF;
 }
 
-/* Content-Length given more than once with different values (RFC 9112
- * 6.3): libevent reads the body by the first, a proxy in front may have
- * read it by another, and the bytes between would be a request of their
- * own that the proxy never saw (request smuggling). */
-static int conflicting_lengths(struct evhttp_request *req) {
-  const char *first = NULL;
+/* How a request's body is framed, as a proxy in front may read it otherwise
+ * than libevent does (request smuggling): the bytes after the body would be
+ * a request the proxy never saw. Refused (RFC 9112 5.1, 6.1, 6.3):
+ * - a header name that is not a token ("Content-Length : 5": libevent
+ *   keeps "Content-Length " as another header, a proxy may not);
+ * - a Content-Length that is not digits ("+5"), or two that differ;
+ * - a Transfer-Encoding other than chunked (libevent reads no body).
+ * -> NULL, or the status and the JSON body of the refusal */
+static const char *framing_problem(struct evhttp_request *req, int *status) {
+  const char *length = NULL;
   struct evkeyval *h;
+  *status = 400;
   TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next) {
-    if (evutil_ascii_strcasecmp(h->key, "content-length") != 0) continue;
-    if (!first) first = h->value;
-    else if (strcmp(first, h->value) != 0) return 1;
+    if (!is_token(h->key)) return "{\"error\":{\"message\":\"a header name that is not a token\"}}";
+    if (evutil_ascii_strcasecmp(h->key, "content-length") == 0) {
+      if (!h->value[0] || h->value[strspn(h->value, "0123456789")] != '\0')
+        return "{\"error\":{\"message\":\"Content-Length is not a number\"}}";
+      if (length && strcmp(length, h->value) != 0)
+        return "{\"error\":{\"message\":\"conflicting Content-Length headers\"}}";
+      length = h->value;
+    } else if (evutil_ascii_strcasecmp(h->key, "transfer-encoding") == 0 &&
+               evutil_ascii_strcasecmp(h->value, "chunked") != 0) {
+      *status = 501;
+      return "{\"error\":{\"message\":\"unsupported Transfer-Encoding: only chunked\"}}";
+    }
   }
-  return 0;
+  return NULL;
 }
 
-/* a 400 of the server's own, before any handler; the connection closes,
+/* the server's own refusal, before any handler; the connection closes,
  * since what follows the body on it cannot be trusted */
-static void refuse_request(struct evhttp_request *req, const char *json_body) {
+static void refuse_request(struct evhttp_request *req, int status, const char *json_body) {
   struct evkeyvalq *out = evhttp_request_get_output_headers(req);
   struct evbuffer *body = evbuffer_new();
   evhttp_add_header(out, "Content-Type", "application/json");
   evhttp_add_header(out, "Connection", "close");
   if (body) evbuffer_add(body, json_body, strlen(json_body));
-  evhttp_send_reply(req, 400, "Bad Request", body);
+  evhttp_send_reply(req, status, reason_phrase(status), body);
   if (body) evbuffer_free(body);
 }
 
@@ -849,9 +863,11 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   server *srv = arg;
   lua_State *L = srv->R->L;
   conn *c = conn_of(srv, req);
-  if (conflicting_lengths(req)) {
+  int status;
+  const char *refusal = framing_problem(req, &status);
+  if (refusal) {
     if (c) evtimer_del(c->ev); /* read in time; the reply closes it */
-    refuse_request(req, "{\"error\":{\"message\":\"conflicting Content-Length headers\"}}");
+    refuse_request(req, status, refusal);
     return;
   }
   pending *p = c ? calloc(1, sizeof *p) : NULL;
