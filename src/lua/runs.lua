@@ -67,10 +67,19 @@ end
 -- its position, so the steps after it keep theirs (a renumbered step would
 -- be taken for another step's record: a divergence, or a wrong replay).
 local function run_object()
+  if run and run.url ~= S.url() then
+    -- resil.store_config named another store since the run was taken: the
+    -- run is given up on the old store and taken on the new one, counted
+    -- from its first step, as a process started with that store would take
+    -- it (steps checkpointed in a store nobody reads any more would be paid
+    -- for again on resume)
+    if run.held then owner.drop(run.store.backend, "run:" .. run.id) end
+    run = nil
+  end
   if not run then
     -- inflight: the steps running now, recorded as pending if the run ends
     -- before they do; failed: the items with a failed step recorded
-    run = { id = config.run or default_run_id(), seq = {}, resumed = false, held = false, inflight = {},
+    run = { id = config.run or default_run_id(), url = S.url(), seq = {}, resumed = false, held = false, inflight = {},
             failed = {}, retries = {}, notes = {} }
   end
   return run

@@ -247,6 +247,7 @@ return {
   config = config,
   now = store_now,
   open = store_or_fail,
+  url = default_url,
   open_or_raise = store_or_raise,
   encode_values = encode_values,
   decode_values = decode_values,
