@@ -335,8 +335,21 @@ local hold_guard_mt = { __close = function(g, err)
 end }
 local function hold_guard(ticket) return setmetatable({ ticket = ticket }, hold_guard_mt) end
 
+-- The ledger key of an answer: the provider's response id dedupes a replay
+-- only, the same answer given again for the same Idempotency-Key (a call
+-- inside resil.once run again after a crash, the gateway's client retrying
+-- with its key). Without a key no provider replays, so two answers with one
+-- id are two calls billed: OpenAI-compatible servers reuse ids (Ollama's
+-- run from chatcmpl-0 to chatcmpl-998), and keyed on the id alone every
+-- answer after the first was dropped from the ledger and from its budget.
+local function ledger_key(r)
+  local key = r.id and resil.context().idempotency_key
+  if not key then return nil end
+  return ("%s:%s:%s"):format(r.provider, resil.hash(key), r.id)
+end
+
 -- Cost to the ledger: through the ticket when there is one (it writes the
--- row), else a row of its own, keyed by the provider's response id.
+-- row), else a row of its own, keyed as above.
 local function record_cost(r, req, ticket, operation)
   local usd = r.usage and pricing.cost(r.provider, r.model or r.requested_model, r.usage)
   if usd == nil and r.usage and r.model ~= r.requested_model then
@@ -344,7 +357,7 @@ local function record_cost(r, req, ticket, operation)
   end
   r.cost_usd = usd
   local entry = { provider = r.provider, model = r.model or r.requested_model, operation = operation,
-    user = req.user, units = r.usage, id = r.id and (r.provider .. ":" .. r.id) or nil,
+    user = req.user, units = r.usage, id = ledger_key(r),
     sync = req.ledger_sync, -- false: the answer waits for the row's commit, not its disk sync
     wait = req.ledger_wait } -- false: nor for the commit (the gateway's default)
   local ok, err

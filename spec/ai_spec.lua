@@ -244,6 +244,30 @@ describe("chat over the strict mock", function()
     assert.are.equal(1, ledger_rows())
   end)
 
+  it("an upstream that reuses response ids (Ollama's): each answer is a row and counts in its budget; " ..
+     "only a replay under one Idempotency-Key is kept once", function()
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "chatcmpl-1", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = "hi" }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 1000, completion_tokens = 1000, total_tokens = 2000 } }) }
+    end } })
+    local b = resil.budget("ai-spec-sameid", { limit = 1 })
+    local usd = 0
+    for _ = 1, 3 do
+      usd = usd + assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        budget = "ai-spec-sameid" })).cost_usd
+    end
+    assert.are.equal(3, ledger_rows())
+    assert.is_true(math.abs(b:state().spent - usd) < 1e-6, tostring(b:state().spent))
+    -- the same answer twice for one key is the provider's replay: billed once
+    assert(resil.once("replayed-call", function()
+      for _ = 1, 2 do assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })) end
+      return true
+    end))
+    assert.are.equal(4, ledger_rows())
+  end)
+
   it("a budgeted answer without usage (some OpenAI-compatible servers) has its ledger row, without a price",
     function()
       m:configure({ routes = { ["POST /v1/chat/completions"] = function()
