@@ -302,13 +302,24 @@ ai.wire_request = wire_request
 ---------------------------------------------------------------------------
 -- costs, budgets and the cache
 
+-- What a call may cost at most, reserved from its budget: every input the
+-- provider bills (messages, system in either form, tools, about 4 bytes a
+-- token) and the longest answer it may write, once per choice (`n`: each
+-- is billed). Tools and system blocks left out, or n = 128 counted once,
+-- let one request spend many times a budget that looked unreached.
 local function estimate_usd(targets, req)
-  local text = json.encode(req.messages) .. (type(req.system) == "string" and req.system or "")
+  local text = #json.encode(req.messages)
+  local system = req.system
+  if type(system) == "string" then text = text + #system
+  elseif type(system) == "table" then text = text + #json.encode(system) end
+  if type(req.tools) == "table" then text = text + #json.encode(req.tools) end
+  local choices = math.tointeger(req.n) or 1
+  if choices < 1 then choices = 1 end
   local usd = 0
   for _, t in ipairs(targets) do
     local r = request_for(t, req)
-    local out = r.max_tokens or t.conf.max_tokens or t.adapter.default_max_tokens or 4096
-    local c, why = pricing.cost(t.provider, t.model, { input_tokens = math.ceil(#text / 4), output_tokens = out })
+    local out = (r.max_tokens or t.conf.max_tokens or t.adapter.default_max_tokens or 4096) * choices
+    local c, why = pricing.cost(t.provider, t.model, { input_tokens = math.ceil(text / 4), output_tokens = out })
     if c == nil then return nil, why end
     if c > usd then usd = c end
   end
@@ -322,6 +333,11 @@ local function reserve(targets, req)
   if usd == nil then
     return nil, resil.error("unpriced", ("budget '%s' cannot hold a call without a price: %s"):format(
       tostring(budget.name), why), { class = "unpriced", retryable = false })
+  end
+  if not (usd <= 1e9) then -- (max_tokens near 2^63) more than any reservation holds: refused as the budget's
+    return nil, resil.error("budget_exceeded", ("budget '%s': the call may cost up to $%.6g (max_tokens %s), " ..
+      "more than a budget can hold"):format(tostring(budget.name), usd, tostring(req.max_tokens)),
+      { budget = budget.name, class = "quota", retryable = false })
   end
   return budget:reserve(usd)
 end

@@ -663,6 +663,11 @@ function complete_admitted(req, api, id, rec)
   if (asked ~= nil and asked ~= null and r.max_tokens == nil) or (r.max_tokens ~= nil and r.max_tokens < 1) then
     return with_id(error_reply(api, 400, "max_tokens must be a positive integer"), id)
   end
+  -- the answer carries one choice: n > 1 would be billed n times for one
+  if b.n ~= nil and b.n ~= null and b.n ~= 1 then
+    return with_id(error_reply(api, 400, "n must be 1: the gateway answers with one choice",
+      { code = "unsupported_value" }), id)
+  end
   r.model, r.fallback = route.model, route.fallback
   r.user = rec.name
   r.ledger_sync, r.ledger_wait = gateway.config.ledger_sync, gateway.config.ledger_wait

@@ -687,6 +687,36 @@ describe("gateway: virtual keys", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  it("a budget holds what a request may cost: tools and system blocks count, a max_tokens past any budget is " ..
+     "refused as the budget's, and n other than 1 is a 400", function()
+    local url, m = start({ strict = true }, { auth = true })
+    local key = assert(keys.add({ name = "team-big", budget = "0.01/day" }))
+    local long = ("x"):rep(400000) -- some 100,000 tokens: $0.015 of gpt-4o-mini's input, more of haiku's
+    local cases = {
+      { "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 16,
+        tools = { { type = "function", ["function"] = { name = "f", description = long,
+          parameters = { type = "object", properties = {} } } } } } },
+      { "/v1/messages", { model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 16,
+        system = { { type = "text", text = long } } } },
+      { "/v1/messages", { model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 16,
+        tools = { { name = "f", description = long, input_schema = { type = "object" } } } } },
+      { "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 1 << 62 } },
+    }
+    for i, c in ipairs(cases) do
+      local res = post(url .. c[1], c[2], bearer(key))
+      assert.are.equal(429, res.status, i .. ": " .. res.body)
+      assert.are.equal("false", res.headers["x-should-retry"], i)
+    end
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 16,
+      n = 3 }, bearer(key))
+    assert.are.equal(400, res.status, res.body)
+    assert.are.equal("unsupported_value", json.decode(res.body).error.code)
+    assert.are.equal(0, m:stats().total)
+    -- what fits is served
+    assert.are.equal(200, post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS,
+      max_tokens = 16, n = 1 }, bearer(key)).status)
+  end)
+
   it("a model without a price on a budgeted key is the client's 400 (model_not_priced), not a 500 an SDK retries",
      function()
     local url, m = start({ strict = true }, { auth = true })
