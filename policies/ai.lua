@@ -644,12 +644,18 @@ local function stream_result(self)
 end
 
 -- usage the provider did not report (a cut stream): estimated, and marked so
+-- A stream that ended without its final usage: what it reported so far, its
+-- output at least what the text streamed holds (about 4 bytes a token). An
+-- Anthropic stream reports output_tokens = 1 in its message_start, and a cut
+-- one was recorded as one token whatever it had streamed.
 local function usage_so_far(self, r)
-  if r.usage and r.usage.output_tokens and r.usage.output_tokens > 0 then return r.usage end
   local u = r.usage or { input_tokens = math.ceil(#json.encode(self.req.messages) / 4), cached_input_tokens = 0,
     cache_write_tokens = 0 }
-  u.output_tokens = math.ceil(#r.text / 4)
-  u.estimated = true
+  local streamed = math.ceil(#r.text / 4)
+  if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
+    u.output_tokens = streamed
+    u.estimated = true
+  end
   return u
 end
 

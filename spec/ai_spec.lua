@@ -395,6 +395,10 @@ describe("streams", function()
       assert.are.equal(err, rerr)
       assert.are.equal(1, m:stats().total) -- no fallback once text has been delivered
       assert.are.equal(1, ledger_rows())   -- what was streamed is paid for
+      -- at least the three words streamed (Anthropic's message_start said 1), estimated from the text
+      assert.is_true(err.usage.output_tokens >= 3, tostring(err.usage.output_tokens))
+      assert.is_true(err.usage.estimated)
+      assert.is_true(math.abs(pricing.cost(err.provider, err.model, err.usage) - resil.cost.total({})) <= 1e-6)
     end)
 
     it(model .. ": an error event after the first delta is stream_interrupted", function()
