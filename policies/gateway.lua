@@ -49,6 +49,11 @@ gateway.config = resil.keep("policies.gateway.config", function()
     -- disk, as pipelines do.
     ledger_wait = false,
     ledger_sync = false,
+    -- SIGTERM (or SIGINT) stops the gateway gracefully: it stops accepting,
+    -- answers requests on connections already open with a 503 and
+    -- Connection: close, and waits this many seconds at most for the
+    -- requests in flight (their answers, their ledger rows) before it ends
+    drain_timeout = 20,
   }
 end)
 
@@ -874,9 +879,40 @@ function gateway.serve(o)
   local s, err = resil.server.listen({ host = host, port = tonumber(port), tasks = true,
     reuseport = workers > 1, max_body = gateway.config.max_body, read_timeout = gateway.config.read_timeout,
     -- the current version of this module: a policy reload changes what new requests run
-    handler = function(req) return (package.loaded["policies.gateway"] or gateway).handle(req) end })
+    handler = function(req)
+      local current = package.loaded["policies.gateway"] or gateway
+      if resil.stop_requested() then return current.stopping_reply(req) end
+      return current.handle(req)
+    end })
   if not s then error(tostring(err), 0) end
   return s
+end
+
+-- A request that comes while the gateway stops (on a connection opened
+-- before): a 503 the SDKs retry, on a new connection (another worker, the
+-- next process)
+function gateway.stopping_reply(req)
+  local api = req.path:match("^/v1/messages") and "anthropic" or "openai"
+  return error_reply(api, 503, "the gateway is stopping; retry the request", { code = "gateway_stopping",
+    headers = { connection = "close", ["retry-after"] = "1" } })
+end
+
+-- The graceful stop: the listening socket closed, the requests in flight
+-- finished (at most drain_timeout seconds), then the server closed
+local function drain(s)
+  local grace = tonumber(gateway.config.drain_timeout) or 20
+  s:stop_accepting()
+  local deadline = resil.now() + grace
+  if s:pending() > 0 then
+    resil.log.info("gateway: stopping; finishing the requests in flight (another signal stops at once)",
+      { requests = s:pending(), drain_timeout = grace })
+  end
+  while (s:pending() > 0 or s:unsent() > 0) and resil.now() < deadline do resil.sleep(0.02) end
+  if s:pending() > 0 or s:unsent() > 0 then
+    resil.log.warn("gateway: drain_timeout passed; the requests still in flight are cut",
+      { requests = s:pending(), drain_timeout = grace })
+  end
+  s:close()
 end
 
 -- `resil-lua gateway`: serve until stopped (SIGTERM, SIGINT)
@@ -885,7 +921,8 @@ function gateway.main(o)
   local host = (o.listen or "127.0.0.1:8080"):match("^(.*):%d+$")
   io.stdout:write(("gateway listening on http://%s:%d\n"):format(host, s:port()))
   io.stdout:flush()
-  resil.sleep(math.huge)
+  resil.stop_requested(true) -- the first SIGTERM or SIGINT (src/main.c)
+  drain(s)
 end
 
 return gateway

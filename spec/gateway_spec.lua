@@ -861,6 +861,69 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal(6, m:stats().routes.chat)
   end)
 
+  it("SIGTERM stops it gracefully: requests in flight are answered and recorded, one on a connection opened " ..
+     "before is a 503 to retry elsewhere, new connections are refused; it exits with 143", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local db = helpers.tmpname(".db")
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(m.url .. "/v1"))
+    local port, log, pidfile, codefile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid"),
+      helpers.tmpname(".code")
+    os.execute(("(%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s; wait $!; " ..
+      "echo $? > %s) &"):format(helpers.resil, port, config, db, log, pidfile, codefile))
+    assert(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local body = json.encode({ model = "gpt-4o-mini", messages = MSGS })
+    local function send()
+      local res = assert(http.request({ method = "POST", url = url, body = body, timeout = 10,
+        headers = { ["content-type"] = "application/json" } }))
+      return res.status, res.body
+    end
+    -- five connections, left open and idle: the four below take four of them
+    m:configure({ strict = true, reply = "served", latency = 0.2 })
+    local warm = {}
+    for i = 1, 5 do warm[i] = resil.spawn(send) end
+    for i = 1, 5 do assert.are.equal(200, select(2, warm[i]:join())) end
+    m:configure({ strict = true, reply = "served", latency = 1 })
+    local inflight = {}
+    for i = 1, 4 do inflight[i] = resil.spawn(send) end
+    resil.sleep(0.4) -- all four at the mock
+    os.execute("kill -TERM " .. pid)
+    resil.sleep(0.2)
+    local res = assert(http.request({ method = "POST", url = url, body = body, timeout = 5,
+      headers = { ["content-type"] = "application/json" } }))
+    assert.are.equal(503, res.status, res.body)
+    assert.are.equal("gateway_stopping", json.decode(res.body).error.code)
+    assert.are.equal("close", res.headers["connection"])
+    local refused, err = http.request({ method = "POST", url = url, body = body, timeout = 5,
+      headers = { ["content-type"] = "application/json" } })
+    assert.is_nil(refused)
+    assert.are.equal("connect", err.kind)
+    for i = 1, 4 do
+      local ok, status, answer = inflight[i]:join()
+      assert.is_true(ok)
+      assert.are.equal(200, status, answer)
+      assert.matches("served", answer)
+    end
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(codefile):match("%d+") ~= nil end, 5))
+    assert.are.equal("143", helpers.slurp(codefile):match("%d+"))
+    local r = helpers.run_script('for _, g in ipairs(require("resil").cost.breakdown("provider")) do ' ..
+      'print(g.key, g.calls) end', "--store " .. db)
+    assert.are.equal("openai\t9\n", r.stdout)
+    assert.are.equal(9, m:stats().routes.chat)
+  end)
+
   it("kill -9 under load, a budgeted key: no hold of the dead gateway counts, the budget's spend is its ledger's " ..
      "sum, and no row is for a call the provider did not answer", function()
     resil.clock.real()

@@ -70,6 +70,8 @@ struct resil {
   char host_stop[256];   /* why its cap stopped it, raised again until it returns */
   int wake_pipe[2];
   struct event *wake_ev;
+  volatile sig_atomic_t stop_requested; /* resil_request_stop: the signal a graceful stop was asked with */
+  task *stop_waiter;                    /* the task in resil.stop_requested(true) */
 
   /* values registered through resil.secret: redacted from every message */
   redact_secret *secrets;
@@ -220,6 +222,10 @@ int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
 int luaopen_resil_reload(lua_State *L);
+
+/* stop.c */
+int luaopen_resil_stop(lua_State *L);
+void stop_notice(resil_t *R); /* from the loop's wake callback */
 int luaopen_resil_redact(lua_State *L);
 int luaopen_resil_sqlite(lua_State *L);
 int luaopen_resil_redis(lua_State *L);

@@ -768,10 +768,11 @@ static void grace_cb(evutil_socket_t fd, short what, void *arg) {
 }
 
 static void wake_cb(evutil_socket_t fd, short what, void *arg) {
-  (void)what, (void)arg;
+  (void)what;
   char buf[64];
   while (read(fd, buf, sizeof buf) > 0) {
   }
+  stop_notice(arg); /* a graceful stop asked for (resil_request_stop) */
 }
 
 static void pump_cb(evutil_socket_t fd, short what, void *arg);

@@ -34,6 +34,20 @@ static void on_signal(int signo) {
   if (signal_target) resil_interrupt(signal_target, signo);
 }
 
+/* The gateway stops gracefully: the first SIGTERM or SIGINT asks for a stop
+ * (it stops accepting and finishes the requests in flight, whose answers and
+ * ledger rows a cut would lose), the second interrupts as on_signal does,
+ * still writing what the stores hold queued; a third kills at once. */
+static volatile sig_atomic_t stop_signals;
+static void on_gateway_signal(int signo) {
+  if (stop_signals++ == 0) {
+    received_signal = signo;
+    if (signal_target) resil_request_stop(signal_target, signo);
+    return;
+  }
+  on_signal(signo);
+}
+
 static void usage(FILE *out) {
   fprintf(out,
           "usage: " PROGNAME " [options] [script [args...]]\n"
@@ -619,8 +633,8 @@ int main(int argc, char **argv) {
     return 1;
   }
   signal_target = R;
-  signal(SIGINT, on_signal);
-  signal(SIGTERM, on_signal);
+  signal(SIGINT, gateway ? on_gateway_signal : on_signal);
+  signal(SIGTERM, gateway ? on_gateway_signal : on_signal);
   resil_reload_on_sighup(R);
   if (watch && resil_watch(R, 1) != RESIL_OK) fprintf(stderr, PROGNAME ": --watch: %s\n", resil_error(R));
 
@@ -652,6 +666,7 @@ int main(int argc, char **argv) {
   finish_traces(R, otlp_endpoint, status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
   finish_metrics(R);
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
+  if (gateway && status == RESIL_OK && stop_signals > 0) code = 128 + (int)received_signal; /* stopped gracefully */
   signal_target = NULL;
   resil_close(R);
   return code;

@@ -213,6 +213,7 @@ static const struct {
   {"crypto", luaopen_resil_crypto},
   {NULL, luaopen_resil_semaphore},
   {NULL, luaopen_resil_reload},
+  {NULL, luaopen_resil_stop},
   {NULL, luaopen_resil_redact},
   {"sqlite", luaopen_resil_sqlite},
   {"redis", luaopen_resil_redis},

@@ -114,6 +114,12 @@ RESIL_API const char *resil_error(resil_t *R);
 /* Async-signal-safe: stop the running task and the loop. */
 RESIL_API void resil_interrupt(resil_t *R, int signo);
 
+/* Async-signal-safe: ask for a graceful stop. Nothing is cut: the task
+ * waiting in resil.stop_requested(true) wakes with signo and decides (the
+ * gateway stops accepting and finishes what is in flight). Without such a
+ * task nothing happens; resil_interrupt still stops at once. */
+RESIL_API void resil_request_stop(resil_t *R, int signo);
+
 /* Re-load every loaded policy module into a fresh environment (hot reload):
  * only when all of them load are they swapped in; otherwise the old ones keep
  * serving and resil_error() says what failed, with file:line. Call it from

@@ -97,6 +97,7 @@ struct conn {
 struct server {
   resil_t *R;
   struct evhttp *http;
+  struct evhttp_bound_socket *bound; /* its listening socket, until stop_accepting */
   int port;
   int handler_ref;
   int tasks; /* run the handler as a task */
@@ -948,6 +949,7 @@ static void server_stop(lua_State *L, server *srv) {
   if (srv->http) {
     evhttp_free(srv->http); /* closes connections; their close callbacks drop pendings and conns */
     srv->http = NULL;
+    srv->bound = NULL;
   }
   while (srv->conns) { /* accepted, not yet set up */
     struct bufferevent *bev = srv->conns->bev;
@@ -1038,7 +1040,7 @@ static int l_listen(lua_State *L) {
     }
     evutil_freeaddrinfo(ai);
   }
-  if (fd < 0 || !evhttp_accept_socket_with_handle(srv->http, fd)) {
+  if (fd < 0 || !(srv->bound = evhttp_accept_socket_with_handle(srv->http, fd))) {
     if (fd >= 0) evutil_closesocket(fd);
     evhttp_free(srv->http);
     srv->http = NULL;
@@ -1072,6 +1074,27 @@ static int server_pending(lua_State *L) {
   return 1;
 }
 
+/* server:unsent() -> connections whose answer is not all handed to the
+ * kernel yet (a reply is written a loop turn after it is sent, and a slow
+ * reader holds the rest): closing the server now would cut them */
+static int server_unsent(lua_State *L) {
+  int n = 0;
+  for (conn *c = check_server(L, 1)->conns; c; c = c->next)
+    if (c->bev && evbuffer_get_length(bufferevent_get_output(c->bev)) > 0) n++;
+  lua_pushinteger(L, n);
+  return 1;
+}
+
+/* server:stop_accepting(): the listening socket is closed (with SO_REUSEPORT
+ * new connections go to the other processes on the port); connections
+ * already open are served until the server is closed */
+static int server_stop_accepting(lua_State *L) {
+  server *srv = check_server(L, 1);
+  if (srv->http && srv->bound) evhttp_del_accept_socket(srv->http, srv->bound);
+  srv->bound = NULL;
+  return 0;
+}
+
 static int server_close(lua_State *L) {
   server *srv = luaL_checkudata(L, 1, SERVER_MT);
   if (srv->in_handler) { /* (a __gc too: the reference makes it reachable again until then) */
@@ -1087,7 +1110,8 @@ static int server_close(lua_State *L) {
 }
 
 static const luaL_Reg server_methods[] = {
-  {"port", server_port}, {"pending", server_pending}, {"close", server_close}, {NULL, NULL}};
+  {"port", server_port},   {"pending", server_pending}, {"unsent", server_unsent},
+  {"close", server_close}, {"stop_accepting", server_stop_accepting}, {NULL, NULL}};
 
 static const luaL_Reg server_meta[] = {{"__gc", server_close}, {"__close", server_close}, {NULL, NULL}};
 

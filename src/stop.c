@@ -1,0 +1,66 @@
+/*
+ * stop.c: a graceful stop, asked for from outside the loop (SIGTERM to a
+ * gateway) and waited for by a task, which then finishes what is in flight
+ * before the host ends. Unlike resil_interrupt, which stops the running Lua
+ * at once, a stop request only wakes its waiter: nothing is cut.
+ */
+#include <signal.h>
+#include <unistd.h>
+
+#include "host.h"
+
+/* Async-signal-safe: the flag, then a byte down the wake pipe so that a loop
+ * asleep in epoll notices (loop.c's wake callback calls stop_notice). */
+void resil_request_stop(resil_t *R, int signo) {
+  R->stop_requested = signo ? signo : SIGTERM;
+  if (R->wake_pipe[1] >= 0) {
+    ssize_t ignored = write(R->wake_pipe[1], "s", 1);
+    (void)ignored;
+  }
+}
+
+/* From the loop: a stop asked for wakes the task waiting for one. */
+void stop_notice(resil_t *R) {
+  if (!R->stop_requested || !R->stop_waiter) return;
+  task *t = R->stop_waiter;
+  R->stop_waiter = NULL;
+  task_wake(t);
+}
+
+static void stop_wait_cancel(void *arg) {
+  resil_t *R = arg;
+  R->stop_waiter = NULL;
+}
+
+static int stop_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  lua_pushinteger(L, resil_from_lua(L)->stop_requested);
+  return 1;
+}
+
+/* resil.stop_requested([wait]) -> the signal a stop was asked for with, or
+ * nil; wait = true: the task waits for one (one waiter at a time). */
+static int l_stop_requested(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  if (R->stop_requested) {
+    lua_pushinteger(L, R->stop_requested);
+    return 1;
+  }
+  if (!lua_toboolean(L, 1)) {
+    lua_pushnil(L);
+    return 1;
+  }
+  task *me = task_current(L, "resil.stop_requested(true)");
+  if (R->stop_waiter) return luaL_error(L, "resil.stop_requested: another task waits for the stop already");
+  static const task_wait_ops stop_wait = {stop_wait_cancel, NULL, NULL};
+  R->stop_waiter = me;
+  task_wait(me, &stop_wait, R);
+  return lua_yieldk(L, 0, 0, stop_k);
+}
+
+int luaopen_resil_stop(lua_State *L) {
+  lua_newtable(L);
+  lua_pushcfunction(L, l_stop_requested);
+  lua_setfield(L, -2, "stop_requested");
+  return 1;
+}
