@@ -860,13 +860,34 @@ function gateway.configure(conf)
   return gateway.config
 end
 
+-- The config file, run under a cap when --max-instructions sets none: one
+-- that loops never listened and said nothing (its workers neither died nor
+-- served). 200,000,000 instructions, as a policy reload (src/reload.c).
+local CONFIG_MAX_INSTRUCTIONS, CONFIG_HOOK_EVERY = 200000000, 1000000
+local function run_capped(chunk, path)
+  if debug.gethook() then return chunk() end -- the host's own cap
+  local left = CONFIG_MAX_INSTRUCTIONS // CONFIG_HOOK_EVERY
+  debug.sethook(function()
+    left = left - 1
+    if left <= 0 then
+      debug.sethook()
+      error(resil.error("max_instructions", ("gateway: the config %s ran more than %d instructions (does it " ..
+        "loop?); --max-instructions sets another cap"):format(path, CONFIG_MAX_INSTRUCTIONS), { traceback = false }), 0)
+    end
+  end, "", CONFIG_HOOK_EVERY)
+  local ok, conf = pcall(chunk)
+  debug.sethook()
+  if not ok then error(conf, 0) end
+  return conf
+end
+
 -- gateway.serve{ listen = "127.0.0.1:8080", config = path } -> the server (keeps serving)
 function gateway.serve(o)
   o = o or {}
   if o.config then
     local chunk, err = loadfile(o.config)
     if not chunk then error(err, 0) end
-    local conf = chunk()
+    local conf = run_capped(chunk, o.config)
     if conf ~= nil then gateway.configure(conf) end
   end
   local host, port = (o.listen or "127.0.0.1:8080"):match("^%[?([^%]]*)%]?:(%d+)$")

@@ -360,6 +360,17 @@ describe("gateway: policy reload", function()
   end)
 end)
 
+describe("gateway: a config that loops", function()
+  it("stops the gateway with a message naming the file, instead of never listening", function()
+    local config = helpers.write(helpers.tmpname(".lua"), "local n = 0\nwhile true do n = n + 1 end\n")
+    local r = helpers.run(("timeout -s KILL 20 %s gateway --listen 127.0.0.1:%d --config %s --store %s"):format(
+      helpers.resil, helpers.free_port(), config, helpers.tmpname(".db")))
+    assert.are.equal(1, r.code, r.stderr)
+    assert.matches("the config " .. config:gsub("%p", "%%%0") .. " ran more than 200000000 instructions", r.stderr)
+    assert.is_nil(r.stderr:match("stack traceback"))
+  end)
+end)
+
 describe("gateway: Anthropic messages", function()
   it("answers in Anthropic's shape; a 529 on the primary falls back to OpenAI", function()
     local url, m = start({ strict = true, reply = "from gpt", sequence = { messages = { 529, 529, 529, 529, 529 } } })

@@ -52,11 +52,21 @@ static reload_state *state_of(resil_t *R) {
  * allocates without end at load meets --max-instructions / --max-memory, and
  * a signal stops it; none of the reload's own Lua can run after that, so the
  * old set is put back from here, with hooks off. */
+/* Without --max-instructions a reload still has a cap: a policy file that
+ * loops at load held the loop, and with it every request a gateway serves,
+ * for good and without a word. Loading policies takes thousands. */
+#define RELOAD_DEFAULT_MAX_INSTRUCTIONS 200000000L
+
 static int reload_on(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
   lua_getfield(L, LUA_REGISTRYINDEX, STEPS_KEY);
   int steps = lua_gettop(L);
   lua_rawgeti(L, steps, 1);
-  if (host_pcall(L, "policy reload", 0, 2) == LUA_OK) {
+  long cap = R->max_instructions;
+  if (cap <= 0) R->max_instructions = RELOAD_DEFAULT_MAX_INSTRUCTIONS;
+  int status = host_pcall(L, "policy reload", 0, 2);
+  R->max_instructions = cap;
+  if (status == LUA_OK) {
     lua_remove(L, steps);
     return 2;
   }
