@@ -668,6 +668,10 @@ function complete_admitted(req, api, id, rec)
   if (asked ~= nil and asked ~= null and r.max_tokens == nil) or (r.max_tokens ~= nil and r.max_tokens < 1) then
     return with_id(error_reply(api, 400, "max_tokens must be a positive integer"), id)
   end
+  -- "stream": "true" is not a stream: served as one answer, a client reading events would hang
+  if b.stream ~= nil and b.stream ~= null and type(b.stream) ~= "boolean" then
+    return with_id(error_reply(api, 400, "stream must be true or false"), id)
+  end
   -- the answer carries one choice: n > 1 would be billed n times for one
   if b.n ~= nil and b.n ~= null and b.n ~= 1 then
     return with_id(error_reply(api, 400, "n must be 1: the gateway answers with one choice",
@@ -700,6 +704,9 @@ function complete_admitted(req, api, id, rec)
 
   local res, err, replayed
   if idem and idem ~= "" then
+    -- the key goes on to the provider (derived: the once key), so one that honours it replays
+    -- a call the gateway made before a crash instead of billing the client's retry again
+    r.idempotency = true
     local ran = false
     res, err = resil.once({ key = ("gateway:%s:%s"):format(rec.id or "-", idem),
       fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
@@ -725,7 +732,10 @@ function complete_admitted(req, api, id, rec)
   end
   if not res then return with_id(ai_error_reply(api, err), id) end
   local headers = answer_headers(id, res)
-  if replayed then headers["x-resil-replayed"] = "true" end
+  if replayed then -- the first answer again, not billed again: adding up the header must not count it twice
+    headers["x-resil-replayed"] = "true"
+    headers["x-resil-cost-usd"] = "0.000000"
+  end
   local answer_id = math.type(res.answer_created) and type(res.answer_id) == "string" and res.answer_id or id
   local body = api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))
     or openai_answer_json(res, answer_id, b.model, res.answer_created)
@@ -833,7 +843,8 @@ function gateway.handle(req)
   local path = req.path
   if path:byte(-1) == 47 then path = path:gsub("/+$", "") end -- "/v1/models/" is "/v1/models"
   local route = gateway.routes[route_key(req.method, path)]
-  local api = path == "/v1/messages" and "anthropic" or "openai"
+  -- (Anthropic's count_tokens and batches, not served, are 404s its SDK reads)
+  local api = (path == "/v1/messages" or path:find("^/v1/messages/")) and "anthropic" or "openai"
   local reply
   if route then
     reply = route(req)

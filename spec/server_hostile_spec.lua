@@ -127,6 +127,11 @@ print(res and res.status, err and err.kind)
     assert.matches("Content%-Length", r.stdout)
     assert.is_nil(r.stdout:find("seen"), r.stdout) -- neither request reached the handler
     assert.is_true(r.alive)
+    -- an API error to both OpenAI's and Anthropic's clients: {type = "error", error = {type, message}}
+    local body = require("resil").json.decode(r.stdout:match("\r\n\r\n(.*)$"))
+    assert.are.equal("error", body.type)
+    assert.are.equal("invalid_request_error", body.error.type)
+    assert.are.equal("conflicting Content-Length headers", body.error.message)
   end)
 
   -- framings a proxy in front may read otherwise than libevent does: each

@@ -44,6 +44,15 @@
 #define DEFAULT_MAX_BODY (16 * 1024 * 1024)
 #define DEFAULT_READ_TIMEOUT 30.0
 
+/* The server's own error replies (a request it refuses, one not read in
+ * time, a handler that raised), in one JSON shape that both OpenAI's and
+ * Anthropic's clients read as an API error: {"type": "error", "error":
+ * {"type", "message", "param", "code"}}. */
+#define SERVER_ERROR(type, message) \
+  "{\"type\":\"error\",\"error\":{\"type\":\"" type "\",\"message\":\"" message \
+  "\",\"param\":null,\"code\":null}}"
+#define HANDLER_ERROR SERVER_ERROR("api_error", "handler error")
+
 typedef struct server server;
 typedef struct conn conn;
 typedef enum { REPLY_NORMAL, REPLY_HANG, REPLY_RESET, REPLY_TRUNCATE, REPLY_RAW } reply_action;
@@ -205,14 +214,17 @@ static void conn_closed(struct evhttp_connection *evcon, void *arg) {
 static void conn_deadline_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   conn *c = arg;
+#define TIMEOUT_BODY SERVER_ERROR("invalid_request_error", "request not read in time") "\n"
   static const char reply[] = "HTTP/1.1 408 Request Timeout\r\n"
                               "Content-Type: application/json\r\n"
-                              "Content-Length: 49\r\n"
+                              "Content-Length: %d\r\n"
                               "Connection: close\r\n\r\n"
-                              "{\"error\":{\"message\":\"request not read in time\"}}\n";
+                              "%s";
+  char text[sizeof reply + sizeof TIMEOUT_BODY + 16];
+  int len = snprintf(text, sizeof text, reply, (int)(sizeof TIMEOUT_BODY - 1), TIMEOUT_BODY);
   /* not in the middle of one of evhttp's own error replies */
   if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
-    (void)!send(c->fd, reply, sizeof reply - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+    (void)!send(c->fd, text, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
   evhttp_connection_free(c->evcon); /* its close callback frees c */
 }
 
@@ -645,8 +657,8 @@ static int read_reply_protected(lua_State *L) {
 static void answer_500(pending *p) {
   pending_clear_reply(p);
   p->status = 500;
-  p->body = dup_bytes("{\"error\":{\"message\":\"handler error\"}}", 37);
-  p->body_len = p->body ? 37 : 0;
+  p->body = dup_bytes(HANDLER_ERROR, sizeof HANDLER_ERROR - 1);
+  p->body_len = p->body ? sizeof HANDLER_ERROR - 1 : 0;
   evhttp_add_header(&p->headers, "Content-Type", "application/json");
 }
 
@@ -832,17 +844,17 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
   struct evkeyval *h;
   *status = 400;
   TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next) {
-    if (!is_token(h->key)) return "{\"error\":{\"message\":\"a header name that is not a token\"}}";
+    if (!is_token(h->key)) return SERVER_ERROR("invalid_request_error", "a header name that is not a token");
     if (evutil_ascii_strcasecmp(h->key, "content-length") == 0) {
       if (!h->value[0] || h->value[strspn(h->value, "0123456789")] != '\0')
-        return "{\"error\":{\"message\":\"Content-Length is not a number\"}}";
+        return SERVER_ERROR("invalid_request_error", "Content-Length is not a number");
       if (length && strcmp(length, h->value) != 0)
-        return "{\"error\":{\"message\":\"conflicting Content-Length headers\"}}";
+        return SERVER_ERROR("invalid_request_error", "conflicting Content-Length headers");
       length = h->value;
     } else if (evutil_ascii_strcasecmp(h->key, "transfer-encoding") == 0 &&
                evutil_ascii_strcasecmp(h->value, "chunked") != 0) {
       *status = 501;
-      return "{\"error\":{\"message\":\"unsupported Transfer-Encoding: only chunked\"}}";
+      return SERVER_ERROR("invalid_request_error", "unsupported Transfer-Encoding: only chunked");
     }
   }
   return NULL;
@@ -918,8 +930,8 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     /* L stack: error */
     pending_clear_reply(p);
     p->status = 500;
-    p->body = dup_bytes("{\"error\":{\"message\":\"handler error\"}}", 37);
-    p->body_len = p->body ? 37 : 0;
+    p->body = dup_bytes(HANDLER_ERROR, sizeof HANDLER_ERROR - 1);
+    p->body_len = p->body ? sizeof HANDLER_ERROR - 1 : 0;
     evhttp_add_header(&p->headers, "Content-Type", "application/json");
     lua_createtable(L, 0, 2);
     lua_insert(L, -2);
