@@ -268,6 +268,26 @@ describe("chat over the strict mock", function()
     assert.are.equal(4, ledger_rows())
   end)
 
+  it("tool call arguments that are not JSON are the model's garbage (invalid output), unless cut at max_tokens",
+    function()
+      local finish = "tool_calls"
+      m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+          id = "chatcmpl-badargs", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+          choices = { { index = 0, finish_reason = finish, message = { role = "assistant", content = resil.json.null,
+            tool_calls = { { id = "call_1", type = "function",
+              ["function"] = { name = "lookup", arguments = '{"city": "Par' } } } } } },
+          usage = { prompt_tokens = 5, completion_tokens = 5, total_tokens = 10 } }) }
+      end } })
+      local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, retry = { max_retries = 1 } })
+      assert.is_nil(r)
+      assert.are.equal("invalid_output", err.kind)
+      assert.matches("lookup", tostring(err))
+      finish = "length" -- cut by max_tokens: the client gets what there is
+      r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+      assert.are.equal('{"city": "Par', r.tool_calls[1].arguments)
+    end)
+
   it("a budgeted answer without usage (some OpenAI-compatible servers) has its ledger row, without a price",
     function()
       m:configure({ routes = { ["POST /v1/chat/completions"] = function()

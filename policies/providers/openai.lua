@@ -87,12 +87,20 @@ function openai.usage(u)
     reasoning_tokens = type(out_details) == "table" and num(out_details.reasoning_tokens) or nil }
 end
 
-local function tool_calls_of(calls)
+-- -> the calls | nil | nil, why. Arguments that are not a JSON object are
+-- the model's garbage (invalid output, tried again), unless the answer was
+-- cut at max_tokens: passed on, an Anthropic client got them as input = {}
+local function tool_calls_of(calls, cut)
   if type(calls) ~= "table" or #calls == 0 then return nil end
   local out = {}
   for i, c in ipairs(calls) do
     local f = type(c) == "table" and c["function"] or {}
-    out[i] = { id = c.id, name = f.name, arguments = f.arguments }
+    local args = f.arguments
+    if type(args) == "string" and not cut and type(json.decode(args)) ~= "table" then
+      return nil, ("tool call %d (%s): its arguments are not a JSON object: %s"):format(i, tostring(f.name),
+        args:sub(1, 80))
+    end
+    out[i] = { id = c.id, name = f.name, arguments = args }
   end
   return out
 end
@@ -112,9 +120,11 @@ function openai.parse(data)
   end
   local first = data.choices[1]
   local message = type(first.message) == "table" and first.message or {}
+  local calls, bad_calls = tool_calls_of(message.tool_calls, first.finish_reason == "length")
+  if bad_calls then return nil, bad_calls end
   local r = { id = data.id, model = data.model, text = type(message.content) == "string" and message.content or "",
     finish_reason = first.finish_reason ~= json.null and first.finish_reason or nil,
-    tool_calls = tool_calls_of(message.tool_calls), usage = openai.usage(data.usage) }
+    tool_calls = calls, usage = openai.usage(data.usage) }
   if message.refusal and message.refusal ~= json.null then r.refusal = message.refusal end
   if #data.choices > 1 then
     r.choices = {}
