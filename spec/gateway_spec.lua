@@ -795,10 +795,13 @@ end)
 
 describe("resil-lua gateway and resil-lua keys", function()
   -- `resil-lua gateway` in the background on a free port, once it listens -> pid, port
-  local function start_gateway(config, db)
+  -- -> its pid and port; codefile: a file its exit status is written to
+  local function start_gateway(config, db, codefile)
     local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
-    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
-      helpers.resil, port, config, db, log, pidfile))
+    local command = ("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
+      helpers.resil, port, config, db, log, pidfile)
+    os.execute(codefile and ("(%s; wait $!; echo $? > %s) &"):format(command, codefile) or command)
+    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
     local pid = helpers.slurp(pidfile):match("%d+")
     local up = helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10)
     if not up and helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
@@ -900,12 +903,8 @@ describe("resil-lua gateway and resil-lua keys", function()
       require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
       return { auth = false }
     ]]):format(m.url .. "/v1"))
-    local port, log, pidfile, codefile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid"),
-      helpers.tmpname(".code")
-    os.execute(("(%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s; wait $!; " ..
-      "echo $? > %s) &"):format(helpers.resil, port, config, db, log, pidfile, codefile))
-    assert(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10))
-    local pid = helpers.slurp(pidfile):match("%d+")
+    local codefile = helpers.tmpname(".code")
+    local pid, port = start_gateway(config, db, codefile)
     finally(function()
       if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
       m:stop()
