@@ -530,6 +530,28 @@ describe("db:enqueue misused", function()
   end)
 end)
 
+describe("a group commit whose transaction SQLite ends early (disk full, an I/O error)", function()
+  it("fails every op of the batch and writes none: an op after the end is not committed on its own", function()
+    local db = assert(resil.sqlite.open(helpers.tmpname(".db")))
+    assert(db:tx(function(tx) tx:exec("CREATE TABLE t (x INTEGER)") return true end))
+    local outcomes = {}
+    local function done(i) return function(err) outcomes[i] = err and err.kind or "written" end end
+    -- one batch: queued in the same turn
+    db:enqueue(done(1), function(tx) tx:exec("INSERT INTO t VALUES (1)") end)
+    -- what SQLite does itself after SQLITE_FULL or SQLITE_IOERR: the whole transaction rolled back
+    db:enqueue(done(2), function(tx) tx:exec("ROLLBACK") end)
+    db:enqueue(done(3), function(tx) tx:exec("INSERT INTO t VALUES (3)") end)
+    assert.is_true(helpers.wait_until(function() return outcomes[3] ~= nil end, 5))
+    assert.are.same({ "store_unavailable", "store_unavailable", "store_unavailable" }, outcomes)
+    assert.are.same({}, assert(db:tx(function(tx) return tx:rows("SELECT x FROM t") end)))
+    -- and the store goes on: the next batch is written
+    db:enqueue(done(4), function(tx) tx:exec("INSERT INTO t VALUES (4)") end)
+    assert.is_true(helpers.wait_until(function() return outcomes[4] ~= nil end, 5))
+    assert.are.equal("written", outcomes[4])
+    db:close()
+  end)
+end)
+
 describe("resil.budget", function()
   before_each(function()
     resil.clock.virtual()

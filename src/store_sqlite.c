@@ -319,21 +319,39 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
   *txp = d;
   luaL_setmetatable(L, TX_MT);
   int txh = lua_gettop(L);
+  /* SQLite may roll the whole transaction back on an op's error (disk full,
+   * an I/O error, out of memory): the ops before it are gone, and each op
+   * after it would run and commit on its own (its savepoint a transaction
+   * of its own) while the batch reports it failed, so that its caller
+   * writes it again: a ledger row twice. The batch stops there instead,
+   * every op failed and none written. */
+  char why[512] = "";
   d->in_tx = 1;
-  for (op *o = first; o; o = o->next) run_op(L, d, o, txh);
+  op *stopped = NULL;
+  for (op *o = first; o; o = o->next) {
+    run_op(L, d, o, txh);
+    if (sqlite3_get_autocommit(d->db)) {
+      snprintf(why, sizeof why, "store %s: the transaction was rolled back: %s", d->path, sqlite3_errmsg(d->db));
+      stopped = o->next;
+      break;
+    }
+  }
   d->in_tx = 0;
   *txp = NULL; /* a handle kept by fn is dead now */
   lua_pop(L, 1);
-  int rc = exec_ctl(d, CTL_COMMIT);
+  int rc = SQLITE_ABORT;
+  if (!why[0]) {
+    rc = exec_ctl(d, CTL_COMMIT);
+    if (rc != SQLITE_OK) snprintf(why, sizeof why, "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
+  }
   if (rc != SQLITE_OK) {
-    char why[512];
-    snprintf(why, sizeof why, "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
-    exec_sql(d, "ROLLBACK");
-    for (op *o = first; o; o = o->next) {
+    if (!sqlite3_get_autocommit(d->db)) exec_sql(d, "ROLLBACK");
+    for (op *o = first; o != stopped; o = o->next) {
       if (o->ref_result != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
       o->ref_result = LUA_NOREF;
       fail_op(L, o, why);
     }
+    for (op *o = stopped; o; o = o->next) fail_op(L, o, why); /* never run */
   }
   d->commits++;
   return rc == SQLITE_OK;
