@@ -1071,7 +1071,7 @@ static int failed(const outcome *o) { return o->aborted != ABORT_NONE || o->resu
 static int push_failure(lua_State *L, const outcome *o) {
   switch (o->aborted) {
   case ABORT_TIMEOUT:
-    return resil_error_result(L, "timeout", "%s: no complete response within %g s", o->url, o->timeout);
+    return resil_error_result(L, "timeout", "%s: no complete response within %.3g s", o->url, o->timeout);
   case ABORT_IDLE:
     return resil_error_result(L, "timeout", "%s: no data for %g s (idle_timeout)", o->url, o->idle_timeout);
   case ABORT_TOO_LARGE:
