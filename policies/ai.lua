@@ -286,13 +286,23 @@ local function wire_parts(t)
   return w
 end
 
+-- The most a target's answer may be, in tokens: what a budget reserves. A
+-- budgeted call without max_tokens is sent this as its max_tokens, or the
+-- provider writes up to the model's own limit (16,384 for gpt-4o, more for
+-- reasoning) against a reservation of 4,096.
+local function reserved_max_tokens(t, r)
+  return r.max_tokens or t.conf.max_tokens or t.adapter.default_max_tokens or 4096
+end
+
 local function wire_request(t, req, stream)
   local w = wire_parts(t)
   local r = request_for(t, req)
-  if stream then
+  local cap = req.budget ~= nil and r.max_tokens == nil
+  if stream or cap then
     local s = {}
     for k, v in pairs(r) do s[k] = v end
-    s.stream = true
+    if stream then s.stream = true end
+    if cap then s.max_tokens = reserved_max_tokens(t, r) end
     r = s
   end
   return { method = "POST", url = w.url, headers = w.headers, json = t.adapter.body(r, t.model, w.aconf) }
@@ -303,22 +313,26 @@ ai.wire_request = wire_request
 -- costs, budgets and the cache
 
 -- What a call may cost at most, reserved from its budget: every input the
--- provider bills (messages, system in either form, tools, about 4 bytes a
--- token) and the longest answer it may write, once per choice (`n`: each
--- is billed). Tools and system blocks left out, or n = 128 counted once,
--- let one request spend many times a budget that looked unreached.
+-- provider bills (messages, system in either form, tools, a response
+-- format's schema, fields passed as they are; about 4 bytes a token) and the
+-- longest answer it may write, once per choice (`n`: each is billed). Any
+-- of them left out, or n = 128 counted once, let one request spend many
+-- times a budget that looked unreached.
+local BILLED_INPUTS = { "tools", "response_format", "extra" }
 local function estimate_usd(targets, req)
   local text = #json.encode(req.messages)
   local system = req.system
   if type(system) == "string" then text = text + #system
   elseif type(system) == "table" then text = text + #json.encode(system) end
-  if type(req.tools) == "table" then text = text + #json.encode(req.tools) end
+  for _, field in ipairs(BILLED_INPUTS) do
+    if type(req[field]) == "table" then text = text + #json.encode(req[field]) end
+  end
   local choices = math.tointeger(req.n) or 1
   if choices < 1 then choices = 1 end
   local usd = 0
   for _, t in ipairs(targets) do
     local r = request_for(t, req)
-    local out = (r.max_tokens or t.conf.max_tokens or t.adapter.default_max_tokens or 4096) * choices
+    local out = reserved_max_tokens(t, r) * choices
     local c, why = pricing.cost(t.provider, t.model, { input_tokens = math.ceil(text / 4), output_tokens = out })
     if c == nil then return nil, why end
     if c > usd then usd = c end

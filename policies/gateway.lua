@@ -704,9 +704,6 @@ function complete_admitted(req, api, id, rec)
 
   local res, err, replayed
   if idem and idem ~= "" then
-    -- the key goes on to the provider (derived: the once key), so one that honours it replays
-    -- a call the gateway made before a crash instead of billing the client's retry again
-    r.idempotency = true
     local ran = false
     res, err = resil.once({ key = ("gateway:%s:%s"):format(rec.id or "-", idem),
       fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
@@ -914,7 +911,12 @@ function gateway.serve(o)
     handler = function(req)
       local current = package.loaded["policies.gateway"] or gateway
       if resil.stop_requested() then return current.stopping_reply(req) end
-      return current.handle(req)
+      local reply = current.handle(req)
+      -- answered while stopping: the client's next request goes on a new connection, to another process
+      if resil.stop_requested() and type(reply) == "table" and type(reply.headers) == "table" then
+        reply.headers.connection = "close"
+      end
+      return reply
     end })
   if not s then error(tostring(err), 0) end
   return s
@@ -929,22 +931,30 @@ function gateway.stopping_reply(req)
     headers = { connection = "close", ["retry-after"] = "1" } })
 end
 
--- The graceful stop: the listening socket closed, the requests in flight
--- finished (at most drain_timeout seconds), then the server closed
-local function drain(s)
+-- The graceful stop, all within drain_timeout: the listening socket closed,
+-- the requests in flight answered, their ledger rows and budget settles
+-- written (another process may hold the store's write lock), the server
+-- closed; then whatever still runs (a call a client left, finishing for its
+-- Idempotency-Key) is stopped, so that the process ends in time
+local function drain(s, signo)
   local grace = tonumber(gateway.config.drain_timeout) or 20
   s:stop_accepting()
   local deadline = resil.now() + grace
+  local function wait_while(busy) while busy() and resil.now() < deadline do resil.sleep(0.02) end end
   if s:pending() > 0 then
     resil.log.info("gateway: stopping; finishing the requests in flight (another signal stops at once)",
       { requests = s:pending(), drain_timeout = grace })
   end
-  while (s:pending() > 0 or s:unsent() > 0) and resil.now() < deadline do resil.sleep(0.02) end
+  wait_while(function() return s:pending() > 0 or s:unsent() > 0 end)
   if s:pending() > 0 or s:unsent() > 0 then
     resil.log.warn("gateway: drain_timeout passed; the requests still in flight are cut",
       { requests = s:pending(), drain_timeout = grace })
   end
   s:close()
+  -- the rows of what was answered, and of streams cut just now (written by tasks of their own)
+  resil.sleep(0)
+  wait_while(function() return resil.cost.unwritten() > 0 end)
+  resil.stop_now(signo)
 end
 
 -- `resil-lua gateway`: serve until stopped (SIGTERM, SIGINT)
@@ -953,8 +963,7 @@ function gateway.main(o)
   local host = (o.listen or "127.0.0.1:8080"):match("^(.*):%d+$")
   io.stdout:write(("gateway listening on http://%s:%d\n"):format(host, s:port()))
   io.stdout:flush()
-  resil.stop_requested(true) -- the first SIGTERM or SIGINT (src/main.c)
-  drain(s)
+  drain(s, resil.stop_requested(true)) -- the first SIGTERM or SIGINT (src/main.c)
 end
 
 return gateway

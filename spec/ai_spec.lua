@@ -270,13 +270,13 @@ describe("chat over the strict mock", function()
 
   it("tool call arguments that are not JSON are the model's garbage (invalid output), unless cut at max_tokens",
     function()
-      local finish = "tool_calls"
+      local finish, args = "tool_calls", '{"city": "Par'
       m:configure({ routes = { ["POST /v1/chat/completions"] = function()
         return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
           id = "chatcmpl-badargs", object = "chat.completion", created = 1, model = "gpt-4o-mini",
           choices = { { index = 0, finish_reason = finish, message = { role = "assistant", content = resil.json.null,
             tool_calls = { { id = "call_1", type = "function",
-              ["function"] = { name = "lookup", arguments = '{"city": "Par' } } } } } },
+              ["function"] = { name = "lookup", arguments = args } } } } } },
           usage = { prompt_tokens = 5, completion_tokens = 5, total_tokens = 10 } }) }
       end } })
       local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, retry = { max_retries = 1 } })
@@ -286,7 +286,30 @@ describe("chat over the strict mock", function()
       finish = "length" -- cut by max_tokens: the client gets what there is
       r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
       assert.are.equal('{"city": "Par', r.tool_calls[1].arguments)
+      finish = "tool_calls"
+      args = "[1, 2]" -- JSON, not an object
+      assert.are.equal("invalid_output", select(2, ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS,
+        max_tokens = 100, retry = { max_retries = 1 } })).kind)
+      args = "" -- what some compatible servers send for a tool without parameters: no arguments
+      assert.are.equal("{}", assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS,
+        max_tokens = 100 })).tool_calls[1].arguments)
     end)
+
+  it("a budgeted call without max_tokens is sent the max_tokens its budget reserved; others are not", function()
+    local seen
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function(req)
+      seen = resil.json.decode(req.body)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "chatcmpl-cap", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = "hi" }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 5, completion_tokens = 1, total_tokens = 6 } }) }
+    end } })
+    resil.budget("ai-spec-cap", { limit = 1 })
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, budget = "ai-spec-cap" }))
+    assert.are.equal(4096, seen.max_completion_tokens or seen.max_tokens)
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS }))
+    assert.is_nil(seen.max_completion_tokens or seen.max_tokens)
+  end)
 
   it("a budgeted answer without usage (some OpenAI-compatible servers) has its ledger row, without a price",
     function()

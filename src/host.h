@@ -72,6 +72,7 @@ struct resil {
   struct event *wake_ev;
   volatile sig_atomic_t stop_requested; /* resil_request_stop: the signal a graceful stop was asked with */
   task *stop_waiter;                    /* the task in resil.stop_requested(true) */
+  volatile sig_atomic_t stop_awaited;   /* a task has waited for a stop: one asked for is acted on */
 
   /* values registered through resil.secret: redacted from every message */
   redact_secret *secrets;

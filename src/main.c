@@ -37,13 +37,22 @@ static void on_signal(int signo) {
 /* The gateway stops gracefully: the first SIGTERM or SIGINT asks for a stop
  * (it stops accepting and finishes the requests in flight, whose answers and
  * ledger rows a cut would lose), the second interrupts as on_signal does,
- * still writing what the stores hold queued; a third kills at once. */
+ * still writing what the stores hold queued; a third kills at once. A stop
+ * nobody waits for (the config still loading, a project's gateway.lua that
+ * predates it) interrupts at once, as before. A repeat within a second is
+ * the same stop told twice (systemd signals the whole group, whose
+ * supervisor passes it on to its workers as well), not a second signal. */
 static volatile sig_atomic_t stop_signals;
+static double stop_first_at;
 static void on_gateway_signal(int signo) {
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now); /* async-signal-safe */
+  double at = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+  if (stop_signals == 1 && at - stop_first_at < 1.0) return;
   if (stop_signals++ == 0) {
+    stop_first_at = at;
     received_signal = signo;
-    if (signal_target) resil_request_stop(signal_target, signo);
-    return;
+    if (signal_target && resil_request_stop(signal_target, signo)) return;
   }
   on_signal(signo);
 }
@@ -345,11 +354,16 @@ static void finish_run(resil_t *R, int status) {
 
 /* ---------- gateway --workers N: a supervisor and its workers ---------- */
 
-static volatile sig_atomic_t supervisor_signal, supervisor_hup, supervisor_alarm;
+static volatile sig_atomic_t supervisor_signal, supervisor_signals, supervisor_hup, supervisor_alarm;
 static void supervisor_on_signal(int sig) {
-  if (sig == SIGHUP) supervisor_hup = 1;
-  else if (sig == SIGALRM) supervisor_alarm = 1;
-  else if (sig != SIGCHLD && !supervisor_signal) supervisor_signal = sig;
+  if (sig == SIGHUP) {
+    supervisor_hup = 1;
+  } else if (sig == SIGALRM) {
+    supervisor_alarm = 1;
+  } else if (sig != SIGCHLD) {
+    if (!supervisor_signal) supervisor_signal = sig;
+    supervisor_signals++; /* each is passed on: the second stops the workers at once, the third kills */
+  }
 }
 
 static double seconds_now(void) {
@@ -452,7 +466,7 @@ static int supervise_workers(long n) {
         fprintf(stderr, PROGNAME ": gateway: workers keep dying as they start; stopping\n");
         code = WIFEXITED(status) && WEXITSTATUS(status) != 0 ? WEXITSTATUS(status) : 1;
         supervisor_signal = SIGTERM;
-        passed_on = 1; /* once: a second SIGTERM stops a worker at once, without draining */
+        passed_on = supervisor_signals = 1; /* (a signal to the supervisor later is passed on as the second) */
         for (long k = 0; k < n; k++)
           if (pids[k] > 0) kill(pids[k], SIGTERM);
         continue;
@@ -490,10 +504,10 @@ static int supervise_workers(long n) {
       for (long w = 0; w < n; w++)
         if (pids[w] > 0) kill(pids[w], SIGHUP);
     }
-    if (supervisor_signal && !passed_on) {
-      passed_on = 1;
+    if (supervisor_signal && passed_on < supervisor_signals) {
+      passed_on = supervisor_signals;
       for (long w = 0; w < n; w++)
-        if (pids[w] > 0) kill(pids[w], SIGTERM);
+        if (pids[w] > 0) kill(pids[w], supervisor_signal);
       if (!code) code = 128 + (int)supervisor_signal;
     }
     if (running > 0 || (vacant && !supervisor_signal)) sigsuspend(&worker_mask);

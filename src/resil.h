@@ -116,9 +116,10 @@ RESIL_API void resil_interrupt(resil_t *R, int signo);
 
 /* Async-signal-safe: ask for a graceful stop. Nothing is cut: the task
  * waiting in resil.stop_requested(true) wakes with signo and decides (the
- * gateway stops accepting and finishes what is in flight). Without such a
- * task nothing happens; resil_interrupt still stops at once. */
-RESIL_API void resil_request_stop(resil_t *R, int signo);
+ * gateway stops accepting and finishes what is in flight). Returns 1 if a
+ * task has waited for a stop, 0 if none has: nothing will act on it, and
+ * the caller may resil_interrupt instead. */
+RESIL_API int resil_request_stop(resil_t *R, int signo);
 
 /* Re-load every loaded policy module into a fresh environment (hot reload):
  * only when all of them load are they swapped in; otherwise the old ones keep

@@ -10,13 +10,15 @@
 #include "host.h"
 
 /* Async-signal-safe: the flag, then a byte down the wake pipe so that a loop
- * asleep in epoll notices (loop.c's wake callback calls stop_notice). */
-void resil_request_stop(resil_t *R, int signo) {
+ * asleep in epoll notices (loop.c's wake callback calls stop_notice).
+ * -> 1 if a task has waited for a stop (it will act on it), 0 if none has. */
+int resil_request_stop(resil_t *R, int signo) {
   R->stop_requested = signo ? signo : SIGTERM;
   if (R->wake_pipe[1] >= 0) {
     ssize_t ignored = write(R->wake_pipe[1], "s", 1);
     (void)ignored;
   }
+  return R->stop_awaited;
 }
 
 /* From the loop: a stop asked for wakes the task waiting for one. */
@@ -51,6 +53,7 @@ static int l_stop_requested(lua_State *L) {
     return 1;
   }
   task *me = task_current(L, "resil.stop_requested(true)");
+  R->stop_awaited = 1;
   if (R->stop_waiter) return luaL_error(L, "resil.stop_requested: another task waits for the stop already");
   static const task_wait_ops stop_wait = {stop_wait_cancel, NULL, NULL};
   R->stop_waiter = me;
@@ -58,9 +61,25 @@ static int l_stop_requested(lua_State *L) {
   return lua_yieldk(L, 0, 0, stop_k);
 }
 
+/* resil.stop_now([signo]) -> true if it stopped anything: the end of a
+ * graceful stop's grace. Tasks other than the caller's still running (a
+ * call a client left, finishing for its Idempotency-Key) are interrupted as
+ * by a second signal, so that the host ends now; the stores still write
+ * what they hold queued as they close. */
+static int l_stop_now(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  int signo = (int)luaL_optinteger(L, 1, R->stop_requested ? R->stop_requested : SIGTERM);
+  int others = R->tasks_alive - (task_running(L) ? 1 : 0);
+  if (others > 0) resil_interrupt(R, signo);
+  lua_pushboolean(L, others > 0);
+  return 1;
+}
+
 int luaopen_resil_stop(lua_State *L) {
   lua_newtable(L);
   lua_pushcfunction(L, l_stop_requested);
   lua_setfield(L, -2, "stop_requested");
+  lua_pushcfunction(L, l_stop_now);
+  lua_setfield(L, -2, "stop_now");
   return 1;
 }

@@ -87,6 +87,9 @@ function openai.usage(u)
     reasoning_tokens = type(out_details) == "table" and num(out_details.reasoning_tokens) or nil }
 end
 
+-- a decoded JSON object (a table that is not a non-empty array)
+local function is_object(v) return type(v) == "table" and v[1] == nil end
+
 -- -> the calls | nil | nil, why. Arguments that are not a JSON object are
 -- the model's garbage (invalid output, tried again), unless the answer was
 -- cut at max_tokens: passed on, an Anthropic client got them as input = {}
@@ -96,9 +99,9 @@ local function tool_calls_of(calls, cut)
   for i, c in ipairs(calls) do
     local f = type(c) == "table" and c["function"] or {}
     local args = f.arguments
-    if type(args) == "string" and not cut and type(json.decode(args)) ~= "table" then
-      return nil, ("tool call %d (%s): its arguments are not a JSON object: %s"):format(i, tostring(f.name),
-        args:sub(1, 80))
+    if args == "" then args = "{}" end -- (what some compatible servers send for a tool without parameters)
+    if type(args) == "string" and not cut and not is_object(json.decode(args)) then
+      return nil, ("tool call %d (%s): its arguments are not a JSON object"):format(i, tostring(f.name))
     end
     out[i] = { id = c.id, name = f.name, arguments = args }
   end

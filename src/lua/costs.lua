@@ -282,6 +282,10 @@ function resil.cost.breakdown(by, f)
   return out
 end
 
+-- resil.cost.unwritten() -> ledger writes nobody waited for (rows, settles)
+-- not in the store yet: a process that stops waits for them (the gateway's drain)
+function resil.cost.unwritten() return unwritten end
+
 -- for budgets: ledger entries and money in micro-dollars; for the progress
 -- line: what this process has recorded so far
 return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, is_usd = is_usd, observe = observe_cost,
