@@ -797,6 +797,20 @@ end)
 
 describe("resil-lua gateway and resil-lua keys", function()
   -- `resil-lua gateway` in the background on a free port, once it listens -> pid, port
+  -- a config that routes OpenAI to the mock m, without keys; extra: more fields of its table
+  local function mock_config(m, extra)
+    return helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false%s }
+    ]]):format(m.url .. "/v1", extra and (", " .. extra) or ""))
+  end
+
+  -- the ledger's calls by provider as another process reads them: "openai\t6\n"
+  local function ledger_by_provider(db)
+    return helpers.run_script('for _, g in ipairs(require("resil").cost.breakdown("provider")) do ' ..
+      'print(g.key, g.calls) end', "--store " .. db).stdout
+  end
+
   -- -> its pid and port; codefile: a file its exit status is written to
   local function start_gateway(config, db, codefile)
     local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
@@ -863,10 +877,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     resil.log.level("off")
     local m = assert(resil.mock.start({ strict = true, reply = "served" }))
     local db, release = helpers.tmpname(".db"), nil
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { auth = false }
-    ]]):format(m.url .. "/v1"))
+    local config = mock_config(m)
     local pid, port = start_gateway(config, db)
     finally(function()
       if release then helpers.write(release, "") end
@@ -889,9 +900,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.alive(pid))
     helpers.write(release, "")
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
-    local r = helpers.run_script('for _, g in ipairs(require("resil").cost.breakdown("provider")) do ' ..
-      'print(g.key, g.calls) end', "--store " .. db)
-    assert.are.equal("openai\t6\n", r.stdout)
+    assert.are.equal("openai\t6\n", ledger_by_provider(db))
     assert.are.equal(6, m:stats().routes.chat)
   end)
 
@@ -901,10 +910,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     resil.log.level("off")
     local m = assert(resil.mock.start({ strict = true, reply = "served" }))
     local db = helpers.tmpname(".db")
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { auth = false }
-    ]]):format(m.url .. "/v1"))
+    local config = mock_config(m)
     local codefile = helpers.tmpname(".code")
     local pid, port = start_gateway(config, db, codefile)
     finally(function()
@@ -948,9 +954,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
     assert.is_true(helpers.wait_until(function() return helpers.slurp(codefile):match("%d+") ~= nil end, 5))
     assert.are.equal("143", helpers.slurp(codefile):match("%d+"))
-    local r = helpers.run_script('for _, g in ipairs(require("resil").cost.breakdown("provider")) do ' ..
-      'print(g.key, g.calls) end', "--store " .. db)
-    assert.are.equal("openai\t9\n", r.stdout)
+    assert.are.equal("openai\t9\n", ledger_by_provider(db))
     assert.are.equal(9, m:stats().routes.chat)
   end)
 
@@ -960,10 +964,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     resil.log.level("off")
     local m = assert(resil.mock.start({ strict = true, reply = "served" }))
     local db = helpers.tmpname(".db")
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { auth = false, drain_timeout = 9 }
-    ]]):format(m.url .. "/v1"))
+    local config = mock_config(m, "drain_timeout = 9")
     local codefile = helpers.tmpname(".code")
     local pid, port = start_gateway(config, db, codefile)
     local release
@@ -1000,9 +1001,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(resil.now() - t0 < 12, "it outlived drain_timeout: " .. (resil.now() - t0))
     local _, cut = long:join()
     assert.is_nil(cut) -- its client was cut at drain_timeout, not kept for the 30 s call
-    local r = helpers.run_script('for _, g in ipairs(require("resil").cost.breakdown("provider")) do ' ..
-      'print(g.key, g.calls) end', "--store " .. db)
-    assert.are.equal("openai\t4\n", r.stdout) -- the warm-up and the three; the long call was never answered
+    assert.are.equal("openai\t4\n", ledger_by_provider(db)) -- the warm-up and the three; the long call was never answered
   end)
 
   it("a project's gateway.lua from before the graceful stop still stops at the first SIGTERM", function()
@@ -1079,10 +1078,7 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     resil.clock.real()
     resil.log.level("off")
     local m = assert(resil.mock.start({ strict = true, reply = "served" }))
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { auth = false }
-    ]]):format(m.url .. "/v1"))
+    local config = mock_config(m)
     return m, config, helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
   end
 
@@ -1178,9 +1174,7 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
         for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then return false end end
         return true
       end, 10))
-      local r = helpers.run_script('for _, g in ipairs(require("resil").cost.breakdown("provider")) do ' ..
-        'print(g.key, g.calls) end', "--store " .. db)
-      assert.are.equal("openai\t6\n", r.stdout)
+      assert.are.equal("openai\t6\n", ledger_by_provider(db))
     end)
 
   it("--workers 2: a worker that exits on its own with status 0 (a policy's os.exit) is replaced too", function()
