@@ -657,7 +657,6 @@ local function stream_result(self)
   return describe(finish_result(self.target, r, nil), self.targets)
 end
 
--- usage the provider did not report (a cut stream): estimated, and marked so
 -- A stream that ended without its final usage: what it reported so far, its
 -- output at least what the text streamed holds (about 4 bytes a token). An
 -- Anthropic stream reports output_tokens = 1 in its message_start, and a cut

@@ -832,6 +832,12 @@ local function route_key(method, path)
 end
 
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
+-- the API a path speaks, for its errors (Anthropic's count_tokens and
+-- batches, not served, are 404s its SDK reads)
+local function api_of(path)
+  return (path == "/v1/messages" or path:find("^/v1/messages/")) and "anthropic" or "openai"
+end
+
 function gateway.handle(req)
   -- a caller that sends its W3C trace context gets the provider attempts as
   -- children of its span (each request is a task of its own)
@@ -840,8 +846,7 @@ function gateway.handle(req)
   local path = req.path
   if path:byte(-1) == 47 then path = path:gsub("/+$", "") end -- "/v1/models/" is "/v1/models"
   local route = gateway.routes[route_key(req.method, path)]
-  -- (Anthropic's count_tokens and batches, not served, are 404s its SDK reads)
-  local api = (path == "/v1/messages" or path:find("^/v1/messages/")) and "anthropic" or "openai"
+  local api = api_of(path)
   local reply
   if route then
     reply = route(req)
@@ -926,8 +931,7 @@ end
 -- before): a 503 the SDKs retry, on a new connection (another worker, the
 -- next process)
 function gateway.stopping_reply(req)
-  local api = req.path:match("^/v1/messages") and "anthropic" or "openai"
-  return error_reply(api, 503, "the gateway is stopping; retry the request", { code = "gateway_stopping",
+  return error_reply(api_of(req.path), 503, "the gateway is stopping; retry the request", { code = "gateway_stopping",
     headers = { connection = "close", ["retry-after"] = "1" } })
 end
 

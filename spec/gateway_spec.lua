@@ -797,6 +797,13 @@ end)
 
 describe("resil-lua gateway and resil-lua keys", function()
   -- `resil-lua gateway` in the background on a free port, once it listens -> pid, port
+  -- for a gateway in a process of its own: the real clock, the log quiet, a mock upstream
+  local function mock_upstream()
+    resil.clock.real()
+    resil.log.level("off")
+    return assert(resil.mock.start({ strict = true, reply = "served" }))
+  end
+
   -- a config that routes OpenAI to the mock m, without keys; extra: more fields of its table
   local function mock_config(m, extra)
     return helpers.write(helpers.tmpname(".lua"), ([[
@@ -843,9 +850,7 @@ describe("resil-lua gateway and resil-lua keys", function()
   end
 
   it("keys add prints a key once; the gateway process serves it; keys revoke shuts it out", function()
-    resil.clock.real()
-    resil.log.level("off")
-    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local m = mock_upstream()
     local db = helpers.tmpname(".db")
     local add = helpers.run(("%s keys add --name team-a --budget 50/day --rpm 600 --tpm 200000 --concurrency 4 --models fast,x " ..
       "--store %s"):format(helpers.resil, db))
@@ -873,9 +878,7 @@ describe("resil-lua gateway and resil-lua keys", function()
 
   it("answers without waiting for its ledger rows: while another process holds the store's write lock, and " ..
      "rows still queued when it is stopped are written as it exits", function()
-    resil.clock.real()
-    resil.log.level("off")
-    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local m = mock_upstream()
     local db, release = helpers.tmpname(".db"), nil
     local config = mock_config(m)
     local pid, port = start_gateway(config, db)
@@ -906,9 +909,7 @@ describe("resil-lua gateway and resil-lua keys", function()
 
   it("SIGTERM stops it gracefully: requests in flight are answered and recorded, one on a connection opened " ..
      "before is a 503 to retry elsewhere, new connections are refused; it exits with 143", function()
-    resil.clock.real()
-    resil.log.level("off")
-    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local m = mock_upstream()
     local db = helpers.tmpname(".db")
     local config = mock_config(m)
     local codefile = helpers.tmpname(".code")
@@ -960,9 +961,7 @@ describe("resil-lua gateway and resil-lua keys", function()
 
   it("a drain waits for the ledger rows of what it answered (the store's write lock held past its timeout), " ..
      "and ends at drain_timeout whatever still runs", function()
-    resil.clock.real()
-    resil.log.level("off")
-    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local m = mock_upstream()
     local db = helpers.tmpname(".db")
     local config = mock_config(m, "drain_timeout = 9")
     local codefile = helpers.tmpname(".code")
@@ -1075,9 +1074,7 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
   -- for a gateway with --workers: a mock upstream and a config routing to it
   -- -> mock, config, port, log file, pid file
   local function workers_setup()
-    resil.clock.real()
-    resil.log.level("off")
-    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local m = mock_upstream()
     local config = mock_config(m)
     return m, config, helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
   end

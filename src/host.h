@@ -223,13 +223,13 @@ int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
 int luaopen_resil_reload(lua_State *L);
-
-/* stop.c */
 int luaopen_resil_stop(lua_State *L);
-void stop_notice(resil_t *R); /* from the loop's wake callback */
 int luaopen_resil_redact(lua_State *L);
 int luaopen_resil_sqlite(lua_State *L);
 int luaopen_resil_redis(lua_State *L);
+
+/* stop.c */
+void stop_notice(resil_t *R); /* from the loop's wake callback */
 
 /* the Lua half of the host, compiled in from src/lua/ (blobs.c): each is
  * package.preload["resil.<name>"], run with the resil table as its `...` */

@@ -48,15 +48,15 @@ static reload_state *state_of(resil_t *R) {
   return R->reload;
 }
 
-/* L stack: -> true, names | false, message. A policy file that loops or
- * allocates without end at load meets --max-instructions / --max-memory, and
- * a signal stops it; none of the reload's own Lua can run after that, so the
- * old set is put back from here, with hooks off. */
 /* Without --max-instructions a reload still has a cap: a policy file that
  * loops at load held the loop, and with it every request a gateway serves,
  * for good and without a word. Loading policies takes thousands. */
 #define RELOAD_DEFAULT_MAX_INSTRUCTIONS 200000000L
 
+/* L stack: -> true, names | false, message. A policy file that loops or
+ * allocates without end at load meets --max-instructions / --max-memory, and
+ * a signal stops it; none of the reload's own Lua can run after that, so the
+ * old set is put back from here, with hooks off. */
 static int reload_on(lua_State *L) {
   resil_t *R = resil_from_lua(L);
   lua_getfield(L, LUA_REGISTRYINDEX, STEPS_KEY);

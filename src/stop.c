@@ -53,8 +53,8 @@ static int l_stop_requested(lua_State *L) {
     return 1;
   }
   task *me = task_current(L, "resil.stop_requested(true)");
-  R->stop_awaited = 1;
   if (R->stop_waiter) return luaL_error(L, "resil.stop_requested: another task waits for the stop already");
+  R->stop_awaited = 1;
   static const task_wait_ops stop_wait = {stop_wait_cancel, NULL, NULL};
   R->stop_waiter = me;
   task_wait(me, &stop_wait, R);
