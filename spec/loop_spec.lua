@@ -1,4 +1,5 @@
 local resil = require "resil"
+local helpers = require "spec.helpers"
 
 describe("tasks", function()
   before_each(function() resil.clock.virtual() end)
@@ -133,6 +134,35 @@ describe("the virtual clock", function()
     end
     for _, t in ipairs(tasks) do t:join() end
     assert.are.same({ { "a", 1 }, { "a2", 1 }, { "b", 2 }, { "c", 3 } }, woke)
+  end)
+
+  -- A process stopped (SIGSTOP, or not scheduled on a loaded machine) wakes
+  -- with its grace timer expired and the I/O that arrived meanwhile not yet
+  -- read: that grace proves nothing, and time must not jump past the reply.
+  it("does not time out a call whose reply arrived while the process stood stopped", function()
+    local pid, out = helpers.start([[
+      local resil = require "resil"
+      resil.clock.virtual()
+      local m = resil.mock.start({})
+      local failed = 0
+      for _ = 1, 3000 do
+        local res = resil.http.request({ method = "POST", url = m.url .. "/v1/chat/completions", timeout = 30,
+          json = { model = "gpt-4o", messages = { { role = "user", content = "hi" } } } })
+        if not res then failed = failed + 1 end
+      end
+      print(("%d failed, mock saw %d"):format(failed, m:stats().routes.chat))
+    ]])
+    resil.clock.real()
+    local stops = 0
+    while helpers.alive(pid) and stops < 4000 do
+      os.execute("kill -s STOP " .. pid)
+      resil.sleep(0.02)
+      os.execute("kill -s CONT " .. pid)
+      resil.sleep(0.005)
+      stops = stops + 1
+    end
+    resil.clock.virtual()
+    assert.are.equal("0 failed, mock saw 3000", helpers.slurp(out):match("[^\n]*"))
   end)
 
   it("can be switched back to real time", function()

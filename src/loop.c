@@ -9,8 +9,8 @@
  * are therefore built inside the coroutine, under its protection.
  *
  * The virtual clock: when no task is ready and no real I/O is in flight (or
- * none arrived for a short grace period), time jumps to the earliest virtual
- * timer. libevent cannot run on a fake clock, so virtual timers live in a
+ * none arrived for a short grace period, waited out on time), time jumps to
+ * the earliest virtual timer. libevent cannot run on a fake clock, so virtual timers live in a
  * small binary heap here; real timers are libevent's.
  */
 #include <errno.h>
@@ -812,11 +812,16 @@ static void loop_wait(resil_t *R) {
     event_base_loop(R->base, EVLOOP_NONBLOCK);
   } else {
     struct timeval grace = {0, VIRTUAL_GRACE_USEC};
+    double waited_from = monotonic_seconds();
     R->grace_expired = 0;
     evtimer_add(R->grace_ev, &grace);
     event_base_loop(R->base, EVLOOP_ONCE);
     evtimer_del(R->grace_ev);
     if (!R->grace_expired) return;
+    /* A grace that ended late says nothing about the I/O: the process was
+     * stopped or not scheduled (the I/O that arrived meanwhile is handled
+     * next turn, or woke epoll with EINTR), so it is waited out again. */
+    if (monotonic_seconds() - waited_from > 2e-6 * VIRTUAL_GRACE_USEC) return;
   }
   /* (a store's flush in that turn may have left its tasks waiting for the disk) */
   if (!R->ready_head && R->vheap_len > 0 && !R->interrupted && R->disk_pending == 0) virtual_advance(R);
