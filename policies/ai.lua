@@ -379,8 +379,9 @@ local function ledger_key(r)
 end
 
 -- Cost to the ledger: through the ticket when there is one (it writes the
--- row), else a row of its own, keyed as above.
-local function record_cost(r, req, ticket, operation)
+-- row), else a row of its own, keyed as above. how: "settle" (the call's
+-- answer: frees the hold) or "charge" (a refused attempt, see below).
+local function record_cost(r, req, ticket, operation, how)
   local usd = r.usage and pricing.cost(r.provider, r.model or r.requested_model, r.usage)
   if usd == nil and r.usage and r.model ~= r.requested_model then
     usd = pricing.cost(r.provider, r.requested_model, r.usage)
@@ -392,7 +393,7 @@ local function record_cost(r, req, ticket, operation)
     wait = req.ledger_wait } -- false: nor for the commit (the gateway's default)
   local ok, err
   if ticket then
-    ok, err = ticket:settle(usd or 0, entry)
+    ok, err = ticket[how or "settle"](ticket, usd or 0, entry)
     -- an answer without usage (some OpenAI-compatible servers) has no price:
     -- the hold is freed and the call still gets its row, without a price,
     -- as without a budget (it went unrecorded)
@@ -410,6 +411,70 @@ local function record_cost(r, req, ticket, operation)
     resil.log.error("ai: the cost was not recorded", { provider = r.provider, model = entry.model, usd = usd,
       id = entry.id, ticket = ticket and ticket.id, error = tostring(err) })
   end
+end
+
+-- Answers a validator refused (an empty choice, tool arguments that are not
+-- JSON: invalid output, retried or fallen back from) were billed all the
+-- same when they say what they used: each gets a row of its own (units.refused
+-- = 1) and counts in the call's budget, beyond its reservation. One that
+-- says nothing (not JSON, no usage) is not counted: nothing to price it by.
+-- guard.refused: one list per target tried, of the responses its attempts
+-- refused (policies.call fills it as they come: a cancel finds them there).
+-- -> what they cost (the priced ones)
+local function record_refusals(guard)
+  local usd = 0
+  for _, list in ipairs(guard.refused) do
+    local t = list.target
+    for _, res in ipairs(list) do
+      local data = classify.decoded(res)
+      local usage = type(data) == "table" and t.adapter.usage and t.adapter.usage(data.usage)
+      if usage then
+        usage.requests, usage.refused = 1, 1
+        local a = { provider = t.provider, requested_model = t.model, usage = usage,
+          model = type(data.model) == "string" and data.model or t.model,
+          id = type(data.id) == "string" and data.id or nil }
+        record_cost(a, guard.req, guard.ticket, guard.operation, "charge")
+        usd = usd + (a.cost_usd or 0)
+      end
+    end
+  end
+  return usd
+end
+
+-- A call's guard: a cancel (a client that gave up, a deadline) gives its
+-- hold back and records the attempts it had refused. __close runs at the
+-- cancel, outside any task, so that is a task of its own; a call that ended
+-- marks the guard done. A settled or released ticket ignores the release.
+local function any_refused(g)
+  for _, list in ipairs(g.refused) do if list[1] then return true end end
+  return false
+end
+local call_guard_mt = { __close = function(g)
+  if g.done then return end
+  if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
+  if any_refused(g) then resil.spawn(record_refusals, g) end
+end }
+local function call_guard(ticket, req, operation)
+  return setmetatable({ ticket = ticket, req = req, operation = operation, refused = {} }, call_guard_mt)
+end
+
+-- The end of a call: the answer's cost (or, for a failed call, the hold
+-- freed), then the refused attempts'. -> r | nil, err, their cost_usd
+-- including the refusals (an unpriced answer stays unpriced)
+local function settle_call(guard, r, err, operation)
+  guard.done = true
+  local req, ticket = guard.req, guard.ticket
+  if r == nil then
+    if ticket then ticket:settle(0) end
+  else
+    record_cost(r, req, ticket, operation)
+  end
+  if any_refused(guard) then
+    local usd = record_refusals(guard)
+    if r and r.cost_usd then r.cost_usd = r.cost_usd + usd
+    elseif r == nil and type(err) == "table" then err.cost_usd = usd end
+  end
+  return r, err
 end
 
 -- sorted keys: the same request always hashes the same
@@ -515,10 +580,16 @@ local function watched(strategy, targets)
   end }
 end
 
-local function chat_strategy(t, req)
+local function chat_strategy(t, req, guard)
   local wire = wire_request(t, req, false)
   return { name = t.name, fn = function(_, deadline)
-    local res, err = t.caller:attempts(wire, deadline)
+    local refused = guard.refused[t] -- (the list of one target, however often a chain tries it)
+    if not refused then
+      refused = { target = t }
+      guard.refused[t] = refused
+      guard.refused[#guard.refused + 1] = refused
+    end
+    local res, err = t.caller:attempts(wire, deadline, refused)
     if res == nil then
       if type(err) == "table" then err.model = err.model or t.model end
       return nil, err
@@ -558,26 +629,23 @@ function ai.chat(req)
   end
   local ticket, berr = reserve(targets, req)
   if berr then return nil, berr end
-  local _ <close> = ticket and hold_guard(ticket) -- a canceled call gives its hold back
+  local guard <close> = call_guard(ticket, req, "chat")
   local r, err
   if #targets == 1 then
-    r, err = watched(chat_strategy(targets[1], req), targets).fn(req, deadline_of(targets, req))
+    r, err = watched(chat_strategy(targets[1], req, guard), targets).fn(req, deadline_of(targets, req))
     if r then r.fallbacks = 0 end
   else
     local strategies = {}
-    for i, t in ipairs(targets) do strategies[i] = chat_strategy(t, req) end
+    for i, t in ipairs(targets) do strategies[i] = chat_strategy(t, req, guard) end
     strategies[1] = watched(strategies[1], targets)
     local info
     r, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
     if r then r.fallbacks = info and info.index and info.index - 1 or 0 end
     if r and info then r.attempts = (r.attempts or 1) + attempts_failed(info.errors) end
   end
-  if r == nil then
-    if ticket then ticket:settle(0) end
-    return nil, err
-  end
-  describe(r, targets)
-  record_cost(r, req, ticket, "chat")
+  if r then describe(r, targets) end
+  r, err = settle_call(guard, r, err, "chat")
+  if r == nil then return nil, err end
   if cache then cache_put(cache, r) end
   return r
 end

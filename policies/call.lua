@@ -151,8 +151,10 @@ local function operation_series(self, model, error_type)
   return series
 end
 
--- One attempt through breaker, buckets and the concurrency limit.
-local function attempt(n, self, req, deadline)
+-- One attempt through breaker, buckets and the concurrency limit. refused:
+-- a list that collects the 2xx responses the validator turned down (the
+-- provider billed them: policies.ai records their cost).
+local function attempt(n, self, req, deadline, refused)
   local left = deadline and deadline - now()
   local br = self.breaker
   local guard
@@ -218,6 +220,9 @@ local function attempt(n, self, req, deadline)
     else br:record(not (verdict and verdict.breaker), elapsed) end
   end
   if verdict then
+    if refused and verdict.class == "invalid_output" and type(res) == "table" and type(res.status) == "number" then
+      refused[#refused + 1] = res
+    end
     local e = classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })
     if span then e.trace_id, e.span_id = span.trace_id, span.span_id end -- for the retry's log line
     finish_span(span, res, e)
@@ -227,13 +232,14 @@ local function attempt(n, self, req, deadline)
   return res
 end
 
--- provider:attempts(req, deadline) -> res | nil, err: retries, no fallback
-function Provider:attempts(req, deadline)
+-- provider:attempts(req, deadline [, refused]) -> res | nil, err: retries,
+-- no fallback; `refused` (a list) gets each answer the validator refused
+function Provider:attempts(req, deadline, refused)
   local opts = self.retry_opts
   if deadline then
     opts = setmetatable({ deadline = deadline }, self.retry_meta)
   end
-  return retry.call(attempt, opts, self, req, deadline)
+  return retry.call(attempt, opts, self, req, deadline, refused)
 end
 
 local function invoke(self, req)

@@ -132,6 +132,14 @@ local function host_failure(err)
   return text:find("not enough memory", 1, true) or text:find("--max-instructions", 1, true)
 end
 
+-- USD with six decimals, through integers (a float format is the costliest
+-- conversion on the answer's path)
+local function usd_text(usd)
+  local micro = math.floor(usd * 1e6 + 0.5)
+  local frac = tostring(micro % 1000000)
+  return (micro // 1000000) .. "." .. ("000000"):sub(#frac + 1) .. frac
+end
+
 -- an error from policies.ai as the client's API says it; one ai raised (a
 -- string: the request misused the API) is the client's bad request, unless
 -- it was the host's own failure
@@ -146,6 +154,8 @@ local function ai_error_reply(api, err)
   end
   local status = status_of(err)
   local headers = {}
+  -- answers refused as invalid output that the provider billed
+  if err.cost_usd then headers["x-resil-cost-usd"] = usd_text(err.cost_usd) end
   local retry_after = type(err) == "table" and tonumber(err.retry_after)
   if status == 429 or status == 503 or status == 529 then
     headers["retry-after"] = tostring(math.max(1, math.ceil(retry_after or 1)))
@@ -533,13 +543,6 @@ end
 ---------------------------------------------------------------------------
 -- answering
 
--- USD with six decimals, through integers (a float format is the costliest
--- conversion on the answer's path)
-local function usd_text(usd)
-  local micro = math.floor(usd * 1e6 + 0.5)
-  local frac = tostring(micro % 1000000)
-  return (micro // 1000000) .. "." .. ("000000"):sub(#frac + 1) .. frac
-end
 
 local function answer_headers(id, r)
   local h = { ["content-type"] = "application/json", ["x-request-id"] = id }

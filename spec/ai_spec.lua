@@ -327,6 +327,80 @@ describe("chat over the strict mock", function()
       assert.are.same({ { key = "gpt-4o-mini", usd = 0, calls = 1, unpriced = 1 } }, by)
     end)
 
+  -- a 200 the validator refuses (no choices), but billed: it says what it used
+  local function refused_answer(id)
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+      id = id, object = "chat.completion", created = 1, model = "gpt-4o-mini", choices = {},
+      usage = { prompt_tokens = 1000, completion_tokens = 500, total_tokens = 1500 } }) }
+  end
+  local function good_answer(id)
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+      id = id, object = "chat.completion", created = 1, model = "gpt-4o-mini",
+      choices = { { index = 0, message = { role = "assistant", content = "hi" }, finish_reason = "stop" } },
+      usage = { prompt_tokens = 1000, completion_tokens = 10, total_tokens = 1010 } }) }
+  end
+
+  it("answers refused as invalid output were billed: each is a ledger row, in the budget and the call's cost_usd",
+    function()
+      local n = 0
+      m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+        n = n + 1
+        if n <= 2 then return refused_answer("chatcmpl-refused-" .. n) end
+        return good_answer("chatcmpl-good")
+      end } })
+      local b = resil.budget("ai-spec-refused", { limit = 1 })
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        budget = "ai-spec-refused" }))
+      assert.are.equal(3, r.attempts)
+      local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 500 })
+      local answer = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 10 })
+      assert.is_true(math.abs(r.cost_usd - (2 * each + answer)) < 1e-9, tostring(r.cost_usd))
+      assert.are.equal(3, ledger_rows())
+      assert.is_true(math.abs(resil.cost.total({}) - r.cost_usd) <= 2e-6)
+      local st = b:state()
+      assert.are.equal(0, st.reserved)
+      assert.is_true(math.abs(st.spent - r.cost_usd) <= 2e-6, tostring(st.spent))
+    end)
+
+  it("a call that failed on refused answers only still records what they cost", function()
+    local n = 0
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      n = n + 1
+      return refused_answer("chatcmpl-refused-" .. n)
+    end } })
+    local b = resil.budget("ai-spec-refused-all", { limit = 1 })
+    local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      budget = "ai-spec-refused-all", retry = { max_retries = 1 } })
+    assert.is_nil(r)
+    assert.are.equal("invalid_output", err.kind)
+    local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 500 })
+    assert.is_true(math.abs(err.cost_usd - 2 * each) < 1e-9, tostring(err.cost_usd))
+    assert.are.equal(2, ledger_rows())
+    assert.are.same({ 0 }, { b:state().reserved })
+    assert.is_true(math.abs(b:state().spent - 2 * each) <= 2e-6)
+  end)
+
+  it("a call canceled after a refused answer records that answer and gives its hold back", function()
+    local n = 0
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      n = n + 1
+      if n == 1 then return refused_answer("chatcmpl-refused-1") end
+      resil.sleep(600)
+      return good_answer("chatcmpl-late")
+    end } })
+    local b = resil.budget("ai-spec-refused-cancel", { limit = 1 })
+    local t = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      budget = "ai-spec-refused-cancel" })
+    resil.sleep(2) -- refused once, the retry waiting for its answer
+    assert.is_true(n >= 2)
+    t:cancel()
+    resil.sleep(0.1) -- the record and the release are tasks of their own
+    local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 500 })
+    assert.are.equal(1, ledger_rows())
+    assert.are.equal(0, b:state().reserved)
+    assert.is_true(math.abs(b:state().spent - each) <= 2e-6)
+  end)
+
   it("a call canceled between its reservation and its answer gives the hold back", function()
     local b = resil.budget("ai-spec-cancel", { limit = 1 })
     m:configure({ strict = true, latency = { min = 5, max = 5 } })

@@ -244,6 +244,19 @@ function Ticket:settle(actual, e)
   return ok, err
 end
 
+-- ticket:charge(actual_usd [, cost fields]) -> as settle: a further cost of
+-- the same call, in the same budget and period, with a row of its own (an
+-- attempt the provider billed whose answer was refused as invalid output).
+-- It is settled as a ticket that was never held: nothing to free, spent
+-- grows by `actual` whether or not the budget has room left (it was paid).
+function Ticket:charge(actual, e)
+  if not is_usd(actual) then error("ticket:charge: actual must be a number from 0 to 1e9", 2) end
+  ticket_seq = ticket_seq + 1
+  local extra = setmetatable({ id = ("%s:%s:%d"):format(self.budget.name, owner.me().tag, ticket_seq),
+    budget = self.budget, period = self.period, estimate = 0, store = self.store }, Ticket)
+  return extra:settle(actual, e)
+end
+
 function Ticket:release()
   self.done = true
   owner.drop(self.store.backend, self.id)
