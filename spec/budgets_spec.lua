@@ -183,5 +183,19 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.are.equal(0.4, resil.cost.total())
       assert.is_truthy(budget:reserve(0.6))
     end)
+
+    it("a ticket's charge (a further cost of its call) is a row of its own, spent even past the limit", function()
+      local budget = resil.budget("money-charge", { limit = 1 })
+      local t = assert(budget:reserve(0.6))
+      assert.is_true(t:charge(0.3, { provider = "p", units = { refused = 1 } }))
+      assert.is_true(t:charge(0.5, { provider = "p", units = { refused = 1 } })) -- paid: the limit does not refuse it
+      assert.is_true(t:settle(0.2, { provider = "p" }))
+      local st = assert(budget:state())
+      assert.are.same({ 1, 0, 0 }, { st.spent, st.reserved, #st.holds })
+      assert.are.equal(1, resil.cost.total())
+      assert.are.equal(3, assert(resil.cost.breakdown("provider"))[1].calls)
+      assert.is_nil((budget:reserve(0.01)))
+      misuse(function() local _ = t:charge(0 / 0) end, "ticket:charge: actual must be a number from 0 to 1e9")
+    end)
   end)
 end
