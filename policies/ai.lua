@@ -418,21 +418,33 @@ end
 -- same when they say what they used: each gets a row of its own (units.refused
 -- = 1) and counts in the call's budget, beyond its reservation. One that
 -- says nothing (not JSON, no usage) is not counted: nothing to price it by.
+-- What a refused answer says it used: a body's usage, or what a stream
+-- that ended empty reported. -> usage, model, id | nil
+local function refused_usage(t, res)
+  if res.stream then
+    local st = type(res.state) == "table" and res.state or {}
+    return type(st.usage) == "table" and st.usage or nil, st.model, st.id
+  end
+  local data = classify.decoded(res)
+  if type(data) ~= "table" or not t.adapter.usage then return nil end
+  return t.adapter.usage(data.usage), data.model, data.id
+end
+
 -- guard.refused: one list per target tried, of the responses its attempts
 -- refused (policies.call fills it as they come: a cancel finds them there).
--- -> what they cost (the priced ones)
+-- Recorded once. -> what they cost (the priced ones)
 local function record_refusals(guard)
+  if guard.recorded then return 0 end
+  guard.recorded = true
   local usd = 0
   for _, list in ipairs(guard.refused) do
     local t = list.target
     for _, res in ipairs(list) do
-      local data = classify.decoded(res)
-      local usage = type(data) == "table" and t.adapter.usage and t.adapter.usage(data.usage)
+      local usage, model, id = refused_usage(t, res)
       if usage then
         usage.requests, usage.refused = 1, 1
         local a = { provider = t.provider, requested_model = t.model, usage = usage,
-          model = type(data.model) == "string" and data.model or t.model,
-          id = type(data.id) == "string" and data.id or nil }
+          model = type(model) == "string" and model or t.model, id = type(id) == "string" and id or nil }
         record_cost(a, guard.req, guard.ticket, guard.operation, "charge")
         usd = usd + (a.cost_usd or 0)
       end
@@ -441,14 +453,27 @@ local function record_refusals(guard)
   return usd
 end
 
--- A call's guard: a cancel (a client that gave up, a deadline) gives its
--- hold back and records the attempts it had refused. __close runs at the
--- cancel, outside any task, so that is a task of its own; a call that ended
--- marks the guard done. A settled or released ticket ignores the release.
+-- the list a target's attempts fill (one per target, however often a
+-- chain tries it)
+local function refused_list(guard, t)
+  local list = guard.refused[t]
+  if not list then
+    list = { target = t }
+    guard.refused[t] = list
+    guard.refused[#guard.refused + 1] = list
+  end
+  return list
+end
+
 local function any_refused(g)
   for _, list in ipairs(g.refused) do if list[1] then return true end end
   return false
 end
+
+-- A call's guard: a cancel (a client that gave up, a deadline) gives its
+-- hold back and records the attempts it had refused. __close runs at the
+-- cancel, outside any task, so that is a task of its own; a call that ended
+-- marks the guard done. A settled or released ticket ignores the release.
 local call_guard_mt = { __close = function(g)
   if g.done then return end
   if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
@@ -456,6 +481,15 @@ local call_guard_mt = { __close = function(g)
 end }
 local function call_guard(ticket, req, operation)
   return setmetatable({ ticket = ticket, req = req, operation = operation, refused = {} }, call_guard_mt)
+end
+
+-- the refusals' cost added to a result's (an unpriced one stays unpriced)
+-- or set on a failure's error
+local function add_refusals(guard, r, err)
+  if not (guard and any_refused(guard)) then return end
+  local usd = record_refusals(guard)
+  if r and r.cost_usd then r.cost_usd = r.cost_usd + usd
+  elseif r == nil and type(err) == "table" then err.cost_usd = usd end
 end
 
 -- The end of a call: the answer's cost (or, for a failed call, the hold
@@ -469,11 +503,7 @@ local function settle_call(guard, r, err, operation)
   else
     record_cost(r, req, ticket, operation)
   end
-  if any_refused(guard) then
-    local usd = record_refusals(guard)
-    if r and r.cost_usd then r.cost_usd = r.cost_usd + usd
-    elseif r == nil and type(err) == "table" then err.cost_usd = usd end
-  end
+  add_refusals(guard, r, err)
   return r, err
 end
 
@@ -583,13 +613,7 @@ end
 local function chat_strategy(t, req, guard)
   local wire = wire_request(t, req, false)
   return { name = t.name, fn = function(_, deadline)
-    local refused = guard.refused[t] -- (the list of one target, however often a chain tries it)
-    if not refused then
-      refused = { target = t }
-      guard.refused[t] = refused
-      guard.refused[#guard.refused + 1] = refused
-    end
-    local res, err = t.caller:attempts(wire, deadline, refused)
+    local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t))
     if res == nil then
       if type(err) == "table" then err.model = err.model or t.model end
       return nil, err
@@ -753,11 +777,14 @@ local function open(self)
   local ticket, berr = reserve(targets, req)
   if berr then return nil, berr end
   self.ticket = ticket
+  -- (not to-be-closed: the stream outlives this call; its ends record them)
+  local guard = { ticket = ticket, req = req, operation = "stream", refused = {} }
+  self.guard = guard
   local strategies = {}
   for i, t in ipairs(targets) do
     local opener = stream_opener(t, req)
     strategies[i] = { name = t.name, fn = function(_, deadline)
-      local res, err = t.caller:attempts(opener, deadline)
+      local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t))
       if res == nil then
         if type(err) == "table" then err.model = err.model or t.model end
         return nil, err
@@ -771,6 +798,7 @@ local function open(self)
   if got then self.attempts = (got.res.attempts or 1) + attempts_failed(info and info.errors) end
   if got == nil then
     if ticket then ticket:settle(0) end
+    add_refusals(guard, nil, err)
     self.done, self.err = true, err
     return nil, err
   end
@@ -787,6 +815,7 @@ local function interrupted(self, why, cause)
   local r = stream_result(self)
   r.usage = usage_so_far(self, r)
   record_cost(r, self.req, self.ticket, "stream")
+  add_refusals(self.guard, r)
   local t = self.target
   self.done = true
   self.err = resil.error("stream_interrupted", ("%s: the stream broke after %d bytes of text: %s"):format(
@@ -801,6 +830,7 @@ local function finished(self)
   local r = stream_result(self)
   if not r.usage then r.usage = usage_so_far(self, r) end
   record_cost(r, self.req, self.ticket, "stream")
+  add_refusals(self.guard, r)
   if self.cache then cache_put(self.cache, r) end
   self.done, self.final = true, r
   return nil
@@ -862,8 +892,11 @@ function Stream:close()
   local record
   if self.target then
     record = function() interrupted(self, "closed by its reader before the end") end
-  elseif self.ticket then
-    record = function() self.ticket:settle(0) end
+  elseif self.ticket or self.guard then
+    record = function()
+      if self.ticket then self.ticket:settle(0) end
+      add_refusals(self.guard)
+    end
   end
   if record and coroutine.isyieldable() then record()
   elseif record then resil.spawn(record) end

@@ -482,18 +482,25 @@ describe("streams", function()
     assert.are.equal(2, ledger_rows())
   end)
 
-  it("a stream that ends before any text is invalid output, retried as ai.chat's empty answer is", function()
-    m:configure({ strict = true, reply = "" })
-    local r, cerr = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS })
-    assert.is_nil(r)
-    assert.are.equal("invalid_output", cerr.kind)
-    local chat_calls = m:stats().total
-    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS })
-    local ok, err = pcall(function() for _ in s do end end)
-    assert.is_false(ok)
-    assert.are.equal("invalid_output", err.kind)
-    assert.are.equal(chat_calls * 2, m:stats().total) -- as many attempts as the chat made
-  end)
+  for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
+    it(model .. ": a stream that ends before any text is invalid output, retried as ai.chat's empty answer is; " ..
+       "each refused answer is billed", function()
+      m:configure({ strict = true, reply = "" })
+      local r, cerr = ai.chat({ model = model, messages = MSGS })
+      assert.is_nil(r)
+      assert.are.equal("invalid_output", cerr.kind)
+      local chat_calls = m:stats().total
+      assert.are.equal(chat_calls, ledger_rows())
+      assert.is_true(cerr.cost_usd > 0 and math.abs(cerr.cost_usd - resil.cost.total({})) <= 2e-6)
+      local s = ai.stream({ model = model, messages = MSGS })
+      local ok, err = pcall(function() for _ in s do end end)
+      assert.is_false(ok)
+      assert.are.equal("invalid_output", err.kind)
+      assert.are.equal(chat_calls * 2, m:stats().total) -- as many attempts as the chat made
+      assert.are.equal(chat_calls * 2, ledger_rows())
+      assert.is_true(math.abs(cerr.cost_usd + err.cost_usd - resil.cost.total({})) <= 4e-6)
+    end)
+  end
 
   for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
     local route = model:match("^openai") and "chat" or "messages"

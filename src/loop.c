@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -802,6 +803,12 @@ void loop_free(resil_t *R) {
   R->vheap_len = R->vheap_cap = 0;
 }
 
+/* Times this thread was preempted (involuntary context switches); -1 unknown. */
+static long preemptions(void) {
+  struct rusage ru;
+  return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : -1;
+}
+
 /* Wait for I/O; on the virtual clock, jump to the next timer once idle. */
 static void loop_wait(resil_t *R) {
   if (!R->virtual_clock || R->vheap_len == 0 || R->disk_pending > 0) {
@@ -813,15 +820,18 @@ static void loop_wait(resil_t *R) {
   } else {
     struct timeval grace = {0, VIRTUAL_GRACE_USEC};
     double waited_from = monotonic_seconds();
+    long preempted = preemptions();
     R->grace_expired = 0;
     evtimer_add(R->grace_ev, &grace);
     event_base_loop(R->base, EVLOOP_ONCE);
     evtimer_del(R->grace_ev);
     if (!R->grace_expired) return;
-    /* A grace that ended late says nothing about the I/O: the process was
-     * stopped or not scheduled (the I/O that arrived meanwhile is handled
-     * next turn, or woke epoll with EINTR), so it is waited out again. */
-    if (monotonic_seconds() - waited_from > 2e-6 * VIRTUAL_GRACE_USEC) return;
+    /* A grace that ended late, or with the thread preempted meanwhile, says
+     * nothing about the I/O: the process stood stopped or unscheduled, and
+     * the I/O events that became due are run in the same turn as the grace
+     * (often without waking a task: a server's write). It is waited out
+     * again, on a machine that lets it run. */
+    if (monotonic_seconds() - waited_from > 2e-6 * VIRTUAL_GRACE_USEC || preemptions() != preempted) return;
   }
   /* (a store's flush in that turn may have left its tasks waiting for the disk) */
   if (!R->ready_head && R->vheap_len > 0 && !R->interrupted && R->disk_pending == 0) virtual_advance(R);
