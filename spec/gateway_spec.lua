@@ -1062,12 +1062,14 @@ describe("resil-lua gateway and resil-lua keys", function()
         end
       end)
     end
-    resil.sleep(0.6)
+    -- under load (a slow machine waits longer for it, not a fixed time)
+    local started = resil.clock.wall()
+    assert.is_true(helpers.wait_until(function() return answered > 40 end, 60), "answered " .. answered)
+    local elapsed = resil.clock.wall() - started
     os.execute("kill -KILL " .. pid) -- mid-call: requests in flight, rows queued, holds taken
     stop = true
     for _, c in ipairs(clients) do c:join() end
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
-    assert.is_true(answered > 20, "answered " .. answered)
 
     local show = helpers.run(("%s budgets show key:crashy --json --store %s"):format(helpers.resil, db))
     assert.are.equal(0, show.code, show.stderr)
@@ -1085,7 +1087,7 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     -- rows only for calls the provider answered, each once; lost at most those of the last group commit
     -- and the one held behind its sync (answered 2-20 ms before the kill): well under 50 ms of answers
     assert.is_true(tonumber(rows) <= m:stats().routes.chat, rows .. " rows, " .. m:stats().routes.chat .. " calls")
-    local per_second = answered / 0.6
+    local per_second = answered / elapsed
     assert.is_true(tonumber(rows) >= answered - per_second * 0.05, rows .. " rows for " .. answered .. " answers")
   end)
 
