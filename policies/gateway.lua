@@ -573,6 +573,10 @@ local function sse(event, data)
   return "data: " .. encode(data) .. "\n\n"
 end
 
+-- a stream still running when a graceful stop ends (server:cut_streams):
+-- its last event, without [DONE] (message_stop), so that the SDK raises
+local CUT_MESSAGE = "the gateway stopped before the stream ended; retry the request"
+
 local function openai_stream(s, first, id, model, b, headers)
   local created = math.floor(resil.clock.wall())
   local function chunk(delta, finish)
@@ -580,7 +584,8 @@ local function openai_stream(s, first, id, model, b, headers)
       system_fingerprint = null, choices = { { index = 0, delta = delta, logprobs = null, finish_reason = finish or null } } })
   end
   local include_usage = type(b.stream_options) == "table" and b.stream_options.include_usage
-  return { status = 200, headers = headers, stream = function(write)
+  return { status = 200, headers = headers, cut = sse(nil, { error = { message = CUT_MESSAGE, type = "server_error",
+    code = "gateway_stopping" } }), stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
     write(chunk({ role = "assistant", content = "" }))
     if first then write(chunk({ content = first })) end
@@ -606,7 +611,8 @@ local function openai_stream(s, first, id, model, b, headers)
 end
 
 local function anthropic_stream(s, first, id, model, headers, req)
-  return { status = 200, headers = headers, stream = function(write)
+  return { status = 200, headers = headers, cut = sse("error", { type = "error", error = { type = "api_error",
+    message = CUT_MESSAGE } }), stream = function(write)
     local _ <close> = s
     write(sse("message_start", { type = "message_start", message = { id = "msg_" .. id, type = "message",
       role = "assistant", model = model, content = {}, stop_reason = null, stop_sequence = null,
@@ -947,20 +953,31 @@ local function drain(s, signo)
   local grace = tonumber(gateway.config.drain_timeout) or 20
   s:stop_accepting()
   local deadline = resil.now() + grace
-  local function wait_while(busy) while busy() and resil.now() < deadline do resil.sleep(0.02) end end
+  local function wait_while(busy, by) while busy() and resil.now() < by do resil.sleep(0.02) end end
   if s:pending() > 0 then
     resil.log.info("gateway: stopping; finishing the requests in flight (another signal stops at once)",
       { requests = s:pending(), drain_timeout = grace })
   end
-  wait_while(function() return s:pending() > 0 or s:unsent() > 0 end)
-  if s:pending() > 0 or s:unsent() > 0 then
+  local function busy() return s:pending() > 0 or s:unsent() > 0 end
+  -- streams still running a moment before the end get their error event
+  -- (and their rows, as what they streamed) in time
+  wait_while(busy, deadline - math.min(1, grace / 10))
+  if s:pending() > 0 then
+    local streams = s:cut_streams()
+    if streams > 0 then
+      resil.log.warn("gateway: drain_timeout is near; the streams still running end with an error event",
+        { streams = streams, drain_timeout = grace })
+    end
+  end
+  wait_while(busy, deadline)
+  if busy() then
     resil.log.warn("gateway: drain_timeout passed; the requests still in flight are cut",
       { requests = s:pending(), drain_timeout = grace })
   end
   s:close()
   -- the rows of what was answered, and of streams cut just now (written by tasks of their own)
   resil.sleep(0)
-  wait_while(function() return resil.cost.unwritten() > 0 end)
+  wait_while(function() return resil.cost.unwritten() > 0 end, deadline)
   resil.stop_now(signo)
 end
 

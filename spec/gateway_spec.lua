@@ -977,6 +977,42 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal(9, m:stats().routes.chat)
   end)
 
+  for _, api in ipairs({ { path = "/v1/chat/completions", last = "[DONE]" }, { path = "/v1/messages", last = "message_stop" } }) do
+  it(api.path .. ": a stream cut at drain_timeout ends with an error event, no " .. api.last .. ", and is in the " ..
+     "ledger as what it streamed", function()
+      local m = mock_upstream()
+      local db = helpers.tmpname(".db")
+      local pid, port = start_gateway(mock_config(m, "drain_timeout = 1"), db)
+      finally(function()
+        if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+        m:stop()
+        resil.log.level("info")
+      end)
+      m:configure({ strict = true, reply = ("word "):rep(100), stream_interval = 0.1 }) -- 10 s of deltas
+      local url = ("http://127.0.0.1:%d%s"):format(port, api.path)
+      local s = assert(http.stream({ method = "POST", url = url, timeout = 30,
+        headers = { ["content-type"] = "application/json" },
+        body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS, stream = true, max_tokens = 500 }) }))
+      local events = {}
+      local first, ferr = s:read_event()
+      assert(first, s.status .. " " .. tostring(ferr))
+      os.execute("kill -TERM " .. pid)
+      local err
+      while true do
+        local ev, e = s:read_event()
+        if not ev then err = e break end
+        events[#events + 1] = ev.data
+      end
+      s:close()
+      assert.is_true(#events >= 3 and #events < 60, #events .. " events")
+      for _, data in ipairs(events) do assert.is_nil(data:find(api.last, 1, true)) end
+      assert.is_table(json.decode(events[#events]).error, events[#events] .. " " .. tostring(err))
+      assert.is_nil(err) -- an error event, then the reply's clean end: not a connection cut mid-chunk
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      assert.are.equal("openai\t1\n", ledger_by_provider(db))
+    end)
+  end
+
   it("a drain waits for the ledger rows of what it answered (the store's write lock held past its timeout), " ..
      "and ends at drain_timeout whatever still runs", function()
     local m = mock_upstream()

@@ -81,6 +81,8 @@ typedef struct pending {
   struct reply_handle *handle;
   task *drain_waiter; /* a write waiting for the client to read */
   conn *c;            /* its connection's tracking, which outlives it */
+  char *cut_tail;     /* a streamed reply's last chunk if the server cuts it (reply.cut) */
+  size_t cut_tail_len;
 } pending;
 
 /* What a handler task holds: the reply it writes to, cleared when the
@@ -127,6 +129,9 @@ static void pending_clear_reply(pending *p) {
   for (int i = 0; i < p->nchunks; i++) free(p->chunks[i]);
   free(p->chunks);
   free(p->chunk_lens);
+  free(p->cut_tail);
+  p->cut_tail = NULL;
+  p->cut_tail_len = 0;
   p->body = NULL;
   p->chunks = NULL;
   p->chunk_lens = NULL;
@@ -776,6 +781,13 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     log_handler_error(L, p, "server handler failed; answered 500");
   } else if (lua_getfield(L, -1, "stream") == LUA_TFUNCTION) {
     /* L stack: ..., result, stream */
+    size_t tail_len = 0;
+    const char *tail = lua_getfield(L, -2, "cut") == LUA_TSTRING ? lua_tolstring(L, -1, &tail_len) : NULL;
+    if (tail && tail_len > 0 && (p->cut_tail = malloc(tail_len))) {
+      memcpy(p->cut_tail, tail, tail_len);
+      p->cut_tail_len = tail_len;
+    }
+    lua_pop(L, 1);
     copy_headers(p->req, &p->headers);
     evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
     p->started = 1;
@@ -1097,6 +1109,36 @@ static int server_unsent(lua_State *L) {
   return 1;
 }
 
+/* server:cut_streams() -> how many: each streamed reply that named its last
+ * words (reply.cut: an SSE error event) gets them and its end now, and its
+ * task is canceled (as when its client leaves: the upstream stream is
+ * closed and recorded). A graceful stop's end: its clients read an error
+ * their SDK raises, not a reply cut mid-way by the close. */
+static int server_cut_streams(lua_State *L) {
+  server *srv = check_server(L, 1);
+  int n = 0;
+  pending **pp = &srv->pendings;
+  while (*pp) {
+    pending *p = *pp;
+    if (!(p->cut_tail && p->started && p->c && p->c->streaming == p)) {
+      pp = &p->next;
+      continue;
+    }
+    *pp = p->next;
+    struct evbuffer *buf = evbuffer_new();
+    if (buf) {
+      evbuffer_add(buf, p->cut_tail, p->cut_tail_len);
+      evhttp_send_reply_chunk(p->req, buf);
+      evbuffer_free(buf);
+    }
+    evhttp_send_reply_end(p->req);
+    pending_free(p);
+    n++;
+  }
+  lua_pushinteger(L, n);
+  return 1;
+}
+
 /* server:stop_accepting(): the listening socket is closed (with SO_REUSEPORT
  * new connections go to the other processes on the port); connections
  * already open are served until the server is closed */
@@ -1123,7 +1165,8 @@ static int server_close(lua_State *L) {
 
 static const luaL_Reg server_methods[] = {
   {"port", server_port},   {"pending", server_pending}, {"unsent", server_unsent},
-  {"close", server_close}, {"stop_accepting", server_stop_accepting}, {NULL, NULL}};
+  {"close", server_close}, {"stop_accepting", server_stop_accepting}, {"cut_streams", server_cut_streams},
+  {NULL, NULL}};
 
 static const luaL_Reg server_meta[] = {{"__gc", server_close}, {"__close", server_close}, {NULL, NULL}};
 
