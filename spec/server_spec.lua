@@ -290,6 +290,40 @@ describe("server handlers as tasks (tasks = true)", function()
     assert.are.same({ "1", "2", "3" }, events)
   end)
 
+  it("cut_streams ends each stream that named its last words with them, cleanly, and cancels its task", function()
+    local closed = 0
+    local s <close>, url = listen(function(req)
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" },
+        cut = req.path == "/named" and "event: error\ndata: stopping\n\n" or nil,
+        stream = function(write)
+          local _ <close> = setmetatable({}, { __close = function() closed = closed + 1 end })
+          for i = 1, 1000 do
+            write("data: " .. i .. "\n\n")
+            resil.sleep(0.02)
+          end
+        end }
+    end)
+    local named = assert(http.stream({ url = url .. "/named" }))
+    local plain = assert(http.stream({ url = url .. "/plain" }))
+    assert.are.equal("1", named:read_event().data)
+    assert.are.equal("1", plain:read_event().data)
+    assert.are.equal(2, s:pending())
+    assert.are.equal(1, s:cut_streams())
+    assert.are.equal(1, s:pending()) -- the stream without last words goes on
+    assert.are.equal(1, closed) -- the task of the one cut was canceled (its <close> ran)
+    local events, err = {}, nil
+    while true do
+      local ev, e = named:read_event()
+      if not ev then err = e break end
+      events[#events + 1] = (ev.event or "") .. ":" .. ev.data
+    end
+    assert.is_nil(err) -- ended, not cut
+    assert.are.equal("error:stopping", events[#events])
+    assert.is_true(#events < 10)
+    assert.are.equal("2", plain:read_event().data)
+    plain:close()
+  end)
+
   it("a handler that raises answers 500; one that raises mid-stream cuts the reply, never ends it", function()
     resil.log.level("off")
     local s <close>, url = listen(function(req)
