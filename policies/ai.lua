@@ -356,15 +356,6 @@ local function reserve(targets, req)
   return budget:reserve(usd)
 end
 
--- A call canceled between its reservation and its settle (a client that gave
--- up, a deadline) must not leave the hold until it expires: the guard's
--- __close runs at the cancel, outside any task, so the release is a task of
--- its own. A settled or released ticket ignores it.
-local hold_guard_mt = { __close = function(g, err)
-  if not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
-end }
-local function hold_guard(ticket) return setmetatable({ ticket = ticket }, hold_guard_mt) end
-
 -- The ledger key of an answer: the provider's response id dedupes a replay
 -- only, the same answer given again for the same Idempotency-Key (a call
 -- inside resil.once run again after a crash, the gateway's client retrying
@@ -470,10 +461,11 @@ local function any_refused(g)
   return false
 end
 
--- A call's guard: a cancel (a client that gave up, a deadline) gives its
--- hold back and records the attempts it had refused. __close runs at the
--- cancel, outside any task, so that is a task of its own; a call that ended
--- marks the guard done. A settled or released ticket ignores the release.
+-- A call's guard: a call canceled between its reservation and its settle (a
+-- client that gave up, a deadline) must not leave its hold until it expires,
+-- and records the attempts it had refused. __close runs at the cancel,
+-- outside any task, so that is a task of its own; a call that ended marks
+-- the guard done. A settled or released ticket ignores the release.
 local call_guard_mt = { __close = function(g)
   if g.done then return end
   if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
@@ -938,19 +930,19 @@ local function embed_caller(provider, adapter, conf)
   return caller
 end
 
-local function embed_strategy(spec, req, level)
+local function embed_strategy(spec, req, level, guard)
   local p, model = parse_model(spec, level + 1)
   local adapter = adapter_of(p, level + 1)
   if not adapter.embed_body then error(("ai.embed: provider '%s' has no embeddings"):format(p), level + 1) end
   local conf = ai.config[p] or NO_CONF
   local key, err = key_of(p, adapter, conf, model)
   if key == nil then return nil, err end
-  local t = { provider = p, model = model, name = p .. "/" .. model }
+  local t = { provider = p, model = model, name = p .. "/" .. model, adapter = adapter }
   local caller = embed_caller(p, adapter, conf)
   local wire = { method = "POST", url = adapter.embed_url(base_url(adapter, conf)),
     headers = adapter.headers(key or nil, conf), json = adapter.embed_body(req, model, conf) }
   return { name = t.name, t = t, fn = function(_, deadline)
-    local res, cerr = caller:attempts(wire, deadline)
+    local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t))
     if res == nil then
       if type(cerr) == "table" then cerr.model = cerr.model or model end
       return nil, cerr
@@ -971,8 +963,9 @@ function ai.embed(req)
   local list = { req.model }
   for _, f in ipairs(req.fallback or {}) do list[#list + 1] = f end
   local strategies = {}
+  local guard = call_guard(nil, req, "embed") -- (its ticket once reserved)
   for i, spec in ipairs(list) do
-    local st, err = embed_strategy(spec, req, 2)
+    local st, err = embed_strategy(spec, req, 2, guard)
     if not st then return nil, err end
     strategies[i] = st
   end
@@ -993,7 +986,8 @@ function ai.embed(req)
     ticket, berr = budget:reserve(usd)
     if berr then return nil, berr end
   end
-  local _ <close> = ticket and hold_guard(ticket) -- a canceled call gives its hold back
+  guard.ticket = ticket
+  local _ <close> = guard -- a canceled call gives its hold back, records what it refused
   local d = req.deadline or (ai.config[strategies[1].t.provider] or NO_CONF).deadline
   local deadline = d and resil.now() + d
   local r, err, info
@@ -1003,12 +997,7 @@ function ai.embed(req)
     r, err, info = fallback.chain(strategies)(req, deadline)
     if r and info then r.attempts = (r.attempts or 1) + attempts_failed(info.errors) end
   end
-  if r == nil then
-    if ticket then ticket:settle(0) end
-    return nil, err
-  end
-  record_cost(r, req, ticket, "embed")
-  return r
+  return settle_call(guard, r, err, "embed")
 end
 
 ---------------------------------------------------------------------------

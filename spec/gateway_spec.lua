@@ -581,6 +581,25 @@ describe("gateway: embeddings", function()
     assert.are.equal(1, by[1].calls)
     assert.has_error(function() ai.embed({ model = "openai/text-embedding-3-large" }) end)
   end)
+
+  it("ai.embed: an answer refused (no vectors) but billed is in the ledger, the budget and cost_usd", function()
+    local _, m = start({ strict = true })
+    local n = 0
+    m:configure({ routes = { ["POST /v1/embeddings"] = function()
+      n = n + 1
+      local data = n == 1 and {} or { { object = "embedding", index = 0, embedding = { 0.5, 0.25 } } }
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        object = "list", model = "text-embedding-3-large", data = data, usage = { prompt_tokens = 1000, total_tokens = 1000 } }) }
+    end } })
+    local ai = require "policies.ai"
+    local b = resil.budget("embed-refused", { limit = 1 })
+    local r = assert(ai.embed({ model = "openai/text-embedding-3-large", input = "hello there", budget = "embed-refused" }))
+    assert.are.equal(2, n)
+    assert.is_true(math.abs(r.cost_usd - 2 * 1000 * 0.13 / 1e6) < 1e-12, tostring(r.cost_usd))
+    assert.are.equal(2, assert(resil.cost.breakdown("model"))[1].calls)
+    assert.is_true(math.abs(b:state().spent - r.cost_usd) <= 2e-6)
+    assert.are.equal(0, b:state().reserved)
+  end)
 end)
 
 describe("gateway: concurrency", function()
