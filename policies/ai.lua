@@ -377,6 +377,13 @@ local function record_cost(r, req, ticket, operation, how)
   if usd == nil and r.usage and r.model ~= r.requested_model then
     usd = pricing.cost(r.provider, r.requested_model, r.usage)
   end
+  if usd ~= nil and not (usd >= 0 and usd <= 1e6) then
+    -- counts no provider bills (1e17 tokens): the provider's garbage, kept
+    -- as its row without a price rather than raising after the call was paid
+    resil.log.error("ai: the usage an answer reported prices out of range; recorded without a price",
+      { provider = r.provider, model = r.model or r.requested_model, usd = usd })
+    usd = nil
+  end
   r.cost_usd = usd
   local entry = { provider = r.provider, model = r.model or r.requested_model, operation = operation,
     user = req.user, units = r.usage, id = ledger_key(r),
@@ -409,6 +416,7 @@ end
 -- same when they say what they used: each gets a row of its own (units.refused
 -- = 1) and counts in the call's budget, beyond its reservation. One that
 -- says nothing (not JSON, no usage) is not counted: nothing to price it by.
+
 -- What a refused answer says it used: a body's usage, or what a stream
 -- that ended empty reported. -> usage, model, id | nil
 local function refused_usage(t, res)
@@ -423,25 +431,33 @@ end
 
 -- guard.refused: one list per target tried, of the responses its attempts
 -- refused (policies.call fills it as they come: a cancel finds them there).
--- Recorded once. -> what they cost (the priced ones)
+-- Each is taken off its list as it is recorded, so that a cancel meanwhile
+-- records only the rest. One whose ledger key this call has recorded
+-- already (a provider replaying the same answer for one Idempotency-Key)
+-- is the same charge: the ledger keeps it once, and so does the cost.
+-- -> what they cost, and whether one had no price
 local function record_refusals(guard)
-  if guard.recorded then return 0 end
-  guard.recorded = true
-  local usd = 0
+  local usd, unpriced = 0, false
+  local seen = guard.seen
   for _, list in ipairs(guard.refused) do
     local t = list.target
-    for _, res in ipairs(list) do
+    while list[1] do
+      local res = table.remove(list, 1)
       local usage, model, id = refused_usage(t, res)
       if usage then
         usage.requests, usage.refused = 1, 1
         local a = { provider = t.provider, requested_model = t.model, usage = usage,
           model = type(model) == "string" and model or t.model, id = type(id) == "string" and id or nil }
-        record_cost(a, guard.req, guard.ticket, guard.operation, "charge")
-        usd = usd + (a.cost_usd or 0)
+        local key = ledger_key(a)
+        if not (key and seen[key]) then
+          if key then seen[key] = true end
+          record_cost(a, guard.req, guard.ticket, guard.operation, "charge")
+          if a.cost_usd then usd = usd + a.cost_usd else unpriced = true end
+        end
       end
     end
   end
-  return usd
+  return usd, unpriced
 end
 
 -- the list a target's attempts fill (one per target, however often a
@@ -464,38 +480,47 @@ end
 -- A call's guard: a call canceled between its reservation and its settle (a
 -- client that gave up, a deadline) must not leave its hold until it expires,
 -- and records the attempts it had refused. __close runs at the cancel,
--- outside any task, so that is a task of its own; a call that ended marks
--- the guard done. A settled or released ticket ignores the release.
+-- outside any task, so that is a task of its own (the refusals first: a
+-- stopping gateway waits for rows queued, not for tasks still to run); a
+-- call that ended marks the guard done. A settled or released ticket
+-- ignores the release.
 local call_guard_mt = { __close = function(g)
   if g.done then return end
-  if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
   if any_refused(g) then resil.spawn(record_refusals, g) end
+  if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
 end }
 local function call_guard(ticket, req, operation)
-  return setmetatable({ ticket = ticket, req = req, operation = operation, refused = {} }, call_guard_mt)
+  return setmetatable({ ticket = ticket, req = req, operation = operation, refused = {}, seen = {} }, call_guard_mt)
 end
 
--- the refusals' cost added to a result's (an unpriced one stays unpriced)
--- or set on a failure's error
+-- The refusals recorded; their cost added to a result's, or set on a
+-- failure's error. One without a price makes the whole unknown (nil; the
+-- error says cost_unknown).
 local function add_refusals(guard, r, err)
   if not (guard and any_refused(guard)) then return end
-  local usd = record_refusals(guard)
-  if r and r.cost_usd then r.cost_usd = r.cost_usd + usd
-  elseif r == nil and type(err) == "table" then err.cost_usd = usd end
+  local usd, unpriced = record_refusals(guard)
+  if r then
+    if unpriced then r.cost_usd = nil elseif r.cost_usd then r.cost_usd = r.cost_usd + usd end
+  elseif type(err) == "table" then
+    if unpriced then err.cost_unknown = true else err.cost_usd = usd end
+  end
 end
 
 -- The end of a call: the answer's cost (or, for a failed call, the hold
--- freed), then the refused attempts'. -> r | nil, err, their cost_usd
--- including the refusals (an unpriced answer stays unpriced)
+-- freed), then the refused attempts'. The guard is done only after both:
+-- a cancel while either waits for the store still records the refusals.
+-- -> r | nil, err, their cost_usd including the refusals
 local function settle_call(guard, r, err, operation)
-  guard.done = true
   local req, ticket = guard.req, guard.ticket
   if r == nil then
     if ticket then ticket:settle(0) end
   else
+    local key = ledger_key(r)
+    if key then guard.seen[key] = true end
     record_cost(r, req, ticket, operation)
   end
   add_refusals(guard, r, err)
+  guard.done = true
   return r, err
 end
 
@@ -769,8 +794,9 @@ local function open(self)
   local ticket, berr = reserve(targets, req)
   if berr then return nil, berr end
   self.ticket = ticket
-  -- (not to-be-closed: the stream outlives this call; its ends record them)
-  local guard = { ticket = ticket, req = req, operation = "stream", refused = {} }
+  -- a cancel while it opens: the hold given back, the refusals recorded;
+  -- once open, the stream's ends record them (finished, interrupted, close)
+  local guard <close> = call_guard(ticket, req, "stream")
   self.guard = guard
   local strategies = {}
   for i, t in ipairs(targets) do
@@ -789,11 +815,10 @@ local function open(self)
   self.fallbacks = got and info and info.index and info.index - 1 or 0
   if got then self.attempts = (got.res.attempts or 1) + attempts_failed(info and info.errors) end
   if got == nil then
-    if ticket then ticket:settle(0) end
-    add_refusals(guard, nil, err)
     self.done, self.err = true, err
-    return nil, err
+    return settle_call(guard, nil, err, "stream")
   end
+  guard.done = true
   self.target, self.state = got.target, got.res.state
   if got.res.ended then return nil end
   self.s = got.res.stream
@@ -884,10 +909,10 @@ function Stream:close()
   local record
   if self.target then
     record = function() interrupted(self, "closed by its reader before the end") end
-  elseif self.ticket or self.guard then
+  elseif self.guard then -- (closed while it opened: the refusals first, see call_guard)
     record = function()
-      if self.ticket then self.ticket:settle(0) end
       add_refusals(self.guard)
+      if self.ticket and not self.ticket.done then self.ticket:settle(0) end
     end
   end
   if record and coroutine.isyieldable() then record()

@@ -155,7 +155,8 @@ local function ai_error_reply(api, err)
   local status = status_of(err)
   local headers = {}
   -- answers refused as invalid output that the provider billed
-  if err.cost_usd then headers["x-resil-cost-usd"] = usd_text(err.cost_usd) end
+  if err.cost_usd then headers["x-resil-cost-usd"] = usd_text(err.cost_usd)
+  elseif err.cost_unknown then headers["x-resil-cost-usd"] = "unknown" end
   local retry_after = type(err) == "table" and tonumber(err.retry_after)
   if status == 429 or status == 503 or status == 529 then
     headers["retry-after"] = tostring(math.max(1, math.ceil(retry_after or 1)))
@@ -543,7 +544,6 @@ end
 ---------------------------------------------------------------------------
 -- answering
 
-
 local function answer_headers(id, r)
   local h = { ["content-type"] = "application/json", ["x-request-id"] = id }
   if r then
@@ -730,13 +730,19 @@ function complete_admitted(req, api, id, rec)
       end
       return v, e
     end)
-    replayed = res ~= nil and not ran
+    replayed = not ran
   else
     local ok
     ok, res, err = pcall(ai.chat, r)
     if not ok then res, err = nil, res end
   end
-  if not res then return with_id(ai_error_reply(api, err), id) end
+  if not res then
+    local reply = ai_error_reply(api, err)
+    -- a failure kept under the key, given again (or a copy still running):
+    -- nothing was spent by this request
+    if replayed then reply.headers["x-resil-cost-usd"] = "0.000000" end
+    return with_id(reply, id)
+  end
   local headers = answer_headers(id, res)
   if replayed then -- the first answer again, not billed again: adding up the header must not count it twice
     headers["x-resil-replayed"] = "true"

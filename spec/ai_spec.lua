@@ -385,20 +385,132 @@ describe("chat over the strict mock", function()
     m:configure({ routes = { ["POST /v1/chat/completions"] = function()
       n = n + 1
       if n == 1 then return refused_answer("chatcmpl-refused-1") end
-      resil.sleep(600)
-      return good_answer("chatcmpl-late")
+      return { action = "hang" }
     end } })
     local b = resil.budget("ai-spec-refused-cancel", { limit = 1 })
     local t = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
       budget = "ai-spec-refused-cancel" })
     resil.sleep(2) -- refused once, the retry waiting for its answer
-    assert.is_true(n >= 2)
+    assert.are.equal(2, n)
     t:cancel()
     resil.sleep(0.1) -- the record and the release are tasks of their own
     local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 500 })
     assert.are.equal(1, ledger_rows())
     assert.are.equal(0, b:state().reserved)
     assert.is_true(math.abs(b:state().spent - each) <= 2e-6)
+  end)
+
+  it("a refused answer whose usage prices out of range is a row without a price: the call still answers",
+    function()
+      local n = 0
+      m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+        n = n + 1
+        if n == 1 then
+          local res = refused_answer("chatcmpl-huge")
+          res.body = res.body:gsub('"prompt_tokens":1000', '"prompt_tokens":1e17')
+          return res
+        end
+        if n == 2 then -- more cached tokens than input ones: priced as all cached, not below zero
+          local res = refused_answer("chatcmpl-cached")
+          res.body = res.body:gsub('"prompt_tokens":1000', '"prompt_tokens":1000,"prompt_tokens_details":{"cached_tokens":5000}')
+          return res
+        end
+        return good_answer("chatcmpl-good")
+      end } })
+      local b = resil.budget("ai-spec-refused-huge", { limit = 1 })
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        budget = "ai-spec-refused-huge" }))
+      assert.is_nil(r.cost_usd) -- a part of it has no price
+      assert.are.equal(3, ledger_rows())
+      local by = assert(resil.cost.breakdown("model"))
+      assert.are.equal(1, by[1].unpriced)
+      local st = b:state()
+      assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+      assert.is_true(math.abs(st.spent - resil.cost.total({})) <= 2e-6)
+    end)
+
+  it("inside resil.once, an answer replayed with the same id is one charge: in the ledger and in cost_usd", function()
+    local n = 0
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      n = n + 1
+      if n <= 2 then return refused_answer("chatcmpl-same") end
+      return good_answer("chatcmpl-same")
+    end } })
+    local r = assert(resil.once("ai-spec-same-id", function()
+      return ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+    end))
+    assert.are.equal(3, n)
+    assert.are.equal(1, ledger_rows())
+    assert.is_true(math.abs(r.cost_usd - resil.cost.total({})) <= 2e-6, tostring(r.cost_usd))
+  end)
+
+  it("refused answers of a model without a price: the call's cost is unknown, never $0", function()
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      local res = refused_answer("chatcmpl-x")
+      res.body = res.body:gsub('"gpt%-4o%-mini"', '"gpt-unpriced"')
+      return res
+    end } })
+    local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, max_tokens = 100,
+      retry = { max_retries = 1 } })
+    assert.is_nil(r)
+    assert.is_nil(err.cost_usd)
+    assert.is_true(err.cost_unknown)
+    assert.are.equal(2, ledger_rows())
+  end)
+
+  it("a stream canceled while it opens, without <close>, gives its hold back and records its refusals", function()
+    m:configure({ strict = true, reply = "", sequence = { chat = { "ok", "hang" } } })
+    local b = resil.budget("ai-spec-stream-open-cancel", { limit = 1 })
+    local t = resil.spawn(function()
+      local s = ai.stream({ model = "openai/gpt-4o-mini", max_tokens = 100, budget = "ai-spec-stream-open-cancel",
+        messages = { { role = "user", content = ("word "):rep(8000) } } }) -- (a prompt that costs something)
+      return s:next()
+    end)
+    resil.sleep(5) -- the first stream ended empty (refused), the retry hangs
+    assert.are.equal(2, m:stats().routes.chat)
+    t:cancel()
+    resil.sleep(0.1)
+    assert.are.equal(1, ledger_rows())
+    local st = b:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    assert.is_true(st.spent > 0)
+  end)
+
+  it("a call canceled while its settle waits for the store still records its answer and its refusals, " ..
+     "and frees its hold", function()
+    resil.clock.real() -- the store's lock is held by another process
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    assert(resil.cost.record({ provider = "warm-up", usd = 0 })) -- the file and its schema
+    local n = 0
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      n = n + 1
+      if n == 1 then return refused_answer("chatcmpl-refused-1") end
+      local res = good_answer("chatcmpl-good")
+      res.delay = 0.5 -- (meanwhile the lock is taken)
+      return res
+    end } })
+    local b = resil.budget("ai-spec-settle-cancel", { limit = 1 })
+    local t = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      budget = "ai-spec-settle-cancel" })
+    assert.is_true(helpers.wait_until(function() return n == 2 end, 10))
+    local release = helpers.hold_write_lock(db)
+    finally(function() helpers.write(release, "") end)
+    resil.sleep(1) -- answered; its settle waits for the lock
+    assert.are.equal("waiting", t:status())
+    t:cancel()
+    helpers.write(release, "")
+    local function rows()
+      local calls = 0
+      for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
+        if g.key == "openai" then calls = g.calls end
+      end
+      return calls
+    end
+    assert.is_true(helpers.wait_until(function() return rows() == 2 end, 15), "rows: " .. rows())
+    local st = b:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    assert.is_true(math.abs(st.spent - resil.cost.total({})) <= 2e-6)
   end)
 
   it("a call canceled between its reservation and its answer gives the hold back", function()

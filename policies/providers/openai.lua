@@ -82,8 +82,11 @@ end
 function openai.usage(u)
   if type(u) ~= "table" then return nil end
   local details, out_details = u.prompt_tokens_details, u.completion_tokens_details
-  return { input_tokens = num(u.prompt_tokens) or 0, output_tokens = num(u.completion_tokens) or 0,
-    cached_input_tokens = type(details) == "table" and num(details.cached_tokens) or 0, cache_write_tokens = 0,
+  local input = num(u.prompt_tokens) or 0
+  -- (cached ones are a part of the input: more would price the rest below zero)
+  local cached = math.min(type(details) == "table" and num(details.cached_tokens) or 0, input)
+  return { input_tokens = input, output_tokens = num(u.completion_tokens) or 0,
+    cached_input_tokens = cached, cache_write_tokens = 0,
     reasoning_tokens = type(out_details) == "table" and num(out_details.reasoning_tokens) or nil }
 end
 

@@ -210,6 +210,10 @@ local function settle_later(ticket, entry, fields)
     { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd })
 end
 
+local settle_guard = { __close = function(w)
+  if not w.seen then settle_later(w.ticket, w.entry, w.fields) end
+end }
+
 -- ticket:settle(actual_usd [, cost fields]) -> true (first time) | false (already settled)
 -- | nil, err{kind="store_unavailable", retrying=true} (tried again meanwhile, see above)
 -- settle(0) frees the hold and writes no ledger row (a call that failed cost nothing).
@@ -235,7 +239,13 @@ function Ticket:settle(actual, e)
     { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry) then
     return true
   end
+  -- a caller canceled while the store has it (a client that left, a
+  -- deadline) may have been answered or not: the settle is tried again in a
+  -- task of its own, kept once per ticket (the row and the hold both lost
+  -- before)
+  local write <close> = setmetatable({ ticket = self, entry = entry, fields = fields }, settle_guard)
   local ok, err = self.store.backend:budget_settle(self.id, entry)
+  write.seen = true
   if ok and actual > 0 then costs.observe(fields, fields.units) end
   if ok == nil and resil.is_error(err) and err.kind == "store_unavailable" then
     settle_later(self, entry, fields)
