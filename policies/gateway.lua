@@ -594,14 +594,14 @@ local function openai_stream(s, first, id, model, b, headers)
       if err then
         -- no [DONE]: the client's SDK raises instead of keeping a cut answer
         write(sse(nil, { error = { message = public_message(err.message or err.kind),
-          type = "server_error", code = err.kind or "stream_interrupted" } }))
+          type = "server_error", code = err.kind or "stream_interrupted" } }), true)
         return
       end
       if not delta then break end
       write(chunk({ content = delta }))
     end
     local r = s:result()
-    write(chunk({}, r and r.finish_reason or "stop"))
+    write(chunk({}, r and r.finish_reason or "stop"), true) -- (its ending: a stop adds nothing after it)
     if include_usage and r then
       write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
         choices = {}, usage = openai_usage(r.usage) }))
@@ -624,7 +624,7 @@ local function anthropic_stream(s, first, id, model, headers, req)
       if err then
         -- no message_stop: the client's SDK raises
         write(sse("error", { type = "error", error = { type = "api_error",
-          message = public_message(err.message or err.kind) } }))
+          message = public_message(err.message or err.kind) } }), true)
         return
       end
       if not delta then break end
@@ -633,7 +633,7 @@ local function anthropic_stream(s, first, id, model, headers, req)
       delta, err = s:next()
     end
     local r = s:result() or {}
-    write(sse("content_block_stop", { type = "content_block_stop", index = 0 }))
+    write(sse("content_block_stop", { type = "content_block_stop", index = 0 }), true)
     write(sse("message_delta", { type = "message_delta", delta = { stop_reason = STOP_REASON[r.finish_reason] or
       "end_turn", stop_sequence = null }, usage = { output_tokens = r.usage and r.usage.output_tokens or 0 } }))
     write(sse("message_stop", { type = "message_stop" }))
@@ -965,19 +965,22 @@ local function drain(s, signo)
       { requests = s:pending(), drain_timeout = grace })
   end
   local function busy() return s:pending() > 0 or s:unsent() > 0 end
-  -- streams still running a moment before the end get their error event
-  -- (and their rows, as what they streamed) in time
-  wait_while(busy, deadline - math.min(1, grace / 10))
+  -- What still runs a moment before the end (a tenth of drain_timeout, at
+  -- most a second) is ended then, so that its rows are written in time:
+  -- streams get their error event, what is left is cut as a client that
+  -- left would be, by closing the server.
+  local margin = math.min(1, grace / 10)
+  wait_while(busy, deadline - margin)
   if s:pending() > 0 then
     local streams = s:cut_streams()
     if streams > 0 then
       resil.log.warn("gateway: drain_timeout is near; the streams still running end with an error event",
         { streams = streams, drain_timeout = grace })
     end
+    wait_while(busy, deadline - margin / 2)
   end
-  wait_while(busy, deadline)
   if busy() then
-    resil.log.warn("gateway: drain_timeout passed; the requests still in flight are cut",
+    resil.log.warn("gateway: drain_timeout is near; the requests still in flight are cut",
       { requests = s:pending(), drain_timeout = grace })
   end
   s:close()

@@ -152,6 +152,9 @@ describe("the virtual clock", function()
       end
       print(("%d failed, mock saw %d"):format(failed, m:stats().routes.chat))
     ]])
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -s CONT " .. pid .. "; kill -s KILL " .. pid) end
+    end)
     resil.clock.real()
     local stops = 0
     while helpers.alive(pid) and stops < 4000 do

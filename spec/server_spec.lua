@@ -294,9 +294,14 @@ describe("server handlers as tasks (tasks = true)", function()
     local closed = 0
     local s <close>, url = listen(function(req)
       return { status = 200, headers = { ["content-type"] = "text/event-stream" },
-        cut = req.path == "/named" and "event: error\ndata: stopping\n\n" or nil,
+        cut = req.path ~= "/plain" and "event: error\ndata: stopping\n\n" or nil,
         stream = function(write)
           local _ <close> = setmetatable({}, { __close = function() closed = closed + 1 end })
+          if req.path == "/ending" then -- its ending written: nothing may follow it
+            write("data: 1\n\n")
+            write("data: end\n\n", true)
+            resil.sleep(1000)
+          end
           for i = 1, 1000 do
             write("data: " .. i .. "\n\n")
             resil.sleep(0.02)
@@ -305,11 +310,13 @@ describe("server handlers as tasks (tasks = true)", function()
     end)
     local named = assert(http.stream({ url = url .. "/named" }))
     local plain = assert(http.stream({ url = url .. "/plain" }))
+    local ending = assert(http.stream({ url = url .. "/ending" }))
     assert.are.equal("1", named:read_event().data)
     assert.are.equal("1", plain:read_event().data)
-    assert.are.equal(2, s:pending())
+    assert.are.equal("1", ending:read_event().data)
+    assert.are.equal(3, s:pending())
     assert.are.equal(1, s:cut_streams())
-    assert.are.equal(1, s:pending()) -- the stream without last words goes on
+    assert.are.equal(2, s:pending()) -- the stream without last words goes on, and the one ending
     assert.are.equal(1, closed) -- the task of the one cut was canceled (its <close> ran)
     local events, err = {}, nil
     while true do
@@ -321,7 +328,9 @@ describe("server handlers as tasks (tasks = true)", function()
     assert.are.equal("error:stopping", events[#events])
     assert.is_true(#events < 10)
     assert.are.equal("2", plain:read_event().data)
+    assert.are.equal("end", ending:read_event().data)
     plain:close()
+    ending:close()
   end)
 
   it("a handler that raises answers 500; one that raises mid-stream cuts the reply, never ends it", function()

@@ -60,6 +60,7 @@ struct resil {
   uint64_t timer_seq;
   struct event *grace_ev;
   int grace_expired;
+  int graces_inconclusive; /* in a row: a late or preempted grace is waited out again, a few times */
 
   /* limits and interrupts */
   size_t mem_used, mem_limit;

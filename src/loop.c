@@ -9,8 +9,8 @@
  * are therefore built inside the coroutine, under its protection.
  *
  * The virtual clock: when no task is ready and no real I/O is in flight (or
- * none arrived for a short grace period, waited out on time), time jumps to
- * the earliest virtual timer. libevent cannot run on a fake clock, so virtual timers live in a
+ * none arrived for a short grace period, waited out on time), time jumps
+ * to the earliest virtual timer. libevent cannot run on a fake clock, so virtual timers live in a
  * small binary heap here; real timers are libevent's.
  */
 #include <errno.h>
@@ -26,6 +26,8 @@
 #define TASK_MT "resil.Task"
 #define HEAP_NONE ((size_t)-1)
 #define VIRTUAL_GRACE_USEC 10000
+#define GRACE_LATE_SECONDS (2e-6 * VIRTUAL_GRACE_USEC) /* ended later than this: the process did not run */
+#define GRACES_INCONCLUSIVE_MAX 5 /* then time moves on all the same (a machine that never lets it run) */
 
 typedef enum { TASK_READY, TASK_RUNNING, TASK_WAITING, TASK_DONE } task_state;
 
@@ -825,13 +827,19 @@ static void loop_wait(resil_t *R) {
     evtimer_add(R->grace_ev, &grace);
     event_base_loop(R->base, EVLOOP_ONCE);
     evtimer_del(R->grace_ev);
-    if (!R->grace_expired) return;
+    if (!R->grace_expired) {
+      R->graces_inconclusive = 0;
+      return;
+    }
     /* A grace that ended late, or with the thread preempted meanwhile, says
      * nothing about the I/O: the process stood stopped or unscheduled, and
      * the I/O events that became due are run in the same turn as the grace
      * (often without waking a task: a server's write). It is waited out
-     * again, on a machine that lets it run. */
-    if (monotonic_seconds() - waited_from > 2e-6 * VIRTUAL_GRACE_USEC || preemptions() != preempted) return;
+     * again, a few times. */
+    if ((monotonic_seconds() - waited_from > GRACE_LATE_SECONDS || preemptions() != preempted) &&
+        ++R->graces_inconclusive < GRACES_INCONCLUSIVE_MAX)
+      return;
+    R->graces_inconclusive = 0;
   }
   /* (a store's flush in that turn may have left its tasks waiting for the disk) */
   if (!R->ready_head && R->vheap_len > 0 && !R->interrupted && R->disk_pending == 0) virtual_advance(R);

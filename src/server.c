@@ -14,8 +14,10 @@
  * under the instruction and memory caps and the interrupt hook) and must
  * not wait. With tasks = true each request is a task of its own instead: the
  * handler may wait (HTTP, buckets, the store), a reply may be streamed
- * ({status, headers, stream = function(write) ... end}: each write is one
- * chunk on the wire, and waits while the client is slow to read), and a
+ * ({status, headers, stream = function(write) ... end, cut = "..."}: each
+ * write is one chunk on the wire, and waits while the client is slow to
+ * read; write(chunk, true) starts its ending; `cut` is what
+ * server:cut_streams() sends before ending a stream not yet ending), and a
  * client that hangs up cancels the task, which aborts what it waits on and
  * gives back what it holds. Delays and chunk intervals use host timers (so they follow the
  * virtual clock); nothing blocks: any number of delayed replies can be
@@ -630,6 +632,11 @@ static void read_reply(lua_State *L, int idx, pending *p) {
   lua_getfield(L, idx, "delay");
   p->delay = lua_tonumber(L, -1);
   lua_pop(L, 3);
+  if (lua_getfield(L, idx, "cut") == LUA_TSTRING && luaL_len(L, -1) > 0) {
+    const char *tail = lua_tolstring(L, -1, &len);
+    if ((p->cut_tail = dup_bytes(tail, len))) p->cut_tail_len = len;
+  }
+  lua_pop(L, 1);
 }
 
 /* L stack: srv, req, p (light userdata) -> nothing; p holds the reply.
@@ -704,6 +711,11 @@ static int reply_write(lua_State *L) {
   const char *chunk = luaL_checklstring(L, 1, &len);
   pending *p = h->p;
   if (!p) return resil_error_result(L, "closed", "the client has gone");
+  if (lua_toboolean(L, 2)) { /* write(chunk, true): the reply's ending: a cut adds nothing after it */
+    free(p->cut_tail);
+    p->cut_tail = NULL;
+    p->cut_tail_len = 0;
+  }
   if (len == 0) {
     lua_pushboolean(L, 1);
     return 1;
@@ -781,13 +793,6 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     log_handler_error(L, p, "server handler failed; answered 500");
   } else if (lua_getfield(L, -1, "stream") == LUA_TFUNCTION) {
     /* L stack: ..., result, stream */
-    size_t tail_len = 0;
-    const char *tail = lua_getfield(L, -2, "cut") == LUA_TSTRING ? lua_tolstring(L, -1, &tail_len) : NULL;
-    if (tail && tail_len > 0 && (p->cut_tail = malloc(tail_len))) {
-      memcpy(p->cut_tail, tail, tail_len);
-      p->cut_tail_len = tail_len;
-    }
-    lua_pop(L, 1);
     copy_headers(p->req, &p->headers);
     evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
     p->started = 1;
@@ -1117,7 +1122,9 @@ static int server_unsent(lua_State *L) {
 static int server_cut_streams(lua_State *L) {
   server *srv = check_server(L, 1);
   int n = 0;
-  pending **pp = &srv->pendings;
+  /* taken off the list first: a canceled task's <close> handlers run
+   * inside pending_free, and may close this server */
+  pending *cut = NULL, **pp = &srv->pendings;
   while (*pp) {
     pending *p = *pp;
     if (!(p->cut_tail && p->started && p->c && p->c->streaming == p)) {
@@ -1125,6 +1132,11 @@ static int server_cut_streams(lua_State *L) {
       continue;
     }
     *pp = p->next;
+    p->next = cut;
+    cut = p;
+  }
+  /* their last words and ends, before any Lua runs */
+  for (pending *p = cut; p; p = p->next) {
     struct evbuffer *buf = evbuffer_new();
     if (buf) {
       evbuffer_add(buf, p->cut_tail, p->cut_tail_len);
@@ -1132,8 +1144,14 @@ static int server_cut_streams(lua_State *L) {
       evbuffer_free(buf);
     }
     evhttp_send_reply_end(p->req);
-    pending_free(p);
+    p->c->streaming = NULL;
+    p->c = NULL;
     n++;
+  }
+  while (cut) {
+    pending *p = cut;
+    cut = p->next;
+    pending_free(p);
   }
   lua_pushinteger(L, n);
   return 1;
