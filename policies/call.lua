@@ -60,13 +60,17 @@ local function used_tokens(res)
     + (usage.completion_tokens or usage.output_tokens or 0))
 end
 
-local function merged_request(self, req, left, span)
+local function merged_request(self, req, left, span, refused)
   local base = self.request
   local r = {}
   for k, v in pairs(base) do r[k] = v end
   for k, v in pairs(req) do r[k] = v end
   local key = req.idempotency_key
   if key == nil and self.idempotency then key = resil.context().idempotency_key end -- inside resil.once
+  -- after an answer it refused, the same key would get that answer again
+  -- (the provider replays it): each refusal moves to a key of its own,
+  -- the same one again when the call is run again (a resumed job)
+  if key and refused and refused[1] then key = key .. "." .. #refused end
   r.idempotency_key = nil
   if key or span or (base.headers and req.headers) then
     local h = {}
@@ -82,12 +86,12 @@ local function merged_request(self, req, left, span)
   return r
 end
 
-local function send(self, req, attempt, left, span)
+local function send(self, req, attempt, left, span, refused)
   if type(req) == "function" then
     if left then return resil.timeout(left, req, attempt, left) end
     return req(attempt, left)
   end
-  return resil.http.request(merged_request(self, req, left, span))
+  return resil.http.request(merged_request(self, req, left, span, refused))
 end
 
 -- Each attempt is a span (src/lua/trace.lua) with OpenTelemetry's GenAI
@@ -189,7 +193,7 @@ local function attempt(n, self, req, deadline, refused)
   local span = start_span(self, req, n)
   do
     local _ <close> = sem and self.releaser or nil
-    res, err = send(self, req, n, deadline and deadline - now(), span)
+    res, err = send(self, req, n, deadline and deadline - now(), span, refused)
   end
   local elapsed = now() - start
 
@@ -236,6 +240,9 @@ end
 -- no fallback; `refused` (a list) gets each answer the validator refused
 function Provider:attempts(req, deadline, refused)
   local opts = self.retry_opts
+  if not refused and (self.idempotency or type(req) == "table" and req.idempotency_key) then
+    refused = {} -- (counted for the key, see merged_request)
+  end
   if deadline then
     opts = setmetatable({ deadline = deadline }, self.retry_meta)
   end

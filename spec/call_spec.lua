@@ -121,4 +121,14 @@ describe("policies.call against the mock provider", function()
     assert.is_nil(select(2, p(req)))
     assert.are.equal(2, m:stats().keys["job-42"])
   end)
+
+  it("after an answer it refused, the next attempt sends a key of its own (the provider would replay it)", function()
+    m = resil.mock.start { idempotency = true, sequence = { chat = { "empty", "ok" } } }
+    local p = provider(m, { timeout = 10, retry = { base = 0.1 }, validate = "chat" })
+    local req = { json = chat.json, idempotency_key = "job-43" }
+    local res, err = p(req)
+    assert.is_nil(err)
+    assert.matches("Mock reply", resil.json.decode(res.body).choices[1].message.content)
+    assert.are.same({ 1, 1 }, { m:stats().keys["job-43"], m:stats().keys["job-43.1"] })
+  end)
 end)
