@@ -438,7 +438,8 @@ end
 -- -> what they cost, and whether one had no price
 local function record_refusals(guard)
   local usd, unpriced = 0, false
-  local seen = guard.seen
+  local seen = guard.seen or {}
+  guard.seen = seen
   for _, list in ipairs(guard.refused) do
     local t = list.target
     while list[1] do
@@ -490,7 +491,7 @@ local call_guard_mt = { __close = function(g)
   if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
 end }
 local function call_guard(ticket, req, operation)
-  return setmetatable({ ticket = ticket, req = req, operation = operation, refused = {}, seen = {} }, call_guard_mt)
+  return setmetatable({ ticket = ticket, req = req, operation = operation, refused = {} }, call_guard_mt)
 end
 
 -- The refusals recorded; their cost added to a result's, or set on a
@@ -515,8 +516,10 @@ local function settle_call(guard, r, err, operation)
   if r == nil then
     if ticket then ticket:settle(0) end
   else
-    local key = ledger_key(r)
-    if key then guard.seen[key] = true end
+    if any_refused(guard) then -- (the answer's key: a refusal replayed under it is the same charge)
+      local key = ledger_key(r)
+      if key then guard.seen = { [key] = true } end
+    end
     record_cost(r, req, ticket, operation)
   end
   add_refusals(guard, r, err)
