@@ -104,3 +104,60 @@ error("the script gave up")
     end)
   end)
 end
+
+-- Each step's result and each journaled decision printed exactly (numbers
+-- with 17 digits, keys with their types): a resumed run must print the same.
+local exact_script = [[
+local resil = require "resil"
+local function show(v)
+  if type(v) ~= "table" then
+    return (math.type(v) or type(v)) .. ":" .. (math.type(v) == "float" and ("%.17g"):format(v) or tostring(v))
+  end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return show(a) < show(b) end)
+  local parts = {}
+  for _, k in ipairs(keys) do parts[#parts + 1] = "[" .. show(k) .. "]=" .. show(v[k]) end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+print(show(resil.run.now()), show(resil.run.random()), show(resil.run.random(1, 2^62)))
+local values = { 123456789012345678, math.mininteger, 1.0, -0.0, 0.1, 1 / 3, 2^70, { 1, 2, x = 3 },
+  { ["1"] = "s", [1] = "n" }, { [1] = "a", [4] = "d" }, { [2] = "b", [3] = "c" }, { [1] = 1, [100] = 2 },
+  { ["@i"] = "not a tag" }, { [true] = "yes" }, {}, { a = { b = { 1.5, { "deep" } } } } }
+for i, v in ipairs(values) do print(i, show(resil.step("v" .. i, function() return v end))) end
+if os.getenv("FAIL") then error("stopped after the steps") end
+]]
+
+for _, b in ipairs(helpers.store_backends()) do
+  describe("step results on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+
+    it("come back exactly as the first run got them: numbers to the last digit, tables with their key types",
+      function()
+        local url, script = b.url(), helpers.write(helpers.tmpname(".lua"), exact_script)
+        local first = sh(("FAIL=1 %s --store '%s' --log-level off --run exact %s"):format(helpers.resil, url, script))
+        assert.are_not.equal(0, first.code)
+        local again = sh(("%s --store '%s' --log-level off --run exact %s"):format(helpers.resil, url, script))
+        assert.are.equal(0, again.code, again.stderr)
+        assert.are.equal(first.stdout, again.stdout)
+        assert.matches("1\tinteger:123456789012345678\n", again.stdout, 1, true)
+        assert.matches("4\tfloat:-0\n", again.stdout, 1, true)
+        assert.matches("8\t{[integer:1]=integer:1,[integer:2]=integer:2,[string:x]=integer:3}\n", again.stdout, 1, true)
+      end)
+
+    it("a result past 32 MB of strings is refused at the step with file:line, not a crash", function()
+      local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local ok, err = pcall(function()
+  local v = resil.step("huge", function() return { ("x"):rep(40 * 1024 * 1024), ("y"):rep(30 * 1024 * 1024) } end)
+  return v
+end)
+print(ok, err)
+]])
+      local r = sh(("%s --store '%s' --log-level off --run huge %s"):format(helpers.resil, b.url(), script))
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("^false\t%S+%.lua:3: resil.step: cannot checkpoint the results: they hold more than 32 MB of strings",
+        r.stdout)
+    end)
+  end)
+end

@@ -170,20 +170,81 @@ local null = json.null
 local SECRET_STORED = "they contain a value read through resil.secret (secrets are never written to the store)"
 local function holds_secret(text) return resil.redact(text, "secrets") ~= text end
 
+-- Values are stored exactly (record format x = 1): a resumed run gets what
+-- the first run got. cjson alone wrote every number with 14 digits (a
+-- journaled random or clock, an id past 2^47 came back changed) and every
+-- table as an array or an object (integer keys came back strings, holes
+-- null). So numbers JSON would change are tagged ({"@i": "digits"} for
+-- integers past 1e14, {"@f": "%a"} for floats %.14g does not give back, or
+-- that are whole), and a table that is neither a sequence nor string-keyed
+-- is its pairs ({"@t": [[k, v], ...]}). Strings are capped: cjson's buffer
+-- overflows (a crash) near 358 MB.
+local MAX_STORED_BYTES = 32 * 1024 * 1024 -- (written as JSON twice on Redis: up to 6x each time)
+local TAGS = { ["@i"] = true, ["@f"] = true, ["@t"] = true, ["@error"] = true }
+
+local function exact(v, depth, path, budget)
+  local t = type(v)
+  if t == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then error("a number that is NaN or infinite", 0) end
+    if math.type(v) == "integer" then
+      if v > -1e14 and v < 1e14 then return v end
+      return { ["@i"] = tostring(v) }
+    end
+    if v ~= math.floor(v) and tonumber(("%.14g"):format(v)) == v then return v end
+    return { ["@f"] = ("%a"):format(v) }
+  elseif t == "string" then
+    budget.bytes = budget.bytes + #v
+    if budget.bytes > MAX_STORED_BYTES then
+      error(("more than %d MB of strings"):format(MAX_STORED_BYTES // (1024 * 1024)), 0)
+    end
+    return v
+  elseif t ~= "table" then
+    return v -- (booleans, json.null; anything else cjson refuses with its own words)
+  end
+  if path[v] then error("a cyclic table", 0) end
+  if depth > 200 then error("tables nested more than 200 deep", 0) end
+  path[v] = true
+  local n, strings, others = 0, true, false
+  for k in pairs(v) do
+    n = n + 1
+    if type(k) ~= "string" or TAGS[k] then strings = false end
+    if math.type(k) ~= "integer" then others = true end
+  end
+  local out
+  if n > 0 and not others and #v == n then -- a sequence
+    out = {}
+    for i = 1, n do out[i] = exact(v[i], depth + 1, path, budget) end
+  elseif strings then -- string keys (or empty): an object
+    out = {}
+    for k, x in pairs(v) do out[k] = exact(x, depth + 1, path, budget) end
+  else
+    local pairs_of = {}
+    for k, x in pairs(v) do
+      pairs_of[#pairs_of + 1] = { exact(k, depth + 1, path, budget), exact(x, depth + 1, path, budget) }
+    end
+    out = { ["@t"] = pairs_of }
+  end
+  path[v] = nil
+  return out
+end
+
 -- -> JSON text | nil, why
 local function encode_values(r, first)
   local values = {}
+  local budget = { bytes = 0 }
   for i = first, r.n do
     local v = r[i]
-    if v == nil then v = null end
     if resil.is_error(v) then
       local fields = {}
       for k, x in pairs(v) do if type(x) ~= "table" and type(x) ~= "function" then fields[k] = x end end
       v = { ["@error"] = fields }
     end
-    values[#values + 1] = v
+    local ok, e = pcall(exact, v, 0, {}, budget)
+    if not ok then return nil, "they hold " .. tostring(e) end
+    if e == nil then e = null end
+    values[#values + 1] = e
   end
-  local ok, text = pcall(json.encode, { n = r.n - first + 1, v = values })
+  local ok, text = pcall(json.encode, { n = r.n - first + 1, v = values, x = 1 })
   if not ok then return nil, "they must be JSON values: " .. tostring(text) end
   if holds_secret(text) then return nil, SECRET_STORED end
   return text
@@ -201,11 +262,31 @@ end
 -- A stored record back into values: -> {n=, ...} | nil, why. A record that
 -- is not one this module wrote (a corrupt file, a hand-edited key) is refused
 -- rather than half read: the caller reports the store unavailable.
+-- the exact format's tags back into values (and cjson's floats into the
+-- integers they were)
+local function unexact(v, depth)
+  if type(v) == "number" then return math.tointeger(v) or v end
+  if type(v) ~= "table" or depth > 256 then return v end
+  local i, f, t = v["@i"], v["@f"], v["@t"]
+  if type(i) == "string" and next(v, next(v)) == nil then return math.tointeger(tonumber(i)) end
+  if type(f) == "string" and next(v, next(v)) == nil then return tonumber(f) end
+  if type(t) == "table" and next(v, next(v)) == nil then
+    local out = {}
+    for _, kv in ipairs(t) do
+      local k = type(kv) == "table" and unexact(kv[1], depth + 1)
+      if k ~= nil and k ~= null then out[k] = unexact(kv[2], depth + 1) end
+    end
+    return out
+  end
+  for k, x in pairs(v) do v[k] = unexact(x, depth + 1) end
+  return v
+end
+
 local MAX_VALUES = 250 -- more results than Lua's stack could return
 local function decode_values(text)
   local t = type(text) == "string" and json.decode(text)
   if type(t) ~= "table" then return nil, "not JSON" end
-  t = integers(t, 0)
+  if t.x == 1 then t = unexact(t, 0) else t = integers(t, 0) end -- (records from before the exact format)
   if math.type(t.n) ~= "integer" or t.n < 0 or t.n > MAX_VALUES or type(t.v) ~= "table" then
     return nil, "not a record of values"
   end
