@@ -29,6 +29,21 @@ print("failed items: " .. (failures and failures[2] and 1 or 0))
     assert.matches("lk%s+done_with_failures", runs.stdout)
   end)
 
+  it("a run whose end cannot be recorded (the store's write lock held) says why on stderr", function()
+    local db = helpers.tmpname(".db")
+    local rel = helpers.tmpname(".rel")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+resil.step("s", function() return 1 end)
+-- another process holds the store's write lock past the run's end
+os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 3\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)"):format(rel, db))
+while not io.open(rel .. ".locked") do resil.sleep(0.02) end
+]], ("--store '%s?timeout=0.5' --run end --log-level off"):format(db), db .. " " .. rel)
+    -- (before: "recording the run's end: (null)")
+    assert.matches("recording the run's end: store_unavailable: ", r.stderr, 1, true)
+  end)
+
   it("a second copy of a run whose steps are in resil.map stops with run_held and status 1", function()
     local db = helpers.tmpname(".db")
     local script = [[

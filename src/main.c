@@ -337,6 +337,11 @@ static void wait_for_run(resil_t *R) {
   lua_settop(L, top);
 }
 
+static int to_text(lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  return 1;
+}
+
 /* Record how the run ended, if the script used resil.step. Synchronous:
  * after an error or a signal, other tasks must not run again. */
 static void finish_run(resil_t *R, int status) {
@@ -347,7 +352,15 @@ static void finish_run(resil_t *R, int status) {
   if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "run") == LUA_TTABLE &&
       lua_getfield(L, -1, "finish") == LUA_TFUNCTION) {
     lua_pushstring(L, status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
-    if (lua_pcall(L, 1, 0, 0) != LUA_OK) fprintf(stderr, PROGNAME ": recording the run's end: %s\n", lua_tostring(L, -1));
+    /* -> true | nil, err, or it raised; an error value is a table: its
+     * __tostring (protected) says what */
+    int raised = lua_pcall(L, 1, 2, 0) != LUA_OK;
+    if (raised || lua_isnil(L, -2)) {
+      lua_pushcfunction(L, to_text);
+      lua_insert(L, -2);
+      const char *why = lua_pcall(L, 1, 1, 0) == LUA_OK ? lua_tostring(L, -1) : NULL;
+      fprintf(stderr, PROGNAME ": recording the run's end: %s\n", why ? why : "(an error without a message)");
+    }
   }
   lua_settop(L, top);
 }

@@ -131,7 +131,7 @@ function resil.run.resumed() return current_run_or_raise().resumed end
 function resil.run.generation() return current_run_or_raise().generation or 0 end
 -- Record how the run ended and give it up (the CLI does this when the
 -- script ends). Works outside a task: it writes at once, without the loop.
--- A later resil.step takes the run again and resumes it.
+-- A later resil.step takes the run again and resumes it. -> true | nil, err
 function resil.run.finish(status)
   local r = run
   if not (r and r.held) then return end
@@ -147,7 +147,9 @@ function resil.run.finish(status)
   -- this process saw steps fail, whether or not the store took their
   -- records (it refused some: the run said "done", its failures nowhere)
   if status == "done" and next(r.failed) then status = "done_with_failures" end
-  r.store.backend:run_finish_now(r.id, status, store_now(), owner.me().id, pending)
+  local ok, err = r.store.backend:run_finish_now(r.id, status, store_now(), owner.me().id, pending)
+  if ok == nil and err ~= nil then return nil, err end -- (the run stays "running (gone)": it resumes)
+  return true
 end
 
 -- What a failure leaves in the store: its kind and message, short.
