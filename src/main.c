@@ -355,7 +355,7 @@ static void finish_run(resil_t *R, int status) {
     /* -> true | nil, err, or it raised; an error value is a table: its
      * __tostring (protected) says what */
     int raised = lua_pcall(L, 1, 2, 0) != LUA_OK;
-    if (raised || lua_isnil(L, -2)) {
+    if (raised || (lua_isnil(L, -2) && !lua_isnil(L, -1))) {
       lua_pushcfunction(L, to_text);
       lua_insert(L, -2);
       const char *why = lua_pcall(L, 1, 1, 0) == LUA_OK ? lua_tostring(L, -1) : NULL;
