@@ -44,6 +44,22 @@ while not io.open(rel .. ".locked") do resil.sleep(0.02) end
     assert.matches("recording the run's end: store_unavailable: ", r.stderr, 1, true)
   end)
 
+  it("a store whose file is deleted mid-run refuses every write after it, instead of writing to a file gone",
+    function()
+      local db = helpers.tmpname(".db")
+      local r = helpers.run_script([[
+local resil = require "resil"
+local db = arg[1]
+for i = 1, 3 do
+  print(i, resil.step("s" .. i, function() return i end))
+  if i == 1 then os.remove(db); os.remove(db .. "-wal"); os.remove(db .. "-shm") end
+end
+]], ("--store '%s' --run gone --log-level off"):format(db), db)
+      assert.matches("^1\t1\n2\tnil\tstore_unavailable: store %S+: its file was deleted or replaced since it was " ..
+        "opened; nothing is written to it any more\n3\tnil\tstore_unavailable", r.stdout)
+      assert.matches("recording the run's end: store_unavailable", r.stderr, 1, true)
+    end)
+
   it("a second copy of a run whose steps are in resil.map stops with run_held and status 1", function()
     local db = helpers.tmpname(".db")
     local script = [[

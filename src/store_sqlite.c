@@ -306,12 +306,28 @@ static void fail_op(lua_State *L, op *o, const char *why) {
   o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
+/* A file deleted (or replaced) under an open store: its writes would go to
+ * an inode no one will ever open again, while the next process makes a
+ * new, empty store and runs every step again. A write is refused instead
+ * (one stat of the path, in a write transaction). */
+#define FILE_MOVED "its file was deleted or replaced since it was opened; nothing is written to it any more"
+static int file_moved(store_db *d) {
+  int moved = 0;
+  return sqlite3_file_control(d->db, "main", SQLITE_FCNTL_HAS_MOVED, &moved) == SQLITE_OK && moved;
+}
+
 /* One transaction for a list of ops; every op gets a result or a failure.
  * began: BEGIN IMMEDIATE already succeeded. */
 static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
+  int moved = began && file_moved(d);
+  if (moved) {
+    exec_sql(d, "ROLLBACK");
+    began = 0;
+  }
   if (!began) {
     char why[512];
-    snprintf(why, sizeof why, "store %s: %s", d->path, sqlite3_errmsg(d->db));
+    if (moved) snprintf(why, sizeof why, "store %s: %s", d->path, FILE_MOVED);
+    else snprintf(why, sizeof why, "store %s: %s", d->path, sqlite3_errmsg(d->db));
     for (op *o = first; o; o = o->next) fail_op(L, o, why);
     return 0;
   }
@@ -821,6 +837,10 @@ static int run_now(lua_State *L, const char *begin) {
     lua_pushboolean(L, busy);
     lua_setfield(L, -2, "busy");
     return pushed;
+  }
+  if (strcmp(begin, "BEGIN") != 0 && file_moved(d)) {
+    exec_sql(d, "ROLLBACK");
+    return resil_error_result(L, "store_unavailable", "store %s: %s", d->path, FILE_MOVED);
   }
   store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
   *txp = d;
