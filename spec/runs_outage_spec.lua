@@ -60,6 +60,38 @@ end
       assert.matches("recording the run's end: store_unavailable", r.stderr, 1, true)
     end)
 
+  it("a step whose results cannot be checkpointed (its fn ran, maybe paid) is a failed step in runs show", function()
+    local db = helpers.tmpname(".db")
+    helpers.run_script([[
+local resil = require "resil"
+resil.step("ok", function() return 1 end)
+print(pcall(function() local v = resil.step("bad", function() return function() end end) return v end))
+]], ("--store '%s' --run unser --log-level off"):format(db))
+    local show = helpers.run(("%s runs show unser --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, show.code, show.stderr) -- (its long error message made a column string.format refused)
+    assert.matches("bad%s+failed%s+0%s+%S+ %S+%s+resil.step: cannot checkpoint the results", show.stdout)
+    assert.matches("1 items: 0 done, 1 failed", show.stdout, 1, true)
+  end)
+
+  it("a step the store could not checkpoint (a nil, err the script went past) keeps its run from ending done",
+    function()
+      local db = helpers.tmpname(".db")
+      local rel = helpers.tmpname(".rel")
+      local r = helpers.run_script([[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+resil.step("s1", function() return 1 end)
+-- another process holds the store's write lock for 1.5 s as the next step ends
+os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 1.5\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)"):format(rel, db))
+while not io.open(rel .. ".locked") do resil.sleep(0.02) end
+print(resil.step("s2", function() return 2 end))
+resil.sleep(2) -- the lock is gone before the run ends
+]], ("--store '%s?timeout=0.5' --run unsaved --log-level off"):format(db), db .. " " .. rel)
+      assert.matches("^nil\tstore_unavailable", r.stdout)
+      local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db))
+      assert.matches("unsaved%s+done_with_failures", runs.stdout) -- (before: done)
+    end)
+
   it("a second copy of a run whose steps are in resil.map stops with run_held and status 1", function()
     local db = helpers.tmpname(".db")
     local script = [[

@@ -28,7 +28,12 @@ local function table_print(header, rows)
   end
   local function line(r)
     local cells = {}
-    for i, v in ipairs(r) do cells[i] = ("%-" .. widths[i] .. "s"):format(tostring(v)) end
+    -- (padded by hand: string.format takes widths of two digits only, and an
+    -- error message makes a wider column)
+    for i, v in ipairs(r) do
+      v = tostring(v)
+      cells[i] = v .. (" "):rep(widths[i] - #v)
+    end
     print((table.concat(cells, "  "):gsub("%s+$", "")))
   end
   line(header)

@@ -237,11 +237,17 @@ function resil.step(name, fn, ...)
   local seq = (counted.seq[scope] or 0) + 1
   counted.seq[scope] = seq -- this step's place, even if the store fails it now
   local r, rerr = current_run()
-  if not r then return nil, rerr end
+  if not r then -- (the store unavailable: the run, if held, cannot end "done")
+    if run and run.held and rerr ~= nil then run.failed[scope] = true end
+    return nil, rerr
+  end
   local backend = r.store.backend
   local recorded, result = backend:step_get(r.id, scope, seq)
   -- unknown is not "not done": running it again could pay twice
-  if recorded == nil and result ~= nil then return nil, result end
+  if recorded == nil and result ~= nil then
+    r.failed[scope] = true
+    return nil, result
+  end
   if recorded ~= nil then
     if recorded ~= name then
       error(resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
@@ -284,11 +290,19 @@ function resil.step(name, fn, ...)
     return unpack(out, 2, out.n)
   end
   local text, err = encode_values(out, 2)
-  if not text then error("resil.step: cannot checkpoint the results: " .. err, 2) end
+  if not text then
+    -- fn ran (and may have been paid for): the step is a failure `runs show` lists
+    local why = "resil.step: cannot checkpoint the results: " .. err
+    if run == r then record_failure(r, scope, seq, name, why, (r.retries[scope] or 0) - retries0, started, detail) end
+    error(why, 2)
+  end
   local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id,
     (r.retries[scope] or 0) - retries0, started, detail)
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
-  if not ok then return nil, serr end -- not checkpointed: the store is unavailable
+  if not ok then -- not checkpointed: the store is unavailable; the run cannot end "done"
+    r.failed[scope] = true
+    return nil, serr
+  end
   steps_done:inc()
   return unpack(out, 2, out.n)
 end
