@@ -1042,6 +1042,10 @@ static int l_listen(lua_State *L) {
   evhttp_set_bevcb(srv->http, conn_new_cb, srv);
   evhttp_set_max_headers_size(srv->http, (ev_ssize_t)max_headers);
   evhttp_set_max_body_size(srv->http, (ev_ssize_t)max_body);
+  /* a body past max_body is read and dropped before the 413 goes out: closed
+   * at once, the client still sending got a reset that could destroy the 413
+   * in its receive buffer (curl saw no status at all) */
+  evhttp_set_flags(srv->http, EVHTTP_SERVER_LINGERING_CLOSE);
   struct timeval tv = {(time_t)read_timeout, (suseconds_t)((read_timeout - (double)(time_t)read_timeout) * 1e6)};
   srv->read_timeout = event_base_init_common_timeout(R->base, &tv); /* O(1) timers: one duration */
   /* libevent's idle timeout (silent close) covers idle keep-alive
