@@ -4,25 +4,38 @@
 local resil = require "resil"
 local helpers = require "spec.helpers"
 
-describe("runs in resil.map on a bad day", function()
-  it("a run whose failed item could not be recorded (store locked) does not end 'done'", function()
-    local db = helpers.tmpname(".db")
-    local rel = helpers.tmpname(".rel")
-    local r = helpers.run_script([[
+-- For the scripts below (run by with_lock: a SQLite store whose lock is
+-- waited for 0.5 s): take_lock has another process (sqlite3) take the
+-- store's write lock and keep it for `seconds`; it returns once it holds it.
+local TAKE_LOCK = [[
 local resil = require "resil"
 local db, rel = arg[1], arg[2]
+local function take_lock(db, rel, seconds)
+  os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep %s\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)")
+    :format(rel, seconds, db))
+  while not io.open(rel .. ".locked") do require("resil").sleep(0.02) end
+end
+]]
+
+-- -> the script's outcome, its store's path
+local function with_lock(source, run)
+  local db, rel = helpers.tmpname(".db"), helpers.tmpname(".rel")
+  return helpers.run_script(TAKE_LOCK .. source, ("--store '%s?timeout=0.5' --run %s --log-level off"):format(db, run),
+    db .. " " .. rel), db
+end
+
+describe("runs in resil.map on a bad day", function()
+  it("a run whose failed item could not be recorded (store locked) does not end 'done'", function()
+    local r, db = with_lock([[
 local _, failures = resil.map({ 1, 2, 3 }, function(i)
   return resil.step("s", function()
-    if i == 2 then -- another process holds the store's write lock as this step ends, for 1.5 s
-      os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 1.5\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)"):format(rel, db))
-      while not io.open(rel .. ".locked") do resil.sleep(0.02) end
-    end
+    if i == 2 then take_lock(db, rel, 1.5) end -- as this step ends
     return i
   end)
 end, { concurrency = 1 })
 resil.sleep(2) -- the lock is gone before the run ends
 print("failed items: " .. (failures and failures[2] and 1 or 0))
-]], ("--store '%s?timeout=0.5' --run lk --log-level off"):format(db), db .. " " .. rel)
+]], "lk")
     assert.matches("failed items: 1", r.stdout)          -- the script saw item 2 fail
     local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db))
     -- (before: "lk   done    2 ...", and `runs show lk` listed 2 items, both done)
@@ -30,16 +43,10 @@ print("failed items: " .. (failures and failures[2] and 1 or 0))
   end)
 
   it("a run whose end cannot be recorded (the store's write lock held) says why on stderr", function()
-    local db = helpers.tmpname(".db")
-    local rel = helpers.tmpname(".rel")
-    local r = helpers.run_script([[
-local resil = require "resil"
-local db, rel = arg[1], arg[2]
+    local r, db = with_lock([[
 resil.step("s", function() return 1 end)
--- another process holds the store's write lock past the run's end
-os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 3\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)"):format(rel, db))
-while not io.open(rel .. ".locked") do resil.sleep(0.02) end
-]], ("--store '%s?timeout=0.5' --run end --log-level off"):format(db), db .. " " .. rel)
+take_lock(db, rel, 3) -- past the run's end
+]], "end")
     -- (before: "recording the run's end: (null)")
     assert.matches("recording the run's end: store_unavailable: ", r.stderr, 1, true)
   end)
@@ -75,18 +82,12 @@ print(pcall(function() local v = resil.step("bad", function() return function() 
 
   it("a step the store could not checkpoint (a nil, err the script went past) keeps its run from ending done",
     function()
-      local db = helpers.tmpname(".db")
-      local rel = helpers.tmpname(".rel")
-      local r = helpers.run_script([[
-local resil = require "resil"
-local db, rel = arg[1], arg[2]
+      local r, db = with_lock([[
 resil.step("s1", function() return 1 end)
--- another process holds the store's write lock for 1.5 s as the next step ends
-os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 1.5\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)"):format(rel, db))
-while not io.open(rel .. ".locked") do resil.sleep(0.02) end
+take_lock(db, rel, 1.5) -- as the next step ends
 print(resil.step("s2", function() return 2 end))
 resil.sleep(2) -- the lock is gone before the run ends
-]], ("--store '%s?timeout=0.5' --run unsaved --log-level off"):format(db), db .. " " .. rel)
+]], "unsaved")
       assert.matches("^nil\tstore_unavailable", r.stdout)
       local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db))
       assert.matches("unsaved%s+done_with_failures", runs.stdout) -- (before: done)
