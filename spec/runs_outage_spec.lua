@@ -13,7 +13,7 @@ local db, rel = arg[1], arg[2]
 local function take_lock(db, rel, seconds)
   os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep %s\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)")
     :format(rel, seconds, db))
-  while not io.open(rel .. ".locked") do require("resil").sleep(0.02) end
+  while not io.open(rel .. ".locked") do resil.sleep(0.02) end
 end
 ]]
 
@@ -43,7 +43,7 @@ print("failed items: " .. (failures and failures[2] and 1 or 0))
   end)
 
   it("a run whose end cannot be recorded (the store's write lock held) says why on stderr", function()
-    local r, db = with_lock([[
+    local r = with_lock([[
 resil.step("s", function() return 1 end)
 take_lock(db, rel, 3) -- past the run's end
 ]], "end")
