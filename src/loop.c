@@ -26,8 +26,10 @@
 #define TASK_MT "resil.Task"
 #define HEAP_NONE ((size_t)-1)
 #define VIRTUAL_GRACE_USEC 10000
-#define GRACE_LATE_SECONDS (2e-6 * VIRTUAL_GRACE_USEC) /* ended later than this: the process did not run */
-#define GRACES_INCONCLUSIVE_MAX 5 /* then time moves on all the same (a machine that never lets it run) */
+/* ended later than this: the process did not run all along (stopped, or
+ * woken late), and I/O that became due meanwhile may be in the same turn */
+#define GRACE_LATE_SECONDS (1e-6 * VIRTUAL_GRACE_USEC + 0.003)
+#define GRACES_INCONCLUSIVE_MAX 20 /* then time moves on all the same (a machine that never lets it run) */
 
 typedef enum { TASK_READY, TASK_RUNNING, TASK_WAITING, TASK_DONE } task_state;
 
