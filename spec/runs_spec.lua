@@ -123,7 +123,9 @@ end
 print(show(resil.run.now()), show(resil.run.random()), show(resil.run.random(1, 2^62)))
 local values = { 123456789012345678, math.mininteger, 1.0, -0.0, 0.1, 1 / 3, 2^70, { 1, 2, x = 3 },
   { ["1"] = "s", [1] = "n" }, { [1] = "a", [4] = "d" }, { [2] = "b", [3] = "c" }, { [1] = 1, [100] = 2 },
-  { ["@i"] = "not a tag" }, { [true] = "yes" }, {}, { a = { b = { 1.5, { "deep" } } } } }
+  { ["@i"] = "not a tag" }, { [true] = "yes" }, {}, { a = { b = { 1.5, { "deep" } } } },
+  { 1, nil, 3, [5] = 5 }, { nil, 2, 3, [0] = 0 }, { ["@error"] = { kind = "x", message = "m" } },
+  { ["@error"] = "not a table" }, { ["@e"] = 1 } }
 for i, v in ipairs(values) do print(i, show(resil.step("v" .. i, function() return v end))) end
 if os.getenv("FAIL") then error("stopped after the steps") end
 ]]
@@ -143,6 +145,9 @@ for _, b in ipairs(helpers.store_backends()) do
         assert.matches("1\tinteger:123456789012345678\n", again.stdout, 1, true)
         assert.matches("4\tfloat:-0\n", again.stdout, 1, true)
         assert.matches("8\t{[integer:1]=integer:1,[integer:2]=integer:2,[string:x]=integer:3}\n", again.stdout, 1, true)
+        assert.matches("17\t{[integer:1]=integer:1,[integer:3]=integer:3,[integer:5]=integer:5}\n", again.stdout, 1, true)
+        assert.matches("19\t{[string:@error]={[string:kind]=string:x,[string:message]=string:m}}\n", again.stdout, 1, true)
+        assert.matches("20\t{[string:@error]=string:not a table}\n", again.stdout, 1, true)
       end)
 
     it("a result past 32 MB of strings is refused at the step with file:line, not a crash", function()
@@ -153,11 +158,15 @@ local ok, err = pcall(function()
   return v
 end)
 print(ok, err)
+print(pcall(function()
+  local v = resil.step("huge key", function() return { [("k"):rep(40 * 1024 * 1024)] = 1 } end)
+  return v
+end))
 ]])
       local r = sh(("%s --store '%s' --log-level off --run huge %s"):format(helpers.resil, b.url(), script))
       assert.are.equal(0, r.code, r.stderr)
-      assert.matches("^false\t%S+%.lua:3: resil.step: cannot checkpoint the results: they hold more than 32 MB of strings",
-        r.stdout)
+      assert.matches("^false\t%S+%.lua:3: resil.step: cannot checkpoint the results: they hold more than 32 MB of strings\n" ..
+        "false\t%S+%.lua:8: resil.step: cannot checkpoint the results: they hold more than 32 MB of strings\n$", r.stdout)
     end)
   end)
 end

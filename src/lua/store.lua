@@ -180,7 +180,14 @@ local function holds_secret(text) return resil.redact(text, "secrets") ~= text e
 -- is its pairs ({"@t": [[k, v], ...]}). Strings are capped: cjson's buffer
 -- overflows (a crash) near 358 MB.
 local MAX_STORED_BYTES = 32 * 1024 * 1024 -- (written as JSON twice on Redis: up to 6x each time)
-local TAGS = { ["@i"] = true, ["@f"] = true, ["@t"] = true, ["@error"] = true }
+local TAGS = { ["@i"] = true, ["@f"] = true, ["@t"] = true, ["@e"] = true, ["@error"] = true }
+
+local function count_bytes(budget, n)
+  budget.bytes = budget.bytes + n
+  if budget.bytes > MAX_STORED_BYTES then
+    error(("more than %d MB of strings"):format(MAX_STORED_BYTES // (1024 * 1024)), 0)
+  end
+end
 
 local function exact(v, depth, path, budget)
   local t = type(v)
@@ -193,10 +200,7 @@ local function exact(v, depth, path, budget)
     if v ~= math.floor(v) and tonumber(("%.14g"):format(v)) == v then return v end
     return { ["@f"] = ("%a"):format(v) }
   elseif t == "string" then
-    budget.bytes = budget.bytes + #v
-    if budget.bytes > MAX_STORED_BYTES then
-      error(("more than %d MB of strings"):format(MAX_STORED_BYTES // (1024 * 1024)), 0)
-    end
+    count_bytes(budget, #v)
     return v
   elseif t ~= "table" then
     return v -- (booleans, json.null; anything else cjson refuses with its own words)
@@ -204,19 +208,23 @@ local function exact(v, depth, path, budget)
   if path[v] then error("a cyclic table", 0) end
   if depth > 200 then error("tables nested more than 200 deep", 0) end
   path[v] = true
-  local n, strings, others = 0, true, false
+  local n, strings, others, top = 0, true, false, 0
   for k in pairs(v) do
     n = n + 1
     if type(k) ~= "string" or TAGS[k] then strings = false end
-    if math.type(k) ~= "integer" then others = true end
+    if math.type(k) ~= "integer" or k < 1 then others = true
+    elseif k > top then top = k end
   end
   local out
-  if n > 0 and not others and #v == n then -- a sequence
+  if n > 0 and not others and top == n then -- a sequence: the keys are 1..n, no hole
     out = {}
     for i = 1, n do out[i] = exact(v[i], depth + 1, path, budget) end
   elseif strings then -- string keys (or empty): an object
     out = {}
-    for k, x in pairs(v) do out[k] = exact(x, depth + 1, path, budget) end
+    for k, x in pairs(v) do
+      count_bytes(budget, #k)
+      out[k] = exact(x, depth + 1, path, budget)
+    end
   else
     local pairs_of = {}
     for k, x in pairs(v) do
@@ -234,13 +242,15 @@ local function encode_values(r, first)
   local budget = { bytes = 0 }
   for i = first, r.n do
     local v = r[i]
-    if resil.is_error(v) then
+    local is_error = resil.is_error(v)
+    if is_error then
       local fields = {}
       for k, x in pairs(v) do if type(x) ~= "table" and type(x) ~= "function" then fields[k] = x end end
-      v = { ["@error"] = fields }
+      v = fields
     end
     local ok, e = pcall(exact, v, 0, {}, budget)
     if not ok then return nil, "they hold " .. tostring(e) end
+    if is_error then e = { ["@e"] = e } end -- (a user's own "@e" key is escaped by exact)
     if e == nil then e = null end
     values[#values + 1] = e
   end
@@ -286,7 +296,8 @@ local MAX_VALUES = 250 -- more results than Lua's stack could return
 local function decode_values(text)
   local t = type(text) == "string" and json.decode(text)
   if type(t) ~= "table" then return nil, "not JSON" end
-  if t.x == 1 then t = unexact(t, 0) else t = integers(t, 0) end -- (records from before the exact format)
+  local exact_format = t.x == 1
+  if exact_format then t.n = math.tointeger(t.n) else t = integers(t, 0) end -- (records from before it)
   if math.type(t.n) ~= "integer" or t.n < 0 or t.n > MAX_VALUES or type(t.v) ~= "table" then
     return nil, "not a record of values"
   end
@@ -294,7 +305,14 @@ local function decode_values(text)
   for i = 1, t.n do
     local v = t.v[i]
     if v == null then v = nil end
-    if type(v) == "table" and v["@error"] ~= nil then
+    local e = exact_format and type(v) == "table" and v["@e"]
+    if type(e) == "table" and next(v, next(v)) == nil then
+      v = unexact(e, 0)
+      v = resil.error(type(v.kind) == "string" and v.kind or "error",
+        type(v.message) == "string" and v.message or "stored error", v)
+    elseif exact_format then
+      v = unexact(v, 0)
+    elseif type(v) == "table" and v["@error"] ~= nil then
       local f = v["@error"]
       if type(f) ~= "table" then return nil, "a stored error that is not a table" end
       v = resil.error(type(f.kind) == "string" and f.kind or "error",
