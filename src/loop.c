@@ -10,8 +10,9 @@
  *
  * The virtual clock: when no task is ready and no real I/O is in flight (or
  * none arrived for a short grace period, waited out on time), time jumps
- * to the earliest virtual timer. libevent cannot run on a fake clock, so virtual timers live in a
- * small binary heap here; real timers are libevent's.
+ * to the earliest virtual timer. libevent cannot run on a fake clock, so
+ * virtual timers live in a small binary heap here; real timers are
+ * libevent's.
  */
 #include <errno.h>
 #include <math.h>
