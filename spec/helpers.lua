@@ -60,11 +60,14 @@ function helpers.run(cmd, stdin)
 end
 
 -- Another process (sqlite3) takes the write lock of the SQLite store at
--- `db` and keeps it until the file whose path this returns exists.
+-- `db` and keeps it until the file whose path this returns exists. It waits
+-- for a writer that has the lock now (.timeout) and gives up rather than go
+-- on without the lock (-bail): a spec's own process may be mid-commit.
 function helpers.hold_write_lock(db)
   local locked, release = helpers.tmpname(".locked"), helpers.tmpname(".release")
-  os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell touch %s\\n.shell while [ ! -e %s ]; do sleep 0.02; done\\n" ..
-    "COMMIT;\\n' | sqlite3 %s > /dev/null 2>&1 &"):format(locked, release, db))
+  os.execute(("printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s\\n" ..
+    ".shell while [ ! -e %s ]; do sleep 0.02; done\\nCOMMIT;\\n' | sqlite3 -bail %s > /dev/null 2>&1 &")
+    :format(locked, release, db))
   assert(helpers.wait_until(function()
     local f = io.open(locked)
     if f then f:close() end

@@ -11,7 +11,7 @@ local TAKE_LOCK = [[
 local resil = require "resil"
 local db, rel = arg[1], arg[2]
 local function take_lock(db, rel, seconds)
-  os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep %s\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)")
+  os.execute(("(printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep %s\\nCOMMIT;\\n' | sqlite3 -bail %s >/dev/null 2>&1 &)")
     :format(rel, seconds, db))
   while not io.open(rel .. ".locked") do resil.sleep(0.02) end
 end
@@ -127,7 +127,7 @@ local t = resil.spawn(function()
     messages = { { role = "user", content = "hi" } } })
 end)
 resil.sleep(0.1) -- reserved; while the provider answers, another process takes the write lock for 1.5 s
-os.execute(("(printf 'BEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 1.5\\nCOMMIT;\\n' | sqlite3 %s >/dev/null 2>&1 &)"):format(rel, db))
+os.execute(("(printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 1.5\\nCOMMIT;\\n' | sqlite3 -bail %s >/dev/null 2>&1 &)"):format(rel, db))
 while not io.open(rel .. ".locked") do resil.sleep(0.02) end
 local ok, res = t:join()
 print("answered", ok and res and res.id ~= nil)

@@ -834,7 +834,7 @@ db:now(function(tx) tx:exec("CREATE TABLE IF NOT EXISTS t (x)") end)
 db:commit_only(function(tx) tx:exec("INSERT INTO t VALUES (1)") end)
 resil.sleep(0.05) -- its sync, 10 ms later, is under way (half a second)
 -- another process takes the write lock for 0.1 s (the shell says so once it has it)
-os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell echo locked > %%s\\n.shell sleep 0.1\\nCOMMIT;\\n' | env -u LD_PRELOAD sqlite3 %%s &")
+os.execute(("printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell echo locked > %%s\\n.shell sleep 0.1\\nCOMMIT;\\n' | env -u LD_PRELOAD sqlite3 -bail %%s &")
   :format(%q, %q))
 while not io.open(%q) do resil.sleep(0.005) end
 local t = resil.spawn(function()
