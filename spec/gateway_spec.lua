@@ -866,7 +866,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     local up = helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10)
     if not up and helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
     assert(up, helpers.slurp(log))
-    return pid, port
+    return pid, port, log
   end
 
   -- `resil-lua gateway` routing to the mock m, its config returning `conf`
@@ -950,7 +950,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     local db = helpers.tmpname(".db")
     local config = mock_config(m)
     local codefile = helpers.tmpname(".code")
-    local pid, port = start_gateway(config, db, codefile)
+    local pid, port, log = start_gateway(config, db, codefile)
     finally(function()
       if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
       m:stop()
@@ -971,9 +971,10 @@ describe("resil-lua gateway and resil-lua keys", function()
     m:configure({ strict = true, reply = "served", latency = 1 })
     local inflight = {}
     for i = 1, 4 do inflight[i] = resil.spawn(send) end
-    resil.sleep(0.4) -- all four at the mock
+    -- all four at the mock (five warm-up calls before them)
+    assert(helpers.wait_until(function() return (m:stats().routes.chat or 0) >= 9 end, 10))
     os.execute("kill -TERM " .. pid)
-    resil.sleep(0.2)
+    assert(helpers.wait_until(function() return helpers.slurp(log):match("gateway: stopping") ~= nil end, 10))
     local res = assert(http.request({ method = "POST", url = url, body = body, timeout = 5,
       headers = { ["content-type"] = "application/json" } }))
     assert.are.equal(503, res.status, res.body)

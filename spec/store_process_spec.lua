@@ -178,8 +178,8 @@ end)
 describe("a new SQLite store whose write lock another process holds as it is opened", function()
   it("opens once the lock is free, within the store's timeout", function()
     local db = helpers.tmpname(".db")
-    os.execute(("(echo 'BEGIN IMMEDIATE;'; echo 'locked' > %s.locked; sleep 0.3; echo 'COMMIT;') | sqlite3 %s &")
-      :format(db, db))
+    os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell echo locked > %s.locked\\n.shell sleep 0.3\\nCOMMIT;\\n' " ..
+      "| sqlite3 -bail %s &"):format(db, db))
     assert.is_true(helpers.wait_until(function() return helpers.slurp(db .. ".locked") ~= "" end, 10))
     local r = helpers.run_script([[
 local s, err = require("resil").store()
