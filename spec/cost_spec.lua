@@ -245,6 +245,7 @@ print("done")
 local resil = require "resil"
 local call = require "policies.call"
 local url = arg[1]
+io.stdout:write("started\n"); io.stdout:flush()
 local chat = call.provider("cost-kill", { request = { method = "POST", url = url .. "/v1/chat/completions" },
   timeout = 5, validate = "chat", idempotency = true, retry = { base = 0.01 } })
 -- three images per topic, each under its own once key, inside one step per topic
@@ -268,15 +269,11 @@ print("finished")
     local kills = 0
     for trial = 1, 3 do
       local finished = false
-      for _ = 1, 40 do
+      for launch = 1, 40 do
         local pid, out = helpers.start(source, ("--store %s --run cost-%d --log-level off"):format(db, trial), url)
-        local deadline = resil.clock.wall() + 0.02 + math.random() * 0.25
-        helpers.wait_until(function() return not helpers.alive(pid) or resil.clock.wall() >= deadline end, 10)
-        if helpers.alive(pid) then
-          os.execute("kill -KILL " .. pid)
-          kills = kills + 1
-          helpers.wait_until(function() return not helpers.alive(pid) end, 10)
-        end
+        -- (the last launches run to the end: the kills are the first 30)
+        local delay = launch <= 30 and 0.02 + math.random() * 0.25 or nil
+        if helpers.kill_after_start(pid, out, delay) then kills = kills + 1 end
         local output = helpers.slurp(out)
         if output:match("finished") then finished = true break end
         if output:match("resil%-lua:") then error("the run failed on its own: " .. output) end

@@ -1079,19 +1079,20 @@ describe("resil-lua gateway and resil-lua keys", function()
     for i = 1, 3 do
       calls[i] = resil.spawn(function() return post(url, body).status end)
     end
-    resil.sleep(0.1)
+    assert(helpers.wait_until(function() return (m:stats().routes.chat or 0) >= 4 end, 10)) -- the three at the mock
     -- a call under an Idempotency-Key that outlives the drain: it finishes for the key, not for its client
     m:configure({ strict = true, reply = "served", latency = 30 })
     local long = resil.spawn(function()
       return http.request({ method = "POST", url = url, body = body, timeout = 30,
         headers = { ["content-type"] = "application/json", ["idempotency-key"] = "outlives-the-drain" } })
     end)
-    resil.sleep(0.1)
+    assert(helpers.wait_until(function() return (m:stats().routes.chat or 0) >= 5 end, 10)) -- and it too
     release = helpers.hold_write_lock(db)
     local t0 = resil.now()
     os.execute("kill -TERM " .. pid)
     for i = 1, 3 do assert.are.same({ true, 200 }, { calls[i]:join() }) end
-    resil.sleep(6.5) -- past the store's own 5 s timeout: its rows are still queued, not dropped
+    -- past the store's own 5 s timeout: its rows are still queued, not dropped
+    resil.sleep(math.max(0, t0 + 6.2 - resil.now()))
     assert.is_true(helpers.alive(pid))
     helpers.write(release, "")
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
@@ -1261,7 +1262,7 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
           return res and res.status or tostring(err)
         end)
       end
-      resil.sleep(0.4)
+      assert(helpers.wait_until(function() return (m:stats().routes.chat or 0) >= 6 end, 10)) -- all six at the mock
       os.execute("/bin/kill -s TERM -- -" .. pid) -- (procps kill: a negative pid is the group)
       for i = 1, 6 do
         local ok, status = calls[i]:join()

@@ -76,6 +76,21 @@ function helpers.hold_write_lock(db)
   return release
 end
 
+-- kill -9 the process `pid` `delay` seconds after it printed "started" to
+-- its output file `out` (timed from its start-up, on a slow machine a good
+-- part of a short delay, its kills would all land before it did anything);
+-- delay nil: let it run to its end. -> true if it was killed
+function helpers.kill_after_start(pid, out, delay)
+  local resil = require "resil"
+  helpers.wait_until(function() return not helpers.alive(pid) or helpers.slurp(out):match("started") end, 30)
+  local deadline = resil.clock.wall() + (delay or 60)
+  helpers.wait_until(function() return not helpers.alive(pid) or resil.clock.wall() >= deadline end, 60)
+  if not helpers.alive(pid) then return false end
+  os.execute("kill -KILL " .. pid)
+  helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+  return true
+end
+
 -- Run a script file through the host: args is a string appended to the command line.
 function helpers.run_script(source, opts, args)
   local path = helpers.write(helpers.tmpname(".lua"), source)
