@@ -49,8 +49,13 @@ local function post(url, key, timeout)
     headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
 end
 
+-- Redis stops answering writes for `ms` (long: a slow machine's spec must
+-- not outlast it) until unpause()
 local function pause_writes(ms)
   os.execute(("redis-cli -p %d client pause %d write > /dev/null"):format(redis.port, ms))
+end
+local function unpause()
+  os.execute(("redis-cli -p %d client unpause > /dev/null"):format(redis.port))
 end
 
 describe("the gateway on Redis: budget holds", function()
@@ -59,10 +64,11 @@ describe("the gateway on Redis: budget holds", function()
     resil.store_config({ url = redis.url() })
     local b = resil.budget("probe", { limit = 100, per = "day" })
     assert(b:reserve(0)):settle(0) -- the limit is declared, the scripts loaded
-    pause_writes(300)
+    pause_writes(5000)
     local t = resil.spawn(function() return b:reserve(1) end)
     resil.sleep(0.1) -- the limit was read; the reserve script waits behind the pause
     t:cancel()
+    unpause()
     resil.sleep(0.5) -- the pause is over: the script has run
     local st = assert(b:state())
     resil.log.level("info")
@@ -78,9 +84,10 @@ describe("the gateway on Redis: budget holds", function()
     local key = assert(keys.add({ name = "tight", budget = "0.005/day" }))
     assert.are.equal(200, assert(post(url, key)).status) -- the key is cached, the budget declared
     for _ = 1, 2 do
-      pause_writes(300)
+      pause_writes(5000)
       local res = post(url, key, 0.1) -- the client's timeout; its task is canceled as it leaves
       assert.is_nil(res)
+      unpause()
       resil.sleep(0.5)
     end
     local st = assert(resil.budget("key:tight"):state())
@@ -116,9 +123,10 @@ describe("the gateway on Redis: the store's outage as the client sees it", funct
       local url, m = start("timeout=0.2")
       local key = assert(keys.add({ name = "outage", budget = "5/day" }))
       assert.are.equal(200, assert(post(url, key)).status)
-      pause_writes(600) -- the reserve script gets no reply within the store's timeout
+      pause_writes(5000) -- the reserve script gets no reply within the store's timeout
       local res = assert(post(url, key))
-      resil.sleep(0.7)
+      unpause()
+      resil.sleep(0.5)
       assert.are.equal(503, res.status, res.body)
       assert.is_truthy(res.headers["retry-after"])
       local e = json.decode(res.body).error

@@ -301,7 +301,9 @@ describe("gateway: a hostile upstream", function()
     local last = evs[#evs].data
     assert.is_table(json.decode(last).error, last)
     assert.is_nil(last:find(upstream, 1, true), last)
-    -- a link in the provider's own message is the provider's, and kept
+    -- a link in the provider's own message is the provider's, and kept (timeouts a stalled machine cannot hit)
+    require("policies.ai").configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+      retry = { base = 0.001, cap = 0.005 } })
     m:configure({ strict = true, sequence = { chat = { { status = 400, body = json.encode({ error = {
       message = "Bad thing. Read the docs: https://platform.example/docs/errors.", type = "invalid_request_error" } }) } } } })
     res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
@@ -1167,9 +1169,10 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     -- each settle wrote its spend and its row in one transaction: a kill between them left neither
     assert.are.equal(("%.6f"):format(b.spent), ledger_usd)
     -- rows only for calls the provider answered, each once; lost at most those of the last group commit
-    -- and the one held behind its sync (answered 2-20 ms before the kill): well under 50 ms of answers
+    -- and the one held behind its sync (answered 2-20 ms before the kill): well under 50 ms of answers,
+    -- besides one per connection that the gateway wrote and its client read only after the kill
     assert.is_true(tonumber(rows) <= m:stats().routes.chat, rows .. " rows, " .. m:stats().routes.chat .. " calls")
-    assert.is_true(tonumber(rows) >= answered - rate * 0.05, rows .. " rows for " .. answered .. " answers")
+    assert.is_true(tonumber(rows) >= answered - #clients - rate * 0.05, rows .. " rows for " .. answered .. " answers")
   end)
 
   -- for a gateway with --workers: a mock upstream and a config routing to it

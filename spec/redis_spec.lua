@@ -114,9 +114,10 @@ describe("resil.once on Redis", function()
   end)
 
   it("keeps a running record past its retention while its run goes on: fn runs once", function()
+    local asked = false -- the run goes on until the spec has asked (however late, on a slow machine)
     local first = resil.spawn(resil.once, { key = "long-run", fingerprint = "fp", retention = 0.2 }, function()
       calls = calls + 1
-      resil.sleep(0.6)
+      repeat resil.sleep(0.05) until asked
       return "made"
     end)
     resil.sleep(0.4) -- past the retention, the run still going
@@ -124,6 +125,7 @@ describe("resil.once on Redis", function()
     -- what a second process asking for the key is told
     assert.are.equal("in_progress", (s.backend:once_claim("long-run", "fp", "another-process", 300, 0.2,
       resil.store_now())))
+    asked = true
     assert.are.equal("made", select(2, first:join()))
     assert.are.equal(1, calls)
     -- the run over, its record keeps its retention as before
@@ -134,14 +136,16 @@ describe("resil.once on Redis", function()
 
   it("renews a running record with the heartbeat: it outlives its first lease", function()
     local _ <close> = short_lease(0.3)
+    local asked = false -- the run goes on until the spec has asked
     local first = resil.spawn(resil.once, { key = "beaten", fingerprint = "fp", retention = 0.1 }, function()
       calls = calls + 1
-      resil.sleep(1)
+      repeat resil.sleep(0.05) until asked
       return "made"
     end)
     resil.sleep(0.8) -- more than twice the lease: only the beats keep it
     assert.are.equal("in_progress", (resil.store().backend:once_claim("beaten", "fp", "another-process", 300, 0.1,
       resil.store_now())))
+    asked = true
     assert.are.equal("made", select(2, first:join()))
     assert.are.equal(1, calls)
   end)
@@ -151,17 +155,18 @@ describe("resil.once on Redis", function()
   -- stopped for good: no lease and no record renewed after it)
   it("renews running records with the heartbeat when this process runs 60 of them at once", function()
     local _ <close> = short_lease(0.3)
-    local tasks = {}
+    local tasks, asked = {}, false -- each run goes on until the spec has asked
     for i = 1, 60 do
       tasks[i] = resil.spawn(resil.once, { key = "many-" .. i, fingerprint = "fp", retention = 0.1 }, function()
         calls = calls + 1
-        resil.sleep(1)
+        repeat resil.sleep(0.05) until asked
         return "made"
       end)
     end
     resil.sleep(0.8) -- more than twice the lease: only the beats keep them
     assert.are.equal("in_progress", (resil.store().backend:once_claim("many-1", "fp", "another-process", 300, 0.1,
       resil.store_now())))
+    asked = true
     for i = 1, 60 do assert.are.equal("made", select(2, tasks[i]:join())) end
     assert.are.equal(60, calls)
   end)

@@ -119,20 +119,23 @@ print("after map")
 local resil = require "resil"
 local ai = require "policies.ai"
 local db, rel = arg[1], arg[2]
-local mock = resil.mock.start({ latency = { min = 0.3, max = 0.3 } })
+local mock = resil.mock.start({ latency = { min = 1, max = 1 } })
 ai.configure("openai", { base_url = mock.url .. "/v1", api_key = "sk-x" })
 resil.budget("team", { limit = 10, per = "day" })
 local t = resil.spawn(function()
   return ai.chat({ model = "openai/gpt-4o-mini-2024-07-18", budget = "team", max_tokens = 20,
     messages = { { role = "user", content = "hi" } } })
 end)
-resil.sleep(0.1) -- reserved; while the provider answers, another process takes the write lock for 1.5 s
+-- reserved once the call is at the provider; while it answers, another process takes the write lock for 1.5 s
+while (mock:stats().routes.chat or 0) < 1 do resil.sleep(0.01) end
 os.execute(("(printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 1.5\\nCOMMIT;\\n' | sqlite3 -bail %s >/dev/null 2>&1 &)"):format(rel, db))
 while not io.open(rel .. ".locked") do resil.sleep(0.02) end
 local ok, res = t:join()
 print("answered", ok and res and res.id ~= nil)
-resil.sleep(3) -- the lock is gone; the settle is tried again
-print("ledger calls", resil.cost.breakdown("model")[1].calls)
+-- the lock is gone; the settle is tried again
+local deadline = resil.clock.wall() + 10
+while not resil.cost.breakdown("model")[1] and resil.clock.wall() < deadline do resil.sleep(0.05) end
+print("ledger calls", (resil.cost.breakdown("model")[1] or {}).calls)
 ]], ("--store '%s?timeout=0.3'"):format(db), db .. " " .. rel)
     assert.matches("answered\ttrue", r.stdout)
     assert.matches("ledger calls\t1", r.stdout)  -- the row was written, once

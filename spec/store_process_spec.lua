@@ -116,18 +116,25 @@ end)
 
 describe("idempotency across processes", function()
   it("another process sees in_progress while the holder runs, then its stored result", function()
-    local db = helpers.tmpname(".db")
-    local pid, out = helpers.start([[
+    local db, go = helpers.tmpname(".db"), helpers.tmpname(".go")
+    -- A holds its claim until B has seen it in progress (a file B's script writes), however slow B's start
+    local pid, out = helpers.start(([[
 local resil = require "resil"
-print(resil.once("shared-job", function() print("claimed"); io.stdout:flush(); resil.sleep(1); return "made by A" end))
-]], "--store " .. db .. " --log-level off")
+print(resil.once("shared-job", function()
+  print("claimed"); io.stdout:flush()
+  local deadline = resil.clock.wall() + 30
+  while not io.open(%q) and resil.clock.wall() < deadline do resil.sleep(0.02) end
+  return "made by A"
+end))
+]]):format(go), "--store " .. db .. " --log-level off")
     assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("claimed") end, 10))
     local r = helpers.run_script([[
 local resil = require "resil"
 local v, err = resil.once({ key = "shared-job", wait = 0.2 }, function() return "made by B" end)
 print(v, err and err.kind)
+io.open(arg[1], "w"):close()
 print(resil.once({ key = "shared-job", wait = 10 }, function() return "made by B" end))
-]], "--store " .. db .. " --log-level off")
+]], "--store " .. db .. " --log-level off", go)
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("nil\tin_progress\nmade by A\n", r.stdout)
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))

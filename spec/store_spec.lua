@@ -713,7 +713,8 @@ os.exit(3) -- (not reached)
     -- a durable row and n sync = false rows at once -> output, syncs made
     local function run(n)
       local log = helpers.tmpname(".log")
-      local out = helpers.run(("SYNC_LOG=%s SLOW_SYNC_MS=300 ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s " ..
+      -- (a sync long enough for 20 commits one after another on a slow, loaded machine)
+      local out = helpers.run(("SYNC_LOG=%s SLOW_SYNC_MS=1500 ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s " ..
         "--store %s %s"):format(log, shim, helpers.resil, db, helpers.write(helpers.tmpname(".lua"), ([[
 local resil = require "resil"
 local order = {}
