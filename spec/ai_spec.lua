@@ -487,7 +487,7 @@ describe("chat over the strict mock", function()
       n = n + 1
       if n == 1 then return refused_answer("chatcmpl-refused-1") end
       local res = good_answer("chatcmpl-good")
-      res.delay = 0.5 -- (meanwhile the lock is taken)
+      res.delay = 2 -- (meanwhile the lock is taken)
       return res
     end } })
     local b = resil.budget("ai-spec-settle-cancel", { limit = 1 })
@@ -496,7 +496,9 @@ describe("chat over the strict mock", function()
     assert.is_true(helpers.wait_until(function() return n == 2 end, 10))
     local release = helpers.hold_write_lock(db)
     finally(function() helpers.write(release, "") end)
-    resil.sleep(1) -- answered; its settle waits for the lock
+    -- answered (the mock has written it); its settle waits for the lock
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 0 end, 10))
+    resil.sleep(0.3)
     assert.are.equal("waiting", t:status())
     t:cancel()
     helpers.write(release, "")

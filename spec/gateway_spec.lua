@@ -628,7 +628,7 @@ describe("gateway: concurrency", function()
   local BODY = { model = "openai/gpt-4o-mini", messages = MSGS }
 
   it("past max_concurrent and its queue a request is a 503 with Retry-After, in OpenAI's shape", function()
-    local url, m = start({ strict = true, latency = 0.1 }, { max_concurrent = 2, queue = 0 })
+    local url, m = start({ strict = true, latency = 1 }, { max_concurrent = 2, queue = 0 })
     local replies = at_once(3, url .. "/v1/chat/completions", BODY)
     assert.are.same({ [200] = 2, [503] = 1 }, statuses(replies))
     for _, r in ipairs(replies) do
@@ -650,7 +650,7 @@ describe("gateway: concurrency", function()
   end)
 
   it("keys add --concurrency N: the key's own limit; other keys are not held up", function()
-    local url = start({ strict = true, latency = 0.1 }, { auth = true, queue = 0 })
+    local url = start({ strict = true, latency = 1 }, { auth = true, queue = 0 })
     local one = assert(keys.add({ name = "one-at-a-time", concurrency = 1 }))
     local other = assert(keys.add({ name = "other" }))
     local tasks = {
@@ -668,11 +668,11 @@ describe("gateway: concurrency", function()
   end)
 
   it("a stream keeps its permit until it ends", function()
-    local url, m = start({ strict = true, reply = ("w "):rep(20), stream_interval = 0.02 },
+    local url, m = start({ strict = true, reply = ("w "):rep(100), stream_interval = 0.02 },
       { max_concurrent = 1, queue = 0 })
     local streaming = resil.spawn(events_of, url .. "/v1/chat/completions",
       { model = "openai/gpt-4o-mini", messages = MSGS, stream = true })
-    -- the stream is under way upstream (it lasts 0.4 s)
+    -- the stream is under way upstream (it lasts 2 s)
     assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 5))
     assert.are.equal(503, post(url .. "/v1/chat/completions", BODY).status)
     local ok, evs = streaming:join()
