@@ -764,39 +764,43 @@ print(select(2, ledger:join()), select(2, durable:join()))
 
   it("a task canceled while its write is made durable gets the result first: its <close> gives the hold back",
     function()
-      local db = store_before_slow()
+      local db, log = store_before_slow(), helpers.tmpname(".log")
       local r = slow_run(db, [[
 local resil = require "resil"
+local function syncs() local f = io.open(os.getenv("SYNC_LOG")); local n = f and #f:read("a") or 0; if f then f:close() end; return n end
 local b = resil.budget("cancel-sync", { limit = 1, hold = 600 })
 assert(b:reserve(0.05)):release() -- the budget declared, the owner's lease written
 local released
+local before = syncs()
 local t = resil.spawn(function()
   local ticket = assert(b:reserve(0.9))
   local _ <close> = setmetatable({}, { __close = function() released = resil.spawn(ticket.release, ticket) end })
   resil.sleep(60)
 end)
-resil.sleep(0.1) -- the reservation is committed; its half-second sync is under way
+repeat resil.sleep(0.005) until syncs() > before -- the reservation is committed; its half-second sync is under way
 t:cancel()
 t:join()
 assert(released, "the task got its ticket and gave it back")
 released:join()
 local st = b:state()
 print(st.reserved, #st.holds)
-]])
+]], "SYNC_LOG=" .. log)
       assert.are.equal(0, r.code, r.stderr)
       assert.are.equal("0.0\t0\n", r.stdout)
     end)
 
   it("a task canceled during its write's sync that ends before waiting again ends canceled, once", function()
-    local db = store_before_slow()
+    local db, log = store_before_slow(), helpers.tmpname(".log")
     local r = slow_run(db, [[
 local resil = require "resil"
+local function syncs() local f = io.open(os.getenv("SYNC_LOG")); local n = f and #f:read("a") or 0; if f then f:close() end; return n end
+local before = syncs()
 local t = resil.spawn(function() assert(resil.store():set("k", "v")); return "done" end)
-resil.sleep(0.1) -- its write committed, the sync under way
+repeat resil.sleep(0.005) until syncs() > before -- its write committed, the sync under way
 print(t:cancel(), t:cancel())
 print(t:join())
 print(t:status(), resil.store():get("k"))
-]])
+]], "SYNC_LOG=" .. log)
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("true\tfalse\nfalse\tcanceled: task 2 was canceled\ncanceled\tv\n", r.stdout)
     assert.are.equal("", r.stderr)
