@@ -123,11 +123,11 @@ function helpers.wait_until(cond, seconds)
 end
 
 -- Run n copies of a script at once: each waits for the same wall-clock
--- moment (`delay` seconds from now, 0.5 by default) before its first line.
+-- moment (`delay` seconds from now, 1 by default) before its first line.
 -- -> their outputs, in order.
 function helpers.run_together(n, source, opts, delay)
   local resil = require "resil"
-  local go = ("%.3f"):format(resil.clock.wall() + (delay or 0.5))
+  local go = ("%.3f"):format(resil.clock.wall() + (delay or 1)) -- (an ASan start on a loaded machine)
   local start = "do local r = require 'resil'; while r.clock.wall() < " .. go .. " do r.sleep(0.002) end end "
   local procs = {}
   for i = 1, n do procs[i] = { helpers.start(start .. source, opts) } end
