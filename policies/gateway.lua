@@ -954,9 +954,13 @@ end
 -- the requests in flight answered, their ledger rows and budget settles
 -- written (another process may hold the store's write lock), the server
 -- closed; then whatever still runs (a call a client left, finishing for its
--- Idempotency-Key) is stopped, so that the process ends in time
+-- Idempotency-Key) is stopped, so that the process ends in time. At least
+-- DRAIN_MIN: a stream cut at once must still get its error event out, and
+-- the rows their tasks record be written (with 0, the server closed in the
+-- same turn: a client read the truncated stream as a complete answer).
+local DRAIN_MIN = 0.5
 local function drain(s, signo)
-  local grace = tonumber(gateway.config.drain_timeout) or 20
+  local grace = math.max(tonumber(gateway.config.drain_timeout) or 20, DRAIN_MIN)
   s:stop_accepting()
   local deadline = resil.now() + grace
   local function wait_while(busy, by) while busy() and resil.now() < by do resil.sleep(0.02) end end
