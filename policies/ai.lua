@@ -356,6 +356,15 @@ local function reserve(targets, req)
   return budget:reserve(usd)
 end
 
+-- What the provider says of its answer (its model, its id), taken only as
+-- text a header, a log line and the ledger can hold: a null or an object
+-- made the ledger refuse the row (the cost lost, the hold kept), a CR/LF
+-- made the gateway's answer a 500 after the call was paid.
+local function provider_text(v)
+  if type(v) ~= "string" or #v == 0 or #v > 256 or v:find("[^\32-\126]") then return nil end
+  return v
+end
+
 -- The ledger key of an answer: the provider's response id dedupes a replay
 -- only, the same answer given again for the same Idempotency-Key (a call
 -- inside resil.once run again after a crash, the gateway's client retrying
@@ -448,7 +457,7 @@ local function record_refusals(guard)
       if usage then
         usage.requests, usage.refused = 1, 1
         local a = { provider = t.provider, requested_model = t.model, usage = usage,
-          model = type(model) == "string" and model or t.model, id = type(id) == "string" and id or nil }
+          model = provider_text(model) or t.model, id = provider_text(id) }
         local key = ledger_key(a)
         if not (key and seen[key]) then
           if key then seen[key] = true end
@@ -595,7 +604,8 @@ end
 
 local function finish_result(t, r, data)
   r.provider, r.requested_model, r.raw = t.provider, t.model, data
-  r.model = r.model or t.model
+  r.model = provider_text(r.model) or t.model
+  r.id = provider_text(r.id)
   r.deployment = t.deployment
   return r
 end

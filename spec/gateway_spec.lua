@@ -95,6 +95,39 @@ describe("gateway: OpenAI chat completions", function()
       assert.are_not.equal(client_span, span_id)
     end)
 
+  -- (cjson alone turned a parameterless tool's "required": [] into {}, which the provider refuses,
+  -- and wrote a seed with 14 digits)
+  it("the provider gets the client's empty arrays as [] and its numbers exactly, in both APIs", function()
+    local bodies = {}
+    local answers = {
+      ["/v1/chat/completions"] = { id = "chatcmpl-x", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = "ok" }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 1, completion_tokens = 1, total_tokens = 2 } },
+      ["/v1/messages"] = { id = "msg_x", type = "message", role = "assistant", model = "claude-3-5-haiku-20241022",
+        content = { { type = "text", text = "ok" } }, stop_reason = "end_turn", stop_sequence = json.null,
+        usage = { input_tokens = 1, output_tokens = 1 } } }
+    local function capture(req)
+      bodies[#bodies + 1] = req.body
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode(answers[req.path]) }
+    end
+    local url = start({ strict = true, routes = { ["POST /v1/chat/completions"] = capture, ["POST /v1/messages"] = capture } })
+    local params = '{"type":"object","properties":{"tags":{"type":"array","default":[]}},"required":[]}'
+    local res = post(url .. "/v1/chat/completions", '{"model":"openai/gpt-4o-mini","messages":[{"role":"user",' ..
+      '"content":"hi"}],"seed":1234567890123456789,"temperature":0.30000000000000004,"tools":[{"type":"function",' ..
+      '"function":{"name":"now","parameters":' .. params .. '}}]}')
+    assert.are.equal(200, res.status, res.body)
+    res = post(url .. "/v1/messages", '{"model":"anthropic/claude-3-5-haiku-20241022","max_tokens":10,' ..
+      '"messages":[{"role":"user","content":"hi"}],"tools":[{"name":"now","input_schema":' .. params .. '}]}')
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal(2, #bodies)
+    for _, body in ipairs(bodies) do
+      assert.matches('"required":[]', body, 1, true)
+      assert.matches('"default":[]', body, 1, true)
+    end
+    assert.matches('"seed":1234567890123456789', bodies[1], 1, true)
+    assert.matches('"temperature":0.30000000000000004', bodies[1], 1, true)
+  end)
+
   it("an OpenAI client served by Anthropic when OpenAI fails gets an OpenAI-shaped answer", function()
     local url, m = start({ strict = true, reply = "from claude", sequence = { chat = { 500, 500, 500, 500 } } })
     local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS })
@@ -309,6 +342,31 @@ describe("gateway: a hostile upstream", function()
     res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
     assert.are.equal(400, res.status)
     assert.matches("https://platform.example/docs/errors.", json.decode(res.body).error.message, 1, true)
+  end)
+
+  it("a model or id that is not a short line of text (null, an object, CR/LF, 100 KB) is not taken: the client " ..
+     "gets its answer, the ledger its row under the model asked for, and the hold is given back", function()
+    local shapes = { "null", '{"a":1}', '"gpt-4o\r\nx-evil: 1"', '"' .. ("m"):rep(100000) .. '"' }
+    local n = 0
+    local url = start({ routes = { ["POST /v1/chat/completions"] = function()
+      n = n + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"id":' .. shapes[n] ..
+        ',"object":"chat.completion","model":' .. shapes[n] .. ',"choices":[{"index":0,"message":{"role":' ..
+        '"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}' }
+    end } }, { auth = true })
+    local key = assert(keys.add({ name = "odd-model", budget = "10/day" }))
+    for i = 1, #shapes do
+      local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS },
+        { authorization = "Bearer " .. key })
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal("gpt-4o-mini", res.headers["x-resil-model"])
+      assert.is_nil(res.headers["x-evil"])
+      assert.are.equal(i, assert(resil.cost.breakdown("model"))[1].calls, "answer " .. i)
+    end
+    assert.are.equal("gpt-4o-mini", assert(resil.cost.breakdown("model"))[1].key)
+    local state = assert(resil.budget("key:odd-model"):state())
+    assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
+    assert.is_true(state.spent > 0)
   end)
 
   it("token counts that are infinite or negative are the provider's garbage: the client still gets its answer, " ..

@@ -158,5 +158,46 @@ describe("resil.json", function()
 
   it("raises when asked to encode what JSON cannot hold", function()
     assert.has_error(function() resil.json.encode({ f = print }) end)
+    -- a table that holds itself, twice over: cjson's nesting error, at once (not 2^1000 visits)
+    local t = {}
+    t.a, t.b = t, t
+    assert.has_error(function() resil.json.encode(t) end)
+  end)
+
+  -- (Debian's cjson wrote every empty array as {} and every number with 14 digits)
+  it("gives back an empty array as [] and every number exactly, through decode and encode", function()
+    local json = resil.json
+    local function again(text) return json.encode(json.decode(text)) end
+    assert.are.equal('{"required":[]}', again('{"required":[]}'))
+    assert.are.equal('[[],[[]],{}]', again('[ [ ], [[\n]], {} ]'))
+    assert.are.equal("[]", again("[]"))
+    assert.are.equal('{"seed":1234567890123456789}', again('{"seed":1234567890123456789}'))
+    assert.are.equal(1234567890123456789, json.decode('{"seed":1234567890123456789}').seed)
+    assert.are.equal("12345678901234567", again("12345678901234567"))
+    assert.are.equal("[0.30000000000000004,3.141592653589793,-0.000123456789012345]",
+      again("[0.30000000000000004,3.141592653589793,-0.000123456789012345]"))
+    assert.are.equal("100000000000000000", again("100000000000000000"))
+    -- what cjson wrote exactly before is written as before
+    assert.are.equal('[1,0.5,12345678901234,"[]","a]b[c","q\\"[]"]', again('[1,0.5,12345678901234,"[]","a]b[c","q\\"[]"]'))
+    -- values made in Lua: a list marked as one, integers and floats
+    assert.are.equal("{}", json.encode({}))
+    assert.are.equal('{"tags":[]}', json.encode({ tags = setmetatable({}, json.array_mt) }))
+    assert.are.equal("[9223372036854775807,100000000000000,0.1,0.3333333333333333]",
+      json.encode({ math.maxinteger, 100000000000000, 0.1, 1 / 3 }))
+    -- a string that looks like the host's markers is only a string
+    assert.are.equal('"\\u0000rj0123abcd["', again('"\\u0000rj0123abcd["'))
+    assert.are.equal('["\\u0000rj"]', again('["\\u0000rj"]'))
+  end)
+
+  it("sends a json = body to a server exactly (the HTTP client's encode)", function()
+    local got
+    local s <close> = assert(resil.server.listen({ port = 0, handler = function(req)
+      got = req.body
+      return { status = 200, body = "ok" }
+    end }))
+    local body = resil.json.decode('{"tools":[{"parameters":{"required":[]}}],"seed":1234567890123456789}')
+    assert(resil.http.request({ url = ("http://127.0.0.1:%d/"):format(s:port()), json = body, timeout = 5 }))
+    assert.matches('"required":[]', got, 1, true)
+    assert.matches('"seed":1234567890123456789', got, 1, true)
   end)
 end)

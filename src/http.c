@@ -1461,11 +1461,11 @@ static void encode_json_body(lua_State *L) {
   if (!lua_isnil(L, SLOT_BODY)) resil_raise(L, "http request: give 'body' or 'json', not both");
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &json_encode_key) != LUA_TFUNCTION) {
     lua_pop(L, 1);
-    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-    lua_getfield(L, -1, "cjson"); /* loaded with resil.json */
+    /* resil.json's exact encode (src/json.c), from the host's own module */
+    lua_pushcfunction(L, luaopen_resil_json);
+    lua_call(L, 0, 1);
     lua_getfield(L, -1, "encode");
-    lua_replace(L, -3);
-    lua_pop(L, 1);
+    lua_remove(L, -2);
     lua_pushvalue(L, -1);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &json_encode_key);
   }

@@ -4,42 +4,361 @@
  *
  * encode raises on values JSON cannot hold (a function, a cyclic table):
  * that is misuse. decode returns nil, err on bad input: that is the world.
+ *
+ * Exact both ways, where Debian's cjson (2.1.0) is not: it reads `[]` and
+ * `{}` alike as an empty table and writes `{}` (a tool's `"required": []`
+ * went upstream as `{}`, which the provider refuses), and it reads every
+ * number as a double and writes it with at most 14 digits (a seed or an id
+ * past 1e14 came out changed). So:
+ *
+ *   decode: an empty array is an empty table with json.array_mt; a number
+ *           of more than 14 significant digits is read by Lua (an integer
+ *           when it is one and fits, else the nearest double).
+ *   encode: a table with json.array_mt is an array ([] when empty); an
+ *           integer from 1e14 up, and a float that %.14g would change,
+ *           are written exactly.
+ *
+ * Both by the same means: before cjson sees them, such values are swapped
+ * for marker strings (a NUL, "rj", a random tag of this host, a kind), and
+ * swapped back after. The text is scanned first, so a body without any
+ * costs one pass over its bytes (decode) or over its values (encode).
  */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/rand.h>
+
 #include "host.h"
 
 extern int luaopen_cjson(lua_State *L);
 extern int luaopen_cjson_safe(lua_State *L);
 
-/* upvalue 1: cjson.safe.decode */
-static int json_decode(lua_State *L) {
-  luaL_checkstring(L, 1);
-  lua_settop(L, 1);
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, 1, 2);
-  if (!lua_isnil(L, 1)) {
-    lua_settop(L, 1);
-    return 1;
-  }
-  const char *why = lua_tostring(L, 2);
-  return resil_error_result(L, "invalid_json", "%s", why ? why : "invalid JSON");
+#define MAX_DEPTH 1000   /* cjson's own nesting limit, both ways */
+#define EXACT_DIGITS 14  /* what cjson writes (%.14g) */
+#define TAG_LEN 8
+
+/* upvalues of encode and decode */
+enum { UP_CJSON = 1, UP_ARRAY_MT, UP_TAG };
+
+/* the marker's head as cjson writes it ("\u0000rj" + tag) and as Lua holds it */
+typedef struct {
+  char text[6 + 2 + TAG_LEN + 1];
+  char raw[1 + 2 + TAG_LEN + 1];
+} marker;
+
+static void marker_of(lua_State *L, marker *m) {
+  size_t n;
+  const char *tag = lua_tolstring(L, lua_upvalueindex(UP_TAG), &n);
+  snprintf(m->text, sizeof m->text, "\\u0000rj%.*s", (int)n, tag);
+  m->raw[0] = '\0';
+  snprintf(m->raw + 1, sizeof m->raw - 1, "rj%.*s", (int)n, tag);
+}
+#define RAW_LEN (1 + 2 + TAG_LEN)
+
+static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+static int is_number_char(char c) {
+  return (c >= '0' && c <= '9') || c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E';
 }
 
-int luaopen_resil_json(lua_State *L) {
+/* significant digits of a JSON number's mantissa (leading zeros aside) */
+static int significant_digits(const char *s, size_t n) {
+  int digits = 0, leading = 1;
+  for (size_t i = 0; i < n && s[i] != 'e' && s[i] != 'E'; i++) {
+    if (s[i] < '0' || s[i] > '9') continue;
+    if (leading && s[i] == '0') continue;
+    leading = 0;
+    digits++;
+  }
+  return digits;
+}
+
+/* text -> pushes it with what cjson would lose swapped for markers; -> 1 if
+ * anything was swapped (else pushes nothing and returns 0) */
+static int mark_text(lua_State *L, const char *s, size_t len, const marker *m) {
+  luaL_Buffer b;
+  size_t from = 0; /* bytes before it are in b */
+  int changed = 0;
+  for (size_t i = 0; i < len;) {
+    char c = s[i];
+    if (c == '"') {
+      for (i++; i < len && s[i] != '"'; i++)
+        if (s[i] == '\\') i++;
+      i++;
+      continue;
+    }
+    size_t end = i + 1;
+    const char *kind = NULL;
+    if (c == '[') {
+      while (end < len && is_ws(s[end])) end++;
+      if (end < len && s[end] == ']') kind = "[", end++;
+    } else if (c == '-' || (c >= '0' && c <= '9')) {
+      while (end < len && is_number_char(s[end])) end++;
+      if (significant_digits(s + i, end - i) > EXACT_DIGITS) kind = "#";
+    }
+    if (!kind) {
+      i = end;
+      continue;
+    }
+    if (!changed) luaL_buffinit(L, &b), changed = 1;
+    luaL_addlstring(&b, s + from, i - from);
+    luaL_addchar(&b, '"');
+    luaL_addstring(&b, m->text);
+    luaL_addstring(&b, kind);
+    if (*kind == '#') luaL_addlstring(&b, s + i, end - i);
+    luaL_addchar(&b, '"');
+    from = i = end;
+  }
+  if (!changed) return 0;
+  luaL_addlstring(&b, s + from, len - from);
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* the value at the top, a marker string -> replaced by what it stands for */
+static void unmark_value(lua_State *L, const marker *m) {
+  size_t n;
+  const char *s = lua_tolstring(L, -1, &n);
+  if (n < RAW_LEN + 1 || memcmp(s, m->raw, RAW_LEN) != 0) return;
+  if (s[RAW_LEN] == '[' && n == RAW_LEN + 1) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, lua_upvalueindex(UP_ARRAY_MT));
+    lua_setmetatable(L, -2);
+  } else if (s[RAW_LEN] == '#') {
+    lua_pushlstring(L, s + RAW_LEN + 1, n - RAW_LEN - 1);
+    if (lua_stringtonumber(L, lua_tostring(L, -1)) != 0) {
+      lua_replace(L, -3);
+      lua_pop(L, 1);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+}
+
+/* the table at the top: markers below it swapped back, in place */
+static void unmark_table(lua_State *L, const marker *m, int depth) {
+  if (depth > MAX_DEPTH) return;
+  luaL_checkstack(L, 4, "json: too deep");
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    if (lua_type(L, -1) == LUA_TSTRING) {
+      unmark_value(L, m);
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, -4); /* (an existing key: allowed during lua_next) */
+    } else {
+      if (lua_type(L, -1) == LUA_TTABLE) unmark_table(L, m, depth + 1);
+      lua_pop(L, 1);
+    }
+  }
+}
+
+/* json.decode(text) -> value | nil, err (kind invalid_json) */
+static int json_decode(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  marker m;
+  marker_of(L, &m);
+  lua_settop(L, 1);
+  int marked = mark_text(L, s, len, &m);
+  lua_getfield(L, lua_upvalueindex(UP_CJSON), "decode");
+  lua_pushvalue(L, marked ? 2 : 1);
+  lua_call(L, 1, 2);
+  if (lua_isnil(L, -2)) {
+    const char *why = lua_tostring(L, -1);
+    return resil_error_result(L, "invalid_json", "%s", why ? why : "invalid JSON");
+  }
+  lua_pop(L, 1);
+  if (marked) {
+    if (lua_type(L, -1) == LUA_TSTRING) unmark_value(L, &m);
+    else if (lua_type(L, -1) == LUA_TTABLE) unmark_table(L, &m, 1);
+  }
+  return 1;
+}
+
+/* a number cjson would write otherwise than exactly */
+static int needs_exact(lua_State *L, int idx) {
+  if (lua_isinteger(L, idx)) {
+    lua_Integer i = lua_tointeger(L, idx);
+    return i >= 100000000000000LL || i <= -100000000000000LL;
+  }
+  double x = lua_tonumber(L, idx);
+  if (!isfinite(x)) return 0; /* (cjson's own error) */
+  char buf[32];
+  snprintf(buf, sizeof buf, "%.14g", x);
+  return strtod(buf, NULL) != x;
+}
+
+static int is_array_mt(lua_State *L, int idx) {
+  if (!lua_getmetatable(L, idx)) return 0;
+  int same = lua_rawequal(L, -1, lua_upvalueindex(UP_ARRAY_MT));
+  lua_pop(L, 1);
+  return same;
+}
+
+/* does the value at idx hold anything cjson would write otherwise? visits:
+ * at most MAX_VISITS values in all (a table that holds itself twice would
+ * take 2^1000; past it cjson finds the cycle itself) */
+#define MAX_VISITS 10000000L
+static int needs_marks(lua_State *L, int idx, int depth, long *visits) {
+  int t = lua_type(L, idx);
+  if (t == LUA_TNUMBER) return needs_exact(L, idx);
+  if (t != LUA_TTABLE || depth > MAX_DEPTH || ++*visits > MAX_VISITS) return 0;
+  idx = lua_absindex(L, idx);
+  luaL_checkstack(L, 3, "json: too deep");
+  if (is_array_mt(L, idx)) {
+    lua_pushnil(L);
+    if (!lua_next(L, idx)) return 1; /* an empty array */
+    lua_pop(L, 2);
+  }
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (needs_marks(L, -1, depth + 1, visits)) {
+      lua_pop(L, 2);
+      return 1;
+    }
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+/* pushes the value at idx with such values swapped for markers (tables
+ * copied; a copy shares nothing cjson could see twice) */
+static void push_marked(lua_State *L, int idx, const marker *m, int depth) {
+  int t = lua_type(L, idx);
+  idx = lua_absindex(L, idx);
+  if (t == LUA_TNUMBER && needs_exact(L, idx)) {
+    char buf[64];
+    if (lua_isinteger(L, idx)) snprintf(buf, sizeof buf, "#" LUA_INTEGER_FMT, lua_tointeger(L, idx));
+    else { /* the shortest that reads back the same */
+      double x = lua_tonumber(L, idx);
+      for (int digits = EXACT_DIGITS + 1; digits <= 17; digits++) {
+        snprintf(buf, sizeof buf, "#%.*g", digits, x);
+        if (strtod(buf + 1, NULL) == x) break;
+      }
+    }
+    lua_pushlstring(L, m->raw, RAW_LEN);
+    lua_pushstring(L, buf);
+    lua_concat(L, 2);
+    return;
+  }
+  if (t != LUA_TTABLE || depth > MAX_DEPTH) {
+    lua_pushvalue(L, idx);
+    return;
+  }
+  luaL_checkstack(L, 4, "json: too deep");
+  lua_pushnil(L);
+  if (!lua_next(L, idx)) {
+    if (is_array_mt(L, idx)) {
+      lua_pushlstring(L, m->raw, RAW_LEN);
+      lua_pushliteral(L, "[");
+      lua_concat(L, 2);
+    } else {
+      lua_newtable(L);
+    }
+    return;
+  }
+  lua_pop(L, 2);
   lua_newtable(L);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    push_marked(L, -1, m, depth + 1);
+    lua_remove(L, -2);
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, -4);
+  }
+}
+
+/* cjson's text -> pushes it with each marker string replaced by its value */
+static void unmark_text(lua_State *L, const char *s, size_t len, const marker *m) {
+  size_t head = strlen(m->text);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  const char *p = s, *end = s + len;
+  while (p < end) {
+    const char *q = memchr(p, '"', (size_t)(end - p));
+    if (!q) break;
+    if ((size_t)(end - q) > head + 2 && memcmp(q + 1, m->text, head) == 0) {
+      const char *v = q + 1 + head, *close = memchr(v, '"', (size_t)(end - v));
+      if (close) {
+        luaL_addlstring(&b, p, (size_t)(q - p));
+        if (*v == '[') luaL_addstring(&b, "[]");
+        else luaL_addlstring(&b, v + 1, (size_t)(close - v - 1));
+        p = close + 1;
+        continue;
+      }
+    }
+    luaL_addlstring(&b, p, (size_t)(q - p) + 1);
+    p = q + 1;
+  }
+  luaL_addlstring(&b, p, (size_t)(end - p));
+  luaL_pushresult(&b);
+}
+
+/* json.encode(value) -> text (raises on what JSON cannot hold) */
+static int json_encode(lua_State *L) {
+  luaL_checkany(L, 1);
+  lua_settop(L, 1);
+  lua_getfield(L, lua_upvalueindex(UP_CJSON), "encode");
+  long visits = 0;
+  if (!needs_marks(L, 1, 1, &visits) || visits > MAX_VISITS) {
+    lua_pushvalue(L, 1);
+    lua_call(L, 1, 1);
+    return 1;
+  }
+  marker m;
+  marker_of(L, &m);
+  push_marked(L, 1, &m, 1);
+  lua_call(L, 1, 1);
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  unmark_text(L, s, len, &m);
+  return 1;
+}
+
+/* -> the host's one resil.json (its array_mt and tag are the same for every
+ * caller: resil.json and the HTTP client's json = body) */
+int luaopen_resil_json(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "resil.json") == LUA_TTABLE) return 1;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  int module = lua_gettop(L);
+  lua_pushvalue(L, module);
+  lua_setfield(L, LUA_REGISTRYINDEX, "resil.json");
   luaL_requiref(L, "cjson", luaopen_cjson, 0);
-  lua_getfield(L, -1, "encode");
-  lua_setfield(L, -3, "encode");
-  lua_getfield(L, -1, "null");
-  lua_setfield(L, -3, "null");
   lua_getfield(L, -1, "encode_sparse_array");
   lua_pushboolean(L, 1); /* a very sparse array becomes an object instead of an error */
   lua_call(L, 1, 0);
-  lua_pop(L, 1);
+  lua_getfield(L, -1, "null");
+  lua_setfield(L, module, "null");
   luaL_requiref(L, "cjson.safe", luaopen_cjson_safe, 0);
-  lua_getfield(L, -1, "decode");
-  lua_pushcclosure(L, json_decode, 1);
-  lua_setfield(L, -3, "decode");
-  lua_pop(L, 1);
+  int safe = lua_gettop(L);
+
+  lua_newtable(L); /* json.array_mt: a table that is a list, empty or not */
+  lua_pushliteral(L, "array");
+  lua_setfield(L, -2, "__name");
+  lua_pushvalue(L, -1);
+  lua_setfield(L, module, "array_mt");
+  int array_mt = lua_gettop(L);
+
+  unsigned char raw[TAG_LEN / 2];
+  char tag[TAG_LEN + 1];
+  if (RAND_bytes(raw, sizeof raw) != 1) memset(raw, 0x5a, sizeof raw);
+  for (size_t i = 0; i < sizeof raw; i++) snprintf(tag + 2 * i, 3, "%02x", raw[i]);
+
+  lua_pushvalue(L, -3); /* cjson */
+  lua_pushvalue(L, array_mt);
+  lua_pushstring(L, tag);
+  lua_pushcclosure(L, json_encode, 3);
+  lua_setfield(L, module, "encode");
+  lua_pushvalue(L, safe);
+  lua_pushvalue(L, array_mt);
+  lua_pushstring(L, tag);
+  lua_pushcclosure(L, json_decode, 3);
+  lua_setfield(L, module, "decode");
+  lua_settop(L, module);
   return 1;
 }
