@@ -179,6 +179,7 @@ describe("resil.json", function()
     assert.are.equal("100000000000000000", again("100000000000000000"))
     -- what cjson wrote exactly before is written as before
     assert.are.equal('[1,0.5,12345678901234,"[]","a]b[c","q\\"[]"]', again('[1,0.5,12345678901234,"[]","a]b[c","q\\"[]"]'))
+    assert.are.equal('["a\\\\",[]]', again('["a\\\\",[]]')) -- (the string ends in a backslash)
     -- values made in Lua: a list marked as one, integers and floats
     assert.are.equal("{}", json.encode({}))
     assert.are.equal('{"tags":[]}', json.encode({ tags = setmetatable({}, json.array_mt) }))

@@ -82,10 +82,16 @@ static int mark_text(lua_State *L, const char *s, size_t len, const marker *m) {
   int changed = 0;
   for (size_t i = 0; i < len;) {
     char c = s[i];
-    if (c == '"') {
-      for (i++; i < len && s[i] != '"'; i++)
-        if (s[i] == '\\') i++;
-      i++;
+    if (c == '"') { /* to its closing quote: one not escaped by an odd run of backslashes */
+      const char *q = s + i;
+      for (;;) {
+        q = memchr(q + 1, '"', len - (size_t)(q + 1 - s));
+        if (!q) break; /* unterminated: cjson's error */
+        size_t slashes = 0;
+        while (q - slashes - 1 > s + i && q[-(ptrdiff_t)slashes - 1] == '\\') slashes++;
+        if (slashes % 2 == 0) break;
+      }
+      i = q ? (size_t)(q - s) + 1 : len;
       continue;
     }
     size_t end = i + 1;
@@ -186,6 +192,7 @@ static int needs_exact(lua_State *L, int idx) {
   }
   double x = lua_tonumber(L, idx);
   if (!isfinite(x)) return 0; /* (cjson's own error) */
+  if (x == floor(x) && fabs(x) < 1e14) return 0; /* a whole number: %.14g writes it all */
   char buf[32];
   snprintf(buf, sizeof buf, "%.14g", x);
   return strtod(buf, NULL) != x;
