@@ -30,8 +30,10 @@ function keys.lookup(hash)
   return type(rec) == "table" and rec or nil
 end
 
+-- -> the index | nil, err (the store failed: never taken for "no keys")
 local function index(s)
-  local v = s:get(INDEX)
+  local v, err = s:get(INDEX)
+  if v == nil and err ~= nil then return nil, err end
   local list = type(v) == "string" and json.decode(v)
   return type(list) == "table" and list or {}
 end
@@ -78,11 +80,14 @@ function keys.add(o)
     budget, err = parse_budget(budget)
     if not budget then return nil, resil.error("bad_option", err) end
   end
-  local list = index(s)
+  local list, lerr = index(s)
+  if not list then return nil, lerr end
   for _, e in ipairs(list) do
     -- the record says whether it was revoked (the index entry does not), so a
     -- name can be used again once its key is revoked: rotating a key
-    local live = e.name == o.name and keys.lookup(e.hash)
+    local live, gerr = nil, nil
+    if e.name == o.name then live, gerr = keys.lookup(e.hash) end
+    if gerr then return nil, gerr end
     if live and not live.revoked then
       return nil, resil.error("exists", ("a live key is named '%s' already (revoke it first)"):format(o.name))
     end
@@ -91,9 +96,14 @@ function keys.add(o)
   local hash = resil.crypto.sha256(key)
   local rec = { id = "key_" .. hash:sub(1, 12), name = o.name, hash = hash, budget = budget,
     rpm = o.rpm, tpm = o.tpm, concurrency = o.concurrency, models = o.models, created = resil.clock.wall() }
-  s:set(record_key(hash), json.encode(rec))
+  -- the index first: a record written without its entry would be a key
+  -- that works and that `keys list` and `keys revoke` cannot find; an entry
+  -- without its record is skipped (and its key was never shown)
   list[#list + 1] = { id = rec.id, name = rec.name, hash = hash }
-  s:set(INDEX, json.encode(list))
+  local ok, serr = s:set(INDEX, json.encode(list))
+  if not ok then return nil, serr end
+  ok, serr = s:set(record_key(hash), json.encode(rec))
+  if not ok then return nil, serr end
   return key, rec
 end
 
@@ -101,25 +111,33 @@ end
 function keys.list()
   local s, err = store()
   if not s then return nil, err end
+  local list, lerr = index(s)
+  if not list then return nil, lerr end
   local out = {}
-  for _, e in ipairs(index(s)) do
-    local rec = keys.lookup(e.hash)
+  for _, e in ipairs(list) do
+    local rec, gerr = keys.lookup(e.hash)
+    if gerr then return nil, gerr end
     if rec then out[#out + 1] = rec end
   end
   return out
 end
 
--- keys.revoke(name or id) -> how many keys were revoked
+-- keys.revoke(name or id) -> how many keys were revoked | nil, err (the
+-- store failed: a key said to be revoked must be; those before the failure are)
 function keys.revoke(which)
   local s, err = store()
   if not s then return nil, err end
+  local list, lerr = index(s)
+  if not list then return nil, lerr end
   local n = 0
-  for _, e in ipairs(index(s)) do
+  for _, e in ipairs(list) do
     if e.name == which or e.id == which then
-      local rec = keys.lookup(e.hash)
+      local rec, gerr = keys.lookup(e.hash)
+      if gerr then return nil, gerr end
       if rec and not rec.revoked then
         rec.revoked = resil.clock.wall()
-        s:set(record_key(e.hash), json.encode(rec))
+        local ok, serr = s:set(record_key(e.hash), json.encode(rec))
+        if not ok then return nil, serr end
         n = n + 1
       end
     end
