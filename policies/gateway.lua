@@ -640,6 +640,71 @@ local function anthropic_stream(s, first, id, model, headers, req)
   end }
 end
 
+-- A stream whose request carries tools is answered by one upstream call and
+-- relayed as the events of that whole answer: the adapters read text deltas
+-- only, and a streamed tool call was lost (a stream of a tool call alone was
+-- "empty", retried three times, paid each time, then a 502). The client's
+-- SDK builds the same message from these events as from the provider's own.
+local function stream_headers(id, res)
+  local h = answer_headers(id, res)
+  h["content-type"], h["cache-control"] = "text/event-stream", "no-cache"
+  return h
+end
+
+local function openai_answer_stream(res, id, model, b, headers)
+  local created = math.floor(resil.clock.wall())
+  local function chunk(delta, finish)
+    return sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
+      system_fingerprint = null, choices = { { index = 0, delta = delta, logprobs = null, finish_reason = finish or null } } })
+  end
+  local include_usage = type(b.stream_options) == "table" and b.stream_options.include_usage
+  return { status = 200, headers = headers, stream = function(write)
+    write(chunk({ role = "assistant", content = "" }))
+    if (res.text or "") ~= "" then write(chunk({ content = res.text })) end
+    if res.tool_calls then
+      local calls = openai_tool_calls(res.tool_calls)
+      for i, c in ipairs(calls) do c.index = i - 1 end
+      write(chunk({ tool_calls = calls }))
+    end
+    write(chunk({}, res.finish_reason or "stop"), true)
+    if include_usage then
+      write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
+        choices = setmetatable({}, json.array_mt), usage = openai_usage(res.usage) }))
+    end
+    write("data: [DONE]\n\n")
+  end }
+end
+
+local function anthropic_answer_stream(res, id, model, headers)
+  local m = anthropic_answer(res, id, model)
+  return { status = 200, headers = headers, stream = function(write)
+    local usage = m.usage
+    write(sse("message_start", { type = "message_start", message = { id = m.id, type = "message", role = "assistant",
+      model = model, content = setmetatable({}, json.array_mt), stop_reason = null, stop_sequence = null,
+      usage = { input_tokens = usage.input_tokens, output_tokens = 0,
+        cache_read_input_tokens = usage.cache_read_input_tokens,
+        cache_creation_input_tokens = usage.cache_creation_input_tokens } } }))
+    for i, block in ipairs(m.content) do
+      local start, delta
+      if block.type == "tool_use" then
+        start = { type = "tool_use", id = block.id, name = block.name, input = {} }
+        delta = { type = "input_json_delta", partial_json = json.encode(block.input) }
+      else
+        start = { type = "text", text = "" }
+        delta = { type = "text_delta", text = block.text }
+      end
+      write(sse("content_block_start", { type = "content_block_start", index = i - 1, content_block = start }))
+      write(sse("content_block_delta", { type = "content_block_delta", index = i - 1, delta = delta }))
+      write(sse("content_block_stop", { type = "content_block_stop", index = i - 1 }))
+    end
+    write(sse("message_delta", { type = "message_delta", delta = { stop_reason = m.stop_reason,
+      stop_sequence = null }, usage = { output_tokens = usage.output_tokens } }), true)
+    write(sse("message_stop", { type = "message_stop" }))
+  end }
+end
+
+-- POST /v1/chat/completions and POST /v1/messages
+local complete_admitted
 -- POST /v1/chat/completions and POST /v1/messages
 local complete_admitted
 
@@ -693,6 +758,16 @@ function complete_admitted(req, api, id, rec)
   local limited = key_limits(rec, api, math.ceil(#req.body / 4) + (r.max_tokens or 0))
   if limited then return with_id(limited, id) end
   local idem = req.headers["idempotency-key"]
+
+  local tools = type(r.tools) == "table" and next(r.tools) ~= nil
+  if b.stream == true and tools then
+    local ok, res, err = pcall(ai.chat, r)
+    if not ok then res, err = nil, res end
+    if not res then return with_id(ai_error_reply(api, err), id) end
+    local headers = stream_headers(id, res)
+    if api == "anthropic" then return anthropic_answer_stream(res, id, b.model, headers) end
+    return openai_answer_stream(res, id, b.model, b, headers)
+  end
 
   if b.stream == true then
     local ok, s = pcall(ai.stream, r)

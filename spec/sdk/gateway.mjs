@@ -40,6 +40,34 @@ await check('openai: embeddings.create through the gateway (base64 by default, d
   expect(f.data[0].embedding.every((x, i) => Math.abs(x - v[i]) < 1e-5), 'float and base64 agree');
 });
 
+// a stream whose request carries tools: the SDK's helper builds the tool call (the model's own
+// API and the other one), and its arguments keep their empty list
+const weather = { name: 'get_weather', description: 'the weather in a city',
+  parameters: { type: 'object', properties: { city: { type: 'string' }, tags: { type: 'array', items: { type: 'string' } } },
+    required: [] } };
+for (const model of ['chat-tools', 'claude-tools']) {
+  await check(`openai: a stream with tools (${model}) ends with the tool call and its text`, async () => {
+    const final = await oai().chat.completions.stream({ model, messages: msgs,
+      tools: [{ type: 'function', function: weather }] }).finalChatCompletion();
+    const m = final.choices[0].message;
+    expect(final.choices[0].finish_reason === 'tool_calls', `finish_reason ${final.choices[0].finish_reason}`);
+    expect(m.content === 'Checking.', `content ${m.content}`);
+    expect(m.tool_calls?.length === 1 && m.tool_calls[0].function.name === 'get_weather', `calls ${JSON.stringify(m.tool_calls)}`);
+    const args = JSON.parse(m.tool_calls[0].function.arguments);
+    expect(args.city === 'Paris' && Array.isArray(args.tags) && args.tags.length === 0, `arguments ${JSON.stringify(args)}`);
+  });
+  await check(`anthropic: a stream with tools (${model}) ends with the tool_use block and its text`, async () => {
+    const final = await ant().messages.stream({ model, max_tokens: 100, messages: msgs,
+      tools: [{ name: weather.name, description: weather.description, input_schema: weather.parameters }] }).finalMessage();
+    expect(final.stop_reason === 'tool_use', `stop_reason ${final.stop_reason}`);
+    expect(final.content.length === 2 && final.content[0].text === 'Checking.', `content ${JSON.stringify(final.content)}`);
+    const use = final.content[1];
+    expect(use.type === 'tool_use' && use.name === 'get_weather' && use.input.city === 'Paris' &&
+      Array.isArray(use.input.tags), `tool_use ${JSON.stringify(use)}`);
+    expect(final.usage.output_tokens === 7, `usage ${JSON.stringify(final.usage)}`);
+  });
+}
+
 await check('anthropic: messages through the gateway', async () => {
   const r = await ant().messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 100, messages: msgs });
   expect(r.content[0].text === REPLY, `text ${r.content[0].text}`);

@@ -16,6 +16,23 @@ local long = assert(resil.mock.start({ strict = true, reply = ("word "):rep(500)
 -- streams cut after their first deltas: the SDKs must raise, not return a short answer
 local cut = assert(resil.mock.start({ strict = true, reply = "one two three four five six",
   faults = { { route = "chat", probability = 1, kind = "cut" }, { route = "messages", probability = 1, kind = "cut" } } }))
+-- answers that call a tool (with text before it), in each API's shape, to a request not streamed
+local ARGS = '{"city":"Paris","tags":[]}'
+local tools = assert(resil.mock.start({ strict = true, routes = {
+  ["POST /v1/chat/completions"] = function()
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+      id = "chatcmpl-tools", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+      choices = { { index = 0, finish_reason = "tool_calls", message = { role = "assistant", content = "Checking.",
+        tool_calls = { { id = "call_1", type = "function", ["function"] = { name = "get_weather", arguments = ARGS } } } } } },
+      usage = { prompt_tokens = 12, completion_tokens = 7, total_tokens = 19 } }) }
+  end,
+  ["POST /v1/messages"] = function()
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+      id = "msg_tools", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+      content = { { type = "text", text = "Checking." },
+        { type = "tool_use", id = "toolu_1", name = "get_weather", input = resil.json.decode(ARGS) } },
+      stop_reason = "tool_use", stop_sequence = resil.json.null, usage = { input_tokens = 12, output_tokens = 7 } }) }
+  end } }))
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
@@ -27,12 +44,18 @@ ai.configure("cutopenai", { base_url = cut.url .. "/v1", api_key = "sk-test-1234
 ai.adapters.cutanthropic = require "policies.providers.anthropic"
 ai.configure("cutanthropic", { base_url = cut.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.configure("overloaded", { base_url = down.url, api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.toolsopenai = require "policies.providers.openai"
+ai.configure("toolsopenai", { base_url = tools.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.toolsanthropic = require "policies.providers.anthropic"
+ai.configure("toolsanthropic", { base_url = tools.url, api_key = "sk-ant-test-123456", retry = fast })
 
 gateway.configure({ auth = true, key_cache = 0, models = {
   ["chat-fast"] = "openai/gpt-4o-mini",
   ["chat-long"] = "slow/gpt-4o-mini",
   ["chat-cut"] = "cutopenai/gpt-4o-mini",
   ["claude-cut"] = "cutanthropic/claude-sonnet-4-5-20250929",
+  ["chat-tools"] = "toolsopenai/gpt-4o-mini",
+  ["claude-tools"] = "toolsanthropic/claude-sonnet-4-5-20250929",
   ["claude-busy"] = { model = "overloaded/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
 } })
 -- what the checks read of the upstream: its counts, and transfers still open
