@@ -774,7 +774,8 @@ Stream.__index = Stream
 local function stream_result(self)
   local st = self.state or {}
   local r = { id = st.id, model = st.model or self.target.model, text = table.concat(self.parts),
-    finish_reason = st.finish_reason, usage = st.usage, attempts = self.attempts }
+    finish_reason = st.finish_reason, usage = st.usage, attempts = self.attempts,
+    stop_reason = st.stop_reason, stop_sequence = st.stop_sequence }
   r.fallbacks = self.fallbacks
   return describe(finish_result(self.target, r, nil), self.targets)
 end

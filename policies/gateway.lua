@@ -182,6 +182,13 @@ end
 local STOP_REASON = { stop = "end_turn", length = "max_tokens", tool_calls = "tool_use",
   content_filter = "refusal" }
 
+-- Anthropic's own stop_reason when Anthropic answered (stop_sequence, refusal,
+-- pause_turn are not all OpenAI's), else the OpenAI finish_reason's
+local function stop_reason_of(r)
+  if type(r.stop_reason) == "string" and r.stop_reason:match("^[%w_]+$") then return r.stop_reason end
+  return STOP_REASON[r.finish_reason] or "end_turn"
+end
+
 local function openai_usage(u)
   u = u or {}
   local i, o = u.input_tokens or 0, u.output_tokens or 0
@@ -207,7 +214,7 @@ end
 -- the answer as JSON, written directly: a table built and encoded costs the
 -- hot path a third of its JSON time (cjson prints every number with %.14g)
 local OPENAI_ANSWER = '{"id":"chatcmpl-%s","object":"chat.completion","created":%d,"model":%s,'
-  .. '"system_fingerprint":null,"choices":[{"index":0,"message":{"role":"assistant","content":%s,"refusal":null%s},'
+  .. '"system_fingerprint":null,"choices":[{"index":0,"message":{"role":"assistant","content":%s,"refusal":%s%s},'
   .. '"logprobs":null,"finish_reason":%s}],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}'
 local function count(v) return math.tointeger(v) or 0 end
 
@@ -215,7 +222,10 @@ local function openai_answer_json(r, id, model, created)
   local u = r.usage or {}
   local i, o = count(u.input_tokens), count(u.output_tokens)
   local calls = r.tool_calls and (',"tool_calls":' .. json.encode(openai_tool_calls(r.tool_calls))) or ""
-  return OPENAI_ANSWER:format(id, created or math.floor(resil.clock.wall()), json.encode(model), json.encode(r.text or ""),
+  -- (as the API: no text beside a tool call or a refusal is null, not "")
+  local text = ((r.text or "") == "" and (r.tool_calls or r.refusal)) and "null" or json.encode(r.text or "")
+  local refusal = type(r.refusal) == "string" and json.encode(r.refusal) or "null"
+  return OPENAI_ANSWER:format(id, created or math.floor(resil.clock.wall()), json.encode(model), text, refusal,
     calls, json.encode(r.finish_reason or "stop"), i, o, i + o)
 end
 
@@ -226,7 +236,7 @@ local function anthropic_answer(r, id, model)
     content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = json.decode(c.arguments or "{}") or {} }
   end
   return { id = "msg_" .. id, type = "message", role = "assistant", model = model, content = content,
-    stop_reason = STOP_REASON[r.finish_reason] or r.stop_reason or "end_turn", stop_sequence = null,
+    stop_reason = stop_reason_of(r), stop_sequence = type(r.stop_sequence) == "string" and r.stop_sequence or null,
     usage = anthropic_usage(r.usage) }
 end
 
@@ -634,8 +644,9 @@ local function anthropic_stream(s, first, id, model, headers, req)
     end
     local r = s:result() or {}
     write(sse("content_block_stop", { type = "content_block_stop", index = 0 }), true)
-    write(sse("message_delta", { type = "message_delta", delta = { stop_reason = STOP_REASON[r.finish_reason] or
-      "end_turn", stop_sequence = null }, usage = { output_tokens = r.usage and r.usage.output_tokens or 0 } }))
+    -- the usage as counted (message_start's input_tokens was an estimate): the SDK takes these totals
+    write(sse("message_delta", { type = "message_delta", delta = { stop_reason = stop_reason_of(r),
+      stop_sequence = type(r.stop_sequence) == "string" and r.stop_sequence or null }, usage = anthropic_usage(r.usage) }))
     write(sse("message_stop", { type = "message_stop" }))
   end }
 end
@@ -661,6 +672,7 @@ local function openai_answer_stream(res, id, model, b, headers)
   return { status = 200, headers = headers, stream = function(write)
     write(chunk({ role = "assistant", content = "" }))
     if (res.text or "") ~= "" then write(chunk({ content = res.text })) end
+    if type(res.refusal) == "string" then write(chunk({ refusal = res.refusal })) end
     if res.tool_calls then
       local calls = openai_tool_calls(res.tool_calls)
       for i, c in ipairs(calls) do c.index = i - 1 end
@@ -698,15 +710,31 @@ local function anthropic_answer_stream(res, id, model, headers)
       write(sse("content_block_stop", { type = "content_block_stop", index = i - 1 }))
     end
     write(sse("message_delta", { type = "message_delta", delta = { stop_reason = m.stop_reason,
-      stop_sequence = null }, usage = { output_tokens = usage.output_tokens } }), true)
+      stop_sequence = m.stop_sequence }, usage = usage }), true)
     write(sse("message_stop", { type = "message_stop" }))
   end }
 end
 
 -- POST /v1/chat/completions and POST /v1/messages
 local complete_admitted
--- POST /v1/chat/completions and POST /v1/messages
-local complete_admitted
+
+-- Anthropic's SDK reads its request id from `request-id` (err.requestID, _request_id)
+local function anthropic_id(reply, api)
+  if api == "anthropic" and reply and reply.headers then reply.headers["request-id"] = reply.headers["x-request-id"] end
+  return reply
+end
+
+-- sampling numbers that JSON allows and no provider does (1e400 reads as inf)
+local FINITE = { "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed" }
+local function not_finite(b)
+  for _, k in ipairs(FINITE) do
+    local v = b[k]
+    if type(v) == "number" and (v ~= v or v == math.huge or v == -math.huge) then
+      return k .. " must be a finite number"
+    end
+  end
+  return nil
+end
 
 local function complete(req, api)
   local id = request_id()
@@ -714,12 +742,12 @@ local function complete(req, api)
   if not rec then return with_id(refused, id) end
   local permits, full = admit(rec, api)
   if not permits then return with_id(full, id) end
-  if permits == NO_PERMITS then return complete_admitted(req, api, id, rec) end
+  if permits == NO_PERMITS then return anthropic_id(complete_admitted(req, api, id, rec), api) end
   local held = false
   local _ <close> = setmetatable({}, { __close = function() if not held then permits:release() end end })
   local reply = complete_admitted(req, api, id, rec)
   reply, held = hold(reply, permits)
-  return reply
+  return anthropic_id(reply, api)
 end
 
 function complete_admitted(req, api, id, rec)
@@ -729,7 +757,7 @@ function complete_admitted(req, api, id, rec)
   end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
-  local bad = check_messages(b.messages) or check_tools(b.tools)
+  local bad = check_messages(b.messages) or check_tools(b.tools) or not_finite(b)
   if bad then return with_id(error_reply(api, 400, bad), id) end
   if not model_allowed(rec, b.model) then
     return with_id(error_reply(api, 403, ("key '%s' may not use model '%s'"):format(rec.name, b.model),
@@ -759,8 +787,10 @@ function complete_admitted(req, api, id, rec)
   if limited then return with_id(limited, id) end
   local idem = req.headers["idempotency-key"]
 
+  -- tools, or a JSON schema (whose refusal a text stream cannot carry): the whole answer, as events
   local tools = type(r.tools) == "table" and next(r.tools) ~= nil
-  if b.stream == true and tools then
+  local schema = type(b.response_format) == "table" and b.response_format.type == "json_schema"
+  if b.stream == true and (tools or schema) then
     local ok, res, err = pcall(ai.chat, r)
     if not ok then res, err = nil, res end
     if not res then return with_id(ai_error_reply(api, err), id) end

@@ -128,6 +128,36 @@ describe("gateway: OpenAI chat completions", function()
     assert.matches('"temperature":0.30000000000000004', bodies[1], 1, true)
   end)
 
+  -- (before: "refusal": null and content "", streamed a 502 after three paid attempts)
+  it("a refusal reaches the client as the API's refusal, streamed (with a JSON schema) or not", function()
+    local calls = 0
+    local url = start({ routes = { ["POST /v1/chat/completions"] = function()
+      calls = calls + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-r", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, finish_reason = "stop", message = { role = "assistant", content = json.null,
+          refusal = "I can't help with that." } } },
+        usage = { prompt_tokens = 5, completion_tokens = 6, total_tokens = 11 } }) }
+    end } })
+    local body = { model = "openai/gpt-4o-mini", messages = MSGS, response_format = { type = "json_schema",
+      json_schema = { name = "x", strict = true, schema = { type = "object", properties = {},
+        required = setmetatable({}, json.array_mt), additionalProperties = false } } } }
+    local res = post(url .. "/v1/chat/completions", body)
+    assert.are.equal(200, res.status, res.body)
+    local message = json.decode(res.body).choices[1].message
+    assert.are.equal("I can't help with that.", message.refusal)
+    assert.are.equal(json.null, message.content)
+    body.stream = true
+    local refusal = {}
+    for _, ev in ipairs(events_of(url .. "/v1/chat/completions", body)) do
+      local chunk = ev.data ~= "[DONE]" and json.decode(ev.data)
+      local delta = chunk and chunk.choices[1] and chunk.choices[1].delta
+      if delta and type(delta.refusal) == "string" then refusal[#refusal + 1] = delta.refusal end
+    end
+    assert.are.equal("I can't help with that.", table.concat(refusal))
+    assert.are.equal(2, calls) -- one call each: a refusal is an answer, not invalid output tried again
+  end)
+
   it("an OpenAI client served by Anthropic when OpenAI fails gets an OpenAI-shaped answer", function()
     local url, m = start({ strict = true, reply = "from claude", sequence = { chat = { 500, 500, 500, 500 } } })
     local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS })
@@ -473,6 +503,37 @@ describe("gateway: Anthropic messages", function()
     assert.are.equal("end_turn", b.stop_reason)
     assert.are.equal("openai", res.headers["x-resil-provider"])
     assert.are.equal(1, m:stats().routes.chat)
+  end)
+
+  -- (before: stop_sequence came back end_turn and null; a stream's message_delta had output_tokens only,
+  -- so the SDK kept message_start's estimate of the input; no request-id header for the SDK)
+  it("keeps Anthropic's stop_sequence and, streamed, gives the counted usage in message_delta", function()
+    local url = start({ strict = true, reply = "alpha beta END gamma" })
+    local body = { model = "anthropic/claude-sonnet-4-5-20250929", max_tokens = 50, stop_sequences = { "END" },
+      system = ("a long system prompt "):rep(50), messages = MSGS }
+    local res = post(url .. "/v1/messages", body)
+    assert.are.equal(200, res.status, res.body)
+    local b = json.decode(res.body)
+    assert.are.same({ "stop_sequence", "END" }, { b.stop_reason, b.stop_sequence })
+    assert.matches("^req_", res.headers["request-id"])
+    body.stream = true
+    local evs = events_of(url .. "/v1/messages", body)
+    local delta
+    for _, ev in ipairs(evs) do if ev.event == "message_delta" then delta = json.decode(ev.data) end end
+    assert.are.same({ "stop_sequence", "END" }, { delta.delta.stop_reason, delta.delta.stop_sequence })
+    assert.are.equal(b.usage.input_tokens, delta.usage.input_tokens)
+    assert.are.equal(b.usage.output_tokens, delta.usage.output_tokens)
+  end)
+
+  it("a sampling number past what a double holds (1e400) is a 400, streamed or not", function()
+    local url, m = start({ strict = true })
+    for _, stream in ipairs({ "false", "true" }) do
+      local res = post(url .. "/v1/chat/completions", '{"model":"openai/gpt-4o-mini","stream":' .. stream ..
+        ',"temperature":1e400,"messages":[{"role":"user","content":"hi"}]}')
+      assert.are.equal(400, res.status, res.body)
+      assert.matches("temperature must be a finite number", json.decode(res.body).error.message)
+    end
+    assert.are.equal(0, m:stats().total)
   end)
 end)
 

@@ -144,7 +144,8 @@ function anthropic.parse(data)
   end
   local stop = data.stop_reason ~= json.null and data.stop_reason or nil
   return { id = data.id, model = data.model, text = table.concat(texts), finish_reason = FINISH[stop] or stop,
-    stop_reason = stop, tool_calls = calls, usage = anthropic.usage(data.usage) }
+    stop_reason = stop, stop_sequence = type(data.stop_sequence) == "string" and data.stop_sequence or nil,
+    tool_calls = calls, usage = anthropic.usage(data.usage) }
 end
 
 -- anthropic.event(state, ev) -> delta text | nil, done?, err, body
@@ -171,7 +172,9 @@ function anthropic.event(state, ev)
     state.raw_usage = u
     state.usage = anthropic.usage(u)
     local stop = type(data.delta) == "table" and data.delta.stop_reason
-    if stop and stop ~= json.null then state.finish_reason = FINISH[stop] or stop end
+    if stop and stop ~= json.null then state.finish_reason, state.stop_reason = FINISH[stop] or stop, stop end
+    local seq = type(data.delta) == "table" and data.delta.stop_sequence
+    if type(seq) == "string" then state.stop_sequence = seq end
   elseif t == "message_stop" then
     state.stopped = true
     return nil, true
