@@ -718,6 +718,31 @@ end
 -- POST /v1/chat/completions and POST /v1/messages
 local complete_admitted
 
+-- A call not streamed upstream runs in a task of its own, which a client
+-- that leaves does not cancel: the provider finishes and bills such a call
+-- whatever the client does, so it is finished here too and its cost
+-- recorded. (Aborted, it was paid and never in the ledger or the budget: a
+-- client's timeout spent past its key's budget, three times over with an
+-- SDK's retries.) A stream is aborted instead: the provider stops, and what
+-- was streamed is recorded. The drain waits for these (calls_running).
+local calls_running = 0
+local function run_to_end(fn, ...)
+  calls_running = calls_running + 1
+  local call = resil.spawn(function(...)
+    local _ <close> = setmetatable({}, { __close = function() calls_running = calls_running - 1 end })
+    return fn(...)
+  end, ...)
+  return call:join()
+end
+
+-- ai.chat(r) to its end -> result | nil, err (what it raised, as an error)
+local function chat_to_end(r)
+  local joined, ok, res, err = run_to_end(pcall, ai.chat, r)
+  if not joined then return nil, ok end
+  if not ok then return nil, res end
+  return res, err
+end
+
 -- Anthropic's SDK reads its request id from `request-id` (err.requestID, _request_id)
 local function anthropic_id(reply, api)
   if api == "anthropic" and reply and reply.headers then reply.headers["request-id"] = reply.headers["x-request-id"] end
@@ -791,8 +816,7 @@ function complete_admitted(req, api, id, rec)
   local tools = type(r.tools) == "table" and next(r.tools) ~= nil
   local schema = type(b.response_format) == "table" and b.response_format.type == "json_schema"
   if b.stream == true and (tools or schema) then
-    local ok, res, err = pcall(ai.chat, r)
-    if not ok then res, err = nil, res end
+    local res, err = chat_to_end(r)
     if not res then return with_id(ai_error_reply(api, err), id) end
     local headers = stream_headers(id, res)
     if api == "anthropic" then return anthropic_answer_stream(res, id, b.model, headers) end
@@ -819,7 +843,8 @@ function complete_admitted(req, api, id, rec)
   local res, err, replayed
   if idem and idem ~= "" then
     local ran = false
-    res, err = resil.once({ key = ("gateway:%s:%s"):format(rec.id or "-", idem),
+    local joined
+    joined, res, err = run_to_end(resil.once, { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
       fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
       ran = true
       local ok, v, e = pcall(ai.chat, r)
@@ -835,11 +860,10 @@ function complete_admitted(req, api, id, rec)
       end
       return v, e
     end)
+    if not joined then res, err = nil, res end
     replayed = not ran
   else
-    local ok
-    ok, res, err = pcall(ai.chat, r)
-    if not ok then res, err = nil, res end
+    res, err = chat_to_end(r)
   end
   if not res then
     local reply = ai_error_reply(api, err)
@@ -1073,7 +1097,7 @@ local function drain(s, signo)
     resil.log.info("gateway: stopping; finishing the requests in flight (another signal stops at once)",
       { requests = s:pending(), drain_timeout = grace })
   end
-  local function busy() return s:pending() > 0 or s:unsent() > 0 end
+  local function busy() return s:pending() > 0 or s:unsent() > 0 or calls_running > 0 end
   -- What still runs a moment before the end (a tenth of drain_timeout, at
   -- most a second) is ended then, so that its rows are written in time:
   -- streams get their error event, what is left is cut as a client that

@@ -861,6 +861,29 @@ describe("gateway: virtual keys", function()
     assert.are.equal("rate_limit_exceeded", json.decode(res.body).error.code)
   end)
 
+  -- (before: the upstream transfer was aborted and the hold given back, though the provider bills a
+  -- call its client left: 30 such calls spent 3.6 times a key's budget with nothing in its ledger)
+  it("a call whose client gives up is finished and recorded, its cost in the key's budget", function()
+    local url, m = start({ strict = true, reply = "a slow answer", latency = 0.5 }, { auth = true })
+    local key = assert(keys.add({ name = "impatient", budget = "10/day" }))
+    for _ = 1, 3 do
+      local res, err = http.request({ method = "POST", url = url .. "/v1/chat/completions", timeout = 0.2,
+        body = json.encode({ model = "gpt-4o-mini", messages = MSGS }),
+        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
+      assert.is_nil(res)
+      assert.are.equal("timeout", err.kind)
+    end
+    assert.is_true(helpers.wait_until(function()
+      local rows = resil.cost.breakdown("model")[1]
+      return rows and rows.calls == 3
+    end, 10), "the three calls were not recorded")
+    assert.are.equal(3, m:stats().routes.chat)
+    local state = assert(resil.budget("key:impatient"):state())
+    assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
+    assert.is_true(math.abs(state.spent - resil.cost.total({})) <= 3e-6, state.spent .. " spent")
+    assert.is_true(state.spent > 0)
+  end)
+
   it("an exhausted budget is refused before any provider is called, with x-should-retry: false", function()
     local url, m = start({ strict = true }, { auth = true })
     local key = assert(keys.add({ name = "team-c", budget = "0.000001/day" }))
