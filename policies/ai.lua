@@ -372,9 +372,16 @@ end
 -- id are two calls billed: OpenAI-compatible servers reuse ids (Ollama's
 -- run from chatcmpl-0 to chatcmpl-998), and keyed on the id alone every
 -- answer after the first was dropped from the ledger and from its budget.
-local function ledger_key(r)
+-- Nor does a provider that was not sent the key (its config without
+-- `idempotency`, as the gateway's): an answer refused and the next one
+-- that reused its id were kept as one charge, though billed twice.
+local function ledger_key(r, req)
   local key = r.id and resil.context().idempotency_key
   if not key then return nil end
+  local conf = ai.config[r.provider]
+  if not ((type(req) == "table" and req.idempotency) or (type(conf) == "table" and conf.idempotency)) then
+    return nil
+  end
   return ("%s:%s:%s"):format(r.provider, resil.hash(key), r.id)
 end
 
@@ -395,7 +402,7 @@ local function record_cost(r, req, ticket, operation, how)
   end
   r.cost_usd = usd
   local entry = { provider = r.provider, model = r.model or r.requested_model, operation = operation,
-    user = req.user, units = r.usage, id = ledger_key(r),
+    user = req.user, units = r.usage, id = ledger_key(r, req),
     sync = req.ledger_sync, -- false: the answer waits for the row's commit, not its disk sync
     wait = req.ledger_wait } -- false: nor for the commit (the gateway's default)
   local ok, err
@@ -458,7 +465,7 @@ local function record_refusals(guard)
         usage.requests, usage.refused = 1, 1
         local a = { provider = t.provider, requested_model = t.model, usage = usage,
           model = provider_text(model) or t.model, id = provider_text(id) }
-        local key = ledger_key(a)
+        local key = ledger_key(a, guard.req)
         if not (key and seen[key]) then
           if key then seen[key] = true end
           record_cost(a, guard.req, guard.ticket, guard.operation, "charge")
@@ -526,7 +533,7 @@ local function settle_call(guard, r, err, operation)
     if ticket then ticket:settle(0) end
   else
     if any_refused(guard) then -- (the answer's key: a refusal replayed under it is the same charge)
-      local key = ledger_key(r)
+      local key = ledger_key(r, req)
       if key then guard.seen = { [key] = true } end
     end
     record_cost(r, req, ticket, operation)

@@ -260,12 +260,20 @@ describe("chat over the strict mock", function()
     end
     assert.are.equal(3, ledger_rows())
     assert.is_true(math.abs(b:state().spent - usd) < 1e-6, tostring(b:state().spent))
-    -- the same answer twice for one key is the provider's replay: billed once
+    -- the same answer twice for one key, the key sent to the provider, is its replay: billed once
     assert(resil.once("replayed-call", function()
-      for _ = 1, 2 do assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })) end
+      for _ = 1, 2 do
+        assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, idempotency = true }))
+      end
       return true
     end))
     assert.are.equal(4, ledger_rows())
+    -- a provider that was not sent the key cannot replay: two answers that reuse an id are two charges
+    assert(resil.once("key-not-sent", function()
+      for _ = 1, 2 do assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })) end
+      return true
+    end))
+    assert.are.equal(6, ledger_rows())
   end)
 
   it("tool call arguments that are not JSON are the model's garbage (invalid output), unless cut at max_tokens",
@@ -437,11 +445,21 @@ describe("chat over the strict mock", function()
       return good_answer("chatcmpl-same")
     end } })
     local r = assert(resil.once("ai-spec-same-id", function()
-      return ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+      return ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, idempotency = true })
     end))
     assert.are.equal(3, n)
     assert.are.equal(1, ledger_rows())
     assert.is_true(math.abs(r.cost_usd - resil.cost.total({})) <= 2e-6, tostring(r.cost_usd))
+    -- (before: the same without the key sent upstream, as the gateway calls, was one charge too,
+    -- though a provider that never saw the key bills each answer)
+    n = 0
+    local before = resil.cost.total({})
+    r = assert(resil.once("ai-spec-same-id-not-sent", function()
+      return ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+    end))
+    assert.are.equal(3, n)
+    assert.are.equal(4, ledger_rows())
+    assert.is_true(math.abs(r.cost_usd - (resil.cost.total({}) - before)) <= 4e-6, tostring(r.cost_usd))
   end)
 
   it("refused answers of a model without a price: the call's cost is unknown, never $0", function()
