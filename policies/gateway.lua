@@ -587,13 +587,23 @@ end
 -- its last event, without [DONE] (message_stop), so that the SDK raises
 local CUT_MESSAGE = "the gateway stopped before the stream ended; retry the request"
 
-local function openai_stream(s, first, id, model, b, headers)
+-- the chunks of one OpenAI stream -> chunk(delta, finish), usage_chunk(usage) | nil
+-- (nil: the client did not ask for stream_options.include_usage)
+local function openai_chunks(id, model, b)
   local created = math.floor(resil.clock.wall())
   local function chunk(delta, finish)
     return sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
       system_fingerprint = null, choices = { { index = 0, delta = delta, logprobs = null, finish_reason = finish or null } } })
   end
-  local include_usage = type(b.stream_options) == "table" and b.stream_options.include_usage
+  local function usage_chunk(usage)
+    return sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
+      choices = setmetatable({}, json.array_mt), usage = openai_usage(usage) })
+  end
+  return chunk, type(b.stream_options) == "table" and b.stream_options.include_usage and usage_chunk or nil
+end
+
+local function openai_stream(s, first, id, model, b, headers)
+  local chunk, usage_chunk = openai_chunks(id, model, b)
   return { status = 200, headers = headers, cut = sse(nil, { error = { message = CUT_MESSAGE, type = "server_error",
     code = "gateway_stopping" } }), stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
@@ -612,10 +622,7 @@ local function openai_stream(s, first, id, model, b, headers)
     end
     local r = s:result()
     write(chunk({}, r and r.finish_reason or "stop"), true) -- (its ending: a stop adds nothing after it)
-    if include_usage and r then
-      write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
-        choices = {}, usage = openai_usage(r.usage) }))
-    end
+    if usage_chunk and r then write(usage_chunk(r.usage)) end
     write("data: [DONE]\n\n")
   end }
 end
@@ -663,12 +670,7 @@ local function stream_headers(id, res)
 end
 
 local function openai_answer_stream(res, id, model, b, headers)
-  local created = math.floor(resil.clock.wall())
-  local function chunk(delta, finish)
-    return sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
-      system_fingerprint = null, choices = { { index = 0, delta = delta, logprobs = null, finish_reason = finish or null } } })
-  end
-  local include_usage = type(b.stream_options) == "table" and b.stream_options.include_usage
+  local chunk, usage_chunk = openai_chunks(id, model, b)
   return { status = 200, headers = headers, stream = function(write)
     write(chunk({ role = "assistant", content = "" }))
     if (res.text or "") ~= "" then write(chunk({ content = res.text })) end
@@ -679,10 +681,7 @@ local function openai_answer_stream(res, id, model, b, headers)
       write(chunk({ tool_calls = calls }))
     end
     write(chunk({}, res.finish_reason or "stop"), true)
-    if include_usage then
-      write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
-        choices = setmetatable({}, json.array_mt), usage = openai_usage(res.usage) }))
-    end
+    if usage_chunk then write(usage_chunk(res.usage)) end
     write("data: [DONE]\n\n")
   end }
 end
