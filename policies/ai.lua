@@ -388,7 +388,24 @@ end
 -- Cost to the ledger: through the ticket when there is one (it writes the
 -- row), else a row of its own, keyed as above. how: "settle" (the call's
 -- answer: frees the hold) or "charge" (a refused attempt, see below).
+-- An answer's output is at most max_tokens per choice, as the providers
+-- bill it: more is the provider's garbage (1e12 tokens to a max_tokens of
+-- 50 spent a day's budget 10^10 times over). Recorded at that most, and said.
+local function capped_usage(r, req)
+  local u, most = r.usage, math.type(req.max_tokens) == "integer" and req.max_tokens or nil
+  if not most or type(u) ~= "table" or type(u.output_tokens) ~= "number" then return u end
+  most = most * math.max(1, math.tointeger(req.n) or 1)
+  if u.output_tokens <= most then return u end
+  resil.log.error("ai: an answer reported more output tokens than max_tokens allows; recorded at max_tokens",
+    { provider = r.provider, model = r.model or r.requested_model, output_tokens = u.output_tokens, max_tokens = most })
+  local c = {}
+  for k, v in pairs(u) do c[k] = v end
+  c.output_tokens = most
+  return c
+end
+
 local function record_cost(r, req, ticket, operation, how)
+  r.usage = capped_usage(r, req)
   local usd = r.usage and pricing.cost(r.provider, r.model or r.requested_model, r.usage)
   if usd == nil and r.usage and r.model ~= r.requested_model then
     usd = pricing.cost(r.provider, r.requested_model, r.usage)

@@ -339,7 +339,7 @@ describe("chat over the strict mock", function()
   local function refused_answer(id)
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
       id = id, object = "chat.completion", created = 1, model = "gpt-4o-mini", choices = {},
-      usage = { prompt_tokens = 1000, completion_tokens = 500, total_tokens = 1500 } }) }
+      usage = { prompt_tokens = 1000, completion_tokens = 90, total_tokens = 1090 } }) }
   end
   local function good_answer(id)
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
@@ -360,7 +360,7 @@ describe("chat over the strict mock", function()
       local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
         budget = "ai-spec-refused" }))
       assert.are.equal(3, r.attempts)
-      local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 500 })
+      local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 90 })
       local answer = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 10 })
       assert.is_true(math.abs(r.cost_usd - (2 * each + answer)) < 1e-9, tostring(r.cost_usd))
       assert.are.equal(3, ledger_rows())
@@ -381,7 +381,7 @@ describe("chat over the strict mock", function()
       budget = "ai-spec-refused-all", retry = { max_retries = 1 } })
     assert.is_nil(r)
     assert.are.equal("invalid_output", err.kind)
-    local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 500 })
+    local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 90 })
     assert.is_true(math.abs(err.cost_usd - 2 * each) < 1e-9, tostring(err.cost_usd))
     assert.are.equal(2, ledger_rows())
     assert.are.same({ 0 }, { b:state().reserved })
@@ -402,7 +402,7 @@ describe("chat over the strict mock", function()
     assert.are.equal(2, n)
     t:cancel()
     resil.sleep(0.1) -- the record and the release are tasks of their own
-    local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 500 })
+    local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 90 })
     assert.are.equal(1, ledger_rows())
     assert.are.equal(0, b:state().reserved)
     assert.is_true(math.abs(b:state().spent - each) <= 2e-6)
@@ -511,7 +511,7 @@ describe("chat over the strict mock", function()
     local b = resil.budget("ai-spec-settle-cancel", { limit = 1 })
     local t = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
       budget = "ai-spec-settle-cancel" })
-    assert.is_true(helpers.wait_until(function() return n == 2 end, 10))
+    assert.is_true(helpers.wait_until(function() return n == 2 end, 30), "the second attempt was not sent: " .. n)
     local release = helpers.hold_write_lock(db)
     finally(function() helpers.write(release, "") end)
     -- answered (the mock has written it); its settle waits for the lock

@@ -399,6 +399,50 @@ describe("gateway: a hostile upstream", function()
     assert.is_true(state.spent > 0)
   end)
 
+  it("more output tokens than max_tokens allows are recorded at max_tokens: one answer cannot spend a budget " ..
+     "10^10 times over", function()
+    local url = start(answering('{"prompt_tokens":1000,"completion_tokens":1e12}'), { auth = true })
+    local key = assert(keys.add({ name = "capped", budget = "1/day" }))
+    for _ = 1, 2 do
+      local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS, max_tokens = 50 },
+        { authorization = "Bearer " .. key })
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal(50, json.decode(res.body).usage.completion_tokens)
+    end
+    local one = require("policies.pricing").cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 50 })
+    assert.is_true(math.abs(resil.cost.total({}) - 2 * one) < 1e-6, tostring(resil.cost.total({})))
+    local state = assert(resil.budget("key:capped"):state())
+    assert.is_true(math.abs(state.spent - 2 * one) < 2e-6, tostring(state.spent))
+  end)
+
+  it("a stream whose usage is not an object (Anthropic's message_start, message_delta) is still relayed to its " ..
+     "end and recorded", function()
+    local sse_body = table.concat({
+      'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message","role":' ..
+        '"assistant","model":"claude-sonnet-4-5-20250929","content":[],"usage":null}}\n\n',
+      'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n',
+      'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hello"}}\n\n',
+      'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+      'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":"lots"}\n\n',
+      'event: message_stop\ndata: {"type":"message_stop"}\n\n' })
+    local url = start({ routes = { ["POST /v1/messages"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, body = sse_body }
+    end } })
+    local evs = events_of(url .. "/v1/messages", { model = "anthropic/claude-sonnet-4-5-20250929", max_tokens = 50,
+      messages = MSGS, stream = true })
+    local text = {}
+    for _, ev in ipairs(evs) do
+      local d = json.decode(ev.data)
+      if d and d.type == "content_block_delta" then text[#text + 1] = d.delta.text end
+    end
+    assert.are.equal("hello", table.concat(text))
+    assert.are.equal("message_stop", evs[#evs].event)
+    assert.is_true(helpers.wait_until(function()
+      local rows = resil.cost.breakdown("model")[1]
+      return rows and rows.calls == 1
+    end, 5))
+  end)
+
   it("token counts that are infinite or negative are the provider's garbage: the client still gets its answer, " ..
     "the hold is given back and the call is in the ledger once", function()
     for i, usage in ipairs({ '{"prompt_tokens":1e999,"completion_tokens":3}', '{"prompt_tokens":2000,"completion_tokens":-1e300}' }) do

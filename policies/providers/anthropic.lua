@@ -161,14 +161,16 @@ function anthropic.event(state, ev)
       return d.text, false
     end
   elseif t == "message_start" then
-    local m = data.message or {}
+    -- (a usage or a message that is not an object is the provider's garbage: it raised here,
+    -- and the stream ended without its error event)
+    local m = type(data.message) == "table" and data.message or {}
     state.id, state.model = m.id, m.model
-    state.raw_usage = m.usage
-    state.usage = anthropic.usage(m.usage)
+    state.raw_usage = type(m.usage) == "table" and m.usage or nil
+    state.usage = anthropic.usage(state.raw_usage)
   elseif t == "message_delta" then
     -- its usage is cumulative: the totals so far replace, never add
     local u = state.raw_usage or {}
-    for k, v in pairs(data.usage or {}) do u[k] = v end
+    for k, v in pairs(type(data.usage) == "table" and data.usage or {}) do u[k] = v end
     state.raw_usage = u
     state.usage = anthropic.usage(u)
     local stop = type(data.delta) == "table" and data.delta.stop_reason
