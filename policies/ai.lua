@@ -379,9 +379,9 @@ local function ledger_key(r, req)
   local key = r.id and resil.context().idempotency_key
   if not key then return nil end
   local conf = ai.config[r.provider]
-  if not ((type(req) == "table" and req.idempotency) or (type(conf) == "table" and conf.idempotency)) then
-    return nil
-  end
+  local sent = type(req) == "table" and req.idempotency
+  if sent == nil then sent = type(conf) == "table" and conf.idempotency end -- (a call's own false wins)
+  if not sent then return nil end
   return ("%s:%s:%s"):format(r.provider, resil.hash(key), r.id)
 end
 
@@ -393,7 +393,11 @@ end
 -- 50 spent a day's budget 10^10 times over). Recorded at that most, and said.
 local function capped_usage(r, req)
   local u, most = r.usage, math.type(req.max_tokens) == "integer" and req.max_tokens or nil
-  if not most or type(u) ~= "table" or type(u.output_tokens) ~= "number" then return u end
+  if not most and req.budget ~= nil then -- what wire_request sent a budgeted call without one
+    local conf, adapter = ai.config[r.provider], ai.adapters[r.provider]
+    most = type(conf) == "table" and conf.max_tokens or adapter and adapter.default_max_tokens or 4096
+  end
+  if math.type(most) ~= "integer" or type(u) ~= "table" or type(u.output_tokens) ~= "number" then return u end
   most = most * math.max(1, math.tointeger(req.n) or 1)
   if u.output_tokens <= most then return u end
   resil.log.error("ai: an answer reported more output tokens than max_tokens allows; recorded at max_tokens",

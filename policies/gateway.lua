@@ -723,20 +723,27 @@ local complete_admitted
 -- recorded. (Aborted, it was paid and never in the ledger or the budget: a
 -- client's timeout spent past its key's budget, three times over with an
 -- SDK's retries.) A stream is aborted instead: the provider stops, and what
--- was streamed is recorded. The drain waits for these (calls_running).
-local calls_running = 0
-local function run_to_end(fn, ...)
-  calls_running = calls_running + 1
+-- was streamed is recorded. The drain waits for these (kept across a
+-- policy reload: the drain is the first version's). The call holds the
+-- request's permits (slot.permits) to its end: a client that left does
+-- not free its key's concurrency for a call still running upstream.
+local running = resil.keep("policies.gateway.calls_running", function() return { n = 0 } end)
+local function run_to_end(slot, fn, ...)
   local call = resil.spawn(function(...)
-    local _ <close> = setmetatable({}, { __close = function() calls_running = calls_running - 1 end })
+    local _ <close> = setmetatable({}, { __close = function()
+      running.n = running.n - 1
+      if slot then slot.permits:release() end
+    end })
     return fn(...)
   end, ...)
+  running.n = running.n + 1 -- (after the spawn: one that raised runs nothing)
+  if slot then slot.handed = true end
   return call:join()
 end
 
 -- ai.chat(r) to its end -> result | nil, err (what it raised, as an error)
-local function chat_to_end(r)
-  local joined, ok, res, err = run_to_end(pcall, ai.chat, r)
+local function chat_to_end(slot, r)
+  local joined, ok, res, err = run_to_end(slot, pcall, ai.chat, r)
   if not joined then return nil, ok end
   if not ok then return nil, res end
   return res, err
@@ -768,13 +775,16 @@ local function complete(req, api)
   if not permits then return with_id(full, id) end
   if permits == NO_PERMITS then return anthropic_id(complete_admitted(req, api, id, rec), api) end
   local held = false
-  local _ <close> = setmetatable({}, { __close = function() if not held then permits:release() end end })
-  local reply = complete_admitted(req, api, id, rec)
+  local slot = { permits = permits } -- handed = true: a call run to its end holds them
+  local _ <close> = setmetatable({}, { __close = function()
+    if not held and not slot.handed then permits:release() end
+  end })
+  local reply = complete_admitted(req, api, id, rec, slot)
   reply, held = hold(reply, permits)
   return anthropic_id(reply, api)
 end
 
-function complete_admitted(req, api, id, rec)
+function complete_admitted(req, api, id, rec, slot)
   local b = json.decode(req.body)
   if type(b) ~= "table" then
     return with_id(error_reply(api, 400, "the body is not a JSON object", { code = "invalid_json" }), id)
@@ -815,7 +825,7 @@ function complete_admitted(req, api, id, rec)
   local tools = type(r.tools) == "table" and next(r.tools) ~= nil
   local schema = type(b.response_format) == "table" and b.response_format.type == "json_schema"
   if b.stream == true and (tools or schema) then
-    local res, err = chat_to_end(r)
+    local res, err = chat_to_end(slot, r)
     if not res then return with_id(ai_error_reply(api, err), id) end
     local headers = stream_headers(id, res)
     if api == "anthropic" then return anthropic_answer_stream(res, id, b.model, headers) end
@@ -843,7 +853,7 @@ function complete_admitted(req, api, id, rec)
   if idem and idem ~= "" then
     local ran = false
     local joined
-    joined, res, err = run_to_end(resil.once, { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
+    joined, res, err = run_to_end(slot, resil.once, { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
       fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
       ran = true
       local ok, v, e = pcall(ai.chat, r)
@@ -862,7 +872,7 @@ function complete_admitted(req, api, id, rec)
     if not joined then res, err = nil, res end
     replayed = not ran
   else
-    res, err = chat_to_end(r)
+    res, err = chat_to_end(slot, r)
   end
   if not res then
     local reply = ai_error_reply(api, err)
@@ -1096,7 +1106,7 @@ local function drain(s, signo)
     resil.log.info("gateway: stopping; finishing the requests in flight (another signal stops at once)",
       { requests = s:pending(), drain_timeout = grace })
   end
-  local function busy() return s:pending() > 0 or s:unsent() > 0 or calls_running > 0 end
+  local function busy() return s:pending() > 0 or s:unsent() > 0 or running.n > 0 end
   -- What still runs a moment before the end (a tenth of drain_timeout, at
   -- most a second) is ended then, so that its rows are written in time:
   -- streams get their error event, what is left is cut as a client that

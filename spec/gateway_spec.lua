@@ -413,6 +413,11 @@ describe("gateway: a hostile upstream", function()
     assert.is_true(math.abs(resil.cost.total({}) - 2 * one) < 1e-6, tostring(resil.cost.total({})))
     local state = assert(resil.budget("key:capped"):state())
     assert.is_true(math.abs(state.spent - 2 * one) < 2e-6, tostring(state.spent))
+    -- without max_tokens, a budgeted call is sent the budget's (4096): the most it is recorded at
+    local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS },
+      { authorization = "Bearer " .. key })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal(4096, json.decode(res.body).usage.completion_tokens)
   end)
 
   it("a stream whose usage is not an object (Anthropic's message_start, message_delta) is still relayed to its " ..
@@ -830,6 +835,20 @@ describe("gateway: concurrency", function()
     assert.has_error(function() keys.add({ name = "bad", concurrency = 0 }) end)
   end)
 
+  -- (before: the call went on upstream while its permit was given back: five clients that gave up
+  -- one after another had five calls running at once under a limit of one)
+  it("a call whose client gave up keeps its permit until it ends", function()
+    local url, m = start({ strict = true, latency = 1 }, { max_concurrent = 1, queue = 0 })
+    local res, err = http.request({ method = "POST", url = url .. "/v1/chat/completions", timeout = 0.2,
+      body = json.encode(BODY), headers = { ["content-type"] = "application/json" } })
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal(503, post(url .. "/v1/chat/completions", BODY).status) -- its call still runs upstream
+    assert.is_true(helpers.wait_until(function() return resil.cost.breakdown("model")[1] ~= nil end, 5))
+    assert.are.equal(200, post(url .. "/v1/chat/completions", BODY).status)
+    assert.are.equal(2, m:stats().routes.chat)
+  end)
+
   it("a stream keeps its permit until it ends", function()
     local url, m = start({ strict = true, reply = ("w "):rep(100), stream_interval = 0.02 },
       { max_concurrent = 1, queue = 0 })
@@ -1006,6 +1025,20 @@ describe("gateway: virtual keys", function()
     resil.store_config({ url = db }) -- back: the key is served at once, whatever key_cache says
     assert.are.equal(200, post(url .. "/v1/chat/completions", body, bearer(key)).status)
     assert.are.equal(1, m:stats().total)
+  end)
+
+  it("a key index that cannot be read is an error for keys add and revoke, not an empty list to overwrite", function()
+    start({ strict = true }, { auth = true })
+    assert(keys.add({ name = "first" }))
+    local s = resil.store()
+    local text = assert(s:get("gateway:keys"))
+    assert(s:set("gateway:keys", text:sub(1, -2))) -- cut by a bad restore
+    local key, err = keys.add({ name = "second" })
+    assert.is_nil(key)
+    assert.are.equal("store_corrupt", err.kind)
+    assert.is_nil((keys.revoke("first")))
+    assert(s:set("gateway:keys", text))
+    assert.are.equal(1, #assert(keys.list()))
   end)
 
   it("keys are kept as SHA-256 digests only", function()
@@ -1317,6 +1350,31 @@ describe("resil-lua gateway and resil-lua keys", function()
     local _, cut = long:join()
     assert.is_nil(cut) -- its client was cut at drain_timeout, not kept for the 30 s call
     assert.are.equal("openai\t4\n", ledger_by_provider(db)) -- the warm-up and the three; the long call was never answered
+  end)
+
+  -- (before: the count of such calls was the first version's, and after a reload the drain did not
+  -- wait: the provider billed the call and the ledger never had it)
+  it("after a policy reload, a SIGTERM still waits for a call whose client left, and records it", function()
+    local m = mock_upstream()
+    local db = helpers.tmpname(".db")
+    local pid, port, log = start_gateway(mock_config(m), db)
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    os.execute("kill -HUP " .. pid)
+    assert(helpers.wait_until(function() return helpers.slurp(log):match("policies reloaded") ~= nil end, 10))
+    m:configure({ strict = true, reply = "served", latency = 2 })
+    local res, err = http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+      timeout = 0.3, body = json.encode({ model = "gpt-4o-mini", messages = MSGS }),
+      headers = { ["content-type"] = "application/json" } })
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+    assert(helpers.wait_until(function() return (m:stats().routes.chat or 0) >= 1 end, 10))
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 15))
+    assert.are.equal("openai\t1\n", ledger_by_provider(db))
   end)
 
   it("a project's gateway.lua from before the graceful stop still stops at the first SIGTERM", function()

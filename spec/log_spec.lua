@@ -162,6 +162,18 @@ describe("resil.json", function()
     local t = {}
     t.a, t.b = t, t
     assert.has_error(function() resil.json.encode(t) end)
+    t.c = setmetatable({}, resil.json.array_mt) -- (one that needs the exact layer's copy too)
+    assert.has_error(function() resil.json.encode(t) end)
+  end)
+
+  -- (before: a long run of number characters that is no number was taken in, and its
+  -- marker, with the host's tag, came back as a string)
+  it("refuses a long number that is not one, as cjson does", function()
+    for _, text in ipairs({ "[1234567890123456-]", "[1.2.3.4.5.6.7.8.9.0.1.2.3.4.5]", '{"a":123456789012345e}' }) do
+      local v, err = resil.json.decode(text)
+      assert.is_nil(v, text)
+      assert.are.equal("invalid_json", err.kind)
+    end
   end)
 
   -- (Debian's cjson wrote every empty array as {} and every number with 14 digits)

@@ -37,7 +37,7 @@ extern int luaopen_cjson_safe(lua_State *L);
 
 #define MAX_DEPTH 1000   /* cjson's own nesting limit, both ways */
 #define EXACT_DIGITS 14  /* what cjson writes (%.14g) */
-#define TAG_LEN 8
+#define TAG_LEN 16 /* hex digits: 64 random bits, never shown */
 
 /* upvalues of encode and decode */
 enum { UP_CJSON = 1, UP_ARRAY_MT, UP_TAG };
@@ -60,6 +60,30 @@ static void marker_of(lua_State *L, marker *m) {
 static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 static int is_number_char(char c) {
   return (c >= '0' && c <= '9') || c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E';
+}
+
+/* the length of the JSON number at s (RFC 8259's grammar: -?int frac? exp?),
+ * or 0 if the run of number characters there is not exactly one: such text
+ * is left to cjson, which refuses it */
+static size_t json_number_len(const char *s, size_t n) {
+  size_t i = 0;
+  if (i < n && s[i] == '-') i++;
+  if (i < n && s[i] == '0') i++;
+  else if (i < n && s[i] >= '1' && s[i] <= '9') while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+  else return 0;
+  if (i < n && s[i] == '.') {
+    size_t d = ++i;
+    while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    if (i == d) return 0;
+  }
+  if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+    i++;
+    if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+    size_t d = i;
+    while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    if (i == d) return 0;
+  }
+  return i == n ? n : 0;
 }
 
 /* significant digits of a JSON number's mantissa (leading zeros aside) */
@@ -101,7 +125,7 @@ static int mark_text(lua_State *L, const char *s, size_t len, const marker *m) {
       if (end < len && s[end] == ']') kind = "[", end++;
     } else if (c == '-' || (c >= '0' && c <= '9')) {
       while (end < len && is_number_char(s[end])) end++;
-      if (significant_digits(s + i, end - i) > EXACT_DIGITS) kind = "#";
+      if (json_number_len(s + i, end - i) && significant_digits(s + i, end - i) > EXACT_DIGITS) kind = "#";
     }
     if (!kind) {
       i = end;
@@ -251,10 +275,12 @@ static void push_marked(lua_State *L, int idx, const marker *m, int depth) {
     lua_concat(L, 2);
     return;
   }
-  if (t != LUA_TTABLE || depth > MAX_DEPTH) {
+  if (t != LUA_TTABLE) {
     lua_pushvalue(L, idx);
     return;
   }
+  /* (as cjson says it: a table that holds itself would take 2^depth copies) */
+  if (depth > MAX_DEPTH) luaL_error(L, "Cannot serialise, excessive nesting (%d)", depth);
   luaL_checkstack(L, 4, "json: too deep");
   lua_pushnil(L);
   if (!lua_next(L, idx)) {
@@ -290,7 +316,10 @@ static void unmark_text(lua_State *L, const char *s, size_t len, const marker *m
     if (!q) break;
     if ((size_t)(end - q) > head + 2 && memcmp(q + 1, m->text, head) == 0) {
       const char *v = q + 1 + head, *close = memchr(v, '"', (size_t)(end - v));
-      if (close) {
+      /* only what push_marked makes: "[" alone, or "#" and a number's characters */
+      int ok = close && ((*v == '[' && close == v + 1) || (*v == '#' && close > v + 1));
+      for (const char *c = v + 1; ok && *v == '#' && c < close; c++) ok = is_number_char(*c);
+      if (ok) {
         luaL_addlstring(&b, p, (size_t)(q - p));
         if (*v == '[') luaL_addstring(&b, "[]");
         else luaL_addlstring(&b, v + 1, (size_t)(close - v - 1));

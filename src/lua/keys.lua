@@ -34,8 +34,15 @@ end
 local function index(s)
   local v, err = s:get(INDEX)
   if v == nil and err ~= nil then return nil, err end
+  if v == nil then return {} end
+  -- one that cannot be read is not an empty one: `keys add` rewrote it with its
+  -- key alone, and every other key went on working unlisted and unrevokable
   local list = type(v) == "string" and json.decode(v)
-  return type(list) == "table" and list or {}
+  if type(list) ~= "table" then
+    return nil, resil.error("store_corrupt", ("the store's key index (%s) is unreadable; restore it before "
+      .. "adding or revoking keys"):format(INDEX))
+  end
+  return list
 end
 
 local function b64url(bytes)
