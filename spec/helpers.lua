@@ -68,11 +68,14 @@ function helpers.hold_write_lock(db)
   os.execute(("printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s\\n" ..
     ".shell while [ ! -e %s ]; do sleep 0.02; done\\nCOMMIT;\\n' | sqlite3 -bail %s > /dev/null 2>&1 &")
     :format(locked, release, db))
-  assert(helpers.wait_until(function()
+  local took = helpers.wait_until(function()
     local f = io.open(locked)
     if f then f:close() end
     return f ~= nil
-  end), "sqlite3 did not take the store's write lock")
+  end, 15)
+  -- (given up: released now, so that a shell that takes the lock later does not hold it for good)
+  if not took then helpers.write(release, "") end
+  assert(took, "sqlite3 did not take the store's write lock")
   return release
 end
 
