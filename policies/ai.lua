@@ -290,8 +290,11 @@ end
 -- budgeted call without max_tokens is sent this as its max_tokens, or the
 -- provider writes up to the model's own limit (16,384 for gpt-4o, more for
 -- reasoning) against a reservation of 4,096.
+local function budget_max_tokens(conf, adapter)
+  return conf and conf.max_tokens or adapter and adapter.default_max_tokens or 4096
+end
 local function reserved_max_tokens(t, r)
-  return r.max_tokens or t.conf.max_tokens or t.adapter.default_max_tokens or 4096
+  return r.max_tokens or budget_max_tokens(t.conf, t.adapter)
 end
 
 local function wire_request(t, req, stream)
@@ -394,8 +397,8 @@ end
 local function capped_usage(r, req)
   local u, most = r.usage, math.type(req.max_tokens) == "integer" and req.max_tokens or nil
   if not most and req.budget ~= nil then -- what wire_request sent a budgeted call without one
-    local conf, adapter = ai.config[r.provider], ai.adapters[r.provider]
-    most = type(conf) == "table" and conf.max_tokens or adapter and adapter.default_max_tokens or 4096
+    local conf = ai.config[r.provider]
+    most = budget_max_tokens(type(conf) == "table" and conf or nil, ai.adapters[r.provider])
   end
   if math.type(most) ~= "integer" or type(u) ~= "table" or type(u.output_tokens) ~= "number" then return u end
   most = most * math.max(1, math.tointeger(req.n) or 1)

@@ -570,17 +570,10 @@ local function with_id(reply, id)
   return reply
 end
 
--- JSON where an empty `content` or `choices` is the list the APIs send, not an object
-local function encode(v)
-  return (json.encode(v):gsub('"(%a+)":{}', function(k)
-    if k == "content" or k == "choices" then return '"' .. k .. '":[]' end
-  end))
-end
-
--- one SSE event
+-- one SSE event (an empty list the APIs send as [] is made with json.array_mt)
 local function sse(event, data)
-  if event then return "event: " .. event .. "\ndata: " .. encode(data) .. "\n\n" end
-  return "data: " .. encode(data) .. "\n\n"
+  if event then return "event: " .. event .. "\ndata: " .. json.encode(data) .. "\n\n" end
+  return "data: " .. json.encode(data) .. "\n\n"
 end
 
 -- a stream still running when a graceful stop ends (server:cut_streams):
@@ -632,8 +625,8 @@ local function anthropic_stream(s, first, id, model, headers, req)
     message = CUT_MESSAGE } }), stream = function(write)
     local _ <close> = s
     write(sse("message_start", { type = "message_start", message = { id = "msg_" .. id, type = "message",
-      role = "assistant", model = model, content = {}, stop_reason = null, stop_sequence = null,
-      usage = { input_tokens = math.ceil(#json.encode(req.messages) / 4), output_tokens = 0 } } }))
+      role = "assistant", model = model, content = setmetatable({}, json.array_mt), stop_reason = null,
+      stop_sequence = null, usage = { input_tokens = math.ceil(#json.encode(req.messages) / 4), output_tokens = 0 } } }))
     write(sse("content_block_start", { type = "content_block_start", index = 0,
       content_block = { type = "text", text = "" } }))
     local delta, err = first, nil
@@ -658,11 +651,12 @@ local function anthropic_stream(s, first, id, model, headers, req)
   end }
 end
 
--- A stream whose request carries tools is answered by one upstream call and
--- relayed as the events of that whole answer: the adapters read text deltas
--- only, and a streamed tool call was lost (a stream of a tool call alone was
--- "empty", retried three times, paid each time, then a 502). The client's
--- SDK builds the same message from these events as from the provider's own.
+-- A stream whose request carries tools (or a JSON schema, whose refusal a
+-- text stream cannot carry) is answered by one upstream call and relayed as
+-- the events of that whole answer: the adapters read text deltas only, and
+-- a streamed tool call was lost (a stream of a tool call alone was "empty",
+-- retried three times, paid each time, then a 502). The client's SDK builds
+-- the same message from these events as from the provider's own.
 local function stream_headers(id, res)
   local h = answer_headers(id, res)
   h["content-type"], h["cache-control"] = "text/event-stream", "no-cache"
