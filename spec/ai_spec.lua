@@ -590,6 +590,102 @@ describe("chat over the strict mock", function()
   end)
 end)
 
+-- A gateway client of one API whose request goes to the other provider (a
+-- fallback, a route): its conversation is translated, or the strict mock
+-- refuses it as the real API would.
+describe("a conversation in the other API's shape", function()
+  local m, seen
+  local PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+  local PDF = "JVBERi0xLjQKJcfsj6IK"
+  before_each(function()
+    resil.clock.virtual()
+    fresh_store()
+    seen = nil
+    m = resil.mock.start({ strict = true, reply = function(body) seen = body; return "done" end })
+    point_at(m.url)
+  end)
+  after_each(function() m:stop() end)
+
+  it("Anthropic's tool_use, tool_result, image and document blocks reach OpenAI as its own", function()
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50,
+      system = { { type = "text", text = "Be brief.", cache_control = { type = "ephemeral" } } },
+      messages = {
+        { role = "user", content = {
+          { type = "text", text = "What is in these, and the weather?", cache_control = { type = "ephemeral" } },
+          { type = "image", source = { type = "base64", media_type = "image/png", data = PNG } },
+          { type = "image", source = { type = "url", url = "https://example.com/cat.png" } },
+          { type = "document", title = "q3.pdf", source = { type = "base64", media_type = "application/pdf", data = PDF } } } },
+        { role = "assistant", content = {
+          { type = "thinking", thinking = "weather and time", signature = "sig" },
+          { type = "text", text = "Checking." },
+          { type = "tool_use", id = "toolu_1", name = "get_weather", input = { city = "Paris" } },
+          { type = "tool_use", id = "toolu_2", name = "get_time", input = {} } } },
+        { role = "user", content = {
+          { type = "tool_result", tool_use_id = "toolu_1", content = "18C" },
+          { type = "tool_result", tool_use_id = "toolu_2", is_error = true, content = { { type = "text", text = "no clock" } } },
+          { type = "text", text = "Go on." } } } } }))
+    assert.are.equal("done", r.text)
+    local msgs = seen.messages
+    assert.are.equal(6, #msgs)
+    assert.are.same({ role = "system", content = "Be brief." }, msgs[1])
+    assert.are.same({
+      { type = "text", text = "What is in these, and the weather?" },
+      { type = "image_url", image_url = { url = "data:image/png;base64," .. PNG } },
+      { type = "image_url", image_url = { url = "https://example.com/cat.png" } },
+      { type = "file", file = { filename = "q3.pdf", file_data = "data:application/pdf;base64," .. PDF } } }, msgs[2].content)
+    assert.are.equal("assistant", msgs[3].role)
+    assert.are.equal("Checking.", msgs[3].content)
+    assert.are.same({ id = "toolu_1", type = "function", ["function"] = { name = "get_weather", arguments = '{"city":"Paris"}' } },
+      msgs[3].tool_calls[1])
+    assert.are.equal("{}", msgs[3].tool_calls[2]["function"].arguments)
+    assert.are.same({ role = "tool", tool_call_id = "toolu_1", content = "18C" }, msgs[4])
+    assert.are.same({ role = "tool", tool_call_id = "toolu_2", content = "Error: no clock" }, msgs[5])
+    assert.are.same({ role = "user", content = { { type = "text", text = "Go on." } } }, msgs[6])
+  end)
+
+  it("OpenAI's tool_calls, tool messages, image_url and file parts reach Anthropic as its blocks", function()
+    local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = {
+      { role = "system", content = "Be brief." },
+      { role = "user", content = {
+        { type = "text", text = "What is in these, and the weather?" },
+        { type = "image_url", image_url = { url = "data:image/jpeg;base64," .. PNG, detail = "low" } },
+        { type = "image_url", image_url = { url = "https://example.com/cat.png" } },
+        { type = "file", file = { filename = "q3.pdf", file_data = "data:application/pdf;base64," .. PDF } } } },
+      { role = "assistant", content = resil.json.null, tool_calls = {
+        { id = "call_1", type = "function", ["function"] = { name = "get_weather", arguments = '{"city":"Paris"}' } },
+        { id = "call_2", type = "function", ["function"] = { name = "get_time", arguments = "[not json" } } } },
+      { role = "tool", tool_call_id = "call_1", content = "18C" },
+      { role = "tool", tool_call_id = "call_2", content = { { type = "text", text = "12:00" } } },
+      { role = "user", content = "Go on." } } }))
+    assert.are.equal("done", r.text)
+    assert.are.equal("Be brief.", seen.system)
+    local msgs = seen.messages
+    assert.are.same({
+      { type = "text", text = "What is in these, and the weather?" },
+      { type = "image", source = { type = "base64", media_type = "image/jpeg", data = PNG } },
+      { type = "image", source = { type = "url", url = "https://example.com/cat.png" } },
+      { type = "document", title = "q3.pdf", source = { type = "base64", media_type = "application/pdf", data = PDF } } },
+      msgs[1].content)
+    assert.are.same({ type = "tool_use", id = "call_1", name = "get_weather", input = { city = "Paris" } }, msgs[2].content[1])
+    assert.are.same({ type = "tool_use", id = "call_2", name = "get_time", input = {} }, msgs[2].content[2])
+    -- the results of one turn's calls are one user message
+    assert.are.same({ role = "user", content = {
+      { type = "tool_result", tool_use_id = "call_1", content = "18C" },
+      { type = "tool_result", tool_use_id = "call_2", content = "12:00" } } }, msgs[3])
+    assert.are.same({ role = "user", content = "Go on." }, msgs[4])
+  end)
+
+  it("a request the provider refuses is a 400 that names the part, not a retry", function()
+    -- an Anthropic image from the Files API has no OpenAI counterpart: passed on, the API says what
+    local r, err = ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, retry = { budget = false },
+      messages = { { role = "user", content = { { type = "image", source = { type = "file", file_id = "file_1" } } } } } })
+    assert.is_nil(r)
+    assert.are.equal("bad_request", err.class)
+    assert.matches("Invalid value: .image.", tostring(err.message or err))
+    assert.are.equal(1, m:stats().total)
+  end)
+end)
+
 describe("streams", function()
   local m
   before_each(function()

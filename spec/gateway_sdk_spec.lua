@@ -35,6 +35,8 @@ describe("the official SDKs against the gateway", function()
     "anthropic: messages through the gateway",
     "anthropic: the stream helper accumulates the final message",
     "anthropic: a 529 on the primary falls back (the SDK sees a normal answer)",
+    "anthropic: a tool conversation with an image falls back to OpenAI, translated",
+    "openai: a tool conversation with an image served by Anthropic, translated",
     "openai: a stream cut after its first delta raises in the SDK",
     "anthropic: a stream cut after its first delta raises in the SDK",
     "openai: a bad request is BadRequestError",

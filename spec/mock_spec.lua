@@ -67,6 +67,48 @@ describe("the mock provider", function()
     assert.are.equal("context_length_exceeded", ctx.error.code)
   end)
 
+  it("when strict, refuses a conversation in the other API's shape as that API does", function()
+    m = resil.mock.start({ strict = true })
+    local auth = { authorization = "Bearer sk-x" }
+    local function refused(res)
+      assert.are.equal(400, res.status)
+      return json.decode(res.body).error
+    end
+    -- Anthropic's blocks sent to OpenAI
+    local e = refused(chat(m, auth, { model = "m", messages = { { role = "user", content = {
+      { type = "image", source = { type = "url", url = "https://example.com/a.png" } } } } } }))
+    assert.are.equal("messages[0].content[0].type", e.param)
+    assert.matches("Invalid value: 'image'", e.message)
+    -- a tool message with no call before it; a call with no answer after it
+    e = refused(chat(m, auth, { model = "m", messages = { { role = "user", content = "hi" },
+      { role = "tool", tool_call_id = "call_1", content = "18C" } } }))
+    assert.matches("must be a response to a preceeding message with 'tool_calls'", e.message)
+    e = refused(chat(m, auth, { model = "m", messages = { { role = "user", content = "hi" },
+      { role = "assistant", tool_calls = { { id = "call_1", type = "function", ["function"] = { name = "f", arguments = "{}" } } } },
+      { role = "user", content = "and?" } } }))
+    assert.matches("did not have response messages: call_1", e.message)
+    -- OpenAI's parts and tool messages sent to Anthropic
+    local function messages(body)
+      return http.request({ url = m.url .. "/v1/messages", json = body,
+        headers = { ["x-api-key"] = "sk-ant-x", ["anthropic-version"] = "2023-06-01" } })
+    end
+    e = refused(messages({ model = "c", max_tokens = 10, messages = { { role = "user", content = {
+      { type = "image_url", image_url = { url = "https://example.com/a.png" } } } } } }))
+    assert.matches("messages.0.content.0: Input tag 'image_url'", e.message)
+    e = refused(messages({ model = "c", max_tokens = 10, messages = { { role = "user", content = "hi" },
+      { role = "assistant", content = { { type = "tool_use", id = "toolu_1", name = "f", input = {} } } },
+      { role = "user", content = { { type = "tool_result", tool_use_id = "toolu_2", content = "x" } } } } }))
+    assert.matches("unexpected `tool_use_id` found in `tool_result` blocks: toolu_2", e.message)
+    -- both APIs' own conversations pass
+    assert.are.equal(200, messages({ model = "c", max_tokens = 10, messages = { { role = "user", content = "hi" },
+      { role = "assistant", content = { { type = "tool_use", id = "toolu_1", name = "f", input = {} } } },
+      { role = "user", content = { { type = "tool_result", tool_use_id = "toolu_1", content = "x" } } } } }).status)
+    assert.are.equal(200, chat(m, auth, { model = "m", messages = { { role = "user", content = "hi" },
+      { role = "assistant", content = json.null,
+        tool_calls = { { id = "call_1", type = "function", ["function"] = { name = "f", arguments = "{}" } } } },
+      { role = "tool", tool_call_id = "call_1", content = "18C" } } }).status)
+  end)
+
   it("serves garbage and empty content as 200s", function()
     m = resil.mock.start({ sequence = { chat = { "garbage", "empty" } } })
     local garbage = chat(m)

@@ -12,6 +12,7 @@
   X(metrics, "src/lua/metrics.lua")           /* counters, gauges, histograms */     \
   X(mock, "src/lua/mock.lua")                 /* the mock provider */                \
   X(mock_jobs, "src/lua/mock_jobs.lua")       /* its Replicate, fal, ElevenLabs APIs */ \
+  X(mock_wire, "src/lua/mock_wire.lua")       /* what its APIs refuse in a conversation */ \
   X(owner, "src/lua/owner.lua")               /* who holds what, and are they alive */ \
   X(store, "src/lua/store.lua")               /* resil.store: URL, backends, kv */   \
   X(store_sqlite, "src/lua/store_sqlite.lua") /* the SQLite backend */               \

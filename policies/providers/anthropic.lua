@@ -68,29 +68,79 @@ local function tool_choice_of(choice)
   return choice
 end
 
+-- An OpenAI content part that Anthropic names otherwise -> its block: an
+-- image_url (a data URL or a link) -> an image, a PDF file -> a document.
+-- Anthropic's own blocks, and text parts (one shape in both), pass as they are.
+local function block_of(p)
+  if type(p) ~= "table" then return p end
+  if p.type == "image_url" then
+    local url = type(p.image_url) == "table" and p.image_url.url or p.image_url
+    if type(url) ~= "string" then return p end
+    local media, data = url:match("^data:([^;,]+);base64,(.*)$")
+    if media then return { type = "image", source = { type = "base64", media_type = media, data = data } } end
+    return { type = "image", source = { type = "url", url = url } }
+  elseif p.type == "file" and type(p.file) == "table" and type(p.file.file_data) == "string" then
+    local media, data = p.file.file_data:match("^data:([^;,]+);base64,(.*)$")
+    if media then
+      return { type = "document", source = { type = "base64", media_type = media, data = data },
+        title = type(p.file.filename) == "string" and p.file.filename or nil }
+    end
+  end
+  return p
+end
+
+local function content_of(content)
+  if type(content) ~= "table" then return content end
+  local out
+  for i, p in ipairs(content) do
+    local b = block_of(p)
+    if b ~= p and not out then out = table.move(content, 1, i - 1, 1, {}) end
+    if out then out[i] = b end
+  end
+  return out or content
+end
+
+-- a tool call's arguments (a JSON string) -> the object a tool_use block's
+-- input must be; arguments that are not one (a cut answer's) are {}
+local function object_of(arguments)
+  local v = type(arguments) == "string" and json.decode(arguments)
+  if type(v) ~= "table" or v[1] ~= nil or getmetatable(v) == json.array_mt then return {} end
+  return v
+end
+
 -- An OpenAI-shaped conversation in Anthropic's terms: system messages go to
--- the top-level `system`, tool calls and results become content blocks.
+-- the top-level `system`, tool calls and results become content blocks (the
+-- results of one turn's parallel calls in one user message, as the API
+-- wants them), image_url and file parts become image and document blocks.
 local function messages_of(req)
   local system = { req.system and text_of(req.system) or nil }
   local out = {}
+  local results -- the user message the last tool messages went into
   for _, m in ipairs(req.messages) do
+    local last_results = results
+    results = nil
     if m.role == "system" or m.role == "developer" then
       system[#system + 1] = text_of(m.content)
     elseif m.role == "tool" then
-      out[#out + 1] = { role = "user", content = { { type = "tool_result", tool_use_id = m.tool_call_id,
-        content = text_of(m.content) } } }
+      local block = { type = "tool_result", tool_use_id = m.tool_call_id, content = text_of(m.content) }
+      if last_results then
+        last_results.content[#last_results.content + 1] = block
+        results = last_results
+      else
+        results = { role = "user", content = { block } }
+        out[#out + 1] = results
+      end
     elseif m.role == "assistant" and type(m.tool_calls) == "table" then
       local blocks = {}
       local text = m.content and text_of(m.content) or ""
       if text ~= "" then blocks[1] = { type = "text", text = text } end
       for _, c in ipairs(m.tool_calls) do
         local f = c["function"] or {}
-        blocks[#blocks + 1] = { type = "tool_use", id = c.id, name = f.name,
-          input = json.decode(f.arguments or "{}") or {} }
+        blocks[#blocks + 1] = { type = "tool_use", id = c.id, name = f.name, input = object_of(f.arguments) }
       end
       out[#out + 1] = { role = "assistant", content = blocks }
     else
-      out[#out + 1] = { role = m.role, content = m.content }
+      out[#out + 1] = { role = m.role, content = content_of(m.content) }
     end
   end
   -- a system given as content blocks (prompt caching) is kept as blocks

@@ -90,6 +90,37 @@ await check('anthropic: a 529 on the primary falls back (the SDK sees a normal a
   expect((await upstream()).down > before.down, 'the overloaded upstream was tried first');
 });
 
+// a conversation in one API's shape served by the other provider: its tool calls, their results
+// and an image are translated (the strict mock refuses the other API's shapes, as the APIs do)
+const PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk';
+await check('anthropic: a tool conversation with an image falls back to OpenAI, translated', async () => {
+  const { data, response } = await ant().messages.create({ model: 'claude-busy', max_tokens: 100,
+    tools: [{ name: weather.name, description: weather.description, input_schema: weather.parameters }],
+    messages: [
+      { role: 'user', content: [{ type: 'text', text: 'The weather where this is?' },
+        { type: 'image', source: { type: 'base64', media_type: 'image/png', data: PNG } }] },
+      { role: 'assistant', content: [{ type: 'text', text: 'Checking.' },
+        { type: 'tool_use', id: 'toolu_1', name: 'get_weather', input: { city: 'Paris' } }] },
+      { role: 'user', content: [{ type: 'tool_result', tool_use_id: 'toolu_1', content: '18C' }] }] }).withResponse();
+  expect(data.content[0].text === REPLY, `text ${JSON.stringify(data.content)}`);
+  expect(response.headers.get('x-resil-provider') === 'openai', `provider ${response.headers.get('x-resil-provider')}`);
+});
+
+await check('openai: a tool conversation with an image served by Anthropic, translated', async () => {
+  const { data, response } = await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929',
+    tools: [{ type: 'function', function: weather }],
+    messages: [
+      { role: 'user', content: [{ type: 'text', text: 'The weather in both?' },
+        { type: 'image_url', image_url: { url: 'data:image/png;base64,' + PNG } }] },
+      { role: 'assistant', content: null, tool_calls: [
+        { id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Paris"}' } },
+        { id: 'call_2', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Rome"}' } }] },
+      { role: 'tool', tool_call_id: 'call_1', content: '18C' },
+      { role: 'tool', tool_call_id: 'call_2', content: '21C' }] }).withResponse();
+  expect(data.choices[0].message.content === REPLY, `content ${data.choices[0].message.content}`);
+  expect(response.headers.get('x-resil-provider') === 'anthropic', `provider ${response.headers.get('x-resil-provider')}`);
+});
+
 await check('openai: a stream cut after its first delta raises in the SDK', async () => {
   let text = '';
   try {

@@ -14,6 +14,7 @@
 local resil = ...
 local json = resil.json
 local job_routes = require("resil.mock_jobs").route -- Replicate, fal, ElevenLabs (src/lua/mock_jobs.lua)
+local wire = require "resil.mock_wire" -- what each API refuses in a conversation (src/lua/mock_wire.lua)
 
 local mock = {}
 local Mock = {}
@@ -349,6 +350,8 @@ function Mock:openai_check(req, body)
     return { status = 400, body = openai_error(400, "[] is too short - 'messages'", "invalid_request_error", nil,
       "messages") }
   end
+  local bad, param = wire.openai_messages(body.messages)
+  if bad then return { status = 400, body = openai_error(400, bad, "invalid_request_error", nil, param) } end
   return nil
 end
 
@@ -501,6 +504,8 @@ local function anthropic_refusal(self, req, body)
   if body.system ~= nil and type(body.system) ~= "string" and type(body.system) ~= "table" then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "system: Input should be a valid list") }
   end
+  local bad = self.scenario.strict and wire.anthropic_messages(body.messages)
+  if bad then return { status = 400, body = anthropic_error(400, "invalid_request_error", bad) } end
   return nil
 end
 

@@ -1,0 +1,200 @@
+-- src/lua/mock_wire.lua: what each provider's API refuses in a conversation,
+-- for the strict mock (src/lua/mock.lua). A request that mixes the two wire
+-- formats (an Anthropic `tool_use` block sent to OpenAI, an OpenAI
+-- `image_url` part sent to Anthropic) is refused here as the real APIs refuse
+-- it, with their messages, so a translation we got wrong fails a spec instead
+-- of passing our own mock.
+local resil = ...
+local json = resil.json
+local null = json.null
+
+local wire = {}
+
+local function set(words)
+  local s = {}
+  for w in words:gmatch("%S+") do s[w] = true end
+  return s
+end
+
+-- OpenAI: the content part types each role takes
+local OPENAI_PARTS = {
+  user = set "text image_url input_audio file",
+  system = set "text", developer = set "text", tool = set "text",
+  assistant = set "text refusal",
+}
+local OPENAI_PART_LIST = "'text', 'image_url', 'input_audio', 'refusal', 'audio', and 'file'"
+
+-- wire.openai_messages(messages) -> nil | message, param
+function wire.openai_messages(messages)
+  local awaiting -- tool_call_ids of the last assistant message still unanswered: id -> true
+  local function unanswered()
+    local ids = {}
+    for id in pairs(awaiting or {}) do ids[#ids + 1] = id end
+    table.sort(ids)
+    return #ids > 0 and table.concat(ids, ", ") or nil
+  end
+  for i, m in ipairs(messages) do
+    local at = ("messages[%d]"):format(i - 1)
+    if type(m) ~= "table" or not OPENAI_PARTS[m.role] then
+      return ("Invalid value: '%s'. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', "
+        .. "and 'developer'."):format(type(m) == "table" and tostring(m.role) or "?"), at .. ".role"
+    end
+    if m.role == "tool" then
+      if type(m.tool_call_id) ~= "string" then
+        return "Missing required parameter: '" .. at .. ".tool_call_id'.", at .. ".tool_call_id"
+      end
+      if not (awaiting and awaiting[m.tool_call_id]) then
+        return "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with "
+          .. "'tool_calls'.", at .. ".role"
+      end
+      awaiting[m.tool_call_id] = nil
+    else
+      local left = unanswered()
+      if left then
+        return "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+          .. "'tool_call_id'. The following tool_call_ids did not have response messages: " .. left, "messages"
+      end
+      awaiting = nil
+    end
+    local c = m.content
+    local calls = m.role == "assistant" and m.tool_calls ~= nil and m.tool_calls ~= null
+    if c == nil or c == null then
+      if not calls then return "Missing required parameter: '" .. at .. ".content'.", at .. ".content" end
+    elseif type(c) == "table" then
+      for j, p in ipairs(c) do
+        local where = ("%s.content[%d]"):format(at, j - 1)
+        local t = type(p) == "table" and p.type
+        if type(t) ~= "string" then return "Missing required parameter: '" .. where .. ".type'.", where .. ".type" end
+        if not OPENAI_PARTS[m.role][t] then
+          return ("Invalid value: '%s'. Supported values are: %s."):format(t, OPENAI_PART_LIST), where .. ".type"
+        end
+        for k in pairs(p) do
+          if k ~= "type" and k ~= t then
+            return ("Unrecognized request argument supplied: %s"):format(k), where .. "." .. k
+          end
+        end
+        if t == "image_url" and (type(p.image_url) ~= "table" or type(p.image_url.url) ~= "string") then
+          return "Missing required parameter: '" .. where .. ".image_url.url'.", where .. ".image_url.url"
+        end
+        if t == "text" and type(p.text) ~= "string" then
+          return "Missing required parameter: '" .. where .. ".text'.", where .. ".text"
+        end
+      end
+    elseif type(c) ~= "string" then
+      return ("Invalid type for '%s.content': expected one of a string or array of objects."):format(at),
+        at .. ".content"
+    end
+    if calls then
+      if type(m.tool_calls) ~= "table" then return "Invalid type for '" .. at .. ".tool_calls'.", at .. ".tool_calls" end
+      awaiting = {}
+      for j, call in ipairs(m.tool_calls) do
+        local f = type(call) == "table" and call["function"]
+        if type(call) ~= "table" or type(call.id) ~= "string" or type(f) ~= "table" or type(f.name) ~= "string"
+          or type(f.arguments) ~= "string" then
+          return ("Missing required parameter: '%s.tool_calls[%d]'."):format(at, j - 1), ("%s.tool_calls[%d]"):format(at, j - 1)
+        end
+        awaiting[call.id] = true
+      end
+    end
+  end
+  return nil
+end
+
+-- Anthropic: the block types the Messages API knows
+local ANTHROPIC_BLOCKS = set [[text image document search_result thinking redacted_thinking tool_use
+  tool_result server_tool_use web_search_tool_result container_upload]]
+local ANTHROPIC_BLOCK_LIST = "'text', 'image', 'document', 'search_result', 'thinking', 'redacted_thinking', "
+  .. "'tool_use', 'tool_result', 'server_tool_use', 'web_search_tool_result'"
+
+local function blocks_of(content)
+  if type(content) == "table" then return content end
+  return {}
+end
+
+local function check_source(b, where)
+  local s = b.source
+  if type(s) ~= "table" then return where .. ".source: Field required" end
+  if s.type == "base64" then
+    if type(s.media_type) ~= "string" or type(s.data) ~= "string" then
+      return where .. ".source.base64: media_type and data are required"
+    end
+  elseif s.type == "url" then
+    if type(s.url) ~= "string" then return where .. ".source.url.url: Field required" end
+  elseif not (b.type == "document" and s.type == "text") and s.type ~= "file" then
+    return ("%s.source: Input tag '%s' found using 'type' does not match any of the expected tags: 'base64', "
+      .. "'url', 'file'"):format(where, tostring(s.type))
+  end
+end
+
+-- wire.anthropic_messages(messages) -> nil | message. Consecutive messages of
+-- one role are one turn, as the API combines them.
+function wire.anthropic_messages(messages)
+  local prev_uses, prev_turn = {}, nil -- the tool_use ids of the previous turn
+  local uses, role, turn_start = {}, nil, nil
+  local answered = {}
+  local function close_turn()
+    if role == "assistant" then prev_uses, prev_turn = uses, turn_start else prev_uses, prev_turn = {}, nil end
+  end
+  for i, m in ipairs(messages) do
+    if m.role ~= role then
+      -- a turn that follows tool_use must answer each of them
+      if role == "user" and next(prev_uses) then
+        for id in pairs(prev_uses) do
+          if not answered[id] then
+            return ("messages.%d: `tool_use` ids were found without `tool_result` blocks immediately after: %s. "
+              .. "Each `tool_use` block must have a corresponding `tool_result` block in the next message.")
+              :format(prev_turn - 1, id)
+          end
+        end
+      end
+      close_turn()
+      role, uses, turn_start, answered = m.role, {}, i, {}
+    end
+    for j, b in ipairs(blocks_of(m.content)) do
+      local where = ("messages.%d.content.%d"):format(i - 1, j - 1)
+      if not ANTHROPIC_BLOCKS[b.type] then
+        return ("%s: Input tag '%s' found using 'type' does not match any of the expected tags: %s")
+          :format(where, tostring(b.type), ANTHROPIC_BLOCK_LIST)
+      end
+      if b.type == "text" and type(b.text) ~= "string" then return where .. ".text.text: Field required" end
+      if b.type == "image" or b.type == "document" then
+        local bad = check_source(b, where .. "." .. b.type)
+        if bad then return bad end
+      elseif b.type == "tool_use" then
+        if m.role ~= "assistant" then return where .. ": tool_use blocks are only allowed in assistant messages" end
+        if type(b.id) ~= "string" or type(b.name) ~= "string" or type(b.input) ~= "table" then
+          return where .. ".tool_use: id, name and input (an object) are required"
+        end
+        uses[b.id] = true
+      elseif b.type == "tool_result" then
+        if m.role ~= "user" then return where .. ": tool_result blocks are only allowed in user messages" end
+        if not prev_uses[b.tool_use_id] then
+          return ("messages.%d.content.%d: unexpected `tool_use_id` found in `tool_result` blocks: %s. Each "
+            .. "`tool_result` block must have a corresponding `tool_use` block in the previous message.")
+            :format(i - 1, j - 1, tostring(b.tool_use_id))
+        end
+        answered[b.tool_use_id] = true
+        if type(b.content) == "table" then
+          for k, inner in ipairs(b.content) do
+            if type(inner) ~= "table" or (inner.type ~= "text" and inner.type ~= "image") then
+              return ("%s.tool_result.content.%d: Input tag '%s' found using 'type' does not match any of the "
+                .. "expected tags: 'text', 'image'"):format(where, k - 1, tostring(type(inner) == "table" and inner.type))
+            end
+          end
+        end
+      end
+    end
+  end
+  if role == "user" and next(prev_uses) then
+    for id in pairs(prev_uses) do
+      if not answered[id] then
+        return ("messages.%d: `tool_use` ids were found without `tool_result` blocks immediately after: %s. "
+          .. "Each `tool_use` block must have a corresponding `tool_result` block in the next message.")
+          :format(prev_turn - 1, id)
+      end
+    end
+  end
+  return nil
+end
+
+return wire
