@@ -262,6 +262,14 @@ local function check_request(req, level)
   if req.cache ~= nil and (type(req.cache) ~= "table" or type(req.cache.ttl) ~= "number") then
     error("ai: cache must be {ttl = seconds}", level + 1)
   end
+  if req.provider_options ~= nil then
+    if type(req.provider_options) ~= "table" then
+      error("ai: provider_options must be a table of {wire format = {field = value}}", level + 1)
+    end
+    for k, v in pairs(req.provider_options) do
+      if type(v) ~= "table" then error(("ai: provider_options.%s must be a table"):format(tostring(k)), level + 1) end
+    end
+  end
 end
 
 -- the request a target gets: the call's, with a fallback entry's own fields over it
@@ -321,7 +329,7 @@ ai.wire_request = wire_request
 -- longest answer it may write, once per choice (`n`: each is billed). Any
 -- of them left out, or n = 128 counted once, let one request spend many
 -- times a budget that looked unreached.
-local BILLED_INPUTS = { "tools", "response_format", "extra" }
+local BILLED_INPUTS = { "tools", "response_format", "extra", "provider_options" }
 local function estimate_usd(targets, req)
   local text = #json.encode(req.messages)
   local system = req.system
@@ -596,7 +604,7 @@ local function canonical(v, out)
 end
 
 local CACHE_FIELDS = { "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop", "tools",
-  "tool_choice", "n", "seed", "response_format", "extra", "fallback" }
+  "tool_choice", "n", "seed", "response_format", "extra", "provider_options", "fallback" }
 
 local function cache_of(targets, req)
   local c = req.cache or targets[1].conf.cache

@@ -252,26 +252,50 @@ end
 -- a JSON number that is a whole number -> integer; anything else -> nil
 local function whole(v) return type(v) == "number" and math.tointeger(v) or nil end
 
+-- the fields of a body read into the normalized request (or the gateway's
+-- own: stream, n); every other field is the client's API's own
+-- (logprobs, store, service_tier; thinking, top_k, metadata, ...) and goes,
+-- as it is, to a provider of that API only: a fallback to the other one
+-- leaves it out (sent there, top_k or thinking was a 400 that failed the fallback)
+local OPENAI_READ = { model = true, messages = true, max_tokens = true, max_completion_tokens = true, stop = true,
+  tools = true, stream = true, stream_options = true, n = true }
+local ANTHROPIC_READ = { model = true, messages = true, system = true, max_tokens = true, stop_sequences = true,
+  tools = true, tool_choice = true, stream = true, temperature = true, top_p = true }
+
 local function from_openai(b)
   local req = { messages = b.messages, max_tokens = whole(b.max_completion_tokens or b.max_tokens),
     stop = b.stop ~= null and b.stop or nil, tools = b.tools }
-  for k, v in pairs(b) do if OPENAI_PASSED[k] and v ~= null then req[k] = v end end -- the body's few fields
+  local own
+  for k, v in pairs(b) do -- the body's few fields
+    if OPENAI_PASSED[k] then
+      if v ~= null then req[k] = v end
+    elseif not OPENAI_READ[k] then
+      own = own or {}
+      own[k] = v
+    end
+  end
+  if own then req.provider_options = { openai = own } end
   return req
 end
-
-local ANTHROPIC_PASSED = { "temperature", "top_p", "top_k", "metadata" }
 
 local function from_anthropic(b)
   local req = { messages = b.messages, system = b.system, max_tokens = whole(b.max_tokens),
     stop = b.stop_sequences, tools = b.tools }
+  if b.temperature ~= null then req.temperature = b.temperature end
+  if b.top_p ~= null then req.top_p = b.top_p end
   if type(b.tool_choice) == "table" then
     local t = b.tool_choice.type
     req.tool_choice = t == "any" and "required" or t == "tool" and
       { type = "function", ["function"] = { name = b.tool_choice.name } } or t
   end
-  local extra = {}
-  for _, k in ipairs(ANTHROPIC_PASSED) do extra[k] = b[k] end
-  req.extra = next(extra) and extra or nil
+  local own
+  for k, v in pairs(b) do
+    if not ANTHROPIC_READ[k] then
+      own = own or {}
+      own[k] = v
+    end
+  end
+  if own then req.provider_options = { anthropic = own } end
   return req
 end
 
@@ -711,6 +735,30 @@ end
 -- POST /v1/chat/completions and POST /v1/messages
 local complete_admitted
 
+-- An answer from a provider of the client's own API is relayed as the
+-- provider wrote it, with the gateway's id and the model the client named:
+-- what the normalized result has no place for reaches the client (thinking
+-- blocks and their signatures, which the next turn must send back; logprobs;
+-- usage details; citations; service_tier). -> the body | nil (another API's)
+local function own_answer(res, api, answer_id, model)
+  local raw = res.raw
+  local adapter = type(raw) == "table" and ai.adapters[res.provider]
+  if not adapter or adapter.name ~= api then return nil end
+  -- the counts are the ones recorded (output capped at max_tokens), the details the provider's
+  local usage = type(raw.usage) == "table" and raw.usage or {}
+  if api == "anthropic" then
+    if raw.type ~= "message" then return nil end
+    raw.id = "msg_" .. answer_id
+    for k, v in pairs(anthropic_usage(res.usage)) do usage[k] = v end
+  else
+    if raw.object ~= "chat.completion" then return nil end
+    raw.id = "chatcmpl-" .. answer_id
+    for k, v in pairs(openai_usage(res.usage)) do usage[k] = v end
+  end
+  raw.model, raw.usage = model, usage
+  return json.encode(raw)
+end
+
 -- A call not streamed upstream runs in a task of its own, which a client
 -- that leaves does not cancel: the provider finishes and bills such a call
 -- whatever the client does, so it is finished here too and its cost
@@ -881,7 +929,8 @@ function complete_admitted(req, api, id, rec, slot)
     headers["x-resil-cost-usd"] = "0.000000"
   end
   local answer_id = math.type(res.answer_created) and type(res.answer_id) == "string" and res.answer_id or id
-  local body = api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))
+  local body = own_answer(res, api, answer_id, b.model)
+    or api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))
     or openai_answer_json(res, answer_id, b.model, res.answer_created)
   return { status = 200, headers = headers, body = body }
 end

@@ -675,6 +675,51 @@ describe("a conversation in the other API's shape", function()
     assert.are.same({ role = "user", content = "Go on." }, msgs[4])
   end)
 
+  it("an OpenAI conversation with hints on its parts (cache_control, citations) keeps its calls and results", function()
+    local call = { id = "call_1", type = "function", ["function"] = { name = "get_weather", arguments = '{"city":"Paris"}' } }
+    assert(ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, messages = {
+      { role = "user", content = "Weather?" },
+      { role = "assistant", content = { { type = "text", text = "Checking.", cache_control = { type = "ephemeral" } } },
+        tool_calls = { call } },
+      { role = "tool", tool_call_id = "call_1", content = { { type = "text", text = "18C", cache_control = { type = "ephemeral" } } } },
+      { role = "assistant", content = { { type = "text", text = "It is 18C.", citations = { { type = "char_location" } } } } },
+      { role = "user", content = "Thanks" } } }))
+    local msgs = seen.messages
+    assert.are.same({ call }, msgs[2].tool_calls)
+    assert.are.equal("Checking.", msgs[2].content)
+    assert.are.same({ role = "tool", tool_call_id = "call_1", content = { { type = "text", text = "18C" } } }, msgs[3])
+    assert.are.equal("It is 18C.", msgs[4].content)
+  end)
+
+  it("a tool_result's image reaches OpenAI after the turn's tool messages; assistant turns in a row are one", function()
+    assert(ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, messages = {
+      { role = "user", content = "Show me the chart." },
+      { role = "assistant", content = { { type = "tool_use", id = "toolu_1", name = "chart", input = {} } } },
+      { role = "assistant", content = { { type = "tool_use", id = "toolu_2", name = "legend", input = {} } } },
+      { role = "user", content = { { type = "tool_result", tool_use_id = "toolu_1", content = {
+          { type = "text", text = "the chart:" },
+          { type = "image", source = { type = "base64", media_type = "image/png", data = PNG } } } },
+        { type = "tool_result", tool_use_id = "toolu_2", content = { { type = "search_result", source = "s", title = "t",
+          content = { { type = "text", text = "red is up" } } } } } } } } }))
+    local msgs = seen.messages
+    assert.are.equal(5, #msgs)
+    assert.are.same({ "toolu_1", "toolu_2" }, { msgs[2].tool_calls[1].id, msgs[2].tool_calls[2].id })
+    assert.are.same({ role = "tool", tool_call_id = "toolu_1", content = "the chart:" }, msgs[3])
+    assert.are.same({ role = "tool", tool_call_id = "toolu_2", content = "red is up" }, msgs[4])
+    assert.are.same({ role = "user", content = { { type = "image_url", image_url = { url = "data:image/png;base64," .. PNG } } } },
+      msgs[5])
+  end)
+
+  it("an image/jpg data URL reaches Anthropic as image/jpeg; a data URL it cannot take is passed for its 400", function()
+    assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = { { role = "user", content = {
+      { type = "image_url", image_url = { url = "data:image/jpg;base64," .. PNG } } } } } }))
+    assert.are.same({ type = "base64", media_type = "image/jpeg", data = PNG }, seen.messages[1].content[1].source)
+    local r, err = ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, retry = { budget = false },
+      messages = { { role = "user", content = { { type = "image_url", image_url = { url = "data:image/bmp;base64,Qk0=" } } } } } })
+    assert.is_nil(r)
+    assert.are.equal("bad_request", err.class)
+  end)
+
   it("a request the provider refuses is a 400 that names the part, not a retry", function()
     -- an Anthropic image from the Files API has no OpenAI counterpart: passed on, the API says what
     local r, err = ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, retry = { budget = false },

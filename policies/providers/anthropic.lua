@@ -9,6 +9,7 @@
 -- blocks. Copy this file into your project's policies/providers/ to change it.
 local resil = require "resil"
 local json = resil.json
+local messages = require "policies.messages"
 
 local anthropic = {
   name = "anthropic",
@@ -31,15 +32,6 @@ function anthropic.headers(key, conf)
   if key then h["x-api-key"] = key end
   if conf and conf.beta then h["anthropic-beta"] = conf.beta end
   return h
-end
-
-local function text_of(content)
-  if type(content) == "string" then return content end
-  local parts = {}
-  for _, b in ipairs(type(content) == "table" and content or {}) do
-    if type(b) == "table" and type(b.text) == "string" then parts[#parts + 1] = b.text end
-  end
-  return table.concat(parts, "\n")
 end
 
 -- OpenAI-shaped tools ({type="function", function={...}}) become Anthropic's
@@ -68,90 +60,10 @@ local function tool_choice_of(choice)
   return choice
 end
 
--- An OpenAI content part that Anthropic names otherwise -> its block: an
--- image_url (a data URL or a link) -> an image, a PDF file -> a document.
--- Anthropic's own blocks, and text parts (one shape in both), pass as they are.
-local function block_of(p)
-  if type(p) ~= "table" then return p end
-  if p.type == "image_url" then
-    local url = type(p.image_url) == "table" and p.image_url.url or p.image_url
-    if type(url) ~= "string" then return p end
-    local media, data = url:match("^data:([^;,]+);base64,(.*)$")
-    if media then return { type = "image", source = { type = "base64", media_type = media, data = data } } end
-    return { type = "image", source = { type = "url", url = url } }
-  elseif p.type == "file" and type(p.file) == "table" and type(p.file.file_data) == "string" then
-    local media, data = p.file.file_data:match("^data:([^;,]+);base64,(.*)$")
-    if media then
-      return { type = "document", source = { type = "base64", media_type = media, data = data },
-        title = type(p.file.filename) == "string" and p.file.filename or nil }
-    end
-  end
-  return p
-end
-
-local function content_of(content)
-  if type(content) ~= "table" then return content end
-  local out
-  for i, p in ipairs(content) do
-    local b = block_of(p)
-    if b ~= p and not out then out = table.move(content, 1, i - 1, 1, {}) end
-    if out then out[i] = b end
-  end
-  return out or content
-end
-
--- a tool call's arguments (a JSON string) -> the object a tool_use block's
--- input must be; arguments that are not one (a cut answer's) are {}
-local function object_of(arguments)
-  local v = type(arguments) == "string" and json.decode(arguments)
-  if type(v) ~= "table" or v[1] ~= nil or getmetatable(v) == json.array_mt then return {} end
-  return v
-end
-
--- An OpenAI-shaped conversation in Anthropic's terms: system messages go to
--- the top-level `system`, tool calls and results become content blocks (the
--- results of one turn's parallel calls in one user message, as the API
--- wants them), image_url and file parts become image and document blocks.
-local function messages_of(req)
-  local system = { req.system and text_of(req.system) or nil }
-  local out = {}
-  local results -- the user message the last tool messages went into
-  for _, m in ipairs(req.messages) do
-    local last_results = results
-    results = nil
-    if m.role == "system" or m.role == "developer" then
-      system[#system + 1] = text_of(m.content)
-    elseif m.role == "tool" then
-      local block = { type = "tool_result", tool_use_id = m.tool_call_id, content = text_of(m.content) }
-      if last_results then
-        last_results.content[#last_results.content + 1] = block
-        results = last_results
-      else
-        results = { role = "user", content = { block } }
-        out[#out + 1] = results
-      end
-    elseif m.role == "assistant" and type(m.tool_calls) == "table" then
-      local blocks = {}
-      local text = m.content and text_of(m.content) or ""
-      if text ~= "" then blocks[1] = { type = "text", text = text } end
-      for _, c in ipairs(m.tool_calls) do
-        local f = c["function"] or {}
-        blocks[#blocks + 1] = { type = "tool_use", id = c.id, name = f.name, input = object_of(f.arguments) }
-      end
-      out[#out + 1] = { role = "assistant", content = blocks }
-    else
-      out[#out + 1] = { role = m.role, content = content_of(m.content) }
-    end
-  end
-  -- a system given as content blocks (prompt caching) is kept as blocks
-  if type(req.system) == "table" and #system == 1 then return req.system, out end
-  return #system > 0 and table.concat(system, "\n\n") or nil, out
-end
-
 -- anthropic.body(req, model, conf) -> the JSON body of a message
 function anthropic.body(req, model, conf)
-  local system, messages = messages_of(req)
-  local body = { model = model, messages = messages, system = system,
+  local system, msgs = messages.anthropic(req) -- (translated from OpenAI's shape: policies/messages.lua)
+  local body = { model = model, messages = msgs, system = system,
     max_tokens = req.max_tokens or conf.max_tokens or anthropic.default_max_tokens }
   for _, k in ipairs(PASSED) do body[k] = req[k] end
   if req.stop ~= nil then body.stop_sequences = type(req.stop) == "string" and { req.stop } or req.stop end
@@ -159,6 +71,10 @@ function anthropic.body(req, model, conf)
   body.tool_choice = tool_choice_of(req.tool_choice)
   if req.stream then body.stream = true end
   for k, v in pairs(req.extra or {}) do body[k] = v end
+  -- fields for this wire format only (thinking, top_k, service_tier, ...): a
+  -- fallback to another provider does not send them
+  local own = req.provider_options and req.provider_options[anthropic.name]
+  if own then for k, v in pairs(own) do body[k] = v end end
   return body
 end
 

@@ -11,6 +11,7 @@
 -- to change it.
 local resil = require "resil"
 local json = resil.json
+local messages = require "policies.messages"
 
 local openai = {
   name = "openai",
@@ -49,100 +50,11 @@ local function tools_of(tools)
   return out
 end
 
-local function text_of(content)
-  if type(content) ~= "table" then return type(content) == "string" and content or "" end
-  local parts = {}
-  for _, b in ipairs(content) do
-    if type(b) == "table" and type(b.text) == "string" then parts[#parts + 1] = b.text end
-  end
-  return table.concat(parts, "\n")
-end
-
--- An image or a PDF in Anthropic's shape -> the content part OpenAI takes
--- (base64 as a data URL). Other sources (a Files API id) have no
--- counterpart: passed as they are, the API's 400 names them.
-local function media_part(b)
-  local src = type(b.source) == "table" and b.source or {}
-  if b.type == "image" and src.type == "base64" and type(src.data) == "string" then
-    return { type = "image_url", image_url = { url = ("data:%s;base64,%s"):format(tostring(src.media_type), src.data) } }
-  elseif b.type == "image" and src.type == "url" and type(src.url) == "string" then
-    return { type = "image_url", image_url = { url = src.url } }
-  elseif b.type == "document" and src.type == "base64" and type(src.data) == "string" then
-    return { type = "file", file = { filename = type(b.title) == "string" and b.title or "document.pdf",
-      file_data = ("data:%s;base64,%s"):format(tostring(src.media_type), src.data) } }
-  elseif b.type == "document" and src.type == "text" and type(src.data) == "string" then
-    return { type = "text", text = src.data }
-  end
-  return b
-end
-
--- An assistant turn in Anthropic's blocks: text, and tool_use blocks as
--- tool_calls (thinking blocks have no place in the OpenAI API: left out)
-local function assistant_of(m)
-  local texts, calls = {}, nil
-  for _, b in ipairs(m.content) do
-    if type(b) == "table" and b.type == "text" and type(b.text) == "string" then
-      texts[#texts + 1] = b.text
-    elseif type(b) == "table" and b.type == "tool_use" then
-      calls = calls or {}
-      calls[#calls + 1] = { id = b.id, type = "function", ["function"] = { name = b.name,
-        arguments = json.encode(type(b.input) == "table" and b.input or {}) } }
-    end
-  end
-  local text = table.concat(texts)
-  return { role = "assistant", content = (text ~= "" or not calls) and text or nil, tool_calls = calls }
-end
-
--- A user turn in Anthropic's blocks: each tool_result becomes a tool message
--- (they come first: OpenAI wants them right after the assistant's calls), the
--- rest one user message of parts
-local function user_of(m, out)
-  local parts = {}
-  for _, b in ipairs(m.content) do
-    if type(b) ~= "table" then
-      parts[#parts + 1] = b
-    elseif b.type == "tool_result" then
-      local text = text_of(b.content)
-      if b.is_error == true then text = "Error: " .. text end
-      out[#out + 1] = { role = "tool", tool_call_id = b.tool_use_id, content = text }
-    elseif b.type == "text" then
-      parts[#parts + 1] = { type = "text", text = b.text } -- (without Anthropic's cache_control, citations)
-    elseif b.type == "image" or b.type == "document" then
-      parts[#parts + 1] = media_part(b)
-    else
-      parts[#parts + 1] = b
-    end
-  end
-  if #parts > 0 then out[#out + 1] = { role = m.role, content = parts } end
-end
-
-local OPENAI_PART = { text = true, image_url = true, input_audio = true, file = true, refusal = true }
-
--- a message whose content is blocks OpenAI does not take (Anthropic's)
-local function foreign(m)
-  if type(m) ~= "table" or type(m.content) ~= "table" then return false end
-  for _, b in ipairs(m.content) do
-    if type(b) == "table" and (not OPENAI_PART[b.type] or b.cache_control ~= nil) then return true end
-  end
-  return false
-end
-
 -- openai.body(req, model, conf) -> the JSON body of a chat completion.
 -- Messages in Anthropic's shape (a client of the gateway's /v1/messages
--- falling back to OpenAI) are translated; OpenAI's own pass as they are.
+-- falling back to OpenAI) are translated (policies/messages.lua).
 function openai.body(req, model, conf)
-  local messages = {}
-  if req.system then messages[1] = { role = "system", content = text_of(req.system) } end
-  for _, m in ipairs(req.messages) do
-    if not foreign(m) then
-      messages[#messages + 1] = m
-    elseif m.role == "assistant" then
-      messages[#messages + 1] = assistant_of(m)
-    else
-      user_of(m, messages)
-    end
-  end
-  local body = { model = model, messages = messages }
+  local body = { model = model, messages = messages.openai(req) }
   if req.max_tokens then
     -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
     -- compatible servers document max_tokens
@@ -157,6 +69,10 @@ function openai.body(req, model, conf)
     if conf.stream_usage ~= false then body.stream_options = { include_usage = true } end
   end
   if req.extra then for k, v in pairs(req.extra) do body[k] = v end end
+  -- fields for this wire format only (logprobs, store, service_tier, ...): a
+  -- fallback to another provider does not send them
+  local own = req.provider_options and req.provider_options[openai.name]
+  if own then for k, v in pairs(own) do body[k] = v end end
   return body
 end
 

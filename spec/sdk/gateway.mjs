@@ -121,6 +121,30 @@ await check('openai: a tool conversation with an image served by Anthropic, tran
   expect(response.headers.get('x-resil-provider') === 'anthropic', `provider ${response.headers.get('x-resil-provider')}`);
 });
 
+// fields of the client's own API reach a provider of that API, and its answer comes back whole
+await check('openai: logprobs are sent upstream and come back with the usage details', async () => {
+  const r = await oai().chat.completions.create({ model: 'chat-echo', messages: msgs, logprobs: true, top_logprobs: 2 });
+  expect(r.choices[0].message.content === 'seen {"logprobs":true,"top_logprobs":2}', `content ${r.choices[0].message.content}`);
+  expect(r.choices[0].logprobs?.content?.[0]?.token === 'seen', `logprobs ${JSON.stringify(r.choices[0].logprobs)}`);
+  expect(r.usage.prompt_tokens_details?.cached_tokens === 4, `usage ${JSON.stringify(r.usage)}`);
+  expect(r.model === 'chat-echo' && r.id.startsWith('chatcmpl-') && r.id !== 'chatcmpl-echo', `id ${r.id} model ${r.model}`);
+});
+
+await check('anthropic: thinking is sent upstream and its block comes back with its signature', async () => {
+  const r = await ant().messages.create({ model: 'claude-echo', max_tokens: 2048, messages: msgs, top_k: 5,
+    thinking: { type: 'enabled', budget_tokens: 1024 } });
+  expect(r.content[0].type === 'thinking' && r.content[0].signature === 'sig_abc', `content ${JSON.stringify(r.content)}`);
+  expect(r.content[1].text === 'seen {"thinking":{"type":"enabled","budget_tokens":1024},"top_k":5}', `text ${r.content[1].text}`);
+  expect(r.usage.output_tokens === 7, `usage ${JSON.stringify(r.usage)}`);
+});
+
+await check('anthropic: top_k, thinking and metadata are left out of a fallback to OpenAI', async () => {
+  const { data, response } = await ant().messages.create({ model: 'claude-busy', max_tokens: 2048, messages: msgs,
+    top_k: 5, metadata: { user_id: 'u1' }, thinking: { type: 'enabled', budget_tokens: 1024 } }).withResponse();
+  expect(data.content[0].text === REPLY, `content ${JSON.stringify(data.content)}`);
+  expect(response.headers.get('x-resil-provider') === 'openai', `provider ${response.headers.get('x-resil-provider')}`);
+});
+
 await check('openai: a stream cut after its first delta raises in the SDK', async () => {
   let text = '';
   try {

@@ -33,6 +33,29 @@ local tools = assert(resil.mock.start({ strict = true, routes = {
         { type = "tool_use", id = "toolu_1", name = "get_weather", input = resil.json.decode(ARGS) } },
       stop_reason = "tool_use", stop_sequence = resil.json.null, usage = { input_tokens = 12, output_tokens = 7 } }) }
   end } }))
+-- answers that tell what they were sent and carry what the normalized result has no place for
+-- (logprobs, usage details; a thinking block and its signature)
+local echo = assert(resil.mock.start({ strict = true, routes = {
+  ["POST /v1/chat/completions"] = function(req)
+    local b = resil.json.decode(req.body)
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+      id = "chatcmpl-echo", object = "chat.completion", created = 1, model = "gpt-4o-mini-2024-07-18",
+      service_tier = "default", system_fingerprint = "fp_echo",
+      choices = { { index = 0, finish_reason = "stop", logprobs = b.logprobs and { content = { { token = "seen",
+        logprob = -0.25, bytes = { 115, 101, 101, 110 }, top_logprobs = setmetatable({}, resil.json.array_mt) } } } or resil.json.null,
+        message = { role = "assistant", content = "seen " .. resil.json.encode({ logprobs = b.logprobs or false,
+          top_logprobs = b.top_logprobs or false }), refusal = resil.json.null } } },
+      usage = { prompt_tokens = 12, completion_tokens = 7, total_tokens = 19,
+        prompt_tokens_details = { cached_tokens = 4, audio_tokens = 0 } } }) }
+  end,
+  ["POST /v1/messages"] = function(req)
+    local b = resil.json.decode(req.body)
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+      id = "msg_echo", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+      content = { { type = "thinking", thinking = "Let me think.", signature = "sig_abc" },
+        { type = "text", text = "seen " .. resil.json.encode({ thinking = b.thinking or false, top_k = b.top_k or false }) } },
+      stop_reason = "end_turn", stop_sequence = resil.json.null, usage = { input_tokens = 12, output_tokens = 7 } }) }
+  end } }))
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
@@ -46,6 +69,10 @@ ai.configure("cutanthropic", { base_url = cut.url, api_key = "sk-ant-test-123456
 ai.configure("overloaded", { base_url = down.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.toolsopenai = require "policies.providers.openai"
 ai.configure("toolsopenai", { base_url = tools.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.echoopenai = require "policies.providers.openai"
+ai.configure("echoopenai", { base_url = echo.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.echoanthropic = require "policies.providers.anthropic"
+ai.configure("echoanthropic", { base_url = echo.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.toolsanthropic = require "policies.providers.anthropic"
 ai.configure("toolsanthropic", { base_url = tools.url, api_key = "sk-ant-test-123456", retry = fast })
 
@@ -56,6 +83,8 @@ gateway.configure({ auth = true, key_cache = 0, models = {
   ["claude-cut"] = "cutanthropic/claude-sonnet-4-5-20250929",
   ["chat-tools"] = "toolsopenai/gpt-4o-mini",
   ["claude-tools"] = "toolsanthropic/claude-sonnet-4-5-20250929",
+  ["chat-echo"] = "echoopenai/gpt-4o-mini",
+  ["claude-echo"] = "echoanthropic/claude-sonnet-4-5-20250929",
   ["claude-busy"] = { model = "overloaded/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
 } })
 -- what the checks read of the upstream: its counts, and transfers still open

@@ -19,7 +19,7 @@ end
 -- OpenAI: the content part types each role takes
 local OPENAI_PARTS = {
   user = set "text image_url input_audio file",
-  system = set "text", developer = set "text", tool = set "text",
+  system = set "text", developer = set "text", tool = set "text", ["function"] = set "text",
   assistant = set "text refusal",
 }
 local OPENAI_PART_LIST = "'text', 'image_url', 'input_audio', 'refusal', 'audio', and 'file'"
@@ -61,6 +61,10 @@ function wire.openai_messages(messages)
     if c == nil or c == null then
       if not calls then return "Missing required parameter: '" .. at .. ".content'.", at .. ".content" end
     elseif type(c) == "table" then
+      if #c == 0 then
+        return ("Invalid '%s.content': empty array. Expected an array with minimum length 1, but got an empty array "
+          .. "instead."):format(at), at .. ".content"
+      end
       for j, p in ipairs(c) do
         local where = ("%s.content[%d]"):format(at, j - 1)
         local t = type(p) == "table" and p.type
@@ -86,11 +90,17 @@ function wire.openai_messages(messages)
     end
     if calls then
       if type(m.tool_calls) ~= "table" then return "Invalid type for '" .. at .. ".tool_calls'.", at .. ".tool_calls" end
+      if #m.tool_calls == 0 then
+        return ("Invalid '%s.tool_calls': empty array. Expected an array with minimum length 1, but got an empty "
+          .. "array instead."):format(at), at .. ".tool_calls"
+      end
       awaiting = {}
       for j, call in ipairs(m.tool_calls) do
-        local f = type(call) == "table" and call["function"]
+        -- a function call {id, function = {name, arguments}}, or a custom tool's {id, custom = {name, input}}
+        local f = type(call) == "table" and (call.type == "custom" and call.custom or call["function"])
+        local args = type(f) == "table" and (call.type == "custom" and f.input or f.arguments)
         if type(call) ~= "table" or type(call.id) ~= "string" or type(f) ~= "table" or type(f.name) ~= "string"
-          or type(f.arguments) ~= "string" then
+          or type(args) ~= "string" then
           return ("Missing required parameter: '%s.tool_calls[%d]'."):format(at, j - 1), ("%s.tool_calls[%d]"):format(at, j - 1)
         end
         awaiting[call.id] = true
@@ -102,7 +112,11 @@ end
 
 -- Anthropic: the block types the Messages API knows
 local ANTHROPIC_BLOCKS = set [[text image document search_result thinking redacted_thinking tool_use
-  tool_result server_tool_use web_search_tool_result container_upload]]
+  tool_result server_tool_use web_search_tool_result web_fetch_tool_result code_execution_tool_result
+  bash_code_execution_tool_result text_editor_code_execution_tool_result tool_search_tool_result
+  container_upload mcp_tool_use mcp_tool_result]]
+local TOOL_RESULT_BLOCKS = set "text image document search_result tool_reference"
+local IMAGE_TYPES = set "image/jpeg image/png image/gif image/webp"
 local ANTHROPIC_BLOCK_LIST = "'text', 'image', 'document', 'search_result', 'thinking', 'redacted_thinking', "
   .. "'tool_use', 'tool_result', 'server_tool_use', 'web_search_tool_result'"
 
@@ -118,9 +132,15 @@ local function check_source(b, where)
     if type(s.media_type) ~= "string" or type(s.data) ~= "string" then
       return where .. ".source.base64: media_type and data are required"
     end
+    if b.type == "image" and not IMAGE_TYPES[s.media_type] then
+      return where .. ".source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
+    end
+    if b.type == "document" and s.media_type ~= "application/pdf" then
+      return where .. ".source.base64.media_type: Input should be 'application/pdf'"
+    end
   elseif s.type == "url" then
     if type(s.url) ~= "string" then return where .. ".source.url.url: Field required" end
-  elseif not (b.type == "document" and s.type == "text") and s.type ~= "file" then
+  elseif not (b.type == "document" and (s.type == "text" or s.type == "content")) and s.type ~= "file" then
     return ("%s.source: Input tag '%s' found using 'type' does not match any of the expected tags: 'base64', "
       .. "'url', 'file'"):format(where, tostring(s.type))
   end
@@ -150,6 +170,10 @@ function wire.anthropic_messages(messages)
       close_turn()
       role, uses, turn_start, answered = m.role, {}, i, {}
     end
+    if type(m.content) == "table" and #m.content == 0 and i < #messages then
+      return ("messages.%d: all messages must have non-empty content except for the optional final assistant "
+        .. "message"):format(i - 1)
+    end
     for j, b in ipairs(blocks_of(m.content)) do
       local where = ("messages.%d.content.%d"):format(i - 1, j - 1)
       if not ANTHROPIC_BLOCKS[b.type] then
@@ -162,7 +186,8 @@ function wire.anthropic_messages(messages)
         if bad then return bad end
       elseif b.type == "tool_use" then
         if m.role ~= "assistant" then return where .. ": tool_use blocks are only allowed in assistant messages" end
-        if type(b.id) ~= "string" or type(b.name) ~= "string" or type(b.input) ~= "table" then
+        if type(b.id) ~= "string" or type(b.name) ~= "string" or type(b.input) ~= "table" or b.input[1] ~= nil
+          or getmetatable(b.input) == json.array_mt then
           return where .. ".tool_use: id, name and input (an object) are required"
         end
         uses[b.id] = true
@@ -176,9 +201,14 @@ function wire.anthropic_messages(messages)
         answered[b.tool_use_id] = true
         if type(b.content) == "table" then
           for k, inner in ipairs(b.content) do
-            if type(inner) ~= "table" or (inner.type ~= "text" and inner.type ~= "image") then
+            if type(inner) ~= "table" or not TOOL_RESULT_BLOCKS[inner.type] then
               return ("%s.tool_result.content.%d: Input tag '%s' found using 'type' does not match any of the "
-                .. "expected tags: 'text', 'image'"):format(where, k - 1, tostring(type(inner) == "table" and inner.type))
+                .. "expected tags: 'text', 'image', 'document', 'search_result', 'tool_reference'")
+                :format(where, k - 1, tostring(type(inner) == "table" and inner.type))
+            end
+            if inner.type == "image" or inner.type == "document" then
+              local bad = check_source(inner, ("%s.tool_result.content.%d.%s"):format(where, k - 1, inner.type))
+              if bad then return bad end
             end
           end
         end
