@@ -764,14 +764,18 @@ end
 -- A stream that ended before any text: as ai.chat's empty answer, invalid
 -- output (retried, fallen back from), unless it stopped at max_tokens or
 -- called tools (the caller's validate reads `empty`)
-local function ended_empty(s, state)
+local function ended_empty(s, state, events)
   s:close()
-  return { status = 200, headers = s.headers, stream = true, state = state, ended = true,
-    empty = state.finish_reason ~= "length" and not state.tool_calls or nil }
+  return { status = 200, headers = s.headers, stream = true, state = state, ended = true, events = events,
+    empty = state.finish_reason ~= "length" and not state.tool_calls and not state.refusal or nil }
 end
 
 -- Open a stream and read it up to its first delta: until then a failure is
--- an ordinary failed attempt (retried, fallen back from).
+-- an ordinary failed attempt (retried, fallen back from). A delta is text, a
+-- tool call's or a refusal's (a stream of a tool call alone is an answer, not
+-- an empty one), or, when the caller relays the provider's own events
+-- (req.raw_events), thinking: those events reach the client as they come.
+-- With req.raw_events the events read so far are kept for s:next_event().
 local function stream_opener(t, req)
   local wire = wire_request(t, req, true)
   wire.idle_timeout = t.conf.idle_timeout or 60
@@ -785,15 +789,17 @@ local function stream_opener(t, req)
       return { status = s.status, headers = s.headers, body = body }
     end
     local state = {}
+    local events = req.raw_events and {} or nil
     while true do
       local ev, e = s:read_event()
       if ev == nil then
         s:close()
         if e then return nil, e end
-        if t.adapter.complete(state, true) then return ended_empty(s, state) end
+        if t.adapter.complete(state, true) then return ended_empty(s, state, events) end
         return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
       end
       local delta, done, eerr, ebody = t.adapter.event(state, ev)
+      if events then events[#events + 1] = { ev, state.decoded } end
       if eerr then
         s:close()
         local etype = type(ebody) == "table" and type(ebody.error) == "table" and ebody.error.type
@@ -801,8 +807,10 @@ local function stream_opener(t, req)
         return { status = status, headers = status == 429 and { ["retry-after"] = "1" } or {},
           body = json.encode(ebody or { error = { message = eerr } }) }
       end
-      if delta then return { status = 200, headers = s.headers, stream = s, state = state, first = delta } end
-      if done then return ended_empty(s, state) end
+      if delta or (not done and (state.progress or (events and state.thinking))) then
+        return { status = 200, headers = s.headers, stream = s, state = state, first = delta or "", events = events }
+      end
+      if done then return ended_empty(s, state, events) end
     end
   end
 end
@@ -812,9 +820,14 @@ Stream.__index = Stream
 
 local function stream_result(self)
   local st = self.state or {}
+  local calls
+  for i, c in ipairs(st.tool_calls or {}) do
+    calls = calls or {}
+    calls[i] = { id = c.id, name = c.name, arguments = c.arguments ~= "" and c.arguments or "{}" }
+  end
   local r = { id = st.id, model = st.model or self.target.model, text = table.concat(self.parts),
     finish_reason = st.finish_reason, usage = st.usage, attempts = self.attempts,
-    stop_reason = st.stop_reason, stop_sequence = st.stop_sequence }
+    stop_reason = st.stop_reason, stop_sequence = st.stop_sequence, tool_calls = calls, refusal = st.refusal }
   r.fallbacks = self.fallbacks
   return describe(finish_result(self.target, r, nil), self.targets)
 end
@@ -873,6 +886,7 @@ local function open(self)
   end
   guard.done = true
   self.target, self.state = got.target, got.res.state
+  self.backlog, self.backlog_at = got.res.events, 1
   if got.res.ended then return nil end
   self.s = got.res.stream
   self.parts[1] = got.res.first
@@ -934,6 +948,44 @@ function Stream:next()
       return interrupted(self, "the stream ended without its end marker")
     end
   end
+end
+
+-- s:next_event() -> the provider's next event {event=, data=} and its JSON,
+-- once the stream is open (req.raw_events: for a relay of the provider's own
+-- events), read through the adapter as s:next() reads it | nil at the end |
+-- nil, err. The events read while it opened come first; the last event is
+-- given only once the stream is known to be complete (a [DONE] or
+-- message_stop after a stream cut short is its error instead).
+function Stream:next_event()
+  if not self.opened then
+    local _, err = self:next()
+    if err then return nil, err end
+  end
+  local backlog = self.backlog
+  if backlog and self.backlog_at <= #backlog then
+    local e = backlog[self.backlog_at]
+    backlog[self.backlog_at] = false
+    self.backlog_at = self.backlog_at + 1
+    return e[1], e[2]
+  end
+  if self.done then return nil, self.err end
+  local adapter = self.target.adapter
+  local ev, err = self.s:read_event()
+  if ev == nil then
+    if err then return interrupted(self, tostring(err.message or err), err) end
+    if adapter.complete(self.state, true) then return finished(self) end
+    return interrupted(self, "the stream ended without its end marker")
+  end
+  local delta, done, eerr, ebody = adapter.event(self.state, ev)
+  if eerr then return interrupted(self, "error event: " .. eerr, ebody) end
+  if delta then self.parts[#self.parts + 1] = delta end
+  if done then
+    if not adapter.complete(self.state, true) then return interrupted(self, "the stream ended without its end marker") end
+    local decoded = self.state.decoded
+    finished(self)
+    return ev, decoded
+  end
+  return ev, self.state.decoded
 end
 
 -- for delta in s do ... end: a stream that fails raises its error (a table

@@ -258,7 +258,10 @@ local function whole(v) return type(v) == "number" and math.tointeger(v) or nil 
 -- as it is, to a provider of that API only: a fallback to the other one
 -- leaves it out (sent there, top_k or thinking was a 400 that failed the fallback)
 local OPENAI_READ = { model = true, messages = true, max_tokens = true, max_completion_tokens = true, stop = true,
-  tools = true, stream = true, stream_options = true, n = true }
+  tools = true, stream = true, stream_options = true, n = true,
+  -- (who made the request is the key's name, never what a client says: one tenant must not
+  -- pin its abuse on another's identifier at the provider)
+  user = true, safety_identifier = true }
 local ANTHROPIC_READ = { model = true, messages = true, system = true, max_tokens = true, stop_sequences = true,
   tools = true, tool_choice = true, stream = true, temperature = true, top_p = true }
 
@@ -675,18 +678,60 @@ local function anthropic_stream(s, first, id, model, headers, req)
   end }
 end
 
--- A stream whose request carries tools (or a JSON schema, whose refusal a
--- text stream cannot carry) is answered by one upstream call and relayed as
--- the events of that whole answer: the adapters read text deltas only, and
--- a streamed tool call was lost (a stream of a tool call alone was "empty",
--- retried three times, paid each time, then a 502). The client's SDK builds
--- the same message from these events as from the provider's own.
-local function stream_headers(id, res)
-  local h = answer_headers(id, res)
-  h["content-type"], h["cache-control"] = "text/event-stream", "no-cache"
-  return h
+-- The stream of a provider of the client's own API: its events as the
+-- provider sent them (thinking and its signatures, tool-call deltas,
+-- logprobs, citations), with the gateway's id and the model the client named.
+-- OpenAI's usage chunk (the gateway always asks for it, for the ledger) is
+-- left out unless the client asked for it. The last event ([DONE],
+-- message_stop) is given only to a stream that ended complete.
+-- a stream's last event when it breaks, or when a graceful stop cuts it:
+-- an error, without [DONE] (message_stop), so that the client's SDK raises
+local function stream_error(api, message, code)
+  if api == "anthropic" then return sse("error", { type = "error", error = { type = "api_error", message = message } }) end
+  return sse(nil, { error = { message = message, type = "server_error", code = code } })
+end
+local function broken(api, err)
+  return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted")
 end
 
+local function own_stream(s, api, id, b, headers)
+  local openai = api ~= "anthropic"
+  local with_usage = type(b.stream_options) == "table" and b.stream_options.include_usage == true
+  return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
+    local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
+    while true do
+      local ev, data = s:next_event()
+      if not ev then
+        if data then write(broken(api, data), true) end
+        return
+      end
+      if openai then
+        if ev.data == "[DONE]" then
+          write("data: [DONE]\n\n", true)
+        elseif type(data) == "table" and (with_usage or not (data.usage ~= nil and type(data.choices) == "table"
+            and data.choices[1] == nil)) then
+          data.id, data.model = "chatcmpl-" .. id, b.model
+          if not with_usage then data.usage = nil end
+          local ok, text = pcall(json.encode, data) -- (a number JSON cannot write: the provider's own text)
+          write("data: " .. (ok and text or ev.data) .. "\n\n")
+        end
+      elseif ev.event == "message_start" and type(data) == "table" and type(data.message) == "table" then
+        data.message.id, data.message.model = "msg_" .. id, b.model
+        local ok, text = pcall(json.encode, data)
+        write("event: message_start\ndata: " .. (ok and text or ev.data) .. "\n\n")
+      else
+        local name = ev.event or type(data) == "table" and type(data.type) == "string" and data.type or "message"
+        write("event: " .. name .. "\ndata: " .. tostring(ev.data) .. "\n\n", name == "message_stop")
+      end
+    end
+  end }
+end
+
+-- A stream from the other API whose request carries tools (or a JSON
+-- schema, whose refusal a text stream cannot carry) is read to its end and
+-- written as the events of that whole answer: its tool calls are not
+-- translated delta by delta. The client's SDK builds the same message from
+-- these events as from the provider's own.
 local function openai_answer_stream(res, id, model, b, headers)
   local chunk, usage_chunk = openai_chunks(id, model, b)
   return { status = 200, headers = headers, stream = function(write)
@@ -732,6 +777,22 @@ local function anthropic_answer_stream(res, id, model, headers)
   end }
 end
 
+
+local function whole_stream(s, api, id, b, headers)
+  return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
+    local _ <close> = s
+    while true do
+      local delta, err = s:next()
+      if err then return write(broken(api, err), true) end
+      if not delta then break end
+    end
+    local res = assert(s:result())
+    local whole = api == "anthropic" and anthropic_answer_stream(res, id, b.model, headers)
+      or openai_answer_stream(res, id, b.model, b, headers)
+    whole.stream(write)
+  end }
+end
+
 -- POST /v1/chat/completions and POST /v1/messages
 local complete_admitted
 
@@ -741,6 +802,7 @@ local complete_admitted
 -- blocks and their signatures, which the next turn must send back; logprobs;
 -- usage details; citations; service_tier). -> the body | nil (another API's)
 local function own_answer(res, api, answer_id, model)
+  if type(res.own_answer) == "string" then return res.own_answer end -- (kept with an Idempotency-Key's result)
   local raw = res.raw
   local adapter = type(raw) == "table" and ai.adapters[res.provider]
   if not adapter or adapter.name ~= api then return nil end
@@ -756,7 +818,9 @@ local function own_answer(res, api, answer_id, model)
     for k, v in pairs(openai_usage(res.usage)) do usage[k] = v end
   end
   raw.model, raw.usage = model, usage
-  return json.encode(raw)
+  -- (a number JSON cannot write, NaN or 1e999 that the provider sent: the answer as translated)
+  local ok, body = pcall(json.encode, raw)
+  return ok and body or nil
 end
 
 -- A call not streamed upstream runs in a task of its own, which a client
@@ -809,6 +873,17 @@ local function not_finite(b)
   return nil
 end
 
+-- A service tier is billed at its own price (OpenAI's priority about twice
+-- the standard one, flex half), which the ledger does not know: only the
+-- tiers that are what the request would get without the field pass.
+local STANDARD_TIERS = { openai = { auto = true, default = true }, anthropic = { auto = true, standard_only = true } }
+local function unpriced_tier(b, api)
+  local tier = b.service_tier
+  if tier == nil or tier == null or STANDARD_TIERS[api][tier] then return nil end
+  return ("service_tier %s is not served: the gateway prices standard processing only"):format(
+    type(tier) == "string" and ("'" .. tier:sub(1, 40) .. "'") or "must be a string")
+end
+
 local function complete(req, api)
   local id = request_id()
   local rec, refused = authenticate(req, api)
@@ -833,7 +908,7 @@ function complete_admitted(req, api, id, rec, slot)
   end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
-  local bad = check_messages(b.messages) or check_tools(b.tools) or not_finite(b)
+  local bad = check_messages(b.messages) or check_tools(b.tools) or not_finite(b) or unpriced_tier(b, api)
   if bad then return with_id(error_reply(api, 400, bad), id) end
   if not model_allowed(rec, b.model) then
     return with_id(error_reply(api, 403, ("key '%s' may not use model '%s'"):format(rec.name, b.model),
@@ -863,30 +938,30 @@ function complete_admitted(req, api, id, rec, slot)
   if limited then return with_id(limited, id) end
   local idem = req.headers["idempotency-key"]
 
-  -- tools, or a JSON schema (whose refusal a text stream cannot carry): the whole answer, as events
-  local tools = type(r.tools) == "table" and next(r.tools) ~= nil
-  local schema = type(b.response_format) == "table" and b.response_format.type == "json_schema"
-  if b.stream == true and (tools or schema) then
-    local res, err = chat_to_end(slot, r)
-    if not res then return with_id(ai_error_reply(api, err), id) end
-    local headers = stream_headers(id, res)
-    if api == "anthropic" then return anthropic_answer_stream(res, id, b.model, headers) end
-    return openai_answer_stream(res, id, b.model, b, headers)
-  end
-
   if b.stream == true then
+    r.raw_events = true -- (a provider of the client's own API: its events are relayed as they are)
     local ok, s = pcall(ai.stream, r)
     if not ok then return with_id(ai_error_reply(api, s), id) end
     -- closed here unless the reply takes it over (a client leaving before the first delta)
     local handed_over = false
     local _ <close> = setmetatable({}, { __close = function() if not handed_over then s:close() end end })
     -- up to the first delta a failure is retried and fallen back from; only then does the reply start
-    local first, err = s:next()
+    local opened, first, err = pcall(s.next, s)
+    if not opened then
+      if host_failure(first) then error(first, 0) end
+      return with_id(error_reply(api, 400, tostring(first)), id) -- (as ai.chat's: a body no provider can be sent)
+    end
     if err then return with_id(ai_error_reply(api, err), id) end
     local t = s.target or {}
     local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id,
       ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model, ["x-resil-attempts"] = tostring(s.attempts or 1) }
     handed_over = true
+    if t.adapter and t.adapter.name == api then return own_stream(s, api, id, b, headers) end
+    -- the other API's stream with tools, or a JSON schema (whose refusal a text stream cannot
+    -- carry): read to its end, then written as the events of the whole answer
+    local tools = type(r.tools) == "table" and next(r.tools) ~= nil
+    local schema = type(b.response_format) == "table" and b.response_format.type == "json_schema"
+    if tools or schema then return whole_stream(s, api, id, b, headers) end
     if api == "anthropic" then return anthropic_stream(s, first, id, b.model, headers, r) end
     return openai_stream(s, first, id, b.model, b, headers)
   end
@@ -906,7 +981,9 @@ function complete_admitted(req, api, id, rec, slot)
       end
       if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
       if v then
-        -- stored with the answer's own id and time: a replay is the same answer, not a twin of it
+        -- stored with the answer's own id and time: a replay is the same answer, not a twin of
+        -- it (a same-API answer as the text relayed, its thinking blocks and all)
+        v.own_answer = own_answer(v, api, id, b.model)
         v.raw, v.answer_id, v.answer_created = nil, id, math.floor(resil.clock.wall())
       end
       return v, e

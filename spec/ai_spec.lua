@@ -893,3 +893,70 @@ describe("keys and base URLs from the environment", function()
     assert.are.equal("pong\tpong\t1\t1\n", out.stdout)
   end)
 end)
+
+-- (before: a stream of a tool call alone was "empty": retried, each attempt paid, then an error)
+describe("a streamed tool call", function()
+  local streams = require "spec.provider_streams"
+  local m, calls
+  before_each(function()
+    resil.clock.virtual()
+    fresh_store()
+    calls = 0
+    m = resil.mock.start({ routes = {
+      ["POST /v1/chat/completions"] = function()
+        calls = calls + 1
+        return streams.reply(streams.openai({ finish_reason = "tool_calls", usage = { prompt_tokens = 9, completion_tokens = 5 },
+          tool_calls = { { id = "call_1", name = "get_weather", arguments = '{"city":"Paris"}' },
+            { id = "call_2", name = "get_time", arguments = "" } } }))
+      end,
+      ["POST /v1/messages"] = function()
+        calls = calls + 1
+        return streams.reply(streams.anthropic({ stop_reason = "tool_use", content = "Checking.",
+          thinking = { text = "weather first", signature = "sig" },
+          tool_calls = { { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' } } }))
+      end } })
+    point_at(m.url)
+  end)
+  after_each(function() m:stop() end)
+
+  it("is an answer: one call, its calls gathered in the result, in both APIs", function()
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 50,
+      tools = { { type = "function", ["function"] = { name = "get_weather", parameters = { type = "object" } } } } })
+    local text = {}
+    for delta in s do text[#text + 1] = delta end
+    local r = assert(s:result())
+    assert.are.equal("", table.concat(text))
+    assert.are.equal("tool_calls", r.finish_reason)
+    assert.are.same({ { id = "call_1", name = "get_weather", arguments = '{"city":"Paris"}' },
+      { id = "call_2", name = "get_time", arguments = "{}" } }, r.tool_calls)
+    assert.are.equal(5, r.usage.output_tokens)
+    s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 50 })
+    text = {}
+    for delta in s do text[#text + 1] = delta end
+    r = assert(s:result())
+    assert.are.equal("Checking.", table.concat(text))
+    assert.are.equal("tool_use", r.stop_reason)
+    assert.are.same({ { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' } }, r.tool_calls)
+    assert.are.equal(2, calls)
+    assert.are.equal(2, ledger_rows())
+  end)
+
+  it("with raw_events, gives the provider's own events, thinking first, the end marker last", function()
+    local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 50, raw_events = true })
+    local names = {}
+    while true do
+      local ev, data = s:next_event()
+      if not ev then
+        assert.is_nil(data)
+        break
+      end
+      names[#names + 1] = ev.event
+      assert.are.equal(ev.event, data.type)
+      if #names == 2 then assert.are.equal("thinking", data.content_block.type) end
+    end
+    assert.are.equal("message_start", names[1])
+    assert.are.equal("message_stop", names[#names])
+    assert.are.equal(1 + 5 + 3 + 4 + 2, #names) -- start, thinking (start, 3 deltas, stop), text, tool_use, end
+    assert.are.same({ { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' } }, assert(s:result()).tool_calls)
+  end)
+end)

@@ -39,6 +39,7 @@ describe("the official SDKs against the gateway", function()
     "openai: a tool conversation with an image served by Anthropic, translated",
     "openai: logprobs are sent upstream and come back with the usage details",
     "anthropic: thinking is sent upstream and its block comes back with its signature",
+    "anthropic: a stream relays thinking with its signature, then the text",
     "anthropic: top_k, thinking and metadata are left out of a fallback to OpenAI",
     "openai: a stream cut after its first delta raises in the SDK",
     "anthropic: a stream cut after its first delta raises in the SDK",

@@ -3,6 +3,7 @@
 -- HTTP clients on loopback against the mock provider.
 local resil = require "resil"
 local helpers = require "spec.helpers"
+local streams = require "spec.provider_streams"
 local http = resil.http
 local json = resil.json
 
@@ -131,8 +132,12 @@ describe("gateway: OpenAI chat completions", function()
   -- (before: "refusal": null and content "", streamed a 502 after three paid attempts)
   it("a refusal reaches the client as the API's refusal, streamed (with a JSON schema) or not", function()
     local calls = 0
-    local url = start({ routes = { ["POST /v1/chat/completions"] = function()
+    local url = start({ routes = { ["POST /v1/chat/completions"] = function(req)
       calls = calls + 1
+      if json.decode(req.body).stream then
+        return streams.reply(streams.openai({ id = "chatcmpl-r", refusal = "I can't help with that.",
+          usage = { prompt_tokens = 5, completion_tokens = 6 } }))
+      end
       return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
         id = "chatcmpl-r", object = "chat.completion", created = 1, model = "gpt-4o-mini",
         choices = { { index = 0, finish_reason = "stop", message = { role = "assistant", content = json.null,
@@ -1625,5 +1630,91 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     assert.are_not.equal(0, r.code)
     assert.matches("config broken", r.stderr)
     assert.matches("workers keep dying as they start; stopping", r.stderr)
+  end)
+end)
+
+describe("gateway: the client's own API's fields and answers", function()
+  local keys = require "resil.keys"
+  -- an upstream that keeps what it was sent and answers with `message` (a table) or a body of text
+  local function upstream(answer)
+    local sent = {}
+    return { routes = { ["POST /v1/chat/completions"] = function(req)
+      sent[#sent + 1] = json.decode(req.body)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = type(answer) == "string" and answer
+        or json.encode({ id = "up-1", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+          choices = { { index = 0, message = answer, finish_reason = "stop", logprobs = json.null } },
+          usage = { prompt_tokens = 5, completion_tokens = 2, total_tokens = 7 } }) }
+    end } }, sent
+  end
+
+  it("an answer with a number JSON cannot write back (-Infinity) is still answered, translated, once", function()
+    local scenario, sent = upstream('{"id":"up-1","object":"chat.completion","created":1,"model":"gpt-4o-mini",' ..
+      '"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop",' ..
+      '"logprobs":{"content":[{"token":"ok","logprob":-Infinity,"bytes":[111,107],"top_logprobs":[]}]}}],' ..
+      '"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}')
+    local url = start(scenario)
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, logprobs = true })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("ok", json.decode(res.body).choices[1].message.content)
+    assert.are.equal(1, #sent)
+    assert.is_true(sent[1].logprobs)
+  end)
+
+  it("a legacy function_call is an answer, relayed whole: not 'empty', not retried", function()
+    local scenario, sent = upstream({ role = "assistant", content = json.null,
+      function_call = { name = "now", arguments = "{}" } })
+    local url = start(scenario)
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS,
+      functions = { { name = "now", parameters = { type = "object", properties = {} } } } })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("now", json.decode(res.body).choices[1].message.function_call.name)
+    assert.are.equal(1, #sent)
+    assert.are.equal("now", sent[1].functions[1].name)
+  end)
+
+  it("a service tier the ledger cannot price is a 400 before any call; the standard ones pass", function()
+    local scenario, sent = upstream({ role = "assistant", content = "ok" })
+    local url = start(scenario)
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, service_tier = "priority" })
+    assert.are.equal(400, res.status)
+    assert.matches("service_tier 'priority'", json.decode(res.body).error.message, 1, true)
+    assert.are.equal(0, #sent)
+    res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, service_tier = "auto" })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("auto", sent[1].service_tier)
+  end)
+
+  it("who asked is the key's name upstream: a client's user or safety_identifier does not replace it", function()
+    local scenario, sent = upstream({ role = "assistant", content = "ok" })
+    local url = start(scenario, { auth = true })
+    local key = assert(keys.add({ name = "alice" }))
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, user = "bob",
+      safety_identifier = "bob", store = false }, { authorization = "Bearer " .. key })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("alice", sent[1].user)
+    assert.is_nil(sent[1].safety_identifier)
+    assert.is_false(sent[1].store) -- (the client's own API's other fields do pass)
+  end)
+
+  it("an Idempotency-Key's first answer and its replay are the provider's whole answer, the same", function()
+    local scenario, sent = upstream({ role = "assistant", content = "ok", annotations = { { type = "url_citation",
+      url_citation = { url = "https://example.com", title = "t", start_index = 0, end_index = 2 } } } })
+    local url = start(scenario)
+    local body = { model = "openai/gpt-4o-mini", messages = MSGS }
+    local a = post(url .. "/v1/chat/completions", body, { ["idempotency-key"] = "whole-1" })
+    local b = post(url .. "/v1/chat/completions", body, { ["idempotency-key"] = "whole-1" })
+    assert.are.equal(200, b.status, b.body)
+    assert.are.equal("https://example.com", json.decode(a.body).choices[1].message.annotations[1].url_citation.url)
+    assert.are.equal(a.body, b.body)
+    assert.are.equal(1, #sent)
+  end)
+
+  it("a streamed request with a body no provider can be sent is a 400, not a 500", function()
+    local scenario, sent = upstream({ role = "assistant", content = "ok" })
+    local url = start(scenario)
+    local res = post(url .. "/v1/chat/completions", '{"model":"openai/gpt-4o-mini","stream":true,' ..
+      '"messages":[{"role":"user","content":"hi"}],"metadata":{"x":1e999}}')
+    assert.are.equal(400, res.status, res.body)
+    assert.are.equal(0, #sent)
   end)
 end)

@@ -63,18 +63,19 @@ end
 -- anthropic.body(req, model, conf) -> the JSON body of a message
 function anthropic.body(req, model, conf)
   local system, msgs = messages.anthropic(req) -- (translated from OpenAI's shape: policies/messages.lua)
-  local body = { model = model, messages = msgs, system = system,
-    max_tokens = req.max_tokens or conf.max_tokens or anthropic.default_max_tokens }
-  for _, k in ipairs(PASSED) do body[k] = req[k] end
+  -- fields for this wire format only (thinking, top_k, ...) first: a fallback
+  -- to another provider does not send them, and what is set below wins
+  local body = {}
+  local own = req.provider_options and req.provider_options[anthropic.name]
+  if own then for k, v in pairs(own) do body[k] = v end end
+  body.model, body.messages, body.system = model, msgs, system
+  body.max_tokens = req.max_tokens or conf.max_tokens or anthropic.default_max_tokens
+  for _, k in ipairs(PASSED) do if req[k] ~= nil then body[k] = req[k] end end
   if req.stop ~= nil then body.stop_sequences = type(req.stop) == "string" and { req.stop } or req.stop end
   body.tools = tools_of(req.tools)
   body.tool_choice = tool_choice_of(req.tool_choice)
   if req.stream then body.stream = true end
   for k, v in pairs(req.extra or {}) do body[k] = v end
-  -- fields for this wire format only (thinking, top_k, service_tier, ...): a
-  -- fallback to another provider does not send them
-  local own = req.provider_options and req.provider_options[anthropic.name]
-  if own then for k, v in pairs(own) do body[k] = v end end
   return body
 end
 
@@ -115,16 +116,42 @@ function anthropic.parse(data)
 end
 
 -- anthropic.event(state, ev) -> delta text | nil, done?, err, body
+-- state keeps id, model, usage, finish_reason, stop_reason, the tool calls
+-- streamed so far, progress (a delta that is not text: a tool call's, or
+-- thinking), and decoded (this event's JSON).
+local MAX_STREAMED_BLOCKS = 1024 -- (a block index past it is garbage: no call kept for it)
 function anthropic.event(state, ev)
   local t = ev.event
+  state.decoded = nil
   if t == "ping" then return nil, false end
   local data = json.decode(ev.data or "")
+  state.decoded = data
   if type(data) ~= "table" then return nil, false, "an event that is not JSON: " .. tostring(ev.data):sub(1, 80) end
   t = t or data.type
   if t == "content_block_delta" then
     local d = data.delta
     if type(d) == "table" and d.type == "text_delta" and type(d.text) == "string" and d.text ~= "" then
       return d.text, false
+    end
+    local call = type(d) == "table" and state.blocks and state.blocks[math.tointeger(data.index) or -1]
+    if call and d.type == "input_json_delta" and type(d.partial_json) == "string" then
+      call.arguments = call.arguments .. d.partial_json
+      state.progress = true
+    elseif type(d) == "table" and (d.type == "thinking_delta" or d.type == "signature_delta") then
+      state.thinking = true
+    end
+  elseif t == "content_block_start" then
+    local b, i = data.content_block, math.tointeger(data.index)
+    if type(b) == "table" and b.type == "tool_use" and i and i >= 0 and i < MAX_STREAMED_BLOCKS then
+      local call = { id = type(b.id) == "string" and b.id or nil, name = type(b.name) == "string" and b.name or nil,
+        arguments = "" }
+      state.blocks = state.blocks or {}
+      state.blocks[i] = call
+      state.tool_calls = state.tool_calls or {}
+      state.tool_calls[#state.tool_calls + 1] = call
+      state.progress = true
+    elseif type(b) == "table" and (b.type == "thinking" or b.type == "redacted_thinking") then
+      state.thinking = true
     end
   elseif t == "message_start" then
     -- (a usage or a message that is not an object is the provider's garbage: it raised here,

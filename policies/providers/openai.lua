@@ -54,7 +54,12 @@ end
 -- Messages in Anthropic's shape (a client of the gateway's /v1/messages
 -- falling back to OpenAI) are translated (policies/messages.lua).
 function openai.body(req, model, conf)
-  local body = { model = model, messages = messages.openai(req) }
+  -- fields for this wire format only (logprobs, store, ...) first: a fallback
+  -- to another provider does not send them, and what is set below wins
+  local body = {}
+  local own = req.provider_options and req.provider_options[openai.name]
+  if own then for k, v in pairs(own) do body[k] = v end end
+  body.model, body.messages = model, messages.openai(req)
   if req.max_tokens then
     -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
     -- compatible servers document max_tokens
@@ -69,10 +74,6 @@ function openai.body(req, model, conf)
     if conf.stream_usage ~= false then body.stream_options = { include_usage = true } end
   end
   if req.extra then for k, v in pairs(req.extra) do body[k] = v end end
-  -- fields for this wire format only (logprobs, store, service_tier, ...): a
-  -- fallback to another provider does not send them
-  local own = req.provider_options and req.provider_options[openai.name]
-  if own then for k, v in pairs(own) do body[k] = v end end
   return body
 end
 
@@ -136,6 +137,9 @@ function openai.parse(data)
     finish_reason = first.finish_reason ~= json.null and first.finish_reason or nil,
     tool_calls = calls, usage = openai.usage(data.usage) }
   if message.refusal and message.refusal ~= json.null then r.refusal = message.refusal end
+  -- an answer in a field of its own (a legacy function_call, audio): relayed whole to an
+  -- OpenAI client, never "empty" (retried and paid again)
+  if type(message.function_call) == "table" or type(message.audio) == "table" then r.other_output = true end
   if #data.choices > 1 then
     r.choices = {}
     for i, c in ipairs(data.choices) do
@@ -145,12 +149,42 @@ function openai.parse(data)
   return r
 end
 
+-- a streamed tool call's pieces, gathered: {index, id, function = {name,
+-- arguments}} deltas -> state.tool_calls {id, name, arguments}. The index
+-- is the provider's: one past any sane number of calls is garbage, dropped.
+local MAX_STREAMED_CALLS = 128
+local function gather_calls(state, deltas)
+  for _, d in ipairs(deltas) do
+    local i = type(d) == "table" and math.tointeger(d.index)
+    if i and i >= 0 and i < MAX_STREAMED_CALLS then
+      local calls = state.tool_calls or {}
+      state.tool_calls = calls
+      local c = calls[i + 1]
+      if not c then
+        for j = #calls + 1, i + 1 do calls[j] = { arguments = "" } end
+        c = calls[i + 1]
+      end
+      local f = type(d["function"]) == "table" and d["function"] or {}
+      if type(d.id) == "string" then c.id = d.id end
+      if type(f.name) == "string" then c.name = (c.name or "") .. f.name end
+      if type(f.arguments) == "string" then c.arguments = c.arguments .. f.arguments end
+      state.progress = true
+    end
+  end
+end
+
 -- openai.event(state, ev) -> delta text | nil, done?, err
--- state starts as {}; it keeps id, model, finish_reason, usage.
+-- state starts as {}; it keeps id, model, finish_reason, usage, the tool
+-- calls and refusal streamed so far, progress (a delta that is not text),
+-- and decoded (this event's JSON).
 function openai.event(state, ev)
   local data = ev.data
-  if data == "[DONE]" then return nil, true end
+  if data == "[DONE]" then
+    state.decoded = nil
+    return nil, true
+  end
   local chunk = json.decode(data)
+  state.decoded = chunk
   if type(chunk) ~= "table" then return nil, false, "an event that is not JSON: " .. data:sub(1, 80) end
   if chunk.error then
     -- an error after the 200: the API sends it as a data event
@@ -164,6 +198,11 @@ function openai.event(state, ev)
   if type(choice) ~= "table" or (choice.index or 0) ~= 0 then return nil, false end
   if choice.finish_reason and choice.finish_reason ~= json.null then state.finish_reason = choice.finish_reason end
   local delta = type(choice.delta) == "table" and choice.delta or {}
+  if type(delta.tool_calls) == "table" then gather_calls(state, delta.tool_calls) end
+  if type(delta.refusal) == "string" and delta.refusal ~= "" then
+    state.refusal = (state.refusal or "") .. delta.refusal
+    state.progress = true
+  end
   if type(delta.content) == "string" and delta.content ~= "" then return delta.content, false end
   return nil, false
 end
@@ -175,7 +214,7 @@ function openai.complete(state, done) return done and state.finish_reason ~= nil
 function openai.validate(data)
   local r, why = openai.parse(data)
   if not r then return nil, why end
-  if r.text:match("^%s*$") and not r.tool_calls and r.finish_reason ~= "length" and not r.refusal then
+  if r.text:match("^%s*$") and not r.tool_calls and r.finish_reason ~= "length" and not r.refusal and not r.other_output then
     return nil, "empty content"
   end
   parsed[data] = r

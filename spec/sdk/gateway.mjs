@@ -124,7 +124,8 @@ await check('openai: a tool conversation with an image served by Anthropic, tran
 // fields of the client's own API reach a provider of that API, and its answer comes back whole
 await check('openai: logprobs are sent upstream and come back with the usage details', async () => {
   const r = await oai().chat.completions.create({ model: 'chat-echo', messages: msgs, logprobs: true, top_logprobs: 2 });
-  expect(r.choices[0].message.content === 'seen {"logprobs":true,"top_logprobs":2}', `content ${r.choices[0].message.content}`);
+  const seen = JSON.parse(r.choices[0].message.content.replace(/^seen /, ''));
+  expect(seen.logprobs === true && seen.top_logprobs === 2, `content ${r.choices[0].message.content}`);
   expect(r.choices[0].logprobs?.content?.[0]?.token === 'seen', `logprobs ${JSON.stringify(r.choices[0].logprobs)}`);
   expect(r.usage.prompt_tokens_details?.cached_tokens === 4, `usage ${JSON.stringify(r.usage)}`);
   expect(r.model === 'chat-echo' && r.id.startsWith('chatcmpl-') && r.id !== 'chatcmpl-echo', `id ${r.id} model ${r.model}`);
@@ -134,8 +135,19 @@ await check('anthropic: thinking is sent upstream and its block comes back with 
   const r = await ant().messages.create({ model: 'claude-echo', max_tokens: 2048, messages: msgs, top_k: 5,
     thinking: { type: 'enabled', budget_tokens: 1024 } });
   expect(r.content[0].type === 'thinking' && r.content[0].signature === 'sig_abc', `content ${JSON.stringify(r.content)}`);
-  expect(r.content[1].text === 'seen {"thinking":{"type":"enabled","budget_tokens":1024},"top_k":5}', `text ${r.content[1].text}`);
+  const seen = JSON.parse(r.content[1].text.replace(/^seen /, ''));
+  expect(seen.thinking?.budget_tokens === 1024 && seen.top_k === 5, `text ${r.content[1].text}`);
   expect(r.usage.output_tokens === 7, `usage ${JSON.stringify(r.usage)}`);
+});
+
+await check('anthropic: a stream relays thinking with its signature, then the text', async () => {
+  const final = await ant().messages.stream({ model: 'claude-echo', max_tokens: 2048, messages: msgs,
+    thinking: { type: 'enabled', budget_tokens: 1024 } }).finalMessage();
+  expect(final.content[0].type === 'thinking' && final.content[0].thinking === 'Let me think.' &&
+    final.content[0].signature === 'sig_abc', `content ${JSON.stringify(final.content)}`);
+  expect(final.content[1].text.startsWith('seen '), `text ${JSON.stringify(final.content[1])}`);
+  expect(final.id.startsWith('msg_') && final.id !== 'msg_echo' && final.model === 'claude-echo', `id ${final.id} model ${final.model}`);
+  expect(final.usage.output_tokens === 7, `usage ${JSON.stringify(final.usage)}`);
 });
 
 await check('anthropic: top_k, thinking and metadata are left out of a fallback to OpenAI', async () => {

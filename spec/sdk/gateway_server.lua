@@ -18,15 +18,26 @@ local cut = assert(resil.mock.start({ strict = true, reply = "one two three four
   faults = { { route = "chat", probability = 1, kind = "cut" }, { route = "messages", probability = 1, kind = "cut" } } }))
 -- answers that call a tool (with text before it), in each API's shape, to a request not streamed
 local ARGS = '{"city":"Paris","tags":[]}'
+local streams = require "spec.provider_streams"
 local tools = assert(resil.mock.start({ strict = true, routes = {
-  ["POST /v1/chat/completions"] = function()
+  ["POST /v1/chat/completions"] = function(req)
+    if resil.json.decode(req.body).stream then
+      return streams.reply(streams.openai({ id = "chatcmpl-tools", content = "Checking.", finish_reason = "tool_calls",
+        tool_calls = { { id = "call_1", name = "get_weather", arguments = ARGS } },
+        usage = { prompt_tokens = 12, completion_tokens = 7 } }))
+    end
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
       id = "chatcmpl-tools", object = "chat.completion", created = 1, model = "gpt-4o-mini",
       choices = { { index = 0, finish_reason = "tool_calls", message = { role = "assistant", content = "Checking.",
         tool_calls = { { id = "call_1", type = "function", ["function"] = { name = "get_weather", arguments = ARGS } } } } } },
       usage = { prompt_tokens = 12, completion_tokens = 7, total_tokens = 19 } }) }
   end,
-  ["POST /v1/messages"] = function()
+  ["POST /v1/messages"] = function(req)
+    if resil.json.decode(req.body).stream then
+      return streams.reply(streams.anthropic({ id = "msg_tools", content = "Checking.", stop_reason = "tool_use",
+        tool_calls = { { id = "toolu_1", name = "get_weather", arguments = ARGS } },
+        usage = { input_tokens = 12, output_tokens = 7 } }))
+    end
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
       id = "msg_tools", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
       content = { { type = "text", text = "Checking." },
@@ -50,6 +61,11 @@ local echo = assert(resil.mock.start({ strict = true, routes = {
   end,
   ["POST /v1/messages"] = function(req)
     local b = resil.json.decode(req.body)
+    local seen = "seen " .. resil.json.encode({ thinking = b.thinking or false, top_k = b.top_k or false })
+    if b.stream then
+      return streams.reply(streams.anthropic({ id = "msg_echo", thinking = { text = "Let me think.", signature = "sig_abc" },
+        content = seen, usage = { input_tokens = 12, output_tokens = 7 } }))
+    end
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
       id = "msg_echo", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
       content = { { type = "thinking", thinking = "Let me think.", signature = "sig_abc" },
