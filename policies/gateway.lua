@@ -169,6 +169,8 @@ local function ai_error_reply(api, err)
     code = "model_not_priced"
   elseif type(err) == "table" and err.kind == "gateway_overloaded" then
     code = "gateway_overloaded"
+  elseif status == 429 then
+    code = "rate_limit_exceeded" -- (as OpenAI's own 429s; an SDK's error.code reads it)
   end
   local msg = type(err) == "table" and tostring(err.message or err.kind) or tostring(err)
   if err.kind == "store_unavailable" then
@@ -916,6 +918,10 @@ function complete_admitted(req, api, id, rec, slot)
   end
   local route, why = route_model(b.model, api)
   if not route then return with_id(error_reply(api, 404, why, { code = "model_not_found" }), id) end
+  -- (the Messages API has no default: a client that relied on ours would fail on Anthropic's own)
+  if api == "anthropic" and (b.max_tokens == nil or b.max_tokens == null) then
+    return with_id(error_reply(api, 400, "max_tokens: Field required"), id)
+  end
   local r = api == "anthropic" and from_anthropic(b) or from_openai(b)
   local asked = b.max_completion_tokens or b.max_tokens
   if (asked ~= nil and asked ~= null and r.max_tokens == nil) or (r.max_tokens ~= nil and r.max_tokens < 1) then
@@ -1051,20 +1057,19 @@ local function embeddings(req)
     model = b.model, usage = { prompt_tokens = n, total_tokens = n } }) }
 end
 
-local function models(req)
-  local rec, refused = authenticate(req, "openai")
-  if not rec then return refused end
+-- the models a key may use: the config's, the registry's aliases (by the
+-- provider each is pinned to) and the key's own list, sorted by id
+local function model_list(rec)
   local data, seen = {}, {}
   local function add(name, owner)
     if seen[name] or not model_allowed(rec, name) then return end
     seen[name] = true
-    data[#data + 1] = { id = name, object = "model", created = 0, owned_by = owner or "resil" }
+    data[#data + 1] = { id = name, owned_by = owner or "resil" }
   end
   local function provider_of(model) return type(model) == "string" and model:match("^([%w_%-]+)/") or nil end
   for name, m in pairs(gateway.config.models) do
     add(name, provider_of(type(m) == "table" and m.model or m))
   end
-  -- the registry's aliases (policies/models.lua), by the provider they are pinned to
   for name, e in pairs(registry().entries) do
     if type(e) == "table" and (e.use or e.deployments) then
       add(name, provider_of(e.use or (e.deployments[1] or {}).use))
@@ -1072,7 +1077,44 @@ local function models(req)
   end
   for _, m in ipairs(rec.models or {}) do add(m, provider_of(m)) end
   table.sort(data, function(a, b) return a.id < b.id end)
-  return { status = 200, body = json.encode({ object = "list", data = data }) }
+  return data
+end
+
+-- a model in the asking SDK's shape: Anthropic's SDK sends anthropic-version
+local function model_object(m, api)
+  if api == "anthropic" then
+    return { type = "model", id = m.id, display_name = m.id, created_at = "1970-01-01T00:00:00Z" }
+  end
+  return { id = m.id, object = "model", created = 0, owned_by = m.owned_by }
+end
+
+local function models_api(req) return req.headers["anthropic-version"] and "anthropic" or "openai" end
+
+-- GET /v1/models
+local function models(req)
+  local api = models_api(req)
+  local rec, refused = authenticate(req, api)
+  if not rec then return refused end
+  local data = model_list(rec)
+  for i, m in ipairs(data) do data[i] = model_object(m, api) end
+  if api == "anthropic" then
+    return { status = 200, body = json.encode({ data = setmetatable(data, json.array_mt), has_more = false,
+      first_id = data[1] and data[1].id or null, last_id = data[#data] and data[#data].id or null }) }
+  end
+  return { status = 200, body = json.encode({ object = "list", data = setmetatable(data, json.array_mt) }) }
+end
+
+-- GET /v1/models/{id} (the id percent-encoded, as the SDKs send "provider/model")
+local function model_by_id(req, id)
+  local api = models_api(req)
+  local rec, refused = authenticate(req, api)
+  if not rec then return refused end
+  id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+  for _, m in ipairs(model_list(rec)) do
+    if m.id == id then return { status = 200, body = json.encode(model_object(m, api)) } end
+  end
+  return error_reply(api, 404, ("The model '%s' does not exist or this key may not use it"):format(
+    public_message(id:sub(1, MODEL_MAX))), { code = "model_not_found" })
 end
 
 gateway.routes = {
@@ -1121,13 +1163,16 @@ function gateway.handle(req)
   local route = gateway.routes[route_key(req.method, path)]
   local api = api_of(path)
   local reply
+  local one_model = not route and req.method == "GET" and path:match("^/v1/models/(.+)$")
   if route then
     reply = route(req)
+  elseif one_model then
+    reply = model_by_id(req, one_model)
   else
     reply = error_reply(api, 404, ("no route %s %s"):format(req.method, req.path), { code = "unknown_url" })
   end
   -- by route and status, each series bound once (no label key built per request)
-  local label = route and path or "other"
+  local label = route and path or one_model and "/v1/models/{id}" or "other"
   local status = reply.status or 200
   local by_status = sub(request_series, label)
   local series = by_status[status]

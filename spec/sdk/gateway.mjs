@@ -157,6 +157,30 @@ await check('anthropic: top_k, thinking and metadata are left out of a fallback 
   expect(response.headers.get('x-resil-provider') === 'openai', `provider ${response.headers.get('x-resil-provider')}`);
 });
 
+await check('openai: models.list and models.retrieve (an id with a slash too)', async () => {
+  const ids = [];
+  for await (const m of oai().models.list()) ids.push(m.id);
+  expect(ids.includes('chat-fast') && ids.includes('claude-busy'), `ids ${ids}`);
+  const m = await oai().models.retrieve('chat-fast');
+  expect(m.id === 'chat-fast' && m.object === 'model', `model ${JSON.stringify(m)}`);
+  const err = await rejects(oai().models.retrieve('openai/no-such-model'), OpenAI.NotFoundError, 'an unknown model');
+  expect(err.code === 'model_not_found', `code ${err.code}`);
+});
+
+await check('anthropic: models.list and models.retrieve in its own shape', async () => {
+  const ids = [];
+  for await (const m of ant().models.list()) ids.push(m.id);
+  expect(ids.includes('claude-echo'), `ids ${ids}`);
+  const m = await ant().models.retrieve('claude-echo');
+  expect(m.type === 'model' && m.id === 'claude-echo' && typeof m.display_name === 'string', `model ${JSON.stringify(m)}`);
+});
+
+await check('anthropic: a request without max_tokens is BadRequestError, as the API answers it', async () => {
+  const err = await rejects(ant().messages.create({ model: 'claude-sonnet-4-5-20250929', messages: msgs }),
+    Anthropic.BadRequestError, 'no max_tokens');
+  expect(/max_tokens/.test(err.message), `error ${err.message}`);
+});
+
 await check('openai: a stream cut after its first delta raises in the SDK', async () => {
   let text = '';
   try {
