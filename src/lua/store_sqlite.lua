@@ -193,15 +193,19 @@ end
 
 -- ---------- key/value ----------
 
+-- A read: it never waits for a writer (another process's long transaction
+-- made every gateway key lookup a 503). An expired row is dropped by a write
+-- nobody waits for, one that keeps a row set again since.
+local function drop_expired(tx, key, now) tx:exec("DELETE FROM kv WHERE key = ? AND expires_at <= ?", key, now) end
+
 function B:kv_get(key, now)
-  return self.db:tx(function(tx)
-    local row = tx:row("SELECT value, expires_at FROM kv WHERE key = ?", key)
-    if row and row.expires_at and row.expires_at <= now then
-      tx:exec("DELETE FROM kv WHERE key = ?", key)
-      return nil
-    end
-    return row and row.value
-  end)
+  local row, err = self.db:read(function(tx) return tx:row("SELECT value, expires_at FROM kv WHERE key = ?", key) end)
+  if err then return nil, err end
+  if row and row.expires_at and row.expires_at <= now then
+    self.db:enqueue(nil, drop_expired, key, now)
+    return nil
+  end
+  return row and row.value
 end
 
 function B:kv_set(key, value, ttl, now)
