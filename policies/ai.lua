@@ -262,6 +262,19 @@ local function check_request(req, level)
   if req.cache ~= nil and (type(req.cache) ~= "table" or type(req.cache.ttl) ~= "number") then
     error("ai: cache must be {ttl = seconds}", level + 1)
   end
+  if req.provider_headers ~= nil then
+    if type(req.provider_headers) ~= "table" then
+      error("ai: provider_headers must be a table of {wire format = {header = value}}", level + 1)
+    end
+    for k, v in pairs(req.provider_headers) do
+      if type(v) ~= "table" then error(("ai: provider_headers.%s must be a table"):format(tostring(k)), level + 1) end
+      for name, value in pairs(v) do
+        if type(name) ~= "string" or type(value) ~= "string" or value:find("[\r\n%z]") then
+          error(("ai: provider_headers.%s: each header is a name and a one-line string"):format(tostring(k)), level + 1)
+        end
+      end
+    end
+  end
   if req.provider_options ~= nil then
     if type(req.provider_options) ~= "table" then
       error("ai: provider_options must be a table of {wire format = {field = value}}", level + 1)
@@ -316,7 +329,20 @@ local function wire_request(t, req, stream)
     if cap then s.max_tokens = reserved_max_tokens(t, r) end
     r = s
   end
-  return { method = "POST", url = w.url, headers = w.headers, json = t.adapter.body(r, t.model, w.aconf) }
+  local headers = w.headers
+  -- headers for this wire format only (Anthropic's anthropic-beta), beside the target's own,
+  -- never instead of them (its key, its API version)
+  local own = req.provider_headers and req.provider_headers[t.adapter.name]
+  if own then
+    headers = {}
+    for k, v in pairs(w.headers) do headers[k] = v end
+    for k, v in pairs(own) do
+      k = k:lower()
+      if headers[k] == nil then headers[k] = v
+      elseif k == "anthropic-beta" then headers[k] = headers[k] .. "," .. v end
+    end
+  end
+  return { method = "POST", url = w.url, headers = headers, json = t.adapter.body(r, t.model, w.aconf) }
 end
 ai.wire_request = wire_request
 
@@ -604,7 +630,7 @@ local function canonical(v, out)
 end
 
 local CACHE_FIELDS = { "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop", "tools",
-  "tool_choice", "n", "seed", "response_format", "extra", "provider_options", "fallback" }
+  "tool_choice", "n", "seed", "response_format", "extra", "provider_options", "provider_headers", "fallback" }
 
 local function cache_of(targets, req)
   local c = req.cache or targets[1].conf.cache

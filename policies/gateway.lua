@@ -938,6 +938,9 @@ function complete_admitted(req, api, id, rec, slot)
   end
   r.model, r.fallback = route.model, route.fallback
   r.user = rec.name
+  -- the betas an Anthropic client turns on go to Anthropic only (a fallback elsewhere has none)
+  local beta = api == "anthropic" and req.headers["anthropic-beta"]
+  if beta and beta ~= "" then r.provider_headers = { anthropic = { ["anthropic-beta"] = beta } } end
   r.ledger_sync, r.ledger_wait = gateway.config.ledger_sync, gateway.config.ledger_wait
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
   local limited = key_limits(rec, api, math.ceil(#req.body / 4) + (r.max_tokens or 0))

@@ -1709,6 +1709,29 @@ describe("gateway: the client's own API's fields and answers", function()
     assert.are.equal(1, #sent)
   end)
 
+  it("an Anthropic client's anthropic-beta header reaches Anthropic beside the gateway's own, and no one else", function()
+    local seen, to_openai = {}, {}
+    local url = start({ strict = true, routes = {
+      ["POST /v1/messages"] = function(req)
+        seen[#seen + 1] = req.headers["anthropic-beta"] or "none"
+        return { status = 529, headers = { ["content-type"] = "application/json" },
+          body = '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}' }
+      end,
+      ["POST /v1/chat/completions"] = function(req)
+        to_openai[#to_openai + 1] = req.headers["anthropic-beta"] or "none"
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+          id = "c-1", object = "chat.completion", created = 1, model = "gpt-4o-mini", choices = { { index = 0,
+          message = { role = "assistant", content = "ok" }, finish_reason = "stop" } },
+          usage = { prompt_tokens = 3, completion_tokens = 1, total_tokens = 4 } }) }
+      end } })
+    local res = post(url .. "/v1/messages", { model = "claude", max_tokens = 20, messages = MSGS },
+      { ["anthropic-beta"] = "context-1m-2025-08-07" })
+    assert.are.equal(200, res.status, res.body) -- (fallen back to OpenAI)
+    assert.is_true(#seen > 0)
+    for _, h in ipairs(seen) do assert.are.equal("context-1m-2025-08-07", h) end
+    assert.are.same({ "none" }, to_openai)
+  end)
+
   it("a streamed request with a body no provider can be sent is a 400, not a 500", function()
     local scenario, sent = upstream({ role = "assistant", content = "ok" })
     local url = start(scenario)
