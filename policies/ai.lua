@@ -790,18 +790,26 @@ end
 -- A stream that ended before any text: as ai.chat's empty answer, invalid
 -- output (retried, fallen back from), unless it stopped at max_tokens or
 -- called tools (the caller's validate reads `empty`)
-local function ended_empty(s, state, events)
+local function ended_empty(s, state, events, whole)
   s:close()
+  local text = whole and table.concat(whole) or ""
   return { status = 200, headers = s.headers, stream = true, state = state, ended = true, events = events,
-    empty = state.finish_reason ~= "length" and not state.tool_calls and not state.refusal or nil }
+    text = text, empty = text == "" and state.finish_reason ~= "length" and not state.tool_calls
+      and not state.refusal_pieces or nil }
 end
 
 -- Open a stream and read it up to its first delta: until then a failure is
 -- an ordinary failed attempt (retried, fallen back from). A delta is text, a
 -- tool call's or a refusal's (a stream of a tool call alone is an answer, not
--- an empty one), or, when the caller relays the provider's own events
--- (req.raw_events), thinking: those events reach the client as they come.
--- With req.raw_events the events read so far are kept for s:next_event().
+-- an empty one), or, when the caller relays the provider's own events,
+-- thinking: those events reach the client as they come. The caller relays
+-- them (req.raw_events: true, or the wire format it relays) from a target of
+-- that format; the events read so far are kept for s:next_event(), up to
+-- RELAY_BACKLOG_MAX bytes (past it the stream opens: the client is sent
+-- what is kept). req.read_whole: a stream not relayed is read to its end
+-- inside its attempt (a caller that writes nothing before the end keeps its
+-- retries and fallbacks to the last event).
+local RELAY_BACKLOG_MAX = 1024 * 1024
 local function stream_opener(t, req)
   local wire = wire_request(t, req, true)
   wire.idle_timeout = t.conf.idle_timeout or 60
@@ -815,17 +823,23 @@ local function stream_opener(t, req)
       return { status = s.status, headers = s.headers, body = body }
     end
     local state = {}
-    local events = req.raw_events and {} or nil
+    local relay = req.raw_events == true or req.raw_events == t.adapter.name
+    local events = relay and {} or nil
+    local whole = not relay and req.read_whole and {} or nil -- the text read, when read to the end
+    local kept = 0
     while true do
       local ev, e = s:read_event()
       if ev == nil then
         s:close()
         if e then return nil, e end
-        if t.adapter.complete(state, true) then return ended_empty(s, state, events) end
+        if t.adapter.complete(state, true) then return ended_empty(s, state, events, whole) end
         return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
       end
       local delta, done, eerr, ebody = t.adapter.event(state, ev)
-      if events then events[#events + 1] = { ev, state.decoded } end
+      if events then
+        events[#events + 1] = { ev, state.decoded }
+        kept = kept + #(ev.data or "")
+      end
       if eerr then
         s:close()
         local etype = type(ebody) == "table" and type(ebody.error) == "table" and ebody.error.type
@@ -833,10 +847,20 @@ local function stream_opener(t, req)
         return { status = status, headers = status == 429 and { ["retry-after"] = "1" } or {},
           body = json.encode(ebody or { error = { message = eerr } }) }
       end
-      if delta or (not done and (state.progress or (events and state.thinking))) then
+      if whole then
+        if delta then whole[#whole + 1] = delta end
+        if done then
+          if not t.adapter.complete(state, true) then
+            s:close()
+            return nil, resil.error("protocol", ("%s: the stream ended without its end marker"):format(t.name))
+          end
+          return ended_empty(s, state, events, whole)
+        end
+      elseif delta or (not done and (state.progress or (events and (state.thinking or kept > RELAY_BACKLOG_MAX)))) then
         return { status = 200, headers = s.headers, stream = s, state = state, first = delta or "", events = events }
+      elseif done then
+        return ended_empty(s, state, events)
       end
-      if done then return ended_empty(s, state, events) end
     end
   end
 end
@@ -847,13 +871,17 @@ Stream.__index = Stream
 local function stream_result(self)
   local st = self.state or {}
   local calls
-  for i, c in ipairs(st.tool_calls or {}) do
-    calls = calls or {}
-    calls[i] = { id = c.id, name = c.name, arguments = c.arguments ~= "" and c.arguments or "{}" }
+  for _, c in ipairs(st.tool_calls or {}) do
+    if c.name then -- (a gap the provider left in its indexes is no call)
+      local args = table.concat(c.pieces)
+      calls = calls or {}
+      calls[#calls + 1] = { id = c.id, name = c.name, arguments = args ~= "" and args or "{}" }
+    end
   end
   local r = { id = st.id, model = st.model or self.target.model, text = table.concat(self.parts),
     finish_reason = st.finish_reason, usage = st.usage, attempts = self.attempts,
-    stop_reason = st.stop_reason, stop_sequence = st.stop_sequence, tool_calls = calls, refusal = st.refusal }
+    stop_reason = st.stop_reason, stop_sequence = st.stop_sequence, tool_calls = calls,
+    refusal = st.refusal_pieces and table.concat(st.refusal_pieces) or nil }
   r.fallbacks = self.fallbacks
   return describe(finish_result(self.target, r, nil), self.targets)
 end
@@ -865,7 +893,8 @@ end
 local function usage_so_far(self, r)
   local u = r.usage or { input_tokens = math.ceil(#json.encode(self.req.messages) / 4), cached_input_tokens = 0,
     cache_write_tokens = 0 }
-  local streamed = math.ceil(#r.text / 4)
+  -- (tool calls' arguments, a refusal and thinking are output too: a stream cut in them is paid for them)
+  local streamed = math.ceil((#r.text + ((self.state or {}).extra_bytes or 0)) / 4)
   if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
     u.output_tokens = streamed
     u.estimated = true
@@ -913,7 +942,14 @@ local function open(self)
   guard.done = true
   self.target, self.state = got.target, got.res.state
   self.backlog, self.backlog_at = got.res.events, 1
-  if got.res.ended then return nil end
+  if got.res.ended then
+    -- (read to its end while it opened, req.read_whole: its text at once, then its end)
+    if got.res.text ~= "" then
+      self.parts[1], self.finish_pending = got.res.text, true
+      return got.res.text
+    end
+    return nil
+  end
   self.s = got.res.stream
   self.parts[1] = got.res.first
   return got.res.first
@@ -949,6 +985,10 @@ end
 -- s:next() -> the next delta | nil at the end | nil, err
 function Stream:next()
   if self.done then return nil, self.err end
+  if self.finish_pending then
+    self.finish_pending = nil
+    return finished(self)
+  end
   if not self.opened then
     self.opened = true
     local first, err = open(self)

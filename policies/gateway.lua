@@ -188,6 +188,7 @@ local STOP_REASON = { stop = "end_turn", length = "max_tokens", tool_calls = "to
 -- pause_turn are not all OpenAI's), else the OpenAI finish_reason's
 local function stop_reason_of(r)
   if type(r.stop_reason) == "string" and r.stop_reason:match("^[%w_]+$") then return r.stop_reason end
+  if type(r.refusal) == "string" and (r.text or "") == "" then return "refusal" end -- (OpenAI's refusal field)
   return STOP_REASON[r.finish_reason] or "end_turn"
 end
 
@@ -233,7 +234,9 @@ end
 
 local function anthropic_answer(r, id, model)
   local content = {}
-  if (r.text or "") ~= "" or not r.tool_calls then content[1] = { type = "text", text = r.text or "" } end
+  -- (an OpenAI refusal is the text of an answer that stops for "refusal")
+  local text = (r.text or "") ~= "" and r.text or type(r.refusal) == "string" and r.refusal or ""
+  if text ~= "" or not r.tool_calls then content[1] = { type = "text", text = text } end
   for _, c in ipairs(r.tool_calls or {}) do
     content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = json.decode(c.arguments or "{}") or {} }
   end
@@ -696,9 +699,17 @@ local function broken(api, err)
   return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted")
 end
 
+-- an event's data as SSE data lines (data of several lines came as several "data:" lines)
+local function one_line(data)
+  data = tostring(data)
+  if data:find("\n", 1, true) then data = data:gsub("\n", "\ndata: ") end
+  return data
+end
+
 local function own_stream(s, api, id, b, headers)
   local openai = api ~= "anthropic"
   local with_usage = type(b.stream_options) == "table" and b.stream_options.include_usage == true
+  local usage_sent = false
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
     while true do
@@ -709,21 +720,28 @@ local function own_stream(s, api, id, b, headers)
       end
       if openai then
         if ev.data == "[DONE]" then
+          -- a client that asked for the usage gets it, the provider's or, if it sent none, as recorded
+          local r = with_usage and not usage_sent and s:result()
+          if r then
+            write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = math.floor(resil.clock.wall()),
+              model = b.model, choices = setmetatable({}, json.array_mt), usage = openai_usage(r.usage) }))
+          end
           write("data: [DONE]\n\n", true)
         elseif type(data) == "table" and (with_usage or not (data.usage ~= nil and type(data.choices) == "table"
             and data.choices[1] == nil)) then
           data.id, data.model = "chatcmpl-" .. id, b.model
           if not with_usage then data.usage = nil end
+          if type(data.usage) == "table" then usage_sent = true end
           local ok, text = pcall(json.encode, data) -- (a number JSON cannot write: the provider's own text)
-          write("data: " .. (ok and text or ev.data) .. "\n\n")
+          write("data: " .. (ok and text or one_line(ev.data)) .. "\n\n")
         end
       elseif ev.event == "message_start" and type(data) == "table" and type(data.message) == "table" then
         data.message.id, data.message.model = "msg_" .. id, b.model
         local ok, text = pcall(json.encode, data)
-        write("event: message_start\ndata: " .. (ok and text or ev.data) .. "\n\n")
+        write("event: message_start\ndata: " .. (ok and text or one_line(ev.data)) .. "\n\n")
       else
         local name = ev.event or type(data) == "table" and type(data.type) == "string" and data.type or "message"
-        write("event: " .. name .. "\ndata: " .. tostring(ev.data) .. "\n\n", name == "message_stop")
+        write("event: " .. name .. "\ndata: " .. one_line(ev.data) .. "\n\n", name == "message_stop")
       end
     end
   end }
@@ -947,8 +965,13 @@ function complete_admitted(req, api, id, rec, slot)
   if limited then return with_id(limited, id) end
   local idem = req.headers["idempotency-key"]
 
+  -- tools, or a JSON schema (whose refusal a text stream cannot carry)
+  local tools = type(r.tools) == "table" and next(r.tools) ~= nil
+  local schema = type(b.response_format) == "table" and b.response_format.type == "json_schema"
   if b.stream == true then
-    r.raw_events = true -- (a provider of the client's own API: its events are relayed as they are)
+    -- a provider of the client's own API: its events are relayed as they come; the other
+    -- API's, with tools: read to its end inside its attempt (still retried, fallen back from)
+    r.raw_events, r.read_whole = api, tools or schema
     local ok, s = pcall(ai.stream, r)
     if not ok then return with_id(ai_error_reply(api, s), id) end
     -- closed here unless the reply takes it over (a client leaving before the first delta)
@@ -966,10 +989,7 @@ function complete_admitted(req, api, id, rec, slot)
       ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model, ["x-resil-attempts"] = tostring(s.attempts or 1) }
     handed_over = true
     if t.adapter and t.adapter.name == api then return own_stream(s, api, id, b, headers) end
-    -- the other API's stream with tools, or a JSON schema (whose refusal a text stream cannot
-    -- carry): read to its end, then written as the events of the whole answer
-    local tools = type(r.tools) == "table" and next(r.tools) ~= nil
-    local schema = type(b.response_format) == "table" and b.response_format.type == "json_schema"
+    -- the other API's stream with tools or a JSON schema: written as the events of the whole answer
     if tools or schema then return whole_stream(s, api, id, b, headers) end
     if api == "anthropic" then return anthropic_stream(s, first, id, b.model, headers, r) end
     return openai_stream(s, first, id, b.model, b, headers)

@@ -960,3 +960,60 @@ describe("a streamed tool call", function()
     assert.are.same({ { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' } }, assert(s:result()).tool_calls)
   end)
 end)
+
+describe("a streamed tool call, from a hostile or unusual provider", function()
+  local m, body
+  before_each(function()
+    resil.clock.virtual()
+    fresh_store()
+    m = resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, body = body }
+    end } })
+    point_at(m.url)
+  end)
+  after_each(function() m:stop() end)
+  local function chunk(delta, finish)
+    return "data: " .. resil.json.encode({ id = "c", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
+      choices = { { index = 0, delta = delta, finish_reason = finish or resil.json.null } } }) .. "\n\n"
+  end
+
+  -- (before: deltas without an index were dropped, the stream was "empty": three paid attempts, an error)
+  it("tool-call deltas without an index (Gemini's OpenAI API) are one call per id", function()
+    body = chunk({ role = "assistant" }) ..
+      chunk({ tool_calls = { { id = "c1", type = "function", ["function"] = { name = "get_weather", arguments = '{"city":' } } } }) ..
+      chunk({ tool_calls = { { ["function"] = { arguments = '"Paris"}' } } } }) ..
+      chunk({ tool_calls = { { id = "c2", type = "function", ["function"] = { name = "get_time", arguments = "{}" } } } }) ..
+      chunk({}, "tool_calls") .. "data: [DONE]\n\n"
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 50 })
+    for _ in s do end
+    local r = assert(s:result())
+    assert.are.same({ { id = "c1", name = "get_weather", arguments = '{"city":"Paris"}' },
+      { id = "c2", name = "get_time", arguments = "{}" } }, r.tool_calls)
+    assert.are.equal(1, m:stats().total)
+  end)
+
+  -- (before: 40 KB of arguments cut short was recorded as 0 output tokens)
+  it("a stream cut in a tool call's arguments is recorded with them as output", function()
+    local args = ("x"):rep(40000)
+    body = chunk({ role = "assistant" }) ..
+      chunk({ tool_calls = { { index = 0, id = "c1", type = "function", ["function"] = { name = "save", arguments = args } } } })
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 50000 })
+    local _, err = s:next()
+    assert.is_nil(err)
+    repeat local delta, e = s:next() until delta == nil or e
+    assert.are.equal("stream_interrupted", select(2, s:result()).kind)
+    local row = assert(resil.cost.breakdown("provider"))[1]
+    assert.is_true(row.usd >= require("policies.pricing").cost("openai", "gpt-4o-mini",
+      { input_tokens = 0, output_tokens = 10000 }), tostring(row.usd))
+  end)
+
+  it("reasoning a compatible server streams opens a relayed stream at once (its events are not held back)", function()
+    body = chunk({ role = "assistant" }) .. chunk({ reasoning_content = "thinking..." }) .. chunk({ content = "ok" }) ..
+      chunk({}, "stop") .. "data: [DONE]\n\n"
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 50, raw_events = "openai" })
+    assert.are.equal("", s:next()) -- (opened on the reasoning, before any text)
+    local n = 0
+    while s:next_event() do n = n + 1 end
+    assert.are.equal(5, n)
+  end)
+end)

@@ -71,21 +71,21 @@ describe("a task canceled after its wait was granted", function()
     local path = helpers.tmpname(".db")
     local store = assert(resil.store(path))
     assert.is_true(store:set("lock", "mine"))
-    local errors = {}
+    local errors, cleanup = {}, nil
     local t = resil.spawn(function()
       local _ <close> = setmetatable({}, { __close = function()
-        -- waiting here raises (no task is running a __close at a cancel) ...
-        local ok, err = pcall(store.get, store, "lock")
+        -- waiting here (for a write's commit) raises (no task is running a __close at a cancel) ...
+        local ok, err = pcall(store.set, store, "other", "x")
         errors[#errors + 1] = not ok and tostring(err) or nil
         -- ... a task started from here does the I/O
-        resil.spawn(store.del, store, "lock")
+        cleanup = resil.spawn(store.del, store, "lock")
       end })
       resil.sleep(100)
     end)
     resil.yield()
     t:cancel()
     assert.matches("must be called from a task", errors[1])
-    resil.sleep(0) -- the cleanup task runs
+    assert.is_true(cleanup:join()) -- the cleanup task ran, its delete committed
     assert.is_nil(store:get("lock"))
     os.remove(path)
   end)

@@ -1752,3 +1752,97 @@ describe("gateway: upstream errors", function()
     assert.is_truthy(res.headers["retry-after"])
   end)
 end)
+
+describe("gateway: streams across APIs and from unusual providers", function()
+  -- an Anthropic upstream whose first answer is cut after `cut_after` (a tool call's first piece,
+  -- thinking), the next ones whole
+  local function flaky_anthropic(whole, cut_after)
+    local calls = 0
+    return { routes = { ["POST /v1/messages"] = function()
+      calls = calls + 1
+      local body = streams.anthropic(whole)
+      if calls == 1 then body = body:sub(1, (body:find(cut_after, 1, true))) end
+      return streams.reply(body)
+    end } }, function() return calls end
+  end
+
+  -- (before: the stream opened on the first tool delta; a cut after it was a 200 with only an error event)
+  it("an OpenAI client's stream with tools served by Anthropic is retried when cut before its end", function()
+    local scenario, calls = flaky_anthropic({ content = "Checking.", stop_reason = "tool_use",
+      tool_calls = { { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' } } }, "input_json_delta")
+    local url = start(scenario)
+    local evs, err = events_of(url .. "/v1/chat/completions", { model = "anthropic/claude-sonnet-4-5-20250929",
+      messages = MSGS, stream = true, tools = { { type = "function", ["function"] = { name = "get_weather",
+        parameters = { type = "object" } } } } })
+    assert.is_nil(err)
+    assert.are.equal("[DONE]", evs[#evs].data)
+    local args = {}
+    for _, ev in ipairs(evs) do
+      local c = ev.data ~= "[DONE]" and json.decode(ev.data)
+      local d = c and c.choices and c.choices[1] and c.choices[1].delta
+      for _, t in ipairs(d and d.tool_calls or {}) do args[#args + 1] = t["function"].arguments end
+    end
+    assert.are.equal('{"city":"Paris"}', table.concat(args))
+    assert.are.equal(2, calls())
+  end)
+
+  -- (before: thinking opened a stream being translated, so a cut in it was not retried)
+  it("an OpenAI client's stream served by Anthropic is retried when cut in its thinking", function()
+    local scenario, calls = flaky_anthropic({ thinking = { text = "Let me think about it.", signature = "s" },
+      content = "The answer." }, "thinking_delta")
+    local url = start(scenario)
+    local evs, err = events_of(url .. "/v1/chat/completions", { model = "anthropic/claude-sonnet-4-5-20250929",
+      messages = MSGS, stream = true })
+    assert.is_nil(err)
+    local text = {}
+    for _, ev in ipairs(evs) do
+      local c = ev.data ~= "[DONE]" and json.decode(ev.data)
+      local d = c and c.choices and c.choices[1] and c.choices[1].delta
+      if d and type(d.content) == "string" then text[#text + 1] = d.content end
+    end
+    assert.are.equal("The answer.", table.concat(text))
+    assert.are.equal(2, calls())
+  end)
+
+  it("an event whose data came in several lines is relayed as several data lines", function()
+    local url = start({ routes = { ["POST /v1/messages"] = function()
+      local body = streams.anthropic({ content = "hello" })
+      -- the same JSON, split over two data lines (SSE joins them with a newline)
+      body = body:gsub('event: content_block_delta\ndata: {"', 'event: content_block_delta\ndata: {\ndata: "', 1)
+      return streams.reply(body)
+    end } })
+    local evs, err = events_of(url .. "/v1/messages", { model = "claude", max_tokens = 20, messages = MSGS, stream = true })
+    assert.is_nil(err)
+    for _, ev in ipairs(evs) do assert.is_table(json.decode(ev.data), ev.data) end
+    assert.are.equal("message_stop", evs[#evs].event)
+  end)
+
+  it("a client that asked for the usage gets a usage chunk though the provider sent none", function()
+    local url = start({ routes = { ["POST /v1/chat/completions"] = function()
+      return streams.reply(streams.openai({ content = "one two three" })) -- (no usage chunk)
+    end } })
+    local evs = events_of(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, stream = true,
+      stream_options = { include_usage = true } })
+    local usage
+    for _, ev in ipairs(evs) do
+      local c = ev.data ~= "[DONE]" and json.decode(ev.data)
+      if c and type(c.usage) == "table" then usage = c.usage end
+    end
+    assert.is_table(usage)
+    assert.is_true(usage.completion_tokens > 0)
+  end)
+
+  it("an OpenAI refusal reaches an Anthropic client as its text, stopping for refusal", function()
+    local url = start({ routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "c", object = "chat.completion", created = 1, model = "gpt-4o-mini", choices = { { index = 0,
+          message = { role = "assistant", content = json.null, refusal = "I can't help with that." }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 3, completion_tokens = 5, total_tokens = 8 } }) }
+    end } })
+    local res = post(url .. "/v1/messages", { model = "openai/gpt-4o-mini", max_tokens = 20, messages = MSGS })
+    assert.are.equal(200, res.status, res.body)
+    local m = json.decode(res.body)
+    assert.are.equal("refusal", m.stop_reason)
+    assert.are.equal("I can't help with that.", m.content[1].text)
+  end)
+end)

@@ -135,16 +135,19 @@ function anthropic.event(state, ev)
     end
     local call = type(d) == "table" and state.blocks and state.blocks[math.tointeger(data.index) or -1]
     if call and d.type == "input_json_delta" and type(d.partial_json) == "string" then
-      call.arguments = call.arguments .. d.partial_json
+      call.pieces[#call.pieces + 1] = d.partial_json -- (joined once the stream ends)
+      state.extra_bytes = (state.extra_bytes or 0) + #d.partial_json
       state.progress = true
     elseif type(d) == "table" and (d.type == "thinking_delta" or d.type == "signature_delta") then
       state.thinking = true
+      -- (thinking is paid as output: a stream cut in it is recorded with it)
+      if type(d.thinking) == "string" then state.extra_bytes = (state.extra_bytes or 0) + #d.thinking end
     end
   elseif t == "content_block_start" then
     local b, i = data.content_block, math.tointeger(data.index)
     if type(b) == "table" and b.type == "tool_use" and i and i >= 0 and i < MAX_STREAMED_BLOCKS then
       local call = { id = type(b.id) == "string" and b.id or nil, name = type(b.name) == "string" and b.name or nil,
-        arguments = "" }
+        pieces = {} }
       state.blocks = state.blocks or {}
       state.blocks[i] = call
       state.tool_calls = state.tool_calls or {}

@@ -150,24 +150,45 @@ function openai.parse(data)
 end
 
 -- a streamed tool call's pieces, gathered: {index, id, function = {name,
--- arguments}} deltas -> state.tool_calls {id, name, arguments}. The index
--- is the provider's: one past any sane number of calls is garbage, dropped.
+-- arguments}} deltas -> state.tool_calls { {id=, name=, pieces = {...}} }
+-- (policies.ai joins the pieces once the stream ends). A delta without an
+-- index (Gemini's OpenAI-compatible API sends none) is its id's call, a new
+-- one when the id is new, else the last one. An index one past any sane
+-- number of calls is garbage, dropped; the name is sent whole, not in pieces.
 local MAX_STREAMED_CALLS = 128
+local function call_for(state, d)
+  local calls = state.tool_calls or {}
+  state.tool_calls = calls
+  local i = math.tointeger(d.index)
+  if i then
+    if i < 0 or i >= MAX_STREAMED_CALLS then return nil end
+    if not calls[i + 1] then
+      for j = #calls + 1, i + 1 do calls[j] = { pieces = {} } end
+    end
+    return calls[i + 1]
+  end
+  if d.index ~= nil then return nil end
+  if type(d.id) == "string" and d.id ~= "" then
+    for _, c in ipairs(calls) do if c.id == d.id then return c end end
+    if #calls >= MAX_STREAMED_CALLS then return nil end
+    calls[#calls + 1] = { pieces = {} }
+    return calls[#calls]
+  end
+  if #calls == 0 then calls[1] = { pieces = {} } end
+  return calls[#calls]
+end
+
 local function gather_calls(state, deltas)
   for _, d in ipairs(deltas) do
-    local i = type(d) == "table" and math.tointeger(d.index)
-    if i and i >= 0 and i < MAX_STREAMED_CALLS then
-      local calls = state.tool_calls or {}
-      state.tool_calls = calls
-      local c = calls[i + 1]
-      if not c then
-        for j = #calls + 1, i + 1 do calls[j] = { arguments = "" } end
-        c = calls[i + 1]
-      end
+    local c = type(d) == "table" and call_for(state, d)
+    if c then
       local f = type(d["function"]) == "table" and d["function"] or {}
-      if type(d.id) == "string" then c.id = d.id end
-      if type(f.name) == "string" then c.name = (c.name or "") .. f.name end
-      if type(f.arguments) == "string" then c.arguments = c.arguments .. f.arguments end
+      if type(d.id) == "string" and d.id ~= "" then c.id = d.id end
+      if type(f.name) == "string" and f.name ~= "" then c.name = f.name end
+      if type(f.arguments) == "string" and f.arguments ~= "" then
+        c.pieces[#c.pieces + 1] = f.arguments
+        state.extra_bytes = (state.extra_bytes or 0) + #f.arguments
+      end
       state.progress = true
     end
   end
@@ -200,8 +221,17 @@ function openai.event(state, ev)
   local delta = type(choice.delta) == "table" and choice.delta or {}
   if type(delta.tool_calls) == "table" then gather_calls(state, delta.tool_calls) end
   if type(delta.refusal) == "string" and delta.refusal ~= "" then
-    state.refusal = (state.refusal or "") .. delta.refusal
+    local r = state.refusal_pieces or {}
+    state.refusal_pieces = r
+    r[#r + 1] = delta.refusal
+    state.extra_bytes = (state.extra_bytes or 0) + #delta.refusal
     state.progress = true
+  end
+  -- reasoning some compatible servers stream (DeepSeek, vLLM, Qwen): thinking, paid as output
+  local reasoning = delta.reasoning_content or delta.reasoning
+  if type(reasoning) == "string" and reasoning ~= "" then
+    state.thinking = true
+    state.extra_bytes = (state.extra_bytes or 0) + #reasoning
   end
   if type(delta.content) == "string" and delta.content ~= "" then return delta.content, false end
   return nil, false
