@@ -91,6 +91,25 @@ print(t and "reserved" or err.kind, err and ("%g"):format(err.limit))
       assert.are.equal("budget_exceeded\t1\n", again.stdout)
     end)
 
+    -- (before: the new period started from zero, so a day budget made monthly could spend the
+    -- month's limit again on top of what the days had)
+    it("set to another period counts what the ledger holds for the new period so far", function()
+      helpers.write(go, "")
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20))
+      assert.matches("\nteam%s+%$4%.000000%s+day%s+%S+%s+%$1%.500000", cli("budgets").stdout) -- (the script's $1.5 today)
+      assert.are.equal(0, cli("budgets set team --limit 10 --per month").code)
+      assert.matches("\nteam%s+%$10%.000000%s+month%s+%S+%s+%$1%.500000%s+%$0%.000000%s+%$8%.500000", cli("budgets").stdout)
+      assert.are.equal(0, cli("budgets set team --limit 10 --per none").code)
+      assert.matches("\nteam%s+%$10%.000000%s+none%s+%S+%s+%$1%.500000", cli("budgets").stdout)
+      assert.are.equal(0, cli("budgets set team --limit 2 --per day").code)
+      local again = helpers.run_script([[
+local resil = require "resil"
+local t, err = resil.budget("team", { limit = 100, per = "day" }):reserve(1)
+print(t and "reserved" or err.kind)
+]], ("--store '%s' --log-level off"):format(url))
+      assert.are.equal("budget_exceeded\n", again.stdout) -- $1.5 spent today + $1 > $2
+    end)
+
     it("refuses a bad limit or period with a message", function()
       local r = cli("budgets set team --limit lots")
       assert.are.equal(1, r.code)

@@ -326,8 +326,29 @@ function admin.release(s, name, stale)
   return s.backend:budget_release_holds(name, period_of(per, now), stale, now, owner.me().id)
 end
 
+-- when a period kind ("day", "month", "none") starts, in UTC
+local function period_start(per, now)
+  if per == "none" then return nil end
+  local day = math.floor(now) - math.floor(now) % 86400
+  if per == "day" then return day end
+  return day - (os.date("!*t", math.floor(now)).day - 1) * 86400
+end
+
+-- Set a budget's limit and period. A new period kind counts what the ledger
+-- holds for it so far, whatever period each cost was charged under: a
+-- budget of 50/day made 500/month on the 20th starts at the month's spend,
+-- not at zero (it let the month spend 500 on top of what the days had).
 function admin.set(s, name, limit, per)
-  return s.backend:budget_set(name, to_micro(limit), per or "none", store_now())
+  per = per or "none"
+  local now = store_now()
+  local cfg = s.backend:budget_config(name) or {}
+  local before = cfg.limit_micro and cfg.per or cfg.declared_per or "none"
+  local ok, err = s.backend:budget_set(name, to_micro(limit), per, now)
+  if not ok then return nil, err end
+  if before ~= per then
+    return s.backend:budget_carry(name, period_of(per ~= "none" and per or nil, now), period_start(per, now), now)
+  end
+  return true
 end
 
 return admin

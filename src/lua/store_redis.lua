@@ -875,6 +875,18 @@ function R:budget_set(name, micro, per, now)
   return true
 end
 
+-- A budget's period kind changed: its spend in `period` is what the ledger
+-- holds for it since `since` (nil: all of it). (Its open holds stay under the
+-- period they were taken in: at most their hold's time uncounted.)
+function R:budget_carry(budget, period, since)
+  local rows, err = self:cost_query(nil, { budget = budget, since = since })
+  if not rows then return nil, err end
+  local micro = rows[1] and rows[1].micro_usd or 0
+  local ok, serr = self.conn:call("SET", P .. "budget:" .. budget .. ":" .. period .. ":spent", tostring(micro))
+  if ok == nil then return nil, serr end
+  return true
+end
+
 function R:budget_list()
   local names, err = self.conn:call("SMEMBERS", BUDGETS)
   if not names then return nil, err end

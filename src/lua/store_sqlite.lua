@@ -600,6 +600,17 @@ function B:budget_set(name, micro, per, now)
   end)
 end
 
+-- A budget's period kind changed: its costs since `since` (nil: all of them)
+-- and its open holds count in `period` from now on.
+function B:budget_carry(budget, period, since)
+  return self.db:tx(function(tx)
+    tx:exec("UPDATE costs SET period = ? WHERE budget = ? AND at >= ? AND period IS NOT ?", period, budget,
+      since or -math.huge, period)
+    tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND state = 'held'", period, budget)
+    return true
+  end)
+end
+
 -- every budget known: declared, set, or with reservations -> { {name=, limit_micro=, per=, ...}, ... }
 function B:budget_list()
   return self.db:tx(function(tx)
