@@ -810,7 +810,30 @@ end
 -- inside its attempt (a caller that writes nothing before the end keeps its
 -- retries and fallbacks to the last event).
 local RELAY_BACKLOG_MAX = 1024 * 1024
-local function stream_opener(t, req)
+
+-- What an attempt that failed (or was canceled) while its stream opened was
+-- billed, as a refused attempt's stream state: the usage the provider
+-- reported, its output at least what was read (text read to the end,
+-- thinking, tool calls' arguments; about 4 bytes a token) | nil (nothing)
+local function paid_while_opening(req, state, whole)
+  local bytes = (state.extra_bytes or 0)
+  for _, piece in ipairs(whole or {}) do bytes = bytes + #piece end
+  local u = state.usage
+  if not u and bytes == 0 then return nil end
+  local usage = {}
+  for k, v in pairs(u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0,
+    cache_write_tokens = 0 }) do usage[k] = v end
+  local streamed = math.ceil(bytes / 4)
+  if not (type(usage.output_tokens) == "number" and usage.output_tokens >= streamed) then
+    usage.output_tokens, usage.estimated = streamed, true
+  end
+  return { usage = usage, model = state.model, id = state.id }
+end
+
+-- -> opener(): one attempt. `refused`: the target's refused attempts, where
+-- an attempt that fails or is canceled after the provider billed it is put
+-- (recorded with the call's refusals)
+local function stream_opener(t, req, refused)
   local wire = wire_request(t, req, true)
   wire.idle_timeout = t.conf.idle_timeout or 60
   wire.timeout = t.conf.stream_timeout or 600
@@ -827,12 +850,21 @@ local function stream_opener(t, req)
     local events = relay and {} or nil
     local whole = not relay and req.read_whole and {} or nil -- the text read, when read to the end
     local kept = 0
+    local handed = false -- (a stream handed on is recorded by its reader)
+    local _ <close> = setmetatable({}, { __close = function()
+      if handed or not refused then return end
+      local paid = paid_while_opening(req, state, whole)
+      if paid then refused[#refused + 1] = { stream = true, state = paid } end
+    end })
     while true do
       local ev, e = s:read_event()
       if ev == nil then
         s:close()
         if e then return nil, e end
-        if t.adapter.complete(state, true) then return ended_empty(s, state, events, whole) end
+        if t.adapter.complete(state, true) then
+          handed = true
+          return ended_empty(s, state, events, whole)
+        end
         return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
       end
       local delta, done, eerr, ebody = t.adapter.event(state, ev)
@@ -854,11 +886,14 @@ local function stream_opener(t, req)
             s:close()
             return nil, resil.error("protocol", ("%s: the stream ended without its end marker"):format(t.name))
           end
+          handed = true
           return ended_empty(s, state, events, whole)
         end
       elseif delta or (not done and (state.progress or (events and (state.thinking or kept > RELAY_BACKLOG_MAX)))) then
+        handed = true
         return { status = 200, headers = s.headers, stream = s, state = state, first = delta or "", events = events }
       elseif done then
+        handed = true
         return ended_empty(s, state, events)
       end
     end
@@ -921,7 +956,7 @@ local function open(self)
   self.guard = guard
   local strategies = {}
   for i, t in ipairs(targets) do
-    local opener = stream_opener(t, req)
+    local opener = stream_opener(t, req, refused_list(guard, t))
     strategies[i] = { name = t.name, fn = function(_, deadline)
       local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t))
       if res == nil then
@@ -974,7 +1009,8 @@ local function finished(self)
   if self.s then self.s:close() end
   self.s = nil
   local r = stream_result(self)
-  if not r.usage then r.usage = usage_so_far(self, r) end
+  -- (no usage, or only the one a stream reports as it starts: what was streamed counts)
+  if not r.usage or (self.state or {}).usage_partial then r.usage = usage_so_far(self, r) end
   record_cost(r, self.req, self.ticket, "stream")
   add_refusals(self.guard, r)
   if self.cache then cache_put(self.cache, r) end

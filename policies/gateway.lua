@@ -627,6 +627,27 @@ local function openai_chunks(id, model, b)
   return chunk, type(b.stream_options) == "table" and b.stream_options.include_usage and usage_chunk or nil
 end
 
+-- a stream's last event when it breaks, or when a graceful stop cuts it:
+-- an error, without [DONE] (message_stop), so that the client's SDK raises
+local function stream_error(api, message, code)
+  if api == "anthropic" then return sse("error", { type = "error", error = { type = "api_error", message = message } }) end
+  return sse(nil, { error = { message = message, type = "server_error", code = code } })
+end
+local function broken(api, err)
+  return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted")
+end
+
+-- s:next() or s:next_event(), a raise (an event of the provider's that an
+-- adapter could not read) as the stream's error: the client gets its error
+-- event, the stream is closed and recorded, the task does not die mid-reply
+local UNREADABLE = { kind = "stream_interrupted", message = "the upstream's stream could not be read" }
+local function safely(s, method)
+  local ok, a, b = pcall(s[method], s)
+  if ok then return a, b end
+  resil.log.warn("gateway: a stream could not be read", { error = tostring(a) })
+  return nil, UNREADABLE
+end
+
 local function openai_stream(s, first, id, model, b, headers)
   local chunk, usage_chunk = openai_chunks(id, model, b)
   return { status = 200, headers = headers, cut = sse(nil, { error = { message = CUT_MESSAGE, type = "server_error",
@@ -635,13 +656,8 @@ local function openai_stream(s, first, id, model, b, headers)
     write(chunk({ role = "assistant", content = "" }))
     if first then write(chunk({ content = first })) end
     while true do
-      local delta, err = s:next()
-      if err then
-        -- no [DONE]: the client's SDK raises instead of keeping a cut answer
-        write(sse(nil, { error = { message = public_message(err.message or err.kind),
-          type = "server_error", code = err.kind or "stream_interrupted" } }), true)
-        return
-      end
+      local delta, err = safely(s, "next")
+      if err then return write(broken("openai", err), true) end -- (no [DONE]: the client's SDK raises)
       if not delta then break end
       write(chunk({ content = delta }))
     end
@@ -663,18 +679,17 @@ local function anthropic_stream(s, first, id, model, headers, req)
       content_block = { type = "text", text = "" } }))
     local delta, err = first, nil
     while true do
-      if err then
-        -- no message_stop: the client's SDK raises
-        write(sse("error", { type = "error", error = { type = "api_error",
-          message = public_message(err.message or err.kind) } }), true)
-        return
-      end
+      if err then return write(broken("anthropic", err), true) end -- (no message_stop: the client's SDK raises)
       if not delta then break end
       write(sse("content_block_delta", { type = "content_block_delta", index = 0,
         delta = { type = "text_delta", text = delta } }))
-      delta, err = s:next()
+      delta, err = safely(s, "next")
     end
     local r = s:result() or {}
+    if (r.text or "") == "" and type(r.refusal) == "string" then -- (an OpenAI refusal: the text of the answer)
+      write(sse("content_block_delta", { type = "content_block_delta", index = 0,
+        delta = { type = "text_delta", text = r.refusal } }))
+    end
     write(sse("content_block_stop", { type = "content_block_stop", index = 0 }), true)
     -- the usage as counted (message_start's input_tokens was an estimate): the SDK takes these totals
     write(sse("message_delta", { type = "message_delta", delta = { stop_reason = stop_reason_of(r),
@@ -689,15 +704,6 @@ end
 -- OpenAI's usage chunk (the gateway always asks for it, for the ledger) is
 -- left out unless the client asked for it. The last event ([DONE],
 -- message_stop) is given only to a stream that ended complete.
--- a stream's last event when it breaks, or when a graceful stop cuts it:
--- an error, without [DONE] (message_stop), so that the client's SDK raises
-local function stream_error(api, message, code)
-  if api == "anthropic" then return sse("error", { type = "error", error = { type = "api_error", message = message } }) end
-  return sse(nil, { error = { message = message, type = "server_error", code = code } })
-end
-local function broken(api, err)
-  return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted")
-end
 
 -- an event's data as SSE data lines (data of several lines came as several "data:" lines)
 local function one_line(data)
@@ -713,7 +719,7 @@ local function own_stream(s, api, id, b, headers)
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
     while true do
-      local ev, data = s:next_event()
+      local ev, data = safely(s, "next_event")
       if not ev then
         if data then write(broken(api, data), true) end
         return
@@ -802,7 +808,7 @@ local function whole_stream(s, api, id, b, headers)
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s
     while true do
-      local delta, err = s:next()
+      local delta, err = safely(s, "next")
       if err then return write(broken(api, err), true) end
       if not delta then break end
     end
@@ -958,7 +964,14 @@ function complete_admitted(req, api, id, rec, slot)
   r.user = rec.name
   -- the betas an Anthropic client turns on go to Anthropic only (a fallback elsewhere has none)
   local beta = api == "anthropic" and req.headers["anthropic-beta"]
-  if beta and beta ~= "" then r.provider_headers = { anthropic = { ["anthropic-beta"] = beta } } end
+  if beta and beta ~= "" then
+    -- (a long context is billed at its own prices, which the ledger does not know: as service_tier)
+    if beta:find("context-1m", 1, true) then
+      return with_id(error_reply(api, 400, "anthropic-beta context-1m is not served: the gateway prices standard "
+        .. "context only"), id)
+    end
+    r.provider_headers = { anthropic = { ["anthropic-beta"] = beta } }
+  end
   r.ledger_sync, r.ledger_wait = gateway.config.ledger_sync, gateway.config.ledger_wait
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
   local limited = key_limits(rec, api, math.ceil(#req.body / 4) + (r.max_tokens or 0))
@@ -981,7 +994,14 @@ function complete_admitted(req, api, id, rec, slot)
     local opened, first, err = pcall(s.next, s)
     if not opened then
       if host_failure(first) then error(first, 0) end
-      return with_id(error_reply(api, 400, tostring(first)), id) -- (as ai.chat's: a body no provider can be sent)
+      -- a body no provider can be sent is the client's 400 (as ai.chat's); anything else, a provider's
+      -- event an adapter could not read, is a 502 that does not show the gateway's own error
+      local text = tostring(first)
+      if text:find("serialise", 1, true) or text:find("nesting", 1, true) then
+        return with_id(error_reply(api, 400, public_message((text:gsub("^[^:]*:%d+: ", "")))), id)
+      end
+      resil.log.warn("gateway: a stream could not be opened", { error = text })
+      return with_id(error_reply(api, 502, UNREADABLE.message, { code = "bad_upstream_stream" }), id)
     end
     if err then return with_id(ai_error_reply(api, err), id) end
     local t = s.target or {}

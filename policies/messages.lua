@@ -142,31 +142,38 @@ end
 function messages.openai(req)
   local out = {}
   if req.system then out[1] = { role = "system", content = text_of(req.system) } end
-  local merged -- the last assistant message translated here: a next one joins it (one turn, as Anthropic reads it)
+  -- the last assistant message translated here and its texts: a next one joins it (one turn,
+  -- as Anthropic reads it; the texts joined once, not one concatenation per message)
+  local merged, texts
+  local function close_turn()
+    if not merged then return end
+    local text = table.concat(texts)
+    merged.content = (text ~= "" or not merged.tool_calls) and text or nil
+    merged, texts = nil, nil
+  end
   for _, m in ipairs(req.messages) do
     if openai_ready(m.content) then
+      close_turn()
       out[#out + 1] = m
-      merged = nil
     elseif m.role == "assistant" then
       local a = assistant_to_openai(m)
-      if merged then
-        if is_text(a.content) and a.content ~= "" then
-          merged.content = (is_text(merged.content) and merged.content or "") .. a.content
-        end
+      if not merged then
+        out[#out + 1] = a
+        merged, texts = a, {}
+      end
+      if is_text(a.content) and a.content ~= "" then texts[#texts + 1] = a.content end
+      if merged ~= a then
         for _, c in ipairs(a.tool_calls or {}) do
           merged.tool_calls = merged.tool_calls or {}
           merged.tool_calls[#merged.tool_calls + 1] = c
         end
-        if merged.tool_calls and merged.content == "" then merged.content = nil end
-      else
-        out[#out + 1] = a
-        merged = a
       end
     else
+      close_turn()
       user_to_openai(m, out)
-      merged = nil
     end
   end
+  close_turn()
   return out
 end
 

@@ -1725,11 +1725,18 @@ describe("gateway: the client's own API's fields and answers", function()
           usage = { prompt_tokens = 3, completion_tokens = 1, total_tokens = 4 } }) }
       end } })
     local res = post(url .. "/v1/messages", { model = "claude", max_tokens = 20, messages = MSGS },
-      { ["anthropic-beta"] = "context-1m-2025-08-07" })
+      { ["anthropic-beta"] = "interleaved-thinking-2025-05-14" })
     assert.are.equal(200, res.status, res.body) -- (fallen back to OpenAI)
     assert.is_true(#seen > 0)
-    for _, h in ipairs(seen) do assert.are.equal("context-1m-2025-08-07", h) end
+    for _, h in ipairs(seen) do assert.are.equal("interleaved-thinking-2025-05-14", h) end
     assert.are.same({ "none" }, to_openai)
+    -- a beta billed at prices the ledger does not know is refused before any call
+    local n = #seen
+    res = post(url .. "/v1/messages", { model = "claude", max_tokens = 20, messages = MSGS },
+      { ["anthropic-beta"] = "context-1m-2025-08-07" })
+    assert.are.equal(400, res.status)
+    assert.matches("context-1m", json.decode(res.body).error.message, 1, true)
+    assert.are.equal(n, #seen)
   end)
 
   it("a streamed request with a body no provider can be sent is a 400, not a 500", function()
@@ -1844,5 +1851,85 @@ describe("gateway: streams across APIs and from unusual providers", function()
     local m = json.decode(res.body)
     assert.are.equal("refusal", m.stop_reason)
     assert.are.equal("I can't help with that.", m.content[1].text)
+  end)
+end)
+
+describe("gateway: what a stream read while it opens was billed", function()
+  local ledger = function() return assert(resil.cost.breakdown("provider")) end
+  local function rows()
+    local n = 0
+    for _, g in ipairs(ledger()) do n = n + g.calls end
+    return n
+  end
+
+  -- (before: a stream read to its end while it opened and cut, or left by its client, had no row)
+  it("a translated stream with tools whose client leaves is recorded, with what it streamed", function()
+    -- 1,500 words streamed, then nothing: the stream is still being read to its end when the client leaves
+    local url, m = start({ strict = true, reply = ("word "):rep(2000), stream_interval = 0,
+      sequence = { chat = { { kind = "stall", after = 1500 } } } })
+    local res = http.request({ method = "POST", url = url .. "/v1/messages", timeout = 1,
+      headers = { ["content-type"] = "application/json" }, body = json.encode({ model = "openai/gpt-4o-mini",
+        max_tokens = 4000, messages = MSGS, stream = true, tools = { { name = "save", input_schema = { type = "object" } } } }) })
+    assert.is_nil(res) -- (the client gave up)
+    assert.are.equal(1, m:stats().routes.chat)
+    assert.is_true(helpers.wait_until(function() return rows() >= 1 end, 10))
+    local usd = ledger()[1].usd
+    assert.is_true(usd >= require("policies.pricing").cost("openai", "gpt-4o-mini", { input_tokens = 0,
+      output_tokens = 1500 }), tostring(usd))
+  end)
+
+  it("an attempt cut while it was read to its end is recorded, then retried", function()
+    local calls = 0
+    local url = start({ routes = { ["POST /v1/chat/completions"] = function()
+      calls = calls + 1
+      local body = streams.openai({ content = ("word "):rep(400), usage = { prompt_tokens = 5, completion_tokens = 400 } })
+      if calls == 1 then body = body:sub(1, #body // 2) end
+      return streams.reply(body)
+    end } })
+    local evs, err = events_of(url .. "/v1/messages", { model = "openai/gpt-4o-mini", max_tokens = 2000, messages = MSGS,
+      stream = true, tools = { { name = "save", input_schema = { type = "object" } } } })
+    assert.is_nil(err)
+    assert.are.equal("message_stop", evs[#evs].event)
+    assert.are.equal(2, calls)
+    assert.is_true(helpers.wait_until(function() return rows() >= 2 end, 10), tostring(rows()))
+  end)
+
+  it("an Anthropic error event the adapter did not expect is retried and fallen back from, not a 400", function()
+    local url = start({ routes = { ["POST /v1/messages"] = function()
+      return streams.reply('event: error\ndata: {"type":"error","error":true}\n\n')
+    end } })
+    local evs, err = events_of(url .. "/v1/messages", { model = "claude", max_tokens = 20, messages = MSGS, stream = true })
+    assert.is_nil(err)
+    assert.are.equal("message_stop", evs[#evs].event) -- (served by the fallback, OpenAI)
+  end)
+
+  it("an OpenAI refusal streamed to an Anthropic client is its text", function()
+    local url = start({ routes = { ["POST /v1/chat/completions"] = function()
+      return streams.reply(streams.openai({ refusal = "I can't help with that." }))
+    end } })
+    local evs = events_of(url .. "/v1/messages", { model = "openai/gpt-4o-mini", max_tokens = 20, messages = MSGS,
+      stream = true })
+    local text, stop = {}, nil
+    for _, ev in ipairs(evs) do
+      local d = json.decode(ev.data)
+      if d.type == "content_block_delta" then text[#text + 1] = d.delta.text end
+      if d.type == "message_delta" then stop = d.delta.stop_reason end
+    end
+    assert.are.equal("I can't help with that.", table.concat(text))
+    assert.are.equal("refusal", stop)
+  end)
+
+  it("an Anthropic stream that ends without message_delta is recorded with what it streamed", function()
+    local url = start({ routes = { ["POST /v1/messages"] = function()
+      local body = streams.anthropic({ content = ("word "):rep(400) })
+      return streams.reply((body:gsub("event: message_delta\ndata: [^\n]*\n\n", "")))
+    end } })
+    local evs = events_of(url .. "/v1/messages", { model = "anthropic/claude-sonnet-4-5-20250929", max_tokens = 2000,
+      messages = MSGS, stream = true })
+    assert.are.equal("message_stop", evs[#evs].event)
+    assert.is_true(helpers.wait_until(function() return rows() >= 1 end, 10))
+    local usd = ledger()[1].usd
+    assert.is_true(usd >= require("policies.pricing").cost("anthropic", "claude-sonnet-4-5-20250929",
+      { input_tokens = 0, output_tokens = 400 }), tostring(usd))
   end)
 end)

@@ -163,12 +163,14 @@ function anthropic.event(state, ev)
     state.id, state.model = m.id, m.model
     state.raw_usage = type(m.usage) == "table" and m.usage or nil
     state.usage = anthropic.usage(state.raw_usage)
+    state.usage_partial = true -- (its output count is a placeholder until message_delta's)
   elseif t == "message_delta" then
     -- its usage is cumulative: the totals so far replace, never add
     local u = state.raw_usage or {}
     for k, v in pairs(type(data.usage) == "table" and data.usage or {}) do u[k] = v end
     state.raw_usage = u
     state.usage = anthropic.usage(u)
+    if type(data.usage) == "table" then state.usage_partial = nil end
     local stop = type(data.delta) == "table" and data.delta.stop_reason
     if stop and stop ~= json.null then state.finish_reason, state.stop_reason = FINISH[stop] or stop, stop end
     local seq = type(data.delta) == "table" and data.delta.stop_sequence
@@ -177,7 +179,7 @@ function anthropic.event(state, ev)
     state.stopped = true
     return nil, true
   elseif t == "error" then
-    local e = data.error or {}
+    local e = type(data.error) == "table" and data.error or {}
     return nil, false, tostring(e.message or e.type or "error event"), data
   end
   return nil, false
