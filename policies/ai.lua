@@ -1018,6 +1018,26 @@ local function finished(self)
   return nil
 end
 
+-- The open stream's next event, read through its adapter (its text kept):
+-- -> ev, delta, done (a complete end marker) | false, the stream's end as
+-- finished() or interrupted() gives it (nil | nil, err)
+local function read_next(self)
+  local adapter = self.target.adapter
+  local ev, err = self.s:read_event()
+  if ev == nil then
+    if err then return false, interrupted(self, tostring(err.message or err), err) end
+    if adapter.complete(self.state, true) then return false, finished(self) end
+    return false, interrupted(self, "the stream ended without its end marker")
+  end
+  local delta, done, eerr, ebody = adapter.event(self.state, ev)
+  if eerr then return false, interrupted(self, "error event: " .. eerr, ebody) end
+  if delta then self.parts[#self.parts + 1] = delta end
+  if done and not adapter.complete(self.state, true) then
+    return false, interrupted(self, "the stream ended without its end marker")
+  end
+  return ev, delta, done
+end
+
 -- s:next() -> the next delta | nil at the end | nil, err
 function Stream:next()
   if self.done then return nil, self.err end
@@ -1031,24 +1051,11 @@ function Stream:next()
     if first or err or self.done then return first, err end
     return finished(self)
   end
-  local adapter = self.target.adapter
   while true do
-    local ev, err = self.s:read_event()
-    if ev == nil then
-      if err then return interrupted(self, tostring(err.message or err), err) end
-      if adapter.complete(self.state, true) then return finished(self) end
-      return interrupted(self, "the stream ended without its end marker")
-    end
-    local delta, done, eerr, ebody = adapter.event(self.state, ev)
-    if eerr then return interrupted(self, "error event: " .. eerr, ebody) end
-    if delta then
-      self.parts[#self.parts + 1] = delta
-      return delta
-    end
-    if done then
-      if adapter.complete(self.state, true) then return finished(self) end
-      return interrupted(self, "the stream ended without its end marker")
-    end
+    local ev, delta, done = read_next(self)
+    if ev == false then return delta, done end -- (the stream's end: nil | nil, err)
+    if delta then return delta end
+    if done then return finished(self) end
   end
 end
 
@@ -1071,23 +1078,11 @@ function Stream:next_event()
     return e[1], e[2]
   end
   if self.done then return nil, self.err end
-  local adapter = self.target.adapter
-  local ev, err = self.s:read_event()
-  if ev == nil then
-    if err then return interrupted(self, tostring(err.message or err), err) end
-    if adapter.complete(self.state, true) then return finished(self) end
-    return interrupted(self, "the stream ended without its end marker")
-  end
-  local delta, done, eerr, ebody = adapter.event(self.state, ev)
-  if eerr then return interrupted(self, "error event: " .. eerr, ebody) end
-  if delta then self.parts[#self.parts + 1] = delta end
-  if done then
-    if not adapter.complete(self.state, true) then return interrupted(self, "the stream ended without its end marker") end
-    local decoded = self.state.decoded
-    finished(self)
-    return ev, decoded
-  end
-  return ev, self.state.decoded
+  local ev, _, done = read_next(self)
+  if ev == false then return nil, done end -- (the stream's end: nil | nil, err)
+  local decoded = self.state.decoded
+  if done then finished(self) end
+  return ev, decoded
 end
 
 -- for delta in s do ... end: a stream that fails raises its error (a table

@@ -146,6 +146,17 @@ local function check_source(b, where)
   end
 end
 
+-- a tool_use of the turn before (at index `turn`) that this turn did not answer -> the API's message | nil
+local function unanswered_use(uses, answered, turn)
+  for id in pairs(uses) do
+    if not answered[id] then
+      return ("messages.%d: `tool_use` ids were found without `tool_result` blocks immediately after: %s. "
+        .. "Each `tool_use` block must have a corresponding `tool_result` block in the next message.")
+        :format(turn - 1, id)
+    end
+  end
+end
+
 -- wire.anthropic_messages(messages) -> nil | message. Consecutive messages of
 -- one role are one turn, as the API combines them.
 function wire.anthropic_messages(messages)
@@ -158,15 +169,8 @@ function wire.anthropic_messages(messages)
   for i, m in ipairs(messages) do
     if m.role ~= role then
       -- a turn that follows tool_use must answer each of them
-      if role == "user" and next(prev_uses) then
-        for id in pairs(prev_uses) do
-          if not answered[id] then
-            return ("messages.%d: `tool_use` ids were found without `tool_result` blocks immediately after: %s. "
-              .. "Each `tool_use` block must have a corresponding `tool_result` block in the next message.")
-              :format(prev_turn - 1, id)
-          end
-        end
-      end
+      local bad = role == "user" and unanswered_use(prev_uses, answered, prev_turn)
+      if bad then return bad end
       close_turn()
       role, uses, turn_start, answered = m.role, {}, i, {}
     end
@@ -215,16 +219,7 @@ function wire.anthropic_messages(messages)
       end
     end
   end
-  if role == "user" and next(prev_uses) then
-    for id in pairs(prev_uses) do
-      if not answered[id] then
-        return ("messages.%d: `tool_use` ids were found without `tool_result` blocks immediately after: %s. "
-          .. "Each `tool_use` block must have a corresponding `tool_result` block in the next message.")
-          :format(prev_turn - 1, id)
-      end
-    end
-  end
-  return nil
+  return role == "user" and unanswered_use(prev_uses, answered, prev_turn) or nil
 end
 
 return wire
