@@ -814,12 +814,14 @@ local RELAY_BACKLOG_MAX = 1024 * 1024
 -- What an attempt that failed (or was canceled) while its stream opened was
 -- billed, as a refused attempt's stream state: the usage the provider
 -- reported, its output at least what was read (text read to the end,
--- thinking, tool calls' arguments; about 4 bytes a token) | nil (nothing)
+-- thinking, tool calls' arguments; about 4 bytes a token) | nil (no output
+-- read: an overloaded Anthropic stream, message_start then an error event,
+-- is not a charge of its input, four times over with the retries)
 local function paid_while_opening(req, state, whole)
   local bytes = (state.extra_bytes or 0)
   for _, piece in ipairs(whole or {}) do bytes = bytes + #piece end
+  if bytes == 0 then return nil end
   local u = state.usage
-  if not u and bytes == 0 then return nil end
   local usage = {}
   for k, v in pairs(u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0,
     cache_write_tokens = 0 }) do usage[k] = v end

@@ -833,6 +833,9 @@ describe("streams", function()
     assert.are.equal("one two", table.concat(text))
     assert.are.equal("openai", assert(s:result()).provider)
     assert.are.equal(4, m:stats().routes.messages) -- overloaded: the try and 3 retries
+    -- nothing streamed before each error: no output, no refused charge (the answer's row only)
+    assert.are.equal(1, ledger_rows())
+    assert.is_true(math.abs(assert(s:result()).cost_usd - resil.cost.total({})) < 1e-6) -- (the ledger keeps micro-USD)
   end)
 
   it("a stream cut before its first delta is retried", function()
