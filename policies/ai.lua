@@ -262,27 +262,24 @@ local function check_request(req, level)
   if req.cache ~= nil and (type(req.cache) ~= "table" or type(req.cache.ttl) ~= "number") then
     error("ai: cache must be {ttl = seconds}", level + 1)
   end
-  if req.provider_headers ~= nil then
-    if type(req.provider_headers) ~= "table" then
-      error("ai: provider_headers must be a table of {wire format = {header = value}}", level + 1)
-    end
-    for k, v in pairs(req.provider_headers) do
-      if type(v) ~= "table" then error(("ai: provider_headers.%s must be a table"):format(tostring(k)), level + 1) end
+  -- per wire format: { openai = {...}, anthropic = {...} }, each entry checked by `each(name, value)`
+  local function per_format(field, what, each)
+    local t = req[field]
+    if t == nil then return end
+    if type(t) ~= "table" then error(("ai: %s must be a table of {wire format = {%s}}"):format(field, what), level + 2) end
+    for k, v in pairs(t) do
+      if type(v) ~= "table" then error(("ai: %s.%s must be a table"):format(field, tostring(k)), level + 2) end
       for name, value in pairs(v) do
-        if type(name) ~= "string" or type(value) ~= "string" or value:find("[\r\n%z]") then
-          error(("ai: provider_headers.%s: each header is a name and a one-line string"):format(tostring(k)), level + 1)
+        if each and not each(name, value) then
+          error(("ai: %s.%s: each %s"):format(field, tostring(k), what), level + 2)
         end
       end
     end
   end
-  if req.provider_options ~= nil then
-    if type(req.provider_options) ~= "table" then
-      error("ai: provider_options must be a table of {wire format = {field = value}}", level + 1)
-    end
-    for k, v in pairs(req.provider_options) do
-      if type(v) ~= "table" then error(("ai: provider_options.%s must be a table"):format(tostring(k)), level + 1) end
-    end
-  end
+  per_format("provider_headers", "header = a one-line string", function(name, value)
+    return type(name) == "string" and type(value) == "string" and not value:find("[\r\n%z]")
+  end)
+  per_format("provider_options", "field = value")
 end
 
 -- the request a target gets: the call's, with a fallback entry's own fields over it
@@ -787,10 +784,23 @@ local function read_all(s)
   return table.concat(parts)
 end
 
--- A stream that ended before any text: as ai.chat's empty answer, invalid
--- output (retried, fallen back from), unless it stopped at max_tokens or
--- called tools (the caller's validate reads `empty`)
-local function ended_empty(s, state, events, whole)
+-- A stream's usage with its output at least `bytes` streamed (about 4 bytes
+-- a token), the input estimated when the provider reported none: -> u
+-- (the table given, changed) or a new one
+local function with_streamed_output(u, req, bytes)
+  u = u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0, cache_write_tokens = 0 }
+  local streamed = math.ceil(bytes / 4)
+  if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
+    u.output_tokens, u.estimated = streamed, true
+  end
+  return u
+end
+
+-- A stream that ended while it opened: with no text, as ai.chat's empty
+-- answer, invalid output (retried, fallen back from), unless it stopped at
+-- max_tokens or called tools or refused (the caller's validate reads
+-- `empty`); read to its end (req.read_whole), its text
+local function ended_stream(s, state, events, whole)
   s:close()
   local text = whole and table.concat(whole) or ""
   return { status = 200, headers = s.headers, stream = true, state = state, ended = true, events = events,
@@ -821,15 +831,12 @@ local function paid_while_opening(req, state, whole)
   local bytes = (state.extra_bytes or 0)
   for _, piece in ipairs(whole or {}) do bytes = bytes + #piece end
   if bytes == 0 then return nil end
-  local u = state.usage
-  local usage = {}
-  for k, v in pairs(u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0,
-    cache_write_tokens = 0 }) do usage[k] = v end
-  local streamed = math.ceil(bytes / 4)
-  if not (type(usage.output_tokens) == "number" and usage.output_tokens >= streamed) then
-    usage.output_tokens, usage.estimated = streamed, true
+  local usage -- (a copy: the state keeps the provider's word)
+  if state.usage then
+    usage = {}
+    for k, v in pairs(state.usage) do usage[k] = v end
   end
-  return { usage = usage, model = state.model, id = state.id }
+  return { usage = with_streamed_output(usage, req, bytes), model = state.model, id = state.id }
 end
 
 -- -> opener(): one attempt. `refused`: the target's refused attempts, where
@@ -865,7 +872,7 @@ local function stream_opener(t, req, refused)
         if e then return nil, e end
         if t.adapter.complete(state, true) then
           handed = true
-          return ended_empty(s, state, events, whole)
+          return ended_stream(s, state, events, whole)
         end
         return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
       end
@@ -889,14 +896,14 @@ local function stream_opener(t, req, refused)
             return nil, resil.error("protocol", ("%s: the stream ended without its end marker"):format(t.name))
           end
           handed = true
-          return ended_empty(s, state, events, whole)
+          return ended_stream(s, state, events, whole)
         end
       elseif delta or (not done and (state.progress or (events and (state.thinking or kept > RELAY_BACKLOG_MAX)))) then
         handed = true
         return { status = 200, headers = s.headers, stream = s, state = state, first = delta or "", events = events }
       elseif done then
         handed = true
-        return ended_empty(s, state, events)
+        return ended_stream(s, state, events)
       end
     end
   end
@@ -928,15 +935,8 @@ end
 -- Anthropic stream reports output_tokens = 1 in its message_start, and a cut
 -- one was recorded as one token whatever it had streamed.
 local function usage_so_far(self, r)
-  local u = r.usage or { input_tokens = math.ceil(#json.encode(self.req.messages) / 4), cached_input_tokens = 0,
-    cache_write_tokens = 0 }
   -- (tool calls' arguments, a refusal and thinking are output too: a stream cut in them is paid for them)
-  local streamed = math.ceil((#r.text + ((self.state or {}).extra_bytes or 0)) / 4)
-  if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
-    u.output_tokens = streamed
-    u.estimated = true
-  end
-  return u
+  return with_streamed_output(r.usage, self.req, #r.text + ((self.state or {}).extra_bytes or 0))
 end
 
 local function open(self)

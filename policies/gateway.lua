@@ -650,8 +650,8 @@ end
 
 local function openai_stream(s, first, id, model, b, headers)
   local chunk, usage_chunk = openai_chunks(id, model, b)
-  return { status = 200, headers = headers, cut = sse(nil, { error = { message = CUT_MESSAGE, type = "server_error",
-    code = "gateway_stopping" } }), stream = function(write)
+  return { status = 200, headers = headers, cut = stream_error("openai", CUT_MESSAGE, "gateway_stopping"),
+    stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
     write(chunk({ role = "assistant", content = "" }))
     if first then write(chunk({ content = first })) end
@@ -669,8 +669,8 @@ local function openai_stream(s, first, id, model, b, headers)
 end
 
 local function anthropic_stream(s, first, id, model, headers, req)
-  return { status = 200, headers = headers, cut = sse("error", { type = "error", error = { type = "api_error",
-    message = CUT_MESSAGE } }), stream = function(write)
+  return { status = 200, headers = headers, cut = stream_error("anthropic", CUT_MESSAGE, "gateway_stopping"),
+    stream = function(write)
     local _ <close> = s
     write(sse("message_start", { type = "message_start", message = { id = "msg_" .. id, type = "message",
       role = "assistant", model = model, content = setmetatable({}, json.array_mt), stop_reason = null,
@@ -698,13 +698,6 @@ local function anthropic_stream(s, first, id, model, headers, req)
   end }
 end
 
--- The stream of a provider of the client's own API: its events as the
--- provider sent them (thinking and its signatures, tool-call deltas,
--- logprobs, citations), with the gateway's id and the model the client named.
--- OpenAI's usage chunk (the gateway always asks for it, for the ledger) is
--- left out unless the client asked for it. The last event ([DONE],
--- message_stop) is given only to a stream that ended complete.
-
 -- an event's data as SSE data lines (data of several lines came as several "data:" lines)
 local function one_line(data)
   data = tostring(data)
@@ -712,6 +705,12 @@ local function one_line(data)
   return data
 end
 
+-- The stream of a provider of the client's own API: its events as the
+-- provider sent them (thinking and its signatures, tool-call deltas,
+-- logprobs, citations), with the gateway's id and the model the client named.
+-- OpenAI's usage chunk (the gateway always asks for it, for the ledger) is
+-- left out unless the client asked for it. The last event ([DONE],
+-- message_stop) is given only to a stream that ended complete.
 local function own_stream(s, api, id, b, headers)
   local openai = api ~= "anthropic"
   local with_usage = type(b.stream_options) == "table" and b.stream_options.include_usage == true
@@ -753,11 +752,8 @@ local function own_stream(s, api, id, b, headers)
   end }
 end
 
--- A stream from the other API whose request carries tools (or a JSON
--- schema, whose refusal a text stream cannot carry) is read to its end and
--- written as the events of that whole answer: its tool calls are not
--- translated delta by delta. The client's SDK builds the same message from
--- these events as from the provider's own.
+-- A whole answer written as the events of a stream: the client's SDK builds
+-- the same message from these as from the provider's own
 local function openai_answer_stream(res, id, model, b, headers)
   local chunk, usage_chunk = openai_chunks(id, model, b)
   return { status = 200, headers = headers, stream = function(write)
@@ -803,7 +799,10 @@ local function anthropic_answer_stream(res, id, model, headers)
   end }
 end
 
-
+-- A stream from the other API whose request carries tools (or a JSON
+-- schema, whose refusal a text stream cannot carry), read to its end
+-- (req.read_whole) and written as the events of that whole answer: its tool
+-- calls are not translated delta by delta
 local function whole_stream(s, api, id, b, headers)
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s

@@ -28,7 +28,6 @@ local function text_of(content, sep)
   end
   return table.concat(parts, sep or "\n")
 end
-messages.text_of = text_of
 
 ---------------------------------------------------------------------------
 -- to OpenAI

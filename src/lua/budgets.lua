@@ -318,12 +318,15 @@ function admin.show(s, name)
 end
 
 -- release a budget's holds in its current period (stale: only those whose owner is gone) -> how many
-function admin.release(s, name, stale)
+-- the period kind a budget's stored settings put in force: the command line's, else the script's
+local function per_in_force(s, name)
   local cfg = s.backend:budget_config(name) or {}
-  local per = cfg.limit_micro and cfg.per or cfg.declared_per
-  if per == "none" then per = nil end
+  return cfg.limit_micro and cfg.per or cfg.declared_per or "none"
+end
+
+function admin.release(s, name, stale)
   local now = store_now()
-  return s.backend:budget_release_holds(name, period_of(per, now), stale, now, owner.me().id)
+  return s.backend:budget_release_holds(name, period_of(per_in_force(s, name), now), stale, now, owner.me().id)
 end
 
 -- when a period kind ("day", "month", "none") starts, in UTC
@@ -341,14 +344,8 @@ end
 function admin.set(s, name, limit, per)
   per = per or "none"
   local now = store_now()
-  local cfg = s.backend:budget_config(name) or {}
-  local before = cfg.limit_micro and cfg.per or cfg.declared_per or "none"
-  local ok, err = s.backend:budget_set(name, to_micro(limit), per, now)
-  if not ok then return nil, err end
-  if before ~= per then
-    return s.backend:budget_carry(name, period_of(per ~= "none" and per or nil, now), period_start(per, now), now)
-  end
-  return true
+  local carry = per_in_force(s, name) ~= per and { period = period_of(per, now), since = period_start(per, now) } or nil
+  return s.backend:budget_set(name, to_micro(limit), per, now, carry)
 end
 
 return admin

@@ -868,22 +868,26 @@ function R:budget_declare(name, micro, per, now)
   return true
 end
 
-function R:budget_set(name, micro, per, now)
-  local ok, err = self.conn:call("HSET", BUDGETS .. ":" .. name, "limit", micro, "per", per, "set_at", fmt_time(now))
-  if ok == nil then return nil, err end
-  self.conn:call("SADD", BUDGETS, name)
-  return true
-end
-
--- A budget's period kind changed: its spend in `period` is what the ledger
--- holds for it since `since` (nil: all of it). (Its open holds stay under the
+-- (carry: the period kind changed; {period=, since=}: the period's spend is
+-- what the ledger holds for the budget since `since`, nil for all of it,
+-- written with the settings in one script. Its open holds stay under the
 -- period they were taken in: at most their hold's time uncounted.)
-function R:budget_carry(budget, period, since)
-  local rows, err = self:cost_query(nil, { budget = budget, since = since })
-  if not rows then return nil, err end
-  local micro = rows[1] and rows[1].micro_usd or 0
-  local ok, serr = self.conn:call("SET", P .. "budget:" .. budget .. ":" .. period .. ":spent", tostring(micro))
-  if ok == nil then return nil, serr end
+-- KEYS: settings, names, the period's spent counter (or none); ARGV: name, limit, per, set_at, spent
+scripts.budget_set = [[
+redis.call('HSET', KEYS[1], 'limit', ARGV[2], 'per', ARGV[3], 'set_at', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[1])
+if KEYS[3] then redis.call('SET', KEYS[3], ARGV[5]) end
+return 1
+]]
+function R:budget_set(name, micro, per, now, carry)
+  local keys, spent = { BUDGETS .. ":" .. name, BUDGETS }, "0"
+  if carry then
+    local rows, err = self:cost_query(nil, { budget = name, since = carry.since })
+    if not rows then return nil, err end
+    keys[3], spent = P .. "budget:" .. name .. ":" .. carry.period .. ":spent", tostring(rows[1] and rows[1].micro_usd or 0)
+  end
+  local ok, err = self:script("budget_set", keys, name, micro, per, fmt_time(now), spent)
+  if ok == nil then return nil, err end
   return true
 end
 

@@ -591,22 +591,20 @@ function B:budget_declare(name, micro, per, now)
 end
 
 -- the limit set from the command line: every process reserves against it
-function B:budget_set(name, micro, per, now)
+-- (carry: the period kind changed; {period=, since=}: the budget's costs
+-- since `since`, nil for all, and its open holds count in `period` from now
+-- on: in the same transaction, so a process killed between the two cannot
+-- leave the new period without the spend it carries)
+function B:budget_set(name, micro, per, now, carry)
   return self.db:tx(function(tx)
     tx:exec("INSERT INTO budgets (name, limit_micro, per, set_at) VALUES (?, ?, ?, ?) " ..
             "ON CONFLICT (name) DO UPDATE SET limit_micro = excluded.limit_micro, per = excluded.per, " ..
             "set_at = excluded.set_at", name, micro, per, now)
-    return true
-  end)
-end
-
--- A budget's period kind changed: its costs since `since` (nil: all of them)
--- and its open holds count in `period` from now on.
-function B:budget_carry(budget, period, since)
-  return self.db:tx(function(tx)
-    tx:exec("UPDATE costs SET period = ? WHERE budget = ? AND at >= ? AND period IS NOT ?", period, budget,
-      since or -math.huge, period)
-    tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND state = 'held'", period, budget)
+    if carry then
+      tx:exec("UPDATE costs SET period = ? WHERE budget = ? AND at >= ? AND period IS NOT ?", carry.period, name,
+        carry.since or -math.huge, carry.period)
+      tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND state = 'held'", carry.period, name)
+    end
     return true
   end)
 end
