@@ -549,6 +549,52 @@ local function any_refused(g)
   return false
 end
 
+-- A stream's usage with its output at least `bytes` streamed (about 4 bytes
+-- a token), the input estimated when the provider reported none: -> u
+-- (the table given, changed) or a new one
+local function with_streamed_output(u, req, bytes)
+  u = u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0, cache_write_tokens = 0 }
+  local streamed = math.ceil(bytes / 4)
+  if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
+    u.output_tokens, u.estimated = streamed, true
+  end
+  return u
+end
+
+-- What an attempt that failed (or was canceled) while its stream opened was
+-- billed, as a refused attempt's stream state: the usage the provider
+-- reported, its output at least what was read (text read to the end,
+-- thinking, tool calls' arguments; about 4 bytes a token) | nil (no output
+-- read: an overloaded Anthropic stream, message_start then an error event,
+-- is not a charge of its input, four times over with the retries)
+local function paid_while_opening(req, state, whole)
+  local bytes = (state.extra_bytes or 0)
+  for _, piece in ipairs(whole or {}) do bytes = bytes + #piece end
+  if bytes == 0 then return nil end
+  local usage -- (a copy: the state keeps the provider's word)
+  if state.usage then
+    usage = {}
+    for k, v in pairs(state.usage) do usage[k] = v end
+  end
+  return { usage = with_streamed_output(usage, req, bytes), model = state.model, id = state.id }
+end
+
+-- A stream an attempt opened (list.opened) belongs to the call until
+-- open() takes it over. A cancel in between (while a migration's outcome is
+-- written, or a deadline's child task hands it back) closes it upstream and
+-- records what it was billed, as an attempt refused after it opened.
+local function give_up_opened(g)
+  for _, list in ipairs(g.refused) do
+    local res = list.opened
+    if res then
+      list.opened = nil
+      if type(res.stream) == "table" then res.stream:close() end
+      local paid = paid_while_opening(g.req, res.state or {}, { res.first or res.text or "" })
+      if paid then list[#list + 1] = { stream = true, state = paid } end
+    end
+  end
+end
+
 -- A call's guard: a call canceled between its reservation and its settle (a
 -- client that gave up, a deadline) must not leave its hold until it expires,
 -- and records the attempts it had refused. __close runs at the cancel,
@@ -558,6 +604,7 @@ end
 -- ignores the release.
 local call_guard_mt = { __close = function(g)
   if g.done then return end
+  give_up_opened(g)
   if any_refused(g) then resil.spawn(record_refusals, g) end
   if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
 end }
@@ -784,18 +831,6 @@ local function read_all(s)
   return table.concat(parts)
 end
 
--- A stream's usage with its output at least `bytes` streamed (about 4 bytes
--- a token), the input estimated when the provider reported none: -> u
--- (the table given, changed) or a new one
-local function with_streamed_output(u, req, bytes)
-  u = u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0, cache_write_tokens = 0 }
-  local streamed = math.ceil(bytes / 4)
-  if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
-    u.output_tokens, u.estimated = streamed, true
-  end
-  return u
-end
-
 -- A stream that ended while it opened: with no text, as ai.chat's empty
 -- answer, invalid output (retried, fallen back from), unless it stopped at
 -- max_tokens or called tools or refused (the caller's validate reads
@@ -821,24 +856,6 @@ end
 -- retries and fallbacks to the last event).
 local RELAY_BACKLOG_MAX = 1024 * 1024
 
--- What an attempt that failed (or was canceled) while its stream opened was
--- billed, as a refused attempt's stream state: the usage the provider
--- reported, its output at least what was read (text read to the end,
--- thinking, tool calls' arguments; about 4 bytes a token) | nil (no output
--- read: an overloaded Anthropic stream, message_start then an error event,
--- is not a charge of its input, four times over with the retries)
-local function paid_while_opening(req, state, whole)
-  local bytes = (state.extra_bytes or 0)
-  for _, piece in ipairs(whole or {}) do bytes = bytes + #piece end
-  if bytes == 0 then return nil end
-  local usage -- (a copy: the state keeps the provider's word)
-  if state.usage then
-    usage = {}
-    for k, v in pairs(state.usage) do usage[k] = v end
-  end
-  return { usage = with_streamed_output(usage, req, bytes), model = state.model, id = state.id }
-end
-
 -- -> opener(): one attempt. `refused`: the target's refused attempts, where
 -- an attempt that fails or is canceled after the provider billed it is put
 -- (recorded with the call's refusals)
@@ -846,6 +863,11 @@ local function stream_opener(t, req, refused)
   local wire = wire_request(t, req, true)
   wire.idle_timeout = t.conf.idle_timeout or 60
   wire.timeout = t.conf.stream_timeout or 600
+  -- (a result the call will take, the guard's until open() does; an empty one is refused instead)
+  local function opened(res)
+    if refused and not res.empty then refused.opened = res end
+    return res
+  end
   return function()
     local s, err = resil.http.stream(wire)
     if not s then return nil, err end
@@ -872,7 +894,7 @@ local function stream_opener(t, req, refused)
         if e then return nil, e end
         if t.adapter.complete(state, true) then
           handed = true
-          return ended_stream(s, state, events, whole)
+          return opened(ended_stream(s, state, events, whole))
         end
         return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
       end
@@ -896,14 +918,15 @@ local function stream_opener(t, req, refused)
             return nil, resil.error("protocol", ("%s: the stream ended without its end marker"):format(t.name))
           end
           handed = true
-          return ended_stream(s, state, events, whole)
+          return opened(ended_stream(s, state, events, whole))
         end
       elseif delta or (not done and (state.progress or (events and (state.thinking or kept > RELAY_BACKLOG_MAX)))) then
         handed = true
-        return { status = 200, headers = s.headers, stream = s, state = state, first = delta or "", events = events }
+        return opened({ status = 200, headers = s.headers, stream = s, state = state, first = delta or "",
+          events = events })
       elseif done then
         handed = true
-        return ended_stream(s, state, events)
+        return opened(ended_stream(s, state, events))
       end
     end
   end
@@ -970,6 +993,11 @@ local function open(self)
   end
   strategies[1] = watched(strategies[1], targets) -- a migration counts a stream that opened as a success
   local got, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
+  if got then -- taken over below
+    for _, list in ipairs(guard.refused) do list.opened = nil end
+  else -- (none is left: a strategy whose stream opened answered with it)
+    give_up_opened(guard)
+  end
   self.fallbacks = got and info and info.index and info.index - 1 or 0
   if got then self.attempts = (got.res.attempts or 1) + attempts_failed(info and info.errors) end
   if got == nil then

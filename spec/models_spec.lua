@@ -372,6 +372,33 @@ describe("streams", function()
     assert.are.equal(1, #with_msg(lines, "rolled back"))
     assert.are.equal("error_rate", registry.migration_state("canary").rolled_back.reason)
   end)
+
+  it("a stream canceled while its migration's outcome waits for the store is closed and recorded", function()
+    resil.clock.real() -- the store's lock is held by another process
+    assert(resil.cost.record({ provider = "warm-up", usd = 0 })) -- the file and its schema
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.2 } } })
+    local release = helpers.hold_write_lock(store_path)
+    finally(function() helpers.write(release, "") end)
+    local t = resil.spawn(function()
+      -- (no budget: its reservation would wait for the lock before the stream opened)
+      local s = ai.stream({ model = "canary", messages = MSGS, max_tokens = 100 })
+      return s:next()
+    end)
+    -- the stream opened upstream (its first delta read); the outcome's write waits for the lock
+    assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
+    resil.sleep(0.3)
+    assert.are.equal("waiting", t:status())
+    t:cancel()
+    helpers.write(release, "")
+    local function openai_rows()
+      for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
+        if g.key == "openai" then return g.calls end
+      end
+      return 0
+    end
+    assert.is_true(helpers.wait_until(function() return openai_rows() == 1 end, 15), "rows: " .. openai_rows())
+    assert.is_true(resil.cost.total({ provider = "openai" }) > 0)
+  end)
 end)
 
 describe("migrations behind another alias", function()
