@@ -110,6 +110,19 @@ print(t and "reserved" or err.kind)
       assert.are.equal("budget_exceeded\n", again.stdout) -- $1.5 spent today + $1 > $2
     end)
 
+    -- (before, on Redis: a hold open at the switch stayed under the old period, uncounted in the new
+    -- one, and its settle went to the old period's spend)
+    it("set to another period carries the open holds: they count, and settle, in the new period", function()
+      assert.are.equal(0, cli("budgets set team --limit 10 --per month").code)
+      assert.matches("\nteam%s+%$10%.000000%s+month%s+%S+%s+%$0%.000000%s+%$2%.000000%s+%$8%.000000%s+1%s",
+        cli("budgets").stdout)
+      helpers.write(go, "")
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20))
+      assert.matches("reserved 5", helpers.slurp(out))
+      assert.matches("\nteam%s+%$10%.000000%s+month%s+%S+%s+%$1%.500000%s+%$0%.000000%s+%$8%.500000%s+0%s",
+        cli("budgets").stdout)
+    end)
+
     it("refuses a bad limit or period with a message", function()
       local r = cli("budgets set team --limit lots")
       assert.are.equal(1, r.code)

@@ -344,7 +344,9 @@ end
 function admin.set(s, name, limit, per)
   per = per or "none"
   local now = store_now()
-  local carry = per_in_force(s, name) ~= per and { period = period_of(per, now), since = period_start(per, now) } or nil
+  local was = per_in_force(s, name)
+  local carry = was ~= per and { period = period_of(per, now), since = period_start(per, now),
+    from = period_of(was, now) } or nil
   return s.backend:budget_set(name, to_micro(limit), per, now, carry)
 end
 

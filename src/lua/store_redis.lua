@@ -268,13 +268,25 @@ return {spent, reserved, to_judge, holds}
 -- cost something (a row even under half a micro-dollar); a settle of $0 writes no ledger row.
 -- The spent total grows with the ledger: a row the ledger already has (the same id, a
 -- provider's replayed answer) is not spent twice, as on SQLite, where spent is the ledger's sum.
+-- The cost counts in the period its hold is in now (ARGV[7] is the one it was reserved in, ARGV[8]
+-- the budget's key prefix): a hold carried into another period (budgets set --per) while its call
+-- ran settles there, its ledger row labelled so.
 scripts.budget_settle = budget_lib .. insert_cost .. [[
 if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
+local entry, period = ARGV[4], redis.call('HGET', KEYS[5], 'period')
+if period and period ~= ARGV[7] then
+  local b = ARGV[8] .. period
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6] = b .. ':spent', b .. ':reserved', b .. ':holds', b .. ':amounts',
+    b .. ':holders'
+  local label = '"period":' .. cjson.encode(ARGV[7])
+  local at = string.find(entry, label, 1, true)
+  if at then entry = string.sub(entry, 1, at - 1) .. '"period":' .. cjson.encode(period) .. string.sub(entry, at + #label) end
+end
 unhold(ARGV[1])
 redis.call('HSET', KEYS[5], 'state', 'settled')
 redis.call('PEXPIRE', KEYS[5], ARGV[5])
 if ARGV[6] ~= '1' then return 1 end
-if insert_cost(KEYS[8], KEYS[9], ARGV[3], ARGV[4]) == 0 then return 0 end
+if insert_cost(KEYS[8], KEYS[9], ARGV[3], entry) == 0 then return 0 end
 redis.call('INCRBY', KEYS[1], ARGV[2])
 return 1
 ]]
@@ -814,7 +826,7 @@ local function settle_call(ticket, entry)
   local keys = budget_keys(entry.budget, entry.period, ticket)
   keys[8], keys[9] = P .. "costs", P .. "costs:dedupe"
   return keys, table.pack(ticket, entry.micro_usd, entry.dedupe or "", resil.json.encode(entry), ticket_ttl(),
-    entry.charged and "1" or "0")
+    entry.charged and "1" or "0", entry.period, P .. "budget:" .. entry.budget .. ":")
 end
 
 function R:budget_settle(ticket, entry)
@@ -873,10 +885,34 @@ end
 -- written with the settings in one script. Its open holds stay under the
 -- period they were taken in: at most their hold's time uncounted.)
 -- KEYS: settings, names, the period's spent counter (or none); ARGV: name, limit, per, set_at, spent
+-- KEYS: the settings hash, the names set [, the new period's spent; with a period to carry the
+-- holds from, its reserved, holds, amounts, holders, then the new period's]; ARGV: name, limit,
+-- per, now, spent, the ticket prefix, the new period. The open holds move to the new period
+-- (their tickets say so: their settle counts there), as on SQLite.
 scripts.budget_set = [[
 redis.call('HSET', KEYS[1], 'limit', ARGV[2], 'per', ARGV[3], 'set_at', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
 if KEYS[3] then redis.call('SET', KEYS[3], ARGV[5]) end
+if KEYS[4] then
+  local z = redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')
+  for i = 1, #z, 2 do
+    local t = z[i]
+    local a, o = redis.call('HGET', KEYS[6], t), redis.call('HGET', KEYS[7], t)
+    redis.call('ZADD', KEYS[9], z[i + 1], t)
+    redis.call('ZREM', KEYS[5], t)
+    if a then
+      redis.call('INCRBY', KEYS[8], a)
+      redis.call('DECRBY', KEYS[4], a)
+      redis.call('HSET', KEYS[10], t, a)
+      redis.call('HDEL', KEYS[6], t)
+    end
+    if o then
+      redis.call('HSET', KEYS[11], t, o)
+      redis.call('HDEL', KEYS[7], t)
+    end
+    redis.call('HSET', ARGV[6] .. t, 'period', ARGV[7])
+  end
+end
 return 1
 ]]
 function R:budget_set(name, micro, per, now, carry)
@@ -885,8 +921,14 @@ function R:budget_set(name, micro, per, now, carry)
     local rows, err = self:cost_query(nil, { budget = name, since = carry.since })
     if not rows then return nil, err end
     keys[3], spent = P .. "budget:" .. name .. ":" .. carry.period .. ":spent", tostring(rows[1] and rows[1].micro_usd or 0)
+    if carry.from and carry.from ~= carry.period then
+      local old, new = budget_keys(name, carry.from), budget_keys(name, carry.period)
+      keys[4], keys[5], keys[6], keys[7] = old[2], old[3], old[4], old[6]
+      keys[8], keys[9], keys[10], keys[11] = new[2], new[3], new[4], new[6]
+    end
   end
-  local ok, err = self:script("budget_set", keys, name, micro, per, fmt_time(now), spent)
+  local ok, err = self:script("budget_set", keys, name, micro, per, fmt_time(now), spent, P .. "ticket:",
+    carry and carry.period or "")
   if ok == nil then return nil, err end
   return true
 end

@@ -547,9 +547,12 @@ function B:budget_usage(budget, period, now, me)
 end
 
 -- Replace the reservation by the actual cost; a second settle changes nothing.
+-- The cost counts in the period its hold is in now: one carried into another
+-- period (budgets set --per) while its call ran settles there.
 local function settle(tx, ticket, entry)
-  local row = tx:row("SELECT state FROM reservations WHERE ticket = ?", ticket)
+  local row = tx:row("SELECT state, period FROM reservations WHERE ticket = ?", ticket)
   if row and row.state == "settled" then return false end
+  if row then entry.period = row.period end
   tx:exec("UPDATE reservations SET state = 'settled' WHERE ticket = ?", ticket)
   if not entry.charged then return true end -- settle(0): nothing spent, no ledger row
   return insert_cost(tx, entry)
