@@ -588,8 +588,14 @@ local function give_up_opened(g)
     local res = list.opened
     if res then
       list.opened = nil
-      if type(res.stream) == "table" then res.stream:close() end
-      local paid = paid_while_opening(g.req, res.state or {}, { res.first or res.text or "" })
+      if res.stream and res.stream ~= true then res.stream:close() end
+      local st = res.state or {}
+      local paid = paid_while_opening(g.req, st, { res.first or res.text or "" })
+      if not paid and res.ended and type(st.usage) == "table" then -- (complete: billed as it reported)
+        local u = {}
+        for k, v in pairs(st.usage) do u[k] = v end
+        paid = { usage = u, model = st.model, id = st.id }
+      end
       if paid then list[#list + 1] = { stream = true, state = paid } end
     end
   end

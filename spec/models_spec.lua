@@ -373,6 +373,13 @@ describe("streams", function()
     assert.are.equal("error_rate", registry.migration_state("canary").rolled_back.reason)
   end)
 
+  local function openai_calls()
+    for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
+      if g.key == "openai" then return g.calls end
+    end
+    return 0
+  end
+
   it("a stream canceled while its migration's outcome waits for the store is closed and recorded", function()
     resil.clock.real() -- the store's lock is held by another process
     assert(resil.cost.record({ provider = "warm-up", usd = 0 })) -- the file and its schema
@@ -390,14 +397,77 @@ describe("streams", function()
     assert.are.equal("waiting", t:status())
     t:cancel()
     helpers.write(release, "")
-    local function openai_rows()
-      for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
-        if g.key == "openai" then return g.calls end
-      end
-      return 0
-    end
-    assert.is_true(helpers.wait_until(function() return openai_rows() == 1 end, 15), "rows: " .. openai_rows())
+    assert.is_true(helpers.wait_until(function() return openai_calls() == 1 end, 15), "rows: " .. openai_calls())
     assert.is_true(resil.cost.total({ provider = "openai" }) > 0)
+  end)
+
+  it("a stream canceled so is closed upstream: the provider stops generating", function()
+    resil.clock.real()
+    assert(resil.cost.record({ provider = "warm-up", usd = 0 }))
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.2 } } })
+    local opened = {}
+    local real_stream = resil.http.stream
+    resil.http.stream = function(w)
+      local s, e = real_stream(w)
+      if s then opened[#opened + 1] = s end
+      return s, e
+    end
+    finally(function() resil.http.stream = real_stream end)
+    -- a long answer, streamed slowly: still streaming upstream when the call is canceled
+    local words = {}
+    for i = 1, 60 do words[i] = "w" .. i end
+    m:configure({ strict = true, reply = table.concat(words, " "), stream_interval = 0.1 })
+    local release = helpers.hold_write_lock(store_path)
+    finally(function() helpers.write(release, "") end)
+    local t = resil.spawn(function()
+      local s = ai.stream({ model = "canary", messages = MSGS, max_tokens = 1000 })
+      return s:next()
+    end)
+    assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
+    resil.sleep(0.3)
+    assert.are.equal("waiting", t:status())
+    t:cancel()
+    helpers.write(release, "")
+    assert.are.equal(1, #opened)
+    local s = opened[1]
+    -- (a stream is a userdata: a check for a table had closed none)
+    -- a stream given up must be closed: what curl had buffered may still be read, then an error;
+    -- open, it goes on streaming (and the provider on generating, and billing) for seconds
+    local n = 0
+    local ok = resil.timeout(1.5, function()
+      while s:read_event() do n = n + 1 end
+      return true
+    end)
+    assert.is_true(ok == true and n < 5, ("still streaming after the cancel: %d more events in 1.5 s"):format(n))
+  end)
+
+  -- (max_tokens = 0 stands for a reasoning model that spent max_tokens thinking: no text, finish_reason
+  -- "length", the provider's usage reported: a charge, canceled or not)
+  it("one that ended while it opened, without text, is recorded: not canceled", function()
+    resil.clock.real()
+    local s = ai.stream({ model = "openai/gpt-4o-mini-2024-07-18", messages = MSGS, max_tokens = 0 })
+    assert.is_nil(s:next())
+    local r = assert(s:result())
+    assert.are.equal("length", r.finish_reason)
+    assert.is_true(helpers.wait_until(function() return openai_calls() == 1 end, 5))
+  end)
+
+  it("one that ended while it opened, without text, is recorded: canceled while the outcome waits", function()
+    resil.clock.real()
+    assert(resil.cost.record({ provider = "warm-up", usd = 0 }))
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.2 } } })
+    local release = helpers.hold_write_lock(store_path)
+    finally(function() helpers.write(release, "") end)
+    local t = resil.spawn(function()
+      local s = ai.stream({ model = "canary", messages = MSGS, max_tokens = 0 })
+      return s:next()
+    end)
+    assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
+    resil.sleep(0.3)
+    assert.are.equal("waiting", t:status())
+    t:cancel()
+    helpers.write(release, "")
+    assert.is_true(helpers.wait_until(function() return openai_calls() == 1 end, 5), "rows: " .. openai_calls())
   end)
 end)
 
