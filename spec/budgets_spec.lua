@@ -231,3 +231,138 @@ for _, b in ipairs(helpers.store_backends()) do
     end)
   end)
 end
+
+-- In-process: the switch carries the holds open at it, and what their calls
+-- settle or charge later counts in the new period (before: a call running
+-- across the switch was lost from the new period's spend; on Redis a switch
+-- over a ledger with rows stopped every later settle from counting).
+local resil = require "resil"
+local admin = require "resil.budgets"
+local seq = 0
+local function fresh_name() seq = seq + 1; return ("switch%d_%d"):format(seq, os.time()) end
+local E = { provider = "mock", model = "m" }
+
+for _, b in ipairs(helpers.store_backends()) do
+  describe("a period switch (budgets set --per) with holds open, on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+    before_each(function()
+      resil.clock.virtual()
+      resil.store_config({ url = b.url() })
+    end)
+
+    -- policies.ai records a call's refused attempts with ticket:charge, after its settle or at its end
+    it("a refused attempt's charge made after the switch counts in the new period, as its call's settle", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      local t = assert(bud:reserve(2))
+      assert(admin.set(resil.store(), name, 10, "month"))
+      assert(t:charge(0.5, E))
+      assert(t:settle(1, E))
+      local st = assert(bud:state())
+      assert.are.equal(0, st.reserved)
+      assert.are.equal(1.5, st.spent) -- the charge went to the day's period: 1.0
+    end)
+
+    -- a hold taken yesterday (hold = 1 h at 23:55 UTC) is still open at 00:05 when the switch comes
+    it("a hold still open from the previous period of the old kind is carried too", function()
+      local now = resil.store_now()
+      local to_2355 = (86400 - now % 86400) - 300
+      resil.sleep(to_2355)
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      local t = assert(bud:reserve(2, { hold = 3600 }))
+      resil.sleep(600) -- 00:05 the next day
+      assert(admin.set(resil.store(), name, 10, "month"))
+      local st = assert(bud:state())
+      assert.are.equal(2, st.reserved, "the open hold does not count in the new period")
+      assert(t:settle(1, E))
+      st = assert(bud:state())
+      assert.are.equal(1, st.spent, "its settle is not in the new period's spend")
+    end)
+
+    -- a settle that lands while the switch runs (on Redis: between the ledger's sum and the script;
+    -- SQLite does both in one transaction)
+    if b.name == "Redis" then it("a settle landing while the switch sums the ledger is in the new period's spend", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      local t = assert(bud:reserve(2))
+      local be = resil.store().backend
+      local read, landed = be.each_ledger_row, false
+      be.each_ledger_row = function(self, ...)
+        local ok, e = read(self, ...)
+        be.each_ledger_row, landed = nil, true
+        assert(t:settle(1, E)) -- (another process's settle, meanwhile)
+        return ok, e
+      end
+      finally(function() be.each_ledger_row = nil end)
+      assert(admin.set(resil.store(), name, 10, "month"))
+      assert.is_true(landed)
+      local st = assert(bud:state())
+      assert.are.equal(1, st.spent)
+    end) end
+
+    -- the ledger already holds a cost of the budget in the new period when the switch comes
+    it("a settle after a switch over a ledger with rows succeeds and counts", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      assert(assert(bud:reserve(1)):settle(1, E)) -- $1 today, in the ledger
+      local held = assert(bud:reserve(2)) -- open at the switch
+      assert(admin.set(resil.store(), name, 10, "month"))
+      local ok, err = held:settle(0.5, E)
+      assert.is_true(ok, tostring(err))
+      ok, err = assert(bud:reserve(1)):settle(0.25, E) -- a new call in the new period
+      assert.is_true(ok, tostring(err))
+      local st = assert(bud:state())
+      assert.are.same({ 1.75, 0 }, { st.spent, st.reserved })
+    end)
+
+    if b.name == "Redis" then
+      it("a reservation abandoned (its outcome unseen) across the switch is given back in the new period", function()
+        local name = fresh_name()
+        local bud = resil.budget(name, { limit = 10, per = "day" })
+        local t = assert(bud:reserve(2))
+        assert(admin.set(resil.store(), name, 10, "month"))
+        local now = resil.store_now()
+        resil.store().backend:budget_abandon(name, t.period, t.id, now + 600, now) -- (budgets.lua abandon())
+        local st = assert(bud:state())
+        assert.are.equal(0, st.reserved)
+      end)
+
+      it("a settle after the switch, waited for or not, counts in the new period, its row labelled so", function()
+        local name = fresh_name()
+        local bud = resil.budget(name, { limit = 10, per = "day" })
+        local t1, t2 = assert(bud:reserve(2)), assert(bud:reserve(2))
+        local day = t1.period
+        assert(admin.set(resil.store(), name, 10, "month"))
+        assert(t1:settle(1, E))
+        assert(t2:settle(0.25, { provider = "mock", model = "m", wait = false }))
+        resil.sleep(0.1)
+        local st = assert(bud:state())
+        assert.are.same({ 1.25, 0 }, { st.spent, st.reserved })
+        local conn = resil.store().backend.conn
+        for _, row in ipairs(conn:call("LRANGE", "resil:costs", 0, -1)) do
+          local e = resil.json.decode(row)
+          if e.budget == name then assert.are.equal(st.period, e.period, row) end
+        end
+        assert.are.equal("0", tostring(conn:call("GET", "resil:budget:" .. name .. ":" .. day .. ":spent") or "0"))
+        -- and a second switch back the same day: the holds' settles keep following
+        local t3 = assert(bud:reserve(1))
+        assert(admin.set(resil.store(), name, 10, "day"))
+        assert(t3:settle(0.5, E))
+        st = assert(bud:state())
+        assert.are.same({ day, 1.75, 0 }, { st.period, st.spent, st.reserved })
+      end)
+
+      it("moving a hold whose ticket hash is gone leaves no key without a TTL", function()
+        local name = fresh_name()
+        local bud = resil.budget(name, { limit = 10, per = "day" })
+        local t = assert(bud:reserve(2))
+        local conn = resil.store().backend.conn
+        conn:call("DEL", "resil:ticket:" .. t.id) -- (its ticket kept hold + 1 day; a hold never swept since)
+        assert(admin.set(resil.store(), name, 10, "month"))
+        assert.are.equal(0, conn:call("EXISTS", "resil:ticket:" .. t.id), "ttl " ..
+          tostring(conn:call("PTTL", "resil:ticket:" .. t.id)))
+      end)
+    end
+  end)
+end

@@ -262,7 +262,9 @@ end
 function Ticket:charge(actual, e)
   if not is_usd(actual) then error("ticket:charge: actual must be a number from 0 to 1e9", 2) end
   ticket_seq = ticket_seq + 1
-  local extra = setmetatable({ id = ("%s:%s:%d"):format(self.budget.name, owner.me().tag, ticket_seq),
+  -- (named after the call's ticket: the store counts it in the period that ticket is in, which a
+  -- period switch may have changed since it was reserved)
+  local extra = setmetatable({ id = ("%s:charge:%d"):format(self.id, ticket_seq),
     budget = self.budget, period = self.period, estimate = 0, store = self.store }, Ticket)
   return extra:settle(actual, e)
 end
@@ -345,8 +347,14 @@ function admin.set(s, name, limit, per)
   per = per or "none"
   local now = store_now()
   local was = per_in_force(s, name)
-  local carry = was ~= per and { period = period_of(per, now), since = period_start(per, now),
-    from = period_of(was, now) } or nil
+  local carry
+  if was ~= per then
+    -- (the open holds move: those of the old kind's period, and of the one before it, where a
+    -- hold taken at 23:55 may still be open)
+    local start = period_start(was, now)
+    carry = { period = period_of(per, now), since = period_start(per, now),
+      from = { period_of(was, now), start and period_of(was, start - 1) or nil } }
+  end
   return s.backend:budget_set(name, to_micro(limit), per, now, carry)
 end
 

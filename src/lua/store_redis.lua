@@ -196,6 +196,17 @@ end
 local function usage()
   return tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0')
 end
+-- A ticket carried into another period (budgets set --per) while its call ran is kept there: the
+-- keys become that period's (prefix: the budget's, "resil:budget:NAME:") when its hash names
+-- another than `known`, the one its caller reserved in. -> the ticket's period if it moved
+local function follow(known, prefix)
+  local period = redis.call('HGET', KEYS[5], 'period')
+  if not period or period == known then return nil end
+  local b = prefix .. period
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6] = b .. ':spent', b .. ':reserved', b .. ':holds', b .. ':amounts',
+    b .. ':holders'
+  return period
+end
 -- expired holds stop counting
 local function sweep(now)
   for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do unhold(t) end
@@ -270,14 +281,18 @@ return {spent, reserved, to_judge, holds}
 -- provider's replayed answer) is not spent twice, as on SQLite, where spent is the ledger's sum.
 -- The cost counts in the period its hold is in now (ARGV[7] is the one it was reserved in, ARGV[8]
 -- the budget's key prefix): a hold carried into another period (budgets set --per) while its call
--- ran settles there, its ledger row labelled so.
+-- ran settles there, its ledger row labelled so. A charge (no hold of its own: a refused attempt's
+-- cost) counts where its call's ticket, KEYS[10], is.
 scripts.budget_settle = budget_lib .. insert_cost .. [[
 if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
-local entry, period = ARGV[4], redis.call('HGET', KEYS[5], 'period')
-if period and period ~= ARGV[7] then
-  local b = ARGV[8] .. period
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6] = b .. ':spent', b .. ':reserved', b .. ':holds', b .. ':amounts',
-    b .. ':holders'
+local entry, period = ARGV[4], follow(ARGV[7], ARGV[8])
+if not period and KEYS[10] and redis.call('EXISTS', KEYS[5]) == 0 then
+  local ticket = KEYS[5]
+  KEYS[5] = KEYS[10]
+  period = follow(ARGV[7], ARGV[8])
+  KEYS[5] = ticket
+end
+if period then
   local label = '"period":' .. cjson.encode(ARGV[7])
   local at = string.find(entry, label, 1, true)
   if at then entry = string.sub(entry, 1, at - 1) .. '"period":' .. cjson.encode(period) .. string.sub(entry, at + #label) end
@@ -324,10 +339,12 @@ return 1
 -- A reservation whose caller gave up before its outcome came back: released
 -- if it was made; if not (yet), a marker that the reserve script refuses,
 -- since a reserve sent on a connection that timed out may still arrive
--- after this. ARGV: ticket, the marker's TTL (ms)
+-- after this. ARGV: ticket, the marker's TTL (ms), the period it was reserved in, the budget's
+-- key prefix (a hold carried into another period is given back there)
 scripts.budget_abandon = budget_lib .. [[
 local state = redis.call('HGET', KEYS[5], 'state')
 if state == 'held' then
+  follow(ARGV[3], ARGV[4])
   unhold(ARGV[1])
   redis.call('HSET', KEYS[5], 'state', 'released')
   redis.call('PEXPIRE', KEYS[5], ARGV[2])
@@ -721,6 +738,8 @@ local function each_ledger_row(self, each)
   end
 end
 
+R.each_ledger_row = each_ledger_row
+
 function R:cost_query(by, filter)
   local groups, order = {}, {}
   local ok, err = each_ledger_row(self, function(text)
@@ -825,6 +844,8 @@ end
 local function settle_call(ticket, entry)
   local keys = budget_keys(entry.budget, entry.period, ticket)
   keys[8], keys[9] = P .. "costs", P .. "costs:dedupe"
+  local parent = ticket:match("^(.+):charge:%d+$") -- (Ticket:charge's ids)
+  if parent then keys[10] = P .. "ticket:" .. parent end
   return keys, table.pack(ticket, entry.micro_usd, entry.dedupe or "", resil.json.encode(entry), ticket_ttl(),
     entry.charged and "1" or "0", entry.period, P .. "budget:" .. entry.budget .. ":")
 end
@@ -885,50 +906,76 @@ end
 -- written with the settings in one script. Its open holds stay under the
 -- period they were taken in: at most their hold's time uncounted.)
 -- KEYS: settings, names, the period's spent counter (or none); ARGV: name, limit, per, set_at, spent
--- KEYS: the settings hash, the names set [, the new period's spent; with a period to carry the
--- holds from, its reserved, holds, amounts, holders, then the new period's]; ARGV: name, limit,
--- per, now, spent, the ticket prefix, the new period. The open holds move to the new period
--- (their tickets say so: their settle counts there), as on SQLite.
+-- KEYS: the settings hash, the names set [, the ledger, the new period's spent, reserved, holds,
+-- amounts, holders, then the same four (reserved to holders) of each period to carry the holds
+-- from]; ARGV: name, limit, per, now, the new period's spend in the ledger's first `n` rows, n,
+-- since, the ticket prefix, the new period. The spend is what the ledger holds for the new period
+-- (summed by the caller, plus the rows settled since: a settle that landed meanwhile went to the
+-- old period's counter), and the open holds move to the new period, their tickets saying so
+-- (their settle counts there), as on SQLite.
 scripts.budget_set = [[
 redis.call('HSET', KEYS[1], 'limit', ARGV[2], 'per', ARGV[3], 'set_at', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
-if KEYS[3] then redis.call('SET', KEYS[3], ARGV[5]) end
-if KEYS[4] then
-  local z = redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')
+if not KEYS[3] then return 1 end
+local spent, since = tonumber(ARGV[5]), tonumber(ARGV[7])
+for _, text in ipairs(redis.call('LRANGE', KEYS[3], ARGV[6], -1)) do
+  local e = cjson.decode(text)
+  if e.budget == ARGV[1] and type(e.micro_usd) == 'number' and (since == nil or e.at >= since) then
+    spent = spent + e.micro_usd
+  end
+end
+redis.call('SET', KEYS[4], string.format('%d', spent))
+for g = 9, #KEYS, 4 do
+  local z = redis.call('ZRANGE', KEYS[g + 1], 0, -1, 'WITHSCORES')
   for i = 1, #z, 2 do
     local t = z[i]
-    local a, o = redis.call('HGET', KEYS[6], t), redis.call('HGET', KEYS[7], t)
-    redis.call('ZADD', KEYS[9], z[i + 1], t)
-    redis.call('ZREM', KEYS[5], t)
+    local a, o = redis.call('HGET', KEYS[g + 2], t), redis.call('HGET', KEYS[g + 3], t)
+    redis.call('ZADD', KEYS[6], z[i + 1], t)
+    redis.call('ZREM', KEYS[g + 1], t)
     if a then
-      redis.call('INCRBY', KEYS[8], a)
-      redis.call('DECRBY', KEYS[4], a)
-      redis.call('HSET', KEYS[10], t, a)
-      redis.call('HDEL', KEYS[6], t)
+      redis.call('INCRBY', KEYS[5], a)
+      redis.call('DECRBY', KEYS[g], a)
+      redis.call('HSET', KEYS[7], t, a)
+      redis.call('HDEL', KEYS[g + 2], t)
     end
     if o then
-      redis.call('HSET', KEYS[11], t, o)
-      redis.call('HDEL', KEYS[7], t)
+      redis.call('HSET', KEYS[8], t, o)
+      redis.call('HDEL', KEYS[g + 3], t)
     end
-    redis.call('HSET', ARGV[6] .. t, 'period', ARGV[7])
+    -- (a ticket whose hash is gone keeps none: no key left without its expiry)
+    if redis.call('EXISTS', ARGV[8] .. t) == 1 then redis.call('HSET', ARGV[8] .. t, 'period', ARGV[9]) end
   end
 end
 return 1
 ]]
+-- carry: {period = the new one, since = its start (nil: all), from = {the periods whose open holds
+-- move to it}}
 function R:budget_set(name, micro, per, now, carry)
-  local keys, spent = { BUDGETS .. ":" .. name, BUDGETS }, "0"
+  local keys, args = { BUDGETS .. ":" .. name, BUDGETS }, { name, micro, per, fmt_time(now) }
   if carry then
-    local rows, err = self:cost_query(nil, { budget = name, since = carry.since })
-    if not rows then return nil, err end
-    keys[3], spent = P .. "budget:" .. name .. ":" .. carry.period .. ":spent", tostring(rows[1] and rows[1].micro_usd or 0)
-    if carry.from and carry.from ~= carry.period then
-      local old, new = budget_keys(name, carry.from), budget_keys(name, carry.period)
-      keys[4], keys[5], keys[6], keys[7] = old[2], old[3], old[4], old[6]
-      keys[8], keys[9], keys[10], keys[11] = new[2], new[3], new[4], new[6]
+    -- the new period's spend in the ledger so far, and how many rows that read (a settle that lands
+    -- before the script runs is after them)
+    local spent, n = 0, 0
+    local ok, err = self:each_ledger_row(function(text)
+      n = n + 1
+      local e = resil.json.decode(text)
+      if e.budget == name and math.type(e.micro_usd) and not (carry.since and e.at < carry.since) then
+        spent = spent + e.micro_usd
+      end
+    end)
+    if not ok then return nil, err end
+    local new = budget_keys(name, carry.period)
+    keys[3], keys[4], keys[5], keys[6], keys[7], keys[8] = P .. "costs", new[1], new[2], new[3], new[4], new[6]
+    for _, from in ipairs(carry.from or {}) do
+      if from ~= carry.period then
+        local old = budget_keys(name, from)
+        for _, k in ipairs({ old[2], old[3], old[4], old[6] }) do keys[#keys + 1] = k end
+      end
     end
+    args[5], args[6], args[7] = ("%d"):format(spent), n, carry.since and fmt_time(carry.since) or ""
+    args[8], args[9] = P .. "ticket:", carry.period
   end
-  local ok, err = self:script("budget_set", keys, name, micro, per, fmt_time(now), spent, P .. "ticket:",
-    carry and carry.period or "")
+  local ok, err = self:script("budget_set", keys, table.unpack(args, 1, carry and 9 or 4))
   if ok == nil then return nil, err end
   return true
 end
@@ -960,7 +1007,7 @@ end
 -- and now never will be) | nil, err
 function R:budget_abandon(budget, period, ticket, expires_at, now)
   local n, err = self:script("budget_abandon", budget_keys(budget, period, ticket), ticket,
-    ticket_ttl(expires_at - now))
+    ticket_ttl(expires_at - now), period, P .. "budget:" .. budget .. ":")
   if n == nil then return nil, err end
   return n == 1
 end

@@ -548,11 +548,14 @@ end
 
 -- Replace the reservation by the actual cost; a second settle changes nothing.
 -- The cost counts in the period its hold is in now: one carried into another
--- period (budgets set --per) while its call ran settles there.
+-- period (budgets set --per) while its call ran settles there; a charge (a
+-- refused attempt's cost, no hold of its own) where its call's ticket is.
 local function settle(tx, ticket, entry)
   local row = tx:row("SELECT state, period FROM reservations WHERE ticket = ?", ticket)
   if row and row.state == "settled" then return false end
-  if row then entry.period = row.period end
+  local parent = not row and ticket:match("^(.+):charge:%d+$") -- (Ticket:charge's ids)
+  local held = row or parent and tx:row("SELECT period FROM reservations WHERE ticket = ?", parent)
+  if held then entry.period = held.period end
   tx:exec("UPDATE reservations SET state = 'settled' WHERE ticket = ?", ticket)
   if not entry.charged then return true end -- settle(0): nothing spent, no ledger row
   return insert_cost(tx, entry)
