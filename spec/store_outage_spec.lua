@@ -76,6 +76,43 @@ describe("a frozen Redis (SIGSTOP)", function()
   end)
 end)
 
+describe("a frozen Redis (SIGSTOP), an Idempotency-Key's claim", function()
+  local redis
+  setup(function()
+    resil.clock.real()
+    redis = helpers.redis_server()
+  end)
+  teardown(function() redis.stop() end)
+
+  -- (before: the claim sent before the freeze ran when Redis thawed, its record naming this live
+  -- process as the holder for a day; every retry of the key waited, then was "in progress")
+  it("whose outcome was not seen is given up when Redis thaws: a retry of the key runs", function()
+    resil.log.level("off")
+    local url = redis.url(2, "timeout=0.3")
+    resil.store_config({ url = url })
+    local s = assert(resil.store(url))
+    assert.are.equal(1, s:incr("warm")) -- (connected)
+    assert(resil.once("warm-claim", function() return true end)) -- (the claim's script loaded: sent at once)
+    os.execute("kill -STOP " .. redis.pid)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    local ran = 0
+    local function fn() ran = ran + 1; return "answer" end
+    local _, err = resil.once({ key = "frozen-claim", wait = 1 }, fn)
+    assert.are.equal("store_unavailable", err.kind)
+    resil.sleep(0.5)
+    os.execute("kill -CONT " .. redis.pid)
+    assert.is_true(helpers.wait_until(function() return s:incr("warm") ~= nil end, 10))
+    local r, rerr
+    assert.is_true(helpers.wait_until(function()
+      r, rerr = resil.once({ key = "frozen-claim", wait = 0.5 }, fn)
+      return r ~= nil or rerr.kind ~= "in_progress"
+    end, 10), "still held: " .. tostring(rerr))
+    assert.are.same({ "answer", 1 }, { r, ran })
+    assert.are.equal("answer", (resil.once({ key = "frozen-claim" }, fn))) -- and replayed, not run again
+    assert.are.equal(1, ran)
+  end)
+end)
+
 describe("SQLite with another process holding the write lock", function()
   local path, holder
   before_each(function()

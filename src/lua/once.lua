@@ -127,6 +127,24 @@ local function fingerprint_of(...)
   return resil.hash(table.concat(out))
 end
 
+-- A claim whose outcome its caller did not see (the store unavailable, or
+-- the caller canceled while it waited) may still have been made, or be on
+-- its way (a frozen Redis runs it when it thaws): it is given up, in a task
+-- of its own, as a reservation is (budgets.lua). Left, its record named this
+-- live process as the holder, and every retry of the key was "in progress"
+-- for a day.
+local function abandon_claim(g)
+  local function write() return g.backend:once_abandon(g.key, g.me, g.claim) end
+  local ok, err = write()
+  if ok == nil then ok, err = S.retry_write(write) end
+  if ok == nil then
+    resil.log.error("once: a claim whose outcome was not seen could not be given up; its key stays held " ..
+      "while this process lives", { key = g.key, error = tostring(err) })
+  end
+end
+local claim_guard = { __close = function(g) if not g.seen then resil.spawn(abandon_claim, g) end end }
+local claim_seq = 0
+
 -- resil.once(key | {key=, fingerprint=, lease=, wait=, retention=}, fn, ...)
 -- -> fn's results, run at most once per key across processes and restarts.
 function resil.once(spec, fn, ...)
@@ -154,8 +172,12 @@ function resil.once(spec, fn, ...)
     end
     local now = store_now()
     local lease_until = owner.lease_due(s.backend, now)
+    claim_seq = claim_seq + 1
+    local claim = ("%s:%d"):format(holder_id, claim_seq)
+    local guard <close> = setmetatable({ backend = s.backend, key = key, me = holder_id, claim = claim }, claim_guard)
     local state, data, held_by = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, now,
-      lease_until)
+      lease_until, claim)
+    guard.seen = state ~= nil
     if state == nil then return nil, data end -- the store is unavailable
     owner.lease_written(s.backend, lease_until)
     if state == "done" then

@@ -69,13 +69,16 @@ return 1
 ]]
 
 -- KEYS: record, owners; ARGV: fingerprint, me, lease, retention, now, dead, same_host, lease_until
+-- KEYS: the record, owners, the claim's abandoned marker; ARGV[9]: the claim (a claim given up by
+-- its caller before it arrived, once_abandon, is not made)
 scripts.once_claim = holders_lib .. [[
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'abandoned'} end
 local fp, me, lease, retention, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 renew(KEYS[2], me, ARGV[8])
 local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'owner', 'locked_at', 'result')
 if not r[2] then
   redis.call('HSET', KEYS[1], 'fingerprint', fp, 'state', 'running', 'owner', me, 'locked_at', ARGV[5],
-    'created_at', ARGV[5])
+    'created_at', ARGV[5], 'claim', ARGV[9])
   redis.call('PEXPIRE', KEYS[1], math.floor(retention * 1000))
   return {'claimed'}
 end
@@ -83,7 +86,7 @@ if r[1] ~= fp then return {'key_reused'} end
 if r[2] == 'done' then return {'done', r[5]} end
 local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], now)
 if alive == false or (alive == nil and tonumber(r[4]) + lease <= now) then
-  redis.call('HSET', KEYS[1], 'owner', me, 'locked_at', ARGV[5])
+  redis.call('HSET', KEYS[1], 'owner', me, 'locked_at', ARGV[5], 'claim', ARGV[9])
   if redis.call('PTTL', KEYS[1]) < retention * 1000 then redis.call('PEXPIRE', KEYS[1], math.floor(retention * 1000)) end
   return {'claimed', 'takeover'}
 end
@@ -96,6 +99,17 @@ redis.call('HSET', KEYS[1], 'state', 'done', 'result', ARGV[2])
 redis.call('HDEL', KEYS[1], 'locked_at')
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000))
 return 1
+]]
+
+-- A claim whose outcome its caller did not see: the record it made is dropped; not made (yet),
+-- a marker that once_claim refuses, since a claim sent on a connection that timed out may still
+-- arrive (a frozen Redis runs it when it thaws). KEYS: the record, the marker; ARGV: me, the
+-- claim, the marker's TTL (ms)
+scripts.once_abandon = [[
+local r = redis.call('HMGET', KEYS[1], 'owner', 'state', 'claim')
+if r[1] == ARGV[1] and r[2] == 'running' and r[3] == ARGV[2] then redis.call('DEL', KEYS[1]) return 1 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+return 0
 ]]
 
 scripts.once_release = [[
@@ -552,13 +566,18 @@ end
 
 -- ---------- idempotency ----------
 
-function R:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
+-- a claim given up (once_abandon) and not arrived yet: refused when it does, within the hour (a
+-- frozen Redis runs what it had received as it thaws, as the abandon is written)
+local function abandoned_marker(claim) return P .. "once:abandoned:" .. claim end
+local ABANDONED_TTL_MS = 3600 * 1000
+
+function R:once_claim(key, fingerprint, me, lease, retention, now, lease_until, claim)
   local dead = ""
   while true do
     -- a running record lives at least a lease (the heartbeat extends it while fn runs)
-    local r, err = self:script("once_claim", { P .. "once:" .. key, OWNERS }, fingerprint, me, lease,
-      math.max(retention, owner.lease),
-      fmt_time(now), dead, same_host(), lease_arg(lease_until))
+    local r, err = self:script("once_claim", { P .. "once:" .. key, OWNERS, abandoned_marker(claim or "") },
+      fingerprint, me, lease, math.max(retention, owner.lease),
+      fmt_time(now), dead, same_host(), lease_arg(lease_until), claim or "")
     if r == nil then return nil, err end
     local data = r[2]
     if data == false then data = nil end
@@ -573,6 +592,14 @@ function R:once_finish(key, owner, result, retention)
   local n, err = self:script("once_finish", { P .. "once:" .. key }, owner, result, retention)
   if n == nil then return nil, err end
   return n == 1
+end
+
+-- -> true (given up: its record dropped, or never to be made)
+function R:once_abandon(key, me, claim)
+  local n, err = self:script("once_abandon", { P .. "once:" .. key, abandoned_marker(claim) }, me, claim,
+    ABANDONED_TTL_MS)
+  if n == nil then return nil, err end
+  return true
 end
 
 function R:once_release(key, owner)

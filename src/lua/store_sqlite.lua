@@ -278,6 +278,10 @@ function B:once_finish(key, owner, result, retention, now)
   end)
 end
 
+-- A claim whose outcome its caller did not see: nothing to give up here (a
+-- transaction that failed did not commit, and a canceled one never runs)
+function B:once_abandon() return true end
+
 function B:once_release(key, owner)
   return self.db:tx(function(tx)
     return tx:exec("DELETE FROM idempotency WHERE key = ? AND owner = ? AND state = 'running'", key, owner) > 0
