@@ -316,6 +316,25 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.are.same({ 1.75, 0 }, { st.spent, st.reserved })
     end)
 
+    -- a reservation that read the settings just before the switch and reached the store just after it
+    it("a hold made against the old settings as the switch lands counts in the new period", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      assert(bud:state()) -- (the script's settings declared)
+      local be = resil.store().backend
+      local cfg = be.budget_config
+      be.budget_config = function(self, n)
+        local c, e = cfg(self, n)
+        be.budget_config = nil
+        assert(admin.set(resil.store(), name, 10, "month")) -- (the CLI, meanwhile)
+        return c, e
+      end
+      finally(function() be.budget_config = nil end)
+      local t = assert(bud:reserve(2))
+      local st = assert(bud:state())
+      assert.are.equal(2, st.reserved, "the hold is under " .. t.period .. ", the budget's period is " .. st.period)
+    end)
+
     if b.name == "Redis" then
       it("a reservation abandoned (its outcome unseen) across the switch is given back in the new period", function()
         local name = fresh_name()

@@ -87,9 +87,9 @@ local function limit_in_force(b, backend, now)
   end
   if cfg.limit_micro then
     local per = cfg.per
-    return from_micro(cfg.limit_micro), per ~= "none" and per or nil
+    return from_micro(cfg.limit_micro), per ~= "none" and per or nil, nil, cfg.per
   end
-  return b.limit, b.per
+  return b.limit, b.per, nil, ""
 end
 
 -- A reservation whose outcome its caller did not see (its task canceled
@@ -119,24 +119,31 @@ function Budget:reserve(estimate, o)
   end
   local s, serr = store_or_fail()
   if not s then return nil, serr end -- a store that cannot be opened fails closed
-  local now = store_now()
-  local limit, per, lerr = limit_in_force(self, s.backend, now)
-  if lerr then per = self.per end
-  local period = period_of(per, now)
-  ticket_seq = ticket_seq + 1
-  local me = owner.me()
-  local id = ("%s:%s:%d"):format(self.name, me.tag, ticket_seq)
-  local ok, spent, reserved = nil, lerr, nil
-  if not lerr then
+  local now, limit, per, period, id, ok, spent, reserved
+  -- (the settings read, then the hold written: a period switch in between, `budgets set --per`,
+  -- makes the store refuse the hold as made against stale settings, and it is made again)
+  for _ = 1, 3 do
+    now = store_now()
+    local lerr, set_per
+    limit, per, lerr, set_per = limit_in_force(self, s.backend, now)
+    if lerr then per = self.per end
+    period = period_of(per, now)
+    ticket_seq = ticket_seq + 1
+    local me = owner.me()
+    id = ("%s:%s:%d"):format(self.name, me.tag, ticket_seq)
+    ok, spent, reserved = nil, lerr, nil
+    if lerr then break end
     -- the hold names this process: it stops counting when the process dies
     local lease_until = owner.lease_due(s.backend, now)
     local outcome <close> = setmetatable({ backend = s.backend, budget = self.name, period = period, id = id,
       expires_at = now + hold }, outcome_guard)
-    ok, spent, reserved = s.backend:budget_reserve(self.name, period, to_micro(limit), to_micro(estimate), id,
-      now + hold, now, me.id, lease_until)
+    local stale
+    ok, spent, reserved, stale = s.backend:budget_reserve(self.name, period, to_micro(limit), to_micro(estimate), id,
+      now + hold, now, me.id, lease_until, set_per)
     -- seen: made or refused, or (allowed unchecked) the ticket's settle or release will say
     outcome.seen = ok ~= nil or self.on_outage == "allow"
     if ok ~= nil then owner.lease_written(s.backend, lease_until) end
+    if not stale then break end
   end
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable

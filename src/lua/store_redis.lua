@@ -251,6 +251,12 @@ end
 -- the ticket's time to live (ms) -> {1, spent, reserved} | {0, spent, reserved, holders to judge...}
 -- Dead owners' holds are looked for only when the reservation does not fit.
 scripts.budget_reserve = budget_lib .. [[
+-- (KEYS[8], the settings; ARGV[13], the period kind set from the command line that the caller's
+-- period comes from, '' for none: another one now, a switch since it read them -> {2})
+if ARGV[13] then
+  local set = redis.call('HMGET', KEYS[8], 'limit', 'per')
+  if (set[1] and set[2] or '') ~= ARGV[13] then return {2, 0, 0} end
+end
 sweep(ARGV[5])
 local spent, reserved = usage()
 -- a ticket already known was given up by its caller (budget_abandon) before this arrived
@@ -827,6 +833,9 @@ end
 local TICKET_KEPT = 86400
 local function ticket_ttl(seconds) return tostring(math.ceil(((seconds or 0) + TICKET_KEPT) * 1000)) end
 
+-- A budget's settings live in a hash: limit, per (set from the command line), declared_limit,
+-- declared_per (the script's); the names in a set.
+local BUDGETS = P .. "budgets"
 local function budget_keys(budget, period, ticket)
   local b = P .. "budget:" .. budget .. ":" .. period
   return { b .. ":spent", b .. ":reserved", b .. ":holds", b .. ":amounts", P .. "ticket:" .. (ticket or ""),
@@ -834,13 +843,17 @@ local function budget_keys(budget, period, ticket)
 end
 
 -- -> true, spent, reserved | false, spent, reserved
-function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until)
+-- set_per: as on SQLite (-> false, 0, 0, "stale")
+function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until, set_per)
   local dead = ""
+  local keys = budget_keys(budget, period, ticket)
+  keys[8] = BUDGETS .. ":" .. budget
   while true do
-    local r, err = self:script("budget_reserve", budget_keys(budget, period, ticket), limit, estimate, ticket,
+    local r, err = self:script("budget_reserve", keys, limit, estimate, ticket,
       fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until),
-      ticket_ttl(expires_at - now))
+      ticket_ttl(expires_at - now), set_per)
     if r == nil then return nil, err end
+    if r[1] == 2 then return false, 0, 0, "stale" end
     local holders_dead = r[1] == 0 and dead == "" and dead_among({ table.unpack(r, 4) })
     if not holders_dead then return r[1] == 1, r[2], r[3] end
     dead = holders_dead -- their pids are gone: release their holds and try again
@@ -903,9 +916,6 @@ function R:budget_release_holds(budget, period, stale, now, me)
   end
 end
 
--- A budget's settings live in a hash: limit, per (set from the command line), declared_limit,
--- declared_per (the script's); the names in a set.
-local BUDGETS = P .. "budgets"
 local function budget_config_of(h)
   if not h or #h == 0 then return nil end
   local row = {}

@@ -525,8 +525,15 @@ end
 
 -- -> true, spent, reserved | false, spent, reserved
 -- Dead owners' holds are looked for only when the reservation does not fit.
-function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until)
+-- set_per: the period kind set from the command line that the caller's
+-- period comes from ("" for none): another one now (a switch since it read
+-- the settings) -> false, 0, 0, "stale", the hold not made
+function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until, set_per)
   return self.db:tx(function(tx)
+    if set_per then
+      local set = tx:row("SELECT limit_micro, per FROM budgets WHERE name = ?", budget)
+      if (set and set.limit_micro and set.per or "") ~= set_per then return false, 0, 0, "stale" end
+    end
     local spent, reserved = budget_usage(tx, budget, period, now)
     if spent + reserved + estimate > limit and release_dead(tx, budget, period, me, now) > 0 then
       spent, reserved = budget_usage(tx, budget, period, now)
