@@ -35,6 +35,50 @@ while true do resil.sleep(3600) end
   return { stdout = r.stdout, alive = alive, output = helpers.slurp(out) }
 end
 
+-- Clients that send pipelined requests and hang up (a reset, or a close)
+-- before the answers: the server's next write to such a socket raised
+-- SIGPIPE, whose default killed the whole process (exit 141, nothing
+-- logged). The gateway is started with SIGPIPE at its default, as a shell or
+-- a supervisor starts it (this spec's own host ignores it, and would pass
+-- that on).
+local HANGUP_CLIENTS = [[
+import socket, sys, threading, time
+port, until = int(sys.argv[1]), time.time() + float(sys.argv[2])
+ask = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 16
+def client(n):
+    while time.time() < until:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            s.sendall(ask)
+            if n % 2: s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            s.close()
+        except OSError:
+            time.sleep(0.01)
+threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+]]
+
+describe("the gateway under clients that hang up", function()
+  it("survives writes to sockets their peers reset (SIGPIPE), and answers afterwards", function()
+    local port = helpers.free_port()
+    local dir = helpers.tmpname("")
+    os.execute("mkdir -p " .. dir)
+    helpers.write(dir .. "/gw.lua", "return { auth = true }")
+    local out, pidfile = dir .. "/gw.out", dir .. "/gw.pid"
+    os.execute(("env --default-signal=PIPE %s gateway --listen 127.0.0.1:%d --config %s/gw.lua --store %s/s.db " ..
+      "--log-level error > %s 2>&1 & echo $! > %s"):format(helpers.resil, port, dir, dir, out, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):find("listening") ~= nil end, 10))
+    helpers.write(dir .. "/hangup.py", HANGUP_CLIENTS)
+    helpers.run(("python3 %s/hangup.py %d 3"):format(dir, port))
+    assert.is_true(helpers.alive(pid), "the gateway died: " .. helpers.slurp(out))
+    local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/health"):format(port))
+    assert.matches("ok", r.stdout)
+  end)
+end)
+
 describe("the embedded server, hostile handlers", function()
   -- an admin endpoint that stops its own server (a /shutdown route) is a
   -- plain use of the API; it must not crash the host

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -398,9 +399,21 @@ static void apply_sandbox(resil_t *R, const resil_options *opts) {
 
 /* ---------- lifecycle ---------- */
 
+/* A peer that hung up makes the next write to its socket raise SIGPIPE,
+ * whose default kills the process: libevent's bufferevents write with plain
+ * writev, so one client that sent pipelined requests and reset its
+ * connection killed a gateway (exit 141, its queued ledger rows lost). The
+ * write's EPIPE is handled where it happens; a program that chose its own
+ * disposition (a handler, or ignoring it) keeps it. */
+static void ignore_sigpipe(void) {
+  struct sigaction now;
+  if (sigaction(SIGPIPE, NULL, &now) == 0 && now.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
+}
+
 resil_t *resil_open(const resil_options *opts) {
   resil_options defaults = {0};
   if (!opts) opts = &defaults;
+  ignore_sigpipe();
   resil_t *R = calloc(1, sizeof *R);
   if (!R) return NULL;
   R->wake_pipe[0] = R->wake_pipe[1] = -1;

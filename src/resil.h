@@ -92,7 +92,9 @@ typedef struct resil_options {
   const char *sandbox_dirs; /* ':'-separated folders io.open may read and write under the sandbox */
 } resil_options;
 
-/* A new host; opts may be NULL (all defaults, the sandbox on). NULL only when memory is exhausted. An
+/* A new host; opts may be NULL (all defaults, the sandbox on). NULL only when memory is exhausted.
+ * SIGPIPE, when it still has its default disposition (which kills the process at a write to a
+ * socket its peer reset), is ignored from here on: the host's servers handle EPIPE instead. An
  * option it could not honour (a log file it cannot open, a store URL of an
  * unknown scheme) leaves resil_error() non-empty: the host then logs to
  * stderr and has no store URL set. */
