@@ -1345,7 +1345,11 @@ function gateway.main(o)
   local host = (o.listen or "127.0.0.1:8080"):match("^(.*):%d+$")
   io.stdout:write(("gateway listening on http://%s:%d\n"):format(host, s:port()))
   io.stdout:flush()
-  drain(s, resil.stop_requested(true)) -- the first SIGTERM or SIGINT (src/main.c)
+  -- the first SIGTERM or SIGINT (src/main.c); a request whose handler then runs half the
+  -- drain_timeout without yielding (a policy that loops) is ended with a 500, or the drain could
+  -- never run
+  local grace = math.max(tonumber(gateway.config.drain_timeout) or 20, DRAIN_MIN)
+  drain(s, resil.stop_requested(true, grace / 2))
 end
 
 return gateway

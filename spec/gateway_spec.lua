@@ -1250,6 +1250,40 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal(9, m:stats().routes.chat)
   end)
 
+  -- (before: the loop never turned again, so the drain never ran; the first SIGTERM did nothing and
+  -- the gateway served nobody until a second one)
+  it("SIGTERM ends a request whose policy loops (a 500 after half drain_timeout) and then stops", function()
+    local m = mock_upstream()
+    local db = helpers.tmpname(".db")
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      local gateway = require "policies.gateway"
+      local handle = gateway.handle
+      gateway.handle = function(req)
+        if req.headers["x-loop"] then while true do end end
+        return handle(req)
+      end
+      return { auth = false, drain_timeout = 2 }
+    ]]):format(m.url .. "/v1"))
+    local codefile = helpers.tmpname(".code")
+    local pid, port, log = start_gateway(config, db, codefile)
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+    end)
+    local looping = resil.spawn(http.request, { url = ("http://127.0.0.1:%d/health"):format(port), timeout = 20,
+      headers = { ["x-loop"] = "1" } })
+    resil.sleep(0.5) -- (it loops now)
+    os.execute("kill -TERM " .. pid)
+    local ok, res, err = looping:join()
+    assert.is_true(ok)
+    assert.are.equal(500, assert(res, tostring(err)).status)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10), "still running")
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(codefile):match("%d+") ~= nil end, 5))
+    assert.are.equal("143", helpers.slurp(codefile):match("%d+"))
+    assert.matches("without yielding while the host stops", helpers.slurp(log))
+  end)
+
   for _, api in ipairs({ { path = "/v1/chat/completions", last = "[DONE]", grace = 1 },
                          { path = "/v1/messages", last = "message_stop", grace = 1 },
                          { path = "/v1/chat/completions", last = "[DONE]", grace = 0 } }) do
@@ -1387,7 +1421,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     local dir = helpers.tmpname(".policies")
     os.execute("mkdir -p " .. dir)
     local source = helpers.slurp("policies/gateway.lua")
-    local old, n = source:gsub("drain%(s, resil%.stop_requested%(true%)%)[^\n]*", "resil.sleep(math.huge)")
+    local old, n = source:gsub("drain%(s, resil%.stop_requested%(true[^\n]*", "resil.sleep(math.huge)")
     assert.are.equal(1, n)
     helpers.write(dir .. "/gateway.lua", old)
     local config = helpers.write(helpers.tmpname(".lua"), "return { auth = false }")

@@ -74,6 +74,9 @@ struct resil {
   volatile sig_atomic_t stop_requested; /* resil_request_stop: the signal a graceful stop was asked with */
   task *stop_waiter;                    /* the task in resil.stop_requested(true) */
   volatile sig_atomic_t stop_awaited;   /* a task has waited for a stop: one asked for is acted on */
+  double stop_grace;                    /* > 0: once a stop is asked, a task that runs this many seconds
+                                         * without yielding is stopped (it would keep the drain from running) */
+  double stop_watch_since;              /* when the watch first saw the running task (0: not yet) */
 
   /* values registered through resil.secret: redacted from every message */
   redact_secret *secrets;
@@ -154,6 +157,7 @@ int loop_run(resil_t *R);
 int loop_run_until(resil_t *R, const int *done); /* until *done, no task left or an interrupt */
 int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
+void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
 
 /* loop.c: clock and timers */

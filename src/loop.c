@@ -337,6 +337,7 @@ static void task_drop_stack(task *t) {
 }
 
 static void instruction_hook(lua_State *L, lua_Debug *ar);
+static void stop_watch_hook(lua_State *L, lua_Debug *ar);
 static const char *task_where(task *t);
 static int push_results(lua_State *L, task *t);
 static void describe_function(lua_State *L, int idx, task *t);
@@ -362,6 +363,7 @@ static void task_resume(resil_t *R, task *t) {
   t->wait_arg = NULL;
   R->current = t;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
+  else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
   int status = lua_resume(t->co, R->L, nargs, &nres);
   R->current = NULL;
   if (status == LUA_YIELD) {
@@ -425,6 +427,37 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   }
   luaL_error(L, "task %d (%s) ran more than --max-instructions=%I without yielding", t ? t->id : 0,
              t ? task_where(t) : "?", (lua_Integer)R->max_instructions);
+}
+
+/* A stop asked for (resil_request_stop) is acted on by a task, in the loop:
+ * a task that never yields keeps it from ever running, and the first SIGTERM
+ * of a gateway whose request handler looped did nothing. Once a stop is
+ * asked, with resil.stop_requested(true, grace), the running task is
+ * watched (a count hook: nothing costs while none is asked) and stopped
+ * after `grace` seconds without yielding, as --max-instructions stops one. */
+#define STOP_WATCH_EVERY (1 << 20) /* instructions between looks at the clock (real time) */
+
+static void stop_watch_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  resil_t *R = resil_from_lua(L);
+  double now = monotonic_seconds();
+  if (R->stop_watch_since == 0) {
+    R->stop_watch_since = now;
+    return;
+  }
+  if (now - R->stop_watch_since < R->stop_grace) return;
+  task *t = R->current;
+  lua_sethook(L, stop_watch_hook, LUA_MASKCOUNT, 1); /* keep firing so that a pcall cannot swallow it */
+  luaL_error(L, "task %d (%s) ran %d s without yielding while the host stops", t ? t->id : 0,
+             t ? task_where(t) : "?", (int)(now - R->stop_watch_since));
+}
+
+/* From task_resume, and from a signal handler (resil_request_stop): only a hook. */
+void loop_watch_running(resil_t *R) {
+  task *t = R->current;
+  if (!t || R->max_instructions > 0) return;
+  R->stop_watch_since = 0;
+  lua_sethook(t->co, stop_watch_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
 }
 
 /* Called from a signal handler (through resil_interrupt): only a hook. */

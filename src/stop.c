@@ -14,6 +14,7 @@
  * -> 1 if a task has waited for a stop (it will act on it), 0 if none has. */
 int resil_request_stop(resil_t *R, int signo) {
   R->stop_requested = signo ? signo : SIGTERM;
+  if (R->stop_grace > 0) loop_watch_running(R); /* a task that loops now would keep the stop from running */
   if (R->wake_pipe[1] >= 0) {
     ssize_t ignored = write(R->wake_pipe[1], "s", 1);
     (void)ignored;
@@ -40,10 +41,17 @@ static int stop_k(lua_State *L, int status, lua_KContext ctx) {
   return 1;
 }
 
-/* resil.stop_requested([wait]) -> the signal a stop was asked for with, or
- * nil; wait = true: the task waits for one (one waiter at a time). */
+/* resil.stop_requested([wait [, grace]]) -> the signal a stop was asked for
+ * with, or nil; wait = true: the task waits for one (one waiter at a time);
+ * grace: once it is asked, a task that runs that many seconds without
+ * yielding is stopped (loop.c, stop_watch_hook). */
 static int l_stop_requested(lua_State *L) {
   resil_t *R = resil_from_lua(L);
+  if (!lua_isnoneornil(L, 2)) {
+    double grace = luaL_checknumber(L, 2);
+    luaL_argcheck(L, grace > 0 && grace < 1e9, 2, "grace must be a number of seconds > 0");
+    R->stop_grace = grace;
+  }
   if (R->stop_requested) {
     lua_pushinteger(L, R->stop_requested);
     return 1;
