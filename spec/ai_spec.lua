@@ -335,6 +335,39 @@ describe("chat over the strict mock", function()
       assert.are.same({ { key = "gpt-4o-mini", usd = 0, calls = 1, unpriced = 1 } }, by)
     end)
 
+  -- (before: a count it could not read was taken as 0, so the call was priced $0 and wrote no row)
+  for _, case in ipairs({ { name = "negative counts", openai = '"prompt_tokens":-5,"completion_tokens":-3',
+                            anthropic = '"input_tokens":-5,"output_tokens":-3' },
+                          { name = "counts as strings", openai = '"prompt_tokens":"12","completion_tokens":"3"',
+                            anthropic = '"input_tokens":"12","output_tokens":"3"' },
+                          { name = "a count past any number", openai = '"prompt_tokens":1e400,"completion_tokens":3',
+                            anthropic = '"input_tokens":1e400,"output_tokens":3' },
+                          { name = "no counts", openai = '"total_tokens":15', anthropic = '"service_tier":"standard"' } }) do
+    it("an answer whose usage has " .. case.name .. " has its ledger row, without a price", function()
+      m:configure({ routes = {
+        ["POST /v1/chat/completions"] = function()
+          return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"id":"chatcmpl-u",' ..
+            '"object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":' ..
+            '{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{' .. case.openai .. '}}' }
+        end,
+        ["POST /v1/messages"] = function()
+          return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"id":"msg_u",' ..
+            '"type":"message","role":"assistant","model":"claude-haiku-4-5-20251001","content":[{"type":"text",' ..
+            '"text":"hi"}],"stop_reason":"end_turn","usage":{' .. case.anthropic .. '}}' }
+        end } })
+      local b = resil.budget("ai-spec-bad-usage", { limit = 1 })
+      for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5-20251001" }) do
+        local r = assert(ai.chat({ model = model, messages = MSGS, max_tokens = 100, budget = "ai-spec-bad-usage" }))
+        assert.is_nil(r.cost_usd, model)
+      end
+      assert.are.equal(2, ledger_rows())
+      local unpriced = 0
+      for _, g in ipairs(assert(resil.cost.breakdown("model"))) do unpriced = unpriced + g.unpriced end
+      assert.are.equal(2, unpriced)
+      assert.are.equal(0, b:state().reserved)
+    end)
+  end
+
   -- a 200 the validator refuses (no choices), but billed: it says what it used
   local function refused_answer(id)
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({

@@ -85,10 +85,18 @@ local function num(v)
   return type(v) == "number" and v >= 0 and v < math.huge and (math.tointeger(v) or v) or nil
 end
 
--- anthropic.usage(u) -> normalized usage. Anthropic's input_tokens leaves out
+-- the main counts of a usage: a usage that has neither, or one the provider
+-- sent that cannot be read (negative, a string, 1e400), is unknown: priced at
+-- nothing known, its call is a ledger row without a price, never a $0 one
+-- (which wrote no row at all, and settled the budget at 0)
+local function absent(v) return v == nil or v == json.null end
+local function bad(v) return not absent(v) and num(v) == nil end
+local function unreadable(a, b) return bad(a) or bad(b) or (absent(a) and absent(b)) end
+
+-- anthropic.usage(u) -> normalized usage | nil (unknown). Anthropic's input_tokens leaves out
 -- cache reads and writes; the normalized input_tokens counts them.
 function anthropic.usage(u)
-  if type(u) ~= "table" then return nil end
+  if type(u) ~= "table" or unreadable(u.input_tokens, u.output_tokens) then return nil end
   local read, write = num(u.cache_read_input_tokens) or 0, num(u.cache_creation_input_tokens) or 0
   return { input_tokens = (num(u.input_tokens) or 0) + read + write, output_tokens = num(u.output_tokens) or 0,
     cached_input_tokens = read, cache_write_tokens = write }

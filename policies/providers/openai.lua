@@ -83,9 +83,17 @@ local function num(v)
   return type(v) == "number" and v >= 0 and v < math.huge and (math.tointeger(v) or v) or nil
 end
 
--- openai.usage(u) -> normalized usage (input_tokens counts cached ones too)
+-- the main counts of a usage: a usage that has neither, or one the provider
+-- sent that cannot be read (negative, a string, 1e400), is unknown: priced at
+-- nothing known, its call is a ledger row without a price, never a $0 one
+-- (which wrote no row at all, and settled the budget at 0)
+local function absent(v) return v == nil or v == json.null end
+local function bad(v) return not absent(v) and num(v) == nil end
+local function unreadable(a, b) return bad(a) or bad(b) or (absent(a) and absent(b)) end
+
+-- openai.usage(u) -> normalized usage (input_tokens counts cached ones too) | nil (unknown)
 function openai.usage(u)
-  if type(u) ~= "table" then return nil end
+  if type(u) ~= "table" or unreadable(u.prompt_tokens, u.completion_tokens) then return nil end
   local details, out_details = u.prompt_tokens_details, u.completion_tokens_details
   local input = num(u.prompt_tokens) or 0
   -- (cached ones are a part of the input: more would price the rest below zero)
