@@ -79,6 +79,42 @@ describe("the gateway under clients that hang up", function()
   end)
 end)
 
+-- At the open-files limit accept() fails with EMFILE while the listening
+-- socket stays readable: libevent's listener retried at once, forever (a
+-- core at 100 % and megabytes of "[warn] Error from accept() call" a second
+-- on stderr). It rests and says so once, through resil.log.
+local IDLE_CLIENTS = [[
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    try: held.append(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1))
+    except OSError: pass
+time.sleep(float(sys.argv[3]))
+]]
+
+describe("the gateway at its open-files limit", function()
+  it("rests and logs once instead of retrying accept() in a loop; it serves again when files free up", function()
+    local port = helpers.free_port()
+    local dir = helpers.tmpname("")
+    os.execute("mkdir -p " .. dir)
+    helpers.write(dir .. "/gw.lua", "return { auth = false }")
+    local out, err, pidfile = dir .. "/gw.out", dir .. "/gw.err", dir .. "/gw.pid"
+    os.execute(("(ulimit -n 64; exec %s gateway --listen 127.0.0.1:%d --config %s/gw.lua --store %s/s.db " ..
+      "> %s 2> %s) & echo $! > %s"):format(helpers.resil, port, dir, dir, out, err, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):find("listening") ~= nil end, 10))
+    helpers.write(dir .. "/idle.py", IDLE_CLIENTS)
+    helpers.run(("python3 %s/idle.py %d 100 2"):format(dir, port)) -- 100 connections held 2 s, past the limit
+    local log = helpers.slurp(err)
+    local _, said = log:gsub("cannot accept connections", "")
+    assert.are.equal(1, said, log:sub(1, 300))
+    assert.is_nil(log:find("Error from accept", 1, true), "libevent's own warnings: " .. #log .. " bytes")
+    assert.matches("Too many open files", log)
+    assert.matches('"status":"ok"', helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/health"):format(port)).stdout)
+  end)
+end)
+
 describe("the embedded server, hostile handlers", function()
   -- an admin endpoint that stops its own server (a /shutdown route) is a
   -- plain use of the API; it must not crash the host

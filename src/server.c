@@ -38,6 +38,7 @@
 #include <event2/bufferevent.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
+#include <event2/listener.h>
 
 #include "host.h"
 
@@ -123,7 +124,22 @@ struct server {
    * waits until it has returned, the server kept reachable meanwhile:
    * stopping inside libevent's request callback freed what it was using */
   int in_handler, stop_deferred, self_ref;
+  struct event *accept_rest; /* re-enables the listener after accept() failed (accept_failed) */
+  double accept_logged_at;   /* when that was last logged */
+  server *next_listening;    /* this thread's servers: libevent tells accept_failed only the evhttp */
 };
+
+/* Each host runs on one thread, and so do its servers' callbacks. */
+static _Thread_local server *listening;
+
+static void listening_remove(server *srv) {
+  for (server **at = &listening; *at; at = &(*at)->next_listening) {
+    if (*at == srv) {
+      *at = srv->next_listening;
+      return;
+    }
+  }
+}
 
 static void pending_clear_reply(pending *p) {
   evhttp_clear_headers(&p->headers);
@@ -975,6 +991,11 @@ static server *check_server(lua_State *L, int idx) {
 }
 
 static void server_stop(lua_State *L, server *srv) {
+  listening_remove(srv);
+  if (srv->accept_rest) {
+    event_free(srv->accept_rest);
+    srv->accept_rest = NULL;
+  }
   if (srv->http) {
     evhttp_free(srv->http); /* closes connections; their close callbacks drop pendings and conns */
     srv->http = NULL;
@@ -1009,6 +1030,49 @@ static double opt_limit(lua_State *L, const char *field, double dflt, double min
 }
 
 /* resil.server.listen{host=, port=, handler=, max_headers=, max_body=, read_timeout=} -> server */
+
+/* accept() failed other than for a retry: out of file descriptors (EMFILE,
+ * ENFILE) or memory. The listening socket stays readable, and libevent's
+ * listener tried again at once, forever: a core at 100 % and megabytes of
+ * warnings a second on stderr. It rests ACCEPT_REST_MS instead (connections
+ * wait in the backlog meanwhile), and says so through resil.log at most
+ * every ACCEPT_LOG_EVERY seconds. */
+#define ACCEPT_REST_MS 100
+#define ACCEPT_LOG_EVERY 10.0
+
+static void accept_resume(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  server *srv = arg;
+  if (srv->bound) evconnlistener_enable(evhttp_bound_socket_get_listener(srv->bound));
+}
+
+static void accept_failed(struct evconnlistener *lev, void *http) {
+  int e = EVUTIL_SOCKET_ERROR();
+  server *srv = listening;
+  while (srv && srv->http != http) srv = srv->next_listening;
+  if (!srv) return; /* (not ours) */
+  evconnlistener_disable(lev);
+  if (!srv->accept_rest) srv->accept_rest = evtimer_new(srv->R->base, accept_resume, srv);
+  struct timeval rest = {0, ACCEPT_REST_MS * 1000};
+  if (srv->accept_rest) evtimer_add(srv->accept_rest, &rest);
+  else evconnlistener_enable(lev); /* (no memory for the timer: as before) */
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  double now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+  if (srv->accept_logged_at > 0 && now - srv->accept_logged_at < ACCEPT_LOG_EVERY) return;
+  srv->accept_logged_at = now;
+  lua_State *L = srv->R->L;
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, srv->port);
+  lua_setfield(L, -2, "port");
+  lua_pushstring(L, evutil_socket_error_to_string(e));
+  lua_setfield(L, -2, "error");
+  lua_pushinteger(L, ACCEPT_REST_MS);
+  lua_setfield(L, -2, "retry_ms");
+  host_log(L, "error", "server: cannot accept connections; new ones wait in the backlog (is the open-files "
+                       "limit, ulimit -n, too low?)");
+}
+
 static int l_listen(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   resil_t *R = resil_from_lua(L);
@@ -1085,6 +1149,9 @@ static int l_listen(lua_State *L) {
     lua_setfield(L, -2, "errno");
     return 2;
   }
+  evconnlistener_set_error_cb(evhttp_bound_socket_get_listener(srv->bound), accept_failed);
+  srv->next_listening = listening;
+  listening = srv;
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
   getsockname(fd, (struct sockaddr *)&ss, &len);
