@@ -579,6 +579,17 @@ local function paid_while_opening(req, state, whole)
   return { usage = with_streamed_output(usage, req, bytes), model = state.model, id = state.id }
 end
 
+-- What an attempt canceled before it read any output was billed: the input
+-- (as the provider reported it in its first event, else estimated), no output
+local function input_paid(req, state)
+  local usage -- (a copy: the state keeps the provider's word)
+  if state.usage then
+    usage = {}
+    for k, v in pairs(state.usage) do usage[k] = v end
+  end
+  return { usage = with_streamed_output(usage, req, 0), model = state.model, id = state.id }
+end
+
 -- A stream an attempt opened (list.opened) belongs to the call until
 -- open() takes it over. A cancel in between (while a migration's outcome is
 -- written, or a deadline's child task hands it back) closes it upstream and
@@ -874,7 +885,9 @@ local function stream_opener(t, req, refused)
     if refused and not res.empty then refused.opened = res end
     return res
   end
-  return function()
+  -- one attempt: o.state, o.whole (the text read, when read to the end) and o.handed (a stream
+  -- handed on is recorded by its reader) are what the attempt's end below reads
+  local function attempt(o)
     local s, err = resil.http.stream(wire)
     if not s then return nil, err end
     if s.status ~= 200 then
@@ -882,24 +895,20 @@ local function stream_opener(t, req, refused)
       s:close()
       return { status = s.status, headers = s.headers, body = body }
     end
-    local state = {}
+    o.accepted = true
+    local state = o.state
     local relay = req.raw_events == true or req.raw_events == t.adapter.name
     local events = relay and {} or nil
-    local whole = not relay and req.read_whole and {} or nil -- the text read, when read to the end
+    local whole = not relay and req.read_whole and {} or nil
+    o.whole = whole
     local kept = 0
-    local handed = false -- (a stream handed on is recorded by its reader)
-    local _ <close> = setmetatable({}, { __close = function()
-      if handed or not refused then return end
-      local paid = paid_while_opening(req, state, whole)
-      if paid then refused[#refused + 1] = { stream = true, state = paid } end
-    end })
     while true do
       local ev, e = s:read_event()
       if ev == nil then
         s:close()
         if e then return nil, e end
         if t.adapter.complete(state, true) then
-          handed = true
+          o.handed = true
           return opened(ended_stream(s, state, events, whole))
         end
         return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
@@ -923,18 +932,39 @@ local function stream_opener(t, req, refused)
             s:close()
             return nil, resil.error("protocol", ("%s: the stream ended without its end marker"):format(t.name))
           end
-          handed = true
+          o.handed = true
           return opened(ended_stream(s, state, events, whole))
         end
       elseif delta or (not done and (state.progress or (events and (state.thinking or kept > RELAY_BACKLOG_MAX)))) then
-        handed = true
+        o.handed = true
         return opened({ status = 200, headers = s.headers, stream = s, state = state, first = delta or "",
           events = events })
       elseif done then
-        handed = true
+        o.handed = true
         return opened(ended_stream(s, state, events))
       end
     end
+  end
+  -- An attempt that failed or was canceled after the provider billed it is one
+  -- of the call's refused attempts: what it read (paid_while_opening); one
+  -- canceled or raised on the way (a client that left, a deadline) once the
+  -- provider had accepted it (its 200), at least its input, which the
+  -- provider is processing and bills (clients that cut their streams before
+  -- the first delta paid nothing: a key's budget did not stop them). A
+  -- failure the provider answered (an error status or event) costs only what
+  -- it read; one that never answered (a hung connection), nothing.
+  return function()
+    local o = { state = {} }
+    local returned = false
+    local _ <close> = setmetatable({}, { __close = function()
+      if o.handed or not refused then return end
+      local paid = paid_while_opening(req, o.state, o.whole)
+      if not paid and not returned and o.accepted then paid = input_paid(req, o.state) end
+      if paid then refused[#refused + 1] = { stream = true, state = paid } end
+    end })
+    local res, err = attempt(o)
+    returned = true
+    return res, err
   end
 end
 

@@ -790,6 +790,44 @@ describe("streams", function()
     assert.are.equal(2, ledger_rows())
   end)
 
+  -- (before: nothing was recorded, so clients that cut their streams before the first delta spent
+  -- the provider's money past their budget)
+  it("a stream canceled after the provider accepted it, before its first delta, is billed its input", function()
+    resil.clock.real()
+    local asked = 0
+    local upstream = assert(resil.server.listen({ handler = function(req)
+      asked = asked + 1
+      local first = req.path == "/v1/messages"
+        and 'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_slow","type":"message",' ..
+            '"role":"assistant","model":"claude-haiku-4-5","content":[],"stop_reason":null,"stop_sequence":null,' ..
+            '"usage":{"input_tokens":1234,"output_tokens":1}}}\n\n'
+        or ": the model is thinking\n\n"
+      -- accepted (a 200 and an event that is no delta), then nothing more: a model still on the prompt
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = { first }, stall_after = 1 }
+    end }))
+    finally(function() upstream:close() end)
+    point_at(("http://127.0.0.1:%d"):format(upstream:port()))
+    local b = resil.budget("ai-spec-stream-cut-early", { limit = 1 })
+    for i, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
+      local t = resil.spawn(function()
+        local s = ai.stream({ model = model, messages = MSGS, max_tokens = 100, budget = "ai-spec-stream-cut-early" })
+        return s:next()
+      end)
+      assert.is_true(helpers.wait_until(function() return asked == i end, 5))
+      resil.sleep(0.2)
+      t:cancel()
+    end
+    assert.is_true(helpers.wait_until(function() return ledger_rows() == 2 end, 5), "rows: " .. ledger_rows())
+    local st = b:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    assert.is_true(st.spent > 0)
+    local rows = assert(assert(resil.store()).backend:cost_rows({}))
+    local inputs = {}
+    for _, r in ipairs(rows) do inputs[r.provider] = r.units and resil.json.decode(r.units).input_tokens end
+    assert.are.equal(1234, inputs.anthropic) -- as the provider reported it
+    assert.is_true(inputs.openai > 0) -- estimated from the prompt
+  end)
+
   for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
     it(model .. ": a stream that ends before any text is invalid output, retried as ai.chat's empty answer is; " ..
        "each refused answer is billed", function()
