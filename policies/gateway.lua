@@ -396,6 +396,11 @@ local function check_messages(msgs)
     if type(m) ~= "table" or type(m.role) ~= "string" then
       return ("messages[%d] must be an object with a role"):format(i - 1)
     end
+    -- (a number was sent upstream as "", and charged; an assistant turn of tool calls may have none)
+    local c = m.content
+    if not (type(c) == "string" or type(c) == "table" or (m.role == "assistant" and (c == nil or c == null))) then
+      return ("messages[%d].content must be a string or an array of content parts"):format(i - 1)
+    end
     local bad = check_tool_calls(m.tool_calls, i - 1)
     if bad then return bad end
   end

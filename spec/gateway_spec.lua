@@ -304,7 +304,7 @@ describe("gateway: hostile requests", function()
     assert.are.equal(200, res.status, res.body)
   end)
 
-  it("malformed tools and tool calls are a 400 naming the field, never an internal error's text", function()
+  it("malformed tools, tool calls and contents are a 400 naming the field, never an internal error's text", function()
     local url, m = start({ strict = true })
     local openai = { model = "openai/gpt-4o-mini", messages = MSGS }
     local claude = { model = "anthropic/claude-3-5-haiku-latest", max_tokens = 10, messages = MSGS }
@@ -323,6 +323,10 @@ describe("gateway: hostile requests", function()
       { "tool_calls", { messages = { calls[1], with(calls[2], { tool_calls = { { id = "c1", ["function"] = "f" } } }) } } },
       { "tool_calls", { messages = { calls[1], with(calls[2], { tool_calls = { { id = "c1", type = "function",
         ["function"] = { name = "f", arguments = { 1 } } } } }) } } },
+      -- (before: sent upstream as "" and charged)
+      { "content", { messages = { { role = "user", content = 5 } } } },
+      { "content", { messages = { { role = "user", content = json.null } } } },
+      { "content", { messages = { { role = "user" } } } },
     }
     for _, case in ipairs(cases) do
       for _, req in ipairs({ { "/v1/chat/completions", openai }, { "/v1/messages", claude } }) do
