@@ -380,31 +380,34 @@ describe("streams", function()
     return 0
   end
 
-  it("a stream canceled while its migration's outcome waits for the store is closed and recorded", function()
-    resil.clock.real() -- the store's lock is held by another process
+  -- A stream on a migration's old side, opened upstream, its task canceled while the migration's
+  -- outcome waits for the store's write lock (held by another process): between the stream's
+  -- opening and open() taking it over. (No budget: its reservation would wait for the lock before
+  -- the stream opened.)
+  local function cancel_while_outcome_waits(max_tokens)
+    resil.clock.real()
     assert(resil.cost.record({ provider = "warm-up", usd = 0 })) -- the file and its schema
     registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.2 } } })
     local release = helpers.hold_write_lock(store_path)
     finally(function() helpers.write(release, "") end)
     local t = resil.spawn(function()
-      -- (no budget: its reservation would wait for the lock before the stream opened)
-      local s = ai.stream({ model = "canary", messages = MSGS, max_tokens = 100 })
+      local s = ai.stream({ model = "canary", messages = MSGS, max_tokens = max_tokens })
       return s:next()
     end)
-    -- the stream opened upstream (its first delta read); the outcome's write waits for the lock
     assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
     resil.sleep(0.3)
     assert.are.equal("waiting", t:status())
     t:cancel()
     helpers.write(release, "")
+  end
+
+  it("a stream canceled while its migration's outcome waits for the store is closed and recorded", function()
+    cancel_while_outcome_waits(100)
     assert.is_true(helpers.wait_until(function() return openai_calls() == 1 end, 15), "rows: " .. openai_calls())
     assert.is_true(resil.cost.total({ provider = "openai" }) > 0)
   end)
 
   it("a stream canceled so is closed upstream: the provider stops generating", function()
-    resil.clock.real()
-    assert(resil.cost.record({ provider = "warm-up", usd = 0 }))
-    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.2 } } })
     local opened = {}
     local real_stream = resil.http.stream
     resil.http.stream = function(w)
@@ -417,17 +420,7 @@ describe("streams", function()
     local words = {}
     for i = 1, 60 do words[i] = "w" .. i end
     m:configure({ strict = true, reply = table.concat(words, " "), stream_interval = 0.1 })
-    local release = helpers.hold_write_lock(store_path)
-    finally(function() helpers.write(release, "") end)
-    local t = resil.spawn(function()
-      local s = ai.stream({ model = "canary", messages = MSGS, max_tokens = 1000 })
-      return s:next()
-    end)
-    assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
-    resil.sleep(0.3)
-    assert.are.equal("waiting", t:status())
-    t:cancel()
-    helpers.write(release, "")
+    cancel_while_outcome_waits(1000)
     assert.are.equal(1, #opened)
     local s = opened[1]
     -- (a stream is a userdata: a check for a table had closed none)
@@ -453,20 +446,7 @@ describe("streams", function()
   end)
 
   it("one that ended while it opened, without text, is recorded: canceled while the outcome waits", function()
-    resil.clock.real()
-    assert(resil.cost.record({ provider = "warm-up", usd = 0 }))
-    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.2 } } })
-    local release = helpers.hold_write_lock(store_path)
-    finally(function() helpers.write(release, "") end)
-    local t = resil.spawn(function()
-      local s = ai.stream({ model = "canary", messages = MSGS, max_tokens = 0 })
-      return s:next()
-    end)
-    assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
-    resil.sleep(0.3)
-    assert.are.equal("waiting", t:status())
-    t:cancel()
-    helpers.write(release, "")
+    cancel_while_outcome_waits(0)
     assert.is_true(helpers.wait_until(function() return openai_calls() == 1 end, 5), "rows: " .. openai_calls())
   end)
 end)

@@ -59,18 +59,26 @@ for t in threads: t.start()
 for t in threads: t.join()
 ]]
 
+-- `resil-lua gateway` in a folder of its own, started by `sh` after `setup`
+-- (a `ulimit`), through `wrapper` (an `env`); stopped after the test -> its
+-- port, the folder, its pid
+local function gateway_in_folder(setup, wrapper, config)
+  local port = helpers.free_port()
+  local dir = helpers.tmpname("")
+  os.execute("mkdir -p " .. dir)
+  helpers.write(dir .. "/gw.lua", config)
+  os.execute(("(%s exec %s %s gateway --listen 127.0.0.1:%d --config %s/gw.lua --store %s/s.db > %s/gw.out " ..
+    "2> %s/gw.err) & echo $! > %s/gw.pid"):format(setup, wrapper, helpers.resil, port, dir, dir, dir, dir, dir))
+  local pid = helpers.slurp(dir .. "/gw.pid"):match("%d+")
+  finally(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
+  assert.is_true(helpers.wait_until(function() return helpers.slurp(dir .. "/gw.out"):find("listening") ~= nil end, 10))
+  return port, dir, pid
+end
+
 describe("the gateway under clients that hang up", function()
   it("survives writes to sockets their peers reset (SIGPIPE), and answers afterwards", function()
-    local port = helpers.free_port()
-    local dir = helpers.tmpname("")
-    os.execute("mkdir -p " .. dir)
-    helpers.write(dir .. "/gw.lua", "return { auth = true }")
-    local out, pidfile = dir .. "/gw.out", dir .. "/gw.pid"
-    os.execute(("env --default-signal=PIPE %s gateway --listen 127.0.0.1:%d --config %s/gw.lua --store %s/s.db " ..
-      "--log-level error > %s 2>&1 & echo $! > %s"):format(helpers.resil, port, dir, dir, out, pidfile))
-    local pid = helpers.slurp(pidfile):match("%d+")
-    finally(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
-    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):find("listening") ~= nil end, 10))
+    local port, dir, pid = gateway_in_folder("", "env --default-signal=PIPE", "return { auth = true }")
+    local out = dir .. "/gw.err"
     helpers.write(dir .. "/hangup.py", HANGUP_CLIENTS)
     helpers.run(("python3 %s/hangup.py %d 3"):format(dir, port))
     assert.is_true(helpers.alive(pid), "the gateway died: " .. helpers.slurp(out))
@@ -94,16 +102,8 @@ time.sleep(float(sys.argv[3]))
 
 describe("the gateway at its open-files limit", function()
   it("rests and logs once instead of retrying accept() in a loop; it serves again when files free up", function()
-    local port = helpers.free_port()
-    local dir = helpers.tmpname("")
-    os.execute("mkdir -p " .. dir)
-    helpers.write(dir .. "/gw.lua", "return { auth = false }")
-    local out, err, pidfile = dir .. "/gw.out", dir .. "/gw.err", dir .. "/gw.pid"
-    os.execute(("(ulimit -n 64; exec %s gateway --listen 127.0.0.1:%d --config %s/gw.lua --store %s/s.db " ..
-      "> %s 2> %s) & echo $! > %s"):format(helpers.resil, port, dir, dir, out, err, pidfile))
-    local pid = helpers.slurp(pidfile):match("%d+")
-    finally(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
-    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):find("listening") ~= nil end, 10))
+    local port, dir = gateway_in_folder("ulimit -n 64;", "", "return { auth = false }")
+    local err = dir .. "/gw.err"
     helpers.write(dir .. "/idle.py", IDLE_CLIENTS)
     helpers.run(("python3 %s/idle.py %d 100 2"):format(dir, port)) -- 100 connections held 2 s, past the limit
     local log = helpers.slurp(err)
