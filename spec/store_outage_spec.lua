@@ -74,19 +74,10 @@ describe("a frozen Redis (SIGSTOP)", function()
     assert.is_false(held:settle(1.5, { provider = "p" }))
     assert.are.equal(1.5, resil.cost.total())
   end)
-end)
-
-describe("a frozen Redis (SIGSTOP), an Idempotency-Key's claim", function()
-  local redis
-  setup(function()
-    resil.clock.real()
-    redis = helpers.redis_server()
-  end)
-  teardown(function() redis.stop() end)
 
   -- (before: the claim sent before the freeze ran when Redis thawed, its record naming this live
   -- process as the holder for a day; every retry of the key waited, then was "in progress")
-  it("whose outcome was not seen is given up when Redis thaws: a retry of the key runs", function()
+  it("an Idempotency-Key's claim whose outcome was not seen is given up when Redis thaws: a retry runs", function()
     resil.log.level("off")
     local url = redis.url(2, "timeout=0.3")
     resil.store_config({ url = url })
