@@ -1256,19 +1256,26 @@ describe("resil-lua gateway and resil-lua keys", function()
 
   -- (before: the loop never turned again, so the drain never ran; the first SIGTERM did nothing and
   -- the gateway served nobody until a second one)
-  it("SIGTERM ends a request whose policy loops (a 500 after half drain_timeout) and then stops", function()
+  it("SIGTERM ends a request whose policy loops (a 500 after half drain_timeout, its <close> handlers run) " ..
+     "and then stops", function()
     local m = mock_upstream()
-    local db = helpers.tmpname(".db")
+    local db, mark = helpers.tmpname(".db"), helpers.tmpname(".closed")
     local config = helpers.write(helpers.tmpname(".lua"), ([[
       require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
       local gateway = require "policies.gateway"
       local handle = gateway.handle
       gateway.handle = function(req)
-        if req.headers["x-loop"] then while true do end end
+        if req.headers["x-loop"] then
+          -- (what a call's guard does as its task ends: give back its hold)
+          local _ <close> = setmetatable({}, { __close = function()
+            local f = io.open(%q, "w"); f:write("closed"); f:close()
+          end })
+          while true do end
+        end
         return handle(req)
       end
       return { auth = false, drain_timeout = 2 }
-    ]]):format(m.url .. "/v1"))
+    ]]):format(m.url .. "/v1", mark))
     local codefile = helpers.tmpname(".code")
     local pid, port, log = start_gateway(config, db, codefile)
     finally(function()
@@ -1286,6 +1293,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.wait_until(function() return helpers.slurp(codefile):match("%d+") ~= nil end, 5))
     assert.are.equal("143", helpers.slurp(codefile):match("%d+"))
     assert.matches("without yielding while the host stops", helpers.slurp(log))
+    assert.are.equal("closed", helpers.slurp(mark))
   end)
 
   for _, api in ipairs({ { path = "/v1/chat/completions", last = "[DONE]", grace = 1 },

@@ -87,6 +87,20 @@ describe("the gateway under clients that hang up", function()
   end)
 end)
 
+describe("the host's SIGPIPE", function()
+  -- (caught, not ignored: an ignored signal stays ignored across exec, and a policy's
+  -- `producer | head -1` pipeline then never ended)
+  it("is at its default in the programs a script starts", function()
+    local r = helpers.run(("env --default-signal=PIPE %s -e %q"):format(helpers.resil, [[
+      local p = io.popen("grep SigIgn /proc/self/status")
+      local mask = tonumber(p:read("a"):match("SigIgn:%s*(%x+)"), 16)
+      p:close()
+      print(mask & (1 << 12) == 0 and "default" or "ignored")
+    ]]))
+    assert.are.equal("default\n", r.stdout, r.stderr)
+  end)
+end)
+
 -- At the open-files limit accept() fails with EMFILE while the listening
 -- socket stays readable: libevent's listener retried at once, forever (a
 -- core at 100 % and megabytes of "[warn] Error from accept() call" a second

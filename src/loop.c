@@ -52,6 +52,8 @@ struct task {
   int timed_out;
   int failed, canceled, joined;
   int canceling;           /* its <close> handlers are running: a second cancel is a no-op */
+  int stop_raised;         /* the stop watch raised in it, this resume (stop_watch_hook) */
+  int stop_cut;            /* ...and it ran on (the error caught): it yielded to be ended as canceled */
   int cancel_due;          /* canceled while its wait was settling: stopped at its next wait */
   int nres;                /* results (or 1 error) at the top of co */
   char *traceback;
@@ -362,10 +364,17 @@ static void task_resume(resil_t *R, task *t) {
   t->wait_ops = NULL; /* the continuation owns what the wait granted now */
   t->wait_arg = NULL;
   R->current = t;
+  t->stop_raised = 0;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
   int status = lua_resume(t->co, R->L, nargs, &nres);
   R->current = NULL;
+  if (status == LUA_YIELD && t->stop_cut) { /* the stop watch's: ended as a cancel, its <close> handlers run */
+    t->stop_cut = 0;
+    lua_pop(t->co, nres);
+    task_end_canceled(t);
+    return;
+  }
   if (status == LUA_YIELD) {
     if (t->state == TASK_RUNNING) { /* a bare coroutine.yield: let others run */
       lua_pop(t->co, nres);
@@ -440,14 +449,29 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
 static void stop_watch_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   resil_t *R = resil_from_lua(L);
-  double now = monotonic_seconds();
-  if (R->stop_watch_since == 0) {
-    R->stop_watch_since = now;
-    return;
-  }
-  if (now - R->stop_watch_since < R->stop_grace) return;
   task *t = R->current;
-  lua_sethook(L, stop_watch_hook, LUA_MASKCOUNT, 1); /* keep firing so that a pcall cannot swallow it */
+  double now = monotonic_seconds();
+  if (t && t->stop_raised) {
+    /* it runs on after the error (a pcall caught it): a yield no pcall
+     * catches, and the task is ended as canceled (task_resume) */
+    if (L == t->co && lua_isyieldable(L)) {
+      t->stop_cut = 1;
+      lua_sethook(L, NULL, 0, 0);
+      lua_yield(L, 0);
+      return;
+    }
+  } else {
+    if (R->stop_watch_since == 0) {
+      R->stop_watch_since = now;
+      return;
+    }
+    if (now - R->stop_watch_since < R->stop_grace) return;
+    if (t) t->stop_raised = 1;
+  }
+  /* an error its request answers (a 500); the hook stays at its pace, so that
+   * the <close> handlers the error runs on its way (a call's guard giving
+   * back its hold) are not cut in turn */
+  lua_sethook(L, stop_watch_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
   luaL_error(L, "task %d (%s) ran %d s without yielding while the host stops", t ? t->id : 0,
              t ? task_where(t) : "?", (int)(now - R->stop_watch_since));
 }

@@ -405,9 +405,18 @@ static void apply_sandbox(resil_t *R, const resil_options *opts) {
  * connection killed a gateway (exit 141, its queued ledger rows lost). The
  * write's EPIPE is handled where it happens; a program that chose its own
  * disposition (a handler, or ignoring it) keeps it. */
+static void on_sigpipe(int signo) { (void)signo; }
 static void ignore_sigpipe(void) {
   struct sigaction now;
-  if (sigaction(SIGPIPE, NULL, &now) == 0 && now.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
+  if (sigaction(SIGPIPE, NULL, &now) != 0 || (now.sa_flags & SA_SIGINFO) || now.sa_handler != SIG_DFL) return;
+  /* a handler that does nothing, not SIG_IGN, which exec keeps: the
+   * programs os.execute and io.popen start get SIGPIPE at its default (a
+   * shell's `producer | head -1` ends) */
+  struct sigaction quiet = {0};
+  quiet.sa_handler = on_sigpipe;
+  quiet.sa_flags = SA_RESTART;
+  sigemptyset(&quiet.sa_mask);
+  sigaction(SIGPIPE, &quiet, NULL);
 }
 
 resil_t *resil_open(const resil_options *opts) {

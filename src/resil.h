@@ -94,7 +94,8 @@ typedef struct resil_options {
 
 /* A new host; opts may be NULL (all defaults, the sandbox on). NULL only when memory is exhausted.
  * SIGPIPE, when it still has its default disposition (which kills the process at a write to a
- * socket its peer reset), is ignored from here on: the host's servers handle EPIPE instead. An
+ * socket its peer reset), is caught by a handler that does nothing from here on: the host's
+ * servers handle EPIPE instead (and programs it starts get the default back at exec). An
  * option it could not honour (a log file it cannot open, a store URL of an
  * unknown scheme) leaves resil_error() non-empty: the host then logs to
  * stderr and has no store URL set. */
