@@ -28,6 +28,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
@@ -126,19 +127,39 @@ struct server {
   int in_handler, stop_deferred, self_ref;
   struct event *accept_rest; /* re-enables the listener after accept() failed (accept_failed) */
   double accept_logged_at;   /* when that was last logged */
-  server *next_listening;    /* this thread's servers: libevent tells accept_failed only the evhttp */
+  server *next_listening;    /* the servers listening: libevent tells accept_failed only the evhttp */
 };
 
-/* Each host runs on one thread, and so do its servers' callbacks. */
-static _Thread_local server *listening;
+/* The servers listening, in every host of the process (hosts may run on
+ * threads of their own, and move between them): accept_failed finds its own
+ * by its evhttp. */
+static server *listening;
+static pthread_mutex_t listening_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void listening_add(server *srv) {
+  pthread_mutex_lock(&listening_lock);
+  srv->next_listening = listening;
+  listening = srv;
+  pthread_mutex_unlock(&listening_lock);
+}
 
 static void listening_remove(server *srv) {
+  pthread_mutex_lock(&listening_lock);
   for (server **at = &listening; *at; at = &(*at)->next_listening) {
     if (*at == srv) {
       *at = srv->next_listening;
-      return;
+      break;
     }
   }
+  pthread_mutex_unlock(&listening_lock);
+}
+
+static server *listening_find(void *http) {
+  pthread_mutex_lock(&listening_lock);
+  server *srv = listening;
+  while (srv && srv->http != http) srv = srv->next_listening;
+  pthread_mutex_unlock(&listening_lock);
+  return srv;
 }
 
 static void pending_clear_reply(pending *p) {
@@ -1048,9 +1069,8 @@ static void accept_resume(evutil_socket_t fd, short what, void *arg) {
 
 static void accept_failed(struct evconnlistener *lev, void *http) {
   int e = EVUTIL_SOCKET_ERROR();
-  server *srv = listening;
-  while (srv && srv->http != http) srv = srv->next_listening;
-  if (!srv) return; /* (not ours) */
+  server *srv = listening_find(http); /* (the server is this host's: only its own loop calls this) */
+  if (!srv) return;
   evconnlistener_disable(lev);
   if (!srv->accept_rest) srv->accept_rest = evtimer_new(srv->R->base, accept_resume, srv);
   struct timeval rest = {0, ACCEPT_REST_MS * 1000};
@@ -1150,8 +1170,7 @@ static int l_listen(lua_State *L) {
     return 2;
   }
   evconnlistener_set_error_cb(evhttp_bound_socket_get_listener(srv->bound), accept_failed);
-  srv->next_listening = listening;
-  listening = srv;
+  listening_add(srv);
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
   getsockname(fd, (struct sockaddr *)&ss, &len);
