@@ -561,16 +561,9 @@ local function with_streamed_output(u, req, bytes)
   return u
 end
 
--- What an attempt that failed (or was canceled) while its stream opened was
--- billed, as a refused attempt's stream state: the usage the provider
--- reported, its output at least what was read (text read to the end,
--- thinking, tool calls' arguments; about 4 bytes a token) | nil (no output
--- read: an overloaded Anthropic stream, message_start then an error event,
--- is not a charge of its input, four times over with the retries)
-local function paid_while_opening(req, state, whole)
-  local bytes = (state.extra_bytes or 0)
-  for _, piece in ipairs(whole or {}) do bytes = bytes + #piece end
-  if bytes == 0 then return nil end
+-- A refused attempt's stream state: the usage the provider reported, its
+-- output at least `bytes` read
+local function billed(req, state, bytes)
   local usage -- (a copy: the state keeps the provider's word)
   if state.usage then
     usage = {}
@@ -579,16 +572,22 @@ local function paid_while_opening(req, state, whole)
   return { usage = with_streamed_output(usage, req, bytes), model = state.model, id = state.id }
 end
 
+-- What an attempt that failed (or was canceled) while its stream opened was
+-- billed: the usage the provider reported, its output at least what was read
+-- (text read to the end, thinking, tool calls' arguments; about 4 bytes a
+-- token) | nil (no output read: an overloaded Anthropic stream, message_start
+-- then an error event, is not a charge of its input, four times over with the
+-- retries)
+local function paid_while_opening(req, state, whole)
+  local bytes = (state.extra_bytes or 0)
+  for _, piece in ipairs(whole or {}) do bytes = bytes + #piece end
+  if bytes == 0 then return nil end
+  return billed(req, state, bytes)
+end
+
 -- What an attempt canceled before it read any output was billed: the input
 -- (as the provider reported it in its first event, else estimated), no output
-local function input_paid(req, state)
-  local usage -- (a copy: the state keeps the provider's word)
-  if state.usage then
-    usage = {}
-    for k, v in pairs(state.usage) do usage[k] = v end
-  end
-  return { usage = with_streamed_output(usage, req, 0), model = state.model, id = state.id }
-end
+local function input_paid(req, state) return billed(req, state, 0) end
 
 -- A stream an attempt opened (list.opened) belongs to the call until
 -- open() takes it over. A cancel in between (while a migration's outcome is
@@ -600,14 +599,10 @@ local function give_up_opened(g)
     if res then
       list.opened = nil
       if res.stream and res.stream ~= true then res.stream:close() end
+      -- (accepted, its 200: without output read, its input, as the usage it reported says, or estimated)
       local st = res.state or {}
-      local paid = paid_while_opening(g.req, st, { res.first or res.text or "" })
-      if not paid and res.ended and type(st.usage) == "table" then -- (complete: billed as it reported)
-        local u = {}
-        for k, v in pairs(st.usage) do u[k] = v end
-        paid = { usage = u, model = st.model, id = st.id }
-      end
-      if paid then list[#list + 1] = { stream = true, state = paid } end
+      local paid = paid_while_opening(g.req, st, { res.first or res.text or "" }) or input_paid(g.req, st)
+      list[#list + 1] = { stream = true, state = paid }
     end
   end
 end
