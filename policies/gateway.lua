@@ -1309,8 +1309,9 @@ end
 -- the rows their tasks record be written (with 0, the server closed in the
 -- same turn: a client read the truncated stream as a complete answer).
 local DRAIN_MIN = 0.5
+local function drain_timeout() return math.max(tonumber(gateway.config.drain_timeout) or 20, DRAIN_MIN) end
 local function drain(s, signo)
-  local grace = math.max(tonumber(gateway.config.drain_timeout) or 20, DRAIN_MIN)
+  local grace = drain_timeout()
   s:stop_accepting()
   local deadline = resil.now() + grace
   local function wait_while(busy, by) while busy() and resil.now() < by do resil.sleep(0.02) end end
@@ -1353,8 +1354,7 @@ function gateway.main(o)
   -- the first SIGTERM or SIGINT (src/main.c); a request whose handler then runs half the
   -- drain_timeout without yielding (a policy that loops) is ended with a 500, or the drain could
   -- never run
-  local grace = math.max(tonumber(gateway.config.drain_timeout) or 20, DRAIN_MIN)
-  drain(s, resil.stop_requested(true, grace / 2))
+  drain(s, resil.stop_requested(true, drain_timeout() / 2))
 end
 
 return gateway

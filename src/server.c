@@ -1050,8 +1050,6 @@ static double opt_limit(lua_State *L, const char *field, double dflt, double min
   return v;
 }
 
-/* resil.server.listen{host=, port=, handler=, max_headers=, max_body=, read_timeout=} -> server */
-
 /* accept() failed other than for a retry: out of file descriptors (EMFILE,
  * ENFILE) or memory. The listening socket stays readable, and libevent's
  * listener tried again at once, forever: a core at 100 % and megabytes of
@@ -1093,6 +1091,7 @@ static void accept_failed(struct evconnlistener *lev, void *http) {
                        "limit, ulimit -n, too low?)");
 }
 
+/* resil.server.listen{host=, port=, handler=, max_headers=, max_body=, read_timeout=} -> server */
 static int l_listen(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   resil_t *R = resil_from_lua(L);

@@ -68,9 +68,9 @@ end
 return 1
 ]]
 
--- KEYS: record, owners; ARGV: fingerprint, me, lease, retention, now, dead, same_host, lease_until
--- KEYS: the record, owners, the claim's abandoned marker; ARGV[9]: the claim (a claim given up by
--- its caller before it arrived, once_abandon, is not made)
+-- KEYS: the record, owners, the claim's abandoned marker; ARGV: fingerprint, me, lease, retention,
+-- now, dead, same_host, lease_until, the claim (one given up by its caller before it arrived,
+-- once_abandon, is not made)
 scripts.once_claim = holders_lib .. [[
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'abandoned'} end
 local fp, me, lease, retention, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -211,10 +211,11 @@ local function usage()
   return tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0')
 end
 -- A ticket carried into another period (budgets set --per) while its call ran is kept there: the
--- keys become that period's (prefix: the budget's, "resil:budget:NAME:") when its hash names
--- another than `known`, the one its caller reserved in. -> the ticket's period if it moved
-local function follow(known, prefix)
-  local period = redis.call('HGET', KEYS[5], 'period')
+-- keys become that period's (prefix: the budget's, "resil:budget:NAME:") when its hash (`ticket`,
+-- a key) names another than `known`, the one its caller reserved in. -> the ticket's period if it
+-- moved
+local function follow(ticket, known, prefix)
+  local period = redis.call('HGET', ticket, 'period')
   if not period or period == known then return nil end
   local b = prefix .. period
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6] = b .. ':spent', b .. ':reserved', b .. ':holds', b .. ':amounts',
@@ -305,13 +306,8 @@ return {spent, reserved, to_judge, holds}
 -- cost) counts where its call's ticket, KEYS[10], is.
 scripts.budget_settle = budget_lib .. insert_cost .. [[
 if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
-local entry, period = ARGV[4], follow(ARGV[7], ARGV[8])
-if not period and KEYS[10] and redis.call('EXISTS', KEYS[5]) == 0 then
-  local ticket = KEYS[5]
-  KEYS[5] = KEYS[10]
-  period = follow(ARGV[7], ARGV[8])
-  KEYS[5] = ticket
-end
+local entry, period = ARGV[4], follow(KEYS[5], ARGV[7], ARGV[8])
+if not period and KEYS[10] and redis.call('EXISTS', KEYS[5]) == 0 then period = follow(KEYS[10], ARGV[7], ARGV[8]) end
 if period then
   local label = '"period":' .. cjson.encode(ARGV[7])
   local at = string.find(entry, label, 1, true)
@@ -364,7 +360,7 @@ return 1
 scripts.budget_abandon = budget_lib .. [[
 local state = redis.call('HGET', KEYS[5], 'state')
 if state == 'held' then
-  follow(ARGV[3], ARGV[4])
+  follow(KEYS[5], ARGV[3], ARGV[4])
   unhold(ARGV[1])
   redis.call('HSET', KEYS[5], 'state', 'released')
   redis.call('PEXPIRE', KEYS[5], ARGV[2])
@@ -836,8 +832,10 @@ local function ticket_ttl(seconds) return tostring(math.ceil(((seconds or 0) + T
 -- A budget's settings live in a hash: limit, per (set from the command line), declared_limit,
 -- declared_per (the script's); the names in a set.
 local BUDGETS = P .. "budgets"
+-- the prefix of a budget's keys, one set per period: "resil:budget:NAME:"
+local function budget_prefix(budget) return P .. "budget:" .. budget .. ":" end
 local function budget_keys(budget, period, ticket)
-  local b = P .. "budget:" .. budget .. ":" .. period
+  local b = budget_prefix(budget) .. period
   return { b .. ":spent", b .. ":reserved", b .. ":holds", b .. ":amounts", P .. "ticket:" .. (ticket or ""),
            b .. ":holders", OWNERS }
 end
@@ -887,7 +885,7 @@ local function settle_call(ticket, entry)
   local parent = ticket:match("^(.+):charge:%d+$") -- (Ticket:charge's ids)
   if parent then keys[10] = P .. "ticket:" .. parent end
   return keys, table.pack(ticket, entry.micro_usd, entry.dedupe or "", resil.json.encode(entry), ticket_ttl(),
-    entry.charged and "1" or "0", entry.period, P .. "budget:" .. entry.budget .. ":")
+    entry.charged and "1" or "0", entry.period, budget_prefix(entry.budget))
 end
 
 function R:budget_settle(ticket, entry)
@@ -938,11 +936,7 @@ function R:budget_declare(name, micro, per, now)
   return true
 end
 
--- (carry: the period kind changed; {period=, since=}: the period's spend is
--- what the ledger holds for the budget since `since`, nil for all of it,
--- written with the settings in one script. Its open holds stay under the
--- period they were taken in: at most their hold's time uncounted.)
--- KEYS: settings, names, the period's spent counter (or none); ARGV: name, limit, per, set_at, spent
+-- The settings, with a period kind changed written in the same script.
 -- KEYS: the settings hash, the names set [, the ledger, the new period's spent, reserved, holds,
 -- amounts, holders, then the same four (reserved to holders) of each period to carry the holds
 -- from]; ARGV: name, limit, per, now, the new period's spend in the ledger's first `n` rows, n,
@@ -1044,7 +1038,7 @@ end
 -- and now never will be) | nil, err
 function R:budget_abandon(budget, period, ticket, expires_at, now)
   local n, err = self:script("budget_abandon", budget_keys(budget, period, ticket), ticket,
-    ticket_ttl(expires_at - now), period, P .. "budget:" .. budget .. ":")
+    ticket_ttl(expires_at - now), period, budget_prefix(budget))
   if n == nil then return nil, err end
   return n == 1
 end
