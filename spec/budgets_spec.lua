@@ -335,6 +335,36 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.are.equal(2, st.reserved, "the hold is under " .. t.period .. ", the budget's period is " .. st.period)
     end)
 
+    -- settings that change under every try (a script flipping --per in a loop): the reservation is
+    -- refused as the store being busy, retryable, not as a budget exhausted with $0 spent
+    it("a reservation stale three times in a row is refused as retryable, not as budget_exceeded", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      assert(bud:state())
+      local be = resil.store().backend
+      local cfg = be.budget_config
+      local pers, flips = { "month", "day" }, 0
+      local inside = false
+      be.budget_config = function(self, n)
+        local c, e = cfg(self, n)
+        if inside then return c, e end -- (admin.set reads the settings too)
+        inside = true
+        flips = flips + 1
+        assert(admin.set(resil.store(), name, 10, pers[flips % 2 + 1]))
+        inside = false
+        return c, e
+      end
+      finally(function() be.budget_config = nil end)
+      local t, err = bud:reserve(2)
+      be.budget_config = nil
+      assert.is_nil(t)
+      assert.are.equal(3, flips)
+      assert.are.equal("store_unavailable", err.kind, tostring(err))
+      assert.matches("settings changed", tostring(err))
+      local st = assert(bud:state())
+      assert.are.equal(0, st.reserved)
+    end)
+
     if b.name == "Redis" then
       it("a reservation abandoned (its outcome unseen) across the switch is given back in the new period", function()
         local name = fresh_name()

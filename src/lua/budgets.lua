@@ -110,6 +110,8 @@ local function abandon(g)
 end
 local outcome_guard = { __close = function(g) if not g.seen then resil.spawn(abandon, g) end end }
 
+local RESERVE_TRIES = 3 -- against settings that change under it (budgets set --per)
+
 -- budget:reserve(estimate_usd [, {hold=}]) -> ticket | nil, err{kind="budget_exceeded"|"store_unavailable"}
 function Budget:reserve(estimate, o)
   if not is_usd(estimate) then error("budget:reserve: estimate must be a number from 0 to 1e9", 2) end
@@ -119,10 +121,10 @@ function Budget:reserve(estimate, o)
   end
   local s, serr = store_or_fail()
   if not s then return nil, serr end -- a store that cannot be opened fails closed
-  local now, limit, per, period, id, ok, spent, reserved
+  local now, limit, per, period, id, ok, spent, reserved, stale
   -- (the settings read, then the hold written: a period switch in between, `budgets set --per`,
   -- makes the store refuse the hold as made against stale settings, and it is made again)
-  for _ = 1, 3 do
+  for _ = 1, RESERVE_TRIES do
     now = store_now()
     local lerr, set_per
     limit, per, lerr, set_per = limit_in_force(self, s.backend, now)
@@ -137,13 +139,16 @@ function Budget:reserve(estimate, o)
     local lease_until = owner.lease_due(s.backend, now)
     local outcome <close> = setmetatable({ backend = s.backend, budget = self.name, period = period, id = id,
       expires_at = now + hold }, outcome_guard)
-    local stale
     ok, spent, reserved, stale = s.backend:budget_reserve(self.name, period, to_micro(limit), to_micro(estimate), id,
       now + hold, now, me.id, lease_until, set_per)
     -- seen: made or refused, or (allowed unchecked) the ticket's settle or release will say
     outcome.seen = ok ~= nil or self.on_outage == "allow"
     if ok ~= nil then owner.lease_written(s.backend, lease_until) end
     if not stale then break end
+  end
+  if stale then -- the settings changed under each try: nothing is held, and the limit was never the reason
+    return nil, resil.error("store_unavailable", ("budget '%s': its settings changed during %d reservations in a " ..
+      "row; try again"):format(self.name, RESERVE_TRIES), { budget = self.name })
   end
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable
