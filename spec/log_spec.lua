@@ -214,3 +214,76 @@ describe("resil.json", function()
     assert.matches('"seed":1234567890123456789', got, 1, true)
   end)
 end)
+
+-- stderr is a pipe whose reader stalls (journald, a container runtime, `| tee` stopped): a blocking
+-- write stopped the whole process (a gateway's /health included) once 64 KB were unread
+describe("resil.log to a stderr pipe whose reader stalls", function()
+  local driver = [[
+import os, sys, subprocess, time
+resil, script, d, n = sys.argv[1:5]
+fifo = d + "/f"
+os.mkfifo(fifo)
+r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+w = os.open(fifo, os.O_WRONLY)
+p = subprocess.Popen([resil, script, d, n], stderr=w, stdout=subprocess.PIPE)
+os.close(w)
+t0 = time.time()
+while not os.path.exists(d + "/logged"):
+    if time.time() - t0 > 30:
+        print("blocked in a log write")
+        p.kill()
+        sys.exit(0)
+    time.sleep(0.01)
+open(d + "/reading", "w").close()
+os.set_blocking(r, True)
+data = b""
+while True:
+    chunk = os.read(r, 65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(p.communicate()[0].decode())
+sys.stdout.write(data.decode())
+]]
+  local script = [[
+local resil = require "resil"
+local dir, n = arg[1], tonumber(arg[2])
+local pad = ("x"):rep(100)
+for i = 1, n do resil.log.warn("line", { i = i, pad = pad }) end
+io.open(dir .. "/logged", "w"):close()
+while not io.open(dir .. "/reading") do resil.sleep(0.01) end -- (the loop runs: the pipe drains meanwhile)
+print("alive")
+]]
+  -- -> the script's stdout, and the log lines the reader got (decoded)
+  local function stalled(n)
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local py = helpers.write(dir .. "/driver.py", driver)
+    local lua = helpers.write(dir .. "/script.lua", script)
+    local r = helpers.run(("timeout 120 python3 %s %s %s %s %d"):format(py, helpers.resil, lua, dir, n))
+    local out, lines = {}, {}
+    for line in r.stdout:gmatch("[^\n]+") do
+      if line:sub(1, 1) == "{" then lines[#lines + 1] = assert(resil.json.decode(line), line)
+      else out[#out + 1] = line end
+    end
+    return table.concat(out, "\n"), lines, r
+  end
+
+  it("does not block the process; every line reaches the reader, in order, once it reads", function()
+    local out, lines, r = stalled(3000) -- ~500 KB: eight times the pipe
+    assert.are.equal("alive", out, r.stderr)
+    assert.are.equal(3000, #lines)
+    for i, l in ipairs(lines) do assert.are.equal(i, l.i) end
+  end)
+
+  it("drops whole lines past its bound, in order, and says how many once the reader catches up", function()
+    local n = 40000 -- ~7 MB: past the 4 MiB kept for a stalled reader
+    local out, lines, r = stalled(n)
+    assert.are.equal("alive", out, r.stderr)
+    local last = table.remove(lines)
+    assert.are.equal("log lines dropped: the log's reader did not keep up", last.msg)
+    assert.is_true(#lines > 1000 and #lines < n)
+    assert.are.equal(n - #lines, last.dropped)
+    for i, l in ipairs(lines) do assert.are.equal(i, l.i) end -- the first ones kept, none glued or cut
+  end)
+end)

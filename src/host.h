@@ -22,6 +22,13 @@ typedef struct redact_secret redact_secret;
 
 typedef void (*resil_timer_fn)(void *arg);
 
+/* log_sink.c: log lines to stderr without blocking the loop (NULL from
+ * open: write as before, blocking) */
+typedef struct log_sink log_sink;
+log_sink *log_sink_open(int fd, struct event_base *base);
+void log_sink_write(log_sink *s, const char *line, size_t n);
+void log_sink_close(log_sink *s); /* NULL-safe; waits a little for a slow reader */
+
 /* A one-shot timer that follows the host clock: a libevent timer on the
  * real clock, an entry in the virtual timer heap on the virtual clock. */
 struct resil_timer {

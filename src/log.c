@@ -34,6 +34,8 @@ typedef struct {
   FILE *out;
   int owns_out;
   int level;
+  log_sink *sink;  /* stderr written without blocking (log_sink.c); NULL: fwrite */
+  int sink_tried;  /* log_sink_open asked for this output */
 } log_state;
 
 static const char *const sensitive_keys[] = {
@@ -161,8 +163,15 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg) 
     R->log_fn(R->log_ud, lua_tostring(L, -1));
     lua_pop(L, 1);
   } else {
-    fwrite(line, 1, line_len, st->out);
-    fflush(st->out);
+    /* stderr only: stdout is print()'s too, whose buffered text must stay ahead of a line */
+    if (!st->sink_tried && st->out == stderr) st->sink = log_sink_open(fileno(stderr), R->base);
+    st->sink_tried = 1;
+    if (st->sink) {
+      log_sink_write(st->sink, line, line_len);
+    } else {
+      fwrite(line, 1, line_len, st->out);
+      fflush(st->out);
+    }
   }
   lua_pop(L, 4);
 }
@@ -252,6 +261,9 @@ static int log_level(lua_State *L) {
 }
 
 static void close_output(log_state *st) {
+  log_sink_close(st->sink);
+  st->sink = NULL;
+  st->sink_tried = 0;
   if (st->owns_out && st->out) fclose(st->out);
   st->out = stderr;
   st->owns_out = 0;
@@ -305,6 +317,8 @@ int luaopen_resil_log(lua_State *L) {
   st->out = stderr;
   st->owns_out = 0;
   st->level = LEVEL_INFO;
+  st->sink = NULL;
+  st->sink_tried = 0;
   if (luaL_newmetatable(L, LOG_MT)) {
     lua_pushcfunction(L, log_state_gc);
     lua_setfield(L, -2, "__gc");
