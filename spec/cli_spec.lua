@@ -135,6 +135,80 @@ describe("runaway scripts", function()
     assert.matches("main survived\t10", r.stdout)
   end)
 
+  -- (before: the count hook was on the task's own thread; a coroutine it resumed kept its own count,
+  -- and a stopped one was left with its <close> handlers pending)
+  it("--max-instructions stops a loop in a coroutine the task resumes, naming the task; its <close> " ..
+     "handlers run", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local function closes(name) return setmetatable({}, { __close = function() print(name .. " closed") end }) end
+      local t = resil.spawn(function()
+        local _ <close> = closes("task")
+        local co = coroutine.create(function()
+          local _ <close> = closes("coroutine")
+          while true do end
+        end)
+        print("resumed", coroutine.resume(co))
+        print("then", coroutine.status(co))
+        while true do end
+      end)
+      print("joined", t:join())
+      local wrapped = resil.spawn(function()
+        coroutine.wrap(function()
+          local _ <close> = closes("wrapped")
+          while true do end
+        end)()
+      end)
+      print("joined", wrapped:join())
+    ]], "--max-instructions 100000")
+    assert.are.equal(0, r.code, r.stderr)
+    local limit = "ran more than %-%-max%-instructions=100000 without yielding"
+    assert.matches("^coroutine closed\nresumed\tfalse\ttask 2 %(.-%.lua:3%) " .. limit .. "\nthen\tdead\n" ..
+      "task closed\njoined\tfalse\ttask 2 %(.-%.lua:3%) " .. limit .. "\n" ..
+      "wrapped closed\njoined\tfalse\t.-%.lua:15: task 3 %(.-%.lua:14%) " .. limit .. "\n$", r.stdout)
+  end)
+
+  -- one budget for all a task runs: the coroutines it resumes count to it, each run from where it was
+  it("--max-instructions charges a task for the coroutines it runs, fresh ones too", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local runs = 0
+      local t = resil.spawn(function()
+        while true do
+          runs = runs + 1
+          coroutine.wrap(function() for _ = 1, 20000 do end end)()
+        end
+      end)
+      print("joined", t:join())
+      print("runs", runs)
+    ]], "--max-instructions 100000")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("joined\tfalse\t.-task 2 %(.-%) ran more than %-%-max%-instructions=100000", r.stdout)
+    local runs = tonumber(r.stdout:match("runs\t(%d+)"))
+    assert.is_true(runs <= 10, "a coroutine's instructions went uncounted: " .. runs .. " runs of 20000")
+  end)
+
+  -- (before: a coroutine's count ran on from one task turn to the next, and a generator that a task
+  -- used a little on each turn failed it in the end)
+  it("--max-instructions does not charge a task for what a coroutine it resumes ran before it yielded", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local gen = coroutine.wrap(function()
+        while true do
+          for _ = 1, 1000 do end
+          coroutine.yield()
+        end
+      end)
+      local t = resil.spawn(function()
+        for _ = 1, 300 do gen(); resil.yield() end
+        return "done"
+      end)
+      print("joined", t:join())
+    ]], "--max-instructions 100000")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("joined\ttrue\tdone\n", r.stdout)
+  end)
+
   it("--max-memory fails the allocating task, not the host", function()
     local r = helpers.run_script([[
       local resil = require "resil"
@@ -195,6 +269,26 @@ describe("signals", function()
     os.execute("kill -TERM " .. pid)
     assert.is_true(wait_exit(pid))
     assert.matches("interrupted by signal 15", helpers.slurp(out))
+  end)
+
+  it("SIGINT stops a task spinning in a coroutine it resumed; their <close> handlers run", function()
+    local pid, out = start([[
+      local _ <close> = setmetatable({}, { __close = function() print("task closed") end })
+      coroutine.wrap(function()
+        local _ <close> = setmetatable({}, { __close = function() print("coroutine closed") end })
+        print("ready"); io.stdout:flush()
+        local x = 0
+        while true do x = x + 1 end
+      end)()
+    ]])
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert.is_true(wait_for_output(out, "ready"))
+    os.execute("kill -INT " .. pid)
+    assert.is_true(wait_exit(pid), "SIGINT did not stop it")
+    local output = helpers.slurp(out)
+    assert.matches("interrupted by signal 2", output)
+    assert.matches("coroutine closed", output)
+    assert.matches("task closed", output)
   end)
 
   it("SIGINT stops a task spinning in a Lua loop", function()

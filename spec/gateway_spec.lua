@@ -1296,6 +1296,70 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal("closed", helpers.slurp(mark))
   end)
 
+  -- (before: the watch's hook was on the request task's own thread; a coroutine it ran had none,
+  -- and the first SIGTERM did nothing)
+  for _, case in ipairs({
+    { what = "in a generator made at load", status = 500, logged = true, code = [[
+        local spin <const> = coroutine.wrap(function()
+          local _ <close> = closes(%q)
+          while true do end
+        end)
+        run = function() spin() end
+      ]] },
+    { what = "in a coroutine it resumes again and again, catching its error (the task is cut, as canceled)",
+      code = [[
+        run = function()
+          local co = coroutine.create(function()
+            local _ <close> = closes(%q)
+            while true do pcall(function() for _ = 1, 1e5 do end end) end
+          end)
+          while true do coroutine.resume(co) end
+        end
+      ]] },
+  }) do
+    it("SIGTERM ends a request whose policy loops " .. case.what .. "; the <close> handlers run", function()
+      local m = mock_upstream()
+      local db, mark, inner = helpers.tmpname(".db"), helpers.tmpname(".closed"), helpers.tmpname(".closed")
+      local config = helpers.write(helpers.tmpname(".lua"), ([[
+        require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+        local gateway = require "policies.gateway"
+        local handle = gateway.handle
+        local function closes(path)
+          return setmetatable({}, { __close = function() local f = io.open(path, "w"); f:write("closed"); f:close() end })
+        end
+        local run
+        ]] .. case.code .. [[
+        gateway.handle = function(req)
+          if req.headers["x-loop"] then
+            local _ <close> = closes(%q)
+            run()
+          end
+          return handle(req)
+        end
+        return { auth = false, drain_timeout = 0.4 }
+      ]]):format(m.url .. "/v1", inner, mark))
+      local codefile = helpers.tmpname(".code")
+      local pid, port, log = start_gateway(config, db, codefile)
+      finally(function()
+        if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+        m:stop()
+      end)
+      local looping = resil.spawn(http.request, { url = ("http://127.0.0.1:%d/health"):format(port), timeout = 20,
+        headers = { ["x-loop"] = "1" } })
+      resil.sleep(0.5) -- (it loops now)
+      os.execute("kill -TERM " .. pid)
+      local ok, res, err = looping:join()
+      assert.is_true(ok)
+      if case.status then assert.are.equal(case.status, assert(res, tostring(err)).status) end
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10), "still running")
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(codefile):match("%d+") ~= nil end, 5))
+      assert.are.equal("143", helpers.slurp(codefile):match("%d+"))
+      if case.logged then assert.matches("without yielding while the host stops", helpers.slurp(log)) end
+      assert.are.equal("closed", helpers.slurp(inner))
+      assert.are.equal("closed", helpers.slurp(mark))
+    end)
+  end
+
   for _, api in ipairs({ { path = "/v1/chat/completions", last = "[DONE]", grace = 1 },
                          { path = "/v1/messages", last = "message_stop", grace = 1 },
                          { path = "/v1/chat/completions", last = "[DONE]", grace = 0 } }) do

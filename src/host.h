@@ -84,6 +84,7 @@ struct resil {
   double stop_grace;                    /* > 0: once a stop is asked, a task that runs this many seconds
                                          * without yielding is stopped (it would keep the drain from running) */
   double stop_watch_since;              /* when the watch first saw the running task (0: not yet) */
+  struct nested_run *volatile nested;   /* the coroutines being resumed from Lua, innermost first (loop.c) */
 
   /* values registered through resil.secret: redacted from every message */
   redact_secret *secrets;
@@ -166,6 +167,7 @@ int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
+void loop_guard_coroutines(lua_State *L);      /* coroutine.resume and wrap pass the guards on (at start-up) */
 
 /* loop.c: clock and timers */
 double resil_now(resil_t *R);

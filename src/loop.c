@@ -16,6 +16,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -54,6 +55,7 @@ struct task {
   int canceling;           /* its <close> handlers are running: a second cancel is a no-op */
   int stop_raised;         /* the stop watch raised in it, this resume (stop_watch_hook) */
   int stop_cut;            /* ...and it ran on (the error caught): it yielded to be ended as canceled */
+  long instructions;       /* charged to it this resume, a part at a time (instruction_hook) */
   int cancel_due;          /* canceled while its wait was settling: stopped at its next wait */
   int nres;                /* results (or 1 error) at the top of co */
   char *traceback;
@@ -62,6 +64,13 @@ struct task {
   char where[96];
   int where_line;          /* not yet appended to where */
 };
+
+/* A coroutine being resumed from Lua (coroutine.resume, wrap), linked from
+ * R->nested while it runs: the guards a signal arms reach it (resume_nested) */
+typedef struct nested_run {
+  lua_State *co, *from;
+  struct nested_run *outer;
+} nested_run;
 
 /* ---------- clock ---------- */
 
@@ -323,6 +332,8 @@ static void task_record_failure(task *t) {
   t->nres = 1;
 }
 
+static void guard_for_close(resil_t *R, lua_State *co);
+
 /* A failed coroutine keeps its whole stack (and all it references) for
  * debug.traceback until reset; keep only the error value, so a task that hit
  * --max-memory gives its memory back at once, and close its pending
@@ -332,6 +343,7 @@ static void task_drop_stack(task *t) {
   if (!lua_checkstack(L, 1)) return;
   lua_xmove(co, L, 1);
   t->R->current = t; /* __close handlers run under its caps and signals */
+  guard_for_close(t->R, co);
   lua_resetthread(co);
   t->R->current = NULL;
   lua_settop(co, 0);
@@ -340,6 +352,7 @@ static void task_drop_stack(task *t) {
 
 static void instruction_hook(lua_State *L, lua_Debug *ar);
 static void stop_watch_hook(lua_State *L, lua_Debug *ar);
+static int budget_part(const resil_t *R);
 static const char *task_where(task *t);
 static int push_results(lua_State *L, task *t);
 static void describe_function(lua_State *L, int idx, task *t);
@@ -365,7 +378,8 @@ static void task_resume(resil_t *R, task *t) {
   t->wait_arg = NULL;
   R->current = t;
   t->stop_raised = 0;
-  if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
+  t->instructions = 0;
+  if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
   int status = lua_resume(t->co, R->L, nargs, &nres);
   R->current = NULL;
@@ -415,14 +429,50 @@ static void loop_run_ready(resil_t *R) {
   }
 }
 
+/* --max-instructions: a task's budget is shared by every thread it runs
+ * (its own and the coroutines it resumes), and a count hook counts per
+ * thread, so each thread charges the task a part at a time. A thread's count
+ * runs on across its resumes (resume_nested does not reset it): a loop that
+ * bounces between threads is charged in full, and a coroutine that tasks
+ * share charges one at most a part early. */
+#define BUDGET_PARTS 16
+
+static int budget_part(const resil_t *R) {
+  return (int)((R->max_instructions + BUDGET_PARTS - 1) / BUDGET_PARTS);
+}
+
+/* The <close> handlers of a thread a guard failed get a part of the budget,
+ * not the one instruction a spent one allows, and none once interrupted
+ * (what they give back matters; a second signal kills). An error the hook
+ * raised itself leaves the thread's hooks off all the same; this is for one
+ * raised again from C (a coroutine's, passed on by its resume). */
+static void guard_for_close(resil_t *R, lua_State *co) {
+  if (lua_gethook(co) != instruction_hook) return;
+  if (R->max_instructions > 0 && !R->interrupted) lua_sethook(co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
+  else lua_sethook(co, NULL, 0, 0);
+}
+
+/* Is L host_pcall's thread, or a coroutine resumed from it? Its cap is then
+ * the host call's own. */
+static int runs_for_host(resil_t *R, lua_State *L) {
+  if (!R->host_L) return 0;
+  if (R->host_L == L || !R->current) return 1;
+  for (nested_run *n = R->nested; n; n = n->outer)
+    if (n->from == R->host_L) return 1;
+  return 0;
+}
+
 static void instruction_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
   resil_t *R = resil_from_lua(L);
   task *t = R->current;
+  int host = runs_for_host(R, L);
+  if (!R->interrupted && !host && t && R->max_instructions > 0 && ar->event == LUA_HOOKCOUNT &&
+      (t->instructions += lua_gethookcount(L)) < R->max_instructions)
+    return;
   /* keep firing on every instruction so that a pcall cannot swallow it */
   lua_sethook(L, instruction_hook, LUA_MASKCOUNT, 1);
   if (R->interrupted) luaL_error(L, "interrupted by signal %d", (int)R->interrupted);
-  if (R->host_L && (R->host_L == L || !t)) { /* host_pcall: located where it first looped */
+  if (host) { /* host_pcall: located where it first looped */
     if (!R->host_stop[0]) {
       lua_Debug ar0;
       char at[128] = "";
@@ -446,6 +496,11 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
  * after `grace` seconds without yielding, as --max-instructions stops one. */
 #define STOP_WATCH_EVERY (1 << 20) /* instructions between looks at the clock (real time) */
 
+static int stop_watch_error(lua_State *L, resil_t *R, task *t, double now) {
+  return luaL_error(L, "task %d (%s) ran %d s without yielding while the host stops", t ? t->id : 0,
+                    t ? task_where(t) : "?", (int)(now - R->stop_watch_since));
+}
+
 static void stop_watch_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   resil_t *R = resil_from_lua(L);
@@ -453,8 +508,10 @@ static void stop_watch_hook(lua_State *L, lua_Debug *ar) {
   double now = monotonic_seconds();
   if (t && t->stop_raised) {
     /* it runs on after the error (a pcall caught it): a yield no pcall
-     * catches, and the task is ended as canceled (task_resume) */
-    if (L == t->co && lua_isyieldable(L)) {
+     * catches, and the task is ended as canceled (task_resume); from a
+     * coroutine the task resumed, each resume passes the yield on
+     * (resume_nested) */
+    if (L == (R->nested ? R->nested->co : t->co) && lua_isyieldable(L)) {
       t->stop_cut = 1;
       lua_sethook(L, NULL, 0, 0);
       lua_yield(L, 0);
@@ -472,29 +529,197 @@ static void stop_watch_hook(lua_State *L, lua_Debug *ar) {
    * the <close> handlers the error runs on its way (a call's guard giving
    * back its hold) are not cut in turn */
   lua_sethook(L, stop_watch_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
-  luaL_error(L, "task %d (%s) ran %d s without yielding while the host stops", t ? t->id : 0,
-             t ? task_where(t) : "?", (int)(now - R->stop_watch_since));
+  stop_watch_error(L, R, t, now);
 }
 
-/* From task_resume, and from a signal handler (resil_request_stop): only a hook. */
+/* From task_resume, and from a signal handler (resil_request_stop): only
+ * hooks, on the task's thread and the coroutines it is running. */
 void loop_watch_running(resil_t *R) {
   task *t = R->current;
   if (!t || R->max_instructions > 0) return;
   R->stop_watch_since = 0;
   lua_sethook(t->co, stop_watch_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
+  for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, stop_watch_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
 }
 
-/* Called from a signal handler (through resil_interrupt): only a hook. */
+/* Called from a signal handler (through resil_interrupt): only hooks. */
 void loop_interrupt_running(resil_t *R) {
   task *t = R->current;
-  if (t) lua_sethook(t->co, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
-  if (R->host_L) lua_sethook(R->host_L, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  int mask = LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT;
+  if (t) lua_sethook(t->co, instruction_hook, mask, 1);
+  if (R->host_L) lua_sethook(R->host_L, instruction_hook, mask, 1);
+  for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, instruction_hook, mask, 1);
 }
 
 void loop_arm_hook(resil_t *R, lua_State *L) {
   if (R->interrupted) lua_sethook(L, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   else if (R->max_instructions > 0) lua_sethook(L, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
   else lua_sethook(L, NULL, 0, 0);
+}
+
+/* ---------- coroutines a task runs itself ---------- */
+
+/* Hooks are per thread, and a thread copies its creator's hook only when it
+ * is made: a coroutine a task resumes (a generator, coroutine.wrap) was not
+ * under the guards set on the task's thread (--max-instructions, the stop
+ * watch, an interrupt). The library's resume and wrap are replaced with
+ * these, which give the coroutine its resumer's guard as they resume it:
+ * at resume, not at creation, since a coroutine may be made anywhere (at
+ * load, by another task, before a stop was asked). While it runs it is
+ * linked in R->nested, so that a guard a signal arms meanwhile reaches it.
+ * With no guard armed, no hook is set. */
+
+static int is_guard(lua_Hook hook) { return hook == instruction_hook || hook == stop_watch_hook; }
+
+/* co runs under from's guard, or none; a hook set with debug.sethook (a
+ * coverage tool's, check's budget) is neither passed on nor replaced. */
+static void guard_nested(lua_State *from, lua_State *co) {
+  lua_Hook hook = lua_gethook(from), has = lua_gethook(co);
+  if (!hook && !has) return; /* the common case: nothing armed */
+  lua_rawgeti(from, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  int main_thread = lua_tothread(from, -1) == co; /* (its resume fails: it must not keep a task's guard) */
+  lua_pop(from, 1);
+  if (main_thread) return;
+  int mask, count;
+  do { /* again if a signal armed from meanwhile: what it set on co must not be undone */
+    hook = lua_gethook(from), mask = lua_gethookmask(from), count = lua_gethookcount(from);
+    has = lua_gethook(co);
+    if (has && !is_guard(has)) return;
+    if (!is_guard(hook)) {
+      if (has) lua_sethook(co, NULL, 0, 0);
+    } else if (has != hook || lua_gethookmask(co) != mask || lua_gethookcount(co) != count) {
+      lua_sethook(co, hook, mask, count); /* an unchanged one is left: its count runs on (BUDGET_PARTS) */
+    }
+  } while (hook != lua_gethook(from) || mask != lua_gethookmask(from) || count != lua_gethookcount(from));
+}
+
+/* Did a guard stop what runs now? Then no one will close a coroutine it
+ * stopped (its task is ending), and it is closed at once. */
+static int guard_raised(resil_t *R) {
+  task *t = R->current;
+  return R->interrupted || (R->host_L && R->host_stop[0]) ||
+         (t && (t->stop_raised || (R->max_instructions > 0 && t->instructions >= R->max_instructions)));
+}
+
+/* Close a coroutine that died of an error, its <close> handlers run as a
+ * failed task's are (guard_for_close). co stack -> the error (of the last
+ * failing handler, else its own) */
+static int close_failed(resil_t *R, lua_State *co) {
+  guard_for_close(R, co);
+  return lua_resetthread(co);
+}
+
+#define RESUME_CUT (-2)
+
+/* lcorolib's auxresume, the guard passed on -> the number of results moved
+ * to L, -1 (an error on L's top), or RESUME_CUT: the stop watch cut co (it
+ * is closed) and L is to be cut too. */
+static int resume_nested(lua_State *L, lua_State *co, int narg) {
+  resil_t *R = resil_from_lua(L);
+  int nres;
+  if (!lua_checkstack(co, narg)) {
+    lua_pushliteral(L, "too many arguments to resume");
+    return -1;
+  }
+  nested_run run = {co, L, R->nested};
+  atomic_signal_fence(memory_order_seq_cst); /* whole before a signal handler can follow the link */
+  R->nested = &run;
+  guard_nested(L, co);
+  lua_xmove(L, co, narg);
+  int status = lua_resume(co, L, narg, &nres);
+  R->nested = run.outer;
+  task *t = R->current;
+  if (status == LUA_YIELD && t && t->stop_cut) { /* stop_watch_hook's yield, or a resume's passing it on */
+    lua_pop(co, nres);
+    lua_resetthread(co); /* its <close> handlers run (its hook is off) */
+    lua_settop(co, 0);
+    return RESUME_CUT;
+  }
+  if (status == LUA_OK || status == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      lua_pushliteral(L, "too many results to resume");
+      return -1;
+    }
+    lua_xmove(co, L, nres);
+    return nres;
+  }
+  lua_xmove(co, L, 1);
+  return -1;
+}
+
+/* A coroutine L resumed was cut: L yields in turn, up to the task's thread
+ * (task_resume ends it as canceled); where it cannot yield (inside a C
+ * call), the stop's error is raised and the watch cuts it later. */
+static int cut_resumer(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  if (lua_isyieldable(L)) {
+    if (is_guard(lua_gethook(L))) lua_sethook(L, NULL, 0, 0); /* its <close> handlers run uncut, as the task's */
+    return lua_yield(L, 0);
+  }
+  R->current->stop_cut = 0;
+  return stop_watch_error(L, R, R->current, monotonic_seconds());
+}
+
+static int guarded_resume(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argexpected(L, co, 1, "thread");
+  int r = resume_nested(L, co, lua_gettop(L) - 1);
+  if (r == RESUME_CUT) return cut_resumer(L);
+  if (r < 0) {
+    int stat = lua_status(co);
+    resil_t *R = resil_from_lua(L);
+    if (stat != LUA_OK && stat != LUA_YIELD && guard_raised(R)) {
+      close_failed(R, co);
+      lua_pop(L, 1);
+      lua_xmove(co, L, 1);
+      lua_settop(co, 0); /* dead, as coroutine.close leaves it */
+    }
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  lua_insert(L, -(r + 1));
+  return r + 1;
+}
+
+static int guarded_auxwrap(lua_State *L) {
+  lua_State *co = lua_tothread(L, lua_upvalueindex(1));
+  int r = resume_nested(L, co, lua_gettop(L));
+  if (r == RESUME_CUT) return cut_resumer(L);
+  if (r < 0) {
+    int stat = lua_status(co);
+    if (stat != LUA_OK && stat != LUA_YIELD) { /* an error in the coroutine */
+      stat = close_failed(resil_from_lua(L), co);
+      lua_xmove(co, L, 1);
+    }
+    if (stat != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {
+      luaL_where(L, 1);
+      lua_insert(L, -2);
+      lua_concat(L, 2);
+    }
+    return lua_error(L);
+  }
+  return r;
+}
+
+static int guarded_wrap(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_State *co = lua_newthread(L);
+  lua_pushvalue(L, 1);
+  lua_xmove(L, co, 1);
+  lua_pushcclosure(L, guarded_auxwrap, 1);
+  return 1;
+}
+
+void loop_guard_coroutines(lua_State *L) {
+  lua_getglobal(L, "coroutine");
+  lua_pushcfunction(L, guarded_resume);
+  lua_setfield(L, -2, "resume");
+  lua_pushcfunction(L, guarded_wrap);
+  lua_setfield(L, -2, "wrap");
+  lua_pop(L, 1);
 }
 
 static task *check_task(lua_State *L, int idx) {

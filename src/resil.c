@@ -453,6 +453,7 @@ resil_t *resil_open(const resil_options *opts) {
   *(void **)lua_getextraspace(L) = NULL;
   lua_atpanic(L, host_panic);
   luaL_openlibs(L);
+  loop_guard_coroutines(L); /* before any script can keep the library's own */
   lua_getglobal(L, "os");
   lua_pushcfunction(L, host_os_exit);
   lua_setfield(L, -2, "exit");
