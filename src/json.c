@@ -40,7 +40,7 @@ extern int luaopen_cjson_safe(lua_State *L);
 #define TAG_LEN 16 /* hex digits: 64 random bits, never shown */
 
 /* upvalues of encode and decode */
-enum { UP_CJSON = 1, UP_ARRAY_MT, UP_TAG };
+enum { UP_CJSON = 1, UP_ARRAY_MT, UP_MARKER };
 
 /* the marker's head as cjson writes it ("\u0000rj" + tag) and as Lua holds it */
 typedef struct {
@@ -48,13 +48,14 @@ typedef struct {
   char raw[1 + 2 + TAG_LEN + 1];
 } marker;
 
-static void marker_of(lua_State *L, marker *m) {
-  size_t n;
-  const char *tag = lua_tolstring(L, lua_upvalueindex(UP_TAG), &n);
-  snprintf(m->text, sizeof m->text, "\\u0000rj%.*s", (int)n, tag);
+/* made once per host (json_open): every decode looks for it */
+static void marker_make(marker *m, const char *tag) {
+  snprintf(m->text, sizeof m->text, "\\u0000rj%s", tag);
   m->raw[0] = '\0';
-  snprintf(m->raw + 1, sizeof m->raw - 1, "rj%.*s", (int)n, tag);
+  snprintf(m->raw + 1, sizeof m->raw - 1, "rj%s", tag);
 }
+
+static const marker *marker_of(lua_State *L) { return lua_touserdata(L, lua_upvalueindex(UP_MARKER)); }
 #define RAW_LEN (1 + 2 + TAG_LEN)
 
 static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
@@ -189,10 +190,9 @@ static void unmark_table(lua_State *L, const marker *m, int depth) {
 static int json_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
-  marker m;
-  marker_of(L, &m);
+  const marker *m = marker_of(L);
   lua_settop(L, 1);
-  int marked = mark_text(L, s, len, &m);
+  int marked = mark_text(L, s, len, m);
   lua_getfield(L, lua_upvalueindex(UP_CJSON), "decode");
   lua_pushvalue(L, marked ? 2 : 1);
   lua_call(L, 1, 2);
@@ -202,8 +202,8 @@ static int json_decode(lua_State *L) {
   }
   lua_pop(L, 1);
   if (marked) {
-    if (lua_type(L, -1) == LUA_TSTRING) unmark_value(L, &m);
-    else if (lua_type(L, -1) == LUA_TTABLE) unmark_table(L, &m, 1);
+    if (lua_type(L, -1) == LUA_TSTRING) unmark_value(L, m);
+    else if (lua_type(L, -1) == LUA_TTABLE) unmark_table(L, m, 1);
   }
   return 1;
 }
@@ -345,13 +345,12 @@ static int json_encode(lua_State *L) {
     lua_call(L, 1, 1);
     return 1;
   }
-  marker m;
-  marker_of(L, &m);
-  push_marked(L, 1, &m, 1);
+  const marker *m = marker_of(L);
+  push_marked(L, 1, m, 1);
   lua_call(L, 1, 1);
   size_t len;
   const char *s = lua_tolstring(L, -1, &len);
-  unmark_text(L, s, len, &m);
+  unmark_text(L, s, len, m);
   return 1;
 }
 
@@ -365,6 +364,7 @@ int luaopen_resil_json(lua_State *L) {
   lua_pushvalue(L, module);
   lua_setfield(L, LUA_REGISTRYINDEX, "resil.json");
   luaL_requiref(L, "cjson", luaopen_cjson, 0);
+  int cjson = lua_gettop(L);
   lua_getfield(L, -1, "encode_sparse_array");
   lua_pushboolean(L, 1); /* a very sparse array becomes an object instead of an error */
   lua_call(L, 1, 0);
@@ -385,14 +385,17 @@ int luaopen_resil_json(lua_State *L) {
   if (RAND_bytes(raw, sizeof raw) != 1) memset(raw, 0x5a, sizeof raw);
   for (size_t i = 0; i < sizeof raw; i++) snprintf(tag + 2 * i, 3, "%02x", raw[i]);
 
-  lua_pushvalue(L, -3); /* cjson */
+  marker_make(lua_newuserdatauv(L, sizeof(marker), 0), tag);
+  int mark = lua_gettop(L);
+
+  lua_pushvalue(L, cjson);
   lua_pushvalue(L, array_mt);
-  lua_pushstring(L, tag);
+  lua_pushvalue(L, mark);
   lua_pushcclosure(L, json_encode, 3);
   lua_setfield(L, module, "encode");
   lua_pushvalue(L, safe);
   lua_pushvalue(L, array_mt);
-  lua_pushstring(L, tag);
+  lua_pushvalue(L, mark);
   lua_pushcclosure(L, json_decode, 3);
   lua_setfield(L, module, "decode");
   lua_settop(L, module);
