@@ -382,6 +382,27 @@ resil.step("two", function() return 2 end)
   end)
 end)
 
+describe("a database the server does not have", function()
+  it("fails every operation naming it, and writes nothing to database 0 meanwhile", function()
+    -- (the server has 64 databases: 0 to 63)
+    local r = helpers.run_script([[
+local resil = require "resil"
+print(select(2, resil.cost.record({ provider = "p", model = "m", usd = 1 })))
+print(select(2, resil.step("one", function() return 1 end)))
+print(select(2, resil.store():set("k", "v")))
+print(resil.cost.record({ provider = "p", model = "m", usd = 2, wait = false }))
+]], ("--store redis://127.0.0.1:%d/64 --run other-db --log-level off"):format(port))
+    local lines = {}
+    for line in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    for i = 1, 3 do
+      assert.matches("store_unavailable: redis 127.0.0.1:%d+: database 64: ERR DB index is out of range", lines[i])
+    end
+    local keys = helpers.run(("redis-cli -p %d -n 0 dbsize"):format(port))
+    assert.are.equal("0", keys.stdout:match("%d+"), "database 0 got the keys: " ..
+      helpers.run(("redis-cli -p %d -n 0 keys '*'"):format(port)).stdout)
+  end)
+end)
+
 describe("shared limits across processes on Redis", function()
   before_each(function() fresh_url() end)
 

@@ -41,14 +41,22 @@ typedef struct {
   int pending;
   double timeout;
   int closing; /* collected: replies are no longer told to Lua */
+  /* A new connection's SELECT not answered yet: the commands sent meanwhile
+   * are held here, not pipelined behind it; a server without that database
+   * would run them in database 0 (another app's keys, or another store's) */
+  int selecting;
+  struct redis_cmd *held_first, *held_last;
 } redis_conn;
 
-typedef struct {
+typedef struct redis_cmd {
   redis_conn *c;
   task *t;
   int ref_result; /* {n=, ...} or {err = message, kind = } */
   int ref_done;   /* conn:send: told the reply, no task waits */
   struct event *deadline; /* real time: a frozen server must not hold the task */
+  char *held;             /* held until the SELECT's reply: the command, formatted */
+  int held_len;
+  struct redis_cmd *next;
 } redis_cmd;
 
 static redis_conn *check_conn(lua_State *L, int idx) { return luaL_checkudata(L, idx, CONN_MT); }
@@ -171,6 +179,35 @@ static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   if (r && r->type == REDIS_REPLY_ERROR) snprintf(c->last_error, sizeof c->last_error, "redis: %s", r->str);
 }
 
+/* The SELECT's reply: the held commands are sent now, in their order; or,
+ * when it failed (a database the server does not have) or never came (the
+ * connection lost), each fails, and a refused SELECT drops the connection,
+ * so that no command ever runs in another database. */
+static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) {
+  redis_conn *c = privdata;
+  redisReply *r = reply;
+  int ok = r && r->type != REDIS_REPLY_ERROR;
+  if (r && !ok)
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: database %d: %s", c->host, c->port, c->db, r->str);
+  c->selecting = 0;
+  redis_cmd *cmd = c->held_first;
+  c->held_first = c->held_last = NULL;
+  while (cmd) {
+    redis_cmd *next = cmd->next;
+    cmd->next = NULL;
+    int sent = ok && redisAsyncFormattedCommand(ac, on_reply, cmd, cmd->held, (size_t)cmd->held_len) == REDIS_OK;
+    redisFreeCommand(cmd->held);
+    cmd->held = NULL;
+    if (!sent) on_reply(ac, NULL, cmd);
+    cmd = next;
+  }
+  if (r && !ok && c->ac == ac) {
+    c->ac = NULL;
+    c->connected = 0;
+    redisAsyncDisconnect(ac);
+  }
+}
+
 static int ensure_connected(redis_conn *c) {
   if (c->ac) return 1;
   double now = resil_now(c->R);
@@ -193,7 +230,7 @@ static int ensure_connected(redis_conn *c) {
   c->ac = ac;
   /* queued before any command: authenticate, pick the database */
   if (c->password) redisAsyncCommand(ac, on_setup_reply, c, "AUTH %s", c->password);
-  if (c->db) redisAsyncCommand(ac, on_setup_reply, c, "SELECT %d", c->db);
+  if (c->db) c->selecting = redisAsyncCommand(ac, on_select_reply, c, "SELECT %d", c->db) == REDIS_OK;
   return 1;
 }
 
@@ -266,7 +303,16 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
   if (!cmd) luaL_error(L, "out of memory");
   cmd->c = c;
   cmd->ref_result = cmd->ref_done = LUA_NOREF;
-  if (redisAsyncCommandArgv(c->ac, on_reply, cmd, argc, argv_s, argv_len) != REDIS_OK) {
+  if (c->selecting) { /* after the SELECT's reply (on_select_reply) */
+    cmd->held_len = redisFormatCommandArgv(&cmd->held, argc, argv_s, argv_len);
+    if (cmd->held_len < 0) {
+      free(cmd);
+      luaL_error(L, "out of memory");
+    }
+    if (c->held_last) c->held_last->next = cmd;
+    else c->held_first = cmd;
+    c->held_last = cmd;
+  } else if (redisAsyncCommandArgv(c->ac, on_reply, cmd, argc, argv_s, argv_len) != REDIS_OK) {
     free(cmd);
     resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
                        c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
@@ -414,19 +460,25 @@ static void write_queued(redis_conn *c) {
     redisContext *rc = c->ac ? &c->ac->c : NULL;
     if (!rc || rc->err) return;
     int done = 0;
+    short want = POLLOUT;
     if (rc->flags & REDIS_CONNECTED) {
       if (redisBufferWrite(rc, &done) != REDIS_OK) return;
       if (done) {
-        drain_until_closed(c, &t0);
-        return;
+        if (!c->selecting) {
+          drain_until_closed(c, &t0);
+          return;
+        }
+        want = POLLIN; /* the SELECT's reply: then the commands held for it are queued (or failed) */
       }
     } else {
       redisAsyncHandleWrite(c->ac); /* completes the connect (or fails it: c->ac is then NULL) */
     }
     double left = c->timeout - seconds_since(&t0);
     if (left <= 0 || !c->ac) return;
-    struct pollfd p = {c->ac->c.fd, POLLOUT, 0};
-    if (poll(&p, 1, (int)(left * 1000) + 1) < 0) return;
+    struct pollfd p = {c->ac->c.fd, want, 0};
+    int n = poll(&p, 1, (int)(left * 1000) + 1);
+    if (n < 0) return;
+    if (n > 0 && want == POLLIN) redisAsyncHandleRead(c->ac);
   }
 }
 
