@@ -146,3 +146,35 @@ print("ledger calls", (resil.cost.breakdown("model")[1] or {}).calls)
   end)
 end)
 
+
+describe("the commands that read the store, on a bad day", function()
+  -- a store with one run of two steps, and a ledger row
+  local function store_with_run(run)
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.step("one", function() return 1 end)
+resil.step("two", function() return 2 end)
+resil.cost.record({ provider = "p", model = "m", usd = 0.5 })
+]], ("--store '%s' --run %s --log-level off"):format(db, run))
+    assert.are.equal(0, r.code, r.stderr)
+    return db
+  end
+
+  it("a store locked past its timeout: each exits 1 with one line naming the store, no traceback", function()
+    local db = store_with_run("locked")
+    local release = helpers.hold_write_lock(db)
+    finally(function() -- (and wait until the holder let go: it never outlives the test)
+      helpers.write(release, "")
+      helpers.run(("sqlite3 -cmd '.timeout 10000' '%s' 'BEGIN IMMEDIATE; COMMIT;'"):format(db))
+    end)
+    for _, cmd in ipairs({ "runs", "runs show locked", "costs", "costs --by model", "costs --run locked --csv",
+                           "budgets" }) do
+      local r = helpers.run(("%s %s --store '%s?timeout=0.2'"):format(helpers.resil, cmd, db))
+      assert.are.equal(1, r.code, cmd)
+      -- (before: runs, runs show and costs added a Lua stack traceback of the command's own code)
+      assert.matches("^resil%-lua: [%w ]*:? ?store_unavailable: store %S+: database is locked\n$", r.stderr, cmd)
+    end
+  end)
+
+end)

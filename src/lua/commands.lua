@@ -15,6 +15,14 @@ local function fail(fmt, ...)
   os.exit(1)
 end
 
+-- what a read of the store gave, or the command stops with its error on one
+-- line (a store locked, frozen, corrupt: trouble from the world, not a bug
+-- to trace back)
+local function need(v, err)
+  if v == nil then fail("%s", tostring(err)) end
+  return v
+end
+
 local function date(t) return t and os.date("!%Y-%m-%d %H:%M:%S", math.floor(t)) or "-" end
 
 local function table_print(header, rows)
@@ -80,7 +88,7 @@ local function money(usd) return ("$%.6f"):format(usd or 0) end
 -- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ... }
 local function run_report(s, id)
   local run = s.backend:run_get(id)
-  local steps = assert(s.backend:run_steps(id))
+  local steps = need(s.backend:run_steps(id))
   if not run and #steps == 0 then return nil end
   local items, by_scope = {}, {}
   for _, st in ipairs(steps) do
@@ -95,7 +103,7 @@ local function run_report(s, id)
     if st.state == "failed" then it.state = "failed"
     elseif st.state == "pending" and it.state ~= "failed" then it.state = "pending" end
   end
-  local costs = assert(resil.cost.breakdown("item", { run = id }))
+  local costs = need(resil.cost.breakdown("item", { run = id }))
   local total = 0
   for _, c in ipairs(costs) do
     total = total + c.usd
@@ -126,7 +134,7 @@ local function runs_show(s, args)
   local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
   local run = report.run
   if html then -- the page: src/lua/report.lua
-    local ok, err = require("resil.report").write(html, report, assert(s.backend:cost_rows({ run = id })),
+    local ok, err = require("resil.report").write(html, report, need(s.backend:cost_rows({ run = id })),
       run.status ~= "done" and run.status ~= "running" and resume_command(s, run) or nil)
     if not ok then fail("runs show: cannot write %s: %s", html, tostring(err)) end
     print(("wrote %s"):format(html))
@@ -163,7 +171,7 @@ function commands.runs(args)
   if not s then fail("%s", tostring(err)) end
   if args[1] == "show" then return runs_show(s, args) end
   if args[1] then fail("runs: unknown argument '%s' (runs, or runs show ID)", args[1]) end
-  local runs = assert(s.backend:runs_list(resil.store_now()))
+  local runs = need(s.backend:runs_list(resil.store_now()))
   local rows = {}
   for _, r in ipairs(runs) do
     -- who runs it now (a process that died while holding it shows as gone)
@@ -240,7 +248,7 @@ function commands.costs(args)
     local s, err = resil.store()
     if not s then fail("%s", tostring(err)) end
     local out = {}
-    for _, r in ipairs(assert(s.backend:cost_rows(filter))) do
+    for _, r in ipairs(need(s.backend:cost_rows(filter))) do
       out[#out + 1] = { os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(r.at)), r.provider, r.model, r.operation, r.user,
                         r.run, r.item, r.step, r.budget, r.micro_usd and ("%.6f"):format(r.micro_usd / 1e6) or "", r.units }
     end
@@ -248,7 +256,7 @@ function commands.costs(args)
     return
   end
   if by then
-    local rows = assert(resil.cost.breakdown(by, filter))
+    local rows = need(resil.cost.breakdown(by, filter))
     if as_json then print(json_list(rows)) return end
     if as_csv then
       local out = {}
@@ -264,7 +272,7 @@ function commands.costs(args)
     out[#out + 1] = { "TOTAL", "", ("$%.6f"):format(total), unpriced > 0 and unpriced or "" }
     table_print({ by:upper(), "CALLS", "USD", "UNPRICED" }, out)
   else
-    local total = assert(resil.cost.total(filter))
+    local total = need(resil.cost.total(filter))
     if as_json then print(json.encode({ usd = total })) return end
     print(("total $%.6f"):format(total))
   end
@@ -305,7 +313,8 @@ function commands.budgets(args)
   for i = 1, #args do if args[i] == "--json" then as_json = true end end
   if sub == nil or sub == "--json" then
     for i = 1, #args do if args[i] ~= "--json" then fail("budgets: unknown argument '%s'", args[i]) end end
-    local list = admin.list(s) or fail("budgets: %s", "the store is unavailable")
+    local list, lerr = admin.list(s)
+    if not list then fail("budgets: %s", tostring(lerr or "the store is unavailable")) end
     if as_json then
       local out = {}
       for i, b in ipairs(list) do out[i] = budget_json(b) end
