@@ -87,7 +87,8 @@ local function money(usd) return ("$%.6f"):format(usd or 0) end
 
 -- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ... }
 local function run_report(s, id)
-  local run = s.backend:run_get(id)
+  local run, rerr = s.backend:run_get(id)
+  if run == nil and rerr ~= nil then need(nil, rerr) end -- (not "no such run": it could not be read)
   local steps = need(s.backend:run_steps(id))
   if not run and #steps == 0 then return nil end
   local items, by_scope = {}, {}
