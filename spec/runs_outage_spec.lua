@@ -51,6 +51,26 @@ take_lock(db, rel, 3) -- past the run's end
     assert.matches("recording the run's end: store_unavailable: ", r.stderr, 1, true)
   end)
 
+  it("a run whose end cannot be recorded (a file size limit: a full disk) says why, not what the rollback said",
+    function()
+      local db = helpers.tmpname(".db")
+      local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+for i = 1, 1000 do -- until the file is full
+  if not resil.step("s" .. i, function() return ("x"):rep(8000) end) then break end
+end
+for _ = 1, 1000 do -- and small writes too
+  if not resil.cost.record({ provider = "p", model = "m", usd = 1 }) then break end
+end
+]])
+      -- (writes past 1 MB fail with EFBIG, as on a full disk; SIGXFSZ ignored)
+      local r = helpers.run(("sh -c \"trap '' XFSZ; ulimit -f 1024; exec %s --store '%s' --run full --log-level off %s\"")
+        :format(helpers.resil, db, script))
+      -- (before: "commit failed: cannot rollback - no transaction is active": SQLite had rolled it back itself)
+      assert.is_not.matches("cannot rollback", r.stderr, 1, true)
+      assert.matches("recording the run's end: store_unavailable: store %S+: commit failed: disk I/O error", r.stderr)
+    end)
+
   it("a store whose file is deleted mid-run refuses every write after it, instead of writing to a file gone",
     function()
       local db = helpers.tmpname(".db")

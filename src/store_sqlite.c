@@ -860,8 +860,12 @@ static int run_now(lua_State *L, const char *begin) {
     return lua_error(L);
   }
   if (exec_sql(d, "COMMIT") != SQLITE_OK) {
-    exec_sql(d, "ROLLBACK");
-    return resil_error_result(L, "store_unavailable", "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
+    /* the reason before the ROLLBACK's: SQLite may have rolled back itself
+     * (a full disk, an I/O error), and then the ROLLBACK fails on its own */
+    int pushed = resil_error_result(L, "store_unavailable", "store %s: commit failed: %s", d->path,
+                                    sqlite3_errmsg(d->db));
+    if (!sqlite3_get_autocommit(d->db)) exec_sql(d, "ROLLBACK");
+    return pushed;
   }
   int err = d->syncer && strcmp(begin, "BEGIN") != 0 ? wal_syncer_sync_now(d->syncer) : 0;
   if (err) {
