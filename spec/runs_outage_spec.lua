@@ -197,6 +197,24 @@ resil.cost.record({ provider = "p", model = "m", usd = 0.5 })
     end
   end)
 
+  it("a store path with nothing there (a typo): each names it and exits 1, and no store is made", function()
+    local db = helpers.tmpname(".db")
+    for _, cmd in ipairs({ "runs", "runs show r", "costs", "costs --by model", "costs --run r --csv", "budgets",
+                           "budgets show team", "budgets release team" }) do
+      local r = helpers.run(("%s %s --store '%s'"):format(helpers.resil, cmd, db))
+      -- (before: "total $0.000000", "no runs recorded in ...", a budget "not known to the store", exit 0, and an
+      -- empty store made at the path)
+      assert.are.equal(1, r.code, cmd .. ": " .. r.stdout)
+      assert.are.equal("resil-lua: store_unavailable: no store at " .. db .. " (nothing was recorded there; " ..
+        "--store or RESIL_STORE names the store, by default .resil/state.db in the working directory)\n", r.stderr)
+      assert.is_nil(io.open(db), cmd .. " made a store")
+    end
+    -- a limit may be set before the first run
+    local set = helpers.run(("%s budgets set team --limit 5 --store '%s'"):format(helpers.resil, db))
+    assert.are.equal(0, set.code, set.stderr)
+    assert.matches("team%s+%$5%.000000", helpers.run(("%s budgets --store '%s'"):format(helpers.resil, db)).stdout)
+  end)
+
   it("runs show: a run whose record cannot be read is an error, not a run of unknown state", function()
     local db = store_with_run("damaged")
     -- the runs table's page overwritten (the steps table's intact)

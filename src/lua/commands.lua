@@ -168,7 +168,7 @@ local function runs_show(s, args)
 end
 
 function commands.runs(args)
-  local s, err = resil.store()
+  local s, err = resil.store(nil, { existing = true })
   if not s then fail("%s", tostring(err)) end
   if args[1] == "show" then return runs_show(s, args) end
   if args[1] then fail("runs: unknown argument '%s' (runs, or runs show ID)", args[1]) end
@@ -245,9 +245,9 @@ function commands.costs(args)
   end
   if as_json and as_csv then fail("costs: --json or --csv, not both") end
   local filter = { since = since, run = run }
+  local s, err = resil.store(nil, { existing = true }) -- (the one resil.cost reads too)
+  if not s then fail("%s", tostring(err)) end
   if as_csv and not by then -- the ledger's rows, for a spreadsheet
-    local s, err = resil.store()
-    if not s then fail("%s", tostring(err)) end
     local out = {}
     for _, r in ipairs(need(s.backend:cost_rows(filter))) do
       out[#out + 1] = { os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(r.at)), r.provider, r.model, r.operation, r.user,
@@ -306,7 +306,7 @@ local function opt_money(v) return v and money(v) or "-" end
 
 -- resil-lua budgets [--json] | show NAME [--json] | release NAME [--stale] | set NAME --limit USD [--per P]
 function commands.budgets(args)
-  local s, err = resil.store()
+  local s, err = resil.store(nil, { existing = args[1] ~= "set" }) -- (set may come before any run)
   if not s then fail("%s", tostring(err)) end
   local admin = require "resil.budgets"
   local sub = args[1]

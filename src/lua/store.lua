@@ -110,7 +110,9 @@ local function sweeper(backend)
   end
 end
 
--- opts (first open only): group_commit = false commits each operation alone
+-- opts (first open only): group_commit = false commits each operation alone; existing = true
+-- opens a SQLite file only if it is there (the commands that read the store: a mistyped path
+-- is named, not made into an empty store that reads as "nothing spent")
 function resil.store(url, opts)
   url = url or default_url()
   local s = opened[url]
@@ -125,6 +127,15 @@ function resil.store(url, opts)
     if not timeout then return nil, resil.error("store_unavailable", terr) end
     local o = { timeout = timeout }
     for k, v in pairs(opts or {}) do o[k] = v end
+    if o.existing then
+      o.existing = nil
+      local f = io.open(path, "rb")
+      if not f then
+        return nil, resil.error("store_unavailable", ("no store at %s (nothing was recorded there; --store or " ..
+          "RESIL_STORE names the store, by default .resil/state.db in the working directory)"):format(path))
+      end
+      f:close()
+    end
     backend, err = backends.sqlite.open(path, o)
     if backend then resil.background(sweeper, backend) end
   end
