@@ -369,8 +369,9 @@ function commands.budgets(args)
       local a, v = args[i], args[i + 1]
       if a == "--limit" then
         limit = tonumber(v)
-        if not limit or limit < 0 or limit ~= limit or limit == math.huge then
-          fail("budgets set: --limit takes an amount in USD >= 0, not '%s'", tostring(v))
+        -- (as resil.budget's: past 1e12 USD its micro-dollars pass 2^63 and are stored as a float)
+        if not limit or not (limit >= 0 and limit <= 1e12) then
+          fail("budgets set: --limit takes an amount in USD from 0 to 1e12, not '%s'", tostring(v))
         end
       elseif a == "--per" then
         if v ~= "day" and v ~= "month" and v ~= "none" then
