@@ -192,6 +192,10 @@ for _, b in ipairs(helpers.store_backends()) do
           "resil.budget: limit must be a number from 0 to 1e12")
       end
       misuse(function() local _ = budget:reserve(0.1, { hold = nan }) end, "budget:reserve: hold must be a number")
+      for _, soft in ipairs({ nan, -0.1, 1.5, "0.8" }) do -- (NaN: the soft limit's warning never came)
+        misuse(function() local _ = resil.budget("money-soft", { limit = 1, soft = soft }) end,
+          "resil.budget: soft must be a share from 0 to 1")
+      end
       local st = assert(budget:state())
       assert.are.same({ 0, 1, 1 }, { st.spent, st.reserved, #st.holds })
       assert.is_true(t:settle(0.25, { provider = "p" }))

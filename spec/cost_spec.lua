@@ -168,6 +168,24 @@ describe("resil.cost inside steps and once (one process)", function()
       assert.matches('resil_tokens_total{model="m",provider="kept",type="input"} 10\n', resil.metrics.text(), 1, true)
     end)
 
+  -- a row nobody waits for failed only in the next group commit ("cannot bind a table"): the cost
+  -- was lost with "the ledger refused a row", the caller told true
+  it("refuses a provider, model or operation that is not text, and units JSON cannot hold, at the caller's line",
+    function()
+      local before = resil.cost.total()
+      for _, bad in ipairs({ { provider = {} }, { model = 5 }, { operation = true }, { units = "3 tokens" },
+                             { units = { input_tokens = function() end } } }) do
+        for _, wait in ipairs({ true, false }) do
+          local e = { provider = "p", model = "m", usd = 0.5, wait = wait }
+          for k, v in pairs(bad) do e[k] = v end
+          local ok, err = pcall(function() local r = resil.cost.record(e); return r end)
+          assert.is_false(ok)
+          assert.matches("cost_spec%.lua:%d+: resil%.cost%.record: %a+ must be", err)
+        end
+      end
+      assert.are.equal(before, resil.cost.total())
+    end)
+
   it("a ticket's settle is kept once, inside a step too", function()
     local b = resil.budget("cost-spec", { limit = 10 })
     resil.step("settled", function()

@@ -58,6 +58,9 @@ function resil.budget(name, opts)
     if opts.per ~= nil and opts.per ~= "day" and opts.per ~= "month" then
       error("resil.budget: per must be \"day\", \"month\" or nil", 2)
     end
+    if opts.soft ~= nil and not (type(opts.soft) == "number" and opts.soft >= 0 and opts.soft <= 1) then
+      error("resil.budget: soft must be a share from 0 to 1 (of the limit, where a warning is logged)", 2)
+    end
     if opts.on_outage ~= nil and opts.on_outage ~= "deny" and opts.on_outage ~= "allow" then
       error("resil.budget: on_outage must be \"deny\" (the default) or \"allow\"", 2)
     end

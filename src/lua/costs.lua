@@ -90,11 +90,20 @@ local function day_of(at)
   return day_text
 end
 
+local TEXT_FIELDS = { "provider", "model", "operation" }
 local function cost_entry(e, at)
   if type(e) ~= "table" then error("resil.cost.record: expects a table", 3) end
   -- usd = nil: a call without a price, recorded as such (never as a zero)
   if e.usd ~= nil and not is_usd(e.usd) then
     error("resil.cost.record: usd must be a number from 0 to 1e9, or nil for a call without a price", 3)
+  end
+  -- (checked here, at the caller's line: a row nobody waits for would fail only in the store's
+  -- next commit, the cost lost with "the ledger refused a row")
+  for _, field in ipairs(TEXT_FIELDS) do
+    local v = e[field]
+    if v ~= nil and type(v) ~= "string" then
+      error(("resil.cost.record: %s must be a string or nil, not a %s"):format(field, type(v)), 3)
+    end
   end
   local ctx = resil.context()
   -- Only the caller knows when two records are one charge (e.g. the
@@ -103,7 +112,14 @@ local function cost_entry(e, at)
   -- nothing is deduplicated on where the record was made.
   local dedupe = e.id ~= nil and tostring(e.id) or nil
   local units = e.units
-  if units ~= nil then units = json.encode(units) end
+  if units ~= nil then
+    local ok, text = pcall(json.encode, units)
+    if type(units) ~= "table" or not ok then
+      error("resil.cost.record: units must be a table JSON can hold (token counts by name)" ..
+        (ok and "" or ": " .. tostring(text)), 3)
+    end
+    units = text
+  end
   return { dedupe = dedupe, at = at, day = day_of(at), provider = e.provider,
            model = e.model, operation = e.operation, user = e.user and tostring(e.user),
            run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
