@@ -198,3 +198,52 @@ describe("the gateway on Redis: a limit set with `budgets set` during a stall", 
     assert.is_true(st.reserved <= st.limit, ("reserved %s > limit %s"):format(st.reserved, st.limit))
   end)
 end)
+
+-- Redis past its maxmemory (noeviction, the policy a store needs) refuses
+-- writes with an error reply ("OOM command not allowed ..."), as one
+-- loading its data after a restart does ("LOADING ..."): the store is
+-- unavailable for now, not broken
+describe("the gateway on Redis: a server past its maxmemory", function()
+  local function maxmemory(bytes)
+    os.execute(("redis-cli -p %d config set maxmemory %d > /dev/null"):format(redis.port, bytes))
+  end
+
+  it("a reservation it refuses is a 503 store_unavailable with Retry-After, not a 502 with Redis' own message",
+    function()
+      local url, m = start()
+      finally(function() maxmemory(0) end)
+      local key = assert(keys.add({ name = "oom", budget = "5/day" }))
+      assert.are.equal(200, assert(post(url, key)).status) -- the key is cached, the budget declared
+      maxmemory(1)
+      local res = assert(post(url, key))
+      maxmemory(0)
+      -- (before: 502, code null, "OOM command not allowed when used memory > 'maxmemory'. script: ...")
+      assert.are.equal(503, res.status, res.body)
+      assert.is_truthy(res.headers["retry-after"])
+      local e = json.decode(res.body).error
+      assert.are.equal("store_unavailable", e.code, res.body)
+      assert.is_nil(e.message:find("maxmemory", 1, true), e.message)
+      assert.are.equal(1, m:stats().routes.chat)
+      assert.are.equal(200, assert(post(url, key)).status)
+    end)
+
+  it("a settle it refuses is tried again and written once memory is back: the call's cost is in the ledger and " ..
+     "its hold freed", function()
+    resil.log.level("off")
+    resil.store_config({ url = redis.url() })
+    finally(function() maxmemory(0); resil.log.level("info") end)
+    local b = resil.budget("oom-settle", { limit = 100, per = "day" })
+    local ticket = assert(b:reserve(1))
+    maxmemory(1)
+    -- the gateway's settle: not waited for
+    assert.is_true(ticket:settle(0.5, { provider = "openai", model = "gpt-4o-mini", wait = false }))
+    resil.sleep(0.3) -- refused at least once
+    maxmemory(0)
+    -- (before: "the ledger refused a row; its cost is not in it": spent 0, the hold of 1.0 kept for 600 s)
+    assert.is_true(helpers.wait_until(function()
+      local st = b:state()
+      return st ~= nil and st.spent == 0.5 and st.reserved == 0
+    end, 10))
+    assert.are.equal(0.5, resil.cost.total({ model = "gpt-4o-mini" }))
+  end)
+end)

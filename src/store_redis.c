@@ -82,6 +82,26 @@ static void push_reply(lua_State *L, redisReply *r, int depth) {
   }
 }
 
+/* An error reply that says the server cannot serve now, not that the
+ * command is wrong: over its maxmemory (noeviction), loading its data after
+ * a restart, busy with a long script, a replica since a failover, refusing
+ * writes after a failed snapshot. The store is unavailable (a gateway's 503,
+ * a settle tried again), not broken. Redis 7 gives the error of a command a
+ * script called as it is ("OOM command not allowed ..."); older versions
+ * wrap it ("ERR Error running script ...: -OOM command not allowed ..."). */
+static int unavailable_reply(const char *s) {
+  static const char *const codes[] = {"OOM", "LOADING", "BUSY", "READONLY", "MISCONF", "MASTERDOWN", "NOREPLICAS",
+                                      "TRYAGAIN", "CLUSTERDOWN", NULL};
+  char wrapped[32];
+  for (int i = 0; codes[i]; i++) {
+    size_t n = strlen(codes[i]);
+    if (strncmp(s, codes[i], n) == 0 && s[n] == ' ') return 1;
+    snprintf(wrapped, sizeof wrapped, "-%s ", codes[i]);
+    if (strstr(s, wrapped)) return 1;
+  }
+  return 0;
+}
+
 /* conn:send's reply to its done(reply) | done(nil, err), on the loop outside
  * any task; a done that raises is logged. */
 static void tell_done(lua_State *L, redis_cmd *cmd) {
@@ -118,6 +138,11 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   lua_createtable(L, 1, 2);
   if (!r) {
     lua_pushstring(L, c->last_error[0] ? c->last_error : (ac && ac->errstr ? ac->errstr : "connection lost"));
+    lua_setfield(L, -2, "err");
+    lua_pushliteral(L, "store_unavailable");
+    lua_setfield(L, -2, "kind");
+  } else if (r->type == REDIS_REPLY_ERROR && unavailable_reply(r->str)) {
+    lua_pushfstring(L, "redis %s:%d: %s", c->host, c->port, r->str);
     lua_setfield(L, -2, "err");
     lua_pushliteral(L, "store_unavailable");
     lua_setfield(L, -2, "kind");
@@ -404,7 +429,9 @@ static int conn_call_now(lua_State *L) {
   if (!r) {
     pushed = resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port, rc->errstr);
   } else if (r->type == REDIS_REPLY_ERROR) {
-    pushed = resil_error_result(L, "store_error", "redis: %s", r->str);
+    pushed = unavailable_reply(r->str)
+                 ? resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port, r->str)
+                 : resil_error_result(L, "store_error", "redis: %s", r->str);
   } else {
     push_reply(L, r, 0);
     pushed = 1;
