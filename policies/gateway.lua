@@ -484,6 +484,12 @@ local function key_buckets(rec)
   local b = buckets_of[rec]
   if b then return b end
   local shared = gateway.config.shared_limits
+  if shared == nil then
+    -- a Redis store is shared by gateways on several machines: a key's limits
+    -- are the key's across them, not each process's (--workers or not)
+    local s = resil.store()
+    shared = s ~= nil and s.kind == "redis"
+  end
   b = {
     rpm = rec.rpm and resil.bucket("gateway:" .. rec.id .. ":rpm", { rate = rec.rpm, per = 60, burst = rec.rpm,
       shared = shared }),

@@ -247,3 +247,41 @@ describe("the gateway on Redis: a server past its maxmemory", function()
     assert.are.equal(0.5, resil.cost.total({ model = "gpt-4o-mini" }))
   end)
 end)
+
+describe("the gateway on Redis: a key's rate limit across gateways", function()
+  it("two gateways without --workers on one Redis (two machines) admit the key's --rpm between them, not each",
+    function()
+      resil.log.level("off")
+      local store_url = redis.url()
+      resil.store_config({ url = store_url })
+      local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+      local config = helpers.write(helpers.tmpname(".lua"), ([[
+        require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+        return { auth = true }
+      ]]):format(m.url .. "/v1"))
+      local key = assert(keys.add({ name = "paced", rpm = 4 }))
+      local ports, pids = { helpers.free_ports(2) }, {}
+      finally(function()
+        for _, pid in ipairs(pids) do os.execute("kill -KILL " .. pid) end
+        m:stop()
+        resil.log.level("info")
+      end)
+      for i, port in ipairs(ports) do
+        local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+        os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store '%s' > %s 2>&1 & echo $! > %s")
+          :format(helpers.resil, port, config, store_url, log, pidfile))
+        pids[i] = helpers.slurp(pidfile):match("%d+")
+        assert.is_true(helpers.wait_until(function() return helpers.slurp(log):find("listening", 1, true) end, 10),
+          helpers.slurp(log))
+      end
+      local served = 0
+      for i = 1, 12 do
+        local res = assert(post(("http://127.0.0.1:%d/v1/chat/completions"):format(ports[i % 2 + 1]), key))
+        assert.is_true(res.status == 200 or res.status == 429, res.body)
+        if res.status == 200 then served = served + 1 end
+      end
+      -- 4 a minute: a burst of 4, then one every 15 s. (before: 8, the key's 4 from each gateway)
+      assert.is_true(served < 8, ("%d of 12 served"):format(served))
+      assert.are.equal(served, m:stats().routes.chat)
+    end)
+end)
