@@ -285,3 +285,34 @@ describe("the gateway on Redis: a key's rate limit across gateways", function()
       assert.are.equal(served, m:stats().routes.chat)
     end)
 end)
+
+describe("the gateway on Redis: a server that evicts keys", function()
+  it("is said once, at the store's first use: its keys, budgets and idempotency records may vanish", function()
+    local function config_set(k, v)
+      os.execute(("redis-cli -p %d config set %s %s > /dev/null"):format(redis.port, k, v))
+    end
+    config_set("maxmemory", "100mb")
+    config_set("maxmemory-policy", "allkeys-lru")
+    local log = helpers.tmpname(".log")
+    finally(function()
+      resil.log.output("stderr")
+      config_set("maxmemory", "0")
+      config_set("maxmemory-policy", "noeviction")
+    end)
+    resil.log.output(log)
+    resil.store_config({ url = redis.url() })
+    assert.is_nil(resil.store():get("anything"))
+    -- (before: nothing said; an evicted key record was a valid key's 401, an evicted holds set a
+    -- reserved total that nothing could free)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):find("evicts keys", 1, true) ~= nil end, 10))
+    assert.is_nil(resil.store():get("anything else"))
+    resil.log.output("stderr")
+    local said = {}
+    for line in helpers.slurp(log):gmatch("[^\n]+") do
+      local l = json.decode(line)
+      if l.msg:find("evicts keys", 1, true) then said[#said + 1] = l end
+    end
+    assert.are.equal(1, #said)
+    assert.are.equal("allkeys-lru", said[1].policy)
+  end)
+end)

@@ -1083,4 +1083,13 @@ end
 
 function R:integrity_check() return "ok" end
 
+-- -> the server's maxmemory (bytes, 0: none) and maxmemory-policy | nil, err
+function R:eviction_policy()
+  local info, err = self.conn:call("INFO", "memory")
+  if type(info) ~= "string" then return nil, err end
+  local max, policy = info:match("\nmaxmemory:(%d+)"), info:match("\nmaxmemory_policy:([%w%-]+)")
+  if not max or not policy then return nil end
+  return tonumber(max), policy
+end
+
 return R
