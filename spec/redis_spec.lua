@@ -360,6 +360,31 @@ os.exit(0)
   end)
 end)
 
+describe("the ledger on Redis with wait = false, Redis frozen as the process ends", function()
+  it("a row sent to the frozen server is said to be perhaps written, not lost: the server runs it as it thaws",
+    function()
+      local url = fresh_url()
+      local r = helpers.run_script(([[
+local resil = require "resil"
+assert(resil.store():set("warm", "1")) -- the connection is up
+os.execute("kill -STOP %s")
+assert(resil.cost.record({ provider = "frozen", usd = 0.25, id = "sent-1", wait = false }))
+resil.sleep(0.6) -- no reply within the timeout: tried again meanwhile
+os.exit(0)
+]]):format(pid), "--store '" .. url .. "?timeout=0.2'")
+      os.execute("kill -CONT " .. pid)
+      assert.are.equal(0, r.code, r.stderr)
+      -- (before: "a cost row was not written before the process ended; its cost is not in the
+      -- ledger", for a row the thawed server then wrote: an operator entering it counted it twice)
+      assert.are.same({}, helpers.rows_logged_lost(r.stderr), r.stderr)
+      assert.matches("a cost row may not have been written before the process ended", r.stderr, 1, true)
+      assert.is_true(helpers.wait_until(function()
+        local by = resil.cost.breakdown("provider")
+        return by ~= nil and by[1] ~= nil and by[1].calls == 1
+      end, 10))
+    end)
+end)
+
 describe("runs on Redis", function()
   before_each(fresh_url)
 

@@ -114,6 +114,8 @@ static void tell_done(lua_State *L, redis_cmd *cmd) {
     const char *kind = lua_tostring(L, -1);
     lua_pushnil(L);
     resil_push_error(L, kind ? kind : "store_error", "%s", lua_tostring(L, -3));
+    if (lua_getfield(L, res, "sent") == LUA_TBOOLEAN) lua_setfield(L, -2, "sent"); /* err.sent */
+    else lua_pop(L, 1);
     lua_rotate(L, res + 2, 2); /* res done nil err message kind */
     lua_pop(L, 2);
   } else {
@@ -141,6 +143,13 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     lua_setfield(L, -2, "err");
     lua_pushliteral(L, "store_unavailable");
     lua_setfield(L, -2, "kind");
+    /* the connection was up: the command may have reached the server, and a
+     * frozen one runs it when it thaws (a timeout drops the connection; the
+     * server still reads what it had received) */
+    if (ac && (ac->c.flags & REDIS_CONNECTED)) {
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -2, "sent");
+    }
   } else if (r->type == REDIS_REPLY_ERROR && unavailable_reply(r->str)) {
     lua_pushfstring(L, "redis %s:%d: %s", c->host, c->port, r->str);
     lua_setfield(L, -2, "err");
@@ -296,7 +305,10 @@ static int call_k(lua_State *L, int status, lua_KContext ctx) {
   if (lua_getfield(L, res, "err") != LUA_TNIL) {
     lua_getfield(L, res, "kind");
     const char *kind = lua_tostring(L, -1);
-    return resil_error_result(L, kind ? kind : "store_error", "%s", lua_tostring(L, -2));
+    int pushed = resil_error_result(L, kind ? kind : "store_error", "%s", lua_tostring(L, -2));
+    if (lua_getfield(L, res, "sent") == LUA_TBOOLEAN) lua_setfield(L, -2, "sent"); /* err.sent */
+    else lua_pop(L, 1);
+    return pushed;
   }
   lua_pop(L, 1);
   lua_rawgeti(L, res, 1);

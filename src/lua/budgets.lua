@@ -219,14 +219,15 @@ end
 -- logs the error and goes on). A settle is kept once per ticket (its state
 -- in the store, its ticket in the ledger), so a retry that meets one that
 -- did land, or the caller's own retry, changes nothing.
-local function settle_later(ticket, entry, fields)
+local function settle_later(ticket, entry, fields, sent)
   costs.retry_later("a settle", function() return ticket.store.backend:budget_settle(ticket.id, entry) end,
     function(ok) return ok and fields.usd > 0 end, fields,
-    { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd })
+    { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd }, sent)
 end
 
+-- (canceled while the store had it: it may have been written)
 local settle_guard = { __close = function(w)
-  if not w.seen then settle_later(w.ticket, w.entry, w.fields) end
+  if not w.seen then settle_later(w.ticket, w.entry, w.fields, true) end
 end }
 
 -- ticket:settle(actual_usd [, cost fields]) -> true (first time) | false (already settled)
@@ -263,7 +264,7 @@ function Ticket:settle(actual, e)
   write.seen = true
   if ok and actual > 0 then costs.observe(fields, fields.units) end
   if ok == nil and resil.is_error(err) and err.kind == "store_unavailable" then
-    settle_later(self, entry, fields)
+    settle_later(self, entry, fields, err.sent)
     err.retrying = true
   end
   return ok, err

@@ -179,19 +179,25 @@ end
 -- early its report would never be made)
 debug.getregistry()["resil.costs: rows lost at exit"] = setmetatable({}, { __gc = function()
   for r in pairs(retrying) do
-    if r.attempting then say_unknown(r.what, r.fields)
+    if r.attempting or r.sent then say_unknown(r.what, r.fields)
     else say_lost(r.what, r.fields, "the store was still unavailable") end
   end
 end })
 
-local function retry_later(what, write, counts, fields, log_fields)
+-- sent: the failure that called for this may have reached the store (a
+-- Redis command without a reply: a frozen server runs it when it thaws), as
+-- may any attempt here that fails so (err.sent); such a write is never said
+-- to be missing from the ledger, only perhaps (an operator entering it by
+-- hand would count it twice).
+local function retry_later(what, write, counts, fields, log_fields, sent)
   unwritten = unwritten + 1
-  local pending = { what = what, fields = log_fields }
+  local pending = { what = what, fields = log_fields, sent = sent or nil }
   retrying[pending] = true
   local function attempt()
     pending.attempting = true
     local ok, err = write()
     pending.attempting = false
+    if ok == nil and type(err) == "table" and err.sent then pending.sent = true end
     return ok, err
   end
   resil.spawn(function()
@@ -200,7 +206,12 @@ local function retry_later(what, write, counts, fields, log_fields)
     if counts(ok) then observe_cost(fields, fields.units) end
     if ok == nil then
       log_fields.error = tostring(err)
-      resil.log.error(what .. " could not be written; its cost is not in the ledger", log_fields)
+      if pending.sent then
+        resil.log.error(what .. " may not have been written: look for its id or ticket in the ledger before " ..
+          "entering it", log_fields)
+      else
+        resil.log.error(what .. " could not be written; its cost is not in the ledger", log_fields)
+      end
     end
   end)
 end
@@ -224,7 +235,7 @@ local function write_later(backend, name, fields, log_fields, ...)
       -- the store closed with it unwritten (another process held the write lock): said row by row
       say_lost(name == "cost_record" and "a cost row" or "a settle", log_fields, tostring(err))
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
-      retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, seen, log_fields)
+      retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, seen, log_fields, err.sent)
     else
       log_fields.error = tostring(err)
       resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
