@@ -384,9 +384,24 @@ function commands.budgets(args)
       i = i + 2
     end
     if not limit then fail("budgets set: --limit USD is needed") end
+    -- a gateway key's budget is "key:NAME": `budgets set NAME` made a budget
+    -- nothing reserves against, and the key went on spending to its old limit
+    -- the budget of the live key named n, when it has one
+    local function key_budget(n)
+      for _, rec in ipairs(require("resil.keys").list() or {}) do
+        if rec.name == n and rec.budget and not rec.revoked then return rec.budget end
+      end
+    end
+    if not name:find("^key:") and not s.backend:budget_config(name)
+      and (key_budget(name) or s.backend:budget_config("key:" .. name)) then
+      fail("budgets set: no budget is named '%s'; the gateway key %s's budget is 'key:%s' " ..
+        "(resil-lua budgets set key:%s --limit ...)", name, name, name, name)
+    end
     if not per then -- keep the period the budget has
       local cfg = s.backend:budget_config(name) or {}
-      per = cfg.per or cfg.declared_per or "none"
+      -- (a key's budget before the gateway's first reservation: its record's period, not none)
+      local kb = not cfg.per and not cfg.declared_per and name:match("^key:(.+)$") and key_budget(name:sub(5))
+      per = cfg.per or cfg.declared_per or kb and kb.per or "none"
     end
     local ok, serr = admin.set(s, name, limit, per)
     if not ok then fail("budgets set: %s", tostring(serr)) end
