@@ -287,3 +287,59 @@ print("alive")
     for i, l in ipairs(lines) do assert.are.equal(i, l.i) end -- the first ones kept, none glued or cut
   end)
 end)
+
+-- two processes on one stderr pipe (the gateway's workers, its supervisor): each line went out in one
+-- write of at most PIPE_BUF, which a pipe never splits; what a stalled reader left pending went out in
+-- writes of any size, cut anywhere, and the other process's lines landed inside ours
+describe("resil.log to a stderr pipe that two processes share", function()
+  local driver = [[
+import os, sys, subprocess, time
+resil, script, d, n = sys.argv[1:5]
+r, w = os.pipe()
+ps = [subprocess.Popen([resil, script, d, n, str(k)], stderr=w, stdout=subprocess.DEVNULL) for k in range(2)]
+os.close(w)
+t0 = time.time()
+while not (os.path.exists(d + "/logged0") and os.path.exists(d + "/logged1")):
+    if time.time() - t0 > 30:
+        print("blocked in a log write")
+        for p in ps: p.kill()
+        sys.exit(0)
+    time.sleep(0.01)
+open(d + "/reading", "w").close()
+data = b""
+while True:
+    chunk = os.read(r, 65536)
+    if not chunk:
+        break
+    data += chunk
+for p in ps: p.wait()
+sys.stdout.write(data.decode())
+]]
+  local script = [[
+local resil = require "resil"
+local dir, n, k = arg[1], tonumber(arg[2]), arg[3]
+local pad = ("x"):rep(100)
+for i = 1, n do resil.log.warn("line", { i = i, k = k, pad = pad }) end
+io.open(dir .. "/logged" .. k, "w"):close()
+while not io.open(dir .. "/reading") do resil.sleep(0.01) end
+resil.sleep(0.5) -- (the loop runs: both drain at once)
+]]
+  it("keeps each line whole: none cut, none glued to another's", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local py = helpers.write(dir .. "/driver.py", driver)
+    local lua = helpers.write(dir .. "/script.lua", script)
+    for _ = 1, 3 do
+      local r = helpers.run(("timeout 120 python3 %s %s %s %s %d"):format(py, helpers.resil, lua, dir, 3000))
+      local count = { ["0"] = 0, ["1"] = 0 }
+      for line in r.stdout:gmatch("[^\n]+") do
+        local l = resil.json.decode(line)
+        assert(l and l.msg == "line" and count[l.k], "a line cut or glued: " .. line:sub(1, 300))
+        count[l.k] = count[l.k] + 1
+        assert.are.equal(count[l.k], l.i)
+      end
+      assert.are.same({ ["0"] = 3000, ["1"] = 3000 }, count, r.stderr)
+      os.remove(dir .. "/logged0"); os.remove(dir .. "/logged1"); os.remove(dir .. "/reading")
+    end
+  end)
+end)

@@ -22,6 +22,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,6 +95,28 @@ static size_t write_some(log_sink *s, const char *p, size_t n) {
   return done;
 }
 
+/* write_some, a write at a time of whole lines that fit in PIPE_BUF: a write
+ * that size to a pipe is all or nothing, so another writer to the same pipe
+ * (another worker, the supervisor, io.stderr) never lands inside one of our
+ * lines; a line longer than that is written on its own. -> bytes out */
+static size_t write_lines(log_sink *s, const char *p, size_t n) {
+  size_t done = 0;
+  while (done < n) {
+    const char *q = p + done;
+    size_t left = n - done, end = 0;
+    while (end < left) {
+      const char *nl = memchr(q + end, '\n', left - end);
+      size_t next = nl ? (size_t)(nl - q) + 1 : left;
+      if (end && next > PIPE_BUF) break;
+      end = next;
+    }
+    size_t out = write_some(s, q, end);
+    done += out;
+    if (out < end) break;
+  }
+  return done;
+}
+
 static int keep(log_sink *s, const char *p, size_t n) {
   if (s->len + n > s->cap) {
     size_t cap = s->cap ? s->cap : 4096;
@@ -127,7 +150,7 @@ static void arm(log_sink *s);
 /* the pending bytes, as many as the reader takes now */
 static void flush_pending(log_sink *s) {
   if (s->len == 0) return;
-  size_t out = write_some(s, s->pending, s->len);
+  size_t out = write_lines(s, s->pending, s->len);
   memmove(s->pending, s->pending + out, s->len - out);
   s->len -= out;
   if (s->len == 0 && s->dropped) say_dropped(s);
@@ -171,7 +194,7 @@ void log_sink_close(log_sink *s) {
     long left = CLOSE_WAIT_MS - (long)((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
     struct pollfd p = {.fd = s->fd, .events = POLLOUT};
     if (left <= 0 || poll(&p, 1, (int)left) <= 0) break;
-    size_t out = write_some(s, s->pending, s->len);
+    size_t out = write_lines(s, s->pending, s->len);
     memmove(s->pending, s->pending + out, s->len - out);
     s->len -= out;
   }
