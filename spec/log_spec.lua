@@ -343,3 +343,28 @@ resil.sleep(0.5) -- (the loop runs: both drain at once)
     end
   end)
 end)
+
+describe("resil.log with stderr closed", function()
+  -- fd 2 is then what the host opened first (its wake pipe's read end): the sink reopened it for writing
+  -- through /proc/self/fd/2, and the log lines went into the host's own pipe
+  it("does not reopen a read-only fd 2 for writing", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [==[
+local resil = require "resil"
+local pid = io.open("/proc/self/stat"):read("l"):match("^(%d+)")
+local function same_as_fd2()
+  local p = io.popen("cd /proc/" .. pid .. "/fd && t=$(readlink 2) && for f in *; do [ \"$(readlink $f)\" = \"$t\" ] && echo $f; done")
+  local n = 0
+  for _ in p:lines() do n = n + 1 end
+  p:close()
+  return n
+end
+local before = same_as_fd2()
+resil.log.warn("nobody reads this")
+print(before, same_as_fd2())
+]==])
+    local r = helpers.run(("(%s %s 2>&-)"):format(helpers.resil, script))
+    local before, after = r.stdout:match("(%d+)\t(%d+)")
+    assert.is_truthy(before, r.stdout .. r.stderr)
+    assert.are.equal(before, after)
+  end)
+end)

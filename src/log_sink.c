@@ -61,7 +61,10 @@ log_sink *log_sink_open(int fd, struct event_base *base) {
     s->socket = 1;
     return s;
   }
-  if (S_ISFIFO(st.st_mode) || (S_ISCHR(st.st_mode) && isatty(fd))) {
+  int mode = fcntl(fd, F_GETFL);
+  /* (a read-only fd is no output: with stderr closed at start, fd 2 is whatever the host opened first, the
+   * read end of its own wake pipe, and a description reopened for writing sent the lines into that) */
+  if (mode >= 0 && (mode & O_ACCMODE) != O_RDONLY && (S_ISFIFO(st.st_mode) || (S_ISCHR(st.st_mode) && isatty(fd)))) {
     char path[64];
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     int own = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
