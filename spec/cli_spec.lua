@@ -188,6 +188,28 @@ describe("runaway scripts", function()
     assert.is_true(runs <= 10, "a coroutine's instructions went uncounted: " .. runs .. " runs of 20000")
   end)
 
+  -- (before: each thread charged the task only when its hook fired, a part at a time: a fresh coroutine
+  -- that ran less than a part was never charged, and a loop of them ran on far past the budget)
+  it("--max-instructions charges a task for fresh coroutines that each run less than a part", function()
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local runs = 0
+      local t = resil.spawn(function()
+        for _ = 1, 5000 do
+          runs = runs + 1
+          coroutine.wrap(function() for _ = 1, 1000 do end end)()
+        end
+        return "ran 5000 coroutines of 1000 iterations"
+      end)
+      print("joined", t:join())
+      print("runs", runs)
+    ]], "--max-instructions 100000")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("joined\tfalse\t.-task 2 %(.-%) ran more than %-%-max%-instructions=100000", r.stdout)
+    local runs = tonumber(r.stdout:match("runs\t(%d+)"))
+    assert.is_true(runs <= 100, "a coroutine's instructions went uncounted: " .. runs .. " runs of 1000 iterations")
+  end)
+
   -- (before: a coroutine's count ran on from one task turn to the next, and a generator that a task
   -- used a little on each turn failed it in the end)
   it("--max-instructions does not charge a task for what a coroutine it resumes ran before it yielded", function()

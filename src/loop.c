@@ -571,26 +571,51 @@ void loop_arm_hook(resil_t *R, lua_State *L) {
 
 static int is_guard(lua_Hook hook) { return hook == instruction_hook || hook == stop_watch_hook; }
 
+/* A coroutine a task resumes charges the task NESTED_PART at a time, and
+ * NESTED_PART up front each time its count starts over (resume_nested): what
+ * it ran since its hook last fired never reaches the hook if it dies (a fresh
+ * coroutine each time round a loop, each running less than a part, was never
+ * charged at all). Small, as it may charge a tiny coroutine that much. */
+#define NESTED_PART 256
+
+static int nested_part(const resil_t *R) {
+  int part = budget_part(R);
+  return part < NESTED_PART ? part : NESTED_PART;
+}
+
 /* co runs under from's guard, or none; a hook set with debug.sethook (a
- * coverage tool's, check's budget) is neither passed on nor replaced. */
-static void guard_nested(lua_State *from, lua_State *co) {
+ * coverage tool's, check's budget) is neither passed on nor replaced.
+ * -> 1 if co's count starts over under a task's budget (to be charged) */
+static int guard_nested(lua_State *from, lua_State *co) {
+  resil_t *R = resil_from_lua(from);
   lua_Hook hook = lua_gethook(from), has = lua_gethook(co);
-  if (!hook && !has) return; /* the common case: nothing armed */
+  int restarted = 0;
+  if (!hook && !has) return 0; /* the common case: nothing armed */
   lua_rawgeti(from, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   int main_thread = lua_tothread(from, -1) == co; /* (its resume fails: it must not keep a task's guard) */
   lua_pop(from, 1);
-  if (main_thread) return;
+  if (main_thread) return 0;
   int mask, count;
   do { /* again if a signal armed from meanwhile: what it set on co must not be undone */
     hook = lua_gethook(from), mask = lua_gethookmask(from), count = lua_gethookcount(from);
     has = lua_gethook(co);
-    if (has && !is_guard(has)) return;
+    if (has && !is_guard(has)) return 0;
+    int want = count;
+    int budget = hook == instruction_hook && mask == LUA_MASKCOUNT && R->current && R->max_instructions > 0 &&
+                 !R->interrupted && !runs_for_host(R, from);
+    if (budget) want = nested_part(R);
+    restarted = 0;
     if (!is_guard(hook)) {
       if (has) lua_sethook(co, NULL, 0, 0);
-    } else if (has != hook || lua_gethookmask(co) != mask || lua_gethookcount(co) != count) {
-      lua_sethook(co, hook, mask, count); /* an unchanged one is left: its count runs on (BUDGET_PARTS) */
+    } else if (has != hook || lua_gethookmask(co) != mask || lua_gethookcount(co) != want) {
+      lua_sethook(co, hook, mask, want); /* an unchanged one is left: its count runs on (BUDGET_PARTS) */
+      restarted = budget;
+    } else if (budget) { /* made with this hook (lua_newthread copies it): its count starts with it */
+      lua_Debug ar;
+      restarted = lua_status(co) == LUA_OK && lua_gettop(co) > 0 && !lua_getstack(co, 0, &ar);
     }
   } while (hook != lua_gethook(from) || mask != lua_gethookmask(from) || count != lua_gethookcount(from));
+  return restarted;
 }
 
 /* Did a guard stop what runs now? Then no one will close a coroutine it
@@ -624,7 +649,7 @@ static int resume_nested(lua_State *L, lua_State *co, int narg) {
   nested_run run = {co, L, R->nested};
   atomic_signal_fence(memory_order_seq_cst); /* whole before a signal handler can follow the link */
   R->nested = &run;
-  guard_nested(L, co);
+  if (guard_nested(L, co)) R->current->instructions += nested_part(R); /* what its hook may never see */
   lua_xmove(L, co, narg);
   int status = lua_resume(co, L, narg, &nres);
   R->nested = run.outer;
