@@ -190,6 +190,24 @@ print("serving", greet.version, greet.hello())
     end)
   end
 
+  it("counts a reload a cap stopped as failed in resil_reloads_total", function()
+    for _, case in ipairs({ { "local n = 0\nwhile true do n = n + 1 end\n", "--max-instructions 1000000" },
+                            { "local t = {}\nfor i = 1, 1e9 do t[i] = {} end\n", "--max-memory 32M" } }) do
+      local dir = policy_dir(1)
+      local r = run_capped(dir, ([[
+local resil = require "resil"
+local greet = resil.policy "greet"
+local f = io.open(arg[1] .. "/greet.lua", "w")
+f:write(%q)
+f:close()
+print(resil.reload())
+print(greet.version, resil.metrics.counter("resil_reloads_total"):value({ result = "failed" }))
+]]):format(case[1]), case[2] .. " --log-level off")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("\n1\t1\n$", r.stdout)
+    end
+  end)
+
   it("the first SIGTERM stops a host whose reload loops", function()
     local dir = policy_dir(1)
     local pid, out = helpers.start([[

@@ -75,7 +75,8 @@ static int reload_on(lua_State *L) {
   int mask = lua_gethookmask(L), count = lua_gethookcount(L);
   lua_sethook(L, NULL, 0, 0);
   lua_rawgeti(L, steps, 2);
-  if (lua_pcall(L, 0, 0, 0) != LUA_OK) lua_pop(L, 1);
+  lua_pushboolean(L, 1); /* counted as failed in resil_reloads_total: the reload's own Lua could not */
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) lua_pop(L, 1);
   lua_sethook(L, hook, mask, count);
   /* the traceback would only show where the hook fired again, in the reload's own code */
   const char *err = lua_tostring(L, -1);

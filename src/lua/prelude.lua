@@ -215,7 +215,16 @@ end
 
 local replaced -- the set a reload in progress took out of package.loaded
 
-local function restore_policies()
+local reloads_total
+local function count_reload(result)
+  reloads_total = reloads_total or resil.metrics.counter("resil_reloads_total", "Policy reloads, by result")
+  reloads_total:inc({ result = result })
+end
+
+-- failed: true when C calls it, after a cap or a signal stopped the reload
+-- (its own Lua could not count the failure then)
+local function restore_policies(failed)
+  if failed == true then count_reload("failed") end
   if not replaced then return end
   for _, n in ipairs(policy_names()) do package.loaded[n] = nil end
   for n, mod in pairs(replaced) do package.loaded[n] = mod end
@@ -231,9 +240,7 @@ local function module_file(name)
   return name
 end
 
-local reloads_total
 local function reload_policies()
-  reloads_total = reloads_total or resil.metrics.counter("resil_reloads_total", "Policy reloads, by result")
   local names = policy_names()
   replaced = {}
   for _, name in ipairs(names) do
@@ -250,13 +257,13 @@ local function reload_policies()
       restore_policies()
       local message = ("reload: %s"):format(tostring(mod))
       log.error("policy reload failed; the old version keeps serving", { error = message })
-      reloads_total:inc({ result = "failed" })
+      count_reload("failed")
       return false, message
     end
   end
   replaced = nil
   log.info("policies reloaded", { modules = names })
-  reloads_total:inc({ result = "ok" })
+  count_reload("ok")
   return true, names
 end
 
