@@ -131,6 +131,44 @@ print(wait_for(3))
   end)
 end)
 
+describe("policy reload with --watch, when folders change", function()
+  it("watches a subfolder replaced by mv or made after start", function()
+    local dir = policy_dir(1)
+    assert(os.execute("mkdir -p " .. dir .. "/sub"))
+    helpers.write(dir .. "/sub/m.lua", "return { v = 1 }")
+    local r = run(dir, [[
+local resil = require "resil"
+local dir = arg[1]
+local m = resil.policy "sub.m"
+local function wait_for(p, v)
+  for _ = 1, 1000 do
+    if p.v == v then return true end
+    resil.sleep(0.01)
+  end
+  return false
+end
+local function write(path, text) local f = assert(io.open(path, "w")); f:write(text); f:close() end
+resil.sleep(0.05)
+-- a deploy that replaces policies/sub: the new folder's own files are watched
+assert(os.execute(("mkdir %s/sub.new && mv %s/sub %s/sub.old"):format(dir, dir, dir)))
+write(dir .. "/sub.new/m.lua", "return { v = 2 }")
+assert(os.execute(("mv %s/sub.new %s/sub"):format(dir, dir)))
+print(wait_for(m, 2))
+write(dir .. "/sub/m.lua", "return { v = 3 }")
+print(wait_for(m, 3))
+-- a folder made after start
+assert(os.execute(("mkdir %s/fresh"):format(dir)))
+write(dir .. "/fresh/n.lua", "return { v = 1 }")
+local n = resil.policy "fresh.n"
+resil.sleep(0.3)
+write(dir .. "/fresh/n.lua", "return { v = 2 }")
+print(wait_for(n, 2))
+]], "--watch --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\ntrue\ntrue\n", r.stdout)
+  end)
+end)
+
 describe("policy reload under the host's caps", function()
   -- stopped after 10 s: without the caps these spin forever
   local function run_capped(dir, source, opts)

@@ -126,7 +126,7 @@ static void debounce_cb(evutil_socket_t fd, short what, void *arg) { resil_reloa
 static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
   resil_t *R = arg;
   char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
-  int changed = 0;
+  int changed = 0, folders = 0;
   for (;;) {
     ssize_t n = read(fd, buf, sizeof buf);
     if (n <= 0) break;
@@ -134,8 +134,16 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
       struct inotify_event *ev = (struct inotify_event *)p;
       size_t len = ev->len ? strlen(ev->name) : 0;
       if (len > 4 && strcmp(ev->name + len - 4, ".lua") == 0) changed = 1;
+      /* a folder made or moved in (policies/providers replaced by `mv`): its
+       * files are watched from now on, and what it brings is reloaded */
+      if ((ev->mask & IN_ISDIR) && (ev->mask & (IN_CREATE | IN_MOVED_TO))) folders = 1;
       p += sizeof *ev + ev->len;
     }
+  }
+  if (folders) {
+    /* frees this event with the others: nothing here touches it after */
+    if (resil_watch(R, 1) != RESIL_OK) return;
+    changed = 1;
   }
   if (changed) {
     struct timeval quiet = {0, (long)(QUIET_SECONDS * 1e6)};
