@@ -169,6 +169,40 @@ print(wait_for(n, 2))
   end)
 end)
 
+describe("policy reload with --watch, when a policy file is a symlink", function()
+  it("reloads when the file a policy links to is edited, or a link further along is swapped", function()
+    local dir = policy_dir(1)
+    local real = helpers.tmpname("-real")
+    assert(os.execute(("mkdir -p %s/v1 %s/v2"):format(real, real)))
+    helpers.write(real .. "/v1/linked.lua", "return { v = 1 }")
+    helpers.write(real .. "/v2/linked.lua", "return { v = 3 }")
+    -- as a Kubernetes ConfigMap mounts it: linked.lua -> current/linked.lua, current -> v1
+    assert(os.execute(("ln -s %s/v1 %s/current && ln -s %s/current/linked.lua %s/linked.lua"):format(
+      real, real, real, dir)))
+    local r = run(dir, ([[
+local resil = require "resil"
+local m = resil.policy "linked"
+local function wait_for(v)
+  for _ = 1, 1000 do
+    if m.v == v then return true end
+    resil.sleep(0.01)
+  end
+  return false
+end
+resil.sleep(0.05)
+local f = assert(io.open(%q, "w"))
+f:write("return { v = 2 }")
+f:close()
+print(wait_for(2))
+assert(os.execute(%q))
+print(wait_for(3))
+]]):format(real .. "/v1/linked.lua", ("ln -s %s/v2 %s/tmp && mv -T %s/tmp %s/current"):format(real, real, real, real)),
+      "--watch --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\ntrue\n", r.stdout)
+  end)
+end)
+
 describe("policy reload under the host's caps", function()
   -- stopped after 10 s: without the caps these spin forever
   local function run_capped(dir, source, opts)

@@ -38,7 +38,59 @@ struct reload_state {
   dev_t root_dev[WATCH_ROOTS];
   ino_t root_ino[WATCH_ROOTS];
   struct event *sighup_ev;
+  /* symlinks in the watched folders (a policy file linked from elsewhere, a
+   * Kubernetes ConfigMap's `x.lua -> ..data/x.lua`): inotify sees neither an
+   * edit of their target nor a swap of a link further along, so each is
+   * stat'ed through with the roots, every RECHECK_SECONDS */
+  struct link_seen *links;
+  size_t nlinks, cap_links;
 };
+
+struct link_seen {
+  char path[PATH_MAX];
+  dev_t dev;
+  ino_t ino;
+  off_t size;
+  struct timespec mtime;
+};
+
+/* what path leads to now, following links (all zero: missing) */
+static void link_stat(struct link_seen *l) {
+  struct stat sb;
+  memset(&sb, 0, sizeof sb);
+  if (stat(l->path, &sb) != 0) memset(&sb, 0, sizeof sb);
+  l->dev = sb.st_dev;
+  l->ino = sb.st_ino;
+  l->size = sb.st_size;
+  l->mtime = sb.st_mtim;
+}
+
+static void link_add(reload_state *st, const char *path) {
+  if (st->nlinks == st->cap_links) {
+    size_t cap = st->cap_links ? st->cap_links * 2 : 16;
+    struct link_seen *more = realloc(st->links, cap * sizeof *more);
+    if (!more) return;
+    st->links = more;
+    st->cap_links = cap;
+  }
+  struct link_seen *l = &st->links[st->nlinks++];
+  snprintf(l->path, sizeof l->path, "%s", path);
+  link_stat(l);
+}
+
+/* -> whether a link now leads to another file, or its file changed */
+static int links_moved(reload_state *st) {
+  int moved = 0;
+  for (size_t i = 0; i < st->nlinks; i++) {
+    struct link_seen now = st->links[i];
+    link_stat(&now);
+    if (now.dev != st->links[i].dev || now.ino != st->links[i].ino || now.size != st->links[i].size ||
+        now.mtime.tv_sec != st->links[i].mtime.tv_sec || now.mtime.tv_nsec != st->links[i].mtime.tv_nsec)
+      moved = 1;
+    st->links[i] = now;
+  }
+  return moved;
+}
 
 static reload_state *state_of(resil_t *R) {
   if (!R->reload) {
@@ -151,19 +203,24 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
   }
 }
 
-static void watch_dir(int fd, const char *dir, int depth) {
-  struct stat st;
-  if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) return;
-  inotify_add_watch(fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE);
-  if (depth == 0) return;
+static void watch_dir(reload_state *st, const char *dir, int depth) {
+  struct stat st_dir;
+  if (stat(dir, &st_dir) != 0 || !S_ISDIR(st_dir.st_mode)) return;
+  inotify_add_watch(st->inotify_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE);
   DIR *d = opendir(dir);
   if (!d) return;
   struct dirent *e;
   while ((e = readdir(d))) {
-    if (e->d_name[0] == '.') continue;
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
     char sub[PATH_MAX];
     snprintf(sub, sizeof sub, "%s/%s", dir, e->d_name);
-    watch_dir(fd, sub, depth - 1);
+    size_t len = strlen(e->d_name);
+    struct stat sb;
+    int is_lua = len > 4 && strcmp(e->d_name + len - 4, ".lua") == 0;
+    int is_dir = stat(sub, &sb) == 0 && S_ISDIR(sb.st_mode);
+    if ((is_lua || (is_dir && depth > 0)) && lstat(sub, &sb) == 0 && S_ISLNK(sb.st_mode)) link_add(st, sub);
+    if (e->d_name[0] == '.' || !is_dir || depth == 0) continue;
+    watch_dir(st, sub, depth - 1);
   }
   closedir(d);
 }
@@ -175,6 +232,7 @@ static void watch_stop(reload_state *st) {
   if (st->inotify_fd >= 0) close(st->inotify_fd);
   st->inotify_ev = st->debounce_ev = st->recheck_ev = NULL;
   st->inotify_fd = -1;
+  st->nlinks = 0;
 }
 
 /* the roots' inodes now (0: missing); -> whether one changed since last time */
@@ -195,7 +253,9 @@ static int roots_moved(reload_state *st) {
 static void recheck_cb(evutil_socket_t fd, short what, void *arg) {
   resil_t *R = arg;
   reload_state *st = R->reload;
-  if (!roots_moved(st)) return;
+  int moved = roots_moved(st);
+  if (links_moved(st)) moved = 1;
+  if (!moved) return;
   if (resil_watch(R, 1) != RESIL_OK) return; /* watches made again (this event with them) */
   struct timeval quiet = {0, (long)(QUIET_SECONDS * 1e6)};
   event_add(R->reload->debounce_ev, &quiet);
@@ -216,7 +276,7 @@ int resil_watch(resil_t *R, int on) {
   snprintf(st->roots[2], PATH_MAX, "%s%s", R->share_dir ? R->share_dir : "", R->share_dir ? "/policies" : "");
   roots_moved(st);
   for (int i = 0; i < WATCH_ROOTS; i++)
-    if (st->roots[i][0]) watch_dir(st->inotify_fd, st->roots[i], 2);
+    if (st->roots[i][0]) watch_dir(st, st->roots[i], 2);
   st->inotify_ev = event_new(R->base, st->inotify_fd, EV_READ | EV_PERSIST, inotify_cb, R);
   st->debounce_ev = evtimer_new(R->base, debounce_cb, R);
   st->recheck_ev = event_new(R->base, -1, EV_PERSIST, recheck_cb, R);
@@ -263,6 +323,7 @@ void reload_free(resil_t *R) {
   if (!st) return;
   watch_stop(st);
   if (st->sighup_ev) event_free(st->sighup_ev);
+  free(st->links);
   free(st);
   R->reload = NULL;
 }
