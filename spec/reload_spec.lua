@@ -280,6 +280,25 @@ print(greet.version, resil.metrics.counter("resil_reloads_total"):value({ result
     end
   end)
 
+  it("collects what a failed reload allocated at once", function()
+    for _, body in ipairs({ "local t = {}\nfor i = 1, 1e9 do t[i] = {} end\n",           -- stopped by the cap
+                            "local t = {}\nfor i = 1, 1e6 do t[i] = {} end\nerror('late')\n" }) do -- its own error
+      local dir = policy_dir(1)
+      local r = run_capped(dir, ([[
+local resil = require "resil"
+local greet = resil.policy "greet"
+local f = io.open(arg[1] .. "/greet.lua", "w")
+f:write(%q)
+f:close()
+local before = collectgarbage("count")
+print(resil.reload())
+print(greet.version, collectgarbage("count") - before < 8 * 1024)
+]]):format(body), "--max-instructions 10000000 --log-level off")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("\n1\ttrue\n$", r.stdout)
+    end
+  end)
+
   it("the first SIGTERM stops a host whose reload loops", function()
     local dir = policy_dir(1)
     local pid, out = helpers.start([[

@@ -105,6 +105,11 @@ static reload_state *state_of(resil_t *R) {
  * for good and without a word. Loading policies takes thousands. */
 #define RELOAD_DEFAULT_MAX_INSTRUCTIONS 200000000L
 
+/* What a failed load allocated is garbage now: collected at once, not held
+ * (gigabytes, for a policy that allocates without end at load, with no
+ * --max-memory) until the heap doubles again, as new garbage piles on it. */
+static void collect_failed(lua_State *L) { lua_gc(L, LUA_GCCOLLECT, 0); }
+
 /* L stack: -> true, names | false, message. A policy file that loops or
  * allocates without end at load meets --max-instructions / --max-memory, and
  * a signal stops it; none of the reload's own Lua can run after that, so the
@@ -120,6 +125,7 @@ static int reload_on(lua_State *L) {
   R->max_instructions = cap;
   if (status == LUA_OK) {
     lua_remove(L, steps);
+    if (!lua_toboolean(L, -2)) collect_failed(L);
     return 2;
   }
   /* L stack: steps, error */
@@ -130,6 +136,7 @@ static int reload_on(lua_State *L) {
   lua_pushboolean(L, 1); /* counted as failed in resil_reloads_total: the reload's own Lua could not */
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) lua_pop(L, 1);
   lua_sethook(L, hook, mask, count);
+  collect_failed(L);
   /* the traceback would only show where the hook fired again, in the reload's own code */
   const char *err = lua_tostring(L, -1);
   if (!err) err = "(error object is not a string)";
