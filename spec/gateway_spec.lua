@@ -1703,6 +1703,49 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     assert.are.equal(200, res.status)
   end)
 
+  -- (a policy file saved broken: the workers running refuse the reload and serve on; a worker then
+  -- killed, as by the OOM killer, had replacements that died at start, and the gateway stopped the
+  -- worker still serving)
+  it("--workers 2: a replacement that cannot start does not stop a worker still serving", function()
+    local broken = helpers.tmpname(".broken")
+    local m, _, port, log, pidfile = workers_setup()
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      if io.open(%q) then error("config broken") end
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(broken, m.url .. "/v1"))
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local seen = {}
+    finally(function()
+      os.remove(broken)
+      stop_all(pid, seen, m)
+    end)
+    local function listening(n)
+      return helpers.wait_until(function() return select(2, helpers.slurp(log):gsub("listening", "")) == n end, 10)
+    end
+    assert.is_true(listening(2), helpers.slurp(log))
+    local first = workers_of(pid)
+    seen = { first[1], first[2] }
+    resil.sleep(1.1) -- (both serving for a second: the gateway has started)
+    helpers.write(broken, "")
+    os.execute("kill -KILL " .. first[1])
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("starting another in a second") ~= nil end,
+      10), helpers.slurp(log))
+    assert.is_true(helpers.alive(pid), helpers.slurp(log))
+    assert.is_true(helpers.alive(first[2]), helpers.slurp(log))
+    local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+      body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+    assert.are.equal(200, res.status)
+    os.remove(broken) -- fixed: the next try starts
+    assert.is_true(listening(3), helpers.slurp(log))
+    assert.is_true(helpers.wait_until(function() return #workers_of(pid) == 2 end, 10))
+    for _, p in ipairs(workers_of(pid)) do seen[#seen + 1] = p end
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+  end)
+
   it("--workers 3: a SIGHUP as the workers start reloads them, it does not kill them", function()
     local m, config, port, log, pidfile = workers_setup()
     -- SIGHUP the moment the first worker exists

@@ -424,7 +424,8 @@ static int start_worker(pid_t *pids, double *started, long w, const sigset_t *wo
  * SIGTERM and SIGINT stop them all; SIGHUP is passed on (each reloads). A
  * worker that ends on its own is replaced whatever its exit code; one that
  * dies within a second of starting three times in a row (a bad config, a
- * port in use) stops the gateway with its exit code (1 for 0).
+ * port in use) stops the gateway with its exit code (1 for 0), unless
+ * another has served for a second: then it is started again each second.
  * -> -1 in a worker (go on and serve), the exit code in the supervisor */
 static int supervise_workers(long n) {
   pid_t pids[256];
@@ -467,15 +468,31 @@ static int supervise_workers(long n) {
       /* stopping; otherwise a worker that ended, even with 0 (a policy's
        * os.exit), left the gateway a process short: it is replaced */
       if (supervisor_signal) continue;
-      int quick = seconds_now() - started[w] < 1.0;
+      double now = seconds_now();
+      int quick = now - started[w] < 1.0;
       quick_deaths = quick ? quick_deaths + 1 : 0;
+      /* Another worker serving for a second or more: the gateway is up. A
+       * replacement that cannot start (a policy file saved broken, which
+       * the running workers refused to reload, keeping the old version)
+       * is tried again each second; stopping would take the serving ones
+       * down with it. */
+      int serving = 0;
+      for (long k = 0; k < n; k++)
+        if (k != w && pids[k] > 0 && now - started[k] >= 1.0) serving = 1;
+      int give_up = quick_deaths >= 3 && !serving, later = quick_deaths >= 3 && serving;
       if (WIFSIGNALED(status))
-        fprintf(stderr, PROGNAME ": gateway: worker %d killed by signal %d; starting another\n", (int)pid,
-                WTERMSIG(status));
+        fprintf(stderr, PROGNAME ": gateway: worker %d killed by signal %d; starting another%s\n", (int)pid,
+                WTERMSIG(status), later ? " in a second" : "");
       else
         fprintf(stderr, PROGNAME ": gateway: worker %d exited with code %d%s\n", (int)pid, WEXITSTATUS(status),
-                quick_deaths >= 3 ? "" : "; starting another");
-      if (quick_deaths >= 3) {
+                give_up ? "" : later ? "; starting another in a second" : "; starting another");
+      if (later) {
+        pids[w] = -1; /* started again on the next alarm, as after a failed fork */
+        vacant = 1;
+        alarm(1);
+        continue;
+      }
+      if (give_up) {
         fprintf(stderr, PROGNAME ": gateway: workers keep dying as they start; stopping\n");
         code = WIFEXITED(status) && WEXITSTATUS(status) != 0 ? WEXITSTATUS(status) : 1;
         supervisor_signal = SIGTERM;
