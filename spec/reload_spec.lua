@@ -169,6 +169,29 @@ print(wait_for(n, 2))
   end)
 end)
 
+describe("policy reload with --watch, when inotify's queue overflows", function()
+  it("reloads all the same", function()
+    local max = tonumber(helpers.slurp("/proc/sys/fs/inotify/max_queued_events"):match("%d+") or "")
+    if not max or max > 100000 then return pending("max_queued_events too large to overflow here") end
+    local dir = policy_dir(1)
+    local r = run(dir, ([[
+local resil = require "resil"
+local greet = resil.policy "greet"
+resil.sleep(0.05)
+-- while the loop is busy, a deploy writes more files than the kernel queues events for, the policy last
+assert(os.execute("cd " .. arg[1] .. " && for i in $(seq %d); do : > f$i.txt; done && " ..
+  "echo 'return { version = 2 }' > greet.lua"))
+for _ = 1, 1000 do
+  if greet.version == 2 then break end
+  resil.sleep(0.01)
+end
+print(greet.version)
+]]):format(max // 2 + 100), "--watch --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("2\n", r.stdout)
+  end)
+end)
+
 describe("policy reload with --watch, when a policy file is a symlink", function()
   it("reloads when the file a policy links to is edited, or a link further along is swapped", function()
     local dir = policy_dir(1)

@@ -193,6 +193,9 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
       struct inotify_event *ev = (struct inotify_event *)p;
       size_t len = ev->len ? strlen(ev->name) : 0;
       if (len > 4 && strcmp(ev->name + len - 4, ".lua") == 0) changed = 1;
+      /* the kernel's queue overflowed (a deploy writing thousands of files
+       * while the loop was busy): what changed is lost, so reload */
+      if (ev->mask & IN_Q_OVERFLOW) changed = 1;
       /* a folder made or moved in (policies/providers replaced by `mv`): its
        * files are watched from now on, and what it brings is reloaded */
       if ((ev->mask & IN_ISDIR) && (ev->mask & (IN_CREATE | IN_MOVED_TO))) folders = 1;
