@@ -104,6 +104,24 @@ local function wait_for(v)
 end
 ]]
 
+  -- (a series born at 1 has no increase() in Prometheus: ResilReloadFailing missed a process's first failure)
+  it("exports resil_reloads_total's series at 0 before the first reload, then counts the failure", function()
+    local r = run(policy_dir(1), [[
+local resil = require "resil"
+local dir = arg[1]
+require "policies.greet"
+local function series() return (resil.metrics.text():match('resil_reloads_total{result="failed"} %d+') or "none") end
+print(series())
+local f = io.open(dir .. "/greet.lua", "w")
+f:write("return {")
+f:close()
+resil.reload()
+print(series())
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal('resil_reloads_total{result="failed"} 0\nresil_reloads_total{result="failed"} 1\n', r.stdout)
+  end)
+
   it("reloads on SIGHUP", function()
     local r = run(policy_dir(1), waiter .. [[
 local pid = io.open("/proc/self/stat"):read("a"):match("^(%d+)")
