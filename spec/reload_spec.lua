@@ -122,6 +122,27 @@ print(series())
     assert.are.equal('resil_reloads_total{result="failed"} 0\nresil_reloads_total{result="failed"} 1\n', r.stdout)
   end)
 
+  -- (before: the deleted module's "not found" failed that reload and every one after, until a restart)
+  it("a module whose file was deleted keeps its loaded version, and the others reload", function()
+    local dir = policy_dir(1)
+    helpers.write(dir .. "/canary.lua", "return { share = 0.1 }")
+    helpers.write(dir .. "/router.lua", "local canary = require 'policies.canary'\nreturn { v = 1 }")
+    local r = run(dir, [[
+local resil = require "resil"
+local dir = arg[1]
+local router, canary = resil.policy "router", resil.policy "canary"
+local function write(name, text) local f = assert(io.open(dir .. "/" .. name, "w")); f:write(text); f:close() end
+-- the canary is over: the router stops using it and its file is removed
+write("router.lua", "return { v = 2 }")
+os.remove(dir .. "/canary.lua")
+print(resil.reload(), router.v, canary.share)
+write("greet.lua", "return { version = 3 }")
+print(resil.reload(), router.v, require("policies.greet").version)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\t2\t0.1\ntrue\t2\t3\n", r.stdout)
+  end)
+
   it("reloads on SIGHUP", function()
     local r = run(policy_dir(1), waiter .. [[
 local pid = io.open("/proc/self/stat"):read("a"):match("^(%d+)")

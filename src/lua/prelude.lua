@@ -247,12 +247,33 @@ local function module_file(name)
   return name
 end
 
+-- whether any searcher finds a module (one that finds a file it cannot
+-- compile does: that is the reload's error to report)
+local function module_exists(name)
+  for _, searcher in ipairs(package.searchers) do
+    local ok, loader = pcall(searcher, name)
+    if not ok or type(loader) == "function" then return true end
+  end
+  return false
+end
+
 local function reload_policies()
   local names = policy_names()
   replaced = {}
+  local gone = {}
   for _, name in ipairs(names) do
     replaced[name] = package.loaded[name]
-    package.loaded[name] = nil
+    -- A module whose file was deleted (no longer used, or not saved back
+    -- yet) keeps its loaded version: failing on it failed every reload
+    -- after, until a restart. One that still requires it gets that version.
+    if module_exists(name) then
+      package.loaded[name] = nil
+    else
+      gone[#gone + 1] = name
+    end
+  end
+  if #gone > 0 then
+    log.warn("policy reload: these modules' files are gone; their loaded versions are kept", { modules = gone })
   end
   for _, name in ipairs(names) do
     local ok, mod = pcall(require, name)
