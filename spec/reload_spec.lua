@@ -157,6 +157,24 @@ print(wait_for(2))
     assert.matches('"msg":"policies reloaded"', r.stderr)
   end)
 
+  -- (before: one full reload per signal caught, back to back, the loop held all the while)
+  it("SIGHUPs that come at once make one reload", function()
+    local r = run(policy_dir(1), [[
+local resil = require "resil"
+require "policies.greet"
+local pid = io.open("/proc/self/stat"):read("a"):match("^(%d+)")
+-- each kill its own process, each signal caught: the loop sees them all at its next turn
+os.execute(("for i in $(seq 20); do kill -HUP %s; done"):format(pid))
+resil.sleep(0.05)
+local ok = resil.metrics.counter("resil_reloads_total"):value({ result = "ok" })
+os.execute("kill -HUP " .. pid) -- a later one reloads again
+resil.sleep(0.05)
+print(ok, resil.metrics.counter("resil_reloads_total"):value({ result = "ok" }))
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("1\t2\n", r.stdout)
+  end)
+
   it("reloads when a file changes with --watch", function()
     local r = run(policy_dir(1), waiter .. [[
 resil.sleep(0.05)

@@ -38,6 +38,7 @@ struct reload_state {
   dev_t root_dev[WATCH_ROOTS];
   ino_t root_ino[WATCH_ROOTS];
   struct event *sighup_ev;
+  struct event *hup_reload_ev; /* the reload SIGHUPs ask for: one, however many came at once */
   /* symlinks in the watched folders (a policy file linked from elsewhere, a
    * Kubernetes ConfigMap's `x.lua -> ..data/x.lua`): inotify sees neither an
    * edit of their target nor a swap of a link further along, so each is
@@ -299,14 +300,25 @@ int resil_watch(resil_t *R, int on) {
   return RESIL_OK;
 }
 
-static void sighup_cb(evutil_socket_t sig, short what, void *arg) { resil_reload(arg); }
+static void hup_reload_cb(evutil_socket_t fd, short what, void *arg) { resil_reload(arg); }
+
+/* libevent calls this once per signal caught: a storm of SIGHUPs (a script
+ * sending one per file it deployed) ran as many full reloads back to back,
+ * the loop and every request held all the while. They ask for one reload,
+ * run after all of them (an event made active again before it runs is run
+ * once). */
+static void sighup_cb(evutil_socket_t sig, short what, void *arg) {
+  resil_t *R = arg;
+  event_active(R->reload->hup_reload_ev, EV_TIMEOUT, 0);
+}
 
 int resil_reload_on_sighup(resil_t *R) {
   reload_state *st = state_of(R);
   if (!st) return RESIL_ERR_MEMORY;
   if (st->sighup_ev) return RESIL_OK;
+  st->hup_reload_ev = event_new(R->base, -1, 0, hup_reload_cb, R);
   st->sighup_ev = evsignal_new(R->base, SIGHUP, sighup_cb, R);
-  if (!st->sighup_ev || evsignal_add(st->sighup_ev, NULL) != 0) return RESIL_ERR_MEMORY;
+  if (!st->hup_reload_ev || !st->sighup_ev || evsignal_add(st->sighup_ev, NULL) != 0) return RESIL_ERR_MEMORY;
   return RESIL_OK;
 }
 
@@ -333,6 +345,7 @@ void reload_free(resil_t *R) {
   if (!st) return;
   watch_stop(st);
   if (st->sighup_ev) event_free(st->sighup_ev);
+  if (st->hup_reload_ev) event_free(st->hup_reload_ev);
   free(st->links);
   free(st);
   R->reload = NULL;
