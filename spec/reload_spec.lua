@@ -379,6 +379,24 @@ print(greet.version, collectgarbage("count") - before < 8 * 1024)
     end
   end)
 
+  -- (before: without --max-memory it ran on to the reload's instruction cap, holding the loop for
+  -- half a minute and taking gigabytes; here 2 GB, a cap of 200M instructions)
+  it("without --max-memory, a reload that allocates without end stops at its own memory cap", function()
+    local dir = policy_dir(1)
+    local r = run_capped(dir, [[
+local resil = require "resil"
+local greet = resil.policy "greet"
+local f = io.open(arg[1] .. "/greet.lua", "w")
+f:write("local t = {}\nfor i = 1, 1e9 do for _ = 1, 100 do end t[i] = ('x'):rep(4096) .. i end\n")
+f:close()
+print(resil.reload())
+print(greet.version)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^false\treload: .-not enough memory", r.stdout)
+    assert.matches("\n1\n$", r.stdout)
+  end)
+
   it("the first SIGTERM stops a host whose reload loops", function()
     local dir = policy_dir(1)
     local pid, out = helpers.start([[

@@ -105,6 +105,10 @@ static reload_state *state_of(resil_t *R) {
  * loops at load held the loop, and with it every request a gateway serves,
  * for good and without a word. Loading policies takes thousands. */
 #define RELOAD_DEFAULT_MAX_INSTRUCTIONS 200000000L
+/* ...and without --max-memory, a cap on what it may allocate: a policy that
+ * allocates without end at load ran to the instruction cap, holding the loop
+ * for half a minute and taking gigabytes. Loading policies takes kilobytes. */
+#define RELOAD_DEFAULT_MAX_GROWTH ((size_t)1 << 30)
 
 /* What a failed load allocated is garbage now: collected at once, not held
  * (gigabytes, for a policy that allocates without end at load, with no
@@ -121,9 +125,12 @@ static int reload_on(lua_State *L) {
   int steps = lua_gettop(L);
   lua_rawgeti(L, steps, 1);
   long cap = R->max_instructions;
+  size_t mem_cap = R->mem_limit;
   if (cap <= 0) R->max_instructions = RELOAD_DEFAULT_MAX_INSTRUCTIONS;
+  if (mem_cap == 0) R->mem_limit = R->mem_used + RELOAD_DEFAULT_MAX_GROWTH;
   int status = host_pcall(L, "policy reload", 0, 2);
   R->max_instructions = cap;
+  R->mem_limit = mem_cap;
   if (status == LUA_OK) {
     lua_remove(L, steps);
     if (!lua_toboolean(L, -2)) collect_failed(L);
