@@ -228,7 +228,9 @@ local function follow(ctx, handle, deadline)
   while not (state and state.status ~= "running") do
     local left = deadline_at - resil.now()
     if left <= 0 then
-      local _, cerr = ctx.adapter.cancel(ctx, handle)
+      local _, cerr, ended = ctx.adapter.cancel(ctx, handle)
+      -- a job that ended before the cancel took is paid for: its outcome is the answer
+      if ended and (ended.status == "succeeded" or ended.status == "failed") then return ended end
       if cerr then
         resil.log.warn("job: cancel failed", { provider = ctx.name, id = handle.id, error = tostring(cerr) })
       end

@@ -82,9 +82,16 @@ function fal.poll(ctx, handle)
   return { status = "running", queue_position = s.queue_position, raw = s }
 end
 
+-- -> res | nil, err; and the request's state when it completed before the cancel (fal answers
+-- 400 ALREADY_COMPLETED: the request is read once more)
 function fal.cancel(ctx, handle)
   local url = handle.cancel_url or (handle.response_url .. "/cancel")
-  return ctx.send({ method = "PUT", url = url, headers = fal.headers(ctx.key) })
+  local res, err = ctx.send({ method = "PUT", url = url, headers = fal.headers(ctx.key) })
+  if not res and type(err) == "table" and err.status == 400 then
+    local s = fal.poll(ctx, handle)
+    if s and s.status ~= "running" then return nil, err, s end
+  end
+  return res, err
 end
 
 function fal.usage(state, input)

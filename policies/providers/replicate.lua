@@ -87,9 +87,17 @@ function replicate.poll(ctx, handle)
   return s
 end
 
+-- -> res | nil, err; and the job's state when the answer shows it ended before the cancel
+-- (the cancel of an ended prediction changes nothing and answers the prediction)
 function replicate.cancel(ctx, handle)
   local url = handle.cancel or (ctx.base .. "/predictions/" .. handle.id .. "/cancel")
-  return ctx.send({ method = "POST", url = url, headers = replicate.headers(ctx.key) })
+  local res, err = ctx.send({ method = "POST", url = url, headers = replicate.headers(ctx.key) })
+  if not res then return nil, err end
+  local p = json.decode(res.body or "")
+  if type(p) ~= "table" then return res end
+  local s = state_of(p)
+  s.metrics = p.metrics ~= json.null and p.metrics or nil
+  return res, nil, s
 end
 
 -- what the job used, for policies/pricing_media.lua

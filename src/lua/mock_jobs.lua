@@ -213,6 +213,7 @@ local function replicate_cancel(m, req, id)
   if e then return replicate_error(e) end
   local job = state(m).replicate[id]
   if not job then return replicate_error({ status = 404 }) end
+  replicate_advance(m, job) -- a job whose time has come ended before the cancel: it stays ended
   if job.status == "starting" or job.status == "processing" then
     job.status = "canceled"
     job.completed_at = os.date("!%Y-%m-%dT%H:%M:%S.000Z", math.floor(resil.clock.wall()))
@@ -356,6 +357,7 @@ local function fal_cancel(m, req, app, id)
   if e then return fal_error(e) end
   local job = fal_job(m, app, id)
   if not job then return fal_error({ status = 404 }) end
+  fal_advance(m, job) -- a request whose time has come completed before the cancel
   if job.status == "COMPLETED" then
     return { status = 400, body = json.encode({ status = "ALREADY_COMPLETED" }) }
   end
