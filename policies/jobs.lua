@@ -118,9 +118,16 @@ local function context(spec, what, level)
   local base = conf.base_url or os.getenv(adapter.base_env)
   if base == nil or base == "" then base = adapter.base_url end
   local p = provider_for(name, conf)
-  return { name = name, adapter = adapter, target = target, model = spec.model, conf = conf, key = key,
+  local ctx = { name = name, adapter = adapter, target = target, model = spec.model, conf = conf, key = key,
     base = (base:gsub("/+$", "")), input = spec.input, wait = spec.wait,
-    send = function(req) return p.any(req) end, send_create = function(req) return p.create(req) end }
+    send_create = function(req) return p.create(req) end }
+  -- a status read keeps to the job's deadline (ctx.poll_until): a hanging read or a long
+  -- Retry-After does not hold off the cancel
+  ctx.send = function(req)
+    if ctx.poll_until then return p.any:attempts(req, ctx.poll_until) end
+    return p.any(req)
+  end
+  return ctx
 end
 
 -- A canonical text of a value (keys sorted): the same request hashes the same in every process.
@@ -239,10 +246,12 @@ local function follow(ctx, handle, deadline)
     resil.sleep(math.min(delay, left))
     delay = math.min(delay * (poll.factor or 1.5), poll.max or 15)
     if resil.now() < deadline_at then
+      ctx.poll_until = deadline_at
       local s, err = ctx.adapter.poll(ctx, handle)
+      ctx.poll_until = nil
       if s then
         state = s
-      elseif not (type(err) == "table" and err.retryable) then
+      elseif resil.now() < deadline_at and not (type(err) == "table" and err.retryable) then
         return nil, err -- the job cannot be read (auth, not found): another would fare no better
       end
     end

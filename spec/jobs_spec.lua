@@ -84,6 +84,24 @@ describe("ai.job on Replicate", function()
     assert.are.equal(0.003, resil.cost.breakdown("model")[1].usd)
   end)
 
+  it("cancels at the deadline even while a status read hangs or is told to come back in an hour", function()
+    for _, scenario in ipairs({
+      { jobs = { fates = { "stuck" } }, sequence = { prediction = { "hang", "hang", "hang" } } },
+      { jobs = { fates = { "stuck" }, errors = { prediction = { { status = 429, retry_after = 3600 } } } } },
+    }) do
+      m = resil.mock.start(scenario)
+      use(m.url)
+      local t0 = resil.now()
+      local r, err = jobs.job({ model = FLUX, input = { prompt = "a cat" }, deadline = 30, attempts = 1 })
+      assert.is_nil(r)
+      assert.are.equal("deadline", err.kind)
+      assert.is_true(resil.now() - t0 < 30.001) -- virtual clock: cut at the deadline, not after the read
+      assert.are.equal(1, m:stats().billed.canceled)
+      m:stop()
+      m = nil
+    end
+  end)
+
   it("gives up after `attempts` jobs with the last job's error", function()
     m = resil.mock.start({ jobs = { fail = 1, polls = 0, error = "CUDA out of memory" } })
     use(m.url)
