@@ -225,6 +225,10 @@ local function create(ctx, akey)
   return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input) }, make)
 end
 
+-- refusals of our own side (an open breaker, a full bulkhead): the job runs on, paid for, and
+-- is read again at the next poll
+local LOCAL_WAIT = { circuit_open = true, bulkhead_full = true }
+
 -- Poll until the job ends or its deadline passes (then cancel it). -> state | nil, err
 local function follow(ctx, handle, deadline)
   local poll = option(ctx.conf, nil, "poll")
@@ -251,7 +255,8 @@ local function follow(ctx, handle, deadline)
       ctx.poll_until = nil
       if s then
         state = s
-      elseif resil.now() < deadline_at and not (type(err) == "table" and err.retryable) then
+      elseif resil.now() < deadline_at and not (type(err) == "table" and (err.retryable or LOCAL_WAIT[err.class or err.kind]))
+      then
         return nil, err -- the job cannot be read (auth, not found): another would fare no better
       end
     end

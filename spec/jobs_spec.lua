@@ -102,6 +102,18 @@ describe("ai.job on Replicate", function()
     end
   end)
 
+  it("keeps reading a job while the provider's breaker is open, instead of leaving it running", function()
+    m = resil.mock.start({ jobs = { polls = 6 }, sequence = { prediction = { 500, 500, 500, 500 } } })
+    jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = KEYS.replicate, poll = FAST_POLL,
+      breaker = { name = "replicate-spec-open-polls", failure_rate = 0.5, min_calls = 3, window = 30, open_for = 30 } })
+    local r, err = jobs.job({ model = FLUX, input = { prompt = "a cat" }, deadline = 300 })
+    assert.is_nil(err)
+    assert.are.equal(1, r.attempts)
+    assert.are.equal(0.003, r.cost_usd)
+    assert.are.equal(1, m:stats().routes.predictions)
+    assert.are.equal(1, m:stats().billed.jobs)
+  end)
+
   it("gives up after `attempts` jobs with the last job's error", function()
     m = resil.mock.start({ jobs = { fail = 1, polls = 0, error = "CUDA out of memory" } })
     use(m.url)
