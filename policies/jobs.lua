@@ -244,6 +244,7 @@ local function follow(ctx, handle, deadline)
       if ended and (ended.status == "succeeded" or ended.status == "failed") then return ended end
       if cerr then
         resil.log.warn("job: cancel failed", { provider = ctx.name, id = handle.id, error = tostring(cerr) })
+        return { status = "deadline", uncanceled = cerr } -- it may run on: no replacement beside it
       end
       return { status = "deadline" }
     end
@@ -266,6 +267,11 @@ end
 
 local function job_error(ctx, state, handle, n)
   if state.status == "deadline" then
+    if state.uncanceled then
+      return resil.error("deadline", ("%s job %s did not finish within its deadline and could not be canceled (%s): "
+        .. "not replaced, it may still run"):format(ctx.name, handle.id, tostring(state.uncanceled)),
+        { provider = ctx.name, model = ctx.model, id = handle.id, attempts = n, canceled = false, retryable = true })
+    end
     return resil.error("deadline", ("%s job %s did not finish within its deadline: canceled"):format(ctx.name,
       handle.id), { provider = ctx.name, model = ctx.model, id = handle.id, attempts = n, retryable = true })
   end
@@ -308,6 +314,7 @@ function jobs.job(spec)
         cost_usd = usd, usage = usage, attempts = n, job_ids = ids, raw = state.raw }
     end
     last_err = job_error(ctx, state, handle, n)
+    if state.uncanceled then break end -- another job beside one that runs on could pay twice
     resil.log.warn("job did not succeed" .. (n < attempts and ": making a new one" or ""),
       { provider = ctx.name, model = ctx.model, id = handle.id, status = state.status, attempt = n })
   end

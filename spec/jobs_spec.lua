@@ -114,6 +114,22 @@ describe("ai.job on Replicate", function()
     assert.are.equal(1, m:stats().billed.jobs)
   end)
 
+  it("does not make a new job beside one whose cancel failed; the same key cancels it, then replaces it", function()
+    m = resil.mock.start({ jobs = { fates = { "stuck", "succeeded" }, polls = 1,
+      errors = { cancel = { 500, 500, 500, 500 } } } })
+    use(m.url)
+    local r, err = jobs.job({ model = FLUX, input = { prompt = "a cat" }, deadline = 60, key = "uncanceled" })
+    assert.is_nil(r)
+    assert.are.equal("deadline", err.kind)
+    assert.is_false(err.canceled)
+    assert.are.equal(1, m:stats().routes.predictions) -- no second job while the first may run
+    r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" }, deadline = 60, key = "uncanceled" }))
+    local s = m:stats()
+    assert.are.equal(1, s.billed.canceled)
+    assert.are.equal(2, s.routes.predictions)
+    assert.are.equal(2, r.attempts)
+  end)
+
   it("gives up after `attempts` jobs with the last job's error", function()
     m = resil.mock.start({ jobs = { fail = 1, polls = 0, error = "CUDA out of memory" } })
     use(m.url)
