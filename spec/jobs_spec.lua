@@ -457,6 +457,37 @@ describe("golden requests", function()
     assert.are.equal(3, #rec.requests)
   end)
 
+  it("Replicate: a hostile job id stays one path segment of the cancel; a URL that cannot be read is refused", function()
+    local id
+    rec = recorder({
+      ["POST /v1/predictions"] = function()
+        return { status = 201, body = json.encode({ id = id, status = "starting",
+          urls = { get = rec.url .. "/v1/predictions/p1" } }) }
+      end,
+      ["GET /v1/predictions/p1"] = function()
+        return { status = 200, body = json.encode({ id = id, status = "processing" }) }
+      end })
+    use(rec.url)
+    for _, hostile in ipairs({ "../../../admin", "é ✓?x=1" }) do
+      id = hostile
+      local ok, r, err = pcall(jobs.job, { model = "replicate/acme/video:abc123", input = { prompt = "a cat" },
+        deadline = 2, attempts = 1 })
+      assert.is_true(ok, r)
+      assert.are.equal("deadline", err.kind)
+      local cancel = rec.requests[#rec.requests]
+      assert.are.equal("POST", cancel.method)
+      assert.matches("^/v1/predictions/[^/]+/cancel$", cancel.path)
+    end
+    id = "p1"
+    rec.server:close()
+    rec = recorder({ ["POST /v1/predictions"] = { status = 201, body = json.encode({ id = "p1", status = "starting",
+      urls = { get = "http://127.0.0.1:1/v1/predictions/é p1" } }) } })
+    use(rec.url)
+    local ok, r, err = pcall(jobs.job, { model = "replicate/acme/video:abc123", input = { prompt = "a cat" } })
+    assert.is_true(ok, r)
+    assert.are.equal("invalid_output", err.kind)
+  end)
+
   it("Replicate: an official model without a version is created on its model path", function()
     rec = recorder({ ["POST /v1/models/black-forest-labs/flux-schnell/predictions"] = { status = 201,
       body = json.encode({ id = "p2", status = "succeeded", output = { "https://x.invalid/a.webp" },

@@ -52,6 +52,12 @@ function fal.create(ctx)
     return nil, resil.error("invalid_output", "fal: the submit answer has no request_id, status_url or response_url",
       { provider = "fal", retryable = false })
   end
+  local url_ok = require("policies.providers.replicate").url_ok -- resil.http raises on a URL it cannot parse
+  if q.cancel_url == json.null then q.cancel_url = nil end
+  if not (url_ok(q.status_url) and url_ok(q.response_url) and url_ok(q.cancel_url)) then
+    return nil, resil.error("invalid_output", "fal: the submit answer's URLs are not http(s) URLs",
+      { provider = "fal", id = q.request_id, retryable = false })
+  end
   return { id = q.request_id, status_url = q.status_url, response_url = q.response_url, cancel_url = q.cancel_url }
 end
 

@@ -34,6 +34,17 @@ function replicate.headers(key, extra)
   return h
 end
 
+-- a provider's id as one path segment: dots, "/", "?", spaces and non-ASCII bytes are escaped
+local function escape(s)
+  return (s:gsub("[^%w%-_~]", function(c) return ("%%%02X"):format(c:byte()) end))
+end
+
+-- a URL the provider gave (resil.http raises on one it cannot parse): http(s), URI characters only
+local function url_ok(u)
+  return u == nil or (type(u) == "string" and u:match("^https?://[%w%-%._~:/%?#%[%]@!%$&'%(%)%*%+,;=%%]+$") ~= nil)
+end
+replicate.url_ok = url_ok
+
 local TERMINAL = { succeeded = "succeeded", failed = "failed", canceled = "canceled", aborted = "failed" }
 
 -- a prediction -> { status = "running"|"succeeded"|"failed"|"canceled", output=, error=, raw= }
@@ -71,8 +82,12 @@ function replicate.create(ctx)
     return nil, resil.error("invalid_output", "replicate: the created prediction has no id or urls.get",
       { provider = "replicate", retryable = false })
   end
+  if not url_ok(p.urls.get) or not url_ok(p.urls.cancel ~= json.null and p.urls.cancel or nil) then
+    return nil, resil.error("invalid_output", "replicate: the created prediction's urls are not http(s) URLs",
+      { provider = "replicate", id = p.id, retryable = false })
+  end
   local s = state_of(p)
-  return { id = p.id, get = p.urls.get, cancel = p.urls.cancel,
+  return { id = p.id, get = p.urls.get, cancel = p.urls.cancel ~= json.null and p.urls.cancel or nil,
     state = s.status ~= "running" and { status = s.status, output = s.output, error = s.error,
       metrics = p.metrics ~= json.null and p.metrics or nil } or nil }
 end
@@ -90,7 +105,7 @@ end
 -- -> res | nil, err; and the job's state when the answer shows it ended before the cancel
 -- (the cancel of an ended prediction changes nothing and answers the prediction)
 function replicate.cancel(ctx, handle)
-  local url = handle.cancel or (ctx.base .. "/predictions/" .. handle.id .. "/cancel")
+  local url = handle.cancel or (ctx.base .. "/predictions/" .. escape(handle.id) .. "/cancel")
   local res, err = ctx.send({ method = "POST", url = url, headers = replicate.headers(ctx.key) })
   if not res then return nil, err end
   local p = json.decode(res.body or "")
