@@ -68,9 +68,14 @@ local function completed(ctx, handle, s)
   end
   local res, err = ctx.send({ method = "GET", url = handle.response_url, headers = fal.headers(ctx.key) })
   if not res then
-    -- a request that failed on fal's side answers its result with the error
-    if type(err) == "table" and err.status and err.status ~= 429 then
-      return { status = "failed", error = err.message, error_type = err.fal_error_type }
+    -- a request that failed on fal's side answers its result with the error: fal names it
+    -- (X-Fal-Error-Type) or refuses the input (4xx). A bare 5xx (a proxy, an outage) says
+    -- nothing of the request, which may have succeeded and been paid: it is read again.
+    local status = type(err) == "table" and err.status
+    local headers = status and type(err.response) == "table" and err.response.headers
+    local error_type = type(headers) == "table" and headers["x-fal-error-type"] or nil
+    if status and (error_type or (status >= 400 and status < 500 and status ~= 429)) then
+      return { status = "failed", error = err.message, error_type = error_type }
     end
     return nil, err
   end
