@@ -246,7 +246,8 @@ local function follow(ctx, handle, deadline)
         resil.log.warn("job: cancel failed", { provider = ctx.name, id = handle.id, error = tostring(cerr) })
         return { status = "deadline", uncanceled = cerr } -- it may run on: no replacement beside it
       end
-      return { status = "deadline" }
+      -- the time it ran, as the cancel's answer says (hardware-billed models are paid for it)
+      return { status = "deadline", metrics = ended and ended.metrics }
     end
     resil.sleep(math.min(delay, left))
     delay = math.min(delay * (poll.factor or 1.5), poll.max or 15)
@@ -307,7 +308,7 @@ function jobs.job(spec)
       if ticket then ticket:release() end
       return nil, perr
     end
-    local usage = ctx.adapter.usage(state.status == "deadline" and {} or state, spec.input)
+    local usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, spec.input)
     local usd = charge(ctx, spec, "job", handle.id, usage, ticket)
     if state.status == "succeeded" then
       return { provider = ctx.name, model = ctx.model, id = handle.id, status = "succeeded", output = state.output,

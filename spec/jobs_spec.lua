@@ -130,6 +130,21 @@ describe("ai.job on Replicate", function()
     assert.are.equal(2, r.attempts)
   end)
 
+  it("records the time a job canceled at its deadline ran, for a model billed per second", function()
+    local pricing = require "policies.pricing_media"
+    pricing.models["replicate/acme/hardware"] = { per_predict_second = 0.001 }
+    m = resil.mock.start({ jobs = { fates = { "stuck" } } })
+    use(m.url)
+    local _, err = jobs.job({ model = "replicate/acme/hardware", input = { prompt = "a cat" }, deadline = 30,
+      attempts = 1 })
+    pricing.models["replicate/acme/hardware"] = nil
+    assert.are.equal("deadline", err.kind)
+    assert.are.equal(1, m:stats().billed.canceled)
+    local rows = resil.cost.breakdown("model")
+    assert.are.equal(1, #rows)
+    assert.is_true(math.abs(rows[1].usd - 0.03) < 1e-6)
+  end)
+
   it("gives up after `attempts` jobs with the last job's error", function()
     m = resil.mock.start({ jobs = { fail = 1, polls = 0, error = "CUDA out of memory" } })
     use(m.url)

@@ -217,6 +217,8 @@ local function replicate_cancel(m, req, id)
   if job.status == "starting" or job.status == "processing" then
     job.status = "canceled"
     job.completed_at = os.date("!%Y-%m-%dT%H:%M:%S.000Z", math.floor(resil.clock.wall()))
+    local ran = resil.now() - job.started -- billed for the time it ran
+    job.metrics = { predict_time = ran, total_time = ran }
     billed(m, "canceled", 1)
   end
   return { status = 200, body = json.encode(M.replicate_view(m, job)) }
