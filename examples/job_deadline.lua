@@ -1,6 +1,7 @@
 -- An async job with a deadline: the first prediction hangs, is canceled at
--- its deadline, and a new one is made, which succeeds. Both are in the
--- ledger (a canceled prediction may still be billed for the time it ran).
+-- its deadline, and a new one is made, which succeeds. The ledger has the
+-- one that succeeded, and the canceled one too when its model is billed for
+-- the time it ran (a model priced per output costs nothing canceled).
 --
 --   resil-lua examples/job_deadline.lua             (the in-process mock)
 --   REPLICATE_API_TOKEN=... resil-lua examples/job_deadline.lua real
