@@ -81,11 +81,33 @@ local function strip_date(model)
   return model:gsub("%-%d%d%d%d%-%d%d%-%d%d$", ""):gsub("%-%d%d%d%d%d%d%d%d$", ""):gsub("%-latest$", "")
 end
 
--- pricing.price(provider, model) -> the price table | nil
+-- A price table prices a call only when each of its fields is a unit above
+-- holding a finite number >= 0, and it has one at least: a typo ("inptu"),
+-- an empty table or a garbage value ("abc", 0/0) would price calls at $0 or
+-- raise after the provider was paid. Such a table is no price. -> ok | nil, why
+local function malformed(price)
+  if type(price) ~= "table" then return "not a table" end
+  local any
+  for field, p in pairs(price) do
+    if not pricing.units[field] then return ("unknown field '%s'"):format(tostring(field)) end
+    if math.type(p) == nil or p ~= p or p < 0 or p == math.huge then
+      return ("%s must be a number >= 0, not %s"):format(field, tostring(p))
+    end
+    any = true
+  end
+  if not any then return "no price field" end
+  return nil
+end
+
+-- pricing.price(provider, model) -> the price table | nil, why (a malformed table is no price)
 function pricing.price(provider, model)
   local t = pricing.models[provider]
   if type(t) ~= "table" or type(model) ~= "string" then return nil end
-  return t[model] or t[strip_date(model)]
+  local price = t[model] or t[strip_date(model)]
+  if price == nil then return nil end
+  local bad = malformed(price)
+  if bad then return nil, bad end
+  return price
 end
 
 local warned = {}
@@ -93,15 +115,16 @@ local warned = {}
 -- pricing.cost(provider, model, usage) -> usd | nil, why
 function pricing.cost(provider, model, usage)
   if type(usage) ~= "table" then error("pricing.cost: usage must be a table", 2) end
-  local price = pricing.price(provider, model)
+  local price, bad = pricing.price(provider, model)
   if price == nil then
     local name = tostring(provider) .. "/" .. tostring(model)
     if not warned[name] then
       warned[name] = true
-      resil.log.warn("no price for model; its calls are recorded without a cost",
-        { provider = provider, model = model, prices_of = pricing.date })
+      resil.log.warn(bad and "malformed price for model; its calls are recorded without a cost"
+        or "no price for model; its calls are recorded without a cost",
+        { provider = provider, model = model, prices_of = pricing.date, error = bad })
     end
-    return nil, "no price for " .. name
+    return nil, (bad and "malformed price for %s: %s" or "no price for %s"):format(name, bad)
   end
   -- the price's own few fields, then the cache prices it lacks at the input price
   local units, usd = pricing.units, 0

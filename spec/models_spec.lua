@@ -463,3 +463,35 @@ describe("migrations behind another alias", function()
     assert.are.equal("openai/gpt-4o-mini-2024-07-18", plan.choices[2].model)
   end)
 end)
+
+describe("prices gone wrong", function()
+  local pricing = require "policies.pricing"
+  after_each(function()
+    for _, k in ipairs({ "ft-typo-2025-01-01", "ft-garbage-2025-01-01", "ft-nan-2025-01-01", "ft-empty-2025-01-01" }) do
+      pricing.models.openai[k] = nil
+    end
+  end)
+
+  it("a price table with a typo, garbage or nothing in it is no price: never a silent $0, never a raise", function()
+    pricing.models.openai["ft-typo-2025-01-01"] = { inptu = 0.15, outptu = 0.60 }
+    pricing.models.openai["ft-garbage-2025-01-01"] = { input = "abc", output = 0.60 }
+    pricing.models.openai["ft-nan-2025-01-01"] = { input = 0 / 0, output = 0.60 }
+    pricing.models.openai["ft-empty-2025-01-01"] = {}
+    registry.use({ ft = { use = "openai/ft-typo-2025-01-01" } })
+    for _, name in ipairs({ "typo", "garbage", "nan", "empty" }) do
+      local model = "openai/ft-" .. name .. "-2025-01-01"
+      local lines = logged(function()
+        local ok, r = pcall(ai.chat, { model = model, messages = MSGS })
+        assert.is_true(ok, tostring(r))
+        assert.is_nil(r.cost_usd, name) -- recorded without a price
+      end)
+      assert.are.equal(1, #with_msg(lines, "price for model"), name)
+    end
+    local found = false
+    for _, p in ipairs(registry.problems({ ft = { use = "openai/ft-typo-2025-01-01" } },
+      { price = function(p, m) return pricing.price(p, m) ~= nil end })) do
+      if p.message:find("has no price") then found = true end
+    end
+    assert.is_true(found)
+  end)
+end)
