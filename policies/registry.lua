@@ -145,7 +145,14 @@ local function structure_errors(entries, file)
     path[#path + 1] = key
     local e = entries[key]
     local refs = {}
-    local function ref(r) if type(r) == "string" and type(entries[r]) == "table" then refs[#refs + 1] = r end end
+    local function ref(r)
+      if type(r) ~= "string" then return end
+      if type(entries[r]) == "table" then refs[#refs + 1] = r return end
+      -- a full name whose deprecation is keyed by the bare model name leads there too
+      local bare = r:match("^[%w_%-]+/(.+)$")
+      local d = bare and entries[bare]
+      if type(d) == "table" and d.deprecated then refs[#refs + 1] = bare end
+    end
     ref(e.use)
     ref(e.replacement)
     ref(type(e.migrate) == "table" and e.migrate.to or nil)

@@ -495,3 +495,25 @@ describe("prices gone wrong", function()
     assert.is_true(found)
   end)
 end)
+
+describe("cycles through deprecations", function()
+  it("a replacement leading back through a deprecation keyed by the bare name is refused at load and by check", function()
+    local cyclic = {
+      a = { use = "openai/gpt-x-2024-01-01" },
+      ["gpt-x-2024-01-01"] = { deprecated = true, replacement = "a", sunset = "2020-01-01" },
+    }
+    local ok, err = pcall(registry.use, cyclic)
+    assert.is_false(ok)
+    assert.matches("alias cycle a %-> gpt%-x%-2024%-01%-01 %-> a", err)
+    local two = {
+      ["gpt-x-2024-01-01"] = { deprecated = true, replacement = "openai/gpt-y-2024-01-01", sunset = "2020-01-01" },
+      ["gpt-y-2024-01-01"] = { deprecated = true, replacement = "openai/gpt-x-2024-01-01", sunset = "2020-01-01" },
+    }
+    local errors = 0
+    for _, p in ipairs(registry.problems(two, {})) do
+      if p.level == "error" and p.message:find("alias cycle") then errors = errors + 1 end
+    end
+    assert.are.equal(1, errors)
+    assert.has_error(function() registry.use(two) end)
+  end)
+end)
