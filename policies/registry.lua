@@ -333,16 +333,44 @@ end
 
 local memory = resil.keep("policies.registry.migrations") -- when the store is down
 
-local function store_or_memory()
-  local s, err = resil.store()
-  if s then return s end
+local in_memory = {
+  get = function(_, k) return memory[k] end,
+  set = function(_, k, v) memory[k] = v return true end,
+  incr = function(_, k, n) memory[k] = (tonumber(memory[k]) or 0) + n return memory[k] end,
+  del = function(_, k) memory[k] = nil return true end,
+}
+
+local function down(err)
   warn_once("store", "model registry: the store is unavailable; migration state is kept in this process only",
     { error = tostring(err) })
-  return {
-    get = function(_, k) return memory[k] end,
-    set = function(_, k, v) memory[k] = v return true end,
-    incr = function(_, k, n) memory[k] = (tonumber(memory[k]) or 0) + n return memory[k] end,
-  }
+end
+
+-- The store, each operation falling back to this process's memory when the
+-- store fails it (a Redis that is down answers nil, err): the outcomes and a
+-- rollback are kept here meanwhile, never lost nor raised into the call.
+local over = setmetatable({}, { __mode = "k" })
+local function store_or_memory()
+  local s, err = resil.store()
+  if not s then
+    down(err)
+    return in_memory
+  end
+  local w = over[s]
+  if w then return w end
+  local function op(name)
+    return function(_, k, ...)
+      local ok, v, e = pcall(s[name], s, k, ...)
+      if ok and (v ~= nil or e == nil) then
+        if v == nil and name == "get" then return memory[k] end -- one set while the store was down
+        return v
+      end
+      down(ok and e or v)
+      return in_memory[name](in_memory, k, ...)
+    end
+  end
+  w = { get = op("get"), set = op("set"), incr = op("incr"), del = s.del and op("del") or in_memory.del }
+  over[s] = w
+  return w
 end
 
 local function safe(fn, ...)

@@ -517,3 +517,28 @@ describe("cycles through deprecations", function()
     assert.has_error(function() registry.use(two) end)
   end)
 end)
+
+describe("migrations while the store is down", function()
+  it("a Redis refusing connections neither raises into the call nor loses the rollback", function()
+    resil.store_config({ url = "redis://127.0.0.1:1/0?timeout=0.2" }) -- nothing listens on port 1
+    finally(function() resil.store_config({ url = store_path }) end)
+    m:configure({ strict = true, reply = "one two three",
+      faults = { { route = "chat", model = "gpt-4.1-mini-2025-04-14", probability = 1, kind = "garbage" } } })
+    registry.use({ canary = { use = "openai/gpt-4o-mini-2024-07-18",
+      migrate = { to = "openai/gpt-4.1-mini-2025-04-14", share = 0.5,
+                  rollback = { error_rate = 0.05, invalid_output = 0.02, min_calls = 5 } } } })
+    local later_new = 0
+    local lines = logged(function()
+      for i = 1, 120 do
+        local ok, r = pcall(ai.chat, { model = "canary", messages = MSGS, user = "user-" .. i })
+        assert.is_true(ok, tostring(r))
+        assert(r, "the old side answers")
+        if i > 60 and r.migration.side == "new" then later_new = later_new + 1 end
+      end
+    end)
+    assert.are.equal(1, #with_msg(lines, "store is unavailable"))
+    assert.are.equal(1, #with_msg(lines, "migration rolled back"))
+    assert.are.equal(0, later_new)
+    assert.are.equal(0, registry.migration_state("canary").share)
+  end)
+end)
