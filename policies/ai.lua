@@ -145,6 +145,9 @@ end
 local function target_of(model, req, level, spec, d)
   local p, name = parse_model(model, level + 1)
   local adapter = adapter_of(p, level + 1)
+  if not adapter.url then -- a job or speech provider (replicate, fal, elevenlabs): said before its key is asked for
+    error(("ai: provider '%s' has no chat API (%s is for ai.job or ai.speech)"):format(p, model), level + 1)
+  end
   local conf = d and deployment_conf(p, d) or ai.config[p] or NO_CONF
   local key, err = key_of(p, adapter, conf, name)
   if key == nil then return nil, err end

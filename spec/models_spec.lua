@@ -542,3 +542,16 @@ describe("migrations while the store is down", function()
     assert.are.equal(0, registry.migration_state("canary").share)
   end)
 end)
+
+describe("a chat naming a job provider's model", function()
+  it("raises that the provider has no chat API, before its key is asked for or a nil is indexed", function()
+    registry.use({ ["video-hq"] = { use = "replicate/bytedance/seedance-1-lite:c4d7a4b9" } })
+    for _, model in ipairs({ "replicate/owner/model:abc123", "fal/fal-ai/flux/schnell", "video-hq" }) do
+      local ok, err = pcall(ai.chat, { model = model, messages = MSGS })
+      assert.is_false(ok)
+      assert.matches("has no chat API", tostring(err))
+      assert.not_matches("index a nil", tostring(err))
+    end
+    assert.are.equal(0, m:stats().total)
+  end)
+end)
