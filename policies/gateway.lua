@@ -1119,11 +1119,21 @@ local function model_list(rec)
     seen[name] = true
     data[#data + 1] = { id = name, owned_by = owner or "resil" }
   end
-  local function provider_of(model) return type(model) == "string" and model:match("^([%w_%-]+)/") or nil end
+  local entries = registry().entries
+  -- the provider a model is pinned to, through aliases naming aliases
+  local function provider_of(model)
+    for _ = 1, 8 do
+      if type(model) ~= "string" then return nil end
+      local p = model:match("^([%w_%-]+)/")
+      if p then return p end
+      local e = entries[model]
+      model = type(e) == "table" and (e.use or type(e.deployments) == "table" and (e.deployments[1] or {}).use) or nil
+    end
+  end
   for name, m in pairs(gateway.config.models) do
     add(name, provider_of(type(m) == "table" and m.model or m))
   end
-  for name, e in pairs(registry().entries) do
+  for name, e in pairs(entries) do
     if type(e) == "table" and (e.use or e.deployments) then
       add(name, provider_of(e.use or (e.deployments[1] or {}).use))
     end

@@ -519,6 +519,17 @@ describe("gateway: the model registry", function()
     assert.are.equal("openai", owner["team-chat"])
   end)
 
+  it("/v1/models says the provider an alias naming an alias is pinned to", function()
+    use_registry({ inner = { use = "anthropic/claude-haiku-4-5-20251001" }, outer = { use = "inner" } })
+    local url = start({ strict = true, reply = "x" }, { models = { team = "outer" } })
+    local models = json.decode(assert(http.request({ url = url .. "/v1/models" })).body)
+    local owner = {}
+    for _, d in ipairs(models.data) do owner[d.id] = d.owned_by end
+    assert.are.equal("anthropic", owner.inner)
+    assert.are.equal("anthropic", owner.outer)
+    assert.are.equal("anthropic", owner.team)
+  end)
+
   it("an alias the config does not name is not taken for a bare model of the endpoint's provider", function()
     use_registry({ ["team-chat"] = { use = "anthropic/claude-haiku-4-5-20251001" } })
     local url = start({ strict = true, reply = "from the registry" })
