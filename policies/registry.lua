@@ -461,7 +461,7 @@ end
 -- registry.record(migration, outcome): after a call on one side. outcome =
 -- { ok = bool, class = "invalid_output" | ..., seconds = }
 function registry.record(mig, outcome)
-  local e = registry.entries[mig.alias]
+  local e = mig.entry or registry.entries[mig.alias]
   if type(e) ~= "table" or type(e.migrate) ~= "table" or e.migrate.share >= 1 then return end
   local m = e.migrate
   local s = store_or_memory()
@@ -552,7 +552,8 @@ local function expand(name, req, plan, depth)
     if e.migrate and not plan.migration and not plan.in_fallback then
       local side, st = side_for(name, e, req)
       plan.migration = { alias = name, side = side, from = e.use, to = e.migrate.to,
-        rolled_back = st and st.rolled_back ~= nil or nil }
+        rolled_back = st and st.rolled_back ~= nil or nil,
+        entry = e } -- its outcome counts for this entry, though a reload edits it meanwhile
       if side == "new" then
         add_all(expand(e.migrate.to, req, plan, depth + 1))
         plan.migration.primary = #list

@@ -555,3 +555,25 @@ describe("a chat naming a job provider's model", function()
     assert.are.equal(0, m:stats().total)
   end)
 end)
+
+describe("a registry reloaded while a migration's calls are in flight", function()
+  it("records their outcomes under the entry they were resolved by, not the edited one", function()
+    -- the first canary's target fails every call, slowly; the edited entry migrates to another target
+    m:configure({ strict = true, reply = "one two three", latency = 1,
+      faults = { { route = "chat", model = "gpt-4.1-mini-2025-04-14", status = 500 } } })
+    local rollback = { error_rate = 0.05, min_calls = 3 }
+    registry.use({ canary = { use = "openai/gpt-4o-mini-2024-07-18",
+      migrate = { to = "openai/gpt-4.1-mini-2025-04-14", share = 0.5, rollback = rollback } } })
+    local tasks = {}
+    for i = 1, 40 do
+      tasks[i] = resil.spawn(function() return ai.chat({ model = "canary", messages = MSGS, user = "u" .. i }) end)
+    end
+    resil.sleep(0.5) -- every call sent, none answered
+    registry.use({ canary = { use = "openai/gpt-4o-mini-2024-07-18",
+      migrate = { to = "openai/gpt-4.1-2025-04-14", share = 0.5, rollback = rollback } } })
+    for _, t in ipairs(tasks) do assert(t:join()) end
+    local st = registry.migration_state("canary")
+    assert.is_nil(st.rolled_back) -- the edited migration has not served a call yet
+    assert.are.equal(0.5, st.share)
+  end)
+end)
