@@ -505,6 +505,7 @@ end
 -- resolution
 
 local MAX_DEPTH = 8
+local UNPINNED_WARN_MAX = 100 -- unpinned models warned about one by one
 
 local function unknown(name)
   local near = registry.closest(name)
@@ -597,8 +598,17 @@ local function expand(name, req, plan, depth)
   end
   if not registry.is_pinned(model) and not (plan.pinned and plan.pinned[model]) then
     if not once["unpinned:" .. model] then
-      once["unpinned:" .. model] = true
-      resil.log.warn("model is not pinned to a version: the provider may change it under you", { model = model })
+      -- one line per model, for so many models: past that (a gateway's
+      -- clients name what they like), one line saying so, then none
+      local n = once["#unpinned"] or 0
+      if n < UNPINNED_WARN_MAX then
+        once["unpinned:" .. model] = true
+        resil.log.warn("model is not pinned to a version: the provider may change it under you", { model = model })
+      elseif n == UNPINNED_WARN_MAX then
+        resil.log.warn("more models are not pinned to a version: not warned about one by one (see resil_model_unpinned_total)",
+          { model = model, warned = n })
+      end
+      once["#unpinned"] = math.min(n + 1, UNPINNED_WARN_MAX + 1)
     end
     plan.unpinned = plan.unpinned or {}
     plan.unpinned[#plan.unpinned + 1] = model -- counted on every call, by resolve
@@ -611,7 +621,7 @@ end
 -- names on every request. A new registry (registry.use, a reload, other
 -- pinning rules) starts over at once; a sunset is seen within the second.
 local MEMO_SECONDS, MEMO_MAX = 1, 1000
-local unpinned_series = {}
+local unpinned_series, unpinned_count = {}, 0
 
 -- every call naming an unpinned model counts, a plan kept or not
 local function count_unpinned(plan)
@@ -621,7 +631,10 @@ local function count_unpinned(plan)
     local series = unpinned_series[model]
     if not series then
       series = unpinned_total:labels({ model = model })
-      unpinned_series[model] = series
+      if unpinned_count < MEMO_MAX then -- as many as the metric keeps label sets, about
+        unpinned_series[model] = series
+        unpinned_count = unpinned_count + 1
+      end
     end
     series:inc()
   end

@@ -577,3 +577,15 @@ describe("a registry reloaded while a migration's calls are in flight", function
     assert.are.equal(0.5, st.share)
   end)
 end)
+
+describe("warnings a gateway's clients could multiply", function()
+  it("unpinned models made up by the hundred are warned about one by one up to a bound, then once", function()
+    local unpinned = resil.metrics.counter("resil_model_unpinned_total")
+    local lines = logged(function()
+      for i = 1, 300 do registry.resolve("openai/made-up-" .. i, {}) end
+    end)
+    assert.are.equal(100, #with_msg(lines, "^model is not pinned"))
+    assert.are.equal(1, #with_msg(lines, "^more models are not pinned"))
+    assert.are.equal(1, unpinned:value({ model = "openai/made-up-250" })) -- still counted
+  end)
+end)
