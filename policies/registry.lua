@@ -556,8 +556,18 @@ local function expand(name, req, plan, depth)
         rolled_back = st and st.rolled_back ~= nil or nil,
         entry = e } -- its outcome counts for this entry, though a reload edits it meanwhile
       if side == "new" then
-        add_all(expand(e.migrate.to, req, plan, depth + 1))
-        plan.migration.primary = #list
+        -- a target that cannot be used (past its sunset with no replacement)
+        -- is a failure of the new side: its calls go to the old version
+        local ok, more = pcall(expand, e.migrate.to, req, plan, depth + 1)
+        if ok then
+          add_all(more)
+          plan.migration.primary = #list
+        else
+          plan.migration.side = "old"
+          warn_once("migrate\0" .. name .. "\0" .. tostring(e.migrate.to),
+            "model registry: a migration's target cannot be used; its calls go to the old version",
+            { alias = name, to = e.migrate.to, error = tostring(more) })
+        end
       end
       add_all(expand(e.use, req, plan, depth + 1))
     elseif e.deployments then

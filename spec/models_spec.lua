@@ -589,3 +589,19 @@ describe("warnings a gateway's clients could multiply", function()
     assert.are.equal(1, unpinned:value({ model = "openai/made-up-250" })) -- still counted
   end)
 end)
+
+describe("a migration whose target is retired", function()
+  it("sends the new side's calls to the old version, warned once, instead of failing them", function()
+    registry.use({ canary = { use = "openai/gpt-4o-mini-2024-07-18",
+        migrate = { to = "openai/gpt-4.1-mini-2025-04-14", share = 0.5 } },
+      ["gpt-4.1-mini-2025-04-14"] = { deprecated = true, sunset = date_in(-1) } })
+    local lines = logged(function()
+      for i = 1, 60 do
+        local r, err = ai.chat({ model = "canary", messages = MSGS, user = "user-" .. i })
+        assert(r, tostring(err))
+        assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+      end
+    end)
+    assert.are.equal(1, #with_msg(lines, "migration's target cannot be used"))
+  end)
+end)
