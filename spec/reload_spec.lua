@@ -380,14 +380,14 @@ print(greet.version, collectgarbage("count") - before < 8 * 1024)
   end)
 
   -- (before: without --max-memory it ran on to the reload's instruction cap, holding the loop for
-  -- half a minute and taking gigabytes; here 2 GB, a cap of 200M instructions)
+  -- half a minute and taking gigabytes; here 3 GB, a cap of 200M instructions)
   it("without --max-memory, a reload that allocates without end stops at its own memory cap", function()
     local dir = policy_dir(1)
     local r = run_capped(dir, [[
 local resil = require "resil"
 local greet = resil.policy "greet"
 local f = io.open(arg[1] .. "/greet.lua", "w")
-f:write("local t = {}\nfor i = 1, 1e9 do for _ = 1, 100 do end t[i] = ('x'):rep(4096) .. i end\n")
+f:write("local big, t = ('x'):rep(65536):rep(16), {}\nfor i = 1, 1e9 do for _ = 1, 20000 do end t[i] = big .. i end\n")
 f:close()
 print(resil.reload())
 print(greet.version)

@@ -113,21 +113,16 @@ end
 -- A Redis that evicts keys when it reaches its maxmemory drops what the
 -- store must keep: a gateway's keys (a valid key answered 401), a budget's
 -- spend (reset) and holds (a reserved total left with no hold to free it),
--- once records (a call run and billed twice). Said once, at the store's first
--- use, as soon as the server answers (within a minute).
+-- once records (a call run and billed twice). Said once, at the store's
+-- first use, when the server answers (a server down then is not asked again).
 local function check_eviction(backend)
-  for _ = 1, 12 do
-    local max, policy = backend:eviction_policy()
-    if max ~= nil then
-      if max > 0 and policy ~= "noeviction" then
-        resil.log.warn("redis: the server evicts keys at its maxmemory (maxmemory-policy " .. policy .. "): keys, " ..
-          "budgets' spend and holds and idempotency records may vanish; set maxmemory-policy noeviction",
-          { store = resil.redact(backend.url), maxmemory = max, policy = policy })
-      end
-      return
+  backend:eviction_policy(function(max, policy)
+    if max > 0 and policy ~= "noeviction" then
+      resil.log.warn("redis: the server evicts keys at its maxmemory (maxmemory-policy " .. policy .. "): keys, " ..
+        "budgets' spend and holds and idempotency records may vanish; set maxmemory-policy noeviction",
+        { store = resil.redact(backend.url), maxmemory = max, policy = policy })
     end
-    resil.sleep(5)
-  end
+  end)
 end
 
 -- opts (first open only): group_commit = false commits each operation alone; existing = true
@@ -141,7 +136,7 @@ function resil.store(url, opts)
   local backend, err
   if url:match("^redis://") or url:match("^rediss://") then
     backend, err = backends.redis.open(url)
-    if backend then resil.background(check_eviction, backend) end
+    if backend then check_eviction(backend) end
   else
     local path, query = url:gsub("^sqlite://", ""):match("^([^?]*)%??(.*)$")
     local timeout, terr = resil.store_timeout(query, url)

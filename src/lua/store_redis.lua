@@ -1084,12 +1084,15 @@ end
 function R:integrity_check() return "ok" end
 
 -- -> the server's maxmemory (bytes, 0: none) and maxmemory-policy | nil, err
-function R:eviction_policy()
-  local info, err = self.conn:call("INFO", "memory")
-  if type(info) ~= "string" then return nil, err end
-  local max, policy = info:match("\nmaxmemory:(%d+)"), info:match("\nmaxmemory_policy:([%w%-]+)")
-  if not max or not policy then return nil end
-  return tonumber(max), policy
+-- backend:eviction_policy(done): done(maxmemory, policy) once the server says, nothing if it
+-- cannot. Sent without a task waiting: a task still waiting for it at exit (a script that ends
+-- at once) would hold its command for good.
+function R:eviction_policy(done)
+  self.conn:send(function(info)
+    if type(info) ~= "string" then return end
+    local max, policy = info:match("\nmaxmemory:(%d+)"), info:match("\nmaxmemory_policy:([%w%-]+)")
+    if max and policy then done(tonumber(max), policy) end
+  end, "INFO", "memory")
 end
 
 return R
