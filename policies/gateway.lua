@@ -1122,7 +1122,7 @@ local function model_list(rec)
   local entries = registry().entries
   -- the provider a model is pinned to, through aliases naming aliases
   local function provider_of(model)
-    for _ = 1, 8 do
+    for _ = 1, 9 do
       if type(model) ~= "string" then return nil end
       local p = model:match("^([%w_%-]+)/")
       if p then return p end
@@ -1134,9 +1134,7 @@ local function model_list(rec)
     add(name, provider_of(type(m) == "table" and m.model or m))
   end
   for name, e in pairs(entries) do
-    if type(e) == "table" and (e.use or e.deployments) then
-      add(name, provider_of(e.use or (e.deployments[1] or {}).use))
-    end
+    if type(e) == "table" and (e.use or e.deployments) then add(name, provider_of(name)) end
   end
   for _, m in ipairs(rec.models or {}) do add(m, provider_of(m)) end
   table.sort(data, function(a, b) return a.id < b.id end)

@@ -150,13 +150,18 @@ static void say_dropped(log_sink *s) {
 
 static void arm(log_sink *s);
 
-/* the pending bytes, as many as the reader takes now */
-static void flush_pending(log_sink *s) {
-  if (s->len == 0) return;
+/* the pending bytes, as many as the reader takes now; once all are out,
+ * the count of the lines dropped meanwhile */
+static void send_pending(log_sink *s) {
   size_t out = write_lines(s, s->pending, s->len);
   memmove(s->pending, s->pending + out, s->len - out);
   s->len -= out;
   if (s->len == 0 && s->dropped) say_dropped(s);
+}
+
+static void flush_pending(log_sink *s) {
+  if (s->len == 0) return;
+  send_pending(s);
   if (s->len) arm(s);
 }
 
@@ -197,9 +202,7 @@ void log_sink_close(log_sink *s) {
     long left = CLOSE_WAIT_MS - (long)((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
     struct pollfd p = {.fd = s->fd, .events = POLLOUT};
     if (left <= 0 || poll(&p, 1, (int)left) <= 0) break;
-    size_t out = write_lines(s, s->pending, s->len);
-    memmove(s->pending, s->pending + out, s->len - out);
-    s->len -= out;
+    send_pending(s);
   }
   if (s->owns_fd) close(s->fd);
   free(s->pending);

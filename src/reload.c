@@ -58,7 +58,6 @@ struct link_seen {
 /* what path leads to now, following links (all zero: missing) */
 static void link_stat(struct link_seen *l) {
   struct stat sb;
-  memset(&sb, 0, sizeof sb);
   if (stat(l->path, &sb) != 0) memset(&sb, 0, sizeof sb);
   l->dev = sb.st_dev;
   l->ino = sb.st_ino;

@@ -113,10 +113,10 @@ local function cost_entry(e, at)
   local dedupe = e.id ~= nil and tostring(e.id) or nil
   local units = e.units
   if units ~= nil then
-    local ok, text = pcall(json.encode, units)
-    if type(units) ~= "table" or not ok then
-      error("resil.cost.record: units must be a table JSON can hold (token counts by name)" ..
-        (ok and "" or ": " .. tostring(text)), 3)
+    local ok, text = false, "not a table"
+    if type(units) == "table" then ok, text = pcall(json.encode, units) end
+    if not ok then
+      error("resil.cost.record: units must be a table JSON can hold (token counts by name): " .. tostring(text), 3)
     end
     units = text
   end

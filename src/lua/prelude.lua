@@ -218,15 +218,8 @@ local replaced -- the set a reload in progress took out of package.loaded
 -- Both series exported from the start at 0: a series born at 1 (the first
 -- reload that fails) has no increase() in Prometheus, and the alert on it
 -- (ResilReloadFailing) stayed quiet for a process's first broken save.
-local reloads_total
-local function count_reload(result, n)
-  if not reloads_total then
-    reloads_total = resil.metrics.counter("resil_reloads_total", "Policy reloads, by result")
-    reloads_total:inc({ result = "ok" }, 0)
-    reloads_total:inc({ result = "failed" }, 0)
-  end
-  reloads_total:inc({ result = result }, n)
-end
+local reloads_total -- (made with both series once resil.metrics is loaded, below)
+local function count_reload(result) reloads_total:inc({ result = result }) end
 
 -- failed: true when C calls it, after a cap or a signal stopped the reload
 -- (its own Lua could not count the failure then)
@@ -325,7 +318,9 @@ end
 
 -- each of these adds its part of the API to resil
 resil.metrics = require "resil.metrics"
-count_reload("ok", 0) -- (resil_reloads_total's series, at 0)
+reloads_total = resil.metrics.counter("resil_reloads_total", "Policy reloads, by result")
+reloads_total:inc({ result = "ok" }, 0)
+reloads_total:inc({ result = "failed" }, 0)
 resil.mock = require "resil.mock"
 for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "trace" }) do require("resil." .. name) end
 

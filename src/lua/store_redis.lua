@@ -1083,8 +1083,8 @@ end
 
 function R:integrity_check() return "ok" end
 
--- -> the server's maxmemory (bytes, 0: none) and maxmemory-policy | nil, err
--- backend:eviction_policy(done): done(maxmemory, policy) once the server says, nothing if it
+-- backend:eviction_policy(done): done(maxmemory, policy) once the server says (maxmemory in bytes,
+-- 0: none), nothing if it
 -- cannot. Sent without a task waiting: a task still waiting for it at exit (a script that ends
 -- at once) would hold its command for good.
 function R:eviction_policy(done)
