@@ -70,6 +70,36 @@ local function named(t, name)
   return c
 end
 
+-- scheme://host:port of an http(s) URL, lower-cased with the default port
+-- named (the host is what follows any user info: "https://api.x@evil/" is evil's)
+local function origin(u)
+  local scheme, authority = tostring(u):match("^(%a[%w+.-]*)://([^/?#]*)")
+  if not scheme then return nil end
+  scheme, authority = scheme:lower(), authority:gsub("^.*@", ""):lower()
+  if not authority:match(":%d+$") then authority = authority .. (scheme == "https" and ":443" or ":80") end
+  return scheme .. "://" .. authority
+end
+
+-- A URL the provider answered (where to read or cancel a job) that is not an
+-- http(s) URL on the origin of the configured base_url (or that resil.http
+-- could not parse) is replaced by the one the provider's API documents there
+-- (`fallback`): the API key goes to no other host, and a job already paid
+-- for is still read and canceled.
+local warned_url = {}
+local function own_url(ctx, u, fallback)
+  if type(u) == "string" and u:match("^https?://[%w%-%._~:/%?#%[%]@!%$&'%(%)%*%+,;=%%]+$")
+    and origin(u) == origin(ctx.base) then
+    return u
+  end
+  if u ~= nil and not warned_url[ctx.name] then
+    warned_url[ctx.name] = true
+    resil.log.warn("job: the provider answered a URL off its base_url's host (or one that cannot be read); the " ..
+      "documented URL on base_url is used instead",
+      { provider = ctx.name, url = tostring(u):sub(1, 200), base_url = ctx.base })
+  end
+  return fallback
+end
+
 -- Two views of one provider (the same bucket, breaker and concurrency limit): creates are not
 -- retried after a timeout, since the provider may have made the job (another create would
 -- pay twice); reads, results and cancels are.
@@ -121,6 +151,7 @@ local function context(spec, what, level)
   local ctx = { name = name, adapter = adapter, target = target, model = spec.model, conf = conf, key = key,
     base = (base:gsub("/+$", "")), input = spec.input, wait = spec.wait,
     send_create = function(req) return p.create(req) end }
+  ctx.own_url = function(u, fallback) return own_url(ctx, u, fallback) end
   -- a status read keeps to the job's deadline (ctx.poll_until): a hanging read or a long
   -- Retry-After does not hold off the cancel
   ctx.send = function(req)

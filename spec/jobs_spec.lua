@@ -504,14 +504,53 @@ describe("golden requests", function()
       assert.are.equal("POST", cancel.method)
       assert.matches("^/v1/predictions/[^/]+/cancel$", cancel.path)
     end
+    -- a URL that cannot be read: the job, already paid for, is read where the API documents it
     id = "p1"
     rec.server:close()
     rec = recorder({ ["POST /v1/predictions"] = { status = 201, body = json.encode({ id = "p1", status = "starting",
-      urls = { get = "http://127.0.0.1:1/v1/predictions/é p1" } }) } })
+      urls = { get = "http://127.0.0.1:1/v1/predictions/é p1" } }) },
+      ["GET /v1/predictions/p1"] = { status = 200, body = json.encode({ id = "p1", status = "succeeded",
+        output = "ok" }) } })
     use(rec.url)
     local ok, r, err = pcall(jobs.job, { model = "replicate/acme/video:abc123", input = { prompt = "a cat" } })
     assert.is_true(ok, r)
-    assert.are.equal("invalid_output", err.kind)
+    assert.is_nil(err)
+    assert.are.equal("ok", r.output)
+  end)
+
+  it("sends the key only to base_url's host: job URLs elsewhere are read and canceled where the API documents them",
+    function()
+    -- another host (here another port) the provider's answer names, as a compromised or
+    -- misrouted answer would: it must never see a request, let alone the key
+    local elsewhere = recorder({})
+    local ok, res = pcall(function()
+      local away = elsewhere.url .. "/v1/predictions/p1"
+      rec = recorder({ ["POST /v1/predictions"] = { status = 201, body = json.encode({ id = "p1",
+          status = "starting", urls = { get = away, cancel = away .. "/cancel" } }) },
+        ["GET /v1/predictions/p1"] = { status = 200, body = json.encode({ id = "p1", status = "processing" }) },
+        ["POST /v1/predictions/p1/cancel"] = { status = 200, body = json.encode({ id = "p1", status = "canceled" }) },
+        ["POST /fal-ai/flux/dev"] = { status = 200, body = json.encode({ request_id = "r1", status = "IN_QUEUE",
+          status_url = elsewhere.url .. "/fal-ai/flux/requests/r1/status",
+          response_url = "http://user@" .. elsewhere.url:sub(8) .. "/fal-ai/flux/requests/r1",
+          cancel_url = elsewhere.url:upper() .. "/fal-ai/flux/requests/r1/cancel" }) },
+        ["GET /fal-ai/flux/requests/r1/status"] = { status = 200, body = '{"status":"COMPLETED"}' },
+        ["GET /fal-ai/flux/requests/r1"] = { status = 200, body = '{"images":[]}' } })
+      use(rec.url)
+      jobs.configure("fal", { base_url = rec.url, api_key = KEYS.fal, poll = FAST_POLL })
+      local _, err = jobs.job({ model = "replicate/acme/video:abc123", input = { prompt = "a cat" }, deadline = 2,
+        attempts = 1 })
+      assert.are.equal("deadline", err.kind)
+      local r = assert(jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" } }))
+      assert.are.same({ images = {} }, r.output)
+      local paths = {}
+      for i, req in ipairs(rec.requests) do paths[i] = req.method .. " " .. req.path end
+      assert.are.same({ "POST /v1/predictions", "GET /v1/predictions/p1", "POST /v1/predictions/p1/cancel",
+        "POST /fal-ai/flux/dev", "GET /fal-ai/flux/requests/r1/status", "GET /fal-ai/flux/requests/r1" }, paths)
+      return #elsewhere.requests
+    end)
+    elsewhere.server:close()
+    assert.is_true(ok, res)
+    assert.are.equal(0, res)
   end)
 
   it("Replicate: an official model without a version is created on its model path", function()

@@ -33,6 +33,8 @@ function fal.headers(key, json_body)
   return h
 end
 
+local escape = require("policies.providers.replicate").escape -- an id as one path segment
+
 local function decode(res, what)
   local body = json.decode(res.body or "")
   if type(body) ~= "table" then
@@ -52,13 +54,11 @@ function fal.create(ctx)
     return nil, resil.error("invalid_output", "fal: the submit answer has no request_id, status_url or response_url",
       { provider = "fal", retryable = false })
   end
-  local url_ok = require("policies.providers.replicate").url_ok -- resil.http raises on a URL it cannot parse
   if q.cancel_url == json.null then q.cancel_url = nil end
-  if not (url_ok(q.status_url) and url_ok(q.response_url) and url_ok(q.cancel_url)) then
-    return nil, resil.error("invalid_output", "fal: the submit answer's URLs are not http(s) URLs",
-      { provider = "fal", id = q.request_id, retryable = false })
-  end
-  return { id = q.request_id, status_url = q.status_url, response_url = q.response_url, cancel_url = q.cancel_url }
+  -- (the key goes only to base_url's host: jobs.lua's own_url; fal's documented queue URLs)
+  local at = ("%s/%s/requests/%s"):format(ctx.base, ctx.target.app, escape(q.request_id))
+  return { id = q.request_id, status_url = ctx.own_url(q.status_url, at .. "/status"),
+    response_url = ctx.own_url(q.response_url, at), cancel_url = ctx.own_url(q.cancel_url, at .. "/cancel") }
 end
 
 -- COMPLETED -> fetch the output from response_url

@@ -38,12 +38,7 @@ end
 local function escape(s)
   return (s:gsub("[^%w%-_~]", function(c) return ("%%%02X"):format(c:byte()) end))
 end
-
--- a URL the provider gave (resil.http raises on one it cannot parse): http(s), URI characters only
-local function url_ok(u)
-  return u == nil or (type(u) == "string" and u:match("^https?://[%w%-%._~:/%?#%[%]@!%$&'%(%)%*%+,;=%%]+$") ~= nil)
-end
-replicate.url_ok = url_ok
+replicate.escape = escape
 
 local TERMINAL = { succeeded = "succeeded", failed = "failed", canceled = "canceled", aborted = "failed" }
 
@@ -82,12 +77,11 @@ function replicate.create(ctx)
     return nil, resil.error("invalid_output", "replicate: the created prediction has no id or urls.get",
       { provider = "replicate", retryable = false })
   end
-  if not url_ok(p.urls.get) or not url_ok(p.urls.cancel ~= json.null and p.urls.cancel or nil) then
-    return nil, resil.error("invalid_output", "replicate: the created prediction's urls are not http(s) URLs",
-      { provider = "replicate", id = p.id, retryable = false })
-  end
+  -- (the key goes only to base_url's host: jobs.lua's own_url)
+  local get = ("%s/predictions/%s"):format(ctx.base, escape(p.id))
+  local cancel = p.urls.cancel ~= json.null and p.urls.cancel or nil
   local s = state_of(p)
-  return { id = p.id, get = p.urls.get, cancel = p.urls.cancel ~= json.null and p.urls.cancel or nil,
+  return { id = p.id, get = ctx.own_url(p.urls.get, get), cancel = ctx.own_url(cancel, get .. "/cancel"),
     state = s.status ~= "running" and { status = s.status, output = s.output, error = s.error,
       metrics = p.metrics ~= json.null and p.metrics or nil } or nil }
 end
