@@ -890,6 +890,13 @@ static int db_now(lua_State *L) { return run_now(L, "BEGIN IMMEDIATE"); }
  * waits for another process's writer. */
 static int db_read(lua_State *L) { return run_now(L, "BEGIN"); }
 
+/* db:queued() -> true while writes this process queued are not committed
+ * (a read that must see them goes through db:tx, after them) */
+static int db_queued(lua_State *L) {
+  lua_pushboolean(L, check_db(L, 1)->head != NULL);
+  return 1;
+}
+
 static int db_stats(lua_State *L) {
   store_db *d = check_db(L, 1);
   lua_createtable(L, 0, 2);
@@ -1089,6 +1096,7 @@ static int l_open(lua_State *L) {
 static const luaL_Reg db_methods[] = {{"tx", db_tx},         {"commit_only", db_commit_only},
                                       {"enqueue", db_enqueue},
                                       {"now", db_now},       {"read", db_read},
+                                      {"queued", db_queued},
                                       {"blocking", db_blocking}, {"stats", db_stats},
                                       {"close", db_close},   {NULL, NULL}};
 static const luaL_Reg tx_methods[] = {

@@ -191,6 +191,22 @@ local function alive(tx, id, now)
   return verdict ~= "dead"
 end
 
+-- A read of what any process wrote: at once, in a read transaction, which in
+-- WAL mode never waits for another process's writer (`runs`, `costs` and
+-- `budgets` answered "database is locked" after 5 s while a process held the
+-- write lock: a long transaction, or one stopped mid-commit). Writes this
+-- process queued and has not committed come first (a read that follows a
+-- write nobody waited for sees it): then it is read in the next group
+-- commit, as is one that finds the file busy (another process recovering
+-- its WAL at open).
+local function read(self, fn, ...)
+  if not self.db:queued() then
+    local v, err = self.db:read(fn, ...)
+    if not (err and err.busy) then return v, err end
+  end
+  return self.db:tx(fn, ...)
+end
+
 -- ---------- key/value ----------
 
 -- A read: it never waits for a writer (another process's long transaction
@@ -407,7 +423,7 @@ end
 
 -- each run with its holder, if any: holder = {host=, pid=, since=}, holder_alive
 function B:runs_list(now)
-  return self.db:tx(function(tx)
+  return read(self, function(tx)
     local rows = tx:rows("SELECT * FROM runs ORDER BY updated_at DESC")
     for _, r in ipairs(rows) do
       if r.owner then r.holder, r.holder_alive = owner.describe(r.owner), alive(tx, r.owner, now) == true end
@@ -430,13 +446,13 @@ end
 
 -- the run's row (nil when unknown)
 function B:run_get(id)
-  return self.db:tx(function(tx) return tx:row("SELECT * FROM runs WHERE id = ?", id) end)
+  return read(self, function(tx) return tx:row("SELECT * FROM runs WHERE id = ?", id) end)
 end
 
 -- -> { {scope=, seq=, name=, at=, started=, detail=, bytes=, retries=, state="done"|"failed"|"pending",
 --       error=}, ... } (started and detail: nil for steps recorded before schema 7)
 function B:run_steps(run)
-  return self.db:tx(function(tx)
+  return read(self, function(tx)
     local rows = tx:rows("SELECT scope, seq, name, at, started, detail, length(result) AS bytes, retries, " ..
                          "'done' AS state FROM steps WHERE run = ? ORDER BY at, scope, seq", run)
     for _, r in ipairs(tx:rows("SELECT scope, seq, name, at, started, detail, state, error, retries " ..
@@ -484,7 +500,7 @@ function B:cost_query(by, filter)
                "sum(micro_usd IS NULL) AS unpriced FROM costs " ..
                "WHERE %s %s ORDER BY %s"):format(column or "NULL", table.concat(where, " AND "),
                column and ("GROUP BY " .. column) or "", column and "micro_usd DESC" or "1")
-  return self.db:tx(function(tx) return tx:rows(sql, table.unpack(args)) end)
+  return read(self, function(tx) return tx:rows(sql, table.unpack(args)) end)
 end
 
 -- the ledger's rows that pass the filter, oldest first
@@ -496,7 +512,7 @@ function B:cost_rows(filter)
   if filter.since then where[#where + 1] = "at >= ?"; args[#args + 1] = filter.since end
   local sql = "SELECT at, provider, model, operation, user, run, item, step, budget, micro_usd, units FROM costs " ..
               "WHERE " .. table.concat(where, " AND ") .. " ORDER BY at, id"
-  return self.db:tx(function(tx) return tx:rows(sql, table.unpack(args)) end)
+  return read(self, function(tx) return tx:rows(sql, table.unpack(args)) end)
 end
 
 -- ---------- budgets ----------
@@ -628,7 +644,7 @@ end
 
 -- every budget known: declared, set, or with reservations -> { {name=, limit_micro=, per=, ...}, ... }
 function B:budget_list()
-  return self.db:tx(function(tx)
+  return read(self, function(tx)
     return tx:rows("SELECT n.name, b.limit_micro, b.per, b.declared_micro, b.declared_per FROM " ..
                    "(SELECT name FROM budgets UNION SELECT budget FROM reservations) AS n " ..
                    "LEFT JOIN budgets b ON b.name = n.name ORDER BY n.name")
