@@ -32,4 +32,41 @@ describe("resil-lua --sandbox", function()
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("table\ttrue\taa\t2\n", r.stdout)
   end)
+
+  it("makes no SQLite file outside its folders: not by a store URL, resil.sqlite nor SQL's ATTACH", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local own = dir .. "/own.db"
+    local function run(code)
+      local script = helpers.write(helpers.tmpname(".lua"), "local resil = require 'resil'\n" .. code .. "\n")
+      local r = helpers.run(("%s --sandbox --store %s %s"):format(R, own, script))
+      os.remove(script)
+      return r, script
+    end
+    -- (before: each made the file, and its folders, where the script said, with rows of the script's text:
+    -- a line for cron, or a shell's profile, in a file it could name)
+    for _, case in ipairs({
+      { ("resil.store_config({ url = %q })"):format(dir .. "/away/x.db"), dir .. "/away" },
+      { ("resil.store(%q)"):format("sqlite://" .. dir .. "/y.db?timeout=1"), dir .. "/y.db" },
+      { ("resil.sqlite.open(%q)"):format(dir .. "/z.db"), dir .. "/z.db" },
+      { ("resil.sqlite.open(%q)"):format("file:" .. dir .. "/u.db?mode=rwc"), dir .. "/u.db" },
+    }) do
+      local r, script = run(case[1])
+      assert.are.equal(1, r.code, case[1])
+      assert.matches(script:gsub("%p", "%%%0") .. ":2: store: %S*" .. dir:gsub("%p", "%%%0") ..
+        "/%S+ is outside the folders the sandbox may write in", r.stderr)
+      assert.is_nil(io.open(case[2]), case[2] .. " was made")
+    end
+    -- the host's own store is the script's to use, its SQL with no ATTACH
+    local r = run(([[
+assert(resil.store():set("k", "v"))
+local db = resil.store().backend.db
+local ok, err = pcall(db.now, db, function(tx) tx:exec(("ATTACH DATABASE %%q AS e"):format(%q)) end)
+print(ok, tostring(err):match("too many attached databases") ~= nil or tostring(err))
+print(resil.store():get("k"))]]):format(dir .. "/evil.db"))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("false\ttrue\nv\n", r.stdout)
+    assert.is_nil(io.open(dir .. "/evil.db"), "ATTACH made a file")
+    os.execute("rm -rf " .. dir)
+  end)
 end)

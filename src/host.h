@@ -103,6 +103,8 @@ struct resil {
   void *log_ud;
   struct embed_state *embed; /* embed.c: resil_call_async's calls */
   int sandbox;
+  char **sandbox_dirs; /* canonical, NULL-terminated: the folders sandboxed scripts may write in */
+  char *sandbox_store; /* the SQLite file of the host's own store (opts->store, RESIL_STORE or the default) */
   char *policies_dir;
   char *share_dir;
   int status;
@@ -118,6 +120,9 @@ void resil_set_error(resil_t *R, const char *msg);
  * in errors. Returns lua_pcall's status. */
 int host_pcall(lua_State *L, const char *what, int nargs, int nresults);
 void resil_push_host_env(lua_State *L); /* the host's own globals, not the scripts' sandbox */
+/* May a SQLite file be opened at path? Always, but under the sandbox only the
+ * host's own store and files under sandbox_dirs. */
+int sandbox_file_ok(resil_t *R, const char *path);
 
 /* embed.c */
 void embed_free(resil_t *R);

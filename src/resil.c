@@ -355,10 +355,88 @@ static void add_dir(lua_State *L, const char *dir) {
   lua_rawseti(L, -2, (lua_Integer)luaL_len(L, -2) + 1);
 }
 
+/* path made absolute with its existing part resolved (symlinks, ".."), the
+ * rest (folders not made yet) appended as written -> malloc'd | NULL when
+ * the rest holds "." or ".." (it cannot be placed without the folders) */
+static char *resolved_path(const char *path) {
+  char head[PATH_MAX], real[PATH_MAX];
+  if (snprintf(head, sizeof head, "%s", path) >= (int)sizeof head) return NULL;
+  const char *rest = "";
+  for (;;) {
+    char *slash = strrchr(head, '/');
+    if (!slash) { /* a name in the working directory, or a chain of missing folders in it */
+      if (!realpath(".", real)) return NULL;
+      rest = path;
+      break;
+    }
+    *slash = '\0';
+    if (realpath(*head ? head : "/", real)) {
+      rest = path + (slash - head) + 1;
+      break;
+    }
+  }
+  for (const char *p = rest; *p;) { /* the part not resolved: no "." or ".." in it */
+    size_t n = strcspn(p, "/");
+    if ((n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.')) return NULL;
+    p += n + (p[n] == '/');
+  }
+  size_t len = strlen(real) + 1 + strlen(rest) + 1;
+  char *out = malloc(len);
+  if (out) snprintf(out, len, "%s%s%s", real, strcmp(real, "/") == 0 ? "" : "/", rest);
+  return out;
+}
+
+/* The store and io.open are not the only way to a file: resil.sqlite.open (a
+ * store at a URL the script names: resil.store(url), resil.store_config)
+ * made a file, and its folders, anywhere, with content the script chose
+ * (a row of text in a file named for cron or a shell's profile). */
+int sandbox_file_ok(resil_t *R, const char *path) {
+  if (!R->sandbox || !R->sandbox_dirs) return 1;
+  if (R->sandbox_store && strcmp(path, R->sandbox_store) == 0) return 1;
+  if (strcmp(path, ":memory:") == 0 || !*path) return 1; /* no file */
+  if (strncmp(path, "file:", 5) == 0) return 0; /* SQLite reads it as a URI: the file is elsewhere in it */
+  char *full = resolved_path(path);
+  int ok = 0;
+  for (char **d = R->sandbox_dirs; full && *d && !ok; d++) {
+    size_t n = strlen(*d);
+    ok = strncmp(full, *d, n) == 0 && (full[n] == '/' || full[n] == '\0' || strcmp(*d, "/") == 0);
+  }
+  free(full);
+  return ok;
+}
+
+/* the SQLite file a store URL names (sqlite://PATH?query or PATH) | NULL for Redis */
+static char *store_file(const char *url) {
+  if (strncmp(url, "redis://", 8) == 0 || strncmp(url, "rediss://", 9) == 0) return NULL;
+  if (strncmp(url, "sqlite://", 9) == 0) url += 9;
+  return strndup(url, strcspn(url, "?"));
+}
+
+/* the folders sandboxed scripts may write in, as resil.sandbox_env gets them */
+static void keep_sandbox_dirs(resil_t *R, const resil_options *opts) {
+  const char *env = getenv("RESIL_STORE");
+  R->sandbox_store = store_file(opts->store ? opts->store : env && *env ? env : ".resil/state.db");
+  int n = 0;
+  char *copy = opts->sandbox_dirs ? strdup(opts->sandbox_dirs) : NULL, *save = NULL;
+  for (const char *p = copy; p && *p; p++) n += *p == ':';
+  R->sandbox_dirs = calloc((size_t)n + 2, sizeof *R->sandbox_dirs);
+  if (!R->sandbox_dirs) {
+    free(copy);
+    return;
+  }
+  int i = 0;
+  for (char *d = copy ? strtok_r(copy, ":", &save) : NULL; d; d = strtok_r(NULL, ":", &save)) {
+    char real[PATH_MAX];
+    if (realpath(d, real) && (R->sandbox_dirs[i] = strdup(real))) i++;
+  }
+  free(copy);
+}
+
 /* L stack: resil -> resil. Scripts get resil.sandbox_env's table as their
  * globals; what was loaded before (the host's modules) keeps the old one. */
 static void apply_sandbox(resil_t *R, const resil_options *opts) {
   lua_State *L = R->L;
+  keep_sandbox_dirs(R, opts);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
   lua_setfield(L, LUA_REGISTRYINDEX, HOST_ENV_KEY);
   lua_getfield(L, -1, "sandbox_env");
@@ -619,6 +697,9 @@ void resil_close(resil_t *R) {
   if (R->wake_pipe[1] >= 0) close(R->wake_pipe[1]);
   free(R->policies_dir);
   free(R->share_dir);
+  for (char **d = R->sandbox_dirs; d && *d; d++) free(*d);
+  free(R->sandbox_dirs);
+  free(R->sandbox_store);
   free(R->error);
   free(R);
 }

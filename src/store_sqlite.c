@@ -1018,6 +1018,12 @@ static void make_parents(const char *path) {
   }
 }
 
+/* resil.sqlite.file_ok(path) -> may a store be opened there (the sandbox) */
+static int l_file_ok(lua_State *L) {
+  lua_pushboolean(L, sandbox_file_ok(resil_from_lua(L), luaL_checkstring(L, 1)));
+  return 1;
+}
+
 /* resil.sqlite.open(path, {group_commit = true}) -> db */
 static int l_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
@@ -1029,6 +1035,9 @@ static int l_open(lua_State *L) {
     lua_pop(L, 2);
   }
   resil_t *R = resil_from_lua(L);
+  if (!sandbox_file_ok(R, path))
+    return luaL_error(L, "store: %s is outside the folders the sandbox may write in (resil_options.sandbox_dirs)",
+                      path);
   store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
   memset(d, 0, sizeof *d);
   d->R = R;
@@ -1049,6 +1058,9 @@ static int l_open(lua_State *L) {
   /* Switching a new file to WAL needs its lock for a moment (another process
    * may be creating it too): wait for that in SQLite, up to the timeout. A
    * file already in WAL mode takes no lock here. */
+  /* no ATTACH (nor VACUUM INTO, which attaches its target): the host needs
+   * neither, and through a db's SQL either makes a file wherever it names */
+  sqlite3_limit(d->db, SQLITE_LIMIT_ATTACHED, 0);
   sqlite3_busy_timeout(d->db, (int)(timeout * 1000));
   char *err = NULL;
   int wal;
@@ -1116,5 +1128,7 @@ int luaopen_resil_sqlite(lua_State *L) {
   lua_newtable(L);
   lua_pushcfunction(L, l_open);
   lua_setfield(L, -2, "open");
+  lua_pushcfunction(L, l_file_ok);
+  lua_setfield(L, -2, "file_ok");
   return 1;
 }

@@ -375,6 +375,12 @@ int main(void) {
         "sandbox: package.loaded shows the sandbox's libraries and the policies, not the host's");
   check(call(SB, "try", "[\"local s = require('resil').sqlite.open(':memory:') return s ~= nil\"]") == RESIL_OK,
         "sandbox: the host's own modules keep working");
+  snprintf(args, sizeof args, "[\"return require('resil').sqlite.open('%s/sub/in.db') ~= nil\"]", dir);
+  check(call(SB, "try", args) == RESIL_OK && strcmp(result, "[true]") == 0,
+        "sandbox: a SQLite file under sandbox_dirs (and its folder) is made");
+  snprintf(args, sizeof args, "[\"return require('resil').sqlite.open('%s/../out-%d.db')\"]", dir, (int)getpid());
+  check(call(SB, "try", args) == RESIL_ERR_SCRIPT && contains(resil_error(SB), "outside the folders the sandbox may write"),
+        "sandbox: a SQLite file outside sandbox_dirs is refused");
   resil_close(SB);
 
   resil_options off = os;
@@ -391,6 +397,10 @@ int main(void) {
   unlink(path);
   snprintf(path, sizeof path, "%s/data.txt", dir);
   unlink(path);
+  snprintf(path, sizeof path, "%s/sub/in.db", dir);
+  unlink(path);
+  snprintf(path, sizeof path, "%s/sub", dir);
+  rmdir(path);
   rmdir(dir);
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
