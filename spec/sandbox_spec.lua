@@ -69,4 +69,30 @@ print(resil.store():get("k"))]]):format(dir .. "/evil.db"))
     assert.is_nil(io.open(dir .. "/evil.db"), "ATTACH made a file")
     os.execute("rm -rf " .. dir)
   end)
+
+  it("writes no other file a script names: the metrics file, the run report", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+print(pcall(resil.metrics.write_file, %q))
+print(pcall(resil.metrics.export, { file = %q }))
+print(pcall(require, "resil.report"))
+]]):format(dir .. "/a.prom", dir .. "/b.prom"))
+    -- the operator's --metrics-file is written all the same
+    local r = helpers.run(("%s --sandbox --metrics-file %s/given.prom %s"):format(R, dir, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    -- (before: each file written, renamed over whatever was at the path; the report's writer reachable)
+    assert.matches("^false\tresil%.metrics%.write_file: %S+/a%.prom is outside the folders the sandbox may write in",
+      lines[1])
+    assert.matches("^false\tresil%.metrics%.export: %S+/b%.prom is outside the folders", lines[2])
+    assert.matches('^false\trequire "resil.report" is not allowed in the sandbox', lines[3])
+    assert.is_nil(io.open(dir .. "/a.prom"))
+    assert.is_nil(io.open(dir .. "/b.prom"))
+    assert.matches("resil_", helpers.slurp(dir .. "/given.prom"))
+    os.execute("rm -rf " .. dir)
+  end)
 end)

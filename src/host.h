@@ -105,6 +105,7 @@ struct resil {
   int sandbox;
   char **sandbox_dirs; /* canonical, NULL-terminated: the folders sandboxed scripts may write in */
   char *sandbox_store; /* the SQLite file of the host's own store (opts->store, RESIL_STORE or the default) */
+  int sandbox_trusted; /* > 0: the host itself names a file (the command line's --metrics-file) */
   char *policies_dir;
   char *share_dir;
   int status;
@@ -123,6 +124,7 @@ void resil_push_host_env(lua_State *L); /* the host's own globals, not the scrip
 /* May a SQLite file be opened at path? Always, but under the sandbox only the
  * host's own store and files under sandbox_dirs. */
 int sandbox_file_ok(resil_t *R, const char *path);
+void sandbox_trust(resil_t *R, int on); /* around the host's own calls that name files */
 
 /* embed.c */
 void embed_free(resil_t *R);

@@ -263,9 +263,20 @@ local function own_pid()
   return pid
 end
 
--- metrics.write_file(path): the exposition written whole, then renamed over
--- path (node-exporter's textfile collector never reads half a file)
-function metrics.write_file(path)
+-- Under the sandbox, a script names no file outside the folders it may
+-- write in (the file is renamed over whatever was there). Kept here: a
+-- script may replace what the resil table holds.
+local file_ok = resil.sqlite.file_ok
+local function check_file(path, what)
+  if type(path) ~= "string" then error(("%s: the file must be a path"):format(what), 3) end
+  if not file_ok(path) then
+    error(("%s: %s is outside the folders the sandbox may write in (resil_options.sandbox_dirs)"):format(what, path), 3)
+  end
+end
+
+-- the exposition written whole, then renamed over path (node-exporter's
+-- textfile collector never reads half a file)
+local function write_file(path)
   local tmp = ("%s.%s.tmp"):format(path, own_pid())
   local f, err = io.open(tmp, "w")
   if not f then return nil, resil.error("io", ("metrics file: %s"):format(err)) end
@@ -281,6 +292,12 @@ function metrics.write_file(path)
     return nil, resil.error("io", ("metrics file: %s"):format(rerr))
   end
   return true
+end
+
+-- metrics.write_file(path) -> true | nil, err
+function metrics.write_file(path)
+  check_file(path, "resil.metrics.write_file")
+  return write_file(path)
 end
 
 -- "HOST:PORT", "[::1]:PORT" or ":PORT" -> host, port | nil
@@ -310,14 +327,15 @@ function metrics.export(opts)
     exported.server = srv
   end
   if opts.file then
-    local ok, err = metrics.write_file(opts.file)
+    check_file(opts.file, "resil.metrics.export")
+    local ok, err = write_file(opts.file)
     if not ok then error("--metrics-file: " .. tostring(err), 0) end
     exported.file = opts.file
     local interval = opts.interval or 15
     resil.background(function()
       while true do
         resil.sleep(interval)
-        local wrote, werr = metrics.write_file(opts.file)
+        local wrote, werr = write_file(opts.file)
         if not wrote then resil.log.warn("metrics file not written", { error = tostring(werr) }) end
       end
     end)
@@ -328,7 +346,7 @@ end
 -- at exit: the file written a last time (every count the run made)
 function metrics.finish()
   if exported and exported.file then
-    local ok, err = metrics.write_file(exported.file)
+    local ok, err = write_file(exported.file)
     if not ok then io.stderr:write("resil-lua: ", tostring(err), "\n") end
   end
 end

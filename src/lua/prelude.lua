@@ -432,9 +432,13 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   local search = {}
   for _, dir in ipairs(policy_dirs) do search[#search + 1] = dir .. "/?.lua" end
   search = table.concat(search, ";")
+  -- the host's own tools, which write files wherever they are told (the
+  -- command line's, run by the operator, never sandboxed)
+  local HOST_ONLY = { ["resil.report"] = true, ["resil.commands"] = true, ["resil.check"] = true }
   env.require = function(name)
     if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
     if own[name] then return own[name] end
+    if HOST_ONLY[name] then error(("require %q is not allowed in the sandbox: a tool of the host's"):format(name), 2) end
     if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then return require(name) end
     local loaded = package.loaded[name]
     local path = package.searchpath(name, search)
@@ -452,7 +456,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- package.loaded: what require may give (the policy library reads its
   -- own current version there after a reload), read only
   local function visible(name)
-    return type(name) == "string" and (name == "resil" or name:match("^resil%.") or name:match("^policies%.")
+    return type(name) == "string" and not HOST_ONLY[name] and (name == "resil" or name:match("^resil%.") or name:match("^policies%.")
       or package.searchpath(name, search) ~= nil)
   end
   local loaded_view = setmetatable({}, {
