@@ -218,4 +218,27 @@ describe("secrets read through resil.secret", function()
     assert.is_nil(show.stdout:find("plain-token-9", 1, true))
     for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
   end)
+
+  it("are not stored with a failed step's error, nor printed by runs show in another process", function()
+    local db = helpers.tmpname(".db")
+    local r = run([[
+      local resil = require "resil"
+      local KEY = assert(resil.secret("RESIL_TEST_KEY"))
+      -- a plain string error (tostring leaves it as it is), and one whose
+      -- secret straddles the 2000 bytes the store keeps of an error
+      assert(not pcall(resil.step, "short", function() error("401 for key " .. KEY, 0) end))
+      assert(not pcall(resil.step, "long", function() error(("x"):rep(1995) .. KEY, 0) end))
+    ]], "--store " .. db .. " --run failed-secret-run")
+    assert.are.equal(0, r.code, r.stderr)
+    refute_key(r.stderr)
+    local dump = helpers.run(("sqlite3 %s .dump"):format(db))
+    assert.are.equal(0, dump.code, dump.stderr)
+    assert.matches("401 for key [REDACTED]", dump.stdout, 1, true)
+    assert.is_nil(dump.stdout:find(KEY:sub(1, 5), 1, true), "part of the secret was stored:\n" .. dump.stdout)
+    local show = helpers.run(("%s runs show failed-secret-run --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, show.code, show.stderr)
+    assert.matches("401 for key [REDACTED]", show.stdout, 1, true)
+    assert.is_nil(show.stdout:find(KEY:sub(1, 5), 1, true), "part of the secret was printed:\n" .. show.stdout)
+    for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
+  end)
 end)

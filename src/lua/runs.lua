@@ -152,9 +152,12 @@ function resil.run.finish(status)
   return true
 end
 
--- What a failure leaves in the store: its kind and message, short.
+-- What a failure leaves in the store: its kind and message, short, without
+-- secrets (a string error is not redacted by tostring, and `runs show` runs
+-- in another process, which does not know this one's secrets). Redacted
+-- before it is cut, so no part of a secret is left at the cut.
 local function error_text(err)
-  local text = tostring(err)
+  local text = resil.redact(tostring(err))
   if #text > 2000 then text = text:sub(1, 2000) .. "..." end
   return text
 end
