@@ -120,6 +120,32 @@ print(resil.metrics.counter("resil_trace_spans_dropped_total"):value())
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("15.0\n", r.stdout:gsub("^15\n$", "15.0\n"))
   end)
+
+  it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
+    -- a collector that reads each post and never answers it
+    local posts = 0
+    local collector = resil.server.listen({ port = 0, handler = function()
+      posts = posts + 1
+      resil.sleep(3600)
+    end })
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+for i = 1, 2000 do resil.trace.start("s" .. i):finish() end -- 8 batches of 256
+]])
+    local prom, pidfile = helpers.tmpname(".prom"), helpers.tmpname(".pid")
+    os.execute(("%s --virtual-clock --log-level off --metrics-file %s --otlp-endpoint http://127.0.0.1:%d %s " ..
+      "> /dev/null 2>&1 & echo $! > %s"):format(helpers.resil, prom, collector:port(), script, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20))
+    collector:close()
+    -- the first post that timed out ended the export (the background task's
+    -- own post may be the second); the rest are dropped and counted
+    assert.is_true(posts >= 1 and posts <= 2, "posts the collector got: " .. posts)
+    local text = helpers.slurp(prom)
+    local failed = tonumber(text:match('resil_trace_spans_exported_total{result="failed"} (%d+)')) or 0
+    local dropped = tonumber(text:match("resil_trace_spans_dropped_total (%d+)")) or 0
+    assert.are.equal(2001, failed + dropped, text) -- every span, and the run's
+  end)
 end)
 
 describe("a task that continues a caller's trace (resil.trace.continue)", function()

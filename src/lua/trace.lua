@@ -20,7 +20,7 @@ local trace = {}
 local json = resil.json
 
 local dropped_total = resil.metrics.counter("resil_trace_spans_dropped_total",
-  "Finished spans dropped because the export queue was full")
+  "Finished spans dropped: the export queue was full, or the run ended before the collector took them")
 local exported_total = resil.metrics.counter("resil_trace_spans_exported_total",
   "Spans sent to the OTLP endpoint, by result")
 
@@ -69,6 +69,7 @@ local function nano(t) return t and ("%.0f"):format(t * 1e9) or nil end
 
 local root -- the run's span, made on first use
 local queue, exporter = {}, nil
+local in_flight = 0 -- spans in a post now
 
 local Span = {}
 Span.__index = Span
@@ -158,9 +159,9 @@ function trace.otlp_body(spans)
   } } })
 end
 
-local function post(batch)
+local function post(batch, timeout)
   local res, err = resil.http.request({ method = "POST", url = exporter.url, body = trace.otlp_body(batch),
-    headers = { ["content-type"] = "application/json" }, timeout = exporter.timeout })
+    headers = { ["content-type"] = "application/json" }, timeout = timeout })
   local ok = res and res.status >= 200 and res.status < 300
   exported_total:inc({ result = ok and "ok" or "failed" }, #batch)
   if not ok and not exporter.warned then
@@ -168,17 +169,31 @@ local function post(batch)
     resil.log.warn("trace export failed; spans are dropped", { url = exporter.url,
       error = err and tostring(err) or ("status " .. tostring(res and res.status)) })
   end
+  return ok
 end
 
--- Send what is queued, in batches. -> nothing
-function trace.flush()
+-- Send what is queued, in batches. -> nothing. With a deadline (the run's
+-- end), the posts share what is left of it and the first that fails ends
+-- the flush: a collector that accepts and never answers held the exit up a
+-- whole timeout per batch (16 of them for a full queue). What is not sent
+-- is dropped and counted.
+function trace.flush(deadline)
   if not exporter then return end
   while #queue > 0 do
+    local timeout = deadline and math.min(exporter.timeout, deadline - resil.now()) or exporter.timeout
+    if timeout <= 0 then break end
     local n, k = #queue, math.min(exporter.batch, #queue)
     local batch = table.move(queue, 1, k, 1, {})
     table.move(queue, k + 1, n, 1)
     for i = n - k + 1, n do queue[i] = nil end
-    post(batch)
+    in_flight = in_flight + k
+    local ok = post(batch, timeout)
+    in_flight = in_flight - k
+    if not ok and deadline then break end
+  end
+  if deadline and #queue > 0 then
+    dropped_total:inc(nil, #queue)
+    for i = #queue, 1, -1 do queue[i] = nil end
   end
 end
 
@@ -228,7 +243,9 @@ end
 function trace.finish(status)
   if not (exporter and root) then return end
   root:finish({ ["resil.run.status"] = status or "done" }, status and status ~= "done" and status or nil)
-  trace.flush()
+  trace.flush(resil.now() + exporter.timeout)
+  -- a batch the background task is still posting: the exit abandons it
+  if in_flight > 0 then dropped_total:inc(nil, in_flight) end
 end
 
 resil.trace = trace
