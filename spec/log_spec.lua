@@ -135,6 +135,26 @@ describe("resil.log", function()
     assert.are.equal("timeout", lines[1].err.kind)
     assert.are.equal(1, lines[1].deep.a.b.c)
   end)
+
+  it("keeps each line valid UTF-8 JSON whatever bytes it is given, and a message whole past a NUL", function()
+    -- a provider's body cut mid-character, a latin-1 file name, a binary
+    -- answer: each bad byte is written as U+FFFD, the rest as it is
+    local path = helpers.tmpname(".log")
+    log.output(path)
+    log.warn("HTTP 500: caf\xe9\0 then \27[31mred\n", { body = "ab\xe2\x82", ["name\xff"] = "\xed\xa0\x80",
+      ok = "\xe2\x80\xa8 ol\xc3\xa9" })
+    log.output("stderr")
+    local raw = helpers.slurp(path)
+    os.remove(path)
+    local line = raw:match("^([^\n]*)\n$")
+    assert.is_truthy(line, raw)
+    assert.is_truthy(utf8.len(line), "the line is not UTF-8: " .. line)
+    local entry = assert(resil.json.decode(line))
+    assert.are.equal("HTTP 500: caf\u{FFFD}\0 then \27[31mred\n", entry.msg)
+    assert.are.equal("ab\u{FFFD}\u{FFFD}", entry.body)
+    assert.are.equal(("\u{FFFD}"):rep(3), entry["name\u{FFFD}"])
+    assert.are.equal("\xe2\x80\xa8 ol\xc3\xa9", entry.ok) -- valid UTF-8 is kept as it is
+  end)
 end)
 
 describe("resil.json", function()

@@ -52,10 +52,51 @@ static int is_sensitive(const char *key) {
 #define STATE_UPVALUE lua_upvalueindex(1)
 #define ENCODE_UPVALUE lua_upvalueindex(2)
 
-/* L stack: string -> redacted string */
+/* The length of the valid UTF-8 sequence at s (n bytes left), 0 if it is
+ * not one: overlong forms, surrogates and code points past U+10FFFF too. */
+static size_t utf8_sequence(const unsigned char *s, size_t n) {
+  unsigned c = s[0], cp, min;
+  size_t len;
+  if (c < 0x80) return 1;
+  if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f, min = 0x80;
+  else if (c >= 0xe0 && c <= 0xef) len = 3, cp = c & 0x0f, min = 0x800;
+  else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07, min = 0x10000;
+  else return 0;
+  if (n < len) return 0;
+  for (size_t i = 1; i < len; i++) {
+    if ((s[i] & 0xc0) != 0x80) return 0;
+    cp = cp << 6 | (s[i] & 0x3f);
+  }
+  return cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff) ? 0 : len;
+}
+
+/* L stack: string -> the same string, or a copy with each byte that is not
+ * part of valid UTF-8 written as U+FFFD. cjson copies such bytes as they
+ * are, and a line with them is not JSON: a reader that decodes UTF-8 first
+ * (Python's json, serde_json in Vector) refused the whole line. */
+static void valid_utf8(lua_State *L) {
+  size_t len, at = 0, n;
+  const unsigned char *s = (const unsigned char *)lua_tolstring(L, -1, &len);
+  while (at < len && (n = utf8_sequence(s + at, len - at)) > 0) at += n;
+  if (at == len) return;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addlstring(&b, (const char *)s, at);
+  while (at < len) {
+    n = utf8_sequence(s + at, len - at);
+    if (n) luaL_addlstring(&b, (const char *)s + at, n);
+    else luaL_addstring(&b, "\xEF\xBF\xBD");
+    at += n ? n : 1;
+  }
+  luaL_pushresult(&b);
+  lua_replace(L, -2);
+}
+
+/* L stack: string -> redacted string, valid UTF-8 */
 static void redact_string(lua_State *L) {
   redact_push(L, -1, REDACT_ALL);
   lua_replace(L, -2);
+  valid_utf8(L);
 }
 
 /* L stack: value -> redacted copy of value */
@@ -126,15 +167,15 @@ static void add_json(luaL_Buffer *b, const char *s, size_t len) {
 }
 
 /* L stack: merged fields table -> nothing; writes one line */
-static void write_line(lua_State *L, log_state *st, int level, const char *msg) {
+static void write_line(lua_State *L, log_state *st, int level, const char *msg, size_t msg_len) {
   char ts[40];
   format_timestamp(ts, sizeof ts);
   lua_pushvalue(L, ENCODE_UPVALUE);
-  lua_pushstring(L, msg);
+  lua_pushlstring(L, msg, msg_len); /* whole: a NUL in it cut the message short */
   redact_string(L);
   lua_call(L, 1, 1);
-  size_t msg_len;
-  const char *msg_json = lua_tolstring(L, -1, &msg_len);
+  size_t msg_json_len;
+  const char *msg_json = lua_tolstring(L, -1, &msg_json_len);
 
   lua_pushvalue(L, ENCODE_UPVALUE);
   lua_pushvalue(L, -3);
@@ -146,7 +187,7 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg) 
   luaL_buffinit(L, &b);
   lua_pushfstring(L, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":", ts, level_names[level]);
   luaL_addvalue(&b);
-  add_json(&b, msg_json, msg_len);
+  add_json(&b, msg_json, msg_json_len);
   if (rest_len > 2) { /* "{...}" -> ",..." */
     luaL_addchar(&b, ',');
     add_json(&b, rest + 1, rest_len - 1);
@@ -211,7 +252,8 @@ static void merge_into(lua_State *L, int src, int dst, int ctx) {
 static int log_at(lua_State *L, int level) {
   log_state *st = lua_touserdata(L, STATE_UPVALUE);
   if (level < st->level) return 0;
-  const char *msg = luaL_checkstring(L, 1);
+  size_t msg_len;
+  const char *msg = luaL_checklstring(L, 1, &msg_len);
   if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
   lua_newtable(L); /* 3: merged */
@@ -229,7 +271,7 @@ static int log_at(lua_State *L, int level) {
   }
   lua_settop(L, 3);
   redact_value(L, 0);
-  write_line(L, st, level, msg);
+  write_line(L, st, level, msg, msg_len);
   return 0;
 }
 
