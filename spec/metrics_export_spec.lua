@@ -172,3 +172,22 @@ print(n, hn, text:match('spec_flood_total{user="u1"} (%d+)'),
     assert.are.equal(2, warnings) -- one per metric
   end)
 end)
+
+describe("label values and help that are not UTF-8", function()
+  it("are written with U+FFFD, so the exposition still passes promtool", function()
+    if not has_promtool then
+      pending("promtool is not installed (Debian: apt-get install prometheus, or make deps)")
+      return
+    end
+    -- a model name cut mid-character, a latin-1 user name: one such value
+    -- made Prometheus refuse the whole scrape
+    local c = resil.metrics.counter("spec_bad_utf8_total", "Calls by caf\xe9 model")
+    c:inc({ model = "gpt-4o-\xe2\x82", user = "Jos\xe9" })
+    c:inc({ model = "ol\xc3\xa9", user = "ok" })
+    local text = resil.metrics.text()
+    assert(promtool_ok(text))
+    assert.truthy(text:find('spec_bad_utf8_total{model="gpt-4o-\u{FFFD}\u{FFFD}",user="Jos\u{FFFD}"} 1', 1, true))
+    assert.truthy(text:find('spec_bad_utf8_total{model="ol\xc3\xa9",user="ok"} 1', 1, true)) -- UTF-8 kept
+    assert.truthy(text:find("# HELP spec_bad_utf8_total Calls by caf\u{FFFD} model\n", 1, true))
+  end)
+end)

@@ -14,8 +14,26 @@ local registry, order = {}, {}
 -- when a series is made, so two values that differ only by a secret are one series
 local redact = resil.redact
 
+-- Text made UTF-8, each byte that is not as U+FFFD: Prometheus refuses the
+-- whole scrape over one label value or help that is not (a model name or
+-- a user id cut mid-character), and promtool fails it.
+local function valid_utf8(s)
+  if utf8.len(s) then return s end
+  local out, at = {}, 1
+  while true do
+    local ok, bad = utf8.len(s, at)
+    if ok then
+      out[#out + 1] = s:sub(at)
+      return table.concat(out)
+    end
+    out[#out + 1] = s:sub(at, bad - 1)
+    out[#out + 1] = "\u{FFFD}"
+    at = bad + 1
+  end
+end
+
 local function escape(v)
-  return (redact(tostring(v)):gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+  return (valid_utf8(redact(tostring(v))):gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
 end
 
 -- {b = 2, a = 1} -> 'a="1",b="2"' (sorted: one series per label set)
@@ -229,7 +247,7 @@ function metrics.text()
   local out = {}
   for _, name in ipairs(order) do
     local m = registry[name]
-    out[#out + 1] = ("# HELP %s %s"):format(name, (redact(m.help):gsub("\\", "\\\\"):gsub("\n", " ")))
+    out[#out + 1] = ("# HELP %s %s"):format(name, (valid_utf8(redact(m.help)):gsub("\\", "\\\\"):gsub("\n", " ")))
     out[#out + 1] = ("# TYPE %s %s"):format(name, m.kind)
     local keys = {}
     for key in pairs(m.series) do keys[#keys + 1] = key end
