@@ -33,6 +33,9 @@ describe("resil.redact", function()
     assert.are.equal("redis://:[REDACTED]@127.0.0.1:6379/0 and https://me:[REDACTED]@x/",
       resil.redact("redis://:hunter22@127.0.0.1:6379/0 and https://me:pw@x/"))
     assert.are.equal("http://127.0.0.1:8080/a@b", resil.redact("http://127.0.0.1:8080/a@b"))
+    -- a redis URL's password runs to its last "@", as the store reads it
+    assert.are.equal("redis://:[REDACTED]@h:6379/0 redis://u:[REDACTED]@h redis://[REDACTED]@h/1",
+      resil.redact("redis://:a/b?c#d@e@h:6379/0 redis://u:p@w@h redis://only@h/1"))
     assert.are.equal("plain text", resil.redact("plain text"))
   end)
 
@@ -217,6 +220,35 @@ describe("secrets read through resil.secret", function()
     assert.matches("fetch https://x/v1?token=[REDACTED]", show.stdout, 1, true)
     assert.is_nil(show.stdout:find("plain-token-9", 1, true))
     for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
+  end)
+
+  it("a Redis URL's password, with / or @ in it, is not printed by runs, runs show or budgets", function()
+    local server = helpers.redis_server()
+    local password = "pw/with+slash@and=at"
+    assert(os.execute(("redis-cli -p %d CONFIG SET requirepass '%s' > /dev/null"):format(server.port, password)))
+    local function store(db) return ("redis://:%s@127.0.0.1:%d/%d"):format(password, server.port, db) end
+    local function refute_password(text) assert.is_nil(text:find("with+slash", 1, true), text) end
+    local r = run([[
+      local resil = require "resil"
+      resil.step("one", function() return 1 end)
+      error("stopped before the end") -- a run that did not finish: runs show prints how to resume it
+    ]], ("--store '%s' --run redis-secret-run"):format(store(1)))
+    assert.are.equal(1, r.code, r.stderr)
+    refute_password(r.stderr)
+    local outputs = {}
+    for _, cmd in ipairs({ "runs show redis-secret-run --store '%s'", "runs --store '%s'", "budgets --store '%s'" }) do
+      for _, db in ipairs({ 1, 2 }) do -- (2: empty, "no runs recorded in <store>")
+        local out = helpers.run(helpers.resil .. " " .. cmd:format(store(db)))
+        outputs[#outputs + 1] = out.stdout .. out.stderr
+        refute_password(out.stdout)
+        refute_password(out.stderr)
+      end
+    end
+    server.stop()
+    local all = table.concat(outputs, "\n")
+    assert.matches("resume: resil-lua --store redis://:[REDACTED]@127.0.0.1:", all, 1, true)
+    assert.matches("no runs recorded in redis://:[REDACTED]@127.0.0.1:", all, 1, true)
+    assert.matches("no budgets recorded in redis://:[REDACTED]@127.0.0.1:", all, 1, true)
   end)
 
   it("are not stored with a failed step's error, nor printed by runs show in another process", function()

@@ -19,6 +19,7 @@
  * host holds a handful of secrets, and matches are marked in a bitmap so
  * overlapping secrets are redacted whole.
  */
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -168,12 +169,44 @@ static void mark_params(marks *m, const char *s, size_t len) {
   }
 }
 
+/* Whether the scheme that ends at s[end] ("...redis" before "://") is redis's */
+static int is_redis_scheme(const char *s, size_t end) {
+  size_t from = end;
+  while (from > 0 && (isalnum((unsigned char)s[from - 1]) || strchr("+.-", s[from - 1]))) from--;
+  return (end - from == 5 && strncasecmp(s + from, "redis", 5) == 0) ||
+         (end - from == 6 && strncasecmp(s + from, "rediss", 6) == 0);
+}
+
+/* A redis URL's password, as the store reads it (store_redis.lua): the user
+ * information runs to the URL's last "@", and is the password after its
+ * first ":" (the whole of it without one). A password may hold "/", "?",
+ * "#" or "@" unescaped, which the general rule below stops at, leaving the
+ * rest of it. -> where the URL ends */
+static size_t mark_redis_userinfo(marks *m, const char *s, size_t len, size_t start) {
+  size_t end = start, last_at = 0, colon = 0;
+  while (end < len && !strchr(" \t\r\n\"'<>`", s[end])) {
+    if (s[end] == '@') last_at = end;
+    end++;
+  }
+  if (!last_at) return end;
+  for (size_t i = start; i < last_at && !colon; i++)
+    if (s[i] == ':') colon = i;
+  size_t from = colon ? colon + 1 : start;
+  if (last_at > from) mark(m, from, last_at);
+  return end;
+}
+
 /* scheme://user:password@host: the password */
 static void mark_userinfo(marks *m, const char *s, size_t len) {
   size_t at = 0;
   const char *p;
   while (at < len && (p = memmem(s + at, len - at, "://", 3))) {
     size_t start = (size_t)(p - s) + 3, end = start, colon = 0;
+    if (is_redis_scheme(s, (size_t)(p - s))) {
+      end = mark_redis_userinfo(m, s, len, start);
+      at = end > start ? end : start;
+      continue;
+    }
     while (end < len && !strchr("/?#@ \t\r\n\"'<>`", s[end])) {
       if (s[end] == ':' && !colon) colon = end;
       end++;

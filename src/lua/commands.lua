@@ -141,7 +141,7 @@ local function runs_show(s, args)
     print(("wrote %s"):format(html))
     return
   end
-  print(("run %s: %s%s"):format(run.id, run.status or "?", run.script and (" (" .. run.script .. ")") or ""))
+  print(redact(("run %s: %s%s"):format(run.id, run.status or "?", run.script and (" (" .. run.script .. ")") or "")))
   local rows, counts = {}, { done = 0, failed = 0, pending = 0 }
   local retries = 0
   for _, it in ipairs(report.items) do
@@ -181,7 +181,7 @@ function commands.runs(args)
       r.holder_alive and "" or " (gone)") or ""
     rows[#rows + 1] = { r.id, r.status, r.steps, date(r.created_at), date(r.updated_at), holder }
   end
-  if #rows == 0 then print("no runs recorded in " .. s.url) return end
+  if #rows == 0 then print("no runs recorded in " .. redact(s.url)) return end
   table_print({ "RUN", "STATUS", "STEPS DONE", "STARTED (UTC)", "UPDATED (UTC)", "HOLDER" }, rows)
 end
 
@@ -322,7 +322,7 @@ function commands.budgets(args)
       print(json_list(out))
       return
     end
-    if #list == 0 then print("no budgets recorded in " .. s.url) return end
+    if #list == 0 then print("no budgets recorded in " .. redact(s.url)) return end
     local rows = {}
     for _, b in ipairs(list) do
       rows[#rows + 1] = { b.name, opt_money(b.limit), b.per, b.period, money(b.spent), money(b.reserved),
