@@ -170,3 +170,34 @@ end))
     end)
   end)
 end
+
+-- A step's error is a provider's or a model's text: what the terminal tables
+-- print of it (and of step names, providers, models) must not act on the
+-- operator's terminal.
+describe("runs show and costs on a terminal", function()
+  it("print control characters from the store as escapes, never as they are", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+pcall(resil.step, "name\27[2J", function() error("model said \27[31mRED\27]0;title\7 and \194\155 C1", 0) end)
+resil.cost.record({ provider = "p\27[8m", model = "m\27]8;;http://x\7link", usd = 0.01 })
+]])
+    local r = sh(("%s --store %s --log-level off --run esc-run %s"):format(helpers.resil, db, script))
+    assert.are.equal(0, r.code, r.stderr)
+    local outputs = {}
+    for _, cmd in ipairs({ "runs show esc-run", "runs", "costs --by model", "costs --by provider" }) do
+      local out = sh(("%s %s --store %s"):format(helpers.resil, cmd, db))
+      assert.are.equal(0, out.code, out.stderr)
+      local lines = out.stdout:gsub("\n", "")
+      assert.is_nil(lines:find("[%c\127]"), cmd .. " printed a control character:\n" .. out.stdout)
+      assert.is_nil(out.stdout:find("\194[\128-\159]"), cmd .. " printed a C1 control:\n" .. out.stdout)
+      outputs[#outputs + 1] = out.stdout
+    end
+    local all = table.concat(outputs)
+    assert.matches("name\\x1b[2J", all, 1, true)
+    assert.matches("model said \\x1b[31mRED\\x1b]0;title\\x07 and \\u009b C1", all, 1, true)
+    assert.matches("m\\x1b]8;;http://x\\x07link", all, 1, true)
+    assert.matches("p\\x1b[8m", all, 1, true)
+    for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
+  end)
+end)

@@ -23,6 +23,16 @@ local function need(v, err)
   return v
 end
 
+-- Text from the store as a terminal shows it: control characters written
+-- as \x1b and the like (C1 ones as \u009b), never sent as they are. A
+-- step's error is a provider's or a model's text, and an escape sequence in
+-- it acted on the operator's terminal (cleared it, retitled it, hid text,
+-- made links).
+local function printable(s)
+  return (s:gsub("[%c\127]", function(c) return ("\\x%02x"):format(c:byte()) end)
+    :gsub("\194([\128-\159])", function(c) return ("\\u%04x"):format(c:byte()) end))
+end
+
 local function date(t) return t and os.date("!%Y-%m-%d %H:%M:%S", math.floor(t)) or "-" end
 
 local function table_print(header, rows)
@@ -30,7 +40,7 @@ local function table_print(header, rows)
   for i, h in ipairs(header) do widths[i] = #h end
   for _, r in ipairs(rows) do
     for i, v in ipairs(r) do
-      r[i] = redact(tostring(v))
+      r[i] = printable(redact(tostring(v)))
       widths[i] = math.max(widths[i], #r[i])
     end
   end
@@ -141,7 +151,8 @@ local function runs_show(s, args)
     print(("wrote %s"):format(html))
     return
   end
-  print(redact(("run %s: %s%s"):format(run.id, run.status or "?", run.script and (" (" .. run.script .. ")") or "")))
+  print(printable(redact(("run %s: %s%s"):format(run.id, run.status or "?",
+    run.script and (" (" .. run.script .. ")") or ""))))
   local rows, counts = {}, { done = 0, failed = 0, pending = 0 }
   local retries = 0
   for _, it in ipairs(report.items) do
@@ -163,7 +174,7 @@ local function runs_show(s, args)
   print(("%d items: %d done, %d failed, %d pending; %d retries; cost %s"):format(#report.items, counts.done,
     counts.failed, counts.pending, retries, money(report.usd)))
   if run.status ~= "done" and run.status ~= "running" then
-    print("resume: " .. redact(resume_command(s, run)))
+    print("resume: " .. printable(redact(resume_command(s, run))))
   end
 end
 
