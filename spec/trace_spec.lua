@@ -121,6 +121,34 @@ print(resil.metrics.counter("resil_trace_spans_dropped_total"):value())
     assert.are.equal("15.0\n", r.stdout:gsub("^15\n$", "15.0\n"))
   end)
 
+  it("exports a NaN or infinite attribute as OTLP's string, and keeps exporting the spans after it", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local spans = {}
+local collector = resil.server.listen({ port = 0, handler = function(req)
+  local doc = resil.json.decode(req.body)
+  for _, s in ipairs(doc.resourceSpans[1].scopeSpans[1].spans) do spans[#spans + 1] = s end
+  return { status = 200, body = "{}" }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 0.05 })
+-- a ratio over zero tokens, say
+resil.trace.start("bad"):finish({ per_token = 0 / 0, rate = 1 / 0, low = -1 / 0 })
+local deadline = resil.now() + 10
+while #spans < 1 and resil.now() < deadline do resil.sleep(0.05) end
+resil.trace.start("after"):finish({ per_token = 0.5 })
+while #spans < 2 and resil.now() < deadline do resil.sleep(0.05) end
+collector:close()
+for _, s in ipairs(spans) do
+  local values = {}
+  for _, a in ipairs(s.attributes) do values[#values + 1] = a.key .. "=" .. tostring(a.value.doubleValue) end
+  print(s.name, table.concat(values, " "))
+end
+]], "--log-level warn")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("", r.stderr)
+    assert.are.equal("bad\tlow=-Infinity per_token=NaN rate=Infinity\nafter\tper_token=0.5\n", r.stdout)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0

@@ -127,10 +127,18 @@ function Span:finish(attributes, err)
   enqueue(self)
 end
 
+-- (JSON has no NaN or infinity, and cjson raises on them: one such
+-- attribute killed the export task for the rest of the run. Protobuf's JSON
+-- mapping writes them as these strings.)
+local function double(v)
+  if v ~= v then return "NaN" end
+  return v == math.huge and "Infinity" or v == -math.huge and "-Infinity" or v
+end
+
 local function attribute(key, v)
   local value
   if math.type(v) == "integer" then value = { intValue = tostring(v) }
-  elseif type(v) == "number" then value = { doubleValue = v }
+  elseif type(v) == "number" then value = { doubleValue = double(v) }
   elseif type(v) == "boolean" then value = { boolValue = v }
   else value = { stringValue = resil.redact(tostring(v)) } end
   return { key = key, value = value }
@@ -160,8 +168,15 @@ function trace.otlp_body(spans)
 end
 
 local function post(batch, timeout)
-  local res, err = resil.http.request({ method = "POST", url = exporter.url, body = trace.otlp_body(batch),
-    headers = { ["content-type"] = "application/json" }, timeout = timeout })
+  -- a batch that cannot be written is that batch's failure, not the exporter's end
+  local encoded, body = pcall(trace.otlp_body, batch)
+  local res, err
+  if encoded then
+    res, err = resil.http.request({ method = "POST", url = exporter.url, body = body,
+      headers = { ["content-type"] = "application/json" }, timeout = timeout })
+  else
+    err = body
+  end
   local ok = res and res.status >= 200 and res.status < 300
   exported_total:inc({ result = ok and "ok" or "failed" }, #batch)
   if not ok and not exporter.warned then
