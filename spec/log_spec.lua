@@ -136,6 +136,19 @@ describe("resil.log", function()
     assert.are.equal(1, lines[1].deep.a.b.c)
   end)
 
+  it("writes values JSON cannot hold as text instead of raising in the caller", function()
+    -- a rate over zero calls, a table keyed by booleans: the log call must
+    -- not fail the task that makes it
+    local lines = capture(function()
+      log.warn("stats", { rate = 0 / 0, over = 1 / 0, under = -1 / 0, ok = 0.25, n = 3,
+        seen = { [true] = 1, [1 / 0] = 2, [7] = 3 } })
+    end)
+    assert.are.equal(1, #lines)
+    local l = lines[1]
+    assert.are.same({ "NaN", "Infinity", "-Infinity", 0.25, 3 }, { l.rate, l.over, l.under, l.ok, l.n })
+    assert.are.same({ ["true"] = 1, inf = 2, ["7"] = 3 }, l.seen)
+  end)
+
   it("keeps each line valid UTF-8 JSON whatever bytes it is given, and a message whole past a NUL", function()
     -- a provider's body cut mid-character, a latin-1 file name, a binary
     -- answer: each bad byte is written as U+FFFD, the rest as it is

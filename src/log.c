@@ -14,6 +14,7 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -99,11 +100,21 @@ static void redact_string(lua_State *L) {
   valid_utf8(L);
 }
 
-/* L stack: value -> redacted copy of value */
+/* L stack: value -> redacted copy of value, one JSON can hold: cjson raises
+ * on NaN, an infinity or a key that is neither string nor number, and a log
+ * call must not fail the task that makes it (a rate over zero calls) */
 static void redact_value(lua_State *L, int depth) {
   int type = lua_type(L, -1);
   if (type == LUA_TSTRING) {
     redact_string(L);
+    return;
+  }
+  if (type == LUA_TNUMBER && !lua_isinteger(L, -1)) {
+    lua_Number n = lua_tonumber(L, -1);
+    if (n != n || n == HUGE_VAL || n == -HUGE_VAL) {
+      lua_pushstring(L, n != n ? "NaN" : n > 0 ? "Infinity" : "-Infinity");
+      lua_replace(L, -2);
+    }
     return;
   }
   if (type != LUA_TTABLE) {
@@ -136,6 +147,10 @@ static void redact_value(lua_State *L, int depth) {
     }
     /* L stack: src, copy, key, value; a key can hold a secret too */
     lua_pushvalue(L, -2);
+    if (lua_type(L, -1) != LUA_TSTRING && !lua_isinteger(L, -1)) {
+      luaL_tolstring(L, -1, NULL); /* true, inf, a table's address: as text */
+      lua_replace(L, -2);
+    }
     if (lua_type(L, -1) == LUA_TSTRING) redact_string(L);
     lua_insert(L, -2);
     lua_rawset(L, -4);
