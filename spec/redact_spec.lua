@@ -50,6 +50,14 @@ describe("resil.redact", function()
     assert.are.equal('{"t":"[REDACTED]"}', resil.redact(json, "secrets"))
   end)
 
+  it("finds a secret percent-encoded in a URL, as an error names it", function()
+    -- a base64 key (AWS, Azure) holds "/", "+" and "=": a URL carries it encoded
+    resil.log.redact("aK3/x+Yz9w==")
+    assert.are.equal("/v1/[REDACTED]/a /v1/[REDACTED]/b", resil.redact("/v1/aK3%2Fx%2BYz9w%3D%3D/a /v1/aK3%2fx%2bYz9w%3d%3d/b"))
+    local _, err = resil.http.request({ url = "http://127.0.0.1:1/v1/files/aK3%2Fx%2BYz9w%3D%3D", timeout = 5 })
+    assert.matches("^connect: http://127.0.0.1:1/v1/files/%[REDACTED%]: ", tostring(err))
+  end)
+
   it("redacts overlapping and repeated secrets whole", function()
     resil.log.redact("abcdef-111111")
     resil.log.redact("111111-ghijkl")

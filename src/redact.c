@@ -7,7 +7,8 @@
  * Two things are redacted:
  *   - values registered as secrets (resil.secret, resil.log.redact), by
  *     value, each also in its JSON-escaped form (so a secret with a "/" is
- *     found in the store's JSON too). Secrets shorter than REDACT_MIN_SECRET
+ *     found in the store's JSON too) and percent-encoded (in a URL a script
+ *     built with it). Secrets shorter than REDACT_MIN_SECRET
  *     bytes are not registered: they would redact ordinary words.
  *   - the values of URL query parameters named like credentials
  *     (?key=..., &api_key=..., &token=..., &sig=...), registered or not, and
@@ -90,15 +91,43 @@ static char *json_escaped(const char *s, size_t len, size_t *out_len) {
   return out;
 }
 
+/* The secret percent-encoded as in a URL (all but RFC 3986's unreserved
+ * characters), hex digits in upper or lower case; NULL if the same. */
+static int is_unreserved(unsigned char c) { return isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~'; }
+
+static char *percent_encoded(const char *s, size_t len, int lower, size_t *out_len) {
+  const char *hex = lower ? "0123456789abcdef" : "0123456789ABCDEF";
+  size_t n = 0;
+  for (size_t i = 0; i < len; i++) n += is_unreserved((unsigned char)s[i]) ? 1 : 3;
+  if (n == len) return NULL;
+  char *out = malloc(n), *o = out;
+  if (!out) return NULL;
+  for (size_t i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (is_unreserved(c)) {
+      *o++ = (char)c;
+    } else {
+      *o++ = '%', *o++ = hex[c >> 4], *o++ = hex[c & 15];
+    }
+  }
+  *out_len = n;
+  return out;
+}
+
 int redact_add(resil_t *R, const char *s, size_t len) {
   if (len < REDACT_MIN_SECRET) return 0;
   int added = add_one(R, s, len);
   if (added <= 0) return added;
-  size_t elen;
-  char *escaped = json_escaped(s, len, &elen);
-  if (escaped) {
-    if (add_one(R, escaped, elen) < 0) added = -1;
-    free(escaped);
+  /* the forms it takes in the host's text: in JSON (the store), and in a
+   * URL a script built with it (an error names the URL) */
+  size_t elen = 0;
+  char *forms[3] = {json_escaped(s, len, &elen), NULL, NULL};
+  size_t lens[3] = {elen, 0, 0};
+  forms[1] = percent_encoded(s, len, 0, &lens[1]);
+  forms[2] = percent_encoded(s, len, 1, &lens[2]);
+  for (int i = 0; i < 3; i++) {
+    if (forms[i] && add_one(R, forms[i], lens[i]) < 0) added = -1;
+    free(forms[i]);
   }
   return added;
 }
