@@ -65,7 +65,8 @@ describe("resil.log", function()
   end)
 
   it("redacts sensitive headers and registered secrets, without touching the caller's table", function()
-    local headers = { Authorization = "Bearer sk-live-123456", ["x-api-key"] = "k-abcdef", accept = "json" }
+    local headers = { Authorization = "Bearer sk-live-123456", ["x-api-key"] = "k-abcdef", accept = "json",
+      ["xi-api-key"] = "el-abcdef" } -- (ElevenLabs's)
     local lines = capture(function()
       log.redact("sk-live-123456")
       log.info("calling with sk-live-123456", { headers = headers, note = "key=sk-live-123456" })
@@ -73,6 +74,7 @@ describe("resil.log", function()
     local l = lines[1]
     assert.are.equal("[REDACTED]", l.headers.Authorization)
     assert.are.equal("[REDACTED]", l.headers["x-api-key"])
+    assert.are.equal("[REDACTED]", l.headers["xi-api-key"])
     assert.are.equal("json", l.headers.accept)
     assert.are.equal("key=[REDACTED]", l.note)
     assert.are.equal("calling with [REDACTED]", l.msg)

@@ -41,7 +41,8 @@ typedef struct {
 
 static const char *const sensitive_keys[] = {
   "authorization", "proxy-authorization", "x-api-key", "api-key", "api_key", "apikey", "password",
-  "secret", "access_token", "refresh_token", "cookie", "set-cookie", "x-goog-api-key", NULL};
+  "secret", "access_token", "refresh_token", "cookie", "set-cookie", "x-goog-api-key", "xi-api-key",
+  "x-auth-token", "ocp-apim-subscription-key", NULL};
 
 static int is_sensitive(const char *key) {
   for (int i = 0; sensitive_keys[i]; i++)
