@@ -121,6 +121,25 @@ print(resil.metrics.counter("resil_trace_spans_dropped_total"):value())
     assert.are.equal("15.0\n", r.stdout:gsub("^15\n$", "15.0\n"))
   end)
 
+  it("refuses export options that do not fit, naming the option and the caller's line", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+for _, o in ipairs({ { batch = 0 }, { batch = "10" }, { max_queue = 1.5 }, { interval = 0 }, { timeout = -1 } }) do
+  o.url = "http://127.0.0.1:9"
+  print(select(2, pcall(function() resil.trace.export(o) end)))
+end
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for line in r.stdout:gmatch("[^\n]+") do
+      assert.matches("^%S+%.lua:4: ", line) -- the script's pcall line, not the library's
+      lines[#lines + 1] = line:gsub("^%S+:%d+: ", "")
+    end
+    assert.are.same({ "resil.trace.export: batch must be a whole number >= 1",
+      "resil.trace.export: batch must be a whole number >= 1", "resil.trace.export: max_queue must be a whole number >= 0",
+      "resil.trace.export: interval must be a number > 0", "resil.trace.export: timeout must be a number > 0" }, lines)
+  end)
+
   it("exports a NaN or infinite attribute as OTLP's string, and keeps exporting the spans after it", function()
     local r = helpers.run_script([[
 local resil = require "resil"

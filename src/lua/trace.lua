@@ -212,6 +212,18 @@ function trace.flush(deadline)
   end
 end
 
+-- opts[name], or default: a whole number >= least, or (whole false) a number
+-- > least. Checked here, not where it is used: a batch of 0 posted empty
+-- batches without end, and "10" failed at the first span.
+local function option(opts, name, default, least, whole)
+  local v = opts[name]
+  if v == nil then return default end
+  if type(v) ~= "number" or not (whole and math.type(v) == "integer" and v >= least or not whole and v > least) then
+    error(("resil.trace.export: %s must be %s %d"):format(name, whole and "a whole number >=" or "a number >", least), 3)
+  end
+  return v
+end
+
 -- resil.trace.export{url=, batch=256, max_queue=4096, interval=1, timeout=5, service="resil-lua"}
 -- url: the collector's base (http://host:4318) or its /v1/traces
 function trace.export(opts)
@@ -220,8 +232,9 @@ function trace.export(opts)
   end
   local url = opts.url
   if not url:match("/v1/traces$") then url = url:gsub("/$", "") .. "/v1/traces" end
-  exporter = { url = url, batch = opts.batch or 256, max_queue = opts.max_queue or 4096,
-               interval = opts.interval or 1, timeout = opts.timeout or 5, service = opts.service }
+  exporter = { url = url, batch = option(opts, "batch", 256, 1, true), max_queue = option(opts, "max_queue", 4096, 0, true),
+               interval = option(opts, "interval", 1, 0), timeout = option(opts, "timeout", 5, 0),
+               service = opts.service }
   root_span()
   resil.background(function()
     while true do
