@@ -121,6 +121,32 @@ print(resil.metrics.counter("resil_trace_spans_dropped_total"):value())
     assert.are.equal("15.0\n", r.stdout:gsub("^15\n$", "15.0\n"))
   end)
 
+  it("exports span names and attribute keys redacted, as it does attribute values", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local body
+local collector = resil.server.listen({ port = 0, handler = function(req)
+  body = req.body
+  return { status = 200, body = "{}" }
+end })
+resil.log.redact("vault-token-123456")
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 3600 })
+resil.trace.start("GET https://x.example/v1/files?key=plain-key-42&n=1"):finish({
+  ["token vault-token-123456"] = 1, url = "https://x.example/?sig=plain-sig-7" })
+resil.trace.start("upload vault-token-123456"):finish()
+resil.trace.flush()
+collector:close()
+io.write(body)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    for _, leaked in ipairs({ "plain-key-42", "vault-token-123456", "plain-sig-7" }) do
+      assert.is_nil(r.stdout:find(leaked, 1, true), leaked .. " was exported:\n" .. r.stdout)
+    end
+    local names = {}
+    for _, s in ipairs(resil.json.decode(r.stdout).resourceSpans[1].scopeSpans[1].spans) do names[#names + 1] = s.name end
+    assert.are.same({ "GET https://x.example/v1/files?key=[REDACTED]&n=1", "upload [REDACTED]" }, names)
+  end)
+
   it("refuses export options that do not fit, naming the option and the caller's line", function()
     local r = helpers.run_script([[
 local resil = require "resil"

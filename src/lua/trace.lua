@@ -141,7 +141,7 @@ local function attribute(key, v)
   elseif type(v) == "number" then value = { doubleValue = double(v) }
   elseif type(v) == "boolean" then value = { boolValue = v }
   else value = { stringValue = resil.redact(tostring(v)) } end
-  return { key = key, value = value }
+  return { key = resil.redact(tostring(key)), value = value }
 end
 
 local function otlp_span(s)
@@ -150,7 +150,9 @@ local function otlp_span(s)
   for k in pairs(s.attributes) do keys[#keys + 1] = k end
   table.sort(keys)
   for i, k in ipairs(keys) do attrs[i] = attribute(k, s.attributes[k]) end
-  local out = { traceId = s.trace_id, spanId = s.span_id, parentSpanId = s.parent_id, name = s.name, kind = s.kind,
+  -- the name and keys as the values: a name is often a request's URL
+  local out = { traceId = s.trace_id, spanId = s.span_id, parentSpanId = s.parent_id,
+                name = resil.redact(tostring(s.name)), kind = s.kind,
                 startTimeUnixNano = nano(s.start), endTimeUnixNano = nano(s.finished),
                 status = s.error and { code = 2, message = resil.redact(s.error) } or { code = 1 } }
   if #attrs > 0 then out.attributes = attrs end
