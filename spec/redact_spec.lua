@@ -30,6 +30,9 @@ describe("resil.redact", function()
     assert.are.equal("/a?x=1&access_token=[REDACTED]&sig=[REDACTED]",
       resil.redact("/a?x=1&access_token=t0k&sig=s1g"))
     assert.are.equal("/a?monkey=1&keys=2&key=", resil.redact("/a?monkey=1&keys=2&key="))
+    -- GitLab's private_token, the auth_token many APIs take, a header's name used as a parameter
+    assert.are.equal("/a?private_token=[REDACTED]&authToken=[REDACTED]&x-api-key=[REDACTED]&pwd=[REDACTED]&sort=k",
+      resil.redact("/a?private_token=glpat-1&authToken=t2&x-api-key=k3&pwd=p4&sort=k"))
     assert.are.equal("redis://:[REDACTED]@127.0.0.1:6379/0 and https://me:[REDACTED]@x/",
       resil.redact("redis://:hunter22@127.0.0.1:6379/0 and https://me:pw@x/"))
     assert.are.equal("http://127.0.0.1:8080/a@b", resil.redact("http://127.0.0.1:8080/a@b"))

@@ -39,8 +39,10 @@ struct redact_secret {
 
 /* names compared case-insensitively; the value after "=" is redacted */
 static const char *const credential_params[] = {
-  "key", "api_key", "apikey", "api-key", "token", "access_token", "refresh_token", "id_token", "auth",
-  "client_secret", "signature", "sig", "password", "passwd", "secret", "x-amz-signature",
+  "key", "api_key", "apikey", "api-key", "x-api-key", "xi-api-key", "token", "access_token", "access-token",
+  "refresh_token", "id_token", "auth", "auth_token", "auth-token", "authtoken", "private_token", "private-token",
+  "session_token", "client_secret", "client-secret", "signature", "sig", "password", "passwd", "pwd", "secret",
+  "x-amz-signature",
   "x-amz-security-token", "x-amz-credential", "x-goog-signature", "x-goog-credential", NULL};
 
 static int add_one(resil_t *R, const char *s, size_t len) {
