@@ -134,17 +134,22 @@ local function finish_span(span, res, err)
 end
 
 -- gen_ai.client.operation.duration's series for (model, error type), bound
--- once per provider: label sets are not sorted and formatted on every attempt
+-- once per provider: label sets are not sorted and formatted on every attempt.
+-- At most OPERATION_MODELS_MAX models are kept (a gateway's clients name any
+-- model they like: a scan of made-up names grew it by each); past that it
+-- starts over, as the metric keeps only so many label sets anyway
+local OPERATION_MODELS_MAX = 1000
 local function operation_series(self, model, error_type)
   local by_model = self.operation_series
-  if not by_model then
+  if not by_model or self.operation_models >= OPERATION_MODELS_MAX then
     by_model = {}
-    self.operation_series = by_model
+    self.operation_series, self.operation_models = by_model, 0
   end
   local by_error = by_model[model]
   if not by_error then
     by_error = {}
     by_model[model] = by_error
+    self.operation_models = self.operation_models + 1
   end
   local series = by_error[error_type]
   if not series then

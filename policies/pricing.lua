@@ -110,7 +110,10 @@ function pricing.price(provider, model)
   return price
 end
 
-local warned = {}
+-- models warned about one by one, up to WARN_MAX (a gateway's clients name any
+-- model they like: one line and one entry each grew the log and the memory
+-- without end); past that, one line saying so, then none
+local warned, warned_count, WARN_MAX = {}, 0, 100
 
 -- pricing.cost(provider, model, usage) -> usd | nil, why
 function pricing.cost(provider, model, usage)
@@ -118,11 +121,17 @@ function pricing.cost(provider, model, usage)
   local price, bad = pricing.price(provider, model)
   if price == nil then
     local name = tostring(provider) .. "/" .. tostring(model)
-    if not warned[name] then
-      warned[name] = true
-      resil.log.warn(bad and "malformed price for model; its calls are recorded without a cost"
-        or "no price for model; its calls are recorded without a cost",
-        { provider = provider, model = model, prices_of = pricing.date, error = bad })
+    if not warned[name] and warned_count <= WARN_MAX then
+      warned_count = warned_count + 1
+      if warned_count <= WARN_MAX then
+        warned[name] = true
+        resil.log.warn(bad and "malformed price for model; its calls are recorded without a cost"
+          or "no price for model; its calls are recorded without a cost",
+          { provider = provider, model = model, prices_of = pricing.date, error = bad })
+      else
+        resil.log.warn("more models have no price: not warned about one by one (see resil_cost_unpriced_total)",
+          { provider = provider, model = model, warned = WARN_MAX })
+      end
     end
     return nil, (bad and "malformed price for %s: %s" or "no price for %s"):format(name, bad)
   end

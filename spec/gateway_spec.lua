@@ -342,6 +342,28 @@ describe("gateway: hostile requests", function()
   end)
 end)
 
+describe("gateway: made-up model names", function()
+  -- (each name unpriced was a log line and an entry kept for good: a client naming a million
+  -- models flooded the log and grew the gateway without end)
+  it("by the hundred are each answered; the no-price warning comes one by one up to a bound, then once", function()
+    local url = start({ reply = "ok" })
+    resil.log.level("warn")
+    local lines = helpers.logged(function()
+      for i = 1, 300 do
+        local res = post(url .. "/v1/chat/completions", { model = "gpt-made-up-" .. i, messages = MSGS })
+        assert.are.equal(200, res.status, res.body)
+      end
+    end)
+    local unpriced, said_once = 0, 0
+    for _, l in ipairs(lines) do
+      if l.msg:find("^no price for model") then unpriced = unpriced + 1 end
+      if l.msg:find("^more models have no price") then said_once = said_once + 1 end
+    end
+    assert.is_true(unpriced <= 100, unpriced .. " no-price lines")
+    assert.is_true(said_once <= 1)
+  end)
+end)
+
 describe("gateway: a hostile upstream", function()
   local keys = require "resil.keys"
 

@@ -146,6 +146,31 @@ c:inc()
 end)
 
 describe("label values are bounded", function()
+  -- (policies.call bound each model's duration series once and kept it for good: a gateway whose
+  -- clients named a million models grew by each)
+  it("a provider called with thousands of made-up model names keeps its memory bounded", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local call = require "policies.call"
+local m = resil.mock.start({ reply = "ok" })
+local p = call.provider("mockai", { request = { method = "POST", url = m.url .. "/v1/chat/completions" } })
+local function flood(from, to)
+  for i = from, to do assert(p{ json = { model = "made-up-" .. i, messages = { { role = "user", content = "hi" } } } }) end
+end
+flood(1, 1200)
+collectgarbage()
+collectgarbage()
+local before = collectgarbage("count")
+flood(1201, 6200)
+collectgarbage()
+collectgarbage()
+print(math.floor(collectgarbage("count") - before))
+m:stop()
+]], "--store " .. helpers.tmpname(".db") .. " --log-level error")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.is_true(tonumber(r.stdout) < 256, r.stdout .. " KB more for 5000 more models")
+  end)
+
   it("a flood of label values keeps at most max_series series, counts the rest and warns once", function()
     local log = helpers.tmpname(".log")
     local r = helpers.run_script([[
