@@ -1221,10 +1221,12 @@ function gateway.handle(req)
   if traceparent then resil.trace.continue(traceparent) end
   local path = req.path
   if path:byte(-1) == 47 then path = path:gsub("/+$", "") end -- "/v1/models/" is "/v1/models"
-  local route = gateway.routes[route_key(req.method, path)]
+  -- HEAD is GET without the body (the server sends none): a monitor's HEAD /health is not a 404
+  local method = req.method == "HEAD" and "GET" or req.method
+  local route = gateway.routes[route_key(method, path)]
   local api = api_of(path)
   local reply
-  local one_model = not route and req.method == "GET" and path:match("^/v1/models/(.+)$")
+  local one_model = not route and method == "GET" and path:match("^/v1/models/(.+)$")
   if route then
     reply = route(req)
   elseif one_model then

@@ -276,6 +276,17 @@ describe("gateway: OpenAI chat completions", function()
     assert.are.same({ "chat-best", "chat-cheap", "chat-fast", "claude", "fast" }, ids)
     assert.matches("resil_gateway_requests_total", assert(http.request({ url = url .. "/metrics" })).body)
   end)
+
+  -- (HEAD /health was a 404: a monitor that checks with HEAD saw the gateway down)
+  it("HEAD is answered as GET is, without the body", function()
+    local url = start({ strict = true })
+    for path, status in pairs({ ["/health"] = 200, ["/v1/models"] = 200, ["/v1/models/fast"] = 200,
+                                ["/v1/models/nope"] = 404, ["/v2/nothing"] = 404 }) do
+      local res = assert(http.request({ method = "HEAD", url = url .. path }))
+      assert.are.equal(status, res.status, path)
+      assert.are.equal("", res.body)
+    end
+  end)
 end)
 
 describe("gateway: hostile requests", function()

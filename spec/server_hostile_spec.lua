@@ -253,6 +253,30 @@ print(res and res.status, err and err.kind)
   end)
 end)
 
+describe("the embedded server, HEAD requests", function()
+  -- (libevent writes a HEAD reply's body as it is given, without a Content-Length: a client
+  -- that kept the connection read those bytes as the start of its next reply)
+  local HEAD_THEN_GET = "HEAD /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+  for _, case in ipairs({
+    { "a handler's reply", false, "function(req) return { status = 404, body = 'body of ' .. req.path } end" },
+    { "a task's reply", true, "function(req) return { status = 404, body = 'body of ' .. req.path } end" },
+    { "a reply in chunks", false, "function(req) return { status = 200, chunks = { 'body ', 'of ' .. req.path } } end" },
+    { "a streamed reply", true, "function(req) return { status = 200, stream = function(write) " ..
+      "write('body of '); write(req.path) end } end" },
+  }) do
+    it(case[1] .. " has no body: the next reply on the connection is read as it was sent", function()
+      local r = serve_and_ask(case[3], case[2], helpers.write(helpers.tmpname(".bin"), HEAD_THEN_GET), "rawfile")
+      local head, rest = r.stdout:match("^(HTTP/1.1 %d+ [^\r]*\r\n.-\r\n\r\n)(.*)$")
+      assert.truthy(head, r.stdout)
+      assert.is_nil(head:lower():find("transfer%-encoding"), r.stdout)
+      assert.matches("^HTTP/1.1 %d+ ", rest) -- GET /b's reply, not the body of HEAD /a
+      assert.is_nil(r.stdout:find("/a", 1, true), r.stdout)
+      assert.truthy(rest:find("/b", 1, true), r.stdout)
+      assert.is_true(r.alive)
+    end)
+  end
+end)
+
 describe("--watch as deploys change files", function()
   local function start_server(cwd, opts)
     local port = helpers.free_port()

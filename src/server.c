@@ -464,6 +464,12 @@ static const char *reason_phrase(int status) {
 
 static void send_next_chunk(void *arg);
 
+/* A reply to HEAD has no body (RFC 9110 9.3.2). libevent drops a chunked
+ * reply's chunks, but writes a whole reply's body as it is given, without a
+ * Content-Length: a client on the kept-alive connection read the body as the
+ * start of its next reply. */
+static int is_head(struct evhttp_request *req) { return evhttp_request_get_command(req) == EVHTTP_REQ_HEAD; }
+
 static void pending_send(pending *p) {
   struct evhttp_request *req = p->req;
   copy_headers(req, &p->headers);
@@ -499,6 +505,12 @@ static void pending_send(pending *p) {
     return;
   }
   case REPLY_NORMAL: break;
+  }
+  if (is_head(req)) {
+    evhttp_send_reply(req, p->status, reason_phrase(p->status), NULL);
+    pending_unlink(p);
+    pending_free(p);
+    return;
   }
   if (p->nchunks > 0) {
     evhttp_send_reply_start(req, p->status, reason_phrase(p->status));
