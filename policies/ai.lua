@@ -356,8 +356,23 @@ ai.wire_request = wire_request
 -- of them left out, or n = 128 counted once, let one request spend many
 -- times a budget that looked unreached.
 local BILLED_INPUTS = { "tools", "response_format", "extra", "provider_options" }
+
+-- image parts anywhere in a conversation (a message's content, a tool result's): each is
+-- billed as up to thousands of tokens, however few bytes its link or file id is
+local IMAGE_PARTS = { image_url = true, image = true }
+local function count_images(v, depth)
+  local n = IMAGE_PARTS[v.type] and 1 or 0
+  if depth < 16 then
+    for _, x in pairs(v) do
+      if type(x) == "table" then n = n + count_images(x, depth + 1) end
+    end
+  end
+  return n
+end
+
 local function estimate_usd(targets, req)
   local text = #json.encode(req.messages)
+  local images = type(req.messages) == "table" and count_images(req.messages, 0) or 0
   local system = req.system
   if type(system) == "string" then text = text + #system
   elseif type(system) == "table" then text = text + #json.encode(system) end
@@ -370,7 +385,8 @@ local function estimate_usd(targets, req)
   for _, t in ipairs(targets) do
     local r = request_for(t, req)
     local out = reserved_max_tokens(t, r) * choices
-    local c, why = pricing.cost(t.provider, t.model, { input_tokens = math.ceil(text / 4), output_tokens = out })
+    local input = math.ceil(text / 4) + images * pricing.image_tokens_for(t.provider, t.model)
+    local c, why = pricing.cost(t.provider, t.model, { input_tokens = input, output_tokens = out })
     if c == nil then return nil, why end
     if c > usd then usd = c end
   end

@@ -74,6 +74,18 @@ pricing.models = {
   --   elevenlabs = { ["eleven_flash_v2_5"] = { per_1k_characters = 0.05 } },
 }
 
+-- The most input tokens one image may be billed at (high detail, at the largest size the
+-- provider keeps), by provider and model: what a budget reserves for each image of a request,
+-- which sends a link or a file id of a few bytes. OpenAI: 85 + 170 a tile, 8 tiles of a 2048x768
+-- image (gpt-4o, gpt-4.1, o3), up to 1,536 patches x 2.46 (gpt-4.1-nano; other patch models
+-- less), and gpt-4o-mini's 2,833 + 5,667 a tile; Anthropic: about (width x height) / 750, 1,600
+-- at most. `default` for the provider's other models; pricing.image_tokens.default otherwise.
+pricing.image_tokens = {
+  default = 3780,
+  openai = { default = 3780, ["gpt-4o-mini"] = 48169, ["gpt-4o"] = 1445, ["gpt-4.1"] = 1445, ["o3"] = 1445 },
+  anthropic = { default = 1600 },
+}
+
 -- Token prices fall back to `input` when a model has no cached/cache-write price.
 local FALLS_BACK_TO_INPUT = { cached_input = true, cache_write = true }
 
@@ -113,6 +125,14 @@ end
 -- models warned about one by one, up to WARN_MAX (a gateway's clients name any
 -- model they like: one line and one entry each grew the log and the memory
 -- without end); past that, one line saying so, then none
+-- pricing.image_tokens_for(provider, model) -> the most input tokens one image may cost
+function pricing.image_tokens_for(provider, model)
+  local t = pricing.image_tokens[provider]
+  local n = type(t) == "table" and type(model) == "string" and (t[model] or t[strip_date(model)])
+    or type(t) == "table" and t.default or pricing.image_tokens.default
+  return math.type(n) and n >= 0 and n or 0
+end
+
 local warned, warned_count, WARN_MAX = {}, 0, 100
 
 -- pricing.cost(provider, model, usage) -> usd | nil, why

@@ -1011,6 +1011,49 @@ describe("gateway: virtual keys", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  -- (an image sent by link is a few bytes of the request, estimated as that many tokens, and
+  -- billed as thousands: four such requests at once spent $0.31 of a $0.2 budget)
+  it("a budget holds what a request's images may cost: a burst of requests with images by link does not " ..
+    "spend past the limit", function()
+    local function billed(req) -- as OpenAI bills gpt-4o-mini: 25,501 tokens a high-detail 2048x512 image
+      local images = 0
+      for _, msg in ipairs(json.decode(req.body).messages) do
+        if type(msg.content) == "table" then
+          for _, part in ipairs(msg.content) do if part.type == "image_url" then images = images + 1 end end
+        end
+      end
+      local prompt = 10 + images * 25501
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-img", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = "ok" }, finish_reason = "stop" } },
+        usage = { prompt_tokens = prompt, completion_tokens = 1, total_tokens = prompt + 1 } }) }
+    end
+    local url, m = start({ latency = 0.2, routes = { ["POST /v1/chat/completions"] = billed } }, { auth = true })
+    local key = assert(keys.add({ name = "vision", budget = "0.2/day" }))
+    local parts = { { type = "text", text = "describe these" } }
+    for i = 1, 20 do
+      parts[#parts + 1] = { type = "image_url", image_url = { url = "https://img.example/" .. i .. ".png", detail = "high" } }
+    end
+    local clients = {}
+    for i = 1, 4 do
+      clients[i] = resil.spawn(function()
+        return post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", max_tokens = 16,
+          messages = { { role = "user", content = parts } } }, bearer(key)).status
+      end)
+    end
+    local answered = 0
+    for _, c in ipairs(clients) do
+      local _, status = c:join()
+      assert.is_true(status == 200 or status == 429, tostring(status))
+      if status == 200 then answered = answered + 1 end
+    end
+    assert.is_true(answered >= 1)
+    assert.are.equal(answered, m:stats().total)
+    local state = assert(resil.budget("key:vision"):state())
+    assert.is_true(state.spent <= 0.2, state.spent .. " spent of 0.2")
+    assert.are.equal(0, state.reserved)
+  end)
+
   it("a budget holds what a request may cost: tools, system blocks and a response format count, a max_tokens " ..
      "past any budget is " ..
      "refused as the budget's, and n other than 1 is a 400", function()
