@@ -370,7 +370,22 @@ local function count_images(v, depth)
   return n
 end
 
-local function estimate_usd(targets, req)
+-- the searches a request's web search tools may run, each billed besides its tokens: their
+-- max_uses; nil when one has none (the provider runs as many as the model asks for)
+local function web_searches(tools)
+  local n = 0
+  if type(tools) ~= "table" then return 0 end
+  for _, t in ipairs(tools) do
+    if type(t) == "table" and type(t.type) == "string" and t.type:find("^web_search") then
+      local most = math.tointeger(t.max_uses)
+      if not most or most < 0 then return nil end
+      n = n + most
+    end
+  end
+  return n
+end
+
+local function estimate_usd(targets, req, searches)
   local text = #json.encode(req.messages)
   local images = type(req.messages) == "table" and count_images(req.messages, 0) or 0
   local system = req.system
@@ -386,7 +401,8 @@ local function estimate_usd(targets, req)
     local r = request_for(t, req)
     local out = reserved_max_tokens(t, r) * choices
     local input = math.ceil(text / 4) + images * pricing.image_tokens_for(t.provider, t.model)
-    local c, why = pricing.cost(t.provider, t.model, { input_tokens = input, output_tokens = out })
+    local c, why = pricing.cost(t.provider, t.model, { input_tokens = input, output_tokens = out,
+      web_search_requests = searches })
     if c == nil then return nil, why end
     if c > usd then usd = c end
   end
@@ -396,7 +412,13 @@ end
 local function reserve(targets, req)
   if req.budget == nil then return nil end
   local budget = type(req.budget) == "string" and resil.budget(req.budget) or req.budget
-  local usd, why = estimate_usd(targets, req)
+  local searches = web_searches(req.tools)
+  if searches == nil then
+    return nil, resil.error("bad_request", ("budget '%s': a web search tool needs max_uses: each search is " ..
+      "billed, and the budget holds what they may cost"):format(tostring(budget.name)),
+      { class = "bad_request", status = 400, retryable = false })
+  end
+  local usd, why = estimate_usd(targets, req, searches)
   if usd == nil then
     return nil, resil.error("unpriced", ("budget '%s' cannot hold a call without a price: %s"):format(
       tostring(budget.name), why), { class = "unpriced", retryable = false })

@@ -37,6 +37,8 @@ pricing.units = {
   per_second = function(u) return u.seconds or 0 end,             -- per second of output video or audio
   per_1k_characters = function(u) return (u.characters or 0) / 1000 end, -- text-to-speech input
   per_request = function(u) return u.requests or 1 end,           -- a flat price per call or job
+  -- server tools the provider runs and bills per use, besides their tokens
+  web_search = function(u) return u.web_search_requests or 0 end, -- per search (Anthropic's web search tool)
 }
 
 pricing.models = {
@@ -57,16 +59,17 @@ pricing.models = {
     ["text-embedding-3-large"] = { input = 0.13 },
     ["text-embedding-ada-002"] = { input = 0.10 },
   },
-  -- cache_write: the 5-minute cache (1.25x input); cached_input: cache reads (0.1x)
+  -- cache_write: the 5-minute cache (1.25x input); cached_input: cache reads (0.1x);
+  -- web_search: $10 per 1,000 searches of the web search tool
   anthropic = {
-    ["claude-opus-4-5"] = { input = 5.00, cache_write = 6.25, cached_input = 0.50, output = 25.00 },
-    ["claude-opus-4-1"] = { input = 15.00, cache_write = 18.75, cached_input = 1.50, output = 75.00 },
-    ["claude-opus-4"] = { input = 15.00, cache_write = 18.75, cached_input = 1.50, output = 75.00 },
-    ["claude-sonnet-4-5"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00 },
-    ["claude-sonnet-4"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00 },
-    ["claude-3-7-sonnet"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00 },
-    ["claude-haiku-4-5"] = { input = 1.00, cache_write = 1.25, cached_input = 0.10, output = 5.00 },
-    ["claude-3-5-haiku"] = { input = 0.80, cache_write = 1.00, cached_input = 0.08, output = 4.00 },
+    ["claude-opus-4-5"] = { input = 5.00, cache_write = 6.25, cached_input = 0.50, output = 25.00, web_search = 0.01 },
+    ["claude-opus-4-1"] = { input = 15.00, cache_write = 18.75, cached_input = 1.50, output = 75.00, web_search = 0.01 },
+    ["claude-opus-4"] = { input = 15.00, cache_write = 18.75, cached_input = 1.50, output = 75.00, web_search = 0.01 },
+    ["claude-sonnet-4-5"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00, web_search = 0.01 },
+    ["claude-sonnet-4"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00, web_search = 0.01 },
+    ["claude-3-7-sonnet"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00, web_search = 0.01 },
+    ["claude-haiku-4-5"] = { input = 1.00, cache_write = 1.25, cached_input = 0.10, output = 5.00, web_search = 0.01 },
+    ["claude-3-5-haiku"] = { input = 0.80, cache_write = 1.00, cached_input = 0.08, output = 4.00, web_search = 0.01 },
   },
   -- Providers of async jobs and speech add their tables here, e.g.
   --   replicate = { ["black-forest-labs/flux-schnell"] = { per_image = 0.003 } },

@@ -1054,6 +1054,38 @@ describe("gateway: virtual keys", function()
     assert.are.equal(0, state.reserved)
   end)
 
+  -- (Anthropic bills each search of its web search tool, $10 per 1,000, besides the tokens: the
+  -- ledger and the key's budget counted the tokens only, and a budget reserved no search)
+  it("Anthropic's web search tool: each search is in the ledger and the budget; a budget reserves max_uses " ..
+    "searches, and one without max_uses is a 400", function()
+    local function searched(req)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "msg_s", type = "message", role = "assistant", model = "claude-haiku-4-5",
+        content = { { type = "text", text = "found it" } }, stop_reason = "end_turn", stop_sequence = json.null,
+        usage = { input_tokens = 1000, output_tokens = 100, server_tool_use = { web_search_requests = 3 } } }) }
+    end
+    local url, m = start({ routes = { ["POST /v1/messages"] = searched } }, { auth = true })
+    local key = assert(keys.add({ name = "searcher", budget = "0.5/day" }))
+    local function ask(max_uses)
+      return post(url .. "/v1/messages", { model = "anthropic/claude-haiku-4-5", max_tokens = 200, messages = MSGS,
+        tools = { { type = "web_search_20250305", name = "web_search", max_uses = max_uses } } }, bearer(key))
+    end
+    local res = ask(5)
+    assert.are.equal(200, res.status, res.body)
+    local usd = 1000 * 1.00 / 1e6 + 100 * 5.00 / 1e6 + 3 * 0.01 -- claude-haiku-4-5's tokens and 3 searches
+    assert.are.equal(("%.6f"):format(usd), res.headers["x-resil-cost-usd"])
+    assert.is_true(helpers.wait_until(function()
+      return math.abs(resil.budget("key:searcher"):state().spent - usd) < 1e-9
+    end, 10))
+    assert.is_true(math.abs(resil.cost.total({ budget = "key:searcher" }) - usd) < 1e-9)
+    res = ask(nil) -- as many searches as the model wants: nothing a budget can hold
+    assert.are.equal(400, res.status)
+    assert.matches("max_uses", json.decode(res.body).error.message)
+    res = ask(100) -- $1 of searches on a $0.5 budget
+    assert.are.equal(429, res.status)
+    assert.are.equal(1, m:stats().total)
+  end)
+
   it("a budget holds what a request may cost: tools, system blocks and a response format count, a max_tokens " ..
      "past any budget is " ..
      "refused as the budget's, and n other than 1 is a 400", function()

@@ -98,8 +98,10 @@ local function unreadable(a, b) return bad(a) or bad(b) or (absent(a) and absent
 function anthropic.usage(u)
   if type(u) ~= "table" or unreadable(u.input_tokens, u.output_tokens) then return nil end
   local read, write = num(u.cache_read_input_tokens) or 0, num(u.cache_creation_input_tokens) or 0
+  -- searches its web search tool ran: billed per search besides the tokens
+  local searches = type(u.server_tool_use) == "table" and num(u.server_tool_use.web_search_requests) or 0
   return { input_tokens = (num(u.input_tokens) or 0) + read + write, output_tokens = num(u.output_tokens) or 0,
-    cached_input_tokens = read, cache_write_tokens = write }
+    cached_input_tokens = read, cache_write_tokens = write, web_search_requests = searches > 0 and searches or nil }
 end
 
 local FINISH = { end_turn = "stop", stop_sequence = "stop", max_tokens = "length", tool_use = "tool_calls",
