@@ -886,13 +886,15 @@ end
 
 -- A stream that ended while it opened: with no text, as ai.chat's empty
 -- answer, invalid output (retried, fallen back from), unless it stopped at
--- max_tokens or called tools or refused (the caller's validate reads
--- `empty`); read to its end (req.read_whole), its text
+-- max_tokens or called tools or refused (a refusal field, a content filter,
+-- Anthropic's stop_reason refusal) or paused in a server tool (the caller's
+-- validate reads `empty`); read to its end (req.read_whole), its text
+local ANSWERED_EMPTY = { length = true, content_filter = true, pause = true }
 local function ended_stream(s, state, events, whole)
   s:close()
   local text = whole and table.concat(whole) or ""
   return { status = 200, headers = s.headers, stream = true, state = state, ended = true, events = events,
-    text = text, empty = text == "" and state.finish_reason ~= "length" and not state.tool_calls
+    text = text, empty = text == "" and not ANSWERED_EMPTY[state.finish_reason] and not state.tool_calls
       and not state.refusal_pieces or nil }
 end
 

@@ -181,6 +181,56 @@ describe("chat over the strict mock", function()
     assert.are.equal(2, r.usage.output_tokens)
   end)
 
+  -- (before: each was "empty content", invalid output tried twice more and paid three times)
+  it("an Anthropic stop without text (refusal, pause_turn, model_context_window_exceeded) is the answer, once", function()
+    local streams, json = require "spec.provider_streams", resil.json
+    local stop
+    m:configure({ routes = { ["POST /v1/messages"] = function(req)
+      if json.decode(req.body).stream then
+        return streams.reply(streams.anthropic({ id = "msg_s", stop_reason = stop, usage = { input_tokens = 9, output_tokens = 2 } }))
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "msg_" .. stop, type = "message", role = "assistant", model = "claude-haiku-4-5",
+        content = stop == "pause_turn" and { { type = "server_tool_use", id = "srvtoolu_1", name = "web_search",
+          input = { query = "tides" } } } or setmetatable({}, json.array_mt),
+        stop_reason = stop, stop_sequence = json.null, usage = { input_tokens = 9, output_tokens = 2 } }) }
+    end } })
+    local FINISH = { refusal = "content_filter", pause_turn = "pause", model_context_window_exceeded = "length" }
+    for _, s in ipairs({ "refusal", "pause_turn", "model_context_window_exceeded" }) do
+      stop = s
+      local before = m:stats().total
+      local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 100 }))
+      assert.are.equal(s, r.stop_reason)
+      assert.are.equal(FINISH[s], r.finish_reason)
+      assert.are.equal("", r.text)
+      local st = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 100 })
+      assert.is_nil(st:next())
+      assert.are.equal(s, assert(st:result()).stop_reason)
+      st:close()
+      assert.are.equal(before + 2, m:stats().total)
+    end
+  end)
+
+  it("an OpenAI answer its content filter stopped, with no content (Azure's), is the answer, once", function()
+    local streams, json = require "spec.provider_streams", resil.json
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function(req)
+      if json.decode(req.body).stream then
+        return streams.reply(streams.openai({ finish_reason = "content_filter", usage = { prompt_tokens = 9, completion_tokens = 0 } }))
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-f", object = "chat.completion", created = 1, model = "gpt-4o-mini", choices = { { index = 0,
+          message = { role = "assistant", content = json.null }, finish_reason = "content_filter" } },
+        usage = { prompt_tokens = 9, completion_tokens = 0, total_tokens = 9 } }) }
+    end } })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS }))
+    assert.are.equal("content_filter", r.finish_reason)
+    local st = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.is_nil(st:next())
+    assert.are.equal("content_filter", assert(st:result()).finish_reason)
+    st:close()
+    assert.are.equal(2, m:stats().total)
+  end)
+
   it("falls back from OpenAI to Anthropic on 429, retries first", function()
     m:configure({ strict = true, sequence = { chat = { 429, 429, 429, 429, 429, 429, 429 } } })
     local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS,

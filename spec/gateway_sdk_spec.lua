@@ -43,6 +43,8 @@ describe("the official SDKs against the gateway", function()
     "openai: models.list and models.retrieve (an id with a slash too)",
     "anthropic: models.list and models.retrieve in its own shape",
     "anthropic: a request without max_tokens is BadRequestError, as the API answers it",
+    "anthropic: a refusal with no content is the SDK's message, stop_reason refusal, one call",
+    "openai: an Anthropic refusal with no content is finish_reason content_filter",
     "anthropic: top_k, thinking and metadata are left out of a fallback to OpenAI",
     "openai: a stream cut after its first delta raises in the SDK",
     "anthropic: a stream cut after its first delta raises in the SDK",

@@ -104,8 +104,14 @@ function anthropic.usage(u)
     cached_input_tokens = read, cache_write_tokens = write, web_search_requests = searches > 0 and searches or nil }
 end
 
+-- (model_context_window_exceeded: the output stopped where the context ends, as at max_tokens)
 local FINISH = { end_turn = "stop", stop_sequence = "stop", max_tokens = "length", tool_use = "tool_calls",
-  refusal = "content_filter", pause_turn = "pause" }
+  refusal = "content_filter", pause_turn = "pause", model_context_window_exceeded = "length" }
+
+-- stops that are the model's answer without text: its limit, a refusal (often
+-- with no content at all), a turn paused in a server tool (its blocks are the
+-- content). Refused as empty, each was paid again and its caller got none.
+local ANSWERED_EMPTY = { length = true, content_filter = true, pause = true }
 
 -- anthropic.parse(data) -> normalized result | nil, why
 function anthropic.parse(data)
@@ -200,7 +206,7 @@ function anthropic.complete(state) return state.stopped == true end
 function anthropic.validate(data)
   local r, why = anthropic.parse(data)
   if not r then return nil, why end
-  if r.text:match("^%s*$") and not r.tool_calls and r.finish_reason ~= "length" then
+  if r.text:match("^%s*$") and not r.tool_calls and not ANSWERED_EMPTY[r.finish_reason] then
     return nil, "empty content"
   end
   return true

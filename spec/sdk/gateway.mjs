@@ -13,7 +13,7 @@ const upstream = async () => (await fetch(url + '/__test/upstream')).json();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 const oai = (key = keys.good, retries = 0) => new OpenAI({ apiKey: key, baseURL: url + '/v1', maxRetries: retries });
-const ant = (key = keys.good) => new Anthropic({ apiKey: key, baseURL: url, maxRetries: 0 });
+const ant = (key = keys.good, retries = 0) => new Anthropic({ apiKey: key, baseURL: url, maxRetries: retries });
 
 await check('openai: chat through the gateway', async () => {
   const r = await oai().chat.completions.create({ model: 'chat-fast', messages: msgs });
@@ -148,6 +148,26 @@ await check('anthropic: a stream relays thinking with its signature, then the te
   expect(final.content[1].text.startsWith('seen '), `text ${JSON.stringify(final.content[1])}`);
   expect(final.id.startsWith('msg_') && final.id !== 'msg_echo' && final.model === 'claude-echo', `id ${final.id} model ${final.model}`);
   expect(final.usage.output_tokens === 7, `usage ${JSON.stringify(final.usage)}`);
+});
+
+// a refusal is Anthropic's answer, often with no content at all: one call, relayed, never
+// invalid output (tried again, paid again; a 502 that the SDK tried twice more)
+await check('anthropic: a refusal with no content is the SDK\'s message, stop_reason refusal, one call', async () => {
+  const before = (await upstream()).refusing;
+  const r = await ant(keys.good, 2).messages.create({ model: 'claude-refusing', max_tokens: 100, messages: msgs });
+  expect(r.stop_reason === 'refusal' && r.content.length === 0, `message ${JSON.stringify(r)}`);
+  const final = await ant(keys.good, 2).messages.stream({ model: 'claude-refusing', max_tokens: 100,
+    messages: msgs }).finalMessage();
+  expect(final.stop_reason === 'refusal' && final.content.length === 0, `streamed ${JSON.stringify(final)}`);
+  expect((await upstream()).refusing === before + 2, `upstream calls ${(await upstream()).refusing - before}`);
+});
+
+await check('openai: an Anthropic refusal with no content is finish_reason content_filter', async () => {
+  const r = await oai(keys.good, 2).chat.completions.create({ model: 'claude-refusing', messages: msgs });
+  expect(r.choices[0].finish_reason === 'content_filter', `choice ${JSON.stringify(r.choices[0])}`);
+  const final = await oai(keys.good, 2).chat.completions.stream({ model: 'claude-refusing', messages: msgs })
+    .finalChatCompletion();
+  expect(final.choices[0].finish_reason === 'content_filter', `streamed ${JSON.stringify(final.choices[0])}`);
 });
 
 await check('anthropic: top_k, thinking and metadata are left out of a fallback to OpenAI', async () => {

@@ -72,6 +72,18 @@ local echo = assert(resil.mock.start({ strict = true, routes = {
         { type = "text", text = "seen " .. resil.json.encode({ thinking = b.thinking or false, top_k = b.top_k or false }) } },
       stop_reason = "end_turn", stop_sequence = resil.json.null, usage = { input_tokens = 12, output_tokens = 7 } }) }
   end } }))
+-- Anthropic refusing: stop_reason "refusal" and no content at all, streamed or not
+local refusing = assert(resil.mock.start({ strict = true, routes = {
+  ["POST /v1/messages"] = function(req)
+    if resil.json.decode(req.body).stream then
+      return streams.reply(streams.anthropic({ id = "msg_refused", stop_reason = "refusal",
+        usage = { input_tokens = 12, output_tokens = 3 } }))
+    end
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+      id = "msg_refused", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+      content = setmetatable({}, resil.json.array_mt), stop_reason = "refusal", stop_sequence = resil.json.null,
+      usage = { input_tokens = 12, output_tokens = 3 } }) }
+  end } }))
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
@@ -89,6 +101,8 @@ ai.adapters.echoopenai = require "policies.providers.openai"
 ai.configure("echoopenai", { base_url = echo.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.adapters.echoanthropic = require "policies.providers.anthropic"
 ai.configure("echoanthropic", { base_url = echo.url, api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.refusing = require "policies.providers.anthropic"
+ai.configure("refusing", { base_url = refusing.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.toolsanthropic = require "policies.providers.anthropic"
 ai.configure("toolsanthropic", { base_url = tools.url, api_key = "sk-ant-test-123456", retry = fast })
 
@@ -101,12 +115,13 @@ gateway.configure({ auth = true, key_cache = 0, models = {
   ["claude-tools"] = "toolsanthropic/claude-sonnet-4-5-20250929",
   ["chat-echo"] = "echoopenai/gpt-4o-mini",
   ["claude-echo"] = "echoanthropic/claude-sonnet-4-5-20250929",
+  ["claude-refusing"] = "refusing/claude-sonnet-4-5-20250929",
   ["claude-busy"] = { model = "overloaded/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
 } })
 -- what the checks read of the upstream: its counts, and transfers still open
 gateway.routes["GET /__test/upstream"] = function()
   return { status = 200, body = resil.json.encode({ total = up:stats().total, pending = up.server:pending(),
-    down = down:stats().total, long_pending = long.server:pending() }) }
+    down = down:stats().total, long_pending = long.server:pending(), refusing = refusing:stats().total }) }
 end
 
 local good = assert(keys.add({ name = "good" }))
