@@ -23,14 +23,17 @@ pricing.date = "2025-11-15"
 --   usage = { input_tokens,          -- all prompt tokens, cached ones included
 --             cached_input_tokens,   -- prompt tokens read from the provider's cache
 --             cache_write_tokens,    -- prompt tokens written to it (Anthropic)
+--             cache_write_1h_tokens, -- the part of those written to the 1-hour cache
 --             output_tokens,         -- completion tokens, reasoning included
 --             images, seconds, characters, requests }
 -- Uncached input is input_tokens - cached_input_tokens - cache_write_tokens.
--- A cached or cache-write price that a model lacks falls back to `input`.
+-- A cached or cache-write price that a model lacks falls back to `input`; a
+-- 1-hour cache-write price, to the cache-write price (then `input`).
 pricing.units = {
   input = function(u) return ((u.input_tokens or 0) - (u.cached_input_tokens or 0) - (u.cache_write_tokens or 0)) / 1e6 end,
   cached_input = function(u) return (u.cached_input_tokens or 0) / 1e6 end,
-  cache_write = function(u) return (u.cache_write_tokens or 0) / 1e6 end,
+  cache_write = function(u) return ((u.cache_write_tokens or 0) - (u.cache_write_1h_tokens or 0)) / 1e6 end,
+  cache_write_1h = function(u) return (u.cache_write_1h_tokens or 0) / 1e6 end,
   output = function(u) return (u.output_tokens or 0) / 1e6 end,
   -- async jobs and speech (policies.jobs fills these for its providers)
   per_image = function(u) return u.images or 0 end,               -- per generated image
@@ -59,17 +62,17 @@ pricing.models = {
     ["text-embedding-3-large"] = { input = 0.13 },
     ["text-embedding-ada-002"] = { input = 0.10 },
   },
-  -- cache_write: the 5-minute cache (1.25x input); cached_input: cache reads (0.1x);
-  -- web_search: $10 per 1,000 searches of the web search tool
+  -- cache_write: the 5-minute cache (1.25x input); cache_write_1h: the 1-hour cache (2x);
+  -- cached_input: cache reads (0.1x); web_search: $10 per 1,000 searches of the web search tool
   anthropic = {
-    ["claude-opus-4-5"] = { input = 5.00, cache_write = 6.25, cached_input = 0.50, output = 25.00, web_search = 0.01 },
-    ["claude-opus-4-1"] = { input = 15.00, cache_write = 18.75, cached_input = 1.50, output = 75.00, web_search = 0.01 },
-    ["claude-opus-4"] = { input = 15.00, cache_write = 18.75, cached_input = 1.50, output = 75.00, web_search = 0.01 },
-    ["claude-sonnet-4-5"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00, web_search = 0.01 },
-    ["claude-sonnet-4"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00, web_search = 0.01 },
-    ["claude-3-7-sonnet"] = { input = 3.00, cache_write = 3.75, cached_input = 0.30, output = 15.00, web_search = 0.01 },
-    ["claude-haiku-4-5"] = { input = 1.00, cache_write = 1.25, cached_input = 0.10, output = 5.00, web_search = 0.01 },
-    ["claude-3-5-haiku"] = { input = 0.80, cache_write = 1.00, cached_input = 0.08, output = 4.00, web_search = 0.01 },
+    ["claude-opus-4-5"] = { input = 5.00, cache_write = 6.25, cache_write_1h = 10.00, cached_input = 0.50, output = 25.00, web_search = 0.01 },
+    ["claude-opus-4-1"] = { input = 15.00, cache_write = 18.75, cache_write_1h = 30.00, cached_input = 1.50, output = 75.00, web_search = 0.01 },
+    ["claude-opus-4"] = { input = 15.00, cache_write = 18.75, cache_write_1h = 30.00, cached_input = 1.50, output = 75.00, web_search = 0.01 },
+    ["claude-sonnet-4-5"] = { input = 3.00, cache_write = 3.75, cache_write_1h = 6.00, cached_input = 0.30, output = 15.00, web_search = 0.01 },
+    ["claude-sonnet-4"] = { input = 3.00, cache_write = 3.75, cache_write_1h = 6.00, cached_input = 0.30, output = 15.00, web_search = 0.01 },
+    ["claude-3-7-sonnet"] = { input = 3.00, cache_write = 3.75, cache_write_1h = 6.00, cached_input = 0.30, output = 15.00, web_search = 0.01 },
+    ["claude-haiku-4-5"] = { input = 1.00, cache_write = 1.25, cache_write_1h = 2.00, cached_input = 0.10, output = 5.00, web_search = 0.01 },
+    ["claude-3-5-haiku"] = { input = 0.80, cache_write = 1.00, cache_write_1h = 1.60, cached_input = 0.08, output = 4.00, web_search = 0.01 },
   },
   -- Providers of async jobs and speech add their tables here, e.g.
   --   replicate = { ["black-forest-labs/flux-schnell"] = { per_image = 0.003 } },
@@ -77,20 +80,9 @@ pricing.models = {
   --   elevenlabs = { ["eleven_flash_v2_5"] = { per_1k_characters = 0.05 } },
 }
 
--- The most input tokens one image may be billed at (high detail, at the largest size the
--- provider keeps), by provider and model: what a budget reserves for each image of a request,
--- which sends a link or a file id of a few bytes. OpenAI: 85 + 170 a tile, 8 tiles of a 2048x768
--- image (gpt-4o, gpt-4.1, o3), up to 1,536 patches x 2.46 (gpt-4.1-nano; other patch models
--- less), and gpt-4o-mini's 2,833 + 5,667 a tile; Anthropic: about (width x height) / 750, 1,600
--- at most. `default` for the provider's other models; pricing.image_tokens.default otherwise.
-pricing.image_tokens = {
-  default = 3780,
-  openai = { default = 3780, ["gpt-4o-mini"] = 48169, ["gpt-4o"] = 1445, ["gpt-4.1"] = 1445, ["o3"] = 1445 },
-  anthropic = { default = 1600 },
-}
-
--- Token prices fall back to `input` when a model has no cached/cache-write price.
-local FALLS_BACK_TO_INPUT = { cached_input = true, cache_write = true }
+-- Token prices a model lacks, and the price each falls back to (then `input`): a
+-- table written before cache_write_1h prices those writes as it did
+local FALLS_BACK = { cached_input = "input", cache_write = "input", cache_write_1h = "cache_write" }
 
 local function strip_date(model)
   return model:gsub("%-%d%d%d%d%-%d%d%-%d%d$", ""):gsub("%-%d%d%d%d%d%d%d%d$", ""):gsub("%-latest$", "")
@@ -125,9 +117,6 @@ function pricing.price(provider, model)
   return price
 end
 
--- models warned about one by one, up to WARN_MAX (a gateway's clients name any
--- model they like: one line and one entry each grew the log and the memory
--- without end); past that, one line saying so, then none
 -- pricing.image_tokens_for(provider, model) -> the most input tokens one image may cost
 function pricing.image_tokens_for(provider, model)
   local t = pricing.image_tokens[provider]
@@ -136,6 +125,9 @@ function pricing.image_tokens_for(provider, model)
   return math.type(n) and n >= 0 and n or 0
 end
 
+-- models warned about one by one, up to WARN_MAX (a gateway's clients name any
+-- model they like: one line and one entry each grew the log and the memory
+-- without end); past that, one line saying so, then none
 local warned, warned_count, WARN_MAX = {}, 0, 100
 
 -- pricing.cost(provider, model, usage) -> usd | nil, why
@@ -158,17 +150,15 @@ function pricing.cost(provider, model, usage)
     end
     return nil, (bad and "malformed price for %s: %s" or "no price for %s"):format(name, bad)
   end
-  -- the price's own few fields, then the cache prices it lacks at the input price
+  -- the price's own few fields, then the cache prices it lacks at the price they fall back to
   local units, usd = pricing.units, 0
   for field, p in pairs(price) do
     local count = units[field]
     if count and p ~= nil then usd = usd + p * count(usage) end
   end
-  local input = price.input
-  if input ~= nil then
-    for field in pairs(FALLS_BACK_TO_INPUT) do
-      if price[field] == nil and units[field] then usd = usd + input * units[field](usage) end
-    end
+  for field, to in pairs(FALLS_BACK) do
+    local p = price[field] == nil and (price[to] or price.input)
+    if p then usd = usd + p * units[field](usage) end
   end
   -- per_request counts 1 by default: only charge it where a price is set
   return math.floor(usd * 1e9 + 0.5) / 1e9

@@ -143,6 +143,34 @@ describe("golden costs from the providers' documented usage", function()
     assert.are.equal(0.0623838, pricing.cost("anthropic", "claude-sonnet-4-5-20250929", read))
   end)
 
+  -- (before: every write at the 5-minute price, 1.25x input; the 1-hour cache's are 2x)
+  it("anthropic 1-hour cache writes are priced apart (claude-sonnet-4-5), in the result and the ledger", function()
+    resil.clock.virtual()
+    fresh_store()
+    local server = resil.server.listen({ handler = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "msg_1h", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+        content = { { type = "text", text = "hi" } }, stop_reason = "end_turn", stop_sequence = resil.json.null,
+        usage = { input_tokens = 20, cache_creation_input_tokens = 1500, cache_read_input_tokens = 0,
+          cache_creation = { ephemeral_5m_input_tokens = 500, ephemeral_1h_input_tokens = 1000 },
+          output_tokens = 100 } }) }
+    end })
+    finally(function() server:close() end)
+    point_at(("http://127.0.0.1:%d"):format(server:port()))
+    local r = assert(ai.chat({ model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS, max_tokens = 100 }))
+    assert.are.equal(1500, r.usage.cache_write_tokens)
+    assert.are.equal(1000, r.usage.cache_write_1h_tokens)
+    -- 20 x 3 + 500 x 3.75 + 1000 x 6 + 100 x 15 per 1M
+    assert.are.equal(0.009435, r.cost_usd)
+    assert.are.equal(0.009435, assert(resil.cost.breakdown("provider"))[1].usd)
+    -- a price table without a 1-hour price prices those writes as the others (then as input)
+    pricing.models.anthropic["my-claude"] = { input = 3, cache_write = 3.75, output = 15 }
+    finally(function() pricing.models.anthropic["my-claude"] = nil end)
+    assert.are.equal(0.007185, pricing.cost("anthropic", "my-claude", r.usage))
+    pricing.models.anthropic["my-claude"] = { input = 3, output = 15 }
+    assert.are.equal(0.00606, pricing.cost("anthropic", "my-claude", r.usage))
+  end)
+
   it("a model without a price costs nil, never zero", function()
     local usd, why = pricing.cost("openai", "gpt-unknown", { input_tokens = 1, output_tokens = 1 })
     assert.is_nil(usd)

@@ -94,14 +94,20 @@ local function bad(v) return not absent(v) and num(v) == nil end
 local function unreadable(a, b) return bad(a) or bad(b) or (absent(a) and absent(b)) end
 
 -- anthropic.usage(u) -> normalized usage | nil (unknown). Anthropic's input_tokens leaves out
--- cache reads and writes; the normalized input_tokens counts them.
+-- cache reads and writes; the normalized input_tokens counts them. The writes to the 1-hour
+-- cache (usage.cache_creation's breakdown), a part of them, cost twice the input price, not
+-- the 5-minute cache's 1.25 times: cache_write_1h_tokens, priced apart.
 function anthropic.usage(u)
   if type(u) ~= "table" or unreadable(u.input_tokens, u.output_tokens) then return nil end
   local read, write = num(u.cache_read_input_tokens) or 0, num(u.cache_creation_input_tokens) or 0
   -- searches its web search tool ran: billed per search besides the tokens
   local searches = type(u.server_tool_use) == "table" and num(u.server_tool_use.web_search_requests) or 0
-  return { input_tokens = (num(u.input_tokens) or 0) + read + write, output_tokens = num(u.output_tokens) or 0,
+  local usage = { input_tokens = (num(u.input_tokens) or 0) + read + write, output_tokens = num(u.output_tokens) or 0,
     cached_input_tokens = read, cache_write_tokens = write, web_search_requests = searches > 0 and searches or nil }
+  local breakdown = type(u.cache_creation) == "table" and u.cache_creation or nil
+  local hour = breakdown and num(breakdown.ephemeral_1h_input_tokens) or 0
+  if hour > 0 then usage.cache_write_1h_tokens = math.min(hour, write) end -- (more is no part of the writes)
+  return usage
 end
 
 -- (model_context_window_exceeded: the output stopped where the context ends, as at max_tokens)
