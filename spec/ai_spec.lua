@@ -868,6 +868,33 @@ describe("streams", function()
     assert.are.equal(2, ledger_rows())
   end)
 
+  -- (before: the nulls replaced message_start's counts: 2,000 input tokens recorded as 0)
+  it("an Anthropic message_delta whose usage has null counts keeps message_start's (as the SDKs read them)", function()
+    m:configure({ routes = { ["POST /v1/messages"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, body = table.concat({
+        'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_n","type":"message",'
+          .. '"role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"stop_reason":null,'
+          .. '"stop_sequence":null,"usage":{"input_tokens":200,"cache_creation_input_tokens":0,'
+          .. '"cache_read_input_tokens":1800,"output_tokens":1}}}\n\n',
+        'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n',
+        'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}\n\n',
+        'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+        'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+          .. '"usage":{"input_tokens":null,"cache_creation_input_tokens":null,"cache_read_input_tokens":null,'
+          .. '"output_tokens":50}}\n\n',
+        'event: message_stop\ndata: {"type":"message_stop"}\n\n' }) }
+    end } })
+    local s = ai.stream({ model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS, max_tokens = 100 })
+    while s:next() do end
+    local r = assert(s:result())
+    assert.are.equal(2000, r.usage.input_tokens)
+    assert.are.equal(1800, r.usage.cached_input_tokens)
+    assert.are.equal(50, r.usage.output_tokens)
+    -- 200 x 3 + 1800 x 0.30 + 50 x 15 per 1M
+    assert.are.equal(0.00189, r.cost_usd)
+    assert.are.equal(0.00189, assert(resil.cost.breakdown("provider"))[1].usd)
+  end)
+
   -- (before: nothing was recorded, so clients that cut their streams before the first delta spent
   -- the provider's money past their budget)
   it("a stream canceled after the provider accepted it, before its first delta, is billed its input", function()

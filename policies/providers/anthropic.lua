@@ -187,9 +187,12 @@ function anthropic.event(state, ev)
     state.usage = anthropic.usage(state.raw_usage)
     state.usage_partial = true -- (its output count is a placeholder until message_delta's)
   elseif t == "message_delta" then
-    -- its usage is cumulative: the totals so far replace, never add
+    -- its usage is cumulative: the totals so far replace, never add; a null count is one it
+    -- does not restate (as the SDKs read it), not a zero (message_start's input went unpaid)
     local u = state.raw_usage or {}
-    for k, v in pairs(type(data.usage) == "table" and data.usage or {}) do u[k] = v end
+    for k, v in pairs(type(data.usage) == "table" and data.usage or {}) do
+      if v ~= json.null then u[k] = v end
+    end
     state.raw_usage = u
     state.usage = anthropic.usage(u)
     if type(data.usage) == "table" then state.usage_partial = nil end
