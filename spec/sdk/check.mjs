@@ -55,6 +55,8 @@ await check('openai: 429 is RateLimitError', async () => {
   const e = await rejects(oaiFault('429').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs }),
     OpenAI.RateLimitError, '429');
   expect(e.status === 429, 'status');
+  expect(e.code === 'rate_limit_exceeded' && e.type === 'requests', `code ${e.code} type ${e.type}`);
+  expect(/^req_/.test(e.requestID), `requestID ${e.requestID}`);
 });
 await check('openai: a wrong key is AuthenticationError', async () => {
   const bad = new OpenAI({ apiKey: 'sk-wrong-0123456789', baseURL: url + '/v1', maxRetries: 0 });
@@ -107,8 +109,9 @@ await check('anthropic: 429 is RateLimitError', async () => {
 });
 await check('anthropic: a wrong key is AuthenticationError', async () => {
   const bad = new Anthropic({ apiKey: 'sk-wrong-0123456789', baseURL: url, maxRetries: 0 });
-  await rejects(bad.messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs }),
+  const e = await rejects(bad.messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs }),
     Anthropic.AuthenticationError, '401');
+  expect(/^req_/.test(e.requestID), `requestID ${e.requestID}`);
 });
 await check('anthropic: 529 is InternalServerError (overloaded_error)', async () => {
   const e = await rejects(antFault('529').messages.create({ model: 'claude-haiku-4-5', max_tokens: 10,

@@ -109,6 +109,11 @@ local function error_body(status, fault, flavor)
   if status == 529 then
     return json.encode({ type = "error", error = { type = "overloaded_error", message = "Overloaded" } })
   end
+  if status == 429 and not fault.error_type and not fault.error_code then
+    -- as the API writes a rate limit: the limit hit as the type, the code an SDK's error.code reads
+    return json.encode({ error = { message = fault.message or "Rate limit reached for requests per min (RPM). "
+      .. "Please try again in 1s.", type = "requests", param = json.null, code = "rate_limit_exceeded" } })
+  end
   local etype = fault.error_type or ERROR_TYPES[status] or "api_error"
   return json.encode({ error = { message = fault.message or ("mock %d: %s"):format(status, etype),
     type = etype, param = json.null, code = fault.error_code or fault.error_type or json.null } })
@@ -759,6 +764,12 @@ function Mock:handle(req)
   local h = HANDLERS[route]
   local reply = fault and fault_reply(fault, normal, h and h.flavor) or normal()
   self:count(route, req, reply.action and reply.action or reply.status or 200)
+  if h and not reply.action then
+    -- every answer of the API carries its request id, its errors too (the SDKs' error.requestID)
+    local name = h.flavor == "anthropic" and "request-id" or "x-request-id"
+    reply.headers = reply.headers or {}
+    reply.headers[name] = reply.headers[name] or ("req_mock%s%d"):format(self.instance, self.counts.total)
+  end
   if key and not reply.action and (reply.status or 200) < 300 then self.replies[route .. " " .. key] = deep_copy(reply) end
   local latency = sample_latency(fault and fault.latency or self.scenario.latency, self.random)
   if latency > 0 then reply.delay = latency end
