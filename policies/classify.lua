@@ -82,10 +82,15 @@ classify.bodies = {
         and (res.headers or {})["retry-after"] == nil
     end,
     verdict = { class = "quota", retryable = false, fallback = true } },
+  -- (Anthropic says it in its message only: "prompt is too long: 210000 tokens > 200000
+  -- maximum", "input length and `max_tokens` exceed context limit: ...")
   { name = "context_length",
     match = function(_, body)
-      return error_field(body, "code") == "context_length_exceeded"
-        or error_field(body, "type") == "context_length_exceeded"
+      if error_field(body, "code") == "context_length_exceeded"
+        or error_field(body, "type") == "context_length_exceeded" then return true end
+      local msg = error_field(body, "message")
+      return error_field(body, "type") == "invalid_request_error" and type(msg) == "string"
+        and (msg:find("^prompt is too long") ~= nil or msg:find("exceed context limit", 1, true) ~= nil)
     end,
     verdict = { class = "context_length", retryable = false, fallback = true } },
   { name = "content_policy",

@@ -140,6 +140,23 @@ local function usd_text(usd)
   return (micro // 1000000) .. "." .. ("000000"):sub(#frac + 1) .. frac
 end
 
+-- The upstream's own message for a request it refused as the request's fault
+-- (a context overflow, a content policy, a bad parameter): apps read it (and
+-- OpenAI's code) to shorten a conversation or drop a field, and it named
+-- only the rule that matched ("400 context_length"). Never for its auth
+-- trouble or its limits, which are the gateway's, not the request's.
+local REQUEST_FAULTS = { [400] = true, [404] = true, [413] = true, [422] = true }
+local CLASS_CODE = { context_length = "context_length_exceeded", content_policy = "content_policy_violation" }
+local function upstream_message(err, status)
+  local res = err.response
+  if not REQUEST_FAULTS[status] or tonumber(err.status) ~= status or type(res) ~= "table"
+    or type(res.body) ~= "string" then return nil end
+  local body = json.decode(res.body)
+  local e = type(body) == "table" and body.error
+  local msg = type(e) == "table" and e.message
+  return type(msg) == "string" and msg ~= "" and msg:sub(1, 2000) or nil
+end
+
 -- an error from policies.ai as the client's API says it; one ai raised (a
 -- string: the request misused the API) is the client's bad request, unless
 -- it was the host's own failure
@@ -171,8 +188,10 @@ local function ai_error_reply(api, err)
     code = "gateway_overloaded"
   elseif status == 429 then
     code = "rate_limit_exceeded" -- (as OpenAI's own 429s; an SDK's error.code reads it)
+  elseif CLASS_CODE[err.class] then
+    code = CLASS_CODE[err.class] -- (as OpenAI's, whichever provider refused it)
   end
-  local msg = type(err) == "table" and tostring(err.message or err.kind) or tostring(err)
+  local msg = upstream_message(err, status) or tostring(err.message or err.kind)
   if err.kind == "store_unavailable" then
     -- (its message names the store's address, or is a bare "Connection reset by peer")
     code, msg = "store_unavailable", "the gateway's store is unavailable right now; retry shortly"

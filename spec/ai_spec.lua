@@ -304,6 +304,16 @@ describe("chat over the strict mock", function()
     assert.are.equal(2, m:stats().routes.chat)
   end)
 
+  -- (before: a bad_request, not fallen back from; Anthropic names it in its message only)
+  it("Anthropic's 'prompt is too long' is context_length: falls back to the next model without retrying", function()
+    m:configure({ strict = true, sequence = { messages = { { status = 400, error_type = "invalid_request_error",
+      message = "prompt is too long: 210000 tokens > 200000 maximum" } } } })
+    local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 100,
+      fallback = { "openai/gpt-4.1" } }))
+    assert.are.equal("gpt-4.1", r.model)
+    assert.are.equal(1, m:stats().routes.messages)
+  end)
+
   it("the rate-limit headers feed the provider's buckets", function()
     m:configure({ strict = true, rate_limits = { requests = 2 } })
     ai.configure("openai", { base_url = m.url .. "/v1", api_key = OPENAI_KEY,

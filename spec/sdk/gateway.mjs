@@ -219,6 +219,20 @@ await check('anthropic: a stream cut after its first delta raises in the SDK', a
     Anthropic.APIError, 'cut');
 });
 
+// a context overflow as the provider said it: apps shorten the conversation on its code or message
+for (const model of ['chat-overflow', 'claude-overflow']) {
+  await check(`openai: a context overflow (${model}) is BadRequestError, code context_length_exceeded, the provider's message`, async () => {
+    const e = await rejects(oai().chat.completions.create({ model, messages: msgs }), OpenAI.BadRequestError, 'overflow');
+    expect(e.code === 'context_length_exceeded', `code ${e.code}`);
+    expect(/maximum context length|prompt is too long/.test(e.message) && !/HTTP 400/.test(e.message), `message ${e.message}`);
+  });
+}
+await check('anthropic: a context overflow is BadRequestError with the API\'s message', async () => {
+  const e = await rejects(ant().messages.create({ model: 'claude-overflow', max_tokens: 10, messages: msgs }),
+    Anthropic.BadRequestError, 'overflow');
+  expect(e.error?.error?.message === 'prompt is too long: 210000 tokens > 200000 maximum', `body ${JSON.stringify(e.error)}`);
+});
+
 await check('openai: a bad request is BadRequestError', async () => {
   await rejects(oai().chat.completions.create({ model: 'chat-fast', messages: [] }), OpenAI.BadRequestError, '400');
 });

@@ -84,6 +84,12 @@ local refusing = assert(resil.mock.start({ strict = true, routes = {
       content = setmetatable({}, resil.json.array_mt), stop_reason = "refusal", stop_sequence = resil.json.null,
       usage = { input_tokens = 12, output_tokens = 3 } }) }
   end } }))
+-- a conversation too long for the model, in each API's words
+local overflow = assert(resil.mock.start({ strict = true, faults = {
+  { route = "chat", status = 400, error_type = "invalid_request_error", error_code = "context_length_exceeded",
+    message = "This model's maximum context length is 128000 tokens. However, your messages resulted in 130000 tokens." },
+  { route = "messages", status = 400, error_type = "invalid_request_error",
+    message = "prompt is too long: 210000 tokens > 200000 maximum" } } }))
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
@@ -101,6 +107,10 @@ ai.adapters.echoopenai = require "policies.providers.openai"
 ai.configure("echoopenai", { base_url = echo.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.adapters.echoanthropic = require "policies.providers.anthropic"
 ai.configure("echoanthropic", { base_url = echo.url, api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.overflowopenai = require "policies.providers.openai"
+ai.configure("overflowopenai", { base_url = overflow.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.overflowanthropic = require "policies.providers.anthropic"
+ai.configure("overflowanthropic", { base_url = overflow.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.refusing = require "policies.providers.anthropic"
 ai.configure("refusing", { base_url = refusing.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.toolsanthropic = require "policies.providers.anthropic"
@@ -116,6 +126,8 @@ gateway.configure({ auth = true, key_cache = 0, models = {
   ["chat-echo"] = "echoopenai/gpt-4o-mini",
   ["claude-echo"] = "echoanthropic/claude-sonnet-4-5-20250929",
   ["claude-refusing"] = "refusing/claude-sonnet-4-5-20250929",
+  ["chat-overflow"] = "overflowopenai/gpt-4o-mini",
+  ["claude-overflow"] = "overflowanthropic/claude-sonnet-4-5-20250929",
   ["claude-busy"] = { model = "overloaded/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
 } })
 -- what the checks read of the upstream: its counts, and transfers still open
