@@ -659,12 +659,20 @@ end
 
 -- a stream's last event when it breaks, or when a graceful stop cuts it:
 -- an error, without [DONE] (message_stop), so that the client's SDK raises
-local function stream_error(api, message, code)
-  if api == "anthropic" then return sse("error", { type = "error", error = { type = "api_error", message = message } }) end
+local function stream_error(api, message, code, etype)
+  if api == "anthropic" then
+    return sse("error", { type = "error", error = { type = etype or "api_error", message = message } })
+  end
   return sse(nil, { error = { message = message, type = "server_error", code = code } })
 end
+-- the type of the provider's own error event, when it is one of Anthropic's: its SDK's
+-- error.type (an overloaded_error a client backs off on was an api_error)
+local ANTHROPIC_TYPES = {}
+for _, t in pairs(ANTHROPIC_TYPE) do ANTHROPIC_TYPES[t] = true end
 local function broken(api, err)
-  return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted")
+  local cause = type(err.cause) == "table" and err.cause.error
+  local etype = api == "anthropic" and type(cause) == "table" and ANTHROPIC_TYPES[cause.type] and cause.type or nil
+  return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted", etype)
 end
 
 -- s:next() or s:next_event(), a raise (an event of the provider's that an

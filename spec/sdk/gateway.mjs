@@ -233,6 +233,12 @@ await check('anthropic: a context overflow is BadRequestError with the API\'s me
   expect(e.error?.error?.message === 'prompt is too long: 210000 tokens > 200000 maximum', `body ${JSON.stringify(e.error)}`);
 });
 
+await check('anthropic: an overloaded_error event after the first deltas is the SDK\'s error of that type', async () => {
+  const e = await rejects(ant().messages.stream({ model: 'claude-broken', max_tokens: 100, messages: msgs }).finalMessage(),
+    Anthropic.APIError, 'error event');
+  expect(e.type === 'overloaded_error', `type ${e.type}: ${e.message}`);
+});
+
 await check('openai: a bad request is BadRequestError', async () => {
   await rejects(oai().chat.completions.create({ model: 'chat-fast', messages: [] }), OpenAI.BadRequestError, '400');
 });

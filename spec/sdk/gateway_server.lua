@@ -84,6 +84,9 @@ local refusing = assert(resil.mock.start({ strict = true, routes = {
       content = setmetatable({}, resil.json.array_mt), stop_reason = "refusal", stop_sequence = resil.json.null,
       usage = { input_tokens = 12, output_tokens = 3 } }) }
   end } }))
+-- streams that end in the provider's overloaded_error event after their first deltas
+local broken = assert(resil.mock.start({ strict = true, reply = "one two three four five six",
+  faults = { { route = "messages", probability = 1, kind = "error_event", after = 2 } } }))
 -- a conversation too long for the model, in each API's words
 local overflow = assert(resil.mock.start({ strict = true, faults = {
   { route = "chat", status = 400, error_type = "invalid_request_error", error_code = "context_length_exceeded",
@@ -111,6 +114,8 @@ ai.adapters.overflowopenai = require "policies.providers.openai"
 ai.configure("overflowopenai", { base_url = overflow.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.adapters.overflowanthropic = require "policies.providers.anthropic"
 ai.configure("overflowanthropic", { base_url = overflow.url, api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.brokenanthropic = require "policies.providers.anthropic"
+ai.configure("brokenanthropic", { base_url = broken.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.refusing = require "policies.providers.anthropic"
 ai.configure("refusing", { base_url = refusing.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.toolsanthropic = require "policies.providers.anthropic"
@@ -126,6 +131,7 @@ gateway.configure({ auth = true, key_cache = 0, models = {
   ["chat-echo"] = "echoopenai/gpt-4o-mini",
   ["claude-echo"] = "echoanthropic/claude-sonnet-4-5-20250929",
   ["claude-refusing"] = "refusing/claude-sonnet-4-5-20250929",
+  ["claude-broken"] = "brokenanthropic/claude-sonnet-4-5-20250929",
   ["chat-overflow"] = "overflowopenai/gpt-4o-mini",
   ["claude-overflow"] = "overflowanthropic/claude-sonnet-4-5-20250929",
   ["claude-busy"] = { model = "overloaded/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
