@@ -211,10 +211,16 @@ local function stop_reason_of(r)
   return STOP_REASON[r.finish_reason] or "end_turn"
 end
 
-local function openai_usage(u)
+-- details: with the cached part of the prompt, as OpenAI's own usage says it (an answer
+-- translated from Anthropic's cache reads); without: counts that go over a provider's own usage
+local function openai_usage(u, details)
   u = u or {}
   local i, o = u.input_tokens or 0, u.output_tokens or 0
-  return { prompt_tokens = i, completion_tokens = o, total_tokens = i + o }
+  local usage = { prompt_tokens = i, completion_tokens = o, total_tokens = i + o }
+  if details and (u.cached_input_tokens or 0) > 0 then
+    usage.prompt_tokens_details = { cached_tokens = u.cached_input_tokens }
+  end
+  return usage
 end
 
 local function anthropic_usage(u)
@@ -237,7 +243,7 @@ end
 -- hot path a third of its JSON time (cjson prints every number with %.14g)
 local OPENAI_ANSWER = '{"id":"chatcmpl-%s","object":"chat.completion","created":%d,"model":%s,'
   .. '"system_fingerprint":null,"choices":[{"index":0,"message":{"role":"assistant","content":%s,"refusal":%s%s},'
-  .. '"logprobs":null,"finish_reason":%s}],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}'
+  .. '"logprobs":null,"finish_reason":%s}],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d%s}}'
 local function count(v) return math.tointeger(v) or 0 end
 
 local function openai_answer_json(r, id, model, created)
@@ -247,8 +253,10 @@ local function openai_answer_json(r, id, model, created)
   -- (as the API: no text beside a tool call or a refusal is null, not "")
   local text = ((r.text or "") == "" and (r.tool_calls or r.refusal)) and "null" or json.encode(r.text or "")
   local refusal = type(r.refusal) == "string" and json.encode(r.refusal) or "null"
+  local cached = count(u.cached_input_tokens)
   return OPENAI_ANSWER:format(id, created or math.floor(resil.clock.wall()), json.encode(model), text, refusal,
-    calls, json.encode(r.finish_reason or "stop"), i, o, i + o)
+    calls, json.encode(r.finish_reason or "stop"), i, o, i + o,
+    cached > 0 and (',"prompt_tokens_details":{"cached_tokens":%d}'):format(cached) or "")
 end
 
 local function anthropic_answer(r, id, model)
@@ -652,7 +660,7 @@ local function openai_chunks(id, model, b)
   end
   local function usage_chunk(usage)
     return sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = created, model = model,
-      choices = setmetatable({}, json.array_mt), usage = openai_usage(usage) })
+      choices = setmetatable({}, json.array_mt), usage = openai_usage(usage, true) })
   end
   return chunk, type(b.stream_options) == "table" and b.stream_options.include_usage and usage_chunk or nil
 end
@@ -767,7 +775,7 @@ local function own_stream(s, api, id, b, headers)
           local r = with_usage and not usage_sent and s:result()
           if r then
             write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = math.floor(resil.clock.wall()),
-              model = b.model, choices = setmetatable({}, json.array_mt), usage = openai_usage(r.usage) }))
+              model = b.model, choices = setmetatable({}, json.array_mt), usage = openai_usage(r.usage, true) }))
           end
           write("data: [DONE]\n\n", true)
         elseif type(data) == "table" and (with_usage or not (data.usage ~= nil and type(data.choices) == "table"

@@ -45,6 +45,7 @@ describe("the official SDKs against the gateway", function()
     "anthropic: a request without max_tokens is BadRequestError, as the API answers it",
     "anthropic: a refusal with no content is the SDK's message, stop_reason refusal, one call",
     "openai: an Anthropic refusal with no content is finish_reason content_filter",
+    "openai: an answer from Anthropic tells its cached prompt tokens, streamed or not",
     "anthropic: top_k, thinking and metadata are left out of a fallback to OpenAI",
     "openai: a stream cut after its first delta raises in the SDK",
     "anthropic: a stream cut after its first delta raises in the SDK",

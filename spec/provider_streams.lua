@@ -46,7 +46,7 @@ function streams.openai(a)
 end
 
 -- streams.anthropic{ id, model, thinking = {text, signature}, content, tool_calls = {{id, name, arguments}},
---   stop_reason, usage = {input_tokens, output_tokens} } -> the body of a message stream
+--   stop_reason, usage = {input_tokens, output_tokens, cache_read_input_tokens} } -> the body of a message stream
 function streams.anthropic(a)
   local out = {}
   local function event(name, data)
@@ -56,7 +56,8 @@ function streams.anthropic(a)
   local usage = a.usage or { input_tokens = 10, output_tokens = 5 }
   event("message_start", { message = { id = a.id or "msg_stream", type = "message", role = "assistant",
     model = a.model or "claude-sonnet-4-5-20250929", content = setmetatable({}, json.array_mt),
-    stop_reason = json.null, stop_sequence = json.null, usage = { input_tokens = usage.input_tokens, output_tokens = 1 } } })
+    stop_reason = json.null, stop_sequence = json.null, usage = { input_tokens = usage.input_tokens, output_tokens = 1,
+      cache_read_input_tokens = usage.cache_read_input_tokens } } })
   local index = 0
   local function block(start, deltas)
     event("content_block_start", { index = index, content_block = start })

@@ -170,6 +170,16 @@ await check('openai: an Anthropic refusal with no content is finish_reason conte
   expect(final.choices[0].finish_reason === 'content_filter', `streamed ${JSON.stringify(final.choices[0])}`);
 });
 
+// Anthropic's cache reads, in the usage an OpenAI client reads (a cost it works out from them)
+await check('openai: an answer from Anthropic tells its cached prompt tokens, streamed or not', async () => {
+  const r = await oai().chat.completions.create({ model: 'claude-echo', messages: msgs });
+  expect(r.usage.prompt_tokens === 16 && r.usage.prompt_tokens_details?.cached_tokens === 4, `usage ${JSON.stringify(r.usage)}`);
+  const final = await oai().chat.completions.stream({ model: 'claude-echo', messages: msgs,
+    stream_options: { include_usage: true } }).finalChatCompletion();
+  expect(final.usage?.prompt_tokens === 16 && final.usage?.prompt_tokens_details?.cached_tokens === 4,
+    `streamed usage ${JSON.stringify(final.usage)}`);
+});
+
 await check('anthropic: top_k, thinking and metadata are left out of a fallback to OpenAI', async () => {
   const { data, response } = await ant().messages.create({ model: 'claude-busy', max_tokens: 2048, messages: msgs,
     top_k: 5, metadata: { user_id: 'u1' }, thinking: { type: 'enabled', budget_tokens: 1024 } }).withResponse();

@@ -64,13 +64,14 @@ local echo = assert(resil.mock.start({ strict = true, routes = {
     local seen = "seen " .. resil.json.encode({ thinking = b.thinking or false, top_k = b.top_k or false })
     if b.stream then
       return streams.reply(streams.anthropic({ id = "msg_echo", thinking = { text = "Let me think.", signature = "sig_abc" },
-        content = seen, usage = { input_tokens = 12, output_tokens = 7 } }))
+        content = seen, usage = { input_tokens = 12, output_tokens = 7, cache_read_input_tokens = 4 } }))
     end
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
       id = "msg_echo", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
       content = { { type = "thinking", thinking = "Let me think.", signature = "sig_abc" },
         { type = "text", text = "seen " .. resil.json.encode({ thinking = b.thinking or false, top_k = b.top_k or false }) } },
-      stop_reason = "end_turn", stop_sequence = resil.json.null, usage = { input_tokens = 12, output_tokens = 7 } }) }
+      stop_reason = "end_turn", stop_sequence = resil.json.null,
+      usage = { input_tokens = 12, output_tokens = 7, cache_read_input_tokens = 4 } }) }
   end } }))
 -- Anthropic refusing: stop_reason "refusal" and no content at all, streamed or not
 local refusing = assert(resil.mock.start({ strict = true, routes = {
