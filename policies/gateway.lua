@@ -111,7 +111,7 @@ local function error_reply(api, status, message, o)
     body = { type = "error", error = { type = o.type or ANTHROPIC_TYPE[status] or "api_error", message = message } }
   else
     body = { error = { message = message, type = o.type or OPENAI_TYPE[status] or "server_error",
-      param = null, code = o.code or null } }
+      param = o.param or null, code = o.code or null } }
   end
   return { status = status, headers = headers, body = json.encode(body) }
 end
@@ -140,21 +140,24 @@ local function usd_text(usd)
   return (micro // 1000000) .. "." .. ("000000"):sub(#frac + 1) .. frac
 end
 
--- The upstream's own message for a request it refused as the request's fault
--- (a context overflow, a content policy, a bad parameter): apps read it (and
--- OpenAI's code) to shorten a conversation or drop a field, and it named
--- only the rule that matched ("400 context_length"). Never for its auth
--- trouble or its limits, which are the gateway's, not the request's.
+-- The upstream's own error for a request it refused as the request's fault
+-- (a context overflow, a content policy, a bad parameter, a model it does
+-- not have): apps read its message and OpenAI's code and param to shorten a
+-- conversation, drop a field or try another model, and the client got only
+-- the rule that matched ("400 context_length"). Never for its auth trouble
+-- or its limits, which are the gateway's, not the request's.
+-- -> { message, code, param } (each a string or nil) | nil
 local REQUEST_FAULTS = { [400] = true, [404] = true, [413] = true, [422] = true }
 local CLASS_CODE = { context_length = "context_length_exceeded", content_policy = "content_policy_violation" }
-local function upstream_message(err, status)
+local function upstream_error(err, status)
   local res = err.response
   if not REQUEST_FAULTS[status] or tonumber(err.status) ~= status or type(res) ~= "table"
     or type(res.body) ~= "string" then return nil end
   local body = json.decode(res.body)
   local e = type(body) == "table" and body.error
-  local msg = type(e) == "table" and e.message
-  return type(msg) == "string" and msg ~= "" and msg:sub(1, 2000) or nil
+  if type(e) ~= "table" then return nil end
+  local function text(v, most) return type(v) == "string" and v ~= "" and v:sub(1, most) or nil end
+  return { message = text(e.message, 2000), code = text(e.code, 100), param = text(e.param, 200) }
 end
 
 -- an error from policies.ai as the client's API says it; one ai raised (a
@@ -188,15 +191,16 @@ local function ai_error_reply(api, err)
     code = "gateway_overloaded"
   elseif status == 429 then
     code = "rate_limit_exceeded" -- (as OpenAI's own 429s; an SDK's error.code reads it)
-  elseif CLASS_CODE[err.class] then
-    code = CLASS_CODE[err.class] -- (as OpenAI's, whichever provider refused it)
   end
-  local msg = upstream_message(err, status) or tostring(err.message or err.kind)
+  local up = upstream_error(err, status) or {}
+  -- (a context overflow as OpenAI's code, whichever provider refused it)
+  code = code or CLASS_CODE[err.class] or up.code
+  local msg = up.message or tostring(err.message or err.kind)
   if err.kind == "store_unavailable" then
     -- (its message names the store's address, or is a bare "Connection reset by peer")
     code, msg = "store_unavailable", "the gateway's store is unavailable right now; retry shortly"
   end
-  return error_reply(api, status, public_message(msg), { headers = headers, code = code,
+  return error_reply(api, status, public_message(msg), { headers = headers, code = code, param = up.param,
     type = code == "insufficient_quota" and (api == "anthropic" and "rate_limit_error" or "insufficient_quota") or nil })
 end
 

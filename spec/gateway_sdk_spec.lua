@@ -51,6 +51,7 @@ describe("the official SDKs against the gateway", function()
     "anthropic: a stream cut after its first delta raises in the SDK",
     "openai: a context overflow (chat-overflow) is BadRequestError, code context_length_exceeded, the provider's message",
     "openai: a context overflow (claude-overflow) is BadRequestError, code context_length_exceeded, the provider's message",
+    "openai: the provider's param and code reach the SDK (a context overflow's param, a model it does not have)",
     "anthropic: a context overflow is BadRequestError with the API's message",
     "anthropic: an overloaded_error event after the first deltas is the SDK's error of that type",
     "openai: a bad request is BadRequestError",

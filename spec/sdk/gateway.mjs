@@ -237,6 +237,12 @@ for (const model of ['chat-overflow', 'claude-overflow']) {
     expect(/maximum context length|prompt is too long/.test(e.message) && !/HTTP 400/.test(e.message), `message ${e.message}`);
   });
 }
+await check('openai: the provider\'s param and code reach the SDK (a context overflow\'s param, a model it does not have)', async () => {
+  const e = await rejects(oai().chat.completions.create({ model: 'chat-overflow', messages: msgs }), OpenAI.BadRequestError, 'overflow');
+  expect(e.param === 'messages', `param ${e.param}`);
+  const gone = await rejects(oai().chat.completions.create({ model: 'gpt-gone', messages: msgs }), OpenAI.NotFoundError, '404');
+  expect(gone.code === 'model_not_found' && /gpt-gone/.test(gone.message), `code ${gone.code}: ${gone.message}`);
+});
 await check('anthropic: a context overflow is BadRequestError with the API\'s message', async () => {
   const e = await rejects(ant().messages.create({ model: 'claude-overflow', max_tokens: 10, messages: msgs }),
     Anthropic.BadRequestError, 'overflow');

@@ -8,7 +8,8 @@ resil.log.level("off")
 resil.store_config({ url = arg[1] })
 
 local up = assert(resil.mock.start({ strict = true, reply = "one two three four five six", idempotency = true,
-  stream_interval = 0.01 }))
+  stream_interval = 0.01, faults = { { route = "chat", model = "gpt-gone", status = 404, error_type = "invalid_request_error",
+    error_code = "model_not_found", message = "The model `gpt-gone` does not exist or you do not have access to it." } } }))
 -- a second Anthropic that is overloaded: a model routed there falls back
 local down = assert(resil.mock.start({ strict = true, faults = { { route = "messages", probability = 1, status = 529 } } }))
 -- a long, slow stream: a client that aborts it must cancel it upstream
@@ -90,8 +91,9 @@ local broken = assert(resil.mock.start({ strict = true, reply = "one two three f
   faults = { { route = "messages", probability = 1, kind = "error_event", after = 2 } } }))
 -- a conversation too long for the model, in each API's words
 local overflow = assert(resil.mock.start({ strict = true, faults = {
-  { route = "chat", status = 400, error_type = "invalid_request_error", error_code = "context_length_exceeded",
-    message = "This model's maximum context length is 128000 tokens. However, your messages resulted in 130000 tokens." },
+  { route = "chat", status = 400, body = resil.json.encode({ error = { type = "invalid_request_error",
+    code = "context_length_exceeded", param = "messages",
+    message = "This model's maximum context length is 128000 tokens. However, your messages resulted in 130000 tokens." } }) },
   { route = "messages", status = 400, error_type = "invalid_request_error",
     message = "prompt is too long: 210000 tokens > 200000 maximum" } } }))
 local fast = { base = 0.001, cap = 0.005 }
