@@ -80,6 +80,18 @@ pricing.models = {
   --   elevenlabs = { ["eleven_flash_v2_5"] = { per_1k_characters = 0.05 } },
 }
 
+-- The most input tokens one image may be billed at (high detail, at the largest size the
+-- provider keeps), by provider and model: what a budget reserves for each image of a request,
+-- which sends a link or a file id of a few bytes. OpenAI: 85 + 170 a tile, 8 tiles of a 2048x768
+-- image (gpt-4o, gpt-4.1, o3), up to 1,536 patches x 2.46 (gpt-4.1-nano; other patch models
+-- less), and gpt-4o-mini's 2,833 + 5,667 a tile; Anthropic: about (width x height) / 750, 1,600
+-- at most. `default` for the provider's other models; pricing.image_tokens.default otherwise.
+pricing.image_tokens = {
+  default = 3780,
+  openai = { default = 3780, ["gpt-4o-mini"] = 48169, ["gpt-4o"] = 1445, ["gpt-4.1"] = 1445, ["o3"] = 1445 },
+  anthropic = { default = 1600 },
+}
+
 -- Token prices a model lacks, and the price each falls back to (then `input`): a
 -- table written before cache_write_1h prices those writes as it did
 local FALLS_BACK = { cached_input = "input", cache_write = "input", cache_write_1h = "cache_write" }
