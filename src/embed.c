@@ -243,6 +243,7 @@ static int refuse(resil_t *R, const char *msg) {
 int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result) {
   if (json_result) *json_result = NULL;
   if (!R || !fn) return refuse(R, "resil_call: no host or no function name");
+  if (resil_forked(R, "resil_call")) return RESIL_ERR_USAGE;
   if (R->in_loop || R->current || R->host_L)
     return refuse(R, "resil_call: called from inside the host's loop (a task, a handler or a callback); "
                      "use resil_call_async there");
@@ -275,6 +276,7 @@ int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_re
 int resil_call_async(resil_t *R, const char *fn, const char *json_args,
                      void (*done)(void *ud, int status, const char *json_result), void *ud) {
   if (!R || !fn || !done) return refuse(R, "resil_call_async: no host, function name or callback");
+  if (resil_forked(R, "resil_call_async")) return RESIL_ERR_USAGE;
   embed_state *st = state_of(R);
   if (!st) return RESIL_ERR_MEMORY;
   if (!st->hooked) {
@@ -292,6 +294,7 @@ int resil_call_async(resil_t *R, const char *fn, const char *json_args,
 
 int resil_step(resil_t *R, int timeout_ms) {
   if (!R) return -RESIL_ERR_USAGE;
+  if (resil_forked(R, "resil_step")) return -RESIL_ERR_USAGE;
   if (R->in_loop || R->current || R->host_L) {
     resil_set_error(R, "resil_step: called from inside the host's loop");
     return -RESIL_ERR_USAGE;

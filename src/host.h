@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include <event2/event.h>
 #include <lauxlib.h>
@@ -110,6 +111,7 @@ struct resil {
   char *share_dir;
   int status;
   char *error;
+  pid_t pid; /* the process that opened it: a child of fork has a copy it must not run or close */
 };
 
 /* resil.c */
@@ -125,6 +127,8 @@ void resil_push_host_env(lua_State *L); /* the host's own globals, not the scrip
  * host's own store and files under sandbox_dirs. */
 int sandbox_file_ok(resil_t *R, const char *path);
 void sandbox_trust(resil_t *R, int on); /* around the host's own calls that name files */
+/* 1, with resil_error set, when called in a child of fork: the host is the parent's */
+int resil_forked(resil_t *R, const char *what);
 
 /* embed.c */
 void embed_free(resil_t *R);

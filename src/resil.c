@@ -39,6 +39,19 @@ void resil_set_error(resil_t *R, const char *msg) {
 }
 
 const char *resil_error(resil_t *R) { return R->error ? R->error : ""; }
+
+/* After fork the child has a copy of the host whose store thread is not in
+ * it and whose connections, files and loop it shares with the parent:
+ * running it hung (a store write waited for the missing thread) or mixed
+ * the two processes' I/O. Refused instead. */
+int resil_forked(resil_t *R, const char *what) {
+  if (R->pid == getpid()) return 0;
+  char msg[200];
+  snprintf(msg, sizeof msg, "%s: this host was opened by process %ld; after fork, a child opens a host of its own",
+           what, (long)R->pid);
+  resil_set_error(R, msg);
+  return 1;
+}
 lua_State *resil_lua(resil_t *R) { return R->L; }
 struct event_base *resil_event_base(resil_t *R) { return R->base; }
 
@@ -506,6 +519,7 @@ resil_t *resil_open(const resil_options *opts) {
   resil_t *R = calloc(1, sizeof *R);
   if (!R) return NULL;
   R->wake_pipe[0] = R->wake_pipe[1] = -1;
+  R->pid = getpid();
   R->max_instructions = opts->max_instructions;
   R->mem_limit = opts->max_memory;
   if (pipe2(R->wake_pipe, O_NONBLOCK | O_CLOEXEC) != 0) R->wake_pipe[0] = R->wake_pipe[1] = -1;
@@ -637,6 +651,7 @@ static int start_main(resil_t *R, int argc, char **argv, const char *script) {
 }
 
 int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
+  if (resil_forked(R, "resil_load_file")) return RESIL_ERR_USAGE;
   int is_stdin = path == NULL || strcmp(path, "-") == 0;
   if (!is_stdin) {
     FILE *f = fopen(path, "r");
@@ -657,6 +672,7 @@ int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
 }
 
 int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
+  if (resil_forked(R, "resil_load_string")) return RESIL_ERR_USAGE;
   if (luaL_loadbuffer(R->L, code, strlen(code), chunkname ? chunkname : "=(string)") != LUA_OK) {
     resil_set_error(R, lua_tostring(R->L, -1));
     lua_pop(R->L, 1);
@@ -667,6 +683,7 @@ int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
 }
 
 int resil_run(resil_t *R) {
+  if (resil_forked(R, "resil_run")) return RESIL_ERR_USAGE;
   R->status = loop_run(R);
   return R->status;
 }
@@ -684,6 +701,11 @@ void resil_interrupt(resil_t *R, int signo) {
  * only if all of them load, so a broken edit leaves the old version serving. */
 void resil_close(resil_t *R) {
   if (!R) return;
+  /* a child of fork leaves the parent's copy as it is: closing it waited
+   * forever for the store's thread (not in the child), and its finalizers
+   * would end connections and files the parent still uses. Its memory is
+   * the parent's pages, shared until written. */
+  if (R->pid != getpid()) return;
   if (R->L) {
     R->current = NULL;
     lua_close(R->L);

@@ -10,6 +10,11 @@
  * loop; only resil_interrupt may be called from elsewhere (another thread or
  * a signal handler). Two threads with a host each need no locking.
  *
+ * fork: a host belongs to the process that opened it. In a child of fork,
+ * the functions below refuse the parent's host (RESIL_ERR_USAGE) and
+ * resil_close leaves it as it is: its store, connections and loop are the
+ * parent's. A child opens a host of its own.
+ *
  * Strings handed in are copied or used only during the call; strings handed
  * out are the host's (valid until the next call on it) unless a function
  * says "malloc'd": those are the caller's to free().

@@ -51,6 +51,26 @@ static int exit_status_of(const char *code) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
+/* A child of fork with its parent's host (a store open): it is refused a
+ * call, closes without waiting for the store's thread (which the child does
+ * not have), and the parent's host goes on. -> the child's exit status:
+ * 0 all as expected, 1 the call was not refused, 128 + signal if it hung */
+static int forked_child_status(resil_t *R) {
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid == 0) {
+    alarm(10); /* a hang ends here */
+    char *out = NULL;
+    int status = resil_call(R, "put", "[\"child\"]", &out);
+    int refused = status == RESIL_ERR_USAGE && out == NULL && strstr(resil_error(R), "after fork") != NULL;
+    resil_close(R);
+    _exit(refused ? 0 : 1);
+  }
+  int st = 0;
+  if (pid < 0 || waitpid(pid, &st, 0) != pid) return -1;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
 int main(void) {
   resil_t *R = resil_open(NULL);
   check(R != NULL, "resil_open with no options gives a host");
@@ -184,6 +204,34 @@ int main(void) {
         "a policy's os.exit(7) from a task closes the Lua state, and the embedder's resil_close at exit does not "
         "close it again");
   check(exit_status_of("os.exit(true, false)") == 0, "os.exit(true, false) exits at once with 0");
+
+  char fork_dir[] = "/tmp/resil-fork-XXXXXX";
+  if (!mkdtemp(fork_dir)) return 1;
+  char fork_store[256];
+  snprintf(fork_store, sizeof fork_store, "%s/state.db", fork_dir);
+  resil_options o7 = {0};
+  o7.store = fork_store;
+  o7.log_level = "off";
+  resil_t *R7 = resil_open(&o7);
+  char *stepped = NULL;
+  check(resil_load_string(R7, "function put(k) return require('resil').step(k, function() return k end) end", "=put") ==
+            RESIL_OK &&
+            resil_run(R7) == RESIL_OK && resil_call(R7, "put", "[\"before\"]", &stepped) == RESIL_OK,
+        "a host with a SQLite store checkpoints a step before a fork");
+  free(stepped);
+  stepped = NULL;
+  check(forked_child_status(R7) == 0,
+        "a child of fork is refused a call on its parent's host (not left waiting for the store's thread) and closes it");
+  check(resil_call(R7, "put", "[\"after\"]", &stepped) == RESIL_OK && stepped && strcmp(stepped, "[\"after\"]") == 0,
+        "the parent's host goes on after the child closed its copy");
+  free(stepped);
+  resil_close(R7);
+  const char *suffixes[] = {"", "-wal", "-shm"};
+  for (int i = 0; i < 3; i++) {
+    snprintf(side, sizeof side, "%s%s", fork_store, suffixes[i]);
+    unlink(side);
+  }
+  rmdir(fork_dir);
 
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
