@@ -4,6 +4,13 @@ local helpers = require "spec.helpers"
 
 local readme = helpers.slurp("README.md")
 
+local function cwd()
+  local p = io.popen("pwd")
+  local cwd = p:read("l")
+  p:close()
+  return cwd
+end
+
 local function blocks(lang)
   local found = {}
   for code in readme:gmatch("```" .. lang .. "\n(.-)```") do found[#found + 1] = code end
@@ -60,17 +67,20 @@ describe("README examples", function()
     end)
   end
 
-  it("compiles and runs the C embedding example", function()
+  -- as a user does: install into a prefix, then the README's own commands
+  -- (/opt/resil made a temporary prefix), in a folder holding the example as app.c
+  it("builds the C embedding example with the README's commands against an installation, and runs it", function()
     local code = assert(blocks("c")[1])
-    local src = helpers.write(helpers.tmpname(".c"), code)
-    local bin = helpers.tmpname("")
-    local lib = os.getenv("RESIL_LIBDIR") or "build"
-    local r = helpers.run(("cc -std=c11 -Isrc -o %s %s %s/libresil.a $(pkg-config --cflags --libs lua5.4 " ..
-      "lua5.4-cjson libcurl libevent sqlite3 hiredis libcrypto) -lm %s"):format(bin, src, lib, os.getenv("SAN_FLAGS") or ""))
-    assert.are.equal(0, r.code, r.stderr)
-    r = helpers.run(bin)
-    os.remove(bin)
-    assert.are.equal(0, r.code, r.stderr)
+    local commands = assert(readme:match("```\n(make install PREFIX=/opt/resil.-)```"), "the install and build commands")
+    local dir = helpers.tmpname("")
+    assert(os.execute("mkdir -p " .. dir))
+    helpers.write(dir .. "/app.c", code)
+    local build, san = os.getenv("RESIL_LIBDIR") or "build", os.getenv("SAN_FLAGS") or ""
+    commands = commands:gsub("/opt/resil", dir .. "/prefix")
+      :gsub("make install", ("make -s -C %s install BUILD=%s SAN='%s'"):format(cwd(), build, san))
+      :gsub("(cc app%.c[^\n]*)", "%1 " .. san)
+    local r = helpers.run(("cd %s && unset PKG_CONFIG_PATH RESIL_HOME MAKEFLAGS MFLAGS MAKELEVEL && (\n%s\n) && ./a.out"):format(dir, commands))
+    assert.are.equal(0, r.code, commands .. "\n" .. r.stdout .. r.stderr)
     assert.are.equal("slept a minute\n", r.stdout)
   end)
 end)
