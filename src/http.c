@@ -843,7 +843,9 @@ static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct 
   (void)purpose;
   http_req *r = clientp;
   http_state *H = r->H;
-  curl_socket_t s = socket(a->family, a->socktype, a->protocol);
+  /* close-on-exec: a program the script or the embedder starts held the
+   * provider's connection open (the peer saw no FIN until that child ended) */
+  curl_socket_t s = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
   if (s == CURL_SOCKET_BAD || s < 0) return CURL_SOCKET_BAD;
   char *url = NULL; /* a redirect's target, or the request's url */
   curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &url);
