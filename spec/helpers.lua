@@ -277,6 +277,16 @@ function helpers.redis_server()
   return server
 end
 
+-- The TCP sockets a program started now (io.popen) inherits from this
+-- process -> "" when none; one line per socket otherwise
+function helpers.inherited_tcp_sockets()
+  local child = io.popen([[for s in $(ls -l /proc/self/fd/ | sed -n 's/.*socket:\[\([0-9]*\)\].*/\1/p'); do
+    awk -v s="$s" '$10 == s { print "inherited tcp socket " s }' /proc/net/tcp /proc/net/tcp6; done; echo listed]])
+  local listed = child:read("a")
+  child:close()
+  return (listed:gsub("listed\n$", ""))
+end
+
 -- the ledger rows a process's log says were lost as it ended -> sorted { "id usd", ... }
 function helpers.rows_logged_lost(stderr)
   local named = {}

@@ -80,6 +80,11 @@ describe("resil.once on Redis", function()
     assert.are.equal("redis", resil.store().kind)
   end)
 
+  it("keeps its connection out of the programs a script or the embedder starts", function()
+    assert.are.equal(42, (resil.once("inherit", work, 21)))
+    assert.are.equal("", helpers.inherited_tcp_sockets())
+  end)
+
   it("in_progress while another holds a fresh lease; a stale lease is taken over", function()
     local s = resil.store()
     local fp = require("resil.once").fingerprint(1)

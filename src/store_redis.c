@@ -11,6 +11,7 @@
  * every command in flight on it.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -257,6 +258,9 @@ static int ensure_connected(redis_conn *c) {
     redisAsyncFree(ac);
     return 0;
   }
+  /* close-on-exec (hiredis 0.14 has no option for it): a program the
+   * script or the embedder started held the connection open */
+  fcntl(ac->c.fd, F_SETFD, FD_CLOEXEC);
   ac->data = c;
   redisLibeventAttach(ac, c->R->base);
   redisAsyncSetConnectCallback(ac, on_connect);
