@@ -140,7 +140,13 @@ RESIL_API int resil_reload(resil_t *R);
  * ./policies, the shipped library), after 100 ms of quiet. on = 0 stops. */
 RESIL_API int resil_watch(resil_t *R, int on);
 
-/* Reload on SIGHUP (through libevent: the reload runs in the loop). */
+/* Reload on SIGHUP (through libevent: the reload runs in the loop).
+ * libevent hands signals to one event base per process, the one that added
+ * a signal or looped last: a program with signal events on a libevent base
+ * of its own (its SIGTERM, say) gives the host that base (resil_options.base),
+ * or those events go missing while the host's own base holds the signals;
+ * and of two hosts on bases of their own, only one would reload. Such a
+ * program catches SIGHUP on its base and calls resil_reload for each host. */
 RESIL_API int resil_reload_on_sighup(resil_t *R);
 
 /* ---------- calling Lua from C ---------- */

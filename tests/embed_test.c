@@ -2,6 +2,7 @@
  * embed_test.c: the embedding API as a C program uses it (resil.h only).
  * Prints TAP lines; spec/run counts them.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,6 +71,10 @@ static int forked_child_status(resil_t *R) {
   if (pid < 0 || waitpid(pid, &st, 0) != pid) return -1;
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
+
+static int embedder_signals;
+static void on_embedder_signal(evutil_socket_t sig, short what, void *arg) { embedder_signals++; }
+static void on_enough(evutil_socket_t fd, short what, void *arg) { event_base_loopbreak(arg); }
 
 int main(void) {
   resil_t *R = resil_open(NULL);
@@ -204,6 +209,43 @@ int main(void) {
         "a policy's os.exit(7) from a task closes the Lua state, and the embedder's resil_close at exit does not "
         "close it again");
   check(exit_status_of("os.exit(true, false)") == 0, "os.exit(true, false) exits at once with 0");
+
+  /* the program's own signal event and the host's SIGHUP reload on one base (what resil.h advises) */
+  char hup_dir[] = "/tmp/resil-hup-XXXXXX";
+  if (!mkdtemp(hup_dir)) return 1;
+  snprintf(path, sizeof path, "%s/greet.lua", hup_dir);
+  f = fopen(path, "w");
+  fputs("return { version = 1 }", f);
+  fclose(f);
+  struct event_base *shared = event_base_new();
+  struct event *own_signal = evsignal_new(shared, SIGUSR1, on_embedder_signal, NULL);
+  struct event *enough = evtimer_new(shared, on_enough, shared);
+  evsignal_add(own_signal, NULL);
+  resil_options o8 = {0};
+  o8.base = shared;
+  o8.policies_dir = hup_dir;
+  o8.log_level = "off";
+  resil_t *R8 = resil_open(&o8);
+  resil_load_string(R8, "greet = require('resil').policy 'greet'", "=hup");
+  resil_run(R8);
+  check(resil_reload_on_sighup(R8) == RESIL_OK, "resil_reload_on_sighup on the program's own base");
+  f = fopen(path, "w");
+  fputs("return { version = 2 }", f);
+  fclose(f);
+  raise(SIGUSR1);
+  raise(SIGHUP);
+  struct timeval a_moment = {0, 300000};
+  evtimer_add(enough, &a_moment);
+  event_base_dispatch(shared);
+  (void)luaL_dostring(resil_lua(R8), "version = tostring(greet.version)");
+  check(embedder_signals == 1 && strcmp(global_string(R8, "version"), "2") == 0,
+        "the program's signal event and the host's SIGHUP reload both work on one base");
+  resil_close(R8);
+  event_free(own_signal);
+  event_free(enough);
+  event_base_free(shared);
+  unlink(path);
+  rmdir(hup_dir);
 
   char fork_dir[] = "/tmp/resil-fork-XXXXXX";
   if (!mkdtemp(fork_dir)) return 1;
