@@ -4,6 +4,7 @@
 #ifndef RESIL_HOST_H
 #define RESIL_HOST_H
 
+#include <locale.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdint.h>
@@ -112,7 +113,20 @@ struct resil {
   int status;
   char *error;
   pid_t pid; /* the process that opened it: a child of fork has a copy it must not run or close */
+  locale_t c_locale;      /* what the host runs in (host_locale_enter) */
+  locale_t caller_locale; /* the thread's own, while the host's loop runs */
 };
+
+/* Lua writes numbers in the thread's LC_NUMERIC (tostring, string.format,
+ * numbers as Redis arguments): in a program that had set a locale with a
+ * decimal comma, the Redis store was sent "1,5" (budgets, idempotency and
+ * shared buckets failed) and the metrics said le="0,5". The host runs in
+ * the C locale while it runs, on its own thread only (uselocale), and gives
+ * the thread its own back. -> the locale to give back */
+static inline locale_t host_locale_enter(resil_t *R) { return R->c_locale ? uselocale(R->c_locale) : (locale_t)0; }
+static inline void host_locale_leave(locale_t caller) {
+  if (caller) uselocale(caller);
+}
 
 /* resil.c */
 resil_t *resil_from_lua(lua_State *L);

@@ -1190,12 +1190,12 @@ static int loop_status(resil_t *R, int main) {
 /* Entering the host's own loop: the pump is not needed (a pending one would
  * end the first wait at once); leaving it with tasks ready: it is again. */
 static void loop_enter(resil_t *R) {
-  R->in_loop++;
+  if (R->in_loop++ == 0) R->caller_locale = host_locale_enter(R);
   if (R->pump_ev) event_del(R->pump_ev);
 }
 
 static void loop_leave(resil_t *R) {
-  R->in_loop--;
+  if (--R->in_loop == 0) host_locale_leave(R->caller_locale);
   if (!R->in_loop && R->ready_head && R->pump_ev) event_active(R->pump_ev, EV_TIMEOUT, 0);
 }
 
@@ -1250,6 +1250,7 @@ static void pump_cb(evutil_socket_t fd, short what, void *arg) {
   resil_t *R = arg;
   if (R->in_loop) return; /* resil_run or resil_step is running them */
   R->in_loop++;
+  locale_t caller = host_locale_enter(R);
   if (R->ready_head) {
     loop_run_ready(R);
     for (int i = 0; i < R->nturn_end; i++) R->turn_end[i].fn(R->turn_end[i].arg);
@@ -1257,6 +1258,7 @@ static void pump_cb(evutil_socket_t fd, short what, void *arg) {
   if (!R->ready_head && R->virtual_clock && R->io_pending == 0 && R->disk_pending == 0 && R->vheap_len > 0 &&
       R->tasks_alive > 0)
     virtual_advance(R);
+  host_locale_leave(caller);
   R->in_loop--;
   if (R->ready_head) event_active(R->pump_ev, EV_TIMEOUT, 0); /* after this turn's I/O */
 }

@@ -165,7 +165,9 @@ int resil_reload(resil_t *R) {
   if (resil_forked(R, "resil_reload")) return RESIL_ERR_USAGE;
   lua_State *L = R->L;
   int top = lua_gettop(L);
+  locale_t caller = host_locale_enter(R);
   reload_on(L);
+  host_locale_leave(caller);
   int ok = lua_toboolean(L, -2);
   if (!ok) resil_set_error(R, lua_tostring(L, -1));
   lua_settop(L, top);

@@ -112,7 +112,9 @@ int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
   R->host_what = what;
   R->host_stop[0] = '\0';
   loop_arm_hook(R, L); /* also when a signal came before: the first one must stop it */
+  locale_t caller = host_locale_enter(R); /* a server handler on the embedder's own event base */
   int status = lua_pcall(L, nargs, nresults, base);
+  host_locale_leave(caller);
   R->host_L = outer_L;
   R->host_what = outer_what;
   R->host_stop[0] = '\0';
@@ -512,10 +514,7 @@ static void ignore_sigpipe(void) {
   sigaction(SIGPIPE, &quiet, NULL);
 }
 
-resil_t *resil_open(const resil_options *opts) {
-  resil_options defaults = {0};
-  if (!opts) opts = &defaults;
-  ignore_sigpipe();
+static resil_t *open_host(const resil_options *opts) {
   resil_t *R = calloc(1, sizeof *R);
   if (!R) return NULL;
   R->wake_pipe[0] = R->wake_pipe[1] = -1;
@@ -621,6 +620,19 @@ resil_t *resil_open(const resil_options *opts) {
   return R;
 }
 
+resil_t *resil_open(const resil_options *opts) {
+  resil_options defaults = {0};
+  if (!opts) opts = &defaults;
+  ignore_sigpipe();
+  locale_t c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0);
+  locale_t caller = c_locale ? uselocale(c_locale) : (locale_t)0;
+  resil_t *R = open_host(opts);
+  host_locale_leave(caller);
+  if (R) R->c_locale = c_locale;
+  else if (c_locale) freelocale(c_locale);
+  return R;
+}
+
 /* L stack: chunk -> (queued as the main task) */
 static int start_main(resil_t *R, int argc, char **argv, const char *script) {
   lua_State *L = R->L;
@@ -650,8 +662,7 @@ static int start_main(resil_t *R, int argc, char **argv, const char *script) {
   return RESIL_OK;
 }
 
-int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
-  if (resil_forked(R, "resil_load_file")) return RESIL_ERR_USAGE;
+static int load_file(resil_t *R, const char *path, int argc, char **argv) {
   int is_stdin = path == NULL || strcmp(path, "-") == 0;
   if (!is_stdin) {
     FILE *f = fopen(path, "r");
@@ -669,6 +680,14 @@ int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
     return RESIL_ERR_SCRIPT;
   }
   return start_main(R, argc, argv, is_stdin ? "-" : path);
+}
+
+int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
+  if (resil_forked(R, "resil_load_file")) return RESIL_ERR_USAGE;
+  locale_t caller = host_locale_enter(R);
+  int status = load_file(R, path, argc, argv);
+  host_locale_leave(caller);
+  return status;
 }
 
 int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
@@ -706,6 +725,8 @@ void resil_close(resil_t *R) {
    * would end connections and files the parent still uses. Its memory is
    * the parent's pages, shared until written. */
   if (R->pid != getpid()) return;
+  locale_t c_locale = R->c_locale; /* the finalizers run Lua */
+  locale_t caller = host_locale_enter(R);
   if (R->L) {
     R->current = NULL;
     lua_close(R->L);
@@ -726,4 +747,6 @@ void resil_close(resil_t *R) {
   free(R->sandbox_store);
   free(R->error);
   free(R);
+  host_locale_leave(caller);
+  if (c_locale) freelocale(c_locale);
 }

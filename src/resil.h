@@ -10,6 +10,12 @@
  * loop; only resil_interrupt may be called from elsewhere (another thread or
  * a signal handler). Two threads with a host each need no locking.
  *
+ * Locale: while the host runs (these functions, and its callbacks on an
+ * event base you dispatch), the calling thread is in the C locale
+ * (uselocale), so Lua writes 0.5, never 0,5, whatever LC_NUMERIC the program
+ * set; it has its own back on return. Your callbacks from the host (log,
+ * done, resil_register's functions) run in the C locale.
+ *
  * fork: a host belongs to the process that opened it. In a child of fork,
  * the functions below refuse the parent's host (RESIL_ERR_USAGE) and
  * resil_close leaves it as it is: its store, connections and loop are the

@@ -4,6 +4,7 @@
  * program uses them (resil.h, plus the Lua API for a host function).
  * Prints TAP lines; spec/run counts them.
  */
+#include <locale.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -391,6 +392,55 @@ int main(void) {
             strcmp(result, "[\"function\",\"function\"]") == 0,
         "RESIL_SANDBOX_OFF gives the whole standard library");
   resil_close(NS);
+
+  /* a program that set a locale with a decimal comma (setlocale(LC_ALL, "") in Germany) */
+  char locales[] = "/tmp/resil-locale-XXXXXX", command[300];
+  if (mkdtemp(locales)) {
+    snprintf(command, sizeof command, "localedef -i de_DE -f UTF-8 %s/de_DE.UTF-8 > /dev/null 2>&1", locales);
+    if (system(command) != 0) printf("# localedef could not make de_DE.UTF-8 (Debian: the locales package)\n");
+    setenv("LOCPATH", locales, 1);
+  }
+  if (!setlocale(LC_ALL, "de_DE.UTF-8")) {
+    printf("ok %d # SKIP no de_DE.UTF-8 locale\n", ++test_number);
+  } else {
+    const char *numbers = "local resil = require 'resil'\n"
+                          "local wait = resil.metrics.histogram('wait_seconds', 'Wait', { buckets = { 0.5 } })\n"
+                          "function observe(x)\n"
+                          "  wait:observe(nil, x)\n"
+                          "  return tostring(x), resil.metrics.text():match('wait_seconds_bucket{le=\"[^\"]*\"}')\n"
+                          "end\n";
+    resil_options lo = {0};
+    lo.log_level = "off";
+    resil_t *LC = resil_open(&lo);
+    load(LC, numbers);
+    check(call(LC, "observe", "[0.5]") == RESIL_OK && strcmp(result, "[\"0.5\",\"wait_seconds_bucket{le=\\\"0.5\\\"}\"]") == 0,
+          "in a program's decimal-comma locale, Lua writes numbers with a point (tostring, the metrics' le=\"0.5\")");
+    if (!contains(result, "0.5\\\"}")) printf("# got %s\n", result);
+    char mine[16];
+    snprintf(mine, sizeof mine, "%.1f", 0.5);
+    check(strcmp(mine, "0,5") == 0, "and the program's own locale is its own again after the call");
+    resil_close(LC);
+
+    struct event_base *base = event_base_new();
+    lo.base = base;
+    LC = resil_open(&lo);
+    load(LC, numbers);
+    async_seen seen = {0};
+    seen.base = base;
+    seen.stop_after = 1;
+    resil_call_async(LC, "observe", "[0.25]", on_done, &seen);
+    event_base_dispatch(base);
+    check(seen.calls == 1 && strcmp(seen.text, "[\"0.25\",\"wait_seconds_bucket{le=\\\"0.5\\\"}\"]") == 0,
+          "likewise on the program's own event base (resil_call_async)");
+    if (seen.calls != 1 || !contains(seen.text, "0.5\\\"}")) printf("# got %s\n", seen.text);
+    snprintf(mine, sizeof mine, "%.1f", 0.5);
+    check(strcmp(mine, "0,5") == 0, "and the program's locale is its own again once its loop ran the call");
+    resil_close(LC);
+    event_base_free(base);
+    setlocale(LC_ALL, "C");
+  }
+  snprintf(command, sizeof command, "rm -rf %s", locales);
+  if (system(command) != 0) printf("# could not remove %s\n", locales);
 
   char path[600];
   snprintf(path, sizeof path, "%s/router.lua", dir);
