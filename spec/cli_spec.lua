@@ -163,9 +163,10 @@ describe("runaway scripts", function()
     ]], "--max-instructions 100000")
     assert.are.equal(0, r.code, r.stderr)
     local limit = "ran more than %-%-max%-instructions=100000 without yielding"
-    assert.matches("^coroutine closed\nresumed\tfalse\ttask 2 %(.-%.lua:3%) " .. limit .. "\nthen\tdead\n" ..
-      "task closed\njoined\tfalse\ttask 2 %(.-%.lua:3%) " .. limit .. "\n" ..
-      "wrapped closed\njoined\tfalse\t.-%.lua:15: task 3 %(.-%.lua:14%) " .. limit .. "\n$", r.stdout)
+    -- each located at the loop it stopped (7, 11, 17), the wrap's caller (15) before it
+    assert.matches("^coroutine closed\nresumed\tfalse\t[^\n]-%.lua:7: task 2 %(.-%.lua:3%) " .. limit .. "\nthen\tdead\n" ..
+      "task closed\njoined\tfalse\t[^\n]-%.lua:11: task 2 %(.-%.lua:3%) " .. limit .. "\n" ..
+      "wrapped closed\njoined\tfalse\t[^\n]-%.lua:15: [^\n]-%.lua:17: task 3 %(.-%.lua:14%) " .. limit .. "\n$", r.stdout)
   end)
 
   -- one budget for all a task runs: the coroutines it resumes count to it, each run from where it was

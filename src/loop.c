@@ -472,20 +472,22 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   /* keep firing on every instruction so that a pcall cannot swallow it */
   lua_sethook(L, instruction_hook, LUA_MASKCOUNT, 1);
   if (R->interrupted) luaL_error(L, "interrupted by signal %d", (int)R->interrupted);
-  if (host) { /* host_pcall: located where it first looped */
-    if (!R->host_stop[0]) {
-      lua_Debug ar0;
-      char at[128] = "";
-      if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
-        snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
+  /* located where it loops (luaL_error's level 1, in a hook, is the caller:
+   * for a resil_call, the host's own "[resil embed]:62:") */
+  lua_Debug ar0;
+  char at[128] = "";
+  if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
+    snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
+  if (host) { /* host_pcall: where it first looped */
+    if (!R->host_stop[0])
       snprintf(R->host_stop, sizeof R->host_stop, "%s%s ran more than --max-instructions=%ld", at, R->host_what,
                R->max_instructions);
-    }
     lua_pushstring(L, R->host_stop);
     lua_error(L);
   }
-  luaL_error(L, "task %d (%s) ran more than --max-instructions=%I without yielding", t ? t->id : 0,
-             t ? task_where(t) : "?", (lua_Integer)R->max_instructions);
+  lua_pushfstring(L, "%stask %d (%s) ran more than --max-instructions=%I without yielding", at, t ? t->id : 0,
+                  t ? task_where(t) : "?", (lua_Integer)R->max_instructions);
+  lua_error(L);
 }
 
 /* A stop asked for (resil_request_stop) is acted on by a task, in the loop:

@@ -199,6 +199,9 @@ int main(void) {
           "function hog() local t = {} for i = 1, 1e9 do t[i] = ('x'):rep(1 << 20) .. i end end\n");
   check(call(R, "spin", NULL) == RESIL_ERR_SCRIPT && contains(resil_error(R), "ran more than --max-instructions=1000000"),
         "max_instructions stops a call that never yields");
+  check(strncmp(resil_error(R), "setup:1: task ", 14) == 0,
+        "the error names the line that loops first, not the host's own code that called it");
+  if (strncmp(resil_error(R), "setup:1: task ", 14) != 0) printf("# got %.80s\n", resil_error(R));
   check(call(R, "hog", NULL) == RESIL_ERR_SCRIPT && contains(resil_error(R), "not enough memory"),
         "max_memory stops a call that allocates without end");
   check(call(R, "add", "[1, 1]") == RESIL_OK && strcmp(result, "[2]") == 0, "and the host serves the next call");
