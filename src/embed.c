@@ -240,7 +240,7 @@ static int refuse(resil_t *R, const char *msg) {
   return RESIL_ERR_USAGE;
 }
 
-int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result) {
+static int call_and_wait(resil_t *R, const char *fn, const char *json_args, char **json_result) {
   if (json_result) *json_result = NULL;
   if (!R || !fn) return refuse(R, "resil_call: no host or no function name");
   if (resil_forked(R, "resil_call")) return RESIL_ERR_USAGE;
@@ -273,8 +273,16 @@ int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_re
   return status;
 }
 
-int resil_call_async(resil_t *R, const char *fn, const char *json_args,
-                     void (*done)(void *ud, int status, const char *json_result), void *ud) {
+int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result) {
+  if (!R) return call_and_wait(R, fn, json_args, json_result);
+  api_enter(R);
+  int status = call_and_wait(R, fn, json_args, json_result);
+  api_leave(R);
+  return status;
+}
+
+static int call_async(resil_t *R, const char *fn, const char *json_args,
+                      void (*done)(void *ud, int status, const char *json_result), void *ud) {
   if (!R || !fn || !done) return refuse(R, "resil_call_async: no host, function name or callback");
   if (resil_forked(R, "resil_call_async")) return RESIL_ERR_USAGE;
   embed_state *st = state_of(R);
@@ -292,7 +300,16 @@ int resil_call_async(resil_t *R, const char *fn, const char *json_args,
   return status;
 }
 
-int resil_step(resil_t *R, int timeout_ms) {
+int resil_call_async(resil_t *R, const char *fn, const char *json_args,
+                     void (*done)(void *ud, int status, const char *json_result), void *ud) {
+  if (!R) return call_async(R, fn, json_args, done, ud);
+  api_enter(R);
+  int status = call_async(R, fn, json_args, done, ud);
+  api_leave(R);
+  return status;
+}
+
+static int step(resil_t *R, int timeout_ms) {
   if (!R) return -RESIL_ERR_USAGE;
   if (resil_forked(R, "resil_step")) return -RESIL_ERR_USAGE;
   if (R->in_loop || R->current || R->host_L) {
@@ -302,6 +319,13 @@ int resil_step(resil_t *R, int timeout_ms) {
   int status = loop_step(R, timeout_ms);
   deliver(R); /* calls that ended outside a pass over the ready tasks (canceled from a handler) */
   return status;
+}
+
+int resil_step(resil_t *R, int timeout_ms) {
+  if (!R) return -RESIL_ERR_USAGE;
+  api_enter(R);
+  int status = step(R, timeout_ms);
+  return api_leave(R) && status > 0 ? 0 : status; /* closed: no task is left */
 }
 
 static int valid_name(const char *s) {

@@ -113,6 +113,8 @@ struct resil {
   int status;
   char *error;
   pid_t pid; /* the process that opened it: a child of fork has a copy it must not run or close */
+  int in_api;        /* inside resil_run, resil_call, resil_step, ...: what to close waits for it */
+  int close_pending; /* resil_close was called from a callback: closed once control is back with the program */
   locale_t c_locale;      /* what the host runs in (host_locale_enter) */
   locale_t caller_locale; /* the thread's own, while the host's loop runs */
 };
@@ -143,6 +145,10 @@ int sandbox_file_ok(resil_t *R, const char *path);
 void sandbox_trust(resil_t *R, int on); /* around the host's own calls that name files */
 /* 1, with resil_error set, when called in a child of fork: the host is the parent's */
 int resil_forked(resil_t *R, const char *what);
+/* Around the public functions that run Lua or the loop: api_leave closes the
+ * host if a callback asked to (resil_close) and returns 1; R is gone then. */
+void api_enter(resil_t *R);
+int api_leave(resil_t *R);
 
 /* embed.c */
 void embed_free(resil_t *R);

@@ -1250,7 +1250,12 @@ int loop_step(resil_t *R, int timeout_ms) {
 static void pump_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   resil_t *R = arg;
-  if (R->in_loop) return; /* resil_run or resil_step is running them */
+  if (R->in_loop || R->in_api) return; /* resil_run or resil_step is running them */
+  if (R->close_pending) { /* resil_close from a callback that had the host in use */
+    R->close_pending = 0;
+    resil_close(R);
+    return;
+  }
   R->in_loop++;
   locale_t caller = host_locale_enter(R);
   if (R->ready_head) {
@@ -1262,7 +1267,7 @@ static void pump_cb(evutil_socket_t fd, short what, void *arg) {
     virtual_advance(R);
   host_locale_leave(caller);
   R->in_loop--;
-  if (R->ready_head) event_active(R->pump_ev, EV_TIMEOUT, 0); /* after this turn's I/O */
+  if (R->ready_head || R->close_pending) event_active(R->pump_ev, EV_TIMEOUT, 0); /* after this turn's I/O */
 }
 
 static const luaL_Reg task_methods[] = {

@@ -166,11 +166,13 @@ int resil_reload(resil_t *R) {
   lua_State *L = R->L;
   int top = lua_gettop(L);
   locale_t caller = host_locale_enter(R);
+  api_enter(R);
   reload_on(L);
   host_locale_leave(caller);
   int ok = lua_toboolean(L, -2);
   if (!ok) resil_set_error(R, lua_tostring(L, -1));
   lua_settop(L, top);
+  api_leave(R);
   return ok ? RESIL_OK : RESIL_ERR_SCRIPT;
 }
 

@@ -703,8 +703,19 @@ int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
 
 int resil_run(resil_t *R) {
   if (resil_forked(R, "resil_run")) return RESIL_ERR_USAGE;
-  R->status = loop_run(R);
-  return R->status;
+  api_enter(R);
+  int status = R->status = loop_run(R);
+  api_leave(R);
+  return status;
+}
+
+void api_enter(resil_t *R) { R->in_api++; }
+
+int api_leave(resil_t *R) {
+  if (--R->in_api > 0 || !R->close_pending || R->in_loop) return 0;
+  R->close_pending = 0;
+  resil_close(R);
+  return 1;
 }
 
 void resil_interrupt(resil_t *R, int signo) {
@@ -725,6 +736,15 @@ void resil_close(resil_t *R) {
    * would end connections and files the parent still uses. Its memory is
    * the parent's pages, shared until written. */
   if (R->pid != getpid()) return;
+  /* from a callback (a call's done, a resil_register function): the loop,
+   * a task or a handler is in use below it. Closed when the public function
+   * that called back returns, or, on the program's own event base, by the
+   * pump at its next turn; it freed all of that under them. */
+  if (R->in_loop || R->current || R->host_L || R->in_api) {
+    if (!R->close_pending && !R->in_api && R->pump_ev) event_active(R->pump_ev, EV_TIMEOUT, 0);
+    R->close_pending = 1;
+    return;
+  }
   locale_t c_locale = R->c_locale; /* the finalizers run Lua */
   locale_t caller = host_locale_enter(R);
   if (R->L) {

@@ -208,6 +208,12 @@ RESIL_API int resil_register(resil_t *R, const char *name, int (*f)(struct lua_S
 RESIL_API struct lua_State *resil_lua(resil_t *R);
 RESIL_API struct event_base *resil_event_base(resil_t *R);
 
+/* Close the host: its tasks end, its calls still running get
+ * RESIL_ERR_INTERRUPT, its memory, connections and files go. From a callback
+ * the host made (a resil_call_async done, a resil_register function), the
+ * host is in use below it: it is closed once control is back with the
+ * program, as the resil_* function that called back returns (resil_step then
+ * returns 0), or, on an event base you dispatch, at the base's next turn. */
 RESIL_API void resil_close(resil_t *R);
 
 #endif

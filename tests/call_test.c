@@ -100,6 +100,35 @@ static void on_done(void *ud, int status, const char *json) {
   if (s->base && s->calls == s->stop_after) event_base_loopbreak(s->base);
 }
 
+/* ---------- closing the host from a callback ---------- */
+
+static resil_t *closing_host;
+static int closed_in_callback;
+static void close_when_done(void *ud, int status, const char *json) {
+  (void)ud, (void)status, (void)json;
+  closed_in_callback++;
+  resil_close(closing_host);
+}
+static int host_close(lua_State *L) {
+  resil_close(closing_host);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+static resil_t *host_for_closing(struct event_base *base) {
+  resil_options o = {0};
+  o.base = base;
+  o.log_level = "off";
+  closing_host = resil_open(&o);
+  resil_register(closing_host, "close", host_close);
+  if (resil_load_string(closing_host, "local resil = require 'resil'\n"
+                                      "function nap() resil.sleep(0.01) return 'slept' end\n"
+                                      "function close_me() resil.host.close() resil.sleep(0.01) return 'after close' end\n",
+                        "=closing") != RESIL_OK ||
+      resil_run(closing_host) != RESIL_OK)
+    exit(2);
+  return closing_host;
+}
+
 /* ---------- two threads, a host each ---------- */
 
 static void *thread_main(void *arg) {
@@ -395,6 +424,22 @@ int main(void) {
             strcmp(result, "[\"function\",\"function\"]") == 0,
         "RESIL_SANDBOX_OFF gives the whole standard library");
   resil_close(NS);
+
+  /* resil_close from a callback the host called: closed once control is back with the program */
+  struct event_base *own = event_base_new();
+  closed_in_callback = 0;
+  resil_call_async(host_for_closing(own), "nap", NULL, close_when_done, NULL);
+  event_base_dispatch(own);
+  check(closed_in_callback == 1 && event_base_get_num_events(own, EVENT_BASE_COUNT_ADDED | EVENT_BASE_COUNT_ACTIVE) == 0,
+        "resil_close from a done callback on the program's own base: the host is gone, nothing of it left on the base");
+  event_base_free(own);
+  closed_in_callback = 0;
+  resil_call_async(host_for_closing(NULL), "nap", NULL, close_when_done, NULL);
+  int turns = 0, turn;
+  while ((turn = resil_step(closing_host, 100)) > 0 && turns < 100) turns++;
+  check(closed_in_callback == 1 && turn == 0, "resil_close from a done callback under resil_step: the step returns 0");
+  check(call(host_for_closing(NULL), "close_me", NULL) == RESIL_OK && strcmp(result, "[\"after close\"]") == 0,
+        "resil_close from a resil_register function: the call ends, then the host closes");
 
   /* a program that set a locale with a decimal comma (setlocale(LC_ALL, "") in Germany) */
   char locales[] = "/tmp/resil-locale-XXXXXX", command[300];
