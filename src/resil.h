@@ -179,7 +179,9 @@ RESIL_API int resil_call(resil_t *R, const char *fn, const char *json_args, char
 
 /* The same without waiting, for a program that runs the loop itself
  * (resil_options.base with event_base_dispatch, or resil_step, or
- * resil_run). Resolving fn and decoding json_args happen now: a failure
+ * resil_run). The host keeps events of its own on the base (the wake-up of
+ * resil_interrupt, an open store's, a server's): event_base_dispatch does not
+ * return by itself when the calls are done; break it from done. Resolving fn and decoding json_args happen now: a failure
  * returns its code and done is not called. Otherwise done(ud, status,
  * json_result) is called once, from the loop at the end of a turn (never
  * from inside Lua, so it may start new calls): json_result (the host's,
