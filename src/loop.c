@@ -471,13 +471,16 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
     return;
   /* keep firing on every instruction so that a pcall cannot swallow it */
   lua_sethook(L, instruction_hook, LUA_MASKCOUNT, 1);
-  if (R->interrupted) luaL_error(L, "interrupted by signal %d", (int)R->interrupted);
-  /* located where it loops (luaL_error's level 1, in a hook, is the caller:
+  /* located where it runs (luaL_error's level 1, in a hook, is the caller:
    * for a resil_call, the host's own "[resil embed]:62:") */
   lua_Debug ar0;
   char at[128] = "";
   if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
     snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
+  if (R->interrupted) {
+    lua_pushfstring(L, "%sinterrupted by signal %d", at, (int)R->interrupted);
+    lua_error(L);
+  }
   if (host) { /* host_pcall: where it first looped */
     if (!R->host_stop[0])
       snprintf(R->host_stop, sizeof R->host_stop, "%s%s ran more than --max-instructions=%ld", at, R->host_what,

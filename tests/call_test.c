@@ -100,6 +100,14 @@ static void on_done(void *ud, int status, const char *json) {
   if (s->base && s->calls == s->stop_after) event_base_loopbreak(s->base);
 }
 
+/* ---------- resil_interrupt from another thread ---------- */
+
+static void *interrupt_soon(void *arg) {
+  usleep(100000);
+  resil_interrupt(arg, 15);
+  return NULL;
+}
+
 /* ---------- closing the host from a callback ---------- */
 
 static resil_t *closing_host;
@@ -424,6 +432,20 @@ int main(void) {
             strcmp(result, "[\"function\",\"function\"]") == 0,
         "RESIL_SANDBOX_OFF gives the whole standard library");
   resil_close(NS);
+
+  /* a call that never yields, stopped from another thread */
+  resil_t *SP = resil_open(&(resil_options){.log_level = "off"});
+  load(SP, "function spin() local n = 0 while true do n = n + 1 end end\n");
+  pthread_t interrupter;
+  pthread_create(&interrupter, NULL, interrupt_soon, SP);
+  check(call(SP, "spin", NULL) == RESIL_ERR_INTERRUPT && strncmp(resil_error(SP), "setup:1: interrupted by signal 15", 33) == 0,
+        "resil_interrupt from another thread stops a call that never yields, naming the line it stopped");
+  if (strncmp(resil_error(SP), "setup:1: ", 9) != 0) printf("# got %.80s\n", resil_error(SP));
+  pthread_join(interrupter, NULL);
+  check(call(SP, "spin", "x") == RESIL_ERR_USAGE && call(SP, "tostring", "[\"next\"]") == RESIL_OK &&
+            strcmp(result, "[\"next\"]") == 0,
+        "and the host serves the next call");
+  resil_close(SP);
 
   /* resil_close from a callback the host called: closed once control is back with the program */
   struct event_base *own = event_base_new();
