@@ -662,6 +662,20 @@ static int start_main(resil_t *R, int argc, char **argv, const char *script) {
   return RESIL_OK;
 }
 
+/* L stack: message -> (resil_error). Under the sandbox the main script is
+ * source text, as load and loadfile's are: Lua does not check bytecode, and
+ * a crafted chunk reads and writes the process's memory. */
+static void set_load_error(resil_t *R, const char *name) {
+  const char *msg = lua_tostring(R->L, -1);
+  char refused[PATH_MAX + 64];
+  if (msg && strncmp(msg, "attempt to load a binary chunk", 30) == 0) {
+    snprintf(refused, sizeof refused, "%s: binary chunks are not allowed in the sandbox", name);
+    msg = refused;
+  }
+  resil_set_error(R, msg);
+  lua_pop(R->L, 1);
+}
+
 static int load_file(resil_t *R, const char *path, int argc, char **argv) {
   int is_stdin = path == NULL || strcmp(path, "-") == 0;
   if (!is_stdin) {
@@ -674,9 +688,8 @@ static int load_file(resil_t *R, const char *path, int argc, char **argv) {
     }
     fclose(f);
   }
-  if (luaL_loadfile(R->L, is_stdin ? NULL : path) != LUA_OK) {
-    resil_set_error(R, lua_tostring(R->L, -1));
-    lua_pop(R->L, 1);
+  if (luaL_loadfilex(R->L, is_stdin ? NULL : path, R->sandbox ? "t" : NULL) != LUA_OK) {
+    set_load_error(R, is_stdin ? "stdin" : path);
     return RESIL_ERR_SCRIPT;
   }
   return start_main(R, argc, argv, is_stdin ? "-" : path);
@@ -692,9 +705,9 @@ int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
 
 int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
   if (resil_forked(R, "resil_load_string")) return RESIL_ERR_USAGE;
-  if (luaL_loadbuffer(R->L, code, strlen(code), chunkname ? chunkname : "=(string)") != LUA_OK) {
-    resil_set_error(R, lua_tostring(R->L, -1));
-    lua_pop(R->L, 1);
+  const char *name = chunkname ? chunkname : "=(string)";
+  if (luaL_loadbufferx(R->L, code, strlen(code), name, R->sandbox ? "t" : NULL) != LUA_OK) {
+    set_load_error(R, name + (*name == '=' || *name == '@'));
     return RESIL_ERR_SCRIPT;
   }
   task_spawn_main(R, 0);

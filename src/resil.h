@@ -95,7 +95,7 @@ typedef struct resil_options {
   void *log_ud;
   /* Scripts and policies run with an allow-list environment: os.execute,
    * io.popen, os.exit, os.remove, os.rename, package.loadlib, debug, binary
-   * chunks in load/loadfile/dofile, and io.open/io.lines outside
+   * chunks in load/loadfile/dofile and as the main script, and io.open/io.lines outside
    * sandbox_dirs and the policy folders are refused with an error naming the
    * function; require finds only resil and modules in the policy folders.
    * C code (resil_lua, resil_register's functions) is not limited. */

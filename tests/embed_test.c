@@ -72,6 +72,12 @@ static int forked_child_status(resil_t *R) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
+/* lua_dump's writer: the chunk's bytes to a file */
+static int write_chunk(lua_State *L, const void *p, size_t n, void *f) {
+  (void)L;
+  return fwrite(p, 1, n, f) == n ? 0 : 1;
+}
+
 static int embedder_signals;
 static void on_embedder_signal(evutil_socket_t sig, short what, void *arg) { embedder_signals++; }
 static void on_enough(evutil_socket_t fd, short what, void *arg) { event_base_loopbreak(arg); }
@@ -246,6 +252,33 @@ int main(void) {
   event_base_free(shared);
   unlink(path);
   rmdir(hup_dir);
+
+  /* a precompiled chunk as the main script of a sandboxed host (Lua does not check bytecode) */
+  char chunk[] = "/tmp/resil-chunk-XXXXXX";
+  int chunk_fd = mkstemp(chunk);
+  FILE *chunk_file = chunk_fd >= 0 ? fdopen(chunk_fd, "wb") : NULL;
+  lua_State *plain = luaL_newstate();
+  if (!chunk_file || luaL_loadstring(plain, "ran = 'the binary chunk'") != LUA_OK ||
+      lua_dump(plain, write_chunk, chunk_file, 0) != 0)
+    return 1;
+  fclose(chunk_file);
+  lua_close(plain);
+  resil_t *R9 = resil_open(NULL);
+  check(resil_load_file(R9, chunk, 0, NULL) == RESIL_ERR_SCRIPT &&
+            strstr(resil_error(R9), "binary chunks are not allowed in the sandbox") != NULL &&
+            strncmp(resil_error(R9), chunk, strlen(chunk)) == 0,
+        "the sandbox refuses a binary chunk as the main script, naming the file");
+  resil_run(R9);
+  check(strcmp(global_string(R9, "ran"), "") == 0, "and nothing of it ran");
+  resil_close(R9);
+  resil_options o9 = {0};
+  o9.sandbox = RESIL_SANDBOX_OFF;
+  R9 = resil_open(&o9);
+  check(resil_load_file(R9, chunk, 0, NULL) == RESIL_OK && resil_run(R9) == RESIL_OK &&
+            strcmp(global_string(R9, "ran"), "the binary chunk") == 0,
+        "without the sandbox it runs");
+  resil_close(R9);
+  unlink(chunk);
 
   char fork_dir[] = "/tmp/resil-fork-XXXXXX";
   if (!mkdtemp(fork_dir)) return 1;
