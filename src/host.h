@@ -115,6 +115,7 @@ struct resil {
   pid_t pid; /* the process that opened it: a child of fork has a copy it must not run or close */
   int in_api;        /* inside resil_run, resil_call, resil_step, ...: what to close waits for it */
   int close_pending; /* resil_close was called from a callback: closed once control is back with the program */
+  int closing;       /* resil_close is under way: a done callback it calls may close again */
   locale_t c_locale;      /* what the host runs in (host_locale_enter) */
   locale_t caller_locale; /* the thread's own, while the host's loop runs */
 };

@@ -748,7 +748,7 @@ void resil_close(resil_t *R) {
    * forever for the store's thread (not in the child), and its finalizers
    * would end connections and files the parent still uses. Its memory is
    * the parent's pages, shared until written. */
-  if (R->pid != getpid()) return;
+  if (R->pid != getpid() || R->closing) return;
   /* from a callback (a call's done, a resil_register function): the loop,
    * a task or a handler is in use below it. Closed when the public function
    * that called back returns, or, on the program's own event base, by the
@@ -758,6 +758,7 @@ void resil_close(resil_t *R) {
     R->close_pending = 1;
     return;
   }
+  R->closing = 1;
   locale_t c_locale = R->c_locale; /* the finalizers run Lua */
   locale_t caller = host_locale_enter(R);
   if (R->L) {

@@ -215,7 +215,9 @@ RESIL_API struct event_base *resil_event_base(resil_t *R);
  * the host made (a resil_call_async done, a resil_register function), the
  * host is in use below it: it is closed once control is back with the
  * program, as the resil_* function that called back returns (resil_step then
- * returns 0), or, on an event base you dispatch, at the base's next turn. */
+ * returns 0), or, on an event base you dispatch, at the base's next turn;
+ * from a done callback that resil_close itself calls (RESIL_ERR_INTERRUPT),
+ * it does nothing more. */
 RESIL_API void resil_close(resil_t *R);
 
 #endif

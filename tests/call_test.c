@@ -462,6 +462,10 @@ int main(void) {
   check(closed_in_callback == 1 && turn == 0, "resil_close from a done callback under resil_step: the step returns 0");
   check(call(host_for_closing(NULL), "close_me", NULL) == RESIL_OK && strcmp(result, "[\"after close\"]") == 0,
         "resil_close from a resil_register function: the call ends, then the host closes");
+  closed_in_callback = 0;
+  resil_call_async(host_for_closing(NULL), "nap", NULL, close_when_done, NULL);
+  resil_close(closing_host);
+  check(closed_in_callback == 1, "resil_close from the done callback of a call that resil_close interrupts: closed once");
 
   /* a program that set a locale with a decimal comma (setlocale(LC_ALL, "") in Germany) */
   char locales[] = "/tmp/resil-locale-XXXXXX", command[300];
