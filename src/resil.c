@@ -459,10 +459,9 @@ static void apply_sandbox(resil_t *R, const resil_options *opts) {
   lua_getfield(L, -1, "sandbox_env");
   lua_pushcfunction(L, l_canonical);
   lua_newtable(L);
-  if (opts->sandbox_dirs) {
-    char *copy = strdup(opts->sandbox_dirs), *save = NULL;
-    for (char *d = copy ? strtok_r(copy, ":", &save) : NULL; d; d = strtok_r(NULL, ":", &save)) add_dir(L, d);
-    free(copy);
+  for (char **d = R->sandbox_dirs; d && *d; d++) { /* (canonical already) */
+    lua_pushstring(L, *d);
+    lua_rawseti(L, -2, (lua_Integer)(d - R->sandbox_dirs) + 1);
   }
   lua_newtable(L);
   add_dir(L, R->policies_dir);

@@ -1018,10 +1018,23 @@ static void make_parents(const char *path) {
   }
 }
 
-/* resil.sqlite.file_ok(path) -> may a store be opened there (the sandbox) */
-static int l_file_ok(lua_State *L) {
-  lua_pushboolean(L, sandbox_file_ok(resil_from_lua(L), luaL_checkstring(L, 1)));
-  return 1;
+/* The sandbox keeps a script from naming a file outside the folders it
+ * may write in: raised at the Lua function `level` up (luaL_where's count) */
+static int refuse_file(lua_State *L, const char *what, const char *path, int level) {
+  luaL_where(L, level);
+  lua_pushfstring(L, "%s: %s is outside the folders the sandbox may write in (resil_options.sandbox_dirs)", what,
+                  path);
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
+/* resil.sqlite.check_file(path, what [, level]): raises unless the sandbox
+ * lets a file be written at path (checked here: a script may replace what
+ * the resil table holds, not the C behind it) */
+static int l_check_file(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1), *what = luaL_checkstring(L, 2);
+  if (!sandbox_file_ok(resil_from_lua(L), path)) return refuse_file(L, what, path, (int)luaL_optinteger(L, 3, 1));
+  return 0;
 }
 
 /* resil.sqlite.open(path, {group_commit = true}) -> db */
@@ -1035,9 +1048,7 @@ static int l_open(lua_State *L) {
     lua_pop(L, 2);
   }
   resil_t *R = resil_from_lua(L);
-  if (!sandbox_file_ok(R, path))
-    return luaL_error(L, "store: %s is outside the folders the sandbox may write in (resil_options.sandbox_dirs)",
-                      path);
+  if (!sandbox_file_ok(R, path)) return refuse_file(L, "store", path, 1);
   store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
   memset(d, 0, sizeof *d);
   d->R = R;
@@ -1128,7 +1139,7 @@ int luaopen_resil_sqlite(lua_State *L) {
   lua_newtable(L);
   lua_pushcfunction(L, l_open);
   lua_setfield(L, -2, "open");
-  lua_pushcfunction(L, l_file_ok);
-  lua_setfield(L, -2, "file_ok");
+  lua_pushcfunction(L, l_check_file);
+  lua_setfield(L, -2, "check_file");
   return 1;
 }

@@ -284,12 +284,10 @@ end
 -- Under the sandbox, a script names no file outside the folders it may
 -- write in (the file is renamed over whatever was there). Kept here: a
 -- script may replace what the resil table holds.
-local file_ok = resil.sqlite.file_ok
+local sandbox_check = resil.sqlite.check_file
 local function check_file(path, what)
   if type(path) ~= "string" then error(("%s: the file must be a path"):format(what), 3) end
-  if not file_ok(path) then
-    error(("%s: %s is outside the folders the sandbox may write in (resil_options.sandbox_dirs)"):format(what, path), 3)
-  end
+  sandbox_check(path, what, 3)
 end
 
 -- the exposition written whole, then renamed over path (node-exporter's

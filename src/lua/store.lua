@@ -42,14 +42,10 @@ end
 -- Under the sandbox, a script names no SQLite file outside the folders it may
 -- write in (the host's own store excepted): said at its line. (Kept here:
 -- a script may replace what the resil table holds.)
-local file_ok = resil.sqlite.file_ok
+local sandbox_check = resil.sqlite.check_file
 local function check_file(url, level)
   if url:match("^rediss?://") then return end
-  local path = url:gsub("^sqlite://", ""):match("^[^?]*")
-  if not file_ok(path) then
-    error(("store: %s is outside the folders the sandbox may write in (resil_options.sandbox_dirs)"):format(path),
-      level + 1)
-  end
+  sandbox_check(url:gsub("^sqlite://", ""):match("^[^?]*"), "store", level + 1)
 end
 
 -- resil.store_config{url=, run=, fresh=, script=, args=, wait=, lease=}: set by the CLI and
