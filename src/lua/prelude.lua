@@ -438,7 +438,9 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   env.require = function(name)
     if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
     if own[name] then return own[name] end
-    if HOST_ONLY[name] then error(("require %q is not allowed in the sandbox: a tool of the host's"):format(name), 2) end
+    if HOST_ONLY[name] then
+      error(("require %q is not allowed in the sandbox: a tool of the host's"):format(name), 2)
+    end
     if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then return require(name) end
     local loaded = package.loaded[name]
     local path = package.searchpath(name, search)
@@ -456,8 +458,8 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- package.loaded: what require may give (the policy library reads its
   -- own current version there after a reload), read only
   local function visible(name)
-    return type(name) == "string" and not HOST_ONLY[name] and (name == "resil" or name:match("^resil%.") or name:match("^policies%.")
-      or package.searchpath(name, search) ~= nil)
+    return type(name) == "string" and not HOST_ONLY[name] and (name == "resil" or name:match("^resil%.")
+      or name:match("^policies%.") or package.searchpath(name, search) ~= nil)
   end
   local loaded_view = setmetatable({}, {
     __index = function(_, name)
