@@ -889,12 +889,12 @@ end
 -- max_tokens or called tools or refused (a refusal field, a content filter,
 -- Anthropic's stop_reason refusal) or paused in a server tool (the caller's
 -- validate reads `empty`); read to its end (req.read_whole), its text
-local ANSWERED_EMPTY = { length = true, content_filter = true, pause = true }
+local answered_empty = require("policies.messages").answered_empty
 local function ended_stream(s, state, events, whole)
   s:close()
   local text = whole and table.concat(whole) or ""
   return { status = 200, headers = s.headers, stream = true, state = state, ended = true, events = events,
-    text = text, empty = text == "" and not ANSWERED_EMPTY[state.finish_reason] and not state.tool_calls
+    text = text, empty = text == "" and not answered_empty[state.finish_reason] and not state.tool_calls
       and not state.refusal_pieces or nil }
 end
 

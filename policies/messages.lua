@@ -271,4 +271,10 @@ function messages.anthropic(req)
   return #system > 0 and table.concat(system, "\n\n") or nil, out
 end
 
+-- Stops (normalized finish reasons) that are the model's answer without
+-- text: its limit, a refusal or content filter (often with no content at
+-- all), a turn paused in a server tool (its blocks are the content). Taken
+-- as empty output, each was retried, paid again, and its caller got none.
+messages.answered_empty = { length = true, content_filter = true, pause = true }
+
 return messages

@@ -114,11 +114,6 @@ end
 local FINISH = { end_turn = "stop", stop_sequence = "stop", max_tokens = "length", tool_use = "tool_calls",
   refusal = "content_filter", pause_turn = "pause", model_context_window_exceeded = "length" }
 
--- stops that are the model's answer without text: its limit, a refusal (often
--- with no content at all), a turn paused in a server tool (its blocks are the
--- content). Refused as empty, each was paid again and its caller got none.
-local ANSWERED_EMPTY = { length = true, content_filter = true, pause = true }
-
 -- anthropic.parse(data) -> normalized result | nil, why
 function anthropic.parse(data)
   if type(data) ~= "table" or type(data.content) ~= "table" then return nil, "no content in the response" end
@@ -215,7 +210,7 @@ function anthropic.complete(state) return state.stopped == true end
 function anthropic.validate(data)
   local r, why = anthropic.parse(data)
   if not r then return nil, why end
-  if r.text:match("^%s*$") and not r.tool_calls and not ANSWERED_EMPTY[r.finish_reason] then
+  if r.text:match("^%s*$") and not r.tool_calls and not messages.answered_empty[r.finish_reason] then
     return nil, "empty content"
   end
   return true

@@ -252,9 +252,8 @@ function openai.complete(state, done) return done and state.finish_reason ~= nil
 function openai.validate(data)
   local r, why = openai.parse(data)
   if not r then return nil, why end
-  -- (a content filter's stop is its answer, as a refusal: tried again, it was paid again)
-  if r.text:match("^%s*$") and not r.tool_calls and r.finish_reason ~= "length" and r.finish_reason ~= "content_filter"
-    and not r.refusal and not r.other_output then
+  if r.text:match("^%s*$") and not r.tool_calls and not messages.answered_empty[r.finish_reason] and not r.refusal
+    and not r.other_output then
     return nil, "empty content"
   end
   parsed[data] = r

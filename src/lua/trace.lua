@@ -221,7 +221,8 @@ local function option(opts, name, default, least, whole)
   local v = opts[name]
   if v == nil then return default end
   if type(v) ~= "number" or not (whole and math.type(v) == "integer" and v >= least or not whole and v > least) then
-    error(("resil.trace.export: %s must be %s %d"):format(name, whole and "a whole number >=" or "a number >", least), 3)
+    error(("resil.trace.export: %s must be %s %d"):format(name, whole and "a whole number >=" or "a number >",
+      least), 3)
   end
   return v
 end
@@ -234,9 +235,9 @@ function trace.export(opts)
   end
   local url = opts.url
   if not url:match("/v1/traces$") then url = url:gsub("/$", "") .. "/v1/traces" end
-  exporter = { url = url, batch = option(opts, "batch", 256, 1, true), max_queue = option(opts, "max_queue", 4096, 0, true),
-               interval = option(opts, "interval", 1, 0), timeout = option(opts, "timeout", 5, 0),
-               service = opts.service }
+  exporter = { url = url, batch = option(opts, "batch", 256, 1, true),
+               max_queue = option(opts, "max_queue", 4096, 0, true), interval = option(opts, "interval", 1, 0),
+               timeout = option(opts, "timeout", 5, 0), service = opts.service }
   root_span()
   resil.background(function()
     while true do
