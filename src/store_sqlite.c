@@ -173,6 +173,13 @@ static int sql_failed(lua_State *L, store_db *d, int rc) {
   case SQLITE_CANTOPEN: case SQLITE_BUSY: case SQLITE_LOCKED: case SQLITE_NOMEM: case SQLITE_PERM:
   case SQLITE_PROTOCOL:
     resil_push_error(L, "store_unavailable", "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+    /* busy = true: worth another try (migrate, read): a read transaction's
+     * first statement finds the file busy while another process recovers
+     * the WAL it has just opened, or checkpoints it as it closes */
+    if ((rc & 0xff) == SQLITE_BUSY) {
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -2, "busy");
+    }
     return lua_error(L);
   default: return luaL_error(L, "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
   }
