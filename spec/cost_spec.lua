@@ -204,6 +204,23 @@ end)
 describe("resil.cost across real processes", function()
   local mock_pid, url
 
+  -- (a gateway's first answers while its store could not be opened yet: Redis down, the SQLite
+  -- file busy; their rows were dropped with "ai: the cost was not recorded")
+  it("wait = false before the store can be opened: the row is tried again and written once it can", function()
+    local blocker = helpers.write(helpers.tmpname(".file"), "") -- a file where the store's folder would be
+    local r = helpers.run_script(([[
+      local resil = require "resil"
+      resil.store_config({ url = %q })
+      resil.spawn(function() resil.sleep(0.3); os.remove(%q) end)
+      print(resil.cost.record({ provider = "early", model = "m", usd = 0.25, wait = false }))
+    ]]):format(blocker .. "/state.db", blocker), "--log-level off")
+    assert.are.equal("true\n", r.stdout, r.stderr)
+    local total = helpers.run_script('print(require("resil").cost.total({ provider = "early" }))',
+      "--store " .. blocker .. "/state.db")
+    assert.are.equal("0.25\n", total.stdout, total.stderr)
+    os.execute("rm -rf " .. blocker)
+  end)
+
   -- the mock in a process of its own, so it counts across runs and kills
   local function start_mock(scenario)
     local file = helpers.write(helpers.tmpname(".lua"), scenario)

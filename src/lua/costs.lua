@@ -269,7 +269,25 @@ end
 
 function resil.cost.record(e)
   local s, serr = store_or_fail()
-  if not s then return nil, serr end
+  if not s then
+    -- a write nobody waits for, made before the store could be opened (Redis
+    -- down as the gateway's first answer came, the SQLite file busy): tried
+    -- again as one the store refused, not dropped
+    if e.wait == false and resil.running() and resil.is_error(serr) and serr.kind == "store_unavailable" then
+      local entry = cost_entry(e, store_now())
+      entry.sync = e.sync
+      local function write()
+        local st, err = store_or_fail()
+        if not st then return nil, err end
+        own_key(st.backend, entry)
+        return st.backend:cost_record(entry)
+      end
+      retry_later("a cost row", write, function(ok) return ok end, metric_fields(e),
+        { provider = e.provider, model = e.model, usd = e.usd, error = tostring(serr) })
+      return true
+    end
+    return nil, serr
+  end
   local entry = cost_entry(e, store_now())
   entry.sync = e.sync
   if e.wait == false then
