@@ -181,6 +181,11 @@ local function ai_error_reply(api, err)
   if status == 429 or status == 503 or status == 529 then
     headers["retry-after"] = tostring(math.max(1, math.ceil(retry_after or 1)))
   end
+  -- answers the provider gave (and billed, priced or not) that the gateway
+  -- refused as invalid output, tried again by its policy already: an SDK's
+  -- own retries (two by default) would pay for as many again, for answers
+  -- as likely to be refused
+  if err.class == "invalid_output" then headers["x-should-retry"] = "false" end
   local code
   if type(err) == "table" and (err.kind == "budget_exceeded" or err.class == "quota") then
     headers["x-should-retry"] = "false"

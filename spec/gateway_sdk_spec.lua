@@ -44,6 +44,7 @@ describe("the official SDKs against the gateway", function()
     "anthropic: models.list and models.retrieve in its own shape",
     "anthropic: a request without max_tokens is BadRequestError, as the API answers it",
     "anthropic: a refusal with no content is the SDK's message, stop_reason refusal, one call",
+    "openai: invalid output, billed and tried again by the gateway, is not tried again by the SDK",
     "openai: an Anthropic refusal with no content is finish_reason content_filter",
     "openai: an answer from Anthropic tells its cached prompt tokens, streamed or not",
     "anthropic: top_k, thinking and metadata are left out of a fallback to OpenAI",

@@ -521,6 +521,8 @@ describe("gateway: answers refused as invalid output", function()
       assert.are.equal(502, res.status, res.body)
       assert.are.equal(6, assert(resil.cost.breakdown("model"))[1].calls)
       assert.are.equal(("%.6f"):format(resil.cost.total({}) - total), res.headers["x-resil-cost-usd"])
+      -- paid for and tried again already: the SDKs must not pay for as many again
+      assert.are.equal("false", res.headers["x-should-retry"])
     end)
 end)
 

@@ -162,6 +162,16 @@ await check('anthropic: a refusal with no content is the SDK\'s message, stop_re
   expect((await upstream()).refusing === before + 2, `upstream calls ${(await upstream()).refusing - before}`);
 });
 
+// answers refused as invalid output were billed, and tried again by the gateway: the SDK's own
+// retries (two here, as by default) would have paid for six more
+await check('openai: invalid output, billed and tried again by the gateway, is not tried again by the SDK', async () => {
+  const before = (await upstream()).empty;
+  const e = await rejects(oai(keys.good, 2).chat.completions.create({ model: 'chat-empty', messages: msgs }),
+    OpenAI.InternalServerError, 'invalid output');
+  expect(e.status === 502, `status ${e.status}`);
+  expect((await upstream()).empty === before + 3, `upstream calls ${(await upstream()).empty - before}`);
+});
+
 await check('openai: an Anthropic refusal with no content is finish_reason content_filter', async () => {
   const r = await oai(keys.good, 2).chat.completions.create({ model: 'claude-refusing', messages: msgs });
   expect(r.choices[0].finish_reason === 'content_filter', `choice ${JSON.stringify(r.choices[0])}`);

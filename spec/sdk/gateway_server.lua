@@ -96,6 +96,8 @@ local overflow = assert(resil.mock.start({ strict = true, faults = {
     message = "This model's maximum context length is 128000 tokens. However, your messages resulted in 130000 tokens." } }) },
   { route = "messages", status = 400, error_type = "invalid_request_error",
     message = "prompt is too long: 210000 tokens > 200000 maximum" } } }))
+-- answers with no content (invalid output, billed), whatever is asked
+local empty = assert(resil.mock.start({ strict = true, faults = { { route = "chat", probability = 1, kind = "empty" } } }))
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
@@ -121,6 +123,8 @@ ai.adapters.brokenanthropic = require "policies.providers.anthropic"
 ai.configure("brokenanthropic", { base_url = broken.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.refusing = require "policies.providers.anthropic"
 ai.configure("refusing", { base_url = refusing.url, api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.emptyopenai = require "policies.providers.openai"
+ai.configure("emptyopenai", { base_url = empty.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.adapters.toolsanthropic = require "policies.providers.anthropic"
 ai.configure("toolsanthropic", { base_url = tools.url, api_key = "sk-ant-test-123456", retry = fast })
 
@@ -134,6 +138,7 @@ gateway.configure({ auth = true, key_cache = 0, models = {
   ["chat-echo"] = "echoopenai/gpt-4o-mini",
   ["claude-echo"] = "echoanthropic/claude-sonnet-4-5-20250929",
   ["claude-refusing"] = "refusing/claude-sonnet-4-5-20250929",
+  ["chat-empty"] = "emptyopenai/gpt-4o-mini",
   ["claude-broken"] = "brokenanthropic/claude-sonnet-4-5-20250929",
   ["chat-overflow"] = "overflowopenai/gpt-4o-mini",
   ["claude-overflow"] = "overflowanthropic/claude-sonnet-4-5-20250929",
@@ -142,7 +147,7 @@ gateway.configure({ auth = true, key_cache = 0, models = {
 -- what the checks read of the upstream: its counts, and transfers still open
 gateway.routes["GET /__test/upstream"] = function()
   return { status = 200, body = resil.json.encode({ total = up:stats().total, pending = up.server:pending(),
-    down = down:stats().total, long_pending = long.server:pending(), refusing = refusing:stats().total }) }
+    down = down:stats().total, long_pending = long.server:pending(), refusing = refusing:stats().total, empty = empty:stats().total }) }
 end
 
 local good = assert(keys.add({ name = "good" }))
