@@ -46,8 +46,14 @@ $(BUILD):
 $(BUILD)/libresil.a: $(LIB_OBJ)
 	ar rcs $@ $^
 
-$(BUILD)/libresil.so: $(LIB_OBJ)
-	$(CC) -shared $(LDFLAGS) -o $@ $^ $(LDLIBS)
+# The shared library's SONAME names its ABI (0: the C API may still change);
+# programs linked against libresil.so record libresil.so.0
+SONAME = libresil.so.0
+$(BUILD)/$(SONAME): $(LIB_OBJ)
+	$(CC) -shared -Wl,-soname,$(SONAME) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/libresil.so: $(BUILD)/$(SONAME)
+	ln -sf $(SONAME) $@
 
 $(BIN): $(BUILD)/main.o $(BUILD)/libresil.a
 	$(CC) $(LDFLAGS) -o $@ $(BUILD)/main.o $(BUILD)/libresil.a $(BIN_ALLOC) $(LDLIBS)
@@ -127,7 +133,8 @@ install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include \
 	  $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/share/resil/policies
 	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/
-	install -m 644 $(BUILD)/libresil.a $(BUILD)/libresil.so $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 $(BUILD)/libresil.a $(BUILD)/$(SONAME) $(DESTDIR)$(PREFIX)/lib/
+	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libresil.so
 	install -m 644 src/resil.h $(DESTDIR)$(PREFIX)/include/
 	cp -R policies/. $(DESTDIR)$(PREFIX)/share/resil/policies/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(shell sed -n 's/.*RESIL_VERSION "\(.*\)"/\1/p' src/resil.h)|' \
@@ -135,6 +142,7 @@ install: all
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/resil-lua $(DESTDIR)$(PREFIX)/lib/libresil.a $(DESTDIR)$(PREFIX)/lib/libresil.so \
+	  $(DESTDIR)$(PREFIX)/lib/$(SONAME) \
 	  $(DESTDIR)$(PREFIX)/include/resil.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil.pc
 	rm -rf $(DESTDIR)$(PREFIX)/share/resil
 

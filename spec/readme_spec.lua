@@ -82,6 +82,9 @@ describe("README examples", function()
     local r = helpers.run(("cd %s && unset PKG_CONFIG_PATH RESIL_HOME MAKEFLAGS MFLAGS MAKELEVEL && (\n%s\n) && ./a.out"):format(dir, commands))
     assert.are.equal(0, r.code, commands .. "\n" .. r.stdout .. r.stderr)
     assert.are.equal("slept a minute\n", r.stdout)
+    -- the program records the library's ABI (its SONAME), not the development link
+    local needed = helpers.run(("readelf -d %s/a.out"):format(dir)).stdout
+    assert.matches("%[libresil%.so%.0%]", needed)
   end)
 end)
 
