@@ -927,9 +927,9 @@ local function run_to_end(slot, fn, ...)
   return call:join()
 end
 
--- ai.chat(r) to its end -> result | nil, err (what it raised, as an error)
-local function chat_to_end(slot, r)
-  local joined, ok, res, err = run_to_end(slot, pcall, ai.chat, r)
+-- ai.chat(r) (or ai.embed) to its end -> result | nil, err (what it raised, as an error)
+local function chat_to_end(slot, r, fn)
+  local joined, ok, res, err = run_to_end(slot, pcall, fn or ai.chat, r)
   if not joined then return nil, ok end
   if not ok then return nil, res end
   return res, err
@@ -1120,8 +1120,10 @@ local function embeddings(req)
   local id = request_id()
   local rec, refused = authenticate(req, "openai")
   if not rec then return with_id(refused, id) end
-  local permits <close>, full = admit(rec, "openai")
+  local permits, full = admit(rec, "openai")
   if not permits then return with_id(full, id) end
+  local slot = { permits = permits } -- handed = true: the call run to its end holds them
+  local _ <close> = setmetatable({}, { __close = function() if not slot.handed then permits:release() end end })
   local b = json.decode(req.body)
   if type(b) ~= "table" then
     return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)
@@ -1144,8 +1146,8 @@ local function embeddings(req)
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
   local limited = key_limits(rec, "openai", math.ceil(#req.body / 4))
   if limited then return with_id(limited, id) end
-  local ok, res, err = pcall(ai.embed, r)
-  if not ok then res, err = nil, res end
+  -- run to its end as a chat is: the provider bills it whether or not its client stays
+  local res, err = chat_to_end(slot, r, ai.embed)
   if not res then return with_id(ai_error_reply("openai", err), id) end
   local data = {}
   for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = v } end

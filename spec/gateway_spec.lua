@@ -1002,6 +1002,30 @@ describe("gateway: virtual keys", function()
     assert.is_true(state.spent > 0)
   end)
 
+  -- (before: an embeddings call was aborted when its client left, its hold given back: the provider
+  -- billed it, and neither the ledger nor the key's budget knew)
+  it("an embeddings call whose client gives up is finished and recorded, its cost in the key's budget", function()
+    local url, m = start({ strict = true, latency = 0.5 }, { auth = true })
+    local key = assert(keys.add({ name = "impatient-embed", budget = "10/day" }))
+    for _ = 1, 3 do
+      local res, err = http.request({ method = "POST", url = url .. "/v1/embeddings", timeout = 0.2,
+        body = json.encode({ model = "openai/text-embedding-3-small", input = ("tides and moons "):rep(200) }),
+        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
+      assert.is_nil(res)
+      assert.are.equal("timeout", err.kind)
+    end
+    assert.is_true(helpers.wait_until(function()
+      local rows = resil.cost.breakdown("model")[1]
+      return rows and rows.calls == 3
+    end, 10), "the three calls were not recorded")
+    assert.are.equal(3, m:stats().routes.embeddings)
+    assert.are.equal(3, m:stats().billed.responses)
+    local state = assert(resil.budget("key:impatient-embed"):state())
+    assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
+    assert.is_true(math.abs(state.spent - resil.cost.total({})) <= 3e-6, state.spent .. " spent")
+    assert.is_true(state.spent > 0)
+  end)
+
   it("an exhausted budget is refused before any provider is called, with x-should-retry: false", function()
     local url, m = start({ strict = true }, { auth = true })
     local key = assert(keys.add({ name = "team-c", budget = "0.000001/day" }))
