@@ -500,7 +500,8 @@ local function record_cost(r, req, ticket, operation, how)
   local entry = { provider = r.provider, model = r.model or r.requested_model, operation = operation,
     user = req.user, units = r.usage, id = ledger_key(r, req),
     sync = req.ledger_sync, -- false: the answer waits for the row's commit, not its disk sync
-    wait = req.ledger_wait } -- false: nor for the commit (the gateway's default)
+    wait = req.ledger_wait, -- false: nor for the commit (the gateway's default)
+    retry = true } -- a row the store refuses is tried again, not dropped (the call was paid)
   local ok, err
   if ticket then
     ok, err = ticket[how or "settle"](ticket, usd or 0, entry)

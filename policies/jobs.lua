@@ -216,7 +216,8 @@ local function charge(ctx, spec, operation, job_id, usage, ticket)
     units.unpriced = true
   end
   local entry = { provider = ctx.name, model = ctx.model, operation = operation, user = spec.user,
-    id = job_id and (ctx.name .. ":" .. job_id) or nil, units = units }
+    id = job_id and (ctx.name .. ":" .. job_id) or nil, units = units,
+    retry = true } -- a row the store refuses is tried again, not dropped (the job was paid)
   local ok, err
   if ticket and usd ~= nil then
     ok, err = ticket:settle(usd, entry)
@@ -225,7 +226,7 @@ local function charge(ctx, spec, operation, job_id, usage, ticket)
     entry.usd = usd -- nil: a row without a price (warned once), never a zero
     if usd == nil or usd > 0 then ok, err = resil.cost.record(entry) else ok = true end
   end
-  if ok == nil and err then
+  if ok == nil and err and not (type(err) == "table" and err.retrying) then
     resil.log.warn("cost not recorded", { provider = ctx.name, model = ctx.model, id = job_id, error = tostring(err) })
   end
   return usd

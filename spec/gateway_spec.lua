@@ -1346,6 +1346,35 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal(6, m:stats().routes.chat)
   end)
 
+  -- (before: ledger_wait = true gave up on a row the store refused for its timeout: the answer was
+  -- paid and never in the ledger, where without it the row is tried again for a minute)
+  it("ledger_wait = true: a row the store refuses (another process held its write lock past the timeout) is " ..
+     "tried again and written once, not dropped", function()
+    local m = mock_upstream()
+    local db, release = helpers.tmpname(".db"), nil
+    local pid, port = start_gateway(mock_config(m, "ledger_wait = true"), db)
+    finally(function()
+      if release then helpers.write(release, "") end
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local body = json.encode({ model = "gpt-4o-mini", messages = MSGS })
+    assert.are.equal(200, post(url, body).status) -- (the store's file and schema exist now)
+    release = helpers.hold_write_lock(db)
+    local res = assert(http.request({ method = "POST", url = url, body = body, timeout = 30,
+      headers = { ["content-type"] = "application/json" } }))
+    assert.are.equal(200, res.status, res.body) -- answered once the store gave up waiting
+    helpers.write(release, "")
+    assert.is_true(helpers.wait_until(function() return ledger_by_provider(db) == "openai\t2\n" end, 20),
+      ledger_by_provider(db))
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert.are.equal("openai\t2\n", ledger_by_provider(db))
+    assert.are.equal(2, m:stats().billed.responses)
+  end)
+
   it("SIGTERM stops it gracefully: requests in flight are answered and recorded, one on a connection opened " ..
      "before is a 503 to retry elsewhere, new connections are refused; it exits with 143", function()
     local m = mock_upstream()

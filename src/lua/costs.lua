@@ -260,6 +260,11 @@ end
 -- (this process's tag and a count): a command that timed out (a frozen
 -- server) still runs when the server thaws, and the retry (retry_later)
 -- wrote the row a second time. On SQLite a write that failed was not made.
+-- retry = true (a paid call's row, as policies.ai records it): a write the
+-- store refuses as unavailable is tried again as one nobody waits for is,
+-- and the caller gets nil, err with err.retrying = true (it must not write
+-- the row itself again); without it the caller decides, and a waited-for
+-- row the store refused was dropped (ledger_wait = true in the gateway).
 local unkeyed = 0
 local function own_key(backend, entry)
   if entry.dedupe ~= nil or backend.kind ~= "redis" then return end
@@ -273,7 +278,8 @@ function resil.cost.record(e)
     -- a write nobody waits for, made before the store could be opened (Redis
     -- down as the gateway's first answer came, the SQLite file busy): tried
     -- again as one the store refused, not dropped
-    if e.wait == false and resil.running() and resil.is_error(serr) and serr.kind == "store_unavailable" then
+    if (e.wait == false or e.retry) and resil.running() and resil.is_error(serr)
+      and serr.kind == "store_unavailable" then
       local entry = cost_entry(e, store_now())
       entry.sync = e.sync
       local function write()
@@ -284,20 +290,27 @@ function resil.cost.record(e)
       end
       retry_later("a cost row", write, function(ok) return ok end, metric_fields(e),
         { provider = e.provider, model = e.model, usd = e.usd, error = tostring(serr) })
-      return true
+      if e.wait == false then return true end
+      serr.retrying = true
     end
     return nil, serr
   end
   local entry = cost_entry(e, store_now())
   entry.sync = e.sync
+  if e.wait == false or e.retry then own_key(s.backend, entry) end
   if e.wait == false then
-    own_key(s.backend, entry)
     if write_later(s.backend, "cost_record", e,
       { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, entry) then
       return true
     end
   end
   local ok, err = s.backend:cost_record(entry)
+  if ok == nil and e.retry and resil.running() and resil.is_error(err) and err.kind == "store_unavailable" then
+    retry_later("a cost row", function() return s.backend:cost_record(entry) end, function(done) return done end,
+      metric_fields(e), { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, err.sent)
+    err.retrying = true
+    return nil, err
+  end
   if ok == nil and err then return nil, err end
   if ok then observe_cost(e, e.units) end
   return true
