@@ -1095,13 +1095,28 @@ local function open(self)
   return got.res.first
 end
 
+-- A stream's end recorded (its cost, then its refusals) in a task of its
+-- own that a cancel of its reader does not stop, as a call the gateway runs
+-- to its end: a reader canceled while the row was on its way to the store
+-- (a client leaving as a stream ended) left it to land, and its close
+-- recorded the call a second time.
+local function record_end(self, r)
+  self.recording = true
+  local function record()
+    record_cost(r, self.req, self.ticket, "stream")
+    add_refusals(self.guard, r)
+  end
+  if not coroutine.isyieldable() then return record() end
+  local joined, err = resil.spawn(record):join()
+  if not joined then error(err, 0) end
+end
+
 local function interrupted(self, why, cause)
   if self.s then self.s:close() end
   self.s = nil
   local r = stream_result(self)
   r.usage = usage_so_far(self, r)
-  record_cost(r, self.req, self.ticket, "stream")
-  add_refusals(self.guard, r)
+  record_end(self, r)
   local t = self.target
   self.done = true
   self.err = resil.error("stream_interrupted", ("%s: the stream broke after %d bytes of text: %s"):format(
@@ -1116,8 +1131,7 @@ local function finished(self)
   local r = stream_result(self)
   -- (no usage, or only the one a stream reports as it starts: what was streamed counts)
   if not r.usage or (self.state or {}).usage_partial then r.usage = usage_so_far(self, r) end
-  record_cost(r, self.req, self.ticket, "stream")
-  add_refusals(self.guard, r)
+  record_end(self, r)
   if self.cache then cache_put(self.cache, r) end
   self.done, self.final = true, r
   return nil
@@ -1211,7 +1225,7 @@ end
 function Stream:close()
   if self.s then self.s:close() end
   self.s = nil
-  if self.done then return end
+  if self.done or self.recording then return end -- (recording: its end is being recorded)
   self.done = true
   local record
   if self.target then

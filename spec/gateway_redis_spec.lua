@@ -23,7 +23,7 @@ local function fresh_gateway()
 end
 
 -- a mock, a gateway in front of it (virtual keys on), a fresh Redis database
-local function start(store_query)
+local function start(store_query, config)
   resil.log.level("off")
   resil.store_config({ url = redis.url(nil, store_query) })
   local m = assert(resil.mock.start({ strict = true, reply = "served" }))
@@ -32,6 +32,7 @@ local function start(store_query)
   ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
     retry = { base = 0.001, cap = 0.005 } })
   gateway.configure({ auth = true, key_cache = 60, models = {} })
+  for k, v in pairs(config or {}) do gateway.config[k] = v end
   local s = gateway.serve({ listen = "127.0.0.1:0" })
   finally(function()
     os.execute(("redis-cli -p %d client unpause > /dev/null"):format(redis.port))
@@ -99,6 +100,36 @@ describe("the gateway on Redis: budget holds", function()
     -- the two calls their clients left were finished (as a provider finishes and bills them) and recorded
     assert.are.equal(4, m:stats().routes.chat)
     assert.are.equal(4, resil.cost.breakdown("model")[1].calls)
+  end)
+end)
+
+describe("the gateway on Redis: a stream's ledger row", function()
+  -- (before: the row sent as the stream ended, held by the store, ran when it answered, and the
+  -- stream's close recorded the call again: two rows for one call billed)
+  it("ledger_wait = true: a client that leaves while its stream's row is on its way to the store is " ..
+     "recorded once", function()
+    local url, m = start(nil, { ledger_wait = true })
+    local key = assert(keys.add({ name = "streamer" }))
+    assert.are.equal(200, assert(post(url, key)).status) -- the key is cached, the scripts loaded
+    pause_writes(5000)
+    local s = assert(http.stream({ method = "POST", url = url, timeout = 0.5,
+      headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" },
+      body = json.encode({ model = "gpt-4o-mini", stream = true, messages = { { role = "user", content = "hi" } } }) }))
+    local last
+    repeat
+      local ev, err = s:read_event()
+      if ev then last = ev.data end
+    until not ev or err
+    s:close() -- the client leaves: no [DONE] came, the row being on its way
+    assert.are_not.equal("[DONE]", last)
+    unpause()
+    assert.is_true(helpers.wait_until(function()
+      local by = resil.cost.breakdown("model")[1]
+      return by and by.calls >= 2
+    end, 10))
+    resil.sleep(0.5) -- (a second row for the stream would be written by now)
+    assert.are.equal(2, m:stats().billed.responses)
+    assert.are.equal(2, resil.cost.breakdown("model")[1].calls)
   end)
 end)
 
