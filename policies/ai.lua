@@ -370,6 +370,26 @@ local function count_images(v, depth)
   return n
 end
 
+-- The cache writes a request asks for (Anthropic's cache_control on a
+-- block, a tool, the system prompt): the input up to such a mark is billed
+-- as a cache write, 1.25x the input price, 2x for the 1-hour cache.
+-- -> "1h" | "5m" | nil
+local function cache_writes(v, depth)
+  local c = v.cache_control
+  if type(c) == "table" and c.ttl == "1h" then return "1h" end
+  local found = type(c) == "table" and "5m" or nil
+  if depth < 16 then
+    for _, x in pairs(v) do
+      if type(x) == "table" then
+        local inner = cache_writes(x, depth + 1)
+        if inner == "1h" then return inner end
+        found = found or inner
+      end
+    end
+  end
+  return found
+end
+
 -- the searches a request's web search tools may run, each billed besides its tokens: their
 -- max_uses; nil when one has none (the provider runs as many as the model asks for)
 local function web_searches(tools)
@@ -396,13 +416,21 @@ local function estimate_usd(targets, req, searches)
   end
   local choices = math.tointeger(req.n) or 1
   if choices < 1 then choices = 1 end
+  -- (every input token may be a cache write when one is asked for: held at that price)
+  local writes
+  for _, field in ipairs({ "messages", "system", "tools", "provider_options", "extra" }) do
+    local v = req[field]
+    local w = type(v) == "table" and cache_writes(v, 0) or nil
+    writes = writes ~= "1h" and w or writes
+  end
   local usd = 0
   for _, t in ipairs(targets) do
     local r = request_for(t, req)
     local out = reserved_max_tokens(t, r) * choices
     local input = math.ceil(text / 4) + images * pricing.image_tokens_for(t.provider, t.model)
     local c, why = pricing.cost(t.provider, t.model, { input_tokens = input, output_tokens = out,
-      web_search_requests = searches })
+      web_search_requests = searches, cache_write_tokens = writes and input or nil,
+      cache_write_1h_tokens = writes == "1h" and input or nil })
     if c == nil then return nil, why end
     if c > usd then usd = c end
   end

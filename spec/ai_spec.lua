@@ -171,6 +171,42 @@ describe("golden costs from the providers' documented usage", function()
     assert.are.equal(0.00606, pricing.cost("anthropic", "my-claude", r.usage))
   end)
 
+  -- (before: the input was held at the input price; written to the 1-hour cache, as asked, it is
+  -- billed at twice that: one call spent $0.06 of a $0.05 budget that had held $0.03 for it)
+  it("a budget holds a prompt marked for the cache at the cache write's price, the 1-hour one when asked",
+    function()
+      resil.clock.virtual()
+      fresh_store()
+      local calls = 0
+      local server = resil.server.listen({ handler = function()
+        calls = calls + 1
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+          id = "msg_w" .. calls, type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+          content = { { type = "text", text = "ok" } }, stop_reason = "end_turn", stop_sequence = resil.json.null,
+          usage = { input_tokens = 4, cache_creation_input_tokens = 10000, cache_read_input_tokens = 0,
+            cache_creation = { ephemeral_5m_input_tokens = 0, ephemeral_1h_input_tokens = 10000 },
+            output_tokens = 1 } }) }
+      end })
+      finally(function() server:close() end)
+      point_at(("http://127.0.0.1:%d"):format(server:port()))
+      local function call(budget)
+        return ai.chat({ model = "anthropic/claude-sonnet-4-5-20250929", max_tokens = 1, budget = budget,
+          system = { { type = "text", text = ("0123456789 abcdefghijklmnopqrstu"):rep(1250),
+            cache_control = { type = "ephemeral", ttl = "1h" } } }, messages = MSGS })
+      end
+      -- 10,000 tokens written to the 1-hour cache: 10,000 x 6 + 4 x 3 + 1 x 15 per 1M
+      resil.budget("ai-spec-cache-tight", { limit = 0.05 })
+      local r, err = call("ai-spec-cache-tight")
+      assert.is_nil(r)
+      assert.are.equal("budget_exceeded", err.kind)
+      assert.are.equal(0, calls)
+      local b = resil.budget("ai-spec-cache", { limit = 0.07 })
+      r = assert(call("ai-spec-cache"))
+      assert.are.equal(0.060027, r.cost_usd)
+      local st = assert(b:state())
+      assert.are.same({ 0.060027, 0 }, { st.spent, st.reserved })
+    end)
+
   it("a model without a price costs nil, never zero", function()
     local usd, why = pricing.cost("openai", "gpt-unknown", { input_tokens = 1, output_tokens = 1 })
     assert.is_nil(usd)
