@@ -535,8 +535,9 @@ local function record_cost(r, req, ticket, operation, how)
     ok, err = ticket[how or "settle"](ticket, usd or 0, entry)
     -- an answer without usage (some OpenAI-compatible servers) has no price:
     -- the hold is freed and the call still gets its row, without a price,
-    -- as without a budget (it went unrecorded)
-    if usd == nil and ok ~= nil then ok, err = resil.cost.record(entry) end
+    -- as without a budget (it went unrecorded); a settle the store refused is
+    -- tried again, but a settle of 0 writes no row: the row is this one's
+    if usd == nil and (ok ~= nil or resil.is_error(err) and err.retrying) then ok, err = resil.cost.record(entry) end
   else
     entry.usd = usd -- nil: recorded without a price (pricing warned once), never as a zero
     ok, err = resil.cost.record(entry)

@@ -279,6 +279,38 @@ describe("the gateway on Redis: a server past its maxmemory", function()
   end)
 end)
 
+describe("the gateway on Redis: a server past its maxmemory as an answer comes", function()
+  local function maxmemory(bytes)
+    os.execute(("redis-cli -p %d config set maxmemory %d > /dev/null"):format(redis.port, bytes))
+  end
+
+  -- (before: the settle of 0 was tried again, and the answer's row without a price was never written)
+  it("a budgeted answer without usage whose settle it refuses still gets its row, without a price", function()
+    resil.log.level("off")
+    resil.store_config({ url = redis.url() })
+    finally(function() maxmemory(0); resil.log.level("info") end)
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function()
+      maxmemory(1) -- the store refuses writes from the answer on
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-nousage", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = "hi" }, finish_reason = "stop" } } }) }
+    end } }))
+    finally(function() m:stop() end)
+    local ai = select(2, fresh_gateway())
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456" })
+    local b = resil.budget("oom-unpriced", { limit = 1, per = "day" })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 10, budget = b,
+      messages = { { role = "user", content = "hi" } } }))
+    assert.is_nil(r.cost_usd)
+    maxmemory(0)
+    assert.is_true(helpers.wait_until(function()
+      local by = resil.cost.breakdown("model")
+      return by and by[1] ~= nil and b:state().reserved == 0
+    end, 10))
+    assert.are.same({ { key = "gpt-4o-mini", usd = 0, calls = 1, unpriced = 1 } }, resil.cost.breakdown("model"))
+  end)
+end)
+
 describe("the gateway on Redis: a key's rate limit across gateways", function()
   it("two gateways without --workers on one Redis (two machines) admit the key's --rpm between them, not each",
     function()
