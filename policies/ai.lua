@@ -1135,7 +1135,7 @@ local function record_end(self, r)
     record_cost(r, self.req, self.ticket, "stream")
     add_refusals(self.guard, r)
   end
-  if not coroutine.isyieldable() then return record() end
+  if not (resil.running() and coroutine.isyieldable()) then return record() end
   local joined, err = resil.spawn(record):join()
   if not joined then error(err, 0) end
 end
