@@ -197,6 +197,50 @@ print(s and "opened" or tostring(err))
   end)
 end)
 
+-- Tasks of one process asking for a store while the first is still opening
+-- it (its schema waits for another process's write lock): each opened a
+-- connection of its own, two group commits of one process taking the
+-- file's write lock from each other, two sweepers, and a read on one that
+-- did not see what the other had queued. Here the sqlite3 shell holds the
+-- new file's write lock for 0.5 s, before its schema is written.
+describe("tasks asking for a SQLite store while its first open waits for the file's lock", function()
+  local function held_new_file()
+    local db = helpers.tmpname(".db")
+    os.execute(("printf 'PRAGMA journal_mode=WAL;\\nBEGIN IMMEDIATE;\\nCREATE TABLE other (a);\\n" ..
+      ".shell echo locked > %s.locked\\n.shell sleep 0.5\\nCOMMIT;\\n' | sqlite3 -bail %s > /dev/null &"):format(
+      db, db))
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(db .. ".locked") ~= "" end, 10))
+    return db
+  end
+
+  it("get the one store the first opens: one connection", function()
+    resil.clock.real()
+    local db = held_new_file()
+    local got = {}
+    local tasks = {}
+    for i = 1, 3 do tasks[i] = resil.spawn(function() got[i] = assert(resil.store(db)) end) end
+    for i = 1, 3 do assert(tasks[i]:join()) end
+    assert.are.equal(got[1], got[2])
+    assert.are.equal(got[1], got[3])
+    assert.is_true(got[2]:set("k", "v"))
+    os.execute("rm -f " .. db .. "*")
+  end)
+
+  it("open it themselves when the first is canceled while it waits", function()
+    resil.clock.real()
+    local db = held_new_file()
+    local first = resil.spawn(function() return resil.store(db) end)
+    local second = resil.spawn(function() return resil.store(db) end)
+    resil.sleep(0.05)
+    first:cancel()
+    local ok, s, err = second:join()
+    assert.is_true(ok)
+    assert(s, tostring(err))
+    assert.are.equal(s, resil.store(db))
+    os.execute("rm -f " .. db .. "*")
+  end)
+end)
+
 -- A statement that finds the file busy (a read transaction's first read
 -- while another process recovers the WAL it has just opened, or checkpoints
 -- it as it closes) failed as for good: the store's open did not try its

@@ -135,15 +135,19 @@ local function check_eviction(backend)
   end)
 end
 
--- opts (first open only): group_commit = false commits each operation alone; existing = true
--- opens a SQLite file only if it is there (the commands that read the store: a mistyped path
--- is named, not made into an empty store that reads as "nothing spent")
-function resil.store(url, opts)
-  url = url or default_url()
-  local s = opened[url]
-  if s then return s end
-  check_url(url, 2)
-  check_file(url, 2)
+-- A store being opened, by URL: { done = true, err = } once its open has ended. Opening a
+-- SQLite file waits for another process's lock in a task (migrate's sleeps), and a second
+-- task asking meanwhile (a gateway's first requests, all at once) opened a connection of its
+-- own: two group commits of one process fighting for the file's write lock, two sweepers,
+-- and a read on one connection that did not see what the other had queued. The others wait
+-- for the first instead (its pauses, as migrate's), and get its store or its error.
+local opening = {}
+local opening_ended = { __close = function(o)
+  o.done = true
+  if opening[o.url] == o then opening[o.url] = nil end
+end }
+
+local function open_store(url, opts)
   local backend, err
   if url:match("^redis://") or url:match("^rediss://") then
     backend, err = backends.redis.open(url)
@@ -167,9 +171,37 @@ function resil.store(url, opts)
     if backend then resil.background(sweeper, backend) end
   end
   if not backend then return nil, err end
-  s = setmetatable({ backend = backend, url = url, kind = backend.kind }, Store)
+  local s = setmetatable({ backend = backend, url = url, kind = backend.kind }, Store)
   opened[url] = s
   return s
+end
+
+-- opts (first open only): group_commit = false commits each operation alone; existing = true
+-- opens a SQLite file only if it is there (the commands that read the store: a mistyped path
+-- is named, not made into an empty store that reads as "nothing spent")
+function resil.store(url, opts)
+  url = url or default_url()
+  local s = opened[url]
+  if s then return s end
+  check_url(url, 2)
+  check_file(url, 2)
+  local first = opening[url]
+  if first and resil.running() and coroutine.isyieldable() then
+    local pause = 0.001
+    while not first.done do
+      resil.sleep(pause)
+      pause = math.min(pause * 2, 0.05)
+    end
+    if opened[url] then return opened[url] end
+    if first.err then return nil, first.err end
+    -- (the first was canceled: this one opens it)
+  end
+  local o <close> = setmetatable({ url = url }, opening_ended)
+  opening[url] = o
+  local err
+  s, err = open_store(url, opts)
+  o.err = err
+  return s, err
 end
 
 local function store_or_raise(level)
