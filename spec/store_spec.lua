@@ -178,6 +178,27 @@ print(s:stats().commits - before)
     assert.is_true(commits <= 30 * 24 + 10, r.stdout)
   end)
 
+  -- A file a newer resil-lua wrote: the open raised, its message at a line
+  -- of the host's own Lua, and each failed open (each of a gateway's
+  -- requests asks again) left its connection to the collector: two files
+  -- and a sync thread each, 61 and 30 after 30 requests.
+  it("a file of a newer schema is store_unavailable naming it, and each failed open lets the file go", function()
+    local path = helpers.tmpname(".db")
+    assert.is_true(os.execute(("sqlite3 %s 'PRAGMA user_version = 99; CREATE TABLE t (a);'"):format(path)))
+    collectgarbage("stop")
+    for _ = 1, 10 do
+      local s, err = resil.store(path)
+      assert.is_nil(s)
+      assert.are.equal("store_unavailable", err.kind)
+      assert.are.equal("store " .. path .. " has schema version 99; this resil-lua knows up to 9 " ..
+        "(a newer resil-lua wrote it)", err.message)
+    end
+    -- (the shell's parent is this process)
+    local fds = io.popen("ls -l /proc/$PPID/fd | grep -c -F " .. path):read("a")
+    collectgarbage("restart")
+    assert.are.equal("0\n", fds)
+  end)
+
   it("refuses a URL of an unknown scheme instead of making a file of it", function()
     local ok, err = pcall(function() local s = resil.store("ftp://example.com/x"); return s end)
     assert.is_false(ok)

@@ -111,8 +111,9 @@ B.__index = B
 
 local function apply_migrations(tx, path)
   local version = tx:value("PRAGMA user_version")
-  if version > #migrations then
-    error(("store %s has schema version %d; this resil-lua knows up to %d"):format(path, version, #migrations))
+  if version > #migrations then -- (a newer resil-lua's file: trouble from the world, said without our line)
+    error(resil.error("store_unavailable", ("store %s has schema version %d; this resil-lua knows up to %d " ..
+      "(a newer resil-lua wrote it)"):format(path, version, #migrations)))
   end
   for v = version + 1, #migrations do
     for statement in migrations[v]:gmatch("[^;]+") do
@@ -154,8 +155,13 @@ end
 function B.open(path, opts)
   local db, err = resil.sqlite.open(path, opts)
   if not db then return nil, err end
+  -- a store that cannot be read is let go at once: each of a gateway's requests asks again, and each
+  -- connection left for the collector kept two files and a sync thread (30 failed opens, 61 and 30)
   local ok, merr = migrate(db, path, opts and opts.timeout or 5)
-  if not ok then return nil, merr end
+  if not ok then
+    db:close()
+    return nil, merr
+  end
   return setmetatable({ db = db, path = path, kind = "sqlite" }, B)
 end
 
