@@ -207,6 +207,34 @@ print(s:stats().commits - before)
     assert.is_nil(io.open("ftp:"))
   end)
 
+  -- SQLite takes an empty name for a temporary database, deleted at exit: a
+  -- store URL that named no file (--store "", sqlite://, an empty
+  -- RESIL_STORE as a compose file's ${STORE} leaves it) lost every step,
+  -- once record and ledger row without a word.
+  it("refuses a URL that names no file; an empty RESIL_STORE is unset, not a temporary database", function()
+    for _, url in ipairs({ "", "sqlite://", "?timeout=1" }) do
+      local ok, err = pcall(function() local s = resil.store(url); return s end)
+      assert.is_false(ok)
+      assert.matches("store_spec.lua:%d+: store: '" .. url:gsub("%p", "%%%0") .. "' names no file", err)
+    end
+    assert.has_error(function() resil.store_config({ url = "" }) end, "store: '' names no file " ..
+      "(a SQLite store is a path, by default .resil/state.db)")
+    local r = helpers.run(helpers.resil .. " --store '' -e 'print(1)'")
+    assert.are.equal(1, r.code)
+    assert.matches("store: '' names no file", r.stderr, 1, true)
+    local dir = helpers.tmpname("")
+    assert.is_true(os.execute("mkdir " .. dir))
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local s = assert(require("resil").store())
+print(s.url, s:get("k"))
+assert(s:set("k", "kept"))
+]])
+    r = helpers.run(("cd %s && RESIL_STORE= %s %s"):format(dir, helpers.resil, script))
+    assert.are.equal(".resil/state.db\tnil\n", r.stdout, r.stderr)
+    r = helpers.run(("cd %s && RESIL_STORE= %s %s"):format(dir, helpers.resil, script))
+    assert.are.equal(".resil/state.db\tkept\n", r.stdout, r.stderr)
+  end)
+
   it("get/set/del/incr with TTL", function()
     local s = fresh_store()
     assert.is_true(s:set("greeting", "hello", 10))

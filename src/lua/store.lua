@@ -37,6 +37,12 @@ local function check_url(url, level)
     error(("store: unknown URL scheme '%s' in '%s' (use a file path, sqlite://PATH or redis://host:port/db)"):format(
       scheme, url), level + 1)
   end
+  -- SQLite takes an empty name for a temporary database, deleted at exit: every step, once record
+  -- and ledger row written there was lost without a word
+  if (not scheme or scheme == "sqlite") and url:gsub("^sqlite://", ""):match("^[^?]*") == "" then
+    error(("store: '%s' names no file (a SQLite store is a path, by default .resil/state.db)"):format(url),
+      level + 1)
+  end
 end
 
 -- Under the sandbox, a script names no SQLite file outside the folders it may
@@ -59,7 +65,8 @@ function resil.store_config(c)
   if c.lease ~= nil and not (type(c.lease) == "number" and c.lease > 0) then
     error("resil.store_config: lease must be a number of seconds > 0", 2)
   end
-  local ok, err = pcall(check_url, c.url or "", 3)
+  local ok, err = true, nil
+  if c.url then ok, err = pcall(check_url, c.url, 3) end
   if ok and c.url then ok, err = pcall(check_file, c.url, 3) end
   for k, v in pairs(c) do
     if ok or k ~= "url" then config[k] = v end
@@ -85,8 +92,10 @@ function resil.store_timeout(query, url)
   return timeout
 end
 
+-- (an empty RESIL_STORE, as a compose file's ${STORE} leaves it, is unset, as the sandbox reads it)
 local function default_url()
-  return config.url or os.getenv("RESIL_STORE") or ".resil/state.db"
+  local env = os.getenv("RESIL_STORE")
+  return config.url or (env ~= "" and env) or ".resil/state.db"
 end
 
 -- resil.store([url]) -> the store (one per URL per host)
