@@ -235,6 +235,32 @@ assert(s:set("k", "kept"))
     assert.are.equal(".resil/state.db\tkept\n", r.stdout, r.stderr)
   end)
 
+  -- An option without '=' (?timeout, a typo ?tiemout) was passed over: the
+  -- store waited its default 5 s; hiredis took port 99999 as 34463 and
+  -- every command said "Connection refused".
+  it("a store URL's option without a value, or a Redis port out of range, is named with the URL", function()
+    local path = helpers.tmpname(".db")
+    for query, why in pairs({
+      ["?timeout"] = "option 'timeout' has no value (timeout=SECONDS)",
+      ["?tiemout"] = "option 'tiemout' has no value (timeout=SECONDS)",
+      ["?timeout=1&wait"] = "option 'wait' has no value (timeout=SECONDS)",
+      ["?timeout=abc"] = "timeout must be a number of seconds in (0, 86400], got 'abc'",
+    }) do
+      local s, err = resil.store(path .. query)
+      assert.is_nil(s)
+      assert.are.equal("store_unavailable", err.kind)
+      assert.are.equal(("store %s%s: %s"):format(path, query, why), err.message)
+      s, err = resil.store("redis://127.0.0.1:1/0" .. query)
+      assert.is_nil(s)
+      assert.are.equal(("store redis://127.0.0.1:1/0%s: %s"):format(query, why), err.message)
+    end
+    assert.is_nil(io.open(path))
+    local s, err = resil.store("redis://127.0.0.1:99999/0")
+    assert.is_nil(s)
+    assert.are.equal("redis: port 99999 in URL redis://127.0.0.1:99999/0 is not one (1 to 65535)", err.message)
+    assert(resil.store(path .. "?timeout=1&"))
+  end)
+
   it("get/set/del/incr with TTL", function()
     local s = fresh_store()
     assert.is_true(s:set("greeting", "hello", 10))

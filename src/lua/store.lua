@@ -82,7 +82,10 @@ local DEFAULT_TIMEOUT = 5
 function resil.store_timeout(query, url)
   if query == nil or query == "" then return DEFAULT_TIMEOUT end
   local timeout = DEFAULT_TIMEOUT
-  for k, v in query:gmatch("([^&=]+)=([^&]*)") do
+  -- (each part: one without '=', ?timeout or ?tiemout, was passed over, and the store waited 5 s)
+  for part in query:gmatch("[^&]+") do
+    local k, v = part:match("^([^=]*)=(.*)$")
+    if not k then return nil, ("store %s: option '%s' has no value (timeout=SECONDS)"):format(url, part) end
     if k ~= "timeout" then return nil, ("store %s: unknown option '%s' (known: timeout)"):format(url, k) end
     timeout = tonumber(v)
     if not timeout or timeout <= 0 or timeout > 86400 then

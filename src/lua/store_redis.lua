@@ -420,7 +420,11 @@ local function parse_url(url)
   if not host then
     return nil, "redis: cannot read URL " .. url .. " (redis://[:password@]host:port/db[?timeout=seconds])"
   end
-  return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, password = password,
+  port = tonumber(port) or 6379
+  if port < 1 or port > 65535 then -- (hiredis took 99999 as 34463, and each command said "Connection refused")
+    return nil, ("redis: port %d in URL %s is not one (1 to 65535)"):format(port, url)
+  end
+  return { host = host, port = port, db = tonumber(db) or 0, password = password,
            timeout = timeout }
 end
 
