@@ -261,6 +261,28 @@ assert(s:set("k", "kept"))
     assert(resil.store(path .. "?timeout=1&"))
   end)
 
+  -- SQLite's "unable to open database file" alone did not say why: now the
+  -- system's reason follows. A file that is not a store is left as it was.
+  it("a path that cannot be a store says why, naming it, and changes nothing there", function()
+    local dir = helpers.tmpname("")
+    assert.is_true(os.execute("mkdir " .. dir))
+    helpers.write(dir .. "/file", "a file, not a folder")
+    helpers.write(dir .. "/notes.txt", "not a store\n")
+    for path, why in pairs({
+      [dir .. "/file/state.db"] = "store: cannot open %s: unable to open database file (Not a directory)",
+      [dir] = "store: cannot open %s: unable to open database file (Is a directory)",
+      [dir .. "/notes.txt"] = "store: %s: file is not a database",
+    }) do
+      local s, err = resil.store(path)
+      assert.is_nil(s)
+      assert.are.equal("store_unavailable", err.kind)
+      assert.are.equal(why:format(path), err.message)
+    end
+    assert.are.equal("not a store\n", helpers.slurp(dir .. "/notes.txt"))
+    assert.are.equal("a file, not a folder", helpers.slurp(dir .. "/file"))
+    assert.is_nil(io.open(dir .. "/notes.txt-wal"))
+  end)
+
   it("get/set/del/incr with TTL", function()
     local s = fresh_store()
     assert.is_true(s:set("greeting", "hello", 10))

@@ -1067,8 +1067,12 @@ static int l_open(lua_State *L) {
   int rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
     const char *why = d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc);
+    /* and the system's reason: SQLite's "unable to open database file" alone did not say that the path is
+     * a folder, or that a folder above it is a file */
+    int sys = d->db ? sqlite3_system_errno(d->db) : 0;
     lua_pushnil(L);
-    resil_push_error(L, "store_unavailable", "store: cannot open %s: %s", path, why);
+    resil_push_error(L, "store_unavailable", "store: cannot open %s: %s%s%s%s", path, why, sys ? " (" : "",
+                     sys ? strerror(sys) : "", sys ? ")" : "");
     if (d->db) sqlite3_close(d->db);
     d->db = NULL;
     return 2;
