@@ -283,6 +283,31 @@ assert(s:set("k", "kept"))
     assert.is_nil(io.open(dir .. "/notes.txt-wal"))
   end)
 
+  -- SQLite's errno there is its read-only retry's: "No such file or directory" for a store in a folder
+  -- it may not write in. The folder is named with its own reason.
+  it("a store in a folder it may not write in names the folder and why, and changes nothing there", function()
+    local dir = helpers.tmpname("")
+    assert.is_true(os.execute("mkdir " .. dir))
+    local old = dir .. "/old.db"
+    assert.is_true(assert(resil.store(old)):set("k", "v"))
+    os.execute("cp " .. old .. " " .. dir .. "/copy.db") -- (a closed store: no -wal, no -shm)
+    -- immutable even for root
+    if not os.execute("chattr +i " .. dir .. " 2>/dev/null") then
+      pending("chattr +i is not supported on this file system")
+      return
+    end
+    finally(function() os.execute("chattr -i " .. dir) end)
+    local s, err = resil.store(dir .. "/new.db")
+    assert.is_nil(s)
+    assert.are.equal(("store: cannot open %s/new.db: unable to open database file (folder %s: Operation not " ..
+      "permitted)"):format(dir, dir), err.message)
+    s, err = resil.store(dir .. "/copy.db")
+    assert.is_nil(s)
+    assert.are.equal(("store: %s/copy.db: unable to open database file (folder %s: Operation not permitted)"):format(
+      dir, dir), err.message)
+    assert.is_nil(io.open(dir .. "/new.db"))
+  end)
+
   it("get/set/del/incr with TTL", function()
     local s = fresh_store()
     assert.is_true(s:set("greeting", "hello", 10))

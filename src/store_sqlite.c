@@ -14,10 +14,13 @@
  * The store's logic (idempotency, steps, ledger, budgets) is Lua in
  * src/lua/store_sqlite.lua; this file only runs SQL, fast and safely.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 #include <string.h>
 
 #include <sqlite3.h>
@@ -1025,6 +1028,27 @@ static void make_parents(const char *path) {
   }
 }
 
+/* Why the system refuses a file at path, as " (reason)" in out ("" if it gives none). SQLite's errno
+ * is that of its read-only retry: ENOENT for a new file in a folder it may not write in. So for a file
+ * not there, the folder is asked here, with an unnamed file (O_TMPFILE) that leaves nothing behind. */
+static void why_refused(const char *path, int sqlite_errno, char *out, size_t size) {
+  struct stat st;
+  int why = sqlite_errno;
+  char dir[PATH_MAX] = "";
+  if (stat(path, &st) != 0 && errno == ENOENT) {
+    const char *slash = strrchr(path, '/');
+    if (!slash) snprintf(dir, sizeof dir, ".");
+    else snprintf(dir, sizeof dir, "%.*s", slash == path ? 1 : (int)(slash - path), path);
+    int fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd >= 0) close(fd);
+    else if (errno != EOPNOTSUPP && errno != EISDIR) why = errno; /* (EISDIR: no O_TMPFILE there) */
+    if (why == sqlite_errno) dir[0] = '\0';
+  }
+  if (!why) snprintf(out, size, "%s", "");
+  else if (dir[0]) snprintf(out, size, " (folder %s: %s)", dir, strerror(why));
+  else snprintf(out, size, " (%s)", strerror(why));
+}
+
 /* The sandbox keeps a script from naming a file outside the folders it
  * may write in: raised at the Lua function `level` up (luaL_where's count) */
 static int refuse_file(lua_State *L, const char *what, const char *path, int level) {
@@ -1069,10 +1093,10 @@ static int l_open(lua_State *L) {
     const char *why = d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc);
     /* and the system's reason: SQLite's "unable to open database file" alone did not say that the path is
      * a folder, or that a folder above it is a file */
-    int sys = d->db ? sqlite3_system_errno(d->db) : 0;
+    char reason[PATH_MAX + 64];
+    why_refused(path, d->db ? sqlite3_system_errno(d->db) : 0, reason, sizeof reason);
     lua_pushnil(L);
-    resil_push_error(L, "store_unavailable", "store: cannot open %s: %s%s%s%s", path, why, sys ? " (" : "",
-                     sys ? strerror(sys) : "", sys ? ")" : "");
+    resil_push_error(L, "store_unavailable", "store: cannot open %s: %s%s", path, why, reason);
     if (d->db) sqlite3_close(d->db);
     d->db = NULL;
     return 2;
@@ -1110,8 +1134,12 @@ static int l_open(lua_State *L) {
    * loop (writes wait on a timer instead, take_write_lock) */
   sqlite3_busy_timeout(d->db, 0);
   if (wal != SQLITE_OK) {
+    /* (an existing file in a folder it may not write in: its -wal and -shm cannot be made) */
+    char wal_path[PATH_MAX], reason[PATH_MAX + 64] = "";
+    snprintf(wal_path, sizeof wal_path, "%s-wal", path);
+    if ((wal & 0xff) == SQLITE_CANTOPEN) why_refused(wal_path, sqlite3_system_errno(d->db), reason, sizeof reason);
     lua_pushnil(L);
-    resil_push_error(L, "store_unavailable", "store: %s: %s", path, err ? err : "cannot set WAL mode");
+    resil_push_error(L, "store_unavailable", "store: %s: %s%s", path, err ? err : "cannot set WAL mode", reason);
     sqlite3_free(err);
     sqlite3_close(d->db);
     d->db = NULL;
