@@ -152,16 +152,18 @@ local function migrate(db, path, timeout)
   return ok, err
 end
 
+-- A store that cannot be read, or whose opener is canceled while it waits for the file's lock, is let
+-- go at once: each of a gateway's requests asks again, and each connection left for the collector kept
+-- two files and a sync thread (30 failed opens, 61 and 30).
+local close_unless_kept = { __close = function(o) if not o.kept then o.db:close() end end }
+
 function B.open(path, opts)
   local db, err = resil.sqlite.open(path, opts)
   if not db then return nil, err end
-  -- a store that cannot be read is let go at once: each of a gateway's requests asks again, and each
-  -- connection left for the collector kept two files and a sync thread (30 failed opens, 61 and 30)
+  local opening <close> = setmetatable({ db = db }, close_unless_kept)
   local ok, merr = migrate(db, path, opts and opts.timeout or 5)
-  if not ok then
-    db:close()
-    return nil, merr
-  end
+  if not ok then return nil, merr end
+  opening.kept = true
   return setmetatable({ db = db, path = path, kind = "sqlite" }, B)
 end
 
