@@ -283,6 +283,29 @@ assert(s:set("k", "kept"))
     assert.is_nil(io.open(dir .. "/notes.txt-wal"))
   end)
 
+  -- A store path naming another program's database (a --store typo) made
+  -- it a store: switched to WAL, which that program may not expect, and
+  -- given ten tables; one with a table named as one of ours (kv) raised
+  -- "table kv already exists" at a line of the host's own Lua.
+  it("another program's SQLite database is refused, naming it, and left as it was", function()
+    for _, schema in ipairs({ "CREATE TABLE users (id, name); INSERT INTO users VALUES (1, 'ann');",
+                              "CREATE TABLE kv (id, name); INSERT INTO kv VALUES (1, 'ann');" }) do
+      local path = helpers.tmpname(".db")
+      assert.is_true(os.execute(("sqlite3 %s %q"):format(path, schema)))
+      local s, err = resil.store(path)
+      assert.is_nil(s)
+      assert.are.equal("store_unavailable", err.kind)
+      assert.are.equal("store: " .. path .. " is another program's SQLite database (it has tables and no store " ..
+        "schema); not made a store", err.message)
+      local r = helpers.run(("sqlite3 %s 'PRAGMA journal_mode' 'SELECT group_concat(name) FROM sqlite_master' " ..
+        "'SELECT count(*) FROM %s'"):format(path, schema:match("TABLE (%w+)")))
+      assert.are.equal("delete\n" .. schema:match("TABLE (%w+)") .. "\n1\n", r.stdout)
+    end
+    -- an empty file is a new store
+    local empty = helpers.write(helpers.tmpname(".db"), "")
+    assert.is_true(assert(resil.store(empty)):set("k", "v"))
+  end)
+
   -- SQLite's errno there is its read-only retry's: "No such file or directory" for a store in a folder
   -- it may not write in. The folder is named with its own reason.
   it("a store in a folder it may not write in names the folder and why, and changes nothing there", function()

@@ -1049,6 +1049,24 @@ static void why_refused(const char *path, int sqlite_errno, char *out, size_t si
   else snprintf(out, size, " (%s)", strerror(why));
 }
 
+/* One integer that sql reads, or -1 (the file busy, not a database: said by the open's next step) */
+static long long read_integer(sqlite3 *db, const char *sql) {
+  sqlite3_stmt *st = NULL;
+  long long v = -1;
+  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+    v = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  return v;
+}
+
+/* Another program's database: tables, and the schema version 0 that no store has once it has any (the
+ * first migration sets 1 in the transaction that makes them). One statement, so one snapshot: read in two,
+ * another process's first migration could fall between them (1 in 700 processes opening a new file). */
+static int foreign_database(sqlite3 *db) {
+  return read_integer(db, "SELECT (SELECT user_version FROM pragma_user_version) = 0 AND "
+                          "EXISTS (SELECT 1 FROM sqlite_master)") == 1;
+}
+
 /* The sandbox keeps a script from naming a file outside the folders it
  * may write in: raised at the Lua function `level` up (luaL_where's count) */
 static int refuse_file(lua_State *L, const char *what, const char *path, int level) {
@@ -1068,15 +1086,17 @@ static int l_check_file(lua_State *L) {
   return 0;
 }
 
-/* resil.sqlite.open(path, {group_commit = true}) -> db */
+/* resil.sqlite.open(path, {group_commit = true, store = false}) -> db; store: refuse another program's
+ * database (the store's own open) */
 static int l_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  int group_commit = 1;
+  int group_commit = 1, store = 0;
   double timeout = DEFAULT_TIMEOUT;
   if (lua_istable(L, 2)) {
     if (lua_getfield(L, 2, "group_commit") != LUA_TNIL) group_commit = lua_toboolean(L, -1);
     if (lua_getfield(L, 2, "timeout") != LUA_TNIL) timeout = luaL_checknumber(L, -1);
-    lua_pop(L, 2);
+    store = lua_getfield(L, 2, "store") != LUA_TNIL && lua_toboolean(L, -1);
+    lua_pop(L, 3);
   }
   resil_t *R = resil_from_lua(L);
   if (!sandbox_file_ok(R, path)) return refuse_file(L, "store", path, 1);
@@ -1108,6 +1128,17 @@ static int l_open(lua_State *L) {
    * neither, and through a db's SQL either makes a file wherever it names */
   sqlite3_limit(d->db, SQLITE_LIMIT_ATTACHED, 0);
   sqlite3_busy_timeout(d->db, (int)(timeout * 1000));
+  /* A store path naming another program's database (a --store typo): it was switched to WAL, which that
+   * program may not expect, and given the store's tables; one with a table named as one of them (kv,
+   * runs, costs) failed midway, raising at a line of the host's own Lua. Refused before either. */
+  if (store && foreign_database(d->db)) {
+    lua_pushnil(L);
+    resil_push_error(L, "store_unavailable", "store: %s is another program's SQLite database (it has tables and "
+                     "no store schema); not made a store", path);
+    sqlite3_close(d->db);
+    d->db = NULL;
+    return 2;
+  }
   char *err = NULL;
   int wal;
   /* Processes creating the file at once can find it busy without SQLite's

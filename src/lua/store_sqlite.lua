@@ -158,7 +158,9 @@ end
 local close_unless_kept = { __close = function(o) if not o.kept then o.db:close() end end }
 
 function B.open(path, opts)
-  local db, err = resil.sqlite.open(path, opts)
+  local o = { store = true }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  local db, err = resil.sqlite.open(path, o)
   if not db then return nil, err end
   local opening <close> = setmetatable({ db = db }, close_unless_kept)
   local ok, merr = migrate(db, path, opts and opts.timeout or 5)
