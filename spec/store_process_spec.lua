@@ -203,16 +203,17 @@ end)
 -- file's write lock from each other, two sweepers, and a read on one that
 -- did not see what the other had queued. Here the sqlite3 shell holds the
 -- new file's write lock for 0.5 s, before its schema is written.
-describe("tasks asking for a SQLite store while its first open waits for the file's lock", function()
-  local function held_new_file()
-    local db = helpers.tmpname(".db")
-    os.execute(("printf 'PRAGMA journal_mode=WAL;\\nBEGIN IMMEDIATE;\\nCREATE TABLE other (a);\\n" ..
-      ".shell echo locked > %s.locked\\n.shell sleep 0.5\\nCOMMIT;\\n' | sqlite3 -bail %s > /dev/null &"):format(
-      db, db))
-    assert.is_true(helpers.wait_until(function() return helpers.slurp(db .. ".locked") ~= "" end, 10))
-    return db
-  end
+-- a new file (WAL, no schema yet) whose write lock the sqlite3 shell holds `seconds` (0.5) -> its path
+local function held_new_file(seconds)
+  local db = helpers.tmpname(".db")
+  os.execute(("printf 'PRAGMA journal_mode=WAL;\\nBEGIN IMMEDIATE;\\nCREATE TABLE other (a);\\n" ..
+    ".shell echo locked > %s.locked\\n.shell sleep %s\\nCOMMIT;\\n' | sqlite3 -bail %s > /dev/null &"):format(
+    db, seconds or 0.5, db))
+  assert.is_true(helpers.wait_until(function() return helpers.slurp(db .. ".locked") ~= "" end, 10))
+  return db
+end
 
+describe("tasks asking for a SQLite store while its first open waits for the file's lock", function()
   it("get the one store the first opens: one connection", function()
     resil.clock.real()
     local db = held_new_file()
@@ -243,6 +244,35 @@ describe("tasks asking for a SQLite store while its first open waits for the fil
     local connections = io.popen("ls -l /proc/$PPID/fd | grep -c -e ' " .. db .. "$'"):read("a")
     collectgarbage("restart")
     assert.are.equal("1\n", connections)
+    os.execute("rm -f " .. db .. "*")
+  end)
+end)
+
+-- A store that cannot be opened (here: its new file's lock held past the
+-- store's timeout) is an outage as one that fails later; a budget with
+-- on_outage = "allow" failed closed there.
+describe("a budget with on_outage = \"allow\" whose store cannot be opened yet", function()
+  it("hands out an unchecked ticket, whose settle lands once the store opens", function()
+    resil.clock.real()
+    resil.log.level("off")
+    finally(function() resil.log.level("info") end)
+    local db = held_new_file(1)
+    local url = db .. "?timeout=0.2"
+    resil.store_config({ url = url })
+    local budget = resil.budget("allow-at-open", { limit = 5, on_outage = "allow" })
+    local ticket, err = budget:reserve(1)
+    assert(ticket, tostring(err))
+    assert.is_true(ticket.unchecked)
+    local ok, serr = ticket:settle(0.5, { provider = "p" })
+    assert.is_nil(ok)
+    assert.are.same({ "store_unavailable", true }, { serr.kind, serr.retrying })
+    assert.is_false(budget:reserve(1):release())
+    -- the lock let go: the store opens, and the settle is written once, nothing left held
+    assert.is_true(helpers.wait_until(function() return resil.store(url) ~= nil end, 10))
+    assert.is_true(helpers.wait_until(function() return (budget:state() or {}).spent == 0.5 end, 10))
+    local st = budget:state()
+    assert.are.same({ 0.5, 0, 0 }, { st.spent, st.reserved, #st.holds })
+    assert.are.equal(0.5, resil.cost.total())
     os.execute("rm -f " .. db .. "*")
   end)
 end)

@@ -115,6 +115,19 @@ local outcome_guard = { __close = function(g) if not g.seen then resil.spawn(aba
 
 local RESERVE_TRIES = 3 -- against settings that change under it (budgets set --per)
 
+-- on_outage = "allow": the store unavailable, a ticket that holds nothing; its settle records the cost
+local function unchecked(self, ticket, err, now)
+  unchecked_total:inc({ budget = self.name })
+  if not self.outage then -- one line per outage, however many reservations it lets through
+    self.outage = { since = now, unchecked = 0 }
+    resil.log.warn("budget: store unavailable, reservations allowed unchecked until it is back",
+      { budget = self.name, error = tostring(err) })
+  end
+  self.outage.unchecked = self.outage.unchecked + 1
+  ticket.unchecked = true
+  return ticket
+end
+
 -- budget:reserve(estimate_usd [, {hold=}]) -> ticket | nil, err{kind="budget_exceeded"|"store_unavailable"}
 function Budget:reserve(estimate, o)
   if not is_usd(estimate) then error("budget:reserve: estimate must be a number from 0 to 1e9", 2) end
@@ -123,7 +136,15 @@ function Budget:reserve(estimate, o)
     error("budget:reserve: hold must be a number of seconds > 0", 2)
   end
   local s, serr = store_or_fail()
-  if not s then return nil, serr end -- a store that cannot be opened fails closed
+  if not s then
+    -- a store that cannot be opened (its file busy past the timeout at a worker's first request) is an
+    -- outage as any: on_outage = "allow" failed closed there. The ticket gets the store at its settle.
+    if self.on_outage ~= "allow" then return nil, serr end
+    local now = store_now()
+    ticket_seq = ticket_seq + 1
+    return unchecked(self, setmetatable({ id = ("%s:%s:%d"):format(self.name, owner.me().tag, ticket_seq),
+      budget = self, period = period_of(self.per, now), estimate = estimate }, Ticket), serr, now)
+  end
   local now, limit, per, period, id, ok, spent, reserved, stale
   -- (the settings read, then the hold written: a period switch in between, `budgets set --per`,
   -- makes the store refuse the hold as made against stale settings, and it is made again)
@@ -156,15 +177,7 @@ function Budget:reserve(estimate, o)
   local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
-    unchecked_total:inc({ budget = self.name })
-    if not self.outage then -- one line per outage, however many reservations it lets through
-      self.outage = { since = now, unchecked = 0 }
-      resil.log.warn("budget: store unavailable, reservations allowed unchecked until it is back",
-        { budget = self.name, error = tostring(spent) })
-    end
-    self.outage.unchecked = self.outage.unchecked + 1
-    ticket.unchecked = true
-    return ticket
+    return unchecked(self, ticket, spent, now)
   end
   if self.outage then
     resil.log.info("budget: store available again", { budget = self.name, unchecked = self.outage.unchecked,
@@ -219,8 +232,20 @@ end
 -- logs the error and goes on). A settle is kept once per ticket (its state
 -- in the store, its ticket in the ledger), so a retry that meets one that
 -- did land, or the caller's own retry, changes nothing.
+-- The ticket's store (an unchecked ticket handed out while it could not be opened gets it here): -> the
+-- store | nil, err
+local function store_of(ticket)
+  if not ticket.store then ticket.store = store_or_fail() end
+  if ticket.store then return ticket.store end
+  return store_or_fail()
+end
+
 local function settle_later(ticket, entry, fields, sent)
-  costs.retry_later("a settle", function() return ticket.store.backend:budget_settle(ticket.id, entry) end,
+  costs.retry_later("a settle", function()
+    local s, err = store_of(ticket)
+    if not s then return nil, err end
+    return s.backend:budget_settle(ticket.id, entry)
+  end,
     function(ok) return ok and fields.usd > 0 end, fields,
     { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd }, sent)
 end
@@ -241,7 +266,7 @@ end }
 function Ticket:settle(actual, e)
   if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
   self.done = true -- (a guard that would release it on a cancel has nothing left to do)
-  owner.drop(self.store.backend, self.id)
+  if self.store then owner.drop(self.store.backend, self.id) end
   local fields = {}
   for k, v in pairs(e or {}) do fields[k] = v end
   fields.usd, fields.budget, fields.period = actual, self.budget.name, self.period
@@ -251,7 +276,14 @@ function Ticket:settle(actual, e)
   -- a call that cost something, however little (under half a micro-dollar
   -- rounds to 0): its row is written; settle(0) writes none
   entry.charged = actual > 0
-  if fields.wait == false and costs.write_later(self.store.backend, "budget_settle", fields,
+  local s, serr = store_of(self)
+  if not s then -- (unchecked: the store still cannot be opened) tried again as one it refused
+    settle_later(self, entry, fields)
+    if fields.wait == false then return true end
+    serr.retrying = true
+    return nil, serr
+  end
+  if fields.wait == false and costs.write_later(s.backend, "budget_settle", fields,
     { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry) then
     return true
   end
@@ -260,7 +292,7 @@ function Ticket:settle(actual, e)
   -- task of its own, kept once per ticket (the row and the hold both lost
   -- before)
   local write <close> = setmetatable({ ticket = self, entry = entry, fields = fields }, settle_guard)
-  local ok, err = self.store.backend:budget_settle(self.id, entry)
+  local ok, err = s.backend:budget_settle(self.id, entry)
   write.seen = true
   if ok and actual > 0 then costs.observe(fields, fields.units) end
   if ok == nil and resil.is_error(err) and err.kind == "store_unavailable" then
@@ -287,6 +319,7 @@ end
 
 function Ticket:release()
   self.done = true
+  if not self.store then return false end -- (unchecked before the store could be opened: nothing held)
   owner.drop(self.store.backend, self.id)
   return self.store.backend:budget_release(self.id)
 end
