@@ -268,10 +268,13 @@ assert(s:set("k", "kept"))
     assert.is_true(os.execute("mkdir " .. dir))
     helpers.write(dir .. "/file", "a file, not a folder")
     helpers.write(dir .. "/notes.txt", "not a store\n")
+    assert.is_true(os.execute("mkfifo " .. dir .. "/pipe"))
     for path, why in pairs({
       [dir .. "/file/state.db"] = "store: cannot open %s: unable to open database file (Not a directory)",
       [dir] = "store: cannot open %s: unable to open database file (Is a directory)",
       [dir .. "/notes.txt"] = "store: %s: file is not a database",
+      -- (as /dev/null, "for no store": "disk I/O error", and a /dev/null-journal made beside it)
+      [dir .. "/pipe"] = "store: %s is not a regular file (a device, a pipe or a socket); a SQLite store is a file",
     }) do
       local s, err = resil.store(path)
       assert.is_nil(s)
@@ -281,6 +284,7 @@ assert(s:set("k", "kept"))
     assert.are.equal("not a store\n", helpers.slurp(dir .. "/notes.txt"))
     assert.are.equal("a file, not a folder", helpers.slurp(dir .. "/file"))
     assert.is_nil(io.open(dir .. "/notes.txt-wal"))
+    assert.is_nil(io.open(dir .. "/pipe-journal"))
   end)
 
   -- A store path naming another program's database (a --store typo) made

@@ -1107,6 +1107,14 @@ static int l_open(lua_State *L) {
   d->timeout = timeout;
   d->ref_stmts = LUA_NOREF;
   luaL_setmetatable(L, DB_MT);
+  /* --store /dev/null (for "no store") said "disk I/O error" and left /dev/null-journal in /dev */
+  struct stat st;
+  if (store && stat(path, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
+    lua_pushnil(L);
+    resil_push_error(L, "store_unavailable", "store: %s is not a regular file (a device, a pipe or a socket); a "
+                     "SQLite store is a file", path);
+    return 2;
+  }
   make_parents(path);
   int rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
