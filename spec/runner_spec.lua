@@ -25,3 +25,16 @@ end)
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 5))
   end)
 end)
+
+-- spec/finally.lua (busted's helper, named in .busted): busted kept only a
+-- test's last finally, and a setup helper's cleanup registered before it was lost
+describe("a test's finally", function()
+  local ran = {}
+  it("may be given several functions", function()
+    finally(function() ran[#ran + 1] = "first" end)
+    finally(function() ran[#ran + 1] = "second" end)
+  end)
+  it("runs them all, the last given first", function()
+    assert.are.same({ "second", "first" }, ran)
+  end)
+end)
