@@ -928,7 +928,7 @@ local function run_to_end(slot, fn, ...)
 end
 
 -- ai.chat(r) (or ai.embed) to its end -> result | nil, err (what it raised, as an error)
-local function chat_to_end(slot, r, fn)
+local function call_to_end(slot, r, fn)
   local joined, ok, res, err = run_to_end(slot, pcall, fn or ai.chat, r)
   if not joined then return nil, ok end
   if not ok then return nil, res end
@@ -1094,7 +1094,7 @@ function complete_admitted(req, api, id, rec, slot)
     if not joined then res, err = nil, res end
     replayed = not ran
   else
-    res, err = chat_to_end(slot, r)
+    res, err = call_to_end(slot, r)
   end
   if not res then
     local reply = ai_error_reply(api, err)
@@ -1147,7 +1147,7 @@ local function embeddings(req)
   local limited = key_limits(rec, "openai", math.ceil(#req.body / 4))
   if limited then return with_id(limited, id) end
   -- run to its end as a chat is: the provider bills it whether or not its client stays
-  local res, err = chat_to_end(slot, r, ai.embed)
+  local res, err = call_to_end(slot, r, ai.embed)
   if not res then return with_id(ai_error_reply("openai", err), id) end
   local data = {}
   for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = v } end

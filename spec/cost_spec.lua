@@ -208,6 +208,7 @@ describe("resil.cost across real processes", function()
   -- file busy; their rows were dropped with "ai: the cost was not recorded")
   it("wait = false before the store can be opened: the row is tried again and written once it can", function()
     local blocker = helpers.write(helpers.tmpname(".file"), "") -- a file where the store's folder would be
+    finally(function() os.execute("rm -rf " .. blocker) end)
     local r = helpers.run_script(([[
       local resil = require "resil"
       resil.store_config({ url = %q })
@@ -218,7 +219,6 @@ describe("resil.cost across real processes", function()
     local total = helpers.run_script('print(require("resil").cost.total({ provider = "early" }))',
       "--store " .. blocker .. "/state.db")
     assert.are.equal("0.25\n", total.stdout, total.stderr)
-    os.execute("rm -rf " .. blocker)
   end)
 
   -- the mock in a process of its own, so it counts across runs and kills

@@ -1179,6 +1179,10 @@ static int l_open(lua_State *L) {
     if ((wal & 0xff) == SQLITE_CANTOPEN) why_refused(wal_path, sqlite3_system_errno(d->db), reason, sizeof reason);
     lua_pushnil(L);
     resil_push_error(L, "store_unavailable", "store: %s: %s%s", path, err ? err : "cannot set WAL mode", reason);
+    if ((wal & 0xff) == SQLITE_BUSY) { /* another process held the new file past the timeout: it passes */
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -2, "busy");
+    }
     sqlite3_free(err);
     sqlite3_close(d->db);
     d->db = NULL;

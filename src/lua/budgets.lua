@@ -139,7 +139,10 @@ function Budget:reserve(estimate, o)
   if not s then
     -- a store that cannot be opened (its file busy past the timeout at a worker's first request) is an
     -- outage as any: on_outage = "allow" failed closed there. The ticket gets the store at its settle.
-    if self.on_outage ~= "allow" then return nil, serr end
+    -- Only a file busy past the timeout is an outage that passes; a store that is not one (a bad
+    -- URL, /dev/null, another program's database, a newer schema) fails closed, or "allow" would
+    -- let every call through unchecked for as long as nobody fixes it
+    if self.on_outage ~= "allow" or not (type(serr) == "table" and serr.busy) then return nil, serr end
     local now = store_now()
     ticket_seq = ticket_seq + 1
     return unchecked(self, setmetatable({ id = ("%s:%s:%d"):format(self.name, owner.me().tag, ticket_seq),
@@ -235,9 +238,10 @@ end
 -- The ticket's store (an unchecked ticket handed out while it could not be opened gets it here): -> the
 -- store | nil, err
 local function store_of(ticket)
-  if not ticket.store then ticket.store = store_or_fail() end
   if ticket.store then return ticket.store end
-  return store_or_fail()
+  local s, err = S.open_for_retry()
+  ticket.store = s
+  return s, err
 end
 
 local function settle_later(ticket, entry, fields, sent)
@@ -277,6 +281,7 @@ function Ticket:settle(actual, e)
   -- rounds to 0): its row is written; settle(0) writes none
   entry.charged = actual > 0
   local s, serr = store_of(self)
+  if not s and actual == 0 then return true end -- (unchecked, no store yet: no hold, no row to undo)
   if not s then -- (unchecked: the store still cannot be opened) tried again as one it refused
     settle_later(self, entry, fields)
     if fields.wait == false then return true end

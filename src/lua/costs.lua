@@ -279,11 +279,11 @@ function resil.cost.record(e)
     -- down as the gateway's first answer came, the SQLite file busy): tried
     -- again as one the store refused, not dropped
     if (e.wait == false or e.retry) and resil.running() and resil.is_error(serr)
-      and serr.kind == "store_unavailable" then
+      and serr.kind == "store_unavailable" and unwritten < LATER_MAX then
       local entry = cost_entry(e, store_now())
       entry.sync = e.sync
       local function write()
-        local st, err = store_or_fail()
+        local st, err = S.open_for_retry()
         if not st then return nil, err end
         own_key(st.backend, entry)
         return st.backend:cost_record(entry)

@@ -197,16 +197,15 @@ function resil.store(url, opts)
   if s then return s end
   check_url(url, 2)
   check_file(url, 2)
-  local first = opening[url]
-  if first and resil.running() and coroutine.isyieldable() then
-    local pause = 0.001
+  -- (a loop: when the first is canceled, one of its waiters opens it and the others wait for that one)
+  while opening[url] and resil.running() and coroutine.isyieldable() do
+    local first, pause = opening[url], 0.001
     while not first.done do
       resil.sleep(pause)
       pause = math.min(pause * 2, 0.05)
     end
     if opened[url] then return opened[url] end
     if first.err then return nil, first.err end
-    -- (the first was canceled: this one opens it)
   end
   local o <close> = setmetatable({ url = url }, opening_ended)
   opening[url] = o
@@ -229,6 +228,19 @@ local function store_or_fail()
   if s then return s end
   if not resil.is_error(err) then err = resil.error("store_unavailable", tostring(err)) end
   return nil, err
+end
+
+-- The store for a write tried again (costs' and budgets' retries of what was recorded before it
+-- could be opened): an open that failed is not tried again within a second, since each such
+-- write tries on its own (2,000 rows made 14,000 open attempts in 5 s of a refused open)
+local failed_open = {}
+local function store_for_retry()
+  local url = default_url()
+  local failed = failed_open[url]
+  if failed and resil.now() < failed.till then return nil, failed.err end
+  local s, err = store_or_fail()
+  failed_open[url] = not s and { till = resil.now() + 1, err = err } or nil
+  return s, err
 end
 
 -- key/value for policies' own state
@@ -428,6 +440,7 @@ return {
   config = config,
   now = store_now,
   open = store_or_fail,
+  open_for_retry = store_for_retry,
   url = default_url,
   open_or_raise = store_or_raise,
   encode_values = encode_values,
