@@ -979,14 +979,14 @@ describe("gateway: virtual keys", function()
     assert.are.equal("rate_limit_exceeded", json.decode(res.body).error.code)
   end)
 
-  -- (before: the upstream transfer was aborted and the hold given back, though the provider bills a
-  -- call its client left: 30 such calls spent 3.6 times a key's budget with nothing in its ledger)
-  it("a call whose client gives up is finished and recorded, its cost in the key's budget", function()
-    local url, m = start({ strict = true, reply = "a slow answer", latency = 0.5 }, { auth = true })
-    local key = assert(keys.add({ name = "impatient", budget = "10/day" }))
+  -- Three clients that give up on a call of `path` before its answer (a key with a budget): the
+  -- calls are finished and recorded, their cost in the key's budget, no hold left behind
+  local function clients_give_up(path, body, route, mock)
+    local url, m = start(mock, { auth = true })
+    local name = "impatient-" .. route
+    local key = assert(keys.add({ name = name, budget = "10/day" }))
     for _ = 1, 3 do
-      local res, err = http.request({ method = "POST", url = url .. "/v1/chat/completions", timeout = 0.2,
-        body = json.encode({ model = "gpt-4o-mini", messages = MSGS }),
+      local res, err = http.request({ method = "POST", url = url .. path, timeout = 0.2, body = json.encode(body),
         headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
       assert.is_nil(res)
       assert.are.equal("timeout", err.kind)
@@ -995,35 +995,26 @@ describe("gateway: virtual keys", function()
       local rows = resil.cost.breakdown("model")[1]
       return rows and rows.calls == 3
     end, 10), "the three calls were not recorded")
-    assert.are.equal(3, m:stats().routes.chat)
-    local state = assert(resil.budget("key:impatient"):state())
+    assert.are.equal(3, m:stats().routes[route])
+    assert.are.equal(3, m:stats().billed.responses)
+    local state = assert(resil.budget("key:" .. name):state())
     assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
     assert.is_true(math.abs(state.spent - resil.cost.total({})) <= 3e-6, state.spent .. " spent")
     assert.is_true(state.spent > 0)
+  end
+
+  -- (before: the upstream transfer was aborted and the hold given back, though the provider bills a
+  -- call its client left: 30 such calls spent 3.6 times a key's budget with nothing in its ledger)
+  it("a call whose client gives up is finished and recorded, its cost in the key's budget", function()
+    clients_give_up("/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS }, "chat",
+      { strict = true, reply = "a slow answer", latency = 0.5 })
   end)
 
   -- (before: an embeddings call was aborted when its client left, its hold given back: the provider
   -- billed it, and neither the ledger nor the key's budget knew)
   it("an embeddings call whose client gives up is finished and recorded, its cost in the key's budget", function()
-    local url, m = start({ strict = true, latency = 0.5 }, { auth = true })
-    local key = assert(keys.add({ name = "impatient-embed", budget = "10/day" }))
-    for _ = 1, 3 do
-      local res, err = http.request({ method = "POST", url = url .. "/v1/embeddings", timeout = 0.2,
-        body = json.encode({ model = "openai/text-embedding-3-small", input = ("tides and moons "):rep(200) }),
-        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
-      assert.is_nil(res)
-      assert.are.equal("timeout", err.kind)
-    end
-    assert.is_true(helpers.wait_until(function()
-      local rows = resil.cost.breakdown("model")[1]
-      return rows and rows.calls == 3
-    end, 10), "the three calls were not recorded")
-    assert.are.equal(3, m:stats().routes.embeddings)
-    assert.are.equal(3, m:stats().billed.responses)
-    local state = assert(resil.budget("key:impatient-embed"):state())
-    assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
-    assert.is_true(math.abs(state.spent - resil.cost.total({})) <= 3e-6, state.spent .. " spent")
-    assert.is_true(state.spent > 0)
+    clients_give_up("/v1/embeddings", { model = "openai/text-embedding-3-small", input = ("tides and moons "):rep(200) },
+      "embeddings", { strict = true, latency = 0.5 })
   end)
 
   it("an exhausted budget is refused before any provider is called, with x-should-retry: false", function()
