@@ -356,6 +356,8 @@ ai.wire_request = wire_request
 -- of them left out, or n = 128 counted once, let one request spend many
 -- times a budget that looked unreached.
 local BILLED_INPUTS = { "tools", "response_format", "extra", "provider_options" }
+-- where a request may mark a prompt for the cache (cache_writes below)
+local CACHE_MARKED = { "messages", "system", "tools", "provider_options", "extra" }
 
 -- image parts anywhere in a conversation (a message's content, a tool result's): each is
 -- billed as up to thousands of tokens, however few bytes its link or file id is
@@ -416,12 +418,13 @@ local function estimate_usd(targets, req, searches)
   end
   local choices = math.tointeger(req.n) or 1
   if choices < 1 then choices = 1 end
-  -- (every input token may be a cache write when one is asked for: held at that price)
+  -- (every input token may be a cache write when one is asked for: held at that price, the
+  -- 1-hour one's if any mark asks for it)
   local writes
-  for _, field in ipairs({ "messages", "system", "tools", "provider_options", "extra" }) do
+  for _, field in ipairs(CACHE_MARKED) do
     local v = req[field]
     local w = type(v) == "table" and cache_writes(v, 0) or nil
-    writes = writes ~= "1h" and w or writes
+    if w == "1h" or not writes then writes = w or writes end
   end
   local usd = 0
   for _, t in ipairs(targets) do

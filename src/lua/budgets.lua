@@ -137,11 +137,10 @@ function Budget:reserve(estimate, o)
   end
   local s, serr = store_or_fail()
   if not s then
-    -- a store that cannot be opened (its file busy past the timeout at a worker's first request) is an
-    -- outage as any: on_outage = "allow" failed closed there. The ticket gets the store at its settle.
-    -- Only a file busy past the timeout is an outage that passes; a store that is not one (a bad
-    -- URL, /dev/null, another program's database, a newer schema) fails closed, or "allow" would
-    -- let every call through unchecked for as long as nobody fixes it
+    -- A store whose file is busy past the timeout (at a worker's first request) is an outage as any:
+    -- on_outage = "allow" hands out a ticket that gets the store at its settle. One that is not a
+    -- store (a bad URL, /dev/null, another program's database, a newer schema) fails closed: no
+    -- waiting fixes it, and "allow" would let every call through unchecked until someone does.
     if self.on_outage ~= "allow" or not (type(serr) == "table" and serr.busy) then return nil, serr end
     local now = store_now()
     ticket_seq = ticket_seq + 1

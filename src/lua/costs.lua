@@ -272,6 +272,19 @@ local function own_key(backend, entry)
   entry.dedupe = ("row:%s:%d"):format(owner.me().tag, unkeyed)
 end
 
+-- A paid call's row the store could not take now (not open yet, or refused
+-- as unavailable): tried again for a minute, the store asked for at each try
+-- (retry_later). sent: the failed write may have reached the store.
+local function record_later(e, entry, err)
+  retry_later("a cost row", function()
+    local s, oerr = S.open_for_retry()
+    if not s then return nil, oerr end
+    own_key(s.backend, entry)
+    return s.backend:cost_record(entry)
+  end, function(ok) return ok end, metric_fields(e),
+    { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, err.sent)
+end
+
 function resil.cost.record(e)
   local s, serr = store_or_fail()
   if not s then
@@ -282,14 +295,7 @@ function resil.cost.record(e)
       and serr.kind == "store_unavailable" and unwritten < LATER_MAX then
       local entry = cost_entry(e, store_now())
       entry.sync = e.sync
-      local function write()
-        local st, err = S.open_for_retry()
-        if not st then return nil, err end
-        own_key(st.backend, entry)
-        return st.backend:cost_record(entry)
-      end
-      retry_later("a cost row", write, function(ok) return ok end, metric_fields(e),
-        { provider = e.provider, model = e.model, usd = e.usd, error = tostring(serr) })
+      record_later(e, entry, serr)
       if e.wait == false then return true end
       serr.retrying = true
     end
@@ -306,8 +312,7 @@ function resil.cost.record(e)
   end
   local ok, err = s.backend:cost_record(entry)
   if ok == nil and e.retry and resil.running() and resil.is_error(err) and err.kind == "store_unavailable" then
-    retry_later("a cost row", function() return s.backend:cost_record(entry) end, function(done) return done end,
-      metric_fields(e), { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, err.sent)
+    record_later(e, entry, err)
     err.retrying = true
     return nil, err
   end
