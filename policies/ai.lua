@@ -556,6 +556,18 @@ local function record_cost(r, req, ticket, operation, how)
   end
 end
 
+-- A stream's usage with its output at least `bytes` streamed (about 4 bytes
+-- a token), the input estimated when the provider reported none: -> u
+-- (the table given, changed) or a new one
+local function with_streamed_output(u, req, bytes)
+  u = u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0, cache_write_tokens = 0 }
+  local streamed = math.ceil(bytes / 4)
+  if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
+    u.output_tokens, u.estimated = streamed, true
+  end
+  return u
+end
+
 -- Answers a validator refused (an empty choice, tool arguments that are not
 -- JSON: invalid output, retried or fallen back from) were billed all the
 -- same when they say what they used: each gets a row of its own (units.refused
@@ -563,8 +575,21 @@ end
 -- says nothing (not JSON, no usage) is not counted: nothing to price it by.
 
 -- What a refused answer says it used: a body's usage, or what a stream
--- that ended empty reported. -> usage, model, id | nil
-local function refused_usage(t, res)
+-- that ended empty reported; for an answer whose body was cut (its 2xx
+-- read, then the connection ended, timed out, or ran past max_body) the
+-- input estimated from the request and its output at least the bytes read
+-- (about 4 bytes a token; units.cut = 1, units.estimated), unless the
+-- request carried an Idempotency-Key to that provider, which replays the
+-- whole answer to the retry as the same charge. -> usage, model, id | nil
+local function refused_usage(t, res, req)
+  if res.cut then
+    if ledger_key({ provider = t.provider, id = "cut" }, req) then return nil end
+    local sent = req.messages or req.input or req.prompt or ""
+    local u = with_streamed_output({ input_tokens = math.ceil(#json.encode(sent) / 4), cached_input_tokens = 0,
+      cache_write_tokens = 0 }, req, res.received)
+    u.cut = 1
+    return u
+  end
   if res.stream then
     local st = type(res.state) == "table" and res.state or {}
     return type(st.usage) == "table" and st.usage or nil, st.model, st.id
@@ -589,9 +614,10 @@ local function record_refusals(guard)
     local t = list.target
     while list[1] do
       local res = table.remove(list, 1)
-      local usage, model, id = refused_usage(t, res)
+      local usage, model, id = refused_usage(t, res, guard.req)
       if usage then
-        usage.requests, usage.refused = 1, 1
+        usage.requests = 1
+        if not res.cut then usage.refused = 1 end
         local a = { provider = t.provider, requested_model = t.model, usage = usage,
           model = provider_text(model) or t.model, id = provider_text(id) }
         local key = ledger_key(a, guard.req)
@@ -621,18 +647,6 @@ end
 local function any_refused(g)
   for _, list in ipairs(g.refused) do if list[1] then return true end end
   return false
-end
-
--- A stream's usage with its output at least `bytes` streamed (about 4 bytes
--- a token), the input estimated when the provider reported none: -> u
--- (the table given, changed) or a new one
-local function with_streamed_output(u, req, bytes)
-  u = u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0, cache_write_tokens = 0 }
-  local streamed = math.ceil(bytes / 4)
-  if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
-    u.output_tokens, u.estimated = streamed, true
-  end
-  return u
 end
 
 -- A refused attempt's stream state: the usage the provider reported, its
@@ -1031,7 +1045,10 @@ local function stream_opener(t, req, refused)
       if o.handed or not refused then return end
       local paid = paid_while_opening(req, o.state, o.whole)
       if not paid and not returned and o.accepted then paid = input_paid(req, o.state) end
-      if paid then refused[#refused + 1] = { stream = true, state = paid } end
+      if paid then
+        refused[#refused + 1] = { stream = true, state = paid }
+        refused.answers = (refused.answers or 0) + 1 -- (the next attempt's Idempotency-Key moves on)
+      end
     end })
     local res, err = attempt(o)
     returned = true

@@ -70,7 +70,9 @@ local function merged_request(self, req, left, span, refused)
   -- after an answer it refused, the same key would get that answer again
   -- (the provider replays it): each refusal moves to a key of its own,
   -- the same one again when the call is run again (a resumed job)
-  if key and refused and refused[1] then key = key .. "." .. #refused end
+  -- (a cut answer does not move it: the provider replays the whole answer, one charge)
+  local moved = refused and refused.answers
+  if key and moved and moved > 0 then key = key .. "." .. moved end
   r.idempotency_key = nil
   if key or span or (base.headers and req.headers) then
     local h = {}
@@ -161,8 +163,9 @@ local function operation_series(self, model, error_type)
 end
 
 -- One attempt through breaker, buckets and the concurrency limit. refused:
--- a list that collects the 2xx responses the validator turned down (the
--- provider billed them: policies.ai records their cost).
+-- a list that collects the 2xx responses the validator turned down, and
+-- those whose body was cut ({cut = true, status=, received=}): the
+-- provider billed them, policies.ai records their cost.
 local function attempt(n, self, req, deadline, refused)
   local left = deadline and deadline - now()
   local br = self.breaker
@@ -231,6 +234,10 @@ local function attempt(n, self, req, deadline, refused)
   if verdict then
     if refused and verdict.class == "invalid_output" and type(res) == "table" and type(res.status) == "number" then
       refused[#refused + 1] = res
+      refused.answers = (refused.answers or 0) + 1
+    elseif refused and res == nil and type(err) == "table" and math.type(err.received) == "integer" then
+      -- a 2xx whose body was cut (or timed out, or ran past max_body): answered, so billed
+      refused[#refused + 1] = { cut = true, status = err.status, received = err.received }
     end
     local e = classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })
     if span then e.trace_id, e.span_id = span.trace_id, span.span_id end -- for the retry's log line

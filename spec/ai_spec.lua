@@ -545,6 +545,47 @@ describe("chat over the strict mock", function()
     assert.is_true(math.abs(b:state().spent - 2 * each) <= 2e-6)
   end)
 
+  -- (before: the cut answer was retried and never recorded: the provider billed two answers, the ledger
+  -- and the budget saw one)
+  it("an answer whose body was cut after its 200 was billed: a row of its own, estimated, in the budget", function()
+    m:configure({ sequence = { chat = { "truncate" } } })
+    local b = resil.budget("ai-spec-cut", { limit = 1 })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, budget = "ai-spec-cut" }))
+    assert.are.equal(2, r.attempts)
+    assert.are.equal(2, m:stats().billed.responses)
+    assert.are.equal(2, ledger_rows())
+    local answer = pricing.cost("openai", "gpt-4o-mini", r.usage)
+    local cut = r.cost_usd - answer
+    -- its input estimated from the request, its output at least the half body the mock sent (4 bytes a token)
+    local least = pricing.cost("openai", "gpt-4o-mini", { input_tokens = math.ceil(#resil.json.encode(MSGS) / 4),
+      output_tokens = 1 })
+    assert.is_true(cut >= least, ("cut answer priced at %s"):format(cut))
+    assert.is_true(math.abs(resil.cost.total({}) - r.cost_usd) <= 2e-6)
+    local st = b:state()
+    assert.are.equal(0, st.reserved)
+    assert.is_true(math.abs(st.spent - r.cost_usd) <= 2e-6, tostring(st.spent))
+  end)
+
+  it("a call that fails on cut answers only still records them; one whose key the provider replays is one charge",
+    function()
+      m:configure({ sequence = { chat = { "truncate", "truncate" } } })
+      local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        retry = { max_retries = 1 } })
+      assert.is_nil(r)
+      assert.are.equal("reset", err.kind)
+      assert.are.equal(2, m:stats().billed.responses)
+      assert.are.equal(2, ledger_rows())
+      assert.is_true(err.cost_usd > 0 and math.abs(resil.cost.total({}) - err.cost_usd) <= 2e-6)
+      -- a provider that honours Idempotency-Key kept the answer it made: the retry gets it again, unbilled
+      m:configure({ idempotency = true, sequence = { chat = { "truncate" } } })
+      assert(resil.once("ai-spec-cut-replayed", function()
+        return ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, idempotency = true })
+      end))
+      assert.are.equal(1, m:stats().replayed)
+      assert.are.equal(3, m:stats().billed.responses)
+      assert.are.equal(3, ledger_rows())
+    end)
+
   it("a call canceled after a refused answer records that answer and gives its hold back", function()
     local n = 0
     m:configure({ routes = { ["POST /v1/chat/completions"] = function()

@@ -208,6 +208,9 @@ typedef struct {
   abort_reason aborted;
   const char *detail;
   int client_fault;
+  /* body bytes read before a non-stream transfer failed; -1 for a stream
+   * (its reader accounts for what it read) */
+  long long received;
 } outcome;
 
 typedef struct {
@@ -1066,6 +1069,7 @@ static void outcome_of(const http_req *r, outcome *o) {
   o->aborted = r->aborted;
   o->detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
   o->client_fault = r->client_fault;
+  o->received = -1;
 }
 
 static int failed(const outcome *o) { return o->aborted != ABORT_NONE || o->result != CURLE_OK; }
@@ -1089,6 +1093,20 @@ static int push_failure(lua_State *L, const outcome *o) {
   if (o->client_fault) { /* libcurl's, not the server's: not counted against it (classify) */
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "client_fault");
+  }
+  return n;
+}
+
+/* A 2xx whose body did not arrive whole (cut, timed out, past max_body):
+ * the provider answered, and bills for it. The error says so (status,
+ * received: body bytes read) so that the caller can count the charge. */
+static int push_failure_after_answer(lua_State *L, const outcome *o) {
+  int n = push_failure(L, o);
+  if (o->received >= 0 && o->status >= 200 && o->status < 300 && o->aborted != ABORT_CANCELED) {
+    lua_pushinteger(L, o->status);
+    lua_setfield(L, -2, "status");
+    lua_pushinteger(L, o->received);
+    lua_setfield(L, -2, "received");
   }
   return n;
 }
@@ -1606,8 +1624,9 @@ static int request_result_k(lua_State *L, int status, lua_KContext ctx) {
   if (failed(&o)) {
     snprintf(detail, sizeof detail, "%s", o.detail);
     o.detail = detail;
+    o.received = (long long)r->body.len;
     req_release(r);
-    return push_failure(L, &o);
+    return push_failure_after_answer(L, &o);
   }
   buffer swap = H->reply_head;
   H->reply_head = r->head;

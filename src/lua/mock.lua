@@ -770,7 +770,12 @@ function Mock:handle(req)
     reply.headers = reply.headers or {}
     reply.headers[name] = reply.headers[name] or ("req_mock%s%d"):format(self.instance, self.counts.total)
   end
-  if key and not reply.action and (reply.status or 200) < 300 then self.replies[route .. " " .. key] = deep_copy(reply) end
+  -- (a truncated answer too: the provider kept the answer it made, only its delivery was cut)
+  if key and (not reply.action or reply.action == "truncate") and (reply.status or 200) < 300 then
+    local kept = deep_copy(reply)
+    kept.action = nil
+    self.replies[route .. " " .. key] = kept
+  end
   local latency = sample_latency(fault and fault.latency or self.scenario.latency, self.random)
   if latency > 0 then reply.delay = latency end
   return reply
