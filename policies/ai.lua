@@ -351,7 +351,7 @@ ai.wire_request = wire_request
 
 -- What a call may cost at most, reserved from its budget: every input the
 -- provider bills (messages, system in either form, tools, a response
--- format's schema, fields passed as they are; about 4 bytes a token) and the
+-- format's schema, fields passed as they are; pricing.estimate_tokens) and the
 -- longest answer it may write, once per choice (`n`: each is billed). Any
 -- of them left out, or n = 128 counted once, let one request spend many
 -- times a budget that looked unreached.
@@ -408,13 +408,13 @@ local function web_searches(tools)
 end
 
 local function estimate_usd(targets, req, searches)
-  local text = #json.encode(req.messages)
+  local tokens = pricing.estimate_tokens(json.encode(req.messages))
   local images = type(req.messages) == "table" and count_images(req.messages, 0) or 0
   local system = req.system
-  if type(system) == "string" then text = text + #system
-  elseif type(system) == "table" then text = text + #json.encode(system) end
+  if type(system) == "string" then tokens = tokens + pricing.estimate_tokens(system)
+  elseif type(system) == "table" then tokens = tokens + pricing.estimate_tokens(json.encode(system)) end
   for _, field in ipairs(BILLED_INPUTS) do
-    if type(req[field]) == "table" then text = text + #json.encode(req[field]) end
+    if type(req[field]) == "table" then tokens = tokens + pricing.estimate_tokens(json.encode(req[field])) end
   end
   local choices = math.tointeger(req.n) or 1
   if choices < 1 then choices = 1 end
@@ -430,7 +430,7 @@ local function estimate_usd(targets, req, searches)
   for _, t in ipairs(targets) do
     local r = request_for(t, req)
     local out = reserved_max_tokens(t, r) * choices
-    local input = math.ceil(text / 4) + images * pricing.image_tokens_for(t.provider, t.model)
+    local input = tokens + images * pricing.image_tokens_for(t.provider, t.model)
     local c, why = pricing.cost(t.provider, t.model, { input_tokens = input, output_tokens = out,
       web_search_requests = searches, cache_write_tokens = writes and input or nil,
       cache_write_1h_tokens = writes == "1h" and input or nil })
@@ -560,7 +560,8 @@ end
 -- a token), the input estimated when the provider reported none: -> u
 -- (the table given, changed) or a new one
 local function with_streamed_output(u, req, bytes)
-  u = u or { input_tokens = math.ceil(#json.encode(req.messages) / 4), cached_input_tokens = 0, cache_write_tokens = 0 }
+  u = u or { input_tokens = pricing.estimate_tokens(json.encode(req.messages)), cached_input_tokens = 0,
+    cache_write_tokens = 0 }
   local streamed = math.ceil(bytes / 4)
   if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
     u.output_tokens, u.estimated = streamed, true
@@ -585,7 +586,7 @@ local function refused_usage(t, res, req)
   if res.cut then
     if ledger_key({ provider = t.provider, id = "cut" }, req) then return nil end
     local sent = req.messages or req.input or req.prompt or ""
-    local u = with_streamed_output({ input_tokens = math.ceil(#json.encode(sent) / 4), cached_input_tokens = 0,
+    local u = with_streamed_output({ input_tokens = pricing.estimate_tokens(json.encode(sent)), cached_input_tokens = 0,
       cache_write_tokens = 0 }, req, res.received)
     u.cut = 1
     return u
@@ -1370,7 +1371,7 @@ function ai.embed(req)
     local text = type(input) == "string" and input or json.encode(input)
     local usd = 0
     for _, st in ipairs(strategies) do
-      local c, why = pricing.cost(st.t.provider, st.t.model, { input_tokens = math.ceil(#text / 4) })
+      local c, why = pricing.cost(st.t.provider, st.t.model, { input_tokens = pricing.estimate_tokens(text) })
       if c == nil then
         return nil, resil.error("unpriced", ("budget '%s' cannot hold a call without a price: %s"):format(
           tostring(budget.name), why), { class = "unpriced", retryable = false })

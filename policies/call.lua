@@ -26,6 +26,7 @@
 local resil = require "resil"
 local classify = require "policies.classify"
 local retry = require "policies.retry"
+local pricing = require "policies.pricing"
 local fallback = require "policies.fallback"
 
 local call = {}
@@ -49,7 +50,7 @@ end }
 local function estimate_tokens(req)
   local body = req.body or (req.json and resil.json.encode(req.json)) or ""
   local out = type(req.json) == "table" and (req.json.max_tokens or req.json.max_completion_tokens) or 0
-  return math.ceil(#body / 4) + out
+  return pricing.estimate_tokens(body) + out
 end
 
 local function used_tokens(res)

@@ -26,6 +26,7 @@
 -- policies/ to change it.
 local resil = require "resil"
 local ai = require "policies.ai"
+local pricing = require "policies.pricing"
 local keys = require "resil.keys"
 
 local json = resil.json
@@ -729,7 +730,7 @@ local function anthropic_stream(s, first, id, model, headers, req)
     local _ <close> = s
     write(sse("message_start", { type = "message_start", message = { id = "msg_" .. id, type = "message",
       role = "assistant", model = model, content = setmetatable({}, json.array_mt), stop_reason = null,
-      stop_sequence = null, usage = { input_tokens = math.ceil(#json.encode(req.messages) / 4), output_tokens = 0 } } }))
+      stop_sequence = null, usage = { input_tokens = pricing.estimate_tokens(json.encode(req.messages)), output_tokens = 0 } } }))
     write(sse("content_block_start", { type = "content_block_start", index = 0,
       content_block = { type = "text", text = "" } }))
     local delta, err = first, nil
@@ -1028,7 +1029,7 @@ function complete_admitted(req, api, id, rec, slot)
   end
   r.ledger_sync, r.ledger_wait = gateway.config.ledger_sync, gateway.config.ledger_wait
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
-  local limited = key_limits(rec, api, math.ceil(#req.body / 4) + (r.max_tokens or 0))
+  local limited = key_limits(rec, api, pricing.estimate_tokens(req.body) + (r.max_tokens or 0))
   if limited then return with_id(limited, id) end
   local idem = req.headers["idempotency-key"]
 
@@ -1144,7 +1145,7 @@ local function embeddings(req)
     encoding_format = type(b.encoding_format) == "string" and b.encoding_format or nil, user = rec.name,
     ledger_sync = gateway.config.ledger_sync, ledger_wait = gateway.config.ledger_wait }
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
-  local limited = key_limits(rec, "openai", math.ceil(#req.body / 4))
+  local limited = key_limits(rec, "openai", pricing.estimate_tokens(req.body))
   if limited then return with_id(limited, id) end
   -- run to its end as a chat is: the provider bills it whether or not its client stays
   local res, err = call_to_end(slot, r, ai.embed)

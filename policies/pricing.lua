@@ -129,6 +129,19 @@ function pricing.price(provider, model)
   return price
 end
 
+-- pricing.estimate_tokens(text) -> about how many tokens a text is, before
+-- the provider says (a reservation, a tokens-per-minute limit): 4 bytes a
+-- token for ASCII (English, code, JSON), 2 for every other byte. A CJK
+-- character is 3 bytes and 1 to 2 tokens: at 4 bytes a token it counted
+-- 0.75, and a Chinese prompt could spend twice its hold's input part.
+function pricing.estimate_tokens(text)
+  local n = #text
+  if not text:find("[\128-\255]") then return math.ceil(n / 4) end
+  local wide = 0
+  for run in text:gmatch("[\128-\255]+") do wide = wide + #run end
+  return math.ceil((n - wide) / 4 + wide / 2)
+end
+
 -- pricing.image_tokens_for(provider, model) -> the most input tokens one image may cost
 function pricing.image_tokens_for(provider, model)
   local t = pricing.image_tokens[provider]

@@ -746,6 +746,24 @@ describe("chat over the strict mock", function()
     assert.are.equal(0, #b:state().holds)
   end)
 
+  -- (before: 4 bytes a token for every byte held a CJK prompt at 0.75 tokens a character; the provider
+  -- bills one or more)
+  it("a prompt in Chinese or Japanese is held at a token a character at least", function()
+    local b = resil.budget("ai-spec-cjk", { limit = 1 })
+    local text = ("日本語のテキストです。"):rep(150) -- 1,650 characters, 4,950 bytes
+    local chars = utf8.len(text)
+    m:configure({ strict = true, latency = { min = 5, max = 5 } })
+    local t = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = { { role = "user", content = text } },
+      max_tokens = 100, budget = "ai-spec-cjk" })
+    resil.sleep(1) -- reserved, waiting for the answer
+    local least = pricing.cost("openai", "gpt-4o-mini", { input_tokens = chars, output_tokens = 100 })
+    assert.is_true(b:state().reserved >= least, ("held %s, at least %s"):format(b:state().reserved, least))
+    local ok, r = t:join()
+    assert.is_true(ok and r ~= nil)
+    -- ASCII stays at 4 bytes a token
+    assert.are.equal(3, pricing.estimate_tokens("hello world"))
+  end)
+
   it("a budget refuses a model without a price before sending anything", function()
     resil.budget("ai-spec-2", { limit = 1 })
     local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, budget = "ai-spec-2" })
