@@ -692,6 +692,39 @@ describe("chat over the strict mock", function()
     assert.is_true(st.spent > 0)
   end)
 
+  -- (before: the row, queued for the lock, was dropped with the cancel)
+  it("a call without a budget canceled while its row waits for the store still records it, once", function()
+    resil.clock.real() -- the store's lock is held by another process
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    assert(resil.cost.record({ provider = "warm-up", usd = 0 })) -- the file and its schema
+    local n = 0
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      n = n + 1
+      local res = good_answer("chatcmpl-good")
+      res.delay = 1 -- (meanwhile the lock is taken)
+      return res
+    end } })
+    local t = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+    assert.is_true(helpers.wait_until(function() return n == 1 end, 30), "the call was not sent")
+    local release = helpers.hold_write_lock(db)
+    finally(function() helpers.write(release, "") end)
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 0 end, 10))
+    resil.sleep(0.3)
+    assert.are.equal("waiting", t:status()) -- answered; its row waits for the lock
+    t:cancel()
+    helpers.write(release, "")
+    local function rows()
+      for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
+        if g.key == "openai" then return g.calls end
+      end
+      return 0
+    end
+    assert.is_true(helpers.wait_until(function() return rows() == 1 end, 15), "rows: " .. rows())
+    resil.sleep(0.5)
+    assert.are.equal(1, rows())
+  end)
+
   it("a call canceled while its settle waits for the store still records its answer and its refusals, " ..
      "and frees its hold", function()
     resil.clock.real() -- the store's lock is held by another process

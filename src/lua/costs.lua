@@ -266,8 +266,8 @@ end
 -- the row itself again); without it the caller decides, and a waited-for
 -- row the store refused was dropped (ledger_wait = true in the gateway).
 local unkeyed = 0
-local function own_key(backend, entry)
-  if entry.dedupe ~= nil or backend.kind ~= "redis" then return end
+local function own_key(backend, entry, always)
+  if entry.dedupe ~= nil or not always and backend.kind ~= "redis" then return end
   unkeyed = unkeyed + 1
   entry.dedupe = ("row:%s:%d"):format(owner.me().tag, unkeyed)
 end
@@ -284,6 +284,14 @@ local function record_later(e, entry, err)
   end, function(ok) return ok end, metric_fields(e),
     { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, err.sent)
 end
+
+-- (a paid call's row whose caller was canceled while the store had it: a
+-- pipeline's deadline, a task canceled. Queued, SQLite drops it with the
+-- cancel; it is written later instead, keyed, so that one the store took
+-- meanwhile is not written twice)
+local record_guard = { __close = function(w)
+  if not w.seen then record_later(w.e, w.entry, { sent = true }) end
+end }
 
 function resil.cost.record(e)
   local s, serr = store_or_fail()
@@ -310,7 +318,14 @@ function resil.cost.record(e)
       return true
     end
   end
+  local guard
+  if e.retry and resil.running() then
+    own_key(s.backend, entry, true)
+    guard = setmetatable({ e = e, entry = entry }, record_guard)
+  end
+  local _ <close> = guard
   local ok, err = s.backend:cost_record(entry)
+  if guard then guard.seen = true end
   if ok == nil and e.retry and resil.running() and resil.is_error(err) and err.kind == "store_unavailable" then
     record_later(e, entry, err)
     err.retrying = true
