@@ -255,13 +255,16 @@ end)
 describe("resil.log to a stderr pipe whose reader stalls", function()
   local driver = [[
 import os, sys, subprocess, time
-resil, script, d, n = sys.argv[1:5]
+resil, script, d, n, how = sys.argv[1:6]
 fifo = d + "/f"
 os.mkfifo(fifo)
 r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-w = os.open(fifo, os.O_WRONLY)
-p = subprocess.Popen([resil, script, d, n], stderr=w, stdout=subprocess.PIPE)
-os.close(w)
+if how == "stderr":
+    w = os.open(fifo, os.O_WRONLY)
+    p = subprocess.Popen([resil, script, d, n], stderr=w, stdout=subprocess.PIPE)
+    os.close(w)
+else: # --log-file naming the FIFO
+    p = subprocess.Popen([resil, "--log-file", fifo, script, d, n], stdout=subprocess.PIPE)
 t0 = time.time()
 while not os.path.exists(d + "/logged"):
     if time.time() - t0 > 30:
@@ -290,12 +293,13 @@ while not io.open(dir .. "/reading") do resil.sleep(0.01) end -- (the loop runs:
 print("alive")
 ]]
   -- -> the script's stdout, and the log lines the reader got (decoded)
-  local function stalled(n)
+  local function stalled(n, how)
     local dir = helpers.tmpname(".d")
     assert(os.execute("mkdir -p " .. dir))
     local py = helpers.write(dir .. "/driver.py", driver)
     local lua = helpers.write(dir .. "/script.lua", script)
-    local r = helpers.run(("timeout 120 python3 %s %s %s %s %d"):format(py, helpers.resil, lua, dir, n))
+    local r = helpers.run(("timeout 120 python3 %s %s %s %s %d %s"):format(py, helpers.resil, lua, dir, n,
+      how or "stderr"))
     local out, lines = {}, {}
     for line in r.stdout:gmatch("[^\n]+") do
       if line:sub(1, 1) == "{" then lines[#lines + 1] = assert(resil.json.decode(line), line)
@@ -309,6 +313,24 @@ print("alive")
     assert.are.equal("alive", out, r.stderr)
     assert.are.equal(3000, #lines)
     for i, l in ipairs(lines) do assert.are.equal(i, l.i) end
+  end)
+
+  -- (before: --log-file opened a FIFO as a file, and each line waited for its reader)
+  it("the same for a FIFO named by --log-file", function()
+    local out, lines, r = stalled(3000, "file")
+    assert.are.equal("alive", out, r.stderr)
+    assert.are.equal(3000, #lines)
+    for i, l in ipairs(lines) do assert.are.equal(i, l.i) end
+  end)
+
+  -- (before: the start waited for a reader, for good)
+  it("--log-file naming a FIFO that nothing reads is refused at once, saying so", function()
+    local fifo = helpers.tmpname(".fifo")
+    assert(os.execute("mkfifo " .. fifo))
+    local r = helpers.run(("timeout 20 %s --log-file %s -e 'print(1)'"):format(helpers.resil, fifo))
+    os.remove(fifo)
+    assert.are.equal(1, r.code, r.stderr)
+    assert.matches("%-%-log%-file: cannot open .*: it is a FIFO that no process reads", r.stderr)
   end)
 
   it("drops whole lines past its bound, in order, and says how many once the reader catches up", function()

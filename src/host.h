@@ -30,6 +30,12 @@ typedef struct log_sink log_sink;
 log_sink *log_sink_open(int fd, struct event_base *base);
 void log_sink_write(log_sink *s, const char *line, size_t n);
 void log_sink_close(log_sink *s); /* NULL-safe; waits a little for a slow reader */
+/* A log file opened for appending without ever waiting for a reader (a
+ * FIFO nobody reads is refused, errno ENXIO, rather than hanging the
+ * start): -> a FILE, line-buffered, or NULL with errno set;
+ * log_file_error(errno) says why in words. */
+FILE *log_sink_open_file(const char *path);
+const char *log_file_error(int err);
 
 /* A one-shot timer that follows the host clock: a libevent timer on the
  * real clock, an entry in the virtual timer heap on the virtual clock. */

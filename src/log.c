@@ -221,7 +221,8 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg, 
     lua_pop(L, 1);
   } else {
     /* stderr only: stdout is print()'s too, whose buffered text must stay ahead of a line */
-    if (!st->sink_tried && st->out == stderr) st->sink = log_sink_open(fileno(stderr), R->base);
+    /* (or a FIFO given as the log file: its reader may stall as stderr's) */
+    if (!st->sink_tried && (st->out == stderr || st->owns_out)) st->sink = log_sink_open(fileno(st->out), R->base);
     st->sink_tried = 1;
     if (st->sink) {
       log_sink_write(st->sink, line, line_len);
@@ -338,9 +339,8 @@ static int log_output(lua_State *L) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  FILE *f = fopen(where, "a");
-  if (!f) return resil_error_result(L, "io", "resil.log.output: cannot open %s: %s", where, strerror(errno));
-  setvbuf(f, NULL, _IOLBF, 0);
+  FILE *f = log_sink_open_file(where);
+  if (!f) return resil_error_result(L, "io", "resil.log.output: cannot open %s: %s", where, log_file_error(errno));
   close_output(st);
   st->out = f;
   st->owns_out = 1;

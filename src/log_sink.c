@@ -78,6 +78,27 @@ log_sink *log_sink_open(int fd, struct event_base *base) {
   return NULL;
 }
 
+FILE *log_sink_open_file(const char *path) {
+  int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC | O_NOCTTY, 0644);
+  if (fd < 0) return NULL;
+  struct stat st;
+  /* (anything but a FIFO blocks as a file does: the lines of a log_sink go out without blocking for a FIFO) */
+  if (fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode)) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  FILE *f = fdopen(fd, "a");
+  if (!f) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return NULL;
+  }
+  setvbuf(f, NULL, _IOLBF, 0);
+  return f;
+}
+
+const char *log_file_error(int err) {
+  return err == ENXIO ? "it is a FIFO that no process reads" : strerror(err);
+}
+
 /* -> how many bytes of p went out (all of them if the reader is gone: a
  * line nobody can read is not kept) */
 static size_t write_some(log_sink *s, const char *p, size_t n) {

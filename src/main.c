@@ -129,9 +129,9 @@ static int parse_count(const char *s, long *out) {
 
 /* the log file can be opened for appending (its folder exists, we may write) */
 static int check_log_file(const char *path) {
-  FILE *f = fopen(path, "a");
+  FILE *f = log_sink_open_file(path);
   if (!f) {
-    fprintf(stderr, PROGNAME ": --log-file: cannot open %s: %s\n", path, strerror(errno));
+    fprintf(stderr, PROGNAME ": --log-file: cannot open %s: %s\n", path, log_file_error(errno));
     return -1;
   }
   fclose(f);
