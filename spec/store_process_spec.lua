@@ -262,7 +262,7 @@ describe("a budget with on_outage = \"allow\" whose store cannot be opened yet",
     resil.clock.real()
     resil.log.level("off")
     finally(function() resil.log.level("info") end)
-    local db = held_new_file(1)
+    local db = held_new_file(3) -- (its three open tries, 0.2 s each, all inside it on a slow machine too)
     local url = db .. "?timeout=0.2"
     resil.store_config({ url = url })
     local budget = resil.budget("allow-at-open", { limit = 5, on_outage = "allow" })
