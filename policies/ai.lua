@@ -431,9 +431,12 @@ local function estimate_usd(targets, req, searches)
     local r = request_for(t, req)
     local out = reserved_max_tokens(t, r) * choices
     local input = tokens + images * pricing.image_tokens_for(t.provider, t.model)
+    -- (a processing tier the request asks for, priority or flex, is held at its price)
+    local own = type(r.provider_options) == "table" and r.provider_options[t.adapter.name]
+    local tier = t.adapter.service_tier and type(own) == "table" and t.adapter.service_tier(own.service_tier) or nil
     local c, why = pricing.cost(t.provider, t.model, { input_tokens = input, output_tokens = out,
       web_search_requests = searches, cache_write_tokens = writes and input or nil,
-      cache_write_1h_tokens = writes == "1h" and input or nil })
+      cache_write_1h_tokens = writes == "1h" and input or nil, service_tier = tier })
     if c == nil then return nil, why end
     if c > usd then usd = c end
   end
@@ -597,7 +600,7 @@ local function refused_usage(t, res, req)
   end
   local data = classify.decoded(res)
   if type(data) ~= "table" or not t.adapter.usage then return nil end
-  return t.adapter.usage(data.usage), data.model, data.id
+  return t.adapter.usage(data.usage, data.service_tier), data.model, data.id
 end
 
 -- guard.refused: one list per target tried, of the responses its attempts

@@ -80,6 +80,37 @@ pricing.models = {
   --   elevenlabs = { ["eleven_flash_v2_5"] = { per_1k_characters = 0.05 } },
 }
 
+-- Prices of the processing tiers other than the standard one, by provider,
+-- tier and model: an answer that says it was served by one (OpenAI's
+-- service_tier "priority", about twice the standard price, or "flex", half;
+-- a project may default to priority without the request asking) is priced
+-- here (usage.service_tier). A tier without a price for the model, such as
+-- "scale" (bought ahead), has none: its row is written without a price, never
+-- at the standard one.
+pricing.tiers = {
+  openai = {
+    priority = {
+      ["gpt-4o-mini"] = { input = 0.25, cached_input = 0.125, output = 1.00 },
+      ["gpt-4o"] = { input = 4.25, cached_input = 2.125, output = 17.00 },
+      ["gpt-4o-2024-05-13"] = { input = 8.75, output = 26.25 },
+      ["gpt-4.1"] = { input = 3.50, cached_input = 0.875, output = 14.00 },
+      ["gpt-4.1-mini"] = { input = 0.70, cached_input = 0.175, output = 2.80 },
+      ["gpt-4.1-nano"] = { input = 0.20, cached_input = 0.05, output = 0.80 },
+      ["gpt-5"] = { input = 2.50, cached_input = 0.25, output = 20.00 },
+      ["gpt-5-mini"] = { input = 0.45, cached_input = 0.045, output = 3.60 },
+      ["o3"] = { input = 3.50, cached_input = 0.875, output = 14.00 },
+      ["o4-mini"] = { input = 2.00, cached_input = 0.50, output = 8.00 },
+    },
+    flex = {
+      ["gpt-5"] = { input = 0.625, cached_input = 0.0625, output = 5.00 },
+      ["gpt-5-mini"] = { input = 0.125, cached_input = 0.0125, output = 1.00 },
+      ["gpt-5-nano"] = { input = 0.025, cached_input = 0.0025, output = 0.20 },
+      ["o3"] = { input = 1.00, cached_input = 0.25, output = 4.00 },
+      ["o4-mini"] = { input = 0.55, cached_input = 0.1375, output = 2.20 },
+    },
+  },
+}
+
 -- The most input tokens one image may be billed at (high detail, at the largest size the
 -- provider keeps), by provider and model: what a budget reserves for each image of a request,
 -- which sends a link or a file id of a few bytes. OpenAI: 85 + 170 a tile, 8 tiles of a 2048x768
@@ -118,9 +149,13 @@ local function malformed(price)
   return nil
 end
 
--- pricing.price(provider, model) -> the price table | nil, why (a malformed table is no price)
-function pricing.price(provider, model)
+-- pricing.price(provider, model [, tier]) -> the price table | nil, why (a malformed table is
+-- no price); tier: a processing tier's (pricing.tiers), nil for the standard one
+function pricing.price(provider, model, tier)
   local t = pricing.models[provider]
+  if tier ~= nil then
+    t = type(pricing.tiers[provider]) == "table" and pricing.tiers[provider][tier]
+  end
   if type(t) ~= "table" or type(model) ~= "string" then return nil end
   local price = t[model] or t[strip_date(model)]
   if price == nil then return nil end
@@ -155,19 +190,22 @@ end
 -- without end); past that, one line saying so, then none
 local warned, warned_count, WARN_MAX = {}, 0, 100
 
--- pricing.cost(provider, model, usage) -> usd | nil, why
+-- pricing.cost(provider, model, usage) -> usd | nil, why; usage.service_tier (a
+-- tier other than the standard one) prices it from pricing.tiers
 function pricing.cost(provider, model, usage)
   if type(usage) ~= "table" then error("pricing.cost: usage must be a table", 2) end
-  local price, bad = pricing.price(provider, model)
+  local tier = usage.service_tier
+  if tier ~= nil and type(tier) ~= "string" then tier = tostring(tier) end
+  local price, bad = pricing.price(provider, model, tier)
   if price == nil then
-    local name = tostring(provider) .. "/" .. tostring(model)
+    local name = tostring(provider) .. "/" .. tostring(model) .. (tier and (" (" .. tier .. " tier)") or "")
     if not warned[name] and warned_count <= WARN_MAX then
       warned_count = warned_count + 1
       if warned_count <= WARN_MAX then
         warned[name] = true
         resil.log.warn(bad and "malformed price for model; its calls are recorded without a cost"
           or "no price for model; its calls are recorded without a cost",
-          { provider = provider, model = model, prices_of = pricing.date, error = bad })
+          { provider = provider, model = model, service_tier = tier, prices_of = pricing.date, error = bad })
       else
         resil.log.warn("more models have no price: not warned about one by one (see resil_cost_unpriced_total)",
           { provider = provider, model = model, warned = WARN_MAX })

@@ -797,6 +797,39 @@ describe("chat over the strict mock", function()
     assert.are.equal(3, pricing.estimate_tokens("hello world"))
   end)
 
+  -- (before: every answer was priced at the standard tier, a priority one at about half what it cost)
+  it("an answer served by another processing tier is priced at that tier's price, asked for or the project's",
+    function()
+      local function ledger_usd() return resil.cost.total({}) end
+      -- asked for: held and priced at priority
+      local b = resil.budget("ai-spec-tier", { limit = 1 })
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        budget = "ai-spec-tier", provider_options = { openai = { service_tier = "priority" } } }))
+      assert.are.equal("priority", r.usage.service_tier)
+      local standard = pricing.cost("openai", "gpt-4o-mini", { input_tokens = r.usage.input_tokens,
+        cached_input_tokens = r.usage.cached_input_tokens, output_tokens = r.usage.output_tokens })
+      local priority = pricing.cost("openai", "gpt-4o-mini", r.usage)
+      assert.is_true(priority > standard)
+      assert.are.equal(priority, r.cost_usd)
+      assert.is_true(math.abs(b:state().spent - priority) <= 1e-6)
+      -- the project's default, the request asking none; streamed too
+      m:configure({ strict = true, reply = "one two three four five six", cached_tokens = 4, service_tier = "priority" })
+      local before = ledger_usd()
+      r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+      assert.are.equal(pricing.cost("openai", "gpt-4o-mini", r.usage), r.cost_usd)
+      assert.is_true(math.abs(ledger_usd() - before - r.cost_usd) <= 1e-6)
+      local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+      for _ in s do end
+      local sr = assert(s:result())
+      assert.are.equal("priority", sr.usage.service_tier)
+      assert.are.equal(pricing.cost("openai", "gpt-4o-mini", sr.usage), sr.cost_usd)
+      -- a tier without a price: a row without one, never the standard price
+      m:configure({ strict = true, reply = "hi", service_tier = "scale" })
+      r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+      assert.is_nil(r.cost_usd)
+      assert.are.equal(4, ledger_rows())
+    end)
+
   it("a budget refuses a model without a price before sending anything", function()
     resil.budget("ai-spec-2", { limit = 1 })
     local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, budget = "ai-spec-2" })

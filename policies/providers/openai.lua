@@ -91,8 +91,17 @@ local function absent(v) return v == nil or v == json.null end
 local function bad(v) return not absent(v) and num(v) == nil end
 local function unreadable(a, b) return bad(a) or bad(b) or (absent(a) and absent(b)) end
 
--- openai.usage(u) -> normalized usage (input_tokens counts cached ones too) | nil (unknown)
-function openai.usage(u)
+-- the tiers an answer names (its service_tier) that are standard processing; any other
+-- (priority, flex, scale) is billed at its own price: usage.service_tier says which
+local STANDARD_TIERS = { default = true, auto = true, standard = true }
+
+-- openai.service_tier(tier) -> the tier when it is not standard processing, else nil
+function openai.service_tier(tier)
+  return type(tier) == "string" and not STANDARD_TIERS[tier] and tier:sub(1, 40) or nil
+end
+
+-- openai.usage(u [, service_tier]) -> normalized usage (input_tokens counts cached ones too) | nil (unknown)
+function openai.usage(u, tier)
   if type(u) ~= "table" or unreadable(u.prompt_tokens, u.completion_tokens) then return nil end
   local details, out_details = u.prompt_tokens_details, u.completion_tokens_details
   local input = num(u.prompt_tokens) or 0
@@ -100,7 +109,8 @@ function openai.usage(u)
   local cached = math.min(type(details) == "table" and num(details.cached_tokens) or 0, input)
   return { input_tokens = input, output_tokens = num(u.completion_tokens) or 0,
     cached_input_tokens = cached, cache_write_tokens = 0,
-    reasoning_tokens = type(out_details) == "table" and num(out_details.reasoning_tokens) or nil }
+    reasoning_tokens = type(out_details) == "table" and num(out_details.reasoning_tokens) or nil,
+    service_tier = openai.service_tier(tier) }
 end
 
 -- a decoded JSON object (a table that is not a non-empty array)
@@ -143,7 +153,7 @@ function openai.parse(data)
   if bad_calls then return nil, bad_calls end
   local r = { id = data.id, model = data.model, text = type(message.content) == "string" and message.content or "",
     finish_reason = first.finish_reason ~= json.null and first.finish_reason or nil,
-    tool_calls = calls, usage = openai.usage(data.usage) }
+    tool_calls = calls, usage = openai.usage(data.usage, data.service_tier) }
   if message.refusal and message.refusal ~= json.null then r.refusal = message.refusal end
   -- an answer in a field of its own (a legacy function_call, audio): relayed whole to an
   -- OpenAI client, never "empty" (retried and paid again)
@@ -222,7 +232,8 @@ function openai.event(state, ev)
   end
   state.id = state.id or chunk.id
   state.model = state.model or chunk.model
-  if type(chunk.usage) == "table" then state.usage = openai.usage(chunk.usage) end
+  if type(chunk.service_tier) == "string" then state.service_tier = chunk.service_tier end
+  if type(chunk.usage) == "table" then state.usage = openai.usage(chunk.usage, state.service_tier) end
   local choice = type(chunk.choices) == "table" and chunk.choices[1]
   if type(choice) ~= "table" or (choice.index or 0) ~= 0 then return nil, false end
   if choice.finish_reason and choice.finish_reason ~= json.null then state.finish_reason = choice.finish_reason end

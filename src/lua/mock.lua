@@ -387,13 +387,16 @@ function Mock:chat(req, fault)
   local model = type(body.model) == "string" and body.model or "mock-model"
   local created = math.floor(resil.clock.wall())
   self:bill(req, usage)
+  -- the tier that served it: the one asked for, else the project's default (scenario.service_tier)
+  local tier = (body.service_tier == "priority" or body.service_tier == "flex") and body.service_tier
+    or self.scenario.service_tier or "default"
   local headers = self:rate_headers("openai", usage.total_tokens)
   if body.stream then
     headers["content-type"] = "text/event-stream"
     local include_usage = type(body.stream_options) == "table" and body.stream_options.include_usage == true
     local function chunk(choices, u)
       local c = { id = id, object = "chat.completion.chunk", created = created, model = model,
-        system_fingerprint = "fp_mock", choices = choices }
+        service_tier = tier, system_fingerprint = "fp_mock", choices = choices }
       if include_usage then c.usage = u or json.null end
       return sse(encode(c))
     end
@@ -444,7 +447,7 @@ function Mock:chat(req, fault)
   headers["content-type"] = "application/json"
   return { status = 200, headers = headers, body = encode({
     id = id, object = "chat.completion", created = created, model = model, choices = choices,
-    usage = usage, service_tier = "default", system_fingerprint = "fp_mock",
+    usage = usage, service_tier = tier, system_fingerprint = "fp_mock",
   }) }
 end
 
