@@ -139,11 +139,14 @@ install: all
 	cp -R policies/. $(DESTDIR)$(PREFIX)/share/resil/policies/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(shell sed -n 's/.*RESIL_VERSION "\(.*\)"/\1/p' src/resil.h)|' \
 	  -e 's|@REQUIRES@|$(filter-out lua5.4,$(PKGS))|' resil.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil.pc
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(shell sed -n 's/.*RESIL_VERSION "\(.*\)"/\1/p' src/resil.h)|' \
+	  -e 's|@REQUIRES@|$(PKGS)|' resil-static.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil-static.pc
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/resil-lua $(DESTDIR)$(PREFIX)/lib/libresil.a $(DESTDIR)$(PREFIX)/lib/libresil.so \
 	  $(DESTDIR)$(PREFIX)/lib/$(SONAME) \
-	  $(DESTDIR)$(PREFIX)/include/resil.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil.pc
+	  $(DESTDIR)$(PREFIX)/include/resil.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil.pc \
+	  $(DESTDIR)$(PREFIX)/lib/pkgconfig/resil-static.pc
 	rm -rf $(DESTDIR)$(PREFIX)/share/resil
 
 clean:

@@ -85,6 +85,13 @@ describe("README examples", function()
     -- the program records the library's ABI (its SONAME), not the development link
     local needed = helpers.run(("readelf -d %s/a.out"):format(dir)).stdout
     assert.matches("%[libresil%.so%.0%]", needed)
+    -- linked into the program instead (resil-static): no libresil at run time, the policies by RESIL_HOME
+    local static = assert(readme:match("`(cc app%.c %$%(pkg%-config %-%-cflags %-%-libs resil%-static%))`"))
+    r = helpers.run(("cd %s && unset MAKEFLAGS && export PKG_CONFIG_PATH=%s/prefix/lib/pkgconfig && %s %s -o static " ..
+      "&& RESIL_HOME=%s/prefix/share/resil ./static"):format(dir, dir, static, san, dir))
+    assert.are.equal(0, r.code, static .. "\n" .. r.stdout .. r.stderr)
+    assert.are.equal("slept a minute\n", r.stdout)
+    assert.is_nil(helpers.run(("readelf -d %s/static"):format(dir)).stdout:find("libresil", 1, true))
   end)
 end)
 
