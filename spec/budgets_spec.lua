@@ -441,3 +441,109 @@ for _, b in ipairs(helpers.store_backends()) do
     end
   end)
 end
+
+-- A hold renewed by its ticket (ticket:extend, and ticket:keep, which policies.ai uses for a call
+-- in flight): a hold that stopped counting is never counted again, and a settled call's hold is
+-- never renewed (before: a hold stopped counting `hold` seconds after its reservation, however
+-- long its call ran).
+for _, b in ipairs(helpers.store_backends()) do
+  describe("a hold renewed while its call runs, on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+    before_each(function()
+      resil.clock.virtual()
+      resil.store_config({ url = b.url() })
+    end)
+
+    -- the store's extensions of holds, counted
+    local function count_extensions()
+      local be, n = assert(resil.store()).backend, { 0 }
+      local extend = be.budget_extend
+      be.budget_extend = function(...) n[1] = n[1] + 1; return extend(...) end
+      finally(function() be.budget_extend = nil end)
+      return n
+    end
+
+    it("ticket:extend keeps a hold counting past its hold; it never shortens it", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 1, hold = 60 })
+      local t = assert(bud:reserve(0.6))
+      resil.sleep(50)
+      assert.is_true(t:extend())       -- now + 60
+      assert.is_true(t:extend(5))      -- (shorter: kept as it was)
+      local st = assert(bud:state())
+      assert.is_true(math.abs(resil.store_now() + 60 - st.holds[1].expires_at) < 1e-3, -- (Redis keeps micro-seconds)
+        tostring(st.holds[1].expires_at - resil.store_now()))
+      resil.sleep(50) -- 100 s after the reservation
+      local other, err = bud:reserve(0.6)
+      assert.is_nil(other, "the hold stopped counting at its first end")
+      assert.are.equal("budget_exceeded", err.kind)
+      assert.are.equal(0.6, assert(bud:state()).reserved)
+      resil.sleep(11) -- past its new end: it stops counting, and stays stopped
+      assert.are.equal(0, assert(bud:state()).reserved)
+      local ok, eerr = t:extend()
+      assert.is_nil(ok)
+      assert.are.equal("hold_ended", eerr.kind)
+      assert.are.equal(0, assert(bud:state()).reserved)
+      assert.is_truthy(bud:reserve(0.6))
+    end)
+
+    it("ticket:extend after settle or release is hold_ended and writes nothing", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 1, hold = 60 })
+      local settled, released = assert(bud:reserve(0.5)), assert(bud:reserve(0.5))
+      assert.is_true(settled:settle(0.25, E))
+      assert.is_true(released:release())
+      local extensions = count_extensions()
+      for _, t in ipairs({ settled, released }) do
+        local ok, err = t:extend(600)
+        assert.is_nil(ok)
+        assert.are.equal("hold_ended", err.kind)
+        assert.matches("settled or released", err.message)
+      end
+      assert.are.equal(0, extensions[1]) -- (the ticket knows it ended: the store is not asked)
+      -- nor does the store renew them, asked directly (a renewal that was on its way at the settle)
+      local be, now = resil.store().backend, resil.store_now()
+      for _, t in ipairs({ settled, released }) do
+        assert.is_false(be:budget_extend(name, t.period, t.id, now + 600, now, require("resil.owner").me().id))
+      end
+      local st = assert(bud:state())
+      assert.are.same({ 0.25, 0, 0 }, { st.spent, st.reserved, #st.holds })
+      assert.are.equal(1, assert(resil.cost.breakdown("provider"))[1].calls)
+      assert.is_truthy(bud:reserve(0.75))
+    end)
+
+    it("ticket:keep renews the hold every two thirds of it until the settle, then never again", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 1, hold = 60 })
+      local extensions = count_extensions()
+      local t = assert(bud:reserve(0.6)):keep()
+      resil.sleep(190)
+      assert.are.equal(0.6, assert(bud:state()).reserved)
+      assert.is_nil((bud:reserve(0.6)))
+      assert.are.equal(4, extensions[1]) -- at 40, 80, 120 and 160 s
+      assert.is_true(t:settle(0.5, E))
+      resil.sleep(300)
+      assert.are.equal(4, extensions[1])
+      local st = assert(bud:state())
+      assert.are.same({ 0.5, 0 }, { st.spent, st.reserved })
+    end)
+
+    -- (a stream opened with a budget, dropped unread and never closed: nothing will settle it)
+    it("ticket:keep stops once nothing refers to the ticket: its hold ends as without it", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 1, hold = 60 })
+      local extensions = count_extensions()
+      local call = {}
+      local function reserve() call.ticket = assert(bud:reserve(0.6)):keep() end
+      reserve()
+      resil.sleep(45)
+      assert.are.equal(1, extensions[1]) -- (renewed once, at 40 s, to 100 s)
+      call.ticket = nil
+      collectgarbage()
+      collectgarbage()
+      resil.sleep(56)
+      assert.are.equal(1, extensions[1])
+      assert.are.equal(0, assert(bud:state()).reserved)
+    end)
+  end)
+end

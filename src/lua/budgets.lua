@@ -1,6 +1,7 @@
 -- resil.budget: reserve, then settle. A reservation (a hold) names its
 -- owner (src/lua/owner.lua) and stops counting when that process dies or its
--- hold expires; the reserve checks and holds in one atomic store operation.
+-- hold expires (ticket:extend renews it; ticket:keep, while its call runs);
+-- the reserve checks and holds in one atomic store operation.
 local resil = ...
 local S = require "resil.store"
 local owner = require "resil.owner"
@@ -32,6 +33,7 @@ local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
   "Reservations allowed unchecked while the store was unavailable (on_outage = \"allow\"), by budget")
 local Ticket = {}
 Ticket.__index = Ticket
+local stop_keeping -- (ticket:keep, below)
 local budgets = {}
 local ticket_seq = 0
 
@@ -145,7 +147,7 @@ function Budget:reserve(estimate, o)
     local now = store_now()
     ticket_seq = ticket_seq + 1
     return unchecked(self, setmetatable({ id = ("%s:%s:%d"):format(self.name, owner.me().tag, ticket_seq),
-      budget = self, period = period_of(self.per, now), estimate = estimate }, Ticket), serr, now)
+      budget = self, period = period_of(self.per, now), estimate = estimate, hold = hold }, Ticket), serr, now)
   end
   local now, limit, per, period, id, ok, spent, reserved, stale
   -- (the settings read, then the hold written: a period switch in between, `budgets set --per`,
@@ -176,7 +178,8 @@ function Budget:reserve(estimate, o)
     return nil, resil.error("store_unavailable", ("budget '%s': its settings changed during %d reservations in a " ..
       "row; try again"):format(self.name, RESERVE_TRIES), { budget = self.name })
   end
-  local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s }, Ticket)
+  local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s, hold = hold,
+    expires_at = now + hold }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
     return unchecked(self, ticket, spent, now)
@@ -227,6 +230,85 @@ function Budget:state()
            holds = holds }
 end
 
+-- ticket:extend([seconds]) -> true | nil, err{kind="hold_ended"|"store_unavailable"}
+-- The hold counts until now + seconds (default: its `hold`), never less long
+-- than it did: a call still running keeps its money held. A hold that
+-- stopped counting (settled, released, past its end, its owner found dead)
+-- is never counted again: other calls may have reserved that money since.
+-- An unchecked ticket (on_outage = "allow") holds nothing to extend.
+local function hold_ended(t, why)
+  return resil.error("hold_ended", ("budget '%s': the hold of ticket %s has ended (%s): it is not extended"):format(
+    t.budget.name, t.id, why), { budget = t.budget.name, ticket = t.id })
+end
+
+function Ticket:extend(seconds)
+  if seconds == nil then seconds = self.hold end
+  if not (type(seconds) == "number" and seconds > 0 and seconds < math.huge) then
+    error("ticket:extend: seconds must be a number of seconds > 0", 2)
+  end
+  if self.done then return nil, hold_ended(self, "it was settled or released") end
+  if self.unchecked then return true end
+  local backend, now = self.store.backend, store_now()
+  local lease_until = owner.lease_due(backend, now)
+  local ok, err = backend:budget_extend(self.budget.name, self.period, self.id, now + seconds, now, owner.me().id,
+    lease_until)
+  if ok == nil then return nil, err end
+  if not ok then
+    owner.drop(backend, self.id)
+    return nil, hold_ended(self, self.done and "it was settled or released" or
+      "its end passed, or it was released as its owner's")
+  end
+  owner.lease_written(backend, lease_until)
+  self.expires_at = math.max(self.expires_at, now + seconds)
+  -- (the heartbeat renews this process's lease while it holds the ticket; a settle meanwhile dropped it)
+  if not self.done then owner.keep(backend, self.id, self.expires_at) end
+  return true
+end
+
+-- A running call's hold kept counting (ticket:keep): extended by its `hold`
+-- when a third of it is left (one store write per two thirds of a hold), in
+-- a task of its own, so that no caller or stream reader waits for the store.
+-- It stops at the ticket's settle or release, and once nothing refers to the
+-- ticket (a stream dropped unread and never closed): the task holds it
+-- weakly, and never across a sleep. -> seconds until the next look | nil: stop
+local function keep_step(ref)
+  local t = ref.ticket
+  if not t or t.done then return nil end
+  local left = t.expires_at - store_now()
+  if left > t.hold / 3 then return left - t.hold / 3 end
+  local ok, err = t:extend()
+  if t.done then return nil end
+  if ok then return math.max(0, t.expires_at - store_now() - t.hold / 3) end
+  left = t.expires_at - store_now()
+  if resil.is_error(err) and err.kind == "store_unavailable" and left > 0 then
+    return math.min(1, left / 2) -- tried again while the hold still counts
+  end
+  resil.log.warn("budget: a hold ended while its call ran; its settle may take the budget past its limit",
+    { budget = t.budget.name, ticket = t.id, error = tostring(err) })
+  return nil
+end
+
+local function keep_running(ref)
+  local wait = keep_step(ref)
+  while wait do
+    resil.sleep(wait)
+    wait = keep_step(ref)
+  end
+end
+
+stop_keeping = function(t)
+  local keeper = t.keeper
+  t.keeper = nil
+  if keeper and keeper ~= resil.running() then keeper:cancel() end
+end
+
+-- ticket:keep() -> ticket: its hold extended while the call runs, as above
+function Ticket:keep()
+  if self.keeper or self.done or self.unchecked then return self end
+  self.keeper = resil.background(keep_running, setmetatable({ ticket = self }, { __mode = "v" }))
+  return self
+end
+
 -- A settle that found the store unavailable (SQLite's lock held past the
 -- timeout, a frozen Redis) is tried again until the store takes it, for a
 -- minute at most: the call was paid, and its hold would otherwise stop
@@ -269,6 +351,7 @@ end }
 function Ticket:settle(actual, e)
   if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
   self.done = true -- (a guard that would release it on a cancel has nothing left to do)
+  stop_keeping(self)
   if self.store then owner.drop(self.store.backend, self.id) end
   local fields = {}
   for k, v in pairs(e or {}) do fields[k] = v end
@@ -317,12 +400,13 @@ function Ticket:charge(actual, e)
   -- (named after the call's ticket: the store counts it in the period that ticket is in, which a
   -- period switch may have changed since it was reserved)
   local extra = setmetatable({ id = ("%s:charge:%d"):format(self.id, ticket_seq),
-    budget = self.budget, period = self.period, estimate = 0, store = self.store }, Ticket)
+    budget = self.budget, period = self.period, estimate = 0, store = self.store, hold = self.hold }, Ticket)
   return extra:settle(actual, e)
 end
 
 function Ticket:release()
   self.done = true
+  stop_keeping(self)
   if not self.store then return false end -- (unchecked before the store could be opened: nothing held)
   owner.drop(self.store.backend, self.id)
   return self.store.backend:budget_release(self.id)

@@ -352,6 +352,23 @@ redis.call('PEXPIRE', KEYS[5], ARGV[2])
 return 1
 ]]
 
+-- A hold its owner still has (held, not yet past its expiry) now ends at
+-- expires_at, never earlier than it did; the owner's lease is written with
+-- it, and the ticket's record kept a day past the new end. ARGV: ticket,
+-- expires_at, now, me, lease_until, the record's time to live (ms), the period it was reserved in,
+-- the budget's key prefix (a hold carried into another period is renewed there) -> 1 | 0 (settled,
+-- released, expired, another's, or unknown: a hold that stopped counting is never counted again)
+scripts.budget_extend = budget_lib .. [[
+if redis.call('HGET', KEYS[5], 'state') ~= 'held' then return 0 end
+follow(KEYS[5], ARGV[7], ARGV[8])
+local at = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not at or tonumber(at) <= tonumber(ARGV[3]) or redis.call('HGET', KEYS[6], ARGV[1]) ~= ARGV[4] then return 0 end
+if tonumber(ARGV[2]) > tonumber(at) then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+renew(KEYS[7], ARGV[4], ARGV[5])
+if redis.call('PTTL', KEYS[5]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[5], ARGV[6]) end
+return 1
+]]
+
 -- A reservation whose caller gave up before its outcome came back: released
 -- if it was made; if not (yet), a marker that the reserve script refuses,
 -- since a reserve sent on a connection that timed out may still arrive
@@ -1033,6 +1050,15 @@ function R:budget_release(ticket)
   if state == nil then return nil, serr end
   if not state[1] then return false end
   local n, err = self:script("budget_release", budget_keys(state[1], state[2], ticket), ticket, ticket_ttl())
+  if n == nil then return nil, err end
+  return n == 1
+end
+
+-- the hold `ticket` (reserved in budget, period) renewed until expires_at: -> true | false (it
+-- stopped counting) | nil, err
+function R:budget_extend(budget, period, ticket, expires_at, now, me, lease_until)
+  local n, err = self:script("budget_extend", budget_keys(budget, period, ticket), ticket, fmt_time(expires_at),
+    fmt_time(now), me, lease_arg(lease_until), ticket_ttl(expires_at - now), period, budget_prefix(budget))
   if n == nil then return nil, err end
   return n == 1
 end

@@ -609,6 +609,21 @@ function B:budget_release(ticket)
   end)
 end
 
+-- A hold its owner `me` still has (held, not yet past its expiry) now ends
+-- at expires_at, never earlier than it did; `me`'s lease is written with it.
+-- -> true | false (settled, released, expired, another's, or unknown: a hold
+-- that stopped counting is never counted again)
+function B:budget_extend(_, _, ticket, expires_at, now, me, lease_until)
+  return self.db:tx(function(tx)
+    if tx:exec("UPDATE reservations SET expires_at = max(expires_at, ?) WHERE ticket = ? AND state = 'held' AND " ..
+               "expires_at > ? AND owner = ?", expires_at, ticket, now, me) == 0 then
+      return false
+    end
+    renew(tx, me, lease_until)
+    return true
+  end)
+end
+
 -- the reservation `ticket` whose outcome its caller did not see (the store
 -- failed): -> true (released) | false (never made). A transaction either
 -- committed or not, and a canceled one never runs (store_sqlite.c,
