@@ -462,7 +462,11 @@ local function reserve(targets, req)
       "more than a budget can hold"):format(tostring(budget.name), usd, tostring(req.max_tokens)),
       { budget = budget.name, class = "quota", retryable = false })
   end
-  return budget:reserve(usd)
+  local ticket, err = budget:reserve(usd)
+  -- held while the call runs, however long (a stream past its budget's `hold`, 10 minutes by
+  -- default, freed its money for other calls, and its settle then took the budget past its limit)
+  if ticket then ticket:keep() end
+  return ticket, err
 end
 
 -- What the provider says of its answer (its model, its id), taken only as

@@ -1195,6 +1195,95 @@ describe("streams", function()
   end)
 end)
 
+-- A budgeted call that runs longer than its budget's `hold` keeps its money held until it ends,
+-- streamed or not (before: the hold stopped counting after `hold` seconds while the call ran,
+-- another call reserved that money, and the long call's settle took the budget past its limit).
+for _, b in ipairs(helpers.store_backends()) do
+  describe("a budgeted call longer than its hold, on " .. b.name, function()
+    local m
+    teardown(function() if b.stop then b.stop() end end)
+    before_each(function()
+      resil.clock.virtual()
+      resil.store_config({ url = b.url() })
+      m = resil.mock.start({ strict = true, reply = ("word "):rep(20), stream_interval = 10 }) -- 10 s per delta
+      point_at(m.url)
+    end)
+    after_each(function() m:stop() end)
+
+    -- the store's extensions of holds, counted
+    local function count_extensions()
+      local be, n = assert(resil.store()).backend, { 0 }
+      local extend = be.budget_extend
+      be.budget_extend = function(...) n[1] = n[1] + 1; return extend(...) end
+      finally(function() be.budget_extend = nil end)
+      return n
+    end
+
+    -- at t = 150 s, another reservation that fits only if the call's hold no longer counts
+    local function reserve_at_150(bud, t0, held)
+      return resil.spawn(function()
+        resil.sleep(150 - (resil.now() - t0))
+        return bud:reserve(1 - held / 2)
+      end)
+    end
+
+    local function assert_refused(other)
+      local joined, t, err = other:join()
+      assert.is_true(joined, tostring(t))
+      assert.is_nil(t, "the other call's reservation was admitted at t = 150 s")
+      assert.are.equal("budget_exceeded", err.kind)
+    end
+
+    it("a stream of 200 s under hold = 60 keeps its reservation counted to its end, and is settled once", function()
+      local name = "ai-spec-long-stream"
+      local bud = resil.budget(name, { limit = 1, hold = 60 })
+      local extensions = count_extensions()
+      local t0 = resil.now()
+      local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 1000, budget = name })
+      local deltas = { assert(s:next()) }
+      local held = assert(bud:state()).reserved
+      assert.is_true(held > 0)
+      local other = reserve_at_150(bud, t0, held)
+      for d in s do deltas[#deltas + 1] = d end
+      assert.are.equal(20, #deltas)
+      assert.is_true(resil.now() - t0 >= 200) -- (the scenario: the stream outlived its hold 3 times)
+      assert_refused(other)
+      local r = assert(s:result())
+      local st = assert(bud:state())
+      assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+      assert.is_true(st.spent > 0 and math.abs(st.spent - r.cost_usd) <= 1e-6) -- (the ledger keeps micro-USD)
+      assert.are.equal(1, ledger_rows())
+      -- renewed as a third of the hold was left: a write per 40 s, not one per delta
+      assert.is_true(extensions[1] >= 4 and extensions[1] <= 6, extensions[1] .. " extensions")
+      resil.sleep(300) -- settled: nothing renews it any more
+      assert.is_true(extensions[1] <= 6, extensions[1] .. " extensions")
+    end)
+
+    it("a call of 200 s that is not streamed keeps its reservation counted to its end", function()
+      m:configure({ strict = true, reply = "slow answer", latency = { min = 200, max = 200 } })
+      ai.configure("openai", { base_url = m.url .. "/v1", api_key = OPENAI_KEY, timeout = 300 })
+      local name = "ai-spec-long-chat"
+      local bud = resil.budget(name, { limit = 1, hold = 60 })
+      local t0 = resil.now()
+      local call = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 1000,
+        budget = name })
+      resil.sleep(1)
+      local held = assert(bud:state()).reserved
+      assert.is_true(held > 0)
+      local other = reserve_at_150(bud, t0, held)
+      local joined, r, err = call:join()
+      assert.is_true(joined, tostring(r))
+      assert(r, tostring(err))
+      assert.is_true(resil.now() - t0 >= 200)
+      assert_refused(other)
+      local st = assert(bud:state())
+      assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+      assert.is_true(st.spent > 0 and math.abs(st.spent - r.cost_usd) <= 1e-6) -- (the ledger keeps micro-USD)
+      assert.are.equal(1, ledger_rows())
+    end)
+  end)
+end
+
 describe("keys and base URLs from the environment", function()
   -- a free port for a mock the child process starts
   local function free_port()

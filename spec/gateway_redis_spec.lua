@@ -103,6 +103,52 @@ describe("the gateway on Redis: budget holds", function()
   end)
 end)
 
+describe("the gateway on Redis: a stream longer than its key's hold", function()
+  -- (before: the key's hold stopped counting 600 s into the stream; other requests could reserve
+  -- that money, and the stream's settle took the key past its budget)
+  it("keeps its reservation counted while it is relayed, and is settled once at its end", function()
+    local url, m = start()
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    -- 25 deltas, 40 s apart: a stream of about 1,000 s, past the budget's hold of 600 s
+    m:configure({ strict = true, reply = ("word "):rep(25), stream_interval = 40 })
+    require("policies.ai").configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+      retry = { base = 0.001, cap = 0.005 }, stream_timeout = 3600 })
+    local key = assert(keys.add({ name = "long-stream", budget = "1/day" }))
+    local t0 = resil.now()
+    local s = assert(http.stream({ method = "POST", url = url, timeout = 3600,
+      headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" },
+      body = json.encode({ model = "gpt-4o-mini", stream = true, messages = { { role = "user", content = "hi" } } }) }))
+    assert.are.equal(200, s.status)
+    assert(s:read_event())
+    local bud = resil.budget("key:long-stream") -- (the gateway's, made at its request)
+    local held = assert(bud:state()).reserved
+    assert.is_true(held > 0)
+    local other = resil.spawn(function() -- at 800 s, a reservation that fits only if the stream's hold ended
+      resil.sleep(800 - (resil.now() - t0))
+      return bud:reserve(1 - held / 2)
+    end)
+    local last
+    repeat
+      local ev, err = s:read_event()
+      assert.is_nil(err)
+      if ev then last = ev.data end
+    until not ev
+    s:close()
+    assert.are.equal("[DONE]", last)
+    assert.is_true(resil.now() - t0 >= 1000) -- (the scenario: the stream outlived its hold)
+    local joined, t, err = other:join()
+    assert.is_true(joined, tostring(t))
+    assert.is_nil(t, "another reservation was admitted at 800 s, the stream's money with it")
+    assert.are.equal("budget_exceeded", err.kind)
+    assert.is_true(helpers.wait_until(function() return assert(bud:state()).reserved == 0 end, 10))
+    local st = assert(bud:state())
+    assert.are.same({ 0, 1 }, { #st.holds, resil.cost.breakdown("model")[1].calls })
+    assert.is_true(st.spent > 0)
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+end)
+
 describe("the gateway on Redis: a stream's ledger row", function()
   -- (before: the row sent as the stream ended, held by the store, ran when it answered, and the
   -- stream's close recorded the call again: two rows for one call billed)
