@@ -315,6 +315,33 @@ local function job_error(ctx, state, handle, n)
     attempts = n, retryable = true })
 end
 
+-- A job whose caller is canceled while it runs (a pipeline's deadline, a
+-- task canceled, a stop): the provider runs it on and bills it. Without a
+-- key (outside a run) nothing would read it again: in a task of its own it
+-- is canceled at the provider, and what it cost (as the cancel's answer
+-- says, or its result when it ended first) is recorded, its hold settled.
+-- A job with a key is the resumed run's, which reads it again and records
+-- it then; its hold is given back (the resumed run reserves again).
+local function abandon_job(g)
+  local ctx, handle, ticket = g.ctx, g.handle, g.ticket
+  if g.key or not handle then
+    if ticket then ticket:release() end
+    return
+  end
+  local _, cerr, ended = ctx.adapter.cancel(ctx, handle)
+  if cerr and not ended then
+    if ticket then ticket:release() end
+    resil.log.error("job: canceled by its caller, and its cancel at the provider failed: it may run on, and its " ..
+      "cost is not recorded", { provider = ctx.name, model = ctx.model, id = handle.id, error = tostring(cerr) })
+    return
+  end
+  local state = ended and (ended.status == "succeeded" or ended.status == "failed") and ended
+    or { status = "deadline", metrics = ended and ended.metrics }
+  local usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, g.input)
+  charge(ctx, g.spec, "job", handle.id, usage, ticket)
+end
+local job_guard = { __close = function(g) if not g.done then resil.spawn(abandon_job, g) end end }
+
 -- jobs.job(spec) -> result | nil, err
 function jobs.job(spec)
   if type(spec) == "table" and type(spec.input) ~= "table" then error("ai.job: input must be a table", 2) end
@@ -329,13 +356,19 @@ function jobs.job(spec)
     local akey = key and (n == 1 and key or ("%s#%d"):format(key, n))
     local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(spec.input)))
     if spec.budget ~= nil and not ticket then return nil, berr end
+    if ticket then ticket:keep() end -- (a video job may run past its hold)
+    local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
+      job_guard)
     local handle, err = create(ctx, akey)
+    guard.handle = handle
     if not handle then
+      guard.done = true
       if ticket then ticket:release() end
       return nil, err
     end
     ids[#ids + 1] = handle.id
     local state, perr = follow(ctx, handle, deadline)
+    guard.done = true
     if not state then
       if ticket then ticket:release() end
       return nil, perr

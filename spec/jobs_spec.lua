@@ -145,6 +145,28 @@ describe("ai.job on Replicate", function()
     assert.is_true(math.abs(rows[1].usd - 0.03) < 1e-6)
   end)
 
+  -- (before: the job ran on at the provider, billed, and nothing recorded it; its hold counted until it expired)
+  it("a job whose caller is canceled is canceled at the provider, what it ran recorded, its hold settled", function()
+    local pricing = require "policies.pricing_media"
+    pricing.models["replicate/acme/hardware"] = { per_predict_second = 0.001 }
+    finally(function() pricing.models["replicate/acme/hardware"] = nil end)
+    m = resil.mock.start({ jobs = { fates = { "stuck" } } })
+    use(m.url)
+    local budget = resil.budget("jobs-cancel", { limit = 1 })
+    local t = resil.spawn(jobs.job, { model = "replicate/acme/hardware", input = { prompt = "a cat" }, deadline = 300,
+      attempts = 1, budget = "jobs-cancel" })
+    resil.sleep(20)
+    assert.are.equal(1, #budget:state().holds)
+    t:cancel()
+    assert.is_true(helpers.wait_until(function() return m:stats().billed.canceled == 1 end, 10))
+    assert.is_true(helpers.wait_until(function() return #resil.cost.breakdown("model") == 1 end, 10))
+    local rows = resil.cost.breakdown("model")
+    assert.is_true(rows[1].usd > 0.015 and rows[1].usd < 0.025, tostring(rows[1].usd)) -- about 20 s at $0.001
+    local st = budget:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    assert.is_true(math.abs(st.spent - rows[1].usd) < 1e-6)
+  end)
+
   it("gives up after `attempts` jobs with the last job's error", function()
     m = resil.mock.start({ jobs = { fail = 1, polls = 0, error = "CUDA out of memory" } })
     use(m.url)
