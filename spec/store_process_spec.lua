@@ -321,3 +321,34 @@ describe("a SQLite statement that finds the file busy", function()
     os.execute("rm -f " .. path .. "*")
   end)
 end)
+
+-- Switching a new file to WAL waited inside SQLite (its busy handler, then its sleeps) for as long
+-- as another process held the file, up to the store's timeout: every task of the process stood
+-- still meanwhile. Here the sqlite3 shell holds the new file 1 s.
+describe("a new SQLite store whose file another process holds as it is opened", function()
+  it("is waited for on timers: the process's other tasks run meanwhile, then it opens", function()
+    resil.clock.real()
+    local db = helpers.tmpname(".db")
+    os.execute(("printf 'BEGIN IMMEDIATE;\\n.shell echo locked > %s.locked\\n.shell sleep 1\\n" ..
+      ".shell echo letting > %s.letting\\nCOMMIT;\\n' | sqlite3 -bail %s > /dev/null & echo $! > %s.pid"):format(
+      db, db, db, db))
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(db .. ".locked") ~= "" end, 10))
+    local shell = helpers.slurp(db .. ".pid"):match("%d+")
+    finally(function()
+      helpers.wait_until(function() return not helpers.alive(shell) end, 10)
+      os.execute("rm -f " .. db .. "*")
+    end)
+    local ticks, opening = 0, true
+    local ticker = resil.spawn(function()
+      while opening do ticks = ticks + 1; resil.sleep(0.01) end
+    end)
+    local s, err = resil.store(db)
+    opening = false
+    ticker:join()
+    assert(s, tostring(err))
+    assert.is_not_nil(io.open(db .. ".letting")) -- (it opened once the shell let go: it waited)
+    -- a loop blocked in the open would tick once
+    assert.is_true(ticks >= 3, "the loop ran other tasks while the open waited for the file: " .. ticks)
+    assert.is_true(s:set("k", "v"))
+  end)
+end)

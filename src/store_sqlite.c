@@ -1067,6 +1067,18 @@ static int foreign_database(sqlite3 *db) {
                           "EXISTS (SELECT 1 FROM sqlite_master)") == 1;
 }
 
+/* L stack: nil, err -> nil, err. The open given up, its error just pushed; busy: another process holds
+ * the file (err.busy: worth another try) */
+static int open_failed(lua_State *L, store_db *d, int busy) {
+  if (busy) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "busy");
+  }
+  sqlite3_close(d->db);
+  d->db = NULL;
+  return 2;
+}
+
 /* The sandbox keeps a script from naming a file outside the folders it
  * may write in: raised at the Lua function `level` up (luaL_where's count) */
 static int refuse_file(lua_State *L, const char *what, const char *path, int level) {
@@ -1086,18 +1098,22 @@ static int l_check_file(lua_State *L) {
   return 0;
 }
 
-/* resil.sqlite.open(path, {group_commit = true, store = false}) -> db; store: refuse another program's
- * database (the store's own open) */
+/* resil.sqlite.open(path, {group_commit = true, store = false, timeout = 5, wait = timeout}) -> db | nil, err;
+ * store: refuse another program's database (the store's own open); wait: how long the open itself may
+ * wait for another process holding the file, in SQLite, on the loop: the store's open, in a task, passes
+ * 0 and tries again on a timer when err.busy */
 static int l_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   int group_commit = 1, store = 0;
-  double timeout = DEFAULT_TIMEOUT;
+  double timeout = DEFAULT_TIMEOUT, wait = -1;
   if (lua_istable(L, 2)) {
     if (lua_getfield(L, 2, "group_commit") != LUA_TNIL) group_commit = lua_toboolean(L, -1);
     if (lua_getfield(L, 2, "timeout") != LUA_TNIL) timeout = luaL_checknumber(L, -1);
     store = lua_getfield(L, 2, "store") != LUA_TNIL && lua_toboolean(L, -1);
-    lua_pop(L, 3);
+    if (lua_getfield(L, 2, "wait") != LUA_TNIL) wait = luaL_checknumber(L, -1);
+    lua_pop(L, 4);
   }
+  if (wait < 0) wait = timeout;
   resil_t *R = resil_from_lua(L);
   if (!sandbox_file_ok(R, path)) return refuse_file(L, "store", path, 1);
   store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
@@ -1123,29 +1139,24 @@ static int l_open(lua_State *L) {
      * a folder, or that a folder above it is a file */
     char reason[PATH_MAX + 64];
     why_refused(path, d->db ? sqlite3_system_errno(d->db) : 0, reason, sizeof reason);
-    lua_pushnil(L);
-    resil_push_error(L, "store_unavailable", "store: cannot open %s: %s%s", path, why, reason);
-    if (d->db) sqlite3_close(d->db);
-    d->db = NULL;
-    return 2;
+    resil_error_result(L, "store_unavailable", "store: cannot open %s: %s%s", path, why, reason);
+    return open_failed(L, d, 0);
   }
-  /* Switching a new file to WAL needs its lock for a moment (another process
-   * may be creating it too): wait for that in SQLite, up to the timeout. A
-   * file already in WAL mode takes no lock here. */
   /* no ATTACH (nor VACUUM INTO, which attaches its target): the host needs
    * neither, and through a db's SQL either makes a file wherever it names */
   sqlite3_limit(d->db, SQLITE_LIMIT_ATTACHED, 0);
-  sqlite3_busy_timeout(d->db, (int)(timeout * 1000));
+  /* Switching a new file to WAL needs its lock for a moment (another process may be creating it too, or
+   * hold it): waited for in SQLite up to `wait` (a file already in WAL mode takes no lock here). */
+  sqlite3_busy_timeout(d->db, (int)(wait * 1000));
+  struct timespec opened_at;
+  clock_gettime(CLOCK_MONOTONIC, &opened_at);
   /* A store path naming another program's database (a --store typo): it was switched to WAL, which that
    * program may not expect, and given the store's tables; one with a table named as one of them (kv,
    * runs, costs) failed midway, raising at a line of the host's own Lua. Refused before either. */
   if (store && foreign_database(d->db)) {
-    lua_pushnil(L);
-    resil_push_error(L, "store_unavailable", "store: %s is another program's SQLite database (it has tables and "
-                     "no store schema); not made a store", path);
-    sqlite3_close(d->db);
-    d->db = NULL;
-    return 2;
+    resil_error_result(L, "store_unavailable", "store: %s is another program's SQLite database (it has tables "
+                       "and no store schema); not made a store", path);
+    return open_failed(L, d, 0);
   }
   char *err = NULL;
   int wal;
@@ -1153,12 +1164,10 @@ static int l_open(lua_State *L) {
    * busy handler being called (each holds the read lock that the other's
    * switch to WAL waits for, so SQLite refuses at once rather than
    * deadlock): 2 of 80 processes opening a new store together failed. Try
-   * again, up to the timeout. */
-  struct timespec opened_at;
-  clock_gettime(CLOCK_MONOTONIC, &opened_at);
+   * again, up to `wait` (and the store's open tries again on a timer). */
   for (int pause_ms = 1;; pause_ms = pause_ms < 16 ? pause_ms * 2 : pause_ms) {
     wal = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err);
-    if (wal != SQLITE_BUSY || seconds_since(&opened_at) >= timeout) break;
+    if (wal != SQLITE_BUSY || seconds_since(&opened_at) >= wait) break;
     sqlite3_free(err);
     err = NULL;
     sqlite3_sleep(pause_ms);
@@ -1177,16 +1186,10 @@ static int l_open(lua_State *L) {
     char wal_path[PATH_MAX], reason[PATH_MAX + 64] = "";
     snprintf(wal_path, sizeof wal_path, "%s-wal", path);
     if ((wal & 0xff) == SQLITE_CANTOPEN) why_refused(wal_path, sqlite3_system_errno(d->db), reason, sizeof reason);
-    lua_pushnil(L);
-    resil_push_error(L, "store_unavailable", "store: %s: %s%s", path, err ? err : "cannot set WAL mode", reason);
-    if ((wal & 0xff) == SQLITE_BUSY) { /* another process held the new file past the timeout: it passes */
-      lua_pushboolean(L, 1);
-      lua_setfield(L, -2, "busy");
-    }
+    resil_error_result(L, "store_unavailable", "store: %s: %s%s", path, err ? err : "cannot set WAL mode", reason);
     sqlite3_free(err);
-    sqlite3_close(d->db);
-    d->db = NULL;
-    return 2;
+    /* busy: another process held the new file past the wait: it passes */
+    return open_failed(L, d, (wal & 0xff) == SQLITE_BUSY);
   }
   d->path = strdup(path);
   lua_newtable(L);

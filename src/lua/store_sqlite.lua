@@ -131,23 +131,13 @@ local function read_version(tx) return tx:value("PRAGMA user_version") end
 
 -- (Even a read can find the file busy for a moment, while another process
 -- recovers its WAL at open: both steps wait the same way.)
-local function migrate(db, path, timeout)
-  local in_task = resil.running() ~= nil
-  if not in_task then db:blocking(true) end
-  local deadline, pause = resil.now() + timeout, 0.001
-  local function retry(err)
-    if not (err and err.busy and in_task and resil.now() + pause < deadline) then return false end
-    resil.sleep(pause)
-    pause = math.min(pause * 2, 0.05)
-    return true
-  end
+local function migrate(db, path, retry)
   local version, err
   repeat version, err = db:read(read_version) until version ~= nil or not retry(err)
   local ok = version == #migrations
   if version ~= nil and not ok then
     repeat ok, err = db:now(apply_migrations, path) until ok or not retry(err)
   end
-  if not in_task then db:blocking(false) end
   if version == nil then return nil, err end
   return ok, err
 end
@@ -157,13 +147,30 @@ end
 -- two files and a sync thread (30 failed opens, 61 and 30).
 local close_unless_kept = { __close = function(o) if not o.kept then o.db:close() end end }
 
+-- The open waits for another process holding the file (a new file's switch to WAL, the schema's
+-- write lock, a read while that process recovers its WAL) up to the store's timeout: in a task on
+-- timers, each try returning at once when the file is busy (a new file's switch to WAL waited in
+-- SQLite, the loop stopped, for as long as another process held it); outside one (set-up, the CLI)
+-- inside SQLite, as nothing else runs.
 function B.open(path, opts)
-  local o = { store = true }
+  local timeout = opts and opts.timeout or 5
+  local in_task = resil.running() ~= nil and coroutine.isyieldable()
+  local deadline, pause = resil.now() + timeout, 0.001
+  local function retry(err)
+    if not (err and err.busy and in_task and resil.now() + pause < deadline) then return false end
+    resil.sleep(pause)
+    pause = math.min(pause * 2, 0.05)
+    return true
+  end
+  local o = { store = true, wait = in_task and 0 or timeout }
   for k, v in pairs(opts or {}) do o[k] = v end
-  local db, err = resil.sqlite.open(path, o)
+  local db, err
+  repeat db, err = resil.sqlite.open(path, o) until db or not retry(err)
   if not db then return nil, err end
   local opening <close> = setmetatable({ db = db }, close_unless_kept)
-  local ok, merr = migrate(db, path, opts and opts.timeout or 5)
+  if not in_task then db:blocking(true) end
+  local ok, merr = migrate(db, path, retry)
+  if not in_task then db:blocking(false) end
   if not ok then return nil, merr end
   opening.kept = true
   return setmetatable({ db = db, path = path, kind = "sqlite" }, B)
