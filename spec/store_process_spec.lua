@@ -204,9 +204,10 @@ end)
 -- did not see what the other had queued. Here the sqlite3 shell holds the
 -- new file's write lock for 0.5 s, before its schema is written.
 -- a new file (WAL, no schema yet) whose write lock the sqlite3 shell holds `seconds` (0.5) -> its path
+-- (no table of its own: a file with tables and no store schema is another program's, refused)
 local function held_new_file(seconds)
   local db = helpers.tmpname(".db")
-  os.execute(("printf 'PRAGMA journal_mode=WAL;\\nBEGIN IMMEDIATE;\\nCREATE TABLE other (a);\\n" ..
+  os.execute(("printf 'PRAGMA journal_mode=WAL;\\nBEGIN IMMEDIATE;\\n" ..
     ".shell echo locked > %s.locked\\n.shell sleep %s\\nCOMMIT;\\n' | sqlite3 -bail %s > /dev/null & " ..
     "echo $! > %s.pid"):format(db, seconds or 0.5, db, db))
   assert.is_true(helpers.wait_until(function() return helpers.slurp(db .. ".locked") ~= "" end, 10))
@@ -319,6 +320,80 @@ describe("a SQLite statement that finds the file busy", function()
     local shell = helpers.slurp(path .. ".pid"):match("%d+")
     assert.is_true(helpers.wait_until(function() return not helpers.alive(shell) end, 10))
     os.execute("rm -f " .. path .. "*")
+  end)
+end)
+
+-- A store path naming another program's database is refused (store_spec). The check read the file
+-- before the store's write lock was taken: a file busy then (its program holding it) read as no
+-- tables, and one whose tables that program was writing read as the empty file it was a moment
+-- before; either way the open went on to switch it to WAL and write the store's schema into it.
+describe("another program's SQLite database, busy as the store opens it", function()
+  -- the database at a new path, with a table users; its program holds it as `hold` says (sqlite3's
+  -- lines) until the file `path`.release exists, or for `seconds`
+  local function held_database(hold, seconds)
+    local path = helpers.tmpname(".db")
+    local wait = seconds and ("sleep " .. seconds) or ("while [ ! -e %s.release ]; do sleep 0.02; done"):format(path)
+    os.execute(("printf '%s\\n.shell echo locked > %s.locked\\n.shell %s\\nCOMMIT;\\n' | sqlite3 -bail %s " ..
+      "> /dev/null & echo $! > %s.pid"):format(hold, path, wait, path, path))
+    local shell = helpers.slurp(path .. ".pid"):match("%d+")
+    finally(function()
+      helpers.write(path .. ".release", "")
+      helpers.wait_until(function() return not helpers.alive(shell) end, 10)
+      os.execute("rm -f " .. path .. "*")
+    end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(path .. ".locked") ~= "" end, 10))
+    return path, function() return helpers.wait_until(function() return not helpers.alive(shell) end, 10) end
+  end
+  local function left_as_it_was(path, journal)
+    local r = helpers.run(("sqlite3 %s 'PRAGMA journal_mode' 'PRAGMA user_version' " ..
+      "'SELECT group_concat(name) FROM sqlite_master'"):format(path))
+    assert.are.equal(journal .. "\n0\nusers\n", r.stdout)
+  end
+  local REFUSED = "store: %s is another program's SQLite database (it has tables and no store schema); " ..
+    "not made a store"
+
+  it("held past the store's timeout: the open fails busy, the file left as it was; refused once free", function()
+    resil.clock.real()
+    local path, ended = held_database("CREATE TABLE users (id, name);\\nBEGIN EXCLUSIVE;") -- (readers wait)
+    local s, err = resil.store(path .. "?timeout=0.3")
+    assert.is_nil(s)
+    assert.are.same({ "store_unavailable", true }, { err.kind, err.busy })
+    assert.are.equal("store: " .. path .. ": database is locked", err.message)
+    helpers.write(path .. ".release", "")
+    assert.is_true(ended())
+    s, err = resil.store(path)
+    assert.is_nil(s)
+    assert.are.equal(REFUSED:format(path), err.message)
+    left_as_it_was(path, "delete")
+  end)
+
+  -- Outside a task (set-up) the open waits in SQLite: 0.5 s for the check, which then read nothing,
+  -- and 0.5 s for the switch to WAL, as the lock is let go (0.8 s on).
+  it("outside a task, held past the store's timeout then let go: the open fails busy, the file left as it was",
+     function()
+    resil.clock.real()
+    local path, ended = held_database("CREATE TABLE users (id, name);\\nBEGIN EXCLUSIVE;", 0.8)
+    local s, err = coroutine.wrap(function() return resil.store(path .. "?timeout=0.5") end)()
+    assert.is_nil(s)
+    assert.are.same({ "store_unavailable", true }, { err.kind, err.busy })
+    assert.is_true(ended())
+    left_as_it_was(path, "delete")
+    s, err = resil.store(path)
+    assert.is_nil(s)
+    assert.are.equal(REFUSED:format(path), err.message)
+  end)
+
+  it("its tables written as the store opens it (WAL): refused under the store's write lock", function()
+    resil.clock.real()
+    local path = held_database("PRAGMA journal_mode=WAL;\\nBEGIN IMMEDIATE;\\nCREATE TABLE users (id, name);")
+    local opening = resil.spawn(function() return resil.store(path) end)
+    assert.is_true(helpers.wait_until(function() return opening:status() == "waiting" end, 10))
+    helpers.write(path .. ".release", "")
+    local ok, s, err = opening:join()
+    assert.is_true(ok)
+    assert.is_nil(s)
+    assert.are.equal(REFUSED:format(path), err.message)
+    left_as_it_was(path, "wal")
   end)
 end)
 

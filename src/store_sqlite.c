@@ -1049,22 +1049,19 @@ static void why_refused(const char *path, int sqlite_errno, char *out, size_t si
   else snprintf(out, size, " (%s)", strerror(why));
 }
 
-/* One integer that sql reads, or -1 (the file busy, not a database: said by the open's next step) */
-static long long read_integer(sqlite3 *db, const char *sql) {
-  sqlite3_stmt *st = NULL;
-  long long v = -1;
-  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
-    v = sqlite3_column_int64(st, 0);
-  sqlite3_finalize(st);
-  return v;
-}
-
 /* Another program's database: tables, and the schema version 0 that no store has once it has any (the
- * first migration sets 1 in the transaction that makes them). One statement, so one snapshot: read in two,
- * another process's first migration could fall between them (1 in 700 processes opening a new file). */
+ * first migration sets 1 in the transaction that makes them). One statement, so one snapshot. -> 1 yes,
+ * 0 no (or not a database: said by the open's next step), -1 the file busy (another process holds it):
+ * nothing read, so nothing decided. Read before the write lock, so it only spares such a file the switch
+ * to WAL; the store's first migration decides again under the lock (store_sqlite.lua, apply_migrations). */
 static int foreign_database(sqlite3 *db) {
-  return read_integer(db, "SELECT (SELECT user_version FROM pragma_user_version) = 0 AND "
-                          "EXISTS (SELECT 1 FROM sqlite_master)") == 1;
+  sqlite3_stmt *st = NULL;
+  int foreign = 0;
+  int rc = sqlite3_prepare_v2(db, "SELECT (SELECT user_version FROM pragma_user_version) = 0 AND "
+                                  "EXISTS (SELECT 1 FROM sqlite_master)", -1, &st, NULL);
+  if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) foreign = sqlite3_column_int(st, 0) == 1;
+  sqlite3_finalize(st);
+  return (rc & 0xff) == SQLITE_BUSY ? -1 : foreign;
 }
 
 /* L stack: nil, err -> nil, err. The open given up, its error just pushed; busy: another process holds
@@ -1153,10 +1150,15 @@ static int l_open(lua_State *L) {
   /* A store path naming another program's database (a --store typo): it was switched to WAL, which that
    * program may not expect, and given the store's tables; one with a table named as one of them (kv,
    * runs, costs) failed midway, raising at a line of the host's own Lua. Refused before either. */
-  if (store && foreign_database(d->db)) {
+  int foreign = store ? foreign_database(d->db) : 0;
+  if (foreign > 0) {
     resil_error_result(L, "store_unavailable", "store: %s is another program's SQLite database (it has tables "
                        "and no store schema); not made a store", path);
     return open_failed(L, d, 0);
+  }
+  if (foreign < 0) {
+    resil_error_result(L, "store_unavailable", "store: %s: %s", path, sqlite3_errmsg(d->db));
+    return open_failed(L, d, 1);
   }
   char *err = NULL;
   int wal;

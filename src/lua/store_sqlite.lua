@@ -109,11 +109,21 @@ local migrations = {
 local B = {}
 B.__index = B
 
+-- Another program's database (a --store typo): tables, and the schema version 0 that no store has once
+-- it has any (the first migration sets 1 in the transaction that makes them). Decided here, under the
+-- write lock: the open's look before it (src/store_sqlite.c, foreign_database) could find the file busy,
+-- or empty as its program was writing its first tables, and the schema went into that program's file.
+local FOREIGN = "store: %s is another program's SQLite database (it has tables and no store schema); " ..
+  "not made a store"
+
 local function apply_migrations(tx, path)
   local version = tx:value("PRAGMA user_version")
   if version > #migrations then -- (a newer resil-lua's file: trouble from the world, said without our line)
     error(resil.error("store_unavailable", ("store %s has schema version %d; this resil-lua knows up to %d " ..
       "(a newer resil-lua wrote it)"):format(path, version, #migrations)))
+  end
+  if version == 0 and tx:value("SELECT EXISTS (SELECT 1 FROM sqlite_master)") == 1 then
+    error(resil.error("store_unavailable", FOREIGN:format(path)))
   end
   for v = version + 1, #migrations do
     for statement in migrations[v]:gmatch("[^;]+") do
