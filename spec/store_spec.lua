@@ -360,6 +360,54 @@ assert(s:set("k", "kept"))
     assert.are.equal(1, s:stats().commits - before)
     assert.are.equal("50", s:get("k50"))
   end)
+
+  -- Stores were kept by their URL as written: x.db, ./x.db, sqlite://x.db and the absolute path
+  -- opened a connection each to one file, each with its own group commit (taking the file's write
+  -- lock from the others), sweeper and sync thread.
+  it("is one per file, whatever URL names it (sqlite://, ./, .., a symlinked folder)", function()
+    local dir, link = helpers.tmpname(""), helpers.tmpname("")
+    assert.is_true(os.execute(("mkdir %s && ln -s %s %s"):format(dir, dir, link)))
+    local s = assert(resil.store(dir .. "/x.db"))
+    for _, url in ipairs({ "sqlite://" .. dir .. "/x.db", dir .. "/./x.db", dir .. "//x.db", link .. "/x.db",
+                           dir .. "/missing/../x.db", "sqlite://" .. link .. "/x.db?" }) do
+      assert.are.equal(s, resil.store(url), url)
+    end
+    assert.are.equal(dir .. "/x.db", s.url) -- (the URL of its first open, for messages)
+    -- other options: a store of its own
+    local quick = assert(resil.store("sqlite://" .. link .. "/x.db?timeout=1"))
+    assert.are_not.equal(s, quick)
+    assert.are.equal(quick, resil.store(dir .. "/x.db?timeout=1"))
+    -- a file in folders not made yet: the same store once they are
+    local new = assert(resil.store(link .. "/a/./b/../b/y.db"))
+    assert.are.equal(new, resil.store(dir .. "/a/b/y.db"))
+    assert.are_not.equal(s, new)
+    assert.is_true(new:set("k", "v"))
+    -- relative paths, from the working directory (a process of its own, started there)
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+local s = assert(resil.store("z.db"))
+local same = 0
+for _, url in ipairs({ "./z.db", "sqlite://z.db", "sqlite://./z.db", %q }) do
+  if resil.store(url) == s then same = same + 1 end
+end
+assert(s:set("k", "v"))
+print(same, io.popen("ls -l /proc/$PPID/fd | grep -c -e '/z.db$'"):read("a"))
+]]):format(dir .. "/z.db"))
+    local r = helpers.run(("cd %s && %s %s"):format(dir, helpers.resil, script))
+    assert.are.equal("4\t1\n\n", r.stdout, r.stderr)
+  end)
+
+  it("on Redis, is one per server and database (the default port and database written or not)", function()
+    local s = assert(resil.store("redis://127.0.0.1:1"))
+    assert.are.equal(s, resil.store("redis://127.0.0.1:1/0"))
+    assert.are.equal(s, resil.store("redis://127.0.0.1:1/"))
+    assert.are_not.equal(s, resil.store("redis://127.0.0.1:1/1"))
+    -- (127.0.0.2: no server of anyone's there, whose maxmemory the store would ask)
+    local default = assert(resil.store("redis://127.0.0.2"))
+    assert.are.equal(default, resil.store("redis://127.0.0.2:6379/0"))
+    assert.are.equal("redis://127.0.0.2", default.url)
+    assert.are_not.equal(default, resil.store("redis://127.0.0.2:6379/0?timeout=1"))
+  end)
 end)
 
 describe("resil.once", function()

@@ -1095,6 +1095,48 @@ static int l_check_file(lua_State *L) {
   return 0;
 }
 
+/* resil.sqlite.resolve(path) -> the file at path, as one string per file (a store's key in a process):
+ * absolute, the part that exists resolved (symlinks, ".", ".."; the file itself when it is there), the
+ * folders and the file not made yet appended with "." and ".." applied as written (no symlink among
+ * them: the open makes them) | nil when it is too long, or outside the sandbox's folders (nothing to
+ * learn there: no store opens) */
+static int l_resolve(lua_State *L) {
+  size_t len;
+  const char *path = luaL_checklstring(L, 1, &len);
+  char head[PATH_MAX], out[PATH_MAX];
+  if (len >= sizeof head || !sandbox_file_ok(resil_from_lua(L), path)) return 0;
+  memcpy(head, path, len + 1);
+  const char *rest = NULL; /* what follows head in path (NULL: head is all of it) */
+  while (!realpath(rest ? head : path, out)) { /* the longest part of path that exists */
+    char *slash = strrchr(head, '/');
+    if (!slash) { /* a name in the working directory, or a chain of folders to make there */
+      if (!realpath(".", out)) return 0;
+      rest = path;
+      break;
+    }
+    *slash = '\0';
+    rest = path + (slash - head) + 1;
+    if (!*head) head[0] = '/', head[1] = '\0';
+  }
+  if (!rest) rest = "";
+  size_t n = strlen(out);
+  for (const char *p = rest; *p; p += strcspn(p, "/"), p += *p == '/') {
+    size_t part = strcspn(p, "/");
+    if (part == 0 || (part == 1 && p[0] == '.')) continue;
+    if (part == 2 && p[0] == '.' && p[1] == '.') { /* out has no symlink: its parent is its dirname */
+      while (n > 1 && out[n - 1] != '/') n--;
+      if (n > 1) n--;
+      continue;
+    }
+    if (n + 1 + part >= sizeof out) return 0;
+    if (out[n - 1] != '/') out[n++] = '/';
+    memcpy(out + n, p, part);
+    n += part;
+  }
+  lua_pushlstring(L, out, n);
+  return 1;
+}
+
 /* resil.sqlite.open(path, {group_commit = true, store = false, timeout = 5, wait = timeout}) -> db | nil, err;
  * store: refuse another program's database (the store's own open); wait: how long the open itself may
  * wait for another process holding the file, in SQLite, on the loop: the store's open, in a task, passes
@@ -1228,5 +1270,7 @@ int luaopen_resil_sqlite(lua_State *L) {
   lua_setfield(L, -2, "open");
   lua_pushcfunction(L, l_check_file);
   lua_setfield(L, -2, "check_file");
+  lua_pushcfunction(L, l_resolve);
+  lua_setfield(L, -2, "resolve");
   return 1;
 }

@@ -26,6 +26,7 @@ local wall0, mono0 = resil.clock.wall(), resil.now()
 local function store_now() return wall0 + (resil.now() - mono0) end
 resil.store_now = store_now
 
+-- The stores open, by URL as given and by the key of what it names (store_key)
 local opened = {}
 
 -- A store URL is a file path (SQLite), sqlite://PATH, redis:// or
@@ -52,6 +53,28 @@ local sandbox_check = resil.sqlite.check_file
 local function check_file(url, level)
   if url:match("^rediss?://") then return end
   sandbox_check(url:gsub("^sqlite://", ""):match("^[^?]*"), "store", level + 1)
+end
+
+-- One store per file in a process, whatever URL names it: x.db, ./x.db, sqlite://x.db and its
+-- absolute path (or one through a symlinked folder) each opened a connection to one file, each with
+-- its own group commit (taking the file's write lock from the others), sweeper and sync thread. A
+-- SQLite store's key is its file, resolved (resil.sqlite.resolve: the file may not be there yet); a
+-- Redis store's its URL with the default port and database written out. Options (?timeout=) are
+-- part of the key: a URL that asks for others is a store of its own, as it was.
+local function store_key(url)
+  local scheme, rest = url:match("^(rediss?)://(.*)$")
+  if scheme then
+    local userinfo, server = rest:match("^(.*@)(.*)$") -- (a password may hold '@': the last one ends it)
+    local host, port, db, query = (server or rest):match("^([^:/?]+):?(%d*)/?(%d*)(.*)$")
+    if not host or not (query == "" or query:match("^%?")) then return url end -- (its open says why)
+    return ("%s://%s%s:%s/%s%s"):format(scheme, userinfo or "", host, port ~= "" and port or "6379",
+      db ~= "" and db or "0", query ~= "?" and query or "")
+  end
+  local path, query = url:gsub("^sqlite://", ""):match("^([^?]*)%??(.*)$")
+  if path == ":memory:" or path:match("^file:") then return url end -- (no file, or SQLite's own URI)
+  local file = resil.sqlite.resolve(path)
+  if not file then return url end
+  return query ~= "" and file .. "?" .. query or file
 end
 
 -- resil.store_config{url=, run=, fresh=, script=, args=, wait=, lease=}: set by the CLI and
@@ -156,10 +179,10 @@ end
 local opening = {}
 local opening_ended = { __close = function(o)
   o.done = true
-  if opening[o.url] == o then opening[o.url] = nil end
+  if opening[o.key] == o then opening[o.key] = nil end
 end }
 
-local function open_store(url, opts)
+local function open_store(url, key, opts)
   local backend, err
   if url:match("^redis://") or url:match("^rediss://") then
     backend, err = backends.redis.open(url)
@@ -184,33 +207,41 @@ local function open_store(url, opts)
   end
   if not backend then return nil, err end
   local s = setmetatable({ backend = backend, url = url, kind = backend.kind }, Store)
+  opened[key] = s
   opened[url] = s
   return s
 end
 
 -- opts (first open only): group_commit = false commits each operation alone; existing = true
 -- opens a SQLite file only if it is there (the commands that read the store: a mistyped path
--- is named, not made into an empty store that reads as "nothing spent")
+-- is named, not made into an empty store that reads as "nothing spent"). A store named by several
+-- URLs (store_key) has its first open's (s.url, in its messages).
 function resil.store(url, opts)
   url = url or default_url()
   local s = opened[url]
   if s then return s end
   check_url(url, 2)
   check_file(url, 2)
+  local key = store_key(url)
+  s = opened[key]
+  if s then
+    opened[url] = s
+    return s
+  end
   -- (a loop: when the first is canceled, one of its waiters opens it and the others wait for that one)
-  while opening[url] and resil.running() and coroutine.isyieldable() do
-    local first, pause = opening[url], 0.001
+  while opening[key] and resil.running() and coroutine.isyieldable() do
+    local first, pause = opening[key], 0.001
     while not first.done do
       resil.sleep(pause)
       pause = math.min(pause * 2, 0.05)
     end
-    if opened[url] then return opened[url] end
+    if opened[key] then return opened[key] end
     if first.err then return nil, first.err end
   end
-  local o <close> = setmetatable({ url = url }, opening_ended)
-  opening[url] = o
+  local o <close> = setmetatable({ key = key }, opening_ended)
+  opening[key] = o
   local err
-  s, err = open_store(url, opts)
+  s, err = open_store(url, key, opts)
   o.err = err
   return s, err
 end
