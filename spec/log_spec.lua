@@ -333,6 +333,36 @@ print("alive")
     assert.matches("%-%-log%-file: cannot open .*: it is a FIFO that no process reads", r.stderr)
   end)
 
+  -- (before: the check of --log-file opened the FIFO and closed it: a reader that stops at the end of its
+  -- input, as `cat` does, read that as the end and left, and the log was then refused as a FIFO nobody reads)
+  it("--log-file naming a FIFO read as `cat` reads it (up to the end): the lines reach it", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local reader = helpers.write(dir .. "/reader.py", [[
+import os, select, sys
+d = sys.argv[1]
+r = os.open(d + "/f", os.O_RDONLY | os.O_NONBLOCK) # (open now: the writer finds its reader)
+open(d + "/ready", "w").close()
+got = b""
+while True:
+    select.select([r], [], [], 20)
+    chunk = os.read(r, 65536)
+    if not chunk: break # the end: every writer closed it
+    got += chunk
+open(d + "/got", "wb").write(got)
+]])
+    assert(os.execute("mkfifo " .. dir .. "/f"))
+    os.execute(("timeout 30 python3 %s %s &"):format(reader, dir))
+    assert.is_true(helpers.wait_until(function() return io.open(dir .. "/ready") ~= nil end, 20))
+    local r = helpers.run(("timeout 20 %s --log-file %s/f -e 'require(\"resil\").log.info(\"to the fifo\")'")
+      :format(helpers.resil, dir))
+    assert.is_true(helpers.wait_until(function() return io.open(dir .. "/got") ~= nil end, 20))
+    local got = helpers.slurp(dir .. "/got")
+    os.execute("rm -rf " .. dir)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches('"msg":"to the fifo"', got, 1, true)
+  end)
+
   it("drops whole lines past its bound, in order, and says how many once the reader catches up", function()
     local n = 40000 -- ~7 MB: past the 4 MiB kept for a stalled reader
     local out, lines, r = stalled(n)

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -127,14 +128,20 @@ static int parse_count(const char *s, long *out) {
   return 0;
 }
 
-/* the log file can be opened for appending (its folder exists, we may write) */
-static int check_log_file(const char *path) {
+/* the log file can be opened for appending (its folder exists, we may write).
+ * A FIFO stays open (*held) until the host has opened it itself: closed
+ * here, it ended its reader's input (`cat` leaves at that end), and the
+ * host's open then found nobody reading it. */
+static int check_log_file(const char *path, FILE **held) {
   FILE *f = log_sink_open_file(path);
   if (!f) {
     fprintf(stderr, PROGNAME ": --log-file: cannot open %s: %s\n", path, log_file_error(errno));
     return -1;
   }
-  fclose(f);
+  struct stat st;
+  if (*held) fclose(*held), *held = NULL;
+  if (fstat(fileno(f), &st) == 0 && S_ISFIFO(st.st_mode)) *held = f;
+  else fclose(f);
   return 0;
 }
 
@@ -555,6 +562,7 @@ int main(int argc, char **argv) {
   const char *codes[64];
   int ncodes = 0, i = 1, watch = 0, wait = 0;
   const char *metrics_addr = NULL, *metrics_file = NULL, *otlp_endpoint = NULL;
+  FILE *held_log = NULL; /* a FIFO named by --log-file, kept open until the host opens it (check_log_file) */
 
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
   if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "budgets") == 0))
@@ -642,7 +650,7 @@ int main(int argc, char **argv) {
       } else if (strcmp(a, "--otlp-endpoint") == 0) {
         otlp_endpoint = next;
       } else if (strcmp(a, "--log-file") == 0) {
-        if (check_log_file(next) != 0) return 1;
+        if (check_log_file(next, &held_log) != 0) return 1;
         opts.log_file = next;
       } else {
         static const char *const levels[] = {"debug", "info", "warn", "error", "off"};
@@ -673,6 +681,7 @@ int main(int argc, char **argv) {
     if (code >= 0) return code;
   }
   resil_t *R = resil_open(&opts);
+  if (held_log) fclose(held_log); /* the host has the log open now (or said it could not) */
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
   if (open_failed(R)) return 1;
   if (wait) wait_for_run(R);
