@@ -795,6 +795,11 @@ describe("chat over the strict mock", function()
     assert.is_true(ok and r ~= nil)
     -- ASCII stays at 4 bytes a token
     assert.are.equal(3, pricing.estimate_tokens("hello world"))
+    -- bytes that are not UTF-8 count as other bytes do; a NUL is ASCII
+    assert.are.equal(2, pricing.estimate_tokens("ab\255\254cd")) -- 4/4 + 2/2
+    assert.are.equal(2, pricing.estimate_tokens("a\0b\0c"))
+    assert.are.equal(0, pricing.estimate_tokens(""))
+    assert.are.equal(math.ceil(7 / 4 + 6 / 2), pricing.estimate_tokens("abc日本defg"))
   end)
 
   -- (before: every answer was priced at the standard tier, a priority one at about half what it cost)
