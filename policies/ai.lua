@@ -536,7 +536,7 @@ local function record_cost(r, req, ticket, operation, how)
   end
   r.cost_usd = usd
   local entry = { provider = r.provider, model = r.model or r.requested_model, operation = operation,
-    user = req.user, units = r.usage, id = ledger_key(r, req),
+    user = req.user, units = r.usage, id = r.ledger_id or ledger_key(r, req),
     sync = req.ledger_sync, -- false: the answer waits for the row's commit, not its disk sync
     wait = req.ledger_wait, -- false: nor for the commit (the gateway's default)
     retry = true } -- a row the store refuses is tried again, not dropped (the call was paid)
@@ -586,12 +586,13 @@ end
 -- that ended empty reported; for an answer whose body was cut (its 2xx
 -- read, then the connection ended, timed out, or ran past max_body) the
 -- input estimated from the request and its output at least the bytes read
--- (about 4 bytes a token; units.cut = 1, units.estimated), unless the
--- request carried an Idempotency-Key to that provider, which replays the
--- whole answer to the retry as the same charge. -> usage, model, id | nil
+-- (about 4 bytes a token; units.cut = 1, units.estimated), unless a whole
+-- answer came after it under the Idempotency-Key it was sent with: the
+-- provider replayed it, one charge, the whole one's (res.replayed, see
+-- policies.call). -> usage, model, id | nil
 local function refused_usage(t, res, req)
   if res.cut then
-    if ledger_key({ provider = t.provider, id = "cut" }, req) then return nil end
+    if res.replayed then return nil end
     local sent = req.messages or req.input or req.prompt or ""
     local u = with_streamed_output({ input_tokens = pricing.estimate_tokens(json.encode(sent)), cached_input_tokens = 0,
       cache_write_tokens = 0 }, req, res.received)
@@ -628,7 +629,10 @@ local function record_refusals(guard)
         if not res.cut then usage.refused = 1 end
         local a = { provider = t.provider, requested_model = t.model, usage = usage,
           model = provider_text(model) or t.model, id = provider_text(id) }
-        local key = ledger_key(a, guard.req)
+        -- (a cut answer sent with a key is one charge however often its delivery is cut: this
+        -- call's retries, the same call run again)
+        if res.cut and res.key then a.ledger_id = ("%s:%s:cut"):format(t.provider, resil.hash(res.key)) end
+        local key = a.ledger_id or ledger_key(a, guard.req)
         if not (key and seen[key]) then
           if key then seen[key] = true end
           record_cost(a, guard.req, guard.ticket, guard.operation, "charge")

@@ -61,11 +61,9 @@ local function used_tokens(res)
     + (usage.completion_tokens or usage.output_tokens or 0))
 end
 
-local function merged_request(self, req, left, span, refused)
-  local base = self.request
-  local r = {}
-  for k, v in pairs(base) do r[k] = v end
-  for k, v in pairs(req) do r[k] = v end
+-- The Idempotency-Key an attempt sends | nil
+local function sent_key(self, req, refused)
+  if type(req) ~= "table" then return nil end
   local key = req.idempotency_key
   if key == nil and self.idempotency then key = resil.context().idempotency_key end -- inside resil.once
   -- after an answer it refused, the same key would get that answer again
@@ -74,6 +72,15 @@ local function merged_request(self, req, left, span, refused)
   -- (a cut answer does not move it: the provider replays the whole answer, one charge)
   local moved = refused and refused.answers
   if key and moved and moved > 0 then key = key .. "." .. moved end
+  return key
+end
+
+local function merged_request(self, req, left, span, refused)
+  local base = self.request
+  local r = {}
+  for k, v in pairs(base) do r[k] = v end
+  for k, v in pairs(req) do r[k] = v end
+  local key = sent_key(self, req, refused)
   r.idempotency_key = nil
   if key or span or (base.headers and req.headers) then
     local h = {}
@@ -163,10 +170,21 @@ local function operation_series(self, model, error_type)
   return series
 end
 
+-- A whole answer under the key a cut one was sent with is that answer
+-- replayed (the provider keeps what it made for its key): one charge, the
+-- whole one's. A cut answer no whole one followed under its key (the call
+-- failed, fell back elsewhere or was canceled) is its own charge.
+local function mark_replayed(refused, key)
+  for _, r in ipairs(refused) do
+    if r.cut and r.key == key then r.replayed = true end
+  end
+end
+
 -- One attempt through breaker, buckets and the concurrency limit. refused:
 -- a list that collects the 2xx responses the validator turned down, and
--- those whose body was cut ({cut = true, status=, received=}): the
--- provider billed them, policies.ai records their cost.
+-- those whose body was cut ({cut = true, status=, received=, key=}, key:
+-- the Idempotency-Key it was sent with; replayed = true once a whole answer
+-- came under it): the provider billed them, policies.ai records their cost.
 local function attempt(n, self, req, deadline, refused)
   local left = deadline and deadline - now()
   local br = self.breaker
@@ -199,6 +217,7 @@ local function attempt(n, self, req, deadline, refused)
   end
   local start = now()
   local res, err
+  local key = refused and sent_key(self, req, refused)
   local span = start_span(self, req, n)
   do
     local _ <close> = sem and self.releaser or nil
@@ -232,13 +251,16 @@ local function attempt(n, self, req, deadline, refused)
     if verdict and verdict.client_fault then br:record(nil) -- says nothing of the provider
     else br:record(not (verdict and verdict.breaker), elapsed) end
   end
+  if key and type(res) == "table" and type(res.status) == "number" and res.status >= 200 and res.status < 300 then
+    mark_replayed(refused, key)
+  end
   if verdict then
     if refused and verdict.class == "invalid_output" and type(res) == "table" and type(res.status) == "number" then
       refused[#refused + 1] = res
       refused.answers = (refused.answers or 0) + 1
     elseif refused and res == nil and type(err) == "table" and math.type(err.received) == "integer" then
       -- a 2xx whose body was cut (or timed out, or ran past max_body): answered, so billed
-      refused[#refused + 1] = { cut = true, status = err.status, received = err.received }
+      refused[#refused + 1] = { cut = true, status = err.status, received = err.received, key = key }
     end
     local e = classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })
     if span then e.trace_id, e.span_id = span.trace_id, span.span_id end -- for the retry's log line

@@ -586,6 +586,34 @@ describe("chat over the strict mock", function()
       assert.are.equal(3, ledger_rows())
     end)
 
+  -- (before: a cut answer sent with a key was left out for its replay, which never came when the call failed
+  -- on it or fell back to another provider: billed, in no ledger)
+  it("a cut answer sent with a key that no replay followed (the call failed, fell back) is still its charge",
+    function()
+      m:configure({ idempotency = true, sequence = { chat = { "truncate" } } })
+      local b = resil.budget("ai-spec-cut-keyed", { limit = 1 })
+      local r, err = resil.once("ai-spec-cut-failed", function()
+        return ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, idempotency = true,
+          retry = { max_retries = 0 }, budget = "ai-spec-cut-keyed" })
+      end)
+      assert.is_nil(r)
+      assert.are.equal("reset", err.kind)
+      assert.are.equal(1, m:stats().billed.responses)
+      assert.are.equal(1, ledger_rows())
+      assert.is_true(err.cost_usd > 0 and math.abs(resil.cost.total({}) - err.cost_usd) <= 2e-6)
+      assert.is_true(math.abs(b:state().spent - err.cost_usd) <= 2e-6)
+      -- cut, then answered by the fallback, another provider: two answers billed, two rows
+      m:configure({ idempotency = true, sequence = { chat = { "truncate" } } })
+      r = assert(resil.once("ai-spec-cut-fell-back", function()
+        return ai.chat({ model = "openai/gpt-4o-mini", fallback = { "anthropic/claude-haiku-4-5" }, messages = MSGS,
+          max_tokens = 100, idempotency = true, retry = { max_retries = 0 } })
+      end))
+      assert.are.equal("anthropic", r.provider)
+      assert.are.equal(3, m:stats().billed.responses)
+      assert.are.equal(3, ledger_rows())
+      assert.is_true(r.cost_usd > pricing.cost("anthropic", r.model, r.usage))
+    end)
+
   it("a call canceled after a refused answer records that answer and gives its hold back", function()
     local n = 0
     m:configure({ routes = { ["POST /v1/chat/completions"] = function()
