@@ -589,13 +589,15 @@ end
 -- (about 4 bytes a token; units.cut = 1, units.estimated), unless a whole
 -- answer came after it under the Idempotency-Key it was sent with: the
 -- provider replayed it, one charge, the whole one's (res.replayed, see
--- policies.call). -> usage, model, id | nil
-local function refused_usage(t, res, req)
+-- policies.call). An embedding's has no output: its body is vectors, and
+-- the provider bills the input only. -> usage, model, id | nil
+local function refused_usage(t, res, req, operation)
   if res.cut then
     if res.replayed then return nil end
     local sent = req.messages or req.input or req.prompt or ""
-    local u = with_streamed_output({ input_tokens = pricing.estimate_tokens(json.encode(sent)), cached_input_tokens = 0,
-      cache_write_tokens = 0 }, req, res.received)
+    local u = { input_tokens = pricing.estimate_tokens(json.encode(sent)), cached_input_tokens = 0,
+      cache_write_tokens = 0 }
+    if operation == "embed" then u.estimated = true else u = with_streamed_output(u, req, res.received) end
     u.cut = 1
     return u
   end
@@ -623,7 +625,7 @@ local function record_refusals(guard)
     local t = list.target
     while list[1] do
       local res = table.remove(list, 1)
-      local usage, model, id = refused_usage(t, res, guard.req)
+      local usage, model, id = refused_usage(t, res, guard.req, guard.operation)
       if usage then
         usage.requests = 1
         if not res.cut then usage.refused = 1 end

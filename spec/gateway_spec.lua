@@ -825,6 +825,28 @@ describe("gateway: embeddings", function()
     assert.is_true(math.abs(b:state().spent - r.cost_usd) <= 2e-6)
     assert.are.equal(0, b:state().reserved)
   end)
+
+  -- (before: its vectors' bytes were counted as output, 4 a token: 52,417 output tokens in the ledger and the
+  -- token metrics for an embedding, said in an error line as more than max_tokens allows)
+  it("ai.embed: an answer cut after its 200 is its input's charge, without output", function()
+    local _, m = start({ strict = true, sequence = { embeddings = { "truncate" } } })
+    local ai = require "policies.ai"
+    local input = {}
+    for i = 1, 2000 do input[i] = "some text number " .. i end
+    resil.budget("embed-cut", { limit = 1 })
+    local r = assert(ai.embed({ model = "openai/text-embedding-3-small", input = input, budget = "embed-cut" }))
+    assert.are.equal(2, m:stats().billed.responses)
+    local rows = assert(assert(resil.store()).backend:cost_rows({}))
+    assert.are.equal(2, #rows)
+    local cut
+    for _, row in ipairs(rows) do
+      local u = json.decode(row.units)
+      if u.cut then cut = u end
+    end
+    assert.is_table(cut)
+    assert.is_true((cut.output_tokens or 0) == 0, json.encode(cut))
+    assert.is_true(cut.input_tokens >= r.usage.input_tokens) -- (estimated, at least what it was)
+  end)
 end)
 
 describe("gateway: concurrency", function()
