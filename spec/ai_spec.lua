@@ -566,6 +566,19 @@ describe("chat over the strict mock", function()
     assert.is_true(math.abs(st.spent - r.cost_usd) <= 2e-6, tostring(st.spent))
   end)
 
+  -- (before: each such estimate past max_tokens wrote an error line, as if the provider had reported it)
+  it("a cut answer's output estimated past max_tokens is recorded at max_tokens, without an error line", function()
+    m:configure({ reply = ("word "):rep(20), sequence = { chat = { "truncate" } } })
+    local r
+    local lines = helpers.logged(function()
+      r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 20 }))
+    end)
+    for _, l in ipairs(lines) do assert.are_not.equal("error", l.level, resil.json.encode(l)) end
+    local cut = r.cost_usd - pricing.cost("openai", "gpt-4o-mini", r.usage)
+    local most = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 100, output_tokens = 20 })
+    assert.is_true(cut > 0 and cut <= most, tostring(cut))
+  end)
+
   it("a call that fails on cut answers only still records them; one whose key the provider replays is one charge",
     function()
       m:configure({ sequence = { chat = { "truncate", "truncate" } } })
