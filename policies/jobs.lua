@@ -156,6 +156,7 @@ local function context(spec, what, level)
   -- Retry-After does not hold off the cancel
   ctx.send = function(req)
     if ctx.poll_until then return p.any:attempts(req, ctx.poll_until) end
+    if ctx.refused then return p.any:attempts(req, nil, ctx.refused) end -- (a speech's cut answers, see there)
     return p.any(req)
   end
   return ctx
@@ -206,8 +207,9 @@ local function warn_unpriced(model)
     { model = model })
 end
 
--- One ledger row per job (id = the provider's job id); with a ticket, the reservation is settled.
-local function charge(ctx, spec, operation, job_id, usage, ticket)
+-- One ledger row per job (id = the provider's job id); with a ticket, the reservation is settled
+-- (how = "charge": counted in it beside the settle to come).
+local function charge(ctx, spec, operation, job_id, usage, ticket, how)
   local usd = pricing.cost(ctx.name, ctx.model, usage)
   local units = {}
   for k, v in pairs(usage or {}) do units[k] = v end
@@ -220,9 +222,9 @@ local function charge(ctx, spec, operation, job_id, usage, ticket)
     retry = true } -- a row the store refuses is tried again, not dropped (the job was paid)
   local ok, err
   if ticket and usd ~= nil then
-    ok, err = ticket:settle(usd, entry)
+    ok, err = ticket[how or "settle"](ticket, usd, entry)
   else
-    if ticket then ticket:release() end
+    if ticket and how ~= "charge" then ticket:release() end
     entry.usd = usd -- nil: a row without a price (warned once), never a zero
     if usd == nil or usd > 0 then ok, err = resil.cost.record(entry) else ok = true end
   end
@@ -401,13 +403,25 @@ function jobs.speech(spec)
   local chars = ctx.adapter.characters(spec.text)
   local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, { characters = chars }))
   if spec.budget ~= nil and not ticket then return nil, berr end
+  -- answers whose audio was cut after their 200 (retried as a reset) were made and billed: each
+  -- is charged for its text's characters, beside the answer's own row
+  ctx.refused = {}
   local r, err = ctx.adapter.speak(ctx, spec)
+  local cuts, unpriced = 0, false
+  for _, res in ipairs(ctx.refused) do
+    if res.cut then
+      local c = charge(ctx, spec, "speech", nil, { characters = chars, cut = 1 }, ticket, "charge")
+      if c then cuts = cuts + c else unpriced = true end
+    end
+  end
   if not r then
     if ticket then ticket:release() end
+    if type(err) == "table" and (cuts > 0 or unpriced) then err.cost_usd = not unpriced and cuts or nil end
     return nil, err
   end
   local usage = { characters = r.characters }
   local usd = charge(ctx, spec, "speech", r.request_id, usage, ticket)
+  if usd and not unpriced then usd = usd + cuts end
   return { provider = ctx.name, model = ctx.model, audio = r.audio, content_type = r.content_type,
     characters = r.characters, id = r.request_id, cost_usd = usd, usage = usage }
 end

@@ -312,6 +312,30 @@ describe("ai.speech on ElevenLabs", function()
     assert.is_true(math.abs(resil.cost.total({ provider = "elevenlabs" }) - 0.07) < 1e-9)
   end)
 
+  -- (before: the cut answer was retried and only the second recorded: 2,800 characters billed, 1,400 in the
+  -- ledger and the budget)
+  it("an answer whose audio was cut after its 200 was billed: its characters in the ledger and the budget", function()
+    m = resil.mock.start({ sequence = { tts = { "truncate" } } })
+    use(m.url)
+    local b = resil.budget("speech-cut", { limit = 1 })
+    local text = ("Hello, world. "):rep(100) -- 1400 characters
+    local r = assert(jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "v1", text = text,
+      budget = "speech-cut" }))
+    assert.are.equal(2800, m:stats().billed.characters)
+    assert.is_true(math.abs(r.cost_usd - 2 * 1.4 * 0.05) < 1e-9, tostring(r.cost_usd))
+    assert.is_true(math.abs(resil.cost.total({ provider = "elevenlabs" }) - r.cost_usd) < 1e-9)
+    assert.is_true(math.abs(b:state().spent - r.cost_usd) < 1e-6)
+    assert.are.equal(0, b:state().reserved)
+    -- cut every time: the call fails, what it was billed is still recorded
+    jobs.configure("elevenlabs", { base_url = m.url, api_key = KEYS.elevenlabs, retry = { max_retries = 1 } })
+    m:configure({ sequence = { tts = { "truncate", "truncate" } } })
+    local _, err = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "v1", text = text })
+    assert.are.equal("reset", err.kind)
+    assert.is_true(math.abs(err.cost_usd - 2 * 1.4 * 0.05) < 1e-9)
+    assert.are.equal(5600, m:stats().billed.characters)
+    assert.is_true(math.abs(resil.cost.total({ provider = "elevenlabs" }) - 4 * 1.4 * 0.05) < 1e-9)
+  end)
+
   it("does not retry quota_exceeded; retries concurrent_limit_exceeded", function()
     m = resil.mock.start({ jobs = { errors = { tts = { { code = "quota_exceeded" } } } } })
     use(m.url)
