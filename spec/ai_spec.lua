@@ -218,6 +218,9 @@ describe("chat over the strict mock", function()
   local m
   before_each(function()
     resil.clock.virtual()
+    -- (past the providers' retry budget window, 10 s: the specs before retried in the same virtual seconds, and
+    -- one whose retry it refused failed by how many came before it)
+    resil.sleep(10)
     fresh_store()
     m = resil.mock.start({ strict = true, reply = "one two three four five six", cached_tokens = 4 })
     point_at(m.url)
