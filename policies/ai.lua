@@ -407,15 +407,23 @@ local function web_searches(tools)
   return n
 end
 
-local function estimate_usd(targets, req, searches)
-  local tokens = pricing.estimate_tokens(json.encode(req.messages))
-  local images = type(req.messages) == "table" and count_images(req.messages, 0) or 0
+-- the input tokens of a request's text, as estimated before the provider
+-- says: its messages (an embedding's input), system, tools and the other
+-- fields billed as input (images aside)
+local function text_input_tokens(req)
+  local tokens = pricing.estimate_tokens(json.encode(req.messages or req.input or ""))
   local system = req.system
   if type(system) == "string" then tokens = tokens + pricing.estimate_tokens(system)
   elseif type(system) == "table" then tokens = tokens + pricing.estimate_tokens(json.encode(system)) end
   for _, field in ipairs(BILLED_INPUTS) do
     if type(req[field]) == "table" then tokens = tokens + pricing.estimate_tokens(json.encode(req[field])) end
   end
+  return tokens
+end
+
+local function estimate_usd(targets, req, searches)
+  local tokens = text_input_tokens(req)
+  local images = type(req.messages) == "table" and count_images(req.messages, 0) or 0
   local choices = math.tointeger(req.n) or 1
   if choices < 1 then choices = 1 end
   -- (every input token may be a cache write when one is asked for: held at that price, the
@@ -570,8 +578,7 @@ end
 -- a token), the input estimated when the provider reported none: -> u
 -- (the table given, changed) or a new one
 local function with_streamed_output(u, req, bytes)
-  u = u or { input_tokens = pricing.estimate_tokens(json.encode(req.messages)), cached_input_tokens = 0,
-    cache_write_tokens = 0 }
+  u = u or { input_tokens = text_input_tokens(req), cached_input_tokens = 0, cache_write_tokens = 0 }
   local streamed = math.ceil(bytes / 4)
   if not (type(u.output_tokens) == "number" and u.output_tokens >= streamed) then
     u.output_tokens, u.estimated = streamed, true
@@ -597,9 +604,7 @@ end
 local function refused_usage(t, res, req, operation)
   if res.cut then
     if res.replayed then return nil end
-    local sent = req.messages or req.input or req.prompt or ""
-    local u = { input_tokens = pricing.estimate_tokens(json.encode(sent)), cached_input_tokens = 0,
-      cache_write_tokens = 0 }
+    local u = { input_tokens = text_input_tokens(req), cached_input_tokens = 0, cache_write_tokens = 0 }
     if operation == "embed" then u.estimated = true else u = with_streamed_output(u, req, res.received) end
     u.cut = 1
     return u

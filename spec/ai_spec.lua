@@ -569,6 +569,20 @@ describe("chat over the strict mock", function()
     assert.is_true(math.abs(st.spent - r.cost_usd) <= 2e-6, tostring(st.spent))
   end)
 
+  -- (before: its input was estimated from the messages alone: a long system prompt and tools, billed, were not)
+  it("a cut answer's input is estimated from its system prompt and tools too", function()
+    m:configure({ sequence = { chat = { "truncate" } } })
+    local system = ("Be brief and exact. "):rep(200) -- 4,000 bytes: 1,000 tokens
+    local tools = { { type = "function", ["function"] = { name = "lookup", description = ("Looks it up. "):rep(160),
+      parameters = { type = "object", properties = {} } } } } -- 2,000 bytes and more
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, system = system, tools = tools,
+      max_tokens = 100 }))
+    assert.are.equal(2, m:stats().billed.responses)
+    local cut = r.cost_usd - pricing.cost("openai", "gpt-4o-mini", r.usage)
+    local least = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1500 })
+    assert.is_true(cut >= least, ("cut answer priced at %s, its input at least %s"):format(cut, least))
+  end)
+
   -- (before: each such estimate past max_tokens wrote an error line, as if the provider had reported it)
   it("a cut answer's output estimated past max_tokens is recorded at max_tokens, without an error line", function()
     m:configure({ reply = ("word "):rep(20), sequence = { chat = { "truncate" } } })
