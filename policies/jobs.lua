@@ -26,6 +26,7 @@
 -- replayed as the answer. Each job's cost is one ledger row, deduplicated on the job id.
 local resil = require "resil"
 local call = require "policies.call"
+local classify = require "policies.classify"
 local pricing = require "policies.pricing_media"
 
 local jobs = {}
@@ -117,6 +118,17 @@ local function provider_for(name, conf)
     if type(r.max_retries) ~= "number" then
       once_sent.max_retries = named(r.max_retries or {}, nil)
       once_sent.max_retries.timeout = 0
+    end
+    -- (nor after its 2xx was cut: the job was made, and a second one would be paid as well)
+    once_sent.classify = function(res, err, o)
+      local v = classify.outcome(res, err, o)
+      if v and v.retryable and math.type(v.status) == "integer" and v.status >= 200 and v.status < 300 then
+        local made = {}
+        for k, x in pairs(v) do made[k] = x end
+        made.retryable = false
+        return made
+      end
+      return v
     end
     p = { any = make(r), create = make(once_sent) }
     providers[name] = p
@@ -365,6 +377,17 @@ function jobs.job(spec)
     guard.handle = handle
     if not handle then
       guard.done = true
+      if type(err) == "table" and math.type(err.status) == "integer" and err.status >= 200 and err.status < 300 then
+        -- its answer cut after the 2xx: the provider made a job nobody can follow (no id), and bills it;
+        -- recorded at the estimate, said
+        local usage = estimate_usage(spec.input)
+        usage.estimated, usage.cut = true, 1
+        resil.log.error("job: the create's answer was cut after the provider accepted it: a job was made that " ..
+          "cannot be followed; recorded at its estimate, not made again", { provider = ctx.name, model = ctx.model,
+          error = tostring(err.message) })
+        err.cost_usd = charge(ctx, spec, "job", nil, usage, ticket)
+        return nil, err
+      end
       if ticket then ticket:release() end
       return nil, err
     end
