@@ -415,6 +415,30 @@ end
 
 -- ---------- speech ----------
 
+-- Answers whose audio was cut after their 200 (retried as a reset) were made and billed: each is
+-- charged for its text's characters, beside the answer's own row, once. -> their usd, and whether
+-- one had no price
+local function charge_cuts(ctx, spec, chars, ticket)
+  local cuts, unpriced = 0, false
+  for _, res in ipairs(ctx.refused) do
+    if res.cut and not res.charged then
+      res.charged = true -- (a cancel while the store has it: the row's own retry writes it)
+      local c = charge(ctx, spec, "speech", nil, { characters = chars, cut = 1 }, ticket, "charge")
+      if c then cuts = cuts + c else unpriced = true end
+    end
+  end
+  return cuts, unpriced
+end
+
+-- A speech whose caller is canceled (a pipeline's deadline, a task canceled) after an answer was cut:
+-- that answer was billed, and is recorded; the hold is given back (in a task of its own: a cancel
+-- cannot wait for the store)
+local function abandon_speech(g)
+  charge_cuts(g.ctx, g.spec, g.chars, g.ticket)
+  if g.ticket and not g.ticket.done then g.ticket:release() end
+end
+local speech_guard = { __close = function(g) if not g.done then resil.spawn(abandon_speech, g) end end }
+
 -- jobs.speech(spec) -> result | nil, err
 function jobs.speech(spec)
   if type(spec) == "table" then
@@ -426,17 +450,11 @@ function jobs.speech(spec)
   local chars = ctx.adapter.characters(spec.text)
   local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, { characters = chars }))
   if spec.budget ~= nil and not ticket then return nil, berr end
-  -- answers whose audio was cut after their 200 (retried as a reset) were made and billed: each
-  -- is charged for its text's characters, beside the answer's own row
-  ctx.refused = {}
+  ctx.refused = {} -- (the answers cut after their 200, see charge_cuts)
+  local guard <close> = setmetatable({ ctx = ctx, spec = spec, chars = chars, ticket = ticket }, speech_guard)
   local r, err = ctx.adapter.speak(ctx, spec)
-  local cuts, unpriced = 0, false
-  for _, res in ipairs(ctx.refused) do
-    if res.cut then
-      local c = charge(ctx, spec, "speech", nil, { characters = chars, cut = 1 }, ticket, "charge")
-      if c then cuts = cuts + c else unpriced = true end
-    end
-  end
+  local cuts, unpriced = charge_cuts(ctx, spec, chars, ticket)
+  guard.done = true
   if not r then
     if ticket then ticket:release() end
     if type(err) == "table" and (cuts > 0 or unpriced) then err.cost_usd = not unpriced and cuts or nil end

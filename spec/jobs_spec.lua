@@ -351,6 +351,26 @@ describe("ai.speech on ElevenLabs", function()
     assert.is_true(math.abs(resil.cost.total({ provider = "elevenlabs" }) - 4 * 1.4 * 0.05) < 1e-9)
   end)
 
+  -- (before: its caller canceled while it retried, the cut answer, billed, was never recorded, and its hold
+  -- counted until it expired)
+  it("a speech canceled after an answer cut after its 200: the cut one recorded, its hold given back", function()
+    m = resil.mock.start({ sequence = { tts = { "truncate", "hang" } } })
+    use(m.url)
+    local b = resil.budget("speech-cut-cancel", { limit = 1 })
+    local text = ("Hello, world. "):rep(100) -- 1400 characters
+    local t = resil.spawn(jobs.speech, { model = "elevenlabs/eleven_flash_v2_5", voice = "v1", text = text,
+      budget = "speech-cut-cancel" })
+    assert.is_true(helpers.wait_until(function() return m:stats().routes.tts == 2 end, 10))
+    assert.are.equal(1, #b:state().holds)
+    t:cancel()
+    assert.is_true(helpers.wait_until(function() return b:state().reserved == 0 end, 10))
+    assert.is_true(helpers.wait_until(function() return resil.cost.total({ provider = "elevenlabs" }) > 0 end, 10))
+    assert.is_true(math.abs(resil.cost.total({ provider = "elevenlabs" }) - 1.4 * 0.05) < 1e-9)
+    local st = b:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    assert.is_true(math.abs(st.spent - 1.4 * 0.05) < 1e-6)
+  end)
+
   it("does not retry quota_exceeded; retries concurrent_limit_exceeded", function()
     m = resil.mock.start({ jobs = { errors = { tts = { { code = "quota_exceeded" } } } } })
     use(m.url)
