@@ -955,8 +955,10 @@ local function not_finite(b)
 end
 
 -- A service tier is billed at its own price (OpenAI's priority about twice
--- the standard one, flex half), which the ledger does not know: only the
--- tiers that are what the request would get without the field pass.
+-- the standard one, flex half), which the ledger knows only for some
+-- (pricing.tiers: OpenAI's priority and flex, for the models listed there;
+-- none of Anthropic's): only the tiers that are what the request would get
+-- without the field pass.
 local STANDARD_TIERS = { openai = { auto = true, default = true }, anthropic = { auto = true, standard_only = true } }
 local function unpriced_tier(b, api)
   local tier = b.service_tier
