@@ -84,9 +84,11 @@ pricing.models = {
 -- tier and model: an answer that says it was served by one (OpenAI's
 -- service_tier "priority", about twice the standard price, or "flex", half;
 -- a project may default to priority without the request asking) is priced
--- here (usage.service_tier). A tier without a price for the model, such as
--- "scale" (bought ahead), has none: its row is written without a price, never
--- at the standard one.
+-- here (usage.service_tier). A tier named here without a price for the
+-- model, such as "scale" (bought ahead), has none: its row is written
+-- without a price, never at the standard one. A tier not named here at all
+-- (an OpenAI-compatible server's own, Groq's "on_demand") is priced as the
+-- model is.
 pricing.tiers = {
   openai = {
     priority = {
@@ -108,6 +110,7 @@ pricing.tiers = {
       ["o3"] = { input = 1.00, cached_input = 0.25, output = 4.00 },
       ["o4-mini"] = { input = 0.55, cached_input = 0.1375, output = 2.20 },
     },
+    scale = {}, -- Scale Tier: units bought ahead, no price a token
   },
 }
 
@@ -153,9 +156,10 @@ end
 -- no price); tier: a processing tier's (pricing.tiers), nil for the standard one
 function pricing.price(provider, model, tier)
   local t = pricing.models[provider]
-  if tier ~= nil then
-    t = type(pricing.tiers[provider]) == "table" and pricing.tiers[provider][tier]
-  end
+  -- (a tier the table does not name at all is another server's word for its standard one: an
+  -- OpenAI-compatible server's "on_demand", priced as the model is)
+  local tiers = pricing.tiers[provider]
+  if tier ~= nil and type(tiers) == "table" and tiers[tier] ~= nil then t = tiers[tier] end
   if type(t) ~= "table" or type(model) ~= "string" then return nil end
   local price = t[model] or t[strip_date(model)]
   if price == nil then return nil end

@@ -891,6 +891,12 @@ describe("chat over the strict mock", function()
       r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
       assert.is_nil(r.cost_usd)
       assert.are.equal(4, ledger_rows())
+      -- a tier the table does not know (an OpenAI-compatible server's, Groq's "on_demand"): the model's price
+      m:configure({ strict = true, reply = "hi", service_tier = "on_demand" })
+      r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+      assert.are.equal("on_demand", r.usage.service_tier)
+      assert.are.equal(pricing.cost("openai", "gpt-4o-mini", { input_tokens = r.usage.input_tokens,
+        cached_input_tokens = r.usage.cached_input_tokens, output_tokens = r.usage.output_tokens }), r.cost_usd)
     end)
 
   it("a budget refuses a model without a price before sending anything", function()
