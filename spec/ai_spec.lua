@@ -1279,14 +1279,6 @@ for _, b in ipairs(helpers.store_backends()) do
     end)
     after_each(function() m:stop() end)
 
-    -- the store's extensions of holds, counted
-    local function count_extensions()
-      local be, n = assert(resil.store()).backend, { 0 }
-      local extend = be.budget_extend
-      be.budget_extend = function(...) n[1] = n[1] + 1; return extend(...) end
-      finally(function() be.budget_extend = nil end)
-      return n
-    end
 
     -- at t = 150 s, another reservation that fits only if the call's hold no longer counts
     local function reserve_at_150(bud, t0, held)
@@ -1306,7 +1298,7 @@ for _, b in ipairs(helpers.store_backends()) do
     it("a stream of 200 s under hold = 60 keeps its reservation counted to its end, and is settled once", function()
       local name = "ai-spec-long-stream"
       local bud = resil.budget(name, { limit = 1, hold = 60 })
-      local extensions = count_extensions()
+      local extensions = helpers.count_extensions(finally)
       local t0 = resil.now()
       local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 1000, budget = name })
       local deltas = { assert(s:next()) }

@@ -454,14 +454,6 @@ for _, b in ipairs(helpers.store_backends()) do
       resil.store_config({ url = b.url() })
     end)
 
-    -- the store's extensions of holds, counted
-    local function count_extensions()
-      local be, n = assert(resil.store()).backend, { 0 }
-      local extend = be.budget_extend
-      be.budget_extend = function(...) n[1] = n[1] + 1; return extend(...) end
-      finally(function() be.budget_extend = nil end)
-      return n
-    end
 
     it("ticket:extend keeps a hold counting past its hold; it never shortens it", function()
       local name = fresh_name()
@@ -493,7 +485,7 @@ for _, b in ipairs(helpers.store_backends()) do
       local settled, released = assert(bud:reserve(0.5)), assert(bud:reserve(0.5))
       assert.is_true(settled:settle(0.25, E))
       assert.is_true(released:release())
-      local extensions = count_extensions()
+      local extensions = helpers.count_extensions(finally)
       for _, t in ipairs({ settled, released }) do
         local ok, err = t:extend(600)
         assert.is_nil(ok)
@@ -515,7 +507,7 @@ for _, b in ipairs(helpers.store_backends()) do
     it("ticket:keep renews the hold every two thirds of it until the settle, then never again", function()
       local name = fresh_name()
       local bud = resil.budget(name, { limit = 1, hold = 60 })
-      local extensions = count_extensions()
+      local extensions = helpers.count_extensions(finally)
       local t = assert(bud:reserve(0.6)):keep()
       resil.sleep(190)
       assert.are.equal(0.6, assert(bud:state()).reserved)
@@ -532,7 +524,7 @@ for _, b in ipairs(helpers.store_backends()) do
     it("ticket:keep stops once nothing refers to the ticket: its hold ends as without it", function()
       local name = fresh_name()
       local bud = resil.budget(name, { limit = 1, hold = 60 })
-      local extensions = count_extensions()
+      local extensions = helpers.count_extensions(finally)
       local call = {}
       local function reserve() call.ticket = assert(bud:reserve(0.6)):keep() end
       reserve()

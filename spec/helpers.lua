@@ -287,6 +287,16 @@ function helpers.inherited_tcp_sockets()
   return (listed:gsub("listed\n$", ""))
 end
 
+-- The store's extensions of budget holds (ticket:extend, ticket:keep), counted
+-- until the test ends (`finally`, the test's own, undoes it): -> { n }
+function helpers.count_extensions(finally)
+  local be, n = assert(require("resil").store()).backend, { 0 }
+  local extend = be.budget_extend
+  be.budget_extend = function(...) n[1] = n[1] + 1; return extend(...) end
+  finally(function() be.budget_extend = nil end)
+  return n
+end
+
 -- the ledger rows a process's log says were lost as it ended -> sorted { "id usd", ... }
 function helpers.rows_logged_lost(stderr)
   local named = {}
