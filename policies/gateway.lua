@@ -537,8 +537,9 @@ local function key_buckets(rec)
   return b
 end
 
--- the key's own rate limits: nil, or a 429 reply
-local function key_limits(rec, api, tokens)
+-- the key's own rate limits: nil, or a 429 reply. Its tokens: the body's
+-- estimate and the most the answer may hold (counted only for a key with tpm)
+local function key_limits(rec, api, body, most)
   if not rec.rpm and not rec.tpm then return nil end
   local buckets = key_buckets(rec)
   if rec.rpm then
@@ -549,6 +550,7 @@ local function key_limits(rec, api, tokens)
     end
   end
   if rec.tpm then
+    local tokens = pricing.estimate_tokens(body) + (most or 0)
     local ok, wait = buckets.tpm:try(math.min(tokens, rec.tpm))
     if not ok then
       return error_reply(api, 429, ("key '%s': %d tokens per minute"):format(rec.name, rec.tpm),
@@ -1031,7 +1033,7 @@ function complete_admitted(req, api, id, rec, slot)
   end
   r.ledger_sync, r.ledger_wait = gateway.config.ledger_sync, gateway.config.ledger_wait
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
-  local limited = key_limits(rec, api, pricing.estimate_tokens(req.body) + (r.max_tokens or 0))
+  local limited = key_limits(rec, api, req.body, r.max_tokens)
   if limited then return with_id(limited, id) end
   local idem = req.headers["idempotency-key"]
 
@@ -1147,7 +1149,7 @@ local function embeddings(req)
     encoding_format = type(b.encoding_format) == "string" and b.encoding_format or nil, user = rec.name,
     ledger_sync = gateway.config.ledger_sync, ledger_wait = gateway.config.ledger_wait }
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
-  local limited = key_limits(rec, "openai", pricing.estimate_tokens(req.body))
+  local limited = key_limits(rec, "openai", req.body)
   if limited then return with_id(limited, id) end
   -- run to its end as a chat is: the provider bills it whether or not its client stays
   local res, err = call_to_end(slot, r, ai.embed)
