@@ -1001,6 +1001,29 @@ describe("gateway: virtual keys", function()
     assert.are.equal("rate_limit_exceeded", json.decode(res.body).error.code)
   end)
 
+  it("the key's tokens per minute count the body and max_tokens, CJK text at 2 bytes a token", function()
+    local url = start({ strict = true }, { auth = true })
+    local key = assert(keys.add({ name = "team-t", tpm = 1000 }))
+    local function ask(content, most)
+      return post(url .. "/v1/chat/completions", { model = "fast", max_tokens = most,
+        messages = { { role = "user", content = content } } }, bearer(key))
+    end
+    -- about 60 tokens of body and 600 of answer: fits; the next 660 do not
+    assert.are.equal(200, ask("hi", 600).status)
+    local res = ask("hi", 600)
+    assert.are.equal(429, res.status)
+    assert.is_true(tonumber(res.headers["retry-after"]) >= 1)
+    assert.matches("1000 tokens per minute", json.decode(res.body).error.message, 1, true)
+    -- another key: 300 CJK characters (900 bytes) are 450 tokens or more, not 225
+    local cjk = assert(keys.add({ name = "team-cjk", tpm = 500 }))
+    res = post(url .. "/v1/chat/completions", { model = "fast", max_tokens = 40,
+      messages = { { role = "user", content = ("日本語"):rep(100) } } }, bearer(cjk))
+    assert.are.equal(200, res.status)
+    res = post(url .. "/v1/chat/completions", { model = "fast", max_tokens = 40,
+      messages = { { role = "user", content = "hi" } } }, bearer(cjk))
+    assert.are.equal(429, res.status)
+  end)
+
   -- Three clients that give up on a call of `path` before its answer (a key with a budget): the
   -- calls are finished and recorded, their cost in the key's budget, no hold left behind
   local function clients_give_up(path, body, route, mock)
