@@ -508,6 +508,14 @@ describe("chat over the strict mock", function()
       usage = { prompt_tokens = 1000, completion_tokens = 10, total_tokens = 1010 } }) }
   end
 
+  -- the call's whole cost is in the ledger and spent in its budget, nothing left held
+  local function assert_all_spent(b, usd)
+    assert.is_true(math.abs(resil.cost.total({}) - usd) <= 2e-6)
+    local st = b:state()
+    assert.are.equal(0, st.reserved)
+    assert.is_true(math.abs(st.spent - usd) <= 2e-6, tostring(st.spent))
+  end
+
   it("answers refused as invalid output were billed: each is a ledger row, in the budget and the call's cost_usd",
     function()
       local n = 0
@@ -524,10 +532,7 @@ describe("chat over the strict mock", function()
       local answer = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 10 })
       assert.is_true(math.abs(r.cost_usd - (2 * each + answer)) < 1e-9, tostring(r.cost_usd))
       assert.are.equal(3, ledger_rows())
-      assert.is_true(math.abs(resil.cost.total({}) - r.cost_usd) <= 2e-6)
-      local st = b:state()
-      assert.are.equal(0, st.reserved)
-      assert.is_true(math.abs(st.spent - r.cost_usd) <= 2e-6, tostring(st.spent))
+      assert_all_spent(b, r.cost_usd)
     end)
 
   it("a call that failed on refused answers only still records what they cost", function()
@@ -563,10 +568,7 @@ describe("chat over the strict mock", function()
     local least = pricing.cost("openai", "gpt-4o-mini", { input_tokens = math.ceil(#resil.json.encode(MSGS) / 4),
       output_tokens = 1 })
     assert.is_true(cut >= least, ("cut answer priced at %s"):format(cut))
-    assert.is_true(math.abs(resil.cost.total({}) - r.cost_usd) <= 2e-6)
-    local st = b:state()
-    assert.are.equal(0, st.reserved)
-    assert.is_true(math.abs(st.spent - r.cost_usd) <= 2e-6, tostring(st.spent))
+    assert_all_spent(b, r.cost_usd)
   end)
 
   -- (before: its input was estimated from the messages alone: a long system prompt and tools, billed, were not)
@@ -750,12 +752,25 @@ describe("chat over the strict mock", function()
     assert.is_true(st.spent > 0)
   end)
 
-  -- (before: the row, queued for the lock, was dropped with the cancel)
-  it("a call without a budget canceled while its row waits for the store still records it, once", function()
-    resil.clock.real() -- the store's lock is held by another process
+  -- a store file on the real clock, its schema made, for another process to hold its lock -> its path
+  local function store_to_lock()
+    resil.clock.real()
     local db = helpers.tmpname(".db")
     resil.store_config({ url = db })
     assert(resil.cost.record({ provider = "warm-up", usd = 0 })) -- the file and its schema
+    return db
+  end
+  -- the ledger's rows of calls to openai
+  local function rows()
+    for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
+      if g.key == "openai" then return g.calls end
+    end
+    return 0
+  end
+
+  -- (before: the row, queued for the lock, was dropped with the cancel)
+  it("a call without a budget canceled while its row waits for the store still records it, once", function()
+    local db = store_to_lock()
     local n = 0
     m:configure({ routes = { ["POST /v1/chat/completions"] = function()
       n = n + 1
@@ -772,12 +787,6 @@ describe("chat over the strict mock", function()
     assert.are.equal("waiting", t:status()) -- answered; its row waits for the lock
     t:cancel()
     helpers.write(release, "")
-    local function rows()
-      for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
-        if g.key == "openai" then return g.calls end
-      end
-      return 0
-    end
     assert.is_true(helpers.wait_until(function() return rows() == 1 end, 15), "rows: " .. rows())
     resil.sleep(0.5)
     assert.are.equal(1, rows())
@@ -785,10 +794,7 @@ describe("chat over the strict mock", function()
 
   it("a call canceled while its settle waits for the store still records its answer and its refusals, " ..
      "and frees its hold", function()
-    resil.clock.real() -- the store's lock is held by another process
-    local db = helpers.tmpname(".db")
-    resil.store_config({ url = db })
-    assert(resil.cost.record({ provider = "warm-up", usd = 0 })) -- the file and its schema
+    local db = store_to_lock()
     local n = 0
     m:configure({ routes = { ["POST /v1/chat/completions"] = function()
       n = n + 1
@@ -811,13 +817,6 @@ describe("chat over the strict mock", function()
     assert.are.equal("waiting", t:status())
     t:cancel()
     helpers.write(release, "")
-    local function rows()
-      local calls = 0
-      for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
-        if g.key == "openai" then calls = g.calls end
-      end
-      return calls
-    end
     assert.is_true(helpers.wait_until(function() return rows() == 2 end, 15), "rows: " .. rows())
     local st = b:state()
     assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
