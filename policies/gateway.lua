@@ -959,14 +959,20 @@ end
 -- A service tier is billed at its own price (OpenAI's priority about twice
 -- the standard one, flex half), which the ledger knows only for some
 -- (pricing.tiers: OpenAI's priority and flex, for the models listed there;
--- none of Anthropic's): only the tiers that are what the request would get
--- without the field pass.
+-- none of Anthropic's). The tiers that are what the request would get
+-- without the field pass; another passes to an openai/ model that
+-- pricing.tiers prices in it (held and recorded at that price); any other
+-- is a 400 before any call.
 local STANDARD_TIERS = { openai = { auto = true, default = true }, anthropic = { auto = true, standard_only = true } }
-local function unpriced_tier(b, api)
+local function unpriced_tier(b, api, route)
   local tier = b.service_tier
   if tier == nil or tier == null or STANDARD_TIERS[api][tier] then return nil end
-  return ("service_tier %s is not served: the gateway prices standard processing only"):format(
-    type(tier) == "string" and ("'" .. tier:sub(1, 40) .. "'") or "must be a string")
+  if type(tier) ~= "string" then return "service_tier must be a string" end
+  local model = api == "openai" and type(route.model) == "string" and route.model:match("^openai/(.+)$")
+  local named = type(pricing.tiers.openai) == "table" and pricing.tiers.openai[tier]
+  if model and named and pricing.price("openai", model, tier) then return nil end
+  return ("service_tier '%s' is not served for model '%s': the gateway serves a tier other than the standard "
+    .. "one only for an openai/ model pricing.tiers prices in it"):format(tier:sub(1, 40), tostring(route.model))
 end
 
 local function complete(req, api)
@@ -993,7 +999,7 @@ function complete_admitted(req, api, id, rec, slot)
   end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
-  local bad = check_messages(b.messages) or check_tools(b.tools) or not_finite(b) or unpriced_tier(b, api)
+  local bad = check_messages(b.messages) or check_tools(b.tools) or not_finite(b)
   if bad then return with_id(error_reply(api, 400, bad), id) end
   if not model_allowed(rec, b.model) then
     return with_id(error_reply(api, 403, ("key '%s' may not use model '%s'"):format(rec.name, b.model),
@@ -1001,6 +1007,8 @@ function complete_admitted(req, api, id, rec, slot)
   end
   local route, why = route_model(b.model, api)
   if not route then return with_id(error_reply(api, 404, why, { code = "model_not_found" }), id) end
+  local unpriced = unpriced_tier(b, api, route)
+  if unpriced then return with_id(error_reply(api, 400, unpriced), id) end
   -- (the Messages API has no default: a client that relied on ours would fail on Anthropic's own)
   if api == "anthropic" and (b.max_tokens == nil or b.max_tokens == null) then
     return with_id(error_reply(api, 400, "max_tokens: Field required"), id)

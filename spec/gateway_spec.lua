@@ -2035,16 +2035,31 @@ describe("gateway: the client's own API's fields and answers", function()
     assert.are.equal("now", sent[1].functions[1].name)
   end)
 
-  it("a service tier the ledger cannot price is a 400 before any call; the standard ones pass", function()
+  it("a service tier the ledger cannot price is a 400 before any call; the standard ones pass, and a priced one", function()
     local scenario, sent = upstream({ role = "assistant", content = "ok" })
     local url = start(scenario)
-    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, service_tier = "priority" })
-    assert.are.equal(400, res.status)
-    assert.matches("service_tier 'priority'", json.decode(res.body).error.message, 1, true)
+    -- scale (no price a token), priority for a model pricing.tiers does not price in it, an Anthropic tier
+    for _, case in ipairs({ { "openai/gpt-4o-mini", "scale" }, { "openai/gpt-5-nano", "priority" },
+                            { "anthropic/claude-haiku-4-5", "priority" } }) do
+      local res = post(url .. "/v1/chat/completions", { model = case[1], messages = MSGS, service_tier = case[2] })
+      assert.are.equal(400, res.status, case[1])
+      assert.matches("service_tier '" .. case[2] .. "'", json.decode(res.body).error.message, 1, true)
+    end
     assert.are.equal(0, #sent)
-    res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, service_tier = "auto" })
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, service_tier = "auto" })
     assert.are.equal(200, res.status, res.body)
     assert.are.equal("auto", sent[1].service_tier)
+    -- priced in its tier: sent, and its cost is the tier's (the answer says which tier served it)
+    local priced, priced_sent = upstream('{"id":"up-2","object":"chat.completion","created":1,"model":"gpt-4o-mini",' ..
+      '"service_tier":"priority","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},' ..
+      '"finish_reason":"stop"}],"usage":{"prompt_tokens":1000,"completion_tokens":1000,"total_tokens":2000}}')
+    url = start(priced)
+    res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, service_tier = "priority" })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("priority", priced_sent[1].service_tier)
+    local pricing = require "policies.pricing"
+    assert.are.equal(pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 1000,
+      service_tier = "priority" }), tonumber(res.headers["x-resil-cost-usd"]))
   end)
 
   it("who asked is the key's name upstream: a client's user or safety_identifier does not replace it", function()
