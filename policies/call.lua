@@ -75,12 +75,12 @@ local function sent_key(self, req, refused)
   return key
 end
 
-local function merged_request(self, req, left, span, refused)
+-- key: the Idempotency-Key the attempt sends (sent_key) | nil
+local function merged_request(self, req, left, span, key)
   local base = self.request
   local r = {}
   for k, v in pairs(base) do r[k] = v end
   for k, v in pairs(req) do r[k] = v end
-  local key = sent_key(self, req, refused)
   r.idempotency_key = nil
   if key or span or (base.headers and req.headers) then
     local h = {}
@@ -96,12 +96,12 @@ local function merged_request(self, req, left, span, refused)
   return r
 end
 
-local function send(self, req, attempt, left, span, refused)
+local function send(self, req, attempt, left, span, key)
   if type(req) == "function" then
     if left then return resil.timeout(left, req, attempt, left) end
     return req(attempt, left)
   end
-  return resil.http.request(merged_request(self, req, left, span, refused))
+  return resil.http.request(merged_request(self, req, left, span, key))
 end
 
 -- Each attempt is a span (src/lua/trace.lua) with OpenTelemetry's GenAI
@@ -217,11 +217,11 @@ local function attempt(n, self, req, deadline, refused)
   end
   local start = now()
   local res, err
-  local key = refused and sent_key(self, req, refused)
+  local key = sent_key(self, req, refused)
   local span = start_span(self, req, n)
   do
     local _ <close> = sem and self.releaser or nil
-    res, err = send(self, req, n, deadline and deadline - now(), span, refused)
+    res, err = send(self, req, n, deadline and deadline - now(), span, key)
   end
   local elapsed = now() - start
 
@@ -251,7 +251,8 @@ local function attempt(n, self, req, deadline, refused)
     if verdict and verdict.client_fault then br:record(nil) -- says nothing of the provider
     else br:record(not (verdict and verdict.breaker), elapsed) end
   end
-  if key and type(res) == "table" and type(res.status) == "number" and res.status >= 200 and res.status < 300 then
+  if key and refused and type(res) == "table" and type(res.status) == "number" and res.status >= 200
+    and res.status < 300 then
     mark_replayed(refused, key)
   end
   if verdict then
@@ -276,7 +277,7 @@ end
 function Provider:attempts(req, deadline, refused)
   local opts = self.retry_opts
   if not refused and (self.idempotency or type(req) == "table" and req.idempotency_key) then
-    refused = {} -- (counted for the key, see merged_request)
+    refused = {} -- (counted for the key, see sent_key)
   end
   if deadline then
     opts = setmetatable({ deadline = deadline }, self.retry_meta)
