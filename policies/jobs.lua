@@ -101,6 +101,11 @@ local function own_url(ctx, u, fallback)
   return fallback
 end
 
+-- A transfer that failed after the provider's 2xx (its body cut): what it asked for was made
+local function answered(e)
+  return type(e) == "table" and math.type(e.status) == "integer" and e.status >= 200 and e.status < 300
+end
+
 -- Two views of one provider (the same bucket, breaker and concurrency limit): creates are not
 -- retried after a timeout, since the provider may have made the job (another create would
 -- pay twice); reads, results and cancels are.
@@ -122,7 +127,7 @@ local function provider_for(name, conf)
     -- (nor after its 2xx was cut: the job was made, and a second one would be paid as well)
     once_sent.classify = function(res, err, o)
       local v = classify.outcome(res, err, o)
-      if v and v.retryable and math.type(v.status) == "integer" and v.status >= 200 and v.status < 300 then
+      if v and v.retryable and answered(v) then
         local made = {}
         for k, x in pairs(v) do made[k] = x end
         made.retryable = false
@@ -377,7 +382,7 @@ function jobs.job(spec)
     guard.handle = handle
     if not handle then
       guard.done = true
-      if type(err) == "table" and math.type(err.status) == "integer" and err.status >= 200 and err.status < 300 then
+      if answered(err) then
         -- its answer cut after the 2xx: the provider made a job nobody can follow (no id), and bills it;
         -- recorded at the estimate, said
         local usage = estimate_usage(spec.input)
