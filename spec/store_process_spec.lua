@@ -253,6 +253,36 @@ describe("tasks asking for a SQLite store while its first open waits for the fil
     assert.are.equal("1\n", connections)
     os.execute("rm -f " .. db .. "*")
   end)
+
+  -- (before: all had the first's one error table, and a row recorded with retry = true marked it
+  -- `retrying` for the others: a row nobody would write was reported tried again)
+  it("each get an error of their own when it fails: a flag one caller sets on it is not the others'", function()
+    resil.clock.real()
+    resil.log.level("off")
+    finally(function() resil.log.level("info") end)
+    local db = held_new_file(3) -- (held past every open try of 0.2 s)
+    local url = db .. "?timeout=0.2"
+    resil.store_config({ url = url })
+    local paid, other, errs = {}, {}, {}
+    local tasks = {
+      resil.spawn(function() paid.ok, paid.err = resil.cost.record({ provider = "p", usd = 0.5, retry = true }) end),
+      resil.spawn(function() other.ok, other.err = resil.cost.record({ provider = "p", usd = 0.25 }) end),
+      resil.spawn(function() errs[1] = select(2, resil.store(url)) end),
+      resil.spawn(function() errs[2] = select(2, resil.store(url)) end),
+    }
+    for _, t in ipairs(tasks) do assert(t:join()) end
+    assert.are.same({ "store_unavailable", true }, { paid.err.kind, paid.err.retrying })
+    assert.is_nil(other.ok)
+    assert.are.equal("store_unavailable", other.err.kind)
+    assert.is_nil(other.err.retrying) -- its row is not tried again
+    assert.are.equal(paid.err.message, other.err.message)
+    assert.is_true(resil.is_error(errs[1]))
+    assert.are_not.equal(errs[1], errs[2])
+    assert.are.same({ errs[1].kind, errs[1].message }, { errs[2].kind, errs[2].message })
+    -- the lock let go: the paid row is written, once
+    assert.is_true(helpers.wait_until(function() return resil.cost.total() == 0.5 end, 10))
+    os.execute("rm -f " .. db .. "*")
+  end)
 end)
 
 -- A store that cannot be opened (here: its new file's lock held past the

@@ -182,6 +182,16 @@ local opening_ended = { __close = function(o)
   if opening[o.key] == o then opening[o.key] = nil end
 end }
 
+-- Each waiter gets an error of its own, with the same fields: a caller marks the one it got (costs'
+-- and budgets' err.retrying = true for a write tried again later), and a waiter handed that same
+-- table read another's row as tried again when its own was dropped.
+local function own_error(err)
+  if type(err) ~= "table" then return err end
+  local copy = {}
+  for k, v in pairs(err) do copy[k] = v end
+  return setmetatable(copy, getmetatable(err))
+end
+
 local function open_store(url, key, opts)
   local backend, err
   if url:match("^redis://") or url:match("^rediss://") then
@@ -236,13 +246,13 @@ function resil.store(url, opts)
       pause = math.min(pause * 2, 0.05)
     end
     if opened[key] then return opened[key] end
-    if first.err then return nil, first.err end
+    if first.err then return nil, own_error(first.err) end
   end
   local o <close> = setmetatable({ key = key }, opening_ended)
   opening[key] = o
   local err
   s, err = open_store(url, key, opts)
-  o.err = err
+  o.err = own_error(err) -- (kept as it was made: the first caller may mark its own before the waiters wake)
   return s, err
 end
 
