@@ -263,18 +263,18 @@ local function estimate_usage(input)
     video_seconds = tonumber(input.duration) or 5 }
 end
 
--- ---------- jobs ----------
-
--- The create, checkpointed under the attempt's key: its result is the handle (job id, URLs).
-local function create(ctx, akey)
-  local function make()
-    local handle, err = ctx.adapter.create(ctx)
-    if handle then handle.created_wall = resil.clock.wall() end
-    return handle, err
-  end
-  if not akey then return make() end
-  return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input) }, make)
+-- A create whose answer was cut after its 2xx: the provider made a job nobody can follow (no id), and
+-- bills it; recorded at its estimate, said. -> its usd
+local function charge_cut(ctx, spec, err, ticket)
+  local usage = estimate_usage(spec.input)
+  usage.estimated, usage.cut = true, 1
+  resil.log.error("job: the create's answer was cut after the provider accepted it: a job was made that " ..
+    "cannot be followed; recorded at its estimate, not made again", { provider = ctx.name, model = ctx.model,
+    error = tostring(err.message) })
+  return charge(ctx, spec, "job", nil, usage, ticket)
 end
+
+-- ---------- jobs ----------
 
 -- refusals of our own side (an open breaker, a full bulkhead): the job runs on, paid for, and
 -- is read again at the next poll
@@ -340,9 +340,16 @@ end
 -- is canceled at the provider, and what it cost (as the cancel's answer
 -- says, or its result when it ended first) is recorded, its hold settled.
 -- A job with a key is the resumed run's, which reads it again and records
--- it then; its hold is given back (the resumed run reserves again).
+-- it then; its hold is given back (the resumed run reserves again). One
+-- whose create was in flight is abandoned so when the create ends
+-- (create_apart); a create cut after its 2xx is recorded at its estimate,
+-- as its caller would have.
 local function abandon_job(g)
   local ctx, handle, ticket = g.ctx, g.handle, g.ticket
+  if not handle and answered(g.create_err) then
+    charge_cut(ctx, g.spec, g.create_err, ticket)
+    return
+  end
   if g.key or not handle then
     if ticket then ticket:release() end
     return
@@ -359,7 +366,49 @@ local function abandon_job(g)
   local usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, g.input)
   charge(ctx, g.spec, "job", handle.id, usage, ticket)
 end
-local job_guard = { __close = function(g) if not g.done then resil.spawn(abandon_job, g) end end }
+-- (a create still in flight is left to its own task, which abandons the job when it ends: create_apart)
+local job_guard = { __close = function(g)
+  if g.done then return end
+  if g.creating then g.left = true else resil.spawn(abandon_job, g) end
+end }
+
+-- The create: its result is the handle (job id, URLs).
+local function make(ctx)
+  local handle, err = ctx.adapter.create(ctx)
+  if handle then handle.created_wall = resil.clock.wall() end
+  return handle, err
+end
+
+-- A create outside a run is made in a task of its own: one whose caller was canceled while it was
+-- in flight (a resil.timeout, a task canceled) was aborted with it, and a job the provider had
+-- already made ran on, billed, with no id to follow. It finishes; a caller gone by then leaves the
+-- job to abandon_job (canceled at the provider, recorded as far as it ran), as one canceled while
+-- it runs.
+local create_ended = { __close = function(c)
+  local g = c.guard
+  g.creating = nil
+  if g.left then resil.spawn(abandon_job, g) end
+end }
+local function create_apart(ctx, g)
+  g.creating = true
+  local task = resil.spawn(function()
+    local _ <close> = setmetatable({ guard = g }, create_ended)
+    g.handle, g.create_err = make(ctx)
+    return g.handle, g.create_err
+  end)
+  local ok, handle, err = task:join()
+  if not ok then error(handle, 0) end -- (what the create raised, raised here)
+  return handle, err
+end
+
+-- Inside a run (a key), checkpointed under the attempt's key. resil.once makes it in a task of its
+-- own too, which a canceled caller leaves running: the record keeps the job's id, and the resumed
+-- run follows that job (abandon_job leaves it to it) instead of making another.
+local function create(ctx, akey, g)
+  if not akey then return create_apart(ctx, g) end
+  return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input) },
+    function() return make(ctx) end)
+end
 
 -- jobs.job(spec) -> result | nil, err
 function jobs.job(spec)
@@ -378,19 +427,12 @@ function jobs.job(spec)
     if ticket then ticket:keep() end -- (a video job may run past its hold)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
       job_guard)
-    local handle, err = create(ctx, akey)
+    local handle, err = create(ctx, akey, guard)
     guard.handle = handle
     if not handle then
       guard.done = true
       if answered(err) then
-        -- its answer cut after the 2xx: the provider made a job nobody can follow (no id), and bills it;
-        -- recorded at the estimate, said
-        local usage = estimate_usage(spec.input)
-        usage.estimated, usage.cut = true, 1
-        resil.log.error("job: the create's answer was cut after the provider accepted it: a job was made that " ..
-          "cannot be followed; recorded at its estimate, not made again", { provider = ctx.name, model = ctx.model,
-          error = tostring(err.message) })
-        err.cost_usd = charge(ctx, spec, "job", nil, usage, ticket)
+        err.cost_usd = charge_cut(ctx, spec, err, ticket)
         return nil, err
       end
       if ticket then ticket:release() end

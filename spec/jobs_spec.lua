@@ -167,6 +167,81 @@ describe("ai.job on Replicate", function()
     assert.is_true(math.abs(st.spent - rows[1].usd) < 1e-6)
   end)
 
+  -- A create whose caller is canceled while its answer is on its way (the mock holds it 30 s; the job is
+  -- made when the create arrives). (before: the create was aborted with its caller, and the job the
+  -- provider had made ran on, billed, with no id to follow and no row)
+  local HARDWARE = "replicate/acme/hardware"
+  local function hardware_priced()
+    local pricing = require "policies.pricing_media"
+    pricing.models[HARDWARE] = { per_predict_second = 0.001 }
+    finally(function() pricing.models[HARDWARE] = nil end)
+  end
+  local function cancel_while_creating(spec, budget)
+    local job = { model = HARDWARE, input = { prompt = "a cat" }, deadline = 300, attempts = 1, budget = budget }
+    for k, v in pairs(spec or {}) do job[k] = v end
+    local t = resil.spawn(jobs.job, job)
+    resil.sleep(5)
+    assert.are.equal(1, m:stats().routes.predictions) -- sent, its answer not back
+    t:cancel()
+    local ok, err = t:join()
+    assert.is_false(ok)
+    assert.are.equal("canceled", err.kind)
+    resil.sleep(30) -- the create's answer comes
+  end
+
+  it("a job whose caller is canceled while its create is in flight is canceled at the provider once it answers, " ..
+     "recorded once, its hold settled", function()
+    hardware_priced()
+    m = resil.mock.start({ jobs = { fates = { "stuck" } }, sequence = { predictions = { { kind = "ok", latency = 30 } } } })
+    use(m.url)
+    local budget = resil.budget("jobs-cancel-create", { limit = 1 })
+    cancel_while_creating(nil, "jobs-cancel-create")
+    assert.is_true(helpers.wait_until(function() return m:stats().billed.canceled == 1 end, 10))
+    assert.is_true(helpers.wait_until(function() return #resil.cost.breakdown("model") == 1 end, 10))
+    assert.is_true(helpers.wait_until(function() return budget:state().reserved == 0 end, 10))
+    local s = m:stats()
+    assert.are.same({ 1, 1 }, { s.routes.predictions, s.routes.cancel })
+    local rows = resil.cost.breakdown("model")
+    assert.are.equal(1, rows[1].calls)
+    assert.is_true(rows[1].usd > 0.025 and rows[1].usd < 0.035, tostring(rows[1].usd)) -- about 30 s at $0.001
+    local st = budget:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    assert.is_true(math.abs(st.spent - rows[1].usd) < 1e-6)
+  end)
+
+  it("a create that fails after its caller was canceled records what it would have: a cut 201 its estimate, " ..
+     "a refusal nothing", function()
+    for _, case in ipairs({ { fault = "truncate", usd = 0.006 }, { fault = 422 } }) do
+      m = resil.mock.start({ jobs = { polls = 0 }, sequence = { predictions = {
+        type(case.fault) == "number" and { status = case.fault, latency = 30 } or { kind = case.fault, latency = 30 } } } })
+      use(m.url)
+      fresh_store()
+      local budget = resil.budget("jobs-cancel-cut", { limit = 1 })
+      cancel_while_creating({ model = FLUX, input = { prompt = "a cat", num_outputs = 2 } }, "jobs-cancel-cut")
+      assert.is_true(helpers.wait_until(function() return budget:state().reserved == 0 end, 10))
+      assert.are.equal(case.usd or 0, resil.cost.total())
+      local st = budget:state()
+      assert.are.same({ 0, case.usd or 0 }, { #st.holds, st.spent })
+      assert.is_nil(m:stats().routes.cancel) -- no id: nothing to cancel
+      m:stop()
+      m = nil
+    end
+  end)
+
+  -- (resil.once makes the create in a task of its own, which its caller's cancel leaves running: the id is kept)
+  it("inside a run (a key), a create in flight at its caller's cancel is the resumed run's job: none made again",
+    function()
+      m = resil.mock.start({ jobs = { polls = 0 }, sequence = { predictions = { { kind = "ok", latency = 30 } } } })
+      use(m.url)
+      cancel_while_creating({ model = FLUX, key = "resumed" })
+      local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" }, deadline = 300, key = "resumed" }))
+      local s = m:stats()
+      assert.are.same({ 1, 1 }, { s.routes.predictions, s.billed.jobs })
+      assert.is_nil(s.routes.cancel)
+      assert.are.equal(0.003, r.cost_usd)
+      assert.are.equal(1, resil.cost.breakdown("model")[1].calls)
+    end)
+
   -- (before: retried as a reset, it made a second job; the first, paid, was never followed nor recorded)
   it("a create whose answer was cut after its 201 is not made again, and is recorded at its estimate", function()
     m = resil.mock.start({ jobs = { polls = 0 }, sequence = { predictions = { "truncate" } } })
