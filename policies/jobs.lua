@@ -265,13 +265,13 @@ end
 
 -- A create whose answer was cut after its 2xx: the provider made a job nobody can follow (no id), and
 -- bills it; recorded at its estimate, said. -> its usd
-local function charge_cut(ctx, spec, err, ticket)
+local function charge_cut(ctx, spec, err, ticket, how)
   local usage = estimate_usage(spec.input)
   usage.estimated, usage.cut = true, 1
   resil.log.error("job: the create's answer was cut after the provider accepted it: a job was made that " ..
     "cannot be followed; recorded at its estimate, not made again", { provider = ctx.name, model = ctx.model,
     error = tostring(err.message) })
-  return charge(ctx, spec, "job", nil, usage, ticket)
+  return charge(ctx, spec, "job", nil, usage, ticket, how)
 end
 
 -- ---------- jobs ----------
@@ -343,11 +343,12 @@ end
 -- it then; its hold is given back (the resumed run reserves again). One
 -- whose create was in flight is abandoned so when the create ends
 -- (create_apart); a create cut after its 2xx is recorded at its estimate,
--- as its caller would have.
+-- as its caller would have (counted in the budget beside the hold when that
+-- was given back before the create began: `gone`, see create).
 local function abandon_job(g)
   local ctx, handle, ticket = g.ctx, g.handle, g.ticket
   if not handle and answered(g.create_err) then
-    charge_cut(ctx, g.spec, g.create_err, ticket)
+    charge_cut(ctx, g.spec, g.create_err, ticket, ticket and ticket.done and "charge" or nil)
     return
   end
   if g.key or not handle then
@@ -369,7 +370,12 @@ end
 -- (a create still in flight is left to its own task, which abandons the job when it ends: create_apart)
 local job_guard = { __close = function(g)
   if g.done then return end
-  if g.creating then g.left = true else resil.spawn(abandon_job, g) end
+  if g.creating then
+    g.left = true
+  else
+    g.gone = true
+    resil.spawn(abandon_job, g)
+  end
 end }
 
 -- The create: its result is the handle (job id, URLs).
@@ -387,7 +393,7 @@ end
 local create_ended = { __close = function(c)
   local g = c.guard
   g.creating = nil
-  if g.left then resil.spawn(abandon_job, g) end
+  if g.left or g.gone and answered(g.create_err) then resil.spawn(abandon_job, g) end
 end }
 local function create_apart(ctx, g)
   g.creating = true
@@ -403,11 +409,20 @@ end
 
 -- Inside a run (a key), checkpointed under the attempt's key. resil.once makes it in a task of its
 -- own too, which a canceled caller leaves running: the record keeps the job's id, and the resumed
--- run follows that job (abandon_job leaves it to it) instead of making another.
+-- run follows that job (abandon_job leaves it to it) instead of making another. A create cut after
+-- its 2xx is not kept (its failure frees the key: no id to follow, the resumed run makes a new
+-- job), so when its caller is gone by then it is recorded as create_apart's is (abandon_job). (A
+-- caller canceled after resil.once spawned fn's task but before it began is `gone`: its hold was
+-- given back, and a create cut then is recorded all the same.)
 local function create(ctx, akey, g)
   if not akey then return create_apart(ctx, g) end
   return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input) },
-    function() return make(ctx) end)
+    function()
+      g.creating = true
+      local _ <close> = setmetatable({ guard = g }, create_ended)
+      g.handle, g.create_err = make(ctx)
+      return g.handle, g.create_err
+    end)
 end
 
 -- jobs.job(spec) -> result | nil, err

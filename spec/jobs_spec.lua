@@ -242,6 +242,58 @@ describe("ai.job on Replicate", function()
       assert.are.equal(1, resil.cost.breakdown("model")[1].calls)
     end)
 
+  -- (before: inside a run the create is resil.once's, in a task of its own, and the guard left a keyed
+  -- job to the resumed run; but a cut create is not kept (its failure frees the key): nobody recorded
+  -- it, a job made and billed with no row, its hold given back)
+  it("inside a run (a key), a create cut after its 201 when its caller was already canceled is recorded at its " ..
+     "estimate, once; the key asked again makes a new job, recorded as its own", function()
+    m = resil.mock.start({ jobs = { polls = 0 }, sequence = { predictions = { { kind = "truncate", latency = 30 } } } })
+    use(m.url)
+    local budget = resil.budget("jobs-cancel-cut-key", { limit = 1 })
+    local job = { model = FLUX, input = { prompt = "a cat", num_outputs = 2 }, key = "cut-1" }
+    cancel_while_creating(job, "jobs-cancel-cut-key")
+    assert.is_true(helpers.wait_until(function() return budget:state().reserved == 0 end, 10))
+    assert.is_true(helpers.wait_until(function() return resil.cost.total() > 0 end, 10))
+    assert.are.equal(0.006, resil.cost.total())
+    local st = budget:state()
+    assert.are.same({ 0, 0.006 }, { #st.holds, st.spent })
+    -- the resumed run: the cut job cannot be followed (no id), so the key's next call makes a new one
+    job.budget, job.deadline = "jobs-cancel-cut-key", 300
+    local r = assert(jobs.job(job))
+    assert.are.equal(2, m:stats().routes.predictions)
+    local rows = resil.cost.breakdown("model")
+    assert.are.same({ 2, 0.012 }, { rows[1].calls, rows[1].usd })
+    assert.are.equal(0.006, r.cost_usd)
+  end)
+
+  -- the same when the cancel comes after resil.once spawned the create's task but before that task began
+  -- (its hold already given back then): the cut job is counted in the budget all the same
+  it("inside a run (a key), a caller canceled before resil.once's task began: a create cut then is recorded",
+    function()
+      m = resil.mock.start({ jobs = { polls = 0 }, sequence = { predictions = { "truncate" } } })
+      use(m.url)
+      local budget = resil.budget("jobs-cut-early", { limit = 1 })
+      local spawn, caller = resil.spawn, nil
+      finally(function() resil.spawn = spawn end)
+      resil.spawn = function(fn, ...)
+        if select(3, ...) == "ai.job:cut-early" then -- (once's task for the create: a cancel queued before it)
+          resil.spawn = spawn
+          spawn(function() caller:cancel() end)
+        end
+        return spawn(fn, ...)
+      end
+      caller = spawn(jobs.job, { model = FLUX, input = { prompt = "a cat", num_outputs = 2 }, key = "cut-early",
+        budget = "jobs-cut-early" })
+      local ok, err = caller:join()
+      assert.is_false(ok)
+      assert.are.equal("canceled", err.kind)
+      assert.is_true(helpers.wait_until(function() return resil.cost.total() > 0 end, 10))
+      assert.are.equal(1, m:stats().routes.predictions)
+      assert.are.equal(0.006, resil.cost.total())
+      local st = budget:state()
+      assert.are.same({ 0, 0, 0.006 }, { st.reserved, #st.holds, st.spent })
+    end)
+
   -- (before: retried as a reset, it made a second job; the first, paid, was never followed nor recorded)
   it("a create whose answer was cut after its 201 is not made again, and is recorded at its estimate", function()
     m = resil.mock.start({ jobs = { polls = 0 }, sequence = { predictions = { "truncate" } } })
