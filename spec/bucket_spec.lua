@@ -133,6 +133,23 @@ describe("resil.bucket (GCRA)", function()
     near(0.3, wait)
   end)
 
+  -- (before: a count past what the clock's integer nanoseconds hold, a provider's garbage usage of
+  -- 1e17 tokens charged as a correction, wrapped around into a full bucket)
+  it("refund gives back no more than the burst; a charge of a garbage count is a debt, not a full bucket", function()
+    local b = fresh { rate = 10, per = 1, burst = 10 }
+    assert.is_true((b:try(5)))
+    assert.are.equal(10, b:refund(1e17)) -- more than was taken: the bucket is full, no fuller
+    assert.is_true((b:try(10)))
+    assert.is_false((b:try(1)))
+    local c = fresh { rate = 10, per = 1, burst = 10 }
+    assert.are.equal(0, c:charge(1e17))
+    local ok, wait = c:try(1)
+    assert.is_false(ok)
+    assert.is_true(wait > 86400 * 365, wait .. " s")
+    c:refund(1e17)
+    assert.are.same({ true, 3 }, { c:try(7) })
+  end)
+
   it("is one bucket per name; new options change its rate in place, state kept", function()
     local b = fresh { rate = 1, per = 1, burst = 2 }
     assert.is_true((b:try(2)))
@@ -312,6 +329,35 @@ describe("a shared bucket (GCRA state in the store)", function()
     for i = 1, 8 do while processes[i]:try(1) do admitted = admitted + 1 end end
     while first:try(1) do admitted = admitted + 1 end
     assert.is_true(admitted <= 100, admitted .. " admitted")
+  end)
+
+  -- (before: a shared bucket had no refund or charge: a gateway key's tokens per minute, shared by
+  -- its workers, could not be corrected by the usage an answer reported)
+  it("refund and charge correct an estimate in the store, for every process", function()
+    local opts = { rate = 10, per = 1, burst = 10, shared = true }
+    local b = resil.bucket("shared-adjust", opts)
+    local other = setmetatable({ name = "shared-adjust" }, getmetatable(b)) -- another process's object
+    other:configure(opts)
+    assert.is_true((b:acquire(10)))
+    assert.are.equal(4, b:refund(4)) -- the answer used 6 of the 10 estimated
+    assert.are.same({ true, 0 }, { other:try(4) })
+    assert.is_false((other:try(1)))
+    assert.are.equal(0, b:charge(6)) -- one used 6 more than its estimate: in debt
+    local ok, wait = other:try(1)
+    assert.is_false(ok)
+    near(0.7, wait) -- the debt's 6 tokens and the one asked for, past an empty bucket
+    -- more given back than was taken: full, no fuller
+    assert.are.equal(10, b:refund(100))
+    assert.is_true((other:try(10)))
+    assert.is_false((other:try(1)))
+    resil.sleep(1)
+    -- a garbage count is a long debt, not an overflow into a full bucket
+    assert.are.equal(0, b:charge(1e17))
+    ok, wait = other:try(1)
+    assert.is_false(ok)
+    assert.is_true(wait > 86400 * 365, wait .. " s")
+    local bad = pcall(b.refund, b, -1)
+    assert.is_false(bad)
   end)
 
   it("books only what fits the caller's timeout; try never books", function()

@@ -494,6 +494,37 @@ print(admitted)
     assert.is_true(math.abs(admitted - 2000) <= 20, admitted .. " admitted")
   end)
 
+  -- (before: a shared bucket had no refund or charge: a gateway key's tokens per minute on Redis could
+  -- not be corrected by the usage an answer reported)
+  it("refund and charge correct an estimate in one script each; the key's expiry follows its arrival time",
+    function()
+      resil.clock.virtual() -- one process: the script takes the times it is given
+      finally(function() resil.clock.real() end)
+      local b = resil.bucket("redis-adjust", { rate = 10, per = 1, burst = 10, shared = true })
+      local function pttl()
+        local r = helpers.run(("redis-cli -p %d -n %d pttl resil:gcra:bucket:redis-adjust"):format(port, db_seq))
+        return tonumber(r.stdout:match("%-?%d+"))
+      end
+      assert.is_true((b:acquire(10)))
+      assert.are.equal(4, b:refund(4)) -- the answer used 6 of the 10 estimated
+      assert.are.same({ true, 0 }, { b:try(4) })
+      assert.are.equal(0, b:charge(6)) -- one used 6 more than its estimate: in debt
+      local ok, wait = b:try(1)
+      assert.is_false(ok)
+      assert.is_true(math.abs(wait - 0.7) < 1e-6, wait)
+      -- more given back than was taken: full, no fuller; kept a minute as gcra_take keeps it
+      assert.are.equal(10, b:refund(100))
+      assert.is_true(pttl() <= 60000, pttl())
+      assert.is_true((b:try(10)))
+      assert.is_false((b:try(1)))
+      -- a garbage count: a long debt, its key kept as long (not expired into a full bucket)
+      assert.are.equal(0, b:charge(1e17))
+      ok, wait = b:try(1)
+      assert.is_false(ok)
+      assert.is_true(wait > 86400 * 365, wait)
+      assert.is_true(pttl() > wait * 1000, pttl())
+    end)
+
   it("four processes waiting on one shared bucket: one script call per admission", function()
     local url = resil.store().url
     local source = [[

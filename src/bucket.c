@@ -54,8 +54,16 @@ struct bucket {
   resil_timer timer;
 };
 
+/* The furthest ahead of now a TAT goes: a charge of what an answer says it
+ * used (a provider's garbage count, 1e17 tokens) is a debt of years, not an
+ * overflow of the integer nanoseconds that wraps into a full bucket. */
+#define MAX_AHEAD_NS ((int64_t)1e18) /* about 31 years */
+
 static int64_t now_ns(resil_t *R) { return (int64_t)llround(resil_now(R) * NS); }
-static int64_t tokens_ns(const bucket *b, double n) { return (int64_t)llround(n * (double)b->interval_ns); }
+static int64_t tokens_ns(const bucket *b, double n) {
+  double ns = n * (double)b->interval_ns;
+  return ns >= (double)MAX_AHEAD_NS ? MAX_AHEAD_NS : (int64_t)llround(ns);
+}
 static int64_t tolerance_ns(const bucket *b) { return tokens_ns(b, b->burst); }
 
 /* Nanoseconds until n tokens can be taken (0: now). */
@@ -82,7 +90,8 @@ static double remaining_at(const bucket *b, int64_t now) {
 
 static void take(bucket *b, double n, int64_t now) {
   int64_t start = b->tat_ns > now ? b->tat_ns : now;
-  b->tat_ns = start + tokens_ns(b, n);
+  int64_t ahead = start - now + tokens_ns(b, n);
+  b->tat_ns = now + (ahead > MAX_AHEAD_NS ? MAX_AHEAD_NS : ahead);
 }
 
 /* whole token counts read as integers in Lua */
@@ -353,17 +362,22 @@ static int b_acquire(lua_State *L) {
   return lua_yieldk(L, 0, (lua_KContext)w, acquire_k);
 }
 
-/* b:refund(n): give back tokens taken for an estimate that was too high. */
+/* b:refund(n) -> remaining: give back tokens taken for an estimate that was
+ * too high. The TAT goes back no further than now: a bucket is full there,
+ * and more given back than was taken grants nothing past the burst. */
 static int b_refund(lua_State *L) {
   bucket *b = check_bucket(L, 1);
   double n = check_tokens(L, 2, b);
-  b->tat_ns -= tokens_ns(b, n);
+  int64_t now = now_ns(b->R);
+  int64_t back = tokens_ns(b, n);
+  b->tat_ns = b->tat_ns - now > back ? b->tat_ns - back : now;
   serve(b);
-  return 0;
+  push_count(L, remaining_at(b, now_ns(b->R)));
+  return 1;
 }
 
-/* b:charge(n): take tokens without waiting (usage above the estimate); may
- * leave the bucket in debt, which later callers wait out. */
+/* b:charge(n) -> remaining: take tokens without waiting (usage above the
+ * estimate); may leave the bucket in debt, which later callers wait out. */
 static int b_charge(lua_State *L) {
   bucket *b = check_bucket(L, 1);
   double n = check_tokens(L, 2, b);

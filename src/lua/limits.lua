@@ -204,6 +204,32 @@ function SharedBucket:acquire(n, opts)
   end
 end
 
+-- Correct an estimate once the usage is known, in one store operation that
+-- cannot refuse: b:charge(n) takes n more (usage above the estimate; the
+-- bucket may go into debt, which later callers wait out), b:refund(n) gives
+-- n back (the arrival time no further back than now: a full bucket). ->
+-- remaining. (The stores keep a debt within 1e9 s, as the local bucket does:
+-- a provider's garbage count, 1e17 tokens, is not a time they cannot keep.)
+local function adjust(self, n, sign, what)
+  if type(n) ~= "number" or not (n >= 0) or n == math.huge then
+    error(("bucket '%s': %s: token count must be a non-negative number"):format(self.name, what), 3)
+  end
+  local s, serr = resil.store()
+  local remaining, err
+  if s then
+    remaining, err = s.backend:gcra_adjust("bucket:" .. self.name, self.interval, self.tolerance, sign * n, store_now())
+  end
+  if remaining == nil then
+    warn_once(self, s and err or serr)
+    if self.on_outage ~= "local" then return 0 end
+    return self.fallback[what](self.fallback, n)
+  end
+  self.warned = false
+  return remaining
+end
+function SharedBucket:charge(n) return adjust(self, n or 1, 1, "charge") end
+function SharedBucket:refund(n) return adjust(self, n or 1, -1, "refund") end
+
 function SharedBucket:name() return self.name end
 function SharedBucket:state()
   return { name = self.name, rate = self.rate, per = self.per, burst = self.burst, shared = true }

@@ -407,6 +407,18 @@ redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_
 return {1, tostring(math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9))), tostring(wait)}
 ]]
 
+-- GCRA correction: KEYS[1] tat; ARGV: interval, tolerance, n (> 0 taken without limit, at most
+-- 1e9 s of debt; < 0 given back, the arrival time no further back than now), now -> remaining.
+-- Its expiry follows the new arrival time as gcra_take's does.
+scripts.gcra_adjust = [[
+local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
+if tat < now then tat = now end
+local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
+redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
+return tostring(math.max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9)))
+]]
+
 -- KEYS[1] breaker hash; ARGV: probe_for, now
 scripts.breaker_probe = [[
 local r = redis.call('HMGET', KEYS[1], 'open_until', 'probe_until')
@@ -1083,6 +1095,12 @@ function R:gcra_take(key, interval, tolerance, n, now, max_wait)
   if r == nil then return nil, err end
   if r[1] ~= 1 then return false, tonumber(r[2]) end
   return true, tonumber(r[2]), tonumber(r[3])
+end
+
+function R:gcra_adjust(key, interval, tolerance, n, now)
+  local r, err = self:script("gcra_adjust", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now))
+  if r == nil then return nil, err end
+  return tonumber(r)
 end
 
 function R:breaker_get(name, now)

@@ -721,6 +721,19 @@ function B:gcra_take(key, interval, tolerance, n, now, max_wait)
   end)
 end
 
+-- A GCRA correction in one transaction: n tokens taken (n > 0: without
+-- limit, the bucket may go into debt, at most 1e9 s of it) or given back
+-- (n < 0: the arrival time no further back than now, a full bucket). -> remaining
+function B:gcra_adjust(key, interval, tolerance, n, now)
+  return self.db:tx(function(tx)
+    local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
+    if tat < now then tat = now end
+    local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
+    tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
+    return math.max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9))
+  end)
+end
+
 -- -> open_until | nil
 function B:breaker_get(name, now)
   return self.db:tx(function(tx)
