@@ -538,7 +538,9 @@ local function key_buckets(rec)
 end
 
 -- the key's own rate limits: nil, or a 429 reply. Its tokens: the body's
--- estimate and the most the answer may hold (counted only for a key with tpm)
+-- estimate and the most the answer may hold (counted only for a key with
+-- tpm). -> nil | a 429 reply; and for a key with tpm, what its bucket was
+-- charged ({bucket =, tokens =}), for correct_tpm once the answer is known
 local function key_limits(rec, api, body, most)
   if not rec.rpm and not rec.tpm then return nil end
   local buckets = key_buckets(rec)
@@ -550,13 +552,66 @@ local function key_limits(rec, api, body, most)
     end
   end
   if rec.tpm then
-    local tokens = pricing.estimate_tokens(body) + (most or 0)
-    local ok, wait = buckets.tpm:try(math.min(tokens, rec.tpm))
+    local tokens = math.min(pricing.estimate_tokens(body) + (most or 0), rec.tpm)
+    local ok, wait = buckets.tpm:try(tokens)
     if not ok then
       return error_reply(api, 429, ("key '%s': %d tokens per minute"):format(rec.name, rec.tpm),
         { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) }, code = "rate_limit_exceeded" })
     end
+    return nil, { bucket = buckets.tpm, tokens = tokens }
   end
+end
+
+-- A key's tpm is charged its request's estimate before the call (text at 2
+-- to 4 bytes a token, and all of max_tokens); once the answer says what it
+-- used, the difference is taken or given back, once: the key is limited by
+-- the tokens it used. (CJK text estimated at twice its tokens, or a
+-- max_tokens the answer did not reach, throttled a key at half its tpm or
+-- less; an answer longer than an estimate without max_tokens, late.) A call
+-- that failed without usage keeps its estimate. Only for a key with tpm.
+local COUNTED = { "input_tokens", "output_tokens" }
+local function correct_tpm(charged, usage)
+  if not charged or charged.corrected or type(usage) ~= "table" then return end
+  local used
+  for _, k in ipairs(COUNTED) do
+    local v = usage[k]
+    if type(v) == "number" and v >= 0 and v < math.huge then used = (used or 0) + v end
+  end
+  if not used then return end
+  charged.corrected = true
+  local more, bucket = used - charged.tokens, charged.bucket
+  local function apply()
+    if more > 0 then bucket:charge(more) elseif more < 0 then bucket:refund(-more) end
+  end
+  -- (a stream's end may come in its task's cancel, where a shared bucket cannot wait for its store)
+  if coroutine.isyieldable() then apply() else resil.spawn(apply) end
+end
+
+-- fn (ai.chat, ai.embed) with its answer's usage correcting the key's tpm, in
+-- the task the call runs in to its end (a client that left does not stop it)
+local function correcting_tpm(charged, fn)
+  if not charged then return fn end
+  return function(r)
+    local res, err = fn(r)
+    correct_tpm(charged, type(res) == "table" and res.usage)
+    return res, err
+  end
+end
+
+-- a streamed reply whose key's tpm is corrected by its usage once it ended
+-- (its end, its break: what it streamed; a client that left while it was
+-- being recorded keeps its estimate)
+local function correcting_stream(reply, charged, s)
+  if not charged then return reply end
+  local stream = reply.stream
+  reply.stream = function(write)
+    local _ <close> = setmetatable({}, { __close = function()
+      local r, err = s:result()
+      correct_tpm(charged, r and r.usage or type(err) == "table" and err.usage)
+    end })
+    return stream(write)
+  end
+  return reply
 end
 
 ---------------------------------------------------------------------------
@@ -1041,7 +1096,7 @@ function complete_admitted(req, api, id, rec, slot)
   end
   r.ledger_sync, r.ledger_wait = gateway.config.ledger_sync, gateway.config.ledger_wait
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
-  local limited = key_limits(rec, api, req.body, r.max_tokens)
+  local limited, tpm = key_limits(rec, api, req.body, r.max_tokens)
   if limited then return with_id(limited, id) end
   local idem = req.headers["idempotency-key"]
 
@@ -1075,11 +1130,13 @@ function complete_admitted(req, api, id, rec, slot)
     local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id,
       ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model, ["x-resil-attempts"] = tostring(s.attempts or 1) }
     handed_over = true
-    if t.adapter and t.adapter.name == api then return own_stream(s, api, id, b, headers) end
+    local reply
+    if t.adapter and t.adapter.name == api then reply = own_stream(s, api, id, b, headers)
     -- the other API's stream with tools or a JSON schema: written as the events of the whole answer
-    if tools or schema then return whole_stream(s, api, id, b, headers) end
-    if api == "anthropic" then return anthropic_stream(s, first, id, b.model, headers, r) end
-    return openai_stream(s, first, id, b.model, b, headers)
+    elseif tools or schema then reply = whole_stream(s, api, id, b, headers)
+    elseif api == "anthropic" then reply = anthropic_stream(s, first, id, b.model, headers, r)
+    else reply = openai_stream(s, first, id, b.model, b, headers) end
+    return correcting_stream(reply, tpm, s)
   end
 
   local res, err, replayed
@@ -1089,7 +1146,7 @@ function complete_admitted(req, api, id, rec, slot)
     joined, res, err = run_to_end(slot, resil.once, { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
       fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
       ran = true
-      local ok, v, e = pcall(ai.chat, r)
+      local ok, v, e = pcall(correcting_tpm(tpm, ai.chat), r)
       if not ok and host_failure(v) then -- not the request's fault: nothing kept under its key
         return nil, resil.error("gateway_overloaded",
           "the gateway could not serve this request right now; retry shortly",
@@ -1107,7 +1164,7 @@ function complete_admitted(req, api, id, rec, slot)
     if not joined then res, err = nil, res end
     replayed = not ran
   else
-    res, err = call_to_end(slot, r)
+    res, err = call_to_end(slot, r, correcting_tpm(tpm, ai.chat))
   end
   if not res then
     local reply = ai_error_reply(api, err)
@@ -1157,10 +1214,10 @@ local function embeddings(req)
     encoding_format = type(b.encoding_format) == "string" and b.encoding_format or nil, user = rec.name,
     ledger_sync = gateway.config.ledger_sync, ledger_wait = gateway.config.ledger_wait }
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
-  local limited = key_limits(rec, "openai", req.body)
+  local limited, tpm = key_limits(rec, "openai", req.body)
   if limited then return with_id(limited, id) end
   -- run to its end as a chat is: the provider bills it whether or not its client stays
-  local res, err = call_to_end(slot, r, ai.embed)
+  local res, err = call_to_end(slot, r, correcting_tpm(tpm, ai.embed))
   if not res then return with_id(ai_error_reply("openai", err), id) end
   local data = {}
   for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = v } end

@@ -1001,28 +1001,80 @@ describe("gateway: virtual keys", function()
     assert.are.equal("rate_limit_exceeded", json.decode(res.body).error.code)
   end)
 
-  it("the key's tokens per minute count the body and max_tokens, CJK text at 2 bytes a token", function()
-    local url = start({ strict = true }, { auth = true })
-    local key = assert(keys.add({ name = "team-t", tpm = 1000 }))
-    local function ask(content, most)
-      return post(url .. "/v1/chat/completions", { model = "fast", max_tokens = most,
-        messages = { { role = "user", content = content } } }, bearer(key))
-    end
-    -- about 60 tokens of body and 600 of answer: fits; the next 660 do not
-    assert.are.equal(200, ask("hi", 600).status)
-    local res = ask("hi", 600)
-    assert.are.equal(429, res.status)
-    assert.is_true(tonumber(res.headers["retry-after"]) >= 1)
-    assert.matches("1000 tokens per minute", json.decode(res.body).error.message, 1, true)
-    -- another key: 300 CJK characters (900 bytes) are 450 tokens or more, not 225
-    local cjk = assert(keys.add({ name = "team-cjk", tpm = 500 }))
-    res = post(url .. "/v1/chat/completions", { model = "fast", max_tokens = 40,
-      messages = { { role = "user", content = ("日本語"):rep(100) } } }, bearer(cjk))
-    assert.are.equal(200, res.status)
-    res = post(url .. "/v1/chat/completions", { model = "fast", max_tokens = 40,
-      messages = { { role = "user", content = "hi" } } }, bearer(cjk))
-    assert.are.equal(429, res.status)
-  end)
+  it("the key's tokens per minute count the body and max_tokens while its call runs, CJK text at 2 bytes a token",
+    function()
+      local url = start({ strict = true, latency = 5 }, { auth = true })
+      resil.clock.virtual()
+      finally(function() resil.clock.real() end)
+      local function ask(key, content, most)
+        return post(url .. "/v1/chat/completions", { model = "fast", max_tokens = most,
+          messages = { { role = "user", content = content } } }, bearer(key))
+      end
+      -- about 60 tokens of body and 600 of answer, counted while the call runs: the next 660 do not fit
+      local key = assert(keys.add({ name = "team-t", tpm = 1000 }))
+      local first = resil.spawn(ask, key, "hi", 600)
+      resil.sleep(1)
+      local res = ask(key, "hi", 600)
+      assert.are.equal(429, res.status)
+      assert.is_true(tonumber(res.headers["retry-after"]) >= 1)
+      assert.matches("1000 tokens per minute", json.decode(res.body).error.message, 1, true)
+      assert.are.equal(200, select(2, first:join()).status)
+      -- another key: 300 CJK characters (900 bytes) are 450 tokens or more, not 225
+      local cjk = assert(keys.add({ name = "team-cjk", tpm = 500 }))
+      first = resil.spawn(ask, cjk, ("日本語"):rep(100), 40)
+      resil.sleep(1)
+      assert.are.equal(429, ask(cjk, "hi", 40).status)
+      assert.are.equal(200, select(2, first:join()).status)
+    end)
+
+  -- (before: the estimate stayed charged whatever the answer used: a key asking in Japanese with a
+  -- max_tokens its answers did not reach was refused at about a third of its tpm, and one whose
+  -- answers were longer than an estimate without max_tokens was let through five times its tpm)
+  -- (On the real clock: the virtual one jumps a minute at the gateway's first stream here, which
+  -- fills a per-minute bucket again. Time only gives tokens back: each bound a slow run could
+  -- pass is seconds of the rate away.)
+  it("the key's tokens per minute are corrected by the usage each answer reports, streamed or not, both ways",
+    function()
+      local url, m = start({ strict = true, reply = "ok" }, { auth = true })
+      local function used_by(res) -- an answer's tokens, from its body or its stream's usage chunk
+        if not res.headers["content-type"]:find("event-stream", 1, true) then return json.decode(res.body).usage.total_tokens end
+        local usage
+        for data in res.body:gmatch("data: ([^\n]+)") do
+          local d = json.decode(data)
+          if type(d) == "table" and type(d.usage) == "table" then usage = d.usage end
+        end
+        return usage.total_tokens
+      end
+      -- requests, every other one streamed, until the key's tpm refuses one -> how many were served,
+      -- the tokens their answers used
+      local function served_until_refused(key, content, most)
+        local used = 0
+        for i = 1, 30 do
+          local stream = i % 2 == 0 or nil
+          local res = post(url .. "/v1/chat/completions", { model = "fast", max_tokens = most, stream = stream,
+            stream_options = stream and { include_usage = true }, messages = { { role = "user", content = content } } },
+            bearer(key))
+          if res.status == 429 then return i - 1, used end
+          assert.are.equal(200, res.status, res.body)
+          used = used + used_by(res)
+        end
+        error("never refused")
+      end
+      -- about 570 tokens estimated (Japanese at 2 bytes a token, and max_tokens), 226 used: the rest
+      -- given back after each answer
+      local ja = assert(keys.add({ name = "team-ja", tpm = 1400 }))
+      local served, used = served_until_refused(ja, ("日本語"):rep(100), 100)
+      -- (before: 2, the third's estimate past 1,400 by 300; 5 when a slow run got 70 back meanwhile)
+      assert.is_true(served == 4 or served == 5, served .. " served")
+      assert.are.equal(served * 226, used)
+      -- about 20 tokens estimated (no max_tokens), 101 used: the rest taken after each answer
+      m:configure({ strict = true, reply = ("word "):rep(100) })
+      local long = assert(keys.add({ name = "team-long", tpm = 280 }))
+      served, used = served_until_refused(long, "hi", nil)
+      -- (before: 13; 4 when a slow run got 43 back meanwhile)
+      assert.is_true(served == 3 or served == 4, served .. " served")
+      assert.are.equal(served * 101, used)
+    end)
 
   -- Three clients that give up on a call of `path` before its answer (a key with a budget): the
   -- calls are finished and recorded, their cost in the key's budget, no hold left behind
