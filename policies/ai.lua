@@ -54,17 +54,24 @@ end
 -- ai.configure(provider, conf): base_url, api_key (a string, or false for a
 -- server without auth), api_key_env, the call.provider options, fallback (a
 -- list of models), cache = {ttl=}, max_tokens (default for this provider),
--- idle_timeout (streams, default 60 s), stream_timeout (default 600 s).
+-- idle_timeout (streams, default 60 s), stream_timeout (default 600 s),
+-- service_tier (OpenAI's processing tier for a request that names none:
+-- sent, and held and priced at that tier's price).
 local callers = {}
 local configured, CONFIG_GEN = 0, {} -- ai.configure calls so far: kept targets older than that are dropped
+local served_tiers = resil.keep("policies.ai.served_tiers", function() return { n = 0, by = {} } end) -- (below)
 local NO_CONF = {} -- a provider not configured: one stable table, so its caller is kept
 function ai.configure(provider, conf)
   if type(provider) ~= "string" then error("ai.configure: provider must be a string", 2) end
   if type(conf) ~= "table" then error("ai.configure: conf must be a table", 2) end
   if type(conf.api_key) == "string" and #conf.api_key >= 6 then resil.log.redact(conf.api_key) end
+  if conf.service_tier ~= nil and type(conf.service_tier) ~= "string" then
+    error("ai.configure: service_tier must be a string (\"priority\", \"flex\", \"default\", ...)", 2)
+  end
   ai.config[provider] = conf
   callers[provider] = nil
   configured = configured + 1
+  served_tiers.by, served_tiers.n = {}, 0 -- (a new configuration says anew what it asks)
 end
 
 local function base_url(adapter, conf)
@@ -421,6 +428,39 @@ local function text_input_tokens(req)
   return tokens
 end
 
+-- The processing tier a call asks a target for: its request's
+-- (provider_options), else the provider's config's (service_tier); nil when
+-- it names none
+local function asked_tier(t, r)
+  local own = type(r.provider_options) == "table" and r.provider_options[t.adapter.name]
+  local tier = type(own) == "table" and own.service_tier
+  if type(tier) ~= "string" then tier = t.conf.service_tier end -- (a JSON null names none)
+  return tier
+end
+-- none, or "auto": the tier the project's settings at the provider say, which may be priority
+local function unasked(tier) return tier == nil or tier == "auto" end
+
+-- The tier a target's answers came back at when their call asked none (a
+-- project that defaults to OpenAI's priority tier: its answers say
+-- service_tier "priority"), by target: a later call asking none is held at
+-- that tier's price when it is the higher, not at about half what it will
+-- cost. Only a tier pricing.tiers prices for the model; kept across a
+-- reload until ai.configure is called again, up to SERVED_TIERS_MAX targets.
+local SERVED_TIERS_MAX = 1000
+local function learn_tier(t, req, r)
+  local tier = type(r.usage) == "table" and r.usage.service_tier
+  if type(tier) ~= "string" or not t.adapter.service_tier or served_tiers.by[t.name] == tier then return end
+  if not unasked(asked_tier(t, request_for(t, req))) then return end
+  local named = pricing.tiers[t.provider]
+  if type(named) ~= "table" or named[tier] == nil or not pricing.price(t.provider, t.model, tier) then return end
+  if served_tiers.n >= SERVED_TIERS_MAX then served_tiers.by, served_tiers.n = {}, 0 end
+  if served_tiers.by[t.name] == nil then served_tiers.n = served_tiers.n + 1 end
+  served_tiers.by[t.name] = tier
+  resil.log.warn("ai: answers come from a processing tier their calls did not ask for; budgets now hold at its " ..
+    "price (say it in the provider's config to hold so from the first call)", { model = t.name, service_tier = tier,
+    config = ("ai.configure(%q, { service_tier = %q })"):format(t.provider, tier) })
+end
+
 local function estimate_usd(targets, req, searches)
   local tokens = text_input_tokens(req)
   local images = type(req.messages) == "table" and count_images(req.messages, 0) or 0
@@ -439,13 +479,20 @@ local function estimate_usd(targets, req, searches)
     local r = request_for(t, req)
     local out = reserved_max_tokens(t, r) * choices
     local input = tokens + images * pricing.image_tokens_for(t.provider, t.model)
-    -- (a processing tier the request asks for, priority or flex, is held at its price)
-    local own = type(r.provider_options) == "table" and r.provider_options[t.adapter.name]
-    local tier = t.adapter.service_tier and type(own) == "table" and t.adapter.service_tier(own.service_tier) or nil
-    local c, why = pricing.cost(t.provider, t.model, { input_tokens = input, output_tokens = out,
-      web_search_requests = searches, cache_write_tokens = writes and input or nil,
-      cache_write_1h_tokens = writes == "1h" and input or nil, service_tier = tier })
+    -- (a processing tier the request or the provider's config asks for, priority or flex, is
+    -- held at its price; asked none, also at the one its answers came back at, if higher)
+    local asked = t.adapter.service_tier and asked_tier(t, r)
+    local tier = asked and t.adapter.service_tier(asked) or nil
+    local usage = { input_tokens = input, output_tokens = out, web_search_requests = searches,
+      cache_write_tokens = writes and input or nil, cache_write_1h_tokens = writes == "1h" and input or nil,
+      service_tier = tier }
+    local c, why = pricing.cost(t.provider, t.model, usage)
     if c == nil then return nil, why end
+    local served = tier == nil and unasked(asked) and served_tiers.by[t.name]
+    if served then
+      usage.service_tier = served
+      c = math.max(c, pricing.cost(t.provider, t.model, usage) or c)
+    end
     if c > usd then usd = c end
   end
   return usd
@@ -883,6 +930,7 @@ local function chat_strategy(t, req, guard)
     local r = t.adapter.parse(data)
     if r.usage then r.usage.requests = 1 end
     r.attempts = res.attempts
+    learn_tier(t, req, r)
     return finish_result(t, r, data)
   end }
 end
@@ -1096,6 +1144,7 @@ local function stream_result(self)
     stop_reason = st.stop_reason, stop_sequence = st.stop_sequence, tool_calls = calls,
     refusal = st.refusal_pieces and table.concat(st.refusal_pieces) or nil }
   r.fallbacks = self.fallbacks
+  learn_tier(self.target, self.req, r)
   return describe(finish_result(self.target, r, nil), self.targets)
 end
 

@@ -898,6 +898,57 @@ describe("chat over the strict mock", function()
         cached_input_tokens = r.usage.cached_input_tokens, output_tokens = r.usage.output_tokens }), r.cost_usd)
     end)
 
+  -- (before: a project's default tier was priced in its rows only: every call was held at the standard
+  -- price, about half what a priority answer costs)
+  it("a provider's configured service_tier is sent to requests naming none and held at its price; answers at a " ..
+    "tier nobody asked for make the next calls held at its price", function()
+    local function held_while(req) -- -> the budget's hold while the call runs, the result
+      local b = resil.budget("ai-spec-held", { limit = 1 })
+      req.budget, req.max_tokens = "ai-spec-held", 1000
+      local call = resil.spawn(function()
+        if not req.stream then return ai.chat(req) end
+        local s = ai.stream(req)
+        for _ in s do end
+        return s:result()
+      end)
+      resil.sleep(1)
+      local held = b:state().reserved
+      local _, r = call:join()
+      return held, assert(r)
+    end
+    local priority = pricing.cost("openai", "gpt-4o-mini", { output_tokens = 1000, service_tier = "priority" })
+    m:configure({ strict = true, latency = 5 }) -- priority only when asked
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = OPENAI_KEY, service_tier = "priority" })
+    local held, r = held_while({ model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.is_true(held >= priority, held .. " held")
+    assert.are.equal("priority", r.usage.service_tier) -- sent: the provider answered at it
+    -- a request's own tier wins: "default" is standard processing, held at the standard price
+    held, r = held_while({ model = "openai/gpt-4o-mini", messages = MSGS,
+      provider_options = { openai = { service_tier = "default" } } })
+    assert.is_true(held < priority, held .. " held")
+    assert.is_nil(r.usage.service_tier)
+    -- not configured, the project defaulting to priority: once an answer says so, calls asking none
+    -- (streamed or not) are held at its price; a call asking "default" is not
+    m:configure({ strict = true, latency = 5, service_tier = "priority" })
+    point_at(m.url)
+    held = held_while({ model = "openai/gpt-4o-mini", messages = MSGS, stream = true })
+    assert.is_true(held < priority, held .. " held") -- (the first: nothing said yet)
+    held = held_while({ model = "openai/gpt-4o-mini", messages = MSGS, stream = true })
+    assert.is_true(held >= priority, held .. " held")
+    held = held_while({ model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.is_true(held >= priority, held .. " held")
+    held = held_while({ model = "openai/gpt-4o-mini", messages = MSGS,
+      provider_options = { openai = { service_tier = "default" } } })
+    assert.is_true(held < priority, held .. " held")
+    -- configured again: said anew
+    point_at(m.url)
+    held = held_while({ model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.is_true(held < priority, held .. " held")
+    local ok, err = pcall(ai.configure, "openai", { service_tier = 1 })
+    assert.is_false(ok)
+    assert.matches("service_tier must be a string", err)
+  end)
+
   it("a budget refuses a model without a price before sending anything", function()
     resil.budget("ai-spec-2", { limit = 1 })
     local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, budget = "ai-spec-2" })

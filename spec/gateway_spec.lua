@@ -1125,6 +1125,53 @@ describe("gateway: virtual keys", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  -- (before: a call was held at the standard price, then recorded at priority's, about twice it:
+  -- calls at once on a key near its budget spent past it)
+  it("a project that defaults to OpenAI's priority tier: its calls are held at the priority price, once its " ..
+    "answers said so or from the first when the provider's config says service_tier", function()
+    local pricing = require "policies.pricing"
+    local url, m = start({ strict = true, service_tier = "priority", latency = 5 }, { auth = true })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local key = assert(keys.add({ name = "team-priority", budget = "1/day" }))
+    local function ask(k, model) -- -> the key's hold while the call runs, its status, the answer
+      local call = resil.spawn(post, url .. "/v1/chat/completions", { model = model, max_tokens = 1000,
+        messages = MSGS }, bearer(k))
+      resil.sleep(1)
+      local held = assert(resil.budget("key:team-priority"):state()).reserved
+      local _, res = call:join()
+      return held, res.status, res
+    end
+    local output_at = function(model, tier)
+      return pricing.cost("openai", model, { output_tokens = 1000, service_tier = tier })
+    end
+    -- the first answer says priority, though the request asked none: the next are held at its price
+    local _, status = ask(key, "openai/gpt-4o-mini")
+    assert.are.equal(200, status)
+    local held
+    held, status = ask(key, "openai/gpt-4o-mini")
+    assert.are.equal(200, status)
+    assert.is_true(held >= output_at("gpt-4o-mini", "priority"), held .. " held")
+    -- said in the provider's config: sent (this provider answers priority only when asked now), and
+    -- held at its price from the first call; a budget with room for the standard price only is
+    -- refused before any call
+    m:configure({ strict = true, latency = 5 })
+    require("policies.ai").configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+      service_tier = "priority" })
+    local calls = m:stats().total
+    local between = (output_at("gpt-4.1-mini") + output_at("gpt-4.1-mini", "priority")) / 2
+    local tight = assert(keys.add({ name = "team-tight", budget = ("%.6f/day"):format(between) }))
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4.1-mini", max_tokens = 1000, messages = MSGS },
+      bearer(tight))
+    assert.are.equal(429, res.status, res.body)
+    assert.are.equal("insufficient_quota", json.decode(res.body).error.code)
+    assert.are.equal(calls, m:stats().total)
+    held, status, res = ask(key, "openai/gpt-4.1-mini")
+    assert.are.equal(200, status)
+    assert.is_true(held >= output_at("gpt-4.1-mini", "priority"), held .. " held")
+    assert.are.equal("priority", json.decode(res.body).service_tier)
+  end)
+
   -- (an image sent by link is a few bytes of the request, estimated as that many tokens, and
   -- billed as thousands: four such requests at once spent $0.31 of a $0.2 budget)
   it("a budget holds what a request's images may cost: a burst of requests with images by link does not " ..

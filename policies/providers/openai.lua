@@ -59,6 +59,10 @@ function openai.body(req, model, conf)
   local body = {}
   local own = req.provider_options and req.provider_options[openai.name]
   if own then for k, v in pairs(own) do body[k] = v end end
+  -- the provider's config's processing tier, for a request that names none (null names none)
+  if conf.service_tier ~= nil and (body.service_tier == nil or body.service_tier == json.null) then
+    body.service_tier = conf.service_tier
+  end
   body.model, body.messages = model, messages.openai(req)
   if req.max_tokens then
     -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
