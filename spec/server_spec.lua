@@ -290,6 +290,33 @@ describe("server handlers as tasks (tasks = true)", function()
     assert.are.same({ "1", "2", "3" }, events)
   end)
 
+  -- (libevent timed the connection's reading while it wrote a reply, and a client reading a stream
+  -- sends nothing: a stream that paused read_timeout + 1 s between two writes, an upstream slow
+  -- between its deltas, was cut without its end; so was a reply's `chunks` sent that far apart)
+  it("a streamed reply may pause longer than read_timeout between writes: it reaches its end", function()
+    local s <close>, url = listen(function(req)
+      if req.path == "/chunks" then return { status = 200, chunks = { "data: 1\n\n", "data: 2\n\n" }, chunk_interval = 1.5 } end
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, stream = function(write)
+        write("data: 1\n\n")
+        resil.sleep(1.5) -- past read_timeout and libevent's own idle timeout (read_timeout + 1 s)
+        write("data: 2\n\n")
+      end }
+    end, { read_timeout = 0.2 })
+    local got = resil.map({ "/stream", "/chunks" }, function(path)
+      local st = assert(http.stream({ url = url .. path }))
+      local events = {}
+      while true do
+        local ev, err = st:read_event()
+        if not ev then return { events = events, err = err and tostring(err) } end
+        events[#events + 1] = ev.data
+      end
+    end, { concurrency = 2 })
+    for i, path in ipairs({ "/stream", "/chunks" }) do
+      assert.is_nil(got[i].err, path)
+      assert.are.same({ "1", "2" }, got[i].events, path)
+    end
+  end)
+
   it("cut_streams ends each stream that named its last words with them, cleanly, and cancels its task", function()
     local closed = 0
     local s <close>, url = listen(function(req)

@@ -106,6 +106,7 @@ struct conn {
   struct event *ev;                /* set-up, then the read deadline */
   evutil_socket_t fd;
   pending *streaming; /* the reply being streamed on it, told when its writes drain */
+  int reading_untimed; /* a reply streams on it: only its writes are timed (reply_streams) */
   conn *prev, *next;
 };
 
@@ -121,6 +122,7 @@ struct server {
   conn **by_fd; /* request -> its connection */
   size_t by_fd_len;
   const struct timeval *read_timeout; /* a libevent common timeout */
+  struct timeval idle_timeout;        /* libevent's own, on each connection: read_timeout + 1 s */
   /* a handler (tasks = false) runs: a close (its own, or the collector's)
    * waits until it has returned, the server kept reachable meanwhile:
    * stopping inside libevent's request callback freed what it was using */
@@ -285,6 +287,10 @@ static void conn_input_cb(struct evbuffer *buf, const struct evbuffer_cb_info *i
 static void reply_done_cb(struct evhttp_request *req, void *arg) {
   (void)req;
   conn *c = arg;
+  if (c->reading_untimed) { /* an idle kept-alive connection closes again */
+    bufferevent_set_timeouts(c->bev, &c->srv->idle_timeout, &c->srv->idle_timeout);
+    c->reading_untimed = 0;
+  }
   struct evbuffer *in = bufferevent_get_input(c->bev);
   if (evbuffer_get_length(in) > 0 || !c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
   else evbuffer_cb_set_flags(in, c->first_byte, EVBUFFER_CB_ENABLED);
@@ -464,6 +470,19 @@ static const char *reason_phrase(int status) {
 
 static void send_next_chunk(void *arg);
 
+/* libevent times a connection's reading while it writes a reply, with its
+ * idle timeout, and a client reading a stream sends nothing: a stream that
+ * paused that long between two writes (an upstream slow between deltas, a
+ * model thinking) was closed without its end. While a reply streams only a
+ * stalled write times out (a client that stopped reading); reply_done_cb
+ * puts the idle timeout back for the next request. */
+static void reply_streams(pending *p) {
+  p->started = 1;
+  if (!p->c) return;
+  bufferevent_set_timeouts(p->c->bev, NULL, &p->srv->idle_timeout);
+  p->c->reading_untimed = 1;
+}
+
 /* A reply to HEAD has no body (RFC 9110 9.3.2). libevent drops a chunked
  * reply's chunks, but writes a whole reply's body as it is given, without a
  * Content-Length: a client on the kept-alive connection read the body as the
@@ -514,7 +533,7 @@ static void pending_send(pending *p) {
   }
   if (p->nchunks > 0) {
     evhttp_send_reply_start(req, p->status, reason_phrase(p->status));
-    p->started = 1;
+    reply_streams(p);
     watch_client(p);
     send_next_chunk(p);
     return;
@@ -844,7 +863,7 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     /* L stack: ..., result, stream */
     copy_headers(p->req, &p->headers);
     evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
-    p->started = 1;
+    reply_streams(p);
     p->c->streaming = p;
     lua_pushvalue(L, 1);
     lua_pushcclosure(L, reply_write, 1);
@@ -1146,6 +1165,7 @@ static int l_listen(lua_State *L) {
   /* libevent's idle timeout (silent close) covers idle keep-alive
    * connections and stalled writes; a slow request meets our 408 first */
   tv.tv_sec += 1;
+  srv->idle_timeout = tv;
   evhttp_set_timeout_tv(srv->http, &tv);
   /* our own listening socket: evhttp's default backlog (128) drops
    * connections when thousands of clients arrive at once */
