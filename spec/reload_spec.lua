@@ -54,6 +54,36 @@ io.stderr:write(err, "\n")
     assert.matches("greet%.lua:3:", r.stderr)
   end)
 
+  -- (a table raised, or a message raised at level 0, was logged as "reload: table: 0x55d0c0" or
+  -- "reload: boom": nothing said which file broke the reload, let alone its line)
+  it("names file:line when a policy raises a table, or a message without a position, at load", function()
+    local r = run(policy_dir(1), [[
+local resil = require "resil"
+local dir = arg[1]
+require "policies.uses_greet"
+for _, raise in ipairs({ "error({ code = 'bad_config' })", "error('boom', 0)",
+                         "error(setmetatable({}, { __tostring = function() return 'config: no region' end }))",
+                         "oops oops" }) do
+  local f = io.open(dir .. "/greet.lua", "w")
+  f:write("local version = 2\n" .. raise .. "\nreturn { version = version }")
+  f:close()
+  local ok, err = resil.reload()
+  print(ok, require("policies.greet").version)
+  io.stderr:write(err, "\n--\n")
+end
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(("false\t1\n"):rep(4), r.stdout)
+    local errs = {}
+    for text in r.stderr:gmatch("(.-)\n%-%-\n") do errs[#errs + 1] = text end
+    assert.matches("^reload: [^\n]*greet%.lua:2: table: 0x%x+$", errs[1])
+    assert.matches("^reload: [^\n]*greet%.lua:2: boom$", errs[2])
+    assert.matches("^reload: [^\n]*greet%.lua:2: config: no region$", errs[3])
+    -- a syntax error names its file:line as it did, and nothing of the host's own
+    assert.matches("greet%.lua:2:", errs[4])
+    assert.is_nil(errs[4]:find("prelude", 1, true))
+  end)
+
   it("keeps buckets, breakers and resil.keep state across a reload", function()
     local dir = policy_dir(1)
     helpers.write(dir .. "/counter.lua", [[

@@ -250,6 +250,25 @@ local function module_exists(name)
   return false
 end
 
+-- A load error as the reload reports it: one that names no position (a
+-- table raised, error(msg, 0)) gets the file:line it was raised at, in the
+-- first policy file on the stack, or the log said "reload: table: 0x..."
+-- and nothing of which file broke the reload. (xpcall's handler: level 1 is
+-- itself)
+local function load_error(err)
+  local ok, text = pcall(tostring, err)
+  if not ok then text = "(error object is a " .. type(err) .. " value)" end
+  if type(err) == "string" and err:find(":%d+: ") then return text end
+  for level = 2, 64 do
+    local info = debug.getinfo(level, "Sl")
+    if not info then break end
+    if info.source:sub(1, 1) == "@" and info.currentline > 0 then
+      return ("%s:%d: %s"):format(info.short_src, info.currentline, text)
+    end
+  end
+  return text
+end
+
 local function reload_policies()
   local names = policy_names()
   replaced = {}
@@ -269,7 +288,7 @@ local function reload_policies()
     log.warn("policy reload: these modules' files are gone; their loaded versions are kept", { modules = gone })
   end
   for _, name in ipairs(names) do
-    local ok, mod = pcall(require, name)
+    local ok, mod = xpcall(require, load_error, name)
     if ok and type(mod) ~= "table" then -- it would fail every call that uses it
       ok, mod = false, ("%s: %s returned %s, not a table"):format(module_file(name), name,
         mod == true and "nothing" or type(mod))
