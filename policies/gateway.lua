@@ -1400,6 +1400,13 @@ function gateway.serve(o)
     local conf = run_capped(chunk, o.config)
     if conf ~= nil then gateway.configure(conf) end
   end
+  -- What requests load on first use, loaded before serving: a policy file saved
+  -- broken (the registry, a provider copied into the project) stops the start with
+  -- its file:line, as a broken config does. Loaded lazily, it made a gateway (or a
+  -- worker started again after a crash) listen, and answer each chat a 400 that
+  -- showed its own syntax error; a reload keeps the loaded versions whole.
+  require "policies.registry"
+  for _, provider in ipairs({ "openai", "anthropic" }) do require("policies.providers." .. provider) end
   local host, port = (o.listen or "127.0.0.1:8080"):match("^%[?([^%]]*)%]?:(%d+)$")
   if not host then error(("gateway: --listen wants host:port, not '%s'"):format(tostring(o.listen)), 0) end
   local workers = o.workers or 1

@@ -2085,6 +2085,25 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
   end)
 
+  -- (the registry and the providers load on a request's first use: a gateway started, or a worker
+  -- started again after a crash, with a policy file saved broken listened, and answered each chat
+  -- a 400 invalid_request_error showing its own syntax error, which the client's SDK never retries)
+  it("a policy file a request would load, saved broken, stops the start with its file:line, as a broken config does",
+    function()
+      local m = mock_upstream()
+      finally(function() m:stop(); resil.log.level("info") end)
+      for _, case in ipairs({ { file = "models.lua", line = 2 }, { file = "providers/openai.lua", line = 2 } }) do
+        local dir = helpers.tmpname("-policies")
+        assert(os.execute("mkdir -p " .. dir .. "/providers"))
+        helpers.write(dir .. "/" .. case.file, "return {\n  oops oops\n}\n")
+        local r = helpers.run(("timeout -s KILL 5 %s gateway --listen 127.0.0.1:%d --policies %s --config %s --store %s")
+          :format(helpers.resil, helpers.free_port(), dir, mock_config(m), helpers.tmpname(".db")))
+        assert.are.equal(1, r.code, case.file .. ": " .. r.stdout .. r.stderr)
+        assert.is_nil(r.stdout:match("listening"), case.file)
+        assert.matches(case.file:gsub("%p", "%%%0") .. ":" .. case.line .. ":", r.stderr)
+      end
+    end)
+
   it("--workers 2: workers that die as they start stop the gateway with their exit code", function()
     local config = helpers.write(helpers.tmpname(".lua"), 'error("config broken")')
     local r = helpers.run(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s")
