@@ -44,6 +44,8 @@ local function adapter_of(provider, level)
   local a = ai.adapters[provider]
   if a then return a end
   local ok, mod = pcall(require, "policies.providers." .. provider)
+  -- a file that is there and does not load: its own error (file:line), not "unknown"
+  if not ok and not tostring(mod):find("^module '[^']*' not found") then error(mod, 0) end
   if not ok or type(mod) ~= "table" then
     error(("ai: unknown provider '%s' (no policies/providers/%s.lua)"):format(provider, provider), level + 1)
   end

@@ -387,8 +387,10 @@ local function route_model(name, native)
   local alias = registry_alias(name)
   if alias then return alias end
   if name:match("^[%w_%-]+/.") then
-    local ok = pcall(require, "policies.providers." .. name:match("^([%w_%-]+)/"))
+    local ok, err = pcall(require, "policies.providers." .. name:match("^([%w_%-]+)/"))
     if ok then return { model = name } end
+    -- a provider's file that does not load is the gateway's failure (a 500, logged), not the client's
+    if not tostring(err):find("^module '[^']*' not found") then error(err, 0) end
     return nil, ("unknown provider in '%s'"):format(name)
   end
   local routes = sub(native_routes, native)

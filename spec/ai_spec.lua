@@ -1446,6 +1446,27 @@ describe("keys and base URLs from the environment", function()
   end)
 end)
 
+-- (a provider copied into the project and saved with a syntax error was "ai: unknown provider
+-- 'openai' (no policies/providers/openai.lua)": the file was there, and its error was lost)
+describe("a provider file that does not load", function()
+  it("raises its own file:line; a provider with no file is still unknown", function()
+    local dir = helpers.tmpname("-policies")
+    assert(os.execute("mkdir -p " .. dir .. "/providers"))
+    helpers.write(dir .. "/providers/openai.lua", "return {\n  oops oops\n}\n")
+    local out = helpers.run_script([[
+      local ai = require "policies.ai"
+      local msgs = { { role = "user", content = "hi" } }
+      io.write(select(2, pcall(ai.chat, { model = "openai/gpt-4o-mini", messages = msgs })), "\n--\n")
+      io.write(select(2, pcall(ai.chat, { model = "nowhere/model-1", messages = msgs })), "\n--\n")
+    ]], ("--policies %s --store %s"):format(dir, helpers.tmpname(".db")))
+    assert.are.equal(0, out.code, out.stderr)
+    local broken, unknown = out.stdout:match("^(.-)\n%-%-\n(.-)\n%-%-\n$")
+    assert.matches("providers/openai%.lua:2: '}' expected", broken)
+    assert.is_nil(broken:find("unknown provider", 1, true))
+    assert.matches("unknown provider 'nowhere' %(no policies/providers/nowhere%.lua%)", unknown)
+  end)
+end)
+
 -- (before: a stream of a tool call alone was "empty": retried, each attempt paid, then an error)
 describe("a streamed tool call", function()
   local streams = require "spec.provider_streams"

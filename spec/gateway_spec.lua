@@ -315,6 +315,27 @@ describe("gateway: hostile requests", function()
     assert.are.equal(200, res.status, res.body)
   end)
 
+  -- (it was the client's 404 "unknown provider in 'acme/...'", model_not_found, as if it had a typo)
+  it("a provider whose policy file does not load is the gateway's 500, logged; an unknown one is a 404",
+    function()
+      local url, m = start({ strict = true })
+      package.preload["policies.providers.acme"] = function() error("policies/providers/acme.lua:3: oops", 0) end
+      finally(function() package.preload["policies.providers.acme"] = nil end)
+      local res
+      local logged = helpers.logged(function()
+        resil.log.level("error")
+        res = post(url .. "/v1/chat/completions", { model = "acme/model-1", messages = MSGS })
+        resil.log.level("off")
+      end)
+      assert.are.equal(500, res.status, res.body)
+      assert.is_nil(res.body:find("oops", 1, true))
+      assert.matches("acme%.lua:3: oops", logged[1] and logged[1].error or "(nothing logged)")
+      res = post(url .. "/v1/chat/completions", { model = "nowhere/model-1", messages = MSGS })
+      assert.are.equal(404, res.status, res.body)
+      assert.are.equal("model_not_found", json.decode(res.body).error.code)
+      assert.are.equal(0, m:stats().total)
+    end)
+
   it("malformed tools, tool calls and contents are a 400 naming the field, never an internal error's text", function()
     local url, m = start({ strict = true })
     local openai = { model = "openai/gpt-4o-mini", messages = MSGS }
