@@ -292,7 +292,7 @@ describe("a shared bucket (GCRA state in the store)", function()
       local opts = { rate = 100000, per = 1, burst = 100000, shared = true }
       local a = resil.bucket("shared-lease-two", opts)
       -- a second process's object: its own lease, the same state in the store
-      local b = setmetatable({ name = "shared-lease-two" }, getmetatable(a))
+      local b = setmetatable({ label = "shared-lease-two" }, getmetatable(a))
       b:configure(opts)
       local refused, t0 = 0, resil.now()
       while resil.now() - t0 < 3 do -- each asks 40 tokens per millisecond: 40 % of the rate
@@ -315,7 +315,7 @@ describe("a shared bucket (GCRA state in the store)", function()
     local first = resil.bucket("shared-lease-slack", opts)
     local processes = {} -- a process's object each: its own lease, the same state in the store
     for i = 1, 8 do
-      processes[i] = setmetatable({ name = "shared-lease-slack" }, getmetatable(first))
+      processes[i] = setmetatable({ label = "shared-lease-slack" }, getmetatable(first))
       processes[i]:configure(opts)
       for _ = 1, 3 do assert.is_true((processes[i]:try(1))) end -- a lease of 2, then of 4: 3 left
     end
@@ -336,7 +336,7 @@ describe("a shared bucket (GCRA state in the store)", function()
   it("refund and charge correct an estimate in the store, for every process", function()
     local opts = { rate = 10, per = 1, burst = 10, shared = true }
     local b = resil.bucket("shared-adjust", opts)
-    local other = setmetatable({ name = "shared-adjust" }, getmetatable(b)) -- another process's object
+    local other = setmetatable({ label = "shared-adjust" }, getmetatable(b)) -- another process's object
     other:configure(opts)
     assert.is_true((b:acquire(10)))
     assert.are.equal(4, b:refund(4)) -- the answer used 6 of the 10 estimated
@@ -359,6 +359,123 @@ describe("a shared bucket (GCRA state in the store)", function()
     local bad = pcall(b.refund, b, -1)
     assert.is_false(bad)
   end)
+
+  -- another process's object for a shared bucket: its own lease and knowledge, the same state in the store
+  local function other_process(b, opts)
+    local other = setmetatable({ label = b:name() }, getmetatable(b))
+    other:configure(opts)
+    return other
+  end
+
+  -- (before: a shared bucket had try, acquire, refund, charge, name and state only, so
+  -- policies.call, resil.acquire_all and the least-wait deployments crashed on it)
+  it("has every method a local bucket has", function()
+    local local_methods = getmetatable(resil.bucket("shared-interface-local", { rate = 1 })).__index
+    local b = resil.bucket("shared-interface", { rate = 10, per = 1, burst = 5, unit = "tokens", shared = true })
+    for name in pairs(local_methods) do assert.is_function(b[name], name) end
+    assert.are.equal("bucket 'shared-interface' (10 per 1 s, burst 5, shared)", tostring(b))
+    assert.are.equal(5, b:remaining())
+    assert.are.equal(0, b:wait_time(5))
+    assert.are.equal(math.huge, b:wait_time(6))
+    assert.is_true((b:acquire(5)))
+    assert.are.equal(0, b:remaining())
+    near(0.2, b:wait_time(2))
+    local st = b:state()
+    assert.are.same({ "tokens", 0, 0, true }, { st.unit, st.remaining, st.paused_for, st.shared })
+    local bad = pcall(resil.bucket, "shared-unit", { rate = 1, unit = "calls", shared = true })
+    assert.is_false(bad)
+  end)
+
+  it("resil.acquire_all takes from shared buckets, and from shared and local ones, all or none", function()
+    local rpm_opts = { rate = 10, per = 1, burst = 2, shared = true }
+    local tpm_opts = { rate = 100, per = 1, burst = 100, unit = "tokens", shared = true }
+    local rpm, tpm = resil.bucket("all-rpm", rpm_opts), resil.bucket("all-tpm", tpm_opts)
+    local s = assert(resil.store())
+    local ops = s:stats().ops
+    assert.is_true(resil.acquire_all({ { rpm, 1 }, { tpm, 60 } }))
+    assert.are.equal(1, s:stats().ops - ops) -- both in one store operation
+    -- tpm refuses: rpm gives nothing, to this process or another
+    local ok, err = resil.acquire_all({ { rpm, 1 }, { tpm, 60 } }, { timeout = 0.1 })
+    assert.is_nil(ok)
+    assert.are.same({ "rate_limited", "all-tpm" }, { err.kind, err.bucket })
+    near(0.2, err.retry_after)
+    local other_rpm, other_tpm = other_process(rpm, rpm_opts), other_process(tpm, tpm_opts)
+    assert.is_true((other_rpm:try(1)))
+    assert.is_false((other_rpm:try(1)))
+    assert.is_true((other_rpm:refund(1) == 1))
+    assert.is_true((other_tpm:try(40)))
+    -- without a timeout it waits exactly until both allow: tpm's 60 tokens in 0.6 s
+    local t0 = resil.now()
+    assert.is_true(resil.acquire_all({ { rpm, 1 }, { tpm, 60 } }))
+    near(0.6, resil.now() - t0)
+    assert.is_false((other_tpm:try(1)))
+    -- a local bucket that refuses keeps the shared one's tokens in the store
+    resil.sleep(2)
+    local tokens = resil.bucket("all-local-tpm", { rate = 100, per = 1, burst = 100, unit = "tokens" })
+    assert.is_true((tokens:try(70)))
+    ok, err = resil.acquire_all({ { rpm, 1 }, { tokens, 60 } }, { timeout = 0.1 })
+    assert.is_nil(ok)
+    assert.are.equal("all-local-tpm", err.bucket)
+    assert.are.same({ true, 1 }, { other_rpm:try(1) }) -- both of rpm's 2 still there
+    t0 = resil.now()
+    assert.is_true(resil.acquire_all({ { tokens, 60 }, { rpm, 1 } }))
+    near(0.3, resil.now() - t0)
+    assert.are.equal(0, tokens:remaining())
+  end)
+
+  -- (before: a shared bucket had no observe: a provider's 429 paused no one)
+  it("a provider's pause observed by one process holds back every process sharing the bucket", function()
+    local opts = { rate = 10, per = 1, burst = 10, shared = true }
+    local b = resil.bucket("shared-observe", opts)
+    local other = other_process(b, opts)
+    assert.is_true((b:acquire(1)))
+    near(12, b:observe({ ["retry-after"] = "12" }))
+    near(12, b:state().paused_for)
+    near(12, b:wait_time(1))
+    local ok, wait = other:try(1)
+    assert.is_false(ok)
+    near(12, wait)
+    local t0 = resil.now()
+    assert.is_true((other:acquire(1)))
+    near(12, resil.now() - t0)
+    -- from there the bucket fills at its rate, for everyone, not all at once
+    assert.is_false((b:try(1)))
+    resil.sleep(0.1)
+    assert.is_true((b:try(1)))
+    -- none left, with a reset: the same, in Go's durations
+    resil.sleep(1)
+    near(6, other:observe({ ["x-ratelimit-remaining-requests"] = "0", ["x-ratelimit-reset-requests"] = "6s" }))
+    ok, wait = b:try(1)
+    assert.is_false(ok)
+    near(6, wait)
+  end)
+
+  it("a provider's count below ours lowers it for everyone; a count near ours, or a pause known, costs no store operation",
+    function()
+      local opts = { rate = 100, per = 60, burst = 100, shared = true }
+      local b = resil.bucket("shared-observe-count", opts)
+      local other = other_process(b, opts)
+      local s = assert(resil.store())
+      assert.is_true((b:acquire(1)))
+      local ops = s:stats().ops
+      assert.are.equal(0, b:observe({ ["x-ratelimit-remaining-requests"] = "95" })) -- we know of 99: near enough
+      assert.are.equal(0, b:observe({ ["x-ratelimit-remaining-tokens"] = "0", ["x-ratelimit-reset-tokens"] = "9s" }))
+      assert.are.equal(ops, s:stats().ops)
+      b:observe({ ["x-ratelimit-remaining-requests"] = "3" }) -- others use the provider too
+      assert.are.equal(ops + 1, s:stats().ops)
+      assert.are.equal(3, b:remaining())
+      assert.is_true((other:try(3)))
+      assert.is_false((other:try(1)))
+      ops = s:stats().ops
+      b:observe({ ["retry-after"] = "20" })
+      b:observe({ ["retry-after"] = "20" }) -- a second answer saying the same: the store has it
+      b:observe({ ["x-ratelimit-remaining-requests"] = "90" })
+      assert.are.equal(ops + 1, s:stats().ops)
+      near(20, b:wait_time(1))
+      local ok, wait = other:try(1)
+      assert.is_false(ok)
+      near(20, wait)
+    end)
 
   it("books only what fits the caller's timeout; try never books", function()
     local b = resil.bucket("shared-timeout", { rate = 10, per = 1, burst = 1, shared = true })

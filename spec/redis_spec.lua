@@ -525,6 +525,48 @@ print(admitted)
       assert.is_true(pttl() > wait * 1000, pttl())
     end)
 
+  -- (before: a shared bucket had no observe nor wait_time: a provider with shared limits crashed every call)
+  it("a provider's pause observed by one process holds back another: one script call, none for plenty left",
+    function()
+      local url = resil.store().url
+      local b = resil.bucket("redis-observe", { rate = 100, per = 60, burst = 100, shared = true })
+      local s = resil.store()
+      assert.is_true((b:acquire(1)))
+      local ops = s:stats().ops
+      b:observe({ ["x-ratelimit-remaining-requests"] = "97", ["x-ratelimit-reset-requests"] = "1s" })
+      assert.are.equal(ops, s:stats().ops) -- near what we know: no script call
+      assert.is_true(b:observe({ ["x-ratelimit-remaining-requests"] = "0", ["x-ratelimit-reset-requests"] = "30s" }) > 29)
+      assert.are.equal(ops + 1, s:stats().ops)
+      local r = helpers.run_script([[
+local resil = require "resil"
+local b = resil.bucket("redis-observe", { rate = 100, per = 60, burst = 100, shared = true })
+local ok, wait = b:try(1)
+print(ok, wait > 25 and wait <= 30)
+]], "--store " .. url .. " --log-level off")
+      assert.are.equal("false\ttrue\n", r.stdout, r.stderr)
+    end)
+
+  it("resil.acquire_all takes a provider's shared requests and tokens in one script call, all or none", function()
+    resil.clock.virtual() -- one process: the script takes the times it is given
+    finally(function() resil.clock.real() end)
+    local rpm = resil.bucket("redis-all-rpm", { rate = 10, per = 1, burst = 2, shared = true })
+    local tpm = resil.bucket("redis-all-tpm", { rate = 100, per = 1, burst = 100, unit = "tokens", shared = true })
+    local s = resil.store()
+    local ops = s:stats().ops
+    assert.is_true(resil.acquire_all({ { rpm, 1 }, { tpm, 60 } }))
+    assert.are.equal(ops + 1, s:stats().ops)
+    local ok, err = resil.acquire_all({ { rpm, 1 }, { tpm, 60 } }, { timeout = 0.1 })
+    assert.is_nil(ok)
+    assert.are.same({ "rate_limited", "redis-all-tpm" }, { err.kind, err.bucket })
+    assert.is_true(math.abs(err.retry_after - 0.2) < 1e-6, err.retry_after)
+    assert.are.same({ true, 0 }, { rpm:try(1) }) -- the refused call took none of rpm's
+    assert.is_true((rpm:refund(1) == 1))
+    local t0 = resil.now()
+    assert.is_true(resil.acquire_all({ { rpm, 1 }, { tpm, 60 } })) -- books both: one call, one sleep
+    assert.is_true(math.abs(resil.now() - t0 - 0.2) < 1e-6, resil.now() - t0)
+    assert.is_false((tpm:try(1)))
+  end)
+
   it("four processes waiting on one shared bucket: one script call per admission", function()
     local url = resil.store().url
     local source = [[

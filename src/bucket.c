@@ -472,37 +472,76 @@ static void pause_for(bucket *b, double seconds) {
   serve(b);
 }
 
+/* What a provider's headers say of one limit (the header names of its
+ * unit): seconds to pause (retry-after; an exhausted limit's reset, 0: none)
+ * and, unless exhausted with a reset, how many it has left. Read by the local
+ * bucket's observe and, through limit_headers, by a shared one's. */
+typedef struct {
+  double pause;
+  int have_remaining;
+  double remaining;
+} limit_view;
+
+static limit_view read_limit(lua_State *L, int headers, const char *h_remaining, const char *h_reset,
+                             const char *h_anthropic_remaining, const char *h_anthropic_reset) {
+  limit_view view = {0, 0, 0};
+  double seconds;
+  const char *v = header(L, headers, "retry-after");
+  if (v && parse_retry_after(v, &seconds) && seconds > 0) view.pause = seconds;
+
+  int have_remaining = 0, have_reset = 0;
+  double remaining = 0, reset = 0;
+  if ((v = header(L, headers, h_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  if ((v = header(L, headers, h_reset))) have_reset = parse_duration(v, &reset);
+  if (!have_remaining && (v = header(L, headers, h_anthropic_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  if (!have_reset && (v = header(L, headers, h_anthropic_reset))) have_reset = parse_rfc3339(v, &reset);
+  if (have_remaining && !isfinite(remaining)) remaining = remaining < 0 ? 0 : NAN; /* -1e309: none left */
+  if (have_remaining && isnan(remaining)) have_remaining = 0;
+  if (have_remaining && remaining < 0) remaining = 0;
+
+  if (have_remaining && remaining <= 0 && have_reset) {
+    if (reset > view.pause) view.pause = reset;
+  } else if (have_remaining) {
+    view.have_remaining = 1;
+    view.remaining = remaining;
+  }
+  if (view.pause > MAX_PAUSE_S) view.pause = MAX_PAUSE_S;
+  return view;
+}
+
 /* b:observe(headers): learn the provider's view of this limit. Returns the
  * seconds the bucket is now paused for (0 when not paused). */
 static int b_observe(lua_State *L) {
   bucket *b = check_bucket(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  double seconds;
-  const char *v = header(L, 2, "retry-after");
-  if (v && parse_retry_after(v, &seconds)) pause_for(b, seconds);
-
-  int have_remaining = 0, have_reset = 0;
-  double remaining = 0, reset = 0;
-  if ((v = header(L, 2, b->h_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
-  if ((v = header(L, 2, b->h_reset))) have_reset = parse_duration(v, &reset);
-  if (!have_remaining && (v = header(L, 2, b->h_anthropic_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
-  if (!have_reset && (v = header(L, 2, b->h_anthropic_reset))) have_reset = parse_rfc3339(v, &reset);
-  if (have_remaining && !isfinite(remaining)) remaining = remaining < 0 ? 0 : NAN; /* -1e309: none left */
-  if (have_remaining && isnan(remaining)) have_remaining = 0;
-  if (have_remaining && remaining < 0) remaining = 0;
-
-  if (have_remaining) {
-    int64_t now = now_ns(b->R);
-    if (remaining <= 0 && have_reset) {
-      pause_for(b, reset);
-    } else if (remaining < remaining_at(b, now)) {
-      /* the provider counts calls we did not see: lower ours to match */
-      b->tat_ns = now + tolerance_ns(b) - tokens_ns(b, remaining);
-    }
-  }
+  limit_view view = read_limit(L, 2, b->h_remaining, b->h_reset, b->h_anthropic_remaining, b->h_anthropic_reset);
+  pause_for(b, view.pause);
   int64_t now = now_ns(b->R);
+  if (view.have_remaining && view.remaining < remaining_at(b, now)) {
+    /* the provider counts calls we did not see: lower ours to match */
+    b->tat_ns = now + tolerance_ns(b) - tokens_ns(b, view.remaining);
+  }
   lua_pushnumber(L, b->paused_until_ns > now ? (double)(b->paused_until_ns - now) / NS : 0);
   return 1;
+}
+
+/* limit_headers(headers, unit) -> pause_seconds, remaining | nil: what
+ * b:observe reads, for a bucket kept elsewhere (a shared one, in the store) */
+static int l_limit_headers(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  const char *unit = luaL_checkstring(L, 2);
+  if (strcmp(unit, "requests") != 0 && strcmp(unit, "tokens") != 0)
+    resil_raise(L, "unit must be \"requests\" or \"tokens\", got \"%s\"", unit);
+  char h_remaining[48], h_reset[48], h_anthropic_remaining[48], h_anthropic_reset[48];
+  snprintf(h_remaining, sizeof h_remaining, "x-ratelimit-remaining-%s", unit);
+  snprintf(h_reset, sizeof h_reset, "x-ratelimit-reset-%s", unit);
+  snprintf(h_anthropic_remaining, sizeof h_anthropic_remaining, "anthropic-ratelimit-%s-remaining", unit);
+  snprintf(h_anthropic_reset, sizeof h_anthropic_reset, "anthropic-ratelimit-%s-reset", unit);
+  limit_view view = read_limit(L, 1, h_remaining, h_reset, h_anthropic_remaining, h_anthropic_reset);
+  lua_pushnumber(L, view.pause);
+  if (!view.have_remaining) return 1;
+  push_count(L, view.remaining);
+  return 2;
 }
 
 /* resil.retry_after(headers) -> seconds | nil: the provider's own word on
@@ -641,6 +680,8 @@ int luaopen_resil_bucket(lua_State *L) {
   lua_setfield(L, -2, "retry_after");
   lua_pushcfunction(L, l_parse_duration);
   lua_setfield(L, -2, "parse_duration");
+  lua_pushcfunction(L, l_limit_headers);
+  lua_setfield(L, -2, "limit_headers");
   lua_pushcfunction(L, l_buckets);
   lua_setfield(L, -2, "buckets");
   return 1;

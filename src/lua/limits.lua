@@ -9,6 +9,7 @@ local S = require "resil.store"
 local core_bucket = require "resil.core.bucket"
 local core_breaker = require "resil.core.breaker"
 local store_now = S.now
+local limit_headers = core_bucket.limit_headers
 local pack, unpack = table.pack, table.unpack
 
 -- what the bucket primitive also knows: Retry-After and duration parsing
@@ -40,33 +41,6 @@ local function breaker_call(self, fn, ...)
 end
 core_breaker.methods.call = breaker_call -- src/breaker.c leaves call to this module
 
--- resil.acquire_all({ {bucket, n}, ... } [, {timeout=}]) -> true | nil, err
--- Takes from every bucket or from none: a call that needs requests per
--- minute, tokens per minute and requests per day waits until all allow it.
-function resil.acquire_all(list, opts)
-  if type(list) ~= "table" then error("resil.acquire_all: expects a list of {bucket, n}", 2) end
-  local timeout = opts and opts.timeout
-  local deadline = timeout and resil.now() + timeout
-  while true do
-    local wait, worst = 0, nil
-    for i = 1, #list do
-      local b, n = list[i][1], list[i][2] or 1
-      local w = b:wait_time(n)
-      if w > wait then wait, worst = w, i end
-    end
-    if wait == 0 then
-      for i = 1, #list do list[i][1]:charge(list[i][2] or 1) end
-      return true
-    end
-    if wait == math.huge then return list[worst][1]:acquire(list[worst][2] or 1, { timeout = 0 }) end
-    if deadline and resil.now() + wait > deadline then
-      return nil, resil.error("rate_limited", ("%s: tokens available in %.3f s"):format(
-        list[worst][1]:name(), wait), { retry_after = wait, bucket = list[worst][1]:name() })
-    end
-    resil.sleep(wait)
-  end
-end
-
 -- ---------- shared limits: {shared = true} ----------
 -- A shared bucket or breaker keeps its state in the store, so several
 -- processes (or machines, on Redis) respect one limit. When the store is
@@ -85,11 +59,11 @@ local outage_total = resil.metrics.counter("resil_store_unavailable_total",
   "Operations of shared limits that found the store unavailable, by name")
 
 local function warn_once(obj, err)
-  outage_total:inc({ name = obj.name })
+  outage_total:inc({ name = obj.label })
   if not obj.warned then
     obj.warned = true
     resil.log.warn("store unavailable: shared limit falls back to a local one",
-      { name = obj.name, error = tostring(err) })
+      { name = obj.label, error = tostring(err) })
   end
 end
 
@@ -111,15 +85,23 @@ local LEASE_SECONDS, LEASE_KEEP = 0.005, 1
 function SharedBucket:configure(opts)
   local outage = opts.on_outage or self.on_outage or "local"
   if not OUTAGE_CHOICES[outage] then
-    error(("bucket '%s': on_outage must be \"local\", \"deny\" or \"allow\""):format(self.name), 3)
+    error(("bucket '%s': on_outage must be \"local\", \"deny\" or \"allow\""):format(self.label), 3)
   end
   self.on_outage = outage
   local rate, per = opts.rate or self.rate, opts.per or self.per or 1
-  if type(rate) ~= "number" or rate <= 0 then error(("bucket '%s': rate must be a positive number"):format(self.name), 3) end
-  self.rate, self.per, self.burst = rate, per, opts.burst or self.burst or rate
+  if type(rate) ~= "number" or rate <= 0 then error(("bucket '%s': rate must be a positive number"):format(self.label), 3) end
+  local unit = opts.unit or self.unit or "requests"
+  if unit ~= "requests" and unit ~= "tokens" then
+    error(("bucket '%s': unit must be \"requests\" or \"tokens\", got \"%s\""):format(self.label, tostring(unit)), 3)
+  end
+  self.rate, self.per, self.burst, self.unit = rate, per, opts.burst or self.burst or rate, unit
   self.interval = per / rate
   self.tolerance = self.burst * self.interval
-  self.fallback = local_bucket(self.name .. ":local", { rate = rate, per = per, burst = self.burst })
+  -- a provider's count within `slack` tokens of what this process knows moves nothing (see observe)
+  self.slack = math.max(1, self.burst / 10)
+  self.paused_until = self.paused_until or -math.huge
+  self.waiting, self.waits, self.refusals = self.waiting or 0, self.waits or 0, self.refusals or 0
+  self.fallback = local_bucket(self.label .. ":local", { rate = rate, per = per, burst = self.burst, unit = unit })
   -- a bucket fast enough to grant several tokens in LEASE_SECONDS takes them
   -- from the store that many at a time (see SharedBucket:try)
   local most = math.min(math.floor(rate / per * LEASE_SECONDS), math.floor(self.burst / 4))
@@ -131,12 +113,14 @@ end
 -- up to max_wait books the caller's slot there (the GCRA's arrival time moves
 -- on in the same script or transaction), so a waiter sleeps once and goes
 -- ahead: waiters that slept and asked again collided and lost a fifth of
--- the rate at burst 1.
+-- the rate at burst 1. Each reply's arrival time is kept (self.tat): what
+-- this process knows of the store, for wait_time, remaining and observe.
 local function take(self, n, max_wait)
   local s, serr = resil.store()
-  local ok, x, wait
+  local ok, x, wait, tat
   if s then
-    ok, x, wait = s.backend:gcra_take("bucket:" .. self.name, self.interval, self.tolerance, n, store_now(), max_wait)
+    ok, x, wait, tat = s.backend:gcra_take("bucket:" .. self.label, self.interval, self.tolerance, n, store_now(),
+      max_wait)
   end
   if ok == nil then
     warn_once(self, s and x or serr)
@@ -145,7 +129,12 @@ local function take(self, n, max_wait)
     return self.fallback:try(n)
   end
   self.warned = false
-  return ok, x, wait
+  if ok then
+    self.tat = tat or self.tat
+    return true, x, wait
+  end
+  self.tat = wait or self.tat -- (a refusal's third value is the arrival time)
+  return false, x
 end
 
 -- b:try(n) -> true, remaining | false, seconds (books nothing ahead)
@@ -178,12 +167,22 @@ function SharedBucket:try(n)
   return ok, x
 end
 
+-- a wait in this process, counted for state() and the bucket metrics (a
+-- canceled one too)
+local waiting_mt = { __close = function(g) g.bucket.waiting = g.bucket.waiting - 1 end }
+local function sleep_counted(self, seconds)
+  self.waits, self.waiting = self.waits + 1, self.waiting + 1
+  local _ <close> = setmetatable({ bucket = self }, waiting_mt)
+  resil.sleep(seconds)
+end
+
 -- b:acquire(n, {timeout=}) -> true, remaining | nil, err{kind="rate_limited"}
 function SharedBucket:acquire(n, opts)
   n = n or 1
   if n > self.burst then
+    self.refusals = self.refusals + 1
     return nil, resil.error("rate_limited", ("bucket '%s': %g tokens can never be granted (burst is %g)"):format(
-      self.name, n, self.burst), { bucket = self.name })
+      self.label, n, self.burst), { bucket = self.label })
   end
   local timeout = opts and opts.timeout
   local deadline = timeout and resil.now() + timeout
@@ -193,15 +192,23 @@ function SharedBucket:acquire(n, opts)
     if ok then
       -- the slot is ours (no need to ask again); it starts `wait` after we asked, not after the reply
       local left = wait and asked + wait - resil.now() or 0
-      if left > 0 then resil.sleep(left) end
+      if left > 0 then sleep_counted(self, left) end
       return true, x
     end
     if deadline and resil.now() + x > deadline then
-      return nil, resil.error("rate_limited", ("bucket '%s': %g tokens available in %.3f s"):format(self.name, n, x),
-        { retry_after = x, bucket = self.name })
+      self.refusals = self.refusals + 1
+      return nil, resil.error("rate_limited", ("bucket '%s': %g tokens available in %.3f s"):format(self.label, n, x),
+        { retry_after = x, bucket = self.label })
     end
-    resil.sleep(x)
+    sleep_counted(self, x)
   end
+end
+
+local function count_of(self, n, what)
+  if type(n) ~= "number" or not (n >= 0) or n == math.huge then
+    error(("bucket '%s': %s: token count must be a non-negative number"):format(self.label, what), 3)
+  end
+  return n
 end
 
 -- Correct an estimate once the usage is known, in one store operation that
@@ -211,35 +218,227 @@ end
 -- remaining. (The stores keep a debt within 1e9 s, as the local bucket does:
 -- a provider's garbage count, 1e17 tokens, is not a time they cannot keep.)
 local function adjust(self, n, sign, what)
-  if type(n) ~= "number" or not (n >= 0) or n == math.huge then
-    error(("bucket '%s': %s: token count must be a non-negative number"):format(self.name, what), 3)
-  end
+  count_of(self, n, what)
   local s, serr = resil.store()
-  local remaining, err
+  local remaining, tat
   if s then
-    remaining, err = s.backend:gcra_adjust("bucket:" .. self.name, self.interval, self.tolerance, sign * n, store_now())
+    remaining, tat = s.backend:gcra_adjust("bucket:" .. self.label, self.interval, self.tolerance, sign * n, store_now())
   end
   if remaining == nil then
-    warn_once(self, s and err or serr)
+    warn_once(self, s and tat or serr)
     if self.on_outage ~= "local" then return 0 end
     return self.fallback[what](self.fallback, n)
   end
   self.warned = false
+  self.tat = tat
   return remaining
 end
 function SharedBucket:charge(n) return adjust(self, n or 1, 1, "charge") end
 function SharedBucket:refund(n) return adjust(self, n or 1, -1, "refund") end
 
-function SharedBucket:name() return self.name end
-function SharedBucket:state()
-  return { name = self.name, rate = self.rate, per = self.per, burst = self.burst, shared = true }
+-- What this process knows, without asking the store: the arrival time of
+-- its last reply (others may have taken since), its lease, a pause it
+-- observed. While the store is away, the local stand-in's.
+local function standing_in(self) return self.warned and self.on_outage == "local" end
+local function known_tat(self, t)
+  local tat = self.tat
+  return tat and tat > t and tat or t
+end
+-- tokens left at store time t by an arrival time (a microsecond's slack:
+-- the store's times are seconds since 1970, their last bits are noise)
+local function left_at(self, tat, t)
+  return math.floor((t + self.tolerance - tat + 1e-6) / self.interval)
+end
+local function lease_left(self)
+  if self.leased > 0 and resil.now() - self.lease_at < LEASE_KEEP then return self.leased end
+  return 0
 end
 
--- the shared object of this name, made on first use
+-- b:wait_time(n) -> seconds until n tokens could be taken, as far as this
+-- process knows (no store operation: resil.acquire_all and the least-wait
+-- deployment strategy ask it of every bucket on every call)
+function SharedBucket:wait_time(n)
+  n = count_of(self, n or 1, "wait_time")
+  if n > self.burst then return math.huge end
+  if standing_in(self) then return self.fallback:wait_time(n) end
+  if n <= lease_left(self) then return 0 end
+  local t = store_now()
+  local wait = math.max(known_tat(self, t) + n * self.interval - t - self.tolerance, self.paused_until - resil.now())
+  return wait > 1e-6 and wait or 0
+end
+
+-- b:remaining() -> tokens left as far as this process knows: the store's at
+-- its last reply, filled since at the rate, and its own lease
+function SharedBucket:remaining()
+  if standing_in(self) then return self.fallback:remaining() end
+  local t = store_now()
+  local left = left_at(self, known_tat(self, t), t) + lease_left(self)
+  return math.max(0, math.min(left, math.floor(self.burst)))
+end
+
+-- The provider's word moves the store's arrival time on to at_least, in
+-- one operation, for every process. -> nothing
+local function raise(self, at_least, t, headers)
+  local s, serr = resil.store()
+  local remaining, tat
+  if s then remaining, tat = s.backend:gcra_raise("bucket:" .. self.label, self.interval, self.tolerance, at_least, t) end
+  if remaining == nil then
+    warn_once(self, s and tat or serr)
+    if self.on_outage == "local" then self.fallback:observe(headers) end
+    return
+  end
+  self.warned = false
+  self.tat = tat
+  self.leased = 0 -- this process's lease was taken before the provider spoke
+end
+
+-- b:observe(headers) -> seconds paused for: the provider's rate-limit
+-- headers (read as a local bucket reads them, src/bucket.c), held for every
+-- process sharing the bucket. A pause (Retry-After; none left, with a
+-- reset) means nobody takes a token before it ends, and the bucket fills at
+-- its rate from there (not all at once: every process would go together);
+-- a count below ours lowers ours to it. Either is one store operation, and
+-- only when it changes something: a count within a tenth of the burst of
+-- what this process knows (and not near the end) or a pause the store
+-- already holds (within a tenth of it) costs nothing, so the headers on
+-- every answer do not cost a store round trip each.
+function SharedBucket:observe(headers)
+  if type(headers) ~= "table" then error(("bucket '%s': observe: headers must be a table"):format(self.label), 2) end
+  local pause, left = limit_headers(headers, self.unit)
+  local now, t = resil.now(), store_now()
+  local known = known_tat(self, t)
+  local at_least
+  if pause > 0 then
+    if now + pause > self.paused_until then self.paused_until = now + pause end
+    local held = t + pause + self.tolerance - self.interval
+    if held > known + pause / 10 then at_least = held end
+  end
+  if left then
+    local have = left_at(self, known, t)
+    if left < have and (left < self.slack or have - left > self.slack) then
+      local lowered = t + self.tolerance - left * self.interval
+      if not at_least or lowered > at_least then at_least = lowered end
+    end
+  end
+  if standing_in(self) then self.fallback:observe(headers) end
+  if at_least then raise(self, at_least, t, headers) end
+  return self.paused_until > now and self.paused_until - now or 0
+end
+
+function SharedBucket:name() return self.label end
+function SharedBucket:state()
+  local now = resil.now()
+  return { name = self.label, rate = self.rate, per = self.per, burst = self.burst, unit = self.unit, shared = true,
+           remaining = self:remaining(), paused_for = self.paused_until > now and self.paused_until - now or 0,
+           waiting = self.waiting, waits = self.waits, refusals = self.refusals }
+end
+function SharedBucket:__tostring()
+  return ("bucket '%s' (%g per %g s, burst %g, shared)"):format(self.label, self.rate, self.per, self.burst)
+end
+
+-- resil.acquire_all({ {bucket, n}, ... } [, {timeout=}]) -> true | nil, err
+-- Takes from every bucket or from none: a call that needs requests per
+-- minute, tokens per minute and requests per day waits until all allow it.
+-- Local buckets are read (wait_time) and charged with nothing in between;
+-- shared ones are taken in one store operation, all or none, their slots
+-- booked as acquire books them. Local ones that no longer allow once the
+-- store has answered (other tasks ran meanwhile) give the shared ones back.
+
+-- the local entries, all or none, now: -> whether taken
+local function charge_all(entries)
+  for _, e in ipairs(entries) do
+    if e[1]:wait_time(e[2]) > 0 then return false end
+  end
+  for _, e in ipairs(entries) do e[1]:charge(e[2]) end
+  return true
+end
+
+-- The shared entries (indexes into list) in one store operation: -> "booked",
+-- seconds to the slot | false, seconds, the index that waits longest | nil, err
+local function take_shared(list, shared, deadline)
+  local s, serr = resil.store()
+  if not s then return nil, serr end
+  local items = {}
+  for k, i in ipairs(shared) do
+    local b = list[i][1]
+    items[k] = { "bucket:" .. b.label, b.interval, b.tolerance, list[i][2] or 1 }
+  end
+  local asked = resil.now()
+  local ok, wait, x, y = s.backend:gcra_take_all(items, store_now(), deadline and math.max(0, deadline - asked) or math.huge)
+  if ok == nil then return nil, wait end
+  local tats = ok and x or y
+  for k, i in ipairs(shared) do
+    local b = list[i][1]
+    b.warned, b.tat = false, tats[k] or b.tat
+  end
+  if not ok then return false, wait, shared[x] end
+  return "booked", asked + wait - resil.now() -- the slot starts `wait` after we asked
+end
+
+-- the store is away: each shared entry as its on_outage says (its local
+-- stand-in joins the local entries) -> "local", 0 | false, 1, the refusing index
+local function shared_stand_ins(list, shared, err, locals)
+  for _, i in ipairs(shared) do
+    local b = list[i][1]
+    warn_once(b, err)
+    if b.on_outage == "deny" then return false, 1, i end -- look again in a second
+    if b.on_outage == "local" then locals[#locals + 1] = { b.fallback, list[i][2] or 1 } end
+  end
+  return "local", 0
+end
+
+function resil.acquire_all(list, opts)
+  if type(list) ~= "table" then error("resil.acquire_all: expects a list of {bucket, n}", 2) end
+  local timeout = opts and opts.timeout
+  local deadline = timeout and resil.now() + timeout
+  local shared = {}
+  for i = 1, #list do
+    if getmetatable(list[i][1]) == SharedBucket then shared[#shared + 1] = i end
+  end
+  while true do
+    local wait, worst = 0, nil
+    for i = 1, #list do
+      local w = list[i][1]:wait_time(list[i][2] or 1)
+      if w > wait then wait, worst = w, i end
+    end
+    if wait == math.huge then return list[worst][1]:acquire(list[worst][2] or 1, { timeout = 0 }) end
+    if wait == 0 and #shared == 0 then
+      for i = 1, #list do list[i][1]:charge(list[i][2] or 1) end
+      return true
+    end
+    if wait == 0 then
+      local locals = {}
+      for i = 1, #list do
+        if getmetatable(list[i][1]) ~= SharedBucket then locals[#locals + 1] = { list[i][1], list[i][2] or 1 } end
+      end
+      local took, x, i = take_shared(list, shared, deadline)
+      if took == nil then took, x, i = shared_stand_ins(list, shared, x, locals) end
+      if took then
+        if x > 0 then resil.sleep(x) end
+        if charge_all(locals) then return true end
+        if took == "booked" then
+          for _, k in ipairs(shared) do list[k][1]:refund(list[k][2] or 1) end
+        end
+      else
+        wait, worst = x, i
+      end
+    end
+    if wait > 0 then
+      if deadline and resil.now() + wait > deadline then
+        return nil, resil.error("rate_limited", ("%s: tokens available in %.3f s"):format(
+          list[worst][1]:name(), wait), { retry_after = wait, bucket = list[worst][1]:name() })
+      end
+      resil.sleep(wait)
+    end
+  end
+end
+
+-- the shared object of this name, made on first use (its name is in
+-- `label`: a field `name` would hide the name() method)
 local function shared_named(registry, mt, name)
   local obj = registry[name]
   if not obj then
-    obj = setmetatable({ name = name }, mt)
+    obj = setmetatable({ label = name }, mt)
     registry[name] = obj
   end
   return obj
@@ -291,11 +490,13 @@ resil.metrics.collect(function()
     local name, now = br:name(), br:state()
     for _, st in ipairs(STATES) do breaker_state:set({ breaker = name, state = st }, st == now and 1 or 0) end
   end
-  for name, b in pairs(core_bucket.buckets()) do
-    local st = b:state()
-    bucket_waiting:set({ bucket = name }, st.waiting)
-    bucket_waits:collected({ bucket = name }, st.waits)
-    bucket_refusals:collected({ bucket = name }, st.refusals)
+  for _, registry in ipairs({ core_bucket.buckets(), shared_buckets }) do
+    for name, b in pairs(registry) do
+      local st = b:state()
+      bucket_waiting:set({ bucket = name }, st.waiting)
+      bucket_waits:collected({ bucket = name }, st.waits)
+      bucket_refusals:collected({ bucket = name }, st.refusals)
+    end
   end
   for name, sem in pairs(resil.semaphores()) do
     local st = sem:state()
@@ -312,7 +513,7 @@ SharedBreaker.__index = SharedBreaker
 function SharedBreaker:allow()
   local s, serr = resil.store()
   local ok, x
-  if s then ok, x = s.backend:breaker_probe(self.name, self.probe_for, store_now()) end
+  if s then ok, x = s.backend:breaker_probe(self.label, self.probe_for, store_now()) end
   if ok == nil then
     warn_once(self, s and x or serr)
     return self.inner:allow()
@@ -322,8 +523,8 @@ function SharedBreaker:allow()
     return true, "probe"
   end
   if ok then return self.inner:allow() end
-  return nil, resil.error("circuit_open", ("breaker '%s' is open (shared) for %.3f s more"):format(self.name, x),
-    { retry_after = x, breaker = self.name })
+  return nil, resil.error("circuit_open", ("breaker '%s' is open (shared) for %.3f s more"):format(self.label, x),
+    { retry_after = x, breaker = self.label })
 end
 
 -- br:record(ok, seconds); a probe's outcome closes or re-opens it for everyone
@@ -333,35 +534,35 @@ function SharedBreaker:record(ok, seconds)
     self.probing = self.probing - 1
     if ok == nil then return end
     if ok then
-      if s then s.backend:breaker_close(self.name) end
+      if s then s.backend:breaker_close(self.label) end
       self.inner:reset()
     elseif s then
-      s.backend:breaker_open(self.name, store_now() + self.open_for, store_now())
+      s.backend:breaker_open(self.label, store_now() + self.open_for, store_now())
     end
     return
   end
   local before = self.inner:state()
   self.inner:record(ok, seconds)
   if before ~= "open" and self.inner:state() == "open" and s then
-    s.backend:breaker_open(self.name, store_now() + self.open_for, store_now())
+    s.backend:breaker_open(self.label, store_now() + self.open_for, store_now())
   end
 end
 
 function SharedBreaker:state()
   local s = resil.store()
-  local open_until = s and s.backend:breaker_get(self.name, store_now())
+  local open_until = s and s.backend:breaker_get(self.label, store_now())
   if open_until then return open_until > store_now() and "open" or "half_open" end
   return self.inner:state()
 end
 
 SharedBreaker.call = breaker_call -- it only uses allow() and record()
 
-function SharedBreaker:name() return self.name end
+function SharedBreaker:name() return self.label end
 function SharedBreaker:on(...) return self.inner:on(...) end
 function SharedBreaker:stats() return self.inner:stats() end
 function SharedBreaker:reset()
   local s = resil.store()
-  if s then s.backend:breaker_close(self.name) end
+  if s then s.backend:breaker_close(self.label) end
   self.inner:reset()
 end
 

@@ -391,7 +391,7 @@ return 0
 ]]
 
 -- GCRA: KEYS[1] tat; ARGV: interval, tolerance, n, now, max_wait (-1: unbounded)
--- -> {1, remaining, wait} | {0, retry_after}; a wait that fits max_wait books the slot
+-- -> {1, remaining, wait, tat} | {0, retry_after, tat}; a wait that fits max_wait books the slot
 scripts.gcra_take = [[
 local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_wait = tonumber(ARGV[5])
@@ -399,16 +399,46 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
 if tat < now then tat = now end
 local new_tat = tat + n * interval
 local wait = new_tat - now - tolerance
-if max_wait >= 0 and wait > max_wait + 1e-6 then return {0, tostring(wait)} end
+if max_wait >= 0 and wait > max_wait + 1e-6 then return {0, tostring(wait), string.format('%.6f', tat)} end
 if wait <= 1e-6 then wait = 0 end
 -- kept a minute past its arrival time (an expired one reads as now): the TTL runs on the
 -- server's clock, the times on the caller's (which may be a virtual clock in specs)
 redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
-return {1, tostring(math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9))), tostring(wait)}
+return {1, tostring(math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9))), tostring(wait),
+  string.format('%.6f', new_tat)}
+]]
+
+-- Several GCRAs at once, all or none: KEYS their tats; ARGV: now, max_wait (-1: unbounded),
+-- then interval, tolerance, n for each key -> {1, wait, tat...} | {0, retry_after, worst, tat...};
+-- a wait that fits max_wait books every key's slot
+scripts.gcra_take_all = [[
+local now, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tats, wait, worst = {}, 0, 1
+for i = 1, #KEYS do
+  local interval, tolerance, n = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or ARGV[1])
+  if tat < now then tat = now end
+  tats[i] = tat
+  local w = tat + n * interval - now - tolerance
+  if w > wait then wait, worst = w, i end
+end
+if max_wait >= 0 and wait > max_wait + 1e-6 then
+  local r = {0, tostring(wait), worst}
+  for i = 1, #KEYS do r[i + 3] = string.format('%.6f', tats[i]) end
+  return r
+end
+if wait <= 1e-6 then wait = 0 end
+local r = {1, tostring(wait)}
+for i = 1, #KEYS do
+  local new_tat = tats[i] + tonumber(ARGV[3 * i + 2]) * tonumber(ARGV[3 * i])
+  redis.call('SET', KEYS[i], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
+  r[i + 2] = string.format('%.6f', new_tat)
+end
+return r
 ]]
 
 -- GCRA correction: KEYS[1] tat; ARGV: interval, tolerance, n (> 0 taken without limit, at most
--- 1e9 s of debt; < 0 given back, the arrival time no further back than now), now -> remaining.
+-- 1e9 s of debt; < 0 given back, the arrival time no further back than now), now -> {remaining, tat}.
 -- Its expiry follows the new arrival time as gcra_take's does.
 scripts.gcra_adjust = [[
 local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -416,7 +446,20 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
 if tat < now then tat = now end
 local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
 redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
-return tostring(math.max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9)))
+return {tostring(math.max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9))), string.format('%.6f', new_tat)}
+]]
+
+-- A provider's word on a limit: KEYS[1] tat; ARGV: interval, tolerance, at_least, now -> {remaining, tat}.
+-- The arrival time moves on to at_least (at most 1e9 s ahead), never back.
+scripts.gcra_raise = [[
+local interval, tolerance, at_least, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
+if tat < now then tat = now end
+if at_least > tat then
+  tat = math.min(at_least, now + 1e9)
+  redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
+end
+return {tostring(math.max(0, math.floor((tolerance - (tat - now)) / interval + 1e-9))), string.format('%.6f', tat)}
 ]]
 
 -- KEYS[1] breaker hash; ARGV: probe_for, now
@@ -1093,14 +1136,38 @@ function R:gcra_take(key, interval, tolerance, n, now, max_wait)
   local r, err = self:script("gcra_take", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now),
     max_wait == math.huge and -1 or max_wait)
   if r == nil then return nil, err end
-  if r[1] ~= 1 then return false, tonumber(r[2]) end
-  return true, tonumber(r[2]), tonumber(r[3])
+  if r[1] ~= 1 then return false, tonumber(r[2]), tonumber(r[3]) end
+  return true, tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
+end
+
+function R:gcra_take_all(items, now, max_wait)
+  max_wait = max_wait or 0
+  local keys, args = {}, { string.format("%.6f", now), max_wait == math.huge and -1 or max_wait }
+  for i, it in ipairs(items) do
+    keys[i] = P .. "gcra:" .. it[1]
+    args[#args + 1], args[#args + 2], args[#args + 3] = it[2], it[3], it[4]
+  end
+  local r, err = self:script("gcra_take_all", keys, table.unpack(args))
+  if r == nil then return nil, err end
+  local ok = r[1] == 1
+  local first = ok and 3 or 4
+  local tats = {}
+  for i = 1, #items do tats[i] = tonumber(r[first + i - 1]) end
+  if not ok then return false, tonumber(r[2]), r[3], tats end
+  return true, tonumber(r[2]), tats
 end
 
 function R:gcra_adjust(key, interval, tolerance, n, now)
   local r, err = self:script("gcra_adjust", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now))
   if r == nil then return nil, err end
-  return tonumber(r)
+  return tonumber(r[1]), tonumber(r[2])
+end
+
+function R:gcra_raise(key, interval, tolerance, at_least, now)
+  local r, err = self:script("gcra_raise", { P .. "gcra:" .. key }, interval, tolerance,
+    string.format("%.6f", at_least), string.format("%.6f", now))
+  if r == nil then return nil, err end
+  return tonumber(r[1]), tonumber(r[2])
 end
 
 function R:breaker_get(name, now)

@@ -705,32 +705,73 @@ end
 
 -- ---------- shared limits ----------
 
--- GCRA in one transaction: -> true, remaining, wait | false, retry_after.
--- A wait up to max_wait (default 0: only now) books the caller's slot: the
--- TAT moves on at once and the caller goes ahead after `wait`, asking no more.
+-- GCRA in one transaction: -> true, remaining, wait, tat | false,
+-- retry_after, tat (tat: the arrival time it leaves, for the caller's own
+-- estimate). A wait up to max_wait (default 0: only now) books the caller's
+-- slot: the TAT moves on at once and the caller goes ahead after `wait`,
+-- asking no more.
 function B:gcra_take(key, interval, tolerance, n, now, max_wait)
   return self.db:tx(function(tx)
     local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
     if tat < now then tat = now end
     local new_tat = tat + n * interval
     local wait = new_tat - now - tolerance
-    if wait > (max_wait or 0) + 1e-6 then return false, wait end
+    if wait > (max_wait or 0) + 1e-6 then return false, wait, tat end
     if wait <= 1e-6 then wait = 0 end
     tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
-    return true, math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9)), wait
+    return true, math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9)), wait, new_tat
+  end)
+end
+
+-- Several GCRAs in one transaction, all or none (resil.acquire_all):
+-- items { {key, interval, tolerance, n}, ... } -> true, wait, tats | false,
+-- retry_after, worst (the item that waits longest), tats. A wait up to
+-- max_wait books every item's slot, as gcra_take does.
+function B:gcra_take_all(items, now, max_wait)
+  return self.db:tx(function(tx)
+    local tats, wait, worst = {}, 0, 1
+    for i, it in ipairs(items) do
+      local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", it[1]) or now
+      if tat < now then tat = now end
+      tats[i] = tat
+      local w = tat + it[4] * it[2] - now - it[3]
+      if w > wait then wait, worst = w, i end
+    end
+    if wait > (max_wait or 0) + 1e-6 then return false, wait, worst, tats end
+    if wait <= 1e-6 then wait = 0 end
+    for i, it in ipairs(items) do
+      tats[i] = tats[i] + it[4] * it[2]
+      tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", it[1], tats[i])
+    end
+    return true, wait, tats
   end)
 end
 
 -- A GCRA correction in one transaction: n tokens taken (n > 0: without
 -- limit, the bucket may go into debt, at most 1e9 s of it) or given back
--- (n < 0: the arrival time no further back than now, a full bucket). -> remaining
+-- (n < 0: the arrival time no further back than now, a full bucket). ->
+-- remaining, tat
 function B:gcra_adjust(key, interval, tolerance, n, now)
   return self.db:tx(function(tx)
     local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
     if tat < now then tat = now end
     local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
     tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
-    return math.max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9))
+    return math.max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9)), new_tat
+  end)
+end
+
+-- A provider's word on a limit, in one transaction: the arrival time moves
+-- on to at_least (at most 1e9 s ahead), never back. -> remaining, tat
+function B:gcra_raise(key, interval, tolerance, at_least, now)
+  return self.db:tx(function(tx)
+    local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
+    if tat < now then tat = now end
+    if at_least > tat then
+      tat = math.min(at_least, now + 1e9)
+      tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, tat)
+    end
+    return math.max(0, math.floor((tolerance - (tat - now)) / interval + 1e-9)), tat
   end)
 end
 
