@@ -225,11 +225,6 @@ local function attempt(n, self, req, deadline, refused)
   end
   local elapsed = now() - start
 
-  -- headers are built on first read: only read them when a bucket wants them
-  if (self.bucket or self.token_bucket) and type(res) == "table" and res.headers then
-    if self.bucket then self.bucket:observe(res.headers) end
-    if self.token_bucket then self.token_bucket:observe(res.headers) end
-  end
   local verdict = classify.outcome(res, err, self)
   local outcome = verdict and verdict.class or "ok"
   local series = self.outcomes[outcome]
@@ -245,6 +240,14 @@ local function attempt(n, self, req, deadline, refused)
     local used = used_tokens(res) or (verdict and 0) or tokens
     if used > tokens then self.token_bucket:charge(used - tokens)
     elseif used < tokens then self.token_bucket:refund(tokens - used) end
+  end
+  -- the provider's word on its limits, after the estimate is corrected: a
+  -- count it gives is what is left after this call's real usage, and a
+  -- refund must not shorten the pause a shared bucket keeps in its state.
+  -- (headers are built on first read: only read them when a bucket wants them)
+  if (self.bucket or self.token_bucket) and type(res) == "table" and res.headers then
+    if self.bucket then self.bucket:observe(res.headers) end
+    if self.token_bucket then self.token_bucket:observe(res.headers) end
   end
   if br then
     if guard then guard.done = true end

@@ -1397,6 +1397,65 @@ for _, b in ipairs(helpers.store_backends()) do
   end)
 end
 
+-- (before: a provider configured with shared limits crashed every call: a shared bucket had no
+-- wait_time for resil.acquire_all, nor observe for the provider's headers)
+describe("a provider whose rate limits are shared (kept in the store)", function()
+  local m, db
+  before_each(function()
+    resil.clock.virtual()
+    resil.sleep(10) -- past the retry budget's window (see "chat over the strict mock")
+    db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    m = resil.mock.start({ strict = true, reply = "shared limits" })
+    point_at(m.url)
+  end)
+  after_each(function() m:stop() end)
+
+  local function configure(tag)
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = OPENAI_KEY,
+      rate = { rate = 100, per = 1, shared = true, name = tag .. ":requests" },
+      tokens = { rate = 100000, per = 60, shared = true, name = tag .. ":tokens" } })
+  end
+
+  -- another process on the same store: -> whether its bucket `name` refused a token, for at least `seconds`
+  local function held_elsewhere(name, seconds)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local ok, wait = resil.bucket(%q, { rate = 100, per = 1, shared = true }):try(1)
+print(ok, wait >= %g)
+]]):format(name, seconds), "--store " .. db .. " --log-level off")
+    return r.stdout == "false\ttrue\n", r.stdout .. r.stderr
+  end
+
+  it("ai.chat goes through them; a 429's Retry-After holds back the next call and another process", function()
+    configure("ai-spec-shared")
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+    assert.are.equal("shared limits", r.text)
+    m:configure({ strict = true, reply = "shared limits", sequence = { chat = { { status = 429, retry_after = 12 } } } })
+    local res, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      retry = { max_retries = 0 } })
+    local t0 = resil.now()
+    assert.is_nil(res)
+    assert.are.equal(429, err.status)
+    -- (its clock runs behind this spec's virtual one: it waits at least the 12 s)
+    assert.is_true(held_elsewhere("ai-spec-shared:requests", 11))
+    r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+    assert.are.equal("shared limits", r.text)
+    -- 12 s, then its estimated tokens at the tokens' rate (the bucket fills from empty after a pause)
+    assert.is_true(resil.now() - t0 >= 12 - 1e-6 and resil.now() - t0 < 12.1, resil.now() - t0)
+  end)
+
+  it("an answer saying no requests are left until a reset holds back the next call and another process", function()
+    configure("ai-spec-shared-reset")
+    m:configure({ strict = true, reply = "shared limits", rate_limits = { requests = 1 } }) -- 1 a minute
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+    local t0 = resil.now()
+    assert.is_true(held_elsewhere("ai-spec-shared-reset:requests", 50))
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+    assert.is_true(math.abs(resil.now() - t0 - 60) < 1, resil.now() - t0) -- the mock's minute
+  end)
+end)
+
 describe("keys and base URLs from the environment", function()
   -- a free port for a mock the child process starts
   local function free_port()

@@ -98,6 +98,21 @@ describe("policies.call against the mock provider", function()
     assert.is_true(math.abs(resil.now() - t0 - 1) < 0.05)
   end)
 
+  -- (before: a shared bucket had no wait_time nor observe: every call crashed)
+  it("keeps to a shared rate limit with local tokens beside it: 6 calls at 5/s with burst 1 take exactly 1 s",
+    function()
+      resil.store_config({ url = require("spec.helpers").tmpname(".db") })
+      m = resil.mock.start {}
+      local p = provider(m, { timeout = 10, rate = { rate = 5, per = 1, burst = 1, shared = true },
+                              tokens = { rate = 100000, per = 60 } })
+      local t0 = resil.now()
+      local results = resil.map({ 1, 2, 3, 4, 5, 6 }, function() return p(chat) end, { concurrency = 6 })
+      assert.are.equal(6, #results)
+      for _, r in ipairs(results) do assert.are.equal(200, r.status) end
+      assert.is_true(math.abs(resil.now() - t0 - 1) < 0.05, resil.now() - t0)
+      assert.are.equal(6, m:stats().routes.chat)
+    end)
+
   it("bounds concurrency per provider", function()
     m = resil.mock.start { latency = 1 }
     local p = provider(m, { timeout = 10, concurrency = { size = 2, queue = 10 } })

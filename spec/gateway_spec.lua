@@ -1957,6 +1957,42 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     end, 10))
   end)
 
+  -- (before: a provider configured with shared limits crashed every call: a shared bucket had no
+  -- wait_time nor observe)
+  it("--workers 2 with a provider's limits shared: the workers serve chats and streams, booking in the store",
+    function()
+      local m, _, port, log, pidfile = workers_setup()
+      local db = helpers.tmpname(".db")
+      local config = helpers.write(helpers.tmpname(".lua"), ([[
+        require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456",
+          rate = { rate = 4, per = 3600, shared = true }, tokens = { rate = 1000000, per = 60, shared = true } })
+        return { auth = false }
+      ]]):format(m.url .. "/v1"))
+      os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
+        :format(helpers.resil, port, config, db, log, pidfile))
+      local pid = helpers.slurp(pidfile):match("%d+")
+      local seen = {}
+      finally(function() stop_all(pid, seen, m) end)
+      assert.is_true(helpers.wait_until(function()
+        local _, k = helpers.slurp(log):gsub("listening", "")
+        return k == 2
+      end, 10), helpers.slurp(log))
+      seen = workers_of(pid)
+      for _, stream in ipairs({ false, true, false }) do
+        local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+          body = json.encode({ model = "openai/gpt-4o-mini", stream = stream, messages = MSGS }) }))
+        assert.are.equal(200, res.status, res.body)
+        assert.matches("served", res.body)
+      end
+      -- 3 of the 4 requests an hour are booked in the store: one left for another process
+      local r = helpers.run_script([[
+local b = require("resil").bucket("openai:requests", { rate = 4, per = 3600, shared = true })
+local ok, left = b:try(1)
+print(ok, left, (b:try(1)))
+]], "--store " .. db .. " --log-level off")
+      assert.are.equal("true\t0\tfalse\n", r.stdout, r.stderr)
+    end)
+
   -- SIGHUP (reload) is passed on to the workers: one just started, that had
   -- not yet set its handler, was killed by it (the default action), and a
   -- reload in the gateway's first second counted as workers dying as they
