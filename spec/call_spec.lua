@@ -113,6 +113,20 @@ describe("policies.call against the mock provider", function()
       assert.are.equal(6, m:stats().routes.chat)
     end)
 
+  -- (before: the count was observed first, then the estimate's excess refunded on top of it: the bucket
+  -- granted what the provider said was left plus the excess, and a refund pulled a shared pause back)
+  it("after an answer, its tokens bucket holds what the provider says is left, local or shared", function()
+    resil.store_config({ url = require("spec.helpers").tmpname(".db") })
+    m = resil.mock.start { rate_limits = { tokens = 5000 } }
+    for _, shared in ipairs({ false, true }) do
+      local p = provider(m, { timeout = 10, tokens = { rate = 10000, per = 60, shared = shared } })
+      local res = assert(p({ json = { model = "gpt-test", max_tokens = 1000, messages = chat.json.messages } }))
+      local left = tonumber(res.headers["x-ratelimit-remaining-tokens"])
+      assert.is_true(left < 5000 and left > 4000, left)
+      assert.are.equal(left, p.token_bucket:remaining())
+    end
+  end)
+
   it("bounds concurrency per provider", function()
     m = resil.mock.start { latency = 1 }
     local p = provider(m, { timeout = 10, concurrency = { size = 2, queue = 10 } })
