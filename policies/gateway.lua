@@ -133,6 +133,30 @@ local function host_failure(err)
   return text:find("not enough memory", 1, true) or text:find("--max-instructions", 1, true)
 end
 
+-- An error a policy raised by accident (a Lua runtime error: a nil indexed
+-- or called, a bad argument to a library function), not one it raised on
+-- purpose for a request that misused the API: the gateway's fault, never
+-- the client's bad request (a 400 no SDK retries, that told the client the
+-- policy's own Lua message).
+local RUNTIME_ERRORS = { "attempt to ", "bad argument #", "stack overflow", "table index is ",
+  "number has no integer representation", "invalid key to 'next'", "'for' initial value", "'for' limit",
+  "'for' step", "string length overflow", "C stack overflow" }
+local function policy_bug(err)
+  local text = tostring(err)
+  for _, phrase in ipairs(RUNTIME_ERRORS) do
+    if text:find(phrase, 1, true) then return true end
+  end
+  return false
+end
+
+-- -> the error a client gets for it (logged here with its file:line); retryable, so that
+-- resil.once keeps nothing under an Idempotency-Key and a retry after the fix is served
+local function policy_error(err)
+  resil.log.error("gateway: a policy raised an error serving a request", { error = tostring(err) })
+  return resil.error("policy_error", "the gateway failed serving this request (a policy error; its log says where)",
+    { class = "server_error", status = 500, retryable = true })
+end
+
 -- USD with six decimals, through integers (a float format is the costliest
 -- conversion on the answer's path)
 local function usd_text(usd)
@@ -170,6 +194,7 @@ local function ai_error_reply(api, err)
     return error_reply(api, 503, "the gateway could not serve this request right now; retry shortly",
       { headers = { ["retry-after"] = "1" }, code = "gateway_overloaded" })
   end
+  if type(err) ~= "table" and policy_bug(err) then err = policy_error(err) end
   if type(err) ~= "table" then
     return error_reply(api, 400, public_message((tostring(err):gsub("^[^:]*:%d+: ", ""))))
   end
@@ -195,6 +220,8 @@ local function ai_error_reply(api, err)
     code = "model_not_priced"
   elseif type(err) == "table" and err.kind == "gateway_overloaded" then
     code = "gateway_overloaded"
+  elseif err.kind == "policy_error" then
+    code = "internal_error"
   elseif status == 429 then
     code = "rate_limit_exceeded" -- (as OpenAI's own 429s; an SDK's error.code reads it)
   end
@@ -1154,6 +1181,7 @@ function complete_admitted(req, api, id, rec, slot)
           "the gateway could not serve this request right now; retry shortly",
           { class = "overloaded", status = 503, retryable = true, retry_after = 1 })
       end
+      if not ok and policy_bug(v) then return nil, policy_error(v) end
       if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
       if v then
         -- stored with the answer's own id and time: a replay is the same answer, not a twin of

@@ -251,6 +251,45 @@ describe("gateway: OpenAI chat completions", function()
     assert.are.equal(1, m:stats().routes.chat)
   end)
 
+  it("a policy's own runtime error is a 500 in the API's shape that names no Lua, logged with its file:line; " ..
+     "an error a policy raises on purpose stays the request's 400", function()
+    local url, m = start({ strict = true })
+    local ai = require "policies.ai"
+    local chat = ai.chat
+    local lines = helpers.logged(function()
+      resil.log.level("error")
+      ai.chat = function() local route = nil; return route.model end
+      local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS })
+      assert.are.equal(500, res.status, res.body)
+      local e = json.decode(res.body).error
+      assert.are.equal("server_error", e.type)
+      assert.are.equal("internal_error", e.code)
+      assert.is_nil(e.message:find("attempt to", 1, true))
+      res = post(url .. "/v1/messages", { model = "claude-sonnet-4-5-20250929", max_tokens = 10, messages = MSGS })
+      assert.are.equal(500, res.status, res.body)
+      assert.are.equal("api_error", json.decode(res.body).error.type)
+      -- under an Idempotency-Key nothing is kept: the same request after the fix is served
+      res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS }, { ["idempotency-key"] = "k-bug" })
+      assert.are.equal(500, res.status, res.body)
+      assert.are.equal("internal_error", json.decode(res.body).error.code)
+      ai.chat = chat
+      res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS }, { ["idempotency-key"] = "k-bug" })
+      assert.are.equal(200, res.status, res.body)
+      ai.chat = function() error("ai.chat: messages must hold at least one message", 2) end
+      res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS })
+      assert.are.equal(400, res.status, res.body)
+      assert.matches("messages must hold", json.decode(res.body).error.message)
+    end)
+    resil.log.level("off")
+    ai.chat = chat
+    local said
+    for _, l in ipairs(lines) do
+      if l.msg:find("a policy raised", 1, true) then said = l.error end
+    end
+    assert.matches("gateway_spec%.lua:%d+: attempt to index a nil value", said)
+    assert.are.equal(1, m:stats().total) -- (the request served after the fix)
+  end)
+
   it("stream given as anything but true or false is a 400, not a silent answer of another kind", function()
     local url, m = start({ strict = true })
     local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, stream = "true" })
