@@ -395,13 +395,16 @@ local create_ended = { __close = function(c)
   g.creating = nil
   if g.left or g.gone and answered(g.create_err) then resil.spawn(abandon_job, g) end
 end }
-local function create_apart(ctx, g)
+-- the create, in the task it runs in, its answer kept on the guard for whoever outlives it
+local function make_guarded(ctx, g)
   g.creating = true
-  local task = resil.spawn(function()
-    local _ <close> = setmetatable({ guard = g }, create_ended)
-    g.handle, g.create_err = make(ctx)
-    return g.handle, g.create_err
-  end)
+  local _ <close> = setmetatable({ guard = g }, create_ended)
+  g.handle, g.create_err = make(ctx)
+  return g.handle, g.create_err
+end
+local function create_apart(ctx, g)
+  g.creating = true -- (before the task begins: a caller canceled meanwhile leaves the job to it)
+  local task = resil.spawn(make_guarded, ctx, g)
   local ok, handle, err = task:join()
   if not ok then error(handle, 0) end -- (what the create raised, raised here)
   return handle, err
@@ -417,12 +420,7 @@ end
 local function create(ctx, akey, g)
   if not akey then return create_apart(ctx, g) end
   return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input) },
-    function()
-      g.creating = true
-      local _ <close> = setmetatable({ guard = g }, create_ended)
-      g.handle, g.create_err = make(ctx)
-      return g.handle, g.create_err
-    end)
+    function() return make_guarded(ctx, g) end)
 end
 
 -- jobs.job(spec) -> result | nil, err
