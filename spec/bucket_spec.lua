@@ -476,6 +476,24 @@ describe("a shared bucket (GCRA state in the store)", function()
       assert.is_false(ok)
       near(20, wait)
     end)
+  -- (before: the error named no file:line, or its caller's caller's: the check sat one tail call away)
+  it("refund or charge of a count that is not one raises at the line that asked", function()
+    local b = resil.bucket("shared-adjust-bad", { rate = 10, per = 1, shared = true })
+    local line
+    local ok, err = pcall(function()
+      line = debug.getinfo(1, "l").currentline + 1
+      b:refund(-1)
+    end)
+    assert.is_false(ok)
+    assert.matches("bucket_spec%.lua:" .. line .. ": bucket 'shared%-adjust%-bad': refund: token count must be a " ..
+      "non%-negative number", err)
+    ok, err = pcall(function()
+      line = debug.getinfo(1, "l").currentline + 1
+      b:charge(0 / 0)
+    end)
+    assert.is_false(ok)
+    assert.matches("bucket_spec%.lua:" .. line .. ": bucket 'shared%-adjust%-bad': charge:", err)
+  end)
 
   it("books only what fits the caller's timeout; try never books", function()
     local b = resil.bucket("shared-timeout", { rate = 10, per = 1, burst = 1, shared = true })
