@@ -525,6 +525,22 @@ print(admitted)
       assert.is_true(pttl() > wait * 1000, pttl())
     end)
 
+  -- (before: one short, now and then, at a fine interval: the arrival times are seconds since 1970 to the
+  -- microsecond, and that rounding was taken for a token missing)
+  it("counts what is left exactly at a fine interval", function()
+    resil.clock.virtual() -- one process: the script takes the times it is given
+    finally(function() resil.clock.real() end)
+    local b = resil.bucket("redis-fine", { rate = 1000, per = 1, burst = 1000, shared = true })
+    for _ = 1, 50 do
+      assert.are.same({ true, 600 }, { b:acquire(400) })
+      assert.are.same({ true, 300 }, { b:acquire(300) })
+      assert.are.equal(700, b:refund(400))
+      assert.are.equal(400, b:charge(300))
+      assert.are.equal(1000, b:refund(1000))
+      resil.sleep(0.0137)
+    end
+  end)
+
   -- (before: a shared bucket had no observe nor wait_time: a provider with shared limits crashed every call)
   it("a provider's pause observed by one process holds back another: one script call, none for plenty left",
     function()

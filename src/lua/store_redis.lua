@@ -404,7 +404,7 @@ if wait <= 1e-6 then wait = 0 end
 -- kept a minute past its arrival time (an expired one reads as now): the TTL runs on the
 -- server's clock, the times on the caller's (which may be a virtual clock in specs)
 redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
-return {1, tostring(math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9))), tostring(wait),
+return {1, tostring(math.max(0, math.floor((tolerance - (new_tat - now - wait) + 1e-6) / interval))), tostring(wait),
   string.format('%.6f', new_tat)}
 ]]
 
@@ -446,7 +446,7 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
 if tat < now then tat = now end
 local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
 redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
-return {tostring(math.max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9))), string.format('%.6f', new_tat)}
+return {tostring(math.max(0, math.floor((tolerance - (new_tat - now) + 1e-6) / interval))), string.format('%.6f', new_tat)}
 ]]
 
 -- A provider's word on a limit: KEYS[1] tat; ARGV: interval, tolerance, at_least, now -> {remaining, tat}.
@@ -459,7 +459,7 @@ if at_least > tat then
   tat = math.min(at_least, now + 1e9)
   redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
 end
-return {tostring(math.max(0, math.floor((tolerance - (tat - now)) / interval + 1e-9))), string.format('%.6f', tat)}
+return {tostring(math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval))), string.format('%.6f', tat)}
 ]]
 
 -- KEYS[1] breaker hash; ARGV: probe_for, now

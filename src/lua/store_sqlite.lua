@@ -719,7 +719,7 @@ function B:gcra_take(key, interval, tolerance, n, now, max_wait)
     if wait > (max_wait or 0) + 1e-6 then return false, wait, tat end
     if wait <= 1e-6 then wait = 0 end
     tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
-    return true, math.max(0, math.floor((tolerance - (new_tat - now - wait)) / interval + 1e-9)), wait, new_tat
+    return true, math.max(0, math.floor((tolerance - (new_tat - now - wait) + 1e-6) / interval)), wait, new_tat
   end)
 end
 
@@ -757,7 +757,7 @@ function B:gcra_adjust(key, interval, tolerance, n, now)
     if tat < now then tat = now end
     local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
     tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
-    return math.max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9)), new_tat
+    return math.max(0, math.floor((tolerance - (new_tat - now) + 1e-6) / interval)), new_tat
   end)
 end
 
@@ -771,7 +771,7 @@ function B:gcra_raise(key, interval, tolerance, at_least, now)
       tat = math.min(at_least, now + 1e9)
       tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, tat)
     end
-    return math.max(0, math.floor((tolerance - (tat - now)) / interval + 1e-9)), tat
+    return math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval)), tat
   end)
 end
 
