@@ -509,6 +509,37 @@ describe("a shared bucket (GCRA state in the store)", function()
     assert.matches("bucket_spec%.lua:" .. line .. ": bucket 'shared%-adjust%-bad': charge:", err)
   end)
 
+  -- (before: calls answered during the pause gave back what they did not use of their estimates, and
+  -- that pulled the arrival time back into the pause: every process went ahead before it ended)
+  it("a provider's pause holds though calls answered meanwhile give back what they did not use", function()
+    local opts = { rate = 30000, per = 60, unit = "tokens", shared = true } -- a provider's tokens per minute
+    local b = resil.bucket("shared-pause-refund", opts)
+    local other = other_process(b, opts)
+    for _ = 1, 4 do assert.is_true((other:acquire(4000))) end -- calls' estimates, in another process
+    assert.is_true((b:acquire(4000)))
+    assert.are.equal(14000, b:refund(4000)) -- this one is refused, a 429: it used none of it
+    near(20, b:observe({ ["retry-after"] = "20" }))
+    for _ = 1, 4 do other:refund(3500) end -- the others are answered: each used 500 of its 4000
+    local ok, wait = other:try(1)
+    assert.is_false(ok)
+    near(20, wait)
+    local t0 = resil.now()
+    assert.is_true((other:acquire(1)))
+    near(20, resil.now() - t0)
+    -- once it ends, what is given back counts again
+    resil.sleep(80)
+    assert.is_true((b:acquire(30000)))
+    assert.are.equal(3500, b:refund(3500))
+    -- a pause inside a debt (a call that used far more than estimated): kept, though the store
+    -- already held its arrival time past it
+    assert.are.equal(0, other:charge(23500))
+    near(10, other:observe({ ["retry-after"] = "10" }))
+    assert.are.equal(0, b:refund(20000)) -- calls that used less than estimated
+    ok, wait = b:try(1)
+    assert.is_false(ok)
+    near(10, wait)
+  end)
+
   it("books only what fits the caller's timeout; try never books", function()
     local b = resil.bucket("shared-timeout", { rate = 10, per = 1, burst = 1, shared = true })
     assert.is_true((b:try(1)))

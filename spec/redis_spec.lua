@@ -562,6 +562,27 @@ print(ok, wait > 25 and wait <= 30)
       assert.are.equal("false\ttrue\n", r.stdout, r.stderr)
     end)
 
+  -- (before: another process's calls, answered during the pause, gave back what they did not use of
+  -- their estimates, and that pulled the arrival time back into the pause)
+  it("a provider's pause holds though another process gives back what its calls did not use", function()
+    local url = resil.store().url
+    local b = resil.bucket("redis-pause-refund", { rate = 30000, per = 60, unit = "tokens", shared = true })
+    assert.is_true((b:acquire(4000)))
+    assert.is_true(b:observe({ ["retry-after"] = "20" }) > 19)
+    local r = helpers.run_script([[
+local resil = require "resil"
+local b = resil.bucket("redis-pause-refund", { rate = 30000, per = 60, unit = "tokens", shared = true })
+for _ = 1, 10 do b:refund(3500) end
+local ok, wait = b:try(1)
+print(ok, wait > 15 and wait <= 20)
+]], "--store " .. url .. " --log-level off")
+    assert.are.equal("false\ttrue\n", r.stdout, r.stderr)
+    -- kept as long as an arrival time there would be: a minute past it
+    r = helpers.run(("redis-cli -p %d -n %d pttl resil:gcra:pause:bucket:redis-pause-refund"):format(port, db_seq))
+    local pttl = tonumber(r.stdout:match("%-?%d+"))
+    assert.is_true(pttl > 60000 + 60000 and pttl <= 20000 + 60000 + 60000, pttl)
+  end)
+
   it("resil.acquire_all takes a provider's shared requests and tokens in one script call, all or none", function()
     resil.clock.virtual() -- one process: the script takes the times it is given
     finally(function() resil.clock.real() end)

@@ -277,11 +277,15 @@ function SharedBucket:remaining()
 end
 
 -- The provider's word moves the store's arrival time on to at_least, in
--- one operation, for every process. -> nothing
-local function raise(self, at_least, t, headers)
+-- one operation, for every process; a pause (the arrival time it holds,
+-- nil: none) is kept there too, so that no refund pulls the time back into
+-- it (a call answered meanwhile gives back what it did not use). -> nothing
+local function raise(self, at_least, t, headers, pause)
   local s, serr = resil.store()
   local remaining, tat
-  if s then remaining, tat = s.backend:gcra_raise("bucket:" .. self.label, self.interval, self.tolerance, at_least, t) end
+  if s then
+    remaining, tat = s.backend:gcra_raise("bucket:" .. self.label, self.interval, self.tolerance, at_least, t, pause)
+  end
   if remaining == nil then
     warn_once(self, s and tat or serr)
     if self.on_outage == "local" then self.fallback:observe(headers) end
@@ -289,6 +293,7 @@ local function raise(self, at_least, t, headers)
   end
   self.warned = false
   self.tat = tat
+  if pause and pause > (self.pause_kept or -math.huge) then self.pause_kept = pause end
   self.leased = 0 -- this process's lease was taken before the provider spoke
 end
 
@@ -307,11 +312,13 @@ function SharedBucket:observe(headers)
   local pause, left = limit_headers(headers, self.unit)
   local now, t = resil.now(), store_now()
   local known = known_tat(self, t)
-  local at_least
+  local at_least, held
   if pause > 0 then
     if now + pause > self.paused_until then self.paused_until = now + pause end
-    local held = t + pause + self.tolerance - self.interval
-    if held > known + pause / 10 then at_least = held end
+    held = t + pause + self.tolerance - self.interval
+    -- asked of the store unless both the arrival time and the pause kept beside it (see raise) hold it:
+    -- an arrival time already past it (a debt) is kept from refunds only by the latter
+    if held > math.min(known, self.pause_kept or -math.huge) + pause / 10 then at_least = held end
   end
   if left then
     local have = left_at(self, known, t)
@@ -321,7 +328,7 @@ function SharedBucket:observe(headers)
     end
   end
   if standing_in(self) then self.fallback:observe(headers) end
-  if at_least then raise(self, at_least, t, headers) end
+  if at_least then raise(self, at_least, t, headers, held) end
   return self.paused_until > now and self.paused_until - now or 0
 end
 

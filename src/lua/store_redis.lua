@@ -437,20 +437,27 @@ end
 return r
 ]]
 
--- GCRA correction: KEYS[1] tat; ARGV: interval, tolerance, n (> 0 taken without limit, at most
--- 1e9 s of debt; < 0 given back, the arrival time no further back than now), now -> {remaining, tat}.
+-- GCRA correction: KEYS[1] tat, KEYS[2] its pause (gcra_raise); ARGV: interval, tolerance, n (> 0
+-- taken without limit, at most 1e9 s of debt; < 0 given back, the arrival time no further back than
+-- now, nor than a pause the provider asked for), now -> {remaining, tat}.
 -- Its expiry follows the new arrival time as gcra_take's does.
 scripts.gcra_adjust = [[
 local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
 if tat < now then tat = now end
 local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
+if n < 0 then
+  local pause = tonumber(redis.call('GET', KEYS[2]) or ARGV[4])
+  if new_tat < pause then new_tat = math.min(pause, tat) end
+end
 redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
 return {tostring(math.max(0, math.floor((tolerance - (new_tat - now) + 1e-6) / interval))), string.format('%.6f', new_tat)}
 ]]
 
--- A provider's word on a limit: KEYS[1] tat; ARGV: interval, tolerance, at_least, now -> {remaining, tat}.
--- The arrival time moves on to at_least (at most 1e9 s ahead), never back.
+-- A provider's word on a limit: KEYS[1] tat, KEYS[2] its pause; ARGV: interval, tolerance, at_least,
+-- now, pause ('': none) -> {remaining, tat}. The arrival time moves on to at_least (at most 1e9 s
+-- ahead), never back; a pause (the arrival time it holds) is also kept in KEYS[2], as long as an
+-- arrival time would be, so that no refund (gcra_adjust) pulls the arrival time back into it.
 scripts.gcra_raise = [[
 local interval, tolerance, at_least, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
@@ -458,6 +465,12 @@ if tat < now then tat = now end
 if at_least > tat then
   tat = math.min(at_least, now + 1e9)
   redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
+end
+if ARGV[5] ~= '' then
+  local pause = math.min(tonumber(ARGV[5]), now + 1e9)
+  if pause > tonumber(redis.call('GET', KEYS[2]) or ARGV[4]) then
+    redis.call('SET', KEYS[2], string.format('%.6f', pause), 'PX', math.ceil((pause - now) * 1000) + 60000)
+  end
 end
 return {tostring(math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval))), string.format('%.6f', tat)}
 ]]
@@ -1157,15 +1170,17 @@ function R:gcra_take_all(items, now, max_wait)
   return true, tonumber(r[2]), tats
 end
 
+-- (a key's pause is under "gcra:pause:": a key is "bucket:NAME", so none has its name there)
 function R:gcra_adjust(key, interval, tolerance, n, now)
-  local r, err = self:script("gcra_adjust", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now))
+  local r, err = self:script("gcra_adjust", { P .. "gcra:" .. key, P .. "gcra:pause:" .. key }, interval, tolerance, n,
+    string.format("%.6f", now))
   if r == nil then return nil, err end
   return tonumber(r[1]), tonumber(r[2])
 end
 
-function R:gcra_raise(key, interval, tolerance, at_least, now)
-  local r, err = self:script("gcra_raise", { P .. "gcra:" .. key }, interval, tolerance,
-    string.format("%.6f", at_least), string.format("%.6f", now))
+function R:gcra_raise(key, interval, tolerance, at_least, now, pause)
+  local r, err = self:script("gcra_raise", { P .. "gcra:" .. key, P .. "gcra:pause:" .. key }, interval, tolerance,
+    string.format("%.6f", at_least), string.format("%.6f", now), pause and string.format("%.6f", pause) or "")
   if r == nil then return nil, err end
   return tonumber(r[1]), tonumber(r[2])
 end

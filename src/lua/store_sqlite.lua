@@ -749,27 +749,40 @@ end
 
 -- A GCRA correction in one transaction: n tokens taken (n > 0: without
 -- limit, the bucket may go into debt, at most 1e9 s of it) or given back
--- (n < 0: the arrival time no further back than now, a full bucket). ->
--- remaining, tat
+-- (n < 0: the arrival time no further back than now, a full bucket, nor
+-- than a pause the provider asked for, see gcra_raise). -> remaining, tat
 function B:gcra_adjust(key, interval, tolerance, n, now)
   return self.db:tx(function(tx)
     local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
     if tat < now then tat = now end
     local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
+    if n < 0 then
+      local pause = tx:value("SELECT tat FROM gcra WHERE key = ?", "pause:" .. key) or now
+      if new_tat < pause then new_tat = math.min(pause, tat) end
+    end
     tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
     return math.max(0, math.floor((tolerance - (new_tat - now) + 1e-6) / interval)), new_tat
   end)
 end
 
 -- A provider's word on a limit, in one transaction: the arrival time moves
--- on to at_least (at most 1e9 s ahead), never back. -> remaining, tat
-function B:gcra_raise(key, interval, tolerance, at_least, now)
+-- on to at_least (at most 1e9 s ahead), never back; a pause (the arrival
+-- time it holds; nil: none) is also kept, in the row "pause:KEY" (a key is
+-- "bucket:NAME": none has that name), so that no refund (gcra_adjust)
+-- pulls the arrival time back into it. -> remaining, tat
+function B:gcra_raise(key, interval, tolerance, at_least, now, pause)
   return self.db:tx(function(tx)
     local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
     if tat < now then tat = now end
     if at_least > tat then
       tat = math.min(at_least, now + 1e9)
       tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, tat)
+    end
+    if pause then
+      pause = math.min(pause, now + 1e9)
+      if pause > (tx:value("SELECT tat FROM gcra WHERE key = ?", "pause:" .. key) or now) then
+        tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", "pause:" .. key, pause)
+      end
     end
     return math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval)), tat
   end)
