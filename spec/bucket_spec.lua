@@ -540,6 +540,55 @@ describe("a shared bucket (GCRA state in the store)", function()
     near(10, wait)
   end)
 
+  -- (before: waiters that had booked their slots went ahead in a pause their own process learned of
+  -- while they slept: after a 429 with Retry-After 20, the next five calls went within half a second)
+  it("a pause learned of while waiters sleep on their booked slots holds them, as a local bucket's queue", function()
+    local b = resil.bucket("shared-booked-pause", { rate = 10, per = 1, burst = 1, shared = true })
+    local t0 = resil.now()
+    assert.is_true((b:acquire(1)))
+    local times, tasks = {}, {}
+    for i = 1, 5 do
+      tasks[i] = resil.spawn(function()
+        assert(b:acquire(1))
+        times[#times + 1] = resil.now() - t0
+      end)
+    end
+    local hurried = resil.spawn(function() return b:acquire(1, { timeout = 1 }) end) -- booked at 0.6 s
+    resil.sleep(0.05)
+    near(20, b:observe({ ["retry-after"] = "20" }))
+    for i = 1, 5 do assert(tasks[i]:join()) end
+    -- they book again once it ends, and go at the rate from there
+    for k = 1, 5 do near(20.05 + (k - 1) * 0.1, times[k]) end
+    local _, ok, err = hurried:join()
+    assert.is_nil(ok)
+    assert.are.equal("rate_limited", err.kind)
+    near(19.45, err.retry_after) -- the pause it would have had to wait out past its timeout
+  end)
+
+  it("resil.acquire_all: a pause learned of while it sleeps on its booked slots holds it; the others' go back",
+    function()
+      local rpm_opts = { rate = 10, per = 1, burst = 1, shared = true }
+      local rpm = resil.bucket("all-booked-rpm", rpm_opts)
+      local tpm = resil.bucket("all-booked-tpm", { rate = 100, per = 60, burst = 1000, unit = "tokens", shared = true })
+      local t0 = resil.now()
+      assert.is_true(resil.acquire_all({ { tpm, 100 } }))
+      -- another process takes the request this one does not know of: its calls book slots, and sleep
+      assert.is_true((other_process(rpm, rpm_opts):try(1)))
+      local times, tasks = {}, {}
+      for i = 1, 3 do
+        tasks[i] = resil.spawn(function()
+          assert(resil.acquire_all({ { rpm, 1 }, { tpm, 100 } }))
+          times[#times + 1] = resil.now() - t0
+        end)
+      end
+      resil.sleep(0.05)
+      rpm:observe({ ["retry-after"] = "20" })
+      for i = 1, 3 do assert(tasks[i]:join()) end
+      for k = 1, 3 do near(20.05 + (k - 1) * 0.1, times[k]) end
+      -- 400 tokens taken in all (the 300 booked before the pause were given back), 0.6 s each to fill
+      assert.are.equal(600 + math.floor(20.25 / 0.6), tpm:remaining())
+    end)
+
   it("books only what fits the caller's timeout; try never books", function()
     local b = resil.bucket("shared-timeout", { rate = 10, per = 1, burst = 1, shared = true })
     assert.is_true((b:try(1)))

@@ -187,13 +187,18 @@ function SharedBucket:acquire(n, opts)
   local timeout = opts and opts.timeout
   local deadline = timeout and resil.now() + timeout
   while true do
-    local asked = resil.now()
+    local asked, paused_until = resil.now(), self.paused_until
     local ok, x, wait = take(self, n, deadline and math.max(0, deadline - asked) or math.huge)
     if ok then
       -- the slot is ours (no need to ask again); it starts `wait` after we asked, not after the reply
       local left = wait and asked + wait - resil.now() or 0
       if left > 0 then sleep_counted(self, left) end
-      return true, x
+      -- unless this process learned of a pause meanwhile (observe): it moved the arrival time past
+      -- the slot, which would go in the pause. The caller waits it out, as a local bucket's queue
+      -- waits, and books again (every such waiter going at the pause's end would be a herd)
+      local paused = self.paused_until - resil.now()
+      if self.paused_until == paused_until or paused <= 0 then return true, x end
+      x = paused
     end
     if deadline and resil.now() + x > deadline then
       self.refusals = self.refusals + 1
@@ -382,6 +387,24 @@ local function take_shared(list, shared, deadline)
   return "booked", asked + wait - resil.now() -- the slot starts `wait` after we asked
 end
 
+-- the longest pause one of the shared entries learned of (observe) since
+-- `before` (their paused_until then) that is still on: -> seconds, its
+-- index | 0; the unpaused ones' slots are given back (the paused ones' the
+-- pause took: it moved their arrival times past them)
+local function paused_since(list, shared, before)
+  local now, most, worst = resil.now(), 0, nil
+  for k, i in ipairs(shared) do
+    local b = list[i][1]
+    if b.paused_until ~= before[k] and b.paused_until - now > most then most, worst = b.paused_until - now, i end
+  end
+  if most == 0 then return 0 end
+  for k, i in ipairs(shared) do
+    local b = list[i][1]
+    if b.paused_until == before[k] then b:refund(list[i][2] or 1) end
+  end
+  return most, worst
+end
+
 -- the store is away: each shared entry as its on_outage says (its local
 -- stand-in joins the local entries) -> "local", 0 | false, 1, the refusing index
 local function shared_stand_ins(list, shared, err, locals)
@@ -418,13 +441,22 @@ function resil.acquire_all(list, opts)
       for i = 1, #list do
         if getmetatable(list[i][1]) ~= SharedBucket then locals[#locals + 1] = { list[i][1], list[i][2] or 1 } end
       end
+      local before = {}
+      for k, i in ipairs(shared) do before[k] = list[i][1].paused_until end
       local took, x, i = take_shared(list, shared, deadline)
       if took == nil then took, x, i = shared_stand_ins(list, shared, x, locals) end
       if took then
         if x > 0 then resil.sleep(x) end
-        if charge_all(locals) then return true end
-        if took == "booked" then
-          for _, k in ipairs(shared) do list[k][1]:refund(list[k][2] or 1) end
+        -- a pause learned of meanwhile: waited out, the slots booked again after it (as acquire does)
+        local paused, which = 0, nil
+        if took == "booked" then paused, which = paused_since(list, shared, before) end
+        if paused > 0 then
+          wait, worst = paused, which
+        else
+          if charge_all(locals) then return true end
+          if took == "booked" then
+            for _, k in ipairs(shared) do list[k][1]:refund(list[k][2] or 1) end
+          end
         end
       else
         wait, worst = x, i
