@@ -705,6 +705,18 @@ end
 
 -- ---------- shared limits ----------
 
+-- A GCRA key's arrival time, no earlier than now (a bucket full since), its
+-- writing, and the tokens left at now by an arrival time (a microsecond's
+-- slack: times are seconds since 1970, their last bits noise)
+local function tat_of(tx, key, now)
+  local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
+  return tat < now and now or tat
+end
+local function set_tat(tx, key, tat) tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, tat) end
+local function left(tat, now, interval, tolerance)
+  return math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval))
+end
+
 -- GCRA in one transaction: -> true, remaining, wait, tat | false,
 -- retry_after, tat (tat: the arrival time it leaves, for the caller's own
 -- estimate). A wait up to max_wait (default 0: only now) books the caller's
@@ -712,14 +724,13 @@ end
 -- asking no more.
 function B:gcra_take(key, interval, tolerance, n, now, max_wait)
   return self.db:tx(function(tx)
-    local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
-    if tat < now then tat = now end
+    local tat = tat_of(tx, key, now)
     local new_tat = tat + n * interval
     local wait = new_tat - now - tolerance
     if wait > (max_wait or 0) + 1e-6 then return false, wait, tat end
     if wait <= 1e-6 then wait = 0 end
-    tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
-    return true, math.max(0, math.floor((tolerance - (new_tat - now - wait) + 1e-6) / interval)), wait, new_tat
+    set_tat(tx, key, new_tat)
+    return true, left(new_tat, now + wait, interval, tolerance), wait, new_tat
   end)
 end
 
@@ -731,8 +742,7 @@ function B:gcra_take_all(items, now, max_wait)
   return self.db:tx(function(tx)
     local tats, wait, worst = {}, 0, 1
     for i, it in ipairs(items) do
-      local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", it[1]) or now
-      if tat < now then tat = now end
+      local tat = tat_of(tx, it[1], now)
       tats[i] = tat
       local w = tat + it[4] * it[2] - now - it[3]
       if w > wait then wait, worst = w, i end
@@ -741,7 +751,7 @@ function B:gcra_take_all(items, now, max_wait)
     if wait <= 1e-6 then wait = 0 end
     for i, it in ipairs(items) do
       tats[i] = tats[i] + it[4] * it[2]
-      tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", it[1], tats[i])
+      set_tat(tx, it[1], tats[i])
     end
     return true, wait, tats
   end)
@@ -753,15 +763,14 @@ end
 -- than a pause the provider asked for, see gcra_raise). -> remaining, tat
 function B:gcra_adjust(key, interval, tolerance, n, now)
   return self.db:tx(function(tx)
-    local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
-    if tat < now then tat = now end
+    local tat = tat_of(tx, key, now)
     local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
     if n < 0 then
-      local pause = tx:value("SELECT tat FROM gcra WHERE key = ?", "pause:" .. key) or now
+      local pause = tat_of(tx, "pause:" .. key, now)
       if new_tat < pause then new_tat = math.min(pause, tat) end
     end
-    tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, new_tat)
-    return math.max(0, math.floor((tolerance - (new_tat - now) + 1e-6) / interval)), new_tat
+    set_tat(tx, key, new_tat)
+    return left(new_tat, now, interval, tolerance), new_tat
   end)
 end
 
@@ -772,19 +781,16 @@ end
 -- pulls the arrival time back into it. -> remaining, tat
 function B:gcra_raise(key, interval, tolerance, at_least, now, pause)
   return self.db:tx(function(tx)
-    local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
-    if tat < now then tat = now end
+    local tat = tat_of(tx, key, now)
     if at_least > tat then
       tat = math.min(at_least, now + 1e9)
-      tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, tat)
+      set_tat(tx, key, tat)
     end
     if pause then
       pause = math.min(pause, now + 1e9)
-      if pause > (tx:value("SELECT tat FROM gcra WHERE key = ?", "pause:" .. key) or now) then
-        tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", "pause:" .. key, pause)
-      end
+      if pause > tat_of(tx, "pause:" .. key, now) then set_tat(tx, "pause:" .. key, pause) end
     end
-    return math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval)), tat
+    return left(tat, now, interval, tolerance), tat
   end)
 end
 
