@@ -1193,6 +1193,8 @@ function complete_admitted(req, api, id, rec, slot)
     end)
     if not joined then res, err = nil, res end
     replayed = not ran
+    -- a replay called no provider: none of the tokens its key's tpm was charged were used
+    if replayed then correct_tpm(tpm, { input_tokens = 0, output_tokens = 0 }) end
   else
     res, err = call_to_end(slot, r, correcting_tpm(tpm, ai.chat))
   end

@@ -1136,6 +1136,21 @@ describe("gateway: virtual keys", function()
       assert.are.equal(served * 101, used)
     end)
 
+  -- (before: a replay kept its whole estimate on the key, though it called no provider: an SDK's
+  -- retries under one Idempotency-Key used up the key's tpm)
+  it("an Idempotency-Key replay takes nothing from its key's tokens per minute", function()
+    local url, m = start({ strict = true, reply = "ok" }, { auth = true })
+    local key = assert(keys.add({ name = "team-replay", tpm = 500 }))
+    local body = { model = "fast", max_tokens = 200, messages = { { role = "user", content = "hi" } } }
+    local headers = bearer(key)
+    headers["idempotency-key"] = "replayed-often"
+    for _ = 1, 6 do -- about 210 tokens estimated each: the third would not fit if replays were charged
+      local res = post(url .. "/v1/chat/completions", body, headers)
+      assert.are.equal(200, res.status, res.body)
+    end
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+
   -- Three clients that give up on a call of `path` before its answer (a key with a budget): the
   -- calls are finished and recorded, their cost in the key's budget, no hold left behind
   local function clients_give_up(path, body, route, mock)
