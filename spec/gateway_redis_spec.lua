@@ -114,7 +114,9 @@ describe("the gateway on Redis: a stream longer than its key's hold", function()
     m:configure({ strict = true, reply = ("word "):rep(25), stream_interval = 40 })
     require("policies.ai").configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
       retry = { base = 0.001, cap = 0.005 }, stream_timeout = 3600 })
-    local key = assert(keys.add({ name = "long-stream", budget = "1/day" }))
+    -- (a budget without a period: 1,000 virtual seconds from a start after 23:43 UTC crossed into the
+    -- next day's fresh budget, which admitted the other reservation)
+    local key = assert(keys.add({ name = "long-stream", budget = "1" }))
     local t0 = resil.now()
     local s = assert(http.stream({ method = "POST", url = url, timeout = 3600,
       headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" },
