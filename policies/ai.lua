@@ -40,13 +40,21 @@ ai.config = resil.keep("policies.ai.config") -- per provider, see ai.configure; 
 -- the options of policies.call a provider's config or a call may set
 local CALL_OPTIONS = { "timeout", "deadline", "retry", "breaker", "rate", "tokens", "concurrency", "idempotency" }
 
+-- ai.provider_module(name) -> the provider's module (policies/providers/NAME.lua) | nil when there
+-- is no such file; a file that is there and does not load raises its own error (file:line), not
+-- "unknown provider"
+function ai.provider_module(provider)
+  local ok, mod = pcall(require, "policies.providers." .. provider)
+  if ok then return mod end
+  if tostring(mod):find("^module '[^']*' not found") then return nil end
+  error(mod, 0)
+end
+
 local function adapter_of(provider, level)
   local a = ai.adapters[provider]
   if a then return a end
-  local ok, mod = pcall(require, "policies.providers." .. provider)
-  -- a file that is there and does not load: its own error (file:line), not "unknown"
-  if not ok and not tostring(mod):find("^module '[^']*' not found") then error(mod, 0) end
-  if not ok or type(mod) ~= "table" then
+  local mod = ai.provider_module(provider)
+  if type(mod) ~= "table" then
     error(("ai: unknown provider '%s' (no policies/providers/%s.lua)"):format(provider, provider), level + 1)
   end
   ai.adapters[provider] = mod

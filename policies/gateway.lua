@@ -414,10 +414,8 @@ local function route_model(name, native)
   local alias = registry_alias(name)
   if alias then return alias end
   if name:match("^[%w_%-]+/.") then
-    local ok, err = pcall(require, "policies.providers." .. name:match("^([%w_%-]+)/"))
-    if ok then return { model = name } end
-    -- a provider's file that does not load is the gateway's failure (a 500, logged), not the client's
-    if not tostring(err):find("^module '[^']*' not found") then error(err, 0) end
+    -- (a provider's file that does not load raises: the gateway's failure, a 500 logged, not the client's)
+    if ai.provider_module(name:match("^([%w_%-]+)/")) ~= nil then return { model = name } end
     return nil, ("unknown provider in '%s'"):format(name)
   end
   local routes = sub(native_routes, native)
