@@ -390,36 +390,49 @@ end
 return 0
 ]]
 
+-- What every GCRA script does with an arrival time: read it (none, or one past: now, a full
+-- bucket), keep it a minute past itself (an expired one reads as now; the TTL runs on the
+-- server's clock, the times on the caller's, which may be a virtual clock in specs), and count
+-- the tokens left at a moment by it (a microsecond's slack: times are seconds since 1970 to the
+-- microsecond, and that rounding is no token missing)
+local GCRA = [[
+local function tat_of(key, now)
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  return tat
+end
+local function keep(key, tat, now)
+  redis.call('SET', key, string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
+end
+local function left(tat, now, interval, tolerance)
+  return tostring(math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval)))
+end
+]]
+
 -- GCRA: KEYS[1] tat; ARGV: interval, tolerance, n, now, max_wait (-1: unbounded)
 -- -> {1, remaining, wait, tat} | {0, retry_after, tat}; a wait that fits max_wait books the slot
-scripts.gcra_take = [[
+scripts.gcra_take = GCRA .. [[
 local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_wait = tonumber(ARGV[5])
-local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
-if tat < now then tat = now end
+local tat = tat_of(KEYS[1], now)
 local new_tat = tat + n * interval
 local wait = new_tat - now - tolerance
 if max_wait >= 0 and wait > max_wait + 1e-6 then return {0, tostring(wait), string.format('%.6f', tat)} end
 if wait <= 1e-6 then wait = 0 end
--- kept a minute past its arrival time (an expired one reads as now): the TTL runs on the
--- server's clock, the times on the caller's (which may be a virtual clock in specs)
-redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
-return {1, tostring(math.max(0, math.floor((tolerance - (new_tat - now - wait) + 1e-6) / interval))), tostring(wait),
-  string.format('%.6f', new_tat)}
+keep(KEYS[1], new_tat, now)
+return {1, left(new_tat, now + wait, interval, tolerance), tostring(wait), string.format('%.6f', new_tat)}
 ]]
 
 -- Several GCRAs at once, all or none: KEYS their tats; ARGV: now, max_wait (-1: unbounded),
 -- then interval, tolerance, n for each key -> {1, wait, tat...} | {0, retry_after, worst, tat...};
 -- a wait that fits max_wait books every key's slot
-scripts.gcra_take_all = [[
+scripts.gcra_take_all = GCRA .. [[
 local now, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tats, wait, worst = {}, 0, 1
 for i = 1, #KEYS do
   local interval, tolerance, n = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or ARGV[1])
-  if tat < now then tat = now end
-  tats[i] = tat
-  local w = tat + n * interval - now - tolerance
+  tats[i] = tat_of(KEYS[i], now)
+  local w = tats[i] + n * interval - now - tolerance
   if w > wait then wait, worst = w, i end
 end
 if max_wait >= 0 and wait > max_wait + 1e-6 then
@@ -431,7 +444,7 @@ if wait <= 1e-6 then wait = 0 end
 local r = {1, tostring(wait)}
 for i = 1, #KEYS do
   local new_tat = tats[i] + tonumber(ARGV[3 * i + 2]) * tonumber(ARGV[3 * i])
-  redis.call('SET', KEYS[i], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
+  keep(KEYS[i], new_tat, now)
   r[i + 2] = string.format('%.6f', new_tat)
 end
 return r
@@ -440,39 +453,34 @@ return r
 -- GCRA correction: KEYS[1] tat, KEYS[2] its pause (gcra_raise); ARGV: interval, tolerance, n (> 0
 -- taken without limit, at most 1e9 s of debt; < 0 given back, the arrival time no further back than
 -- now, nor than a pause the provider asked for), now -> {remaining, tat}.
--- Its expiry follows the new arrival time as gcra_take's does.
-scripts.gcra_adjust = [[
+scripts.gcra_adjust = GCRA .. [[
 local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
-if tat < now then tat = now end
+local tat = tat_of(KEYS[1], now)
 local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
 if n < 0 then
-  local pause = tonumber(redis.call('GET', KEYS[2]) or ARGV[4])
+  local pause = tat_of(KEYS[2], now)
   if new_tat < pause then new_tat = math.min(pause, tat) end
 end
-redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 60000)
-return {tostring(math.max(0, math.floor((tolerance - (new_tat - now) + 1e-6) / interval))), string.format('%.6f', new_tat)}
+keep(KEYS[1], new_tat, now)
+return {left(new_tat, now, interval, tolerance), string.format('%.6f', new_tat)}
 ]]
 
 -- A provider's word on a limit: KEYS[1] tat, KEYS[2] its pause; ARGV: interval, tolerance, at_least,
 -- now, pause ('': none) -> {remaining, tat}. The arrival time moves on to at_least (at most 1e9 s
 -- ahead), never back; a pause (the arrival time it holds) is also kept in KEYS[2], as long as an
 -- arrival time would be, so that no refund (gcra_adjust) pulls the arrival time back into it.
-scripts.gcra_raise = [[
+scripts.gcra_raise = GCRA .. [[
 local interval, tolerance, at_least, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
-if tat < now then tat = now end
+local tat = tat_of(KEYS[1], now)
 if at_least > tat then
   tat = math.min(at_least, now + 1e9)
-  redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
+  keep(KEYS[1], tat, now)
 end
 if ARGV[5] ~= '' then
   local pause = math.min(tonumber(ARGV[5]), now + 1e9)
-  if pause > tonumber(redis.call('GET', KEYS[2]) or ARGV[4]) then
-    redis.call('SET', KEYS[2], string.format('%.6f', pause), 'PX', math.ceil((pause - now) * 1000) + 60000)
-  end
+  if pause > tat_of(KEYS[2], now) then keep(KEYS[2], pause, now) end
 end
-return {tostring(math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval))), string.format('%.6f', tat)}
+return {left(tat, now, interval, tolerance), string.format('%.6f', tat)}
 ]]
 
 -- KEYS[1] breaker hash; ARGV: probe_for, now
