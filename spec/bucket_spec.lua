@@ -364,14 +364,7 @@ describe("a shared bucket (GCRA state in the store)", function()
   -- their last bits, noise, were taken for a token missing)
   it("counts what is left exactly at a fine interval", function()
     local b = resil.bucket("shared-fine", { rate = 1000, per = 1, burst = 1000, shared = true })
-    for _ = 1, 50 do
-      assert.are.same({ true, 600 }, { b:acquire(400) })
-      assert.are.same({ true, 300 }, { b:acquire(300) })
-      assert.are.equal(700, b:refund(400))
-      assert.are.equal(400, b:charge(300))
-      assert.are.equal(1000, b:refund(1000))
-      resil.sleep(0.0137)
-    end
+    helpers.counts_exactly(b)
   end)
 
   -- another process's object for a shared bucket: its own lease and knowledge, the same state in the store
@@ -379,6 +372,16 @@ describe("a shared bucket (GCRA state in the store)", function()
     local other = setmetatable({ label = b:name() }, getmetatable(b))
     other:configure(opts)
     return other
+  end
+
+  -- b refuses a token for about `seconds`, and its acquire waits them out
+  local function held_for(b, seconds)
+    local ok, wait = b:try(1)
+    assert.is_false(ok)
+    near(seconds, wait)
+    local t0 = resil.now()
+    assert.is_true((b:acquire(1)))
+    near(seconds, resil.now() - t0)
   end
 
   -- (before: a shared bucket had try, acquire, refund, charge, name and state only, so
@@ -446,12 +449,7 @@ describe("a shared bucket (GCRA state in the store)", function()
     near(12, b:observe({ ["retry-after"] = "12" }))
     near(12, b:state().paused_for)
     near(12, b:wait_time(1))
-    local ok, wait = other:try(1)
-    assert.is_false(ok)
-    near(12, wait)
-    local t0 = resil.now()
-    assert.is_true((other:acquire(1)))
-    near(12, resil.now() - t0)
+    held_for(other, 12)
     -- from there the bucket fills at its rate, for everyone, not all at once
     assert.is_false((b:try(1)))
     resil.sleep(0.1)
@@ -459,7 +457,7 @@ describe("a shared bucket (GCRA state in the store)", function()
     -- none left, with a reset: the same, in Go's durations
     resil.sleep(1)
     near(6, other:observe({ ["x-ratelimit-remaining-requests"] = "0", ["x-ratelimit-reset-requests"] = "6s" }))
-    ok, wait = b:try(1)
+    local ok, wait = b:try(1)
     assert.is_false(ok)
     near(6, wait)
   end)
@@ -520,12 +518,7 @@ describe("a shared bucket (GCRA state in the store)", function()
     assert.are.equal(14000, b:refund(4000)) -- this one is refused, a 429: it used none of it
     near(20, b:observe({ ["retry-after"] = "20" }))
     for _ = 1, 4 do other:refund(3500) end -- the others are answered: each used 500 of its 4000
-    local ok, wait = other:try(1)
-    assert.is_false(ok)
-    near(20, wait)
-    local t0 = resil.now()
-    assert.is_true((other:acquire(1)))
-    near(20, resil.now() - t0)
+    held_for(other, 20)
     -- once it ends, what is given back counts again
     resil.sleep(80)
     assert.is_true((b:acquire(30000)))
@@ -535,7 +528,7 @@ describe("a shared bucket (GCRA state in the store)", function()
     assert.are.equal(0, other:charge(23500))
     near(10, other:observe({ ["retry-after"] = "10" }))
     assert.are.equal(0, b:refund(20000)) -- calls that used less than estimated
-    ok, wait = b:try(1)
+    local ok, wait = b:try(1)
     assert.is_false(ok)
     near(10, wait)
   end)

@@ -159,6 +159,21 @@ function helpers.alive(pid)
   return state ~= nil and state ~= "Z" and state ~= "X"
 end
 
+-- A bucket of 1,000 tokens a second (burst 1,000), shared or not, counts what is left exactly
+-- through takes, refunds and charges at times that are no round number: an arrival time's
+-- rounding is no token missing.
+function helpers.counts_exactly(b)
+  local resil, assert = require "resil", require "luassert"
+  for _ = 1, 50 do
+    assert.are.same({ true, 600 }, { b:acquire(400) })
+    assert.are.same({ true, 300 }, { b:acquire(300) })
+    assert.are.equal(700, b:refund(400))
+    assert.are.equal(400, b:charge(300))
+    assert.are.equal(1000, b:refund(1000))
+    resil.sleep(0.0137)
+  end
+end
+
 -- The JSON log lines fn() writes, decoded (fn's error is raised after).
 function helpers.logged(fn)
   local resil = require "resil"
