@@ -711,6 +711,22 @@ describe("a Redis outage", function()
       -- the other choices, per primitive
       local strict = resil.bucket("outage-strict", { rate = 2, per = 3600, shared = true, on_outage = "deny" })
       assert.is_false((strict:try(1)))
+      -- resil.acquire_all with the store away: each shared bucket as its on_outage says, all or none
+      local tokens = resil.bucket("outage-local-tokens", { rate = 10, per = 3600, burst = 10, unit = "tokens" })
+      local ok, aerr = resil.acquire_all({ { strict, 1 }, { tokens, 5 } }, { timeout = 0 })
+      assert.is_nil(ok)
+      assert.are.same({ "rate_limited", "outage-strict" }, { aerr.kind, aerr.bucket })
+      assert.are.equal(10, tokens:remaining()) -- the local one gave nothing to a call refused
+      local open = resil.bucket("outage-allow", { rate = 1, per = 3600, burst = 1, shared = true, on_outage = "allow" })
+      assert.is_true(resil.acquire_all({ { open, 1 }, { tokens, 5 } }))
+      assert.is_true(resil.acquire_all({ { open, 1 }, { tokens, 5 } })) -- unchecked: past its burst of 1
+      assert.are.equal(0, tokens:remaining())
+      local standing = resil.bucket("outage-stand-in", { rate = 1, per = 3600, burst = 1, shared = true })
+      local more = resil.bucket("outage-more-tokens", { rate = 10, per = 3600, burst = 10, unit = "tokens" })
+      assert.is_true(resil.acquire_all({ { standing, 1 }, { more, 5 } })) -- its local stand-in's one token
+      ok = resil.acquire_all({ { standing, 1 }, { more, 5 } }, { timeout = 0 })
+      assert.is_nil(ok)
+      assert.are.equal(5, more:remaining()) -- the stand-in refused: nothing taken beside it
       local lenient = resil.budget("outage-lenient", { limit = 5, on_outage = "allow" })
       local unchecked = assert(lenient:reserve(1))
       assert.is_true(unchecked.unchecked)
