@@ -781,8 +781,13 @@ end
 -- stopping gateway waits for rows queued, not for tasks still to run); a
 -- call that ended marks the guard done. A settled or released ticket
 -- ignores the release.
+local function take_canceled(g)
+  for _, list in ipairs(g.refused) do call.take_canceled(list) end
+end
+
 local call_guard_mt = { __close = function(g)
   if g.done then return end
+  take_canceled(g)
   give_up_opened(g)
   if any_refused(g) then resil.spawn(record_refusals, g) end
   if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
@@ -795,7 +800,9 @@ end
 -- failure's error. One without a price makes the whole unknown (nil; the
 -- error says cost_unknown).
 local function add_refusals(guard, r, err)
-  if not (guard and any_refused(guard)) then return end
+  if not guard then return end
+  take_canceled(guard) -- (an attempt in a task canceled on its own, a deadline's)
+  if not any_refused(guard) then return end
   local usd, unpriced = record_refusals(guard)
   if r then
     if unpriced then r.cost_usd = nil elseif r.cost_usd then r.cost_usd = r.cost_usd + usd end

@@ -75,13 +75,15 @@ local function sent_key(self, req, refused)
   return key
 end
 
--- key: the Idempotency-Key the attempt sends (sent_key) | nil
-local function merged_request(self, req, left, span, key)
+-- key: the Idempotency-Key the attempt sends (sent_key) | nil; progress:
+-- the table a cancel tells how far the transfer got | nil
+local function merged_request(self, req, left, span, key, progress)
   local base = self.request
   local r = {}
   for k, v in pairs(base) do r[k] = v end
   for k, v in pairs(req) do r[k] = v end
   r.idempotency_key = nil
+  r.progress = progress
   if key or span or (base.headers and req.headers) then
     local h = {}
     for k, v in pairs(base.headers or {}) do h[k] = v end
@@ -96,12 +98,12 @@ local function merged_request(self, req, left, span, key)
   return r
 end
 
-local function send(self, req, attempt, left, span, key)
+local function send(self, req, attempt, left, span, key, progress)
   if type(req) == "function" then
     if left then return resil.timeout(left, req, attempt, left) end
     return req(attempt, left)
   end
-  return resil.http.request(merged_request(self, req, left, span, key))
+  return resil.http.request(merged_request(self, req, left, span, key, progress))
 end
 
 -- Each attempt is a span (src/lua/trace.lua) with OpenTelemetry's GenAI
@@ -178,6 +180,41 @@ local function mark_replayed(refused, key)
   for _, r in ipairs(refused) do
     if r.cut and r.key == key then r.replayed = true end
   end
+  for progress in pairs(refused.sending or {}) do
+    if progress.key == key then progress.replayed = true end
+  end
+end
+
+-- An attempt whose task is canceled never returns here: the transfer tells
+-- its `progress` table how far it got (resil.http.request). A 2xx canceled
+-- while its body was read (or before its task resumed with all of it) was
+-- answered, and the provider bills it. call.take_canceled(refused) moves
+-- each such attempt of the list into it as a cut answer, for the caller's
+-- cleanup to record (its sends still running stay).
+local function sending(refused, key)
+  local progress = { key = key }
+  local list = refused.sending
+  if not list then
+    list = {}
+    refused.sending = list
+  end
+  list[progress] = true
+  return progress
+end
+
+function call.take_canceled(refused)
+  local list = refused.sending
+  if not list then return end
+  for progress in pairs(list) do
+    if progress.received then -- (told at the cancel)
+      list[progress] = nil
+      local status = progress.status
+      if math.type(status) == "integer" and status >= 200 and status < 300 then
+        refused[#refused + 1] = { cut = true, status = status, received = progress.received, key = progress.key,
+                                  replayed = progress.replayed }
+      end
+    end
+  end
 end
 
 -- One attempt through breaker, buckets and the concurrency limit. refused:
@@ -219,10 +256,12 @@ local function attempt(n, self, req, deadline, refused)
   local res, err
   local key = sent_key(self, req, refused)
   local span = start_span(self, req, n)
+  local progress = refused and type(req) == "table" and sending(refused, key) or nil
   do
     local _ <close> = sem and self.releaser or nil
-    res, err = send(self, req, n, deadline and deadline - now(), span, key)
+    res, err = send(self, req, n, deadline and deadline - now(), span, key, progress)
   end
+  if progress then refused.sending[progress] = nil end
   local elapsed = now() - start
 
   local verdict = classify.outcome(res, err, self)

@@ -480,6 +480,7 @@ end
 -- one had no price
 local function charge_cuts(ctx, spec, chars, ticket)
   local cuts, unpriced = 0, false
+  call.take_canceled(ctx.refused) -- (canceled after its 200: answered, billed)
   for _, res in ipairs(ctx.refused) do
     if res.cut and not res.charged then
       res.charged = true -- (a cancel while the store has it: the row's own retry writes it)

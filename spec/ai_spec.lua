@@ -571,6 +571,53 @@ describe("chat over the strict mock", function()
     assert_all_spent(b, r.cost_usd)
   end)
 
+  -- A 200 whose body stops half way (the rest never comes), then the caller gives up: the provider made
+  -- and billed the answer.
+  local function stalled_answer()
+    local body = good_answer("chatcmpl-stalled").body
+    return { status = 200, headers = { ["content-type"] = "application/json" },
+      chunks = { body:sub(1, 60), body:sub(61) }, stall_after = 1 }
+  end
+
+  -- (before: a call canceled after its 200, while the body was read, gave its hold back and recorded
+  -- nothing, though the provider billed it)
+  it("a call canceled while its answer's body is read was billed: a row at its estimate, its hold given back",
+    function()
+      m:configure({ routes = { ["POST /v1/chat/completions"] = stalled_answer } })
+      local b = resil.budget("ai-spec-cancel-body", { limit = 1 })
+      local t = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        budget = "ai-spec-cancel-body" })
+      assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
+      helpers.wait_until(function() return false end, 0.3) -- (the 200 and the first half reach the client)
+      assert.are.equal(1, #b:state().holds)
+      t:cancel()
+      assert.is_true(helpers.wait_until(function() return ledger_rows() == 1 and b:state().reserved == 0 end, 10))
+      local usd = resil.cost.total({})
+      local least = pricing.cost("openai", "gpt-4o-mini", { input_tokens = math.ceil(#resil.json.encode(MSGS) / 4),
+        output_tokens = 1 })
+      assert.is_true(usd >= least, ("canceled answer priced at %s"):format(usd))
+      assert.is_true(math.abs(b:state().spent - usd) <= 2e-6)
+      -- one canceled before its status came was not answered: nothing recorded, the hold given back
+      m:configure({ sequence = { chat = { "hang" } } })
+      local t2 = resil.spawn(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        budget = "ai-spec-cancel-body" })
+      assert.is_true(helpers.wait_until(function() return m:stats().total == 2 end, 10))
+      t2:cancel()
+      assert.is_true(helpers.wait_until(function() return b:state().reserved == 0 end, 10))
+      assert.are.equal(1, ledger_rows())
+    end)
+
+  it("a deadline that cuts a call while its answer's body is read records the answer, once", function()
+    m:configure({ routes = { ["POST /v1/chat/completions"] = stalled_answer } })
+    local r, err = resil.timeout(5, ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+    assert.is_nil(r)
+    assert.are.equal("timeout", err.kind)
+    assert.is_true(helpers.wait_until(function() return ledger_rows() == 1 end, 10))
+    helpers.wait_until(function() return false end, 0.2)
+    assert.are.equal(1, ledger_rows())
+    assert.is_true(resil.cost.total({}) > 0)
+  end)
+
   -- (before: its input was estimated from the messages alone: a long system prompt and tools, billed, were not)
   it("a cut answer's input is estimated from its system prompt and tools too", function()
     m:configure({ sequence = { chat = { "truncate" } } })

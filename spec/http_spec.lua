@@ -184,6 +184,32 @@ describe("resil.http.request against the mock provider", function()
     assert.are.same({ in_flight = 0, open = 0 }, { in_flight = http.stats().in_flight, open = http.stats().open })
   end)
 
+  it("tells a canceled request's progress table how far it got: status once its headers came, body bytes read", function()
+    local url = mock.url .. "/v1/chat/completions"
+    -- canceled while the provider hangs: no status
+    mock:configure({ sequence = { chat = { "hang" } } })
+    local before = {}
+    local seen = mock:stats().total
+    local hung = resil.spawn(http.request, { url = url, json = {}, progress = before })
+    assert.is_true(helpers.wait_until(function() return mock:stats().total > seen end, 10))
+    hung:cancel()
+    assert.are.same({ received = 0 }, before)
+    -- canceled after its answer arrived, before it resumed to read it: the whole answer was there
+    mock:configure({ sequence = { chat = {} } })
+    local after = {}
+    local answered = resil.spawn(http.request, { url = url, json = {}, progress = after })
+    while answered:status() ~= "waiting" do resil.yield() end
+    while answered:status() ~= "ready" do resil.yield() end
+    answered:cancel()
+    assert.are.equal(200, after.status)
+    assert.is_true(after.received > 0)
+    -- a request that ends is not told: its result says it all
+    local done = {}
+    assert.are.equal(200, http.request({ url = url, json = {}, progress = done }).status)
+    assert.are.same({}, done)
+    assert.are.same({ in_flight = 0, open = 0 }, { in_flight = http.stats().in_flight, open = http.stats().open })
+  end)
+
   it("runs many requests concurrently", function()
     mock:configure({ latency = 1 })
     local items = {}
@@ -288,6 +314,12 @@ describe("misuse raises with the caller's file:line", function()
     end)
     assert.is_false(ok)
     assert.matches("http_spec.lua:%d+: .*line break", err)
+  end)
+
+  it("rejects a progress that is not a table", function()
+    local ok, err = pcall(function() return http.request({ url = "http://127.0.0.1:1/", progress = true }) end)
+    assert.is_false(ok)
+    assert.matches("http_spec.lua:%d+: http request: 'progress' must be a table", err)
   end)
 
   it("rejects body and json together", function()

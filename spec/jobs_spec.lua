@@ -498,6 +498,27 @@ describe("ai.speech on ElevenLabs", function()
     assert.is_true(math.abs(st.spent - 1.4 * 0.05) < 1e-6)
   end)
 
+  -- (before: canceled after its 200 while the audio was read, it gave its hold back and recorded nothing,
+  -- though the provider billed it)
+  it("a speech canceled while its audio is read was billed: its characters recorded, its hold given back", function()
+    m = resil.mock.start({ routes = { ["POST /v1/text-to-speech/v1"] = function()
+      return { status = 200, headers = { ["content-type"] = "audio/mpeg" }, chunks = { "ID3" .. ("\0"):rep(500), "rest" },
+        stall_after = 1 }
+    end } })
+    use(m.url)
+    local b = resil.budget("speech-cancel-body", { limit = 1 })
+    local text = ("Hello, world. "):rep(100) -- 1400 characters
+    local t = resil.spawn(jobs.speech, { model = "elevenlabs/eleven_flash_v2_5", voice = "v1", text = text,
+      budget = "speech-cancel-body" })
+    assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
+    helpers.wait_until(function() return false end, 0.3) -- (the 200 and the first chunk reach the client)
+    t:cancel()
+    assert.is_true(helpers.wait_until(function() return b:state().reserved == 0 end, 10))
+    assert.is_true(helpers.wait_until(function() return resil.cost.total({ provider = "elevenlabs" }) > 0 end, 10))
+    assert.is_true(math.abs(resil.cost.total({ provider = "elevenlabs" }) - 1.4 * 0.05) < 1e-9)
+    assert.is_true(math.abs(b:state().spent - 1.4 * 0.05) < 1e-6)
+  end)
+
   it("does not retry quota_exceeded; retries concurrent_limit_exceeded", function()
     m = resil.mock.start({ jobs = { errors = { tts = { { code = "quota_exceeded" } } } } })
     use(m.url)

@@ -980,6 +980,8 @@ static int handles_reusable(void) {
 void req_release(http_req *r) {
   http_state *H = r->H;
   r->waiter = NULL;
+  if (r->progress_ref > 0) luaL_unref(H->R->L, LUA_REGISTRYINDEX, r->progress_ref);
+  r->progress_ref = 0;
   request_detach(r);
   H->origins[r->origin].users--;
   header_set_release(H, r->req_headers);
@@ -1004,10 +1006,27 @@ void req_release(http_req *r) {
   H->nfree++;
 }
 
+/* A canceled request's `progress` table is told how far it got: its
+ * status, once a response's headers were read, and the body bytes read.
+ * A 2xx canceled while its body was read was answered, and is billed: the
+ * caller's cleanup counts it (a cancel never returns to the caller). */
+static void tell_progress(http_req *r) {
+  lua_State *L = r->H->R->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->progress_ref);
+  if (r->headers_done) {
+    lua_pushinteger(L, r->status);
+    lua_setfield(L, -2, "status");
+  }
+  lua_pushinteger(L, (lua_Integer)r->body.len);
+  lua_setfield(L, -2, "received");
+  lua_pop(L, 1);
+}
+
 /* A request's task was canceled: abort the transfer now and give
  * the request back (the continuation will never run). */
 static void request_cancel(void *arg) {
   http_req *r = arg;
+  if (r->progress_ref > 0) tell_progress(r);
   r->waiter = NULL;
   r->aborted = ABORT_CANCELED;
   request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
@@ -1015,7 +1034,11 @@ static void request_cancel(void *arg) {
 }
 
 /* The task was canceled after its transfer finished, before it resumed. */
-static void request_give_back(void *arg) { req_release(arg); }
+static void request_give_back(void *arg) {
+  http_req *r = arg;
+  if (r->progress_ref > 0) tell_progress(r);
+  req_release(r);
+}
 
 /* ---------- results ---------- */
 
@@ -1315,6 +1338,7 @@ typedef struct {
   int insecure, follow;
   int http_version; /* 0 auto, 11 "1.1", 20 "2" */
   int extras; /* on_chunk or on_event: for the prelude's stream_request */
+  int progress; /* a `progress` table, told what the transfer had when its task is canceled */
 } request_fields;
 
 /* L stack: the request table at 1, nil in slots 2..5 -> the slots hold its
@@ -1327,7 +1351,7 @@ static void read_fields(lua_State *L, request_fields *f) {
   f->connect_timeout = DEFAULT_CONNECT_TIMEOUT;
   f->max_body = DEFAULT_MAX_BODY;
   f->max_event = DEFAULT_MAX_EVENT;
-  f->insecure = f->follow = f->extras = f->http_version = 0;
+  f->insecure = f->follow = f->extras = f->http_version = f->progress = 0;
   lua_pushnil(L);
   while (lua_next(L, SLOT_TABLE)) {
     size_t n;
@@ -1372,6 +1396,9 @@ static void read_fields(lua_State *L, request_fields *f) {
       lua_copy(L, -1, SLOT_JSON);
     } else if (IS("on_chunk") || IS("on_event")) {
       f->extras = 1;
+    } else if (IS("progress")) {
+      if (lua_type(L, -1) != LUA_TTABLE) resil_raise(L, "http request: 'progress' must be a table");
+      f->progress = 1;
     }
 #undef IS
     lua_pop(L, 1);
@@ -1642,6 +1669,10 @@ static int request_result_k(lua_State *L, int status, lua_KContext ctx) {
 /* Start the request and wait for all of it: request_result_k continues. */
 static int request_await(lua_State *L, task *t, const request_fields *f) {
   http_req *r = request_new(L, 0, f);
+  if (f->progress) {
+    lua_getfield(L, SLOT_TABLE, "progress");
+    r->progress_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   request_start(L, r);
   r->waiter = t;
   static const task_wait_ops request_wait = {request_cancel, request_give_back, NULL};

@@ -80,6 +80,7 @@ struct http_req {
   int parked, opener, sends, uploading, fed;
   int active, done, stream, headers_done, paused;
   int client_fault;          /* failed by libcurl's fault, not the server's (a lost h2 header block) */
+  int progress_ref;          /* the request's `progress` table (a registry ref; 0: none), told at a cancel */
   CURLcode result;
   abort_reason aborted;
   double timeout, idle_timeout, started, elapsed;
