@@ -81,7 +81,13 @@ function ai.configure(provider, conf)
   ai.config[provider] = conf
   callers[provider] = nil
   configured = configured + 1
-  served_tiers.by, served_tiers.n = {}, 0 -- (a new configuration says anew what it asks)
+  -- (a new configuration says anew what its provider's calls ask; another provider's stand)
+  for name, learned in pairs(served_tiers.by) do
+    if learned.provider == provider then
+      served_tiers.by[name] = nil
+      served_tiers.n = served_tiers.n - 1
+    end
+  end
 end
 
 local function base_url(adapter, conf)
@@ -450,22 +456,31 @@ end
 -- none, or "auto": the tier the project's settings at the provider say, which may be priority
 local function unasked(tier) return tier == nil or tier == "auto" end
 
--- The tier a target's answers came back at when their call asked none (a
+-- The tiers a target's answers came back at when their call asked none (a
 -- project that defaults to OpenAI's priority tier: its answers say
 -- service_tier "priority"), by target: a later call asking none is held at
--- that tier's price when it is the higher, not at about half what it will
--- cost. Only a tier pricing.tiers prices for the model; kept across a
--- reload until ai.configure is called again, up to SERVED_TIERS_MAX targets.
+-- the highest of their prices when it is higher than the standard one, not
+-- at about half what it will cost. Every tier seen is kept (a flex answer
+-- after priority ones does not make the next priority answer held at flex's
+-- price). Only tiers pricing.tiers prices for the model; kept across a
+-- reload until ai.configure is called again for the target's provider, up to
+-- SERVED_TIERS_MAX targets.
 local SERVED_TIERS_MAX = 1000
 local function learn_tier(t, req, r)
   local tier = type(r.usage) == "table" and r.usage.service_tier
-  if type(tier) ~= "string" or not t.adapter.service_tier or served_tiers.by[t.name] == tier then return end
+  if type(tier) ~= "string" or not t.adapter.service_tier then return end
+  local learned = served_tiers.by[t.name]
+  if learned and learned.tiers[tier] then return end
   if not unasked(asked_tier(t, request_for(t, req))) then return end
   local named = pricing.tiers[t.provider]
   if type(named) ~= "table" or named[tier] == nil or not pricing.price(t.provider, t.model, tier) then return end
-  if served_tiers.n >= SERVED_TIERS_MAX then served_tiers.by, served_tiers.n = {}, 0 end
-  if served_tiers.by[t.name] == nil then served_tiers.n = served_tiers.n + 1 end
-  served_tiers.by[t.name] = tier
+  if not learned then
+    if served_tiers.n >= SERVED_TIERS_MAX then served_tiers.by, served_tiers.n = {}, 0 end
+    learned = { provider = t.provider, tiers = {} }
+    served_tiers.by[t.name] = learned
+    served_tiers.n = served_tiers.n + 1
+  end
+  learned.tiers[tier] = true
   resil.log.warn("ai: answers come from a processing tier their calls did not ask for; budgets now hold at its " ..
     "price (say it in the provider's config to hold so from the first call)", { model = t.name, service_tier = tier,
     config = ("ai.configure(%q, { service_tier = %q })"):format(t.provider, tier) })
@@ -498,8 +513,8 @@ local function estimate_usd(targets, req, searches)
       service_tier = tier }
     local c, why = pricing.cost(t.provider, t.model, usage)
     if c == nil then return nil, why end
-    local served = tier == nil and unasked(asked) and served_tiers.by[t.name]
-    if served then
+    local learned = tier == nil and unasked(asked) and served_tiers.by[t.name]
+    for served in pairs(learned and learned.tiers or {}) do
       usage.service_tier = served
       c = math.max(c, pricing.cost(t.provider, t.model, usage) or c)
     end

@@ -987,10 +987,22 @@ describe("chat over the strict mock", function()
     held = held_while({ model = "openai/gpt-4o-mini", messages = MSGS,
       provider_options = { openai = { service_tier = "default" } } })
     assert.is_true(held < priority, held .. " held")
+    -- (before: configuring any provider forgot it) another provider configured: still held at priority
+    ai.configure("anthropic", { base_url = m.url, api_key = ANTHROPIC_KEY })
+    held = held_while({ model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.is_true(held >= priority, held .. " held")
     -- configured again: said anew
     point_at(m.url)
     held = held_while({ model = "openai/gpt-4o-mini", messages = MSGS })
     assert.is_true(held < priority, held .. " held")
+    -- (before: the last tier seen replaced the others) answers at priority then at flex: still held at priority
+    local mini_priority = pricing.cost("openai", "gpt-5-mini", { output_tokens = 1000, service_tier = "priority" })
+    m:configure({ strict = true, latency = 5, service_tier = "priority" })
+    held_while({ model = "openai/gpt-5-mini", messages = MSGS })
+    m:configure({ strict = true, latency = 5, service_tier = "flex" })
+    held_while({ model = "openai/gpt-5-mini", messages = MSGS })
+    held = held_while({ model = "openai/gpt-5-mini", messages = MSGS })
+    assert.is_true(held >= mini_priority, held .. " held")
     local ok, err = pcall(ai.configure, "openai", { service_tier = 1 })
     assert.is_false(ok)
     assert.matches("service_tier must be a string", err)
