@@ -6,13 +6,16 @@
 --   ai         ai.chat (adapter, policies.call, parse, pricing) with its ledger row in an in-memory
 --              SQLite store: the policy's own cost, without a disk's fsync
 --   ai_ledger  ai.chat with each call's ledger row durable (SQLite file, synced before the call returns)
+--   ai_shared  ai_ledger, the provider's request and token limits shared (kept in the same SQLite file)
 local resil = require "resil"
 local ai = require "policies.ai"
 local url, n, mode = arg[1], tonumber(arg[2]), arg[3]
 if mode == "ai" then resil.store_config({ url = ":memory:" }) end
 local KEY = "sk-bench-0123456789"
 resil.log.level("error")
-ai.configure("openai", { base_url = url .. "/v1", api_key = KEY })
+ai.configure("openai", { base_url = url .. "/v1", api_key = KEY,
+  rate = mode == "ai_shared" and { rate = 1e6, per = 1, shared = true } or nil,
+  tokens = mode == "ai_shared" and { rate = 1e9, per = 60, shared = true } or nil })
 local msgs = { { role = "user", content = "Say hello" } }
 local req = { model = "openai/gpt-4o-mini", messages = msgs,
   max_tokens = 50 }

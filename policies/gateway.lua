@@ -555,6 +555,7 @@ local function key_buckets(rec)
     shared = s ~= nil and s.kind == "redis"
   end
   b = {
+    shared = shared,
     rpm = rec.rpm and resil.bucket("gateway:" .. rec.id .. ":rpm", { rate = rec.rpm, per = 60, burst = rec.rpm,
       shared = shared }),
     tpm = rec.tpm and resil.bucket("gateway:" .. rec.id .. ":tpm", { rate = rec.tpm, per = 60, burst = rec.tpm,
@@ -585,7 +586,7 @@ local function key_limits(rec, api, body, most)
       return error_reply(api, 429, ("key '%s': %d tokens per minute"):format(rec.name, rec.tpm),
         { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) }, code = "rate_limit_exceeded" })
     end
-    return nil, { bucket = buckets.tpm, tokens = tokens }
+    return nil, { bucket = buckets.tpm, tokens = tokens, shared = buckets.shared }
   end
 end
 
@@ -610,8 +611,9 @@ local function correct_tpm(charged, usage)
   local function apply()
     if more > 0 then bucket:charge(more) elseif more < 0 then bucket:refund(-more) end
   end
-  -- (a stream's end may come in its task's cancel, where a shared bucket cannot wait for its store)
-  if coroutine.isyieldable() then apply() else resil.spawn(apply) end
+  -- (a shared bucket's is a store operation, which the answer does not wait for; a stream's end
+  -- may come in its task's cancel, where nothing can wait)
+  if coroutine.isyieldable() and not charged.shared then apply() else resil.spawn(apply) end
 end
 
 -- fn (ai.chat, ai.embed) with its answer's usage correcting the key's tpm, in

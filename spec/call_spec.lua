@@ -123,6 +123,12 @@ describe("policies.call against the mock provider", function()
       local res = assert(p({ json = { model = "gpt-test", max_tokens = 1000, messages = chat.json.messages } }))
       local left = tonumber(res.headers["x-ratelimit-remaining-tokens"])
       assert.is_true(left < 5000 and left > 4000, left)
+      -- (a shared bucket is corrected in a task of its own, the answer not waiting for the store: its
+      -- operations done, no virtual time passed)
+      for _ = 1, 1000 do
+        if p.token_bucket:remaining() == left then break end
+        resil.yield()
+      end
       assert.are.equal(left, p.token_bucket:remaining())
     end
   end)
