@@ -5,6 +5,7 @@
 --     { name = "claude", fn = function(req) return anthropic(req) end,
 --       on = { "server_error", "overloaded", "unavailable" } },
 --     placeholder = { text = "(summary unavailable)" },
+--     give_up = function() return client_gone and "client_left" end, -- optional: no strategy after it says
 --   }
 --   local value, err, info = answer(req)   -- info.served_by == "gpt-4o" | "claude" | "placeholder" (read-only)
 --
@@ -12,7 +13,11 @@
 -- the strategy's `on` allows it: a list of classes, or fn(err) -> bool; by
 -- default, when the error's class is marked `fallback` in policies.classify
 -- (an outage, a content-policy refusal, a context too long; not a 401 or a
--- 400, which another model would refuse as well).
+-- 400, which another model would refuse as well). give_up (fn() -> a
+-- reason once nobody wants the outcome any more, a gateway's client that
+-- left) is asked before each strategy: once it says one, no other starts
+-- (nor the placeholder), and the chain ends with the failure so far
+-- (err.gave_up = the reason), or kind "given_up" before the first.
 local resil = require "resil"
 local classify = require "policies.classify"
 
@@ -38,11 +43,54 @@ end
 local Chain = {}
 Chain.__index = Chain
 
+-- the failure a chain ends with: the strategy s's error err, with every
+-- failure so far (errors); stopped: why it did not move on
+local function failure(s, err, errors, stopped)
+  if #errors == 1 and not stopped then return err end
+  local fields = { errors = errors, strategy = s.name }
+  if type(err) == "table" then
+    for k, v in pairs(err) do if fields[k] == nil then fields[k] = v end end
+  end
+  local kind = type(err) == "table" and err.kind or "unknown"
+  return resil.error(kind, ("%s failed%s: %s"):format(s.name, stopped or "", tostring(err)), fields)
+end
+
+-- the failure a chain whose give_up says a reason ends with, before the
+-- strategy `next` (its name, or "placeholder") | nil: it goes on
+local function given_up(chain, errors, next)
+  local why = chain.give_up()
+  if not why then return nil end
+  why = tostring(why)
+  if not errors then
+    return resil.error("given_up", ("gave up before %s: %s"):format(next, why),
+      { class = "canceled", retryable = true, gave_up = why })
+  end
+  local last = errors[#errors]
+  local err = failure({ name = last.strategy }, last.error, errors, (" (no fallback: %s)"):format(why))
+  if type(err) == "table" then err.gave_up = why end
+  return err
+end
+
+-- moving on from the last failure to `next` (a name, or "placeholder"):
+-- nil, or the failure the chain ends with when its give_up said a reason
+local function move_on(chain, errors, next)
+  local stopped = chain.give_up and given_up(chain, errors, next)
+  if stopped then return stopped end
+  if not errors then return nil end
+  local last = errors[#errors]
+  local class = class_of(last.error)
+  if resil.run then resil.run.fell_back(class) end -- for the run report
+  resil.log.info("fallback", { from = last.strategy, to = next, class = class, reason = tostring(last.error) })
+  return nil
+end
+
 -- chain(...) -> value, nil, info | nil, err (err.errors lists every failure)
 function Chain:__call(...)
   local errors
   for i = 1, #self.strategies do
     local s = self.strategies[i]
+    local stopped = move_on(self, errors, s.name)
+    if stopped then return nil, stopped end
     local value, err = s.fn(...)
     if value ~= nil or err == nil then
       if errors == nil then return value, nil, s.info end -- shared: treat info as read-only
@@ -52,25 +100,17 @@ function Chain:__call(...)
     errors[#errors + 1] = { strategy = s.name, error = err }
     local last = i == #self.strategies
     if not moves_on(s, err) or (last and self.placeholder == nil) then
-      if last and #errors == 1 then return nil, err end
-      local fields = { errors = errors, strategy = s.name }
-      if type(err) == "table" then
-        for k, v in pairs(err) do if fields[k] == nil then fields[k] = v end end
-      end
-      local kind = type(err) == "table" and err.kind or "unknown"
-      local stopped = last and "" or " (its class does not move on)"
-      return nil, resil.error(kind, ("%s failed%s: %s"):format(s.name, stopped, tostring(err)), fields)
+      return nil, failure(s, err, errors, not last and " (its class does not move on)" or nil)
     end
-    if resil.run then resil.run.fell_back(class_of(err)) end -- for the run report
-    resil.log.info("fallback", { from = s.name, to = self.strategies[i + 1] and self.strategies[i + 1].name
-                                 or "placeholder", class = class_of(err), reason = tostring(err) })
   end
+  local stopped = move_on(self, errors, "placeholder")
+  if stopped then return nil, stopped end
   local p = self.placeholder
   if type(p) == "function" then p = p(errors, ...) end
   return p, nil, { served_by = "placeholder", index = #self.strategies + 1, errors = errors, placeholder = true }
 end
 
--- fallback.chain{ strategy, ..., placeholder = value | fn(errors, ...) }
+-- fallback.chain{ strategy, ..., placeholder = value | fn(errors, ...), give_up = fn() -> reason | nil }
 -- A strategy is { name =, fn =, on = } or just a function.
 function fallback.chain(spec)
   if type(spec) ~= "table" then error("fallback.chain: expects a table of strategies", 2) end
@@ -88,7 +128,10 @@ function fallback.chain(spec)
     strategies[i] = { name = sname, fn = s.fn, on = on, info = { served_by = sname, index = i } }
   end
   if #strategies == 0 then error("fallback.chain: needs at least one strategy", 2) end
-  return setmetatable({ strategies = strategies, placeholder = spec.placeholder }, Chain)
+  if spec.give_up ~= nil and type(spec.give_up) ~= "function" then
+    error("fallback.chain: give_up must be a function", 2)
+  end
+  return setmetatable({ strategies = strategies, placeholder = spec.placeholder, give_up = spec.give_up }, Chain)
 end
 
 return fallback

@@ -5,6 +5,7 @@
 --     provider = "openai",        -- names the retry budget and the log lines
 --     deadline = resil.now() + 60, -- or timeout = 60: no attempt or sleep crosses it
 --     validate = "chat",          -- output validator (policies.classify)
+--     give_up = function() return client_gone and "client_left" end, -- no attempt after it says a reason
 --   })
 --
 -- How many retries and which backoff come from the outcome's class
@@ -131,6 +132,13 @@ local function final_error(res, err, verdict, attempt, provider, gave_up)
 end
 
 local function default_random() return math.random() end
+
+-- opts.give_up's reason (a string) | nil
+local function given_up(give_up)
+  local why = give_up and give_up()
+  return why and tostring(why) or nil
+end
+
 local EMPTY = {}
 
 -- retry.call(fn, opts, ...) -> fn's result | nil, err (err.attempts, err.class)
@@ -142,7 +150,12 @@ local EMPTY = {}
 -- {class = n}), strategy (overrides the class's backoff), base, cap,
 -- budget (false, or {percent=, min_per_second=, window=}), random, validate,
 -- classify (fn(res, err, opts) -> verdict | nil), on_retry(info), sleep,
--- bounded (fn keeps to the deadline itself: no task per attempt).
+-- bounded (fn keeps to the deadline itself: no task per attempt), give_up
+-- (fn() -> a reason once nobody wants the outcome any more, a gateway's
+-- client that left: asked before each attempt and each backoff, it lets the
+-- attempt under way end and starts no other; the call ends with that
+-- attempt's failure, err.gave_up = the reason, or before any attempt with
+-- kind "given_up", retryable so that resil.once keeps nothing).
 function retry.call(fn, opts, ...)
   if type(fn) ~= "function" then error("retry.call: fn must be a function", 2) end
   opts = opts or EMPTY
@@ -155,11 +168,18 @@ function retry.call(fn, opts, ...)
   local base, cap = opts.base or retry.defaults.base, opts.cap or retry.defaults.cap
   local random = opts.random or default_random
   local sleep = opts.sleep or resil.sleep
+  local give_up = opts.give_up
   local attempt, prev_delay, retries_of = 0, nil, nil
+  local res, err, verdict -- the attempt before this one, when it failed
 
   while true do
     attempt = attempt + 1
-    local res, err
+    local why = given_up(give_up)
+    if why and verdict then return nil, final_error(res, err, verdict, attempt - 1, provider, why) end
+    if why then
+      return nil, resil.error("given_up", ("gave up before attempt %d: %s"):format(attempt, why),
+        { attempts = attempt - 1, provider = provider, class = "canceled", retryable = true, gave_up = why })
+    end
     if deadline and not opts.bounded then
       local left = deadline - now()
       if left <= 0 then
@@ -182,7 +202,7 @@ function retry.call(fn, opts, ...)
       res, err = fn(attempt, ...)
       if resil.run then resil.run.attempted(provider, now() - t0) end
     end
-    local verdict = classify_fn(res, err, opts)
+    verdict = classify_fn(res, err, opts)
     if verdict == nil then
       -- a response table says how many attempts it took (as res.time says how long)
       if type(res) == "table" and rawget(res, "attempts") == nil then rawset(res, "attempts", attempt) end
@@ -195,6 +215,8 @@ function retry.call(fn, opts, ...)
     if not verdict.retryable or done >= max_retries_for(opts, verdict) then
       return nil, final_error(res, err, verdict, attempt, provider, verdict.retryable and "max_retries" or nil)
     end
+    why = given_up(give_up) -- (before a backoff that would hold on to what the call holds)
+    if why then return nil, final_error(res, err, verdict, attempt, provider, why) end
     local strategy = opts.strategy or verdict.backoff or "exponential"
     local delay_fn = retry.strategies[strategy]
     if delay_fn == nil then error(("retry: unknown backoff strategy '%s'"):format(tostring(strategy)), 2) end

@@ -249,6 +249,42 @@ describe("policies.retry", function()
     assert.are.equal("server_error", lines[2].class)
     assert.matches("HTTP 503", lines[2].reason)
   end)
+
+  it("give_up: the attempt under way ends, and no other starts (nor its backoff); its failure is the call's, " ..
+    "retryable; given up before the first, nothing is attempted", function()
+    local gone = false
+    local attempts = 0
+    local t0 = resil.now()
+    local res, err = retry.call(function()
+      attempts = attempts + 1
+      resil.sleep(5)
+      gone = true -- (the caller leaves while the attempt is under way)
+      return response(500)
+    end, { base = 10, budget = false, give_up = function() return gone and "client_left" end })
+    assert.is_nil(res)
+    assert.are.equal(1, attempts)
+    assert.are.equal("server_error", err.class)
+    assert.is_true(err.retryable) -- (resil.once keeps nothing for it)
+    assert.are.equal("client_left", err.gave_up)
+    assert.are.equal(1, err.attempts)
+    near(5, resil.now() - t0) -- no backoff slept
+    -- left during the backoff: no second attempt
+    attempts, gone = 0, false
+    res, err = retry.call(function()
+      attempts = attempts + 1
+      return response(503)
+    end, { base = 1, budget = false, give_up = function() return gone and "client_left" end,
+           sleep = function(d) gone = true; resil.sleep(d) end })
+    assert.are.equal(1, attempts)
+    assert.are.equal("client_left", err.gave_up)
+    -- an answer is an answer; nothing is attempted for a caller gone already
+    assert.are.equal("done", (retry.call(function() return "done" end, { give_up = function() return nil end })))
+    attempts = 0
+    res, err = retry.call(function() attempts = attempts + 1 end, { give_up = function() return "client_left" end })
+    assert.is_nil(res)
+    assert.are.equal(0, attempts)
+    assert.are.same({ "given_up", "canceled", true, 0 }, { err.kind, err.class, err.retryable, err.attempts })
+  end)
 end)
 
 describe("policies.fallback", function()
@@ -319,6 +355,40 @@ describe("policies.fallback", function()
     assert.are.equal("reset", err.kind)
     assert.are.equal(2, #err.errors)
     assert.are.equal("a", err.errors[1].strategy)
+  end)
+
+  it("give_up: no strategy starts once it says a reason, nor the placeholder; the failure so far is the " ..
+    "chain's", function()
+    local gone, order = false, {}
+    local chain = fallback.chain {
+      { name = "a", fn = function() order[#order + 1] = "a"; gone = true; return nil, classify.error(classify.status["5xx"]) end },
+      { name = "b", fn = function() order[#order + 1] = "b"; return "b" end },
+      placeholder = "placeholder",
+      give_up = function() return gone and "client_left" end,
+    }
+    local value, err = chain()
+    assert.is_nil(value)
+    assert.are.same({ "a" }, order)
+    assert.are.equal("server_error", err.class)
+    assert.is_true(err.retryable)
+    assert.are.equal("client_left", err.gave_up)
+    assert.are.equal(1, #err.errors)
+    -- the last strategy failed: not the placeholder either
+    gone, order = false, {}
+    chain = fallback.chain {
+      { name = "a", fn = function() gone = true; return nil, classify.error(classify.status["5xx"]) end },
+      placeholder = "placeholder", give_up = function() return gone and "client_left" end,
+    }
+    value, err = chain()
+    assert.is_nil(value)
+    assert.are.equal("client_left", err.gave_up)
+    -- gone before the first: nothing runs
+    value, err = fallback.chain { { name = "a", fn = function() order[#order + 1] = "a" end },
+      give_up = function() return "client_left" end } ()
+    assert.is_nil(value)
+    assert.are.same({}, order)
+    assert.are.same({ "given_up", true }, { err.kind, err.retryable })
+    assert.has_error(function() fallback.chain { function() end, give_up = "yes" } end)
   end)
 end)
 
