@@ -12,6 +12,8 @@
 --   -- (policies/models.lua): r.alias, r.routed {from, to, reason}, r.migration {alias, side},
 --   -- r.deployment
 --   -- model: an alias of the registry or "provider/model[:version]"
+--   -- give_up = fn() -> a reason | nil: asked before each attempt (retry, fallback); once it says
+--   -- one (the gateway's client left), the attempt under way ends and is recorded, and no other starts
 --
 --   local s = ai.stream{ model = "anthropic/claude-sonnet-4-5-20250929", messages = msgs, max_tokens = 800 }
 --   for delta in s do io.write(delta) end     -- raises kind="stream_interrupted" (err.text) if cut
@@ -287,6 +289,9 @@ local function check_request(req, level)
   end
   if req.cache ~= nil and (type(req.cache) ~= "table" or type(req.cache.ttl) ~= "number") then
     error("ai: cache must be {ttl = seconds}", level + 1)
+  end
+  if req.give_up ~= nil and type(req.give_up) ~= "function" then
+    error("ai: give_up must be a function () -> a reason | nil", level + 1)
   end
   -- per wire format: { openai = {...}, anthropic = {...} }, each entry checked by `each(name, value)`
   local function per_format(field, what, each)
@@ -944,6 +949,8 @@ local function watched(strategy, targets)
   return { name = strategy.name, on = mig.side == "new" and canary_moves_on or strategy.on, fn = function(q, deadline)
     local start = resil.now()
     local r, err = fn(q, deadline)
+    -- (given up before any attempt, a gateway's client that left: says nothing of the side)
+    if type(err) == "table" and err.kind == "given_up" then return r, err end
     local class = type(err) == "table" and (err.class or err.kind) or (err ~= nil and "unknown" or nil)
     registry().record(mig, { ok = r ~= nil, class = class, seconds = resil.now() - start })
     return r, err
@@ -953,7 +960,7 @@ end
 local function chat_strategy(t, req, guard)
   local wire = wire_request(t, req, false)
   return { name = t.name, fn = function(_, deadline)
-    local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t))
+    local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
     if res == nil then
       if type(err) == "table" then err.model = err.model or t.model end
       return nil, err
@@ -1004,6 +1011,7 @@ function ai.chat(req)
     for i, t in ipairs(targets) do strategies[i] = chat_strategy(t, req, guard) end
     strategies[1] = watched(strategies[1], targets)
     local info
+    strategies.give_up = req.give_up
     r, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
     if r then r.fallbacks = info and info.index and info.index - 1 or 0 end
     if r and info then r.attempts = (r.attempts or 1) + attempts_failed(info.errors) end
@@ -1210,7 +1218,7 @@ local function open(self)
   for i, t in ipairs(targets) do
     local opener = stream_opener(t, req, refused_list(guard, t))
     strategies[i] = { name = t.name, fn = function(_, deadline)
-      local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t))
+      local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t), req.give_up)
       if res == nil then
         if type(err) == "table" then err.model = err.model or t.model end
         return nil, err
@@ -1219,6 +1227,7 @@ local function open(self)
     end }
   end
   strategies[1] = watched(strategies[1], targets) -- a migration counts a stream that opened as a success
+  strategies.give_up = req.give_up
   local got, err, info = fallback.chain(strategies)(req, deadline_of(targets, req))
   if got then -- taken over below
     for _, list in ipairs(guard.refused) do list.opened = nil end
@@ -1440,7 +1449,7 @@ local function embed_strategy(spec, req, level, guard)
   local wire = { method = "POST", url = adapter.embed_url(base_url(adapter, conf)),
     headers = adapter.headers(key or nil, conf), json = adapter.embed_body(req, model, conf) }
   return { name = t.name, t = t, fn = function(_, deadline)
-    local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t))
+    local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
     if res == nil then
       if type(cerr) == "table" then cerr.model = cerr.model or model end
       return nil, cerr
@@ -1457,6 +1466,9 @@ function ai.embed(req)
   local input = req.input
   if type(input) ~= "string" and (type(input) ~= "table" or #input == 0) then
     error("ai.embed: input must be a string or a non-empty list", 2)
+  end
+  if req.give_up ~= nil and type(req.give_up) ~= "function" then
+    error("ai.embed: give_up must be a function () -> a reason | nil", 2)
   end
   local list = { req.model }
   for _, f in ipairs(req.fallback or {}) do list[#list + 1] = f end
@@ -1492,6 +1504,7 @@ function ai.embed(req)
   if #strategies == 1 then
     r, err = strategies[1].fn(req, deadline)
   else
+    strategies.give_up = req.give_up
     r, err, info = fallback.chain(strategies)(req, deadline)
     if r and info then r.attempts = (r.attempts or 1) + attempts_failed(info.errors) end
   end

@@ -327,15 +327,17 @@ local function attempt(n, self, req, deadline, refused)
   return res
 end
 
--- provider:attempts(req, deadline [, refused]) -> res | nil, err: retries,
--- no fallback; `refused` (a list) gets each answer the validator refused
-function Provider:attempts(req, deadline, refused)
+-- provider:attempts(req, deadline [, refused [, give_up]]) -> res | nil,
+-- err: retries, no fallback; `refused` (a list) gets each answer the
+-- validator refused; give_up (fn() -> a reason | nil): policies.retry's,
+-- no attempt starts once it says one
+function Provider:attempts(req, deadline, refused, give_up)
   local opts = self.retry_opts
   if not refused and (self.idempotency or type(req) == "table" and req.idempotency_key) then
     refused = {} -- (counted for the key, see sent_key)
   end
-  if deadline then
-    opts = setmetatable({ deadline = deadline }, self.retry_meta)
+  if deadline or give_up then
+    opts = setmetatable({ deadline = deadline, give_up = give_up }, self.retry_meta)
   end
   return retry.call(attempt, opts, self, req, deadline, refused)
 end

@@ -553,6 +553,30 @@ describe("chat over the strict mock", function()
     assert.is_true(math.abs(b:state().spent - 2 * each) <= 2e-6)
   end)
 
+  -- (the gateway's, for a client that left: a call nobody waits for makes no new attempt)
+  it("give_up: once it says a reason, the attempt under way is the last: its refused answer is recorded (it " ..
+    "was billed), no retry or fallback follows, the hold is given back", function()
+    local n, gone = 0, false
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      n = n + 1
+      gone = true -- (the caller left while the provider answered)
+      return refused_answer("chatcmpl-refused-" .. n)
+    end } })
+    local b = resil.budget("ai-spec-given-up", { limit = 1 })
+    local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      fallback = { "anthropic/claude-haiku-4-5" }, budget = "ai-spec-given-up",
+      give_up = function() return gone and "client_left" end })
+    assert.is_nil(r)
+    assert.are.equal("invalid_output", err.class)
+    assert.are.equal("client_left", err.gave_up)
+    assert.are.equal(1, m:stats().total)
+    local each = pricing.cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 90 })
+    assert.are.equal(1, ledger_rows())
+    assert.are.same({ 0 }, { b:state().reserved })
+    assert.is_true(math.abs(b:state().spent - each) <= 2e-6)
+    assert.has_error(function() ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, give_up = true }) end)
+  end)
+
   -- (before: the cut answer was retried and never recorded: the provider billed two answers, the ledger
   -- and the budget saw one)
   it("an answer whose body was cut after its 200 was billed: a row of its own, estimated, in the budget", function()
