@@ -1000,8 +1000,17 @@ end
 -- policy reload: the drain is the first version's). The call holds the
 -- request's permits (slot.permits) to its end: a client that left does
 -- not free its key's concurrency for a call still running upstream.
+-- But only the attempt under way is finished: once its client has left
+-- (the handler no longer waits for it: the client hung up, or a drain cut
+-- it), the call's r.give_up says "client_left", and no retry, fallback or
+-- first attempt starts (policies.retry, policies.fallback) for an answer
+-- nobody reads. The call then ends, and gives back its permits and its
+-- budget's hold. (Before, it went on retrying and falling back, some eight
+-- minutes against a frozen upstream, on the key's permits.)
 local running = resil.keep("policies.gateway.calls_running", function() return { n = 0 } end)
-local function run_to_end(slot, fn, ...)
+local function run_to_end(slot, r, fn, ...)
+  local waited = true
+  r.give_up = function() if not waited then return "client_left" end end
   local call = resil.spawn(function(...)
     local _ <close> = setmetatable({}, { __close = function()
       running.n = running.n - 1
@@ -1011,12 +1020,14 @@ local function run_to_end(slot, fn, ...)
   end, ...)
   running.n = running.n + 1 -- (after the spawn: one that raised runs nothing)
   if slot then slot.handed = true end
+  -- (closed when the join returns, the call ended, or when the handler is canceled: its client left)
+  local _ <close> = setmetatable({}, { __close = function() waited = false end })
   return call:join()
 end
 
 -- ai.chat(r) (or ai.embed) to its end -> result | nil, err (what it raised, as an error)
 local function call_to_end(slot, r, fn)
-  local joined, ok, res, err = run_to_end(slot, pcall, fn or ai.chat, r)
+  local joined, ok, res, err = run_to_end(slot, r, pcall, fn or ai.chat, r)
   if not joined then return nil, ok end
   if not ok then return nil, res end
   return res, err
@@ -1172,7 +1183,7 @@ function complete_admitted(req, api, id, rec, slot)
   if idem and idem ~= "" then
     local ran = false
     local joined
-    joined, res, err = run_to_end(slot, resil.once, { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
+    joined, res, err = run_to_end(slot, r, resil.once, { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
       fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
       ran = true
       local ok, v, e = pcall(correcting_tpm(tpm, ai.chat), r)

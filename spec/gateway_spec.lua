@@ -1189,6 +1189,89 @@ describe("gateway: virtual keys", function()
       "embeddings", { strict = true, latency = 0.5 })
   end)
 
+  -- A client that gives up on a call of `path` (its SDK's timeout) while the call's first attempt
+  -- is upstream, the upstream answering after 5 s
+  local function give_up_on(url, path, body, headers)
+    local h = { ["content-type"] = "application/json" }
+    for k, v in pairs(headers or {}) do h[k] = v end
+    local res, err = http.request({ method = "POST", url = url .. path, timeout = 1, body = json.encode(body),
+      headers = h })
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+  end
+
+  -- (before: the call went on for a client that was gone, retried three times and fell back to
+  -- Anthropic, all the while on the key's one permit: a frozen upstream held it some eight minutes,
+  -- and an SDK that timed out and retried filled its key's concurrency with calls nobody read)
+  for _, case in ipairs({
+    { what = "a chat with a fallback", path = "/v1/chat/completions", route = "chat",
+      body = { model = "fast", messages = MSGS } },
+    { what = "an embeddings call", path = "/v1/embeddings", route = "embeddings",
+      body = { model = "openai/text-embedding-3-small", input = "tides" } },
+  }) do
+    it(case.what .. " whose client left makes no new attempt: its attempt upstream fails (a 500), and no retry " ..
+      "or fallback follows; its key's permit and hold are given back, nothing recorded", function()
+      local url, m = start({ strict = true, latency = 5, faults = { { route = case.route, status = 500 } } },
+        { auth = true, queue = 0 })
+      resil.clock.virtual()
+      finally(function() resil.clock.real() end)
+      local name = "left-" .. case.route
+      local key = assert(keys.add({ name = name, budget = "10/day", concurrency = 1 }))
+      give_up_on(url, case.path, case.body, bearer(key))
+      -- the key's one permit is the call's while its attempt is upstream, and free once that failed
+      -- (the probe, of the other route, reaches the mock only once it has the permit)
+      local probe = case.route == "chat" and { "/v1/embeddings", { model = "text-embedding-3-small", input = "x" } }
+        or { "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS } }
+      assert.are.equal(503, post(url .. probe[1], probe[2], bearer(key)).status)
+      local status
+      for _ = 1, 200 do
+        status = post(url .. probe[1], probe[2], bearer(key)).status
+        if status ~= 503 then break end
+        resil.sleep(0.5)
+      end
+      assert.are.equal(200, status)
+      -- the attempt its client left, and no other (no fallback to Anthropic); and the probe
+      local other = case.route == "chat" and "embeddings" or "chat"
+      assert.are.same({ [case.route] = 1, [other] = 1 }, m:stats().routes)
+      local state = assert(resil.budget("key:" .. name):state())
+      assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
+      -- the 500 was not billed: the only row is the probe's
+      local rows = assert(resil.cost.breakdown("model"))
+      assert.are.equal(1, #rows)
+      assert.are.equal(case.route == "chat" and "text-embedding-3-small" or "gpt-4o-mini", rows[1].key)
+    end)
+  end
+
+  -- (before: the call its client left retried and kept the answer of the retry under the key)
+  it("with an Idempotency-Key: the failure of the attempt its client left is not kept, so the client's retry " ..
+    "with the key is served anew; an answer that comes after its client left is kept and replayed", function()
+    local url, m = start({ strict = true, latency = 5, sequence = { chat = { 500 } } }, { auth = true })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local key = assert(keys.add({ name = "left-keyed", budget = "10/day" }))
+    local body = { model = "fast", messages = MSGS }
+    local headers = bearer(key)
+    headers["idempotency-key"] = "left-then-retried"
+    give_up_on(url, "/v1/chat/completions", body, headers)
+    -- the retry waits for the call still running under the key, then runs its own
+    local res = post(url .. "/v1/chat/completions", body, headers)
+    assert.are.equal(200, res.status, res.body)
+    assert.is_nil(res.headers["x-resil-replayed"])
+    assert.are.equal("1", res.headers["x-resil-attempts"])
+    assert.are.same({ chat = 2 }, m:stats().routes) -- the 500 its client left, and the retry's
+    -- an answer that comes after its client left: kept under its key, recorded once
+    headers["idempotency-key"] = "left-then-answered"
+    give_up_on(url, "/v1/chat/completions", body, headers)
+    res = post(url .. "/v1/chat/completions", body, headers)
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("true", res.headers["x-resil-replayed"])
+    assert.are.same({ chat = 3 }, m:stats().routes)
+    assert.are.equal(2, assert(resil.cost.breakdown("model"))[1].calls)
+    local state = assert(resil.budget("key:left-keyed"):state())
+    assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
+    assert.is_true(math.abs(state.spent - resil.cost.total({})) <= 2e-6, state.spent .. " spent")
+  end)
+
   it("an exhausted budget is refused before any provider is called, with x-should-retry: false", function()
     local url, m = start({ strict = true }, { auth = true })
     local key = assert(keys.add({ name = "team-c", budget = "0.000001/day" }))
