@@ -210,6 +210,20 @@ describe("resil.http.request against the mock provider", function()
     assert.are.same({ in_flight = 0, open = 0 }, { in_flight = http.stats().in_flight, open = http.stats().open })
   end)
 
+  -- (before: told through lua_setfield on the main state, a __newindex that raised aborted the host
+  -- with "PANIC: unprotected error")
+  it("tells a progress table with metamethods raw, and its cancel raises nothing", function()
+    mock:configure({ sequence = { chat = { "hang" } } })
+    local progress = setmetatable({}, { __newindex = function() error("read-only") end })
+    local seen = mock:stats().total
+    local hung = resil.spawn(http.request, { url = mock.url .. "/v1/chat/completions", json = {}, progress = progress })
+    assert.is_true(helpers.wait_until(function() return mock:stats().total > seen end, 10))
+    assert.is_true(pcall(hung.cancel, hung))
+    assert.are.equal("canceled", hung:status())
+    assert.are.equal(0, rawget(progress, "received"))
+    assert.are.same({ in_flight = 0, open = 0 }, { in_flight = http.stats().in_flight, open = http.stats().open })
+  end)
+
   it("runs many requests concurrently", function()
     mock:configure({ latency = 1 })
     local items = {}

@@ -1006,20 +1006,36 @@ void req_release(http_req *r) {
   H->nfree++;
 }
 
+/* L stack: the progress table, its status (or nil), the body bytes read.
+ * Raw sets: a table's metamethods do not run in a cancel. */
+static int tell_progress_protected(lua_State *L) {
+  if (!lua_isnil(L, 2)) {
+    lua_pushliteral(L, "status");
+    lua_pushvalue(L, 2);
+    lua_rawset(L, 1);
+  }
+  lua_pushliteral(L, "received");
+  lua_pushvalue(L, 3);
+  lua_rawset(L, 1);
+  return 0;
+}
+
 /* A canceled request's `progress` table is told how far it got: its
  * status, once a response's headers were read, and the body bytes read.
  * A 2xx canceled while its body was read was answered, and is billed: the
- * caller's cleanup counts it (a cancel never returns to the caller). */
+ * caller's cleanup counts it (a cancel never returns to the caller).
+ * Protected on the main state: a cancel comes from C paths that cannot
+ * raise (a timer, another task's t:cancel()); without memory the table
+ * stays as it was. */
 static void tell_progress(http_req *r) {
   lua_State *L = r->H->R->L;
+  if (!lua_checkstack(L, 4)) return;
+  lua_pushcfunction(L, tell_progress_protected);
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->progress_ref);
-  if (r->headers_done) {
-    lua_pushinteger(L, r->status);
-    lua_setfield(L, -2, "status");
-  }
+  if (r->headers_done) lua_pushinteger(L, r->status);
+  else lua_pushnil(L);
   lua_pushinteger(L, (lua_Integer)r->body.len);
-  lua_setfield(L, -2, "received");
-  lua_pop(L, 1);
+  if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1);
 }
 
 /* A request's task was canceled: abort the transfer now and give
