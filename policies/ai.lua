@@ -72,6 +72,13 @@ end
 local callers = {}
 local configured, CONFIG_GEN = 0, {} -- ai.configure calls so far: kept targets older than that are dropped
 local served_tiers = resil.keep("policies.ai.served_tiers", function() return { n = 0, by = {} } end) -- (below)
+-- (a reload from a version that kept one tier per target, as a string: each made a set, by its
+-- target's provider; left a string, the next answer at another tier raised after it was billed)
+for name, learned in pairs(served_tiers.by) do
+  if type(learned) ~= "table" then
+    served_tiers.by[name] = { provider = tostring(name):match("([^:/]+)/"), tiers = { [learned] = true } }
+  end
+end
 local NO_CONF = {} -- a provider not configured: one stable table, so its caller is kept
 function ai.configure(provider, conf)
   if type(provider) ~= "string" then error("ai.configure: provider must be a string", 2) end

@@ -1032,6 +1032,30 @@ describe("chat over the strict mock", function()
     assert.matches("service_tier must be a string", err)
   end)
 
+  -- (before: a reload onto this version found the tier the previous one had learned, kept as a string,
+  -- and the next answer at another tier raised after the provider billed it: no row, a policy error)
+  it("a tier learned by the version before a reload (one per target) is still held, and more are learned", function()
+    local kept = resil.keep("policies.ai.served_tiers")
+    local was_by, was_n = kept.by, kept.n
+    kept.by, kept.n = { ["openai/gpt-5-mini"] = "priority" }, 1
+    package.loaded["policies.ai"] = nil
+    local reloaded = require "policies.ai"
+    package.loaded["policies.ai"] = ai
+    local _ <close> = setmetatable({}, { __close = function() kept.by, kept.n = was_by, was_n end })
+    local b = resil.budget("ai-spec-tier-reload", { limit = 1 })
+    m:configure({ strict = true, latency = 5, service_tier = "flex" })
+    local call = resil.spawn(reloaded.chat, { model = "openai/gpt-5-mini", messages = MSGS, max_tokens = 1000,
+      budget = "ai-spec-tier-reload" })
+    resil.sleep(1)
+    local held = b:state().reserved
+    local ok, r = call:join()
+    assert.is_true(ok, tostring(r))
+    assert(r, "no answer")
+    assert.are.equal(1, ledger_rows())
+    assert.is_true(held >= pricing.cost("openai", "gpt-5-mini", { output_tokens = 1000, service_tier = "priority" }),
+      held .. " held")
+  end)
+
   it("a budget refuses a model without a price before sending anything", function()
     resil.budget("ai-spec-2", { limit = 1 })
     local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, budget = "ai-spec-2" })
