@@ -133,6 +133,9 @@ end
 
 local function default_random() return math.random() end
 
+-- seconds between two questions to opts.give_up during a backoff
+local GIVE_UP_EVERY = 1
+
 -- opts.give_up's reason (a string) | nil
 local function given_up(give_up)
   local why = give_up and give_up()
@@ -152,8 +155,9 @@ local EMPTY = {}
 -- classify (fn(res, err, opts) -> verdict | nil), on_retry(info), sleep,
 -- bounded (fn keeps to the deadline itself: no task per attempt), give_up
 -- (fn() -> a reason once nobody wants the outcome any more, a gateway's
--- client that left: asked before each attempt and each backoff, it lets the
--- attempt under way end and starts no other; the call ends with that
+-- client that left: asked before each attempt and each backoff, and each
+-- second of a backoff, it lets the attempt under way end and starts no
+-- other, cutting a backoff short; the call ends with that
 -- attempt's failure, err.gave_up = the reason, or before any attempt with
 -- kind "given_up", retryable so that resil.once keeps nothing).
 function retry.call(fn, opts, ...)
@@ -243,7 +247,18 @@ function retry.call(fn, opts, ...)
       opts.on_retry({ attempt = attempt, class = class, delay = delay, reason = reason, error = err,
                       response = res, provider = provider })
     end
-    if delay > 0 then sleep(delay) else resil.yield() end
+    if delay > 0 and give_up then
+      -- (slept a second at a time, give_up asked after each: a caller that leaves during a
+      -- backoff, up to its cap or a Retry-After, ends it, and what the call holds with it)
+      local left = delay
+      repeat
+        local step = math.min(left, GIVE_UP_EVERY)
+        sleep(step)
+        left = left - step
+        why = given_up(give_up)
+        if why then return nil, final_error(res, err, verdict, attempt, provider, why) end
+      until left <= 0
+    elseif delay > 0 then sleep(delay) else resil.yield() end
   end
 end
 

@@ -287,6 +287,31 @@ describe("policies.retry", function()
   end)
 end)
 
+describe("policies.retry's give_up during a backoff", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.log.level("error")
+  end)
+  after_each(function() resil.log.level("info") end)
+
+  -- (before: the backoff was slept to its end, up to its cap or a Retry-After, for a caller gone: a
+  -- gateway's call held its key's permits all that time)
+  it("a caller that leaves during a backoff ends it: no attempt, the call returns then", function()
+    local gone, attempts = false, 0
+    local t0 = resil.now()
+    resil.spawn(function() resil.sleep(2.5); gone = true end)
+    local res, err = retry.call(function()
+      attempts = attempts + 1
+      return response(429, "", { ["retry-after"] = "40" })
+    end, { budget = false, give_up = function() return gone and "client_left" end })
+    assert.is_nil(res)
+    assert.are.equal(1, attempts)
+    assert.are.equal("client_left", err.gave_up)
+    assert.are.equal("rate_limited", err.class)
+    assert.is_true(resil.now() - t0 <= 3.5, ("returned after %g s"):format(resil.now() - t0))
+  end)
+end)
+
 describe("policies.fallback", function()
   before_each(function() resil.log.level("error") end)
   after_each(function() resil.log.level("info") end)
