@@ -88,6 +88,25 @@ for _, backend in ipairs({ "sqlite", "redis" }) do
       assert.matches("twice%s+done%s+3", runs.stdout)
     end)
 
+    it("a copy whose resil.map workers all meet the run held: none goes on past its step; said in one line", function()
+      local url, log = store_url(), helpers.tmpname(".log")
+      local opts = ("--store %s --run mapped --log-level off"):format(url)
+      local pid = helpers.start(PIPELINE, opts, log .. " 3600")
+      reap(pid)
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("ran 1") end, 10))
+      local r = helpers.run_script([[
+local resil = require "resil"
+resil.map({ 1, 2, 3, 4, 5, 6, 7, 8 }, function(i)
+  local v = resil.step("item", function() return i end)
+  print("went on past its step", i, v) -- (another process holds the run: it pays for what comes next)
+end, { concurrency = 4 })
+print("went on")
+]], opts)
+      assert.are.equal(1, r.code)
+      assert.are.equal("", r.stdout)
+      assert.matches("^resil%-lua: run_held: run mapped is held by pid " .. pid .. " [^\n]*\n$", r.stderr)
+    end)
+
     it("with --wait, the second waits for the first and then resumes with nothing left to do", function()
       local url, log = store_url(), helpers.tmpname(".log")
       local outs = together(2, PIPELINE, ("--store %s --run waited --wait --log-level off"):format(url), log)

@@ -151,7 +151,14 @@ function resil.map(items, fn, opts)
   for w = 1, concurrency do workers[w] = resil.spawn(worker) end
   for w = 1, concurrency do
     local ok, err = workers[w]:join()
-    if not ok then error(err, 0) end -- (the run lost or diverged: the others are canceled as this returns)
+    if not ok then
+      -- the run lost or diverged: the others are canceled as this returns; those that met it too
+      -- are joined here, so that it is said once, not again as each one's unjoined failure
+      for o = 1, concurrency do
+        if workers[o]:status() == "failed" then workers[o]:join() end
+      end
+      error(err, 0)
+    end
   end
   if progress then progress(done, failed, true) end
   return results, failures

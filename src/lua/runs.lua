@@ -92,9 +92,12 @@ local function current_run()
   local r = run_object()
   if r.held then return r end
   if r.starter then -- another task is taking it: its outcome is ours
-    if r.starter ~= resil.running() then r.starter:join() end
+    local ok, err = true, nil
+    if r.starter ~= resil.running() then ok, err = r.starter:join() end
     if r.held then return r end
-    return nil, r.take_error
+    -- the run held by another process (or diverged): this task stops too, never goes on past its step
+    if not ok and not (resil.is_error(err) and err.kind == "store_unavailable") then error(err, 3) end
+    return nil, err or r.take_error
   end
   local s, serr = store_or_fail()
   if not s then return nil, serr end
