@@ -704,6 +704,10 @@ int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
 
 int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
   if (resil_forked(R, "resil_load_string")) return RESIL_ERR_USAGE;
+  if (!code) {
+    resil_set_error(R, "resil_load_string: no code");
+    return RESIL_ERR_USAGE;
+  }
   const char *name = chunkname ? chunkname : "=(string)";
   if (luaL_loadbufferx(R->L, code, strlen(code), name, R->sandbox ? "t" : NULL) != LUA_OK) {
     set_load_error(R, name + (*name == '=' || *name == '@'));
@@ -715,6 +719,12 @@ int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
 
 int resil_run(resil_t *R) {
   if (resil_forked(R, "resil_run")) return RESIL_ERR_USAGE;
+  /* from a callback (a resil_register function): a loop inside the loop waited for
+   * the task that called it, which cannot end while it waits: a hang */
+  if (R->in_loop || R->current || R->host_L) {
+    resil_set_error(R, "resil_run: called from inside the host's loop (a task, a handler or a callback)");
+    return RESIL_ERR_USAGE;
+  }
   api_enter(R);
   int status = R->status = loop_run(R);
   api_leave(R);

@@ -115,9 +115,10 @@ RESIL_API resil_t *resil_open(const resil_options *opts);
 /* Compile a script (path "-" or NULL reads stdin) and queue it as the first
  * task with argv[0..argc-1] as its arguments (`...`) and as the global arg. */
 RESIL_API int resil_load_file(resil_t *R, const char *path, int argc, char **argv);
-RESIL_API int resil_load_string(resil_t *R, const char *code, const char *chunkname);
+RESIL_API int resil_load_string(resil_t *R, const char *code, const char *chunkname); /* code NULL: RESIL_ERR_USAGE */
 
-/* Run the loop until no task is left (or the main task fails). */
+/* Run the loop until no task is left (or the main task fails). From inside the loop (a task's
+ * resil_register function, a callback) it is refused with RESIL_ERR_USAGE, as resil_call is. */
 RESIL_API int resil_run(resil_t *R);
 
 /* The last error message, with a traceback when a task raised. Values read

@@ -73,6 +73,11 @@ static int host_reenter(lua_State *L) {
   return 1;
 }
 
+static int host_run(lua_State *L) {
+  lua_pushinteger(L, resil_run(reentrant_host));
+  return 1;
+}
+
 /* ---------- the log callback ---------- */
 
 static char log_lines[8192];
@@ -268,6 +273,13 @@ int main(void) {
   load(R, "function reenter() return require('resil').host.reenter() end\n");
   check(call(R, "reenter", NULL) == RESIL_OK && strcmp(result, "[6]") == 0,
         "resil_call from inside a task is refused with RESIL_ERR_USAGE");
+  resil_register(R, "run", host_run);
+  load(R, "function run_inside() return require('resil').host.run() end\n");
+  check(call(R, "run_inside", NULL) == RESIL_OK && strcmp(result, "[6]") == 0 &&
+            contains(resil_error(R), "resil_run: called from inside the host's loop"),
+        "resil_run from inside a task is refused with RESIL_ERR_USAGE (a loop inside the loop hung)");
+  check(resil_load_string(R, NULL, "=null") == RESIL_ERR_USAGE && contains(resil_error(R), "no code"),
+        "resil_load_string with no code is refused with RESIL_ERR_USAGE");
 
   /* the log callback */
   load(R, "require('resil').log.info('from the script', { answer = 42 })\n");
