@@ -50,6 +50,28 @@ describe("resil-lua check", function()
     assert.matches("error: policies/mine%.lua:2: mine: bad config", r.stdout)
   end)
 
+  it("names the file and line of an error that is not a string or has no position, and of a binary chunk",
+    function()
+    helpers.write(dir .. "/policies/tbl.lua", "local t = {}\nerror({ code = 5 })\n")
+    helpers.write(dir .. "/policies/bare.lua", "local t = {}\n\nerror('bad config', 0)\n")
+    helpers.write(dir .. "/policies/bin.lua", string.dump(function() return {} end))
+    local r = check("policies/tbl.lua policies/bare.lua policies/bin.lua")
+    assert.are.equal(1, r.code)
+    assert.matches("error: policies/tbl%.lua:2: %(error object is a table value%)\n", r.stdout) -- (was "table: 0x...")
+    assert.matches("error: policies/bare%.lua:3: bad config\n", r.stdout)
+    assert.matches("error: policies/bin%.lua: attempt to load a binary chunk", r.stdout)
+  end)
+
+  it("a registry in effect that does not compile is an error naming its line, not a traceback of the command",
+    function()
+    helpers.write(dir .. "/policies/models.lua", "return {}\n\nerror(42)\n")
+    helpers.write(dir .. "/policies/mine.lua", "return {}\n")
+    local r = check("policies/mine.lua")
+    assert.are.equal(1, r.code)
+    assert.are.equal("", r.stderr)
+    assert.matches("error: policies/models%.lua:3: <eof> expected near 'error'\n", r.stdout)
+  end)
+
   it("finds what is wrong in a registry, each with its file:line", function()
     helpers.write(dir .. "/policies/models.lua", [[
 return {

@@ -26,9 +26,12 @@ local function exists(path)
 end
 
 -- the file require "policies.models" finds (the project's copy first)
+-- -> path | nil | nil, message (a file found there that does not compile: the searcher raised,
+-- which stopped the command with a traceback of its own)
 local function registry_in_effect()
   for _, searcher in ipairs(package.searchers) do
-    local loader, where = searcher("policies.models")
+    local ok, loader, where = pcall(searcher, "policies.models")
+    if not ok then return nil, tostring(loader):match("\n%s*(.-)$") or tostring(loader) end
     if type(loader) == "function" and type(where) == "string" then return where end
   end
   return nil
@@ -84,7 +87,28 @@ return function(args)
   -- a file that loops at load must not hang a pre-commit hook or a CI step:
   -- its chunk runs under an instruction budget and fails with file:line
   local BUDGET = 50000000
-  local function run_capped(chunk, ...)
+  -- what a chunk raised, said with the file and line it raised at: an error that is not a string
+  -- (error({...})) or has no position (error("...", 0)) was printed as "table: 0x..." or bare
+  local function failure_at(co, path, e)
+    if type(e) == "string" and e:find("^[^\n]-:%d+: ") then return e end
+    local where = path
+    for level = 0, 50 do
+      local info = debug.getinfo(co, level, "Sl")
+      if not info then break end
+      if info.currentline and info.currentline > 0 then
+        where = ("%s:%d"):format(info.short_src, info.currentline)
+        break
+      end
+    end
+    local mt = getmetatable(e)
+    if type(e) == "string" or type(e) == "number" then return where .. ": " .. e end
+    if type(mt) == "table" and mt.__tostring then
+      local ok, text = pcall(tostring, e)
+      if ok and type(text) == "string" then return where .. ": " .. text end
+    end
+    return ("%s: (error object is a %s value)"):format(where, type(e))
+  end
+  local function run_capped(path, chunk, ...)
     local co = coroutine.create(chunk)
     debug.sethook(co, function()
       debug.sethook(co, function() error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2) end,
@@ -92,7 +116,7 @@ return function(args)
       error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2)
     end, "", BUDGET)
     local r = table.pack(coroutine.resume(co, ...))
-    if not r[1] then return false, r[2] end
+    if not r[1] then return false, failure_at(co, path, r[2]) end
     if coroutine.status(co) ~= "dead" then return false, "it yielded at load" end
     return true, table.unpack(r, 2, r.n)
   end
@@ -105,15 +129,16 @@ return function(args)
       local chunk, err
       if path:match("models%.lua$") then chunk, err = loadfile(path, "t", {}) else chunk, err = loadfile(path, "t") end
       if not chunk then
-        add("error", err)
+        -- (a binary chunk's refusal names no file)
+        add("error", err:find(path, 1, true) == 1 and err or path .. ": " .. err)
       elseif path:match("models%.lua$") then
         -- data only: run it with nothing in reach
-        local ok, entries = run_capped(chunk)
+        local ok, entries = run_capped(path, chunk)
         if not ok then add("error", tostring(entries)) else check_registry(path, entries) end
         registry_checked = true
       elseif path:match("policies/[^/]+%.lua$") or path:match("policies/providers/[^/]+%.lua$") then
         local modname = "policies." .. path:match("policies/(.-)%.lua$"):gsub("/", ".")
-        local ok, mod = run_capped(chunk, modname)
+        local ok, mod = run_capped(path, chunk, modname)
         if not ok then add("error", tostring(mod))
         elseif type(mod) ~= "table" then
           add("error", ("%s: a policy module must return a table, not %s"):format(path, type(mod)))
@@ -122,12 +147,13 @@ return function(args)
     end
   end
   if not registry_checked then
-    local path = registry_in_effect()
+    local path, perr = registry_in_effect()
+    if perr then add("error", perr) end
     if path and not seen[path] then
       local chunk, err = loadfile(path, "t", {})
       if not chunk then add("error", err)
       else
-        local ok, entries = run_capped(chunk)
+        local ok, entries = run_capped(path, chunk)
         if not ok then add("error", tostring(entries)) else check_registry(path, entries) end
       end
     end
