@@ -294,8 +294,9 @@ local function check_request(req, level)
   if req.max_tokens ~= nil and math.type(req.max_tokens) ~= "integer" then
     error("ai: max_tokens must be an integer", level + 1)
   end
-  if req.cache ~= nil and (type(req.cache) ~= "table" or type(req.cache.ttl) ~= "number") then
-    error("ai: cache must be {ttl = seconds}", level + 1)
+  if req.cache ~= nil and (type(req.cache) ~= "table" or type(req.cache.ttl) ~= "number"
+      or not (req.cache.ttl > 0 and req.cache.ttl < math.huge)) then
+    error("ai: cache must be {ttl = seconds}, seconds > 0", level + 1)
   end
   if req.give_up ~= nil and type(req.give_up) ~= "function" then
     error("ai: give_up must be a function () -> a reason | nil", level + 1)

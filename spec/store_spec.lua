@@ -351,6 +351,26 @@ assert(s:set("k", "kept"))
     assert.has_error(function() s:set("t", {}) end)
   end)
 
+  it("a TTL, an increment or a key that cannot be one raises at the caller's line, and nothing is written", function()
+    local s = fresh_store()
+    local function raises(fn, pattern)
+      local ok, err = pcall(fn)
+      assert.is_false(ok)
+      assert.matches("^spec/store_spec%.lua:%d+: " .. pattern, err)
+    end
+    -- (NaN was a key kept for good on SQLite, a store_error on Redis; a string an error from inside the store)
+    for _, ttl in ipairs({ 0 / 0, -1, 0, math.huge, "10" }) do
+      raises(function() s:set("t", "v", ttl) end, "store:set: ttl must be a number of seconds > 0")
+      raises(function() s:incr("n", 1, ttl) end, "store:incr: ttl must be a number of seconds > 0")
+    end
+    raises(function() s:incr("n", 0 / 0) end, "store:incr: n must be a finite number")
+    raises(function() s:incr("n", "x") end, "store:incr: n must be a finite number")
+    raises(function() s:get(nil) end, "store:get: key must be a string")
+    assert.is_nil(s:get("t"))
+    assert.is_nil(s:get("n"))
+    assert.are.equal(2, s:incr("n", 2, 10))
+  end)
+
   it("group commit: what many tasks write in one turn is one transaction", function()
     local s = fresh_store()
     local before = s:stats().commits
@@ -514,6 +534,18 @@ describe("resil.once", function()
     collectgarbage()
     assert.is_nil(seen[1])
     assert.are.equal(1000, #resil.once("job-left", function() error("run again") end).text)
+  end)
+
+  it("a retention, lease or wait that is no number of seconds raises at the caller's line; fn does not run", function()
+    for _, o in ipairs({ { retention = 0 / 0 }, { retention = "1" }, { retention = math.huge }, { lease = -1 },
+                         { wait = 0 / 0 } }) do
+      o.key = "bad-options"
+      local ok, err = pcall(function() local r = resil.once(o, work, 1) return r end)
+      assert.is_false(ok)
+      assert.matches("^spec/store_spec%.lua:%d+: resil%.once: %a+ must be a number of seconds >= 0", err)
+    end
+    assert.are.equal(0, calls)
+    assert.are.same({ 2, { note = "ok" } }, { resil.once({ key = "bad-options", retention = 0 }, work, 1) })
   end)
 
   it("reaps records past their retention", function()

@@ -152,6 +152,16 @@ function resil.once(spec, fn, ...)
   local key = o.key
   if type(key) ~= "string" or key == "" then error("resil.once: key must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.once: fn must be a function", 2) end
+  local lease, retention = o.lease or 300, o.retention or 86400
+  -- (a NaN or a string reached the store: an error from inside it, or a Redis store_error)
+  for name, v in pairs({ lease = lease, retention = retention }) do
+    if type(v) ~= "number" or not (v >= 0 and v < math.huge) then
+      error(("resil.once: %s must be a number of seconds >= 0, not %s"):format(name, tostring(v)), 2)
+    end
+  end
+  if o.wait ~= nil and (type(o.wait) ~= "number" or not (o.wait >= 0)) then
+    error(("resil.once: wait must be a number of seconds >= 0, not %s"):format(tostring(o.wait)), 2)
+  end
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   local fingerprint = o.fingerprint or fingerprint_of(...)
@@ -159,7 +169,6 @@ function resil.once(spec, fn, ...)
   -- machine at once, elsewhere when its lease lapses); `lease` only ages
   -- records that name no process (written by older versions)
   local holder_id = owner.me().id
-  local lease, retention = o.lease or 300, o.retention or 86400
   local deadline = resil.now() + (o.wait or 30)
   local poll = 0.05
   while true do

@@ -284,14 +284,41 @@ local function store_for_retry()
   return s, err
 end
 
--- key/value for policies' own state
-function Store:get(key) return self.backend:kv_get(key, store_now()) end
+-- key/value for policies' own state. Misuse raises at the caller's line: a
+-- NaN TTL was a key kept for good on SQLite and a store_error on Redis, a
+-- string one an error from inside the backend
+local function check_key(what, key)
+  if type(key) ~= "string" and type(key) ~= "number" then
+    error(("store:%s: key must be a string, not %s"):format(what, type(key)), 3)
+  end
+end
+local function check_ttl(what, ttl)
+  if ttl ~= nil and (type(ttl) ~= "number" or not (ttl > 0 and ttl < math.huge)) then
+    error(("store:%s: ttl must be a number of seconds > 0, or nil for none, not %s"):format(what, tostring(ttl)), 3)
+  end
+end
+function Store:get(key)
+  check_key("get", key)
+  return self.backend:kv_get(key, store_now())
+end
 function Store:set(key, value, ttl)
+  check_key("set", key)
   if type(value) ~= "string" then error("store:set: value must be a string (encode tables with resil.json)", 2) end
+  check_ttl("set", ttl)
   return self.backend:kv_set(key, value, ttl, store_now())
 end
-function Store:del(key) return self.backend:kv_del(key) end
-function Store:incr(key, n, ttl) return self.backend:kv_incr(key, n or 1, ttl, store_now()) end
+function Store:del(key)
+  check_key("del", key)
+  return self.backend:kv_del(key)
+end
+function Store:incr(key, n, ttl)
+  check_key("incr", key)
+  if n ~= nil and (type(n) ~= "number" or n ~= n or n == math.huge or n == -math.huge) then
+    error(("store:incr: n must be a finite number, not %s"):format(tostring(n)), 2)
+  end
+  check_ttl("incr", ttl)
+  return self.backend:kv_incr(key, n or 1, ttl, store_now())
+end
 function Store:stats() return self.backend:stats() end
 
 -- ---------- values in and out of the store ----------
