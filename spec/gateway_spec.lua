@@ -1581,6 +1581,18 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
   end)
 
+  it("keys list and keys revoke at a SQLite path with no store there name it, exit 1, and make nothing there",
+    function()
+    local dir = helpers.tmpname(".d")
+    for _, cmd in ipairs({ "list", "list --json", "revoke team-a" }) do
+      local r = helpers.run(("%s keys %s --store %s/typo.db"):format(helpers.resil, cmd, dir))
+      assert.are.equal(1, r.code, r.stdout)
+      assert.are.equal("", r.stdout) -- (was "no keys", from a store made there)
+      assert.matches("no store at " .. dir:gsub("%p", "%%%0") .. "/typo%.db", r.stderr)
+      assert.is_nil(io.open(dir .. "/typo.db"))
+    end
+  end)
+
   -- (before: "revoked 1 key", exit 0, and the key still served; keys add printed a key it had not stored)
   it("keys revoke and keys add that the store cannot write fail, exit 1, and say so", function()
     local db = helpers.tmpname(".db")

@@ -171,6 +171,12 @@ local USAGE = "usage: resil-lua keys add --name NAME [--budget USD[/day|/month]]
 
 function keys.main(args)
   local cmd = args[1]
+  if cmd == "list" or cmd == "revoke" then
+    -- a SQLite path with no store there (a typo, another working directory) is named, not made
+    -- there and read as "no keys" (add makes the store: the first key may come before the gateway)
+    local _, err = resil.store(nil, { existing = true })
+    if err then fail("%s", tostring(err)) end
+  end
   if cmd == "add" then
     local o, i = {}, 2
     while args[i] do
