@@ -314,6 +314,22 @@ describe("signals", function()
     assert.matches("task closed", output)
   end)
 
+  it("SIGTERM stopping a spawned task that spins is said once: not again as its failure nobody joined", function()
+    local pid, out = start([[
+      local resil = require "resil"
+      resil.map({ 1, 2 }, function(i)
+        if i == 1 then print("ready"); io.stdout:flush() end
+        local x = 0
+        while true do x = x + 1 end
+      end)
+    ]])
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert.is_true(wait_for_output(out, "ready"))
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(wait_exit(pid), "SIGTERM did not stop it")
+    assert.are.equal("ready\nresil-lua: interrupted by signal 15\n", helpers.slurp(out))
+  end)
+
   it("SIGINT stops a task spinning in a Lua loop", function()
     local pid, out = start([[
       print("ready"); io.stdout:flush()

@@ -330,6 +330,9 @@ static void task_record_failure(task *t) {
   lua_pop(co, 2);
   t->failed = 1;
   t->nres = 1;
+  /* stopped by a signal (resil_interrupt): the host says so once; not again,
+   * with a traceback, as this task's unjoined failure when it is collected */
+  if (t->R->interrupted) t->joined = 1;
 }
 
 static void guard_for_close(resil_t *R, lua_State *co);
