@@ -243,7 +243,7 @@ static int refuse(resil_t *R, const char *msg) {
 static int call_and_wait(resil_t *R, const char *fn, const char *json_args, char **json_result) {
   if (json_result) *json_result = NULL;
   if (!R || !fn) return refuse(R, "resil_call: no host or no function name");
-  if (resil_forked(R, "resil_call")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_call")) return RESIL_ERR_USAGE;
   if (R->in_loop || R->current || R->host_L)
     return refuse(R, "resil_call: called from inside the host's loop (a task, a handler or a callback); "
                      "use resil_call_async there");
@@ -284,7 +284,7 @@ int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_re
 static int call_async(resil_t *R, const char *fn, const char *json_args,
                       void (*done)(void *ud, int status, const char *json_result), void *ud) {
   if (!R || !fn || !done) return refuse(R, "resil_call_async: no host, function name or callback");
-  if (resil_forked(R, "resil_call_async")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_call_async")) return RESIL_ERR_USAGE;
   embed_state *st = state_of(R);
   if (!st) return RESIL_ERR_MEMORY;
   if (!st->hooked) {
@@ -311,7 +311,7 @@ int resil_call_async(resil_t *R, const char *fn, const char *json_args,
 
 static int step(resil_t *R, int timeout_ms) {
   if (!R) return -RESIL_ERR_USAGE;
-  if (resil_forked(R, "resil_step")) return -RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_step")) return -RESIL_ERR_USAGE;
   if (R->in_loop || R->current || R->host_L) {
     resil_set_error(R, "resil_step: called from inside the host's loop");
     return -RESIL_ERR_USAGE;
@@ -337,6 +337,7 @@ static int valid_name(const char *s) {
 
 int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) {
   if (!R || !f || !valid_name(name)) return refuse(R, "resil_register: the name must be a Lua identifier");
+  if (resil_refused(R, "resil_register")) return RESIL_ERR_USAGE;
   lua_State *L = R->L;
   if (!lua_checkstack(L, 4)) return RESIL_ERR_MEMORY;
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);

@@ -150,8 +150,9 @@ void resil_push_host_env(lua_State *L); /* the host's own globals, not the scrip
  * host's own store and files under sandbox_dirs. */
 int sandbox_file_ok(resil_t *R, const char *path);
 void sandbox_trust(resil_t *R, int on); /* around the host's own calls that name files */
-/* 1, with resil_error set, when called in a child of fork: the host is the parent's */
-int resil_forked(resil_t *R, const char *what);
+/* 1, with resil_error set, when called in a child of fork (the host is the
+ * parent's) or on a host being closed (a done callback resil_close runs) */
+int resil_refused(resil_t *R, const char *what);
 /* Around the public functions that run Lua or the loop: api_leave closes the
  * host if a callback asked to (resil_close) and returns 1; R is gone then. */
 void api_enter(resil_t *R);

@@ -162,7 +162,7 @@ static int reload_on(lua_State *L) {
 }
 
 int resil_reload(resil_t *R) {
-  if (resil_forked(R, "resil_reload")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_reload")) return RESIL_ERR_USAGE;
   lua_State *L = R->L;
   int top = lua_gettop(L);
   locale_t caller = host_locale_enter(R);
@@ -284,7 +284,7 @@ static void recheck_cb(evutil_socket_t fd, short what, void *arg) {
 }
 
 int resil_watch(resil_t *R, int on) {
-  if (resil_forked(R, "resil_watch")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_watch")) return RESIL_ERR_USAGE;
   reload_state *st = state_of(R);
   if (!st) return RESIL_ERR_MEMORY;
   watch_stop(st);
@@ -325,7 +325,7 @@ static void sighup_cb(evutil_socket_t sig, short what, void *arg) {
 }
 
 int resil_reload_on_sighup(resil_t *R) {
-  if (resil_forked(R, "resil_reload_on_sighup")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_reload_on_sighup")) return RESIL_ERR_USAGE;
   reload_state *st = state_of(R);
   if (!st) return RESIL_ERR_MEMORY;
   if (st->sighup_ev) return RESIL_OK;

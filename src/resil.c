@@ -43,10 +43,18 @@ const char *resil_error(resil_t *R) { return R->error ? R->error : ""; }
 /* After fork the child has a copy of the host whose store thread is not in
  * it and whose connections, files and loop it shares with the parent:
  * running it hung (a store write waited for the missing thread) or mixed
- * the two processes' I/O. Refused instead. */
-int resil_forked(resil_t *R, const char *what) {
-  if (R->pid == getpid()) return 0;
+ * the two processes' I/O. Refused instead; so is every call on a host
+ * being closed. */
+int resil_refused(resil_t *R, const char *what) {
   char msg[200];
+  if (R->closing) {
+    /* a done callback resil_close runs for a call that never ended: the Lua
+     * state is gone (a new call from it crashed the program) */
+    snprintf(msg, sizeof msg, "%s: the host is being closed (resil_close)", what);
+    resil_set_error(R, msg);
+    return 1;
+  }
+  if (R->pid == getpid()) return 0;
   snprintf(msg, sizeof msg, "%s: this host was opened by process %ld; after fork, a child opens a host of its own",
            what, (long)R->pid);
   resil_set_error(R, msg);
@@ -695,7 +703,7 @@ static int load_file(resil_t *R, const char *path, int argc, char **argv) {
 }
 
 int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
-  if (resil_forked(R, "resil_load_file")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_load_file")) return RESIL_ERR_USAGE;
   locale_t caller = host_locale_enter(R);
   int status = load_file(R, path, argc, argv);
   host_locale_leave(caller);
@@ -703,7 +711,7 @@ int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
 }
 
 int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
-  if (resil_forked(R, "resil_load_string")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_load_string")) return RESIL_ERR_USAGE;
   if (!code) {
     resil_set_error(R, "resil_load_string: no code");
     return RESIL_ERR_USAGE;
@@ -718,7 +726,7 @@ int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
 }
 
 int resil_run(resil_t *R) {
-  if (resil_forked(R, "resil_run")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_run")) return RESIL_ERR_USAGE;
   /* from a callback (a resil_register function): a loop inside the loop waited for
    * the task that called it, which cannot end while it waits: a hang */
   if (R->in_loop || R->current || R->host_L) {

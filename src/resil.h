@@ -218,7 +218,8 @@ RESIL_API struct event_base *resil_event_base(resil_t *R);
  * program, as the resil_* function that called back returns (resil_step then
  * returns 0), or, on an event base you dispatch, at the base's next turn;
  * from a done callback that resil_close itself calls (RESIL_ERR_INTERRUPT),
- * it does nothing more. */
+ * it does nothing more, and a new call from there (a retry) is refused with
+ * RESIL_ERR_USAGE. */
 RESIL_API void resil_close(resil_t *R);
 
 #endif

@@ -122,6 +122,15 @@ static void close_when_done(void *ud, int status, const char *json) {
   closed_in_callback++;
   resil_close(closing_host);
 }
+/* a program that calls again when a call fails: resil_close tells it so for a call still running */
+static int again_status = -1, again_sync_status = -1;
+static void call_again(void *ud, int status, const char *json) {
+  (void)ud, (void)status, (void)json;
+  char *out = NULL;
+  again_status = resil_call_async(closing_host, "nap", NULL, call_again, NULL);
+  again_sync_status = resil_call(closing_host, "nap", NULL, &out);
+  free(out);
+}
 static int host_close(lua_State *L) {
   resil_close(closing_host);
   lua_pushboolean(L, 1);
@@ -478,6 +487,10 @@ int main(void) {
   resil_call_async(host_for_closing(NULL), "nap", NULL, close_when_done, NULL);
   resil_close(closing_host);
   check(closed_in_callback == 1, "resil_close from the done callback of a call that resil_close interrupts: closed once");
+  resil_call_async(host_for_closing(NULL), "nap", NULL, call_again, NULL);
+  resil_close(closing_host); /* (a new call from its callback crashed the program: the Lua state was gone) */
+  check(again_status == RESIL_ERR_USAGE && again_sync_status == RESIL_ERR_USAGE,
+        "a call made from the done callback of a call that resil_close interrupts is refused with RESIL_ERR_USAGE");
 
   /* a program that set a locale with a decimal comma (setlocale(LC_ALL, "") in Germany) */
   char locales[] = "/tmp/resil-locale-XXXXXX", command[300];
