@@ -53,7 +53,7 @@ describe("a frozen Redis (SIGSTOP)", function()
     assert.are.equal("store_unavailable", err.kind)
     assert.matches("no reply within 0.3 s", err.message, 1, true)
     assert.matches(tostring(redis.port), err.message, 1, true)
-    resil.sleep(1.1) -- the next connection attempt is allowed a second later
+    resil.sleep(1.1) -- (the store is down: its probes get no answer either)
     local _, oerr = resil.once("frozen-key", function() return 1 end)
     assert.are.equal("store_unavailable", oerr.kind)
     resil.sleep(1.1)
@@ -101,6 +101,119 @@ describe("a frozen Redis (SIGSTOP)", function()
     assert.are.same({ "answer", 1 }, { r, ran })
     assert.are.equal("answer", (resil.once({ key = "frozen-claim" }, fn))) -- and replayed, not run again
     assert.are.equal(1, ran)
+  end)
+
+  -- (before: every operation during the freeze was sent on a new connection and waited its whole
+  -- timeout, 5 s by default; a gateway request makes two, so each waited some 10 s for its 503)
+  it("after a timeout the store is down: the next operations fail at once, a shared bucket admits from its " ..
+     "stand-in, and a probe finds Redis again once it thaws, logged once each way", function()
+    resil.log.level("info")
+    local url = redis.url(3, "timeout=2")
+    resil.store_config({ url = url })
+    local s = assert(resil.store(url))
+    assert.are.equal(1, s:incr("n"))
+    local budget = resil.budget("down-fast", { limit = 5 })
+    assert(budget:reserve(1)):settle(0)
+    local shared = resil.bucket("down-fast", { rate = 2, per = 3600, burst = 4, shared = true, on_outage = "local" })
+    assert.is_true((shared:try(1))) -- (from the store)
+    assert.are.equal(1, (resil.once("down-fast-warm", function() return 1 end))) -- (its script loaded)
+    -- the store's state in the metrics (read at each exposition)
+    local function down_in_metrics()
+      resil.metrics.text()
+      return resil.metrics.gauge("resil_store_down"):value({ store = url })
+    end
+    assert.are.equal(0, down_in_metrics())
+    os.execute("kill -STOP " .. redis.pid)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    local lines = helpers.logged(function()
+      local n, err = s:incr("n") -- sent: it waits its timeout (and the server runs it when it thaws)
+      assert.is_nil(n)
+      assert.matches("no reply within 2 s", err.message, 1, true)
+      -- each of these fails (or takes its fallback) without waiting for anything: no other task
+      -- gets to run meanwhile, while each waited its 2 s before
+      local turns = 0
+      local other = resil.spawn(function() while true do turns = turns + 1; resil.yield() end end)
+      local function at_once(what, ...)
+        assert.are.equal(0, turns, what .. " waited")
+        return ...
+      end
+      for i = 1, 5 do
+        local m, merr = at_once("incr " .. i, s:incr("n"))
+        assert.is_nil(m)
+        assert.are.equal("store_unavailable", merr.kind)
+        assert.matches("no reply within 2 s", merr.message, 1, true) -- (why it is down)
+        assert.is_false(merr.sent) -- never sent: it will not run at the thaw
+      end
+      local ticket, rerr = at_once("a reservation", budget:reserve(1)) -- on_outage = "deny"
+      assert.is_nil(ticket)
+      assert.are.equal("store_unavailable", rerr.kind)
+      local _, oerr = at_once("a claim", resil.once("down-fast-key", function() return 1 end))
+      assert.are.equal("store_unavailable", oerr.kind)
+      -- on_outage = "local": its stand-in's burst of 4, then no more
+      for _ = 1, 4 do assert.is_true(at_once("a take", shared:try(1))) end
+      assert.is_false((at_once("a take", shared:try(1))))
+      assert.is_true(at_once("the store's state", s:stats().down))
+      assert.are.equal(1, down_in_metrics())
+      other:cancel()
+      -- thawed: a probe in the background finds it, with no operation asked meanwhile
+      os.execute("kill -CONT " .. redis.pid)
+      assert.is_true(helpers.wait_until(function() return not s:stats().down end, 20))
+      assert.are.equal(3, s:incr("n")) -- the one sent ran at the thaw; none of the five refused did
+    end)
+    assert.are.equal(0, down_in_metrics())
+    local said = {}
+    for _, l in ipairs(lines) do
+      if l.msg:match("^redis: store") then said[#said + 1] = { l.msg, l.store, l.level } end
+    end
+    assert.are.same({
+      { "redis: store down: its operations fail at once until it answers again", url, "warn" },
+      { "redis: store back", url, "info" } }, said)
+  end)
+
+  -- (before: each claim refused so started a task to give it up, tried for a minute: a script whose
+  -- store stayed down ended a minute late, saying each key "stays held")
+  it("an Idempotency-Key's claim refused at once while the store is down has nothing to give up", function()
+    local url = redis.url(5, "timeout=0.3")
+    os.execute("kill -STOP " .. redis.pid)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    local r = helpers.run_script([[
+local resil = require "resil"
+print(select(2, resil.store():set("k", "v")).kind) -- no reply: the store is down
+local _, err = resil.once("refused", function() return 1 end)
+print(err.kind, err.sent)
+]], "--store '" .. url .. "'")
+    os.execute("kill -CONT " .. redis.pid)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("store_unavailable\nstore_unavailable\tfalse\n", r.stdout)
+    assert.is_nil(r.stderr:find("could not be given up", 1, true), r.stderr)
+  end)
+
+  it("stays down while probes get no answer, probing less often up to down_max; down=0 turns it off", function()
+    resil.log.level("off")
+    local url = redis.url(4, "timeout=0.2&down=0.1&down_max=0.4")
+    local s = assert(resil.store(url))
+    assert.is_true(s:set("k", "v"))
+    assert.are.same({ down = false }, { down = s:stats().down })
+    os.execute("kill -STOP " .. redis.pid)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    assert.is_nil((s:get("k")))
+    -- probes at 0.1, 0.2, 0.4, 0.4 s apart, each waiting its 0.2 s for a reply
+    assert.is_true(helpers.wait_until(function() return s:stats().probes >= 4 end, 20))
+    local st = s:stats()
+    assert.are.same({ true, 0.4 }, { st.down, st.probe_every })
+    assert.is_nil((s:get("k")))
+    os.execute("kill -CONT " .. redis.pid)
+    assert.is_true(helpers.wait_until(function() return not s:stats().down end, 20))
+    assert.are.equal("v", s:get("k"))
+    assert.are.same({ false, 0 }, { s:stats().down, s:stats().probes })
+    -- down=0: every operation tries the server, as before the store had a down state
+    local off = assert(resil.store(redis.url(4, "timeout=0.2&down=0")))
+    assert.are.equal("v", off:get("k"))
+    os.execute("kill -STOP " .. redis.pid)
+    assert.is_nil((off:get("k")))
+    assert.is_false(off:stats().down)
+    os.execute("kill -CONT " .. redis.pid)
+    assert.is_true(helpers.wait_until(function() return off:get("k") == "v" end, 20))
   end)
 end)
 

@@ -261,6 +261,27 @@ assert(s:set("k", "kept"))
     assert(resil.store(path .. "?timeout=1&"))
   end)
 
+  it("a Redis URL's down options are checked and named with the URL; a SQLite store has none", function()
+    local redis = "redis://127.0.0.1:1/0"
+    for query, why in pairs({
+      ["?down=-1"] = "down must be a number of seconds in [0, 86400], got '-1'",
+      ["?down_max=x"] = "down_max must be a number of seconds in [0, 86400], got 'x'",
+      ["?down=5&down_max=2"] = "down_max must be at least down",
+      ["?down_max=0.5"] = "down_max must be at least down", -- (down is 1 s unless the URL says)
+      ["?down"] = "option 'down' has no value (down=SECONDS)",
+      ["?probe=1"] = "unknown option 'probe' (known: timeout, down, down_max)",
+    }) do
+      local s, err = resil.store(redis .. query)
+      assert.is_nil(s)
+      assert.are.equal(("store %s%s: %s"):format(redis, query, why), err.message)
+    end
+    assert(resil.store(redis .. "?timeout=1&down=0.5&down_max=30"))
+    local path = helpers.tmpname(".db")
+    local s, err = resil.store(path .. "?down=1")
+    assert.is_nil(s)
+    assert.are.equal(("store %s?down=1: unknown option 'down' (known: timeout)"):format(path), err.message)
+  end)
+
   -- SQLite's "unable to open database file" alone did not say why: now the
   -- system's reason follows. A file that is not a store is left as it was.
   it("a path that cannot be a store says why, naming it, and changes nothing there", function()

@@ -4,11 +4,21 @@
  * Nothing here blocks the loop.
  *
  * A lost connection fails the commands in flight with kind =
- * "store_unavailable" and is re-established on the next command (at most one
- * attempt per second, so an outage costs no connect storm). A server that
- * freezes rather than fails is the same: a command without a reply within
- * the timeout (real time, default 5 s) drops the connection, which fails
- * every command in flight on it.
+ * "store_unavailable" and is re-established on the next command. A server
+ * that freezes rather than fails is the same: a command without a reply
+ * within the timeout (real time, default 5 s) drops the connection, which
+ * fails every command in flight on it.
+ *
+ * Down: after a command's timeout, or a connection that cannot be made, the
+ * connection is marked down and every command fails at once, not sent
+ * (err.sent = false), with the same store_unavailable, while a PING on a new
+ * connection probes the server in the background: at once, then every
+ * `down` seconds (1 s), twice that after each probe without an answer, up to
+ * `down_max` (10 s). A probe waits for its answer until the next is due (at
+ * least the timeout), so a frozen server always has one: its answer at the
+ * thaw ends the down state. Without this every command during a freeze was
+ * sent on a new connection and waited its whole timeout. Times here are real
+ * time: they are about the server's, not the script's clock.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -26,8 +36,10 @@
 #include "host.h"
 
 #define CONN_MT "resil.RedisConn"
-#define RECONNECT_EVERY 1.0
+#define RECONNECT_EVERY 1.0 /* down = 0 only: otherwise the probe paces reconnects */
 #define DEFAULT_TIMEOUT 5.0
+#define DEFAULT_DOWN 1.0
+#define DEFAULT_DOWN_MAX 10.0
 
 typedef struct {
   resil_t *R;
@@ -47,6 +59,20 @@ typedef struct {
    * would run them in database 0 (another app's keys, or another store's) */
   int selecting;
   struct redis_cmd *held_first, *held_last;
+  /* down: commands fail at once while a probe (PING) finds out whether the
+   * server answers again; down_first == 0: never down */
+  double down_first, down_max;
+  int down;
+  double down_since;       /* monotonic, real time */
+  double down_lasted;      /* the last time down, once back */
+  double probe_every;      /* from this probe's start to the next's */
+  double probe_started, probe_wait;
+  int probes;              /* probes without an answer, this time down */
+  long refused;            /* commands failed at once while down, ever */
+  struct redis_cmd *probe; /* in flight */
+  struct event *probe_timer, *notify;
+  int told_down;    /* the state on_state last heard of */
+  int ref_on_state; /* on_state(down, info), from the loop */
 } redis_conn;
 
 typedef struct redis_cmd {
@@ -57,10 +83,13 @@ typedef struct redis_cmd {
   struct event *deadline; /* real time: a frozen server must not hold the task */
   char *held;             /* held until the SELECT's reply: the command, formatted */
   int held_len;
+  int probe; /* the down state's PING: no task, no Lua, not counted as I/O a task waits on */
   struct redis_cmd *next;
 } redis_cmd;
 
 static redis_conn *check_conn(lua_State *L, int idx) { return luaL_checkudata(L, idx, CONN_MT); }
+
+static void probe_answered(redis_conn *c, int answered);
 
 /* ---------- replies to Lua ---------- */
 
@@ -136,6 +165,12 @@ static void tell_done(lua_State *L, redis_cmd *cmd) {
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_cmd *cmd = privdata;
   redis_conn *c = cmd->c;
+  if (cmd->probe) { /* any reply, an error one too: the server answers again */
+    if (cmd->deadline) event_free(cmd->deadline);
+    free(cmd);
+    probe_answered(c, reply != NULL);
+    return;
+  }
   lua_State *L = c->R->L;
   redisReply *r = reply;
   lua_createtable(L, 1, 2);
@@ -183,6 +218,58 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   free(cmd);
 }
 
+/* ---------- down: fail at once, probe in the background ---------- */
+
+static double monotonic_now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static struct timeval timeval_of(double seconds) {
+  struct timeval tv = {(time_t)seconds, (suseconds_t)((seconds - (double)(time_t)seconds) * 1e6)};
+  return tv;
+}
+
+/* on_state hears of it from the loop (notify_cb), never from inside the
+ * command that found it out */
+static void tell_state(redis_conn *c) {
+  if (c->notify && !c->closing) event_active(c->notify, EV_TIMEOUT, 0);
+}
+
+/* A command without a reply in time, or a connection that cannot be made:
+ * the next commands would wait or fail the same way. The first probe goes
+ * from the loop (probe_fire), not from inside the command that found it. */
+static void mark_down(redis_conn *c) {
+  if (c->down || c->down_first <= 0 || c->closing || !c->probe_timer) return;
+  c->down = 1;
+  c->down_since = monotonic_now();
+  c->probes = 0;
+  c->probe_every = c->down_first;
+  struct timeval now = {0, 0};
+  evtimer_add(c->probe_timer, &now);
+  tell_state(c);
+}
+
+/* The probe's outcome: back, or the next probe when it is due (at once
+ * after one that waited its whole time), twice as far from this one. */
+static void probe_answered(redis_conn *c, int answered) {
+  c->probe = NULL;
+  if (!c->down || c->closing) return;
+  if (answered) {
+    c->down = 0;
+    c->probes = 0;
+    c->down_lasted = monotonic_now() - c->down_since;
+    tell_state(c);
+    return;
+  }
+  double due = c->probe_started + c->probe_every - monotonic_now();
+  c->probes++;
+  c->probe_every = c->probe_every * 2 < c->down_max ? c->probe_every * 2 : c->down_max;
+  struct timeval tv = timeval_of(due > 0 ? due : 0);
+  evtimer_add(c->probe_timer, &tv);
+}
+
 /* ---------- the connection ---------- */
 
 static void on_connect(const redisAsyncContext *ac, int status) {
@@ -192,10 +279,11 @@ static void on_connect(const redisAsyncContext *ac, int status) {
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port, ac->errstr);
     c->connected = 0;
     c->ac = NULL; /* hiredis frees it */
+    mark_down(c);
     return;
   }
   c->connected = 1;
-  c->last_error[0] = '\0';
+  if (!c->down) c->last_error[0] = '\0'; /* (down: why, until a probe is answered) */
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status) {
@@ -246,7 +334,7 @@ static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) 
 static int ensure_connected(redis_conn *c) {
   if (c->ac) return 1;
   double now = resil_now(c->R);
-  if (c->last_attempt > 0 && now - c->last_attempt < RECONNECT_EVERY) return 0;
+  if (c->down_first <= 0 && c->last_attempt > 0 && now - c->last_attempt < RECONNECT_EVERY) return 0;
   c->last_attempt = now;
   redisAsyncContext *ac = redisAsyncConnect(c->host, c->port);
   if (!ac) {
@@ -256,6 +344,7 @@ static int ensure_connected(redis_conn *c) {
   if (ac->err) {
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port, ac->errstr);
     redisAsyncFree(ac);
+    mark_down(c);
     return 0;
   }
   /* close-on-exec (hiredis 0.14 has no option for it): a program the
@@ -283,7 +372,70 @@ static void cmd_timed_out(evutil_socket_t fd, short what, void *arg) {
   redisAsyncContext *ac = c->ac;
   c->ac = NULL;
   c->connected = 0;
+  mark_down(c);
   if (ac) redisAsyncFree(ac);
+}
+
+static void start_deadline(redis_conn *c, redis_cmd *cmd) {
+  cmd->deadline = evtimer_new(c->R->base, cmd_timed_out, cmd);
+  if (cmd->deadline) {
+    struct timeval tv = timeval_of(c->timeout);
+    evtimer_add(cmd->deadline, &tv);
+  }
+}
+
+/* The command formatted and held until the SELECT's reply (on_select_reply) */
+static int hold_command(redis_conn *c, redis_cmd *cmd, int len) {
+  if (len < 0) return 0;
+  cmd->held_len = len;
+  if (c->held_last) c->held_last->next = cmd;
+  else c->held_first = cmd;
+  c->held_last = cmd;
+  return 1;
+}
+
+/* No answer to the probe until the next is due: its connection dropped. */
+static void probe_timed_out(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  redis_cmd *cmd = arg;
+  redis_conn *c = cmd->c;
+  snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: no reply within %g s", c->host, c->port,
+           c->probe_wait);
+  redisAsyncContext *ac = c->ac;
+  c->ac = NULL;
+  c->connected = 0;
+  if (ac) redisAsyncFree(ac); /* the probe's on_reply, with no reply */
+}
+
+/* The probe's timer: a PING on a new connection, waiting for its answer
+ * until the next probe is due, at least the store's timeout. */
+static void probe_fire(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  redis_conn *c = arg;
+  if (!c->down || c->probe || c->closing) return;
+  c->probe_started = monotonic_now();
+  redis_cmd *cmd = ensure_connected(c) ? calloc(1, sizeof *cmd) : NULL;
+  if (!cmd) {
+    probe_answered(c, 0);
+    return;
+  }
+  cmd->c = c;
+  cmd->probe = 1;
+  cmd->ref_result = cmd->ref_done = LUA_NOREF;
+  int sent = c->selecting ? hold_command(c, cmd, redisFormatCommand(&cmd->held, "PING"))
+                          : redisAsyncCommand(c->ac, on_reply, cmd, "PING") == REDIS_OK;
+  if (!sent) {
+    free(cmd);
+    probe_answered(c, 0);
+    return;
+  }
+  c->probe = cmd;
+  c->probe_wait = c->probe_every > c->timeout ? c->probe_every : c->timeout;
+  cmd->deadline = evtimer_new(c->R->base, probe_timed_out, cmd);
+  if (cmd->deadline) {
+    struct timeval tv = timeval_of(c->probe_wait);
+    evtimer_add(cmd->deadline, &tv);
+  }
 }
 
 static void cmd_canceled(void *arg) {
@@ -336,6 +488,14 @@ static int command_args(lua_State *L, int first, const char **argv_s, size_t *ar
 /* The command sent (queued on the connection, in order): -> it, or NULL
  * with nil, err pushed. The conn is at index 1. */
 static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char **argv_s, size_t *argv_len) {
+  if (c->down) { /* not sent: it cannot run when the server thaws (err.sent = false) */
+    c->refused++;
+    if (c->last_error[0]) resil_error_result(L, "store_unavailable", "%s (the store is down: not sent)", c->last_error);
+    else resil_error_result(L, "store_unavailable", "redis %s:%d: the store is down: not sent", c->host, c->port);
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "sent");
+    return NULL;
+  }
   if (!ensure_connected(c)) {
     resil_error_result(L, "store_unavailable", "%s", c->last_error[0] ? c->last_error : "redis: not connected");
     return NULL;
@@ -345,14 +505,10 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
   cmd->c = c;
   cmd->ref_result = cmd->ref_done = LUA_NOREF;
   if (c->selecting) { /* after the SELECT's reply (on_select_reply) */
-    cmd->held_len = redisFormatCommandArgv(&cmd->held, argc, argv_s, argv_len);
-    if (cmd->held_len < 0) {
+    if (!hold_command(c, cmd, (int)redisFormatCommandArgv(&cmd->held, argc, argv_s, argv_len))) {
       free(cmd);
       luaL_error(L, "out of memory");
     }
-    if (c->held_last) c->held_last->next = cmd;
-    else c->held_first = cmd;
-    c->held_last = cmd;
   } else if (redisAsyncCommandArgv(c->ac, on_reply, cmd, argc, argv_s, argv_len) != REDIS_OK) {
     free(cmd);
     resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
@@ -360,11 +516,7 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
     return NULL;
   }
   c->R->io_pending++; /* real I/O: the virtual clock waits for it as for HTTP */
-  cmd->deadline = evtimer_new(c->R->base, cmd_timed_out, cmd);
-  if (cmd->deadline) {
-    struct timeval tv = {(time_t)c->timeout, (suseconds_t)((c->timeout - (double)(time_t)c->timeout) * 1e6)};
-    evtimer_add(cmd->deadline, &tv);
-  }
+  start_deadline(c, cmd);
   if (c->pending++ == 0) {
     lua_pushvalue(L, 1);
     c->ref_self = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -528,6 +680,9 @@ static void write_queued(redis_conn *c) {
 static int conn_gc(lua_State *L) {
   redis_conn *c = check_conn(L, 1);
   c->closing = 1;
+  if (c->probe_timer) event_free(c->probe_timer);
+  if (c->notify) event_free(c->notify);
+  c->probe_timer = c->notify = NULL;
   if (c->ac && c->pending > 0) write_queued(c);
   if (c->ac) {
     c->ac->data = NULL;
@@ -544,7 +699,68 @@ static int conn_connected(lua_State *L) {
   return 1;
 }
 
-/* resil.redis.connect{host=, port=, db=, password=, timeout=5} -> conn (connects lazily) */
+/* {down=, probes=, probe_every=, down_for=, refused=, error=}: down_for is
+ * how long it has been down, or (just back) how long it was */
+static void push_state(lua_State *L, redis_conn *c) {
+  lua_createtable(L, 0, 6);
+  lua_pushboolean(L, c->down);
+  lua_setfield(L, -2, "down");
+  lua_pushinteger(L, c->probes);
+  lua_setfield(L, -2, "probes");
+  lua_pushinteger(L, c->refused);
+  lua_setfield(L, -2, "refused");
+  if (c->down) {
+    lua_pushnumber(L, c->probe_every);
+    lua_setfield(L, -2, "probe_every");
+  }
+  if (c->down_since > 0) {
+    lua_pushnumber(L, c->down ? monotonic_now() - c->down_since : c->down_lasted);
+    lua_setfield(L, -2, "down_for");
+  }
+  if (c->last_error[0]) {
+    lua_pushstring(L, c->last_error);
+    lua_setfield(L, -2, "error");
+  }
+}
+
+/* conn:state() -> {down=, probes=, probe_every=, refused=, ...} */
+static int conn_state(lua_State *L) {
+  push_state(L, check_conn(L, 1));
+  return 1;
+}
+
+/* on_state(down, state), on the loop outside any task, once per change */
+static void notify_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  redis_conn *c = arg;
+  if (c->closing || c->ref_on_state == LUA_NOREF || c->told_down == c->down) return;
+  c->told_down = c->down;
+  lua_State *L = c->R->L;
+  int top = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref_on_state);
+  lua_pushboolean(L, c->down);
+  push_state(L, c);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "error");
+    host_log(L, "error", "redis: the store's on_state raised");
+  }
+  lua_settop(L, top);
+}
+
+/* seconds in [0, 86400] from opts[name], else dflt; raises naming it */
+static double opt_seconds(lua_State *L, const char *name, double dflt) {
+  lua_getfield(L, 1, name);
+  double v = luaL_optnumber(L, -1, dflt);
+  lua_pop(L, 1);
+  if (!(v >= 0 && v <= 86400)) luaL_error(L, "redis: %s must be in [0, 86400] seconds", name);
+  return v;
+}
+
+/* resil.redis.connect{host=, port=, db=, password=, timeout=5, down=1, down_max=10, on_state=}
+ * -> conn (connects lazily). down = 0: never down, each command tries the
+ * server (a new connection at most once a second). */
 static int l_connect(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   redis_conn *c = lua_newuserdatauv(L, sizeof *c, 0);
@@ -564,12 +780,22 @@ static int l_connect(lua_State *L) {
   c->timeout = luaL_optnumber(L, -1, DEFAULT_TIMEOUT);
   if (!(c->timeout > 0 && c->timeout <= 86400)) return luaL_error(L, "redis: timeout must be in (0, 86400] seconds");
   lua_pop(L, 5);
+  c->ref_on_state = LUA_NOREF;
+  c->down_first = opt_seconds(L, "down", DEFAULT_DOWN);
+  c->down_max = opt_seconds(L, "down_max", c->down_first > DEFAULT_DOWN_MAX ? c->down_first : DEFAULT_DOWN_MAX);
+  if (c->down_max < c->down_first) return luaL_error(L, "redis: down_max must be at least down");
+  if (lua_getfield(L, 1, "on_state") == LUA_TFUNCTION) c->ref_on_state = luaL_ref(L, LUA_REGISTRYINDEX);
+  else lua_pop(L, 1);
+  if (c->down_first > 0) {
+    c->probe_timer = evtimer_new(c->R->base, probe_fire, c);
+    c->notify = event_new(c->R->base, -1, 0, notify_cb, c);
+  }
   return 1;
 }
 
 static const luaL_Reg conn_methods[] = {
   {"call", conn_call},   {"send", conn_send},           {"call_now", conn_call_now},
-  {"close", conn_close}, {"connected", conn_connected}, {NULL, NULL}};
+  {"close", conn_close}, {"connected", conn_connected}, {"state", conn_state}, {NULL, NULL}};
 
 int luaopen_resil_redis(lua_State *L) {
   luaL_newmetatable(L, CONN_MT);

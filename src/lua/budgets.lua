@@ -169,8 +169,10 @@ function Budget:reserve(estimate, o)
       expires_at = now + hold }, outcome_guard)
     ok, spent, reserved, stale = s.backend:budget_reserve(self.name, period, to_micro(limit), to_micro(estimate), id,
       now + hold, now, me.id, lease_until, set_per)
-    -- seen: made or refused, or (allowed unchecked) the ticket's settle or release will say
-    outcome.seen = ok ~= nil or self.on_outage == "allow"
+    -- seen: made or refused, or (allowed unchecked) the ticket's settle or release will say, or
+    -- never sent (a Redis store that is down refuses at once, err.sent = false): nothing to give back
+    outcome.seen = ok ~= nil or self.on_outage == "allow" or
+      (type(spent) == "table" and spent.sent == false)
     if ok ~= nil then owner.lease_written(s.backend, lease_until) end
     if not stale then break end
   end

@@ -186,7 +186,8 @@ function resil.once(spec, fn, ...)
     local guard <close> = setmetatable({ backend = s.backend, key = key, me = holder_id, claim = claim }, claim_guard)
     local state, data, held_by = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, now,
       lease_until, claim)
-    guard.seen = state ~= nil
+    -- (never sent, err.sent = false: a Redis store that is down refuses at once; nothing to give up)
+    guard.seen = state ~= nil or (type(data) == "table" and data.sent == false)
     if state == nil then return nil, data end -- the store is unavailable
     owner.lease_written(s.backend, lease_until)
     if state == "done" then

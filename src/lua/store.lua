@@ -98,24 +98,43 @@ function resil.store_config(c)
   if not ok then error(err, 0) end
 end
 
--- The store URL's query: ?timeout=SECONDS, how long any operation may wait
--- (a frozen Redis, another process's SQLite write lock) before it returns
--- nil, err{kind="store_unavailable"}. -> seconds | nil, message
+-- The store URL's query -> {timeout=, down=, down_max=} | nil, message.
+-- ?timeout=SECONDS: how long any operation may wait (a frozen Redis,
+-- another process's SQLite write lock) before it returns nil,
+-- err{kind="store_unavailable"}. Redis only: ?down=SECONDS, how long its
+-- operations fail at once after one timed out (or a connection could not be
+-- made) before a probe asks the server again, and ?down_max=SECONDS, how far
+-- that pause grows while probes get no answer (down=0: never down; see
+-- src/store_redis.c).
 local DEFAULT_TIMEOUT = 5
-function resil.store_timeout(query, url)
-  if query == nil or query == "" then return DEFAULT_TIMEOUT end
-  local timeout = DEFAULT_TIMEOUT
+local OPTIONS = {
+  sqlite = { timeout = true, list = "timeout" },
+  redis = { timeout = true, down = true, down_max = true, list = "timeout, down, down_max" },
+}
+function resil.store_options(query, url, kind)
+  local o, known = { timeout = DEFAULT_TIMEOUT }, OPTIONS[kind]
   -- (each part: one without '=', ?timeout or ?tiemout, was passed over, and the store waited 5 s)
-  for part in query:gmatch("[^&]+") do
+  for part in (query or ""):gmatch("[^&]+") do
     local k, v = part:match("^([^=]*)=(.*)$")
-    if not k then return nil, ("store %s: option '%s' has no value (timeout=SECONDS)"):format(url, part) end
-    if k ~= "timeout" then return nil, ("store %s: unknown option '%s' (known: timeout)"):format(url, k) end
-    timeout = tonumber(v)
-    if not timeout or timeout <= 0 or timeout > 86400 then
-      return nil, ("store %s: timeout must be a number of seconds in (0, 86400], got '%s'"):format(url, v)
+    if not k then
+      return nil, ("store %s: option '%s' has no value (%s=SECONDS)"):format(url, part,
+        known[part] and part or "timeout")
     end
+    if not known[k] or k == "list" then
+      return nil, ("store %s: unknown option '%s' (known: %s)"):format(url, k, known.list)
+    end
+    local n = tonumber(v)
+    if k == "timeout" and not (n and n > 0 and n <= 86400) then
+      return nil, ("store %s: timeout must be a number of seconds in (0, 86400], got '%s'"):format(url, v)
+    elseif not (n and n >= 0 and n <= 86400) then
+      return nil, ("store %s: %s must be a number of seconds in [0, 86400], got '%s'"):format(url, k, v)
+    end
+    o[k] = n
   end
-  return timeout
+  if o.down_max and o.down ~= 0 and o.down_max < (o.down or 1) then -- (1: the C side's default down)
+    return nil, ("store %s: down_max must be at least down"):format(url)
+  end
+  return o
 end
 
 -- (an empty RESIL_STORE, as a compose file's ${STORE} leaves it, is unset, as the sandbox reads it)
@@ -199,9 +218,8 @@ local function open_store(url, key, opts)
     if backend then check_eviction(backend) end
   else
     local path, query = url:gsub("^sqlite://", ""):match("^([^?]*)%??(.*)$")
-    local timeout, terr = resil.store_timeout(query, url)
-    if not timeout then return nil, resil.error("store_unavailable", terr) end
-    local o = { timeout = timeout }
+    local o, terr = resil.store_options(query, url, "sqlite")
+    if not o then return nil, resil.error("store_unavailable", terr) end
     for k, v in pairs(opts or {}) do o[k] = v end
     if o.existing then
       o.existing = nil

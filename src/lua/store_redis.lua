@@ -507,8 +507,8 @@ local function parse_url(url)
   end
   local query
   rest, query = rest:match("^([^?]*)%??(.*)$")
-  local timeout, qerr = resil.store_timeout(query, url)
-  if not timeout then return nil, qerr end
+  local o, qerr = resil.store_options(query, url, "redis")
+  if not o then return nil, qerr end
   local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
   if not host then
     return nil, "redis: cannot read URL " .. url .. " (redis://[:password@]host:port/db[?timeout=seconds])"
@@ -517,18 +517,62 @@ local function parse_url(url)
   if port < 1 or port > 65535 then -- (hiredis took 99999 as 34463, and each command said "Connection refused")
     return nil, ("redis: port %d in URL %s is not one (1 to 65535)"):format(port, url)
   end
-  return { host = host, port = port, db = tonumber(db) or 0, password = password,
-           timeout = timeout }
+  o.host, o.port, o.db, o.password = host, port, tonumber(db) or 0, password
+  return o
+end
+
+-- Down (src/store_redis.c): after a command's timeout, or a connection that
+-- could not be made, the store's operations fail at once with
+-- store_unavailable, not sent, until a probe in the background gets an
+-- answer; each caller's own outage choice (on_outage, a settle tried again)
+-- applies at once instead of after a timeout per operation. Said once each
+-- way, and in the metrics.
+local stores = setmetatable({}, { __mode = "k" })
+local store_down = resil.metrics.gauge("resil_store_down",
+  "1 while a Redis store is down: its operations fail at once until a probe is answered, by store")
+local store_refused = resil.metrics.counter("resil_store_down_refused_total",
+  "Operations a Redis store failed at once, not sent, while down, by store")
+resil.metrics.collect(function()
+  for backend in pairs(stores) do
+    local st, label = backend.conn:state(), { store = resil.redact(backend.url) }
+    store_down:set(label, st.down and 1 or 0)
+    store_refused:collected(label, st.refused)
+  end
+end)
+
+local function on_state(url)
+  local refused_before = 0
+  return function(down, st)
+    local fields = { store = resil.redact(url) }
+    if down then
+      refused_before = st.refused
+      fields.error = st.error
+      resil.log.warn("redis: store down: its operations fail at once until it answers again", fields)
+    else
+      fields.down_for, fields.refused = st.down_for, st.refused - refused_before
+      resil.log.info("redis: store back", fields)
+    end
+  end
 end
 
 function R.open(url)
   local o, err = parse_url(url)
   if not o then return nil, resil.error("store_unavailable", err) end
+  o.on_state = on_state(url)
   local conn = resil.redis.connect(o)
-  return setmetatable({ conn = conn, url = url, kind = "redis", shas = {}, loading = {}, commits = 0, ops = 0 }, R)
+  local backend = setmetatable({ conn = conn, url = url, kind = "redis", shas = {}, loading = {}, commits = 0,
+                                 ops = 0 }, R)
+  stores[backend] = true
+  return backend
 end
 
-function R:stats() return { commits = self.commits, ops = self.ops, connected = self.conn:connected() } end
+-- (down: its operations fail at once; probes: probes without an answer this time; probe_every: the
+-- pause before the next)
+function R:stats()
+  local st = self.conn:state()
+  return { commits = self.commits, ops = self.ops, connected = self.conn:connected(), down = st.down,
+           probes = st.probes, probe_every = st.probe_every, refused = st.refused }
+end
 
 -- run a named script by SHA, loading it on first use or after a flush
 function R:script(name, keys, ...)
