@@ -172,7 +172,8 @@ describe("a frozen Redis (SIGSTOP)", function()
 
   -- (before: each claim refused so started a task to give it up, tried for a minute: a script whose
   -- store stayed down ended a minute late, saying each key "stays held")
-  it("an Idempotency-Key's claim refused at once while the store is down has nothing to give up", function()
+  it("an Idempotency-Key's claim refused at once while the store is down, or never sent, has nothing to give up",
+    function()
     local url = redis.url(5, "timeout=0.3")
     os.execute("kill -STOP " .. redis.pid)
     finally(function() os.execute("kill -CONT " .. redis.pid) end)
@@ -185,6 +186,15 @@ print(err.kind, err.sent)
     os.execute("kill -CONT " .. redis.pid)
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("store_unavailable\nstore_unavailable\tfalse\n", r.stdout)
+    assert.is_nil(r.stderr:find("could not be given up", 1, true), r.stderr)
+    -- nor is one whose connection could not be made (nothing there): it was never sent either
+    r = helpers.run_script([[
+local resil = require "resil"
+local _, err = resil.once("refused", function() return 1 end)
+print(err.kind, err.sent)
+]], ("--store redis://127.0.0.1:%d/0"):format(helpers.free_port()))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("store_unavailable\tfalse\n", r.stdout)
     assert.is_nil(r.stderr:find("could not be given up", 1, true), r.stderr)
   end)
 

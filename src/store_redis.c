@@ -181,9 +181,9 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     lua_setfield(L, -2, "kind");
     /* the connection was up: the command may have reached the server, and a
      * frozen one runs it when it thaws (a timeout drops the connection; the
-     * server still reads what it had received) */
-    if (ac && (ac->c.flags & REDIS_CONNECTED)) {
-      lua_pushboolean(L, 1);
+     * server still reads what it had received); never made, nothing was sent */
+    if (ac) {
+      lua_pushboolean(L, (ac->c.flags & REDIS_CONNECTED) != 0);
       lua_setfield(L, -2, "sent");
     }
   } else if (r->type == REDIS_REPLY_ERROR && unavailable_reply(r->str)) {
