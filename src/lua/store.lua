@@ -101,11 +101,11 @@ end
 -- The store URL's query -> {timeout=, down=, down_max=} | nil, message.
 -- ?timeout=SECONDS: how long any operation may wait (a frozen Redis,
 -- another process's SQLite write lock) before it returns nil,
--- err{kind="store_unavailable"}. Redis only: ?down=SECONDS, how long its
--- operations fail at once after one timed out (or a connection could not be
--- made) before a probe asks the server again, and ?down_max=SECONDS, how far
--- that pause grows while probes get no answer (down=0: never down; see
--- src/store_redis.c).
+-- err{kind="store_unavailable"}. Redis only, for the store's down state
+-- (its operations fail at once after one timed out, or a connection could
+-- not be made, until a probe is answered; src/store_redis.c): ?down=SECONDS
+-- from the first probe to the next, doubling while probes get no answer up
+-- to ?down_max=SECONDS (down=0: never down).
 local DEFAULT_TIMEOUT = 5
 local OPTIONS = {
   sqlite = { timeout = true, list = "timeout" },

@@ -566,8 +566,8 @@ function R.open(url)
   return backend
 end
 
--- (down: its operations fail at once; probes: probes without an answer this time; probe_every: the
--- pause before the next)
+-- (down: its operations fail at once; probes: probes without an answer this time; probe_every: from
+-- this probe to the next)
 function R:stats()
   local st = self.conn:state()
   return { commits = self.commits, ops = self.ops, connected = self.conn:connected(), down = st.down,
