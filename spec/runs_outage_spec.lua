@@ -113,6 +113,23 @@ resil.sleep(2) -- the lock is gone before the run ends
       assert.matches("unsaved%s+done_with_failures", runs.stdout) -- (before: done)
     end)
 
+  it("a step whose caller gave up while the run was being taken (store locked) leaves the next steps to take it",
+    function()
+      local r, db = with_lock([[
+assert(resil.store())
+take_lock(db, rel, 1.5)
+-- the first step's caller is canceled while its take of the run waits for the lock, then fails
+print(resil.timeout(0.1, function() return resil.step("a", function() return 1 end) end))
+resil.sleep(2.5) -- the lock is gone
+print(resil.step("b", function() return 2 end))
+print(resil.step("c", function() return 3 end))
+]], "gaveup")
+      -- (before: "nil store_unavailable ... database is locked" at every later step, the store back or not)
+      assert.matches("^nil\ttimeout[^\n]*\n2\n3\n$", r.stdout)
+      local runs = helpers.run(("%s runs show gaveup --store %s"):format(helpers.resil, db))
+      assert.matches("b%s+done", runs.stdout)
+    end)
+
   it("a second copy of a run whose steps are in resil.map stops with run_held and status 1", function()
     local db = helpers.tmpname(".db")
     local script = [[

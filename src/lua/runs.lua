@@ -103,12 +103,17 @@ local function current_run()
   if not s then return nil, serr end
   r.store = s
   r.starter = resil.spawn(function()
+    -- it forgets itself as it ends, even with the task that started it canceled meanwhile (a
+    -- resil.timeout around the step): left, every later step was told its store_unavailable
+    local me = resil.running()
+    local _ <close> = setmetatable({}, { __close = function() if r.starter == me then r.starter = nil end end })
     local done, generation = take_run(s, r.id)
     r.held, r.resumed, r.generation = true, done > 0, generation
     resil.log.info(done > 0 and "run resumed" or "run started", { run = r.id, steps_done = done })
   end)
-  local ok, err = r.starter:join()
-  r.starter = nil
+  local starter = r.starter
+  local ok, err = starter:join()
+  if r.starter == starter then r.starter = nil end
   if not ok then
     if resil.is_error(err) and err.kind == "store_unavailable" then
       r.take_error = err
