@@ -62,6 +62,18 @@ describe("resil-lua check", function()
     assert.matches("error: policies/bin%.lua: attempt to load a binary chunk", r.stdout)
   end)
 
+  it("does not hang on an error object whose __tostring loops: an error with file:line", function()
+    helpers.write(dir .. "/policies/loopy.lua",
+      "local e = setmetatable({}, { __tostring = function() while true do end end })\nerror(e)\n")
+    helpers.write(dir .. "/policies/yields.lua",
+      "error(setmetatable({}, { __tostring = function() coroutine.yield('said') return 'x' end }))\n")
+    local r = helpers.run(("cd %s && timeout 60 %s check policies/loopy.lua policies/yields.lua"):format(dir,
+      helpers.resil))
+    assert.are.equal(1, r.code, r.stdout .. r.stderr) -- (was: check hung, killed by timeout: 124)
+    assert.matches("error: policies/loopy%.lua:2: %(error object is a table value%)\n", r.stdout)
+    assert.matches("error: policies/yields%.lua:1: %(error object is a table value%)\n", r.stdout)
+  end)
+
   it("a registry in effect that does not compile is an error naming its line, not a traceback of the command",
     function()
     helpers.write(dir .. "/policies/models.lua", "return {}\n\nerror(42)\n")

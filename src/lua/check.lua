@@ -87,6 +87,16 @@ return function(args)
   -- a file that loops at load must not hang a pre-commit hook or a CI step:
   -- its chunk runs under an instruction budget and fails with file:line
   local BUDGET = 50000000
+  -- fn(...) in a coroutine of its own under the budget -> the coroutine, resume's results packed
+  local function capped(fn, ...)
+    local co = coroutine.create(fn)
+    debug.sethook(co, function()
+      debug.sethook(co, function() error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2) end,
+        "", 1) -- keeps firing, so a pcall inside cannot swallow it
+      error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2)
+    end, "", BUDGET)
+    return co, table.pack(coroutine.resume(co, ...))
+  end
   -- what a chunk raised, said with the file and line it raised at: an error that is not a string
   -- (error({...})) or has no position (error("...", 0)) was printed as "table: 0x..." or bare
   local function failure_at(co, path, e)
@@ -100,22 +110,17 @@ return function(args)
         break
       end
     end
-    local mt = getmetatable(e)
     if type(e) == "string" or type(e) == "number" then return where .. ": " .. e end
+    -- its __tostring is the policy's code too: under the same budget (one that looped hung check)
+    local mt = getmetatable(e)
     if type(mt) == "table" and mt.__tostring then
-      local ok, text = pcall(tostring, e)
-      if ok and type(text) == "string" then return where .. ": " .. text end
+      local co, r = capped(tostring, e)
+      if r[1] and coroutine.status(co) == "dead" and type(r[2]) == "string" then return where .. ": " .. r[2] end
     end
     return ("%s: (error object is a %s value)"):format(where, type(e))
   end
   local function run_capped(path, chunk, ...)
-    local co = coroutine.create(chunk)
-    debug.sethook(co, function()
-      debug.sethook(co, function() error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2) end,
-        "", 1) -- keeps firing, so a pcall inside cannot swallow it
-      error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2)
-    end, "", BUDGET)
-    local r = table.pack(coroutine.resume(co, ...))
+    local co, r = capped(chunk, ...)
     if not r[1] then return false, failure_at(co, path, r[2]) end
     if coroutine.status(co) ~= "dead" then return false, "it yielded at load" end
     return true, table.unpack(r, 2, r.n)
