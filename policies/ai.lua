@@ -80,9 +80,18 @@ for name, learned in pairs(served_tiers.by) do
   end
 end
 local NO_CONF = {} -- a provider not configured: one stable table, so its caller is kept
+-- cache = {ttl = seconds}: a TTL the store keeps (one it refuses left every answer uncached,
+-- each repeat paid for, a warning logged per call)
+local function cache_ok(c)
+  return type(c) == "table" and type(c.ttl) == "number" and c.ttl > 0 and c.ttl < math.huge
+end
+
 function ai.configure(provider, conf)
   if type(provider) ~= "string" then error("ai.configure: provider must be a string", 2) end
   if type(conf) ~= "table" then error("ai.configure: conf must be a table", 2) end
+  if conf.cache ~= nil and not cache_ok(conf.cache) then
+    error("ai.configure: cache must be {ttl = seconds}, seconds > 0", 2)
+  end
   if type(conf.api_key) == "string" and #conf.api_key >= 6 then resil.log.redact(conf.api_key) end
   if conf.service_tier ~= nil and type(conf.service_tier) ~= "string" then
     error("ai.configure: service_tier must be a string (\"priority\", \"flex\", \"default\", ...)", 2)
@@ -294,8 +303,7 @@ local function check_request(req, level)
   if req.max_tokens ~= nil and math.type(req.max_tokens) ~= "integer" then
     error("ai: max_tokens must be an integer", level + 1)
   end
-  if req.cache ~= nil and (type(req.cache) ~= "table" or type(req.cache.ttl) ~= "number"
-      or not (req.cache.ttl > 0 and req.cache.ttl < math.huge)) then
+  if req.cache ~= nil and not cache_ok(req.cache) then
     error("ai: cache must be {ttl = seconds}, seconds > 0", level + 1)
   end
   if req.give_up ~= nil and type(req.give_up) ~= "function" then

@@ -1082,6 +1082,24 @@ describe("chat over the strict mock", function()
     assert.is_true(math.abs(a.cost_usd - resil.cost.total({})) <= 1e-6) -- the ledger keeps micro-dollars
   end)
 
+  it("ai.configure's cache = {ttl=} that the store cannot keep raises at its line (it left every answer uncached)",
+    function()
+      for _, bad in ipairs({ { ttl = "60" }, { ttl = 0 }, { ttl = 0 / 0 }, { ttl = math.huge }, 60 }) do
+        local ok, err = pcall(function()
+          ai.configure("openai", { base_url = "http://127.0.0.1:1/v1", api_key = OPENAI_KEY, cache = bad })
+        end)
+        assert.is_false(ok)
+        assert.matches("ai_spec.lua:%d+: ai.configure: cache must be {ttl = seconds}, seconds > 0", err)
+      end
+      -- (before: accepted; each answer then logged "ai: result not cached" and each repeat was paid for)
+      ai.configure("openai", { base_url = m.url .. "/v1", api_key = OPENAI_KEY, cache = { ttl = 60 } })
+      local _ <close> = setmetatable({}, { __close = function() point_at(m.url) end })
+      assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS }))
+      local b = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS }))
+      assert.is_true(b.cached)
+      assert.are.equal(1, m:stats().routes.chat)
+    end)
+
   it("misuse raises at the caller's line", function()
     local ok, err = pcall(function() local r = ai.chat({ model = "gpt-4o", messages = MSGS }); return r end)
     assert.is_false(ok)
