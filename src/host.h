@@ -81,6 +81,7 @@ struct resil {
   size_t mem_used, mem_limit;
   long max_instructions;
   volatile sig_atomic_t interrupted;
+  int base_refused; /* event_base_loop refused to run: called from a callback of the base's own dispatch */
   lua_State *host_L;     /* the thread in host_pcall, if any */
   const char *host_what; /* what it runs, for messages */
   char host_stop[256];   /* why its cap stopped it, raised again until it returns */

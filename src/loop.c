@@ -1129,21 +1129,28 @@ static long preemptions(void) {
   return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : -1;
 }
 
+/* A pass of the event base. From a callback of the base's own dispatch (the program's
+ * event_base_dispatch running an event of its own), libevent refuses it: the host's loop, waiting
+ * on it, spun forever; it stops instead (loop_status: RESIL_ERR_USAGE). */
+static void base_loop(resil_t *R, int flags) {
+  if (event_base_loop(R->base, flags) == -1) R->base_refused = 1;
+}
+
 /* Wait for I/O; on the virtual clock, jump to the next timer once idle. */
 static void loop_wait(resil_t *R) {
   if (!R->virtual_clock || R->vheap_len == 0 || R->disk_pending > 0) {
-    event_base_loop(R->base, EVLOOP_ONCE);
+    base_loop(R, EVLOOP_ONCE);
     return;
   }
   if (R->io_pending == 0) {
-    event_base_loop(R->base, EVLOOP_NONBLOCK);
+    base_loop(R, EVLOOP_NONBLOCK);
   } else {
     struct timeval grace = {0, VIRTUAL_GRACE_USEC};
     double waited_from = monotonic_seconds();
     long preempted = preemptions();
     R->grace_expired = 0;
     evtimer_add(R->grace_ev, &grace);
-    event_base_loop(R->base, EVLOOP_ONCE);
+    base_loop(R, EVLOOP_ONCE);
     evtimer_del(R->grace_ev);
     if (!R->grace_expired) {
       R->graces_inconclusive = 0;
@@ -1160,7 +1167,8 @@ static void loop_wait(resil_t *R) {
     R->graces_inconclusive = 0;
   }
   /* (a store's flush in that turn may have left its tasks waiting for the disk) */
-  if (!R->ready_head && R->vheap_len > 0 && !R->interrupted && R->disk_pending == 0) virtual_advance(R);
+  if (!R->ready_head && R->vheap_len > 0 && !R->interrupted && R->disk_pending == 0 && !R->base_refused)
+    virtual_advance(R);
 }
 
 /* One turn: the ready tasks (then the turn-end work and a look at I/O),
@@ -1169,7 +1177,7 @@ static void loop_turn(resil_t *R) {
   if (R->ready_head) {
     loop_run_ready(R);
     for (int i = 0; i < R->nturn_end; i++) R->turn_end[i].fn(R->turn_end[i].arg);
-    if (R->ready_head && !R->interrupted) event_base_loop(R->base, EVLOOP_NONBLOCK);
+    if (R->ready_head && !R->interrupted) base_loop(R, EVLOOP_NONBLOCK);
   } else {
     loop_wait(R);
   }
@@ -1179,6 +1187,12 @@ static void loop_turn(resil_t *R) {
  * failure. main: 0 not looked at (resil_call), 1 reported each time
  * (resil_run stops on it), 2 reported once (resil_step). */
 static int loop_status(resil_t *R, int main) {
+  if (R->base_refused) {
+    R->base_refused = 0;
+    resil_set_error(R, "called from a callback of the host's event base while the program's event_base_dispatch "
+                       "runs it (libevent refuses a loop there): use resil_call_async there");
+    return RESIL_ERR_USAGE;
+  }
   if (R->interrupted) {
     char msg[64];
     snprintf(msg, sizeof msg, "interrupted by signal %d", (int)R->interrupted);
@@ -1209,7 +1223,7 @@ static void loop_leave(resil_t *R) {
 
 int loop_run(resil_t *R) {
   loop_enter(R);
-  while (R->tasks_alive > 0 && !R->interrupted) {
+  while (R->tasks_alive > 0 && !R->interrupted && !R->base_refused) {
     if (R->main_task && R->main_task->failed) break;
     loop_turn(R);
   }
@@ -1219,7 +1233,7 @@ int loop_run(resil_t *R) {
 
 int loop_run_until(resil_t *R, const int *done) {
   loop_enter(R);
-  while (!*done && R->tasks_alive > 0 && !R->interrupted) loop_turn(R);
+  while (!*done && R->tasks_alive > 0 && !R->interrupted && !R->base_refused) loop_turn(R);
   loop_leave(R);
   return loop_status(R, 0);
 }
@@ -1232,7 +1246,7 @@ int loop_step(resil_t *R, int timeout_ms) {
     loop_turn(R);
   } else if ((R->tasks_alive > 0 || timeout_ms >= 0) && !R->interrupted) { /* servers and signals need turns too */
     if (timeout_ms == 0) {
-      event_base_loop(R->base, EVLOOP_NONBLOCK);
+      base_loop(R, EVLOOP_NONBLOCK);
       if (R->virtual_clock && !R->ready_head && R->io_pending == 0 && R->disk_pending == 0 && R->vheap_len > 0)
         virtual_advance(R);
     } else {

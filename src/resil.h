@@ -118,7 +118,10 @@ RESIL_API int resil_load_file(resil_t *R, const char *path, int argc, char **arg
 RESIL_API int resil_load_string(resil_t *R, const char *code, const char *chunkname); /* code NULL: RESIL_ERR_USAGE */
 
 /* Run the loop until no task is left (or the main task fails). From inside the loop (a task's
- * resil_register function, a callback) it is refused with RESIL_ERR_USAGE, as resil_call is. */
+ * resil_register function, a callback, one of the program's own events that its
+ * event_base_dispatch of the host's base runs) it is refused with RESIL_ERR_USAGE, as resil_call
+ * is. (From such an event of the program's, resil_call finds out at its first wait: libevent
+ * refuses the loop there and says so on stderr; the call's task goes on, as after an interrupt.) */
 RESIL_API int resil_run(resil_t *R);
 
 /* The last error message, with a traceback when a task raised. Values read

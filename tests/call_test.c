@@ -105,6 +105,26 @@ static void on_done(void *ud, int status, const char *json) {
   if (s->base && s->calls == s->stop_after) event_base_loopbreak(s->base);
 }
 
+/* ---------- the embedder's own callback on the host's event base ---------- */
+
+/* resil_call and resil_run from a callback of the program's own event_base_dispatch: libevent
+ * refuses a loop inside it, and the host's loop, waiting on it, spun forever */
+static resil_t *dispatched_host;
+static int dispatched_call_status = -1, dispatched_run_status = -1;
+static char dispatched_error[512];
+static void call_from_dispatch(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  char *out = NULL;
+  alarm(20); /* (a loop that spins fails the test instead of hanging it) */
+  dispatched_call_status = resil_call(dispatched_host, "policies.router.wait", "[0.05]", &out);
+  snprintf(dispatched_error, sizeof dispatched_error, "%s", resil_error(dispatched_host));
+  free(out);
+  resil_load_string(dispatched_host, "require('resil').sleep(0.05)", "=inside");
+  dispatched_run_status = resil_run(dispatched_host);
+  alarm(0);
+  event_base_loopbreak(arg);
+}
+
 /* ---------- resil_interrupt from another thread ---------- */
 
 static void *interrupt_soon(void *arg) {
@@ -352,6 +372,22 @@ int main(void) {
   resil_call_async(RB, "policies.router.wait", "[3600]", on_done, &pending);
   resil_close(RB);
   check(pending.calls == 1 && pending.status == RESIL_ERR_INTERRUPT, "a call still running at resil_close hears RESIL_ERR_INTERRUPT");
+  event_base_free(base);
+
+  /* resil_call and resil_run from the program's own callback on the host's event base */
+  base = event_base_new();
+  ob.base = base;
+  dispatched_host = resil_open(&ob);
+  struct event *own_timer = evtimer_new(base, call_from_dispatch, base);
+  struct timeval soon = {0, 1000};
+  evtimer_add(own_timer, &soon);
+  event_base_dispatch(base);
+  check(dispatched_call_status == RESIL_ERR_USAGE && contains(dispatched_error, "event_base_dispatch") &&
+            dispatched_run_status == RESIL_ERR_USAGE,
+        "resil_call and resil_run from a callback of the program's own dispatch of the host's base are refused "
+        "with RESIL_ERR_USAGE (they spun forever)");
+  event_free(own_timer);
+  resil_close(dispatched_host);
   event_base_free(base);
 
   /* resil_call_async under resil_step */
