@@ -38,7 +38,10 @@ void resil_set_error(resil_t *R, const char *msg) {
   R->error = copy;
 }
 
-const char *resil_error(resil_t *R) { return R->error ? R->error : ""; }
+const char *resil_error(resil_t *R) {
+  if (!R) return "no host (NULL)";
+  return R->error ? R->error : "";
+}
 
 /* After fork the child has a copy of the host whose store thread is not in
  * it and whose connections, files and loop it shares with the parent:
@@ -47,6 +50,7 @@ const char *resil_error(resil_t *R) { return R->error ? R->error : ""; }
  * being closed. */
 int resil_refused(resil_t *R, const char *what) {
   char msg[200];
+  if (!R) return 1; /* no host to say why on: resil_error(NULL) says it */
   if (R->closing) {
     /* a done callback resil_close runs for a call that never ended: the Lua
      * state is gone (a new call from it crashed the program) */
@@ -60,8 +64,8 @@ int resil_refused(resil_t *R, const char *what) {
   resil_set_error(R, msg);
   return 1;
 }
-lua_State *resil_lua(resil_t *R) { return R->L; }
-struct event_base *resil_event_base(resil_t *R) { return R->base; }
+lua_State *resil_lua(resil_t *R) { return R ? R->L : NULL; }
+struct event_base *resil_event_base(resil_t *R) { return R ? R->base : NULL; }
 
 /* The memory cap applies to all Lua the host runs (tasks, and handlers and
  * reloads through host_pcall), all of it protected; the host's own
@@ -749,6 +753,7 @@ int api_leave(resil_t *R) {
 }
 
 void resil_interrupt(resil_t *R, int signo) {
+  if (!R) return;
   R->interrupted = signo ? signo : SIGINT;
   loop_interrupt_running(R);
   if (R->wake_pipe[1] >= 0) {

@@ -103,7 +103,9 @@ typedef struct resil_options {
   const char *sandbox_dirs; /* ':'-separated folders io.open may read and write under the sandbox */
 } resil_options;
 
-/* A new host; opts may be NULL (all defaults, the sandbox on). NULL only when memory is exhausted.
+/* A new host; opts may be NULL (all defaults, the sandbox on). NULL only when memory is exhausted;
+ * every function below given a NULL host refuses it (RESIL_ERR_USAGE, NULL, 0, or nothing), and
+ * resil_error(NULL) says so.
  * SIGPIPE, when it still has its default disposition (which kills the process at a write to a
  * socket its peer reset), is caught by a handler that does nothing from here on: the host's
  * servers handle EPIPE instead (and programs it starts get the default back at exec). An

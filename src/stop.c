@@ -13,6 +13,7 @@
  * asleep in epoll notices (loop.c's wake callback calls stop_notice).
  * -> 1 if a task has waited for a stop (it will act on it), 0 if none has. */
 int resil_request_stop(resil_t *R, int signo) {
+  if (!R) return 0; /* no host: nothing will act on it */
   R->stop_requested = signo ? signo : SIGTERM;
   if (R->stop_grace > 0) loop_watch_running(R); /* a task that loops now would keep the stop from running */
   if (R->wake_pipe[1] >= 0) {

@@ -6,6 +6,7 @@
  */
 #include <locale.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -309,6 +310,15 @@ int main(void) {
         "resil_run from inside a task is refused with RESIL_ERR_USAGE (a loop inside the loop hung)");
   check(resil_load_string(R, NULL, "=null") == RESIL_ERR_USAGE && contains(resil_error(R), "no code"),
         "resil_load_string with no code is refused with RESIL_ERR_USAGE");
+  /* no host (a resil_open that failed, unchecked): refused, never a crash */
+  check(resil_load_string(NULL, "x = 1", "=null") == RESIL_ERR_USAGE && resil_load_file(NULL, "x.lua", 0, NULL) ==
+            RESIL_ERR_USAGE && resil_run(NULL) == RESIL_ERR_USAGE && resil_reload(NULL) == RESIL_ERR_USAGE &&
+            resil_watch(NULL, 1) == RESIL_ERR_USAGE && resil_reload_on_sighup(NULL) == RESIL_ERR_USAGE &&
+            resil_request_stop(NULL, 0) == 0 && resil_lua(NULL) == NULL && resil_event_base(NULL) == NULL &&
+            contains(resil_error(NULL), "no host"),
+        "a NULL host is refused by every entry point (RESIL_ERR_USAGE), and resil_error(NULL) says so");
+  resil_interrupt(NULL, SIGINT);
+  resil_close(NULL);
 
   /* the log callback */
   load(R, "require('resil').log.info('from the script', { answer = 42 })\n");
