@@ -386,6 +386,8 @@ assert(s:set("k", "kept"))
     end
     raises(function() s:incr("n", 0 / 0) end, "store:incr: n must be a finite number")
     raises(function() s:incr("n", "x") end, "store:incr: n must be a finite number")
+    -- (the string "10" named as a string: "not 10" read as if 10 were refused)
+    raises(function() s:set("t", "v", "10") end, 'store:set: ttl must be .-, not the string "10"')
     raises(function() s:get(nil) end, "store:get: key must be a string")
     assert.is_nil(s:get("t"))
     assert.is_nil(s:get("n"))

@@ -4,7 +4,7 @@
 local resil = ...
 local S = require "resil.store"
 local owner = require "resil.owner"
-local store_now, store_or_fail = S.now, S.open
+local store_now, store_or_fail, shown = S.now, S.open, S.shown
 local encode_values, decode_values = S.encode_values, S.decode_values
 local pack, unpack = table.pack, table.unpack
 
@@ -156,11 +156,11 @@ function resil.once(spec, fn, ...)
   -- (a NaN or a string reached the store: an error from inside it, or a Redis store_error)
   for name, v in pairs({ lease = lease, retention = retention }) do
     if type(v) ~= "number" or not (v >= 0 and v < math.huge) then
-      error(("resil.once: %s must be a number of seconds >= 0, not %s"):format(name, tostring(v)), 2)
+      error(("resil.once: %s must be a number of seconds >= 0, not %s"):format(name, shown(v)), 2)
     end
   end
   if o.wait ~= nil and (type(o.wait) ~= "number" or not (o.wait >= 0)) then
-    error(("resil.once: wait must be a number of seconds >= 0, not %s"):format(tostring(o.wait)), 2)
+    error(("resil.once: wait must be a number of seconds >= 0, not %s"):format(shown(o.wait)), 2)
   end
   local s, serr = store_or_fail()
   if not s then return nil, serr end

@@ -305,6 +305,12 @@ end
 -- key/value for policies' own state. Misuse raises at the caller's line: a
 -- NaN TTL was a key kept for good on SQLite and a store_error on Redis, a
 -- string one an error from inside the backend
+-- a bad value as the message shows it: the string "60" is not the number 60
+local function shown(v)
+  if type(v) == "string" then return ("the string %q"):format(#v > 40 and v:sub(1, 40) .. "..." or v) end
+  return tostring(v)
+end
+
 local function check_key(what, key)
   if type(key) ~= "string" and type(key) ~= "number" then
     error(("store:%s: key must be a string, not %s"):format(what, type(key)), 3)
@@ -312,7 +318,7 @@ local function check_key(what, key)
 end
 local function check_ttl(what, ttl)
   if ttl ~= nil and (type(ttl) ~= "number" or not (ttl > 0 and ttl < math.huge)) then
-    error(("store:%s: ttl must be a number of seconds > 0, or nil for none, not %s"):format(what, tostring(ttl)), 3)
+    error(("store:%s: ttl must be a number of seconds > 0, or nil for none, not %s"):format(what, shown(ttl)), 3)
   end
 end
 function Store:get(key)
@@ -332,7 +338,7 @@ end
 function Store:incr(key, n, ttl)
   check_key("incr", key)
   if n ~= nil and (type(n) ~= "number" or n ~= n or n == math.huge or n == -math.huge) then
-    error(("store:incr: n must be a finite number, not %s"):format(tostring(n)), 2)
+    error(("store:incr: n must be a finite number, not %s"):format(shown(n)), 2)
   end
   check_ttl("incr", ttl)
   return self.backend:kv_incr(key, n or 1, ttl, store_now())
@@ -532,4 +538,5 @@ return {
   encode_values = encode_values,
   decode_values = decode_values,
   holds_secret = holds_secret,
+  shown = shown,
 }
