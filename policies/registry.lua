@@ -102,6 +102,10 @@ local function structure_errors(entries, file)
             elseif d.weight ~= nil and (type(d.weight) ~= "number" or d.weight < 0) then
               bad(key, "deployments[%d].weight must be a number >= 0", i)
             elseif d.config ~= nil and type(d.config) ~= "table" then bad(key, "deployments[%d].config must be a table", i)
+            -- (as ai.configure's: a TTL the store refuses left every answer uncached, each repeat paid for)
+            elseif type(d.config) == "table" and d.config.cache ~= nil and not (type(d.config.cache) == "table"
+              and type(d.config.cache.ttl) == "number" and d.config.cache.ttl > 0 and d.config.cache.ttl < math.huge) then
+              bad(key, "deployments[%d].config.cache must be {ttl = seconds}, seconds > 0", i)
             end
           end
         end

@@ -141,6 +141,20 @@ return {
       r.stdout)
   end)
 
+  -- (before: a deployment's cache TTL the store refuses, "60" read from the environment, left each
+  -- answer uncached, every repeat paid for, a warning per call)
+  it("a deployment's cache of the wrong kind is an error at its line", function()
+    helpers.write(dir .. "/policies/models.lua", [[
+return {
+  ["spread"] = { deployments = { { use = "openai/gpt-4o-mini-2024-07-18", config = { cache = { ttl = "60" } } } } },
+}
+]])
+    local r = check()
+    assert.are.equal(1, r.code)
+    assert.matches("error: policies/models%.lua:2: model 'spread': deployments%[1%]%.config%.cache must be {ttl = "
+      .. "seconds}, seconds > 0", r.stdout)
+  end)
+
   it("checks the registry file given, and exits 0 when it only warns", function()
     helpers.write(dir .. "/staging-models.lua", 'return { fast = { use = "openai/gpt-4o" } }\n')
     os.rename(dir .. "/staging-models.lua", dir .. "/models.lua")
