@@ -108,6 +108,19 @@ describe("the resil-lua command", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  -- (before: 'bad argument #-1 to 'connect' (number has no integer representation)' and a traceback;
+  -- 4294967296 was cut to database 0, another store's keys)
+  it("refuses a Redis --store URL whose database is no number Redis takes, naming the URL", function()
+    for _, db in ipairs({ "99999999999999999999", "4294967296" }) do
+      local url = "redis://127.0.0.1:6379/" .. db
+      local r = helpers.run(R .. " runs --store " .. url)
+      assert.are.equal(1, r.code, db)
+      assert.are.equal("", r.stdout)
+      assert.are.equal(("resil-lua: store_unavailable: redis: database %s in URL %s is not one (0 to 2147483647)\n")
+        :format(db, url), r.stderr)
+    end
+  end)
+
   it("refuses a --since that is not a date", function()
     for _, bad in ipairs({ "2026-13-45", "2026-02-29", "2026-00-10" }) do
       local r = helpers.run(R .. " costs --since " .. bad .. " --store " .. helpers.tmpname(".db"))

@@ -22,6 +22,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -773,7 +774,9 @@ static int l_connect(lua_State *L) {
   lua_getfield(L, 1, "port");
   c->port = (int)luaL_optinteger(L, -1, 6379);
   lua_getfield(L, 1, "db");
-  c->db = (int)luaL_optinteger(L, -1, 0);
+  lua_Integer db = luaL_optinteger(L, -1, 0);
+  if (db < 0 || db > INT_MAX) return luaL_error(L, "redis: db must be from 0 to %d", INT_MAX); /* (was cut to an int) */
+  c->db = (int)db;
   lua_getfield(L, 1, "password");
   if (lua_isstring(L, -1)) c->password = strdup(lua_tostring(L, -1));
   lua_getfield(L, 1, "timeout");

@@ -517,7 +517,12 @@ local function parse_url(url)
   if port < 1 or port > 65535 then -- (hiredis took 99999 as 34463, and each command said "Connection refused")
     return nil, ("redis: port %d in URL %s is not one (1 to 65535)"):format(port, url)
   end
-  o.host, o.port, o.db, o.password = host, port, tonumber(db) or 0, password
+  -- (a number past 2^63 raised inside connect with a traceback; one past 2^31 was cut to another database)
+  local dbn = db == "" and 0 or math.tointeger(tonumber(db))
+  if not dbn or dbn > 2147483647 then
+    return nil, ("redis: database %s in URL %s is not one (0 to 2147483647)"):format(db, url)
+  end
+  o.host, o.port, o.db, o.password = host, port, dbn, password
   return o
 end
 
