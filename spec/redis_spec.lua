@@ -186,6 +186,21 @@ describe("resil.once on Redis", function()
   end)
 end)
 
+describe("the key/value store on Redis", function()
+  -- (before: "store_error: ERR invalid expire time": the TTL became PX 0)
+  it("takes a TTL under a millisecond as SQLite does: kept that long, not refused", function()
+    for _, url in ipairs({ fresh_url(), helpers.tmpname(".db") }) do
+      local s = assert(resil.store(url))
+      assert.is_true(s:set("brief", "v", 0.0001), url)
+      assert.are.equal(2, s:incr("brief-n", 2, 0.0001), url)
+      resil.sleep(0.05)
+      assert.is_nil(s:get("brief"), url)
+      assert.is_true(s:set("kept", "v", 30), url)
+      assert.are.equal("v", s:get("kept"), url)
+    end
+  end)
+end)
+
 describe("budgets on Redis", function()
   before_each(function() fresh_url() end)
 

@@ -20,7 +20,7 @@ return redis.call('GET', KEYS[1])
 scripts.kv_incr = [[
 local v = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then
-  redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000))
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(ARGV[2]) * 1000)))
 end
 return v
 ]]
@@ -79,7 +79,7 @@ local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'owner', 'locked_
 if not r[2] then
   redis.call('HSET', KEYS[1], 'fingerprint', fp, 'state', 'running', 'owner', me, 'locked_at', ARGV[5],
     'created_at', ARGV[5], 'claim', ARGV[9])
-  redis.call('PEXPIRE', KEYS[1], math.floor(retention * 1000))
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(retention * 1000)))
   return {'claimed'}
 end
 if r[1] ~= fp then return {'key_reused'} end
@@ -87,7 +87,7 @@ if r[2] == 'done' then return {'done', r[5]} end
 local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], now)
 if alive == false or (alive == nil and tonumber(r[4]) + lease <= now) then
   redis.call('HSET', KEYS[1], 'owner', me, 'locked_at', ARGV[5], 'claim', ARGV[9])
-  if redis.call('PTTL', KEYS[1]) < retention * 1000 then redis.call('PEXPIRE', KEYS[1], math.floor(retention * 1000)) end
+  if redis.call('PTTL', KEYS[1]) < retention * 1000 then redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(retention * 1000))) end
   return {'claimed', 'takeover'}
 end
 return {'in_progress', r[4], r[3]}
@@ -97,7 +97,7 @@ scripts.once_finish = [[
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'done', 'result', ARGV[2])
 redis.call('HDEL', KEYS[1], 'locked_at')
-redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000))
+redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(ARGV[3]) * 1000)))
 return 1
 ]]
 
@@ -496,6 +496,10 @@ return {1, 'probe'}
 
 -- ---------- plumbing ----------
 
+-- seconds as the milliseconds of a PX or PEXPIRE, at least 1: a TTL under a millisecond was 0,
+-- which SET refuses ("invalid expire time") and PEXPIRE takes as "delete now"; SQLite keeps it
+local function ms(seconds) return math.max(1, math.floor(seconds * 1000)) end
+
 local function parse_url(url)
   local scheme, rest = url:match("^(rediss?)://(.*)$")
   if scheme == "rediss" then return nil, "redis: TLS (rediss://) needs hiredis >= 1.0; this build has no TLS" end
@@ -649,7 +653,7 @@ function R:owner_beat(me, lease_until, now, held)
   for token in pairs(held or {}) do
     if token:sub(1, 5) == "once:" then records[#records + 1] = P .. token end
   end
-  local lease_ms = math.floor(owner.lease * 1000)
+  local lease_ms = ms(owner.lease)
   local from = 1
   repeat
     local keys = { OWNERS, table.unpack(records, from, math.min(from + BEAT_KEYS - 1, #records)) }
@@ -693,7 +697,7 @@ end
 
 function R:kv_set(key, value, ttl)
   local reply, err
-  if ttl then reply, err = self.conn:call("SET", P .. "kv:" .. key, value, "PX", math.floor(ttl * 1000))
+  if ttl then reply, err = self.conn:call("SET", P .. "kv:" .. key, value, "PX", ms(ttl))
   else reply, err = self.conn:call("SET", P .. "kv:" .. key, value) end
   if reply == nil then return nil, err end
   return true
