@@ -539,3 +539,35 @@ for _, b in ipairs(helpers.store_backends()) do
     end)
   end)
 end
+
+describe("budgets set against a frozen Redis (SIGSTOP)", function()
+  local redis
+  setup(function() redis = helpers.redis_server() end)
+  teardown(function() redis.stop() end)
+
+  local function connections()
+    local info = sh(("redis-cli -p %d INFO stats"):format(redis.port)).stdout
+    return tonumber(info:match("total_connections_received:(%d+)"))
+  end
+
+  -- (before: each read that failed was taken for "none" and the next tried: six operations, each
+  -- on a connection of its own with ?down=0, each waiting its timeout; and the last, the limit's
+  -- write, ran as Redis thawed, after the command had said it failed)
+  it("fails with the first read's error, after one timeout, and changes nothing", function()
+    local url = redis.url(nil, "timeout=1&down=0")
+    local function cli(args) return sh(("%s budgets %s --store '%s'"):format(helpers.resil, args, url)) end
+    local r = cli("set frozen --limit 5")
+    assert.are.equal(0, r.code, r.stderr)
+    local before = connections()
+    os.execute("kill -STOP " .. redis.pid)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    r = cli("set frozen --limit 6")
+    os.execute("kill -CONT " .. redis.pid)
+    assert.are.equal(1, r.code)
+    assert.are.equal(("resil-lua: budgets set: store_unavailable: redis 127.0.0.1:%d: no reply within 1 s\n")
+      :format(redis.port), r.stderr)
+    -- one connection, for the one operation sent (and one for the INFO that counts them)
+    assert.are.equal(2, connections() - before)
+    assert.matches("limit %$5%.000000", cli("show frozen").stdout)
+  end)
+end)

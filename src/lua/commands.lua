@@ -398,18 +398,26 @@ function commands.budgets(args)
     -- a gateway key's budget is "key:NAME": `budgets set NAME` made a budget
     -- nothing reserves against, and the key went on spending to its old limit
     -- the budget of the live key named n, when it has one
+    -- Each read that fails stops it with the store's error: taken for "none", each went on to the
+    -- next, and against a frozen Redis (?down=0) each waited its timeout (six of them)
     local function key_budget(n)
-      for _, rec in ipairs(require("resil.keys").list() or {}) do
+      local list, kerr = require("resil.keys").list()
+      if not list then fail("budgets set: %s", tostring(kerr)) end
+      for _, rec in ipairs(list) do
         if rec.name == n and rec.budget and not rec.revoked then return rec.budget end
       end
     end
-    if not name:find("^key:") and not s.backend:budget_config(name)
-      and (key_budget(name) or s.backend:budget_config("key:" .. name)) then
+    local function config_of(n)
+      local cfg, cerr = s.backend:budget_config(n)
+      if cfg == nil and cerr ~= nil then fail("budgets set: %s", tostring(cerr)) end
+      return cfg
+    end
+    if not name:find("^key:") and not config_of(name) and (key_budget(name) or config_of("key:" .. name)) then
       fail("budgets set: no budget is named '%s'; the gateway key %s's budget is 'key:%s' " ..
         "(resil-lua budgets set key:%s --limit ...)", name, name, name, name)
     end
     if not per then -- keep the period the budget has
-      local cfg = s.backend:budget_config(name) or {}
+      local cfg = config_of(name) or {}
       -- (a key's budget before the gateway's first reservation: its record's period, not none)
       local kb = not cfg.per and not cfg.declared_per and name:match("^key:(.+)$") and key_budget(name:sub(5))
       per = cfg.per or cfg.declared_per or kb and kb.per or "none"
