@@ -103,6 +103,32 @@ describe("a frozen Redis (SIGSTOP)", function()
     assert.are.equal(1, ran)
   end)
 
+  -- (before: while the store was down its give-up was refused at once, not sent, for the minute it
+  -- is tried; past that the claim ran at the thaw and named this live process for good: the key was
+  -- "in progress" while it lived. A minute on the virtual clock: the freeze is real time)
+  it("a claim sent as Redis froze is given up at the thaw however long the freeze: its give-up reaches the " ..
+     "frozen server, as the claim did", function()
+    resil.log.level("off")
+    local url = redis.url(6, "timeout=0.1")
+    resil.store_config({ url = url })
+    local s = assert(resil.store(url))
+    assert.are.equal(1, s:incr("warm"))
+    assert(resil.once("warm-claim", function() return true end)) -- (the scripts loaded)
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    os.execute("kill -STOP " .. redis.pid)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    local ran = 0
+    local function fn() ran = ran + 1; return "answer" end
+    local _, err = resil.once({ key = "long-freeze", wait = 1 }, fn)
+    assert.are.equal("store_unavailable", err.kind)
+    resil.sleep(120) -- (its give-up is tried for a minute)
+    os.execute("kill -CONT " .. redis.pid)
+    assert.is_true(helpers.wait_until(function() return s:incr("warm") ~= nil end, 20))
+    local r, rerr = resil.once({ key = "long-freeze", wait = 1 }, fn)
+    assert.are.same({ "answer", 1 }, { r, ran }, tostring(rerr))
+  end)
+
   -- (before: every operation during the freeze was sent on a new connection and waited its whole
   -- timeout, 5 s by default; a gateway request makes two, so each waited some 10 s for its 503)
   it("after a timeout the store is down: the next operations fail at once, a shared bucket admits from its " ..

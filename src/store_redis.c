@@ -488,8 +488,24 @@ static int command_args(lua_State *L, int first, const char **argv_s, size_t *ar
 
 /* The command sent (queued on the connection, in order): -> it, or NULL
  * with nil, err pushed. The conn is at index 1. */
+/* The calling task's writes go to a store that is down too: those tried again
+ * until the store takes them (store.lua's retry_write: a give-up, a settle,
+ * a once record). Refused at once, none reached a frozen server, which runs
+ * what it had received as it thaws: past their minute of tries a claim or a
+ * reservation sent before the freeze ran then and was never given up. */
+static int sends_when_down(lua_State *L) {
+  int yes = 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "resil.redis.sends_when_down") == LUA_TTABLE) {
+    lua_pushthread(L);
+    yes = lua_rawget(L, -2) != LUA_TNIL;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return yes;
+}
+
 static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char **argv_s, size_t *argv_len) {
-  if (c->down) { /* not sent: it cannot run when the server thaws (err.sent = false) */
+  if (c->down && !sends_when_down(L)) { /* not sent: it cannot run when the server thaws (err.sent = false) */
     c->refused++;
     if (c->last_error[0]) resil_error_result(L, "store_unavailable", "%s (the store is down: not sent)", c->last_error);
     else resil_error_result(L, "store_unavailable", "redis %s:%d: the store is down: not sent", c->host, c->port);

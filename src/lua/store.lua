@@ -514,10 +514,18 @@ end
 -- once record): write() tried again, backing off from 50 ms to 2 s, until the
 -- store answers or a minute has gone. In a task of the caller's; -> write()'s
 -- last results (nil, err when the store never took it).
+-- Its attempts are sent to a Redis store that is down too (src/store_redis.c, sends_when_down), each
+-- waiting its timeout: a frozen server runs them as it thaws, after what they follow.
 local RETRY_FOR = 60
+local sends_when_down = setmetatable({}, { __mode = "k" })
+debug.getregistry()["resil.redis.sends_when_down"] = sends_when_down
+local sending_ended = { __close = function(o) sends_when_down[o.co] = nil end }
 local function retry_write(write)
   local pause, deadline = 0.05, resil.now() + RETRY_FOR
   local ok, err
+  local co = coroutine.running()
+  sends_when_down[co] = true
+  local _ <close> = setmetatable({ co = co }, sending_ended)
   repeat
     resil.sleep(pause)
     pause = math.min(pause * 2, 2)
