@@ -129,6 +129,23 @@ describe("a frozen Redis (SIGSTOP)", function()
     assert.are.same({ "answer", 1 }, { r, ran }, tostring(rerr))
   end)
 
+  -- (before: the probe went on waiting on the closed connection, holding no reference to the conn:
+  -- no probe followed it, and a conn collected meanwhile had its memory written by the probe's
+  -- deadline and reply, as valgrind showed)
+  it("a connection closed while its probe waits for the frozen server goes on probing, then finds it", function()
+    local conn = resil.redis.connect({ port = redis.port, db = 7, timeout = 0.2, down = 0.1, down_max = 0.1 })
+    assert.are.equal("PONG", conn:call("PING"))
+    os.execute("kill -STOP " .. redis.pid)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    assert.is_nil((conn:call("PING")))
+    resil.sleep(0.05) -- (the first probe is sent)
+    conn:close()
+    assert.is_true(helpers.wait_until(function() return conn:state().probes >= 3 end, 10), "no probe followed")
+    os.execute("kill -CONT " .. redis.pid)
+    assert.is_true(helpers.wait_until(function() return not conn:state().down end, 10))
+    assert.are.equal("PONG", conn:call("PING"))
+  end)
+
   -- (before: every operation during the freeze was sent on a new connection and waited its whole
   -- timeout, 5 s by default; a gateway request makes two, so each waited some 10 s for its 503)
   it("after a timeout the store is down: the next operations fail at once, a shared bucket admits from its " ..

@@ -631,7 +631,13 @@ static int conn_close(lua_State *L) {
   if (c->ac) {
     redisAsyncContext *ac = c->ac;
     c->ac = NULL;
-    redisAsyncDisconnect(ac); /* pending replies still arrive, then it is freed */
+    c->connected = 0;
+    /* A probe on it holds no reference to the conn: waiting for its reply
+     * there, it outlived a conn collected meanwhile (its deadline and reply
+     * wrote to freed memory), and no probe followed it. Freed now, it fails,
+     * and the next is made on a connection of its own. */
+    if (c->probe) redisAsyncFree(ac);
+    else redisAsyncDisconnect(ac); /* pending replies still arrive, then it is freed */
   }
   return 0;
 }
