@@ -118,6 +118,24 @@ describe("resil.once on Redis", function()
     assert.are.equal(2, calls) -- work once, refuse once
   end)
 
+  it("resil.once_replay reads a finished record's results, claiming nothing; a store that is down is false",
+    function()
+      local s = resil.store()
+      local fp = require("resil.once").fingerprint
+      local now = resil.store_now()
+      assert.is_false(resil.once_replay("peek-none", 1))
+      assert.are.equal("claimed", s.backend:once_claim("peek-none", fp(1), "other", 300, 86400, now, now + 30))
+      assert.is_false(resil.once_replay("peek-none", 1)) -- running elsewhere
+      assert.are.equal(42, (resil.once({ key = "peek-done", retention = 0.3 }, work, 21)))
+      assert.are.same({ true, 42 }, { resil.once_replay("peek-done", 21) })
+      assert.is_false(resil.once_replay("peek-done", 22)) -- other arguments: resil.once says key_reused
+      resil.sleep(0.4) -- expired
+      assert.is_false(resil.once_replay("peek-done", 21))
+      assert.are.equal(1, calls)
+      resil.store_config({ url = "redis://127.0.0.1:1" }) -- nobody there
+      assert.is_false(resil.once_replay("peek-done", 21))
+    end)
+
   it("keeps a running record past its retention while its run goes on: fn runs once", function()
     local asked = false -- the run goes on until the spec has asked (however late, on a slow machine)
     local first = resil.spawn(resil.once, { key = "long-run", fingerprint = "fp", retention = 0.2 }, function()

@@ -536,6 +536,27 @@ describe("resil.once", function()
     assert.are.equal(2, calls)
   end)
 
+  -- (the gateway asks it before a key's rate limits: a claim there would hold the key for a request
+  -- the limits then refuse)
+  it("resil.once_replay reads a finished record's results, claiming nothing; anything else is false", function()
+    local s = resil.store()
+    local fp = require("resil.once").fingerprint
+    assert.is_false(resil.once_replay("peek-none", 1))
+    assert.are.equal("claimed", s.backend:once_claim("peek-none", fp(1), "other-process", 300, 86400,
+      resil.store_now(), resil.store_now() + 30)) -- the read left the key free
+    assert.is_false(resil.once_replay("peek-none", 1)) -- running elsewhere
+    resil.once({ key = "peek-done", retention = 5 }, work, 1)
+    assert.are.same({ true, 2, { note = "ok" } }, { resil.once_replay("peek-done", 1) })
+    assert.is_false(resil.once_replay("peek-done", 2)) -- other arguments: resil.once says key_reused
+    local refused = resil.error("bad_request", "prompt refused", { status = 400, retryable = false })
+    resil.once({ key = "peek-failed", fingerprint = "f" }, function() return nil, refused end)
+    local found, res, err = resil.once_replay({ key = "peek-failed", fingerprint = "f" })
+    assert.are.same({ true, nil, 400 }, { found, res, err.status })
+    resil.sleep(6) -- past the record's retention (kept until swept or claimed)
+    assert.is_false(resil.once_replay("peek-done", 1))
+    assert.are.equal(1, calls)
+  end)
+
   it("releases the key when fn raises", function()
     assert.has_error(function() resil.once("job-8", function() calls = calls + 1; error("bug") end) end)
     assert.are.equal("fine", (resil.once("job-8", function() calls = calls + 1; return "fine" end)))

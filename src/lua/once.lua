@@ -227,6 +227,26 @@ function resil.once(spec, fn, ...)
   end
 end
 
+-- resil.once_replay(key | {key=, fingerprint=}, ...) -> true, the stored results | false.
+-- A read, claiming nothing: the results of a key whose fn has ended with these
+-- arguments (counted as a replay, as resil.once's). Anything else (no record,
+-- one still running, other arguments, an unreadable record, the store
+-- unavailable) is false, for resil.once itself to answer: a caller asks
+-- before work a replay does not need (the gateway: before a key's rate limits).
+function resil.once_replay(spec, ...)
+  local o = type(spec) == "table" and spec or { key = spec }
+  local key = o.key
+  if type(key) ~= "string" or key == "" then error("resil.once_replay: key must be a non-empty string", 2) end
+  local s = store_or_fail()
+  if not s then return false end
+  local state, data = s.backend:once_peek(key, o.fingerprint or fingerprint_of(...), store_now())
+  if state ~= "done" then return false end
+  local r = decode_values(data)
+  if not r then return false end
+  replays_total:inc()
+  return true, unpack(r, 1, r.n)
+end
+
 -- Drop idempotency records past their retention.
 function resil.once_reap()
   return S.open_or_raise(2).backend:once_reap(store_now())

@@ -740,6 +740,17 @@ function R:once_claim(key, fingerprint, me, lease, retention, now, lease_until, 
   end
 end
 
+-- A read of the key's record, claiming nothing (one past its retention has expired):
+-- -> "done", result | "key_reused" | "running" | "none"
+function R:once_peek(key, fingerprint)
+  local r, err = self.conn:call("HMGET", P .. "once:" .. key, "fingerprint", "state", "result")
+  if r == nil then return nil, err end
+  if not r[2] then return "none" end
+  if r[1] ~= fingerprint then return "key_reused" end
+  if r[2] == "done" then return "done", r[3] or nil end
+  return "running"
+end
+
 function R:once_finish(key, owner, result, retention)
   local n, err = self:script("once_finish", { P .. "once:" .. key }, owner, result, retention)
   if n == nil then return nil, err end

@@ -314,6 +314,19 @@ function B:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
   end)
 end
 
+-- A read of the key's record, claiming nothing (it never waits for a writer):
+-- -> "done", result | "key_reused" | "running" | "none" (none, or one past its retention)
+function B:once_peek(key, fingerprint, now)
+  local row, err = read(self, function(tx)
+    return tx:row("SELECT fingerprint, state, result, expires_at FROM idempotency WHERE key = ?", key)
+  end)
+  if err then return nil, err end
+  if row == nil or (row.state == "done" and row.expires_at <= now) then return "none" end
+  if row.fingerprint ~= fingerprint then return "key_reused" end
+  if row.state == "done" then return "done", row.result end
+  return "running"
+end
+
 function B:once_finish(key, owner, result, retention, now)
   return self.db:tx(function(tx)
     return tx:exec("UPDATE idempotency SET state = 'done', result = ?, locked_at = NULL, expires_at = ? " ..
