@@ -1136,9 +1136,20 @@ function complete_admitted(req, api, id, rec, slot)
   end
   r.ledger_sync, r.ledger_wait = gateway.config.ledger_sync, gateway.config.ledger_wait
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
-  local limited, tpm = key_limits(rec, api, req.body, r.max_tokens)
-  if limited then return with_id(limited, id) end
   local idem = req.headers["idempotency-key"]
+  local once_spec, res, err, replayed
+  if idem and idem ~= "" and b.stream ~= true then
+    once_spec = { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
+      fingerprint = resil.hash(api .. "\0" .. req.body) }
+    -- an answer already kept under the key is served before the key's rate limits: it calls no
+    -- provider (an SDK's retry after a timeout, its tpm spent by that first call, got 429s)
+    replayed, res, err = resil.once_replay(once_spec)
+  end
+  local limited, tpm
+  if not replayed then
+    limited, tpm = key_limits(rec, api, req.body, r.max_tokens)
+    if limited then return with_id(limited, id) end
+  end
 
   -- tools, or a JSON schema (whose refusal a text stream cannot carry)
   local tools = type(r.tools) == "table" and next(r.tools) ~= nil
@@ -1179,12 +1190,11 @@ function complete_admitted(req, api, id, rec, slot)
     return correcting_stream(reply, tpm, s)
   end
 
-  local res, err, replayed
-  if idem and idem ~= "" then
+  if replayed then -- (kept: res, err)
+  elseif once_spec then
     local ran = false
     local joined
-    joined, res, err = run_to_end(slot, r, resil.once, { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
-      fingerprint = resil.hash(api .. "\0" .. req.body) }, function()
+    joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
       ran = true
       local ok, v, e = pcall(correcting_tpm(tpm, ai.chat), r)
       if not ok and host_failure(v) then -- not the request's fault: nothing kept under its key

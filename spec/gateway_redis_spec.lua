@@ -426,6 +426,31 @@ describe("the gateway on Redis: a key's tokens per minute", function()
   end)
 end)
 
+describe("the gateway on Redis: an Idempotency-Key replay", function()
+  -- (before: the key's shared tpm bucket came before the lookup: the retry of an answer already
+  -- paid for was a 429 while that first answer had spent the key's tokens)
+  it("is served while its key's tpm is spent; a new request is still a 429", function()
+    local url, m = start()
+    m:configure({ strict = true, reply = ("word "):rep(100) })
+    local key = assert(keys.add({ name = "retrying", tpm = 60 }))
+    -- estimated past 60 (capped there), and more used: the bucket is empty whenever the correction lands
+    local body = json.encode({ model = "gpt-4o-mini", messages = { { role = "user", content = ("word "):rep(60) } } })
+    local function send(idem)
+      return assert(http.request({ method = "POST", url = url, body = body, headers = {
+        authorization = "Bearer " .. key, ["content-type"] = "application/json", ["idempotency-key"] = idem } }))
+    end
+    local first = send("timed-out")
+    assert.are.equal(200, first.status, first.body)
+    local again = send("timed-out")
+    assert.are.equal(200, again.status, again.body)
+    assert.are.equal("true", again.headers["x-resil-replayed"])
+    assert.are.equal("0.000000", again.headers["x-resil-cost-usd"])
+    assert.are.equal(json.decode(first.body).id, json.decode(again.body).id)
+    assert.are.equal(429, send(nil).status)
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+end)
+
 describe("the gateway on Redis: a server that evicts keys", function()
   it("is said once, at the store's first use: its keys, budgets and idempotency records may vanish", function()
     local function config_set(k, v)

@@ -1151,6 +1151,40 @@ describe("gateway: virtual keys", function()
     assert.are.equal(1, m:stats().routes.chat)
   end)
 
+  -- (before: the key's rate limits came before the lookup: an SDK retrying after a timeout, its
+  -- key's tpm spent by that very first call, got 429s instead of the answer it had paid for)
+  it("an Idempotency-Key replay is served while its key's tpm or rpm is spent; a new request is still a 429",
+    function()
+      local url, m = start({ strict = true, reply = ("word "):rep(100) }, { auth = true })
+      local function replays()
+        local text = assert(http.request({ url = url .. "/metrics" })).body
+        return tonumber(text:match("\nresil_once_replays_total (%S+)")) or 0
+      end
+      -- about 20 tokens estimated, 101 used: the first answer leaves the key's 60 a minute in debt
+      local spent_tpm = assert(keys.add({ name = "team-tpm", tpm = 60 }))
+      local spent_rpm = assert(keys.add({ name = "team-rpm", rpm = 1 }))
+      local body = { model = "fast", messages = { { role = "user", content = "hi" } } }
+      for i, key in ipairs({ spent_tpm, spent_rpm }) do
+        local h = bearer(key)
+        h["idempotency-key"] = "timed-out-" .. i
+        local first = post(url .. "/v1/chat/completions", body, h)
+        assert.are.equal(200, first.status, first.body)
+        local before = replays()
+        local again = post(url .. "/v1/chat/completions", body, h)
+        assert.are.equal(200, again.status, again.body)
+        assert.are.equal("true", again.headers["x-resil-replayed"])
+        assert.are.equal("0.000000", again.headers["x-resil-cost-usd"])
+        assert.are.equal(json.decode(first.body).id, json.decode(again.body).id)
+        assert.are.equal(before + 1, replays())
+        -- the key's limits still hold for anything else: a request without the key, and another
+        -- body under it (not a replay: refused as before, by the limit)
+        assert.are.equal(429, post(url .. "/v1/chat/completions", body, bearer(key)).status)
+        local other = { model = "fast", messages = { { role = "user", content = "something else" } } }
+        assert.are.equal(429, post(url .. "/v1/chat/completions", other, h).status)
+      end
+      assert.are.equal(2, m:stats().routes.chat)
+    end)
+
   -- Three clients that give up on a call of `path` before its answer (a key with a budget): the
   -- calls are finished and recorded, their cost in the key's budget, no hold left behind
   local function clients_give_up(path, body, route, mock)
