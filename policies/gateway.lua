@@ -1007,7 +1007,19 @@ end
 -- nobody reads. The call then ends, and gives back its permits and its
 -- budget's hold. (Before, it went on retrying and falling back, some eight
 -- minutes against a frozen upstream, on the key's permits.)
+-- running.tasks: the tasks running a provider call, canceled at a drain's
+-- end so that what their attempts were billed is recorded.
 local running = resil.keep("policies.gateway.calls_running", function() return { n = 0 } end)
+running.tasks = running.tasks or setmetatable({}, { __mode = "k" })
+-- fn(...) in this task, which a drain's end cancels (the task running ai.chat
+-- itself: under an Idempotency-Key, resil.once's, not the one joining it)
+local untrack_mt = { __close = function(t) if t[1] then running.tasks[t[1]] = nil end end }
+local function cancelable(fn, ...)
+  local me = resil.running()
+  if me then running.tasks[me] = true end
+  local _ <close> = setmetatable({ me or false }, untrack_mt)
+  return fn(...)
+end
 local function run_to_end(slot, r, fn, ...)
   local waited = true
   r.give_up = function() if not waited then return "client_left" end end
@@ -1016,7 +1028,7 @@ local function run_to_end(slot, r, fn, ...)
       running.n = running.n - 1
       if slot then slot.permits:release() end
     end })
-    return fn(...)
+    return cancelable(fn, ...)
   end, ...)
   running.n = running.n + 1 -- (after the spawn: one that raised runs nothing)
   if slot then slot.handed = true end
@@ -1196,7 +1208,7 @@ function complete_admitted(req, api, id, rec, slot)
     local joined
     joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
       ran = true
-      local ok, v, e = pcall(correcting_tpm(tpm, ai.chat), r)
+      local ok, v, e = pcall(cancelable, correcting_tpm(tpm, ai.chat), r)
       if not ok and host_failure(v) then -- not the request's fault: nothing kept under its key
         return nil, resil.error("gateway_overloaded",
           "the gateway could not serve this request right now; retry shortly",
@@ -1531,6 +1543,10 @@ local function drain(s, signo)
       { requests = s:pending(), drain_timeout = grace })
   end
   s:close()
+  -- the calls still running (a client that left, an answer's body on its way) are canceled as a
+  -- deadline would: an answer whose 2xx came is recorded at its estimate, its hold given back.
+  -- (Left to the process's end, the provider billed it and the ledger never had it.)
+  for task in pairs(running.tasks) do task:cancel() end
   -- the rows of what was answered, and of streams cut just now (written by tasks of their own)
   resil.sleep(0)
   wait_while(function() return resil.cost.unwritten() > 0 end, deadline)

@@ -1935,6 +1935,43 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(b.spent > 0, show.stdout)
   end)
 
+  -- (before: the call was left running as the process ended: the provider billed the answer, the ledger and the
+  -- key's budget never had it)
+  for _, case in ipairs({ { what = "", headers = {} }, { what = " under an Idempotency-Key",
+    headers = { ["idempotency-key"] = "drained-mid-body" } } }) do
+    it("an answer whose body is still on its way at drain_timeout" .. case.what .. " is recorded at its estimate, " ..
+       "its hold given back", function()
+      local m = mock_upstream()
+      local body = json.encode({ id = "chatcmpl-stalled", object = "chat.completion", created = 1,
+        model = "gpt-4o-mini", usage = { prompt_tokens = 10, completion_tokens = 3, total_tokens = 13 },
+        choices = { { index = 0, message = { role = "assistant", content = "one two three" }, finish_reason = "stop" } } })
+      -- a 200 and half its body, then nothing (the provider made and billed the answer)
+      m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" },
+          chunks = { body:sub(1, 60), body:sub(61) }, stall_after = 1 }
+      end } })
+      local db = helpers.tmpname(".db")
+      local add = helpers.run(("%s keys add --name drained --budget 10/day --store %s"):format(helpers.resil, db))
+      assert.are.equal(0, add.code, add.stderr)
+      local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+      local url, pid = gateway_for(m, db, "{ drain_timeout = 1 }")
+      local headers = { ["content-type"] = "application/json", authorization = "Bearer " .. key }
+      for k, v in pairs(case.headers) do headers[k] = v end
+      local call = resil.spawn(http.request, { method = "POST", url = url, timeout = 30, headers = headers,
+        body = json.encode({ model = "gpt-4o-mini", max_tokens = 50, messages = MSGS }) })
+      assert.is_true(helpers.wait_until(function() return m:stats().total == 1 end, 10))
+      resil.sleep(0.3) -- (the 200 and the first half reach the gateway)
+      os.execute("kill -TERM " .. pid)
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      call:join()
+      assert.are.equal("openai\t1\n", ledger_by_provider(db))
+      local show = helpers.run(("%s budgets show key:drained --json --store %s"):format(helpers.resil, db))
+      local b = json.decode(show.stdout)
+      assert.are.equal(0, b.reserved, show.stdout)
+      assert.is_true(b.spent > 0, show.stdout)
+    end)
+  end
+
   it("a drain waits for the ledger rows of what it answered (the store's write lock held past its timeout), " ..
      "and ends at drain_timeout whatever still runs", function()
     local m = mock_upstream()
