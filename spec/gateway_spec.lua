@@ -1557,6 +1557,14 @@ describe("resil-lua gateway and resil-lua keys", function()
       'print(g.key, g.calls) end', "--store " .. db).stdout
   end
 
+  -- the key's budget as another process reads it after the stop: every hold given back, the paid call spent
+  local function assert_settled(db, budget)
+    local show = helpers.run(("%s budgets show %s --json --store %s"):format(helpers.resil, budget, db))
+    local b = json.decode(show.stdout)
+    assert.are.equal(0, b.reserved, show.stdout)
+    assert.is_true(b.spent > 0, show.stdout)
+  end
+
   -- -> its pid and port; codefile: a file its exit status is written to
   local function start_gateway(config, db, codefile)
     local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
@@ -1929,10 +1937,7 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
     stream:join()
     assert.are.equal("openai\t1\n", ledger_by_provider(db))
-    local show = helpers.run(("%s budgets show key:opening --json --store %s"):format(helpers.resil, db))
-    local b = json.decode(show.stdout)
-    assert.are.equal(0, b.reserved, show.stdout)
-    assert.is_true(b.spent > 0, show.stdout)
+    assert_settled(db, "key:opening")
   end)
 
   -- (before: the call was left running as the process ended: the provider billed the answer, the ledger and the
@@ -1965,10 +1970,7 @@ describe("resil-lua gateway and resil-lua keys", function()
       assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
       call:join()
       assert.are.equal("openai\t1\n", ledger_by_provider(db))
-      local show = helpers.run(("%s budgets show key:drained --json --store %s"):format(helpers.resil, db))
-      local b = json.decode(show.stdout)
-      assert.are.equal(0, b.reserved, show.stdout)
-      assert.is_true(b.spent > 0, show.stdout)
+      assert_settled(db, "key:drained")
     end)
   end
 
