@@ -1513,6 +1513,7 @@ end
 -- the rows their tasks record be written (with 0, the server closed in the
 -- same turn: a client read the truncated stream as a complete answer).
 local DRAIN_MIN = 0.5
+local CLOSE_MIN = 0.1
 local function drain_timeout() return math.max(tonumber(gateway.config.drain_timeout) or 20, DRAIN_MIN) end
 local function drain(s, signo)
   local grace = drain_timeout()
@@ -1550,7 +1551,10 @@ local function drain(s, signo)
   -- the rows of what was answered, and of streams cut just now (written by tasks of their own)
   resil.sleep(0)
   wait_while(function() return resil.cost.unwritten() > 0 end, deadline)
-  resil.stop_now(signo)
+  -- the stores' last writes as the process closes end by the deadline too (a Redis connection
+  -- waited for a frozen server to read what was sent, its whole timeout past drain_timeout);
+  -- CLOSE_MIN lets a server that answers read what was sent at the last moment
+  resil.stop_now(signo, math.max(deadline - resil.now(), CLOSE_MIN))
 end
 
 -- `resil-lua gateway`: serve until stopped (SIGTERM, SIGINT)

@@ -481,3 +481,62 @@ describe("the gateway on Redis: a server that evicts keys", function()
     assert.are.equal("allkeys-lru", said[1].policy)
   end)
 end)
+
+describe("the gateway on Redis: a graceful stop while the server is frozen", function()
+  -- (before: each worker's store, closing, waited its whole ?timeout= for the frozen server to read
+  -- the row it had been sent: drain_timeout 2 and timeout 10 ended the gateway after 12 s, past the
+  -- grace a supervisor such as Kubernetes gives before it kills)
+  it("--workers 2: SIGTERM ends every process by drain_timeout (a generous bound), and the row sent to the " ..
+     "frozen server is written at its thaw", function()
+    resil.log.level("off")
+    local store_url = redis.url(nil, "timeout=10")
+    resil.store_config({ url = store_url })
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false, drain_timeout = 2 }
+    ]]):format(m.url .. "/v1"))
+    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store '%s' > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, config, store_url, log, pidfile))
+    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local procs = { pid }
+    finally(function()
+      os.execute("kill -CONT " .. redis.pid)
+      for _, p in ipairs(procs) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+      m:stop()
+      resil.log.level("info")
+    end)
+    assert.is_true(helpers.wait_until(function() return select(2, helpers.slurp(log):gsub("listening", "")) == 2 end,
+      10), helpers.slurp(log))
+    for p in helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid)):gmatch("%d+") do procs[#procs + 1] = p end
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local function chat()
+      local res, err = http.request({ method = "POST", url = url, body = BODY, timeout = 10,
+        headers = { ["content-type"] = "application/json" } })
+      return res and res.status or tostring(err)
+    end
+    assert.are.equal(200, chat()) -- the store in use
+    m:configure({ strict = true, reply = "served", latency = 1 })
+    local call = resil.spawn(chat)
+    assert(helpers.wait_until(function() return (m:stats().routes.chat or 0) >= 2 end, 10)) -- at the mock
+    os.execute("kill -STOP " .. redis.pid) -- its row is sent to a server that does not read it
+    os.execute("kill -TERM " .. pid)
+    local drain_timeout = 2
+    assert.is_true(helpers.wait_until(function()
+      for _, p in ipairs(procs) do if helpers.alive(p) then return false end end
+      return true
+    end, drain_timeout + 1.5), "the gateway outlived its drain_timeout\n" .. helpers.slurp(log))
+    assert.are.same({ true, 200 }, { call:join() }) -- answered during the drain
+    os.execute("kill -CONT " .. redis.pid)
+    -- what was handed to the server keeps its meaning: it runs when the server thaws
+    local calls
+    assert.is_true(helpers.wait_until(function()
+      local r = helpers.run_script('for _, g in ipairs(require("resil").cost.breakdown("provider")) do ' ..
+        'print(g.key, g.calls) end', ("--store '%s' --log-level off"):format(store_url))
+      calls = r.stdout
+      return calls == "openai\t2\n"
+    end, 10), calls)
+  end)
+end)

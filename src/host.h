@@ -93,6 +93,8 @@ struct resil {
   double stop_grace;                    /* > 0: once a stop is asked, a task that runs this many seconds
                                          * without yielding is stopped (it would keep the drain from running) */
   double stop_watch_since;              /* when the watch first saw the running task (0: not yet) */
+  double close_by;                      /* > 0: the monotonic time a graceful stop ends by (resil.stop_now):
+                                         * the stores' last writes as the host closes wait no later */
   struct nested_run *volatile nested;   /* the coroutines being resumed from Lua, innermost first (loop.c) */
 
   /* values registered through resil.secret: redacted from every message */

@@ -5,6 +5,7 @@
  * at once, a stop request only wakes its waiter: nothing is cut.
  */
 #include <signal.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "host.h"
@@ -70,14 +71,23 @@ static int l_stop_requested(lua_State *L) {
   return lua_yieldk(L, 0, 0, stop_k);
 }
 
-/* resil.stop_now([signo]) -> true if it stopped anything: the end of a
- * graceful stop's grace. Tasks other than the caller's still running (a
- * call a client left, finishing for its Idempotency-Key) are interrupted as
- * by a second signal, so that the host ends now; the stores still write
- * what they hold queued as they close. */
+/* resil.stop_now([signo [, close_within]]) -> true if it stopped anything:
+ * the end of a graceful stop's grace. Tasks other than the caller's still
+ * running (a call a client left, finishing for its Idempotency-Key) are
+ * interrupted as by a second signal, so that the host ends now; the stores
+ * still write what they hold queued as they close, waiting at most
+ * close_within seconds from now (else each its own timeout: a frozen Redis
+ * kept a stopping gateway that long past its drain_timeout). */
 static int l_stop_now(lua_State *L) {
   resil_t *R = resil_from_lua(L);
   int signo = (int)luaL_optinteger(L, 1, R->stop_requested ? R->stop_requested : SIGTERM);
+  if (!lua_isnoneornil(L, 2)) {
+    double within = luaL_checknumber(L, 2);
+    luaL_argcheck(L, within >= 0 && within < 1e9, 2, "close_within must be a number of seconds >= 0");
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    R->close_by = (double)now.tv_sec + (double)now.tv_nsec / 1e9 + within;
+  }
   int others = R->tasks_alive - (task_running(L) ? 1 : 0);
   if (others > 0) resil_interrupt(R, signo);
   lua_pushboolean(L, others > 0);

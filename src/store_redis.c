@@ -652,12 +652,12 @@ static double seconds_since(const struct timespec *t0) {
  * read (and dropped) until it closes its side too. Closing at once with
  * replies unread sends a reset, and the server drops what it had not read
  * yet: a burst of 200 ledger rows at the end of a script lost 116. */
-static void drain_until_closed(redis_conn *c, const struct timespec *t0) {
+static void drain_until_closed(redis_conn *c, const struct timespec *t0, double limit) {
   int fd = c->ac->c.fd;
   if (shutdown(fd, SHUT_WR) != 0) return;
   char buf[16384];
   for (;;) {
-    double left = c->timeout - seconds_since(t0);
+    double left = limit - seconds_since(t0);
     if (left <= 0) return;
     struct pollfd p = {fd, POLLIN, 0};
     if (poll(&p, 1, (int)(left * 1000) + 1) <= 0) return;
@@ -670,10 +670,19 @@ static void drain_until_closed(redis_conn *c, const struct timespec *t0) {
  * had the replies of (conn:send's: the ledger's rows nobody waited for):
  * those still queued here are written now, and the server is given the
  * time to read them all, up to the timeout, so that it runs them; their
- * replies are not read. A connection still being made is finished first. */
+ * replies are not read. A connection still being made is finished first.
+ * A graceful stop's end (R->close_by, resil.stop_now) comes first: a frozen
+ * server never reads them, and waiting its whole timeout kept a stopping
+ * gateway past its drain_timeout. What was handed to the kernel by then is
+ * still there for a server that thaws (our side's close is a FIN after it). */
 static void write_queued(redis_conn *c) {
   struct timespec t0;
   clock_gettime(CLOCK_MONOTONIC, &t0);
+  double limit = c->timeout;
+  if (c->R->close_by > 0) {
+    double left = c->R->close_by - monotonic_now();
+    if (left < limit) limit = left > 0 ? left : 0;
+  }
   for (;;) {
     redisContext *rc = c->ac ? &c->ac->c : NULL;
     if (!rc || rc->err) return;
@@ -683,7 +692,7 @@ static void write_queued(redis_conn *c) {
       if (redisBufferWrite(rc, &done) != REDIS_OK) return;
       if (done) {
         if (!c->selecting) {
-          drain_until_closed(c, &t0);
+          drain_until_closed(c, &t0, limit);
           return;
         }
         want = POLLIN; /* the SELECT's reply: then the commands held for it are queued (or failed) */
@@ -691,7 +700,7 @@ static void write_queued(redis_conn *c) {
     } else {
       redisAsyncHandleWrite(c->ac); /* completes the connect (or fails it: c->ac is then NULL) */
     }
-    double left = c->timeout - seconds_since(&t0);
+    double left = limit - seconds_since(&t0);
     if (left <= 0 || !c->ac) return;
     struct pollfd p = {c->ac->c.fd, want, 0};
     int n = poll(&p, 1, (int)(left * 1000) + 1);
