@@ -2391,6 +2391,83 @@ print(ok, left, (b:try(1)))
     assert.matches("config broken", r.stderr)
     assert.matches("workers keep dying as they start; stopping", r.stderr)
   end)
+
+  -- (the workers' SO_REUSEPORT let a second `--workers` gateway, with another config, other keys
+  -- and budgets, listen on a port a first one had: the kernel split the connections between them
+  -- without a word; a second without --workers, or a first without, was refused with a traceback)
+  it("a second gateway on a port a gateway listens on exits 1 naming the address; the first serves on", function()
+    local m = mock_upstream()
+    local pids = {}
+    finally(function()
+      for _, p in ipairs(pids) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+      m:stop()
+      resil.log.level("info")
+    end)
+    for _, first in ipairs({ 1, 2 }) do
+      local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+      os.execute(("%s gateway --listen 127.0.0.1:%d --workers %d --config %s --store %s > %s 2>&1 & echo $! > %s")
+        :format(helpers.resil, port, first, mock_config(m), helpers.tmpname(".db"), log, pidfile))
+      local pid = helpers.slurp(pidfile):match("%d+")
+      pids[#pids + 1] = pid
+      assert.is_true(helpers.wait_until(function()
+        return select(2, helpers.slurp(log):gsub("listening", "")) == first
+      end, 10), helpers.slurp(log))
+      for _, p in ipairs(workers_of(pid)) do pids[#pids + 1] = p end
+      for _, second in ipairs({ 1, 2 }) do
+        local r = helpers.run(("timeout -s KILL 10 %s gateway --listen 127.0.0.1:%d --workers %d --config %s --store %s")
+          :format(helpers.resil, port, second, mock_config(m), helpers.tmpname(".db")))
+        local case = ("first --workers %d, second --workers %d: "):format(first, second)
+        assert.are.equal(1, r.code, case .. r.stdout .. r.stderr)
+        assert.is_nil(r.stdout:match("listening"), case .. r.stdout)
+        assert.matches("cannot listen on 127%.0%.0%.1:" .. port .. ": the address is in use", r.stderr, 1, false)
+        assert.is_nil(r.stderr:match("traceback"), case .. r.stderr)
+      end
+      -- the first still has the port, all of it: each new connection is its own
+      for _ = 1, 6 do
+        local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+          headers = { connection = "close" }, body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+        assert.are.equal(200, res.status, res.body)
+      end
+      assert.is_true(helpers.alive(pid))
+      assert.are.equal(first, select(2, helpers.slurp(log):gsub("listening", "")), helpers.slurp(log))
+      os.execute("kill -TERM " .. pid)
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10), helpers.slurp(log))
+    end
+  end)
+
+  it("a gateway starts on the port of one just stopped (its connections in TIME_WAIT), and on port 0", function()
+    local m = mock_upstream()
+    local pids = {}
+    finally(function()
+      for _, p in ipairs(pids) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+      m:stop()
+      resil.log.level("info")
+    end)
+    local port = helpers.free_port()
+    for round = 1, 2 do
+      local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+      os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
+        :format(helpers.resil, port, mock_config(m), helpers.tmpname(".db"), log, pidfile))
+      local pid = helpers.slurp(pidfile):match("%d+")
+      pids[#pids + 1] = pid
+      assert.is_true(helpers.wait_until(function()
+        return select(2, helpers.slurp(log):gsub("listening", "")) == 2
+      end, 10), "round " .. round .. ": " .. helpers.slurp(log))
+      for _, p in ipairs(workers_of(pid)) do pids[#pids + 1] = p end
+      -- connections the gateway closes first (connection: close): their ends wait in TIME_WAIT on its port
+      for _ = 1, 3 do
+        local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+          headers = { connection = "close" }, body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+        assert.are.equal(200, res.status, res.body)
+      end
+      os.execute("kill -TERM " .. pid)
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10), helpers.slurp(log))
+    end
+    local out = helpers.with_server(("%s gateway --listen 127.0.0.1:0 --config %s --store %s")
+      :format(helpers.resil, mock_config(m), helpers.tmpname(".db")), "listening on http://127.0.0.1:(%d+)",
+      function(p) return p end)
+    assert.is_truthy(tonumber(out))
+  end)
 end)
 
 describe("gateway: the client's own API's fields and answers", function()

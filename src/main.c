@@ -7,12 +7,14 @@
  */
 #include <errno.h>
 #include <limits.h>
+#include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -376,6 +378,52 @@ static void finish_run(resil_t *R, int status) {
   lua_settop(L, top);
 }
 
+/* ---------- gateway --listen: the address must be free ---------- */
+
+/* A gateway refuses an address another process already listens on. Its
+ * workers share the port with SO_REUSEPORT, which lets any other process of
+ * the same user join in (a second gateway, another config and keys): the
+ * kernel then splits the connections between them without a word. Bound
+ * without SO_REUSEPORT (SO_REUSEADDR kept: a port in TIME_WAIT from the last
+ * run is free), this probe fails with EADDRINUSE while any socket listens
+ * there, reuseport or not; it is closed before the workers bind. A --listen
+ * the gateway will refuse anyway (malformed, a name, port 0: an ephemeral
+ * port is free) is left to it. -> 0, or 1 having said why */
+static int check_gateway_address(const char *listen_at) {
+  char host[256];
+  const char *colon = strrchr(listen_at, ':');
+  if (!colon || colon == listen_at || colon - listen_at >= (long)sizeof host) return 0;
+  const char *start = listen_at, *end = colon;
+  if (*start == '[' && end[-1] == ']') start++, end--;
+  memcpy(host, start, (size_t)(end - start));
+  host[end - start] = '\0';
+  const char *port = colon + 1;
+  if (!*port || strlen(port) > 5 || strspn(port, "0123456789") != strlen(port) || atoi(port) == 0 ||
+      atoi(port) > 65535)
+    return 0;
+  struct addrinfo hints = {0}, *ai = NULL;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICHOST | AI_NUMERICSERV;
+  if (getaddrinfo(host, port, &hints, &ai) != 0 || !ai) return 0;
+  int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1, e = 0;
+  if (fd >= 0 && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+                  bind(fd, ai->ai_addr, ai->ai_addrlen) != 0))
+    e = errno;
+  if (fd >= 0) close(fd);
+  freeaddrinfo(ai);
+  if (e == EADDRINUSE) {
+    fprintf(stderr, PROGNAME ": gateway: cannot listen on %s: the address is in use (another gateway, or another "
+                    "program, listens there; stop it or choose another --listen)\n", listen_at);
+    return 1;
+  }
+  if (e) { /* the workers would fail the same way, one after the other */
+    fprintf(stderr, PROGNAME ": gateway: cannot listen on %s: %s\n", listen_at, strerror(e));
+    return 1;
+  }
+  return 0;
+}
+
 /* ---------- gateway --workers N: a supervisor and its workers ---------- */
 
 static volatile sig_atomic_t supervisor_signal, supervisor_signals, supervisor_hup, supervisor_alarm;
@@ -673,6 +721,7 @@ int main(int argc, char **argv) {
   }
 
   raise_fd_limit();
+  if (gateway && check_gateway_address(gw_listen) != 0) return 1;
   /* gateway --workers N: N processes on one SO_REUSEPORT socket, each with
    * its own loop, sharing keys, limits and budgets through the store, kept
    * at N by this process (supervise_workers) */
