@@ -2392,6 +2392,28 @@ print(ok, left, (b:try(1)))
     assert.matches("workers keep dying as they start; stopping", r.stderr)
   end)
 
+  -- a gateway on `port` with `workers` workers, in the background, once all of them listen
+  -- -> its pid and log (its pid and its workers' added to `pids`, for the spec's finally)
+  local function listening_gateway(port, workers, m, pids, what)
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers %d --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, workers, mock_config(m), helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    pids[#pids + 1] = pid
+    assert.is_true(helpers.wait_until(function()
+      return select(2, helpers.slurp(log):gsub("listening", "")) == workers
+    end, 10), (what or "") .. helpers.slurp(log))
+    for _, p in ipairs(workers_of(pid)) do pids[#pids + 1] = p end
+    return pid, log
+  end
+
+  -- a chat through the gateway on `port`, on a connection of its own (the gateway closes it)
+  local function chat_closed(port)
+    local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+      headers = { connection = "close" }, body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
+    assert.are.equal(200, res.status, res.body)
+  end
+
   -- (the workers' SO_REUSEPORT let a second `--workers` gateway, with another config, other keys
   -- and budgets, listen on a port a first one had: the kernel split the connections between them
   -- without a word; a second without --workers, or a first without, was refused with a traceback)
@@ -2404,15 +2426,8 @@ print(ok, left, (b:try(1)))
       resil.log.level("info")
     end)
     for _, first in ipairs({ 1, 2 }) do
-      local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
-      os.execute(("%s gateway --listen 127.0.0.1:%d --workers %d --config %s --store %s > %s 2>&1 & echo $! > %s")
-        :format(helpers.resil, port, first, mock_config(m), helpers.tmpname(".db"), log, pidfile))
-      local pid = helpers.slurp(pidfile):match("%d+")
-      pids[#pids + 1] = pid
-      assert.is_true(helpers.wait_until(function()
-        return select(2, helpers.slurp(log):gsub("listening", "")) == first
-      end, 10), helpers.slurp(log))
-      for _, p in ipairs(workers_of(pid)) do pids[#pids + 1] = p end
+      local port = helpers.free_port()
+      local pid, log = listening_gateway(port, first, m, pids)
       for _, second in ipairs({ 1, 2 }) do
         local r = helpers.run(("timeout -s KILL 10 %s gateway --listen 127.0.0.1:%d --workers %d --config %s --store %s")
           :format(helpers.resil, port, second, mock_config(m), helpers.tmpname(".db")))
@@ -2423,11 +2438,7 @@ print(ok, left, (b:try(1)))
         assert.is_nil(r.stderr:match("traceback"), case .. r.stderr)
       end
       -- the first still has the port, all of it: each new connection is its own
-      for _ = 1, 6 do
-        local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
-          headers = { connection = "close" }, body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
-        assert.are.equal(200, res.status, res.body)
-      end
+      for _ = 1, 6 do chat_closed(port) end
       assert.is_true(helpers.alive(pid))
       assert.are.equal(first, select(2, helpers.slurp(log):gsub("listening", "")), helpers.slurp(log))
       os.execute("kill -TERM " .. pid)
@@ -2445,21 +2456,9 @@ print(ok, left, (b:try(1)))
     end)
     local port = helpers.free_port()
     for round = 1, 2 do
-      local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
-      os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
-        :format(helpers.resil, port, mock_config(m), helpers.tmpname(".db"), log, pidfile))
-      local pid = helpers.slurp(pidfile):match("%d+")
-      pids[#pids + 1] = pid
-      assert.is_true(helpers.wait_until(function()
-        return select(2, helpers.slurp(log):gsub("listening", "")) == 2
-      end, 10), "round " .. round .. ": " .. helpers.slurp(log))
-      for _, p in ipairs(workers_of(pid)) do pids[#pids + 1] = p end
+      local pid, log = listening_gateway(port, 2, m, pids, "round " .. round .. ": ")
       -- connections the gateway closes first (connection: close): their ends wait in TIME_WAIT on its port
-      for _ = 1, 3 do
-        local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
-          headers = { connection = "close" }, body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
-        assert.are.equal(200, res.status, res.body)
-      end
+      for _ = 1, 3 do chat_closed(port) end
       os.execute("kill -TERM " .. pid)
       assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10), helpers.slurp(log))
     end
