@@ -99,6 +99,7 @@ static int host_os_exit(lua_State *L) {
   if (lua_isnoneornil(L, 2) || lua_toboolean(L, 2)) {
     R->current = NULL;
     R->host_L = NULL;
+    R->closing = 1; /* as resil_close: no task resumes, finalizers free what tasks held */
     lua_close(R->L);
     R->L = NULL;
   }

@@ -60,6 +60,9 @@ typedef struct {
    * would run them in database 0 (another app's keys, or another store's) */
   int selecting;
   struct redis_cmd *held_first, *held_last;
+  /* answered commands whose task has not resumed yet (the continuation frees
+   * each): at the host's close no task resumes, and they are freed here */
+  struct redis_cmd *woken;
   /* down: commands fail at once while a probe (PING) finds out whether the
    * server answers again; down_first == 0: never down */
   double down_first, down_max;
@@ -86,7 +89,15 @@ typedef struct redis_cmd {
   int held_len;
   int probe; /* the down state's PING: no task, no Lua, not counted as I/O a task waits on */
   struct redis_cmd *next;
+  struct redis_cmd *woken_next, *woken_prev; /* on its conn's woken list */
 } redis_cmd;
+
+static void woken_unlink(redis_cmd *cmd) {
+  if (cmd->woken_prev) cmd->woken_prev->woken_next = cmd->woken_next;
+  else if (cmd->c->woken == cmd) cmd->c->woken = cmd->woken_next;
+  if (cmd->woken_next) cmd->woken_next->woken_prev = cmd->woken_prev;
+  cmd->woken_next = cmd->woken_prev = NULL;
+}
 
 static redis_conn *check_conn(lua_State *L, int idx) { return luaL_checkudata(L, idx, CONN_MT); }
 
@@ -210,7 +221,10 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     c->ref_self = LUA_NOREF;
   }
   if (cmd->t) {
-    task_wake(cmd->t); /* the continuation frees cmd */
+    cmd->woken_next = c->woken; /* the continuation frees cmd (or conn_gc, at the host's close) */
+    if (c->woken) c->woken->woken_prev = cmd;
+    c->woken = cmd;
+    task_wake(cmd->t);
     return;
   }
   if (cmd->ref_done != LUA_NOREF && !c->closing) tell_done(L, cmd);
@@ -447,6 +461,7 @@ static void cmd_canceled(void *arg) {
 /* Answered and canceled before it resumed: drop the reply. */
 static void cmd_give_back(void *arg) {
   redis_cmd *cmd = arg;
+  woken_unlink(cmd);
   luaL_unref(cmd->c->R->L, LUA_REGISTRYINDEX, cmd->ref_result);
   free(cmd);
 }
@@ -455,6 +470,7 @@ static const task_wait_ops redis_cmd_wait = {cmd_canceled, cmd_give_back, NULL};
 
 static int call_k(lua_State *L, int status, lua_KContext ctx) {
   redis_cmd *cmd = (redis_cmd *)ctx;
+  woken_unlink(cmd);
   lua_rawgeti(L, LUA_REGISTRYINDEX, cmd->ref_result);
   luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_result);
   free(cmd);
@@ -720,6 +736,14 @@ static int conn_gc(lua_State *L) {
     c->ac->data = NULL;
     redisAsyncFree(c->ac);
     c->ac = NULL;
+  }
+  /* answered (now, or before) for tasks the host's close will never resume: a
+   * conn is collected only once no task waits on it, but at the close its
+   * tasks go together with it */
+  while (c->R->closing && c->woken) {
+    redis_cmd *cmd = c->woken;
+    woken_unlink(cmd);
+    free(cmd);
   }
   free(c->password);
   c->password = NULL;
