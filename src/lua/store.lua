@@ -107,10 +107,10 @@ end
 -- from the first probe to the next, doubling while probes get no answer up
 -- to ?down_max=SECONDS (down=0: never down).
 local DEFAULT_TIMEOUT = 5
-local OPTIONS = {
-  sqlite = { timeout = true, list = "timeout" },
-  redis = { timeout = true, down = true, down_max = true, list = "timeout, down, down_max" },
-}
+local OPTIONS = { sqlite = { "timeout" }, redis = { "timeout", "down", "down_max" } } -- (in the order errors name them)
+for _, names in pairs(OPTIONS) do
+  for _, name in ipairs(names) do names[name] = true end
+end
 function resil.store_options(query, url, kind)
   local o, known = { timeout = DEFAULT_TIMEOUT }, OPTIONS[kind]
   -- (each part: one without '=', ?timeout or ?tiemout, was passed over, and the store waited 5 s)
@@ -120,8 +120,8 @@ function resil.store_options(query, url, kind)
       return nil, ("store %s: option '%s' has no value (%s=SECONDS)"):format(url, part,
         known[part] and part or "timeout")
     end
-    if not known[k] or k == "list" then
-      return nil, ("store %s: unknown option '%s' (known: %s)"):format(url, k, known.list)
+    if not known[k] then
+      return nil, ("store %s: unknown option '%s' (known: %s)"):format(url, k, table.concat(known, ", "))
     end
     local n = tonumber(v)
     if k == "timeout" and not (n and n > 0 and n <= 86400) then
