@@ -65,9 +65,22 @@ struct op {
   int committed_enough; /* db:commit_only: its task continues at the commit, before the sync */
   int detached;    /* db:enqueue: no task waits; ref_done (if any) is told the outcome */
   int ref_done;
+  int insert;      /* db:insert_later: the row statement's number + 1 (ref_fn_args: the row) */
+  int changed;     /* ...and its statement wrote a row */
   struct timespec queued_at; /* a detached op's, for DETACHED_LOCK_WAIT */
   op *next;
 };
+
+/* A row statement (db:row_statement): one INSERT whose parameters are a
+ * row table's fields, run in C at the group commit, and its callbacks. */
+#define ROW_STATEMENTS 4
+typedef struct row_statement {
+  sqlite3_stmt *st;
+  int ref_fields;    /* { "column", ... }: the row's fields bound, in order */
+  int nfields;
+  int ref_committed; /* committed(rows, n): once per batch */
+  int ref_failed;    /* failed(err, row): per row */
+} row_statement;
 
 typedef struct store_db {
   resil_t *R;
@@ -99,6 +112,8 @@ typedef struct store_db {
   struct timespec contended_at; /* when another process last held the write lock we asked for */
   struct event *unsynced_ev; /* syncs them (COMMIT_ONLY_SYNC_DELAY_US) */
   struct event *detached_ev; /* commits detached ops (DETACHED_FLUSH_DELAY_US) */
+  row_statement rows[ROW_STATEMENTS];
+  int nrows;
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -316,6 +331,64 @@ static void fail_op(lua_State *L, op *o, const char *why) {
   o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
+/* A row op (db:insert_later): its statement bound from the row's fields
+ * and run, in C. No savepoint: one statement that fails undoes only itself
+ * (SQLite's statement journal), and one whose failure rolls the whole
+ * transaction back stops the batch as an op's does (commit_batch). A value
+ * that cannot be bound fails the row, never the batch. The strings are
+ * bound without a copy: the row table, referenced by the op, holds them,
+ * and the bindings are cleared before the op ends. */
+static void run_row(lua_State *L, store_db *d, op *o) {
+  row_statement *rs = &d->rows[o->insert - 1];
+  sqlite3_stmt *st = rs->st;
+  int base = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_fn_args);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, rs->ref_fields);
+  int row = base + 1, fields = base + 2;
+  for (int i = 1; i <= rs->nfields; i++) {
+    lua_rawgeti(L, fields, i);
+    lua_rawget(L, row);
+    int t = lua_type(L, -1);
+    if (t == LUA_TSTRING) {
+      size_t len;
+      const char *v = lua_tolstring(L, -1, &len);
+      sqlite3_bind_text(st, i, v, (int)len, SQLITE_STATIC);
+    } else if (t == LUA_TNUMBER) {
+      if (lua_isinteger(L, -1)) sqlite3_bind_int64(st, i, lua_tointeger(L, -1));
+      else sqlite3_bind_double(st, i, lua_tonumber(L, -1));
+    } else if (t == LUA_TNIL) {
+      sqlite3_bind_null(st, i);
+    } else if (t == LUA_TBOOLEAN) {
+      sqlite3_bind_int(st, i, lua_toboolean(L, -1));
+    } else {
+      lua_rawgeti(L, fields, i);
+      lua_pushfstring(L, "store: cannot bind a %s (field %s)", luaL_typename(L, -2), lua_tostring(L, -1));
+      o->failed = 1;
+      o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
+      sqlite3_clear_bindings(st);
+      lua_settop(L, base);
+      return;
+    }
+    lua_pop(L, 1);
+  }
+  int rc = sqlite3_step(st);
+  if (rc == SQLITE_DONE) {
+    o->changed = sqlite3_changes(d->db) > 0;
+  } else {
+    switch (rc & 0xff) { /* as sql_failed: trouble from the world, or a bug */
+    case SQLITE_READONLY: case SQLITE_IOERR: case SQLITE_CORRUPT: case SQLITE_NOTADB: case SQLITE_FULL:
+    case SQLITE_CANTOPEN: case SQLITE_BUSY: case SQLITE_LOCKED: case SQLITE_NOMEM: case SQLITE_PERM:
+    case SQLITE_PROTOCOL: o->failed = 2; break;
+    default: o->failed = 1;
+    }
+    lua_pushfstring(L, "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+    o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  lua_settop(L, base);
+}
+
 /* A file deleted (or replaced) under an open store: its writes would go to
  * an inode no one will ever open again, while the next process makes a
  * new, empty store and runs every step again. A write is refused instead
@@ -355,7 +428,8 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
   d->in_tx = 1;
   op *stopped = NULL;
   for (op *o = first; o; o = o->next) {
-    run_op(L, d, o, txh);
+    if (o->insert) run_row(L, d, o);
+    else run_op(L, d, o, txh);
     if (sqlite3_get_autocommit(d->db)) {
       snprintf(why, sizeof why, "store %s: the transaction was rolled back: %s", d->path, sqlite3_errmsg(d->db));
       stopped = o->next;
@@ -431,21 +505,84 @@ static void tell_done(lua_State *L, store_db *d, op *o) {
   lua_settop(L, top);
 }
 
+/* A row op that failed: its statement's failed(err, row), err a
+ * store_unavailable error (closing = true as the store closes) or, for a
+ * bug (a value that cannot be bound), the message as raised */
+static void tell_row_failed(lua_State *L, store_db *d, op *o) {
+  int top = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, d->rows[o->insert - 1].ref_failed);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result);
+  if (o->failed == 2) {
+    const char *why = lua_tostring(L, -1);
+    resil_push_error(L, "store_unavailable", "%s", why ? why : "store failed");
+    lua_remove(L, -2);
+    if (d->closing && lua_istable(L, -1)) {
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -2, "closing");
+    }
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_fn_args);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "error");
+    host_log(L, "error", "store: a write's done callback raised");
+  }
+  lua_settop(L, top);
+}
+
 /* Every op of a batch gets its result: its task continues (its
  * continuation frees the op), a detached op's done is told, or the op is
- * freed (its task was canceled). */
+ * freed (its task was canceled). Row ops (db:insert_later) are told per
+ * statement, once for the batch: committed(rows written, rows done), the
+ * rows done counting those a key already had (INSERT OR IGNORE); not as
+ * the store closes (the loop is over), as no done is then. */
 static void finish_batch(lua_State *L, store_db *d, op *batch) {
+  int top = lua_gettop(L);
+  int list[ROW_STATEMENTS] = {0}, written[ROW_STATEMENTS] = {0}, done[ROW_STATEMENTS] = {0};
   for (op *o = batch; o;) {
     op *next = o->next;
     d->ops++;
     if (o->t) {
       task_wake(o->t);
+    } else if (o->insert) {
+      int i = o->insert - 1;
+      if (o->failed) {
+        tell_row_failed(L, d, o);
+      } else {
+        done[i]++;
+        if (o->changed && !d->closing) {
+          if (!list[i]) {
+            luaL_checkstack(L, 2, "store rows");
+            lua_createtable(L, 16, 0);
+            list[i] = lua_gettop(L);
+          }
+          lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_fn_args);
+          lua_rawseti(L, list[i], ++written[i]);
+        }
+      }
+      op_free(L, o);
     } else {
       if (o->detached) tell_done(L, d, o);
       op_free(L, o);
     }
     o = next;
   }
+  for (int i = 0; i < d->nrows && !d->closing; i++) {
+    if (!done[i]) continue;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, d->rows[i].ref_committed);
+    if (list[i]) lua_pushvalue(L, list[i]);
+    else lua_createtable(L, 0, 0);
+    lua_pushinteger(L, done[i]);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+      lua_createtable(L, 0, 1);
+      lua_pushvalue(L, -2);
+      lua_setfield(L, -2, "error");
+      host_log(L, "error", "store: a write's done callback raised");
+      lua_pop(L, 1);
+    }
+  }
+  lua_settop(L, top);
 }
 
 /* After each commit: how long the WAL is, for the syncer's checkpoints */
@@ -760,6 +897,8 @@ static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   return n;
 }
 
+static void queue_op(store_db *d, op *o, int detached);
+
 /* queues fn(tx, ...) (the values from index `first` on) for the next group
  * commit: this loop turn's, or a detached op's (see DETACHED_FLUSH_DELAY_US) */
 static op *enqueue(lua_State *L, store_db *d, int first, int detached) {
@@ -773,12 +912,18 @@ static op *enqueue(lua_State *L, store_db *d, int first, int detached) {
   op *o = calloc(1, sizeof *o); /* freed by the continuation, or by the flush */
   if (!o) luaL_error(L, "out of memory");
   o->ref_fn_args = luaL_ref(L, LUA_REGISTRYINDEX);
+  queue_op(d, o, detached);
+  return o;
+}
+
+/* o at the queue's end, its flush scheduled */
+static void queue_op(store_db *d, op *o, int detached) {
   o->ref_result = o->ref_done = LUA_NOREF;
   o->d = d;
   if (d->tail) d->tail->next = o;
   else d->head = o;
   d->tail = o;
-  if (d->waiting_lock) return o; /* the lock's retry timer flushes */
+  if (d->waiting_lock) return; /* the lock's retry timer flushes */
   /* (on the virtual clock, this turn: time would move on past the real
    * delay, and a sleep of hours end before a row recorded ahead of it) */
   if (!detached || d->R->virtual_clock) {
@@ -787,7 +932,6 @@ static op *enqueue(lua_State *L, store_db *d, int first, int detached) {
     struct timeval tv = {0, DETACHED_FLUSH_DELAY_US};
     evtimer_add(d->detached_ev, &tv);
   }
-  return o;
 }
 
 /* queues fn(tx, ...) for the next group commit; the task waits for it */
@@ -831,6 +975,59 @@ static int db_enqueue(lua_State *L) {
   o->detached = o->committed_enough = 1;
   clock_gettime(CLOCK_MONOTONIC, &o->queued_at);
   o->ref_done = ref_done == LUA_REFNIL ? LUA_NOREF : ref_done;
+  return 0;
+}
+
+/* db:row_statement(sql, fields, committed, failed) -> n: one INSERT for
+ * db:insert_later, prepared once; its parameters are a row table's fields
+ * named in `fields`, in order. After each group commit, committed(rows, n)
+ * once: the rows it wrote and how many were done (with those a key already
+ * had: INSERT OR IGNORE writes nothing); failed(err, row) for each that was
+ * not written (err as db:enqueue's done gets it). */
+static int db_row_statement(lua_State *L) {
+  store_db *d = check_db(L, 1);
+  const char *sql = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  luaL_checktype(L, 5, LUA_TFUNCTION);
+  if (d->nrows == ROW_STATEMENTS) return luaL_error(L, "store: too many row statements");
+  int nfields = (int)lua_rawlen(L, 3);
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(d->db, sql, -1, &st, NULL) != SQLITE_OK)
+    return luaL_error(L, "store: %s in: %s", sqlite3_errmsg(d->db), sql);
+  if (sqlite3_bind_parameter_count(st) != nfields) {
+    sqlite3_finalize(st);
+    return luaL_error(L, "store: %d fields for the %d parameters of: %s", nfields,
+                      sqlite3_bind_parameter_count(st), sql);
+  }
+  row_statement *rs = &d->rows[d->nrows];
+  rs->st = st;
+  rs->nfields = nfields;
+  lua_settop(L, 5);
+  rs->ref_failed = luaL_ref(L, LUA_REGISTRYINDEX);
+  rs->ref_committed = luaL_ref(L, LUA_REGISTRYINDEX);
+  rs->ref_fields = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushinteger(L, ++d->nrows);
+  return 1;
+}
+
+/* db:insert_later(n, row): row statement n's INSERT of the row in the next
+ * group commit, as db:enqueue's ops are (nobody waits; the same delay, the
+ * same wait for another process's lock, written at close), run in C, its
+ * outcome told to the statement's callbacks. */
+static int db_insert_later(lua_State *L) {
+  store_db *d = check_db(L, 1);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, n >= 1 && n <= d->nrows, 2, "not a row statement");
+  luaL_checktype(L, 3, LUA_TTABLE);
+  op *o = calloc(1, sizeof *o);
+  if (!o) return luaL_error(L, "out of memory");
+  lua_settop(L, 3);
+  o->ref_fn_args = luaL_ref(L, LUA_REGISTRYINDEX);
+  o->insert = (int)n;
+  o->detached = o->committed_enough = 1;
+  clock_gettime(CLOCK_MONOTONIC, &o->queued_at);
+  queue_op(d, o, 1);
   return 0;
 }
 
@@ -941,7 +1138,7 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
   long unwritten = 0;
   for (op *o = detached; o; o = o->next) {
     if (o->failed == 2) {
-      if (o->ref_done == LUA_NOREF) {
+      if (o->ref_done == LUA_NOREF && !o->insert) {
         if (!unwritten++) lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result); /* L stack: why */
         o->failed = 0; /* counted here, not told again */
       }
@@ -990,6 +1187,14 @@ static void db_close_all(lua_State *L, store_db *d) {
   lua_pop(L, 1);
   luaL_unref(L, LUA_REGISTRYINDEX, d->ref_stmts);
   for (size_t i = 0; i < sizeof d->ctl / sizeof d->ctl[0]; i++) sqlite3_finalize(d->ctl[i]);
+  for (int i = 0; i < d->nrows; i++) {
+    row_statement *rs = &d->rows[i];
+    sqlite3_finalize(rs->st);
+    luaL_unref(L, LUA_REGISTRYINDEX, rs->ref_fields);
+    luaL_unref(L, LUA_REGISTRYINDEX, rs->ref_committed);
+    luaL_unref(L, LUA_REGISTRYINDEX, rs->ref_failed);
+  }
+  d->nrows = 0;
   memset(d->ctl, 0, sizeof d->ctl);
   sqlite3_close(d->db);
   d->db = NULL;
@@ -1247,6 +1452,7 @@ static int l_open(lua_State *L) {
 
 static const luaL_Reg db_methods[] = {{"tx", db_tx},         {"commit_only", db_commit_only},
                                       {"enqueue", db_enqueue},
+                                      {"row_statement", db_row_statement}, {"insert_later", db_insert_later},
                                       {"now", db_now},       {"read", db_read},
                                       {"queued", db_queued},
                                       {"blocking", db_blocking}, {"stats", db_stats},

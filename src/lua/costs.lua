@@ -29,8 +29,6 @@ local tokens_total = resil.metrics.counter("resil_tokens_total", "Recorded token
 local token_usage = resil.metrics.histogram("gen_ai_client_token_usage",
   "Tokens used per call (OpenTelemetry gen_ai.client.token.usage), by system, model and token type",
   { buckets = { 1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864 } })
-local TOKEN_TYPES = { input_tokens = "input", prompt_tokens = "input", output_tokens = "output",
-                      completion_tokens = "output" }
 
 -- the series of one provider and model, each bound at its first use (a
 -- label key is a sort and a concatenation: too much for every call of a
@@ -49,35 +47,42 @@ local function series_of(provider, model)
   return b
 end
 
+-- n tokens of a units field (token_type: its type in the metrics)
+local function observe_tokens(b, field, token_type, n, provider, model)
+  if type(n) ~= "number" or not (n >= 0) then return end
+  local f = b[field]
+  if not f then
+    f = { tokens = tokens_total:labels({ provider = provider, model = model, type = token_type }),
+      usage = token_usage:labels({ gen_ai_system = provider, gen_ai_request_model = model,
+        gen_ai_token_type = token_type }) }
+    b[field] = f
+  end
+  f.tokens:inc(n)
+  f.usage:observe(n)
+end
+
+-- a call's spend in the metrics: e's provider, model and usd, the token
+-- counts of units (a queued row, cost_row below, is both)
 local function observe_cost(e, units)
   local provider, model = e.provider or "unknown", e.model or "unknown"
   local b = series_of(provider, model)
-  if e.usd then
-    spent_usd = spent_usd + e.usd
-    local usd = b.usd
-    if not usd then
-      usd = usd_total:labels({ provider = provider, model = model })
-      b.usd = usd
+  local usd = e.usd
+  if usd then
+    spent_usd = spent_usd + usd
+    local series = b.usd
+    if not series then
+      series = usd_total:labels({ provider = provider, model = model })
+      b.usd = series
     end
-    usd:inc(e.usd)
+    series:inc(usd)
   else
     unpriced_total:inc({ provider = provider, model = model })
   end
   if type(units) ~= "table" then return end
-  for field, token_type in pairs(TOKEN_TYPES) do
-    local n = units[field]
-    if type(n) == "number" and n >= 0 then
-      local f = b[field]
-      if not f then
-        f = { tokens = tokens_total:labels({ provider = provider, model = model, type = token_type }),
-          usage = token_usage:labels({ gen_ai_system = provider, gen_ai_request_model = model,
-            gen_ai_token_type = token_type }) }
-        b[field] = f
-      end
-      f.tokens:inc(n)
-      f.usage:observe(n)
-    end
-  end
+  observe_tokens(b, "input_tokens", "input", units.input_tokens, provider, model)
+  observe_tokens(b, "prompt_tokens", "input", units.prompt_tokens, provider, model)
+  observe_tokens(b, "output_tokens", "output", units.output_tokens, provider, model)
+  observe_tokens(b, "completion_tokens", "output", units.completion_tokens, provider, model)
 end
 
 -- the UTC day of `at`, formatted once per day rather than once per row
@@ -90,8 +95,12 @@ local function day_of(at)
   return day_text
 end
 
+-- queued: the entry as a row queued in C (cost_queue_row below): with the
+-- caller's sync, and what the metrics count once it is written, copied now
+-- (the caller may reuse its tables): usd and the units' token counts
+local NO_UNITS = {}
 local TEXT_FIELDS = { "provider", "model", "operation" }
-local function cost_entry(e, at)
+local function cost_entry(e, at, queued)
   if type(e) ~= "table" then error("resil.cost.record: expects a table", 3) end
   -- usd = nil: a call without a price, recorded as such (never as a zero)
   if e.usd ~= nil and not is_usd(e.usd) then
@@ -111,7 +120,8 @@ local function cost_entry(e, at)
   -- A step or once that runs its fn again calls the provider again, so
   -- nothing is deduplicated on where the record was made.
   local dedupe = e.id ~= nil and tostring(e.id) or nil
-  local units = e.units
+  local raw_units = e.units
+  local units = raw_units
   if units ~= nil then
     local ok, text = false, "not a table"
     if type(units) == "table" then ok, text = pcall(json.encode, units) end
@@ -119,6 +129,16 @@ local function cost_entry(e, at)
       error("resil.cost.record: units must be a table JSON can hold (token counts by name): " .. tostring(text), 3)
     end
     units = text
+  end
+  if queued then
+    local u = raw_units or NO_UNITS
+    return { dedupe = dedupe, at = at, day = day_of(at), provider = e.provider,
+             model = e.model, operation = e.operation, user = e.user and tostring(e.user),
+             run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
+             micro_usd = e.usd and to_micro(e.usd), units = units, budget = e.budget, period = e.period,
+             item = e.item or ctx.step_scope, sync = e.sync, usd = e.usd,
+             input_tokens = u.input_tokens, prompt_tokens = u.prompt_tokens, output_tokens = u.output_tokens,
+             completion_tokens = u.completion_tokens }
   end
   return { dedupe = dedupe, at = at, day = day_of(at), provider = e.provider,
            model = e.model, operation = e.operation, user = e.user and tostring(e.user),
@@ -247,6 +267,46 @@ local function write_later(backend, name, fields, log_fields, ...)
   return true
 end
 
+-- A row nobody waits for, on SQLite: queued in C (backend:cost_queue), its
+-- insert run there at the group commit and its outcome told per commit, not
+-- per row: the metrics of the rows written (a row whose key the ledger
+-- already had counts in none); a row not written as write_later's are (the
+-- retry, or said lost as the store closes). The row is the entry
+-- (cost_entry's queued form): one table per row, no closures.
+local function rows_committed(rows, done)
+  unwritten = unwritten - done
+  for i = 1, #rows do
+    local row = rows[i]
+    observe_cost(row, row)
+  end
+end
+
+local function row_failed(err, row)
+  unwritten = unwritten - 1
+  local log_fields = { provider = row.provider, model = row.model, usd = row.usd, id = row.dedupe }
+  if resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
+    say_lost("a cost row", log_fields, tostring(err))
+  elseif resil.is_error(err) and err.kind == "store_unavailable" then
+    retry_later("a cost row", function()
+      local s, oerr = S.open_for_retry()
+      if not s then return nil, oerr end
+      return s.backend:cost_record(row)
+    end, function(ok) return ok end, { provider = row.provider, model = row.model, usd = row.usd, units = row },
+      log_fields, err.sent)
+  else
+    log_fields.error = tostring(err)
+    resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
+  end
+end
+
+-- -> true, or false past LATER_MAX (the caller writes itself)
+local function queue_row(backend, row)
+  if unwritten >= LATER_MAX and resil.running() and coroutine.isyieldable() then return false end
+  unwritten = unwritten + 1
+  backend:cost_queue(row, rows_committed, row_failed)
+  return true
+end
+
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
 -- sync = false: return once the row is committed (it survives a crash of the
 -- process) rather than once it is on the disk (a power cut may lose it);
@@ -309,10 +369,13 @@ function resil.cost.record(e)
     end
     return nil, serr
   end
-  local entry = cost_entry(e, store_now())
+  local queued = e.wait == false and s.backend.cost_queue ~= nil
+  local entry = cost_entry(e, store_now(), queued)
   entry.sync = e.sync
   if e.wait == false or e.retry then own_key(s.backend, entry) end
-  if e.wait == false then
+  if queued then
+    if queue_row(s.backend, entry) then return true end
+  elseif e.wait == false then
     if write_later(s.backend, "cost_record", e,
       { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, entry) then
       return true
