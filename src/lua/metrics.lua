@@ -161,9 +161,56 @@ function Metric:observe(labels, v)
 end
 
 -- metric:labels{...} -> one series, bound once: inc/dec/set/observe without
--- sorting labels on every call (for hot paths)
-local Series = {}
-Series.__index = Series
+-- sorting labels on every call (for hot paths). Each kind has its own
+-- methods, so a call checks only what its kind needs; a method of another
+-- kind raises as the metric's own would.
+local function only_gauge_set() error("metrics: only a gauge is set", 2) end
+local function only_gauge_down() error("metrics: only a gauge goes down", 2) end
+local function only_histogram() error("metrics: observe() is for histograms", 2) end
+local function use_observe() error("metrics: use observe() on a histogram", 2) end
+
+local CounterSeries = { set = only_gauge_set, dec = only_gauge_down, observe = only_histogram }
+CounterSeries.__index = CounterSeries
+function CounterSeries:inc(n)
+  n = n or 1
+  if not (n >= 0) then error("metrics: a counter only goes up", 2) end
+  local series, key = self.series, self.key
+  series[key] = (series[key] or 0) + n
+end
+
+local GaugeSeries = { observe = only_histogram }
+GaugeSeries.__index = GaugeSeries
+function GaugeSeries:inc(n)
+  local series, key = self.series, self.key
+  series[key] = (series[key] or 0) + (n or 1)
+end
+function GaugeSeries:set(v) self.series[self.key] = v end
+function GaugeSeries:dec(n)
+  local series, key = self.series, self.key
+  series[key] = (series[key] or 0) - (n or 1)
+end
+
+-- (its series is made at its first observation, and kept here from then on)
+local HistogramSeries = { inc = use_observe, set = only_gauge_set, dec = only_gauge_down }
+HistogramSeries.__index = HistogramSeries
+function HistogramSeries:observe(v)
+  local s = self.s
+  if s == nil then
+    observe(self.metric, self.key, v)
+    self.s = self.series[self.key]
+    return
+  end
+  local buckets, counts = self.buckets, s.counts
+  for i = 1, #buckets do
+    if v <= buckets[i] then
+      counts[i] = counts[i] + 1
+      break
+    end
+  end
+  s.sum, s.count = s.sum + v, s.count + 1
+end
+
+local SERIES = { counter = CounterSeries, gauge = GaugeSeries, histogram = HistogramSeries }
 
 -- a label set past the metric's bound: a series that keeps nothing
 local Dropped = {}
@@ -173,30 +220,7 @@ function Metric:labels(labels)
   local key = label_key(labels)
   if not admit(self, key) then return setmetatable({}, Dropped) end
   if self.kind ~= "histogram" and self.series[key] == nil then self.series[key] = 0 end -- admitted: hold its place
-  return setmetatable({ metric = self, key = key }, Series)
-end
-
-function Series:inc(n)
-  local m = self.metric
-  if m.kind == "histogram" then error("metrics: use observe() on a histogram", 2) end
-  n = n or 1
-  if m.kind == "counter" and not (n >= 0) then error("metrics: a counter only goes up", 2) end
-  m.series[self.key] = (m.series[self.key] or 0) + n
-end
-
-function Series:set(v)
-  if self.metric.kind ~= "gauge" then error("metrics: only a gauge is set", 2) end
-  self.metric.series[self.key] = v
-end
-
-function Series:dec(n)
-  if self.metric.kind ~= "gauge" then error("metrics: only a gauge goes down", 2) end
-  self.metric.series[self.key] = (self.metric.series[self.key] or 0) - (n or 1)
-end
-
-function Series:observe(v)
-  if self.metric.kind ~= "histogram" then error("metrics: observe() is for histograms", 2) end
-  observe(self.metric, self.key, v)
+  return setmetatable({ metric = self, key = key, series = self.series, buckets = self.buckets }, SERIES[self.kind])
 end
 
 -- metric:value([labels]) -> the counter or gauge value (0 if never set);
