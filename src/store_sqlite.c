@@ -72,12 +72,11 @@ struct op {
 };
 
 /* A row statement (db:row_statement): one INSERT whose parameters are a
- * row table's fields, run in C at the group commit, and its callbacks. */
+ * row array's first values, run in C at the group commit, and its callbacks. */
 #define ROW_STATEMENTS 4
 typedef struct row_statement {
   sqlite3_stmt *st;
-  int ref_fields;    /* { "column", ... }: the row's fields bound, in order */
-  int nfields;
+  int nparams;
   int ref_committed; /* committed(rows, n): once per batch */
   int ref_failed;    /* failed(err, row): per row */
 } row_statement;
@@ -331,7 +330,7 @@ static void fail_op(lua_State *L, op *o, const char *why) {
   o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
-/* A row op (db:insert_later): its statement bound from the row's fields
+/* A row op (db:insert_later): its statement bound from the row's values
  * and run, in C. No savepoint: one statement that fails undoes only itself
  * (SQLite's statement journal), and one whose failure rolls the whole
  * transaction back stops the batch as an op's does (commit_batch). A value
@@ -343,11 +342,9 @@ static void run_row(lua_State *L, store_db *d, op *o) {
   sqlite3_stmt *st = rs->st;
   int base = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_fn_args);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, rs->ref_fields);
-  int row = base + 1, fields = base + 2;
-  for (int i = 1; i <= rs->nfields; i++) {
-    lua_rawgeti(L, fields, i);
-    lua_rawget(L, row);
+  int row = base + 1;
+  for (int i = 1; i <= rs->nparams; i++) {
+    lua_rawgeti(L, row, i);
     int t = lua_type(L, -1);
     if (t == LUA_TSTRING) {
       size_t len;
@@ -361,8 +358,7 @@ static void run_row(lua_State *L, store_db *d, op *o) {
     } else if (t == LUA_TBOOLEAN) {
       sqlite3_bind_int(st, i, lua_toboolean(L, -1));
     } else {
-      lua_rawgeti(L, fields, i);
-      lua_pushfstring(L, "store: cannot bind a %s (field %s)", luaL_typename(L, -2), lua_tostring(L, -1));
+      lua_pushfstring(L, "store: cannot bind a %s (parameter %d)", luaL_typename(L, -1), i);
       o->failed = 1;
       o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
       sqlite3_clear_bindings(st);
@@ -978,35 +974,27 @@ static int db_enqueue(lua_State *L) {
   return 0;
 }
 
-/* db:row_statement(sql, fields, committed, failed) -> n: one INSERT for
- * db:insert_later, prepared once; its parameters are a row table's fields
- * named in `fields`, in order. After each group commit, committed(rows, n)
+/* db:row_statement(sql, committed, failed) -> n: one INSERT for
+ * db:insert_later, prepared once; its parameters are a row array's first
+ * values, in order (an array: no field looked up by name). After each group commit, committed(rows, n)
  * once: the rows it wrote and how many were done (with those a key already
  * had: INSERT OR IGNORE writes nothing); failed(err, row) for each that was
  * not written (err as db:enqueue's done gets it). */
 static int db_row_statement(lua_State *L) {
   store_db *d = check_db(L, 1);
   const char *sql = luaL_checkstring(L, 2);
-  luaL_checktype(L, 3, LUA_TTABLE);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
   luaL_checktype(L, 4, LUA_TFUNCTION);
-  luaL_checktype(L, 5, LUA_TFUNCTION);
   if (d->nrows == ROW_STATEMENTS) return luaL_error(L, "store: too many row statements");
-  int nfields = (int)lua_rawlen(L, 3);
   sqlite3_stmt *st;
   if (sqlite3_prepare_v2(d->db, sql, -1, &st, NULL) != SQLITE_OK)
     return luaL_error(L, "store: %s in: %s", sqlite3_errmsg(d->db), sql);
-  if (sqlite3_bind_parameter_count(st) != nfields) {
-    sqlite3_finalize(st);
-    return luaL_error(L, "store: %d fields for the %d parameters of: %s", nfields,
-                      sqlite3_bind_parameter_count(st), sql);
-  }
   row_statement *rs = &d->rows[d->nrows];
   rs->st = st;
-  rs->nfields = nfields;
-  lua_settop(L, 5);
+  rs->nparams = sqlite3_bind_parameter_count(st);
+  lua_settop(L, 4);
   rs->ref_failed = luaL_ref(L, LUA_REGISTRYINDEX);
   rs->ref_committed = luaL_ref(L, LUA_REGISTRYINDEX);
-  rs->ref_fields = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushinteger(L, ++d->nrows);
   return 1;
 }
@@ -1190,7 +1178,6 @@ static void db_close_all(lua_State *L, store_db *d) {
   for (int i = 0; i < d->nrows; i++) {
     row_statement *rs = &d->rows[i];
     sqlite3_finalize(rs->st);
-    luaL_unref(L, LUA_REGISTRYINDEX, rs->ref_fields);
     luaL_unref(L, LUA_REGISTRYINDEX, rs->ref_committed);
     luaL_unref(L, LUA_REGISTRYINDEX, rs->ref_failed);
   }

@@ -61,12 +61,12 @@ local function observe_tokens(b, field, token_type, n, provider, model)
   f.usage:observe(n)
 end
 
--- a call's spend in the metrics: e's provider, model and usd, the token
--- counts of units (a queued row, cost_row below, is both)
-local function observe_cost(e, units)
-  local provider, model = e.provider or "unknown", e.model or "unknown"
+-- a call's spend in the metrics: its USD (nil: unpriced) and the token
+-- counts of its units' fields input_tokens, prompt_tokens, output_tokens
+-- and completion_tokens
+local function observe_call(provider, model, usd, input, prompt, output, completion)
+  provider, model = provider or "unknown", model or "unknown"
   local b = series_of(provider, model)
-  local usd = e.usd
   if usd then
     spent_usd = spent_usd + usd
     local series = b.usd
@@ -78,11 +78,16 @@ local function observe_cost(e, units)
   else
     unpriced_total:inc({ provider = provider, model = model })
   end
-  if type(units) ~= "table" then return end
-  observe_tokens(b, "input_tokens", "input", units.input_tokens, provider, model)
-  observe_tokens(b, "prompt_tokens", "input", units.prompt_tokens, provider, model)
-  observe_tokens(b, "output_tokens", "output", units.output_tokens, provider, model)
-  observe_tokens(b, "completion_tokens", "output", units.completion_tokens, provider, model)
+  if input ~= nil then observe_tokens(b, "input_tokens", "input", input, provider, model) end
+  if prompt ~= nil then observe_tokens(b, "prompt_tokens", "input", prompt, provider, model) end
+  if output ~= nil then observe_tokens(b, "output_tokens", "output", output, provider, model) end
+  if completion ~= nil then observe_tokens(b, "completion_tokens", "output", completion, provider, model) end
+end
+
+local function observe_cost(e, units)
+  if type(units) ~= "table" then return observe_call(e.provider, e.model, e.usd) end
+  observe_call(e.provider, e.model, e.usd, units.input_tokens, units.prompt_tokens, units.output_tokens,
+    units.completion_tokens)
 end
 
 -- the UTC day of `at`, formatted once per day rather than once per row
@@ -95,56 +100,77 @@ local function day_of(at)
   return day_text
 end
 
--- queued: the entry as a row queued in C (cost_queue_row below): with the
--- caller's sync, and what the metrics count once it is written, copied now
--- (the caller may reuse its tables): usd and the units' token counts
-local NO_UNITS = {}
-local TEXT_FIELDS = { "provider", "model", "operation" }
-local function cost_entry(e, at, queued)
-  if type(e) ~= "table" then error("resil.cost.record: expects a table", 3) end
+-- e checked, at the line that called resil.cost.record (level 4: here, the
+-- entry's maker, resil.cost.record or a settle, its caller) -> its units as
+-- JSON (nil: none) and the task's context
+local function checked(e)
+  if type(e) ~= "table" then error("resil.cost.record: expects a table", 4) end
   -- usd = nil: a call without a price, recorded as such (never as a zero)
   if e.usd ~= nil and not is_usd(e.usd) then
-    error("resil.cost.record: usd must be a number from 0 to 1e9, or nil for a call without a price", 3)
+    error("resil.cost.record: usd must be a number from 0 to 1e9, or nil for a call without a price", 4)
   end
   -- (checked here, at the caller's line: a row nobody waits for would fail only in the store's
   -- next commit, the cost lost with "the ledger refused a row")
-  for _, field in ipairs(TEXT_FIELDS) do
-    local v = e[field]
-    if v ~= nil and type(v) ~= "string" then
-      error(("resil.cost.record: %s must be a string or nil, not a %s"):format(field, type(v)), 3)
+  local provider, model, operation = e.provider, e.model, e.operation
+  if provider ~= nil and type(provider) ~= "string" or model ~= nil and type(model) ~= "string"
+    or operation ~= nil and type(operation) ~= "string" then
+    for _, field in ipairs({ "provider", "model", "operation" }) do
+      local v = e[field]
+      if v ~= nil and type(v) ~= "string" then
+        error(("resil.cost.record: %s must be a string or nil, not a %s"):format(field, type(v)), 4)
+      end
     end
   end
-  local ctx = resil.context()
-  -- Only the caller knows when two records are one charge (e.g. the
-  -- provider's response id, the same when it replays an idempotent call).
-  -- A step or once that runs its fn again calls the provider again, so
-  -- nothing is deduplicated on where the record was made.
-  local dedupe = e.id ~= nil and tostring(e.id) or nil
-  local raw_units = e.units
-  local units = raw_units
+  local units = e.units
   if units ~= nil then
     local ok, text = false, "not a table"
     if type(units) == "table" then ok, text = pcall(json.encode, units) end
     if not ok then
-      error("resil.cost.record: units must be a table JSON can hold (token counts by name): " .. tostring(text), 3)
+      error("resil.cost.record: units must be a table JSON can hold (token counts by name): " .. tostring(text), 4)
     end
     units = text
   end
-  if queued then
-    local u = raw_units or NO_UNITS
-    return { dedupe = dedupe, at = at, day = day_of(at), provider = e.provider,
-             model = e.model, operation = e.operation, user = e.user and tostring(e.user),
-             run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
-             micro_usd = e.usd and to_micro(e.usd), units = units, budget = e.budget, period = e.period,
-             item = e.item or ctx.step_scope, sync = e.sync, usd = e.usd,
-             input_tokens = u.input_tokens, prompt_tokens = u.prompt_tokens, output_tokens = u.output_tokens,
-             completion_tokens = u.completion_tokens }
-  end
-  return { dedupe = dedupe, at = at, day = day_of(at), provider = e.provider,
+  return units, resil.context()
+end
+
+-- Only the caller knows when two records are one charge (e.g. the
+-- provider's response id, the same when it replays an idempotent call).
+-- A step or once that runs its fn again calls the provider again, so
+-- nothing is deduplicated on where the record was made.
+local function cost_entry(e, at)
+  local units, ctx = checked(e)
+  return { dedupe = e.id ~= nil and tostring(e.id) or nil, at = at, day = day_of(at), provider = e.provider,
            model = e.model, operation = e.operation, user = e.user and tostring(e.user),
            run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
            micro_usd = e.usd and to_micro(e.usd), units = units, budget = e.budget, period = e.period,
            item = e.item or ctx.step_scope }
+end
+
+-- The same as a row queued in C (backend:cost_queue): an array, the
+-- ledger's columns in store_sqlite.lua's COST_FIELDS order (1-15), then
+-- what the metrics count once it is written, copied now (the caller may
+-- reuse its tables): usd (16), the units' input_tokens, prompt_tokens,
+-- output_tokens and completion_tokens (17-20); and the caller's sync (21).
+-- (A constructor of 21 fields by name cost three times this one.)
+local NO_UNITS = {}
+local function cost_row(e, at)
+  local units, ctx = checked(e)
+  local u, usd = e.units or NO_UNITS, e.usd
+  return { e.id ~= nil and tostring(e.id) or nil, at, day_of(at), e.provider, e.model, e.operation,
+           e.user and tostring(e.user), e.run or runs.current_id(), e.step or ctx.step or nil,
+           usd and to_micro(usd), units, e.budget, e.period, nil, e.item or ctx.step_scope,
+           usd, u.input_tokens, u.prompt_tokens, u.output_tokens, u.completion_tokens, e.sync }
+end
+
+-- a queued row as the store's entry (its write tried again) and as the metrics' fields
+local function row_entry(r)
+  return { dedupe = r[1], at = r[2], day = r[3], provider = r[4], model = r[5], operation = r[6], user = r[7],
+           run = r[8], step = r[9], micro_usd = r[10], units = r[11], budget = r[12], period = r[13], ticket = r[14],
+           item = r[15], sync = r[21] }
+end
+local function row_metric_fields(r)
+  return { provider = r[4], model = r[5], usd = r[16],
+           units = { input_tokens = r[17], prompt_tokens = r[18], output_tokens = r[19], completion_tokens = r[20] } }
 end
 
 -- What the metrics need of a call, copied when it is recorded: a write
@@ -152,7 +178,7 @@ end
 -- caller may have changed its table (reused it for its next call).
 local function metric_fields(e)
   local u = e.units
-  if type(u) == "table" then -- (the fields TOKEN_TYPES names)
+  if type(u) == "table" then -- (the fields observe_cost counts)
     u = { input_tokens = u.input_tokens, prompt_tokens = u.prompt_tokens, output_tokens = u.output_tokens,
           completion_tokens = u.completion_tokens }
   end
@@ -271,40 +297,32 @@ end
 -- insert run there at the group commit and its outcome told per commit, not
 -- per row: the metrics of the rows written (a row whose key the ledger
 -- already had counts in none); a row not written as write_later's are (the
--- retry, or said lost as the store closes). The row is the entry
--- (cost_entry's queued form): one table per row, no closures.
+-- retry, or said lost as the store closes). The row (cost_row) is the one
+-- table a row costs: no closures.
 local function rows_committed(rows, done)
   unwritten = unwritten - done
   for i = 1, #rows do
-    local row = rows[i]
-    observe_cost(row, row)
+    local r = rows[i]
+    observe_call(r[4], r[5], r[16], r[17], r[18], r[19], r[20])
   end
 end
 
 local function row_failed(err, row)
   unwritten = unwritten - 1
-  local log_fields = { provider = row.provider, model = row.model, usd = row.usd, id = row.dedupe }
+  local log_fields = { provider = row[4], model = row[5], usd = row[16], id = row[1] }
   if resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
     say_lost("a cost row", log_fields, tostring(err))
   elseif resil.is_error(err) and err.kind == "store_unavailable" then
+    local entry = row_entry(row)
     retry_later("a cost row", function()
       local s, oerr = S.open_for_retry()
       if not s then return nil, oerr end
-      return s.backend:cost_record(row)
-    end, function(ok) return ok end, { provider = row.provider, model = row.model, usd = row.usd, units = row },
-      log_fields, err.sent)
+      return s.backend:cost_record(entry)
+    end, function(ok) return ok end, row_metric_fields(row), log_fields, err.sent)
   else
     log_fields.error = tostring(err)
     resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
   end
-end
-
--- -> true, or false past LATER_MAX (the caller writes itself)
-local function queue_row(backend, row)
-  if unwritten >= LATER_MAX and resil.running() and coroutine.isyieldable() then return false end
-  unwritten = unwritten + 1
-  backend:cost_queue(row, rows_committed, row_failed)
-  return true
 end
 
 -- resil.cost.record{provider=, model=, operation=, user=, usd=, units=, id=} -> true | nil, err
@@ -369,13 +387,18 @@ function resil.cost.record(e)
     end
     return nil, serr
   end
-  local queued = e.wait == false and s.backend.cost_queue ~= nil
-  local entry = cost_entry(e, store_now(), queued)
+  -- (SQLite: queued in C; past LATER_MAX written as below)
+  if e.wait == false and s.backend.cost_queue and not (unwritten >= LATER_MAX and resil.running()
+    and coroutine.isyieldable()) then
+    local row = cost_row(e, store_now())
+    unwritten = unwritten + 1
+    s.backend:cost_queue(row, rows_committed, row_failed)
+    return true
+  end
+  local entry = cost_entry(e, store_now())
   entry.sync = e.sync
   if e.wait == false or e.retry then own_key(s.backend, entry) end
-  if queued then
-    if queue_row(s.backend, entry) then return true end
-  elseif e.wait == false then
+  if e.wait == false then
     if write_later(s.backend, "cost_record", e,
       { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, entry) then
       return true

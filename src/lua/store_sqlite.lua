@@ -523,19 +523,18 @@ end
 -- the same in the next group commit, without waiting: done(nil, inserted) | done(err)
 function B:cost_record_later(e, done) return self.db:enqueue(done, insert_cost, e) end
 
--- INSERT_COST's parameters: the row's fields bound by db:insert_later
-local COST_FIELDS = { "dedupe", "at", "day", "provider", "model", "operation", "user", "run", "step", "micro_usd",
-  "units", "budget", "period", "ticket", "item" }
-
 -- The same again, the insert run in C (src/store_sqlite.c, db:insert_later:
 -- no Lua function, savepoint or done closure per row) and its outcome told
 -- per group commit: committed(rows written, rows done) | failed(err, row)
--- for each row not written. The handlers are this backend's from its first
--- row on (the ledger's own, src/lua/costs.lua).
+-- for each row not written. A row is an array: INSERT_COST's parameters in
+-- order (dedupe, at, day, provider, model, operation, user, run, step,
+-- micro_usd, units, budget, period, ticket, item), then anything the
+-- handlers want back. The handlers are this backend's from its first row on
+-- (the ledger's own, src/lua/costs.lua).
 function B:cost_queue(row, committed, failed)
   local n = self.cost_statement
   if not n then
-    n = self.db:row_statement(INSERT_COST, COST_FIELDS, committed, failed)
+    n = self.db:row_statement(INSERT_COST, committed, failed)
     self.cost_statement = n
   end
   self.db:insert_later(n, row)
