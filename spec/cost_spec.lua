@@ -168,6 +168,36 @@ describe("resil.cost inside steps and once (one process)", function()
       assert.matches('resil_tokens_total{model="m",provider="kept",type="input"} 10\n', resil.metrics.text(), 1, true)
     end)
 
+  -- (rows nobody waits for are written in C, one statement each and no savepoint: one that fails must
+  -- undo only itself, and the metrics count what was written, once per commit)
+  it("wait = false: a row the ledger cannot hold (a run id that is a table) is refused in the log; the rows " ..
+     "committed with it are written and counted, their token counts by type", function()
+    local text
+    local lines = helpers.logged(function()
+      assert(resil.cost.record({ provider = "mixed", model = "m", usd = 0.25, id = "mixed-1",
+        units = { prompt_tokens = 4, completion_tokens = 2 }, wait = false }))
+      assert(resil.cost.record({ provider = "mixed", model = "m", usd = 1, run = {}, wait = false }))
+      assert(resil.cost.record({ provider = "mixed", model = "m", usd = 0.5, id = "mixed-1", wait = false }))
+      assert(resil.cost.record({ provider = "mixed", model = "m", units = { input_tokens = 3 }, wait = false }))
+      assert.are.equal(0.25, resil.cost.total({ provider = "mixed" }))
+      assert.are.equal(2, resil.cost.breakdown("provider", { provider = "mixed" })[1].calls)
+      text = resil.metrics.text()
+    end)
+    local refused = {}
+    for _, l in ipairs(lines) do
+      if l.msg == "the ledger refused a row; its cost is not in it" then refused[#refused + 1] = l end
+    end
+    assert.are.equal(1, #refused)
+    assert.are.equal(1, refused[1].usd)
+    assert.are.equal(0, resil.cost.unwritten())
+    assert.matches('resil_cost_usd_total{model="m",provider="mixed"} 0.25\n', text, 1, true)
+    assert.matches('resil_cost_unpriced_total{model="m",provider="mixed"} 1\n', text, 1, true)
+    assert.matches('resil_tokens_total{model="m",provider="mixed",type="input"} 7\n', text, 1, true)
+    assert.matches('resil_tokens_total{model="m",provider="mixed",type="output"} 2\n', text, 1, true)
+    assert.matches('gen_ai_client_token_usage_count{gen_ai_request_model="m",gen_ai_system="mixed",' ..
+      'gen_ai_token_type="input"} 2\n', text, 1, true)
+  end)
+
   -- a row nobody waits for failed only in the next group commit ("cannot bind a table"): the cost
   -- was lost with "the ledger refused a row", the caller told true
   it("refuses a provider, model or operation that is not text, and units JSON cannot hold, at the caller's line",
