@@ -147,7 +147,7 @@ local function cost_entry(e, at)
 end
 
 -- The same as a row queued in C (backend:cost_queue): an array, the
--- ledger's columns in store_sqlite.lua's COST_FIELDS order (1-15), then
+-- ledger's columns in the order of store_sqlite.lua's INSERT_COST (1-15), then
 -- what the metrics count once it is written, copied now (the caller may
 -- reuse its tables): usd (16), the units' input_tokens, prompt_tokens,
 -- output_tokens and completion_tokens (17-20); and the caller's sync (21).
