@@ -41,6 +41,11 @@ ai.config = resil.keep("policies.ai.config") -- per provider, see ai.configure; 
 
 -- the options of policies.call a provider's config or a call may set
 local CALL_OPTIONS = { "timeout", "deadline", "retry", "breaker", "rate", "tokens", "concurrency", "idempotency" }
+-- does a call set any of them? (CALL_OPTIONS written out: asked on every call)
+local function sets_call_options(r)
+  return r.timeout ~= nil or r.deadline ~= nil or r.retry ~= nil or r.breaker ~= nil or r.rate ~= nil
+    or r.tokens ~= nil or r.concurrency ~= nil or r.idempotency ~= nil
+end
 
 -- ai.provider_module(name) -> the provider's module (policies/providers/NAME.lua) | nil when there
 -- is no such file; a file that is there and does not load raises its own error (file:line), not
@@ -132,10 +137,7 @@ end
 -- a fresh one for a call that overrides its options (buckets, breakers and
 -- semaphores are shared by name).
 local function caller_of(name, adapter, conf, req)
-  local override = false
-  for _, k in ipairs(CALL_OPTIONS) do
-    if req[k] ~= nil then override = true break end
-  end
+  local override = sets_call_options(req)
   local c = not override and callers[name]
   if c and c.conf == conf then return c.caller end
   local o = {}
@@ -221,7 +223,7 @@ local targets_from
 local NO_FALLBACK = {}
 local function kept_targets(plan, req)
   if plan.migration then return nil end
-  for _, k in ipairs(CALL_OPTIONS) do if req[k] ~= nil then return nil end end
+  if sets_call_options(req) then return nil end
   local by = plan.targets
   if not by or by[CONFIG_GEN] ~= configured then -- ai.configure since: made again
     by = setmetatable({ [CONFIG_GEN] = configured }, { __mode = "k" })
@@ -290,6 +292,24 @@ function targets_from(reg, plan, req, level)
   return targets
 end
 
+-- per wire format: { openai = {...}, anthropic = {...} }, each entry checked by `each(name, value)`
+-- (module-level functions: made once, not per call)
+local function per_format(req, field, what, each, level)
+  local t = req[field]
+  if type(t) ~= "table" then error(("ai: %s must be a table of {wire format = {%s}}"):format(field, what), level + 1) end
+  for k, v in pairs(t) do
+    if type(v) ~= "table" then error(("ai: %s.%s must be a table"):format(field, tostring(k)), level + 1) end
+    for name, value in pairs(v) do
+      if each and not each(name, value) then
+        error(("ai: %s.%s: each %s"):format(field, tostring(k), what), level + 1)
+      end
+    end
+  end
+end
+local function one_line_header(name, value)
+  return type(name) == "string" and type(value) == "string" and not value:find("[\r\n%z]")
+end
+
 local function check_request(req, level)
   if type(req) ~= "table" then error("ai: expects a request table", level + 1) end
   if type(req.messages) ~= "table" or #req.messages == 0 then
@@ -309,24 +329,10 @@ local function check_request(req, level)
   if req.give_up ~= nil and type(req.give_up) ~= "function" then
     error("ai: give_up must be a function () -> a reason | nil", level + 1)
   end
-  -- per wire format: { openai = {...}, anthropic = {...} }, each entry checked by `each(name, value)`
-  local function per_format(field, what, each)
-    local t = req[field]
-    if t == nil then return end
-    if type(t) ~= "table" then error(("ai: %s must be a table of {wire format = {%s}}"):format(field, what), level + 2) end
-    for k, v in pairs(t) do
-      if type(v) ~= "table" then error(("ai: %s.%s must be a table"):format(field, tostring(k)), level + 2) end
-      for name, value in pairs(v) do
-        if each and not each(name, value) then
-          error(("ai: %s.%s: each %s"):format(field, tostring(k), what), level + 2)
-        end
-      end
-    end
+  if req.provider_headers ~= nil then
+    per_format(req, "provider_headers", "header = a one-line string", one_line_header, level + 1)
   end
-  per_format("provider_headers", "header = a one-line string", function(name, value)
-    return type(name) == "string" and type(value) == "string" and not value:find("[\r\n%z]")
-  end)
-  per_format("provider_options", "field = value")
+  if req.provider_options ~= nil then per_format(req, "provider_options", "field = value", nil, level + 1) end
 end
 
 -- the request a target gets: the call's, with a fallback entry's own fields over it
@@ -575,7 +581,8 @@ end
 -- made the ledger refuse the row (the cost lost, the hold kept), a CR/LF
 -- made the gateway's answer a 500 after the call was paid.
 local function provider_text(v)
-  if type(v) ~= "string" or #v == 0 or #v > 256 or v:find("[^\32-\126]") then return nil end
+  -- (anchored: one pass over the text, not a match tried from each of its bytes)
+  if type(v) ~= "string" or #v == 0 or #v > 256 or not v:find("^[\32-\126]*$") then return nil end
   return v
 end
 
@@ -973,21 +980,24 @@ local function watched(strategy, targets)
   end }
 end
 
+-- a target's attempts at a chat -> result | nil, err
+local function chat_attempts(t, req, guard, wire, deadline)
+  local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
+  if res == nil then
+    if type(err) == "table" then err.model = err.model or t.model end
+    return nil, err
+  end
+  local data = classify.decoded(res)
+  local r = t.adapter.parse(data)
+  if r.usage then r.usage.requests = 1 end
+  r.attempts = res.attempts
+  learn_tier(t, req, r)
+  return finish_result(t, r, data)
+end
+
 local function chat_strategy(t, req, guard)
   local wire = wire_request(t, req, false)
-  return { name = t.name, fn = function(_, deadline)
-    local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
-    if res == nil then
-      if type(err) == "table" then err.model = err.model or t.model end
-      return nil, err
-    end
-    local data = classify.decoded(res)
-    local r = t.adapter.parse(data)
-    if r.usage then r.usage.requests = 1 end
-    r.attempts = res.attempts
-    learn_tier(t, req, r)
-    return finish_result(t, r, data)
-  end }
+  return { name = t.name, fn = function(_, deadline) return chat_attempts(t, req, guard, wire, deadline) end }
 end
 
 -- attempts made by the targets that failed before one served
@@ -1019,7 +1029,11 @@ function ai.chat(req)
   if berr then return nil, berr end
   local guard <close> = call_guard(ticket, req, "chat")
   local r, err
-  if #targets == 1 then
+  if #targets == 1 and not targets.plan.migration then -- (the common case: no strategy made)
+    local t = targets[1]
+    r, err = chat_attempts(t, req, guard, wire_request(t, req, false), deadline_of(targets, req))
+    if r then r.fallbacks = 0 end
+  elseif #targets == 1 then
     r, err = watched(chat_strategy(targets[1], req, guard), targets).fn(req, deadline_of(targets, req))
     if r then r.fallbacks = 0 end
   else

@@ -435,7 +435,7 @@ end
 local MODEL_MAX = 256
 local function check_model(name)
   if type(name) ~= "string" or name == "" then return "model is required" end
-  if #name > MODEL_MAX or name:find("[^!-~]") then
+  if #name > MODEL_MAX or not name:find("^[!-~]*$") then
     return ("model must be at most %d printable ASCII characters, without spaces"):format(MODEL_MAX)
   end
 end
@@ -1020,20 +1020,32 @@ local function cancelable(fn, ...)
   local _ <close> = setmetatable({ me or false }, untrack_mt)
   return fn(...)
 end
+
+-- One call run to its end: { slot, task, left }, closed in its task when the call ends, and
+-- told by the handler when it no longer waits (shared metatables: no closures per call)
+local call_end_mt = { __close = function(run)
+  running.n = running.n - 1
+  if run.task then running.tasks[run.task] = nil end
+  if run.slot then run.slot.permits:release() end
+end }
+local handler_end_mt = { __close = function(t) t[1].left = true end }
+local function run_body(run, fn, ...)
+  local _ <close> = run
+  local me = resil.running()
+  if me then
+    run.task = me
+    running.tasks[me] = true
+  end
+  return fn(...)
+end
 local function run_to_end(slot, r, fn, ...)
-  local waited = true
-  r.give_up = function() if not waited then return "client_left" end end
-  local call = resil.spawn(function(...)
-    local _ <close> = setmetatable({}, { __close = function()
-      running.n = running.n - 1
-      if slot then slot.permits:release() end
-    end })
-    return cancelable(fn, ...)
-  end, ...)
+  local run = setmetatable({ slot = slot }, call_end_mt)
+  r.give_up = function() if run.left then return "client_left" end end
+  local call = resil.spawn(run_body, run, fn, ...)
   running.n = running.n + 1 -- (after the spawn: one that raised runs nothing)
   if slot then slot.handed = true end
   -- (closed when the join returns, the call ended, or when the handler is canceled: its client left)
-  local _ <close> = setmetatable({}, { __close = function() waited = false end })
+  local _ <close> = setmetatable({ run }, handler_end_mt)
   return call:join()
 end
 

@@ -21,11 +21,8 @@ local openai = {
 }
 
 -- the fields of the normalized request this adapter sends as they are
-local PASSED = {}
-for _, k in ipairs({ "temperature", "top_p", "tool_choice", "n", "seed", "user", "response_format",
-  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }) do
-  PASSED[k] = true
-end
+local PASSED = { "temperature", "top_p", "tool_choice", "n", "seed", "user", "response_format",
+  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }
 
 function openai.url(base) return base .. "/chat/completions" end
 
@@ -70,7 +67,11 @@ function openai.body(req, model, conf)
     local field = conf.max_tokens_field or (conf.official and "max_completion_tokens" or "max_tokens")
     body[field] = req.max_tokens
   end
-  for k, v in pairs(req) do if PASSED[k] then body[k] = v end end -- the request's few fields, not the list
+  for i = 1, #PASSED do -- (a request has as many fields of its own: the list is the shorter walk)
+    local k = PASSED[i]
+    local v = req[k]
+    if v ~= nil then body[k] = v end
+  end
   if req.stop ~= nil then body.stop = req.stop end
   body.tools = tools_of(req.tools)
   if req.stream then
