@@ -619,6 +619,7 @@ local function capped_usage(r, req)
     most = budget_max_tokens(type(conf) == "table" and conf or nil, ai.adapters[r.provider])
   end
   if math.type(most) ~= "integer" or type(u) ~= "table" or type(u.output_tokens) ~= "number" then return u end
+  if u.output_tokens <= most then return u end -- (within one choice's most: the common case)
   most = most * math.max(1, math.tointeger(req.n) or 1)
   if u.output_tokens <= most then return u end
   -- (our own estimate of a cut answer or stream, from bytes read, is capped without a word: the provider said nothing)

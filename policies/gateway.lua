@@ -161,8 +161,7 @@ end
 -- conversion on the answer's path)
 local function usd_text(usd)
   local micro = math.floor(usd * 1e6 + 0.5)
-  local frac = tostring(micro % 1000000)
-  return (micro // 1000000) .. "." .. ("000000"):sub(#frac + 1) .. frac
+  return ("%d.%06d"):format(micro // 1000000, micro % 1000000)
 end
 
 -- The upstream's own error for a request it refused as the request's fault
@@ -1065,10 +1064,12 @@ end
 
 -- sampling numbers that JSON allows and no provider does (1e400 reads as inf)
 local FINITE = { "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed" }
+local HUGE = math.huge
 local function not_finite(b)
-  for _, k in ipairs(FINITE) do
+  for i = 1, #FINITE do
+    local k = FINITE[i]
     local v = b[k]
-    if type(v) == "number" and (v ~= v or v == math.huge or v == -math.huge) then
+    if v ~= nil and type(v) == "number" and (v ~= v or v == HUGE or v == -HUGE) then
       return k .. " must be a finite number"
     end
   end
@@ -1417,7 +1418,6 @@ function gateway.handle(req)
   -- HEAD is GET without the body (the server sends none): a monitor's HEAD /health is not a 404
   local method = req.method == "HEAD" and "GET" or req.method
   local route = gateway.routes[route_key(method, path)]
-  local api = api_of(path)
   local reply
   local one_model = not route and method == "GET" and path:match("^/v1/models/(.+)$")
   if route then
@@ -1425,7 +1425,7 @@ function gateway.handle(req)
   elseif one_model then
     reply = model_by_id(req, one_model)
   else
-    reply = error_reply(api, 404, ("no route %s %s"):format(req.method, req.path), { code = "unknown_url" })
+    reply = error_reply(api_of(path), 404, ("no route %s %s"):format(req.method, req.path), { code = "unknown_url" })
   end
   -- by route and status, each series bound once (no label key built per request)
   local label = route and path or one_model and "/v1/models/{id}" or "other"

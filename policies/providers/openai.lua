@@ -84,8 +84,9 @@ end
 
 -- a count the provider sent: a finite number >= 0, else absent (an infinite or
 -- negative count cannot be priced, stored or settled)
+local HUGE, tointeger = math.huge, math.tointeger
 local function num(v)
-  return type(v) == "number" and v >= 0 and v < math.huge and (math.tointeger(v) or v) or nil
+  return type(v) == "number" and v >= 0 and v < HUGE and (tointeger(v) or v) or nil
 end
 
 -- the main counts of a usage: a usage that has neither, or one the provider
@@ -93,8 +94,6 @@ end
 -- nothing known, its call is a ledger row without a price, never a $0 one
 -- (which wrote no row at all, and settled the budget at 0)
 local function absent(v) return v == nil or v == json.null end
-local function bad(v) return not absent(v) and num(v) == nil end
-local function unreadable(a, b) return bad(a) or bad(b) or (absent(a) and absent(b)) end
 
 -- the tiers an answer names (its service_tier) that are standard processing; any other
 -- (priority, flex, scale) is billed at its own price: usage.service_tier says which
@@ -107,12 +106,18 @@ end
 
 -- openai.usage(u [, service_tier]) -> normalized usage (input_tokens counts cached ones too) | nil (unknown)
 function openai.usage(u, tier)
-  if type(u) ~= "table" or unreadable(u.prompt_tokens, u.completion_tokens) then return nil end
+  if type(u) ~= "table" then return nil end
+  local prompt, completion = u.prompt_tokens, u.completion_tokens
+  local input, output = num(prompt), num(completion) -- (each read once: this runs on every answer)
+  if (input == nil and not absent(prompt)) or (output == nil and not absent(completion))
+    or (input == nil and output == nil) then
+    return nil
+  end
+  input = input or 0
   local details, out_details = u.prompt_tokens_details, u.completion_tokens_details
-  local input = num(u.prompt_tokens) or 0
   -- (cached ones are a part of the input: more would price the rest below zero)
   local cached = math.min(type(details) == "table" and num(details.cached_tokens) or 0, input)
-  return { input_tokens = input, output_tokens = num(u.completion_tokens) or 0,
+  return { input_tokens = input, output_tokens = output or 0,
     cached_input_tokens = cached, cache_write_tokens = 0,
     reasoning_tokens = type(out_details) == "table" and num(out_details.reasoning_tokens) or nil,
     service_tier = openai.service_tier(tier) }
