@@ -128,7 +128,8 @@ pricing.image_tokens = {
 
 -- Token prices a model lacks, and the price each falls back to (then `input`): a
 -- table written before cache_write_1h prices those writes as it did
-local FALLS_BACK = { cached_input = "input", cache_write = "input", cache_write_1h = "cache_write" }
+-- (a list, walked with an index: pricing.cost runs on every answer)
+local FALLS_BACK = { { "cached_input", "input" }, { "cache_write", "input" }, { "cache_write_1h", "cache_write" } }
 
 local function strip_date(model)
   return model:gsub("%-%d%d%d%d%-%d%d%-%d%d$", ""):gsub("%-%d%d%d%d%d%d%d%d$", ""):gsub("%-latest$", "")
@@ -138,12 +139,14 @@ end
 -- holding a finite number >= 0, and it has one at least: a typo ("inptu"),
 -- an empty table or a garbage value ("abc", 0/0) would price calls at $0 or
 -- raise after the provider was paid. Such a table is no price. -> ok | nil, why
+local mathtype, HUGE = math.type, math.huge
 local function malformed(price)
   if type(price) ~= "table" then return "not a table" end
   local any
+  local units = pricing.units
   for field, p in pairs(price) do
-    if not pricing.units[field] then return ("unknown field '%s'"):format(tostring(field)) end
-    if math.type(p) == nil or p ~= p or p < 0 or p == math.huge then
+    if not units[field] then return ("unknown field '%s'"):format(tostring(field)) end
+    if mathtype(p) == nil or p ~= p or p < 0 or p == HUGE then
       return ("%s must be a number >= 0, not %s"):format(field, tostring(p))
     end
     any = true
@@ -154,14 +157,17 @@ end
 
 -- pricing.price(provider, model [, tier]) -> the price table | nil, why (a malformed table is
 -- no price); tier: a processing tier's (pricing.tiers), nil for the standard one
-function pricing.price(provider, model, tier)
+local function price_entry(provider, model, tier) -- (the table's entry as it is, unchecked)
   local t = pricing.models[provider]
   -- (a tier the table does not name at all is another server's word for its standard one: an
   -- OpenAI-compatible server's "on_demand", priced as the model is)
   local tiers = pricing.tiers[provider]
   if tier ~= nil and type(tiers) == "table" and tiers[tier] ~= nil then t = tiers[tier] end
   if type(t) ~= "table" or type(model) ~= "string" then return nil end
-  local price = t[model] or t[strip_date(model)]
+  return t[model] or t[strip_date(model)]
+end
+function pricing.price(provider, model, tier)
+  local price = price_entry(provider, model, tier)
   if price == nil then return nil end
   local bad = malformed(price)
   if bad then return nil, bad end
@@ -196,14 +202,37 @@ end
 -- without end); past that, one line saying so, then none
 local warned, warned_count, WARN_MAX = {}, 0, 100
 
+-- a price table's cost of a usage, checked as it is summed (one walk of its fields: this runs
+-- on every answer) -> usd | nil, why (malformed's)
+local function priced(price, usage)
+  if type(price) ~= "table" then return nil, malformed(price) end
+  -- the price's own few fields, then the cache prices it lacks at the price they fall back to
+  local units, usd, any = pricing.units, 0, false
+  for field, p in pairs(price) do
+    local count = units[field]
+    if not count or mathtype(p) == nil or p ~= p or p < 0 or p == HUGE then return nil, malformed(price) end
+    usd = usd + p * count(usage)
+    any = true
+  end
+  if not any then return nil, malformed(price) end
+  for i = 1, #FALLS_BACK do
+    local field, to = FALLS_BACK[i][1], FALLS_BACK[i][2]
+    local p = price[field] == nil and (price[to] or price.input)
+    if p then usd = usd + p * units[field](usage) end
+  end
+  -- per_request counts 1 by default: only charge it where a price is set
+  return math.floor(usd * 1e9 + 0.5) / 1e9
+end
+
 -- pricing.cost(provider, model, usage) -> usd | nil, why; usage.service_tier (a
 -- tier other than the standard one) prices it from pricing.tiers
 function pricing.cost(provider, model, usage)
   if type(usage) ~= "table" then error("pricing.cost: usage must be a table", 2) end
   local tier = usage.service_tier
   if tier ~= nil and type(tier) ~= "string" then tier = tostring(tier) end
-  local price, bad = pricing.price(provider, model, tier)
-  if price == nil then
+  local price, usd, bad = price_entry(provider, model, tier), nil, nil
+  if price ~= nil then usd, bad = priced(price, usage) end
+  if usd == nil then
     local name = tostring(provider) .. "/" .. tostring(model) .. (tier and (" (" .. tier .. " tier)") or "")
     if not warned[name] and warned_count <= WARN_MAX then
       warned_count = warned_count + 1
@@ -219,18 +248,7 @@ function pricing.cost(provider, model, usage)
     end
     return nil, (bad and "malformed price for %s: %s" or "no price for %s"):format(name, bad)
   end
-  -- the price's own few fields, then the cache prices it lacks at the price they fall back to
-  local units, usd = pricing.units, 0
-  for field, p in pairs(price) do
-    local count = units[field]
-    if count and p ~= nil then usd = usd + p * count(usage) end
-  end
-  for field, to in pairs(FALLS_BACK) do
-    local p = price[field] == nil and (price[to] or price.input)
-    if p then usd = usd + p * units[field](usage) end
-  end
-  -- per_request counts 1 by default: only charge it where a price is set
-  return math.floor(usd * 1e9 + 0.5) / 1e9
+  return usd
 end
 
 return pricing

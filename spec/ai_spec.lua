@@ -212,6 +212,36 @@ describe("golden costs from the providers' documented usage", function()
     assert.is_nil(usd)
     assert.matches("no price for openai/gpt%-unknown", why)
   end)
+
+  it("a malformed price is no price: nil and why, the same from pricing.price and pricing.cost", function()
+    local u = { input_tokens = 1000000, output_tokens = 1000000, cached_input_tokens = 0, cache_write_tokens = 0 }
+    local cases = {
+      ["spec-typo"] = { price = { inptu = 1, output = 2 }, why = "unknown field 'inptu'" },
+      ["spec-garbage"] = { price = { input = "abc" }, why = "input must be a number >= 0, not abc" },
+      ["spec-nan"] = { price = { input = 0 / 0 }, why = "input must be a number >= 0" },
+      ["spec-empty"] = { price = {}, why = "no price field" },
+      ["spec-string"] = { price = "1.5", why = "not a table" },
+    }
+    for model, c in pairs(cases) do pricing.models.openai[model] = c.price end
+    local ok, err = pcall(function()
+      for model, c in pairs(cases) do
+        local price, pwhy = pricing.price("openai", model)
+        assert.is_nil(price)
+        assert.truthy(pwhy:find(c.why, 1, true), pwhy)
+        local usd, why = pricing.cost("openai", model, u)
+        assert.is_nil(usd)
+        assert.truthy(why:find("malformed price for openai/" .. model .. ": " .. c.why, 1, true), why)
+      end
+      -- a good one next to them: every field it has, and the cache prices it lacks at input's
+      pricing.models.openai["spec-good"] = { input = 1, output = 2 }
+      assert.are.equal(3, pricing.cost("openai", "spec-good", u))
+      assert.are.equal(0.5 + 0.5 + 2, pricing.cost("openai", "spec-good", { input_tokens = 1000000,
+        output_tokens = 1000000, cached_input_tokens = 500000, cache_write_tokens = 0 }))
+    end)
+    for model in pairs(cases) do pricing.models.openai[model] = nil end
+    pricing.models.openai["spec-good"] = nil
+    assert(ok, err)
+  end)
 end)
 
 describe("chat over the strict mock", function()
