@@ -126,10 +126,9 @@ pricing.image_tokens = {
   anthropic = { default = 1600 },
 }
 
--- Token prices a model lacks, and the price each falls back to (then `input`): a
--- table written before cache_write_1h prices those writes as it did
--- (a list, walked with an index: pricing.cost runs on every answer)
-local FALLS_BACK = { { "cached_input", "input" }, { "cache_write", "input" }, { "cache_write_1h", "cache_write" } }
+-- Token prices a model lacks fall back: cached_input and cache_write to input,
+-- cache_write_1h to cache_write (then input), so a table written before
+-- cache_write_1h prices those writes as it did (in priced, below)
 
 local function strip_date(model)
   return model:gsub("%-%d%d%d%d%-%d%d%-%d%d$", ""):gsub("%-%d%d%d%d%d%d%d%d$", ""):gsub("%-latest$", "")
@@ -210,15 +209,17 @@ local function priced(price, usage)
   local units, usd, any = pricing.units, 0, false
   for field, p in pairs(price) do
     local count = units[field]
-    if not count or mathtype(p) == nil or p ~= p or p < 0 or p == HUGE then return nil, malformed(price) end
+    if not count or type(p) ~= "number" or not (p >= 0 and p < HUGE) then return nil, malformed(price) end -- (NaN too)
     usd = usd + p * count(usage)
     any = true
   end
   if not any then return nil, malformed(price) end
-  for i = 1, #FALLS_BACK do
-    local field, to = FALLS_BACK[i][1], FALLS_BACK[i][2]
-    local p = price[field] == nil and (price[to] or price.input)
-    if p then usd = usd + p * units[field](usage) end
+  local input = price.input -- (FALLS_BACK, written out)
+  if price.cached_input == nil and input then usd = usd + input * units.cached_input(usage) end
+  if price.cache_write == nil and input then usd = usd + input * units.cache_write(usage) end
+  if price.cache_write_1h == nil then
+    local p = price.cache_write or input
+    if p then usd = usd + p * units.cache_write_1h(usage) end
   end
   -- per_request counts 1 by default: only charge it where a price is set
   return math.floor(usd * 1e9 + 0.5) / 1e9
