@@ -79,15 +79,19 @@ end
 -- the table a cancel tells how far the transfer got | nil
 local function merged_request(self, req, left, span, key, progress)
   local base = self.request
-  local r = {}
+  -- made with the fields a request usually has, so that it does not grow
+  -- (and rehash) field by field as it fills (a nil field takes no room)
+  local r = { method = base.method, url = base.url, headers = base.headers, json = base.json, body = base.body,
+              timeout = base.timeout, progress = nil }
   for k, v in pairs(base) do r[k] = v end
   for k, v in pairs(req) do r[k] = v end
   r.idempotency_key = nil
   r.progress = progress
-  if key or span or (base.headers and req.headers) then
+  local base_headers, req_headers = base.headers, req.headers
+  if key or span or (base_headers and req_headers) then
     local h = {}
-    for k, v in pairs(base.headers or {}) do h[k] = v end
-    for k, v in pairs(req.headers or {}) do h[k] = v end
+    if base_headers then for k, v in pairs(base_headers) do h[k] = v end end
+    if req_headers then for k, v in pairs(req_headers) do h[k] = v end end
     if key then h["Idempotency-Key"] = key end
     if span then h["traceparent"] = span.traceparent end -- W3C trace context: the attempt's span
     r.headers = h
@@ -327,6 +331,14 @@ local function attempt(n, self, req, deadline, refused)
   return res
 end
 
+-- An attempt classifies its own outcome (and validates its answer): an
+-- answer it returns is a success, and an error it returns carries its
+-- verdict. The retry need not validate the answer again.
+local function classified(res, err, opts)
+  if err == nil then return nil end
+  return classify.outcome(res, err, opts)
+end
+
 -- provider:attempts(req, deadline [, refused [, give_up]]) -> res | nil,
 -- err: retries, no fallback; `refused` (a list) gets each answer the
 -- validator refused; give_up (fn() -> a reason | nil): policies.retry's,
@@ -336,10 +348,9 @@ function Provider:attempts(req, deadline, refused, give_up)
   if not refused and (self.idempotency or type(req) == "table" and req.idempotency_key) then
     refused = {} -- (counted for the key, see sent_key)
   end
-  if deadline or give_up then
-    opts = setmetatable({ deadline = deadline, give_up = give_up }, self.retry_meta)
-  end
-  return retry.call(attempt, opts, self, req, deadline, refused)
+  -- (the retry options' own deadline, timeout and give_up when the call has none)
+  local retry_deadline = deadline or opts.deadline or (opts.timeout and now() + opts.timeout)
+  return retry.attempts(attempt, opts, retry_deadline, give_up or opts.give_up, self, req, deadline, refused)
 end
 
 local function invoke(self, req)
@@ -395,8 +406,8 @@ function call.provider(name, conf)
   r.provider = name
   r.validate = conf.validate
   r.bounded = true -- every wait in an attempt is cut at the deadline
+  r.classify = r.classify or classified
   self.retry_opts = r
-  self.retry_meta = { __index = r }
 
   if conf.fallback then
     local strategies = { { name = name, on = conf.fallback.on,

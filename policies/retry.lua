@@ -160,11 +160,9 @@ local EMPTY = {}
 -- other, cutting a backoff short; the call ends with that
 -- attempt's failure, err.gave_up = the reason, or before any attempt with
 -- kind "given_up", retryable so that resil.once keeps nothing).
-function retry.call(fn, opts, ...)
-  if type(fn) ~= "function" then error("retry.call: fn must be a function", 2) end
-  opts = opts or EMPTY
+-- (its loop: retry.call and retry.attempts below)
+local function attempts(fn, opts, deadline, give_up, ...)
   local now = resil.now
-  local deadline = opts.deadline or (opts.timeout and now() + opts.timeout)
   local provider = opts.provider or "default"
   local budget = opts.budget ~= false and retry.budget(provider, opts.budget) or nil
   if budget then budget:deposit() end
@@ -172,13 +170,12 @@ function retry.call(fn, opts, ...)
   local base, cap = opts.base or retry.defaults.base, opts.cap or retry.defaults.cap
   local random = opts.random or default_random
   local sleep = opts.sleep or resil.sleep
-  local give_up = opts.give_up
   local attempt, prev_delay, retries_of = 0, nil, nil
   local res, err, verdict -- the attempt before this one, when it failed
 
   while true do
     attempt = attempt + 1
-    local why = given_up(give_up)
+    local why = give_up and given_up(give_up)
     if why and verdict then return nil, final_error(res, err, verdict, attempt - 1, provider, why) end
     if why then
       return nil, resil.error("given_up", ("gave up before attempt %d: %s"):format(attempt, why),
@@ -219,7 +216,7 @@ function retry.call(fn, opts, ...)
     if not verdict.retryable or done >= max_retries_for(opts, verdict) then
       return nil, final_error(res, err, verdict, attempt, provider, verdict.retryable and "max_retries" or nil)
     end
-    why = given_up(give_up) -- (before a backoff that would hold on to what the call holds)
+    why = give_up and given_up(give_up) -- (before a backoff that would hold on to what the call holds)
     if why then return nil, final_error(res, err, verdict, attempt, provider, why) end
     local strategy = opts.strategy or verdict.backoff or "exponential"
     local delay_fn = retry.strategies[strategy]
@@ -260,6 +257,21 @@ function retry.call(fn, opts, ...)
       until left <= 0
     elseif delay > 0 then sleep(delay) else resil.yield() end
   end
+end
+
+function retry.call(fn, opts, ...)
+  if type(fn) ~= "function" then error("retry.call: fn must be a function", 2) end
+  opts = opts or EMPTY
+  local deadline = opts.deadline or (opts.timeout and resil.now() + opts.timeout)
+  return attempts(fn, opts, deadline, opts.give_up, ...)
+end
+
+-- retry.attempts(fn, opts, deadline, give_up, ...): retry.call with the
+-- deadline (absolute) and give_up given beside opts, which they override
+-- (policies.call: no options table made per call for them)
+function retry.attempts(fn, opts, deadline, give_up, ...)
+  if type(fn) ~= "function" then error("retry.attempts: fn must be a function", 2) end
+  return attempts(fn, opts or EMPTY, deadline, give_up, ...)
 end
 
 return retry
