@@ -116,10 +116,9 @@ end
 -- provider (a request table in a followed trace): as OpenTelemetry's API
 -- without an SDK, no new trace nobody collects (it was a tenth of a
 -- gateway request, most of it libcurl writing the header byte by byte).
-local function start_span(self, req, n)
+local function start_span(self, is_table, model, n)
   local exporting = resil.trace.exporting()
-  if not exporting and (type(req) ~= "table" or not resil.trace.followed()) then return nil end
-  local model = type(req) == "table" and type(req.json) == "table" and req.json.model or nil
+  if not exporting and not (is_table and resil.trace.followed()) then return nil end
   local span = resil.trace.start(exporting and ("chat %s"):format(model or self.name) or "chat", exporting and {
     ["gen_ai.system"] = self.name, ["gen_ai.operation.name"] = "chat", ["gen_ai.request.model"] = model,
     ["resil.attempt"] = n } or nil)
@@ -130,7 +129,6 @@ local function start_span(self, req, n)
 end
 
 local function finish_span(span, res, err)
-  if not span then return end
   local ctx = resil.context()
   ctx.trace_id, ctx.span_id = span.saved[1], span.saved[2]
   if not resil.trace.exporting() then return end -- nothing reads a span that is not exported
@@ -156,6 +154,8 @@ end
 -- starts over, as the metric keeps only so many label sets anyway
 local OPERATION_MODELS_MAX = 1000
 local function operation_series(self, model, error_type)
+  model = model or "unknown" -- (kept by the model as given: no tostring per attempt)
+  if model ~= model then model = tostring(model) end -- (NaN is no table key)
   local by_model = self.operation_series
   if not by_model or self.operation_models >= OPERATION_MODELS_MAX then
     by_model = {}
@@ -169,7 +169,7 @@ local function operation_series(self, model, error_type)
   end
   local series = by_error[error_type]
   if not series then
-    series = operation_duration:labels({ gen_ai_system = self.name, gen_ai_request_model = model,
+    series = operation_duration:labels({ gen_ai_system = self.name, gen_ai_request_model = tostring(model),
                                          error_type = error_type })
     by_error[error_type] = series
   end
@@ -245,7 +245,6 @@ end
 -- the Idempotency-Key it was sent with; replayed = true once a whole answer
 -- came under it): the provider billed them, policies.ai records their cost.
 local function attempt(n, self, req, deadline, refused)
-  local left = deadline and deadline - now()
   local br = self.breaker
   local guard
   if br then
@@ -254,34 +253,41 @@ local function attempt(n, self, req, deadline, refused)
     if probe then guard = setmetatable({ breaker = br }, probe_guard_mt) end
   end
   local _ <close> = guard -- an attempt that ends before record() gives its probe back
-  local wait = left and { timeout = left } or nil
+  local is_table = type(req) == "table"
+  local bucket, token_bucket, sem = self.bucket, self.token_bucket, self.semaphore
+  local wait = deadline and (bucket or token_bucket or sem) and { timeout = deadline - now() } or nil
   local tokens = 0
-  if self.token_bucket then
-    tokens = (self.estimate or estimate_tokens)(type(req) == "table" and req or {})
+  if token_bucket then
+    tokens = (self.estimate or estimate_tokens)(is_table and req or {})
     local ok, err
-    if self.bucket then
-      ok, err = resil.acquire_all({ { self.bucket, 1 }, { self.token_bucket, tokens } }, wait)
+    if bucket then
+      ok, err = resil.acquire_all({ { bucket, 1 }, { token_bucket, tokens } }, wait)
     else
-      ok, err = self.token_bucket:acquire(tokens, wait)
+      ok, err = token_bucket:acquire(tokens, wait)
     end
     if not ok then return nil, err end
-  elseif self.bucket then
-    local ok, err = self.bucket:acquire(1, wait)
+  elseif bucket then
+    local ok, err = bucket:acquire(1, wait)
     if not ok then return nil, err end
   end
-  local sem = self.semaphore
   if sem then
     local ok, err = sem:acquire(wait)
     if not ok then return nil, err end
   end
   local start = now()
   local res, err
-  local key = sent_key(self, req, refused)
-  local span = start_span(self, req, n)
-  local progress = refused and type(req) == "table" and sending(refused, key) or nil
+  local json = is_table and req.json
+  local model = json and type(json) == "table" and json.model or nil
+  local key = is_table and (self.idempotency or req.idempotency_key ~= nil) and sent_key(self, req, refused) or nil
+  local span = start_span(self, is_table, model, n)
+  local progress = refused and is_table and sending(refused, key) or nil
   do
     local _ <close> = sem and self.releaser or nil
-    res, err = send(self, req, n, deadline and deadline - now(), span, key, progress)
+    if is_table then
+      res, err = resil.http.request(merged_request(self, req, deadline and deadline - start, span, key, progress))
+    else
+      res, err = send(self, req, n, deadline and deadline - start, span, key, progress)
+    end
   end
   if progress then refused.sending[progress] = nil end
   local elapsed = now() - start
@@ -295,15 +301,16 @@ local function attempt(n, self, req, deadline, refused)
   end
   series:inc()
   self.call_time:observe(elapsed)
-  local model = type(req) == "table" and type(req.json) == "table" and req.json.model or nil
-  operation_series(self, tostring(model or "unknown"), verdict and outcome or "none"):observe(elapsed)
-  local more = self.token_bucket and (used_tokens(res) or (verdict and 0) or tokens) - tokens or 0
-  -- (headers are built on first read: only read them when a bucket wants them)
-  local headers = (self.bucket or self.token_bucket) and type(res) == "table" and res.headers or nil
-  if self.shared_limits and not verdict and (more ~= 0 or headers) then
-    resil.spawn(correct_buckets, self, more, headers) -- (store operations: the answer does not wait for them)
-  else
-    correct_buckets(self, more, headers)
+  operation_series(self, model, verdict and outcome or "none"):observe(elapsed)
+  if bucket or token_bucket then
+    local more = token_bucket and (used_tokens(res) or (verdict and 0) or tokens) - tokens or 0
+    -- (headers are built on first read: only read them when a bucket wants them)
+    local headers = type(res) == "table" and res.headers or nil
+    if self.shared_limits and not verdict and (more ~= 0 or headers) then
+      resil.spawn(correct_buckets, self, more, headers) -- (store operations: the answer does not wait for them)
+    else
+      correct_buckets(self, more, headers)
+    end
   end
   if br then
     if guard then guard.done = true end
@@ -323,11 +330,13 @@ local function attempt(n, self, req, deadline, refused)
       refused[#refused + 1] = { cut = true, status = err.status, received = err.received, key = key }
     end
     local e = classify.error(verdict, { provider = self.name, response = type(res) == "table" and res or nil })
-    if span then e.trace_id, e.span_id = span.trace_id, span.span_id end -- for the retry's log line
-    finish_span(span, res, e)
+    if span then
+      e.trace_id, e.span_id = span.trace_id, span.span_id -- for the retry's log line
+      finish_span(span, res, e)
+    end
     return nil, e
   end
-  finish_span(span, res)
+  if span then finish_span(span, res) end
   return res
 end
 

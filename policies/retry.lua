@@ -195,11 +195,11 @@ local function attempts(fn, opts, deadline, give_up, ...)
           { provider = provider, class = "deadline", retryable = false })
       end
     else
-      if deadline and now() >= deadline then
+      local t0 = now()
+      if deadline and t0 >= deadline then
         return nil, resil.error("deadline", ("deadline passed before attempt %d"):format(attempt),
           { attempts = attempt - 1, provider = provider, class = "deadline", retryable = false })
       end
-      local t0 = now()
       res, err = fn(attempt, ...)
       if resil.run then resil.run.attempted(provider, now() - t0) end
     end
@@ -269,8 +269,8 @@ end
 -- retry.attempts(fn, opts, deadline, give_up, ...): retry.call with the
 -- deadline (absolute) and give_up given beside opts, which they override
 -- (policies.call: no options table made per call for them)
+-- (fn is not checked here: it runs on every provider call)
 function retry.attempts(fn, opts, deadline, give_up, ...)
-  if type(fn) ~= "function" then error("retry.attempts: fn must be a function", 2) end
   return attempts(fn, opts or EMPTY, deadline, give_up, ...)
 end
 

@@ -264,8 +264,9 @@ function trace.exporting() return exporter ~= nil end
 -- traceparent (trace.continue) or the run's TRACEPARENT. Its attempts then
 -- carry it on to the provider even when nothing is exported.
 function trace.followed()
-  local ctx = resil.running() and resil.context()
-  if ctx and ctx.span_id then return true end
+  -- (outside a task resil.context() is a new empty table: asked on every
+  -- provider attempt, this is not preceded by a resil.running())
+  if resil.context().span_id then return true end
   return (root or root_span()).parent_id ~= nil
 end
 
