@@ -116,6 +116,8 @@ end
 -- provider (a request table in a followed trace): as OpenTelemetry's API
 -- without an SDK, no new trace nobody collects (it was a tenth of a
 -- gateway request, most of it libcurl writing the header byte by byte).
+-- A process that neither exports nor follows a trace reads one field
+-- (resil.trace.spans) for it.
 local function start_span(self, is_table, model, n)
   local exporting = resil.trace.exporting()
   if not exporting and not (is_table and resil.trace.followed()) then return nil end
@@ -279,7 +281,7 @@ local function attempt(n, self, req, deadline, refused)
   local json = is_table and req.json
   local model = json and type(json) == "table" and json.model or nil
   local key = is_table and (self.idempotency or req.idempotency_key ~= nil) and sent_key(self, req, refused) or nil
-  local span = start_span(self, is_table, model, n)
+  local span = resil.trace.spans and start_span(self, is_table, model, n) or nil
   local progress = refused and is_table and sending(refused, key) or nil
   do
     local _ <close> = sem and self.releaser or nil

@@ -167,9 +167,6 @@ local function attempts(fn, opts, deadline, give_up, ...)
   local budget = opts.budget ~= false and retry.budget(provider, opts.budget) or nil
   if budget then budget:deposit() end
   local classify_fn = opts.classify or classify.outcome
-  local base, cap = opts.base or retry.defaults.base, opts.cap or retry.defaults.cap
-  local random = opts.random or default_random
-  local sleep = opts.sleep or resil.sleep
   local attempt, prev_delay, retries_of = 0, nil, nil
   local res, err, verdict -- the attempt before this one, when it failed
 
@@ -221,7 +218,9 @@ local function attempts(fn, opts, deadline, give_up, ...)
     local strategy = opts.strategy or verdict.backoff or "exponential"
     local delay_fn = retry.strategies[strategy]
     if delay_fn == nil then error(("retry: unknown backoff strategy '%s'"):format(tostring(strategy)), 2) end
-    local delay = delay_fn(attempt - 1, base, cap, prev_delay, random)
+    -- (the backoff's options are read when a retry needs them: most calls take one attempt)
+    local base, cap = opts.base or retry.defaults.base, opts.cap or retry.defaults.cap
+    local delay = delay_fn(attempt - 1, base, cap, prev_delay, opts.random or default_random)
     prev_delay = delay
     local floor_delay = verdict.retry_after
     if floor_delay and floor_delay > delay then delay = floor_delay end
@@ -244,6 +243,7 @@ local function attempts(fn, opts, deadline, give_up, ...)
       opts.on_retry({ attempt = attempt, class = class, delay = delay, reason = reason, error = err,
                       response = res, provider = provider })
     end
+    local sleep = opts.sleep or resil.sleep
     if delay > 0 and give_up then
       -- (slept a second at a time, give_up asked after each: a caller that leaves during a
       -- backoff, up to its cap or a Retry-After, ends it, and what the call holds with it)

@@ -68,6 +68,13 @@ local wall = resil.clock.wall
 local function nano(t) return t and ("%.0f"):format(t * 1e9) or nil end
 
 local root -- the run's span, made on first use
+
+-- whether a provider attempt may want a span, a field read on every
+-- attempt: false until spans are exported (trace.export) or a trace is
+-- someone else's (TRACEPARENT, trace.continue); then trace.exporting() and
+-- trace.followed() say it for each attempt. Nothing else costs a process
+-- that neither exports nor is ever in a caller's trace.
+trace.spans = trace.parse(os.getenv("TRACEPARENT")) ~= nil
 local queue, exporter = {}, nil
 local in_flight = 0 -- spans in a post now
 
@@ -238,6 +245,7 @@ function trace.export(opts)
   exporter = { url = url, batch = option(opts, "batch", 256, 1, true),
                max_queue = option(opts, "max_queue", 4096, 0, true), interval = option(opts, "interval", 1, 0),
                timeout = option(opts, "timeout", 5, 0), service = opts.service }
+  trace.spans = true
   root_span()
   resil.background(function()
     while true do
@@ -252,6 +260,7 @@ end
 function trace.continue(header)
   local trace_id, parent_id, flags = trace.parse(header)
   if not trace_id then return false end
+  trace.spans = true
   resil.context({ trace_id = trace_id, span_id = parent_id, trace_flags = flags })
   return true
 end
