@@ -247,4 +247,37 @@ describe("a task that continues a caller's trace (resil.trace.continue)", functi
     assert.is_nil(seen[2])
     assert.is_false(resil.trace.continue("not a traceparent"))
   end)
+
+  it("says with resil.trace.spans whether an attempt may need a span: not until a trace is continued", function()
+    -- (a process of its own: this one's spans were turned on by the specs above)
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local call = require "policies.call"
+local seen = {}
+local provider = resil.server.listen({ port = 0, handler = function(req)
+  seen[#seen + 1] = req.headers.traceparent or "-"
+  return { status = 200, headers = { ["content-type"] = "application/json" }, body = "{}" }
+end })
+local p = call.provider("trace-spans", { request = { method = "POST",
+  url = ("http://127.0.0.1:%d/v1/x"):format(provider:port()) } })
+local before = resil.trace.spans
+assert(p({ json = {} }))
+assert(not resil.trace.continue("00-zz"))
+local after_bad = resil.trace.spans
+assert(resil.spawn(function()
+  assert(resil.trace.continue("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))
+  return p({ json = {} })
+end):join())
+print(tostring(before), tostring(after_bad), tostring(resil.trace.spans), table.concat(seen, " "))
+provider:close()
+]])
+    local r = helpers.run(("env -u TRACEPARENT %s --store %s %s"):format(helpers.resil, helpers.tmpname(".db"), script))
+    assert.are.equal(0, r.code, r.stderr)
+    local before, after_bad, after, first, second = r.stdout:match("^(%S+)\t(%S+)\t(%S+)\t(%S+) (%S+)")
+    assert.are.equal("false", before)
+    assert.are.equal("false", after_bad) -- a header that is not a traceparent follows nothing
+    assert.are.equal("true", after)
+    assert.are.equal("-", first) -- nothing exported, no one's trace: no traceparent sent
+    assert.matches("^00%-0af7651916cd43dd8448eb211c80319c%-%x+%-01$", second)
+  end)
 end)
