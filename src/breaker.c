@@ -12,6 +12,7 @@
  * Transitions are decided lazily in allow() and record(), so the breaker needs
  * no timer of its own. Listeners and a log line follow every transition.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,10 +49,23 @@ typedef struct {
   slot *slots; /* time window: one per second; count window: one per call */
   int nslots, next;  /* count window: ring position */
   int calls, failures, slow; /* totals over the window */
+  long expired_second;       /* time window: the second window_expire last ran in */
   long rejected;
 } breaker;
 
-static breaker *check_breaker(lua_State *L, int idx) { return luaL_checkudata(L, idx, BREAKER_MT); }
+/* The methods hold the metatable as their upvalue: one compare, not
+ * luaL_checkudata's lookup of the name in the registry (allow and record
+ * run on every provider attempt). Others, and a wrong value, take the
+ * checked path and its error. */
+static breaker *check_breaker(lua_State *L, int idx) {
+  breaker *br = lua_touserdata(L, idx);
+  if (br && lua_getmetatable(L, idx)) {
+    int ours = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+    if (ours) return br;
+  }
+  return luaL_checkudata(L, idx, BREAKER_MT);
+}
 
 /* ---------- the window ---------- */
 
@@ -59,12 +73,17 @@ static void window_clear(breaker *br) {
   memset(br->slots, 0, sizeof(slot) * (size_t)br->nslots);
   br->calls = br->failures = br->slow = 0;
   br->next = 0;
+  br->expired_second = LONG_MIN;
 }
 
 /* Time window: drop the slots older than `window` seconds. */
 static void window_expire(breaker *br, double now) {
   if (!br->time_window) return;
   long second = (long)floor(now);
+  /* a slot is stamped with the second it is written in: none gets old
+   * within a second (record() runs on every call) */
+  if (second == br->expired_second) return;
+  br->expired_second = second;
   for (int i = 0; i < br->nslots; i++) {
     slot *s = &br->slots[i];
     if (s->calls && second - s->stamp >= br->window) {
@@ -80,6 +99,7 @@ static void window_add(breaker *br, double now, int failed, int slow) {
   slot *s;
   if (br->time_window) {
     long second = (long)floor(now);
+    if (second != br->expired_second) br->expired_second = LONG_MIN; /* (a clock set back: look again) */
     s = &br->slots[second % br->nslots];
     if (s->stamp != second) {
       br->calls -= s->calls, br->failures -= s->failures, br->slow -= s->slow;
@@ -414,7 +434,9 @@ static const luaL_Reg breaker_methods[] = {
  * yield reads best in Lua). */
 int luaopen_resil_breaker(lua_State *L) {
   luaL_newmetatable(L, BREAKER_MT);
-  luaL_newlib(L, breaker_methods);
+  luaL_newlibtable(L, breaker_methods);
+  lua_pushvalue(L, -2);
+  luaL_setfuncs(L, breaker_methods, 1); /* the metatable, for check_breaker */
   lua_pushvalue(L, -1);
   lua_setfield(L, -3, "__index");
   /* L stack: metatable, methods */

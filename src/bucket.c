@@ -42,7 +42,6 @@ struct bucket {
   resil_t *R;
   char name[64];
   char unit[16];       /* "requests" or "tokens": which provider headers apply */
-  char h_remaining[48], h_reset[48], h_anthropic_remaining[48], h_anthropic_reset[48];
   double rate, per, burst;
   int64_t interval_ns; /* T */
   int64_t tat_ns;
@@ -185,7 +184,19 @@ static const task_wait_ops bucket_wait = {waiter_canceled, waiter_give_back, NUL
 
 /* ---------- options ---------- */
 
-static bucket *check_bucket(lua_State *L, int idx) { return luaL_checkudata(L, idx, BUCKET_MT); }
+/* The methods hold the metatable as their upvalue: one compare, not
+ * luaL_checkudata's lookup of the name in the registry (acquire and
+ * observe run on every provider attempt). Others, and a wrong value, take
+ * the checked path and its error. */
+static bucket *check_bucket(lua_State *L, int idx) {
+  bucket *b = lua_touserdata(L, idx);
+  if (b && lua_getmetatable(L, idx)) {
+    int ours = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+    if (ours) return b;
+  }
+  return luaL_checkudata(L, idx, BUCKET_MT);
+}
 
 static double opt_positive(lua_State *L, int idx, const char *bucket_name, const char *field, double dflt) {
   int type = lua_getfield(L, idx, field);
@@ -213,10 +224,6 @@ static void configure(lua_State *L, bucket *b, int opts) {
     snprintf(b->unit, sizeof b->unit, "%s", unit);
   }
   lua_pop(L, 1);
-  snprintf(b->h_remaining, sizeof b->h_remaining, "x-ratelimit-remaining-%s", b->unit);
-  snprintf(b->h_reset, sizeof b->h_reset, "x-ratelimit-reset-%s", b->unit);
-  snprintf(b->h_anthropic_remaining, sizeof b->h_anthropic_remaining, "anthropic-ratelimit-%s-remaining", b->unit);
-  snprintf(b->h_anthropic_reset, sizeof b->h_anthropic_reset, "anthropic-ratelimit-%s-reset", b->unit);
   int64_t interval = (int64_t)llround(per / rate * NS);
   if (interval < 1) interval = 1;
   if (b->interval_ns && interval != b->interval_ns) {
@@ -482,19 +489,41 @@ typedef struct {
   double remaining;
 } limit_view;
 
-static limit_view read_limit(lua_State *L, int headers, const char *h_remaining, const char *h_reset,
-                             const char *h_anthropic_remaining, const char *h_anthropic_reset) {
+/* the header whose name is the string at stack index `name` | NULL */
+static const char *header_at(lua_State *L, int headers, int name) {
+  lua_pushvalue(L, name);
+  lua_gettable(L, headers);
+  const char *v = lua_tostring(L, -1);
+  lua_pop(L, 1); /* the string stays alive in the headers table */
+  return v;
+}
+
+/* The names read_limit looks up, for a unit, in this order; pushed as Lua
+ * strings once (b:observe keeps them with the metatable: a lookup by a C
+ * string makes Lua find its string anew each time, ~370 instructions) */
+enum { LIMIT_RETRY_AFTER, LIMIT_REMAINING, LIMIT_RESET, LIMIT_ANTHROPIC_REMAINING, LIMIT_ANTHROPIC_RESET, LIMIT_NAMES };
+static void push_limit_names(lua_State *L, const char *unit) {
+  lua_pushliteral(L, "retry-after");
+  lua_pushfstring(L, "x-ratelimit-remaining-%s", unit);
+  lua_pushfstring(L, "x-ratelimit-reset-%s", unit);
+  lua_pushfstring(L, "anthropic-ratelimit-%s-remaining", unit);
+  lua_pushfstring(L, "anthropic-ratelimit-%s-reset", unit);
+}
+
+/* names: the stack index of the first of the LIMIT_NAMES names */
+static limit_view read_limit(lua_State *L, int headers, int names) {
   limit_view view = {0, 0, 0};
   double seconds;
-  const char *v = header(L, headers, "retry-after");
+  const char *v = header_at(L, headers, names + LIMIT_RETRY_AFTER);
   if (v && parse_retry_after(v, &seconds) && seconds > 0) view.pause = seconds;
 
   int have_remaining = 0, have_reset = 0;
   double remaining = 0, reset = 0;
-  if ((v = header(L, headers, h_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
-  if ((v = header(L, headers, h_reset))) have_reset = parse_duration(v, &reset);
-  if (!have_remaining && (v = header(L, headers, h_anthropic_remaining))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
-  if (!have_reset && (v = header(L, headers, h_anthropic_reset))) have_reset = parse_rfc3339(v, &reset);
+  if ((v = header_at(L, headers, names + LIMIT_REMAINING))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  if ((v = header_at(L, headers, names + LIMIT_RESET))) have_reset = parse_duration(v, &reset);
+  if (!have_remaining && (v = header_at(L, headers, names + LIMIT_ANTHROPIC_REMAINING)))
+    have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  if (!have_reset && (v = header_at(L, headers, names + LIMIT_ANTHROPIC_RESET))) have_reset = parse_rfc3339(v, &reset);
   if (have_remaining && !isfinite(remaining)) remaining = remaining < 0 ? 0 : NAN; /* -1e309: none left */
   if (have_remaining && isnan(remaining)) have_remaining = 0;
   if (have_remaining && remaining < 0) remaining = 0;
@@ -514,7 +543,11 @@ static limit_view read_limit(lua_State *L, int headers, const char *h_remaining,
 static int b_observe(lua_State *L) {
   bucket *b = check_bucket(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  limit_view view = read_limit(L, 2, b->h_remaining, b->h_reset, b->h_anthropic_remaining, b->h_anthropic_reset);
+  lua_settop(L, 2);
+  /* the metatable (upvalue 1) holds the names: [1..] requests', then tokens' */
+  int first = strcmp(b->unit, "tokens") == 0 ? LIMIT_NAMES + 1 : 1;
+  for (int i = 0; i < LIMIT_NAMES; i++) lua_rawgeti(L, lua_upvalueindex(1), first + i);
+  limit_view view = read_limit(L, 2, 3);
   pause_for(b, view.pause);
   int64_t now = now_ns(b->R);
   if (view.have_remaining && view.remaining < remaining_at(b, now)) {
@@ -532,12 +565,9 @@ static int l_limit_headers(lua_State *L) {
   const char *unit = luaL_checkstring(L, 2);
   if (strcmp(unit, "requests") != 0 && strcmp(unit, "tokens") != 0)
     resil_raise(L, "unit must be \"requests\" or \"tokens\", got \"%s\"", unit);
-  char h_remaining[48], h_reset[48], h_anthropic_remaining[48], h_anthropic_reset[48];
-  snprintf(h_remaining, sizeof h_remaining, "x-ratelimit-remaining-%s", unit);
-  snprintf(h_reset, sizeof h_reset, "x-ratelimit-reset-%s", unit);
-  snprintf(h_anthropic_remaining, sizeof h_anthropic_remaining, "anthropic-ratelimit-%s-remaining", unit);
-  snprintf(h_anthropic_reset, sizeof h_anthropic_reset, "anthropic-ratelimit-%s-reset", unit);
-  limit_view view = read_limit(L, 1, h_remaining, h_reset, h_anthropic_remaining, h_anthropic_reset);
+  lua_settop(L, 2);
+  push_limit_names(L, unit);
+  limit_view view = read_limit(L, 1, 3);
   lua_pushnumber(L, view.pause);
   if (!view.have_remaining) return 1;
   push_count(L, view.remaining);
@@ -666,8 +696,13 @@ static const luaL_Reg bucket_methods[] = {
 
 int luaopen_resil_bucket(lua_State *L) {
   luaL_newmetatable(L, BUCKET_MT);
-  luaL_newlib(L, bucket_methods);
+  luaL_newlibtable(L, bucket_methods);
+  lua_pushvalue(L, -2);
+  luaL_setfuncs(L, bucket_methods, 1); /* the metatable, for check_bucket */
   lua_setfield(L, -2, "__index");
+  push_limit_names(L, "requests"); /* for b_observe */
+  push_limit_names(L, "tokens");
+  for (int i = 2 * LIMIT_NAMES; i >= 1; i--) lua_rawseti(L, -1 - i, i);
   lua_pushcfunction(L, b_tostring);
   lua_setfield(L, -2, "__tostring");
   lua_pushcfunction(L, b_gc);
