@@ -37,27 +37,84 @@ local function registry_in_effect()
   return nil
 end
 
+-- a file that loops at load must not hang a pre-commit hook or a CI step:
+-- its chunk runs under an instruction budget and fails with file:line
+local BUDGET = 50000000
+-- fn(...) in a coroutine of its own under the budget -> the coroutine, resume's results packed
+local function capped(fn, ...)
+  local co = coroutine.create(fn)
+  debug.sethook(co, function()
+    debug.sethook(co, function() error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2) end,
+      "", 1) -- keeps firing, so a pcall inside cannot swallow it
+    error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2)
+  end, "", BUDGET)
+  return co, table.pack(coroutine.resume(co, ...))
+end
+-- what a chunk raised, said with the file and line it raised at: an error that is not a string
+-- (error({...})) or has no position (error("...", 0)) was printed as "table: 0x..." or bare
+local function failure_at(co, path, e)
+  if type(e) == "string" and e:find("^[^\n]-:%d+: ") then return e end
+  local where = path
+  for level = 0, 50 do
+    local info = debug.getinfo(co, level, "Sl")
+    if not info then break end
+    if info.currentline and info.currentline > 0 then
+      where = ("%s:%d"):format(info.short_src, info.currentline)
+      break
+    end
+  end
+  if type(e) == "string" or type(e) == "number" then return where .. ": " .. e end
+  -- its __tostring is the policy's code too: under the same budget (one that looped hung check)
+  local mt = getmetatable(e)
+  if type(mt) == "table" and mt.__tostring then
+    local co, r = capped(tostring, e)
+    if r[1] and coroutine.status(co) == "dead" and type(r[2]) == "string" then return where .. ": " .. r[2] end
+  end
+  return ("%s: (error object is a %s value)"):format(where, type(e))
+end
+local function run_capped(path, chunk, ...)
+  local co, r = capped(chunk, ...)
+  if not r[1] then return false, failure_at(co, path, r[2]) end
+  if coroutine.status(co) ~= "dead" then return false, "it yielded at load" end
+  return true, table.unpack(r, 2, r.n)
+end
+
+-- whether a searcher finds a file for a module (one it cannot compile included)
+local function module_found(name)
+  for _, searcher in ipairs(package.searchers) do
+    local ok, loader = pcall(searcher, name)
+    if not ok or type(loader) == "function" then return true end
+  end
+  return false
+end
+
+-- require(name) under the budget: the modules check itself needs (the
+-- registry's logic, a provider, the prices) are the project's code too, and
+-- one that looped at load hung check -> true, module | false, message
+local loaded_capped = {}
+local function require_capped(name)
+  local r = loaded_capped[name]
+  if not r then
+    r = table.pack(run_capped(name, require, name))
+    if not r[1] then
+      package.loaded[name] = nil -- a half-run loader left its sentinel
+      -- a file that does not compile: said as the file's own check says it
+      r[2] = tostring(r[2]):match("^[^\n]-error loading [^\n]*:\n%s*(.*)$") or r[2]
+    end
+    loaded_capped[name] = r
+  end
+  return r[1], r[2]
+end
+
 -- the registry's logic, whatever state the registry file in effect is in
 local function registry_module()
   local saved = package.loaded["policies.models"]
   package.loaded["policies.models"] = {}
-  local ok, reg = pcall(require, "policies.registry")
+  local ok, reg = run_capped("policies.registry", require, "policies.registry")
   package.loaded["policies.models"] = saved
   package.loaded["policies.registry"] = nil -- a later require loads the real one
   if not ok then return nil, reg end
   return reg
-end
-
-local function provider_known(p)
-  local ok, mod = pcall(require, "policies.providers." .. p)
-  return ok and type(mod) == "table"
-end
-
-local function price(p, m)
-  local okp, pricing = pcall(require, "policies.pricing")
-  if okp and pricing.price(p, m) then return true end
-  local okm, media = pcall(require, "policies.pricing_media")
-  return okm and media.price(p .. "/" .. m) ~= nil
 end
 
 return function(args)
@@ -69,12 +126,44 @@ return function(args)
     end
     files[#files + 1] = args[i]
   end
-  if #files == 0 then files = list_dir("policies") end
-  local problems = {}
-  local function add(level, message) problems[#problems + 1] = { level = level, message = message } end
+  if #files == 0 then
+    files = list_dir("policies")
+    -- a project's own provider adapters are policy files too (one broken was
+    -- reported only as "unknown provider ... (no policies/providers/x.lua)")
+    for _, f in ipairs(list_dir("policies/providers")) do files[#files + 1] = f end
+  end
+  local problems, said = {}, {}
+  local function add(level, message)
+    if said[message] then return end -- (a module two others require fails once)
+    said[message] = true
+    problems[#problems + 1] = { level = level, message = message }
+  end
 
   local reg, why = registry_module()
-  if not reg then add("error", "policies/registry.lua: " .. tostring(why)) end
+  if not reg then
+    why = tostring(why)
+    add("error", why:find("^[^\n]-:%d+: ") and why or "policies/registry.lua: " .. why)
+  end
+
+  -- a provider is known when its adapter file is there; one that does not
+  -- load is that file's error, not an unknown provider
+  local function provider_known(p)
+    local name = "policies.providers." .. p
+    if not module_found(name) then return false end
+    local ok, mod = require_capped(name)
+    if not ok then add("error", tostring(mod)) end
+    return true
+  end
+  -- a model's price; prices that do not load are their file's error, not
+  -- every model's missing price
+  local function price(p, m)
+    local okp, pricing = require_capped("policies.pricing")
+    if not okp then add("error", tostring(pricing)) return true end
+    if type(pricing) == "table" and pricing.price(p, m) then return true end
+    local okm, media = require_capped("policies.pricing_media")
+    if not okm then add("error", tostring(media)) return true end
+    return type(media) == "table" and media.price(p .. "/" .. m) ~= nil
+  end
 
   local function check_registry(path, entries)
     if not reg then return end
@@ -84,48 +173,6 @@ return function(args)
   end
 
   local registry_checked = false
-  -- a file that loops at load must not hang a pre-commit hook or a CI step:
-  -- its chunk runs under an instruction budget and fails with file:line
-  local BUDGET = 50000000
-  -- fn(...) in a coroutine of its own under the budget -> the coroutine, resume's results packed
-  local function capped(fn, ...)
-    local co = coroutine.create(fn)
-    debug.sethook(co, function()
-      debug.sethook(co, function() error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2) end,
-        "", 1) -- keeps firing, so a pcall inside cannot swallow it
-      error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2)
-    end, "", BUDGET)
-    return co, table.pack(coroutine.resume(co, ...))
-  end
-  -- what a chunk raised, said with the file and line it raised at: an error that is not a string
-  -- (error({...})) or has no position (error("...", 0)) was printed as "table: 0x..." or bare
-  local function failure_at(co, path, e)
-    if type(e) == "string" and e:find("^[^\n]-:%d+: ") then return e end
-    local where = path
-    for level = 0, 50 do
-      local info = debug.getinfo(co, level, "Sl")
-      if not info then break end
-      if info.currentline and info.currentline > 0 then
-        where = ("%s:%d"):format(info.short_src, info.currentline)
-        break
-      end
-    end
-    if type(e) == "string" or type(e) == "number" then return where .. ": " .. e end
-    -- its __tostring is the policy's code too: under the same budget (one that looped hung check)
-    local mt = getmetatable(e)
-    if type(mt) == "table" and mt.__tostring then
-      local co, r = capped(tostring, e)
-      if r[1] and coroutine.status(co) == "dead" and type(r[2]) == "string" then return where .. ": " .. r[2] end
-    end
-    return ("%s: (error object is a %s value)"):format(where, type(e))
-  end
-  local function run_capped(path, chunk, ...)
-    local co, r = capped(chunk, ...)
-    if not r[1] then return false, failure_at(co, path, r[2]) end
-    if coroutine.status(co) ~= "dead" then return false, "it yielded at load" end
-    return true, table.unpack(r, 2, r.n)
-  end
-
   for _, path in ipairs(files) do
     seen[path] = true
     if not exists(path) then
