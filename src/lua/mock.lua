@@ -31,9 +31,11 @@ local BUILTIN_ROUTES = {
 local NAMED_FAULTS = { hang = true, reset = true, truncate = true, garbage = true, empty = true, stall = true,
   ok = true, slow = true, not_http = true, cut = true, error_event = true }
 
+-- OpenAI's error types by status (its 401 and 404, a wrong key or a retired model, are
+-- invalid_request_error with a code: invalid_api_key, model_not_found)
 local ERROR_TYPES = {
-  [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
-  [404] = "not_found_error", [429] = "rate_limit_exceeded", [500] = "server_error",
+  [400] = "invalid_request_error", [401] = "invalid_request_error", [403] = "permission_error",
+  [404] = "invalid_request_error", [429] = "rate_limit_exceeded", [500] = "server_error",
   [502] = "bad_gateway", [503] = "service_unavailable", [504] = "gateway_timeout",
 }
 
@@ -318,7 +320,8 @@ local OPENAI_FIELDS = {}
 for f in ([[model messages max_tokens max_completion_tokens temperature top_p n stream stream_options stop
   presence_penalty frequency_penalty logit_bias logprobs top_logprobs user seed tools tool_choice
   parallel_tool_calls response_format service_tier store metadata reasoning_effort modalities audio
-  prediction web_search_options verbosity prompt_cache_key safety_identifier]]):gmatch("%S+") do
+  prediction web_search_options verbosity prompt_cache_key prompt_cache_retention safety_identifier
+  functions function_call]]):gmatch("%S+") do
   OPENAI_FIELDS[f] = true
 end
 
@@ -453,11 +456,19 @@ end
 
 local EMBEDDING_FIELDS = { input = true, model = true, encoding_format = true, dimensions = true, user = true }
 
--- Anthropic messages: what the API requires and accepts.
+-- Anthropic messages: what the API requires and accepts (the body params of
+-- the official SDK's MessageCreateParams; a strict mock that refused one the
+-- API takes, output_config say, failed a request that works in production)
 local ANTHROPIC_FIELDS = {}
 for f in ([[model messages max_tokens system metadata stop_sequences stream temperature top_k top_p tools
-  tool_choice thinking service_tier container mcp_servers context_management]]):gmatch("%S+") do
+  tool_choice thinking service_tier container mcp_servers context_management cache_control diagnostics
+  inference_geo output_config speed]]):gmatch("%S+") do
   ANTHROPIC_FIELDS[f] = true
+end
+-- ...and those of its beta (client.beta.messages), which sends an anthropic-beta header
+local ANTHROPIC_BETA_FIELDS = {}
+for f in ([[output_format compaction billing_policy fallbacks fallback_credit_token thread]]):gmatch("%S+") do
+  ANTHROPIC_BETA_FIELDS[f] = true
 end
 
 local function anthropic_refusal(self, req, body)
@@ -475,8 +486,9 @@ local function anthropic_refusal(self, req, body)
   if type(body) ~= "table" then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "There was an error parsing the body") }
   end
+  local beta = req.headers["anthropic-beta"] ~= nil
   for k in pairs(body) do
-    if not ANTHROPIC_FIELDS[k] then
+    if not ANTHROPIC_FIELDS[k] and not (beta and ANTHROPIC_BETA_FIELDS[k]) then
       return { status = 400, body = anthropic_error(400, "invalid_request_error",
         tostring(k) .. ": Extra inputs are not permitted") }
     end
@@ -762,7 +774,14 @@ function Mock:handle(req)
     end
     local h = HANDLERS[route]
     if h then return h.fn(self, req, fault, capture) end
-    return { status = 404, body = error_body(404, { message = ("no route for %s %s"):format(req.method, req.path) }) }
+    -- as each API answers a path it does not serve: an Anthropic client (its SDK sends
+    -- anthropic-version) reads Anthropic's shape, an OpenAI one OpenAI's "Invalid URL"
+    if req.headers["anthropic-version"] then
+      return { status = 404, headers = { ["content-type"] = "application/json" },
+        body = anthropic_error(404, "not_found_error", ("Not Found: %s %s"):format(req.method, req.path)) }
+    end
+    return { status = 404, headers = { ["content-type"] = "application/json" },
+      body = openai_error(404, ("Invalid URL (%s %s)"):format(req.method, req.path), "invalid_request_error") }
   end
   local h = HANDLERS[route]
   local reply = fault and fault_reply(fault, normal, h and h.flavor) or normal()

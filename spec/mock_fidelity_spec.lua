@@ -1,0 +1,92 @@
+-- The strict mock against the wire the official SDKs (spec/sdk/node_modules)
+-- write: it takes every body field their create params send, and its errors
+-- are in the shape each API answers them.
+local resil = require "resil"
+local json = resil.json
+local http = resil.http
+
+local MSGS = { { role = "user", content = "hi" } }
+
+local function openai(m, body, headers)
+  local h = { authorization = "Bearer sk-test-1", ["content-type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  return assert(http.request({ method = "POST", url = m.url .. "/v1/chat/completions", headers = h,
+    body = json.encode(body) }))
+end
+
+local function anthropic(m, body, headers)
+  local h = { ["x-api-key"] = "sk-ant-test-1", ["anthropic-version"] = "2023-06-01",
+    ["content-type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  return assert(http.request({ method = "POST", url = m.url .. "/v1/messages", headers = h, body = json.encode(body) }))
+end
+
+describe("the strict mock and the SDKs' request fields", function()
+  local m
+  before_each(function() m = assert(resil.mock.start({ strict = true })) end)
+  after_each(function() m:stop() end)
+
+  it("takes OpenAI's functions, function_call and prompt_cache_retention, still refuses an unknown field", function()
+    for field, value in pairs({ functions = { { name = "f", parameters = { type = "object" } } },
+      function_call = "auto", prompt_cache_retention = "24h" }) do
+      local res = openai(m, { model = "gpt-4o-mini", messages = MSGS, [field] = value })
+      assert.are.equal(200, res.status, field .. ": " .. res.body) -- (was: 400 Unrecognized request argument)
+    end
+    local res = openai(m, { model = "gpt-4o-mini", messages = MSGS, bogus = 1 })
+    assert.are.equal(400, res.status)
+    assert.matches("Unrecognized request argument supplied: bogus", json.decode(res.body).error.message)
+  end)
+
+  it("takes Anthropic's output_config, cache_control, inference_geo, speed and diagnostics", function()
+    local fields = { output_config = { effort = "low" }, cache_control = { type = "ephemeral" },
+      inference_geo = "us", speed = "standard", diagnostics = { previous_message_id = "msg_1" } }
+    for field, value in pairs(fields) do
+      local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = MSGS, [field] = value })
+      assert.are.equal(200, res.status, field .. ": " .. res.body) -- (was: 400 Extra inputs are not permitted)
+    end
+  end)
+
+  it("takes the beta's output_format only with an anthropic-beta header", function()
+    local body = { model = "claude-haiku-4-5", max_tokens = 20, messages = MSGS,
+      output_format = { type = "json_schema", schema = { type = "object" } } }
+    local res = anthropic(m, body)
+    assert.are.equal(400, res.status)
+    assert.matches("output_format: Extra inputs are not permitted", json.decode(res.body).error.message)
+    res = anthropic(m, body, { ["anthropic-beta"] = "structured-outputs-2025-11-13" })
+    assert.are.equal(200, res.status, res.body)
+  end)
+end)
+
+describe("the mock's errors in each API's shape", function()
+  local m
+  before_each(function() m = assert(resil.mock.start({})) end)
+  after_each(function() m:stop() end)
+
+  it("answers a path it does not serve in the shape of the client's API", function()
+    -- an Anthropic client (its SDK sends anthropic-version): count_tokens, models
+    local res = assert(http.request({ method = "POST", url = m.url .. "/v1/messages/count_tokens", body = "{}",
+      headers = { ["anthropic-version"] = "2023-06-01" } }))
+    assert.are.equal(404, res.status)
+    local e = json.decode(res.body)
+    assert.are.equal("error", e.type) -- (was OpenAI's shape, which Anthropic's SDK shows as raw JSON)
+    assert.are.equal("not_found_error", e.error.type)
+    res = assert(http.request({ url = m.url .. "/v1/models" }))
+    assert.are.equal(404, res.status)
+    e = json.decode(res.body)
+    assert.are.equal("invalid_request_error", e.error.type)
+    assert.are.equal("Invalid URL (GET /v1/models)", e.error.message)
+  end)
+
+  it("a 401 or 404 fault on OpenAI's route is an invalid_request_error, as the API types them", function()
+    m:configure({ faults = { { route = "chat", model = "gpt-4o-2024-05-13", status = 404, error_code = "model_not_found" },
+      { route = "chat", model = "gpt-4o-mini", status = 401, error_code = "invalid_api_key" } } })
+    local res = openai(m, { model = "gpt-4o-2024-05-13", messages = MSGS })
+    assert.are.equal(404, res.status)
+    local e = json.decode(res.body).error
+    assert.are.equal("invalid_request_error", e.type) -- (was not_found_error, a type OpenAI never sends)
+    assert.are.equal("model_not_found", e.code)
+    res = openai(m, { model = "gpt-4o-mini", messages = MSGS })
+    assert.are.equal(401, res.status)
+    assert.are.equal("invalid_request_error", json.decode(res.body).error.type) -- (was authentication_error)
+  end)
+end)
