@@ -53,19 +53,38 @@ local function new_random(seed)
   end
 end
 
+-- A scenario's mistakes raise at the caller's line (level: its level from
+-- check_scenario), naming the entry: a misspelt fault kind or a status given as a
+-- string was served as a normal 200, so a spec of an outage passed without one.
+local function check_fault(f, where, level)
+  local at = where and where .. ": " or "" -- (a fault of `faults` keeps the message it always had)
+  if type(f) ~= "table" then error(("resil.mock: %seach fault must be a table"):format(at), level) end
+  if f.kind ~= nil and not NAMED_FAULTS[f.kind] then
+    error(("resil.mock: %sunknown fault kind '%s'"):format(at, tostring(f.kind)), level)
+  end
+  if f.status ~= nil and not (type(f.status) == "number" and math.tointeger(f.status) and f.status >= 100
+    and f.status <= 599) then
+    error(("resil.mock: %sstatus must be an HTTP status number (100-599), not %s"):format(at,
+      type(f.status) == "string" and ("'%s'"):format(f.status) or tostring(f.status)), level)
+  end
+  if f.probability and (type(f.probability) ~= "number" or f.probability < 0 or f.probability > 1) then
+    error(("resil.mock: %sfault probability must be between 0 and 1"):format(at), level)
+  end
+end
+
 local function check_scenario(s, level)
   if type(s) ~= "table" then error("resil.mock: scenario must be a table", level) end
-  for _, f in ipairs(s.faults or {}) do
-    if type(f) ~= "table" then error("resil.mock: each fault must be a table", level) end
-    if f.kind and not NAMED_FAULTS[f.kind] then
-      error(("resil.mock: unknown fault kind '%s'"):format(tostring(f.kind)), level)
-    end
-    if f.probability and (type(f.probability) ~= "number" or f.probability < 0 or f.probability > 1) then
-      error("resil.mock: fault probability must be between 0 and 1", level)
-    end
-  end
+  if s.faults ~= nil and type(s.faults) ~= "table" then error("resil.mock: faults must be a list", level) end
+  for _, f in ipairs(s.faults or {}) do check_fault(f, nil, level + 1) end
+  if s.sequence ~= nil and type(s.sequence) ~= "table" then error("resil.mock: sequence must be a table", level) end
   for route, seq in pairs(s.sequence or {}) do
     if type(seq) ~= "table" then error(("resil.mock: sequence.%s must be a list"):format(route), level) end
+    for i, entry in ipairs(seq) do
+      local where = ("sequence.%s[%d]"):format(route, i)
+      if type(entry) == "number" then check_fault({ status = entry }, where, level + 1)
+      elseif type(entry) == "string" then check_fault({ kind = entry }, where, level + 1)
+      else check_fault(entry, where, level + 1) end
+    end
   end
   if s.routes ~= nil and type(s.routes) ~= "table" then error("resil.mock: routes must be a table", level) end
 end
@@ -124,7 +143,7 @@ end
 function mock.start(scenario, opts)
   scenario = scenario or {}
   opts = opts or {}
-  check_scenario(scenario, 2)
+  check_scenario(scenario, 3) -- (3: the caller of mock.start; 2 named mock.start's own line)
   local self = setmetatable({}, Mock)
   self:configure(scenario)
   self:reset()
@@ -765,6 +784,15 @@ function Mock:handle(req)
   local asked = req.headers["x-mock-fault"]
   local fault = asked and (tonumber(asked) and { status = tonumber(asked) } or { kind = asked })
     or route ~= "unknown" and self:pick_fault(route, req) or nil
+  if asked and not pcall(check_fault, fault, "x-mock-fault", 1) then
+    -- a misspelt one was served as a normal answer: the client's spec of a fault passed without it
+    local h = HANDLERS[route]
+    local status = 400
+    self:count(route, req, status)
+    return { status = status, headers = { ["content-type"] = "application/json" },
+      body = error_body(status, { message = ("x-mock-fault: '%s' is neither a status (100-599) nor a fault kind")
+        :format(asked) }, h and h.flavor) }
+  end
   if fault then self.counts.faults[route] = (self.counts.faults[route] or 0) + 1 end
   local function normal()
     if custom then

@@ -1,0 +1,52 @@
+-- A mock scenario's mistakes are said at the caller's line, naming the
+-- entry: a misspelt fault kind or a status given as a string was served as
+-- a normal 200, so a spec of an outage passed without one.
+local resil = require "resil"
+local http = resil.http
+
+local function raised(fn)
+  local ok, err = pcall(fn)
+  assert.is_false(ok)
+  return tostring(err)
+end
+
+describe("resil.mock scenarios", function()
+  it("refuses a misspelt fault kind in a sequence, naming the entry", function()
+    local err = raised(function() resil.mock.start({ sequence = { chat = { 503, "hnag", "ok" } } }) end)
+    -- (was: accepted, and the second call answered 200)
+    assert.matches("resil.mock: sequence.chat%[2%]: unknown fault kind 'hnag'", err)
+  end)
+
+  it("refuses a status that is not an HTTP status number", function()
+    local err = raised(function() resil.mock.start({ faults = { { route = "chat", status = "503" } } }) end)
+    assert.matches("resil.mock: status must be an HTTP status number %(100%-599%), not '503'", err)
+    err = raised(function() resil.mock.start({ sequence = { chat = { { status = 1503 } } } }) end)
+    assert.matches("sequence.chat%[1%]: status must be", err)
+  end)
+
+  it("says the caller's file:line, from start and from configure", function()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local err = raised(function() resil.mock.start({ faults = { { kind = "hnag" } } }) end)
+    -- (was "[resil mock]:NN:", a line of the mock's own code)
+    assert.matches("^spec/mock_scenario_spec%.lua:" .. line .. ": resil%.mock: unknown fault kind 'hnag'", err)
+    local m = assert(resil.mock.start({}))
+    line = debug.getinfo(1, "l").currentline + 1
+    err = raised(function() m:configure({ sequence = { chat = { "hnag" } } }) end)
+    assert.matches("^spec/mock_scenario_spec%.lua:" .. line .. ": resil%.mock: sequence.chat%[1%]", err)
+    m:stop()
+  end)
+
+  it("answers an x-mock-fault it does not know with a 400 naming it, in the route's API shape", function()
+    local m = assert(resil.mock.start({}))
+    local res = assert(http.request({ method = "POST", url = m.url .. "/v1/messages", json = { messages = {} },
+      headers = { ["x-mock-fault"] = "hnag" } }))
+    assert.are.equal(400, res.status) -- (was: 200, a normal answer)
+    local body = resil.json.decode(res.body)
+    assert.are.equal("error", body.type)
+    assert.matches("x%-mock%-fault: 'hnag' is neither a status", body.error.message)
+    res = assert(http.request({ method = "POST", url = m.url .. "/v1/chat/completions", json = { messages = {} },
+      headers = { ["x-mock-fault"] = "503" } }))
+    assert.are.equal(503, res.status)
+    m:stop()
+  end)
+end)
