@@ -179,6 +179,30 @@ int resil_reload(resil_t *R) {
 /* resil.reload() -> true, names | false, message */
 static int l_reload(lua_State *L) { return reload_on(L); }
 
+/* load_capped(fn, ...) -> true, fn's results | false, error: fn under the
+ * memory cap a reload has without --max-memory (at most 1 GiB more than the
+ * process holds), for `resil-lua check`, which loads a project's policy files
+ * as a reload would: one that allocated without end at load (a string doubled
+ * in a loop) took the machine's memory, gigabytes, before its instruction cap
+ * came. Called from a task, so the host's allocator applies the cap. */
+static int l_load_capped(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  size_t mem_cap = R->mem_limit;
+  if (mem_cap == 0) R->mem_limit = R->mem_used + RELOAD_DEFAULT_MAX_GROWTH;
+  int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+  R->mem_limit = mem_cap;
+  if (status != LUA_OK) {
+    collect_failed(L);
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  lua_insert(L, 1);
+  return lua_gettop(L);
+}
+
 /* resil.set_reload_steps(reload_policies, restore_policies): from the prelude, once */
 static int l_set_reload_steps(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
@@ -350,6 +374,8 @@ int luaopen_resil_reload(lua_State *L) {
   lua_setfield(L, -2, "reload");
   lua_pushcfunction(L, l_set_reload_steps);
   lua_setfield(L, -2, "set_reload_steps");
+  lua_pushcfunction(L, l_load_capped);
+  lua_setfield(L, -2, "load_capped");
   return 1;
 }
 

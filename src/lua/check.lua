@@ -9,6 +9,7 @@
 -- Exit status 1 on any error; 0 with the warnings printed. No files: the
 -- project's policies/*.lua and the registry in effect.
 local resil = require "resil"
+local load_capped = require "resil.load_capped" -- fn under a reload's memory cap (src/reload.c)
 
 local function list_dir(dir)
   local p = io.popen(("ls -1 %s/*.lua 2>/dev/null"):format(("'" .. dir:gsub("'", "'\\''") .. "'")))
@@ -48,7 +49,11 @@ local function capped(fn, ...)
       "", 1) -- keeps firing, so a pcall inside cannot swallow it
     error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2)
   end, "", BUDGET)
-  return co, table.pack(coroutine.resume(co, ...))
+  -- ...and allocations under the memory cap a reload has (one that doubled a string took
+  -- the machine's memory before the instruction cap came)
+  local r = table.pack(load_capped(coroutine.resume, co, ...))
+  if r[1] then return co, table.pack(table.unpack(r, 2, r.n)) end
+  return co, table.pack(false, r[2]) -- (the cap hit resume itself)
 end
 -- what a chunk raised, said with the file and line it raised at: an error that is not a string
 -- (error({...})) or has no position (error("...", 0)) was printed as "table: 0x..." or bare

@@ -316,6 +316,9 @@ end
 
 resil.set_reload_steps(reload_policies, restore_policies)
 resil.set_reload_steps = nil
+-- (C's load_capped, for `resil-lua check`: kept out of the public API)
+package.loaded["resil.load_capped"] = resil.load_capped
+resil.load_capped = nil
 
 -- resil.keep(name, init) -> a table that lives as long as the host, so a
 -- policy's own state (a retry budget, a canary's counts) survives reloads.
