@@ -90,3 +90,25 @@ describe("the mock's errors in each API's shape", function()
     assert.are.equal("invalid_request_error", json.decode(res.body).error.type) -- (was authentication_error)
   end)
 end)
+
+describe("the mock's Anthropic message, as the SDK's types have it", function()
+  it("says stop_details, container and diagnostics are null, not absent, whole and streamed", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local body = { model = "claude-haiku-4-5", max_tokens = 20, messages = MSGS }
+    local msg = json.decode(anthropic(m, body).body)
+    -- (absent, `message.stop_details !== null` read every answer as a refusal)
+    for _, field in ipairs({ "stop_details", "container", "diagnostics" }) do
+      assert.are.equal(json.null, msg[field], field)
+    end
+    assert.are.equal(0, msg.usage.cache_creation.ephemeral_5m_input_tokens)
+    body.stream = true
+    local events = {}
+    for event, data in anthropic(m, body).body:gmatch("event: (%S+)\ndata: ([^\n]+)") do
+      events[event] = json.decode(data)
+    end
+    assert.are.equal(json.null, events.message_start.message.stop_details)
+    assert.are.equal(json.null, events.message_start.message.container)
+    assert.are.equal(json.null, events.message_delta.delta.stop_details)
+    m:stop()
+  end)
+end)

@@ -580,22 +580,27 @@ function Mock:messages(req, fault)
   local cached = self.scenario.cached_tokens or 0
   local usage = { input_tokens = estimate_tokens(prompt_text(body)), output_tokens = output,
     cache_creation_input_tokens = 0, cache_read_input_tokens = cached,
+    cache_creation = { ephemeral_5m_input_tokens = 0, ephemeral_1h_input_tokens = 0 },
     service_tier = "standard" }
   local id = ("msg_mock%s%d"):format(self.instance, self.counts.total)
   self:bill(req, { prompt_tokens = usage.input_tokens + cached, completion_tokens = output })
   local headers = self:rate_headers("anthropic", usage.input_tokens + output)
+  -- (stop_details, container and diagnostics are null, not absent: the SDK's types say so, and
+  -- code that tests `message.stop_details !== null` for a refusal read an absent one as one)
   local message = { id = id, type = "message", role = "assistant", model = body.model,
     content = { { type = "text", text = table.concat(words) } }, stop_reason = stop_reason,
-    stop_sequence = stop_sequence, usage = usage }
+    stop_sequence = stop_sequence, stop_details = json.null, container = json.null, diagnostics = json.null,
+    usage = usage }
   if not body.stream then
     headers["content-type"] = "application/json"
     return { status = 200, headers = headers, body = json.encode(message) }
   end
   headers["content-type"] = "text/event-stream"
   local start = { id = id, type = "message", role = "assistant", model = body.model, content = EMPTY,
-    stop_reason = json.null, stop_sequence = json.null,
+    stop_reason = json.null, stop_sequence = json.null, stop_details = json.null, container = json.null,
+    diagnostics = json.null,
     usage = { input_tokens = usage.input_tokens, output_tokens = 1, cache_creation_input_tokens = 0,
-      cache_read_input_tokens = cached, service_tier = "standard" } }
+      cache_read_input_tokens = cached, cache_creation = usage.cache_creation, service_tier = "standard" } }
   local chunks = {
     sse(encode({ type = "message_start", message = start }), "message_start"),
     sse(json.encode({ type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
@@ -624,7 +629,8 @@ function Mock:messages(req, fault)
   chunks[#chunks + 1] = sse(json.encode({ type = "content_block_stop", index = 0 }), "content_block_stop")
   -- message_delta's usage is cumulative: the totals so far, not an increment
   chunks[#chunks + 1] = sse(json.encode({ type = "message_delta",
-    delta = { stop_reason = stop_reason, stop_sequence = stop_sequence },
+    delta = { stop_reason = stop_reason, stop_sequence = stop_sequence, stop_details = json.null,
+      container = json.null },
     usage = { input_tokens = usage.input_tokens, output_tokens = output, cache_creation_input_tokens = 0,
       cache_read_input_tokens = cached } }), "message_delta")
   chunks[#chunks + 1] = sse('{"type":"message_stop"}', "message_stop")
