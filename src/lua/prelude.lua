@@ -337,7 +337,9 @@ end
 -- already started finish on the old one.
 function resil.policy(name)
   local modname = "policies." .. name
-  require(modname)
+  -- a policy not found or broken is the caller's line, not this one (it said "[resil prelude]:NNN:")
+  local ok, err = pcall(require, modname)
+  if not ok then error(err, 2) end
   return setmetatable({}, {
     __index = function(_, k) return require(modname)[k] end,
     __call = function(_, ...) return require(modname)(...) end,
