@@ -112,3 +112,48 @@ describe("the mock's Anthropic message, as the SDK's types have it", function()
     m:stop()
   end)
 end)
+
+describe("the mock's rate_limits", function()
+  before_each(function() resil.clock.virtual() end)
+
+  local function chat(m)
+    return assert(http.request({ method = "POST", url = m.url .. "/v1/chat/completions",
+      json = { model = "gpt-4o-mini", messages = MSGS } }))
+  end
+
+  it("are enforced: past the minute's requests a 429 as OpenAI and Anthropic answer it, unbilled", function()
+    local m = assert(resil.mock.start({ rate_limits = { requests = 2 } }))
+    assert.are.equal(200, chat(m).status)
+    assert.are.equal("0", chat(m).headers["x-ratelimit-remaining-requests"])
+    local res = chat(m)
+    assert.are.equal(429, res.status) -- (was: 200, its headers saying 0 left)
+    local e = json.decode(res.body).error
+    assert.are.equal("requests", e.type)
+    assert.are.equal("rate_limit_exceeded", e.code)
+    assert.are.equal("0", res.headers["x-ratelimit-remaining-requests"])
+    res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = MSGS })
+    assert.are.equal(429, res.status)
+    assert.are.equal("rate_limit_error", json.decode(res.body).error.type)
+    assert.is_true(tonumber(res.headers["retry-after"]) >= 1)
+    assert.are.equal(2, m:stats().billed.responses)
+    -- the next minute serves again
+    resil.sleep(60)
+    assert.are.equal(200, chat(m).status)
+    m:stop()
+  end)
+
+  it("of tokens too", function()
+    local m = assert(resil.mock.start({ rate_limits = { tokens = 5 } }))
+    assert.are.equal(200, chat(m).status) -- (its answer spends the minute's 5 tokens and more)
+    local res = chat(m)
+    assert.are.equal(429, res.status)
+    assert.are.equal("tokens", json.decode(res.body).error.type)
+    m:stop()
+  end)
+
+  it("without rate_limits, nothing is refused", function()
+    local m = assert(resil.mock.start({}))
+    for _ = 1, 20 do assert.are.equal(200, chat(m).status) end
+    m:stop()
+  end)
+end)

@@ -300,18 +300,18 @@ end
 function Mock:window()
   local now = resil.now()
   local w = self.rate_window
-  if not w or now - w.start >= 60 then
+  if not w or now - w.start >= 60 - 0.001 then -- (a client that waited the reset header's ms is in the next one)
     w = { start = now, requests = 0, tokens = 0 }
     self.rate_window = w
   end
   return w, 60 - (now - w.start)
 end
 
-function Mock:rate_headers(flavor, tokens)
+function Mock:rate_headers(flavor, tokens, uncounted)
   local limits = self.scenario.rate_limits or {}
   local rl, tl = limits.requests or 10000, limits.tokens or 10000000
   local w, left = self:window()
-  w.requests, w.tokens = w.requests + 1, w.tokens + (tokens or 0)
+  if not uncounted then w.requests, w.tokens = w.requests + 1, w.tokens + (tokens or 0) end
   local rr, tr = math.max(0, rl - w.requests), math.max(0, tl - w.tokens)
   if flavor == "anthropic" then
     local reset = os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(resil.clock.wall() + left + 0.999))
@@ -327,6 +327,35 @@ function Mock:rate_headers(flavor, tokens)
     ["x-ratelimit-limit-tokens"] = tostring(tl), ["x-ratelimit-remaining-tokens"] = tostring(tr),
     ["x-ratelimit-reset-tokens"] = go_duration(tr > 0 and 60 * math.max(1, tokens or 1) / tl or left),
     ["x-request-id"] = ("req_mock%s%d"):format(self.instance, self.counts.total) }
+end
+
+-- scenario.rate_limits, when given, are enforced as the APIs enforce theirs: a
+-- request once the minute's requests or tokens are spent is a 429 (OpenAI's type
+-- "requests" / "tokens", Anthropic's rate_limit_error with retry-after), its
+-- headers saying when the window resets; refused requests do not count. (The
+-- headers alone said "0 remaining" while the mock went on answering 200, so a
+-- policy that ignored them passed its spec and met 429s in production.)
+function Mock:rate_refusal(flavor)
+  local limits = self.scenario.rate_limits
+  if type(limits) ~= "table" then return nil end
+  local rl, tl = limits.requests or 10000, limits.tokens or 10000000
+  local w, left = self:window()
+  local which = (w.requests >= rl and "requests") or (w.tokens >= tl and "tokens") or nil
+  if not which then return nil end
+  local headers = self:rate_headers(flavor, 0, true)
+  headers["content-type"] = "application/json"
+  local wait = math.max(1, math.ceil(left))
+  if flavor == "anthropic" then
+    headers["retry-after"] = tostring(wait)
+    return { status = 429, headers = headers, body = anthropic_error(429, "rate_limit_error",
+      ("This request would exceed the rate limit for your organization of %d %s per minute."):format(
+        which == "requests" and rl or tl, which == "requests" and "requests" or "input tokens")) }
+  end
+  local used, limit = which == "requests" and w.requests or w.tokens, which == "requests" and rl or tl
+  return { status = 429, headers = headers, body = json.encode({ error = {
+    message = ("Rate limit reached for %s per min (%s): Limit %d, Used %d, Requested 1. Please try again in %s.")
+      :format(which, which == "requests" and "RPM" or "TPM", limit, used, go_duration(left)),
+    type = which, param = json.null, code = "rate_limit_exceeded" } }) }
 end
 
 local function sse(data, event)
@@ -391,6 +420,8 @@ function Mock:chat(req, fault)
     local refused = self:openai_check(req, body)
     if refused then return refused end
   end
+  local limited = self:rate_refusal("openai")
+  if limited then return limited end
   local reply = self.scenario.reply
   if type(reply) == "function" then reply = reply(body) end
   if fault and fault.kind == "empty" then reply = "" end
@@ -553,6 +584,8 @@ function Mock:messages(req, fault)
   local body = json.decode(req.body)
   local refused = anthropic_refusal(self, req, body)
   if refused then return refused end
+  local limited = self:rate_refusal("anthropic")
+  if limited then return limited end
   local reply = self.scenario.reply
   if type(reply) == "function" then reply = reply(body) end
   if fault and fault.kind == "empty" then reply = "" end
@@ -695,6 +728,8 @@ function Mock:embeddings(req)
     return { status = 400, body = openai_error(400, "'input' and 'model' are required", "invalid_request_error",
       nil, "input") }
   end
+  local limited = self:rate_refusal("openai")
+  if limited then return limited end
   local dims = int(body.dimensions) or self.scenario.dimensions or 8
   local data, tokens = {}, 0
   for i, text in ipairs(input) do
