@@ -127,10 +127,15 @@ local function public_message(msg)
 end
 
 -- An error ai raised that is the gateway's own failure, not the request's:
--- the host's caps (--max-memory, --max-instructions) ran out serving it
+-- the host's caps (--max-memory, --max-instructions, --max-task-seconds: a
+-- policy that loops) ran out serving it. Logged, with the file:line it ran
+-- at: the client's 503 does not say it, and the operator must find it.
 local function host_failure(err)
   local text = tostring(err)
-  return text:find("not enough memory", 1, true) or text:find("--max-instructions", 1, true)
+  local failed = text:find("not enough memory", 1, true) or text:find("--max-instructions", 1, true)
+    or text:find("--max-task-seconds", 1, true)
+  if failed then resil.log.error("gateway: the host stopped a request's work", { error = resil.redact(text) }) end
+  return failed
 end
 
 -- An error a policy raised by accident (a Lua runtime error: a nil indexed

@@ -131,6 +131,58 @@ describe("the resil-lua command", function()
 end)
 
 describe("runaway scripts", function()
+  -- (a policy that loops held the loop for good unless --max-instructions, which costs on every
+  -- instruction, was set: a gateway worker then served nobody)
+  it("--max-task-seconds stops a task that runs that much CPU without yielding, where it loops; pcall cannot " ..
+     "swallow it; <close> handlers run; a task that yields in time runs on", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+      local resil = require "resil"
+      local function closes(name) return setmetatable({}, { __close = function() print(name .. " closed") end }) end
+      local busy = resil.spawn(function() -- yields after each 0.05 s of CPU: never stopped
+        for _ = 1, 10 do
+          local s = os.clock()
+          while os.clock() - s < 0.05 do end
+          resil.yield()
+        end
+        return "done"
+      end)
+      local t = resil.spawn(function()
+        local _ <close> = closes("task")
+        while true do end
+      end)
+      print("joined", t:join())
+      local swallowed = resil.spawn(function()
+        while true do pcall(function() for _ = 1, 100 do end end) end
+      end)
+      print("joined", swallowed:join())
+      local wrapped = resil.spawn(function()
+        coroutine.wrap(function()
+          local _ <close> = closes("wrapped")
+          while true do end
+        end)()
+      end)
+      print("joined", wrapped:join())
+      print("busy", busy:join())
+    ]])
+    local r = helpers.run(R .. " --max-task-seconds 0.3 " .. script)
+    assert.are.equal(0, r.code, r.stderr)
+    local limit = "ran %d+%.%d s without yielding %(%-%-max%-task%-seconds=0%.3%)"
+    assert.matches("^task closed\njoined\tfalse\t[^\n]-%.lua:13: task 3 %([^\n]-%.lua:11%) " .. limit .. "\n" ..
+      "joined\tfalse\t[^\n]*\n" ..
+      "wrapped closed\njoined\tfalse\t[^\n]-%.lua:21: [^\n]-%.lua:23: task 5 %([^\n]-%.lua:20%) " .. limit .. "\n" ..
+      "busy\ttrue\tdone\n$", r.stdout)
+    -- the loop that catches: stopped where its error was not caught, or cut as canceled where it was
+    local swallowed = r.stdout:match("\njoined\tfalse\t([^\n]*)\nwrapped")
+    assert.is_truthy(swallowed == "canceled: task 4 was canceled" or
+      swallowed:match("%.lua:17: task 4 %([^\n]-%.lua:16%) " .. limit .. "$"), swallowed)
+    for _, bad in ipairs({ "-1", "abc", "nan", "1e9" }) do
+      r = helpers.run(R .. " --max-task-seconds " .. bad .. " -e 'print(1)'")
+      assert.are.equal(1, r.code, bad)
+      assert.are.equal("", r.stdout)
+      assert.matches("%-%-max%-task%-seconds: bad number of seconds '" .. bad:gsub("%p", "%%%0") .. "' %(0 to 1000000; 0: off%)", r.stderr)
+    end
+  end)
+
   it("--max-instructions stops a task stuck in a loop, naming it; pcall cannot swallow it", function()
     local r = helpers.run_script([[
       local resil = require "resil"

@@ -1565,11 +1565,11 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.is_true(b.spent > 0, show.stdout)
   end
 
-  -- -> its pid and port; codefile: a file its exit status is written to
-  local function start_gateway(config, db, codefile)
+  -- -> its pid and port; codefile: a file its exit status is written to; options: more of the command line
+  local function start_gateway(config, db, codefile, options)
     local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
-    local command = ("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
-      helpers.resil, port, config, db, log, pidfile)
+    local command = ("%s gateway --listen 127.0.0.1:%d --config %s --store %s %s > %s 2>&1 & echo $! > %s"):format(
+      helpers.resil, port, config, db, options or "", log, pidfile)
     os.execute(codefile and ("(%s; wait $!; echo $? > %s) &"):format(command, codefile) or command)
     assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
     local pid = helpers.slurp(pidfile):match("%d+")
@@ -1773,6 +1773,51 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal("143", helpers.slurp(codefile):match("%d+"))
     assert.are.equal("openai\t9\n", ledger_by_provider(db))
     assert.are.equal(9, m:stats().routes.chat)
+  end)
+
+  -- (before: a policy that looped at call time held its worker for good: that request never
+  -- returned, and every other one the worker took waited behind it, with nothing in the log)
+  it("stops a request whose provider adapter loops after --max-task-seconds of CPU: a 503 the SDKs retry, " ..
+     "the file:line in the log, and the gateway serves on", function()
+    local m = mock_upstream()
+    local db = helpers.tmpname(".db")
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      local openai = require "policies.providers.openai"
+      local body = openai.body
+      openai.body = function(req, model, conf)
+        if model == "loop-model" then
+          local n = 0
+          while true do n = n + 1 end
+        end
+        return body(req, model, conf)
+      end
+      return { auth = false }
+    ]]):format(m.url .. "/v1"))
+    local pid, port, log = start_gateway(config, db, nil, "--max-task-seconds 0.3")
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+    end)
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+    local looping = resil.spawn(http.request, { method = "POST", url = url, timeout = 20,
+      headers = { ["content-type"] = "application/json" },
+      body = json.encode({ model = "openai/loop-model", messages = MSGS }) })
+    resil.sleep(0.1)
+    local served = post(url, { model = "openai/gpt-4o-mini", messages = MSGS })
+    local ok, res, err = looping:join()
+    assert.is_true(ok)
+    res = assert(res, tostring(err))
+    assert.are.equal(503, res.status, res.body)
+    assert.are.equal("gateway_overloaded", json.decode(res.body).error.code)
+    assert.are.equal("1", res.headers["retry-after"])
+    assert.are.equal(200, served.status, served.body) -- (it waited behind the loop, then was served)
+    assert.are.equal(200, post(url, { model = "openai/gpt-4o-mini", messages = MSGS }).status)
+    assert.is_true(helpers.alive(pid))
+    assert.matches("the host stopped a request's work", helpers.slurp(log))
+    assert.matches("%.lua:%d+: task %d+ %(.-%) ran %d+%.%d s without yielding %(%-%-max%-task%-seconds=0%.3%)",
+      helpers.slurp(log))
+    assert.are.equal(2, m:stats().routes.chat) -- (the stopped one was never sent)
   end)
 
   -- (before: the loop never turned again, so the drain never ran; the first SIGTERM did nothing and

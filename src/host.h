@@ -5,6 +5,8 @@
 #define RESIL_HOST_H
 
 #include <locale.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdint.h>
@@ -96,6 +98,16 @@ struct resil {
   double close_by;                      /* > 0: the monotonic time a graceful stop ends by (resil.stop_now):
                                          * the stores' last writes as the host closes wait no later */
   struct nested_run *volatile nested;   /* the coroutines being resumed from Lua, innermost first (loop.c) */
+  /* the watchdog (watchdog.c): a task resume that runs max_task_seconds of
+   * CPU without yielding is stopped */
+  double max_task_seconds;              /* 0: no watchdog */
+  struct watchdog *watchdog;
+  _Atomic unsigned long resume_seq;     /* bumped as a task resume starts and ends: odd while one runs */
+  _Atomic int watch_busy;               /* the watchdog looks at what runs: a resume does not end meanwhile */
+  unsigned long runaway_seq;            /* the resume the watchdog stopped (its hook raises only in it) */
+  double runaway_seconds;               /* ...and how long it had run */
+  char max_task_seconds_text[32];       /* max_task_seconds as the messages write it */
+  pthread_t loop_thread;                /* the thread of the running resume (its CPU clock) */
 
   /* values registered through resil.secret: redacted from every message */
   redact_secret *secrets;
@@ -208,6 +220,10 @@ int loop_run_until(resil_t *R, const int *done); /* until *done, no task left or
 int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
+void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds); /* from the watchdog's thread */
+typedef struct watchdog watchdog;
+int watchdog_set(resil_t *R, double seconds); /* 0 or less: none; -1 if its thread cannot start */
+void watchdog_free(resil_t *R);
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
 void loop_guard_coroutines(lua_State *L);      /* coroutine.resume and wrap pass the guards on (at start-up) */
 

@@ -384,7 +384,12 @@ static void task_resume(resil_t *R, task *t) {
   t->instructions = 0;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
+  R->loop_thread = pthread_self();
+  atomic_fetch_add(&R->resume_seq, 1); /* odd: a resume runs (watchdog.c) */
   int status = lua_resume(t->co, R->L, nargs, &nres);
+  atomic_fetch_add(&R->resume_seq, 1);
+  while (atomic_load(&R->watch_busy)) {
+  } /* the watchdog's look at this resume ends first (it sets hooks on its threads) */
   R->current = NULL;
   if (status == LUA_YIELD && t->stop_cut) { /* the stop watch's: ended as a cancel, its <close> handlers run */
     t->stop_cut = 0;
@@ -509,22 +514,28 @@ static int stop_watch_error(lua_State *L, resil_t *R, task *t, double now) {
                     t ? task_where(t) : "?", (int)(now - R->stop_watch_since));
 }
 
+/* A guard raised in t and it runs on after the error (a pcall caught it):
+ * a yield no pcall catches, and the task is ended as canceled
+ * (task_resume); from a coroutine the task resumed, each resume passes the
+ * yield on (resume_nested). -> 0 where it cannot yield (the guard raises
+ * again) */
+static int cut_running(lua_State *L, resil_t *R, task *t) {
+  if (L == (R->nested ? R->nested->co : t->co) && lua_isyieldable(L)) {
+    t->stop_cut = 1;
+    lua_sethook(L, NULL, 0, 0);
+    lua_yield(L, 0);
+    return 1;
+  }
+  return 0;
+}
+
 static void stop_watch_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   resil_t *R = resil_from_lua(L);
   task *t = R->current;
   double now = monotonic_seconds();
   if (t && t->stop_raised) {
-    /* it runs on after the error (a pcall caught it): a yield no pcall
-     * catches, and the task is ended as canceled (task_resume); from a
-     * coroutine the task resumed, each resume passes the yield on
-     * (resume_nested) */
-    if (L == (R->nested ? R->nested->co : t->co) && lua_isyieldable(L)) {
-      t->stop_cut = 1;
-      lua_sethook(L, NULL, 0, 0);
-      lua_yield(L, 0);
-      return;
-    }
+    if (cut_running(L, R, t)) return;
   } else {
     if (R->stop_watch_since == 0) {
       R->stop_watch_since = now;
@@ -538,6 +549,45 @@ static void stop_watch_hook(lua_State *L, lua_Debug *ar) {
    * back its hold) are not cut in turn */
   lua_sethook(L, stop_watch_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
   stop_watch_error(L, R, t, now);
+}
+
+/* The watchdog's (watchdog.c): the resume it saw run max_task_seconds is
+ * stopped where it runs, as --max-instructions stops a task; a hook left
+ * on a thread after its resume ended takes itself off. */
+static void runaway_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  resil_t *R = resil_from_lua(L);
+  task *t = R->current;
+  if (!t || atomic_load(&R->resume_seq) != R->runaway_seq) {
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
+  if (t->stop_raised && cut_running(L, R, t)) return;
+  t->stop_raised = 1;
+  /* at the stop watch's pace: the <close> handlers the error runs (a call's
+   * guard giving back its hold) are not cut in turn */
+  lua_sethook(L, runaway_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
+  lua_Debug ar0;
+  char at[128] = "";
+  if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
+    snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
+  char ran[32];
+  snprintf(ran, sizeof ran, "%.1f", R->runaway_seconds);
+  lua_pushfstring(L, "%stask %d (%s) ran %s s without yielding (--max-task-seconds=%s)", at, t->id, task_where(t), ran,
+                  R->max_task_seconds_text);
+  lua_error(L);
+}
+
+/* From the watchdog's thread, while the loop cannot end this resume
+ * (R->watch_busy): only hooks, on the task's thread and the coroutines it
+ * is running. */
+void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds) {
+  task *t = R->current;
+  if (!t) return;
+  R->runaway_seq = seq;
+  R->runaway_seconds = seconds;
+  lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, 1);
+  for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
 }
 
 /* From task_resume, and from a signal handler (resil_request_stop): only
@@ -577,7 +627,7 @@ void loop_arm_hook(resil_t *R, lua_State *L) {
  * linked in R->nested, so that a guard a signal arms meanwhile reaches it.
  * With no guard armed, no hook is set. */
 
-static int is_guard(lua_Hook hook) { return hook == instruction_hook || hook == stop_watch_hook; }
+static int is_guard(lua_Hook hook) { return hook == instruction_hook || hook == stop_watch_hook || hook == runaway_hook; }
 
 /* A coroutine a task resumes charges the task NESTED_PART at a time, and
  * NESTED_PART up front each time its count starts over (resume_nested): what
@@ -661,6 +711,9 @@ static int resume_nested(lua_State *L, lua_State *co, int narg) {
   lua_xmove(L, co, narg);
   int status = lua_resume(co, L, narg, &nres);
   R->nested = run.outer;
+  atomic_thread_fence(memory_order_seq_cst);
+  while (atomic_load(&R->watch_busy)) {
+  } /* the watchdog may be reading `run` (this frame): it is done with it first */
   task *t = R->current;
   if (status == LUA_YIELD && t && t->stop_cut) { /* stop_watch_hook's yield, or a resume's passing it on */
     lua_pop(co, nres);

@@ -77,6 +77,7 @@ static void usage(FILE *out) {
           "  --                      stop handling options\n"
           "  --virtual-clock         start on the virtual clock (sleeps and timeouts are instant)\n"
           "  --max-instructions N    stop a task that runs N instructions without yielding\n"
+          "  --max-task-seconds S    stop a task that runs S s of CPU without yielding (gateway: 5; 0: off)\n"
           "  --max-memory SIZE       cap the Lua state's memory (e.g. 64M, 1G)\n"
           "  --policies DIR          search DIR first for require \"policies.x\"\n"
           "  --watch                 reload policies when their files change (SIGHUP always reloads)\n"
@@ -624,6 +625,9 @@ int main(int argc, char **argv) {
   const char *gw_listen = "127.0.0.1:8080", *gw_config = NULL;
   long gw_workers = 1;
   if (gateway) i = 2;
+  /* a gateway worker is left alone: a policy that loops would hold every
+   * request it serves, for good (watchdog.c) */
+  double max_task_seconds = gateway ? 5 : 0;
 
   for (; i < argc; i++) {
     const char *a = argv[i];
@@ -673,7 +677,7 @@ int main(int argc, char **argv) {
     if (strcmp(a, "-e") == 0 || strcmp(a, "--max-instructions") == 0 || strcmp(a, "--max-memory") == 0 ||
         strcmp(a, "--policies") == 0 || strcmp(a, "--log-file") == 0 || strcmp(a, "--log-level") == 0 ||
         strcmp(a, "--store") == 0 || strcmp(a, "--run") == 0 || strcmp(a, "--metrics-addr") == 0 ||
-        strcmp(a, "--metrics-file") == 0 || strcmp(a, "--otlp-endpoint") == 0) {
+        strcmp(a, "--metrics-file") == 0 || strcmp(a, "--otlp-endpoint") == 0 || strcmp(a, "--max-task-seconds") == 0) {
       if (!next) return fail("option '%s' needs an argument", a);
       i++;
       if (a[1] == 'e') {
@@ -682,6 +686,12 @@ int main(int argc, char **argv) {
       } else if (strcmp(a, "--max-instructions") == 0) {
         if (parse_count(next, &opts.max_instructions) != 0)
           return fail("--max-instructions: bad count '%s' (1 to 2147483647)", next);
+      } else if (strcmp(a, "--max-task-seconds") == 0) {
+        char *end;
+        errno = 0;
+        max_task_seconds = strtod(next, &end);
+        if (errno || end == next || *end || !(max_task_seconds >= 0 && max_task_seconds <= 1e6))
+          return fail("--max-task-seconds: bad number of seconds '%s' (0 to 1000000; 0: off)", next);
       } else if (strcmp(a, "--max-memory") == 0) {
         if (parse_size(next, &opts.max_memory) != 0)
           return fail("--max-memory: bad size '%s' (try 64M; 1K to 1048576G)", next);
@@ -733,6 +743,11 @@ int main(int argc, char **argv) {
   if (held_log) fclose(held_log); /* the host has the log open now (or said it could not) */
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
   if (open_failed(R)) return 1;
+  if (max_task_seconds > 0 && resil_set_max_task_seconds(R, max_task_seconds) != RESIL_OK) {
+    fprintf(stderr, PROGNAME ": --max-task-seconds: cannot start the watchdog's thread\n");
+    resil_close(R);
+    return 1;
+  }
   if (wait) wait_for_run(R);
   if (export_metrics(R, metrics_addr, metrics_file) != 0 || export_traces(R, otlp_endpoint) != 0) {
     resil_close(R);

@@ -753,6 +753,12 @@ int api_leave(resil_t *R) {
   return 1;
 }
 
+int resil_set_max_task_seconds(resil_t *R, double seconds) {
+  if (!R || R->pid != getpid() || R->closing) return RESIL_ERR_USAGE;
+  if (seconds != seconds || seconds < 0 || seconds > 1e9) return RESIL_ERR_USAGE;
+  return watchdog_set(R, seconds) == 0 ? RESIL_OK : RESIL_ERR_MEMORY;
+}
+
 void resil_interrupt(resil_t *R, int signo) {
   if (!R) return;
   R->interrupted = signo ? signo : SIGINT;
@@ -782,6 +788,7 @@ void resil_close(resil_t *R) {
     return;
   }
   R->closing = 1;
+  watchdog_free(R); /* (its thread looks at the Lua threads lua_close frees) */
   locale_t c_locale = R->c_locale; /* the finalizers run Lua */
   locale_t caller = host_locale_enter(R);
   if (R->L) {

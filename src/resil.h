@@ -131,6 +131,15 @@ RESIL_API int resil_run(resil_t *R);
  * by [REDACTED]. */
 RESIL_API const char *resil_error(resil_t *R);
 
+/* The watchdog: a task that runs `seconds` of CPU time without yielding (a
+ * policy that loops) is stopped with an error where it runs, "file:line:
+ * task N (...) ran S s without yielding (--max-task-seconds=S)", as
+ * max_instructions stops one, but at no cost while tasks yield (a thread of
+ * the host's own looks at the loop four times a `seconds`). 0 turns it off
+ * (the default; the CLI's gateway runs with 5). RESIL_ERR_USAGE for a
+ * negative or NaN value. */
+RESIL_API int resil_set_max_task_seconds(resil_t *R, double seconds);
+
 /* Async-signal-safe: stop the running task and the loop. */
 RESIL_API void resil_interrupt(resil_t *R, int signo);
 

@@ -308,6 +308,25 @@ int main(void) {
   }
   rmdir(fork_dir);
 
+  /* the watchdog: a loop is stopped where it runs, the host goes on; misuse refused */
+  resil_t *Rw = resil_open(NULL);
+  check(resil_set_max_task_seconds(Rw, -1) == RESIL_ERR_USAGE && resil_set_max_task_seconds(Rw, 0.0 / 0.0) ==
+            RESIL_ERR_USAGE && resil_set_max_task_seconds(NULL, 1) == RESIL_ERR_USAGE,
+        "resil_set_max_task_seconds refuses a negative or NaN time and a NULL host");
+  check(resil_set_max_task_seconds(Rw, 0.2) == RESIL_OK &&
+            resil_load_string(Rw, "local n = 0\nwhile true do n = n + 1 end", "=spin") == RESIL_OK &&
+            resil_run(Rw) == RESIL_ERR_SCRIPT &&
+            strstr(resil_error(Rw), "spin:2: task 1 (spin) ran ") != NULL &&
+            strstr(resil_error(Rw), "without yielding (--max-task-seconds=0.2)") != NULL,
+        "resil_set_max_task_seconds stops a task that loops, naming file:line");
+  char *answer = NULL;
+  check(resil_load_string(Rw, "function ping() return 'pong' end", "=ping") == RESIL_OK && resil_run(Rw) == RESIL_OK &&
+            resil_call(Rw, "ping", "[]", &answer) == RESIL_OK && answer && strcmp(answer, "[\"pong\"]") == 0,
+        "and the host serves on");
+  free(answer);
+  check(resil_set_max_task_seconds(Rw, 0) == RESIL_OK, "a watchdog is turned off with 0");
+  resil_close(Rw);
+
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
 }

@@ -1,0 +1,126 @@
+/*
+ * watchdog.c: a task that runs too long without yielding is stopped.
+ *
+ * A policy that loops (a `while true do end` saved into a provider adapter)
+ * holds the loop: on a gateway worker every request it serves waits, for
+ * good. --max-instructions stops such a task but costs on every Lua
+ * instruction (a count hook puts each one through the debugger's path), so
+ * the gateway runs without it. The watchdog costs nothing while tasks
+ * yield: a thread of the host's own looks at the resume counter the loop
+ * bumps as each task resume starts and ends (odd: one is running), and when
+ * the same resume has used `seconds` of the loop thread's CPU time (not
+ * wall time: a process stopped with SIGSTOP, or a machine that runs other
+ * work, does not count), arms a hook on the running task (loop_arm_runaway)
+ * that raises where it runs, as the instruction cap does.
+ *
+ * The thread and the loop meet only through atomics: watch_busy keeps the
+ * loop from ending a resume (and a nested coroutine's) while the thread
+ * looks at what runs (task_resume and resume_nested wait for it to clear).
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "host.h"
+
+struct watchdog {
+  resil_t *R;
+  double seconds;
+  pthread_t thread;
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  int stopping;
+};
+
+/* CPU seconds the loop's thread has used; -1 if it cannot be read */
+static double loop_cpu_seconds(resil_t *R) {
+  clockid_t cid;
+  struct timespec ts;
+  if (pthread_getcpuclockid(R->loop_thread, &cid) != 0 || clock_gettime(cid, &ts) != 0) return -1;
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void *watch_main(void *arg) {
+  watchdog *w = arg;
+  resil_t *R = w->R;
+  double every = w->seconds / 4 < 0.05 ? 0.05 : w->seconds / 4;
+  unsigned long seen = 0;
+  double seen_since = 0;
+  pthread_mutex_lock(&w->lock);
+  while (!w->stopping) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    double t = (double)until.tv_sec + (double)until.tv_nsec / 1e9 + every;
+    until.tv_sec = (time_t)t;
+    until.tv_nsec = (long)((t - (double)until.tv_sec) * 1e9);
+    while (!w->stopping && pthread_cond_timedwait(&w->wake, &w->lock, &until) != ETIMEDOUT) {
+    }
+    if (w->stopping) break;
+    unsigned long seq = atomic_load(&R->resume_seq);
+    double now = (seq & 1) ? loop_cpu_seconds(R) : 0;
+    if (!(seq & 1) || seq != seen || now < 0) { /* nothing runs, or another resume than last time */
+      seen = seq;
+      seen_since = now;
+      continue;
+    }
+    if (now - seen_since < w->seconds || R->runaway_seq == seq) continue;
+    /* the same resume for `seconds`: stop it, unless it ends right now */
+    atomic_store(&R->watch_busy, 1);
+    if (atomic_load(&R->resume_seq) == seq) loop_arm_runaway(R, seq, now - seen_since);
+    atomic_store(&R->watch_busy, 0);
+  }
+  pthread_mutex_unlock(&w->lock);
+  return NULL;
+}
+
+static void watchdog_stop(resil_t *R) {
+  watchdog *w = R->watchdog;
+  if (!w) return;
+  pthread_mutex_lock(&w->lock);
+  w->stopping = 1;
+  pthread_cond_signal(&w->wake);
+  pthread_mutex_unlock(&w->lock);
+  pthread_join(w->thread, NULL);
+  pthread_cond_destroy(&w->wake);
+  pthread_mutex_destroy(&w->lock);
+  free(w);
+  R->watchdog = NULL;
+}
+
+int watchdog_set(resil_t *R, double seconds) {
+  watchdog_stop(R);
+  R->max_task_seconds = 0;
+  if (!(seconds > 0)) return 0;
+  watchdog *w = calloc(1, sizeof *w);
+  if (!w) return -1;
+  w->R = R;
+  w->seconds = seconds;
+  pthread_mutex_init(&w->lock, NULL);
+  pthread_condattr_t attr;
+  pthread_condattr_init(&attr);
+  pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+  pthread_cond_init(&w->wake, &attr);
+  pthread_condattr_destroy(&attr);
+  /* the thread takes no signal meant for the process (SIGTERM, SIGHUP) */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  int failed = pthread_create(&w->thread, NULL, watch_main, w);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (failed) {
+    pthread_cond_destroy(&w->wake);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
+    return -1;
+  }
+  R->watchdog = w;
+  R->max_task_seconds = seconds;
+  snprintf(R->max_task_seconds_text, sizeof R->max_task_seconds_text, "%g", seconds);
+  return 0;
+}
+
+void watchdog_free(resil_t *R) { watchdog_stop(R); }
