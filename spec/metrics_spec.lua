@@ -31,6 +31,25 @@ describe("resil.metrics", function()
     assert.truthy(text:find('spec_inflight 2\n', 1, true))
   end)
 
+  -- (a bound histogram series has no value until its first observation: it was admitted at labels() and
+  -- again at that observation, so it took two places of max_series; the ledger's token usage by model
+  -- dropped series, and warned, at half its bound)
+  it("a histogram's series bound with labels() takes one place of max_series, as a counter's does", function()
+    local h = resil.metrics.histogram("spec_bound_seconds", "Bound", { max_series = 2, buckets = { 1 } })
+    local a, b = h:labels({ model = "a" }), h:labels({ model = "b" })
+    a:observe(0.5)
+    b:observe(2)
+    a:observe(3)
+    assert.are.same({ count = 2, sum = 3.5 }, h:value({ model = "a" }))
+    assert.are.same({ count = 1, sum = 2 }, h:value({ model = "b" }))
+    local text = resil.metrics.text()
+    assert.matches('spec_bound_seconds_count{model="b"} 1\n', text, 1, true)
+    assert.is_nil(text:find('resil_metrics_series_dropped_total{metric="spec_bound_seconds"}', 1, true))
+    -- its place is its own: a third label set is past the bound
+    h:observe({ model = "c" }, 1)
+    assert.are.same({ count = 0, sum = 0 }, h:value({ model = "c" }))
+  end)
+
   it("breakers count their transitions and rejections", function()
     resil.log.level("error")
     local br = resil.breaker("metrics-br", { window_type = "count", window = 2, min_calls = 2 })

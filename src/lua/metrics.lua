@@ -69,6 +69,12 @@ local dropped_total -- resil_metrics_series_dropped_total, defined below
 
 local function admit(m, key)
   if m.series[key] ~= nil then return true end
+  -- (a histogram's series bound by labels() before its first observation: admitted then)
+  local held = m.held
+  if held and held[key] then
+    held[key] = nil
+    return true
+  end
   if m.nseries < (m.max_series or metrics.max_series) then
     m.nseries = m.nseries + 1
     return true
@@ -219,7 +225,15 @@ Dropped.__index = function() return function() end end
 function Metric:labels(labels)
   local key = label_key(labels)
   if not admit(self, key) then return setmetatable({}, Dropped) end
-  if self.kind ~= "histogram" and self.series[key] == nil then self.series[key] = 0 end -- admitted: hold its place
+  -- admitted: hold its place (a histogram's series is made at its first observation)
+  if self.series[key] == nil then
+    if self.kind ~= "histogram" then
+      self.series[key] = 0
+    else
+      self.held = self.held or {}
+      self.held[key] = true
+    end
+  end
   return setmetatable({ metric = self, key = key, series = self.series, buckets = self.buckets }, SERIES[self.kind])
 end
 
