@@ -186,14 +186,23 @@ end
 
 local GaugeSeries = { observe = only_histogram }
 GaugeSeries.__index = GaugeSeries
+-- (a gauge's value is checked as gauge:inc/set check it: one that is not a
+-- number made every later exposition raise)
 function GaugeSeries:inc(n)
+  n = n or 1
+  check_number(n, "the increment")
   local series, key = self.series, self.key
-  series[key] = (series[key] or 0) + (n or 1)
+  series[key] = (series[key] or 0) + n
 end
-function GaugeSeries:set(v) self.series[self.key] = v end
+function GaugeSeries:set(v)
+  check_number(v, "the value")
+  self.series[self.key] = v
+end
 function GaugeSeries:dec(n)
+  n = n or 1
+  check_number(n, "the decrement")
   local series, key = self.series, self.key
-  series[key] = (series[key] or 0) - (n or 1)
+  series[key] = (series[key] or 0) - n
 end
 
 -- (its series is made at its first observation, and kept here from then on)
@@ -246,6 +255,7 @@ function Metric:value(labels)
 end
 
 local function number(v)
+  if v ~= v then return "NaN" end -- (printf's "-nan" fails the whole scrape)
   if v == math.huge then return "+Inf" end
   if v == -math.huge then return "-Inf" end
   if math.type(v) == "integer" then return tostring(v) end
