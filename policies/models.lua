@@ -25,7 +25,9 @@
 -- `pinned = true` on an entry marks one that is pinned by its name.
 return {
   ["chat-fast"] = { use = "openai/gpt-4o-mini-2024-07-18", fallbacks = { "anthropic/claude-haiku-4-5-20251001" } },
-  ["chat-best"] = { use = "anthropic/claude-sonnet-4-5-20250929", fallbacks = { "openai/gpt-4.1-2025-04-14" } },
+  -- (Anthropic retired claude-sonnet-4-5-20250929 in 2026-11: its calls were 404s, each one
+  -- falling back and paying for the round trip)
+  ["chat-best"] = { use = "anthropic/claude-sonnet-5-5", fallbacks = { "openai/gpt-4.1-2025-04-14" } },
   ["chat-cheap"] = { use = "openai/gpt-4.1-nano-2025-04-14", fallbacks = { "chat-fast" } },
 
   -- OpenAI retired these snapshots; calls that still name them move on by themselves

@@ -65,6 +65,13 @@ pricing.models = {
   -- cache_write: the 5-minute cache (1.25x input); cache_write_1h: the 1-hour cache (2x);
   -- cached_input: cache reads (0.1x); web_search: $10 per 1,000 searches of the web search tool
   anthropic = {
+    -- (platform.claude.com's model pages, 2026-12: cache writes 1.25x and 2x input, reads 0.1x)
+    ["claude-fable-5-2"] = { input = 8.00, cache_write = 10.00, cache_write_1h = 16.00, cached_input = 0.80, output = 40.00, web_search = 0.01 },
+    ["claude-fable-5-1"] = { input = 10.00, cache_write = 12.50, cache_write_1h = 20.00, cached_input = 1.00, output = 50.00, web_search = 0.01 },
+    ["claude-opus-5-5"] = { input = 4.00, cache_write = 5.00, cache_write_1h = 8.00, cached_input = 0.40, output = 20.00, web_search = 0.01 },
+    ["claude-sonnet-5-5"] = { input = 2.00, cache_write = 2.50, cache_write_1h = 4.00, cached_input = 0.20, output = 10.00, web_search = 0.01 },
+    ["claude-sonnet-5"] = { input = 2.00, cache_write = 2.50, cache_write_1h = 4.00, cached_input = 0.20, output = 10.00, web_search = 0.01 },
+    ["claude-sonnet-4-6"] = { input = 3.00, cache_write = 3.75, cache_write_1h = 6.00, cached_input = 0.30, output = 15.00, web_search = 0.01 },
     ["claude-opus-4-5"] = { input = 5.00, cache_write = 6.25, cache_write_1h = 10.00, cached_input = 0.50, output = 25.00, web_search = 0.01 },
     ["claude-opus-4-1"] = { input = 15.00, cache_write = 18.75, cache_write_1h = 30.00, cached_input = 1.50, output = 75.00, web_search = 0.01 },
     ["claude-opus-4"] = { input = 15.00, cache_write = 18.75, cache_write_1h = 30.00, cached_input = 1.50, output = 75.00, web_search = 0.01 },

@@ -104,6 +104,24 @@ describe("aliases", function()
     assert.is_false(registry.is_pinned("openai/gpt-4o"))
     assert.is_false(registry.is_pinned("replicate/bytedance/seedance-1-lite"))
   end)
+
+  -- (before: the shipped chat-best named claude-sonnet-4-5-20250929, which Anthropic retired, and
+  -- a migration to a current Claude failed `check` twice: no price, and "not pinned")
+  it("Anthropic's undated ids from Claude 4.6 on are snapshots; the shipped chat-best is one, and priced", function()
+    for _, m in ipairs({ "claude-sonnet-4-6", "claude-sonnet-5", "claude-sonnet-5-5", "claude-opus-5-5" }) do
+      assert.is_true(registry.is_pinned("anthropic/" .. m), m)
+    end
+    assert.is_false(registry.is_pinned("anthropic/claude-sonnet-4-5")) -- (an alias that moved)
+    assert.is_false(registry.is_pinned("anthropic/claude-haiku-4-5"))
+    local shipped = dofile("policies/models.lua") -- (specs run at the top of the repository)
+    local best = shipped["chat-best"].use
+    assert.are.equal("anthropic/claude-sonnet-5-5", best)
+    assert.is_true(registry.is_pinned(best))
+    local pricing = require "policies.pricing"
+    -- $2 / $10 per million, cache writes $2.50 (5 min) and $4 (1 h), reads $0.20
+    local usd = pricing.cost("anthropic", "claude-sonnet-5-5", { input_tokens = 100, output_tokens = 500 })
+    assert.is_true(math.abs(usd - 0.0052) < 1e-12, tostring(usd))
+  end)
 end)
 
 describe("deprecations", function()
