@@ -982,10 +982,29 @@ local function watched(strategy, targets)
 end
 
 -- a target's attempts at a chat -> result | nil, err
+-- A model the provider says it does not have (a 404: retired, or misspelt):
+-- each call pays a round trip for it and falls back, which at info level
+-- nobody sees. Warned once per process and model, counted on every call.
+local not_found_total = resil.metrics.counter("resil_model_not_found_total",
+  "Calls a provider answered 404 for the model they named (retired or misspelt), by model")
+local not_found_warned = {}
+local function model_not_found(t, err)
+  if not (err.class == "not_found" or err.status == 404) then return end
+  not_found_total:inc({ model = t.provider .. "/" .. t.model })
+  if not_found_warned[t.name] then return end
+  not_found_warned[t.name] = true
+  resil.log.warn("the provider answered 404 for this model: retired or misspelt? every call to it fails over " ..
+    "(mark it deprecated in the model registry with a replacement)", { model = t.provider .. "/" .. t.model,
+    error = tostring(err.message or err) })
+end
+
 local function chat_attempts(t, req, guard, wire, deadline)
   local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
   if res == nil then
-    if type(err) == "table" then err.model = err.model or t.model end
+    if type(err) == "table" then
+      err.model = err.model or t.model
+      model_not_found(t, err)
+    end
     return nil, err
   end
   local data = classify.decoded(res)

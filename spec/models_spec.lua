@@ -125,6 +125,29 @@ describe("aliases", function()
 end)
 
 describe("deprecations", function()
+  -- (before: a pinned model the provider retired fell back on every call at info level only: each
+  -- call paid a round trip for the 404 and nobody was told)
+  it("a model the provider answers 404 for is warned about once and counted on every call; calls fall back", function()
+    m:configure({ strict = true, reply = "one two three", sequence = { chat = {
+      { status = 404, error_type = "invalid_request_error", error_code = "model_not_found" },
+      { status = 404, error_type = "invalid_request_error", error_code = "model_not_found" },
+      { status = 404, error_type = "invalid_request_error", error_code = "model_not_found" } } } })
+    local gone = resil.metrics.counter("resil_model_not_found_total")
+    local before = gone:value({ model = "openai/gpt-4o-2024-11-20" })
+    local lines = logged(function()
+      for _ = 1, 3 do
+        local r = assert(ai.chat({ model = "openai/gpt-4o-2024-11-20", messages = MSGS,
+          fallback = { "anthropic/claude-haiku-4-5-20251001" } }))
+        assert.are.equal("anthropic", r.provider)
+      end
+    end)
+    local warned = with_msg(lines, "answered 404 for this model")
+    assert.are.equal(1, #warned)
+    assert.are.equal("openai/gpt-4o-2024-11-20", warned[1].model)
+    assert.are.equal(before + 3, gone:value({ model = "openai/gpt-4o-2024-11-20" }))
+    assert.are.equal(3, m:stats().routes.chat) -- (a 404 is not retried)
+  end)
+
   it("warn with the days left before the sunset, then route to the replacement on and after it", function()
     registry.use({ ["openai/gpt-4o-2024-05-13"] = { deprecated = true, replacement = "openai/gpt-4o-2024-08-06",
       sunset = date_in(2.5) } })
