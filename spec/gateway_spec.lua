@@ -2366,6 +2366,12 @@ print(ok, left, (b:try(1)))
     os.execute("kill -KILL " .. first[1])
     assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("starting another in a second") ~= nil end,
       10), helpers.slurp(log))
+    -- (before: tried again each second, its traceback printed each time, for as long as the file
+    -- stayed broken) each try that dies again waits twice as long
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("starting another in 4 seconds") ~= nil end,
+      15), helpers.slurp(log))
+    assert.matches("starting another in a second\n.*starting another in 2 seconds\n.*starting another in 4 seconds\n",
+      helpers.slurp(log))
     assert.is_true(helpers.alive(pid), helpers.slurp(log))
     assert.is_true(helpers.alive(first[2]), helpers.slurp(log))
     local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),

@@ -485,7 +485,8 @@ static int start_worker(pid_t *pids, double *started, long w, const sigset_t *wo
  * worker that ends on its own is replaced whatever its exit code; one that
  * dies within a second of starting three times in a row (a bad config, a
  * port in use) stops the gateway with its exit code (1 for 0), unless
- * another has served for a second: then it is started again each second.
+ * another has served for a second: then it is started again after a second,
+ * then 2, 4, ... up to 60 while it keeps dying as it starts.
  * -> -1 in a worker (go on and serve), the exit code in the supervisor */
 static int supervise_workers(long n) {
   pid_t pids[256];
@@ -540,16 +541,23 @@ static int supervise_workers(long n) {
       for (long k = 0; k < n; k++)
         if (k != w && pids[k] > 0 && now - started[k] >= 1.0) serving = 1;
       int give_up = quick_deaths >= 3 && !serving, later = quick_deaths >= 3 && serving;
+      /* each try that dies again waits twice as long, up to a minute: a
+       * broken policy file printed its traceback every second for as long
+       * as it stayed broken */
+      unsigned delay = later ? 1u << (quick_deaths - 3 < 6 ? quick_deaths - 3 : 6) : 0;
+      if (delay > 60) delay = 60;
+      char when[48] = "";
+      if (later) snprintf(when, sizeof when, delay == 1 ? " in a second" : " in %u seconds", delay);
       if (WIFSIGNALED(status))
         fprintf(stderr, PROGNAME ": gateway: worker %d killed by signal %d; starting another%s\n", (int)pid,
-                WTERMSIG(status), later ? " in a second" : "");
+                WTERMSIG(status), when);
       else
-        fprintf(stderr, PROGNAME ": gateway: worker %d exited with code %d%s\n", (int)pid, WEXITSTATUS(status),
-                give_up ? "" : later ? "; starting another in a second" : "; starting another");
+        fprintf(stderr, PROGNAME ": gateway: worker %d exited with code %d%s%s\n", (int)pid, WEXITSTATUS(status),
+                give_up ? "" : "; starting another", when);
       if (later) {
         pids[w] = -1; /* started again on the next alarm, as after a failed fork */
         vacant = 1;
-        alarm(1);
+        alarm(delay);
         continue;
       }
       if (give_up) {
