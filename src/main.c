@@ -250,7 +250,8 @@ static const char mock_driver[] =
   "  scenario = chunk()\n"
   "  if type(scenario) ~= 'table' then error(path .. ': a scenario file must return a table', 0) end\n"
   "end\n"
-  "local m, err = resil.mock.start(scenario, { port = port, host = host })\n"
+  "local ok, m, err = pcall(resil.mock.start, scenario, { port = port, host = host })\n"
+  "if not ok then error((path or 'the scenario') .. ': ' .. tostring(m):gsub('^mock:%d+: ', ''), 0) end\n"
   "if not m then error(tostring(err), 0) end\n"
   "io.stdout:write(m.url, '\\n')\n"
   "io.stdout:flush()\n"
@@ -291,6 +292,8 @@ static int run_mock(int argc, char **argv) {
     return 1;
   }
   signal_target = R;
+  /* a scenario file that loops at load (or a fault function that does) held the mock for good */
+  resil_set_max_task_seconds(R, 10);
   int status = resil_load_string(R, mock_driver, "=mock");
   if (status == RESIL_OK) status = resil_run(R);
   int code = status == RESIL_ERR_INTERRUPT ? 0 : report(R, status);
