@@ -231,7 +231,8 @@ end
 -- run in a task of their own, in that order (a correction cannot refuse, and
 -- the answer need not wait for it: on SQLite a commit, about 0.4 ms a call);
 -- after a failure (a 429 and its pause) before the attempt returns, so that
--- the retry and every other process find the pause.
+-- the retry and every other process find the pause. headers: a headers
+-- table, or the response they came with (b:observe reads either).
 local function correct_buckets(self, more, headers)
   local tb = self.token_bucket
   if more > 0 then tb:charge(more) elseif more < 0 then tb:refund(-more) end
@@ -306,8 +307,9 @@ local function attempt(n, self, req, deadline, refused)
   operation_series(self, model, verdict and outcome or "none"):observe(elapsed)
   if bucket or token_bucket then
     local more = token_bucket and (used_tokens(res) or (verdict and 0) or tokens) - tokens or 0
-    -- (headers are built on first read: only read them when a bucket wants them)
-    local headers = type(res) == "table" and res.headers or nil
+    -- resil.http.request's response itself (a table request's): a bucket reads its raw header
+    -- lines, and res.headers is not built for it; a request function's answer: its headers
+    local headers = type(res) == "table" and (is_table and res or res.headers) or nil
     if self.shared_limits and not verdict and (more ~= 0 or headers) then
       resil.spawn(correct_buckets, self, more, headers) -- (store operations: the answer does not wait for them)
     else

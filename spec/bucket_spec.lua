@@ -199,6 +199,35 @@ describe("resil.bucket (GCRA)", function()
     assert.are.equal(3, a:remaining()) -- lowered to the provider's count
   end)
 
+  -- (a response: its raw header lines are read, res.headers is not built for it)
+  it("observe reads a response of resil.http.request as it reads res.headers, without building them", function()
+    local head = "HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+      .. "X-RateLimit-Remaining-Requests: 7\r\nretry-after:   \r\nRETRY-AFTER:  2 \r\n"
+      .. "x-ratelimit-remaining-tokens: 0\r\nX-RateLimit-Reset-Tokens: 20ms\r\n\r\n"
+    local server = resil.server.listen({ handler = function() return { action = "raw", body = head } end })
+    local url = ("http://127.0.0.1:%d/"):format(server:port())
+    local res = assert(resil.http.request({ url = url }))
+    local b, t = fresh { rate = 100, per = 1 }, fresh { rate = 1000, per = 1, unit = "tokens" }
+    -- "1, 2" (repeated, the empty value adds nothing) is no number of seconds: no pause
+    assert.are.equal(0, b:observe(res))
+    assert.are.equal(7, b:remaining())
+    near(0.02, t:observe(res))
+    local pause, left = require("resil.core.bucket").limit_headers(res, "requests") -- (a shared bucket's reader)
+    assert.are.same({ 0, 7 }, { pause, left })
+    local fields = {}
+    for k in pairs(res) do fields[#fields + 1] = k end
+    assert.is_nil(rawget(res, "headers"), table.concat(fields, " "))
+    assert.are.equal("1, 2", res.headers["retry-after"])
+    -- built now: read from the table, as it stands
+    res.headers["retry-after"] = "3"
+    near(3, fresh({ rate = 100, per = 1 }):observe(res))
+    local other = assert(resil.http.request({ url = url }))
+    assert.are.equal("7", other.headers["x-ratelimit-remaining-requests"])
+    other.headers = nil -- (a response whose headers were taken away has none)
+    assert.are.equal(0, fresh({ rate = 100, per = 1 }):observe(other))
+    server:close()
+  end)
+
   it("resil.retry_after reads a provider's headers", function()
     assert.are.equal(2, resil.retry_after({ ["retry-after"] = "2" }))
     assert.are.equal(0.25, resil.retry_after({ ["retry-after-ms"] = "250" }))

@@ -17,6 +17,7 @@
 #include <curl/curl.h>
 
 #include "host.h"
+#include "http.h" /* a response's headers, read from its raw lines */
 
 #define BUCKET_MT "resil.Bucket"
 #define REGISTRY "resil.buckets"
@@ -498,32 +499,48 @@ static const char *header_at(lua_State *L, int headers, int name) {
   return v;
 }
 
-/* The names read_limit looks up, for a unit, in this order; pushed as Lua
- * strings once (b:observe keeps them with the metatable: a lookup by a C
- * string makes Lua find its string anew each time, ~370 instructions) */
+/* The names read_limit looks up, for a unit (requests, tokens), in this
+ * order. A headers table is read by them as Lua strings made once
+ * (b:observe keeps them with the metatable: a lookup by a C string makes
+ * Lua find its string anew each time, ~370 instructions); a response's raw
+ * header lines by these. */
 enum { LIMIT_RETRY_AFTER, LIMIT_REMAINING, LIMIT_RESET, LIMIT_ANTHROPIC_REMAINING, LIMIT_ANTHROPIC_RESET, LIMIT_NAMES };
-static void push_limit_names(lua_State *L, const char *unit) {
-  lua_pushliteral(L, "retry-after");
-  lua_pushfstring(L, "x-ratelimit-remaining-%s", unit);
-  lua_pushfstring(L, "x-ratelimit-reset-%s", unit);
-  lua_pushfstring(L, "anthropic-ratelimit-%s-remaining", unit);
-  lua_pushfstring(L, "anthropic-ratelimit-%s-reset", unit);
+static const char *const limit_names[2][LIMIT_NAMES] = {
+  {"retry-after", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+   "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset"},
+  {"retry-after", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "anthropic-ratelimit-tokens-remaining",
+   "anthropic-ratelimit-tokens-reset"}};
+static int unit_index(const char *unit) { return strcmp(unit, "tokens") == 0; }
+static void push_limit_names(lua_State *L, int unit) {
+  for (int i = 0; i < LIMIT_NAMES; i++) lua_pushstring(L, limit_names[unit][i]);
 }
 
-/* names: the stack index of the first of the LIMIT_NAMES names */
-static limit_view read_limit(lua_State *L, int headers, int names) {
+/* Where read_limit finds the headers: a headers table (headers: its stack
+ * index, names: the index of the first of the LIMIT_NAMES names), or the
+ * values found in a response's raw lines (headers 0) */
+typedef struct {
+  lua_State *L;
+  int headers, names;
+  const char *raw_values[LIMIT_NAMES];
+} limit_source;
+
+static const char *limit_header(limit_source *src, int i) {
+  return src->headers ? header_at(src->L, src->headers, src->names + i) : src->raw_values[i];
+}
+
+static limit_view read_limit(limit_source *src) {
   limit_view view = {0, 0, 0};
   double seconds;
-  const char *v = header_at(L, headers, names + LIMIT_RETRY_AFTER);
+  const char *v = limit_header(src, LIMIT_RETRY_AFTER);
   if (v && parse_retry_after(v, &seconds) && seconds > 0) view.pause = seconds;
 
   int have_remaining = 0, have_reset = 0;
   double remaining = 0, reset = 0;
-  if ((v = header_at(L, headers, names + LIMIT_REMAINING))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
-  if ((v = header_at(L, headers, names + LIMIT_RESET))) have_reset = parse_duration(v, &reset);
-  if (!have_remaining && (v = header_at(L, headers, names + LIMIT_ANTHROPIC_REMAINING)))
+  if ((v = limit_header(src, LIMIT_REMAINING))) have_remaining = sscanf(v, "%lf", &remaining) == 1;
+  if ((v = limit_header(src, LIMIT_RESET))) have_reset = parse_duration(v, &reset);
+  if (!have_remaining && (v = limit_header(src, LIMIT_ANTHROPIC_REMAINING)))
     have_remaining = sscanf(v, "%lf", &remaining) == 1;
-  if (!have_reset && (v = header_at(L, headers, names + LIMIT_ANTHROPIC_RESET))) have_reset = parse_rfc3339(v, &reset);
+  if (!have_reset && (v = limit_header(src, LIMIT_ANTHROPIC_RESET))) have_reset = parse_rfc3339(v, &reset);
   if (have_remaining && !isfinite(remaining)) remaining = remaining < 0 ? 0 : NAN; /* -1e309: none left */
   if (have_remaining && isnan(remaining)) have_remaining = 0;
   if (have_remaining && remaining < 0) remaining = 0;
@@ -538,16 +555,46 @@ static limit_view read_limit(lua_State *L, int headers, int names) {
   return view;
 }
 
-/* b:observe(headers): learn the provider's view of this limit. Returns the
- * seconds the bucket is now paused for (0 when not paused). */
+/* L stack: headers or a response at `arg` -> what its headers say of the
+ * unit's limit. A response of resil.http.request is read from its raw
+ * header lines while res.headers is not built (building that table for five
+ * names cost more than the rest of the observe); values found stay on the
+ * stack. names: the stack index of the unit's names as Lua strings (0:
+ * pushed here when needed). */
+static limit_view read_limit_of(lua_State *L, int arg, int unit, int names) {
+  limit_source src = {L, 0, names, {NULL}};
+  int t = response_headers(L, arg);
+  if (t == LUA_TSTRING) {
+    size_t len;
+    const char *raw = lua_tolstring(L, -1, &len);
+    push_raw_headers(L, raw, len, limit_names[unit], LIMIT_NAMES, src.raw_values);
+    return read_limit(&src);
+  }
+  if (t == LUA_TNONE) {
+    luaL_checktype(L, arg, LUA_TTABLE);
+    src.headers = arg;
+  } else if (t == LUA_TTABLE) {
+    src.headers = lua_gettop(L);
+  } else { /* a response whose headers were replaced by something else: none */
+    limit_view none = {0, 0, 0};
+    return none;
+  }
+  if (!names) {
+    src.names = lua_gettop(L) + 1;
+    push_limit_names(L, unit);
+  }
+  return read_limit(&src);
+}
+
+/* b:observe(headers | response): learn the provider's view of this limit.
+ * Returns the seconds the bucket is now paused for (0 when not paused). */
 static int b_observe(lua_State *L) {
   bucket *b = check_bucket(L, 1);
-  luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
   /* the metatable (upvalue 1) holds the names: [1..] requests', then tokens' */
-  int first = strcmp(b->unit, "tokens") == 0 ? LIMIT_NAMES + 1 : 1;
+  int unit = unit_index(b->unit), first = unit ? LIMIT_NAMES + 1 : 1;
   for (int i = 0; i < LIMIT_NAMES; i++) lua_rawgeti(L, lua_upvalueindex(1), first + i);
-  limit_view view = read_limit(L, 2, 3);
+  limit_view view = read_limit_of(L, 2, unit, 3);
   pause_for(b, view.pause);
   int64_t now = now_ns(b->R);
   if (view.have_remaining && view.remaining < remaining_at(b, now)) {
@@ -558,16 +605,16 @@ static int b_observe(lua_State *L) {
   return 1;
 }
 
-/* limit_headers(headers, unit) -> pause_seconds, remaining | nil: what
- * b:observe reads, for a bucket kept elsewhere (a shared one, in the store) */
+/* limit_headers(headers | response, unit) -> pause_seconds, remaining | nil:
+ * what b:observe reads, for a bucket kept elsewhere (a shared one, in the
+ * store) */
 static int l_limit_headers(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checktype(L, 1, LUA_TTABLE); /* (a response is one) */
   const char *unit = luaL_checkstring(L, 2);
   if (strcmp(unit, "requests") != 0 && strcmp(unit, "tokens") != 0)
     resil_raise(L, "unit must be \"requests\" or \"tokens\", got \"%s\"", unit);
   lua_settop(L, 2);
-  push_limit_names(L, unit);
-  limit_view view = read_limit(L, 1, 3);
+  limit_view view = read_limit_of(L, 1, unit_index(unit), 0);
   lua_pushnumber(L, view.pause);
   if (!view.have_remaining) return 1;
   push_count(L, view.remaining);
@@ -700,8 +747,8 @@ int luaopen_resil_bucket(lua_State *L) {
   lua_pushvalue(L, -2);
   luaL_setfuncs(L, bucket_methods, 1); /* the metatable, for check_bucket */
   lua_setfield(L, -2, "__index");
-  push_limit_names(L, "requests"); /* for b_observe */
-  push_limit_names(L, "tokens");
+  push_limit_names(L, 0); /* for b_observe: requests', then tokens' */
+  push_limit_names(L, 1);
   for (int i = 2 * LIMIT_NAMES; i >= 1; i--) lua_rawseti(L, -1 - i, i);
   lua_pushcfunction(L, b_tostring);
   lua_setfield(L, -2, "__tostring");

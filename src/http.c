@@ -1150,6 +1150,61 @@ static int push_failure_after_answer(lua_State *L, const outcome *o) {
   return n;
 }
 
+/* One "Name: value" line of raw header lines (not the status line, nor a
+ * line without a name): the name as sent and the value without the blanks
+ * around it. */
+typedef struct {
+  const char *name, *value;
+  size_t nlen, vlen;
+} header_line;
+
+/* The next header line from *p (before end) into h, *p moved past it; 0 at the end */
+static int next_header_line(const char **p, const char *end, header_line *h) {
+  while (*p && *p < end) {
+    const char *line = *p;
+    const char *eol = memchr(line, '\n', (size_t)(end - line));
+    if (!eol) eol = end;
+    *p = eol < end ? eol + 1 : end;
+    const char *colon = memchr(line, ':', (size_t)(eol - line));
+    if (!colon || colon == line) continue;
+    const char *v = colon + 1, *vend = eol;
+    while (v < vend && (*v == ' ' || *v == '\t')) v++;
+    while (vend > v && (vend[-1] == '\r' || vend[-1] == ' ' || vend[-1] == '\t')) vend--;
+    h->name = line;
+    h->nlen = (size_t)(colon - line);
+    h->value = v;
+    h->vlen = (size_t)(vend - v);
+    return 1;
+  }
+  return 0;
+}
+
+/* a header line's name is `lower` (lower-cased, as res.headers spells it) */
+static int header_named(const header_line *h, const char *lower, size_t len) {
+  if (h->nlen != len) return 0;
+  for (size_t i = 0; i < len; i++) {
+    char c = h->name[i];
+    if ((c >= 'A' && c <= 'Z' ? c + 32 : c) != lower[i]) return 0;
+  }
+  return 1;
+}
+
+/* L stack: the value so far (a string) or nil -> that value with one more
+ * line's added: a repeated header's values are joined, as HTTP allows; an
+ * empty value adds no element to the list (not "a, " nor ", ") */
+static void join_header_value(lua_State *L, const header_line *h) {
+  if (lua_type(L, -1) == LUA_TSTRING && lua_rawlen(L, -1) > 0 && h->vlen > 0) {
+    lua_pushliteral(L, ", ");
+    lua_pushlstring(L, h->value, h->vlen);
+    lua_concat(L, 3);
+  } else if (lua_type(L, -1) == LUA_TSTRING && h->vlen == 0) {
+    /* empty: the value so far stands */
+  } else {
+    lua_pop(L, 1);
+    lua_pushlstring(L, h->value, h->vlen);
+  }
+}
+
 /* Raw header lines -> { ["lower-cased-name"] = "value", ... }; a repeated
  * header's values are joined. */
 void push_header_table(lua_State *L, const char *p, size_t len) {
@@ -1157,43 +1212,65 @@ void push_header_table(lua_State *L, const char *p, size_t len) {
   int lines = 0;
   for (const char *c = p; c && c < end; c++) lines += *c == '\n';
   lua_createtable(L, 0, lines); /* sized once: no rehash per header */
-  while (p && p < end) {
-    const char *eol = memchr(p, '\n', (size_t)(end - p));
-    if (!eol) eol = end;
-    const char *colon = memchr(p, ':', (size_t)(eol - p));
-    if (colon && colon > p) {
-      char small[128];
-      size_t nlen = (size_t)(colon - p);
-      char *name = nlen <= sizeof small ? small : lua_newuserdatauv(L, nlen, 0);
-      for (size_t i = 0; i < nlen; i++) name[i] = (char)(p[i] >= 'A' && p[i] <= 'Z' ? p[i] + 32 : p[i]);
-      lua_pushlstring(L, name, nlen);
-      if (name != small) lua_remove(L, -2);
-      const char *v = colon + 1, *vend = eol;
-      while (v < vend && (*v == ' ' || *v == '\t')) v++;
-      while (vend > v && (vend[-1] == '\r' || vend[-1] == ' ' || vend[-1] == '\t')) vend--;
-      lua_pushvalue(L, -1);
-      /* a repeated header: joined, as HTTP allows; an empty value adds no
-       * element to the list (not "a, " nor ", ") */
-      if (lua_rawget(L, -3) == LUA_TSTRING && lua_rawlen(L, -1) > 0 && vend > v) {
-        lua_pushliteral(L, ", ");
-        lua_pushlstring(L, v, (size_t)(vend - v));
-        lua_concat(L, 3);
-      } else if (lua_type(L, -1) == LUA_TSTRING && vend == v) {
-        /* empty: the value so far stands */
-      } else {
-        lua_pop(L, 1);
-        lua_pushlstring(L, v, (size_t)(vend - v));
-      }
-      lua_rawset(L, -3);
-    }
-    p = eol + 1;
+  header_line h;
+  while (next_header_line(&p, end, &h)) {
+    char small[128];
+    char *name = h.nlen <= sizeof small ? small : lua_newuserdatauv(L, h.nlen, 0);
+    for (size_t i = 0; i < h.nlen; i++) name[i] = (char)(h.name[i] >= 'A' && h.name[i] <= 'Z' ? h.name[i] + 32 : h.name[i]);
+    lua_pushlstring(L, name, h.nlen);
+    if (name != small) lua_remove(L, -2);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);
+    join_header_value(L, &h);
+    lua_rawset(L, -3);
   }
+}
+
+/* The headers names[0..n-1] (lower-case) of raw header lines, as
+ * res.headers[name] would give them, read in one pass without building the
+ * table: each one present is pushed (in the order of names) and values[i]
+ * points to it (anchored there); values[i] is NULL for one absent. Returns
+ * the number pushed. */
+int push_raw_headers(lua_State *L, const char *raw, size_t len, const char *const *names, int n,
+                     const char **values) {
+  enum { MAX_NAMES = 8 };
+  size_t lens[MAX_NAMES];
+  header_line first[MAX_NAMES];
+  int seen[MAX_NAMES];
+  if (n > MAX_NAMES) luaL_error(L, "push_raw_headers: at most %d names", MAX_NAMES);
+  luaL_checkstack(L, n + 2, NULL);
+  for (int i = 0; i < n; i++) {
+    lens[i] = strlen(names[i]);
+    seen[i] = 0;
+  }
+  const char *p = raw, *end = raw ? raw + len : NULL;
+  header_line h;
+  while (next_header_line(&p, end, &h))
+    for (int i = 0; i < n; i++)
+      if (header_named(&h, names[i], lens[i]) && seen[i]++ == 0) first[i] = h;
+  int pushed = 0;
+  for (int i = 0; i < n; i++) {
+    values[i] = NULL;
+    if (!seen[i]) continue;
+    if (seen[i] == 1) {
+      lua_pushlstring(L, first[i].value, first[i].vlen);
+    } else { /* repeated: joined as push_header_table joins it */
+      lua_pushnil(L);
+      p = raw;
+      while (next_header_line(&p, end, &h))
+        if (header_named(&h, names[i], lens[i])) join_header_value(L, &h);
+    }
+    values[i] = lua_tostring(L, -1);
+    pushed++;
+  }
+  return pushed;
 }
 
 static const char raw_headers_key = 'H';
 
 /* res.headers, built on first use: most successful calls never read them,
- * and a table of strings per response is most of a response's cost. */
+ * and a table of strings per response is most of a response's cost. Its
+ * raw lines' entry becomes false: the response's headers are the table. */
 static int response_index(lua_State *L) {
   if (lua_type(L, 2) != LUA_TSTRING || strcmp(lua_tostring(L, 2), "headers") != 0) return 0;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
@@ -1205,9 +1282,32 @@ static int response_index(lua_State *L) {
   lua_pushvalue(L, -1);
   lua_setfield(L, 1, "headers"); /* from now on a plain field */
   lua_pushvalue(L, 1);
-  lua_pushnil(L);
+  lua_pushboolean(L, 0);
   lua_rawset(L, -5);
   return 1;
+}
+
+/* If the value at idx is a response of resil.http.request (or a stream's),
+ * pushes its headers as they are now, and returns their type: its raw header
+ * lines (a string) until res.headers is built, then res.headers (a table,
+ * unless replaced). For any other value nothing is pushed: LUA_TNONE. */
+int response_headers(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) != LUA_TTABLE) return LUA_TNONE;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
+  lua_pushvalue(L, idx);
+  int t = lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return LUA_TNONE;
+  }
+  if (t == LUA_TBOOLEAN) {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "headers");
+    t = lua_rawget(L, idx);
+  }
+  return t;
 }
 
 /* head, body: the raw header lines and the body (NULL: no body field) */

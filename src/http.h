@@ -2,8 +2,10 @@
  * http.h: what the HTTP client's two files share: http.c (transfers on
  * libcurl's multi API, the request pool, header sets, responses,
  * resil.http.request) and http_stream.c (resil.http.stream and its reads).
- * Private to those two: the rest of the host sees only http_free
- * (host.h; the flush is a turn-end hook), and no libcurl type.
+ * Private to those two, but for a response's headers read without
+ * building res.headers (response_headers, push_raw_headers: b:observe in
+ * bucket.c): the rest of the host sees only http_free (host.h; the flush is
+ * a turn-end hook), and no libcurl type.
  */
 #ifndef RESIL_HTTP_H
 #define RESIL_HTTP_H
@@ -103,6 +105,13 @@ void req_release(http_req *r); /* back to the pool, the transfer aborted if stil
 int request_push_failure(lua_State *L, const http_req *r); /* nil, err: returns 2 */
 void request_push_head(lua_State *L, const http_req *r);   /* a response without its body */
 void push_header_table(lua_State *L, const char *p, size_t len);
+/* the headers of a response at idx, pushed: raw lines (string) or res.headers
+ * once built; LUA_TNONE (nothing pushed) if idx is no response */
+int response_headers(lua_State *L, int idx);
+/* names[0..n-1] (lower-case, n <= 8) of raw lines as res.headers gives them:
+ * those present pushed, values[i] pointing to each (NULL: absent) */
+int push_raw_headers(lua_State *L, const char *raw, size_t len, const char *const *names, int n,
+                     const char **values);
 
 /* http_stream.c */
 int http_stream_open(lua_State *L);     /* resil.http.stream{...} */
