@@ -75,31 +75,25 @@ local function sent_key(self, req, refused)
   return key
 end
 
--- key: the Idempotency-Key the attempt sends (sent_key) | nil; progress:
--- the table a cancel tells how far the transfer got | nil
-local function merged_request(self, req, left, span, key, progress)
-  local base = self.request
-  -- made with the fields a request usually has, so that it does not grow
-  -- (and rehash) field by field as it fills (a nil field takes no room)
-  local r = { method = base.method, url = base.url, headers = base.headers, json = base.json, body = base.body,
-              timeout = base.timeout, progress = nil }
-  for k, v in pairs(base) do r[k] = v end
-  for k, v in pairs(req) do r[k] = v end
-  r.idempotency_key = nil
-  r.progress = progress
-  local base_headers, req_headers = base.headers, req.headers
-  if key or span or (base_headers and req_headers) then
-    local h = {}
-    if base_headers then for k, v in pairs(base_headers) do h[k] = v end end
-    if req_headers then for k, v in pairs(req_headers) do h[k] = v end end
-    if key then h["Idempotency-Key"] = key end
-    if span then h["traceparent"] = span.traceparent end -- W3C trace context: the attempt's span
-    r.headers = h
-  end
-  local timeout = r.timeout or self.timeout
+-- An attempt's own fields, over the provider's `request` and the call's
+-- (resil.http.request(self.request, req, these) merges the three in C, by
+-- the rules a copy followed: a later table's field wins, headers merged by
+-- name): the timeout cut at the deadline, its progress (false: none, not
+-- the call's), Idempotency-Key and traceparent headers. key: the key the
+-- attempt sends (sent_key) | nil; progress: the table a cancel tells how far
+-- the transfer got | nil
+local function attempt_fields(self, req, left, span, key, progress)
+  local timeout = req.timeout
+  if timeout == nil then timeout = self.request.timeout end
+  timeout = timeout or self.timeout
   if left and (timeout == nil or left < timeout) then timeout = left end
-  r.timeout = timeout
-  return r
+  local headers
+  if key or span then
+    headers = {}
+    if key then headers["Idempotency-Key"] = key end
+    if span then headers["traceparent"] = span.traceparent end -- W3C trace context: the attempt's span
+  end
+  return { timeout = timeout, progress = progress or false, headers = headers }
 end
 
 local function send(self, req, attempt, left, span, key, progress)
@@ -107,7 +101,7 @@ local function send(self, req, attempt, left, span, key, progress)
     if left then return resil.timeout(left, req, attempt, left) end
     return req(attempt, left)
   end
-  return resil.http.request(merged_request(self, req, left, span, key, progress))
+  return resil.http.request(self.request, req, attempt_fields(self, req, left, span, key, progress))
 end
 
 -- Each attempt is a span (src/lua/trace.lua) with OpenTelemetry's GenAI
@@ -287,7 +281,8 @@ local function attempt(n, self, req, deadline, refused)
   do
     local _ <close> = sem and self.releaser or nil
     if is_table then
-      res, err = resil.http.request(merged_request(self, req, deadline and deadline - start, span, key, progress))
+      res, err = resil.http.request(self.request, req,
+        attempt_fields(self, req, deadline and deadline - start, span, key, progress))
     else
       res, err = send(self, req, n, deadline and deadline - start, span, key, progress)
     end

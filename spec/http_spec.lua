@@ -162,6 +162,48 @@ describe("resil.http.request against the mock provider", function()
     assert.are.same({ "", "GET:", "DELETE:", "POST:x", "PUT:y", "POST:x", "PATCH:x", "GET:" }, sent)
   end)
 
+  it("sends several tables as one request: a later table's fields win, headers merged by name", function()
+    local server = resil.server.listen({ handler = function(req)
+      return { status = 200, body = resil.json.encode({ method = req.method, body = req.body, a = req.headers["a"],
+        b = req.headers["b"], c = req.headers["c"], path = req.path }) }
+    end })
+    local url = ("http://127.0.0.1:%d/"):format(server:port())
+    local base = { method = "PUT", url = url .. "base", headers = { a = "1", b = "1" }, timeout = 5 }
+    local call = { url = url .. "call", headers = { b = "2" }, json = { x = 1 } }
+    local seen = resil.json.decode(http.request(base, call, { headers = { c = "3" }, timeout = 10 }).body)
+    assert.are.same({ method = "PUT", body = '{"x":1}', a = "1", b = "2", c = "3", path = "/call" }, seen)
+    -- the callers' tables stay as they were
+    assert.are.same({ method = "PUT", url = url .. "base", headers = { a = "1", b = "1" }, timeout = 5 }, base)
+    assert.are.same({ url = url .. "call", headers = { b = "2" }, json = { x = 1 } }, call)
+    -- one table's headers are sent as they are; a later body over an earlier json raises as in one table
+    seen = resil.json.decode(http.request(base, { body = "" }).body)
+    assert.are.same({ method = "PUT", body = "", a = "1", b = "1", path = "/base" }, seen)
+    assert.has_error(function() http.request(call, { body = "y" }) end, "http request: give 'body' or 'json', not both")
+    -- on_chunk (the prelude's reader) gets the tables as one
+    local chunks = {}
+    http.request(base, call, { on_chunk = function(c) chunks[#chunks + 1] = c end })
+    assert.are.same({ method = "PUT", body = '{"x":1}', a = "1", b = "2", path = "/call" },
+      resil.json.decode(table.concat(chunks)))
+    server:close()
+  end)
+
+  it("a later table's progress = false drops an earlier one's: a cancel tells it nothing", function()
+    mock:configure({ sequence = { chat = { "hang", "hang" } } })
+    local url, earlier, later = mock.url .. "/v1/chat/completions", {}, {}
+    local seen = mock:stats().total
+    local hung = resil.spawn(http.request, { url = url, json = {}, progress = earlier }, { progress = false })
+    assert.is_true(helpers.wait_until(function() return mock:stats().total > seen end, 10))
+    hung:cancel()
+    assert.are.same({}, earlier)
+    -- a later table's own progress table is the one told
+    hung = resil.spawn(http.request, { url = url, json = {}, progress = earlier }, { progress = later })
+    assert.is_true(helpers.wait_until(function() return mock:stats().total > seen + 1 end, 10))
+    hung:cancel()
+    assert.are.same({}, earlier)
+    assert.are.same({ received = 0 }, later)
+    assert.are.equal(0, http.stats().open)
+  end)
+
   it("gives every request back, however its task ends", function()
     local url = mock.url .. "/v1/chat/completions"
     assert.are.equal(200, http.request({ url = url, json = {} }).status)

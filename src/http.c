@@ -1454,70 +1454,104 @@ typedef struct {
   int insecure, follow;
   int http_version; /* 0 auto, 11 "1.1", 20 "2" */
   int extras; /* on_chunk or on_event: for the prelude's stream_request */
-  int progress; /* a `progress` table, told what the transfer had when its task is canceled */
+  int progress; /* the stack index of the table whose `progress` table is told what the transfer had when
+                   its task is canceled (0: none) */
+  int headers_merged; /* SLOT_HEADERS holds a table made here, the tables' headers merged */
 } request_fields;
 
-/* L stack: the request table at 1, nil in slots 2..5 -> the slots hold its
- * url, body, headers and json: the strings stay anchored while the transfer
- * runs. */
-static void read_fields(lua_State *L, request_fields *f) {
+/* The stack index of a request's table `layer` (0: the first): the first at
+ * SLOT_TABLE, the others (resil.http.request(t1, t2, ...)) after the slots */
+static int layer_index(int layer) { return layer == 0 ? SLOT_TABLE : SLOT_LAST + layer; }
+
+/* L stack: a later table's headers on top -> SLOT_HEADERS has them over
+ * those it had, by name (a table made for the request, never the caller's) */
+static void merge_headers(lua_State *L, request_fields *f) {
+  if (!f->headers_merged) {
+    lua_newtable(L);
+    lua_pushnil(L);
+    while (lua_next(L, SLOT_HEADERS)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, -4);
+    }
+    lua_replace(L, SLOT_HEADERS);
+    f->headers_merged = 1;
+  }
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, SLOT_HEADERS);
+  }
+}
+
+/* L stack: the request's tables (layer_index), nil in slots 2..5 -> the
+ * slots hold its url, body, headers and json: the strings stay anchored
+ * while the transfer runs. Of several tables, a later one's field replaces
+ * an earlier one's, and their headers are merged by name. */
+static void read_fields(lua_State *L, request_fields *f, int layers) {
   f->method = f->ca_file = NULL;
   f->timeout = DEFAULT_TIMEOUT;
   f->idle_timeout = 0;
   f->connect_timeout = DEFAULT_CONNECT_TIMEOUT;
   f->max_body = DEFAULT_MAX_BODY;
   f->max_event = DEFAULT_MAX_EVENT;
-  f->insecure = f->follow = f->extras = f->http_version = f->progress = 0;
-  lua_pushnil(L);
-  while (lua_next(L, SLOT_TABLE)) {
-    size_t n;
-    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &n) : NULL;
-    if (!k) n = 0;
+  f->insecure = f->follow = f->extras = f->http_version = f->progress = f->headers_merged = 0;
+  for (int layer = 0; layer < layers; layer++) {
+    int t = layer_index(layer);
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+      size_t n;
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &n) : NULL;
+      if (!k) n = 0;
 #define IS(name) (n == sizeof name - 1 && memcmp(k, name, sizeof name - 1) == 0)
-    if (IS("url")) {
-      string_field(L, "url");
-      lua_copy(L, -1, SLOT_URL);
-    } else if (IS("body")) {
-      if (lua_type(L, -1) != LUA_TSTRING)
-        resil_raise(L, "http request: 'body' must be a string (use 'json' for a table)");
-      lua_copy(L, -1, SLOT_BODY);
-    } else if (IS("headers")) {
-      if (lua_type(L, -1) != LUA_TTABLE) resil_raise(L, "http request: 'headers' must be a table");
-      lua_copy(L, -1, SLOT_HEADERS);
-    } else if (IS("method")) {
-      f->method = string_field(L, "method");
-    } else if (IS("timeout")) {
-      f->timeout = number_field(L, "timeout", "seconds");
-    } else if (IS("idle_timeout")) {
-      f->idle_timeout = number_field(L, "idle_timeout", "seconds");
-    } else if (IS("connect_timeout")) {
-      f->connect_timeout = number_field(L, "connect_timeout", "seconds");
-    } else if (IS("max_body")) {
-      f->max_body = number_field(L, "max_body", "bytes");
-    } else if (IS("max_event")) {
-      f->max_event = number_field(L, "max_event", "bytes");
-    } else if (IS("ca_file")) {
-      f->ca_file = string_field(L, "ca_file");
-    } else if (IS("insecure")) {
-      f->insecure = lua_toboolean(L, -1);
-    } else if (IS("http_version")) {
-      const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
-      if (strcmp(v, "auto") == 0) f->http_version = 0;
-      else if (strcmp(v, "1.1") == 0) f->http_version = 11;
-      else if (strcmp(v, "2") == 0) f->http_version = 20;
-      else resil_raise(L, "http request: 'http_version' must be \"1.1\", \"2\" or \"auto\"");
-    } else if (IS("follow_redirects")) {
-      f->follow = lua_toboolean(L, -1);
-    } else if (IS("json")) {
-      lua_copy(L, -1, SLOT_JSON);
-    } else if (IS("on_chunk") || IS("on_event")) {
-      f->extras = 1;
-    } else if (IS("progress")) {
-      if (lua_type(L, -1) != LUA_TTABLE) resil_raise(L, "http request: 'progress' must be a table");
-      f->progress = 1;
-    }
+      if (IS("url")) {
+        string_field(L, "url");
+        lua_copy(L, -1, SLOT_URL);
+      } else if (IS("body")) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+          resil_raise(L, "http request: 'body' must be a string (use 'json' for a table)");
+        lua_copy(L, -1, SLOT_BODY);
+      } else if (IS("headers")) {
+        if (lua_type(L, -1) != LUA_TTABLE) resil_raise(L, "http request: 'headers' must be a table");
+        if (lua_isnil(L, SLOT_HEADERS)) lua_copy(L, -1, SLOT_HEADERS);
+        else merge_headers(L, f);
+      } else if (IS("method")) {
+        f->method = string_field(L, "method");
+      } else if (IS("timeout")) {
+        f->timeout = number_field(L, "timeout", "seconds");
+      } else if (IS("idle_timeout")) {
+        f->idle_timeout = number_field(L, "idle_timeout", "seconds");
+      } else if (IS("connect_timeout")) {
+        f->connect_timeout = number_field(L, "connect_timeout", "seconds");
+      } else if (IS("max_body")) {
+        f->max_body = number_field(L, "max_body", "bytes");
+      } else if (IS("max_event")) {
+        f->max_event = number_field(L, "max_event", "bytes");
+      } else if (IS("ca_file")) {
+        f->ca_file = string_field(L, "ca_file");
+      } else if (IS("insecure")) {
+        f->insecure = lua_toboolean(L, -1);
+      } else if (IS("http_version")) {
+        const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+        if (strcmp(v, "auto") == 0) f->http_version = 0;
+        else if (strcmp(v, "1.1") == 0) f->http_version = 11;
+        else if (strcmp(v, "2") == 0) f->http_version = 20;
+        else resil_raise(L, "http request: 'http_version' must be \"1.1\", \"2\" or \"auto\"");
+      } else if (IS("follow_redirects")) {
+        f->follow = lua_toboolean(L, -1);
+      } else if (IS("json")) {
+        lua_copy(L, -1, SLOT_JSON);
+      } else if (IS("on_chunk") || IS("on_event")) {
+        f->extras = 1;
+      } else if (IS("progress")) { /* false: none (a later table's drops an earlier one's) */
+        if (lua_type(L, -1) != LUA_TTABLE && !(lua_isboolean(L, -1) && !lua_toboolean(L, -1)))
+          resil_raise(L, "http request: 'progress' must be a table");
+        f->progress = lua_istable(L, -1) ? t : 0;
+      }
 #undef IS
-    lua_pop(L, 1);
+      lua_pop(L, 1);
+    }
   }
   if (lua_isnil(L, SLOT_URL)) resil_raise(L, "http request: 'url' is required");
   if (f->method) {
@@ -1725,7 +1759,7 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
 /* read_fields and request_new in one, for http_stream.c */
 http_req *request_prepare(lua_State *L, int stream) {
   request_fields f;
-  read_fields(L, &f);
+  read_fields(L, &f, 1);
   return request_new(L, stream, &f);
 }
 
@@ -1786,7 +1820,7 @@ static int request_result_k(lua_State *L, int status, lua_KContext ctx) {
 static int request_await(lua_State *L, task *t, const request_fields *f) {
   http_req *r = request_new(L, 0, f);
   if (f->progress) {
-    lua_getfield(L, SLOT_TABLE, "progress");
+    lua_getfield(L, f->progress, "progress");
     r->progress_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
   request_start(L, r);
@@ -1803,15 +1837,41 @@ static int results_k(lua_State *L, int status, lua_KContext ctx) {
   return lua_gettop(L);
 }
 
-/* resil.http.request{...} -> response | nil, err. A request is sent and
- * awaited here; one with `on_chunk` or `on_event` goes through the prelude's
- * Lua (registered with set_request_extras), which reads a stream. */
+/* The request's tables as one, for the prelude's reader: their fields in
+ * order, headers merged (read_fields) -> replaces the first */
+static void merge_layers(lua_State *L, int layers) {
+  lua_newtable(L);
+  for (int layer = 0; layer < layers; layer++) {
+    lua_pushnil(L);
+    while (lua_next(L, layer_index(layer))) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, -4);
+    }
+  }
+  lua_pushvalue(L, SLOT_HEADERS);
+  lua_setfield(L, -2, "headers");
+  lua_replace(L, SLOT_TABLE);
+}
+
+/* resil.http.request(req [, more, ...]) -> response | nil, err. Tables
+ * after the first add to it, each over those before (read_fields): a
+ * provider's base request, a call's fields and an attempt's are sent
+ * without being copied into one. A request is sent and awaited here; one
+ * with `on_chunk` or `on_event` goes through the prelude's Lua (registered
+ * with set_request_extras), which reads a stream. */
 static int l_request(lua_State *L) {
-  lua_settop(L, SLOT_LAST);
-  luaL_checktype(L, SLOT_TABLE, LUA_TTABLE);
+  int layers = lua_gettop(L);
+  luaL_checktype(L, 1, LUA_TTABLE);
+  for (int i = 2; i <= layers; i++) luaL_checktype(L, i, LUA_TTABLE);
+  if (layers < 1) layers = 1;
+  /* slots 2..SLOT_LAST after the first table, the others after them */
+  lua_settop(L, layers + SLOT_LAST - 1);
+  if (layers > 1) lua_rotate(L, 2, SLOT_LAST - 1);
   request_fields f;
-  read_fields(L, &f);
+  read_fields(L, &f, layers);
   if (!f.extras) return request_await(L, task_current(L, "resil.http.request"), &f);
+  if (layers > 1) merge_layers(L, layers);
   lua_settop(L, SLOT_TABLE);
   lua_rawgetp(L, LUA_REGISTRYINDEX, &request_extras_key);
   lua_insert(L, 1);
