@@ -1267,6 +1267,7 @@ int push_raw_headers(lua_State *L, const char *raw, size_t len, const char *cons
 }
 
 static const char raw_headers_key = 'H';
+static const char response_mt_key = 'R'; /* RESPONSE_MT, also kept here */
 
 /* res.headers, built on first use: most successful calls never read them,
  * and a table of strings per response is most of a response's cost. Its
@@ -1312,7 +1313,9 @@ int response_headers(lua_State *L, int idx) {
 
 /* head, body: the raw header lines and the body (NULL: no body field) */
 static void push_response(lua_State *L, const outcome *o, const buffer *head, const buffer *body) {
-  lua_createtable(L, 0, 4);
+  /* room for status, body, time, http_version and what readers add (res.data
+   * of policies.classify, res.headers once read): no rehash as they come */
+  lua_createtable(L, 0, 6);
   lua_pushinteger(L, o->status);
   lua_setfield(L, -2, "status");
   lua_rawgetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
@@ -1320,7 +1323,8 @@ static void push_response(lua_State *L, const outcome *o, const buffer *head, co
   lua_pushlstring(L, head->data ? head->data : "", head->len);
   lua_rawset(L, -3);
   lua_pop(L, 1);
-  luaL_setmetatable(L, RESPONSE_MT);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &response_mt_key); /* (luaL_setmetatable: a lookup by name) */
+  lua_setmetatable(L, -2);
   if (body) {
     lua_pushlstring(L, body->data ? body->data : "", body->len);
     lua_setfield(L, -2, "body");
@@ -1936,8 +1940,8 @@ int luaopen_resil_http(lua_State *L) {
   luaL_newmetatable(L, RESPONSE_MT);
   lua_pushcfunction(L, response_index);
   lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-  lua_newtable(L); /* response -> its raw header lines, until they are read */
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &response_mt_key);
+  lua_newtable(L); /* response -> its raw header lines until res.headers is built, then false */
   lua_createtable(L, 0, 1);
   lua_pushliteral(L, "k");
   lua_setfield(L, -2, "__mode");
