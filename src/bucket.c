@@ -559,10 +559,11 @@ static limit_view read_limit(limit_source *src) {
  * unit's limit. A response of resil.http.request is read from its raw
  * header lines while res.headers is not built (building that table for five
  * names cost more than the rest of the observe); values found stay on the
- * stack. names: the stack index of the unit's names as Lua strings (0:
- * pushed here when needed). */
+ * stack. A headers table is read by the unit's names as Lua strings: from
+ * the table at stack index `names` (b:observe's metatable: requests' at
+ * [1..], tokens' after them), or made here (names 0). */
 static limit_view read_limit_of(lua_State *L, int arg, int unit, int names) {
-  limit_source src = {L, 0, names, {NULL}};
+  limit_source src = {L, 0, 0, {NULL}};
   int t = response_headers(L, arg);
   if (t == LUA_TSTRING) {
     size_t len;
@@ -579,8 +580,10 @@ static limit_view read_limit_of(lua_State *L, int arg, int unit, int names) {
     limit_view none = {0, 0, 0};
     return none;
   }
-  if (!names) {
-    src.names = lua_gettop(L) + 1;
+  src.names = lua_gettop(L) + 1;
+  if (names) {
+    for (int i = 1; i <= LIMIT_NAMES; i++) lua_rawgeti(L, names, unit * LIMIT_NAMES + i);
+  } else {
     push_limit_names(L, unit);
   }
   return read_limit(&src);
@@ -591,10 +594,7 @@ static limit_view read_limit_of(lua_State *L, int arg, int unit, int names) {
 static int b_observe(lua_State *L) {
   bucket *b = check_bucket(L, 1);
   lua_settop(L, 2);
-  /* the metatable (upvalue 1) holds the names: [1..] requests', then tokens' */
-  int unit = unit_index(b->unit), first = unit ? LIMIT_NAMES + 1 : 1;
-  for (int i = 0; i < LIMIT_NAMES; i++) lua_rawgeti(L, lua_upvalueindex(1), first + i);
-  limit_view view = read_limit_of(L, 2, unit, 3);
+  limit_view view = read_limit_of(L, 2, unit_index(b->unit), lua_upvalueindex(1));
   pause_for(b, view.pause);
   int64_t now = now_ns(b->R);
   if (view.have_remaining && view.remaining < remaining_at(b, now)) {
