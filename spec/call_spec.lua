@@ -132,6 +132,32 @@ describe("policies.call against the mock provider", function()
     end
   end)
 
+  it("sends the provider's request under the call's fields and the attempt's headers; its bucket learns from the answer's headers, left unbuilt", function()
+    local seen
+    local server = resil.server.listen({ handler = function(req)
+      seen = { method = req.method, path = req.path, auth = req.headers["authorization"], mine = req.headers["x-mine"],
+               key = req.headers["idempotency-key"], body = req.body }
+      return { status = 200, headers = { ["X-RateLimit-Remaining-Requests"] = "3" },
+               body = '{"choices":[{"message":{"role":"assistant","content":"hi"}}]}' }
+    end })
+    local base = { method = "POST", url = ("http://127.0.0.1:%d/base"):format(server:port()),
+                   headers = { authorization = "Bearer sk-base" }, timeout = 5 }
+    local p = call.provider("call-spec-layers", { request = base, rate = { rate = 100, per = 1 } })
+    local req = { url = base.url:gsub("/base$", "/call"), headers = { ["x-mine"] = "1" }, idempotency_key = "k1",
+                  body = "{}" }
+    local res = assert(p(req))
+    server:close()
+    assert.are.same({ method = "POST", path = "/call", auth = "Bearer sk-base", mine = "1", key = "k1", body = "{}" },
+      seen)
+    assert.are.equal(3, p.bucket:remaining())
+    assert.is_nil(rawget(res, "headers"))
+    assert.are.equal("3", res.headers["x-ratelimit-remaining-requests"])
+    -- the provider's and the call's tables are as they were
+    assert.are.same({ authorization = "Bearer sk-base" }, base.headers)
+    assert.are.same({ ["x-mine"] = "1" }, req.headers)
+    assert.are.equal("k1", req.idempotency_key)
+  end)
+
   it("bounds concurrency per provider", function()
     m = resil.mock.start { latency = 1 }
     local p = provider(m, { timeout = 10, concurrency = { size = 2, queue = 10 } })

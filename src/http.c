@@ -1314,8 +1314,9 @@ int response_headers(lua_State *L, int idx) {
 /* head, body: the raw header lines and the body (NULL: no body field) */
 static void push_response(lua_State *L, const outcome *o, const buffer *head, const buffer *body) {
   /* room for status, body, time, http_version and what readers add (res.data
-   * of policies.classify, res.headers once read): no rehash as they come */
-  lua_createtable(L, 0, 6);
+   * of policies.classify, res.headers once read, a field or two of the
+   * caller's): one hash part of 8, no rehash as they come */
+  lua_createtable(L, 0, 8);
   lua_pushinteger(L, o->status);
   lua_setfield(L, -2, "status");
   lua_rawgetp(L, LUA_REGISTRYINDEX, &raw_headers_key);
