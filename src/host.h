@@ -293,6 +293,7 @@ int luaopen_resil_server(lua_State *L);
 int luaopen_resil_crypto(lua_State *L);
 int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
+int luaopen_resil_metrics(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
 int luaopen_resil_reload(lua_State *L);
 int luaopen_resil_stop(lua_State *L);

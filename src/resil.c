@@ -257,6 +257,7 @@ static const struct {
 } internal_primitives[] = {
   {"resil.core.bucket", luaopen_resil_bucket},
   {"resil.core.breaker", luaopen_resil_breaker},
+  {"resil.core.metrics", luaopen_resil_metrics},
 };
 
 #define RESIL_TABLE_KEY "resil.module" /* the resil table, for the embedded modules' loaders */

@@ -6,6 +6,11 @@
 --   local retries = resil.metrics.counter("resil_retries_total", "Retries by provider and class")
 --   retries:inc({ provider = "openai", class = "rate_limited" })
 local resil = ...
+-- each series' values (src/metrics.c): a counter's or gauge's cell, a
+-- histogram's counts, and a bound series' methods as closures over them
+local core = require "resil.core.metrics"
+local new_cell, cell_add, cell_set, cell_get = core.cell, core.add, core.set, core.get
+local new_histogram, histogram_observe, histogram_read = core.histogram, core.observe, core.read
 
 local metrics = {}
 local registry, order = {}, {}
@@ -67,14 +72,8 @@ Metric.__index = Metric
 metrics.max_series = 1000
 local dropped_total -- resil_metrics_series_dropped_total, defined below
 
+-- (a key the metric has no series of yet)
 local function admit(m, key)
-  if m.series[key] ~= nil then return true end
-  -- (a histogram's series bound by labels() before its first observation: admitted then)
-  local held = m.held
-  if held and held[key] then
-    held[key] = nil
-    return true
-  end
   if m.nseries < (m.max_series or metrics.max_series) then
     m.nseries = m.nseries + 1
     return true
@@ -105,6 +104,7 @@ local function define(kind, name, help, opts)
   if kind == "histogram" then
     m.buckets = (opts and opts.buckets) or { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 }
     table.sort(m.buckets)
+    m.bounds = core.bounds(m.buckets)
   end
   registry[name] = m
   order[#order + 1] = name
@@ -117,15 +117,24 @@ function metrics.gauge(name, help, opts) return define("gauge", name, help, opts
 -- opts.buckets: upper bounds in seconds (or any unit), sorted for you
 function metrics.histogram(name, help, opts) return define("histogram", name, help, opts) end
 
+-- the series of a label key, made at its first use (nil: past the bound)
+local function series_of(m, key)
+  local s = m.series[key]
+  if s ~= nil then return s end
+  if not admit(m, key) then return nil end
+  s = m.kind == "histogram" and new_histogram(m.bounds) or new_cell()
+  m.series[key] = s
+  return s
+end
+
 -- counter:inc([labels], [n]), gauge:inc / dec
 function Metric:inc(labels, n)
   n = n or 1
   check_number(n, "the increment")
   if self.kind == "counter" and n < 0 then error("metrics: a counter only goes up", 2) end
   if self.kind == "histogram" then error("metrics: use observe() on a histogram", 2) end
-  local key = label_key(labels)
-  if not admit(self, key) then return end
-  self.series[key] = (self.series[key] or 0) + n
+  local s = series_of(self, label_key(labels))
+  if s then cell_add(s, n) end
 end
 
 function Metric:dec(labels, n)
@@ -136,122 +145,63 @@ end
 function Metric:set(labels, v)
   if self.kind ~= "gauge" then error("metrics: only a gauge is set", 2) end
   check_number(v, "the value")
-  local key = label_key(labels)
-  if admit(self, key) then self.series[key] = v end
+  local s = series_of(self, label_key(labels))
+  if s then cell_set(s, v) end
 end
 
-local function observe(m, key, v)
-  local s = m.series[key]
-  if not s then
-    if not admit(m, key) then return end
-    s = { counts = {}, sum = 0, count = 0 }
-    for i = 1, #m.buckets do s.counts[i] = 0 end
-    m.series[key] = s
-  end
-  -- one count in the first bucket that holds v; cumulated when exposed
-  local buckets = m.buckets
-  for i = 1, #buckets do
-    if v <= buckets[i] then
-      s.counts[i] = s.counts[i] + 1
-      break
-    end
-  end
-  s.sum, s.count = s.sum + v, s.count + 1
-end
-
--- histogram:observe([labels], value)
+-- histogram:observe([labels], value): one count in the first bucket that
+-- holds value (cumulated when exposed)
 function Metric:observe(labels, v)
   if self.kind ~= "histogram" then error("metrics: observe() is for histograms", 2) end
   check_number(v, "the observation")
-  observe(self, label_key(labels), v)
+  local s = series_of(self, label_key(labels))
+  if s then histogram_observe(s, v) end
 end
 
 -- metric:labels{...} -> one series, bound once: inc/dec/set/observe without
--- sorting labels on every call (for hot paths). Each kind has its own
--- methods, so a call checks only what its kind needs; a method of another
--- kind raises as the metric's own would.
+-- sorting labels on every call (for hot paths). A bound series is a table of
+-- its kind's methods, C closures over the series (src/metrics.c: an update
+-- is one call, no table lookups); a method of another kind raises as the
+-- metric's own would. Its series is made, and counts towards the bound, when
+-- it is bound: a histogram's is exposed from its first observation.
 local function only_gauge_set() error("metrics: only a gauge is set", 2) end
 local function only_gauge_down() error("metrics: only a gauge goes down", 2) end
 local function only_histogram() error("metrics: observe() is for histograms", 2) end
 local function use_observe() error("metrics: use observe() on a histogram", 2) end
 
-local CounterSeries = { set = only_gauge_set, dec = only_gauge_down, observe = only_histogram }
-CounterSeries.__index = CounterSeries
-function CounterSeries:inc(n)
-  n = n or 1
-  if not (n >= 0) then error("metrics: a counter only goes up", 2) end
-  local series, key = self.series, self.key
-  series[key] = (series[key] or 0) + n
-end
-
-local GaugeSeries = { observe = only_histogram }
-GaugeSeries.__index = GaugeSeries
--- (a gauge's value is checked as gauge:inc/set check it: one that is not a
--- number made every later exposition raise)
-function GaugeSeries:inc(n)
-  n = n or 1
-  check_number(n, "the increment")
-  local series, key = self.series, self.key
-  series[key] = (series[key] or 0) + n
-end
-function GaugeSeries:set(v)
-  check_number(v, "the value")
-  self.series[self.key] = v
-end
-function GaugeSeries:dec(n)
-  n = n or 1
-  check_number(n, "the decrement")
-  local series, key = self.series, self.key
-  series[key] = (series[key] or 0) - n
-end
-
--- (its series is made at its first observation, and kept here from then on)
-local HistogramSeries = { inc = use_observe, set = only_gauge_set, dec = only_gauge_down }
-HistogramSeries.__index = HistogramSeries
-function HistogramSeries:observe(v)
-  local s = self.s
-  if s == nil then
-    observe(self.metric, self.key, v)
-    self.s = self.series[self.key]
-    return
-  end
-  local buckets, counts = self.buckets, s.counts
-  for i = 1, #buckets do
-    if v <= buckets[i] then
-      counts[i] = counts[i] + 1
-      break
-    end
-  end
-  s.sum, s.count = s.sum + v, s.count + 1
-end
-
-local SERIES = { counter = CounterSeries, gauge = GaugeSeries, histogram = HistogramSeries }
+local bind = {
+  counter = function(s)
+    return { inc = core.counter_inc(s), set = only_gauge_set, dec = only_gauge_down, observe = only_histogram }
+  end,
+  gauge = function(s)
+    local inc, dec, set = core.gauge_methods(s)
+    return { inc = inc, dec = dec, set = set, observe = only_histogram }
+  end,
+  histogram = function(s)
+    return { observe = core.observer(s), inc = use_observe, set = only_gauge_set, dec = only_gauge_down }
+  end,
+}
 
 -- a label set past the metric's bound: a series that keeps nothing
 local Dropped = {}
 Dropped.__index = function() return function() end end
 
 function Metric:labels(labels)
-  local key = label_key(labels)
-  if not admit(self, key) then return setmetatable({}, Dropped) end
-  -- admitted: hold its place (a histogram's series is made at its first observation)
-  if self.series[key] == nil then
-    if self.kind ~= "histogram" then
-      self.series[key] = 0
-    else
-      self.held = self.held or {}
-      self.held[key] = true
-    end
-  end
-  return setmetatable({ metric = self, key = key, series = self.series, buckets = self.buckets }, SERIES[self.kind])
+  local s = series_of(self, label_key(labels))
+  if not s then return setmetatable({}, Dropped) end
+  return bind[self.kind](s)
 end
 
 -- metric:value([labels]) -> the counter or gauge value (0 if never set);
 -- for a histogram {count=, sum=}
 function Metric:value(labels)
   local s = self.series[label_key(labels)]
-  if self.kind == "histogram" then return s and { count = s.count, sum = s.sum } or { count = 0, sum = 0 } end
-  return s or 0
+  if self.kind == "histogram" then
+    if not s then return { count = 0, sum = 0 } end
+    local count, sum = histogram_read(s)
+    return { count = count, sum = sum }
+  end
+  return s and cell_get(s) or 0
 end
 
 local function number(v)
@@ -279,8 +229,8 @@ end
 -- counter:collected(labels, total): a counter read from a primitive's own
 -- running total (it only goes up; not for counting things yourself)
 function Metric:collected(labels, total)
-  local key = label_key(labels)
-  if admit(self, key) then self.series[key] = total end
+  local s = series_of(self, label_key(labels))
+  if s then cell_set(s, total) end
 end
 
 dropped_total = metrics.counter("resil_metrics_series_dropped_total",
@@ -303,16 +253,19 @@ function metrics.text()
     for _, key in ipairs(keys) do
       local s = m.series[key]
       if m.kind == "histogram" then
-        local cumulative = 0
-        for i, bound in ipairs(m.buckets) do
-          cumulative = cumulative + s.counts[i]
-          out[#out + 1] = ("%s_bucket%s %d"):format(name, with(key, ('le="%s"'):format(number(bound))), cumulative)
+        local count, sum, counts = histogram_read(s)
+        if count > 0 then -- (a bound series not yet observed is not exposed)
+          local cumulative = 0
+          for i, bound in ipairs(m.buckets) do
+            cumulative = cumulative + counts[i]
+            out[#out + 1] = ("%s_bucket%s %d"):format(name, with(key, ('le="%s"'):format(number(bound))), cumulative)
+          end
+          out[#out + 1] = ("%s_bucket%s %d"):format(name, with(key, 'le="+Inf"'), count)
+          out[#out + 1] = ("%s_sum%s %s"):format(name, with(key, ""), number(sum))
+          out[#out + 1] = ("%s_count%s %d"):format(name, with(key, ""), count)
         end
-        out[#out + 1] = ("%s_bucket%s %d"):format(name, with(key, 'le="+Inf"'), s.count)
-        out[#out + 1] = ("%s_sum%s %s"):format(name, with(key, ""), number(s.sum))
-        out[#out + 1] = ("%s_count%s %d"):format(name, with(key, ""), s.count)
       else
-        out[#out + 1] = ("%s%s %s"):format(name, with(key, ""), number(s))
+        out[#out + 1] = ("%s%s %s"):format(name, with(key, ""), number(cell_get(s)))
       end
     end
   end

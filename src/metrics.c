@@ -1,0 +1,305 @@
+/*
+ * metrics.c: the values of resil.metrics' series, for src/lua/metrics.lua.
+ *
+ * The Lua module owns the API, the label sets, the bounds on series and the
+ * exposition; this file holds what each series counts and the updates of a
+ * bound series (metric:labels{...}), which run on every provider attempt and
+ * ledger row: a C closure over the series' cell costs a fraction of a Lua
+ * method's table lookups and bucket loop.
+ *
+ * A value is a Lua number kept as Lua keeps it: an integer while only
+ * integers were added to it (wrapping as Lua's do), a float once a float
+ * was, each addition the one Lua's `+` makes, so the exposition prints what
+ * it printed when the values were Lua numbers (3, not 3.0). A histogram's
+ * buckets are compared with an observation as Lua's `<=` compares them (an
+ * integer and a float exactly).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "host.h"
+
+#define CELL_MT "resil.MetricCell"
+#define HISTOGRAM_MT "resil.MetricHistogram"
+#define BOUNDS_MT "resil.MetricBounds"
+
+typedef struct {
+  int is_int;
+  lua_Integer i;
+  lua_Number f;
+} number;
+
+/* a counter's or gauge's series */
+typedef struct {
+  number value;
+} cell;
+
+/* a histogram's upper bounds, sorted (shared by its series) */
+typedef struct {
+  int n;
+  number bound[];
+} bounds;
+
+/* a histogram's series: one count per bucket (the first that holds an
+ * observation; cumulated when exposed), the sum and the count */
+typedef struct {
+  const bounds *b; /* kept alive by the series' user value */
+  lua_Integer count;
+  number sum;
+  lua_Integer counts[];
+} histogram;
+
+static number number_at(lua_State *L, int idx) {
+  number n = {0, 0, 0};
+  if (lua_isinteger(L, idx)) {
+    n.is_int = 1;
+    n.i = lua_tointeger(L, idx);
+  } else {
+    n.f = lua_tonumber(L, idx);
+  }
+  return n;
+}
+
+static void push_number(lua_State *L, const number *n) {
+  if (n->is_int) lua_pushinteger(L, n->i);
+  else lua_pushnumber(L, n->f);
+}
+
+static lua_Number as_float(const number *n) { return n->is_int ? (lua_Number)n->i : n->f; }
+
+/* *to = *to + by, as Lua's + */
+static void add(number *to, const number *by) {
+  if (to->is_int && by->is_int) {
+    to->i = (lua_Integer)((lua_Unsigned)to->i + (lua_Unsigned)by->i);
+  } else {
+    to->f = as_float(to) + as_float(by);
+    to->is_int = 0;
+  }
+}
+
+/* *to = *to - by, as Lua's - */
+static void subtract(number *to, const number *by) {
+  if (to->is_int && by->is_int) {
+    to->i = (lua_Integer)((lua_Unsigned)to->i - (lua_Unsigned)by->i);
+  } else {
+    to->f = as_float(to) - as_float(by);
+    to->is_int = 0;
+  }
+}
+
+/* Lua's float-to-integer conversion (luaV_flttointns): f floored (mode < 0)
+ * or ceiled (mode > 0) -> 1 and *p, or 0 when out of the integers' range */
+static int float_to_integer(lua_Number f, int mode, lua_Integer *p) {
+  lua_Number r = mode < 0 ? floor(f) : ceil(f);
+  return lua_numbertointeger(r, p);
+}
+
+/* an integer that converts to a float exactly (Lua's l_intfitsf) */
+static int int_fits_float(lua_Integer i) {
+  const lua_Unsigned max = (lua_Unsigned)1 << 53;
+  return (lua_Unsigned)i + max <= 2 * max;
+}
+
+/* a <= b, as Lua's <= (lvm.c LEnum, LEintfloat, LEfloatint) */
+static int less_equal(const number *a, const number *b) {
+  if (a->is_int && b->is_int) return a->i <= b->i;
+  if (!a->is_int && !b->is_int) return a->f <= b->f;
+  lua_Integer fi;
+  if (a->is_int) {
+    if (int_fits_float(a->i)) return (lua_Number)a->i <= b->f;
+    if (float_to_integer(b->f, -1, &fi)) return a->i <= fi;
+    return b->f > 0;
+  }
+  if (int_fits_float(b->i)) return a->f <= (lua_Number)b->i;
+  if (float_to_integer(a->f, 1, &fi)) return fi <= b->i;
+  return !(a->f > 0);
+}
+
+static void observe(histogram *h, const number *v) {
+  const bounds *b = h->b;
+  for (int i = 0; i < b->n; i++) {
+    if (less_equal(v, &b->bound[i])) {
+      h->counts[i]++;
+      break;
+    }
+  }
+  add(&h->sum, v);
+  h->count++;
+}
+
+/* the argument at idx, a number (what is not one raises as the Lua
+ * module's check_number does, at the caller's line) */
+static number checked_number(lua_State *L, int idx, const char *what) {
+  if (lua_type(L, idx) != LUA_TNUMBER) luaL_error(L, "metrics: %s must be a number", what);
+  return number_at(L, idx);
+}
+
+/* the optional increment at idx: 1 when absent, nil or false (Lua's `n or 1`) */
+static number increment_at(lua_State *L, int idx) {
+  if (!lua_toboolean(L, idx)) return (number){1, 1, 0};
+  return checked_number(L, idx, "the increment");
+}
+
+/* ---------- a bound series' methods: closures over its cell ---------- */
+
+#define UPVALUE_CELL(L) ((cell *)lua_touserdata(L, lua_upvalueindex(1)))
+
+/* counter series:inc([n]) */
+static int bound_counter_inc(lua_State *L) {
+  number n = increment_at(L, 2);
+  if (n.is_int ? n.i < 0 : !(n.f >= 0)) luaL_error(L, "metrics: a counter only goes up");
+  add(&UPVALUE_CELL(L)->value, &n);
+  return 0;
+}
+
+/* gauge series:inc([n]), :dec([n]), :set(v) */
+static int bound_gauge_inc(lua_State *L) {
+  number n = increment_at(L, 2);
+  add(&UPVALUE_CELL(L)->value, &n);
+  return 0;
+}
+
+static int bound_gauge_dec(lua_State *L) {
+  number n = increment_at(L, 2);
+  subtract(&UPVALUE_CELL(L)->value, &n);
+  return 0;
+}
+
+static int bound_gauge_set(lua_State *L) {
+  UPVALUE_CELL(L)->value = checked_number(L, 2, "the value");
+  return 0;
+}
+
+/* histogram series:observe(v) */
+static int bound_observe(lua_State *L) {
+  number v = checked_number(L, 2, "the observation");
+  observe(lua_touserdata(L, lua_upvalueindex(1)), &v);
+  return 0;
+}
+
+/* ---------- for the Lua module ---------- */
+
+/* cell() -> a new series of a counter or gauge, at 0 */
+static int l_cell(lua_State *L) {
+  cell *c = lua_newuserdatauv(L, sizeof *c, 0);
+  c->value = (number){1, 0, 0};
+  luaL_setmetatable(L, CELL_MT);
+  return 1;
+}
+
+/* add(cell, n): n a number the caller checked */
+static int l_add(lua_State *L) {
+  cell *c = luaL_checkudata(L, 1, CELL_MT);
+  number n = checked_number(L, 2, "the increment");
+  add(&c->value, &n);
+  return 0;
+}
+
+/* set(cell, v) */
+static int l_set(lua_State *L) {
+  cell *c = luaL_checkudata(L, 1, CELL_MT);
+  c->value = checked_number(L, 2, "the value");
+  return 0;
+}
+
+/* get(cell) -> its value */
+static int l_get(lua_State *L) {
+  push_number(L, &((cell *)luaL_checkudata(L, 1, CELL_MT))->value);
+  return 1;
+}
+
+/* bounds({b1, b2, ...}) -> a histogram's upper bounds (sorted by the caller) */
+static int l_bounds(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_Integer n = luaL_len(L, 1);
+  if (n < 0 || n > 10000) return luaL_error(L, "resil.metrics.histogram: too many buckets");
+  bounds *b = lua_newuserdatauv(L, sizeof *b + (size_t)n * sizeof(number), 0);
+  b->n = (int)n;
+  for (int i = 0; i < b->n; i++) {
+    if (lua_rawgeti(L, 1, i + 1) != LUA_TNUMBER) return luaL_error(L, "resil.metrics.histogram: a bucket is not a number");
+    b->bound[i] = number_at(L, -1);
+    lua_pop(L, 1);
+  }
+  luaL_setmetatable(L, BOUNDS_MT);
+  return 1;
+}
+
+/* histogram(bounds) -> a new series of a histogram, with no observation */
+static int l_histogram(lua_State *L) {
+  const bounds *b = luaL_checkudata(L, 1, BOUNDS_MT);
+  histogram *h = lua_newuserdatauv(L, sizeof *h + (size_t)b->n * sizeof(lua_Integer), 1);
+  h->b = b;
+  h->count = 0;
+  h->sum = (number){1, 0, 0};
+  memset(h->counts, 0, (size_t)b->n * sizeof(lua_Integer));
+  lua_pushvalue(L, 1);
+  lua_setiuservalue(L, -2, 1);
+  luaL_setmetatable(L, HISTOGRAM_MT);
+  return 1;
+}
+
+/* observe(histogram, v) */
+static int l_observe(lua_State *L) {
+  histogram *h = luaL_checkudata(L, 1, HISTOGRAM_MT);
+  number v = checked_number(L, 2, "the observation");
+  observe(h, &v);
+  return 0;
+}
+
+/* read(histogram) -> count, sum, {count of each bucket} */
+static int l_read(lua_State *L) {
+  histogram *h = luaL_checkudata(L, 1, HISTOGRAM_MT);
+  lua_pushinteger(L, h->count);
+  push_number(L, &h->sum);
+  lua_createtable(L, h->b->n, 0);
+  for (int i = 0; i < h->b->n; i++) {
+    lua_pushinteger(L, h->counts[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 3;
+}
+
+/* counter_inc(cell) -> a bound counter series' inc */
+static int l_counter_inc(lua_State *L) {
+  luaL_checkudata(L, 1, CELL_MT);
+  lua_settop(L, 1);
+  lua_pushcclosure(L, bound_counter_inc, 1);
+  return 1;
+}
+
+/* gauge_methods(cell) -> a bound gauge series' inc, dec, set */
+static int l_gauge_methods(lua_State *L) {
+  luaL_checkudata(L, 1, CELL_MT);
+  lua_settop(L, 1);
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, bound_gauge_inc, 1);
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, bound_gauge_dec, 1);
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, bound_gauge_set, 1);
+  return 3;
+}
+
+/* observer(histogram) -> a bound histogram series' observe */
+static int l_observer(lua_State *L) {
+  luaL_checkudata(L, 1, HISTOGRAM_MT);
+  lua_settop(L, 1);
+  lua_pushcclosure(L, bound_observe, 1);
+  return 1;
+}
+
+/* require "resil.core.metrics" (src/lua/metrics.lua owns resil.metrics) */
+int luaopen_resil_metrics(lua_State *L) {
+  luaL_newmetatable(L, CELL_MT);
+  luaL_newmetatable(L, HISTOGRAM_MT);
+  luaL_newmetatable(L, BOUNDS_MT);
+  lua_pop(L, 3);
+  static const luaL_Reg functions[] = {
+    {"cell", l_cell},       {"add", l_add},         {"set", l_set},
+    {"get", l_get},         {"bounds", l_bounds},   {"histogram", l_histogram},
+    {"observe", l_observe}, {"read", l_read},       {"counter_inc", l_counter_inc},
+    {"gauge_methods", l_gauge_methods},             {"observer", l_observer},
+    {NULL, NULL}};
+  luaL_newlib(L, functions);
+  return 1;
+}
