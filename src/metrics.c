@@ -288,6 +288,49 @@ static int l_observer(lua_State *L) {
   return 1;
 }
 
+/* find(known, labels) -> the series known for a label set of one or two
+ * string values, or nothing. src/lua/metrics.lua remembers them: known[2]
+ * [name][value] for one label, known[3][name1][value1][name2][value2] (in
+ * both orders) for two. known[1] is the count of secrets their keys were
+ * made under: once another is registered, nothing is found until the Lua
+ * module starts them over. */
+static int l_find(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (lua_rawgeti(L, 1, 1) != LUA_TNUMBER || lua_tointeger(L, -1) != (lua_Integer)resil_from_lua(L)->nsecrets)
+    return 0;
+  if (lua_type(L, 2) != LUA_TTABLE || lua_getmetatable(L, 2)) return 0;
+  lua_settop(L, 2);
+  lua_pushnil(L);
+  if (!lua_next(L, 2) || lua_type(L, 4) != LUA_TSTRING) return 0; /* 3: name1, 4: value1 */
+  lua_pushvalue(L, 3);
+  if (!lua_next(L, 2)) {
+    if (lua_rawgeti(L, 1, 2) != LUA_TTABLE) return 0;
+    lua_pushvalue(L, 3);
+    if (lua_rawget(L, -2) != LUA_TTABLE) return 0;
+    lua_pushvalue(L, 4);
+    lua_rawget(L, -2);
+    return 1;
+  }
+  if (lua_type(L, 6) != LUA_TSTRING) return 0; /* 5: name2, 6: value2 */
+  lua_pushvalue(L, 5);
+  if (lua_next(L, 2)) return 0; /* a third label */
+  if (lua_rawgeti(L, 1, 3) != LUA_TTABLE) return 0;
+  for (int i = 3; i <= 5; i++) {
+    lua_pushvalue(L, i);
+    if (lua_rawget(L, -2) != LUA_TTABLE) return 0;
+  }
+  lua_pushvalue(L, 6);
+  lua_rawget(L, -2);
+  return 1;
+}
+
+/* secrets() -> how many secrets the host redacts (it only grows): a label
+ * key made before one was registered may hold it unredacted */
+static int l_secrets(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)resil_from_lua(L)->nsecrets);
+  return 1;
+}
+
 /* require "resil.core.metrics" (src/lua/metrics.lua owns resil.metrics) */
 int luaopen_resil_metrics(lua_State *L) {
   luaL_newmetatable(L, CELL_MT);
@@ -299,6 +342,7 @@ int luaopen_resil_metrics(lua_State *L) {
     {"get", l_get},         {"bounds", l_bounds},   {"histogram", l_histogram},
     {"observe", l_observe}, {"read", l_read},       {"counter_inc", l_counter_inc},
     {"gauge_methods", l_gauge_methods},             {"observer", l_observer},
+    {"find", l_find},       {"secrets", l_secrets},
     {NULL, NULL}};
   luaL_newlib(L, functions);
   return 1;

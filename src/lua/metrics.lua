@@ -42,14 +42,15 @@ local function escape(v)
 end
 
 -- {b = 2, a = 1} -> 'a="1",b="2"' (sorted: one series per label set)
-local function label_key(labels)
+-- (level: where a bad label name is reported, 3 unless told)
+local function label_key(labels, level)
   if labels == nil or next(labels) == nil then return "" end
   local names = {}
   for k in pairs(labels) do
     if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then
-      error(("metrics: bad label name %q"):format(tostring(k)), 3)
+      error(("metrics: bad label name %q"):format(tostring(k)), level or 3)
     end
-    if redact(k) ~= k then error("metrics: a label name holds a secret (resil.secret)", 3) end
+    if redact(k) ~= k then error("metrics: a label name holds a secret (resil.secret)", level or 3) end
     names[#names + 1] = k
   end
   table.sort(names)
@@ -100,7 +101,7 @@ local function define(kind, name, help, opts)
     return m
   end
   m = setmetatable({ kind = kind, name = name, help = help or name, series = {}, nseries = 0,
-                     max_series = opts and opts.max_series }, Metric)
+                     max_series = opts and opts.max_series, known = {}, nknown = 0 }, Metric)
   if kind == "histogram" then
     m.buckets = (opts and opts.buckets) or { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 }
     table.sort(m.buckets)
@@ -127,13 +128,69 @@ local function series_of(m, key)
   return s
 end
 
+-- Label sets already looked up, by their values, each -> its series:
+-- m.known[2][name][value] for one label, m.known[3][name1][value1][name2]
+-- [value2] (in both orders) for two; string values of up to KNOWN_VALUE_MAX
+-- bytes, in tables without a metatable, at most as many as the metric keeps
+-- series. A label key is a sort, a redaction and an escape of each value:
+-- too much for a metric updated with a fresh labels table on every request
+-- (the budgets' gauges). m.known[1] is the count of secrets the keys were
+-- made under: once another is registered, a value's key may hold it
+-- unredacted, and they are made anew (core.find finds nothing until then).
+local KNOWN_VALUE_MAX = 256
+local find_known, secrets_count = core.find, core.secrets
+
+-- t[k], made if need be
+local function sub(t, k)
+  local by = t[k]
+  if by == nil then
+    by = {}
+    t[k] = by
+  end
+  return by
+end
+
+-- (labels made the key of series s)
+local function remember(m, labels, s)
+  if getmetatable(labels) ~= nil then return end
+  local k1, v1 = next(labels)
+  if type(v1) ~= "string" or #v1 > KNOWN_VALUE_MAX then return end
+  local k2, v2 = next(labels, k1)
+  if k2 ~= nil and (type(v2) ~= "string" or #v2 > KNOWN_VALUE_MAX or next(labels, k2) ~= nil) then return end
+  local known = m.known
+  if known[1] ~= secrets_count() then
+    known = { secrets_count(), {}, {} }
+    m.known, m.nknown = known, 0
+  end
+  if m.nknown >= (m.max_series or metrics.max_series) then return end
+  if k2 == nil then
+    sub(known[2], k1)[v1] = s
+  else
+    sub(sub(sub(known[3], k1), v1), k2)[v2] = s
+    sub(sub(sub(known[3], k2), v2), k1)[v1] = s
+  end
+  m.nknown = m.nknown + 1
+end
+
+-- metric, labels -> the series of the label set (made at its first use), or
+-- nil past the metric's bound; a bad label name raises at level 3 (the
+-- caller of the method that called this)
+local function series_for(m, labels)
+  if labels == nil then return series_of(m, "") end
+  local s = find_known(m.known, labels)
+  if s then return s end
+  s = series_of(m, label_key(labels, 4))
+  if s then remember(m, labels, s) end
+  return s
+end
+
 -- counter:inc([labels], [n]), gauge:inc / dec
 function Metric:inc(labels, n)
   n = n or 1
   check_number(n, "the increment")
   if self.kind == "counter" and n < 0 then error("metrics: a counter only goes up", 2) end
   if self.kind == "histogram" then error("metrics: use observe() on a histogram", 2) end
-  local s = series_of(self, label_key(labels))
+  local s = series_for(self, labels)
   if s then cell_add(s, n) end
 end
 
@@ -145,7 +202,7 @@ end
 function Metric:set(labels, v)
   if self.kind ~= "gauge" then error("metrics: only a gauge is set", 2) end
   check_number(v, "the value")
-  local s = series_of(self, label_key(labels))
+  local s = series_for(self, labels)
   if s then cell_set(s, v) end
 end
 
@@ -154,7 +211,7 @@ end
 function Metric:observe(labels, v)
   if self.kind ~= "histogram" then error("metrics: observe() is for histograms", 2) end
   check_number(v, "the observation")
-  local s = series_of(self, label_key(labels))
+  local s = series_for(self, labels)
   if s then histogram_observe(s, v) end
 end
 
@@ -187,7 +244,7 @@ local Dropped = {}
 Dropped.__index = function() return function() end end
 
 function Metric:labels(labels)
-  local s = series_of(self, label_key(labels))
+  local s = series_for(self, labels)
   if not s then return setmetatable({}, Dropped) end
   return bind[self.kind](s)
 end
@@ -229,7 +286,7 @@ end
 -- counter:collected(labels, total): a counter read from a primitive's own
 -- running total (it only goes up; not for counting things yourself)
 function Metric:collected(labels, total)
-  local s = series_of(self, label_key(labels))
+  local s = series_for(self, labels)
   if s then cell_set(s, total) end
 end
 
