@@ -37,6 +37,23 @@ if mode == "sqlite" then
     end)
     report(group and "checkpoints_group_commit" or "checkpoints_one_commit_each", TASKS * per_task, seconds)
   end
+  -- a budget's reserve and settle, sequential, once its period has 1,000 rows and again at 20,000:
+  -- the same cost (the spend is a kept total, not the period's rows summed each time)
+  local path = where .. "-budget.db"
+  os.remove(path); os.remove(path .. "-wal"); os.remove(path .. "-shm")
+  resil.store_config({ url = path })
+  local b = resil.budget("bench-budget", { limit = 1e9, per = "day" })
+  local done = 0
+  for _, rows in ipairs({ 1000, 20000 }) do
+    while done < rows do
+      assert(b:reserve(0.001)):settle(0.0005, { provider = "bench", model = "m" })
+      done = done + 1
+    end
+    local t0, n = resil.clock.wall(), 500
+    for _ = 1, n do assert(b:reserve(0.001)):settle(0.0005, { provider = "bench", model = "m" }) end
+    done = done + n
+    report(("budget_reserve_settle_after_%d_rows"):format(rows), n, resil.clock.wall() - t0)
+  end
 elseif mode == "redis" then
   resil.store_config({ url = where })
   local s = assert(resil.store())

@@ -392,8 +392,11 @@ for _, g in ipairs(resil.cost.breakdown("provider")) do print(g.key, g.calls, ("
 local db = assert(resil.sqlite.open(resil.store().url, {}))
 print(db:tx(function(tx) return tx:value("PRAGMA user_version") end),
   db:tx(function(tx) return tx:value("SELECT group_concat(id) FROM (SELECT id FROM costs WHERE id < 10 ORDER BY id)") end))
+-- the budget's spend as its reservations read it: the rows it had, summed once (migration 10)
+local b = resil.budget("team", { limit = 1 })
+print(b:state().spent)
 ]], "--store " .. path)
     assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n9\t7,9\n", r.stdout) -- (9: the newest schema)
+    assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n10\t7,9\n0.0025\n", r.stdout) -- (10: the newest schema)
   end)
 end)

@@ -104,6 +104,35 @@ local migrations = {
   CREATE INDEX IF NOT EXISTS kv_expiry ON kv(expires_at) WHERE expires_at IS NOT NULL;
   CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations(expires_at);
   ]],
+  -- 10: a budget's spend in a period is kept as a total, by triggers on every
+  -- write to the ledger (the queued rows' inserts included). Each reservation
+  -- summed the period's rows: 0.5 ms a reserve and settle after 1,000 rows of a
+  -- day, 4.4 ms after 20,000, on the loop (a gateway key with a budget slowed
+  -- down all day). (A list: trigger bodies hold ';'.)
+  {
+    [[CREATE TABLE IF NOT EXISTS budget_spent (budget TEXT NOT NULL, period TEXT NOT NULL, micro_usd INTEGER NOT NULL,
+      PRIMARY KEY (budget, period)) WITHOUT ROWID]],
+    "DELETE FROM budget_spent",
+    [[INSERT INTO budget_spent (budget, period, micro_usd) SELECT budget, period, coalesce(sum(micro_usd), 0)
+      FROM costs WHERE budget IS NOT NULL AND period IS NOT NULL GROUP BY budget, period]],
+    [[CREATE TRIGGER IF NOT EXISTS costs_spent_insert AFTER INSERT ON costs
+      WHEN NEW.budget IS NOT NULL AND NEW.period IS NOT NULL BEGIN
+        INSERT INTO budget_spent (budget, period, micro_usd) VALUES (NEW.budget, NEW.period, coalesce(NEW.micro_usd, 0))
+          ON CONFLICT (budget, period) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd;
+      END]],
+    [[CREATE TRIGGER IF NOT EXISTS costs_spent_update AFTER UPDATE OF budget, period, micro_usd ON costs BEGIN
+        UPDATE budget_spent SET micro_usd = micro_usd - coalesce(OLD.micro_usd, 0)
+          WHERE budget = OLD.budget AND period = OLD.period;
+        INSERT INTO budget_spent (budget, period, micro_usd)
+          SELECT NEW.budget, NEW.period, coalesce(NEW.micro_usd, 0) WHERE NEW.budget IS NOT NULL AND NEW.period IS NOT NULL
+          ON CONFLICT (budget, period) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd;
+      END]],
+    [[CREATE TRIGGER IF NOT EXISTS costs_spent_delete AFTER DELETE ON costs
+      WHEN OLD.budget IS NOT NULL AND OLD.period IS NOT NULL BEGIN
+        UPDATE budget_spent SET micro_usd = micro_usd - coalesce(OLD.micro_usd, 0)
+          WHERE budget = OLD.budget AND period = OLD.period;
+      END]],
+  },
 }
 
 local B = {}
@@ -126,8 +155,13 @@ local function apply_migrations(tx, path)
     error(resil.error("store_unavailable", FOREIGN:format(path)))
   end
   for v = version + 1, #migrations do
-    for statement in migrations[v]:gmatch("[^;]+") do
-      if statement:match("%S") then tx:exec(statement) end
+    local m = migrations[v]
+    if type(m) == "table" then
+      for _, statement in ipairs(m) do tx:exec(statement) end
+    else
+      for statement in m:gmatch("[^;]+") do
+        if statement:match("%S") then tx:exec(statement) end
+      end
     end
     tx:exec(("PRAGMA user_version = %d"):format(v))
   end
@@ -575,8 +609,7 @@ end
 -- ---------- budgets ----------
 
 local function budget_usage(tx, budget, period, now)
-  local spent = tx:value("SELECT coalesce(sum(micro_usd), 0) FROM costs WHERE budget = ? AND period = ?",
-    budget, period)
+  local spent = tx:value("SELECT micro_usd FROM budget_spent WHERE budget = ? AND period = ?", budget, period) or 0
   local reserved = tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE budget = ? AND " ..
                             "period = ? AND state = 'held' AND expires_at > ?", budget, period, now)
   return spent, reserved
