@@ -237,6 +237,34 @@ describe("resil.json", function()
     assert.are.equal('["\\u0000rj"]', again('["\\u0000rj"]'))
   end)
 
+  -- (whole numbers are written by the layer, swapped in the caller's tables for markers while
+  -- cjson writes: the text is cjson's own, and the tables are given back as they were, also
+  -- when cjson raises)
+  it("writes whole numbers as cjson does and leaves the value as it was", function()
+    local json = resil.json
+    local row = { 0, -0.0, 3, 4.0, -17, 99999999999999, -99999999999999.0, 1e14, 0.5, 0.25, 1e15,
+      { n = 16 }, { 1733380000, { 7 } }, "x" }
+    assert.are.equal("[0,-0,3,4,-17,99999999999999,-99999999999999,1e+14,0.5,0.25,1e+15,"
+      .. '{"n":16},[1733380000,[7]],"x"]', json.encode(row))
+    assert.are.equal("integer", math.type(row[1]))
+    assert.are.equal("float", math.type(row[2]))
+    assert.are.equal(-math.huge, 1 / row[2])
+    assert.are.equal("float", math.type(row[4]))
+    assert.are.equal(16, row[12].n)
+    assert.are.equal(7, row[13][2][1])
+    local shared = { 1, 2 }
+    assert.are.equal('[[1,2],[1,2],{"a":[1,2]}]', json.encode({ shared, shared, { a = shared } }))
+    assert.are.same({ 1, 2 }, shared)
+    for _, bad in ipairs({ { 1, 2, 0 / 0 }, { 1, 2, { f = print } } }) do
+      local ok, err = pcall(json.encode, bad)
+      assert.is_false(ok)
+      assert.matches("Cannot serialise", err)
+      assert.are.equal(1, bad[1])
+      assert.are.equal(2, bad[2])
+      assert.are.equal("integer", math.type(bad[2]))
+    end
+  end)
+
   it("sends a json = body to a server exactly (the HTTP client's encode)", function()
     local got
     local s <close> = assert(resil.server.listen({ port = 0, handler = function(req)

@@ -24,6 +24,7 @@
  * costs one pass over its bytes (decode) or over its values (encode).
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,7 +41,7 @@ extern int luaopen_cjson_safe(lua_State *L);
 #define TAG_LEN 16 /* hex digits: 64 random bits, never shown */
 
 /* upvalues of encode and decode */
-enum { UP_CJSON = 1, UP_ARRAY_MT, UP_MARKER };
+enum { UP_CJSON = 1, UP_ARRAY_MT, UP_MARKER, UP_SWAP_MARKERS };
 
 /* the marker's head as cjson writes it ("\u0000rj" + tag) and as Lua holds it */
 typedef struct {
@@ -147,6 +148,41 @@ static int mark_text(lua_State *L, const char *s, size_t len, const marker *m) {
   return 1;
 }
 
+/* could mark_text swap anything in the text? A cheaper look that never says
+ * no where it would: an empty array is a ']' after a '[' and blanks, and a
+ * number of more than 14 significant digits is a run of 15 or more digits
+ * and dots, which holds all 8 bytes of some block at an offset that is a
+ * multiple of 8 (looked at 8 bytes at a time) */
+static int is_digit_or_dot(char c) { return (c >= '0' && c <= '9') || c == '.'; }
+static int may_need_marks(const char *s, size_t len) {
+  for (const char *p = s; (p = memchr(p, ']', len - (size_t)(p - s))) != NULL; p++) {
+    const char *q = p;
+    while (q > s && is_ws(q[-1])) q--;
+    if (q > s && q[-1] == '[') return 1;
+  }
+  const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+  for (size_t i = 0; i + 8 <= len;) {
+    uint64_t x;
+    memcpy(&x, s + i, 8);
+    /* (bytes all from '.' to '9': none below, none above) */
+    if (((x - ones * '.') & ~x & highs) || (((x + ones * (127 - '9')) | x) & highs)) {
+      i += 8;
+      continue;
+    }
+    size_t from = i, to = i;
+    while (to < i + 8 && is_digit_or_dot(s[to])) to++;
+    if (to < i + 8) { /* (a '/') */
+      i += 8;
+      continue;
+    }
+    while (from > 0 && is_digit_or_dot(s[from - 1])) from--;
+    while (to < len && is_digit_or_dot(s[to])) to++;
+    if (to - from > EXACT_DIGITS) return 1;
+    i = (to + 7) / 8 * 8;
+  }
+  return 0;
+}
+
 /* the value at the top, a marker string -> replaced by what it stands for */
 static void unmark_value(lua_State *L, const marker *m) {
   size_t n;
@@ -192,7 +228,7 @@ static int json_decode(lua_State *L) {
   const char *s = luaL_checklstring(L, 1, &len);
   const marker *m = marker_of(L);
   lua_settop(L, 1);
-  int marked = mark_text(L, s, len, m);
+  int marked = may_need_marks(s, len) && mark_text(L, s, len, m);
   lua_getfield(L, lua_upvalueindex(UP_CJSON), "decode");
   lua_pushvalue(L, marked ? 2 : 1);
   lua_call(L, 1, 2);
@@ -305,33 +341,186 @@ static void push_marked(lua_State *L, int idx, const marker *m, int depth) {
   }
 }
 
-/* cjson's text -> pushes it with each marker string replaced by its value */
-static void unmark_text(lua_State *L, const char *s, size_t len, const marker *m) {
+/* A value that needs no copy (nothing that needs_marks finds) is written by
+ * cjson from the caller's own tables, but its numbers need not be: cjson
+ * writes each with snprintf("%.14g"), some 2k instructions, where the same
+ * digits are written here for a few hundred (whole numbers below 1e14, by
+ * hand). Each such number is swapped in its table, for the length of cjson's
+ * encode, for a marker that says where it was found ("$" and the number of
+ * its group, below: made once per host and kept), then swapped back. That
+ * costs a copy of cjson's text, more than one number saves: a value with
+ * fewer than SWAPS_MIN of them is left to cjson as it is.
+ *
+ * The walk leaves on the stack, from its base, groups of four slots: a
+ * number's key, the number, its marker and its table (a swap), or a nested
+ * table's key, the table and two nils (kept so that the key can be pushed
+ * again). Markers are all found before the first swap: what can fail (an
+ * allocation) fails while every table is as the caller left it. */
+#define SWAPS_MIN 2
+#define GROUPS_MAX 1024 /* past it, the way of before: cjson writes the numbers */
+enum { WALK_SWAPS, WALK_COPY, WALK_PLAIN, WALK_GIVE_UP };
+enum { NUMBER_LEFT, NUMBER_SWAPPED, NUMBER_EXACT };
+
+typedef struct {
+  long visits; /* tables, as needs_marks counts them */
+  int base;  /* the first group's slot */
+  int top;   /* the last group's last slot */
+  int swaps; /* numbers to swap */
+} walk;
+
+/* a whole number below 1e14 (%.14g writes its digits, -0.0 as "-0")? */
+static int is_short_whole(lua_State *L, int idx) {
+  if (lua_isinteger(L, idx)) {
+    lua_Integer i = lua_tointeger(L, idx);
+    return i < 100000000000000LL && i > -100000000000000LL;
+  }
+  double x = lua_tonumber(L, idx);
+  return x == floor(x) && fabs(x) < 1e14;
+}
+
+/* the short whole number at idx -> its digits as %.14g writes them, in buf */
+static size_t short_whole_text(lua_State *L, int idx, char buf[24]) {
+  lua_Integer i;
+  int negative;
+  if (lua_isinteger(L, idx)) {
+    i = lua_tointeger(L, idx);
+    negative = i < 0;
+  } else {
+    double x = lua_tonumber(L, idx);
+    i = (lua_Integer)x;
+    negative = signbit(x);
+  }
+  char *d = buf + 24;
+  unsigned long long u = i < 0 ? 0ULL - (unsigned long long)i : (unsigned long long)i;
+  do *--d = (char)('0' + u % 10); while (u /= 10);
+  if (negative) *--d = '-';
+  size_t n = (size_t)(buf + 24 - d);
+  memmove(buf, d, n);
+  return n;
+}
+
+/* the number at idx -> NUMBER_*: swapped, exact (it needs the copy), or left
+ * to cjson (NaN, inf: its error; a float that %.14g writes exactly) */
+static int number_kind(lua_State *L, int idx) {
+  if (is_short_whole(L, idx)) return NUMBER_SWAPPED;
+  return needs_exact(L, idx) ? NUMBER_EXACT : NUMBER_LEFT;
+}
+
+/* is the text at q (a '"') the head of a marker push_marked or a swap
+ * makes: "[" alone, "#" and a number's characters, or (with w) "$" and the
+ * number of a swap's group? -> its closing quote, else NULL */
+static const char *marker_at(const char *q, const char *end, const marker *m, size_t head, const walk *w) {
+  if ((size_t)(end - q) <= head + 2 || memcmp(q + 1, m->text, head) != 0) return NULL;
+  const char *v = q + 1 + head, *close = memchr(v, '"', (size_t)(end - v));
+  if (!close) return NULL;
+  if (*v == '[') return close == v + 1 ? close : NULL;
+  if (*v == '$') {
+    if (!w || close == v + 1 || close - v > 8) return NULL;
+    for (const char *c = v + 1; c < close; c++) if (*c < '0' || *c > '9') return NULL;
+    return close;
+  }
+  if (*v != '#' || close == v + 1) return NULL;
+  for (const char *c = v + 1; c < close; c++) if (!is_number_char(*c)) return NULL;
+  return close;
+}
+
+/* cjson's text -> pushes it with each marker string replaced by its value
+ * (the numbers of w's swaps, when w). A marker starts `"\u0000`: the
+ * backslashes are looked for (memchr), which are fewer than quotes */
+static void unmark_text(lua_State *L, const char *s, size_t len, const marker *m, const walk *w) {
   size_t head = strlen(m->text);
   luaL_Buffer b;
   luaL_buffinit(L, &b);
-  const char *p = s, *end = s + len;
+  const char *from = s, *p = s, *end = s + len; /* from: bytes before it are in b */
   while (p < end) {
-    const char *q = memchr(p, '"', (size_t)(end - p));
-    if (!q) break;
-    if ((size_t)(end - q) > head + 2 && memcmp(q + 1, m->text, head) == 0) {
-      const char *v = q + 1 + head, *close = memchr(v, '"', (size_t)(end - v));
-      /* only what push_marked makes: "[" alone, or "#" and a number's characters */
-      int ok = close && ((*v == '[' && close == v + 1) || (*v == '#' && close > v + 1));
-      for (const char *c = v + 1; ok && *v == '#' && c < close; c++) ok = is_number_char(*c);
-      if (ok) {
-        luaL_addlstring(&b, p, (size_t)(q - p));
-        if (*v == '[') luaL_addstring(&b, "[]");
-        else luaL_addlstring(&b, v + 1, (size_t)(close - v - 1));
-        p = close + 1;
+    const char *slash = memchr(p, '\\', (size_t)(end - p));
+    if (!slash) break;
+    const char *q = slash - 1, *close = q >= from && *q == '"' ? marker_at(q, end, m, head, w) : NULL;
+    const char *v = q + 1 + head;
+    int g = 0;
+    if (close && *v == '$') {
+      for (const char *c = v + 1; c < close; c++) g = 10 * g + (*c - '0'); /* (digits: marker_at) */
+      g = w->base + 4 * g;
+      if (g + 3 > w->top || lua_type(L, g + 1) != LUA_TNUMBER) close = NULL;
+    }
+    if (!close) {
+      p = slash + 1;
+      continue;
+    }
+    luaL_addlstring(&b, from, (size_t)(q - from));
+    if (*v == '[') {
+      luaL_addstring(&b, "[]");
+    } else if (*v == '$') {
+      char digits[24];
+      luaL_addlstring(&b, digits, short_whole_text(L, g + 1, digits));
+    } else {
+      luaL_addlstring(&b, v + 1, (size_t)(close - v - 1));
+    }
+    from = p = close + 1;
+  }
+  luaL_addlstring(&b, from, (size_t)(end - from));
+  luaL_pushresult(&b);
+}
+
+/* pushes the marker of the swap in group g (from base) */
+static void push_swap_marker(lua_State *L, int g, const marker *m) {
+  if (lua_rawgeti(L, lua_upvalueindex(UP_SWAP_MARKERS), g) == LUA_TSTRING) return;
+  lua_pop(L, 1);
+  char buf[RAW_LEN + 16];
+  memcpy(buf, m->raw, RAW_LEN);
+  int n = snprintf(buf + RAW_LEN, sizeof buf - RAW_LEN, "$%d", g);
+  lua_pushlstring(L, buf, RAW_LEN + (size_t)n);
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, lua_upvalueindex(UP_SWAP_MARKERS), g);
+}
+
+/* the table at t -> WALK_* (its groups pushed) */
+static int walk_table(lua_State *L, int t, int depth, walk *w) {
+  if (++w->visits > MAX_VISITS) return WALK_PLAIN; /* (needs_marks' answer too) */
+  if (is_array_mt(L, t)) {
+    lua_pushnil(L);
+    if (!lua_next(L, t)) return WALK_COPY; /* an empty array */
+    lua_pop(L, 2);
+  }
+  lua_pushnil(L);
+  while (lua_next(L, t)) { /* (the key on top after each value) */
+    int type = lua_type(L, -1);
+    if (type == LUA_TNUMBER) {
+      int kind = number_kind(L, -1);
+      if (kind == NUMBER_EXACT) return WALK_COPY;
+      if (kind == NUMBER_LEFT) {
+        lua_pop(L, 1);
         continue;
       }
+      if ((lua_gettop(L) - w->base) / 4 >= GROUPS_MAX || !lua_checkstack(L, 4)) return WALK_GIVE_UP;
+      lua_pushnil(L); /* (its marker, when it is swapped) */
+      lua_pushvalue(L, t);
+      lua_pushvalue(L, -4);
+      w->swaps++;
+    } else if (type == LUA_TTABLE && depth < MAX_DEPTH) {
+      if ((lua_gettop(L) - w->base) / 4 >= GROUPS_MAX || !lua_checkstack(L, 6)) return WALK_GIVE_UP;
+      lua_pushnil(L);
+      lua_pushnil(L);
+      int group = lua_gettop(L) - 3;
+      int found = walk_table(L, group + 1, depth + 1, w);
+      if (found != WALK_SWAPS) return found;
+      if (lua_gettop(L) == group + 3) lua_settop(L, group); /* nothing to swap below: the key alone */
+      else lua_pushvalue(L, group);
+    } else {
+      lua_pop(L, 1);
     }
-    luaL_addlstring(&b, p, (size_t)(q - p) + 1);
-    p = q + 1;
   }
-  luaL_addlstring(&b, p, (size_t)(end - p));
-  luaL_pushresult(&b);
+  return WALK_SWAPS;
+}
+
+/* each swap of w: its marker in (back = 0) or its number back (back = 1) */
+static void swap_numbers(lua_State *L, const walk *w, int back) {
+  for (int g = w->base; g + 3 <= w->top; g += 4) {
+    if (lua_type(L, g + 1) != LUA_TNUMBER) continue;
+    lua_pushvalue(L, g);
+    lua_pushvalue(L, back ? g + 1 : g + 2);
+    lua_rawset(L, g + 3); /* (a key the table has: nothing is allocated) */
+  }
 }
 
 /* json.encode(value) -> text (raises on what JSON cannot hold) */
@@ -339,18 +528,39 @@ static int json_encode(lua_State *L) {
   luaL_checkany(L, 1);
   lua_settop(L, 1);
   lua_getfield(L, lua_upvalueindex(UP_CJSON), "encode");
+  const marker *m = marker_of(L);
+  walk w = { 0, 3, 0, 0 };
+  int found = lua_type(L, 1) == LUA_TTABLE ? walk_table(L, 1, 1, &w) : WALK_GIVE_UP;
+  if (found == WALK_SWAPS && w.swaps >= SWAPS_MIN) {
+    w.top = lua_gettop(L);
+    for (int g = w.base; g + 3 <= w.top; g += 4) {
+      if (lua_type(L, g + 1) != LUA_TNUMBER) continue;
+      push_swap_marker(L, (g - w.base) / 4, m);
+      lua_replace(L, g + 2);
+    }
+    swap_numbers(L, &w, 0);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 1);
+    int status = lua_pcall(L, 1, 1, 0);
+    swap_numbers(L, &w, 1);
+    if (status != LUA_OK) return lua_error(L);
+    size_t len;
+    const char *s = lua_tolstring(L, -1, &len);
+    unmark_text(L, s, len, m, &w);
+    return 1;
+  }
+  lua_settop(L, 2);
   long visits = 0;
-  if (!needs_marks(L, 1, 1, &visits) || visits > MAX_VISITS) {
+  if (found == WALK_SWAPS || found == WALK_PLAIN || !needs_marks(L, 1, 1, &visits) || visits > MAX_VISITS) {
     lua_pushvalue(L, 1);
     lua_call(L, 1, 1);
     return 1;
   }
-  const marker *m = marker_of(L);
   push_marked(L, 1, m, 1);
   lua_call(L, 1, 1);
   size_t len;
   const char *s = lua_tolstring(L, -1, &len);
-  unmark_text(L, s, len, m);
+  unmark_text(L, s, len, m, NULL);
   return 1;
 }
 
@@ -391,7 +601,8 @@ int luaopen_resil_json(lua_State *L) {
   lua_pushvalue(L, cjson);
   lua_pushvalue(L, array_mt);
   lua_pushvalue(L, mark);
-  lua_pushcclosure(L, json_encode, 3);
+  lua_newtable(L); /* the swaps' markers, by group */
+  lua_pushcclosure(L, json_encode, 4);
   lua_setfield(L, module, "encode");
   lua_pushvalue(L, safe);
   lua_pushvalue(L, array_mt);
