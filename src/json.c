@@ -20,8 +20,10 @@
  *
  * Both by the same means: before cjson sees them, such values are swapped
  * for marker strings (a NUL, "rj", a random tag of this host, a kind), and
- * swapped back after. The text is scanned first, so a body without any
- * costs one pass over its bytes (decode) or over its values (encode).
+ * swapped back after. The text is looked at first (may_need_marks), so a
+ * body without any costs a quick pass over its bytes (decode) or one over
+ * its values (encode). The same walk finds short whole numbers, which the
+ * layer writes for cjson (its %.14g is slow): see walk_table.
  */
 #include <math.h>
 #include <stdint.h>
