@@ -183,6 +183,34 @@ describe("runaway scripts", function()
     end
   end)
 
+  -- (before: the watchdog's thread wrote the resume it stopped, and read the nested coroutines'
+  -- links, with plain loads and stores the loop's thread raced with; seen by ThreadSanitizer: on
+  -- a weakly ordered CPU the hook could read an older resume's number, take itself off, and the
+  -- loop ran on for good). Runs with a ThreadSanitizer build only:
+  -- make BUILD=build/tsan OPT=-O1 SAN=-fsanitize=thread CC=clang all; RESIL_TSAN=$PWD/build/tsan/resil-lua
+  it("--max-task-seconds: the watchdog's thread and the loop's meet only through atomics (ThreadSanitizer)", function()
+    local tsan = os.getenv("RESIL_TSAN")
+    if not tsan then return pending("RESIL_TSAN: a resil-lua built with -fsanitize=thread") end
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+      local resil = require "resil"
+      local function deep(n) if n == 0 then return {} end return deep(n - 1) end
+      for i = 1, 3 do -- a loop in a coroutine it wraps, then in one it resumes
+        print(i, resil.spawn(function()
+          local g = coroutine.wrap(function() while true do deep(20); coroutine.yield() end end)
+          while true do g() end
+        end):join())
+        print(i, resil.spawn(function()
+          while true do coroutine.resume(coroutine.create(function() for _ = 1, 1000 do deep(10) end end)) end
+        end):join())
+      end
+    ]])
+    local r = helpers.run("TSAN_OPTIONS='halt_on_error=0 report_signal_unsafe=0' " .. tsan ..
+      " --max-task-seconds 0.2 " .. script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(6, select(2, r.stdout:gsub("\tfalse\t", "")), r.stdout)
+    assert.is_nil(r.stderr:find("ThreadSanitizer", 1, true), r.stderr)
+  end)
+
   it("--max-instructions stops a task stuck in a loop, naming it; pcall cannot swallow it", function()
     local r = helpers.run_script([[
       local resil = require "resil"

@@ -104,10 +104,11 @@ struct resil {
   struct watchdog *watchdog;
   _Atomic unsigned long resume_seq;     /* bumped as a task resume starts and ends: odd while one runs */
   _Atomic int watch_busy;               /* the watchdog looks at what runs: a resume does not end meanwhile */
-  unsigned long runaway_seq;            /* the resume the watchdog stopped (its hook raises only in it) */
-  double runaway_seconds;               /* ...and how long it had run */
+  _Atomic unsigned long runaway_seq;    /* the resume the watchdog stopped (its hook raises only in it) */
+  _Atomic double runaway_seconds;       /* ...and how long it had run (both written by the watchdog's thread) */
   char max_task_seconds_text[32];       /* max_task_seconds as the messages write it */
-  pthread_t loop_thread;                /* the thread of the running resume (its CPU clock) */
+  pthread_t loop_thread;                /* the thread of the running resume (its CPU clock): written only when
+                                         * it changes, before resume_seq marks the resume (the watchdog reads it) */
 
   /* values registered through resil.secret: redacted from every message */
   redact_secret *secrets;

@@ -384,7 +384,8 @@ static void task_resume(resil_t *R, task *t) {
   t->instructions = 0;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
-  R->loop_thread = pthread_self();
+  pthread_t self = pthread_self();
+  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self; /* (not rewritten at each resume: read by the watchdog) */
   atomic_fetch_add(&R->resume_seq, 1); /* odd: a resume runs (watchdog.c) */
   int status = lua_resume(t->co, R->L, nargs, &nres);
   atomic_fetch_add(&R->resume_seq, 1);
@@ -558,7 +559,8 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   resil_t *R = resil_from_lua(L);
   task *t = R->current;
-  if (!t || atomic_load(&R->resume_seq) != R->runaway_seq) {
+  atomic_thread_fence(memory_order_acquire); /* what the watchdog wrote before it set this hook */
+  if (!t || atomic_load(&R->resume_seq) != atomic_load(&R->runaway_seq)) {
     lua_sethook(L, NULL, 0, 0);
     return;
   }
@@ -572,7 +574,7 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
   if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
     snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
   char ran[32];
-  snprintf(ran, sizeof ran, "%.1f", R->runaway_seconds);
+  snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_seconds));
   lua_pushfstring(L, "%stask %d (%s) ran %s s without yielding (--max-task-seconds=%s)", at, t->id, task_where(t), ran,
                   R->max_task_seconds_text);
   lua_error(L);
@@ -584,10 +586,11 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
 void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds) {
   task *t = R->current;
   if (!t) return;
-  R->runaway_seq = seq;
-  R->runaway_seconds = seconds;
+  atomic_store(&R->runaway_seconds, seconds);
+  atomic_store(&R->runaway_seq, seq);
+  atomic_thread_fence(memory_order_seq_cst); /* seen by the hook before the hook is (its thread reads them) */
   lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, 1);
-  for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
+  for (nested_run *n = __atomic_load_n(&R->nested, __ATOMIC_ACQUIRE); n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
 }
 
 /* From task_resume, and from a signal handler (resil_request_stop): only
@@ -705,12 +708,12 @@ static int resume_nested(lua_State *L, lua_State *co, int narg) {
     return -1;
   }
   nested_run run = {co, L, R->nested};
-  atomic_signal_fence(memory_order_seq_cst); /* whole before a signal handler can follow the link */
-  R->nested = &run;
+  /* whole before a signal handler or the watchdog's thread can follow the link */
+  __atomic_store_n(&R->nested, &run, __ATOMIC_RELEASE);
   if (guard_nested(L, co)) R->current->instructions += nested_part(R); /* what its hook may never see */
   lua_xmove(L, co, narg);
   int status = lua_resume(co, L, narg, &nres);
-  R->nested = run.outer;
+  __atomic_store_n(&R->nested, run.outer, __ATOMIC_SEQ_CST);
   atomic_thread_fence(memory_order_seq_cst);
   while (atomic_load(&R->watch_busy)) {
   } /* the watchdog may be reading `run` (this frame): it is done with it first */

@@ -67,7 +67,7 @@ static void *watch_main(void *arg) {
       seen_since = now;
       continue;
     }
-    if (now - seen_since < w->seconds || R->runaway_seq == seq) continue;
+    if (now - seen_since < w->seconds || atomic_load(&R->runaway_seq) == seq) continue;
     /* the same resume for `seconds`: stop it, unless it ends right now */
     atomic_store(&R->watch_busy, 1);
     if (atomic_load(&R->resume_seq) == seq) loop_arm_runaway(R, seq, now - seen_since);
