@@ -183,6 +183,28 @@ describe("runaway scripts", function()
     end
   end)
 
+  -- (before: the error reached the task as coroutine.resume's false, err, and the task was cut at
+  -- its next instruction: it ended "canceled" with the loop's file:line lost, where the same loop
+  -- under pcall, or under --max-instructions, let the task see the error and go on)
+  it("--max-task-seconds: a loop in a coroutine the task resumes is stopped with its file:line, which " ..
+     "coroutine.resume returns as it would any error; a task that loops on is then canceled", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+      local resil = require "resil"
+      print("joined", resil.spawn(function()
+        local ok, err = coroutine.resume(coroutine.create(function() while true do end end))
+        print("resumed", ok, err)
+        return "went on"
+      end):join())
+      print("joined", resil.spawn(function()
+        while true do coroutine.resume(coroutine.create(function() while true do end end)) end
+      end):join())
+    ]])
+    local r = helpers.run(R .. " --max-task-seconds 0.3 " .. script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^resumed\tfalse\t[^\n]-%.lua:3: task 2 %([^\n]-%.lua:2%) ran %d+%.%d s without yielding " ..
+      "%(%-%-max%-task%-seconds=0%.3%)\njoined\ttrue\twent on\njoined\tfalse\tcanceled: task 3 was canceled\n$", r.stdout)
+  end)
+
   -- (before: the watchdog's thread wrote the resume it stopped, and read the nested coroutines'
   -- links, with plain loads and stores the loop's thread raced with; seen by ThreadSanitizer: on
   -- a weakly ordered CPU the hook could read an older resume's number, take itself off, and the

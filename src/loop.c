@@ -569,6 +569,15 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
   /* at the stop watch's pace: the <close> handlers the error runs (a call's
    * guard giving back its hold) are not cut in turn */
   lua_sethook(L, runaway_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
+  /* so do the threads that resumed L: one that gets the error as
+   * coroutine.resume's false, err runs on as after a pcall, not cut at its
+   * next instruction with the message lost (the watchdog first done setting
+   * their hooks) */
+  while (atomic_load(&R->watch_busy)) {
+  }
+  if (t->co != L) lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
+  for (nested_run *n = R->nested; n; n = n->outer)
+    if (n->co != L) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
   lua_Debug ar0;
   char at[128] = "";
   if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
