@@ -1270,7 +1270,10 @@ local function open(self)
     strategies[i] = { name = t.name, fn = function(_, deadline)
       local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t), req.give_up)
       if res == nil then
-        if type(err) == "table" then err.model = err.model or t.model end
+        if type(err) == "table" then
+          err.model = err.model or t.model
+          model_not_found(t, err)
+        end
         return nil, err
       end
       return { res = res, target = t }
@@ -1501,7 +1504,10 @@ local function embed_strategy(spec, req, level, guard)
   return { name = t.name, t = t, fn = function(_, deadline)
     local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
     if res == nil then
-      if type(cerr) == "table" then cerr.model = cerr.model or model end
+      if type(cerr) == "table" then
+        cerr.model = cerr.model or model
+        model_not_found(t, cerr)
+      end
       return nil, cerr
     end
     local r = adapter.embed_parse(classify.decoded(res))

@@ -148,6 +148,39 @@ describe("deprecations", function()
     assert.are.equal(3, m:stats().routes.chat) -- (a 404 is not retried)
   end)
 
+  -- (before: only ai.chat's calls were: a stream's, as a chat UI's or a gateway's stream = true
+  -- request makes, fell back from the 404 with no warning and no count)
+  it("a model the provider answers 404 for in a stream or an embedding is warned about and counted as in a chat", function()
+    m:configure({ strict = true, reply = "one two three", sequence = { chat = {
+      { status = 404, error_type = "invalid_request_error", error_code = "model_not_found" },
+      { status = 404, error_type = "invalid_request_error", error_code = "model_not_found" } } } })
+    local gone = resil.metrics.counter("resil_model_not_found_total")
+    local before = gone:value({ model = "openai/gpt-4o-2024-08-06" })
+    local lines = logged(function()
+      for _ = 1, 2 do
+        local s = ai.stream({ model = "openai/gpt-4o-2024-08-06", messages = MSGS,
+          fallback = { "anthropic/claude-haiku-4-5-20251001" } })
+        local text = {}
+        for piece in function() return s:next() end do text[#text + 1] = piece end
+        assert.are.equal("anthropic", assert(s:result()).provider)
+        s:close()
+      end
+    end)
+    local warned = with_msg(lines, "answered 404 for this model")
+    assert.are.equal(1, #warned)
+    assert.are.equal("openai/gpt-4o-2024-08-06", warned[1].model)
+    assert.are.equal(before + 2, gone:value({ model = "openai/gpt-4o-2024-08-06" }))
+    -- and an embedding's
+    m:configure({ strict = true, sequence = { embeddings = {
+      { status = 404, error_type = "invalid_request_error", error_code = "model_not_found" } } } })
+    before = gone:value({ model = "openai/text-embedding-2" })
+    lines = logged(function()
+      assert.is_nil((ai.embed({ model = "openai/text-embedding-2", input = "hello" })))
+    end)
+    assert.are.equal(1, #with_msg(lines, "answered 404 for this model"))
+    assert.are.equal(before + 1, gone:value({ model = "openai/text-embedding-2" }))
+  end)
+
   it("warn with the days left before the sunset, then route to the replacement on and after it", function()
     registry.use({ ["openai/gpt-4o-2024-05-13"] = { deprecated = true, replacement = "openai/gpt-4o-2024-08-06",
       sunset = date_in(2.5) } })
