@@ -2339,7 +2339,7 @@ print(ok, left, (b:try(1)))
   -- (a policy file saved broken: the workers running refuse the reload and serve on; a worker then
   -- killed, as by the OOM killer, had replacements that died at start, and the gateway stopped the
   -- worker still serving)
-  it("--workers 2: a replacement that cannot start does not stop a worker still serving", function()
+  it("--workers 2: a replacement that cannot start does not stop a worker still serving; a SIGHUP tries it at once", function()
     local broken = helpers.tmpname(".broken")
     local m, _, port, log, pidfile = workers_setup()
     local config = helpers.write(helpers.tmpname(".lua"), ([[
@@ -2377,8 +2377,14 @@ print(ok, left, (b:try(1)))
     local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
       body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }) }))
     assert.are.equal(200, res.status)
-    os.remove(broken) -- fixed: the next try starts
-    assert.is_true(listening(3), helpers.slurp(log))
+    -- (before: a SIGHUP, the file fixed, left the gateway a worker short until the backoff ran out,
+    -- up to a minute) the reload starts the missing worker at once
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("starting another in 8 seconds") ~= nil end,
+      15), helpers.slurp(log))
+    os.remove(broken)
+    os.execute("kill -HUP " .. pid)
+    assert.is_true(helpers.wait_until(function() return select(2, helpers.slurp(log):gsub("listening", "")) == 3 end, 5),
+      helpers.slurp(log))
     assert.is_true(helpers.wait_until(function() return #workers_of(pid) == 2 end, 10))
     for _, p in ipairs(workers_of(pid)) do seen[#seen + 1] = p end
     os.execute("kill -TERM " .. pid)

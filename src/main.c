@@ -489,7 +489,8 @@ static int start_worker(pid_t *pids, double *started, long w, const sigset_t *wo
  * dies within a second of starting three times in a row (a bad config, a
  * port in use) stops the gateway with its exit code (1 for 0), unless
  * another has served for a second: then it is started again after a second,
- * then 2, 4, ... up to 60 while it keeps dying as it starts.
+ * then 2, 4, ... up to 60 while it keeps dying as it starts, or at once on a
+ * SIGHUP (the files fixed).
  * -> -1 in a worker (go on and serve), the exit code in the supervisor */
 static int supervise_workers(long n) {
   pid_t pids[256];
@@ -604,6 +605,14 @@ static int supervise_workers(long n) {
       supervisor_hup = 0;
       for (long w = 0; w < n; w++)
         if (pids[w] > 0) kill(pids[w], SIGHUP);
+      /* a reload says the files were changed: a worker waiting out its
+       * backoff (up to a minute, its policy file saved broken) is tried at
+       * once, not after the gateway stayed a worker short that long */
+      if (vacant && !supervisor_signal) {
+        alarm(0);
+        supervisor_alarm = 1;
+        continue;
+      }
     }
     if (supervisor_signal && passed_on < supervisor_signals) {
       passed_on = supervisor_signals;
