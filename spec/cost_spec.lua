@@ -399,4 +399,33 @@ print(b:state().spent)
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n10\t7,9\n0.0025\n", r.stdout) -- (10: the newest schema)
   end)
+
+  -- (before: the migration ran in the first task that opened the store, and the watchdog stopped
+  -- it: a gateway (5 s) on a ledger of 5 million rows answered each request 503 after 6 s, its
+  -- migration rolled back, and never opened its store)
+  it("a migration that runs longer than --max-task-seconds on a large ledger is not stopped", function()
+    local path = helpers.tmpname(".db")
+    local r = helpers.run_script(([[
+local resil = require "resil"
+assert(resil.store())
+local db = assert(resil.sqlite.open(%q, {}))
+db:tx(function(tx) -- a version-9 ledger of 600,000 rows of a budget's
+  for _, t in ipairs({ "insert", "update", "delete" }) do tx:exec("DROP TRIGGER costs_spent_" .. t) end
+  tx:exec("DROP TABLE budget_spent")
+  tx:exec("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600000) " ..
+    "INSERT INTO costs (at, day, provider, micro_usd, budget, period) " ..
+    "SELECT i, '2026-01-01', 'openai', 1, 'key' || (i %% 500), 'p' || (i %% 300) FROM n")
+  tx:exec("PRAGMA user_version = 9")
+end)
+]]):format(path), "--store " .. path)
+    assert.are.equal(0, r.code, r.stderr)
+    r = helpers.run_script([[
+local resil = require "resil"
+local db = assert(resil.sqlite.open(resil.store().url, {}))
+print(db:tx(function(tx) return tx:value("PRAGMA user_version") end),
+  db:tx(function(tx) return tx:value("SELECT sum(micro_usd) FROM budget_spent") end))
+]], "--max-task-seconds 0.1 --store " .. path)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("10\t600000\n", r.stdout)
+  end)
 end)

@@ -104,6 +104,7 @@ struct resil {
   struct watchdog *watchdog;
   _Atomic unsigned long resume_seq;     /* bumped as a task resume starts and ends: odd while one runs */
   _Atomic int watch_busy;               /* the watchdog looks at what runs: a resume does not end meanwhile */
+  _Atomic int watch_paused;             /* > 0: what runs is the host's own long work (unwatched), not timed */
   _Atomic unsigned long runaway_seq;    /* the resume the watchdog stopped (its hook raises only in it) */
   _Atomic double runaway_seconds;       /* ...and how long it had run (both written by the watchdog's thread) */
   char max_task_seconds_text[32];       /* max_task_seconds as the messages write it */
@@ -225,6 +226,7 @@ void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds); /* from th
 typedef struct watchdog watchdog;
 int watchdog_set(resil_t *R, double seconds); /* 0 or less: none; -1 if its thread cannot start */
 void watchdog_free(resil_t *R);
+int luaopen_resil_watchdog(lua_State *L); /* require "resil.core.watchdog" -> {unwatched = f} */
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
 void loop_guard_coroutines(lua_State *L);      /* coroutine.resume and wrap pass the guards on (at start-up) */
 

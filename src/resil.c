@@ -258,6 +258,7 @@ static const struct {
   {"resil.core.bucket", luaopen_resil_bucket},
   {"resil.core.breaker", luaopen_resil_breaker},
   {"resil.core.metrics", luaopen_resil_metrics},
+  {"resil.core.watchdog", luaopen_resil_watchdog},
 };
 
 #define RESIL_TABLE_KEY "resil.module" /* the resil table, for the embedded modules' loaders */

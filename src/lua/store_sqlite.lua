@@ -4,6 +4,7 @@
 -- Money is integer micro-dollars so that sums are exact.
 local resil = ...
 local owner = require "resil.owner"
+local unwatched = require("resil.core.watchdog").unwatched
 
 local migrations = {
   [[
@@ -180,7 +181,8 @@ local function migrate(db, path, retry)
   repeat version, err = db:read(read_version) until version ~= nil or not retry(err)
   local ok = version == #migrations
   if version ~= nil and not ok then
-    repeat ok, err = db:now(apply_migrations, path) until ok or not retry(err)
+    -- (not timed by the watchdog: rewriting a large ledger's rows takes seconds of SQLite)
+    repeat ok, err = unwatched(db.now, db, apply_migrations, path) until ok or not retry(err)
   end
   if version == nil then return nil, err end
   return ok, err
