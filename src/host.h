@@ -103,7 +103,8 @@ struct resil {
   double max_task_seconds;              /* 0: no watchdog */
   struct watchdog *watchdog;
   _Atomic unsigned long resume_seq;     /* bumped as a task resume starts and ends: odd while one runs */
-  _Atomic int watch_busy;               /* the watchdog looks at what runs: a resume does not end meanwhile */
+  _Atomic unsigned long runaway_request; /* the resume the watchdog's thread asks the loop's to stop */
+  _Atomic double runaway_request_seconds;
   _Atomic int watch_paused;             /* > 0: what runs is the host's own long work (unwatched), not timed */
   _Atomic unsigned long runaway_seq;    /* the resume the watchdog stopped (its hook raises only in it) */
   _Atomic double runaway_seconds;       /* ...and how long it had run (both written by the watchdog's thread) */
@@ -222,7 +223,8 @@ int loop_run_until(resil_t *R, const int *done); /* until *done, no task left or
 int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
-void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds); /* from the watchdog's thread */
+void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds); /* from the watchdog's signal handler */
+extern _Thread_local resil_t *watchdog_host; /* the host whose task this thread is resuming (watchdog.c) */
 typedef struct watchdog watchdog;
 int watchdog_set(resil_t *R, double seconds); /* 0 or less: none; -1 if its thread cannot start */
 void watchdog_free(resil_t *R);

@@ -386,11 +386,12 @@ static void task_resume(resil_t *R, task *t) {
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
   pthread_t self = pthread_self();
   if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self; /* (not rewritten at each resume: read by the watchdog) */
-  atomic_fetch_add(&R->resume_seq, 1); /* odd: a resume runs (watchdog.c) */
+  resil_t *outer_host = watchdog_host;
+  watchdog_host = R; /* the watchdog's signal finds the host it stops here (watchdog.c) */
+  atomic_fetch_add(&R->resume_seq, 1); /* odd: a resume runs */
   int status = lua_resume(t->co, R->L, nargs, &nres);
   atomic_fetch_add(&R->resume_seq, 1);
-  while (atomic_load(&R->watch_busy)) {
-  } /* the watchdog's look at this resume ends first (it sets hooks on its threads) */
+  watchdog_host = outer_host;
   R->current = NULL;
   if (status == LUA_YIELD && t->stop_cut) { /* the stop watch's: ended as a cancel, its <close> handlers run */
     t->stop_cut = 0;
@@ -559,7 +560,6 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   resil_t *R = resil_from_lua(L);
   task *t = R->current;
-  atomic_thread_fence(memory_order_acquire); /* what the watchdog wrote before it set this hook */
   if (!t || atomic_load(&R->resume_seq) != atomic_load(&R->runaway_seq)) {
     lua_sethook(L, NULL, 0, 0);
     return;
@@ -571,10 +571,7 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
   lua_sethook(L, runaway_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
   /* so do the threads that resumed L: one that gets the error as
    * coroutine.resume's false, err runs on as after a pcall, not cut at its
-   * next instruction with the message lost (the watchdog first done setting
-   * their hooks) */
-  while (atomic_load(&R->watch_busy)) {
-  }
+   * next instruction with the message lost */
   if (t->co != L) lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
   for (nested_run *n = R->nested; n; n = n->outer)
     if (n->co != L) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
@@ -589,17 +586,18 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
   lua_error(L);
 }
 
-/* From the watchdog's thread, while the loop cannot end this resume
- * (R->watch_busy): only hooks, on the task's thread and the coroutines it
- * is running. */
+/* From the watchdog's signal handler, on the loop's own thread, in the
+ * resume `seq` (as lua.c sets its hook from SIGINT's handler: Lua allows it
+ * there, not from another thread, since lua_sethook walks the thread's call
+ * frames): only hooks, on the task's thread and the coroutines it is
+ * running. */
 void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds) {
   task *t = R->current;
   if (!t) return;
   atomic_store(&R->runaway_seconds, seconds);
   atomic_store(&R->runaway_seq, seq);
-  atomic_thread_fence(memory_order_seq_cst); /* seen by the hook before the hook is (its thread reads them) */
   lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, 1);
-  for (nested_run *n = __atomic_load_n(&R->nested, __ATOMIC_ACQUIRE); n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
+  for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
 }
 
 /* From task_resume, and from a signal handler (resil_request_stop): only
@@ -717,15 +715,12 @@ static int resume_nested(lua_State *L, lua_State *co, int narg) {
     return -1;
   }
   nested_run run = {co, L, R->nested};
-  /* whole before a signal handler or the watchdog's thread can follow the link */
+  /* whole before a signal handler can follow the link */
   __atomic_store_n(&R->nested, &run, __ATOMIC_RELEASE);
   if (guard_nested(L, co)) R->current->instructions += nested_part(R); /* what its hook may never see */
   lua_xmove(L, co, narg);
   int status = lua_resume(co, L, narg, &nres);
   __atomic_store_n(&R->nested, run.outer, __ATOMIC_SEQ_CST);
-  atomic_thread_fence(memory_order_seq_cst);
-  while (atomic_load(&R->watch_busy)) {
-  } /* the watchdog may be reading `run` (this frame): it is done with it first */
   task *t = R->current;
   if (status == LUA_YIELD && t && t->stop_cut) { /* stop_watch_hook's yield, or a resume's passing it on */
     lua_pop(co, nres);

@@ -10,12 +10,17 @@
  * bumps as each task resume starts and ends (odd: one is running), and when
  * the same resume has used `seconds` of the loop thread's CPU time (not
  * wall time: a process stopped with SIGSTOP, or a machine that runs other
- * work, does not count), arms a hook on the running task (loop_arm_runaway)
- * that raises where it runs, as the instruction cap does.
+ * work, does not count), has a hook set on the running task that raises
+ * where it runs, as the instruction cap does.
  *
- * The thread and the loop meet only through atomics: watch_busy keeps the
- * loop from ending a resume (and a nested coroutine's) while the thread
- * looks at what runs (task_resume and resume_nested wait for it to clear).
+ * The hook is set on the loop's own thread: the watchdog's thread sends it
+ * SIGURG (pthread_kill) and the handler sets it (loop_arm_runaway), as
+ * lua.c sets its hook from SIGINT's handler. lua_sethook walks the Lua
+ * thread's call frames, which another OS thread must not do while they
+ * change. The two threads share only atomics: the resume counter, and the
+ * resume the watchdog asks to stop (a handler that comes after that resume
+ * ended does nothing). An embedder that uses SIGURG itself should not turn
+ * the watchdog on.
  */
 #include <errno.h>
 #include <signal.h>
@@ -23,9 +28,41 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "host.h"
+
+/* SIGURG: ignored by default, so one that comes when no handler is set
+ * (or after a host closed) does nothing; Go's runtime preempts with it
+ * too. */
+#define WATCHDOG_SIGNAL SIGURG
+
+_Thread_local resil_t *watchdog_host;
+
+/* On the loop's thread, interrupted wherever it was: hooks only
+ * (loop_arm_runaway), and only in the resume the watchdog saw run. */
+static void on_watchdog_signal(int signo) {
+  (void)signo;
+  int saved = errno;
+  resil_t *R = watchdog_host;
+  if (R) {
+    unsigned long seq = atomic_load(&R->runaway_request);
+    if (seq && atomic_load(&R->resume_seq) == seq && atomic_load(&R->runaway_seq) != seq)
+      loop_arm_runaway(R, seq, atomic_load(&R->runaway_request_seconds));
+  }
+  errno = saved;
+}
+
+static pthread_once_t handler_once = PTHREAD_ONCE_INIT;
+static void install_handler(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_watchdog_signal;
+  sa.sa_flags = SA_RESTART; /* the loop's system calls go on */
+  sigemptyset(&sa.sa_mask);
+  sigaction(WATCHDOG_SIGNAL, &sa, NULL);
+}
 
 struct watchdog {
   resil_t *R;
@@ -72,10 +109,11 @@ static void *watch_main(void *arg) {
       continue;
     }
     if (now - seen_since < w->seconds || atomic_load(&R->runaway_seq) == seq) continue;
-    /* the same resume for `seconds`: stop it, unless it ends right now */
-    atomic_store(&R->watch_busy, 1);
-    if (atomic_load(&R->resume_seq) == seq) loop_arm_runaway(R, seq, now - seen_since);
-    atomic_store(&R->watch_busy, 0);
+    /* the same resume for `seconds`: the loop's thread is told to stop it
+     * (its handler does nothing if that resume has ended meanwhile) */
+    atomic_store(&R->runaway_request_seconds, now - seen_since);
+    atomic_store(&R->runaway_request, seq);
+    pthread_kill(R->loop_thread, WATCHDOG_SIGNAL);
   }
   pthread_mutex_unlock(&w->lock);
   return NULL;
@@ -99,6 +137,7 @@ int watchdog_set(resil_t *R, double seconds) {
   watchdog_stop(R);
   R->max_task_seconds = 0;
   if (!(seconds > 0)) return 0;
+  pthread_once(&handler_once, install_handler);
   watchdog *w = calloc(1, sizeof *w);
   if (!w) return -1;
   w->R = R;
