@@ -70,7 +70,7 @@ static void usage(FILE *out) {
           "       " PROGNAME " budgets [--json] | show NAME | release NAME [--stale] | set NAME --limit USD [--per day]\n"
           "       " PROGNAME " gateway [--listen HOST:PORT] [--config FILE] [--workers N] [options]\n"
           "       " PROGNAME " keys add --name NAME [--budget USD/day] [--rpm N] [--tpm N] [--models a,b] | list | revoke NAME\n"
-          "       " PROGNAME " check [files...]                 policy files and the model registry, without running\n"
+          "       " PROGNAME " check [--policies DIR] [files...] policy files and the model registry, without running\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
           "  -                       read the script from stdin\n"
@@ -309,6 +309,10 @@ static int run_command(const char *name, const char *chunk, int argc, char **arg
   opts.log_level = "warn";
   opts.sandbox = RESIL_SANDBOX_OFF;
   for (int i = 0; i < argc; i++) {
+    if (strcmp(name, "check") == 0 && strcmp(argv[i], "--policies") == 0) { /* (check reads it too) */
+      if (i + 1 >= argc) return fail("%s: --policies needs a folder", name);
+      opts.policies_dir = argv[i + 1];
+    }
     if (strcmp(argv[i], "--store") != 0) continue;
     if (i + 1 >= argc) return fail("%s: --store needs a path or URL", name);
     opts.store = argv[i + 1];

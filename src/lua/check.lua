@@ -124,18 +124,35 @@ end
 
 return function(args)
   local files, seen = {}, {}
-  for i = 1, #args do
-    if args[i]:sub(1, 1) == "-" then
-      io.stderr:write(("resil-lua check: unknown option '%s' (usage: resil-lua check [files...])\n"):format(args[i]))
+  -- --policies DIR: the policy folder, as a pipeline's or gateway's (src/main.c has
+  -- also made require find it first); its files are checked when none are named
+  local dir = "policies"
+  local i = 1
+  while i <= #args do
+    if args[i] == "--policies" and args[i + 1] then
+      dir = (args[i + 1]:gsub("/+$", ""))
+      i = i + 2
+    elseif args[i]:sub(1, 1) == "-" then
+      io.stderr:write(("resil-lua check: unknown option '%s' (usage: resil-lua check [--policies DIR] [files...])\n")
+        :format(args[i]))
       os.exit(2)
+    else
+      files[#files + 1] = args[i]
+      i = i + 1
     end
-    files[#files + 1] = args[i]
   end
   if #files == 0 then
-    files = list_dir("policies")
+    files = list_dir(dir)
     -- a project's own provider adapters are policy files too (one broken was
     -- reported only as "unknown provider ... (no policies/providers/x.lua)")
-    for _, f in ipairs(list_dir("policies/providers")) do files[#files + 1] = f end
+    for _, f in ipairs(list_dir(dir .. "/providers")) do files[#files + 1] = f end
+  end
+  -- a file of the policy folder is the module require finds by its name
+  local function module_of(path)
+    local rest = path:sub(1, #dir + 1) == dir .. "/" and path:sub(#dir + 2) or path:match("policies/(.+)$")
+    local name = rest and rest:match("^([^/]+)%.lua$") or rest and rest:match("^providers/([^/]+)%.lua$")
+    if not name then return nil end
+    return rest:match("^providers/") and "policies.providers." .. name or "policies." .. name
   end
   local problems, said = {}, {}
   local function add(level, message)
@@ -193,8 +210,8 @@ return function(args)
         local ok, entries = run_capped(path, chunk)
         if not ok then add("error", tostring(entries)) else check_registry(path, entries) end
         registry_checked = true
-      elseif path:match("policies/[^/]+%.lua$") or path:match("policies/providers/[^/]+%.lua$") then
-        local modname = "policies." .. path:match("policies/(.-)%.lua$"):gsub("/", ".")
+      elseif module_of(path) then
+        local modname = module_of(path)
         local ok, mod = run_capped(path, chunk, modname)
         if not ok then add("error", tostring(mod))
         elseif type(mod) ~= "table" then
