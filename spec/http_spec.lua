@@ -113,6 +113,22 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal("too_large", many.kind)
   end)
 
+  -- (libcurl asks for "Expect: 100-continue" on bodies past 1 MiB, a round trip before the body)
+  it("sends no Expect: 100-continue, for a small body or one past 1 MiB", function()
+    local seen = {}
+    local server = resil.server.listen({ max_body = 4 * 1024 * 1024, handler = function(req)
+      seen[#seen + 1] = { expect = req.headers.expect or "none", size = #req.body }
+      return { status = 200, body = "ok" }
+    end })
+    local url = ("http://127.0.0.1:%d/up"):format(server:port())
+    for _, size in ipairs({ 10, 2 * 1024 * 1024 }) do
+      local res = assert(http.request({ method = "POST", url = url, body = ("x"):rep(size) }))
+      assert.are.equal(200, res.status)
+    end
+    server:close()
+    assert.are.same({ { expect = "none", size = 10 }, { expect = "none", size = 2 * 1024 * 1024 } }, seen)
+  end)
+
   it("gives kind=too_large past max_body, without buffering the rest", function()
     local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {}, max_body = 10 })
     assert.is_nil(res)

@@ -1377,9 +1377,11 @@ static void check_header_text(lua_State *L, const char *name, const char *s, siz
       resil_raise(L, "http request: the %s of header '%s' contains a line break or NUL", what, name);
 }
 
+#define EXPECT_100_AT (1024 * 1024) /* libcurl's EXPECT_100_THRESHOLD: it asks past this */
+
 /* The request's header lines, each ending in "\n", into H's scratch buffer
  * (reused, so an error raised half-way leaks nothing). */
-static void header_text(lua_State *L, http_state *H, int t, int json) {
+static void header_text(lua_State *L, http_state *H, int t, int json, int big_body) {
   buffer *b = &H->scratch;
   int has_agent = 0, has_type = 0;
   b->len = 0;
@@ -1402,10 +1404,12 @@ static void header_text(lua_State *L, http_state *H, int t, int json) {
       lua_pop(L, 1);
     }
   }
-  /* no "Expect: 100-continue" round trip on large bodies; our User-Agent
-   * unless the request has its own (a header line: cheaper for curl than
-   * CURLOPT_USERAGENT, which it formats anew for every request) */
-  if (buffer_append(b, "Expect:\n", 8) != 0) luaL_error(L, "not enough memory");
+  /* no "Expect: 100-continue" round trip on large bodies (libcurl asks for
+   * one past 1 MiB only: below, the line would only cost curl a compare with
+   * each header it adds); our User-Agent unless the request has its own (a
+   * header line: cheaper for curl than CURLOPT_USERAGENT, which it formats
+   * anew for every request) */
+  if (big_body && buffer_append(b, "Expect:\n", 8) != 0) luaL_error(L, "not enough memory");
   if (json && !has_type && buffer_append(b, "Content-Type: application/json\n", 31) != 0)
     luaL_error(L, "not enough memory");
   if (!has_agent && buffer_append(b, DEFAULT_AGENT "\n", sizeof DEFAULT_AGENT) != 0) luaL_error(L, "not enough memory");
@@ -1413,8 +1417,8 @@ static void header_text(lua_State *L, http_state *H, int t, int json) {
 
 /* The header set for the headers table at t: the last one when the lines
  * are the same, else a new one that becomes the last. Takes no reference. */
-static header_set *header_set_for(lua_State *L, http_state *H, int t, int json) {
-  header_text(L, H, t, json);
+static header_set *header_set_for(lua_State *L, http_state *H, int t, int json, int big_body) {
+  header_text(L, H, t, json, big_body);
   const char *text = H->scratch.data;
   size_t len = H->scratch.len;
   header_set *hs = H->last_headers;
@@ -1691,10 +1695,10 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   }
   int json = !lua_isnil(L, SLOT_JSON);
   if (json) encode_json_body(L);
-  header_set *hs = header_set_for(L, H, SLOT_HEADERS, json);
-  if (f.insecure) warn_insecure(L, url);
   size_t body_len = 0;
   const char *body = lua_tolstring(L, SLOT_BODY, &body_len);
+  header_set *hs = header_set_for(L, H, SLOT_HEADERS, json, body_len > EXPECT_100_AT);
+  if (f.insecure) warn_insecure(L, url);
   int origin = origin_index(H, url);
   if (origin < 0) luaL_error(L, "not enough memory");
 
