@@ -998,15 +998,18 @@ local function model_not_found(t, err)
     error = tostring(err.message or err) })
 end
 
+-- a target's attempts that failed -> nil, err (a table error names its model; a 404 is told)
+local function target_failed(t, err)
+  if type(err) == "table" then
+    err.model = err.model or t.model
+    model_not_found(t, err)
+  end
+  return nil, err
+end
+
 local function chat_attempts(t, req, guard, wire, deadline)
   local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
-  if res == nil then
-    if type(err) == "table" then
-      err.model = err.model or t.model
-      model_not_found(t, err)
-    end
-    return nil, err
-  end
+  if res == nil then return target_failed(t, err) end
   local data = classify.decoded(res)
   local r = t.adapter.parse(data)
   if r.usage then r.usage.requests = 1 end
@@ -1269,13 +1272,7 @@ local function open(self)
     local opener = stream_opener(t, req, refused_list(guard, t))
     strategies[i] = { name = t.name, fn = function(_, deadline)
       local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t), req.give_up)
-      if res == nil then
-        if type(err) == "table" then
-          err.model = err.model or t.model
-          model_not_found(t, err)
-        end
-        return nil, err
-      end
+      if res == nil then return target_failed(t, err) end
       return { res = res, target = t }
     end }
   end
@@ -1503,13 +1500,7 @@ local function embed_strategy(spec, req, level, guard)
     headers = adapter.headers(key or nil, conf), json = adapter.embed_body(req, model, conf) }
   return { name = t.name, t = t, fn = function(_, deadline)
     local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
-    if res == nil then
-      if type(cerr) == "table" then
-        cerr.model = cerr.model or model
-        model_not_found(t, cerr)
-      end
-      return nil, cerr
-    end
+    if res == nil then return target_failed(t, cerr) end
     local r = adapter.embed_parse(classify.decoded(res))
     r.attempts = res.attempts
     r.usage.requests = 1

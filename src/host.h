@@ -98,17 +98,14 @@ struct resil {
   double close_by;                      /* > 0: the monotonic time a graceful stop ends by (resil.stop_now):
                                          * the stores' last writes as the host closes wait no later */
   struct nested_run *volatile nested;   /* the coroutines being resumed from Lua, innermost first (loop.c) */
-  /* the watchdog (watchdog.c): a task resume that runs max_task_seconds of
-   * CPU without yielding is stopped */
-  double max_task_seconds;              /* 0: no watchdog */
-  struct watchdog *watchdog;
+  /* the watchdog (watchdog.c): a task resume that runs --max-task-seconds
+   * of CPU without yielding is stopped */
+  struct watchdog *watchdog;            /* NULL: none */
   _Atomic unsigned long resume_seq;     /* bumped as a task resume starts and ends: odd while one runs */
-  _Atomic unsigned long runaway_request; /* the resume the watchdog's thread asks the loop's to stop */
-  _Atomic double runaway_request_seconds;
+  _Atomic unsigned long runaway_request; /* the resume the watchdog stops (its hook raises only in it) */
+  _Atomic double runaway_request_seconds; /* ...and how long it had run (both written by the watchdog's thread) */
   _Atomic int watch_paused;             /* > 0: what runs is the host's own long work (unwatched), not timed */
-  _Atomic unsigned long runaway_seq;    /* the resume the watchdog stopped (its hook raises only in it) */
-  _Atomic double runaway_seconds;       /* ...and how long it had run (both written by the watchdog's thread) */
-  char max_task_seconds_text[32];       /* max_task_seconds as the messages write it */
+  char max_task_seconds_text[32];       /* --max-task-seconds as the messages write it */
   pthread_t loop_thread;                /* the thread of the running resume (its CPU clock): written only when
                                          * it changes, before resume_seq marks the resume (the watchdog reads it) */
 
@@ -223,7 +220,7 @@ int loop_run_until(resil_t *R, const int *done); /* until *done, no task left or
 int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
-void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds); /* from the watchdog's signal handler */
+void loop_arm_runaway(resil_t *R); /* from the watchdog's signal handler */
 extern _Thread_local resil_t *watchdog_host; /* the host whose task this thread is resuming (watchdog.c) */
 typedef struct watchdog watchdog;
 int watchdog_set(resil_t *R, double seconds); /* 0 or less: none; -1 if its thread cannot start */

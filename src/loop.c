@@ -560,7 +560,7 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   resil_t *R = resil_from_lua(L);
   task *t = R->current;
-  if (!t || atomic_load(&R->resume_seq) != atomic_load(&R->runaway_seq)) {
+  if (!t || atomic_load(&R->resume_seq) != atomic_load(&R->runaway_request)) {
     lua_sethook(L, NULL, 0, 0);
     return;
   }
@@ -580,7 +580,7 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
   if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
     snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
   char ran[32];
-  snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_seconds));
+  snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_request_seconds));
   lua_pushfstring(L, "%stask %d (%s) ran %s s without yielding (--max-task-seconds=%s)", at, t->id, task_where(t), ran,
                   R->max_task_seconds_text);
   lua_error(L);
@@ -589,13 +589,11 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
 /* From the watchdog's signal handler, on the loop's own thread, in the
  * resume `seq` (as lua.c sets its hook from SIGINT's handler: Lua allows it
  * there, not from another thread, since lua_sethook walks the thread's call
- * frames): only hooks, on the task's thread and the coroutines it is
- * running. */
-void loop_arm_runaway(resil_t *R, unsigned long seq, double seconds) {
+ * frames), the resume R->runaway_request names still running: only hooks,
+ * on the task's thread and the coroutines it is running. */
+void loop_arm_runaway(resil_t *R) {
   task *t = R->current;
   if (!t) return;
-  atomic_store(&R->runaway_seconds, seconds);
-  atomic_store(&R->runaway_seq, seq);
   lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, 1);
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
 }

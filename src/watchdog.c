@@ -48,8 +48,7 @@ static void on_watchdog_signal(int signo) {
   resil_t *R = watchdog_host;
   if (R) {
     unsigned long seq = atomic_load(&R->runaway_request);
-    if (seq && atomic_load(&R->resume_seq) == seq && atomic_load(&R->runaway_seq) != seq)
-      loop_arm_runaway(R, seq, atomic_load(&R->runaway_request_seconds));
+    if (seq && atomic_load(&R->resume_seq) == seq) loop_arm_runaway(R);
   }
   errno = saved;
 }
@@ -108,7 +107,7 @@ static void *watch_main(void *arg) {
       seen_since = now;
       continue;
     }
-    if (now - seen_since < w->seconds || atomic_load(&R->runaway_seq) == seq) continue;
+    if (now - seen_since < w->seconds || atomic_load(&R->runaway_request) == seq) continue; /* (asked once) */
     /* the same resume for `seconds`: the loop's thread is told to stop it
      * (its handler does nothing if that resume has ended meanwhile) */
     atomic_store(&R->runaway_request_seconds, now - seen_since);
@@ -135,7 +134,6 @@ static void watchdog_stop(resil_t *R) {
 
 int watchdog_set(resil_t *R, double seconds) {
   watchdog_stop(R);
-  R->max_task_seconds = 0;
   if (!(seconds > 0)) return 0;
   pthread_once(&handler_once, install_handler);
   watchdog *w = calloc(1, sizeof *w);
@@ -161,7 +159,6 @@ int watchdog_set(resil_t *R, double seconds) {
     return -1;
   }
   R->watchdog = w;
-  R->max_task_seconds = seconds;
   snprintf(R->max_task_seconds_text, sizeof R->max_task_seconds_text, "%g", seconds);
   return 0;
 }
