@@ -67,6 +67,7 @@ struct resil {
   int tasks_alive;
   int next_task_id;
   int io_pending; /* real I/O that tasks wait on (HTTP transfers) */
+  int store_io_pending; /* of which store commands (Redis): the virtual clock waits longer for them */
   int disk_pending; /* local disk work tasks wait on (a store's sync): the virtual clock waits for it, no grace */
 
   /* clock */

@@ -59,6 +59,10 @@ typedef struct {
    * are held here, not pipelined behind it; a server without that database
    * would run them in database 0 (another app's keys, or another store's) */
   int selecting;
+  /* SELECT of this database answered OK on this server before: a write that
+   * must reach a frozen server (sends_when_down) is pipelined behind the
+   * SELECT of a new connection instead of held, or it never reached it */
+  int db_selected;
   struct redis_cmd *held_first, *held_last;
   /* answered commands whose task has not resumed yet (the continuation frees
    * each): at the host's close no task resumes, and they are freed here */
@@ -216,6 +220,7 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   if (cmd->deadline) event_free(cmd->deadline);
   cmd->deadline = NULL;
   c->R->io_pending--;
+  c->R->store_io_pending--;
   if (--c->pending == 0 && c->ref_self != LUA_NOREF) {
     luaL_unref(L, LUA_REGISTRYINDEX, c->ref_self);
     c->ref_self = LUA_NOREF;
@@ -325,6 +330,7 @@ static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) 
   redis_conn *c = privdata;
   redisReply *r = reply;
   int ok = r && r->type != REDIS_REPLY_ERROR;
+  if (ok) c->db_selected = 1;
   if (r && !ok)
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: database %d: %s", c->host, c->port, c->db, r->str);
   c->selecting = 0;
@@ -537,7 +543,11 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
   if (!cmd) luaL_error(L, "out of memory");
   cmd->c = c;
   cmd->ref_result = cmd->ref_done = LUA_NOREF;
-  if (c->selecting) { /* after the SELECT's reply (on_select_reply) */
+  /* after the SELECT's reply (on_select_reply); a write retried through an
+   * outage goes behind it at once if this database was selected before: held,
+   * it never reached a frozen server (the connection dropped at each timeout),
+   * which then ran the claim or reservation it was to give up, and no other */
+  if (c->selecting && !(c->db_selected && sends_when_down(L))) {
     if (!hold_command(c, cmd, (int)redisFormatCommandArgv(&cmd->held, argc, argv_s, argv_len))) {
       free(cmd);
       luaL_error(L, "out of memory");
@@ -548,7 +558,8 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
                        c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
     return NULL;
   }
-  c->R->io_pending++; /* real I/O: the virtual clock waits for it as for HTTP */
+  c->R->io_pending++; /* real I/O: the virtual clock waits for it, as for HTTP, and longer (loop.c) */
+  c->R->store_io_pending++;
   start_deadline(c, cmd);
   if (c->pending++ == 0) {
     lua_pushvalue(L, 1);

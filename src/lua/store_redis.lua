@@ -589,17 +589,32 @@ function R:script(name, keys, ...)
   for i = 1, #keys do args[#args + 1] = keys[i] end
   for i = 1, select("#", ...) do args[#args + 1] = (select(i, ...)) end
   self.ops = self.ops + 1
-  local sha, reply, err = self.shas[name], nil, nil
+  local sha = self.shas[name]
   if sha then
     args[2] = sha
-    reply, err = self.conn:call(table.unpack(args))
+    local reply, err = self.conn:call(table.unpack(args))
     if reply ~= nil or not (err and tostring(err.message):match("NOSCRIPT")) then return reply, err end
+    self.shas[name] = nil -- (the server's scripts were flushed)
   end
-  sha, err = self.conn:call("SCRIPT", "LOAD", scripts[name])
-  if not sha then return nil, err end
-  self.shas[name] = sha
-  args[2] = sha
-  return self.conn:call(table.unpack(args))
+  -- A script not loaded yet goes whole (EVAL), in one round trip, and is
+  -- loaded for the next call. (A SCRIPT LOAD first waited for its answer: a
+  -- write retried through an outage never reached a frozen server, which
+  -- then ran the claim it was to give up as it thawed.)
+  args[1], args[2] = "EVAL", scripts[name]
+  local reply, err = self.conn:call(table.unpack(args))
+  self:load_later(name)
+  return reply, err
+end
+
+-- one SCRIPT LOAD at a time per script, its answer not waited for
+function R:load_later(name)
+  if self.shas[name] or self.loading[name] then return end
+  self.loading[name] = true
+  local ok = self.conn:send(function(loaded)
+    self.loading[name] = nil
+    if type(loaded) == "string" then self.shas[name] = loaded end
+  end, "SCRIPT", "LOAD", scripts[name])
+  if not ok then self.loading[name] = nil end
 end
 
 -- The same without waiting (wait = false writes): sent now, before any
@@ -621,14 +636,8 @@ function R:script_later(name, keys, args, done)
       done(reply, rerr)
     end, table.unpack(argv))
     if not ok then return done(nil, err) end
-    -- one SCRIPT LOAD at a time per script: a burst before its reply sent one per row
-    if not sha and not self.shas[name] and not self.loading[name] then
-      self.loading[name] = true
-      self.conn:send(function(loaded)
-        self.loading[name] = nil
-        if type(loaded) == "string" then self.shas[name] = loaded end
-      end, "SCRIPT", "LOAD", scripts[name])
-    end
+    -- (a burst before the load's reply sent one SCRIPT LOAD per row)
+    if not sha then self:load_later(name) end
   end
   send(self.shas[name])
 end
