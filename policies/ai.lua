@@ -495,7 +495,7 @@ local function unasked(tier) return tier == nil or tier == "auto" end
 local SERVED_TIERS_MAX = 1000
 local function learn_tier(t, req, r)
   local tier = type(r.usage) == "table" and r.usage.service_tier
-  if type(tier) ~= "string" or not t.adapter.service_tier then return end
+  if not tier or type(tier) ~= "string" or not t.adapter.service_tier then return end -- (no tier: no call)
   local learned = served_tiers.by[t.name]
   if learned and learned.tiers[tier] then return end
   if not unasked(asked_tier(t, request_for(t, req))) then return end

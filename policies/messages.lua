@@ -137,6 +137,12 @@ local function user_to_openai(m, out)
   end
 end
 
+-- an assistant turn merged by messages.openai gets its texts, joined once
+local function close_turn(merged, texts)
+  local text = table.concat(texts)
+  merged.content = (text ~= "" or not merged.tool_calls) and text or nil
+end
+
 -- messages.openai(req) -> the messages of an OpenAI chat completion
 function messages.openai(req)
   local out = {}
@@ -144,15 +150,10 @@ function messages.openai(req)
   -- the last assistant message translated here and its texts: a next one joins it (one turn,
   -- as Anthropic reads it; the texts joined once, not one concatenation per message)
   local merged, texts
-  local function close_turn()
-    if not merged then return end
-    local text = table.concat(texts)
-    merged.content = (text ~= "" or not merged.tool_calls) and text or nil
-    merged, texts = nil, nil
-  end
   for _, m in ipairs(req.messages) do
-    if openai_ready(m.content) then
-      close_turn()
+    local content = m.content
+    if type(content) ~= "table" or openai_ready(content) then -- (text: the usual message, no call)
+      if merged then close_turn(merged, texts); merged, texts = nil, nil end
       out[#out + 1] = m
     elseif m.role == "assistant" then
       local a = assistant_to_openai(m)
@@ -168,11 +169,11 @@ function messages.openai(req)
         end
       end
     else
-      close_turn()
+      if merged then close_turn(merged, texts); merged, texts = nil, nil end
       user_to_openai(m, out)
     end
   end
-  close_turn()
+  if merged then close_turn(merged, texts) end
   return out
 end
 

@@ -20,10 +20,6 @@ local openai = {
   default_base = "https://api.openai.com/v1",
 }
 
--- the fields of the normalized request this adapter sends as they are
-local PASSED = { "temperature", "top_p", "tool_choice", "n", "seed", "user", "response_format",
-  "parallel_tool_calls", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort" }
-
 function openai.url(base) return base .. "/chat/completions" end
 
 function openai.headers(key)
@@ -53,26 +49,54 @@ end
 function openai.body(req, model, conf)
   -- fields for this wire format only (logprobs, store, ...) first: a fallback
   -- to another provider does not send them, and what is set below wins
-  local body = {}
   local own = req.provider_options and req.provider_options[openai.name]
-  if own then for k, v in pairs(own) do body[k] = v end end
+  local body
+  if own then
+    body = {}
+    for k, v in pairs(own) do body[k] = v end
+    body.model = model
+  else -- (made at the size of a usual body: grown key by key it rehashed three times)
+    body = { model = model, messages = false, max_tokens = nil, user = nil }
+  end
   -- the provider's config's processing tier, for a request that names none (null names none)
   if conf.service_tier ~= nil and (body.service_tier == nil or body.service_tier == json.null) then
     body.service_tier = conf.service_tier
   end
-  body.model, body.messages = model, messages.openai(req)
+  body.messages = messages.openai(req)
   if req.max_tokens then
     -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
     -- compatible servers document max_tokens
     local field = conf.max_tokens_field or (conf.official and "max_completion_tokens" or "max_tokens")
     body[field] = req.max_tokens
   end
-  for i = 1, #PASSED do -- (a request has as many fields of its own: the list is the shorter walk)
-    local k = PASSED[i]
-    local v = req[k]
-    if v ~= nil then body[k] = v end
-  end
-  if req.stop ~= nil then body.stop = req.stop end
+  -- the fields of the normalized request sent as they are, each read by its name (walking a
+  -- list of their names, each read by a key from it, cost some 5k instructions a call)
+  local v = req.temperature
+  if v ~= nil then body.temperature = v end
+  v = req.top_p
+  if v ~= nil then body.top_p = v end
+  v = req.tool_choice
+  if v ~= nil then body.tool_choice = v end
+  v = req.n
+  if v ~= nil then body.n = v end
+  v = req.seed
+  if v ~= nil then body.seed = v end
+  v = req.user
+  if v ~= nil then body.user = v end
+  v = req.response_format
+  if v ~= nil then body.response_format = v end
+  v = req.parallel_tool_calls
+  if v ~= nil then body.parallel_tool_calls = v end
+  v = req.presence_penalty
+  if v ~= nil then body.presence_penalty = v end
+  v = req.frequency_penalty
+  if v ~= nil then body.frequency_penalty = v end
+  v = req.logit_bias
+  if v ~= nil then body.logit_bias = v end
+  v = req.reasoning_effort
+  if v ~= nil then body.reasoning_effort = v end
+  v = req.stop
+  if v ~= nil then body.stop = v end
   body.tools = tools_of(req.tools)
   if req.stream then
     body.stream = true
@@ -84,9 +108,11 @@ end
 
 -- a count the provider sent: a finite number >= 0, else absent (an infinite or
 -- negative count cannot be priced, stored or settled)
-local HUGE, tointeger = math.huge, math.tointeger
+local HUGE, tointeger, math_type = math.huge, math.tointeger, math.type
 local function num(v)
-  return type(v) == "number" and v >= 0 and v < HUGE and (tointeger(v) or v) or nil
+  local t = math_type(v) -- (one call for the usual integer, not three)
+  if t == "integer" then return v >= 0 and v or nil end
+  return t == "float" and v >= 0 and v < HUGE and (tointeger(v) or v) or nil
 end
 
 -- the main counts of a usage: a usage that has neither, or one the provider
@@ -116,11 +142,13 @@ function openai.usage(u, tier)
   input = input or 0
   local details, out_details = u.prompt_tokens_details, u.completion_tokens_details
   -- (cached ones are a part of the input: more would price the rest below zero)
-  local cached = math.min(type(details) == "table" and num(details.cached_tokens) or 0, input)
+  -- (each optional part looked at only when the answer has it)
+  local cached = details ~= nil and type(details) == "table" and num(details.cached_tokens)
+  cached = cached and math.min(cached, input) or 0
   return { input_tokens = input, output_tokens = output or 0,
     cached_input_tokens = cached, cache_write_tokens = 0,
-    reasoning_tokens = type(out_details) == "table" and num(out_details.reasoning_tokens) or nil,
-    service_tier = openai.service_tier(tier) }
+    reasoning_tokens = out_details ~= nil and type(out_details) == "table" and num(out_details.reasoning_tokens) or nil,
+    service_tier = tier ~= nil and openai.service_tier(tier) or nil }
 end
 
 -- a decoded JSON object (a table that is not a non-empty array)
@@ -159,15 +187,23 @@ function openai.parse(data)
   end
   local first = data.choices[1]
   local message = type(first.message) == "table" and first.message or {}
-  local calls, bad_calls = tool_calls_of(message.tool_calls, first.finish_reason == "length")
-  if bad_calls then return nil, bad_calls end
+  -- (a field an answer seldom has is looked at only when it is there: a type() call is some 400
+  -- instructions, and this runs on every answer)
+  local calls, bad_calls
+  if message.tool_calls ~= nil then
+    calls, bad_calls = tool_calls_of(message.tool_calls, first.finish_reason == "length")
+    if bad_calls then return nil, bad_calls end
+  end
   local r = { id = data.id, model = data.model, text = type(message.content) == "string" and message.content or "",
     finish_reason = first.finish_reason ~= json.null and first.finish_reason or nil,
     tool_calls = calls, usage = openai.usage(data.usage, data.service_tier) }
   if message.refusal and message.refusal ~= json.null then r.refusal = message.refusal end
   -- an answer in a field of its own (a legacy function_call, audio): relayed whole to an
   -- OpenAI client, never "empty" (retried and paid again)
-  if type(message.function_call) == "table" or type(message.audio) == "table" then r.other_output = true end
+  local function_call, audio = message.function_call, message.audio
+  if function_call ~= nil and type(function_call) == "table" or audio ~= nil and type(audio) == "table" then
+    r.other_output = true
+  end
   if #data.choices > 1 then
     r.choices = {}
     for i, c in ipairs(data.choices) do
