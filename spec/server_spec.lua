@@ -234,6 +234,37 @@ describe("server replies", function()
   end)
 end)
 
+  -- (the Date line is the server's own, made once a second: libevent's cost a gmtime and a printf each reply)
+  it("carry one Date header in RFC 1123 form on HTTP/1.1 (a handler's own kept), none on HTTP/1.0", function()
+    for _, tasks in ipairs({ "false", "true" }) do
+      local pid, port = start_server([[function(req)
+        if req.path == "/own" then return { status = 200, headers = { date = "Mon, 01 Jan 2024 00:00:00 GMT" } } end
+        if req.path == "/chunks" then return { status = 200, chunks = { "a", "b" } } end
+        if req.path == "/stream" then return { status = 200, stream = function(write) write("a") end } end
+        return { status = tonumber(req.path:sub(2)) or 200, body = "x" }
+      end]], nil, "tasks = " .. tasks)
+      local function dates(path, args)
+        local r = helpers.run(("curl -si --max-time 10 %s 'http://127.0.0.1:%s%s'"):format(args or "", port, path))
+        local found = {}
+        for v in r.stdout:gmatch("\r\n[Dd]ate: ([^\r]*)") do found[#found + 1] = v end
+        return found, r.stdout
+      end
+      local rfc1123 = "^%u%l%l, %d%d %u%l%l %d%d%d%d %d%d:%d%d:%d%d GMT$"
+      for _, path in ipairs({ "/200", "/404", "/204", "/chunks", tasks == "true" and "/stream" or "/500" }) do
+        local found, raw = dates(path)
+        assert.are.equal(1, #found, raw)
+        assert.matches(rfc1123, found[1])
+      end
+      local found, raw = dates("/200", "-I") -- HEAD
+      assert.are.equal(1, #found, raw)
+      assert.are.same({ "Mon, 01 Jan 2024 00:00:00 GMT" }, (dates("/own")))
+      found, raw = dates("/200", "--http1.0")
+      assert.matches("^HTTP/1.0 200", raw)
+      assert.are.same({}, found)
+      assert.is_true(stop(pid))
+    end
+  end)
+
 describe("server handlers as tasks (tasks = true)", function()
   local function listen(handler, opts)
     resil.clock.real()

@@ -34,10 +34,12 @@
 #include <sys/queue.h>
 #include <sys/socket.h>
 #include <strings.h>
+#include <time.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/http.h>
+#include <event2/http_struct.h> /* a request's HTTP version (libevent 2.1 has no getter) */
 #include <event2/keyvalq_struct.h>
 #include <event2/listener.h>
 
@@ -72,7 +74,7 @@ typedef struct pending {
   struct event *client_watch; /* notices a client that hangs up while we wait */
   reply_action action;
   int status;
-  struct evkeyvalq headers;
+  int own_date; /* the handler named a Date header */
   char *body;
   size_t body_len;
   char **chunks;
@@ -130,6 +132,8 @@ struct server {
   struct event *accept_rest; /* re-enables the listener after accept() failed (accept_failed) */
   double accept_logged_at;   /* when that was last logged */
   server *next_listening;    /* the servers listening: libevent tells accept_failed only the evhttp */
+  time_t date_at;            /* the second `date` was made for (add_date) */
+  char date[40];
 };
 
 /* The servers listening, in every host of the process (hosts may run on
@@ -165,7 +169,6 @@ static server *listening_find(void *http) {
 }
 
 static void pending_clear_reply(pending *p) {
-  evhttp_clear_headers(&p->headers);
   free(p->body);
   for (int i = 0; i < p->nchunks; i++) free(p->chunks[i]);
   free(p->chunks);
@@ -177,7 +180,7 @@ static void pending_clear_reply(pending *p) {
   p->chunks = NULL;
   p->chunk_lens = NULL;
   p->body_len = 0;
-  p->nchunks = p->stall_after = 0;
+  p->nchunks = p->stall_after = p->own_date = 0;
   p->chunk_interval = p->delay = 0;
   p->action = REPLY_NORMAL;
 }
@@ -379,9 +382,22 @@ static void watch_client(pending *p) {
   if (p->client_watch) event_add(p->client_watch, NULL);
 }
 
-static void copy_headers(struct evhttp_request *req, struct evkeyvalq *from) {
-  struct evkeyvalq *out = evhttp_request_get_output_headers(req);
-  for (struct evkeyval *h = from->tqh_first; h; h = h->next.tqe_next) evhttp_add_header(out, h->key, h->value);
+/* libevent writes a Date on each HTTP/1.1 reply, through gmtime and a
+ * printf (some 3.5k instructions a reply); the same line, made once a second
+ * and given to evhttp, which then adds none. Added after the handler's
+ * headers, where libevent put its own. */
+static void add_date(pending *p) {
+  struct evhttp_request *req = p->req;
+  if (p->own_date || req->major != 1 || req->minor < 1) return; /* (HTTP/1.0: libevent sends none) */
+  server *srv = p->srv;
+  time_t now = time(NULL);
+  if (now != srv->date_at) {
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    evutil_date_rfc1123(srv->date, sizeof srv->date, &tm);
+    srv->date_at = now;
+  }
+  evhttp_add_header(evhttp_request_get_output_headers(req), "Date", srv->date);
 }
 
 /* Close the connection with a TCP reset, on the next loop turn (never from
@@ -491,7 +507,6 @@ static int is_head(struct evhttp_request *req) { return evhttp_request_get_comma
 
 static void pending_send(pending *p) {
   struct evhttp_request *req = p->req;
-  copy_headers(req, &p->headers);
   switch (p->action) {
   case REPLY_HANG: watch_client(p); return; /* until the client gives up */
   case REPLY_RESET:
@@ -503,6 +518,7 @@ static void pending_send(pending *p) {
     char len[32];
     snprintf(len, sizeof len, "%zu", p->body_len);
     evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Length", len);
+    add_date(p);
     evhttp_send_reply_start(req, p->status, reason_phrase(p->status));
     struct evbuffer *buf = evbuffer_new();
     evbuffer_add(buf, p->body, p->body_len / 2);
@@ -525,6 +541,7 @@ static void pending_send(pending *p) {
   }
   case REPLY_NORMAL: break;
   }
+  add_date(p);
   if (is_head(req)) {
     evhttp_send_reply(req, p->status, reason_phrase(p->status), NULL);
     pending_unlink(p);
@@ -644,6 +661,7 @@ static int is_token(const char *s) {
  * line break. The server frames the body itself: a handler's own
  * Content-Length or Transfer-Encoding could only disagree with it. */
 static void read_reply(lua_State *L, int idx, pending *p) {
+  struct evkeyvalq *out = evhttp_request_get_output_headers(p->req);
   lua_getfield(L, idx, "status");
   p->status = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 200;
   lua_pop(L, 1);
@@ -664,14 +682,15 @@ static void read_reply(lua_State *L, int idx, pending *p) {
         if (!is_token(k)) luaL_error(L, "reply header name '%s' is not a token", k);
         if (strpbrk(v, "\r\n")) luaL_error(L, "reply header '%s' has a line break in its value", k);
         if (strcasecmp(k, "content-type") == 0) has_type = 1;
+        else if (strcasecmp(k, "date") == 0) p->own_date = 1;
         if (strcasecmp(k, "content-length") != 0 && strcasecmp(k, "transfer-encoding") != 0)
-          evhttp_add_header(&p->headers, k, v);
+          evhttp_add_header(out, k, v);
       }
       lua_pop(L, 1);
     }
   }
   lua_pop(L, 1);
-  if (!has_type) evhttp_add_header(&p->headers, "Content-Type", "application/json");
+  if (!has_type) evhttp_add_header(out, "Content-Type", "application/json");
   size_t len = 0;
   lua_getfield(L, idx, "body");
   const char *body = lua_tolstring(L, -1, &len);
@@ -735,11 +754,13 @@ static int read_reply_protected(lua_State *L) {
 #define WRITE_HIGH_WATER (256 * 1024) /* a write waits while the client has this much unread */
 
 static void answer_500(pending *p) {
+  struct evkeyvalq *out = evhttp_request_get_output_headers(p->req);
   pending_clear_reply(p);
+  evhttp_clear_headers(out); /* (those of a reply read part way) */
   p->status = 500;
   p->body = dup_bytes(HANDLER_ERROR, sizeof HANDLER_ERROR - 1);
   p->body_len = p->body ? sizeof HANDLER_ERROR - 1 : 0;
-  evhttp_add_header(&p->headers, "Content-Type", "application/json");
+  evhttp_add_header(out, "Content-Type", "application/json");
 }
 
 /* L stack: error -> nothing; logs it with the request it came from */
@@ -861,7 +882,7 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     log_handler_error(L, p, "server handler failed; answered 500");
   } else if (lua_getfield(L, -1, "stream") == LUA_TFUNCTION) {
     /* L stack: ..., result, stream */
-    copy_headers(p->req, &p->headers);
+    add_date(p);
     evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
     reply_streams(p);
     p->c->streaming = p;
@@ -979,7 +1000,6 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   p->req = req;
   p->conn = c->evcon;
   p->c = c;
-  TAILQ_INIT(&p->headers);
   timer_init(srv->R, &p->timer, send_next_chunk, p);
   p->next = srv->pendings;
   srv->pendings = p;
@@ -1012,18 +1032,8 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   srv->in_handler--;
   if (srv->stop_deferred && !srv->in_handler) event_base_once(srv->R->base, -1, EV_TIMEOUT, deferred_stop_cb, srv, NULL);
   if (handled != LUA_OK) {
-    /* L stack: error */
-    pending_clear_reply(p);
-    p->status = 500;
-    p->body = dup_bytes(HANDLER_ERROR, sizeof HANDLER_ERROR - 1);
-    p->body_len = p->body ? sizeof HANDLER_ERROR - 1 : 0;
-    evhttp_add_header(&p->headers, "Content-Type", "application/json");
-    lua_createtable(L, 0, 2);
-    lua_insert(L, -2);
-    lua_setfield(L, -2, "error");
-    lua_pushfstring(L, "%s %s", method_name(req), evhttp_request_get_uri(req));
-    lua_setfield(L, -2, "request");
-    host_log(L, "error", "server handler failed; answered 500");
+    answer_500(p); /* L stack: error */
+    log_handler_error(L, p, "server handler failed; answered 500");
   }
   lua_settop(L, top);
   if (p->delay > 0) {
