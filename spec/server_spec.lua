@@ -218,6 +218,25 @@ describe("server memory under --max-memory", function()
   end)
 end)
 
+describe("server requests", function()
+  it("carry header names lower-cased, whatever their length, and the peer as address:port", function()
+    local seen
+    local s = resil.server.listen({ handler = function(req)
+      seen = req
+      return { status = 200, body = "" }
+    end })
+    local long = "X-Long-" .. ("AbC"):rep(60)
+    assert(http.request({ url = ("http://127.0.0.1:%d/p?q=1"):format(s:port()),
+      headers = { ["X-Mixed-Case"] = "Value", [long] = "v" } }))
+    s:close()
+    assert.are.equal("Value", seen.headers["x-mixed-case"])
+    assert.are.equal("v", seen.headers[long:lower()])
+    assert.is_nil(seen.headers["X-Mixed-Case"])
+    assert.matches("^127%.0%.0%.1:%d+$", seen.peer)
+    assert.are.same({ "GET", "/p", "q=1" }, { seen.method, seen.path, seen.query })
+  end)
+end)
+
 describe("server replies", function()
   it("carry the standard reason phrase in the status line", function()
     local pid, port = start_server([[function(req)

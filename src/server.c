@@ -25,7 +25,6 @@
  * 400, a body past max_body a 413, and one not read within read_timeout of
  * its first byte a 408 (real time: clients live in the real world).
  */
-#include <ctype.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -613,13 +612,22 @@ static void push_request(lua_State *L, struct evhttp_request *req) {
   lua_setfield(L, -2, "path");
   lua_pushstring(L, query ? query : "");
   lua_setfield(L, -2, "query");
-  lua_newtable(L);
   struct evkeyvalq *in = evhttp_request_get_input_headers(req);
+  int nheaders = 0;
+  for (struct evkeyval *h = in->tqh_first; h; h = h->next.tqe_next) nheaders++;
+  lua_createtable(L, 0, nheaders); /* sized once, not grown header by header */
   for (struct evkeyval *h = in->tqh_first; h; h = h->next.tqe_next) {
-    luaL_Buffer name;
-    luaL_buffinit(L, &name);
-    for (const char *c = h->key; *c; c++) luaL_addchar(&name, (char)(*c >= 'A' && *c <= 'Z' ? *c + 32 : *c));
-    luaL_pushresult(&name);
+    char lower[128]; /* most names; a longer one through a Lua buffer */
+    size_t n = 0;
+    for (const char *c = h->key; *c && n < sizeof lower; c++) lower[n++] = (char)(*c >= 'A' && *c <= 'Z' ? *c + 32 : *c);
+    if (h->key[n] == '\0') {
+      lua_pushlstring(L, lower, n);
+    } else {
+      luaL_Buffer name;
+      luaL_buffinit(L, &name);
+      for (const char *c = h->key; *c; c++) luaL_addchar(&name, (char)(*c >= 'A' && *c <= 'Z' ? *c + 32 : *c));
+      luaL_pushresult(&name);
+    }
     lua_pushstring(L, h->value);
     lua_rawset(L, -3);
   }
@@ -633,7 +641,17 @@ static void push_request(lua_State *L, struct evhttp_request *req) {
   char *address = NULL;
   ev_uint16_t port = 0;
   if (conn) evhttp_connection_get_peer(conn, &address, &port);
-  lua_pushfstring(L, "%s:%d", address ? address : "?", (int)port);
+  if (!address) address = "?";
+  char peer[80]; /* "address:port", without a printf */
+  size_t at = strlen(address);
+  if (at > sizeof peer - 7) at = sizeof peer - 7; /* (an address is at most 45 characters) */
+  memcpy(peer, address, at);
+  peer[at++] = ':';
+  char digits[5];
+  int nd = 0;
+  do digits[nd++] = (char)('0' + port % 10); while ((port /= 10) > 0);
+  while (nd > 0) peer[at++] = digits[--nd];
+  lua_pushlstring(L, peer, at);
   lua_setfield(L, -2, "peer");
 }
 
@@ -649,9 +667,11 @@ static char *dup_bytes(const char *s, size_t len) {
 /* A header name is an RFC 9110 token: one with ": " in it made a header the
  * handler never named. */
 static int is_token(const char *s) {
+  /* its characters, ALPHA DIGIT !#$%&'*+-.^_`|~, as bits: 0-63, 64-127 */
+  static const unsigned long long tchar[2] = {0x03ff6cfa00000000ULL, 0x57ffffffc7fffffeULL};
   if (!*s) return 0;
-  for (; *s; s++)
-    if (!(isalnum((unsigned char)*s) || strchr("!#$%&'*+-.^_`|~", *s))) return 0;
+  for (const unsigned char *c = (const unsigned char *)s; *c; c++)
+    if (*c >= 128 || !(tchar[*c >> 6] >> (*c & 63) & 1)) return 0;
   return 1;
 }
 
