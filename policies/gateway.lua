@@ -724,15 +724,16 @@ end
 ---------------------------------------------------------------------------
 -- answering
 
+-- (one constructor: the table is sized once, not grown key by key; a small
+-- attempt count's text without a number conversion, 2.0 still "2.0")
+local ATTEMPTS_TEXT = { "1", "2", "3", "4", "5", "6", "7", "8", "9" }
 local function answer_headers(id, r)
-  local h = { ["content-type"] = "application/json", ["x-request-id"] = id }
-  if r then
-    h["x-resil-provider"] = r.provider
-    h["x-resil-model"] = r.model
-    h["x-resil-attempts"] = tostring(r.attempts or 1)
-    h["x-resil-cost-usd"] = r.cost_usd and usd_text(r.cost_usd) or "unknown"
-  end
-  return h
+  if not r then return { ["content-type"] = "application/json", ["x-request-id"] = id } end
+  local attempts = r.attempts or 1
+  attempts = math.type(attempts) == "integer" and ATTEMPTS_TEXT[attempts] or tostring(attempts)
+  return { ["content-type"] = "application/json", ["x-request-id"] = id, ["x-resil-provider"] = r.provider,
+    ["x-resil-model"] = r.model, ["x-resil-attempts"] = attempts,
+    ["x-resil-cost-usd"] = r.cost_usd and usd_text(r.cost_usd) or "unknown" }
 end
 
 local function with_id(reply, id)
