@@ -274,6 +274,11 @@ end)
         assert.are.equal(1, #found, raw)
         assert.matches(rfc1123, found[1])
       end
+      -- where libevent wrote its own: before the Content-Length, after a chunked reply's Transfer-Encoding
+      local _, whole = dates("/200")
+      assert.truthy(whole:find("\r\n[Dd]ate: [^\r]*\r\nContent%-Length: 1\r\n"), whole)
+      local _, chunked = dates("/chunks")
+      assert.truthy(chunked:find("\r\nTransfer%-Encoding: chunked\r\n[Dd]ate: "), chunked)
       local found, raw = dates("/200", "-I") -- HEAD
       assert.are.equal(1, #found, raw)
       assert.are.same({ "Mon, 01 Jan 2024 00:00:00 GMT" }, (dates("/own")))

@@ -384,7 +384,8 @@ static void watch_client(pending *p) {
 /* libevent writes a Date on each HTTP/1.1 reply, through gmtime and a
  * printf (some 3.5k instructions a reply); the same line, made once a second
  * and given to evhttp, which then adds none. Added after the handler's
- * headers, where libevent put its own. */
+ * headers and before a Content-Length, where libevent put its own (a chunked
+ * reply keeps libevent's, after its Transfer-Encoding). */
 static void add_date(pending *p) {
   struct evhttp_request *req = p->req;
   if (p->own_date || req->major != 1 || req->minor < 1) return; /* (HTTP/1.0: libevent sends none) */
@@ -540,8 +541,8 @@ static void pending_send(pending *p) {
   }
   case REPLY_NORMAL: break;
   }
-  add_date(p);
   if (is_head(req)) {
+    add_date(p);
     evhttp_send_reply(req, p->status, reason_phrase(p->status), NULL);
     pending_unlink(p);
     pending_free(p);
@@ -554,6 +555,7 @@ static void pending_send(pending *p) {
     send_next_chunk(p);
     return;
   }
+  add_date(p);
   struct evbuffer *buf = evbuffer_new();
   if (buf) evbuffer_add(buf, p->body, p->body_len);
   evhttp_send_reply(req, p->status, reason_phrase(p->status), buf);
@@ -902,7 +904,6 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     log_handler_error(L, p, "server handler failed; answered 500");
   } else if (lua_getfield(L, -1, "stream") == LUA_TFUNCTION) {
     /* L stack: ..., result, stream */
-    add_date(p);
     evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
     reply_streams(p);
     p->c->streaming = p;
