@@ -565,3 +565,45 @@ describe("many origins", function()
     for origin, n in pairs(http.stats().connections) do assert.is_true(n >= 0 and n <= 2, origin .. ": " .. n) end
   end)
 end)
+
+-- A URL is parsed once and the parse handed to libcurl (CURLOPT_CURLU), shared
+-- by the requests to that URL: each request must still reach its own URL, a
+-- parse must outlive every transfer using it when the next URL replaces it,
+-- and a relative redirect resolves against the request's URL.
+describe("request URLs", function()
+  local server
+  before_each(function()
+    resil.clock.virtual()
+    server = resil.server.listen({ port = 0, tasks = true, handler = function(req)
+      if req.path == "/slow" then resil.sleep(0.05) end
+      if req.path == "/hop/start" then
+        return { status = 302, headers = { location = "../end?from=hop" }, body = "" }
+      end
+      return { status = 200, body = req.method .. " " .. req.path .. "?" .. (req.query or "") }
+    end })
+  end)
+  after_each(function() server:close() end)
+
+  it("requests to URLs that alternate, some in flight while the next URL is parsed, each reach their own", function()
+    local base = ("http://127.0.0.1:%d"):format(server:port())
+    local tasks = {}
+    for i = 1, 12 do
+      local path = i % 3 == 0 and "/slow" or ("/p" .. i % 2)
+      tasks[i] = resil.spawn(function()
+        return http.request({ url = base .. path .. "?i=" .. (i % 2), method = i % 2 == 0 and "GET" or "PUT" })
+      end)
+    end
+    for i, t in ipairs(tasks) do
+      local ok, res, err = t:join()
+      assert.is_true(ok, res)
+      assert(res, err and err.message)
+      local path = i % 3 == 0 and "/slow" or ("/p" .. i % 2)
+      assert.are.equal((i % 2 == 0 and "GET " or "PUT ") .. path .. "?i=" .. (i % 2), res.body)
+    end
+    local res = http.request({ url = base .. "/hop/start?x=1", follow_redirects = true })
+    assert.are.equal(200, res.status)
+    assert.are.equal("GET /end?from=hop", res.body)
+    res = http.request({ url = base .. "/hop/start?x=1" })
+    assert.are.equal(302, res.status)
+  end)
+end)

@@ -28,6 +28,7 @@ static inline void buffer_free(buffer *b) {
 }
 
 typedef struct header_set header_set;
+typedef struct url_set url_set;
 
 typedef enum { ABORT_NONE, ABORT_TIMEOUT, ABORT_IDLE, ABORT_TOO_LARGE, ABORT_EVENT_TOO_LARGE, ABORT_CANCELED } abort_reason;
 
@@ -42,6 +43,7 @@ typedef struct {
   int no_pipewait;           /* CURLOPT_PIPEWAIT off: an opener that need not wait (admit_parked) */
   curl_off_t max_body;
   struct curl_slist *headers;
+  CURLU *curlu;
   const char *body;          /* with body_len and method: the request line and body */
   curl_off_t body_len;
   char method[16];
@@ -64,6 +66,7 @@ struct http_req {
   /* per request, cleared by req_take */
   task *waiter;              /* the task blocked on this transfer, if any */
   header_set *req_headers;
+  url_set *req_url;          /* the parsed url, given to curl as CURLOPT_CURLU */
   const char *req_body;      /* a Lua string anchored by the caller (stack slot or user value) */
   const char *url;           /* likewise */
   size_t max_body, total_received;
