@@ -82,6 +82,10 @@ struct resil {
 
   /* limits and interrupts */
   size_t mem_used, mem_limit;
+  size_t allocated;      /* bytes the Lua state has allocated, ever (gc_full.c) */
+  size_t gc_full_due;    /* a full collection once allocated reaches this */
+  double gc_full_next;   /* and not before this (monotonic seconds) */
+  int gc_generational;   /* the collector's mode (collectgarbage tells it) */
   long max_instructions;
   volatile sig_atomic_t interrupted;
   int base_refused; /* event_base_loop refused to run: called from a callback of the base's own dispatch */
@@ -214,6 +218,7 @@ const char *task_traceback(const task *t);
 /* Call fn(arg) after each pass over the ready tasks: work that the tasks of
  * one turn queued, done once for all of them (HTTP starts their transfers). */
 int loop_on_turn_end(resil_t *R, void (*fn)(void *arg), void *arg); /* -1: no room */
+void gc_full_init(resil_t *R);
 void loop_init(resil_t *R);
 void loop_free(resil_t *R);
 int loop_run(resil_t *R);
