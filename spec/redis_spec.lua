@@ -483,6 +483,37 @@ print(resil.cost.record({ provider = "p", model = "m", usd = 2, wait = false }))
   end)
 end)
 
+describe("a server restarted with fewer databases", function()
+  -- (before: once this database had been selected on the server, every write retried through an
+  -- outage went behind a new connection's SELECT, and a server back with fewer databases ran each
+  -- of them in database 0, another app's keys: a second settle's row and spend landed there too)
+  it("gets at most the retried write that found it out in database 0, no other", function()
+    local rdir = helpers.tmpname("-redis-fewer")
+    os.execute("mkdir -p " .. rdir)
+    local rport, pidfile = free_port(), rdir .. "/redis.pid"
+    local start = ("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+      "--pidfile %s > /dev/null; until redis-cli -p %d ping > /dev/null 2>&1; do sleep 0.05; done"):format(rport, rdir,
+      pidfile, rport)
+    os.execute(start:gsub("> /dev/null;", "--databases 16 > /dev/null;", 1))
+    finally(function() os.execute("kill -9 $(cat " .. pidfile .. "); rm -rf " .. rdir) end)
+    local restart = ("kill -9 $(cat %s); while redis-cli -p %d ping > /dev/null 2>&1; do sleep 0.05; done; %s"):format(
+      pidfile, rport, start:gsub("> /dev/null;", "--databases 4 > /dev/null;", 1))
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local b = resil.budget("fewer", { limit = 100 })
+local first, second = assert(b:reserve(1, { hold = 600 })), assert(b:reserve(1, { hold = 600 }))
+os.execute(%q)
+first:settle(0.5) -- (on the connection the restart closed: tried again)
+second:settle(0.25)
+resil.sleep(120) -- (their retries, for a minute)
+]]):format(restart), ("--virtual-clock --store 'redis://127.0.0.1:%d/10?timeout=1' --log-level off"):format(rport))
+    assert.are.equal(0, r.code, r.stderr)
+    local rows = helpers.run(("redis-cli -p %d -n 0 lrange resil:costs 0 -1"):format(rport)).stdout
+    local n = select(2, rows:gsub("micro_usd", ""))
+    assert.is_true(n <= 1, rows)
+  end)
+end)
+
 describe("shared limits across processes on Redis", function()
   before_each(function() fresh_url() end)
 

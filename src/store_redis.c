@@ -330,7 +330,10 @@ static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) 
   redis_conn *c = privdata;
   redisReply *r = reply;
   int ok = r && r->type != REDIS_REPLY_ERROR;
-  if (ok) c->db_selected = 1;
+  /* refused (a server restarted with fewer databases): the writes pipelined
+   * behind this SELECT ran in database 0; the next are held again, not each
+   * retried write sent there in turn */
+  if (r) c->db_selected = ok;
   if (r && !ok)
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: database %d: %s", c->host, c->port, c->db, r->str);
   c->selecting = 0;
