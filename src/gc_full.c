@@ -44,7 +44,7 @@ static void gc_full_check(void *arg) {
   if (now < R->gc_full_next) return;
   lua_gc(R->L, LUA_GCCOLLECT);
   /* Lua 5.4.4 leaves the next minor collection's debt as it was after a full
-   * one in generational mode (a bug fixed in 5.4.6): a step sets it */
+   * one in generational mode (fixed in later 5.4 releases): a step sets it */
   lua_gc(R->L, LUA_GCSTEP, 0);
   double took = seconds_now() - now;
   R->gc_full_next = now + (took * GC_FULL_COST_SHARE > GC_FULL_EVERY ? took * GC_FULL_COST_SHARE : GC_FULL_EVERY);
