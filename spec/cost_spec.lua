@@ -400,6 +400,27 @@ print(b:state().spent)
     assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n10\t7,9\n0.0025\n", r.stdout) -- (10: the newest schema)
   end)
 
+  -- (provider, model and operation met as strings before are remembered: a lookup instead of a
+  -- type() call a row; a value of another type after them is refused all the same)
+  it("refuses a provider, model or operation that is not a string, at the caller's line; a user is kept as text",
+    function()
+    fresh_store()
+    for _, wait in ipairs({ true, false }) do
+      assert(resil.cost.record({ provider = "p", model = "m", operation = "chat", user = 42, usd = 0.5, wait = wait }))
+      for _, field in ipairs({ "provider", "model", "operation" }) do
+        local e = { provider = "p", model = "m", operation = "chat", usd = 0.5, wait = wait }
+        e[field] = { "p" }
+        local ok, err = pcall(function() local r = resil.cost.record(e); return r end)
+        assert.is_false(ok)
+        assert.matches("cost_spec.lua:%d+: resil.cost.record: " .. field .. " must be a string or nil, not a table", err)
+      end
+    end
+    resil.sleep(0.05) -- (the row nobody waits for: the next group commit)
+    local users = assert(resil.cost.breakdown("user"))
+    assert.are.equal(1, #users)
+    assert.are.same({ "42", 2, 1 }, { users[1].key, users[1].calls, users[1].usd })
+  end)
+
   -- (before: the migration ran in the first task that opened the store, and the watchdog stopped
   -- it: a gateway (5 s) on a ledger of 5 million rows answered each request 503 after 6 s, its
   -- migration rolled back, and never opened its store)

@@ -7,8 +7,8 @@ local runs = require "resil.runs"
 local owner = require "resil.owner"
 local json = resil.json
 
-local MICRO = 1e6
-local function to_micro(usd) return math.floor(usd * MICRO + 0.5) end
+local MICRO, floor = 1e6, math.floor
+local function to_micro(usd) return floor(usd * MICRO + 0.5) end
 -- An amount of money from a caller: a number from 0 to `most` ($1e9 by
 -- default; in micro-dollars far below 2^63, so every sum is an exact
 -- integer on both stores). NaN passed every `< 0` check (a reservation of
@@ -100,20 +100,33 @@ local function day_of(at)
   return day_text
 end
 
+-- The strings met as a row's provider, model, operation or user: a lookup for each then,
+-- rather than a type() or tostring() call (some 400 instructions apiece, on every row).
+-- Bounded: clients name any model they like.
+local strings, strings_count = {}, 0
+local function is_string(v) -- -> v is a string (remembered)
+  if type(v) ~= "string" then return false end
+  if strings_count >= 1000 then strings, strings_count = {}, 0 end
+  strings[v], strings_count = true, strings_count + 1
+  return true
+end
+
 -- e checked, at the line that called resil.cost.record (level 4: here, the
 -- entry's maker, resil.cost.record or a settle, its caller) -> its units as
 -- JSON (nil: none) and the task's context
 local function checked(e)
   if type(e) ~= "table" then error("resil.cost.record: expects a table", 4) end
   -- usd = nil: a call without a price, recorded as such (never as a zero)
-  if e.usd ~= nil and not is_usd(e.usd) then
+  local usd = e.usd
+  if usd ~= nil and not (type(usd) == "number" and usd >= 0 and usd <= MAX_USD) then -- (is_usd)
     error("resil.cost.record: usd must be a number from 0 to 1e9, or nil for a call without a price", 4)
   end
   -- (checked here, at the caller's line: a row nobody waits for would fail only in the store's
   -- next commit, the cost lost with "the ledger refused a row")
   local provider, model, operation = e.provider, e.model, e.operation
-  if provider ~= nil and type(provider) ~= "string" or model ~= nil and type(model) ~= "string"
-    or operation ~= nil and type(operation) ~= "string" then
+  if provider ~= nil and not strings[provider] and not is_string(provider)
+    or model ~= nil and not strings[model] and not is_string(model)
+    or operation ~= nil and not strings[operation] and not is_string(operation) then
     for _, field in ipairs({ "provider", "model", "operation" }) do
       local v = e[field]
       if v ~= nil and type(v) ~= "string" then
@@ -155,10 +168,11 @@ end
 local NO_UNITS = {}
 local function cost_row(e, at)
   local units, ctx = checked(e)
-  local u, usd = e.units or NO_UNITS, e.usd
+  local u, usd, user = e.units or NO_UNITS, e.usd, e.user
+  if user and not strings[user] and not is_string(user) then user = tostring(user) end
   return { e.id ~= nil and tostring(e.id) or nil, at, day_of(at), e.provider, e.model, e.operation,
-           e.user and tostring(e.user), e.run or runs.current_id(), e.step or ctx.step or nil,
-           usd and to_micro(usd), units, e.budget, e.period, nil, e.item or ctx.step_scope,
+           user, e.run or runs.current_id(), e.step or ctx.step or nil,
+           usd and floor(usd * MICRO + 0.5), units, e.budget, e.period, nil, e.item or ctx.step_scope,
            usd, u.input_tokens, u.prompt_tokens, u.output_tokens, u.completion_tokens, e.sync }
 end
 

@@ -244,10 +244,22 @@ end
 -- opens a SQLite file only if it is there (the commands that read the store: a mistyped path
 -- is named, not made into an empty store that reads as "nothing spent"). A store named by several
 -- URLs (store_key) has its first open's (s.url, in its messages).
+-- The store resil.store() without a URL opened, under the config.url it was asked with: every
+-- ledger row and budget asks for it (a getenv each was a tenth of a row's cost). RESIL_STORE
+-- is the process's from its start, as the sandbox reads it (src/resil.c); a store_config with
+-- another URL is a new default.
+local default_store, default_store_config
 function resil.store(url, opts)
-  url = url or default_url()
+  local by_default = url == nil
+  if by_default then
+    if default_store and default_store_config == config.url then return default_store end
+    url = default_url()
+  end
   local s = opened[url]
-  if s then return s end
+  if s then
+    if by_default then default_store, default_store_config = s, config.url end
+    return s
+  end
   check_url(url, 2)
   check_file(url, 2)
   local key = store_key(url)
