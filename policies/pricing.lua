@@ -137,8 +137,17 @@ pricing.image_tokens = {
 -- cache_write_1h to cache_write (then input), so a table written before
 -- cache_write_1h prices those writes as it did (in priced, below)
 
+-- (remembered: answers name the dated model, gpt-4o-mini-2024-07-18 for gpt-4o-mini, and the
+-- three gsubs on each answer were nearly half of what pricing it cost. Bounded: clients name
+-- any model they like)
+local undated, undated_count = {}, 0
 local function strip_date(model)
-  return model:gsub("%-%d%d%d%d%-%d%d%-%d%d$", ""):gsub("%-%d%d%d%d%d%d%d%d$", ""):gsub("%-latest$", "")
+  local name = undated[model]
+  if name then return name end
+  name = model:gsub("%-%d%d%d%d%-%d%d%-%d%d$", ""):gsub("%-%d%d%d%d%d%d%d%d$", ""):gsub("%-latest$", "")
+  if undated_count >= 1000 then undated, undated_count = {}, 0 end
+  undated[model], undated_count = name, undated_count + 1
+  return name
 end
 
 -- A price table prices a call only when each of its fields is a unit above

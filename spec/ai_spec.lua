@@ -242,6 +242,27 @@ describe("golden costs from the providers' documented usage", function()
     pricing.models.openai["spec-good"] = nil
     assert(ok, err)
   end)
+
+  -- (a dated name's undated one is remembered; its price is read from the table each time)
+  it("a dated model is priced as the table prices it now: its undated entry as it changes, or its own", function()
+    local u = { input_tokens = 1000000, output_tokens = 1000000 }
+    local ok, err = pcall(function()
+      pricing.models.openai["spec-dated"] = { input = 1, output = 2 }
+      assert.are.equal(3, pricing.cost("openai", "spec-dated-2025-01-31", u))
+      pricing.models.openai["spec-dated"].output = 4
+      assert.are.equal(5, pricing.cost("openai", "spec-dated-2025-01-31", u))
+      pricing.models.openai["spec-dated-2025-01-31"] = { input = 10, output = 20 }
+      assert.are.equal(30, pricing.cost("openai", "spec-dated-2025-01-31", u))
+      pricing.models.openai["spec-dated-2025-01-31"] = nil
+      pricing.models.openai["spec-dated"] = nil
+      assert.is_nil(pricing.cost("openai", "spec-dated-2025-01-31", u))
+      pricing.models.openai["spec-dated"] = { input = 1 }
+      assert.are.equal(1, pricing.cost("openai", "spec-dated-20250131", u))
+      assert.are.equal(1, pricing.cost("openai", "spec-dated-latest", u))
+    end)
+    pricing.models.openai["spec-dated"], pricing.models.openai["spec-dated-2025-01-31"] = nil, nil
+    assert(ok, err)
+  end)
 end)
 
 describe("chat over the strict mock", function()
