@@ -245,7 +245,7 @@ end
 -- is named, not made into an empty store that reads as "nothing spent"). A store named by several
 -- URLs (store_key) has its first open's (s.url, in its messages).
 -- The store resil.store() without a URL opened, under the config.url it was asked with: every
--- ledger row and budget asks for it (a getenv each was a tenth of a row's cost). RESIL_STORE
+-- ledger row and budget asks for it (a getenv each, some 900 instructions). RESIL_STORE
 -- is the process's from its start, as the sandbox reads it (src/resil.c); a store_config with
 -- another URL is a new default.
 local default_store, default_store_config
