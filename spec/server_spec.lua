@@ -289,6 +289,33 @@ end)
     end
   end)
 
+describe("server replies to an HTTP/1.0 client", function()
+  -- (no chunked framing there: the close ends the body, and libevent closed the connection inside
+  -- the reply's end, freeing the reply the server then unlinked and freed again: a segfault, or a
+  -- freed connection written. nginx speaks HTTP/1.0 to its upstreams by default)
+  it("end a chunked or streamed reply with the close, and the server lives on", function()
+    for _, tasks in ipairs({ "false", "true" }) do
+      local pid, port = start_server([[function(req)
+        if req.path == "/chunks" then return { status = 200, chunks = { "a", "b" } } end
+        if req.path == "/stream" then -- (its last bytes written before it ends)
+          return { status = 200, stream = function(write) write("a"); resil.sleep(0.05); write("b"); resil.sleep(0.05) end }
+        end
+        return { status = 200, body = "ok" }
+      end]], nil, "tasks = " .. tasks)
+      for _ = 1, 3 do
+        for _, path in ipairs({ "/chunks", tasks == "true" and "/stream" or nil }) do
+          local r = helpers.run(("curl -si --max-time 10 --http1.0 'http://127.0.0.1:%s%s'"):format(port, path))
+          assert.matches("^HTTP/1.0 200", r.stdout)
+          assert.are.equal("ab", r.stdout:match("\r\n\r\n(.*)$"))
+        end
+      end
+      local _, body = curl(("http://127.0.0.1:%s/"):format(port))
+      assert.are.equal("ok", body)
+      assert.is_true(stop(pid))
+    end
+  end)
+end)
+
 describe("server handlers as tasks (tasks = true)", function()
   local function listen(handler, opts)
     resil.clock.real()

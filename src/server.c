@@ -564,6 +564,14 @@ static void pending_send(pending *p) {
   pending_free(p);
 }
 
+/* The end of a chunked or streamed reply (evhttp_send_reply_end): to an
+ * HTTP/1.0 client (no chunked framing: the close ends the body) whose bytes
+ * were all written, libevent closes the connection within the call, and its
+ * close callback (conn_closed) frees the conn and the pendings still on the
+ * server's list. So the reply's pending is freed (or taken off the list, its
+ * conn forgotten) before: a proxy speaks HTTP/1.0 upstream (nginx's
+ * default), and the pending freed twice, or its freed conn written, corrupted
+ * the heap. */
 static void send_next_chunk(void *arg) {
   pending *p = arg;
   if (!p->started) {
@@ -572,9 +580,10 @@ static void send_next_chunk(void *arg) {
   }
   if (p->stall_after > 0 && p->next_chunk >= p->stall_after) return; /* stalled: hang mid-stream */
   if (p->next_chunk >= p->nchunks) {
-    evhttp_send_reply_end(p->req);
+    struct evhttp_request *req = p->req;
     pending_unlink(p);
-    pending_free(p);
+    pending_free(p); /* first (above) */
+    evhttp_send_reply_end(req);
     return;
   }
   struct evbuffer *buf = evbuffer_new();
@@ -883,10 +892,12 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
        * last chunk, so the client sees a cut reply, never a complete one */
       log_handler_error(L, p, "server stream failed; connection closed");
       close_when_sent(p);
+      pending_free(p);
     } else {
-      evhttp_send_reply_end(p->req);
+      struct evhttp_request *req = p->req;
+      pending_free(p); /* first: the end may free the connection (send_next_chunk) */
+      evhttp_send_reply_end(req);
     }
-    pending_free(p);
     return 0;
   }
   if (status == LUA_OK && !lua_istable(L, -1)) {
@@ -1295,9 +1306,9 @@ static int server_cut_streams(lua_State *L) {
       evhttp_send_reply_chunk(p->req, buf);
       evbuffer_free(buf);
     }
-    evhttp_send_reply_end(p->req);
     p->c->streaming = NULL;
     p->c = NULL;
+    evhttp_send_reply_end(p->req); /* after: it may free the connection (send_next_chunk) */
     n++;
   }
   while (cut) {
