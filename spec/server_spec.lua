@@ -293,7 +293,7 @@ describe("server replies to an HTTP/1.0 client", function()
   -- (no chunked framing there: the close ends the body, and libevent closed the connection inside
   -- the reply's end, freeing the reply the server then unlinked and freed again: a segfault, or a
   -- freed connection written. nginx speaks HTTP/1.0 to its upstreams by default)
-  it("end a chunked or streamed reply with the close, and the server lives on", function()
+  it("end a chunked or streamed reply with the close (a keep-alive not granted), and the server lives on", function()
     for _, tasks in ipairs({ "false", "true" }) do
       local pid, port = start_server([[function(req)
         if req.path == "/chunks" then return { status = 200, chunks = { "a", "b" } } end
@@ -306,6 +306,13 @@ describe("server replies to an HTTP/1.0 client", function()
         for _, path in ipairs({ "/chunks", tasks == "true" and "/stream" or nil }) do
           local r = helpers.run(("curl -si --max-time 10 --http1.0 'http://127.0.0.1:%s%s'"):format(port, path))
           assert.matches("^HTTP/1.0 200", r.stdout)
+          assert.are.equal("ab", r.stdout:match("\r\n\r\n(.*)$"))
+          -- a keep-alive asked for is not granted: the close is the only end such a reply has
+          -- (it was framed as Content-Length: 0, its body read as the next reply's start)
+          r = helpers.run(("curl -si --max-time 10 --http1.0 -H 'Connection: keep-alive' 'http://127.0.0.1:%s%s'")
+            :format(port, path))
+          assert.is_nil(r.stdout:lower():find("content%-length"), r.stdout)
+          assert.is_nil(r.stdout:lower():find("keep%-alive"), r.stdout)
           assert.are.equal("ab", r.stdout:match("\r\n\r\n(.*)$"))
         end
       end

@@ -505,6 +505,16 @@ static void reply_streams(pending *p) {
  * start of its next reply. */
 static int is_head(struct evhttp_request *req) { return evhttp_request_get_command(req) == EVHTTP_REQ_HEAD; }
 
+/* The status line of a chunked or streamed reply. HTTP/1.0 has no chunked
+ * framing, only the close: a keep-alive the client asked for is not granted
+ * (libevent framed such a reply as Content-Length: 0, and its body was read
+ * as the start of the next reply on the connection). */
+static void start_unframed(pending *p) {
+  struct evhttp_request *req = p->req;
+  if (req->major == 1 && req->minor == 0) evhttp_remove_header(evhttp_request_get_input_headers(req), "Connection");
+  evhttp_send_reply_start(req, p->status, reason_phrase(p->status));
+}
+
 static void pending_send(pending *p) {
   struct evhttp_request *req = p->req;
   switch (p->action) {
@@ -549,7 +559,7 @@ static void pending_send(pending *p) {
     return;
   }
   if (p->nchunks > 0) {
-    evhttp_send_reply_start(req, p->status, reason_phrase(p->status));
+    start_unframed(p);
     reply_streams(p);
     watch_client(p);
     send_next_chunk(p);
@@ -915,7 +925,7 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
     log_handler_error(L, p, "server handler failed; answered 500");
   } else if (lua_getfield(L, -1, "stream") == LUA_TFUNCTION) {
     /* L stack: ..., result, stream */
-    evhttp_send_reply_start(p->req, p->status, reason_phrase(p->status));
+    start_unframed(p);
     reply_streams(p);
     p->c->streaming = p;
     lua_pushvalue(L, 1);
