@@ -63,7 +63,8 @@ static int host_collectgarbage(lua_State *L) {
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_insert(L, 1);
   lua_call(L, n, LUA_MULTRET);
-  if (mode >= 0) R->gc_generational = mode;
+  /* (refused, as from a finalizer, it returns nil: the mode is unchanged) */
+  if (mode >= 0 && lua_type(L, 1) == LUA_TSTRING) R->gc_generational = mode;
   return lua_gettop(L);
 }
 
