@@ -2391,6 +2391,52 @@ print(ok, left, (b:try(1)))
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
   end)
 
+  -- (one alarm for all the slots: a worker waiting out its backoff was started again when another
+  -- slot set its own, early, printing its traceback again, or late, the gateway a worker short longer
+  -- than the log said; and the slots shared one count of deaths as they start)
+  it("--workers 3: a worker waiting out its backoff is started again when the log said, whatever another does",
+    function()
+    local broken = helpers.tmpname(".broken")
+    local m, _, port, log, pidfile = workers_setup()
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      if io.open(%q) then error("config broken") end
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(broken, m.url .. "/v1"))
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 3 --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    local seen = {}
+    finally(function()
+      os.remove(broken)
+      stop_all(pid, seen, m)
+    end)
+    local function said(text) return select(2, helpers.slurp(log):gsub(text, "")) end
+    assert.is_true(helpers.wait_until(function() return said("listening") == 3 end, 10), helpers.slurp(log))
+    local first = workers_of(pid)
+    seen = { first[1], first[2], first[3] }
+    resil.sleep(1.1) -- (serving for a second: the gateway has started)
+    helpers.write(broken, "")
+    os.execute("kill -KILL " .. first[1])
+    assert.is_true(helpers.wait_until(function() return said("starting another in 4 seconds") == 1 end, 15),
+      helpers.slurp(log))
+    local announced = resil.clock.wall()
+    -- another slot's worker killed: its replacements die as they start too, until its own wait of a second
+    os.execute("kill -KILL " .. first[2])
+    assert.is_true(helpers.wait_until(function() return said("starting another in a second") == 2 end, 10),
+      helpers.slurp(log))
+    os.remove(broken)
+    -- both slots start a worker that listens: the second after its second, the first not before its 4
+    assert.is_true(helpers.wait_until(function() return said("listening") == 5 end, 15), helpers.slurp(log))
+    local waited = resil.clock.wall() - announced
+    assert.is_true(waited >= 3.5, ("restarted %.1f s after \"in 4 seconds\"\n%s"):format(waited, helpers.slurp(log)))
+    assert.is_true(helpers.alive(first[3]), helpers.slurp(log))
+    assert.is_true(helpers.wait_until(function() return #workers_of(pid) == 3 end, 10))
+    for _, p in ipairs(workers_of(pid)) do seen[#seen + 1] = p end
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+  end)
+
   it("--workers 3: a SIGHUP as the workers start reloads them, it does not kill them", function()
     local m, config, port, log, pidfile = workers_setup()
     -- SIGHUP the moment the first worker exists

@@ -16,6 +16,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -474,7 +475,7 @@ static pid_t fork_worker(const sigset_t *worker_mask) {
 }
 
 /* Worker w's slot: started (1), or fork failed (-1, its pid -1: tried again
- * on the next alarm); 0 in the new worker itself. */
+ * when its due time comes); 0 in the new worker itself. */
 static int start_worker(pid_t *pids, double *started, long w, const sigset_t *worker_mask) {
   fflush(NULL);
   pid_t pid = fork_worker(worker_mask);
@@ -482,6 +483,26 @@ static int start_worker(pid_t *pids, double *started, long w, const sigset_t *wo
   pids[w] = pid < 0 ? -1 : pid;
   started[w] = seconds_now();
   return pid < 0 ? -1 : 1;
+}
+
+/* Arm the alarm for the earliest due time of the vacant slots (pids -1), or
+ * disarm it: each slot waits out its own delay (one alarm(delay) for all
+ * moved a slot's restart whenever another slot set its own).
+ * -> the number of vacant slots */
+static int arm_for_vacant(const pid_t *pids, const double *due, long n) {
+  int vacant = 0;
+  double earliest = 0;
+  for (long w = 0; w < n; w++)
+    if (pids[w] == -1 && (vacant++ == 0 || due[w] < earliest)) earliest = due[w];
+  struct itimerval at = {0};
+  if (vacant) {
+    double in = earliest - seconds_now();
+    if (in < 0.001) in = 0.001; /* (a zero time would disarm it) */
+    at.it_value.tv_sec = (time_t)in;
+    at.it_value.tv_usec = (suseconds_t)((in - (double)at.it_value.tv_sec) * 1e6);
+  }
+  setitimer(ITIMER_REAL, &at, NULL);
+  return vacant;
 }
 
 /* The process that started N workers on one SO_REUSEPORT socket serves none
@@ -493,13 +514,16 @@ static int start_worker(pid_t *pids, double *started, long w, const sigset_t *wo
  * dies within a second of starting three times in a row (a bad config, a
  * port in use) stops the gateway with its exit code (1 for 0), unless
  * another has served for a second: then it is started again after a second,
- * then 2, 4, ... up to 60 while it keeps dying as it starts, or at once on a
- * SIGHUP (the files fixed).
+ * then 2, 4, ... up to 60 while it keeps dying as it starts (each slot on its
+ * own count and due time), or at once on a SIGHUP (the files fixed).
  * -> -1 in a worker (go on and serve), the exit code in the supervisor */
 static int supervise_workers(long n) {
   pid_t pids[256];
-  double started[256];
-  int quick_deaths = 0, code = 0, passed_on = 0;
+  double started[256], due[256] = {0}; /* due: when a vacant slot is started again */
+  /* deaths in a row within a second of starting: the gateway's (any slot's)
+   * decide that it cannot start; each slot's own set its backoff, so that
+   * one slot's broken restarts do not lengthen another's */
+  int quick_deaths = 0, slot_quick_deaths[256] = {0}, code = 0, passed_on = 0;
   sigset_t block, worker_mask;
   sigemptyset(&block);
   sigaddset(&block, SIGCHLD);
@@ -524,7 +548,7 @@ static int supervise_workers(long n) {
       break;
     }
   }
-  int running = (int)n, vacant = 0; /* vacant: workers to start again, fork having failed (pids -1) */
+  int running = (int)n, vacant = 0; /* vacant: slots to start again when due (pids -1) */
   while (running > 0 || (vacant && !supervisor_signal)) {
     int status;
     pid_t pid;
@@ -540,6 +564,7 @@ static int supervise_workers(long n) {
       double now = seconds_now();
       int quick = now - started[w] < 1.0;
       quick_deaths = quick ? quick_deaths + 1 : 0;
+      int slot_quick = slot_quick_deaths[w] = quick ? slot_quick_deaths[w] + 1 : 0;
       /* Another worker serving for a second or more: the gateway is up. A
        * replacement that cannot start (a policy file saved broken, which
        * the running workers refused to reload, keeping the old version)
@@ -548,11 +573,11 @@ static int supervise_workers(long n) {
       int serving = 0;
       for (long k = 0; k < n; k++)
         if (k != w && pids[k] > 0 && now - started[k] >= 1.0) serving = 1;
-      int give_up = quick_deaths >= 3 && !serving, later = quick_deaths >= 3 && serving;
+      int give_up = quick_deaths >= 3 && !serving, later = slot_quick >= 3 && serving;
       /* each try that dies again waits twice as long, up to a minute: a
        * broken policy file printed its traceback every second for as long
        * as it stayed broken */
-      unsigned delay = later ? 1u << (quick_deaths - 3 < 6 ? quick_deaths - 3 : 6) : 0;
+      unsigned delay = later ? 1u << (slot_quick - 3 < 6 ? slot_quick - 3 : 6) : 0;
       if (delay > 60) delay = 60;
       char when[48] = "";
       if (later) snprintf(when, sizeof when, delay == 1 ? " in a second" : " in %u seconds", delay);
@@ -563,9 +588,9 @@ static int supervise_workers(long n) {
         fprintf(stderr, PROGNAME ": gateway: worker %d exited with code %d%s%s\n", (int)pid, WEXITSTATUS(status),
                 give_up ? "" : "; starting another", when);
       if (later) {
-        pids[w] = -1; /* started again on the next alarm, as after a failed fork */
-        vacant = 1;
-        alarm(delay);
+        pids[w] = -1; /* started again when due, as after a failed fork */
+        due[w] = now + delay;
+        vacant = arm_for_vacant(pids, due, n);
         continue;
       }
       if (give_up) {
@@ -587,23 +612,23 @@ static int supervise_workers(long n) {
         running++;
       } else { /* without a retry, the gateway would stay a worker short for good */
         fprintf(stderr, PROGNAME ": gateway: fork: %s; trying again in a second\n", strerror(errno));
-        vacant = 1;
-        alarm(1);
+        due[w] = seconds_now() + 1;
+        vacant = arm_for_vacant(pids, due, n);
       }
     }
     if (supervisor_alarm) {
-      supervisor_alarm = vacant = 0;
+      supervisor_alarm = 0;
+      double now = seconds_now();
       for (long w = 0; w < n && !supervisor_signal; w++) {
-        if (pids[w] != -1) continue;
+        if (pids[w] != -1 || due[w] > now) continue; /* (the others' alarm is armed below) */
         int again = start_worker(pids, started, w, &worker_mask);
         if (again == 0) return -1;
-        if (again > 0) {
+        if (again > 0)
           running++;
-        } else {
-          vacant = 1;
-          alarm(1);
-        }
+        else
+          due[w] = seconds_now() + 1;
       }
+      vacant = arm_for_vacant(pids, due, n);
     }
     if (supervisor_hup) {
       supervisor_hup = 0;
@@ -613,7 +638,8 @@ static int supervise_workers(long n) {
        * backoff (up to a minute, its policy file saved broken) is tried at
        * once, not after the gateway stayed a worker short that long */
       if (vacant && !supervisor_signal) {
-        alarm(0);
+        for (long w = 0; w < n; w++)
+          if (pids[w] == -1) due[w] = 0;
         supervisor_alarm = 1;
         continue;
       }
