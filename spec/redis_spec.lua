@@ -366,6 +366,30 @@ for i = 1, 200 do assert(resil.cost.record({ provider = "burst", usd = 0.01, id 
     assert.is_true(script_loads() - before <= 2, ("%d SCRIPT calls for 200 rows"):format(script_loads() - before))
   end)
 
+  it("a row nobody waits for, sent by SHA after the server's scripts were flushed (NOSCRIPT): written whole, once",
+    function()
+    local url = fresh_url()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local budget = resil.budget("flushed", { limit = 1 })
+local t1, t2 = assert(budget:reserve(0.1)), assert(budget:reserve(0.1))
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f1", wait = false })) -- (loads the script)
+assert(t1:settle(0.01, { provider = "flushed", wait = false })) -- (and this one)
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f2" })) -- (its reply after the loads')
+os.execute("redis-cli -p %d script flush > /dev/null")
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f3", wait = false }))
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f3", wait = false }))
+assert(t2:settle(0.01, { provider = "flushed", wait = false }))
+-- (waited for: f3's answers came before it, so each was sent again whole before the script ends)
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f4" }))
+]]):format(port), "--store " .. url)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(6, resil.cost.breakdown("provider")[1].calls)
+    assert.are.equal(0.06, resil.cost.total({ provider = "flushed" }))
+    assert.are.same({ 0.02, 0 }, { resil.budget("flushed", { limit = 1 }):state().spent,
+      resil.budget("flushed", { limit = 1 }):state().reserved })
+  end)
+
   it("a frozen Redis (SIGSTOP past the timeout): the rows are tried again once it thaws, each written once",
     function()
       local url = fresh_url():gsub("$", "?timeout=0.3")

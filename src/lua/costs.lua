@@ -276,34 +276,34 @@ local function retry_later(what, write, counts, fields, log_fields, sent)
   end)
 end
 
--- backend:<name>_later(args..., done) (SQLite: the next group commit; Redis:
+-- backend:<name>_later(a [, b], done) (SQLite: the next group commit; Redis:
 -- sent at once, ahead of any later command); then the metrics, or the
 -- retry above. -> true, or false past LATER_MAX: the caller writes itself.
-local function write_later(backend, name, fields, log_fields, ...)
+-- a, b: cost_record's entry, or budget_settle's ticket and entry. One
+-- closure a row (done); the retry's are made only when it is needed.
+local function write_later(backend, name, fields, log_fields, a, b)
   if unwritten >= LATER_MAX and resil.running() and coroutine.isyieldable() then return false end
-  local args = table.pack(...)
   local seen = metric_fields(fields)
-  local function write() return backend[name](backend, table.unpack(args, 1, args.n)) end
-  -- a row that was written (not one already there) counts in the metrics;
-  -- a settle of 0 writes none
-  local function counts(ok) return ok and (name == "cost_record" or seen.usd > 0) end
+  local row = name == "cost_record"
   local function done(err, ok)
     unwritten = unwritten - 1
     if err == nil then
-      if counts(ok) then observe_cost(seen, seen.units) end
+      -- a row that was written (not one already there) counts in the metrics;
+      -- a settle of 0 writes none
+      if ok and (row or seen.usd > 0) then observe_cost(seen, seen.units) end
     elseif resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
       -- the store closed with it unwritten (another process held the write lock): said row by row
-      say_lost(name == "cost_record" and "a cost row" or "a settle", log_fields, tostring(err))
+      say_lost(row and "a cost row" or "a settle", log_fields, tostring(err))
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
-      retry_later(name == "cost_record" and "a cost row" or "a settle", write, counts, seen, log_fields, err.sent)
+      retry_later(row and "a cost row" or "a settle", function() return backend[name](backend, a, b) end,
+        function(written) return written and (row or seen.usd > 0) end, seen, log_fields, err.sent)
     else
       log_fields.error = tostring(err)
       resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
     end
   end
   unwritten = unwritten + 1
-  args[args.n + 1] = done
-  backend[name .. "_later"](backend, table.unpack(args, 1, args.n + 1))
+  if row then backend:cost_record_later(a, done) else backend:budget_settle_later(a, b, done) end
   return true
 end
 

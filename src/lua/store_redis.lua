@@ -617,29 +617,44 @@ function R:load_later(name)
   if not ok then self.loading[name] = nil end
 end
 
--- The same without waiting (wait = false writes): sent now, before any
--- command this process sends after it (a read that follows sees it), from a
--- task or not; done(reply) | done(nil, err) on the loop, outside any task.
--- A script not loaded yet goes whole (EVAL) and is loaded for the next.
+-- the script whole (EVAL) without waiting, loaded for the next (a burst
+-- before the load's reply sent one SCRIPT LOAD per row): as script_later
+local function eval_later(self, name, argv, done)
+  argv[1], argv[2] = "EVAL", scripts[name]
+  local ok, err = self.conn:send(function(reply, rerr)
+    if reply == nil then return done(rerr) end
+    done(nil, reply == 1)
+  end, table.unpack(argv))
+  if not ok then return done(err) end
+  self:load_later(name)
+end
+
+-- The same without waiting (wait = false writes), for a script that answers
+-- 1 or 0: sent now, before any command this process sends after it (a read
+-- that follows sees it), from a task or not; done(nil, reply == 1) |
+-- done(err) on the loop, outside any task. A script not loaded yet goes
+-- whole (EVAL) and is loaded for the next. (One closure a write: a row
+-- nobody waits for is written on every gateway request.)
 function R:script_later(name, keys, args, done)
   self.ops = self.ops + 1
-  local argv = { false, false, #keys }
-  for i = 1, #keys do argv[#argv + 1] = keys[i] end
-  for i = 1, args.n do argv[#argv + 1] = args[i] end
-  local function send(sha)
-    if sha then argv[1], argv[2] = "EVALSHA", sha else argv[1], argv[2] = "EVAL", scripts[name] end
-    local ok, err = self.conn:send(function(reply, rerr)
-      if reply == nil and sha and tostring(rerr.message):match("NOSCRIPT") then -- the server's scripts were flushed
+  local nkeys = #keys
+  local argv = { false, false, nkeys }
+  for i = 1, nkeys do argv[3 + i] = keys[i] end
+  for i = 1, args.n do argv[3 + nkeys + i] = args[i] end
+  local sha = self.shas[name]
+  if not sha then return eval_later(self, name, argv, done) end
+  argv[1], argv[2] = "EVALSHA", sha
+  local ok, err = self.conn:send(function(reply, rerr)
+    if reply == nil then
+      if tostring(rerr.message):match("NOSCRIPT") then -- the server's scripts were flushed
         self.shas[name] = nil
-        return send(nil)
+        return eval_later(self, name, argv, done)
       end
-      done(reply, rerr)
-    end, table.unpack(argv))
-    if not ok then return done(nil, err) end
-    -- (a burst before the load's reply sent one SCRIPT LOAD per row)
-    if not sha then self:load_later(name) end
-  end
-  send(self.shas[name])
+      return done(rerr)
+    end
+    done(nil, reply == 1)
+  end, table.unpack(argv))
+  if not ok then return done(err) end
 end
 
 local function ok_or(reply, err)
@@ -894,26 +909,18 @@ end
 
 -- ---------- costs ----------
 
+local COST_KEYS = { P .. "costs", P .. "costs:dedupe" }
+
 function R:cost_record(e)
-  local n, err = self:script("cost_record", { P .. "costs", P .. "costs:dedupe" }, e.dedupe or "",
+  local n, err = self:script("cost_record", COST_KEYS, e.dedupe or "",
     resil.json.encode(e))
   if n == nil then return nil, err end
   return n == 1
 end
 
--- a script's reply of 1 or 0, to a done of the store's *_later methods:
--- done(nil, reply == 1) | done(err)
-local function tell_done(done)
-  return function(n, err)
-    if n == nil then return done(err) end
-    done(nil, n == 1)
-  end
-end
-
 -- the same, without waiting (R:script_later): done(nil, inserted) | done(err)
 function R:cost_record_later(e, done)
-  self:script_later("cost_record", { P .. "costs", P .. "costs:dedupe" },
-    table.pack(e.dedupe or "", resil.json.encode(e)), tell_done(done))
+  self:script_later("cost_record", COST_KEYS, { e.dedupe or "", resil.json.encode(e), n = 2 }, done)
 end
 
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
@@ -1054,8 +1061,8 @@ local function settle_call(ticket, entry)
   keys[8], keys[9] = P .. "costs", P .. "costs:dedupe"
   local parent = ticket:match("^(.+):charge:%d+$") -- (Ticket:charge's ids)
   if parent then keys[10] = P .. "ticket:" .. parent end
-  return keys, table.pack(ticket, entry.micro_usd, entry.dedupe or "", resil.json.encode(entry), ticket_ttl(),
-    entry.charged and "1" or "0", entry.period, budget_prefix(entry.budget))
+  return keys, { ticket, entry.micro_usd, entry.dedupe or "", resil.json.encode(entry), ticket_ttl(),
+    entry.charged and "1" or "0", entry.period, budget_prefix(entry.budget), n = 8 }
 end
 
 function R:budget_settle(ticket, entry)
@@ -1068,7 +1075,7 @@ end
 -- the same, without waiting (R:script_later): done(nil, first) | done(err)
 function R:budget_settle_later(ticket, entry, done)
   local keys, args = settle_call(ticket, entry)
-  self:script_later("budget_settle", keys, args, tell_done(done))
+  self:script_later("budget_settle", keys, args, done)
 end
 
 -- Release a budget's live holds in a period: all, or (stale) those whose owner is not alive. -> how many
