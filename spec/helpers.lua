@@ -155,6 +155,7 @@ function helpers.alive(pid)
   if not f then return false end
   local stat = f:read("a")
   f:close()
+  if not stat then return false end -- (it ended between the open and the read: ESRCH)
   local state = stat:match("^%d+ %b() (%a)")
   return state ~= nil and state ~= "Z" and state ~= "X"
 end
