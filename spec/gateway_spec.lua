@@ -2175,6 +2175,21 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     return list
   end
 
+  -- a gateway with --workers n whose config raises while the file `broken` exists
+  -- -> broken, mock, port, log file, supervisor's pid
+  local function breakable_workers(n)
+    local broken = helpers.tmpname(".broken")
+    local m, _, port, log, pidfile = workers_setup()
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      if io.open(%q) then error("config broken") end
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(broken, m.url .. "/v1"))
+    os.execute(("%s gateway --listen 127.0.0.1:%d --workers %d --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, n, config, helpers.tmpname(".db"), log, pidfile))
+    return broken, m, port, log, helpers.slurp(pidfile):match("%d+")
+  end
+
   -- after a test: the gateway and every worker it had, gone for sure
   local function stop_all(pid, seen, m)
     for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
@@ -2340,16 +2355,7 @@ print(ok, left, (b:try(1)))
   -- killed, as by the OOM killer, had replacements that died at start, and the gateway stopped the
   -- worker still serving)
   it("--workers 2: a replacement that cannot start does not stop a worker still serving; a SIGHUP tries it at once", function()
-    local broken = helpers.tmpname(".broken")
-    local m, _, port, log, pidfile = workers_setup()
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      if io.open(%q) then error("config broken") end
-      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { auth = false }
-    ]]):format(broken, m.url .. "/v1"))
-    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
-      :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
-    local pid = helpers.slurp(pidfile):match("%d+")
+    local broken, m, port, log, pid = breakable_workers(2)
     local seen = {}
     finally(function()
       os.remove(broken)
@@ -2396,16 +2402,7 @@ print(ok, left, (b:try(1)))
   -- than the log said; and the slots shared one count of deaths as they start)
   it("--workers 3: a worker waiting out its backoff is started again when the log said, whatever another does",
     function()
-    local broken = helpers.tmpname(".broken")
-    local m, _, port, log, pidfile = workers_setup()
-    local config = helpers.write(helpers.tmpname(".lua"), ([[
-      if io.open(%q) then error("config broken") end
-      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
-      return { auth = false }
-    ]]):format(broken, m.url .. "/v1"))
-    os.execute(("%s gateway --listen 127.0.0.1:%d --workers 3 --config %s --store %s > %s 2>&1 & echo $! > %s")
-      :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
-    local pid = helpers.slurp(pidfile):match("%d+")
+    local broken, m, port, log, pid = breakable_workers(3)
     local seen = {}
     finally(function()
       os.remove(broken)
