@@ -15,19 +15,12 @@
  * clock too: it is about the machine's memory.
  */
 #include <string.h>
-#include <time.h>
 
 #include "host.h"
 
 #define GC_FULL_EVERY 1.0       /* seconds at least between two */
 #define GC_FULL_COST_SHARE 50   /* and at least 50 times as long as the last one took */
 #define GC_FULL_MIN_BYTES (1 << 20)
-
-static double seconds_now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
 
 static void gc_full_due_after(resil_t *R) {
   size_t heap = R->mem_used > GC_FULL_MIN_BYTES ? R->mem_used : GC_FULL_MIN_BYTES;
@@ -40,13 +33,13 @@ static void gc_full_check(void *arg) {
   if (R->allocated < R->gc_full_due) return;
   gc_full_due_after(R); /* (looked at again after as much more, whatever follows) */
   if (!R->gc_generational || !lua_gc(R->L, LUA_GCISRUNNING)) return;
-  double now = seconds_now();
+  double now = monotonic_seconds();
   if (now < R->gc_full_next) return;
   lua_gc(R->L, LUA_GCCOLLECT);
   /* Lua 5.4.4 leaves the next minor collection's debt as it was after a full
    * one in generational mode (fixed in later 5.4 releases): a step sets it */
   lua_gc(R->L, LUA_GCSTEP, 0);
-  double took = seconds_now() - now;
+  double took = monotonic_seconds() - now;
   R->gc_full_next = now + (took * GC_FULL_COST_SHARE > GC_FULL_EVERY ? took * GC_FULL_COST_SHARE : GC_FULL_EVERY);
   gc_full_due_after(R);
 }

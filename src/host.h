@@ -237,6 +237,7 @@ void loop_guard_coroutines(lua_State *L);      /* coroutine.resume and wrap pass
 
 /* loop.c: clock and timers */
 double resil_now(resil_t *R);
+double monotonic_seconds(void); /* real time, whatever the host's clock */
 void clock_set_virtual(resil_t *R, int on);
 void timer_init(resil_t *R, resil_timer *tm, resil_timer_fn fn, void *arg);
 void timer_start(resil_timer *tm, double seconds);

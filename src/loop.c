@@ -80,7 +80,7 @@ typedef struct nested_run {
 
 /* ---------- clock ---------- */
 
-static double monotonic_seconds(void) {
+double monotonic_seconds(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
