@@ -390,6 +390,28 @@ assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f4" }))
       resil.budget("flushed", { limit = 1 }):state().reserved })
   end)
 
+  it("rows nobody waits for, sent by SHA just after the server's scripts were flushed, as the script ends: " ..
+     "each written once (their NOSCRIPT answers came to a closing connection, and the rows were lost)", function()
+    local url = fresh_url()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local budget = resil.budget("flushed", { limit = 1 })
+local t1, t2 = assert(budget:reserve(0.1)), assert(budget:reserve(0.1))
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f1", wait = false })) -- (loads the script)
+assert(t1:settle(0.01, { provider = "flushed", wait = false })) -- (and this one)
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f2" })) -- (its reply after the loads')
+os.execute("redis-cli -p %d script flush > /dev/null")
+for i = 3, 7 do assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f" .. i, wait = false })) end
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f7", wait = false })) -- (a retry: once)
+assert(t2:settle(0.01, { provider = "flushed", wait = false }))
+]]):format(port), "--store " .. url)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(9, resil.cost.breakdown("provider")[1].calls)
+    assert.are.equal(0.09, resil.cost.total({ provider = "flushed" }))
+    assert.are.same({ 0.02, 0 }, { resil.budget("flushed", { limit = 1 }):state().spent,
+      resil.budget("flushed", { limit = 1 }):state().reserved })
+  end)
+
   it("a frozen Redis (SIGSTOP past the timeout): the rows are tried again once it thaws, each written once",
     function()
       local url = fresh_url():gsub("$", "?timeout=0.3")

@@ -42,6 +42,14 @@
 #define DEFAULT_DOWN 1.0
 #define DEFAULT_DOWN_MAX 10.0
 
+/* a script this connection may send by SHA (conn:script_source) */
+typedef struct script_source {
+  char sha[41];
+  char *body;
+  size_t len;
+  struct script_source *next;
+} script_source;
+
 typedef struct {
   resil_t *R;
   redisAsyncContext *ac;
@@ -81,6 +89,8 @@ typedef struct {
   struct event *probe_timer, *notify;
   int told_down;    /* the state on_state last heard of */
   int ref_on_state; /* on_state(down, info), from the loop */
+  script_source *sources;
+  int resendable; /* sent by SHA (conn:send) and not answered yet: the close waits for their answers */
 } redis_conn;
 
 typedef struct redis_cmd {
@@ -91,6 +101,12 @@ typedef struct redis_cmd {
   struct event *deadline; /* real time: a frozen server must not hold the task */
   char *held;             /* held until the SELECT's reply: the command, formatted */
   int held_len;
+  /* conn:send of an EVALSHA whose source is known: the command, formatted,
+   * kept until its answer; a NOSCRIPT one (the server's scripts flushed)
+   * is sent again whole (EVAL) from here, at the close too, where no Lua
+   * callback runs any more (the row it carried was lost) */
+  char *resend;
+  size_t resend_len;
   int probe; /* the down state's PING: no task, no Lua, not counted as I/O a task waits on */
   struct redis_cmd *next;
   struct redis_cmd *woken_next, *woken_prev; /* on its conn's woken list */
@@ -178,6 +194,48 @@ static void tell_done(lua_State *L, redis_cmd *cmd) {
   lua_settop(L, top);
 }
 
+static script_source *source_of(redis_conn *c, const char *sha, size_t len) {
+  if (len != 40) return NULL;
+  for (script_source *s = c->sources; s; s = s->next)
+    if (memcmp(s->sha, sha, 40) == 0) return s;
+  return NULL;
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata);
+
+/* cmd's EVALSHA, answered NOSCRIPT, sent again as EVAL with its script's
+ * source and the same keys and arguments -> 1 (its answer comes to on_reply
+ * again), or 0. The formatted command is "*N\r\n$7\r\nEVALSHA\r\n$40\r\n<sha>\r\n"
+ * and the rest, which is kept as it is. */
+static int resend_whole(redis_conn *c, redisAsyncContext *ac, redis_cmd *cmd) {
+  const char *f = cmd->resend, *end = f + cmd->resend_len;
+  const char *line = memchr(f, '\n', cmd->resend_len);
+  static const char head[] = "$7\r\nEVALSHA\r\n$40\r\n";
+  size_t head_len = sizeof head - 1;
+  if (!line || (size_t)(end - line - 1) < head_len + 42 || memcmp(line + 1, head, head_len) != 0) return 0;
+  const char *sha = line + 1 + head_len, *rest = sha + 42;
+  script_source *src = source_of(c, sha, 40);
+  if (!src) return 0;
+  char len_text[32];
+  int n = snprintf(len_text, sizeof len_text, "$4\r\nEVAL\r\n$%zu\r\n", src->len);
+  size_t first = (size_t)(line + 1 - f), total = first + (size_t)n + src->len + 2 + (size_t)(end - rest);
+  char *whole = malloc(total);
+  if (!whole) return 0;
+  char *w = whole;
+  memcpy(w, f, first), w += first;
+  memcpy(w, len_text, (size_t)n), w += n;
+  memcpy(w, src->body, src->len), w += src->len;
+  memcpy(w, "\r\n", 2), w += 2;
+  memcpy(w, rest, (size_t)(end - rest));
+  int sent = redisAsyncFormattedCommand(ac, on_reply, cmd, whole, total) == REDIS_OK;
+  free(whole);
+  if (!sent) return 0;
+  redisFreeCommand(cmd->resend); /* once: a second NOSCRIPT is the caller's */
+  cmd->resend = NULL;
+  c->resendable--;
+  return 1;
+}
+
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_cmd *cmd = privdata;
   redis_conn *c = cmd->c;
@@ -187,8 +245,15 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     probe_answered(c, reply != NULL);
     return;
   }
-  lua_State *L = c->R->L;
   redisReply *r = reply;
+  if (cmd->resend) {
+    if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0 && ac && resend_whole(c, ac, cmd))
+      return;
+    redisFreeCommand(cmd->resend);
+    cmd->resend = NULL;
+    c->resendable--;
+  }
+  lua_State *L = c->R->L;
   lua_createtable(L, 1, 2);
   if (!r) {
     lua_pushstring(L, c->last_error[0] ? c->last_error : (ac && ac->errstr ? ac->errstr : "connection lost"));
@@ -408,6 +473,14 @@ static void start_deadline(redis_conn *c, redis_cmd *cmd) {
   }
 }
 
+/* a formatted command's copy in *to (freed as redisFreeCommand does) -> its length, or -1 */
+static int copy_command(char **to, const char *f, size_t len) {
+  *to = malloc(len);
+  if (!*to) return -1;
+  memcpy(*to, f, len);
+  return (int)len;
+}
+
 /* The command formatted and held until the SELECT's reply (on_select_reply) */
 static int hold_command(redis_conn *c, redis_cmd *cmd, int len) {
   if (len < 0) return 0;
@@ -529,7 +602,8 @@ static int sends_when_down(lua_State *L) {
   return yes;
 }
 
-static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char **argv_s, size_t *argv_len) {
+static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char **argv_s, size_t *argv_len,
+                               int keep) {
   if (c->down && !sends_when_down(L)) { /* not sent: it cannot run when the server thaws (err.sent = false) */
     c->refused++;
     if (c->last_error[0]) resil_error_result(L, "store_unavailable", "%s (the store is down: not sent)", c->last_error);
@@ -546,21 +620,35 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
   if (!cmd) luaL_error(L, "out of memory");
   cmd->c = c;
   cmd->ref_result = cmd->ref_done = LUA_NOREF;
+  if (keep) {
+    int n = (int)redisFormatCommandArgv(&cmd->resend, argc, argv_s, argv_len);
+    if (n < 0) {
+      free(cmd);
+      luaL_error(L, "out of memory");
+    }
+    cmd->resend_len = (size_t)n;
+  }
   /* after the SELECT's reply (on_select_reply); a write retried through an
    * outage goes behind it at once if this database was selected before: held,
    * it never reached a frozen server (the connection dropped at each timeout),
    * which then ran the claim or reservation it was to give up, and no other */
   if (c->selecting && !(c->db_selected && sends_when_down(L))) {
-    if (!hold_command(c, cmd, (int)redisFormatCommandArgv(&cmd->held, argc, argv_s, argv_len))) {
+    int held = keep ? copy_command(&cmd->held, cmd->resend, cmd->resend_len)
+                    : (int)redisFormatCommandArgv(&cmd->held, argc, argv_s, argv_len);
+    if (!hold_command(c, cmd, held)) {
+      if (cmd->resend) redisFreeCommand(cmd->resend);
       free(cmd);
       luaL_error(L, "out of memory");
     }
-  } else if (redisAsyncCommandArgv(c->ac, on_reply, cmd, argc, argv_s, argv_len) != REDIS_OK) {
+  } else if ((keep ? redisAsyncFormattedCommand(c->ac, on_reply, cmd, cmd->resend, cmd->resend_len)
+                   : redisAsyncCommandArgv(c->ac, on_reply, cmd, argc, argv_s, argv_len)) != REDIS_OK) {
+    if (cmd->resend) redisFreeCommand(cmd->resend);
     free(cmd);
     resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
                        c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
     return NULL;
   }
+  if (keep) c->resendable++;
   c->R->io_pending++; /* real I/O: the virtual clock waits for it, as for HTTP, and longer (loop.c) */
   c->R->store_io_pending++;
   start_deadline(c, cmd);
@@ -579,7 +667,7 @@ static int conn_call(lua_State *L) {
   size_t argv_len[64];
   int argc = command_args(L, 2, argv_s, argv_len, 64);
   task *t = task_current(L, "redis commands");
-  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len);
+  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len, 0);
   if (!cmd) return 2;
   cmd->t = t;
   task_wait(t, &redis_cmd_wait, cmd);
@@ -599,12 +687,37 @@ static int conn_send(lua_State *L) {
   const char *argv_s[64];
   size_t argv_len[64];
   int argc = command_args(L, 3, argv_s, argv_len, 64);
-  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len);
+  int by_sha = argc >= 3 && argv_len[0] == 7 && memcmp(argv_s[0], "EVALSHA", 7) == 0 &&
+               source_of(c, argv_s[1], argv_len[1]) != NULL;
+  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len, by_sha);
   if (!cmd) return 2;
   lua_pushvalue(L, 2);
   cmd->ref_done = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* conn:script_source(sha, body): the script a SHA stands for, so that a
+ * conn:send by that SHA answered NOSCRIPT is sent again whole (on_reply) */
+static int conn_script_source(lua_State *L) {
+  redis_conn *c = check_conn(L, 1);
+  size_t sha_len, len;
+  const char *sha = luaL_checklstring(L, 2, &sha_len);
+  const char *body = luaL_checklstring(L, 3, &len);
+  if (sha_len != 40) return luaL_argerror(L, 2, "a SHA-1 in 40 hex digits");
+  if (source_of(c, sha, sha_len)) return 0;
+  script_source *src = calloc(1, sizeof *src);
+  if (src) src->body = malloc(len ? len : 1);
+  if (!src || !src->body) {
+    free(src);
+    return luaL_error(L, "out of memory");
+  }
+  memcpy(src->sha, sha, 40);
+  memcpy(src->body, body, len);
+  src->len = len;
+  src->next = c->sources;
+  c->sources = src;
+  return 0;
 }
 
 /* A setup reply (AUTH, SELECT): freed when it succeeded; a failure (an
@@ -700,7 +813,8 @@ static void drain_until_closed(redis_conn *c, const struct timespec *t0, double 
  * had the replies of (conn:send's: the ledger's rows nobody waited for):
  * those still queued here are written now, and the server is given the
  * time to read them all, up to the timeout, so that it runs them; their
- * replies are not read. A connection still being made is finished first.
+ * replies are not read, but for those sent by SHA, which a flushed script
+ * cache answers NOSCRIPT: each such is sent again whole. A connection still being made is finished first.
  * A graceful stop's end (R->close_by, resil.stop_now) comes first: a frozen
  * server never reads them, and waiting its whole timeout kept a stopping
  * gateway past its drain_timeout. What was handed to the kernel by then is
@@ -721,11 +835,14 @@ static void write_queued(redis_conn *c) {
     if (rc->flags & REDIS_CONNECTED) {
       if (redisBufferWrite(rc, &done) != REDIS_OK) return;
       if (done) {
-        if (!c->selecting) {
+        if (!c->selecting && c->resendable == 0) {
           drain_until_closed(c, &t0, limit);
           return;
         }
-        want = POLLIN; /* the SELECT's reply: then the commands held for it are queued (or failed) */
+        /* the SELECT's reply: then the commands held for it are queued (or
+         * failed); or the answers to those sent by SHA: a NOSCRIPT one is
+         * sent again whole (on_reply) */
+        want = POLLIN;
       }
     } else {
       redisAsyncHandleWrite(c->ac); /* completes the connect (or fails it: c->ac is then NULL) */
@@ -761,6 +878,12 @@ static int conn_gc(lua_State *L) {
   }
   free(c->password);
   c->password = NULL;
+  while (c->sources) {
+    script_source *next = c->sources->next;
+    free(c->sources->body);
+    free(c->sources);
+    c->sources = next;
+  }
   return 0;
 }
 
@@ -866,7 +989,7 @@ static int l_connect(lua_State *L) {
 }
 
 static const luaL_Reg conn_methods[] = {
-  {"call", conn_call},   {"send", conn_send},           {"call_now", conn_call_now},
+  {"call", conn_call},   {"send", conn_send},           {"call_now", conn_call_now}, {"script_source", conn_script_source},
   {"close", conn_close}, {"connected", conn_connected}, {"state", conn_state}, {NULL, NULL}};
 
 int luaopen_resil_redis(lua_State *L) {

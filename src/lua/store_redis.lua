@@ -612,7 +612,11 @@ function R:load_later(name)
   self.loading[name] = true
   local ok = self.conn:send(function(loaded)
     self.loading[name] = nil
-    if type(loaded) == "string" then self.shas[name] = loaded end
+    if type(loaded) == "string" then
+      self.shas[name] = loaded
+      -- (so that a send by SHA answered NOSCRIPT is sent again whole by the connection, at the close too)
+      self.conn:script_source(loaded, scripts[name])
+    end
   end, "SCRIPT", "LOAD", scripts[name])
   if not ok then self.loading[name] = nil end
 end
@@ -646,7 +650,8 @@ function R:script_later(name, keys, args, done)
   argv[1], argv[2] = "EVALSHA", sha
   local ok, err = self.conn:send(function(reply, rerr)
     if reply == nil then
-      if tostring(rerr.message):match("NOSCRIPT") then -- the server's scripts were flushed
+      -- the server's scripts were flushed and the connection could not send it again whole
+      if tostring(rerr.message):match("NOSCRIPT") then
         self.shas[name] = nil
         return eval_later(self, name, argv, done)
       end
