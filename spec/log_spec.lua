@@ -263,6 +263,23 @@ describe("resil.json", function()
       assert.are.equal(2, bad[2])
       assert.are.equal("integer", math.type(bad[2]))
     end
+    -- what cjson would change (a float %.14g cuts, an integer from 1e14, an empty array) is
+    -- swapped the same way, even alone: written exactly, the tables given back as they were
+    local tags = setmetatable({}, json.array_mt)
+    local entry = { at = 1733380000.1234567, v = { tags = tags, id = 123456789012345678, n = 7 } }
+    assert.are.equal('{"at":1733380000.1234567}', json.encode({ at = entry.at }))
+    assert.are.equal('[[],{"id":123456789012345678}]', json.encode({ tags, { id = entry.v.id } }))
+    local text = json.encode(entry)
+    assert.are.same({ at = 1733380000.1234567, v = { tags = {}, id = 123456789012345678, n = 7 } },
+      json.decode(text))
+    assert.matches('"tags":%[%]', text)
+    assert.are.equal(tags, entry.v.tags)
+    assert.are.equal(json.array_mt, getmetatable(entry.v.tags))
+    assert.are.equal("integer", math.type(entry.v.id))
+    local bad = { 1 / 3, tags, { f = print } }
+    assert.is_false(pcall(json.encode, bad))
+    assert.are.equal(1 / 3, bad[1])
+    assert.are.equal(tags, bad[2])
   end)
 
   it("sends a json = body to a server exactly (the HTTP client's encode)", function()

@@ -293,24 +293,31 @@ static int needs_marks(lua_State *L, int idx, int depth, long *visits) {
   return 0;
 }
 
+/* the number at idx that needs_exact says cjson would change -> its exact
+ * text in buf: an integer's digits, or the shortest that reads back the same */
+static size_t exact_text(lua_State *L, int idx, char buf[32]) {
+  if (lua_isinteger(L, idx)) return (size_t)snprintf(buf, 32, LUA_INTEGER_FMT, lua_tointeger(L, idx));
+  double x = lua_tonumber(L, idx);
+  int n = 0;
+  for (int digits = EXACT_DIGITS + 1; digits <= 17; digits++) {
+    n = snprintf(buf, 32, "%.*g", digits, x);
+    if (strtod(buf, NULL) == x) break;
+  }
+  return (size_t)n;
+}
+
 /* pushes the value at idx with such values swapped for markers (tables
  * copied; a copy shares nothing cjson could see twice) */
 static void push_marked(lua_State *L, int idx, const marker *m, int depth) {
   int t = lua_type(L, idx);
   idx = lua_absindex(L, idx);
   if (t == LUA_TNUMBER && needs_exact(L, idx)) {
-    char buf[64];
-    if (lua_isinteger(L, idx)) snprintf(buf, sizeof buf, "#" LUA_INTEGER_FMT, lua_tointeger(L, idx));
-    else { /* the shortest that reads back the same */
-      double x = lua_tonumber(L, idx);
-      for (int digits = EXACT_DIGITS + 1; digits <= 17; digits++) {
-        snprintf(buf, sizeof buf, "#%.*g", digits, x);
-        if (strtod(buf + 1, NULL) == x) break;
-      }
-    }
+    char buf[32];
+    size_t n = exact_text(L, idx, buf);
     lua_pushlstring(L, m->raw, RAW_LEN);
-    lua_pushstring(L, buf);
-    lua_concat(L, 2);
+    lua_pushliteral(L, "#");
+    lua_pushlstring(L, buf, n);
+    lua_concat(L, 3);
     return;
   }
   if (t != LUA_TTABLE) {
@@ -343,18 +350,22 @@ static void push_marked(lua_State *L, int idx, const marker *m, int depth) {
   }
 }
 
-/* A value that needs no copy (nothing that needs_marks finds) is written by
- * cjson from the caller's own tables, but its numbers need not be: cjson
- * writes each with snprintf("%.14g"), some 2k instructions, where the same
- * digits are written here for a few hundred (whole numbers below 1e14, by
- * hand). Each such number is swapped in its table, for the length of cjson's
- * encode, for a marker that says where it was found ("$" and the number of
- * its group, below: made once per host and kept), then swapped back. That
- * costs a copy of cjson's text, more than one number saves: a value with
- * fewer than SWAPS_MIN of them is left to cjson as it is.
+/* A value is written by cjson from the caller's own tables, but its numbers
+ * need not be: cjson writes each with snprintf("%.14g"), some 2k
+ * instructions, where the same digits are written here for a few hundred
+ * (whole numbers below 1e14, by hand). Each such number is swapped in its
+ * table, for the length of cjson's encode, for a marker that says where it
+ * was found ("$" and the number of its group, below: made once per host and
+ * kept), then swapped back. That costs a copy of cjson's text, more than one
+ * number saves: a value with fewer than SWAPS_MIN of them is left to cjson as
+ * it is. What cjson would write otherwise (a number %.14g changes, an empty
+ * array) is swapped the same way, however few: its exact text, or "[]",
+ * goes in for the marker. (They were written from a copy of the whole value
+ * with each swapped for a marker: a Redis store's entry, whose time needs
+ * 17 digits, cost some 60k instructions a gateway request so.)
  *
  * The walk leaves on the stack, from its base, groups of four slots: a
- * number's key, the number, its marker and its table (a swap), or a nested
+ * value's key, the value, its marker and its table (a swap), or a nested
  * table's key, the table and two nils (kept so that the key can be pushed
  * again). Markers are all found before the first swap: what can fail (an
  * allocation) fails while every table is as the caller left it. */
@@ -367,7 +378,8 @@ typedef struct {
   long visits; /* tables, as needs_marks counts them */
   int base;  /* the first group's slot */
   int top;   /* the last group's last slot */
-  int swaps; /* numbers to swap */
+  int swaps; /* values to swap */
+  int must;  /* of them, those cjson would write otherwise: swapped however few */
 } walk;
 
 /* a whole number below 1e14 (%.14g writes its digits, -0.0 as "-0")? */
@@ -401,8 +413,8 @@ static size_t short_whole_text(lua_State *L, int idx, char buf[24]) {
   return n;
 }
 
-/* the number at idx -> NUMBER_*: swapped, exact (it needs the copy), or left
- * to cjson (NaN, inf: its error; a float that %.14g writes exactly) */
+/* the number at idx -> NUMBER_*: swapped, exact (swapped, however few), or
+ * left to cjson (NaN, inf: its error; a float that %.14g writes exactly) */
 static int number_kind(lua_State *L, int idx) {
   if (is_short_whole(L, idx)) return NUMBER_SWAPPED;
   return needs_exact(L, idx) ? NUMBER_EXACT : NUMBER_LEFT;
@@ -443,7 +455,7 @@ static void unmark_text(lua_State *L, const char *s, size_t len, const marker *m
     if (close && *v == '$') {
       for (const char *c = v + 1; c < close; c++) g = 10 * g + (*c - '0'); /* (digits: marker_at) */
       g = w->base + 4 * g;
-      if (g + 3 > w->top || lua_type(L, g + 1) != LUA_TNUMBER) close = NULL;
+      if (g + 3 > w->top || lua_type(L, g + 1) != LUA_TNUMBER || lua_type(L, g + 3) != LUA_TTABLE) close = NULL;
     }
     if (!close) {
       p = slash + 1;
@@ -453,8 +465,9 @@ static void unmark_text(lua_State *L, const char *s, size_t len, const marker *m
     if (*v == '[') {
       luaL_addstring(&b, "[]");
     } else if (*v == '$') {
-      char digits[24];
-      luaL_addlstring(&b, digits, short_whole_text(L, g + 1, digits));
+      char digits[32];
+      luaL_addlstring(&b, digits, is_short_whole(L, g + 1) ? short_whole_text(L, g + 1, digits)
+                                                           : exact_text(L, g + 1, digits));
     } else {
       luaL_addlstring(&b, v + 1, (size_t)(close - v - 1));
     }
@@ -476,8 +489,16 @@ static void push_swap_marker(lua_State *L, int g, const marker *m) {
   lua_rawseti(L, lua_upvalueindex(UP_SWAP_MARKERS), g);
 }
 
+static int is_empty_array(lua_State *L, int idx) {
+  if (!is_array_mt(L, idx)) return 0;
+  lua_pushnil(L);
+  if (!lua_next(L, idx < 0 ? idx - 1 : idx)) return 1;
+  lua_pop(L, 2);
+  return 0;
+}
+
 /* the table at t -> WALK_* (its groups pushed) */
-static int walk_table(lua_State *L, int t, int depth, walk *w) {
+static int walk_table(lua_State *L, int t, int depth, walk *w, const marker *m) {
   if (++w->visits > MAX_VISITS) return WALK_PLAIN; /* (needs_marks' answer too) */
   if (is_array_mt(L, t)) {
     lua_pushnil(L);
@@ -489,7 +510,6 @@ static int walk_table(lua_State *L, int t, int depth, walk *w) {
     int type = lua_type(L, -1);
     if (type == LUA_TNUMBER) {
       int kind = number_kind(L, -1);
-      if (kind == NUMBER_EXACT) return WALK_COPY;
       if (kind == NUMBER_LEFT) {
         lua_pop(L, 1);
         continue;
@@ -499,12 +519,23 @@ static int walk_table(lua_State *L, int t, int depth, walk *w) {
       lua_pushvalue(L, t);
       lua_pushvalue(L, -4);
       w->swaps++;
+      w->must += kind == NUMBER_EXACT;
+    } else if (type == LUA_TTABLE && is_empty_array(L, -1)) {
+      if ((lua_gettop(L) - w->base) / 4 >= GROUPS_MAX || !lua_checkstack(L, 4)) return WALK_GIVE_UP;
+      char text[RAW_LEN + 1];
+      memcpy(text, m->raw, RAW_LEN);
+      text[RAW_LEN] = '[';
+      lua_pushlstring(L, text, sizeof text); /* its marker: "[]" goes in for it */
+      lua_pushvalue(L, t);
+      lua_pushvalue(L, -4);
+      w->swaps++;
+      w->must++;
     } else if (type == LUA_TTABLE && depth < MAX_DEPTH) {
       if ((lua_gettop(L) - w->base) / 4 >= GROUPS_MAX || !lua_checkstack(L, 6)) return WALK_GIVE_UP;
       lua_pushnil(L);
       lua_pushnil(L);
       int group = lua_gettop(L) - 3;
-      int found = walk_table(L, group + 1, depth + 1, w);
+      int found = walk_table(L, group + 1, depth + 1, w, m);
       if (found != WALK_SWAPS) return found;
       if (lua_gettop(L) == group + 3) lua_settop(L, group); /* nothing to swap below: the key alone */
       else lua_pushvalue(L, group);
@@ -515,10 +546,10 @@ static int walk_table(lua_State *L, int t, int depth, walk *w) {
   return WALK_SWAPS;
 }
 
-/* each swap of w: its marker in (back = 0) or its number back (back = 1) */
-static void swap_numbers(lua_State *L, const walk *w, int back) {
+/* each swap of w: its marker in (back = 0) or its value back (back = 1) */
+static void swap_values(lua_State *L, const walk *w, int back) {
   for (int g = w->base; g + 3 <= w->top; g += 4) {
-    if (lua_type(L, g + 1) != LUA_TNUMBER) continue;
+    if (lua_type(L, g + 3) != LUA_TTABLE) continue; /* (a nested table's group) */
     lua_pushvalue(L, g);
     lua_pushvalue(L, back ? g + 1 : g + 2);
     lua_rawset(L, g + 3); /* (a key the table has: nothing is allocated) */
@@ -531,20 +562,20 @@ static int json_encode(lua_State *L) {
   lua_settop(L, 1);
   lua_getfield(L, lua_upvalueindex(UP_CJSON), "encode");
   const marker *m = marker_of(L);
-  walk w = { 0, 3, 0, 0 };
-  int found = lua_type(L, 1) == LUA_TTABLE ? walk_table(L, 1, 1, &w) : WALK_GIVE_UP;
-  if (found == WALK_SWAPS && w.swaps >= SWAPS_MIN) {
+  walk w = { 0, 3, 0, 0, 0 };
+  int found = lua_type(L, 1) == LUA_TTABLE ? walk_table(L, 1, 1, &w, m) : WALK_GIVE_UP;
+  if (found == WALK_SWAPS && (w.swaps >= SWAPS_MIN || w.must > 0)) {
     w.top = lua_gettop(L);
     for (int g = w.base; g + 3 <= w.top; g += 4) {
       if (lua_type(L, g + 1) != LUA_TNUMBER) continue;
       push_swap_marker(L, (g - w.base) / 4, m);
       lua_replace(L, g + 2);
     }
-    swap_numbers(L, &w, 0);
+    swap_values(L, &w, 0);
     lua_pushvalue(L, 2);
     lua_pushvalue(L, 1);
     int status = lua_pcall(L, 1, 1, 0);
-    swap_numbers(L, &w, 1);
+    swap_values(L, &w, 1);
     if (status != LUA_OK) return lua_error(L);
     size_t len;
     const char *s = lua_tolstring(L, -1, &len);
