@@ -757,13 +757,16 @@ end
 
 -- the list a target's attempts fill (one per target, however often a
 -- chain tries it)
+-- (found by a walk of the few lists: keyed by target as well, the table grew a hash part
+-- on every call)
 local function refused_list(guard, t)
-  local list = guard.refused[t]
-  if not list then
-    list = { target = t }
-    guard.refused[t] = list
-    guard.refused[#guard.refused + 1] = list
+  local lists = guard.refused
+  for i = 1, #lists do
+    local list = lists[i]
+    if list.target == t then return list end
   end
+  local list = { target = t, sending = nil } -- (sized: policies.call adds sending)
+  lists[#lists + 1] = list
   return list
 end
 
@@ -837,7 +840,8 @@ local call_guard_mt = { __close = function(g)
   if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
 end }
 local function call_guard(ticket, req, operation)
-  return setmetatable({ ticket = ticket, req = req, operation = operation, refused = {} }, call_guard_mt)
+  -- (refused made with room for the one list most calls have)
+  return setmetatable({ ticket = ticket, req = req, operation = operation, refused = { nil } }, call_guard_mt)
 end
 
 -- The refusals recorded; their cost added to a result's, or set on a

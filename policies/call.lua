@@ -194,11 +194,8 @@ end
 local function sending(refused, key)
   local progress = { key = key }
   local list = refused.sending
-  if not list then
-    list = {}
-    refused.sending = list
-  end
-  list[progress] = true
+  if list then list[progress] = true
+  else refused.sending = { [progress] = true } end -- (made with its entry: not grown from empty)
   return progress
 end
 

@@ -338,9 +338,12 @@ local OPENAI_READ = { model = true, messages = true, max_tokens = true, max_comp
 local ANTHROPIC_READ = { model = true, messages = true, system = true, max_tokens = true, stop_sequences = true,
   tools = true, tool_choice = true, stream = true, temperature = true, top_p = true }
 
+-- (made at the size it reaches: the fields complete_admitted and run_to_end set
+-- are named here, nil until then; grown key by key the table was rehashed)
 local function from_openai(b)
   local req = { messages = b.messages, max_tokens = whole(b.max_completion_tokens or b.max_tokens),
-    stop = b.stop ~= null and b.stop or nil, tools = b.tools }
+    stop = b.stop ~= null and b.stop or nil, tools = b.tools, model = nil, fallback = nil, user = nil,
+    ledger_sync = nil, ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil }
   local own
   for k, v in pairs(b) do -- the body's few fields
     if OPENAI_PASSED[k] then
@@ -356,7 +359,8 @@ end
 
 local function from_anthropic(b)
   local req = { messages = b.messages, system = b.system, max_tokens = whole(b.max_tokens),
-    stop = b.stop_sequences, tools = b.tools }
+    stop = b.stop_sequences, tools = b.tools, model = nil, fallback = nil, user = nil, ledger_sync = nil,
+    ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil } -- (sized: see from_openai)
   if b.temperature ~= null then req.temperature = b.temperature end
   if b.top_p ~= null then req.top_p = b.top_p end
   if type(b.tool_choice) == "table" then
@@ -1061,7 +1065,7 @@ local function run_body(run, fn, ...)
   return fn(...)
 end
 local function run_to_end(slot, r, fn, ...)
-  local run = setmetatable({ slot = slot }, call_end_mt)
+  local run = setmetatable({ slot = slot, task = nil, left = nil }, call_end_mt) -- (sized for what is set later)
   r.give_up = function() if run.left then return "client_left" end end
   local call = resil.spawn(run_body, run, fn, ...)
   running.n = running.n + 1 -- (after the spawn: one that raised runs nothing)

@@ -194,9 +194,12 @@ function openai.parse(data)
     calls, bad_calls = tool_calls_of(message.tool_calls, first.finish_reason == "length")
     if bad_calls then return nil, bad_calls end
   end
+  -- (made at the size it reaches: the fields policies.ai adds to a result are named, nil until
+  -- then; grown key by key the table was rehashed on every answer)
   local r = { id = data.id, model = data.model, text = type(message.content) == "string" and message.content or "",
     finish_reason = first.finish_reason ~= json.null and first.finish_reason or nil,
-    tool_calls = calls, usage = openai.usage(data.usage, data.service_tier) }
+    tool_calls = calls, usage = openai.usage(data.usage, data.service_tier), refusal = nil,
+    attempts = nil, provider = nil, requested_model = nil, raw = nil, fallbacks = nil, cost_usd = nil }
   if message.refusal and message.refusal ~= json.null then r.refusal = message.refusal end
   -- an answer in a field of its own (a legacy function_call, audio): relayed whole to an
   -- OpenAI client, never "empty" (retried and paid again)
