@@ -23,6 +23,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <sqlite3.h>
 
 #include "host.h" /* sandbox_trust */
 #include "resil.h"
@@ -663,6 +664,11 @@ int main(int argc, char **argv) {
   const char *metrics_addr = NULL, *metrics_file = NULL, *otlp_endpoint = NULL;
   FILE *held_log = NULL; /* a FIFO named by --log-file, kept open until the host opens it (check_log_file) */
 
+  /* No SQLite memory statistics (nothing here reads them): with them every
+   * allocation SQLite makes takes a global mutex and counts, some 13 a ledger
+   * row (Debian's build has no lookaside). Only the program sets it: SQLite's
+   * configuration is the whole process's, an embedder's own to choose. */
+  sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
   if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "budgets") == 0))
     return run_command(argv[1], "require('resil.commands')(arg)", argc - 2, argv + 2);
