@@ -282,6 +282,36 @@ describe("resil.json", function()
     assert.are.equal(tags, bad[2])
   end)
 
+  -- (a collection step inside cjson's encode, at its text's allocation, ran finalizers while the
+  -- caller's tables held the layer's markers: one read a marker string for a number or an empty
+  -- array, its own encode wrote the host's tag, and what it wrote there was undone by the swap back)
+  it("a finalizer that runs during an encode sees the caller's values, and what it writes stays", function()
+    local r = helpers.run_script([==[
+local json = require("resil").json
+local t = { at = 1733380000.1234567, tags = setmetatable({}, json.array_mt), n = 1, m = 2 }
+local ran, odd, kept, lost, wrote = 0, 0, 0, 0, nil
+for i = 1, 300 do
+  t.at = 1733380000.1234567
+  setmetatable({}, { __gc = function()
+    ran = ran + 1
+    local at = t.at
+    if math.type(at) ~= "float" or getmetatable(t.tags) ~= json.array_mt or math.type(t.n) ~= "integer"
+      or json.encode({ at, t.tags }) ~= json.encode({ at }):sub(1, -2) .. ",[]]" then odd = odd + 1 end
+    wrote = i + 0.5
+    t.at = wrote -- (a finalizer's write)
+  end })
+  local before = ran
+  json.encode({ t, string.rep("x", 20000) }) -- (its text's allocation is a collection's step)
+  if ran > before then
+    if t.at == wrote then kept = kept + 1 else lost = lost + 1 end
+  end
+end
+print(ran > 0 and "ran" or "never ran", "odd " .. odd, "lost " .. lost)
+]==])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("ran\todd 0\tlost 0", r.stdout:match("[^\n]*"))
+  end)
+
   it("sends a json = body to a server exactly (the HTTP client's encode)", function()
     local got
     local s <close> = assert(resil.server.listen({ port = 0, handler = function(req)

@@ -370,6 +370,7 @@ static void push_marked(lua_State *L, int idx, const marker *m, int depth) {
  * again). Markers are all found before the first swap: what can fail (an
  * allocation) fails while every table is as the caller left it. */
 #define SWAPS_MIN 2
+#define GC_LENT_KB (1 << 30) /* a TiB: more than any encode's text */
 #define GROUPS_MAX 1024 /* past it, the way of before: cjson writes the numbers */
 enum { WALK_SWAPS, WALK_COPY, WALK_PLAIN, WALK_GIVE_UP };
 enum { NUMBER_LEFT, NUMBER_SWAPPED, NUMBER_EXACT };
@@ -571,11 +572,20 @@ static int json_encode(lua_State *L) {
       push_swap_marker(L, (g - w.base) / 4, m);
       lua_replace(L, g + 2);
     }
+    /* No collection step while the markers are in: cjson's text is an
+     * allocation, and the step it triggered ran finalizers that read the
+     * markers (and wrote where the swap back then wrote over). The step is
+     * put off, not stopped: the collector's debt is lent for the encode
+     * and paid back after (a stop and restart reset it: a minor collection
+     * after every encode). Not while stopped, or inside a finalizer (-1). */
+    int put_off = lua_gc(L, LUA_GCISRUNNING) == 1;
+    if (put_off) lua_gc(L, LUA_GCSTEP, -GC_LENT_KB);
     swap_values(L, &w, 0);
     lua_pushvalue(L, 2);
     lua_pushvalue(L, 1);
     int status = lua_pcall(L, 1, 1, 0);
     swap_values(L, &w, 1);
+    if (put_off) lua_gc(L, LUA_GCSTEP, GC_LENT_KB); /* (the step now, if one is due) */
     if (status != LUA_OK) return lua_error(L);
     size_t len;
     const char *s = lua_tolstring(L, -1, &len);
