@@ -412,6 +412,33 @@ assert(t2:settle(0.01, { provider = "flushed", wait = false }))
       resil.budget("flushed", { limit = 1 }):state().reserved })
   end)
 
+  it("rows sent as the script ends to a server restarted meanwhile (kill -9, started again empty): each " ..
+     "written once, on a new connection (the closing connection's were lost without a word)", function()
+    local url = fresh_url()
+    local restart = ("kill -9 %s; while kill -0 %s 2>/dev/null; do sleep 0.01; done; " ..
+      "redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+      "--pidfile %s/redis.pid --databases 64 > /dev/null; " ..
+      "until redis-cli -p %d ping > /dev/null 2>&1; do sleep 0.01; done"):format(pid, pid, port, dir, dir, port)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local budget = resil.budget("restarted", { limit = 1 })
+assert(resil.cost.record({ provider = "before", usd = 0.01, id = "r0" })) -- (loads the scripts)
+local ticket = assert(budget:reserve(0.1))
+assert(resil.cost.record({ provider = "before", usd = 0.01, id = "r00", wait = false }))
+assert(ticket:settle(0, { provider = "before" })) -- (all answered)
+os.execute(%q)
+for i = 1, 40 do assert(resil.cost.record({ provider = "restarted", usd = 0.01, id = "r" .. i, wait = false })) end
+for i = 1, 40 do assert(resil.cost.record({ provider = "restarted", usd = 0.01, wait = false })) end
+]]):format(restart), "--store " .. url)
+    helpers.wait_until(function() return helpers.slurp(dir .. "/redis.pid"):match("%d+") ~= nil end, 5)
+    pid = helpers.slurp(dir .. "/redis.pid"):match("%d+")
+    assert.are.equal(0, r.code, r.stderr)
+    local by = assert(resil.cost.breakdown("provider"))
+    assert.are.equal(1, #by, r.stderr) -- (the rows before went with the old server's memory)
+    assert.are.same({ "restarted", 80 }, { by[1].key, by[1].calls })
+    assert.are.equal(0.8, resil.cost.total({ provider = "restarted" }))
+  end)
+
   it("a frozen Redis (SIGSTOP past the timeout): the rows are tried again once it thaws, each written once",
     function()
       local url = fresh_url():gsub("$", "?timeout=0.3")

@@ -90,8 +90,18 @@ typedef struct {
   int told_down;    /* the state on_state last heard of */
   int ref_on_state; /* on_state(down, info), from the loop */
   script_source *sources;
-  int resendable; /* sent by SHA (conn:send) and not answered yet: the close waits for their answers */
+  int kept; /* scripts sent by conn:send, not answered yet: the close waits for their answers */
+  /* at the close: kept commands whose connection ended without their answer
+   * (the server restarted, a reset): sent again on a connection of their own */
+  struct orphan *orphans;
 } redis_conn;
+
+/* a kept command's text, its answer never read */
+typedef struct orphan {
+  char *text;
+  size_t len;
+  struct orphan *next;
+} orphan;
 
 typedef struct redis_cmd {
   redis_conn *c;
@@ -101,12 +111,15 @@ typedef struct redis_cmd {
   struct event *deadline; /* real time: a frozen server must not hold the task */
   char *held;             /* held until the SELECT's reply: the command, formatted */
   int held_len;
-  /* conn:send of an EVALSHA whose source is known: the command, formatted,
-   * kept until its answer; a NOSCRIPT one (the server's scripts flushed)
-   * is sent again whole (EVAL) from here, at the close too, where no Lua
-   * callback runs any more (the row it carried was lost) */
+  /* conn:send of a script (EVAL, EVALSHA: the ledger's rows and settles
+   * nobody waits for, each safe to run twice): the command, formatted, kept
+   * until its answer. An EVALSHA answered NOSCRIPT (the server's scripts
+   * flushed) is sent again whole (EVAL) from here, once; at the close, one
+   * whose connection ended unanswered is sent again on a new one. Both were
+   * Lua's to do, and a closing host runs no Lua: the rows were lost. */
   char *resend;
   size_t resend_len;
+  int resent;
   int probe; /* the down state's PING: no task, no Lua, not counted as I/O a task waits on */
   struct redis_cmd *next;
   struct redis_cmd *woken_next, *woken_prev; /* on its conn's woken list */
@@ -203,13 +216,12 @@ static script_source *source_of(redis_conn *c, const char *sha, size_t len) {
 
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata);
 
-/* cmd's EVALSHA, answered NOSCRIPT, sent again as EVAL with its script's
- * source and the same keys and arguments -> 1 (its answer comes to on_reply
- * again), or 0. The formatted command is "*N\r\n$7\r\nEVALSHA\r\n$40\r\n<sha>\r\n"
- * and the rest, which is kept as it is. */
-static int resend_whole(redis_conn *c, redisAsyncContext *ac, redis_cmd *cmd) {
-  const char *f = cmd->resend, *end = f + cmd->resend_len;
-  const char *line = memchr(f, '\n', cmd->resend_len);
+/* a formatted EVALSHA of a script whose source is known -> the same as
+ * EVAL with that source and the same keys and arguments, in *out (malloc),
+ * its length in *out_len; -> 0 if it is not one. The text is
+ * "*N\r\n$7\r\nEVALSHA\r\n$40\r\n<sha>\r\n" and the rest, kept as it is. */
+static int eval_form(redis_conn *c, const char *f, size_t len, char **out, size_t *out_len) {
+  const char *end = f + len, *line = memchr(f, '\n', len);
   static const char head[] = "$7\r\nEVALSHA\r\n$40\r\n";
   size_t head_len = sizeof head - 1;
   if (!line || (size_t)(end - line - 1) < head_len + 42 || memcmp(line + 1, head, head_len) != 0) return 0;
@@ -219,21 +231,50 @@ static int resend_whole(redis_conn *c, redisAsyncContext *ac, redis_cmd *cmd) {
   char len_text[32];
   int n = snprintf(len_text, sizeof len_text, "$4\r\nEVAL\r\n$%zu\r\n", src->len);
   size_t first = (size_t)(line + 1 - f), total = first + (size_t)n + src->len + 2 + (size_t)(end - rest);
-  char *whole = malloc(total);
-  if (!whole) return 0;
-  char *w = whole;
+  char *w = *out = malloc(total);
+  if (!w) return 0;
   memcpy(w, f, first), w += first;
   memcpy(w, len_text, (size_t)n), w += n;
   memcpy(w, src->body, src->len), w += src->len;
   memcpy(w, "\r\n", 2), w += 2;
   memcpy(w, rest, (size_t)(end - rest));
-  int sent = redisAsyncFormattedCommand(ac, on_reply, cmd, whole, total) == REDIS_OK;
-  free(whole);
-  if (!sent) return 0;
-  redisFreeCommand(cmd->resend); /* once: a second NOSCRIPT is the caller's */
-  cmd->resend = NULL;
-  c->resendable--;
+  *out_len = total;
   return 1;
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata);
+
+/* cmd's EVALSHA, answered NOSCRIPT, sent again as EVAL -> 1 (its answer
+ * comes to on_reply again), or 0. Once: a second NOSCRIPT is the caller's. */
+static int resend_whole(redis_conn *c, redisAsyncContext *ac, redis_cmd *cmd) {
+  char *whole;
+  size_t len;
+  if (cmd->resent || !eval_form(c, cmd->resend, cmd->resend_len, &whole, &len)) return 0;
+  if (redisAsyncFormattedCommand(ac, on_reply, cmd, whole, len) != REDIS_OK) {
+    free(whole);
+    return 0;
+  }
+  free(cmd->resend);
+  cmd->resend = whole;
+  cmd->resend_len = len;
+  cmd->resent = 1;
+  return 1;
+}
+
+/* cmd's kept text, its answer had: dropped; or (the host closing, the
+ * connection ended without it) an orphan, to be sent again */
+static void unkeep(redis_conn *c, redis_cmd *cmd, int answered) {
+  orphan *o = !answered && c->closing ? malloc(sizeof *o) : NULL;
+  if (o) {
+    o->text = cmd->resend;
+    o->len = cmd->resend_len;
+    o->next = c->orphans;
+    c->orphans = o;
+  } else {
+    free(cmd->resend);
+  }
+  cmd->resend = NULL;
+  c->kept--;
 }
 
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
@@ -249,9 +290,7 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   if (cmd->resend) {
     if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0 && ac && resend_whole(c, ac, cmd))
       return;
-    redisFreeCommand(cmd->resend);
-    cmd->resend = NULL;
-    c->resendable--;
+    unkeep(c, cmd, r != NULL);
   }
   lua_State *L = c->R->L;
   lua_createtable(L, 1, 2);
@@ -621,7 +660,7 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
   cmd->c = c;
   cmd->ref_result = cmd->ref_done = LUA_NOREF;
   if (keep) {
-    int n = (int)redisFormatCommandArgv(&cmd->resend, argc, argv_s, argv_len);
+    int n = (int)redisFormatCommandArgv(&cmd->resend, argc, argv_s, argv_len); /* (hiredis 0.14: malloc) */
     if (n < 0) {
       free(cmd);
       luaL_error(L, "out of memory");
@@ -636,19 +675,19 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
     int held = keep ? copy_command(&cmd->held, cmd->resend, cmd->resend_len)
                     : (int)redisFormatCommandArgv(&cmd->held, argc, argv_s, argv_len);
     if (!hold_command(c, cmd, held)) {
-      if (cmd->resend) redisFreeCommand(cmd->resend);
+      free(cmd->resend);
       free(cmd);
       luaL_error(L, "out of memory");
     }
   } else if ((keep ? redisAsyncFormattedCommand(c->ac, on_reply, cmd, cmd->resend, cmd->resend_len)
                    : redisAsyncCommandArgv(c->ac, on_reply, cmd, argc, argv_s, argv_len)) != REDIS_OK) {
-    if (cmd->resend) redisFreeCommand(cmd->resend);
+    free(cmd->resend);
     free(cmd);
     resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
                        c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
     return NULL;
   }
-  if (keep) c->resendable++;
+  if (keep) c->kept++;
   c->R->io_pending++; /* real I/O: the virtual clock waits for it, as for HTTP, and longer (loop.c) */
   c->R->store_io_pending++;
   start_deadline(c, cmd);
@@ -680,16 +719,19 @@ static int conn_call(lua_State *L) {
  * write sent so). Its reply goes to done(reply) | done(nil, err), called on
  * the loop outside any task. For writes nobody waits for (the ledger's
  * wait = false rows); sent commands still in this process when the
- * connection is collected are written then (conn_gc). */
+ * connection is collected are written then (conn_gc). A script (EVAL,
+ * EVALSHA) sent so must be safe to run twice: the connection may send it
+ * again (a NOSCRIPT answer; at the close, a connection that ended without
+ * its answer). */
 static int conn_send(lua_State *L) {
   redis_conn *c = check_conn(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   const char *argv_s[64];
   size_t argv_len[64];
   int argc = command_args(L, 3, argv_s, argv_len, 64);
-  int by_sha = argc >= 3 && argv_len[0] == 7 && memcmp(argv_s[0], "EVALSHA", 7) == 0 &&
-               source_of(c, argv_s[1], argv_len[1]) != NULL;
-  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len, by_sha);
+  int script = (argv_len[0] == 7 && memcmp(argv_s[0], "EVALSHA", 7) == 0) ||
+               (argv_len[0] == 4 && memcmp(argv_s[0], "EVAL", 4) == 0);
+  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len, script);
   if (!cmd) return 2;
   lua_pushvalue(L, 2);
   cmd->ref_done = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -729,6 +771,25 @@ static int setup_ok(redisReply **r) {
   return 1;
 }
 
+/* A blocking connection of its own (limit: its connect and each reply),
+ * authenticated and in c's database -> it (NULL: out of memory; rc->err:
+ * not made), *refused the AUTH's or SELECT's failure (an error reply, or
+ * none), else NULL. */
+static redisContext *connect_blocking(redis_conn *c, struct timeval limit, redisReply **refused) {
+  *refused = NULL;
+  redisContext *rc = redisConnectWithTimeout(c->host, c->port, limit);
+  if (!rc || rc->err) return rc;
+  redisSetTimeout(rc, limit);
+  redisReply *r = c->password ? redisCommand(rc, "AUTH %s", c->password) : NULL;
+  int ready = !c->password || setup_ok(&r);
+  if (ready && c->db) {
+    r = redisCommand(rc, "SELECT %d", c->db);
+    ready = setup_ok(&r);
+  }
+  if (!ready) *refused = r;
+  return rc;
+}
+
 /* conn:call_now(cmd, args...) -> reply | nil, err: one command on a blocking
  * connection of its own (1 s timeouts), for when the loop has stopped: a
  * run's end is recorded after its last task. Never from a task. */
@@ -738,21 +799,15 @@ static int conn_call_now(lua_State *L) {
   size_t argv_len[64];
   int argc = command_args(L, 2, argv_s, argv_len, 64);
   struct timeval limit = {1, 0};
-  redisContext *rc = redisConnectWithTimeout(c->host, c->port, limit);
+  redisReply *r = NULL;
+  redisContext *rc = connect_blocking(c, limit, &r);
   if (!rc || rc->err) {
     int pushed = resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
                                     rc ? rc->errstr : "cannot connect");
     if (rc) redisFree(rc);
     return pushed;
   }
-  redisSetTimeout(rc, limit);
-  redisReply *r = c->password ? redisCommand(rc, "AUTH %s", c->password) : NULL;
-  int ready = !c->password || setup_ok(&r);
-  if (ready && c->db) {
-    r = redisCommand(rc, "SELECT %d", c->db);
-    ready = setup_ok(&r);
-  }
-  if (ready) r = redisCommandArgv(rc, argc, argv_s, argv_len);
+  if (!r) r = redisCommandArgv(rc, argc, argv_s, argv_len);
   int pushed;
   if (!r) {
     pushed = resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port, rc->errstr);
@@ -812,21 +867,16 @@ static void drain_until_closed(redis_conn *c, const struct timespec *t0, double 
 /* Collected (the host closing) with commands this process has sent and not
  * had the replies of (conn:send's: the ledger's rows nobody waited for):
  * those still queued here are written now, and the server is given the
- * time to read them all, up to the timeout, so that it runs them; their
- * replies are not read, but for those sent by SHA, which a flushed script
- * cache answers NOSCRIPT: each such is sent again whole. A connection still being made is finished first.
- * A graceful stop's end (R->close_by, resil.stop_now) comes first: a frozen
- * server never reads them, and waiting its whole timeout kept a stopping
- * gateway past its drain_timeout. What was handed to the kernel by then is
- * still there for a server that thaws (our side's close is a FIN after it). */
-static void write_queued(redis_conn *c) {
-  struct timespec t0;
-  clock_gettime(CLOCK_MONOTONIC, &t0);
-  double limit = c->timeout;
-  if (c->R->close_by > 0) {
-    double left = c->R->close_by - monotonic_now();
-    if (left < limit) limit = left > 0 ? left : 0;
-  }
+ * time to read them all, up to the timeout (limit, from t0), so that it runs
+ * them. The answers of kept ones (scripts) are read: a NOSCRIPT one is sent
+ * again whole, and those the connection ends without become orphans
+ * (send_orphans); other replies are not read. A connection still being made
+ * is finished first. A graceful stop's end (R->close_by, resil.stop_now)
+ * comes first: a frozen server never reads them, and waiting its whole
+ * timeout kept a stopping gateway past its drain_timeout. What was handed to
+ * the kernel by then is still there for a server that thaws (our side's
+ * close is a FIN after it). */
+static void write_queued(redis_conn *c, const struct timespec *t0, double limit) {
   for (;;) {
     redisContext *rc = c->ac ? &c->ac->c : NULL;
     if (!rc || rc->err) return;
@@ -835,24 +885,104 @@ static void write_queued(redis_conn *c) {
     if (rc->flags & REDIS_CONNECTED) {
       if (redisBufferWrite(rc, &done) != REDIS_OK) return;
       if (done) {
-        if (!c->selecting && c->resendable == 0) {
-          drain_until_closed(c, &t0, limit);
+        if (!c->selecting && c->kept == 0) {
+          drain_until_closed(c, t0, limit);
           return;
         }
         /* the SELECT's reply: then the commands held for it are queued (or
-         * failed); or the answers to those sent by SHA: a NOSCRIPT one is
-         * sent again whole (on_reply) */
+         * failed); or the answers to the kept ones: a NOSCRIPT one is sent
+         * again whole (on_reply) */
         want = POLLIN;
       }
     } else {
       redisAsyncHandleWrite(c->ac); /* completes the connect (or fails it: c->ac is then NULL) */
     }
-    double left = limit - seconds_since(&t0);
+    double left = limit - seconds_since(t0);
     if (left <= 0 || !c->ac) return;
     struct pollfd p = {c->ac->c.fd, want, 0};
     int n = poll(&p, 1, (int)(left * 1000) + 1);
     if (n < 0) return;
     if (n > 0 && want == POLLIN) redisAsyncHandleRead(c->ac);
+  }
+}
+
+/* The orphans (kept commands whose connection ended unanswered: a server
+ * restarted, a reset) sent again, in their order, on a connection of their
+ * own, within the time left. Each is safe to run twice (a row's dedupe key,
+ * a settle's ticket), and goes whole (EVAL): a restarted server knows no
+ * script. -> how many were answered (they leave the list) */
+static int send_orphans(redis_conn *c, double left) {
+  if (!c->orphans || left <= 0) return 0;
+  orphan *in_order = NULL; /* (kept newest first) */
+  while (c->orphans) {
+    orphan *o = c->orphans;
+    c->orphans = o->next;
+    o->next = in_order;
+    in_order = o;
+  }
+  c->orphans = in_order;
+  struct timeval limit = timeval_of(left);
+  redisReply *refused = NULL;
+  redisContext *rc = connect_blocking(c, limit, &refused);
+  int sent = 0, answered = 0;
+  if (rc && !rc->err && !refused) {
+    for (orphan *o = c->orphans; o; o = o->next) {
+      char *whole;
+      size_t len;
+      if (eval_form(c, o->text, o->len, &whole, &len)) {
+        free(o->text);
+        o->text = whole;
+        o->len = len;
+      }
+      if (redisAppendFormattedCommand(rc, o->text, o->len) != REDIS_OK) break;
+      sent++;
+    }
+    for (; answered < sent; answered++) {
+      redisReply *r = NULL;
+      if (redisGetReply(rc, (void **)&r) != REDIS_OK || !r) break;
+      int ok = r->type != REDIS_REPLY_ERROR;
+      freeReplyObject(r);
+      if (!ok) break;
+      orphan *o = c->orphans;
+      c->orphans = o->next;
+      free(o->text);
+      free(o);
+    }
+  }
+  if (refused) freeReplyObject(refused);
+  if (rc) redisFree(rc);
+  return answered;
+}
+
+/* What is left of the orphans, said and freed: their answers never came (a
+ * frozen server, which may run them when it thaws; or none could be had) */
+static void report_orphans(redis_conn *c, int sent_again) {
+  int n = 0;
+  while (c->orphans) {
+    orphan *o = c->orphans;
+    c->orphans = o->next;
+    free(o->text);
+    free(o);
+    n++;
+  }
+  lua_State *L = c->R->L;
+  if (n == 0 && sent_again == 0) return;
+  lua_createtable(L, 0, 3);
+  lua_pushfstring(L, "%s:%d", c->host, c->port);
+  lua_setfield(L, -2, "store");
+  lua_pushinteger(L, sent_again);
+  lua_setfield(L, -2, "sent_again");
+  lua_pushinteger(L, n);
+  lua_setfield(L, -2, "unanswered");
+  if (n == 0) {
+    host_log(L, "warn", "redis: the connection ended with ledger writes unanswered as the process ended; "
+                        "each was sent again on a new connection and answered");
+  } else {
+    lua_pushstring(L, c->last_error[0] ? c->last_error : "no answer in time");
+    lua_setfield(L, -2, "error");
+    host_log(L, "error", "redis: ledger writes (rows, settles) had no answer as the process ended: a frozen "
+                         "server runs them when it thaws, a lost one may not have them; look for their ids or "
+                         "tickets in the ledger");
   }
 }
 
@@ -862,12 +992,21 @@ static int conn_gc(lua_State *L) {
   if (c->probe_timer) event_free(c->probe_timer);
   if (c->notify) event_free(c->notify);
   c->probe_timer = c->notify = NULL;
-  if (c->ac && c->pending > 0) write_queued(c);
+  /* a graceful stop's end comes first (write_queued) */
+  struct timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  double limit = c->timeout;
+  if (c->R->close_by > 0) {
+    double left = c->R->close_by - monotonic_now();
+    if (left < limit) limit = left > 0 ? left : 0;
+  }
+  if (c->ac && c->pending > 0) write_queued(c, &t0, limit);
   if (c->ac) {
     c->ac->data = NULL;
-    redisAsyncFree(c->ac);
+    redisAsyncFree(c->ac); /* (kept commands still unanswered become orphans: on_reply) */
     c->ac = NULL;
   }
+  if (c->orphans) report_orphans(c, send_orphans(c, limit - seconds_since(&t0)));
   /* answered (now, or before) for tasks the host's close will never resume: a
    * conn is collected only once no task waits on it, but at the close its
    * tasks go together with it */
