@@ -1075,10 +1075,23 @@ local function run_to_end(slot, r, fn, ...)
   return call:join()
 end
 
--- ai.chat(r) (or ai.embed) to its end -> result | nil, err (what it raised, as an error)
+-- ai.chat(r) (or ai.embed) to its end -> result | nil, err (what it raised, as an error).
+-- Run in the handler's own task under resil.shield: the cancel its client's leaving brings
+-- waits for the call's end, and r.give_up says "client_left" meanwhile (no retry, fallback or
+-- first attempt starts). The handler holds the request's permits to its end. A drain's end
+-- cancels it through the shield (running.tasks). (A task of its own per call cost ~23k
+-- instructions a request.)
+local shielded_end_mt = { __close = function(t)
+  running.n = running.n - 1
+  running.tasks[t[1]] = nil
+end }
 local function call_to_end(slot, r, fn)
-  local joined, ok, res, err = run_to_end(slot, r, pcall, fn or ai.chat, r)
-  if not joined then return nil, ok end
+  local me = resil.running()
+  r.give_up = function() if me:cancel_pending() then return "client_left" end end
+  running.n = running.n + 1
+  running.tasks[me] = true
+  local _ <close> = setmetatable({ me }, shielded_end_mt)
+  local ok, res, err = pcall(resil.shield, fn or ai.chat, r)
   if not ok then return nil, res end
   return res, err
 end
@@ -1586,7 +1599,7 @@ local function drain(s, signo)
   -- the calls still running (a client that left, an answer's body on its way) are canceled as a
   -- deadline would: an answer whose 2xx came is recorded at its estimate, its hold given back.
   -- (Left to the process's end, the provider billed it and the ledger never had it.)
-  for task in pairs(running.tasks) do task:cancel() end
+  for task in pairs(running.tasks) do task:cancel(true) end -- (through their shields)
   -- the rows of what was answered, and of streams cut just now (written by tasks of their own)
   resil.sleep(0)
   wait_while(function() return resil.cost.unwritten() > 0 end, deadline)

@@ -137,3 +137,83 @@ describe("a store operation canceled while queued", function()
     os.remove(path)
   end)
 end)
+
+describe("resil.shield", function()
+  before_each(function() resil.clock.virtual() end)
+
+  it("holds a cancel off until its function ends: the function's waits and results are whole, then the task " ..
+     "is canceled at its next wait, and its <close> handlers run", function()
+    local steps, closed = {}, false
+    local t = resil.spawn(function()
+      local _ <close> = setmetatable({}, { __close = function() closed = true end })
+      local a, b = resil.shield(function()
+        resil.sleep(1)
+        steps[#steps + 1] = "slept"
+        resil.sleep(1)
+        steps[#steps + 1] = "slept again"
+        return "paid", 2
+      end)
+      steps[#steps + 1] = a .. b
+      resil.sleep(1)
+      steps[#steps + 1] = "not reached"
+    end)
+    resil.sleep(0.5)
+    assert.is_true(t:cancel())
+    assert.is_true(t:cancel_pending())
+    assert.is_false(closed)
+    local ok, err = t:join()
+    assert.is_false(ok)
+    assert.are.equal("canceled", err.kind)
+    assert.are.same({ "slept", "slept again", "paid2" }, steps)
+    assert.is_true(closed)
+    assert.are.equal("canceled", t:status())
+    assert.is_false(t:cancel_pending())
+  end)
+
+  it("a task that ends past its shield without waiting again ends canceled", function()
+    local t = resil.spawn(function()
+      resil.shield(resil.sleep, 1)
+      return "answer"
+    end)
+    resil.sleep(0.5)
+    t:cancel()
+    local ok, err = t:join()
+    assert.is_false(ok)
+    assert.are.equal("canceled", err.kind)
+  end)
+
+  it("cancel(true) goes through it at once: its wait is aborted", function()
+    local reached = false
+    local t = resil.spawn(function()
+      resil.shield(function()
+        resil.sleep(60)
+        reached = true
+      end)
+    end)
+    resil.sleep(0.5)
+    assert.is_true(t:cancel())
+    assert.are.equal("waiting", t:status())
+    assert.is_true(t:cancel(true))
+    assert.are.equal("canceled", t:status())
+    resil.sleep(120)
+    assert.is_false(reached)
+  end)
+
+  it("an error in its function is raised to its caller, and a later cancel is not held off", function()
+    local t = resil.spawn(function()
+      local ok, err = pcall(resil.shield, function() error("refused", 0) end)
+      assert(not ok and err == "refused")
+      resil.sleep(60)
+    end)
+    resil.sleep(0.5)
+    assert.is_true(t:cancel())
+    assert.are.equal("canceled", t:status())
+  end)
+
+  it("is for tasks only", function()
+    local co = coroutine.wrap(function() return pcall(resil.shield, function() end) end)
+    local ok, err = co()
+    assert.is_false(ok)
+    assert.matches("must be called from a task", err)
+  end)
+end)

@@ -62,7 +62,9 @@ struct task {
   int stop_raised;         /* the stop watch raised in it, this resume (stop_watch_hook) */
   int stop_cut;            /* ...and it ran on (the error caught): it yielded to be ended as canceled */
   long instructions;       /* charged to it this resume, a part at a time (instruction_hook) */
-  int cancel_due;          /* canceled while its wait was settling: stopped at its next wait */
+  int cancel_due;          /* canceled while its wait was settling, or shielded: stopped at its next wait */
+  int shield;              /* resil.shield calls running: a cancel waits for them (cancel_due) */
+  int shield_off;          /* a forced cancel came: shields no longer hold it off */
   int nres;                /* results (or 1 error) at the top of co */
   char *traceback;
   task_done_fn on_done;    /* resil_call: told once when the task ends */
@@ -410,7 +412,8 @@ static void task_resume(resil_t *R, task *t) {
       lua_pop(t->co, nres);
       ready_push(R, t);
     }
-    if (t->cancel_due && t->state != TASK_RUNNING) { /* a cancel that waited for a settling wait */
+    /* a cancel that waited for a settling wait, or for the shield it met */
+    if (t->cancel_due && t->state != TASK_RUNNING && (!t->shield || t->shield_off)) {
       t->cancel_due = 0;
       task_stop(t);
     }
@@ -1006,17 +1009,58 @@ static int task_join(lua_State *L) {
 
 /* t:cancel() -> true if it was still running. Its pending wait (a transfer,
  * a timer) is aborted at once and its to-be-closed variables are closed. */
+static int task_stop_as(task *t, int force);
+
+/* t:cancel([force]) -> true if it is canceled (or will be, at its shield's
+ * end); force: through resil.shield too */
 static int task_cancel(lua_State *L) {
   task *t = check_task(L, 1);
   if (t->state == TASK_RUNNING && !t->canceling)
     return luaL_error(L, "a task cannot cancel itself; return or error() instead");
-  lua_pushboolean(L, task_stop(t) == 1);
+  lua_pushboolean(L, task_stop_as(t, lua_toboolean(L, 2)) == 1);
   return 1;
 }
 
-/* 1: canceled; 0: it had ended (or is being canceled); -1: it is running */
-int task_stop(task *t) {
-  if (t->state == TASK_DONE || t->canceling || t->cancel_due) return 0;
+/* t:cancel_pending() -> true while a cancel waits for its resil.shield */
+static int task_cancel_pending(lua_State *L) {
+  task *t = check_task(L, 1);
+  lua_pushboolean(L, t->cancel_due && t->shield && !t->shield_off);
+  return 1;
+}
+
+/* resil.shield(fn, ...) -> fn's results: fn runs to its end in this task,
+ * a cancel meanwhile (t:cancel(), a server's client that left) held off
+ * until it returns or raises, then done at the task's next wait (or as it
+ * ends). t:cancel(true) goes through. For work that must end whole once
+ * begun (a paid call whose answer is to be recorded). */
+static int shield_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)ctx;
+  task *t = task_of(L);
+  if (t && t->shield > 0) t->shield--;
+  if (status != LUA_OK && status != LUA_YIELD) return lua_error(L);
+  return lua_gettop(L);
+}
+
+static int l_shield(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  task *t = task_current(L, "resil.shield");
+  t->shield++;
+  return shield_k(L, lua_pcallk(L, lua_gettop(L) - 1, LUA_MULTRET, 0, 0, shield_k), 0);
+}
+
+/* 1: canceled (or due, past its shield); 0: it had ended (or is being
+ * canceled); -1: it is running. force: through resil.shield too. */
+static int task_stop_as(task *t, int force) {
+  if (t->state == TASK_DONE || t->canceling) return 0;
+  if (force && t->shield && !t->shield_off) {
+    t->shield_off = 1;
+    t->cancel_due = 0; /* (a cancel the shield held off: now this one) */
+  }
+  if (t->cancel_due) return 0;
+  if (t->shield && !t->shield_off) {
+    t->cancel_due = 1; /* task_resume stops it at its first wait past the shield, or it ends so */
+    return 1;
+  }
   if (t->state == TASK_RUNNING) return -1;
   if (t->state == TASK_WAITING && t->wait_ops && t->wait_ops->settling && t->wait_ops->settling(t->wait_arg)) {
     t->cancel_due = 1; /* task_resume stops it when it waits next, its result in hand */
@@ -1027,6 +1071,8 @@ int task_stop(task *t) {
   task_end_canceled(t);
   return 1;
 }
+
+int task_stop(task *t) { return task_stop_as(t, 0); }
 
 static int task_status(lua_State *L) {
   task *t = check_task(L, 1);
@@ -1360,12 +1406,13 @@ static void pump_cb(evutil_socket_t fd, short what, void *arg) {
 }
 
 static const luaL_Reg task_methods[] = {
-  {"join", task_join}, {"cancel", task_cancel}, {"status", task_status}, {"id", task_getid}, {NULL, NULL}};
+  {"join", task_join}, {"cancel", task_cancel}, {"status", task_status}, {"id", task_getid},
+  {"cancel_pending", task_cancel_pending}, {NULL, NULL}};
 
 static const luaL_Reg task_meta[] = {{"__tostring", task_tostring}, {"__gc", task_gc}, {NULL, NULL}};
 
 static const luaL_Reg loop_functions[] = {{"spawn", l_spawn},     {"background", l_background}, {"sleep", l_sleep},     {"yield", l_yield},
-                                          {"now", l_now},         {"running", l_running}, {"context", l_context},
+                                          {"now", l_now},         {"shield", l_shield},         {"running", l_running}, {"context", l_context},
                                           {NULL, NULL}};
 
 static const luaL_Reg clock_functions[] = {{"virtual", l_clock_virtual}, {"real", l_clock_real},
