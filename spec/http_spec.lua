@@ -156,6 +156,24 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal(1, seen)
   end)
 
+  it("a kept connection the server closed while idle, or one closed after each answer: the next request gets a new one", function()
+    local handler = function(req) return { status = 200, body = req.path } end
+    local server = resil.server.listen({ handler = handler })
+    local port = server:port()
+    local url = ("http://127.0.0.1:%d"):format(port)
+    assert.are.equal("/a", http.request({ url = url .. "/a" }).body)
+    server:close() -- the kept connection gets the server's FIN while nothing is in flight on it
+    resil.sleep(0.01)
+    server = resil.server.listen({ handler = handler, port = port })
+    assert.are.equal("/b", http.request({ url = url .. "/b" }).body)
+    -- each answer closes its connection: the next socket, often under the same number, is watched anew
+    for i = 1, 5 do
+      local res = http.request({ url = url .. "/c" .. i, headers = { connection = "close" } })
+      assert.are.equal("/c" .. i, res.body)
+    end
+    server:close()
+  end)
+
   it("keeps its connections out of the programs a script or the embedder starts", function()
     assert.are.equal(404, http.request({ url = mock.url .. "/nowhere" }).status)
     -- the keep-alive connection is open now

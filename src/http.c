@@ -131,6 +131,7 @@ struct http_state {
   origin *origins;
   int norigins, last_origin;
   int *socket_origin;       /* fd -> 2 x (index in origins + 1), + 1 on the h2 handle (0: not ours) */
+  struct socket_watch **socket_watch; /* fd -> its watch, kept while curl does not watch it (socket_cb) */
   int socket_cap;
   int parked;               /* h2 transfers waiting, over all origins */
   http_req *uploading;      /* transfers whose upload buffer goes once the body is sent */
@@ -266,9 +267,12 @@ typedef struct {
   long long received;
 } outcome;
 
-typedef struct {
+typedef struct socket_watch {
   struct event ev; /* re-assigned in place when curl changes its interest */
   curl_driver *d;
+  short flags;     /* what ev was assigned (0: never) */
+  int armed;       /* ev is added */
+  int idle;        /* curl no longer watches the socket (CURL_POLL_REMOVE): kept for its next transfer */
 } socket_watch;
 
 /* ---------- buffers ---------- */
@@ -636,7 +640,13 @@ static void kick_cb(evutil_socket_t fd, short what, void *arg) {
 /* ---------- curl <-> libevent ---------- */
 
 static void socket_event_cb(evutil_socket_t fd, short what, void *arg) {
-  curl_driver *d = ((socket_watch *)arg)->d; /* the watch may be freed during the action */
+  socket_watch *w = arg;
+  if (w->idle) { /* a kept connection's EOF or stray bytes: curl's own check finds them when it reuses it */
+    event_del(&w->ev);
+    w->armed = 0;
+    return;
+  }
+  curl_driver *d = w->d; /* the watch may be freed during the action */
   int running, action = (what & EV_READ ? CURL_CSELECT_IN : 0) | (what & EV_WRITE ? CURL_CSELECT_OUT : 0);
   d->H->acting_fd = fd;
   curl_multi_socket_action(d->multi, fd, action, &running);
@@ -645,29 +655,47 @@ static void socket_event_cb(evutil_socket_t fd, short what, void *arg) {
   if (d->H->parked) http_flush(d->H);
 }
 
+static void watch_free(socket_watch *w) {
+  if (w->armed) event_del(&w->ev);
+  free(w);
+}
+
+/* curl stops watching a kept connection's socket as each transfer on it
+ * ends and watches it again for the next one: an epoll_ctl DEL and ADD a
+ * request. A socket of ours (opened and closed through our callbacks, so
+ * its watch goes before its close: close_socket_cb) keeps its watch, idle,
+ * and the next transfer finds it as it was. */
 static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
   (void)easy;
   curl_driver *d = userp;
+  http_state *H = d->H;
   socket_watch *w = socketp;
+  int ours = s >= 0 && s < H->socket_cap && H->socket_origin[s];
   if (what == CURL_POLL_REMOVE) {
-    if (w) {
-      event_del(&w->ev);
-      free(w);
-      curl_multi_assign(d->multi, s, NULL);
-    }
+    if (!w) return 0;
+    curl_multi_assign(d->multi, s, NULL);
+    if (ours && H->socket_watch[s] == w) w->idle = 1;
+    else watch_free(w);
     return 0;
   }
   short flags = EV_PERSIST | (what & CURL_POLL_IN ? EV_READ : 0) | (what & CURL_POLL_OUT ? EV_WRITE : 0);
-  if (!w) {
+  if (!w && ours && H->socket_watch[s] && H->socket_watch[s]->d == d) {
+    w = H->socket_watch[s];
+    curl_multi_assign(d->multi, s, w);
+  } else if (!w) {
     w = calloc(1, sizeof *w);
     if (!w) return -1;
     w->d = d;
     curl_multi_assign(d->multi, s, w);
-  } else {
-    event_del(&w->ev);
+    if (ours && !H->socket_watch[s]) H->socket_watch[s] = w;
   }
-  if (event_assign(&w->ev, d->H->R->base, s, flags, socket_event_cb, w) != 0) return -1;
-  event_add(&w->ev, NULL);
+  w->idle = 0;
+  if (w->armed && w->flags == flags) return 0;
+  if (w->armed) event_del(&w->ev);
+  w->armed = 0;
+  if (event_assign(&w->ev, H->R->base, s, flags, socket_event_cb, w) != 0) return -1;
+  w->flags = flags;
+  w->armed = event_add(&w->ev, NULL) == 0;
   return 0;
 }
 
@@ -816,10 +844,13 @@ void http_free(resil_t *R) {
   free(H->reply_head.data);
   free(H->reply_body.data);
   for (int i = 0; i < NDRIVERS; i++) driver_free(&H->drivers[i]);
+  for (int s = 0; s < H->socket_cap; s++) /* (closed by curl_multi_cleanup, through close_socket_cb) */
+    if (H->socket_watch[s]) watch_free(H->socket_watch[s]);
   if (H->share) curl_share_cleanup(H->share);
   for (int i = 0; i < H->norigins; i++) free(H->origins[i].name);
   free(H->origins);
   free(H->socket_origin);
+  free(H->socket_watch);
   free(H);
   R->http = NULL;
 }
@@ -916,6 +947,10 @@ static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct 
     if (!grown) return s;
     memset(grown + H->socket_cap, 0, (size_t)(cap - H->socket_cap) * sizeof *grown);
     H->socket_origin = grown;
+    socket_watch **watches = realloc(H->socket_watch, (size_t)cap * sizeof *watches);
+    if (!watches) return s; /* (socket_origin grown, socket_cap not yet: the next one tries again) */
+    memset(watches + H->socket_cap, 0, (size_t)(cap - H->socket_cap) * sizeof *watches);
+    H->socket_watch = watches;
     H->socket_cap = cap;
   }
   int mux = r->driver == &H->drivers[DRIVER_MUX];
@@ -931,6 +966,10 @@ static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct 
 
 static int close_socket_cb(void *clientp, curl_socket_t s) {
   http_state *H = clientp;
+  if (s >= 0 && s < H->socket_cap && H->socket_watch[s]) { /* (curl told CURL_POLL_REMOVE before) */
+    watch_free(H->socket_watch[s]);
+    H->socket_watch[s] = NULL;
+  }
   if (s >= 0 && s < H->socket_cap && H->socket_origin[s]) {
     origin *o = &H->origins[H->socket_origin[s] / 2 - 1];
     o->connections--;
