@@ -12,6 +12,17 @@ describe("tasks", function()
     assert.are.same({ "a1", "b1", "a2", "b2" }, order)
   end)
 
+  it("that spawn one another without end still let I/O in", function()
+    local server = resil.server.listen({ handler = function() return { status = 200, body = "up" } end })
+    local stop = false
+    local function chain() if not stop then resil.spawn(chain) end end
+    resil.spawn(chain)
+    local res = resil.http.request({ url = ("http://127.0.0.1:%d/"):format(server:port()), timeout = 5 })
+    stop = true
+    server:close()
+    assert.are.equal("up", res.body)
+  end)
+
   it("pass arguments and return results through join", function()
     local t = resil.spawn(function(x, y) return x + y, "sum" end, 40, 2)
     assert.are.same({ true, 42, "sum" }, { t:join() })

@@ -61,6 +61,7 @@ struct task {
   int canceling;           /* its <close> handlers are running: a second cancel is a no-op */
   int stop_raised;         /* the stop watch raised in it, this resume (stop_watch_hook) */
   int stop_cut;            /* ...and it ran on (the error caught): it yielded to be ended as canceled */
+  int yielded;             /* ready again by a bare yield (not woken): it waits for the next turn */
   long instructions;       /* charged to it this resume, a part at a time (instruction_hook) */
   int cancel_due;          /* canceled while its wait was settling, or shielded: stopped at its next wait */
   int shield;              /* resil.shield calls running: a cancel waits for them (cancel_due) */
@@ -411,6 +412,7 @@ static void task_resume(resil_t *R, task *t) {
     if (t->state == TASK_RUNNING) { /* a bare coroutine.yield: let others run */
       lua_pop(t->co, nres);
       ready_push(R, t);
+      t->yielded = 1;
     }
     /* a cancel that waited for a settling wait, or for the shield it met */
     if (t->cancel_due && t->state != TASK_RUNNING && (!t->shield || t->shield_off)) {
@@ -433,17 +435,28 @@ static void task_resume(resil_t *R, task *t) {
   task_done(t);
 }
 
-/* Resume the tasks that are ready now; ones woken meanwhile wait a turn so
- * that I/O is polled between passes. */
+/* Tasks run after the ones ready at a turn's start, in the same turn (CHAIN_MAX at most) */
+#define CHAIN_MAX 64
+
+/* Resume the tasks that are ready now, then those they woke or spawned, in
+ * the same turn: a gateway request's handler, the task it spawns for the
+ * upstream call and the handler again once that ended took a turn each, each
+ * with a look at I/O (an epoll_wait) between. A task that yielded (a bare
+ * yield, sleep(0)) waits for the next turn, after I/O is polled, and so do
+ * the tasks past CHAIN_MAX: tasks that wake each other cannot keep I/O
+ * from being polled. */
 static void loop_run_ready(resil_t *R) {
-  task *last = R->ready_tail;
+  int initial = 0, chained = 0; /* (counted, not the tail task: a cancel may take it off the list) */
+  for (task *t = R->ready_head; t; t = t->next_ready) initial++;
   while (R->ready_head) {
     task *t = R->ready_head;
+    if (initial-- <= 0 && (t->yielded || chained++ == CHAIN_MAX)) break;
     R->ready_head = t->next_ready;
     if (!R->ready_head) R->ready_tail = NULL;
     t->next_ready = NULL;
+    t->yielded = 0;
     task_resume(R, t);
-    if (t == last || R->interrupted) break;
+    if (R->interrupted) break;
     if (R->main_task && R->main_task->failed) break;
   }
 }
