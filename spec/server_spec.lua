@@ -379,6 +379,34 @@ describe("server handlers as tasks (tasks = true)", function()
     assert.are.same({ "1", "2", "3" }, events)
   end)
 
+  -- (Nagle's algorithm held a chunk until the client acknowledged the one before, which a client
+  -- with nothing to send delays by 40 ms on Linux: on the virtual clock, I/O that does not come
+  -- within its 10 ms grace lets time jump to the next timer)
+  it("a stream's chunks leave as written on a kept-alive connection: none waits for the client's delayed ACK", function()
+    local read_a = false
+    local s <close>, url = listen(function(req)
+      if req.path == "/warm" then return { status = 200, body = "ok" } end
+      return { status = 200, stream = function(write)
+        write("a")
+        while not read_a do resil.yield() end
+        write("b")
+      end }
+    end)
+    -- the connection past its first exchanges (Linux acknowledges at once on a new one)
+    for _ = 1, 3 do assert(http.request({ url = url .. "/warm" })) end
+    resil.clock.virtual()
+    for _ = 1, 3 do
+      read_a = false
+      local st = assert(http.stream({ url = url .. "/s", idle_timeout = 60 }))
+      assert.are.equal("a", st:read())
+      read_a = true
+      local t0 = resil.now()
+      assert.are.equal("b", st:read())
+      assert.are.equal(t0, resil.now())
+      assert.is_nil(st:read())
+    end
+  end)
+
   -- (libevent timed the connection's reading while it wrote a reply, and a client reading a stream
   -- sends nothing: a stream that paused read_timeout + 1 s between two writes, an upstream slow
   -- between its deltas, was cut without its end; so was a reply's `chunks` sent that far apart)

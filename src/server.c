@@ -27,6 +27,7 @@
  */
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -326,6 +327,12 @@ static void conn_setup_cb(evutil_socket_t fd, short what, void *arg) {
     conn_free(c);
   } else {
     c->evcon = evcon;
+    /* a streamed reply's writes go out as made: with Nagle's algorithm a
+     * small chunk waited for the ACK of the one before, which a client that
+     * has nothing to send delays (40 ms on Linux): on a kept-alive
+     * connection each stream's second chunk came 40 ms late */
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     evhttp_connection_set_closecb(c->evcon, conn_closed, c);
     event_assign(c->ev, c->srv->R->base, -1, 0, conn_deadline_cb, c);
     c->first_byte = evbuffer_add_cb(bufferevent_get_input(bev), conn_input_cb, c);
