@@ -238,7 +238,7 @@ end
 -- those whose body was cut ({cut = true, status=, received=, key=}, key:
 -- the Idempotency-Key it was sent with; replayed = true once a whole answer
 -- came under it): the provider billed them, policies.ai records their cost.
-local function attempt(n, self, req, deadline, refused)
+local function attempt(n, self, req, deadline, refused, give_up)
   local br = self.breaker
   local guard
   if br then
@@ -267,6 +267,13 @@ local function attempt(n, self, req, deadline, refused)
   if sem then
     local ok, err = sem:acquire(wait)
     if not ok then return nil, err end
+  end
+  -- (a wait for a bucket or a permit may outlast the client: asked again before anything is sent)
+  local why = give_up and (bucket or token_bucket or sem) and give_up()
+  if why then
+    if sem then sem:release() end
+    return nil, resil.error("given_up", ("gave up before attempt %d was sent: %s"):format(n, tostring(why)),
+      { provider = self.name, class = "canceled", retryable = true, gave_up = tostring(why) })
   end
   local start = now()
   local res, err
@@ -355,7 +362,8 @@ function Provider:attempts(req, deadline, refused, give_up)
   end
   -- (the retry options' own deadline, timeout and give_up when the call has none)
   local retry_deadline = deadline or opts.deadline or (opts.timeout and now() + opts.timeout)
-  return retry.attempts(attempt, opts, retry_deadline, give_up or opts.give_up, self, req, deadline, refused)
+  give_up = give_up or opts.give_up
+  return retry.attempts(attempt, opts, retry_deadline, give_up, self, req, deadline, refused, give_up)
 end
 
 local function invoke(self, req)

@@ -1278,6 +1278,31 @@ describe("gateway: virtual keys", function()
     end)
   end
 
+  -- (before: the attempt started once the provider's permit came, for a client long gone: billed,
+  -- read by nobody, on the key's permit and budget all that while)
+  it("a call whose client left while it waited in its provider's queue (concurrency) sends no attempt " ..
+    "once the permit comes; its hold is given back, nothing recorded", function()
+    local url, m = start({ strict = true, reply = "a slow answer", latency = 5 }, { auth = true })
+    local m_url = m.url
+    require("policies.ai").configure("openai", { base_url = m_url .. "/v1", api_key = "sk-test-123456",
+      retry = { base = 0.001, cap = 0.005 }, concurrency = { size = 1, queue = 10 } })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local key = assert(keys.add({ name = "left-queued", budget = "10/day" }))
+    local body = { model = "openai/gpt-4o-mini", messages = MSGS }
+    -- the provider's one permit, held by a call upstream for 5 s
+    local first = resil.spawn(post, url .. "/v1/chat/completions", body, bearer(key))
+    resil.sleep(0.5)
+    give_up_on(url, "/v1/chat/completions", body, bearer(key)) -- queued behind it, gone after 1 s
+    local _, res = first:join()
+    assert.are.equal(200, res.status, res.body)
+    resil.sleep(10)
+    assert.are.same({ chat = 1 }, m:stats().routes) -- the first call's; none for the client that left
+    assert.are.equal(1, assert(resil.cost.breakdown("model"))[1].calls)
+    local state = assert(resil.budget("key:left-queued"):state())
+    assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
+  end)
+
   -- (before: the call its client left retried and kept the answer of the retry under the key)
   it("with an Idempotency-Key: the failure of the attempt its client left is not kept, so the client's retry " ..
     "with the key is served anew; an answer that comes after its client left is kept and replayed", function()
