@@ -961,6 +961,30 @@ print(resil.cost.total({ provider = "slow-disk" }))
     assert.are.equal("http durable\n0.25\n", r.stdout)
   end)
 
+  -- (a tester's find: the cancel, held for the settling write, was then held by a shield the task
+  -- entered without waiting in between, as if it had come during the shield)
+  it("a task canceled while its write is made durable is canceled at its next wait, a resil.shield entered " ..
+     "after the write included: the shield holds off only cancels that come while it runs", function()
+    local r = slow_run(store_before_slow(), [[
+local resil = require "resil"
+local order = {}
+local writer = resil.spawn(function()
+  assert(resil.cost.record({ provider = "slow-disk", usd = 0.25 }))
+  order[#order + 1] = "durable"
+  resil.shield(function()
+    resil.sleep(0.01)
+    order[#order + 1] = "shielded work"
+  end)
+end)
+resil.sleep(0.1) -- (the commit is made; its sync takes 500 ms)
+assert(writer:cancel())
+local ok, err = writer:join()
+print(ok, err.kind, table.concat(order, " "))
+]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("false\tcanceled\tdurable\n", r.stdout)
+  end)
+
   it("a cost recorded with sync = false continues at the commit, and survives a kill -9 before the sync", function()
     local db = store_before_slow()
     local r = slow_run(db, [[

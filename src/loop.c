@@ -1057,6 +1057,9 @@ static int shield_k(lua_State *L, int status, lua_KContext ctx) {
 static int l_shield(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
   task *t = task_current(L, "resil.shield");
+  /* a cancel that came before it (held while a wait settled) is not held off:
+   * it is done at the first wait, this shield's too */
+  if (t->cancel_due && !t->shield) t->shield_off = 1;
   t->shield++;
   return shield_k(L, lua_pcallk(L, lua_gettop(L) - 1, LUA_MULTRET, 0, 0, shield_k), 0);
 }
