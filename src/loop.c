@@ -441,21 +441,24 @@ static void task_resume(resil_t *R, task *t) {
 /* Resume the tasks that are ready now, then those they woke or spawned, in
  * the same turn: a gateway request's handler, the task it spawns for the
  * upstream call and the handler again once that ended took a turn each, each
- * with a look at I/O (an epoll_wait) between. A task that yielded (a bare
- * yield, sleep(0)) waits for the next turn, after I/O is polled, and so do
- * the tasks past CHAIN_MAX: tasks that wake each other cannot keep I/O
- * from being polled. */
+ * with a look at I/O (an epoll_wait) between. Once a task of the turn yielded
+ * (a bare yield, sleep(0): "let the others and I/O in"), the tasks woken
+ * meanwhile wait for the next turn, after I/O is polled, as all did before
+ * (a script that spawns a task and yields sees it at its first wait); so do
+ * the tasks past CHAIN_MAX: tasks that wake each other cannot keep I/O from
+ * being polled. */
 static void loop_run_ready(resil_t *R) {
-  int initial = 0, chained = 0; /* (counted, not the tail task: a cancel may take it off the list) */
+  int initial = 0, chained = 0, yielded = 0; /* (counted, not the tail task: a cancel may take it off the list) */
   for (task *t = R->ready_head; t; t = t->next_ready) initial++;
   while (R->ready_head) {
     task *t = R->ready_head;
-    if (initial-- <= 0 && (t->yielded || chained++ == CHAIN_MAX)) break;
+    if (initial-- <= 0 && (yielded || chained++ == CHAIN_MAX)) break;
     R->ready_head = t->next_ready;
     if (!R->ready_head) R->ready_tail = NULL;
     t->next_ready = NULL;
     t->yielded = 0;
     task_resume(R, t);
+    yielded |= t->yielded; /* (t is not collected before the next resume) */
     if (R->interrupted) break;
     if (R->main_task && R->main_task->failed) break;
   }
