@@ -322,6 +322,28 @@ end)
 describe("the ledger on Redis with wait = false", function()
   before_each(function() fresh_url() end)
 
+  -- a script on a database of its own: a budget's two tickets (t1, t2), rows and a settle that load
+  -- the scripts, the server's scripts flushed, then `after` -> its run
+  local function run_flushed(after)
+    return helpers.run_script(([[
+local resil = require "resil"
+local budget = resil.budget("flushed", { limit = 1 })
+local t1, t2 = assert(budget:reserve(0.1)), assert(budget:reserve(0.1))
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f1", wait = false })) -- (loads the script)
+assert(t1:settle(0.01, { provider = "flushed", wait = false })) -- (and this one)
+assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f2" })) -- (its reply after the loads')
+os.execute("redis-cli -p %d script flush > /dev/null")
+]]):format(port) .. after, "--store " .. fresh_url())
+  end
+  -- each of its rows written once (0.01 each), both settles counted, nothing held
+  local function assert_flushed(r, rows)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(rows, resil.cost.breakdown("provider")[1].calls)
+    assert.are.equal(rows / 100, resil.cost.total({ provider = "flushed" }))
+    local state = resil.budget("flushed", { limit = 1 }):state()
+    assert.are.same({ 0.02, 0 }, { state.spent, state.reserved })
+  end
+
   it("a read right after a record or a settle that did not wait sees it", function()
     assert(resil.cost.total()) -- connected, as a gateway's store is
     assert(resil.cost.record({ provider = "later", usd = 0.25, wait = false }))
@@ -368,48 +390,22 @@ for i = 1, 200 do assert(resil.cost.record({ provider = "burst", usd = 0.01, id 
 
   it("a row nobody waits for, sent by SHA after the server's scripts were flushed (NOSCRIPT): written whole, once",
     function()
-    local url = fresh_url()
-    local r = helpers.run_script(([[
-local resil = require "resil"
-local budget = resil.budget("flushed", { limit = 1 })
-local t1, t2 = assert(budget:reserve(0.1)), assert(budget:reserve(0.1))
-assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f1", wait = false })) -- (loads the script)
-assert(t1:settle(0.01, { provider = "flushed", wait = false })) -- (and this one)
-assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f2" })) -- (its reply after the loads')
-os.execute("redis-cli -p %d script flush > /dev/null")
+    assert_flushed(run_flushed([[
 assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f3", wait = false }))
 assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f3", wait = false }))
 assert(t2:settle(0.01, { provider = "flushed", wait = false }))
 -- (waited for: f3's answers came before it, so each was sent again whole before the script ends)
 assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f4" }))
-]]):format(port), "--store " .. url)
-    assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal(6, resil.cost.breakdown("provider")[1].calls)
-    assert.are.equal(0.06, resil.cost.total({ provider = "flushed" }))
-    assert.are.same({ 0.02, 0 }, { resil.budget("flushed", { limit = 1 }):state().spent,
-      resil.budget("flushed", { limit = 1 }):state().reserved })
+]]), 6)
   end)
 
   it("rows nobody waits for, sent by SHA just after the server's scripts were flushed, as the script ends: " ..
      "each written once (their NOSCRIPT answers came to a closing connection, and the rows were lost)", function()
-    local url = fresh_url()
-    local r = helpers.run_script(([[
-local resil = require "resil"
-local budget = resil.budget("flushed", { limit = 1 })
-local t1, t2 = assert(budget:reserve(0.1)), assert(budget:reserve(0.1))
-assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f1", wait = false })) -- (loads the script)
-assert(t1:settle(0.01, { provider = "flushed", wait = false })) -- (and this one)
-assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f2" })) -- (its reply after the loads')
-os.execute("redis-cli -p %d script flush > /dev/null")
+    assert_flushed(run_flushed([[
 for i = 3, 7 do assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f" .. i, wait = false })) end
 assert(resil.cost.record({ provider = "flushed", usd = 0.01, id = "f7", wait = false })) -- (a retry: once)
 assert(t2:settle(0.01, { provider = "flushed", wait = false }))
-]]):format(port), "--store " .. url)
-    assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal(9, resil.cost.breakdown("provider")[1].calls)
-    assert.are.equal(0.09, resil.cost.total({ provider = "flushed" }))
-    assert.are.same({ 0.02, 0 }, { resil.budget("flushed", { limit = 1 }):state().spent,
-      resil.budget("flushed", { limit = 1 }):state().reserved })
+]]), 9)
   end)
 
   it("rows sent as the script ends to a server restarted meanwhile (kill -9, started again empty): each " ..
