@@ -522,28 +522,7 @@ static void start_unframed(pending *p) {
   evhttp_send_reply_start(req, p->status, reason_phrase(p->status));
 }
 
-/* A whole reply is written at once, from its handler's task, not when
- * libevent next polls the socket for writing: that was a loop pass, an
- * epoll_wait and two epoll_ctl per reply, all before the client had a byte.
- * What the socket does not take now libevent writes as before (an error too is
- * left to it: its write fails again and closes the connection). Once all is
- * written, the reply is completed as libevent completes it, through its write
- * callback (keep-alive: the next request is read). Not from inside evhttp's
- * own callbacks (a tasks = false handler): the completion may free the
- * connection it is using. */
-static void write_now(struct evhttp_connection *evcon) {
-  struct bufferevent *bev = evhttp_connection_get_bufferevent(evcon);
-  evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
-  if (fd < 0) return;
-  struct evbuffer *out = bufferevent_get_output(bev);
-  evbuffer_unfreeze(out, 1); /* (a socket bufferevent's output is drained only by its own write: as it does) */
-  int n = evbuffer_write(out, fd);
-  evbuffer_freeze(out, 1);
-  if (n > 0 && evbuffer_get_length(out) == 0) bufferevent_trigger(bev, EV_WRITE, 0);
-}
-
-/* now: from a task (or a timer), where the reply may be written at once (write_now) */
-static void pending_send(pending *p, int now) {
+static void pending_send(pending *p) {
   struct evhttp_request *req = p->req;
   switch (p->action) {
   case REPLY_HANG: watch_client(p); return; /* until the client gives up */
@@ -598,10 +577,8 @@ static void pending_send(pending *p, int now) {
   if (buf) evbuffer_add(buf, p->body, p->body_len);
   evhttp_send_reply(req, p->status, reason_phrase(p->status), buf);
   if (buf) evbuffer_free(buf);
-  struct evhttp_connection *conn = p->conn;
   pending_unlink(p);
   pending_free(p);
-  if (now) write_now(conn);
 }
 
 /* The end of a chunked or streamed reply (evhttp_send_reply_end): to an
@@ -615,7 +592,7 @@ static void pending_send(pending *p, int now) {
 static void send_next_chunk(void *arg) {
   pending *p = arg;
   if (!p->started) {
-    pending_send(p, 1); /* (a timer: the delay) */
+    pending_send(p);
     return;
   }
   if (p->stall_after > 0 && p->next_chunk >= p->stall_after) return; /* stalled: hang mid-stream */
@@ -966,7 +943,7 @@ static int serve_k(lua_State *L, int status, lua_KContext stage) {
   }
   pending_detach(p, 0);
   if (p->delay > 0) timer_start(&p->timer, p->delay);
-  else pending_send(p, 1);
+  else pending_send(p);
   return 0;
 }
 
@@ -1092,7 +1069,7 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     answer_500(p);
     log_handler_error(L, p, "server handler not started; answered 500");
     lua_settop(L, top);
-    pending_send(p, 0);
+    pending_send(p);
     return;
   }
   lua_pushcfunction(L, handle_request);
@@ -1112,7 +1089,7 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     watch_client(p);
     timer_start(&p->timer, p->delay);
   } else {
-    pending_send(p, 0);
+    pending_send(p);
   }
 }
 
