@@ -338,7 +338,7 @@ local OPENAI_READ = { model = true, messages = true, max_tokens = true, max_comp
 local ANTHROPIC_READ = { model = true, messages = true, system = true, max_tokens = true, stop_sequences = true,
   tools = true, tool_choice = true, stream = true, temperature = true, top_p = true }
 
--- (made at the size it reaches: the fields complete_admitted and run_to_end set
+-- (made at the size it reaches: the fields complete_admitted and call_to_end set
 -- are named here, nil until then; grown key by key the table was rehashed)
 local function from_openai(b)
   local req = { messages = b.messages, max_tokens = whole(b.max_completion_tokens or b.max_tokens),
@@ -1079,13 +1079,13 @@ end
 -- Run in the handler's own task under resil.shield: the cancel its client's leaving brings
 -- waits for the call's end, and r.give_up says "client_left" meanwhile (no retry, fallback or
 -- first attempt starts). The handler holds the request's permits to its end. A drain's end
--- cancels it through the shield (running.tasks). (A task of its own per call cost ~23k
+-- cancels it through the shield (running.tasks). (A task of its own per call cost ~15k
 -- instructions a request.)
 local shielded_end_mt = { __close = function(t)
   running.n = running.n - 1
   running.tasks[t[1]] = nil
 end }
-local function call_to_end(slot, r, fn)
+local function call_to_end(r, fn)
   local me = resil.running()
   r.give_up = function() if me:cancel_pending() then return "client_left" end end
   running.n = running.n + 1
@@ -1143,7 +1143,9 @@ local function complete(req, api)
   if not permits then return with_id(full, id) end
   if permits == NO_PERMITS then return anthropic_id(complete_admitted(req, api, id, rec), api) end
   local held = false
-  local slot = { permits = permits } -- handed = true: a call run to its end holds them
+  -- handed = true: a call run to its end in a task of its own (resil.once's) holds them; a call
+  -- under resil.shield (call_to_end) runs in this task, which holds them to its end
+  local slot = { permits = permits }
   local _ <close> = setmetatable({}, { __close = function()
     if not held and not slot.handed then permits:release() end
   end })
@@ -1282,7 +1284,7 @@ function complete_admitted(req, api, id, rec, slot)
     -- a replay called no provider: none of the tokens its key's tpm was charged were used
     if replayed then correct_tpm(tpm, { input_tokens = 0, output_tokens = 0 }) end
   else
-    res, err = call_to_end(slot, r, correcting_tpm(tpm, ai.chat))
+    res, err = call_to_end(r, correcting_tpm(tpm, ai.chat))
   end
   if not res then
     local reply = ai_error_reply(api, err)
@@ -1310,8 +1312,8 @@ local function embeddings(req)
   if not rec then return with_id(refused, id) end
   local permits, full = admit(rec, "openai")
   if not permits then return with_id(full, id) end
-  local slot = { permits = permits } -- handed = true: the call run to its end holds them
-  local _ <close> = setmetatable({}, { __close = function() if not slot.handed then permits:release() end end })
+  -- (held to this handler's end: its call runs shielded in it, call_to_end)
+  local _ <close> = setmetatable({}, { __close = function() permits:release() end })
   local b = json.decode(req.body)
   if type(b) ~= "table" then
     return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)
@@ -1335,7 +1337,7 @@ local function embeddings(req)
   local limited, tpm = key_limits(rec, "openai", req.body)
   if limited then return with_id(limited, id) end
   -- run to its end as a chat is: the provider bills it whether or not its client stays
-  local res, err = call_to_end(slot, r, correcting_tpm(tpm, ai.embed))
+  local res, err = call_to_end(r, correcting_tpm(tpm, ai.embed))
   if not res then return with_id(ai_error_reply("openai", err), id) end
   local data = {}
   for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = v } end

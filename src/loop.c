@@ -1023,12 +1023,11 @@ static int task_join(lua_State *L) {
   return lua_yieldk(L, 0, 0, join_k);
 }
 
-/* t:cancel() -> true if it was still running. Its pending wait (a transfer,
- * a timer) is aborted at once and its to-be-closed variables are closed. */
 static int task_stop_as(task *t, int force);
 
-/* t:cancel([force]) -> true if it is canceled (or will be, at its shield's
- * end); force: through resil.shield too */
+/* t:cancel([force]) -> true if it was still running. Its pending wait (a
+ * transfer, a timer) is aborted at once and its to-be-closed variables are
+ * closed; under resil.shield that waits for the shield's end, unless force. */
 static int task_cancel(lua_State *L) {
   task *t = check_task(L, 1);
   if (t->state == TASK_RUNNING && !t->canceling)
