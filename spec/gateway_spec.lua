@@ -2202,8 +2202,16 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     return list
   end
 
-  -- a gateway with --workers n whose config raises while the file `broken` exists
-  -- -> broken, mock, port, log file, supervisor's pid
+  -- after a test: the gateway and every worker it had, gone for sure
+  local function stop_all(pid, seen, m)
+    for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
+    m:stop()
+    resil.log.level("info")
+  end
+
+  -- a gateway with --workers n whose config raises while the file `broken` exists, stopped after
+  -- the test with every worker the caller puts in `seen`
+  -- -> broken, mock, port, log file, supervisor's pid, seen
   local function breakable_workers(n)
     local broken = helpers.tmpname(".broken")
     local m, _, port, log, pidfile = workers_setup()
@@ -2214,14 +2222,12 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     ]]):format(broken, m.url .. "/v1"))
     os.execute(("%s gateway --listen 127.0.0.1:%d --workers %d --config %s --store %s > %s 2>&1 & echo $! > %s")
       :format(helpers.resil, port, n, config, helpers.tmpname(".db"), log, pidfile))
-    return broken, m, port, log, helpers.slurp(pidfile):match("%d+")
-  end
-
-  -- after a test: the gateway and every worker it had, gone for sure
-  local function stop_all(pid, seen, m)
-    for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then os.execute("kill -KILL " .. p) end end
-    m:stop()
-    resil.log.level("info")
+    local pid, seen = helpers.slurp(pidfile):match("%d+"), {}
+    finally(function()
+      os.remove(broken)
+      stop_all(pid, seen, m)
+    end)
+    return broken, m, port, log, pid, seen
   end
 
   it("--workers 2: two processes serve one port, a worker killed with -9 is replaced, stopping the gateway " ..
@@ -2382,18 +2388,13 @@ print(ok, left, (b:try(1)))
   -- killed, as by the OOM killer, had replacements that died at start, and the gateway stopped the
   -- worker still serving)
   it("--workers 2: a replacement that cannot start does not stop a worker still serving; a SIGHUP tries it at once", function()
-    local broken, m, port, log, pid = breakable_workers(2)
-    local seen = {}
-    finally(function()
-      os.remove(broken)
-      stop_all(pid, seen, m)
-    end)
+    local broken, m, port, log, pid, seen = breakable_workers(2)
     local function listening(n)
       return helpers.wait_until(function() return select(2, helpers.slurp(log):gsub("listening", "")) == n end, 10)
     end
     assert.is_true(listening(2), helpers.slurp(log))
     local first = workers_of(pid)
-    seen = { first[1], first[2] }
+    table.move(first, 1, 2, #seen + 1, seen)
     resil.sleep(1.1) -- (both serving for a second: the gateway has started)
     helpers.write(broken, "")
     os.execute("kill -KILL " .. first[1])
@@ -2429,16 +2430,11 @@ print(ok, left, (b:try(1)))
   -- than the log said; and the slots shared one count of deaths as they start)
   it("--workers 3: a worker waiting out its backoff is started again when the log said, whatever another does",
     function()
-    local broken, m, port, log, pid = breakable_workers(3)
-    local seen = {}
-    finally(function()
-      os.remove(broken)
-      stop_all(pid, seen, m)
-    end)
+    local broken, m, port, log, pid, seen = breakable_workers(3)
     local function said(text) return select(2, helpers.slurp(log):gsub(text, "")) end
     assert.is_true(helpers.wait_until(function() return said("listening") == 3 end, 10), helpers.slurp(log))
     local first = workers_of(pid)
-    seen = { first[1], first[2], first[3] }
+    table.move(first, 1, 3, #seen + 1, seen)
     resil.sleep(1.1) -- (serving for a second: the gateway has started)
     helpers.write(broken, "")
     os.execute("kill -KILL " .. first[1])
