@@ -643,3 +643,21 @@ describe("request URLs", function()
     assert.are.equal(302, res.status)
   end)
 end)
+
+describe("proxies", function()
+  it("a proxy named in http_proxy carries the requests, as libcurl's variables say", function()
+    local port = helpers.free_port()
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+      local resil = require "resil"
+      local proxy = resil.server.listen({ port = %d, handler = function(req)
+        return { status = 200, body = "via proxy for " .. tostring(req.headers.host) }
+      end })
+      local res, err = resil.http.request({ url = "http://upstream.invalid/v1/x", timeout = 5 })
+      print(res and res.status, res and res.body or err.message)
+      proxy:close()
+    ]]):format(port))
+    local r = helpers.run(("http_proxy=http://127.0.0.1:%d %s %s"):format(port, helpers.resil, script))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("200\tvia proxy for upstream.invalid\n", r.stdout)
+  end)
+end)
