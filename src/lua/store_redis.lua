@@ -170,13 +170,15 @@ redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 return {1}
 ]]
 
--- KEYS: run hash, unfinished steps hash; ARGV: status, now, me, then field, json of each step cut
--- short. The holder gives the run up (unless another took it over); "done" with failed steps is
--- "done_with_failures".
+-- KEYS: run hash, unfinished steps hash; ARGV: status, now, me, the steps cut short as one JSON
+-- array of field, json pairs (an argument each, past 28 steps the command's 64 arguments raised and
+-- the run's end was never recorded). The holder gives the run up (unless another took it over);
+-- "done" with failed steps is "done_with_failures".
 local run_finish = [[
 local holder = redis.call('HGET', KEYS[1], 'owner')
 if holder and holder ~= ARGV[3] then return 0 end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local pending = cjson.decode(ARGV[4])
+for i = 1, #pending, 2 do redis.call('HSET', KEYS[2], pending[i], pending[i + 1]) end
 local status = ARGV[1]
 if status == 'done' and tonumber(redis.call('HGET', KEYS[1], 'failed') or '0') > 0 then
   status = 'done_with_failures'
@@ -832,7 +834,7 @@ function R:run_finish_now(id, status, now, me, pending)
       retries = p.retries or 0, at = now, started = p.started, detail = p.detail })
   end
   local n, err = self.conn:call_now("EVAL", run_finish, 2, P .. "run:" .. id, unfinished_key(id), status,
-    fmt_time(now), me, table.unpack(extra))
+    fmt_time(now), me, #extra > 0 and resil.json.encode(extra) or "[]")
   if n == nil then error(err, 0) end
   return n == 1
 end
