@@ -38,3 +38,45 @@ error("the main chunk fails with 40 steps in flight")
     assert.are.equal(40, pending)
   end)
 end)
+
+-- the lines a process's log has of ledger writes whose answer never came as it ended (the store's)
+local function unanswered_lines(stderr)
+  local lines = {}
+  for line in stderr:gmatch("[^\n]+") do
+    if line:find("had no answer as the process ended", 1, true) then lines[#lines + 1] = resil.json.decode(line) end
+  end
+  return lines
+end
+
+describe("a process that ends while its Redis is frozen, rows and a settle sent and not answered", function()
+  -- (before: one line said "look for their ids or tickets in the ledger" and how many there were, not which:
+  -- a server lost meanwhile, a paused VM rebooted, left the operator nothing to look for)
+  it("names each in one log line (its id, or its ticket); the thawed server writes each once", function()
+    local url = redis.url(nil, "timeout=0.3")
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local budget = resil.budget("frozen-exit", { limit = 10 })
+local warm = assert(budget:reserve(1))
+assert(warm:settle(0.01, { provider = "warm", wait = false })) -- (the scripts loaded, the connection up)
+assert(resil.cost.record({ provider = "warm", usd = 0.01, id = "warm" }))
+local ticket = assert(budget:reserve(1))
+os.execute("kill -STOP %s")
+for i = 1, 3 do assert(resil.cost.record({ provider = "frozen", usd = 0.25, id = "exit-" .. i, wait = false })) end
+assert(ticket:settle(0.5, { provider = "frozen", wait = false }))
+print(ticket.id)
+]]):format(redis.pid), "--store '" .. url .. "'")
+    os.execute("kill -CONT " .. redis.pid)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = unanswered_lines(r.stderr)
+    assert.are.equal(1, #lines, r.stderr)
+    assert.are.same({ "exit-1", "exit-2", "exit-3", r.stdout:match("[^\n]+") }, lines[1].ids)
+    assert.are.equal(4, lines[1].unanswered)
+    resil.store_config({ url = url })
+    assert.is_true(helpers.wait_until(function()
+      local by = resil.cost.breakdown("provider")
+      return by ~= nil and #by == 2 and by[1].key == "frozen" and by[1].calls == 4
+    end, 10))
+    assert.are.equal(1.25, resil.cost.total({ provider = "frozen" }))
+  end)
+end)

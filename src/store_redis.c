@@ -912,8 +912,7 @@ static void write_queued(redis_conn *c, const struct timespec *t0, double limit)
  * a settle's ticket), and goes whole (EVAL): a restarted server knows no
  * script. -> how many were answered (they leave the list) */
 static int send_orphans(redis_conn *c, double left) {
-  if (!c->orphans || left <= 0) return 0;
-  orphan *in_order = NULL; /* (kept newest first) */
+  orphan *in_order = NULL; /* (kept newest first; in order, they are also said so) */
   while (c->orphans) {
     orphan *o = c->orphans;
     c->orphans = o->next;
@@ -921,6 +920,7 @@ static int send_orphans(redis_conn *c, double left) {
     in_order = o;
   }
   c->orphans = in_order;
+  if (!c->orphans || left <= 0) return 0;
   struct timeval limit = timeval_of(left);
   redisReply *refused = NULL;
   redisContext *rc = connect_blocking(c, limit, &refused);
@@ -954,20 +954,69 @@ static int send_orphans(redis_conn *c, double left) {
   return answered;
 }
 
+/* a formatted command's argument i (0: the command's name) -> 1, in *arg, *arg_len; 0 if it has none */
+static int command_arg(const char *f, size_t len, long i, const char **arg, size_t *arg_len) {
+  const char *end = f + len;
+  char *next;
+  if (len < 1 || f[0] != '*') return 0;
+  long argc = strtol(f + 1, &next, 10);
+  if (i < 0 || i >= argc) return 0;
+  for (long k = 0;; k++) {
+    if (end - next < 3 || next[0] != '\r' || next[1] != '\n' || next[2] != '$') return 0;
+    long n = strtol(next + 3, &next, 10);
+    if (n < 0 || end - next < 2 || (size_t)(end - next - 2) < (size_t)n + 2) return 0;
+    if (k == i) {
+      *arg = next + 2;
+      *arg_len = (size_t)n;
+      return 1;
+    }
+    next += 2 + n;
+  }
+}
+
+/* A kept script's first argument after its keys, as a log names it: a row's
+ * id, a settle's ticket -> pushed (nothing if it has none) */
+static int push_orphan_id(lua_State *L, const orphan *o) {
+  const char *a;
+  size_t n;
+  if (!command_arg(o->text, o->len, 2, &a, &n) || n > 9) return 0;
+  char digits[10];
+  memcpy(digits, a, n);
+  digits[n] = '\0';
+  if (!command_arg(o->text, o->len, 3 + atol(digits), &a, &n)) return 0;
+  lua_pushlstring(L, a, n);
+  return 1;
+}
+
+#define ORPHAN_IDS_LOGGED 1000
+
 /* What is left of the orphans, said and freed: their answers never came (a
- * frozen server, which may run them when it thaws; or none could be had) */
+ * frozen server, which may run them when it thaws; or none could be had).
+ * Each is named (ids: a row's id, a settle's ticket), so that an operator
+ * can look for it in the ledger: the count alone named none. */
 static void report_orphans(redis_conn *c, int sent_again) {
   int n = 0;
+  lua_State *L = c->R->L;
+  lua_newtable(L); /* ids */
   while (c->orphans) {
     orphan *o = c->orphans;
     c->orphans = o->next;
+    if (n < ORPHAN_IDS_LOGGED && push_orphan_id(L, o)) lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
     free(o->text);
     free(o);
     n++;
   }
-  lua_State *L = c->R->L;
-  if (n == 0 && sent_again == 0) return;
-  lua_createtable(L, 0, 3);
+  if (n == 0 && sent_again == 0) {
+    lua_pop(L, 1);
+    return;
+  }
+  int ids = lua_gettop(L);
+  lua_createtable(L, 0, 4);
+  if (n > 0) {
+    lua_pushvalue(L, ids);
+    lua_setfield(L, -2, "ids");
+  }
+  lua_remove(L, ids);
   lua_pushfstring(L, "%s:%d", c->host, c->port);
   lua_setfield(L, -2, "store");
   lua_pushinteger(L, sent_again);
@@ -982,7 +1031,7 @@ static void report_orphans(redis_conn *c, int sent_again) {
     lua_setfield(L, -2, "error");
     host_log(L, "error", "redis: ledger writes (rows, settles) had no answer as the process ended: a frozen "
                          "server runs them when it thaws, a lost one may not have them; look for their ids or "
-                         "tickets in the ledger");
+                         "tickets (ids) in the ledger");
   }
 }
 
