@@ -80,3 +80,46 @@ print(ticket.id)
     assert.are.equal(1.25, resil.cost.total({ provider = "frozen" }))
   end)
 end)
+
+-- the ledger writes a process's log names as not written, or perhaps not, as it ended: { id = true }
+local function named_in_log(stderr)
+  local named = {}
+  for line in stderr:gmatch("[^\n]+") do
+    local ok, row = pcall(resil.json.decode, line)
+    if ok and type(row) == "table" and row.level == "error" then
+      if row.id then named[row.id] = true end
+      for _, id in ipairs(row.ids or {}) do named[id] = true end
+    end
+  end
+  return named
+end
+
+describe("a process that ends as its Redis refuses writes (past its maxmemory)", function()
+  -- (before: the refusals answered a closing connection, which told nobody: the rows and the settle
+  -- were lost without a word, and the script exited 0)
+  it("names each row and settle it refused as not written", function()
+    local url = redis.url()
+    local function maxmemory(v) os.execute(("redis-cli -p %d config set maxmemory %s > /dev/null"):format(redis.port, v)) end
+    finally(function() maxmemory(0) end)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local budget = resil.budget("refused-exit", { limit = 10 })
+local warm = assert(budget:reserve(1))
+assert(warm:settle(0.01, { provider = "warm", wait = false })) -- (the scripts loaded, the connection up)
+assert(resil.cost.record({ provider = "warm", usd = 0.01, id = "warm" }))
+local ticket = assert(budget:reserve(1))
+os.execute("redis-cli -p %d config set maxmemory 1 > /dev/null")
+for i = 1, 3 do assert(resil.cost.record({ provider = "refused", usd = 0.25, id = "refused-" .. i, wait = false })) end
+assert(ticket:settle(0.5, { provider = "refused", wait = false }))
+print(ticket.id)
+]]):format(redis.port), "--store " .. url)
+    maxmemory(0)
+    assert.are.equal(0, r.code, r.stderr)
+    local named = named_in_log(r.stderr)
+    for _, id in ipairs({ "refused-1", "refused-2", "refused-3", r.stdout:match("[^\n]+") }) do
+      assert.is_true(named[id], id .. " is not named: " .. r.stderr)
+    end
+    resil.store_config({ url = url })
+    assert.are.equal(0, resil.cost.total({ provider = "refused" }))
+  end)
+end)

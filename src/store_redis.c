@@ -94,6 +94,11 @@ typedef struct {
   /* at the close: kept commands whose connection ended without their answer
    * (the server restarted, a reset): sent again on a connection of their own */
   struct orphan *orphans;
+  /* at the close: kept commands the server answered with an error (past its
+   * maxmemory, a replica since a failover, busy, loading): not written, and
+   * no Lua is told at the close; said in one log line, the first error too */
+  struct orphan *refused_writes;
+  char refused_error[256];
 } redis_conn;
 
 /* a kept command's text, its answer never read */
@@ -261,15 +266,19 @@ static int resend_whole(redis_conn *c, redisAsyncContext *ac, redis_cmd *cmd) {
   return 1;
 }
 
-/* cmd's kept text, its answer had: dropped; or (the host closing, the
- * connection ended without it) an orphan, to be sent again */
-static void unkeep(redis_conn *c, redis_cmd *cmd, int answered) {
-  orphan *o = !answered && c->closing ? malloc(sizeof *o) : NULL;
+/* cmd's kept text, its answer r had: dropped; or, the host closing, an
+ * orphan to be sent again (the connection ended without its answer), or
+ * one refused (an error answer), to be said */
+static void unkeep(redis_conn *c, redis_cmd *cmd, const redisReply *r) {
+  int refused = r && r->type == REDIS_REPLY_ERROR;
+  orphan **list = !c->closing ? NULL : !r ? &c->orphans : refused ? &c->refused_writes : NULL;
+  orphan *o = list ? malloc(sizeof *o) : NULL;
   if (o) {
     o->text = cmd->resend;
     o->len = cmd->resend_len;
-    o->next = c->orphans;
-    c->orphans = o;
+    o->next = *list;
+    *list = o;
+    if (refused && !c->refused_error[0]) snprintf(c->refused_error, sizeof c->refused_error, "%s", r->str);
   } else {
     free(cmd->resend);
   }
@@ -290,7 +299,7 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   if (cmd->resend) {
     if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0 && ac && resend_whole(c, ac, cmd))
       return;
-    unkeep(c, cmd, r != NULL);
+    unkeep(c, cmd, r);
   }
   lua_State *L = c->R->L;
   lua_createtable(L, 1, 2);
@@ -990,22 +999,56 @@ static int push_orphan_id(lua_State *L, const orphan *o) {
 
 #define ORPHAN_IDS_LOGGED 1000
 
-/* What is left of the orphans, said and freed: their answers never came (a
- * frozen server, which may run them when it thaws; or none could be had).
- * Each is named (ids: a row's id, a settle's ticket), so that an operator
- * can look for it in the ledger: the count alone named none. */
-static void report_orphans(redis_conn *c, int sent_again) {
+/* The commands of *list freed, their ids (a row's id, a settle's ticket)
+ * pushed in a table, in *list's order -> how many there were */
+static int pop_ids(lua_State *L, orphan **list) {
   int n = 0;
-  lua_State *L = c->R->L;
-  lua_newtable(L); /* ids */
-  while (c->orphans) {
-    orphan *o = c->orphans;
-    c->orphans = o->next;
+  lua_newtable(L);
+  while (*list) {
+    orphan *o = *list;
+    *list = o->next;
     if (n < ORPHAN_IDS_LOGGED && push_orphan_id(L, o)) lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
     free(o->text);
     free(o);
     n++;
   }
+  return n;
+}
+
+/* The kept commands refused at the close (an error answer), said and freed:
+ * their rows and settles were not written. Before, nothing said so: a script
+ * that ended as its Redis reached its maxmemory lost its last rows without
+ * a word (at run time each is tried again, store.lua's retry_write). */
+static void report_refused(redis_conn *c) {
+  orphan *in_order = NULL; /* (kept newest first) */
+  while (c->refused_writes) {
+    orphan *o = c->refused_writes;
+    c->refused_writes = o->next;
+    o->next = in_order;
+    in_order = o;
+  }
+  lua_State *L = c->R->L;
+  int n = pop_ids(L, &in_order);
+  lua_createtable(L, 0, 4);
+  lua_rotate(L, -2, 1);
+  lua_setfield(L, -2, "ids");
+  lua_pushfstring(L, "%s:%d", c->host, c->port);
+  lua_setfield(L, -2, "store");
+  lua_pushinteger(L, n);
+  lua_setfield(L, -2, "refused");
+  lua_pushfstring(L, "redis %s:%d: %s", c->host, c->port, c->refused_error);
+  lua_setfield(L, -2, "error");
+  host_log(L, "error", "redis: ledger writes (rows, settles) the server refused as the process ended were not "
+                       "written; their costs are not in the ledger (ids: a row's id, a settle's ticket)");
+}
+
+/* What is left of the orphans, said and freed: their answers never came (a
+ * frozen server, which may run them when it thaws; or none could be had).
+ * Each is named (ids: a row's id, a settle's ticket), so that an operator
+ * can look for it in the ledger: the count alone named none. */
+static void report_orphans(redis_conn *c, int sent_again) {
+  lua_State *L = c->R->L;
+  int n = pop_ids(L, &c->orphans); /* ids */
   if (n == 0 && sent_again == 0) {
     lua_pop(L, 1);
     return;
@@ -1056,6 +1099,7 @@ static int conn_gc(lua_State *L) {
     c->ac = NULL;
   }
   if (c->orphans) report_orphans(c, send_orphans(c, limit - seconds_since(&t0)));
+  if (c->refused_writes) report_refused(c);
   /* answered (now, or before) for tasks the host's close will never resume: a
    * conn is collected only once no task waits on it, but at the close its
    * tasks go together with it */
