@@ -123,3 +123,19 @@ print(ticket.id)
     assert.are.equal(0, resil.cost.total({ provider = "refused" }))
   end)
 end)
+
+describe("resil.acquire_all on Redis with many shared buckets", function()
+  -- (before: each bucket was four arguments of one script call, which took at most 64: past 15 shared
+  -- buckets it raised "redis: at most 64 arguments", where SQLite took them)
+  it("takes twenty at once, all or none, as on SQLite", function()
+    resil.store_config({ url = redis.url() })
+    local list = {}
+    for i = 1, 20 do list[i] = { resil.bucket("many:" .. i, { rate = 1, per = 60, burst = 1, shared = true }), 1 } end
+    assert.is_true((resil.acquire_all(list, { timeout = 0 })))
+    assert.are.equal("rate_limited", select(2, resil.acquire_all(list, { timeout = 0 })).kind) -- (each is spent)
+    local fresh = { { resil.bucket("many:fresh", { rate = 1, per = 60, burst = 1, shared = true }), 1 } }
+    for i = 1, 20 do fresh[i + 1] = list[i] end
+    assert.are.equal("rate_limited", select(2, resil.acquire_all(fresh, { timeout = 0 })).kind)
+    assert.is_true((fresh[1][1]:try())) -- (none taken: the fresh one still has its token)
+  end)
+end)

@@ -618,18 +618,41 @@ static int call_k(lua_State *L, int status, lua_KContext ctx) {
   return 1;
 }
 
-/* The arguments at first.. as hiredis argv; raises on a bad one. */
-static int command_args(lua_State *L, int first, const char **argv_s, size_t *argv_len, int max) {
+/* a command's arguments as hiredis takes them: on the C stack up to
+ * ARGS_ON_STACK, past that in a userdata pushed on the Lua stack (above the
+ * arguments, collected after the call). A fixed 64 raised for a script's
+ * keys and arguments past it (resil.acquire_all with 16 shared buckets). */
+#define ARGS_ON_STACK 64
+#define ARGS_MAX 1000000
+typedef struct {
+  const char *s_stack[ARGS_ON_STACK];
+  size_t len_stack[ARGS_ON_STACK];
+  const char **s;
+  size_t *len;
+  int argc;
+} command_argv;
+
+/* The arguments at first.. (to the top) as a's argv; raises on a bad one. */
+static void command_args(lua_State *L, int first, command_argv *a) {
   int argc = lua_gettop(L) - first + 1;
-  if (argc < 1) return luaL_error(L, "redis: call needs a command");
-  if (argc > max) return luaL_error(L, "redis: at most %d arguments", max);
+  if (argc < 1) luaL_error(L, "redis: call needs a command");
+  if (argc > ARGS_MAX) luaL_error(L, "redis: at most %d arguments", ARGS_MAX);
+  a->argc = argc;
+  a->s = a->s_stack;
+  a->len = a->len_stack;
+  if (argc > ARGS_ON_STACK) {
+    char *buf = lua_newuserdatauv(L, (size_t)argc * (sizeof *a->s + sizeof *a->len), 0);
+    a->len = (size_t *)buf;
+    a->s = (const char **)(buf + (size_t)argc * sizeof *a->len);
+  }
+  const char **argv_s = a->s;
+  size_t *argv_len = a->len;
   for (int i = 0; i < argc; i++) {
     int idx = i + first;
     if (lua_type(L, idx) != LUA_TSTRING && lua_type(L, idx) != LUA_TNUMBER)
-      return luaL_error(L, "redis: argument %d must be a string or a number, got %s", i + 1, luaL_typename(L, idx));
+      luaL_error(L, "redis: argument %d must be a string or a number, got %s", i + 1, luaL_typename(L, idx));
     argv_s[i] = lua_tolstring(L, idx, &argv_len[i]); /* numbers become strings in place */
   }
-  return argc;
 }
 
 /* The command sent (queued on the connection, in order): -> it, or NULL
@@ -711,11 +734,10 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
  * Replies: strings, integers, arrays as tables; a nil reply is false. */
 static int conn_call(lua_State *L) {
   redis_conn *c = check_conn(L, 1);
-  const char *argv_s[64];
-  size_t argv_len[64];
-  int argc = command_args(L, 2, argv_s, argv_len, 64);
+  command_argv a;
+  command_args(L, 2, &a);
   task *t = task_current(L, "redis commands");
-  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len, 0);
+  redis_cmd *cmd = send_command(L, c, a.argc, a.s, a.len, 0);
   if (!cmd) return 2;
   cmd->t = t;
   task_wait(t, &redis_cmd_wait, cmd);
@@ -735,12 +757,10 @@ static int conn_call(lua_State *L) {
 static int conn_send(lua_State *L) {
   redis_conn *c = check_conn(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  const char *argv_s[64];
-  size_t argv_len[64];
-  int argc = command_args(L, 3, argv_s, argv_len, 64);
-  int script = (argv_len[0] == 7 && memcmp(argv_s[0], "EVALSHA", 7) == 0) ||
-               (argv_len[0] == 4 && memcmp(argv_s[0], "EVAL", 4) == 0);
-  redis_cmd *cmd = send_command(L, c, argc, argv_s, argv_len, script);
+  command_argv a;
+  command_args(L, 3, &a);
+  int script = (a.len[0] == 7 && memcmp(a.s[0], "EVALSHA", 7) == 0) || (a.len[0] == 4 && memcmp(a.s[0], "EVAL", 4) == 0);
+  redis_cmd *cmd = send_command(L, c, a.argc, a.s, a.len, script);
   if (!cmd) return 2;
   lua_pushvalue(L, 2);
   cmd->ref_done = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -804,9 +824,8 @@ static redisContext *connect_blocking(redis_conn *c, struct timeval limit, redis
  * run's end is recorded after its last task. Never from a task. */
 static int conn_call_now(lua_State *L) {
   redis_conn *c = check_conn(L, 1);
-  const char *argv_s[64];
-  size_t argv_len[64];
-  int argc = command_args(L, 2, argv_s, argv_len, 64);
+  command_argv a;
+  command_args(L, 2, &a);
   struct timeval limit = {1, 0};
   redisReply *r = NULL;
   redisContext *rc = connect_blocking(c, limit, &r);
@@ -816,7 +835,7 @@ static int conn_call_now(lua_State *L) {
     if (rc) redisFree(rc);
     return pushed;
   }
-  if (!r) r = redisCommandArgv(rc, argc, argv_s, argv_len);
+  if (!r) r = redisCommandArgv(rc, a.argc, a.s, a.len);
   int pushed;
   if (!r) {
     pushed = resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port, rc->errstr);
