@@ -139,3 +139,51 @@ describe("resil.acquire_all on Redis with many shared buckets", function()
     assert.is_true((fresh[1][1]:try())) -- (none taken: the fresh one still has its token)
   end)
 end)
+
+-- Run `source` as a script in a mount namespace of its own whose /etc/hosts is `hosts` (a file the
+-- script may rewrite: a name moved to another address, as a managed Redis's DNS name is at a failover)
+-- -> its run, or nil when this machine cannot make one (unshare -rm)
+local function run_with_hosts(source, hosts, opts)
+  if helpers.run("unshare -rm true").code ~= 0 then return nil end
+  local path = helpers.write(helpers.tmpname(".lua"), source)
+  return helpers.run(("unshare -rm sh -c 'mount --bind %s /etc/hosts && exec %s %s %s'"):format(hosts, helpers.resil,
+    opts, path))
+end
+
+describe("a failover behind a DNS name (the old primary a replica now, the name moved to the new one)", function()
+  -- (before: the connection stayed with the old primary, and every write was refused READONLY for as
+  -- long as it lived: a gateway's budgets and ledger refused until its restart)
+  it("the writes refused READONLY reach the new primary once the connection is made anew", function()
+    local other = helpers.run(("redis-server --port %d --bind 127.0.0.2 --save '' --appendonly no --daemonize yes " ..
+      "--pidfile %s > /dev/null"):format(redis.port, helpers.tmpname(".pid")))
+    assert.are.equal(0, other.code)
+    finally(function()
+      os.execute(("redis-cli -h 127.0.0.2 -p %d shutdown nosave > /dev/null 2>&1"):format(redis.port))
+      os.execute(("redis-cli -p %d replicaof no one > /dev/null"):format(redis.port))
+    end)
+    assert(helpers.wait_until(function()
+      return os.execute(("redis-cli -h 127.0.0.2 -p %d ping > /dev/null 2>&1"):format(redis.port)) == true
+    end, 10))
+    local hosts = helpers.write(helpers.tmpname(".hosts"), "127.0.0.1 redis-primary\n")
+    local r = run_with_hosts(([[
+local resil = require "resil"
+resil.log.level("off")
+assert(resil.store():set("before", "1"))
+-- the failover: the old primary follows the new one, and the name moves to it
+os.execute("redis-cli -h 127.0.0.1 -p %d replicaof 127.0.0.2 %d > /dev/null")
+local f = assert(io.open("/etc/hosts", "w"))
+f:write("127.0.0.2 redis-primary\n")
+f:close()
+for try = 1, 5 do
+  local ok, err = resil.store():set("after", "1")
+  if ok then print("written at try " .. try) os.exit(0) end
+  print(err.kind, err.message)
+  resil.sleep(0.1)
+end
+]]):format(redis.port, redis.port), hosts, ("--store redis://redis-primary:%d/0"):format(redis.port))
+    if not r then return pending("unshare -rm cannot run here: no mount namespace for /etc/hosts") end
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("written at try [12]\n", r.stdout)
+    assert.are.equal("1\n", helpers.run(("redis-cli -h 127.0.0.2 -p %d get resil:kv:after"):format(redis.port)).stdout)
+  end)
+end)

@@ -38,6 +38,7 @@
 
 #define CONN_MT "resil.RedisConn"
 #define RECONNECT_EVERY 1.0 /* down = 0 only: otherwise the probe paces reconnects */
+#define REPLICA_DROP_EVERY 1.0 /* drop_replica: a connection refused READONLY made anew at most so often */
 #define DEFAULT_TIMEOUT 5.0
 #define DEFAULT_DOWN 1.0
 #define DEFAULT_DOWN_MAX 10.0
@@ -99,6 +100,7 @@ typedef struct {
    * no Lua is told at the close; said in one log line, the first error too */
   struct orphan *refused_writes;
   char refused_error[256];
+  double replica_dropped; /* monotonic: drop_replica's last, at most one a second */
 } redis_conn;
 
 /* a kept command's text, its answer never read */
@@ -248,6 +250,7 @@ static int eval_form(redis_conn *c, const char *f, size_t len, char **out, size_
 }
 
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata);
+static void drop_replica(redis_conn *c, redisAsyncContext *ac, const redisReply *r);
 
 /* cmd's EVALSHA, answered NOSCRIPT, sent again as EVAL -> 1 (its answer
  * comes to on_reply again), or 0. Once: a second NOSCRIPT is the caller's. */
@@ -316,6 +319,7 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
       lua_setfield(L, -2, "sent");
     }
   } else if (r->type == REDIS_REPLY_ERROR && unavailable_reply(r->str)) {
+    drop_replica(c, ac, r);
     lua_pushfstring(L, "redis %s:%d: %s", c->host, c->port, r->str);
     lua_setfield(L, -2, "err");
     lua_pushliteral(L, "store_unavailable");
@@ -410,8 +414,10 @@ static void on_connect(const redisAsyncContext *ac, int status) {
   if (!c) return;
   if (status != REDIS_OK) {
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port, ac->errstr);
-    c->connected = 0;
-    c->ac = NULL; /* hiredis frees it */
+    if (c->ac == ac) { /* (not one dropped before, whose successor it is now) */
+      c->connected = 0;
+      c->ac = NULL; /* hiredis frees it */
+    }
     mark_down(c);
     return;
   }
@@ -425,8 +431,29 @@ static void on_disconnect(const redisAsyncContext *ac, int status) {
   if (status != REDIS_OK)
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port,
              ac->errstr[0] ? ac->errstr : "connection lost");
-  c->connected = 0;
+  /* a connection dropped while its replies came (drop_replica's, a refused
+   * SELECT's) ends after a new one was made: that one is kept */
+  if (c->ac == ac) {
+    c->connected = 0;
+    c->ac = NULL;
+  }
+}
+
+/* A write refused READONLY: the server is a replica now (a failover). The
+ * connection is dropped, so that the next command connects anew to what the
+ * store's name leads to now (a managed Redis's DNS name moves to the new
+ * primary); kept, every write was refused for as long as it lived. Its
+ * replies still to come arrive, then it ends. At most once a second: a
+ * replica for good (a misconfigured URL) is not a new connection per write. */
+static void drop_replica(redis_conn *c, redisAsyncContext *ac, const redisReply *r) {
+  if (!ac || ac != c->ac || c->closing || r->type != REDIS_REPLY_ERROR) return;
+  if (strncmp(r->str, "READONLY ", 9) != 0 && !strstr(r->str, "-READONLY ")) return;
+  double now = monotonic_now();
+  if (c->replica_dropped > 0 && now - c->replica_dropped < REPLICA_DROP_EVERY) return;
+  c->replica_dropped = now;
   c->ac = NULL;
+  c->connected = 0;
+  redisAsyncDisconnect(ac);
 }
 
 static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
