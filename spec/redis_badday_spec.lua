@@ -187,3 +187,28 @@ end
     assert.are.equal("1\n", helpers.run(("redis-cli -h 127.0.0.2 -p %d get resil:kv:after"):format(redis.port)).stdout)
   end)
 end)
+
+describe("hostile keys and values through the store API on Redis", function()
+  before_each(function() resil.store_config({ url = redis.url() }) end)
+
+  it("keeps NUL, CR LF, protocol text and a 100 KB key apart and whole", function()
+    local s = resil.store()
+    local keys = { "a\0b", "a\0c", "line\nnext", "\r\n*3\r\n$3\r\nSET\r\n", "", string.rep("k", 100000), "%s%n" }
+    for i, k in ipairs(keys) do assert.is_true(s:set(k, k .. "\0value\r\n" .. i)) end
+    for i, k in ipairs(keys) do assert.are.equal(k .. "\0value\r\n" .. i, s:get(k)) end
+    assert.are.equal(2, select(2, pcall(s.incr, s, "n\0", 2)))
+    assert.are.same({ true, "r\0\n" }, { true, (resil.once("once\0\n", function() return "r\0\n" end)) })
+  end)
+
+  -- (before: a TTL past some 292 million years in milliseconds went as "1e+19", and Redis refused it
+  -- as "not an integer" (store_error) where SQLite kept the value; a hold as long failed its reservation)
+  it("takes a TTL of any length SQLite takes: the key is kept", function()
+    local s = resil.store()
+    assert.is_true(s:set("long", "v", 1e16))
+    assert.are.equal("v", s:get("long"))
+    assert.are.equal(1, s:incr("long-n", 1, 1e300))
+    assert.are.equal(2, s:incr("long-n", 1, 1e300))
+    local ticket = assert(resil.budget("long-hold", { limit = 10, hold = 1e300 }):reserve(1))
+    assert.is_true(ticket:settle(0.5, { provider = "long-hold" }))
+  end)
+end)

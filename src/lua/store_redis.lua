@@ -17,10 +17,11 @@ scripts.kv_get = [[
 return redis.call('GET', KEYS[1])
 ]]
 
+-- ARGV: n, the TTL in milliseconds ('' for none)
 scripts.kv_incr = [[
 local v = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then
-  redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(ARGV[2]) * 1000)))
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return v
 ]]
@@ -499,8 +500,11 @@ return {1, 'probe'}
 -- ---------- plumbing ----------
 
 -- seconds as the milliseconds of a PX or PEXPIRE, at least 1: a TTL under a millisecond was 0,
--- which SET refuses ("invalid expire time") and PEXPIRE takes as "delete now"; SQLite keeps it
-local function ms(seconds) return math.max(1, math.floor(seconds * 1000)) end
+-- which SET refuses ("invalid expire time") and PEXPIRE takes as "delete now"; SQLite keeps it.
+-- At most MAX_TTL: a longer one (1e16 s, "for ever") went as "1e+19", refused ("not an integer"),
+-- where SQLite kept it; 1e15 s is some 30 million years
+local MAX_TTL = 1e15
+local function ms(seconds) return math.max(1, math.floor(math.min(seconds, MAX_TTL) * 1000)) end
 
 local function parse_url(url)
   local scheme, rest = url:match("^(rediss?)://(.*)$")
@@ -741,7 +745,7 @@ function R:kv_del(key)
 end
 
 function R:kv_incr(key, n, ttl)
-  local v, err = self:script("kv_incr", { P .. "kv:" .. key }, n, ttl or "")
+  local v, err = self:script("kv_incr", { P .. "kv:" .. key }, n, ttl and ms(ttl) or "")
   if v == nil then return nil, err end
   local x = tonumber(v)
   return math.tointeger(x) or x
@@ -1011,7 +1015,7 @@ end
 -- Redis drops it (one key per reservation, kept for ever, was a leak). The
 -- ledger's row keeps its ticket, so a settle later still is not recorded twice.
 local TICKET_KEPT = 86400
-local function ticket_ttl(seconds) return tostring(math.ceil(((seconds or 0) + TICKET_KEPT) * 1000)) end
+local function ticket_ttl(seconds) return tostring(ms(math.ceil((seconds or 0) + TICKET_KEPT))) end
 
 -- A budget's settings live in a hash: limit, per (set from the command line), declared_limit,
 -- declared_per (the script's); the names in a set.
