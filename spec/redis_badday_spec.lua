@@ -212,3 +212,41 @@ describe("hostile keys and values through the store API on Redis", function()
     assert.is_true(ticket:settle(0.5, { provider = "long-hold" }))
   end)
 end)
+
+describe("a process that ends as its Redis is restarted refusing writes (past its maxmemory)", function()
+  -- (before: the rows sent again on a new connection and refused were said to have had no answer,
+  -- "a frozen server runs them when it thaws": that server never would)
+  it("says the rows it sent again and the server refused were not written, naming each", function()
+    local own = helpers.redis_server()
+    local rdir = helpers.tmpname("-redis-restarted")
+    os.execute("mkdir -p " .. rdir)
+    finally(function() -- (the first server, if the script did not kill it; the one it started; their folders go at exit)
+      os.execute(("kill -9 %s $(cat %s/redis.pid 2>/dev/null) 2>/dev/null"):format(own.pid, rdir))
+    end)
+    local restart = ("kill -9 %s; while kill -0 %s 2>/dev/null; do sleep 0.01; done; " ..
+      "redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+      "--pidfile %s/redis.pid --maxmemory 1 > /dev/null; " ..
+      "until redis-cli -p %d ping > /dev/null 2>&1; do sleep 0.01; done"):format(own.pid, own.pid, own.port, rdir,
+      rdir, own.port)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "before", usd = 0.01, id = "r0" })) -- (loads the script)
+assert(resil.cost.record({ provider = "before", usd = 0.01, id = "r00", wait = false }))
+assert(resil.cost.record({ provider = "before", usd = 0.01, id = "r000" })) -- (all answered)
+os.execute(%q)
+for i = 1, 3 do assert(resil.cost.record({ provider = "restarted", usd = 0.25, id = "rr-" .. i, wait = false })) end
+]]):format(restart), "--store " .. own.url(0))
+    assert.are.equal(0, r.code, r.stderr)
+    local refused, unanswered = {}, {}
+    for line in r.stderr:gmatch("[^\n]+") do
+      local ok, row = pcall(resil.json.decode, line)
+      if ok and type(row) == "table" and row.ids then
+        for _, id in ipairs(row.ids) do
+          if row.refused then refused[#refused + 1] = id else unanswered[#unanswered + 1] = id end
+        end
+      end
+    end
+    assert.are.same({ "rr-1", "rr-2", "rr-3" }, refused, r.stderr)
+    assert.are.same({}, unanswered, r.stderr)
+  end)
+end)

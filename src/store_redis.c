@@ -979,7 +979,7 @@ static int send_orphans(redis_conn *c, double left) {
   struct timeval limit = timeval_of(left);
   redisReply *refused = NULL;
   redisContext *rc = connect_blocking(c, limit, &refused);
-  int sent = 0, answered = 0;
+  int sent = 0, answered = 0, written = 0;
   if (rc && !rc->err && !refused) {
     for (orphan *o = c->orphans; o; o = o->next) {
       char *whole;
@@ -992,21 +992,29 @@ static int send_orphans(redis_conn *c, double left) {
       if (redisAppendFormattedCommand(rc, o->text, o->len) != REDIS_OK) break;
       sent++;
     }
+    /* an error answer (a server restarted LOADING its data, past its
+     * maxmemory) is a refusal, said as one (report_refused), not as a
+     * command a thawing server may still run */
     for (; answered < sent; answered++) {
       redisReply *r = NULL;
       if (redisGetReply(rc, (void **)&r) != REDIS_OK || !r) break;
-      int ok = r->type != REDIS_REPLY_ERROR;
-      freeReplyObject(r);
-      if (!ok) break;
       orphan *o = c->orphans;
       c->orphans = o->next;
-      free(o->text);
-      free(o);
+      if (r->type == REDIS_REPLY_ERROR) {
+        if (!c->refused_error[0]) snprintf(c->refused_error, sizeof c->refused_error, "%s", r->str);
+        o->next = c->refused_writes;
+        c->refused_writes = o;
+      } else {
+        free(o->text);
+        free(o);
+        written++;
+      }
+      freeReplyObject(r);
     }
   }
   if (refused) freeReplyObject(refused);
   if (rc) redisFree(rc);
-  return answered;
+  return written;
 }
 
 /* a formatted command's argument i (0: the command's name) -> 1, in *arg, *arg_len; 0 if it has none */
