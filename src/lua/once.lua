@@ -9,6 +9,11 @@ local encode_values, decode_values = S.encode_values, S.decode_values
 local pack, unpack = table.pack, table.unpack
 
 local inflight = {} -- key -> the child task running fn in this process
+-- that task -> the fingerprint it runs fn with: a call with other arguments
+-- is refused at once, as the store refuses it for another process, rather
+-- than after waiting for the run (up to `wait`: a gateway request with
+-- another body under the key held its client and its key's permit)
+local running_fingerprint = setmetatable({}, { __mode = "k" })
 local replays_total = resil.metrics.counter("resil_once_replays_total",
   "resil.once calls answered with a stored result (fn not run again)")
 
@@ -173,6 +178,11 @@ function resil.once(spec, fn, ...)
   local poll = 0.05
   while true do
     local holder = inflight[key]
+    local running = holder and running_fingerprint[holder]
+    if running and running ~= fingerprint then
+      return nil, resil.error("key_reused", ("once %s: the key was used with different arguments"):format(key),
+        { key = key })
+    end
     if holder then -- the same process: wait for it, then read what it stored
       local left = deadline - resil.now()
       if left <= 0 or holder:join(left) == nil then
@@ -211,7 +221,7 @@ function resil.once(spec, fn, ...)
         end })
         return run_once(...)
       end, s, holder_id, key, lease, retention, fn, ...)
-      inflight[key] = child
+      inflight[key], running_fingerprint[child] = child, fingerprint
       local r = pack(child:join())
       if inflight[key] == child then inflight[key] = nil end
       if not r[1] then error(r[2], 0) end

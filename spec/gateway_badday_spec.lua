@@ -1,0 +1,59 @@
+-- The gateway on a bad production day (policies/gateway.lua, the default
+-- SQLite store): Idempotency-Key copies and misuse while a call is upstream,
+-- with a real mock provider on loopback.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local http = resil.http
+local json = resil.json
+
+local function fresh_gateway()
+  for _, name in ipairs({ "policies.gateway", "policies.ai", "policies.call" }) do package.loaded[name] = nil end
+  return require "policies.gateway", require "policies.ai"
+end
+
+-- a mock, a gateway in front of it (no keys), a fresh store; -> the gateway's url, the mock
+local function start(scenario)
+  resil.clock.real()
+  resil.log.level("off")
+  resil.store_config({ url = helpers.tmpname(".db") })
+  local m = assert(resil.mock.start(scenario))
+  local gateway, ai = fresh_gateway()
+  for k in pairs(gateway.config) do gateway.config[k] = nil end
+  local fast = { base = 0.001, cap = 0.005 } -- retries without waiting
+  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+  gateway.configure({ models = {}, auth = false, key_cache = 0 })
+  local s = gateway.serve({ listen = "127.0.0.1:0" })
+  finally(function()
+    s:close()
+    m:stop()
+    resil.log.level("info")
+  end)
+  return ("http://127.0.0.1:%d"):format(s:port()), m
+end
+
+local function post(url, body, headers, timeout)
+  local h = { ["content-type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  return http.request({ method = "POST", url = url, headers = h, body = json.encode(body), timeout = timeout })
+end
+
+describe("gateway on a bad day: Idempotency-Key", function()
+  -- (before: the other body waited in this process for the first call's end, up to 30 s, holding
+  -- its client and its key's permit, then got the 422; another worker answered it at once)
+  it("another body under a key whose first call is still upstream is a 422 at once, calling no one", function()
+    -- the first call's answer takes long: the second is answered while it is upstream
+    local url, m = start({ strict = true, faults = { { route = "chat", model = "gpt-4o", latency = 30 } } })
+    local h = { ["idempotency-key"] = "same-key" }
+    local first = resil.spawn(post, url .. "/v1/chat/completions",
+      { model = "openai/gpt-4o", messages = { { role = "user", content = "first" } } }, h, 60)
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 10)) -- the first is upstream
+    local other = post(url .. "/v1/chat/completions",
+      { model = "openai/gpt-4o-mini", messages = { { role = "user", content = "other" } } }, h, 20)
+    assert.is_truthy(other, "no answer while the first call was upstream")
+    assert.are.equal(422, other.status, other.body)
+    assert.are.equal("invalid_request_error", json.decode(other.body).error.type)
+    assert.are.equal(1, m.server:pending()) -- the first is still upstream
+    assert.are.equal(1, m:stats().routes.chat) -- the other called no one
+    first:cancel()
+  end)
+end)
