@@ -237,6 +237,13 @@ local function ai_error_reply(api, err)
     -- (its message names the store's address, or is a bare "Connection reset by peer")
     code, msg = "store_unavailable", "the gateway's store is unavailable right now; retry shortly"
   end
+  -- (resil.once's own messages name the gateway's record of the key, its key id included, and
+  -- "arguments": the client sent a header and a body)
+  if err.kind == "key_reused" then
+    msg = "this Idempotency-Key was used with another request body: a retry must send the same body"
+  elseif err.kind == "in_progress" then
+    msg = "a request with this Idempotency-Key is still being served; retry it shortly"
+  end
   return error_reply(api, status, public_message(msg), { headers = headers, code = code, param = up.param,
     type = code == "insufficient_quota" and (api == "anthropic" and "rate_limit_error" or "insufficient_quota") or nil })
 end

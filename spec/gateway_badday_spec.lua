@@ -51,7 +51,11 @@ describe("gateway on a bad day: Idempotency-Key", function()
       { model = "openai/gpt-4o-mini", messages = { { role = "user", content = "other" } } }, h, 20)
     assert.is_truthy(other, "no answer while the first call was upstream")
     assert.are.equal(422, other.status, other.body)
-    assert.are.equal("invalid_request_error", json.decode(other.body).error.type)
+    local e = json.decode(other.body).error
+    assert.are.equal("invalid_request_error", e.type)
+    -- in the client's words: its header and its body, not the gateway's record of the key (its key id)
+    assert.matches("Idempotency-Key", e.message, 1, true)
+    assert.is_nil(e.message:find("gateway:", 1, true), e.message)
     assert.are.equal(1, m.server:pending()) -- the first is still upstream
     assert.are.equal(1, m:stats().routes.chat) -- the other called no one
     first:cancel()
