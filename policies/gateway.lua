@@ -1103,6 +1103,20 @@ local function call_to_end(r, fn)
   return res, err
 end
 
+-- fn(r) (ai.chat, ai.embed) as resil.once runs it under an Idempotency-Key: what it raised as
+-- the error it answers, kept under the key only when it is the request's own fault (a 400)
+local function kept_call(fn, r)
+  local ok, v, e = pcall(cancelable, fn, r)
+  if not ok and host_failure(v) then -- not the request's fault: nothing kept under its key
+    return nil, resil.error("gateway_overloaded",
+      "the gateway could not serve this request right now; retry shortly",
+      { class = "overloaded", status = 503, retryable = true, retry_after = 1 })
+  end
+  if not ok and policy_bug(v) then return nil, policy_error(v) end
+  if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
+  return v, e
+end
+
 -- Anthropic's SDK reads its request id from `request-id` (err.requestID, _request_id)
 local function anthropic_id(reply, api)
   if api == "anthropic" and reply and reply.headers then reply.headers["request-id"] = reply.headers["x-request-id"] end
@@ -1270,14 +1284,7 @@ function complete_admitted(req, api, id, rec, slot)
     local joined
     joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
       ran = true
-      local ok, v, e = pcall(cancelable, correcting_tpm(tpm, ai.chat), r)
-      if not ok and host_failure(v) then -- not the request's fault: nothing kept under its key
-        return nil, resil.error("gateway_overloaded",
-          "the gateway could not serve this request right now; retry shortly",
-          { class = "overloaded", status = 503, retryable = true, retry_after = 1 })
-      end
-      if not ok and policy_bug(v) then return nil, policy_error(v) end
-      if not ok then return nil, resil.error("bad_request", tostring(v), { class = "bad_request", status = 400 }) end
+      local v, e = kept_call(correcting_tpm(tpm, ai.chat), r)
       if v then
         -- stored with the answer's own id and time: a replay is the same answer, not a twin of
         -- it (a same-API answer as the text relayed, its thinking blocks and all)
@@ -1319,8 +1326,10 @@ local function embeddings(req)
   if not rec then return with_id(refused, id) end
   local permits, full = admit(rec, "openai")
   if not permits then return with_id(full, id) end
-  -- (held to this handler's end: its call runs shielded in it, call_to_end)
-  local _ <close> = setmetatable({}, { __close = function() permits:release() end })
+  -- (held to this handler's end: its call runs shielded in it, call_to_end; or, handed, to the
+  -- end of the call resil.once runs in a task of its own under an Idempotency-Key)
+  local slot = { permits = permits }
+  local _ <close> = setmetatable({}, { __close = function() if not slot.handed then permits:release() end end })
   local b = json.decode(req.body)
   if type(b) ~= "table" then
     return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)
@@ -1341,15 +1350,47 @@ local function embeddings(req)
     encoding_format = type(b.encoding_format) == "string" and b.encoding_format or nil, user = rec.name,
     ledger_sync = gateway.config.ledger_sync, ledger_wait = gateway.config.ledger_wait }
   if rec.budget then r.budget = resil.budget("key:" .. rec.name, rec.budget) end
-  local limited, tpm = key_limits(rec, "openai", req.body)
-  if limited then return with_id(limited, id) end
-  -- run to its end as a chat is: the provider bills it whether or not its client stays
-  local res, err = call_to_end(r, correcting_tpm(tpm, ai.embed))
-  if not res then return with_id(ai_error_reply("openai", err), id) end
+  -- an Idempotency-Key as on a chat (its retry after a timeout was billed again): the key's
+  -- record is the chat's (one key, one request), the body told apart by its endpoint
+  local idem = req.headers["idempotency-key"]
+  local once_spec, replayed, res, err
+  if idem and idem ~= "" then
+    once_spec = { key = ("gateway:%s:%s"):format(rec.id or "-", idem), fingerprint = resil.hash("embeddings\0" .. req.body) }
+    replayed, res, err = resil.once_replay(once_spec)
+  end
+  local limited, tpm
+  if not replayed then
+    limited, tpm = key_limits(rec, "openai", req.body)
+    if limited then return with_id(limited, id) end
+  end
+  if replayed then -- (kept: res, err)
+  elseif once_spec then
+    local ran, joined = false, nil
+    joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
+      ran = true
+      return kept_call(correcting_tpm(tpm, ai.embed), r)
+    end)
+    if not joined then res, err = nil, res end
+    replayed = not ran
+    if replayed then correct_tpm(tpm, { input_tokens = 0, output_tokens = 0 }) end
+  else
+    -- run to its end as a chat is: the provider bills it whether or not its client stays
+    res, err = call_to_end(r, correcting_tpm(tpm, ai.embed))
+  end
+  if not res then
+    local reply = ai_error_reply("openai", err)
+    if replayed then reply.headers["x-resil-cost-usd"] = "0.000000" end
+    return with_id(reply, id)
+  end
   local data = {}
   for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = v } end
   local n = res.usage and res.usage.input_tokens or 0
-  return { status = 200, headers = answer_headers(id, res), body = json.encode({ object = "list", data = data,
+  local headers = answer_headers(id, res)
+  if replayed then -- the first answer again, not billed again
+    headers["x-resil-replayed"] = "true"
+    headers["x-resil-cost-usd"] = "0.000000"
+  end
+  return { status = 200, headers = headers, body = json.encode({ object = "list", data = data,
     model = b.model, usage = { prompt_tokens = n, total_tokens = n } }) }
 end
 
