@@ -1558,6 +1558,20 @@ local function run_capped(chunk, path)
   return conf
 end
 
+-- A request whose handler raised (a project's gateway.lua with a bug, a policy that loops,
+-- stopped by --max-task-seconds): answered in its API's shape, as the same failure inside a
+-- call is (a 503 the SDKs retry for the host's own failure, else a 500 internal_error), and
+-- logged with its file:line. (The server's own 500 said "handler error" in neither API's shape.)
+local function failed_reply(req, err)
+  local api = api_of(req.path)
+  if host_failure(err) then
+    return error_reply(api, 503, "the gateway could not serve this request right now; retry shortly",
+      { headers = { ["retry-after"] = "1" }, code = "gateway_overloaded" })
+  end
+  local e = policy_error(err)
+  return error_reply(api, 500, e.message, { code = "internal_error" })
+end
+
 -- gateway.serve{ listen = "127.0.0.1:8080", config = path } -> the server (keeps serving)
 function gateway.serve(o)
   o = o or {}
@@ -1587,7 +1601,8 @@ function gateway.serve(o)
     handler = function(req)
       local current = package.loaded["policies.gateway"] or gateway
       if resil.stop_requested() then return current.stopping_reply(req) end
-      local reply = current.handle(req)
+      local ok, reply = xpcall(current.handle, debug.traceback, req)
+      if not ok then reply = failed_reply(req, reply) end
       -- answered while stopping: the client's next request goes on a new connection, to another process
       if resil.stop_requested() and type(reply) == "table" and type(reply.headers) == "table" then
         reply.headers.connection = "close"

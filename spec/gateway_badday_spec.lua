@@ -93,3 +93,71 @@ describe("gateway on a bad day: embeddings", function()
     assert.is_nil(m:stats().routes.chat)
   end)
 end)
+
+describe("gateway on a bad day: a project's gateway.lua with a bug", function()
+  -- `resil-lua gateway` with a config whose handler (a project's own) loops or raises
+  -- -> the chat completions URL, the messages URL, the log file, the pid
+  local function start_process(m, options)
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      local gateway = require "policies.gateway"
+      local handle = gateway.handle
+      gateway.handle = function(req)
+        local t = req.headers["x-test"]
+        if t == "loop" then while true do end end
+        if t == "nil" then local route = nil; return route.reply end
+        return handle(req)
+      end
+      return { auth = false }
+    ]]):format(m.url .. "/v1"))
+    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s %s > %s 2>&1 & echo $! > %s"):format(
+      helpers.resil, port, config, helpers.tmpname(".db"), options or "", log, pidfile))
+    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    assert(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10), helpers.slurp(log))
+    local base = ("http://127.0.0.1:%d"):format(port)
+    return base .. "/v1/chat/completions", base .. "/v1/messages", log, pid
+  end
+
+  local BODY = { model = "openai/gpt-4o-mini", max_tokens = 10, messages = { { role = "user", content = "hi" } } }
+
+  -- (before: the server's own 500, {"type": "error", "error": {"type": "api_error", "message":
+  -- "handler error"}} on either API: no code, no Retry-After for a loop the host stopped)
+  it("answers each request it fails in its API's shape: a loop stopped by --max-task-seconds is a 503 with " ..
+     "Retry-After, a runtime error a 500 internal_error; the log says where; the gateway serves on", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local chat, messages, log, pid = start_process(m, "--max-task-seconds 0.3")
+    local res = assert(post(chat, BODY, { ["x-test"] = "loop" }, 20))
+    assert.are.equal(503, res.status, res.body)
+    local e = json.decode(res.body).error
+    assert.are.equal("gateway_overloaded", e.code)
+    assert.are.equal("server_error", e.type)
+    assert.are.equal("1", res.headers["retry-after"])
+    res = assert(post(chat, BODY, { ["x-test"] = "nil" }))
+    assert.are.equal(500, res.status, res.body)
+    local b = json.decode(res.body)
+    assert.is_nil(b.type) -- OpenAI's shape: {error = {message, type, param, code}}
+    assert.are.equal("internal_error", b.error.code)
+    assert.are.equal("server_error", b.error.type)
+    assert.is_nil(b.error.message:find("nil", 1, true), b.error.message) -- (no Lua in it)
+    res = assert(post(messages, BODY, { ["x-test"] = "nil" }))
+    assert.are.equal(500, res.status, res.body)
+    b = json.decode(res.body)
+    assert.are.equal("error", b.type) -- Anthropic's shape
+    assert.are.equal("api_error", b.error.type)
+    assert.are.equal(200, assert(post(chat, BODY)).status)
+    assert.is_true(helpers.alive(pid))
+    local text = helpers.slurp(log)
+    assert.matches("%.lua:%d+: task %d+ %(.-%) ran %d+%.%d s without yielding", text)
+    assert.matches("%.lua:%d+: attempt to index a nil value", text)
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+end)
