@@ -1562,6 +1562,9 @@ end
 -- stopped by --max-task-seconds): answered in its API's shape, as the same failure inside a
 -- call is (a 503 the SDKs retry for the host's own failure, else a 500 internal_error), and
 -- logged with its file:line. (The server's own 500 said "handler error" in neither API's shape.)
+-- (an error object that is not a string, error({}) say, gets its traceback too)
+local function with_traceback(e) return debug.traceback(tostring(e), 2) end
+
 local function failed_reply(req, err)
   local api = api_of(req.path)
   if host_failure(err) then
@@ -1601,8 +1604,15 @@ function gateway.serve(o)
     handler = function(req)
       local current = package.loaded["policies.gateway"] or gateway
       if resil.stop_requested() then return current.stopping_reply(req) end
-      local ok, reply = xpcall(current.handle, debug.traceback, req)
-      if not ok then reply = failed_reply(req, reply) end
+      local reply
+      -- (under --max-instructions' hook no Lua runs after a catch: a loop it stopped is left to the
+      -- server's own 500, whose log names the loop's file:line, not this line)
+      if debug.gethook() then reply = current.handle(req)
+      else
+        local ok
+        ok, reply = xpcall(current.handle, with_traceback, req)
+        if not ok then reply = failed_reply(req, reply) end
+      end
       -- answered while stopping: the client's next request goes on a new connection, to another process
       if resil.stop_requested() and type(reply) == "table" and type(reply.headers) == "table" then
         reply.headers.connection = "close"
