@@ -122,7 +122,7 @@ describe("gateway on a bad day: a project's gateway.lua with a bug", function()
     end)
     assert(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10), helpers.slurp(log))
     local base = ("http://127.0.0.1:%d"):format(port)
-    return base .. "/v1/chat/completions", base .. "/v1/messages", log, pid
+    return base .. "/v1/chat/completions", base .. "/v1/messages", log, pid, config
   end
 
   local BODY = { model = "openai/gpt-4o-mini", max_tokens = 10, messages = { { role = "user", content = "hi" } } }
@@ -159,5 +159,20 @@ describe("gateway on a bad day: a project's gateway.lua with a bug", function()
     assert.matches("%.lua:%d+: task %d+ %(.-%) ran %d+%.%d s without yielding", text)
     assert.matches("%.lua:%d+: attempt to index a nil value", text)
     assert.are.equal(1, m:stats().routes.chat)
+  end)
+
+  -- (its hook fires again at each instruction after a catch: the log named the gateway's line
+  -- after its catch, not the loop's)
+  it("under --max-instructions a loop is the server's 500, logged at the loop's file:line", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local chat, _, log, pid, config = start_process(m, "--max-instructions 5000000")
+    local res = assert(post(chat, BODY, { ["x-test"] = "loop" }, 20))
+    assert.are.equal(500, res.status, res.body)
+    assert.are.equal(200, assert(post(chat, BODY)).status)
+    assert.is_true(helpers.alive(pid))
+    local name = config:match("[^/]+$"):gsub("%p", "%%%0")
+    assert.matches(name .. ":%d+: task %d+ %(.-%) ran more than %-%-max%-instructions", helpers.slurp(log))
   end)
 end)
