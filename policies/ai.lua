@@ -725,7 +725,11 @@ end
 -- records only the rest. One whose ledger key this call has recorded
 -- already (a provider replaying the same answer for one Idempotency-Key)
 -- is the same charge: the ledger keeps it once, and so does the cost.
+-- The ledger keeps each row in whole micro-dollars: what they cost is
+-- added up so, as the ledger will add it (a total rounded once said 1204
+-- micro-dollars in the headers of 40 answers the ledger held at 1221).
 -- -> what they cost, and whether one had no price
+local function micro(usd) return math.floor(usd * 1e6 + 0.5) end
 local function record_refusals(guard)
   local usd, unpriced = 0, false
   local seen = guard.seen or {}
@@ -747,12 +751,12 @@ local function record_refusals(guard)
         if not (key and seen[key]) then
           if key then seen[key] = true end
           record_cost(a, guard.req, guard.ticket, guard.operation, "charge")
-          if a.cost_usd then usd = usd + a.cost_usd else unpriced = true end
+          if a.cost_usd then usd = usd + micro(a.cost_usd) else unpriced = true end
         end
       end
     end
   end
-  return usd, unpriced
+  return usd / 1e6, unpriced
 end
 
 -- the list a target's attempts fill (one per target, however often a
@@ -853,7 +857,7 @@ local function add_refusals(guard, r, err)
   if not any_refused(guard) then return end
   local usd, unpriced = record_refusals(guard)
   if r then
-    if unpriced then r.cost_usd = nil elseif r.cost_usd then r.cost_usd = r.cost_usd + usd end
+    if unpriced then r.cost_usd = nil elseif r.cost_usd then r.cost_usd = (micro(r.cost_usd) + micro(usd)) / 1e6 end
   elseif type(err) == "table" then
     if unpriced then err.cost_unknown = true else err.cost_usd = usd end
   end

@@ -176,3 +176,25 @@ describe("gateway on a bad day: a project's gateway.lua with a bug", function()
     assert.matches(name .. ":%d+: task %d+ %(.-%) ran more than %-%-max%-instructions", helpers.slurp(log))
   end)
 end)
+
+describe("gateway on a bad day: cost headers", function()
+  -- (before: an answer made of several ledger rows, refused attempts and the answer, said their
+  -- total rounded once, while the ledger holds each row rounded to a micro-dollar: 40 requests
+  -- with half the answers empty said 1204 micro-dollars in their headers, the ledger 1221)
+  it("the x-resil-cost-usd headers add up to the ledger, micro-dollar for micro-dollar", function()
+    local url, m = start({ strict = true, seed = 7, faults = { { route = "chat", kind = "empty", probability = 0.5 } } })
+    local said, multi = 0, 0
+    for i = 1, 40 do
+      -- prompts of many lengths: rows whose costs have every fraction of a micro-dollar
+      local res = assert(post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", max_tokens = 5 + i % 7,
+        messages = { { role = "user", content = ("w%d "):format(i):rep(i) } } }))
+      local header = res.headers["x-resil-cost-usd"]
+      assert.is_truthy(header, res.body)
+      said = said + math.floor(tonumber(header) * 1e6 + 0.5)
+    end
+    local stats = m:stats()
+    multi = stats.routes.chat - 40 -- attempts refused as empty: each a row of its own
+    assert.is_true(multi > 5, "too few refused attempts to say anything: " .. multi)
+    assert.are.equal(math.floor(resil.cost.total() * 1e6 + 0.5), said)
+  end)
+end)
