@@ -205,6 +205,25 @@ describe("resil.once on Redis", function()
 end)
 
 describe("the key/value store on Redis", function()
+  -- (before: no TCP keepalive: a connection a NAT or a load balancer dropped while idle, or a server host
+  -- powered off, looked up until a command waited its whole timeout on it)
+  it("keeps its connection with TCP keepalive on", function()
+    fresh_url()
+    assert.is_true(resil.store():set("keepalive", "1"))
+    local me = helpers.slurp("/proc/self/stat"):match("^%d+")
+    local ss = io.popen(("ss -tnop state established '( dport = :%d )'"):format(port))
+    local listed = ss:read("a")
+    ss:close()
+    local mine = 0
+    for line in listed:gmatch("[^\n]+") do
+      if line:find("pid=" .. me .. ",", 1, true) then
+        mine = mine + 1
+        assert.matches("timer:%(keepalive", line)
+      end
+    end
+    assert.is_true(mine > 0, listed)
+  end)
+
   -- (before: "store_error: ERR invalid expire time": the TTL became PX 0)
   it("takes a TTL under a millisecond as SQLite does: kept that long, not refused", function()
     for _, url in ipairs({ fresh_url(), helpers.tmpname(".db") }) do

@@ -514,6 +514,10 @@ static int ensure_connected(redis_conn *c) {
   /* close-on-exec (hiredis 0.14 has no option for it): a program the
    * script or the embedder started held the connection open */
   fcntl(ac->c.fd, F_SETFD, FD_CLOEXEC);
+  /* TCP keepalive: a peer gone without a word (a NAT or a load balancer that
+   * dropped the idle connection, a host powered off) is found out; before, an
+   * idle connection looked up, and the next command waited its timeout on it */
+  redisEnableKeepAlive(&ac->c);
   ac->data = c;
   redisLibeventAttach(ac, c->R->base);
   redisAsyncSetConnectCallback(ac, on_connect);
@@ -836,6 +840,7 @@ static redisContext *connect_blocking(redis_conn *c, struct timeval limit, redis
   redisContext *rc = redisConnectWithTimeout(c->host, c->port, limit);
   if (!rc || rc->err) return rc;
   redisSetTimeout(rc, limit);
+  redisEnableKeepAlive(rc); /* (as the loop's) */
   redisReply *r = c->password ? redisCommand(rc, "AUTH %s", c->password) : NULL;
   int ready = !c->password || setup_ok(&r);
   if (ready && c->db) {
