@@ -250,3 +250,65 @@ for i = 1, 3 do assert(resil.cost.record({ provider = "restarted", usd = 0.25, i
     assert.are.same({}, unanswered, r.stderr)
   end)
 end)
+
+-- Run `source` as a script with `opts` in a user, mount and network namespace of its own whose resolver
+-- (/etc/resolv.conf) is a name server on 127.0.0.1 that never answers (a UDP and a TCP socket on port 53
+-- that read nothing), as a resolver down or a network losing its packets is -> its run, or nil when this
+-- machine cannot make one (unshare -rmn)
+local function run_with_silent_resolver(source, opts)
+  if helpers.run("unshare -rmn true").code ~= 0 or helpers.run("command -v python3").code ~= 0 then return nil end
+  local dir = helpers.tmpname("-dns")
+  os.execute("mkdir -p " .. dir)
+  local resolv = helpers.write(dir .. "/resolv.conf", "nameserver 127.0.0.1\noptions timeout:2 attempts:1\n")
+  local silent = helpers.write(dir .. "/silent.py", ([[
+import socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", 53))
+t = socket.socket()
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("127.0.0.1", 53))
+t.listen(16)
+open("%s/ready", "w").close()
+time.sleep(60)
+]]):format(dir))
+  local path = helpers.write(helpers.tmpname(".lua"), source)
+  local r = helpers.run(("unshare -rmn sh -c 'ip link set lo up && mount --bind %s /etc/resolv.conf && " ..
+    "{ python3 %s & } && while [ ! -e %s/ready ]; do sleep 0.05; done; %s %s %s; code=$?; kill $!; exit $code'")
+    :format(resolv, silent, dir, helpers.resil, opts, path))
+  os.execute("rm -rf " .. dir)
+  return r
+end
+
+describe("a store whose host name the resolver does not answer for", function()
+  -- (before: hiredis resolved the name with getaddrinfo on the loop, at every connect and every probe: one
+  -- get took 4 s and every other task stood still for up to 8 s)
+  it("fails store_unavailable within about its timeout, naming the host, and other tasks keep running", function()
+    local r = run_with_silent_resolver([[
+local resil = require "resil"
+resil.log.level("off")
+local longest, last, running = 0, resil.now(), true
+resil.spawn(function()
+  while running do
+    resil.sleep(0.01)
+    local now = resil.now()
+    longest = math.max(longest, now - last)
+    last = now
+  end
+end)
+resil.sleep(0.05)
+local t0 = resil.now()
+local value, err = resil.store():get("k")
+print(("took %.2f"):format(resil.now() - t0))
+print(value, err and err.kind, err and err.message)
+resil.sleep(1.5) -- (the store is down: its probes go on meanwhile)
+assert(not resil.store():get("k"))
+running = false
+print(("longest gap %.2f"):format(longest))
+]], ("--store 'redis://redis.test:%d/0?timeout=1'"):format(redis.port))
+    if not r then return pending("unshare -rmn (or python3) cannot run here: no namespace for a silent resolver") end
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("nil\tstore_unavailable\t[^\n]*redis%.test", r.stdout)
+    assert.is_true(tonumber(r.stdout:match("took ([%d.]+)")) < 3, r.stdout)
+    assert.is_true(tonumber(r.stdout:match("longest gap ([%d.]+)")) < 1.5, r.stdout)
+  end)
+end)

@@ -19,6 +19,13 @@
  * thaw ends the down state. Without this every command during a freeze was
  * sent on a new connection and waited its whole timeout. Times here are real
  * time: they are about the server's, not the script's clock.
+ *
+ * A host name is resolved off the loop (evdns, with the system's resolv.conf
+ * and /etc/hosts) at each new connection, the commands held meanwhile as for
+ * the SELECT; hiredis is handed the address. hiredis's own getaddrinfo
+ * blocked the loop for as long as a slow resolver took, at every connect and
+ * every probe (4 s per command, every task stopped). The connections made at
+ * the process's end (connect_blocking) still resolve as hiredis does.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -29,6 +36,10 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <arpa/inet.h>
+#include <event2/dns.h>
+#include <sys/stat.h>
 
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
@@ -42,6 +53,18 @@
 #define DEFAULT_TIMEOUT 5.0
 #define DEFAULT_DOWN 1.0
 #define DEFAULT_DOWN_MAX 10.0
+#define DNS_KEY "resil.redis.dns"
+#define DNS_MT "resil.RedisDns"
+
+/* The process's resolver for store host names: one, made at the first store
+ * with a name, kept in the registry; the hosts file is read again when it
+ * changed (a name moved to another address, as getaddrinfo sees it) */
+typedef struct {
+  struct evdns_base *dns;
+  struct timespec hosts_mtime;
+  off_t hosts_size;
+  ino_t hosts_ino;
+} redis_dns;
 
 /* a script this connection may send by SHA (conn:script_source) */
 typedef struct script_source {
@@ -57,6 +80,11 @@ typedef struct {
   char host[128];
   int port, db;
   char *password;
+  redis_dns *dns; /* NULL: host is an address */
+  /* the name being resolved for a new connection: the commands are held
+   * (held_first) until it is; request NULL while resolving: answered at once */
+  int resolving;
+  struct evdns_getaddrinfo_request *request;
   double last_attempt;
   int connected;
   char last_error[512];
@@ -128,6 +156,7 @@ typedef struct redis_cmd {
   size_t resend_len;
   int resent;
   int probe; /* the down state's PING: no task, no Lua, not counted as I/O a task waits on */
+  int bypass; /* held while resolving, to be sent at once behind the SELECT (sends_when_down) */
   struct redis_cmd *next;
   struct redis_cmd *woken_next, *woken_prev; /* on its conn's woken list */
 } redis_cmd;
@@ -314,10 +343,8 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     /* the connection was up: the command may have reached the server, and a
      * frozen one runs it when it thaws (a timeout drops the connection; the
      * server still reads what it had received); never made, nothing was sent */
-    if (ac) {
-      lua_pushboolean(L, (ac->c.flags & REDIS_CONNECTED) != 0);
-      lua_setfield(L, -2, "sent");
-    }
+    lua_pushboolean(L, ac && (ac->c.flags & REDIS_CONNECTED) != 0); /* (no ac: held, never sent) */
+    lua_setfield(L, -2, "sent");
   } else if (r->type == REDIS_REPLY_ERROR && unavailable_reply(r->str)) {
     drop_replica(c, ac, r);
     lua_pushfstring(L, "redis %s:%d: %s", c->host, c->port, r->str);
@@ -495,12 +522,12 @@ static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) 
   }
 }
 
-static int ensure_connected(redis_conn *c) {
-  if (c->ac) return 1;
-  double now = resil_now(c->R);
-  if (c->down_first <= 0 && c->last_attempt > 0 && now - c->last_attempt < RECONNECT_EVERY) return 0;
-  c->last_attempt = now;
-  redisAsyncContext *ac = redisAsyncConnect(c->host, c->port);
+static int hold_command(redis_conn *c, redis_cmd *cmd, int len);
+
+/* hiredis's connection to addr (the host's address), its AUTH and SELECT
+ * queued -> 1; 0: not made (last_error says why) */
+static int connect_to(redis_conn *c, const char *addr) {
+  redisAsyncContext *ac = redisAsyncConnect(addr, c->port);
   if (!ac) {
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: out of memory", c->host, c->port);
     return 0;
@@ -529,6 +556,159 @@ static int ensure_connected(redis_conn *c) {
   return 1;
 }
 
+/* ---------- the host's name, resolved off the loop ---------- */
+
+static int dns_gc(lua_State *L) {
+  redis_dns *d = luaL_checkudata(L, 1, DNS_MT);
+  if (d->dns) evdns_base_free(d->dns, 0); /* (no request left: each conn, collected before, canceled its own) */
+  d->dns = NULL;
+  return 0;
+}
+
+/* The process's resolver, made at the first store with a host name, before
+ * that store's conn (collected first, at the close) -> it, or NULL: none
+ * could be made, and hiredis resolves the name, as before */
+static redis_dns *dns_get(lua_State *L, resil_t *R) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, DNS_KEY) == LUA_TUSERDATA) {
+    redis_dns *d = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return d->dns ? d : NULL;
+  }
+  lua_pop(L, 1);
+  redis_dns *d = lua_newuserdatauv(L, sizeof *d, 0);
+  memset(d, 0, sizeof *d);
+  /* the system's resolv.conf (nameservers, search, timeout, attempts) and
+   * hosts file; inactive, it holds no event that keeps the loop running */
+  d->dns = evdns_base_new(R->base, EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+  if (d->dns) {
+    /* (0x20 case randomizing: a resolver that answers in another case was refused) */
+    evdns_base_set_option(d->dns, "randomize-case:", "0");
+    /* an answer for A or AAAA waits at most this long for the other (3 s):
+     * a resolver that drops AAAA queries cost each connect 3 s */
+    evdns_base_set_option(d->dns, "getaddrinfo-allow-skew:", "0.5");
+  }
+  if (luaL_newmetatable(L, DNS_MT)) {
+    lua_pushcfunction(L, dns_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  lua_setfield(L, LUA_REGISTRYINDEX, DNS_KEY);
+  return d->dns ? d : NULL;
+}
+
+/* The hosts file read again if it changed since: a name moved to another
+ * address there is seen at the next connection, as getaddrinfo saw it */
+static void dns_hosts_fresh(redis_dns *d) {
+  struct stat st;
+  if (stat("/etc/hosts", &st) != 0) memset(&st, 0, sizeof st);
+  if (st.st_mtim.tv_sec == d->hosts_mtime.tv_sec && st.st_mtim.tv_nsec == d->hosts_mtime.tv_nsec &&
+      st.st_size == d->hosts_size && st.st_ino == d->hosts_ino)
+    return;
+  d->hosts_mtime = st.st_mtim;
+  d->hosts_size = st.st_size;
+  d->hosts_ino = st.st_ino;
+  evdns_base_clear_host_addresses(d->dns);
+  evdns_base_load_hosts(d->dns, "/etc/hosts");
+}
+
+/* The held commands failed, none sent: the name not resolved, or no
+ * connection made to its address. */
+static void fail_held(redis_conn *c) {
+  redis_cmd *cmd = c->held_first;
+  c->held_first = c->held_last = NULL;
+  while (cmd) {
+    redis_cmd *next = cmd->next;
+    cmd->next = NULL;
+    redisFreeCommand(cmd->held);
+    cmd->held = NULL;
+    on_reply(NULL, NULL, cmd);
+    cmd = next;
+  }
+}
+
+/* The name resolved and the connection begun: the held commands sent, in
+ * their order, but those that still wait for the SELECT (on_select_reply). */
+static void release_held(redis_conn *c) {
+  redis_cmd *cmd = c->held_first;
+  c->held_first = c->held_last = NULL;
+  while (cmd) {
+    redis_cmd *next = cmd->next;
+    cmd->next = NULL;
+    if (c->selecting && !cmd->bypass) {
+      hold_command(c, cmd, cmd->held_len);
+    } else {
+      int sent = redisAsyncFormattedCommand(c->ac, on_reply, cmd, cmd->held, (size_t)cmd->held_len) == REDIS_OK;
+      redisFreeCommand(cmd->held);
+      cmd->held = NULL;
+      if (!sent) on_reply(c->ac, NULL, cmd);
+    }
+    cmd = next;
+  }
+}
+
+static void on_resolved(int result, struct evutil_addrinfo *res, void *arg) {
+  redis_conn *c = arg;
+  if (result == EVUTIL_EAI_CANCEL) { /* (cancel_resolve: it fails the held commands) */
+    if (res) evutil_freeaddrinfo(res);
+    return;
+  }
+  c->resolving = 0;
+  c->request = NULL;
+  /* an IPv4 address first, as hiredis's own lookup */
+  char addr[INET6_ADDRSTRLEN] = "";
+  for (int pass = 0; pass < 2 && !addr[0]; pass++) {
+    for (struct evutil_addrinfo *ai = res; ai && !addr[0]; ai = ai->ai_next) {
+      if (pass == 0 && ai->ai_family == AF_INET)
+        evutil_inet_ntop(AF_INET, &((struct sockaddr_in *)ai->ai_addr)->sin_addr, addr, sizeof addr);
+      else if (pass == 1 && ai->ai_family == AF_INET6)
+        evutil_inet_ntop(AF_INET6, &((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr, addr, sizeof addr);
+    }
+  }
+  if (res) evutil_freeaddrinfo(res);
+  if (!addr[0]) {
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: cannot resolve the host name %s: %s", c->host,
+             c->port, c->host, result ? evutil_gai_strerror(result) : "no address");
+    mark_down(c);
+    fail_held(c);
+  } else if (!connect_to(c, addr)) {
+    fail_held(c);
+  } else {
+    release_held(c);
+  }
+}
+
+/* The resolving given up (no answer in time, the host closing): the held
+ * commands fail. */
+static void cancel_resolve(redis_conn *c) {
+  if (!c->resolving) return;
+  c->resolving = 0;
+  if (c->request) evdns_getaddrinfo_cancel(c->request); /* (calls on_resolved at once, canceled) */
+  c->request = NULL;
+  fail_held(c);
+}
+
+/* A connection, or one being made: -> 1 (c->ac, or the name being resolved:
+ * commands are held), or 0 (last_error says why). A host name is resolved
+ * again at each new connection: a failover behind it reaches the new address. */
+static int ensure_connected(redis_conn *c) {
+  if (c->ac || c->resolving) return 1;
+  double now = resil_now(c->R);
+  if (c->down_first <= 0 && c->last_attempt > 0 && now - c->last_attempt < RECONNECT_EVERY) return 0;
+  c->last_attempt = now;
+  if (!c->dns) return connect_to(c, c->host);
+  dns_hosts_fresh(c->dns);
+  struct evutil_addrinfo hints;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_protocol = IPPROTO_TCP;
+  c->resolving = 1;
+  c->request = NULL;
+  struct evdns_getaddrinfo_request *req = evdns_getaddrinfo(c->dns->dns, c->host, NULL, &hints, on_resolved, c);
+  if (c->resolving) c->request = req; /* (NULL, and resolved already: the hosts file's) */
+  return c->ac || c->resolving;
+}
+
 /* No reply in time: the server is frozen or the network is. Dropping the
  * connection answers every command on it (hiredis calls each callback with
  * no reply), so each is freed by the one path in on_reply. */
@@ -536,6 +716,13 @@ static void cmd_timed_out(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   redis_cmd *cmd = arg;
   redis_conn *c = cmd->c;
+  if (c->resolving) { /* cmd is held: failed, freed */
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: the host name %s not resolved within %g s", c->host,
+             c->port, c->host, c->timeout);
+    mark_down(c);
+    cancel_resolve(c);
+    return;
+  }
   snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: no reply within %g s", c->host, c->port, c->timeout);
   redisAsyncContext *ac = c->ac;
   c->ac = NULL;
@@ -575,6 +762,12 @@ static void probe_timed_out(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   redis_cmd *cmd = arg;
   redis_conn *c = cmd->c;
+  if (c->resolving) { /* the probe is held: failed (probe_answered) */
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: the host name %s not resolved within %g s", c->host,
+             c->port, c->host, c->probe_wait);
+    cancel_resolve(c);
+    return;
+  }
   snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: no reply within %g s", c->host, c->port,
            c->probe_wait);
   redisAsyncContext *ac = c->ac;
@@ -598,7 +791,7 @@ static void probe_fire(evutil_socket_t fd, short what, void *arg) {
   cmd->c = c;
   cmd->probe = 1;
   cmd->ref_result = cmd->ref_done = LUA_NOREF;
-  int sent = c->selecting ? hold_command(c, cmd, redisFormatCommand(&cmd->held, "PING"))
+  int sent = c->selecting || c->resolving ? hold_command(c, cmd, redisFormatCommand(&cmd->held, "PING"))
                           : redisAsyncCommand(c->ac, on_reply, cmd, "PING") == REDIS_OK;
   if (!sent) {
     free(cmd);
@@ -734,7 +927,8 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
    * outage goes behind it at once if this database was selected before: held,
    * it never reached a frozen server (the connection dropped at each timeout),
    * which then ran the claim or reservation it was to give up, and no other */
-  if (c->selecting && !(c->db_selected && sends_when_down(L))) {
+  cmd->bypass = (c->selecting || c->resolving) && c->db_selected && sends_when_down(L);
+  if (c->resolving || (c->selecting && !cmd->bypass)) {
     int held = keep ? copy_command(&cmd->held, cmd->resend, cmd->resend_len)
                     : (int)redisFormatCommandArgv(&cmd->held, argc, argv_s, argv_len);
     if (!hold_command(c, cmd, held)) {
@@ -1152,6 +1346,7 @@ static int conn_gc(lua_State *L) {
     if (left < limit) limit = left > 0 ? left : 0;
   }
   if (c->ac && c->pending > 0) write_queued(c, &t0, limit);
+  cancel_resolve(c); /* (its kept commands become orphans: on_reply) */
   if (c->ac) {
     c->ac->data = NULL;
     redisAsyncFree(c->ac); /* (kept commands still unanswered become orphans: on_reply) */
@@ -1247,8 +1442,17 @@ static double opt_seconds(lua_State *L, const char *name, double dflt) {
  * server (a new connection at most once a second). */
 static int l_connect(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
+  /* a host name: the resolver made before the conn, so that it is collected after it */
+  lua_getfield(L, 1, "host");
+  unsigned char addr[16];
+  const char *name = lua_tostring(L, -1);
+  redis_dns *dns = name && evutil_inet_pton(AF_INET, name, addr) != 1 && evutil_inet_pton(AF_INET6, name, addr) != 1
+                       ? dns_get(L, resil_from_lua(L))
+                       : NULL;
+  lua_pop(L, 1);
   redis_conn *c = lua_newuserdatauv(L, sizeof *c, 0);
   memset(c, 0, sizeof *c);
+  c->dns = dns;
   c->R = resil_from_lua(L);
   c->ref_self = LUA_NOREF;
   luaL_setmetatable(L, CONN_MT);
