@@ -906,3 +906,60 @@ describe("a Redis outage", function()
       resil.log.level("info")
     end)
 end)
+
+describe("a Redis URL with a user and a password", function()
+  -- a redis-server of its own started with `args` (a user of Redis 6's ACL, a requirepass) -> its port; stopped
+  -- at the test's end
+  local function own_server(args)
+    local own_dir, own_port = helpers.tmpname("-redis-auth"), free_port()
+    os.execute("mkdir -p " .. own_dir)
+    os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+      "--pidfile %s/redis.pid %s > /dev/null"):format(own_port, own_dir, own_dir, args))
+    assert(helpers.wait_until(function() return helpers.slurp(own_dir .. "/redis.pid"):match("%d+") ~= nil end, 10))
+    local own_pid = helpers.slurp(own_dir .. "/redis.pid"):match("%d+")
+    finally(function()
+      os.execute("kill -9 " .. own_pid)
+      os.execute("rm -rf " .. own_dir)
+    end)
+    assert(helpers.wait_until(function()
+      return helpers.run(("redis-cli -p %d ping"):format(own_port)).stdout ~= ""
+    end, 10))
+    return own_port
+  end
+
+  -- the store at url: a key written and read, a budget's reservation settled (its scripts), and a run
+  -- recorded by another process (its end on a blocking connection of its own, as the process ends)
+  local function works(url)
+    resil.store_config({ url = url })
+    assert.is_true(resil.store():set("auth", "1"))
+    assert.are.equal("1", resil.store():get("auth"))
+    local ticket = assert(resil.budget("auth-budget", { limit = 5 }):reserve(1))
+    assert.is_true(ticket:settle(0.5, { provider = "auth" }))
+    local r = helpers.run_script('require("resil").step("one", function() return 1 end)',
+      "--store '" .. url .. "' --run auth-run --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("done", resil.store().backend:run_get("auth-run").status)
+  end
+
+  -- (before: the user was dropped and AUTH sent the password alone, as the default user: every command
+  -- was refused NOAUTH, store_error)
+  it("authenticates as that user of the server's ACL", function()
+    local p = own_server("--user default off --user alice on '>alice-secret' '~*' '&*' '+@all'")
+    works(("redis://alice:alice-secret@127.0.0.1:%d/1"):format(p))
+  end)
+
+  it("authenticates with the password alone where the server knows no such user (requirepass only, a " ..
+    "Heroku-style redis://h:password@host)", function()
+    local p = own_server("--requirepass only-secret")
+    works(("redis://h:only-secret@127.0.0.1:%d/2"):format(p))
+    works(("redis://:only-secret@127.0.0.1:%d/3"):format(p))
+  end)
+
+  it("a wrong password is refused, naming why", function()
+    local p = own_server("--user default off --user alice on '>alice-secret' '~*' '&*' '+@all'")
+    resil.store_config({ url = ("redis://alice:not-it@127.0.0.1:%d/1"):format(p) })
+    local ok, err = resil.store():set("auth", "1")
+    assert.is_nil(ok)
+    assert.matches("AUTH refused: WRONGPASS", err.message, 1, true)
+  end)
+end)

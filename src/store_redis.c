@@ -53,6 +53,9 @@
 #define DEFAULT_TIMEOUT 5.0
 #define DEFAULT_DOWN 1.0
 #define DEFAULT_DOWN_MAX 10.0
+#define AUTH_UNKNOWN 0
+#define AUTH_WITH_USER 1
+#define AUTH_PASSWORD_ONLY 2
 #define DNS_KEY "resil.redis.dns"
 #define DNS_MT "resil.RedisDns"
 
@@ -80,6 +83,13 @@ typedef struct {
   char host[128];
   int port, db;
   char *password;
+  /* a URL's user (redis://alice:pw@host): AUTH alice pw, for Redis 6's ACL
+   * users; a server that refuses it (before Redis 6, or without that user:
+   * requirepass only, a Heroku-style redis://h:pw@host) is sent AUTH pw */
+  char *username;
+  int auth_form; /* AUTH_*: which this server took */
+  int authing;   /* AUTH user pw on a new connection, the form not known: commands held for its answer */
+  char auth_error[256]; /* the last connection's AUTH refused: said with the SELECT refused NOAUTH after it */
   redis_dns *dns; /* NULL: host is an address */
   /* the name being resolved for a new connection: the commands are held
    * (held_first) until it is; request NULL while resolving: answered at once */
@@ -487,6 +497,24 @@ static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
   if (r && r->type == REDIS_REPLY_ERROR) snprintf(c->last_error, sizeof c->last_error, "redis: %s", r->str);
+  if (r) snprintf(c->auth_error, sizeof c->auth_error, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "");
+}
+
+/* The setup answered: the held commands sent now, in their order; or (not
+ * ok) each failed. */
+static void send_held(redis_conn *c, redisAsyncContext *ac, int ok) {
+  c->selecting = 0;
+  redis_cmd *cmd = c->held_first;
+  c->held_first = c->held_last = NULL;
+  while (cmd) {
+    redis_cmd *next = cmd->next;
+    cmd->next = NULL;
+    int sent = ok && redisAsyncFormattedCommand(ac, on_reply, cmd, cmd->held, (size_t)cmd->held_len) == REDIS_OK;
+    redisFreeCommand(cmd->held);
+    cmd->held = NULL;
+    if (!sent) on_reply(ac, NULL, cmd);
+    cmd = next;
+  }
 }
 
 /* The SELECT's reply: the held commands are sent now, in their order; or,
@@ -502,19 +530,9 @@ static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) 
    * retried write sent there in turn */
   if (r) c->db_selected = ok;
   if (r && !ok)
-    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: database %d: %s", c->host, c->port, c->db, r->str);
-  c->selecting = 0;
-  redis_cmd *cmd = c->held_first;
-  c->held_first = c->held_last = NULL;
-  while (cmd) {
-    redis_cmd *next = cmd->next;
-    cmd->next = NULL;
-    int sent = ok && redisAsyncFormattedCommand(ac, on_reply, cmd, cmd->held, (size_t)cmd->held_len) == REDIS_OK;
-    redisFreeCommand(cmd->held);
-    cmd->held = NULL;
-    if (!sent) on_reply(ac, NULL, cmd);
-    cmd = next;
-  }
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: database %d: %s%s%s%s", c->host, c->port, c->db,
+             r->str, c->auth_error[0] ? " (AUTH refused: " : "", c->auth_error, c->auth_error[0] ? ")" : "");
+  send_held(c, ac, ok);
   if (r && !ok && c->ac == ac) {
     c->ac = NULL;
     c->connected = 0;
@@ -523,6 +541,35 @@ static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) 
 }
 
 static int hold_command(redis_conn *c, redis_cmd *cmd, int len);
+
+/* AUTH password, after AUTH user password was refused: the form this server takes, if it does */
+static void on_auth_fallback_reply(redisAsyncContext *ac, void *reply, void *privdata) {
+  redis_conn *c = privdata;
+  redisReply *r = reply;
+  if (r && r->type == REDIS_REPLY_ERROR)
+    snprintf(c->last_error, sizeof c->last_error, "redis: %s (and as user %s: refused)", r->str, c->username);
+  else if (r)
+    c->auth_form = AUTH_PASSWORD_ONLY;
+  if (r) snprintf(c->auth_error, sizeof c->auth_error, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "");
+}
+
+/* The answer to AUTH user password: refused (an error), AUTH password is
+ * sent. A new connection's commands held for it (the form not known: those
+ * pipelined behind a refused one were refused NOAUTH) go now, behind the
+ * SELECT if there is one. */
+static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata) {
+  redis_conn *c = privdata;
+  redisReply *r = reply;
+  int waited = c->authing;
+  c->authing = 0;
+  if (r && r->type == REDIS_REPLY_ERROR)
+    redisAsyncCommand(ac, on_auth_fallback_reply, c, "AUTH %s", c->password);
+  else if (r)
+    c->auth_form = AUTH_WITH_USER, c->auth_error[0] = '\0';
+  if (!waited) return;
+  if (r && c->db) c->selecting = redisAsyncCommand(ac, on_select_reply, c, "SELECT %d", c->db) == REDIS_OK;
+  if (!r || !c->selecting) send_held(c, ac, r != NULL);
+}
 
 /* hiredis's connection to addr (the host's address), its AUTH and SELECT
  * queued -> 1; 0: not made (last_error says why) */
@@ -551,8 +598,15 @@ static int connect_to(redis_conn *c, const char *addr) {
   redisAsyncSetDisconnectCallback(ac, on_disconnect);
   c->ac = ac;
   /* queued before any command: authenticate, pick the database */
-  if (c->password) redisAsyncCommand(ac, on_setup_reply, c, "AUTH %s", c->password);
-  if (c->db) c->selecting = redisAsyncCommand(ac, on_select_reply, c, "SELECT %d", c->db) == REDIS_OK;
+  c->authing = 0;
+  if (c->password && c->username && c->auth_form != AUTH_PASSWORD_ONLY) {
+    int sent = redisAsyncCommand(ac, on_auth_reply, c, "AUTH %s %s", c->username, c->password) == REDIS_OK;
+    c->authing = sent && c->auth_form == AUTH_UNKNOWN;
+  } else if (c->password) {
+    redisAsyncCommand(ac, on_setup_reply, c, "AUTH %s", c->password);
+  }
+  if (c->authing) c->selecting = 1; /* (the SELECT after its answer: on_auth_reply) */
+  else if (c->db) c->selecting = redisAsyncCommand(ac, on_select_reply, c, "SELECT %d", c->db) == REDIS_OK;
   return 1;
 }
 
@@ -1035,7 +1089,16 @@ static redisContext *connect_blocking(redis_conn *c, struct timeval limit, redis
   if (!rc || rc->err) return rc;
   redisSetTimeout(rc, limit);
   redisEnableKeepAlive(rc); /* (as the loop's) */
-  redisReply *r = c->password ? redisCommand(rc, "AUTH %s", c->password) : NULL;
+  redisReply *r = NULL;
+  if (c->password && c->username && c->auth_form != AUTH_PASSWORD_ONLY) {
+    r = redisCommand(rc, "AUTH %s %s", c->username, c->password);
+    if (r && r->type == REDIS_REPLY_ERROR) { /* (as on_auth_reply) */
+      freeReplyObject(r);
+      r = redisCommand(rc, "AUTH %s", c->password);
+    }
+  } else if (c->password) {
+    r = redisCommand(rc, "AUTH %s", c->password);
+  }
   int ready = !c->password || setup_ok(&r);
   if (ready && c->db) {
     r = redisCommand(rc, "SELECT %d", c->db);
@@ -1363,7 +1426,8 @@ static int conn_gc(lua_State *L) {
     free(cmd);
   }
   free(c->password);
-  c->password = NULL;
+  free(c->username);
+  c->password = c->username = NULL;
   while (c->sources) {
     script_source *next = c->sources->next;
     free(c->sources->body);
@@ -1466,6 +1530,9 @@ static int l_connect(lua_State *L) {
   c->db = (int)db;
   lua_getfield(L, 1, "password");
   if (lua_isstring(L, -1)) c->password = strdup(lua_tostring(L, -1));
+  lua_getfield(L, 1, "username");
+  if (lua_isstring(L, -1) && lua_rawlen(L, -1) > 0) c->username = strdup(lua_tostring(L, -1));
+  lua_pop(L, 1);
   lua_getfield(L, 1, "timeout");
   c->timeout = luaL_optnumber(L, -1, DEFAULT_TIMEOUT);
   if (!(c->timeout > 0 && c->timeout <= 86400)) return luaL_error(L, "redis: timeout must be in (0, 86400] seconds");

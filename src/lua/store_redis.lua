@@ -509,10 +509,13 @@ local function ms(seconds) return math.max(1, math.floor(math.min(seconds, MAX_T
 local function parse_url(url)
   local scheme, rest = url:match("^(rediss?)://(.*)$")
   if scheme == "rediss" then return nil, "redis: TLS (rediss://) needs hiredis >= 1.0; this build has no TLS" end
-  local password
+  local username, password
   local userinfo, hostpart = rest:match("^(.*)@(.*)$")
   if userinfo then
-    password = userinfo:match("^[^:]*:(.*)$") or userinfo
+    -- redis://alice:pw@host: AUTH alice pw (Redis 6's ACL users), AUTH pw where the server refuses
+    -- that (src/store_redis.c); redis://:pw@host and redis://pw@host: AUTH pw
+    username, password = userinfo:match("^([^:]*):(.*)$")
+    if not username then password = userinfo end
     rest = hostpart
   end
   local query
@@ -532,7 +535,7 @@ local function parse_url(url)
   if not dbn or dbn > 2147483647 then
     return nil, ("redis: database %s in URL %s is not one (0 to 2147483647)"):format(db, url)
   end
-  o.host, o.port, o.db, o.password = host, port, dbn, password
+  o.host, o.port, o.db, o.username, o.password = host, port, dbn, username ~= "" and username or nil, password
   return o
 end
 
