@@ -980,6 +980,7 @@ describe("a Redis URL with a user and a password", function()
   it("authenticates as that user of the server's ACL", function()
     local p = own_server("--user default off --user alice on '>alice-secret' '~*' '&*' '+@all'")
     works(("redis://alice:alice-secret@127.0.0.1:%d/1"):format(p))
+    works(("redis://alice:alice-secret@127.0.0.1:%d/0"):format(p)) -- (no SELECT: the commands wait for the AUTH alone)
   end)
 
   it("authenticates with the password alone where the server knows no such user (requirepass only, a " ..

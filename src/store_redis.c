@@ -567,8 +567,9 @@ static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   else if (r)
     c->auth_form = AUTH_WITH_USER, c->auth_error[0] = '\0';
   if (!waited) return;
+  c->selecting = 0;
   if (r && c->db) c->selecting = redisAsyncCommand(ac, on_select_reply, c, "SELECT %d", c->db) == REDIS_OK;
-  if (!r || !c->selecting) send_held(c, ac, r != NULL);
+  if (!c->selecting) send_held(c, ac, r && !c->db); /* (no reply, or a SELECT not sent: each fails) */
 }
 
 /* hiredis's connection to addr (the host's address), its AUTH and SELECT
@@ -731,12 +732,26 @@ static void on_resolved(int result, struct evutil_addrinfo *res, void *arg) {
   }
 }
 
+/* A resolve in flight at the host's close is left as it is, its base freed
+ * after (dns_gc), and kept reachable here: canceled, libevent queued its
+ * callback for a loop that never runs again, and that memory was lost (a
+ * leak sanitizer's exit code for a process that ended during a DNS outage). */
+#define ABANDONED_MAX 16
+static struct evdns_getaddrinfo_request *volatile abandoned[ABANDONED_MAX]; /* (volatile: never read, still written) */
+static int n_abandoned;
+
 /* The resolving given up (no answer in time, the host closing): the held
  * commands fail. */
 static void cancel_resolve(redis_conn *c) {
   if (!c->resolving) return;
   c->resolving = 0;
-  if (c->request) evdns_getaddrinfo_cancel(c->request); /* (calls on_resolved at once, canceled) */
+  int kept = c->request && c->R->closing && c->closing;
+  if (kept) {
+    int i = __atomic_fetch_add(&n_abandoned, 1, __ATOMIC_RELAXED);
+    if (i < ABANDONED_MAX) abandoned[i] = c->request;
+    else kept = 0;
+  }
+  if (c->request && !kept) evdns_getaddrinfo_cancel(c->request); /* (calls on_resolved at once, canceled) */
   c->request = NULL;
   fail_held(c);
 }
