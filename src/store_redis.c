@@ -362,7 +362,10 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     lua_pushliteral(L, "store_unavailable");
     lua_setfield(L, -2, "kind");
   } else if (r->type == REDIS_REPLY_ERROR) {
-    lua_pushlstring(L, r->str, r->len);
+    if (strncmp(r->str, "NOAUTH", 6) == 0 && c->auth_error[0]) /* (why: the AUTH's own answer) */
+      lua_pushfstring(L, "%s (AUTH refused: %s)", r->str, c->auth_error);
+    else
+      lua_pushlstring(L, r->str, r->len);
     lua_setfield(L, -2, "err");
     lua_pushliteral(L, "store_error");
     lua_setfield(L, -2, "kind");
