@@ -533,7 +533,7 @@ local function parse_url(url)
   if not o then return nil, qerr end
   local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
   if not host then
-    return nil, "redis: cannot read URL " .. url .. " (redis://[:password@]host:port/db[?timeout=seconds])"
+    return nil, "redis: cannot read URL " .. url .. " (redis://[[user]:password@]host:port/db[?timeout=seconds])"
   end
   port = tonumber(port) or 6379
   if port < 1 or port > 65535 then -- (hiredis took 99999 as 34463, and each command said "Connection refused")
