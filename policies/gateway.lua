@@ -58,6 +58,8 @@ gateway.config = resil.keep("policies.gateway.config", function()
     -- bytes of an embeddings answer kept under its Idempotency-Key; a larger one is
     -- served once, and its retries get a 409 (never called and billed again)
     idempotency_keep_max = 8 * 1024 * 1024,
+    -- a string: GET /metrics answers only a bearer of it (nil: open)
+    metrics_key = nil,
   }
 end)
 
@@ -1495,7 +1497,17 @@ gateway.routes = {
   ["POST /v1/embeddings"] = embeddings,
   ["GET /v1/models"] = models,
   ["GET /health"] = function() return { status = 200, body = '{"status":"ok"}' } end,
-  ["GET /metrics"] = function()
+  ["GET /metrics"] = function(req)
+    -- (open by default, as Prometheus scrapes; its budget series name teams and their spend)
+    local want = gateway.config.metrics_key
+    if want ~= nil then
+      local got = bearer(req) or ""
+      -- digests compared: the same length whatever was sent, in constant time
+      if not resil.crypto.equal(resil.crypto.sha256(got), resil.crypto.sha256(tostring(want))) then
+        return error_reply("openai", 401, "GET /metrics needs the gateway's metrics_key as its bearer token",
+          { code = "invalid_api_key", headers = { ["www-authenticate"] = "Bearer" } })
+      end
+    end
     return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = resil.metrics.text() }
   end,
 }

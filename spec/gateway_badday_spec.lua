@@ -233,3 +233,24 @@ describe("gateway on a bad day: large embeddings under an Idempotency-Key", func
     assert.are.equal(("%.6f"):format(resil.cost.total()), ("%.6f"):format(2 * tonumber(cost)))
   end)
 end)
+
+describe("gateway on a bad day: /metrics", function()
+  -- (its budget series name each key's team and spend: open to anyone who reaches the gateway)
+  it("with metrics_key set, GET /metrics answers only its bearer; without, it stays open", function()
+    local url = start({ strict = true })
+    local gateway = require "policies.gateway"
+    local open = assert(http.request({ url = url .. "/metrics" }))
+    assert.are.equal(200, open.status)
+    gateway.config.metrics_key = "scrape-secret"
+    for _, h in ipairs({ {}, { authorization = "Bearer wrong" }, { authorization = "Bearer scrape-secre" } }) do
+      local res = assert(http.request({ url = url .. "/metrics", headers = h }))
+      assert.are.equal(401, res.status, res.body)
+      assert.are.equal("invalid_api_key", json.decode(res.body).error.code)
+      assert.is_nil(res.body:find("resil_", 1, true))
+    end
+    local res = assert(http.request({ url = url .. "/metrics", headers = { authorization = "Bearer scrape-secret" } }))
+    assert.are.equal(200, res.status)
+    assert.matches("resil_gateway_requests_total", res.body, 1, true)
+    gateway.config.metrics_key = nil
+  end)
+end)
