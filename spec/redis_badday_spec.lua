@@ -312,3 +312,27 @@ print(("longest gap %.2f"):format(longest))
     assert.is_true(tonumber(r.stdout:match("longest gap ([%d.]+)")) < 1.5, r.stdout)
   end)
 end)
+
+describe("a command sent on a connection that a READONLY answer then dropped", function()
+  -- (before: its deadline freed the store's current connection, none or a new healthy one, not the one the
+  -- command was on: an XREAD BLOCK 20000 behind a refused write waited its 20 s, a BLOCK 0 for ever)
+  it("still fails at the store's timeout", function()
+    local replica = helpers.redis_server()
+    finally(function() replica.stop() end)
+    assert.are.equal(0, helpers.run(("redis-cli -p %d replicaof 127.0.0.1 1"):format(replica.port)).code)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.log.level("off")
+local c = resil.redis.connect({ port = %d, timeout = 1 })
+assert(c:call("PING"))
+local told
+assert(c:send(function(_, err) told = err end, "SET", "k", "v"))
+local reply, err = c:call("XREAD", "BLOCK", "20000", "STREAMS", "s", "$")
+print(reply, err and err.kind, err and err.message)
+print("write", told and told.kind, told and told.message)
+]]):format(replica.port))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^nil\tstore_unavailable\t[^\n]*no reply within 1 s\n", r.stdout)
+    assert.matches("write\tstore_unavailable\t[^\n]*READONLY", r.stdout)
+  end)
+end)

@@ -154,6 +154,9 @@ typedef struct redis_cmd {
   int ref_result; /* {n=, ...} or {err = message, kind = } */
   int ref_done;   /* conn:send: told the reply, no task waits */
   struct event *deadline; /* real time: a frozen server must not hold the task */
+  /* the connection it was written on (NULL: held): its deadline drops that
+   * one, which may no longer be c->ac (drop_replica's, conn:close's) */
+  redisAsyncContext *ac;
   char *held;             /* held until the SELECT's reply: the command, formatted */
   int held_len;
   /* conn:send of a script (EVAL, EVALSHA: the ledger's rows and settles
@@ -305,6 +308,7 @@ static int resend_whole(redis_conn *c, redisAsyncContext *ac, redis_cmd *cmd) {
   cmd->resend = whole;
   cmd->resend_len = len;
   cmd->resent = 1;
+  cmd->ac = ac;
   return 1;
 }
 
@@ -515,7 +519,8 @@ static void send_held(redis_conn *c, redisAsyncContext *ac, int ok) {
     int sent = ok && redisAsyncFormattedCommand(ac, on_reply, cmd, cmd->held, (size_t)cmd->held_len) == REDIS_OK;
     redisFreeCommand(cmd->held);
     cmd->held = NULL;
-    if (!sent) on_reply(ac, NULL, cmd);
+    if (sent) cmd->ac = ac;
+    else on_reply(ac, NULL, cmd);
     cmd = next;
   }
 }
@@ -698,7 +703,8 @@ static void release_held(redis_conn *c) {
       int sent = redisAsyncFormattedCommand(c->ac, on_reply, cmd, cmd->held, (size_t)cmd->held_len) == REDIS_OK;
       redisFreeCommand(cmd->held);
       cmd->held = NULL;
-      if (!sent) on_reply(c->ac, NULL, cmd);
+      if (sent) cmd->ac = c->ac;
+      else on_reply(c->ac, NULL, cmd);
     }
     cmd = next;
   }
@@ -783,12 +789,15 @@ static int ensure_connected(redis_conn *c) {
 
 /* No reply in time: the server is frozen or the network is. Dropping the
  * connection answers every command on it (hiredis calls each callback with
- * no reply), so each is freed by the one path in on_reply. */
+ * no reply), so each is freed by the one path in on_reply. That is the
+ * connection cmd is on: one dropped since (a READONLY answer, conn:close)
+ * still has its replies to come, and a new one, or a name being resolved
+ * for it, is not cmd's (before, its held commands failed, none late). */
 static void cmd_timed_out(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   redis_cmd *cmd = arg;
   redis_conn *c = cmd->c;
-  if (c->resolving) { /* cmd is held: failed, freed */
+  if (!cmd->ac && c->resolving) { /* cmd is held: failed, freed */
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: the host name %s not resolved within %g s", c->host,
              c->port, c->host, c->timeout);
     mark_down(c);
@@ -796,9 +805,11 @@ static void cmd_timed_out(evutil_socket_t fd, short what, void *arg) {
     return;
   }
   snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: no reply within %g s", c->host, c->port, c->timeout);
-  redisAsyncContext *ac = c->ac;
-  c->ac = NULL;
-  c->connected = 0;
+  redisAsyncContext *ac = cmd->ac ? cmd->ac : c->ac; /* (held: for the SELECT on c->ac) */
+  if (ac == c->ac) {
+    c->ac = NULL;
+    c->connected = 0;
+  }
   mark_down(c);
   if (ac) redisAsyncFree(ac);
 }
@@ -834,7 +845,7 @@ static void probe_timed_out(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   redis_cmd *cmd = arg;
   redis_conn *c = cmd->c;
-  if (c->resolving) { /* the probe is held: failed (probe_answered) */
+  if (!cmd->ac && c->resolving) { /* the probe is held: failed (probe_answered) */
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: the host name %s not resolved within %g s", c->host,
              c->port, c->host, c->probe_wait);
     cancel_resolve(c);
@@ -842,9 +853,11 @@ static void probe_timed_out(evutil_socket_t fd, short what, void *arg) {
   }
   snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: no reply within %g s", c->host, c->port,
            c->probe_wait);
-  redisAsyncContext *ac = c->ac;
-  c->ac = NULL;
-  c->connected = 0;
+  redisAsyncContext *ac = cmd->ac ? cmd->ac : c->ac; /* (as cmd_timed_out) */
+  if (ac == c->ac) {
+    c->ac = NULL;
+    c->connected = 0;
+  }
   if (ac) redisAsyncFree(ac); /* the probe's on_reply, with no reply */
 }
 
@@ -870,6 +883,7 @@ static void probe_fire(evutil_socket_t fd, short what, void *arg) {
     probe_answered(c, 0);
     return;
   }
+  if (!cmd->held) cmd->ac = c->ac;
   c->probe = cmd;
   c->probe_wait = c->probe_every > c->timeout ? c->probe_every : c->timeout;
   cmd->deadline = evtimer_new(c->R->base, probe_timed_out, cmd);
@@ -1015,6 +1029,8 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
     resil_error_result(L, "store_unavailable", "redis %s:%d: %s", c->host, c->port,
                        c->ac && c->ac->errstr[0] ? c->ac->errstr : "cannot send");
     return NULL;
+  } else {
+    cmd->ac = c->ac;
   }
   if (keep) c->kept++;
   c->R->io_pending++; /* real I/O: the virtual clock waits for it, as for HTTP, and longer (loop.c) */
