@@ -64,6 +64,7 @@
  * changed (a name moved to another address, as getaddrinfo sees it) */
 typedef struct {
   struct evdns_base *dns;
+  resil_t *R;
   struct timespec hosts_mtime;
   off_t hosts_size;
   ino_t hosts_ino;
@@ -621,9 +622,21 @@ static int connect_to(redis_conn *c, const char *addr) {
 
 /* ---------- the host's name, resolved off the loop ---------- */
 
+static void dns_free_later(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  evdns_base_free(arg, 0);
+}
+
+/* At the host's close, each conn (collected before) canceled its request, or
+ * on the host's own base, which never runs again, left it (cancel_resolve).
+ * An embedder's base runs on: the cancels' callbacks are queued there and
+ * run first, and the resolver is freed after them (event_base_once), never
+ * under them; if the base never runs again, it is not freed at all. */
 static int dns_gc(lua_State *L) {
   redis_dns *d = luaL_checkudata(L, 1, DNS_MT);
-  if (d->dns) evdns_base_free(d->dns, 0); /* (no request left: each conn, collected before, canceled its own) */
+  struct timeval now = {0, 0};
+  if (d->dns && d->R->owns_base) evdns_base_free(d->dns, 0);
+  else if (d->dns) event_base_once(d->R->base, -1, EV_TIMEOUT, dns_free_later, d->dns, &now); /* (refused: left) */
   d->dns = NULL;
   return 0;
 }
@@ -640,6 +653,7 @@ static redis_dns *dns_get(lua_State *L, resil_t *R) {
   lua_pop(L, 1);
   redis_dns *d = lua_newuserdatauv(L, sizeof *d, 0);
   memset(d, 0, sizeof *d);
+  d->R = R;
   /* the system's resolv.conf (nameservers, search, timeout, attempts) and
    * hosts file; inactive, it holds no event that keeps the loop running */
   d->dns = evdns_base_new(R->base, EVDNS_BASE_INITIALIZE_NAMESERVERS | EVDNS_BASE_DISABLE_WHEN_INACTIVE);
@@ -712,7 +726,9 @@ static void release_held(redis_conn *c) {
 
 static void on_resolved(int result, struct evutil_addrinfo *res, void *arg) {
   redis_conn *c = arg;
-  if (result == EVUTIL_EAI_CANCEL) { /* (cancel_resolve: it fails the held commands) */
+  /* (cancel_resolve: it failed the held commands; c may be freed since,
+   * the callback queued on the loop) */
+  if (result == EVUTIL_EAI_CANCEL) {
     if (res) evutil_freeaddrinfo(res);
     return;
   }
@@ -741,10 +757,13 @@ static void on_resolved(int result, struct evutil_addrinfo *res, void *arg) {
   }
 }
 
-/* A resolve in flight at the host's close is left as it is, its base freed
- * after (dns_gc), and kept reachable here: canceled, libevent queued its
- * callback for a loop that never runs again, and that memory was lost (a
- * leak sanitizer's exit code for a process that ended during a DNS outage). */
+/* A resolve in flight at the host's close, on the host's own base (which
+ * never runs again), is left as it is, its base freed after (dns_gc), and
+ * kept reachable here: canceled, libevent queued its callback for a loop
+ * that never runs again, and that memory was lost (a leak sanitizer's exit
+ * code for a process that ended during a DNS outage). On an embedder's base,
+ * which runs on, it is canceled: left, its skew timer or its answer ran
+ * there on the freed resolver and the freed conn. */
 #define ABANDONED_MAX 16
 static struct evdns_getaddrinfo_request *volatile abandoned[ABANDONED_MAX]; /* (volatile: never read, still written) */
 static int n_abandoned;
@@ -754,13 +773,13 @@ static int n_abandoned;
 static void cancel_resolve(redis_conn *c) {
   if (!c->resolving) return;
   c->resolving = 0;
-  int kept = c->request && c->R->closing && c->closing;
+  int kept = c->request && c->R->closing && c->closing && c->R->owns_base;
   if (kept) {
     int i = __atomic_fetch_add(&n_abandoned, 1, __ATOMIC_RELAXED);
     if (i < ABANDONED_MAX) abandoned[i] = c->request;
     else kept = 0;
   }
-  if (c->request && !kept) evdns_getaddrinfo_cancel(c->request); /* (calls on_resolved at once, canceled) */
+  if (c->request && !kept) evdns_getaddrinfo_cancel(c->request); /* (on_resolved, canceled, from the loop) */
   c->request = NULL;
   fail_held(c);
 }
