@@ -336,3 +336,35 @@ print("write", told and told.kind, told and told.message)
     assert.matches("write\tstore_unavailable\t[^\n]*READONLY", r.stdout)
   end)
 end)
+
+describe("a store with a user whose server took only AUTH password, then moves to ACL users", function()
+  -- (before: the form AUTH password was kept for the connection's life: after the move every command was
+  -- refused NOAUTH until a restart; the fallback to the default user said nothing)
+  it("is served again as the user, and the fallback is said once", function()
+    local server = helpers.redis_server()
+    finally(function() server.stop() end)
+    local cli = ("redis-cli -p %d "):format(server.port)
+    assert.are.equal(0, helpers.run(cli .. "config set requirepass pw").code)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local c = resil.redis.connect({ port = %d, username = "alice", password = "pw", timeout = 2, down = 0 })
+assert(c:call("SET", "k", "before"))
+assert(c:call("PING"))
+-- the move: alice is a user, the default user is off; the connection made anew
+os.execute(%q)
+for try = 1, 5 do
+  local reply, err = c:call("GET", "k")
+  if reply then print("served at try " .. try, reply) os.exit(0) end
+  print(err.kind, err.message)
+  resil.sleep(1.1)
+end
+]]):format(server.port, ("%s -a pw --no-auth-warning acl setuser alice on '>pw' '~*' '+@all' > /dev/null && " ..
+      "%s -a pw --no-auth-warning acl setuser default off > /dev/null && " ..
+      "%s --user alice --pass pw --no-auth-warning client kill type normal > /dev/null"):format(cli, cli, cli)))
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("served at try %d\tbefore\n", r.stdout)
+    local warned = 0
+    for _ in r.stderr:gmatch("AUTH[^\n]*without the user") do warned = warned + 1 end
+    assert.are.equal(1, warned, r.stderr)
+  end)
+end)

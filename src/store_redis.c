@@ -89,6 +89,7 @@ typedef struct {
    * requirepass only, a Heroku-style redis://h:pw@host) is sent AUTH pw */
   char *username;
   int auth_form; /* AUTH_*: which this server took */
+  int fallback_said; /* AUTH password taken, the user refused: logged once */
   int authing;   /* AUTH user pw on a new connection, the form not known: commands held for its answer */
   char auth_error[256]; /* the last connection's AUTH refused: said with the SELECT refused NOAUTH after it */
   redis_dns *dns; /* NULL: host is an address */
@@ -501,11 +502,21 @@ static void drop_replica(redis_conn *c, redisAsyncContext *ac, const redisReply 
   redisAsyncDisconnect(ac);
 }
 
+static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata);
+
 static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
   if (r && r->type == REDIS_REPLY_ERROR) snprintf(c->last_error, sizeof c->last_error, "redis: %s", r->str);
   if (r) snprintf(c->auth_error, sizeof c->auth_error, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "");
+  /* AUTH password, the form this server took before, refused: it may have
+   * moved to ACL users (the default user off). The user is tried again, on
+   * this connection (the commands after it are served) and the next ones;
+   * kept, every command was refused NOAUTH until a restart. */
+  if (r && r->type == REDIS_REPLY_ERROR && c->username && c->auth_form == AUTH_PASSWORD_ONLY) {
+    c->auth_form = AUTH_UNKNOWN;
+    redisAsyncCommand(ac, on_auth_reply, c, "AUTH %s %s", c->username, c->password);
+  }
 }
 
 /* The setup answered: the held commands sent now, in their order; or (not
@@ -559,6 +570,21 @@ static void on_auth_fallback_reply(redisAsyncContext *ac, void *reply, void *pri
     snprintf(c->last_error, sizeof c->last_error, "redis: %s (and as user %s: refused)", r->str, c->username);
   else if (r)
     c->auth_form = AUTH_PASSWORD_ONLY;
+  /* the user refused, the default user taken as it shares the password: said
+   * (once per conn), not silently another user's rights */
+  if (r && r->type != REDIS_REPLY_ERROR && !c->fallback_said && !c->closing) {
+    c->fallback_said = 1;
+    lua_State *L = c->R->L;
+    lua_createtable(L, 0, 3);
+    lua_pushfstring(L, "%s:%d", c->host, c->port);
+    lua_setfield(L, -2, "store");
+    lua_pushstring(L, c->username);
+    lua_setfield(L, -2, "user");
+    lua_pushstring(L, c->auth_error);
+    lua_setfield(L, -2, "error");
+    host_log(L, "warn", "redis: the server refused the user; AUTH with the password alone took it: the store runs "
+                        "as the server's default user, without the user's own rights");
+  }
   if (r) snprintf(c->auth_error, sizeof c->auth_error, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "");
 }
 
@@ -571,8 +597,11 @@ static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redisReply *r = reply;
   int waited = c->authing;
   c->authing = 0;
-  if (r && r->type == REDIS_REPLY_ERROR)
+  if (r && r->type == REDIS_REPLY_ERROR) {
+    if (c->auth_form == AUTH_WITH_USER) c->auth_form = AUTH_UNKNOWN; /* (the next connection waits for the form again) */
+    snprintf(c->auth_error, sizeof c->auth_error, "%s", r->str);     /* (said by the fallback's warning) */
     redisAsyncCommand(ac, on_auth_fallback_reply, c, "AUTH %s", c->password);
+  }
   else if (r)
     c->auth_form = AUTH_WITH_USER, c->auth_error[0] = '\0';
   if (!waited) return;
