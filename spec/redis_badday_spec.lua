@@ -368,3 +368,18 @@ end
     assert.are.equal(1, warned, r.stderr)
   end)
 end)
+
+describe("a store at a short numeric address (127.1)", function()
+  -- (before: inet_pton refused it, and it was sent to DNS as a name: not resolved, the store unavailable;
+  -- getaddrinfo, and so hiredis before the resolver, took it as 127.0.0.1)
+  it("connects to it as an address", function()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.log.level("off")
+local c = resil.redis.connect({ host = "127.1", port = %d, timeout = 1 })
+print(c:call("PING"))
+]]):format(redis.port))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("PONG\n", r.stdout)
+  end)
+end)

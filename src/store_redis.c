@@ -1591,10 +1591,13 @@ static int l_connect(lua_State *L) {
   /* a host name: the resolver made before the conn, so that it is collected after it */
   lua_getfield(L, 1, "host");
   unsigned char addr[16];
+  struct in_addr v4;
   const char *name = lua_tostring(L, -1);
-  redis_dns *dns = name && evutil_inet_pton(AF_INET, name, addr) != 1 && evutil_inet_pton(AF_INET6, name, addr) != 1
-                       ? dns_get(L, resil_from_lua(L))
-                       : NULL;
+  /* (inet_aton: the short forms getaddrinfo takes as addresses too, 127.1,
+   * 0x7f.1; not one with text after a space, which it takes as a name) */
+  int numeric = name && (evutil_inet_pton(AF_INET6, name, addr) == 1 ||
+                         (inet_aton(name, &v4) != 0 && !strpbrk(name, " \t\n")));
+  redis_dns *dns = name && !numeric ? dns_get(L, resil_from_lua(L)) : NULL;
   lua_pop(L, 1);
   redis_conn *c = lua_newuserdatauv(L, sizeof *c, 0);
   memset(c, 0, sizeof *c);
