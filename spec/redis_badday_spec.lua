@@ -383,3 +383,55 @@ print(c:call("PING"))
     assert.are.equal("PONG\n", r.stdout)
   end)
 end)
+
+describe("a command sent on a connection a READONLY answer dropped, while the name is being resolved anew", function()
+  -- (before: its deadline took the resolving branch: it canceled the new connection's resolve and failed the
+  -- commands held for it, none late, and the command itself waited its XREAD's 20 s)
+  it("fails at the store's timeout, on its own connection", function()
+    if helpers.run("unshare -rmn true").code ~= 0 or helpers.run("command -v python3").code ~= 0 then
+      return pending("unshare -rmn (or python3) cannot run here")
+    end
+    local dir = helpers.tmpname("-dns")
+    os.execute("mkdir -p " .. dir)
+    local resolv = helpers.write(dir .. "/resolv.conf", "nameserver 127.0.0.1\noptions timeout:5 attempts:1\n")
+    local hosts = helpers.write(dir .. "/hosts", "127.0.0.1 redis-x\n")
+    local silent = helpers.write(dir .. "/silent.py", ([[
+import socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", 53))
+open("%s/ready", "w").close()
+time.sleep(60)
+]]):format(dir))
+    local path = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+resil.log.level("off")
+local dir = %q
+os.execute("redis-server --port 6390 --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --pidfile " ..
+  dir .. "/redis.pid --dir " .. dir .. " > /dev/null")
+for _ = 1, 100 do
+  if os.execute("redis-cli -p 6390 ping > /dev/null 2>&1") then break end
+  resil.sleep(0.05)
+end
+os.execute("redis-cli -p 6390 replicaof 127.0.0.1 1 > /dev/null")
+local c = resil.redis.connect({ host = "redis-x", port = 6390, timeout = 1 })
+assert(c:call("PING"))
+local f = assert(io.open("/etc/hosts", "w")) -- (the next resolve asks the resolver, which never answers)
+f:write("\n")
+f:close()
+assert(c:send(function() end, "SET", "k", "v"))
+resil.spawn(function()
+  resil.sleep(0.3) -- (the READONLY answer has dropped the connection: this one resolves the name anew)
+  c:call("PING")
+end)
+local reply, err = c:call("XREAD", "BLOCK", "20000", "STREAMS", "s", "$")
+print(reply, err and err.kind, err and err.message)
+]]):format(dir))
+    local r = helpers.run(("unshare -rmn sh -c 'ip link set lo up && mount --bind %s /etc/resolv.conf && " ..
+      "mount --bind %s /etc/hosts && { python3 %s & } && while [ ! -e %s/ready ]; do sleep 0.05; done; " ..
+      "%s %s; code=$?; kill $!; kill $(cat %s/redis.pid); exit $code'")
+      :format(resolv, hosts, silent, dir, helpers.resil, path, dir))
+    os.execute("rm -rf " .. dir)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^nil\tstore_unavailable\t[^\n]*no reply within 1 s\n", r.stdout)
+  end)
+end)
