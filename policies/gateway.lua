@@ -1324,7 +1324,6 @@ function complete_admitted(req, api, id, rec, slot)
   return { status = 200, headers = headers, body = body }
 end
 
--- POST /v1/embeddings (OpenAI's shape; vectors, or base64 strings when the client asks, as the SDKs do)
 -- An embeddings answer as the client reads it: the vectors in C's JSON (one string kept under an
 -- Idempotency-Key: kept as a table, resil.once wrote every number in Lua, 0.27 s on the loop for
 -- 100 vectors of 1,536, and no byte cap counted them)
@@ -1339,6 +1338,7 @@ end
 -- is not called and billed again
 local function keep_max() return tonumber(gateway.config.idempotency_keep_max) or 8 * 1024 * 1024 end
 
+-- POST /v1/embeddings (OpenAI's shape; vectors, or base64 strings when the client asks, as the SDKs do)
 local function embeddings(req)
   local id = request_id()
   local rec, refused = authenticate(req, "openai")
