@@ -15,14 +15,30 @@ local soft_usd = resil.metrics.gauge("resil_budget_soft_limit_usd", "The budget'
 local remaining_usd = resil.metrics.gauge("resil_budget_remaining_usd",
   "Limit minus spent and reserved, by budget")
 
--- the budget's figures as the store last reported them
+-- the budget's figures as the store last reported them, with this process's settles and
+-- releases since (left at the last reserve, a gauge showed a hold after every call had ended)
+local seen = {}
 local function observe_budget(b, limit, spent, reserved)
+  local f = seen[b.name]
+  if not f then
+    f = {}
+    seen[b.name] = f
+  end
+  f.limit, f.spent, f.reserved = limit, spent, reserved
   local l = { budget = b.name }
   spent_usd:set(l, spent)
   reserved_usd:set(l, reserved)
   limit_usd:set(l, limit)
   soft_usd:set(l, limit * b.soft)
   remaining_usd:set(l, math.max(0, limit - spent - reserved))
+end
+
+-- a ticket's end as this process saw it: its hold freed, `actual` spent (once per ticket)
+local function observe_end(t, actual)
+  local f = seen[t.budget.name]
+  if not f or t.observed_end then return end
+  t.observed_end = true
+  observe_budget(t.budget, f.limit, f.spent + actual, math.max(0, f.reserved - (t.estimate or 0)))
 end
 
 local Budget = {}
@@ -374,6 +390,7 @@ function Ticket:settle(actual, e)
   end
   if fields.wait == false and costs.write_later(s.backend, "budget_settle", fields,
     { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry) then
+    observe_end(self, actual)
     return true
   end
   -- a caller canceled while the store has it (a client that left, a
@@ -388,6 +405,7 @@ function Ticket:settle(actual, e)
     settle_later(self, entry, fields, err.sent)
     err.retrying = true
   end
+  if ok or (err and err.retrying) then observe_end(self, actual) end
   return ok, err
 end
 
@@ -411,7 +429,9 @@ function Ticket:release()
   stop_keeping(self)
   if not self.store then return false end -- (unchecked before the store could be opened: nothing held)
   owner.drop(self.store.backend, self.id)
-  return self.store.backend:budget_release(self.id)
+  local ok, err = self.store.backend:budget_release(self.id)
+  if ok then observe_end(self, 0) end
+  return ok, err
 end
 
 -- For `resil-lua budgets`: the budgets a store knows, their limits (set from
