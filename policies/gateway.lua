@@ -1122,6 +1122,22 @@ local function kept_call(fn, r)
   return v, e
 end
 
+-- fn(r) under an Idempotency-Key: run to its end by resil.once, keep(v) making its answer what
+-- the key keeps. -> res, err, replayed (a replay called no provider: none of the tokens its
+-- key's tpm was charged were used, and they are given back)
+local function once_to_end(slot, r, once_spec, tpm, fn, keep)
+  local ran = false
+  local joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
+    ran = true
+    local v, e = kept_call(correcting_tpm(tpm, fn), r)
+    if v then keep(v) end
+    return v, e
+  end)
+  if not joined then res, err = nil, res end
+  if not ran then correct_tpm(tpm, { input_tokens = 0, output_tokens = 0 }) end
+  return res, err, not ran
+end
+
 -- Anthropic's SDK reads its request id from `request-id` (err.requestID, _request_id)
 local function anthropic_id(reply, api)
   if api == "anthropic" and reply and reply.headers then reply.headers["request-id"] = reply.headers["x-request-id"] end
@@ -1285,23 +1301,12 @@ function complete_admitted(req, api, id, rec, slot)
 
   if replayed then -- (kept: res, err)
   elseif once_spec then
-    local ran = false
-    local joined
-    joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
-      ran = true
-      local v, e = kept_call(correcting_tpm(tpm, ai.chat), r)
-      if v then
-        -- stored with the answer's own id and time: a replay is the same answer, not a twin of
-        -- it (a same-API answer as the text relayed, its thinking blocks and all)
-        v.own_answer = own_answer(v, api, id, b.model)
-        v.raw, v.answer_id, v.answer_created = nil, id, math.floor(resil.clock.wall())
-      end
-      return v, e
+    res, err, replayed = once_to_end(slot, r, once_spec, tpm, ai.chat, function(v)
+      -- stored with the answer's own id and time: a replay is the same answer, not a twin of
+      -- it (a same-API answer as the text relayed, its thinking blocks and all)
+      v.own_answer = own_answer(v, api, id, b.model)
+      v.raw, v.answer_id, v.answer_created = nil, id, math.floor(resil.clock.wall())
     end)
-    if not joined then res, err = nil, res end
-    replayed = not ran
-    -- a replay called no provider: none of the tokens its key's tpm was charged were used
-    if replayed then correct_tpm(tpm, { input_tokens = 0, output_tokens = 0 }) end
   else
     res, err = call_to_end(r, correcting_tpm(tpm, ai.chat))
   end
@@ -1384,21 +1389,13 @@ local function embeddings(req)
   end
   if replayed then -- (kept: res, err)
   elseif once_spec then
-    local ran, joined, served = false, nil, nil
-    joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
-      ran = true
-      local v, e = kept_call(correcting_tpm(tpm, ai.embed), r)
-      if v then
-        local body = embeddings_body(v, b.model)
-        v.embeddings = nil
-        if #body > keep_max() then served, v.not_kept = body, true else v.body = body end
-      end
-      return v, e
+    local served
+    res, err, replayed = once_to_end(slot, r, once_spec, tpm, ai.embed, function(v)
+      local body = embeddings_body(v, b.model)
+      v.embeddings = nil
+      if #body > keep_max() then served, v.not_kept = body, true else v.body = body end
     end)
-    if served and joined and res then res.body = served end
-    if not joined then res, err = nil, res end
-    replayed = not ran
-    if replayed then correct_tpm(tpm, { input_tokens = 0, output_tokens = 0 }) end
+    if served and res then res.body = served end
   else
     -- run to its end as a chat is: the provider bills it whether or not its client stays
     res, err = call_to_end(r, correcting_tpm(tpm, ai.embed))
