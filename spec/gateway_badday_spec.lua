@@ -6,10 +6,7 @@ local helpers = require "spec.helpers"
 local http = resil.http
 local json = resil.json
 
-local function fresh_gateway()
-  for _, name in ipairs({ "policies.gateway", "policies.ai", "policies.call" }) do package.loaded[name] = nil end
-  return require "policies.gateway", require "policies.ai"
-end
+local fresh_gateway = helpers.fresh_gateway
 
 -- a mock, a gateway in front of it (no keys), a fresh store; -> the gateway's url, the mock
 local function start(scenario)

@@ -17,10 +17,7 @@ end)
 
 teardown(function() redis.stop() end)
 
-local function fresh_gateway()
-  for _, name in ipairs({ "policies.gateway", "policies.ai", "policies.call" }) do package.loaded[name] = nil end
-  return require "policies.gateway", require "policies.ai"
-end
+local fresh_gateway = helpers.fresh_gateway
 
 -- a mock, a gateway in front of it (virtual keys on), a fresh Redis database
 local function start(store_query, config)

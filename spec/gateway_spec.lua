@@ -7,10 +7,7 @@ local streams = require "spec.provider_streams"
 local http = resil.http
 local json = resil.json
 
-local function fresh_gateway()
-  for _, name in ipairs({ "policies.gateway", "policies.ai", "policies.call" }) do package.loaded[name] = nil end
-  return require "policies.gateway", require "policies.ai"
-end
+local fresh_gateway = helpers.fresh_gateway
 
 -- a mock, a gateway in front of it, a fresh store; -> gw url, mock, gateway module
 local function start(scenario, config)

@@ -40,6 +40,13 @@ local function remove_made()
 end
 setmetatable(helpers, { __gc = remove_made })
 
+-- The gateway, policies.ai and policies.call loaded anew (each spec's own
+-- config and providers): -> gateway, ai
+function helpers.fresh_gateway()
+  for _, name in ipairs({ "policies.gateway", "policies.ai", "policies.call" }) do package.loaded[name] = nil end
+  return require "policies.gateway", require "policies.ai"
+end
+
 function helpers.write(path, text)
   local f = assert(io.open(path, "wb"))
   f:write(text)
