@@ -1127,6 +1127,9 @@ end
 -- key's tpm was charged were used, and they are given back)
 local function once_to_end(slot, r, once_spec, tpm, fn, keep)
   local ran = false
+  -- a copy waiting for the key's first call stops once its client has left (it held its key's
+  -- concurrency permit up to resil.once's 30 s wait)
+  once_spec.give_up = function() return r.give_up and r.give_up() end
   local joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
     ran = true
     local v, e = kept_call(correcting_tpm(tpm, fn), r)

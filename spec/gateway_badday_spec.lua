@@ -251,3 +251,32 @@ describe("gateway on a bad day: /metrics", function()
     gateway.config.metrics_key = nil
   end)
 end)
+
+describe("gateway on a bad day: a copy whose client left", function()
+  -- (before: a copy waiting for its key's first call, still upstream, held its key's concurrency
+  -- permit for resil.once's whole wait, 30 s, after its client had hung up)
+  it("gives its key's concurrency permit back once its client has left", function()
+    local url, m = start({ strict = true, faults = { { route = "chat", model = "gpt-4o", latency = 30 } } })
+    local gateway = require "policies.gateway"
+    local keys = require "resil.keys"
+    gateway.config.auth, gateway.config.queue = true, 0
+    local key = assert(keys.add({ name = "two-at-a-time", concurrency = 2 }))
+    local h = { authorization = "Bearer " .. key, ["idempotency-key"] = "slow-one" }
+    local slow = { model = "openai/gpt-4o", messages = { { role = "user", content = "slow" } } }
+    local first = resil.spawn(post, url .. "/v1/chat/completions", slow, h, 60)
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 10)) -- the first is upstream
+    -- the copy's client gives up after half a second (its SDK's timeout)
+    local copy, err = post(url .. "/v1/chat/completions", slow, h, 0.5)
+    assert.is_nil(copy)
+    assert.are.equal("timeout", err.kind)
+    -- the key's second permit is free again: another request of the key is served
+    local fast = { model = "openai/gpt-4o-mini", messages = { { role = "user", content = "fast" } } }
+    local served = helpers.wait_until(function()
+      local res = post(url .. "/v1/chat/completions", fast, { authorization = "Bearer " .. key }, 5)
+      return res and res.status == 200
+    end, 10)
+    assert.is_true(served, "the key's permits stayed held by the copy whose client left")
+    assert.are.equal(1, m.server:pending()) -- the first call still upstream, on its own permit
+    first:cancel()
+  end)
+end)

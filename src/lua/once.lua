@@ -167,6 +167,9 @@ function resil.once(spec, fn, ...)
   if o.wait ~= nil and (type(o.wait) ~= "number" or not (o.wait >= 0)) then
     error(("resil.once: wait must be a number of seconds >= 0, not %s"):format(shown(o.wait)), 2)
   end
+  if o.give_up ~= nil and type(o.give_up) ~= "function" then
+    error(("resil.once: give_up must be a function, not %s"):format(shown(o.give_up)), 2)
+  end
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   local fingerprint = o.fingerprint or fingerprint_of(...)
@@ -176,6 +179,17 @@ function resil.once(spec, fn, ...)
   local holder_id = owner.me().id
   local deadline = resil.now() + (o.wait or 30)
   local poll = 0.05
+  -- give_up() -> a reason once nobody waits for the result any more (a gateway's client that
+  -- left): a caller waiting for another's run stops, instead of holding what it holds (its
+  -- key's concurrency) for up to `wait`; it never stops a run of its own
+  local give_up = o.give_up
+  local function gave_up()
+    local why = give_up and give_up()
+    if why then
+      return resil.error("given_up", ("once %s: gave up waiting: %s"):format(key, tostring(why)),
+        { key = key, retryable = true })
+    end
+  end
   while true do
     local holder = inflight[key]
     local running = holder and running_fingerprint[holder]
@@ -184,8 +198,16 @@ function resil.once(spec, fn, ...)
         { key = key })
     end
     if holder then -- the same process: wait for it, then read what it stored
-      local left = deadline - resil.now()
-      if left <= 0 or holder:join(left) == nil then
+      local done = false
+      repeat
+        local gone = gave_up()
+        if gone then return nil, gone end
+        local left = deadline - resil.now()
+        if left <= 0 then break end
+        -- (in slices of a second while someone may give up)
+        done = holder:join(give_up and math.min(left, 1) or left) ~= nil
+      until done
+      if not done then
         return nil, resil.error("in_progress", ("once %s: still running in this process"):format(key), { key = key })
       end
     end
@@ -227,6 +249,8 @@ function resil.once(spec, fn, ...)
       if not r[1] then error(r[2], 0) end
       return unpack(r, 2, r.n)
     elseif not inflight[key] then -- in progress in another process (or a task here is about to run it)
+      local gone = gave_up()
+      if gone then return nil, gone end
       if resil.now() + poll > deadline then
         return nil, resil.error("in_progress", ("once %s: held by %s"):format(key, owner.format(held_by, data)),
           { key = key, locked_at = data, holder = owner.describe(held_by) })
