@@ -48,24 +48,32 @@ local function unanswered_lines(stderr)
   return lines
 end
 
+-- A script that warms its store up (the scripts loaded, the connection up), reserves $1, runs the
+-- shell command `trouble` on its Redis, then records three rows (ids prefix .. 1..3, $0.25 each)
+-- and settles the reservation at $0.50, none waiting, and prints the ticket's id as it ends
+local function ending_script(budget, trouble, provider, prefix)
+  return ([[
+local resil = require "resil"
+local budget = resil.budget(%q, { limit = 10 })
+local warm = assert(budget:reserve(1))
+assert(warm:settle(0.01, { provider = "warm", wait = false }))
+assert(resil.cost.record({ provider = "warm", usd = 0.01, id = "warm" }))
+local ticket = assert(budget:reserve(1))
+os.execute(%q)
+for i = 1, 3 do assert(resil.cost.record({ provider = %q, usd = 0.25, id = %q .. i, wait = false })) end
+assert(ticket:settle(0.5, { provider = %q, wait = false }))
+print(ticket.id)
+]]):format(budget, trouble, provider, prefix, provider)
+end
+
 describe("a process that ends while its Redis is frozen, rows and a settle sent and not answered", function()
   -- (before: one line said "look for their ids or tickets in the ledger" and how many there were, not which:
   -- a server lost meanwhile, a paused VM rebooted, left the operator nothing to look for)
   it("names each in one log line (its id, or its ticket); the thawed server writes each once", function()
     local url = redis.url(nil, "timeout=0.3")
     finally(function() os.execute("kill -CONT " .. redis.pid) end)
-    local r = helpers.run_script(([[
-local resil = require "resil"
-local budget = resil.budget("frozen-exit", { limit = 10 })
-local warm = assert(budget:reserve(1))
-assert(warm:settle(0.01, { provider = "warm", wait = false })) -- (the scripts loaded, the connection up)
-assert(resil.cost.record({ provider = "warm", usd = 0.01, id = "warm" }))
-local ticket = assert(budget:reserve(1))
-os.execute("kill -STOP %s")
-for i = 1, 3 do assert(resil.cost.record({ provider = "frozen", usd = 0.25, id = "exit-" .. i, wait = false })) end
-assert(ticket:settle(0.5, { provider = "frozen", wait = false }))
-print(ticket.id)
-]]):format(redis.pid), "--store '" .. url .. "'")
+    local r = helpers.run_script(ending_script("frozen-exit", "kill -STOP " .. redis.pid, "frozen", "exit-"),
+      "--store '" .. url .. "'")
     os.execute("kill -CONT " .. redis.pid)
     assert.are.equal(0, r.code, r.stderr)
     local lines = unanswered_lines(r.stderr)
@@ -101,18 +109,8 @@ describe("a process that ends as its Redis refuses writes (past its maxmemory)",
     local url = redis.url()
     local function maxmemory(v) os.execute(("redis-cli -p %d config set maxmemory %s > /dev/null"):format(redis.port, v)) end
     finally(function() maxmemory(0) end)
-    local r = helpers.run_script(([[
-local resil = require "resil"
-local budget = resil.budget("refused-exit", { limit = 10 })
-local warm = assert(budget:reserve(1))
-assert(warm:settle(0.01, { provider = "warm", wait = false })) -- (the scripts loaded, the connection up)
-assert(resil.cost.record({ provider = "warm", usd = 0.01, id = "warm" }))
-local ticket = assert(budget:reserve(1))
-os.execute("redis-cli -p %d config set maxmemory 1 > /dev/null")
-for i = 1, 3 do assert(resil.cost.record({ provider = "refused", usd = 0.25, id = "refused-" .. i, wait = false })) end
-assert(ticket:settle(0.5, { provider = "refused", wait = false }))
-print(ticket.id)
-]]):format(redis.port), "--store " .. url)
+    local r = helpers.run_script(ending_script("refused-exit",
+      ("redis-cli -p %d config set maxmemory 1 > /dev/null"):format(redis.port), "refused", "refused-"), "--store " .. url)
     maxmemory(0)
     assert.are.equal(0, r.code, r.stderr)
     local named = named_in_log(r.stderr)
