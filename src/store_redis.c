@@ -141,7 +141,17 @@ typedef struct {
   struct orphan *refused_writes;
   char refused_error[256];
   double replica_dropped; /* monotonic: drop_replica's last, at most one a second */
+  /* connections no longer the store's (drop_replica's, conn:close's, a
+   * refused SELECT's) whose replies are still to come: freed with the conn,
+   * else their events and their commands' deadlines outlived it on an
+   * embedder's base that runs on after the host's close */
+  struct let_go *let_go;
 } redis_conn;
+
+typedef struct let_go {
+  redisAsyncContext *ac;
+  struct let_go *next;
+} let_go;
 
 /* a kept command's text, its answer never read */
 typedef struct orphan {
@@ -175,6 +185,37 @@ typedef struct redis_cmd {
   struct redis_cmd *next;
   struct redis_cmd *woken_next, *woken_prev; /* on its conn's woken list */
 } redis_cmd;
+
+/* ac stops being c's connection: its replies still to come arrive, then it ends
+ * (graceful), or it ends now */
+static void let_go_of(redis_conn *c, redisAsyncContext *ac, int graceful) {
+  if (c->ac == ac) {
+    c->ac = NULL;
+    c->connected = 0;
+  }
+  /* (with no reply to wait for and outside its callbacks, hiredis frees it at once) */
+  int ends_now = ac->replies.head == NULL && !(ac->c.flags & REDIS_IN_CALLBACK);
+  let_go *l = graceful && !ends_now ? malloc(sizeof *l) : NULL;
+  if (l) {
+    l->ac = ac;
+    l->next = c->let_go;
+    c->let_go = l;
+  }
+  if (graceful && (l || ends_now)) redisAsyncDisconnect(ac);
+  else redisAsyncFree(ac); /* (or out of memory: its commands fail now, rather than outlive the conn) */
+}
+
+/* ac ended (or is freed here): no longer c's to free */
+static void forget_let_go(redis_conn *c, const redisAsyncContext *ac) {
+  for (let_go **p = &c->let_go; *p; p = &(*p)->next) {
+    if ((*p)->ac == ac) {
+      let_go *l = *p;
+      *p = l->next;
+      free(l);
+      return;
+    }
+  }
+}
 
 static void woken_unlink(redis_cmd *cmd) {
   if (cmd->woken_prev) cmd->woken_prev->woken_next = cmd->woken_next;
@@ -463,6 +504,8 @@ static void on_connect(const redisAsyncContext *ac, int status) {
     if (c->ac == ac) { /* (not one dropped before, whose successor it is now) */
       c->connected = 0;
       c->ac = NULL; /* hiredis frees it */
+    } else {
+      forget_let_go(c, ac);
     }
     mark_down(c);
     return;
@@ -482,6 +525,8 @@ static void on_disconnect(const redisAsyncContext *ac, int status) {
   if (c->ac == ac) {
     c->connected = 0;
     c->ac = NULL;
+  } else {
+    forget_let_go(c, ac);
   }
 }
 
@@ -497,9 +542,7 @@ static void drop_replica(redis_conn *c, redisAsyncContext *ac, const redisReply 
   double now = monotonic_now();
   if (c->replica_dropped > 0 && now - c->replica_dropped < REPLICA_DROP_EVERY) return;
   c->replica_dropped = now;
-  c->ac = NULL;
-  c->connected = 0;
-  redisAsyncDisconnect(ac);
+  let_go_of(c, ac, 1);
 }
 
 static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata);
@@ -553,11 +596,7 @@ static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) 
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: database %d: %s%s%s%s", c->host, c->port, c->db,
              r->str, c->auth_error[0] ? " (AUTH refused: " : "", c->auth_error, c->auth_error[0] ? ")" : "");
   send_held(c, ac, ok);
-  if (r && !ok && c->ac == ac) {
-    c->ac = NULL;
-    c->connected = 0;
-    redisAsyncDisconnect(ac);
-  }
+  if (r && !ok && c->ac == ac) let_go_of(c, ac, 1);
 }
 
 static int hold_command(redis_conn *c, redis_cmd *cmd, int len);
@@ -859,7 +898,7 @@ static void cmd_timed_out(evutil_socket_t fd, short what, void *arg) {
     c->connected = 0;
   }
   mark_down(c);
-  if (ac) redisAsyncFree(ac);
+  if (ac) forget_let_go(c, ac), redisAsyncFree(ac);
 }
 
 static void start_deadline(redis_conn *c, redis_cmd *cmd) {
@@ -906,7 +945,7 @@ static void probe_timed_out(evutil_socket_t fd, short what, void *arg) {
     c->ac = NULL;
     c->connected = 0;
   }
-  if (ac) redisAsyncFree(ac); /* the probe's on_reply, with no reply */
+  if (ac) forget_let_go(c, ac), redisAsyncFree(ac); /* the probe's on_reply, with no reply */
 }
 
 /* The probe's timer: a PING on a new connection, waiting for its answer
@@ -1225,17 +1264,12 @@ static int conn_call_now(lua_State *L) {
 
 static int conn_close(lua_State *L) {
   redis_conn *c = check_conn(L, 1);
-  if (c->ac) {
-    redisAsyncContext *ac = c->ac;
-    c->ac = NULL;
-    c->connected = 0;
-    /* A probe on it holds no reference to the conn: waiting for its reply
-     * there, it outlived a conn collected meanwhile (its deadline and reply
-     * wrote to freed memory), and no probe followed it. Freed now, it fails,
-     * and the next is made on a connection of its own. */
-    if (c->probe) redisAsyncFree(ac);
-    else redisAsyncDisconnect(ac); /* pending replies still arrive, then it is freed */
-  }
+  /* A probe on it holds no reference to the conn: waiting for its reply
+   * there, it outlived a conn collected meanwhile (its deadline and reply
+   * wrote to freed memory), and no probe followed it. Freed now, it fails,
+   * and the next is made on a connection of its own. Else its pending
+   * replies still arrive, then it is freed. */
+  if (c->ac) let_go_of(c, c->ac, !c->probe);
   return 0;
 }
 
@@ -1496,6 +1530,13 @@ static int conn_gc(lua_State *L) {
     c->ac->data = NULL;
     redisAsyncFree(c->ac); /* (kept commands still unanswered become orphans: on_reply) */
     c->ac = NULL;
+  }
+  while (c->let_go) { /* likewise: their commands fail (or become orphans) now */
+    let_go *l = c->let_go;
+    c->let_go = l->next;
+    l->ac->data = NULL;
+    redisAsyncFree(l->ac);
+    free(l);
   }
   if (c->orphans) report_orphans(c, send_orphans(c, limit - seconds_since(&t0)));
   if (c->refused_writes) report_refused(c);
