@@ -454,3 +454,23 @@ print(reply, err and err.kind, err and err.message)
     assert.matches("^nil\tstore_unavailable\t[^\n]*no reply within 1 s\n", r.stdout)
   end)
 end)
+
+describe("a connection closed (conn:close) while it was still being made", function()
+  -- (before: its connect, completed after, set the store connected, with no connection of its own)
+  it("leaves the store not connected until its next command makes one", function()
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.log.level("off")
+local c = resil.redis.connect({ port = %d, timeout = 1 })
+local answered = false
+assert(c:send(function() answered = true end, "PING"))
+c:close()
+resil.sleep(0.2)
+print(answered, c:connected())
+assert(c:call("PING"))
+print(c:connected())
+]]):format(redis.port))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\tfalse\ntrue\n", r.stdout)
+  end)
+end)

@@ -510,6 +510,7 @@ static void on_connect(const redisAsyncContext *ac, int status) {
     mark_down(c);
     return;
   }
+  if (c->ac != ac) return; /* (one let go of while it connected: not the store's) */
   c->connected = 1;
   if (!c->down) c->last_error[0] = '\0'; /* (down: why, until a probe is answered) */
 }
