@@ -158,7 +158,7 @@ print("went on")
       resil.log.level("info")
     end)
 
-    it("a process whose run was taken over stops at its next step", function()
+    it("a process whose run was taken over stops at its next step, before its fn runs (and pays)", function()
       resil.clock.virtual()
       resil.log.level("off")
       local id = "lost-run-" .. backend
@@ -170,10 +170,12 @@ print("went on")
       else
         b.conn:call("HSET", "resil:run:" .. id, "owner", other_host(now), "owner_since", tostring(now))
       end
-      local ok, err = pcall(resil.step, "two", function() return 2 end)
+      local ran = false
+      local ok, err = pcall(resil.step, "two", function() ran = true; return 2 end)
       assert.is_false(ok)
       assert.are.equal("run_held", err.kind)
       assert.matches("was taken over by pid 4242 on host otherhost", err.message)
+      assert.is_false(ran) -- (its provider call would be paid twice: the new holder makes it too)
       resil.run.finish("done")
       resil.log.level("info")
     end)

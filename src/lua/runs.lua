@@ -273,6 +273,17 @@ function resil.step(name, fn, ...)
     end
     return unpack(values, 1, values.n)
   end
+  -- fn is about to run (and pay): a process whose run was taken over meanwhile (its lease
+  -- lapsed: a loop held, a partition) stops here, not at the step's put after paying for
+  -- what the new holder runs too. (A read: on SQLite it never waits for a writer.)
+  local row, gerr = backend:run_get(r.id)
+  if row == nil and gerr ~= nil then
+    r.failed[scope] = true
+    return nil, gerr
+  end
+  if row and row.owner and row.owner ~= owner.me().id then
+    error(run_held(r.id, row.owner, tonumber(row.owner_since), true), 2)
+  end
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
   local saved_step = ctx.step
   ctx.step = name
