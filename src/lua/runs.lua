@@ -271,6 +271,9 @@ function resil.step(name, fn, ...)
       return nil, resil.error("store_unavailable", ("store: the record of run %s step %d is unreadable (%s)"):format(
         r.id, seq, why), { run = r.id, seq = seq })
     end
+    -- the places its own steps took (see below): the steps after it keep theirs
+    local nested = math.tointeger(tonumber(result:match('^{"nested":(%d+),')))
+    if nested then r.seq[scope] = math.max(r.seq[scope] or 0, seq + nested) end
     return unpack(values, 1, values.n)
   end
   -- fn is about to run (and pay): a process whose run was taken over meanwhile (its lease
@@ -312,6 +315,12 @@ function resil.step(name, fn, ...)
     return unpack(out, 2, out.n)
   end
   local text, err = encode_values(out, 2)
+  -- Steps fn ran itself (a helper that checkpoints, resil.run.now) took the places after this
+  -- one in its scope: kept with the record, so that a replay, which runs none of them, skips
+  -- them too (the next step was taken for the first nested one's record: a divergence).
+  -- (First in the object, where no value of fn's can be; readers of the record ignore it.)
+  local nested = (r.seq[scope] or seq) - seq
+  if text and nested > 0 then text = ('{"nested":%d,'):format(nested) .. text:sub(2) end
   if not text then
     -- fn ran (and may have been paid for): the step is a failure `runs show` lists
     local why = "resil.step: cannot checkpoint the results: " .. err
