@@ -280,6 +280,14 @@ end
 -- is read again at the next poll
 local LOCAL_WAIT = { circuit_open = true, bulkhead_full = true }
 
+-- A 404 for the job itself: the provider no longer knows it (expired, lost in an outage, a
+-- resumed run's job made under another account). Nothing of it runs on to be paid twice, and
+-- reading it again never answers otherwise: it is replaced as a failed job is (kept, every
+-- resume of its run failed at its step for good).
+local function lost(err)
+  return type(err) == "table" and (err.status == 404 or (err.class or err.kind) == "not_found")
+end
+
 -- Poll until the job ends or its deadline passes (then cancel it). -> state | nil, err
 local function follow(ctx, handle, deadline)
   local poll = option(ctx.conf, nil, "poll")
@@ -293,6 +301,11 @@ local function follow(ctx, handle, deadline)
       local _, cerr, ended = ctx.adapter.cancel(ctx, handle)
       -- a job that ended before the cancel took is paid for: its outcome is the answer
       if ended and (ended.status == "succeeded" or ended.status == "failed") then return ended end
+      -- (a 404 for the cancel alone may be its route gone: the job is lost if it cannot be read
+      -- either, as for a run resumed past the deadline of a job the provider has forgotten)
+      if cerr and lost(cerr) and lost(select(2, ctx.adapter.poll(ctx, handle))) then
+        return { status = "lost", error = cerr.message }
+      end
       if cerr then
         resil.log.warn("job: cancel failed", { provider = ctx.name, id = handle.id, error = tostring(cerr) })
         return { status = "deadline", uncanceled = cerr } -- it may run on: no replacement beside it
@@ -308,6 +321,8 @@ local function follow(ctx, handle, deadline)
       ctx.poll_until = nil
       if s then
         state = s
+      elseif lost(err) then
+        return { status = "lost", error = err.message }
       elseif resil.now() < deadline_at and not (type(err) == "table" and (err.retryable or LOCAL_WAIT[err.class or err.kind]))
       then
         return nil, err -- the job cannot be read (auth, not found): another would fare no better
@@ -326,6 +341,11 @@ local function job_error(ctx, state, handle, n)
     end
     return resil.error("deadline", ("%s job %s did not finish within its deadline: canceled"):format(ctx.name,
       handle.id), { provider = ctx.name, model = ctx.model, id = handle.id, attempts = n, retryable = true })
+  end
+  if state.status == "lost" then
+    return resil.error("job_lost", ("%s job %s is not known to the provider any more (%s)"):format(ctx.name,
+      handle.id, tostring(state.error)), { provider = ctx.name, model = ctx.model, id = handle.id, attempts = n,
+      retryable = true })
   end
   local why = state.error
   if type(why) == "table" then why = resil.json.encode(why) end
@@ -458,8 +478,13 @@ function jobs.job(spec)
       if ticket then ticket:release() end
       return nil, perr
     end
-    local usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, spec.input)
-    local usd = charge(ctx, spec, "job", handle.id, usage, ticket)
+    local usage, usd
+    if state.status == "lost" then -- (nothing known of what it used: no row, its hold given back)
+      if ticket then ticket:release() end
+    else
+      usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, spec.input)
+      usd = charge(ctx, spec, "job", handle.id, usage, ticket)
+    end
     if state.status == "succeeded" then
       return { provider = ctx.name, model = ctx.model, id = handle.id, status = "succeeded", output = state.output,
         cost_usd = usd, usage = usage, attempts = n, job_ids = ids, raw = state.raw }

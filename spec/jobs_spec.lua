@@ -130,6 +130,36 @@ describe("ai.job on Replicate", function()
     assert.are.equal(2, r.attempts)
   end)
 
+  it("replaces a job the provider no longer knows (404s for its status, or its cancel and status), with no row for it",
+    function()
+    local lines = capture_log(function()
+      m = resil.mock.start({ jobs = { polls = 1, errors = { prediction = { 404 } } } })
+      use(m.url)
+      local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" }, key = "lost-read" }))
+      assert.are.equal(2, r.attempts)
+      assert.are.equal(2, m:stats().routes.predictions)
+      assert.are.equal(r.job_ids[2], r.id)
+      -- called again past the deadline of a job the provider forgot meanwhile: its cancel and its
+      -- read are 404s; nothing runs on beside the new job, which is made
+      m:stop()
+      m = resil.mock.start({ jobs = { polls = 1e9 } })
+      use(m.url)
+      local t = resil.spawn(jobs.job, { model = FLUX, input = { prompt = "a cat" }, deadline = 60, key = "lost-late" })
+      resil.sleep(5)
+      t:cancel()
+      local port = m.port
+      m:stop()
+      resil.sleep(120)
+      m = assert(resil.mock.start({ jobs = { polls = 1 } }, { port = port }))
+      r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" }, deadline = 60, key = "lost-late" }))
+      assert.are.equal(2, r.attempts)
+      assert.are.equal(1, m:stats().routes.predictions)
+      local rows = resil.cost.breakdown("model")
+      assert.are.equal(2, rows[1].calls) -- each call's new job; nothing is known of the lost ones' use
+    end)
+    assert.are.same({ "lost", "lost" }, { lines[1].status, lines[2].status })
+  end)
+
   it("records the time a job canceled at its deadline ran, for a model billed per second", function()
     local pricing = require "policies.pricing_media"
     pricing.models["replicate/acme/hardware"] = { per_predict_second = 0.001 }
@@ -729,8 +759,10 @@ describe("golden requests", function()
         deadline = 2, attempts = 1 })
       assert.is_true(ok, r)
       assert.are.equal("deadline", err.kind)
-      local cancel = rec.requests[#rec.requests]
+      -- (the cancel's 404 is followed by a read: a job that can still be read is not lost)
+      local cancel = rec.requests[#rec.requests - 1]
       assert.are.equal("POST", cancel.method)
+      assert.are.equal("GET", rec.requests[#rec.requests].method)
       assert.matches("^/v1/predictions/[^/]+/cancel$", cancel.path)
     end
     -- a URL that cannot be read: the job, already paid for, is read where the API documents it
@@ -915,6 +947,28 @@ print("done", id)
     local rows = resil.cost.breakdown("model")
     assert.are.equal(1, rows[1].calls)
     assert.are.equal(0.003, rows[1].usd)
+  end)
+
+  it("a job the provider lost while the run was down (a 404 for it) is replaced by a new job, once", function()
+    m = resil.mock.start({ jobs = { polls = 1e9 } })
+    local db = helpers.tmpname(".db")
+    start(db, m.url)
+    assert(helpers.wait_until(function() return (m:stats().routes.prediction or 0) >= 2 end, 20))
+    os.execute("kill -9 " .. pid)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    local port = m.port
+    m:stop() -- the provider, back on the same address, knows nothing of the job
+    m = assert(resil.mock.start({ jobs = { polls = 0 } }, { port = port }))
+    local out = finish(start(db, m.url))
+    assert.are.equal(1, m:stats().routes.predictions, out)
+    assert.matches("done%s+mock%w+00001", out)
+    -- resumed again: the run is done, nothing made or read
+    out = finish(start(db, m.url))
+    assert.matches("done%s+mock%w+00001", out)
+    assert.are.equal(1, m:stats().routes.predictions, out)
+    resil.store_config({ url = db })
+    local rows = resil.cost.breakdown("model")
+    assert.are.equal(1, rows[1].calls) -- the new job; nothing known of the lost one's use
   end)
 
   it("a job that failed before the kill is read again and its replacement (key#2) is polled, not made again", function()
