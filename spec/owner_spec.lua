@@ -139,6 +139,25 @@ print("went on")
       assert.is_nil(runs.stdout:match("pid %d+"))
     end)
 
+    -- two containers with the host's name and boot id (host networking): each reads the other's
+    -- pids in its own pid namespace, where they are other processes or none
+    local can_unshare = os.execute("unshare -p -f --mount-proc true > /dev/null 2>&1") == true
+    local it_ns = can_unshare and it or pending
+    it_ns("a holder in another pid namespace (same host name and boot) is not taken for dead", function()
+      local url, log = store_url(), helpers.tmpname(".log")
+      local opts = ("--store %s --run spaced --log-level off"):format(url)
+      local saved = helpers.resil
+      helpers.resil = "unshare -p -f --mount-proc --kill-child=KILL " .. saved
+      local pid = helpers.start(PIPELINE, opts, log .. " 3600")
+      helpers.resil = saved
+      reap(pid)
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("ran 1") end, 10))
+      local r = helpers.run_script(PIPELINE, opts, log .. " 0")
+      assert.are.equal(1, r.code, r.stdout)
+      assert.matches("run_held: run spaced is held by pid 1 on host " .. literal(HOST), r.stderr)
+      assert.are.equal("ran 1\n", helpers.slurp(log))
+    end)
+
     it("a holder on another host: refused while its lease runs, taken over when it lapses", function()
       resil.clock.virtual()
       resil.log.level("off")

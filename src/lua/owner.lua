@@ -1,6 +1,7 @@
 -- Ownership: who holds a run, a resil.once key or a budget hold, and whether
 -- they are alive. A holder is named by its identity, "host|boot|pid|start|
--- since|nonce": the host name and boot id (one machine, one boot), the pid
+-- since|nonce": the host name and boot id (one machine, one boot, one pid
+-- namespace: pid_space), the pid
 -- and the process's start time (field 22 of /proc/<pid>/stat, so a reused
 -- pid is another process), when it first needed the name, and a nonce (two
 -- hosts embedded in one process are two owners).
@@ -36,6 +37,27 @@ local function start_of(pid)
   return fields[20] -- field 22 of the line; the name was field 2
 end
 
+-- The pid namespace pids are read in (through /proc): when its pid 1 started, and the /proc
+-- mount. Two containers with the host's name and boot id (host networking) each read the
+-- other's pids in their own namespace, where they are other processes or none: a live
+-- holder was taken for dead, its run, once key or budget hold taken over. Part of the
+-- identity's boot field: a holder in another namespace is judged by its lease.
+local function pid_space()
+  local proc = ""
+  local f = io.open("/proc/self/mountinfo")
+  if f then
+    for line in f:lines() do
+      local id, point = line:match("^(%d+) %d+ %S+ %S+ (%S+)")
+      if point == "/proc" then
+        proc = id
+        break
+      end
+    end
+    f:close()
+  end
+  return (start_of(1) or "") .. "." .. proc
+end
+
 local me
 
 -- -> this process's identity {id=, host=, boot=, pid=, start=, since=}, made on first use
@@ -43,6 +65,7 @@ function M.me()
   if me then return me end
   local host = read_line("/proc/sys/kernel/hostname") or os.getenv("HOSTNAME") or "localhost"
   local boot = (read_line("/proc/sys/kernel/random/boot_id") or ""):gsub("-", ""):sub(1, 12)
+  if boot ~= "" then boot = boot .. "." .. resil.hash(pid_space()):sub(1, 8) end
   local pid = (read_line("/proc/self/stat") or ""):match("^(%d+)") or "0"
   local start = pid ~= "0" and start_of(pid) or nil
   local since = resil.store_now()
