@@ -198,6 +198,30 @@ print("went on")
       resil.run.finish("done")
       resil.log.level("info")
     end)
+
+    it("a process whose run another took over and ended meanwhile stops at its next step too", function()
+      resil.clock.virtual()
+      resil.log.level("off")
+      local id = "ended-run-" .. backend
+      resil.store_config({ url = store_url(), run = id })
+      assert.are.equal(1, resil.step("one", function() return 1 end))
+      local b, now = resil.store().backend, resil.store_now()
+      local other = other_host(now) -- takes the run over, runs its steps and gives it up, done
+      if backend == "sqlite" then
+        b.db:tx(function(tx) tx:exec("UPDATE runs SET owner = ?, owner_since = ? WHERE id = ?", other, now, id) end)
+      else
+        b.conn:call("HSET", "resil:run:" .. id, "owner", other, "owner_since", tostring(now))
+      end
+      assert.is_true(b:run_finish_now(id, "done", now, other, {}))
+      local ran = false
+      local ok, err = pcall(resil.step, "two", function() ran = true; return 2 end)
+      assert.is_false(ok)
+      assert.are.equal("run_held", err.kind)
+      assert.matches("^run ended%-run%-%a+ was ended by another process %(done%) while this one ran it", err.message)
+      assert.is_false(ran)
+      resil.run.finish("done")
+      resil.log.level("info")
+    end)
   end)
 
   describe(("resil.once holders (%s)"):format(backend), function()

@@ -287,6 +287,10 @@ function resil.step(name, fn, ...)
   if row and row.owner and row.owner ~= owner.me().id then
     error(run_held(r.id, row.owner, tonumber(row.owner_since), true), 2)
   end
+  if row and not row.owner then -- (its new holder ended it: this process's steps would all run again)
+    error(resil.error("run_held", ("run %s was ended by another process (%s) while this one ran it; this process "
+      .. "stops"):format(r.id, tostring(row.status)), { run = r.id, traceback = false }), 2)
+  end
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
   local saved_step = ctx.step
   ctx.step = name
