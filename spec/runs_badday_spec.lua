@@ -23,6 +23,18 @@ local b = resil.step("after", function() ran("after"); return a + 1 end)
 print(a, b)
 ]]
 
+-- A step that maps over items with steps of their own, then a map of the same shape after it.
+local MAP_IN_STEP = [[
+local resil = require "resil"
+local log = assert(io.open(arg[1], "a"))
+local function render(x)
+  return resil.step("render", function() log:write("render ", x, "\n"); log:flush(); return "video-" .. x end)
+end
+local first = resil.step("batch", function() return resil.map({ "a", "b" }, render) end)
+local second = resil.map({ "c", "d" }, render)
+print(first[1], first[2], second[1], second[2])
+]]
+
 for _, b in ipairs(helpers.store_backends()) do
   describe("nested steps on " .. b.name, function()
     teardown(function() if b.stop then b.stop() end end)
@@ -54,6 +66,21 @@ for _, b in ipairs(helpers.store_backends()) do
       r = run(url, log)
       assert.are.equal(0, r.code, r.stderr)
       assert.are.equal("outer\ninner 1\nouter\ninner 2\nafter\n", helpers.slurp(log))
+    end)
+
+    it("a step that maps over steps: run again, the map after it gets its own items' results", function()
+      local url, log = b.url(), helpers.tmpname(".log")
+      local script = helpers.write(helpers.tmpname(".lua"), MAP_IN_STEP)
+      for _ = 1, 2 do
+        local r = helpers.run(("%s --store '%s' --run mapped --log-level off %s %s"):format(helpers.resil, url, script,
+          log))
+        assert.are.equal(0, r.code, r.stderr)
+        assert.are.equal("video-a\tvideo-b\tvideo-c\tvideo-d\n", r.stdout)
+      end
+      local ran = {}
+      for line in io.lines(log) do ran[#ran + 1] = line end
+      table.sort(ran)
+      assert.are.same({ "render a", "render b", "render c", "render d" }, ran)
     end)
   end)
 end

@@ -238,6 +238,37 @@ function resil.run.item_failed(scope, err)
   record_failure(r, scope, (r.seq[scope] or 0) + 1, "(item)", err, 0)
 end
 
+-- The places steps take while a step's fn runs: its own steps (a helper that checkpoints,
+-- resil.run.now) in its scope, and those of the items of a resil.map it runs, in theirs. A
+-- replay of the step runs none of them, so its record keeps the last place taken in each
+-- scope, and the replay takes them: the steps after it keep their places (the next step was
+-- taken for the first nested one's record, a divergence; a map after it was given the items
+-- of the map inside it, their results replayed as its own). Kept in the task's context, which
+-- the tasks it spawns (a map's workers) copy.
+local function took_place(scope, seq)
+  local places = resil.context().step_places
+  if places and (places[scope] or 0) < seq then places[scope] = seq end
+end
+
+-- a record's places, written first in its object, where no value of fn's can be (readers of
+-- the record ignore them)
+local function record_places(text, places)
+  if not (text and next(places)) then return text end
+  return '{"nested":' .. json.encode(places) .. "," .. text:sub(2)
+end
+local function replay_places(r, result)
+  local places = result:match('^{"nested":(%b{}),')
+  places = places and json.decode(places)
+  if type(places) ~= "table" then return end
+  for scope, seq in pairs(places) do
+    seq = math.tointeger(seq)
+    if type(scope) == "string" and seq then
+      if (r.seq[scope] or 0) < seq then r.seq[scope] = seq end
+      took_place(scope, seq)
+    end
+  end
+end
+
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
 function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
@@ -247,6 +278,7 @@ function resil.step(name, fn, ...)
   local counted = run_object()
   local seq = (counted.seq[scope] or 0) + 1
   counted.seq[scope] = seq -- this step's place, even if the store fails it now
+  took_place(scope, seq)
   local r, rerr = current_run()
   if not r then -- (the store unavailable: the run, if held, cannot end "done")
     if run and run.held and rerr ~= nil then run.failed[scope] = true end
@@ -271,9 +303,7 @@ function resil.step(name, fn, ...)
       return nil, resil.error("store_unavailable", ("store: the record of run %s step %d is unreadable (%s)"):format(
         r.id, seq, why), { run = r.id, seq = seq })
     end
-    -- the places its own steps took (see below): the steps after it keep theirs
-    local nested = math.tointeger(tonumber(result:match('^{"nested":(%d+),')))
-    if nested then r.seq[scope] = math.max(r.seq[scope] or 0, seq + nested) end
+    replay_places(r, result)
     return unpack(values, 1, values.n)
   end
   -- fn is about to run (and pay): a process whose run was taken over meanwhile (its lease
@@ -301,8 +331,11 @@ function resil.step(name, fn, ...)
   local started, notes, outer_notes = store_now(), {}, r.notes[scope]
   r.notes[scope] = notes
   r.inflight[key] = { scope = scope, seq = seq, name = name, started = started, notes = notes }
+  local places, outer_places = {}, ctx.step_places
+  ctx.step_places = places
   local out = pack(pcall(fn, ...))
-  ctx.step = saved_step
+  ctx.step, ctx.step_places = saved_step, outer_places
+  for s, n in pairs(places) do took_place(s, n) end -- (the outer step's fn ran them too)
   r.inflight[key] = nil
   r.notes[scope] = outer_notes
   local detail = next(notes) and json.encode(notes) or nil
@@ -319,12 +352,7 @@ function resil.step(name, fn, ...)
     return unpack(out, 2, out.n)
   end
   local text, err = encode_values(out, 2)
-  -- Steps fn ran itself (a helper that checkpoints, resil.run.now) took the places after this
-  -- one in its scope: kept with the record, so that a replay, which runs none of them, skips
-  -- them too (the next step was taken for the first nested one's record: a divergence).
-  -- (First in the object, where no value of fn's can be; readers of the record ignore it.)
-  local nested = (r.seq[scope] or seq) - seq
-  if text and nested > 0 then text = ('{"nested":%d,'):format(nested) .. text:sub(2) end
+  text = record_places(text, places)
   if not text then
     -- fn ran (and may have been paid for): the step is a failure `runs show` lists
     local why = "resil.step: cannot checkpoint the results: " .. err
