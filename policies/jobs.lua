@@ -212,8 +212,13 @@ local function durable_key(spec)
   if not c.step then return nil end
   -- a run started over (--fresh) makes new jobs: its generation is in the key
   local gen = resil.run.generation()
-  return ("%s%s/%s%s/%s"):format(resil.run.id(), gen > 0 and ("~" .. gen) or "", c.step_scope and (c.step_scope .. "/")
-    or "", c.step, fingerprint(spec.model, spec.input):sub(1, 16))
+  local key = ("%s%s/%s%s/%s"):format(resil.run.id(), gen > 0 and ("~" .. gen) or "", c.step_scope and
+    (c.step_scope .. "/") or "", c.step, fingerprint(spec.model, spec.input):sub(1, 16))
+  -- A step of a name met before in its scope (a loop making variations of one request) is told
+  -- apart by its place: all were one job, each step given the first one's output. The first
+  -- keeps the key versions before gave it, so that a run interrupted then still follows its job.
+  if (c.step_nth or 1) > 1 then key = ("%s@%d"):format(key, c.step_seq) end
+  return key
 end
 
 local warned = {}
@@ -441,6 +446,7 @@ local function create(ctx, akey, g)
   if not akey then return create_apart(ctx, g) end
   return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input) },
     function() return make_guarded(ctx, g) end)
+end)
 end
 
 -- jobs.job(spec) -> result | nil, err

@@ -160,6 +160,53 @@ describe("ai.job on Replicate", function()
     assert.are.same({ "lost", "lost" }, { lines[1].status, lines[2].status })
   end)
 
+  describe("inside a run", function()
+    after_each(function() resil.run.finish("done"); resil.store_config({ run = false }) end)
+    local function variations(n)
+      local ids = {}
+      for i = 1, n do
+        ids[i] = resil.step("variation", function()
+          return assert(jobs.job({ model = FLUX, input = { prompt = "a lighthouse" } })).id
+        end)
+      end
+      return ids
+    end
+
+    it("steps of one name with the same request (a loop) are a job each; a resumed run follows each its own",
+      function()
+      m = resil.mock.start({ jobs = { duration = 10 } })
+      use(m.url)
+      resil.store_config({ run = "variations" })
+      local t = resil.spawn(variations, 3)
+      for _ = 1, 100 do
+        if (m:stats().routes.predictions or 0) >= 2 then break end
+        resil.sleep(0.5)
+      end
+      resil.sleep(1)
+      t:cancel() -- (a crash while the second job runs)
+      resil.run.finish("interrupted")
+      local ids = variations(3)
+      assert.are.equal(3, m:stats().routes.predictions) -- the second job followed, not made again
+      assert.are_not.equal(ids[1], ids[2])
+      assert.are_not.equal(ids[2], ids[3])
+      assert.are_not.equal(ids[1], ids[3])
+    end)
+
+    it("the first step of a name keeps the key versions before gave it: a job made under it is followed, not made again",
+      function()
+      m = resil.mock.start({ jobs = { duration = 10 } })
+      use(m.url)
+      resil.store_config({ run = "upgraded" })
+      local legacy = "upgraded/variation/" .. jobs.fingerprint(FLUX, { prompt = "a lighthouse" }):sub(1, 16)
+      local t = resil.spawn(jobs.job, { model = FLUX, input = { prompt = "a lighthouse" }, key = legacy })
+      resil.sleep(2)
+      t:cancel()
+      local ids = variations(2)
+      assert.are.equal(2, m:stats().routes.predictions)
+      assert.are.equal("mock" .. m.instance .. "00001", ids[1])
+    end)
+  end)
+
   it("records the time a job canceled at its deadline ran, for a model billed per second", function()
     local pricing = require "policies.pricing_media"
     pricing.models["replicate/acme/hardware"] = { per_predict_second = 0.001 }

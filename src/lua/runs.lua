@@ -80,7 +80,7 @@ local function run_object()
     -- inflight: the steps running now, recorded as pending if the run ends
     -- before they do; failed: the items with a failed step recorded
     run = { id = config.run or default_run_id(), url = S.url(), seq = {}, resumed = false, held = false, inflight = {},
-            failed = {}, retries = {}, notes = {} }
+            failed = {}, retries = {}, notes = {}, names = {} }
   end
   return run
 end
@@ -279,6 +279,11 @@ function resil.step(name, fn, ...)
   local seq = (counted.seq[scope] or 0) + 1
   counted.seq[scope] = seq -- this step's place, even if the store fails it now
   took_place(scope, seq)
+  -- the how-manieth step of this name in its scope (policies/jobs.lua tells apart a loop's jobs by it)
+  local names = counted.names[scope] or {}
+  counted.names[scope] = names
+  local nth = (names[name] or 0) + 1
+  names[name] = nth
   local r, rerr = current_run()
   if not r then -- (the store unavailable: the run, if held, cannot end "done")
     if run and run.held and rerr ~= nil then run.failed[scope] = true end
@@ -322,8 +327,8 @@ function resil.step(name, fn, ...)
       .. "stops"):format(r.id, tostring(row.status)), { run = r.id, traceback = false }), 2)
   end
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
-  local saved_step = ctx.step
-  ctx.step = name
+  local saved_step, saved_seq, saved_nth = ctx.step, ctx.step_seq, ctx.step_nth
+  ctx.step, ctx.step_seq, ctx.step_nth = name, seq, nth
   -- retries made by policies/retry.lua inside the step (counted per item)
   local retries0 = r.retries[scope] or 0
   local key = scope .. "|" .. seq
@@ -334,7 +339,7 @@ function resil.step(name, fn, ...)
   local places, outer_places = {}, ctx.step_places
   ctx.step_places = places
   local out = pack(pcall(fn, ...))
-  ctx.step, ctx.step_places = saved_step, outer_places
+  ctx.step, ctx.step_seq, ctx.step_nth, ctx.step_places = saved_step, saved_seq, saved_nth, outer_places
   for s, n in pairs(places) do took_place(s, n) end -- (the outer step's fn ran them too)
   r.inflight[key] = nil
   r.notes[scope] = outer_notes
