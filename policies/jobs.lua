@@ -442,11 +442,14 @@ end
 -- job), so when its caller is gone by then it is recorded as create_apart's is (abandon_job). (A
 -- caller canceled after resil.once spawned fn's task but before it began is `gone`: its hold was
 -- given back, and a create cut then is recorded all the same.)
+-- The record is the only way back to a job already paid for: it is kept as long as a run may be
+-- resumed (with resil.once's 24 h, a run interrupted on a Friday and resumed on the Monday made
+-- its job again, the first one paid for and never in the ledger).
+local JOB_RETENTION = 365 * 86400
 local function create(ctx, akey, g)
   if not akey then return create_apart(ctx, g) end
-  return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input) },
-    function() return make_guarded(ctx, g) end)
-end)
+  return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input),
+    retention = JOB_RETENTION }, function() return make_guarded(ctx, g) end)
 end
 
 -- jobs.job(spec) -> result | nil, err

@@ -192,6 +192,25 @@ describe("ai.job on Replicate", function()
       assert.are_not.equal(ids[1], ids[3])
     end)
 
+    it("a run resumed days after it was interrupted follows the job it paid for, not a new one", function()
+      m = resil.mock.start({ jobs = { duration = 100 } })
+      use(m.url)
+      resil.store_config({ run = "weekend" })
+      local function render()
+        return resil.step("render", function()
+          return assert(jobs.job({ model = FLUX, input = { prompt = "a lighthouse" }, deadline = 7 * 86400 })).id
+        end)
+      end
+      local t = resil.spawn(render)
+      resil.sleep(10)
+      t:cancel() -- (a crash on Friday evening)
+      resil.run.finish("interrupted")
+      resil.sleep(3 * 86400)
+      assert.is_true(resil.once_reap() >= 0) -- (what the store's sweeper does meanwhile)
+      assert.are.equal("mock" .. m.instance .. "00001", render())
+      assert.are.equal(1, m:stats().routes.predictions)
+    end)
+
     it("the first step of a name keeps the key versions before gave it: a job made under it is followed, not made again",
       function()
       m = resil.mock.start({ jobs = { duration = 10 } })
