@@ -36,7 +36,7 @@ print(first[1], first[2], second[1], second[2])
 ]]
 
 for _, b in ipairs(helpers.store_backends()) do
-  describe("nested steps on " .. b.name, function()
+  describe("steps on " .. b.name, function()
     teardown(function() if b.stop then b.stop() end end)
 
     local function run(url, log, env)
@@ -81,6 +81,24 @@ for _, b in ipairs(helpers.store_backends()) do
       for line in io.lines(log) do ran[#ran + 1] = line end
       table.sort(ran)
       assert.are.same({ "render a", "render b", "render c", "render d" }, ran)
+    end)
+
+    it("a step returning more results than a replay takes is refused at its line; a replay never gets garbage",
+      function()
+      local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local t = {}
+for i = 1, 300 do t[i] = i end
+print(pcall(function() return select("#", resil.step("many", function() return table.unpack(t) end)) end))
+print(select("#", resil.step("some", function() return table.unpack(t, 1, 250) end)))
+]])
+      local url = b.url()
+      for _ = 1, 2 do
+        local r = helpers.run(("%s --store '%s' --run many --log-level off %s"):format(helpers.resil, url, script))
+        assert.are.equal(0, r.code, r.stderr)
+        assert.matches("^false\t%S+%.lua:4: resil.step: cannot checkpoint the results: more than 250 of them\n250\n$",
+          r.stdout)
+      end
     end)
   end)
 end
