@@ -84,6 +84,35 @@ end
     assert.is_nil(errs[4]:find("prelude", 1, true))
   end)
 
+  -- (before: the reload a policy asked for at load ran inside the one loading it, and took its
+  -- record of the old set; a file broken after it was left unloaded, the log said "the old version
+  -- keeps serving", and every call after raised that file's syntax error)
+  it("a policy that calls resil.reload() at load leaves a failed reload's old set serving", function()
+    local dir = policy_dir(1)
+    helpers.write(dir .. "/a_reloads.lua", "local ok, err = require('resil').reload()\n" ..
+      "return { nested = tostring(ok) .. ' ' .. tostring(err) }\n")
+    local r = run(dir, [[
+local resil = require "resil"
+local dir = arg[1]
+require "policies.a_reloads"
+require "policies.uses_greet"
+local f = io.open(dir .. "/greet.lua", "w")
+f:write("return {\n  version = 2,\n  oops oops\n}")
+f:close()
+local ok, err = resil.reload()
+print(ok, err:match("greet%.lua:%d+:") ~= nil)
+print(pcall(function() return require("policies.greet").version, require("policies.uses_greet").which() end))
+f = io.open(dir .. "/greet.lua", "w")
+f:write("return { version = 3 }")
+f:close()
+print(resil.reload())
+print(require("policies.greet").version, require("policies.a_reloads").nested)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^false\ttrue\ntrue\t1\t1\ntrue\t", r.stdout)
+    assert.matches("\n3\tfalse reload: a reload is under way", r.stdout)
+  end)
+
   it("keeps buckets, breakers and resil.keep state across a reload", function()
     local dir = policy_dir(1)
     helpers.write(dir .. "/counter.lua", [[

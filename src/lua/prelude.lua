@@ -277,6 +277,10 @@ local function load_error(err)
 end
 
 local function reload_policies()
+  -- a policy that asks for a reload as it loads: the one under way loads the new versions
+  -- already (run inside it, the nested one took its record of the old set, and a file broken
+  -- after it was left unloaded, not the old version kept)
+  if replaced then return false, "reload: a reload is under way (resil.reload called as policies load)" end
   local names = policy_names()
   replaced = {}
   local gone = {}
