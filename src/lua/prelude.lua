@@ -303,6 +303,9 @@ local function reload_policies()
     if ok and type(mod) ~= "table" then -- it would fail every call that uses it
       ok, mod = false, ("%s: %s returned %s, not a table"):format(module_file(name), name,
         mod == true and "nothing" or type(mod))
+    elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") then
+      -- no handler runs for a memory error: "not enough memory" named none of the files
+      mod = ("%s: %s"):format(module_file(name), mod)
     end
     if not ok then
       restore_policies()
