@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <dirent.h>
+#include <dlfcn.h>
 #include <event2/event.h>
 
 #include "host.h"
@@ -112,7 +113,14 @@ static reload_state *state_of(resil_t *R) {
 /* What a failed load allocated is garbage now: collected at once, not held
  * (gigabytes, for a policy that allocates without end at load, with no
  * --max-memory) until the heap doubles again, as new garbage piles on it. */
-static void collect_failed(lua_State *L) { lua_gc(L, LUA_GCCOLLECT, 0); }
+static void collect_failed(lua_State *L) {
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  /* ...and given back to the machine: mimalloc (the resil-lua binary's
+   * allocator; libresil does not link it) keeps freed pages, and a gateway
+   * held the 1.3 GB a broken save reached, each of its --workers, for good */
+  void (*mi_collect)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "mi_collect");
+  if (mi_collect) mi_collect(1);
+}
 
 /* L stack: -> true, names | false, message. A policy file that loops or
  * allocates without end at load meets --max-instructions / --max-memory, and
