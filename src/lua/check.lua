@@ -80,7 +80,7 @@ end
 local function run_capped(path, chunk, ...)
   local co, r = capped(chunk, ...)
   if not r[1] then return false, failure_at(co, path, r[2]) end
-  if coroutine.status(co) ~= "dead" then return false, "it yielded at load" end
+  if coroutine.status(co) ~= "dead" then return false, failure_at(co, path, "it yielded at load") end
   return true, table.unpack(r, 2, r.n)
 end
 
@@ -122,7 +122,13 @@ local function registry_module()
   return reg
 end
 
+-- os.exit while a file loads is that file's error: it ended check with the status the file gave
+-- (0: a CI step passed, the files after it unchecked), as it would end a host that reloads it
+local exit = os.exit
+local function exit_at_load() error("os.exit at load (a reload of this file would end the process)", 2) end
+
 return function(args)
+  os.exit = exit_at_load
   local files, seen = {}, {}
   -- --policies DIR: the policy folder, as a pipeline's or gateway's (src/main.c has
   -- also made require find it first); its files are checked when none are named
@@ -135,7 +141,7 @@ return function(args)
     elseif args[i]:sub(1, 1) == "-" then
       io.stderr:write(("resil-lua check: unknown option '%s' (usage: resil-lua check [--policies DIR] [files...])\n")
         :format(args[i]))
-      os.exit(2)
+      exit(2)
     else
       files[#files + 1] = args[i]
       i = i + 1
@@ -241,5 +247,7 @@ return function(args)
   io.stdout:write(("%d error%s, %d warning%s\n"):format(errors, errors == 1 and "" or "s", warnings,
     warnings == 1 and "" or "s"))
   io.stdout:flush()
-  if errors > 0 then os.exit(1) end
+  -- at once: a task a policy started at load (a refresher that sleeps and loops) kept check
+  -- running when its verdict was out, for good, and the state's finalizers are the policies' too
+  exit(errors > 0 and 1 or 0, false)
 end
