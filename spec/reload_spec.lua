@@ -340,6 +340,37 @@ print(wait_for(3))
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("true\ntrue\n", r.stdout)
   end)
+
+  -- (before: only the links there at start were followed; a file a deploy replaced by a link
+  -- (`ln -s ... tmp && mv tmp x.lua`) was reloaded once, and the edits of its target never)
+  it("follows a link that came after start: its target's edits reload", function()
+    local dir = policy_dir(1)
+    local real = helpers.tmpname("-real")
+    assert(os.execute("mkdir -p " .. real))
+    helpers.write(dir .. "/linked.lua", "return { v = 0 }")
+    helpers.write(real .. "/linked.lua", "return { v = 1 }")
+    local r = run(dir, ([[
+local resil = require "resil"
+local m = resil.policy "linked"
+local function wait_for(v)
+  for _ = 1, 1000 do
+    if m.v == v then return true end
+    resil.sleep(0.01)
+  end
+  return false
+end
+resil.sleep(0.05)
+assert(os.execute(%q))
+print(wait_for(1))
+local f = assert(io.open(%q, "w"))
+f:write("return { v = 2 }")
+f:close()
+print(wait_for(2))
+]]):format(("ln -s %s/linked.lua %s/tmp.lua && mv -T %s/tmp.lua %s/linked.lua"):format(real, dir, dir, dir),
+      real .. "/linked.lua"), "--watch --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\ntrue\n", r.stdout)
+  end)
 end)
 
 describe("policy reload under the host's caps", function()

@@ -224,7 +224,22 @@ static int l_set_reload_steps(lua_State *L) {
   return 0;
 }
 
-static void debounce_cb(evutil_socket_t fd, short what, void *arg) { resil_reload(arg); }
+static void watch_dir(reload_state *st, const char *dir, int depth, int watch);
+
+/* The links there now, their targets as they are: a file a deploy replaced
+ * by a link (`ln -s ... tmp && mv tmp x.lua`) since the watches were made
+ * was reloaded once, and the edits of its target never. */
+static void links_rescan(reload_state *st) {
+  st->nlinks = 0;
+  for (int i = 0; i < WATCH_ROOTS; i++)
+    if (st->roots[i][0]) watch_dir(st, st->roots[i], 2, 0);
+}
+
+static void debounce_cb(evutil_socket_t fd, short what, void *arg) {
+  resil_t *R = arg;
+  links_rescan(R->reload);
+  resil_reload(R);
+}
 
 static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
   resil_t *R = arg;
@@ -257,10 +272,11 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
   }
 }
 
-static void watch_dir(reload_state *st, const char *dir, int depth) {
+/* watch: inotify watches too (else the links only) */
+static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
   struct stat st_dir;
   if (stat(dir, &st_dir) != 0 || !S_ISDIR(st_dir.st_mode)) return;
-  inotify_add_watch(st->inotify_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE);
+  if (watch) inotify_add_watch(st->inotify_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE);
   DIR *d = opendir(dir);
   if (!d) return;
   struct dirent *e;
@@ -274,7 +290,7 @@ static void watch_dir(reload_state *st, const char *dir, int depth) {
     int is_dir = stat(sub, &sb) == 0 && S_ISDIR(sb.st_mode);
     if ((is_lua || (is_dir && depth > 0)) && lstat(sub, &sb) == 0 && S_ISLNK(sb.st_mode)) link_add(st, sub);
     if (e->d_name[0] == '.' || !is_dir || depth == 0) continue;
-    watch_dir(st, sub, depth - 1);
+    watch_dir(st, sub, depth - 1, watch);
   }
   closedir(d);
 }
@@ -331,7 +347,7 @@ int resil_watch(resil_t *R, int on) {
   snprintf(st->roots[2], PATH_MAX, "%s%s", R->share_dir ? R->share_dir : "", R->share_dir ? "/policies" : "");
   roots_moved(st);
   for (int i = 0; i < WATCH_ROOTS; i++)
-    if (st->roots[i][0]) watch_dir(st, st->roots[i], 2);
+    if (st->roots[i][0]) watch_dir(st, st->roots[i], 2, 1);
   st->inotify_ev = event_new(R->base, st->inotify_fd, EV_READ | EV_PERSIST, inotify_cb, R);
   st->debounce_ev = evtimer_new(R->base, debounce_cb, R);
   st->recheck_ev = event_new(R->base, -1, EV_PERSIST, recheck_cb, R);
