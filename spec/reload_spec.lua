@@ -245,6 +245,29 @@ print(wait_for(3))
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("true\n", r.stdout)
   end)
+
+  -- (before: `rm` reloaded, `mv` out of the folder (or to x.lua.bak) did not: the project's copy of
+  -- the registry moved away kept serving until the next edit of any other file)
+  it("reloads when a file is moved out of the folder, as when it is deleted", function()
+    local dir = policy_dir(1)
+    local attic = helpers.tmpname("-attic")
+    assert(os.execute("mkdir -p " .. attic))
+    helpers.write(dir .. "/models.lua", 'return { mine = { use = "openai/gpt-4o-mini-2024-07-18" } }')
+    local r = run(dir, ([[
+local resil = require "resil"
+local registry = resil.policy "models"
+print(registry.mine ~= nil)
+resil.sleep(0.05)
+assert(os.execute(%q))
+for _ = 1, 1000 do
+  if registry.mine == nil then break end
+  resil.sleep(0.01)
+end
+print(registry.mine ~= nil, registry["chat-fast"] ~= nil) -- the shipped registry now
+]]):format(("mv %s/models.lua %s/"):format(dir, attic)), "--watch --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\nfalse\ttrue\n", r.stdout)
+  end)
 end)
 
 describe("policy reload with --watch, when folders change", function()

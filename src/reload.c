@@ -276,7 +276,9 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
 static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
   struct stat st_dir;
   if (stat(dir, &st_dir) != 0 || !S_ISDIR(st_dir.st_mode)) return;
-  if (watch) inotify_add_watch(st->inotify_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE);
+  /* (IN_MOVED_FROM: a file moved out of the folder is gone as a deleted one is) */
+  if (watch)
+    inotify_add_watch(st->inotify_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE);
   DIR *d = opendir(dir);
   if (!d) return;
   struct dirent *e;
