@@ -95,4 +95,38 @@ print(pcall(require, "resil.report"))
     assert.matches("resil_", helpers.slurp(dir .. "/given.prom"))
     os.execute("rm -rf " .. dir)
   end)
+
+  -- (before: getmetatable("") gave the strings' own metatable, whose __index is the string
+  -- table the host's modules call too: a script that replaced string.format there had the host's
+  -- metrics writer open, truncate and move away a file outside every folder it may use)
+  it("strings' metatable is the script's own: the host's modules never run a script's string functions", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local victim = helpers.write(dir .. "/victim.txt", "precious")
+    local store = dir .. "/own.db"
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+local mt = getmetatable("")
+local format = mt.__index.format
+mt.__index.format = function(f, ...)
+  if f == "%%s.%%s.tmp" then return %q end
+  return format(f, ...)
+end
+print(("%%d-%%s"):format(1, "x"), string.format("%%d", 2))
+print(pcall(resil.metrics.write_file, %q))
+local ok, err = pcall(function() mt.__index = { format = function() return "mine" end } end)
+print(ok, err, ("%%d"):format(3))
+]]):format(victim, store))
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("precious", helpers.slurp(victim))
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.are.equal("1-x\t2", lines[1])
+    assert.matches("^true", lines[2])
+    -- (its view is read only: what the string methods are is not the script's to change)
+    assert.matches("^false\t.-strings' metatable cannot be changed in the sandbox\t3$", lines[3])
+    os.execute("rm -rf " .. dir)
+  end)
 end)

@@ -408,6 +408,19 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     for k, v in pairs(_G[lib]) do copy[k] = v end
     env[lib] = copy
   end
+  -- Strings' metatable is one per state, its __index the string table the host's modules call
+  -- too: a script that replaced string.format there ran in the host's own code (its metrics
+  -- writer opened, truncated and moved away a file outside every folder). A script sees a
+  -- view of it, its __index the script's own string table, read only.
+  local strings_mt = setmetatable({}, {
+    __index = { __index = env.string },
+    __newindex = function() error("strings' metatable cannot be changed in the sandbox", 2) end,
+    __metatable = false,
+  })
+  env.getmetatable = function(v)
+    if type(v) == "string" then return strings_mt end
+    return getmetatable(v)
+  end
   env.os = library(os, "os.", { "clock", "date", "difftime", "getenv", "time" },
     { "execute", "exit", "remove", "rename", "tmpname", "setlocale" })
   env.debug = refusing("debug.", { traceback = debug.traceback })
