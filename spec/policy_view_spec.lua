@@ -24,3 +24,33 @@ describe("resil.policy", function()
     assert.matches("main%.lua:3: error loading policy 'policies%.broken':\n%s*policies/broken%.lua:2:", r.stderr)
   end)
 end)
+
+-- (before: the view was an empty table with __index: pairs() over it gave nothing and # gave 0,
+-- silently, and a field set on it shadowed that field of every later version)
+describe("resil.policy's view", function()
+  it("iterates, counts and sets the version loaded now, across a reload", function()
+    local dir = helpers.tmpname("-policies")
+    os.execute("mkdir -p " .. dir)
+    helpers.write(dir .. "/routes.lua", 'return { "a", "b", fast = 1 }')
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local routes = resil.policy "routes"
+local function keys()
+  local out = {}
+  for k, v in pairs(routes) do out[#out + 1] = tostring(k) .. "=" .. tostring(v) end
+  table.sort(out)
+  return table.concat(out, " ")
+end
+routes.slow = 2
+print(#routes, keys(), require("policies.routes").slow)
+local f = io.open(%q, "w")
+f:write('return { "a", "b", "c", fast = 3 }')
+f:close()
+assert(resil.reload())
+print(#routes, keys(), routes.slow)
+]]):format(dir .. "/routes.lua"), "--policies " .. dir .. " --log-level off")
+    os.execute("rm -rf " .. dir)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("2\t1=a 2=b fast=1 slow=2\t2\n3\t1=a 2=b 3=c fast=3\tnil\n", r.stdout)
+  end)
+end)

@@ -347,8 +347,13 @@ function resil.policy(name)
   -- a policy not found or broken is the caller's line, not this one (it said "[resil prelude]:NNN:")
   local ok, err = pcall(require, modname)
   if not ok then error(err, 2) end
+  -- (every access goes to the version loaded now: pairs and # over the empty view gave nothing,
+  -- and a field set on it shadowed that field of every later version)
   return setmetatable({}, {
     __index = function(_, k) return require(modname)[k] end,
+    __newindex = function(_, k, v) require(modname)[k] = v end,
+    __pairs = function() return next, require(modname), nil end,
+    __len = function() return #require(modname) end,
     __call = function(_, ...) return require(modname)(...) end,
     __tostring = function() return "policy " .. name end,
   })
