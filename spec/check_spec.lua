@@ -206,6 +206,23 @@ return {
     assert.matches("\n0 errors, %d+ warnings?\n$", "\n" .. r.stdout)
   end)
 
+  -- (before: `ls policies/*.lua` listed a folder named x.lua by its files, each an error
+  -- "a.lua: no such file", and a name with a line break as two files, neither checked)
+  it("checks the folder's files by their names, whatever is in them: a folder named x.lua is one error", function()
+    os.execute("mkdir -p " .. dir .. "/policies/old.lua")
+    helpers.write(dir .. "/policies/old.lua/a.lua", "return {}\n")
+    helpers.write(dir .. "/policies/two\nlines.lua", "return {\n")
+    helpers.write(dir .. "/policies/ok.lua", "return {}\n")
+    local r = check()
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    local errors = {}
+    for l in r.stdout:gmatch("error: [^\n]*") do errors[#errors + 1] = l end
+    assert.are.equal(2, #errors, r.stdout)
+    assert.matches("^error: policies/old%.lua: cannot read", errors[1])
+    assert.matches("^error: policies/two$", errors[2])
+    assert.matches("\nlines%.lua:2: unexpected symbol near <eof>\n", r.stdout)
+  end)
+
   it("runs nothing: a registry that calls out cannot reach os or io", function()
     helpers.write(dir .. "/policies/models.lua", 'os.exit(0)\nreturn {}\n')
     local r = check()
