@@ -144,6 +144,7 @@ static int reload_on(lua_State *L) {
     return 2;
   }
   /* L stack: steps, error */
+  collect_failed(L); /* (first: the old set comes back in what the failed load had taken) */
   lua_Hook hook = lua_gethook(L);
   int mask = lua_gethookmask(L), count = lua_gethookcount(L);
   lua_sethook(L, NULL, 0, 0);
@@ -151,7 +152,6 @@ static int reload_on(lua_State *L) {
   lua_pushboolean(L, 1); /* counted as failed in resil_reloads_total: the reload's own Lua could not */
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) lua_pop(L, 1);
   lua_sethook(L, hook, mask, count);
-  collect_failed(L);
   /* the traceback would only show where the hook fired again, in the reload's own code */
   const char *err = lua_tostring(L, -1);
   if (!err) err = "(error object is not a string)";

@@ -231,11 +231,12 @@ local function count_reload(result) reloads_total:inc({ result = result }) end
 -- failed: true when C calls it, after a cap or a signal stopped the reload
 -- (its own Lua could not count the failure then)
 local function restore_policies(failed)
+  local old = replaced
+  replaced = nil -- (first: a restore cut short must not leave each later reload refused as under way)
   if failed == true then count_reload("failed") end
-  if not replaced then return end
+  if not old then return end
   for _, n in ipairs(policy_names()) do package.loaded[n] = nil end
-  for n, mod in pairs(replaced) do package.loaded[n] = mod end
-  replaced = nil
+  for n, mod in pairs(old) do package.loaded[n] = mod end
 end
 
 -- the file a module comes from, for messages
