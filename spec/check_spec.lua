@@ -183,24 +183,27 @@ return {
 
   -- (before: os.exit at load ended check with the status the file gave, 0, and nothing printed: a
   -- CI step passed without checking the files after it; a task a policy started at load kept check
-  -- running when it had printed its verdict, for good for one that loops, and a yield named no file)
-  it("a policy that exits, starts a task or yields at load: an error with file:line, the others still checked",
+  -- running when it had printed its verdict, for good for one that loops, and a yield named no file;
+  -- one that cleared check's budget with debug.sethook() and looped hung it)
+  it("a policy that exits, starts a task, yields or unhooks at load: an error with file:line, the others checked",
     function()
     helpers.write(dir .. "/policies/a_exits.lua", "local resil = require 'resil'\nos.exit(0)\nreturn {}\n")
     helpers.write(dir .. "/policies/b_ticks.lua", "local resil = require 'resil'\n" ..
       "resil.spawn(function() while true do resil.sleep(0.01) end end)\nreturn {}\n")
     helpers.write(dir .. "/policies/c_yields.lua", "local x = 1\ncoroutine.yield()\nreturn {}\n")
     helpers.write(dir .. "/policies/d_broken.lua", "return {\n  oops oops\n}\n")
+    helpers.write(dir .. "/policies/e_unhooks.lua", "local n = 0\ndebug.sethook()\nwhile true do n = n + 1 end\n")
     local r = helpers.run(("cd %s && timeout -s KILL 30 %s check"):format(dir, helpers.resil))
     assert.are.equal(1, r.code, r.stdout .. r.stderr)
     assert.matches("error: policies/a_exits%.lua:2: os%.exit at load", r.stdout)
     assert.matches("error: policies/c_yields%.lua:2: it yielded at load", r.stdout)
     assert.matches("error: policies/d_broken%.lua:2:", r.stdout)
+    assert.matches("error: policies/e_unhooks%.lua:2: debug%.sethook at load", r.stdout)
     assert.is_nil(r.stdout:find("b_ticks", 1, true))
-    assert.matches("\n3 errors, %d+ warnings?\n$", r.stdout)
+    assert.matches("\n4 errors, %d+ warnings?\n$", r.stdout)
     -- a project whose only file starts a task: its verdict, then the exit
     os.execute("rm " .. dir .. "/policies/a_exits.lua " .. dir .. "/policies/c_yields.lua " .. dir ..
-      "/policies/d_broken.lua")
+      "/policies/d_broken.lua " .. dir .. "/policies/e_unhooks.lua")
     r = helpers.run(("cd %s && timeout -s KILL 30 %s check"):format(dir, helpers.resil))
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("\n0 errors, %d+ warnings?\n$", "\n" .. r.stdout)

@@ -45,11 +45,14 @@ end
 -- a file that loops at load must not hang a pre-commit hook or a CI step:
 -- its chunk runs under an instruction budget and fails with file:line
 local BUDGET = 50000000
+-- (the files' own debug.sethook is refused while check runs: one that cleared the budget and
+-- looped hung check)
+local sethook = debug.sethook
 -- fn(...) in a coroutine of its own under the budget -> the coroutine, resume's results packed
 local function capped(fn, ...)
   local co = coroutine.create(fn)
-  debug.sethook(co, function()
-    debug.sethook(co, function() error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2) end,
+  sethook(co, function()
+    sethook(co, function() error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2) end,
       "", 1) -- keeps firing, so a pcall inside cannot swallow it
     error("ran more than " .. BUDGET .. " instructions at load (a loop?)", 2)
   end, "", BUDGET)
@@ -130,9 +133,10 @@ end
 -- (0: a CI step passed, the files after it unchecked), as it would end a host that reloads it
 local exit = os.exit
 local function exit_at_load() error("os.exit at load (a reload of this file would end the process)", 2) end
+local function sethook_at_load() error("debug.sethook at load (check runs each file under a budget)", 2) end
 
 return function(args)
-  os.exit = exit_at_load
+  os.exit, debug.sethook = exit_at_load, sethook_at_load
   local files, seen = {}, {}
   -- --policies DIR: the policy folder, as a pipeline's or gateway's (src/main.c has
   -- also made require find it first); its files are checked when none are named
