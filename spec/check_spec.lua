@@ -226,6 +226,15 @@ return {
     assert.matches("\nlines%.lua:2: unexpected symbol near <eof>\n", r.stdout)
   end)
 
+  -- (before: find, as ls before it, read it as an option: nothing checked, "0 errors")
+  it("checks a policy folder whose name starts with '-'", function()
+    os.execute("mkdir -p " .. dir .. "/-delete")
+    helpers.write(dir .. "/-delete/x.lua", "return {\n")
+    local r = check("--policies -delete")
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("error: %-delete/x%.lua:2: unexpected symbol near <eof>", r.stdout)
+  end)
+
   it("runs nothing: a registry that calls out cannot reach os or io", function()
     helpers.write(dir .. "/policies/models.lua", 'os.exit(0)\nreturn {}\n')
     local r = check()

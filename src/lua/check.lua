@@ -14,8 +14,8 @@ local load_capped = require "resil.load_capped" -- fn under a reload's memory ca
 -- dir's *.lua, as require finds them (names NUL-separated: `ls dir/*.lua` listed a folder named
 -- x.lua by its files, each "no such file", and split a name with a line break in it)
 local function list_dir(dir)
-  local p = io.popen(("find %s/ -mindepth 1 -maxdepth 1 -name '*.lua' ! -name '.*' -print0 2>/dev/null")
-    :format("'" .. dir:gsub("'", "'\\''") .. "'"))
+  local quoted = "'" .. (dir:sub(1, 1) == "-" and "./" or "") .. dir:gsub("'", "'\\''") .. "'" -- (-x: no option)
+  local p = io.popen(("find %s/ -mindepth 1 -maxdepth 1 -name '*.lua' ! -name '.*' -print0 2>/dev/null"):format(quoted))
   local out = {}
   if not p then return out end
   for name in p:read("a"):gmatch("%Z+") do out[#out + 1] = dir .. "/" .. name:match("([^/]*)$") end
