@@ -514,7 +514,15 @@ function admin.set(s, name, limit, per)
     carry = { period = period_of(per, now), since = period_start(per, now),
       from = { period_of(was, now), start and period_of(was, start - 1) or nil } }
   end
-  return s.backend:budget_set(name, to_micro(limit), per, now, carry)
+  local ok, err = s.backend:budget_set(name, to_micro(limit), per, now, carry)
+  -- a gateway key's budget: its record says it too (a key made without --budget had none, and
+  -- the gateway reserved nothing for it: the limit set went unenforced)
+  local key = ok and name:match("^key:(.+)$")
+  if key then
+    local n, kerr = require("resil.keys").set_budget(key, limit, per, s)
+    if not n then return nil, kerr end
+  end
+  return ok, err
 end
 
 return admin

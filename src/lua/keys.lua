@@ -65,8 +65,9 @@ local function parse_budget(v)
   local limit, per = tostring(v):match("^%$?([%d.]+)/(%a+)$")
   if not limit then limit = tostring(v):match("^%$?([%d.]+)$") end
   limit = tonumber(limit)
-  if not limit or limit <= 0 or (per and per ~= "day" and per ~= "month") then
-    return nil, ("--budget wants USD, USD/day or USD/month, not '%s'"):format(tostring(v))
+  -- (past 1e12, what a budget holds, the key was made and every request it sent was a 500)
+  if not limit or limit <= 0 or limit > 1e12 or (per and per ~= "day" and per ~= "month") then
+    return nil, ("--budget wants USD (up to 1e12), USD/day or USD/month, not '%s'"):format(tostring(v))
   end
   return { limit = limit, per = per }
 end
@@ -86,6 +87,16 @@ function keys.add(o)
   if type(budget) == "string" or type(budget) == "number" then
     budget, err = parse_budget(budget)
     if not budget then return nil, resil.error("bad_option", err) end
+  end
+  if budget == nil then
+    -- a limit set for the name's budget already (`budgets set key:NAME` before the key, or
+    -- for a key revoked since) is the key's: without one in its record the gateway reserved
+    -- nothing and the limit went unenforced
+    local cfg, cerr = s.backend:budget_config("key:" .. o.name)
+    if cfg == nil and cerr ~= nil then return nil, cerr end
+    if cfg and cfg.limit_micro then
+      budget = { limit = cfg.limit_micro / 1e6, per = cfg.per ~= "none" and cfg.per or nil }
+    end
   end
   local list, lerr = index(s)
   if not list then return nil, lerr end
@@ -112,6 +123,33 @@ function keys.add(o)
   ok, serr = s:set(record_key(hash), json.encode(rec))
   if not ok then return nil, serr end
   return key, rec
+end
+
+-- keys.set_budget(name, limit, per [, store]) -> how many live keys named so now carry
+-- that budget | nil, err. `budgets set key:NAME` on a key made without
+-- --budget set a limit the gateway never reserved against (it reserves only
+-- for a key whose record has a budget); the record now says it, and `keys
+-- list` shows the limit in force.
+function keys.set_budget(name, limit, per, st)
+  local s, err = st, nil
+  if not s then s, err = store() end
+  if not s then return nil, err end
+  local list, lerr = index(s)
+  if not list then return nil, lerr end
+  local n = 0
+  for _, e in ipairs(list) do
+    if e.name == name then
+      local rec, gerr = keys.lookup(e.hash)
+      if gerr then return nil, gerr end
+      if rec and not rec.revoked then
+        rec.budget = { limit = limit, per = per ~= "none" and per or nil }
+        local ok, serr = s:set(record_key(e.hash), json.encode(rec))
+        if not ok then return nil, serr end
+        n = n + 1
+      end
+    end
+  end
+  return n
 end
 
 -- keys.list() -> records (revoked ones too), oldest first
