@@ -1332,12 +1332,44 @@ function complete_admitted(req, api, id, rec, slot)
   return { status = 200, headers = headers, body = body }
 end
 
+-- A vector in the encoding its client asked for. The official SDKs ask for base64 when their
+-- caller names none, and decode whatever comes back as base64: a compatible server that
+-- ignores encoding_format (LM Studio, Infinity, TEI) answers floats, which the SDK decoded
+-- as garbage without a word (Buffer.from([0.5, ...]) is bytes). Floats are packed here as
+-- the API packs them (little-endian float32s).
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local B64_PAIRS = {}
+for i = 0, 4095 do B64_PAIRS[i] = B64:sub(i // 64 + 1, i // 64 + 1) .. B64:sub(i % 64 + 1, i % 64 + 1) end
+local function base64_floats(v)
+  local n = #v
+  for i = 1, n do if type(v[i]) ~= "number" then return v end end -- (not a vector: as it came)
+  local bytes = string.pack("<" .. ("f"):rep(n), table.unpack(v))
+  local out, len = {}, #bytes
+  for i = 1, len - 2, 3 do -- (three bytes are two pairs of six-bit letters)
+    local a, b, c = bytes:byte(i, i + 2)
+    local x = (a << 16) | (b << 8) | c
+    out[#out + 1] = B64_PAIRS[x >> 12] .. B64_PAIRS[x & 4095]
+  end
+  local rest = len % 3
+  if rest > 0 then
+    local a, b = bytes:byte(len - rest + 1, len)
+    local x = (a << 16) | ((b or 0) << 8)
+    out[#out + 1] = B64_PAIRS[x >> 12] .. (rest == 2 and B64_PAIRS[x & 4095]:sub(1, 1) .. "=" or "==")
+  end
+  return table.concat(out)
+end
+local function encoded(v, base64)
+  if base64 and type(v) == "table" then return base64_floats(v) end
+  return v
+end
+
 -- An embeddings answer as the client reads it: the vectors in C's JSON (one string kept under an
 -- Idempotency-Key: kept as a table, resil.once wrote every number in Lua, 0.27 s on the loop for
 -- 100 vectors of 1,536, and no byte cap counted them)
-local function embeddings_body(res, model)
+local function embeddings_body(res, model, format)
   local data = {}
-  for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = v } end
+  local base64 = format == "base64"
+  for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = encoded(v, base64) } end
   local n = res.usage and res.usage.input_tokens or 0
   return json.encode({ object = "list", data = data, model = model, usage = { prompt_tokens = n, total_tokens = n } })
 end
@@ -1394,7 +1426,7 @@ local function embeddings(req)
   elseif once_spec then
     local served
     res, err, replayed = once_to_end(slot, r, once_spec, tpm, ai.embed, function(v)
-      local body = embeddings_body(v, b.model)
+      local body = embeddings_body(v, b.model, r.encoding_format)
       v.embeddings = nil
       if #body > keep_max() then served, v.not_kept = body, true else v.body = body end
     end)
@@ -1420,7 +1452,7 @@ local function embeddings(req)
     headers["x-resil-replayed"] = "true"
     headers["x-resil-cost-usd"] = "0.000000"
   end
-  return { status = 200, headers = headers, body = res.body or embeddings_body(res, b.model) }
+  return { status = 200, headers = headers, body = res.body or embeddings_body(res, b.model, r.encoding_format) }
 end
 
 -- the models a key may use: the config's, the registry's aliases (by the

@@ -1,0 +1,38 @@
+-- The official TypeScript SDKs (openai, @anthropic-ai/sdk; spec/sdk) against
+-- a gateway whose upstreams answer at the edges of the wire formats
+-- (spec/sdk/wire_server.lua, spec/sdk/wire.mjs): what real servers send, and
+-- what each API's clients send across to the other. Skips, saying why, when
+-- node or the SDKs are absent.
+local helpers = require "spec.helpers"
+
+
+describe("the wire formats through the gateway, read by the official SDKs", function()
+  local why = helpers.sdk_skip_reason()
+  if why then
+    it("skipped: " .. why, function() print("# gateway_wire_spec skipped: " .. why) end)
+    return
+  end
+
+  local results, out
+  setup(function()
+    local log
+    out, log = helpers.with_server(("%s spec/sdk/wire_server.lua %s"):format(helpers.resil, helpers.tmpname(".db")),
+      "(%b{})", function(line)
+        local env = helpers.write(helpers.tmpname(".json"), line)
+        return helpers.run(("cd spec/sdk && GATEWAY=\"$(cat %s)\" node wire.mjs"):format(env))
+      end)
+    assert(out, "the gateway did not start: " .. tostring(log))
+    results = helpers.sdk_results(out.stdout)
+  end)
+
+  local CHECKS = {
+    "openai: embeddings from an upstream that ignores encoding_format reach the SDK as its vectors",
+  }
+  for _, name in ipairs(CHECKS) do
+    it(name, function()
+      local r = results[name]
+      assert(r ~= nil, "the check did not run: " .. out.stdout .. out.stderr)
+      assert(r == true, tostring(r))
+    end)
+  end
+end)

@@ -1,0 +1,23 @@
+// The official clients against a gateway whose upstreams answer at the edges
+// of the wire formats (spec/sdk/wire_server.lua, run by
+// spec/gateway_wire_spec.lua). One line per check, as spec/sdk/harness.mjs.
+import OpenAI from 'openai';
+import Anthropic from '@anthropic-ai/sdk';
+import { check, expect } from './harness.mjs';
+
+const { url, key } = JSON.parse(process.env.GATEWAY);
+const oai = () => new OpenAI({ apiKey: key, baseURL: url + '/v1', maxRetries: 0 });
+const ant = () => new Anthropic({ apiKey: key, baseURL: url, maxRetries: 0 });
+const last = async () => (await fetch(url + '/__test/last')).json();
+const near = (a, b) => a.length === b.length && a.every((x, i) => Math.abs(x - b[i]) < 1e-6);
+
+// the SDK asks for base64 when its caller names no encoding, and decodes what comes back as
+// base64: floats from a server that ignored the ask were decoded as garbage, without an error
+await check('openai: embeddings from an upstream that ignores encoding_format reach the SDK as its vectors', async () => {
+  const r = await oai().embeddings.create({ model: 'embed-compat', input: ['tides', 'moon'] });
+  expect((await last()).embeddings.encoding_format === 'base64', 'the SDK asked for base64');
+  expect(near(r.data[0].embedding, [0.5, -0.25, 0.125, 1]) && near(r.data[1].embedding, [0.5, -0.25, 0.25, 1]),
+    `vectors ${JSON.stringify(r.data.map((d) => d.embedding))}`);
+  const f = await oai().embeddings.create({ model: 'embed-compat', input: 'tides', encoding_format: 'float' });
+  expect(near(f.data[0].embedding, [0.5, -0.25, 0.125, 1]), `floats ${JSON.stringify(f.data[0].embedding)}`);
+});

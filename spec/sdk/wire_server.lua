@@ -1,0 +1,53 @@
+-- A gateway in front of upstreams that answer as real servers do at the
+-- edges of the wire formats, for spec/sdk/wire.mjs (run by
+-- spec/gateway_wire_spec.lua): prints one JSON line {url=, key=} and serves.
+-- /__test/last tells what each upstream was last sent.
+local resil = require "resil"
+local ai = require "policies.ai"
+local gateway = require "policies.gateway"
+local keys = require "resil.keys"
+local json = resil.json
+resil.log.level("off")
+resil.store_config({ url = arg[1] })
+
+local last = {}
+local function answer(t) return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode(t) } end
+local up = assert(resil.mock.start({ routes = {
+  -- a compatible embeddings server that ignores encoding_format (LM Studio, Infinity, TEI): floats always
+  ["POST /v1/embeddings"] = function(req)
+    local b = json.decode(req.body)
+    last.embeddings = b
+    local data = {}
+    for i = 1, type(b.input) == "table" and #b.input or 1 do
+      data[i] = { object = "embedding", index = i - 1, embedding = { 0.5, -0.25, 0.125 * i, 1.0 } }
+    end
+    return answer({ object = "list", data = data, model = b.model, usage = { prompt_tokens = 3, total_tokens = 3 } })
+  end,
+  ["POST /v1/chat/completions"] = function(req)
+    last.openai = json.decode(req.body)
+    return answer({ id = "chatcmpl-up", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+      choices = { { index = 0, finish_reason = "stop", logprobs = json.null,
+        message = { role = "assistant", content = "ok", refusal = json.null } } },
+      usage = { prompt_tokens = 12, completion_tokens = 1, total_tokens = 13 } })
+  end,
+  ["POST /v1/messages"] = function(req)
+    last.anthropic = json.decode(req.body)
+    return answer({ id = "msg_up", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+      content = { { type = "text", text = "ok" } }, stop_reason = "end_turn", stop_sequence = json.null,
+      stop_details = json.null, container = json.null, usage = { input_tokens = 12, output_tokens = 1 } })
+  end,
+} }))
+
+local fast = { base = 0.001, cap = 0.005 }
+ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
+gateway.configure({ auth = true, key_cache = 0, models = {
+  ["embed-compat"] = "openai/text-embedding-3-small",
+} })
+gateway.routes["GET /__test/last"] = function() return { status = 200, body = json.encode(last) } end
+
+local good = assert(keys.add({ name = "good" }))
+local s = gateway.serve({ listen = "127.0.0.1:0" })
+print(json.encode({ url = ("http://127.0.0.1:%d"):format(s:port()), key = good }))
+io.stdout:flush()
+resil.sleep(math.huge)
