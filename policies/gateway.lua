@@ -320,9 +320,12 @@ local function anthropic_answer(r, id, model)
   for _, c in ipairs(r.tool_calls or {}) do
     content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = json.decode(c.arguments or "{}") or {} }
   end
+  -- (stop_details, container and diagnostics are null, not absent, as the API writes them: the
+  -- SDK's types say so, and code that tests `stop_details !== null` for a refusal read an
+  -- answer translated from OpenAI's as one)
   return { id = "msg_" .. id, type = "message", role = "assistant", model = model, content = content,
     stop_reason = stop_reason_of(r), stop_sequence = type(r.stop_sequence) == "string" and r.stop_sequence or null,
-    usage = anthropic_usage(r.usage) }
+    stop_details = null, container = null, diagnostics = null, usage = anthropic_usage(r.usage) }
 end
 
 ---------------------------------------------------------------------------
@@ -837,7 +840,7 @@ local function anthropic_stream(s, first, id, model, headers, req)
     local _ <close> = s
     write(sse("message_start", { type = "message_start", message = { id = "msg_" .. id, type = "message",
       role = "assistant", model = model, content = setmetatable({}, json.array_mt), stop_reason = null,
-      stop_sequence = null, usage = { input_tokens = pricing.estimate_tokens(json.encode(req.messages)), output_tokens = 0 } } }))
+      stop_sequence = null, stop_details = null, container = null, diagnostics = null, usage = { input_tokens = pricing.estimate_tokens(json.encode(req.messages)), output_tokens = 0 } } }))
     write(sse("content_block_start", { type = "content_block_start", index = 0,
       content_block = { type = "text", text = "" } }))
     local delta, err = first, nil
@@ -856,7 +859,8 @@ local function anthropic_stream(s, first, id, model, headers, req)
     write(sse("content_block_stop", { type = "content_block_stop", index = 0 }), true)
     -- the usage as counted (message_start's input_tokens was an estimate): the SDK takes these totals
     write(sse("message_delta", { type = "message_delta", delta = { stop_reason = stop_reason_of(r),
-      stop_sequence = type(r.stop_sequence) == "string" and r.stop_sequence or null }, usage = anthropic_usage(r.usage) }))
+      stop_sequence = type(r.stop_sequence) == "string" and r.stop_sequence or null, stop_details = null,
+      container = null }, usage = anthropic_usage(r.usage) }))
     write(sse("message_stop", { type = "message_stop" }))
   end }
 end
@@ -940,6 +944,7 @@ local function anthropic_answer_stream(res, id, model, headers)
     local usage = m.usage
     write(sse("message_start", { type = "message_start", message = { id = m.id, type = "message", role = "assistant",
       model = model, content = setmetatable({}, json.array_mt), stop_reason = null, stop_sequence = null,
+      stop_details = null, container = null, diagnostics = null,
       usage = { input_tokens = usage.input_tokens, output_tokens = 0,
         cache_read_input_tokens = usage.cache_read_input_tokens,
         cache_creation_input_tokens = usage.cache_creation_input_tokens } } }))
@@ -957,7 +962,7 @@ local function anthropic_answer_stream(res, id, model, headers)
       write(sse("content_block_stop", { type = "content_block_stop", index = i - 1 }))
     end
     write(sse("message_delta", { type = "message_delta", delta = { stop_reason = m.stop_reason,
-      stop_sequence = m.stop_sequence }, usage = usage }), true)
+      stop_sequence = m.stop_sequence, stop_details = null, container = null }, usage = usage }), true)
     write(sse("message_stop", { type = "message_stop" }))
   end }
 end

@@ -21,3 +21,17 @@ await check('openai: embeddings from an upstream that ignores encoding_format re
   const f = await oai().embeddings.create({ model: 'embed-compat', input: 'tides', encoding_format: 'float' });
   expect(near(f.data[0].embedding, [0.5, -0.25, 0.125, 1]), `floats ${JSON.stringify(f.data[0].embedding)}`);
 });
+
+// Message.stop_details and container are `| null` in the SDK's types, never absent (the
+// stream helper copies message_delta's): code testing `stop_details !== null` for a
+// refusal read every answer translated from OpenAI's as one
+await check('anthropic: an answer translated from OpenAI has stop_details and container null, streamed or not', async () => {
+  const req = { model: 'openai/gpt-4o-mini', max_tokens: 100, messages: [{ role: 'user', content: 'hi' }] };
+  const tools = [{ name: 'get_weather', input_schema: { type: 'object', properties: { city: { type: 'string' } } } }];
+  for (const [how, m] of [['whole', await ant().messages.create(req)],
+    ['streamed', await ant().messages.stream(req).finalMessage()],
+    ['streamed with tools', await ant().messages.stream({ ...req, tools }).finalMessage()]]) {
+    expect(m.content[0].text === 'ok' && m.stop_reason === 'end_turn', `${how}: ${JSON.stringify(m)}`);
+    expect(m.stop_details === null && m.container === null, `${how}: stop_details ${m.stop_details} container ${m.container}`);
+  }
+});

@@ -10,6 +10,7 @@ local json = resil.json
 resil.log.level("off")
 resil.store_config({ url = arg[1] })
 
+local streams = require "spec.provider_streams"
 local last = {}
 local function answer(t) return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode(t) } end
 local up = assert(resil.mock.start({ routes = {
@@ -25,6 +26,9 @@ local up = assert(resil.mock.start({ routes = {
   end,
   ["POST /v1/chat/completions"] = function(req)
     last.openai = json.decode(req.body)
+    if last.openai.stream then
+      return streams.reply(streams.openai({ content = "ok", usage = { prompt_tokens = 12, completion_tokens = 1 } }))
+    end
     return answer({ id = "chatcmpl-up", object = "chat.completion", created = 1, model = "gpt-4o-mini",
       choices = { { index = 0, finish_reason = "stop", logprobs = json.null,
         message = { role = "assistant", content = "ok", refusal = json.null } } },
@@ -32,6 +36,9 @@ local up = assert(resil.mock.start({ routes = {
   end,
   ["POST /v1/messages"] = function(req)
     last.anthropic = json.decode(req.body)
+    if last.anthropic.stream then
+      return streams.reply(streams.anthropic({ content = "ok", usage = { input_tokens = 12, output_tokens = 1 } }))
+    end
     return answer({ id = "msg_up", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
       content = { { type = "text", text = "ok" } }, stop_reason = "end_turn", stop_sequence = json.null,
       stop_details = json.null, container = json.null, usage = { input_tokens = 12, output_tokens = 1 } })
