@@ -382,6 +382,8 @@ local function from_anthropic(b)
     local t = b.tool_choice.type
     req.tool_choice = t == "any" and "required" or t == "tool" and
       { type = "function", ["function"] = { name = b.tool_choice.name } } or t
+    -- (one tool call at most, as OpenAI says it: an agent loop that runs one call a turn got several)
+    if b.tool_choice.disable_parallel_tool_use == true then req.parallel_tool_calls = false end
   end
   local own
   for k, v in pairs(b) do

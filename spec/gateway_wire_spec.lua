@@ -28,6 +28,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
   local CHECKS = {
     "openai: embeddings from an upstream that ignores encoding_format reach the SDK as its vectors",
     "anthropic: an answer translated from OpenAI has stop_details and container null, streamed or not",
+    "one tool call at most: disable_parallel_tool_use and parallel_tool_calls reach the provider, either way",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

@@ -74,6 +74,13 @@ function anthropic.body(req, model, conf)
   if req.stop ~= nil then body.stop_sequences = type(req.stop) == "string" and { req.stop } or req.stop end
   body.tools = tools_of(req.tools)
   body.tool_choice = tool_choice_of(req.tool_choice)
+  -- OpenAI's parallel_tool_calls = false is a flag of Anthropic's tool_choice (none has no calls)
+  if req.parallel_tool_calls == false and body.tools then
+    local choice = {}
+    for k, v in pairs(type(body.tool_choice) == "table" and body.tool_choice or { type = "auto" }) do choice[k] = v end
+    if choice.type ~= "none" then choice.disable_parallel_tool_use = true end
+    body.tool_choice = choice
+  end
   if req.stream then body.stream = true end
   for k, v in pairs(req.extra or {}) do body[k] = v end
   return body

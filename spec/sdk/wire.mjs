@@ -35,3 +35,27 @@ await check('anthropic: an answer translated from OpenAI has stop_details and co
     expect(m.stop_details === null && m.container === null, `${how}: stop_details ${m.stop_details} container ${m.container}`);
   }
 });
+
+// "at most one tool call" is tool_choice.disable_parallel_tool_use in Anthropic's API and
+// parallel_tool_calls = false in OpenAI's: it was dropped, even on the way to Anthropic itself
+await check('one tool call at most: disable_parallel_tool_use and parallel_tool_calls reach the provider, either way', async () => {
+  const msgs = [{ role: 'user', content: 'hi' }];
+  const atools = [{ name: 'get_weather', input_schema: { type: 'object', properties: { city: { type: 'string' } } } }];
+  const otools = [{ type: 'function', function: { name: 'get_weather', parameters: atools[0].input_schema } }];
+  for (const tc of [{ type: 'auto', disable_parallel_tool_use: true }, { type: 'tool', name: 'get_weather', disable_parallel_tool_use: true }]) {
+    await ant().messages.create({ model: 'anthropic/claude-sonnet-4-5-20250929', max_tokens: 50, messages: msgs, tools: atools, tool_choice: tc });
+    const sent = (await last()).anthropic.tool_choice;
+    expect(sent?.type === tc.type && sent.disable_parallel_tool_use === true, `to Anthropic ${JSON.stringify(sent)}`);
+    await ant().messages.create({ model: 'openai/gpt-4o-mini', max_tokens: 50, messages: msgs, tools: atools, tool_choice: tc });
+    const o = (await last()).openai;
+    expect(o.parallel_tool_calls === false, `to OpenAI ${JSON.stringify(o)}`);
+  }
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: msgs, tools: otools,
+    parallel_tool_calls: false });
+  const sent = (await last()).anthropic.tool_choice;
+  expect(sent?.type === 'auto' && sent.disable_parallel_tool_use === true, `from OpenAI ${JSON.stringify(sent)}`);
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: msgs, tools: otools,
+    tool_choice: 'none', parallel_tool_calls: false });
+  const none = (await last()).anthropic.tool_choice;
+  expect(none?.type === 'none' && none.disable_parallel_tool_use === undefined, `tool_choice none ${JSON.stringify(none)}`);
+});
