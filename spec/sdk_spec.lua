@@ -41,6 +41,12 @@ describe("the official SDKs against the mock", function()
     "anthropic: a wrong key is AuthenticationError",
     "anthropic: 529 is InternalServerError (overloaded_error)",
     "anthropic: a request without max_tokens is refused as the API does (400)",
+    "openai: a json_schema response_format is answered with JSON of the schema (parse())",
+    "openai: a tool_choice that forces a call is answered with one, whole and streamed",
+    "openai: logprobs are answered, whole and streamed",
+    "openai: embeddings, a list of token ids is one input",
+    "anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed",
+    "anthropic: output_config.format json_schema is answered with JSON of the schema",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

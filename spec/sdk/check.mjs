@@ -123,4 +123,69 @@ await check('anthropic: a request without max_tokens is refused as the API does 
   await rejects(ant.messages.create({ model: 'claude-haiku-4-5', messages: msgs }), Anthropic.BadRequestError, '400');
 });
 
+// what the API answers to what a request asks of its answer's shape: the mock answered its
+// plain words to each, so an app's code for them (parse(), a tool loop, logprobs) never ran
+const weather = { type: 'object', properties: { city: { type: 'string' }, days: { type: 'integer' },
+  units: { type: 'string', enum: ['c', 'f'] }, tags: { type: 'array', items: { type: 'string' } } },
+  required: ['city', 'days', 'units', 'tags'], additionalProperties: false };
+await check('openai: a json_schema response_format is answered with JSON of the schema (parse())', async () => {
+  const r = await oai.chat.completions.parse({ model: 'gpt-4o-mini', messages: msgs,
+    response_format: { type: 'json_schema', json_schema: { name: 'weather', strict: true, schema: weather } } });
+  const p = r.choices[0].message.parsed;
+  expect(p && typeof p.city === 'string' && p.days === 0 && p.units === 'c' && Array.isArray(p.tags),
+    `parsed ${JSON.stringify(p)}`);
+  const o = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, response_format: { type: 'json_object' } });
+  expect(typeof JSON.parse(o.choices[0].message.content) === 'object', `json_object ${o.choices[0].message.content}`);
+});
+await check('openai: a tool_choice that forces a call is answered with one, whole and streamed', async () => {
+  const tools = [{ type: 'function', function: { name: 'get_weather', parameters: weather } }];
+  for (const tool_choice of ['required', { type: 'function', function: { name: 'get_weather' } }]) {
+    const r = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, tools, tool_choice });
+    const c = r.choices[0];
+    expect(c.finish_reason === 'tool_calls' && c.message.content === null, `choice ${JSON.stringify(c)}`);
+    expect(c.message.tool_calls?.[0]?.function.name === 'get_weather' &&
+      JSON.parse(c.message.tool_calls[0].function.arguments).units === 'c', `calls ${JSON.stringify(c.message.tool_calls)}`);
+    const f = (await oai.chat.completions.stream({ model: 'gpt-4o-mini', messages: msgs, tools, tool_choice })
+      .finalChatCompletion()).choices[0];
+    expect(f.finish_reason === 'tool_calls' && f.message.tool_calls?.[0]?.id === f.message.tool_calls[0].id &&
+      JSON.parse(f.message.tool_calls[0].function.arguments).units === 'c', `streamed ${JSON.stringify(f)}`);
+  }
+  const auto = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, tools });
+  expect(auto.choices[0].message.content === REPLY, 'tool_choice auto: the reply');
+});
+await check('openai: logprobs are answered, whole and streamed', async () => {
+  const r = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, logprobs: true, top_logprobs: 2 });
+  const lp = r.choices[0].logprobs?.content;
+  expect(lp?.length === 6 && lp.map((t) => t.token).join('') === REPLY && lp[0].top_logprobs.length === 2,
+    `logprobs ${JSON.stringify(r.choices[0].logprobs)}`);
+  const f = await oai.chat.completions.stream({ model: 'gpt-4o-mini', messages: msgs, logprobs: true }).finalChatCompletion();
+  expect(f.choices[0].logprobs?.content?.length === 6, `streamed ${JSON.stringify(f.choices[0].logprobs)}`);
+  const none = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs });
+  expect(none.choices[0].logprobs === null, 'not asked: null');
+});
+await check('openai: embeddings, a list of token ids is one input', async () => {
+  const r = await oai.embeddings.create({ model: 'text-embedding-3-small', input: [1, 2, 3] });
+  expect(r.data.length === 1 && r.data[0].embedding.length > 0, `data ${r.data.length}`);
+  const two = await oai.embeddings.create({ model: 'text-embedding-3-small', input: [[1, 2, 3], [4, 5]] });
+  expect(two.data.length === 2, `data ${two.data.length}`);
+});
+await check('anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed', async () => {
+  const tools = [{ name: 'get_weather', input_schema: weather }];
+  for (const tool_choice of [{ type: 'any' }, { type: 'tool', name: 'get_weather' }]) {
+    const r = await ant.messages.create({ model: 'claude-haiku-4-5', max_tokens: 100, messages: msgs, tools, tool_choice });
+    expect(r.stop_reason === 'tool_use' && r.content[0].type === 'tool_use' && r.content[0].name === 'get_weather' &&
+      r.content[0].input.units === 'c' && r.content[0].id.startsWith('toolu_'), `message ${JSON.stringify(r)}`);
+    const f = await ant.messages.stream({ model: 'claude-haiku-4-5', max_tokens: 100, messages: msgs, tools, tool_choice })
+      .finalMessage();
+    expect(f.stop_reason === 'tool_use' && f.content[0].input?.units === 'c' && Array.isArray(f.content[0].input.tags),
+      `streamed ${JSON.stringify(f)}`);
+  }
+});
+await check('anthropic: output_config.format json_schema is answered with JSON of the schema', async () => {
+  const r = await ant.messages.create({ model: 'claude-haiku-4-5', max_tokens: 100, messages: msgs,
+    output_config: { format: { type: 'json_schema', schema: weather } } });
+  const p = JSON.parse(r.content[0].text);
+  expect(typeof p.city === 'string' && p.units === 'c', `text ${r.content[0].text}`);
+});
+
 process.exit(tally.failed ? 1 : 0);

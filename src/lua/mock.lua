@@ -287,6 +287,97 @@ local function reply_words(reply, max_tokens)
   return words, #words, false
 end
 
+-- The least value a JSON schema takes, its strings the reply's text: what a model held
+-- to a schema answers (structured output, a tool call its request forces). A reply that
+-- is JSON already is the scenario's own answer, kept.
+local function instance_of(schema, text, root, depth)
+  depth = (depth or 0) + 1
+  if type(schema) ~= "table" or depth > 32 then return {} end -- (no schema: any object)
+  root = root or schema
+  if type(schema["$ref"]) == "string" then -- ("#/$defs/x": a path in the root)
+    local t = root
+    for part in schema["$ref"]:gmatch("[^/#]+") do t = type(t) == "table" and t[part] or nil end
+    return instance_of(t, text, root, depth)
+  end
+  if schema.const ~= nil then return schema.const end
+  if type(schema.enum) == "table" and schema.enum[1] ~= nil then return schema.enum[1] end
+  local alt = schema.anyOf or schema.oneOf or schema.allOf
+  if type(alt) == "table" and alt[1] ~= nil then return instance_of(alt[1], text, root, depth) end
+  local t = schema.type
+  if type(t) == "table" then -- (["string", "null"]: the first that is not null)
+    local first = "null"
+    for _, x in ipairs(t) do if x ~= "null" then first = x break end end
+    t = first
+  end
+  if t == "string" then return text end
+  if t == "integer" then return math.tointeger(schema.minimum) or 0 end
+  if t == "number" then return tonumber(schema.minimum) or 0 end
+  if t == "boolean" then return true end
+  if t == "null" then return json.null end
+  if t == "array" then
+    local n = math.tointeger(schema.minItems) or 1
+    if math.tointeger(schema.maxItems) and schema.maxItems < n then n = schema.maxItems end
+    local out = {}
+    for i = 1, n do out[i] = instance_of(schema.items, text, root, depth) end
+    return #out > 0 and out or EMPTY
+  end
+  local out = {}
+  for k, sub in pairs(type(schema.properties) == "table" and schema.properties or {}) do
+    out[k] = instance_of(sub, text, root, depth)
+  end
+  return out
+end
+
+-- the JSON a reply is under a schema (json_object: any object)
+local function json_reply(schema, reply)
+  local kept = json.decode(reply)
+  if type(kept) == "table" then return reply end
+  if schema == nil then return encode({ reply = reply }) end
+  return encode(instance_of(schema, reply))
+end
+
+-- The tool a request makes the model call: OpenAI's tool_choice "required" or
+-- a function named, Anthropic's "any" or a tool named -> name, input schema | nil
+local function forced_tool(body)
+  local choice, tools = body.tool_choice, type(body.tools) == "table" and body.tools or {}
+  local name
+  if choice == "required" or type(choice) == "table" and choice.type == "any" then
+    local t = tools[1]
+    name = type(t) == "table" and (type(t["function"]) == "table" and t["function"].name or t.name) or nil
+  elseif type(choice) == "table" and choice.type == "function" and type(choice["function"]) == "table" then
+    name = choice["function"].name
+  elseif type(choice) == "table" and choice.type == "tool" then
+    name = choice.name
+  end
+  if type(name) ~= "string" then return nil end
+  for _, t in ipairs(tools) do
+    local f = type(t) == "table" and (type(t["function"]) == "table" and t["function"] or t) or {}
+    if f.name == name then return name, f.parameters or f.input_schema end
+  end
+  return nil
+end
+
+-- a tool call's arguments in the pieces a stream sends them in
+local function pieces_of(s)
+  local out = {}
+  for i = 1, #s, 8 do out[#out + 1] = s:sub(i, i + 7) end
+  return out
+end
+
+-- logprobs of a choice's tokens (words here), and top_logprobs alternatives of each
+local function logprobs_of(words, top)
+  local content = {}
+  for i, w in ipairs(words) do
+    local alts = {}
+    for j = 1, top do
+      local tok = j == 1 and w or ("%s~%d"):format(w, j)
+      alts[j] = { token = tok, logprob = -0.01 * j, bytes = { tok:byte(1, -1) } }
+    end
+    content[i] = { token = w, logprob = -0.01, bytes = { w:byte(1, -1) }, top_logprobs = top > 0 and alts or EMPTY }
+  end
+  return { content = #content > 0 and content or EMPTY, refusal = json.null }
+end
+
 -- Go-style duration, as in OpenAI's x-ratelimit-reset-* ("6m0s", "12ms", "1s")
 local function go_duration(seconds)
   if seconds < 1 then return ("%dms"):format(math.max(1, math.floor(seconds * 1000 + 0.5))) end
@@ -427,9 +518,28 @@ function Mock:chat(req, fault)
   if fault and fault.kind == "empty" then reply = "" end
   reply = reply or ("Mock reply to: " .. last_user_text(body):sub(1, 80))
   local n = int(body.n) and int(body.n) > 0 and int(body.n) or 1
+  -- as the API answers: JSON under a response_format, a tool call when tool_choice forces one
+  local empty = fault and fault.kind == "empty"
+  local format = not empty and type(body.response_format) == "table" and body.response_format or {}
+  if format.type == "json_schema" and type(format.json_schema) == "table" then
+    reply = json_reply(format.json_schema.schema or {}, reply)
+  elseif format.type == "json_object" then
+    reply = json_reply(nil, reply)
+  end
+  local tool, schema = forced_tool(body)
+  local call -- { id, name, arguments }
+  if tool and not empty then
+    call = { id = ("call_mock%s%d"):format(self.instance, self.counts.total), name = tool,
+      arguments = encode(instance_of(schema, reply)) }
+    reply = call.arguments
+  end
   local words, completion, cut = reply_words(reply, body.max_completion_tokens or body.max_tokens)
+  if call then -- (its arguments are one piece of JSON: tokens as the text's estimate, never cut)
+    words, completion, cut = pieces_of(call.arguments), estimate_tokens(call.arguments), false
+  end
   local text = table.concat(words)
-  local finish = cut and "length" or "stop"
+  local finish = call and "tool_calls" or cut and "length" or "stop"
+  local top = body.logprobs == true and (int(body.top_logprobs) or 0) or nil
   local cached = self.scenario.cached_tokens or 0
   local usage = { prompt_tokens = estimate_tokens(prompt_text(body)) + cached, completion_tokens = completion * n }
   usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -454,10 +564,15 @@ function Mock:chat(req, fault)
       return sse(encode(c))
     end
     local chunks = {}
-    -- the API's first chunk of each choice carries the role
+    -- the API's first chunk of each choice carries the role (and a tool call's id and name)
     for i = 0, n - 1 do
-      chunks[#chunks + 1] = chunk({ { index = i, delta = { role = "assistant", content = "", refusal = json.null },
-        logprobs = json.null, finish_reason = json.null } })
+      local first = { role = "assistant", content = "", refusal = json.null }
+      if call then
+        first.content = json.null
+        first.tool_calls = { { index = 0, id = call.id, type = "function", ["function"] = { name = call.name,
+          arguments = "" } } }
+      end
+      chunks[#chunks + 1] = chunk({ { index = i, delta = first, logprobs = json.null, finish_reason = json.null } })
     end
     local cut_after = fault and fault.kind == "cut" and (fault.after or 3) or nil
     local error_after = fault and fault.kind == "error_event" and (fault.after or 0) or nil
@@ -469,9 +584,10 @@ function Mock:chat(req, fault)
       return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
     end
     for w, word in ipairs(words) do
+      local delta = call and { tool_calls = { { index = 0, ["function"] = { arguments = word } } } } or { content = word }
+      local logprobs = top and not call and logprobs_of({ word }, top) or json.null
       for i = 0, n - 1 do
-        chunks[#chunks + 1] = chunk({ { index = i, delta = { content = word }, logprobs = json.null,
-          finish_reason = json.null } })
+        chunks[#chunks + 1] = chunk({ { index = i, delta = delta, logprobs = logprobs, finish_reason = json.null } })
       end
       if w == cut_after then
         -- the transfer ends cleanly here, without a finish_reason or [DONE]: a gateway that lost its upstream
@@ -494,8 +610,14 @@ function Mock:chat(req, fault)
   end
   local choices = {}
   for i = 1, n do
-    choices[i] = { index = i - 1, message = { role = "assistant", content = text, refusal = json.null,
-      annotations = EMPTY }, logprobs = json.null, finish_reason = finish }
+    local message = { role = "assistant", content = text, refusal = json.null, annotations = EMPTY }
+    if call then
+      message.content = json.null
+      message.tool_calls = { { id = call.id, type = "function", ["function"] = { name = call.name,
+        arguments = call.arguments } } }
+    end
+    choices[i] = { index = i - 1, message = message, logprobs = top and not call and logprobs_of(words, top) or json.null,
+      finish_reason = finish }
   end
   headers["content-type"] = "application/json"
   return { status = 200, headers = headers, body = encode({
@@ -590,9 +712,26 @@ function Mock:messages(req, fault)
   if type(reply) == "function" then reply = reply(body) end
   if fault and fault.kind == "empty" then reply = "" end
   reply = reply or ("Mock reply to: " .. last_user_text(body):sub(1, 80))
+  -- as the API answers: JSON under output_config.format (the beta's output_format), a
+  -- tool_use block when tool_choice forces one
+  local empty = fault and fault.kind == "empty"
+  local format = type(body.output_config) == "table" and body.output_config.format or body.output_format
+  if not empty and type(format) == "table" and format.type == "json_schema" then
+    reply = json_reply(format.schema or {}, reply)
+  end
+  local tool, schema = forced_tool(body)
+  local use -- a tool_use block
+  if tool and not empty then
+    use = { type = "tool_use", id = ("toolu_mock%s%d"):format(self.instance, self.counts.total), name = tool,
+      input = instance_of(schema, reply) }
+  end
   local words, output, cut = reply_words(reply, body.max_tokens)
   local stop_reason, stop_sequence = cut and "max_tokens" or "end_turn", json.null
-  if type(body.stop_sequences) == "table" then
+  if use then -- (its input is one piece of JSON: tokens as the text's estimate, never cut)
+    local text = encode(use.input)
+    words, output, cut, stop_reason = pieces_of(text), estimate_tokens(text), false, "tool_use"
+  end
+  if type(body.stop_sequences) == "table" and not use then
     local text = table.concat(words)
     for _, seq in ipairs(body.stop_sequences) do
       local at = type(seq) == "string" and seq ~= "" and text:find(seq, 1, true)
@@ -621,12 +760,12 @@ function Mock:messages(req, fault)
   -- (stop_details, container and diagnostics are null, not absent: the SDK's types say so, and
   -- code that tests `message.stop_details !== null` for a refusal read an absent one as one)
   local message = { id = id, type = "message", role = "assistant", model = body.model,
-    content = { { type = "text", text = table.concat(words) } }, stop_reason = stop_reason,
+    content = { use or { type = "text", text = table.concat(words) } }, stop_reason = stop_reason,
     stop_sequence = stop_sequence, stop_details = json.null, container = json.null, diagnostics = json.null,
     usage = usage }
   if not body.stream then
     headers["content-type"] = "application/json"
-    return { status = 200, headers = headers, body = json.encode(message) }
+    return { status = 200, headers = headers, body = encode(message) }
   end
   headers["content-type"] = "text/event-stream"
   local start = { id = id, type = "message", role = "assistant", model = body.model, content = EMPTY,
@@ -636,8 +775,8 @@ function Mock:messages(req, fault)
       cache_read_input_tokens = cached, cache_creation = usage.cache_creation, service_tier = "standard" } }
   local chunks = {
     sse(encode({ type = "message_start", message = start }), "message_start"),
-    sse(json.encode({ type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
-      "content_block_start"),
+    sse(json.encode({ type = "content_block_start", index = 0, content_block = use and { type = "tool_use",
+      id = use.id, name = use.name, input = {} } or { type = "text", text = "" } }), "content_block_start"),
     sse('{"type": "ping"}', "ping"),
   }
   local cut_after = fault and fault.kind == "cut" and (fault.after or 3) or nil
@@ -651,7 +790,8 @@ function Mock:messages(req, fault)
   end
   for w, word in ipairs(words) do
     chunks[#chunks + 1] = sse(json.encode({ type = "content_block_delta", index = 0,
-      delta = { type = "text_delta", text = word } }), "content_block_delta")
+      delta = use and { type = "input_json_delta", partial_json = word } or { type = "text_delta", text = word } }),
+      "content_block_delta")
     if w == cut_after then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
     if w == error_after then
       chunks[#chunks + 1] = sse(anthropic_error(529, fault.error_type or "overloaded_error",
@@ -723,7 +863,8 @@ function Mock:embeddings(req)
     end
   end
   local input = body.input
-  if type(input) == "string" then input = { input } end
+  -- (a list of token ids is one input, as a string is: LangChain sends its texts tokenized)
+  if type(input) == "string" or type(input) == "table" and type(input[1]) == "number" then input = { input } end
   if type(input) ~= "table" or #input == 0 or type(body.model) ~= "string" then
     return { status = 400, body = openai_error(400, "'input' and 'model' are required", "invalid_request_error",
       nil, "input") }
