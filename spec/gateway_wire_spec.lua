@@ -29,6 +29,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: embeddings from an upstream that ignores encoding_format reach the SDK as its vectors",
     "anthropic: an answer translated from OpenAI has stop_details and container null, streamed or not",
     "one tool call at most: disable_parallel_tool_use and parallel_tool_calls reach the provider, either way",
+    "structured output reaches the other API: response_format json_schema <-> output_config.format",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

@@ -81,6 +81,16 @@ function anthropic.body(req, model, conf)
     if choice.type ~= "none" then choice.disable_parallel_tool_use = true end
     body.tool_choice = choice
   end
+  -- OpenAI's structured output is Anthropic's output_config.format (one an Anthropic client
+  -- gave is its own, kept): dropped, the answer was prose that the client's parse() refused
+  local rf = req.response_format
+  if type(rf) == "table" and rf.type == "json_schema" and type(rf.json_schema) == "table"
+    and type(rf.json_schema.schema) == "table" then
+    local config = {}
+    for k, v in pairs(type(body.output_config) == "table" and body.output_config or {}) do config[k] = v end
+    config.format = config.format or { type = "json_schema", schema = rf.json_schema.schema }
+    body.output_config = config
+  end
   if req.stream then body.stream = true end
   for k, v in pairs(req.extra or {}) do body[k] = v end
   return body

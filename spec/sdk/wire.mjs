@@ -59,3 +59,23 @@ await check('one tool call at most: disable_parallel_tool_use and parallel_tool_
   const none = (await last()).anthropic.tool_choice;
   expect(none?.type === 'none' && none.disable_parallel_tool_use === undefined, `tool_choice none ${JSON.stringify(none)}`);
 });
+
+// structured output is response_format json_schema in OpenAI's API and output_config.format in
+// Anthropic's: across, it was dropped, and the model's prose failed the client's parse()
+await check('structured output reaches the other API: response_format json_schema <-> output_config.format', async () => {
+  const schema = { type: 'object', properties: { city: { type: 'string' }, days: { type: 'integer' } },
+    required: ['city', 'days'], additionalProperties: false };
+  const msgs = [{ role: 'user', content: 'The forecast, as JSON' }];
+  const r = await oai().chat.completions.parse({ model: 'claude-strict', messages: msgs,
+    response_format: { type: 'json_schema', json_schema: { name: 'forecast', strict: true, schema } } });
+  const p = r.choices[0].message.parsed;
+  expect(p?.city === 'Paris' && p.days === 0, `OpenAI client, Anthropic served: parsed ${JSON.stringify(p)}`);
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: msgs,
+    response_format: { type: 'json_schema', json_schema: { name: 'forecast', schema } } });
+  const sent = (await last()).anthropic.output_config;
+  expect(sent?.format?.type === 'json_schema' && sent.format.schema.required.length === 2, `sent ${JSON.stringify(sent)}`);
+  const m = await ant().messages.create({ model: 'gpt-strict', max_tokens: 100, messages: msgs,
+    output_config: { format: { type: 'json_schema', schema } } });
+  const q = JSON.parse(m.content[0].text);
+  expect(q.city === 'Paris' && q.days === 0, `Anthropic client, OpenAI served: ${m.content[0].text}`);
+});

@@ -45,11 +45,20 @@ local up = assert(resil.mock.start({ routes = {
   end,
 } }))
 
+-- the strict mock: it answers a schema's JSON, and refuses fields its API does not take
+local strict = assert(resil.mock.start({ strict = true, reply = "Paris" }))
+
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.strictopenai = require "policies.providers.openai"
+ai.configure("strictopenai", { base_url = strict.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.strictanthropic = require "policies.providers.anthropic"
+ai.configure("strictanthropic", { base_url = strict.url, api_key = "sk-ant-test-123456", retry = fast })
 gateway.configure({ auth = true, key_cache = 0, models = {
   ["embed-compat"] = "openai/text-embedding-3-small",
+  ["gpt-strict"] = "strictopenai/gpt-4o-mini",
+  ["claude-strict"] = "strictanthropic/claude-haiku-4-5",
 } })
 gateway.routes["GET /__test/last"] = function() return { status = 200, body = json.encode(last) } end
 
