@@ -233,8 +233,37 @@ end
 -- top-level `system`; tool calls and results become content blocks (the
 -- results of one turn's parallel calls in one user message, as the API wants
 -- them); image_url and PDF file parts become image and document blocks.
+-- the system prompt as Anthropic's text blocks, when a system message's parts mark a
+-- cache breakpoint (cache_control, as LiteLLM's users send it in OpenAI's shape): joined
+-- into one string, the breakpoint was lost and the prompt never cached | nil
+local function system_blocks(req, contents)
+  local marked = false
+  for _, c in ipairs(contents) do
+    for _, p in ipairs(type(c) == "table" and c or {}) do
+      if type(p) == "table" and p.cache_control ~= nil then marked = true end
+    end
+  end
+  if not marked then return nil end
+  local blocks = {}
+  local function add(content)
+    if type(content) == "string" then
+      blocks[#blocks + 1] = { type = "text", text = content }
+      return
+    end
+    for _, p in ipairs(type(content) == "table" and content or {}) do
+      if type(p) == "table" and is_text(p.text) then
+        blocks[#blocks + 1] = { type = "text", text = p.text, cache_control = p.cache_control }
+      end
+    end
+  end
+  if req.system then add(req.system) end
+  for _, c in ipairs(contents) do add(c) end
+  return blocks
+end
+
 function messages.anthropic(req)
   local system = { req.system and text_of(req.system) or nil }
+  local system_contents -- the system messages' contents
   local out = {}
   local results -- the user message the last tool messages went into
   for _, m in ipairs(req.messages) do
@@ -243,6 +272,8 @@ function messages.anthropic(req)
     local calls = m.role == "assistant" and type(m.tool_calls) == "table" and #m.tool_calls > 0
     if m.role == "system" or m.role == "developer" then
       system[#system + 1] = text_of(m.content)
+      system_contents = system_contents or {}
+      system_contents[#system_contents + 1] = m.content
     elseif m.role == "tool" then
       local block = { type = "tool_result", tool_use_id = m.tool_call_id, content = text_of(m.content) }
       if last_results then
@@ -269,6 +300,8 @@ function messages.anthropic(req)
   end
   -- a system given as content blocks (prompt caching) is kept as blocks
   if type(req.system) == "table" and #system == 1 then return req.system, out end
+  local blocks = system_contents and system_blocks(req, system_contents)
+  if blocks then return blocks, out end
   return #system > 0 and table.concat(system, "\n\n") or nil, out
 end
 

@@ -30,6 +30,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "anthropic: an answer translated from OpenAI has stop_details and container null, streamed or not",
     "one tool call at most: disable_parallel_tool_use and parallel_tool_calls reach the provider, either way",
     "structured output reaches the other API: response_format json_schema <-> output_config.format",
+    "openai: a system message part's cache_control reaches Anthropic as a cached system block",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

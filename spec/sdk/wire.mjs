@@ -79,3 +79,20 @@ await check('structured output reaches the other API: response_format json_schem
   const q = JSON.parse(m.content[0].text);
   expect(q.city === 'Paris' && q.days === 0, `Anthropic client, OpenAI served: ${m.content[0].text}`);
 });
+
+// a cache breakpoint on a system message's part (prompt caching as LiteLLM's users write it in
+// OpenAI's shape): the system prompt was joined into one string and the breakpoint lost
+await check('openai: a system message part\'s cache_control reaches Anthropic as a cached system block', async () => {
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: [
+    { role: 'system', content: 'Be brief.' },
+    { role: 'system', content: [{ type: 'text', text: 'A long document.', cache_control: { type: 'ephemeral' } }] },
+    { role: 'user', content: 'hi' }] });
+  const system = (await last()).anthropic.system;
+  expect(Array.isArray(system) && system.length === 2 && system[0].text === 'Be brief.' && !system[0].cache_control &&
+    system[1].text === 'A long document.' && system[1].cache_control?.type === 'ephemeral', `system ${JSON.stringify(system)}`);
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: [
+    { role: 'system', content: 'Be brief.' }, { role: 'system', content: [{ type: 'text', text: 'Plain.' }] },
+    { role: 'user', content: 'hi' }] });
+  const plain = (await last()).anthropic.system;
+  expect(plain === 'Be brief.\n\nPlain.', `without a breakpoint ${JSON.stringify(plain)}`);
+});
