@@ -1457,6 +1457,7 @@ local function embeddings(req)
       "large to keep (over %d bytes): it is not served again, nor called and billed again"):format(keep_max()),
       { code = "idempotency_answer_not_kept" })
     reply.headers["x-resil-cost-usd"] = "0.000000"
+    reply.headers["x-should-retry"] = "false" -- (the SDKs retry a 409, a lock's timeout: this one is for good)
     return with_id(reply, id)
   end
   local headers = answer_headers(id, res)

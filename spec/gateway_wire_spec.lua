@@ -31,6 +31,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "one tool call at most: disable_parallel_tool_use and parallel_tool_calls reach the provider, either way",
     "structured output reaches the other API: response_format json_schema <-> output_config.format",
     "openai: a system message part's cache_control reaches Anthropic as a cached system block",
+    "openai: the 409 of an answer not kept under its Idempotency-Key is not retried by the SDK",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

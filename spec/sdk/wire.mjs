@@ -96,3 +96,19 @@ await check('openai: a system message part\'s cache_control reaches Anthropic as
   const plain = (await last()).anthropic.system;
   expect(plain === 'Be brief.\n\nPlain.', `without a breakpoint ${JSON.stringify(plain)}`);
 });
+
+// an answer too large to keep under its Idempotency-Key is served once; its retry is a 409 for
+// good, which the SDK (that retries a 409, a lock's timeout) asked twice more
+await check('openai: the 409 of an answer not kept under its Idempotency-Key is not retried by the SDK', async () => {
+  let sent = 0;
+  const counting = new OpenAI({ apiKey: key, baseURL: url + '/v1', maxRetries: 2,
+    fetch: (u, init) => { sent++; return fetch(u, init); } });
+  const opts = { headers: { 'Idempotency-Key': 'wire-large-' + Date.now() } };
+  const body = { model: 'embed-compat', input: ['tides', 'moon', 'sea'], encoding_format: 'float' };
+  await counting.embeddings.create(body, opts);
+  sent = 0;
+  let e;
+  try { await counting.embeddings.create(body, opts); } catch (err) { e = err; }
+  expect(e instanceof OpenAI.ConflictError && e.code === 'idempotency_answer_not_kept', `error ${e}`);
+  expect(sent === 1, `requests ${sent}`);
+});
