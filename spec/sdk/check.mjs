@@ -188,4 +188,15 @@ await check('anthropic: output_config.format json_schema is answered with JSON o
   expect(typeof p.city === 'string' && p.units === 'c', `text ${r.content[0].text}`);
 });
 
+await check('openai: stop ends the answer before the first stop sequence, finish_reason stop', async () => {
+  const r = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, stop: ['five', 'three'] });
+  expect(r.choices[0].message.content === 'one two ' && r.choices[0].finish_reason === 'stop' &&
+    r.usage.completion_tokens === 2, `choice ${JSON.stringify(r.choices[0])} usage ${JSON.stringify(r.usage)}`);
+  const f = await oai.chat.completions.stream({ model: 'gpt-4o-mini', messages: msgs, stop: 'four' }).finalChatCompletion();
+  expect(f.choices[0].message.content === 'one two three ', `streamed ${f.choices[0].message.content}`);
+  const a = await ant.messages.create({ model: 'claude-haiku-4-5', max_tokens: 100, messages: msgs,
+    stop_sequences: ['five', 'three'] });
+  expect(a.content[0].text === 'one two ' && a.stop_sequence === 'three', `anthropic ${JSON.stringify(a)}`);
+});
+
 process.exit(tally.failed ? 1 : 0);

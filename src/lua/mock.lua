@@ -287,6 +287,29 @@ local function reply_words(reply, max_tokens)
   return words, #words, false
 end
 
+-- The words before the first stop sequence the text holds (the APIs stop before it, and
+-- leave it out) -> words, the sequence | nil
+local function stop_at(words, stops)
+  if type(stops) == "string" then stops = { stops } end
+  if type(stops) ~= "table" then return words, nil end
+  local text = table.concat(words)
+  local at, seq
+  for _, s in ipairs(stops) do
+    local i = type(s) == "string" and s ~= "" and text:find(s, 1, true)
+    if i and (not at or i < at) then at, seq = i, s end
+  end
+  if not at then return words, nil end
+  local kept, len = {}, 0
+  for _, w in ipairs(words) do
+    if len + #w >= at then
+      if at - 1 - len > 0 then kept[#kept + 1] = w:sub(1, at - 1 - len) end
+      break
+    end
+    kept[#kept + 1], len = w, len + #w
+  end
+  return kept, seq
+end
+
 -- The least value a JSON schema takes, its strings the reply's text: what a model held
 -- to a schema answers (structured output, a tool call its request forces). A reply that
 -- is JSON already is the scenario's own answer, kept.
@@ -536,6 +559,10 @@ function Mock:chat(req, fault)
   local words, completion, cut = reply_words(reply, body.max_completion_tokens or body.max_tokens)
   if call then -- (its arguments are one piece of JSON: tokens as the text's estimate, never cut)
     words, completion, cut = pieces_of(call.arguments), estimate_tokens(call.arguments), false
+  else
+    local seq
+    words, seq = stop_at(words, body.stop)
+    if seq then completion, cut = #words, false end -- (finish_reason "stop", as at the reply's end)
   end
   local text = table.concat(words)
   local finish = call and "tool_calls" or cut and "length" or "stop"
@@ -731,24 +758,9 @@ function Mock:messages(req, fault)
     local text = encode(use.input)
     words, output, cut, stop_reason = pieces_of(text), estimate_tokens(text), false, "tool_use"
   end
-  if type(body.stop_sequences) == "table" and not use then
-    local text = table.concat(words)
-    for _, seq in ipairs(body.stop_sequences) do
-      local at = type(seq) == "string" and seq ~= "" and text:find(seq, 1, true)
-      if at then
-        local kept, len = {}, 0
-        for _, w in ipairs(words) do
-          if len + #w >= at then
-            if at - 1 - len > 0 then kept[#kept + 1] = w:sub(1, at - 1 - len) end
-            break
-          end
-          kept[#kept + 1], len = w, len + #w
-        end
-        words, output, stop_reason, stop_sequence = kept, #kept, "stop_sequence", seq
-        break
-      end
-    end
-  end
+  local seq
+  if not use then words, seq = stop_at(words, body.stop_sequences) end
+  if seq then output, stop_reason, stop_sequence = #words, "stop_sequence", seq end
   local cached = self.scenario.cached_tokens or 0
   local usage = { input_tokens = estimate_tokens(prompt_text(body)), output_tokens = output,
     cache_creation_input_tokens = 0, cache_read_input_tokens = cached,
