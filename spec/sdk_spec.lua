@@ -48,6 +48,8 @@ describe("the official SDKs against the mock", function()
     "anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed",
     "anthropic: output_config.format json_schema is answered with JSON of the schema",
     "openai: stop ends the answer before the first stop sequence, finish_reason stop",
+    "anthropic: extended thinking is answered with a thinking block and its signature, whole and streamed",
+    "anthropic: a thinking budget the API refuses is BadRequestError",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

@@ -199,4 +199,28 @@ await check('openai: stop ends the answer before the first stop sequence, finish
   expect(a.content[0].text === 'one two ' && a.stop_sequence === 'three', `anthropic ${JSON.stringify(a)}`);
 });
 
+await check('anthropic: extended thinking is answered with a thinking block and its signature, whole and streamed', async () => {
+  const req = { model: 'claude-haiku-4-5', max_tokens: 2048, messages: msgs, thinking: { type: 'enabled', budget_tokens: 1024 } };
+  const r = await ant.messages.create(req);
+  expect(r.content.length === 2 && r.content[0].type === 'thinking' && r.content[0].thinking.length > 0 &&
+    r.content[0].signature.length > 0 && r.content[1].text === REPLY, `content ${JSON.stringify(r.content)}`);
+  expect(r.usage.output_tokens > 6, `usage ${JSON.stringify(r.usage)}`);
+  const s = ant.messages.stream(req);
+  let thought = '';
+  s.on('thinking', (t) => { thought += t; });
+  const f = await s.finalMessage();
+  expect(thought === r.content[0].thinking && f.content[0].signature === r.content[0].signature &&
+    f.content[1].text === REPLY, `streamed ${JSON.stringify(f.content)}`);
+  // the next turn sends the block back, signature and all
+  const next = await ant.messages.create({ ...req, messages: [...msgs, { role: 'assistant', content: r.content },
+    { role: 'user', content: 'And?' }] });
+  expect(next.content[1].text === REPLY, `next turn ${JSON.stringify(next.content)}`);
+});
+await check('anthropic: a thinking budget the API refuses is BadRequestError', async () => {
+  for (const [max_tokens, budget_tokens] of [[2048, 512], [1024, 1024]]) {
+    await rejects(ant.messages.create({ model: 'claude-haiku-4-5', max_tokens, messages: msgs,
+      thinking: { type: 'enabled', budget_tokens } }), Anthropic.BadRequestError, `budget ${budget_tokens} of ${max_tokens}`);
+  }
+});
+
 process.exit(tally.failed ? 1 : 0);

@@ -723,6 +723,16 @@ local function anthropic_refusal(self, req, body)
   if body.system ~= nil and type(body.system) ~= "string" and type(body.system) ~= "table" then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "system: Input should be a valid list") }
   end
+  -- extended thinking: the budget the API takes, and a turn it leaves the model free in
+  local thinking = type(body.thinking) == "table" and body.thinking.type == "enabled" and body.thinking
+  if thinking then
+    local budget = int(thinking.budget_tokens)
+    local why = (not budget or budget < 1024) and "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+      or budget >= int(body.max_tokens) and "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our "
+        .. "documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size"
+      or forced_tool(body) and "Thinking may not be enabled when tool_choice forces tool use."
+    if why then return { status = 400, body = anthropic_error(400, "invalid_request_error", why) } end
+  end
   local bad = self.scenario.strict and wire.anthropic_messages(body.messages)
   if bad then return { status = 400, body = anthropic_error(400, "invalid_request_error", bad) } end
   return nil
@@ -752,7 +762,16 @@ function Mock:messages(req, fault)
     use = { type = "tool_use", id = ("toolu_mock%s%d"):format(self.instance, self.counts.total), name = tool,
       input = instance_of(schema, reply) }
   end
-  local words, output, cut = reply_words(reply, body.max_tokens)
+  -- extended thinking (enabled, or adaptive): a thinking block with its signature first, its
+  -- tokens part of the output and of max_tokens
+  local mode = type(body.thinking) == "table" and body.thinking.type
+  local think
+  if (mode == "enabled" or mode == "adaptive") and not empty then
+    local text = "The user asks: " .. last_user_text(body):sub(1, 80)
+    think = { type = "thinking", thinking = text, signature = "EqMock" .. resil.hash(text .. self.instance) }
+  end
+  local thought = think and estimate_tokens(think.thinking) or 0
+  local words, output, cut = reply_words(reply, int(body.max_tokens) and math.max(0, body.max_tokens - thought))
   local stop_reason, stop_sequence = cut and "max_tokens" or "end_turn", json.null
   if use then -- (its input is one piece of JSON: tokens as the text's estimate, never cut)
     local text = encode(use.input)
@@ -761,6 +780,7 @@ function Mock:messages(req, fault)
   local seq
   if not use then words, seq = stop_at(words, body.stop_sequences) end
   if seq then output, stop_reason, stop_sequence = #words, "stop_sequence", seq end
+  output = output + thought
   local cached = self.scenario.cached_tokens or 0
   local usage = { input_tokens = estimate_tokens(prompt_text(body)), output_tokens = output,
     cache_creation_input_tokens = 0, cache_read_input_tokens = cached,
@@ -775,6 +795,7 @@ function Mock:messages(req, fault)
     content = { use or { type = "text", text = table.concat(words) } }, stop_reason = stop_reason,
     stop_sequence = stop_sequence, stop_details = json.null, container = json.null, diagnostics = json.null,
     usage = usage }
+  if think then table.insert(message.content, 1, think) end
   if not body.stream then
     headers["content-type"] = "application/json"
     return { status = 200, headers = headers, body = encode(message) }
@@ -785,12 +806,23 @@ function Mock:messages(req, fault)
     diagnostics = json.null,
     usage = { input_tokens = usage.input_tokens, output_tokens = 1, cache_creation_input_tokens = 0,
       cache_read_input_tokens = cached, cache_creation = usage.cache_creation, service_tier = "standard" } }
-  local chunks = {
-    sse(encode({ type = "message_start", message = start }), "message_start"),
-    sse(json.encode({ type = "content_block_start", index = 0, content_block = use and { type = "tool_use",
-      id = use.id, name = use.name, input = {} } or { type = "text", text = "" } }), "content_block_start"),
-    sse('{"type": "ping"}', "ping"),
-  }
+  local chunks = { sse(encode({ type = "message_start", message = start }), "message_start") }
+  local at = 0 -- the answer's block: after the thinking block, when there is one
+  if think then
+    local half = #think.thinking // 2
+    for _, e in ipairs({
+      { type = "content_block_start", index = 0, content_block = { type = "thinking", thinking = "", signature = "" } },
+      { type = "content_block_delta", index = 0, delta = { type = "thinking_delta", thinking = think.thinking:sub(1, half) } },
+      { type = "content_block_delta", index = 0, delta = { type = "thinking_delta", thinking = think.thinking:sub(half + 1) } },
+      { type = "content_block_delta", index = 0, delta = { type = "signature_delta", signature = think.signature } },
+      { type = "content_block_stop", index = 0 } }) do
+      chunks[#chunks + 1] = sse(json.encode(e), e.type)
+    end
+    at = 1
+  end
+  chunks[#chunks + 1] = sse(json.encode({ type = "content_block_start", index = at, content_block = use and {
+    type = "tool_use", id = use.id, name = use.name, input = {} } or { type = "text", text = "" } }), "content_block_start")
+  chunks[#chunks + 1] = sse('{"type": "ping"}', "ping")
   local cut_after = fault and fault.kind == "cut" and (fault.after or 3) or nil
   local error_after = fault and fault.kind == "error_event" and (fault.after or 0) or nil
   local interval = self.scenario.stream_interval or 0.005
@@ -801,7 +833,7 @@ function Mock:messages(req, fault)
     return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
   end
   for w, word in ipairs(words) do
-    chunks[#chunks + 1] = sse(json.encode({ type = "content_block_delta", index = 0,
+    chunks[#chunks + 1] = sse(json.encode({ type = "content_block_delta", index = at,
       delta = use and { type = "input_json_delta", partial_json = word } or { type = "text_delta", text = word } }),
       "content_block_delta")
     if w == cut_after then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
@@ -811,7 +843,7 @@ function Mock:messages(req, fault)
       return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
     end
   end
-  chunks[#chunks + 1] = sse(json.encode({ type = "content_block_stop", index = 0 }), "content_block_stop")
+  chunks[#chunks + 1] = sse(json.encode({ type = "content_block_stop", index = at }), "content_block_stop")
   -- message_delta's usage is cumulative: the totals so far, not an increment
   chunks[#chunks + 1] = sse(json.encode({ type = "message_delta",
     delta = { stop_reason = stop_reason, stop_sequence = stop_sequence, stop_details = json.null,
