@@ -276,6 +276,9 @@ function messages.anthropic(req)
       system_contents[#system_contents + 1] = m.content
     elseif m.role == "tool" then
       local block = { type = "tool_result", tool_use_id = m.tool_call_id, content = text_of(m.content) }
+      for _, p in ipairs(type(m.content) == "table" and m.content or {}) do -- (a part's cache breakpoint)
+        if type(p) == "table" and p.cache_control ~= nil then block.cache_control = p.cache_control end
+      end
       if last_results then
         last_results.content[#last_results.content + 1] = block
         results = last_results

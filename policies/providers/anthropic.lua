@@ -41,7 +41,9 @@ local function tools_of(tools)
   for i, t in ipairs(tools) do
     local f = type(t) == "table" and t["function"]
     if f then
-      out[i] = { name = f.name, description = f.description, input_schema = f.parameters or { type = "object" } }
+      -- (a cache breakpoint on the tool, as LiteLLM's users mark one in OpenAI's shape, is kept)
+      out[i] = { name = f.name, description = f.description, input_schema = f.parameters or { type = "object" },
+        cache_control = t.cache_control }
     else
       out[i] = t
     end

@@ -36,6 +36,8 @@ local function tools_of(tools)
     if type(t) == "table" and t.type == nil and t.input_schema ~= nil then
       out[i] = { type = "function", ["function"] = { name = t.name, description = t.description,
         parameters = t.input_schema } }
+    elseif type(t) == "table" and t.cache_control ~= nil then -- (Anthropic's hint: OpenAI has no such field)
+      out[i] = { type = t.type, ["function"] = t["function"] }
     else
       out[i] = t
     end

@@ -112,3 +112,24 @@ await check('openai: the 409 of an answer not kept under its Idempotency-Key is 
   expect(e instanceof OpenAI.ConflictError && e.code === 'idempotency_answer_not_kept', `error ${e}`);
   expect(sent === 1, `requests ${sent}`);
 });
+
+// cache breakpoints on a tool and on a tool result's part, as LiteLLM's users mark them in
+// OpenAI's shape: Anthropic got neither (the tools, often the longest part of an agent's prompt,
+// were never cached), and OpenAI must get none
+await check('openai: cache_control on a tool and a tool result reaches Anthropic, not OpenAI', async () => {
+  const req = { messages: [{ role: 'user', content: 'q' },
+    { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function',
+      function: { name: 'get_weather', arguments: '{}' } }] },
+    { role: 'tool', tool_call_id: 'call_1', content: [{ type: 'text', text: '18C', cache_control: { type: 'ephemeral' } }] }],
+    tools: [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object' } },
+      cache_control: { type: 'ephemeral' } }] };
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', ...req });
+  const a = (await last()).anthropic;
+  expect(a.tools[0].cache_control?.type === 'ephemeral', `tools ${JSON.stringify(a.tools)}`);
+  expect(a.messages[2].content[0].type === 'tool_result' && a.messages[2].content[0].cache_control?.type === 'ephemeral',
+    `tool result ${JSON.stringify(a.messages[2])}`);
+  await oai().chat.completions.create({ model: 'openai/gpt-4o-mini', ...req });
+  const o = (await last()).openai;
+  expect(o.tools[0].cache_control === undefined && o.tools[0].function.name === 'get_weather', `to OpenAI ${JSON.stringify(o.tools)}`);
+  expect(o.messages[2].content[0].cache_control === undefined, `tool message to OpenAI ${JSON.stringify(o.messages[2])}`);
+});
