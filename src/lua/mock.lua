@@ -111,7 +111,7 @@ local function estimate_tokens(text) return math.max(1, math.ceil(#text / 4)) en
 local ANTHROPIC_ERROR_TYPES = {
   [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
   [404] = "not_found_error", [413] = "request_too_large", [429] = "rate_limit_error", [500] = "api_error",
-  [529] = "overloaded_error",
+  [504] = "timeout_error", [529] = "overloaded_error",
 }
 
 local function anthropic_error(status, etype, message)
