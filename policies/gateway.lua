@@ -283,6 +283,21 @@ local function anthropic_usage(u)
     cache_creation_input_tokens = u.cache_write_tokens or 0 }
 end
 
+local function count(v) return math.tointeger(v) or 0 end
+
+-- the usage of an answer translated for an Anthropic client, with the fields the SDK's Usage
+-- types as never absent (code that reads usage.cache_creation's breakdown met undefined)
+local function translated_usage(u)
+  local usage = anthropic_usage(u)
+  local hour = count(u and u.cache_write_1h_tokens)
+  usage.cache_creation = { ephemeral_5m_input_tokens = usage.cache_creation_input_tokens - hour,
+    ephemeral_1h_input_tokens = hour }
+  local searches = count(u and u.web_search_requests)
+  usage.server_tool_use = searches > 0 and { web_search_requests = searches } or null
+  usage.service_tier = null
+  return usage
+end
+
 local function openai_tool_calls(calls)
   if not calls then return nil end
   local out = {}
@@ -297,7 +312,6 @@ end
 local OPENAI_ANSWER = '{"id":"chatcmpl-%s","object":"chat.completion","created":%d,"model":%s,'
   .. '"system_fingerprint":null,"choices":[{"index":0,"message":{"role":"assistant","content":%s,"refusal":%s%s},'
   .. '"logprobs":null,"finish_reason":%s}],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d%s}}'
-local function count(v) return math.tointeger(v) or 0 end
 
 local function openai_answer_json(r, id, model, created)
   local u = r.usage or {}
@@ -325,7 +339,7 @@ local function anthropic_answer(r, id, model)
   -- answer translated from OpenAI's as one)
   return { id = "msg_" .. id, type = "message", role = "assistant", model = model, content = content,
     stop_reason = stop_reason_of(r), stop_sequence = type(r.stop_sequence) == "string" and r.stop_sequence or null,
-    stop_details = null, container = null, diagnostics = null, usage = anthropic_usage(r.usage) }
+    stop_details = null, container = null, diagnostics = null, usage = translated_usage(r.usage) }
 end
 
 ---------------------------------------------------------------------------
@@ -847,7 +861,12 @@ local function anthropic_stream(s, first, id, model, headers, req)
     local _ <close> = s
     write(sse("message_start", { type = "message_start", message = { id = "msg_" .. id, type = "message",
       role = "assistant", model = model, content = setmetatable({}, json.array_mt), stop_reason = null,
-      stop_sequence = null, stop_details = null, container = null, diagnostics = null, usage = { input_tokens = pricing.estimate_tokens(json.encode(req.messages)), output_tokens = 0 } } }))
+      stop_sequence = null, stop_details = null, container = null, diagnostics = null, usage = {
+        input_tokens = pricing.estimate_tokens(json.encode(req.messages)), output_tokens = 0,
+        -- (another API's provider: no cache writes; its reads, and the counts, come with message_delta)
+        cache_creation_input_tokens = 0, cache_read_input_tokens = 0,
+        cache_creation = { ephemeral_5m_input_tokens = 0, ephemeral_1h_input_tokens = 0 },
+        server_tool_use = null, service_tier = null } } }))
     write(sse("content_block_start", { type = "content_block_start", index = 0,
       content_block = { type = "text", text = "" } }))
     local delta, err = first, nil
@@ -867,7 +886,7 @@ local function anthropic_stream(s, first, id, model, headers, req)
     -- the usage as counted (message_start's input_tokens was an estimate): the SDK takes these totals
     write(sse("message_delta", { type = "message_delta", delta = { stop_reason = stop_reason_of(r),
       stop_sequence = type(r.stop_sequence) == "string" and r.stop_sequence or null, stop_details = null,
-      container = null }, usage = anthropic_usage(r.usage) }))
+      container = null }, usage = translated_usage(r.usage) }))
     write(sse("message_stop", { type = "message_stop" }))
   end }
 end
@@ -954,7 +973,8 @@ local function anthropic_answer_stream(res, id, model, headers)
       stop_details = null, container = null, diagnostics = null,
       usage = { input_tokens = usage.input_tokens, output_tokens = 0,
         cache_read_input_tokens = usage.cache_read_input_tokens,
-        cache_creation_input_tokens = usage.cache_creation_input_tokens } } }))
+        cache_creation_input_tokens = usage.cache_creation_input_tokens, cache_creation = usage.cache_creation,
+        server_tool_use = usage.server_tool_use, service_tier = null } } }))
     for i, block in ipairs(m.content) do
       local start, delta
       if block.type == "tool_use" then

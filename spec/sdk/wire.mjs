@@ -133,3 +133,19 @@ await check('openai: cache_control on a tool and a tool result reaches Anthropic
   expect(o.tools[0].cache_control === undefined && o.tools[0].function.name === 'get_weather', `to OpenAI ${JSON.stringify(o.tools)}`);
   expect(o.messages[2].content[0].cache_control === undefined, `tool message to OpenAI ${JSON.stringify(o.messages[2])}`);
 });
+
+// Usage's cache_creation, server_tool_use and service_tier are never absent in the SDK's types:
+// code reading the cache writes' breakdown met undefined in an answer translated from OpenAI's
+await check('anthropic: an answer translated from OpenAI has the usage fields the SDK types, streamed or not', async () => {
+  const req = { model: 'openai/gpt-4o-mini', max_tokens: 100, messages: [{ role: 'user', content: 'hi' }] };
+  const tools = [{ name: 'get_weather', input_schema: { type: 'object', properties: { city: { type: 'string' } } } }];
+  for (const [how, m] of [['whole', await ant().messages.create(req)],
+    ['streamed', await ant().messages.stream(req).finalMessage()],
+    ['streamed with tools', await ant().messages.stream({ ...req, tools }).finalMessage()]]) {
+    const u = m.usage;
+    expect(u.input_tokens === 12 && u.output_tokens === 1 && u.cache_read_input_tokens === 0 &&
+      u.cache_creation_input_tokens === 0 && u.cache_creation?.ephemeral_5m_input_tokens === 0 &&
+      u.cache_creation.ephemeral_1h_input_tokens === 0 && u.server_tool_use === null && u.service_tier === null,
+    `${how}: usage ${JSON.stringify(u)}`);
+  }
+});
