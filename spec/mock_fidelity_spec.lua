@@ -91,6 +91,27 @@ describe("the mock's errors in each API's shape", function()
   end)
 end)
 
+describe("the mock's answers under a schema", function()
+  it("are the schema's required properties, a recursive schema's bounded", function()
+    local m = assert(resil.mock.start({ strict = true, reply = "Ada" }))
+    local node = { type = "object", properties = { name = { type = "string" }, note = { type = "string" },
+      left = { ["$ref"] = "#" }, right = { ["$ref"] = "#" } } }
+    local function ask(schema)
+      local res = openai(m, { model = "gpt-4o-mini", messages = MSGS,
+        response_format = { type = "json_schema", json_schema = { name = "s", schema = schema } } })
+      assert.are.equal(200, res.status, res.body)
+      return res, json.decode(json.decode(res.body).choices[1].message.content)
+    end
+    local _, v = ask({ type = "object", properties = { name = { type = "string" }, note = { type = "string" } },
+      required = { "name" } })
+    assert.are.equal("Ada", v.name)
+    assert.is_nil(v.note) -- (optional: left out, as a model may)
+    local res = ask(node) -- (a tree with two $ref children: each level doubled what it made)
+    assert.is_true(#res.body < 200000, #res.body)
+    m:stop()
+  end)
+end)
+
 describe("the mock's Anthropic errors, typed as the API types them", function()
   it("a 504 is a timeout_error", function()
     local m = assert(resil.mock.start({ faults = { { route = "messages", status = 504 } } }))

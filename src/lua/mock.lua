@@ -313,19 +313,21 @@ end
 -- The least value a JSON schema takes, its strings the reply's text: what a model held
 -- to a schema answers (structured output, a tool call its request forces). A reply that
 -- is JSON already is the scenario's own answer, kept.
-local function instance_of(schema, text, root, depth)
+local function instance_of(schema, text, root, depth, budget)
   depth = (depth or 0) + 1
-  if type(schema) ~= "table" or depth > 32 then return {} end -- (no schema: any object)
+  budget = budget or { 1000 } -- (values made: a recursive schema, a tree's $ref "#", ends)
+  budget[1] = budget[1] - 1
+  if type(schema) ~= "table" or depth > 16 or budget[1] < 0 then return {} end -- (no schema: any object)
   root = root or schema
   if type(schema["$ref"]) == "string" then -- ("#/$defs/x": a path in the root)
     local t = root
     for part in schema["$ref"]:gmatch("[^/#]+") do t = type(t) == "table" and t[part] or nil end
-    return instance_of(t, text, root, depth)
+    return instance_of(t, text, root, depth, budget)
   end
   if schema.const ~= nil then return schema.const end
   if type(schema.enum) == "table" and schema.enum[1] ~= nil then return schema.enum[1] end
   local alt = schema.anyOf or schema.oneOf or schema.allOf
-  if type(alt) == "table" and alt[1] ~= nil then return instance_of(alt[1], text, root, depth) end
+  if type(alt) == "table" and alt[1] ~= nil then return instance_of(alt[1], text, root, depth, budget) end
   local t = schema.type
   if type(t) == "table" then -- (["string", "null"]: the first that is not null)
     local first = "null"
@@ -341,12 +343,15 @@ local function instance_of(schema, text, root, depth)
     local n = math.tointeger(schema.minItems) or 1
     if math.tointeger(schema.maxItems) and schema.maxItems < n then n = schema.maxItems end
     local out = {}
-    for i = 1, n do out[i] = instance_of(schema.items, text, root, depth) end
+    for i = 1, n do out[i] = instance_of(schema.items, text, root, depth, budget) end
     return #out > 0 and out or EMPTY
   end
-  local out = {}
-  for k, sub in pairs(type(schema.properties) == "table" and schema.properties or {}) do
-    out[k] = instance_of(sub, text, root, depth)
+  -- (the required properties when the schema names them, as a model leaves optional ones out)
+  local out, props = {}, type(schema.properties) == "table" and schema.properties or {}
+  if type(schema.required) == "table" then
+    for _, k in ipairs(schema.required) do out[k] = instance_of(props[k], text, root, depth, budget) end
+  else
+    for k, sub in pairs(props) do out[k] = instance_of(sub, text, root, depth, budget) end
   end
   return out
 end
