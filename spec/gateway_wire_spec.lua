@@ -34,6 +34,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: the 409 of an answer not kept under its Idempotency-Key is not retried by the SDK",
     "openai: cache_control on a tool and a tool result reaches Anthropic, not OpenAI",
     "anthropic: an answer translated from OpenAI has the usage fields the SDK types, streamed or not",
+    "openai: a whitespace-only stop sequence is left out for Anthropic, the others kept",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

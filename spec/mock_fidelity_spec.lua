@@ -112,6 +112,18 @@ describe("the mock's answers under a schema", function()
   end)
 end)
 
+describe("the mock's Anthropic stop sequences", function()
+  it("an empty or whitespace-only one is refused, as the API refuses it", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    for seq, why in pairs({ ["\n"] = "must contain non-whitespace", [""] = "must be non-empty" }) do
+      local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = MSGS, stop_sequences = { "END", seq } })
+      assert.are.equal(400, res.status)
+      assert.matches(why, json.decode(res.body).error.message, 1, true)
+    end
+    m:stop()
+  end)
+end)
+
 describe("the mock's Anthropic errors, typed as the API types them", function()
   it("a 504 is a timeout_error", function()
     local m = assert(resil.mock.start({ faults = { { route = "messages", status = 504 } } }))

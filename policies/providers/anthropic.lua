@@ -62,6 +62,19 @@ local function tool_choice_of(choice)
   return choice
 end
 
+-- OpenAI's stop (a string or a list) as stop_sequences, without the empty or
+-- whitespace-only ones the API refuses ("\n" is a common one of OpenAI clients:
+-- a 400 that failed every such request served by, or falling back to, Anthropic) | nil
+local function stop_sequences_of(stop)
+  if type(stop) == "string" then stop = { stop } end
+  if type(stop) ~= "table" then return nil end
+  local out = {}
+  for _, s in ipairs(stop) do
+    if type(s) ~= "string" or s:find("%S") then out[#out + 1] = s end
+  end
+  return #out > 0 and out or nil
+end
+
 -- anthropic.body(req, model, conf) -> the JSON body of a message
 function anthropic.body(req, model, conf)
   local system, msgs = messages.anthropic(req) -- (translated from OpenAI's shape: policies/messages.lua)
@@ -73,7 +86,7 @@ function anthropic.body(req, model, conf)
   body.model, body.messages, body.system = model, msgs, system
   body.max_tokens = req.max_tokens or conf.max_tokens or anthropic.default_max_tokens
   for _, k in ipairs(PASSED) do if req[k] ~= nil then body[k] = req[k] end end
-  if req.stop ~= nil then body.stop_sequences = type(req.stop) == "string" and { req.stop } or req.stop end
+  if req.stop ~= nil then body.stop_sequences = stop_sequences_of(req.stop) end
   body.tools = tools_of(req.tools)
   body.tool_choice = tool_choice_of(req.tool_choice)
   -- OpenAI's parallel_tool_calls = false is a flag of Anthropic's tool_choice (none has no calls)

@@ -149,3 +149,16 @@ await check('anthropic: an answer translated from OpenAI has the usage fields th
     `${how}: usage ${JSON.stringify(u)}`);
   }
 });
+
+// Anthropic refuses a stop sequence that is empty or only whitespace ("\n" is a common one of
+// OpenAI clients): every such request it served, or fell back to, was a 400
+await check('openai: a whitespace-only stop sequence is left out for Anthropic, the others kept', async () => {
+  const msgs = [{ role: 'user', content: 'Name a city' }];
+  const r = await oai().chat.completions.create({ model: 'claude-strict', messages: msgs, stop: ['\n', ' ', 'END'] });
+  expect(r.choices[0].message.content === 'Paris', `content ${r.choices[0].message.content}`);
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: msgs, stop: ['\n', 'END'] });
+  const sent = (await last()).anthropic.stop_sequences;
+  expect(JSON.stringify(sent) === '["END"]', `stop_sequences ${JSON.stringify(sent)}`);
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: msgs, stop: '\n' });
+  expect((await last()).anthropic.stop_sequences === undefined, 'a lone newline: none sent');
+});

@@ -728,6 +728,13 @@ local function anthropic_refusal(self, req, body)
   if body.system ~= nil and type(body.system) ~= "string" and type(body.system) ~= "table" then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "system: Input should be a valid list") }
   end
+  for _, seq in ipairs(type(body.stop_sequences) == "table" and body.stop_sequences or {}) do
+    if type(seq) == "string" and not seq:find("%S") then
+      return { status = 400, body = anthropic_error(400, "invalid_request_error", seq == ""
+        and "stop_sequences: each stop sequence must be non-empty"
+        or "stop_sequences: each stop sequence must contain non-whitespace") }
+    end
+  end
   -- extended thinking: the budget the API takes, and a turn it leaves the model free in
   local thinking = type(body.thinking) == "table" and body.thinking.type == "enabled" and body.thinking
   if thinking then
