@@ -35,6 +35,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: cache_control on a tool and a tool result reaches Anthropic, not OpenAI",
     "anthropic: an answer translated from OpenAI has the usage fields the SDK types, streamed or not",
     "openai: a whitespace-only stop sequence is left out for Anthropic, the others kept",
+    "openai: tool-call deltas without index or type from a compatible upstream reach the SDK whole",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

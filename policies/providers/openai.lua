@@ -234,23 +234,29 @@ local function call_for(state, d)
     if not calls[i + 1] then
       for j = #calls + 1, i + 1 do calls[j] = { pieces = {} } end
     end
-    return calls[i + 1]
+    return calls[i + 1], i
   end
   if d.index ~= nil then return nil end
   if type(d.id) == "string" and d.id ~= "" then
-    for _, c in ipairs(calls) do if c.id == d.id then return c end end
+    for j, c in ipairs(calls) do if c.id == d.id then return c, j - 1 end end
     if #calls >= MAX_STREAMED_CALLS then return nil end
     calls[#calls + 1] = { pieces = {} }
-    return calls[#calls]
+    return calls[#calls], #calls - 1
   end
   if #calls == 0 then calls[1] = { pieces = {} } end
-  return calls[#calls]
+  return calls[#calls], #calls - 1
 end
 
 local function gather_calls(state, deltas)
   for _, d in ipairs(deltas) do
-    local c = type(d) == "table" and call_for(state, d)
+    local c, at
+    if type(d) == "table" then c, at = call_for(state, d) end
     if c then
+      -- (the delta, relayed to an OpenAI client, says its call's index, and with its id its type,
+      -- as the API does: Gemini sends no index, some vLLM versions no type, and the SDKs'
+      -- stream helpers failed on either)
+      if d.index == nil then d.index = at end
+      if type(d.id) == "string" and d.id ~= "" and d.type == nil then d.type = "function" end
       local f = type(d["function"]) == "table" and d["function"] or {}
       if type(d.id) == "string" and d.id ~= "" then c.id = d.id end
       if type(f.name) == "string" and f.name ~= "" then c.name = f.name end

@@ -162,3 +162,14 @@ await check('openai: a whitespace-only stop sequence is left out for Anthropic, 
   await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: msgs, stop: '\n' });
   expect((await last()).anthropic.stop_sequences === undefined, 'a lone newline: none sent');
 });
+
+// a compatible upstream's tool-call deltas without index (Gemini's) or type (some vLLM
+// versions), relayed as they came: the SDK's stream helper failed ("missing
+// choices[0].tool_calls[0].type") or lost the calls; the API's contract has both
+await check('openai: tool-call deltas without index or type from a compatible upstream reach the SDK whole', async () => {
+  const final = await oai().chat.completions.stream({ model: 'openai/gemini-compat', messages: [{ role: 'user', content: 'hi' }],
+    tools: [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object' } } }] }).finalChatCompletion();
+  const calls = final.choices[0].message.tool_calls;
+  expect(final.choices[0].finish_reason === 'tool_calls' && calls?.length === 2 && calls[0].id === 'call_a' &&
+    calls[1].type === 'function' && JSON.parse(calls[1].function.arguments).city === 'Rome', `calls ${JSON.stringify(calls)}`);
+});

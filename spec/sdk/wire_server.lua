@@ -26,6 +26,21 @@ local up = assert(resil.mock.start({ routes = {
   end,
   ["POST /v1/chat/completions"] = function(req)
     last.openai = json.decode(req.body)
+    if last.openai.model == "gemini-compat" and last.openai.stream then
+      -- tool calls as Gemini's OpenAI-compatible API streams them: no index, and (as some vLLM
+      -- versions) no type
+      local function chunk(delta, finish)
+        return "data: " .. json.encode({ id = "chatcmpl-g", object = "chat.completion.chunk", created = 1,
+          model = "gemini-2.5-flash", choices = { { index = 0, delta = delta, finish_reason = finish or json.null } } }) .. "\n\n"
+      end
+      return streams.reply(chunk({ role = "assistant", tool_calls = {
+          { id = "call_a", ["function"] = { name = "get_weather", arguments = '{"city":"Paris"}' } } } })
+        .. chunk({ tool_calls = { { id = "call_b", ["function"] = { name = "get_weather", arguments = '{"city":"Rome"}' } } } })
+        .. chunk({}, "tool_calls")
+        .. "data: " .. json.encode({ id = "chatcmpl-g", object = "chat.completion.chunk", created = 1, model = "gemini-2.5-flash",
+          choices = setmetatable({}, json.array_mt), usage = { prompt_tokens = 12, completion_tokens = 9, total_tokens = 21 } })
+        .. "\n\ndata: [DONE]\n\n")
+    end
     if last.openai.stream then
       return streams.reply(streams.openai({ content = "ok", usage = { prompt_tokens = 12, completion_tokens = 1 } }))
     end
