@@ -298,7 +298,13 @@ function messages.anthropic(req)
     else
       local content = m.content
       if content == nil or content == null then content = "" end
-      out[#out + 1] = { role = m.role, content = content_to_anthropic(content) }
+      -- an assistant turn that said nothing (an OpenAI refusal: its text in `refusal`) is its
+      -- refusal, else left out: the API refuses empty content but in the last message, and an
+      -- app that sends back the SDK's message as it came got a 400
+      if content == "" and m.role == "assistant" and is_text(m.refusal) then content = m.refusal end
+      if content ~= "" or m.role ~= "assistant" or m == req.messages[#req.messages] then
+        out[#out + 1] = { role = m.role, content = content_to_anthropic(content) }
+      end
     end
   end
   -- a system given as content blocks (prompt caching) is kept as blocks

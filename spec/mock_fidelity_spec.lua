@@ -124,6 +124,22 @@ describe("the mock's Anthropic stop sequences", function()
   end)
 end)
 
+describe("the mock's Anthropic conversations", function()
+  it("refuse empty content but in the last message, a string's as a list's", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    for _, empty in ipairs({ "", setmetatable({}, json.array_mt) }) do
+      local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = { MSGS[1],
+        { role = "assistant", content = empty }, { role = "user", content = "and?" } } })
+      assert.are.equal(400, res.status)
+      assert.matches("must have non-empty content", json.decode(res.body).error.message, 1, true)
+    end
+    local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = { MSGS[1],
+      { role = "assistant", content = "" } } })
+    assert.are.equal(200, res.status, res.body) -- (the final assistant message may be empty)
+    m:stop()
+  end)
+end)
+
 describe("the mock's Anthropic errors, typed as the API types them", function()
   it("a 504 is a timeout_error", function()
     local m = assert(resil.mock.start({ faults = { { route = "messages", status = 504 } } }))

@@ -173,3 +173,17 @@ await check('openai: tool-call deltas without index or type from a compatible up
   expect(final.choices[0].finish_reason === 'tool_calls' && calls?.length === 2 && calls[0].id === 'call_a' &&
     calls[1].type === 'function' && JSON.parse(calls[1].function.arguments).city === 'Rome', `calls ${JSON.stringify(calls)}`);
 });
+
+// an assistant turn that said nothing, sent back as the SDK returned it (a refusal: content
+// null, its text in `refusal`), was empty content, which Anthropic refuses but in the last message
+await check('openai: an assistant turn without content (a refusal sent back) is served by Anthropic', async () => {
+  for (const said of [{ content: null, refusal: "I can't help with that." }, { content: '' }]) {
+    const r = await oai().chat.completions.create({ model: 'claude-strict', messages: [
+      { role: 'user', content: 'Something bad' }, { role: 'assistant', ...said }, { role: 'user', content: 'A city, then' }] });
+    expect(r.choices[0].message.content === 'Paris', `${JSON.stringify(said)}: ${r.choices[0].message.content}`);
+  }
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: [
+    { role: 'user', content: 'Something bad' }, { role: 'assistant', content: null, refusal: 'No.' }, { role: 'user', content: 'Then?' }] });
+  const sent = (await last()).anthropic.messages;
+  expect(sent[1].role === 'assistant' && sent[1].content === 'No.', `sent ${JSON.stringify(sent)}`);
+});

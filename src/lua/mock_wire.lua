@@ -174,7 +174,7 @@ function wire.anthropic_messages(messages)
       close_turn()
       role, uses, turn_start, answered = m.role, {}, i, {}
     end
-    if type(m.content) == "table" and #m.content == 0 and i < #messages then
+    if (m.content == "" or type(m.content) == "table" and #m.content == 0) and i < #messages then
       return ("messages.%d: all messages must have non-empty content except for the optional final assistant "
         .. "message"):format(i - 1)
     end
