@@ -492,6 +492,11 @@ for f in ([[model messages max_tokens max_completion_tokens temperature top_p n 
   OPENAI_FIELDS[f] = true
 end
 
+-- the ranges each API takes a sampling number in
+local OPENAI_RANGES = { temperature = { 0, 2 }, top_p = { 0, 1 }, presence_penalty = { -2, 2 },
+  frequency_penalty = { -2, 2 } }
+local ANTHROPIC_RANGES = { temperature = { 0, 1 }, top_p = { 0, 1 } }
+
 -- scenario.api_keys: the keys the mock accepts (any, when not set)
 function Mock:key_ok(key)
   local keys = self.scenario.api_keys
@@ -524,6 +529,17 @@ function Mock:openai_check(req, body)
   if type(body.messages) ~= "table" or #body.messages == 0 then
     return { status = 400, body = openai_error(400, "[] is too short - 'messages'", "invalid_request_error", nil,
       "messages") }
+  end
+  -- sampling numbers past the API's ranges
+  for field, range in pairs(OPENAI_RANGES) do
+    local v = body[field]
+    if type(v) == "number" and (v < range[1] or v > range[2]) then
+      local above = v > range[2]
+      return { status = 400, body = openai_error(400, ("Invalid '%s': decimal %s %s value. Expected a value %s %g, but "
+        .. "got %g instead."):format(field, above and "above" or "below", above and "maximum" or "minimum",
+        above and "<=" or ">=", above and range[2] or range[1], v), "invalid_request_error",
+        above and "decimal_above_max_value" or "decimal_below_min_value", field) }
+    end
   end
   local bad, param = wire.openai_messages(body.messages)
   if bad then return { status = 400, body = openai_error(400, bad, "invalid_request_error", nil, param) } end
@@ -727,6 +743,14 @@ local function anthropic_refusal(self, req, body)
   end
   if body.system ~= nil and type(body.system) ~= "string" and type(body.system) ~= "table" then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "system: Input should be a valid list") }
+  end
+  for field, range in pairs(ANTHROPIC_RANGES) do
+    local v = body[field]
+    if type(v) == "number" and (v < range[1] or v > range[2]) then
+      return { status = 400, body = anthropic_error(400, "invalid_request_error", ("%s: Input should be %s %g")
+        :format(field, v > range[2] and "less than or equal to" or "greater than or equal to",
+          v > range[2] and range[2] or range[1])) }
+    end
   end
   for _, seq in ipairs(type(body.stop_sequences) == "table" and body.stop_sequences or {}) do
     if type(seq) == "string" and not seq:find("%S") then
