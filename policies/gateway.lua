@@ -490,8 +490,14 @@ local function check_tool_calls(calls, i)
   if calls == nil or calls == null then return end
   if type(calls) ~= "table" then return ("messages[%d].tool_calls must be an array"):format(i) end
   for j, c in ipairs(calls) do
+    -- (a custom tool's call, GPT-5's free-form tools: {id, type = "custom", custom = {name, input}})
+    local custom = type(c) == "table" and c.type == "custom" and c.custom
     local f = type(c) == "table" and c["function"]
-    if type(f) ~= "table" or type(f.name) ~= "string" or (f.arguments ~= nil and type(f.arguments) ~= "string") then
+    if custom then
+      if type(custom) ~= "table" or type(custom.name) ~= "string" or type(custom.input) ~= "string" then
+        return ("messages[%d].tool_calls[%d] must be {id, type = \"custom\", custom = {name, input}}"):format(i, j - 1)
+      end
+    elseif type(f) ~= "table" or type(f.name) ~= "string" or (f.arguments ~= nil and type(f.arguments) ~= "string") then
       return ("messages[%d].tool_calls[%d] must be {id, type, function = {name, arguments (a JSON string)}}")
         :format(i, j - 1)
     end

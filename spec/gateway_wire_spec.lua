@@ -37,6 +37,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: a whitespace-only stop sequence is left out for Anthropic, the others kept",
     "openai: tool-call deltas without index or type from a compatible upstream reach the SDK whole",
     "openai: an assistant turn without content (a refusal sent back) is served by Anthropic",
+    "openai: a conversation with a custom tool's call is served",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

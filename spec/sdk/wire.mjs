@@ -187,3 +187,14 @@ await check('openai: an assistant turn without content (a refusal sent back) is 
   const sent = (await last()).anthropic.messages;
   expect(sent[1].role === 'assistant' && sent[1].content === 'No.', `sent ${JSON.stringify(sent)}`);
 });
+
+// a custom tool's call (GPT-5's free-form tools) sent back in the conversation, as the API
+// takes it: the gateway refused it as a function call without a function (a 400)
+await check('openai: a conversation with a custom tool\'s call is served', async () => {
+  const r = await oai().chat.completions.create({ model: 'gpt-strict', messages: [
+    { role: 'user', content: 'Run it' },
+    { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'custom', custom: { name: 'code_exec', input: 'print(1)' } }] },
+    { role: 'tool', tool_call_id: 'call_1', content: '1' }],
+    tools: [{ type: 'custom', custom: { name: 'code_exec', description: 'runs Python' } }] });
+  expect(r.choices[0].message.content === 'Paris', `content ${r.choices[0].message.content}`);
+});
