@@ -525,9 +525,11 @@ local function check_tools(tools)
   if type(tools) ~= "table" then return "tools must be an array" end
   for i, t in ipairs(tools) do
     local f = type(t) == "table" and t["function"]
-    -- a function, Anthropic's {name, input_schema} (or a server tool's
-    -- {type, name}), or another type's object ({type = "custom", custom = {...}})
-    local other = type(t) == "table" and type(t.type) == "string" and type(t[t.type]) == "table"
+    -- a function, Anthropic's {name, input_schema}, or a tool of another type, in that type's
+    -- own shape and sent as it is: a server tool's {type, name}, OpenAI's {type = "custom",
+    -- custom = {...}}, Anthropic's MCP toolset {type = "mcp_toolset", mcp_server_name} (no name:
+    -- it was refused, a 400 for every request of the MCP connector's beta)
+    local other = type(t) == "table" and type(t.type) == "string" and t.type ~= "function"
     if type(t) ~= "table" or (f ~= nil and (type(f) ~= "table" or type(f.name) ~= "string")) or
        (f == nil and type(t.name) ~= "string" and not other) then
       return ("tools[%d] must be {type = \"function\", function = {name, ...}} or {name, input_schema}"):format(i - 1)

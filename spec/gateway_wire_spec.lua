@@ -38,6 +38,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: tool-call deltas without index or type from a compatible upstream reach the SDK whole",
     "openai: an assistant turn without content (a refusal sent back) is served by Anthropic",
     "openai: a conversation with a custom tool's call is served",
+    "anthropic: an MCP toolset (a tool without a name) reaches Anthropic",
   }
   for _, name in ipairs(CHECKS) do
     it(name, function()

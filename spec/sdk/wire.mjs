@@ -198,3 +198,14 @@ await check('openai: a conversation with a custom tool\'s call is served', async
     tools: [{ type: 'custom', custom: { name: 'code_exec', description: 'runs Python' } }] });
   expect(r.choices[0].message.content === 'Paris', `content ${r.choices[0].message.content}`);
 });
+
+// a tool of a type with its own shape and no name (Anthropic's MCP connector's toolset)
+await check('anthropic: an MCP toolset (a tool without a name) reaches Anthropic', async () => {
+  const r = await ant().beta.messages.create({ model: 'anthropic/claude-sonnet-4-5-20250929', max_tokens: 100,
+    messages: [{ role: 'user', content: 'hi' }], betas: ['mcp-client-2025-11-20'],
+    mcp_servers: [{ type: 'url', url: 'https://mcp.example.com/sse', name: 'example' }],
+    tools: [{ type: 'mcp_toolset', mcp_server_name: 'example' }] });
+  expect(r.content[0].text === 'ok', `content ${JSON.stringify(r.content)}`);
+  const sent = (await last()).anthropic.tools;
+  expect(sent?.[0]?.type === 'mcp_toolset' && sent[0].mcp_server_name === 'example', `tools ${JSON.stringify(sent)}`);
+});
