@@ -1383,7 +1383,12 @@ for i = 0, 4095 do B64_PAIRS[i] = B64:sub(i // 64 + 1, i // 64 + 1) .. B64:sub(i
 local function base64_floats(v)
   local n = #v
   for i = 1, n do if type(v[i]) ~= "number" then return v end end -- (not a vector: as it came)
-  local bytes = string.pack("<" .. ("f"):rep(n), table.unpack(v))
+  local packed, f4096 = {}, "<" .. ("f"):rep(4096)
+  for i = 1, n, 4096 do -- (in runs: one unpack of a whole vector is capped by the Lua stack)
+    local last = math.min(i + 4095, n)
+    packed[#packed + 1] = string.pack(last - i == 4095 and f4096 or "<" .. ("f"):rep(last - i + 1), table.unpack(v, i, last))
+  end
+  local bytes = table.concat(packed)
   local out, len = {}, #bytes
   for i = 1, len - 2, 3 do -- (three bytes are two pairs of six-bit letters)
     local a, b, c = bytes:byte(i, i + 2)
