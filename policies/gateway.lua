@@ -1377,9 +1377,6 @@ end
 -- ignores encoding_format (LM Studio, Infinity, TEI) answers floats, which the SDK decoded
 -- as garbage without a word (Buffer.from([0.5, ...]) is bytes). Floats are packed here as
 -- the API packs them (little-endian float32s).
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64_PAIRS = {}
-for i = 0, 4095 do B64_PAIRS[i] = B64:sub(i // 64 + 1, i // 64 + 1) .. B64:sub(i % 64 + 1, i % 64 + 1) end
 local function base64_floats(v)
   local n = #v
   for i = 1, n do if type(v[i]) ~= "number" then return v end end -- (not a vector: as it came)
@@ -1388,20 +1385,7 @@ local function base64_floats(v)
     local last = math.min(i + 4095, n)
     packed[#packed + 1] = string.pack(last - i == 4095 and f4096 or "<" .. ("f"):rep(last - i + 1), table.unpack(v, i, last))
   end
-  local bytes = table.concat(packed)
-  local out, len = {}, #bytes
-  for i = 1, len - 2, 3 do -- (three bytes are two pairs of six-bit letters)
-    local a, b, c = bytes:byte(i, i + 2)
-    local x = (a << 16) | (b << 8) | c
-    out[#out + 1] = B64_PAIRS[x >> 12] .. B64_PAIRS[x & 4095]
-  end
-  local rest = len % 3
-  if rest > 0 then
-    local a, b = bytes:byte(len - rest + 1, len)
-    local x = (a << 16) | ((b or 0) << 8)
-    out[#out + 1] = B64_PAIRS[x >> 12] .. (rest == 2 and B64_PAIRS[x & 4095]:sub(1, 1) .. "=" or "==")
-  end
-  return table.concat(out)
+  return resil.crypto.base64(table.concat(packed))
 end
 local function encoded(v, base64)
   if base64 and type(v) == "table" then return base64_floats(v) end

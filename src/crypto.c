@@ -6,7 +6,10 @@
  *   resil.crypto.random(n)     -> n bytes from the OS's cryptographic source (RAND_bytes)
  *   resil.crypto.sha256(s)     -> 64 hex digits
  *   resil.crypto.equal(a, b)   -> true | false, in time that does not depend on where they differ
+ *   resil.crypto.base64(s)     -> s in base64 (RFC 4648, padded, one line): the embeddings the
+ *                                 SDKs ask for as packed floats (a loop in Lua took ~0.3 ms a vector)
  */
+#include <limits.h>
 #include <string.h>
 
 #include <openssl/crypto.h>
@@ -59,8 +62,19 @@ static int l_equal(lua_State *L) {
   return 1;
 }
 
+static int l_base64(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  if (len > (size_t)INT_MAX / 4 * 3 - 3) return resil_raise(L, "resil.crypto.base64: the string is too long");
+  luaL_Buffer b;
+  unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, (len + 2) / 3 * 4 + 1);
+  int n = EVP_EncodeBlock(out, (const unsigned char *)s, (int)len); /* (its NUL is not pushed) */
+  luaL_pushresultsize(&b, (size_t)n);
+  return 1;
+}
+
 static const luaL_Reg crypto_functions[] = {
-  {"random", l_random}, {"sha256", l_sha256}, {"equal", l_equal}, {NULL, NULL}};
+  {"random", l_random}, {"sha256", l_sha256}, {"equal", l_equal}, {"base64", l_base64}, {NULL, NULL}};
 
 int luaopen_resil_crypto(lua_State *L) {
   luaL_newlib(L, crypto_functions);

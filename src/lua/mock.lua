@@ -893,23 +893,7 @@ end
 
 -- OpenAI embeddings: one vector per input, the same text always the same
 -- vector; encoding_format "base64" (the official SDKs' default) packs float32s.
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local function base64(bytes)
-  local out = {}
-  for i = 1, #bytes, 3 do
-    local a, b, c = bytes:byte(i, i + 2)
-    local n = (a << 16) | ((b or 0) << 8) | (c or 0)
-    for k = 0, 3 do
-      if k <= #bytes - i + 1 then
-        local v = (n >> (18 - 6 * k)) & 63
-        out[#out + 1] = B64:sub(v + 1, v + 1)
-      else
-        out[#out + 1] = "="
-      end
-    end
-  end
-  return table.concat(out)
-end
+local base64 = resil.crypto.base64
 
 local function vector_of(text, dims)
   local seed = tonumber(resil.hash(text):sub(1, 8), 16) or 1
