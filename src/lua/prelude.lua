@@ -353,7 +353,7 @@ function resil.policy(name)
   return setmetatable({}, {
     __index = function(_, k) return require(modname)[k] end,
     __newindex = function(_, k, v) require(modname)[k] = v end,
-    __pairs = function() return next, require(modname), nil end,
+    __pairs = function() return pairs(require(modname)) end,
     __len = function() return #require(modname) end,
     __call = function(_, ...) return require(modname)(...) end,
     __tostring = function() return "policy " .. name end,
