@@ -16,10 +16,13 @@ describe("resil-lua --sandbox", function()
       { "io.popen('ls')", "io.popen is not allowed in the sandbox" },
       { "debug.getinfo(1)", "debug.getinfo is not allowed in the sandbox" },
       { "require 'lfs'", 'require "lfs" is not allowed in the sandbox' },
+      -- (before: its unwatched(fn) ran a loop the watchdog never stopped, --max-task-seconds or not)
+      { "require('resil.core.watchdog').unwatched(function() while true do end end)",
+        'require "resil.core.watchdog" is not allowed in the sandbox' },
     }) do
       local script = helpers.tmpname(".lua")
       helpers.write(script, "local x = 1\n" .. case[1] .. "\n")
-      local r = helpers.run(R .. " --sandbox " .. script)
+      local r = helpers.run("timeout -s KILL 20 " .. R .. " --sandbox --max-task-seconds 1 " .. script)
       os.remove(script)
       assert.are.equal(1, r.code, case[1])
       assert.matches(script:gsub("%p", "%%%0") .. ":2: " .. case[2]:gsub("%p", "%%%0"), r.stderr)
