@@ -350,14 +350,42 @@ static void guard_for_close(resil_t *R, lua_State *co);
  * debug.traceback until reset; keep only the error value, so a task that hit
  * --max-memory gives its memory back at once, and close its pending
  * to-be-closed variables as coroutine.close would. L stack (co): ..., err -> err */
+/* t's pending <close> handlers run (its thread reset) as a resume of its own:
+ * under its caps and signals, and timed by the watchdog (a handler that
+ * looped, run at a cancel or a failure, held the loop for good: the watchdog
+ * saw no resume, or the canceling task's, whose thread it hooked) */
+static int task_close_as_resume(task *t) {
+  resil_t *R = t->R;
+  task *outer = R->current;
+  resil_t *outer_host = watchdog_host;
+  /* (inside another task's resume the count is odd: it stays odd, a resume of its own) */
+  unsigned long step = (atomic_load(&R->resume_seq) & 1) ? 2 : 1;
+  R->current = t;
+  t->stop_raised = 0;
+  watchdog_host = R;
+  atomic_fetch_add(&R->resume_seq, step);
+  int status = lua_resetthread(t->co);
+  atomic_fetch_add(&R->resume_seq, step);
+  watchdog_host = outer_host;
+  R->current = outer;
+  /* a handler that raised, or looped until the watchdog stopped it: said,
+   * with its file:line (the task's own end says only canceled, or its error) */
+  if (status != LUA_OK && lua_checkstack(t->co, 3)) {
+    const char *why = lua_tostring(t->co, -1);
+    lua_createtable(t->co, 0, 1); /* (the line names the task: the log finds it from its thread) */
+    lua_pushstring(t->co, why ? why : "(an error object that is not a string)");
+    lua_setfield(t->co, -2, "error");
+    host_log(t->co, "error", "a task's <close> handler failed as the task ended");
+  }
+  return status;
+}
+
 static void task_drop_stack(task *t) {
   lua_State *co = t->co, *L = t->R->L;
   if (!lua_checkstack(L, 1)) return;
   lua_xmove(co, L, 1);
-  t->R->current = t; /* __close handlers run under its caps and signals */
   guard_for_close(t->R, co);
-  lua_resetthread(co);
-  t->R->current = NULL;
+  task_close_as_resume(t);
   lua_settop(co, 0);
   lua_xmove(L, co, 1);
 }
@@ -374,7 +402,7 @@ static void describe_function(lua_State *L, int idx, task *t);
  * thread twice, which corrupts it) */
 static void task_end_canceled(task *t) {
   t->canceling = 1;
-  lua_resetthread(t->co);
+  task_close_as_resume(t);
   lua_settop(t->co, 0);
   resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
   t->failed = t->canceled = 1;

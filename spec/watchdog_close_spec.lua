@@ -1,0 +1,33 @@
+-- The watchdog (--max-task-seconds) times a task's <close> handlers where they run: at its
+-- cancel (by another task, or by the server when its client left) and as it fails. One that
+-- looped there held the loop for good: the watchdog saw no resume (or the canceling task's,
+-- whose thread it hooked), and neither the first nor the second SIGTERM stopped it.
+local helpers = require "spec.helpers"
+
+describe("--max-task-seconds and <close> handlers", function()
+  it("stops a <close> handler that loops at a cancel, a failure, or a server client that left", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local function looping() return setmetatable({}, { __close = function() while true do end end }) end
+local t = resil.spawn(function() local _ <close> = looping(); resil.sleep(60) end)
+resil.sleep(0.01)
+t:cancel()
+print("canceled", t:join())
+t = resil.spawn(function() local _ <close> = looping(); error("boom", 0) end)
+print("failed", t:join())
+local server = resil.server.listen({ port = 0, tasks = true, handler = function(req)
+  if req.path == "/leave" then local _ <close> = looping(); resil.sleep(60) end
+  return { status = 200, body = "up" }
+end })
+local url = ("http://127.0.0.1:%d"):format(server:port())
+print(resil.http.request({ url = url .. "/leave", timeout = 0.2 }))
+local res = resil.http.request({ url = url .. "/", timeout = 30 })
+print("served", res and res.status)
+server:close()
+]])
+    local r = helpers.run("timeout -s KILL 30 " .. helpers.resil .. " --max-task-seconds 0.3 --log-level off " .. script)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("^canceled\tfalse\tcanceled: task %d+ was canceled\nfailed\tfalse\tboom\n", r.stdout)
+    assert.matches("\nserved\t200\n$", r.stdout)
+  end)
+end)
