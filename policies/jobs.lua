@@ -406,8 +406,26 @@ end }
 -- The create: its result is the handle (job id, URLs).
 local function make(ctx)
   local handle, err = ctx.adapter.create(ctx)
-  if handle then handle.created_wall = resil.clock.wall() end
+  if handle then handle.created_wall, handle.base = resil.clock.wall(), ctx.base end
   return handle, err
+end
+
+-- A job made under another base_url (the provider's address changed between a run and its
+-- resume: a proxy put in front or taken away, a port moved) is read and canceled under the
+-- base_url of now: its URLs under the old one led nowhere, and it was read until its deadline,
+-- its cancel failed, and it was never replaced ("it may still run"), at every call again.
+local function rebase(ctx, handle)
+  local old = handle.base
+  if type(old) ~= "string" or old == ctx.base then return handle end
+  local moved = {}
+  for k, v in pairs(handle) do
+    if k ~= "base" and type(v) == "string" and v:sub(1, #old + 1) == old .. "/" then v = ctx.base .. v:sub(#old + 1) end
+    moved[k] = v
+  end
+  moved.base = ctx.base
+  resil.log.warn("job: made under another base_url; read and canceled under this one",
+    { provider = ctx.name, id = handle.id, was = old, base_url = ctx.base })
+  return moved
 end
 
 -- A create outside a run is made in a task of its own: one whose caller was canceled while it was
@@ -470,6 +488,7 @@ function jobs.job(spec)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
       job_guard)
     local handle, err = create(ctx, akey, guard)
+    if handle then handle = rebase(ctx, handle) end
     guard.handle = handle
     if not handle then
       guard.done = true

@@ -160,6 +160,33 @@ describe("ai.job on Replicate", function()
     assert.are.same({ "lost", "lost" }, { lines[1].status, lines[2].status })
   end)
 
+  it("a job made under another base_url (the provider's address moved before the resume) is read at the new one",
+    function()
+    local lines = capture_log(function()
+      m = resil.mock.start({ jobs = { duration = 30 } })
+      -- the address the job was made through: a proxy in front of the provider, gone by the resume
+      local gone = false
+      local proxy = resil.server.listen({ tasks = true, handler = function(req)
+        if gone then return { status = 503, body = "{}" } end
+        local res = assert(http.request({ method = req.method, url = m.url .. req.path, headers = req.headers,
+          body = req.body ~= "" and req.body or nil }))
+        return { status = res.status, headers = { ["content-type"] = res.headers["content-type"] }, body = res.body }
+      end })
+      use(("http://127.0.0.1:%d"):format(proxy:port()))
+      local spec = { model = FLUX, input = { prompt = "a cat" }, key = "moved", deadline = 600 }
+      local t = resil.spawn(jobs.job, spec)
+      resil.sleep(5)
+      t:cancel() -- (a crash while it polls)
+      gone = true
+      finally(function() proxy:close() end)
+      use(m.url)
+      local r = assert(jobs.job(spec))
+      assert.are.equal("mock" .. m.instance .. "00001", r.id)
+      assert.are.equal(1, m:stats().routes.predictions)
+    end)
+    assert.are.equal("job: made under another base_url; read and canceled under this one", lines[#lines].msg)
+  end)
+
   describe("inside a run", function()
     after_each(function() resil.run.finish("done"); resil.store_config({ run = false }) end)
     local function variations(n)
