@@ -156,8 +156,15 @@ describe("ai.job on Replicate", function()
       assert.are.equal(1, m:stats().routes.predictions)
       local rows = resil.cost.breakdown("model")
       assert.are.equal(2, rows[1].calls) -- each call's new job; nothing is known of the lost ones' use
+      -- on the fal queue: a request answered at its submit, then forgotten (the mock's "lost" fate)
+      m:stop()
+      m = resil.mock.start({ jobs = { fates = { "lost", "succeeded" }, polls = 1 } })
+      use(m.url)
+      r = assert(jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" }, key = "lost-fal" }))
+      assert.are.equal(2, r.attempts)
+      assert.are.equal(2, m:stats().routes.fal_submit)
     end)
-    assert.are.same({ "lost", "lost" }, { lines[1].status, lines[2].status })
+    assert.are.same({ "lost", "lost", "lost" }, { lines[1].status, lines[2].status, lines[3].status })
   end)
 
   it("a job made under another base_url (the provider's address moved before the resume) is read at the new one",

@@ -14,7 +14,8 @@
 --   jobs = { polls = 2 | duration = s, fail = p, stuck = p, output = v, usd = n, predict_time = s,
 --            error = "why", fates = { "failed", { "succeeded", polls = 0 }, "stuck" },
 --            errors = { [route] = { 429, "ok", { status = 401, code = "quota_exceeded" } } } }
--- `fates` decides the jobs in order of creation (then `stuck` and `fail` draw); `errors` plays
+-- `fates` decides the jobs in order of creation (then `stuck` and `fail` draw; "lost": the job is
+-- answered at its create, then forgotten, as by a provider's outage: its reads and cancel are 404s); `errors` plays
 -- each route's provider-shaped error replies in order (route names: predictions, prediction,
 -- cancel, fal_submit, fal_status, fal_result, fal_cancel, tts); the mock's generic
 -- `sequence` and `faults` (hang, reset, garbage, latency, ...) apply to these routes too.
@@ -172,7 +173,7 @@ local function replicate_create(m, req, owner_model)
     model = owner_model or "mock/model", version = body.version or "hidden",
     created_at = os.date("!%Y-%m-%dT%H:%M:%S.000Z", math.floor(resil.clock.wall())) }
   job.fate, job.needs_polls = fate(m)
-  s.replicate[id] = job
+  if job.fate ~= "lost" then s.replicate[id] = job end -- (lost: created, then forgotten: 404s)
   -- Prefer: wait[=N] holds the answer until the job ends or N seconds pass (60 at most)
   local prefer = req.headers.prefer
   local wait = prefer and (tonumber(prefer:match("^wait=(%d+)")) or (prefer == "wait" and 60))
@@ -314,7 +315,7 @@ local function fal_submit(m, req, endpoint)
   local job = { id = id, app = owner .. "/" .. alias, endpoint = endpoint, status = "IN_QUEUE", input = input,
     polls = 0, started = resil.now(), queue_position = queued }
   job.fate, job.needs_polls = fate(m)
-  s.fal[id] = job
+  if job.fate ~= "lost" then s.fal[id] = job end
   return { status = 200, body = json.encode(fal_status_view(m, job)) }
 end
 
