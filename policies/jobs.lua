@@ -204,8 +204,9 @@ end
 local function fingerprint(...) return resil.hash(table.concat(canonical({ ... }, {}))) end
 jobs.fingerprint = fingerprint
 
--- The job's name for resumes: the caller's key, or (inside a step) the run, the step and the
--- request. nil outside a step without a key: nothing to resume.
+-- The job's name for resumes: the caller's key, or (inside a step) the run, the step's name and
+-- place and the request; nil outside a step without a key: nothing to resume. -> key, and the
+-- key versions before gave the first step of its name in its scope (no place), or nil.
 local function durable_key(spec)
   if spec.key ~= nil then return tostring(spec.key) end
   local c = resil.context()
@@ -214,11 +215,9 @@ local function durable_key(spec)
   local gen = resil.run.generation()
   local key = ("%s%s/%s%s/%s"):format(resil.run.id(), gen > 0 and ("~" .. gen) or "", c.step_scope and
     (c.step_scope .. "/") or "", c.step, fingerprint(spec.model, spec.input):sub(1, 16))
-  -- A step of a name met before in its scope (a loop making variations of one request) is told
-  -- apart by its place: all were one job, each step given the first one's output. The first
-  -- keeps the key versions before gave it, so that a run interrupted then still follows its job.
-  if (c.step_nth or 1) > 1 then key = ("%s@%d"):format(key, c.step_seq) end
-  return key
+  -- The step's place tells apart steps of one name with one request (a loop making variations):
+  -- without it they were one job, each step given the first one's output.
+  return ("%s@%d"):format(key, c.step_seq), (c.step_nth or 1) == 1 and key or nil
 end
 
 local warned = {}
@@ -464,10 +463,17 @@ end
 -- resumed (with resil.once's 24 h, a run interrupted on a Friday and resumed on the Monday made
 -- its job again, the first one paid for and never in the ledger).
 local JOB_RETENTION = 365 * 86400
-local function create(ctx, akey, g)
+-- legacy: the key versions before gave the job (durable_key); a job made under it by a run
+-- interrupted across the upgrade is followed, not made again (only read: nothing is written there)
+local function create(ctx, akey, g, legacy)
   if not akey then return create_apart(ctx, g) end
-  return resil.once({ key = "ai.job:" .. akey, fingerprint = fingerprint(ctx.model, ctx.input),
-    retention = JOB_RETENTION }, function() return make_guarded(ctx, g) end)
+  local fp = fingerprint(ctx.model, ctx.input)
+  if legacy then
+    local found, handle, err = resil.once_replay({ key = "ai.job:" .. legacy, fingerprint = fp })
+    if found then return handle, err end
+  end
+  return resil.once({ key = "ai.job:" .. akey, fingerprint = fp, retention = JOB_RETENTION },
+    function() return make_guarded(ctx, g) end)
 end
 
 -- jobs.job(spec) -> result | nil, err
@@ -478,16 +484,17 @@ function jobs.job(spec)
   local deadline = option(ctx.conf, spec, "deadline")
   local attempts = option(ctx.conf, spec, "attempts")
   ctx.poll_first = spec.poll_first
-  local key = durable_key(spec)
+  local key, legacy = durable_key(spec)
   local ids, last_err = {}, nil
   for n = 1, attempts do
     local akey = key and (n == 1 and key or ("%s#%d"):format(key, n))
+    local alegacy = legacy and (n == 1 and legacy or ("%s#%d"):format(legacy, n))
     local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(spec.input)))
     if spec.budget ~= nil and not ticket then return nil, berr end
     if ticket then ticket:keep() end -- (a video job may run past its hold)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
       job_guard)
-    local handle, err = create(ctx, akey, guard)
+    local handle, err = create(ctx, akey, guard, alegacy)
     if handle then handle = rebase(ctx, handle) end
     guard.handle = handle
     if not handle then

@@ -226,6 +226,32 @@ describe("ai.job on Replicate", function()
       assert.are_not.equal(ids[1], ids[3])
     end)
 
+    it("a step of the name of one inside an earlier step, resumed, follows its own job, not the inner one's",
+      function()
+      m = resil.mock.start({ jobs = { duration = 10 } })
+      use(m.url)
+      resil.store_config({ run = "namesakes" })
+      local function variation()
+        return resil.step("variation", function()
+          return assert(jobs.job({ model = FLUX, input = { prompt = "a lighthouse" } })).id
+        end)
+      end
+      local function pipeline()
+        return resil.step("outer", variation), variation()
+      end
+      local t = resil.spawn(pipeline)
+      for _ = 1, 100 do
+        if (m:stats().routes.predictions or 0) >= 2 then break end
+        resil.sleep(0.5)
+      end
+      resil.sleep(1)
+      t:cancel() -- (a crash while the second job runs)
+      resil.run.finish("interrupted")
+      local inner, outer = pipeline()
+      assert.are_not.equal(inner, outer)
+      assert.are.equal(2, m:stats().routes.predictions)
+    end)
+
     it("a run resumed days after it was interrupted follows the job it paid for, not a new one", function()
       m = resil.mock.start({ jobs = { duration = 100 } })
       use(m.url)
