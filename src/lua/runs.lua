@@ -279,7 +279,8 @@ function resil.step(name, fn, ...)
   local seq = (counted.seq[scope] or 0) + 1
   counted.seq[scope] = seq -- this step's place, even if the store fails it now
   took_place(scope, seq)
-  -- the how-manieth step of this name in its scope (policies/jobs.lua tells apart a loop's jobs by it)
+  -- the how-manieth step of this name in its scope (policies/jobs.lua: the first of a name reads its job's
+  -- key as versions before made it)
   local names = counted.names[scope] or {}
   counted.names[scope] = names
   local nth = (names[name] or 0) + 1
