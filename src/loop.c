@@ -354,7 +354,7 @@ static void guard_for_close(resil_t *R, lua_State *co);
  * under its caps and signals, and timed by the watchdog (a handler that
  * looped, run at a cancel or a failure, held the loop for good: the watchdog
  * saw no resume, or the canceling task's, whose thread it hooked) */
-static int task_close_as_resume(task *t) {
+static int task_close_as_resume(task *t, lua_State *err_on) {
   resil_t *R = t->R;
   task *outer = R->current;
   resil_t *outer_host = watchdog_host;
@@ -369,8 +369,18 @@ static int task_close_as_resume(task *t) {
   watchdog_host = outer_host;
   R->current = outer;
   /* a handler that raised, or looped until the watchdog stopped it: said,
-   * with its file:line (the task's own end says only canceled, or its error) */
-  if (status != LUA_OK && lua_checkstack(t->co, 3)) {
+   * with its file:line (the task's own end says only canceled, or its
+   * error). A task that failed resets with its error's status, and the error
+   * (err_on's top, copied on its own top before) as it was unless a handler
+   * raised another. */
+  int raised = status != LUA_OK && lua_checkstack(t->co, 4);
+  if (raised && err_on) {
+    lua_pushvalue(err_on, -1);
+    lua_xmove(err_on, t->co, 1);
+    raised = !lua_rawequal(t->co, -1, -2);
+    lua_pop(t->co, 1);
+  }
+  if (raised) {
     const char *why = lua_tostring(t->co, -1);
     lua_createtable(t->co, 0, 1); /* (the line names the task: the log finds it from its thread) */
     lua_pushstring(t->co, why ? why : "(an error object that is not a string)");
@@ -385,7 +395,9 @@ static void task_drop_stack(task *t) {
   if (!lua_checkstack(L, 1)) return;
   lua_xmove(co, L, 1);
   guard_for_close(t->R, co);
-  task_close_as_resume(t);
+  lua_pushvalue(L, -1); /* (a copy on its top: task_close_as_resume tells a handler's error from it) */
+  lua_xmove(L, co, 1);
+  task_close_as_resume(t, L);
   lua_settop(co, 0);
   lua_xmove(L, co, 1);
 }
@@ -402,7 +414,7 @@ static void describe_function(lua_State *L, int idx, task *t);
  * thread twice, which corrupts it) */
 static void task_end_canceled(task *t) {
   t->canceling = 1;
-  task_close_as_resume(t);
+  task_close_as_resume(t, NULL);
   lua_settop(t->co, 0);
   resil_push_error(t->co, "canceled", "task %d was canceled", t->id);
   t->failed = t->canceled = 1;
