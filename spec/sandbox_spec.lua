@@ -99,6 +99,33 @@ print(pcall(require, "resil.report"))
     os.execute("rm -rf " .. dir)
   end)
 
+  it("never lets a script write the host's own store but through the store: the ledger stays", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local store = dir .. "/state.db"
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait = true })
+print(pcall(resil.metrics.write_file, %q))
+print(pcall(io.open, %q, "w"))
+print(pcall(io.open, %q, "a"))
+]]):format(store, store, store .. "-wal"))
+    -- (before: the store's path, let through for the store, was let through for any file: the
+    -- metrics written over state.db, and `resil-lua costs` said "file is not a database")
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.matches("^false\tresil%.metrics%.write_file: %S+state%.db is the host's own store", lines[1])
+    assert.matches("^false\t[^\n]*io%.open: %S+state%.db is the host's own store", lines[2])
+    assert.matches("^false\t[^\n]*io%.open: %S+state%.db%-wal is the host's own store", lines[3])
+    local costs = helpers.run(("%s costs --store %s"):format(R, store))
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("%$1%.500000", costs.stdout)
+    os.execute("rm -rf " .. dir)
+  end)
+
   -- (before: getmetatable("") gave the strings' own metatable, whose __index is the string
   -- table the host's modules call too: a script that replaced string.format there had the host's
   -- metrics writer open, truncate and move away a file outside every folder it may use)
@@ -120,14 +147,16 @@ print(pcall(resil.metrics.write_file, %q))
 local ok, err = pcall(function() mt.__index = { format = function() return "mine" end } end)
 print(ok, err, ("%%d"):format(3))
 ]]):format(victim, store))
-    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    -- (the operator's --metrics-file is written at the end by the host's writer, past the script's format)
+    local r = helpers.run(("%s --sandbox --store %s --metrics-file %s/given.prom %s"):format(R, store, dir, script))
     os.remove(script)
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("precious", helpers.slurp(victim))
+    assert.matches("resil_", helpers.slurp(dir .. "/given.prom"))
     local lines = {}
     for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
     assert.are.equal("1-x\t2", lines[1])
-    assert.matches("^true", lines[2])
+    assert.matches("^false\tresil%.metrics%.write_file: %S+own%.db is the host's own store", lines[2])
     -- (its view is read only: what the string methods are is not the script's to change)
     assert.matches("^false\t.-strings' metatable cannot be changed in the sandbox\t3$", lines[3])
     os.execute("rm -rf " .. dir)

@@ -169,6 +169,8 @@ void resil_push_host_env(lua_State *L); /* the host's own globals, not the scrip
 /* May a SQLite file be opened at path? Always, but under the sandbox only the
  * host's own store and files under sandbox_dirs. */
 int sandbox_file_ok(resil_t *R, const char *path);
+int sandbox_plain_file_ok(resil_t *R, const char *path); /* not the host's store: a file the script writes */
+int sandbox_is_store_file(resil_t *R, const char *path);
 void sandbox_trust(resil_t *R, int on); /* around the host's own calls that name files */
 /* 1, with resil_error set, when called in a child of fork (the host is the
  * parent's) or on a host being closed (a done callback resil_close runs) */

@@ -425,9 +425,7 @@ static char *resolved_path(const char *path) {
  * store at a URL the script names: resil.store(url), resil.store_config)
  * made a file, and its folders, anywhere, with content the script chose
  * (a row of text in a file named for cron or a shell's profile). */
-int sandbox_file_ok(resil_t *R, const char *path) {
-  if (!R->sandbox || !R->sandbox_dirs || R->sandbox_trusted > 0) return 1;
-  if (R->sandbox_store && strcmp(path, R->sandbox_store) == 0) return 1;
+static int sandbox_dir_ok(resil_t *R, const char *path) {
   if (strcmp(path, ":memory:") == 0 || !*path) return 1; /* no file */
   if (strncmp(path, "file:", 5) == 0) return 0; /* SQLite reads it as a URI: the file is elsewhere in it */
   char *full = resolved_path(path);
@@ -438,6 +436,35 @@ int sandbox_file_ok(resil_t *R, const char *path) {
   }
   free(full);
   return ok;
+}
+
+int sandbox_file_ok(resil_t *R, const char *path) {
+  if (!R->sandbox || !R->sandbox_dirs || R->sandbox_trusted > 0) return 1;
+  if (R->sandbox_store && strcmp(path, R->sandbox_store) == 0) return 1;
+  return sandbox_dir_ok(R, path);
+}
+
+/* path is the host's own store or one of SQLite's files beside it */
+int sandbox_is_store_file(resil_t *R, const char *path) {
+  if (!R->sandbox_store || !*R->sandbox_store || strcmp(R->sandbox_store, ":memory:") == 0) return 0;
+  char *full = resolved_path(path), *store = resolved_path(R->sandbox_store);
+  int same = 0;
+  if (full && store) {
+    size_t n = strlen(store);
+    same = strncmp(full, store, n) == 0 && (full[n] == '\0' || strcmp(full + n, "-wal") == 0 ||
+                                            strcmp(full + n, "-shm") == 0 || strcmp(full + n, "-journal") == 0);
+  }
+  free(full);
+  free(store);
+  return same;
+}
+
+/* A file a sandboxed script writes itself (a metrics file, io.open to write):
+ * in its folders, and never the host's own store (the exception above is
+ * for opening it as a store: written over, the ledger was gone) */
+int sandbox_plain_file_ok(resil_t *R, const char *path) {
+  if (!R->sandbox || !R->sandbox_dirs || R->sandbox_trusted > 0) return 1;
+  return !sandbox_is_store_file(R, path) && sandbox_dir_ok(R, path);
 }
 
 void sandbox_trust(resil_t *R, int on) { R->sandbox_trusted += on ? 1 : -1; }

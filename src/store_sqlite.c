@@ -1285,6 +1285,22 @@ static int refuse_file(lua_State *L, const char *what, const char *path, int lev
  * the resil table holds, not the C behind it) */
 static int l_check_file(lua_State *L) {
   const char *path = luaL_checkstring(L, 1), *what = luaL_checkstring(L, 2);
+  resil_t *R = resil_from_lua(L);
+  if (sandbox_plain_file_ok(R, path)) return 0;
+  if (sandbox_is_store_file(R, path)) {
+    luaL_where(L, (int)luaL_optinteger(L, 3, 1));
+    lua_pushfstring(L, "%s: %s is the host's own store: a sandboxed script writes it only through resil.store", what,
+                    path);
+    lua_concat(L, 2);
+    return lua_error(L);
+  }
+  return refuse_file(L, what, path, (int)luaL_optinteger(L, 3, 1));
+}
+
+/* resil.sqlite.check_store_file(path, what [, level]): the same for a store
+ * the script opens (the host's own store is one) */
+static int l_check_store_file(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1), *what = luaL_checkstring(L, 2);
   if (!sandbox_file_ok(resil_from_lua(L), path)) return refuse_file(L, what, path, (int)luaL_optinteger(L, 3, 1));
   return 0;
 }
@@ -1465,6 +1481,8 @@ int luaopen_resil_sqlite(lua_State *L) {
   lua_setfield(L, -2, "open");
   lua_pushcfunction(L, l_check_file);
   lua_setfield(L, -2, "check_file");
+  lua_pushcfunction(L, l_check_store_file);
+  lua_setfield(L, -2, "check_store_file");
   lua_pushcfunction(L, l_resolve);
   lua_setfield(L, -2, "resolve");
   return 1;

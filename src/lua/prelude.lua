@@ -398,6 +398,7 @@ end
 
 function resil.sandbox_env(canonical, dirs, policy_dirs)
   local env = {}
+  local check_file = resil.sqlite.check_file -- (the script's resil table may change it)
   for _, k in ipairs({ "assert", "error", "ipairs", "next", "pairs", "pcall", "print", "rawequal", "rawget",
     "rawlen", "rawset", "select", "setmetatable", "getmetatable", "tonumber", "tostring", "type", "xpcall",
     "_VERSION", "warn" }) do
@@ -442,6 +443,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     if type(path) ~= "string" then error(("bad argument #1 to '%s' (string expected)"):format(fname), 3) end
     local full = canonical(path)
     local reading = mode == nil or mode == "r" or mode == "rb"
+    if not reading then check_file(path, fname, 3) end -- (never the host's own store: the ledger)
     if full and (under(full, dirs) or (reading and under(full, policy_dirs))) then return end
     error(("%s(%q) is not allowed in the sandbox: outside the folders it may use (resil_options.sandbox_dirs)")
       :format(fname, path), 3)

@@ -49,7 +49,7 @@ end
 -- Under the sandbox, a script names no SQLite file outside the folders it may
 -- write in (the host's own store excepted): said at its line. (Kept here:
 -- a script may replace what the resil table holds.)
-local sandbox_check = resil.sqlite.check_file
+local sandbox_check = resil.sqlite.check_store_file
 local function check_file(url, level)
   if url:match("^rediss?://") then return end
   sandbox_check(url:gsub("^sqlite://", ""):match("^[^?]*"), "store", level + 1)
