@@ -542,3 +542,22 @@ resil.sleep(3600)
     assert.matches("interrupted by signal 15", helpers.slurp(out))
   end)
 end)
+
+describe("a SIGHUP while the host opens", function()
+  -- (before: the reload's handler was set once the host was open; a SIGHUP before, a deploy's reload
+  -- right after a start, killed the process: exit 129)
+  it("is ignored: the script runs to its end", function()
+    local script = helpers.write(helpers.tmpname(".sh"), [[
+R=$1
+$R -e 'require("resil").sleep(0.3) print("ran")' 2>/dev/null & P=$!
+for _ in $(seq 2000); do ls -l /proc/$P/fd 2>/dev/null | grep -q eventpoll && break; done
+for _ in $(seq 200); do kill -HUP $P 2>/dev/null || break; sleep 0.001; done
+wait $P; echo "exit $?"
+]])
+    for _ = 1, 3 do -- (the open lasts milliseconds: HUPs from its epoll's making on, each start)
+      local r = helpers.run(("bash %s %s"):format(script, helpers.resil))
+      assert.are.equal("ran\nexit 0\n", r.stdout)
+    end
+    os.remove(script)
+  end)
+end)

@@ -676,6 +676,11 @@ int main(int argc, char **argv) {
     return run_command("keys", "require('resil.keys').main(arg)", argc - 2, argv + 2);
   if (argc > 1 && strcmp(argv[1], "check") == 0)
     return run_command("check", "require('resil.check')(arg)", argc - 2, argv + 2);
+  /* A SIGHUP asks for a reload, which the host sets up once it is open
+   * (resil_reload_on_sighup): one that came before, while it opened, killed
+   * the process (a deploy's reload right after a start). Ignored until then:
+   * what loads next reads the files as they are now. */
+  signal(SIGHUP, SIG_IGN);
   /* the gateway: the usual options, plus its own, and policies.gateway for a script */
   int gateway = argc > 1 && strcmp(argv[1], "gateway") == 0;
   const char *gw_listen = "127.0.0.1:8080", *gw_config = NULL;
