@@ -39,6 +39,18 @@ describe("resil.breaker", function()
     assert.are.equal("open", br:state()) -- 3 of the last 4
   end)
 
+  it("asked again with a new open_for (a reload): an open_for_max never given follows it", function()
+    -- (before: it stayed the first open_for: lowered from 60 to 5, a failed probe reopened for 10 s)
+    local br = fresh { window_type = "count", window = 2, min_calls = 2, failure_rate = 0.5, open_for = 60 }
+    br = resil.breaker("breaker-spec-" .. seq, { open_for = 5 })
+    record_all(br, { false, false })
+    resil.sleep(5)
+    assert.is_true((br:allow()))
+    br:record(false, 0.01)
+    local _, err = br:allow()
+    assert.are.equal(5, err.retry_after)
+  end)
+
   it("rejects while open with retry_after until half-open, then lets probes through", function()
     local br = fresh { window_type = "count", window = 2, min_calls = 2, failure_rate = 0.5, open_for = 10 }
     record_all(br, { false, false })

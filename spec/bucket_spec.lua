@@ -29,6 +29,21 @@ describe("resil.bucket (GCRA)", function()
     near(0.2, err.retry_after)
   end)
 
+  it("asked again with a new rate (a reload): a burst never given follows it, one given stays", function()
+    -- (before: the burst the first rate gave stayed: a reload from 500 to 50 a minute let 500 through at once)
+    seq = seq + 1
+    local name = "bucket-spec-" .. seq
+    resil.bucket(name, { rate = 500, per = 60 })
+    local b = resil.bucket(name, { rate = 50, per = 60 })
+    resil.sleep(3600)
+    local n = 0
+    while b:try(1) do n = n + 1 end
+    assert.are.equal(50, n)
+    local given = fresh { rate = 500, per = 60, burst = 100 }
+    given = resil.bucket("bucket-spec-" .. seq, { rate = 50, per = 60 })
+    assert.are.equal(100, given:state().burst)
+  end)
+
   it("refills partially: after 0.5 s at 5/s, two tokens and a half", function()
     local b = fresh { rate = 5, per = 1, burst = 5 }
     for _ = 1, 5 do assert.is_true((b:try())) end

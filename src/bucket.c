@@ -44,6 +44,7 @@ struct bucket {
   char name[64];
   char unit[16];       /* "requests" or "tokens": which provider headers apply */
   double rate, per, burst;
+  int burst_given; /* else the burst follows the rate (a reload that lowers it lowers the burst too) */
   int64_t interval_ns; /* T */
   int64_t tat_ns;
   int64_t paused_until_ns;
@@ -217,7 +218,9 @@ static void configure(lua_State *L, bucket *b, int opts) {
   double rate = opt_positive(L, opts, b->name, "rate", b->rate);
   double per = opt_positive(L, opts, b->name, "per", b->per ? b->per : 1);
   if (!(rate > 0)) resil_raise(L, "bucket '%s': rate is required (tokens per `per` seconds)", b->name);
-  double burst = opt_positive(L, opts, b->name, "burst", b->burst ? b->burst : rate);
+  if (lua_getfield(L, opts, "burst") != LUA_TNIL) b->burst_given = 1;
+  lua_pop(L, 1);
+  double burst = opt_positive(L, opts, b->name, "burst", b->burst_given ? b->burst : rate);
   if (lua_getfield(L, opts, "unit") == LUA_TSTRING) {
     const char *unit = lua_tostring(L, -1);
     if (strcmp(unit, "requests") != 0 && strcmp(unit, "tokens") != 0)

@@ -94,7 +94,9 @@ function SharedBucket:configure(opts)
   if unit ~= "requests" and unit ~= "tokens" then
     error(("bucket '%s': unit must be \"requests\" or \"tokens\", got \"%s\""):format(self.label, tostring(unit)), 3)
   end
-  self.rate, self.per, self.burst, self.unit = rate, per, opts.burst or self.burst or rate, unit
+  -- (a burst never given follows the rate: a reload that lowers the rate lowers it too)
+  if opts.burst ~= nil then self.burst_given = true end
+  self.rate, self.per, self.burst, self.unit = rate, per, opts.burst or (self.burst_given and self.burst) or rate, unit
   self.interval = per / rate
   self.tolerance = self.burst * self.interval
   -- a provider's count within `slack` tokens of what this process knows moves nothing (see observe)
