@@ -34,8 +34,10 @@ local null = json.null
 
 local gateway = {}
 
--- kept across a policy reload (--watch, SIGHUP): the config file ran once, at start
-gateway.config = resil.keep("policies.gateway.config", function()
+-- the config's defaults; the config in force is kept across a policy reload (--watch, SIGHUP),
+-- and the config file, when the gateway was started with one, runs again at each (the end of
+-- this file)
+local function config_defaults()
   return {
     models = {},
     auth = true,
@@ -61,7 +63,10 @@ gateway.config = resil.keep("policies.gateway.config", function()
     -- a string: GET /metrics answers only a bearer of it (nil: open)
     metrics_key = nil,
   }
-end)
+end
+-- (path: the config file serve ran; shared_limits: set by serve for --workers)
+local kept = resil.keep("policies.gateway.kept", function() return { config = config_defaults() } end)
+gateway.config = kept.config
 
 local requests_total = resil.metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")
@@ -1684,6 +1689,7 @@ function gateway.serve(o)
     if not chunk then error(err, 0) end
     local conf = run_capped(chunk, o.config)
     if conf ~= nil then gateway.configure(conf) end
+    kept.path = o.config
   end
   -- What requests load on first use, loaded before serving: a policy file saved
   -- broken (the registry, a provider copied into the project) stops the start with
@@ -1698,6 +1704,7 @@ function gateway.serve(o)
   if workers > 1 then
     if tonumber(port) == 0 then error("gateway: --workers needs a fixed port in --listen", 0) end
     gateway.config.shared_limits = true -- a key's rate limits hold across the workers
+    kept.shared_limits = true
   end
   local s, err = resil.server.listen({ host = host, port = tonumber(port), tasks = true,
     reuseport = workers > 1, max_body = gateway.config.max_body, read_timeout = gateway.config.read_timeout,
@@ -1795,6 +1802,22 @@ function gateway.main(o)
   -- drain_timeout without yielding (a policy that loops) is ended with a 500, or the drain could
   -- never run
   drain(s, resil.stop_requested(true, drain_timeout() / 2))
+end
+
+-- A policy reload (SIGHUP, --watch) runs the config file again, as a restart would: its models,
+-- keys' rules, limits and providers (its ai.configure calls) change for the requests after it.
+-- Its error (a syntax error, a raise, a loop past the cap) fails the reload, and the version
+-- before keeps serving with its own config (each version holds its own table: a reload that
+-- fails later in another file puts both back). What the server was started with (--listen,
+-- --workers, max_body, read_timeout) stays as it started.
+if kept.path then
+  local chunk, err = loadfile(kept.path)
+  if not chunk then error(err, 0) end
+  local conf = run_capped(chunk, kept.path)
+  gateway.config = config_defaults()
+  if conf ~= nil then gateway.configure(conf) end
+  gateway.config.shared_limits = kept.shared_limits
+  gateway.config.max_body, gateway.config.read_timeout = kept.config.max_body, kept.config.read_timeout
 end
 
 return gateway

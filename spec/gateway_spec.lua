@@ -2088,6 +2088,40 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal("openai\t4\n", ledger_by_provider(db)) -- the warm-up and the three; the long call was never answered
   end)
 
+  -- (before: the config file ran once, at start: a SIGHUP reloaded the policies, never the models,
+  -- keys' rules or providers it set)
+  it("a policy reload runs the config file again; a broken one fails the reload and the config before serves", function()
+    local m = mock_upstream()
+    local db = helpers.tmpname(".db")
+    local function config_routing_to(model)
+      return ([[
+        require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+        return { auth = false, models = { team = { model = %q } } }
+      ]]):format(m.url .. "/v1", model)
+    end
+    local config = helpers.write(helpers.tmpname(".lua"), config_routing_to("openai/model-a"))
+    local pid, port, log = start_gateway(config, db)
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+    end)
+    local function served_model()
+      local res = http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+        body = json.encode({ model = "team", messages = MSGS }), headers = { ["content-type"] = "application/json" } })
+      return res and res.status == 200 and res.headers["x-resil-model"]
+    end
+    assert.are.equal("model-a", served_model())
+    helpers.write(config, config_routing_to("openai/model-b"))
+    os.execute("kill -HUP " .. pid)
+    assert.is_true(helpers.wait_until(function() return served_model() == "model-b" end, 10), helpers.slurp(log))
+    helpers.write(config, "return { auth = false, models = { team = { model = 'openai/model-c' } }") -- (no brace)
+    os.execute("kill -HUP " .. pid)
+    assert.is_true(helpers.wait_until(function()
+      return helpers.slurp(log):match("policy reload failed[^\n]*" .. config:match("[^/]+$"):gsub("%p", "%%%0") .. ":1:")
+    end, 10), helpers.slurp(log))
+    assert.are.equal("model-b", served_model())
+  end)
+
   -- (before: the count of such calls was the first version's, and after a reload the drain did not
   -- wait: the provider billed the call and the ledger never had it)
   it("after a policy reload, a SIGTERM still waits for a call whose client left, and records it", function()
