@@ -1408,7 +1408,7 @@ local function embeddings_body(res, model, format)
   return json.encode({ object = "list", data = data, model = model, usage = { prompt_tokens = n, total_tokens = n } })
 end
 -- past config.idempotency_keep_max an answer is served but not kept under its key (the
--- store's own cap is 32 MB of strings, written out twice on Redis): a retry is told so, and
+-- store's own cap is 32 MB as JSON, written out twice on Redis): a retry is told so, and
 -- is not called and billed again
 local function keep_max() return tonumber(gateway.config.idempotency_keep_max) or 8 * 1024 * 1024 end
 

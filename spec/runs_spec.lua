@@ -150,7 +150,7 @@ for _, b in ipairs(helpers.store_backends()) do
         assert.matches("20\t{[string:@error]=string:not a table}\n", again.stdout, 1, true)
       end)
 
-    it("a result past 32 MB of strings is refused at the step with file:line, not a crash", function()
+    it("a result past 32 MB as JSON (strings, numbers) is refused at the step with file:line, not a crash", function()
       local script = helpers.write(helpers.tmpname(".lua"), [[
 local resil = require "resil"
 local ok, err = pcall(function()
@@ -162,11 +162,16 @@ print(pcall(function()
   local v = resil.step("huge key", function() return { [("k"):rep(40 * 1024 * 1024)] = 1 } end)
   return v
 end))
+print(pcall(function() -- (numbers count too: before, 3 million of them were taken whole)
+  local v = resil.step("numbers", function() local t = {} for i = 1, 3000000 do t[i] = i + 0.5 end return t end)
+  return v
+end))
 ]])
       local r = sh(("%s --store '%s' --log-level off --run huge %s"):format(helpers.resil, b.url(), script))
       assert.are.equal(0, r.code, r.stderr)
-      assert.matches("^false\t%S+%.lua:3: resil.step: cannot checkpoint the results: they hold more than 32 MB of strings\n" ..
-        "false\t%S+%.lua:8: resil.step: cannot checkpoint the results: they hold more than 32 MB of strings\n$", r.stdout)
+      assert.matches("^false\t%S+%.lua:3: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n" ..
+        "false\t%S+%.lua:8: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n" ..
+        "false\t%S+%.lua:12: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n$", r.stdout)
     end)
   end)
 end

@@ -380,10 +380,13 @@ local function holds_secret(text) return resil.redact(text, "secrets") ~= text e
 local MAX_STORED_BYTES = 32 * 1024 * 1024 -- (written as JSON twice on Redis: up to 6x each time)
 local TAGS = { ["@i"] = true, ["@f"] = true, ["@t"] = true, ["@e"] = true, ["@error"] = true }
 
+-- (numbers and tables count too, at about their JSON: 16 bytes a number, 2 a table; a step's
+-- array of 16 million numbers was taken whole, for cjson to overflow writing it)
+local NUMBER_BYTES, TABLE_BYTES = 16, 2
 local function count_bytes(budget, n)
   budget.bytes = budget.bytes + n
   if budget.bytes > MAX_STORED_BYTES then
-    error(("more than %d MB of strings"):format(MAX_STORED_BYTES // (1024 * 1024)), 0)
+    error(("more than %d MB as JSON"):format(MAX_STORED_BYTES // (1024 * 1024)), 0)
   end
 end
 
@@ -391,6 +394,7 @@ local function exact(v, depth, path, budget)
   local t = type(v)
   if t == "number" then
     if v ~= v or v == math.huge or v == -math.huge then error("a number that is NaN or infinite", 0) end
+    count_bytes(budget, NUMBER_BYTES)
     if math.type(v) == "integer" then
       if v > -1e14 and v < 1e14 then return v end
       return { ["@i"] = tostring(v) }
@@ -405,6 +409,7 @@ local function exact(v, depth, path, budget)
   end
   if path[v] then error("a cyclic table", 0) end
   if depth > 200 then error("tables nested more than 200 deep", 0) end
+  count_bytes(budget, TABLE_BYTES)
   path[v] = true
   local n, strings, others, top = 0, true, false, 0
   for k in pairs(v) do
