@@ -10,10 +10,10 @@ local http, json = resil.http, resil.json
 local MSGS = { { role = "user", content = "hi" } }
 
 -- `resil-lua gateway` in front of a mock, on the store at url, stopped after the test -> chat URL
-local function gateway(url)
+local function gateway(url, m)
   resil.clock.real()
   resil.log.level("off")
-  local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+  m = m or assert(resil.mock.start({ strict = true, reply = "served" }))
   local config = helpers.write(helpers.tmpname(".lua"), ([[
     require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
     return { key_cache = 0 }
@@ -31,6 +31,15 @@ local function gateway(url)
   end)
   assert(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10), helpers.slurp(log))
   return ("http://127.0.0.1:%d/v1/chat/completions"):format(port)
+end
+
+-- a mock whose chat answers report the usage `usage` (JSON text) -> the mock
+local function mock_reporting(usage)
+  return assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function()
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"id":"chatcmpl-u",' ..
+      '"object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":' ..
+      '"assistant","content":"hi"},"finish_reason":"stop"}],"usage":' .. usage .. '}' }
+  end } }))
 end
 
 local function chat(url, key)
@@ -90,3 +99,39 @@ for _, b in ipairs(helpers.store_backends()) do
     end)
   end)
 end
+
+-- Defects in files this spec's author does not own, pending their owners' fix (see the report of
+-- helper D, session 26): each fails today.
+describe("money on a bad day: a provider's garbage input count", function()
+  -- policies/ai.lua (capped_usage caps the output at max_tokens, never the input): a 5-token
+  -- prompt reported as 3e12 input tokens is priced $450,000 (under record_cost's 1e6 bound) and
+  -- settled in a $1/day key's budget
+  pending("is not charged to a key's budget at thousands of times its limit", function()
+    local url = helpers.tmpname(".db")
+    local add = helpers.run(("%s keys add --name g --budget 1/day --store %s"):format(helpers.resil, url))
+    local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+    local res = chat(gateway(url, mock_reporting('{"prompt_tokens":3e12,"completion_tokens":5}')), key)
+    assert.are.equal(200, res.status, res.body)
+    local show
+    assert.is_true(helpers.wait_until(function() -- (the answer does not wait for its row)
+      show = helpers.run(("%s costs --by user --json --store %s"):format(helpers.resil, url))
+      return show.stdout:find('"calls":1', 1, true) ~= nil
+    end, 5), show.stdout)
+    show = helpers.run(("%s budgets show key:g --json --store %s"):format(helpers.resil, url))
+    assert.is_true(json.decode(show.stdout).spent <= 1, show.stdout)
+  end)
+
+  -- policies/gateway.lua (correct_tpm charges what the usage says, unbounded; the cost path
+  -- already calls such a count garbage and records it without a price): the key's next request
+  -- is a 429 with Retry-After: 999999941, 31 years
+  pending("does not shut a key with --tpm out for years", function()
+    local url = helpers.tmpname(".db")
+    local add = helpers.run(("%s keys add --name t --tpm 10000 --store %s"):format(helpers.resil, url))
+    local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+    local gw = gateway(url, mock_reporting('{"prompt_tokens":1e15,"completion_tokens":5}'))
+    assert.are.equal(200, chat(gw, key).status)
+    local res = chat(gw, key)
+    assert.is_true(res.status == 200 or tonumber(res.headers["retry-after"]) <= 60,
+      res.status .. " Retry-After: " .. tostring(res.headers["retry-after"]))
+  end)
+end)
