@@ -450,3 +450,27 @@ print(db:tx(function(tx) return tx:value("PRAGMA user_version") end),
     assert.are.equal("10\t600000\n", r.stdout)
   end)
 end)
+
+-- (before: `--since DATE` went through local time and back, off by the zone's DST hour: in
+-- Berlin or New York in summer, --since 2027-07-01 counted what was spent 23:00-24:00 UTC of June 30)
+describe("resil-lua costs --since DATE", function()
+  it("counts from that day's midnight UTC, the ledger's days, in any local time zone", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local function at(utc) resil.sleep(utc - resil.store_now()) end
+at(1814398200) -- 2027-06-30 23:30 UTC
+assert(resil.cost.record({ provider = "p", model = "m", usd = 1 }))
+at(1814401800) -- 2027-07-01 00:30 UTC
+assert(resil.cost.record({ provider = "p", model = "m", usd = 2 }))
+]], "--virtual-clock --log-level off --store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    for _, tz in ipairs({ "UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo", "Pacific/Chatham" }) do
+      r = helpers.run(("TZ=%s %s costs --since 2027-07-01 --store %s"):format(tz, helpers.resil, db))
+      assert.are.equal("total $2.000000\n", r.stdout, tz .. " " .. r.stderr)
+      r = helpers.run(("TZ=%s %s costs --since 2027-06-30 --by day --store %s"):format(tz, helpers.resil, db))
+      assert.matches("2027%-06%-30%s+1%s+%$1%.000000", r.stdout, nil, tz)
+      assert.matches("TOTAL%s+%$3%.000000", r.stdout, nil, tz)
+    end
+  end)
+end)

@@ -205,7 +205,14 @@ local function parse_since(v)
     if back.year ~= y or back.month ~= m or back.day ~= d then
       fail("costs: --since %s is not a date (YYYY-MM-DD)", v)
     end
-    return os.time({ year = y, month = m, day = d, hour = 0 }) - os.time(os.date("!*t", 0))
+    -- UTC midnight, as the ledger's days are, by the civil calendar's day count (H. Hinnant's
+    -- days_from_civil): the local-time round trip it replaced was off by the zone's DST hour
+    -- (Berlin or New York in summer: --since 2026-07-01 counted 23:00-24:00 UTC of June 30)
+    local yy = m <= 2 and y - 1 or y
+    local era = yy // 400
+    local yoe = yy - era * 400
+    local doy = (153 * (m + (m > 2 and -3 or 9)) + 2) // 5 + d - 1
+    return (era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468) * 86400
   end
   local n, unit = v:match("^(%d+)([dh])$")
   if n then return resil.store_now() - tonumber(n) * (unit == "d" and 86400 or 3600) end
