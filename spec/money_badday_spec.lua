@@ -87,6 +87,27 @@ for _, b in ipairs(helpers.store_backends()) do
         assert.are.equal("insufficient_quota", json.decode(res.body).error.code)
       end)
 
+    -- (before: each add rewrote the index it had read, over the others': of ten keys made at
+    -- once four worked and were not listed, so no one could revoke them; two of one name were made)
+    it("keys add run at once (a provisioning script): every key listed, one live key per name", function()
+      assert.are.equal(0, cli("keys add --name first").code)
+      local adds = {}
+      for i = 1, 8 do adds[#adds + 1] = ("%s keys add --name team%d --store '%s' > /dev/null 2>&1 &"):format(
+        helpers.resil, i, url) end
+      local made = helpers.tmpname(".made")
+      for _ = 1, 4 do adds[#adds + 1] = ("%s keys add --name same --store '%s' >> %s 2>/dev/null &"):format(
+        helpers.resil, url, made) end
+      assert.are.equal(0, helpers.run("(" .. table.concat(adds, " ") .. " wait)").code)
+      local list = json.decode(cli("keys list --json").stdout)
+      local names = {}
+      for _, k in ipairs(list) do names[#names + 1] = k.name end
+      table.sort(names)
+      assert.are.same({ "first", "same", "team1", "team2", "team3", "team4", "team5", "team6", "team7", "team8" },
+        names)
+      local _, keys_made = helpers.slurp(made):gsub("sk%-resil%-", "")
+      assert.are.equal(1, keys_made)
+    end)
+
     -- (before: made, and every request it sent was a 500: resil.budget refused the limit)
     it("keys add refuses a budget past what a budget holds (1e12), and makes no key", function()
       local add = cli("keys add --name big --budget 99999999999999/day")

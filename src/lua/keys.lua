@@ -4,8 +4,8 @@
 -- store keeps only its SHA-256, under "gateway:key:<digest>", with the
 -- key's name, budget, rate limits and allowed models. The gateway finds a
 -- key by its digest, so no comparison of secrets depends on their bytes.
--- "gateway:keys" lists the digests, for `keys list` (an admin command: two
--- `keys add` at the same instant may race on that list, never on a key).
+-- "gateway:keys" lists the digests, for `keys list` (`keys add` takes turns
+-- at rewriting it: one_at_a_time, below).
 local resil = ...
 local json = resil.json
 
@@ -73,31 +73,34 @@ local function parse_budget(v)
 end
 keys.parse_budget = parse_budget
 
--- keys.add{name=, budget="50/day" | {limit=, per=}, rpm=, tpm=, concurrency=, models={...}} -> key, record | nil, err
-function keys.add(o)
-  if type(o) ~= "table" or type(o.name) ~= "string" or not o.name:match("^[%w_.:%-]+$") then
-    error("keys.add: name must be letters, digits, _ . : -", 2)
-  end
-  if o.concurrency ~= nil and (math.type(o.concurrency) ~= "integer" or o.concurrency < 1) then
-    error("keys.add: concurrency must be a positive integer", 2)
-  end
-  local s, err = store()
-  if not s then return nil, err end
-  local budget = o.budget
-  if type(budget) == "string" or type(budget) == "number" then
-    budget, err = parse_budget(budget)
-    if not budget then return nil, resil.error("bad_option", err) end
-  end
-  if budget == nil then
-    -- a limit set for the name's budget already (`budgets set key:NAME` before the key, or
-    -- for a key revoked since) is the key's: without one in its record the gateway reserved
-    -- nothing and the limit went unenforced
-    local cfg, cerr = s.backend:budget_config("key:" .. o.name)
-    if cfg == nil and cerr ~= nil then return nil, cerr end
-    if cfg and cfg.limit_micro then
-      budget = { limit = cfg.limit_micro / 1e6, per = cfg.per ~= "none" and cfg.per or nil }
+-- `keys add` rewrites the index (read, then written whole): two at once each
+-- wrote its own entry over the other's, and the lost one was a key that
+-- works and that `keys list` and `keys revoke` cannot find (four of ten
+-- made at once by a provisioning script); two of one name both found none
+-- live. So adds take turns, on a counter in the store (the first to count 1
+-- has it, until it deletes it; one that died holding it lets go after
+-- LOCK_TTL seconds). -> fn's results | nil, err
+local LOCK, LOCK_TTL, LOCK_WAIT = INDEX .. ":lock", 10, 20
+local function one_at_a_time(s, fn, ...)
+  local deadline = resil.now() + LOCK_WAIT
+  while true do
+    local n, err = s:incr(LOCK, 1, LOCK_TTL)
+    if n == nil then return nil, err end
+    if n == 1 then break end
+    if resil.now() >= deadline then
+      return nil, resil.error("store_unavailable", ("another `keys add` held the key index (%s) for %d s; try again")
+        :format(LOCK, LOCK_WAIT))
     end
+    resil.sleep(0.005 + math.random() * 0.02)
   end
+  local r = table.pack(pcall(fn, ...))
+  s:del(LOCK)
+  if not r[1] then error(r[2], 0) end
+  return table.unpack(r, 2, r.n)
+end
+
+-- (one_at_a_time) the key made and listed, its name checked against the live keys
+local function add_listed(s, o, budget)
   local list, lerr = index(s)
   if not list then return nil, lerr end
   for _, e in ipairs(list) do
@@ -123,6 +126,34 @@ function keys.add(o)
   ok, serr = s:set(record_key(hash), json.encode(rec))
   if not ok then return nil, serr end
   return key, rec
+end
+
+-- keys.add{name=, budget="50/day" | {limit=, per=}, rpm=, tpm=, concurrency=, models={...}} -> key, record | nil, err
+function keys.add(o)
+  if type(o) ~= "table" or type(o.name) ~= "string" or not o.name:match("^[%w_.:%-]+$") then
+    error("keys.add: name must be letters, digits, _ . : -", 2)
+  end
+  if o.concurrency ~= nil and (math.type(o.concurrency) ~= "integer" or o.concurrency < 1) then
+    error("keys.add: concurrency must be a positive integer", 2)
+  end
+  local s, err = store()
+  if not s then return nil, err end
+  local budget = o.budget
+  if type(budget) == "string" or type(budget) == "number" then
+    budget, err = parse_budget(budget)
+    if not budget then return nil, resil.error("bad_option", err) end
+  end
+  if budget == nil then
+    -- a limit set for the name's budget already (`budgets set key:NAME` before the key, or
+    -- for a key revoked since) is the key's: without one in its record the gateway reserved
+    -- nothing and the limit went unenforced
+    local cfg, cerr = s.backend:budget_config("key:" .. o.name)
+    if cfg == nil and cerr ~= nil then return nil, cerr end
+    if cfg and cfg.limit_micro then
+      budget = { limit = cfg.limit_micro / 1e6, per = cfg.per ~= "none" and cfg.per or nil }
+    end
+  end
+  return one_at_a_time(s, add_listed, s, o, budget)
 end
 
 -- keys.set_budget(name, limit, per [, store]) -> how many live keys named so now carry
