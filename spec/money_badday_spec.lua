@@ -108,6 +108,20 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.are.equal(1, keys_made)
     end)
 
+    -- (before: budgets set read the record before the revoke wrote it and wrote it back after,
+    -- live: "revoked 1 key", and the leaked key served on)
+    it("a key revoked while its budget is set stays revoked", function()
+      resil.store_config({ url = url })
+      local keys = require "resil.keys"
+      assert(keys.add({ name = "x" }))
+      local revoke = resil.spawn(keys.revoke, "x")
+      local set = resil.spawn(keys.set_budget, "x", 5, "day")
+      assert.are.same({ true, 1 }, { revoke:join() })
+      assert(set:join())
+      local list = assert(keys.list())
+      assert.is_number(list[1].revoked)
+    end)
+
     -- (before: made, and every request it sent was a 500: resil.budget refused the limit)
     it("keys add refuses a budget past what a budget holds (1e12), and makes no key", function()
       local add = cli("keys add --name big --budget 99999999999999/day")

@@ -4,8 +4,9 @@
 -- store keeps only its SHA-256, under "gateway:key:<digest>", with the
 -- key's name, budget, rate limits and allowed models. The gateway finds a
 -- key by its digest, so no comparison of secrets depends on their bytes.
--- "gateway:keys" lists the digests, for `keys list` (`keys add` takes turns
--- at rewriting it: one_at_a_time, below).
+-- "gateway:keys" lists the digests, for `keys list` (`keys add`, `revoke`
+-- and `budgets set key:NAME` take turns at rewriting it and the records:
+-- one_at_a_time, below).
 local resil = ...
 local json = resil.json
 
@@ -73,11 +74,12 @@ local function parse_budget(v)
 end
 keys.parse_budget = parse_budget
 
--- `keys add` rewrites the index (read, then written whole): two at once each
+-- `keys add` rewrites the index (read, then written whole), revoke and
+-- set_budget a key's record: two at once each
 -- wrote its own entry over the other's, and the lost one was a key that
 -- works and that `keys list` and `keys revoke` cannot find (four of ten
 -- made at once by a provisioning script); two of one name both found none
--- live. So adds take turns, on a counter in the store (the first to count 1
+-- live. So they take turns, on a counter in the store (the first to count 1
 -- has it, until it deletes it; one that died holding it lets go after
 -- LOCK_TTL seconds). -> fn's results | nil, err
 local LOCK, LOCK_TTL, LOCK_WAIT = INDEX .. ":lock", 10, 20
@@ -88,7 +90,7 @@ local function one_at_a_time(s, fn, ...)
     if n == nil then return nil, err end
     if n == 1 then break end
     if resil.now() >= deadline then
-      return nil, resil.error("store_unavailable", ("another `keys add` held the key index (%s) for %d s; try again")
+      return nil, resil.error("store_unavailable", ("another `keys` command held the key index (%s) for %d s; try again")
         :format(LOCK, LOCK_WAIT))
     end
     resil.sleep(0.005 + math.random() * 0.02)
@@ -161,10 +163,7 @@ end
 -- --budget set a limit the gateway never reserved against (it reserves only
 -- for a key whose record has a budget); the record now says it, and `keys
 -- list` shows the limit in force.
-function keys.set_budget(name, limit, per, st)
-  local s, err = st, nil
-  if not s then s, err = store() end
-  if not s then return nil, err end
+local function set_budget(s, name, limit, per)
   local list, lerr = index(s)
   if not list then return nil, lerr end
   local n = 0
@@ -181,6 +180,13 @@ function keys.set_budget(name, limit, per, st)
     end
   end
   return n
+end
+-- (in turn with revoke: a record read before a revoke and written after it made the key live again)
+function keys.set_budget(name, limit, per, st)
+  local s, err = st, nil
+  if not s then s, err = store() end
+  if not s then return nil, err end
+  return one_at_a_time(s, set_budget, s, name, limit, per)
 end
 
 -- keys.list() -> records (revoked ones too), oldest first
@@ -200,9 +206,7 @@ end
 
 -- keys.revoke(name or id) -> how many keys were revoked | nil, err (the
 -- store failed: a key said to be revoked must be; those before the failure are)
-function keys.revoke(which)
-  local s, err = store()
-  if not s then return nil, err end
+local function revoke(s, which)
   local list, lerr = index(s)
   if not list then return nil, lerr end
   local n = 0
@@ -219,6 +223,11 @@ function keys.revoke(which)
     end
   end
   return n
+end
+function keys.revoke(which)
+  local s, err = store()
+  if not s then return nil, err end
+  return one_at_a_time(s, revoke, s, which)
 end
 
 ---------------------------------------------------------------------------
