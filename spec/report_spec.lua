@@ -159,6 +159,24 @@ for i, b in ipairs(helpers.store_backends()) do
       assert.matches("default%-src 'none'", html) -- the page's own CSP refuses any request
     end)
 
+    -- (before: an item whose call had no price read $0.000000, and the run's cost said nothing of it)
+    it("runs show counts the calls without a price, by item and in the run's cost, never as $0", function()
+      local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.map({ 1, 2, 3 }, function(i)
+  return resil.step("call", function()
+    assert(resil.cost.record({ provider = "p", model = "m", usd = i == 1 and 0.5 or nil }))
+  end)
+end)
+]])
+      local r = sh(("%s --store '%s' --log-level off --run r2 %s"):format(helpers.resil, url, script))
+      assert.are.equal(0, r.code, r.stderr)
+      local show = sh(("%s runs show r2 --store '%s'"):format(helpers.resil, url))
+      assert.matches("\n1%s+done%s+1%s+0%s+%$0%.500000\n", show.stdout)
+      assert.matches("\n2%s+done%s+1%s+0%s+%$0%.000000 %(%+1 unpriced call%)\n", show.stdout)
+      assert.matches("; cost %$0%.500000 %(%+2 unpriced calls%)\n", show.stdout)
+    end)
+
     if i == 1 then
       it("refuses an unknown argument and a missing file name", function()
         local r = sh(("%s runs show r1 --html --store '%s'"):format(helpers.resil, url))

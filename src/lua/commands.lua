@@ -105,7 +105,7 @@ local function run_report(s, id)
   for _, st in ipairs(steps) do
     local it = by_scope[st.scope]
     if not it then
-      it = { scope = st.scope, steps = {}, retries = 0, usd = 0, state = "done" }
+      it = { scope = st.scope, steps = {}, retries = 0, usd = 0, unpriced = 0, state = "done" }
       by_scope[st.scope] = it
       items[#items + 1] = it
     end
@@ -115,15 +115,15 @@ local function run_report(s, id)
     elseif st.state == "pending" and it.state ~= "failed" then it.state = "pending" end
   end
   local costs = need(resil.cost.breakdown("item", { run = id }))
-  local total = 0
+  local total, unpriced = 0, 0
   for _, c in ipairs(costs) do
-    total = total + c.usd
+    total, unpriced = total + c.usd, unpriced + (c.unpriced or 0)
     local it = by_scope[c.key or ""]
-    if it then it.usd = it.usd + c.usd end
+    if it then it.usd, it.unpriced = it.usd + c.usd, it.unpriced + (c.unpriced or 0) end
   end
   table.sort(items, function(a, b) return scope_less(a.scope, b.scope) end)
   for _, it in ipairs(items) do table.sort(it.steps, function(a, b) return a.seq < b.seq end) end
-  return { run = run or { id = id }, items = items, usd = total }
+  return { run = run or { id = id }, items = items, usd = total, unpriced = unpriced }
 end
 
 local function resume_command(s, run)
@@ -134,6 +134,13 @@ local function resume_command(s, run)
   parts[#parts + 1] = shell_quote(run.script or "SCRIPT")
   for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
   return table.concat(parts, " ")
+end
+
+-- calls in the ledger without a price are not a $0 (costs --by says UNPRICED, the page too): an
+-- item whose only call had no price read "$0.000000", and the run's cost said nothing of it
+local function unpriced_note(n)
+  if n == 0 then return "" end
+  return (" (+%d unpriced call%s)"):format(n, n == 1 and "" or "s")
 end
 
 local function runs_show(s, args)
@@ -167,12 +174,13 @@ local function runs_show(s, args)
   print("")
   local item_rows = {}
   for _, it in ipairs(report.items) do
-    item_rows[#item_rows + 1] = { it.scope == "" and "-" or it.scope, it.state, #it.steps, it.retries, money(it.usd) }
+    item_rows[#item_rows + 1] = { it.scope == "" and "-" or it.scope, it.state, #it.steps, it.retries,
+                                  money(it.usd) .. unpriced_note(it.unpriced) }
   end
   table_print({ "ITEM", "STATE", "STEPS", "RETRIES", "COST" }, item_rows)
   print("")
-  print(("%d items: %d done, %d failed, %d pending; %d retries; cost %s"):format(#report.items, counts.done,
-    counts.failed, counts.pending, retries, money(report.usd)))
+  print(("%d items: %d done, %d failed, %d pending; %d retries; cost %s%s"):format(#report.items, counts.done,
+    counts.failed, counts.pending, retries, money(report.usd), unpriced_note(report.unpriced)))
   if run.status ~= "done" and run.status ~= "running" then
     print("resume: " .. printable(redact(resume_command(s, run))))
   end
