@@ -122,6 +122,18 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.is_number(list[1].revoked)
     end)
 
+    -- (before: "remaining":0.00028000000000000073, a float's difference, for a dashboard to compare)
+    it("budgets show --json gives what remains to the micro-dollar, as spent is", function()
+      local r = helpers.run_script([[
+local t = assert(require("resil").budget("b", { limit = 0.01, per = "day" }):reserve(0.00972))
+assert(t:settle(0.00972, { provider = "p", model = "m" }))
+]], ("--store '%s' --log-level off"):format(url))
+      assert.are.equal(0, r.code, r.stderr)
+      local show = json.decode(cli("budgets show b --json").stdout)
+      assert.are.equal(0.00972, show.spent)
+      assert.are.equal(0.00028, show.remaining)
+    end)
+
     -- (before: made, and every request it sent was a 500: resil.budget refused the limit)
     it("keys add refuses a budget past what a budget holds (1e12), and makes no key", function()
       local add = cli("keys add --name big --budget 99999999999999/day")

@@ -453,7 +453,8 @@ local function describe(backend, cfg, now)
   local limit = limit_micro and from_micro(limit_micro)
   return { name = cfg.name, limit = limit, per = per or "none", period = period, source = limit and source or nil,
            spent = from_micro(spent), reserved = from_micro(reserved),
-           remaining = limit and math.max(0, limit - from_micro(spent + reserved)) or nil, holds = holds }
+           -- (in micro-dollars, as the store keeps them: $0.01 - $0.00972 read 0.00028000000000000073)
+           remaining = limit and from_micro(math.max(0, limit_micro - spent - reserved)) or nil, holds = holds }
 end
 
 -- -> { {name=, limit=, per=, period=, spent=, reserved=, remaining=, holds = {...}}, ... } | nil, err
