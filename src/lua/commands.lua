@@ -230,6 +230,9 @@ end
 local function csv_cell(v)
   if v == nil then return "" end
   v = redact(tostring(v))
+  -- a text a spreadsheet would take for a formula (=, +, -, @, a tab or CR first) is kept as
+  -- text: a ledger's model is what the provider's answer said, "=HYPERLINK(...)" ran as one
+  if v:find("^[=+%-@\t\r]") and not tonumber(v) then v = "'" .. v end
   if v:find('[,"\r\n]') then return '"' .. v:gsub('"', '""') .. '"' end
   return v
 end
