@@ -184,11 +184,11 @@ end
 
 -- Defects in files this spec's author does not own, pending their owners' fix (see the report of
 -- helper D, session 26): each fails today.
-describe("money on a bad day: a provider's garbage input count", function()
+describe("money on a bad day, pending their owners' fix:", function()
   -- policies/ai.lua (capped_usage caps the output at max_tokens, never the input): a 5-token
   -- prompt reported as 3e12 input tokens is priced $450,000 (under record_cost's 1e6 bound) and
   -- settled in a $1/day key's budget
-  pending("is not charged to a key's budget at thousands of times its limit", function()
+  pending("a provider's garbage input count is not charged to a key's budget at thousands of times its limit", function()
     local url = helpers.tmpname(".db")
     local add = helpers.run(("%s keys add --name g --budget 1/day --store %s"):format(helpers.resil, url))
     local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
@@ -203,10 +203,37 @@ describe("money on a bad day: a provider's garbage input count", function()
     assert.is_true(json.decode(show.stdout).spent <= 1, show.stdout)
   end)
 
+  -- policies/ai.lua: an answer refused as invalid output (tool arguments that are not JSON) was
+  -- paid; it is charged past the hold (ticket:charge), and the call retries with nothing held for
+  -- the retry. One request on a $0.0002 budget that holds one attempt ($0.000121) spent $0.000363,
+  -- three attempts; 200 at once on a $0.01 budget spent $0.013915
+  pending("a call's retries after paid refusals are held against the budget too", function()
+    local url = helpers.tmpname(".db")
+    local add = helpers.run(("%s keys add --name r --budget 0.0002/day --store %s"):format(helpers.resil, url))
+    local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-x", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, finish_reason = "tool_calls", message = { role = "assistant", content = json.null,
+          tool_calls = { { id = "c1", type = "function", ["function"] = { name = "f", arguments = "{not json" } } } } } },
+        usage = { prompt_tokens = 5, completion_tokens = 200, total_tokens = 205 } }) }
+    end } }))
+    local res = assert(http.request({ method = "POST", url = gateway(url, m), headers = { authorization = "Bearer " .. key },
+      body = json.encode({ model = "openai/gpt-4o-mini", max_tokens = 200, messages = MSGS,
+        tools = { { type = "function", ["function"] = { name = "f", parameters = { type = "object" } } } } }) }))
+    assert.are.equal(502, res.status, res.body)
+    local show
+    assert.is_true(helpers.wait_until(function()
+      show = json.decode(helpers.run(("%s budgets show key:r --json --store %s"):format(helpers.resil, url)).stdout)
+      return show.spent > 0
+    end, 5))
+    assert.is_true(show.spent <= 0.0002 + 0.000121, tostring(show.spent)) -- (the limit, and one attempt past it at most)
+  end)
+
   -- policies/gateway.lua (correct_tpm charges what the usage says, unbounded; the cost path
   -- already calls such a count garbage and records it without a price): the key's next request
   -- is a 429 with Retry-After: 999999941, 31 years
-  pending("does not shut a key with --tpm out for years", function()
+  pending("a provider's garbage input count does not shut a key with --tpm out for years", function()
     local url = helpers.tmpname(".db")
     local add = helpers.run(("%s keys add --name t --tpm 10000 --store %s"):format(helpers.resil, url))
     local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
