@@ -302,9 +302,15 @@ function commands.costs(args)
     out[#out + 1] = { "TOTAL", "", ("$%.6f"):format(total), unpriced > 0 and unpriced or "" }
     table_print({ by:upper(), "CALLS", "USD", "UNPRICED" }, out)
   else
-    local total = need(resil.cost.total(filter))
-    if as_json then print(json.encode({ usd = total })) return end
-    print(("total $%.6f"):format(total))
+    -- (by provider, so that calls without a price are counted too: "total $0.000000" said nothing
+    -- of a thousand calls the ledger could not price; summed in micro-dollars, as the ledger is)
+    local micro, unpriced = 0, 0
+    for _, r in ipairs(need(resil.cost.breakdown("provider", filter))) do
+      micro, unpriced = micro + math.floor(r.usd * 1e6 + 0.5), unpriced + (r.unpriced or 0)
+    end
+    local total = micro / 1e6
+    if as_json then print(json.encode({ usd = total, unpriced = unpriced > 0 and unpriced or nil })) return end
+    print(("total $%.6f%s"):format(total, unpriced_note(unpriced)))
   end
 end
 
