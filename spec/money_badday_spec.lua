@@ -87,6 +87,19 @@ for _, b in ipairs(helpers.store_backends()) do
         assert.are.equal("insufficient_quota", json.decode(res.body).error.code)
       end)
 
+    -- (before: the old set limit overrode the new key's own: listed at $100/day, held at $0)
+    it("a key made again with its own --budget is held at that, not at a limit set for the name before", function()
+      assert.are.equal(0, cli("keys add --name team --budget 5/day").code)
+      assert.are.equal(0, cli("budgets set key:team --limit 0").code)
+      assert.are.equal(0, cli("keys revoke team").code)
+      local add = cli("keys add --name team --budget 100/day")
+      assert.are.equal(0, add.code, add.stderr)
+      local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+      local res = chat(gateway(url), key)
+      assert.are.equal(200, res.status, res.body)
+      assert.matches("key:team: limit $100.000000 per day", cli("budgets show key:team").stdout, 1, true)
+    end)
+
     -- (before: each add rewrote the index it had read, over the others': of ten keys made at
     -- once four worked and were not listed, so no one could revoke them; two of one name were made)
     it("keys add run at once (a provisioning script): every key listed, one live key per name", function()

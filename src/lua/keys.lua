@@ -145,14 +145,18 @@ function keys.add(o)
     budget, err = parse_budget(budget)
     if not budget then return nil, resil.error("bad_option", err) end
   end
-  if budget == nil then
-    -- a limit set for the name's budget already (`budgets set key:NAME` before the key, or
-    -- for a key revoked since) is the key's: without one in its record the gateway reserved
-    -- nothing and the limit went unenforced
-    local cfg, cerr = s.backend:budget_config("key:" .. o.name)
-    if cfg == nil and cerr ~= nil then return nil, cerr end
-    if cfg and cfg.limit_micro then
+  -- A limit set for the name's budget already (`budgets set key:NAME` before the key, or for a
+  -- key revoked since) is the key's when it is made without --budget: without one in its record
+  -- the gateway reserved nothing and the limit went unenforced. Made with --budget, the key's is
+  -- set in its place: the old one overrode it (a key listed at $100/day was held at $0).
+  local cfg, cerr = s.backend:budget_config("key:" .. o.name)
+  if cfg == nil and cerr ~= nil then return nil, cerr end
+  if cfg and cfg.limit_micro then
+    if budget == nil then
       budget = { limit = cfg.limit_micro / 1e6, per = cfg.per ~= "none" and cfg.per or nil }
+    elseif math.floor(budget.limit * 1e6 + 0.5) ~= cfg.limit_micro or (budget.per or "none") ~= cfg.per then
+      local ok, serr = require("resil.budgets").set(s, "key:" .. o.name, budget.limit, budget.per)
+      if not ok then return nil, serr end
     end
   end
   return one_at_a_time(s, add_listed, s, o, budget)
