@@ -612,8 +612,33 @@ end
 -- An answer's output is at most max_tokens per choice, as the providers
 -- bill it: more is the provider's garbage (1e12 tokens to a max_tokens of
 -- 50 spent a day's budget 10^10 times over). Recorded at that most, and said.
+-- Input has no max_tokens, but no model reads more than some millions of tokens in one call (the
+-- largest contexts: 1 to 10 million): a count past that is the provider's garbage too (3e12 tokens
+-- for a 5-token prompt priced $450,000, under record_cost's bound, into a $1 budget). Recorded at
+-- the request's estimate, what its hold was made of, with the cache counts it cannot hold, and said.
+local MOST_INPUT = 10000000
+local function input_capped(r, req, u)
+  if type(u) ~= "table" then return u end
+  local input = u.input_tokens
+  if not (type(input) == "number" and input > MOST_INPUT) then
+    for _, k in ipairs({ "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens" }) do
+      local v = u[k]
+      if type(v) == "number" and v > MOST_INPUT then input = v break end
+    end
+    if not (type(input) == "number" and input > MOST_INPUT) then return u end
+  end
+  local c = {}
+  for k, v in pairs(u) do c[k] = v end
+  c.input_tokens = text_input_tokens(req)
+  c.cached_input_tokens, c.cache_write_tokens, c.cache_write_1h_tokens = nil, nil, nil
+  resil.log.error("ai: an answer reported more input tokens than any model reads; recorded at the request's estimate",
+    { provider = r.provider, model = r.model or r.requested_model, input_tokens = input,
+      recorded_input_tokens = c.input_tokens })
+  return c
+end
+
 local function capped_usage(r, req)
-  local u, most = r.usage, math.type(req.max_tokens) == "integer" and req.max_tokens or nil
+  local u, most = input_capped(r, req, r.usage), math.type(req.max_tokens) == "integer" and req.max_tokens or nil
   if not most and req.budget ~= nil then -- what wire_request sent a budgeted call without one
     local conf = ai.config[r.provider]
     most = budget_max_tokens(type(conf) == "table" and conf or nil, ai.adapters[r.provider])
@@ -825,6 +850,46 @@ local function give_up_opened(g)
   end
 end
 
+-- A retry after an attempt that was paid for and refused (invalid output, a cut answer) is held
+-- against the budget as the first attempt was: the call's hold is for its answer, and each paid
+-- refusal is charged beside it. Asked before each attempt and backoff (policies.retry's give_up):
+-- a paid refusal not yet held for takes a hold of the call's estimate, and one the budget refuses
+-- ends the retries with the last attempt's failure (err.gave_up = "budget_exceeded"). Before, the
+-- retries ran with nothing held: one request on a $0.0002 budget spent $0.000363, three attempts.
+-- The holds go once the refusals are recorded (release_retry_holds).
+local function held_retries(guard, give_up)
+  if not guard.ticket then return give_up end
+  return function()
+    local why = give_up and give_up()
+    if why then return why end
+    local paid = 0
+    for _, list in ipairs(guard.refused) do paid = paid + #list end
+    local holds = guard.retry_holds
+    if paid <= (holds and #holds or 0) then return nil end
+    local req = guard.req
+    local budget = type(req.budget) == "string" and resil.budget(req.budget) or req.budget
+    local more = budget and budget:reserve(guard.ticket.estimate or 0)
+    if not more then return "budget_exceeded" end
+    more:keep()
+    holds = holds or {}
+    guard.retry_holds = holds
+    holds[#holds + 1] = more
+    return nil
+  end
+end
+
+local function release_retry_holds(guard)
+  local holds = guard.retry_holds
+  if not holds then return end
+  guard.retry_holds = nil
+  for _, h in ipairs(holds) do if not h.done then h:release() end end
+end
+
+local function record_refusals_then_release(g)
+  if any_refused(g) then record_refusals(g) end
+  release_retry_holds(g)
+end
+
 -- A call's guard: a call canceled between its reservation and its settle (a
 -- client that gave up, a deadline) must not leave its hold until it expires,
 -- and records the attempts it had refused. __close runs at the cancel,
@@ -840,7 +905,7 @@ local call_guard_mt = { __close = function(g)
   if g.done then return end
   take_canceled(g)
   give_up_opened(g)
-  if any_refused(g) then resil.spawn(record_refusals, g) end
+  if any_refused(g) or g.retry_holds then resil.spawn(record_refusals_then_release, g) end
   if g.ticket and not g.ticket.done then resil.spawn(g.ticket.release, g.ticket) end
 end }
 local function call_guard(ticket, req, operation)
@@ -854,8 +919,9 @@ end
 local function add_refusals(guard, r, err)
   if not guard then return end
   take_canceled(guard) -- (an attempt in a task canceled on its own, a deadline's)
-  if not any_refused(guard) then return end
+  if not any_refused(guard) then return release_retry_holds(guard) end
   local usd, unpriced = record_refusals(guard)
+  release_retry_holds(guard) -- (after: the charges are in the budget before their holds go)
   if r then
     if unpriced then r.cost_usd = nil elseif r.cost_usd then r.cost_usd = (micro(r.cost_usd) + micro(usd)) / 1e6 end
   elseif type(err) == "table" then
@@ -1016,7 +1082,7 @@ local function target_failed(t, err)
 end
 
 local function chat_attempts(t, req, guard, wire, deadline)
-  local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
+  local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up))
   if res == nil then return target_failed(t, err) end
   local data = classify.decoded(res)
   local r = t.adapter.parse(data)
@@ -1279,7 +1345,7 @@ local function open(self)
   for i, t in ipairs(targets) do
     local opener = stream_opener(t, req, refused_list(guard, t))
     strategies[i] = { name = t.name, fn = function(_, deadline)
-      local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t), req.give_up)
+      local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t), held_retries(guard, req.give_up))
       if res == nil then return target_failed(t, err) end
       return { res = res, target = t }
     end }
@@ -1507,7 +1573,7 @@ local function embed_strategy(spec, req, level, guard)
   local wire = { method = "POST", url = adapter.embed_url(base_url(adapter, conf)),
     headers = adapter.headers(key or nil, conf), json = adapter.embed_body(req, model, conf) }
   return { name = t.name, t = t, fn = function(_, deadline)
-    local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t), req.give_up)
+    local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up))
     if res == nil then return target_failed(t, cerr) end
     local r = adapter.embed_parse(classify.decoded(res))
     r.attempts = res.attempts

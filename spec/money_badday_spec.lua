@@ -195,13 +195,12 @@ print(t and "granted" or err.kind)
   end)
 end
 
--- Defects in files this spec's author does not own, pending their owners' fix (see the report of
--- helper D, session 26): each fails today.
-describe("money on a bad day, pending their owners' fix:", function()
+-- Defects helper D found in files it did not own (session 26), fixed by their owner.
+describe("money on a bad day, a provider's garbage and paid refusals:", function()
   -- policies/ai.lua (capped_usage caps the output at max_tokens, never the input): a 5-token
   -- prompt reported as 3e12 input tokens is priced $450,000 (under record_cost's 1e6 bound) and
   -- settled in a $1/day key's budget
-  pending("a provider's garbage input count is not charged to a key's budget at thousands of times its limit", function()
+  it("a provider's garbage input count is not charged to a key's budget at thousands of times its limit", function()
     local url = helpers.tmpname(".db")
     local add = helpers.run(("%s keys add --name g --budget 1/day --store %s"):format(helpers.resil, url))
     local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
@@ -220,7 +219,7 @@ describe("money on a bad day, pending their owners' fix:", function()
   -- paid; it is charged past the hold (ticket:charge), and the call retries with nothing held for
   -- the retry. One request on a $0.0002 budget that holds one attempt ($0.000121) spent $0.000363,
   -- three attempts; 200 at once on a $0.01 budget spent $0.013915
-  pending("a call's retries after paid refusals are held against the budget too", function()
+  it("a call's retries after paid refusals are held against the budget too", function()
     local url = helpers.tmpname(".db")
     local add = helpers.run(("%s keys add --name r --budget 0.0002/day --store %s"):format(helpers.resil, url))
     local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
@@ -246,7 +245,7 @@ describe("money on a bad day, pending their owners' fix:", function()
   -- policies/gateway.lua (correct_tpm charges what the usage says, unbounded; the cost path
   -- already calls such a count garbage and records it without a price): the key's next request
   -- is a 429 with Retry-After: 999999941, 31 years
-  pending("a provider's garbage input count does not shut a key with --tpm out for years", function()
+  it("a provider's garbage input count does not shut a key with --tpm out for years", function()
     local url = helpers.tmpname(".db")
     local add = helpers.run(("%s keys add --name t --tpm 10000 --store %s"):format(helpers.resil, url))
     local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
