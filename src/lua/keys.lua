@@ -162,21 +162,18 @@ function keys.add(o)
   return one_at_a_time(s, add_listed, s, o, budget)
 end
 
--- keys.set_budget(name, limit, per [, store]) -> how many live keys named so now carry
--- that budget | nil, err. `budgets set key:NAME` on a key made without
--- --budget set a limit the gateway never reserved against (it reserves only
--- for a key whose record has a budget); the record now says it, and `keys
--- list` shows the limit in force.
-local function set_budget(s, name, limit, per)
+-- each live key of the index match(entry) names: its record changed by change(rec) and written
+-- -> how many | nil, err (the store failed: those before the failure are written)
+local function update_live(s, match, change)
   local list, lerr = index(s)
   if not list then return nil, lerr end
   local n = 0
   for _, e in ipairs(list) do
-    if e.name == name then
+    if match(e) then
       local rec, gerr = keys.lookup(e.hash)
       if gerr then return nil, gerr end
       if rec and not rec.revoked then
-        rec.budget = { limit = limit, per = per ~= "none" and per or nil }
+        change(rec)
         local ok, serr = s:set(record_key(e.hash), json.encode(rec))
         if not ok then return nil, serr end
         n = n + 1
@@ -184,6 +181,16 @@ local function set_budget(s, name, limit, per)
     end
   end
   return n
+end
+
+-- keys.set_budget(name, limit, per [, store]) -> how many live keys named so now carry
+-- that budget | nil, err. `budgets set key:NAME` on a key made without
+-- --budget set a limit the gateway never reserved against (it reserves only
+-- for a key whose record has a budget); the record now says it, and `keys
+-- list` shows the limit in force.
+local function set_budget(s, name, limit, per)
+  return update_live(s, function(e) return e.name == name end,
+    function(rec) rec.budget = { limit = limit, per = per ~= "none" and per or nil } end)
 end
 -- (in turn with revoke: a record read before a revoke and written after it made the key live again)
 function keys.set_budget(name, limit, per, st)
@@ -211,22 +218,8 @@ end
 -- keys.revoke(name or id) -> how many keys were revoked | nil, err (the
 -- store failed: a key said to be revoked must be; those before the failure are)
 local function revoke(s, which)
-  local list, lerr = index(s)
-  if not list then return nil, lerr end
-  local n = 0
-  for _, e in ipairs(list) do
-    if e.name == which or e.id == which then
-      local rec, gerr = keys.lookup(e.hash)
-      if gerr then return nil, gerr end
-      if rec and not rec.revoked then
-        rec.revoked = resil.clock.wall()
-        local ok, serr = s:set(record_key(e.hash), json.encode(rec))
-        if not ok then return nil, serr end
-        n = n + 1
-      end
-    end
-  end
-  return n
+  return update_live(s, function(e) return e.name == which or e.id == which end,
+    function(rec) rec.revoked = resil.clock.wall() end)
 end
 function keys.revoke(which)
   local s, err = store()
