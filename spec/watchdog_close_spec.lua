@@ -48,4 +48,23 @@ print(resil.spawn(function() error("only the task's", 0) end):join())
     assert.are.equal(1, lines, r.stderr)
     assert.matches('"error":"[^"]*%.lua:3: the handler\'s own"', r.stderr)
   end)
+
+  -- A task that cancels others (each cancel runs their <close> handlers as a resume of
+  -- their own) and never yields: the resume count moved at each cancel, and the watchdog,
+  -- which times one resume, never saw the same one twice. It ran unstopped (3 s here,
+  -- for ever in a real loop); before the cancels were timed, it was stopped at 0.3 s.
+  it("still stops a task that loops canceling other tasks", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local t = resil.spawn(function()
+  local t0 = os.clock()
+  while os.clock() - t0 < 3 do resil.spawn(function() resil.sleep(60) end):cancel() end
+  return "never stopped"
+end)
+print(t:join())
+]])
+    local r = helpers.run("timeout -s KILL 30 " .. helpers.resil .. " --max-task-seconds 0.3 --log-level off " .. script)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("^false\t[^\n]*ran [%d.]+ s without yielding %(%-%-max%-task%-seconds=0.3%)\n$", r.stdout)
+  end)
 end)
