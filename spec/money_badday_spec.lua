@@ -100,6 +100,18 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.matches("key:team: limit $100.000000 per day", cli("budgets show key:team").stdout, 1, true)
     end)
 
+    -- (before: the name's set limit was replaced by the new --budget first, and the add then
+    -- refused the name: the live key, listed and held at $100/day, was now at $1, or any sum typed)
+    it("keys add refused for a name a live key has leaves that key's budget as it was", function()
+      assert.are.equal(0, cli("keys add --name live --budget 100/day").code)
+      assert.are.equal(0, cli("budgets set key:live --limit 100 --per day").code)
+      local again = cli("keys add --name live --budget 1/day")
+      assert.are.equal(1, again.code, again.stdout)
+      assert.matches("a live key is named 'live' already", again.stderr, 1, true)
+      assert.matches("live%s+active%s+%$100/day", cli("keys list").stdout)
+      assert.matches("key:live: limit $100.000000 per day", cli("budgets show key:live").stdout, 1, true)
+    end)
+
     -- (before: each add rewrote the index it had read, over the others': of ten keys made at
     -- once four worked and were not listed, so no one could revoke them; two of one name were made)
     it("keys add run at once (a provisioning script): every key listed, one live key per name", function()
