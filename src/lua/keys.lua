@@ -83,7 +83,9 @@ keys.parse_budget = parse_budget
 -- has it, until it deletes it; one that died holding it lets go after
 -- LOCK_TTL seconds). -> fn's results | nil, err
 local LOCK, LOCK_TTL, LOCK_WAIT = INDEX .. ":lock", 10, 20
+local holding -- the task that has the turn (its fn's own one_at_a_time: `budgets set` from add_listed)
 local function one_at_a_time(s, fn, ...)
+  if holding and holding == resil.running() then return fn(...) end
   local deadline = resil.now() + LOCK_WAIT
   while true do
     local n, err = s:incr(LOCK, 1, LOCK_TTL)
@@ -95,14 +97,18 @@ local function one_at_a_time(s, fn, ...)
     end
     resil.sleep(0.005 + math.random() * 0.02)
   end
+  holding = resil.running()
   local r = table.pack(pcall(fn, ...))
+  holding = nil
   s:del(LOCK)
   if not r[1] then error(r[2], 0) end
   return table.unpack(r, 2, r.n)
 end
 
--- (one_at_a_time) the key made and listed, its name checked against the live keys
-local function add_listed(s, o, budget)
+-- (one_at_a_time) the key made and listed, its name checked against the live keys; set_limit:
+-- its --budget set in place of the name's limit, once the name is known free (set before, a
+-- refused add changed the live key's limit)
+local function add_listed(s, o, budget, set_limit)
   local list, lerr = index(s)
   if not list then return nil, lerr end
   for _, e in ipairs(list) do
@@ -114,6 +120,10 @@ local function add_listed(s, o, budget)
     if live and not live.revoked then
       return nil, resil.error("exists", ("a live key is named '%s' already (revoke it first)"):format(o.name))
     end
+  end
+  if set_limit then
+    local ok, serr = require("resil.budgets").set(s, "key:" .. o.name, budget.limit, budget.per)
+    if not ok then return nil, serr end
   end
   local key = "sk-resil-" .. b64url(resil.crypto.random(32))
   local hash = resil.crypto.sha256(key)
@@ -151,15 +161,15 @@ function keys.add(o)
   -- set in its place: the old one overrode it (a key listed at $100/day was held at $0).
   local cfg, cerr = s.backend:budget_config("key:" .. o.name)
   if cfg == nil and cerr ~= nil then return nil, cerr end
+  local set_limit = false
   if cfg and cfg.limit_micro then
     if budget == nil then
       budget = { limit = cfg.limit_micro / 1e6, per = cfg.per ~= "none" and cfg.per or nil }
     elseif math.floor(budget.limit * 1e6 + 0.5) ~= cfg.limit_micro or (budget.per or "none") ~= cfg.per then
-      local ok, serr = require("resil.budgets").set(s, "key:" .. o.name, budget.limit, budget.per)
-      if not ok then return nil, serr end
+      set_limit = true
     end
   end
-  return one_at_a_time(s, add_listed, s, o, budget)
+  return one_at_a_time(s, add_listed, s, o, budget, set_limit)
 end
 
 -- each live key of the index match(entry) names: its record changed by change(rec) and written
