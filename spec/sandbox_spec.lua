@@ -126,6 +126,30 @@ print(pcall(io.open, %q, "a"))
     os.execute("rm -rf " .. dir)
   end)
 
+  -- (resil.sqlite.open is let through for the host's own store's path, as the store's own open
+  -- is: a sandboxed script opened it so and ran its own SQL there, the ledger's rows deleted)
+  it("never lets a script open the host's own store with resil.sqlite: the ledger stays", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local store = dir .. "/state.db"
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait = true })
+print(pcall(function()
+  local db = assert(resil.sqlite.open(%q))
+  return db:tx(function(tx) tx:exec("DELETE FROM costs") return "deleted" end)
+end))
+]]):format(store))
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^false\t[^\n]*state%.db is the host's own store", r.stdout)
+    local costs = helpers.run(("%s costs --store %s"):format(R, store))
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("%$1%.500000", costs.stdout)
+    os.execute("rm -rf " .. dir)
+  end)
+
   -- (before: getmetatable("") gave the strings' own metatable, whose __index is the string
   -- table the host's modules call too: a script that replaced string.format there had the host's
   -- metrics writer open, truncate and move away a file outside every folder it may use)
