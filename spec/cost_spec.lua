@@ -515,3 +515,33 @@ assert(resil.cost.record({ provider = "q", model = "unknown" }))
     assert.are.equal(2, j.unpriced)
   end)
 end)
+
+-- (before: a call with a budget wrapped its give_up to hold each paid refusal's retry, and the
+-- wrapper, never nil, took the place of the provider's own retry.give_up: a budgeted call no longer
+-- asked it, and retried, paid, to its max_retries after it said to stop)
+describe("ai.chat with a budget", function()
+  it("asks the provider's retry.give_up, as a call without one does", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local ai = require "policies.ai"
+local sent = 0
+local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function()
+  sent = sent + 1
+  return { status = 500, headers = { ["content-type"] = "application/json" }, body = '{"error":{"message":"down"}}' }
+end } }))
+resil.budget("give-up-spec", { limit = 10 })
+ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+  retry = { max_retries = 3, base = 0.01, cap = 0.01, give_up = function() return "stopping" end } })
+for _, budget in ipairs({ false, "give-up-spec" }) do
+  sent = 0
+  local _, err = ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 5, messages = { { role = "user", content = "hi" } },
+    budget = budget or nil })
+  print(budget, sent, err.gave_up)
+end
+m:stop()
+]], "--log-level off --store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("false\t0\tstopping\ngive-up-spec\t0\tstopping\n", r.stdout)
+  end)
+end)
