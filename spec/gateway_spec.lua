@@ -2122,6 +2122,40 @@ describe("resil-lua gateway and resil-lua keys", function()
     assert.are.equal("model-b", served_model())
   end)
 
+  -- A config that fails as it runs (a raise after its ai.configure calls, not a syntax error) fails
+  -- the reload too: the config before serves, its providers as they were. (ai.config is kept across
+  -- versions: the failed run's ai.configure stayed, and each call not cached before went to the
+  -- address it named, a 502.)
+  it("a config that raises at a reload after its ai.configure leaves the providers as they were", function()
+    local m = mock_upstream()
+    local db = helpers.tmpname(".db")
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(m.url .. "/v1"))
+    local pid, port, log = start_gateway(config, db)
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+    end)
+    local function status(model)
+      local res = http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+        body = json.encode({ model = model, messages = MSGS }), headers = { ["content-type"] = "application/json" } })
+      return res and res.status
+    end
+    assert.are.equal(200, status("openai/model-a"))
+    helpers.write(config, [[
+      require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:9/v1", api_key = "sk-test-123456" })
+      error("the config's own error")
+    ]])
+    os.execute("kill -HUP " .. pid)
+    assert.is_true(helpers.wait_until(function()
+      return helpers.slurp(log):match("policy reload failed[^\n]*the config's own error") ~= nil
+    end, 10), helpers.slurp(log))
+    assert.are.equal(200, status("openai/model-a"))
+    assert.are.equal(200, status("openai/model-b"), helpers.slurp(log))
+  end)
+
   -- (before: the count of such calls was the first version's, and after a reload the drain did not
   -- wait: the provider billed the call and the ledger never had it)
   it("after a policy reload, a SIGTERM still waits for a call whose client left, and records it", function()
