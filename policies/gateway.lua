@@ -1813,7 +1813,16 @@ end
 if kept.path then
   local chunk, err = loadfile(kept.path)
   if not chunk then error(err, 0) end
-  local conf = run_capped(chunk, kept.path)
+  -- (ai.config is one table for every version: a config that raises after its ai.configure calls
+  -- has them undone, else the version before served on with the providers the failed run named)
+  local providers = {}
+  for k, v in pairs(ai.config) do providers[k] = v end
+  local ok, conf = pcall(run_capped, chunk, kept.path)
+  if not ok then
+    for k in pairs(ai.config) do ai.config[k] = nil end
+    for k, v in pairs(providers) do ai.config[k] = v end
+    error(conf, 0)
+  end
   gateway.config = config_defaults()
   if conf ~= nil then gateway.configure(conf) end
   gateway.config.shared_limits = kept.shared_limits
