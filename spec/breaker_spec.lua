@@ -51,6 +51,21 @@ describe("resil.breaker", function()
     assert.are.equal(5, err.retry_after)
   end)
 
+  it("asked again with an open_for_max it refused (a reload that failed): it still follows open_for", function()
+    -- (before: the refused open_for_max counted as given: open_for lowered from 60 to 5 at the next
+    -- reload, a failed probe reopened for 60 s)
+    fresh { window_type = "count", window = 2, min_calls = 2, failure_rate = 0.5, open_for = 60 }
+    local name = "breaker-spec-" .. seq
+    assert.is_false((pcall(resil.breaker, name, { open_for = 5, open_for_max = -1 })))
+    local br = resil.breaker(name, { open_for = 5 })
+    record_all(br, { false, false })
+    resil.sleep(5)
+    assert.is_true((br:allow()))
+    br:record(false, 0.01)
+    local _, err = br:allow()
+    assert.are.equal(5, err.retry_after)
+  end)
+
   it("rejects while open with retry_after until half-open, then lets probes through", function()
     local br = fresh { window_type = "count", window = 2, min_calls = 2, failure_rate = 0.5, open_for = 10 }
     record_all(br, { false, false })

@@ -44,6 +44,16 @@ describe("resil.bucket (GCRA)", function()
     assert.are.equal(100, given:state().burst)
   end)
 
+  it("asked again with a burst it refused (a reload that failed): the burst still follows the rate", function()
+    -- (before: the refused burst counted as given: the next reload, fixed, from 500 to 50 a minute
+    -- kept the burst of 500)
+    local b = fresh { rate = 500, per = 60 }
+    local name = "bucket-spec-" .. seq
+    assert.is_false((pcall(resil.bucket, name, { rate = 50, per = 60, burst = -1 })))
+    b = resil.bucket(name, { rate = 50, per = 60 })
+    assert.are.equal(50, b:state().burst)
+  end)
+
   it("refills partially: after 0.5 s at 5/s, two tokens and a half", function()
     local b = fresh { rate = 5, per = 1, burst = 5 }
     for _ = 1, 5 do assert.is_true((b:try())) end
