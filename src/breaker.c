@@ -218,10 +218,11 @@ static void configure(lua_State *L, breaker *br, int opts) {
   br->slow_call_rate = opt_number(L, opts, br, "slow_call_rate", br->slots ? br->slow_call_rate : 1, 0, 1);
   br->min_calls = (int)opt_number(L, opts, br, "min_calls", br->slots ? br->min_calls : 10, 1, 1e9);
   br->open_for = opt_number(L, opts, br, "open_for", br->slots ? br->open_for : 30, 0, HUGE_VAL);
-  if (lua_getfield(L, opts, "open_for_max") != LUA_TNIL) br->open_for_max_given = 1;
+  int max_given = lua_getfield(L, opts, "open_for_max") != LUA_TNIL;
   lua_pop(L, 1);
   br->open_for_max =
     opt_number(L, opts, br, "open_for_max", br->open_for_max_given ? br->open_for_max : br->open_for, 0, HUGE_VAL);
+  if (max_given) br->open_for_max_given = 1; /* (once taken: one refused above leaves it following open_for) */
   if (br->open_for_max < br->open_for) br->open_for_max = br->open_for;
   br->backoff = opt_number(L, opts, br, "backoff", br->slots ? br->backoff : 2, 1, 100);
   br->half_open_calls = (int)opt_number(L, opts, br, "half_open_calls", br->slots ? br->half_open_calls : 1, 1, 1e6);

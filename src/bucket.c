@@ -218,7 +218,7 @@ static void configure(lua_State *L, bucket *b, int opts) {
   double rate = opt_positive(L, opts, b->name, "rate", b->rate);
   double per = opt_positive(L, opts, b->name, "per", b->per ? b->per : 1);
   if (!(rate > 0)) resil_raise(L, "bucket '%s': rate is required (tokens per `per` seconds)", b->name);
-  if (lua_getfield(L, opts, "burst") != LUA_TNIL) b->burst_given = 1;
+  int burst_given = lua_getfield(L, opts, "burst") != LUA_TNIL || b->burst_given;
   lua_pop(L, 1);
   double burst = opt_positive(L, opts, b->name, "burst", b->burst_given ? b->burst : rate);
   if (lua_getfield(L, opts, "unit") == LUA_TSTRING) {
@@ -239,6 +239,7 @@ static void configure(lua_State *L, bucket *b, int opts) {
   b->rate = rate;
   b->per = per;
   b->burst = burst;
+  b->burst_given = burst_given; /* (once taken: one refused above leaves it following the rate) */
   b->interval_ns = interval;
   serve(b); /* a faster rate may serve waiters now */
 }
