@@ -654,3 +654,24 @@ describe("a shared bucket (GCRA state in the store)", function()
     near(0.1, resil.now() - t0)
   end)
 end)
+
+-- A reload whose config gave a shared bucket a bad burst (or per) fails; the version before serves
+-- on with that bucket, as a local one does. (Before: the bad value was taken before it was refused:
+-- every try of the bucket in use raised, and every reload after, fixed, was refused again.)
+describe("a shared bucket asked again with bad options", function()
+  local helpers = require "spec.helpers"
+  before_each(function()
+    resil.clock.virtual()
+    resil.store_config({ url = helpers.tmpname(".db") })
+  end)
+
+  it("refuses them and stays as it was", function()
+    local b = resil.bucket("shared-bad-burst", { rate = 600, per = 60, shared = true })
+    assert.is_false((pcall(resil.bucket, "shared-bad-burst", { rate = 50, per = 60, burst = -1, shared = true })))
+    assert.is_false((pcall(resil.bucket, "shared-bad-burst", { rate = 50, per = "x", shared = true })))
+    assert.is_true((b:try(1)))
+    assert.are.equal(600, b:state().burst)
+    b = resil.bucket("shared-bad-burst", { rate = 50, per = 60, shared = true })
+    assert.are.equal(50, b:state().burst)
+  end)
+end)
