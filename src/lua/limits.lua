@@ -90,6 +90,14 @@ function SharedBucket:configure(opts)
   self.on_outage = outage
   local rate, per = opts.rate or self.rate, opts.per or self.per or 1
   if type(rate) ~= "number" or rate <= 0 then error(("bucket '%s': rate must be a positive number"):format(self.label), 3) end
+  -- (refused before anything is taken: taken first, a reload that failed on them left the bucket in
+  -- use refusing every try, and each reload after refused too)
+  for _, k in ipairs({ "per", "burst" }) do
+    local v = opts[k]
+    if v ~= nil and not (type(v) == "number" and v > 0 and v < math.huge) then
+      error(("bucket '%s': %s must be a positive number, got %s"):format(self.label, k, tostring(v)), 3)
+    end
+  end
   local unit = opts.unit or self.unit or "requests"
   if unit ~= "requests" and unit ~= "tokens" then
     error(("bucket '%s': unit must be \"requests\" or \"tokens\", got \"%s\""):format(self.label, tostring(unit)), 3)
