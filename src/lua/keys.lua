@@ -85,7 +85,8 @@ keys.parse_budget = parse_budget
 local LOCK, LOCK_TTL, LOCK_WAIT = INDEX .. ":lock", 10, 20
 local holding -- the task that has the turn (its fn's own one_at_a_time: `budgets set` from add_listed)
 local function one_at_a_time(s, fn, ...)
-  if holding and holding == resil.running() then return fn(...) end
+  local me = resil.running() or "outside any task"
+  if holding == me then return fn(...) end
   local deadline = resil.now() + LOCK_WAIT
   while true do
     local n, err = s:incr(LOCK, 1, LOCK_TTL)
@@ -97,7 +98,7 @@ local function one_at_a_time(s, fn, ...)
     end
     resil.sleep(0.005 + math.random() * 0.02)
   end
-  holding = resil.running()
+  holding = me
   local r = table.pack(pcall(fn, ...))
   holding = nil
   s:del(LOCK)
