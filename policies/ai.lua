@@ -857,7 +857,9 @@ end
 -- ends the retries with the last attempt's failure (err.gave_up = "budget_exceeded"). Before, the
 -- retries ran with nothing held: one request on a $0.0002 budget spent $0.000363, three attempts.
 -- The holds go once the refusals are recorded (release_retry_holds).
-local function held_retries(guard, give_up)
+local function held_retries(guard, give_up, caller)
+  -- (the provider's own retry.give_up when the call has none, as Provider:attempts takes it)
+  give_up = give_up or caller.retry_opts and caller.retry_opts.give_up
   if not guard.ticket then return give_up end
   return function()
     local why = give_up and give_up()
@@ -1082,7 +1084,7 @@ local function target_failed(t, err)
 end
 
 local function chat_attempts(t, req, guard, wire, deadline)
-  local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up))
+  local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up, t.caller))
   if res == nil then return target_failed(t, err) end
   local data = classify.decoded(res)
   local r = t.adapter.parse(data)
@@ -1345,7 +1347,7 @@ local function open(self)
   for i, t in ipairs(targets) do
     local opener = stream_opener(t, req, refused_list(guard, t))
     strategies[i] = { name = t.name, fn = function(_, deadline)
-      local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t), held_retries(guard, req.give_up))
+      local res, err = t.caller:attempts(opener, deadline, refused_list(guard, t), held_retries(guard, req.give_up, t.caller))
       if res == nil then return target_failed(t, err) end
       return { res = res, target = t }
     end }
@@ -1573,7 +1575,7 @@ local function embed_strategy(spec, req, level, guard)
   local wire = { method = "POST", url = adapter.embed_url(base_url(adapter, conf)),
     headers = adapter.headers(key or nil, conf), json = adapter.embed_body(req, model, conf) }
   return { name = t.name, t = t, fn = function(_, deadline)
-    local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up))
+    local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up, caller))
     if res == nil then return target_failed(t, cerr) end
     local r = adapter.embed_parse(classify.decoded(res))
     r.attempts = res.attempts

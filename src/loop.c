@@ -358,16 +358,26 @@ static int task_close_as_resume(task *t, lua_State *err_on) {
   resil_t *R = t->R;
   task *outer = R->current;
   resil_t *outer_host = watchdog_host;
-  /* (inside another task's resume the count is odd: it stays odd, a resume of its own) */
-  unsigned long step = (atomic_load(&R->resume_seq) & 1) ? 2 : 1;
+  /* (inside another task's resume the count is odd: the handlers are timed as part of it, the
+   * count unchanged, else a task that looped canceling others was never seen twice in one resume;
+   * stopped there, the outer is timed afresh) */
+  int nested = (atomic_load(&R->resume_seq) & 1) != 0;
   R->current = t;
   t->stop_raised = 0;
   watchdog_host = R;
-  atomic_fetch_add(&R->resume_seq, step);
+  if (!nested) atomic_fetch_add(&R->resume_seq, 1);
+  unsigned long seq = atomic_load(&R->resume_seq);
   int status = lua_resetthread(t->co);
-  atomic_fetch_add(&R->resume_seq, step);
+  int stopped = t->stop_raised;
+  if (!nested) atomic_fetch_add(&R->resume_seq, 1);
   watchdog_host = outer_host;
   R->current = outer;
+  /* the watchdog asked as the handlers ran: a handler it stopped leaves the outer timed afresh;
+   * else the time was the outer's, stopped now */
+  if (nested && atomic_load(&R->runaway_request) == seq) {
+    if (stopped) atomic_fetch_add(&R->resume_seq, 2);
+    else loop_arm_runaway(R);
+  }
   /* a handler that raised, or looped until the watchdog stopped it: said,
    * with its file:line (the task's own end says only canceled, or its
    * error). A task that failed resets with its error's status, and the error
