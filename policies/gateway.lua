@@ -1808,7 +1808,8 @@ end
 -- keys' rules, limits and providers (its ai.configure calls) change for the requests after it.
 -- Its error (a syntax error, a raise, a loop past the cap) fails the reload, and the version
 -- before keeps serving with its own config (each version holds its own table: a reload that
--- fails later in another file puts both back). What the server was started with (--listen,
+-- fails later in another file puts it back; the providers its ai.configure calls set stay then,
+-- ai.config being one table for every version). What the server was started with (--listen,
 -- --workers, max_body, read_timeout) stays as it started.
 if kept.path then
   local chunk, err = loadfile(kept.path)
