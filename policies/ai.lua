@@ -870,8 +870,10 @@ local function held_retries(guard, give_up, caller)
     if paid <= (holds and #holds or 0) then return nil end
     local req = guard.req
     local budget = type(req.budget) == "string" and resil.budget(req.budget) or req.budget
-    local more = budget and budget:reserve(guard.ticket.estimate or 0)
-    if not more then return "budget_exceeded" end
+    local more, refused = nil, nil
+    if budget then more, refused = budget:reserve(guard.ticket.estimate or 0) end
+    -- (the budget's refusal, or the store's outage: said as what it is)
+    if not more then return type(refused) == "table" and refused.kind or "budget_exceeded" end
     more:keep()
     holds = holds or {}
     guard.retry_holds = holds
