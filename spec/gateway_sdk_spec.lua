@@ -13,16 +13,7 @@ describe("the official SDKs against the gateway", function()
   end
 
   local results, out
-  setup(function()
-    local log
-    out, log = helpers.with_server(("%s spec/sdk/gateway_server.lua %s"):format(helpers.resil, helpers.tmpname(".db")),
-      "(%b{})", function(line)
-        local env = helpers.write(helpers.tmpname(".json"), line)
-        return helpers.run(("cd spec/sdk && GATEWAY=\"$(cat %s)\" node gateway.mjs"):format(env))
-      end)
-    assert(out, "the gateway did not start: " .. tostring(log))
-    results = helpers.sdk_results(out.stdout)
-  end)
+  setup(function() results, out = helpers.sdk_against_gateway("spec/sdk/gateway_server.lua", "gateway.mjs") end)
 
   local CHECKS = {
     "openai: chat through the gateway",

@@ -14,16 +14,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
   end
 
   local results, out
-  setup(function()
-    local log
-    out, log = helpers.with_server(("%s spec/sdk/wire_server.lua %s"):format(helpers.resil, helpers.tmpname(".db")),
-      "(%b{})", function(line)
-        local env = helpers.write(helpers.tmpname(".json"), line)
-        return helpers.run(("cd spec/sdk && GATEWAY=\"$(cat %s)\" node wire.mjs"):format(env))
-      end)
-    assert(out, "the gateway did not start: " .. tostring(log))
-    results = helpers.sdk_results(out.stdout)
-  end)
+  setup(function() results, out = helpers.sdk_against_gateway("spec/sdk/wire_server.lua", "wire.mjs") end)
 
   local CHECKS = {
     "openai: embeddings from an upstream that ignores encoding_format reach the SDK as its vectors",

@@ -230,6 +230,19 @@ end
 
 -- Why the official SDKs (spec/sdk, installed by `make deps`) cannot run
 -- here, or nil when they can.
+-- The official SDKs' script `mjs` (in spec/sdk) run against the gateway `server` (a script in
+-- spec/sdk that prints its environment as a JSON line once it serves) -> the checks' results
+-- (helpers.sdk_results), and the script's run
+function helpers.sdk_against_gateway(server, mjs)
+  local out, log = helpers.with_server(("%s %s %s"):format(helpers.resil, server, helpers.tmpname(".db")),
+    "(%b{})", function(line)
+      local env = helpers.write(helpers.tmpname(".json"), line)
+      return helpers.run(("cd spec/sdk && GATEWAY=\"$(cat %s)\" node %s"):format(env, mjs))
+    end)
+  assert(out, "the gateway did not start: " .. tostring(log))
+  return helpers.sdk_results(out.stdout), out
+end
+
 function helpers.sdk_skip_reason()
   if helpers.run("command -v node").code ~= 0 then return "node is not installed" end
   local f = io.open("spec/sdk/node_modules/openai/package.json")
