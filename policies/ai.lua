@@ -617,11 +617,12 @@ end
 -- for a 5-token prompt priced $450,000, under record_cost's bound, into a $1 budget). Recorded at
 -- the request's estimate, what its hold was made of, with the cache counts it cannot hold, and said.
 local MOST_INPUT = 10000000
+local CACHE_COUNTS = { "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens" }
 local function input_capped(r, req, u)
   if type(u) ~= "table" then return u end
   local input = u.input_tokens
   if not (type(input) == "number" and input > MOST_INPUT) then
-    for _, k in ipairs({ "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens" }) do
+    for _, k in ipairs(CACHE_COUNTS) do
       local v = u[k]
       if type(v) == "number" and v > MOST_INPUT then input = v break end
     end
