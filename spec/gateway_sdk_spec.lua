@@ -55,11 +55,5 @@ describe("the official SDKs against the gateway", function()
     "openai: an Idempotency-Key replays the first answer, billed once",
     "openai: a client that aborts a stream cancels the upstream transfer",
   }
-  for _, name in ipairs(CHECKS) do
-    it(name, function()
-      local r = results[name]
-      assert(r ~= nil, "the check did not run: " .. out.stdout .. out.stderr)
-      assert(r == true, tostring(r))
-    end)
-  end
+  helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

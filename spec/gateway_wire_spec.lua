@@ -31,11 +31,5 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: a conversation with a custom tool's call is served",
     "anthropic: an MCP toolset (a tool without a name) reaches Anthropic",
   }
-  for _, name in ipairs(CHECKS) do
-    it(name, function()
-      local r = results[name]
-      assert(r ~= nil, "the check did not run: " .. out.stdout .. out.stderr)
-      assert(r == true, tostring(r))
-    end)
-  end
+  helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

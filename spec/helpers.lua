@@ -243,6 +243,19 @@ function helpers.sdk_against_gateway(server, mjs)
   return helpers.sdk_results(out.stdout), out
 end
 
+-- One `it` per named check an SDK script reported (got() -> its results and its run, known once
+-- the describe's setup ran): each must have run and passed
+function helpers.sdk_checks(it, names, got) -- (busted's it: the spec file's, not a global here)
+  for _, name in ipairs(names) do
+    it(name, function()
+      local results, out = got()
+      local r = results[name]
+      assert(r ~= nil, "the check did not run: " .. out.stdout .. out.stderr)
+      assert(r == true, tostring(r))
+    end)
+  end
+end
+
 function helpers.sdk_skip_reason()
   if helpers.run("command -v node").code ~= 0 then return "node is not installed" end
   local f = io.open("spec/sdk/node_modules/openai/package.json")

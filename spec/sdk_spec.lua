@@ -51,11 +51,5 @@ describe("the official SDKs against the mock", function()
     "anthropic: extended thinking is answered with a thinking block and its signature, whole and streamed",
     "anthropic: a thinking budget the API refuses is BadRequestError",
   }
-  for _, name in ipairs(CHECKS) do
-    it(name, function()
-      local r = results[name]
-      assert(r ~= nil, "the check did not run: " .. out.stdout .. out.stderr)
-      assert(r == true, tostring(r))
-    end)
-  end
+  helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)
