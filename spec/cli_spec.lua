@@ -186,6 +186,40 @@ describe("runaway scripts", function()
   -- (before: the error reached the task as coroutine.resume's false, err, and the task was cut at
   -- its next instruction: it ended "canceled" with the loop's file:line lost, where the same loop
   -- under pcall, or under --max-instructions, let the task see the error and go on)
+  -- (before: no hook fires inside a string pattern's matcher or a finalizer (Lua runs those with
+  -- hooks off), so the watchdog's stop never came: the process held its loop for hours, a gateway
+  -- worker serving nobody, its supervisor seeing nothing wrong)
+  it("--max-task-seconds: a loop stuck outside Lua code (a pattern that backtracks, a finalizer that " ..
+     "loops) ends the process with code 70 and a line naming the task, for its supervisor to restart", function()
+    local cases = {
+      { [[
+local resil = require "resil"
+local t = resil.spawn(function()
+  return (("a"):rep(200)):find(("a-"):rep(40) .. "c")
+end)
+print(t:join())
+]], "task 2 %([^\n]-%.lua:2%)" },
+      { [[
+setmetatable({}, { __gc = function() while true do end end })
+collectgarbage()
+print("went on")
+]], "task 1 %([^\n]-%.lua%)" },
+    }
+    for _, case in ipairs(cases) do
+      local script = helpers.write(helpers.tmpname(".lua"), case[1])
+      local r = helpers.run("timeout -s KILL 60 " .. R .. " --max-task-seconds 0.3 " .. script)
+      os.remove(script)
+      assert.are.equal(70, r.code, r.stdout .. r.stderr)
+      assert.are.equal("", r.stdout)
+      local line = r.stderr:match('[^\n]*"level":"error"[^\n]*')
+      assert.is_truthy(line, r.stderr)
+      local entry = resil.json.decode(line)
+      assert.matches("^" .. case[2] .. " ran %d+%.%d s without yielding and did not stop at " ..
+        "%-%-max%-task%-seconds=0%.3: it is stuck outside Lua code", entry.msg)
+      assert.are.equal(70, entry.exit_code)
+    end
+  end)
+
   it("--max-task-seconds: a loop in a coroutine the task resumes is stopped with its file:line, which " ..
      "coroutine.resume returns as it would any error; a task that loops on is then canceled", function()
     local script = helpers.write(helpers.tmpname(".lua"), [[

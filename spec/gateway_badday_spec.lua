@@ -102,6 +102,7 @@ describe("gateway on a bad day: a project's gateway.lua with a bug", function()
       gateway.handle = function(req)
         local t = req.headers["x-test"]
         if t == "loop" then while true do end end
+        if t == "stuck" then return (("a"):rep(200)):find(("a-"):rep(40) .. "c") end
         if t == "nil" then local route = nil; return route.reply end
         return handle(req)
       end
@@ -156,6 +157,28 @@ describe("gateway on a bad day: a project's gateway.lua with a bug", function()
     assert.matches("%.lua:%d+: task %d+ %(.-%) ran %d+%.%d s without yielding", text)
     assert.matches("%.lua:%d+: attempt to index a nil value", text)
     assert.are.equal(1, m:stats().routes.chat)
+  end)
+
+  -- (before: the watchdog's hook never fires inside a pattern's matcher, so the worker held its
+  -- loop for hours, serving nobody, and its supervisor saw nothing wrong)
+  it("a worker stuck outside Lua code (a pattern that backtracks) ends with code 70 and is started again", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local chat, _, log = start_process(m, "--workers 2 --max-task-seconds 0.3")
+    local res = post(chat, BODY, { ["x-test"] = "stuck" }, 30)
+    assert.is_true(res == nil or res.status >= 500, res and res.body) -- its connection closed with the worker
+    assert(helpers.wait_until(function()
+      return helpers.slurp(log):match("worker %d+ exited with code 70; starting another") ~= nil
+    end, 30), helpers.slurp(log))
+    local ok
+    assert(helpers.wait_until(function()
+      local again = post(chat, BODY, nil, 5)
+      ok = again and again.status == 200
+      return ok
+    end, 30), helpers.slurp(log))
+    assert.matches('"msg":"task %d+ %(.-%) ran %d+%.%d s without yielding and did not stop at ' ..
+      "%-%-max%-task%-seconds=0%.3: it is stuck outside Lua code", helpers.slurp(log))
   end)
 
   -- (its hook fires again at each instruction after a catch: the log named the gateway's line

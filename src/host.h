@@ -111,6 +111,12 @@ struct resil {
   _Atomic double runaway_request_seconds; /* ...and how long it had run (both written by the watchdog's thread) */
   _Atomic int watch_paused;             /* > 0: what runs is the host's own long work (unwatched), not timed */
   char max_task_seconds_text[32];       /* --max-task-seconds as the messages write it */
+  /* the command line's (main.c): a resume still running max_task_seconds after its stop was
+   * asked never reached a Lua instruction (a string pattern that backtracks, a finalizer that
+   * loops, a C function): the process ends, for its supervisor to start another */
+  int stuck_exit;
+  char runaway_what[192];               /* "task N (where)", written by loop_arm_runaway for that last word */
+  _Atomic unsigned long runaway_armed;  /* the resume runaway_what is about (after it is written) */
   pthread_t loop_thread;                /* the thread of the running resume (its CPU clock): written only when
                                          * it changes, before resume_seq marks the resume (the watchdog reads it) */
 

@@ -666,9 +666,37 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
  * there, not from another thread, since lua_sethook walks the thread's call
  * frames), the resume R->runaway_request names still running: only hooks,
  * on the task's thread and the coroutines it is running. */
+/* (in a signal handler: no snprintf) */
+static size_t put_text(char *dst, size_t at, size_t cap, const char *s) {
+  while (*s && at + 1 < cap) dst[at++] = *s++;
+  dst[at] = '\0';
+  return at;
+}
+static size_t put_int(char *dst, size_t at, size_t cap, long v) {
+  char digits[24];
+  int n = 0;
+  unsigned long u = v < 0 ? 0UL - (unsigned long)v : (unsigned long)v;
+  do digits[n++] = (char)('0' + u % 10); while ((u /= 10) && n < 23);
+  if (v < 0 && at + 1 < cap) dst[at++] = '-';
+  while (n > 0 && at + 1 < cap) dst[at++] = digits[--n];
+  dst[at] = '\0';
+  return at;
+}
+
 void loop_arm_runaway(resil_t *R) {
   task *t = R->current;
   if (!t) return;
+  /* what the watchdog names if the hook never gets to run (stuck outside Lua) */
+  size_t n = put_text(R->runaway_what, 0, sizeof R->runaway_what, "task ");
+  n = put_int(R->runaway_what, n, sizeof R->runaway_what, t->id);
+  n = put_text(R->runaway_what, n, sizeof R->runaway_what, " (");
+  n = put_text(R->runaway_what, n, sizeof R->runaway_what, t->where);
+  if (t->where_line > 0) {
+    n = put_text(R->runaway_what, n, sizeof R->runaway_what, ":");
+    n = put_int(R->runaway_what, n, sizeof R->runaway_what, t->where_line);
+  }
+  put_text(R->runaway_what, n, sizeof R->runaway_what, ")");
+  atomic_store(&R->runaway_armed, atomic_load(&R->runaway_request));
   lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, 1);
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
 }

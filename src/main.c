@@ -295,6 +295,7 @@ static int run_mock(int argc, char **argv) {
   }
   signal_target = R;
   /* a scenario file that loops at load (or a fault function that does) held the mock for good */
+  R->stuck_exit = 1; /* a loop stuck outside Lua ends the mock (watchdog.c) */
   resil_set_max_task_seconds(R, 10);
   int status = resil_load_string(R, mock_driver, "=mock");
   if (status == RESIL_OK) status = resil_run(R);
@@ -804,6 +805,7 @@ int main(int argc, char **argv) {
   if (held_log) fclose(held_log); /* the host has the log open now (or said it could not) */
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
   if (open_failed(R)) return 1;
+  R->stuck_exit = 1; /* a loop stuck outside Lua ends the process, for its supervisor to start another (watchdog.c) */
   if (max_task_seconds > 0 && resil_set_max_task_seconds(R, max_task_seconds) != RESIL_OK) {
     fprintf(stderr, PROGNAME ": --max-task-seconds: cannot start the watchdog's thread\n");
     resil_close(R);

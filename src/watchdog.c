@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "host.h"
 
@@ -37,6 +38,9 @@
  * (or after a host closed) does nothing; Go's runtime preempts with it
  * too. */
 #define WATCHDOG_SIGNAL SIGURG
+
+/* EX_SOFTWARE (sysexits.h): an internal error, not the script's exit */
+#define WATCHDOG_STUCK_EXIT 70
 
 _Thread_local resil_t *watchdog_host;
 
@@ -80,6 +84,45 @@ static double loop_cpu_seconds(resil_t *R) {
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* The last word of a process whose loop is stuck outside Lua: the hook the
+ * watchdog set never ran, since no Lua instruction came (a string pattern
+ * that backtracks for hours runs in C, a finalizer runs with hooks off), and
+ * nothing in the process can stop it. Every request the worker would serve
+ * waits for good; ended, it is started again by its supervisor (`gateway
+ * --workers`, systemd). The rows the store had queued and not yet committed
+ * are lost as with kill -9. Written straight to stderr: the log's own
+ * writer is the stuck loop's. */
+static void end_stuck(resil_t *R, unsigned long seq, double ran) {
+  char what[sizeof R->runaway_what * 2];
+  size_t n = 0;
+  const char *src = atomic_load(&R->runaway_armed) == seq ? R->runaway_what : "a task";
+  for (; *src && n + 3 < sizeof what; src++) { /* JSON: the where is a file name */
+    unsigned char ch = (unsigned char)*src;
+    if (ch == '"' || ch == '\\') what[n++] = '\\';
+    what[n++] = ch < 0x20 ? '?' : (char)ch;
+  }
+  what[n] = '\0';
+  char ts[32];
+  struct timespec now;
+  struct tm tm;
+  clock_gettime(CLOCK_REALTIME, &now);
+  gmtime_r(&now.tv_sec, &tm);
+  strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
+  char line[1024];
+  int len = snprintf(line, sizeof line,
+                     "{\"ts\":\"%s.%03dZ\",\"level\":\"error\",\"msg\":\"%s ran %.1f s without yielding and "
+                     "did not stop at --max-task-seconds=%s: it is stuck outside Lua code (a string pattern that "
+                     "backtracks, a finalizer that loops, a C function); the process ends with code %d so that it "
+                     "can be started again\",\"exit_code\":%d}\n",
+                     ts, (int)(now.tv_nsec / 1000000), what, ran, R->max_task_seconds_text, WATCHDOG_STUCK_EXIT,
+                     WATCHDOG_STUCK_EXIT);
+  if (len > 0) {
+    ssize_t ignored = write(2, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1);
+    (void)ignored;
+  }
+  _exit(WATCHDOG_STUCK_EXIT);
+}
+
 static void *watch_main(void *arg) {
   watchdog *w = arg;
   resil_t *R = w->R;
@@ -107,7 +150,11 @@ static void *watch_main(void *arg) {
       seen_since = now;
       continue;
     }
-    if (now - seen_since < w->seconds || atomic_load(&R->runaway_request) == seq) continue; /* (asked once) */
+    if (now - seen_since < w->seconds) continue;
+    if (atomic_load(&R->runaway_request) == seq) { /* asked once already */
+      if (R->stuck_exit && now - seen_since >= 2 * w->seconds) end_stuck(R, seq, now - seen_since);
+      continue;
+    }
     /* the same resume for `seconds`: the loop's thread is told to stop it
      * (its handler does nothing if that resume has ended meanwhile) */
     atomic_store(&R->runaway_request_seconds, now - seen_since);
