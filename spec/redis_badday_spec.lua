@@ -474,3 +474,36 @@ print(c:connected())
     assert.are.equal("true\tfalse\ntrue\n", r.stdout)
   end)
 end)
+
+describe("a connection closed (conn:close) before the server answered its AUTH and SELECT", function()
+  -- (before: the closed connection's late answers were taken for the next connection's: its held
+  -- commands were sent on the closed one and failed with an empty message, and the next connection
+  -- was never selected: the command after ran in database 0, another app's keys)
+  it("leaves the next connection its own setup: its commands run in the store's database", function()
+    local server = helpers.redis_server()
+    finally(function() server.stop() end)
+    local cli = ("redis-cli -p %d "):format(server.port)
+    assert.are.equal(0, helpers.run(cli .. "acl setuser alice on '>pw' '~*' '+@all'").code)
+    assert.are.equal(0, helpers.run(cli .. "config set requirepass pw").code)
+    for _, auth in ipairs({ 'username = "alice", password = "pw", ', 'password = "pw", ' }) do
+      local r = helpers.run_script(([[
+local resil = require "resil"
+resil.log.level("off")
+local c = resil.redis.connect({ port = %d, %sdb = 2, timeout = 2 })
+local first
+assert(c:send(function(reply, err) first = reply or err.message end, "SET", "k1", "v1"))
+c:close() -- (its AUTH and SELECT are on their way)
+print("second", c:call("SET", "k2", "v2"))
+print("first", first)
+print("third", c:call("SET", "k3", "v3"))
+]]):format(server.port, auth))
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("^second\tOK\nfirst\t[^\n]*closed before the server answered its AUTH or SELECT\nthird\tOK\n$",
+        r.stdout)
+      local keys = cli .. "-a pw --no-auth-warning -n %d --raw keys 'k*' | sort | tr '\\n' ' '"
+      assert.are.equal("k2 k3 ", helpers.run(keys:format(2)).stdout)
+      assert.are.equal("0\n", helpers.run(cli .. "-a pw --no-auth-warning -n 0 dbsize").stdout)
+      assert.are.equal(0, helpers.run(cli .. "-a pw --no-auth-warning flushall").code)
+    end
+  end)
+end)

@@ -112,6 +112,12 @@ typedef struct {
    * must reach a frozen server (sends_when_down) is pipelined behind the
    * SELECT of a new connection instead of held, or it never reached it */
   int db_selected;
+  /* the connection whose AUTH and SELECT answers the held commands wait for
+   * (connect_to's last; compared, never used): one let go of before they
+   * came answers for itself only, or its late answers sent the next
+   * connection's held commands on it, failed them, and left that next
+   * connection unselected: its commands ran in database 0 */
+  const redisAsyncContext *setup_ac;
   struct redis_cmd *held_first, *held_last;
   /* answered commands whose task has not resumed yet (the continuation frees
    * each): at the host's close no task resumes, and they are freed here */
@@ -188,10 +194,20 @@ typedef struct redis_cmd {
 
 /* ac stops being c's connection: its replies still to come arrive, then it ends
  * (graceful), or it ends now */
+static void send_held(redis_conn *c, redisAsyncContext *ac, int ok);
+
 static void let_go_of(redis_conn *c, redisAsyncContext *ac, int graceful) {
   if (c->ac == ac) {
     c->ac = NULL;
     c->connected = 0;
+  }
+  if (c->setup_ac == ac) { /* its setup's answers are its own now: what waits for them fails, said */
+    c->setup_ac = NULL;
+    c->authing = 0;
+    if (c->held_first)
+      snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: the connection was closed before the server "
+               "answered its AUTH or SELECT", c->host, c->port);
+    send_held(c, ac, 0);
   }
   /* (with no reply to wait for and outside its callbacks, hiredis frees it at once) */
   int ends_now = ac->replies.head == NULL && !(ac->c.flags & REDIS_IN_CALLBACK);
@@ -551,6 +567,7 @@ static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata);
 static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
+  if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   if (r && r->type == REDIS_REPLY_ERROR) snprintf(c->last_error, sizeof c->last_error, "redis: %s", r->str);
   if (r) snprintf(c->auth_error, sizeof c->auth_error, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "");
   /* AUTH password, the form this server took before, refused: it may have
@@ -588,6 +605,7 @@ static void send_held(redis_conn *c, redisAsyncContext *ac, int ok) {
 static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
+  if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   int ok = r && r->type != REDIS_REPLY_ERROR;
   /* refused (a server restarted with fewer databases): the writes pipelined
    * behind this SELECT ran in database 0; the next are held again, not each
@@ -606,6 +624,7 @@ static int hold_command(redis_conn *c, redis_cmd *cmd, int len);
 static void on_auth_fallback_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
+  if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   if (r && r->type == REDIS_REPLY_ERROR)
     snprintf(c->last_error, sizeof c->last_error, "redis: %s (and as user %s: refused)", r->str, c->username);
   else if (r)
@@ -635,6 +654,7 @@ static void on_auth_fallback_reply(redisAsyncContext *ac, void *reply, void *pri
 static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
+  if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   int waited = c->authing;
   c->authing = 0;
   if (r && r->type == REDIS_REPLY_ERROR) {
@@ -676,6 +696,7 @@ static int connect_to(redis_conn *c, const char *addr) {
   redisAsyncSetConnectCallback(ac, on_connect);
   redisAsyncSetDisconnectCallback(ac, on_disconnect);
   c->ac = ac;
+  c->setup_ac = ac;
   /* queued before any command: authenticate, pick the database */
   c->authing = 0;
   if (c->password && c->username && c->auth_form != AUTH_PASSWORD_ONLY) {
