@@ -954,6 +954,14 @@ static task *task_create(lua_State *L, resil_t *R, int nargs, task *parent) {
   luaL_setmetatable(L, TASK_MT);
   t->id = ++R->next_task_id;
   describe_function(L, fn_index, t);
+  /* a C function running a Lua one (a server's handler task, resil.spawn(pcall, f)) is named by
+   * that one: a message saying "task 7 ([C])" told the operator nothing */
+  if (t->where[0] == '[')
+    for (int i = fn_index + 1; i <= fn_index + nargs; i++)
+      if (lua_type(L, i) == LUA_TFUNCTION && !lua_iscfunction(L, i)) {
+        describe_function(L, i, t);
+        break;
+      }
 
   t->co = lua_newthread(L);
   t->ref_co = luaL_ref(L, LUA_REGISTRYINDEX);
