@@ -30,6 +30,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: an assistant turn without content (a refusal sent back) is served by Anthropic",
     "openai: a conversation with a custom tool's call is served",
     "anthropic: an MCP toolset (a tool without a name) reaches Anthropic",
+    "the server's own refusals (413, 400, 408) reach each SDK as an API error of its type",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

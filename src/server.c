@@ -23,7 +23,9 @@
  * virtual clock); nothing blocks: any number of delayed replies can be
  * pending. Limits: a request whose headers pass max_headers gets libevent's
  * 400, a body past max_body a 413, and one not read within read_timeout of
- * its first byte a 408 (real time: clients live in the real world).
+ * its first byte a 408 (real time: clients live in the real world); each
+ * with the server's JSON error body (conn_output_cb), typed as the request's
+ * API types it (Anthropic's under /v1/messages, OpenAI's elsewhere).
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -109,6 +111,8 @@ struct conn {
   evutil_socket_t fd;
   pending *streaming; /* the reply being streamed on it, told when its writes drain */
   int reading_untimed; /* a reply streams on it: only its writes are timed (reply_streams) */
+  struct evbuffer_cb_entry *own_error; /* enabled while a request is read: libevent's error page, rewritten */
+  int anthropic;                       /* the request read is Anthropic's API (conn_note_api) */
   conn *prev, *next;
 };
 
@@ -124,6 +128,7 @@ struct server {
   conn **by_fd; /* request -> its connection */
   size_t by_fd_len;
   const struct timeval *read_timeout; /* a libevent common timeout */
+  double max_body;                    /* (named in the 413's message) */
   struct timeval idle_timeout;        /* libevent's own, on each connection: read_timeout + 1 s */
   /* a handler (tasks = false) runs: a close (its own, or the collector's)
    * waits until it has returned, the server kept reachable meanwhile:
@@ -241,6 +246,7 @@ static void conn_free(conn *c) {
   if (c->next) c->next->prev = c->prev;
   if (c->fd >= 0 && (size_t)c->fd < srv->by_fd_len && srv->by_fd[c->fd] == c) srv->by_fd[c->fd] = NULL;
   if (c->first_byte) evbuffer_remove_cb_entry(bufferevent_get_input(c->bev), c->first_byte);
+  if (c->own_error) evbuffer_remove_cb_entry(bufferevent_get_output(c->bev), c->own_error);
   if (c->ev) event_free(c->ev);
   free(c);
 }
@@ -277,12 +283,97 @@ static void conn_deadline_cb(evutil_socket_t fd, short what, void *arg) {
   evhttp_connection_free(c->evcon); /* its close callback frees c */
 }
 
+/* The API a request speaks, by its path, for the type in the server's own
+ * error replies: Anthropic's under /v1/messages (messages, count_tokens,
+ * batches), OpenAI's elsewhere. Read from its first bytes as they arrive:
+ * libevent forgets a request's URI before it answers one it refuses. */
+static void conn_note_api(conn *c, struct evbuffer *in) {
+  char line[32];
+  ev_ssize_t n = evbuffer_copyout(in, line, sizeof line - 1);
+  line[n > 0 ? n : 0] = '\0';
+  const char *path = strchr(line, ' ');
+  c->anthropic = path && strncmp(path + 1, "/v1/messages", 12) == 0 && strchr(" /?", path[13]) && path[13];
+}
+
+static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg);
+
+/* the first n bytes of a bufferevent's output (whose start is frozen to
+ * evbuffer_copyout) -> how many there were */
+static size_t output_start(struct evbuffer *out, char *dst, size_t n) {
+  struct evbuffer_iovec v[4];
+  int k = evbuffer_peek(out, (ev_ssize_t)n, NULL, v, 4);
+  size_t got = 0;
+  for (int i = 0; i < k && i < 4 && got < n; i++) {
+    size_t m = v[i].iov_len < n - got ? v[i].iov_len : n - got;
+    memcpy(dst + got, v[i].iov_base, m);
+    got += m;
+  }
+  return got;
+}
+
+/* libevent's own error replies (400: a malformed request, or headers past
+ * max_headers; 413: a body past max_body; 417) are HTML pages, which API
+ * clients cannot read as errors. While a request is read nothing else writes
+ * to the connection, so its output is watched then: an error reply seen
+ * starting is rewritten once whole (conn_error_reply_cb), in the same loop
+ * pass, before any of it is written. */
+static void conn_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg) {
+  conn *c = arg;
+  char start[12];
+  if (info->orig_size != 0 || output_start(buf, start, sizeof start) < sizeof start) return;
+  if (memcmp(start, "HTTP/1.", 7) != 0 || start[9] < '4') return; /* (a 100 Continue) */
+  evbuffer_cb_clear_flags(buf, c->own_error, EVBUFFER_CB_ENABLED);
+  evtimer_del(c->ev); /* the reply closes the connection */
+  event_assign(c->ev, c->srv->R->base, -1, 0, conn_error_reply_cb, c);
+  event_active(c->ev, EV_TIMEOUT, 1);
+}
+
+/* libevent's error reply, whole in the output: its status line kept, its
+ * page replaced by the server's JSON error (SERVER_ERROR's shape), typed as
+ * the request's API types it. */
+static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  conn *c = arg;
+  struct evbuffer *out = bufferevent_get_output(c->bev);
+  char line[80], message[160], body[400];
+  size_t n = output_start(out, line, sizeof line - 1);
+  line[n] = '\0';
+  char *eol = strstr(line, "\r\n");
+  if (!eol || eol - line < 12) return;
+  *eol = '\0';
+  int status = atoi(line + 9);
+  const char *type = status >= 500 ? "api_error" : "invalid_request_error", *code = "null";
+  if (status == 413) {
+    snprintf(message, sizeof message, "the request body is larger than this server accepts (%.0f bytes)",
+             c->srv->max_body);
+    if (c->anthropic) type = "request_too_large";
+    code = "\"request_too_large\"";
+  } else if (status == 400) {
+    snprintf(message, sizeof message, "the request could not be read: a malformed request line or header, or "
+                                      "headers larger than this server accepts");
+  } else if (status == 417) {
+    snprintf(message, sizeof message, "an Expect header other than 100-continue");
+  } else {
+    snprintf(message, sizeof message, "the request was refused before it was read");
+  }
+  int len = snprintf(body, sizeof body,
+                     "{\"type\":\"error\",\"error\":{\"type\":\"%s\",\"message\":\"%s\",\"param\":null,\"code\":%s}}\n",
+                     type, message, code);
+  /* (the output's start is frozen but to the bufferevent's own writes, which unfreeze it as this does) */
+  evbuffer_unfreeze(out, 1);
+  evbuffer_drain(out, evbuffer_get_length(out));
+  evbuffer_freeze(out, 1);
+  evbuffer_add_printf(out, "%s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
+                      line, len, body);
+}
+
 /* The first byte of a request: its deadline starts. */
 static void conn_input_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg) {
   conn *c = arg;
   if (info->n_added == 0) return;
   evbuffer_cb_clear_flags(buf, c->first_byte, EVBUFFER_CB_ENABLED);
   evtimer_add(c->ev, c->srv->read_timeout);
+  conn_note_api(c, buf);
 }
 
 /* The reply is sent: wait for the next request's first byte (it may be
@@ -295,6 +386,8 @@ static void reply_done_cb(struct evhttp_request *req, void *arg) {
     c->reading_untimed = 0;
   }
   struct evbuffer *in = bufferevent_get_input(c->bev);
+  if (c->own_error) evbuffer_cb_set_flags(bufferevent_get_output(c->bev), c->own_error, EVBUFFER_CB_ENABLED);
+  if (evbuffer_get_length(in) > 0) conn_note_api(c, in); /* (pipelined) */
   if (evbuffer_get_length(in) > 0 || !c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
   else evbuffer_cb_set_flags(in, c->first_byte, EVBUFFER_CB_ENABLED);
 }
@@ -336,6 +429,7 @@ static void conn_setup_cb(evutil_socket_t fd, short what, void *arg) {
     evhttp_connection_set_closecb(c->evcon, conn_closed, c);
     event_assign(c->ev, c->srv->R->base, -1, 0, conn_deadline_cb, c);
     c->first_byte = evbuffer_add_cb(bufferevent_get_input(bev), conn_input_cb, c);
+    c->own_error = evbuffer_add_cb(bufferevent_get_output(bev), conn_output_cb, c);
     if (!c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
   }
   bufferevent_decref(bev);
@@ -1031,6 +1125,7 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   server *srv = arg;
   lua_State *L = srv->R->L;
   conn *c = conn_of(srv, req);
+  if (c && c->own_error) evbuffer_cb_clear_flags(bufferevent_get_output(c->bev), c->own_error, EVBUFFER_CB_ENABLED);
   int status;
   const char *refusal = framing_problem(req, &status);
   if (refusal) {
@@ -1039,8 +1134,8 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     return;
   }
   pending *p = c ? calloc(1, sizeof *p) : NULL;
-  if (!p) {
-    evhttp_send_error(req, 503, NULL);
+  if (!p) { /* (no memory) */
+    refuse_request(req, 503, SERVER_ERROR("api_error", "the server cannot take this request now; retry"));
     return;
   }
   evtimer_del(c->ev); /* read in time */
@@ -1206,6 +1301,7 @@ static int l_listen(lua_State *L) {
   srv->R = R;
   srv->handler_ref = srv->self_ref = LUA_NOREF;
   srv->tasks = tasks;
+  srv->max_body = max_body;
   luaL_setmetatable(L, SERVER_MT);
   srv->http = evhttp_new(R->base);
   if (!srv->http) return luaL_error(L, "server: cannot create the HTTP server");

@@ -3,7 +3,7 @@
 // spec/gateway_wire_spec.lua). One line per check, as spec/sdk/harness.mjs.
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
-import { check, expect } from './harness.mjs';
+import { check, expect, rejects } from './harness.mjs';
 
 const { url, key } = JSON.parse(process.env.GATEWAY);
 const oai = () => new OpenAI({ apiKey: key, baseURL: url + '/v1', maxRetries: 0 });
@@ -208,4 +208,32 @@ await check('anthropic: an MCP toolset (a tool without a name) reaches Anthropic
   expect(r.content[0].text === 'ok', `content ${JSON.stringify(r.content)}`);
   const sent = (await last()).anthropic.tools;
   expect(sent?.[0]?.type === 'mcp_toolset' && sent[0].mcp_server_name === 'example', `tools ${JSON.stringify(sent)}`);
+});
+
+// what the server refuses before any handler runs (a body past max_body, headers past
+// max_headers, a request not read in time) was libevent's HTML page, which the SDKs made an
+// error of without a type or a message: a 413 in each API's shape now, typed as each types it
+await check('the server\'s own refusals (413, 400, 408) reach each SDK as an API error of its type', async () => {
+  const big = 'x'.repeat(300000); // (wire_server's max_body is 200,000 bytes)
+  const o = await rejects(oai().chat.completions.create({ model: 'openai/gpt-4o-mini',
+    messages: [{ role: 'user', content: big }] }), OpenAI.APIError, 'openai 413');
+  expect(o.status === 413 && o.type === 'invalid_request_error' && o.code === 'request_too_large' &&
+    /larger than this server accepts \(200000 bytes\)/.test(o.message), `openai 413: ${o.type} ${o.code} ${o.message}`);
+  const a = await rejects(ant().messages.create({ model: 'anthropic/claude-sonnet-4-5-20250929', max_tokens: 10,
+    messages: [{ role: 'user', content: big }] }), Anthropic.ContentTooLargeError, 'anthropic 413');
+  expect(a.type === 'request_too_large' && /larger than this server accepts/.test(a.apiMessage),
+    `anthropic 413: ${a.type} ${a.apiMessage}`);
+  const c = await rejects(ant().messages.countTokens({ model: 'anthropic/claude-sonnet-4-5-20250929',
+    messages: [{ role: 'user', content: big }] }), Anthropic.ContentTooLargeError, 'anthropic count_tokens 413');
+  expect(c.type === 'request_too_large', `count_tokens 413: ${c.type}`);
+  const h = await rejects(oai().chat.completions.create({ model: 'openai/gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] },
+    { headers: { 'x-big': 'a'.repeat(70000) } }), OpenAI.BadRequestError, 'openai headers past max_headers');
+  expect(h.type === 'invalid_request_error' && /headers larger than this server accepts/.test(h.message), `400: ${h.type} ${h.message}`);
+  // a body that stalls after its first bytes (wire_server's read_timeout is 1 s)
+  const stalling = (u, init) => fetch(u, { ...init, duplex: 'half', body: new ReadableStream({
+    start(ctl) { ctl.enqueue(new TextEncoder().encode('{"model":')); } }) });
+  const t = await rejects(new Anthropic({ apiKey: key, baseURL: url, maxRetries: 0, fetch: stalling }).messages.create({
+    model: 'anthropic/claude-sonnet-4-5-20250929', max_tokens: 10, messages: [{ role: 'user', content: 'hi' }] }),
+  Anthropic.RequestTimeoutError, 'anthropic 408');
+  expect(t.type === 'invalid_request_error' && /not read in time/.test(t.apiMessage), `408: ${t.type} ${t.apiMessage}`);
 });
