@@ -392,9 +392,10 @@ local function from_openai(b)
 end
 
 local function from_anthropic(b)
+  -- (client_api: its sampling numbers are Anthropic's, sent to Anthropic as they are)
   local req = { messages = b.messages, system = b.system, max_tokens = whole(b.max_tokens),
     stop = b.stop_sequences, tools = b.tools, model = nil, fallback = nil, user = nil, ledger_sync = nil,
-    ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil } -- (sized: see from_openai)
+    ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil, client_api = "anthropic" } -- (sized: see from_openai)
   if b.temperature ~= null then req.temperature = b.temperature end
   if b.top_p ~= null then req.top_p = b.top_p end
   if type(b.tool_choice) == "table" then

@@ -232,3 +232,22 @@ describe("the mock's rate_limits", function()
     m:stop()
   end)
 end)
+
+describe("the strict mock's Anthropic sampling", function()
+  it("refuses temperature and top_p together on the models the API refuses them on (Opus 4.1, the 4.5s, later)", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    for _, model in ipairs({ "claude-sonnet-4-5-20250929", "claude-haiku-4-5", "claude-opus-4-1-20250805", "claude-opus-4-6" }) do
+      local res = anthropic(m, { model = model, max_tokens = 20, messages = MSGS, temperature = 0.5, top_p = 0.9 })
+      assert.are.equal(400, res.status, model)
+      local e = json.decode(res.body).error
+      assert.are.equal("invalid_request_error", e.type)
+      assert.matches("`temperature` and `top_p` cannot both be specified for this model", e.message, 1, true)
+      assert.are.equal(200, anthropic(m, { model = model, max_tokens = 20, messages = MSGS, top_p = 0.9 }).status)
+    end
+    for _, model in ipairs({ "claude-sonnet-4-20250514", "claude-3-5-haiku-20241022" }) do
+      local res = anthropic(m, { model = model, max_tokens = 20, messages = MSGS, temperature = 0.5, top_p = 0.9 })
+      assert.are.equal(200, res.status, model .. ": " .. res.body)
+    end
+    m:stop()
+  end)
+end)

@@ -86,6 +86,15 @@ function anthropic.body(req, model, conf)
   body.model, body.messages, body.system = model, msgs, system
   body.max_tokens = req.max_tokens or conf.max_tokens or anthropic.default_max_tokens
   for _, k in ipairs(PASSED) do if req[k] ~= nil then body[k] = req[k] end end
+  -- sampling in OpenAI's terms (an OpenAI client's, a policy's): Anthropic's temperature runs
+  -- 0..1, not 0..2 (past 1 is sent as 1), and its models from Opus 4.1 and the 4.5s on refuse
+  -- temperature and top_p together (top_p is left out, temperature kept, as the Vercel AI SDK
+  -- does): either was a 400 on every such request. An Anthropic client's is sent as it is.
+  local t = body.temperature
+  if type(t) == "number" and req.client_api ~= "anthropic" then
+    if t > 1 then body.temperature = 1 end
+    body.top_p = nil
+  end
   if req.stop ~= nil then body.stop_sequences = stop_sequences_of(req.stop) end
   body.tools = tools_of(req.tools)
   body.tool_choice = tool_choice_of(req.tool_choice)

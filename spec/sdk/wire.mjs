@@ -237,3 +237,28 @@ await check('the server\'s own refusals (413, 400, 408) reach each SDK as an API
   Anthropic.RequestTimeoutError, 'anthropic 408');
   expect(t.type === 'invalid_request_error' && /not read in time/.test(t.apiMessage), `408: ${t.type} ${t.apiMessage}`);
 });
+
+// OpenAI's temperature runs 0..2 and Anthropic's 0..1, and Anthropic's recent models refuse
+// temperature and top_p together: an OpenAI client's request served by Anthropic was a 400
+// for either. Sent as Anthropic takes them: temperature at most 1, top_p left out beside it
+await check('openai: temperature over 1, and temperature with top_p, are served by Anthropic', async () => {
+  const msgs = [{ role: 'user', content: 'Name a city' }];
+  for (const s of [{ temperature: 1.5 }, { temperature: 0.3, top_p: 0.9 }, { temperature: 2, top_p: 0.5 }]) {
+    const r = await oai().chat.completions.create({ model: 'claude-strict', messages: msgs, ...s });
+    expect(r.choices[0].message.content === 'Paris', `${JSON.stringify(s)}: ${r.choices[0].message.content}`);
+  }
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: msgs, temperature: 1.7, top_p: 0.9 });
+  let sent = (await last()).anthropic;
+  expect(sent.temperature === 1 && sent.top_p === undefined, `sent ${sent.temperature} ${sent.top_p}`);
+  await oai().chat.completions.create({ model: 'anthropic/claude-sonnet-4-5-20250929', messages: msgs, top_p: 0.9 });
+  sent = (await last()).anthropic;
+  expect(sent.top_p === 0.9 && sent.temperature === undefined, `top_p alone: ${sent.temperature} ${sent.top_p}`);
+  // to OpenAI, as the client sent them
+  await oai().chat.completions.create({ model: 'openai/gpt-4o-mini', messages: msgs, temperature: 1.7, top_p: 0.9 });
+  const o = (await last()).openai;
+  expect(o.temperature === 1.7 && o.top_p === 0.9, `to OpenAI ${o.temperature} ${o.top_p}`);
+  // an Anthropic client's own request is sent as it is, and refused as Anthropic refuses it
+  const e = await rejects(ant().messages.create({ model: 'claude-strict', max_tokens: 20, messages: msgs,
+    temperature: 0.5, top_p: 0.9 }), Anthropic.BadRequestError, 'anthropic client, both');
+  expect(/cannot both be specified/.test(e.apiMessage), `anthropic client: ${e.apiMessage}`);
+});

@@ -691,6 +691,14 @@ for f in ([[output_format compaction billing_policy fallbacks fallback_credit_to
   ANTHROPIC_BETA_FIELDS[f] = true
 end
 
+-- the models that take temperature or top_p, not both (Opus 4.1, Sonnet 4.5, Haiku 4.5 and later:
+-- "claude-<family>-<major>-<minor>", a minor of one or two digits, from 4.1 on; a date is eight)
+local function one_sampler(model)
+  local major, minor = tostring(model):match("^claude%-%a+%-(%d+)%-(%d%d?)%f[^%d]")
+  major, minor = tonumber(major), tonumber(minor)
+  return major ~= nil and (major > 4 or major == 4 and minor >= 1)
+end
+
 local function anthropic_refusal(self, req, body)
   -- an API key as x-api-key, or as a bearer token (the API takes both; newer SDKs send the latter)
   local key = req.headers["x-api-key"] or (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
@@ -751,6 +759,10 @@ local function anthropic_refusal(self, req, body)
         :format(field, v > range[2] and "less than or equal to" or "greater than or equal to",
           v > range[2] and range[2] or range[1])) }
     end
+  end
+  if body.temperature ~= nil and body.top_p ~= nil and one_sampler(body.model) then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error",
+      "`temperature` and `top_p` cannot both be specified for this model. Please use only one.") }
   end
   for _, seq in ipairs(type(body.stop_sequences) == "table" and body.stop_sequences or {}) do
     if type(seq) == "string" and not seq:find("%S") then
