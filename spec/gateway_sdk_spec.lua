@@ -19,6 +19,7 @@ describe("the official SDKs against the gateway", function()
     "openai: chat through the gateway",
     "openai: the stream helper accumulates the final completion",
     "openai: embeddings.create through the gateway (base64 by default, decoded by the SDK)",
+    "openai: embeddings are the model's own size, or the dimensions asked (base64 decoded by the SDK)",
     "openai: a stream with tools (chat-tools) ends with the tool call and its text",
     "anthropic: a stream with tools (chat-tools) ends with the tool_use block and its text",
     "openai: a stream with tools (claude-tools) ends with the tool call and its text",

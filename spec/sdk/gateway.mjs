@@ -40,6 +40,30 @@ await check('openai: embeddings.create through the gateway (base64 by default, d
   expect(f.data[0].embedding.every((x, i) => Math.abs(x - v[i]) < 1e-5), 'float and base64 agree');
 });
 
+// the mock's vectors were 8 numbers whatever the model: a vector store sized for the model's
+// 1,536 (or a client checking the length) never met its real size in a test
+await check('openai: embeddings are the model\'s own size, or the dimensions asked (base64 decoded by the SDK)', async () => {
+  const r = await oai().embeddings.create({ model: 'text-embedding-3-small', input: ['tides', 'moon'] });
+  const f = await oai().embeddings.create({ model: 'text-embedding-3-small', input: ['tides', 'moon'], encoding_format: 'float' });
+  for (const i of [0, 1]) {
+    const v = r.data[i].embedding;
+    expect(v.length === 1536 && f.data[i].embedding.length === 1536, `lengths ${v.length} ${f.data[i].embedding.length}`);
+    expect(v.every((x, j) => Math.abs(x - f.data[i].embedding[j]) < 1e-6), 'base64 and float agree');
+    const norm = Math.sqrt(v.reduce((a, x) => a + x * x, 0));
+    expect(Math.abs(norm - 1) < 1e-3, `norm ${norm}`);
+  }
+  const large = await oai().embeddings.create({ model: 'text-embedding-3-large', input: 'tides' });
+  expect(large.data[0].embedding.length === 3072, `3-large: ${large.data[0].embedding.length}`);
+  const short = await oai().embeddings.create({ model: 'text-embedding-3-small', input: 'tides', dimensions: 256 });
+  expect(short.data[0].embedding.length === 256, `dimensions 256: ${short.data[0].embedding.length}`);
+  const past = await rejects(oai().embeddings.create({ model: 'text-embedding-3-small', input: 'tides', dimensions: 2000 }),
+    OpenAI.BadRequestError, 'dimensions past the model\'s size');
+  expect(past.param === 'dimensions', `param ${past.param}: ${past.message}`);
+  const ada = await rejects(oai().embeddings.create({ model: 'text-embedding-ada-002', input: 'tides', dimensions: 256 }),
+    OpenAI.BadRequestError, 'ada-002 with dimensions');
+  expect(/does not support specifying dimensions/.test(ada.message), ada.message);
+});
+
 // a stream whose request carries tools: the SDK's helper builds the tool call (the model's own
 // API and the other one), and its arguments keep their empty list
 const weather = { name: 'get_weather', description: 'the weather in a city',

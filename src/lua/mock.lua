@@ -920,6 +920,11 @@ local function vector_of(text, dims)
   return v
 end
 
+-- the embedding models' sizes, and those that take `dimensions` (OpenAI's: v3 shortens)
+local EMBEDDING_SIZES = { ["text-embedding-3-small"] = 1536, ["text-embedding-3-large"] = 3072,
+  ["text-embedding-ada-002"] = 1536 }
+local SHORTENED = { ["text-embedding-3-small"] = true, ["text-embedding-3-large"] = true }
+
 function Mock:embeddings(req)
   local body = json.decode(req.body)
   if type(body) ~= "table" then
@@ -945,9 +950,23 @@ function Mock:embeddings(req)
     return { status = 400, body = openai_error(400, "'input' and 'model' are required", "invalid_request_error",
       nil, "input") }
   end
+  -- a vector of the model's own size (scenario.dimensions: another default), or `dimensions`
+  -- long where the model takes it: text-embedding-3's up to its size, ada-002's not at all
+  local native = EMBEDDING_SIZES[body.model:match("([^/]+)$")]
+  local dims = int(body.dimensions)
+  if body.dimensions ~= nil and body.dimensions ~= json.null then
+    if native and not SHORTENED[body.model:match("([^/]+)$")] then
+      return { status = 400, body = openai_error(400, "This model does not support specifying dimensions.",
+        "invalid_request_error", nil, "dimensions") }
+    end
+    if not dims or dims < 1 or native and dims > native then
+      return { status = 400, body = openai_error(400, ("Invalid value for 'dimensions' = %s. Must be between 1 and %d.")
+        :format(tostring(body.dimensions), native or 65536), "invalid_request_error", nil, "dimensions") }
+    end
+  end
   local limited = self:rate_refusal("openai")
   if limited then return limited end
-  local dims = int(body.dimensions) or self.scenario.dimensions or 8
+  dims = dims or self.scenario.dimensions or native or 1536
   local data, tokens = {}, 0
   for i, text in ipairs(input) do
     text = type(text) == "string" and text or json.encode(text)
