@@ -1559,9 +1559,74 @@ local function model_by_id(req, id)
     public_message(id:sub(1, MODEL_MAX))), { code = "model_not_found" })
 end
 
+-- POST /v1/messages/count_tokens (Anthropic's; the SDK's messages.countTokens): asked of the
+-- model's first target (a deployment group's first), through its adapter, when that speaks an
+-- API that counts (Anthropic's: exact, and free); a model another API serves (OpenAI's has no
+-- count) is a 400 saying so, never an estimate a client would take for a count. The API bills
+-- nothing for it: no ledger row, budget or rate limit of the key; the key and its models hold.
+local function count_tokens(req)
+  local id = request_id()
+  local rec, refused = authenticate(req, "anthropic")
+  if not rec then return anthropic_id(with_id(refused, id), "anthropic") end
+  local function refuse(status, message, o) return anthropic_id(with_id(error_reply("anthropic", status, message, o), id), "anthropic") end
+  local b = json.decode(req.body)
+  if type(b) ~= "table" then return refuse(400, "the body is not a JSON object") end
+  local bad = check_model(b.model) or check_messages(b.messages) or check_tools(b.tools)
+  if bad then return refuse(400, bad) end
+  if not model_allowed(rec, b.model) then
+    return refuse(403, ("key '%s' may not use model '%s'"):format(rec.name, b.model))
+  end
+  local route, why = route_model(b.model, "anthropic")
+  if not route then return refuse(404, why) end
+  local ok, plan = pcall(registry().resolve, route.model, { user = rec.name }, 2)
+  if not ok or plan.err then
+    return refuse(404, public_message(tostring(ok and plan.err.message or plan):gsub("^[^:]*:%d+: ", "")))
+  end
+  local choice = plan.choices[1]
+  local d = choice.deployments and choice.deployments[1]
+  local provider, model = (d and d.model or choice.model):match("^([%w_%-]+)/(.+)$")
+  local adapter = provider and (ai.adapters[provider] or ai.provider_module(provider))
+  if not adapter or not adapter.count_tokens_url then
+    return refuse(400, ("count_tokens is served for models of an API that counts tokens (Anthropic's); '%s' is "
+      .. "served by %s, which has none"):format(b.model, tostring(provider)))
+  end
+  local conf = ai.config[provider] or {}
+  if d and (ai.config[d.name] or d.config) then -- (a deployment's config over its provider's, as policies.ai merges it)
+    local merged = {}
+    for _, t in ipairs({ conf, ai.config[d.name] or {}, d.config or {} }) do for k, v in pairs(t) do merged[k] = v end end
+    conf = merged
+  end
+  local key, var = conf.api_key, conf.api_key_env or adapter.key_env
+  if key == nil and var then key = resil.secret(var) end
+  if key == nil then
+    resil.log.warn("gateway: count_tokens has no key for its provider", { provider = provider })
+    return refuse(500, ("the gateway has no key for %s"):format(provider))
+  end
+  local base = (conf.base_url or os.getenv(adapter.base_env or "") or adapter.default_base):gsub("/+$", "")
+  local headers = adapter.headers(key or nil, conf)
+  local beta = req.headers["anthropic-beta"]
+  if beta and beta ~= "" then headers["anthropic-beta"] = headers["anthropic-beta"] and headers["anthropic-beta"] .. "," .. beta or beta end
+  local res, err = resil.http.request({ method = "POST", url = adapter.count_tokens_url(base), headers = headers,
+    body = json.encode(adapter.count_tokens_body(b, model)), timeout = conf.timeout or 60 })
+  if not res then
+    return refuse(err and err.kind == "timeout" and 504 or 502, public_message(tostring(err and err.message or err)))
+  end
+  if res.status ~= 200 then
+    local e = json.decode(res.body or "")
+    e = type(e) == "table" and type(e.error) == "table" and e.error or {}
+    -- (the gateway's provider key refused is not the client's fault)
+    local status = (res.status == 401 or res.status == 403) and 502 or res.status
+    return refuse(status, public_message(tostring(e.message or ("the upstream answered " .. res.status))),
+      { type = status == res.status and type(e.type) == "string" and e.type or nil })
+  end
+  return anthropic_id(with_id({ status = 200, headers = { ["content-type"] = "application/json",
+    ["x-resil-provider"] = provider, ["x-resil-model"] = model }, body = res.body }, id), "anthropic")
+end
+
 gateway.routes = {
   ["POST /v1/chat/completions"] = function(req) return complete(req, "openai") end,
   ["POST /v1/messages"] = function(req) return complete(req, "anthropic") end,
+  ["POST /v1/messages/count_tokens"] = count_tokens,
   ["POST /v1/embeddings"] = embeddings,
   ["GET /v1/models"] = models,
   ["GET /health"] = function() return { status = 200, body = '{"status":"ok"}' } end,
@@ -1599,8 +1664,7 @@ local function route_key(method, path)
 end
 
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
--- the API a path speaks, for its errors (Anthropic's count_tokens and
--- batches, not served, are 404s its SDK reads)
+-- the API a path speaks, for its errors (Anthropic's batches, not served, are 404s its SDK reads)
 local function api_of(path)
   return (path == "/v1/messages" or path:find("^/v1/messages/")) and "anthropic" or "openai"
 end

@@ -299,7 +299,7 @@ describe("gateway: OpenAI chat completions", function()
     local url = start({ strict = true })
     assert.are.equal(404, assert(http.request({ url = url .. "/v2/nothing" })).status)
     -- Anthropic's routes the gateway does not serve are 404s in Anthropic's shape
-    local res = assert(http.request({ method = "POST", url = url .. "/v1/messages/count_tokens", body = "{}" }))
+    local res = assert(http.request({ method = "POST", url = url .. "/v1/messages/batches", body = "{}" }))
     assert.are.equal(404, res.status)
     assert.are.equal("not_found_error", json.decode(res.body).error.type)
     assert.are.equal("error", json.decode(res.body).type)

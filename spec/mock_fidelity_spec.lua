@@ -63,8 +63,8 @@ describe("the mock's errors in each API's shape", function()
   after_each(function() m:stop() end)
 
   it("answers a path it does not serve in the shape of the client's API", function()
-    -- an Anthropic client (its SDK sends anthropic-version): count_tokens, models
-    local res = assert(http.request({ method = "POST", url = m.url .. "/v1/messages/count_tokens", body = "{}",
+    -- an Anthropic client (its SDK sends anthropic-version): batches, models
+    local res = assert(http.request({ method = "POST", url = m.url .. "/v1/messages/batches", body = "{}",
       headers = { ["anthropic-version"] = "2023-06-01" } }))
     assert.are.equal(404, res.status)
     local e = json.decode(res.body)
@@ -248,6 +248,33 @@ describe("the strict mock's Anthropic sampling", function()
       local res = anthropic(m, { model = model, max_tokens = 20, messages = MSGS, temperature = 0.5, top_p = 0.9 })
       assert.are.equal(200, res.status, model .. ": " .. res.body)
     end
+    m:stop()
+  end)
+end)
+
+describe("the mock's Anthropic count_tokens", function()
+  it("counts a prompt as a message's usage counts it, takes no answer's field, bills nothing", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local function count(body, headers)
+      local h = { ["x-api-key"] = "sk-ant-test-1", ["anthropic-version"] = "2023-06-01", ["content-type"] = "application/json" }
+      for k, v in pairs(headers or {}) do h[k] = v end
+      return assert(http.request({ method = "POST", url = m.url .. "/v1/messages/count_tokens", headers = h,
+        body = json.encode(body) }))
+    end
+    local prompt = { model = "claude-haiku-4-5", system = "Be brief.", messages = { { role = "user", content = "Name a city" } } }
+    local res = count(prompt)
+    assert.are.equal(200, res.status, res.body) -- (was: 404)
+    local n = json.decode(res.body).input_tokens
+    prompt.max_tokens = 20
+    assert.are.equal(n, json.decode(anthropic(m, prompt).body).usage.input_tokens)
+    res = count(prompt)
+    assert.are.equal(400, res.status)
+    assert.are.equal("max_tokens: Extra inputs are not permitted", json.decode(res.body).error.message)
+    prompt.max_tokens = nil
+    assert.are.equal(401, count(prompt, { ["x-api-key"] = "" }).status)
+    prompt.messages = nil
+    assert.are.equal("messages: Field required", json.decode(count(prompt).body).error.message)
+    assert.are.equal(1, m:stats().routes.messages)
     m:stop()
   end)
 end)

@@ -26,6 +26,14 @@ local PASSED = { "temperature", "top_p", "top_k", "metadata", "thinking", "servi
 
 function anthropic.url(base) return base .. "/v1/messages" end
 
+-- Token counting (free, exact, rate-limited apart from messages): the gateway asks it for an
+-- Anthropic client's messages.countTokens, whose body is already this API's (its model swapped in)
+function anthropic.count_tokens_url(base) return base .. "/v1/messages/count_tokens" end
+function anthropic.count_tokens_body(b, model)
+  b.model = model
+  return b
+end
+
 function anthropic.headers(key, conf)
   local h = { ["content-type"] = "application/json", accept = "application/json",
     ["anthropic-version"] = conf and conf.version or anthropic.version }

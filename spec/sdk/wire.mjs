@@ -262,3 +262,23 @@ await check('openai: temperature over 1, and temperature with top_p, are served 
     temperature: 0.5, top_p: 0.9 }), Anthropic.BadRequestError, 'anthropic client, both');
   expect(/cannot both be specified/.test(e.apiMessage), `anthropic client: ${e.apiMessage}`);
 });
+
+// messages.countTokens was a 404: an Anthropic client sizing its prompt (an agent's context
+// window, Claude Code's) failed through the gateway. Asked of the model's Anthropic upstream;
+// a model OpenAI serves has no count, a 400 saying so
+await check('anthropic: countTokens is the upstream\'s count; a model another API serves is a 400 saying so', async () => {
+  const req = { model: 'claude-strict', system: 'Be brief.', messages: [{ role: 'user', content: 'Name a city in France, please' }] };
+  const c = await ant().messages.countTokens(req);
+  const m = await ant().messages.create({ ...req, max_tokens: 20 });
+  expect(c.input_tokens > 0 && c.input_tokens === m.usage.input_tokens, `count ${JSON.stringify(c)}, message's ${m.usage.input_tokens}`);
+  const withTools = await ant().messages.countTokens({ ...req, tools: [{ name: 'get_weather',
+    input_schema: { type: 'object', properties: { city: { type: 'string' } } } }], tool_choice: { type: 'auto' } });
+  expect(withTools.input_tokens > 0, `with tools ${JSON.stringify(withTools)}`);
+  // what Anthropic refuses in a count (an answer's field) is its 400, relayed
+  const bad = await rejects(ant().messages.countTokens({ ...req, max_tokens: 20 }), Anthropic.BadRequestError, 'max_tokens in a count');
+  expect(/max_tokens: Extra inputs are not permitted/.test(bad.apiMessage), `max_tokens: ${bad.apiMessage}`);
+  const o = await rejects(ant().messages.countTokens({ ...req, model: 'gpt-strict' }), Anthropic.BadRequestError, 'an OpenAI model');
+  expect(o.type === 'invalid_request_error' && /served by strictopenai, which has none/.test(o.apiMessage), `openai model: ${o.apiMessage}`);
+  const u = await rejects(ant().messages.countTokens({ ...req, model: 'nobody/model' }), Anthropic.NotFoundError, 'an unknown provider');
+  expect(u.type === 'not_found_error', `unknown: ${u.type} ${u.apiMessage}`);
+});

@@ -25,6 +25,7 @@ Mock.__index = Mock
 local BUILTIN_ROUTES = {
   { "POST", "^/v1/chat/completions$", "chat" },
   { "POST", "^/v1/messages$", "messages" },
+  { "POST", "^/v1/messages/count_tokens$", "count_tokens" },
   { "POST", "^/v1/embeddings$", "embeddings" },
 }
 
@@ -699,7 +700,15 @@ local function one_sampler(model)
   return major ~= nil and (major > 4 or major == 4 and minor >= 1)
 end
 
-local function anthropic_refusal(self, req, body)
+-- count_tokens takes the prompt's fields of a message, not the answer's (max_tokens, stream, sampling)
+local COUNT_FIELDS = {}
+for f in ([[model messages system tools tool_choice thinking cache_control output_config speed]]):gmatch("%S+") do
+  COUNT_FIELDS[f] = true
+end
+local COUNT_BETA_FIELDS = { mcp_servers = true, context_management = true }
+
+-- (count: a count_tokens request's, which takes COUNT_FIELDS and no max_tokens)
+local function anthropic_refusal(self, req, body, count)
   -- an API key as x-api-key, or as a bearer token (the API takes both; newer SDKs send the latter)
   local key = req.headers["x-api-key"] or (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
   if not key or key == "" then
@@ -715,8 +724,9 @@ local function anthropic_refusal(self, req, body)
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "There was an error parsing the body") }
   end
   local beta = req.headers["anthropic-beta"] ~= nil
+  local fields, beta_fields = count and COUNT_FIELDS or ANTHROPIC_FIELDS, count and COUNT_BETA_FIELDS or ANTHROPIC_BETA_FIELDS
   for k in pairs(body) do
-    if not ANTHROPIC_FIELDS[k] and not (beta and ANTHROPIC_BETA_FIELDS[k]) then
+    if not fields[k] and not (beta and beta_fields[k]) then
       return { status = 400, body = anthropic_error(400, "invalid_request_error",
         tostring(k) .. ": Extra inputs are not permitted") }
     end
@@ -724,7 +734,7 @@ local function anthropic_refusal(self, req, body)
   if type(body.model) ~= "string" then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "model: Field required") }
   end
-  if not int(body.max_tokens) then
+  if not count and not int(body.max_tokens) then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "max_tokens: Field required") }
   end
   if type(body.messages) ~= "table" or #body.messages == 0 then
@@ -787,6 +797,16 @@ local function anthropic_refusal(self, req, body)
 end
 
 -- POST /v1/messages, as Anthropic's Messages API answers it.
+-- POST /v1/messages/count_tokens: the prompt's input_tokens, as a message's usage counts them
+-- (the API bills nothing for it: not billed here either)
+function Mock:count_tokens(req)
+  local body = json.decode(req.body)
+  local refused = anthropic_refusal(self, req, body, true)
+  if refused then return refused end
+  return { status = 200, headers = { ["content-type"] = "application/json" },
+    body = json.encode({ input_tokens = estimate_tokens(prompt_text(body)) }) }
+end
+
 function Mock:messages(req, fault)
   local body = json.decode(req.body)
   local refused = anthropic_refusal(self, req, body)
@@ -993,6 +1013,7 @@ end
 local HANDLERS = {
   chat = { fn = Mock.chat },
   messages = { fn = Mock.messages, flavor = "anthropic" },
+  count_tokens = { fn = Mock.count_tokens, flavor = "anthropic" },
   embeddings = { fn = Mock.embeddings },
 }
 mock.routes, mock.handlers = BUILTIN_ROUTES, HANDLERS
