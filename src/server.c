@@ -288,11 +288,12 @@ static void conn_deadline_cb(evutil_socket_t fd, short what, void *arg) {
  * batches), OpenAI's elsewhere. Read from its first bytes as they arrive:
  * libevent forgets a request's URI before it answers one it refuses. */
 static void conn_note_api(conn *c, struct evbuffer *in) {
-  char line[32];
-  ev_ssize_t n = evbuffer_copyout(in, line, sizeof line - 1);
-  line[n > 0 ? n : 0] = '\0';
-  const char *path = strchr(line, ' ');
-  c->anthropic = path && strncmp(path + 1, "/v1/messages", 12) == 0 && strchr(" /?", path[13]) && path[13];
+  struct evbuffer_iovec v; /* (its first chunk, read in place: the request line is in it) */
+  c->anthropic = 0;
+  if (evbuffer_peek(in, 32, NULL, &v, 1) < 1) return;
+  const char *line = v.iov_base, *sp = memchr(line, ' ', v.iov_len < 16 ? v.iov_len : 16);
+  if (!sp || (size_t)(sp - line) + 14 > v.iov_len || memcmp(sp + 1, "/v1/messages", 12) != 0) return;
+  c->anthropic = sp[13] == ' ' || sp[13] == '/' || sp[13] == '?';
 }
 
 static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg);
