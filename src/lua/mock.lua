@@ -796,7 +796,6 @@ local function anthropic_refusal(self, req, body, count)
   return nil
 end
 
--- POST /v1/messages, as Anthropic's Messages API answers it.
 -- POST /v1/messages/count_tokens: the prompt's input_tokens, as a message's usage counts them
 -- (the API bills nothing for it: not billed here either)
 function Mock:count_tokens(req)
@@ -807,6 +806,7 @@ function Mock:count_tokens(req)
     body = json.encode({ input_tokens = estimate_tokens(prompt_text(body)) }) }
 end
 
+-- POST /v1/messages, as Anthropic's Messages API answers it.
 function Mock:messages(req, fault)
   local body = json.decode(req.body)
   local refused = anthropic_refusal(self, req, body)
