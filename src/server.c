@@ -313,7 +313,7 @@ static size_t output_start(struct evbuffer *out, char *dst, size_t n) {
 }
 
 /* libevent's own error replies (400: a malformed request, or headers past
- * max_headers; 413: a body past max_body; 417) are HTML pages, which API
+ * max_headers; 413: a body past max_body; 417; 501: an unknown method) are HTML pages, which API
  * clients cannot read as errors. While a request is read nothing else writes
  * to the connection, so its output is watched then: an error reply seen
  * starting is rewritten once whole (conn_error_reply_cb), in the same loop
@@ -354,6 +354,8 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
                                       "headers larger than this server accepts");
   } else if (status == 417) {
     snprintf(message, sizeof message, "an Expect header other than 100-continue");
+  } else if (status == 501) {
+    snprintf(message, sizeof message, "a method this server does not serve");
   } else {
     snprintf(message, sizeof message, "the request was refused before it was read");
   }
