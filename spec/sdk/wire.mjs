@@ -229,7 +229,7 @@ await check('the server\'s own refusals (413, 400, 408) reach each SDK as an API
   const h = await rejects(oai().chat.completions.create({ model: 'openai/gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] },
     { headers: { 'x-big': 'a'.repeat(70000) } }), OpenAI.BadRequestError, 'openai headers past max_headers');
   expect(h.type === 'invalid_request_error' && /headers larger than this server accepts/.test(h.message), `400: ${h.type} ${h.message}`);
-  // a body that stalls after its first bytes (wire_server's read_timeout is 1 s)
+  // a body that stalls after its first bytes (wire_server's read_timeout is 2 s)
   const stalling = (u, init) => fetch(u, { ...init, duplex: 'half', body: new ReadableStream({
     start(ctl) { ctl.enqueue(new TextEncoder().encode('{"model":')); } }) });
   const t = await rejects(new Anthropic({ apiKey: key, baseURL: url, maxRetries: 0, fetch: stalling }).messages.create({

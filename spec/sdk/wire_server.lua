@@ -70,7 +70,7 @@ ai.adapters.strictopenai = require "policies.providers.openai"
 ai.configure("strictopenai", { base_url = strict.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.adapters.strictanthropic = require "policies.providers.anthropic"
 ai.configure("strictanthropic", { base_url = strict.url, api_key = "sk-ant-test-123456", retry = fast })
-gateway.configure({ auth = true, key_cache = 0, idempotency_keep_max = 64, max_body = 200000, read_timeout = 1, models = {
+gateway.configure({ auth = true, key_cache = 0, idempotency_keep_max = 64, max_body = 200000, read_timeout = 2, models = {
   ["embed-compat"] = "openai/text-embedding-3-small",
   ["gpt-strict"] = "strictopenai/gpt-4o-mini",
   ["claude-strict"] = "strictanthropic/claude-haiku-4-5",
