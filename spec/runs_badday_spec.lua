@@ -102,3 +102,97 @@ print(select("#", resil.step("some", function() return table.unpack(t, 1, 250) e
     end)
   end)
 end
+
+-- Steps whose fn pays (each run of one is logged, as a provider bills it); BREAK (a shell
+-- command) runs inside the step named BREAK_AT, after it paid and before its result is stored:
+-- it fills the store's disk, or stops or kills its redis-server.
+local PAYING = [[
+local resil = require "resil"
+local log = arg[1]
+local function paid(what) local f = assert(io.open(log, "a")); f:write(what, "\n"); f:close() end
+local function call(what, answer)
+  paid(what)
+  if what == os.getenv("BREAK_AT") then os.execute(os.getenv("BREAK")) end
+  return answer
+end
+for i = 1, 3 do
+  resil.step("call " .. i, function() return call("call " .. i, "answer " .. i .. (" "):rep(8000)) end)
+end
+resil.map({ "a", "b", "c" }, function(x)
+  return resil.step("render", function() return call("render " .. x, "video-" .. x .. (" "):rep(8000)) end)
+end, { concurrency = 1 })
+print("finished")
+]]
+
+-- A SQLite store on a filesystem of its own, 1 MB (a tmpfs; root only) -> path, the
+-- command that fills it up, and the one that frees it again
+local function small_disk(finally)
+  local dir = helpers.tmpname("-disk")
+  os.execute("mkdir -p " .. dir)
+  assert(os.execute("mount -t tmpfs -o size=1m tmpfs " .. dir), "cannot mount a tmpfs")
+  finally(function() os.execute("umount " .. dir) end)
+  return dir .. "/state.db", ("dd if=/dev/zero of=%s/filler bs=4k count=1000 2>/dev/null"):format(dir),
+    ("rm -f %s/filler"):format(dir)
+end
+
+local function paying(url, log, break_at, break_cmd)
+  local env = break_at and ("BREAK_AT='%s' BREAK='%s' "):format(break_at, break_cmd) or ""
+  return helpers.run(("%s%s --store '%s' --run paying --log-level error %s %s"):format(env, helpers.resil, url,
+    helpers.write(helpers.tmpname(".lua"), PAYING), log))
+end
+
+-- What the first process paid for, and what a resumed one did
+local function lines(path)
+  local t = {}
+  for line in io.lines(path) do t[#t + 1] = line end
+  return t
+end
+
+describe("a step whose result the store cannot take as its fn ends", function()
+  local is_root = helpers.run("id -u").stdout == "0\n"
+
+  local function stops_there(r, log, step, store_error)
+    assert.are.equal(1, r.code, r.stderr)                 -- (before: 0, every later step paid and lost too)
+    assert.is_not.matches("finished", r.stdout)
+    assert.matches("resil%-lua: store_unavailable: run paying: " .. step .. " %(%S+%.lua:%d+%) ran, but its "
+      .. "result could not be checkpointed: store_unavailable: " .. store_error .. "; the run stops here", r.stderr)
+    -- what it paid for is in the log, whole (the record as the store keeps it)
+    assert.matches('"msg":"a step ran but its result was not checkpointed[^\n]*"record":"[^\n]*' ..
+      step:match("'(.-)'"):gsub("call ", "answer "):gsub("render", "video%%-"), r.stderr)
+    return lines(log)
+  end
+
+  it("on SQLite, its disk full: the run stops at that step, status 1; no later step runs; resumed, it completes",
+    function()
+      if not is_root then return pending("mounting a small filesystem needs root") end
+      local db, fill, free = small_disk(finally)
+      local log = helpers.tmpname(".log")
+      local r = paying(db, log, "call 2", fill)
+      assert.are.same({ "call 1", "call 2" },
+        stops_there(r, log, "step 2 'call 2'", "store %S+: commit failed: database or disk is full"))
+      os.execute(free)
+      r = paying(db, log)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("finished", r.stdout)
+      assert.are.same({ "call 1", "call 2", "call 2", "call 3", "render a", "render b", "render c" }, lines(log))
+    end)
+
+  it("on SQLite, its disk full in a resil.map item: the map and the script stop; no later item runs", function()
+    if not is_root then return pending("mounting a small filesystem needs root") end
+    local db, fill = small_disk(finally)
+    local log = helpers.tmpname(".log")
+    local r = paying(db, log, "render b", fill)
+    assert.are.same({ "call 1", "call 2", "call 3", "render a", "render b" },
+      stops_there(r, log, "step 1 of item 2 'render'", "store %S+: commit failed: database or disk is full"))
+  end)
+
+  it("on Redis, its server stopped (SIGSTOP) or killed: the run stops at that step, status 1", function()
+    for _, signal in ipairs({ "STOP", "KILL" }) do
+      local redis = helpers.redis_server()
+      finally(redis.stop)
+      local log = helpers.tmpname(".log")
+      local r = paying(redis.url(1, "timeout=0.5"), log, "call 2", "kill -" .. signal .. " " .. redis.pid)
+      assert.are.same({ "call 1", "call 2" }, stops_there(r, log, "step 2 'call 2'", "[^;]+"))
+    end
+  end)
+end)

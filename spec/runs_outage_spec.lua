@@ -29,7 +29,10 @@ describe("runs in resil.map on a bad day", function()
     local r, db = with_lock([[
 local _, failures = resil.map({ 1, 2, 3 }, function(i)
   return resil.step("s", function()
-    if i == 2 then take_lock(db, rel, 1.5) end -- as this step ends
+    if i == 2 then -- it fails as the store is locked: its failure's record cannot be written
+      take_lock(db, rel, 1.5)
+      error("item 2 failed")
+    end
     return i
   end)
 end, { concurrency = 1 })
@@ -56,8 +59,8 @@ take_lock(db, rel, 3) -- past the run's end
       local db = helpers.tmpname(".db")
       local script = helpers.write(helpers.tmpname(".lua"), [[
 local resil = require "resil"
-for i = 1, 1000 do -- until the file is full
-  if not resil.step("s" .. i, function() return ("x"):rep(8000) end) then break end
+for i = 1, 1000 do -- until the file is full (a step not checkpointed raises: the run stops)
+  if not pcall(resil.step, "s" .. i, function() return ("x"):rep(8000) end) then break end
 end
 for _ = 1, 1000 do -- and small writes too
   if not resil.cost.record({ provider = "p", model = "m", usd = 1 }) then break end

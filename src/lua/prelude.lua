@@ -128,8 +128,10 @@ function resil.map(items, fn, opts)
       local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
       resil.context({ item = i, step_scope = scope })
       local ok, value, err = pcall(fn, items[i], i)
-      -- the run lost to another process, or diverged: the script must stop, not carry on past the map
-      if not ok and resil.is_error(value) and (value.kind == "run_held" or value.kind == "divergence") then
+      -- the run lost to another process, or diverged, or a step's result not checkpointed (stops_run):
+      -- the script must stop, not carry on past the map
+      if not ok and resil.is_error(value) and (value.kind == "run_held" or value.kind == "divergence" or
+          value.stops_run == true) then
         error(value, 0)
       end
       if not ok then value, err = nil, value end

@@ -9,6 +9,7 @@ local store_now, store_or_fail = S.now, S.open
 local config, encode_values, decode_values = S.config, S.encode_values, S.decode_values
 local unpack, pack = table.unpack, table.pack
 local json = resil.json
+local getinfo = debug.getinfo
 
 local steps_total = resil.metrics.counter("resil_steps_total",
   "Checkpointed steps, by result: done (run and stored), replayed (from a resumed run), failed")
@@ -269,6 +270,44 @@ local function replay_places(r, result)
   end
 end
 
+-- Where resil.step was called (step_where's caller), for its errors: the first caller outside
+-- the host's own modules (resil.run.now is one); one called as a tail call (`return
+-- resil.step(...)`, in a map's item) has lost its caller's frame: then fn's own line.
+local function step_where(fn)
+  if not getinfo(2, "t").istailcall then
+    for level = 3, 64 do
+      local info = getinfo(level, "Sl")
+      if not info then break end
+      if info.currentline > 0 and not info.source:find("^=%[resil") then
+        return ("%s:%d"):format(info.short_src, info.currentline)
+      end
+    end
+  end
+  local info = getinfo(fn, "S")
+  return info.linedefined > 0 and ("%s:%d"):format(info.short_src, info.linedefined) or "?"
+end
+
+-- A step whose fn ran but whose result the store did not take (a full disk, a read-only file,
+-- Redis down): the script must stop. Going on, each later step paid its provider and lost its
+-- result too, and the resumed run paid for all of them again. The error names the step and
+-- its line; every later step of the run in this process raises it before its fn runs (until
+-- resil.run.finish). The record is logged at error level, whole up to 1 MB: what was paid for
+-- is not lost with the process (a person can enter it; resuming runs the step again).
+local MAX_LOGGED_RECORD = 1024 * 1024
+local function checkpoint_failed(r, scope, seq, name, where, text, serr)
+  resil.log.error("a step ran but its result was not checkpointed: the run stops; resuming it runs the step again",
+    { run = r.id, item = scope ~= "" and scope or nil, seq = seq, step = name, at = where, error = tostring(serr),
+      record = #text <= MAX_LOGGED_RECORD and text or nil,
+      record_bytes = #text > MAX_LOGGED_RECORD and #text or nil })
+  local err = resil.error("store_unavailable", ("run %s: step %d%s '%s' (%s) ran, but its result could not be "
+    .. "checkpointed: %s; the run stops here (resuming it runs this step again)"):format(r.id, seq,
+    scope ~= "" and (" of item " .. scope) or "", name, where, tostring(serr)),
+    { run = r.id, item = scope, seq = seq, step = name, where = where, cause = serr, stops_run = true,
+      traceback = false })
+  r.stopped = err
+  return err
+end
+
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
 function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
@@ -290,6 +329,7 @@ function resil.step(name, fn, ...)
     if run and run.held and rerr ~= nil then run.failed[scope] = true end
     return nil, rerr
   end
+  if r.stopped then error(r.stopped, 2) end -- a step's result was not checkpointed: nothing more runs
   local backend = r.store.backend
   local recorded, result = backend:step_get(r.id, scope, seq)
   -- unknown is not "not done": running it again could pay twice
@@ -371,9 +411,12 @@ function resil.step(name, fn, ...)
   local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id,
     (r.retries[scope] or 0) - retries0, started, detail)
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
-  if not ok then -- not checkpointed: the store is unavailable; the run cannot end "done"
+  if not ok then -- fn ran (and was paid for), its result not checkpointed: the run stops here
     r.failed[scope] = true
-    return nil, serr
+    if run == r then
+      pcall(record_failure, r, scope, seq, name, serr, (r.retries[scope] or 0) - retries0, started, detail)
+    end
+    error(checkpoint_failed(r, scope, seq, name, step_where(fn), text, serr), 2)
   end
   steps_done:inc()
   return unpack(out, 2, out.n)
