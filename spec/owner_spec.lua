@@ -222,6 +222,64 @@ print("went on")
       resil.run.finish("done")
       resil.log.level("info")
     end)
+
+    -- Process A runs a step; frozen (SIGSTOP) past its lease, as a partition or a held loop
+    -- leaves it, it is taken over by B, which runs the same step and ends the run, leaving it
+    -- without a holder. Then A thaws and stores its result for the same place. A runs under
+    -- another host name (unshare --uts; root): B judges it by its lease, 1 s, not by its pid.
+    it("two processes that ran one step (the first frozen past its lease, the second ended the run): the " ..
+      "first result stored is the step's in both, never a raw SQL error", function()
+      if helpers.run("id -u").stdout ~= "0\n" then return pending("unshare --uts needs root") end
+      local url, dir = store_url(), helpers.tmpname("-dir")
+      os.execute("mkdir -p " .. dir)
+      local a_script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.store_config({ lease = 1 })
+local dir = arg[1]
+local function exists(p) local f = io.open(p) if f then f:close() end return f ~= nil end
+print("A got", resil.step("answer", function()
+  io.open(dir .. "/started", "w"):close()
+  while not exists(dir .. "/go") do resil.sleep(0.02) end
+  return "A's"
+end))
+io.stdout:flush()
+resil.step("next", function() print("A's next step runs") end)
+]])
+      local b_script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+print("B got", resil.step("answer", function() return "B's" end))
+]])
+      local opts = ("--store %s --run shared --log-level off"):format(url)
+      local out, pidfile = dir .. "/a.out", dir .. "/a.pid"
+      os.execute(("unshare --uts sh -c 'hostname resil-other-host; exec %s %s %s %s' > %s 2>&1 & echo $! > %s")
+        :format(helpers.resil, opts, a_script, dir, out, pidfile))
+      local pid = helpers.slurp(pidfile):match("%d+")
+      reap(pid)
+      assert(helpers.wait_until(function()
+        local f = io.open(dir .. "/started")
+        if f then f:close() end
+        return f ~= nil
+      end, 20), helpers.slurp(out))
+      os.execute("kill -STOP " .. pid)
+      finally(function() os.execute("kill -CONT " .. pid .. " 2> /dev/null") end)
+      -- B waits for A's lease to lapse, takes the run, runs the step and ends the run
+      local b = helpers.run(("timeout 60 %s --wait %s %s"):format(helpers.resil, opts, b_script))
+      assert.are.equal(0, b.code, b.stderr)
+      assert.are.equal("B got\tB's\n", b.stdout)
+      helpers.write(dir .. "/go", "")
+      os.execute("kill -CONT " .. pid)
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20))
+      local a = helpers.slurp(out)
+      -- (before: SQLite raised "UNIQUE constraint failed: steps.run, steps.scope, steps.seq"; Redis
+      -- kept B's record and A went on with its own result)
+      assert.is_not.matches("UNIQUE", a)
+      assert.matches("^A got\tB's\n", a)
+      -- and A stops at its next step: the run was ended by another process
+      assert.matches("run_held: run shared was ended by another process", a, 1, true)
+      assert.is_not.matches("next step runs", a)
+      local again = helpers.run(("%s %s %s"):format(helpers.resil, opts, b_script))
+      assert.are.equal("B got\tB's\n", again.stdout)
+    end)
   end)
 
   describe(("resil.once holders (%s)"):format(backend), function()

@@ -308,6 +308,23 @@ local function checkpoint_failed(r, scope, seq, name, where, text, serr)
   return err
 end
 
+-- A step's place has a record: -> the values it stored, as the step returned them
+local function replay(r, scope, seq, name, recorded, result)
+  if recorded ~= name then
+    error(resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
+      .. "start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name),
+      { run = r.id, seq = seq, recorded = recorded, name = name }), 3)
+  end
+  steps_replayed:inc()
+  local values, why = decode_values(result)
+  if not values then -- never runs fn again: the step did happen
+    return nil, resil.error("store_unavailable", ("store: the record of run %s step %d is unreadable (%s)"):format(
+      r.id, seq, why), { run = r.id, seq = seq })
+  end
+  replay_places(r, result)
+  return unpack(values, 1, values.n)
+end
+
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
 function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
@@ -337,21 +354,7 @@ function resil.step(name, fn, ...)
     r.failed[scope] = true
     return nil, result
   end
-  if recorded ~= nil then
-    if recorded ~= name then
-      error(resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
-        .. "start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name),
-        { run = r.id, seq = seq, recorded = recorded, name = name }), 2)
-    end
-    steps_replayed:inc()
-    local values, why = decode_values(result)
-    if not values then -- never runs fn again: the step did happen
-      return nil, resil.error("store_unavailable", ("store: the record of run %s step %d is unreadable (%s)"):format(
-        r.id, seq, why), { run = r.id, seq = seq })
-    end
-    replay_places(r, result)
-    return unpack(values, 1, values.n)
-  end
+  if recorded ~= nil then return replay(r, scope, seq, name, recorded, result) end
   -- fn is about to run (and pay): a process whose run was taken over meanwhile (its lease
   -- lapsed: a loop held, a partition) stops here, not at the step's put after paying for
   -- what the new holder runs too. (A read: on SQLite it never waits for a writer.)
@@ -411,6 +414,10 @@ function resil.step(name, fn, ...)
   local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id,
     (r.retries[scope] or 0) - retries0, started, detail)
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
+  -- another process wrote this place first, while the run had no holder (its holder ended it, or
+  -- this one's lease lapsed and another ran and ended the run): the first result is the step's
+  -- in both processes, as a replay gives it
+  if ok and serr ~= nil then return replay(r, scope, seq, name, serr, since) end
   if not ok then -- fn ran (and was paid for), its result not checkpointed: the run stops here
     r.failed[scope] = true
     if run == r then

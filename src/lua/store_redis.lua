@@ -160,12 +160,15 @@ redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 return {1}
 ]]
 
--- KEYS: run hash, steps hash; ARGV: field, json, now, me -> {1} | {0, holder, since} (taken over)
+-- KEYS: run hash, steps hash; ARGV: field, json, now, me -> {1} | {2, the record there already} |
+-- {0, holder, since} (taken over)
 scripts.step_put = [[
 local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
 if holder[1] and holder[1] ~= ARGV[4] then return {0, holder[1], holder[2] or ''} end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'steps', 1)
+else
+  return {2, redis.call('HGET', KEYS[2], ARGV[1])}
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 return {1}
@@ -863,7 +866,8 @@ function R:step_get(run, scope, seq)
   return rec.name, rec.result
 end
 
--- -> true | false, holder, since (the run was taken over)
+-- -> true | true, name, result (a record there already: the first is kept) | false, holder, since
+-- (the run was taken over)
 function R:step_put(run, scope, seq, name, result, now, me, retries, started, detail)
   local keys = run_keys(run)
   local rec = resil.json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
@@ -871,6 +875,10 @@ function R:step_put(run, scope, seq, name, result, now, me, retries, started, de
   local r, err = self:script("step_put", { keys[1], keys[2] }, scope .. "|" .. seq, rec, fmt_time(now), me)
   if r == nil then return nil, err end
   if r[1] == 1 then return true end
+  if r[1] == 2 then -- the place has a record already (written while the run had no holder): the first is kept
+    local stored = resil.json.decode(r[2])
+    return true, stored.name, stored.result
+  end
   return false, r[2], tonumber(r[3])
 end
 

@@ -485,13 +485,20 @@ function B:step_get(run, scope, seq)
   end)
 end
 
--- -> true | false, holder, since (the run was taken over: this process lost it)
+-- -> true | true, name, result (the place has a record already: the first one is kept) | false,
+-- holder, since (the run was taken over: this process lost it)
 function B:step_put(run, scope, seq, name, result, now, me, retries, started, detail)
   return self.db:tx(function(tx)
     local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
     if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
-    tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries, started, detail) " ..
-      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", run, scope, seq, name, result, now, retries or 0, started, detail)
+    -- another process wrote it while the run had no holder (it ended it): the first is kept (a
+    -- plain insert raised SQLite's own "UNIQUE constraint failed")
+    if tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries, started, detail) " ..
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run, scope, seq) DO NOTHING", run, scope, seq, name, result,
+        now, retries or 0, started, detail) == 0 then
+      local stored = tx:row("SELECT name, result FROM steps WHERE run = ? AND scope = ? AND seq = ?", run, scope, seq)
+      return true, stored.name, stored.result
+    end
     tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
     return true
   end)
