@@ -130,6 +130,25 @@ for i, v in ipairs(values) do print(i, show(resil.step("v" .. i, function() retu
 if os.getenv("FAIL") then error("stopped after the steps") end
 ]]
 
+-- Items paid for one by one (each fn run logged), from the command line's comma-separated
+-- list; KILL=x: the process dies (SIGKILL) in item x's step, the items before it checkpointed.
+local ITEMS = [[
+local resil = require "resil"
+local log, list = arg[1], arg[2]
+local items = {}
+for x in list:gmatch("[^,]+") do -- VOLATILE: each item has a field that differs in every process
+  items[#items + 1] = { name = x, size = #x, drawn = os.getenv("VOLATILE") and tostring({}) .. os.clock() or nil }
+end
+local out = resil.map(items, function(item)
+  return resil.step("render", function()
+    if item.name == os.getenv("KILL") then os.execute("kill -KILL " .. io.open("/proc/self/stat"):read("l"):match("^%d+")) end
+    local f = assert(io.open(log, "a")); f:write("paid ", item.name, "\n"); f:close()
+    return "video of " .. item.name
+  end)
+end, { concurrency = 1, key = os.getenv("KEYED") and function(item) return item.name end or nil })
+for i, item in ipairs(items) do print(item.name, out[i]) end
+]]
+
 for _, b in ipairs(helpers.store_backends()) do
   describe("step results on " .. b.name, function()
     teardown(function() if b.stop then b.stop() end end)
@@ -173,6 +192,65 @@ end))
         "false\t%S+%.lua:8: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n" ..
         "false\t%S+%.lua:12: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n$", r.stdout)
     end)
+
+    it("a run resumed with its items reordered or one inserted is refused at the item whose record is " ..
+      "another's, naming the run and its index: no item gets another's paid result", function()
+      local url, log, script = b.url(), helpers.tmpname(".log"), helpers.write(helpers.tmpname(".lua"), ITEMS)
+      local function items(list, env)
+        return sh(("%s %s --store '%s' --log-level off --run items %s %s %s"):format(env or "", helpers.resil, url,
+          script, log, list))
+      end
+      assert.are_not.equal(0, items("a,b,c,d", "KILL=c").code)
+      assert.are.equal("paid a\npaid b\n", helpers.slurp(log))
+      for _, list in ipairs({ "b,a,c,d", "x,a,b,c,d" }) do
+        local r = items(list)
+        -- (before: "b  video of a" and "a  video of b"; with x inserted, x got a's video, a got b's)
+        assert.are.equal(1, r.code, r.stdout)
+        assert.matches("divergence: run items diverged at item 1: its step 1 'render' was recorded for another item " ..
+          "(the list given to resil.map was reordered, or an item inserted or removed, since the run began", r.stderr,
+          1, true)
+        assert.are.equal("", r.stdout)
+      end
+      assert.are.equal("paid a\npaid b\n", helpers.slurp(log)) -- nothing paid meanwhile
+      -- the same list, with an item appended: the run resumes
+      local r = items("a,b,c,d,e")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("a\tvideo of a\nb\tvideo of b\nc\tvideo of c\nd\tvideo of d\ne\tvideo of e\n", r.stdout)
+      assert.are.equal("paid a\npaid b\npaid c\npaid d\npaid e\n", helpers.slurp(log))
+    end)
+
+    it("resil.map's key names items whose fields change between runs: resumed, each keeps its own result", function()
+      local url, log, script = b.url(), helpers.tmpname(".log"), helpers.write(helpers.tmpname(".lua"), ITEMS)
+      local function items(run, env)
+        return sh(("VOLATILE=1 %s %s --store '%s' --log-level off --run %s %s %s a,b,c"):format(env or "", helpers.resil,
+          url, run, script, log))
+      end
+      assert.are_not.equal(0, items("unkeyed", "KILL=b").code)
+      local r = items("unkeyed")
+      assert.matches("divergence: run unkeyed diverged at item 1", r.stderr, 1, true) -- (the item is not the same)
+      assert.are_not.equal(0, items("keyed", "KEYED=1 KILL=b").code)
+      r = items("keyed", "KEYED=1")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("a\tvideo of a\nb\tvideo of b\nc\tvideo of c\n", r.stdout)
+      assert.are.equal("paid a\npaid a\npaid b\npaid c\n", helpers.slurp(log))
+    end)
+
+    if b.name == "SQLite" then
+      it("records written before items were fingerprinted are replayed as they were", function()
+        local url, log, script = b.url(), helpers.tmpname(".log"), helpers.write(helpers.tmpname(".lua"), ITEMS)
+        local cmd = ("%s --store '%s' --log-level off --run old %s %s a,b"):format(helpers.resil, url, script, log)
+        assert.are.equal(0, sh(cmd).code)
+        -- the records as versions before this one wrote them: without the item's fingerprint
+        local strip = sh(("sqlite3 %s %q"):format(url, [[UPDATE steps SET result = '{' || substr(result, 28)
+          WHERE result LIKE '{"item":"%' AND substr(result, 26, 2) = '",';
+          SELECT count(*) FROM steps WHERE result LIKE '%"item"%';]]))
+        assert.are.equal("0\n", strip.stdout, strip.stderr)
+        local r = sh(cmd)
+        assert.are.equal(0, r.code, r.stderr)
+        assert.are.equal("a\tvideo of a\nb\tvideo of b\n", r.stdout)
+        assert.are.equal("paid a\npaid b\n", helpers.slurp(log))
+      end)
+    end
   end)
 end
 

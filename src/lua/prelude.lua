@@ -102,13 +102,15 @@ local function progress_reporter(label, total, tty)
   end
 end
 
--- resil.map(items, fn, {concurrency=32, progress="label"}) -> results, failures
+-- resil.map(items, fn, {concurrency=32, progress="label", key=fn(item, i)}) -> results, failures
 -- results[i] is fn(items[i], i); failures is nil, or {[i] = err} for the
--- items whose fn raised or returned nil, err. Order follows items.
+-- items whose fn raised or returned nil, err. Order follows items. key: what
+-- names an item in a run (default: the item itself; see resil.run.item).
 function resil.map(items, fn, opts)
   if type(items) ~= "table" then error("resil.map: items must be a table", 2) end
   if type(fn) ~= "function" then error("resil.map: fn must be a function", 2) end
   opts = opts or {}
+  if opts.key ~= nil and type(opts.key) ~= "function" then error("resil.map: key must be a function", 2) end
   local n = #items
   local concurrency = opts.concurrency or 32
   if type(concurrency) ~= "number" or concurrency < 1 then
@@ -127,7 +129,9 @@ function resil.map(items, fn, opts)
       -- steps inside an item are checkpointed under the item (resil.step)
       local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
       resil.context({ item = i, step_scope = scope })
+      if resil.run then resil.run.item(scope, items[i], i, opts.key) end -- (its steps' records name the item)
       local ok, value, err = pcall(fn, items[i], i)
+      if resil.run then resil.run.item(scope, nil) end
       -- the run lost to another process, or diverged, or a step's result not checkpointed (stops_run):
       -- the script must stop, not carry on past the map
       if not ok and resil.is_error(value) and (value.kind == "run_held" or value.kind == "divergence" or

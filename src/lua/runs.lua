@@ -5,6 +5,7 @@
 local resil = ...
 local S = require "resil.store"
 local owner = require "resil.owner"
+local fingerprint = require("resil.once").fingerprint
 local store_now, store_or_fail = S.now, S.open
 local config, encode_values, decode_values = S.config, S.encode_values, S.decode_values
 local unpack, pack = table.unpack, table.pack
@@ -308,12 +309,48 @@ local function checkpoint_failed(r, scope, seq, name, where, text, serr)
   return err
 end
 
+-- The item each resil.map item's scope runs now (the map tells, as the item starts and ends).
+-- A step's record in an item keeps the item's fingerprint ("item" after "nested", where none of
+-- fn's values can be), and a replay checks it: items are keyed by their index, so a run resumed
+-- with its list reordered, or an item inserted or removed, gave items each other's paid results.
+-- Records without one (written before) are replayed unchecked. The map's key(item, i), when
+-- given, names the item instead (items with fields that change from run to run: a timestamp).
+local items_now = {}
+function resil.run.item(scope, value, index, key)
+  items_now[scope] = value ~= nil and { value = value, index = index, key = key } or nil
+end
+local function item_fingerprint(scope)
+  local item = items_now[scope]
+  if not item then return nil end
+  if not item.fp then
+    item.fp = fingerprint(item.key and item.key(item.value, item.index) or item.value)
+  end
+  return item.fp
+end
+local function record_item(text, scope)
+  local fp = text and scope ~= "" and item_fingerprint(scope)
+  if not fp then return text end
+  return '{"item":"' .. fp .. '",' .. text:sub(2)
+end
+local function recorded_item(result)
+  return result:match('^{"item":"(%x+)",') or result:match('^{"nested":%b{},"item":"(%x+)",')
+end
+
 -- A step's place has a record: -> the values it stored, as the step returned them
 local function replay(r, scope, seq, name, recorded, result)
   if recorded ~= name then
     error(resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
       .. "start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name),
       { run = r.id, seq = seq, recorded = recorded, name = name }), 3)
+  end
+  local was, now = recorded_item(result), item_fingerprint(scope)
+  if was and now and was ~= now then
+    local index = scope:match("(%d+)$")
+    error(resil.error("divergence", ("run %s diverged at item %s%s: its step %d '%s' was recorded for another item "
+      .. "(the list given to resil.map was reordered, or an item inserted or removed, since the run began: "
+      .. "restore it, or use --fresh to start over; resil.map's key = function(item) names items whose fields change "
+      .. "between runs)"):format(r.id, index, scope ~= index and (" (" .. scope .. ")") or "",
+      seq, name), { run = r.id, seq = seq, item = tonumber(index), scope = scope, recorded = recorded, name = name }), 3)
   end
   steps_replayed:inc()
   local values, why = decode_values(result)
@@ -404,7 +441,7 @@ function resil.step(name, fn, ...)
   -- returned nil and the record "unreadable", never running fn again)
   local text, err = nil, "more than 250 of them"
   if out.n - 1 <= 250 then text, err = encode_values(out, 2) end
-  text = record_places(text, places)
+  text = record_places(record_item(text, scope), places)
   if not text then
     -- fn ran (and may have been paid for): the step is a failure `runs show` lists
     local why = "resil.step: cannot checkpoint the results: " .. err
