@@ -41,6 +41,21 @@ local function breaker_call(self, fn, ...)
 end
 core_breaker.methods.call = breaker_call -- src/breaker.c leaves call to this module
 
+-- br:on(event, fn) from a policy as it loads is that version's listener: taken off when a
+-- reload replaces the version (the breaker is kept by name: each version's listener stayed,
+-- fired, and held its old version)
+local on, own_at_load = core_breaker.methods.on, resil.own_at_load
+local function listen(br, event, fn)
+  on(br, event, fn)
+  own_at_load(2, function()
+    local list = debug.getuservalue(br, 1)[event == "close" and "closed" or event]
+    for i = #list, 1, -1 do
+      if list[i] == fn then return table.remove(list, i) end
+    end
+  end)
+end
+core_breaker.methods.on = function(br, event, fn) listen(br, event, fn) end
+
 -- ---------- shared limits: {shared = true} ----------
 -- A shared bucket or breaker keeps its state in the store, so several
 -- processes (or machines, on Redis) respect one limit. When the store is
@@ -607,7 +622,7 @@ end
 SharedBreaker.call = breaker_call -- it only uses allow() and record()
 
 function SharedBreaker:name() return self.label end
-function SharedBreaker:on(...) return self.inner:on(...) end
+function SharedBreaker:on(event, fn) listen(self.inner, event, fn) end
 function SharedBreaker:stats() return self.inner:stats() end
 function SharedBreaker:reset()
   local s = resil.store()

@@ -226,6 +226,103 @@ local function policy_names()
   return names
 end
 
+-- What a policy starts as it loads belongs to that version of it: the tasks
+-- (resil.spawn, resil.background), breaker listeners (br:on) and metric
+-- collectors (resil.metrics.collect) its own code makes while a policies.*
+-- module loads are ended when a reload replaces that module's version, or
+-- when the load fails: a refresher or a listener made at load ran once more
+-- per reload, each copy holding its old version, never collected. Tasks get
+-- a normal cancel (their <close> handlers run); calls already running on the
+-- old version are not touched. Not owned: what the host's own modules start
+-- on a policy's behalf (a store's sweeper, the trace poster), what a request
+-- or the main script starts, and what resil.keep's init starts (kept, as its
+-- table is).
+local owners = {}       -- module name -> the record of its version loaded now
+local pending           -- during a reload: module name -> the record of its new version
+local loading, loading_co -- the record of the module loading now (the innermost) and its coroutine
+local weak_keys = { __mode = "k" }
+local spawn, background = resil.spawn, resil.background
+
+-- the function `level` levels above the caller is the policies' code, running as one loads
+-- -> the record of that load | nil
+local function loading_record(level)
+  if not loading or loading_co ~= coroutine.running() then return nil end
+  local info = debug.getinfo(level + 2, "S")
+  if not info or info.source:sub(1, 7) == "=[resil" then return nil end -- the host's own modules
+  return loading
+end
+
+-- own(level, drop): drop() (a listener taken off) runs when the version loading now is replaced
+local function own(level, drop)
+  local rec = loading_record(level + 1)
+  if rec then rec.drops[#rec.drops + 1] = drop end
+end
+
+local function cancel_all(tasks)
+  for i = 1, #tasks do pcall(tasks[i].cancel, tasks[i]) end
+end
+
+-- a version's end: its listeners go now (nothing of the policy's runs), its tasks are canceled
+-- in a task of their own, after the reload (their <close> handlers are the policy's code: not
+-- under the reload's caps, nor able to fail it)
+local function retire(rec)
+  if not rec then return end
+  local drops, tasks = rec.drops, {}
+  for t in pairs(rec.tasks) do tasks[#tasks + 1] = t end
+  rec.drops, rec.tasks, rec.collectors = {}, {}, {}
+  for i = 1, #drops do pcall(drops[i]) end
+  if #tasks > 0 then pcall(spawn, cancel_all, tasks) end
+end
+
+function resil.spawn(...)
+  local t = spawn(...)
+  local rec = loading and loading_record(1)
+  if rec then rec.tasks[t] = true end
+  return t
+end
+
+function resil.background(...)
+  local t = background(...)
+  local rec = loading and loading_record(1)
+  if rec then rec.tasks[t] = true end
+  return t
+end
+
+-- A policies.* module's loader runs with its own record; the record is the
+-- version's once the loader returns (a reload's, once the whole set loads).
+local loading_mt = {
+  __close = function(g, err)
+    loading, loading_co = g.prev, g.prev_co
+    if err ~= nil then retire(g.rec) end
+  end,
+}
+local function owning_loader(loader)
+  return function(name, ...)
+    local rec = { tasks = setmetatable({}, weak_keys), drops = {}, collectors = {} }
+    local _ <close> = setmetatable({ prev = loading, prev_co = loading_co, rec = rec }, loading_mt)
+    loading, loading_co = rec, coroutine.running()
+    local mod = loader(name, ...)
+    if pending then
+      pending[name] = rec
+    else -- loaded on first use (or again, its package.loaded entry cleared)
+      retire(owners[name])
+      owners[name] = rec
+    end
+    return mod
+  end
+end
+for i, searcher in ipairs(package.searchers) do
+  package.searchers[i] = function(name, ...)
+    -- (through pcall: an error a C searcher raises names its caller's line, "[resil prelude]:N:")
+    local ok, loader, where = pcall(searcher, name, ...)
+    if not ok then error(loader, 0) end
+    if type(loader) == "function" and type(name) == "string" and name:match("^policies%.") then
+      return owning_loader(loader), where
+    end
+    return loader, where
+  end
+end
+
 local replaced -- the set a reload in progress took out of package.loaded
 
 -- Both series exported from the start at 0: a series born at 1 (the first
@@ -239,6 +336,11 @@ local function count_reload(result) reloads_total:inc({ result = result }) end
 local function restore_policies(failed)
   local old = replaced
   replaced = nil -- (first: a restore cut short must not leave each later reload refused as under way)
+  -- what the failed set started ends; the old version's runs on (a cap or a signal that stopped
+  -- a load left no <close> of its to put back the one loading)
+  local started = pending or {}
+  pending, loading, loading_co = nil, nil, nil
+  for _, rec in pairs(started) do retire(rec) end
   if failed == true then count_reload("failed") end
   if not old then return end
   for _, n in ipairs(policy_names()) do package.loaded[n] = nil end
@@ -289,7 +391,7 @@ local function reload_policies()
   -- after it was left unloaded, not the old version kept)
   if replaced then return false, "reload: a reload is under way (resil.reload called as policies load)" end
   local names = policy_names()
-  replaced = {}
+  replaced, pending = {}, {}
   local gone = {}
   for _, name in ipairs(names) do
     replaced[name] = package.loaded[name]
@@ -323,6 +425,13 @@ local function reload_policies()
     end
   end
   replaced = nil
+  -- each module loaded again replaces its version, and ends what that version started
+  local started = pending
+  pending = nil
+  for name, rec in pairs(started) do
+    retire(owners[name])
+    owners[name] = rec
+  end
   log.info("policies reloaded", { modules = names })
   count_reload("ok")
   return true, names
@@ -336,11 +445,19 @@ resil.load_capped = nil
 
 -- resil.keep(name, init) -> a table that lives as long as the host, so a
 -- policy's own state (a retry budget, a canary's counts) survives reloads.
+-- What init starts (a task, a listener) is kept as the table is: not the
+-- loading policy version's, ended at the next reload.
 local kept = {}
+local keep_mt = { __close = function(g) loading, loading_co = g.loading, g.loading_co end }
 function resil.keep(name, init)
   local t = kept[name]
   if t == nil then
-    t = init and init() or {}
+    if init then
+      local _ <close> = setmetatable({ loading = loading, loading_co = loading_co }, keep_mt)
+      loading, loading_co = nil, nil
+      t = init()
+    end
+    t = t or {}
     kept[name] = t
   end
   return t
@@ -368,11 +485,30 @@ end
 
 -- each of these adds its part of the API to resil
 resil.metrics = require "resil.metrics"
+-- a collector a policy adds as it loads runs while that version is the one loaded
+do
+  local collect = resil.metrics.collect
+  function resil.metrics.collect(fn)
+    local rec = type(fn) == "function" and loading and loading_record(1)
+    if not rec then return collect(fn) end
+    rec.collectors[#rec.collectors + 1] = fn
+  end
+  collect(function()
+    for _, rec in pairs(owners) do
+      for _, fn in ipairs(rec.collectors) do
+        local ok, err = pcall(fn)
+        if not ok then resil.log.warn("metrics: a collector failed", { error = tostring(err) }) end
+      end
+    end
+  end)
+end
 reloads_total = resil.metrics.counter("resil_reloads_total", "Policy reloads, by result")
 reloads_total:inc({ result = "ok" }, 0)
 reloads_total:inc({ result = "failed" }, 0)
 resil.mock = require "resil.mock"
+resil.own_at_load = own -- (for limits' br:on)
 for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "trace" }) do require("resil." .. name) end
+resil.own_at_load = nil
 
 -- The sandbox (resil_options.sandbox, --sandbox): the global environment of
 -- scripts and policies is this allow-list, not the host's own (the host's
