@@ -204,6 +204,41 @@ print("ticks", st.ticks)
     assert.are.equal("ticks\t10\n", r.stdout)
   end)
 
+  -- (the config ran at start outside any load: what it started there ran on beside each later
+  -- version's)
+  it("in a gateway, what the config file starts is its version's, from the start on", function()
+    local out, log, pidfile = helpers.tmpname(".copies"), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+local st = resil.keep("spec.copies", function() return { running = 0 } end)
+local counted = { __close = function() st.running = st.running - 1 end }
+resil.background(function()
+  st.running = st.running + 1
+  local _ <close> = setmetatable({}, counted)
+  while true do
+    local f = io.open(%q, "w"); f:write(st.running); f:close()
+    resil.sleep(0.02)
+  end
+end)
+return { auth = false }
+]]):format(out))
+    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s"):format(
+      helpers.resil, helpers.free_port(), config, helpers.tmpname(".db"), log, pidfile))
+    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10),
+      helpers.slurp(log))
+    for n = 1, 3 do
+      os.execute("kill -HUP " .. pid)
+      assert(helpers.wait_until(function()
+        local _, reloads = helpers.slurp(log):gsub("policies reloaded", "")
+        return reloads == n
+      end, 10), helpers.slurp(log))
+    end
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out) == "1" end, 10), helpers.slurp(out))
+  end)
+
   it("a policy loaded first by a call is its version's too", function()
     local r = run(policy_dir({ ["pusher.lua"] = pusher(1) }), MAIN .. [[
 resil.clock.virtual()
