@@ -1752,7 +1752,9 @@ function gateway.serve(o)
   if o.config then
     local chunk, err = loadfile(o.config)
     if not chunk then error(err, 0) end
-    local conf = run_capped(chunk, o.config)
+    -- (what it starts is this version's, as what it starts when a reload runs it again: a task it
+    -- started at start ran on beside each later version's)
+    local conf = require("resil.as_version")("policies.gateway", run_capped, chunk, o.config)
     if conf ~= nil then gateway.configure(conf) end
     kept.path = o.config
   end

@@ -311,6 +311,16 @@ local function owning_loader(loader)
     return mod
   end
 end
+-- require("resil.as_version")(name, fn, ...) -> fn's results: what fn starts is the version of
+-- policies module `name` loaded now's, as if it ran at its load (the gateway's config: run at
+-- start by gateway.serve, again at each reload as policies.gateway loads)
+local restore_mt = { __close = function(g) loading, loading_co = g.prev, g.prev_co end }
+package.loaded["resil.as_version"] = function(name, fn, ...)
+  local _ <close> = setmetatable({ prev = loading, prev_co = loading_co }, restore_mt)
+  loading, loading_co = owners[name], owners[name] and coroutine.running()
+  return fn(...)
+end
+
 for i, searcher in ipairs(package.searchers) do
   package.searchers[i] = function(name, ...)
     -- (through pcall: an error a C searcher raises names its caller's line, "[resil prelude]:N:")
@@ -448,12 +458,11 @@ resil.load_capped = nil
 -- What init starts (a task, a listener) is kept as the table is: not the
 -- loading policy version's, ended at the next reload.
 local kept = {}
-local keep_mt = { __close = function(g) loading, loading_co = g.loading, g.loading_co end }
 function resil.keep(name, init)
   local t = kept[name]
   if t == nil then
     if init then
-      local _ <close> = setmetatable({ loading = loading, loading_co = loading_co }, keep_mt)
+      local _ <close> = setmetatable({ prev = loading, prev_co = loading_co }, restore_mt)
       loading, loading_co = nil, nil
       t = init()
     end
