@@ -299,12 +299,12 @@ local loading_mt = {
 local function owning_loader(loader)
   return function(name, ...)
     local rec = { tasks = setmetatable({}, weak_keys), drops = {}, collectors = {} }
+    -- (a reload's from the start: one a cap stops runs no <close>, and C's restore ends them all)
+    if pending then pending[name] = rec end
     local _ <close> = setmetatable({ prev = loading, prev_co = loading_co, rec = rec }, loading_mt)
     loading, loading_co = rec, coroutine.running()
     local mod = loader(name, ...)
-    if pending then
-      pending[name] = rec
-    else -- loaded on first use (or again, its package.loaded entry cleared)
+    if not pending then -- loaded on first use (or again, its package.loaded entry cleared)
       retire(owners[name])
       owners[name] = rec
     end
