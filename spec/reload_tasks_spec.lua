@@ -82,10 +82,10 @@ print("ticks", st.ticks, "by", count(st.by_version), st.by_version[require("poli
 for _ = 1, 2 do resil.breaker("upstream"):record(false, 0) end
 for _ = 1, 2 do resil.breaker("upstream-shared"):record(false, 0) end
 print("fired", st.fired, st.shared_fired)
-local text = resil.metrics.text()
+local exposition = resil.metrics.text()
 print("collected", st.collected)
 -- the breaker's own metrics (the host's listeners, made as the first version loaded) still count
-print(text:match('resil_breaker_transitions_total{breaker="upstream",to="open"} %%d+'))
+print(exposition:match('resil_breaker_transitions_total{breaker="upstream",to="open"} %%d+'))
 ]]):format(pusher(21)))
       assert.are.equal(0, r.code, r.stderr)
       assert.are.equal("running\t2\tclosed\t40\tversions\t1\n" ..
