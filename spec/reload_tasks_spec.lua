@@ -240,6 +240,22 @@ return { auth = false }
     assert.is_true(helpers.wait_until(function() return helpers.slurp(out) == "1" end, 10), helpers.slurp(out))
   end)
 
+  -- (a cap leaves no <close> to run: the load it stopped stayed the one under way, and what it
+  -- started ran on for good)
+  it("a call's first load that --max-instructions stops has what it started ended", function()
+    local looping = pusher(1):gsub("return M\n$", "while true do end\n")
+    local r = run(policy_dir({ ["looping.lua"] = looping, ["other.lua"] = "return {}" }), MAIN .. [[
+resil.clock.virtual()
+print(resil.spawn(require, "policies.looping"):join())
+require "policies.other" -- (any load after it, or a reload)
+resil.sleep(0.5)
+print("running", st.running, "closed", st.closed)
+]], "--log-level off --max-instructions 1000000")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^false\t[^\n]*looping%.lua:%d+: task %d+ [^\n]*ran more than %-%-max%-instructions", r.stdout)
+    assert.matches("\nrunning\t0\tclosed\t2\n$", r.stdout)
+  end)
+
   it("a policy loaded first by a call is its version's too", function()
     local r = run(policy_dir({ ["pusher.lua"] = pusher(1) }), MAIN .. [[
 resil.clock.virtual()
