@@ -317,6 +317,7 @@ int luaopen_resil_stop(lua_State *L);
 int luaopen_resil_redact(lua_State *L);
 int luaopen_resil_sqlite(lua_State *L);
 int luaopen_resil_redis(lua_State *L);
+int resil_sqlite_open_store(lua_State *L); /* resil.sqlite.open for the store itself: the host's own store too */
 
 /* stop.c */
 void stop_notice(resil_t *R); /* from the loop's wake callback */

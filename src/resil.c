@@ -268,6 +268,7 @@ static const struct {
 
 #define RESIL_TABLE_KEY "resil.module" /* the resil table, for the embedded modules' loaders */
 #define HOST_ENV_KEY "resil.host_env"  /* the host's own globals: the sandbox is for scripts only */
+#define PRIVATE_KEY "resil.private"    /* what the host's modules alone hold (below) */
 
 void resil_push_host_env(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, HOST_ENV_KEY) != LUA_TTABLE) {
@@ -278,7 +279,9 @@ void resil_push_host_env(lua_State *L) {
 
 /* package.preload["resil.<name>"]: compile the embedded module and run it
  * with the resil table (modules load while resil itself is still loading,
- * so they cannot require it). */
+ * so they cannot require it) and the private table: what the host's modules
+ * hold and scripts never get (the resil table, and every module table a
+ * script may require, are the scripts' too, and theirs to change). */
 static int load_embedded(lua_State *L) {
   const resil_lua_module *m = lua_touserdata(L, lua_upvalueindex(1));
   char chunkname[64];
@@ -287,8 +290,43 @@ static int load_embedded(lua_State *L) {
   resil_push_host_env(L);
   lua_setupvalue(L, -2, 1);
   lua_getfield(L, LUA_REGISTRYINDEX, RESIL_TABLE_KEY);
-  lua_call(L, 1, 1);
+  lua_getfield(L, LUA_REGISTRYINDEX, PRIVATE_KEY);
+  lua_call(L, 2, 1);
   return 1;
+}
+
+/* resil.redis.connect under the sandbox: refused. A raw connection sends any
+ * command (FLUSHDB) to whatever server it names, the host's store's among
+ * them, and no name of that server (localhost, 127.1, its address) can be
+ * told from another's here: a sandboxed script uses Redis through
+ * resil.store(url). The host's store connects through the private table. */
+static int l_redis_connect(lua_State *L) {
+  if (resil_from_lua(L)->sandbox)
+    return luaL_error(L, "resil.redis.connect is not allowed in the sandbox (resil_options.sandbox, --sandbox): "
+                         "a Redis store is used through resil.store(url)");
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* L stack: resil -> resil. The private table (the embedded modules' second
+ * argument): the store's own opens, which may name the host's store (the
+ * host's SQLite file; its Redis server), and what the Lua modules leave
+ * there for each other (store.lua's backend_of: a store's backend, which
+ * carries the raw db or connection, is never on the store object). */
+static void make_private(lua_State *L) {
+  lua_newtable(L);
+  lua_pushcfunction(L, resil_sqlite_open_store);
+  lua_setfield(L, -2, "sqlite_open");
+  lua_getfield(L, -2, "redis");
+  lua_getfield(L, -1, "connect");
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -4, "redis_connect");
+  lua_pushcclosure(L, l_redis_connect, 1);
+  lua_setfield(L, -2, "connect");
+  lua_pop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, PRIVATE_KEY);
 }
 
 static void register_modules(lua_State *L) {
@@ -353,6 +391,7 @@ static int luaopen_resil(lua_State *L) {
   /* the Lua half (src/lua/), starting with the prelude, which requires the rest */
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, RESIL_TABLE_KEY);
+  make_private(L);
   register_modules(L);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "resil.prelude");

@@ -1280,6 +1280,16 @@ static int refuse_file(lua_State *L, const char *what, const char *path, int lev
   return lua_error(L);
 }
 
+/* The host's own store is the scripts' to use through resil.store only: its
+ * SQL (a DELETE of the ledger) is not theirs */
+static int refuse_store(lua_State *L, const char *what, const char *path, int level) {
+  luaL_where(L, level);
+  lua_pushfstring(L, "%s: %s is the host's own store: a sandboxed script writes it only through resil.store", what,
+                  path);
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
 /* resil.sqlite.check_file(path, what [, level]): raises unless the sandbox
  * lets a file be written at path (checked here: a script may replace what
  * the resil table holds, not the C behind it) */
@@ -1287,13 +1297,7 @@ static int l_check_file(lua_State *L) {
   const char *path = luaL_checkstring(L, 1), *what = luaL_checkstring(L, 2);
   resil_t *R = resil_from_lua(L);
   if (sandbox_plain_file_ok(R, path)) return 0;
-  if (sandbox_is_store_file(R, path)) {
-    luaL_where(L, (int)luaL_optinteger(L, 3, 1));
-    lua_pushfstring(L, "%s: %s is the host's own store: a sandboxed script writes it only through resil.store", what,
-                    path);
-    lua_concat(L, 2);
-    return lua_error(L);
-  }
+  if (sandbox_is_store_file(R, path)) return refuse_store(L, what, path, (int)luaL_optinteger(L, 3, 1));
   return refuse_file(L, what, path, (int)luaL_optinteger(L, 3, 1));
 }
 
@@ -1351,7 +1355,7 @@ static int l_resolve(lua_State *L) {
  * store: refuse another program's database (the store's own open); wait: how long the open itself may
  * wait for another process holding the file, in SQLite, on the loop: the store's open, in a task, passes
  * 0 and tries again on a timer when err.busy */
-static int l_open(lua_State *L) {
+static int open_db(lua_State *L, int host) {
   const char *path = luaL_checkstring(L, 1);
   int group_commit = 1, store = 0;
   double timeout = DEFAULT_TIMEOUT, wait = -1;
@@ -1364,6 +1368,8 @@ static int l_open(lua_State *L) {
   }
   if (wait < 0) wait = timeout;
   resil_t *R = resil_from_lua(L);
+  if (!host && !sandbox_plain_file_ok(R, path) && sandbox_is_store_file(R, path))
+    return refuse_store(L, "store", path, 1);
   if (!sandbox_file_ok(R, path)) return refuse_file(L, "store", path, 1);
   store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
   memset(d, 0, sizeof *d);
@@ -1454,6 +1460,14 @@ static int l_open(lua_State *L) {
   d->detached_ev = evtimer_new(R->base, flush_cb, d);
   return 1;
 }
+
+/* resil.sqlite.open: under the sandbox, never the host's own store (a script
+ * ran its own SQL there, the ledger's rows deleted) */
+static int l_open(lua_State *L) { return open_db(L, 0); }
+
+/* the store's own open (src/lua/store_sqlite.lua), which the host's modules
+ * alone hold (resil.c, the private table): the host's store too */
+int resil_sqlite_open_store(lua_State *L) { return open_db(L, 1); }
 
 static const luaL_Reg db_methods[] = {{"tx", db_tx},         {"commit_only", db_commit_only},
                                       {"enqueue", db_enqueue},
