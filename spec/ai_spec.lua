@@ -1394,7 +1394,7 @@ describe("streams", function()
     local st = b:state()
     assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
     assert.is_true(st.spent > 0)
-    local rows = assert(assert(resil.store()).backend:cost_rows({}))
+    local rows = assert(helpers.backend(assert(resil.store())):cost_rows({}))
     local inputs = {}
     for _, r in ipairs(rows) do inputs[r.provider] = r.units and resil.json.decode(r.units).input_tokens end
     assert.are.equal(1234, inputs.anthropic) -- as the provider reported it

@@ -312,7 +312,7 @@ for _, b in ipairs(helpers.store_backends()) do
       local name = fresh_name()
       local bud = resil.budget(name, { limit = 10, per = "day" })
       local t = assert(bud:reserve(2))
-      local be = resil.store().backend
+      local be = helpers.backend(resil.store())
       local read, landed = be.each_ledger_row, false
       be.each_ledger_row = function(self, ...)
         local ok, e = read(self, ...)
@@ -347,7 +347,7 @@ for _, b in ipairs(helpers.store_backends()) do
       local name = fresh_name()
       local bud = resil.budget(name, { limit = 10, per = "day" })
       assert(bud:state()) -- (the script's settings declared)
-      local be = resil.store().backend
+      local be = helpers.backend(resil.store())
       local cfg = be.budget_config
       be.budget_config = function(self, n)
         local c, e = cfg(self, n)
@@ -367,7 +367,7 @@ for _, b in ipairs(helpers.store_backends()) do
       local name = fresh_name()
       local bud = resil.budget(name, { limit = 10, per = "day" })
       assert(bud:state())
-      local be = resil.store().backend
+      local be = helpers.backend(resil.store())
       local cfg = be.budget_config
       local pers, flips = { "month", "day" }, 0
       local inside = false
@@ -398,7 +398,7 @@ for _, b in ipairs(helpers.store_backends()) do
         local t = assert(bud:reserve(2))
         assert(admin.set(resil.store(), name, 10, "month"))
         local now = resil.store_now()
-        resil.store().backend:budget_abandon(name, t.period, t.id, now + 600, now) -- (budgets.lua abandon())
+        helpers.backend(resil.store()):budget_abandon(name, t.period, t.id, now + 600, now) -- (budgets.lua abandon())
         local st = assert(bud:state())
         assert.are.equal(0, st.reserved)
       end)
@@ -414,7 +414,7 @@ for _, b in ipairs(helpers.store_backends()) do
         resil.sleep(0.1)
         local st = assert(bud:state())
         assert.are.same({ 1.25, 0 }, { st.spent, st.reserved })
-        local conn = resil.store().backend.conn
+        local conn = helpers.backend(resil.store()).conn
         for _, row in ipairs(conn:call("LRANGE", "resil:costs", 0, -1)) do
           local e = resil.json.decode(row)
           if e.budget == name then assert.are.equal(st.period, e.period, row) end
@@ -432,7 +432,7 @@ for _, b in ipairs(helpers.store_backends()) do
         local name = fresh_name()
         local bud = resil.budget(name, { limit = 10, per = "day" })
         local t = assert(bud:reserve(2))
-        local conn = resil.store().backend.conn
+        local conn = helpers.backend(resil.store()).conn
         conn:call("DEL", "resil:ticket:" .. t.id) -- (its ticket kept hold + 1 day; a hold never swept since)
         assert(admin.set(resil.store(), name, 10, "month"))
         assert.are.equal(0, conn:call("EXISTS", "resil:ticket:" .. t.id), "ttl " ..
@@ -494,7 +494,7 @@ for _, b in ipairs(helpers.store_backends()) do
       end
       assert.are.equal(0, extensions[1]) -- (the ticket knows it ended: the store is not asked)
       -- nor does the store renew them, asked directly (a renewal that was on its way at the settle)
-      local be, now = resil.store().backend, resil.store_now()
+      local be, now = helpers.backend(resil.store()), resil.store_now()
       for _, t in ipairs({ settled, released }) do
         assert.is_false(be:budget_extend(name, t.period, t.id, now + 600, now, require("resil.owner").me().id))
       end

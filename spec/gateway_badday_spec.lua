@@ -234,7 +234,7 @@ describe("gateway on a bad day: large embeddings under an Idempotency-Key", func
     assert.are.equal(a.body, b.body)
     assert.are.equal("true", b.headers["x-resil-replayed"])
     -- the record holds the answer's text, not 192 numbers each its own JSON value
-    local kept = assert(resil.store()).backend.db:tx(function(tx)
+    local kept = helpers.backend(assert(resil.store())).db:tx(function(tx)
       return tx:value("SELECT result FROM idempotency WHERE key LIKE '%small'")
     end)
     assert.is_truthy(kept, "no record under the key")

@@ -183,7 +183,7 @@ describe("the gateway on Redis: a reservation given up", function()
   it("is released if it was made, and refused if it arrives after (a reserve sent on a connection that timed " ..
      "out may run after the release sent on the next)", function()
     resil.store_config({ url = redis.url() })
-    local backend = resil.store().backend
+    local backend = helpers.backend(resil.store())
     local now = resil.store_now()
     local me = require("resil.owner").me().id
     -- given up before it arrives: refused when it does

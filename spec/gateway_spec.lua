@@ -893,7 +893,7 @@ describe("gateway: embeddings", function()
     resil.budget("embed-cut", { limit = 1 })
     local r = assert(ai.embed({ model = "openai/text-embedding-3-small", input = input, budget = "embed-cut" }))
     assert.are.equal(2, m:stats().billed.responses)
-    local rows = assert(assert(resil.store()).backend:cost_rows({}))
+    local rows = assert(helpers.backend(assert(resil.store())):cost_rows({}))
     assert.are.equal(2, #rows)
     local cut
     for _, row in ipairs(rows) do

@@ -60,7 +60,7 @@ for _, backend in ipairs({ "sqlite", "redis" }) do
 
   -- this process's lease as another host would read it from the store
   local function my_lease()
-    local b = resil.store().backend
+    local b = helpers.backend(resil.store())
     if backend == "sqlite" then
       return b.db:tx(function(tx) return tx:value("SELECT max(expires_at) FROM owners") end)
     end
@@ -165,7 +165,7 @@ print("went on")
       resil.store_config({ url = store_url(), run = id })
       local s = resil.store()
       local now = resil.store_now()
-      assert.are.equal(0, (s.backend:run_start(id, "x.lua", false, now, other_host(now), now + 30)))
+      assert.are.equal(0, (helpers.backend(s):run_start(id, "x.lua", false, now, other_host(now), now + 30)))
       local ok, err = pcall(resil.step, "one", function() return 1 end)
       assert.is_false(ok)
       assert.are.equal("run_held", err.kind)
@@ -183,7 +183,7 @@ print("went on")
       local id = "lost-run-" .. backend
       resil.store_config({ url = store_url(), run = id })
       assert.are.equal(1, resil.step("one", function() return 1 end))
-      local b, now = resil.store().backend, resil.store_now()
+      local b, now = helpers.backend(resil.store()), resil.store_now()
       if backend == "sqlite" then
         b.db:tx(function(tx) tx:exec("UPDATE runs SET owner = ?, owner_since = ? WHERE id = ?", other_host(now), now, id) end)
       else
@@ -205,7 +205,7 @@ print("went on")
       local id = "ended-run-" .. backend
       resil.store_config({ url = store_url(), run = id })
       assert.are.equal(1, resil.step("one", function() return 1 end))
-      local b, now = resil.store().backend, resil.store_now()
+      local b, now = helpers.backend(resil.store()), resil.store_now()
       local other = other_host(now) -- takes the run over, runs its steps and gives it up, done
       if backend == "sqlite" then
         b.db:tx(function(tx) tx:exec("UPDATE runs SET owner = ?, owner_since = ? WHERE id = ?", other, now, id) end)
@@ -327,7 +327,8 @@ print(v, err and err.kind, err and err.holder and err.holder.pid, err and err.ho
       resil.store_config({ url = store_url() })
       local s, now = resil.store(), resil.store_now()
       local fp = require("resil.once").fingerprint()
-      assert.are.equal("claimed", s.backend:once_claim("remote-key", fp, other_host(now), 300, 86400, now, now + 30))
+      assert.are.equal("claimed",
+        helpers.backend(s):once_claim("remote-key", fp, other_host(now), 300, 86400, now, now + 30))
       local v, err = resil.once({ key = "remote-key", wait = 5 }, function() return "mine" end)
       assert.is_nil(v)
       assert.are.equal("in_progress", err.kind)
@@ -376,8 +377,8 @@ print(t ~= nil, err and err.kind)
       resil.store_config({ url = store_url() })
       local b = resil.budget("remote-holds", { limit = 1 })
       local s, now = resil.store(), resil.store_now()
-      assert.is_true((s.backend:budget_reserve("remote-holds", "all", 1000000, 800000, "remote-ticket", now + 600,
-        now, other_host(now - 5), now + 30)))
+      assert.is_true((helpers.backend(s):budget_reserve("remote-holds", "all", 1000000, 800000, "remote-ticket",
+        now + 600, now, other_host(now - 5), now + 30)))
       local mine = assert(b:reserve(0.1))
       local st = b:state()
       assert.are.equal(2, #st.holds)

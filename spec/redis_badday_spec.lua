@@ -28,7 +28,7 @@ error("the main chunk fails with 40 steps in flight")
     assert.are.equal(1, r.code)
     assert.not_matches("recording the run's end", r.stderr)
     resil.store_config({ url = url })
-    local backend = resil.store().backend
+    local backend = helpers.backend(resil.store())
     local run = assert(backend:run_get("many-in-flight"))
     assert.are.equal("failed", run.status)
     local pending = 0

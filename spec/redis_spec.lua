@@ -89,10 +89,10 @@ describe("resil.once on Redis", function()
     local s = resil.store()
     local fp = require("resil.once").fingerprint(1)
     local now = resil.store_now()
-    assert.are.equal("claimed", s.backend:once_claim("held", fp, "other", 300, 86400, now, now + 30))
+    assert.are.equal("claimed", helpers.backend(s):once_claim("held", fp, "other", 300, 86400, now, now + 30))
     local _, err = resil.once({ key = "held", wait = 0.1 }, work, 1)
     assert.are.equal("in_progress", err.kind)
-    assert.are.equal("claimed", s.backend:once_claim("stale", fp, "other", 0.05, 86400, now, now + 30))
+    assert.are.equal("claimed", helpers.backend(s):once_claim("stale", fp, "other", 0.05, 86400, now, now + 30))
     resil.sleep(0.1)
     assert.are.equal(2, (resil.once({ key = "stale", lease = 0.05 }, work, 1)))
   end)
@@ -124,7 +124,7 @@ describe("resil.once on Redis", function()
       local fp = require("resil.once").fingerprint
       local now = resil.store_now()
       assert.is_false(resil.once_replay("peek-none", 1))
-      assert.are.equal("claimed", s.backend:once_claim("peek-none", fp(1), "other", 300, 86400, now, now + 30))
+      assert.are.equal("claimed", helpers.backend(s):once_claim("peek-none", fp(1), "other", 300, 86400, now, now + 30))
       assert.is_false(resil.once_replay("peek-none", 1)) -- running elsewhere
       assert.are.equal(42, (resil.once({ key = "peek-done", retention = 0.3 }, work, 21)))
       assert.are.same({ true, 42 }, { resil.once_replay("peek-done", 21) })
@@ -146,7 +146,7 @@ describe("resil.once on Redis", function()
     resil.sleep(0.4) -- past the retention, the run still going
     local s = resil.store()
     -- what a second process asking for the key is told
-    assert.are.equal("in_progress", (s.backend:once_claim("long-run", "fp", "another-process", 300, 0.2,
+    assert.are.equal("in_progress", (helpers.backend(s):once_claim("long-run", "fp", "another-process", 300, 0.2,
       resil.store_now())))
     asked = true
     assert.are.equal("made", select(2, first:join()))
@@ -166,8 +166,8 @@ describe("resil.once on Redis", function()
       return "made"
     end)
     resil.sleep(0.8) -- more than twice the lease: only the beats keep it
-    assert.are.equal("in_progress", (resil.store().backend:once_claim("beaten", "fp", "another-process", 300, 0.1,
-      resil.store_now())))
+    assert.are.equal("in_progress", (helpers.backend(resil.store()):once_claim("beaten", "fp", "another-process", 300,
+      0.1, resil.store_now())))
     asked = true
     assert.are.equal("made", select(2, first:join()))
     assert.are.equal(1, calls)
@@ -187,8 +187,8 @@ describe("resil.once on Redis", function()
       end)
     end
     resil.sleep(0.8) -- more than twice the lease: only the beats keep them
-    assert.are.equal("in_progress", (resil.store().backend:once_claim("many-1", "fp", "another-process", 300, 0.1,
-      resil.store_now())))
+    assert.are.equal("in_progress", (helpers.backend(resil.store()):once_claim("many-1", "fp", "another-process", 300,
+      0.1, resil.store_now())))
     asked = true
     for i = 1, 60 do assert.are.equal("made", select(2, tasks[i]:join())) end
     assert.are.equal(60, calls)
@@ -328,7 +328,7 @@ resil.sleep(600)
   -- Each reservation wrote a key (its ticket's state) that Redis kept for ever: a gateway
   -- left one per request behind.
   it("a ticket's record is kept a day past its hold, then Redis drops it; the ledger still dedupes", function()
-    local conn = resil.store().backend.conn
+    local conn = helpers.backend(resil.store()).conn
     local b = resil.budget("ttl", { limit = 10, hold = 600 })
     local settled, released, held = assert(b:reserve(1)), assert(b:reserve(1)), assert(b:reserve(1))
     local swept = assert(b:reserve(1, { hold = 60 }))
@@ -368,7 +368,7 @@ describe("the ledger on Redis, large", function()
     local calls = {}
     for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do calls[g.key] = g.calls end
     assert.are.same({ even = 1750, odd = 1750 }, calls)
-    assert.are.equal(3500, #assert(resil.store().backend:cost_rows({})))
+    assert.are.equal(3500, #assert(helpers.backend(resil.store()):cost_rows({})))
   end)
 end)
 
@@ -972,7 +972,7 @@ describe("a Redis URL with a user and a password", function()
     local r = helpers.run_script('require("resil").step("one", function() return 1 end)',
       "--store '" .. url .. "' --run auth-run --log-level off")
     assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal("done", resil.store().backend:run_get("auth-run").status)
+    assert.are.equal("done", helpers.backend(resil.store()):run_get("auth-run").status)
   end
 
   -- (before: the user was dropped and AUTH sent the password alone, as the default user: every command

@@ -60,15 +60,18 @@ describe("resil-lua --sandbox", function()
         "/%S+ is outside the folders the sandbox may write in", r.stderr)
       assert.is_nil(io.open(case[2]), case[2] .. " was made")
     end
-    -- the host's own store is the script's to use, its SQL with no ATTACH
+    -- the host's own store is the script's to use through resil.store, never by its SQL (the
+    -- store object carries no backend); SQL the script may run (a database of its own, here
+    -- :memory:, the one it may open without sandbox_dirs) has no ATTACH
     local r = run(([[
 assert(resil.store():set("k", "v"))
-local db = resil.store().backend.db
+print(resil.store().backend)
+local db = assert(resil.sqlite.open(":memory:"))
 local ok, err = pcall(db.now, db, function(tx) tx:exec(("ATTACH DATABASE %%q AS e"):format(%q)) end)
 print(ok, tostring(err):match("too many attached databases") ~= nil or tostring(err))
 print(resil.store():get("k"))]]):format(dir .. "/evil.db"))
     assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal("false\ttrue\nv\n", r.stdout)
+    assert.are.equal("nil\nfalse\ttrue\nv\n", r.stdout)
     assert.is_nil(io.open(dir .. "/evil.db"), "ATTACH made a file")
     os.execute("rm -rf " .. dir)
   end)
@@ -149,6 +152,116 @@ end))
     assert.are.equal(0, costs.code, costs.stderr)
     assert.matches("%$1%.500000", costs.stdout)
     os.execute("rm -rf " .. dir)
+  end)
+
+  -- Every way a script had to the host's store's raw db (SQLite) or connection (Redis), each
+  -- tried, and what it got used as a script would (DELETE FROM costs, FLUSHDB). Before: the store
+  -- object carried its backend (resil.store().backend.db, .conn); require "resil.store_sqlite"
+  -- gave the backend's open (the store's path let through) and the methods table every backend
+  -- calls; the host's modules handed backends, at the time of the call, to resil.background,
+  -- resil.spawn, resil.owner's and resil.costs' functions, which a script may replace; and
+  -- resil.redis.connect reached the store's Redis server by any of its names.
+  local ROUTES = [[
+local resil = require "resil"
+local got = {} -- the raw dbs and connections the script laid hands on
+-- (anywhere in what it holds: fields, keys and metatables, a few tables deep)
+local function take(v, how, seen, depth)
+  seen, depth = seen or {}, depth or 0
+  if type(v) ~= "table" or seen[v] or depth > 5 then return end
+  seen[v] = true
+  local raw = rawget(v, "db") or rawget(v, "conn")
+  if raw ~= nil and not got[how] then got[how], got[#got + 1] = true, { raw = raw, how = how } end
+  for k, x in next, v do
+    take(k, how, seen, depth + 1)
+    take(x, how, seen, depth + 1)
+  end
+  take(getmetatable(v), how, seen, depth + 1)
+end
+local function spy(t, name, how)
+  local real = t[name]
+  t[name] = function(...)
+    for i = 1, select("#", ...) do take(select(i, ...), how) end
+    return real(...)
+  end
+end
+spy(resil, "background", "resil.background")
+spy(resil, "spawn", "resil.spawn")
+local owner = require "resil.owner"
+for _, name in ipairs({ "keep", "drop", "lease_due", "lease_written" }) do spy(owner, name, "resil.owner." .. name) end
+spy(require "resil.costs", "write_later", "resil.costs.write_later")
+local backends = {}
+for _, name in ipairs({ "store_sqlite", "store_redis" }) do
+  local m = require("resil." .. name)
+  backends[name] = m
+  if type(m) == "table" then -- (its methods: every backend's)
+    for k, f in pairs(m) do if type(f) == "function" and k ~= "open" then spy(m, k, "resil." .. name) end end
+  end
+end
+-- the store used as a script may: once, a step, a budget, shared limits, the ledger (a row waited
+-- for and one not); then what it was handed
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait = true })
+assert(resil.once("k", function() return 1 end))
+assert(resil.step("s", function(...) take({ ... }, "a step's arguments") return 1 end))
+local budget = resil.budget("b", { limit = 10 })
+local ticket = assert(budget:reserve(0.1))
+ticket:settle(0.05, { provider = "openai", model = "gpt-4o-mini", wait = false })
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 0.25, wait = false })
+local bucket = resil.bucket("rpm", { rate = 10, per = 60, burst = 5, shared = true })
+assert(bucket:acquire(1))
+local breaker = resil.breaker("cb", { shared = true })
+breaker:call(function() return 1 end)
+resil.sleep(0.2)
+for how, v in pairs({ ["resil.store()"] = resil.store(), ["resil.budget"] = budget, ticket = ticket,
+  ["shared bucket"] = bucket, ["shared breaker"] = breaker, resil = resil }) do
+  take(v, how)
+end
+for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "owner", "keys", "trace", "metrics" }) do
+  take(require("resil." .. name), "require 'resil." .. name .. "'")
+end
+local name = STORE:match("^redis") and "store_redis" or "store_sqlite"
+local m = backends[name]
+if type(m) == "table" and m.open then take(m.open(STORE), "require 'resil." .. name .. "'") end
+if not STORE:match("^redis") then
+  local ok, db = pcall(resil.sqlite.open, STORE)
+  if ok and db then got[#got + 1] = { raw = db, how = "resil.sqlite.open" } end
+else
+  local ok, c = pcall(resil.redis.connect, { host = "localhost", port = tonumber(STORE:match(":(%d+)/")),
+    db = tonumber(STORE:match("/(%d+)$")) })
+  if ok and c then got[#got + 1] = { raw = c, how = "resil.redis.connect" } end
+end
+for _, g in ipairs(got) do
+  local raw = g.raw
+  local ok = pcall(function()
+    if raw.tx then return raw:tx(function(tx) tx:exec("DELETE FROM costs") end) end
+    return raw:call("FLUSHDB")
+  end)
+  print("got", g.how, ok)
+end
+print(resil.cost.total())
+]]
+
+  local function routes_closed(store)
+    local script = helpers.write(helpers.tmpname(".lua"), ("local STORE = %q\n"):format(store) .. ROUTES)
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("1.8\n", r.stdout) -- (nothing got: no line before the total)
+    local costs = helpers.run(("%s costs --store %s"):format(R, store))
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("%$1%.800000", costs.stdout)
+  end
+
+  it("gives a script no route to the host's store's SQL (SQLite): the ledger stays", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    routes_closed(dir .. "/state.db")
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("gives a script no route to the host's store's connection (Redis): the ledger stays", function()
+    local redis = helpers.redis_server()
+    finally(redis.stop)
+    routes_closed(redis.url())
   end)
 
   -- (before: getmetatable("") gave the strings' own metatable, whose __index is the string

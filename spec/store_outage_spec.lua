@@ -356,9 +356,9 @@ describe("a run whose store is changed with resil.store_config", function()
     assert.are.equal(2, resil.step("two", function() calls = calls + 1; return calls end))
     assert.are.equal(id, resil.run.id())
     -- what a process started on each store finds: "two" is the run's first step on the new one
-    assert.are.equal("two", (resil.store(second).backend:step_get(id, "", 1)))
-    assert.are.equal("one", (resil.store(first).backend:step_get(id, "", 1)))
-    assert.is_nil((resil.store(first).backend:step_get(id, "", 2)))
+    assert.are.equal("two", (helpers.backend(resil.store(second)):step_get(id, "", 1)))
+    assert.are.equal("one", (helpers.backend(resil.store(first)):step_get(id, "", 1)))
+    assert.is_nil((helpers.backend(resil.store(first)):step_get(id, "", 2)))
     -- and a store that cannot be opened fails the step instead of running it against the old one
     local corrupt = helpers.write(helpers.tmpname(".db"), ("not a database "):rep(400))
     resil.store_config({ url = corrupt })

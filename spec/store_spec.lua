@@ -22,7 +22,7 @@ describe("resil.store (SQLite)", function()
     assert.are.equal("sqlite", s.kind)
     assert.is_true(s:set("x", "1"))
     assert.is_not_nil(io.open(path .. "-wal"))
-    assert.are.equal("ok", s.backend:integrity_check())
+    assert.are.equal("ok", helpers.backend(s):integrity_check())
   end)
 
   it("is the store the config names now: another URL set is another store, and back again", function()
@@ -59,7 +59,7 @@ describe("resil.store (SQLite)", function()
      "once records past their retention, budget holds a day past their end", function()
     local s = fresh_store()
     local function count(tbl)
-      return s.backend.db:read(function(tx) return tx:value("SELECT count(*) FROM " .. tbl) end)
+      return helpers.backend(s).db:read(function(tx) return tx:value("SELECT count(*) FROM " .. tbl) end)
     end
     assert(s:set("short", "x", 10))
     assert(s:set("kept", "y"))
@@ -91,12 +91,12 @@ describe("resil.store (SQLite)", function()
     assert.are.equal(1, runs)
     -- a record left running by a process that is gone
     local now = resil.store_now()
-    assert(s.backend.db:tx(function(tx)
+    assert(helpers.backend(s).db:tx(function(tx)
       return tx:exec("INSERT INTO idempotency (key, fingerprint, state, owner, locked_at, created_at, expires_at) " ..
         "VALUES ('orphan', 'f', 'running', 'gone', ?, ?, ?)", now, now, now + 1)
     end))
     resil.sleep(3600)
-    assert.are.equal(0, s.backend.db:read(function(tx)
+    assert.are.equal(0, helpers.backend(s).db:read(function(tx)
       return tx:value("SELECT count(*) FROM idempotency WHERE key = 'orphan'")
     end))
   end)
@@ -111,10 +111,10 @@ describe("resil.store (SQLite)", function()
     end)
     resil.sleep(60) -- past the retention, the run still going
     -- what a second process asking for the key is told (it is not this process, so no in-flight shortcut)
-    assert.are.equal("in_progress", (s.backend:once_claim("long-run", "fp", "another-process", 300, 30,
+    assert.are.equal("in_progress", (helpers.backend(s):once_claim("long-run", "fp", "another-process", 300, 30,
       resil.store_now())))
     resil.once_reap() -- reaping leaves it too
-    assert.are.equal("in_progress", (s.backend:once_claim("long-run", "fp", "another-process", 300, 30,
+    assert.are.equal("in_progress", (helpers.backend(s):once_claim("long-run", "fp", "another-process", 300, 30,
       resil.store_now())))
     assert.are.equal("made", select(2, first:join()))
     assert.are.equal("made", (resil.once({ key = "long-run", fingerprint = "fp", retention = 30 }, function()
@@ -142,14 +142,14 @@ describe("resil.store (SQLite)", function()
     local holder = ("%s|%s|%s|%s|%.3f|abcdef"):format(me.host, me.boot, pid, fields[20], resil.store_now())
     assert.are.equal("alive", owner.verdict(holder))
     local now = resil.store_now()
-    assert(s.backend.db:tx(function(tx)
+    assert(helpers.backend(s).db:tx(function(tx)
       return tx:exec("INSERT INTO idempotency (key, fingerprint, state, owner, locked_at, created_at, expires_at) " ..
         "VALUES ('blocked', 'fp', 'running', ?, ?, ?, ?)", holder, now - 100, now - 100, now - 70)
     end))
     -- past its retention, its holder alive (no lease row): a second caller finds it in progress
-    assert.are.equal("in_progress", (s.backend:once_claim("blocked", "fp", "another-process", 300, 30, now)))
+    assert.are.equal("in_progress", (helpers.backend(s):once_claim("blocked", "fp", "another-process", 300, 30, now)))
     resil.once_reap() -- reaping must leave it as the claim does
-    assert.are.equal("in_progress", (s.backend:once_claim("blocked", "fp", "another-process", 300, 30,
+    assert.are.equal("in_progress", (helpers.backend(s):once_claim("blocked", "fp", "another-process", 300, 30,
       resil.store_now())))
   end)
 
@@ -157,7 +157,7 @@ describe("resil.store (SQLite)", function()
      "of 2 KB a commit, back to back, held the loop 12-29 ms at a time)", function()
     local s = fresh_store()
     local now = resil.store_now()
-    assert(s.backend.db:tx(function(tx)
+    assert(helpers.backend(s).db:tx(function(tx)
       for i = 1, 1000 do
         tx:exec("INSERT INTO kv (key, value, expires_at) VALUES (?, ?, ?)", "old:" .. i, ("x"):rep(2000), now)
       end
@@ -167,14 +167,16 @@ describe("resil.store (SQLite)", function()
     local probe = resil.spawn(function()
       resil.sleep(60.001) -- just after the first sweep began
       assert(s:set("probe", "1"))
-      left_at_probe = s.backend.db:read(function(tx)
+      left_at_probe = helpers.backend(s).db:read(function(tx)
         return tx:value("SELECT count(*) FROM kv WHERE key LIKE 'old:%'")
       end)
     end)
     resil.sleep(61)
     assert(probe:join())
     assert.is_true(left_at_probe > 0 and left_at_probe < 1000, tostring(left_at_probe))
-    assert.are.equal(0, s.backend.db:read(function(tx) return tx:value("SELECT count(*) FROM kv WHERE key LIKE 'old:%'") end))
+    assert.are.equal(0, helpers.backend(s).db:read(function(tx)
+      return tx:value("SELECT count(*) FROM kv WHERE key LIKE 'old:%'")
+    end))
   end)
 
   it("on the virtual clock, a month's sleep costs the sweeper a commit an hour at most while it finds nothing " ..
@@ -500,7 +502,7 @@ describe("resil.once", function()
 
   it("says in_progress after a bounded wait when another process holds a fresh lease", function()
     local s = resil.store()
-    assert.are.equal("claimed", s.backend:once_claim("job-3", resil.hash("[]"), "other-process", 300, 86400,
+    assert.are.equal("claimed", helpers.backend(s):once_claim("job-3", resil.hash("[]"), "other-process", 300, 86400,
       resil.store_now(), resil.store_now() + 30))
     local t0 = resil.now()
     local res, err = resil.once({ key = "job-3", wait = 5, fingerprint = resil.hash("[]") }, work)
@@ -512,7 +514,7 @@ describe("resil.once", function()
 
   it("takes over a stale lease", function()
     local s = resil.store()
-    s.backend:once_claim("job-4", require("resil.once").fingerprint(7), "dead-process", 2, 86400,
+    helpers.backend(s):once_claim("job-4", require("resil.once").fingerprint(7), "dead-process", 2, 86400,
       resil.store_now(), resil.store_now() + 30)
     resil.sleep(3)
     assert.are.equal(14, (resil.once({ key = "job-4", lease = 2 }, work, 7)))
@@ -557,7 +559,7 @@ describe("resil.once", function()
     local s = resil.store()
     local fp = require("resil.once").fingerprint
     assert.is_false(resil.once_replay("peek-none", 1))
-    assert.are.equal("claimed", s.backend:once_claim("peek-none", fp(1), "other-process", 300, 86400,
+    assert.are.equal("claimed", helpers.backend(s):once_claim("peek-none", fp(1), "other-process", 300, 86400,
       resil.store_now(), resil.store_now() + 30)) -- the read left the key free
     assert.is_false(resil.once_replay("peek-none", 1)) -- running elsewhere
     resil.once({ key = "peek-done", retention = 5 }, work, 1)

@@ -2,11 +2,16 @@
 -- owner (src/lua/owner.lua) and stops counting when that process dies or its
 -- hold expires (ticket:extend renews it; ticket:keep, while its call runs);
 -- the reserve checks and holds in one atomic store operation.
-local resil = ...
+local resil, private = ...
 local S = require "resil.store"
 local owner = require "resil.owner"
 local store_now, store_or_fail = S.now, S.open
 local costs = require "resil.costs"
+local backend_of = private.backend_of -- (a store's backend: never on the store object, a script's)
+-- (taken now, before any script runs: these are handed a store's backend, and a script may replace
+-- what the resil table and resil.owner's and resil.costs' tables hold)
+local spawn, write_later = resil.spawn, costs.write_later
+local owner_keep, owner_drop, lease_due, lease_written = owner.keep, owner.drop, owner.lease_due, owner.lease_written
 local cost_entry, to_micro, from_micro, is_usd = costs.entry, costs.to_micro, costs.from_micro, costs.is_usd
 local spent_usd = resil.metrics.gauge("resil_budget_spent_usd", "Spent in the budget's current period, by budget")
 local reserved_usd = resil.metrics.gauge("resil_budget_reserved_usd", "Held by open reservations, by budget")
@@ -59,6 +64,10 @@ local function period_of(per, now)
   return "all"
 end
 
+-- budget -> the backend its limit was last written to (not on the budget: a script holds it, and the
+-- backend holds the raw db or connection)
+local declared_in = setmetatable({}, { __mode = "k" })
+
 -- resil.budget(name, {limit=, per="day"|"month"|nil, hold=600, soft=0.8})
 function resil.budget(name, opts)
   if type(name) ~= "string" or name == "" then error("resil.budget: name must be a non-empty string", 2) end
@@ -84,7 +93,7 @@ function resil.budget(name, opts)
     end
     b.limit, b.per, b.hold, b.soft = opts.limit, opts.per, opts.hold or 600, opts.soft or 0.8
     b.on_outage = opts.on_outage or "deny"
-    b.declared = nil -- written to the store again at the next reservation
+    declared_in[b] = nil -- written to the store again at the next reservation
   end
   return b
 end
@@ -101,10 +110,10 @@ local function limit_in_force(b, backend, now)
   if cfg == nil and err then return nil, nil, err end
   cfg = cfg or {}
   local declared_micro, declared_per = to_micro(b.limit), b.per or "none"
-  if b.declared ~= backend and (cfg.declared_micro ~= declared_micro or cfg.declared_per ~= declared_per) then
-    if backend:budget_declare(b.name, declared_micro, declared_per, now) then b.declared = backend end
+  if declared_in[b] ~= backend and (cfg.declared_micro ~= declared_micro or cfg.declared_per ~= declared_per) then
+    if backend:budget_declare(b.name, declared_micro, declared_per, now) then declared_in[b] = backend end
   elseif cfg.declared_micro then
-    b.declared = backend
+    declared_in[b] = backend
   end
   if cfg.limit_micro then
     local per = cfg.per
@@ -129,7 +138,7 @@ local function abandon(g)
       "its hold ends", { budget = g.budget, ticket = g.id, error = tostring(err) })
   end
 end
-local outcome_guard = { __close = function(g) if not g.seen then resil.spawn(abandon, g) end end }
+local outcome_guard = { __close = function(g) if not g.seen then spawn(abandon, g) end end }
 
 local RESERVE_TRIES = 3 -- against settings that change under it (budgets set --per)
 
@@ -171,7 +180,7 @@ function Budget:reserve(estimate, o)
   for _ = 1, RESERVE_TRIES do
     now = store_now()
     local lerr, set_per
-    limit, per, lerr, set_per = limit_in_force(self, s.backend, now)
+    limit, per, lerr, set_per = limit_in_force(self, backend_of[s], now)
     if lerr then per = self.per end
     period = period_of(per, now)
     ticket_seq = ticket_seq + 1
@@ -180,16 +189,16 @@ function Budget:reserve(estimate, o)
     ok, spent, reserved = nil, lerr, nil
     if lerr then break end
     -- the hold names this process: it stops counting when the process dies
-    local lease_until = owner.lease_due(s.backend, now)
-    local outcome <close> = setmetatable({ backend = s.backend, budget = self.name, period = period, id = id,
+    local lease_until = lease_due(backend_of[s], now)
+    local outcome <close> = setmetatable({ backend = backend_of[s], budget = self.name, period = period, id = id,
       expires_at = now + hold }, outcome_guard)
-    ok, spent, reserved, stale = s.backend:budget_reserve(self.name, period, to_micro(limit), to_micro(estimate), id,
+    ok, spent, reserved, stale = backend_of[s]:budget_reserve(self.name, period, to_micro(limit), to_micro(estimate), id,
       now + hold, now, me.id, lease_until, set_per)
     -- seen: made or refused, or (allowed unchecked) the ticket's settle or release will say, or
     -- never sent (a Redis store that is down refuses at once, err.sent = false): nothing to give back
     outcome.seen = ok ~= nil or self.on_outage == "allow" or
       (type(spent) == "table" and spent.sent == false)
-    if ok ~= nil then owner.lease_written(s.backend, lease_until) end
+    if ok ~= nil then lease_written(backend_of[s], lease_until) end
     if not stale then break end
   end
   if stale then -- the settings changed under each try: nothing is held, and the limit was never the reason
@@ -214,7 +223,7 @@ function Budget:reserve(estimate, o)
       { budget = self.name, limit = limit, spent = from_micro(spent), reserved = from_micro(reserved),
         period = period })
   end
-  owner.keep(s.backend, id, now + hold)
+  owner_keep(backend_of[s], id, now + hold)
   local used = from_micro(spent + reserved)
   if used >= self.soft * limit then
     soft_total:inc({ budget = self.name })
@@ -233,10 +242,10 @@ function Budget:state()
   local now = store_now()
   local s, serr = store_or_fail()
   if not s then return nil, serr end
-  local limit, per, lerr = limit_in_force(self, s.backend, now)
+  local limit, per, lerr = limit_in_force(self, backend_of[s], now)
   if lerr then return nil, lerr end
   local period = period_of(per, now)
-  local spent, reserved, rows = s.backend:budget_usage(self.name, period, now, owner.me().id)
+  local spent, reserved, rows = backend_of[s]:budget_usage(self.name, period, now, owner.me().id)
   if spent == nil then return nil, reserved end
   local holds = {}
   for i, h in ipairs(rows) do
@@ -266,20 +275,20 @@ function Ticket:extend(seconds)
   end
   if self.done then return nil, hold_ended(self, "it was settled or released") end
   if self.unchecked then return true end
-  local backend, now = self.store.backend, store_now()
-  local lease_until = owner.lease_due(backend, now)
+  local backend, now = backend_of[self.store], store_now()
+  local lease_until = lease_due(backend, now)
   local ok, err = backend:budget_extend(self.budget.name, self.period, self.id, now + seconds, now, owner.me().id,
     lease_until)
   if ok == nil then return nil, err end
   if not ok then
-    owner.drop(backend, self.id)
+    owner_drop(backend, self.id)
     return nil, hold_ended(self, self.done and "it was settled or released" or
       "its end passed, or it was released as its owner's")
   end
-  owner.lease_written(backend, lease_until)
+  lease_written(backend, lease_until)
   self.expires_at = math.max(self.expires_at, now + seconds)
   -- (the heartbeat renews this process's lease while it holds the ticket; a settle meanwhile dropped it)
-  if not self.done then owner.keep(backend, self.id, self.expires_at) end
+  if not self.done then owner_keep(backend, self.id, self.expires_at) end
   return true
 end
 
@@ -347,7 +356,7 @@ local function settle_later(ticket, entry, fields, sent)
   costs.retry_later("a settle", function()
     local s, err = store_of(ticket)
     if not s then return nil, err end
-    return s.backend:budget_settle(ticket.id, entry)
+    return backend_of[s]:budget_settle(ticket.id, entry)
   end,
     function(ok) return ok and fields.usd > 0 end, fields,
     { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd }, sent)
@@ -370,7 +379,7 @@ function Ticket:settle(actual, e)
   if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
   self.done = true -- (a guard that would release it on a cancel has nothing left to do)
   stop_keeping(self)
-  if self.store then owner.drop(self.store.backend, self.id) end
+  if self.store then owner_drop(backend_of[self.store], self.id) end
   local fields = {}
   for k, v in pairs(e or {}) do fields[k] = v end
   fields.usd, fields.budget, fields.period = actual, self.budget.name, self.period
@@ -388,7 +397,7 @@ function Ticket:settle(actual, e)
     serr.retrying = true
     return nil, serr
   end
-  if fields.wait == false and costs.write_later(s.backend, "budget_settle", fields,
+  if fields.wait == false and write_later(backend_of[s], "budget_settle", fields,
     { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry) then
     observe_end(self, actual)
     return true
@@ -398,7 +407,7 @@ function Ticket:settle(actual, e)
   -- task of its own, kept once per ticket (the row and the hold both lost
   -- before)
   local write <close> = setmetatable({ ticket = self, entry = entry, fields = fields }, settle_guard)
-  local ok, err = s.backend:budget_settle(self.id, entry)
+  local ok, err = backend_of[s]:budget_settle(self.id, entry)
   write.seen = true
   if ok and actual > 0 then costs.observe(fields, fields.units) end
   if ok == nil and resil.is_error(err) and err.kind == "store_unavailable" then
@@ -428,8 +437,8 @@ function Ticket:release()
   self.done = true
   stop_keeping(self)
   if not self.store then return false end -- (unchecked before the store could be opened: nothing held)
-  owner.drop(self.store.backend, self.id)
-  local ok, err = self.store.backend:budget_release(self.id)
+  owner_drop(backend_of[self.store], self.id)
+  local ok, err = backend_of[self.store]:budget_release(self.id)
   if ok then observe_end(self, 0) end
   return ok, err
 end
@@ -460,11 +469,11 @@ end
 -- -> { {name=, limit=, per=, period=, spent=, reserved=, remaining=, holds = {...}}, ... } | nil, err
 function admin.list(s)
   local now = store_now()
-  local rows, err = s.backend:budget_list()
+  local rows, err = backend_of[s]:budget_list()
   if not rows then return nil, err end
   local out = {}
   for _, cfg in ipairs(rows) do
-    local d, derr = describe(s.backend, cfg, now)
+    local d, derr = describe(backend_of[s], cfg, now)
     if not d then return nil, derr end
     out[#out + 1] = d
   end
@@ -472,23 +481,23 @@ function admin.list(s)
 end
 
 function admin.show(s, name)
-  local cfg, err = s.backend:budget_config(name)
+  local cfg, err = backend_of[s]:budget_config(name)
   if cfg == nil and err then return nil, err end
   cfg = cfg or {}
   cfg.name = name
-  return describe(s.backend, cfg, store_now())
+  return describe(backend_of[s], cfg, store_now())
 end
 
 -- release a budget's holds in its current period (stale: only those whose owner is gone) -> how many
 -- the period kind a budget's stored settings put in force: the command line's, else the script's
 local function per_in_force(s, name)
-  local cfg = s.backend:budget_config(name) or {}
+  local cfg = backend_of[s]:budget_config(name) or {}
   return cfg.limit_micro and cfg.per or cfg.declared_per or "none"
 end
 
 function admin.release(s, name, stale)
   local now = store_now()
-  return s.backend:budget_release_holds(name, period_of(per_in_force(s, name), now), stale, now, owner.me().id)
+  return backend_of[s]:budget_release_holds(name, period_of(per_in_force(s, name), now), stale, now, owner.me().id)
 end
 
 -- when a period kind ("day", "month", "none") starts, in UTC
@@ -515,7 +524,7 @@ function admin.set(s, name, limit, per)
     carry = { period = period_of(per, now), since = period_start(per, now),
       from = { period_of(was, now), start and period_of(was, start - 1) or nil } }
   end
-  local ok, err = s.backend:budget_set(name, to_micro(limit), per, now, carry)
+  local ok, err = backend_of[s]:budget_set(name, to_micro(limit), per, now, carry)
   -- a gateway key's budget: its record says it too (a key made without --budget had none, and
   -- the gateway reserved nothing for it: the limit set went unenforced)
   local key = ok and name:match("^key:(.+)$")

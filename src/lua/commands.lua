@@ -4,6 +4,7 @@
 -- The module is the command's entry point: the CLI runs
 -- require("resil.commands")(arg) as its main task.
 local resil = require "resil"
+local backend_of = select(2, ...).backend_of -- (the private table's, src/resil.c: a store's backend)
 local json = resil.json
 
 -- What the commands print is redacted: step names and run ids may hold URLs
@@ -97,9 +98,9 @@ local function money(usd) return ("$%.6f"):format(usd or 0) end
 
 -- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ... }
 local function run_report(s, id)
-  local run, rerr = s.backend:run_get(id)
+  local run, rerr = backend_of[s]:run_get(id)
   if run == nil and rerr ~= nil then need(nil, rerr) end -- (not "no such run": it could not be read)
-  local steps = need(s.backend:run_steps(id))
+  local steps = need(backend_of[s]:run_steps(id))
   if not run and #steps == 0 then return nil end
   local items, by_scope = {}, {}
   for _, st in ipairs(steps) do
@@ -152,7 +153,7 @@ local function runs_show(s, args)
   local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
   local run = report.run
   if html then -- the page: src/lua/report.lua
-    local ok, err = require("resil.report").write(html, report, need(s.backend:cost_rows({ run = id })),
+    local ok, err = require("resil.report").write(html, report, need(backend_of[s]:cost_rows({ run = id })),
       run.status ~= "done" and run.status ~= "running" and resume_command(s, run) or nil)
     if not ok then fail("runs show: cannot write %s: %s", html, tostring(err)) end
     print(("wrote %s"):format(html))
@@ -191,7 +192,7 @@ function commands.runs(args)
   if not s then fail("%s", tostring(err)) end
   if args[1] == "show" then return runs_show(s, args) end
   if args[1] then fail("runs: unknown argument '%s' (runs, or runs show ID)", args[1]) end
-  local runs = need(s.backend:runs_list(resil.store_now()))
+  local runs = need(backend_of[s]:runs_list(resil.store_now()))
   local rows = {}
   for _, r in ipairs(runs) do
     -- who runs it now (a process that died while holding it shows as gone)
@@ -278,7 +279,7 @@ function commands.costs(args)
   if not s then fail("%s", tostring(err)) end
   if as_csv and not by then -- the ledger's rows, for a spreadsheet
     local out = {}
-    for _, r in ipairs(need(s.backend:cost_rows(filter))) do
+    for _, r in ipairs(need(backend_of[s]:cost_rows(filter))) do
       out[#out + 1] = { os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(r.at)), r.provider, r.model, r.operation, r.user,
                         r.run, r.item, r.step, r.budget, r.micro_usd and ("%.6f"):format(r.micro_usd / 1e6) or "", r.units }
     end
@@ -432,7 +433,7 @@ function commands.budgets(args)
       end
     end
     local function config_of(n)
-      local cfg, cerr = s.backend:budget_config(n)
+      local cfg, cerr = backend_of[s]:budget_config(n)
       if cfg == nil and cerr ~= nil then fail("budgets set: %s", tostring(cerr)) end
       return cfg
     end

@@ -1,7 +1,8 @@
 -- resil.cost: the ledger, in integer micro-dollars so that sums are exact.
 -- Every record is a row; only an explicit id (or a ticket) deduplicates.
-local resil = ...
+local resil, private = ...
 local S = require "resil.store"
+local backend_of = private.backend_of -- (a store's backend: never on the store object, a script's)
 local store_now, store_or_fail = S.now, S.open
 local runs = require "resil.runs"
 local owner = require "resil.owner"
@@ -331,7 +332,7 @@ local function row_failed(err, row)
     retry_later("a cost row", function()
       local s, oerr = S.open_for_retry()
       if not s then return nil, oerr end
-      return s.backend:cost_record(entry)
+      return backend_of[s]:cost_record(entry)
     end, function(ok) return ok end, row_metric_fields(row), log_fields, err.sent)
   else
     log_fields.error = tostring(err)
@@ -371,8 +372,8 @@ local function record_later(e, entry, err)
   retry_later("a cost row", function()
     local s, oerr = S.open_for_retry()
     if not s then return nil, oerr end
-    own_key(s.backend, entry)
-    return s.backend:cost_record(entry)
+    own_key(backend_of[s], entry)
+    return backend_of[s]:cost_record(entry)
   end, function(ok) return ok end, metric_fields(e),
     { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, err.sent)
 end
@@ -402,29 +403,29 @@ function resil.cost.record(e)
     return nil, serr
   end
   -- (SQLite: queued in C; past LATER_MAX written as below)
-  if e.wait == false and s.backend.cost_queue and not (unwritten >= LATER_MAX and resil.running()
+  if e.wait == false and backend_of[s].cost_queue and not (unwritten >= LATER_MAX and resil.running()
     and coroutine.isyieldable()) then
     local row = cost_row(e, store_now())
     unwritten = unwritten + 1
-    s.backend:cost_queue(row, rows_committed, row_failed)
+    backend_of[s]:cost_queue(row, rows_committed, row_failed)
     return true
   end
   local entry = cost_entry(e, store_now())
   entry.sync = e.sync
-  if e.wait == false or e.retry then own_key(s.backend, entry) end
+  if e.wait == false or e.retry then own_key(backend_of[s], entry) end
   if e.wait == false then
-    if write_later(s.backend, "cost_record", e,
+    if write_later(backend_of[s], "cost_record", e,
       { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, entry) then
       return true
     end
   end
   local guard
   if e.retry and resil.running() then
-    own_key(s.backend, entry, true)
+    own_key(backend_of[s], entry, true)
     guard = setmetatable({ e = e, entry = entry }, record_guard)
   end
   local _ <close> = guard
-  local ok, err = s.backend:cost_record(entry)
+  local ok, err = backend_of[s]:cost_record(entry)
   if guard then guard.seen = true end
   if ok == nil and e.retry and resil.running() and resil.is_error(err) and err.kind == "store_unavailable" then
     record_later(e, entry, err)
@@ -440,7 +441,7 @@ end
 function resil.cost.total(f)
   local s, serr = store_or_fail()
   if not s then return nil, serr end
-  local rows, err = s.backend:cost_query(nil, f or {})
+  local rows, err = backend_of[s]:cost_query(nil, f or {})
   if not rows then return nil, err end
   return from_micro(rows[1] and rows[1].micro_usd or 0)
 end
@@ -449,7 +450,7 @@ end
 function resil.cost.breakdown(by, f)
   local s, serr = store_or_fail()
   if not s then return nil, serr end
-  local rows, err = s.backend:cost_query(by, f or {})
+  local rows, err = backend_of[s]:cost_query(by, f or {})
   if not rows then return nil, err end
   local out = {}
   for i, r in ipairs(rows) do

@@ -7,7 +7,7 @@
 -- "gateway:keys" lists the digests, for `keys list` (`keys add`, `revoke`
 -- and `budgets set key:NAME` take turns at rewriting it and the records:
 -- one_at_a_time, below).
-local resil = ...
+local resil, private = ...
 local json = resil.json
 
 local keys = {}
@@ -160,7 +160,7 @@ function keys.add(o)
   -- key revoked since) is the key's when it is made without --budget: without one in its record
   -- the gateway reserved nothing and the limit went unenforced. Made with --budget, the key's is
   -- set in its place: the old one overrode it (a key listed at $100/day was held at $0).
-  local cfg, cerr = s.backend:budget_config("key:" .. o.name)
+  local cfg, cerr = private.backend_of[s]:budget_config("key:" .. o.name)
   if cfg == nil and cerr ~= nil then return nil, cerr end
   local set_limit = false
   if cfg and cfg.limit_micro then

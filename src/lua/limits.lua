@@ -4,8 +4,9 @@
 -- the store instead, so several processes respect one limit (below).
 -- breaker:call and resil.acquire_all, which compose those primitives, are
 -- Lua and live here too.
-local resil = ...
+local resil, private = ...
 local S = require "resil.store"
+local backend_of = private.backend_of -- (a store's backend: never on the store object, a script's)
 local core_bucket = require "resil.core.bucket"
 local core_breaker = require "resil.core.breaker"
 local store_now = S.now
@@ -144,7 +145,7 @@ local function take(self, n, max_wait)
   local s, serr = resil.store()
   local ok, x, wait, tat
   if s then
-    ok, x, wait, tat = s.backend:gcra_take("bucket:" .. self.label, self.interval, self.tolerance, n, store_now(),
+    ok, x, wait, tat = backend_of[s]:gcra_take("bucket:" .. self.label, self.interval, self.tolerance, n, store_now(),
       max_wait)
   end
   if ok == nil then
@@ -252,7 +253,7 @@ local function adjust(self, n, sign, what)
   local s, serr = resil.store()
   local remaining, tat
   if s then
-    remaining, tat = s.backend:gcra_adjust("bucket:" .. self.label, self.interval, self.tolerance, sign * n, store_now())
+    remaining, tat = backend_of[s]:gcra_adjust("bucket:" .. self.label, self.interval, self.tolerance, sign * n, store_now())
   end
   if remaining == nil then
     warn_once(self, s and tat or serr)
@@ -314,7 +315,7 @@ local function raise(self, at_least, t, headers, pause)
   local s, serr = resil.store()
   local remaining, tat
   if s then
-    remaining, tat = s.backend:gcra_raise("bucket:" .. self.label, self.interval, self.tolerance, at_least, t, pause)
+    remaining, tat = backend_of[s]:gcra_raise("bucket:" .. self.label, self.interval, self.tolerance, at_least, t, pause)
   end
   if remaining == nil then
     warn_once(self, s and tat or serr)
@@ -401,7 +402,7 @@ local function take_shared(list, shared, deadline)
     items[k] = { "bucket:" .. b.label, b.interval, b.tolerance, list[i][2] or 1 }
   end
   local asked = resil.now()
-  local ok, wait, x, y = s.backend:gcra_take_all(items, store_now(), deadline and math.max(0, deadline - asked) or math.huge)
+  local ok, wait, x, y = backend_of[s]:gcra_take_all(items, store_now(), deadline and math.max(0, deadline - asked) or math.huge)
   if ok == nil then return nil, wait end
   local tats = ok and x or y
   for k, i in ipairs(shared) do
@@ -577,7 +578,7 @@ SharedBreaker.__index = SharedBreaker
 function SharedBreaker:allow()
   local s, serr = resil.store()
   local ok, x
-  if s then ok, x = s.backend:breaker_probe(self.label, self.probe_for, store_now()) end
+  if s then ok, x = backend_of[s]:breaker_probe(self.label, self.probe_for, store_now()) end
   if ok == nil then
     warn_once(self, s and x or serr)
     return self.inner:allow()
@@ -598,23 +599,23 @@ function SharedBreaker:record(ok, seconds)
     self.probing = self.probing - 1
     if ok == nil then return end
     if ok then
-      if s then s.backend:breaker_close(self.label) end
+      if s then backend_of[s]:breaker_close(self.label) end
       self.inner:reset()
     elseif s then
-      s.backend:breaker_open(self.label, store_now() + self.open_for, store_now())
+      backend_of[s]:breaker_open(self.label, store_now() + self.open_for, store_now())
     end
     return
   end
   local before = self.inner:state()
   self.inner:record(ok, seconds)
   if before ~= "open" and self.inner:state() == "open" and s then
-    s.backend:breaker_open(self.label, store_now() + self.open_for, store_now())
+    backend_of[s]:breaker_open(self.label, store_now() + self.open_for, store_now())
   end
 end
 
 function SharedBreaker:state()
   local s = resil.store()
-  local open_until = s and s.backend:breaker_get(self.label, store_now())
+  local open_until = s and backend_of[s]:breaker_get(self.label, store_now())
   if open_until then return open_until > store_now() and "open" or "half_open" end
   return self.inner:state()
 end
@@ -626,7 +627,7 @@ function SharedBreaker:on(event, fn) listen(self.inner, event, fn) end
 function SharedBreaker:stats() return self.inner:stats() end
 function SharedBreaker:reset()
   local s = resil.store()
-  if s then s.backend:breaker_close(self.label) end
+  if s then backend_of[s]:breaker_close(self.label) end
   self.inner:reset()
 end
 

@@ -1,9 +1,14 @@
 -- resil.once: idempotency. fn runs at most once per key across tasks,
 -- processes and restarts; its result is stored and replayed. The record
 -- names its holder (src/lua/owner.lua): a holder that died is taken over.
-local resil = ...
+local resil, private = ...
 local S = require "resil.store"
 local owner = require "resil.owner"
+local backend_of = private.backend_of -- (a store's backend: never on the store object, a script's)
+-- (taken now, before any script runs: these are handed a store's backend, and a script may replace
+-- what the resil table and resil.owner's table hold)
+local spawn = resil.spawn
+local owner_keep, owner_drop, lease_due, lease_written = owner.keep, owner.drop, owner.lease_due, owner.lease_written
 local store_now, store_or_fail, shown = S.now, S.open, S.shown
 local encode_values, decode_values = S.encode_values, S.decode_values
 local pack, unpack = table.pack, table.unpack
@@ -24,7 +29,7 @@ local function is_permanent(err)
   return type(err) == "table" and err.retryable == false
 end
 
-local drop_mt = { __close = function(d) owner.drop(d[1], d[2]) end }
+local drop_mt = { __close = function(d) owner_drop(d[1], d[2]) end }
 
 -- The record of a key whose fn has ended could not be written (the store
 -- was unavailable: SQLite's lock held past the timeout, a frozen Redis). It
@@ -34,11 +39,11 @@ local drop_mt = { __close = function(d) owner.drop(d[1], d[2]) end }
 -- callers in this process wait for that as for fn itself. -> the task
 local function write_later(s, key, write)
   local token = "once-pending:" .. key -- renews our lease (another host must not take the key over)
-  owner.keep(s.backend, token)
+  owner_keep(backend_of[s], token)
   local task
   task = resil.spawn(function()
     local ok, err = S.retry_write(write)
-    owner.drop(s.backend, token)
+    owner_drop(backend_of[s], token)
     if inflight[key] == task then inflight[key] = nil end
     if ok == nil then
       resil.log.error("once: the record could not be written; the key stays held until this process ends",
@@ -50,15 +55,15 @@ local function write_later(s, key, write)
 end
 
 local function release(s, key, holder)
-  if s.backend:once_release(key, holder) == nil then
-    write_later(s, key, function() return s.backend:once_release(key, holder) end)
+  if backend_of[s]:once_release(key, holder) == nil then
+    write_later(s, key, function() return backend_of[s]:once_release(key, holder) end)
   end
 end
 
 local function run_once(s, holder, key, lease, retention, fn, ...)
   resil.context({ idempotency_key = key })
-  owner.keep(s.backend, "once:" .. key) -- renew this process's lease while fn runs
-  local _ <close> = setmetatable({ s.backend, "once:" .. key }, drop_mt)
+  owner_keep(backend_of[s], "once:" .. key) -- renew this process's lease while fn runs
+  local _ <close> = setmetatable({ backend_of[s], "once:" .. key }, drop_mt)
   local r = pack(pcall(fn, ...))
   local now = store_now()
   if not r[1] then
@@ -74,11 +79,11 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
     release(s, key, holder)
     error("resil.once: cannot store the results: " .. err, 0)
   end
-  local ok = s.backend:once_finish(key, holder, text, retention, now)
+  local ok = backend_of[s]:once_finish(key, holder, text, retention, now)
   if ok == nil then
     -- fn ran (and was paid for): its caller gets the results, and the record
     -- is written when the store takes it, so a second copy replays them
-    write_later(s, key, function() return s.backend:once_finish(key, holder, text, retention, store_now()) end)
+    write_later(s, key, function() return backend_of[s]:once_finish(key, holder, text, retention, store_now()) end)
     return unpack(r, 2, r.n)
   end
   if not ok then
@@ -147,7 +152,7 @@ local function abandon_claim(g)
       "while this process lives", { key = g.key, error = tostring(err) })
   end
 end
-local claim_guard = { __close = function(g) if not g.seen then resil.spawn(abandon_claim, g) end end }
+local claim_guard = { __close = function(g) if not g.seen then spawn(abandon_claim, g) end end }
 local claim_seq = 0
 
 -- resil.once(key | {key=, fingerprint=, lease=, wait=, retention=}, fn, ...)
@@ -212,16 +217,16 @@ function resil.once(spec, fn, ...)
       end
     end
     local now = store_now()
-    local lease_until = owner.lease_due(s.backend, now)
+    local lease_until = lease_due(backend_of[s], now)
     claim_seq = claim_seq + 1
     local claim = ("%s:%d"):format(holder_id, claim_seq)
-    local guard <close> = setmetatable({ backend = s.backend, key = key, me = holder_id, claim = claim }, claim_guard)
-    local state, data, held_by = s.backend:once_claim(key, fingerprint, holder_id, lease, retention, now,
+    local guard <close> = setmetatable({ backend = backend_of[s], key = key, me = holder_id, claim = claim }, claim_guard)
+    local state, data, held_by = backend_of[s]:once_claim(key, fingerprint, holder_id, lease, retention, now,
       lease_until, claim)
     -- (never sent, err.sent = false: a Redis store that is down refuses at once; nothing to give up)
     guard.seen = state ~= nil or (type(data) == "table" and data.sent == false)
     if state == nil then return nil, data end -- the store is unavailable
-    owner.lease_written(s.backend, lease_until)
+    lease_written(backend_of[s], lease_until)
     if state == "done" then
       replays_total:inc()
       local r, why = decode_values(data)
@@ -273,7 +278,7 @@ function resil.once_replay(spec, ...)
   if type(key) ~= "string" or key == "" then error("resil.once_replay: key must be a non-empty string", 2) end
   local s = store_or_fail()
   if not s then return false end
-  local state, data = s.backend:once_peek(key, o.fingerprint or fingerprint_of(...), store_now())
+  local state, data = backend_of[s]:once_peek(key, o.fingerprint or fingerprint_of(...), store_now())
   if state ~= "done" then return false end
   local r = decode_values(data)
   if not r then return false end
@@ -283,7 +288,7 @@ end
 
 -- Drop idempotency records past their retention.
 function resil.once_reap()
-  return S.open_or_raise(2).backend:once_reap(store_now())
+  return backend_of[S.open_or_raise(2)]:once_reap(store_now())
 end
 
 -- for specs that seed a record as another process would

@@ -13,6 +13,9 @@
 -- the leases; this module renews them (one store operation per beat for
 -- everything this process holds in that store).
 local resil = ...
+-- (taken now, before any script runs: the heartbeat is handed a store's backend, and a script may
+-- replace what the resil table holds)
+local background = resil.background
 
 local M = { lease = 30 }
 
@@ -168,7 +171,7 @@ function M.keep(backend, token, until_t)
   end
   tokens[token] = until_t or math.huge
   if not beating[backend] then
-    beating[backend] = resil.background(beat, backend, tokens)
+    beating[backend] = background(beat, backend, tokens)
   end
 end
 

@@ -2,10 +2,14 @@
 -- --run or by the script and its arguments; each step's result is stored
 -- before the task goes on, so a re-run resumes. A run has one owner at a
 -- time (src/lua/owner.lua).
-local resil = ...
+local resil, private = ...
 local S = require "resil.store"
 local owner = require "resil.owner"
 local fingerprint = require("resil.once").fingerprint
+local backend_of = private.backend_of -- (a store's backend: never on the store object, a script's)
+-- (taken now, before any script runs: these are handed a store's backend, and a script may replace
+-- what the resil table and resil.owner's table hold)
+local owner_keep, owner_drop, lease_due, lease_written = owner.keep, owner.drop, owner.lease_due, owner.lease_written
 local store_now, store_or_fail = S.now, S.open
 local config, encode_values, decode_values = S.config, S.encode_values, S.decode_values
 local unpack, pack = table.unpack, table.pack
@@ -44,13 +48,13 @@ local function take_run(s, id)
   local deadline, poll, told = resil.now() + wait, 0.05, false
   while true do
     local now = store_now()
-    local lease_until = owner.lease_due(s.backend, now)
-    local done, generation, since = s.backend:run_start(id, config.script, config.fresh, now, me, lease_until,
+    local lease_until = lease_due(backend_of[s], now)
+    local done, generation, since = backend_of[s]:run_start(id, config.script, config.fresh, now, me, lease_until,
       config.args and json.encode({ unpack(config.args) }))
     if done == nil then error(generation, 0) end -- the store is unavailable
-    owner.lease_written(s.backend, lease_until)
+    lease_written(backend_of[s], lease_until)
     if done then
-      owner.keep(s.backend, "run:" .. id)
+      owner_keep(backend_of[s], "run:" .. id)
       return done, generation
     end
     if resil.now() + poll > deadline then error(run_held(id, generation, since), 0) end
@@ -75,7 +79,7 @@ local function run_object()
     -- from its first step, as a process started with that store would take
     -- it (steps checkpointed in a store nobody reads any more would be paid
     -- for again on resume)
-    if run.held then owner.drop(run.store.backend, "run:" .. run.id) end
+    if run.held then owner_drop(backend_of[run.store], "run:" .. run.id) end
     run = nil
   end
   if not run then
@@ -146,7 +150,7 @@ function resil.run.finish(status)
   local r = run
   if not (r and r.held) then return end
   run = nil
-  owner.drop(r.store.backend, "run:" .. r.id)
+  owner_drop(backend_of[r.store], "run:" .. r.id)
   local pending = {}
   for _, p in pairs(r.inflight) do
     pending[#pending + 1] = { scope = p.scope, seq = p.seq, name = p.name, started = p.started,
@@ -157,7 +161,7 @@ function resil.run.finish(status)
   -- this process saw steps fail, whether or not the store took their
   -- records (it refused some: the run said "done", its failures nowhere)
   if status == "done" and next(r.failed) then status = "done_with_failures" end
-  local ok, err = r.store.backend:run_finish_now(r.id, status, store_now(), owner.me().id, pending)
+  local ok, err = backend_of[r.store]:run_finish_now(r.id, status, store_now(), owner.me().id, pending)
   if ok == nil and err ~= nil then return nil, err end -- (the run stays "running (gone)": it resumes)
   return true
 end
@@ -177,7 +181,7 @@ end
 local function record_failure(r, scope, seq, name, err, retries, started, detail)
   steps_failed:inc()
   r.failed[scope] = true
-  local ok, serr, since = r.store.backend:step_failed(r.id, scope, seq, name, error_text(err), retries, store_now(),
+  local ok, serr, since = backend_of[r.store]:step_failed(r.id, scope, seq, name, error_text(err), retries, store_now(),
     owner.me().id, started, detail)
   if ok == false then error(run_held(r.id, serr, since, true), 0) end
 end
@@ -384,7 +388,7 @@ function resil.step(name, fn, ...)
     return nil, rerr
   end
   if r.stopped then error(r.stopped, 2) end -- a step's result was not checkpointed: nothing more runs
-  local backend = r.store.backend
+  local backend = backend_of[r.store]
   local recorded, result = backend:step_get(r.id, scope, seq)
   -- unknown is not "not done": running it again could pay twice
   if recorded == nil and result ~= nil then

@@ -5,18 +5,31 @@
 -- src/lua/store_redis.lua). What is built on the store has a module each:
 -- once.lua, runs.lua, costs.lua, budgets.lua, limits.lua (shared limits);
 -- this module returns what they share.
-local resil = ...
+local resil, private = ... -- (private: what the host's modules alone hold, src/resil.c)
 local json = resil.json
+-- (taken now, before any script runs: a script may replace what the resil table holds, and
+-- one that replaced resil.background was handed each store's backend)
+local background = resil.background
 
 -- who holds a run, a once key or a budget hold, and whether they are alive
 local owner = require "resil.owner"
 
--- each backend is compiled when a store first uses it, not at start-up
+-- each backend is compiled when a store first uses it, not at start-up; its open is left in the
+-- private table (what its module returns, a script may require and change)
 local backends = setmetatable({}, { __index = function(t, name)
-  local b = require("resil.store_" .. name)
-  t[name] = b
-  return b
+  require("resil.store_" .. name)
+  local open = private["open_" .. name]
+  t[name] = open
+  return open
 end })
+
+-- A store's backend, by store: the host's modules' only way to it. The backend holds the raw db
+-- (SQLite) or connection (Redis), and the store object is a script's (resil.store()): carried
+-- on it, a sandboxed script ran its own SQL in the host's store, deleting the ledger's rows, or
+-- sent its Redis any command. Outside the sandbox (specs, tools) it is the registry's
+-- "resil.private".backend_of.
+local backend_of = setmetatable({}, { __mode = "k" })
+private.backend_of = backend_of
 
 local config = { url = nil, run = nil, fresh = false, script = nil, args = nil, wait = false }
 
@@ -214,7 +227,7 @@ end
 local function open_store(url, key, opts)
   local backend, err
   if url:match("^redis://") or url:match("^rediss://") then
-    backend, err = backends.redis.open(url)
+    backend, err = backends.redis(url)
     if backend then check_eviction(backend) end
   else
     local path, query = url:gsub("^sqlite://", ""):match("^([^?]*)%??(.*)$")
@@ -230,11 +243,12 @@ local function open_store(url, key, opts)
       end
       f:close()
     end
-    backend, err = backends.sqlite.open(path, o)
-    if backend then resil.background(sweeper, backend) end
+    backend, err = backends.sqlite(path, o)
+    if backend then background(sweeper, backend) end
   end
   if not backend then return nil, err end
-  local s = setmetatable({ backend = backend, url = url, kind = backend.kind }, Store)
+  local s = setmetatable({ url = url, kind = backend.kind }, Store)
+  backend_of[s] = backend
   opened[key] = s
   opened[url] = s
   return s
@@ -335,17 +349,17 @@ local function check_ttl(what, ttl)
 end
 function Store:get(key)
   check_key("get", key)
-  return self.backend:kv_get(key, store_now())
+  return backend_of[self]:kv_get(key, store_now())
 end
 function Store:set(key, value, ttl)
   check_key("set", key)
   if type(value) ~= "string" then error("store:set: value must be a string (encode tables with resil.json)", 2) end
   check_ttl("set", ttl)
-  return self.backend:kv_set(key, value, ttl, store_now())
+  return backend_of[self]:kv_set(key, value, ttl, store_now())
 end
 function Store:del(key)
   check_key("del", key)
-  return self.backend:kv_del(key)
+  return backend_of[self]:kv_del(key)
 end
 function Store:incr(key, n, ttl)
   check_key("incr", key)
@@ -353,9 +367,9 @@ function Store:incr(key, n, ttl)
     error(("store:incr: n must be a finite number, not %s"):format(shown(n)), 2)
   end
   check_ttl("incr", ttl)
-  return self.backend:kv_incr(key, n or 1, ttl, store_now())
+  return backend_of[self]:kv_incr(key, n or 1, ttl, store_now())
 end
-function Store:stats() return self.backend:stats() end
+function Store:stats() return backend_of[self]:stats() end
 
 -- ---------- values in and out of the store ----------
 
