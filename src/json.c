@@ -549,17 +549,21 @@ static int walk_table(lua_State *L, int t, int depth, walk *w, const marker *m) 
 
 /* each swap of w: its marker in (back = 0) or its value back (back = 1) */
 static void swap_values(lua_State *L, const walk *w, int back) {
-  for (int g = w->base; g + 3 <= w->top; g += 4) {
-    if (lua_type(L, g + 3) != LUA_TTABLE) continue; /* (a nested table's group) */
-    if (!back) {
-      /* the value as it is now, to put back: the walk's markers were allocations, and a
-       * collection step they made ran finalizers that may have written it since (the swap
-       * back wrote the walk's value over theirs); gone now, it stays gone */
+  if (!back) {
+    /* first the values as they are now, to put back: the walk's markers were allocations, and
+     * a collection step they made ran finalizers that may have written them since (the swap
+     * back wrote the walk's value over theirs); all read before any marker goes in, as a table
+     * met twice (two groups, one key) would read the other's marker */
+    for (int g = w->base; g + 3 <= w->top; g += 4) {
+      if (lua_type(L, g + 3) != LUA_TTABLE) continue; /* (a nested table's group) */
       lua_pushvalue(L, g);
-      int gone = lua_rawget(L, g + 3) == LUA_TNIL;
+      lua_rawget(L, g + 3);
       lua_replace(L, g + 1);
-      if (gone) continue;
     }
+  }
+  for (int g = w->base; g + 3 <= w->top; g += 4) {
+    if (lua_type(L, g + 3) != LUA_TTABLE) continue;
+    if (!back && lua_isnil(L, g + 1)) continue; /* gone since the walk: it stays gone */
     lua_pushvalue(L, g);
     lua_pushvalue(L, back ? g + 1 : g + 2);
     lua_rawset(L, g + 3); /* (a key the table has, or nil for one it lost: nothing is allocated) */
