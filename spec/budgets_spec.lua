@@ -442,6 +442,99 @@ for _, b in ipairs(helpers.store_backends()) do
   end)
 end
 
+-- A call across midnight (its hold made at 23:59 UTC, its settle at 00:01): its cost counts in the
+-- period its ledger row is in, the one its settle falls in, so that a budget's spend for a period is
+-- the ledger's sum for that period (`budgets` and `costs --since`); and its hold, open at midnight,
+-- counts against the new period, where its cost will land. Before, the cost went to yesterday's
+-- budget and today's ledger, and today's budget let its whole limit be reserved on top of it.
+for _, b in ipairs(helpers.store_backends()) do
+  describe("a call across a period boundary, on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+    before_each(function()
+      resil.clock.virtual()
+      resil.store_config({ url = b.url() })
+    end)
+
+    local function to_2359() -- -> the next day's start
+      local now = resil.store_now()
+      resil.sleep(86400 - now % 86400 - 60)
+      return resil.store_now() + 60
+    end
+    -- the budget's spent and reserved in a period, as the store keeps them
+    local function usage(name, period)
+      local spent, reserved = resil.store().backend:budget_usage(name, period, resil.store_now(),
+        require("resil.owner").me().id)
+      return { spent / 1e6, reserved / 1e6 }
+    end
+    local function ledger(name, since, till)
+      return assert(resil.cost.total({ budget = name, since = since, ["until"] = till }))
+    end
+
+    it("its cost counts in the period of its ledger row, once; its hold counts in the new period", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      local midnight = to_2359()
+      local yesterday, today = os.date("!%Y-%m-%d", midnight - 1), os.date("!%Y-%m-%d", midnight)
+      local t = assert(bud:reserve(4, { hold = 3600 }))
+      assert(assert(bud:reserve(1)):settle(0.5, E)) -- yesterday's own
+      resil.sleep(120) -- 00:01
+      local st = assert(bud:state())
+      assert.are.same({ today, 0, 4 }, { st.period, st.spent, st.reserved }, "the open hold is not today's")
+      assert.is_nil((bud:reserve(7)), "today's limit let the hold's cost in on top of a full day")
+      assert(t:settle(3, E))
+      assert(assert(bud:reserve(2)):settle(1, { provider = "mock", model = "m", wait = false }))
+      assert(t:charge(0.25, E)) -- (a refused attempt of the call, after its settle)
+      resil.sleep(0.1)
+      st = assert(bud:state())
+      assert.are.same({ 4.25, 0 }, { st.spent, st.reserved })
+      assert.are.equal(4.25, ledger(name, midnight))
+      assert.are.same({ 0.5, 0 }, usage(name, yesterday))
+      assert.are.equal(0.5, ledger(name, midnight - 86400, midnight))
+      -- the command line's view: `budgets` for today is `costs --since` today
+      for _, d in ipairs(assert(admin.list(resil.store()))) do
+        if d.name == name then assert.are.same({ today, 4.25, 0 }, { d.period, d.spent, d.reserved }) end
+      end
+      assert.is_truthy(bud:reserve(5.75))
+      assert.is_nil((bud:reserve(0.01)))
+    end)
+
+    -- (another process: reserves at 23:59 before midnight arg[2] on its own virtual clock, says so,
+    -- and waits to be killed)
+    local holder_2359 = [[
+local resil = require "resil"
+resil.clock.virtual()
+resil.sleep(tonumber(arg[2]) - 60 - resil.store_now())
+assert(resil.budget(arg[1], { limit = 10, per = "day" }):reserve(4, { hold = 3600 }))
+io.stdout:write("held\n"); io.stdout:flush()
+while true do resil.sleep(60) end
+]]
+
+    it("a hold open at midnight still ends with its owner, and its settle counts once", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      local midnight = to_2359()
+      local pid, out = helpers.start(holder_2359, ("--store '%s' --log-level off"):format(resil.store().url),
+        name .. " " .. midnight)
+      assert(helpers.wait_until(function() return helpers.slurp(out):match("held") ~= nil end, 20), helpers.slurp(out))
+      local mine = assert(bud:reserve(2, { hold = 3600 }))
+      resil.sleep(120)
+      assert.are.equal(6, assert(bud:state()).reserved)
+      assert.are.equal(0, assert(admin.release(resil.store(), name, true)))
+      os.execute("kill -9 " .. pid)
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      -- `budgets release --stale` after midnight finds the dead process's hold
+      assert.are.equal(1, assert(admin.release(resil.store(), name, true)))
+      assert.are.same({ 0, 2 }, { assert(bud:state()).spent, assert(bud:state()).reserved })
+      assert.is_true(mine:settle(3, E))
+      assert.is_false(mine:settle(3, E)) -- a second settle changes nothing
+      local st = assert(bud:state())
+      assert.are.same({ 3, 0 }, { st.spent, st.reserved })
+      assert.are.equal(3, ledger(name, midnight))
+      assert.are.equal(0, ledger(name, midnight - 86400, midnight))
+    end)
+  end)
+end
+
 -- A hold renewed by its ticket (ticket:extend, and ticket:keep, which policies.ai uses for a call
 -- in flight): a hold that stopped counting is never counted again, and a settled call's hold is
 -- never renewed (before: a hold stopped counting `hold` seconds after its reservation, however
