@@ -172,7 +172,8 @@ function Budget:reserve(estimate, o)
     local now = store_now()
     ticket_seq = ticket_seq + 1
     return unchecked(self, setmetatable({ id = ("%s:%s:%d"):format(self.name, owner.me().tag, ticket_seq),
-      budget = self, period = period_of(self.per, now), estimate = estimate, hold = hold }, Ticket), serr, now)
+      budget = self, period = period_of(self.per, now), per = self.per, estimate = estimate, hold = hold }, Ticket),
+      serr, now)
   end
   local now, limit, per, period, id, ok, spent, reserved, stale
   -- (the settings read, then the hold written: a period switch in between, `budgets set --per`,
@@ -205,8 +206,8 @@ function Budget:reserve(estimate, o)
     return nil, resil.error("store_unavailable", ("budget '%s': its settings changed during %d reservations in a " ..
       "row; try again"):format(self.name, RESERVE_TRIES), { budget = self.name })
   end
-  local ticket = setmetatable({ id = id, budget = self, period = period, estimate = estimate, store = s, hold = hold,
-    expires_at = now + hold }, Ticket)
+  local ticket = setmetatable({ id = id, budget = self, period = period, per = per, estimate = estimate, store = s,
+    hold = hold, expires_at = now + hold }, Ticket)
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
     return unchecked(self, ticket, spent, now)
@@ -382,8 +383,11 @@ function Ticket:settle(actual, e)
   if self.store then owner_drop(backend_of[self.store], self.id) end
   local fields = {}
   for k, v in pairs(e or {}) do fields[k] = v end
-  fields.usd, fields.budget, fields.period = actual, self.budget.name, self.period
-  local entry = cost_entry(fields, store_now())
+  -- the cost counts in the period the settle falls in, its ledger row's (a call across midnight is
+  -- today's in the budget as in `costs`); the store keeps to the kind its hold is in now
+  local now = store_now()
+  fields.usd, fields.budget, fields.period = actual, self.budget.name, period_of(self.per, now)
+  local entry = cost_entry(fields, now)
   entry.ticket = self.id
   entry.dedupe = entry.dedupe or ("ticket:" .. self.id)
   -- a call that cost something, however little (under half a micro-dollar
@@ -429,7 +433,8 @@ function Ticket:charge(actual, e)
   -- (named after the call's ticket: the store counts it in the period that ticket is in, which a
   -- period switch may have changed since it was reserved)
   local extra = setmetatable({ id = ("%s:charge:%d"):format(self.id, ticket_seq),
-    budget = self.budget, period = self.period, estimate = 0, store = self.store, hold = self.hold }, Ticket)
+    budget = self.budget, period = self.period, per = self.per, estimate = 0, store = self.store, hold = self.hold },
+    Ticket)
   return extra:settle(actual, e)
 end
 

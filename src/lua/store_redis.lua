@@ -206,7 +206,7 @@ return insert_cost(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 
 -- The budget scripts' keys: spent, reserved total, holds zset (ticket -> expires_at), amounts hash,
 -- ticket hash, holders hash (ticket -> owner), owners zset [, ledger, dedupe set]
-local budget_lib = holders_lib .. [[
+local budget_lib = holders_lib .. ("local TICKETS = %q\n"):format(P .. "ticket:") .. [[
 local function unhold(t)
   local a = redis.call('HGET', KEYS[4], t)
   if a then redis.call('DECRBY', KEYS[2], a); redis.call('HDEL', KEYS[4], t) end
@@ -227,6 +227,56 @@ local function follow(ticket, known, prefix)
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6] = b .. ':spent', b .. ':reserved', b .. ':holds', b .. ':amounts',
     b .. ':holders'
   return period
+end
+-- A call across a period's end (a hold made at 23:59, settled at 00:01) settles in the new period,
+-- so its hold, still open, counts there: the holds of an earlier period of the same kind move into
+-- this one (KEYS[1..4, 6]) at its first reservation or look, their tickets saying so. KEYS[9], a set
+-- ("resil:budget:NAME:periods"), names the periods a reservation made holds in; the budget's key
+-- prefix is its name's.
+local function roll()
+  local prefix = string.sub(KEYS[9], 1, #KEYS[9] - #'periods')
+  local period = string.sub(KEYS[1], #prefix + 1, #KEYS[1] - #':spent')
+  for _, p in ipairs(redis.call('SMEMBERS', KEYS[9])) do
+    local b = prefix .. p
+    if p ~= period and #p == #period and p < period then
+      local z = redis.call('ZRANGE', b .. ':holds', 0, -1, 'WITHSCORES')
+      for i = 1, #z, 2 do
+        local t = z[i]
+        local a, o = redis.call('HGET', b .. ':amounts', t), redis.call('HGET', b .. ':holders', t)
+        redis.call('ZADD', KEYS[3], z[i + 1], t)
+        redis.call('ZREM', b .. ':holds', t)
+        if a then
+          redis.call('INCRBY', KEYS[2], a)
+          redis.call('DECRBY', b .. ':reserved', a)
+          redis.call('HSET', KEYS[4], t, a)
+          redis.call('HDEL', b .. ':amounts', t)
+        end
+        if o then
+          redis.call('HSET', KEYS[6], t, o)
+          redis.call('HDEL', b .. ':holders', t)
+        end
+        if redis.call('EXISTS', TICKETS .. t) == 1 then redis.call('HSET', TICKETS .. t, 'period', period) end
+      end
+      redis.call('SREM', KEYS[9], p)
+    elseif p ~= period and redis.call('ZCARD', b .. ':holds') == 0 then
+      redis.call('SREM', KEYS[9], p) -- (another kind's, left by budgets set --per: nothing to move)
+    end
+  end
+end
+-- The period of time `at` (seconds) of the kind `like` is: 'all', 'YYYY-MM' or 'YYYY-MM-DD', UTC (H.
+-- Hinnant's civil_from_days; Redis's Lua has no os.date)
+local function period_at(like, at)
+  if like == 'all' then return like end
+  local z = math.floor(tonumber(at) / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  if #like == 7 then return string.format('%04d-%02d', y, m) end
+  return string.format('%04d-%02d-%02d', y, m, doy - math.floor((153 * mp + 2) / 5) + 1)
 end
 -- expired holds stop counting
 local function sweep(now)
@@ -264,6 +314,7 @@ if ARGV[13] then
   local set = redis.call('HMGET', KEYS[8], 'limit', 'per')
   if (set[1] and set[2] or '') ~= ARGV[13] then return {2, 0, 0} end
 end
+roll()
 sweep(ARGV[5])
 local spent, reserved = usage()
 -- a ticket already known was given up by its caller (budget_abandon) before this arrived
@@ -293,6 +344,7 @@ redis.call('INCRBY', KEYS[2], est)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
 redis.call('HSET', KEYS[6], ARGV[3], ARGV[8])
+redis.call('SADD', KEYS[9], ARGV[7])
 redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7], 'at', ARGV[5])
 redis.call('PEXPIRE', KEYS[5], ARGV[12])
 return {1, spent, reserved + est}
@@ -300,6 +352,7 @@ return {1, spent, reserved + est}
 
 -- ARGV: now, me, dead, same_host -> {spent, reserved, {holders to judge}, {{ticket, usd, owner, expires_at}}}
 scripts.budget_usage = budget_lib .. [[
+roll()
 sweep(ARGV[1])
 local _, to_judge = sweep_dead(ARGV[2], dead_set(ARGV[3]), ARGV[4], tonumber(ARGV[1]))
 local spent, reserved = usage()
@@ -315,14 +368,18 @@ return {spent, reserved, to_judge, holds}
 -- cost something (a row even under half a micro-dollar); a settle of $0 writes no ledger row.
 -- The spent total grows with the ledger: a row the ledger already has (the same id, a
 -- provider's replayed answer) is not spent twice, as on SQLite, where spent is the ledger's sum.
--- The cost counts in the period its hold is in now (ARGV[7] is the one it was reserved in, ARGV[8]
--- the budget's key prefix): a hold carried into another period (budgets set --per) while its call
--- ran settles there, its ledger row labelled so. A charge (no hold of its own: a refused attempt's
--- cost) counts where its call's ticket, KEYS[10], is.
+-- The hold is freed in the period it is in now (ARGV[7] is the entry's, ARGV[8] the budget's key
+-- prefix); the cost counts in the period the settle falls in (ARGV[9], the ledger row's time), of the
+-- kind the hold is in: a call across midnight is the new day's, and a hold carried into another kind
+-- (budgets set --per) while its call ran settles under it, its ledger row labelled so. A charge (no
+-- hold of its own: a refused attempt's cost) counts under its call's ticket's, KEYS[10].
 scripts.budget_settle = budget_lib .. insert_cost .. [[
 if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
-local entry, period = ARGV[4], follow(KEYS[5], ARGV[7], ARGV[8])
-if not period and KEYS[10] and redis.call('EXISTS', KEYS[5]) == 0 then period = follow(KEYS[10], ARGV[7], ARGV[8]) end
+local entry, held = ARGV[4], follow(KEYS[5], ARGV[7], ARGV[8])
+if not held and KEYS[10] and redis.call('EXISTS', KEYS[5]) == 0 then held = follow(KEYS[10], ARGV[7], ARGV[8]) end
+local period = period_at(held or ARGV[7], ARGV[9])
+KEYS[1] = ARGV[8] .. period .. ':spent'
+if period == ARGV[7] then period = nil end
 if period then
   local label = '"period":' .. cjson.encode(ARGV[7])
   local at = string.find(entry, label, 1, true)
@@ -340,6 +397,7 @@ return 1
 -- ARGV: stale ('1': only holds whose owner is not alive), now, me, dead, same_host, ticket prefix,
 -- the tickets' time to live (ms) -> {released, holders to judge...}
 scripts.budget_release_holds = budget_lib .. [[
+roll()
 sweep(ARGV[2])
 local released, to_judge
 if ARGV[1] == '1' then
@@ -1048,12 +1106,19 @@ local function budget_keys(budget, period, ticket)
            b .. ":holders", OWNERS }
 end
 
+-- the keys of a script that rolls the holds of earlier periods into `period` (budget_lib's roll)
+local function rolling_keys(budget, period)
+  local keys = budget_keys(budget, period)
+  keys[8], keys[9] = BUDGETS .. ":" .. budget, budget_prefix(budget) .. "periods"
+  return keys
+end
+
 -- -> true, spent, reserved | false, spent, reserved
 -- set_per: as on SQLite (-> false, 0, 0, "stale")
 function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until, set_per)
   local dead = ""
   local keys = budget_keys(budget, period, ticket)
-  keys[8] = BUDGETS .. ":" .. budget
+  keys[8], keys[9] = BUDGETS .. ":" .. budget, budget_prefix(budget) .. "periods"
   while true do
     local r, err = self:script("budget_reserve", keys, limit, estimate, ticket,
       fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until),
@@ -1070,7 +1135,7 @@ end
 function R:budget_usage(budget, period, now, me)
   local dead = ""
   while true do
-    local r, err = self:script("budget_usage", budget_keys(budget, period), fmt_time(now), me, dead, same_host(),
+    local r, err = self:script("budget_usage", rolling_keys(budget, period), fmt_time(now), me, dead, same_host(),
       P .. "ticket:")
     if r == nil then return nil, err end
     local holders_dead = dead == "" and dead_among(r[3])
@@ -1093,7 +1158,7 @@ local function settle_call(ticket, entry)
   local parent = ticket:match("^(.+):charge:%d+$") -- (Ticket:charge's ids)
   if parent then keys[10] = P .. "ticket:" .. parent end
   return keys, { ticket, entry.micro_usd, entry.dedupe or "", resil.json.encode(entry), ticket_ttl(),
-    entry.charged and "1" or "0", entry.period, budget_prefix(entry.budget), n = 8 }
+    entry.charged and "1" or "0", entry.period, budget_prefix(entry.budget), fmt_time(entry.at), n = 9 }
 end
 
 function R:budget_settle(ticket, entry)
@@ -1113,7 +1178,7 @@ end
 function R:budget_release_holds(budget, period, stale, now, me)
   local dead = ""
   while true do
-    local r, err = self:script("budget_release_holds", budget_keys(budget, period), stale and "1" or "0",
+    local r, err = self:script("budget_release_holds", rolling_keys(budget, period), stale and "1" or "0",
       fmt_time(now), me, dead, same_host(), P .. "ticket:", ticket_ttl())
     if r == nil then return nil, err end
     local holders_dead = stale and dead == "" and dead_among({ table.unpack(r, 2) })
@@ -1185,6 +1250,8 @@ for g = 9, #KEYS, 4 do
     if redis.call('EXISTS', ARGV[8] .. t) == 1 then redis.call('HSET', ARGV[8] .. t, 'period', ARGV[9]) end
   end
 end
+-- (the new period has holds: the next one's first reservation moves them on, budget_lib's roll)
+redis.call('SADD', string.sub(KEYS[4], 1, #KEYS[4] - #ARGV[9] - #':spent') .. 'periods', ARGV[9])
 return 1
 ]]
 -- carry: {period = the new one, since = its start (nil: all), from = {the periods whose open holds

@@ -625,6 +625,15 @@ local function budget_usage(tx, budget, period, now)
   return spent, reserved
 end
 
+-- A call across a period's end (a hold made at 23:59, settled at 00:01) settles in the new
+-- period, so its hold, still open, counts there: a budget's holds from an earlier period of the
+-- same kind move into `period` at its first reservation or look (they kept counting in the old one
+-- only, and the new one let its whole limit be reserved on top of their costs).
+local function roll(tx, budget, period, now)
+  tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND period < ? AND length(period) = ? AND " ..
+          "state = 'held' AND expires_at > ?", period, budget, period, #period, now)
+end
+
 -- Holds whose owner died stop counting: -> how many were released.
 local function release_dead(tx, budget, period, me, now)
   local released = 0
@@ -650,6 +659,7 @@ function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
       local set = tx:row("SELECT limit_micro, per FROM budgets WHERE name = ?", budget)
       if (set and set.limit_micro and set.per or "") ~= set_per then return false, 0, 0, "stale" end
     end
+    roll(tx, budget, period, now)
     local spent, reserved = budget_usage(tx, budget, period, now)
     if spent + reserved + estimate > limit and release_dead(tx, budget, period, me, now) > 0 then
       spent, reserved = budget_usage(tx, budget, period, now)
@@ -665,6 +675,7 @@ end
 -- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=}, ... }
 function B:budget_usage(budget, period, now, me)
   return self.db:tx(function(tx)
+    roll(tx, budget, period, now)
     release_dead(tx, budget, period, me, now)
     local spent, reserved = budget_usage(tx, budget, period, now)
     return spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations WHERE " ..
@@ -673,16 +684,24 @@ function B:budget_usage(budget, period, now, me)
   end)
 end
 
+-- the period of time `at` of the kind `like` is ("all", "YYYY-MM" or "YYYY-MM-DD", UTC)
+local function period_at(like, at)
+  if like == "all" then return like end
+  return os.date(#like == 7 and "!%Y-%m" or "!%Y-%m-%d", math.floor(at))
+end
+
 -- Replace the reservation by the actual cost; a second settle changes nothing.
--- The cost counts in the period its hold is in now: one carried into another
--- period (budgets set --per) while its call ran settles there; a charge (a
--- refused attempt's cost, no hold of its own) where its call's ticket is.
+-- The cost counts in the period its settle falls in (its ledger row's `at`), of
+-- the kind its hold is in now: one carried into another kind (budgets set
+-- --per) while its call ran settles under that kind; a charge (a refused
+-- attempt's cost, no hold of its own) under its call's ticket's. A call across
+-- midnight is today's, in the budget as in the ledger.
 local function settle(tx, ticket, entry)
   local row = tx:row("SELECT state, period FROM reservations WHERE ticket = ?", ticket)
   if row and row.state == "settled" then return false end
   local parent = not row and ticket:match("^(.+):charge:%d+$") -- (Ticket:charge's ids)
   local held = row or parent and tx:row("SELECT period FROM reservations WHERE ticket = ?", parent)
-  if held then entry.period = held.period end
+  if held then entry.period = period_at(held.period, entry.at) end
   tx:exec("UPDATE reservations SET state = 'settled' WHERE ticket = ?", ticket)
   if not entry.charged then return true end -- settle(0): nothing spent, no ledger row
   return insert_cost(tx, entry)
@@ -770,6 +789,7 @@ end
 -- whose owner is not alive. -> how many
 function B:budget_release_holds(budget, period, stale, now, me)
   return self.db:tx(function(tx)
+    roll(tx, budget, period, now)
     if stale then return release_dead(tx, budget, period, me, now) end
     return tx:exec("UPDATE reservations SET state = 'released' WHERE budget = ? AND period = ? AND " ..
                    "state = 'held' AND expires_at > ?", budget, period, now)
