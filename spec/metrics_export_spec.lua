@@ -216,3 +216,79 @@ describe("label values and help that are not UTF-8", function()
     assert.truthy(text:find("# HELP spec_bad_utf8_total Calls by caf\u{FFFD} model\n", 1, true))
   end)
 end)
+
+-- A budget's gauges with `gateway --workers 2`: a scrape reaches either worker (one port), and each
+-- reports the store's figures for the key's budget, another process's spend included. Before, each
+-- showed its own last view: two values for one budget, in turn, neither the store's. On SQLite
+-- and a real redis-server.
+for _, b in ipairs(helpers.store_backends()) do
+  describe("gateway --workers 2 on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+
+    it("every worker's budget gauges are the store's figures", function()
+      local json = resil.json
+      resil.clock.real()
+      resil.log.level("off")
+      local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+      local url, port, log, pidfile = b.url(), helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+      local add = sh(("%s keys add --name team --budget 50/day --store '%s'"):format(helpers.resil, url))
+      assert.are.equal(0, add.code, add.stderr)
+      local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+      -- (each worker names itself in its metrics: which one a scrape reached)
+      local config = helpers.write(helpers.tmpname(".lua"), ([[
+        local f = assert(io.open("/proc/self/stat"))
+        require("resil").metrics.gauge("spec_worker_pid", "The worker's pid"):set(nil, f:read("n"))
+        f:close()
+        require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+        return { key_cache = 0 }
+      ]]):format(m.url .. "/v1"))
+      os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store '%s' > %s 2>&1 & echo $! > %s")
+        :format(helpers.resil, port, config, url, log, pidfile))
+      local pid = helpers.slurp(pidfile):match("%d+")
+      finally(function()
+        local kids = helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid))
+        os.execute("kill -KILL " .. pid)
+        for p in kids:gmatch("%d+") do os.execute("kill -KILL " .. p) end
+        m:stop()
+        resil.log.level("info")
+      end)
+      assert.is_true(helpers.wait_until(function()
+        return select(2, helpers.slurp(log):gsub("listening", "")) == 2
+      end, 20), helpers.slurp(log))
+      -- calls until each worker has served one (a request id's prefix is its process's)
+      local served = {}
+      for _ = 1, 60 do
+        local res = assert(resil.http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+          headers = { ["content-type"] = "application/json", authorization = "Bearer " .. key, connection = "close" },
+          body = json.encode({ model = "gpt-4o-mini", max_tokens = 10, messages = { { role = "user", content = "hi" } } }) }))
+        assert.are.equal(200, res.status, res.body)
+        served[res.headers["x-request-id"]:sub(1, 16)] = true
+        if select(2, next(served)) and next(served, next(served)) then break end
+      end
+      assert.is_truthy(next(served, next(served)), "one worker served every call")
+      -- another process spends in the key's budget
+      local r = helpers.run_script([[
+local t = assert(require("resil").budget("key:team", { limit = 50, per = "day" }):reserve(2))
+assert(t:settle(1.25, { provider = "p", model = "m" }))
+]], "--store '" .. url .. "'")
+      assert.are.equal(0, r.code, r.stderr)
+      local show = sh(("%s budgets show key:team --json --store '%s'"):format(helpers.resil, url))
+      local store = json.decode(show.stdout)
+      assert.is_true(store.spent > 1.25, show.stdout)
+      -- scrapes (a connection each) until both workers answered one
+      local by_worker = {}
+      for _ = 1, 60 do
+        local text = sh(("curl -s http://127.0.0.1:%d/metrics"):format(port)).stdout
+        local worker = text:match("\nspec_worker_pid (%S+)\n")
+        local function gauge(g) return tonumber(text:match("\n" .. g .. '{budget="key:team"} (%S+)\n')) end
+        by_worker[assert(worker, text)] = { gauge("resil_budget_spent_usd"), gauge("resil_budget_reserved_usd"),
+          gauge("resil_budget_remaining_usd"), gauge("resil_budget_limit_usd") }
+        if select(2, next(by_worker)) and next(by_worker, next(by_worker)) then break end
+      end
+      assert.is_truthy(next(by_worker, next(by_worker)), "every scrape reached one worker")
+      for worker, figures in pairs(by_worker) do
+        assert.are.same({ store.spent, store.reserved, store.remaining, store.limit }, figures, "worker " .. worker)
+      end
+    end)
+  end)
+end

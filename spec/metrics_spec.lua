@@ -220,4 +220,32 @@ describe("resil.metrics", function()
     local st = b:state()
     assert.are.same({ 0.25, 0 }, { st.spent, st.reserved })
   end)
+
+  -- A budget is shared state (the store's): every process that uses it shows the store's figures
+  -- when its metrics are exposed, another process's spend and a new day's start included. Before,
+  -- each showed its own last view: gateway workers scraped in turn gave different values for one
+  -- budget, and a process idle since its last call showed that call's day for good.
+  it("a budget's gauges are the store's figures when exposed: another process's spend, a new day", function()
+    local helpers = require "spec.helpers"
+    resil.clock.virtual()
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    local name = "metrics_spec_shared"
+    local b = resil.budget(name, { limit = 10, per = "day" })
+    assert(assert(b:reserve(1)):settle(0.5, { provider = "p", model = "m" }))
+    local r = helpers.run_script(([[
+local t = assert(require("resil").budget(%q, { limit = 10, per = "day" }):reserve(3))
+assert(t:settle(2, { provider = "p", model = "m" }))
+]]):format(name), "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    local function exposed(metric)
+      return tonumber(resil.metrics.text():match(metric .. '{budget="' .. name .. '"} (%S+)\n'))
+    end
+    assert.are.equal(2.5, exposed("resil_budget_spent_usd"))
+    assert.are.equal(7.5, exposed("resil_budget_remaining_usd"))
+    resil.sleep(86400 - resil.store_now() % 86400 + 1) -- the next day, nothing reserved since
+    assert.are.equal(0, exposed("resil_budget_spent_usd"))
+    assert.are.equal(10, exposed("resil_budget_remaining_usd"))
+    resil.clock.real()
+  end)
 end)
