@@ -23,13 +23,14 @@ local remaining_usd = resil.metrics.gauge("resil_budget_remaining_usd",
 -- the budget's figures as the store last reported them, with this process's settles and
 -- releases since (left at the last reserve, a gauge showed a hold after every call had ended)
 local seen = {}
-local function observe_budget(b, limit, spent, reserved)
+local function observe_budget(b, limit, spent, reserved, read_at)
   local f = seen[b.name]
   if not f then
     f = {}
     seen[b.name] = f
   end
   f.limit, f.spent, f.reserved = limit, spent, reserved
+  if read_at then f.read_at = read_at end
   local l = { budget = b.name }
   spent_usd:set(l, spent)
   reserved_usd:set(l, reserved)
@@ -44,6 +45,7 @@ local function observe_end(t, actual)
   if not f or t.observed_end then return end
   t.observed_end = true
   observe_budget(t.budget, f.limit, f.spent + actual, math.max(0, f.reserved - (t.estimate or 0)))
+  f.read_at = nil -- (a read meanwhile may have counted it already: the next exposition reads again)
 end
 
 local Budget = {}
@@ -57,6 +59,29 @@ Ticket.__index = Ticket
 local stop_keeping -- (ticket:keep, below)
 local budgets = {}
 local ticket_seq = 0
+
+-- The gauges are the store's figures, read again as the metrics are exposed
+-- (a scrape, a --metrics-file write) when the last read is a second old or
+-- more: every process that uses a budget (each gateway worker) shows the
+-- same figures for it, those `resil-lua budgets` shows, with other
+-- processes' spend and a new period's start. Before, each showed its own
+-- last view (a worker idle since its last call kept its spend then, for
+-- good). A budget's gauges are one value in every process: aggregate them
+-- with max, never sum. Outside a task (the file's last write at exit) they
+-- stay as last read; a store that fails is not asked again in that exposition.
+local REFRESH = 1
+local function refresh_gauges()
+  if not (resil.running() and coroutine.isyieldable()) then return end
+  local due = {}
+  for name, f in pairs(seen) do
+    if budgets[name] and not (f.read_at and resil.now() - f.read_at < REFRESH) then due[#due + 1] = name end
+  end
+  for _, name in ipairs(due) do
+    seen[name].read_at = resil.now() -- (one read at a time, however many scrapes come)
+    if not budgets[name]:state() then return end
+  end
+end
+resil.metrics.collect(refresh_gauges)
 
 local function period_of(per, now)
   if per == "day" then return os.date("!%Y-%m-%d", math.floor(now)) end
@@ -217,7 +242,7 @@ function Budget:reserve(estimate, o)
       seconds = now - self.outage.since })
     self.outage = nil
   end
-  observe_budget(self, limit, from_micro(spent), from_micro(reserved))
+  observe_budget(self, limit, from_micro(spent), from_micro(reserved), resil.now())
   if not ok then
     return nil, resil.error("budget_exceeded", ("budget '%s': $%.6f spent + $%.6f reserved + $%.6f > $%.6f"):format(
       self.name, from_micro(spent), from_micro(reserved), estimate, limit),
@@ -253,7 +278,7 @@ function Budget:state()
     holds[i] = { ticket = h.ticket, usd = from_micro(h.micro_usd), owner = h.owner and owner.describe(h.owner),
                  expires_at = h.expires_at, created_at = h.created_at }
   end
-  observe_budget(self, limit, from_micro(spent), from_micro(reserved))
+  observe_budget(self, limit, from_micro(spent), from_micro(reserved), resil.now())
   return { spent = from_micro(spent), reserved = from_micro(reserved), limit = limit, period = period,
            holds = holds }
 end
