@@ -625,13 +625,24 @@ local function budget_usage(tx, budget, period, now)
   return spent, reserved
 end
 
+-- the period of time `at` of the kind `like` is ("all", "YYYY-MM" or "YYYY-MM-DD", UTC)
+local function period_at(like, at)
+  if like == "all" then return like end
+  return os.date(#like == 7 and "!%Y-%m" or "!%Y-%m-%d", math.floor(at))
+end
+
 -- A call across a period's end (a hold made at 23:59, settled at 00:01) settles in the new
--- period, so its hold, still open, counts there: a budget's holds from an earlier period of the
--- same kind move into `period` at its first reservation or look (they kept counting in the old one
--- only, and the new one let its whole limit be reserved on top of their costs).
+-- period, so its hold, still open, counts there: a budget's holds from the period before
+-- `period` (of its kind; `now` is in it) move into it at its first reservation or look (they
+-- kept counting in the old one only, and the new one let its whole limit be reserved on top of
+-- their costs). Only the period before: a seek on the budget index, where a range over earlier
+-- periods read every reservation of the day before (kept a day, HOLDS_KEPT) at each reserve.
 local function roll(tx, budget, period, now)
-  tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND period < ? AND length(period) = ? AND " ..
-          "state = 'held' AND expires_at > ?", period, budget, period, #period, now)
+  if period == "all" or period_at(period, now) ~= period then return end
+  local start = math.floor(now) - math.floor(now) % 86400
+  if #period == 7 then start = start - (os.date("!*t", start).day - 1) * 86400 end
+  tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND period = ? AND state = 'held' AND " ..
+          "expires_at > ?", period, budget, period_at(period, start - 1), now)
 end
 
 -- Holds whose owner died stop counting: -> how many were released.
@@ -682,12 +693,6 @@ function B:budget_usage(budget, period, now, me)
       "budget = ? AND period = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket",
       budget, period, now)
   end)
-end
-
--- the period of time `at` of the kind `like` is ("all", "YYYY-MM" or "YYYY-MM-DD", UTC)
-local function period_at(like, at)
-  if like == "all" then return like end
-  return os.date(#like == 7 and "!%Y-%m" or "!%Y-%m-%d", math.floor(at))
 end
 
 -- Replace the reservation by the actual cost; a second settle changes nothing.
