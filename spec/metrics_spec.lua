@@ -248,4 +248,22 @@ assert(t:settle(2, { provider = "p", model = "m" }))
     assert.are.equal(10, exposed("resil_budget_remaining_usd"))
     resil.clock.real()
   end)
+
+  -- (budget:state() is a write on SQLite: read at a scrape, it waited for the lock and failed)
+  it("a budget's gauges are read without waiting for another process's write lock", function()
+    local helpers = require "spec.helpers"
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db .. "?timeout=0.3" })
+    local name = "metrics_spec_locked"
+    assert(assert(resil.budget(name, { limit = 10, per = "day" }):reserve(1)):settle(0.5, { provider = "p" }))
+    local r = helpers.run_script(([[
+assert(assert(require("resil").budget(%q, { limit = 10, per = "day" }):reserve(3)):settle(2, { provider = "p" }))
+]]):format(name), "--store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    local release = helpers.hold_write_lock(db)
+    finally(function() helpers.write(release, "") end)
+    local text = resil.metrics.text()
+    helpers.write(release, "")
+    assert.are.equal(2.5, tonumber(text:match('resil_budget_spent_usd{budget="' .. name .. '"} (%S+)\n')))
+  end)
 end)
