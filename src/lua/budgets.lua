@@ -70,6 +70,7 @@ local ticket_seq = 0
 -- with max, never sum. Outside a task (the file's last write at exit) they
 -- stay as last read; a store that fails is not asked again in that exposition.
 local REFRESH = 1
+local read_figures -- (below: the budget's figures, read without writing)
 local function refresh_gauges()
   if not (resil.running() and coroutine.isyieldable()) then return end
   local due = {}
@@ -78,7 +79,7 @@ local function refresh_gauges()
   end
   for _, name in ipairs(due) do
     seen[name].read_at = resil.now() -- (one read at a time, however many scrapes come)
-    if not budgets[name]:state() then return end
+    if not read_figures(budgets[name]) then return end
   end
 end
 resil.metrics.collect(refresh_gauges)
@@ -281,6 +282,20 @@ function Budget:state()
   observe_budget(self, limit, from_micro(spent), from_micro(reserved), resil.now())
   return { spent = from_micro(spent), reserved = from_micro(reserved), limit = limit, period = period,
            holds = holds }
+end
+
+-- The budget's figures for its gauges, read as state's are, without writing (a scrape waits for
+-- no writer on SQLite) -> true | nil, err
+read_figures = function(self)
+  local now = store_now()
+  local s, serr = store_or_fail()
+  if not s then return nil, serr end
+  local limit, per, lerr = limit_in_force(self, s.backend, now)
+  if lerr then return nil, lerr end
+  local spent, reserved = s.backend:budget_figures(self.name, period_of(per, now), now)
+  if spent == nil then return nil, reserved end
+  observe_budget(self, limit, from_micro(spent), from_micro(reserved), resil.now())
+  return true
 end
 
 -- ticket:extend([seconds]) -> true | nil, err{kind="hold_ended"|"store_unavailable"}

@@ -1151,6 +1151,12 @@ function R:budget_usage(budget, period, now, me)
   end
 end
 
+-- for a budget's gauges: spent, reserved (the usage script: it waits for no one)
+function R:budget_figures(budget, period, now)
+  local spent, reserved = self:budget_usage(budget, period, now, owner.me().id)
+  return spent, reserved
+end
+
 -- the keys and arguments of a settle (scripts.budget_settle)
 local function settle_call(ticket, entry)
   local keys = budget_keys(entry.budget, entry.period, ticket)

@@ -637,12 +637,18 @@ end
 -- kept counting in the old one only, and the new one let its whole limit be reserved on top of
 -- their costs). Only the period before: a seek on the budget index, where a range over earlier
 -- periods read every reservation of the day before (kept a day, HOLDS_KEPT) at each reserve.
-local function roll(tx, budget, period, now)
-  if period == "all" or period_at(period, now) ~= period then return end
+-- the period before `period`, of its kind (`now` in it) -> nil for none
+local function period_before(period, now)
+  if period == "all" or period_at(period, now) ~= period then return nil end
   local start = math.floor(now) - math.floor(now) % 86400
   if #period == 7 then start = start - (os.date("!*t", start).day - 1) * 86400 end
+  return period_at(period, start - 1)
+end
+local function roll(tx, budget, period, now)
+  local before = period_before(period, now)
+  if not before then return end
   tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND period = ? AND state = 'held' AND " ..
-          "expires_at > ?", period, budget, period_at(period, start - 1), now)
+          "expires_at > ?", period, budget, before, now)
 end
 
 -- Holds whose owner died stop counting: -> how many were released.
@@ -693,6 +699,23 @@ function B:budget_usage(budget, period, now, me)
       "budget = ? AND period = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket",
       budget, period, now)
   end)
+end
+
+-- A budget's spent and reserved in `period`, for its gauges: a read, so a scrape never waits
+-- for another process's write lock (budget_usage writes: it moves and releases holds). The
+-- period before's open holds count, as roll would move them. -> spent, reserved
+function B:budget_figures(budget, period, now)
+  local r, err = read(self, function(tx) -- (one value: a read's second is its error)
+    local spent, reserved = budget_usage(tx, budget, period, now)
+    local before = period_before(period, now)
+    if before then
+      reserved = reserved + tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE budget = ? AND " ..
+        "period = ? AND state = 'held' AND expires_at > ?", budget, before, now)
+    end
+    return { spent, reserved }
+  end)
+  if not r then return nil, err end
+  return r[1], r[2]
 end
 
 -- Replace the reservation by the actual cost; a second settle changes nothing.
