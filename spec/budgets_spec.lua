@@ -498,6 +498,25 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.is_nil((bud:reserve(0.01)))
     end)
 
+    it("the same at a month's end, per = month", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "month" })
+      local now = resil.store_now()
+      local first = now - now % 86400
+      local month = os.date("!%m", first)
+      while os.date("!%m", first) == month do first = first + 86400 end -- the next month's first day
+      resil.sleep(first - 60 - now)
+      local t = assert(bud:reserve(4, { hold = 3600 }))
+      resil.sleep(120)
+      local st = assert(bud:state())
+      assert.are.same({ os.date("!%Y-%m", first), 0, 4 }, { st.period, st.spent, st.reserved })
+      assert(t:settle(3, E))
+      st = assert(bud:state())
+      assert.are.same({ 3, 0 }, { st.spent, st.reserved })
+      assert.are.equal(3, ledger(name, first))
+      assert.are.equal(0, ledger(name, first - 40 * 86400, first))
+    end)
+
     -- (another process: reserves at 23:59 before midnight arg[2] on its own virtual clock, says so,
     -- and waits to be killed)
     local holder_2359 = [[
