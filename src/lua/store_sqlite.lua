@@ -631,12 +631,6 @@ local function period_at(like, at)
   return os.date(#like == 7 and "!%Y-%m" or "!%Y-%m-%d", math.floor(at))
 end
 
--- A call across a period's end (a hold made at 23:59, settled at 00:01) settles in the new
--- period, so its hold, still open, counts there: a budget's holds from the period before
--- `period` (of its kind; `now` is in it) move into it at its first reservation or look (they
--- kept counting in the old one only, and the new one let its whole limit be reserved on top of
--- their costs). Only the period before: a seek on the budget index, where a range over earlier
--- periods read every reservation of the day before (kept a day, HOLDS_KEPT) at each reserve.
 -- the period before `period`, of its kind (`now` in it) -> nil for none
 local function period_before(period, now)
   if period == "all" or period_at(period, now) ~= period then return nil end
@@ -644,6 +638,13 @@ local function period_before(period, now)
   if #period == 7 then start = start - (os.date("!*t", start).day - 1) * 86400 end
   return period_at(period, start - 1)
 end
+
+-- A call across a period's end (a hold made at 23:59, settled at 00:01) settles in the new
+-- period, so its hold, still open, counts there: a budget's holds from the period before
+-- `period` (of its kind; `now` is in it) move into it at its first reservation or look (they
+-- kept counting in the old one only, and the new one let its whole limit be reserved on top of
+-- their costs). Only the period before: a seek on the budget index, where a range over earlier
+-- periods read every reservation of the day before (kept a day, HOLDS_KEPT) at each reserve.
 local function roll(tx, budget, period, now)
   local before = period_before(period, now)
   if not before then return end
