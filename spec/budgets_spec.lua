@@ -481,6 +481,8 @@ for _, b in ipairs(helpers.store_backends()) do
       local st = assert(bud:state())
       assert.are.same({ today, 0, 4 }, { st.period, st.spent, st.reserved }, "the open hold is not today's")
       assert.is_nil((bud:reserve(7)), "today's limit let the hold's cost in on top of a full day")
+      assert.is_true(t:extend()) -- (renewed where it is now)
+      assert.are.same({ 0, 4 }, { assert(bud:state()).spent, assert(bud:state()).reserved })
       assert(t:settle(3, E))
       assert(assert(bud:reserve(2)):settle(1, { provider = "mock", model = "m", wait = false }))
       assert(t:charge(0.25, E)) -- (a refused attempt of the call, after its settle)
