@@ -536,6 +536,7 @@ while true do resil.sleep(60) end
       local midnight = to_2359()
       local pid, out = helpers.start(holder_2359, ("--store '%s' --log-level off"):format(resil.store().url),
         name .. " " .. midnight)
+      finally(function() if helpers.alive(pid) then os.execute("kill -9 " .. pid) end end)
       assert(helpers.wait_until(function() return helpers.slurp(out):match("held") ~= nil end, 20), helpers.slurp(out))
       local mine = assert(bud:reserve(2, { hold = 3600 }))
       resil.sleep(120)
