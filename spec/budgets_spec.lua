@@ -462,7 +462,7 @@ for _, b in ipairs(helpers.store_backends()) do
     end
     -- the budget's spent and reserved in a period, as the store keeps them
     local function usage(name, period)
-      local spent, reserved = resil.store().backend:budget_usage(name, period, resil.store_now(),
+      local spent, reserved = helpers.backend(resil.store()):budget_usage(name, period, resil.store_now(),
         require("resil.owner").me().id)
       return { spent / 1e6, reserved / 1e6 }
     end

@@ -290,9 +290,9 @@ read_figures = function(self)
   local now = store_now()
   local s, serr = store_or_fail()
   if not s then return nil, serr end
-  local limit, per, lerr = limit_in_force(self, s.backend, now)
+  local limit, per, lerr = limit_in_force(self, backend_of[s], now)
   if lerr then return nil, lerr end
-  local spent, reserved = s.backend:budget_figures(self.name, period_of(per, now), now)
+  local spent, reserved = backend_of[s]:budget_figures(self.name, period_of(per, now), now)
   if spent == nil then return nil, reserved end
   observe_budget(self, limit, from_micro(spent), from_micro(reserved), resil.now())
   return true
