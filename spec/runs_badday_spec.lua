@@ -196,3 +196,56 @@ describe("a step whose result the store cannot take as its fn ends", function()
     end
   end)
 end)
+
+-- resil.map items as scripts build them: records with a back-reference to their parent (a
+-- tree read from a file), and a key function that fails on an item it does not expect
+local ITEMS_AS_BUILT = [[
+local resil = require "resil"
+local log = arg[1]
+local batch = { items = {} }
+for i = 1, 8 do batch.items[i] = { name = "n" .. i, batch = batch } end
+if os.getenv("DEEP") then -- each item a list 100,000 links long
+  for i = 1, 8 do
+    local node = batch.items[i]
+    for j = 1, 100000 do node.next = { j }; node = node.next end
+  end
+end
+local key = os.getenv("KEY") and function(item) return assert(item.id, "the item has no id") end or nil
+local out, failures = resil.map(batch.items, function(item)
+  return resil.step("render", function()
+    local f = assert(io.open(log, "a")); f:write("paid ", item.name, "\n"); f:close()
+    return "video of " .. item.name
+  end)
+end, { concurrency = 2, key = key })
+print(out[1], out[8], failures and failures[1])
+]]
+
+describe("resil.map items in a run", function()
+  local function items(log, env)
+    return helpers.run(("%s timeout 20 %s --store '%s' --log-level off --run built %s %s"):format(env or "",
+      helpers.resil, helpers.tmpname(".db"), helpers.write(helpers.tmpname(".lua"), ITEMS_AS_BUILT), log))
+  end
+
+  it("that refer back to their parent are checkpointed and named (the fingerprint walks no cycle)", function()
+    local log = helpers.tmpname(".log")
+    local r = items(log)
+    -- (before: the first item's record walked batch -> items -> batch... to a depth of 32, a path per item
+    -- each time round: it never ended, the first items paid and their results never recorded)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("video of n1\tvideo of n8\tnil\n", r.stdout)
+  end)
+
+  it("that are lists deeper than the fingerprint reads are checkpointed", function()
+    local r = items(helpers.tmpname(".log"), "DEEP=1")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("video of n1\tvideo of n8\tnil\n", r.stdout)
+  end)
+
+  it("whose key raises fail before their step's fn runs: nothing is paid for a result that is lost", function()
+    local log = helpers.tmpname(".log")
+    local r = items(log, "KEY=1")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^nil\tnil\t%S+: the item has no id\n$", r.stdout)
+    assert.are.equal("", helpers.slurp(log) or "") -- (before: each item paid, then its result was lost)
+  end)
+end)

@@ -323,11 +323,24 @@ local items_now = {}
 function resil.run.item(scope, value, index, key)
   items_now[scope] = value ~= nil and { value = value, index = index, key = key } or nil
 end
+-- v with each table met again on its own path (an item that refers back to its parent) named
+-- so: the fingerprint walks tables to a depth of 32, a path per way round each cycle (8 items
+-- with a back-reference: hours, in the first step's record). Copied only as deep as the
+-- fingerprint reads (an item is at its depth 1; deeper tables are written "table").
+local function without_cycles(v, path, depth)
+  if type(v) ~= "table" or depth >= 32 then return v end
+  if path[v] then return "(cycle)" end
+  path[v] = true
+  local copy = {}
+  for k, x in pairs(v) do copy[without_cycles(k, path, depth + 1)] = without_cycles(x, path, depth + 1) end
+  path[v] = nil
+  return copy
+end
 local function item_fingerprint(scope)
   local item = items_now[scope]
   if not item then return nil end
   if not item.fp then
-    item.fp = fingerprint(item.key and item.key(item.value, item.index) or item.value)
+    item.fp = fingerprint(without_cycles(item.key and item.key(item.value, item.index) or item.value, {}, 1))
   end
   return item.fp
 end
@@ -411,6 +424,7 @@ function resil.step(name, fn, ...)
     error(resil.error("run_held", ("run %s was ended by another process (%s) while this one ran it; this process "
       .. "stops"):format(r.id, tostring(row.status)), { run = r.id, traceback = false }), 2)
   end
+  item_fingerprint(scope) -- (the map's key run now: one that raises fails the step before fn pays, not after)
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
   local saved_step, saved_seq, saved_nth = ctx.step, ctx.step_seq, ctx.step_nth
   ctx.step, ctx.step_seq, ctx.step_nth = name, seq, nth
