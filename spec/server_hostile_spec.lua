@@ -350,3 +350,51 @@ f:close()
     assert.matches("in use", r.stdout)
   end)
 end)
+
+-- The server's own refusals (libevent's 413, rewritten as an API error typed by the request's
+-- path) to clients whose request line comes in pieces: a proxy or a TLS terminator that writes
+-- it in more than one TCP segment, or one that comes behind a reply on a kept-alive connection
+describe("the server's own refusals, to a request line sent in pieces", function()
+  -- each argument after the port is sent as a TCP segment of its own, 0.2 s apart -> what came back
+  local PIECES = [[
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.settimeout(5)
+for piece in sys.argv[2:]:
+    s.sendall(piece.encode().decode("unicode_escape").encode("latin1"))
+    time.sleep(0.2)
+sys.stdout.buffer.write(b"".join(iter(lambda: s.recv(65536), b"")))
+]]
+  local client = helpers.write(helpers.tmpname(".py"), PIECES)
+  local BODY = "Host: x\\r\\nContent-Length: 500\\r\\n\\r\\n" .. ("x"):rep(500)
+
+  for _, case in ipairs({
+    { "split inside its path", { "POST /v1/mes", "sages HTTP/1.1\\r\\n" .. BODY } },
+    { "split after its method", { "POST ", "/v1/messages/count_tokens HTTP/1.1\\r\\n" .. BODY } },
+    { "behind a reply, split", { "GET /a HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nPOST /v1/m", "essages HTTP/1.1\\r\\n" .. BODY } },
+  }) do
+    it(case[1] .. ": a 413 typed as Anthropic's API types it, under /v1/messages", function()
+      local port = helpers.free_port()
+      local pid, out = helpers.start(([[
+local resil = require "resil"
+local s = assert(resil.server.listen{ port = %d, max_body = 100, handler = function(req) return { body = "ok" } end })
+print("listening")
+io.stdout:flush()
+while true do resil.sleep(3600) end
+]]):format(port), "--log-level error")
+      finally(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
+      assert(helpers.wait_until(function() return helpers.slurp(out):find("listening") ~= nil end, 5), "no server")
+      local args = {}
+      for i, piece in ipairs(case[2]) do args[i] = ("'%s'"):format(piece) end
+      local r = helpers.run(("python3 %s %d %s"):format(client, port, table.concat(args, " ")))
+      local head, body = r.stdout:match("(HTTP/1.1 413 [^\r]*\r\n.-\r\n\r\n)(.*)$")
+      assert.is_not_nil(head, r.stdout .. r.stderr)
+      assert.are.equal(#body, tonumber(head:match("Content%-Length: (%d+)")))
+      -- (before: "invalid_request_error", OpenAI's type: the path was read from the first segment only)
+      local err = resil.json.decode(body).error
+      assert.are.equal("request_too_large", err.type)
+      assert.are.equal("request_too_large", err.code)
+    end)
+  end
+end)

@@ -106,13 +106,14 @@ struct conn {
   server *srv;
   struct bufferevent *bev;
   struct evhttp_connection *evcon; /* known from set-up on */
-  struct evbuffer_cb_entry *first_byte; /* enabled while waiting for a request */
+  struct evbuffer_cb_entry *first_byte; /* enabled while waiting for a request, and its API (api_pending) */
   struct event *ev;                /* set-up, then the read deadline */
   evutil_socket_t fd;
   pending *streaming; /* the reply being streamed on it, told when its writes drain */
   int reading_untimed; /* a reply streams on it: only its writes are timed (reply_streams) */
   struct evbuffer_cb_entry *own_error; /* enabled while a request is read: libevent's error page, rewritten */
   int anthropic;                       /* the request read is Anthropic's API (conn_note_api) */
+  int api_pending;                     /* its first bytes are here, its path not yet whole: first_byte watches on */
   conn *prev, *next;
 };
 
@@ -286,14 +287,25 @@ static void conn_deadline_cb(evutil_socket_t fd, short what, void *arg) {
 /* The API a request speaks, by its path, for the type in the server's own
  * error replies: Anthropic's under /v1/messages (messages, count_tokens,
  * batches), OpenAI's elsewhere. Read from its first bytes as they arrive:
- * libevent forgets a request's URI before it answers one it refuses. */
-static void conn_note_api(conn *c, struct evbuffer *in) {
-  struct evbuffer_iovec v; /* (its first chunk, read in place: the request line is in it) */
+ * libevent forgets a request's URI before it answers one it refuses.
+ * -> 0 while the bytes there do not tell yet: a request line split across
+ * TCP segments ("POST /v1/mes", then the rest) was typed OpenAI's. */
+static int conn_note_api(conn *c, struct evbuffer *in) {
+  struct evbuffer_iovec v; /* (its first chunk, read in place: the request line is mostly in it) */
+  char copy[32];
   c->anthropic = 0;
-  if (evbuffer_peek(in, 32, NULL, &v, 1) < 1) return;
-  const char *line = v.iov_base, *sp = memchr(line, ' ', v.iov_len < 16 ? v.iov_len : 16);
-  if (!sp || (size_t)(sp - line) + 14 > v.iov_len || memcmp(sp + 1, "/v1/messages", 12) != 0) return;
-  c->anthropic = sp[13] == ' ' || sp[13] == '/' || sp[13] == '?';
+  if (evbuffer_peek(in, 32, NULL, &v, 1) < 1) return 0;
+  const char *line = v.iov_base;
+  size_t len = v.iov_len;
+  if (len < sizeof copy && evbuffer_get_length(in) > len) { /* (the line across chunks) */
+    ev_ssize_t n = evbuffer_copyout(in, copy, sizeof copy);
+    line = copy, len = n > 0 ? (size_t)n : 0;
+  }
+  const char *sp = memchr(line, ' ', len < 16 ? len : 16);
+  if (!sp) return len >= 16 || memchr(line, '\n', len);
+  if ((size_t)(sp - line) + 14 > len) return memchr(sp, '\n', len - (size_t)(sp - line)) != NULL;
+  c->anthropic = memcmp(sp + 1, "/v1/messages", 12) == 0 && (sp[13] == ' ' || sp[13] == '/' || sp[13] == '?');
+  return 1;
 }
 
 static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg);
@@ -324,6 +336,8 @@ static void conn_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *
   if (info->orig_size != 0 || output_start(buf, start, sizeof start) < sizeof start) return;
   if (memcmp(start, "HTTP/1.", 7) != 0 || start[9] < '4') return; /* (a 100 Continue) */
   evbuffer_cb_clear_flags(buf, c->own_error, EVBUFFER_CB_ENABLED);
+  if (c->api_pending) evbuffer_cb_clear_flags(bufferevent_get_input(c->bev), c->first_byte, EVBUFFER_CB_ENABLED);
+  c->api_pending = 0; /* (what comes in now is a body libevent drops) */
   evtimer_del(c->ev); /* the reply closes the connection */
   event_assign(c->ev, c->srv->R->base, -1, 0, conn_error_reply_cb, c);
   event_active(c->ev, EV_TIMEOUT, 1);
@@ -370,13 +384,14 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
                       line, len, body);
 }
 
-/* The first byte of a request: its deadline starts. */
+/* The first byte of a request: its deadline starts; the next ones, until
+ * its path is whole, tell its API. */
 static void conn_input_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg) {
   conn *c = arg;
   if (info->n_added == 0) return;
-  evbuffer_cb_clear_flags(buf, c->first_byte, EVBUFFER_CB_ENABLED);
-  evtimer_add(c->ev, c->srv->read_timeout);
-  conn_note_api(c, buf);
+  if (!c->api_pending) evtimer_add(c->ev, c->srv->read_timeout);
+  c->api_pending = !conn_note_api(c, buf);
+  if (!c->api_pending) evbuffer_cb_clear_flags(buf, c->first_byte, EVBUFFER_CB_ENABLED);
 }
 
 /* The reply is sent: wait for the next request's first byte (it may be
@@ -390,9 +405,10 @@ static void reply_done_cb(struct evhttp_request *req, void *arg) {
   }
   struct evbuffer *in = bufferevent_get_input(c->bev);
   if (c->own_error) evbuffer_cb_set_flags(bufferevent_get_output(c->bev), c->own_error, EVBUFFER_CB_ENABLED);
-  if (evbuffer_get_length(in) > 0) conn_note_api(c, in); /* (pipelined) */
+  c->api_pending = evbuffer_get_length(in) > 0 && !conn_note_api(c, in) && c->first_byte; /* (pipelined) */
   if (evbuffer_get_length(in) > 0 || !c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
-  else evbuffer_cb_set_flags(in, c->first_byte, EVBUFFER_CB_ENABLED);
+  if (c->first_byte && (evbuffer_get_length(in) == 0 || c->api_pending))
+    evbuffer_cb_set_flags(in, c->first_byte, EVBUFFER_CB_ENABLED);
 }
 
 static int by_fd_set(server *srv, evutil_socket_t fd, conn *c) {
@@ -1129,6 +1145,10 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   lua_State *L = srv->R->L;
   conn *c = conn_of(srv, req);
   if (c && c->own_error) evbuffer_cb_clear_flags(bufferevent_get_output(c->bev), c->own_error, EVBUFFER_CB_ENABLED);
+  if (c && c->api_pending) { /* (its path was whole: not reached) */
+    evbuffer_cb_clear_flags(bufferevent_get_input(c->bev), c->first_byte, EVBUFFER_CB_ENABLED);
+    c->api_pending = 0;
+  }
   int status;
   const char *refusal = framing_problem(req, &status);
   if (refusal) {
