@@ -249,3 +249,47 @@ describe("resil.map items in a run", function()
     assert.are.equal("", helpers.slurp(log) or "") -- (before: each item paid, then its result was lost)
   end)
 end)
+
+-- Items paid for three at a time (each fn run logged) from the command line's list; KILL=x: the
+-- process dies (SIGKILL) as item x's step starts
+local ITEMS_CONCURRENT = [[
+local resil = require "resil"
+local log, list = arg[1], arg[2]
+local items = {}
+for x in list:gmatch("[^,]+") do items[#items + 1] = { name = x } end
+local out = resil.map(items, function(item)
+  return resil.step("render", function()
+    if item.name == os.getenv("KILL") then os.execute("kill -KILL " .. io.open("/proc/self/stat"):read("l"):match("^%d+")) end
+    resil.sleep(0.05)
+    local f = assert(io.open(log, "a")); f:write(item.name, "\n"); f:close()
+    return "video of " .. item.name
+  end)
+end, { concurrency = 3 })
+for i, item in ipairs(items) do print(item.name, out[i]) end
+]]
+
+describe("a run resumed with its list reordered, its items mapped three at a time", function()
+  it("stops at the divergence: the other workers take no further item (each paid for)", function()
+    local db, log = helpers.tmpname(".db"), helpers.tmpname(".log")
+    local script = helpers.write(helpers.tmpname(".lua"), ITEMS_CONCURRENT)
+    local function items(list, env)
+      return helpers.run(("%s %s --store '%s' --log-level off --run three %s %s %s"):format(env or "", helpers.resil,
+        db, script, log, list))
+    end
+    assert.are_not.equal(0, items("a,b,c,d,e,f,g,h", "KILL=d").code)
+    local function paid() return select(2, (helpers.slurp(log) or ""):gsub("\n", "")) end
+    assert.are.equal(3, paid()) -- a, b, c
+    local r = items("a,c,b,d,e,f,g,h")
+    assert.are.equal(1, r.code, r.stdout)
+    assert.matches("divergence: run three diverged at item 2:", r.stderr, 1, true) -- (the lowest met)
+    -- (before: the workers not at items 2 and 3 went on to the end of the list, each item paid: e, f, g, h
+    -- too; an item in flight as the divergence was met (d) still finishes)
+    assert.is_true(paid() <= 3 + 2, helpers.slurp(log))
+    assert.is_nil(helpers.slurp(log):find("h\n"), helpers.slurp(log))
+    r = items("a,b,c,d,e,f,g,h")
+    assert.are.equal(0, r.code, r.stderr)
+    for _, x in ipairs({ "a", "b", "c", "d", "e", "f", "g", "h" }) do
+      assert.matches("\n?" .. x .. "\tvideo of " .. x .. "\n", r.stdout)
+    end
+  end)
+end)

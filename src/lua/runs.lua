@@ -354,20 +354,29 @@ local function recorded_item(result)
 end
 
 -- A step's place has a record: -> the values it stored, as the step returned them
+-- A divergence stops the run in this process, as a result not checkpointed does (r.stopped): the
+-- other workers of a map went on taking items, each paid for, after one met it (and recorded them
+-- in the order now given, which the one the error asks to restore then diverged from)
+local function diverged(r, err)
+  local was = r.stopped -- (with concurrency the lowest item met is named: workers take items in order)
+  if not (was and was.kind == "divergence" and was.item and err.item and was.item < err.item) then r.stopped = err end
+  error(err, 4)
+end
+
 local function replay(r, scope, seq, name, recorded, result)
   if recorded ~= name then
-    error(resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
+    diverged(r, resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
       .. "start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name),
-      { run = r.id, seq = seq, recorded = recorded, name = name }), 3)
+      { run = r.id, seq = seq, recorded = recorded, name = name }))
   end
   local was, now = recorded_item(result), item_fingerprint(scope)
   if was and now and was ~= now then
     local index = scope:match("(%d+)$")
-    error(resil.error("divergence", ("run %s diverged at item %s%s: its step %d '%s' was recorded for another item "
+    diverged(r, resil.error("divergence", ("run %s diverged at item %s%s: its step %d '%s' was recorded for another item "
       .. "(the list given to resil.map was reordered, or an item inserted or removed, since the run began: "
       .. "restore it, or use --fresh to start over; resil.map's key = function(item) names items whose fields change "
       .. "between runs)"):format(r.id, index, scope ~= index and (" (" .. scope .. ")") or "",
-      seq, name), { run = r.id, seq = seq, item = tonumber(index), scope = scope, recorded = recorded, name = name }), 3)
+      seq, name), { run = r.id, seq = seq, item = tonumber(index), scope = scope, recorded = recorded, name = name }))
   end
   steps_replayed:inc()
   local values, why = decode_values(result)
@@ -400,7 +409,7 @@ function resil.step(name, fn, ...)
     if run and run.held and rerr ~= nil then run.failed[scope] = true end
     return nil, rerr
   end
-  if r.stopped then error(r.stopped, 2) end -- a step's result was not checkpointed: nothing more runs
+  if r.stopped then error(r.stopped, 2) end -- a step's result was not checkpointed, or the run diverged: nothing more runs
   local backend = backend_of[r.store]
   local recorded, result = backend:step_get(r.id, scope, seq)
   -- unknown is not "not done": running it again could pay twice
