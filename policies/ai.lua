@@ -28,6 +28,7 @@
 -- through resil.secret (OPENAI_API_KEY, ANTHROPIC_API_KEY): a missing one is
 -- an error naming the variable before any request is sent.
 local resil = require "resil"
+local if_reload_fails = require "resil.if_reload_fails"
 local call = require "policies.call"
 local classify = require "policies.classify"
 local fallback = require "policies.fallback"
@@ -101,7 +102,10 @@ function ai.configure(provider, conf)
   if conf.service_tier ~= nil and type(conf.service_tier) ~= "string" then
     error("ai.configure: service_tier must be a string (\"priority\", \"flex\", \"default\", ...)", 2)
   end
+  local before = ai.config[provider]
   ai.config[provider] = conf
+  -- (ai.config is one table for every version: a reload that fails after this puts it back)
+  if_reload_fails(function() ai.config[provider] = before end)
   callers[provider] = nil
   configured = configured + 1
   -- (a new configuration says anew what its provider's calls ask; another provider's stand)

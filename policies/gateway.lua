@@ -1874,23 +1874,15 @@ end
 -- A policy reload (SIGHUP, --watch) runs the config file again, as a restart would: its models,
 -- keys' rules, limits and providers (its ai.configure calls) change for the requests after it.
 -- Its error (a syntax error, a raise, a loop past the cap) fails the reload, and the version
--- before keeps serving with its own config (each version holds its own table: a reload that
--- fails later in another file puts it back; the providers its ai.configure calls set stay then,
--- ai.config being one table for every version). What the server was started with (--listen,
+-- before keeps serving with its own config (each version holds its own table, and the providers
+-- its ai.configure calls set are put back when the reload fails, here or in another file). What
+-- the server was started with (--listen,
 -- --workers, max_body, read_timeout) stays as it started.
 if kept.path then
   local chunk, err = loadfile(kept.path)
   if not chunk then error(err, 0) end
-  -- (ai.config is one table for every version: a config that raises after its ai.configure calls
-  -- has them undone, else the version before served on with the providers the failed run named)
-  local providers = {}
-  for k, v in pairs(ai.config) do providers[k] = v end
-  local ok, conf = pcall(run_capped, chunk, kept.path)
-  if not ok then
-    for k in pairs(ai.config) do ai.config[k] = nil end
-    for k, v in pairs(providers) do ai.config[k] = v end
-    error(conf, 0)
-  end
+  -- (its ai.configure calls are undone if this reload fails, here or in another file: ai.lua)
+  local conf = run_capped(chunk, kept.path)
   gateway.config = config_defaults()
   if conf ~= nil then gateway.configure(conf) end
   gateway.config.shared_limits = kept.shared_limits

@@ -113,6 +113,37 @@ print(require("policies.greet").version, require("policies.a_reloads").nested)
     assert.matches("\n3\tfalse reload: a reload is under way", r.stdout)
   end)
 
+  -- (before: ai.config is one table for every version; a reload whose provider file loaded, with
+  -- another file broken, left the failed set's base_url in force under the old version)
+  it("a failed reload puts back the providers its files' ai.configure calls set", function()
+    local dir = helpers.tmpname("-policies")
+    assert(os.execute("mkdir -p " .. dir))
+    helpers.write(dir .. "/providers.lua", [[
+require("policies.ai").configure("openai", { base_url = "http://first.example/v1" })
+return {}
+]])
+    helpers.write(dir .. "/zz_other.lua", "return {}")
+    local r = run(dir, [[
+local resil = require "resil"
+local dir = arg[1]
+local ai = require "policies.ai"
+require "policies.providers"
+require "policies.zz_other"
+local function save(name, text) local f = assert(io.open(dir .. "/" .. name, "w")) f:write(text) f:close() end
+save("providers.lua", 'require("policies.ai").configure("openai", { base_url = "http://second.example/v1" })\n' ..
+  'require("policies.ai").configure("anthropic", { base_url = "http://new.example" })\nreturn {}')
+save("zz_other.lua", "return {") -- (broken: the reload fails after providers.lua loaded)
+print(resil.reload())
+print(ai.config.openai.base_url, ai.config.anthropic)
+save("zz_other.lua", "return {}")
+print((resil.reload()))
+print(ai.config.openai.base_url, ai.config.anthropic and ai.config.anthropic.base_url)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^false\treload: [^\n]*\n[^\n]*zz_other%.lua:1:[^\n]*\n" ..
+      "http://first%.example/v1\tnil\ntrue\nhttp://second%.example/v1\thttp://new%.example\n$", r.stdout)
+  end)
+
   it("keeps buckets, breakers and resil.keep state across a reload", function()
     local dir = policy_dir(1)
     helpers.write(dir .. "/counter.lua", [[

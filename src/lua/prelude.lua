@@ -311,6 +311,15 @@ local function owning_loader(loader)
     return mod
   end
 end
+-- require("resil.if_reload_fails")(fn): fn runs if the reload under way fails, after the set is
+-- put back (in the reverse order of the calls): state kept across versions that a module's load
+-- changes (ai.configure's providers, in one table for every version) goes back with the set,
+-- or the old version served on with a failed version's settings. Outside a reload: nothing.
+local undo_if_failed -- during a reload: those fns, in order
+package.loaded["resil.if_reload_fails"] = function(fn)
+  if undo_if_failed and type(fn) == "function" then undo_if_failed[#undo_if_failed + 1] = fn end
+end
+
 -- require("resil.as_version")(name, fn, ...) -> fn's results: what fn starts is the version of
 -- policies module `name` loaded now's, as if it ran at its load (the gateway's config: run at
 -- start by gateway.serve, again at each reload as policies.gateway loads)
@@ -348,9 +357,13 @@ local function restore_policies(failed)
   replaced = nil -- (first: a restore cut short must not leave each later reload refused as under way)
   -- what the failed set started ends; the old version's runs on (a cap or a signal that stopped
   -- a load left no <close> of its to put back the one loading)
-  local started = pending or {}
-  pending, loading, loading_co = nil, nil, nil
+  local started, undo = pending or {}, undo_if_failed or {}
+  pending, loading, loading_co, undo_if_failed = nil, nil, nil, nil
   for _, rec in pairs(started) do retire(rec) end
+  for i = #undo, 1, -1 do
+    local ok, err = pcall(undo[i])
+    if not ok then log.error("policy reload: putting back what the failed reload changed failed", { error = tostring(err) }) end
+  end
   if failed == true then count_reload("failed") end
   if not old then return end
   for _, n in ipairs(policy_names()) do package.loaded[n] = nil end
@@ -401,7 +414,7 @@ local function reload_policies()
   -- after it was left unloaded, not the old version kept)
   if replaced then return false, "reload: a reload is under way (resil.reload called as policies load)" end
   local names = policy_names()
-  replaced, pending = {}, {}
+  replaced, pending, undo_if_failed = {}, {}, {}
   local gone = {}
   for _, name in ipairs(names) do
     replaced[name] = package.loaded[name]
@@ -437,7 +450,7 @@ local function reload_policies()
   replaced = nil
   -- each module loaded again replaces its version, and ends what that version started
   local started = pending
-  pending = nil
+  pending, undo_if_failed = nil, nil
   for name, rec in pairs(started) do
     retire(owners[name])
     owners[name] = rec
