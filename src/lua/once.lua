@@ -108,20 +108,27 @@ local function key_before(a, b)
   return tostring(a) < tostring(b)
 end
 
-local function canonical(v, out, depth)
+-- A table met again on its own path (a node that refers back to its parent) is written
+-- "(cycle)": walked, each cycle was a path per way round to the depth of 32 (8 such nodes
+-- as arguments: hours). A table without cycles is written as before.
+local function canonical(v, out, depth, path)
   local t = type(v)
-  if t == "table" and depth < 32 then
+  if t == "table" and depth < 32 and path[v] then
+    out[#out + 1] = '"(cycle)"'
+  elseif t == "table" and depth < 32 then
+    path[v] = true
     local keys = {}
     for k in pairs(v) do keys[#keys + 1] = k end
     table.sort(keys, key_before)
     out[#out + 1] = "{"
     for _, k in ipairs(keys) do
-      canonical(k, out, depth + 1)
+      canonical(k, out, depth + 1, path)
       out[#out + 1] = "="
-      canonical(v[k], out, depth + 1)
+      canonical(v[k], out, depth + 1, path)
       out[#out + 1] = ","
     end
     out[#out + 1] = "}"
+    path[v] = nil
   elseif t == "string" then
     out[#out + 1] = ("%q"):format(v)
   elseif t == "number" then
@@ -133,7 +140,7 @@ end
 
 local function fingerprint_of(...)
   local out = {}
-  canonical(pack(...), out, 0)
+  canonical(pack(...), out, 0, {})
   return resil.hash(table.concat(out))
 end
 

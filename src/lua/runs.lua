@@ -323,24 +323,11 @@ local items_now = {}
 function resil.run.item(scope, value, index, key)
   items_now[scope] = value ~= nil and { value = value, index = index, key = key } or nil
 end
--- v with each table met again on its own path (an item that refers back to its parent) named
--- so: the fingerprint walks tables to a depth of 32, a path per way round each cycle (8 items
--- with a back-reference: hours, in the first step's record). Copied only as deep as the
--- fingerprint reads (an item is at its depth 1; deeper tables are written "table").
-local function without_cycles(v, path, depth)
-  if type(v) ~= "table" or depth >= 32 then return v end
-  if path[v] then return "(cycle)" end
-  path[v] = true
-  local copy = {}
-  for k, x in pairs(v) do copy[without_cycles(k, path, depth + 1)] = without_cycles(x, path, depth + 1) end
-  path[v] = nil
-  return copy
-end
 local function item_fingerprint(scope)
   local item = items_now[scope]
   if not item then return nil end
   if not item.fp then
-    item.fp = fingerprint(without_cycles(item.key and item.key(item.value, item.index) or item.value, {}, 1))
+    item.fp = fingerprint(item.key and item.key(item.value, item.index) or item.value) -- (its cycles named once: once.lua)
   end
   return item.fp
 end
