@@ -207,7 +207,7 @@ print("went on")
     }
     for _, case in ipairs(cases) do
       local script = helpers.write(helpers.tmpname(".lua"), case[1])
-      local r = helpers.run("timeout -s KILL 60 " .. R .. " --max-task-seconds 0.3 " .. script)
+      local r = helpers.run("timeout -s KILL 120 " .. R .. " --max-task-seconds 0.3 " .. script)
       os.remove(script)
       assert.are.equal(70, r.code, r.stdout .. r.stderr)
       assert.are.equal("", r.stdout)

@@ -41,6 +41,7 @@
 
 /* EX_SOFTWARE (sysexits.h): an internal error, not the script's exit */
 #define WATCHDOG_STUCK_EXIT 70
+#define STUCK_GRACE 10.0 /* CPU seconds at least, after the stop was asked, before the exit */
 
 _Thread_local resil_t *watchdog_host;
 
@@ -152,7 +153,10 @@ static void *watch_main(void *arg) {
     }
     if (now - seen_since < w->seconds) continue;
     if (atomic_load(&R->runaway_request) == seq) { /* asked once already */
-      if (R->stuck_exit && now - seen_since >= 2 * w->seconds) end_stuck(R, seq, now - seen_since);
+      /* another `seconds`, and at least STUCK_GRACE: C work that is long but ends (a JSON
+       * decode of 90 MB, a report's query) is not taken for a stuck loop under a small limit */
+      double grace = w->seconds > STUCK_GRACE ? w->seconds : STUCK_GRACE;
+      if (R->stuck_exit && now - seen_since >= w->seconds + grace) end_stuck(R, seq, now - seen_since);
       continue;
     }
     /* the same resume for `seconds`: the loop's thread is told to stop it
