@@ -1641,7 +1641,8 @@ gateway.routes = {
           { code = "invalid_api_key", headers = { ["www-authenticate"] = "Bearer" } })
       end
     end
-    return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = resil.metrics.text() }
+    -- (with --workers: every worker's figures merged, whichever answers)
+    return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = resil.metrics.scrape() }
   end,
 }
 

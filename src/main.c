@@ -5,6 +5,7 @@
  *   resil-lua [options] script.lua [args...]
  *   resil-lua mock [scenario.lua] [--port N] [--host ADDR] [--metrics-addr A] [--metrics-file F]
  */
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <netdb.h>
@@ -186,6 +187,36 @@ static int export_metrics(resil_t *R, const char *addr, const char *file) {
     if (addr) lua_pushstring(L, addr), lua_setfield(L, -2, "addr");
     if (file) lua_pushstring(L, file), lua_setfield(L, -2, "file");
     sandbox_trust(R, 1); /* the operator's file, not a script's */
+    int status = lua_pcall(L, 1, 0, 0);
+    sandbox_trust(R, 0);
+    if (status != LUA_OK) {
+      fprintf(stderr, PROGNAME ": %s\n", lua_tostring(L, -1));
+      rc = -1;
+    }
+  }
+  lua_settop(L, top);
+  return rc;
+}
+
+/* gateway --workers N: the supervisor's folder for its workers' metrics
+ * ("" without workers), and the slot of this worker (-1 in the supervisor) */
+static char metrics_dir[PATH_MAX];
+static long worker_slot = -1;
+
+/* In a worker: its metrics written to the supervisor's folder, and every
+ * scrape (GET /metrics, --metrics-addr, --metrics-file) answered with all
+ * the workers' merged (src/lua/metrics.lua, metrics.shard). -> 0 | -1 (reported) */
+static int shard_metrics(resil_t *R) {
+  if (worker_slot < 0) return 0;
+  lua_State *L = resil_lua(R);
+  int top = lua_gettop(L), rc = 0;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resil.metrics");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "shard") == LUA_TFUNCTION) {
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, metrics_dir), lua_setfield(L, -2, "dir");
+    lua_pushinteger(L, worker_slot), lua_setfield(L, -2, "slot");
+    sandbox_trust(R, 1); /* the supervisor's folder, not a script's */
     int status = lua_pcall(L, 1, 0, 0);
     sandbox_trust(R, 0);
     if (status != LUA_OK) {
@@ -481,10 +512,55 @@ static pid_t fork_worker(const sigset_t *worker_mask) {
 static int start_worker(pid_t *pids, double *started, long w, const sigset_t *worker_mask) {
   fflush(NULL);
   pid_t pid = fork_worker(worker_mask);
-  if (pid == 0) return 0;
+  if (pid == 0) {
+    worker_slot = w;
+    return 0;
+  }
   pids[w] = pid < 0 ? -1 : pid;
   started[w] = seconds_now();
   return pid < 0 ? -1 : 1;
+}
+
+/* The folder the workers write their metrics to, made private (0700) under
+ * $TMPDIR and named by this process. -> 0 | -1 (reported) */
+static int make_metrics_dir(void) {
+  const char *tmp = getenv("TMPDIR");
+  if (!tmp || !*tmp) tmp = "/tmp";
+  snprintf(metrics_dir, sizeof metrics_dir, "%s/resil-lua-metrics-%d-XXXXXX", tmp, (int)getpid());
+  if (!mkdtemp(metrics_dir)) {
+    fprintf(stderr, PROGNAME ": gateway: cannot make a folder for the workers' metrics in %s: %s\n", tmp,
+            strerror(errno));
+    metrics_dir[0] = '\0';
+    return -1;
+  }
+  return 0;
+}
+
+/* A reaped worker's metrics file kept as a dead one's: its counts stay in
+ * every later scrape's sums (a counter that went down would read as a
+ * reset), its gauges leave them (src/lua/metrics.lua). */
+static void keep_dead_metrics(long w, pid_t pid) {
+  char from[PATH_MAX + 64], to[PATH_MAX + 64];
+  snprintf(from, sizeof from, "%s/w-%ld-%d.prom", metrics_dir, w, (int)pid);
+  snprintf(to, sizeof to, "%s/d-%ld-%d.prom", metrics_dir, w, (int)pid);
+  rename(from, to);
+  snprintf(from, sizeof from, "%s/w-%ld-%d.prom.%d.tmp", metrics_dir, w, (int)pid, (int)pid);
+  unlink(from); /* (killed while it wrote) */
+}
+
+/* at the supervisor's exit, its workers all gone */
+static void remove_metrics_dir(void) {
+  if (!metrics_dir[0]) return;
+  DIR *d = opendir(metrics_dir);
+  struct dirent *e;
+  char path[PATH_MAX + 300];
+  while (d && (e = readdir(d)) != NULL) {
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+    snprintf(path, sizeof path, "%s/%s", metrics_dir, e->d_name);
+    unlink(path);
+  }
+  if (d) closedir(d);
+  rmdir(metrics_dir);
 }
 
 /* Arm the alarm for the earliest due time of the vacant slots (pids -1), or
@@ -558,6 +634,7 @@ static int supervise_workers(long n) {
       long w = 0;
       while (w < n && pids[w] != pid) w++;
       if (w == n) continue;
+      keep_dead_metrics(w, pid);
       pids[w] = 0;
       running--;
       /* stopping; otherwise a worker that ended, even with 0 (a policy's
@@ -798,8 +875,12 @@ int main(int argc, char **argv) {
    * its own loop, sharing keys, limits and budgets through the store, kept
    * at N by this process (supervise_workers) */
   if (gateway && gw_workers > 1) {
+    if (make_metrics_dir() != 0) return 1;
     int code = supervise_workers(gw_workers);
-    if (code >= 0) return code;
+    if (code >= 0) {
+      remove_metrics_dir();
+      return code;
+    }
   }
   resil_t *R = resil_open(&opts);
   if (held_log) fclose(held_log); /* the host has the log open now (or said it could not) */
@@ -812,7 +893,8 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (wait) wait_for_run(R);
-  if (export_metrics(R, metrics_addr, metrics_file) != 0 || export_traces(R, otlp_endpoint) != 0) {
+  if (shard_metrics(R) != 0 || export_metrics(R, metrics_addr, metrics_file) != 0 ||
+      export_traces(R, otlp_endpoint) != 0) {
     resil_close(R);
     return 1;
   }

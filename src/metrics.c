@@ -14,6 +14,8 @@
  * buckets are compared with an observation as Lua's `<=` compares them (an
  * integer and a float exactly).
  */
+#include <dirent.h>
+#include <errno.h>
 #include <math.h>
 #include <string.h>
 
@@ -331,6 +333,25 @@ static int l_secrets(lua_State *L) {
   return 1;
 }
 
+/* list(dir) -> the names in a folder (a gateway's workers' metrics files,
+ * merged at a scrape), | nil, err */
+static int l_list(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  DIR *d = opendir(path);
+  if (!d) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "%s: %s", path, strerror(errno));
+    return 2;
+  }
+  lua_newtable(L);
+  lua_Integer n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL)
+    if (e->d_name[0] != '.') lua_pushstring(L, e->d_name), lua_rawseti(L, -2, ++n);
+  closedir(d);
+  return 1;
+}
+
 /* require "resil.core.metrics" (src/lua/metrics.lua owns resil.metrics) */
 int luaopen_resil_metrics(lua_State *L) {
   luaL_newmetatable(L, CELL_MT);
@@ -342,7 +363,7 @@ int luaopen_resil_metrics(lua_State *L) {
     {"get", l_get},         {"bounds", l_bounds},   {"histogram", l_histogram},
     {"observe", l_observe}, {"read", l_read},       {"counter_inc", l_counter_inc},
     {"gauge_methods", l_gauge_methods},             {"observer", l_observer},
-    {"find", l_find},       {"secrets", l_secrets},
+    {"find", l_find},       {"secrets", l_secrets},   {"list", l_list},
     {NULL, NULL}};
   luaL_newlib(L, functions);
   return 1;

@@ -88,6 +88,22 @@ local function admit(m, key)
   return false
 end
 
+-- Under `gateway --workers N` each worker counts on its own and a scrape
+-- answers with every worker's figures merged (metrics.shard): counters and
+-- histograms summed over every worker that ran, gauges over the live ones by
+-- their `merge`: "sum" (the default: tasks waiting, permits in use), "max"
+-- or "min" (a figure each worker reads from the store, which a sum would
+-- multiply), "worker" (each live worker's own series, labelled worker="slot").
+-- metrics.merges: the merge of the built-in gauges defined elsewhere.
+local MERGES = { sum = true, max = true, min = true, worker = true }
+metrics.merges = {
+  resil_budget_spent_usd = "max", resil_budget_reserved_usd = "max", resil_budget_limit_usd = "max",
+  resil_budget_soft_limit_usd = "max", resil_budget_remaining_usd = "max",
+  resil_store_down = "max", -- (1: some worker finds the store down)
+  resil_breaker_state = "max", -- (1 for each state some worker's breaker is in)
+  resil_model_sunset_days = "min",
+}
+
 local function define(kind, name, help, opts)
   if type(name) ~= "string" or not name:match("^[%a_:][%w_:]*$") then
     error(("resil.metrics.%s: bad metric name %q"):format(kind, tostring(name)), 3)
@@ -102,6 +118,12 @@ local function define(kind, name, help, opts)
   end
   m = setmetatable({ kind = kind, name = name, help = help or name, series = {}, nseries = 0,
                      max_series = opts and opts.max_series, known = {}, nknown = 0 }, Metric)
+  if kind == "gauge" then
+    m.merge = (opts and opts.merge) or metrics.merges[name] or "sum"
+    if not MERGES[m.merge] then
+      error(("resil.metrics.gauge: merge must be sum, max, min or worker, not %q"):format(tostring(m.merge)), 3)
+    end
+  end
   if kind == "histogram" then
     m.buckets = (opts and opts.buckets) or { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 }
     table.sort(m.buckets)
@@ -293,8 +315,8 @@ end
 dropped_total = metrics.counter("resil_metrics_series_dropped_total",
   "Label sets dropped because a metric reached its bound on series, by metric")
 
--- resil.metrics.text() -> the Prometheus text exposition of every metric
-function metrics.text()
+-- (shard: with a "# MERGE name how" line for each gauge not summed, for the merge)
+local function exposition(for_merge)
   for _, fn in ipairs(collectors) do
     local ok, err = pcall(fn)
     if not ok then resil.log.warn("metrics: a collector failed", { error = tostring(err) }) end
@@ -304,6 +326,7 @@ function metrics.text()
     local m = registry[name]
     out[#out + 1] = ("# HELP %s %s"):format(name, (valid_utf8(redact(m.help)):gsub("\\", "\\\\"):gsub("\n", " ")))
     out[#out + 1] = ("# TYPE %s %s"):format(name, m.kind)
+    if for_merge and m.merge and m.merge ~= "sum" then out[#out + 1] = ("# MERGE %s %s"):format(name, m.merge) end
     local keys = {}
     for key in pairs(m.series) do keys[#keys + 1] = key end
     table.sort(keys)
@@ -329,6 +352,9 @@ function metrics.text()
   return table.concat(out, "\n") .. "\n"
 end
 
+-- resil.metrics.text() -> the Prometheus text exposition of this process's metrics
+function metrics.text() return exposition(false) end
+
 local pid
 local function own_pid()
   if not pid then
@@ -350,11 +376,11 @@ end
 
 -- the exposition written whole, then renamed over path (node-exporter's
 -- textfile collector never reads half a file)
-local function write_file(path)
+local function write_text(path, text)
   local tmp = ("%s.%s.tmp"):format(path, own_pid())
   local f, err = io.open(tmp, "w")
   if not f then return nil, resil.error("io", ("metrics file: %s"):format(err)) end
-  local ok, werr = f:write(metrics.text())
+  local ok, werr = f:write(text)
   local closed, cerr = f:close()
   if not (ok and closed) then
     os.remove(tmp)
@@ -365,6 +391,122 @@ local function write_file(path)
     os.remove(tmp)
     return nil, resil.error("io", ("metrics file: %s"):format(rerr))
   end
+  return true
+end
+
+-- ---------- gateway --workers N: each worker's file, merged at a scrape ----------
+
+-- In a worker: { dir = the supervisor's folder, slot = "0".., file = this
+-- process's own file there, w-SLOT-PID.prom } (metrics.shard)
+local shard
+
+local function write_shard() return write_text(shard.file, exposition(true)) end
+
+local function parse_value(v)
+  if v == "+Inf" then return math.huge elseif v == "-Inf" then return -math.huge elseif v == "NaN" then return 0 / 0 end
+  return tonumber(v)
+end
+
+-- name{a="1"} -> name{a="1",worker="0"}
+local function with_worker(key, slot)
+  if key:sub(-1) == "}" then return ('%s,worker="%s"}'):format(key:sub(1, -2), slot) end
+  return ('%s{worker="%s"}'):format(key, slot)
+end
+
+local combine = {
+  sum = function(a, b) return a + b end,
+  max = function(a, b) return b > a and b or a end,
+  min = function(a, b) return b < a and b or a end,
+  worker = function(a, b) return a + b end, -- (two live files of one slot: only between a death and its reaping)
+}
+
+-- The exposition of every worker's file in dir: the live workers' (w-SLOT-
+-- PID.prom) and the dead ones' (d-SLOT-PID.prom: renamed so by the
+-- supervisor when it reaped them, kept for the gateway's life). A sample is
+-- summed over all of them: a counter never goes down when a worker dies and
+-- another takes its place (Prometheus would read a reset); a gauge is
+-- merged over the live ones only, by its merge. Each file only moves forward
+-- and a scrape reads them all (its own written first): scrapes answered by
+-- different workers never go down either; a worker's figures are at most a
+-- second old (the period of its file).
+local function merged(dir)
+  local names, err = core.list(dir)
+  if not names then error("metrics: the workers' folder: " .. tostring(err), 0) end
+  table.sort(names)
+  local families, order_of = {}, {}
+  for _, fname in ipairs(names) do
+    local state, slot = fname:match("^([wd])%-(%d+)%-%d+%.prom$")
+    local f = state and io.open(dir .. "/" .. fname)
+    if f then
+      local live, fam = state == "w", nil
+      for line in f:lines() do
+        if line:sub(1, 1) == "#" then
+          local what, name, rest = line:match("^# (%u+) (%S+) ?(.*)$")
+          if what then
+            fam = families[name]
+            if not fam then
+              fam = { samples = {}, keys = {} }
+              families[name], order_of[#order_of + 1] = fam, name
+            end
+            if what == "HELP" then fam.help = fam.help or rest
+            elseif what == "TYPE" then fam.kind = fam.kind or rest
+            elseif what == "MERGE" then fam.merge = fam.merge or rest end
+          end
+        elseif fam then
+          local key, v = line:match("^(.-) (%S+)$")
+          v = key and parse_value(v)
+          local gauge = fam.kind == "gauge"
+          if v and (live or not gauge) then
+            local how = gauge and combine[fam.merge] and fam.merge or "sum"
+            if how == "worker" then key = with_worker(key, slot) end
+            local had = fam.samples[key]
+            if had == nil then fam.keys[#fam.keys + 1] = key end
+            fam.samples[key] = had == nil and v or combine[how](had, v)
+          end
+        end
+      end
+      f:close()
+    end
+  end
+  local out = {}
+  for _, name in ipairs(order_of) do
+    local fam = families[name]
+    if fam.help then out[#out + 1] = ("# HELP %s %s"):format(name, fam.help) end
+    if fam.kind then out[#out + 1] = ("# TYPE %s %s"):format(name, fam.kind) end
+    for _, key in ipairs(fam.keys) do out[#out + 1] = ("%s %s"):format(key, number(fam.samples[key])) end
+  end
+  return table.concat(out, "\n") .. "\n"
+end
+
+-- metrics.scrape() -> what GET /metrics answers: metrics.text(), or under
+-- gateway --workers every worker's figures merged (this one's file written first)
+function metrics.scrape()
+  if not shard then return metrics.text() end
+  local ok, err = write_shard()
+  if not ok then resil.log.warn("metrics: this worker's file not written", { error = tostring(err) }) end
+  return merged(shard.dir)
+end
+
+-- the exposition written whole, then renamed over path
+local function write_file(path) return write_text(path, metrics.scrape()) end
+
+-- metrics.shard{dir =, slot =}: this process is worker `slot` of a gateway
+-- whose supervisor made `dir` (src/main.c): its figures are written there,
+-- each second and at each scrape, for every worker's scrape to merge. Only
+-- the timer and the scrape write: nothing on a request's path.
+function metrics.shard(opts)
+  check_file(opts.dir .. "/x", "resil.metrics.shard")
+  shard = { dir = opts.dir, slot = tostring(opts.slot),
+            file = ("%s/w-%s-%s.prom"):format(opts.dir, opts.slot, own_pid()) }
+  local ok, err = write_shard()
+  if not ok then error("metrics: " .. tostring(err), 0) end
+  resil.background(function()
+    while true do
+      resil.sleep(opts.interval or 1)
+      local wrote, werr = write_shard()
+      if not wrote then resil.log.warn("metrics: this worker's file not written", { error = tostring(werr) }) end
+    end
+  end)
   return true
 end
 
@@ -393,7 +535,8 @@ function metrics.export(opts)
   if opts.addr then
     local host, port = parse_addr(opts.addr)
     if not host then error(("--metrics-addr: '%s' is not HOST:PORT"):format(opts.addr), 0) end
-    local ok, srv, err = pcall(metrics.serve, { host = host, port = port })
+    -- (every worker of a gateway listens there, and answers with the merge)
+    local ok, srv, err = pcall(metrics.serve, { host = host, port = port, reuseport = shard ~= nil })
     if not ok or not srv then
       local why = not ok and srv or (type(err) == "table" and err.message or err) -- raised, or nil, err
       error(("--metrics-addr %s: %s"):format(opts.addr, tostring(why)), 0)
@@ -406,6 +549,8 @@ function metrics.export(opts)
     if not ok then error("--metrics-file: " .. tostring(err), 0) end
     exported.file = opts.file
     local interval = opts.interval or 15
+    -- (a gateway's worker 0 writes the merge; at exit, each does, the last with every count)
+    if shard and shard.slot ~= "0" then return true end
     resil.background(function()
       while true do
         resil.sleep(interval)
@@ -419,6 +564,10 @@ end
 
 -- at exit: the file written a last time (every count the run made)
 function metrics.finish()
+  if shard then
+    local ok, err = write_shard()
+    if not ok then io.stderr:write("resil-lua: ", tostring(err), "\n") end
+  end
   if exported and exported.file then
     local ok, err = write_file(exported.file)
     if not ok then io.stderr:write("resil-lua: ", tostring(err), "\n") end
@@ -431,9 +580,10 @@ function metrics.serve(opts)
   return resil.server.listen({
     host = opts.host or "127.0.0.1",
     port = opts.port or 9464,
+    reuseport = opts.reuseport,
     handler = function(req)
       if req.method == "GET" and req.path == "/metrics" then
-        return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = metrics.text() }
+        return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = metrics.scrape() }
       end
       return { status = 404, body = "not found: try GET /metrics\n" }
     end,

@@ -1,0 +1,181 @@
+-- Metrics under `resil-lua gateway --workers N`: each worker writes its own
+-- figures to the supervisor's folder, and every scrape (the gateway's GET
+-- /metrics, --metrics-addr, --metrics-file) answers with all of them merged,
+-- whichever worker answers. Before, the second worker could not bind
+-- --metrics-addr and the gateway stopped; GET /metrics answered with one
+-- random worker's counts (a counter going down: a reset to Prometheus); the
+-- file held whichever worker wrote it last. Real processes: the gateway, a
+-- mock provider (resil-lua mock), curl on a new connection each time (the
+-- kernel spreads them over the workers), kill -9.
+local helpers = require "spec.helpers"
+
+local has_promtool = os.execute("command -v promtool > /dev/null 2>&1") == true
+local CHAT = "/v1/chat/completions"
+local SERIES = 'resil_gateway_requests_total{route="/v1/chat/completions",status="200"}'
+
+-- the value of one series in an exposition (nil when absent)
+local function value(text, series)
+  local v = ("\n" .. text):match("\n" .. series:gsub("%p", "%%%0") .. " (%S+)\n")
+  return v and tonumber(v)
+end
+
+local function sh(cmd) return helpers.run(cmd) end
+
+-- GET url on a connection of its own -> body
+local function scrape(url)
+  local r = sh(("curl -s --max-time 10 %s"):format(url))
+  assert(r.code == 0, "curl " .. url .. ": " .. r.stderr)
+  return r.stdout
+end
+
+-- n chats through the gateway, each on a new connection; each answered 200
+local function chats(port, n)
+  local body = helpers.write(helpers.tmpname(".json"),
+    '{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}')
+  local r = sh(("for i in $(seq %d); do curl -s -o /dev/null -w '%%{http_code}\\n' --max-time 10 " ..
+    "-H 'content-type: application/json' --data @%s http://127.0.0.1:%d%s; done"):format(n, body, port, CHAT))
+  local _, ok = r.stdout:gsub("200\n", "")
+  assert.are.equal(n, ok, r.stdout .. r.stderr)
+end
+
+-- the supervisor's workers
+local function workers_of(pid)
+  local list = {}
+  for p in helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid)):gmatch("%d+") do list[#list + 1] = p end
+  return list
+end
+
+-- a mock provider, and `resil-lua gateway --workers 2 [extra]` routing to it with TMPDIR a
+-- folder of the test's -> gateway port, supervisor pid, log, tmpdir, seen (workers to kill after)
+local function start_gateway(extra)
+  local mport, port = helpers.free_ports(2)
+  local mpidfile, pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".pid"), helpers.tmpname(".out")
+  os.execute(("%s mock --port %d > /dev/null 2>&1 & echo $! > %s"):format(helpers.resil, mport, mpidfile))
+  local mpid = helpers.slurp(mpidfile):match("%d+")
+  local config = helpers.write(helpers.tmpname(".lua"), ([[
+    require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:%d/v1", api_key = "sk-test-123456" })
+    return { auth = false }
+  ]]):format(mport))
+  local tmpdir = helpers.tmpname(".d")
+  os.execute("mkdir -p " .. tmpdir)
+  os.execute(("TMPDIR=%s %s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s %s > %s 2>&1 & " ..
+    "echo $! > %s"):format(tmpdir, helpers.resil, port, config, helpers.tmpname(".db"), extra or "", log, pidfile))
+  local pid, seen = helpers.slurp(pidfile):match("%d+"), {}
+  finally(function()
+    for _, p in ipairs({ pid, mpid, table.unpack(seen) }) do
+      if helpers.alive(p) then os.execute("kill -KILL " .. p) end
+    end
+  end)
+  assert.is_true(helpers.wait_until(function()
+    return sh(("curl -s -o /dev/null http://127.0.0.1:%d/health"):format(mport)).code == 0 and
+      select(2, helpers.slurp(log):gsub("listening", "")) >= 2
+  end, 10), helpers.slurp(log))
+  for _, w in ipairs(workers_of(pid)) do seen[#seen + 1] = w end
+  return port, pid, log, tmpdir, seen
+end
+
+-- the supervisor's folder under tmpdir, and its workers' files in it
+local function folder_files(tmpdir)
+  local r = sh(("(ls -d %s/resil-lua-metrics-* && ls %s/resil-lua-metrics-*/) 2>/dev/null")
+    :format(tmpdir, tmpdir))
+  return r.stdout
+end
+
+describe("gateway --workers 2: metrics merged over the workers", function()
+  it("with --metrics-addr: it starts and stays up; every scrape (there and on the gateway's port) counts all K " ..
+     "chats, served by both workers; a worker killed with -9 is replaced and the count never goes down; " ..
+     "promtool passes", function()
+    local mport = helpers.free_port()
+    local port, pid, log, tmpdir, seen = start_gateway(("--metrics-addr 127.0.0.1:%d"):format(mport))
+    local K = 16
+    chats(port, K)
+    -- each worker's figures are at most a second old in another's scrape
+    local maddr = ("http://127.0.0.1:%d/metrics"):format(mport)
+    assert.is_true(helpers.wait_until(function() return value(scrape(maddr), SERIES) == K end, 10),
+      scrape(maddr) .. helpers.slurp(log))
+    -- both workers served some of them (each one's own file in the supervisor's folder)
+    local files = folder_files(tmpdir)
+    local own = {}
+    for name in files:gmatch("(w%-%d+%-%d+%.prom)") do
+      own[#own + 1] = value(helpers.slurp(files:match("^(%S+)") .. "/" .. name), SERIES) or 0
+    end
+    assert.are.equal(2, #own, files)
+    assert.is_true(own[1] > 0 and own[2] > 0 and own[1] + own[2] == K, own[1] .. " + " .. own[2])
+    for _ = 1, 10 do
+      assert.are.equal(K, value(scrape(maddr), SERIES))
+      assert.are.equal(K, value(scrape(("http://127.0.0.1:%d/metrics"):format(port)), SERIES))
+    end
+    assert.is_true(helpers.alive(pid), helpers.slurp(log))
+    assert.is_nil(helpers.slurp(log):match("in use"), helpers.slurp(log))
+    if has_promtool then
+      local r = sh("promtool check metrics", scrape(maddr))
+      assert.is_true(r.code == 0 and r.stdout == "" and r.stderr == "", r.stdout .. r.stderr)
+    end
+    -- a worker killed: another takes its place, and its counts stay in the sums
+    local before = workers_of(pid)
+    os.execute("kill -KILL " .. before[1])
+    assert.is_true(helpers.wait_until(function()
+      local now = workers_of(pid)
+      return #now == 2 and now[1] ~= before[1] and now[2] ~= before[1] and
+        select(2, helpers.slurp(log):gsub("listening", "")) >= 3
+    end, 10), helpers.slurp(log))
+    for _, w in ipairs(workers_of(pid)) do seen[#seen + 1] = w end
+    for _ = 1, 10 do
+      local text = scrape(maddr)
+      assert.is_true((value(text, SERIES) or 0) >= K, text)
+    end
+    chats(port, K)
+    assert.is_true(helpers.wait_until(function() return value(scrape(maddr), SERIES) == 2 * K end, 10),
+      scrape(maddr))
+    for _ = 1, 10 do assert.are.equal(2 * K, value(scrape(maddr), SERIES)) end
+  end)
+
+  it("with --metrics-file: stopped, the file holds every worker's counts merged; the folder is removed", function()
+    local file = helpers.tmpname(".prom")
+    local port, pid, log, tmpdir, seen = start_gateway("--metrics-file " .. file)
+    local K = 16
+    chats(port, K)
+    -- each worker writes its own figures a last time, then the merge: the last to stop has them all
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function()
+      for _, p in ipairs({ pid, table.unpack(seen) }) do if helpers.alive(p) then return false end end
+      return true
+    end, 15), helpers.slurp(log))
+    local text = helpers.slurp(file)
+    assert.are.equal(K, value(text, SERIES), text)
+    if has_promtool then
+      local r = sh("promtool check metrics < " .. file)
+      assert.is_true(r.code == 0 and r.stdout == "" and r.stderr == "", r.stdout .. r.stderr)
+    end
+    assert.are.equal("", folder_files(tmpdir))
+  end)
+
+  it("without --metrics-addr: GET /metrics on the gateway's port counts every worker's requests, " ..
+     "whichever answers", function()
+    local port, pid, log = start_gateway()
+    local K = 12
+    chats(port, K)
+    local url = ("http://127.0.0.1:%d/metrics"):format(port)
+    assert.is_true(helpers.wait_until(function() return value(scrape(url), SERIES) == K end, 10),
+      scrape(url) .. helpers.slurp(log))
+    for _ = 1, 10 do assert.are.equal(K, value(scrape(url), SERIES)) end
+    assert.is_true(helpers.alive(pid))
+  end)
+
+  it("without --workers: no folder, no files", function()
+    local port, mport = helpers.free_ports(2)
+    local tmpdir, pidfile, log = helpers.tmpname(".d"), helpers.tmpname(".pid"), helpers.tmpname(".out")
+    os.execute("mkdir -p " .. tmpdir)
+    local config = helpers.write(helpers.tmpname(".lua"), "return { auth = false }")
+    os.execute(("TMPDIR=%s %s gateway --listen 127.0.0.1:%d --config %s --store %s --metrics-addr 127.0.0.1:%d " ..
+      "> %s 2>&1 & echo $! > %s"):format(tmpdir, helpers.resil, port, config, helpers.tmpname(".db"), mport, log,
+      pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10))
+    sh(("curl -s -o /dev/null http://127.0.0.1:%d/health"):format(port))
+    assert.are.equal(1, value(scrape(("http://127.0.0.1:%d/metrics"):format(mport)),
+      'resil_gateway_requests_total{route="/health",status="200"}'))
+    assert.are.equal("", sh("ls -A " .. tmpdir).stdout)
+  end)
+end)
