@@ -179,3 +179,61 @@ describe("gateway --workers 2: metrics merged over the workers", function()
     assert.are.equal("", sh("ls -A " .. tmpdir).stdout)
   end)
 end)
+
+describe("resil.metrics: the merge of the workers' files", function()
+  it("counters and histograms summed over live and dead workers; gauges over the live ones by their merge; " ..
+     "promtool passes", function()
+    local dir = helpers.tmpname(".d")
+    os.execute("mkdir -p " .. dir)
+    -- worker 1, alive, and worker 2, dead (the supervisor renamed its file), as their scrapes wrote them
+    helpers.write(dir .. "/w-1-11.prom", table.concat({
+      "# HELP t_total Things", "# TYPE t_total counter", 't_total{k="a"} 4',
+      "# HELP t_seconds Time", "# TYPE t_seconds histogram",
+      't_seconds_bucket{le="0.1"} 1', 't_seconds_bucket{le="1"} 2', 't_seconds_bucket{le="+Inf"} 2',
+      "t_seconds_sum 0.55", "t_seconds_count 2",
+      "# HELP g_sum Queue", "# TYPE g_sum gauge", "g_sum 3",
+      "# HELP g_max Store figure", "# TYPE g_max gauge", "# MERGE g_max max", 'g_max{b="x"} 7',
+      "# HELP g_min Days", "# TYPE g_min gauge", "# MERGE g_min min", "g_min 4",
+      "# HELP g_w Own", "# TYPE g_w gauge", "# MERGE g_w worker", 'g_w{a="x"} 2',
+      "# HELP only_1_total Defined in worker 1 only", "# TYPE only_1_total counter", "only_1_total 9", "" }, "\n"))
+    helpers.write(dir .. "/d-2-12.prom", table.concat({
+      "# HELP t_total Things", "# TYPE t_total counter", 't_total{k="a"} 10', 't_total{k="b"} 1',
+      "# HELP g_sum Queue", "# TYPE g_sum gauge", "g_sum 100",
+      "# HELP g_max Store figure", "# TYPE g_max gauge", "# MERGE g_max max", 'g_max{b="x"} 100', "" }, "\n"))
+    helpers.write(dir .. "/w-1-11.prom.11.tmp", "t_total{k=\"a\"} 1000\n") -- (half written: not read)
+    local r = helpers.run_script([[
+      local m = require("resil").metrics
+      m.counter("t_total", "Things"):inc({ k = "a" }, 3)
+      local h = m.histogram("t_seconds", "Time", { buckets = { 0.1, 1 } })
+      h:observe(nil, 0.05)
+      m.gauge("g_sum", "Queue"):set(nil, 2)
+      m.gauge("g_max", "Store figure", { merge = "max" }):set({ b = "x" }, 5)
+      m.gauge("g_min", "Days", { merge = "min" }):set(nil, 6)
+      m.gauge("g_w", "Own", { merge = "worker" }):set({ a = "x" }, 1)
+      assert(not pcall(m.gauge, "g_bad", "Bad", { merge = "avg" }))
+      m.shard({ dir = arg[1], slot = 0 })
+      io.write(m.scrape())
+    ]], "--store " .. helpers.tmpname(".db"), dir)
+    assert.are.equal(0, r.code, r.stderr)
+    local text = r.stdout
+    assert.are.equal(17, value(text, 't_total{k="a"}'), text)
+    assert.are.equal(1, value(text, 't_total{k="b"}'), text)
+    assert.are.equal(9, value(text, "only_1_total"), text)
+    assert.are.equal(2, value(text, 't_seconds_bucket{le="0.1"}'), text)
+    assert.are.equal(3, value(text, 't_seconds_bucket{le="+Inf"}'), text)
+    assert.are.equal(3, value(text, "t_seconds_count"), text)
+    assert.are.equal(0.6, value(text, "t_seconds_sum"), text)
+    assert.are.equal(5, value(text, "g_sum"), text) -- (the dead worker's 100 left out)
+    assert.are.equal(7, value(text, 'g_max{b="x"}'), text)
+    assert.are.equal(4, value(text, "g_min"), text)
+    assert.are.equal(1, value(text, 'g_w{a="x",worker="0"}'), text)
+    assert.are.equal(2, value(text, 'g_w{a="x",worker="1"}'), text)
+    assert.is_nil(text:match("MERGE"), text)
+    local _, helps = text:gsub("# HELP t_total ", "")
+    assert.are.equal(1, helps, text)
+    if has_promtool then
+      local p = sh("promtool check metrics", text)
+      assert.is_true(p.code == 0 and p.stdout == "" and p.stderr == "", p.stdout .. p.stderr)
+    end
+  end)
+end)
