@@ -187,6 +187,7 @@ describe("resil.metrics: the merge of the workers' files", function()
     os.execute("mkdir -p " .. dir)
     -- worker 1, alive, and worker 2, dead (the supervisor renamed its file), as their scrapes wrote them
     helpers.write(dir .. "/w-1-11.prom", table.concat({
+      "# AT 1000.5",
       "# HELP t_total Things", "# TYPE t_total counter", 't_total{k="a"} 4',
       "# HELP t_seconds Time", "# TYPE t_seconds histogram",
       't_seconds_bucket{le="0.1"} 1', 't_seconds_bucket{le="1"} 2', 't_seconds_bucket{le="+Inf"} 2',
@@ -195,7 +196,12 @@ describe("resil.metrics: the merge of the workers' files", function()
       "# HELP g_max Store figure", "# TYPE g_max gauge", "# MERGE g_max max", 'g_max{b="x"} 7',
       "# HELP g_min Days", "# TYPE g_min gauge", "# MERGE g_min min", "g_min 4",
       "# HELP g_w Own", "# TYPE g_w gauge", "# MERGE g_w worker", 'g_w{a="x"} 2',
-      "# HELP only_1_total Defined in worker 1 only", "# TYPE only_1_total counter", "only_1_total 9", "" }, "\n"))
+      "# HELP only_1_total Defined in worker 1 only", "# TYPE only_1_total counter", "only_1_total 9",
+      "# HELP g_recent Read", "# TYPE g_recent gauge", "# MERGE g_recent mostrecent", 'g_recent{z="0"} 9',
+      'g_recent{z="1"} 3', "" }, "\n"))
+    -- worker 3 wrote after this scrape's worker (the clock's word for it)
+    helpers.write(dir .. "/w-3-13.prom", table.concat({ "# AT 99999999999",
+      "# HELP g_recent Read", "# TYPE g_recent gauge", "# MERGE g_recent mostrecent", 'g_recent{z="2"} 7', "" }, "\n"))
     helpers.write(dir .. "/d-2-12.prom", table.concat({
       "# HELP t_total Things", "# TYPE t_total counter", 't_total{k="a"} 10', 't_total{k="b"} 1',
       "# HELP g_sum Queue", "# TYPE g_sum gauge", "g_sum 100",
@@ -210,6 +216,9 @@ describe("resil.metrics: the merge of the workers' files", function()
       m.gauge("g_max", "Store figure", { merge = "max" }):set({ b = "x" }, 5)
       m.gauge("g_min", "Days", { merge = "min" }):set(nil, 6)
       m.gauge("g_w", "Own", { merge = "worker" }):set({ a = "x" }, 1)
+      local recent = m.gauge("g_recent", "Read", { merge = "mostrecent" })
+      recent:set({ z = "0" }, 8)
+      recent:set({ z = "2" }, 6)
       assert(not pcall(m.gauge, "g_bad", "Bad", { merge = "avg" }))
       m.shard({ dir = arg[1], slot = 0 })
       io.write(m.scrape())
@@ -228,7 +237,11 @@ describe("resil.metrics: the merge of the workers' files", function()
     assert.are.equal(4, value(text, "g_min"), text)
     assert.are.equal(1, value(text, 'g_w{a="x",worker="0"}'), text)
     assert.are.equal(2, value(text, 'g_w{a="x",worker="1"}'), text)
+    assert.are.equal(8, value(text, 'g_recent{z="0"}'), text) -- (this worker's, written last)
+    assert.are.equal(3, value(text, 'g_recent{z="1"}'), text) -- (only worker 1 has it)
+    assert.are.equal(7, value(text, 'g_recent{z="2"}'), text) -- (worker 3's, written after)
     assert.is_nil(text:match("MERGE"), text)
+    assert.is_nil(text:match("# AT"), text)
     local _, helps = text:gsub("# HELP t_total ", "")
     assert.are.equal(1, helps, text)
     if has_promtool then

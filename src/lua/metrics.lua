@@ -91,14 +91,18 @@ end
 -- Under `gateway --workers N` each worker counts on its own and a scrape
 -- answers with every worker's figures merged (metrics.shard): counters and
 -- histograms summed over every worker that ran, gauges over the live ones by
--- their `merge`: "sum" (the default: tasks waiting, permits in use), "max"
--- or "min" (a figure each worker reads from the store, which a sum would
--- multiply), "worker" (each live worker's own series, labelled worker="slot").
+-- their `merge`: "sum" (the default: tasks waiting, permits in use), "max",
+-- "min", "mostrecent" (the figure of the worker that wrote last: one each
+-- worker reads from the store, which a sum would multiply), "worker" (each
+-- live worker's own series, labelled worker="slot").
 -- metrics.merges: the merge of the built-in gauges defined elsewhere.
-local MERGES = { sum = true, max = true, min = true, worker = true }
+local MERGES = { sum = true, max = true, min = true, mostrecent = true, worker = true }
 metrics.merges = {
-  resil_budget_spent_usd = "max", resil_budget_reserved_usd = "max", resil_budget_limit_usd = "max",
-  resil_budget_soft_limit_usd = "max", resil_budget_remaining_usd = "max",
+  -- (the scraping worker's, read from the store then, if it used the budget: a
+  -- new period's 0 or a lowered limit shows at once, as max would not)
+  resil_budget_spent_usd = "mostrecent", resil_budget_reserved_usd = "mostrecent",
+  resil_budget_limit_usd = "mostrecent", resil_budget_soft_limit_usd = "mostrecent",
+  resil_budget_remaining_usd = "mostrecent",
   resil_store_down = "max", -- (1: some worker finds the store down)
   resil_breaker_state = "max", -- (1 for each state some worker's breaker is in)
   resil_model_sunset_days = "min",
@@ -121,7 +125,8 @@ local function define(kind, name, help, opts)
   if kind == "gauge" then
     m.merge = (opts and opts.merge) or metrics.merges[name] or "sum"
     if not MERGES[m.merge] then
-      error(("resil.metrics.gauge: merge must be sum, max, min or worker, not %q"):format(tostring(m.merge)), 3)
+      error(("resil.metrics.gauge: merge must be sum, max, min, mostrecent or worker, not %q")
+        :format(tostring(m.merge)), 3)
     end
   end
   if kind == "histogram" then
@@ -316,8 +321,9 @@ dropped_total = metrics.counter("resil_metrics_series_dropped_total",
   "Label sets dropped because a metric reached its bound on series, by metric")
 
 -- (shard: with a "# MERGE name how" line for each gauge not summed, for the merge)
-local function exposition(for_merge)
-  for _, fn in ipairs(collectors) do
+-- (stale: the collectors not run, the figures read from state left as last read)
+local function exposition(for_merge, stale)
+  for _, fn in ipairs(stale and {} or collectors) do
     local ok, err = pcall(fn)
     if not ok then resil.log.warn("metrics: a collector failed", { error = tostring(err) }) end
   end
@@ -400,7 +406,10 @@ end
 -- process's own file there, w-SLOT-PID.prom } (metrics.shard)
 local shard
 
-local function write_shard() return write_text(shard.file, exposition(true)) end
+-- (stale: see exposition; the first line says when it was written, for mostrecent)
+local function write_shard(stale)
+  return write_text(shard.file, ("# AT %.6f\n"):format(resil.clock.wall()) .. exposition(true, stale))
+end
 
 local function parse_value(v)
   if v == "+Inf" then return math.huge elseif v == "-Inf" then return -math.huge elseif v == "NaN" then return 0 / 0 end
@@ -438,11 +447,13 @@ local function merged(dir)
     local state, slot = fname:match("^([wd])%-(%d+)%-%d+%.prom$")
     local f = state and io.open(dir .. "/" .. fname)
     if f then
-      local live, fam = state == "w", nil
+      local live, fam, at = state == "w", nil, -math.huge
       for line in f:lines() do
         if line:sub(1, 1) == "#" then
           local what, name, rest = line:match("^# (%u+) (%S+) ?(.*)$")
-          if what then
+          if what == "AT" then
+            at = tonumber(name) or at
+          elseif what then
             fam = families[name]
             if not fam then
               fam = { samples = {}, keys = {} }
@@ -457,11 +468,16 @@ local function merged(dir)
           v = key and parse_value(v)
           local gauge = fam.kind == "gauge"
           if v and (live or not gauge) then
-            local how = gauge and combine[fam.merge] and fam.merge or "sum"
+            local how = gauge and MERGES[fam.merge] and fam.merge or "sum"
             if how == "worker" then key = with_worker(key, slot) end
             local had = fam.samples[key]
             if had == nil then fam.keys[#fam.keys + 1] = key end
-            fam.samples[key] = had == nil and v or combine[how](had, v)
+            if how == "mostrecent" then
+              fam.at = fam.at or {}
+              if had == nil or at > fam.at[key] then fam.samples[key], fam.at[key] = v, at end
+            else
+              fam.samples[key] = had == nil and v or combine[how](had, v)
+            end
           end
         end
       end
@@ -500,10 +516,14 @@ function metrics.shard(opts)
             file = ("%s/w-%s-%s.prom"):format(opts.dir, opts.slot, own_pid()) }
   local ok, err = write_shard()
   if not ok then error("metrics: " .. tostring(err), 0) end
+  -- each second the counts; the figures read from state (the collectors: a
+  -- budget's are store reads) every 10th time, and at each of its scrapes
+  local n = 0
   resil.background(function()
     while true do
       resil.sleep(opts.interval or 1)
-      local wrote, werr = write_shard()
+      n = n + 1
+      local wrote, werr = write_shard(n % 10 ~= 0)
       if not wrote then resil.log.warn("metrics: this worker's file not written", { error = tostring(werr) }) end
     end
   end)
