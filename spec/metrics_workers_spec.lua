@@ -249,4 +249,36 @@ describe("resil.metrics: the merge of the workers' files", function()
       assert.is_true(p.code == 0 and p.stdout == "" and p.stderr == "", p.stdout .. p.stderr)
     end
   end)
+
+  it("dead workers' files past 8 are merged into one by worker 0; the counts stay; a merge cut short " ..
+     "(its inputs still there) counts them once", function()
+    local dir = helpers.tmpname(".d")
+    os.execute("mkdir -p " .. dir)
+    local function counter_file(name, n, extra)
+      helpers.write(dir .. "/" .. name, (extra or "") .. "# HELP t_total Things\n# TYPE t_total counter\n" ..
+        ('t_total{k="a"} %d\n'):format(n) .. "# HELP g Queue\n# TYPE g gauge\ng 50\n")
+    end
+    -- a compaction cut short: the merged file is in, two of its inputs not yet removed
+    counter_file("d-0-500n1.prom", 100, "# REPLACES d-1-501.prom\n# REPLACES d-1-502.prom\n")
+    counter_file("d-1-501.prom", 60)
+    counter_file("d-1-502.prom", 40)
+    for i = 1, 10 do counter_file(("d-1-%d.prom"):format(600 + i), i) end -- 55 in all
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      local m = resil.metrics
+      m.counter("t_total", "Things"):inc({ k = "a" }, 1000)
+      m.shard({ dir = arg[1], slot = 0, interval = 0.01 })
+      io.write(m.scrape(), "\n--\n")
+      resil.sleep(0.5) -- (50 ticks on the virtual clock: the compaction is each 10th)
+      io.write(m.scrape())
+    ]], "--virtual-clock --store " .. helpers.tmpname(".db"), dir)
+    assert.are.equal(0, r.code, r.stderr)
+    local before, after = r.stdout:match("^(.-)\n%-%-\n(.*)$")
+    assert.are.equal(1155, value(before, 't_total{k="a"}'), before)
+    assert.are.equal(1155, value(after, 't_total{k="a"}'), after)
+    assert.are.equal(0, value(after, "g") or 0, after) -- (dead workers' gauges left out)
+    local left = sh("ls " .. dir).stdout
+    local _, dead = left:gsub("d%-", "")
+    assert.are.equal(1, dead, left)
+  end)
 end)

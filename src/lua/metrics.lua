@@ -429,59 +429,85 @@ local combine = {
   worker = function(a, b) return a + b end, -- (two live files of one slot: only between a death and its reaping)
 }
 
--- The exposition of every worker's file in dir: the live workers' (w-SLOT-
--- PID.prom) and the dead ones' (d-SLOT-PID.prom: renamed so by the
--- supervisor when it reaped them, kept for the gateway's life). A sample is
--- summed over all of them: a counter never goes down when a worker dies and
--- another takes its place (Prometheus would read a reset); a gauge is
--- merged over the live ones only, by its merge. Each file only moves forward
--- and a scrape reads them all (its own written first): scrapes answered by
--- different workers never go down either; a worker's figures are at most a
--- second old (the period of its file).
-local function merged(dir)
-  local names, err = core.list(dir)
-  if not names then error("metrics: the workers' folder: " .. tostring(err), 0) end
-  table.sort(names)
+-- dir -> its workers' files, each { name =, live =, slot =, text = }: the
+-- live workers' (w-SLOT-PID.prom) and the dead ones' (d-SLOT-ID.prom: renamed
+-- so by the supervisor when it reaped them, kept for the gateway's life, or
+-- several merged into one by worker 0, which names those it replaces, each on
+-- a "# REPLACES name" line: they are left out while they are still there).
+-- A file listed but gone when opened (renamed by the supervisor, or merged
+-- away) would take its counts off this scrape: the folder is read again.
+local function read_files(dir)
+  for _ = 1, 10 do
+    local names, err = core.list(dir)
+    if not names then error("metrics: the workers' folder: " .. tostring(err), 0) end
+    table.sort(names)
+    local files, replaced, complete = {}, {}, true
+    for _, fname in ipairs(names) do
+      local state, slot = fname:match("^([wd])%-(%d+)%-%w+%.prom$")
+      if state then
+        local f = io.open(dir .. "/" .. fname)
+        if not f then
+          complete = false
+          break
+        end
+        local text = f:read("a") or ""
+        f:close()
+        for gone in ("\n" .. text):gmatch("\n# REPLACES (%S+)") do replaced[gone] = true end
+        files[#files + 1] = { name = fname, live = state == "w", slot = slot, text = text }
+      end
+    end
+    if complete then
+      local kept = {}
+      for _, file in ipairs(files) do if not replaced[file.name] then kept[#kept + 1] = file end end
+      return kept, replaced
+    end
+  end
+  error("metrics: the workers' folder changed under each of 10 reads", 0)
+end
+
+-- The exposition of the files merged. A sample is summed over all of them:
+-- a counter never goes down when a worker dies and another takes its place
+-- (Prometheus would read a reset); a gauge is merged over the live ones only,
+-- by its merge. Each file only moves forward and a scrape reads them all
+-- (its own written first): scrapes answered by different workers never go
+-- down either; a worker's figures are at most a second old (the period of
+-- its file).
+local function merge(files)
   local families, order_of = {}, {}
-  for _, fname in ipairs(names) do
-    local state, slot = fname:match("^([wd])%-(%d+)%-%d+%.prom$")
-    local f = state and io.open(dir .. "/" .. fname)
-    if f then
-      local live, fam, at = state == "w", nil, -math.huge
-      for line in f:lines() do
-        if line:sub(1, 1) == "#" then
-          local what, name, rest = line:match("^# (%u+) (%S+) ?(.*)$")
-          if what == "AT" then
-            at = tonumber(name) or at
-          elseif what then
-            fam = families[name]
-            if not fam then
-              fam = { samples = {}, keys = {} }
-              families[name], order_of[#order_of + 1] = fam, name
-            end
-            if what == "HELP" then fam.help = fam.help or rest
-            elseif what == "TYPE" then fam.kind = fam.kind or rest
-            elseif what == "MERGE" then fam.merge = fam.merge or rest end
+  for _, file in ipairs(files) do
+    local live, slot, fam, at = file.live, file.slot, nil, -math.huge
+    for line in file.text:gmatch("[^\n]+") do
+      if line:sub(1, 1) == "#" then
+        local what, name, rest = line:match("^# (%u+) (%S+) ?(.*)$")
+        if what == "AT" then
+          at = tonumber(name) or at
+        elseif what == "HELP" or what == "TYPE" or what == "MERGE" then
+          fam = families[name]
+          if not fam then
+            fam = { samples = {}, keys = {} }
+            families[name], order_of[#order_of + 1] = fam, name
           end
-        elseif fam then
-          local key, v = line:match("^(.-) (%S+)$")
-          v = key and parse_value(v)
-          local gauge = fam.kind == "gauge"
-          if v and (live or not gauge) then
-            local how = gauge and MERGES[fam.merge] and fam.merge or "sum"
-            if how == "worker" then key = with_worker(key, slot) end
-            local had = fam.samples[key]
-            if had == nil then fam.keys[#fam.keys + 1] = key end
-            if how == "mostrecent" then
-              fam.at = fam.at or {}
-              if had == nil or at > fam.at[key] then fam.samples[key], fam.at[key] = v, at end
-            else
-              fam.samples[key] = had == nil and v or combine[how](had, v)
-            end
+          if what == "HELP" then fam.help = fam.help or rest
+          elseif what == "TYPE" then fam.kind = fam.kind or rest
+          else fam.merge = fam.merge or rest end
+        end
+      elseif fam then
+        local key, v = line:match("^(.-) (%S+)$")
+        v = key and parse_value(v)
+        local gauge = fam.kind == "gauge"
+        if v and (live or not gauge) then
+          local how = gauge and MERGES[fam.merge] and fam.merge or "sum"
+          if how == "worker" then key = with_worker(key, slot) end
+          local had = fam.samples[key]
+          if had == nil then fam.keys[#fam.keys + 1] = key end
+          if how == "mostrecent" then
+            fam.at = fam.at or {}
+            if had == nil or at > fam.at[key] then fam.samples[key], fam.at[key] = v, at end
+          else
+            fam.samples[key] = had == nil and v or combine[how](had, v)
           end
         end
       end
-      f:close()
     end
   end
   local out = {}
@@ -492,6 +518,34 @@ local function merged(dir)
     for _, key in ipairs(fam.keys) do out[#out + 1] = ("%s %s"):format(key, number(fam.samples[key])) end
   end
   return table.concat(out, "\n") .. "\n"
+end
+
+local function merged(dir) return merge((read_files(dir))) end
+
+-- Dead workers' files, one more at each restart (a worker crashing for days
+-- would leave thousands, each read at every scrape): past DEAD_MAX, worker 0
+-- merges them into one, which names those it replaces before they are
+-- removed (worker 0 killed in between: the merge leaves them out, the next
+-- compaction removes them). Only worker 0 does it, one process at a time.
+local DEAD_MAX, compactions = 8, 0
+local function compact(dir)
+  local files, replaced = read_files(dir)
+  for gone in pairs(replaced) do os.remove(dir .. "/" .. gone) end -- (a compaction cut short)
+  local dead, lines = {}, {}
+  for _, file in ipairs(files) do
+    if not file.live then
+      dead[#dead + 1] = file
+      lines[#lines + 1] = "# REPLACES " .. file.name
+    end
+  end
+  if #dead <= DEAD_MAX then return true end
+  compactions = compactions + 1
+  local name = ("d-0-%sn%d.prom"):format(own_pid(), compactions)
+  lines[#lines + 1] = merge(dead)
+  local ok, err = write_text(dir .. "/" .. name, table.concat(lines, "\n"))
+  if not ok then return nil, err end
+  for _, file in ipairs(dead) do os.remove(dir .. "/" .. file.name) end
+  return true
 end
 
 -- metrics.scrape() -> what GET /metrics answers: metrics.text(), or under
@@ -525,6 +579,12 @@ function metrics.shard(opts)
       n = n + 1
       local wrote, werr = write_shard(n % 10 ~= 0)
       if not wrote then resil.log.warn("metrics: this worker's file not written", { error = tostring(werr) }) end
+      if n % 10 == 0 and shard.slot == "0" then
+        local ok, done, cerr = pcall(compact, shard.dir)
+        if not (ok and done) then
+          resil.log.warn("metrics: dead workers' files not merged", { error = tostring(ok and cerr or done) })
+        end
+      end
     end
   end)
   return true
