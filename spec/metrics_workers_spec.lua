@@ -162,6 +162,22 @@ describe("gateway --workers 2: metrics merged over the workers", function()
     assert.is_true(helpers.alive(pid))
   end)
 
+  it("--metrics-addr another process listens on with SO_REUSEPORT (another gateway's): refused at the start, " ..
+     "not split with it", function()
+    local resil = require "resil"
+    local other = resil.server.listen({ host = "127.0.0.1", port = 0, reuseport = true, handler = function()
+      return { status = 200, body = "the other one\n" }
+    end })
+    finally(function() other:close() end)
+    local config = helpers.write(helpers.tmpname(".lua"), "return { auth = false }")
+    local r = sh(("timeout 20 %s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s " ..
+      "--metrics-addr 127.0.0.1:%d"):format(helpers.resil, helpers.free_port(), config, helpers.tmpname(".db"),
+      other:port()))
+    assert.are.equal(1, r.code, r.stderr)
+    assert.matches("cannot listen on 127.0.0.1:" .. other:port() .. ": the address is in use", r.stderr)
+    assert.matches("choose another %-%-metrics%-addr", r.stderr)
+  end)
+
   it("without --workers: no folder, no files", function()
     local port, mport = helpers.free_ports(2)
     local tmpdir, pidfile, log = helpers.tmpname(".d"), helpers.tmpname(".pid"), helpers.tmpname(".out")

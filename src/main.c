@@ -430,8 +430,9 @@ static void finish_run(resil_t *R, int status) {
  * run is free), this probe fails with EADDRINUSE while any socket listens
  * there, reuseport or not; it is closed before the workers bind. A --listen
  * the gateway will refuse anyway (malformed, a name, port 0: an ephemeral
- * port is free) is left to it. -> 0, or 1 having said why */
-static int check_gateway_address(const char *listen_at) {
+ * port is free) is left to it. The workers' --metrics-addr is probed so
+ * too (option: the option that named the address). -> 0, or 1 having said why */
+static int check_gateway_address(const char *listen_at, const char *option) {
   char host[256];
   const char *colon = strrchr(listen_at, ':');
   if (!colon || colon == listen_at || colon - listen_at >= (long)sizeof host) return 0;
@@ -456,7 +457,7 @@ static int check_gateway_address(const char *listen_at) {
   freeaddrinfo(ai);
   if (e == EADDRINUSE) {
     fprintf(stderr, PROGNAME ": gateway: cannot listen on %s: the address is in use (another gateway, or another "
-                    "program, listens there; stop it or choose another --listen)\n", listen_at);
+                    "program, listens there; stop it or choose another %s)\n", listen_at, option);
     return 1;
   }
   if (e) { /* the workers would fail the same way, one after the other */
@@ -870,11 +871,18 @@ int main(int argc, char **argv) {
   }
 
   raise_fd_limit();
-  if (gateway && check_gateway_address(gw_listen) != 0) return 1;
+  if (gateway && check_gateway_address(gw_listen, "--listen") != 0) return 1;
   /* gateway --workers N: N processes on one SO_REUSEPORT socket, each with
    * its own loop, sharing keys, limits and budgets through the store, kept
    * at N by this process (supervise_workers) */
   if (gateway && gw_workers > 1) {
+    /* each worker serves --metrics-addr with SO_REUSEPORT, as the gateway's
+     * port: a second gateway's metrics there would be split with ours */
+    if (metrics_addr) {
+      char addr[300];
+      snprintf(addr, sizeof addr, "%s%s", metrics_addr[0] == ':' ? "127.0.0.1" : "", metrics_addr);
+      if (check_gateway_address(addr, "--metrics-addr") != 0) return 1;
+    }
     if (make_metrics_dir() != 0) return 1;
     int code = supervise_workers(gw_workers);
     if (code >= 0) {
