@@ -234,10 +234,12 @@ for _, b in ipairs(helpers.store_backends()) do
       local add = sh(("%s keys add --name team --budget 50/day --store '%s'"):format(helpers.resil, url))
       assert.are.equal(0, add.code, add.stderr)
       local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
-      -- (each worker names itself in its metrics: which one a scrape reached)
+      -- (each worker names itself in its metrics: which one a scrape reached; merged over the
+      -- workers as the budget gauges are, the one that read its figures last, the one answering)
       local config = helpers.write(helpers.tmpname(".lua"), ([[
         local f = assert(io.open("/proc/self/stat"))
-        require("resil").metrics.gauge("spec_worker_pid", "The worker's pid"):set(nil, f:read("n"))
+        require("resil").metrics.gauge("spec_worker_pid", "The worker's pid", { merge = "mostrecent" })
+          :set(nil, f:read("n"))
         f:close()
         require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
         return { key_cache = 0 }

@@ -92,9 +92,10 @@ end
 -- answers with every worker's figures merged (metrics.shard): counters and
 -- histograms summed over every worker that ran, gauges over the live ones by
 -- their `merge`: "sum" (the default: tasks waiting, permits in use), "max",
--- "min", "mostrecent" (the figure of the worker that wrote last: one each
--- worker reads from the store, which a sum would multiply), "worker" (each
--- live worker's own series, labelled worker="slot").
+-- "min", "mostrecent" (the figure of the worker that read its figures last,
+-- the one answering the scrape: one each worker reads from the store, which
+-- a sum would multiply), "worker" (each live worker's own series, labelled
+-- worker="slot").
 -- metrics.merges: the merge of the built-in gauges defined elsewhere.
 local MERGES = { sum = true, max = true, min = true, mostrecent = true, worker = true }
 metrics.merges = {
@@ -406,9 +407,14 @@ end
 -- process's own file there, w-SLOT-PID.prom } (metrics.shard)
 local shard
 
--- (stale: see exposition; the first line says when it was written, for mostrecent)
+-- (stale: see exposition). The first line says when the figures were read
+-- (the collectors run), for mostrecent: a write that did not run them is no
+-- fresher than the last that did.
+local collected_at = -math.huge
 local function write_shard(stale)
-  return write_text(shard.file, ("# AT %.6f\n"):format(resil.clock.wall()) .. exposition(true, stale))
+  if not stale then collected_at = resil.clock.wall() end
+  local text = exposition(true, stale)
+  return write_text(shard.file, ("# AT %.6f\n"):format(collected_at) .. text)
 end
 
 local function parse_value(v)
