@@ -47,15 +47,16 @@ end
 
 -- a mock provider, and `resil-lua gateway --workers 2 [extra]` routing to it with TMPDIR a
 -- folder of the test's -> gateway port, supervisor pid, log, tmpdir, seen (workers to kill after)
-local function start_gateway(extra)
+local function start_gateway(extra, config_lines)
   local mport, port = helpers.free_ports(2)
   local mpidfile, pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".pid"), helpers.tmpname(".out")
   os.execute(("%s mock --port %d > /dev/null 2>&1 & echo $! > %s"):format(helpers.resil, mport, mpidfile))
   local mpid = helpers.slurp(mpidfile):match("%d+")
   local config = helpers.write(helpers.tmpname(".lua"), ([[
     require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:%d/v1", api_key = "sk-test-123456" })
+    %s
     return { auth = false }
-  ]]):format(mport))
+  ]]):format(mport, config_lines or ""))
   local tmpdir = helpers.tmpname(".d")
   os.execute("mkdir -p " .. tmpdir)
   os.execute(("TMPDIR=%s %s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s %s > %s 2>&1 & " ..
@@ -160,6 +161,21 @@ describe("gateway --workers 2: metrics merged over the workers", function()
       scrape(url) .. helpers.slurp(log))
     for _ = 1, 10 do assert.are.equal(K, value(scrape(url), SERIES)) end
     assert.is_true(helpers.alive(pid))
+  end)
+
+  it("a config's own resil.metrics.serve{port =}: each worker listens there too, and answers with the merge",
+     function()
+    local sport = helpers.free_port()
+    -- (kept in a global: a server nothing refers to is closed when collected)
+    local port, pid, log = start_gateway(nil,
+      ("METRICS_SERVER = require('resil').metrics.serve({ port = %d })"):format(sport))
+    local K = 12
+    chats(port, K)
+    local url = ("http://127.0.0.1:%d/metrics"):format(sport)
+    assert.is_true(helpers.wait_until(function() return value(scrape(url), SERIES) == K end, 10),
+      scrape(url) .. helpers.slurp(log))
+    for _ = 1, 10 do assert.are.equal(K, value(scrape(url), SERIES)) end
+    assert.is_true(helpers.alive(pid), helpers.slurp(log))
   end)
 
   it("--metrics-addr another process listens on with SO_REUSEPORT (another gateway's): refused at the start, " ..

@@ -626,8 +626,7 @@ function metrics.export(opts)
   if opts.addr then
     local host, port = parse_addr(opts.addr)
     if not host then error(("--metrics-addr: '%s' is not HOST:PORT"):format(opts.addr), 0) end
-    -- (every worker of a gateway listens there, and answers with the merge)
-    local ok, srv, err = pcall(metrics.serve, { host = host, port = port, reuseport = shard ~= nil })
+    local ok, srv, err = pcall(metrics.serve, { host = host, port = port })
     if not ok or not srv then
       local why = not ok and srv or (type(err) == "table" and err.message or err) -- raised, or nil, err
       error(("--metrics-addr %s: %s"):format(opts.addr, tostring(why)), 0)
@@ -668,10 +667,13 @@ end
 -- resil.metrics.serve{host = "127.0.0.1", port = 9464} -> server (GET /metrics)
 function metrics.serve(opts)
   opts = opts or {}
+  -- (in a gateway's worker, every worker listens there: one answers, with the merge)
+  local reuseport = opts.reuseport
+  if reuseport == nil then reuseport = shard ~= nil end
   return resil.server.listen({
     host = opts.host or "127.0.0.1",
     port = opts.port or 9464,
-    reuseport = opts.reuseport,
+    reuseport = reuseport,
     handler = function(req)
       if req.method == "GET" and req.path == "/metrics" then
         return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = metrics.scrape() }
