@@ -11,6 +11,9 @@ local resil = ...
 local core = require "resil.core.metrics"
 local new_cell, cell_add, cell_set, cell_get = core.cell, core.add, core.set, core.get
 local new_histogram, histogram_observe, histogram_read = core.histogram, core.observe, core.read
+-- (a folder's names: kept here, out of a sandboxed script's reach through require)
+local list_dir = core.list
+core.list = nil
 
 local metrics = {}
 local registry, order = {}, {}
@@ -321,7 +324,7 @@ end
 dropped_total = metrics.counter("resil_metrics_series_dropped_total",
   "Label sets dropped because a metric reached its bound on series, by metric")
 
--- (shard: with a "# MERGE name how" line for each gauge not summed, for the merge)
+-- (for_merge: with a "# MERGE name how" line for each gauge not summed, for the merge)
 -- (stale: the collectors not run, the figures read from state left as last read)
 local function exposition(for_merge, stale)
   for _, fn in ipairs(stale and {} or collectors) do
@@ -444,7 +447,7 @@ local combine = {
 -- away) would take its counts off this scrape: the folder is read again.
 local function read_files(dir)
   for _ = 1, 10 do
-    local names, err = core.list(dir)
+    local names, err = list_dir(dir)
     if not names then error("metrics: the workers' folder: " .. tostring(err), 0) end
     table.sort(names)
     local files, replaced, complete = {}, {}, true
