@@ -439,8 +439,9 @@ local combine = {
 }
 
 -- dir -> its workers' files, each { name =, live =, slot =, text = }: the
--- live workers' (w-SLOT-PID.prom) and the dead ones' (d-SLOT-ID.prom: renamed
--- so by the supervisor when it reaped them, kept for the gateway's life, or
+-- live workers' (w-SLOT-PID.prom), those of workers that ended (f-SLOT-PID:
+-- renamed so as they exited, metrics.finish) and the dead ones' (d-SLOT-ID.prom:
+-- renamed so by the supervisor when it reaped them, kept for the gateway's life, or
 -- several merged into one by worker 0, which names those it replaces, each on
 -- a "# REPLACES name" line: they are left out while they are still there).
 -- A file listed but gone when opened (renamed by the supervisor, or merged
@@ -452,7 +453,7 @@ local function read_files(dir)
     table.sort(names)
     local files, replaced, complete = {}, {}, true
     for _, fname in ipairs(names) do
-      local state, slot = fname:match("^([wd])%-(%d+)%-%w+%.prom$")
+      local state, slot = fname:match("^([wdf])%-(%d+)%-%w+%.prom$")
       if state then
         local f = io.open(dir .. "/" .. fname)
         if not f then
@@ -561,8 +562,10 @@ end
 -- gateway --workers every worker's figures merged (this one's file written first)
 function metrics.scrape()
   if not shard then return metrics.text() end
-  local ok, err = write_shard()
-  if not ok then resil.log.warn("metrics: this worker's file not written", { error = tostring(err) }) end
+  if not shard.final then
+    local ok, err = write_shard()
+    if not ok then resil.log.warn("metrics: this worker's file not written", { error = tostring(err) }) end
+  end
   return merged(shard.dir)
 end
 
@@ -657,9 +660,18 @@ end
 
 -- at exit: the file written a last time (every count the run made)
 function metrics.finish()
-  if shard then
+  if shard and not shard.final then
+    -- this worker's figures written a last time, then marked final (f-...):
+    -- the --metrics-file is written by the worker that finds no other live
+    -- one, so that it holds every worker's last counts (each wrote its own
+    -- before looking); one that finds another leaves it to that one
     local ok, err = write_shard()
     if not ok then io.stderr:write("resil-lua: ", tostring(err), "\n") end
+    os.rename(shard.file, (shard.file:gsub("/w(%-[^/]+)$", "/f%1")))
+    shard.final = true
+    for _, name in ipairs(list_dir(shard.dir) or {}) do
+      if name:match("^w%-%d+%-%w+%.prom$") then return end
+    end
   end
   if exported and exported.file then
     local ok, err = write_file(exported.file)
