@@ -47,7 +47,7 @@ end
 
 -- a mock provider, and `resil-lua gateway --workers 2 [extra]` routing to it with TMPDIR a
 -- folder of the test's -> gateway port, supervisor pid, log, tmpdir, seen (workers to kill after)
-local function start_gateway(extra, config_lines)
+local function start_gateway(extra, config_lines, before)
   local mport, port = helpers.free_ports(2)
   local mpidfile, pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".pid"), helpers.tmpname(".out")
   os.execute(("%s mock --port %d > /dev/null 2>&1 & echo $! > %s"):format(helpers.resil, mport, mpidfile))
@@ -59,6 +59,7 @@ local function start_gateway(extra, config_lines)
   ]]):format(mport, config_lines or ""))
   local tmpdir = helpers.tmpname(".d")
   os.execute("mkdir -p " .. tmpdir)
+  if before then before(tmpdir) end
   os.execute(("TMPDIR=%s %s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s %s > %s 2>&1 & " ..
     "echo $! > %s"):format(tmpdir, helpers.resil, port, config, helpers.tmpname(".db"), extra or "", log, pidfile))
   local pid, seen = helpers.slurp(pidfile):match("%d+"), {}
@@ -160,6 +161,27 @@ describe("gateway --workers 2: metrics merged over the workers", function()
     assert.is_true(helpers.wait_until(function() return value(scrape(url), SERIES) == K end, 10),
       scrape(url) .. helpers.slurp(log))
     for _ = 1, 10 do assert.are.equal(K, value(scrape(url), SERIES)) end
+    assert.is_true(helpers.alive(pid))
+  end)
+
+  it("a folder left by a supervisor killed with -9 is removed at the next start; a running one's is kept",
+     function()
+    local gone = sh("sh -c 'echo $$'").stdout:match("%d+") -- (a pid that ran and ended)
+    local function own_pid()
+      local f = assert(io.open("/proc/self/stat"))
+      local pid = f:read("n")
+      f:close()
+      return pid
+    end
+    local stale, running
+    local _, pid = start_gateway(nil, nil, function(tmpdir)
+      stale = ("%s/resil-lua-metrics-%s-abcdef"):format(tmpdir, gone)
+      running = ("%s/resil-lua-metrics-%d-abcdef"):format(tmpdir, own_pid())
+      os.execute(("mkdir -m 700 %s %s && touch %s/d-0-1.prom %s/d-0-1.prom"):format(stale, running, stale, running))
+    end)
+    assert.is_nil(io.open(stale .. "/d-0-1.prom"))
+    assert.is_true(sh("test -d " .. stale).code ~= 0)
+    assert.is_truthy(io.open(running .. "/d-0-1.prom"))
     assert.is_true(helpers.alive(pid))
   end)
 

@@ -522,11 +522,44 @@ static int start_worker(pid_t *pids, double *started, long w, const sigset_t *wo
   return pid < 0 ? -1 : 1;
 }
 
+/* every file in a folder, then the folder */
+static void remove_folder(const char *dir) {
+  DIR *d = opendir(dir);
+  struct dirent *e;
+  char path[PATH_MAX + 300];
+  while (d && (e = readdir(d)) != NULL) {
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    unlink(path);
+  }
+  if (d) closedir(d);
+  rmdir(dir);
+}
+
+/* The folders of supervisors that are gone without removing theirs (killed
+ * with -9): this user's, whose pid no longer runs. */
+static void remove_stale_metrics_dirs(const char *tmp) {
+  DIR *d = opendir(tmp);
+  struct dirent *e;
+  char path[PATH_MAX + 300];
+  while (d && (e = readdir(d)) != NULL) {
+    int pid = 0, end = 0;
+    if (sscanf(e->d_name, "resil-lua-metrics-%d-%n", &pid, &end) != 1 || end == 0 || pid <= 0) continue;
+    snprintf(path, sizeof path, "%s/%s", tmp, e->d_name);
+    struct stat st;
+    if (lstat(path, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != getuid()) continue;
+    if (kill(pid, 0) == 0 || errno != ESRCH) continue;
+    remove_folder(path);
+  }
+  if (d) closedir(d);
+}
+
 /* The folder the workers write their metrics to, made private (0700) under
  * $TMPDIR and named by this process. -> 0 | -1 (reported) */
 static int make_metrics_dir(void) {
   const char *tmp = getenv("TMPDIR");
   if (!tmp || !*tmp) tmp = "/tmp";
+  remove_stale_metrics_dirs(tmp);
   snprintf(metrics_dir, sizeof metrics_dir, "%s/resil-lua-metrics-%d-XXXXXX", tmp, (int)getpid());
   if (!mkdtemp(metrics_dir)) {
     fprintf(stderr, PROGNAME ": gateway: cannot make a folder for the workers' metrics in %s: %s\n", tmp,
@@ -551,17 +584,7 @@ static void keep_dead_metrics(long w, pid_t pid) {
 
 /* at the supervisor's exit, its workers all gone */
 static void remove_metrics_dir(void) {
-  if (!metrics_dir[0]) return;
-  DIR *d = opendir(metrics_dir);
-  struct dirent *e;
-  char path[PATH_MAX + 300];
-  while (d && (e = readdir(d)) != NULL) {
-    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-    snprintf(path, sizeof path, "%s/%s", metrics_dir, e->d_name);
-    unlink(path);
-  }
-  if (d) closedir(d);
-  rmdir(metrics_dir);
+  if (metrics_dir[0]) remove_folder(metrics_dir);
 }
 
 /* Arm the alarm for the earliest due time of the vacant slots (pids -1), or
