@@ -586,7 +586,7 @@ function metrics.shard(opts)
   -- budget's are store reads) every 10th time, and at each of its scrapes.
   -- A write takes the loop from the requests: one that took t waits 100 t
   -- at least (at most 1% of the loop; 15,000 series take some 20 ms).
-  local n, took = 0, 0
+  local n, took, failing = 0, 0, false
   local wall = resil.clock.wall
   resil.background(function()
     while true do
@@ -595,7 +595,11 @@ function metrics.shard(opts)
       local t0 = wall()
       local wrote, werr = write_shard(n % 10 ~= 0)
       took = wall() - t0
-      if not wrote then resil.log.warn("metrics: this worker's file not written", { error = tostring(werr) }) end
+      -- (said once while it keeps failing: the folder removed under the gateway)
+      if not wrote and not failing then
+        resil.log.warn("metrics: this worker's file not written", { error = tostring(werr) })
+      end
+      failing = not wrote
       if n % 10 == 0 and shard.slot == "0" then
         local ok, done, cerr = pcall(compact, shard.dir)
         if not (ok and done) then
