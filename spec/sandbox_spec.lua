@@ -76,6 +76,21 @@ print(resil.store():get("k"))]]):format(dir .. "/evil.db"))
     os.execute("rm -rf " .. dir)
   end)
 
+  -- (before: getmetatable(resil.store()) gave the store's methods, which the host's own modules
+  -- call: a script that replaced get had the gateway's key lookups read its answers)
+  it("keeps the store's methods out of a script's reach", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local store = resil.store()
+print(getmetatable(store), (pcall(setmetatable, store, {})))
+assert(store:set("k", "v"))
+print(store:get("k"))]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, helpers.tmpname(".db"), script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("false\tfalse\nv\n", r.stdout)
+  end)
+
   it("writes no other file a script names: the metrics file, the run report", function()
     local dir = helpers.tmpname(".d")
     assert(os.execute("mkdir -p " .. dir))

@@ -159,6 +159,9 @@ end
 -- resil.store([url]) -> the store (one per URL per host)
 local Store = {}
 Store.__index = Store
+-- (getmetatable(store) is not its methods: a script that replaced one had the host's own modules
+-- call it, the gateway's key records read through it)
+Store.__metatable = false
 
 -- A SQLite store sweeps what has expired (its backend's sweep: kv keys past
 -- their TTL, once records, old budget holds) once a minute while the process
