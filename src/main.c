@@ -174,19 +174,18 @@ static int report(resil_t *R, int status) {
   return 1;
 }
 
-/* --metrics-addr / --metrics-file: GET /metrics and the textfile for the
- * life of the run (src/lua/metrics.lua). -> 0 | -1 (reported) */
-static int export_metrics(resil_t *R, const char *addr, const char *file) {
-  if (!addr && !file) return 0;
+
+/* L stack: options -> nothing. require("resil.metrics")[fn](options), as the
+ * operator's or the supervisor's (sandbox_trust: the files it names are
+ * not a script's) -> 0 | -1 (reported) */
+static int metrics_call(resil_t *R, const char *fn) {
   lua_State *L = resil_lua(R);
-  int top = lua_gettop(L), rc = 0;
+  int options = lua_gettop(L), rc = 0;
   lua_getglobal(L, "require");
   lua_pushliteral(L, "resil.metrics");
-  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "export") == LUA_TFUNCTION) {
-    lua_createtable(L, 0, 2);
-    if (addr) lua_pushstring(L, addr), lua_setfield(L, -2, "addr");
-    if (file) lua_pushstring(L, file), lua_setfield(L, -2, "file");
-    sandbox_trust(R, 1); /* the operator's file, not a script's */
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, fn) == LUA_TFUNCTION) {
+    lua_pushvalue(L, options);
+    sandbox_trust(R, 1);
     int status = lua_pcall(L, 1, 0, 0);
     sandbox_trust(R, 0);
     if (status != LUA_OK) {
@@ -194,8 +193,19 @@ static int export_metrics(resil_t *R, const char *addr, const char *file) {
       rc = -1;
     }
   }
-  lua_settop(L, top);
+  lua_settop(L, options - 1);
   return rc;
+}
+
+/* --metrics-addr / --metrics-file: GET /metrics and the textfile for the
+ * life of the run (src/lua/metrics.lua). -> 0 | -1 (reported) */
+static int export_metrics(resil_t *R, const char *addr, const char *file) {
+  if (!addr && !file) return 0;
+  lua_State *L = resil_lua(R);
+  lua_createtable(L, 0, 2);
+  if (addr) lua_pushstring(L, addr), lua_setfield(L, -2, "addr");
+  if (file) lua_pushstring(L, file), lua_setfield(L, -2, "file");
+  return metrics_call(R, "export");
 }
 
 /* gateway --workers N: the supervisor's folder for its workers' metrics
@@ -209,23 +219,10 @@ static long worker_slot = -1;
 static int shard_metrics(resil_t *R) {
   if (worker_slot < 0) return 0;
   lua_State *L = resil_lua(R);
-  int top = lua_gettop(L), rc = 0;
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "resil.metrics");
-  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "shard") == LUA_TFUNCTION) {
-    lua_createtable(L, 0, 2);
-    lua_pushstring(L, metrics_dir), lua_setfield(L, -2, "dir");
-    lua_pushinteger(L, worker_slot), lua_setfield(L, -2, "slot");
-    sandbox_trust(R, 1); /* the supervisor's folder, not a script's */
-    int status = lua_pcall(L, 1, 0, 0);
-    sandbox_trust(R, 0);
-    if (status != LUA_OK) {
-      fprintf(stderr, PROGNAME ": %s\n", lua_tostring(L, -1));
-      rc = -1;
-    }
-  }
-  lua_settop(L, top);
-  return rc;
+  lua_createtable(L, 0, 2);
+  lua_pushstring(L, metrics_dir), lua_setfield(L, -2, "dir");
+  lua_pushinteger(L, worker_slot), lua_setfield(L, -2, "slot");
+  return metrics_call(R, "shard");
 }
 
 /* --otlp-endpoint URL: the run's spans exported as OTLP/HTTP JSON (src/lua/trace.lua) */
