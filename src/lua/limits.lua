@@ -47,6 +47,11 @@ core_breaker.methods.call = breaker_call -- src/breaker.c leaves call to this mo
 -- fired, and held its old version)
 local on, own_at_load = core_breaker.methods.on, resil.own_at_load
 local function listen(br, event, fn)
+  -- (checked here, at the caller's line: the C's own check named this file's)
+  if type(event) ~= "string" and type(event) ~= "number" then
+    error(("bad argument #1 to 'on' (string expected, got %s)"):format(type(event)), 3)
+  end
+  if type(fn) ~= "function" then error(("bad argument #2 to 'on' (function expected, got %s)"):format(type(fn)), 3) end
   on(br, event, fn)
   own_at_load(2, function()
     local list = debug.getuservalue(br, 1)[event == "close" and "closed" or event]
