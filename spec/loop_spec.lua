@@ -30,6 +30,16 @@ describe("tasks", function()
     assert.are.same({ true, 42, "sum" }, { t:join() }) -- joining again gives the same answer
   end)
 
+  it("are refused a function that is not one at the caller's line", function()
+    for _, name in ipairs({ "spawn", "background" }) do
+      local ok, err = pcall(function() resil[name](5) end)
+      assert.is_false(ok)
+      assert.matches("loop_spec.lua:%d+: bad argument #1 to '" .. name .. "' %(function expected, got number%)", err)
+      ok, err = pcall(function() resil[name]() end)
+      assert.matches("loop_spec.lua:%d+: bad argument #1 to '" .. name .. "' %(function expected, got no value%)", err)
+    end
+  end)
+
   it("keep an error inside the failing task; join returns it", function()
     local other_ran = false
     local bad = resil.spawn(function() error("boom") end)

@@ -274,7 +274,17 @@ local function retire(rec)
   if #tasks > 0 then pcall(spawn, cancel_all, tasks) end
 end
 
+-- (fn checked here, at the caller's line: the C's own check named this file's)
+local function check_fn(name, ...)
+  local fn = ...
+  if type(fn) ~= "function" then
+    error(("bad argument #1 to '%s' (function expected, got %s)"):format(name,
+      select("#", ...) == 0 and "no value" or type(fn)), 3)
+  end
+end
+
 function resil.spawn(...)
+  check_fn("spawn", ...)
   local t = spawn(...)
   local rec = loading and loading_record(1)
   if rec then rec.tasks[t] = true end
@@ -282,6 +292,7 @@ function resil.spawn(...)
 end
 
 function resil.background(...)
+  check_fn("background", ...)
   local t = background(...)
   local rec = loading and loading_record(1)
   if rec then rec.tasks[t] = true end
