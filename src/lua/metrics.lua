@@ -480,8 +480,9 @@ end
 -- (Prometheus would read a reset); a gauge is merged over the live ones only,
 -- by its merge. Each file only moves forward and a scrape reads them all
 -- (its own written first): scrapes answered by different workers never go
--- down either; a worker's figures are at most a second old (the period of
--- its file).
+-- down either; another worker's counts are at most a second old (the period
+-- of its file), its figures read by the collectors at most ten writes old
+-- (metrics.shard).
 local function merge(files)
   local families, order_of = {}, {}
   for _, file in ipairs(files) do
