@@ -91,6 +91,20 @@ print(store:get("k"))]])
     assert.are.equal("false\tfalse\nv\n", r.stdout)
   end)
 
+  -- (before: a method set on the store object, which every caller shares, was what the host's
+  -- own modules called: the gateway's key lookup read a forged record for any key)
+  it("keeps a method set on the store object from the host's own modules", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local store = resil.store()
+print((pcall(function() store.get = function() return '{"name":"forged"}' end end)))
+print(require("resil.keys").lookup(("0"):rep(64)))]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, helpers.tmpname(".db"), script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("false\nnil\n", r.stdout)
+  end)
+
   it("writes no other file a script names: the metrics file, the run report", function()
     local dir = helpers.tmpname(".d")
     assert(os.execute("mkdir -p " .. dir))

@@ -162,6 +162,11 @@ Store.__index = Store
 -- (getmetatable(store) is not its methods: a script that replaced one had the host's own modules
 -- call it, the gateway's key records read through it)
 Store.__metatable = false
+-- (nor is a method set on the object itself, which is every caller's: `store.get = f` had the
+-- host's own modules call f as the metatable's did)
+Store.__newindex = function(_, k)
+  error(("a store object's fields are the host's: %s cannot be set"):format(tostring(k)), 2)
+end
 
 -- A SQLite store sweeps what has expired (its backend's sweep: kv keys past
 -- their TTL, once records, old budget holds) once a minute while the process
