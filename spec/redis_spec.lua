@@ -57,6 +57,15 @@ local function short_lease(seconds)
   return setmetatable({}, { __close = function() owner.lease = saved end })
 end
 
+-- (a sandbox wrapper between: "bad argument #1 to '?'", no file:line)
+describe("resil.redis.connect given no table", function()
+  it("names the caller's file:line", function()
+    local r = helpers.run_script("local resil = require 'resil'\nresil.redis.connect(5)\n")
+    assert.are_not.equal(0, r.code)
+    assert.matches("%.lua:2: bad argument #1 to 'connect' %(table expected, got number%)", r.stderr)
+  end)
+end)
+
 describe("resil.once on Redis", function()
   local calls
   local function work(x)

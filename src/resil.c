@@ -304,6 +304,7 @@ static int l_redis_connect(lua_State *L) {
   if (resil_from_lua(L)->sandbox)
     return luaL_error(L, "resil.redis.connect is not allowed in the sandbox (resil_options.sandbox, --sandbox): "
                          "a Redis store is used through resil.store(url)");
+  luaL_checktype(L, 1, LUA_TTABLE); /* (here: called from this C function, the real one's error named no line) */
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_insert(L, 1);
   lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
