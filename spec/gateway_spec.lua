@@ -2260,12 +2260,7 @@ print(string.format("%.6f %d", resil.cost.total({ budget = "key:crashy" }), by a
     return m, config, helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
   end
 
-  -- the supervisor's workers
-  local function workers_of(pid)
-    local list = {}
-    for p in helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid)):gmatch("%d+") do list[#list + 1] = p end
-    return list
-  end
+  local workers_of = helpers.workers_of
 
   -- after a test: the gateway and every worker it had, gone for sure
   local function stop_all(pid, seen, m)

@@ -157,6 +157,13 @@ function helpers.sum_of(outputs)
 end
 
 -- A process that exited but is not reaped yet (a zombie) counts as gone.
+-- the pids of a `gateway --workers` supervisor's workers (its children), as they are now
+function helpers.workers_of(pid)
+  local list = {}
+  for p in helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid)):gmatch("%d+") do list[#list + 1] = p end
+  return list
+end
+
 function helpers.alive(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
   if not f then return false end

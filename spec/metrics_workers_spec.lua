@@ -38,12 +38,7 @@ local function chats(port, n)
   assert.are.equal(n, ok, r.stdout .. r.stderr)
 end
 
--- the supervisor's workers
-local function workers_of(pid)
-  local list = {}
-  for p in helpers.slurp(("/proc/%s/task/%s/children"):format(pid, pid)):gmatch("%d+") do list[#list + 1] = p end
-  return list
-end
+local workers_of = helpers.workers_of
 
 -- a mock provider, and `resil-lua gateway --workers 2 [extra]` routing to it with TMPDIR a
 -- folder of the test's -> gateway port, supervisor pid, log, tmpdir, seen (workers to kill after)
