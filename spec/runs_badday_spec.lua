@@ -259,7 +259,16 @@ local items = {}
 for x in list:gmatch("[^,]+") do items[#items + 1] = { name = x } end
 local out = resil.map(items, function(item)
   return resil.step("render", function()
-    if item.name == os.getenv("KILL") then os.execute("kill -KILL " .. io.open("/proc/self/stat"):read("l"):match("^%d+")) end
+    if item.name == os.getenv("KILL") then
+      -- (once the items before it are paid and their steps recorded: on a loaded machine the
+      -- kill came while two of them were still in flight)
+      local function logged() local f = io.open(log); local n = f and select(2, f:read("a"):gsub("\n", "")) or 0; if f then f:close() end; return n end
+      while logged() < 3 do resil.sleep(0.01) end
+      resil.sleep(0.3)
+      os.execute("kill -KILL " .. io.open("/proc/self/stat"):read("l"):match("^%d+"))
+    elseif os.getenv("KILL") and item.name > os.getenv("KILL") then
+      resil.sleep(60) -- (the items after it wait for the kill: paid are a, b and c only)
+    end
     resil.sleep(0.05)
     local f = assert(io.open(log, "a")); f:write(item.name, "\n"); f:close()
     return "video of " .. item.name
