@@ -283,21 +283,17 @@ local function check_fn(name, ...)
   end
 end
 
-function resil.spawn(...)
-  check_fn("spawn", ...)
-  local t = spawn(...)
-  local rec = loading and loading_record(1)
-  if rec then rec.tasks[t] = true end
-  return t
+-- resil.spawn, resil.background: a task started as a policy loads is its version's
+local function owning(name, start)
+  return function(...)
+    check_fn(name, ...)
+    local t = start(...)
+    local rec = loading and loading_record(1)
+    if rec then rec.tasks[t] = true end
+    return t
+  end
 end
-
-function resil.background(...)
-  check_fn("background", ...)
-  local t = background(...)
-  local rec = loading and loading_record(1)
-  if rec then rec.tasks[t] = true end
-  return t
-end
+resil.spawn, resil.background = owning("spawn", spawn), owning("background", background)
 
 -- A policies.* module's loader runs with its own record; the record is the
 -- version's once the loader returns (a reload's, once the whole set loads).
