@@ -245,7 +245,8 @@ for how, v in pairs({ ["resil.store()"] = resil.store(), ["resil.budget"] = budg
   take(v, how)
 end
 for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "owner", "keys", "trace", "metrics" }) do
-  take(require("resil." .. name), "require 'resil." .. name .. "'")
+  local ok, m = pcall(require, "resil." .. name) -- (resil.budgets, `budgets set`'s, is refused)
+  if ok then take(m, "require 'resil." .. name .. "'") end
 end
 local name = STORE:match("^redis") and "store_redis" or "store_sqlite"
 local m = backends[name]
@@ -327,5 +328,146 @@ print(ok, err, ("%%d"):format(3))
     -- (its view is read only: what the string methods are is not the script's to change)
     assert.matches("^false\t.-strings' metatable cannot be changed in the sandbox\t3$", lines[3])
     os.execute("rm -rf " .. dir)
+  end)
+end)
+
+-- The store's kv namespace is the scripts' and the host's: the gateway's virtual keys are records
+-- "gateway:key:<sha256>" there (src/lua/keys.lua), listed in "gateway:keys". Before: a sandboxed
+-- script wrote one with store:set, or called require("resil.keys").add, and minted a key every
+-- gateway on the store accepted; it read the index, and `budgets set`'s functions were its to call.
+describe("resil-lua --sandbox: the host's own records in the store", function()
+  local resil = require "resil"
+  local http, json = resil.http, resil.json
+  local FORGE = [[
+local resil = require "resil"
+local store = resil.store()
+local hash = resil.crypto.sha256("sk-resil-forged")
+local rec = resil.json.encode({ id = "key_forged", name = "forged", hash = hash })
+local keys = require "resil.keys"
+local function try(what, ok, v) print(what, ok, ok and tostring(v) or v) end
+try("get", pcall(store.get, store, "gateway:keys"))
+try("incr", pcall(store.incr, store, "gateway:keys:lock", 1))
+try("del", pcall(store.del, store, "gateway:keys"))
+try("add", pcall(keys.add, { name = "minted" }))
+try("list", pcall(keys.list))
+try("revoke", pcall(keys.revoke, "alice"))
+try("budgets", pcall(require, "resil.budgets"))
+print("own", store:set("mine", "v"), store:get("mine"), store:incr("n"), store:del("mine"))
+store:set("gateway:key:" .. hash, rec)
+]]
+
+  -- the gateway in this process (not sandboxed: the host) on the store; -> its URL
+  local function gateway_on(url)
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = url })
+    local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+    local gateway, ai = helpers.fresh_gateway()
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+      retry = { base = 0.001, cap = 0.005 } })
+    gateway.configure({ auth = true, key_cache = 0, models = {} })
+    local srv = gateway.serve({ listen = "127.0.0.1:0" })
+    finally(function()
+      srv:close()
+      m:stop()
+      resil.store_config({ url = helpers.tmpname(".db") })
+      resil.log.level("info")
+    end)
+    return ("http://127.0.0.1:%d/v1/chat/completions"):format(srv:port())
+  end
+
+  local function status(url, key)
+    local res = assert(http.request({ method = "POST", url = url, timeout = 10,
+      body = json.encode({ model = "gpt-4o-mini", messages = { { role = "user", content = "hi" } } }),
+      headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } }))
+    return res.status
+  end
+
+  local function no_forged_key(store)
+    local gw = gateway_on(store)
+    local alice = assert(require("resil.keys").add({ name = "alice" })) -- the operator's
+    local script = helpers.write(helpers.tmpname(".lua"), FORGE)
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    os.remove(script)
+    -- the gateway refuses the forged key, the operator's works; `keys list` lists it alone
+    assert.are.equal(401, status(gw, "sk-resil-forged"))
+    assert.are.equal(200, status(gw, alice))
+    local list = assert(require("resil.keys").list())
+    assert.are.equal(1, #list)
+    assert.are.equal("alice", list[1].name)
+    assert.is_nil(list[1].revoked)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    -- refused, each naming the key (or the function) and why; the script's own keys are its own
+    local function refused(call, key)
+      return ("^%s\tfalse\t.-store:%s: key \"%s\" is the host's own (keys under \"gateway:\" are reserved): " ..
+        "a sandboxed script cannot read or write it"):format(call, call, key):gsub("[%(%)]", "%%%0")
+    end
+    assert.matches(refused("get", "gateway:keys"), lines[1])
+    assert.matches(refused("incr", "gateway:keys:lock"), lines[2])
+    assert.matches(refused("del", "gateway:keys"), lines[3])
+    assert.matches("^add\tfalse\t.-resil%.keys%.add is not allowed in the sandbox", lines[4])
+    assert.matches("^list\tfalse\t.-resil%.keys%.list is not allowed in the sandbox", lines[5])
+    assert.matches("^revoke\tfalse\t.-resil%.keys%.revoke is not allowed in the sandbox", lines[6])
+    assert.matches('^budgets\tfalse\t.-require "resil.budgets" is not allowed in the sandbox', lines[7])
+    assert.are.equal("own\ttrue\tv\t1\ttrue", lines[8])
+    -- the forging line fails the script at its line
+    assert.are.equal(1, r.code, r.stderr)
+    assert.matches(script:gsub("%p", "%%%0") .. ":15: store:set: key \"gateway:key:%x+\" is the host's own", r.stderr)
+    -- outside the sandbox a script is the operator's: the host's keys are its to read
+    local host = helpers.run(("%s --store %s -e %q"):format(R, store,
+      "local resil = require 'resil' print(#resil.json.decode(resil.store():get('gateway:keys')))"))
+    assert.are.equal(0, host.code, host.stderr)
+    assert.are.equal("1\n", host.stdout)
+  end
+
+  it("a script cannot mint a gateway key nor read the host's key records (SQLite)", function()
+    no_forged_key(helpers.tmpname(".db"))
+  end)
+
+  it("a script cannot mint a gateway key nor read the host's key records (Redis)", function()
+    local redis = helpers.redis_server()
+    finally(redis.stop)
+    no_forged_key(redis.url())
+  end)
+end)
+
+-- The host's modules looked functions up on the resil table when they ran, and a script may
+-- replace what it holds. Before: a script that replaced resil.store had the gateway's key lookup
+-- read its records, and every ledger row and budget settle of its process written where it said
+-- (here an in-memory store: nothing reached the host's); one that replaced resil.now moved the time
+-- the host writes with (a settle counted in a period three days on: today's budget showed nothing
+-- spent). The host's modules take them at load now (private.store_open, private.store_now).
+describe("resil-lua --sandbox: what the host's modules call", function()
+  it("is the host's own, whatever a script puts in the resil table: key lookups, the ledger, budgets' days", function()
+    local store = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local store, now = resil.store, resil.now
+local hash = resil.crypto.sha256("sk-resil-forged")
+local forged = resil.json.encode({ id = "key_forged", name = "forged", hash = hash })
+resil.store = function() return setmetatable({}, { __index = { get = function() return forged end } }) end
+print("lookup", require("resil.keys").lookup(hash))
+resil.store = store
+resil.now = function() return now() + 3 * 86400 end
+resil.store_now = function() return os.time() + 3 * 86400 end
+local b = resil.budget("b", { limit = 10, per = "day" })
+assert(b:reserve(1)):settle(1, { provider = "openai", model = "gpt-4o-mini", wait = true })
+resil.store = function(url, ...) return store(url or ":memory:", ...) end
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait = true })
+]])
+    local today = os.date("!%Y-%m-%d")
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("lookup\tnil\n", r.stdout)
+    local costs = helpers.run(("%s costs --store %s"):format(R, store))
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("total %$2%.500000", costs.stdout)
+    local budgets = helpers.run(("%s budgets --store %s"):format(R, store))
+    assert.are.equal(0, budgets.code, budgets.stderr)
+    local period, spent = budgets.stdout:match("\nb +%$10%.000000 +day +(%S+) +(%S+)")
+    assert.is_true(period == today or period == os.date("!%Y-%m-%d"), budgets.stdout) -- (the day the run began or ended)
+    assert.are.equal("$1.000000", spent)
   end)
 end)

@@ -8,15 +8,34 @@
 -- and `budgets set key:NAME` take turns at rewriting it and the records:
 -- one_at_a_time, below).
 local resil, private = ...
-local json = resil.json
+-- (from the private table, never the resil table: this module loads when first required, maybe
+-- after a sandboxed script replaced resil.store, resil.json or a store's methods, and the gateway's
+-- key lookups would have read what it said)
+local json, store_open, store_now, backend_of = private.json, private.store_open, private.store_now,
+  private.backend_of
 
 local keys = {}
 local INDEX = "gateway:keys"
 
 local function store()
-  local s, err = resil.store()
+  local s, err = store_open()
   if not s then return nil, err end
   return s
+end
+
+-- The key records are under the store's reserved "gateway:" keys (store.lua), which a sandboxed
+-- script's store object refuses: this module reads and writes them through the backend.
+local function kv_get(s, key) return backend_of[s]:kv_get(key, store_now()) end
+local function kv_set(s, key, value) return backend_of[s]:kv_set(key, value, nil, store_now()) end
+
+-- Making, listing and revoking keys is the operator's (`resil-lua keys`): refused to a sandboxed
+-- script, which minted a key every gateway on the store accepted with keys.add. keys.lookup (the
+-- gateway's, by a key's digest) is not.
+local function operator_only(what)
+  if private.sandbox then
+    error(("resil.keys.%s is not allowed in the sandbox (resil_options.sandbox, --sandbox): keys are the "
+      .. "operator's (resil-lua keys)"):format(what), 3)
+  end
 end
 
 local function record_key(hash) return "gateway:key:" .. hash end
@@ -25,7 +44,7 @@ local function record_key(hash) return "gateway:key:" .. hash end
 function keys.lookup(hash)
   local s, err = store()
   if not s then return nil, err end
-  local v, gerr = s:get(record_key(hash))
+  local v, gerr = kv_get(s, record_key(hash))
   if v == nil and gerr ~= nil then return nil, gerr end -- the store failed: not an unknown key
   local rec = type(v) == "string" and json.decode(v)
   return type(rec) == "table" and rec or nil
@@ -33,7 +52,7 @@ end
 
 -- -> the index | nil, err (the store failed: never taken for "no keys")
 local function index(s)
-  local v, err = s:get(INDEX)
+  local v, err = kv_get(s, INDEX)
   if v == nil and err ~= nil then return nil, err end
   if v == nil then return {} end
   -- one that cannot be read is not an empty one: `keys add` rewrote it with its
@@ -89,7 +108,7 @@ local function one_at_a_time(s, fn, ...)
   if holding == me then return fn(...) end
   local deadline = resil.now() + LOCK_WAIT
   while true do
-    local n, err = s:incr(LOCK, 1, LOCK_TTL)
+    local n, err = backend_of[s]:kv_incr(LOCK, 1, LOCK_TTL, store_now())
     if n == nil then return nil, err end
     if n == 1 then break end
     if resil.now() >= deadline then
@@ -101,7 +120,7 @@ local function one_at_a_time(s, fn, ...)
   holding = me
   local r = table.pack(pcall(fn, ...))
   holding = nil
-  s:del(LOCK)
+  backend_of[s]:kv_del(LOCK)
   if not r[1] then error(r[2], 0) end
   return table.unpack(r, 2, r.n)
 end
@@ -134,15 +153,16 @@ local function add_listed(s, o, budget, set_limit)
   -- that works and that `keys list` and `keys revoke` cannot find; an entry
   -- without its record is skipped (and its key was never shown)
   list[#list + 1] = { id = rec.id, name = rec.name, hash = hash }
-  local ok, serr = s:set(INDEX, json.encode(list))
+  local ok, serr = kv_set(s, INDEX, json.encode(list))
   if not ok then return nil, serr end
-  ok, serr = s:set(record_key(hash), json.encode(rec))
+  ok, serr = kv_set(s, record_key(hash), json.encode(rec))
   if not ok then return nil, serr end
   return key, rec
 end
 
 -- keys.add{name=, budget="50/day" | {limit=, per=}, rpm=, tpm=, concurrency=, models={...}} -> key, record | nil, err
 function keys.add(o)
+  operator_only("add")
   if type(o) ~= "table" or type(o.name) ~= "string" or not o.name:match("^[%w_.:%-]+$") then
     error("keys.add: name must be letters, digits, _ . : -", 2)
   end
@@ -160,7 +180,7 @@ function keys.add(o)
   -- key revoked since) is the key's when it is made without --budget: without one in its record
   -- the gateway reserved nothing and the limit went unenforced. Made with --budget, the key's is
   -- set in its place: the old one overrode it (a key listed at $100/day was held at $0).
-  local cfg, cerr = private.backend_of[s]:budget_config("key:" .. o.name)
+  local cfg, cerr = backend_of[s]:budget_config("key:" .. o.name)
   if cfg == nil and cerr ~= nil then return nil, cerr end
   local set_limit = false
   if cfg and cfg.limit_micro then
@@ -185,7 +205,7 @@ local function update_live(s, match, change)
       if gerr then return nil, gerr end
       if rec and not rec.revoked then
         change(rec)
-        local ok, serr = s:set(record_key(e.hash), json.encode(rec))
+        local ok, serr = kv_set(s, record_key(e.hash), json.encode(rec))
         if not ok then return nil, serr end
         n = n + 1
       end
@@ -205,6 +225,7 @@ local function set_budget(s, name, limit, per)
 end
 -- (in turn with revoke: a record read before a revoke and written after it made the key live again)
 function keys.set_budget(name, limit, per, st)
+  operator_only("set_budget")
   local s, err = st, nil
   if not s then s, err = store() end
   if not s then return nil, err end
@@ -213,6 +234,7 @@ end
 
 -- keys.list() -> records (revoked ones too), oldest first
 function keys.list()
+  operator_only("list")
   local s, err = store()
   if not s then return nil, err end
   local list, lerr = index(s)
@@ -233,6 +255,7 @@ local function revoke(s, which)
     function(rec) rec.revoked = resil.clock.wall() end)
 end
 function keys.revoke(which)
+  operator_only("revoke")
   local s, err = store()
   if not s then return nil, err end
   return one_at_a_time(s, revoke, s, which)
@@ -260,7 +283,7 @@ function keys.main(args)
   if cmd == "list" or cmd == "revoke" then
     -- a SQLite path with no store there (a typo, another working directory) is named, not made
     -- there and read as "no keys" (add makes the store: the first key may come before the gateway)
-    local _, err = resil.store(nil, { existing = true })
+    local _, err = store_open(nil, { existing = true })
     if err then fail("%s", tostring(err)) end
   end
   if cmd == "add" then

@@ -568,6 +568,9 @@ local function refusing(prefix, t)
 end
 
 function resil.sandbox_env(canonical, dirs, policy_dirs)
+  -- (what the host's modules refuse a sandboxed script, the store's reserved keys among them,
+  -- asks the private table, which no script reaches)
+  debug.getregistry()["resil.private"].sandbox = true
   local env = {}
   local check_file = resil.sqlite.check_file -- (the script's resil table may change it)
   for _, k in ipairs({ "assert", "error", "ipairs", "next", "pairs", "pcall", "print", "rawequal", "rawget",
@@ -665,8 +668,10 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- the host's own tools, which write files wherever they are told (the
   -- command line's, run by the operator, never sandboxed)
   -- (and the watchdog's unwatched(fn): a script's loop under it was never stopped)
+  -- (and `resil-lua budgets`' own functions: a script set any budget's limit in force, a gateway
+  -- key's among them, and released others' holds)
   local HOST_ONLY = { ["resil.report"] = true, ["resil.commands"] = true, ["resil.check"] = true,
-    ["resil.core.watchdog"] = true }
+    ["resil.core.watchdog"] = true, ["resil.budgets"] = true }
   env.require = function(name)
     if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
     if own[name] then return own[name] end

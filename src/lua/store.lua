@@ -7,9 +7,14 @@
 -- this module returns what they share.
 local resil, private = ... -- (private: what the host's modules alone hold, src/resil.c)
 local json = resil.json
+-- (a copy of its functions for the host's modules loaded later, keys.lua's lookups among them: by
+-- then a script may have replaced what resil.json holds)
+private.json = {}
+for k, v in pairs(json) do private.json[k] = v end
 -- (taken now, before any script runs: a script may replace what the resil table holds, and
 -- one that replaced resil.background was handed each store's backend)
 local background = resil.background
+local sleep, running, resolve = resil.sleep, resil.running, resil.sqlite.resolve
 
 -- who holds a run, a once key or a budget hold, and whether they are alive
 local owner = require "resil.owner"
@@ -35,9 +40,13 @@ local config = { url = nil, run = nil, fresh = false, script = nil, args = nil, 
 
 -- Time on the store is epoch seconds that follow the host clock (so the
 -- virtual clock drives expiries in specs, and processes agree in real use).
-local wall0, mono0 = resil.clock.wall(), resil.now()
-local function store_now() return wall0 + (resil.now() - mono0) end
+-- (resil.now taken now: a script that replaced it moved the time every host record is written
+-- with, other processes' too: a lease, a budget's period, a key's expiry)
+local mono = resil.now
+local wall0, mono0 = resil.clock.wall(), mono()
+local function store_now() return wall0 + (mono() - mono0) end
 resil.store_now = store_now
+private.store_now = store_now -- (for owner.lua, loaded before it, and keys.lua, loaded later)
 
 -- The stores open, by URL as given and by the key of what it names (store_key)
 local opened = {}
@@ -85,7 +94,7 @@ local function store_key(url)
   end
   local path, query = url:gsub("^sqlite://", ""):match("^([^?]*)%??(.*)$")
   if path == ":memory:" or path:match("^file:") then return url end -- (no file, or SQLite's own URI)
-  local file = resil.sqlite.resolve(path)
+  local file = resolve(path)
   if not file then return url end
   return query ~= "" and file .. "?" .. query or file
 end
@@ -124,7 +133,7 @@ local OPTIONS = { sqlite = { "timeout" }, redis = { "timeout", "down", "down_max
 for _, names in pairs(OPTIONS) do
   for _, name in ipairs(names) do names[name] = true end
 end
-function resil.store_options(query, url, kind)
+local function store_options(query, url, kind)
   local o, known = { timeout = DEFAULT_TIMEOUT }, OPTIONS[kind]
   -- (each part: one without '=', ?timeout or ?tiemout, was passed over, and the store waited 5 s)
   for part in (query or ""):gmatch("[^&]+") do
@@ -149,6 +158,7 @@ function resil.store_options(query, url, kind)
   end
   return o
 end
+resil.store_options = store_options
 
 -- (an empty RESIL_STORE, as a compose file's ${STORE} leaves it, is unset, as the sandbox reads it)
 local function default_url()
@@ -183,13 +193,13 @@ local SWEEP_EVERY, SWEEP_IDLE_EVERY, SWEEP_ROWS, SWEEP_PAUSE = 60, 3600, 100, 0.
 local function sweeper(backend)
   local pause = SWEEP_EVERY
   while true do
-    resil.sleep(pause)
+    sleep(pause)
     local swept = 0
     while true do
       local n = backend:sweep(store_now(), SWEEP_ROWS)
       swept = swept + (n or 0)
       if not n or n < SWEEP_ROWS then break end
-      resil.sleep(SWEEP_PAUSE)
+      sleep(SWEEP_PAUSE)
     end
     pause = swept > 0 and SWEEP_EVERY or math.min(pause * 2, SWEEP_IDLE_EVERY)
   end
@@ -239,7 +249,7 @@ local function open_store(url, key, opts)
     if backend then check_eviction(backend) end
   else
     local path, query = url:gsub("^sqlite://", ""):match("^([^?]*)%??(.*)$")
-    local o, terr = resil.store_options(query, url, "sqlite")
+    local o, terr = store_options(query, url, "sqlite")
     if not o then return nil, resil.error("store_unavailable", terr) end
     for k, v in pairs(opts or {}) do o[k] = v end
     if o.existing then
@@ -271,7 +281,7 @@ end
 -- is the process's from its start, as the sandbox reads it (src/resil.c); a store_config with
 -- another URL is a new default.
 local default_store, default_store_config
-function resil.store(url, opts)
+local function open(url, opts)
   local by_default = url == nil
   if by_default then
     if default_store and default_store_config == config.url then return default_store end
@@ -291,10 +301,10 @@ function resil.store(url, opts)
     return s
   end
   -- (a loop: when the first is canceled, one of its waiters opens it and the others wait for that one)
-  while opening[key] and resil.running() and coroutine.isyieldable() do
+  while opening[key] and running() and coroutine.isyieldable() do
     local first, pause = opening[key], 0.001
     while not first.done do
-      resil.sleep(pause)
+      sleep(pause)
       pause = math.min(pause * 2, 0.05)
     end
     if opened[key] then return opened[key] end
@@ -307,9 +317,14 @@ function resil.store(url, opts)
   o.err = own_error(err) -- (kept as it was made: the first caller may mark its own before the waiters wake)
   return s, err
 end
+-- (the host's modules open the store with this one, never resil.store: a script that replaced
+-- that had every ledger row, budget hold and once record of its process written where it said,
+-- and the gateway's keys looked up there)
+resil.store = open
+private.store_open = open
 
 local function store_or_raise(level)
-  local s, err = resil.store()
+  local s, err = open()
   if not s then error(tostring(err), level + 1) end
   return s
 end
@@ -317,7 +332,7 @@ end
 -- The store, or nil, err{kind="store_unavailable"}: a store that cannot be
 -- opened (a corrupt file, a bad URL) is trouble from the world, not misuse.
 local function store_or_fail()
-  local s, err = resil.store()
+  local s, err = open()
   if s then return s end
   if not resil.is_error(err) then err = resil.error("store_unavailable", tostring(err)) end
   return nil, err
@@ -330,9 +345,9 @@ local failed_open = {}
 local function store_for_retry()
   local url = default_url()
   local failed = failed_open[url]
-  if failed and resil.now() < failed.till then return nil, failed.err end
+  if failed and mono() < failed.till then return nil, failed.err end
   local s, err = store_or_fail()
-  failed_open[url] = not s and { till = resil.now() + 1, err = err } or nil
+  failed_open[url] = not s and { till = mono() + 1, err = err } or nil
   return s, err
 end
 
@@ -355,22 +370,49 @@ local function check_ttl(what, ttl)
     error(("store:%s: ttl must be a number of seconds > 0, or nil for none, not %s"):format(what, shown(ttl)), 3)
   end
 end
+
+-- The kv keys the host keeps its own records under, in every store: a sandboxed script neither
+-- reads nor writes them through a store object (it wrote "gateway:key:<sha256>" and minted a
+-- virtual key every gateway on the store accepted, or read the key index). The host's modules
+-- reach them through the backend (private.backend_of); outside the sandbox the script is the
+-- operator's, as `resil-lua keys` is. What else is in a store (once records, runs, the ledger,
+-- budgets, shared limits, owners' leases) is in tables (SQLite) or keys (Redis: resil:once:...)
+-- of its own, never reached through kv (Redis's are "resil:kv:" .. key).
+--   gateway:  the gateway's virtual keys (keys.lua): gateway:key:<sha256>, gateway:keys (the
+--             index), gateway:keys:lock
+local RESERVED = { "gateway:" }
+local function check_reserved(what, key)
+  if type(key) ~= "string" then return end
+  for i = 1, #RESERVED do
+    local prefix = RESERVED[i]
+    if key:sub(1, #prefix) == prefix then
+      error(("store:%s: key %q is the host's own (keys under %q are reserved): a sandboxed script cannot "
+        .. "read or write it (resil_options.sandbox, --sandbox)"):format(what, #key > 80 and key:sub(1, 80) .. "..." or key,
+        prefix), 3)
+    end
+  end
+end
+
 function Store:get(key)
   check_key("get", key)
+  if private.sandbox then check_reserved("get", key) end
   return backend_of[self]:kv_get(key, store_now())
 end
 function Store:set(key, value, ttl)
   check_key("set", key)
+  if private.sandbox then check_reserved("set", key) end
   if type(value) ~= "string" then error("store:set: value must be a string (encode tables with resil.json)", 2) end
   check_ttl("set", ttl)
   return backend_of[self]:kv_set(key, value, ttl, store_now())
 end
 function Store:del(key)
   check_key("del", key)
+  if private.sandbox then check_reserved("del", key) end
   return backend_of[self]:kv_del(key)
 end
 function Store:incr(key, n, ttl)
   check_key("incr", key)
+  if private.sandbox then check_reserved("incr", key) end
   if n ~= nil and (type(n) ~= "number" or n ~= n or n == math.huge or n == -math.huge) then
     error(("store:incr: n must be a finite number, not %s"):format(shown(n)), 2)
   end
@@ -560,16 +602,16 @@ local sends_when_down = setmetatable({}, { __mode = "k" })
 debug.getregistry()["resil.redis.sends_when_down"] = sends_when_down
 local sending_ended = { __close = function(o) sends_when_down[o.co] = nil end }
 local function retry_write(write)
-  local pause, deadline = 0.05, resil.now() + RETRY_FOR
+  local pause, deadline = 0.05, mono() + RETRY_FOR
   local ok, err
   local co = coroutine.running()
   sends_when_down[co] = true
   local _ <close> = setmetatable({ co = co }, sending_ended)
   repeat
-    resil.sleep(pause)
+    sleep(pause)
     pause = math.min(pause * 2, 2)
     ok, err = write()
-  until ok ~= nil or resil.now() + pause > deadline
+  until ok ~= nil or mono() + pause > deadline
   return ok, err
 end
 
