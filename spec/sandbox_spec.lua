@@ -470,4 +470,39 @@ resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait 
     assert.is_true(period == today or period == os.date("!%Y-%m-%d"), budgets.stdout) -- (the day the run began or ended)
     assert.are.equal("$1.000000", spent)
   end)
+
+  -- (before: getmetatable(budget) gave the methods every budget shares: a script that replaced
+  -- reserve there let every budget of its process through, those it never named too (a gateway
+  -- key's, in a process that serves both); a budget's own field, resil.budget(name) being every
+  -- caller's by that name, did it for that budget; rawset set a store's get past its __newindex)
+  it("keeps the methods every budget, ticket and store share out of a script's reach", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local other = resil.budget("other", { limit = 1 })
+local mine = resil.budget("mine", { limit = 100 })
+local ticket = assert(mine:reserve(1))
+local function forged() return ticket end
+print(getmetatable(mine), getmetatable(ticket))
+pcall(function() getmetatable(mine).reserve = forged end)
+print(pcall(function() resil.budget("other").reserve = forged end))
+print(pcall(rawset, resil.budget("other"), "reserve", forged))
+local t, err = other:reserve(5)
+print(t, err and err.kind)
+local store = resil.store()
+assert(store:set("k", "v"))
+print(pcall(rawset, store, "get", function() return "forged" end))
+print(store:get("k"))
+]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, helpers.tmpname(".db"), script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.are.equal("false\tfalse", lines[1])
+    assert.matches("^false\t.-a budget's methods are the host's: reserve cannot be set$", lines[2])
+    assert.matches("^false\t.-rawset: the host's objects cannot be changed in the sandbox %(reserve%)$", lines[3])
+    assert.are.equal("nil\tbudget_exceeded", lines[4])
+    assert.matches("^false\t.-rawset: the host's objects cannot be changed in the sandbox %(get%)$", lines[5])
+    assert.are.equal("v", lines[6])
+  end)
 end)

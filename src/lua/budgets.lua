@@ -50,12 +50,21 @@ end
 
 local Budget = {}
 Budget.__index = Budget
+-- (getmetatable(budget) is not the methods every budget shares, nor a ticket's: a script that
+-- replaced reserve there changed every budget of its process, those it never named too)
+Budget.__metatable = false
+-- (nor a method set on the budget itself: resil.budget(name) is every caller's by that name)
+Budget.__newindex = function(b, k, v)
+  if Budget[k] ~= nil then error(("a budget's methods are the host's: %s cannot be set"):format(tostring(k)), 2) end
+  rawset(b, k, v)
+end
 local soft_total = resil.metrics.counter("resil_budget_soft_limit_total",
   "Reservations that took a budget past its soft share, by budget")
 local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
   "Reservations allowed unchecked while the store was unavailable (on_outage = \"allow\"), by budget")
 local Ticket = {}
 Ticket.__index = Ticket
+Ticket.__metatable = false
 local stop_keeping -- (ticket:keep, below)
 local budgets = {}
 local ticket_seq = 0

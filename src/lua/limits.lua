@@ -7,6 +7,7 @@
 local resil, private = ...
 local S = require "resil.store"
 local backend_of = private.backend_of -- (a store's backend: never on the store object, a script's)
+local store_open = private.store_open -- (not resil.store: a script may replace it)
 local core_bucket = require "resil.core.bucket"
 local core_breaker = require "resil.core.breaker"
 local store_now = S.now
@@ -147,7 +148,7 @@ end
 -- the rate at burst 1. Each reply's arrival time is kept (self.tat): what
 -- this process knows of the store, for wait_time, remaining and observe.
 local function take(self, n, max_wait)
-  local s, serr = resil.store()
+  local s, serr = store_open()
   local ok, x, wait, tat
   if s then
     ok, x, wait, tat = backend_of[s]:gcra_take("bucket:" .. self.label, self.interval, self.tolerance, n, store_now(),
@@ -255,7 +256,7 @@ end
 -- a provider's garbage count, 1e17 tokens, is not a time they cannot keep.)
 local function adjust(self, n, sign, what)
   count_of(self, n, what)
-  local s, serr = resil.store()
+  local s, serr = store_open()
   local remaining, tat
   if s then
     remaining, tat = backend_of[s]:gcra_adjust("bucket:" .. self.label, self.interval, self.tolerance, sign * n, store_now())
@@ -317,7 +318,7 @@ end
 -- nil: none) is kept there too, so that no refund pulls the time back into
 -- it (a call answered meanwhile gives back what it did not use). -> nothing
 local function raise(self, at_least, t, headers, pause)
-  local s, serr = resil.store()
+  local s, serr = store_open()
   local remaining, tat
   if s then
     remaining, tat = backend_of[s]:gcra_raise("bucket:" .. self.label, self.interval, self.tolerance, at_least, t, pause)
@@ -399,7 +400,7 @@ end
 -- The shared entries (indexes into list) in one store operation: -> "booked",
 -- seconds to the slot | false, seconds, the index that waits longest | nil, err
 local function take_shared(list, shared, deadline)
-  local s, serr = resil.store()
+  local s, serr = store_open()
   if not s then return nil, serr end
   local items = {}
   for k, i in ipairs(shared) do
@@ -581,7 +582,7 @@ SharedBreaker.__index = SharedBreaker
 
 -- br:allow() -> true [, "probe"] | nil, err{kind="circuit_open"}
 function SharedBreaker:allow()
-  local s, serr = resil.store()
+  local s, serr = store_open()
   local ok, x
   if s then ok, x = backend_of[s]:breaker_probe(self.label, self.probe_for, store_now()) end
   if ok == nil then
@@ -599,7 +600,7 @@ end
 
 -- br:record(ok, seconds); a probe's outcome closes or re-opens it for everyone
 function SharedBreaker:record(ok, seconds)
-  local s = resil.store()
+  local s = store_open()
   if self.probing and self.probing > 0 then
     self.probing = self.probing - 1
     if ok == nil then return end
@@ -619,7 +620,7 @@ function SharedBreaker:record(ok, seconds)
 end
 
 function SharedBreaker:state()
-  local s = resil.store()
+  local s = store_open()
   local open_until = s and backend_of[s]:breaker_get(self.label, store_now())
   if open_until then return open_until > store_now() and "open" or "half_open" end
   return self.inner:state()
@@ -631,7 +632,7 @@ function SharedBreaker:name() return self.label end
 function SharedBreaker:on(event, fn) listen(self.inner, event, fn) end
 function SharedBreaker:stats() return self.inner:stats() end
 function SharedBreaker:reset()
-  local s = resil.store()
+  local s = store_open()
   if s then backend_of[s]:breaker_close(self.label) end
   self.inner:reset()
 end

@@ -12,10 +12,14 @@
 -- by a heartbeat, has not lapsed. The store backends ask verdict() and keep
 -- the leases; this module renews them (one store operation per beat for
 -- everything this process holds in that store).
-local resil = ...
+local resil, private = ...
 -- (taken now, before any script runs: the heartbeat is handed a store's backend, and a script may
 -- replace what the resil table holds)
 local background = resil.background
+local hash, sleep = resil.hash, resil.sleep
+-- the store's time (store.lua, which loads this module before it is made: private.store_now, not
+-- resil.store_now, which a script that replaced it had leases written with)
+local function store_now() return private.store_now() end
 
 local M = { lease = 30 }
 
@@ -68,16 +72,16 @@ function M.me()
   if me then return me end
   local host = read_line("/proc/sys/kernel/hostname") or os.getenv("HOSTNAME") or "localhost"
   local boot = (read_line("/proc/sys/kernel/random/boot_id") or ""):gsub("-", ""):sub(1, 12)
-  if boot ~= "" then boot = boot .. "." .. resil.hash(pid_space()):sub(1, 8) end
+  if boot ~= "" then boot = boot .. "." .. hash(pid_space()):sub(1, 8) end
   local pid = (read_line("/proc/self/stat") or ""):match("^(%d+)") or "0"
   local start = pid ~= "0" and start_of(pid) or nil
-  local since = resil.store_now()
+  local since = store_now()
   me = { host = host:gsub("|", "_"), boot = boot, pid = tonumber(pid), start = start or "0", since = since,
          checks = start ~= nil and boot ~= "" } -- without /proc, every holder is judged by its lease
   me.id = ("%s|%s|%d|%s|%.3f|%s"):format(me.host, me.boot, me.pid, me.start, since,
-    resil.hash(tostring({}) .. os.clock() .. since):sub(1, 6))
+    hash(tostring({}) .. os.clock() .. since):sub(1, 6))
   me.local_prefix = me.checks and (me.host .. "|" .. me.boot .. "|") or ""
-  me.tag = resil.hash(me.id) -- short, for names made from it (budget tickets)
+  me.tag = hash(me.id) -- short, for names made from it (budget tickets)
   return me
 end
 
@@ -140,8 +144,8 @@ end
 
 local function beat(backend, tokens)
   while true do
-    resil.sleep(M.lease / 3)
-    local now = resil.store_now()
+    sleep(M.lease / 3)
+    local now = store_now()
     local any = false
     for token, until_t in pairs(tokens) do
       if until_t <= now then tokens[token] = nil else any = true end

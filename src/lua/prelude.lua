@@ -602,6 +602,15 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     if type(v) == "string" then return strings_mt end
     return getmetatable(v)
   end
+  -- A table whose metatable is hidden (__metatable = false: a store, a budget, a ticket) is the
+  -- host's, and refuses new fields; rawset went past that (a store's get set on the object
+  -- every caller shares)
+  env.rawset = function(t, k, v)
+    if getmetatable(t) == false then
+      error(("rawset: the host's objects cannot be changed in the sandbox (%s)"):format(tostring(k)), 2)
+    end
+    return rawset(t, k, v)
+  end
   env.os = library(os, "os.", { "clock", "date", "difftime", "getenv", "time" },
     { "execute", "exit", "remove", "rename", "tmpname", "setlocale" })
   env.debug = refusing("debug.", { traceback = debug.traceback })
