@@ -208,10 +208,12 @@ local function take(v, how, seen, depth)
 end
 local function spy(t, name, how)
   local real = t[name]
-  t[name] = function(...)
-    for i = 1, select("#", ...) do take(select(i, ...), how) end
-    return real(...)
-  end
+  pcall(function() -- (a host module's table is read only: refused)
+    t[name] = function(...)
+      for i = 1, select("#", ...) do take(select(i, ...), how) end
+      return real(...)
+    end
+  end)
 end
 spy(resil, "background", "resil.background")
 spy(resil, "spawn", "resil.spawn")
@@ -469,6 +471,53 @@ resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait 
     local period, spent = budgets.stdout:match("\nb +%$10%.000000 +day +(%S+) +(%S+)")
     assert.is_true(period == today or period == os.date("!%Y-%m-%d"), budgets.stdout) -- (the day the run began or ended)
     assert.are.equal("$1.000000", spent)
+  end)
+
+  -- (before: a host module's table was the script's to change, and the host's modules call what it
+  -- holds when they run: a script that replaced resil.owner.verdict had its process's store judge
+  -- every other process dead, take a live one's once key over and run its paid call again, and the
+  -- process that held it lost its result; resil.keys.lookup is the gateway's)
+  local function no_takeover(store)
+    local release = helpers.tmpname(".release")
+    local pid, out = helpers.start(([[
+local resil = require "resil"
+print(resil.once("pay", function()
+  print("started") io.stdout:flush()
+  while not io.open(%q) do resil.sleep(0.01) end
+  return "paid once"
+end))]]):format(release), "--store " .. store)
+    finally(function() helpers.write(release, "") os.execute("kill -9 " .. pid .. " 2>/dev/null") end)
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("started") end, 30), helpers.slurp(out))
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local owner = require "resil.owner"
+print(pcall(function() owner.verdict = function() return "dead" end end))
+print(pcall(function() require("resil.keys").lookup = function() return { name = "forged" } end end))
+print(pcall(function() package.loaded["resil.owner"].verdict = function() return "dead" end end))
+print(resil.once({ key = "pay", wait = 0 }, function() return "paid twice" end))]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    os.remove(script)
+    helpers.write(release, "")
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 30))
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.are.equal("nil\tin_progress", (lines[4] or ""):match("^nil\t[%w_]+"), r.stdout)
+    assert.matches("paid once", helpers.slurp(out))
+    assert.is_nil(helpers.slurp(out):find("lease", 1, true), helpers.slurp(out))
+    assert.matches("^false\t.-resil%.owner%.verdict cannot be set in the sandbox: the host's module$", lines[1])
+    assert.matches("^false\t.-resil%.keys%.lookup cannot be set in the sandbox", lines[2])
+    assert.matches("^false\t.-resil%.owner%.verdict cannot be set in the sandbox", lines[3])
+  end
+
+  it("keeps the host's modules' tables out of a script's reach: no live process's once key taken (SQLite)", function()
+    no_takeover(helpers.tmpname(".db"))
+  end)
+
+  it("keeps the host's modules' tables out of a script's reach: no live process's once key taken (Redis)", function()
+    local redis = helpers.redis_server()
+    finally(redis.stop)
+    no_takeover(redis.url())
   end)
 
   -- (before: getmetatable(budget) gave the methods every budget shares: a script that replaced

@@ -681,13 +681,38 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- key's among them, and released others' holds)
   local HOST_ONLY = { ["resil.report"] = true, ["resil.commands"] = true, ["resil.check"] = true,
     ["resil.core.watchdog"] = true, ["resil.budgets"] = true }
+  -- A host module's table (require "resil.owner", "resil.keys", ...) is a read-only view: the
+  -- host's own modules call what is in it when they run (a script that replaced
+  -- resil.owner.verdict had its process's store take a live process's once keys over and run
+  -- their paid calls again; resil.keys.lookup is the gateway's). The resil table is not one:
+  -- the host's modules took what they call from it at load.
+  local views = setmetatable({}, { __mode = "k" })
+  local function view_of(name, mod)
+    if type(mod) ~= "table" or name == "resil" or not name:match("^resil%.") then return mod end
+    local v = views[mod]
+    if not v then
+      v = setmetatable({}, {
+        __index = mod,
+        __newindex = function(_, k)
+          error(("%s.%s cannot be set in the sandbox: the host's module"):format(name, tostring(k)), 2)
+        end,
+        __pairs = function() return next, mod, nil end,
+        __len = function() return #mod end,
+        __metatable = false,
+      })
+      views[mod] = v
+    end
+    return v
+  end
   env.require = function(name)
     if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
     if own[name] then return own[name] end
     if HOST_ONLY[name] then
       error(("require %q is not allowed in the sandbox: a tool of the host's"):format(name), 2)
     end
-    if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then return require(name) end
+    if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then
+      return view_of(name, require(name))
+    end
     local loaded = package.loaded[name]
     local path = package.searchpath(name, search)
     if path then
@@ -710,7 +735,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   local loaded_view = setmetatable({}, {
     __index = function(_, name)
       if own[name] then return own[name] end
-      if visible(name) then return package.loaded[name] end
+      if visible(name) then return view_of(name, package.loaded[name]) end
       return nil
     end,
     __newindex = function(_, name)
