@@ -523,8 +523,9 @@ print(resil.once({ key = "pay", wait = 0 }, function() return "paid twice" end))
   -- (before: getmetatable(budget) gave the methods every budget shares: a script that replaced
   -- reserve there let every budget of its process through, those it never named too (a gateway
   -- key's, in a process that serves both); a budget's own field, resil.budget(name) being every
-  -- caller's by that name, did it for that budget; rawset set a store's get past its __newindex)
-  it("keeps the methods every budget, ticket and store share out of a script's reach", function()
+  -- caller's by that name, did it for that budget; rawset set a store's get past its __newindex;
+  -- getmetatable(bucket) gave every local bucket's methods, a shared one's every shared bucket's)
+  it("keeps the methods every budget, ticket, store and bucket share out of a script's reach", function()
     local script = helpers.write(helpers.tmpname(".lua"), [[
 local resil = require "resil"
 local other = resil.budget("other", { limit = 1 })
@@ -541,6 +542,11 @@ local store = resil.store()
 assert(store:set("k", "v"))
 print(pcall(rawset, store, "get", function() return "forged" end))
 print(store:get("k"))
+local mine_bucket = resil.bucket("mine", { rate = 1, per = 60, burst = 1 })
+local shared = resil.bucket("shared", { rate = 1, per = 60, burst = 1, shared = true })
+print(getmetatable(mine_bucket), getmetatable(resil.breaker("cb", {})), getmetatable(shared))
+local others = resil.bucket("others", { rate = 1, per = 60, burst = 1 })
+print(others:try(), others:try())
 ]])
     local r = helpers.run(("%s --sandbox --store %s %s"):format(R, helpers.tmpname(".db"), script))
     os.remove(script)
@@ -553,5 +559,7 @@ print(store:get("k"))
     assert.are.equal("nil\tbudget_exceeded", lines[4])
     assert.matches("^false\t.-rawset: the host's objects cannot be changed in the sandbox %(get%)$", lines[5])
     assert.are.equal("v", lines[6])
+    assert.are.equal("false\tfalse\tfalse", lines[7])
+    assert.matches("^true\tfalse", lines[8])
   end)
 end)

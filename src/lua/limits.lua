@@ -579,6 +579,10 @@ end)
 
 local SharedBreaker = {}
 SharedBreaker.__index = SharedBreaker
+-- (the methods every shared bucket and breaker of the process calls: the sandbox's getmetatable,
+-- setmetatable and rawset keep them from scripts, src/lua/prelude.lua)
+private.host_metatables = private.host_metatables or {}
+private.host_metatables[SharedBucket], private.host_metatables[SharedBreaker] = true, true
 
 -- br:allow() -> true [, "probe"] | nil, err{kind="circuit_open"}
 function SharedBreaker:allow()

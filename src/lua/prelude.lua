@@ -598,15 +598,31 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     __newindex = function() error("strings' metatable cannot be changed in the sandbox", 2) end,
     __metatable = false,
   })
+  -- Nor are the methods of the host's objects: its C objects' (every bucket's, breaker's,
+  -- semaphore's, task's: a script that replaced a local bucket's try there let every bucket of
+  -- its process through; no script makes userdata of its own), and those of the metatables the
+  -- host's modules name in private.host_metatables (shared buckets and breakers: outside the
+  -- sandbox, specs make a second process's object with getmetatable).
+  local host_mts = debug.getregistry()["resil.private"].host_metatables or {}
   env.getmetatable = function(v)
     if type(v) == "string" then return strings_mt end
-    return getmetatable(v)
+    if type(v) == "userdata" then return false end
+    local mt = getmetatable(v)
+    if host_mts[mt] then return false end
+    return mt
   end
-  -- A table whose metatable is hidden (__metatable = false: a store, a budget, a ticket) is the
-  -- host's, and refuses new fields; rawset went past that (a store's get set on the object
-  -- every caller shares)
+  env.setmetatable = function(t, mt)
+    if type(t) == "table" and host_mts[getmetatable(t)] then
+      error("setmetatable: the host's objects cannot be changed in the sandbox", 2)
+    end
+    return setmetatable(t, mt)
+  end
+  -- A table whose metatable is hidden (__metatable = false: a store, a budget, a ticket; or one
+  -- above) is the host's, and refuses new fields; rawset went past that (a store's get set on
+  -- the object every caller shares)
   env.rawset = function(t, k, v)
-    if getmetatable(t) == false then
+    local mt = getmetatable(t)
+    if mt == false or host_mts[mt] then
       error(("rawset: the host's objects cannot be changed in the sandbox (%s)"):format(tostring(k)), 2)
     end
     return rawset(t, k, v)
