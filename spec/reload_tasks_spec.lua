@@ -96,6 +96,46 @@ print(exposition:match('resil_breaker_transitions_total{breaker="upstream",to="o
       assert.are.equal("", r.stderr)
     end)
 
+  -- (children were not owned: a load-time task's children ran on, one generation per reload)
+  it("so is what a task started at load starts, and theirs: after 20 reloads, one generation runs", function()
+    local spawner = SEEN .. [[
+local resil = require "resil"
+local counted = { __close = function() st.running = st.running - 1; st.closed = st.closed + 1 end }
+local function child(depth)
+  st.running = st.running + 1
+  local _ <close> = setmetatable({}, counted)
+  if depth < 2 then resil.spawn(child, depth + 1) end -- a grandchild
+  resil.sleep(1e6)
+end
+-- a task that starts a child and a ticker, and ends
+resil.spawn(function()
+  resil.spawn(child, 1)
+  resil.background(function() while true do resil.sleep(1); st.ticks = st.ticks + 1 end end)
+  -- what resil.keep's init starts, from such a task too, is kept
+  resil.keep("kept ticker", function()
+    return { resil.background(function() while true do resil.sleep(1); st.fired = st.fired + 1 end end) }
+  end)
+end)
+return {}
+]]
+    local r = run(policy_dir({ ["spawner.lua"] = spawner }), MAIN .. [[
+resil.clock.virtual()
+require "policies.spawner"
+for _ = 1, 20 do
+  resil.sleep(0.5) -- (the load's task runs, and starts its children)
+  assert(resil.reload())
+end
+resil.sleep(0.5)
+collectgarbage(); collectgarbage()
+st.ticks, st.fired = 0, 0
+resil.sleep(10)
+print("running", st.running, "closed", st.closed, "ticks", st.ticks, "kept", st.fired)
+os.exit(0) -- (the last version's children would keep the host running)
+]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("running\t2\tclosed\t40\tticks\t10\tkept\t10\n", r.stdout)
+  end)
+
   it("keeps running when the reload fails; what the failed set started is ended", function()
     local dir = policy_dir({ ["a.lua"] = pusher(1), ["b.lua"] = "return {}" })
     local r = run(dir, MAIN .. ([[
