@@ -233,23 +233,40 @@ end
 -- when the load fails: a refresher or a listener made at load ran once more
 -- per reload, each copy holding its old version, never collected. Tasks get
 -- a normal cancel (their <close> handlers run); calls already running on the
--- old version are not touched. Not owned: what the host's own modules start
--- on a policy's behalf (a store's sweeper, the trace poster), what a request
--- or the main script starts, and what resil.keep's init starts (kept, as its
--- table is).
+-- old version are not touched. So are the tasks such a task starts (and
+-- theirs): a refresher's per-round workers ran on beside each later version's.
+-- Not owned: what the host's own modules start on a policy's behalf (a
+-- store's sweeper, the trace poster), what a request or the main script
+-- starts, and what resil.keep's init starts (kept, as its table is).
 local owners = {}       -- module name -> the record of its version loaded now
 local pending           -- during a reload: module name -> the record of its new version
 local loading, loading_co -- the record of the module loading now (the innermost) and its coroutine
 local weak_keys = { __mode = "k" }
-local spawn, background = resil.spawn, resil.background
+local spawn, background, running = resil.spawn, resil.background, resil.running
+local owned_by = setmetatable({}, weak_keys) -- task -> the record of the version that owns it
+local keeping = setmetatable({}, weak_keys)  -- coroutine -> true while it runs a resil.keep init
+
+-- the function `level` levels above the caller is the host's own modules' (not the policies')
+local function host_code(level)
+  local info = debug.getinfo(level + 2, "S")
+  return not info or info.source:sub(1, 7) == "=[resil"
+end
 
 -- the function `level` levels above the caller is the policies' code, running as one loads
 -- -> the record of that load | nil
 local function loading_record(level)
   if not loading or loading_co ~= coroutine.running() then return nil end
-  local info = debug.getinfo(level + 2, "S")
-  if not info or info.source:sub(1, 7) == "=[resil" then return nil end -- the host's own modules
+  if host_code(level + 1) then return nil end
   return loading
+end
+
+-- -> the record of the version whose task runs now (one it started at load, or their own
+-- tasks'), unless it was replaced already (a task its cancel's <close> starts is nobody's)
+local function task_record()
+  local t = running()
+  local rec = t and owned_by[t]
+  if rec and not rec.retired and not keeping[coroutine.running()] then return rec end
+  return nil
 end
 
 -- own(level, drop): drop() (a listener taken off) runs when the version loading now is replaced
@@ -269,7 +286,7 @@ local function retire(rec)
   if not rec then return end
   local drops, tasks = rec.drops, {}
   for t in pairs(rec.tasks) do tasks[#tasks + 1] = t end
-  rec.drops, rec.tasks, rec.collectors = {}, {}, {}
+  rec.drops, rec.tasks, rec.collectors, rec.retired = {}, {}, {}, true
   for i = 1, #drops do pcall(drops[i]) end
   if #tasks > 0 then pcall(spawn, cancel_all, tasks) end
 end
@@ -289,7 +306,11 @@ local function owning(name, start)
     check_fn(name, ...)
     local t = start(...)
     local rec = loading and loading_record(1)
-    if rec then rec.tasks[t] = true end
+    if not rec and next(owned_by) ~= nil then
+      rec = task_record()
+      if rec and host_code(1) then rec = nil end -- (resil.timeout's, resil.map's: ended with their caller)
+    end
+    if rec then rec.tasks[t], owned_by[t] = true, rec end
     return t
   end
 end
@@ -478,12 +499,15 @@ resil.load_capped = nil
 -- What init starts (a task, a listener) is kept as the table is: not the
 -- loading policy version's, ended at the next reload.
 local kept = {}
+local keep_mt = { __close = function(g) loading, loading_co, keeping[g.co] = g.prev, g.prev_co, g.keeping end }
 function resil.keep(name, init)
   local t = kept[name]
   if t == nil then
     if init then
-      local _ <close> = setmetatable({ prev = loading, prev_co = loading_co }, restore_mt)
-      loading, loading_co = nil, nil
+      local co = coroutine.running()
+      local _ <close> = setmetatable({ prev = loading, prev_co = loading_co, co = co, keeping = keeping[co] },
+        keep_mt)
+      loading, loading_co, keeping[co] = nil, nil, true
       t = init()
     end
     t = t or {}
