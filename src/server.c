@@ -5,7 +5,9 @@
  *   local s = resil.server.listen{ host = "127.0.0.1", port = 0,
  *                                  handler = function(req) return resp end,
  *                                  max_headers = 64 KiB, max_body = 16 MiB, read_timeout = 30,
- *                                  tasks = false, reuseport = false }
+ *                                  tasks = false, reuseport = false, from = server }
+ *   -- from: share that server's listening socket (no bind; a policy reload's handover)
+ *   s:set_handler(fn) -> the handler before (the requests read from then on run fn)
  *   -- req  = { method, path, query, headers (lower-cased), body, peer }
  *   -- resp = { status, headers, body, delay = s, action = "hang"|"reset"|"truncate"|"raw",
  *   --          chunks = {...}, chunk_interval = s, stall_after = n }
@@ -28,6 +30,7 @@
  * API types it (Anthropic's under /v1/messages, OpenAI's elsewhere).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -1315,6 +1318,12 @@ static int l_listen(lua_State *L) {
   lua_getfield(L, 1, "reuseport");
   int reuseport = lua_toboolean(L, -1);
   lua_pop(L, 2);
+  /* from: a server whose listening socket this one shares (a copy of its
+   * descriptor, no bind: a policy reload's new version takes its address
+   * over from the old one's, the prelude's listen) */
+  lua_getfield(L, 1, "from");
+  server *from = luaL_testudata(L, -1, SERVER_MT);
+  lua_pop(L, 1);
   lua_getfield(L, 1, "handler");
   luaL_checktype(L, -1, LUA_TFUNCTION);
   if (port < 0 || port > 65535) return luaL_error(L, "server: port %d out of range", (int)port);
@@ -1354,7 +1363,9 @@ static int l_listen(lua_State *L) {
   char port_text[16];
   snprintf(port_text, sizeof port_text, "%d", (int)port);
   evutil_socket_t fd = -1;
-  if (evutil_getaddrinfo(host, port_text, &hints, &ai) == 0 && ai) {
+  if (from && from->http && from->bound) {
+    fd = fcntl(evhttp_bound_socket_get_fd(from->bound), F_DUPFD_CLOEXEC, 0);
+  } else if (evutil_getaddrinfo(host, port_text, &hints, &ai) == 0 && ai) {
     fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
     /* reuseport: several processes (gateway --workers) accept on one port, the kernel spreads connections */
@@ -1466,6 +1477,18 @@ static int server_stop_accepting(lua_State *L) {
   return 0;
 }
 
+/* server:set_handler(fn) -> the handler before: the requests read from now on
+ * run fn, those under way finish on theirs (a policy reload's new version
+ * serving on the server the version before opened: the prelude's listen) */
+static int server_set_handler(lua_State *L) {
+  server *srv = check_server(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->handler_ref);
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, LUA_REGISTRYINDEX, srv->handler_ref);
+  return 1;
+}
+
 static int server_close(lua_State *L) {
   server *srv = luaL_checkudata(L, 1, SERVER_MT);
   if (srv->in_handler) { /* (a __gc too: the reference makes it reachable again until then) */
@@ -1483,7 +1506,7 @@ static int server_close(lua_State *L) {
 static const luaL_Reg server_methods[] = {
   {"port", server_port},   {"pending", server_pending}, {"unsent", server_unsent},
   {"close", server_close}, {"stop_accepting", server_stop_accepting}, {"cut_streams", server_cut_streams},
-  {NULL, NULL}};
+  {"set_handler", server_set_handler}, {NULL, NULL}};
 
 static const luaL_Reg server_meta[] = {{"__gc", server_close}, {"__close", server_close}, {NULL, NULL}};
 
