@@ -238,6 +238,9 @@ end
 -- Not owned: what the host's own modules start on a policy's behalf (a
 -- store's sweeper, the trace poster), what a request or the main script
 -- starts, and what resil.keep's init starts (kept, as its table is).
+-- Servers (resil.server.listen, at load or from a task the version owns, the
+-- policy's own call or a host module's on its behalf: resil.metrics.serve)
+-- are the version's too: see owned_listen below.
 local owners = {}       -- module name -> the record of its version loaded now
 local pending           -- during a reload: module name -> the record of its new version
 local loading, loading_co -- the record of the module loading now (the innermost) and its coroutine
@@ -245,6 +248,7 @@ local weak_keys = { __mode = "k" }
 local spawn, background, running = resil.spawn, resil.background, resil.running
 local owned_by = setmetatable({}, weak_keys) -- task -> the record of the version that owns it
 local keeping = setmetatable({}, weak_keys)  -- coroutine -> true while it runs a resil.keep init
+local serving = setmetatable({}, weak_keys)  -- server -> the record of the version it serves now
 
 -- the function `level` levels above the caller is the host's own modules' (not the policies')
 local function host_code(level)
@@ -279,16 +283,54 @@ local function cancel_all(tasks)
   for i = 1, #tasks do pcall(tasks[i].cancel, tasks[i]) end
 end
 
+-- a server of a version that ended: it stops accepting at once (its address is the new
+-- version's now, or free), answers what it was answering (its old handler), then closes, its
+-- idle keep-alive connections with it (their clients' next request opens a new one)
+local sleep = resil.sleep
+local function busy(s) return s:pending() > 0 or s:unsent() > 0 end
+local function drain(servers)
+  for _, s in ipairs(servers) do
+    while select(2, pcall(busy, s)) == true do sleep(0.05) end -- (a policy may close it meanwhile)
+    s:close()
+  end
+end
+local function retire_servers(rec, entries)
+  local draining = {}
+  for _, entry in ipairs(entries) do
+    local s = entry.server
+    if serving[s] ~= rec then -- a later version serves on it
+    elseif entry.handler_before and not rec.live then -- a failed load's: the version before's again
+      pcall(s.set_handler, s, entry.handler_before)
+      serving[s] = entry.serving_before
+    elseif pcall(s.stop_accepting, s) then -- (not if the policy closed it itself)
+      if busy(s) then draining[#draining + 1] = s else s:close() end
+    end
+  end
+  if #draining > 0 then pcall(background, drain, draining) end
+end
+
 -- a version's end: its listeners go now (nothing of the policy's runs), its tasks are canceled
 -- in a task of their own, after the reload (their <close> handlers are the policy's code: not
 -- under the reload's caps, nor able to fail it)
 local function retire(rec)
   if not rec then return end
-  local drops, tasks = rec.drops, {}
+  local drops, tasks, servers = rec.drops, {}, rec.servers
   for t in pairs(rec.tasks) do tasks[#tasks + 1] = t end
-  rec.drops, rec.tasks, rec.collectors, rec.retired = {}, {}, {}, true
+  rec.drops, rec.tasks, rec.collectors, rec.servers, rec.retired = {}, {}, {}, {}, true
   for i = 1, #drops do pcall(drops[i]) end
+  retire_servers(rec, servers)
   if #tasks > 0 then pcall(spawn, cancel_all, tasks) end
+end
+
+-- rec becomes module name's version: the one before ends (what it handed over to rec, its
+-- servers, stays rec's), and rec forgets the version before (else each kept its own before)
+local function install(name, rec)
+  for _, entry in ipairs(rec.servers) do
+    if entry.shared_from then pcall(entry.shared_from.set_handler, entry.shared_from, entry.handler) end
+    entry.handler_before, entry.serving_before, entry.shared_from = nil, nil, nil
+  end
+  retire(owners[name])
+  owners[name], rec.live, rec.took = rec, true, {}
 end
 
 -- (fn checked here, at the caller's line: the C's own check named this file's)
@@ -316,6 +358,64 @@ local function owning(name, start)
 end
 resil.spawn, resil.background = owning("spawn", spawn), owning("background", background)
 
+-- resil.server.listen as a version loads (or from a task it owns): the server is the version's,
+-- closed when the version ends (retire_servers). A reload's new version that listens where the
+-- version it replaces listened (the same host and port as given, port 0 included; its nth such
+-- call meets the old one's nth) serves on that server: the requests read from then on run the
+-- new handler (kept-alive connections' too), those under way finish on the old one, and no
+-- connection is refused or closed. With other settings (tasks, max_body, ...) it is a server of
+-- its own on the same listening socket (shared, never closed), the old server answering what it
+-- was answering, then closing. A failed reload gives the old version its server back as it was.
+-- Before, each reload's listen opened one more socket (port 0), or got address_in_use, the first
+-- version's server (its old handler) serving on for good.
+local listen = resil.server.listen
+local SETTINGS = { "tasks", "reuseport", "max_headers", "max_body", "read_timeout" }
+local function address_of(o)
+  local port = o.port or 0
+  return ("%s %s"):format(tostring(o.host or "127.0.0.1"), tostring(math.tointeger(tonumber(port)) or port))
+end
+local function owned_listen(opts)
+  local rec = loading and loading_co == coroutine.running() and loading or task_record()
+  if not rec or type(opts) ~= "table" then return listen(opts) end
+  local address, settings = address_of(opts), {}
+  for i, k in ipairs(SETTINGS) do settings[i] = opts[k] end
+  local before -- the version before's server there
+  local old = loading == rec and owners[rec.name]
+  if old and old ~= rec then
+    for _, entry in ipairs(old.servers) do
+      if entry.address == address and not rec.took[entry] then
+        rec.took[entry], before = true, entry
+        break
+      end
+    end
+  end
+  local s, err, handler_before
+  if before and serving[before.server] == old and type(opts.handler) == "function" then
+    local same = true
+    for i = 1, #SETTINGS do same = same and before.settings[i] == settings[i] end
+    if same then
+      local ok, h = pcall(before.server.set_handler, before.server, opts.handler)
+      if ok then s, handler_before = before.server, h end
+    end
+  end
+  if not s then
+    -- (`from`: the version before's server, or none, whatever opts says)
+    s, err = listen(setmetatable({ from = before and before.server or false }, { __index = opts }))
+  end
+  if s then
+    -- (shared from: once this version is in, the old server's kept-alive connections run this
+    -- handler too, if both run handlers as tasks or both not)
+    local shared_from = s ~= (before and before.server) and before and before.settings[1] == settings[1] and
+      before.server or nil
+    rec.servers[#rec.servers + 1] = { address = address, server = s, settings = settings, handler = opts.handler,
+                                      handler_before = handler_before, serving_before = serving[s],
+                                      shared_from = shared_from }
+    serving[s] = rec
+  end
+  return s, err
+end
+resil.server.listen = owned_listen
+
 -- A policies.* module's loader runs with its own record; the record is the
 -- version's once the loader returns (a reload's, once the whole set loads).
 local loading_mt = {
@@ -326,16 +426,14 @@ local loading_mt = {
 }
 local function owning_loader(loader)
   return function(name, ...)
-    local rec = { tasks = setmetatable({}, weak_keys), drops = {}, collectors = {} }
+    local rec = { name = name, tasks = setmetatable({}, weak_keys), drops = {}, collectors = {}, servers = {},
+                  took = {} }
     -- (a reload's from the start: one a cap stops runs no <close>, and C's restore ends them all)
     if pending then pending[name] = rec end
     local _ <close> = setmetatable({ prev = loading, prev_co = loading_co, rec = rec }, loading_mt)
     loading, loading_co = rec, coroutine.running()
     local mod = loader(name, ...)
-    if not pending then -- loaded on first use (or again, its package.loaded entry cleared)
-      retire(owners[name])
-      owners[name] = rec
-    end
+    if not pending then install(name, rec) end -- loaded on first use (or again, its package.loaded entry cleared)
     return mod
   end
 end
@@ -479,10 +577,7 @@ local function reload_policies()
   -- each module loaded again replaces its version, and ends what that version started
   local started = pending
   pending, undo_if_failed = nil, nil
-  for name, rec in pairs(started) do
-    retire(owners[name])
-    owners[name] = rec
-  end
+  for name, rec in pairs(started) do install(name, rec) end
   log.info("policies reloaded", { modules = names })
   count_reload("ok")
   return true, names
