@@ -52,6 +52,8 @@ local function listening()
   return n
 end
 local function count(t) local n = 0; for _ in pairs(t) do n = n + 1 end; return n end
+-- (until the server has read the request: its handler runs)
+local function under_way(s) repeat resil.sleep(0.01) until s:pending() > 0 end
 ]]
 
 local function run(dir, source)
@@ -71,7 +73,7 @@ local before = get(port)
 local peer = before:match(" (%%S+)$")
 print(before:match("^%%S+ %%S+"), listening())
 local slow = resil.spawn(get, port, "/slow") -- (on the connection the first request opened)
-resil.sleep(0.5)
+under_way(require("policies.web").server)
 write("web.lua", %q)
 print(resil.reload())
 local during = get(port) -- (a connection of its own: the first one is busy)
@@ -110,7 +112,7 @@ print(get(port):match("^%%S+ %%S+"), listening(), require("policies.web").server
 local port = require("policies.a").server:port()
 require "policies.b"
 local slow = resil.spawn(get, port, "/slow")
-resil.sleep(0.5)
+under_way(require("policies.a").server)
 write("a.lua", %q)          -- loads, and listens
 write("b.lua", "return {") -- then this breaks the reload
 print((resil.reload()))
@@ -133,7 +135,7 @@ local port = require("policies.a").server:port()
 require "policies.b"
 local old = require("policies.a").server
 local slow = resil.spawn(get, port, "/slow")
-resil.sleep(0.5)
+under_way(require("policies.a").server)
 write("a.lua", %q)
 write("b.lua", "return {")
 print((resil.reload()))     -- fails: the new version's server (on the same socket) is closed
