@@ -165,6 +165,34 @@ print(get(port), listening())
   end)
 end
 
+-- (a task the version owns listens after the reload: no handover, the old server closed first)
+describe("a server a task started at load opens", function()
+  it("is closed with its version: after 5 reloads, one socket, and the last version answers", function()
+    local port = helpers.free_port()
+    local opener = ([[
+local resil = require "resil"
+local M = { version = 1 }
+resil.spawn(function()
+  M.server = assert(resil.server.listen({ port = %d, handler = function() return { status = 200, body = "v" .. M.version } end }))
+end)
+return M
+]]):format(port)
+    local r = run(policy_dir({ ["opener.lua"] = opener }), ([[
+require "policies.opener"
+resil.sleep(0.1)
+local text = %q
+for v = 2, 6 do
+  write("opener.lua", (text:gsub("version = 1", "version = " .. v)))
+  assert(resil.reload())
+  resil.sleep(0.1) -- (its task listens)
+end
+print(get(%d), listening())
+]]):format(opener, port))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("200 v6\t1\n", r.stdout)
+  end)
+end)
+
 describe("a server opened outside a policy's load", function()
   it("is left alone by reloads (the main script's, resil.keep's)", function()
     local r = run(policy_dir({ ["kept.lua"] = [[
