@@ -591,8 +591,9 @@ resil.load_capped = nil
 
 -- resil.keep(name, init) -> a table that lives as long as the host, so a
 -- policy's own state (a retry budget, a canary's counts) survives reloads.
--- What init starts (a task, a listener) is kept as the table is: not the
--- loading policy version's, ended at the next reload.
+-- What init starts (a task, a listener, a server) is kept as the table is:
+-- not the loading policy version's (nor, run from a task a version owns, that
+-- version's), ended at the next reload.
 local kept = {}
 local keep_mt = { __close = function(g) loading, loading_co, keeping[g.co] = g.prev, g.prev_co, g.keeping end }
 function resil.keep(name, init)
