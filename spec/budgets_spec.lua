@@ -500,6 +500,32 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.is_nil((bud:reserve(0.01)))
     end)
 
+    -- A hold longer than a whole period (a batch job, a provider stuck past two midnights), with no
+    -- reservation in the day between: it counts in today's budget, where its cost will land. (On
+    -- SQLite only the day before's holds moved: today let its whole limit be reserved on top.)
+    it("a hold open across two midnights, no reservation the day between, counts in today's budget", function()
+      resil.store_config({ lease = 3600 }) -- (a beat an hour while it is held, not 8,640 over the two days)
+      finally(function() resil.store_config({ lease = 30 }) end)
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      local midnight = to_2359()
+      local t = assert(bud:reserve(4, { hold = 3 * 86400 }))
+      resil.sleep(86400 + 120) -- 00:01, the day after the next
+      local today = os.date("!%Y-%m-%d", midnight + 86400)
+      local figures = { helpers.backend(resil.store()):budget_figures(name, today, resil.store_now()) }
+      assert.are.same({ 0, 4e6 }, figures, "the gauges' read") -- (a read: it moves nothing)
+      assert.is_nil((bud:reserve(7)), "today's limit let the hold's cost in on top of a full day")
+      local st = assert(bud:state())
+      assert.are.same({ today, 0, 4 }, { st.period, st.spent, st.reserved }, "the open hold is not today's")
+      assert.are.same({ 0, 4 }, usage(name, today))
+      assert(t:settle(3, E))
+      st = assert(bud:state())
+      assert.are.same({ 3, 0 }, { st.spent, st.reserved })
+      assert.are.equal(3, ledger(name, midnight + 86400))
+      assert.is_truthy(bud:reserve(7))
+      assert.is_nil((bud:reserve(0.01)))
+    end)
+
     it("the same at a month's end, per = month", function()
       local name = fresh_name()
       local bud = resil.budget(name, { limit = 10, per = "month" })

@@ -643,13 +643,25 @@ end
 -- period, so its hold, still open, counts there: a budget's holds from the period before
 -- `period` (of its kind; `now` is in it) move into it at its first reservation or look (they
 -- kept counting in the old one only, and the new one let its whole limit be reserved on top of
--- their costs). Only the period before: a seek on the budget index, where a range over earlier
--- periods read every reservation of the day before (kept a day, HOLDS_KEPT) at each reserve.
-local function roll(tx, budget, period, now)
+-- their costs). At each reservation the period before's (a seek on the budget index: a range over
+-- earlier periods read every reservation of the day before, kept a day, HOLDS_KEPT, at each
+-- reserve); at the period's first (no row in it yet) every earlier period's of its kind, once: a
+-- hold longer than a whole period with no reservation in the period between (a batch job, a
+-- provider stuck past two midnights) was never moved, and today let its limit in on top of it.
+-- -> the SQL that names the holds to move (or count), and its arguments after budget
+local function earlier(tx, budget, period, now)
   local before = period_before(period, now)
-  if not before then return end
-  tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND period = ? AND state = 'held' AND " ..
-          "expires_at > ?", period, budget, before, now)
+  if not before then return nil end
+  if tx:value("SELECT EXISTS (SELECT 1 FROM reservations WHERE budget = ? AND period = ?)", budget, period) == 1 then
+    return "budget = ? AND period = ? AND state = 'held' AND expires_at > ?", before, now
+  end
+  return "budget = ? AND period < ? AND length(period) = ? AND state = 'held' AND expires_at > ?", period, #period, now
+end
+
+local function roll(tx, budget, period, now)
+  local where, a, b, c = earlier(tx, budget, period, now)
+  if not where then return end
+  tx:exec("UPDATE reservations SET period = ? WHERE " .. where, period, budget, a, b, c)
 end
 
 -- Holds whose owner died stop counting: -> how many were released.
@@ -704,14 +716,14 @@ end
 
 -- A budget's spent and reserved in `period`, for its gauges: a read, so a scrape never waits
 -- for another process's write lock (budget_usage writes: it moves and releases holds). The
--- period before's open holds count, as roll would move them. -> spent, reserved
+-- earlier periods' open holds count, as roll would move them. -> spent, reserved
 function B:budget_figures(budget, period, now)
   local r, err = read(self, function(tx) -- (one value: a read's second is its error)
     local spent, reserved = budget_usage(tx, budget, period, now)
-    local before = period_before(period, now)
-    if before then
-      reserved = reserved + tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE budget = ? AND " ..
-        "period = ? AND state = 'held' AND expires_at > ?", budget, before, now)
+    local where, a, b, c = earlier(tx, budget, period, now)
+    if where then
+      reserved = reserved + tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE " .. where,
+        budget, a, b, c)
     end
     return { spent, reserved }
   end)
