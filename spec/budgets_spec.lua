@@ -526,6 +526,26 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.is_nil((bud:reserve(0.01)))
     end)
 
+    if b.name == "Redis" then
+      -- A hold made at 23:59 by the version before the set of periods with holds (a rolling
+      -- upgrade: it wrote no `resil:budget:NAME:periods`) moves into the new day too.
+      it("a hold made by a version that kept no set of periods moves into the new period", function()
+        local name = fresh_name()
+        local bud = resil.budget(name, { limit = 10, per = "day" })
+        local midnight = to_2359()
+        local t = assert(bud:reserve(4, { hold = 3600 }))
+        helpers.backend(resil.store()).conn:call("DEL", "resil:budget:" .. name .. ":periods")
+        resil.sleep(120)
+        assert.is_nil((bud:reserve(7)), "today's limit let the hold's cost in on top of a full day")
+        local st = assert(bud:state())
+        assert.are.same({ os.date("!%Y-%m-%d", midnight), 0, 4 }, { st.period, st.spent, st.reserved })
+        assert(t:settle(3, E))
+        st = assert(bud:state())
+        assert.are.same({ 3, 0 }, { st.spent, st.reserved })
+        assert.are.equal(3, ledger(name, midnight))
+      end)
+    end
+
     it("the same at a month's end, per = month", function()
       local name = fresh_name()
       local bud = resil.budget(name, { limit = 10, per = "month" })

@@ -232,10 +232,15 @@ end
 -- so its hold, still open, counts there: the holds of an earlier period of the same kind move into
 -- this one (KEYS[1..4, 6]) at its first reservation or look, their tickets saying so. KEYS[9], a set
 -- ("resil:budget:NAME:periods"), names the periods a reservation made holds in; the budget's key
--- prefix is its name's.
+-- prefix is its name's. KEYS[10], the period before's holds: the version before the set made holds
+-- without naming their period there (a rolling upgrade across midnight), so that period is looked
+-- at too (one EXISTS).
 local function roll()
   local prefix = string.sub(KEYS[9], 1, #KEYS[9] - #'periods')
   local period = string.sub(KEYS[1], #prefix + 1, #KEYS[1] - #':spent')
+  if KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then
+    redis.call('SADD', KEYS[9], string.sub(KEYS[10], #prefix + 1, #KEYS[10] - #':holds'))
+  end
   for _, p in ipairs(redis.call('SMEMBERS', KEYS[9])) do
     local b = prefix .. p
     if p ~= period and #p == #period and p < period then
@@ -1106,10 +1111,22 @@ local function budget_keys(budget, period, ticket)
            b .. ":holders", OWNERS }
 end
 
--- the keys of a script that rolls the holds of earlier periods into `period` (budget_lib's roll)
-local function rolling_keys(budget, period)
-  local keys = budget_keys(budget, period)
+-- the period before `period` (of its kind, `now` in it), as on SQLite -> nil for none
+local function period_before(period, now)
+  local fmt = #period == 7 and "!%Y-%m" or #period == 10 and "!%Y-%m-%d"
+  if not fmt or os.date(fmt, math.floor(now)) ~= period then return nil end
+  local start = math.floor(now) - math.floor(now) % 86400
+  if #period == 7 then start = start - (os.date("!*t", start).day - 1) * 86400 end
+  return os.date(fmt, start - 1)
+end
+
+-- the keys of a script that rolls the holds of earlier periods into `period` (budget_lib's roll),
+-- to the ticket's key (`ticket`) for a reservation
+local function rolling_keys(budget, period, now, ticket)
+  local keys = budget_keys(budget, period, ticket)
   keys[8], keys[9] = BUDGETS .. ":" .. budget, budget_prefix(budget) .. "periods"
+  local before = period_before(period, now)
+  keys[10] = before and budget_prefix(budget) .. before .. ":holds" or nil
   return keys
 end
 
@@ -1117,8 +1134,7 @@ end
 -- set_per: as on SQLite (-> false, 0, 0, "stale")
 function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until, set_per)
   local dead = ""
-  local keys = budget_keys(budget, period, ticket)
-  keys[8], keys[9] = BUDGETS .. ":" .. budget, budget_prefix(budget) .. "periods"
+  local keys = rolling_keys(budget, period, now, ticket)
   while true do
     local r, err = self:script("budget_reserve", keys, limit, estimate, ticket,
       fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until),
@@ -1135,7 +1151,7 @@ end
 function R:budget_usage(budget, period, now, me)
   local dead = ""
   while true do
-    local r, err = self:script("budget_usage", rolling_keys(budget, period), fmt_time(now), me, dead, same_host(),
+    local r, err = self:script("budget_usage", rolling_keys(budget, period, now), fmt_time(now), me, dead, same_host(),
       P .. "ticket:")
     if r == nil then return nil, err end
     local holders_dead = dead == "" and dead_among(r[3])
@@ -1184,7 +1200,7 @@ end
 function R:budget_release_holds(budget, period, stale, now, me)
   local dead = ""
   while true do
-    local r, err = self:script("budget_release_holds", rolling_keys(budget, period), stale and "1" or "0",
+    local r, err = self:script("budget_release_holds", rolling_keys(budget, period, now), stale and "1" or "0",
       fmt_time(now), me, dead, same_host(), P .. "ticket:", ticket_ttl())
     if r == nil then return nil, err end
     local holders_dead = stale and dead == "" and dead_among({ table.unpack(r, 2) })
