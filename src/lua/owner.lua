@@ -11,7 +11,10 @@
 -- holder on another machine is alive while its lease in the store, renewed
 -- by a heartbeat, has not lapsed. The store backends ask verdict() and keep
 -- the leases; this module renews them (one store operation per beat for
--- everything this process holds in that store).
+-- everything this process holds in that store). The times here are this
+-- process's store time; Redis, shared by machines whose clocks may differ,
+-- takes a lease as its length and keeps and judges it on the server's clock
+-- (store_redis.lua, holders_lib); SQLite, one machine's file, on the local one.
 local resil, private = ...
 -- (taken now, before any script runs: the heartbeat is handed a store's backend, and a script may
 -- replace what the resil table holds)

@@ -27,38 +27,54 @@ return v
 ]]
 
 -- Ownership (src/lua/owner.lua): the owners zset scores each process's
--- lease (store time), written by operations that take something and by the
--- heartbeat. A holder on the caller's machine ("host|boot|" = same_host) is
--- judged by the caller, from its pid: the script reports such holders, and
--- the caller runs it again naming the dead ones (a dead process stays dead,
--- so the second run needs no compare-and-set).
+-- lease, written by operations that take something and by the heartbeat. A
+-- holder on the caller's machine ("host|boot|" = same_host) is judged by the
+-- caller, from its pid: the script reports such holders, and the caller runs
+-- it again naming the dead ones (a dead process stays dead, so the second run
+-- needs no compare-and-set).
+-- Leases are on the server's clock (TIME): the caller sends a lease's length, never its end, and
+-- a lease is judged against the server's time, so hosts whose clocks differ agree on whose lease
+-- lapsed (by their own clocks a host a minute ahead took every live holder for dead: their runs
+-- run twice, their budget holds freed). `skew` is the caller's virtual clock's lead on its real
+-- one, 0 outside specs: the server's clock does not follow a virtual one, which stands for time
+-- passing everywhere. (Redis before 5 replicated scripts by their text: TIME needs effects.)
 local holders_lib = [[
-local function holder_alive(owners, id, dead, same_host, now)
+if redis.replicate_commands then redis.replicate_commands() end
+local function lease_clock(skew)
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6 + (tonumber(skew) or 0)
+end
+local function holder_alive(owners, id, dead, same_host, clock)
   if dead[id] then return false end
   if not string.find(id, '|', 1, true) then return nil end
   if same_host ~= '' and string.sub(id, 1, #same_host) == same_host then return true end
   local lease = redis.call('ZSCORE', owners, id)
-  return lease ~= false and tonumber(lease) > now
+  return lease ~= false and tonumber(lease) > clock
 end
 local function dead_set(list)
   local set = {}
   for id in string.gmatch(list, '[^\n]+') do set[id] = true end
   return set
 end
-local function renew(owners, me, lease_until)
-  if lease_until == '' then return end
+-- lease_for: the lease's length in seconds ('' for none); clock: lease_clock's
+local function renew(owners, me, lease_for, clock)
+  if lease_for == '' then return end
+  local lease_until = clock + tonumber(lease_for)
   local lease = redis.call('ZSCORE', owners, me)
-  if not lease or tonumber(lease) < tonumber(lease_until) then redis.call('ZADD', owners, lease_until, me) end
+  if not lease or tonumber(lease) < lease_until then
+    redis.call('ZADD', owners, string.format('%.6f', lease_until), me)
+  end
 end
 ]]
 
 -- KEYS: owners, then the once records this process is running; ARGV: me,
--- lease_until, now, lease (ms). A running record lives at least a lease
+-- the lease's length, now, lease (ms), skew. A running record lives at least a lease
 -- past each beat: its retention counts from the end of the run, so fn
 -- running longer than the retention is not run a second time
 scripts.owner_beat = holders_lib .. [[
-renew(KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local clock = lease_clock(ARGV[5])
+renew(KEYS[1], ARGV[1], ARGV[2], clock)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', clock))
 local lease = tonumber(ARGV[4])
 for i = 2, #KEYS do
   local r = redis.call('HMGET', KEYS[i], 'owner', 'state')
@@ -70,12 +86,13 @@ return 1
 ]]
 
 -- KEYS: the record, owners, the claim's abandoned marker; ARGV: fingerprint, me, lease, retention,
--- now, dead, same_host, lease_until, the claim (one given up by its caller before it arrived,
--- once_abandon, is not made)
+-- now, dead, same_host, the lease's length, the claim (one given up by its caller before it arrived,
+-- once_abandon, is not made), skew
 scripts.once_claim = holders_lib .. [[
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'abandoned'} end
 local fp, me, lease, retention, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-renew(KEYS[2], me, ARGV[8])
+local clock = lease_clock(ARGV[10])
+renew(KEYS[2], me, ARGV[8], clock)
 local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'owner', 'locked_at', 'result')
 if not r[2] then
   redis.call('HSET', KEYS[1], 'fingerprint', fp, 'state', 'running', 'owner', me, 'locked_at', ARGV[5],
@@ -85,7 +102,7 @@ if not r[2] then
 end
 if r[1] ~= fp then return {'key_reused'} end
 if r[2] == 'done' then return {'done', r[5]} end
-local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], now)
+local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], clock)
 if alive == false or (alive == nil and tonumber(r[4]) + lease <= now) then
   redis.call('HSET', KEYS[1], 'owner', me, 'locked_at', ARGV[5], 'claim', ARGV[9])
   if redis.call('PTTL', KEYS[1]) < retention * 1000 then redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(retention * 1000))) end
@@ -120,13 +137,15 @@ return 0
 ]]
 
 -- KEYS: run hash, steps hash, runs index, owners, unfinished steps hash; ARGV: id, script, fresh, now,
--- me, dead, same_host, lease_until, args -> {steps done, generation} | {'held', holder, since}; --fresh
--- forgets the steps and starts a new generation; what failed or was cut short last time runs again
+-- me, dead, same_host, the lease's length, args, skew -> {steps done, generation} | {'held', holder,
+-- since}; --fresh forgets the steps and starts a new generation; what failed or was cut short last
+-- time runs again
 scripts.run_start = holders_lib .. [[
-renew(KEYS[4], ARGV[5], ARGV[8])
+local clock = lease_clock(ARGV[10])
+renew(KEYS[4], ARGV[5], ARGV[8], clock)
 local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
 if holder[1] and holder[1] ~= ARGV[5] and
-    holder_alive(KEYS[4], holder[1], dead_set(ARGV[6]), ARGV[7], tonumber(ARGV[4])) then
+    holder_alive(KEYS[4], holder[1], dead_set(ARGV[6]), ARGV[7], clock) then
   return {'held', holder[1], holder[2] or ''}
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'owner_since', ARGV[4], 'failed', '0')
@@ -288,15 +307,17 @@ local function sweep(now)
   for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do unhold(t) end
 end
 -- holds of dead owners stop counting: -> how many were released, and the
--- live-looking holders on the caller's machine, for the caller to judge
-local function sweep_dead(me, dead, same_host, now)
+-- live-looking holders on the caller's machine, for the caller to judge (now: the caller's, for
+-- the holds' ends; skew: for the leases' clock)
+local function sweep_dead(me, dead, same_host, now, skew)
+  local clock = lease_clock(skew)
   local verdicts, released, to_judge = {}, 0, {}
   for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf')) do
     local o = redis.call('HGET', KEYS[6], t)
     if o and o ~= me then
       local alive = verdicts[o]
       if alive == nil then
-        alive = holder_alive(KEYS[7], o, dead, same_host, now) ~= false
+        alive = holder_alive(KEYS[7], o, dead, same_host, clock) ~= false
         verdicts[o] = alive
         if alive and same_host ~= '' and string.sub(o, 1, #same_host) == same_host then
           to_judge[#to_judge + 1] = o
@@ -309,15 +330,16 @@ local function sweep_dead(me, dead, same_host, now)
 end
 ]]
 
--- ARGV: limit, estimate, ticket, expires_at, now, budget, period, me, dead, same_host, lease_until,
--- the ticket's time to live (ms) -> {1, spent, reserved} | {0, spent, reserved, holders to judge...}
+-- ARGV: limit, estimate, ticket, expires_at, now, budget, period, me, dead, same_host, the lease's
+-- length, the ticket's time to live (ms), skew -> {1, spent, reserved} | {0, spent, reserved, holders
+-- to judge...}
 -- Dead owners' holds are looked for only when the reservation does not fit.
 scripts.budget_reserve = budget_lib .. [[
--- (KEYS[8], the settings; ARGV[13], the period kind set from the command line that the caller's
+-- (KEYS[8], the settings; ARGV[14], the period kind set from the command line that the caller's
 -- period comes from, '' for none: another one now, a switch since it read them -> {2})
-if ARGV[13] then
+if ARGV[14] then
   local set = redis.call('HMGET', KEYS[8], 'limit', 'per')
-  if (set[1] and set[2] or '') ~= ARGV[13] then return {2, 0, 0} end
+  if (set[1] and set[2] or '') ~= ARGV[14] then return {2, 0, 0} end
 end
 roll()
 sweep(ARGV[5])
@@ -335,7 +357,7 @@ if spent + reserved + est > limit then
   if ARGV[9] ~= '' or not last or now < last or now >= last + 1 then
     redis.call('SET', KEYS[3] .. ':swept', ARGV[5], 'PX', 60000)
     local released
-    released, to_judge = sweep_dead(ARGV[8], dead_set(ARGV[9]), ARGV[10], now)
+    released, to_judge = sweep_dead(ARGV[8], dead_set(ARGV[9]), ARGV[10], now, ARGV[13])
     if released > 0 then spent, reserved = usage() end
   end
 end
@@ -344,7 +366,7 @@ if spent + reserved + est > limit then
   for _, o in ipairs(to_judge) do r[#r + 1] = o end
   return r
 end
-renew(KEYS[7], ARGV[8], ARGV[11])
+renew(KEYS[7], ARGV[8], ARGV[11], lease_clock(ARGV[13]))
 redis.call('INCRBY', KEYS[2], est)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
@@ -355,11 +377,12 @@ redis.call('PEXPIRE', KEYS[5], ARGV[12])
 return {1, spent, reserved + est}
 ]]
 
--- ARGV: now, me, dead, same_host -> {spent, reserved, {holders to judge}, {{ticket, usd, owner, expires_at}}}
+-- ARGV: now, me, dead, same_host, the ticket prefix, skew -> {spent, reserved, {holders to judge},
+-- {{ticket, usd, owner, expires_at}}}
 scripts.budget_usage = budget_lib .. [[
 roll()
 sweep(ARGV[1])
-local _, to_judge = sweep_dead(ARGV[2], dead_set(ARGV[3]), ARGV[4], tonumber(ARGV[1]))
+local _, to_judge = sweep_dead(ARGV[2], dead_set(ARGV[3]), ARGV[4], tonumber(ARGV[1]), ARGV[6])
 local spent, reserved = usage()
 local holds, z = {}, redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf', 'WITHSCORES')
 for i = 1, #z, 2 do
@@ -400,13 +423,13 @@ return 1
 ]]
 
 -- ARGV: stale ('1': only holds whose owner is not alive), now, me, dead, same_host, ticket prefix,
--- the tickets' time to live (ms) -> {released, holders to judge...}
+-- the tickets' time to live (ms), skew -> {released, holders to judge...}
 scripts.budget_release_holds = budget_lib .. [[
 roll()
 sweep(ARGV[2])
 local released, to_judge
 if ARGV[1] == '1' then
-  released, to_judge = sweep_dead(ARGV[3], dead_set(ARGV[4]), ARGV[5], tonumber(ARGV[2]))
+  released, to_judge = sweep_dead(ARGV[3], dead_set(ARGV[4]), ARGV[5], tonumber(ARGV[2]), ARGV[8])
 else
   released, to_judge = 0, {}
   for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')) do
@@ -433,16 +456,17 @@ return 1
 -- A hold its owner still has (held, not yet past its expiry) now ends at
 -- expires_at, never earlier than it did; the owner's lease is written with
 -- it, and the ticket's record kept a day past the new end. ARGV: ticket,
--- expires_at, now, me, lease_until, the record's time to live (ms), the period it was reserved in,
--- the budget's key prefix (a hold carried into another period is renewed there) -> 1 | 0 (settled,
--- released, expired, another's, or unknown: a hold that stopped counting is never counted again)
+-- expires_at, now, me, the lease's length, the record's time to live (ms), the period it was reserved
+-- in, the budget's key prefix (a hold carried into another period is renewed there), skew -> 1 | 0
+-- (settled, released, expired, another's, or unknown: a hold that stopped counting is never counted
+-- again)
 scripts.budget_extend = budget_lib .. [[
 if redis.call('HGET', KEYS[5], 'state') ~= 'held' then return 0 end
 follow(KEYS[5], ARGV[7], ARGV[8])
 local at = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not at or tonumber(at) <= tonumber(ARGV[3]) or redis.call('HGET', KEYS[6], ARGV[1]) ~= ARGV[4] then return 0 end
 if tonumber(ARGV[2]) > tonumber(at) then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
-renew(KEYS[7], ARGV[4], ARGV[5])
+renew(KEYS[7], ARGV[4], ARGV[5], lease_clock(ARGV[9]))
 if redis.call('PTTL', KEYS[5]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[5], ARGV[6]) end
 return 1
 ]]
@@ -753,6 +777,11 @@ end
 
 local function fmt_time(t) return string.format("%.6f", t) end
 
+-- The lead of this process's virtual clock (a spec's) over its real one, for the leases' clock
+-- (holders_lib): 0 on a real clock. Store time is wall time at start plus the clock's time since.
+local is_virtual, wall, store_now = resil.clock.is_virtual, resil.clock.wall, resil.store_now
+local function lease_skew() return is_virtual() and fmt_time(store_now() - wall()) or "0" end
+
 -- ---------- ownership ----------
 
 local OWNERS = P .. "owners"
@@ -770,7 +799,8 @@ function R:owner_beat(me, lease_until, now, held)
   local from = 1
   repeat
     local keys = { OWNERS, table.unpack(records, from, math.min(from + BEAT_KEYS - 1, #records)) }
-    local ok, err = self:script("owner_beat", keys, me, fmt_time(lease_until), fmt_time(now), lease_ms)
+    local ok, err = self:script("owner_beat", keys, me, fmt_time(lease_until - now), fmt_time(now), lease_ms,
+      lease_skew())
     if ok == nil then return nil, err end
     from = from + BEAT_KEYS
   until from > #records
@@ -788,14 +818,16 @@ local function dead_among(holders)
 end
 
 local function same_host() return owner.me().local_prefix end
-local function lease_arg(lease_until) return lease_until and fmt_time(lease_until) or "" end
+-- a lease until lease_until (store time), as the scripts take it: its length from now
+local function lease_arg(lease_until, now) return lease_until and fmt_time(lease_until - now) or "" end
 
--- for `resil-lua runs`: on this machine the pid decides, elsewhere the lease
-function R:holder_alive(id, now)
+-- for `resil-lua runs`: on this machine the pid decides, elsewhere the lease (on the server's clock)
+function R:holder_alive(id)
   local verdict = owner.verdict(id)
   if verdict == "remote" then
     local lease = self.conn:call("ZSCORE", OWNERS, id)
-    return lease and tonumber(lease) > now or false
+    local t = lease and self.conn:call("TIME")
+    return t and tonumber(lease) > tonumber(t[1]) + tonumber(t[2]) / 1e6 + lease_skew() or false
   end
   return verdict == "me" or verdict == "alive"
 end
@@ -842,7 +874,7 @@ function R:once_claim(key, fingerprint, me, lease, retention, now, lease_until, 
     -- a running record lives at least a lease (the heartbeat extends it while fn runs)
     local r, err = self:script("once_claim", { P .. "once:" .. key, OWNERS, abandoned_marker(claim or "") },
       fingerprint, me, lease, math.max(retention, owner.lease),
-      fmt_time(now), dead, same_host(), lease_arg(lease_until), claim or "")
+      fmt_time(now), dead, same_host(), lease_arg(lease_until, now), claim or "", lease_skew())
     if r == nil then return nil, err end
     local data = r[2]
     if data == false then data = nil end
@@ -898,7 +930,7 @@ function R:run_start(id, script, fresh, now, me, lease_until, args)
   local dead = ""
   while true do
     local r, err = self:script("run_start", keys, id, script or "", fresh and "1" or "0", fmt_time(now), me, dead,
-      same_host(), lease_arg(lease_until), args or "")
+      same_host(), lease_arg(lease_until, now), args or "", lease_skew())
     if r == nil then return nil, err end
     if r[1] ~= "held" then return r[1], r[2] end
     local holder_dead = dead == "" and dead_among({ r[2] })
@@ -954,7 +986,7 @@ function R:runs_list(now)
     local row = {}
     for i = 1, #h, 2 do row[h[i]] = tonumber(h[i + 1]) or h[i + 1] end
     row.id = id
-    if row.owner then row.holder, row.holder_alive = owner.describe(row.owner), self:holder_alive(row.owner, now) end
+    if row.owner then row.holder, row.holder_alive = owner.describe(row.owner), self:holder_alive(row.owner) end
     out[#out + 1] = row
   end
   return out
@@ -1137,8 +1169,8 @@ function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   local keys = rolling_keys(budget, period, now, ticket)
   while true do
     local r, err = self:script("budget_reserve", keys, limit, estimate, ticket,
-      fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until),
-      ticket_ttl(expires_at - now), set_per)
+      fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until, now),
+      ticket_ttl(expires_at - now), lease_skew(), set_per)
     if r == nil then return nil, err end
     if r[1] == 2 then return false, 0, 0, "stale" end
     local holders_dead = r[1] == 0 and dead == "" and dead_among({ table.unpack(r, 4) })
@@ -1152,7 +1184,7 @@ function R:budget_usage(budget, period, now, me)
   local dead = ""
   while true do
     local r, err = self:script("budget_usage", rolling_keys(budget, period, now), fmt_time(now), me, dead, same_host(),
-      P .. "ticket:")
+      P .. "ticket:", lease_skew())
     if r == nil then return nil, err end
     local holders_dead = dead == "" and dead_among(r[3])
     if not holders_dead then
@@ -1201,7 +1233,7 @@ function R:budget_release_holds(budget, period, stale, now, me)
   local dead = ""
   while true do
     local r, err = self:script("budget_release_holds", rolling_keys(budget, period, now), stale and "1" or "0",
-      fmt_time(now), me, dead, same_host(), P .. "ticket:", ticket_ttl())
+      fmt_time(now), me, dead, same_host(), P .. "ticket:", ticket_ttl(), lease_skew())
     if r == nil then return nil, err end
     local holders_dead = stale and dead == "" and dead_among({ table.unpack(r, 2) })
     if not holders_dead then return r[1] end
@@ -1334,7 +1366,8 @@ end
 -- stopped counting) | nil, err
 function R:budget_extend(budget, period, ticket, expires_at, now, me, lease_until)
   local n, err = self:script("budget_extend", budget_keys(budget, period, ticket), ticket, fmt_time(expires_at),
-    fmt_time(now), me, lease_arg(lease_until), ticket_ttl(expires_at - now), period, budget_prefix(budget))
+    fmt_time(now), me, lease_arg(lease_until, now), ticket_ttl(expires_at - now), period, budget_prefix(budget),
+    lease_skew())
   if n == nil then return nil, err end
   return n == 1
 end
