@@ -44,22 +44,22 @@ local function lease_clock(skew)
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1e6 + (tonumber(skew) or 0)
 end
-local function holder_alive(owners, id, dead, same_host, clock)
+local function holder_alive(owners, id, dead, same_host, skew)
   if dead[id] then return false end
   if not string.find(id, '|', 1, true) then return nil end
   if same_host ~= '' and string.sub(id, 1, #same_host) == same_host then return true end
   local lease = redis.call('ZSCORE', owners, id)
-  return lease ~= false and tonumber(lease) > clock
+  return lease ~= false and tonumber(lease) > lease_clock(skew)
 end
 local function dead_set(list)
   local set = {}
   for id in string.gmatch(list, '[^\n]+') do set[id] = true end
   return set
 end
--- lease_for: the lease's length in seconds ('' for none); clock: lease_clock's
-local function renew(owners, me, lease_for, clock)
+-- lease_for: the lease's length in seconds ('' for none)
+local function renew(owners, me, lease_for, skew)
   if lease_for == '' then return end
-  local lease_until = clock + tonumber(lease_for)
+  local lease_until = lease_clock(skew) + tonumber(lease_for)
   local lease = redis.call('ZSCORE', owners, me)
   if not lease or tonumber(lease) < lease_until then
     redis.call('ZADD', owners, string.format('%.6f', lease_until), me)
@@ -72,9 +72,8 @@ end
 -- past each beat: its retention counts from the end of the run, so fn
 -- running longer than the retention is not run a second time
 scripts.owner_beat = holders_lib .. [[
-local clock = lease_clock(ARGV[5])
-renew(KEYS[1], ARGV[1], ARGV[2], clock)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', clock))
+renew(KEYS[1], ARGV[1], ARGV[2], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', lease_clock(ARGV[5])))
 local lease = tonumber(ARGV[4])
 for i = 2, #KEYS do
   local r = redis.call('HMGET', KEYS[i], 'owner', 'state')
@@ -91,8 +90,7 @@ return 1
 scripts.once_claim = holders_lib .. [[
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'abandoned'} end
 local fp, me, lease, retention, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local clock = lease_clock(ARGV[10])
-renew(KEYS[2], me, ARGV[8], clock)
+renew(KEYS[2], me, ARGV[8], ARGV[10])
 local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'owner', 'locked_at', 'result')
 if not r[2] then
   redis.call('HSET', KEYS[1], 'fingerprint', fp, 'state', 'running', 'owner', me, 'locked_at', ARGV[5],
@@ -102,7 +100,7 @@ if not r[2] then
 end
 if r[1] ~= fp then return {'key_reused'} end
 if r[2] == 'done' then return {'done', r[5]} end
-local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], clock)
+local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], ARGV[10])
 if alive == false or (alive == nil and tonumber(r[4]) + lease <= now) then
   redis.call('HSET', KEYS[1], 'owner', me, 'locked_at', ARGV[5], 'claim', ARGV[9])
   if redis.call('PTTL', KEYS[1]) < retention * 1000 then redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(retention * 1000))) end
@@ -141,11 +139,10 @@ return 0
 -- since}; --fresh forgets the steps and starts a new generation; what failed or was cut short last
 -- time runs again
 scripts.run_start = holders_lib .. [[
-local clock = lease_clock(ARGV[10])
-renew(KEYS[4], ARGV[5], ARGV[8], clock)
+renew(KEYS[4], ARGV[5], ARGV[8], ARGV[10])
 local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
 if holder[1] and holder[1] ~= ARGV[5] and
-    holder_alive(KEYS[4], holder[1], dead_set(ARGV[6]), ARGV[7], clock) then
+    holder_alive(KEYS[4], holder[1], dead_set(ARGV[6]), ARGV[7], ARGV[10]) then
   return {'held', holder[1], holder[2] or ''}
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'owner_since', ARGV[4], 'failed', '0')
@@ -310,14 +307,13 @@ end
 -- live-looking holders on the caller's machine, for the caller to judge (now: the caller's, for
 -- the holds' ends; skew: for the leases' clock)
 local function sweep_dead(me, dead, same_host, now, skew)
-  local clock = lease_clock(skew)
   local verdicts, released, to_judge = {}, 0, {}
   for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf')) do
     local o = redis.call('HGET', KEYS[6], t)
     if o and o ~= me then
       local alive = verdicts[o]
       if alive == nil then
-        alive = holder_alive(KEYS[7], o, dead, same_host, clock) ~= false
+        alive = holder_alive(KEYS[7], o, dead, same_host, skew) ~= false
         verdicts[o] = alive
         if alive and same_host ~= '' and string.sub(o, 1, #same_host) == same_host then
           to_judge[#to_judge + 1] = o
@@ -366,7 +362,7 @@ if spent + reserved + est > limit then
   for _, o in ipairs(to_judge) do r[#r + 1] = o end
   return r
 end
-renew(KEYS[7], ARGV[8], ARGV[11], lease_clock(ARGV[13]))
+renew(KEYS[7], ARGV[8], ARGV[11], ARGV[13])
 redis.call('INCRBY', KEYS[2], est)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
@@ -466,7 +462,7 @@ follow(KEYS[5], ARGV[7], ARGV[8])
 local at = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not at or tonumber(at) <= tonumber(ARGV[3]) or redis.call('HGET', KEYS[6], ARGV[1]) ~= ARGV[4] then return 0 end
 if tonumber(ARGV[2]) > tonumber(at) then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
-renew(KEYS[7], ARGV[4], ARGV[5], lease_clock(ARGV[9]))
+renew(KEYS[7], ARGV[4], ARGV[5], ARGV[9])
 if redis.call('PTTL', KEYS[5]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[5], ARGV[6]) end
 return 1
 ]]
