@@ -576,6 +576,35 @@ io.stdout:write("held\n"); io.stdout:flush()
 while true do resil.sleep(60) end
 ]]
 
+    -- (the same, its hold three days long; then on the real clock, so its heartbeat does not spin)
+    local holder_long = [[
+local resil = require "resil"
+resil.clock.virtual()
+resil.sleep(tonumber(arg[2]) - 60 - resil.store_now())
+assert(resil.budget(arg[1], { limit = 10, per = "day" }):reserve(4, { hold = 3 * 86400 }))
+resil.clock.real()
+io.stdout:write("held\n"); io.stdout:flush()
+while true do resil.sleep(60) end
+]]
+
+    it("a hold open across two midnights still ends with its owner (killed: budgets release --stale)", function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      local midnight = to_2359()
+      local pid, out = helpers.start(holder_long, ("--store '%s' --log-level off"):format(resil.store().url),
+        name .. " " .. midnight)
+      finally(function() if helpers.alive(pid) then os.execute("kill -9 " .. pid) end end)
+      assert(helpers.wait_until(function() return helpers.slurp(out):match("held") ~= nil end, 20), helpers.slurp(out))
+      resil.sleep(86400 + 120) -- 00:01, the day after the next
+      assert.are.equal(0, assert(admin.release(resil.store(), name, true)))
+      assert.are.equal(4, assert(bud:state()).reserved)
+      os.execute("kill -9 " .. pid)
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      assert.are.equal(1, assert(admin.release(resil.store(), name, true)))
+      assert.are.same({ 0, 0 }, { assert(bud:state()).spent, assert(bud:state()).reserved })
+      assert.is_truthy(bud:reserve(10))
+    end)
+
     it("a hold open at midnight still ends with its owner, and its settle counts once", function()
       local name = fresh_name()
       local bud = resil.budget(name, { limit = 10, per = "day" })
