@@ -30,7 +30,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: an assistant turn without content (a refusal sent back) is served by Anthropic",
     "openai: a conversation with a custom tool's call is served",
     "anthropic: an MCP toolset (a tool without a name) reaches Anthropic",
-    "the server's own refusals (413, 400, 408) reach each SDK as an API error of its type",
+    "the server's own refusals (413, 431, 408) reach each SDK as an API error of its type",
     "openai: temperature over 1, and temperature with top_p, are served by Anthropic",
     "anthropic: countTokens is the upstream's count; a model another API serves is a 400 saying so",
   }

@@ -398,3 +398,112 @@ while true do resil.sleep(3600) end
     end)
   end
 end)
+
+-- What libevent 2.1 refuses with one status for two reasons (its 400 for headers past max_headers
+-- and for malformed ones; its 413 for a body past max_body and for a malformed chunk), what it
+-- leaves waiting (an Expect: 100-continue past max_body: it reads the body the client holds back
+-- until the 100 Continue), and the HTTP version it refuses an HTTP/1.0 request in
+describe("the server's own refusals, where libevent's status does not say why", function()
+  -- the raw bytes given (\r\n written as such) sent, the connection then read to its end (10 s
+  -- at most: the server's read_timeout, 3 s, answers a request it waits on with a 408 first)
+  local RAW = [[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(10)
+s.sendall(sys.argv[2].encode().decode("unicode_escape").encode("latin1"))
+sys.stdout.buffer.write(b"".join(iter(lambda: s.recv(65536), b"")))
+]]
+  local client = helpers.write(helpers.tmpname(".py"), RAW)
+  local port, pid
+  lazy_setup(function()
+    port = helpers.free_port()
+    local out
+    pid, out = helpers.start(([[
+local resil = require "resil"
+local s = assert(resil.server.listen{ port = %d, max_body = 100, max_headers = 300, read_timeout = 3,
+  handler = function(req) return { body = "seen " .. req.body } end })
+print("listening")
+io.stdout:flush()
+while true do resil.sleep(3600) end
+]]):format(port), "--log-level error")
+    assert(helpers.wait_until(function() return helpers.slurp(out):find("listening") ~= nil end, 5), "no server")
+  end)
+  lazy_teardown(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
+
+  -- -> the status line, the JSON error (or the body), the whole answer
+  local function ask(bytes)
+    local r = helpers.run(("python3 %s %d '%s'"):format(client, port, bytes))
+    local line, body = r.stdout:match("^([^\r]*)\r\n.-\r\n\r\n(.*)$")
+    assert.is_not_nil(line, r.stdout .. r.stderr)
+    local ok, decoded = pcall(resil.json.decode, body)
+    return line, ok and decoded or body, r.stdout
+  end
+  local CHUNKED = "POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n"
+
+  it("a malformed chunk size is a 400 saying so, not a 413 (the body is 5 bytes)", function()
+    local line, body = ask(CHUNKED .. "zz\\r\\nhello\\r\\n0\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.1 400 Bad Request", line)
+    assert.are.equal("invalid_request_error", body.error.type)
+    assert.matches("malformed chunked request body", body.error.message)
+  end)
+
+  it("a chunked body past max_body is still a 413; one within it is served", function()
+    local line, body = ask(CHUNKED .. "5\\r\\nhello\\r\\nff\\r\\n" .. ("x"):rep(255) .. "\\r\\n0\\r\\n\\r\\n")
+    assert.matches("^HTTP/1.1 413", line)
+    assert.are.equal("request_too_large", body.error.code)
+    local ok_line, seen = ask(CHUNKED:gsub("\\r\\n\\r\\n$", "\\r\\nConnection: close\\r\\n\\r\\n")
+      .. "5\\r\\nhello\\r\\n3\\r\\n, a\\r\\n0\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.1 200 OK", ok_line)
+    assert.are.equal("seen hello, a", seen)
+  end)
+
+  it("headers past max_headers are a 431; a malformed header line within it stays a 400", function()
+    local line, body = ask("GET /a HTTP/1.1\\r\\nHost: x\\r\\nX-Big: " .. ("a"):rep(400) .. "\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.1 431 Request Header Fields Too Large", line)
+    assert.are.equal("invalid_request_error", body.error.type)
+    assert.matches("headers are larger than this server accepts %(300 bytes%)", body.error.message)
+    -- a head whose end has not come (libevent counts what is there)
+    line = ask("GET /a HTTP/1.1\\r\\nHost: x\\r\\nX-Big: " .. ("a"):rep(400))
+    assert.are.equal("HTTP/1.1 431 Request Header Fields Too Large", line)
+    line, body = ask("GET /a HTTP/1.1\\r\\nHost: x\\r\\nnot a header\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.1 400 Bad Request", line)
+    assert.matches("malformed request line or header", body.error.message)
+  end)
+
+  it("Expect: 100-continue with a Content-Length past max_body: the 413 at once, no body awaited", function()
+    -- (before: no answer until the read timeout's 408: libevent waited for the body)
+    local line, body = ask("POST /v1/messages HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 500\\r\\n" ..
+      "Expect: 100-continue\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.1 413 Request Entity Too Large", line)
+    assert.are.equal("request_too_large", body.error.type)
+    -- curl waits for the 100 Continue (here up to 30 s) before it sends a body that large
+    local big = helpers.write(helpers.tmpname(".json"), ("x"):rep(500))
+    local r = helpers.run(("curl -s -i --expect100-timeout 30 --max-time 20 -H 'Expect: 100-continue' " ..
+      "--data-binary @%s http://127.0.0.1:%d/v1/chat/completions"):format(big, port))
+    assert.matches("^HTTP/1.1 413", r.stdout)
+    assert.matches('"code":"request_too_large"', r.stdout)
+    -- a client that sends the body anyway gets the one 413, and the connection closes after it
+    local _, _, whole = ask("POST /a HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 500\\r\\nExpect: 100-continue\\r\\n\\r\\n"
+      .. ("x"):rep(500) .. "GET /smuggled HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    assert.matches("^HTTP/1.1 413", whole)
+    assert.is_nil(whole:find("HTTP/1.1.*HTTP/1.1"), whole)
+    -- within max_body: the 100 Continue, then the reply
+    local r2 = helpers.run(("curl -s -i --expect100-timeout 30 --max-time 20 -H 'Expect: 100-continue' " ..
+      "--data-binary 'hello' http://127.0.0.1:%d/a"):format(port))
+    assert.matches("^HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK", r2.stdout)
+    assert.matches("seen hello$", r2.stdout)
+  end)
+
+  it("an HTTP/1.0 request is refused in HTTP/1.0, as it is answered", function()
+    for _, case in ipairs({
+      { "POST /a HTTP/1.0\\r\\nContent-Length: 500\\r\\n\\r\\n" .. ("x"):rep(500), "^HTTP/1.0 413 " },
+      { "GET /a HTTP/1.0\\r\\nX-Big: " .. ("a"):rep(400) .. "\\r\\n\\r\\n", "^HTTP/1.0 431 " },
+      { "GET /a HTTP/1.0\\r\\nnot a header\\r\\n\\r\\n", "^HTTP/1.0 400 " },
+      { "POST /a HTTP/1.0\\r\\nContent-Length: 50\\r\\n\\r\\nx", "^HTTP/1.0 408 " }, -- (the body never whole)
+      { "GET /a HTTP/1.0\\r\\n\\r\\n", "^HTTP/1.0 200 " },
+    }) do
+      local line = ask(case[1])
+      assert.matches(case[2], line)
+    end
+  end)
+end)

@@ -23,9 +23,10 @@
  * client that hangs up cancels the task, which aborts what it waits on and
  * gives back what it holds. Delays and chunk intervals use host timers (so they follow the
  * virtual clock); nothing blocks: any number of delayed replies can be
- * pending. Limits: a request whose headers pass max_headers gets libevent's
- * 400, a body past max_body a 413, and one not read within read_timeout of
- * its first byte a 408 (real time: clients live in the real world); each
+ * pending. Limits: a request whose headers pass max_headers gets a 431, a
+ * body past max_body a 413 (at once to an Expect: 100-continue), and one not
+ * read within read_timeout of its first byte a 408 (real time: clients live
+ * in the real world); a malformed one a 400; each
  * with the server's JSON error body (conn_output_cb), typed as the request's
  * API types it (Anthropic's under /v1/messages, OpenAI's elsewhere).
  */
@@ -117,6 +118,27 @@ struct conn {
   struct evbuffer_cb_entry *own_error; /* enabled while a request is read: libevent's error page, rewritten */
   int anthropic;                       /* the request read is Anthropic's API (conn_note_api) */
   int api_pending;                     /* its first bytes are here, its path not yet whole: first_byte watches on */
+  /* The request as it arrives (conn_scan), for what libevent does not tell
+   * apart: headers too large from malformed ones (both its 400), a malformed
+   * chunk from a body too large (both its 413); and an Expect: 100-continue
+   * past max_body, which it leaves waiting for a body never sent. */
+  int reading;      /* its first byte came */
+  int scanning;     /* SCAN_*: what the next bytes are */
+  int lines;        /* lines of its head so far */
+  int http10;       /* its request line says HTTP/1.0 */
+  int http11;       /* ... HTTP/1.1 (libevent honors an Expect from 1.1 on) */
+  int no_body;      /* HEAD or TRACE: libevent reads no body */
+  int chunked;      /* its (first) Transfer-Encoding: 1 chunked, 2 another, 0 none */
+  int expect;       /* its (first) Expect: 1 100-continue, 2 another, 0 none */
+  int chunk_bad;    /* 1: a chunk size libevent refuses; 2: past its last chunk (the trailer) */
+  int refused;      /* answered already (a 413 to an Expect): nothing more is sent */
+  long long content_length; /* its first Content-Length, -1 none, -2 not digits */
+  double head_size;         /* its head's bytes, as libevent counts them (without line ends) */
+  double chunk_total;       /* a chunked body's bytes so far */
+  long long chunk_left;     /* of the chunk being read */
+  size_t line_len;          /* the current line's bytes so far */
+  char line[48];            /* its start */
+  char tail[10];            /* its end (a request line's version) */
   conn *prev, *next;
 };
 
@@ -133,6 +155,7 @@ struct server {
   size_t by_fd_len;
   const struct timeval *read_timeout; /* a libevent common timeout */
   double max_body;                    /* (named in the 413's message) */
+  double max_headers;                 /* (named in the 431's message) */
   struct timeval idle_timeout;        /* libevent's own, on each connection: read_timeout + 1 s */
   /* a handler (tasks = false) runs: a close (its own, or the collector's)
    * waits until it has returned, the server kept reachable meanwhile:
@@ -270,20 +293,15 @@ static void conn_closed(struct evhttp_connection *evcon, void *arg) {
   conn_free(c);
 }
 
+static void conn_send_own(conn *c, int status, const char *phrase, const char *body, int body_len);
+
 static void conn_deadline_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   conn *c = arg;
 #define TIMEOUT_BODY SERVER_ERROR("invalid_request_error", "request not read in time") "\n"
-  static const char reply[] = "HTTP/1.1 408 Request Timeout\r\n"
-                              "Content-Type: application/json\r\n"
-                              "Content-Length: %d\r\n"
-                              "Connection: close\r\n\r\n"
-                              "%s";
-  char text[sizeof reply + sizeof TIMEOUT_BODY + 16];
-  int len = snprintf(text, sizeof text, reply, (int)(sizeof TIMEOUT_BODY - 1), TIMEOUT_BODY);
-  /* not in the middle of one of evhttp's own error replies */
-  if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
-    (void)!send(c->fd, text, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
+  /* not in the middle of one of evhttp's own error replies, nor after the 413 sent early */
+  if (!c->refused && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+    conn_send_own(c, 408, "Request Timeout", TIMEOUT_BODY, (int)sizeof TIMEOUT_BODY - 1);
   evhttp_connection_free(c->evcon); /* its close callback frees c */
 }
 
@@ -311,7 +329,167 @@ static int conn_note_api(conn *c, struct evbuffer *in) {
   return 1;
 }
 
+/* ---------- the request as it arrives ---------- */
+
+enum { SCAN_OFF, SCAN_HEAD, SCAN_CHUNK_LINE, SCAN_CHUNK_DATA };
+
+/* A reply of the server's own, written straight to the socket (libevent has
+ * nothing in the output: a request is being read), in the request's HTTP
+ * version as its other replies are. Connection: close: what follows it is
+ * not read as a request. */
+static void conn_send_own(conn *c, int status, const char *phrase, const char *body, int body_len) {
+  char text[768];
+  int len = snprintf(text, sizeof text,
+                     "HTTP/1.%d %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     "Connection: close\r\n\r\n%s",
+                     c->http10 ? 0 : 1, status, phrase, body_len, body);
+  if (len > 0 && (size_t)len < sizeof text) (void)!send(c->fd, text, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+static int own_error_body(conn *c, int status, char *body, size_t size);
+
+static void conn_scan_reset(conn *c) {
+  c->reading = c->lines = c->http10 = c->http11 = c->no_body = c->chunked = c->expect = 0;
+  c->chunk_bad = c->refused = 0;
+  c->scanning = SCAN_HEAD;
+  c->content_length = -1;
+  c->head_size = c->chunk_total = 0;
+  c->chunk_left = 0;
+  c->line_len = 0;
+}
+
+/* a header's value, as libevent trims it, if the line names the header */
+static const char *header_value(const char *line, const char *name) {
+  size_t n = strlen(name);
+  if (strncasecmp(line, name, n) != 0 || line[n] != ':') return NULL;
+  line += n + 1;
+  while (*line == ' ') line++;
+  return line;
+}
+
+static int is_value(const char *v, const char *want) {
+  size_t n = strlen(want);
+  if (strncasecmp(v, want, n) != 0) return 0;
+  for (v += n; *v; v++)
+    if (*v != ' ' && *v != '\t') return 0;
+  return 1;
+}
+
+/* a line of the head, whole (len: its length without its line end) */
+static void head_line(conn *c, size_t len, int cr) {
+  if (c->lines++ == 0) { /* the request line */
+    const char *v = c->tail + sizeof c->tail - cr - 8;
+    c->http10 = len >= 8 && memcmp(v, "HTTP/1.0", 8) == 0;
+    c->http11 = len >= 8 && memcmp(v, "HTTP/1.1", 8) == 0;
+    c->no_body = strncmp(c->line, "HEAD ", 5) == 0 || strncmp(c->line, "TRACE ", 6) == 0;
+    return;
+  }
+  if (len == 0) { /* its end */
+    c->scanning = c->chunked == 1 ? SCAN_CHUNK_LINE : SCAN_OFF;
+    /* An Expect: 100-continue past max_body: libevent reads and drops the
+     * body before its 413, and the client waits for a 100 Continue before
+     * sending it, until the read deadline's 408. The 413 goes now; a body
+     * sent anyway is still read and dropped (the connection then closes). */
+    if (c->expect == 1 && c->http11 && !c->no_body && c->chunked != 1 && c->content_length >= 0 &&
+        (double)c->content_length > c->srv->max_body) {
+      char body[400];
+      int n = own_error_body(c, 413, body, sizeof body);
+      conn_send_own(c, 413, "Request Entity Too Large", body, n); /* (as libevent names its own 413s) */
+      shutdown(c->fd, SHUT_WR); /* (a client reading to the end has it all; a body sent anyway is still read) */
+      c->refused = 1;
+    }
+    return;
+  }
+  if (len >= sizeof c->line) return; /* (longer than any header read here) */
+  const char *v;
+  if ((v = header_value(c->line, "content-length")) && c->content_length == -1) {
+    char *end;
+    long long n = strtoll(v, &end, 10);
+    while (*end == ' ' || *end == '\t') end++;
+    c->content_length = *v >= '0' && *v <= '9' && *end == '\0' && n >= 0 ? n : -2;
+  } else if ((v = header_value(c->line, "transfer-encoding")) && !c->chunked) { /* (libevent reads the first) */
+    c->chunked = is_value(v, "chunked") ? 1 : 2;
+  } else if ((v = header_value(c->line, "expect")) && !c->expect) {
+    c->expect = is_value(v, "100-continue") ? 1 : 2;
+  }
+}
+
+/* a chunk's size line, whole: read as libevent reads it */
+static void chunk_line(conn *c, size_t len) {
+  if (len == 0) return; /* (the line end after a chunk's data) */
+  c->scanning = SCAN_OFF; /* unless a chunk follows */
+  if (len >= sizeof c->line) return; /* (a size line this long: libevent's own answer stands) */
+  char *end;
+  long long n = strtoll(c->line, &end, 16);
+  if ((*end != '\0' && *end != ' ') || n < 0) {
+    c->chunk_bad = 1;
+  } else if (n == 0) {
+    c->chunk_bad = 2; /* a 413 from here on is about the trailer */
+  } else if (c->chunk_total + (double)n <= c->srv->max_body) {
+    c->chunk_total += (double)n;
+    c->chunk_left = n;
+    c->scanning = SCAN_CHUNK_DATA;
+  }
+}
+
+/* n more bytes of the request */
+static void scan_bytes(conn *c, const char *p, size_t n) {
+  while (n > 0 && c->scanning != SCAN_OFF) {
+    if (c->scanning == SCAN_CHUNK_DATA) {
+      size_t k = (unsigned long long)c->chunk_left < n ? (size_t)c->chunk_left : n;
+      p += k, n -= k, c->chunk_left -= (long long)k;
+      if (c->chunk_left == 0) c->scanning = SCAN_CHUNK_LINE;
+      continue;
+    }
+    const char *nl = memchr(p, '\n', n);
+    size_t k = nl ? (size_t)(nl - p) : n;
+    if (c->line_len < sizeof c->line - 1) {
+      size_t m = sizeof c->line - 1 - c->line_len;
+      memcpy(c->line + c->line_len, p, k < m ? k : m);
+    }
+    if (k >= sizeof c->tail) {
+      memcpy(c->tail, p + k - sizeof c->tail, sizeof c->tail);
+    } else if (k > 0) {
+      memmove(c->tail, c->tail + k, sizeof c->tail - k);
+      memcpy(c->tail + sizeof c->tail - k, p, k);
+    }
+    c->line_len += k;
+    if (c->scanning == SCAN_HEAD) c->head_size += (double)k;
+    if (!nl) return;
+    p += k + 1, n -= k + 1;
+    size_t len = c->line_len;
+    int cr = len > 0 && c->tail[sizeof c->tail - 1] == '\r'; /* (libevent's line ends: \r\n or \n) */
+    len -= (size_t)cr;
+    c->line[len < sizeof c->line - 1 ? len : sizeof c->line - 1] = '\0';
+    c->line_len = 0;
+    if (c->scanning == SCAN_HEAD) {
+      c->head_size -= cr;
+      head_line(c, len, cr);
+    } else {
+      chunk_line(c, len);
+    }
+  }
+}
+
+/* the input's bytes from offset `from` on */
+static void conn_scan(conn *c, struct evbuffer *in, size_t from) {
+  struct evbuffer_ptr pos;
+  struct evbuffer_iovec v[8];
+  if (evbuffer_ptr_set(in, &pos, from, EVBUFFER_PTR_SET) < 0) return;
+  for (;;) {
+    int n = evbuffer_peek(in, -1, &pos, v, 8);
+    size_t seen = 0;
+    for (int i = 0; i < n && i < 8 && c->scanning != SCAN_OFF; i++) {
+      scan_bytes(c, v[i].iov_base, v[i].iov_len);
+      seen += v[i].iov_len;
+    }
+    if (n <= 8 || c->scanning == SCAN_OFF || evbuffer_ptr_set(in, &pos, seen, EVBUFFER_PTR_ADD) < 0) return;
+  }
+}
+
 static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg);
+static void conn_refused_close_cb(evutil_socket_t fd, short what, void *arg);
+static const char *reason_phrase(int status);
 
 /* the first n bytes of a bufferevent's output (whose start is frozen to
  * evbuffer_copyout) -> how many there were */
@@ -328,7 +506,8 @@ static size_t output_start(struct evbuffer *out, char *dst, size_t n) {
 }
 
 /* libevent's own error replies (400: a malformed request, or headers past
- * max_headers; 413: a body past max_body; 417; 501: an unknown method) are HTML pages, which API
+ * max_headers; 413: a body past max_body, or a malformed chunk; 417; 501: an
+ * unknown method) are HTML pages, which API
  * clients cannot read as errors. While a request is read nothing else writes
  * to the connection, so its output is watched then: an error reply seen
  * starting is rewritten once whole (conn_error_reply_cb), in the same loop
@@ -339,36 +518,33 @@ static void conn_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *
   if (info->orig_size != 0 || output_start(buf, start, sizeof start) < sizeof start) return;
   if (memcmp(start, "HTTP/1.", 7) != 0 || start[9] < '4') return; /* (a 100 Continue) */
   evbuffer_cb_clear_flags(buf, c->own_error, EVBUFFER_CB_ENABLED);
-  if (c->api_pending) evbuffer_cb_clear_flags(bufferevent_get_input(c->bev), c->first_byte, EVBUFFER_CB_ENABLED);
+  if (c->first_byte) evbuffer_cb_clear_flags(bufferevent_get_input(c->bev), c->first_byte, EVBUFFER_CB_ENABLED);
   c->api_pending = 0; /* (what comes in now is a body libevent drops) */
   evtimer_del(c->ev); /* the reply closes the connection */
-  event_assign(c->ev, c->srv->R->base, -1, 0, conn_error_reply_cb, c);
+  /* (after the 413 sent early, libevent's own, once the body it read is dropped: not sent) */
+  event_assign(c->ev, c->srv->R->base, -1, 0, c->refused ? conn_refused_close_cb : conn_error_reply_cb, c);
   event_active(c->ev, EV_TIMEOUT, 1);
 }
 
-/* libevent's error reply, whole in the output: its status line kept, its
- * page replaced by the server's JSON error (SERVER_ERROR's shape), typed as
- * the request's API types it. */
-static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
-  (void)fd, (void)what;
-  conn *c = arg;
-  struct evbuffer *out = bufferevent_get_output(c->bev);
-  char line[80], message[160], body[400];
-  size_t n = output_start(out, line, sizeof line - 1);
-  line[n] = '\0';
-  char *eol = strstr(line, "\r\n");
-  if (!eol || eol - line < 12) return;
-  *eol = '\0';
-  int status = atoi(line + 9);
+/* the server's JSON error (SERVER_ERROR's shape) for one of its refusals,
+ * typed as the request's API types it -> its length */
+static int own_error_body(conn *c, int status, char *body, size_t size) {
+  char message[160];
   const char *type = status >= 500 ? "api_error" : "invalid_request_error", *code = "null";
   if (status == 413) {
     snprintf(message, sizeof message, "the request body is larger than this server accepts (%.0f bytes)",
              c->srv->max_body);
     if (c->anthropic) type = "request_too_large";
     code = "\"request_too_large\"";
+  } else if (status == 431) {
+    snprintf(message, sizeof message, "the request's headers are larger than this server accepts (%.0f bytes)",
+             c->srv->max_headers);
+  } else if (status == 400 && c->chunk_bad == 1) {
+    snprintf(message, sizeof message, "a malformed chunked request body: a chunk size that is not a hexadecimal number");
+  } else if (status == 400 && c->chunk_bad == 2) {
+    snprintf(message, sizeof message, "a malformed trailer after a chunked request body");
   } else if (status == 400) {
-    snprintf(message, sizeof message, "the request could not be read: a malformed request line or header, or "
-                                      "headers larger than this server accepts");
+    snprintf(message, sizeof message, "the request could not be read: a malformed request line or header");
   } else if (status == 417) {
     snprintf(message, sizeof message, "an Expect header other than 100-continue");
   } else if (status == 501) {
@@ -376,9 +552,35 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
   } else {
     snprintf(message, sizeof message, "the request was refused before it was read");
   }
-  int len = snprintf(body, sizeof body,
+  int len = snprintf(body, size,
                      "{\"type\":\"error\",\"error\":{\"type\":\"%s\",\"message\":\"%s\",\"param\":null,\"code\":%s}}\n",
                      type, message, code);
+  return len > 0 && (size_t)len < size ? len : 0;
+}
+
+/* libevent's error reply, whole in the output: its status line kept (but
+ * for what libevent cannot tell apart, and the request's HTTP version), its
+ * page replaced by the server's JSON error. */
+static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  conn *c = arg;
+  struct evbuffer *out = bufferevent_get_output(c->bev);
+  char line[80], body[400];
+  size_t n = output_start(out, line, sizeof line - 1);
+  line[n] = '\0';
+  char *eol = strstr(line, "\r\n");
+  if (!eol || eol - line < 12) return;
+  *eol = '\0';
+  int status = atoi(line + 9), was = status;
+  /* libevent's 400 for headers past max_headers too: a head past the limit, counted as it counts, is a 431
+   * (one malformed as well may have been refused for that first: it is too large all the same) */
+  if (status == 400 && c->head_size > c->srv->max_headers) status = 431;
+  /* its 413 for a malformed chunk too (read alongside it by conn_scan) */
+  if (status == 413 && c->chunk_bad) status = 400;
+  if (status != was) snprintf(line, sizeof line, "HTTP/1.1 %d %s", status, reason_phrase(status));
+  /* (libevent answers HTTP/1.1 to an HTTP/1.0 request it refuses; its other replies, 1.0) */
+  if (c->http10) line[7] = '0';
+  int len = own_error_body(c, status, body, sizeof body);
   /* (the output's start is frozen but to the bufferevent's own writes, which unfreeze it as this does) */
   evbuffer_unfreeze(out, 1);
   evbuffer_drain(out, evbuffer_get_length(out));
@@ -387,14 +589,27 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
                       line, len, body);
 }
 
+/* libevent's 413 after the one sent early (an Expect: 100-continue past
+ * max_body), the body sent anyway read: the connection closes, unsent */
+static void conn_refused_close_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  conn *c = arg;
+  evhttp_connection_free(c->evcon); /* its close callback frees c */
+}
+
 /* The first byte of a request: its deadline starts; the next ones, until
  * its path is whole, tell its API. */
 static void conn_input_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg) {
   conn *c = arg;
   if (info->n_added == 0) return;
-  if (!c->api_pending) evtimer_add(c->ev, c->srv->read_timeout);
-  c->api_pending = !conn_note_api(c, buf);
-  if (!c->api_pending) evbuffer_cb_clear_flags(buf, c->first_byte, EVBUFFER_CB_ENABLED);
+  if (!c->reading) {
+    c->reading = 1;
+    evtimer_add(c->ev, c->srv->read_timeout);
+    c->api_pending = 1;
+  }
+  if (c->api_pending) c->api_pending = !conn_note_api(c, buf);
+  conn_scan(c, buf, info->orig_size);
+  if (!c->api_pending && c->scanning == SCAN_OFF) evbuffer_cb_clear_flags(buf, c->first_byte, EVBUFFER_CB_ENABLED);
 }
 
 /* The reply is sent: wait for the next request's first byte (it may be
@@ -407,10 +622,14 @@ static void reply_done_cb(struct evhttp_request *req, void *arg) {
     c->reading_untimed = 0;
   }
   struct evbuffer *in = bufferevent_get_input(c->bev);
+  size_t len = evbuffer_get_length(in);
   if (c->own_error) evbuffer_cb_set_flags(bufferevent_get_output(c->bev), c->own_error, EVBUFFER_CB_ENABLED);
-  c->api_pending = evbuffer_get_length(in) > 0 && !conn_note_api(c, in) && c->first_byte; /* (pipelined) */
-  if (evbuffer_get_length(in) > 0 || !c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
-  if (c->first_byte && (evbuffer_get_length(in) == 0 || c->api_pending))
+  conn_scan_reset(c);
+  c->reading = len > 0;
+  c->api_pending = len > 0 && !conn_note_api(c, in) && c->first_byte; /* (pipelined) */
+  if (len > 0 && c->first_byte) conn_scan(c, in, 0);
+  if (len > 0 || !c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
+  if (c->first_byte && (len == 0 || c->api_pending || c->scanning != SCAN_OFF))
     evbuffer_cb_set_flags(in, c->first_byte, EVBUFFER_CB_ENABLED);
 }
 
@@ -450,6 +669,7 @@ static void conn_setup_cb(evutil_socket_t fd, short what, void *arg) {
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     evhttp_connection_set_closecb(c->evcon, conn_closed, c);
     event_assign(c->ev, c->srv->R->base, -1, 0, conn_deadline_cb, c);
+    conn_scan_reset(c);
     c->first_byte = evbuffer_add_cb(bufferevent_get_input(bev), conn_input_cb, c);
     c->own_error = evbuffer_add_cb(bufferevent_get_output(bev), conn_output_cb, c);
     if (!c->first_byte) evtimer_add(c->ev, c->srv->read_timeout);
@@ -1334,6 +1554,7 @@ static int l_listen(lua_State *L) {
   srv->handler_ref = srv->self_ref = LUA_NOREF;
   srv->tasks = tasks;
   srv->max_body = max_body;
+  srv->max_headers = max_headers;
   luaL_setmetatable(L, SERVER_MT);
   srv->http = evhttp_new(R->base);
   if (!srv->http) return luaL_error(L, "server: cannot create the HTTP server");

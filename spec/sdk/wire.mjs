@@ -213,7 +213,7 @@ await check('anthropic: an MCP toolset (a tool without a name) reaches Anthropic
 // what the server refuses before any handler runs (a body past max_body, headers past
 // max_headers, a request not read in time) was libevent's HTML page, which the SDKs made an
 // error of without a type or a message: a 413 in each API's shape now, typed as each types it
-await check('the server\'s own refusals (413, 400, 408) reach each SDK as an API error of its type', async () => {
+await check('the server\'s own refusals (413, 431, 408) reach each SDK as an API error of its type', async () => {
   const big = 'x'.repeat(300000); // (wire_server's max_body is 200,000 bytes)
   const o = await rejects(oai().chat.completions.create({ model: 'openai/gpt-4o-mini',
     messages: [{ role: 'user', content: big }] }), OpenAI.APIError, 'openai 413');
@@ -226,9 +226,16 @@ await check('the server\'s own refusals (413, 400, 408) reach each SDK as an API
   const c = await rejects(ant().messages.countTokens({ model: 'anthropic/claude-sonnet-4-5-20250929',
     messages: [{ role: 'user', content: big }] }), Anthropic.ContentTooLargeError, 'anthropic count_tokens 413');
   expect(c.type === 'request_too_large', `count_tokens 413: ${c.type}`);
+  // headers past max_headers: a 431 (libevent's 400 said malformed), an API error to both SDKs
   const h = await rejects(oai().chat.completions.create({ model: 'openai/gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] },
-    { headers: { 'x-big': 'a'.repeat(70000) } }), OpenAI.BadRequestError, 'openai headers past max_headers');
-  expect(h.type === 'invalid_request_error' && /headers larger than this server accepts/.test(h.message), `400: ${h.type} ${h.message}`);
+    { headers: { 'x-big': 'a'.repeat(70000) } }), OpenAI.APIError, 'openai headers past max_headers');
+  expect(h.status === 431 && h.type === 'invalid_request_error' &&
+    /headers are larger than this server accepts \(65536 bytes\)/.test(h.message), `431: ${h.status} ${h.type} ${h.message}`);
+  const ah = await rejects(ant().messages.create({ model: 'anthropic/claude-sonnet-4-5-20250929', max_tokens: 10,
+    messages: [{ role: 'user', content: 'hi' }] }, { headers: { 'x-big': 'a'.repeat(70000) } }), Anthropic.APIError,
+  'anthropic headers past max_headers');
+  expect(ah.status === 431 && ah.type === 'invalid_request_error' && /headers are larger/.test(ah.apiMessage),
+    `anthropic 431: ${ah.status} ${ah.type} ${ah.apiMessage}`);
   // a body that stalls after its first bytes (wire_server's read_timeout is 2 s)
   const stalling = (u, init) => fetch(u, { ...init, duplex: 'half', body: new ReadableStream({
     start(ctl) { ctl.enqueue(new TextEncoder().encode('{"model":')); } }) });
