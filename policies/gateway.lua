@@ -1559,16 +1559,40 @@ local function model_by_id(req, id)
     public_message(id:sub(1, MODEL_MAX))), { code = "model_not_found" })
 end
 
+-- count_tokens' own rate for a key with rpm: at the key's rpm, apart from its calls', as Anthropic
+-- limits count_tokens apart from Messages (a client counting before each message would otherwise
+-- get half its rpm for messages) -> nil | a 429 reply
+local function count_limit(rec)
+  if not rec.rpm then return nil end
+  local buckets = key_buckets(rec)
+  if not buckets.count_rpm then
+    buckets.count_rpm = resil.bucket("gateway:" .. rec.id .. ":count_rpm", { rate = rec.rpm, per = 60, burst = rec.rpm,
+      shared = buckets.shared })
+  end
+  local ok, wait = buckets.count_rpm:try(1)
+  if ok then return nil end
+  return error_reply("anthropic", 429, ("key '%s': %d count_tokens requests per minute"):format(rec.name, rec.rpm),
+    { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) } })
+end
+
 -- POST /v1/messages/count_tokens (Anthropic's; the SDK's messages.countTokens): asked of the
 -- model's first target (a deployment group's first), through its adapter, when that speaks an
 -- API that counts (Anthropic's: exact, and free); a model another API serves (OpenAI's has no
 -- count) is a 400 saying so, never an estimate a client would take for a count. The API bills
--- nothing for it: no ledger row, budget or rate limit of the key; the key and its models hold.
+-- nothing for it: no ledger row, budget or tpm of the key. It is a request to the provider all
+-- the same: it holds a permit of the gateway's and the key's concurrency while it runs, is
+-- limited at the key's rpm in a bucket of its own (count_limit), and is refused at once while
+-- the target's breaker is open (a provider failing its calls would hold it to its timeout); its
+-- outcome is not the breaker's to count (its own endpoint and limits: its 429 says nothing of
+-- Messages, and a half-open breaker's probes are for calls).
 local function count_tokens(req)
   local id = request_id()
   local rec, refused = authenticate(req, "anthropic")
   if not rec then return anthropic_id(with_id(refused, id), "anthropic") end
   local function refuse(status, message, o) return anthropic_id(with_id(error_reply("anthropic", status, message, o), id), "anthropic") end
+  local permits, full = admit(rec, "anthropic")
+  if not permits then return anthropic_id(with_id(full, id), "anthropic") end
+  local _ <close> = permits
   local b = json.decode(req.body)
   if type(b) ~= "table" then return refuse(400, "the body is not a JSON object") end
   local bad = check_model(b.model) or check_messages(b.messages) or check_tools(b.tools)
@@ -1595,6 +1619,15 @@ local function count_tokens(req)
     local merged = {}
     for _, t in ipairs({ conf, ai.config[d.name] or {}, d.config or {} }) do for k, v in pairs(t) do merged[k] = v end end
     conf = merged
+  end
+  local limited = count_limit(rec)
+  if limited then return anthropic_id(with_id(limited, id), "anthropic") end
+  if conf.breaker then -- (the breaker its calls go through: named as policies.ai names it)
+    local state = resil.breaker(conf.breaker.name or d and d.name or provider, conf.breaker):state()
+    if state == "open" or state == "isolated" then
+      return refuse(503, ("%s is failing its calls (its breaker is %s): count_tokens is not asked of it"):format(
+        d and d.name or provider, state))
+    end
   end
   local key, var = conf.api_key, conf.api_key_env or adapter.key_env
   if key == nil and var then key = resil.secret(var) end

@@ -5,7 +5,7 @@ import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
 import { check, expect, rejects } from './harness.mjs';
 
-const { url, key } = JSON.parse(process.env.GATEWAY);
+const { url, key, limited } = JSON.parse(process.env.GATEWAY);
 const oai = () => new OpenAI({ apiKey: key, baseURL: url + '/v1', maxRetries: 0 });
 const ant = () => new Anthropic({ apiKey: key, baseURL: url, maxRetries: 0 });
 const last = async () => (await fetch(url + '/__test/last')).json();
@@ -288,4 +288,44 @@ await check('anthropic: countTokens is the upstream\'s count; a model another AP
   expect(o.type === 'invalid_request_error' && /served by strictopenai, which has none/.test(o.apiMessage), `openai model: ${o.apiMessage}`);
   const u = await rejects(ant().messages.countTokens({ ...req, model: 'nobody/model' }), Anthropic.NotFoundError, 'an unknown provider');
   expect(u.type === 'not_found_error', `unknown: ${u.type} ${u.apiMessage}`);
+});
+
+// count_tokens asks the provider as a call does: it ran past the key's concurrency, its rpm and an
+// open breaker. It takes a permit, has a bucket of its own at the key's rpm (Anthropic limits it
+// apart from Messages: counting before each message does not halve the messages' rate), and is
+// refused at once while the target's breaker is open
+await check('anthropic: countTokens holds a permit, has its own bucket at the key\'s rpm, and meets an open breaker', async () => {
+  const lim = new Anthropic({ apiKey: limited, baseURL: url, maxRetries: 0 });
+  const req = { model: 'claude-strict', messages: [{ role: 'user', content: 'Name a city' }] };
+  // a call held upstream holds the key's one permit
+  const holding = lim.messages.create({ model: 'claude-held', max_tokens: 10, messages: req.messages });
+  for (let i = 0; i < 200 && !(await last()).held; i++) await new Promise((r) => setTimeout(r, 25));
+  expect((await last()).held === true, 'the held call reached its upstream');
+  const busy = await rejects(lim.messages.countTokens(req), Anthropic.InternalServerError, 'count past the key\'s concurrency');
+  expect(busy.status === 503 && /1 requests at once already/.test(busy.apiMessage), `busy: ${busy.status} ${busy.apiMessage}`);
+  await fetch(url + '/__test/release', { method: 'POST' });
+  expect((await holding).content[0].text === 'ok', 'the held call');
+  // (the permit comes back once its reply is sent: the client may have it first)
+  let first;
+  for (let i = 0; i < 200; i++) {
+    first = await lim.messages.countTokens(req).catch((e) => e);
+    if (!(first instanceof Anthropic.InternalServerError)) break;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  expect(first.input_tokens > 0, `first count: ${first}`);
+  const second = await lim.messages.countTokens(req);
+  expect(second.input_tokens === first.input_tokens, 'second count');
+  const over = await rejects(lim.messages.countTokens(req), Anthropic.RateLimitError, 'a third count in the minute');
+  expect(/2 count_tokens requests per minute/.test(over.apiMessage), `429: ${over.apiMessage}`);
+  // the key's messages rate is its own: one call of two spent (the held one)
+  const m = await lim.messages.create({ ...req, max_tokens: 10 });
+  expect(m.content[0].text === 'Paris', `a call after the counts: ${JSON.stringify(m.content)}`);
+  // an open breaker: the count is refused at once, the upstream not asked
+  for (let i = 0; i < 2; i++) {
+    await rejects(ant().messages.create({ model: 'claude-broken', max_tokens: 10, messages: req.messages }),
+      Anthropic.APIError, 'a failing call');
+  }
+  const open = await rejects(ant().messages.countTokens({ ...req, model: 'claude-broken' }), Anthropic.InternalServerError,
+    'count behind an open breaker');
+  expect(open.status === 503 && /breaker is open/.test(open.apiMessage), `open breaker: ${open.status} ${open.apiMessage}`);
 });

@@ -63,6 +63,22 @@ local up = assert(resil.mock.start({ routes = {
 -- the strict mock: it answers a schema's JSON, and refuses fields its API does not take
 local strict = assert(resil.mock.start({ strict = true, reply = "Paris" }))
 
+-- count_tokens under a key's limits (wire.mjs): an Anthropic upstream whose calls wait until
+-- POST /__test/release (one holds a key's one permit), and one whose calls fail (its breaker
+-- opens); both count tokens
+local ERROR = { status = 500, headers = { ["content-type"] = "application/json" },
+  body = '{"type":"error","error":{"type":"api_error","message":"down"}}' }
+local released = false
+local held = assert(resil.server.listen({ port = 0, tasks = true, handler = function(req)
+  if req.path == "/v1/messages/count_tokens" then return answer({ input_tokens = 9 }) end
+  last.held = true
+  while not released do resil.sleep(0.02) end
+  return answer({ id = "msg_held", type = "message", role = "assistant", model = "claude-haiku-4-5",
+    content = { { type = "text", text = "ok" } }, stop_reason = "end_turn", stop_sequence = json.null,
+    usage = { input_tokens = 9, output_tokens = 1 } })
+end }))
+local broken = assert(resil.mock.start({ routes = { ["POST /v1/messages"] = function() return ERROR end } }))
+
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
@@ -70,15 +86,25 @@ ai.adapters.strictopenai = require "policies.providers.openai"
 ai.configure("strictopenai", { base_url = strict.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.adapters.strictanthropic = require "policies.providers.anthropic"
 ai.configure("strictanthropic", { base_url = strict.url, api_key = "sk-ant-test-123456", retry = fast })
-gateway.configure({ auth = true, key_cache = 0, idempotency_keep_max = 64, max_body = 200000, read_timeout = 2, models = {
+ai.adapters.heldanthropic = require "policies.providers.anthropic"
+ai.configure("heldanthropic", { base_url = ("http://127.0.0.1:%d"):format(held:port()), api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.brokenanthropic = require "policies.providers.anthropic"
+ai.configure("brokenanthropic", { base_url = broken.url, api_key = "sk-ant-test-123456", retry = fast,
+  breaker = { min_calls = 2, failure_rate = 0.5, window = 60, open_for = 600 } })
+-- (queue = 0: a request past a key's concurrency is a 503 at once, not one that waits)
+gateway.configure({ auth = true, queue = 0, key_cache = 0, idempotency_keep_max = 64, max_body = 200000, read_timeout = 2, models = {
   ["embed-compat"] = "openai/text-embedding-3-small",
   ["gpt-strict"] = "strictopenai/gpt-4o-mini",
   ["claude-strict"] = "strictanthropic/claude-haiku-4-5",
+  ["claude-held"] = "heldanthropic/claude-haiku-4-5",
+  ["claude-broken"] = "brokenanthropic/claude-haiku-4-5",
 } })
 gateway.routes["GET /__test/last"] = function() return { status = 200, body = json.encode(last) } end
+gateway.routes["POST /__test/release"] = function() released = true; return { status = 200, body = "{}" } end
 
 local good = assert(keys.add({ name = "good" }))
+local limited = assert(keys.add({ name = "limited", rpm = 2, concurrency = 1 }))
 local s = gateway.serve({ listen = "127.0.0.1:0" })
-print(json.encode({ url = ("http://127.0.0.1:%d"):format(s:port()), key = good }))
+print(json.encode({ url = ("http://127.0.0.1:%d"):format(s:port()), key = good, limited = limited }))
 io.stdout:flush()
 resil.sleep(math.huge)
