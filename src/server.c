@@ -391,7 +391,7 @@ static void head_line(conn *c, size_t len, int cr) {
      * sending it, until the read deadline's 408. The 413 goes now; a body
      * sent anyway is still read and dropped (the connection then closes). */
     if (c->expect == 1 && c->http11 && !c->no_body && c->chunked != 1 && c->content_length >= 0 &&
-        (double)c->content_length > c->srv->max_body) {
+        (double)c->content_length > c->srv->max_body && c->head_size <= c->srv->max_headers) { /* (else a 431) */
       char body[400];
       int n = own_error_body(c, 413, body, sizeof body);
       conn_send_own(c, 413, "Request Entity Too Large", body, n); /* (as libevent names its own 413s) */
