@@ -32,6 +32,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -133,11 +134,11 @@ struct conn {
   int chunk_bad;    /* 1: a chunk size libevent refuses; 2: past its last chunk (the trailer) */
   int refused;      /* answered already (a 413 to an Expect): nothing more is sent */
   long long content_length; /* its first Content-Length, -1 none, -2 not digits */
-  double head_size;         /* its head's bytes, as libevent counts them (without line ends) */
+  size_t head_size;         /* its head's bytes, as libevent counts them (without line ends) */
   double chunk_total;       /* a chunked body's bytes so far */
   long long chunk_left;     /* of the chunk being read */
   size_t line_len;          /* the current line's bytes so far */
-  char line[48];            /* its start */
+  char line[48];            /* the start of a line that came in pieces */
   char tail[10];            /* its end (a request line's version) */
   conn *prev, *next;
 };
@@ -353,35 +354,37 @@ static void conn_scan_reset(conn *c) {
   c->chunk_bad = c->refused = 0;
   c->scanning = SCAN_HEAD;
   c->content_length = -1;
-  c->head_size = c->chunk_total = 0;
+  c->head_size = 0;
+  c->chunk_total = 0;
   c->chunk_left = 0;
   c->line_len = 0;
 }
 
-/* a header's value, as libevent trims it, if the line names the header */
-static const char *header_value(const char *line, const char *name) {
-  size_t n = strlen(name);
-  if (strncasecmp(line, name, n) != 0 || line[n] != ':') return NULL;
-  line += n + 1;
-  while (*line == ' ') line++;
-  return line;
+/* a header's value (as libevent trims it: spaces before it) if the line
+ * (len bytes) names the header (n bytes, lower case), else NULL; *vlen its
+ * length */
+static const char *header_value(const char *line, size_t len, const char *name, size_t n, size_t *vlen) {
+  if (len <= n || line[n] != ':' || strncasecmp(line, name, n) != 0) return NULL;
+  size_t i = n + 1;
+  while (i < len && line[i] == ' ') i++;
+  *vlen = len - i;
+  return line + i;
 }
 
-static int is_value(const char *v, const char *want) {
-  size_t n = strlen(want);
-  if (strncasecmp(v, want, n) != 0) return 0;
-  for (v += n; *v; v++)
-    if (*v != ' ' && *v != '\t') return 0;
+static int is_value(const char *v, size_t vlen, const char *want, size_t n) {
+  if (vlen < n || strncasecmp(v, want, n) != 0) return 0;
+  for (size_t i = n; i < vlen; i++)
+    if (v[i] != ' ' && v[i] != '\t') return 0;
   return 1;
 }
 
-/* a line of the head, whole (len: its length without its line end) */
-static void head_line(conn *c, size_t len, int cr) {
+/* a line of the head, whole (len: its length without its line end; ver:
+ * its last 8 bytes, or NULL when it is shorter) */
+static void head_line(conn *c, const char *line, size_t len, const char *ver) {
   if (c->lines++ == 0) { /* the request line */
-    const char *v = c->tail + sizeof c->tail - cr - 8;
-    c->http10 = len >= 8 && memcmp(v, "HTTP/1.0", 8) == 0;
-    c->http11 = len >= 8 && memcmp(v, "HTTP/1.1", 8) == 0;
-    c->no_body = strncmp(c->line, "HEAD ", 5) == 0 || strncmp(c->line, "TRACE ", 6) == 0;
+    c->http10 = ver && memcmp(ver, "HTTP/1.0", 8) == 0;
+    c->http11 = ver && memcmp(ver, "HTTP/1.1", 8) == 0;
+    c->no_body = (len >= 5 && memcmp(line, "HEAD ", 5) == 0) || (len >= 6 && memcmp(line, "TRACE ", 6) == 0);
     return;
   }
   if (len == 0) { /* its end */
@@ -391,7 +394,7 @@ static void head_line(conn *c, size_t len, int cr) {
      * sending it, until the read deadline's 408. The 413 goes now; a body
      * sent anyway is still read and dropped (the connection then closes). */
     if (c->expect == 1 && c->http11 && !c->no_body && c->chunked != 1 && c->content_length >= 0 &&
-        (double)c->content_length > c->srv->max_body && c->head_size <= c->srv->max_headers) { /* (else a 431) */
+        (double)c->content_length > c->srv->max_body && (double)c->head_size <= c->srv->max_headers) { /* (else a 431) */
       char body[400];
       int n = own_error_body(c, 413, body, sizeof body);
       conn_send_own(c, 413, "Request Entity Too Large", body, n); /* (as libevent names its own 413s) */
@@ -400,27 +403,36 @@ static void head_line(conn *c, size_t len, int cr) {
     }
     return;
   }
-  if (len >= sizeof c->line) return; /* (longer than any header read here) */
   const char *v;
-  if ((v = header_value(c->line, "content-length")) && c->content_length == -1) {
-    char *end;
-    long long n = strtoll(v, &end, 10);
-    while (*end == ' ' || *end == '\t') end++;
-    c->content_length = *v >= '0' && *v <= '9' && *end == '\0' && n >= 0 ? n : -2;
-  } else if ((v = header_value(c->line, "transfer-encoding")) && !c->chunked) { /* (libevent reads the first) */
-    c->chunked = is_value(v, "chunked") ? 1 : 2;
-  } else if ((v = header_value(c->line, "expect")) && !c->expect) {
-    c->expect = is_value(v, "100-continue") ? 1 : 2;
+  size_t vlen;
+  switch (line[0] | 0x20) { /* (a line that cannot be one of the three, at one compare) */
+  case 'c': case 't': case 'e': break;
+  default: return;
+  }
+  if ((v = header_value(line, len, "content-length", 14, &vlen)) && c->content_length == -1) {
+    long long n = 0;
+    size_t i = 0;
+    for (; i < vlen && v[i] >= '0' && v[i] <= '9'; i++) n = i < 18 ? n * 10 + (v[i] - '0') : LLONG_MAX;
+    size_t digits = i;
+    while (i < vlen && (v[i] == ' ' || v[i] == '\t')) i++;
+    c->content_length = digits > 0 && i == vlen ? n : -2;
+  } else if ((v = header_value(line, len, "transfer-encoding", 17, &vlen)) && !c->chunked) { /* (libevent reads the first) */
+    c->chunked = is_value(v, vlen, "chunked", 7) ? 1 : 2;
+  } else if ((v = header_value(line, len, "expect", 6, &vlen)) && !c->expect) {
+    c->expect = is_value(v, vlen, "100-continue", 12) ? 1 : 2;
   }
 }
 
 /* a chunk's size line, whole: read as libevent reads it */
-static void chunk_line(conn *c, size_t len) {
+static void chunk_line(conn *c, const char *line, size_t len) {
   if (len == 0) return; /* (the line end after a chunk's data) */
   c->scanning = SCAN_OFF; /* unless a chunk follows */
-  if (len >= sizeof c->line) return; /* (a size line this long: libevent's own answer stands) */
+  char text[sizeof c->line];
+  if (len >= sizeof text) return; /* (a size line this long: libevent's own answer stands) */
+  memcpy(text, line, len);
+  text[len] = '\0';
   char *end;
-  long long n = strtoll(c->line, &end, 16);
+  long long n = strtoll(text, &end, 16);
   if ((*end != '\0' && *end != ' ') || n < 0) {
     c->chunk_bad = 1;
   } else if (n == 0) {
@@ -432,7 +444,8 @@ static void chunk_line(conn *c, size_t len) {
   }
 }
 
-/* n more bytes of the request */
+/* n more bytes of the request: each line read in place, or, one that came
+ * in pieces, from its start and end kept (c->line, c->tail) */
 static void scan_bytes(conn *c, const char *p, size_t n) {
   while (n > 0 && c->scanning != SCAN_OFF) {
     if (c->scanning == SCAN_CHUNK_DATA) {
@@ -443,30 +456,38 @@ static void scan_bytes(conn *c, const char *p, size_t n) {
     }
     const char *nl = memchr(p, '\n', n);
     size_t k = nl ? (size_t)(nl - p) : n;
-    if (c->line_len < sizeof c->line - 1) {
-      size_t m = sizeof c->line - 1 - c->line_len;
-      memcpy(c->line + c->line_len, p, k < m ? k : m);
+    if (c->scanning == SCAN_HEAD) c->head_size += k;
+    const char *line = p, *ver = NULL;
+    size_t len = k;
+    if (!nl || c->line_len > 0) { /* a line in pieces */
+      if (c->line_len < sizeof c->line) {
+        size_t m = sizeof c->line - c->line_len;
+        memcpy(c->line + c->line_len, p, k < m ? k : m);
+      }
+      if (k >= sizeof c->tail) {
+        memcpy(c->tail, p + k - sizeof c->tail, sizeof c->tail);
+      } else if (k > 0) {
+        memmove(c->tail, c->tail + k, sizeof c->tail - k);
+        memcpy(c->tail + sizeof c->tail - k, p, k);
+      }
+      c->line_len += k;
+      if (!nl) return;
+      line = c->line, len = c->line_len;
+      c->line_len = 0;
     }
-    if (k >= sizeof c->tail) {
-      memcpy(c->tail, p + k - sizeof c->tail, sizeof c->tail);
-    } else if (k > 0) {
-      memmove(c->tail, c->tail + k, sizeof c->tail - k);
-      memcpy(c->tail + sizeof c->tail - k, p, k);
-    }
-    c->line_len += k;
-    if (c->scanning == SCAN_HEAD) c->head_size += (double)k;
-    if (!nl) return;
     p += k + 1, n -= k + 1;
-    size_t len = c->line_len;
-    int cr = len > 0 && c->tail[sizeof c->tail - 1] == '\r'; /* (libevent's line ends: \r\n or \n) */
+    /* (libevent's line ends: \r\n or \n) */
+    int cr = len > 0 && (line == c->line ? c->tail[sizeof c->tail - 1] : line[len - 1]) == '\r';
     len -= (size_t)cr;
-    c->line[len < sizeof c->line - 1 ? len : sizeof c->line - 1] = '\0';
-    c->line_len = 0;
+    if (len >= 8 && c->lines == 0) ver = line == c->line ? c->tail + sizeof c->tail - cr - 8 : line + len - 8;
     if (c->scanning == SCAN_HEAD) {
-      c->head_size -= cr;
-      head_line(c, len, cr);
+      c->head_size -= (size_t)cr;
+      if (line == c->line && len > sizeof c->line && c->lines > 0)
+        c->lines++; /* (a header in pieces, longer than the start kept: none read here is that long) */
+      else
+        head_line(c, line, line == c->line && len > sizeof c->line ? sizeof c->line : len, ver);
     } else {
-      chunk_line(c, len);
+      chunk_line(c, line, line == c->line && len > sizeof c->line ? sizeof c->line : len);
     }
   }
 }
@@ -574,7 +595,7 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
   int status = atoi(line + 9), was = status;
   /* libevent's 400 for headers past max_headers too: a head past the limit, counted as it counts, is a 431
    * (one malformed as well may have been refused for that first: it is too large all the same) */
-  if (status == 400 && c->head_size > c->srv->max_headers) status = 431;
+  if (status == 400 && (double)c->head_size > c->srv->max_headers) status = 431;
   /* its 413 for a malformed chunk too (read alongside it by conn_scan) */
   if (status == 413 && c->chunk_bad) status = 400;
   if (status != was) snprintf(line, sizeof line, "HTTP/1.1 %d %s", status, reason_phrase(status));
