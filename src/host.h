@@ -235,11 +235,18 @@ int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
 void loop_arm_runaway(resil_t *R); /* from the watchdog's signal handler */
+int loop_raise_runaway(lua_State *L, const char *how); /* a C function the watchdog's stop interrupted */
 extern _Thread_local resil_t *watchdog_host; /* the host whose task this thread is resuming (watchdog.c) */
 typedef struct watchdog watchdog;
 int watchdog_set(resil_t *R, double seconds); /* 0 or less: none; -1 if its thread cannot start */
 void watchdog_free(resil_t *R);
 int luaopen_resil_watchdog(lua_State *L); /* require "resil.core.watchdog" -> {unwatched = f} */
+/* A task's own SQLite statement (store_sqlite.c, db:read and db:now) is interrupted once the watchdog
+ * stops the task: what its progress handler asks every WATCHDOG_SQL_STEPS of SQLite's VM, and the
+ * error that says so (raised if the interrupt was the watchdog's; else it returns) */
+#define WATCHDOG_SQL_STEPS 10000
+int watchdog_sql_progress(void *R);
+void watchdog_sql_stopped(lua_State *L, resil_t *R);
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
 void loop_guard_coroutines(lua_State *L);      /* coroutine.resume and wrap pass the guards on (at start-up) */
 

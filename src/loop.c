@@ -628,18 +628,13 @@ static void stop_watch_hook(lua_State *L, lua_Debug *ar) {
   stop_watch_error(L, R, t, now);
 }
 
-/* The watchdog's (watchdog.c): the resume it saw run max_task_seconds is
- * stopped where it runs, as --max-instructions stops a task; a hook left
- * on a thread after its resume ended takes itself off. */
-static void runaway_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
-  resil_t *R = resil_from_lua(L);
-  task *t = R->current;
-  if (!t || atomic_load(&R->resume_seq) != atomic_load(&R->runaway_request)) {
-    lua_sethook(L, NULL, 0, 0);
-    return;
-  }
-  if (t->stop_raised && cut_running(L, R, t)) return;
+static void runaway_hook(lua_State *L, lua_Debug *ar);
+
+/* The watchdog's stop raised in L, t's thread or a coroutine it runs, at the
+ * line of the first Lua function from `level` up, `how` after the message;
+ * the hooks left at the stop watch's pace (once raised, a pcall that goes on
+ * is cut at the next hook) */
+static void runaway_raise(lua_State *L, resil_t *R, task *t, int level, const char *how) {
   t->stop_raised = 1;
   /* at the stop watch's pace: the <close> handlers the error runs (a call's
    * guard giving back its hold) are not cut in turn */
@@ -652,13 +647,45 @@ static void runaway_hook(lua_State *L, lua_Debug *ar) {
     if (n->co != L) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
   lua_Debug ar0;
   char at[128] = "";
-  if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
-    snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
+  for (int lv = level; lua_getstack(L, lv, &ar0) && lua_getinfo(L, "Sl", &ar0); lv++) {
+    if (ar0.currentline > 0) {
+      snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
+      break;
+    }
+    if (level == 0) break; /* (the hook's: where it runs) */
+  }
   char ran[32];
   snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_request_seconds));
-  lua_pushfstring(L, "%stask %d (%s) ran %s s without yielding (--max-task-seconds=%s)", at, t->id, task_where(t), ran,
-                  R->max_task_seconds_text);
+  lua_pushfstring(L, "%stask %d (%s) ran %s s without yielding (--max-task-seconds=%s)%s", at, t->id, task_where(t),
+                  ran, R->max_task_seconds_text, how);
   lua_error(L);
+}
+
+/* The watchdog's (watchdog.c): the resume it saw run max_task_seconds is
+ * stopped where it runs, as --max-instructions stops a task; a hook left
+ * on a thread after its resume ended takes itself off. */
+static void runaway_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  resil_t *R = resil_from_lua(L);
+  task *t = R->current;
+  if (!t || atomic_load(&R->resume_seq) != atomic_load(&R->runaway_request)) {
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
+  if (t->stop_raised && cut_running(L, R, t)) return;
+  runaway_raise(L, R, t, 0, "");
+}
+
+/* A C function the watchdog's stop interrupted (a SQLite statement,
+ * watchdog_sql_stopped): the stop raised as the hook raises it, at the line
+ * that called the function. -> 0 (nothing raised) if the running resume is
+ * not one the watchdog stops */
+int loop_raise_runaway(lua_State *L, const char *how) {
+  resil_t *R = resil_from_lua(L);
+  task *t = R->current;
+  if (!t || atomic_load(&R->resume_seq) != atomic_load(&R->runaway_request)) return 0;
+  runaway_raise(L, R, t, 1, how);
+  return 0;
 }
 
 /* From the watchdog's signal handler, on the loop's own thread, in the

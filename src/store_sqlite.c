@@ -97,6 +97,7 @@ typedef struct store_db {
   int ref_stmts; /* sql -> lightuserdata stmt */
   sqlite3_stmt *ctl[5]; /* the transaction statements, prepared once (see exec_ctl) */
   int in_tx;
+  int task_tx; /* run_now's fn runs: its statements are a task's own, which the watchdog's stop interrupts */
   long commits, ops;
   wal_syncer *syncer; /* NULL: synchronous=FULL, COMMIT syncs */
   int sync_pending;   /* a sync is under way: the next batch waits for it (a commit during it
@@ -182,11 +183,21 @@ static void push_column(lua_State *L, sqlite3_stmt *st, int col) {
   }
 }
 
+/* SQLite's progress handler, every WATCHDOG_SQL_STEPS of its VM: a task's
+ * own statement (db:read, db:now) is interrupted once the watchdog stops the
+ * task (watchdog.c); never the group commit's, whose transaction holds other
+ * tasks' writes (an interrupted write rolls it all back) */
+static int task_statement_progress(void *arg) {
+  store_db *d = arg;
+  return d->task_tx && watchdog_sql_progress(d->R);
+}
+
 /* A failed statement. Trouble from the world (the file is read-only,
  * corrupt, the disk full, another process holds the lock) is raised as a
  * store_unavailable error value, which the waiting task receives as
  * nil, err; anything else is a bug in the SQL and raises as it is. */
 static int sql_failed(lua_State *L, store_db *d, int rc) {
+  if ((rc & 0xff) == SQLITE_INTERRUPT) watchdog_sql_stopped(L, d->R); /* the watchdog's stop, if it was */
   switch (rc & 0xff) {
   case SQLITE_READONLY: case SQLITE_IOERR: case SQLITE_CORRUPT: case SQLITE_NOTADB: case SQLITE_FULL:
   case SQLITE_CANTOPEN: case SQLITE_BUSY: case SQLITE_LOCKED: case SQLITE_NOMEM: case SQLITE_PERM:
@@ -1044,7 +1055,9 @@ static int run_now(lua_State *L, const char *begin) {
   luaL_setmetatable(L, TX_MT);
   lua_insert(L, 3);
   d->in_tx = 1;
+  d->task_tx = 1;
   int rc = lua_pcall(L, n + 1, LUA_MULTRET, 0);
+  d->task_tx = 0;
   d->in_tx = 0;
   *txp = NULL;
   if (rc != LUA_OK) {
@@ -1397,6 +1410,7 @@ static int open_db(lua_State *L, int host) {
     resil_error_result(L, "store_unavailable", "store: cannot open %s: %s%s", path, why, reason);
     return open_failed(L, d, 0);
   }
+  sqlite3_progress_handler(d->db, WATCHDOG_SQL_STEPS, task_statement_progress, d);
   /* no ATTACH (nor VACUUM INTO, which attaches its target): the host needs
    * neither, and through a db's SQL either makes a file wherever it names */
   sqlite3_limit(d->db, SQLITE_LIMIT_ATTACHED, 0);

@@ -216,6 +216,29 @@ int watchdog_set(resil_t *R, double seconds) {
 
 void watchdog_free(resil_t *R) { watchdog_stop(R); }
 
+/* A task's own SQLite statement (db:read, db:now) runs in C, where no hook
+ * runs: a script's query over tens of millions of rows, or a report's, in a
+ * gateway worker ran on past the watchdog's stop until the stuck exit ended
+ * the process. SQLite's progress handler on each connection (store_sqlite.c,
+ * every WATCHDOG_SQL_STEPS VM steps, while such a statement runs) asks this:
+ * non-zero interrupts the statement. Only once the signal's handler has
+ * armed the stop of the resume that runs (on this same thread: the hooks
+ * are set, the task named), and never in the host's own unwatched work (a
+ * migration). Three atomic loads. */
+int watchdog_sql_progress(void *arg) {
+  resil_t *R = arg;
+  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
+  return (seq & 1) && atomic_load_explicit(&R->runaway_armed, memory_order_relaxed) == seq &&
+         atomic_load_explicit(&R->watch_paused, memory_order_relaxed) == 0;
+}
+
+/* A statement that failed SQLITE_INTERRUPT: the watchdog's stop, raised as
+ * its hook raises it (at the script's line, the task named, <close>
+ * handlers not cut), if the interrupt was its; else it returns */
+void watchdog_sql_stopped(lua_State *L, resil_t *R) {
+  if (watchdog_sql_progress(R)) loop_raise_runaway(L, "; its SQLite statement was interrupted");
+}
+
 /* unwatched(f, ...) -> f(...): f's time is not the task's. For the host's
  * own work that runs long in SQLite without yielding: a store's migration
  * on a large ledger (5 million rows: 6 s), which the gateway's 5 s stopped
