@@ -52,6 +52,16 @@ print("write", pcall(db.now, db, function(tx)
   tx:exec("INSERT INTO w VALUES (1)")
   return tx:exec("INSERT INTO w SELECT a.x " .. JOIN)
 end))
+-- a write whose failure the function catches: nothing after it runs outside the transaction
+-- (before: SQLite had rolled the transaction back, the next INSERT committed on its own, and
+-- db:now answered "commit failed": row 2 was kept by a write reported as failed)
+print("caught", resil.spawn(function()
+  return db:now(function(tx)
+    local ok = pcall(tx.exec, tx, "INSERT INTO w SELECT a.x " .. JOIN)
+    tx:exec("INSERT INTO w VALUES (2)")
+    return "went on", ok
+  end)
+end):join())
 writer:join()
 print("rows", db:read(function(tx) return tx:value("SELECT count(*) FROM w WHERE x > 1000"),
                                           tx:value("SELECT count(*) FROM w WHERE x <= 1000") end))
@@ -65,6 +75,7 @@ print("usable", db:now(function(tx) tx:exec("INSERT INTO w VALUES (3)"); return 
     assert.matches("\nread\tfalse\t[^\n]*%.lua:10: " .. stop .. "\n", "\n" .. r.stdout)
     assert.matches("\nreport\t500\nserved\t200\n", r.stdout)
     assert.matches("\nwrite\tfalse\t[^\n]*%.lua:25: " .. stop .. "\n", r.stdout)
+    assert.matches("\ncaught\tfalse\t[^\n]*%.lua:33: store [^\n]*: the transaction was rolled back", r.stdout)
     assert.matches("\nrows\t20\t0\nusable\t21\n$", r.stdout)
   end)
 end)

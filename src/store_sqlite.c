@@ -227,6 +227,11 @@ static int is_store_unavailable(lua_State *L, int idx) {
 static store_db *check_tx(lua_State *L) {
   store_db **pd = luaL_checkudata(L, 1, TX_MT);
   if (!*pd || !(*pd)->in_tx) luaL_error(L, "store: a transaction handle used outside its transaction");
+  /* SQLite rolled the whole transaction back (an interrupted or failed write: the watchdog's stop, a
+   * full disk) and fn caught the error: a statement now would commit on its own, outside it */
+  if (sqlite3_get_autocommit((*pd)->db))
+    luaL_error(L, "store %s: the transaction was rolled back by a statement that failed; no statement runs in it "
+               "any more", (*pd)->path ? (*pd)->path : "?");
   return *pd;
 }
 
