@@ -1,4 +1,5 @@
--- The watchdog (--max-task-seconds) at its edges: a task's long SQLite statement.
+-- The watchdog (--max-task-seconds) at its two edges: a task's long SQLite statement, and the
+-- stuck process's last line to a stderr nobody reads.
 local helpers = require "spec.helpers"
 
 -- a real SQLite file with a table of 2,000 rows: a three-way join of it is 8e9 rows (hours)
@@ -77,5 +78,32 @@ print("usable", db:now(function(tx) tx:exec("INSERT INTO w VALUES (3)"); return 
     assert.matches("\nwrite\tfalse\t[^\n]*%.lua:25: " .. stop .. "\n", r.stdout)
     assert.matches("\ncaught\tfalse\t[^\n]*%.lua:33: store [^\n]*: the transaction was rolled back", r.stdout)
     assert.matches("\nrows\t20\t0\nusable\t21\n$", r.stdout)
+  end)
+end)
+
+describe("a process stuck outside Lua", function()
+  -- (before: its last line was a plain write(2): with the pipe full, the process waited there
+  -- for good, neither stuck loop nor exit ended; its supervisor never started another)
+  it("ends with code 70 when its stderr is a pipe kept full that nobody reads", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+print(resil.spawn(function() return (("a"):rep(200)):find(("a-"):rep(40) .. "c") end):join())
+]])
+    local dir = helpers.tmpname(".d")
+    -- the pipe's only reader is the shell's fd 3, which never reads; `yes` keeps it full
+    local sh = helpers.write(helpers.tmpname(".sh"), ([[
+mkdir -p %s && mkfifo %s/f || exit 99
+exec 3<>%s/f
+yes xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx >&3 2>/dev/null &
+filler=$!
+(exec timeout -s KILL 90 %s --max-task-seconds 0.3 %s 2>&3 3>&-)
+code=$?
+kill $filler
+echo "code=$code"
+]]):format(dir, dir, dir, helpers.resil, script))
+    local r = helpers.run("sh " .. sh)
+    os.execute("rm -rf " .. dir)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.are.equal("code=70\n", r.stdout)
   end)
 end)

@@ -23,12 +23,16 @@
  * the watchdog on.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -85,14 +89,60 @@ static double loop_cpu_seconds(resil_t *R) {
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* The stuck process's last line, on stderr, without ever blocking: a plain
+ * write to a pipe its reader had stopped reading (full: a supervisor or a
+ * log shipper stalled) waited there for good, and the stuck process never
+ * ended. A pipe or a terminal is written through a description of our own
+ * opened non-blocking, as log_sink.c does (never the shared one's flags: the
+ * shell's, the supervisor's and the other workers' stderr too), a socket
+ * with MSG_DONTWAIT; the reader is waited for at most LAST_WORD_WAIT_MS, then
+ * the line is lost. A line under PIPE_BUF goes into a pipe whole or not at
+ * all. */
+#define LAST_WORD_WAIT_MS 1000
+static void write_last_word(const char *line, size_t n) {
+  struct stat st;
+  if (fstat(2, &st) != 0) return;
+  int sock = S_ISSOCK(st.st_mode), fd = 2, own = -1;
+  if (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode)) {
+    own = open("/proc/self/fd/2", O_WRONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (own >= 0) fd = own;
+    else if (errno == ENXIO) return; /* a FIFO nobody reads */
+    else {                           /* no /proc: only a write the pipe has room for now */
+      struct pollfd p = {2, POLLOUT, 0};
+      if (poll(&p, 1, LAST_WORD_WAIT_MS) != 1 || !(p.revents & POLLOUT)) return;
+    }
+  }
+  struct timespec t0, now;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  size_t done = 0;
+  while (done < n) {
+    ssize_t w = sock ? send(fd, line + done, n - done, MSG_DONTWAIT | MSG_NOSIGNAL) : write(fd, line + done, n - done);
+    if (w > 0) {
+      done += (size_t)w;
+      continue;
+    }
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      long left = LAST_WORD_WAIT_MS - ((now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000);
+      if (left <= 0) break;
+      struct pollfd p = {fd, POLLOUT, 0};
+      poll(&p, 1, (int)left);
+      continue;
+    }
+    break;
+  }
+  if (own >= 0) close(own);
+}
+
 /* The last word of a process whose loop is stuck outside Lua: the hook the
  * watchdog set never ran, since no Lua instruction came (a string pattern
  * that backtracks for hours runs in C, a finalizer runs with hooks off), and
  * nothing in the process can stop it. Every request the worker would serve
  * waits for good; ended, it is started again by its supervisor (`gateway
  * --workers`, systemd). The rows the store had queued and not yet committed
- * are lost as with kill -9. Written straight to stderr: the log's own
- * writer is the stuck loop's. */
+ * are lost as with kill -9. Written straight to stderr (write_last_word):
+ * the log's own writer is the stuck loop's. */
 static void end_stuck(resil_t *R, unsigned long seq, double ran) {
   char what[sizeof R->runaway_what * 2];
   size_t n = 0;
@@ -117,10 +167,7 @@ static void end_stuck(resil_t *R, unsigned long seq, double ran) {
                      "can be started again\",\"exit_code\":%d}\n",
                      ts, (int)(now.tv_nsec / 1000000), what, ran, R->max_task_seconds_text, WATCHDOG_STUCK_EXIT,
                      WATCHDOG_STUCK_EXIT);
-  if (len > 0) {
-    ssize_t ignored = write(2, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1);
-    (void)ignored;
-  }
+  if (len > 0) write_last_word(line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1);
   _exit(WATCHDOG_STUCK_EXIT);
 }
 
