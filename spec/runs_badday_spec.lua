@@ -250,6 +250,46 @@ describe("resil.map items in a run", function()
   end)
 end)
 
+-- resil.map items of which the second shares its parts, a DAG 40 deep (x = { a = x, b = x } at each
+-- level), the note at its 20th level from the command line; each item's step logs what it paid
+local ITEMS_SHARING = [[
+local resil = require "resil"
+local log, leaf = arg[1], arg[2]
+local dag = {}
+for i = 1, 40 do dag = { a = dag, b = dag, level = i, note = i == 20 and leaf or nil } end
+dag.name = "dag"
+local out = resil.map({ { name = "first" }, dag, { name = "last" } }, function(item)
+  return resil.step("render", function()
+    local f = assert(io.open(log, "a")); f:write("paid ", item.name, "\n"); f:close()
+    return "video of " .. item.name
+  end)
+end, { concurrency = 1 })
+print(out[1], out[2], out[3])
+]]
+
+describe("resil.map items that share their parts (a DAG 40 deep)", function()
+  it("are checkpointed, replayed in a process of their own, and told apart by a note 20 levels down", function()
+    local db, log = helpers.tmpname(".db"), helpers.tmpname(".log")
+    local script = helpers.write(helpers.tmpname(".lua"), ITEMS_SHARING)
+    local function items(leaf)
+      -- (before: the item's fingerprint walked each part once per path to it, 2^40 walks: the worker
+      -- never got past it; --max-instructions stops the process that still walks them)
+      return helpers.run(("timeout -s KILL 60 %s --max-instructions 10000000 --store '%s' --log-level off "
+        .. "--run shared %s %s '%s'"):format(helpers.resil, db, script, log, leaf))
+    end
+    local r = items("leaf")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("video of first\tvideo of dag\tvideo of last\n", r.stdout)
+    r = items("leaf") -- every step replayed: the item's fingerprint is the same in another process
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("video of first\tvideo of dag\tvideo of last\n", r.stdout)
+    assert.are.equal("paid first\npaid dag\npaid last\n", helpers.slurp(log))
+    r = items("other leaf")
+    assert.are.equal(1, r.code, r.stdout)
+    assert.matches("divergence: run shared diverged at item 2:", r.stderr, 1, true)
+  end)
+end)
+
 -- Items paid for three at a time (each fn run logged) from the command line's list; KILL=x: the
 -- process dies (SIGKILL) as item x's step starts
 local ITEMS_CONCURRENT = [[

@@ -511,6 +511,85 @@ print(resil.once("node", function(n) return "other " .. n.name end, batch.items[
     assert.matches("^ran n1\nran n1\nnil\tkey_reused", r.stdout)
   end)
 
+  -- (before: each shared part was walked once per path to it: a DAG 40 deep, x = { a = x, b = x } at each level,
+  -- 2^40 walks, the loop blocked for days; --max-instructions stops the process that still walks them)
+  it("takes arguments that share their parts (a DAG 40 deep), in processes of their own", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local x = {}
+for i = 1, 40 do x = { a = x, b = x, level = i, note = i == 20 and arg[1] or nil } end
+print(require("resil.once").fingerprint(x))
+print(resil.once("dag", function(t) return arg[2] .. " " .. t.a.a.level end, x))
+]])
+    local function once(leaf, word)
+      local r = helpers.run(("timeout -s KILL 60 %s --max-instructions 10000000 --store %s %s %s %s"):format(
+        helpers.resil, db, script, leaf, word))
+      assert.are.equal(0, r.code, r.stderr)
+      return r.stdout:match("^(%x+)\n(.*)$")
+    end
+    local fp1, out1 = once("leaf", "ran")
+    local fp2, out2 = once("leaf", "again")
+    local fp3, out3 = once("other leaf", "other")
+    assert.are.equal("ran 38\n", out1)
+    assert.are.equal(fp1, fp2) -- the same in every process: replayed
+    assert.are.equal("ran 38\n", out2)
+    assert.are_not.equal(fp1, fp3) -- a note 20 levels down (2^20 paths to it) is part of it
+    assert.matches("^nil\tkey_reused", out3)
+  end)
+
+  -- A stored fingerprint must still match after an upgrade (a key in flight, a run resumed): these
+  -- are the values it gave before shared parts were written once (for inputs without cycles, since 695f801)
+  it("gives ordinary arguments the fingerprints they always had", function()
+    local fp = require("resil.once").fingerprint
+    local cases = {}
+    local function case(name, ...) cases[name] = fp(...) end
+    case("none")
+    case("7", 7)
+    case("scalars", 21, 2.5, -0.1, 1e300, true, false, "a\nb\0c\"", nil, print)
+    local req = { model = "gpt-4o-mini", temperature = 0.2, max_tokens = 256,
+      messages = { { role = "system", content = "You are terse." },
+        { role = "user", content = "Summarise: " .. ("lorem ipsum "):rep(20) } } }
+    case("request", req, "k", 3)
+    case("item", { id = 1, name = "item 1", prompt = "describe picture 1", tags = { "a", "b" } })
+    case("mixed keys", { [1] = "x", [2.5] = "y", [-3] = { z = true }, k = { 1, 2, { 3 } } })
+    case("boolean keys", { [true] = 1, [false] = 0 })
+    local batch = { items = {}, blob = ("x"):rep(2000) }
+    for i = 1, 8 do batch.items[i] = { name = "n" .. i, batch = batch } end
+    case("cycle", batch.items[1])
+    local c = { x = 1, y = { "small" } }
+    case("small shared", { a = c, b = c, c = { c, c } }) -- (shared parts under 1 KB are written each time)
+    case("large equal copies", { doc = { text = ("x"):rep(2000) }, other = { text = ("x"):rep(2000) } })
+    local L = { text = ("y"):rep(2000), n = 1 }
+    case("large deeper then shallower", { a = { inner = L }, b = L }) -- (met nearer the top: written again)
+    local list = { 0 }
+    local node = list
+    for j = 1, 100 do node.next = { j }; node = node.next end
+    case("deep list", list)
+    local dag = { v = 1 }
+    for _ = 1, 6 do dag = { a = dag, b = dag } end -- (shared, each part under 1 KB)
+    case("small dag", dag)
+    local big = {}
+    for i = 1, 3000 do big[i] = { id = i, name = "n" .. i } end
+    case("large tree", { rows = big })
+    assert.are.same({
+      ["none"] = "096e60fea6b77e42",
+      ["7"] = "03b8bf122330fe86",
+      ["scalars"] = "35b966b7e961971f",
+      ["request"] = "703f8f0e802e3284",
+      ["item"] = "c524318bafd6e0dd",
+      ["mixed keys"] = "b35a85b5e664502d",
+      ["boolean keys"] = "6cd4e85d3b73fbed",
+      ["cycle"] = "102980bdcf562118",
+      ["small shared"] = "bd313a2c35f0d1b7",
+      ["large equal copies"] = "ffb6460c2f91bced",
+      ["large deeper then shallower"] = "4861fec0e45bb27b",
+      ["deep list"] = "e2130b30e07c4e63",
+      ["small dag"] = "e0d7764944e90c34",
+      ["large tree"] = "7fbcd45c69a96bf2",
+    }, cases)
+  end)
+
   it("callers in the same process wait for the one running it", function()
     local tasks = {}
     for i = 1, 5 do tasks[i] = resil.spawn(resil.once, "job-2", work, 5) end

@@ -111,36 +111,58 @@ end
 -- A table met again on its own path (a node that refers back to its parent) is written
 -- "(cycle)": walked, each cycle was a path per way round to the depth of 32 (8 such nodes
 -- as arguments: hours). A table without cycles is written as before.
-local function canonical(v, out, depth, path)
+-- A table met again elsewhere (shared: x = { a = y, b = y }) whose text, written before at
+-- this depth or nearer the top, came to SHARED bytes or more is written "#n": the same
+-- table as the n-th table written. Walked again each time, a table sharing its parts at each
+-- of 30 levels was 2^30 walks (the loop blocked for an hour). Smaller texts are written
+-- again: an input with no large shared part keeps the fingerprint it had (stored ones still
+-- match). seen: table -> true while on the path, then n * 32 + depth if its text was large;
+-- seen[1]: the tables written so far. -> the length of v's text
+local SHARED = 1024
+local function canonical(v, out, depth, seen)
   local t = type(v)
-  if t == "table" and depth < 32 and path[v] then
-    out[#out + 1] = '"(cycle)"'
-  elseif t == "table" and depth < 32 then
-    path[v] = true
+  if t == "table" and depth < 32 then
+    local was = seen[v]
+    if was == true then
+      out[#out + 1] = '"(cycle)"'
+      return 9
+    elseif was and was % 32 <= depth then -- (its text there is as deep as here)
+      local ref = "#" .. was // 32
+      out[#out + 1] = ref
+      return #ref
+    end
+    local nth = seen[1] + 1
+    seen[1], seen[v] = nth, true
     local keys = {}
     for k in pairs(v) do keys[#keys + 1] = k end
     table.sort(keys, key_before)
     out[#out + 1] = "{"
+    local len = 2
     for _, k in ipairs(keys) do
-      canonical(k, out, depth + 1, path)
+      len = len + canonical(k, out, depth + 1, seen)
       out[#out + 1] = "="
-      canonical(v[k], out, depth + 1, path)
+      len = len + canonical(v[k], out, depth + 1, seen) + 2
       out[#out + 1] = ","
     end
     out[#out + 1] = "}"
-    path[v] = nil
-  elseif t == "string" then
-    out[#out + 1] = ("%q"):format(v)
-  elseif t == "number" then
-    out[#out + 1] = math.type(v) == "integer" and ("%d"):format(v) or ("%.17g"):format(v)
-  else
-    out[#out + 1] = t == "boolean" and tostring(v) or t -- functions and the like: their type only
+    seen[v] = len >= SHARED and nth * 32 + depth or was
+    return len
   end
+  local s
+  if t == "string" then
+    s = ("%q"):format(v)
+  elseif t == "number" then
+    s = math.type(v) == "integer" and ("%d"):format(v) or ("%.17g"):format(v)
+  else
+    s = t == "boolean" and tostring(v) or t -- functions and the like: their type only
+  end
+  out[#out + 1] = s
+  return #s
 end
 
 local function fingerprint_of(...)
   local out = {}
-  canonical(pack(...), out, 0, {})
+  canonical(pack(...), out, 0, { 0 })
   return resil.hash(table.concat(out))
 end
 
