@@ -590,6 +590,25 @@ print(resil.once("dag", function(t) return arg[2] .. " " .. t.a.a.level end, x))
     }, cases)
   end)
 
+  -- (before: a string key and a boolean one were neither before the other, so they came in each
+  -- process's hash order: another process found its own key "reused", a resumed run diverged)
+  it("gives arguments keyed by strings and booleans the same fingerprint in every process", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local flags = { [true] = "on", [false] = "off" }
+for i = 1, 50 do flags["k" .. i] = i end
+print(resil.once("flags", function() return arg[1] end, flags))
+]])
+    local outs = {}
+    for i, word in ipairs({ "ran", "again", "once more" }) do
+      local r = helpers.run(("%s --store %s %s '%s'"):format(helpers.resil, db, script, word))
+      assert.are.equal(0, r.code, r.stderr)
+      outs[i] = r.stdout
+    end
+    assert.are.same({ "ran\n", "ran\n", "ran\n" }, outs)
+  end)
+
   it("callers in the same process wait for the one running it", function()
     local tasks = {}
     for i = 1, 5 do tasks[i] = resil.spawn(resil.once, "job-2", work, 5) end

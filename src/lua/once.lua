@@ -100,10 +100,15 @@ end
 -- The arguments' fingerprint must be the same in every process: cjson
 -- writes a table's keys in hash order, which Lua randomises per process, so
 -- a resumed run would find its own key "reused". Keys are sorted here
--- (numbers first, in order; then strings).
+-- (numbers first, in order; then strings). Keys of other types come by their type's name
+-- (a string and a boolean were neither before the other: their order, and the fingerprint, was
+-- each process's hash order).
 local function key_before(a, b)
   local ta, tb = type(a), type(b)
-  if ta ~= tb then return ta == "number" end
+  if ta ~= tb then
+    if ta == "number" or tb == "number" then return ta == "number" end
+    return ta < tb
+  end
   if ta == "number" or ta == "string" then return a < b end
   return tostring(a) < tostring(b)
 end
