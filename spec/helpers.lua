@@ -54,6 +54,14 @@ function helpers.write(path, text)
   return path
 end
 
+-- {name = text} -> a new folder holding those files (a policy folder for a reload spec)
+function helpers.policy_dir(files)
+  local dir = helpers.tmpname("-policies")
+  assert(os.execute("mkdir -p " .. dir))
+  for name, text in pairs(files) do helpers.write(dir .. "/" .. name, text) end
+  return dir
+end
+
 -- sh command -> {stdout=, stderr=, code=}
 function helpers.run(cmd, stdin)
   local out, err = helpers.tmpname(".out"), helpers.tmpname(".err")

@@ -24,12 +24,7 @@ return M
 ]]):format(v, port, extra or "")
 end
 
-local function policy_dir(files)
-  local dir = helpers.tmpname("-policies")
-  assert(os.execute("mkdir -p " .. dir))
-  for name, text in pairs(files) do helpers.write(dir .. "/" .. name, text) end
-  return dir
-end
+local policy_dir = helpers.policy_dir
 
 -- the main scripts' helpers: write a policy file, GET from the policy's server, count this
 -- process's listening TCP sockets

@@ -43,12 +43,7 @@ return M
 ]]):format(version)
 end
 
-local function policy_dir(files)
-  local dir = helpers.tmpname("-policies")
-  assert(os.execute("mkdir -p " .. dir))
-  for name, text in pairs(files) do helpers.write(dir .. "/" .. name, text) end
-  return dir
-end
+local policy_dir = helpers.policy_dir
 
 local function run(dir, source, opts)
   return helpers.run_script(source, ("--policies %s %s"):format(dir, opts or "--log-level off"), dir)
