@@ -1746,21 +1746,39 @@ end
 -- that loops never listened and said nothing (its workers neither died nor
 -- served). 200,000,000 instructions, as a policy reload (src/reload.c).
 local CONFIG_MAX_INSTRUCTIONS, CONFIG_HOOK_EVERY = 200000000, 1000000
-local function run_capped(chunk, path)
-  if debug.gethook() then return chunk() end -- the host's own cap
-  local left = CONFIG_MAX_INSTRUCTIONS // CONFIG_HOOK_EVERY
-  debug.sethook(function()
-    left = left - 1
-    if left <= 0 then
-      debug.sethook()
-      error(resil.error("max_instructions", ("gateway: the config %s ran more than %d instructions (does it " ..
-        "loop?); --max-instructions sets another cap"):format(path, CONFIG_MAX_INSTRUCTIONS), { traceback = false }), 0)
+-- The hook functions the cap and the handler's catch need: debug's, or under --sandbox (where a
+-- policy's debug is refused) the host's, which src/main.c hands gateway.main. Kept (across
+-- reloads) as these two closures, never the functions: kept is any script's (resil.keep), and
+-- debug.sethook would clear the host's --max-instructions cap.
+local function hook_closures(gethook, sethook)
+  local h = {}
+  function h.hooked() return gethook() ~= nil end
+  function h.capped(chunk, path)
+    if gethook() then return chunk() end -- the host's own cap
+    local left = CONFIG_MAX_INSTRUCTIONS // CONFIG_HOOK_EVERY
+    local function cap()
+      left = left - 1
+      if left <= 0 then
+        sethook()
+        error(resil.error("max_instructions", ("gateway: the config %s ran more than %d instructions (does it " ..
+          "loop?); --max-instructions sets another cap"):format(path, CONFIG_MAX_INSTRUCTIONS), { traceback = false }), 0)
+      end
     end
-  end, "", CONFIG_HOOK_EVERY)
-  local ok, conf = pcall(chunk)
-  debug.sethook()
-  if not ok then error(conf, 0) end
-  return conf
+    sethook(cap, "", CONFIG_HOOK_EVERY)
+    local ok, conf = pcall(chunk)
+    if gethook() == cap then sethook() end -- (only its own: not the watchdog's, set meanwhile)
+    if not ok then error(conf, 0) end
+    return conf
+  end
+  return h
+end
+local function hooks() return kept.hooks or hook_closures(debug.gethook, debug.sethook) end
+local function run_capped(chunk, path) return hooks().capped(chunk, path) end
+-- the config file's chunk: the host loads it under --sandbox (src/main.c: the operator's file,
+-- as the main script, wherever it is; the sandbox's loadfile reads only its folders)
+local function load_config(path)
+  if kept.load_config then return kept.load_config() end
+  return loadfile(path)
 end
 
 -- A request whose handler raised (a project's gateway.lua with a bug, a policy that loops,
@@ -1783,8 +1801,11 @@ end
 -- gateway.serve{ listen = "127.0.0.1:8080", config = path } -> the server (keeps serving)
 function gateway.serve(o)
   o = o or {}
+  if o.gethook then kept.hooks = hook_closures(o.gethook, o.sethook) end
+  if o.load_config then kept.load_config = o.load_config end
+  local hooked = hooks().hooked
   if o.config then
-    local chunk, err = loadfile(o.config)
+    local chunk, err = load_config(o.config)
     if not chunk then error(err, 0) end
     -- (what it starts is this version's, as what it starts when a reload runs it again: a task it
     -- started at start ran on beside each later version's)
@@ -1816,7 +1837,7 @@ function gateway.serve(o)
       local reply
       -- (under --max-instructions' hook no Lua runs after a catch: a loop it stopped is left to the
       -- server's own 500, whose log names the loop's file:line, not this line)
-      if debug.gethook() then reply = current.handle(req)
+      if hooked() then reply = current.handle(req)
       else
         local ok
         ok, reply = xpcall(current.handle, with_traceback, req)
@@ -1913,7 +1934,7 @@ end
 -- the server was started with (--listen,
 -- --workers, max_body, read_timeout) stays as it started.
 if kept.path then
-  local chunk, err = loadfile(kept.path)
+  local chunk, err = load_config(kept.path)
   if not chunk then error(err, 0) end
   -- (its ai.configure calls are undone if this reload fails, here or in another file: ai.lua)
   local conf = run_capped(chunk, kept.path)

@@ -24,6 +24,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <lualib.h>
 #include <sqlite3.h>
 
 #include "host.h" /* sandbox_trust */
@@ -387,6 +388,20 @@ static void wait_for_run(resil_t *R) {
     if (lua_pcall(L, 1, 0, 0) != LUA_OK) fprintf(stderr, PROGNAME ": --wait: %s\n", lua_tostring(L, -1));
   }
   lua_settop(L, top);
+}
+
+/* gateway --config FILE: the operator's, loaded as the main script is (text only under
+ * --sandbox, in the scripts' environment, wherever it is: the sandbox's loadfile reads only
+ * its folders) -> the chunk | nil, error. Loads that file only (a policy reload runs it again). */
+static int load_config(lua_State *L) {
+  const char *path = lua_tostring(L, lua_upvalueindex(1));
+  int sandboxed = lua_toboolean(L, lua_upvalueindex(2));
+  if (luaL_loadfilex(L, path, sandboxed ? "t" : NULL) == LUA_OK) return 1;
+  if (strncmp(lua_tostring(L, -1), "attempt to load a binary chunk", 30) == 0)
+    lua_pushfstring(L, "%s: binary chunks are not allowed in the sandbox", path);
+  lua_pushnil(L);
+  lua_insert(L, -2);
+  return 2;
 }
 
 static int to_text(lua_State *L) {
@@ -939,16 +954,32 @@ int main(int argc, char **argv) {
   }
   if (status == RESIL_OK && gateway) {
     lua_State *L = resil_lua(R);
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 6);
     lua_pushstring(L, gw_listen);
     lua_setfield(L, -2, "listen");
-    if (gw_config) lua_pushstring(L, gw_config);
-    else lua_pushnil(L);
+    if (gw_config) {
+      lua_pushstring(L, gw_config);
+      lua_pushvalue(L, -1);
+      lua_pushboolean(L, opts.sandbox == RESIL_SANDBOX_ON);
+      lua_pushcclosure(L, load_config, 2);
+      lua_setfield(L, -3, "load_config");
+    } else lua_pushnil(L);
     lua_setfield(L, -2, "config");
     lua_pushinteger(L, gw_workers);
     lua_setfield(L, -2, "workers");
+    /* the host's hook functions (a policy's debug is refused under --sandbox): the config's
+     * instruction cap and the handler's catch (policies/gateway.lua keeps them in closures) */
+    lua_pushcfunction(L, luaopen_debug);
+    lua_call(L, 0, 1);
+    lua_getfield(L, -1, "gethook");
+    lua_setfield(L, -3, "gethook");
+    lua_getfield(L, -1, "sethook");
+    lua_setfield(L, -3, "sethook");
+    lua_pop(L, 1);
     lua_setglobal(L, "gateway_options");
-    status = resil_load_string(R, "require('policies.gateway').main(gateway_options)", "=[gateway]");
+    /* (taken off the globals before any policy loads: gateway.main's only) */
+    status = resil_load_string(R, "local o = gateway_options; gateway_options = nil; "
+                               "require('policies.gateway').main(o)", "=[gateway]");
     if (status == RESIL_OK) status = resil_run(R);
   }
   if (status == RESIL_OK && script) {

@@ -1,0 +1,117 @@
+-- `resil-lua gateway --sandbox`: a real gateway process, its --config file the operator's
+-- (loaded by the host wherever it is, run in the sandbox's environment), answering real
+-- HTTP clients on loopback with the mock provider behind it.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local http = resil.http
+local json = resil.json
+
+local MSGS = { { role = "user", content = "hi" } }
+
+describe("gateway --sandbox", function()
+  -- -> its pid, port and log; nil, the log when it did not start (it ended)
+  -- (config nil: none; env: the command's environment, "NAME=value ...")
+  local function start_gateway(config, db, env)
+    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s %s gateway --sandbox --listen 127.0.0.1:%d %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(env or "", helpers.resil, port, config and "--config " .. config or "", db, log, pidfile))
+    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    local up = helpers.wait_until(function()
+      return helpers.slurp(log):match("listening") ~= nil or not helpers.alive(pid)
+    end, 10)
+    assert(up, helpers.slurp(log))
+    return pid, port, log
+  end
+
+  local function new_key(db)
+    local add = helpers.run(("%s keys add --name team --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, add.code, add.stderr)
+    return add.stdout:match("^(sk%-resil%-%S+)\n$")
+  end
+
+  -- (a config in a folder of its own, outside every sandbox folder: the operator's file)
+  local function config_file(text)
+    local dir = helpers.tmpname(".d")
+    os.execute("mkdir -p " .. dir)
+    return helpers.write(dir .. "/gateway_conf.lua", text)
+  end
+
+  it("without --config answers a chat with 200 (the provider from the environment)", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ reply = "served" }))
+    finally(function() m:stop() end)
+    local db = helpers.tmpname(".db")
+    local key = new_key(db)
+    local _, port, log = start_gateway(nil, db, ("OPENAI_BASE_URL=%s/v1 OPENAI_API_KEY=sk-test-123456"):format(m.url))
+    local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+      body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS }),
+      headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } }))
+    assert.are.equal(200, res.status, res.body .. helpers.slurp(log))
+    assert.are.equal("served", json.decode(res.body).choices[1].message.content)
+  end)
+
+  it("answers a chat, a stream and an Anthropic message with 200, and a reload runs the config again", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ reply = "served" }))
+    finally(function() m:stop() end)
+    local db = helpers.tmpname(".db")
+    local key = new_key(db)
+    local config = config_file(([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      return { key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }
+    ]]):format(m.url .. "/v1"))
+    local pid, port, log = start_gateway(config, db)
+    local base = ("http://127.0.0.1:%d/v1"):format(port)
+    local function chat(model, extra)
+      local body = { model = model, messages = MSGS }
+      for k, v in pairs(extra or {}) do body[k] = v end
+      return assert(http.request({ method = "POST", url = base .. "/chat/completions", body = json.encode(body),
+        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } }))
+    end
+    local res = chat("fast")
+    assert.are.equal(200, res.status, res.body .. helpers.slurp(log))
+    assert.are.equal("served", json.decode(res.body).choices[1].message.content)
+    res = chat("fast", { stream = true })
+    assert.are.equal(200, res.status, res.body)
+    assert.matches("data: %[DONE%]", res.body)
+    res = assert(http.request({ method = "POST", url = base .. "/messages",
+      body = json.encode({ model = "fast", max_tokens = 16, messages = MSGS }),
+      headers = { ["x-api-key"] = key, ["anthropic-version"] = "2023-06-01", ["content-type"] = "application/json" } }))
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("served", json.decode(res.body).content[1].text)
+
+    -- a reload (SIGHUP) loads the config again: its new model name serves
+    helpers.write(config, helpers.slurp(config):gsub("fast =", "quick ="))
+    os.execute("kill -HUP " .. pid)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("policies reloaded") ~= nil end, 10),
+      helpers.slurp(log))
+    res = chat("quick")
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("served", json.decode(res.body).choices[1].message.content)
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+  end)
+
+  it("refuses to start with a config that does what the sandbox refuses, naming its file:line", function()
+    local made = helpers.tmpname(".made")
+    local config = config_file(("local models = {}\nos.execute('touch %s')\nreturn { models = models }\n"):format(made))
+    local r = helpers.run(("timeout -s KILL 20 %s gateway --sandbox --listen 127.0.0.1:0 --config %s --store %s")
+      :format(helpers.resil, config, helpers.tmpname(".db")))
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.is_nil(r.stdout:match("listening"))
+    assert.matches(config:gsub("%p", "%%%0") .. ":2: os%.execute is not allowed in the sandbox", r.stderr)
+    assert.is_nil(io.open(made))
+  end)
+
+  it("stops a config that loops at start, saying so (the cap runs under the sandbox)", function()
+    local config = config_file("local n = 0\nwhile true do n = n + 1 end\n")
+    local r = helpers.run(("timeout -s KILL 60 %s gateway --sandbox --listen 127.0.0.1:0 --config %s --store %s")
+      :format(helpers.resil, config, helpers.tmpname(".db")))
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("the config .*gateway_conf%.lua ran more than 200000000 instructions", r.stderr)
+  end)
+end)
