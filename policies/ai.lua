@@ -989,10 +989,26 @@ end
 local CACHE_FIELDS = { "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop", "tools",
   "tool_choice", "n", "seed", "response_format", "extra", "provider_options", "provider_headers", "fallback" }
 
+-- The key names what answers too: each target's provider, adapter, endpoint, model and the body
+-- it would be sent (sorted: deployments' order changes per call). Keyed on the request alone, a
+-- script that pointed openai at its own server and asked with cache planted its answer for every
+-- caller on the store (a gateway's clients too). (v = 2: entries under the old key are misses.)
+local function cache_targets(targets, req)
+  local parts = {}
+  for i, t in ipairs(targets) do
+    local ok, w = pcall(wire_request, t, req, false) -- (a target that cannot take it: named, without a body)
+    local url = ok and w.url or select(2, pcall(function() return wire_parts(t).url end))
+    parts[i] = table.concat(canonical({ provider = t.provider, adapter = t.adapter.name, url = url, model = t.model,
+      body = ok and w.json or false }, {}))
+  end
+  table.sort(parts)
+  return parts
+end
+
 local function cache_of(targets, req)
   local c = req.cache or targets[1].conf.cache
   if not c then return nil end
-  local key = { model = req.model }
+  local key = { v = 2, model = req.model, targets = cache_targets(targets, req) }
   for _, f in ipairs(CACHE_FIELDS) do key[f] = req[f] end
   local store, err = resil.store()
   if not store then
