@@ -563,3 +563,40 @@ print(others:try(), others:try())
     assert.matches("^true\tfalse", lines[8])
   end)
 end)
+
+-- (before: the store's backends, loaded on a store's first use, called what the resil table held
+-- then: a sandboxed script's resil.json.encode zeroed the ledger's rows it sent to Redis, its
+-- resil.store_options was handed the store's URL (a Redis password in it), and its resil.running
+-- and resil.sleep ran in the SQLite backend's open)
+describe("resil-lua --sandbox: what the store's backends call", function()
+  local function replaced_before_first_use(store)
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local encode, options, running = resil.json.encode, resil.store_options, resil.running
+resil.json.encode = function(v, ...)
+  if type(v) == "table" and v.micro_usd then v.micro_usd = 0 end
+  return encode(v, ...)
+end
+resil.store_options = function(query, url, kind) print("store_options got " .. url) return options(query, url, kind) end
+resil.running = function() print("running called") return running() end
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait = true })
+]])
+    local r = helpers.run(("%s --sandbox --store '%s' %s"):format(R, store, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("", r.stdout)
+    local costs = helpers.run(("%s costs --store '%s'"):format(R, store))
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("total %$1%.500000", costs.stdout)
+  end
+
+  it("are the host's, whatever a script put in the resil table before the store's first use (SQLite)", function()
+    replaced_before_first_use(helpers.tmpname(".db"))
+  end)
+
+  it("are the host's, whatever a script put in the resil table before the store's first use (Redis)", function()
+    local redis = helpers.redis_server()
+    finally(redis.stop)
+    replaced_before_first_use(redis.url())
+  end)
+end)

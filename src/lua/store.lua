@@ -159,6 +159,8 @@ local function store_options(query, url, kind)
   return o
 end
 resil.store_options = store_options
+-- (the backends, loaded on a store's first use, take these here: not what a script left in resil)
+private.store_options, private.sleep, private.running = store_options, sleep, running
 
 -- (an empty RESIL_STORE, as a compose file's ${STORE} leaves it, is unset, as the sandbox reads it)
 local function default_url()

@@ -5,6 +5,10 @@
 -- be fractional go back as strings.
 local resil, private = ... -- (private: what the host's modules alone hold, src/resil.c)
 local owner = require "resil.owner"
+-- (the host's, from the private table: loaded on a store's first use, a script may have replaced
+-- what resil holds by then: its json.encode zeroed the ledger's rows, its store_options read the
+-- store's URL, password and all)
+local json, store_options = private.json, private.store_options
 
 local R = {}
 R.__index = R
@@ -615,7 +619,7 @@ local function parse_url(url)
   end
   local query
   rest, query = rest:match("^([^?]*)%??(.*)$")
-  local o, qerr = resil.store_options(query, url, "redis")
+  local o, qerr = store_options(query, url, "redis")
   if not o then return nil, qerr end
   local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
   if not host then
@@ -940,11 +944,11 @@ function R:run_finish_now(id, status, now, me, pending)
   local extra = {}
   for _, p in ipairs(pending or {}) do
     extra[#extra + 1] = p.scope .. "|" .. p.seq
-    extra[#extra + 1] = resil.json.encode({ scope = p.scope, seq = p.seq, name = p.name, state = "pending",
+    extra[#extra + 1] = json.encode({ scope = p.scope, seq = p.seq, name = p.name, state = "pending",
       retries = p.retries or 0, at = now, started = p.started, detail = p.detail })
   end
   local n, err = self.conn:call_now("EVAL", run_finish, 2, P .. "run:" .. id, unfinished_key(id), status,
-    fmt_time(now), me, #extra > 0 and resil.json.encode(extra) or "[]")
+    fmt_time(now), me, #extra > 0 and json.encode(extra) or "[]")
   if n == nil then error(err, 0) end
   return n == 1
 end
@@ -953,7 +957,7 @@ function R:step_get(run, scope, seq)
   local v, err = self.conn:call("HGET", P .. "steps:" .. run, scope .. "|" .. seq)
   if v == nil then return nil, err end
   if v == false then return nil end
-  local rec = resil.json.decode(v)
+  local rec = json.decode(v)
   return rec.name, rec.result
 end
 
@@ -961,13 +965,13 @@ end
 -- (the run was taken over)
 function R:step_put(run, scope, seq, name, result, now, me, retries, started, detail)
   local keys = run_keys(run)
-  local rec = resil.json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
+  local rec = json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
     retries = retries or 0, started = started, detail = detail })
   local r, err = self:script("step_put", { keys[1], keys[2] }, scope .. "|" .. seq, rec, fmt_time(now), me)
   if r == nil then return nil, err end
   if r[1] == 1 then return true end
   if r[1] == 2 then -- the place has a record already (written while the run had no holder): the first is kept
-    local stored = resil.json.decode(r[2])
+    local stored = json.decode(r[2])
     return true, stored.name, stored.result
   end
   return false, r[2], tonumber(r[3])
@@ -990,7 +994,7 @@ end
 
 -- A step that failed, with its error: -> true | false, holder, since
 function R:step_failed(run, scope, seq, name, err_text, retries, now, me, started, detail)
-  local rec = resil.json.encode({ scope = scope, seq = seq, name = name, state = "failed", error = err_text,
+  local rec = json.encode({ scope = scope, seq = seq, name = name, state = "failed", error = err_text,
     retries = retries or 0, at = now, started = started, detail = detail })
   local r, err = self:script("step_failed", { P .. "run:" .. run, unfinished_key(run) }, scope .. "|" .. seq, rec,
     fmt_time(now), me)
@@ -1014,15 +1018,15 @@ function R:run_steps(run)
   if not h then return nil, err end
   local out = {}
   for _, v in ipairs(h) do
-    local rec = resil.json.decode(v)
+    local rec = json.decode(v)
     out[#out + 1] = { scope = rec.scope, seq = math.tointeger(rec.seq), name = rec.name, at = rec.at,
                       started = rec.started, detail = rec.detail, bytes = #rec.result,
                       retries = math.tointeger(rec.retries or 0), state = "done" }
   end
   table.sort(out, function(a, b) return a.at < b.at end)
   for _, v in ipairs(self.conn:call("HVALS", unfinished_key(run)) or {}) do
-    local rec = resil.json.decode(v)
-    if rec.error == resil.json.null then rec.error = nil end
+    local rec = json.decode(v)
+    if rec.error == json.null then rec.error = nil end
     rec.seq, rec.retries = math.tointeger(rec.seq), math.tointeger(rec.retries or 0)
     out[#out + 1] = rec
   end
@@ -1035,14 +1039,14 @@ local COST_KEYS = { P .. "costs", P .. "costs:dedupe" }
 
 function R:cost_record(e)
   local n, err = self:script("cost_record", COST_KEYS, e.dedupe or "",
-    resil.json.encode(e))
+    json.encode(e))
   if n == nil then return nil, err end
   return n == 1
 end
 
 -- the same, without waiting (R:script_later): done(nil, inserted) | done(err)
 function R:cost_record_later(e, done)
-  self:script_later("cost_record", COST_KEYS, { e.dedupe or "", resil.json.encode(e), n = 2 }, done)
+  self:script_later("cost_record", COST_KEYS, { e.dedupe or "", json.encode(e), n = 2 }, done)
 end
 
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
@@ -1071,7 +1075,7 @@ R.each_ledger_row = each_ledger_row
 function R:cost_query(by, filter)
   local groups, order = {}, {}
   local ok, err = each_ledger_row(self, function(text)
-    local e = resil.json.decode(text)
+    local e = json.decode(text)
     local keep = true
     for _, f in ipairs(FILTERS) do
       if filter[f] ~= nil and e[f] ~= filter[f] then keep = false end
@@ -1080,7 +1084,7 @@ function R:cost_query(by, filter)
     if filter["until"] and e.at >= filter["until"] then keep = false end
     if keep then
       local k = by and e[by]
-      if k == resil.json.null then k = nil end
+      if k == json.null then k = nil end
       local gk = k == nil and "\0" or k
       local g = groups[gk]
       if not g then
@@ -1088,7 +1092,7 @@ function R:cost_query(by, filter)
         groups[gk] = g
         order[#order + 1] = g
       end
-      local micro = e.micro_usd ~= resil.json.null and e.micro_usd or nil -- nil: a call without a price
+      local micro = e.micro_usd ~= json.null and e.micro_usd or nil -- nil: a call without a price
       g.micro_usd, g.calls = g.micro_usd + (micro or 0), g.calls + 1
       if not micro then g.unpriced = g.unpriced + 1 end
     end
@@ -1103,13 +1107,13 @@ end
 function R:cost_rows(filter)
   local out = {}
   local ok, err = each_ledger_row(self, function(text)
-    local e = resil.json.decode(text)
+    local e = json.decode(text)
     local keep = not (filter.since and e.at < filter.since)
     for _, f in ipairs(FILTERS) do
       if filter[f] ~= nil and e[f] ~= filter[f] then keep = false end
     end
     if keep then
-      for k, v in pairs(e) do if v == resil.json.null then e[k] = nil end end
+      for k, v in pairs(e) do if v == json.null then e[k] = nil end end
       e.micro_usd = math.tointeger(e.micro_usd) or e.micro_usd
       out[#out + 1] = e
     end
@@ -1207,7 +1211,7 @@ local function settle_call(ticket, entry)
   keys[8], keys[9] = P .. "costs", P .. "costs:dedupe"
   local parent = ticket:match("^(.+):charge:%d+$") -- (Ticket:charge's ids)
   if parent then keys[10] = P .. "ticket:" .. parent end
-  return keys, { ticket, entry.micro_usd, entry.dedupe or "", resil.json.encode(entry), ticket_ttl(),
+  return keys, { ticket, entry.micro_usd, entry.dedupe or "", json.encode(entry), ticket_ttl(),
     entry.charged and "1" or "0", entry.period, budget_prefix(entry.budget), fmt_time(entry.at), n = 9 }
 end
 
@@ -1314,7 +1318,7 @@ function R:budget_set(name, micro, per, now, carry)
     local spent, n = 0, 0
     local ok, err = self:each_ledger_row(function(text)
       n = n + 1
-      local e = resil.json.decode(text)
+      local e = json.decode(text)
       if e.budget == name and math.type(e.micro_usd) and not (carry.since and e.at < carry.since) then
         spent = spent + e.micro_usd
       end

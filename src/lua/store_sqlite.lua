@@ -5,6 +5,8 @@
 local resil, private = ... -- (private: what the host's modules alone hold, src/resil.c)
 local owner = require "resil.owner"
 local unwatched = require("resil.core.watchdog").unwatched
+-- (the host's, from the private table: loaded on a store's first use, not what a script left in resil)
+local now, sleep, running = private.store_now, private.sleep, private.running
 
 local migrations = {
   [[
@@ -200,11 +202,11 @@ local close_unless_kept = { __close = function(o) if not o.kept then o.db:close(
 -- inside SQLite, as nothing else runs.
 local function open(path, opts)
   local timeout = opts and opts.timeout or 5
-  local in_task = resil.running() ~= nil and coroutine.isyieldable()
-  local deadline, pause = resil.now() + timeout, 0.001
+  local in_task = running() ~= nil and coroutine.isyieldable()
+  local deadline, pause = now() + timeout, 0.001
   local function retry(err)
-    if not (err and err.busy and in_task and resil.now() + pause < deadline) then return false end
-    resil.sleep(pause)
+    if not (err and err.busy and in_task and now() + pause < deadline) then return false end
+    sleep(pause)
     pause = math.min(pause * 2, 0.05)
     return true
   end
