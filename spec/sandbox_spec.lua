@@ -600,3 +600,34 @@ resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait 
     replaced_before_first_use(redis.url())
   end)
 end)
+
+-- (before: a sandboxed script's resil.store_config{url=} moved its process's ledger rows and
+-- budget holds to a store it chose (here :memory:: the operator's store never saw the spend),
+-- and {lease=} of a year kept whatever it held from every other machine for a year after it died)
+describe("resil-lua --sandbox: resil.store_config", function()
+  it("refuses another store URL and a lease out of bounds at the script's line; the host's store keeps the rows",
+    function()
+    local store = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+resil.store_config({ url = %q, wait = true, lease = 60 })
+print(pcall(function() resil.store_config({ url = ":memory:" }) end))
+print(pcall(function() resil.store_config({ lease = 365 * 86400 }) end))
+print(pcall(function() resil.store_config({ lease = 0.001 }) end))
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait = true })
+]]):format(store))
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, store, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    local at = "^false\t" .. script:gsub("%p", "%%%0")
+    assert.matches(at .. ":3: resil%.store_config: url is not allowed in the sandbox: the store is the host's",
+      lines[1] or "", 1)
+    assert.matches(at .. ":4: resil%.store_config: lease must be 5 to 300 seconds in the sandbox", lines[2] or "")
+    assert.matches(at .. ":5: resil%.store_config: lease must be 5 to 300 seconds in the sandbox", lines[3] or "")
+    local costs = helpers.run(("%s costs --store %s"):format(R, store))
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("total %$1%.500000", costs.stdout)
+  end)
+end)

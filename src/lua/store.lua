@@ -99,6 +99,7 @@ local function store_key(url)
   return query ~= "" and file .. "?" .. query or file
 end
 
+local SANDBOX_LEASE = { 5, 300 }
 -- resil.store_config{url=, run=, fresh=, script=, args=, wait=, lease=}: set by the CLI and
 -- embedders. wait: when another live process holds the run, wait for it (true, or at most
 -- that many seconds) instead of stopping. lease: seconds a holder on another machine is
@@ -110,9 +111,23 @@ function resil.store_config(c)
   if c.lease ~= nil and not (type(c.lease) == "number" and c.lease > 0) then
     error("resil.store_config: lease must be a number of seconds > 0", 2)
   end
+  -- Under the sandbox the lease is bounded: a holder's lease of a year kept its once keys, runs and
+  -- budget holds from every other machine for a year after it died (and one of a millisecond
+  -- renewed it in a busy loop)
+  if private.sandbox and c.lease and (c.lease < SANDBOX_LEASE[1] or c.lease > SANDBOX_LEASE[2]) then
+    error(("resil.store_config: lease must be %d to %d seconds in the sandbox"):format(SANDBOX_LEASE[1],
+      SANDBOX_LEASE[2]), 2)
+  end
   local ok, err = true, nil
   if c.url then ok, err = pcall(check_url, c.url, 3) end
   if ok and c.url then ok, err = pcall(check_file, c.url, 3) end
+  -- ... and the store is the host's (opts.store, --store): pointed elsewhere, the process's ledger
+  -- rows and budget holds went to a store the script chose (the operator's limits not read, its
+  -- spend not seen) and a gateway in the process took keys from it
+  if ok and c.url and private.sandbox and c.url ~= config.url then
+    error(("resil.store_config: url is not allowed in the sandbox: the store is the host's " ..
+      "(resil_options.store, --store); resil.store(url) opens another"), 2)
+  end
   for k, v in pairs(c) do
     if ok or k ~= "url" then config[k] = v end
   end
