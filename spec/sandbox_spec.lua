@@ -631,3 +631,32 @@ resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait 
     assert.matches("total %$1%.500000", costs.stdout)
   end)
 end)
+
+-- (before: the Redis backend redacted its URL for its metrics and its down/back log lines with
+-- whatever resil.redact held: a sandboxed script's was handed the store's URL, password and all)
+describe("resil-lua --sandbox: the store's Redis URL", function()
+  it("never reaches a script's resil.redact: the metrics redact it with the host's own", function()
+    local dir = helpers.tmpname("-redis")
+    os.execute("mkdir -p " .. dir)
+    local port, pidfile = helpers.free_port(), dir .. "/redis.pid"
+    os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+      "--pidfile %s --requirepass s3cret-pw > /dev/null"):format(port, dir, pidfile))
+    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() os.execute("kill -9 " .. pid .. "; rm -rf " .. dir) end)
+    assert(helpers.wait_until(function()
+      return os.execute(("redis-cli -p %d -a s3cret-pw --no-auth-warning ping > /dev/null 2>&1"):format(port)) == true
+    end, 10))
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.redact = function(s) print("redact got " .. tostring(s)) return "" end
+assert(resil.store():set("k", "v"))
+print(resil.metrics.text():match('resil_store_down{store="([^"]*)"}'))
+]])
+    local r = helpers.run(("%s --sandbox --store redis://:s3cret-pw@127.0.0.1:%d/1 %s"):format(R, port, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.is_nil(r.stdout:find("s3cret", 1, true), r.stdout)
+    assert.are.equal(("redis://:[REDACTED]@127.0.0.1:%d/1\n"):format(port), r.stdout)
+  end)
+end)

@@ -176,6 +176,7 @@ end
 resil.store_options = store_options
 -- (the backends, loaded on a store's first use, take these here: not what a script left in resil)
 private.store_options, private.sleep, private.running = store_options, sleep, running
+private.redact = resil.redact -- (a script's was handed the Redis store's URL, its password in it)
 
 -- (an empty RESIL_STORE, as a compose file's ${STORE} leaves it, is unset, as the sandbox reads it)
 local function default_url()

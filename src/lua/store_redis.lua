@@ -6,9 +6,9 @@
 local resil, private = ... -- (private: what the host's modules alone hold, src/resil.c)
 local owner = require "resil.owner"
 -- (the host's, from the private table: loaded on a store's first use, a script may have replaced
--- what resil holds by then: its json.encode zeroed the ledger's rows, its store_options read the
--- store's URL, password and all)
-local json, store_options = private.json, private.store_options
+-- what resil holds by then: its json.encode zeroed the ledger's rows, its store_options and
+-- redact read the store's URL, password and all)
+local json, store_options, redact = private.json, private.store_options, private.redact
 
 local R = {}
 R.__index = R
@@ -651,7 +651,7 @@ local store_refused = resil.metrics.counter("resil_store_down_refused_total",
   "Operations a Redis store failed at once, not sent, while down, by store")
 resil.metrics.collect(function()
   for backend in pairs(stores) do
-    local st, label = backend.conn:state(), { store = resil.redact(backend.url) }
+    local st, label = backend.conn:state(), { store = redact(backend.url) }
     store_down:set(label, st.down and 1 or 0)
     store_refused:collected(label, st.refused)
   end
@@ -660,7 +660,7 @@ end)
 local function on_state(url)
   local refused_before = 0
   return function(down, st)
-    local fields = { store = resil.redact(url) }
+    local fields = { store = redact(url) }
     if down then
       refused_before = st.refused
       fields.error = st.error
