@@ -660,3 +660,40 @@ print(resil.metrics.text():match('resil_store_down{store="([^"]*)"}'))
     assert.are.equal(("redis://:[REDACTED]@127.0.0.1:%d/1\n"):format(port), r.stdout)
   end)
 end)
+
+describe("resil-lua --sandbox: a task's coroutine", function()
+  -- (before: coroutine.resume on another task's coroutine, waiting on a store write, ran the
+  -- host's continuation early, which freed the write's record; the write's commit then read
+  -- freed memory and the process died, SIGSEGV; on Redis the reply did)
+  it("is resumed by the host only: a script's resume or close is refused, the task's writes land", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local s = resil.store()
+local victim
+local t = resil.spawn(function()
+  victim = coroutine.running()
+  for i = 1, 3 do assert(s:set("k" .. i, "v" .. i)) end
+end)
+resil.spawn(function()
+  while coroutine.status(victim) ~= "suspended" do resil.yield() end
+  print(pcall(function() coroutine.resume(victim, "forged") end))
+  print(pcall(function() coroutine.close(victim) end))
+end)
+t:join()
+print(s:get("k1"), s:get("k2"), s:get("k3"))
+local mine = coroutine.create(function(a) return a + coroutine.yield(a) end)
+print(coroutine.resume(mine, 1)) print(coroutine.resume(mine, 2)) print(coroutine.close(mine))
+print(coroutine.wrap(function(a) return a * 2 end)(21))
+]])
+    local r = helpers.run(("timeout -s KILL 20 %s --sandbox --store %s %s"):format(R, helpers.tmpname(".db"), script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.matches("^false\t.-:10: coroutine.resume: a coroutine the script did not make %(a task's%) cannot be "
+      .. "resumed or closed in the sandbox$", lines[1])
+    assert.matches("^false\t.-:11: coroutine.close: a coroutine the script did not make", lines[2])
+    assert.are.equal("v1\tv2\tv3", lines[3])
+    assert.are.same({ "true\t1", "true\t3", "true", "42" }, { lines[4], lines[5], lines[6], lines[7] })
+  end)
+end)
