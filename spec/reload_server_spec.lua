@@ -147,6 +147,29 @@ print("old closed", not pcall(old.port, old))
       assert.are.equal("false\n200 v1\t1\ntrue\n200 v2\t1\ttrue\ttrue\nslow\t200 v1\nold closed\ttrue\n", r.stdout)
     end)
 
+    -- (before: a server still draining kept the handler of the version that took its address
+    -- over; under steady keep-alive traffic, with a setting changed at each reload, its clients
+    -- were answered by v3 after v11 was in)
+    it("still draining, runs each later version's handler on its kept-alive connections", function()
+      local r = run(policy_dir({ ["web.lua"] = web(1, port) }), ([[
+local port = require("policies.web").server:port()
+local text = %q
+local slow = resil.spawn(get, port, "/slow") -- (keeps the first server busy, on a connection of its own)
+under_way(require("policies.web").server)
+local peer = get(port):match(" (%%S+)$")      -- a kept-alive connection to it
+for v = 2, 4 do -- (max_body changes each time: a server of its own each)
+  write("web.lua", (text:gsub("local V = 2", "local V = " .. v):gsub("max_body = 1000", "max_body = " .. v * 1000)))
+  assert(resil.reload())
+  collectgarbage(); collectgarbage() -- (the servers in between, closed at once)
+  local answer = get(port)
+  print(answer:match("^%%S+ %%S+"), answer:match(" (%%S+)$") == peer)
+end
+print("slow", (select(2, slow:join()):match("^%%S+ %%S+")))
+]]):format(web(2, port, "max_body = 1000,")))
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("200 v2\ttrue\n200 v3\ttrue\n200 v4\ttrue\nslow\t200 v1\n", r.stdout)
+    end)
+
     it("is closed when the new version no longer listens", function()
       local r = run(policy_dir({ ["web.lua"] = web(1, port) }), [[
 local port = require("policies.web").server:port()

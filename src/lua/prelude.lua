@@ -324,9 +324,25 @@ end
 
 -- rec becomes module name's version: the one before ends (what it handed over to rec, its
 -- servers, stays rec's), and rec forgets the version before (else each kept its own before)
+-- A server still draining (its kept-alive connections busy) follows the one that took its address
+-- over: each later version's handler is handed on to it too. Before, it kept the handler of the
+-- version that replaced it while its clients kept it busy: under steady keep-alive traffic, with
+-- a setting changed at each reload, a client was answered by v3 after v11 was in.
+local followers = setmetatable({}, weak_keys) -- server -> {draining server -> true}
 local function install(name, rec)
   for _, entry in ipairs(rec.servers) do
-    if entry.shared_from then pcall(entry.shared_from.set_handler, entry.shared_from, entry.handler) end
+    local s, from = entry.server, entry.shared_from
+    if from then
+      pcall(from.set_handler, from, entry.handler)
+      -- (its followers follow s now: the set is weak, and from, once closed, may be collected)
+      local mine = followers[s] or setmetatable({}, weak_keys)
+      mine[from] = true
+      for f in pairs(followers[from] or {}) do mine[f] = true end
+      followers[s] = mine
+    end
+    for f in pairs(followers[s] or {}) do
+      if type(entry.handler) == "function" then pcall(f.set_handler, f, entry.handler) end
+    end
     entry.handler_before, entry.serving_before, entry.shared_from = nil, nil, nil
   end
   retire(owners[name])
