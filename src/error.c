@@ -20,8 +20,20 @@ static int tostring_unprotected(lua_State *L) {
   return 1;
 }
 
+/* A __tostring runs outside every task (a failed task's error, after it
+ * ended) and outside the caps: one that looped hung the process for good,
+ * the watchdog (tasks only) and --max-instructions never stopping it. It
+ * gets DESCRIBE_MAX instructions; past them every instruction raises (a
+ * pcall inside it cannot swallow that). */
+#define DESCRIBE_MAX 10000000
+static void describe_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  lua_sethook(L, describe_hook, LUA_MASKCOUNT, 1);
+  luaL_error(L, "__tostring ran more than %d instructions", DESCRIBE_MAX);
+}
+
 /* Push a message for the value at idx and return it. A __tostring runs
- * protected on the main state: one that raises, yields or returns a
+ * protected on the main state: one that raises, yields, loops or returns a
  * non-string gives the type's name instead, never a panic. */
 const char *resil_describe(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
@@ -35,7 +47,12 @@ const char *resil_describe(lua_State *L, int idx) {
     lua_pushcfunction(main, tostring_unprotected);
     lua_pushvalue(L, idx);
     lua_xmove(L, main, 1);
-    if (lua_pcall(main, 1, 1, 0) == LUA_OK && lua_type(main, -1) == LUA_TSTRING) {
+    lua_Hook hook = lua_gethook(main); /* (a cap's, when this is host_pcall's message handler) */
+    int mask = lua_gethookmask(main), count = lua_gethookcount(main);
+    lua_sethook(main, describe_hook, LUA_MASKCOUNT, DESCRIBE_MAX);
+    int status = lua_pcall(main, 1, 1, 0);
+    lua_sethook(main, hook, mask, count);
+    if (status == LUA_OK && lua_type(main, -1) == LUA_TSTRING) {
       lua_xmove(main, L, 1);
       return lua_tostring(L, -1);
     }
