@@ -19,6 +19,9 @@ describe("resil-lua --sandbox", function()
       -- (before: its unwatched(fn) ran a loop the watchdog never stopped, --max-task-seconds or not)
       { "require('resil.core.watchdog').unwatched(function() while true do end end)",
         'require "resil.core.watchdog" is not allowed in the sandbox' },
+      -- (before: its methods table was every local breaker's, an isolated one let through)
+      { "require('resil.core.breaker').methods.allow = function() return true end",
+        'require "resil.core.breaker" is not allowed in the sandbox' },
     }) do
       local script = helpers.tmpname(".lua")
       helpers.write(script, "local x = 1\n" .. case[1] .. "\n")

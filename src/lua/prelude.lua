@@ -856,8 +856,13 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- (and the watchdog's unwatched(fn): a script's loop under it was never stopped)
   -- (and `resil-lua budgets`' own functions: a script set any budget's limit in force, a gateway
   -- key's among them, and released others' holds)
-  local HOST_ONLY = { ["resil.report"] = true, ["resil.commands"] = true, ["resil.check"] = true,
-    ["resil.core.watchdog"] = true, ["resil.budgets"] = true }
+  -- (and the C primitives the host's modules are built on, resil.core.*: a view of
+  -- resil.core.breaker still gave its methods table, every local breaker's, and a script that set
+  -- methods.allow let every breaker of its process through, an isolated one too)
+  local HOST_ONLY = setmetatable({ ["resil.report"] = true, ["resil.commands"] = true, ["resil.check"] = true,
+    ["resil.budgets"] = true }, {
+    __index = function(_, name) return type(name) == "string" and name:match("^resil%.core%.") ~= nil end,
+  })
   -- A host module's table (require "resil.owner", "resil.keys", ...) is a read-only view: the
   -- host's own modules call what is in it when they run (a script that replaced
   -- resil.owner.verdict had its process's store take a live process's once keys over and run
