@@ -722,3 +722,15 @@ print("server", r and r.status)
     assert.matches("its __tostring failed", r.stderr)
   end)
 end)
+
+describe("resil-lua --sandbox: a script's own settings", function()
+  -- (before: require gave a read-only view of every resil.* module, resil.metrics too, though the
+  -- resil table holds that one as it is: the README's metrics.max_series raised when set through
+  -- require's table)
+  it("are set through require as through the resil table: resil.metrics.max_series", function()
+    local r = helpers.run(R .. [[ --sandbox -e "local metrics = require 'resil.metrics' ]]
+      .. [[metrics.max_series = 50 print(require('resil').metrics.max_series)"]])
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("50\n", r.stdout)
+  end)
+end)

@@ -871,6 +871,9 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   local views = setmetatable({}, { __mode = "k" })
   local function view_of(name, mod)
     if type(mod) ~= "table" or name == "resil" or not name:match("^resil%.") then return mod end
+    -- (one the resil table holds, resil.metrics, resil.mock, resil.trace, is the script's there:
+    -- `require("resil.metrics").max_series = n`, which README's resil.metrics.max_series is, raised)
+    if rawget(resil, name:sub(7)) == mod then return mod end
     local v = views[mod]
     if not v then
       v = setmetatable({}, {
