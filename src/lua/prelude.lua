@@ -731,13 +731,19 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- in freed memory (a store write: the process died, SIGSEGV)
   local made = setmetatable({}, { __mode = "k" })
   local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
+  local function expected(fname, what, v, level) -- (at the script's line, as the library's own check)
+    error(("bad argument #1 to '%s' (%s expected, got %s)"):format(fname, what, v == nil and "no value" or type(v)),
+      level + 1)
+  end
   env.coroutine.create = function(f)
+    if type(f) ~= "function" then expected("create", "function", f, 2) end
     local co = co_create(f)
     made[co] = true
     return co
   end
   local function own_coroutine(fname, co)
-    if type(co) == "thread" and not made[co] then
+    if type(co) ~= "thread" then expected(fname, "thread", co, 3) end
+    if not made[co] then
       error(("coroutine.%s: a coroutine the script did not make (a task's) cannot be resumed or closed in the "
         .. "sandbox"):format(fname), 3)
     end
