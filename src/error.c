@@ -26,7 +26,7 @@ static int tostring_unprotected(lua_State *L) {
  * gets DESCRIBE_MAX instructions; past them every instruction raises (a
  * pcall inside it cannot swallow that). */
 #define DESCRIBE_MAX 10000000
-static void describe_hook(lua_State *L, lua_Debug *ar) {
+void describe_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   lua_sethook(L, describe_hook, LUA_MASKCOUNT, 1);
   luaL_error(L, "__tostring ran more than %d instructions", DESCRIBE_MAX);

@@ -765,7 +765,9 @@ void loop_arm_hook(resil_t *R, lua_State *L) {
  * linked in R->nested, so that a guard a signal arms meanwhile reaches it.
  * With no guard armed, no hook is set. */
 
-static int is_guard(lua_Hook hook) { return hook == instruction_hook || hook == stop_watch_hook || hook == runaway_hook; }
+static int is_guard(lua_Hook hook) {
+  return hook == instruction_hook || hook == stop_watch_hook || hook == runaway_hook || hook == describe_hook;
+}
 
 /* A coroutine a task resumes charges the task NESTED_PART at a time, and
  * NESTED_PART up front each time its count starts over (resume_nested): what
@@ -882,9 +884,20 @@ static int cut_resumer(lua_State *L) {
   return stop_watch_error(L, R, R->current, monotonic_seconds());
 }
 
+/* A task's own coroutine is the loop's to resume: it waits on a timer, a
+ * transfer or a store reply whose continuation the host runs when it comes.
+ * A script's resume (or close) ran that continuation early, which freed the
+ * wait; the reply then landed in freed memory (SIGSEGV). */
+static const char *TASK_COROUTINE = "a task's coroutine is resumed by its loop only (join the task, or cancel it)";
+
 static int guarded_resume(lua_State *L) {
   lua_State *co = lua_tothread(L, 1);
   luaL_argexpected(L, co, 1, "thread");
+  if (task_of(co)) {
+    lua_pushboolean(L, 0);
+    lua_pushfstring(L, "coroutine.resume: %s", TASK_COROUTINE);
+    return 2;
+  }
   int r = resume_nested(L, co, lua_gettop(L) - 1);
   if (r == RESUME_CUT) return cut_resumer(L);
   if (r < 0) {
@@ -934,10 +947,25 @@ static int guarded_wrap(lua_State *L) {
   return 1;
 }
 
+/* coroutine.close, but not of a task's coroutine (above); upvalue 1: the
+ * library's own */
+static int guarded_close(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argexpected(L, co, 1, "thread");
+  if (task_of(co)) return luaL_error(L, "coroutine.close: %s", TASK_COROUTINE);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
 void loop_guard_coroutines(lua_State *L) {
   lua_getglobal(L, "coroutine");
   lua_pushcfunction(L, guarded_resume);
   lua_setfield(L, -2, "resume");
+  lua_getfield(L, -1, "close");
+  lua_pushcclosure(L, guarded_close, 1);
+  lua_setfield(L, -2, "close");
   lua_pushcfunction(L, guarded_wrap);
   lua_setfield(L, -2, "wrap");
   lua_pop(L, 1);

@@ -725,37 +725,6 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     for k, v in pairs(_G[lib]) do copy[k] = v end
     env[lib] = copy
   end
-  -- A script resumes or closes only the coroutines it made: a task's (coroutine.running() in a
-  -- task, a server handler's) waits in C on a store reply, an HTTP answer or a timer, and the
-  -- host frees that wait when it is resumed; one resumed by a script had the host's reply land
-  -- in freed memory (a store write: the process died, SIGSEGV)
-  local made = setmetatable({}, { __mode = "k" })
-  local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
-  local function expected(fname, what, v, level) -- (at the script's line, as the library's own check)
-    error(("bad argument #1 to '%s' (%s expected, got %s)"):format(fname, what, v == nil and "no value" or type(v)),
-      level + 1)
-  end
-  env.coroutine.create = function(f)
-    if type(f) ~= "function" then expected("create", "function", f, 2) end
-    local co = co_create(f)
-    made[co] = true
-    return co
-  end
-  local function own_coroutine(fname, co)
-    if type(co) ~= "thread" then expected(fname, "thread", co, 3) end
-    if not made[co] then
-      error(("coroutine.%s: a coroutine the script did not make (a task's) cannot be resumed or closed in the "
-        .. "sandbox"):format(fname), 3)
-    end
-  end
-  env.coroutine.resume = function(co, ...)
-    own_coroutine("resume", co)
-    return co_resume(co, ...)
-  end
-  env.coroutine.close = function(co)
-    own_coroutine("close", co)
-    return co_close(co)
-  end
   -- Strings' metatable is one per state, its __index the string table the host's modules call
   -- too: a script that replaced string.format there ran in the host's own code (its metrics
   -- writer opened, truncated and moved away a file outside every folder). A script sees a
