@@ -204,6 +204,16 @@ setmetatable({}, { __gc = function() while true do end end })
 collectgarbage()
 print("went on")
 ]], "task 1 %([^\n]-%.lua%)" },
+      -- (before: the host's own full collection between loop turns, outside every task, ran it:
+      -- the process hung for good)
+      { [[
+local resil = require "resil"
+local keep = setmetatable({}, { __gc = function() while true do end end })
+local junk = {}
+for i = 1, 20000 do junk[i] = { i } end
+keep, junk = nil, nil
+for _ = 1, 200 do resil.sleep(0.01) end
+]], "the host's full garbage collection %(a __gc finalizer%)" },
     }
     for _, case in ipairs(cases) do
       local script = helpers.write(helpers.tmpname(".lua"), case[1])

@@ -35,7 +35,10 @@ static void gc_full_check(void *arg) {
   if (!R->gc_generational || !lua_gc(R->L, LUA_GCISRUNNING)) return;
   double now = monotonic_seconds();
   if (now < R->gc_full_next) return;
+  /* (its finalizers run here, hooks off: one that loops is the watchdog's stuck exit) */
+  int watched = loop_host_section_begin(R, "the host's full garbage collection (a __gc finalizer)");
   lua_gc(R->L, LUA_GCCOLLECT);
+  loop_host_section_end(R, watched);
   /* Lua 5.4.4 leaves the next minor collection's debt as it was after a full
    * one in generational mode (fixed in later 5.4 releases): a step sets it */
   lua_gc(R->L, LUA_GCSTEP, 0);

@@ -236,6 +236,10 @@ void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
 void loop_arm_runaway(resil_t *R); /* from the watchdog's signal handler */
 int loop_raise_runaway(lua_State *L, const char *how); /* a C function the watchdog's stop interrupted */
+/* the host's own Lua work outside any task (a full collection's finalizers), watched as a
+ * resume is: stuck there past the watchdog's limit, the command ends (exit 70). -> begun? */
+int loop_host_section_begin(resil_t *R, const char *what);
+void loop_host_section_end(resil_t *R, int begun);
 extern _Thread_local resil_t *watchdog_host; /* the host whose task this thread is resuming (watchdog.c) */
 typedef struct watchdog watchdog;
 int watchdog_set(resil_t *R, double seconds); /* 0 or less: none; -1 if its thread cannot start */

@@ -728,6 +728,25 @@ void loop_arm_runaway(resil_t *R) {
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
 }
 
+/* A finalizer runs with hooks off, so one that loops in the host's own
+ * collection between turns held the loop for good, outside every resume the
+ * watchdog times. Such a section counts as a resume (resume_seq odd) with
+ * no task: the watchdog's stop arms nothing there (loop_arm_runaway), and
+ * its stuck exit names `what`. Not inside a resume: that one is timed. */
+int loop_host_section_begin(resil_t *R, const char *what) {
+  if (atomic_load(&R->resume_seq) & 1) return 0;
+  put_text(R->runaway_what, 0, sizeof R->runaway_what, what);
+  pthread_t self = pthread_self();
+  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self;
+  unsigned long seq = atomic_fetch_add(&R->resume_seq, 1) + 1;
+  atomic_store(&R->runaway_armed, seq); /* (what end_stuck names) */
+  return 1;
+}
+
+void loop_host_section_end(resil_t *R, int begun) {
+  if (begun) atomic_fetch_add(&R->resume_seq, 1);
+}
+
 /* From task_resume, and from a signal handler (resil_request_stop): only
  * hooks, on the task's thread and the coroutines it is running. */
 void loop_watch_running(resil_t *R) {
