@@ -102,6 +102,23 @@ print(get(port):match("^%%S+ %%S+"), listening(), require("policies.web").server
       assert.are.equal("200 v21\t1\ttrue\t1\n", r.stdout)
     end)
 
+    -- (before, on a fixed port: b's listen got address_in_use at every reload, a's old server
+    -- holding the port and serving a's old handler)
+    if fixed then it("moves to another file's new version that listens there, when its own no longer does", function()
+      local r = run(policy_dir({ ["a.lua"] = web(1, port), ["b.lua"] = "return {}" }), ([[
+local port = require("policies.a").server:port()
+require "policies.b"
+print(get(port):match("^%%S+ %%S+"))
+write("a.lua", "return {}")
+write("b.lua", (%q):gsub("port = 0,", "port = " .. port .. ","))
+print((resil.reload()))
+local b = require("policies.b").server
+print(get(port):match("^%%S+ %%S+"), listening(), b:port() == port)
+]]):format(web(2, 0)))
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("200 v1\ntrue\n200 v2\t1\ttrue\n", r.stdout)
+    end) end
+
     it("keeps the old version serving, untouched, when the reload fails after the new one listened", function()
       local r = run(policy_dir({ ["a.lua"] = web(1, port), ["b.lua"] = "return {}" }), ([[
 local port = require("policies.a").server:port()

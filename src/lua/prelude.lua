@@ -405,6 +405,21 @@ local function owned_listen(opts)
       end
     end
   end
+  -- a fixed address another file's version listened on, that file reloaded now (the server moved
+  -- from a.lua to b.lua: before, b's listen got address_in_use at every reload while a's old
+  -- server held the port); port 0 asks for any port, not that one
+  if not before and pending and loading == rec and not tostring(address):match(" 0$") then
+    for name, prev in pairs(owners) do
+      if name ~= rec.name and pending[name] then
+        for _, entry in ipairs(prev.servers) do
+          if entry.address == address and serving[entry.server] == prev then before, old = entry, prev break end
+        end
+      end
+      if before then break end
+    end
+  end
+  -- (its server taken over by another file's new version in this reload: the address is that one's)
+  if before and serving[before.server] ~= old then before = nil end
   local s, err, handler_before
   if before and serving[before.server] == old and type(opts.handler) == "function" then
     local same = true
