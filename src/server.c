@@ -915,6 +915,13 @@ static void pending_send(pending *p) {
   }
   case REPLY_NORMAL: break;
   }
+  /* A server that stopped accepting (a reload's old one draining, a gateway
+   * stopping) closes each connection after its reply, as nginx does: a
+   * kept-alive client opens its next one where connections are accepted,
+   * instead of keeping the old server (its old handler) busy for good */
+  struct evkeyvalq *out_headers = evhttp_request_get_output_headers(req);
+  if (!p->srv->bound && !evhttp_find_header(out_headers, "Connection"))
+    evhttp_add_header(out_headers, "Connection", "close");
   if (is_head(req)) {
     add_date(p);
     evhttp_send_reply(req, p->status, reason_phrase(p->status), NULL);
