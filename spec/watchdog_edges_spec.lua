@@ -81,6 +81,92 @@ print("usable", db:now(function(tx) tx:exec("INSERT INTO w VALUES (3)"); return 
   end)
 end)
 
+describe("--max-task-seconds and the group commit's functions", function()
+  -- (before: a db:tx, db:commit_only or db:enqueue function runs in the store's group commit, on
+  -- the loop outside any task, and the watchdog never timed it: one that looped, or ran a long
+  -- query, held the loop for good, no error and no exit)
+  it("stops a function that loops or reads long with the stop's error naming it; its own writes " ..
+     "rolled back, the same batch's other writes and queued rows committed, the connection usable", function()
+    local path = make_db()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local db = assert(resil.sqlite.open(arg[1]))
+local function add(x) return function(tx) return tx:exec("INSERT INTO w VALUES (?)", x) end end
+-- one batch: a queued row and two other tasks' writes around the stopped function
+local function batch(name, stopped)
+  local done, commits = {}, db:stats().commits
+  db:enqueue(function(err, n) done[#done + 1] = tostring(err or n) end, add(100))
+  local tasks = {
+    resil.spawn(function() return db:tx(add(1)) end),
+    resil.spawn(function() return db:tx(stopped) end),
+    resil.spawn(function() return db:commit_only(add(2)) end),
+  }
+  local got = {}
+  for i, t in ipairs(tasks) do got[i] = table.concat({ tostring(select(2, t:join())) }, " ") end
+  print(name, got[1], got[2], got[3], table.concat(done, ","), db:stats().commits - commits)
+end
+batch("loop", function(tx)
+  tx:exec("INSERT INTO w VALUES (-1)")
+  while true do end
+end)
+batch("pcall", function(tx) -- a pcall that swallows the stop is cut too
+  tx:exec("INSERT INTO w VALUES (-1)")
+  while true do pcall(function() while true do end end) end
+end)
+batch("read", function(tx)
+  tx:exec("INSERT INTO w VALUES (-1)")
+  return tx:value("SELECT count(*) FROM t a, t b, t c")
+end)
+batch("coroutine", function(tx)
+  tx:exec("INSERT INTO w VALUES (-1)")
+  return coroutine.wrap(function() while true do end end)()
+end)
+-- a queued function nobody waits for: its done gets the error
+local got
+db:enqueue(function(err) got = err end, function(tx) tx:exec("INSERT INTO w VALUES (-1)"); while true do end end)
+print("next", resil.spawn(function() return db:tx(add(3)) end):join())
+print("enqueue", got)
+print("rows", db:read(function(tx) return tx:value("SELECT count(*) FROM w WHERE x < 0"),
+                                          tx:value("SELECT count(*) FROM w WHERE x > 0") end))
+print("usable", db:now(function(tx) tx:exec("INSERT INTO w VALUES (4)"); return tx:value("SELECT count(*) FROM w") end))
+]])
+    local r = helpers.run("timeout -s KILL 120 " .. helpers.resil .. " --max-task-seconds 0.3 --log-level off " ..
+      script .. " " .. path)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local function stop(line, defined, kind)
+      return ("%%.lua:%d: a %s function %%([^)]*%%.lua:%d%%) ran [%%d.]+ s without yielding " ..
+        "%%(%%-%%-max%%-task%%-seconds=0%%.3%%)"):format(line, kind or "db:tx", defined)
+    end
+    assert.matches("\nloop\t1\t[^\t]*" .. stop(19, 17) .. "\t1\t1\t1\n", "\n" .. r.stdout)
+    assert.matches("\npcall\t1\t[^\t]*" .. stop(23, 21) .. "\t1\t1\t1\n", r.stdout)
+    assert.matches("\nread\t1\t[^\t]*" .. stop(27, 25) .. "; its SQLite statement was interrupted\t1\t1\t1\n",
+      r.stdout)
+    assert.matches("\ncoroutine\t1\t[^\t]*" .. stop(31, 29) .. "\t1\t1\t1\n", r.stdout)
+    assert.matches("\nnext\ttrue\t1\nenqueue\t[^\n]*" .. stop(35, 35, "db:enqueue") .. "\n", r.stdout)
+    assert.matches("\nrows\t0\t13\nusable\t14\n$", r.stdout)
+  end)
+end)
+
+describe("Ctrl-C and a task's SQLite statement", function()
+  -- (before: SIGINT waited for the statement to end, for hours here)
+  it("interrupts a long query; the process ends with the signal's message", function()
+    local path = make_db()
+    local pid, out = helpers.start([[
+local resil = require "resil"
+local db = assert(resil.sqlite.open(arg[1]))
+print(resil.spawn(function()
+  print("reading"); io.stdout:flush()
+  return db:read(function(tx) return tx:value("SELECT count(*) FROM t a, t b, t c") end)
+end):join())
+]], "", path)
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("reading") ~= nil end, 30))
+    os.execute("kill -INT " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 30), "SIGINT did not stop it")
+    assert.matches("^reading\n[^\n]*interrupted by signal 2\n$", helpers.slurp(out))
+  end)
+end)
+
 describe("a process stuck outside Lua", function()
   -- (before: its last line was a plain write(2): with the pipe full, the process waited there
   -- for good, neither stuck loop nor exit ended; its supervisor never started another)

@@ -117,6 +117,15 @@ struct resil {
   int stuck_exit;
   char runaway_what[192];               /* "task N (where)", written by loop_arm_runaway for that last word */
   _Atomic unsigned long runaway_armed;  /* the resume runaway_what is about (after it is written) */
+  struct {                              /* the group commit's op that runs, timed as a resume (watchdog.c) */
+    lua_State *L;                       /* the thread its fn runs on */
+    struct resil *outer_host;           /* watchdog_host before its batch */
+    int kind, ref;                      /* db:tx...; its {fn, args...} in the registry */
+    _Atomic unsigned long seq;          /* the resume it is (odd); 0: none runs */
+    volatile sig_atomic_t raised, hooked;
+    lua_Hook hook;                      /* L's hook before the stop's, restored as it ends */
+    int mask, count;
+  } watch_op;
   pthread_t loop_thread;                /* the thread of the running resume (its CPU clock): written only when
                                          * it changes, before resume_seq marks the resume (the watchdog reads it) */
 
@@ -251,6 +260,13 @@ int luaopen_resil_watchdog(lua_State *L); /* require "resil.core.watchdog" -> {u
 #define WATCHDOG_SQL_STEPS 10000
 int watchdog_sql_progress(void *R);
 void watchdog_sql_stopped(lua_State *L, resil_t *R);
+/* ...and a store op's function in the group commit (run_op), timed as a resume of its own: a batch's
+ * begin -> 1 if its ops are timed (given back to its end), then each op's begin and end */
+int watchdog_batch_begin(resil_t *R, lua_State *L);
+void watchdog_batch_end(resil_t *R, int timed);
+void watchdog_op_begin(resil_t *R, int kind, int ref); /* kind: 0 db:tx, 1 db:commit_only, 2 db:enqueue */
+void watchdog_op_end(resil_t *R);
+void loop_hook_nested(resil_t *R, lua_State *except, lua_Hook hook, int count); /* async-signal-safe */
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
 void loop_guard_coroutines(lua_State *L);      /* coroutine.resume and wrap pass the guards on (at start-up) */
 

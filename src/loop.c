@@ -757,6 +757,13 @@ void loop_watch_running(resil_t *R) {
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, stop_watch_hook, LUA_MASKCOUNT, STOP_WATCH_EVERY);
 }
 
+/* hook on the coroutines being resumed from Lua but `except` (watchdog.c,
+ * a store op's stop; async-signal-safe: only hooks) */
+void loop_hook_nested(resil_t *R, lua_State *except, lua_Hook hook, int count) {
+  for (nested_run *n = R->nested; n; n = n->outer)
+    if (n->co != except) lua_sethook(n->co, hook, LUA_MASKCOUNT, count);
+}
+
 /* Called from a signal handler (through resil_interrupt): only hooks. */
 void loop_interrupt_running(resil_t *R) {
   task *t = R->current;

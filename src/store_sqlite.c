@@ -183,13 +183,28 @@ static void push_column(lua_State *L, sqlite3_stmt *st, int col) {
   }
 }
 
+/* A statement of d's that writes is under way. SQLite rolls the whole
+ * transaction back when one is interrupted (sqlite3VdbeHalt: only a read
+ * ends alone), savepoints and all */
+static int writing(store_db *d) {
+  for (sqlite3_stmt *s = sqlite3_next_stmt(d->db, NULL); s; s = sqlite3_next_stmt(d->db, s))
+    if (sqlite3_stmt_busy(s) && !sqlite3_stmt_readonly(s)) return 1;
+  return 0;
+}
+
 /* SQLite's progress handler, every WATCHDOG_SQL_STEPS of its VM: a task's
  * own statement (db:read, db:now) is interrupted once the watchdog stops the
- * task (watchdog.c); never the group commit's, whose transaction holds other
- * tasks' writes (an interrupted write rolls it all back) */
+ * task (watchdog.c), or at Ctrl-C in a task's resume (it ran to its end
+ * first; the host's own statements as it closes are not cut). In the group
+ * commit, an op's statement only at the watchdog's stop and only if it
+ * reads: the batch's transaction holds other tasks' writes and the queued
+ * ledger rows, which an interrupted write would roll back with it (a long
+ * write there runs on; the stuck exit ends the process as before). */
 static int task_statement_progress(void *arg) {
   store_db *d = arg;
-  return d->task_tx && watchdog_sql_progress(d->R);
+  if (d->task_tx)
+    return watchdog_sql_progress(d->R) || (d->R->interrupted && (atomic_load(&d->R->resume_seq) & 1) && d->R->current);
+  return d->in_tx && watchdog_sql_progress(d->R) && !writing(d);
 }
 
 /* A failed statement. Trouble from the world (the file is read-only,
@@ -314,8 +329,9 @@ static void op_free(lua_State *L, op *o) {
   free(o);
 }
 
-/* Run one op on L (the main state) under a savepoint; store its results. */
-static void run_op(lua_State *L, store_db *d, op *o, int txh) {
+/* Run one op on L (the main state) under a savepoint; store its results.
+ * timed: watchdog_batch_begin's */
+static void run_op(lua_State *L, store_db *d, op *o, int txh, int timed) {
   exec_ctl(d, CTL_SAVEPOINT);
   int base = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_fn_args);
@@ -324,7 +340,10 @@ static void run_op(lua_State *L, store_db *d, op *o, int txh) {
   lua_rawgeti(L, args, 1);
   lua_pushvalue(L, txh);
   for (int i = 2; i <= n; i++) lua_rawgeti(L, args, i);
+  /* timed by the watchdog as a task's resume is: a loop in fn is stopped, its savepoint rolled back */
+  if (timed) watchdog_op_begin(d->R, o->detached + o->committed_enough, o->ref_fn_args);
   int rc = lua_pcall(L, n, LUA_MULTRET, 0); /* the error value as raised: tables stay tables */
+  if (timed) watchdog_op_end(d->R);
   if (rc != LUA_OK) {
     exec_ctl(d, CTL_ROLLBACK_TO);
     o->failed = 1;
@@ -441,15 +460,17 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
   char why[512] = "";
   d->in_tx = 1;
   op *stopped = NULL;
+  int timed = watchdog_batch_begin(d->R, L);
   for (op *o = first; o; o = o->next) {
     if (o->insert) run_row(L, d, o);
-    else run_op(L, d, o, txh);
+    else run_op(L, d, o, txh, timed);
     if (sqlite3_get_autocommit(d->db)) {
       snprintf(why, sizeof why, "store %s: the transaction was rolled back: %s", d->path, sqlite3_errmsg(d->db));
       stopped = o->next;
       break;
     }
   }
+  watchdog_batch_end(d->R, timed);
   d->in_tx = 0;
   *txp = NULL; /* a handle kept by fn is dead now */
   lua_pop(L, 1);

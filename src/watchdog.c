@@ -51,13 +51,18 @@ _Thread_local resil_t *watchdog_host;
 
 /* On the loop's thread, interrupted wherever it was: hooks only
  * (loop_arm_runaway), and only in the resume the watchdog saw run. */
+static void arm_op(resil_t *R, unsigned long seq);
+
 static void on_watchdog_signal(int signo) {
   (void)signo;
   int saved = errno;
   resil_t *R = watchdog_host;
   if (R) {
     unsigned long seq = atomic_load(&R->runaway_request);
-    if (seq && atomic_load(&R->resume_seq) == seq) loop_arm_runaway(R);
+    if (seq && atomic_load(&R->resume_seq) == seq) {
+      if (R->current) loop_arm_runaway(R);
+      else arm_op(R, seq); /* a store op's function, in the group commit (watchdog_op_begin) */
+    }
   }
   errno = saved;
 }
@@ -263,6 +268,9 @@ int watchdog_set(resil_t *R, double seconds) {
 
 void watchdog_free(resil_t *R) { watchdog_stop(R); }
 
+static int op_stopping(resil_t *R);
+static void op_raise(lua_State *L, resil_t *R, int level, const char *how);
+
 /* A task's own SQLite statement (db:read, db:now) runs in C, where no hook
  * runs: a script's query over tens of millions of rows, or a report's, in a
  * gateway worker ran on past the watchdog's stop until the stuck exit ended
@@ -271,7 +279,9 @@ void watchdog_free(resil_t *R) { watchdog_stop(R); }
  * non-zero interrupts the statement. Only once the signal's handler has
  * armed the stop of the resume that runs (on this same thread: the hooks
  * are set, the task named), and never in the host's own unwatched work (a
- * migration). Three atomic loads. */
+ * migration). Three atomic loads. A store op's statement in the group
+ * commit likewise (its resume is the op's: watchdog_op_begin), if it only
+ * reads (store_sqlite.c: an interrupted write rolls the whole batch back). */
 int watchdog_sql_progress(void *arg) {
   resil_t *R = arg;
   unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
@@ -280,10 +290,21 @@ int watchdog_sql_progress(void *arg) {
 }
 
 /* A statement that failed SQLITE_INTERRUPT: the watchdog's stop, raised as
- * its hook raises it (at the script's line, the task named, <close>
- * handlers not cut), if the interrupt was its; else it returns */
+ * its hook raises it (at the script's line, the task or the op's function
+ * named, <close> handlers not cut), if the interrupt was its; Ctrl-C's
+ * (SIGINT: the progress handler asks R->interrupted too), as its hook says
+ * it; else it returns */
 void watchdog_sql_stopped(lua_State *L, resil_t *R) {
-  if (watchdog_sql_progress(R)) loop_raise_runaway(L, "; its SQLite statement was interrupted");
+  static const char how[] = "; its SQLite statement was interrupted";
+  if (R->interrupted) { /* Ctrl-C: as the hook it set says it (loop.c, instruction_hook) */
+    luaL_where(L, 1);
+    lua_pushfstring(L, "interrupted by signal %d", (int)R->interrupted);
+    lua_concat(L, 2);
+    lua_error(L);
+  }
+  if (!watchdog_sql_progress(R)) return;
+  if (R->current) loop_raise_runaway(L, how);
+  else if (op_stopping(R)) op_raise(L, R, 1, how);
 }
 
 /* unwatched(f, ...) -> f(...): f's time is not the task's. For the host's
@@ -299,6 +320,133 @@ static int l_unwatched(lua_State *L) {
   atomic_fetch_sub(&R->watch_paused, 1);
   if (status != LUA_OK) return lua_error(L);
   return lua_gettop(L);
+}
+
+/* ---------- the group commit's op functions ----------
+ *
+ * A db:tx, db:commit_only or db:enqueue function runs in the store's group
+ * commit (store_sqlite.c, run_op), on the loop outside any task: a loop or a
+ * long query there held the loop for good, the watchdog seeing no resume.
+ * Each op's call is timed as a resume of its own (the resume counter bumped
+ * around it: two atomic adds and a few stores an op, the thread-local and
+ * the loop's thread set once a batch; no hook until the watchdog asks), and
+ * stopped as a task is: a hook on the thread it runs on (and the coroutines
+ * it resumes) raises the stop's error, naming the function. run_op's pcall
+ * catches it and rolls its savepoint back: the op fails (its task gets the
+ * error from db:tx, a db:enqueue's done gets it), the batch's other ops
+ * commit as usual. The op that runs is R->watch_op (one at a time: a batch
+ * runs outside any resume, and nothing in it runs the loop). */
+#define OP_STOP_PACE (1 << 20) /* instructions between the hook's looks, once it has raised */
+
+static const char *const OP_KIND[] = {"db:tx", "db:commit_only", "db:enqueue"};
+
+static void op_hook(lua_State *L, lua_Debug *ar);
+
+/* The stop's error in L, at the line of the first Lua function from `level`
+ * up; the hooks left at OP_STOP_PACE so that the <close> handlers the error
+ * runs are not cut, then (a pcall in fn caught it and fn runs on) on every
+ * instruction, until run_op's pcall has it */
+static void op_raise(lua_State *L, resil_t *R, int level, const char *how) {
+  int pace = R->watch_op.raised ? 1 : OP_STOP_PACE;
+  R->watch_op.raised = 1;
+  lua_sethook(L, op_hook, LUA_MASKCOUNT, pace);
+  if (R->watch_op.L != L) lua_sethook(R->watch_op.L, op_hook, LUA_MASKCOUNT, pace);
+  loop_hook_nested(R, L, op_hook, pace);
+  lua_Debug ar;
+  char at[128] = "";
+  for (int lv = level; lua_getstack(L, lv, &ar) && lua_getinfo(L, "Sl", &ar); lv++) {
+    if (ar.currentline > 0) {
+      snprintf(at, sizeof at, "%s:%d: ", ar.short_src, ar.currentline);
+      break;
+    }
+    if (level == 0) break; /* (the hook's: where it runs) */
+  }
+  char where[128] = "?"; /* where fn is defined: the op's {fn, args...} */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, R->watch_op.ref);
+  if (lua_type(L, -1) == LUA_TTABLE && lua_rawgeti(L, -1, 1) == LUA_TFUNCTION && lua_getinfo(L, ">S", &ar))
+    snprintf(where, sizeof where, "%s:%d", ar.short_src, ar.linedefined);
+  else lua_pop(L, 1);
+  lua_pop(L, 1);
+  char ran[32];
+  snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_request_seconds));
+  lua_pushfstring(L, "%sa %s function (%s) ran %s s without yielding (--max-task-seconds=%s)%s", at,
+                  OP_KIND[R->watch_op.kind], where, ran, R->max_task_seconds_text, how);
+  lua_error(L);
+}
+
+/* the op that runs is the resume the watchdog stops */
+static int op_stopping(resil_t *R) {
+  unsigned long seq = atomic_load(&R->resume_seq);
+  return (seq & 1) && atomic_load(&R->watch_op.seq) == seq && atomic_load(&R->runaway_request) == seq;
+}
+
+static void op_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  resil_t *R = resil_from_lua(L);
+  if (!op_stopping(R)) { /* left on a thread after its op ended */
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
+  op_raise(L, R, 0, "");
+}
+
+/* From the signal's handler, in op resume `seq`: hooks only, as
+ * loop_arm_runaway sets them, and what the stuck exit's line names */
+static void arm_op(resil_t *R, unsigned long seq) {
+  if (atomic_load(&R->watch_op.seq) != seq || R->watch_op.hooked) return;
+  const char *src = OP_KIND[R->watch_op.kind];
+  size_t n = 0;
+  for (const char *p = "a "; *p;) R->runaway_what[n++] = *p++;
+  while (*src && n + 10 < sizeof R->runaway_what) R->runaway_what[n++] = *src++;
+  for (const char *p = " function"; *p;) R->runaway_what[n++] = *p++;
+  R->runaway_what[n] = '\0';
+  atomic_store(&R->runaway_armed, seq);
+  lua_State *L = R->watch_op.L;
+  R->watch_op.hook = lua_gethook(L);
+  R->watch_op.mask = lua_gethookmask(L);
+  R->watch_op.count = lua_gethookcount(L);
+  R->watch_op.hooked = 1;
+  lua_sethook(L, op_hook, LUA_MASKCOUNT, 1);
+  loop_hook_nested(R, L, op_hook, 1);
+}
+
+/* store_sqlite.c's commit_batch, around its ops, run on L: -> 1 if they are
+ * timed (watchdog_batch_end ends it); 0 with no watchdog, or inside a task's
+ * resume (db:close in a task: their time is the task's) */
+int watchdog_batch_begin(resil_t *R, lua_State *L) {
+  if (!R->watchdog || (atomic_load(&R->resume_seq) & 1)) return 0;
+  pthread_t self = pthread_self();
+  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self; /* (as task_resume sets it) */
+  R->watch_op.L = L;
+  R->watch_op.outer_host = watchdog_host;
+  watchdog_host = R; /* the signal's handler finds the host here */
+  return 1;
+}
+
+void watchdog_batch_end(resil_t *R, int timed) {
+  if (!timed) return;
+  watchdog_host = R->watch_op.outer_host;
+  R->watch_op.L = NULL;
+}
+
+/* ...and around each op's fn (run_op), in a batch that is timed. kind: 0
+ * db:tx, 1 db:commit_only, 2 db:enqueue; ref: its {fn, args...} */
+void watchdog_op_begin(resil_t *R, int kind, int ref) {
+  R->watch_op.kind = kind;
+  R->watch_op.ref = ref;
+  R->watch_op.raised = R->watch_op.hooked = 0;
+  /* (stores, not atomic adds: the loop's thread is the counter's only writer, and a locked add
+   * an op costs more than the rest) */
+  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed) + 1;
+  atomic_store_explicit(&R->watch_op.seq, seq, memory_order_release); /* whole before the count says it runs */
+  atomic_store_explicit(&R->resume_seq, seq, memory_order_release);
+}
+
+void watchdog_op_end(resil_t *R) {
+  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed) + 1;
+  atomic_store_explicit(&R->resume_seq, seq, memory_order_release); /* no handler arms it from here on */
+  atomic_store_explicit(&R->watch_op.seq, 0, memory_order_relaxed);
+  if (R->watch_op.hooked) lua_sethook(R->watch_op.L, R->watch_op.hook, R->watch_op.mask, R->watch_op.count);
 }
 
 int luaopen_resil_watchdog(lua_State *L) {
