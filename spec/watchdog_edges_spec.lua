@@ -126,24 +126,29 @@ local got
 db:enqueue(function(err) got = err end, function(tx) tx:exec("INSERT INTO w VALUES (-1)"); while true do end end)
 print("next", resil.spawn(function() return db:tx(add(3)) end):join())
 print("enqueue", got)
+-- a done callback that loops (it runs on the loop after the commit, outside any task too)
+db:enqueue(function() while true do end end, add(5))
+print("after done", resil.spawn(function() return db:tx(add(6)) end):join())
 print("rows", db:read(function(tx) return tx:value("SELECT count(*) FROM w WHERE x < 0"),
                                           tx:value("SELECT count(*) FROM w WHERE x > 0") end))
 print("usable", db:now(function(tx) tx:exec("INSERT INTO w VALUES (4)"); return tx:value("SELECT count(*) FROM w") end))
 ]])
-    local r = helpers.run("timeout -s KILL 120 " .. helpers.resil .. " --max-task-seconds 0.3 --log-level off " ..
-      script .. " " .. path)
+    local r = helpers.run("timeout -s KILL 120 " .. helpers.resil .. " --max-task-seconds 0.3 " .. script .. " " .. path)
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     local function stop(line, defined, kind)
-      return ("%%.lua:%d: a %s function %%([^)]*%%.lua:%d%%) ran [%%d.]+ s without yielding " ..
-        "%%(%%-%%-max%%-task%%-seconds=0%%.3%%)"):format(line, kind or "db:tx", defined)
+      return ("%%.lua:%d: a %s %%([^)]*%%.lua:%d%%) ran [%%d.]+ s without yielding " ..
+        "%%(%%-%%-max%%-task%%-seconds=0%%.3%%)"):format(line, kind or "db:tx function", defined)
     end
     assert.matches("\nloop\t1\t[^\t]*" .. stop(19, 17) .. "\t1\t1\t1\n", "\n" .. r.stdout)
     assert.matches("\npcall\t1\t[^\t]*" .. stop(23, 21) .. "\t1\t1\t1\n", r.stdout)
     assert.matches("\nread\t1\t[^\t]*" .. stop(27, 25) .. "; its SQLite statement was interrupted\t1\t1\t1\n",
       r.stdout)
     assert.matches("\ncoroutine\t1\t[^\t]*" .. stop(31, 29) .. "\t1\t1\t1\n", r.stdout)
-    assert.matches("\nnext\ttrue\t1\nenqueue\t[^\n]*" .. stop(35, 35, "db:enqueue") .. "\n", r.stdout)
-    assert.matches("\nrows\t0\t13\nusable\t14\n$", r.stdout)
+    assert.matches("\nnext\ttrue\t1\nenqueue\t[^\n]*" .. stop(35, 35, "db:enqueue function") .. "\n", r.stdout)
+    assert.matches("\nafter done\ttrue\t1\n", r.stdout)
+    assert.matches('"msg":"store: a write\'s done callback raised"[^\n]*' .. stop(39, 39, "db:enqueue done callback"),
+      r.stderr)
+    assert.matches("\nrows\t0\t15\nusable\t16\n$", r.stdout)
   end)
 end)
 

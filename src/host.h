@@ -264,7 +264,7 @@ void watchdog_sql_stopped(lua_State *L, resil_t *R);
  * begin -> 1 if its ops are timed (given back to its end), then each op's begin and end */
 int watchdog_batch_begin(resil_t *R, lua_State *L);
 void watchdog_batch_end(resil_t *R, int timed);
-void watchdog_op_begin(resil_t *R, int kind, int ref); /* kind: 0 db:tx, 1 db:commit_only, 2 db:enqueue */
+void watchdog_op_begin(resil_t *R, int kind, int ref); /* kind: 0 db:tx, 1 db:commit_only, 2 db:enqueue, 3 done */
 void watchdog_op_end(resil_t *R);
 void loop_hook_nested(resil_t *R, lua_State *except, lua_Hook hook, int count); /* async-signal-safe */
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */

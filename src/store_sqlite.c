@@ -496,7 +496,7 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
  * on the loop outside any task (it may spawn one), or as the store closes
  * (commit_detached_at_close: err.closing, and done must neither spawn nor
  * wait); without a done, a failure is logged. */
-static void tell_done(lua_State *L, store_db *d, op *o) {
+static void tell_done(lua_State *L, store_db *d, op *o, int timed) {
   int top = lua_gettop(L);
   if (o->ref_done == LUA_NOREF && !o->failed) return;
   if (o->ref_done != LUA_NOREF) lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_done);
@@ -531,11 +531,16 @@ static void tell_done(lua_State *L, store_db *d, op *o) {
     lua_pushvalue(L, -2);
     lua_setfield(L, -2, "error");
     host_log(L, "error", "store: a write nobody waited for failed");
-  } else if (lua_pcall(L, nargs, 0, 0) != LUA_OK) {
-    lua_createtable(L, 0, 1);
-    lua_pushvalue(L, -2);
-    lua_setfield(L, -2, "error");
-    host_log(L, "error", "store: a write's done callback raised");
+  } else {
+    if (timed) watchdog_op_begin(d->R, 3, o->ref_done); /* timed as the op's fn was: a done that loops is stopped */
+    int rc = lua_pcall(L, nargs, 0, 0);
+    if (timed) watchdog_op_end(d->R);
+    if (rc != LUA_OK) {
+      lua_createtable(L, 0, 1);
+      lua_pushvalue(L, -2);
+      lua_setfield(L, -2, "error");
+      host_log(L, "error", "store: a write's done callback raised");
+    }
   }
   lua_settop(L, top);
 }
@@ -574,6 +579,7 @@ static void tell_row_failed(lua_State *L, store_db *d, op *o) {
  * the store closes (the loop is over), as no done is then. */
 static void finish_batch(lua_State *L, store_db *d, op *batch) {
   int top = lua_gettop(L);
+  int timed = watchdog_batch_begin(d->R, L);
   int list[ROW_STATEMENTS] = {0}, written[ROW_STATEMENTS] = {0}, done[ROW_STATEMENTS] = {0};
   for (op *o = batch; o;) {
     op *next = o->next;
@@ -598,7 +604,7 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
       }
       op_free(L, o);
     } else {
-      if (o->detached) tell_done(L, d, o);
+      if (o->detached) tell_done(L, d, o, timed);
       op_free(L, o);
     }
     o = next;
@@ -617,6 +623,7 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
       lua_pop(L, 1);
     }
   }
+  watchdog_batch_end(d->R, timed);
   lua_settop(L, top);
 }
 

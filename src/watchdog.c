@@ -338,7 +338,8 @@ static int l_unwatched(lua_State *L) {
  * runs outside any resume, and nothing in it runs the loop). */
 #define OP_STOP_PACE (1 << 20) /* instructions between the hook's looks, once it has raised */
 
-static const char *const OP_KIND[] = {"db:tx", "db:commit_only", "db:enqueue"};
+static const char *const OP_KIND[] = {"db:tx function", "db:commit_only function", "db:enqueue function",
+                                      "db:enqueue done callback"};
 
 static void op_hook(lua_State *L, lua_Debug *ar);
 
@@ -361,15 +362,18 @@ static void op_raise(lua_State *L, resil_t *R, int level, const char *how) {
     }
     if (level == 0) break; /* (the hook's: where it runs) */
   }
-  char where[128] = "?"; /* where fn is defined: the op's {fn, args...} */
-  lua_rawgeti(L, LUA_REGISTRYINDEX, R->watch_op.ref);
-  if (lua_type(L, -1) == LUA_TTABLE && lua_rawgeti(L, -1, 1) == LUA_TFUNCTION && lua_getinfo(L, ">S", &ar))
+  char where[128] = "?"; /* where fn is defined: the op's {fn, args...}, or the done callback */
+  int t = lua_rawgeti(L, LUA_REGISTRYINDEX, R->watch_op.ref);
+  if (t == LUA_TTABLE) {
+    lua_rawgeti(L, -1, 1);
+    lua_remove(L, -2);
+  }
+  if (lua_type(L, -1) == LUA_TFUNCTION && lua_getinfo(L, ">S", &ar))
     snprintf(where, sizeof where, "%s:%d", ar.short_src, ar.linedefined);
   else lua_pop(L, 1);
-  lua_pop(L, 1);
   char ran[32];
   snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_request_seconds));
-  lua_pushfstring(L, "%sa %s function (%s) ran %s s without yielding (--max-task-seconds=%s)%s", at,
+  lua_pushfstring(L, "%sa %s (%s) ran %s s without yielding (--max-task-seconds=%s)%s", at,
                   OP_KIND[R->watch_op.kind], where, ran, R->max_task_seconds_text, how);
   lua_error(L);
 }
@@ -397,8 +401,7 @@ static void arm_op(resil_t *R, unsigned long seq) {
   const char *src = OP_KIND[R->watch_op.kind];
   size_t n = 0;
   for (const char *p = "a "; *p;) R->runaway_what[n++] = *p++;
-  while (*src && n + 10 < sizeof R->runaway_what) R->runaway_what[n++] = *src++;
-  for (const char *p = " function"; *p;) R->runaway_what[n++] = *p++;
+  while (*src && n + 1 < sizeof R->runaway_what) R->runaway_what[n++] = *src++;
   R->runaway_what[n] = '\0';
   atomic_store(&R->runaway_armed, seq);
   lua_State *L = R->watch_op.L;
@@ -410,7 +413,7 @@ static void arm_op(resil_t *R, unsigned long seq) {
   loop_hook_nested(R, L, op_hook, 1);
 }
 
-/* store_sqlite.c's commit_batch, around its ops, run on L: -> 1 if they are
+/* store_sqlite.c's commit_batch and finish_batch, around their ops, run on L: -> 1 if they are
  * timed (watchdog_batch_end ends it); 0 with no watchdog, or inside a task's
  * resume (db:close in a task: their time is the task's) */
 int watchdog_batch_begin(resil_t *R, lua_State *L) {
@@ -429,8 +432,9 @@ void watchdog_batch_end(resil_t *R, int timed) {
   R->watch_op.L = NULL;
 }
 
-/* ...and around each op's fn (run_op), in a batch that is timed. kind: 0
- * db:tx, 1 db:commit_only, 2 db:enqueue; ref: its {fn, args...} */
+/* ...and around each op's fn (run_op), in a batch that is timed, and a
+ * db:enqueue's done (finish_batch). kind: 0 db:tx, 1 db:commit_only, 2
+ * db:enqueue, 3 a done; ref: its {fn, args...}, or the done */
 void watchdog_op_begin(resil_t *R, int kind, int ref) {
   R->watch_op.kind = kind;
   R->watch_op.ref = ref;
