@@ -434,13 +434,13 @@ void watchdog_batch_end(resil_t *R, int timed) {
 
 /* ...and around each op's fn (run_op), in a batch that is timed, and a
  * db:enqueue's done (finish_batch). kind: 0 db:tx, 1 db:commit_only, 2
- * db:enqueue, 3 a done; ref: its {fn, args...}, or the done */
+ * db:enqueue, 3 a done; ref: its {fn, args...}, or the done. The counter by
+ * stores, not atomic adds: the loop's thread is its only writer, and a
+ * locked add an op costs more than the rest (an op is some 9,000
+ * instructions; these, about 25). */
 void watchdog_op_begin(resil_t *R, int kind, int ref) {
   R->watch_op.kind = kind;
   R->watch_op.ref = ref;
-  R->watch_op.raised = R->watch_op.hooked = 0;
-  /* (stores, not atomic adds: the loop's thread is the counter's only writer, and a locked add
-   * an op costs more than the rest) */
   unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed) + 1;
   atomic_store_explicit(&R->watch_op.seq, seq, memory_order_release); /* whole before the count says it runs */
   atomic_store_explicit(&R->resume_seq, seq, memory_order_release);
@@ -450,7 +450,10 @@ void watchdog_op_end(resil_t *R) {
   unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed) + 1;
   atomic_store_explicit(&R->resume_seq, seq, memory_order_release); /* no handler arms it from here on */
   atomic_store_explicit(&R->watch_op.seq, 0, memory_order_relaxed);
-  if (R->watch_op.hooked) lua_sethook(R->watch_op.L, R->watch_op.hook, R->watch_op.mask, R->watch_op.count);
+  if (R->watch_op.hooked) { /* a stop was armed in it (raised and hooked stay 0 until one is) */
+    lua_sethook(R->watch_op.L, R->watch_op.hook, R->watch_op.mask, R->watch_op.count);
+    R->watch_op.raised = R->watch_op.hooked = 0;
+  }
 }
 
 int luaopen_resil_watchdog(lua_State *L) {
