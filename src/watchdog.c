@@ -325,11 +325,12 @@ static int l_unwatched(lua_State *L) {
 /* ---------- the group commit's op functions ----------
  *
  * A db:tx, db:commit_only or db:enqueue function runs in the store's group
- * commit (store_sqlite.c, run_op), on the loop outside any task: a loop or a
- * long query there held the loop for good, the watchdog seeing no resume.
- * Each op's call is timed as a resume of its own (the resume counter bumped
- * around it: two atomic adds and a few stores an op, the thread-local and
- * the loop's thread set once a batch; no hook until the watchdog asks), and
+ * commit (store_sqlite.c, run_op), on the loop outside any task, and so does
+ * a db:enqueue's done after it: a loop or a long query there held the loop
+ * for good, the watchdog seeing no resume. Each such call is timed as a
+ * resume of its own (the resume counter bumped around it: a few plain stores
+ * a call, the thread-local and the loop's thread set once a batch; no hook
+ * until the watchdog asks), and
  * stopped as a task is: a hook on the thread it runs on (and the coroutines
  * it resumes) raises the stop's error, naming the function. run_op's pcall
  * catches it and rolls its savepoint back: the op fails (its task gets the
