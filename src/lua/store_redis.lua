@@ -779,8 +779,12 @@ local function fmt_time(t) return string.format("%.6f", t) end
 
 -- The lead of this process's virtual clock (a spec's) over its real one, for the leases' clock
 -- (holders_lib): 0 on a real clock. Store time is wall time at start plus the clock's time since.
-local is_virtual, wall, store_now = resil.clock.is_virtual, resil.clock.wall, resil.store_now
-local function lease_skew() return is_virtual() and fmt_time(store_now() - wall()) or "0" end
+-- (store.lua's, taken at its load: this module loads after scripts may have changed the resil table)
+local clock_lead = private.clock_lead
+local function lease_skew()
+  local lead = clock_lead()
+  return lead and fmt_time(lead) or "0"
+end
 
 -- ---------- ownership ----------
 
