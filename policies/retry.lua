@@ -202,8 +202,12 @@ local function attempts(fn, opts, deadline, give_up, ...)
     end
     verdict = classify_fn(res, err, opts)
     if verdict == nil then
-      -- a response table says how many attempts it took (as res.time says how long)
-      if type(res) == "table" and rawget(res, "attempts") == nil then rawset(res, "attempts", attempt) end
+      -- a response table says how many attempts it took (as res.time says how long); not an object
+      -- of the host's (a budget's ticket, a store: their metatables hidden), which the sandbox's
+      -- rawset refuses
+      if type(res) == "table" and rawget(res, "attempts") == nil and getmetatable(res) ~= false then
+        rawset(res, "attempts", attempt)
+      end
       return res
     end
 
