@@ -123,7 +123,13 @@ end
 -- again: an input with no large shared part keeps the fingerprint it had (stored ones still
 -- match). seen: table -> true while on the path, then n * 32 + depth if its text was large;
 -- seen[1]: the tables written so far. -> the length of v's text
-local SHARED = 1024
+-- Only where the text written in full would be large (seen.refs): a first pass writes it as it
+-- always was, and gives up (seen.stop) once it has met a large part again and passed FULL pieces
+-- of text. So every input the fingerprint took in reasonable time before keeps its fingerprint (a
+-- large table met first near the top and again deeper, { a = L, b = { c = L } }, was written #n:
+-- a once key stored before was key_reused, a run resumed across the upgrade diverged), and an
+-- input that shares its parts at many levels is walked once more, to FULL pieces, at most.
+local SHARED, FULL = 1024, 100000
 local function canonical(v, out, depth, seen)
   local t = type(v)
   if t == "table" and depth < 32 then
@@ -132,9 +138,16 @@ local function canonical(v, out, depth, seen)
       out[#out + 1] = '"(cycle)"'
       return 9
     elseif was and was % 32 <= depth then -- (its text there is as deep as here)
-      local ref = "#" .. was // 32
-      out[#out + 1] = ref
-      return #ref
+      if seen.refs then
+        local ref = "#" .. was // 32
+        out[#out + 1] = ref
+        return #ref
+      end
+      seen.met = true -- (written in full, as before, unless the text is large already)
+    end
+    if seen.met and #out > FULL then
+      seen.stop = true
+      return 0
     end
     local nth = seen[1] + 1
     seen[1], seen[v] = nth, true
@@ -148,6 +161,7 @@ local function canonical(v, out, depth, seen)
       out[#out + 1] = "="
       len = len + canonical(v[k], out, depth + 1, seen) + 2
       out[#out + 1] = ","
+      if seen.stop then return 0 end
     end
     out[#out + 1] = "}"
     seen[v] = len >= SHARED and nth * 32 + depth or was
@@ -166,8 +180,12 @@ local function canonical(v, out, depth, seen)
 end
 
 local function fingerprint_of(...)
-  local out = {}
-  canonical(pack(...), out, 0, { 0 })
+  local args, out, seen = pack(...), {}, { 0 }
+  canonical(args, out, 0, seen)
+  if seen.stop then -- (a large part shared, its text in full past FULL pieces: written #n where met again)
+    out = {}
+    canonical(args, out, 0, { 0, refs = true })
+  end
   return resil.hash(table.concat(out))
 end
 
