@@ -65,6 +65,9 @@ local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
 local Ticket = {}
 Ticket.__index = Ticket
 Ticket.__metatable = false
+-- (the sandbox's rawset refuses the host's objects by their metatables: src/lua/prelude.lua)
+private.host_metatables = private.host_metatables or {}
+private.host_metatables[Budget], private.host_metatables[Ticket] = true, true
 local stop_keeping -- (ticket:keep, below)
 local budgets = {}
 local ticket_seq = 0

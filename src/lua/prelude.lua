@@ -754,7 +754,10 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- its process through; no script makes userdata of its own), and those of the metatables the
   -- host's modules name in private.host_metatables (shared buckets and breakers: outside the
   -- sandbox, specs make a second process's object with getmetatable).
-  local host_mts = debug.getregistry()["resil.private"].host_metatables or {}
+  local private = debug.getregistry()["resil.private"]
+  private.host_metatables = private.host_metatables or {}
+  local host_mts = private.host_metatables -- (the host's modules that load later add theirs)
+  host_mts[debug.getmetatable(strings_mt)] = true
   env.getmetatable = function(v)
     if type(v) == "string" then return strings_mt end
     if type(v) == "userdata" then return false end
@@ -768,12 +771,13 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     end
     return setmetatable(t, mt)
   end
-  -- A table whose metatable is hidden (__metatable = false: a store, a budget, a ticket; or one
-  -- above) is the host's, and refuses new fields; rawset went past that (a store's get set on
-  -- the object every caller shares)
+  -- The host's objects (a store, a budget, a ticket, a module's view: their metatables are in
+  -- host_mts too, hidden) refuse new fields; rawset went past that (a store's get set on the
+  -- object every caller shares). By the object's own metatable: a script's table that hides
+  -- its metatable (a read-only table it fills with rawset) is the script's.
+  local real_metatable = debug.getmetatable
   env.rawset = function(t, k, v)
-    local mt = getmetatable(t)
-    if mt == false or host_mts[mt] then
+    if host_mts[real_metatable(t)] then
       error(("rawset: the host's objects cannot be changed in the sandbox (%s)"):format(tostring(k)), 2)
     end
     return rawset(t, k, v)
@@ -866,7 +870,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     if rawget(resil, name:sub(7)) == mod then return mod end
     local v = views[mod]
     if not v then
-      v = setmetatable({}, {
+      local mt = {
         __index = mod,
         __newindex = function(_, k)
           error(("%s.%s cannot be set in the sandbox: the host's module"):format(name, tostring(k)), 2)
@@ -874,7 +878,8 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
         __pairs = function() return next, mod, nil end,
         __len = function() return #mod end,
         __metatable = false,
-      })
+      }
+      v, host_mts[mt] = setmetatable({}, mt), true
       views[mod] = v
     end
     return v

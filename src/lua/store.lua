@@ -195,6 +195,9 @@ Store.__index = Store
 -- (getmetatable(store) is not its methods: a script that replaced one had the host's own modules
 -- call it, the gateway's key records read through it)
 Store.__metatable = false
+-- (the sandbox's rawset refuses the host's objects by their metatables: src/lua/prelude.lua)
+private.host_metatables = private.host_metatables or {}
+private.host_metatables[Store] = true
 -- (nor is a method set on the object itself, which is every caller's: `store.get = f` had the
 -- host's own modules call f as the metatable's did)
 Store.__newindex = function(_, k)
