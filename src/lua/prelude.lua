@@ -385,6 +385,17 @@ resil.spawn, resil.background = owning("spawn", spawn), owning("background", bac
 -- Before, each reload's listen opened one more socket (port 0), or got address_in_use, the first
 -- version's server (its old handler) serving on for good.
 local listen = resil.server.listen
+-- the servers that stopped accepting (server:stop_accepting: a drain begun): no version takes one
+-- over, its listening socket closed (the new version's listen returned it, and nothing accepted)
+local not_accepting = setmetatable({}, weak_keys)
+do
+  local methods = debug.getregistry()["resil.Server"].__index
+  local stop_accepting = methods.stop_accepting
+  methods.stop_accepting = function(s, ...)
+    not_accepting[s] = true
+    return stop_accepting(s, ...)
+  end
+end
 local SETTINGS = { "tasks", "reuseport", "max_headers", "max_body", "read_timeout" }
 local function address_of(o)
   local port = o.port or 0
@@ -421,7 +432,8 @@ local function owned_listen(opts)
   -- (its server taken over by another file's new version in this reload: the address is that one's)
   if before and serving[before.server] ~= old then before = nil end
   local s, err, handler_before
-  if before and serving[before.server] == old and type(opts.handler) == "function" then
+  if before and serving[before.server] == old and not not_accepting[before.server] and
+      type(opts.handler) == "function" then
     local same = true
     for i = 1, #SETTINGS do same = same and before.settings[i] == settings[i] end
     if same then
