@@ -761,3 +761,23 @@ describe("resil-lua --sandbox: a script's own settings", function()
     assert.are.equal("50\n", r.stdout)
   end)
 end)
+
+-- (before: costs.lua and runs.lua called resil.json's functions as each row was written: a
+-- sandboxed script that replaced resil.json.encode wrote its process's ledger rows' units)
+describe("resil-lua --sandbox: the ledger's rows", function()
+  it("are written with the host's JSON, whatever a script put in resil.json", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.json.encode = function() return '{"input_tokens":0}' end
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, units = { input_tokens = 100 },
+  wait = true })
+]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(R, db, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local units = helpers.run(("sqlite3 %s 'SELECT units FROM costs'"):format(db))
+    assert.are.equal(0, units.code, units.stderr)
+    assert.are.equal('{"input_tokens":100}\n', units.stdout)
+  end)
+end)

@@ -6,7 +6,9 @@ local backend_of = private.backend_of -- (a store's backend: never on the store 
 local store_now, store_or_fail = S.now, S.open
 local runs = require "resil.runs"
 local owner = require "resil.owner"
-local json = resil.json
+-- (the host's copies, taken at load: a script may replace what the resil table holds, its
+-- json.encode the units of every row its process records, its spawn the rows' retries)
+local json, spawn = private.json, resil.spawn
 
 local MICRO, floor = 1e6, math.floor
 local function to_micro(usd) return floor(usd * MICRO + 0.5) end
@@ -261,7 +263,7 @@ local function retry_later(what, write, counts, fields, log_fields, sent)
     if ok == nil and type(err) == "table" and err.sent then pending.sent = true end
     return ok, err
   end
-  resil.spawn(function()
+  spawn(function()
     local _ <close> = setmetatable(pending, retry_ended) -- however it ends
     local ok, err = S.retry_write(attempt)
     if counts(ok) then observe_cost(fields, fields.units) end

@@ -13,7 +13,7 @@ local owner_keep, owner_drop, lease_due, lease_written = owner.keep, owner.drop,
 local store_now, store_or_fail = S.now, S.open
 local config, encode_values, decode_values = S.config, S.encode_values, S.decode_values
 local unpack, pack = table.unpack, table.pack
-local json = resil.json
+local json, spawn = private.json, resil.spawn -- (the host's, taken at load: see costs.lua)
 local getinfo = debug.getinfo
 
 local steps_total = resil.metrics.counter("resil_steps_total",
@@ -108,7 +108,7 @@ local function current_run()
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   r.store = s
-  r.starter = resil.spawn(function()
+  r.starter = spawn(function()
     -- it forgets itself as it ends, even with the task that started it canceled meanwhile (a
     -- resil.timeout around the step): left, every later step was told its store_unavailable
     local me = resil.running()

@@ -11,6 +11,7 @@ local json = resil.json
 -- then a script may have replaced what resil.json holds)
 private.json = {}
 for k, v in pairs(json) do private.json[k] = v end
+json = private.json -- (this module's own calls too)
 -- (taken now, before any script runs: a script may replace what the resil table holds, and
 -- one that replaced resil.background was handed each store's backend)
 local background = resil.background
