@@ -1005,12 +1005,19 @@ local function cache_targets(targets, req)
   return parts
 end
 
+-- The cache's keys (ai:cache:) are the host's under the sandbox: a script's store:set of a forged
+-- answer under a key it computed is refused. This module reaches them through what the host hands
+-- its chunk alone at its load (private.ai_cache: open, get, set), kept here; loaded any other way
+-- (a script's own loadfile of this file) it has the store object's methods.
+local host_cache = select(3, ...)
+
 local function cache_of(targets, req)
   local c = req.cache or targets[1].conf.cache
   if not c then return nil end
   local key = { v = 2, model = req.model, targets = cache_targets(targets, req) }
   for _, f in ipairs(CACHE_FIELDS) do key[f] = req[f] end
-  local store, err = resil.store()
+  local store, err
+  if host_cache then store, err = host_cache.open() else store, err = resil.store() end
   if not store then
     resil.log.warn("ai: cache unavailable", { error = tostring(err) })
     return nil
@@ -1019,7 +1026,8 @@ local function cache_of(targets, req)
 end
 
 local function cache_get(cache)
-  local v = cache.store:get(cache.key)
+  local v
+  if host_cache then v = host_cache.get(cache.store, cache.key) else v = cache.store:get(cache.key) end
   if type(v) ~= "string" then return nil end
   local r = json.decode(v)
   if type(r) ~= "table" then return nil end
@@ -1028,7 +1036,9 @@ local function cache_get(cache)
 end
 
 local function cache_put(cache, r)
-  local ok, err = pcall(cache.store.set, cache.store, cache.key, json.encode(r), cache.ttl)
+  local ok, err
+  if host_cache then ok, err = pcall(host_cache.set, cache.store, cache.key, json.encode(r), cache.ttl)
+  else ok, err = pcall(cache.store.set, cache.store, cache.key, json.encode(r), cache.ttl) end
   if not ok then resil.log.warn("ai: result not cached", { error = tostring(err) }) end
 end
 

@@ -475,7 +475,11 @@ local function owning_loader(loader)
     if pending then pending[name] = rec end
     local _ <close> = setmetatable({ prev = loading, prev_co = loading_co, rec = rec }, loading_mt)
     loading, loading_co = rec, coroutine.running()
-    local mod = loader(name, ...)
+    -- (policies.ai gets the host's way to its cache's reserved keys: a script's require gives the
+    -- module's table, never its chunk, so the capability stays ai.lua's upvalue)
+    local mod
+    if name == "policies.ai" then mod = loader(name, (...), debug.getregistry()["resil.private"].ai_cache)
+    else mod = loader(name, ...) end
     if not pending then install(name, rec) end -- loaded on first use (or again, its package.loaded entry cleared)
     return mod
   end

@@ -407,7 +407,11 @@ end
 -- of its own, never reached through kv (Redis's are "resil:kv:" .. key).
 --   gateway:  the gateway's virtual keys (keys.lua): gateway:key:<sha256>, gateway:keys (the
 --             index), gateway:keys:lock
-local RESERVED = { "gateway:" }
+--   ai:cache: policies.ai's cached answers: a script computed a key (ai.wire_request is exported,
+--             the hash reproducible) and set a forged answer every caller on the store was served.
+--             policies.ai reaches them through private.ai_cache, which the host hands it alone at
+--             its load (prelude's owning_loader), not through a store object
+local RESERVED = { "gateway:", "ai:cache:" }
 local function check_reserved(what, key)
   if type(key) ~= "string" then return end
   for i = 1, #RESERVED do
@@ -447,6 +451,15 @@ function Store:incr(key, n, ttl)
   return backend_of[self]:kv_incr(key, n or 1, ttl, store_now())
 end
 function Store:stats() return backend_of[self]:stats() end
+
+-- policies.ai's cache (the reserved ai:cache: keys): the third argument of its chunk, kept there
+-- as an upvalue. open is the host's (a script may replace resil.store); the value and TTL are
+-- policies.ai's own (a string, a TTL cache_ok checked).
+private.ai_cache = {
+  open = store_or_fail,
+  get = function(s, key) return backend_of[s]:kv_get(key, store_now()) end,
+  set = function(s, key, value, ttl) return backend_of[s]:kv_set(key, value, ttl, store_now()) end,
+}
 
 -- ---------- values in and out of the store ----------
 
