@@ -781,3 +781,60 @@ resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, units
     assert.are.equal('{"input_tokens":100}\n', units.stdout)
   end)
 end)
+-- (before: a sandboxed script's resil.store_config{run=, fresh=} named another pipeline's run on
+-- the store: here it wiped the nightly run's checkpoints and planted its own step result, which
+-- the nightly pipeline's resume then replayed. The host sets its run's script, args and
+-- script_path through the private table: src/resil.c's start_main.)
+describe("resil-lua --sandbox: the run a script's steps go to", function()
+  it("is the host's: store_config{run=, fresh=, script=, args=, script_path=} raise at the script's line", function()
+    local store = helpers.tmpname(".db")
+    local nightly = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+print(resil.step("fetch", function() return "real" end), resil.run.resumed())
+if not resil.run.resumed() then error("stopped after fetch") end
+]])
+    local function run_nightly()
+      return helpers.run(("%s --log-level off --store %s --run nightly %s"):format(R, store, nightly))
+    end
+    local first = run_nightly()
+    assert.are.equal(1, first.code, first.stderr)
+    assert.are.equal("real\tfalse\n", first.stdout)
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+for _, k in ipairs({ "run", "fresh", "script", "args", "script_path" }) do
+  local ok, err = pcall(function() resil.store_config({ [k] = k == "fresh" or (k == "args" and {}) or "nightly" }) end)
+  print(k, ok, err)
+end
+resil.store_config({ run = "nightly", fresh = true })
+print(resil.step("fetch", function() return "planted" end))
+]])
+    local r = helpers.run(("%s --sandbox --log-level off --store %s %s"):format(R, store, script))
+    os.remove(script)
+    -- the nightly pipeline resumes its own run: its checkpoint is what it recorded
+    local again = run_nightly()
+    assert.are.equal(0, again.code, again.stderr)
+    assert.are.equal("real\ttrue\n", again.stdout)
+    assert.are.equal(1, r.code, r.stderr)
+    local at = script:gsub("%p", "%%%0")
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    for i, k in ipairs({ "run", "fresh", "script", "args", "script_path" }) do
+      assert.matches(("^%s\tfalse\t%s:3: resil%%.store_config: %s is not allowed in the sandbox: the run is the host's")
+        :format(k, at, k), lines[i] or "")
+    end
+    assert.matches(at .. ":6: resil%.store_config: run is not allowed in the sandbox", r.stderr)
+    -- the script's own steps still go to its own run (its script and arguments)
+    local own = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+print(resil.step("n", function() return #arg end), resil.run.resumed(), resil.run.id():match("^[^-]+"))
+error("once")
+]])
+    local o1 = helpers.run(("%s --sandbox --log-level off --store %s %s a b"):format(R, store, own))
+    local o2 = helpers.run(("%s --sandbox --log-level off --store %s %s a b"):format(R, store, own))
+    os.remove(own)
+    assert.are.equal(1, o1.code, o1.stderr)
+    local name = own:match("([^/]+)%.lua$")
+    assert.are.equal(("2\tfalse\t%s\n"):format(name), o1.stdout)
+    assert.are.equal(("2\ttrue\t%s\n"):format(name), o2.stdout)
+  end)
+end)

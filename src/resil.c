@@ -737,11 +737,10 @@ static int start_main(resil_t *R, int argc, char **argv, const char *script) {
   }
   lua_pushvalue(L, -1);
   lua_setglobal(L, "arg");
-  /* the default run id derives from the script and its arguments */
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "resil");
-  lua_call(L, 1, 1);
-  lua_getfield(L, -1, "store_config");
+  /* the default run id derives from the script and its arguments: set through the private
+   * table's store_config_host, as under the sandbox a script's store_config refuses them */
+  lua_getfield(L, LUA_REGISTRYINDEX, PRIVATE_KEY);
+  lua_getfield(L, -1, "store_config_host");
   lua_createtable(L, 0, 3);
   lua_pushstring(L, script), lua_setfield(L, -2, "script");
   lua_pushvalue(L, -4), lua_setfield(L, -2, "args");

@@ -106,6 +106,18 @@ local function store_key(url)
 end
 
 local SANDBOX_LEASE = { 5, 300 }
+-- The run a script's steps go to is the host's: src/resil.c's start_main sets script, args and
+-- script_path after the sandbox is on, through private.store_config_host (no script reaches it);
+-- the CLI's --run and --fresh and resil_options' run_id and fresh are set before it. A sandboxed
+-- script's store_config naming them named another pipeline's run on the store, its step results
+-- replayed or planted (run=), or wiped (fresh=).
+local HOST_FIELDS = { "run", "fresh", "script", "args", "script_path" }
+function private.store_config_host(c)
+  for k, v in pairs(c) do config[k] = v end
+  -- (a copy: the table is the script's arg, and the run's default id is made from it later)
+  if type(c.args) == "table" then config.args = table.move(c.args, 1, #c.args, 1, {}) end
+end
+
 -- resil.store_config{url=, run=, fresh=, script=, args=, wait=, lease=}: set by the CLI and
 -- embedders. wait: when another live process holds the run, wait for it (true, or at most
 -- that many seconds) instead of stopping. lease: seconds a holder on another machine is
@@ -123,6 +135,14 @@ function resil.store_config(c)
   if private.sandbox and c.lease and (c.lease < SANDBOX_LEASE[1] or c.lease > SANDBOX_LEASE[2]) then
     error(("resil.store_config: lease must be %d to %d seconds in the sandbox"):format(SANDBOX_LEASE[1],
       SANDBOX_LEASE[2]), 2)
+  end
+  if private.sandbox then
+    for _, k in ipairs(HOST_FIELDS) do
+      if c[k] ~= nil then
+        error(("resil.store_config: %s is not allowed in the sandbox: the run is the host's (--run, --fresh, " ..
+          "resil_options.run_id and fresh)"):format(k), 2)
+      end
+    end
   end
   local ok, err = true, nil
   if c.url then ok, err = pcall(check_url, c.url, 3) end
@@ -655,10 +675,24 @@ local function retry_write(write)
   return ok, err
 end
 
+-- (runs.lua reads the settings here; a script's require gives this table too, and the settings
+-- themselves were writable there under the sandbox: run= and lease= past store_config's checks)
+local config_view = setmetatable({}, {
+  __index = config,
+  __newindex = function(_, k, v)
+    if private.sandbox then
+      error(("resil.store.config.%s cannot be set in the sandbox: use resil.store_config"):format(tostring(k)), 2)
+    end
+    config[k] = v
+  end,
+  __pairs = function() return next, config, nil end,
+  __metatable = false,
+})
+
 -- what the modules built on the store share (not a public API)
 return {
   retry_write = retry_write,
-  config = config,
+  config = config_view,
   now = store_now,
   open = store_or_fail,
   open_for_retry = store_for_retry,
