@@ -838,3 +838,35 @@ error("once")
     assert.are.equal(("2\ttrue\t%s\n"):format(name), o2.stdout)
   end)
 end)
+
+-- (before: the read-only views' inner tables were writable. require("resil.store").config.run named
+-- another pipeline's run past store_config's checks; resil.metrics.merges.resil_store_down = "x"
+-- failed the Redis backend's load, where the host defines that gauge: the process's store would
+-- not open, and its ledger rows were lost)
+describe("resil-lua --sandbox: the host's settings inside module tables", function()
+  it("are read only: the store's config, metrics.merges; README's metrics.max_series is still set (Redis)", function()
+    local redis = helpers.redis_server()
+    finally(redis.stop)
+    local url = redis.url()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+print(pcall(function() require("resil.store").config.run = "nightly" end))
+print(pcall(function() resil.metrics.merges.resil_store_down = "bogus" end))
+resil.metrics.max_series = 50
+print(resil.run.id() ~= "nightly", resil.metrics.max_series, resil.metrics.merges.resil_store_down)
+print(resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5, wait = true }))
+]])
+    local r = helpers.run(("%s --sandbox --log-level off --store %s %s"):format(R, url, script))
+    os.remove(script)
+    local costs = helpers.run(("%s costs --store %s"):format(R, url))
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("total %$1%.500000", costs.stdout)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    local at = "^false\t" .. script:gsub("%p", "%%%0")
+    assert.matches(at .. ":2: resil%.store%.config%.run cannot be set in the sandbox", lines[1] or "")
+    assert.matches(at .. ":3: resil%.metrics%.merges%.resil_store_down cannot be set in the sandbox", lines[2] or "")
+    assert.are.equal("true\t50\tmax", lines[3])
+  end)
+end)

@@ -99,9 +99,12 @@ end
 -- the one answering the scrape: one each worker reads from the store, which
 -- a sum would multiply), "worker" (each live worker's own series, labelled
 -- worker="slot").
--- metrics.merges: the merge of the built-in gauges defined elsewhere.
+-- metrics.merges: the merge of the built-in gauges defined elsewhere (read only under the sandbox:
+-- resil.metrics is the scripts' table, and a script's merges.resil_store_down = "x" failed the
+-- Redis backend's load, so the host's store, when its gauge was defined; "sum" would have summed
+-- every worker's reading of a budget's spend)
 local MERGES = { sum = true, max = true, min = true, mostrecent = true, worker = true }
-metrics.merges = {
+local merges = {
   -- (the scraping worker's, read from the store then, if it used the budget: a
   -- new period's 0 or a lowered limit shows at once, as max would not)
   resil_budget_spent_usd = "mostrecent", resil_budget_reserved_usd = "mostrecent",
@@ -111,6 +114,18 @@ metrics.merges = {
   resil_breaker_state = "max", -- (1 for each state some worker's breaker is in)
   resil_model_sunset_days = "min",
 }
+metrics.merges = setmetatable({}, {
+  __index = merges,
+  __newindex = function(_, k, v)
+    local private = debug.getregistry()["resil.private"]
+    if private and private.sandbox then
+      error(("resil.metrics.merges.%s cannot be set in the sandbox: the host's gauges"):format(tostring(k)), 2)
+    end
+    merges[k] = v
+  end,
+  __pairs = function() return next, merges, nil end,
+  __metatable = false,
+})
 
 local function define(kind, name, help, opts)
   if type(name) ~= "string" or not name:match("^[%a_:][%w_:]*$") then
@@ -127,7 +142,7 @@ local function define(kind, name, help, opts)
   m = setmetatable({ kind = kind, name = name, help = help or name, series = {}, nseries = 0,
                      max_series = opts and opts.max_series, known = {}, nknown = 0 }, Metric)
   if kind == "gauge" then
-    m.merge = (opts and opts.merge) or metrics.merges[name] or "sum"
+    m.merge = (opts and opts.merge) or merges[name] or "sum"
     if not MERGES[m.merge] then
       error(("resil.metrics.gauge: merge must be sum, max, min, mostrecent or worker, not %q")
         :format(tostring(m.merge)), 3)
