@@ -170,6 +170,23 @@ end):join())
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 30), "SIGINT did not stop it")
     assert.matches("^reading\n[^\n]*interrupted by signal 2\n$", helpers.slurp(out))
   end)
+
+  -- (before: a db:tx function runs in the group commit, outside every task, and the first SIGINT
+  -- never reached it: the process looped on until a second signal killed it)
+  it("stops a db:tx function that loops, the first time; the process ends with the signal's message", function()
+    local pid, out = helpers.start([[
+local resil = require "resil"
+local db = assert(resil.sqlite.open(arg[1]))
+print("looping"); io.stdout:flush()
+print(resil.spawn(function() return db:tx(function(tx) while true do end end) end):join())
+]], "", helpers.tmpname(".db"))
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(out):match("looping") ~= nil end, 30))
+    require("resil").sleep(0.3) -- (in the loop by now, most likely: one before the batch is seen as it begins)
+    os.execute("kill -INT " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 30), "SIGINT did not stop it")
+    assert.matches("^looping\n[^\n]*interrupted by signal 2\n$", helpers.slurp(out))
+  end)
 end)
 
 describe("a process stuck outside Lua", function()

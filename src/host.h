@@ -125,6 +125,8 @@ struct resil {
     volatile sig_atomic_t raised, hooked;
     lua_Hook hook;                      /* L's hook before the stop's, restored as it ends */
     int mask, count;
+    volatile sig_atomic_t interrupted;  /* a first SIGINT hooked L (loop_interrupt_running): unhooked
+                                         * as the batch ends, so the host's own work after it runs */
   } watch_op;
   pthread_t loop_thread;                /* the thread of the running resume (its CPU clock): written only when
                                          * it changes, before resume_seq marks the resume (the watchdog reads it) */

@@ -771,6 +771,12 @@ void loop_interrupt_running(resil_t *R) {
   if (t) lua_sethook(t->co, instruction_hook, mask, 1);
   if (R->host_L) lua_sethook(R->host_L, instruction_hook, mask, 1);
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, instruction_hook, mask, 1);
+  /* a group commit's db:tx (or enqueue, done) function that runs now: a loop there held the first
+   * signal off, until the second killed the process */
+  if (R->watch_op.L) {
+    R->watch_op.interrupted = 1;
+    lua_sethook(R->watch_op.L, instruction_hook, mask, 1);
+  }
 }
 
 void loop_arm_hook(resil_t *R, lua_State *L) {

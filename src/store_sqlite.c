@@ -341,9 +341,9 @@ static void run_op(lua_State *L, store_db *d, op *o, int txh, int timed) {
   lua_pushvalue(L, txh);
   for (int i = 2; i <= n; i++) lua_rawgeti(L, args, i);
   /* timed by the watchdog as a task's resume is: a loop in fn is stopped, its savepoint rolled back */
-  if (timed) watchdog_op_begin(d->R, o->detached + o->committed_enough, o->ref_fn_args);
+  if (timed == 1) watchdog_op_begin(d->R, o->detached + o->committed_enough, o->ref_fn_args);
   int rc = lua_pcall(L, n, LUA_MULTRET, 0); /* the error value as raised: tables stay tables */
-  if (timed) watchdog_op_end(d->R);
+  if (timed == 1) watchdog_op_end(d->R);
   if (rc != LUA_OK) {
     exec_ctl(d, CTL_ROLLBACK_TO);
     o->failed = 1;
@@ -532,9 +532,9 @@ static void tell_done(lua_State *L, store_db *d, op *o, int timed) {
     lua_setfield(L, -2, "error");
     host_log(L, "error", "store: a write nobody waited for failed");
   } else {
-    if (timed) watchdog_op_begin(d->R, 3, o->ref_done); /* timed as the op's fn was: a done that loops is stopped */
+    if (timed == 1) watchdog_op_begin(d->R, 3, o->ref_done); /* timed as the op's fn was: a done that loops is stopped */
     int rc = lua_pcall(L, nargs, 0, 0);
-    if (timed) watchdog_op_end(d->R);
+    if (timed == 1) watchdog_op_end(d->R);
     if (rc != LUA_OK) {
       lua_createtable(L, 0, 1);
       lua_pushvalue(L, -2);

@@ -418,18 +418,28 @@ static void arm_op(resil_t *R, unsigned long seq) {
  * timed (watchdog_batch_end ends it); 0 with no watchdog, or inside a task's
  * resume (db:close in a task: their time is the task's) */
 int watchdog_batch_begin(resil_t *R, lua_State *L) {
-  if (!R->watchdog || (atomic_load(&R->resume_seq) & 1)) return 0;
+  if (atomic_load(&R->resume_seq) & 1) return 0;
+  if (!R->watchdog) { /* not timed; known all the same to a first SIGINT (loop_interrupt_running) */
+    R->watch_op.L = L;
+    if (R->interrupted) loop_interrupt_running(R); /* (one that came before the batch) */
+    return 2;
+  }
   pthread_t self = pthread_self();
   if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self; /* (as task_resume sets it) */
   R->watch_op.L = L;
   R->watch_op.outer_host = watchdog_host;
   watchdog_host = R; /* the signal's handler finds the host here */
+  if (R->interrupted) loop_interrupt_running(R);
   return 1;
 }
 
 void watchdog_batch_end(resil_t *R, int timed) {
   if (!timed) return;
-  watchdog_host = R->watch_op.outer_host;
+  if (timed == 1) watchdog_host = R->watch_op.outer_host;
+  if (R->watch_op.interrupted) { /* (its fns ended by the interrupt's hook: L runs the host's work next) */
+    lua_sethook(R->watch_op.L, NULL, 0, 0);
+    R->watch_op.interrupted = 0;
+  }
   R->watch_op.L = NULL;
 }
 
