@@ -126,7 +126,22 @@ static void collect_failed(lua_State *L) {
  * allocates without end at load meets --max-instructions / --max-memory, and
  * a signal stops it; none of the reload's own Lua can run after that, so the
  * old set is put back from here, with hooks off. */
+static int reload_on_watched(lua_State *L);
 static int reload_on(lua_State *L) {
+  /* A finalizer runs with hooks off: one that loops while a reload runs it
+   * (collectgarbage() in a policy file, or a step the reload's allocation
+   * makes) passed the instruction cap, and a reload from SIGHUP or --watch
+   * is outside every resume the watchdog times: the loop was held for good.
+   * Watched as the host's full collection is (a no-op inside a task's
+   * resil.reload(), timed already). */
+  resil_t *R = resil_from_lua(L);
+  int watched = loop_host_section_begin(R, "a policy reload (its code, or a __gc finalizer it ran)");
+  int n = reload_on_watched(L);
+  loop_host_section_end(R, watched);
+  return n;
+}
+
+static int reload_on_watched(lua_State *L) {
   resil_t *R = resil_from_lua(L);
   lua_getfield(L, LUA_REGISTRYINDEX, STEPS_KEY);
   int steps = lua_gettop(L);
