@@ -447,6 +447,17 @@ while true do resil.sleep(3600) end
     assert.matches("malformed chunked request body", body.error.message)
   end)
 
+  it("a chunk size line that does not end is a 400 once past 4 KB, not buffered to the deadline", function()
+    -- (before: libevent buffered the line and searched all of it for its end at each read, until
+    -- the read deadline's 408: one client sending 1s held the loop's CPU and tens of MB)
+    local line, body = ask(CHUNKED .. ("1"):rep(64 * 1024))
+    assert.are.equal("HTTP/1.1 400 Bad Request", line)
+    assert.matches("chunk size line longer than 4096 bytes", body.error.message)
+    -- one at the limit, ended, is libevent's to read (a size that long: its 413)
+    line = ask(CHUNKED .. ("0"):rep(4095) .. "5\\r\\nhello\\r\\n0\\r\\n\\r\\n")
+    assert.are_not.equal("HTTP/1.1 400 Bad Request", line)
+  end)
+
   it("a chunked body past max_body is still a 413; one within it is served", function()
     local line, body = ask(CHUNKED .. "5\\r\\nhello\\r\\nff\\r\\n" .. ("x"):rep(255) .. "\\r\\n0\\r\\n\\r\\n")
     assert.matches("^HTTP/1.1 413", line)

@@ -444,6 +444,24 @@ static void chunk_line(conn *c, const char *line, size_t len) {
   }
 }
 
+/* a chunk size line longer than this is refused (valid ones are a few
+ * hex digits: libevent refuses chunk extensions but after a space) */
+#define CHUNK_LINE_MAX 4096
+
+/* the 400 for a chunk size line past CHUNK_LINE_MAX, at once; the
+ * connection then reads nothing more (what the client sends waits in its
+ * socket) until the read deadline closes it, without its 408 */
+static void conn_refuse_chunk_line(conn *c) {
+  char body[400];
+  c->chunk_bad = 3;
+  int n = own_error_body(c, 400, body, sizeof body);
+  conn_send_own(c, 400, "Bad Request", body, n);
+  shutdown(c->fd, SHUT_WR);
+  c->refused = 1;
+  c->scanning = SCAN_OFF;
+  bufferevent_disable(c->bev, EV_READ);
+}
+
 /* n more bytes of the request: each line read in place, or, one that came
  * in pieces, from its start and end kept (c->line, c->tail) */
 static void scan_bytes(conn *c, const char *p, size_t n) {
@@ -471,7 +489,14 @@ static void scan_bytes(conn *c, const char *p, size_t n) {
         memcpy(c->tail + sizeof c->tail - k, p, k);
       }
       c->line_len += k;
-      if (!nl) return;
+      if (!nl) {
+        /* a chunk size line without its end: libevent buffers it whole and
+         * searches all of it for the end at each read (one client held the
+         * loop's CPU and tens of MB until its read deadline): refused past
+         * CHUNK_LINE_MAX, as Go's server does */
+        if (c->scanning == SCAN_CHUNK_LINE && c->line_len > CHUNK_LINE_MAX) conn_refuse_chunk_line(c);
+        return;
+      }
       line = c->line, len = c->line_len;
       c->line_len = 0;
     }
@@ -562,6 +587,9 @@ static int own_error_body(conn *c, int status, char *body, size_t size) {
              c->srv->max_headers);
   } else if (status == 400 && c->chunk_bad == 1) {
     snprintf(message, sizeof message, "a malformed chunked request body: a chunk size that is not a hexadecimal number");
+  } else if (status == 400 && c->chunk_bad == 3) {
+    snprintf(message, sizeof message, "a malformed chunked request body: a chunk size line longer than %d bytes",
+             CHUNK_LINE_MAX);
   } else if (status == 400 && c->chunk_bad == 2) {
     snprintf(message, sizeof message, "a malformed trailer after a chunked request body");
   } else if (status == 400) {
