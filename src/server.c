@@ -412,7 +412,8 @@ static void head_line(conn *c, const char *line, size_t len, const char *ver) {
   if ((v = header_value(line, len, "content-length", 14, &vlen)) && c->content_length == -1) {
     long long n = 0;
     size_t i = 0;
-    for (; i < vlen && v[i] >= '0' && v[i] <= '9'; i++) n = i < 18 ? n * 10 + (v[i] - '0') : LLONG_MAX;
+    /* (by value, as libevent's strtoll: leading zeros are no larger a length) */
+    for (; i < vlen && v[i] >= '0' && v[i] <= '9'; i++) n = n > (LLONG_MAX - 9) / 10 ? LLONG_MAX : n * 10 + (v[i] - '0');
     size_t digits = i;
     while (i < vlen && (v[i] == ' ' || v[i] == '\t')) i++;
     c->content_length = digits > 0 && i == vlen ? n : -2;
