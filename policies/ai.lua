@@ -188,6 +188,7 @@ local function deployment_conf(provider, d)
   merged_confs[key] = { base = base, named = named, conf = conf }
   return conf
 end
+ai.deployment_conf = deployment_conf -- (the gateway's count_tokens asks the same target's)
 
 local function target_of(model, req, level, spec, d)
   local p, name = parse_model(model, level + 1)

@@ -1614,12 +1614,7 @@ local function count_tokens(req)
     return refuse(400, ("count_tokens is served for models of an API that counts tokens (Anthropic's); '%s' is "
       .. "served by %s, which has none"):format(b.model, tostring(provider)))
   end
-  local conf = ai.config[provider] or {}
-  if d and (ai.config[d.name] or d.config) then -- (a deployment's config over its provider's, as policies.ai merges it)
-    local merged = {}
-    for _, t in ipairs({ conf, ai.config[d.name] or {}, d.config or {} }) do for k, v in pairs(t) do merged[k] = v end end
-    conf = merged
-  end
+  local conf = d and ai.deployment_conf(provider, d) or ai.config[provider] or {}
   local limited = count_limit(rec)
   if limited then return anthropic_id(with_id(limited, id), "anthropic") end
   if conf.breaker then -- (the breaker its calls go through: named as policies.ai names it)
