@@ -708,14 +708,21 @@ end
 -- 503 with Retry-After. The key's permit is taken first, so a busy key does
 -- not sit on the gateway's permits while it waits.
 
+-- A semaphore's permit is its taker task's (released by it, given back as it ends): those of a
+-- call run in a task of its own (run_to_end) are handed over to that task.
 local Permits = {}
 Permits.__index = Permits
 function Permits:release()
   if self.key then self.key:release(); self.key = nil end
   if self.total then self.total:release(); self.total = nil end
 end
+function Permits:hand_over(task)
+  if self.key then self.key:hand_over(task) end
+  if self.total then self.total:hand_over(task) end
+end
 Permits.__close = Permits.release
-local NO_PERMITS = setmetatable({}, { __close = function() end, __index = { release = function() end } })
+local function nothing() end
+local NO_PERMITS = setmetatable({}, { __close = nothing, __index = { release = nothing, hand_over = nothing } })
 
 local total_sem -- { sem =, size = }: a changed max_concurrent makes a new one
 local key_sems = setmetatable({}, { __mode = "k" }) -- record -> semaphore
@@ -1127,7 +1134,10 @@ local function run_to_end(slot, r, fn, ...)
   r.give_up = function() if run.left then return "client_left" end end
   local call = resil.spawn(run_body, run, fn, ...)
   running.n = running.n + 1 -- (after the spawn: one that raised runs nothing)
-  if slot then slot.handed = true end
+  if slot then -- the call's task holds them now: its end gives them back, not this handler's
+    slot.permits:hand_over(call)
+    slot.handed = true
+  end
   -- (closed when the join returns, the call ended, or when the handler is canceled: its client left)
   local _ <close> = setmetatable({ run }, handler_end_mt)
   return call:join()

@@ -231,6 +231,20 @@ int task_stop(task *t);
  * task_traceback the failure's message with its traceback (NULL if none). */
 typedef void (*task_done_fn)(void *arg, task *t);
 void task_on_done(task *t, task_done_fn fn, void *arg);
+/* What a task holds that goes back when it ends, however it ends (a
+ * semaphore's permits): drop(h, 1) as it ends, unlinked first; drop(h, 0)
+ * when it is collected without having ended (the host closing: free only). */
+typedef struct task_hold task_hold;
+struct task_hold {
+  void (*drop)(task_hold *h, int ended);
+  task *owner;
+  task_hold *prev, *next;
+};
+int task_hold_add(task *t, task_hold *h); /* -1: t has ended (h not linked) */
+void task_hold_remove(task_hold *h);
+task_hold *task_holds(const task *t); /* the first of t's, ->next for the others */
+task *task_check(lua_State *L, int idx); /* a task object argument */
+int task_ended(const task *t);
 void task_describe(task *t, lua_State *L, int idx); /* messages name the function at idx as the task's */
 int task_push_results(lua_State *L, task *t);
 const char *task_traceback(const task *t);

@@ -68,6 +68,7 @@ struct task {
   int shield_off;          /* a forced cancel came: shields no longer hold it off */
   int nres;                /* results (or 1 error) at the top of co */
   char *traceback;
+  task_hold *holds;        /* given back as it ends (task_hold_add) */
   task_done_fn on_done;    /* resil_call: told once when the task ends */
   void *on_done_arg;
   char where[96];
@@ -303,6 +304,11 @@ static void task_done(task *t) {
   resil_t *R = t->R;
   t->state = TASK_DONE;
   timer_stop(&t->timer);
+  while (t->holds) { /* before its joiners run: what it held is free for them */
+    task_hold *h = t->holds;
+    task_hold_remove(h);
+    h->drop(h, 1);
+  }
   for (int i = 0; i < t->njoiners; i++) {
     task *j = t->joiners[i];
     j->joining = NULL;
@@ -1121,6 +1127,28 @@ static int l_background(lua_State *L) {
 
 void task_describe(task *t, lua_State *L, int idx) { describe_function(L, idx, t); }
 
+int task_hold_add(task *t, task_hold *h) {
+  if (t->state == TASK_DONE) return -1;
+  h->owner = t;
+  h->prev = NULL;
+  h->next = t->holds;
+  if (t->holds) t->holds->prev = h;
+  t->holds = h;
+  return 0;
+}
+
+void task_hold_remove(task_hold *h) {
+  if (h->prev) h->prev->next = h->next;
+  else h->owner->holds = h->next;
+  if (h->next) h->next->prev = h->prev;
+  h->prev = h->next = NULL;
+  h->owner = NULL;
+}
+
+task_hold *task_holds(const task *t) { return t->holds; }
+task *task_check(lua_State *L, int idx) { return check_task(L, idx); }
+int task_ended(const task *t) { return t->state == TASK_DONE; }
+
 void task_on_done(task *t, task_done_fn fn, void *arg) {
   t->on_done = fn;
   t->on_done_arg = arg;
@@ -1292,6 +1320,11 @@ static int task_gc(lua_State *L) {
     redact_fprintf(t->R, stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, task_where(t),
                    t->traceback);
   if (t->R->main_task == t) t->R->main_task = NULL; /* collected once it ended: resil_call and resil_step look later */
+  while (t->holds) { /* never ended: the host is closing */
+    task_hold *h = t->holds;
+    task_hold_remove(h);
+    h->drop(h, 0);
+  }
   timer_free(&t->timer);
   free(t->joiners);
   t->joiners = NULL;

@@ -2,8 +2,16 @@
  * semaphore.c: counting semaphores by name, the bulkhead under
  * policies/limit.lua. A bounded FIFO queue of waiting tasks; a full queue or
  * a wait past its timeout is refused with kind="bulkhead_full".
+ *
+ * A permit is held by the task that took it (a sem_hold in its task_hold
+ * list): release gives back one the calling task holds, else raises (a
+ * second release, or one by a task that took none, let more than size
+ * callers in); hand_over(t) makes t its holder; a task that ends holding
+ * permits gives them back then. Permits taken outside any task (a server
+ * handler without tasks) are the host's own, released outside any task.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "host.h"
@@ -28,11 +36,68 @@ struct semaphore {
   char name[64];
   int size, queue;  /* permits; waiters allowed (-1: unbounded) */
   int in_use, waiting;
+  int loose; /* of in_use: taken outside any task */
   long rejected;
   sem_waiter *head, *tail;
 };
 
 static semaphore *check_semaphore(lua_State *L, int idx) { return luaL_checkudata(L, idx, SEMAPHORE_MT); }
+
+/* n permits of s held by one task */
+typedef struct sem_hold {
+  task_hold h;
+  semaphore *s;
+  int n;
+} sem_hold;
+
+static void grant(semaphore *s);
+
+static void hold_drop(task_hold *h, int ended) {
+  sem_hold *sh = (sem_hold *)h;
+  if (ended) {
+    sh->s->in_use -= sh->n;
+    grant(sh->s);
+  }
+  free(sh);
+}
+
+static sem_hold *hold_of(const task *t, const semaphore *s) {
+  for (task_hold *h = task_holds(t); h; h = h->next)
+    if (h->drop == hold_drop && ((sem_hold *)h)->s == s) return (sem_hold *)h;
+  return NULL;
+}
+
+/* One more permit of s (counted in in_use already) held by t (NULL: outside
+ * any task). -> 0, or -1 out of memory (not recorded) */
+static int hold_add(semaphore *s, task *t) {
+  if (!t) {
+    s->loose++;
+    return 0;
+  }
+  sem_hold *sh = hold_of(t, s);
+  if (sh) {
+    sh->n++;
+    return 0;
+  }
+  sh = malloc(sizeof *sh);
+  if (!sh) return -1;
+  sh->h.drop = hold_drop;
+  sh->s = s;
+  sh->n = 1;
+  if (task_hold_add(t, &sh->h) != 0) { /* (t runs: it has not ended; else the host's, not lost) */
+    free(sh);
+    s->loose++;
+  }
+  return 0;
+}
+
+/* The permit just counted in in_use, held by the running task (or the host) */
+static void take(lua_State *L, semaphore *s) {
+  if (hold_add(s, s->R->current) == 0) return;
+  s->in_use--;
+  grant(s);
+  luaL_error(L, "not enough memory");
+}
 
 static void unlink_waiter(semaphore *s, sem_waiter *w) {
   if (w->prev) w->prev->next = w->next;
@@ -143,6 +208,8 @@ static int acquire_k(lua_State *L, int status, lua_KContext ctx) {
   if (w->has_timeout) timer_free(&w->timeout);
   w->has_timeout = 0;
   if (w->granted) {
+    w->granted = 0;
+    take(L, w->s);
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -160,6 +227,7 @@ static int s_acquire(lua_State *L) {
   lua_settop(L, 1);
   if (!s->head && s->in_use < s->size) {
     s->in_use++;
+    take(L, s);
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -193,17 +261,77 @@ static int s_try(lua_State *L) {
     return 1;
   }
   s->in_use++;
+  take(L, s);
   lua_pushboolean(L, 1);
   lua_pushinteger(L, s->size - s->in_use);
   return 2;
 }
 
-static int s_release(lua_State *L) {
-  semaphore *s = check_semaphore(L, 1);
-  if (s->in_use <= 0) resil_raise(L, "semaphore '%s': release without a matching acquire", s->name);
+/* One permit off t's count (NULL: the host's, outside any task), in_use
+ * unchanged. -> 0 | -1: t holds none */
+static int unhold(semaphore *s, task *t) {
+  if (!t) {
+    if (s->loose <= 0) return -1;
+    s->loose--;
+    return 0;
+  }
+  sem_hold *sh = hold_of(t, s);
+  if (!sh) return -1;
+  if (--sh->n == 0) {
+    task_hold_remove(&sh->h);
+    free(sh);
+  }
+  return 0;
+}
+
+static void give_back(semaphore *s) {
   s->in_use--;
   grant(s);
+}
+
+/* s:release(): one of the permits the calling task holds goes back */
+static int s_release(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  task *t = s->R->current;
+  if (unhold(s, t) != 0) {
+    if (!t) resil_raise(L, "semaphore '%s': release outside any task, where none of its permits is held", s->name);
+    resil_raise(L, "semaphore '%s': release by task %d, which holds none of its permits (released already, "
+                   "taken by another task, or handed over)", s->name, task_id(t));
+  }
+  give_back(s);
   return 0;
+}
+
+/* s:hand_over(t) -> true: one of the calling task's permits is t's now, given
+ * back when t releases it or ends | false: t had ended, so it went back */
+static int s_hand_over(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  task *to = task_check(L, 2);
+  task *t = s->R->current;
+  sem_hold *sh = t ? hold_of(t, s) : NULL;
+  if (!t && s->loose <= 0)
+    resil_raise(L, "semaphore '%s': hand_over outside any task, where none of its permits is held", s->name);
+  if (t && !sh)
+    resil_raise(L, "semaphore '%s': hand_over by task %d, which holds none of its permits", s->name, task_id(t));
+  if (to == t) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (task_ended(to)) {
+    unhold(s, t);
+    give_back(s);
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (sh && sh->n == 1 && !hold_of(to, s)) { /* the whole hold moves: no allocation */
+    task_hold_remove(&sh->h);
+    task_hold_add(to, &sh->h);
+  } else {
+    if (hold_add(s, to) != 0) return luaL_error(L, "not enough memory");
+    unhold(s, t);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 static int s_state(lua_State *L) {
@@ -224,7 +352,8 @@ static int s_tostring(lua_State *L) {
 }
 
 static const luaL_Reg semaphore_methods[] = {
-  {"acquire", s_acquire}, {"try", s_try}, {"release", s_release}, {"state", s_state}, {NULL, NULL}};
+  {"acquire", s_acquire}, {"try", s_try}, {"release", s_release}, {"hand_over", s_hand_over},
+  {"state", s_state}, {NULL, NULL}};
 
 /* resil.semaphores() -> {name = semaphore, ...}: every named semaphore (for metrics) */
 static int l_semaphores(lua_State *L) {
