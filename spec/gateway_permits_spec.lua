@@ -74,6 +74,27 @@ describe("gateway permits", function()
       assert.are.equal(0, total:state().in_use)
     end)
 
+  -- (before: the key's permit, taken while the request then waited for the gateway's, was in no
+  -- <close> yet: a client that left there took one of its key's permits away for good)
+  it("of a key come back when its client leaves while it waits for the gateway's", function()
+    local url, m = start(5, { max_concurrent = 1, queue = 4, queue_timeout = 30 })
+    local keys = require "resil.keys"
+    local gateway = require "policies.gateway"
+    gateway.config.auth = true
+    local key = assert(keys.add({ name = "permits-two", concurrency = 2 }))
+    local bearer = { authorization = "Bearer " .. key }
+    local first = resil.spawn(post, url, bearer)
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 10)) -- upstream
+    local res, err = post(url, bearer, 1) -- the key's second permit, then the gateway's queue
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal(200, select(2, first:join()).status)
+    -- the gateway's own limit lifted: the key's two permits are both free again
+    gateway.config.max_concurrent, gateway.config.queue = nil, 0
+    local a, b = resil.spawn(post, url, bearer), resil.spawn(post, url, bearer)
+    assert.are.same({ 200, 200 }, { select(2, a:join()).status, select(2, b:join()).status })
+  end)
+
   it("of a key and of the gateway come back when the call's task is canceled", function()
     local url, m = start(5, { max_concurrent = 2, queue = 0 })
     local keys = require "resil.keys"
