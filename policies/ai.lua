@@ -188,7 +188,6 @@ local function deployment_conf(provider, d)
   merged_confs[key] = { base = base, named = named, conf = conf }
   return conf
 end
-ai.deployment_conf = deployment_conf -- (the gateway's count_tokens asks the same target's)
 
 local function target_of(model, req, level, spec, d)
   local p, name = parse_model(model, level + 1)
@@ -250,6 +249,11 @@ local function targets_of(req, level)
   if kept and targets and not targets.deployments then kept[fb_key] = targets end
   return targets, err
 end
+
+-- ai.targets(req) -> the call's targets in the order a call tries them (model, deployments,
+-- fallbacks), each { provider, model, adapter, conf, key, name, caller = { breaker, ... } } |
+-- nil, err: the gateway's count_tokens asks the first that counts, as a call would
+function ai.targets(req) return targets_of(req, 2) end
 
 function targets_from(reg, plan, req, level)
   local targets, seen = {}, {}

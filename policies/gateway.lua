@@ -1586,13 +1586,14 @@ local function count_limit(rec)
 end
 
 -- POST /v1/messages/count_tokens (Anthropic's; the SDK's messages.countTokens): asked of the
--- model's first target (a deployment group's first), through its adapter, when that speaks an
--- API that counts (Anthropic's: exact, and free); a model another API serves (OpenAI's has no
--- count) is a 400 saying so, never an estimate a client would take for a count. The API bills
+-- model's first target that speaks an API that counts (Anthropic's: exact, and free), in the
+-- order a call tries them (deployments, fallbacks), passing over one whose breaker is open or
+-- that fails; a model no counting API serves (OpenAI's has no count) is a 400 saying so, never
+-- an estimate a client would take for a count. The API bills
 -- nothing for it: no ledger row, budget or tpm of the key. It is a request to the provider all
 -- the same: it holds a permit of the gateway's and the key's concurrency while it runs, is
 -- limited at the key's rpm in a bucket of its own (count_limit), and is refused at once while
--- the target's breaker is open (a provider failing its calls would hold it to its timeout); its
+-- every counting target's breaker is open (a provider failing its calls would hold it to its timeout); its
 -- outcome is not the breaker's to count (its own endpoint and limits: its 429 says nothing of
 -- Messages, and a half-open breaker's probes are for calls).
 local function count_tokens(req)
@@ -1612,40 +1613,53 @@ local function count_tokens(req)
   end
   local route, why = route_model(b.model, "anthropic")
   if not route then return refuse(404, why) end
-  local ok, plan = pcall(registry().resolve, route.model, { user = rec.name }, 2)
-  if not ok or plan.err then
-    return refuse(404, public_message(tostring(ok and plan.err.message or plan):gsub("^[^:]*:%d+: ", "")))
+  local ok, targets, terr = pcall(ai.targets, { model = route.model, fallback = route.fallback, user = rec.name,
+    messages = b.messages })
+  if not ok or not targets then
+    local e = ok and terr or targets
+    if resil.is_error(e) and e.kind == "missing_secret" then
+      resil.log.warn("gateway: count_tokens has no key for its provider", { provider = e.provider })
+      return refuse(500, ("the gateway has no key for %s"):format(tostring(e.provider)))
+    end
+    return refuse(404, public_message(tostring(resil.is_error(e) and e.message or e):gsub("^[^:]*:%d+: ", "")))
   end
-  local choice = plan.choices[1]
-  local d = choice.deployments and choice.deployments[1]
-  local provider, model = (d and d.model or choice.model):match("^([%w_%-]+)/(.+)$")
-  local adapter = provider and (ai.adapters[provider] or ai.provider_module(provider))
-  if not adapter or not adapter.count_tokens_url then
-    return refuse(400, ("count_tokens is served for models of an API that counts tokens (Anthropic's); '%s' is "
-      .. "served by %s, which has none"):format(b.model, tostring(provider)))
-  end
-  local conf = d and ai.deployment_conf(provider, d) or ai.config[provider] or {}
-  local limited = count_limit(rec)
-  if limited then return anthropic_id(with_id(limited, id), "anthropic") end
-  if conf.breaker then -- (the breaker its calls go through: named as policies.ai names it)
-    local state = resil.breaker(conf.breaker.name or d and d.name or provider, conf.breaker):state()
-    if state == "open" or state == "isolated" then
-      return refuse(503, ("%s is failing its calls (its breaker is %s): count_tokens is not asked of it"):format(
-        d and d.name or provider, state))
+  -- the targets that count, in the call's order, less those whose breaker is open
+  local counting, open
+  for _, t in ipairs(targets) do
+    if t.adapter.count_tokens_url then
+      local breaker = t.caller and t.caller.breaker
+      local state = breaker and breaker:state()
+      if state == "open" or state == "isolated" then open = open or { t, state }
+      else
+        counting = counting or {}
+        counting[#counting + 1] = t
+      end
     end
   end
-  local key, var = conf.api_key, conf.api_key_env or adapter.key_env
-  if key == nil and var then key = resil.secret(var) end
-  if key == nil then
-    resil.log.warn("gateway: count_tokens has no key for its provider", { provider = provider })
-    return refuse(500, ("the gateway has no key for %s"):format(provider))
+  if not counting and not open then
+    return refuse(400, ("count_tokens is served for models of an API that counts tokens (Anthropic's); '%s' is "
+      .. "served by %s, which has none"):format(b.model, tostring(targets[1] and targets[1].provider)))
   end
-  local base = (conf.base_url or os.getenv(adapter.base_env or "") or adapter.default_base):gsub("/+$", "")
-  local headers = adapter.headers(key or nil, conf)
+  if not counting then
+    local t = open[1]
+    return refuse(503, ("%s is failing its calls (its breaker is %s): count_tokens is not asked of it"):format(
+      t.deployment or t.provider, open[2]))
+  end
+  local limited = count_limit(rec)
+  if limited then return anthropic_id(with_id(limited, id), "anthropic") end
   local beta = req.headers["anthropic-beta"]
-  if beta and beta ~= "" then headers["anthropic-beta"] = headers["anthropic-beta"] and headers["anthropic-beta"] .. "," .. beta or beta end
-  local res, err = resil.http.request({ method = "POST", url = adapter.count_tokens_url(base), headers = headers,
-    body = json.encode(adapter.count_tokens_body(b, model)), timeout = conf.timeout or 60 })
+  -- a target that fails (its transport, a 5xx, a 429) gives way to the next that counts, as a call's fallback
+  local res, err, t
+  for _, target in ipairs(counting) do
+    t = target
+    local adapter, conf = t.adapter, t.conf
+    local base = (conf.base_url or os.getenv(adapter.base_env or "") or adapter.default_base):gsub("/+$", "")
+    local headers = adapter.headers(t.key or nil, conf)
+    if beta and beta ~= "" then headers["anthropic-beta"] = headers["anthropic-beta"] and headers["anthropic-beta"] .. "," .. beta or beta end
+    res, err = resil.http.request({ method = "POST", url = adapter.count_tokens_url(base), headers = headers,
+      body = json.encode(adapter.count_tokens_body(b, t.model)), timeout = conf.timeout or 60 })
+    if res and res.status < 500 and res.status ~= 429 then break end
+  end
   if not res then
     return refuse(err and err.kind == "timeout" and 504 or 502, public_message(tostring(err and err.message or err)))
   end
@@ -1658,7 +1672,7 @@ local function count_tokens(req)
       { type = status == res.status and type(e.type) == "string" and e.type or nil })
   end
   return anthropic_id(with_id({ status = 200, headers = { ["content-type"] = "application/json",
-    ["x-resil-provider"] = provider, ["x-resil-model"] = model }, body = res.body }, id), "anthropic")
+    ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model }, body = res.body }, id), "anthropic")
 end
 
 gateway.routes = {

@@ -33,7 +33,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "the server's own refusals (413, 431, 408) reach each SDK as an API error of its type",
     "openai: temperature over 1, and temperature with top_p, are served by Anthropic",
     "anthropic: countTokens is the upstream's count; a model another API serves is a 400 saying so",
-    "anthropic: countTokens holds a permit, has its own bucket at the key's rpm, and meets an open breaker",
+    "anthropic: countTokens holds a permit, has its own bucket at the key's rpm, and meets an open breaker (or falls back)",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

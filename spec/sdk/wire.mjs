@@ -294,7 +294,7 @@ await check('anthropic: countTokens is the upstream\'s count; a model another AP
 // open breaker. It takes a permit, has a bucket of its own at the key's rpm (Anthropic limits it
 // apart from Messages: counting before each message does not halve the messages' rate), and is
 // refused at once while the target's breaker is open
-await check('anthropic: countTokens holds a permit, has its own bucket at the key\'s rpm, and meets an open breaker', async () => {
+await check('anthropic: countTokens holds a permit, has its own bucket at the key\'s rpm, and meets an open breaker (or falls back)', async () => {
   const lim = new Anthropic({ apiKey: limited, baseURL: url, maxRetries: 0 });
   const req = { model: 'claude-strict', messages: [{ role: 'user', content: 'Name a city' }] };
   // a call held upstream holds the key's one permit
@@ -328,4 +328,8 @@ await check('anthropic: countTokens holds a permit, has its own bucket at the ke
   const open = await rejects(ant().messages.countTokens({ ...req, model: 'claude-broken' }), Anthropic.InternalServerError,
     'count behind an open breaker');
   expect(open.status === 503 && /breaker is open/.test(open.apiMessage), `open breaker: ${open.status} ${open.apiMessage}`);
+  // a model whose call falls back from that target: the count is asked of the fallback (it was a 503)
+  const { data: fb, response: fbr } = await ant().messages.countTokens({ ...req, model: 'claude-fallback' }).withResponse();
+  expect(fb.input_tokens > 0 && fbr.headers.get('x-resil-provider') === 'strictanthropic',
+    `count with a fallback: ${JSON.stringify(fb)} from ${fbr.headers.get('x-resil-provider')}`);
 });

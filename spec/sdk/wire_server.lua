@@ -98,6 +98,8 @@ gateway.configure({ auth = true, queue = 0, key_cache = 0, idempotency_keep_max 
   ["claude-strict"] = "strictanthropic/claude-haiku-4-5",
   ["claude-held"] = "heldanthropic/claude-haiku-4-5",
   ["claude-broken"] = "brokenanthropic/claude-haiku-4-5",
+  -- (a chat falls back from the broken target: so does a count)
+  ["claude-fallback"] = { model = "brokenanthropic/claude-haiku-4-5", fallback = { "strictanthropic/claude-haiku-4-5" } },
 } })
 gateway.routes["GET /__test/last"] = function() return { status = 200, body = json.encode(last) } end
 gateway.routes["POST /__test/release"] = function() released = true; return { status = 200, body = "{}" } end
