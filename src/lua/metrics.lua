@@ -5,7 +5,7 @@
 --
 --   local retries = resil.metrics.counter("resil_retries_total", "Retries by provider and class")
 --   retries:inc({ provider = "openai", class = "rate_limited" })
-local resil = ...
+local resil, private = ...
 -- each series' values (src/metrics.c): a counter's or gauge's cell, a
 -- histogram's counts, and a bound series' methods as closures over them
 local core = require "resil.core.metrics"
@@ -127,7 +127,67 @@ metrics.merges = setmetatable({}, {
   __metatable = false,
 })
 
+-- The host's metric names, under the sandbox: a script got the host's own object by its name
+-- (resil.metrics.gauge("resil_store_down"):set(...): a false alarm, or an outage hidden from
+-- alerts; or it made one of them first, of another kind, and the host's module defining it
+-- failed to load). Under the sandbox a name under one of these prefixes gives a script a
+-- read-only view of the host's metric (value() as before; a change raises at its line), and a
+-- new one is refused. Policies define theirs as they load (calls, retries, the gateway's, the
+-- registry's): a call straight from a policy chunk the host loaded from its policy folders
+-- (private.policy_chunks, prelude's owning_loader) gets the metric itself. A host module that
+-- loads after scripts may run defines through private.metrics (resil.metrics is the scripts').
+local RESERVED = { "resil_", "gen_ai_" }
+local function reserved(name)
+  for i = 1, #RESERVED do
+    if name:sub(1, #RESERVED[i]) == RESERVED[i] then return RESERVED[i] end
+  end
+end
+
+local function unchanged(v) error(("resil.metrics: %s is the host's metric: a sandboxed script cannot change it")
+  :format(v.name), 2) end
+local function changes(what)
+  return function(v)
+    error(("resil.metrics: %s is the host's metric: a sandboxed script reads it (value) and cannot %s it"
+      .. " (names under resil_ and gen_ai_ are reserved in the sandbox)"):format(v.name, what), 2)
+  end
+end
+local view_methods = { inc = changes("inc"), dec = changes("dec"), set = changes("set"),
+  observe = changes("observe"), labels = changes("bind (labels)"), collected = changes("set") }
+local views = {} -- name -> its view
+local function view_of(m)
+  local v = views[m.name]
+  if not v then
+    v = setmetatable({}, { __index = function(_, k)
+      if k == "name" or k == "kind" or k == "help" then return m[k] end
+      if k == "value" then return function(_, labels) return m:value(labels) end end
+      return view_methods[k]
+    end, __newindex = unchanged, __metatable = false })
+    views[m.name] = v
+  end
+  return v
+end
+
+local define_host
 local function define(kind, name, help, opts)
+  -- (a tail call from metrics.counter/gauge/histogram: level 2 is their caller)
+  if private.sandbox and type(name) == "string" and reserved(name) then
+    local caller = debug.getinfo(2, "f")
+    if not (caller and private.policy_chunks and private.policy_chunks[caller.func]) then
+      local m = registry[name]
+      if not m then
+        error(("resil.metrics.%s: %q: names under %q are reserved for the host's metrics in the sandbox"
+          .. " (resil_options.sandbox, --sandbox), and the host has no such metric"):format(kind, name, reserved(name)), 2)
+      end
+      if m.kind ~= kind then
+        error(("resil.metrics.%s: '%s' is already a %s"):format(kind, name, m.kind), 2)
+      end
+      return view_of(m)
+    end
+  end
+  return define_host(kind, name, help, opts)
+end
+
+function define_host(kind, name, help, opts)
   if type(name) ~= "string" or not name:match("^[%a_:][%w_:]*$") then
     error(("resil.metrics.%s: bad metric name %q"):format(kind, tostring(name)), 3)
   end
@@ -163,6 +223,16 @@ function metrics.counter(name, help, opts) return define("counter", name, help, 
 function metrics.gauge(name, help, opts) return define("gauge", name, help, opts) end
 -- opts.buckets: upper bounds in seconds (or any unit), sorted for you
 function metrics.histogram(name, help, opts) return define("histogram", name, help, opts) end
+-- (the host's modules that load after scripts may run: resil.metrics is the scripts' table)
+private.metrics = {
+  counter = function(name, help, opts) return define_host("counter", name, help, opts) end,
+  gauge = function(name, help, opts) return define_host("gauge", name, help, opts) end,
+  histogram = function(name, help, opts) return define_host("histogram", name, help, opts) end,
+}
+-- (every metric's methods, the host's among them: hidden from a sandboxed script, which replaced
+-- Metric.inc there and no host counter counted)
+private.host_metatables = private.host_metatables or {}
+private.host_metatables[Metric] = true
 
 -- the series of a label key, made at its first use (nil: past the bound)
 local function series_of(m, key)

@@ -467,7 +467,12 @@ local loading_mt = {
     if err ~= nil then retire(g.rec) end
   end,
 }
+-- (the chunks of the policy files, by their loader: a call straight from one defines the host's
+-- resil_* metrics under the sandbox, metrics.lua; a script's own loadfile of one is not there)
+local private = debug.getregistry()["resil.private"]
+private.policy_chunks = setmetatable({}, weak_keys)
 local function owning_loader(loader)
+  private.policy_chunks[loader] = true
   return function(name, ...)
     local rec = { name = name, tasks = setmetatable({}, weak_keys), drops = {}, collectors = {}, servers = {},
                   took = {} }

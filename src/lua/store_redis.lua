@@ -645,9 +645,10 @@ end
 -- applies at once instead of after a timeout per operation. Said once each
 -- way, and in the metrics.
 local stores = setmetatable({}, { __mode = "k" })
-local store_down = resil.metrics.gauge("resil_store_down",
+-- (private.metrics: this module loads after scripts may run, and resil_* names are the host's)
+local store_down = private.metrics.gauge("resil_store_down",
   "1 while a Redis store is down: its operations fail at once until a probe is answered, by store")
-local store_refused = resil.metrics.counter("resil_store_down_refused_total",
+local store_refused = private.metrics.counter("resil_store_down_refused_total",
   "Operations a Redis store failed at once, not sent, while down, by store")
 resil.metrics.collect(function()
   for backend in pairs(stores) do
