@@ -64,3 +64,49 @@ print(m:value({ store = "x" }), getmetatable(m) ~= nil)
     assert.are.equal("1\ttrue\n", r.stdout)
   end)
 end)
+
+describe("--sandbox and the model registry's migrations", function()
+  local MODELS = [[
+return { canary = { use = "openai/gpt-4o-mini-2024-07-18", migrate = { to = "openai/gpt-4.1-mini-2025-04-14",
+  share = 0.5, sticky = "user", rollback = { error_rate = 0.05, min_calls = 10 } } } }]]
+
+  it("refuses a script the models:migration: keys; the registry still counts and rolls back through the store",
+    function()
+    local dir = helpers.policy_dir({ ["models.lua"] = MODELS })
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local registry = require "policies.registry"
+local s = resil.store()
+local key = registry.migration_state("canary").key
+print(pcall(function() s:set(key .. ":rolled_back", '{"reason":"forged"}') end))
+print(pcall(function() s:get(key .. ":rolled_back") end))
+print(pcall(registry.reset_migration, "canary"))
+-- the registry's in-process copy (kept across reloads) is not the script's either
+resil.keep("policies.registry.migrations")[key .. ":rolled_back"] = '{"reason":"forged"}'
+print(registry.migration_state("canary").share)
+-- the registry's own writes go through: ten failures on the new side roll it back
+for _ = 1, 10 do registry.record({ alias = "canary", side = "new" }, { ok = false, seconds = 0.1 }) end
+for _ = 1, 10 do registry.record({ alias = "canary", side = "old" }, { ok = true, seconds = 0.1 }) end
+local st = registry.migration_state("canary")
+print(st.share, st.rolled_back and st.rolled_back.reason)
+]])
+    local r = helpers.run(("%s --sandbox --store %s --policies %s %s"):format(helpers.resil, db, dir, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local l = lines_of(r.stdout)
+    local name = script:match("[^/]+$"):gsub("%p", "%%%0")
+    assert.matches("^false\t.-" .. name .. ":5: store:set: key \"models:migration:.-reserved", l[1])
+    assert.matches("^false\t.-" .. name .. ":6: store:get: key \"models:migration:", l[2])
+    assert.matches("^false\t.-registry%.reset_migration is not allowed in the sandbox", l[3])
+    assert.are.equal("0.5", l[4])
+    assert.are.equal("0\terror_rate", l[5])
+    -- and a process outside the sandbox on the same store reads the rollback the registry wrote
+    local out = helpers.run_script([[
+local resil = require "resil"
+local st = require("policies.registry").migration_state("canary")
+print(st.share, st.rolled_back and st.rolled_back.reason, resil.store():get(st.key .. ":rolled_back") ~= nil)
+]], ("--store %s --policies %s"):format(db, dir))
+    assert.are.equal("0\terror_rate\ttrue\n", out.stdout, out.stderr)
+  end)
+end)

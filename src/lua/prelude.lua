@@ -471,6 +471,7 @@ local loading_mt = {
 -- resil_* metrics under the sandbox, metrics.lua; a script's own loadfile of one is not there)
 local private = debug.getregistry()["resil.private"]
 private.policy_chunks = setmetatable({}, weak_keys)
+local CAPABILITY = { ["policies.ai"] = "ai_cache", ["policies.registry"] = "migrations" }
 local function owning_loader(loader)
   private.policy_chunks[loader] = true
   return function(name, ...)
@@ -480,10 +481,11 @@ local function owning_loader(loader)
     if pending then pending[name] = rec end
     local _ <close> = setmetatable({ prev = loading, prev_co = loading_co, rec = rec }, loading_mt)
     loading, loading_co = rec, coroutine.running()
-    -- (policies.ai gets the host's way to its cache's reserved keys: a script's require gives the
-    -- module's table, never its chunk, so the capability stays ai.lua's upvalue)
+    -- (policies.ai gets the host's way to its cache's reserved keys, policies.registry to its
+    -- migrations': a script's require gives the module's table, never its chunk, so the capability
+    -- stays the policy's upvalue)
     local mod
-    if name == "policies.ai" then mod = loader(name, (...), debug.getregistry()["resil.private"].ai_cache)
+    if CAPABILITY[name] then mod = loader(name, (...), private[CAPABILITY[name]])
     else mod = loader(name, ...) end
     if not pending then install(name, rec) end -- loaded on first use (or again, its package.loaded entry cleared)
     return mod

@@ -431,7 +431,11 @@ end
 --             the hash reproducible) and set a forged answer every caller on the store was served.
 --             policies.ai reaches them through private.ai_cache, which the host hands it alone at
 --             its load (prelude's owning_loader), not through a store object
-local RESERVED = { "gateway:", "ai:cache:" }
+--   models:migration: the model registry's migrations (policies/registry.lua): each call's
+--             outcome per side and the rollback; a script set `<key>:rolled_back` and every process
+--             on the store sent the alias to its old model (or deleted it: a rollback undone).
+--             policies.registry reaches them through private.migrations, handed as ai's is
+local RESERVED = { "gateway:", "ai:cache:", "models:migration:" }
 local function check_reserved(what, key)
   if type(key) ~= "string" then return end
   for i = 1, #RESERVED do
@@ -479,6 +483,23 @@ private.ai_cache = {
   open = store_or_fail,
   get = function(s, key) return backend_of[s]:kv_get(key, store_now()) end,
   set = function(s, key, value, ttl) return backend_of[s]:kv_set(key, value, ttl, store_now()) end,
+}
+
+-- policies.registry's migrations (the reserved models:migration: keys): the third argument of its
+-- chunk, as ai's cache. memory: its copy while the store is down, kept across reloads here (a
+-- resil.keep table is any script's); host_only(what) raises under the sandbox (a rollback undone)
+private.migrations = {
+  open = store_or_fail,
+  get = function(s, key) return backend_of[s]:kv_get(key, store_now()) end,
+  set = function(s, key, value, ttl) return backend_of[s]:kv_set(key, value, ttl, store_now()) end,
+  incr = function(s, key, n, ttl) return backend_of[s]:kv_incr(key, n or 1, ttl, store_now()) end,
+  del = function(s, key) return backend_of[s]:kv_del(key) end,
+  memory = {},
+  host_only = function(what)
+    if private.sandbox then
+      error(("%s is not allowed in the sandbox: the host's (resil_options.sandbox, --sandbox)"):format(what), 3)
+    end
+  end,
 }
 
 -- ---------- values in and out of the store ----------
