@@ -110,3 +110,75 @@ print(st.share, st.rolled_back and st.rolled_back.reason, resil.store():get(st.k
     assert.are.equal("0\terror_rate\ttrue\n", out.stdout, out.stderr)
   end)
 end)
+
+describe("--sandbox and a gateway key's budget and buckets", function()
+  it("refuses a script key:NAME budgets and gateway:* buckets; its own names stay its own", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local function try(f) local ok, err = pcall(f) print(ok, ok and "" or tostring(err)) end
+try(function() resil.budget("key:team", { limit = 100 }):reserve(100) end)
+try(function() resil.budget("key:team") end)
+try(function() resil.bucket("gateway:key_0123456789ab:rpm", { rate = 1, per = 60, burst = 1, shared = true }):try(1) end)
+try(function() resil.bucket("gateway:key_0123456789ab:tpm") end)
+local b = resil.budget("team", { limit = 1 })
+local t = assert(b:reserve(0.5))
+t:settle(0.25)
+print(resil.bucket("mine", { rate = 1, per = 60, burst = 1 }):try(1))
+]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(helpers.resil, db, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local l = lines_of(r.stdout)
+    local name = script:match("[^/]+$"):gsub("%p", "%%%0")
+    assert.matches("^false\t.-" .. name .. ":3: resil%.budget: .-key:team.-reserved", l[1])
+    assert.matches("^false\t.-" .. name .. ":4: resil%.budget: .-key:team", l[2])
+    assert.matches("^false\t.-" .. name .. ":5: resil%.bucket: .-gateway:key_0123456789ab:rpm.-reserved", l[3])
+    assert.matches("^false\t.-" .. name .. ":6: resil%.bucket: ", l[4])
+    assert.matches("^true", l[5])
+  end)
+
+  it("gateway --sandbox still keeps a key's budget and rpm, and its config cannot take them", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ reply = "served" }))
+    finally(function() m:stop() end)
+    local db = helpers.tmpname(".db")
+    local add = helpers.run(("%s keys add --name team --budget 5/day --rpm 2 --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, add.code, add.stderr)
+    local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
+    local dir = helpers.tmpname(".d")
+    os.execute("mkdir -p " .. dir)
+    local config = helpers.write(dir .. "/gateway_conf.lua", ([[
+      require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
+      print("config", pcall(function() local b = require("resil").budget("key:team", { limit = 0 }) return b end))
+      return { key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }
+    ]]):format(m.url .. "/v1"))
+    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --sandbox --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, config, db, log, pidfile))
+    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert(helpers.wait_until(function()
+      return helpers.slurp(log):match("listening") ~= nil or not helpers.alive(pid)
+    end, 10), helpers.slurp(log))
+    assert.matches("config\tfalse\t.-gateway_conf%.lua:2: resil%.budget: .-key:team", helpers.slurp(log))
+    local function chat()
+      return assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+        body = json.encode({ model = "fast", messages = { { role = "user", content = "hi" } } }),
+        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } }))
+    end
+    local statuses = {}
+    for i = 1, 3 do
+      local res = chat()
+      statuses[i] = res.status
+      if i == 1 then assert.are.equal(200, res.status, res.body .. helpers.slurp(log)) end
+    end
+    assert.are.same({ 200, 200, 429 }, statuses)
+    -- the key's budget was reserved against and settled by the gateway, under its name
+    local out = helpers.run(("%s budgets show key:team --store %s --json"):format(helpers.resil, db))
+    assert.are.equal(0, out.code, out.stderr)
+    assert.are.equal("key:team", json.decode(out.stdout).name)
+  end)
+end)

@@ -107,7 +107,7 @@ end
 local declared_in = setmetatable({}, { __mode = "k" })
 
 -- resil.budget(name, {limit=, per="day"|"month"|nil, hold=600, soft=0.8})
-function resil.budget(name, opts)
+local function budget(name, opts)
   if type(name) ~= "string" or name == "" then error("resil.budget: name must be a non-empty string", 2) end
   local b = budgets[name]
   if not b then
@@ -135,6 +135,18 @@ function resil.budget(name, opts)
   end
   return b
 end
+-- A budget is every process's by its name: under the sandbox "key:NAME", a gateway key's
+-- (policies/gateway.lua, `resil-lua keys add --budget`), is the host's: a script reserved the
+-- key's money away (or set the budget's limit in its process). The gateway gets its keys'
+-- budgets through private.gateway_limits (prelude), never resil.budget.
+function resil.budget(name, opts)
+  if private.sandbox and type(name) == "string" and name:sub(1, 4) == "key:" then
+    error(("resil.budget: budget %q is a gateway key's (names under \"key:\" are reserved in the sandbox:"
+      .. " resil_options.sandbox, --sandbox)"):format(name), 2)
+  end
+  return budget(name, opts)
+end
+private.host_budget = budget
 
 -- The limit in force: one set with `resil-lua budgets set` (in the store,
 -- read at every reservation, so every process sees a change at once) over

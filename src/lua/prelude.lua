@@ -471,7 +471,8 @@ local loading_mt = {
 -- resil_* metrics under the sandbox, metrics.lua; a script's own loadfile of one is not there)
 local private = debug.getregistry()["resil.private"]
 private.policy_chunks = setmetatable({}, weak_keys)
-local CAPABILITY = { ["policies.ai"] = "ai_cache", ["policies.registry"] = "migrations" }
+local CAPABILITY = { ["policies.ai"] = "ai_cache", ["policies.registry"] = "migrations",
+  ["policies.gateway"] = "gateway_limits" }
 local function owning_loader(loader)
   private.policy_chunks[loader] = true
   return function(name, ...)
@@ -712,6 +713,9 @@ resil.mock = require "resil.mock"
 resil.own_at_load = own -- (for limits' br:on)
 for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "trace" }) do require("resil." .. name) end
 resil.own_at_load = nil
+-- the gateway's keys' budgets ("key:NAME") and buckets ("gateway:<key id>:rpm"...), names reserved
+-- for the host under the sandbox: policies.gateway's chunk gets the constructors themselves
+private.gateway_limits = { budget = private.host_budget, bucket = resil.bucket }
 
 -- The sandbox (resil_options.sandbox, --sandbox): the global environment of
 -- scripts and policies is this allow-list, not the host's own (the host's
@@ -804,6 +808,17 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
       error(("rawset: the host's objects cannot be changed in the sandbox (%s)"):format(tostring(k)), 2)
     end
     return rawset(t, k, v)
+  end
+  -- A bucket is every caller's by its name (a shared one every process's on the store): those
+  -- under "gateway:" are the gateway's keys' (rpm, tpm, count_rpm), and a script drained a key's
+  -- rate. The gateway makes them through private.gateway_limits.
+  local bucket = private.gateway_limits.bucket
+  resil.bucket = function(name, opts)
+    if type(name) == "string" and name:sub(1, 8) == "gateway:" then
+      error(("resil.bucket: bucket %q is the gateway's (names under \"gateway:\" are reserved in the sandbox:"
+        .. " resil_options.sandbox, --sandbox)"):format(name), 2)
+    end
+    return bucket(name, opts)
   end
   env.os = library(os, "os.", { "clock", "date", "difftime", "getenv", "time" },
     { "execute", "exit", "remove", "rename", "tmpname", "setlocale" })
