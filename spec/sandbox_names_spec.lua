@@ -182,3 +182,28 @@ print(resil.bucket("mine", { rate = 1, per = 60, burst = 1 }):try(1))
     assert.are.equal("key:team", json.decode(out.stdout).name)
   end)
 end)
+
+-- Each of the host's Lua classes was its own __index (Budget.__index = Budget): `obj.__index` gave
+-- a script the methods table every object of the class shares, past the hidden metatables.
+describe("--sandbox and the host's classes", function()
+  it("does not give a script their methods through an object's __index", function()
+    local dir = helpers.tmpname(".d")
+    assert(os.execute("mkdir -p " .. dir))
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local b = resil.budget("b", { limit = 1 })
+local objs = { resil.store(), b, (b:reserve(0.1)), resil.metrics.counter("app_z_total"),
+  resil.bucket("sb", { rate = 1, per = 60, burst = 1, shared = true }), resil.breaker("sbr", { shared = true }) }
+for _, o in ipairs(objs) do print(type(o.__index)) end
+print(pcall(function() b.__index.reserve = function() return "forged" end end))
+print(resil.budget("other", { limit = 0 }):reserve(5))
+]])
+    local r = helpers.run(("%s --sandbox --store %s/s.db %s"):format(helpers.resil, dir, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local l = lines_of(r.stdout)
+    for i = 1, 6 do assert.are.equal("nil", l[i], r.stdout) end
+    assert.matches("^false\t.-attempt to index a nil value", l[7])
+    assert.matches("^nil\t.-budget", l[8])
+  end)
+end)

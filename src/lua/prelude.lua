@@ -785,6 +785,25 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   private.host_metatables = private.host_metatables or {}
   local host_mts = private.host_metatables -- (the host's modules that load later add theirs)
   host_mts[debug.getmetatable(strings_mt)] = true
+  -- Nor through an object's own fields: each of the host's Lua classes is its own __index
+  -- (Budget.__index = Budget), so `budget.__index` was the methods table every budget shares,
+  -- writable (a script's `b.__index.reserve = f` let every budget of its process through, the
+  -- gateway keys' too; `m.__index.inc`, every metric, the host's). Under the sandbox such a class's
+  -- objects look their methods up in a copy without the metamethods: `obj.__index` is nil, and no
+  -- script holds the copy. (A class a module registers later gets the same as it is registered.)
+  local function methods_apart(mt)
+    if rawget(mt, "__index") ~= mt then return end
+    local methods = {}
+    for k, v in pairs(mt) do
+      if not (type(k) == "string" and k:sub(1, 2) == "__") then methods[k] = v end
+    end
+    mt.__index = methods
+  end
+  for mt in pairs(host_mts) do methods_apart(mt) end
+  setmetatable(host_mts, { __newindex = function(t, mt, v)
+    rawset(t, mt, v)
+    if type(mt) == "table" then methods_apart(mt) end
+  end })
   env.getmetatable = function(v)
     if type(v) == "string" then return strings_mt end
     if type(v) == "userdata" then return false end
