@@ -25,11 +25,11 @@
 -- config's and the registry's aliases. Copy this file into your project's
 -- policies/ to change it.
 local resil = require "resil"
--- (a key's budget, "key:NAME", and buckets, "gateway:<id>:rpm"...: names reserved for the host
+-- (a key's budget, "key:NAME", buckets, "gateway:<id>:rpm"..., and permits: names reserved for the host
 -- under the sandbox, which hands this chunk their constructors, prelude's owning_loader; a copy a
 -- script loads itself has the resil table's, refused there under the sandbox)
 local host_limits = select(3, ...) or { budget = function(...) return resil.budget(...) end,
-  bucket = function(...) return resil.bucket(...) end }
+  bucket = function(...) return resil.bucket(...) end, semaphore = function(...) return resil.semaphore(...) end }
 local ai = require "policies.ai"
 local pricing = require "policies.pricing"
 local keys = require "resil.keys"
@@ -733,7 +733,7 @@ local total_sem -- { sem =, size = }: a changed max_concurrent makes a new one
 local key_sems = setmetatable({}, { __mode = "k" }) -- record -> semaphore
 
 local function semaphore(name, size)
-  return resil.semaphore(name, { size = size, queue = gateway.config.queue or 64 })
+  return host_limits.semaphore(name, { size = size, queue = gateway.config.queue or 64 })
 end
 
 local function busy(api, who, n)

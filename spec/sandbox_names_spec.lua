@@ -144,7 +144,8 @@ print(resil.bucket("mine", { rate = 1, per = 60, burst = 1 }):try(1))
     local m = assert(resil.mock.start({ reply = "served" }))
     finally(function() m:stop() end)
     local db = helpers.tmpname(".db")
-    local add = helpers.run(("%s keys add --name team --budget 5/day --rpm 2 --store %s"):format(helpers.resil, db))
+    local add = helpers.run(("%s keys add --name team --budget 5/day --rpm 2 --concurrency 1 --store %s")
+      :format(helpers.resil, db))
     assert.are.equal(0, add.code, add.stderr)
     local key = add.stdout:match("^(sk%-resil%-%S+)\n$")
     local dir = helpers.tmpname(".d")
@@ -152,6 +153,16 @@ print(resil.bucket("mine", { rate = 1, per = 60, burst = 1 }):try(1))
     local config = helpers.write(dir .. "/gateway_conf.lua", ([[
       require("policies.ai").configure("openai", { base_url = %q, api_key = "sk-test-123456" })
       print("config", pcall(function() local b = require("resil").budget("key:team", { limit = 0 }) return b end))
+      print("semaphore", pcall(function() local s = require("resil").semaphore("gateway:total:4", { size = 4 }) return s end))
+      -- (the gateway's permits are not listed to it either: it could release those it never took)
+      require("resil").background(function()
+        for n = 1, math.huge do
+          local seen = {}
+          for name in pairs(require("resil").semaphores()) do seen[#seen + 1] = name end
+          io.stderr:write(("scan %%d [%%s]\n"):format(n, table.concat(seen, ",")))
+          require("resil").sleep(0.05)
+        end
+      end)
       return { key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }
     ]]):format(m.url .. "/v1"))
     local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
@@ -176,6 +187,12 @@ print(resil.bucket("mine", { rate = 1, per = 60, burst = 1 }):try(1))
       if i == 1 then assert.are.equal(200, res.status, res.body .. helpers.slurp(log)) end
     end
     assert.are.same({ 200, 200, 429 }, statuses)
+    -- (two scans after the calls: the key's permits' semaphore exists by then)
+    local function last_scan() return tonumber(helpers.slurp(log):match(".*scan (%d+)")) or 0 end
+    local after = last_scan()
+    assert(helpers.wait_until(function() return last_scan() >= after + 2 end, 10), helpers.slurp(log))
+    assert.is_nil(helpers.slurp(log):match("scan %d+ %[[^%]]-gateway:"), helpers.slurp(log))
+    assert.matches("semaphore\tfalse\t.-gateway_conf%.lua:3: resil%.semaphore: .-gateway:total:4", helpers.slurp(log))
     -- the key's budget was reserved against and settled by the gateway, under its name
     local out = helpers.run(("%s budgets show key:team --store %s --json"):format(helpers.resil, db))
     assert.are.equal(0, out.code, out.stderr)

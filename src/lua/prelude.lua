@@ -715,7 +715,7 @@ for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "
 resil.own_at_load = nil
 -- the gateway's keys' budgets ("key:NAME") and buckets ("gateway:<key id>:rpm"...), names reserved
 -- for the host under the sandbox: policies.gateway's chunk gets the constructors themselves
-private.gateway_limits = { budget = private.host_budget, bucket = resil.bucket }
+private.gateway_limits = { budget = private.host_budget, bucket = resil.bucket, semaphore = resil.semaphore }
 
 -- The sandbox (resil_options.sandbox, --sandbox): the global environment of
 -- scripts and policies is this allow-list, not the host's own (the host's
@@ -838,6 +838,24 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
         .. " resil_options.sandbox, --sandbox)"):format(name), 2)
     end
     return bucket(name, opts)
+  end
+  -- So are the semaphores under "gateway:" (the gateway's permits: gateway:total:N, gateway:<key id>:N):
+  -- a script released permits it never took (release only checks in_use > 0) and let more than
+  -- max_concurrent in, or held them all. resil.semaphores() lists the others.
+  local semaphore, semaphores = private.gateway_limits.semaphore, resil.semaphores
+  resil.semaphore = function(name, ...)
+    if type(name) == "string" and name:sub(1, 8) == "gateway:" then
+      error(("resil.semaphore: semaphore %q is the gateway's (names under \"gateway:\" are reserved in the"
+        .. " sandbox: resil_options.sandbox, --sandbox)"):format(name), 2)
+    end
+    return semaphore(name, ...)
+  end
+  resil.semaphores = function()
+    local list = semaphores()
+    for name in pairs(list) do
+      if type(name) == "string" and name:sub(1, 8) == "gateway:" then list[name] = nil end
+    end
+    return list
   end
   env.os = library(os, "os.", { "clock", "date", "difftime", "getenv", "time" },
     { "execute", "exit", "remove", "rename", "tmpname", "setlocale" })
