@@ -49,13 +49,23 @@ local function observe_end(t, actual)
 end
 
 local Budget = {}
-Budget.__index = Budget
+-- (a budget's name is not a field of the object, read through __index: a sandboxed script that
+-- renamed its own budget, b.name = "key:team", reserved against a gateway key's, a name it is
+-- refused)
+local name_of = setmetatable({}, { __mode = "k" })
+Budget.__index = function(b, k)
+  if k == "name" then return name_of[b] end
+  return Budget[k]
+end
 -- (getmetatable(budget) is not the methods every budget shares, nor a ticket's: a script that
 -- replaced reserve there changed every budget of its process, those it never named too)
 Budget.__metatable = false
 -- (nor a method set on the budget itself: resil.budget(name) is every caller's by that name)
 Budget.__newindex = function(b, k, v)
-  if Budget[k] ~= nil then error(("a budget's methods are the host's: %s cannot be set"):format(tostring(k)), 2) end
+  if Budget[k] ~= nil or k == "name" then
+    error(("a budget's %s are the host's: %s cannot be set"):format(k == "name" and "name and methods" or "methods",
+      tostring(k)), 2)
+  end
   rawset(b, k, v)
 end
 local soft_total = resil.metrics.counter("resil_budget_soft_limit_total",
@@ -112,7 +122,8 @@ local function budget(name, opts)
   local b = budgets[name]
   if not b then
     if type(opts) ~= "table" then error(("resil.budget: budget '%s' needs its options {limit=}"):format(name), 2) end
-    b = setmetatable({ name = name }, Budget)
+    b = setmetatable({}, Budget)
+    name_of[b] = name
     budgets[name] = b
   end
   if opts then

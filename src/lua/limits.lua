@@ -75,8 +75,25 @@ local local_bucket, local_breaker = core_bucket.bucket, core_breaker.breaker
 local instrumented
 local shared_buckets, shared_breakers = {}, {}
 
+-- A shared bucket's or breaker's name (its key in the store) is not a field of the object, read
+-- through __index: a sandboxed script that renamed its own, b.label = "gateway:<id>:rpm", took
+-- a gateway key's rate, a name it is refused. Nor is a method set on one, every caller's by name.
+local label_of = setmetatable({}, { __mode = "k" })
+local function named_class(class, what)
+  class.__index = function(o, k)
+    if k == "label" then return label_of[o] end
+    return class[k]
+  end
+  class.__newindex = function(o, k, v)
+    if k == "label" or class[k] ~= nil then
+      error(("a shared %s's methods and name are the host's: %s cannot be set"):format(what, tostring(k)), 2)
+    end
+    rawset(o, k, v)
+  end
+end
+
 local SharedBucket = {}
-SharedBucket.__index = SharedBucket
+named_class(SharedBucket, "bucket")
 
 local outage_total = resil.metrics.counter("resil_store_unavailable_total",
   "Operations of shared limits that found the store unavailable, by name")
@@ -510,7 +527,8 @@ end
 local function shared_named(registry, mt, name)
   local obj = registry[name]
   if not obj then
-    obj = setmetatable({ label = name }, mt)
+    obj = setmetatable({}, mt)
+    label_of[obj] = name
     registry[name] = obj
   end
   return obj
@@ -579,7 +597,7 @@ resil.metrics.collect(function()
 end)
 
 local SharedBreaker = {}
-SharedBreaker.__index = SharedBreaker
+named_class(SharedBreaker, "breaker")
 -- (the methods every shared bucket and breaker of the process calls: the sandbox's getmetatable,
 -- setmetatable and rawset keep them from scripts, src/lua/prelude.lua)
 private.host_metatables = private.host_metatables or {}
