@@ -53,6 +53,23 @@ print(text:match('resil_store_down{store="forged"}') ~= nil, text:match('provide
     assert.are.equal("false\tfalse\ttrue", l[8])
   end)
 
+  it("does not take a script's wrapper, tail-calling from a policy's load, for the policy", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+-- (a tail call leaves no frame of its own: the policy chunk would be metrics.counter's caller)
+local counter = resil.metrics.counter
+resil.metrics.counter = function(name, help) return counter("resil_store_down_refused_total", help) end
+print(pcall(require, "policies.retry"))
+print(resil.metrics.text():match("resil_store_down_refused_total") ~= nil)
+]])
+    local r = helpers.run(("%s --sandbox %s"):format(helpers.resil, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local l = lines_of(r.stdout)
+    assert.matches("^false\t.-resil_store_down_refused_total.-reserved", l[1])
+    assert.are.equal("false", l[2])
+  end)
+
   it("outside the sandbox a script still gets the host's metric objects", function()
     local r = helpers.run_script([[
 local resil = require "resil"

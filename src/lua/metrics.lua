@@ -169,17 +169,19 @@ end
 
 local define_host
 local function define(kind, name, help, opts)
-  -- (a tail call from metrics.counter/gauge/histogram: level 2 is their caller)
+  -- (called from metrics.counter/gauge/histogram, not as a tail call: level 3 is their caller; one
+  -- that reached them by a tail call is not that caller: a script's wrapper of resil.metrics.counter
+  -- that tail-called it with a name of its own, from a policy chunk's call, passed as the chunk)
   if private.sandbox and type(name) == "string" and reserved(name) then
-    local caller = debug.getinfo(2, "f")
-    if not (caller and private.policy_chunks and private.policy_chunks[caller.func]) then
+    local caller = debug.getinfo(3, "f")
+    if debug.getinfo(2, "t").istailcall or not (caller and private.policy_chunks[caller.func]) then
       local m = registry[name]
       if not m then
         error(("resil.metrics.%s: %q: names under %q are reserved for the host's metrics in the sandbox"
-          .. " (resil_options.sandbox, --sandbox), and the host has no such metric"):format(kind, name, reserved(name)), 2)
+          .. " (resil_options.sandbox, --sandbox), and the host has no such metric"):format(kind, name, reserved(name)), 3)
       end
       if m.kind ~= kind then
-        error(("resil.metrics.%s: '%s' is already a %s"):format(kind, name, m.kind), 2)
+        error(("resil.metrics.%s: '%s' is already a %s"):format(kind, name, m.kind), 3)
       end
       return view_of(m)
     end
@@ -219,16 +221,28 @@ function define_host(kind, name, help, opts)
 end
 
 -- opts.max_series: the most label sets this metric keeps (default metrics.max_series)
-function metrics.counter(name, help, opts) return define("counter", name, help, opts) end
-function metrics.gauge(name, help, opts) return define("gauge", name, help, opts) end
+-- (not tail calls: define reads who called these, and its errors name that caller's line)
+function metrics.counter(name, help, opts)
+  local m = define("counter", name, help, opts)
+  return m
+end
+function metrics.gauge(name, help, opts)
+  local m = define("gauge", name, help, opts)
+  return m
+end
 -- opts.buckets: upper bounds in seconds (or any unit), sorted for you
-function metrics.histogram(name, help, opts) return define("histogram", name, help, opts) end
+function metrics.histogram(name, help, opts)
+  local m = define("histogram", name, help, opts)
+  return m
+end
 -- (the host's modules that load after scripts may run: resil.metrics is the scripts' table)
-private.metrics = {
-  counter = function(name, help, opts) return define_host("counter", name, help, opts) end,
-  gauge = function(name, help, opts) return define_host("gauge", name, help, opts) end,
-  histogram = function(name, help, opts) return define_host("histogram", name, help, opts) end,
-}
+private.metrics = {}
+for _, kind in ipairs({ "counter", "gauge", "histogram" }) do
+  private.metrics[kind] = function(name, help, opts)
+    local m = define_host(kind, name, help, opts)
+    return m
+  end
+end
 -- (every metric's methods, the host's among them: hidden from a sandboxed script, which replaced
 -- Metric.inc there and no host counter counted)
 private.host_metatables = private.host_metatables or {}
