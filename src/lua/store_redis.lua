@@ -1,8 +1,8 @@
 -- The Redis backend: each compound operation is one server-side script, so
 -- it is atomic across processes and machines; scripts are loaded once and
--- run by SHA. Times come from the caller (store time), money is integer
--- micro-dollars. The scripts run in Redis's own Lua (5.1): numbers that may
--- be fractional go back as strings.
+-- run by SHA. Times come from the caller (store time); the scripts keep and judge them on the
+-- server's clock (clock_lib). Money is integer micro-dollars. The scripts run in Redis's own Lua
+-- (5.1): numbers that may be fractional go back as strings.
 local resil, private = ... -- (private: what the host's modules alone hold, src/resil.c)
 local owner = require "resil.owner"
 -- (the host's, from the private table: loaded on a store's first use, a script may have replaced
@@ -42,12 +42,37 @@ return v
 -- run twice, their budget holds freed). `skew` is the caller's virtual clock's lead on its real
 -- one, 0 outside specs: the server's clock does not follow a virtual one, which stands for time
 -- passing everywhere. (Redis before 5 replicated scripts by their text: TIME needs effects.)
-local holders_lib = [[
+-- Budget holds' ends and the shared buckets' arrival times keep the same clock (`server_clock`):
+-- the caller sends its store time `now` with the times it names, and a script takes each to the
+-- server's clock by their difference (a hold's end is its length past the server's now) and each
+-- it answers back to the caller's, so the callers' code and their data keep the caller's clock.
+-- Times written by the version before (on its host's clock) are judged on the server's: right as
+-- far as that host's clock was.
+local clock_lib = [[
 if redis.replicate_commands then redis.replicate_commands() end
+local time_now -- (read once a script: each TIME is a command, a budget reserve asked it twice or more)
 local function lease_clock(skew)
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1e6 + (tonumber(skew) or 0)
+  if not time_now then
+    local t = redis.call('TIME')
+    time_now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  end
+  return time_now + (tonumber(skew) or 0)
 end
+-- -> the server's now, what to add to a time of the caller's (now: its store time) to have it on
+-- the server's clock. A caller on a virtual clock (a spec's; its lead `skew` is sent with decimals,
+-- '0' on a real clock) is taken at its word: its now stands for time passing everywhere, and is
+-- the server's TIME plus the lead but for the real time the call took to get here, noise that
+-- broke a bucket's exact arithmetic on the virtual clock.
+local function server_clock(now, skew)
+  if skew ~= '0' then return tonumber(now), 0 end
+  local t = lease_clock(0)
+  return t, t - tonumber(now)
+end
+-- (a time as text: a number answered would be cut to an integer; a number given to redis.call goes
+-- whole, as '%.17g', with no string.format's cost, about 0.5 us a call here)
+local function fmt(t) return string.format('%.6f', t) end
+]]
+local holders_lib = clock_lib .. [[
 local function holder_alive(owners, id, dead, same_host, skew)
   if dead[id] then return false end
   if not string.find(id, '|', 1, true) then return nil end
@@ -224,8 +249,8 @@ scripts.cost_record = insert_cost .. [[
 return insert_cost(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 ]]
 
--- The budget scripts' keys: spent, reserved total, holds zset (ticket -> expires_at), amounts hash,
--- ticket hash, holders hash (ticket -> owner), owners zset [, ledger, dedupe set]
+-- The budget scripts' keys: spent, reserved total, holds zset (ticket -> expires_at, on the server's
+-- clock), amounts hash, ticket hash, holders hash (ticket -> owner), owners zset [, ledger, dedupe set]
 local budget_lib = holders_lib .. ("local TICKETS = %q\n"):format(P .. "ticket:") .. [[
 local function unhold(t)
   local a = redis.call('HGET', KEYS[4], t)
@@ -303,16 +328,16 @@ local function period_at(like, at)
   if #like == 7 then return string.format('%04d-%02d', y, m) end
   return string.format('%04d-%02d-%02d', y, m, doy - math.floor((153 * mp + 2) / 5) + 1)
 end
--- expired holds stop counting
+-- expired holds stop counting (now: the server's, server_clock)
 local function sweep(now)
   for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do unhold(t) end
 end
 -- holds of dead owners stop counting: -> how many were released, and the
--- live-looking holders on the caller's machine, for the caller to judge (now: the caller's, for
+-- live-looking holders on the caller's machine, for the caller to judge (now: the server's, for
 -- the holds' ends; skew: for the leases' clock)
 local function sweep_dead(me, dead, same_host, now, skew)
   local verdicts, released, to_judge = {}, 0, {}
-  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf')) do
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. fmt(now), '+inf')) do
     local o = redis.call('HGET', KEYS[6], t)
     if o and o ~= me then
       local alive = verdicts[o]
@@ -342,20 +367,21 @@ if ARGV[14] then
   if (set[1] and set[2] or '') ~= ARGV[14] then return {2, 0, 0} end
 end
 roll()
-sweep(ARGV[5])
+local now, off = server_clock(ARGV[5], ARGV[13])
+sweep(now)
 local spent, reserved = usage()
 -- a ticket already known was given up by its caller (budget_abandon) before this arrived
 if redis.call('EXISTS', KEYS[5]) == 1 then return {0, spent, reserved} end
 local est, limit, to_judge = tonumber(ARGV[2]), tonumber(ARGV[1]), {}
--- Dead owners' holds are looked for at most once a second per budget (by the caller's clock: one
--- before the last's stamp, another process's clock ahead, looks): each reads every live hold's owner,
+-- Dead owners' holds are looked for at most once a second per budget (by the server's clock; a
+-- stamp ahead of it, written by the version before, looks): each reads every live hold's owner,
 -- 40 times a reserve's time with 1,000 holds, and a client hammering a full budget held the shared
 -- server. A refusal between answers from the totals as they are; one that brings the holders its
 -- caller found dead (ARGV[9]) looks.
 if spent + reserved + est > limit then
-  local now, last = tonumber(ARGV[5]), tonumber(redis.call('GET', KEYS[3] .. ':swept'))
+  local last = tonumber(redis.call('GET', KEYS[3] .. ':swept'))
   if ARGV[9] ~= '' or not last or now < last or now >= last + 1 then
-    redis.call('SET', KEYS[3] .. ':swept', ARGV[5], 'PX', 60000)
+    redis.call('SET', KEYS[3] .. ':swept', fmt(now), 'PX', 60000)
     local released
     released, to_judge = sweep_dead(ARGV[8], dead_set(ARGV[9]), ARGV[10], now, ARGV[13])
     if released > 0 then spent, reserved = usage() end
@@ -368,26 +394,28 @@ if spent + reserved + est > limit then
 end
 renew(KEYS[7], ARGV[8], ARGV[11], ARGV[13])
 redis.call('INCRBY', KEYS[2], est)
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + off, ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
 redis.call('HSET', KEYS[6], ARGV[3], ARGV[8])
 redis.call('SADD', KEYS[9], ARGV[7])
-redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7], 'at', ARGV[5])
+redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7], 'at', now)
 redis.call('PEXPIRE', KEYS[5], ARGV[12])
 return {1, spent, reserved + est}
 ]]
 
 -- ARGV: now, me, dead, same_host, the ticket prefix, skew -> {spent, reserved, {holders to judge},
--- {{ticket, usd, owner, expires_at}}}
+-- {{ticket, usd, owner, expires_at, created_at}}} (the times on the caller's clock)
 scripts.budget_usage = budget_lib .. [[
 roll()
-sweep(ARGV[1])
-local _, to_judge = sweep_dead(ARGV[2], dead_set(ARGV[3]), ARGV[4], tonumber(ARGV[1]), ARGV[6])
+local now, off = server_clock(ARGV[1], ARGV[6])
+sweep(now)
+local _, to_judge = sweep_dead(ARGV[2], dead_set(ARGV[3]), ARGV[4], now, ARGV[6])
 local spent, reserved = usage()
-local holds, z = {}, redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf', 'WITHSCORES')
+local holds, z = {}, redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. fmt(now), '+inf', 'WITHSCORES')
 for i = 1, #z, 2 do
+  local at = tonumber(redis.call('HGET', ARGV[5] .. z[i], 'at'))
   holds[#holds + 1] = {z[i], tonumber(redis.call('HGET', KEYS[4], z[i]) or '0'), redis.call('HGET', KEYS[6], z[i]) or '',
-    z[i + 1], redis.call('HGET', ARGV[5] .. z[i], 'at') or ''}
+    fmt(tonumber(z[i + 1]) - off), at and fmt(at - off) or ''}
 end
 return {spent, reserved, to_judge, holds}
 ]]
@@ -426,13 +454,14 @@ return 1
 -- the tickets' time to live (ms), skew -> {released, holders to judge...}
 scripts.budget_release_holds = budget_lib .. [[
 roll()
-sweep(ARGV[2])
+local now = server_clock(ARGV[2], ARGV[8])
+sweep(now)
 local released, to_judge
 if ARGV[1] == '1' then
-  released, to_judge = sweep_dead(ARGV[3], dead_set(ARGV[4]), ARGV[5], tonumber(ARGV[2]), ARGV[8])
+  released, to_judge = sweep_dead(ARGV[3], dead_set(ARGV[4]), ARGV[5], now, ARGV[8])
 else
   released, to_judge = 0, {}
-  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')) do
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. fmt(now), '+inf')) do
     unhold(t)
     redis.call('HSET', ARGV[6] .. t, 'state', 'released')
     redis.call('PEXPIRE', ARGV[6] .. t, ARGV[7])
@@ -463,9 +492,10 @@ return 1
 scripts.budget_extend = budget_lib .. [[
 if redis.call('HGET', KEYS[5], 'state') ~= 'held' then return 0 end
 follow(KEYS[5], ARGV[7], ARGV[8])
-local at = redis.call('ZSCORE', KEYS[3], ARGV[1])
-if not at or tonumber(at) <= tonumber(ARGV[3]) or redis.call('HGET', KEYS[6], ARGV[1]) ~= ARGV[4] then return 0 end
-if tonumber(ARGV[2]) > tonumber(at) then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+local now, off = server_clock(ARGV[3], ARGV[9])
+local at, until_ = redis.call('ZSCORE', KEYS[3], ARGV[1]), tonumber(ARGV[2]) + off
+if not at or tonumber(at) <= now or redis.call('HGET', KEYS[6], ARGV[1]) ~= ARGV[4] then return 0 end
+if until_ > tonumber(at) then redis.call('ZADD', KEYS[3], fmt(until_), ARGV[1]) end
 renew(KEYS[7], ARGV[4], ARGV[5], ARGV[9])
 if redis.call('PTTL', KEYS[5]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[5], ARGV[6]) end
 return 1
@@ -493,11 +523,12 @@ return 0
 ]]
 
 -- What every GCRA script does with an arrival time: read it (none, or one past: now, a full
--- bucket), keep it a minute past itself (an expired one reads as now; the TTL runs on the
--- server's clock, the times on the caller's, which may be a virtual clock in specs), and count
--- the tokens left at a moment by it (a microsecond's slack: times are seconds since 1970 to the
--- microsecond, and that rounding is no token missing)
-local GCRA = [[
+-- bucket), keep it a minute past itself (an expired one reads as now), and count the tokens left
+-- at a moment by it (a microsecond's slack: times are seconds since 1970 to the microsecond, and
+-- that rounding is no token missing). Arrival times are kept on the server's clock (clock_lib: the
+-- caller's now and the times it names taken to it, the ones answered taken back), so hosts whose
+-- clocks differ share one bucket: one ahead found a bucket another had just emptied full again.
+local GCRA = clock_lib .. [[
 local function tat_of(key, now)
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
@@ -511,25 +542,27 @@ local function left(tat, now, interval, tolerance)
 end
 ]]
 
--- GCRA: KEYS[1] tat; ARGV: interval, tolerance, n, now, max_wait (-1: unbounded)
+-- GCRA: KEYS[1] tat; ARGV: interval, tolerance, n, now, max_wait (-1: unbounded), skew
 -- -> {1, remaining, wait, tat} | {0, retry_after, tat}; a wait that fits max_wait books the slot
 scripts.gcra_take = GCRA .. [[
-local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local interval, tolerance, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, off = server_clock(ARGV[4], ARGV[6])
 local max_wait = tonumber(ARGV[5])
 local tat = tat_of(KEYS[1], now)
 local new_tat = tat + n * interval
 local wait = new_tat - now - tolerance
-if max_wait >= 0 and wait > max_wait + 1e-6 then return {0, tostring(wait), string.format('%.6f', tat)} end
+if max_wait >= 0 and wait > max_wait + 1e-6 then return {0, tostring(wait), fmt(tat - off)} end
 if wait <= 1e-6 then wait = 0 end
 keep(KEYS[1], new_tat, now)
-return {1, left(new_tat, now + wait, interval, tolerance), tostring(wait), string.format('%.6f', new_tat)}
+return {1, left(new_tat, now + wait, interval, tolerance), tostring(wait), fmt(new_tat - off)}
 ]]
 
 -- Several GCRAs at once, all or none: KEYS their tats; ARGV: now, max_wait (-1: unbounded),
--- then interval, tolerance, n for each key -> {1, wait, tat...} | {0, retry_after, worst, tat...};
--- a wait that fits max_wait books every key's slot
+-- then interval, tolerance, n for each key, then skew -> {1, wait, tat...} | {0, retry_after, worst,
+-- tat...}; a wait that fits max_wait books every key's slot
 scripts.gcra_take_all = GCRA .. [[
-local now, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, off = server_clock(ARGV[1], ARGV[3 * #KEYS + 3])
+local max_wait = tonumber(ARGV[2])
 local tats, wait, worst = {}, 0, 1
 for i = 1, #KEYS do
   local interval, tolerance, n = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
@@ -539,7 +572,7 @@ for i = 1, #KEYS do
 end
 if max_wait >= 0 and wait > max_wait + 1e-6 then
   local r = {0, tostring(wait), worst}
-  for i = 1, #KEYS do r[i + 3] = string.format('%.6f', tats[i]) end
+  for i = 1, #KEYS do r[i + 3] = fmt(tats[i] - off) end
   return r
 end
 if wait <= 1e-6 then wait = 0 end
@@ -547,16 +580,17 @@ local r = {1, tostring(wait)}
 for i = 1, #KEYS do
   local new_tat = tats[i] + tonumber(ARGV[3 * i + 2]) * tonumber(ARGV[3 * i])
   keep(KEYS[i], new_tat, now)
-  r[i + 2] = string.format('%.6f', new_tat)
+  r[i + 2] = fmt(new_tat - off)
 end
 return r
 ]]
 
 -- GCRA correction: KEYS[1] tat, KEYS[2] its pause (gcra_raise); ARGV: interval, tolerance, n (> 0
 -- taken without limit, at most 1e9 s of debt; < 0 given back, the arrival time no further back than
--- now, nor than a pause the provider asked for), now -> {remaining, tat}.
+-- now, nor than a pause the provider asked for), now, skew -> {remaining, tat}.
 scripts.gcra_adjust = GCRA .. [[
-local interval, tolerance, n, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local interval, tolerance, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, off = server_clock(ARGV[4], ARGV[5])
 local tat = tat_of(KEYS[1], now)
 local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
 if n < 0 then
@@ -564,25 +598,27 @@ if n < 0 then
   if new_tat < pause then new_tat = math.min(pause, tat) end
 end
 keep(KEYS[1], new_tat, now)
-return {left(new_tat, now, interval, tolerance), string.format('%.6f', new_tat)}
+return {left(new_tat, now, interval, tolerance), fmt(new_tat - off)}
 ]]
 
 -- A provider's word on a limit: KEYS[1] tat, KEYS[2] its pause; ARGV: interval, tolerance, at_least,
--- now, pause ('': none) -> {remaining, tat}. The arrival time moves on to at_least (at most 1e9 s
+-- now, pause ('': none), skew -> {remaining, tat}. The arrival time moves on to at_least (at most 1e9 s
 -- ahead), never back; a pause (the arrival time it holds) is also kept in KEYS[2], as long as an
 -- arrival time would be, so that no refund (gcra_adjust) pulls the arrival time back into it.
 scripts.gcra_raise = GCRA .. [[
-local interval, tolerance, at_least, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, off = server_clock(ARGV[4], ARGV[6])
+local at_least = tonumber(ARGV[3]) + off
 local tat = tat_of(KEYS[1], now)
 if at_least > tat then
   tat = math.min(at_least, now + 1e9)
   keep(KEYS[1], tat, now)
 end
 if ARGV[5] ~= '' then
-  local pause = math.min(tonumber(ARGV[5]), now + 1e9)
+  local pause = math.min(tonumber(ARGV[5]) + off, now + 1e9)
   if pause > tat_of(KEYS[2], now) then keep(KEYS[2], pause, now) end
 end
-return {left(tat, now, interval, tolerance), string.format('%.6f', tat)}
+return {left(tat, now, interval, tolerance), fmt(tat - off)}
 ]]
 
 -- KEYS[1] breaker hash; ARGV: probe_for, now
@@ -779,7 +815,8 @@ end
 local function fmt_time(t) return string.format("%.6f", t) end
 
 -- The lead of this process's virtual clock (a spec's) over its real one, for the leases' clock
--- (holders_lib): 0 on a real clock. Store time is wall time at start plus the clock's time since.
+-- (holders_lib) and the others (clock_lib): "0" on a real clock, a number with decimals on a virtual one.
+-- Store time is wall time at start plus the clock's time since.
 -- (store.lua's, taken at its load: this module loads after scripts may have changed the resil table)
 local clock_lead = private.clock_lead
 local function lease_skew()
@@ -1393,7 +1430,7 @@ end
 function R:gcra_take(key, interval, tolerance, n, now, max_wait)
   max_wait = max_wait or 0
   local r, err = self:script("gcra_take", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now),
-    max_wait == math.huge and -1 or max_wait)
+    max_wait == math.huge and -1 or max_wait, lease_skew())
   if r == nil then return nil, err end
   if r[1] ~= 1 then return false, tonumber(r[2]), tonumber(r[3]) end
   return true, tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
@@ -1406,6 +1443,7 @@ function R:gcra_take_all(items, now, max_wait)
     keys[i] = P .. "gcra:" .. it[1]
     args[#args + 1], args[#args + 2], args[#args + 3] = it[2], it[3], it[4]
   end
+  args[#args + 1] = lease_skew()
   local r, err = self:script("gcra_take_all", keys, table.unpack(args))
   if r == nil then return nil, err end
   local ok = r[1] == 1
@@ -1419,14 +1457,15 @@ end
 -- (a key's pause is under "gcra:pause:": a key is "bucket:NAME", so none has its name there)
 function R:gcra_adjust(key, interval, tolerance, n, now)
   local r, err = self:script("gcra_adjust", { P .. "gcra:" .. key, P .. "gcra:pause:" .. key }, interval, tolerance, n,
-    string.format("%.6f", now))
+    string.format("%.6f", now), lease_skew())
   if r == nil then return nil, err end
   return tonumber(r[1]), tonumber(r[2])
 end
 
 function R:gcra_raise(key, interval, tolerance, at_least, now, pause)
   local r, err = self:script("gcra_raise", { P .. "gcra:" .. key, P .. "gcra:pause:" .. key }, interval, tolerance,
-    string.format("%.6f", at_least), string.format("%.6f", now), pause and string.format("%.6f", pause) or "")
+    string.format("%.6f", at_least), string.format("%.6f", now), pause and string.format("%.6f", pause) or "",
+    lease_skew())
   if r == nil then return nil, err end
   return tonumber(r[1]), tonumber(r[2])
 end

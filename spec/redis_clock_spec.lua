@@ -1,0 +1,166 @@
+-- What a Redis store keeps in time follows the server's clock, not each host's: budget holds' ends
+-- and the shared buckets' arrival times, as leases do (spec/lease_clock_spec.lua). Real processes
+-- against a real redis-server, a host's clock its process's wall clock set off by an LD_PRELOAD
+-- shim. Before, each process wrote and judged these times by its own clock: a host 15 minutes
+-- ahead took another's live 600 s hold for ended (the budget spent twice) and found a shared
+-- bucket another host had just emptied full again; a host behind saw ended holds count on and
+-- waited its lead more for a bucket's next token.
+local helpers = require "spec.helpers"
+
+describe("Redis holds and shared buckets between hosts whose clocks differ", function()
+  local redis, shim
+  setup(function()
+    redis = helpers.redis_server()
+    local src = helpers.write(helpers.tmpname(".c"), [[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <time.h>
+#include <sys/time.h>
+/* this process's wall clock, CLOCK_SKEW seconds off (another host's, not synchronised) */
+static long long skew_ns(void) { const char *s = getenv("CLOCK_SKEW"); return s ? (long long)(atof(s) * 1e9) : 0; }
+int clock_gettime(clockid_t id, struct timespec *ts) {
+  static int (*real)(clockid_t, struct timespec *);
+  if (!real) real = dlsym(RTLD_NEXT, "clock_gettime");
+  int r = real(id, ts);
+  if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) {
+    long long ns = (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec + skew_ns();
+    ts->tv_sec = ns / 1000000000LL, ts->tv_nsec = ns % 1000000000LL;
+  }
+  return r;
+}
+int gettimeofday(struct timeval *tv, void *tz) {
+  struct timespec ts;
+  (void)tz;
+  if (clock_gettime(CLOCK_REALTIME, &ts) != 0) return -1;
+  if (tv) tv->tv_sec = ts.tv_sec, tv->tv_usec = ts.tv_nsec / 1000;
+  return 0;
+}
+time_t time(time_t *t) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  if (t) *t = ts.tv_sec;
+  return ts.tv_sec;
+}
+]])
+    shim = helpers.tmpname(".so")
+    assert(os.execute(("cc -shared -fPIC -o %s %s -ldl"):format(shim, src)), "cc could not build the shim")
+  end)
+  teardown(function() if redis then redis.stop() end end)
+
+  local function skewed(skew)
+    return ("CLOCK_SKEW=%s ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s"):format(skew, shim, helpers.resil)
+  end
+  -- a process left running, its clock `skew` seconds off -> its output's file
+  local function host_live(skew, source, opts)
+    local saved = helpers.resil
+    helpers.resil = skewed(skew)
+    local pid, out = helpers.start(source, opts)
+    helpers.resil = saved
+    finally(function() os.execute("kill -KILL " .. pid .. " 2> /dev/null") end)
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("held\n") ~= nil end, 20), helpers.slurp(out))
+    return out
+  end
+  -- a script run to its end with its clock `skew` seconds off
+  local function host(skew, source, opts)
+    return helpers.run(("%s %s %s"):format(skewed(skew), opts, helpers.write(helpers.tmpname(".lua"), source)))
+  end
+  local function opts() return ("--store %s --log-level off"):format(redis.url()) end
+
+  local holder = [[
+local resil = require "resil"
+assert(resil.budget("b", { limit = 1 }):reserve(0.8, { hold = tonumber(arg[1]) }))
+print("held"); io.stdout:flush()
+while true do resil.sleep(1) end
+]]
+  local reserver = [[
+local resil = require "resil"
+local b = resil.budget("b", { limit = 1 })
+local st = assert(b:state())
+for _, h in ipairs(st.holds) do print(("held for %.0f s more"):format(h.expires_at - resil.store_now())) end
+local t, err = b:reserve(0.5)
+print(t and "reserved" or err.kind)
+]]
+
+  it("a host 15 minutes ahead does not take a live 600 s hold for ended (the budget spent twice)", function()
+    local o = opts()
+    host_live(0, holder:gsub("tonumber%(arg%[1%]%)", "600"), o)
+    local b = host(900, reserver, o)
+    assert.are.equal(0, b.code, b.stderr)
+    assert.matches("^held for %d+ s more\nbudget_exceeded\n$", b.stdout)
+    -- (its end is told in the reader's clock: some 600 s from its now, not 1,500)
+    local left = tonumber(b.stdout:match("%d+"))
+    assert(left > 500 and left <= 600, b.stdout)
+  end)
+
+  it("a host 15 minutes behind takes an ended hold for ended, not 15 minutes later", function()
+    local o = opts()
+    host_live(0, holder:gsub("tonumber%(arg%[1%]%)", "1"), o)
+    local b
+    assert(helpers.wait_until(function()
+      b = host(-900, reserver, o)
+      return b.stdout:match("reserved") ~= nil
+    end, 20), b.stdout .. b.stderr)
+  end)
+
+  it("a hold made by a host 15 minutes ahead ends on time for the others", function()
+    local o = opts()
+    host_live(900, holder:gsub("tonumber%(arg%[1%]%)", "1"), o)
+    local b
+    assert(helpers.wait_until(function()
+      b = host(0, reserver, o)
+      return b.stdout:match("reserved") ~= nil
+    end, 20), b.stdout .. b.stderr)
+  end)
+
+  local taker = [[
+local resil = require "resil"
+local ok, x = resil.bucket("per-minute", { rate = 1, per = 60, burst = 1, shared = true }):try()
+print(ok and "taken" or ("refused, %.0f s"):format(x))
+]]
+
+  it("a shared bucket another host emptied is empty for a host 15 minutes ahead (the limit not held)", function()
+    local o = opts()
+    local a = host(0, taker, o)
+    assert.are.equal("taken\n", a.stdout, a.stderr)
+    local b = host(900, taker, o)
+    assert.are.equal(0, b.code, b.stderr)
+    assert.matches("^refused, 60 s\n$", b.stdout)
+  end)
+
+  it("a host 15 minutes behind waits the bucket's minute for its next token, not 16", function()
+    local o = opts()
+    local a = host(0, taker, o)
+    assert.are.equal("taken\n", a.stdout, a.stderr)
+    local b = host(-900, taker, o)
+    assert.are.equal(0, b.code, b.stderr)
+    assert.matches("^refused, 60 s\n$", b.stdout)
+  end)
+
+  -- (a rolling upgrade: what the version before wrote is times on its host's clock, a right one here)
+  it("a hold and a bucket's arrival time written by the version before are judged on the server's clock", function()
+    local url = redis.url()
+    local o = ("--store %s --log-level off"):format(url)
+    local now = require("resil").clock.wall()
+    local function cli(...)
+      local r = helpers.run(("redis-cli -p %d -n %s %s"):format(redis.port, url:match("/(%d+)$"),
+        table.concat({ ... }, " ")))
+      assert(not r.stdout:match("ERR"), r.stdout)
+    end
+    cli("ZADD resil:budget:b:all:holds", ("%.6f"):format(now + 600), "t-old")
+    cli("HSET resil:budget:b:all:amounts t-old 800000")
+    cli("HSET resil:budget:b:all:holders t-old 'elsewhere|boot|1|1'")
+    cli("SET resil:budget:b:all:reserved 800000")
+    cli("SADD resil:budget:b:periods all")
+    cli("HSET resil:ticket:t-old state held budget b period all at", ("%.6f"):format(now))
+    cli("ZADD resil:owners", ("%.6f"):format(now + 3600), "'elsewhere|boot|1|1'")
+    cli("SET resil:gcra:bucket:per-minute", ("%.6f"):format(now + 60), "PX 120000")
+    local b = host(900, reserver, o)
+    assert.are.equal(0, b.code, b.stderr)
+    assert.matches("^held for %d+ s more\nbudget_exceeded\n$", b.stdout)
+    local left = tonumber(b.stdout:match("%d+"))
+    assert(left > 500 and left <= 600, b.stdout)
+    b = host(900, taker, o)
+    assert.matches("^refused, 60 s\n$", b.stdout, nil, nil, b.stderr)
+  end)
+end)
