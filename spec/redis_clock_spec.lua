@@ -1,13 +1,14 @@
--- What a Redis store keeps in time follows the server's clock, not each host's: budget holds' ends
--- and the shared buckets' arrival times, as leases do (spec/lease_clock_spec.lua). Real processes
--- against a real redis-server, a host's clock its process's wall clock set off by an LD_PRELOAD
--- shim. Before, each process wrote and judged these times by its own clock: a host 15 minutes
--- ahead took another's live 600 s hold for ended (the budget spent twice) and found a shared
--- bucket another host had just emptied full again; a host behind saw ended holds count on and
--- waited its lead more for a bucket's next token.
+-- What a Redis store keeps in time follows the server's clock, not each host's: budget holds' ends,
+-- the shared buckets' arrival times and the shared breakers' ends, as leases do
+-- (spec/lease_clock_spec.lua). Real processes against a real redis-server, a host's clock its
+-- process's wall clock set off by an LD_PRELOAD shim. Before, each process wrote and judged these
+-- times by its own clock: a host 15 minutes ahead took another's live 600 s hold for ended (the
+-- budget spent twice) and found a shared bucket another host had just emptied full again; a host
+-- behind saw ended holds count on and waited its lag more for a bucket's next token; a breaker
+-- opened by one stayed open its skew more for the others, or was half-open at once.
 local helpers = require "spec.helpers"
 
-describe("Redis holds and shared buckets between hosts whose clocks differ", function()
+describe("Redis holds, shared buckets and breakers between hosts whose clocks differ", function()
   local redis, shim
   setup(function()
     redis = helpers.redis_server()
@@ -136,6 +137,28 @@ print(ok and "taken" or ("refused, %.0f s"):format(x))
     assert.are.equal(0, b.code, b.stderr)
     assert.matches("^refused, 60 s\n$", b.stdout)
   end)
+
+  local breaker = [[
+local resil = require "resil"
+local br = resil.breaker("skewed", { shared = true, window_type = "count", window = 2, min_calls = 2, open_for = 30 })
+if arg[1] == "open" then
+  br:record(false, 0.01)
+  br:record(false, 0.01)
+end
+local ok, err = br:allow()
+print(ok and "allowed" or ("refused, open %.0f s more"):format(err.retry_after), br:state())
+]]
+
+  for _, skew in ipairs({ 900, -900 }) do
+    it(("a shared breaker opened by a host 15 minutes %s is open for its open_for for the others")
+        :format(skew > 0 and "ahead" or "behind"), function()
+      local o = opts()
+      local a = helpers.run(("%s %s %s open"):format(skewed(skew), o, helpers.write(helpers.tmpname(".lua"), breaker)))
+      assert.are.equal("refused, open 30 s more\topen\n", a.stdout, a.stderr)
+      local b = host(0, breaker, o)
+      assert.are.equal("refused, open 30 s more\topen\n", b.stdout, b.stderr)
+    end)
+  end
 
   -- (a rolling upgrade: what the version before wrote is times on its host's clock, a right one here)
   it("a hold and a bucket's arrival time written by the version before are judged on the server's clock", function()

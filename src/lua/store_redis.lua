@@ -621,15 +621,35 @@ end
 return {left(tat, now, interval, tolerance), fmt(tat - off)}
 ]]
 
--- KEYS[1] breaker hash; ARGV: probe_for, now
-scripts.breaker_probe = [[
+-- A shared breaker's times are on the server's clock too (clock_lib): a breaker opened by a host a
+-- minute ahead stayed open a minute more for the others; by one behind, it was half-open at once.
+-- KEYS[1] breaker hash; ARGV: probe_for, now, skew
+scripts.breaker_probe = clock_lib .. [[
 local r = redis.call('HMGET', KEYS[1], 'open_until', 'probe_until')
 if not r[1] then return {1, ''} end
-local now = tonumber(ARGV[2])
+local now = server_clock(ARGV[2], ARGV[3])
 if tonumber(r[1]) > now then return {0, tostring(tonumber(r[1]) - now)} end
 if r[2] and tonumber(r[2]) > now then return {0, tostring(tonumber(r[2]) - now)} end
-redis.call('HSET', KEYS[1], 'probe_until', tostring(now + tonumber(ARGV[1])))
+redis.call('HSET', KEYS[1], 'probe_until', fmt(now + tonumber(ARGV[1])))
 return {1, 'probe'}
+]]
+
+-- KEYS[1] breaker hash; ARGV: open_until, now, skew. Kept an hour past its end.
+scripts.breaker_open = clock_lib .. [[
+local now, off = server_clock(ARGV[2], ARGV[3])
+local open_until = tonumber(ARGV[1]) + off
+redis.call('HSET', KEYS[1], 'open_until', fmt(open_until))
+redis.call('HDEL', KEYS[1], 'probe_until')
+redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor((open_until - now + 3600) * 1000)))
+return 1
+]]
+
+-- KEYS[1] breaker hash; ARGV: now, skew -> its end on the caller's clock | false
+scripts.breaker_get = clock_lib .. [[
+local open_until = redis.call('HGET', KEYS[1], 'open_until')
+if not open_until then return false end
+local _, off = server_clock(ARGV[1], ARGV[2])
+return fmt(tonumber(open_until) - off)
 ]]
 
 -- ---------- plumbing ----------
@@ -1471,22 +1491,22 @@ function R:gcra_raise(key, interval, tolerance, at_least, now, pause)
 end
 
 function R:breaker_get(name, now)
-  local v, err = self.conn:call("HGET", P .. "breaker:" .. name, "open_until")
+  local v, err = self:script("breaker_get", { P .. "breaker:" .. name }, fmt_time(now), lease_skew())
   if v == nil then return nil, err end
   return v and tonumber(v) or nil
 end
 
+-- (one script: it was three commands, each waited for)
 function R:breaker_open(name, open_until, now)
-  local key = P .. "breaker:" .. name
-  local ok, err = self.conn:call("HSET", key, "open_until", string.format("%.6f", open_until))
+  local ok, err = self:script("breaker_open", { P .. "breaker:" .. name }, fmt_time(open_until),
+    fmt_time(now or open_until), lease_skew())
   if ok == nil then return nil, err end
-  self.conn:call("HDEL", key, "probe_until")
-  self.conn:call("PEXPIRE", key, math.max(1, math.floor((open_until - (now or open_until) + 3600) * 1000)))
   return true
 end
 
 function R:breaker_probe(name, probe_for, now)
-  local r, err = self:script("breaker_probe", { P .. "breaker:" .. name }, probe_for, string.format("%.6f", now))
+  local r, err = self:script("breaker_probe", { P .. "breaker:" .. name }, probe_for, string.format("%.6f", now),
+    lease_skew())
   if r == nil then return nil, err end
   if r[1] == 1 then return true, r[2] ~= "" and r[2] or nil end
   return false, tonumber(r[2])
