@@ -160,6 +160,36 @@ print(ok and "allowed" or ("refused, open %.0f s more"):format(err.retry_after),
     end)
   end
 
+  -- A day's budget: the day is the server's. Before, each host's clock chose the period: one past
+  -- midnight moved the open holds of the day before into its day (a call across midnight settles
+  -- there), and a host not yet past it reserved in a day whose holds had gone: $1.60 spent in a
+  -- day of a $1 budget.
+  it("a host past midnight while another is not does not free the day's money (one day, the server's)", function()
+    local o, go = opts(), helpers.tmpname(".go")
+    local to_midnight = 86400 - math.floor(require("resil").clock.wall()) % 86400
+    local out = host_live(to_midnight - 300, ([[
+local resil = require "resil"
+local b = resil.budget("daily", { limit = 1, per = "day" })
+local t1 = assert(b:reserve(0.8))
+print("held"); io.stdout:flush()
+while not io.open(%q) do resil.sleep(0.01) end
+local t2, err = b:reserve(0.8)
+print(t2 and "reserved" or err.kind)
+assert(t1:settle(0.8))
+if t2 then assert(t2:settle(0.8)) end
+print(("spent %%.2f"):format(b:state().spent))
+print("done")
+]]):format(go), o)
+    local a = host(to_midnight + 300, [[
+local resil = require "resil"
+print(resil.budget("daily", { limit = 1, per = "day" }):reserve(0.1) and "reserved" or "refused")
+]], o)
+    assert.are.equal("reserved\n", a.stdout, a.stderr)
+    helpers.write(go, "")
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("done\n") ~= nil end, 20), helpers.slurp(out))
+    assert.are.equal("held\nbudget_exceeded\nspent 0.80\ndone\n", helpers.slurp(out))
+  end)
+
   -- (a rolling upgrade: what the version before wrote is times on its host's clock, a right one here)
   it("a hold and a bucket's arrival time written by the version before are judged on the server's clock", function()
     local url = redis.url()

@@ -307,8 +307,9 @@ function Budget:state()
   local limit, per, lerr = limit_in_force(self, backend_of[s], now)
   if lerr then return nil, lerr end
   local period = period_of(per, now)
-  local spent, reserved, rows = backend_of[s]:budget_usage(self.name, period, now, owner.me().id)
+  local spent, reserved, rows, in_period = backend_of[s]:budget_usage(self.name, period, now, owner.me().id)
   if spent == nil then return nil, reserved end
+  period = in_period or period -- (Redis: the server's clock's period, store_redis.lua's server_period)
   local holds = {}
   for i, h in ipairs(rows) do
     holds[i] = { ticket = h.ticket, usd = from_micro(h.micro_usd), owner = h.owner and owner.describe(h.owner),
@@ -532,8 +533,9 @@ local function describe(backend, cfg, now)
   if not limit_micro then limit_micro, per, source = cfg.declared_micro, cfg.declared_per, "script" end
   if per == "none" then per = nil end
   local period = period_of(per, now)
-  local spent, reserved, rows = backend:budget_usage(cfg.name, period, now, owner.me().id)
+  local spent, reserved, rows, in_period = backend:budget_usage(cfg.name, period, now, owner.me().id)
   if spent == nil then return nil, reserved end
+  period = in_period or period -- (Redis: the server's clock's period)
   local holds = {}
   for i, h in ipairs(rows) do
     holds[i] = { ticket = h.ticket, usd = from_micro(h.micro_usd), owner = h.owner and owner.describe(h.owner),

@@ -328,6 +328,24 @@ local function period_at(like, at)
   if #like == 7 then return string.format('%04d-%02d', y, m) end
   return string.format('%04d-%02d-%02d', y, m, doy - math.floor((153 * mp + 2) / 5) + 1)
 end
+-- The period a reservation or a look falls in is the server's (now, off: server_clock's), of the kind
+-- of the caller's (KEYS[1]'s, KEYS[9] the periods set): KEYS[1..4, 6] become its. A caller whose
+-- clock was past midnight took the day before's open holds into its day (roll), and one not yet
+-- past it then reserved in a day whose holds had gone, the money they held free again. (A period
+-- the caller names that is not its clock's, one before, is read as named.) -> the period, nil for
+-- the caller's
+local function server_period(now, off)
+  -- (the same day by both clocks, as almost always: the same period, without period_at's string.format)
+  if math.floor(now / 86400) == math.floor((now - off) / 86400) then return nil end
+  local prefix = string.sub(KEYS[9], 1, #KEYS[9] - #'periods')
+  local period = string.sub(KEYS[1], #prefix + 1, #KEYS[1] - #':spent')
+  local p = period_at(period, now)
+  if p == period or period_at(period, now - off) ~= period then return nil end
+  local b = prefix .. p
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6] = b .. ':spent', b .. ':reserved', b .. ':holds', b .. ':amounts',
+    b .. ':holders'
+  return p
+end
 -- expired holds stop counting (now: the server's, server_clock)
 local function sweep(now)
   for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do unhold(t) end
@@ -366,8 +384,9 @@ if ARGV[14] then
   local set = redis.call('HMGET', KEYS[8], 'limit', 'per')
   if (set[1] and set[2] or '') ~= ARGV[14] then return {2, 0, 0} end
 end
-roll()
 local now, off = server_clock(ARGV[5], ARGV[13])
+local period = server_period(now, off)
+roll()
 sweep(now)
 local spent, reserved = usage()
 -- a ticket already known was given up by its caller (budget_abandon) before this arrived
@@ -397,17 +416,18 @@ redis.call('INCRBY', KEYS[2], est)
 redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + off, ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], est)
 redis.call('HSET', KEYS[6], ARGV[3], ARGV[8])
-redis.call('SADD', KEYS[9], ARGV[7])
-redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', ARGV[7], 'at', now)
+redis.call('SADD', KEYS[9], period or ARGV[7])
+redis.call('HSET', KEYS[5], 'state', 'held', 'budget', ARGV[6], 'period', period or ARGV[7], 'at', now)
 redis.call('PEXPIRE', KEYS[5], ARGV[12])
 return {1, spent, reserved + est}
 ]]
 
 -- ARGV: now, me, dead, same_host, the ticket prefix, skew -> {spent, reserved, {holders to judge},
--- {{ticket, usd, owner, expires_at, created_at}}} (the times on the caller's clock)
+-- {{ticket, usd, owner, expires_at, created_at}}, the period} (the times on the caller's clock)
 scripts.budget_usage = budget_lib .. [[
-roll()
 local now, off = server_clock(ARGV[1], ARGV[6])
+local period = server_period(now, off)
+roll()
 sweep(now)
 local _, to_judge = sweep_dead(ARGV[2], dead_set(ARGV[3]), ARGV[4], now, ARGV[6])
 local spent, reserved = usage()
@@ -417,7 +437,7 @@ for i = 1, #z, 2 do
   holds[#holds + 1] = {z[i], tonumber(redis.call('HGET', KEYS[4], z[i]) or '0'), redis.call('HGET', KEYS[6], z[i]) or '',
     fmt(tonumber(z[i + 1]) - off), at and fmt(at - off) or ''}
 end
-return {spent, reserved, to_judge, holds}
+return {spent, reserved, to_judge, holds, period or false}
 ]]
 
 -- ARGV: ticket, micro_usd, dedupe, entry json, the ticket's time to live (ms), '1' when the call
@@ -425,7 +445,8 @@ return {spent, reserved, to_judge, holds}
 -- The spent total grows with the ledger: a row the ledger already has (the same id, a
 -- provider's replayed answer) is not spent twice, as on SQLite, where spent is the ledger's sum.
 -- The hold is freed in the period it is in now (ARGV[7] is the entry's, ARGV[8] the budget's key
--- prefix); the cost counts in the period the settle falls in (ARGV[9], the ledger row's time), of the
+-- prefix); the cost counts in the period the settle falls in (ARGV[9], the ledger row's time, taken to
+-- the server's clock by ARGV[10], the caller's time as it sent this, and ARGV[11], skew), of the
 -- kind the hold is in: a call across midnight is the new day's, and a hold carried into another kind
 -- (budgets set --per) while its call ran settles under it, its ledger row labelled so. A charge (no
 -- hold of its own: a refused attempt's cost) counts under its call's ticket's, KEYS[10].
@@ -433,7 +454,8 @@ scripts.budget_settle = budget_lib .. insert_cost .. [[
 if redis.call('HGET', KEYS[5], 'state') == 'settled' then return 0 end
 local entry, held = ARGV[4], follow(KEYS[5], ARGV[7], ARGV[8])
 if not held and KEYS[10] and redis.call('EXISTS', KEYS[5]) == 0 then held = follow(KEYS[10], ARGV[7], ARGV[8]) end
-local period = period_at(held or ARGV[7], ARGV[9])
+local _, off = server_clock(ARGV[10], ARGV[11])
+local period = period_at(held or ARGV[7], tonumber(ARGV[9]) + off)
 KEYS[1] = ARGV[8] .. period .. ':spent'
 if period == ARGV[7] then period = nil end
 if period then
@@ -453,8 +475,9 @@ return 1
 -- ARGV: stale ('1': only holds whose owner is not alive), now, me, dead, same_host, ticket prefix,
 -- the tickets' time to live (ms), skew -> {released, holders to judge...}
 scripts.budget_release_holds = budget_lib .. [[
+local now, off = server_clock(ARGV[2], ARGV[8])
+server_period(now, off)
 roll()
-local now = server_clock(ARGV[2], ARGV[8])
 sweep(now)
 local released, to_judge
 if ARGV[1] == '1' then
@@ -838,7 +861,7 @@ local function fmt_time(t) return string.format("%.6f", t) end
 -- (holders_lib) and the others (clock_lib): "0" on a real clock, a number with decimals on a virtual one.
 -- Store time is wall time at start plus the clock's time since.
 -- (store.lua's, taken at its load: this module loads after scripts may have changed the resil table)
-local clock_lead = private.clock_lead
+local clock_lead, store_now = private.clock_lead, private.store_now
 local function lease_skew()
   local lead = clock_lead()
   return lead and fmt_time(lead) or "0"
@@ -1241,7 +1264,8 @@ function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   end
 end
 
--- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=, created_at=}, ... }
+-- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=, created_at=}, ... }, the period (the
+-- server's: budget_lib's server_period)
 function R:budget_usage(budget, period, now, me)
   local dead = ""
   while true do
@@ -1255,7 +1279,7 @@ function R:budget_usage(budget, period, now, me)
         holds[i] = { ticket = h[1], micro_usd = h[2], owner = h[3] ~= "" and h[3] or nil, expires_at = tonumber(h[4]),
                      created_at = tonumber(h[5]) }
       end
-      return r[1], r[2], holds
+      return r[1], r[2], holds, r[5] or nil
     end
     dead = holders_dead
   end
@@ -1274,7 +1298,8 @@ local function settle_call(ticket, entry)
   local parent = ticket:match("^(.+):charge:%d+$") -- (Ticket:charge's ids)
   if parent then keys[10] = P .. "ticket:" .. parent end
   return keys, { ticket, entry.micro_usd, entry.dedupe or "", json.encode(entry), ticket_ttl(),
-    entry.charged and "1" or "0", entry.period, budget_prefix(entry.budget), fmt_time(entry.at), n = 9 }
+    entry.charged and "1" or "0", entry.period, budget_prefix(entry.budget), fmt_time(entry.at),
+    fmt_time(store_now()), lease_skew(), n = 11 }
 end
 
 function R:budget_settle(ticket, entry)
