@@ -1,5 +1,5 @@
 -- What a Redis store keeps in time follows the server's clock, not each host's: budget holds' ends,
--- the shared buckets' arrival times and the shared breakers' ends, as leases do
+-- a budget's day, the shared buckets' arrival times and the shared breakers' ends, as leases do
 -- (spec/lease_clock_spec.lua). Real processes against a real redis-server, a host's clock its
 -- process's wall clock set off by an LD_PRELOAD shim. Before, each process wrote and judged these
 -- times by its own clock: a host 15 minutes ahead took another's live 600 s hold for ended (the
@@ -8,7 +8,7 @@
 -- opened by one stayed open its skew more for the others, or was half-open at once.
 local helpers = require "spec.helpers"
 
-describe("Redis holds, shared buckets and breakers between hosts whose clocks differ", function()
+describe("Redis budget holds and periods, shared buckets and breakers between hosts whose clocks differ", function()
   local redis, shim
   setup(function()
     redis = helpers.redis_server()
@@ -117,7 +117,7 @@ print(t and "reserved" or err.kind)
   local taker = [[
 local resil = require "resil"
 local ok, x = resil.bucket("per-minute", { rate = 1, per = 60, burst = 1, shared = true }):try()
-print(ok and "taken" or ("refused, %.0f s"):format(x))
+print(ok and "taken" or ("refused, %d s"):format(math.ceil(x / 10) * 10)) -- (to the 10 s: the runs take time)
 ]]
 
   it("a shared bucket another host emptied is empty for a host 15 minutes ahead (the limit not held)", function()
@@ -138,6 +138,29 @@ print(ok and "taken" or ("refused, %.0f s"):format(x))
     assert.matches("^refused, 60 s\n$", b.stdout)
   end)
 
+  it("a provider's pause a host 15 minutes ahead observed holds the others for the pause, not 15 minutes more",
+    function()
+    local o = opts()
+    local source = [[
+local resil = require "resil"
+local b = resil.bucket("observed", { rate = 100, per = 60, burst = 100, shared = true })
+local rpm = resil.bucket("all-rpm", { rate = 10, per = 60, burst = 2, shared = true })
+if arg[1] == "pause" then
+  print(("paused for %.0f s"):format(b:observe({ ["retry-after"] = "30" })))
+  print(resil.acquire_all({ { rpm, 2 } }) and "took 2" or "refused")
+else
+  local ok, wait = b:try(1)
+  local all, err = resil.acquire_all({ { rpm, 1 } }, { timeout = 0 })
+  local function s(x) return ("%d s"):format(math.ceil(x / 10) * 10) end -- (to the 10 s: the runs take time)
+  print(ok, s(wait), s(b:wait_time(1)), all, s(err.retry_after))
+end
+]]
+    local a = helpers.run(("%s %s %s pause"):format(skewed(900), o, helpers.write(helpers.tmpname(".lua"), source)))
+    assert.are.equal("paused for 30 s\ntook 2\n", a.stdout, a.stderr)
+    local b = host(0, source, o)
+    assert.are.equal("false\t30 s\t30 s\tnil\t10 s\n", b.stdout, b.stderr)
+  end)
+
   local breaker = [[
 local resil = require "resil"
 local br = resil.breaker("skewed", { shared = true, window_type = "count", window = 2, min_calls = 2, open_for = 30 })
@@ -146,7 +169,8 @@ if arg[1] == "open" then
   br:record(false, 0.01)
 end
 local ok, err = br:allow()
-print(ok and "allowed" or ("refused, open %.0f s more"):format(err.retry_after), br:state())
+-- (to the 10 s: the runs take time)
+print(ok and "allowed" or ("refused, open %d s more"):format(math.ceil(err.retry_after / 10) * 10), br:state())
 ]]
 
   for _, skew in ipairs({ 900, -900 }) do
