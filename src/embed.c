@@ -9,6 +9,7 @@
  * the arguments happen at once, under host_pcall, so a bad name or bad JSON
  * is refused before anything runs.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,7 +73,9 @@ static const char helpers_lua[] =
   "  if args_json then\n"
   "    local v, err = json.decode(args_json)\n"
   "    if v == nil then return nil, 'resil_call: json_args: ' .. tostring(err) end\n"
-  "    if type(v) ~= 'table' then return nil, 'resil_call: json_args must be a JSON array' end\n"
+  "    if type(v) ~= 'table' or (next(v) == nil and getmetatable(v) ~= json.array_mt) then\n"
+  "      return nil, 'resil_call: json_args must be a JSON array' -- ({} is an object: only [] is array_mt's)\n"
+  "    end\n"
   "    local n = 0\n"
   "    for k in pairs(v) do\n"
   "      if math.type(k) ~= 'integer' or k < 1 then return nil, 'resil_call: json_args must be a JSON array' end\n"
@@ -83,6 +86,19 @@ static const char helpers_lua[] =
   "    args = v\n"
   "  end\n"
   "  return f, args\n"
+  "end\n"
+  "-- each byte that is not part of valid UTF-8 as U+FFFD, as log lines have it: cjson\n"
+  "-- copies such bytes (a text cut mid-character), and the result was no JSON\n"
+  "local function valid_utf8(s)\n"
+  "  if utf8.len(s) then return s end\n"
+  "  local out, at = {}, 1\n"
+  "  while true do\n"
+  "    local ok, bad = utf8.len(s, at)\n"
+  "    if ok then out[#out + 1] = s:sub(at) return table.concat(out) end\n"
+  "    out[#out + 1] = s:sub(at, bad - 1)\n"
+  "    out[#out + 1] = '\\u{FFFD}'\n"
+  "    at = bad + 1\n"
+  "  end\n"
   "end\n"
   "local function finish(name, f, r)\n"
   "  if r.n >= 2 and r[1] == nil and r[2] ~= nil then\n"
@@ -96,7 +112,7 @@ static const char helpers_lua[] =
   "  local out = {}\n"
   "  for i = 1, r.n do if r[i] == nil then out[i] = null else out[i] = r[i] end end\n"
   "  if r.n == 0 then return true, '[]' end\n"
-  "  return true, json.encode(out)\n"
+  "  return true, valid_utf8(json.encode(out))\n"
   "end\n"
   "local function body(name, f, args)\n"
   "  return finish(name, f, pack(f(unpack(args, 1, args.n))))\n"
@@ -133,6 +149,10 @@ static void deliver(void *arg) {
     c->done(c->ud, c->status, c->status == RESIL_OK ? c->text : NULL);
     free_call(c);
   }
+  /* on the program's own event base (the pump's turn, no resil_* function below): the
+   * turn acted on an interrupt (the calls it stopped heard RESIL_ERR_INTERRUPT); nothing
+   * else ever reported it, and left set it refused every later call and handler, for good */
+  if (st && R->interrupted && R->in_loop && !R->in_api && !R->current && !R->host_L) R->interrupted = 0;
 }
 
 static char *copy_or_placeholder(const char *s, const char *placeholder) { return strdup(s ? s : placeholder); }
@@ -195,7 +215,7 @@ static int start_call(resil_t *R, const char *fn, const char *json_args, embed_c
   if (push_helpers(R) != LUA_OK) {
     resil_set_error(R, lua_tostring(L, -1));
     lua_settop(L, top);
-    return RESIL_ERR_SCRIPT;
+    return R->interrupted ? RESIL_ERR_INTERRUPT : RESIL_ERR_SCRIPT;
   }
   int helpers = lua_gettop(L);
   /* L stack: helpers, prepare, env, name, args */
@@ -204,10 +224,10 @@ static int start_call(resil_t *R, const char *fn, const char *json_args, embed_c
   lua_pushstring(L, fn);
   if (json_args) lua_pushstring(L, json_args);
   else lua_pushnil(L);
-  if (host_pcall(L, "resil_call", 3, 2) != LUA_OK) { /* a policy that fails to load */
+  if (host_pcall(L, "resil_call", 3, 2) != LUA_OK) { /* a policy that fails to load, or a signal */
     resil_set_error(R, resil_describe(L, -1));
     lua_settop(L, top);
-    return RESIL_ERR_SCRIPT;
+    return R->interrupted ? RESIL_ERR_INTERRUPT : RESIL_ERR_SCRIPT;
   }
   if (lua_isnil(L, -2)) {
     resil_set_error(R, lua_tostring(L, -1));
@@ -240,6 +260,30 @@ static int refuse(resil_t *R, const char *msg) {
   return RESIL_ERR_USAGE;
 }
 
+/* An interrupt that came between calls (a SIGINT while the program was
+ * elsewhere), or stopped this one as its function's module loaded: reported
+ * once, as resil_run reports it, and the next call starts afresh. Left set,
+ * it stopped every later call at its first instruction, each as
+ * RESIL_ERR_SCRIPT, until a resil_run or resil_step (on the program's own
+ * event base: for good). Not the call's to report while Lua runs below (a
+ * resil_register function: the running task is still to stop) or a loop of
+ * the host's own that reports it (resil_call's, resil_step's, resil_run's:
+ * a done callback). */
+static int interrupt_is_ours(resil_t *R) {
+  return R->interrupted && !R->current && !R->host_L && !(R->in_loop && R->in_api);
+}
+
+/* -> RESIL_ERR_INTERRUPT (reported), or RESIL_OK when none is pending */
+static int interrupt_reported(resil_t *R, const char *what) {
+  if (!interrupt_is_ours(R)) return RESIL_OK;
+  char msg[128];
+  snprintf(msg, sizeof msg, "%s: interrupted by signal %d before it started (resil_interrupt): nothing ran", what,
+           (int)R->interrupted);
+  resil_set_error(R, msg);
+  R->interrupted = 0;
+  return RESIL_ERR_INTERRUPT;
+}
+
 static int call_and_wait(resil_t *R, const char *fn, const char *json_args, char **json_result) {
   if (json_result) *json_result = NULL;
   if (!R || !fn) return refuse(R, "resil_call: no host or no function name");
@@ -247,11 +291,13 @@ static int call_and_wait(resil_t *R, const char *fn, const char *json_args, char
   if (R->in_loop || R->current || R->host_L)
     return refuse(R, "resil_call: called from inside the host's loop (a task, a handler or a callback); "
                      "use resil_call_async there");
+  if (interrupt_reported(R, "resil_call") != RESIL_OK) return RESIL_ERR_INTERRUPT;
   if (!state_of(R)) return RESIL_ERR_MEMORY;
   embed_call *c = calloc(1, sizeof *c);
   if (!c) return RESIL_ERR_MEMORY;
   int status = start_call(R, fn, json_args, c);
   if (status != RESIL_OK) {
+    if (status == RESIL_ERR_INTERRUPT && interrupt_is_ours(R)) R->interrupted = 0; /* (reported: its message says where) */
     free(c);
     return status;
   }
@@ -285,6 +331,7 @@ static int call_async(resil_t *R, const char *fn, const char *json_args,
                       void (*done)(void *ud, int status, const char *json_result), void *ud) {
   if (!R || !fn || !done) return refuse(R, "resil_call_async: no host, function name or callback");
   if (resil_refused(R, "resil_call_async")) return RESIL_ERR_USAGE;
+  if (interrupt_reported(R, "resil_call_async") != RESIL_OK) return RESIL_ERR_INTERRUPT;
   embed_state *st = state_of(R);
   if (!st) return RESIL_ERR_MEMORY;
   if (!st->hooked) {
@@ -297,6 +344,7 @@ static int call_async(resil_t *R, const char *fn, const char *json_args,
   c->ud = ud;
   int status = start_call(R, fn, json_args, c);
   if (status != RESIL_OK) free(c);
+  if (status == RESIL_ERR_INTERRUPT && interrupt_is_ours(R)) R->interrupted = 0;
   return status;
 }
 

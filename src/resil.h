@@ -72,7 +72,8 @@ enum {
 };
 
 typedef struct resil_options {
-  struct event_base *base;  /* run on this loop instead of a private one */
+  struct event_base *base;  /* run on this loop instead of a private one; it must outlive the host:
+                               resil_close, then event_base_free (the host's events are on it) */
   long max_instructions;    /* per task between yields; 0 = unlimited */
   size_t max_memory;        /* bytes for the Lua state; 0 = unlimited */
   int virtual_clock;        /* start with the virtual clock */
@@ -140,7 +141,12 @@ RESIL_API const char *resil_error(resil_t *R);
  * negative or NaN value. */
 RESIL_API int resil_set_max_task_seconds(resil_t *R, double seconds);
 
-/* Async-signal-safe: stop the running task and the loop. */
+/* Async-signal-safe: stop the running task and the loop. One that comes
+ * while nothing runs (between calls) is reported once, by what runs next:
+ * resil_run, resil_step, resil_call or resil_call_async returns
+ * RESIL_ERR_INTERRUPT (-RESIL_ERR_INTERRUPT) and runs nothing; the next
+ * one runs. On an event base you dispatch, the calls it stopped hear
+ * RESIL_ERR_INTERRUPT in their done, and calls made after it run. */
 RESIL_API void resil_interrupt(resil_t *R, int signo);
 
 /* Async-signal-safe: ask for a graceful stop. Nothing is cut: the task
@@ -174,7 +180,9 @@ RESIL_API int resil_reload_on_sighup(resil_t *R);
 
 /* Call fn with the arguments in json_args (a JSON array; NULL: none) as a
  * task, run the loop until it ends, and hand its results back as a JSON
- * array in *json_result (malloc'd: the caller frees it; NULL on failure).
+ * array in *json_result (malloc'd: the caller frees it; NULL on failure),
+ * UTF-8: a byte of a result string that is not valid UTF-8 (a text cut
+ * mid-character) comes back as U+FFFD, as in log lines.
  * fn is a global ("decide"), a field path from a global ("limits.check"),
  * or "module.fn": the module is loaded with require (so "policies.retry.
  * decide" finds the policy library's file, hot reload included). JSON null
@@ -183,11 +191,11 @@ RESIL_API int resil_reload_on_sighup(resil_t *R);
  * load, or a cap stopped it: resil_error() has file:line and a traceback);
  * RESIL_ERR_FAILED when it returned nil, err (resil_error(): "fn (file:line)
  * returned nil, kind: message"); RESIL_ERR_USAGE when fn is not a function,
- * json_args is not a JSON array, or resil_call was called from inside the
+ * json_args is not a JSON array ({} is an object), or resil_call was called from inside the
  * loop (from a task, a handler, a resil_call_async callback or any libevent
  * callback on the host's event base): use resil_call_async there;
  * RESIL_ERR_INTERRUPT after resil_interrupt (the call's task goes on and
- * ends in a later run). Other tasks run meanwhile; resil_call returns when
+ * ends in a later run; one that came before the call: nothing ran). Other tasks run meanwhile; resil_call returns when
  * its own call ends, even if they go on. max_instructions and max_memory
  * apply to the call as to any task. */
 RESIL_API int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result);

@@ -1,0 +1,130 @@
+/*
+ * embed_hostile_test.c: the C API as a program uses it on a bad day: a
+ * signal between calls, an interrupt on the program's own event base, JSON
+ * that is not what the header promises. Prints TAP lines; spec/run counts
+ * them.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "resil.h"
+
+static int test_number;
+static int failures;
+
+static void check(int ok, const char *what) {
+  test_number++;
+  if (!ok) failures++;
+  printf("%sok %d - %s\n", ok ? "" : "not ", test_number, what);
+  fflush(stdout);
+}
+
+static int contains(const char *s, const char *needle) { return s && strstr(s, needle) != NULL; }
+
+static char result[4096];
+static int call(resil_t *R, const char *fn, const char *args) {
+  char *out = NULL;
+  int status = resil_call(R, fn, args, &out);
+  snprintf(result, sizeof result, "%s", out ? out : "");
+  free(out);
+  return status;
+}
+
+static resil_t *open_host(struct event_base *base) {
+  resil_options o = {0};
+  o.log_level = "off";
+  o.base = base;
+  resil_t *R = resil_open(&o);
+  if (!R || resil_load_string(R,
+                              "local resil = require 'resil'\n"
+                              "function id(...) return ... end\n"
+                              "function spin() while true do end end\n"
+                              "function cut(s, n) return s:sub(1, n) end\n"
+                              "function bytes(s) return s .. '\\xff', '\\xc3(' end\n",
+                              "=setup") != RESIL_OK || resil_run(R) != RESIL_OK)
+    exit(2);
+  return R;
+}
+
+/* ---- the program's own event base ---- */
+static struct event_base *own;
+static int pending, spin_status = -1, later_status = -1;
+static char later_text[64];
+static void on_spin(void *ud, int status, const char *json) {
+  spin_status = status;
+  if (--pending == 0) event_base_loopbreak(own);
+}
+static void on_later(void *ud, int status, const char *json) {
+  later_status = status;
+  snprintf(later_text, sizeof later_text, "%s", json ? json : "");
+  if (--pending == 0) event_base_loopbreak(own);
+}
+static resil_t *alarmed;
+static void on_alarm(int signo) { resil_interrupt(alarmed, signo); } /* async-signal-safe */
+static void give_up(evutil_socket_t fd, short what, void *arg) { event_base_loopbreak(own); }
+
+int main(void) {
+  resil_t *R = open_host(NULL);
+
+  /* JSON in and out */
+  check(call(R, "id", "{}") == RESIL_ERR_USAGE && contains(resil_error(R), "must be a JSON array") &&
+            call(R, "id", "[]") == RESIL_OK && strcmp(result, "[]") == 0,
+        "json_args {} (an object) is RESIL_ERR_USAGE as {\"a\": 1} is; [] is no arguments");
+  check(call(R, "cut", "[\"h\xc3\xa9llo\", 2]") == RESIL_OK && strcmp(result, "[\"h\xef\xbf\xbd\"]") == 0,
+        "a result string cut mid-character comes back as U+FFFD: the result is JSON (UTF-8)");
+  check(call(R, "bytes", "[\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"]") == RESIL_OK &&
+            strcmp(result, "[\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\xef\xbf\xbd\",\"\xef\xbf\xbd(\"]") == 0,
+        "each byte that is not UTF-8 is one U+FFFD; valid text is kept byte for byte");
+  if (!contains(result, "(\"]")) printf("# got %s\n", result);
+
+  /* a signal between calls: the program's SIGINT handler called resil_interrupt while it did
+   * something else */
+  resil_interrupt(R, SIGINT);
+  int first = call(R, "id", "[1]");
+  check(first == RESIL_ERR_INTERRUPT && contains(resil_error(R), "interrupted by signal 2"),
+        "an interrupt that came between calls: the next resil_call returns RESIL_ERR_INTERRUPT, nothing run");
+  if (first != RESIL_ERR_INTERRUPT) printf("# got %d: %.200s\n", first, resil_error(R));
+  int second = call(R, "id", "[2]"), third = call(R, "id", "[3]");
+  check(second == RESIL_OK && strcmp(result, "[3]") == 0 && third == RESIL_OK,
+        "reported once: the calls after it run (each was RESIL_ERR_SCRIPT, for good, until a resil_run)");
+  if (second != RESIL_OK) printf("# got %d: %.200s\n", second, resil_error(R));
+  resil_interrupt(R, SIGINT);
+  check(resil_call_async(R, "id", "[4]", on_later, NULL) == RESIL_ERR_INTERRUPT && call(R, "id", "[5]") == RESIL_OK,
+        "likewise resil_call_async: RESIL_ERR_INTERRUPT once, no callback, and the next call runs");
+
+  resil_close(R);
+
+  /* the program's own event base: an interrupt stops a call that loops; the calls after it run */
+  own = event_base_new();
+  R = open_host(own);
+  struct event *guard = evtimer_new(own, give_up, NULL);
+  struct timeval enough = {10, 0};
+  pending = 1;
+  resil_call_async(R, "spin", NULL, on_spin, NULL);
+  evtimer_add(guard, &enough);
+  alarmed = R;
+  signal(SIGALRM, on_alarm);
+  struct itimerval in_a_while = {{0, 0}, {0, 100000}};
+  setitimer(ITIMER_REAL, &in_a_while, NULL);
+  event_base_dispatch(own);
+  check(spin_status == RESIL_ERR_INTERRUPT, "own event base: resil_interrupt stops a call that loops (done: RESIL_ERR_INTERRUPT)");
+  pending = 1;
+  int queued = resil_call_async(R, "id", "[\"after\"]", on_later, NULL);
+  evtimer_add(guard, &enough);
+  if (queued == RESIL_OK) event_base_dispatch(own);
+  check(queued == RESIL_OK && later_status == RESIL_OK && strcmp(later_text, "[\"after\"]") == 0,
+        "own event base: the calls after the interrupt run (each was refused, for good: nothing reported it)");
+  if (queued != RESIL_OK) printf("# got %d: %.200s\n", queued, resil_error(R));
+  event_free(guard);
+  resil_close(R);
+  event_base_free(own);
+
+  printf("1..%d\n", test_number);
+  return failures ? 1 : 0;
+}
