@@ -197,7 +197,13 @@ RESIL_API int resil_reload_on_sighup(resil_t *R);
  * RESIL_ERR_INTERRUPT after resil_interrupt (the call's task goes on and
  * ends in a later run; one that came before the call: nothing ran). Other tasks run meanwhile; resil_call returns when
  * its own call ends, even if they go on. max_instructions and max_memory
- * apply to the call as to any task. */
+ * apply to the call as to any task. Resolving fn (its module's first load)
+ * and decoding json_args run at once, outside any task: the watchdog does
+ * not time them, and without max_instructions or max_memory they have a
+ * reload's caps (200 million instructions, 1 GiB more), so a module that
+ * loops at load is RESIL_ERR_SCRIPT at its line, not a hang. A module that
+ * waits at load (resil.sleep, a request, the store) raises there: load it
+ * from a task first (resil_load_string "require ..." and resil_run). */
 RESIL_API int resil_call(resil_t *R, const char *fn, const char *json_args, char **json_result);
 
 /* The same without waiting, for a program that runs the loop itself

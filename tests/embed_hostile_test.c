@@ -125,6 +125,57 @@ int main(void) {
   resil_close(R);
   event_base_free(own);
 
+  /* a policy module that loops at load, under resil_call: its load runs outside any task, where
+   * the watchdog times nothing (resil_call_async held the program's event loop too) */
+  char dir[] = "/tmp/resil-hostile-XXXXXX", path[600];
+  if (!mkdtemp(dir)) return 1;
+  snprintf(path, sizeof path, "%s/looper.lua", dir);
+  FILE *f = fopen(path, "w");
+  if (!f) return 1;
+  fputs("local n = 0\nwhile true do n = n + 1 end\nreturn { f = function() return 'loaded' end }\n", f);
+  fclose(f);
+  snprintf(path, sizeof path, "%s/starter.lua", dir);
+  f = fopen(path, "w");
+  if (!f) return 1;
+  /* a refresher a policy starts at load, which runs long (more than the load's cap) between
+   * its yields' counts */
+  fputs("local resil = require 'resil'\nlocal M = { done = false }\n"
+        "M.refresher = resil.spawn(function()\n"
+        "  local n = 0\n"
+        "  for i = 1, 6e7 do n = n + i if i % 1e6 == 0 then resil.sleep(0) end end\n"
+        "  M.done = true\n"
+        "end)\n"
+        "function M.f() return 'loaded' end\n"
+        "function M.wait() local ok, err = M.refresher:join() return M.done, err and tostring(err) or nil end\n"
+        "return M\n",
+        f);
+  fclose(f);
+  resil_options o = {0};
+  o.log_level = "off";
+  o.policies_dir = dir;
+  R = resil_open(&o);
+  resil_set_max_task_seconds(R, 0.5);
+  alarmed = R; /* (without a cap the test ends, failed, rather than hanging) */
+  struct itimerval ten = {{0, 0}, {5, 0}}, off = {{0, 0}, {0, 0}};
+  setitimer(ITIMER_REAL, &ten, NULL);
+  int looped = call(R, "policies.looper.f", NULL);
+  setitimer(ITIMER_REAL, &off, NULL);
+  check(looped == RESIL_ERR_SCRIPT && contains(resil_error(R), "looper.lua:2: ") &&
+            contains(resil_error(R), "ran more than --max-instructions"),
+        "resil_call of a module that loops at load ends with RESIL_ERR_SCRIPT at its file:line (it held the call "
+        "for good; the watchdog does not time a load)");
+  if (looped != RESIL_ERR_SCRIPT) printf("# got %d: %.200s\n", looped, resil_error(R));
+  check(call(R, "policies.starter.f", NULL) == RESIL_OK && call(R, "policies.starter.wait", NULL) == RESIL_OK &&
+            strcmp(result, "[true,null]") == 0,
+        "a task a module starts at load is not cut by the load's cap (its thread had copied the load's hook)");
+  if (strcmp(result, "[true,null]") != 0) printf("# got %.300s\n", result);
+  resil_close(R);
+  snprintf(path, sizeof path, "%s/looper.lua", dir);
+  unlink(path);
+  snprintf(path, sizeof path, "%s/starter.lua", dir);
+  unlink(path);
+  rmdir(dir);
+
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
 }
