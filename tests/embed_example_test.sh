@@ -48,6 +48,8 @@ pid=$!
 for _ in $(seq 600); do grep -q "waiting for SIGHUP" "$tmp/run.out" && break; kill -0 $pid 2>/dev/null || break; sleep 0.05; done
 grep -q '^main: \["Mock reply to: hello",1\]$' "$tmp/run.out"
 ok $? "it calls the policy with resil_call against the mock"
+grep -qF 'main: ["Mock reply to: a \"quoted\" one,\nwith a \\",1]' "$tmp/run.out"
+ok $? "a question with quotes, a newline and a backslash reaches the policy as it is (the JSON is escaped)"
 [ "$(grep -c '^thread-1: \["Mock reply to: thread-1 question' "$tmp/run.out")" = 3 ] &&
   [ "$(grep -c '^thread-2: \["Mock reply to: thread-2 question' "$tmp/run.out")" = 3 ]
 ok $? "and from two threads with a host each"

@@ -17,7 +17,7 @@
 
 static const char *policies = "policies";
 
-/* a host with the mock provider running in its loop; the mock's URL in url */
+/* a host with the mock provider running in its loop; the mock's URL in url, as JSON text */
 static resil_t *open_host(char *url, size_t url_len) {
   resil_options opts = {0};
   opts.policies_dir = policies;
@@ -32,16 +32,42 @@ static resil_t *open_host(char *url, size_t url_len) {
     resil_close(R);
     return NULL;
   }
-  /* out is ["http://127.0.0.1:port"]: strip the brackets and quotes */
-  snprintf(url, url_len, "%.*s", (int)strlen(out) - 4, out + 2);
+  /* out is ["http:\/\/127.0.0.1:port"] (JSON may escape a slash): url keeps
+   * the element as JSON text, "http:\/\/...", for the arguments of calls */
+  snprintf(url, url_len, "%.*s", (int)strlen(out) - 2, out + 1);
   free(out);
   return R;
 }
 
-/* policies.answer.ask(url, question) -> 0 and prints the answer, or -1 */
+/* s as a JSON string into out (cap bytes): a question is the user's text,
+ * and one with a quote, a backslash or a newline pasted into "[\"%s\"]" as it
+ * is made bad JSON (RESIL_ERR_USAGE) or arguments of its own. -> 0, or -1 if
+ * it does not fit */
+static int json_string(char *out, size_t cap, const char *s) {
+  size_t n = 0;
+  if (cap < 3) return -1;
+  out[n++] = '"';
+  for (; *s; s++) {
+    unsigned char c = (unsigned char)*s;
+    char esc[8];
+    if (c == '"' || c == '\\') snprintf(esc, sizeof esc, "\\%c", c);
+    else if (c < 0x20) snprintf(esc, sizeof esc, "\\u%04x", c);
+    else esc[0] = (char)c, esc[1] = '\0';
+    size_t len = strlen(esc);
+    if (n + len + 2 > cap) return -1;
+    memcpy(out + n, esc, len);
+    n += len;
+  }
+  out[n++] = '"';
+  out[n] = '\0';
+  return 0;
+}
+
+/* policies.answer.ask(url, question) -> 0 and prints the answer, or -1 (url: JSON text) */
 static int ask(resil_t *R, const char *url, const char *who, const char *question) {
-  char args[512];
-  snprintf(args, sizeof args, "[\"%s\", \"%s\"]", url, question);
+  char args[1024], question_json[600];
+  if (json_string(question_json, sizeof question_json, question) != 0) return -1;
+  snprintf(args, sizeof args, "[%s, %s]", url, question_json);
   char *result = NULL;
   int status = resil_call(R, "policies.answer.ask", args, &result);
   if (status != RESIL_OK) {
@@ -86,7 +112,7 @@ int main(int argc, char **argv) {
 
   char url[256];
   resil_t *R = open_host(url, sizeof url);
-  if (!R || ask(R, url, "main", "hello") != 0) return 1;
+  if (!R || ask(R, url, "main", "hello") != 0 || ask(R, url, "main", "a \"quoted\" one,\nwith a \\") != 0) return 1;
 
   /* two threads, a host each: no locking, no shared state */
   pthread_t threads[2];
