@@ -169,6 +169,10 @@ int main(void) {
             strcmp(result, "[true,null]") == 0,
         "a task a module starts at load is not cut by the load's cap (its thread had copied the load's hook)");
   if (strcmp(result, "[true,null]") != 0) printf("# got %.300s\n", result);
+  int reloaded = resil_reload(R); /* (the same copy of a reload's hook, in loop.c, before this session) */
+  check(reloaded == RESIL_OK && call(R, "policies.starter.wait", NULL) == RESIL_OK && strcmp(result, "[true,null]") == 0,
+        "a task a policy starts at load in a hot reload (resil_reload) is not cut by the reload's cap");
+  if (strcmp(result, "[true,null]") != 0) printf("# got %d %.300s\n", reloaded, result);
   resil_close(R);
   snprintf(path, sizeof path, "%s/looper.lua", dir);
   unlink(path);
