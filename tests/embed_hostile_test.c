@@ -82,6 +82,19 @@ int main(void) {
             strcmp(result, "[\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\xef\xbf\xbd\",\"\xef\xbf\xbd(\"]") == 0,
         "each byte that is not UTF-8 is one U+FFFD; valid text is kept byte for byte");
   if (!contains(result, "(\"]")) printf("# got %s\n", result);
+  size_t many = 1100000;
+  char *args = malloc(2 * many + 2), *p = args;
+  if (!args) return 1;
+  *p++ = '[';
+  for (size_t i = 0; i < many; i++) *p++ = '0', *p++ = ',';
+  p[-1] = ']', *p = '\0';
+  int too_many = call(R, "id", args);
+  check(too_many == RESIL_ERR_USAGE && contains(resil_error(R), "json_args has 1100000 elements"),
+        "json_args with more elements than a Lua call can take is RESIL_ERR_USAGE, saying so (it raised "
+        "'too many results to unpack' at [resil embed]:77)");
+  if (too_many != RESIL_ERR_USAGE) printf("# got %d: %.200s\n", too_many, resil_error(R));
+  free(args);
+  check(call(R, "select", "[\"#\", 1, 2, 3]") == RESIL_OK && strcmp(result, "[3]") == 0, "and a few are counted as before");
 
   /* a signal between calls: the program's SIGINT handler called resil_interrupt while it did
    * something else */
