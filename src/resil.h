@@ -8,7 +8,9 @@
  * Threads: a host is not thread-safe. Every function below takes the host
  * and must be called from one thread at a time, the thread that runs its
  * loop; only resil_interrupt may be called from elsewhere (another thread or
- * a signal handler). Two threads with a host each need no locking.
+ * a signal handler), and only while the host is open: join that thread or
+ * take the handler away before resil_close (the host's memory goes there).
+ * Two threads with a host each need no locking.
  *
  * Locale: while the host runs (these functions, and its callbacks on an
  * event base you dispatch), the calling thread is in the C locale
