@@ -427,7 +427,10 @@ void embed_free(resil_t *R) {
   while (st->unfinished) {
     embed_call *c = st->unfinished;
     unlink_unfinished(st, c);
-    if (c->done && !c->abandoned) c->done(c->ud, RESIL_ERR_INTERRUPT, NULL);
+    if (c->done && !c->abandoned) { /* (resil_error said whatever failed last) */
+      resil_set_error(R, "resil_call_async: the host was closed (resil_close) before the call ended");
+      c->done(c->ud, RESIL_ERR_INTERRUPT, NULL);
+    }
     free_call(c);
   }
   free(st);

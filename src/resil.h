@@ -218,7 +218,7 @@ RESIL_API int resil_call(resil_t *R, const char *fn, const char *json_args, char
  * from inside Lua, so it may start new calls): json_result (the host's,
  * valid during the callback) on RESIL_OK, NULL with resil_error() set
  * otherwise. A call still running at resil_close gets RESIL_ERR_INTERRUPT
- * from resil_close. */
+ * from resil_close (resil_error() says the host closed). */
 RESIL_API int resil_call_async(resil_t *R, const char *fn, const char *json_args,
                      void (*done)(void *ud, int status, const char *json_result), void *ud);
 

@@ -45,6 +45,7 @@ static resil_t *open_host(struct event_base *base) {
                               "local resil = require 'resil'\n"
                               "function id(...) return ... end\n"
                               "function spin() while true do end end\n"
+                              "function nap(s) resil.sleep(s) end\n"
                               "function cut(s, n) return s:sub(1, n) end\n"
                               "function bytes(s) return s .. '\\xff', '\\xc3(' end\n",
                               "=setup") != RESIL_OK || resil_run(R) != RESIL_OK)
@@ -55,7 +56,7 @@ static resil_t *open_host(struct event_base *base) {
 /* ---- the program's own event base ---- */
 static struct event_base *own;
 static int pending, spin_status = -1, later_status = -1;
-static char later_text[64];
+static char later_text[200];
 static void on_spin(void *ud, int status, const char *json) {
   spin_status = status;
   if (--pending == 0) event_base_loopbreak(own);
@@ -64,6 +65,10 @@ static void on_later(void *ud, int status, const char *json) {
   later_status = status;
   snprintf(later_text, sizeof later_text, "%s", json ? json : "");
   if (--pending == 0) event_base_loopbreak(own);
+}
+static void on_closed(void *ud, int status, const char *json) {
+  later_status = status;
+  snprintf(later_text, sizeof later_text, "%s", resil_error(ud));
 }
 static resil_t *alarmed;
 static void on_alarm(int signo) { resil_interrupt(alarmed, signo); } /* async-signal-safe */
@@ -112,6 +117,17 @@ int main(void) {
         "likewise resil_call_async: RESIL_ERR_INTERRUPT once, no callback, and the next call runs");
 
   resil_close(R);
+
+  /* a call still running at resil_close: its done hears why, not what failed last */
+  R = open_host(NULL);
+  call(R, "no_such_function", NULL);
+  later_status = -1;
+  resil_call_async(R, "nap", "[3600]", on_closed, R);
+  resil_close(R);
+  check(later_status == RESIL_ERR_INTERRUPT && contains(later_text, "resil_close"),
+        "a call still running at resil_close: done gets RESIL_ERR_INTERRUPT with resil_error saying the host closed "
+        "(it said whatever had failed last)");
+  if (!contains(later_text, "resil_close")) printf("# got %s\n", later_text);
 
   /* the program's own event base: an interrupt stops a call that loops; the calls after it run */
   own = event_base_new();
