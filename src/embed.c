@@ -397,7 +397,13 @@ int resil_step(resil_t *R, int timeout_ms) {
 }
 
 static int valid_name(const char *s) {
+  /* (a reserved word is no identifier: resil.host.end does not compile) */
+  static const char *const reserved[] = {"and", "break", "do", "else", "elseif", "end", "false", "for",
+                                         "function", "goto", "if", "in", "local", "nil", "not", "or",
+                                         "repeat", "return", "then", "true", "until", "while"};
   if (!s || !(*s == '_' || (*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z'))) return 0;
+  for (size_t i = 0; i < sizeof reserved / sizeof reserved[0]; i++)
+    if (strcmp(s, reserved[i]) == 0) return 0;
   for (; *s; s++)
     if (!(*s == '_' || (*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9'))) return 0;
   return 1;

@@ -232,7 +232,7 @@ RESIL_API int resil_call_async(resil_t *R, const char *fn, const char *json_args
 RESIL_API int resil_step(resil_t *R, int timeout_ms);
 
 /* Make f callable from Lua as resil.host.<name> (also under the sandbox).
- * name must be a Lua identifier; a second registration replaces the first.
+ * name must be a Lua identifier (not a reserved word); a second registration replaces the first.
  * f runs on the host's thread inside a task or handler: it may raise with
  * lua_error/luaL_error (the caller sees it at its line) but must not block
  * or call resil_call. Returns RESIL_OK or RESIL_ERR_USAGE. */

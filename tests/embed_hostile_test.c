@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <event2/event.h>
+#include <lua.h>
 
 #include "resil.h"
 
@@ -35,6 +36,8 @@ static int call(resil_t *R, const char *fn, const char *args) {
   free(out);
   return status;
 }
+
+static int host_nothing(lua_State *L) { return 0; }
 
 static resil_t *open_host(struct event_base *base) {
   resil_options o = {0};
@@ -100,6 +103,10 @@ int main(void) {
   if (too_many != RESIL_ERR_USAGE) printf("# got %d: %.200s\n", too_many, resil_error(R));
   free(args);
   check(call(R, "select", "[\"#\", 1, 2, 3]") == RESIL_OK && strcmp(result, "[3]") == 0, "and a few are counted as before");
+
+  check(resil_register(R, "end", host_nothing) == RESIL_ERR_USAGE && resil_register(R, "function", host_nothing) ==
+            RESIL_ERR_USAGE && resil_register(R, "end_", host_nothing) == RESIL_OK,
+        "resil_register refuses a Lua reserved word (resil.host.end does not compile): it is no identifier");
 
   /* a signal between calls: the program's SIGINT handler called resil_interrupt while it did
    * something else */
