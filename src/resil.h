@@ -238,6 +238,9 @@ RESIL_API int resil_step(resil_t *R, int timeout_ms);
  * or call resil_call. Returns RESIL_OK or RESIL_ERR_USAGE. */
 RESIL_API int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L));
 
+/* The host's Lua state (for bindings of your own) and its event base:
+ * resil_options.base, or one the host made, which resil_close frees: free
+ * events of your own on that one first. */
 RESIL_API struct lua_State *resil_lua(resil_t *R);
 RESIL_API struct event_base *resil_event_base(resil_t *R);
 
