@@ -151,6 +151,7 @@ static void deliver(void *arg) {
   resil_t *R = arg;
   embed_state *st = R->embed;
   embed_call *c;
+  int interrupted = st && R->interrupted; /* (one that comes during the callbacks is the next call's) */
   while (st && (c = st->completed_head)) {
     st->completed_head = c->next;
     if (!st->completed_head) st->completed_tail = NULL;
@@ -161,7 +162,7 @@ static void deliver(void *arg) {
   /* on the program's own event base (the pump's turn, no resil_* function below): the
    * turn acted on an interrupt (the calls it stopped heard RESIL_ERR_INTERRUPT); nothing
    * else ever reported it, and left set it refused every later call and handler, for good */
-  if (st && R->interrupted && R->in_loop && !R->in_api && !R->current && !R->host_L) R->interrupted = 0;
+  if (interrupted && R->in_loop && !R->in_api && !R->current && !R->host_L) R->interrupted = 0;
 }
 
 static char *copy_or_placeholder(const char *s, const char *placeholder) { return strdup(s ? s : placeholder); }
