@@ -449,6 +449,9 @@ static void task_resume(resil_t *R, task *t) {
   t->instructions = 0;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
+  else if (lua_gethook(t->co) == instruction_hook && !R->interrupted)
+    lua_sethook(t->co, NULL, 0, 0); /* lua_newthread's copy of a capped host_pcall's (a task a policy started at
+                                     * load, in a reload): cut at the cap it had no part of */
   pthread_t self = pthread_self();
   if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self; /* (not rewritten at each resume: read by the watchdog) */
   resil_t *outer_host = watchdog_host;
