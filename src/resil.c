@@ -779,15 +779,21 @@ static int load_file(resil_t *R, const char *path, int argc, char **argv) {
     }
     fclose(f);
   }
-  if (luaL_loadfilex(R->L, is_stdin ? NULL : path, R->sandbox ? "t" : NULL) != LUA_OK) {
+  int loaded = luaL_loadfilex(R->L, is_stdin ? NULL : path, R->sandbox ? "t" : NULL);
+  if (loaded != LUA_OK) {
     set_load_error(R, is_stdin ? "stdin" : path);
-    return RESIL_ERR_SCRIPT;
+    /* (a file that cannot be read, a directory: not a script's error) */
+    return loaded == LUA_ERRFILE ? RESIL_ERR_FILE : RESIL_ERR_SCRIPT;
   }
   return start_main(R, argc, argv, is_stdin ? "-" : path);
 }
 
 int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
   if (resil_refused(R, "resil_load_file")) return RESIL_ERR_USAGE;
+  if (argc < 0 || (argc > 0 && !argv)) {
+    resil_set_error(R, "resil_load_file: argc must be >= 0, with argv holding argc strings");
+    return RESIL_ERR_USAGE;
+  }
   locale_t caller = host_locale_enter(R);
   int status = load_file(R, path, argc, argv);
   host_locale_leave(caller);

@@ -216,6 +216,17 @@ int main(void) {
   unlink(path);
   rmdir(dir);
 
+  /* resil_load_file's own misuse: what and where, never Lua's panic */
+  resil_options lo = {0};
+  lo.log_level = "off";
+  resil_t *L1 = resil_open(&lo);
+  check(L1 && resil_load_file(L1, "/tmp", 0, NULL) == RESIL_ERR_FILE && contains(resil_error(L1), "/tmp"),
+        "resil_load_file of a directory is RESIL_ERR_FILE naming it, as the header says (it was RESIL_ERR_SCRIPT)");
+  char *no_args[] = {NULL};
+  check(L1 && resil_load_file(L1, "-", -1, no_args) == RESIL_ERR_USAGE && contains(resil_error(L1), "argc"),
+        "resil_load_file with argc < 0 is RESIL_ERR_USAGE (Lua panicked and aborted the process)");
+  if (L1) resil_close(L1);
+
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
 }
