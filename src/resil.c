@@ -677,8 +677,11 @@ static resil_t *open_host(const resil_options *opts) {
     if (opts->log_level) {
       lua_getfield(L, -1, "level");
       lua_pushstring(L, opts->log_level);
-      if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-        resil_set_error(R, lua_tostring(L, -1));
+      if (lua_pcall(L, 1, 0, 0) != LUA_OK) { /* (the option named: Lua's own says "bad argument #1 to '?'") */
+        char msg[256];
+        snprintf(msg, sizeof msg, "resil_options.log_level: '%.64s' is not a level (debug, info, warn, error, off)",
+                 opts->log_level);
+        resil_set_error(R, msg);
         lua_pop(L, 1);
       }
     }

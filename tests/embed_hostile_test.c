@@ -226,6 +226,11 @@ int main(void) {
   check(L1 && resil_load_file(L1, "-", -1, no_args) == RESIL_ERR_USAGE && contains(resil_error(L1), "argc"),
         "resil_load_file with argc < 0 is RESIL_ERR_USAGE (Lua panicked and aborted the process)");
   if (L1) resil_close(L1);
+  lo.log_level = "verbose";
+  resil_t *L2 = resil_open(&lo);
+  check(L2 && contains(resil_error(L2), "log_level") && contains(resil_error(L2), "verbose"),
+        "an unknown log_level is named in resil_error (it said \"bad argument #1 to '?'\")");
+  if (L2) resil_close(L2);
 
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
