@@ -106,7 +106,14 @@ struct resil {
   /* the watchdog (watchdog.c): a task resume that runs --max-task-seconds
    * of CPU without yielding is stopped */
   struct watchdog *watchdog;            /* NULL: none */
-  _Atomic unsigned long resume_seq;     /* bumped as a task resume starts and ends: odd while one runs */
+  _Atomic unsigned long resume_seq;     /* bumped as a task resume starts and ends: odd while one runs;
+                                         * by 2 as each loop turn waits for I/O (loop.c, base_loop) */
+  _Atomic int turns_watched;            /* 1: the loop's thread is in the host's loop (loop_enter, pump_cb):
+                                         * the time between resumes is timed too, from turn to turn */
+  _Atomic(const char *) host_section;   /* what the host's own work between resumes is (a full
+                                         * collection, a reload): what a stuck exit there names */
+  volatile unsigned long host_watch_seq; /* the turn whose host call (host_L) the watchdog stops (loop_arm_host) */
+  struct resil *turns_outer_host;       /* watchdog_host before the loop was entered */
   _Atomic unsigned long runaway_request; /* the resume the watchdog stops (its hook raises only in it) */
   _Atomic double runaway_request_seconds; /* ...and how long it had run (both written by the watchdog's thread) */
   _Atomic int watch_paused;             /* > 0: what runs is the host's own long work (unwatched), not timed */
@@ -260,9 +267,10 @@ int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
 void loop_arm_runaway(resil_t *R); /* from the watchdog's signal handler */
+void loop_arm_host(resil_t *R, unsigned long seq); /* ...between resumes: a host call's Lua (host_pcall) */
 int loop_raise_runaway(lua_State *L, const char *how); /* a C function the watchdog's stop interrupted */
-/* the host's own Lua work outside any task (a full collection's finalizers), watched as a
- * resume is: stuck there past the watchdog's limit, the command ends (exit 70). -> begun? */
+/* the host's own Lua work outside any task (a full collection's finalizers), named: stuck there
+ * past the watchdog's limit, the command's stuck exit (70) names `what`. -> begun? */
 int loop_host_section_begin(resil_t *R, const char *what);
 void loop_host_section_end(resil_t *R, int begun);
 extern _Thread_local resil_t *watchdog_host; /* the host whose task this thread is resuming (watchdog.c) */

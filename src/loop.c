@@ -576,6 +576,16 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
     lua_error(L);
   }
   if (host) { /* host_pcall: where it first looped */
+    unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
+    if (!R->host_stop[0] && R->host_watch_seq == seq && !(seq & 1)) { /* the watchdog's (loop_arm_host) */
+      char ran[32];
+      snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_request_seconds));
+      snprintf(R->host_stop, sizeof R->host_stop, "%s%s ran %s s without yielding (--max-task-seconds=%s)", at,
+               R->host_what, ran, R->max_task_seconds_text);
+      /* raised again until host_pcall returns (host_stop); what the turn runs after it is timed afresh */
+      R->host_watch_seq = 0;
+      atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
+    }
     if (!R->host_stop[0])
       snprintf(R->host_stop, sizeof R->host_stop, "%s%s ran more than --max-instructions=%ld", at, R->host_what,
                R->max_instructions);
@@ -737,23 +747,36 @@ void loop_arm_runaway(resil_t *R) {
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
 }
 
+/* From the watchdog's signal handler, between resumes in the turn `seq`
+ * (even): Lua the host runs outside any task (host_pcall: a server handler
+ * without tasks, a policy reload's code) ran the watchdog's limit. Stopped as
+ * host_pcall's --max-instructions cap stops it (instruction_hook, which raises
+ * again until host_pcall returns): only hooks, and what the stuck exit names
+ * if none runs (a finalizer, hooks off). Else nothing: no Lua with hooks runs. */
+void loop_arm_host(resil_t *R, unsigned long seq) {
+  if (!R->host_L || !R->host_what || R->host_stop[0]) return;
+  put_text(R->runaway_what, 0, sizeof R->runaway_what, R->host_what);
+  atomic_store(&R->runaway_armed, seq);
+  R->host_watch_seq = seq;
+  lua_sethook(R->host_L, instruction_hook, LUA_MASKCOUNT, 1);
+  for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, instruction_hook, LUA_MASKCOUNT, 1);
+}
+
 /* A finalizer runs with hooks off, so one that loops in the host's own
- * collection between turns held the loop for good, outside every resume the
- * watchdog times. Such a section counts as a resume (resume_seq odd) with
- * no task: the watchdog's stop arms nothing there (loop_arm_runaway), and
- * its stuck exit names `what`. Not inside a resume: that one is timed. */
+ * collection between turns held the loop for good, outside every resume.
+ * The watchdog times the loop's turns (base_loop), and the stuck exit names
+ * `what` if the host is stuck in such a section. Inside a resume, or inside
+ * another section, nothing: those name it. */
 int loop_host_section_begin(resil_t *R, const char *what) {
-  if (atomic_load(&R->resume_seq) & 1) return 0;
-  put_text(R->runaway_what, 0, sizeof R->runaway_what, what);
-  pthread_t self = pthread_self();
-  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self;
-  unsigned long seq = atomic_fetch_add(&R->resume_seq, 1) + 1;
-  atomic_store(&R->runaway_armed, seq); /* (what end_stuck names) */
+  if ((atomic_load_explicit(&R->resume_seq, memory_order_relaxed) & 1) ||
+      atomic_load_explicit(&R->host_section, memory_order_relaxed))
+    return 0;
+  atomic_store_explicit(&R->host_section, what, memory_order_release);
   return 1;
 }
 
 void loop_host_section_end(resil_t *R, int begun) {
-  if (begun) atomic_fetch_add(&R->resume_seq, 1);
+  if (begun) atomic_store_explicit(&R->host_section, NULL, memory_order_relaxed);
 }
 
 /* From task_resume, and from a signal handler (resil_request_stop): only
@@ -1474,6 +1497,12 @@ static long preemptions(void) {
  * event_base_dispatch running an event of its own), libevent refuses it: the host's loop, waiting
  * on it, spun forever; it stops instead (loop_status: RESIL_ERR_USAGE). */
 static void base_loop(resil_t *R, int flags) {
+  /* a new turn for the watchdog (watchdog.c): what runs until the next one
+   * outside any resume (libevent's callbacks, the collection steps their
+   * allocations make, the turn's end) is timed from here. By 2: even, as
+   * between resumes; a plain store, the loop's thread its only writer. */
+  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
+  if (!(seq & 1)) atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
   if (event_base_loop(R->base, flags) == -1) R->base_refused = 1;
 }
 
@@ -1553,13 +1582,35 @@ static int loop_status(resil_t *R, int main) {
 
 /* Entering the host's own loop: the pump is not needed (a pending one would
  * end the first wait at once); leaving it with tasks ready: it is again. */
+/* The watchdog times the turns (the time between resumes too) only while
+ * this thread runs the host's loop: the CPU clock it reads is this thread's,
+ * and an embedder's time between resil_step calls is its own. */
+static void turns_watched(resil_t *R) {
+  pthread_t self = pthread_self();
+  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self;
+  R->turns_outer_host = watchdog_host;
+  watchdog_host = R; /* the signal's handler finds the host here (a host call's stop: loop_arm_host) */
+  atomic_store_explicit(&R->turns_watched, 1, memory_order_release);
+}
+
+static void turns_unwatched(resil_t *R) {
+  atomic_store_explicit(&R->turns_watched, 0, memory_order_release);
+  watchdog_host = R->turns_outer_host;
+}
+
 static void loop_enter(resil_t *R) {
-  if (R->in_loop++ == 0) R->caller_locale = host_locale_enter(R);
+  if (R->in_loop++ == 0) {
+    R->caller_locale = host_locale_enter(R);
+    turns_watched(R);
+  }
   if (R->pump_ev) event_del(R->pump_ev);
 }
 
 static void loop_leave(resil_t *R) {
-  if (--R->in_loop == 0) host_locale_leave(R->caller_locale);
+  if (--R->in_loop == 0) {
+    turns_unwatched(R);
+    host_locale_leave(R->caller_locale);
+  }
   if (!R->in_loop && R->ready_head && R->pump_ev) event_active(R->pump_ev, EV_TIMEOUT, 0);
 }
 
@@ -1619,6 +1670,9 @@ static void pump_cb(evutil_socket_t fd, short what, void *arg) {
     return;
   }
   R->in_loop++;
+  turns_watched(R);
+  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed); /* a turn (base_loop) */
+  if (!(seq & 1)) atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
   locale_t caller = host_locale_enter(R);
   if (R->ready_head) {
     loop_run_ready(R);
@@ -1628,6 +1682,7 @@ static void pump_cb(evutil_socket_t fd, short what, void *arg) {
       R->tasks_alive > 0)
     virtual_advance(R);
   host_locale_leave(caller);
+  turns_unwatched(R);
   R->in_loop--;
   if (R->ready_head || R->close_pending) event_active(R->pump_ev, EV_TIMEOUT, 0); /* after this turn's I/O */
 }

@@ -21,6 +21,14 @@
  * resume the watchdog asks to stop (a handler that comes after that resume
  * ended does nothing). An embedder that uses SIGURG itself should not turn
  * the watchdog on.
+ *
+ * While the loop's thread runs the host's loop it also times the turns: the
+ * loop bumps the counter by 2 as each turn waits for I/O (base_loop; the wait
+ * takes no CPU time), so the time between resumes is timed too, from the
+ * last resume or turn. Lua runs there outside every task: a server handler
+ * without tasks or a reload's code (host_pcall: stopped as its cap stops it,
+ * loop_arm_host), a __gc finalizer that a collection step in a C callback
+ * runs (hooks off: the stuck exit). No cost a turn but one plain store.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -61,7 +69,8 @@ static void on_watchdog_signal(int signo) {
     unsigned long seq = atomic_load(&R->runaway_request);
     if (seq && atomic_load(&R->resume_seq) == seq) {
       if (R->current) loop_arm_runaway(R);
-      else arm_op(R, seq); /* a store op's function, in the group commit (watchdog_op_begin) */
+      else if (seq & 1) arm_op(R, seq); /* a store op's function, in the group commit (watchdog_op_begin) */
+      else loop_arm_host(R, seq);       /* between resumes: a host call's Lua, if one runs */
     }
   }
   errno = saved;
@@ -152,6 +161,12 @@ static void end_stuck(resil_t *R, unsigned long seq, double ran) {
   char what[sizeof R->runaway_what * 2];
   size_t n = 0;
   const char *src = atomic_load(&R->runaway_armed) == seq ? R->runaway_what : "a task";
+  if (!(seq & 1)) { /* between resumes: the host's own work, named if a section of it (or a host call) runs */
+    src = atomic_load_explicit(&R->host_section, memory_order_acquire);
+    if (!src && atomic_load(&R->runaway_armed) == seq) src = R->runaway_what;
+    if (!src) src = "the host's own work outside every task (a __gc finalizer that a collection step in a C callback "
+                    "ran, or a C function)";
+  }
   for (; *src && n + 3 < sizeof what; src++) { /* JSON: the where is a file name */
     unsigned char ch = (unsigned char)*src;
     if (ch == '"' || ch == '\\') what[n++] = '\\';
@@ -182,6 +197,7 @@ static void *watch_main(void *arg) {
   double every = w->seconds / 4 < 0.05 ? 0.05 : w->seconds / 4;
   unsigned long seen = 0;
   double seen_since = 0;
+  int seeing = 0; /* seen is timed from seen_since */
   pthread_mutex_lock(&w->lock);
   while (!w->stopping) {
     struct timespec until;
@@ -193,12 +209,17 @@ static void *watch_main(void *arg) {
     }
     if (w->stopping) break;
     if (atomic_load(&R->watch_paused)) { /* the host's own long work: timed afresh once it ends */
-      seen = 0;
+      seeing = 0;
       continue;
     }
+    /* a resume (odd), or the loop's own time between resumes in one turn (even: libevent's
+     * callbacks and the collection steps their allocations make, the turn's end; base_loop
+     * bumps the count by 2 at each turn, and the wait for I/O takes no CPU time) */
     unsigned long seq = atomic_load(&R->resume_seq);
-    double now = (seq & 1) ? loop_cpu_seconds(R) : 0;
-    if (!(seq & 1) || seq != seen || now < 0) { /* nothing runs, or another resume than last time */
+    int timed = (seq & 1) || atomic_load(&R->turns_watched);
+    double now = timed ? loop_cpu_seconds(R) : -1;
+    if (!seeing || seq != seen || now < 0) { /* nothing timed, or another resume or turn than last time */
+      seeing = now >= 0;
       seen = seq;
       seen_since = now;
       continue;

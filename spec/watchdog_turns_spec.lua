@@ -1,0 +1,82 @@
+-- The watchdog (--max-task-seconds) times the loop's turns, not only the resumes: Lua that the
+-- host runs outside every task (a server handler without tasks, a __gc finalizer that a
+-- collection step in a C callback runs) looped there unseen, the process held for good. Real
+-- processes; one that hangs is killed after a bound.
+local helpers = require "spec.helpers"
+local resil = require "resil"
+
+describe("--max-task-seconds between resumes", function()
+  -- (before: a finalizer runs with hooks off, and the step that ran it came from the server's
+  -- C callback pushing a request, outside every resume: the process hung with no line)
+  it("a __gc that loops in a collection step of the host's C code ends the process with code 70 and a line",
+    function()
+      local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+collectgarbage("incremental", 100, 400) -- (the host's full collection then never runs: only the steps)
+local mt = {}
+mt.__gc = function()
+  if resil.running() then setmetatable({}, mt) return end -- in a task's resume: armed again
+  while true do end
+end
+local server = resil.server.listen({ port = 0, tasks = true, handler = function(req)
+  return { status = 200, body = "ok" }
+end })
+resil.spawn(function() setmetatable({}, mt) end)
+local url = ("http://127.0.0.1:%d/"):format(server:port())
+for _ = 1, 20000 do resil.http.request({ url = url, body = ("x"):rep(2000) }) end
+print("went on")
+]])
+      local r = helpers.run("timeout -s KILL 90 " .. helpers.resil .. " --max-task-seconds 0.3 " .. script)
+      os.remove(script)
+      assert.are.equal(70, r.code, r.stdout .. r.stderr)
+      assert.are.equal("", r.stdout)
+      local line = r.stderr:match('[^\n]*"level":"error"[^\n]*')
+      assert.is_truthy(line, r.stderr)
+      local entry = resil.json.decode(line)
+      -- (named by the host call it ran in: the server's start of the handler's task; elsewhere the
+      -- host's own work)
+      local what = entry.msg:match("^(.-) ran %d+%.%d s without yielding and did not stop at " ..
+        "%-%-max%-task%-seconds=0%.3: it is stuck outside Lua code")
+      assert.is_truthy(what, entry.msg)
+      assert.is_truthy(what == "server handler" or what:match("^the host's own work outside every task"), what)
+      assert.are.equal(70, entry.exit_code)
+    end)
+
+  -- (before: a handler of a server without tasks runs in a host call outside every resume, and
+  -- only --max-instructions stopped it: the process held its loop for good, no line)
+  it("stops a server handler without tasks that loops, at its line; its request gets a 500, the server " ..
+     "serves on", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local n = 0
+local server = resil.server.listen({ port = 0, handler = function(req)
+  n = n + 1
+  if n == 1 then while true do end end
+  if n == 2 then pcall(function() while true do end end); while true do end end
+  return { status = 200, body = "ok" }
+end })
+local url = ("http://127.0.0.1:%d/"):format(server:port())
+for _ = 1, 3 do
+  local res = resil.http.request({ url = url, timeout = 60 })
+  print(res.status)
+end
+server:close()
+]])
+    local r = helpers.run("timeout -s KILL 60 " .. helpers.resil .. " --max-task-seconds 0.3 " .. script)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.are.equal("500\n500\n200\n", r.stdout)
+    local errors = {}
+    for line in r.stderr:gmatch('[^\n]*"level":"error"[^\n]*') do
+      local entry = resil.json.decode(line)
+      assert.are.equal("server handler failed; answered 500", entry.msg)
+      errors[#errors + 1] = entry.error
+    end
+    assert.are.equal(2, #errors, r.stderr)
+    -- (the pcall that swallowed the first raise is cut: raised again until the host call returns)
+    for i, at in ipairs({ 5, 6 }) do
+      assert.matches("^[^\n]-%.lua:" .. at .. ": server handler ran %d+%.%d s without yielding " ..
+        "%(%-%-max%-task%-seconds=0%.3%)", errors[i])
+    end
+    os.remove(script)
+  end)
+end)
