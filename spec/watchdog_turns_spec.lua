@@ -34,13 +34,42 @@ print("went on")
       assert.is_truthy(line, r.stderr)
       local entry = resil.json.decode(line)
       -- (named by the host call it ran in: the server's start of the handler's task; elsewhere the
-      -- host's own work)
+      -- loop outside every task)
       local what = entry.msg:match("^(.-) ran %d+%.%d s without yielding and did not stop at " ..
         "%-%-max%-task%-seconds=0%.3: it is stuck outside Lua code")
       assert.is_truthy(what, entry.msg)
-      assert.is_truthy(what == "server handler" or what:match("^the host's own work outside every task"), what)
+      assert.is_truthy(what == "server handler" or what:match("^the loop outside every task"), what)
       assert.are.equal(70, entry.exit_code)
     end)
+
+  -- (before: a redis connection's on_state runs on the loop outside every task, in a plain pcall
+  -- (no host call: nothing can stop it there); one that looped hung the process with no line)
+  it("a Lua callback the host runs outside every task that loops (a redis on_state) ends the process with " ..
+     "code 70 and a line", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local s = resil.server.listen({ handler = function() end })
+local port = s:port() -- (closed: the connection goes down)
+s:close()
+local c = resil.redis.connect({ host = "127.0.0.1", port = port, on_state = function(down)
+  if down then while true do end end
+end })
+pcall(c.call, c, "PING")
+for _ = 1, 300 do resil.sleep(0.01) end
+print("went on")
+]])
+    local r = helpers.run("timeout -s KILL 90 " .. helpers.resil .. " --max-task-seconds 0.3 " .. script)
+    os.remove(script)
+    assert.are.equal(70, r.code, r.stdout .. r.stderr)
+    assert.are.equal("", r.stdout)
+    local line = r.stderr:match('[^\n]*"level":"error"[^\n]*')
+    assert.is_truthy(line, r.stderr)
+    local entry = resil.json.decode(line)
+    assert.matches("^the loop outside every task %(a Lua callback the host runs there, such as a redis store's " ..
+      "on_state, a __gc finalizer that a collection step in a C callback ran, or a C function%) ran %d+%.%d s " ..
+      "without yielding and did not stop at %-%-max%-task%-seconds=0%.3: it is stuck outside Lua code", entry.msg)
+    assert.are.equal(70, entry.exit_code)
+  end)
 
   -- (before: a handler of a server without tasks runs in a host call outside every resume, and
   -- only --max-instructions stopped it: the process held its loop for good, no line)

@@ -164,8 +164,8 @@ static void end_stuck(resil_t *R, unsigned long seq, double ran) {
   if (!(seq & 1)) { /* between resumes: the host's own work, named if a section of it (or a host call) runs */
     src = atomic_load_explicit(&R->host_section, memory_order_acquire);
     if (!src && atomic_load(&R->runaway_armed) == seq) src = R->runaway_what;
-    if (!src) src = "the host's own work outside every task (a __gc finalizer that a collection step in a C callback "
-                    "ran, or a C function)";
+    if (!src) src = "the loop outside every task (a Lua callback the host runs there, such as a redis store's "
+                    "on_state, a __gc finalizer that a collection step in a C callback ran, or a C function)";
   }
   for (; *src && n + 3 < sizeof what; src++) { /* JSON: the where is a file name */
     unsigned char ch = (unsigned char)*src;
