@@ -577,7 +577,7 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   }
   if (host) { /* host_pcall: where it first looped */
     unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
-    if (!R->host_stop[0] && R->host_watch_seq == seq && !(seq & 1)) { /* the watchdog's (loop_arm_host) */
+    if (!R->host_stop[0] && R->host_watch_seq && R->host_watch_seq == seq) { /* the watchdog's (loop_arm_host) */
       char ran[32];
       snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_request_seconds));
       snprintf(R->host_stop, sizeof R->host_stop, "%s%s ran %s s without yielding (--max-task-seconds=%s)", at,
