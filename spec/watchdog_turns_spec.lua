@@ -109,3 +109,28 @@ server:close()
     os.remove(script)
   end)
 end)
+
+describe("--max-task-seconds and the coroutines a stopped task resumes", function()
+  -- (before: once stopped, the task's hooks came at the stop watch's pace, each thread counting
+  -- its own instructions; a task that went on resuming a fresh coroutine each time round its loop,
+  -- each shorter than the pace, was never cut, and the process ended with code 70 as if stuck
+  -- outside Lua)
+  it("cancels a task that, stopped, loops on resuming fresh coroutines; the process goes on", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local function deep(n) if n == 0 then return {} end return deep(n - 1) end
+print(resil.spawn(function()
+  while true do coroutine.resume(coroutine.create(function() for _ = 1, 1000 do deep(10) end end)) end
+end):join())
+print(resil.spawn(function()
+  while true do pcall(coroutine.wrap(function() for _ = 1, 1000 do deep(10) end end)) end
+end):join())
+print("went on")
+]])
+    local r = helpers.run("timeout -s KILL 90 " .. helpers.resil .. " --max-task-seconds 0.2 " .. script)
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("^false\tcanceled: task %d+ was canceled\nfalse\tcanceled: task %d+ was canceled\nwent on\n$",
+      r.stdout)
+  end)
+end)

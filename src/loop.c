@@ -61,6 +61,7 @@ struct task {
   int canceling;           /* its <close> handlers are running: a second cancel is a no-op */
   int stop_raised;         /* the stop watch raised in it, this resume (stop_watch_hook) */
   int stop_cut;            /* ...and it ran on (the error caught): it yielded to be ended as canceled */
+  int resumes_after_stop;  /* coroutines it resumed since (resume_nested: cut past a pace's worth) */
   int yielded;             /* ready again by a bare yield (not woken): it waits for the next turn */
   long instructions;       /* charged to it this resume, a part at a time (instruction_hook) */
   int cancel_due;          /* canceled while its wait was settling, or shielded: stopped at its next wait */
@@ -370,6 +371,7 @@ static int task_close_as_resume(task *t, lua_State *err_on) {
   int nested = (atomic_load(&R->resume_seq) & 1) != 0;
   R->current = t;
   t->stop_raised = 0;
+  t->resumes_after_stop = 0;
   watchdog_host = R;
   if (!nested) atomic_fetch_add(&R->resume_seq, 1);
   unsigned long seq = atomic_load(&R->resume_seq);
@@ -446,6 +448,7 @@ static void task_resume(resil_t *R, task *t) {
   t->wait_arg = NULL;
   R->current = t;
   t->stop_raised = 0;
+  t->resumes_after_stop = 0;
   t->instructions = 0;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
@@ -907,6 +910,16 @@ static int resume_nested(lua_State *L, lua_State *co, int narg) {
   if (!lua_checkstack(co, narg)) {
     lua_pushliteral(L, "too many arguments to resume");
     return -1;
+  }
+  /* A stop raised in the task, which runs on (a pcall or a resume had the error): the hooks come at
+   * the stop watch's pace, each thread counting its own, and a fresh coroutine each time round a
+   * loop (each shorter than the pace) never reached it: the process ran to the stuck exit. Each
+   * such resume counts as a nested part; past the pace's worth the task is cut here. */
+  task *cur = R->current;
+  if (cur && cur->stop_raised && (lua_gethook(L) == runaway_hook || lua_gethook(L) == stop_watch_hook) &&
+      ++cur->resumes_after_stop > STOP_WATCH_EVERY / NESTED_PART) {
+    cur->stop_cut = 1;
+    return RESUME_CUT;
   }
   nested_run run = {co, L, R->nested};
   /* whole before a signal handler can follow the link */
