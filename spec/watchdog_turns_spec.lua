@@ -71,6 +71,24 @@ print("went on")
     assert.are.equal(70, entry.exit_code)
   end)
 
+  -- (before: resil_close stopped the watchdog before lua_close ran the finalizers left: a __gc that
+  -- looped there held the process at its exit for good, a stopping gateway worker never ending)
+  it("a __gc that loops as the host closes at exit ends the process with code 70 and a line", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+kept = setmetatable({}, { __gc = function() while true do end end })
+print("done")
+]])
+    local r = helpers.run("timeout -s KILL 90 " .. helpers.resil .. " --max-task-seconds 0.3 " .. script)
+    os.remove(script)
+    assert.are.equal(70, r.code, r.stdout .. r.stderr)
+    assert.are.equal("done\n", r.stdout)
+    local line = r.stderr:match('[^\n]*"level":"error"[^\n]*')
+    assert.is_truthy(line, r.stderr)
+    local entry = resil.json.decode(line)
+    assert.matches("^the host's close %(a __gc finalizer run as the Lua state closes%) ran %d+%.%d s without " ..
+      "yielding and did not stop at %-%-max%-task%-seconds=0%.3: it is stuck outside Lua code", entry.msg)
+  end)
+
   -- (before: a handler of a server without tasks runs in a host call outside every resume, and
   -- only --max-instructions stopped it: the process held its loop for good, no line)
   it("stops a server handler without tasks that loops, at its line; its request gets a 500, the server " ..

@@ -268,6 +268,7 @@ void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
 void loop_arm_runaway(resil_t *R); /* from the watchdog's signal handler */
 void loop_arm_host(resil_t *R, unsigned long seq); /* ...between resumes: a host call's Lua (host_pcall) */
+void loop_close_watched(resil_t *R, int on);       /* resil_close: lua_close's finalizers timed (1), then not (0) */
 int loop_raise_runaway(lua_State *L, const char *how); /* a C function the watchdog's stop interrupted */
 /* the host's own Lua work outside any task (a full collection's finalizers), named: stuck there
  * past the watchdog's limit, the command's stuck exit (70) names `what`. -> begun? */

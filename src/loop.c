@@ -1611,6 +1611,25 @@ static void turns_unwatched(resil_t *R) {
   watchdog_host = R->turns_outer_host;
 }
 
+/* resil_close: the finalizers lua_close runs (hooks off) are timed as a
+ * turn of their own, so that one that loops ends the command with the stuck
+ * exit's line instead of holding it for good. The signal's handler is not
+ * pointed at the host (watchdog_host): it arms nothing while Lua's objects
+ * are freed. */
+void loop_close_watched(resil_t *R, int on) {
+  if (!on) {
+    atomic_store_explicit(&R->turns_watched, 0, memory_order_release);
+    atomic_store_explicit(&R->host_section, NULL, memory_order_relaxed);
+    return;
+  }
+  pthread_t self = pthread_self();
+  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self;
+  atomic_store(&R->host_section, "the host's close (a __gc finalizer run as the Lua state closes)");
+  unsigned long seq = atomic_load(&R->resume_seq);
+  atomic_store(&R->resume_seq, (seq | 1) + 1); /* a turn of its own, even */
+  atomic_store_explicit(&R->turns_watched, 1, memory_order_release);
+}
+
 static void loop_enter(resil_t *R) {
   if (R->in_loop++ == 0) {
     R->caller_locale = host_locale_enter(R);

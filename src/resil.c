@@ -876,7 +876,9 @@ void resil_close(resil_t *R) {
     return;
   }
   R->closing = 1;
-  watchdog_free(R); /* (its thread looks at the Lua threads lua_close frees) */
+  /* the watchdog times the finalizers lua_close runs (one that looped held the exit for good); its
+   * thread reads only atomics, and its signal's handler arms nothing there (loop_close_watched) */
+  loop_close_watched(R, 1);
   locale_t c_locale = R->c_locale; /* the finalizers run Lua */
   locale_t caller = host_locale_enter(R);
   if (R->L) {
@@ -884,6 +886,8 @@ void resil_close(resil_t *R) {
     lua_close(R->L);
   }
   R->L = NULL;
+  loop_close_watched(R, 0);
+  watchdog_free(R);
   embed_free(R);
   http_free(R);
   reload_free(R);
