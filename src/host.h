@@ -108,6 +108,7 @@ struct resil {
   struct watchdog *watchdog;            /* NULL: none */
   _Atomic unsigned long resume_seq;     /* bumped as a task resume starts and ends: odd while one runs;
                                          * by 2 as each loop turn waits for I/O (loop.c, base_loop) */
+  _Atomic int forwarded;                /* FORWARD_*: hooks another thread asked the loop's to arm (watchdog_forward) */
   _Atomic int turns_watched;            /* 1: the loop's thread is in the host's loop (loop_enter, pump_cb):
                                          * the time between resumes is timed too, from turn to turn */
   _Atomic(const char *) host_section;   /* what the host's own work between resumes is (a full
@@ -278,6 +279,9 @@ extern _Thread_local resil_t *watchdog_host; /* the host whose task this thread 
 typedef struct watchdog watchdog;
 int watchdog_set(resil_t *R, double seconds); /* 0 or less: none; -1 if its thread cannot start */
 void watchdog_free(resil_t *R);
+void watchdog_signal_install(void); /* at resil_open: the handler watchdog_forward's signal needs */
+enum { FORWARD_INTERRUPT = 1, FORWARD_STOP = 2 };
+int watchdog_forward(resil_t *R, int what); /* off the loop's thread: its hooks armed there, by a signal -> 1 */
 int luaopen_resil_watchdog(lua_State *L); /* require "resil.core.watchdog" -> {unwatched = f} */
 /* A task's own SQLite statement (store_sqlite.c, db:read and db:now) is interrupted once the watchdog
  * stops the task: what its progress handler asks every WATCHDOG_SQL_STEPS of SQLite's VM, and the

@@ -566,6 +566,12 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   if (!R->interrupted && !host && t && R->max_instructions > 0 && ar->event == LUA_HOOKCOUNT &&
       (t->instructions += lua_gethookcount(L)) < R->max_instructions)
     return;
+  /* an interrupt's hook met after the interrupt was reported and cleared (resil_call reports a pending
+   * one once; one from another thread is armed when its signal lands): no cap to raise, nothing to stop */
+  if (!R->interrupted && !host && R->max_instructions <= 0) {
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
   /* keep firing on every instruction so that a pcall cannot swallow it */
   lua_sethook(L, instruction_hook, LUA_MASKCOUNT, 1);
   /* located where it runs (luaL_error's level 1, in a hook, is the caller:

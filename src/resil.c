@@ -605,6 +605,7 @@ static resil_t *open_host(const resil_options *opts) {
   if (!R) return NULL;
   R->wake_pipe[0] = R->wake_pipe[1] = -1;
   R->pid = getpid();
+  R->loop_thread = pthread_self(); /* until a loop runs elsewhere: where resil_interrupt's signal goes */
   R->max_instructions = opts->max_instructions;
   R->mem_limit = opts->max_memory;
   if (pipe2(R->wake_pipe, O_NONBLOCK | O_CLOEXEC) != 0) R->wake_pipe[0] = R->wake_pipe[1] = -1;
@@ -719,6 +720,7 @@ resil_t *resil_open(const resil_options *opts) {
   resil_options defaults = {0};
   if (!opts) opts = &defaults;
   ignore_sigpipe();
+  watchdog_signal_install(); /* (resil_interrupt from another thread, and the watchdog, signal the loop's) */
   locale_t c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0);
   locale_t caller = c_locale ? uselocale(c_locale) : (locale_t)0;
   resil_t *R = open_host(opts);
@@ -850,7 +852,7 @@ int resil_set_max_task_seconds(resil_t *R, double seconds) {
 void resil_interrupt(resil_t *R, int signo) {
   if (!R) return;
   R->interrupted = signo ? signo : SIGINT;
-  loop_interrupt_running(R);
+  if (!watchdog_forward(R, FORWARD_INTERRUPT)) loop_interrupt_running(R);
   if (R->wake_pipe[1] >= 0) {
     ssize_t ignored = write(R->wake_pipe[1], "!", 1);
     (void)ignored;

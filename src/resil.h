@@ -148,7 +148,10 @@ RESIL_API int resil_set_max_task_seconds(resil_t *R, double seconds);
  * resil_run, resil_step, resil_call or resil_call_async returns
  * RESIL_ERR_INTERRUPT (-RESIL_ERR_INTERRUPT) and runs nothing; the next
  * one runs. On an event base you dispatch, the calls it stopped hear
- * RESIL_ERR_INTERRUPT in their done, and calls made after it run. */
+ * RESIL_ERR_INTERRUPT in their done, and calls made after it run. From a
+ * thread other than the one that runs the host (or a signal handler the
+ * kernel ran on one), the running Lua is stopped by that thread itself: it
+ * is sent SIGURG, whose handler resil_open installs (the watchdog's). */
 RESIL_API void resil_interrupt(resil_t *R, int signo);
 
 /* Async-signal-safe: ask for a graceful stop. Nothing is cut: the task

@@ -16,7 +16,8 @@
 int resil_request_stop(resil_t *R, int signo) {
   if (!R) return 0; /* no host: nothing will act on it */
   R->stop_requested = signo ? signo : SIGTERM;
-  if (R->stop_grace > 0) loop_watch_running(R); /* a task that loops now would keep the stop from running */
+  /* a task that loops now would keep the stop from running (armed on the loop's thread) */
+  if (R->stop_grace > 0 && !watchdog_forward(R, FORWARD_STOP)) loop_watch_running(R);
   if (R->wake_pipe[1] >= 0) {
     ssize_t ignored = write(R->wake_pipe[1], "s", 1);
     (void)ignored;

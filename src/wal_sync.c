@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -146,9 +147,18 @@ wal_syncer *wal_syncer_new(struct event_base *base, const char *db_path, void (*
   s->arg = arg;
   pthread_mutex_init(&s->mu, NULL);
   pthread_cond_init(&s->cv, NULL);
-  if (!s->db_path || !s->wal_path || s->efd < 0 ||
-      !(s->done_ev = event_new(base, s->efd, EV_READ | EV_PERSIST, done_cb, s)) || event_add(s->done_ev, NULL) != 0 ||
-      pthread_create(&s->thread, NULL, syncer_main, s) != 0) {
+  /* the thread takes no signal meant for the process: a SIGINT or SIGTERM the kernel gave it ran the
+   * program's handler here, off the loop's thread (as the watchdog's thread, watchdog.c) */
+  sigset_t all, old;
+  sigfillset(&all);
+  int started = 0;
+  if (s->db_path && s->wal_path && s->efd >= 0 &&
+      (s->done_ev = event_new(base, s->efd, EV_READ | EV_PERSIST, done_cb, s)) && event_add(s->done_ev, NULL) == 0) {
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    started = pthread_create(&s->thread, NULL, syncer_main, s) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+  }
+  if (!started) {
     if (s->done_ev) event_free(s->done_ev);
     if (s->efd >= 0) close(s->efd);
     free(s->db_path);

@@ -65,6 +65,9 @@ static void on_watchdog_signal(int signo) {
   (void)signo;
   int saved = errno;
   resil_t *R = watchdog_host;
+  int forwarded = R ? atomic_exchange(&R->forwarded, 0) : 0; /* from another thread (watchdog_forward) */
+  if ((forwarded & FORWARD_INTERRUPT) && R->interrupted) loop_interrupt_running(R); /* (not one reported since) */
+  if ((forwarded & FORWARD_STOP) && R->stop_requested) loop_watch_running(R);
   if (R) {
     unsigned long seq = atomic_load(&R->runaway_request);
     if (seq && atomic_load(&R->resume_seq) == seq) {
@@ -254,6 +257,29 @@ static void watchdog_stop(resil_t *R) {
   pthread_mutex_destroy(&w->lock);
   free(w);
   R->watchdog = NULL;
+}
+
+/* The handler, for watchdog_forward as for the watchdog: installed when a
+ * host opens, never from a signal handler (pthread_once is not
+ * async-signal-safe). */
+void watchdog_signal_install(void) { pthread_once(&handler_once, install_handler); }
+
+/* resil_interrupt (what = FORWARD_INTERRUPT) and resil_request_stop (FORWARD_STOP) from another thread, or from a
+ * signal handler the kernel ran on one (a process's SIGINT may land on any
+ * thread that does not block it): the hooks are armed by the loop's own
+ * thread, in this signal's handler. Armed from here, lua_sethook walked the
+ * frames of Lua states the loop's thread was running as they changed (a
+ * crash), and left a hook on the host's main state that every task made
+ * later copied. The loop's thread is the one that last ran the host (the
+ * one that opened it, before). Its handler arms nothing unless that thread
+ * runs the host's loop or a task: the interrupt is then reported by the
+ * host's next call or turn. Async-signal-safe. -> 1 if the loop's thread
+ * was asked, 0 if the caller is that thread (it arms the hooks itself). */
+int watchdog_forward(resil_t *R, int what) {
+  if (pthread_equal(R->loop_thread, pthread_self())) return 0;
+  atomic_fetch_or(&R->forwarded, what);
+  pthread_kill(R->loop_thread, WATCHDOG_SIGNAL);
+  return 1;
 }
 
 int watchdog_set(resil_t *R, double seconds) {

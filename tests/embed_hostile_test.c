@@ -4,11 +4,14 @@
  * that is not what the header promises. Prints TAP lines; spec/run counts
  * them.
  */
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -76,6 +79,53 @@ static void on_closed(void *ud, int status, const char *json) {
 static resil_t *alarmed;
 static void on_alarm(int signo) { resil_interrupt(alarmed, signo); } /* async-signal-safe */
 static void give_up(evutil_socket_t fd, short what, void *arg) { event_base_loopbreak(own); }
+
+/* ---- resil_interrupt from another thread, as the header allows ---- */
+static resil_t *hammered;
+static atomic_int hammering;
+static void *hammer(void *arg) {
+  (void)arg;
+  while (atomic_load(&hammering)) {
+    resil_interrupt(hammered, SIGINT);
+    usleep(50);
+  }
+  return NULL;
+}
+
+/* calls (coroutines, tasks) for `seconds` while another thread interrupts
+ * every 50 us: each call ends OK or RESIL_ERR_INTERRUPT, never otherwise
+ * (a hook set from the other thread walked the loop's Lua frames as they
+ * changed: SIGSEGV, or a stray hook cut later calls as over a cap of 0) */
+static long interrupted_elsewhere(int seconds, long *interrupted) {
+  resil_options o = {0};
+  o.log_level = "off";
+  hammered = resil_open(&o);
+  if (!hammered || resil_load_string(hammered,
+                                     "local resil = require 'resil'\n"
+                                     "function gen(n) local s = 0\n"
+                                     "  for v in coroutine.wrap(function() for i = 1, n do coroutine.yield(i) end end) do s = s + v end\n"
+                                     "  local ts = {} for i = 1, 3 do ts[i] = resil.spawn(function() return i end) end\n"
+                                     "  for i = 1, 3 do ts[i]:join() end return s end\n",
+                                     "=hammered") != RESIL_OK || resil_run(hammered) != RESIL_OK)
+    return -1;
+  atomic_store(&hammering, 1);
+  pthread_t t;
+  if (pthread_create(&t, NULL, hammer, NULL) != 0) return -1;
+  long other = 0;
+  *interrupted = 0;
+  time_t end = time(NULL) + seconds;
+  while (time(NULL) < end) {
+    char *out = NULL;
+    int st = resil_call(hammered, "gen", "[50]", &out);
+    free(out);
+    if (st == RESIL_ERR_INTERRUPT) (*interrupted)++;
+    else if (st != RESIL_OK && other++ < 3) printf("# %d: %.200s\n", st, resil_error(hammered));
+  }
+  atomic_store(&hammering, 0);
+  pthread_join(t, NULL);
+  resil_close(hammered);
+  return other;
+}
 
 int main(void) {
   resil_t *R = open_host(NULL);
@@ -231,6 +281,11 @@ int main(void) {
   check(L2 && contains(resil_error(L2), "log_level") && contains(resil_error(L2), "verbose"),
         "an unknown log_level is named in resil_error (it said \"bad argument #1 to '?'\")");
   if (L2) resil_close(L2);
+
+  long interrupted = 0, other = interrupted_elsewhere(3, &interrupted);
+  check(other == 0 && interrupted > 0,
+        "resil_interrupt from another thread every 50 us: each call is OK or RESIL_ERR_INTERRUPT (it crashed, or "
+        "left hooks that failed later calls)");
 
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
