@@ -165,6 +165,35 @@ print(b.name, sb:name(), resil.budget("team").name)
     assert.are.equal("team\tmine-shared\tteam", l[9])
   end)
 
+  -- (a ticket's budget and id were fields: a script settled its own ticket as a key's budget's, or
+  -- as another ticket, and spent the key's money or freed its hold)
+  it("refuses a script's ticket renamed to a key's budget, or to another ticket", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local function try(f) local ok, err = pcall(f) print(ok, ok and "" or tostring(err)) end
+local t = assert(resil.budget("mine", { limit = 100, per = "day" }):reserve(0.01))
+try(function() t.budget = { name = "key:team" } end)
+try(function() t.id = "key:team:x:1" end)
+print(t:settle(4.5), t.budget.name, t.id:match("^mine:") ~= nil)
+]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(helpers.resil, db, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local l = lines_of(r.stdout)
+    local name = script:match("[^/]+$"):gsub("%p", "%%%0")
+    assert.matches("^false\t.-" .. name .. ":4: a ticket's budget and id are the host's: budget cannot be set", l[1])
+    assert.matches("^false\t.-" .. name .. ":5: a ticket's budget and id are the host's: id cannot be set", l[2])
+    assert.are.equal("true\tmine\ttrue", l[3])
+    -- the key's budget spent nothing; the script's own budget the 4.5
+    local out = helpers.run_script([[
+local resil = require "resil"
+print(("%g %g"):format(resil.budget("key:team", { limit = 5, per = "day" }):state().spent,
+  resil.budget("mine", { limit = 100, per = "day" }):state().spent))
+]], ("--store %s"):format(db))
+    assert.are.equal("0 4.5\n", out.stdout, out.stderr)
+  end)
+
   it("gateway --sandbox still keeps a key's budget and rpm, and its config cannot take them", function()
     resil.clock.real()
     resil.log.level("off")

@@ -73,8 +73,27 @@ local soft_total = resil.metrics.counter("resil_budget_soft_limit_total",
 local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
   "Reservations allowed unchecked while the store was unavailable (on_outage = \"allow\"), by budget")
 local Ticket = {}
-Ticket.__index = Ticket
+-- (nor are a ticket's id and budget fields: a sandboxed script that set its own ticket's
+-- budget = { name = "key:team" } settled into a gateway key's budget, and one that set its id to
+-- another's, ids being name:tag:seq, settled or released that hold)
+local ticket_id, ticket_budget = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
+Ticket.__index = function(t, k)
+  if k == "id" then return ticket_id[t] end
+  if k == "budget" then return ticket_budget[t] end
+  return Ticket[k]
+end
+Ticket.__newindex = function(t, k, v)
+  if k == "id" or k == "budget" or Ticket[k] ~= nil then
+    error(("a ticket's budget and id are the host's: %s cannot be set"):format(tostring(k)), 2)
+  end
+  rawset(t, k, v)
+end
 Ticket.__metatable = false
+local function new_ticket(id, budget, fields)
+  local t = setmetatable(fields, Ticket)
+  ticket_id[t], ticket_budget[t] = id, budget
+  return t
+end
 -- (the sandbox's rawset refuses the host's objects by their metatables: src/lua/prelude.lua)
 private.host_metatables = private.host_metatables or {}
 private.host_metatables[Budget], private.host_metatables[Ticket] = true, true
@@ -232,9 +251,8 @@ function Budget:reserve(estimate, o)
     if self.on_outage ~= "allow" or not (type(serr) == "table" and serr.busy) then return nil, serr end
     local now = store_now()
     ticket_seq = ticket_seq + 1
-    return unchecked(self, setmetatable({ id = ("%s:%s:%d"):format(self.name, owner.me().tag, ticket_seq),
-      budget = self, period = period_of(self.per, now), per = self.per, estimate = estimate, hold = hold }, Ticket),
-      serr, now)
+    return unchecked(self, new_ticket(("%s:%s:%d"):format(self.name, owner.me().tag, ticket_seq), self,
+      { period = period_of(self.per, now), per = self.per, estimate = estimate, hold = hold }), serr, now)
   end
   local now, limit, per, period, id, ok, spent, reserved, stale
   -- (the settings read, then the hold written: a period switch in between, `budgets set --per`,
@@ -267,8 +285,8 @@ function Budget:reserve(estimate, o)
     return nil, resil.error("store_unavailable", ("budget '%s': its settings changed during %d reservations in a " ..
       "row; try again"):format(self.name, RESERVE_TRIES), { budget = self.name })
   end
-  local ticket = setmetatable({ id = id, budget = self, period = period, per = per, estimate = estimate, store = s,
-    hold = hold, expires_at = now + hold }, Ticket)
+  local ticket = new_ticket(id, self, { period = period, per = per, estimate = estimate, store = s, hold = hold,
+    expires_at = now + hold })
   if ok == nil then -- the store is unavailable
     if self.on_outage ~= "allow" then return nil, spent end -- fail closed
     return unchecked(self, ticket, spent, now)
@@ -508,9 +526,8 @@ function Ticket:charge(actual, e)
   ticket_seq = ticket_seq + 1
   -- (named after the call's ticket: the store counts it in the period that ticket is in, which a
   -- period switch may have changed since it was reserved)
-  local extra = setmetatable({ id = ("%s:charge:%d"):format(self.id, ticket_seq),
-    budget = self.budget, period = self.period, per = self.per, estimate = 0, store = self.store, hold = self.hold },
-    Ticket)
+  local extra = new_ticket(("%s:charge:%d"):format(self.id, ticket_seq), self.budget,
+    { period = self.period, per = self.per, estimate = 0, store = self.store, hold = self.hold })
   return extra:settle(actual, e)
 end
 
