@@ -32,6 +32,7 @@ local host_limits = select(3, ...) or { budget = function(...) return resil.budg
   bucket = function(...) return resil.bucket(...) end, semaphore = function(...) return resil.semaphore(...) end }
 local ai = require "policies.ai"
 local pricing = require "policies.pricing"
+local classify = require "policies.classify"
 local keys = require "resil.keys"
 
 local json = resil.json
@@ -1653,7 +1654,8 @@ local function count_tokens(req)
   local limited = count_limit(rec)
   if limited then return anthropic_id(with_id(limited, id), "anthropic") end
   local beta = req.headers["anthropic-beta"]
-  -- a target that fails (its transport, a 5xx, a 429) gives way to the next that counts, as a call's fallback
+  -- a target that fails as a call falls back on (policies.classify's fallback: its transport, a 5xx, a 429, a
+  -- 404 for a model it does not serve) gives way to the next that counts
   local res, err, t
   for _, target in ipairs(counting) do
     t = target
@@ -1663,7 +1665,9 @@ local function count_tokens(req)
     if beta and beta ~= "" then headers["anthropic-beta"] = headers["anthropic-beta"] and headers["anthropic-beta"] .. "," .. beta or beta end
     res, err = resil.http.request({ method = "POST", url = adapter.count_tokens_url(base), headers = headers,
       body = json.encode(adapter.count_tokens_body(b, t.model)), timeout = conf.timeout or 60 })
-    if res and res.status < 500 and res.status ~= 429 then break end
+    if res and res.status < 300 then break end
+    local verdict = classify.outcome(res, err)
+    if not (verdict and verdict.fallback) then break end
   end
   if not res then
     return refuse(err and err.kind == "timeout" and 504 or 502, public_message(tostring(err and err.message or err)))
