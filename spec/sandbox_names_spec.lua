@@ -194,6 +194,51 @@ print(("%g %g"):format(resil.budget("key:team", { limit = 5, per = "day" }):stat
     assert.are.equal("0 4.5\n", out.stdout, out.stderr)
   end)
 
+  -- (the methods read the name off `self`: a script's own table, with a name of its choosing and its
+  -- budget or bucket as __index, passed as self reserved and settled in a key's budget and took a
+  -- key's rpm; a table whose metatable's __eq said yes passed acquire_all's check as a shared bucket)
+  it("refuses a script's own table passed to a budget's, ticket's or shared limit's methods as self", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local function try(f) local ok, err = pcall(f) print(ok, ok and "" or tostring(err)) end
+local b = resil.budget("mine", { limit = 100, per = "day" })
+local t = assert(b:reserve(0.01))
+local sb = resil.bucket("mine-shared", { rate = 1, per = 60, burst = 1, shared = true })
+local br = resil.breaker("mine-breaker", { shared = true, open_for = 600 })
+local KEY_RPM = "gateway:key_0123456789ab:rpm"
+try(function() local fake = setmetatable({ name = "key:team" }, { __index = b }); fake:reserve(4.5) end)
+try(function() b.state({ name = "key:team" }) end)
+try(function() t.settle(setmetatable({ budget = { name = "key:team" } }, { __index = t }), 3) end)
+try(function() sb.try(setmetatable({ label = KEY_RPM }, { __index = sb }), 1) end)
+try(function() br.record(setmetatable({ label = "gateway:x" }, { __index = br }), false) end)
+local liar = setmetatable({}, { __eq = function() return true end })
+try(function() resil.acquire_all({ { setmetatable({ label = KEY_RPM }, setmetatable({ __index = sb }, liar)), 1 } },
+  { timeout = 0 }) end)
+print(b:reserve(1) ~= nil, t:settle(0.01), sb:try(1), br:state())
+]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(helpers.resil, db, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local l = lines_of(r.stdout)
+    local name = script:match("[^/]+$"):gsub("%p", "%%%0")
+    assert.matches("^false\t.-" .. name .. ":8: budget:reserve: self is not a budget of the host's", l[1])
+    assert.matches("^false\t.-" .. name .. ":9: budget:state: self is not a budget of the host's", l[2])
+    assert.matches("^false\t.-" .. name .. ":10: ticket:settle: self is not a ticket of the host's", l[3])
+    assert.matches("^false\t.-" .. name .. ":11: bucket:try: self is not a shared bucket of the host's", l[4])
+    assert.matches("^false\t.-" .. name .. ":12: breaker:record: self is not a shared breaker of the host's", l[5])
+    assert.matches("^false\t.-self is not a shared bucket of the host's", l[6])
+    assert.are.equal("true\ttrue\ttrue\tclosed", l[7])
+    -- the key's budget holds and spent nothing, its rpm bucket is full
+    local out = helpers.run_script([[
+local resil = require "resil"
+local st = resil.budget("key:team", { limit = 5, per = "day" }):state()
+print(("%g %g"):format(st.spent, st.reserved),
+  (resil.bucket("gateway:key_0123456789ab:rpm", { rate = 1, per = 60, burst = 1, shared = true }):try(1)))
+]], ("--store %s"):format(db))
+    assert.are.equal("0 0\ttrue\n", out.stdout, out.stderr)
+  end)
+
   it("gateway --sandbox still keeps a key's budget and rpm, and its config cannot take them", function()
     resil.clock.real()
     resil.log.level("off")

@@ -473,7 +473,7 @@ function resil.acquire_all(list, opts)
   local deadline = timeout and resil.now() + timeout
   local shared = {}
   for i = 1, #list do
-    if getmetatable(list[i][1]) == SharedBucket then shared[#shared + 1] = i end
+    if rawequal(getmetatable(list[i][1]), SharedBucket) then shared[#shared + 1] = i end
   end
   while true do
     local wait, worst = 0, nil
@@ -489,7 +489,7 @@ function resil.acquire_all(list, opts)
     if wait == 0 then
       local locals = {}
       for i = 1, #list do
-        if getmetatable(list[i][1]) ~= SharedBucket then locals[#locals + 1] = { list[i][1], list[i][2] or 1 } end
+        if not rawequal(getmetatable(list[i][1]), SharedBucket) then locals[#locals + 1] = { list[i][1], list[i][2] or 1 } end
       end
       local before = {}
       for k, i in ipairs(shared) do before[k] = list[i][1].paused_until end
@@ -659,6 +659,26 @@ function SharedBreaker:reset()
   if s then backend_of[s]:breaker_close(self.label) end
   self.inner:reset()
 end
+
+-- The methods take the store's key from `self`: one called with a table of a script's own as self
+-- ({ label = "gateway:<id>:rpm" } with its bucket as __index, or sb.try(t)) took a gateway key's
+-- rate past the reserved names. Only objects of the class are taken (rawequal: a metatable's own
+-- __eq said yes; another process's object a spec makes with the class's metatable still is one;
+-- a tail call keeps the caller's levels for the methods' errors).
+local function genuine_only(class, what)
+  for k, f in pairs(class) do
+    if type(f) == "function" and not (type(k) == "string" and k:sub(1, 2) == "__") then
+      class[k] = function(self, ...)
+        if not rawequal(getmetatable(self), class) then
+          error(("%s:%s: self is not a shared %s of the host's"):format(what, k, what), 2)
+        end
+        return f(self, ...)
+      end
+    end
+  end
+end
+genuine_only(SharedBucket, "bucket")
+genuine_only(SharedBreaker, "breaker")
 
 function resil.breaker(name, opts)
   if type(opts) == "table" and opts.shared or shared_breakers[name] then
