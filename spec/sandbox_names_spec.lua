@@ -239,6 +239,30 @@ print(("%g %g"):format(st.spent, st.reserved),
     assert.are.equal("0 0\ttrue\n", out.stdout, out.stderr)
   end)
 
+  -- (on SQLite a ledger row's cost counts in its budget's spend: a row of a script's own spent a key's)
+  it("refuses a script's cost row in a key's budget", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+print(pcall(function() resil.cost.record({ provider = "openai", model = "m", usd = 4.5, budget = "key:team",
+  period = os.date("!%Y-%m-%d") }) end))
+print(resil.cost.record({ provider = "openai", model = "m", usd = 1, budget = "mine", period = os.date("!%Y-%m-%d") }))
+]])
+    local r = helpers.run(("%s --sandbox --store %s %s"):format(helpers.resil, db, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local l = lines_of(r.stdout)
+    local name = script:match("[^/]+$"):gsub("%p", "%%%0")
+    assert.matches("^false\t.-" .. name .. ":2: resil%.cost%.record: budget \"key:team\" is a gateway key's", l[1])
+    assert.are.equal("true", l[2])
+    local out = helpers.run_script([[
+local resil = require "resil"
+print(("%g %g"):format(resil.budget("key:team", { limit = 5, per = "day" }):state().spent,
+  resil.budget("mine", { limit = 100, per = "day" }):state().spent))
+]], ("--store %s"):format(db))
+    assert.are.equal("0 1\n", out.stdout, out.stderr)
+  end)
+
   it("gateway --sandbox still keeps a key's budget and rpm, and its config cannot take them", function()
     resil.clock.real()
     resil.log.level("off")

@@ -389,6 +389,12 @@ local record_guard = { __close = function(w)
 end }
 
 function resil.cost.record(e)
+  -- (a row's budget is whose spend it is, on SQLite: under the sandbox a gateway key's, "key:NAME", is
+  -- the host's, as resil.budget refuses it; a script spent a key's money with a row of its own)
+  if private.sandbox and type(e) == "table" and type(e.budget) == "string" and e.budget:sub(1, 4) == "key:" then
+    error(("resil.cost.record: budget %q is a gateway key's (names under \"key:\" are reserved in the sandbox:"
+      .. " resil_options.sandbox, --sandbox)"):format(e.budget), 2)
+  end
   local s, serr = store_or_fail()
   if not s then
     -- a write nobody waits for, made before the store could be opened (Redis
