@@ -254,6 +254,7 @@ end
 -- fallbacks), each { provider, model, adapter, conf, key, name, caller = { breaker, ... } } |
 -- nil, err: the gateway's count_tokens asks the first that counts, as a call would
 function ai.targets(req) return targets_of(req, 2) end
+ai.deployment_conf = deployment_conf -- (what an older copy of policies/gateway.lua's count_tokens asks)
 
 function targets_from(reg, plan, req, level)
   local targets, seen = {}, {}

@@ -8,7 +8,8 @@
  * second release, or one by a task that took none, let more than size
  * callers in); hand_over(t) makes t its holder; a task that ends holding
  * permits gives them back then. Permits taken outside any task (a server
- * handler without tasks) are the host's own, released outside any task.
+ * handler without tasks) are the host's own, released outside any task;
+ * a detached one (detach) is anyone's, released by whoever holds none.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -37,6 +38,7 @@ struct semaphore {
   int size, queue;  /* permits; waiters allowed (-1: unbounded) */
   int in_use, waiting;
   int loose; /* of in_use: taken outside any task */
+  int detached; /* of in_use: detached from their task (s:detach), anyone's to release */
   long rejected;
   sem_waiter *head, *tail;
 };
@@ -289,17 +291,23 @@ static void give_back(semaphore *s) {
   grant(s);
 }
 
-/* s:release(): one of the permits the calling task holds goes back */
+/* s:release(): one of the permits the calling task holds goes back (else a
+ * detached one: the host's, anyone's to give back) */
 static int s_release(lua_State *L) {
   semaphore *s = check_semaphore(L, 1);
   task *t = s->R->current;
-  if (unhold(s, t) != 0) {
-    if (!t) resil_raise(L, "semaphore '%s': release outside any task, where none of its permits is held", s->name);
-    resil_raise(L, "semaphore '%s': release by task %d, which holds none of its permits (released already, "
-                   "taken by another task, or handed over)", s->name, task_id(t));
+  if (unhold(s, t) == 0) {
+    give_back(s);
+    return 0;
   }
-  give_back(s);
-  return 0;
+  if (s->detached > 0) { /* a detached one: anyone's */
+    s->detached--;
+    give_back(s);
+    return 0;
+  }
+  if (!t) resil_raise(L, "semaphore '%s': release outside any task, where none of its permits is held", s->name);
+  return resil_raise(L, "semaphore '%s': release by task %d, which holds none of its permits (released already, "
+                        "taken by another task, or handed over)", s->name, task_id(t));
 }
 
 /* s:hand_over(t) -> true: one of the calling task's permits is t's now, given
@@ -334,6 +342,25 @@ static int s_hand_over(lua_State *L) {
   return 1;
 }
 
+/* s:detach(): one of the calling task's permits is no task's now: it stays
+ * taken after the task ends, until a release by a task that holds none of
+ * the semaphore's (or one outside any task) gives it back. For a permit held across calls (an embedding program's
+ * resil_call that enters a bulkhead, and a later one that leaves it). */
+static int s_detach(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  task *t = s->R->current;
+  if (!t) { /* outside any task: one of the host's */
+    if (s->loose <= 0) resil_raise(L, "semaphore '%s': detach outside any task, where none of its permits is held", s->name);
+    s->loose--;
+    s->detached++;
+    return 0;
+  }
+  if (unhold(s, t) != 0)
+    resil_raise(L, "semaphore '%s': detach by task %d, which holds none of its permits", s->name, task_id(t));
+  s->detached++;
+  return 0;
+}
+
 static int s_state(lua_State *L) {
   semaphore *s = check_semaphore(L, 1);
   lua_createtable(L, 0, 5);
@@ -352,7 +379,7 @@ static int s_tostring(lua_State *L) {
 }
 
 static const luaL_Reg semaphore_methods[] = {
-  {"acquire", s_acquire}, {"try", s_try}, {"release", s_release}, {"hand_over", s_hand_over},
+  {"acquire", s_acquire}, {"try", s_try}, {"release", s_release}, {"hand_over", s_hand_over}, {"detach", s_detach},
   {"state", s_state}, {NULL, NULL}};
 
 /* resil.semaphores() -> {name = semaphore, ...}: every named semaphore (for metrics) */

@@ -282,6 +282,24 @@ int main(void) {
         "an unknown log_level is named in resil_error (it said \"bad argument #1 to '?'\")");
   if (L2) resil_close(L2);
 
+  /* a bulkhead held across calls: each resil_call is a task of its own, which gives back what it holds as
+   * it ends; a permit detached from it stays taken until a later call releases it */
+  lo.log_level = "off";
+  resil_t *B = resil_open(&lo);
+  int loaded = B && resil_load_string(B,
+                                      "local resil = require 'resil'\n"
+                                      "local s = resil.semaphore('bulkhead', { size = 1 })\n"
+                                      "function enter() local ok = s:try() if ok then s:detach() end return ok end\n"
+                                      "function leave() s:release() return true end\n",
+                                      "=bulkhead") == RESIL_OK && resil_run(B) == RESIL_OK;
+  int b_first = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[true]") == 0;
+  int b_second = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[false]") == 0;
+  int left = loaded && call(B, "leave", "[]") == RESIL_OK;
+  int again = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[true]") == 0;
+  check(b_first && b_second && left && again,
+        "a permit detached in one resil_call stays taken (the next is refused) until a later call releases it");
+  if (B) resil_close(B);
+
   long interrupted = 0, other = interrupted_elsewhere(3, &interrupted);
   check(other == 0 && interrupted > 0,
         "resil_interrupt from another thread every 50 us: each call is OK or RESIL_ERR_INTERRUPT (it crashed, or "
