@@ -748,6 +748,7 @@ local function admit(rec, api)
   if not max and not rec.concurrency then return NO_PERMITS end
   local p = setmetatable({}, Permits)
   local wait = { timeout = gateway.config.queue_timeout or 10 }
+  local since = rec.concurrency and max and resil.now()
   if rec.concurrency then
     local sem = key_sems[rec]
     if not sem then
@@ -762,6 +763,8 @@ local function admit(rec, api)
     if not total_sem or total_sem.size ~= max then
       total_sem = { sem = semaphore("gateway:total:" .. max, max), size = max }
     end
+    -- (the queue_timeout is the request's in all: what the key's permit took of it is gone)
+    if since then wait.timeout = math.max(0, wait.timeout - (resil.now() - since)) end
     if not total_sem.sem:acquire(wait) then
       p:release()
       return nil, busy(api, "the gateway", max)
