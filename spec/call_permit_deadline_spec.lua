@@ -2,6 +2,7 @@
 -- the wait for a concurrency permit too, when a wait for a rate token came first. Real HTTP on
 -- loopback to the mock, the virtual clock.
 local resil = require "resil"
+local helpers = require "spec.helpers"
 local call = require "policies.call"
 
 describe("policies.call's permit wait", function()
@@ -30,5 +31,31 @@ describe("policies.call's permit wait", function()
     local ok, slow_res = holder:join()
     assert.is_true(ok)
     assert.are.equal(200, slow_res.status)
+  end)
+
+  -- (before: a shared breaker's allow() waited on a Redis that held its writes past the deadline,
+  -- and the attempt raised "bucket '...': timeout must be a non-negative number", then, with that
+  -- wait's timeout kept at 0, "http request: 'timeout' must be >= 0": a raise out of the call,
+  -- where its deadline's error was due)
+  it("after a shared breaker's store call that outlasted the deadline, is the deadline's error, not a raise", function()
+    resil.clock.real()
+    local redis = helpers.redis_server()
+    finally(function() redis.stop() end)
+    resil.store_config({ url = redis.url() })
+    local m = assert(resil.mock.start({ strict = true, latency = 0.01 }))
+    finally(function() m:stop() end)
+    local p = call.provider("deadline-shared", { timeout = 5, deadline = 0.3, retry = { max_retries = 0 },
+      request = { method = "POST", url = m.url .. "/v1/chat/completions",
+        headers = { authorization = "Bearer sk-test-123456", ["content-type"] = "application/json" } },
+      breaker = { shared = true, min_calls = 5 }, rate = { rate = 100, per = 1 } })
+    local body = { json = { model = "gpt-4o-mini", messages = { { role = "user", content = "a" } } } }
+    assert.are.equal(200, assert(p(body)).status) -- the breaker's scripts loaded
+    -- Redis holds its writes (the breaker's probe script) for 1 s, past the call's deadline
+    os.execute(("redis-cli -p %d client pause 1000 write > /dev/null"):format(redis.port))
+    local ok, res, err = pcall(p, body)
+    assert.is_true(ok, tostring(res))
+    assert.is_nil(res)
+    assert.are.equal("deadline", err.kind)
+    assert.are.equal(1, m:stats().routes.chat) -- nothing sent past the deadline
   end)
 end)
