@@ -249,7 +249,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
   local _ <close> = guard -- an attempt that ends before record() gives its probe back
   local is_table = type(req) == "table"
   local bucket, token_bucket, sem = self.bucket, self.token_bucket, self.semaphore
-  local wait = deadline and (bucket or token_bucket or sem) and { timeout = deadline - now() } or nil
+  local wait = deadline and (bucket or token_bucket or sem) and { timeout = math.max(0, deadline - now()) } or nil
   local tokens = 0
   if token_bucket then
     tokens = (self.estimate or estimate_tokens)(is_table and req or {})
@@ -265,6 +265,8 @@ local function attempt(n, self, req, deadline, refused, give_up)
     if not ok then return nil, err end
   end
   if sem then
+    -- (what is left of the deadline once a bucket's wait is over, not what was before it)
+    if wait and (bucket or token_bucket) then wait.timeout = math.max(0, deadline - now()) end
     local ok, err = sem:acquire(wait)
     if not ok then return nil, err end
   end
@@ -276,6 +278,13 @@ local function attempt(n, self, req, deadline, refused, give_up)
       { provider = self.name, class = "canceled", retryable = true, gave_up = tostring(why) })
   end
   local start = now()
+  -- (a wait above, or a shared breaker's store call, may have reached the deadline: nothing is
+  -- sent past it, and no wait or request is given a timeout below zero, which they raise on)
+  if deadline and start >= deadline then
+    if sem then sem:release() end
+    return nil, resil.error("deadline", ("deadline passed before attempt %d was sent"):format(n),
+      { provider = self.name, class = "deadline", retryable = false })
+  end
   local res, err
   local json = is_table and req.json
   local model = json and type(json) == "table" and json.model or nil
