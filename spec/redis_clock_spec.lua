@@ -12,40 +12,7 @@ describe("Redis budget holds and periods, shared buckets and breakers between ho
   local redis, shim
   setup(function()
     redis = helpers.redis_server()
-    local src = helpers.write(helpers.tmpname(".c"), [[
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdlib.h>
-#include <time.h>
-#include <sys/time.h>
-/* this process's wall clock, CLOCK_SKEW seconds off (another host's, not synchronised) */
-static long long skew_ns(void) { const char *s = getenv("CLOCK_SKEW"); return s ? (long long)(atof(s) * 1e9) : 0; }
-int clock_gettime(clockid_t id, struct timespec *ts) {
-  static int (*real)(clockid_t, struct timespec *);
-  if (!real) real = dlsym(RTLD_NEXT, "clock_gettime");
-  int r = real(id, ts);
-  if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) {
-    long long ns = (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec + skew_ns();
-    ts->tv_sec = ns / 1000000000LL, ts->tv_nsec = ns % 1000000000LL;
-  }
-  return r;
-}
-int gettimeofday(struct timeval *tv, void *tz) {
-  struct timespec ts;
-  (void)tz;
-  if (clock_gettime(CLOCK_REALTIME, &ts) != 0) return -1;
-  if (tv) tv->tv_sec = ts.tv_sec, tv->tv_usec = ts.tv_nsec / 1000;
-  return 0;
-}
-time_t time(time_t *t) {
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  if (t) *t = ts.tv_sec;
-  return ts.tv_sec;
-}
-]])
-    shim = helpers.tmpname(".so")
-    assert(os.execute(("cc -shared -fPIC -o %s %s -ldl"):format(shim, src)), "cc could not build the shim")
+    shim = helpers.clock_skew_shim()
   end)
   teardown(function() if redis then redis.stop() end end)
 
