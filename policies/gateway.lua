@@ -730,7 +730,11 @@ Permits.__close = Permits.release
 local function nothing() end
 local NO_PERMITS = setmetatable({}, { __close = nothing, __index = { release = nothing, hand_over = nothing } })
 
-local total_sem -- { sem =, size = }: a changed max_concurrent makes a new one
+-- One semaphore for the gateway and one per key, by name: a changed limit resizes it, so the
+-- permits in use count against the new size (a new semaphore per size let the old one's holders
+-- and the new one's run beside each other, more than either limit, and left the old series in
+-- /metrics)
+local total_sem -- { sem =, size =, queue = }
 local key_sems = setmetatable({}, { __mode = "k" }) -- record -> semaphore
 
 local function semaphore(name, size)
@@ -751,17 +755,17 @@ local function admit(rec, api)
   local since = rec.concurrency and max and resil.now()
   if rec.concurrency then
     local sem = key_sems[rec]
-    if not sem then
-      -- named by the key and its limit: a changed limit is a new semaphore
-      sem = semaphore(("gateway:%s:%d"):format(rec.id or rec.name, rec.concurrency), rec.concurrency)
+    if not sem then -- (a key's record is read again when its cache entry lapses: a changed limit resizes)
+      sem = semaphore("gateway:key:" .. (rec.id or rec.name), rec.concurrency)
       key_sems[rec] = sem
     end
     if not sem:acquire(wait) then return nil, busy(api, ("key '%s'"):format(rec.name), rec.concurrency) end
     p.key = sem
   end
   if max then
-    if not total_sem or total_sem.size ~= max then
-      total_sem = { sem = semaphore("gateway:total:" .. max, max), size = max }
+    local queue = gateway.config.queue or 64
+    if not total_sem or total_sem.size ~= max or total_sem.queue ~= queue then
+      total_sem = { sem = semaphore("gateway:total", max), size = max, queue = queue }
     end
     -- (the queue_timeout is the request's in all: what the key's permit took of it is gone)
     if since then wait.timeout = math.max(0, wait.timeout - (resil.now() - since)) end

@@ -40,7 +40,7 @@ describe("the gateway's queue", function()
     assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 10))
     local x = resil.spawn(post, one) -- the key's one permit, then waits for the gateway's
     assert.is_true(helpers.wait_until(function()
-      return resil.semaphore("gateway:total:1"):state().waiting == 1 end, 10))
+      return resil.semaphore("gateway:total"):state().waiting == 1 end, 10))
     local t0 = resil.now()
     local res = assert(post(one)) -- waits for the key's permit, then for the gateway's
     local waited = resil.now() - t0
@@ -48,5 +48,45 @@ describe("the gateway's queue", function()
     assert.is_true(waited <= 2 + 1e-6, ("a request waited %.1f s in a queue of queue_timeout = 2"):format(waited))
     assert.are.equal(503, select(2, x:join()).status)
     assert.are.equal(200, select(2, a:join()).status)
+  end)
+  -- (before: a changed max_concurrent made a new semaphore, gateway:total:N: the old one's holders
+  -- and the new one's ran beside each other, and the old series stayed in /metrics)
+  it("counts the permits in use against a lowered max_concurrent, in one series", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ strict = true, latency = 10 }))
+    local gateway, ai = helpers.fresh_gateway()
+    for k in pairs(gateway.config) do gateway.config[k] = nil end
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = { base = 0.001, cap = 0.005 } })
+    gateway.configure({ auth = true, key_cache = 0, models = {}, max_concurrent = 2, queue = 0 })
+    local s = gateway.serve({ listen = "127.0.0.1:0" })
+    resil.clock.virtual()
+    finally(function()
+      resil.clock.real()
+      s:close()
+      m:stop()
+      resil.log.level("info")
+    end)
+    local base = ("http://127.0.0.1:%d"):format(s:port())
+    local keys = require "resil.keys"
+    local key = assert(keys.add({ name = "lowered" }))
+    local function post()
+      return http.request({ method = "POST", url = base .. "/v1/chat/completions", body = BODY, timeout = 60,
+        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
+    end
+    local a, b = resil.spawn(post), resil.spawn(post) -- both permits of 2, 10 s upstream
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 2 end, 10))
+    gateway.configure({ max_concurrent = 1 })
+    -- two still run: a third is refused at once (a new semaphore of 1 let it in beside them)
+    local third = assert(post())
+    assert.are.equal(503, third.status)
+    assert.are.equal(2, m.server:pending())
+    local metrics = assert(http.request({ url = base .. "/metrics" })).body
+    local series = {}
+    for sem in metrics:gmatch('resil_semaphore_in_use{semaphore="(gateway:total[^"]*)"}') do series[#series + 1] = sem end
+    assert.are.same({ "gateway:total" }, series)
+    assert.are.equal(200, select(2, a:join()).status)
+    assert.are.equal(200, select(2, b:join()).status)
   end)
 end)

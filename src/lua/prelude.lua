@@ -839,7 +839,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     end
     return bucket(name, opts)
   end
-  -- So are the semaphores under "gateway:" (the gateway's permits: gateway:total:N, gateway:<key id>:N):
+  -- So are the semaphores under "gateway:" (the gateway's permits: gateway:total, gateway:key:<key id>):
   -- a script released permits it never took (release only checks in_use > 0) and let more than
   -- max_concurrent in, or held them all. resil.semaphores() lists the others.
   local semaphore, semaphores = private.gateway_limits.semaphore, resil.semaphores
