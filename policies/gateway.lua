@@ -1684,8 +1684,11 @@ local function count_tokens(req)
     e = type(e) == "table" and type(e.error) == "table" and e.error or {}
     -- (the gateway's provider key refused is not the client's fault)
     local status = (res.status == 401 or res.status == 403) and 502 or res.status
+    -- (a 429's or 503's Retry-After is the provider's word on when to ask again: the SDK waits for it)
+    local after = (status == 429 or status == 503 or status == 529) and res.headers and res.headers["retry-after"]
     return refuse(status, public_message(tostring(e.message or ("the upstream answered " .. res.status))),
-      { type = status == res.status and type(e.type) == "string" and e.type or nil })
+      { type = status == res.status and type(e.type) == "string" and e.type or nil,
+        headers = type(after) == "string" and after:find("^%d+$") and { ["retry-after"] = after } or nil })
   end
   return anthropic_id(with_id({ status = 200, headers = { ["content-type"] = "application/json",
     ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model }, body = res.body }, id), "anthropic")

@@ -12,13 +12,13 @@ local MSGS = { { role = "user", content = "Name a city" } }
 -- an Anthropic upstream that refuses every request with `status` (404 not_found_error: Anthropic's
 -- for a model it does not have; 401 authentication_error: the gateway's key refused), counting
 -- how often it was asked
-local TYPES = { [401] = "authentication_error", [404] = "not_found_error" }
+local TYPES = { [401] = "authentication_error", [404] = "not_found_error", [429] = "rate_limit_error" }
 local function refusing_upstream(status)
   local asked = { messages = 0, count = 0 }
   local s = assert(resil.server.listen({ port = 0, tasks = true, handler = function(req)
     if req.path == "/v1/messages/count_tokens" then asked.count = asked.count + 1
     else asked.messages = asked.messages + 1 end
-    return { status = status, headers = { ["content-type"] = "application/json" },
+    return { status = status, headers = { ["content-type"] = "application/json", ["retry-after"] = "7" },
       body = json.encode({ type = "error", error = { type = TYPES[status], message = "model: claude-haiku-4-5" } }) }
   end }))
   return ("http://127.0.0.1:%d"):format(s:port()), asked, s
@@ -83,4 +83,13 @@ describe("gateway count_tokens", function()
       assert.are.equal(1, asked.count)
       assert.is_nil(m:stats().routes.count_tokens)
     end)
+  -- (before: the upstream's Retry-After was dropped: the SDK retried at once, and again)
+  it("relays an upstream's 429 with its Retry-After when no target is left", function()
+    local url, asked = start(429, { limited = "goneanthropic/claude-haiku-4-5" })
+    local count = post(url .. "/v1/messages/count_tokens", { model = "limited", messages = MSGS })
+    assert.are.equal(429, count.status, count.body)
+    assert.are.equal("7", count.headers["retry-after"])
+    assert.are.equal("rate_limit_error", json.decode(count.body).error.type)
+    assert.are.equal(1, asked.count)
+  end)
 end)
