@@ -455,6 +455,11 @@ static void task_resume(resil_t *R, task *t) {
   else if (lua_gethook(t->co) == instruction_hook && !R->interrupted)
     lua_sethook(t->co, NULL, 0, 0); /* lua_newthread's copy of a capped host_pcall's (a task a policy started at
                                      * load, in a reload): cut at the cap it had no part of */
+  /* an interrupt that came while no task ran (the program's own event base waiting for I/O, or
+   * just before this resume) armed nothing: the task is stopped at its first instruction (it ran
+   * on, unhooked, for good). After R->current is set: a signal from here on arms it itself. */
+  atomic_signal_fence(memory_order_seq_cst);
+  if (R->interrupted) lua_sethook(t->co, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   pthread_t self = pthread_self();
   if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self; /* (not rewritten at each resume: read by the watchdog) */
   resil_t *outer_host = watchdog_host;
@@ -1673,9 +1678,11 @@ static void step_timeout_cb(evutil_socket_t fd, short what, void *arg) { (void)f
 
 int loop_step(resil_t *R, int timeout_ms) {
   loop_enter(R);
-  if (R->ready_head) {
+  if (R->interrupted) {
+    /* one that came between calls: reported below, nothing run (a ready task that looped ran on) */
+  } else if (R->ready_head) {
     loop_turn(R);
-  } else if ((R->tasks_alive > 0 || timeout_ms >= 0) && !R->interrupted) { /* servers and signals need turns too */
+  } else if (R->tasks_alive > 0 || timeout_ms >= 0) { /* servers and signals need turns too */
     if (timeout_ms == 0) {
       base_loop(R, EVLOOP_NONBLOCK);
       if (R->virtual_clock && !R->ready_head && R->io_pending == 0 && R->disk_pending == 0 && R->vheap_len > 0)
