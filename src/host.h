@@ -138,6 +138,8 @@ struct resil {
   } watch_op;
   pthread_t loop_thread;                /* the thread of the running resume (its CPU clock): written only when
                                          * it changes, before resume_seq marks the resume (the watchdog reads it) */
+  _Atomic pid_t loop_tid;               /* ...its kernel id (0: no loop or task has run yet): where watchdog_forward's
+                                         * signal goes (tgkill: a thread that has ended since is no crash) */
 
   /* values registered through resil.secret: redacted from every message */
   redact_secret *secrets;
@@ -282,6 +284,7 @@ void watchdog_free(resil_t *R);
 void watchdog_signal_install(void); /* at resil_open: the handler watchdog_forward's signal needs */
 enum { FORWARD_INTERRUPT = 1, FORWARD_STOP = 2 };
 int watchdog_forward(resil_t *R, int what); /* off the loop's thread: its hooks armed there, by a signal -> 1 */
+void watchdog_loop_thread(resil_t *R);       /* the calling thread runs the host now (loop_thread, loop_tid) */
 int luaopen_resil_watchdog(lua_State *L); /* require "resil.core.watchdog" -> {unwatched = f} */
 /* A task's own SQLite statement (store_sqlite.c, db:read and db:now) is interrupted once the watchdog
  * stops the task: what its progress handler asks every WATCHDOG_SQL_STEPS of SQLite's VM, and the

@@ -460,8 +460,7 @@ static void task_resume(resil_t *R, task *t) {
    * on, unhooked, for good). After R->current is set: a signal from here on arms it itself. */
   atomic_signal_fence(memory_order_seq_cst);
   if (R->interrupted) lua_sethook(t->co, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
-  pthread_t self = pthread_self();
-  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self; /* (not rewritten at each resume: read by the watchdog) */
+  watchdog_loop_thread(R); /* (not rewritten at each resume: read by the watchdog) */
   resil_t *outer_host = watchdog_host;
   watchdog_host = R; /* the watchdog's signal finds the host it stops here (watchdog.c) */
   atomic_fetch_add(&R->resume_seq, 1); /* odd: a resume runs */
@@ -1610,8 +1609,7 @@ static int loop_status(resil_t *R, int main) {
  * this thread runs the host's loop: the CPU clock it reads is this thread's,
  * and an embedder's time between resil_step calls is its own. */
 static void turns_watched(resil_t *R) {
-  pthread_t self = pthread_self();
-  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self;
+  watchdog_loop_thread(R);
   R->turns_outer_host = watchdog_host;
   watchdog_host = R; /* the signal's handler finds the host here (a host call's stop: loop_arm_host) */
   atomic_store_explicit(&R->turns_watched, 1, memory_order_release);
@@ -1633,8 +1631,7 @@ void loop_close_watched(resil_t *R, int on) {
     atomic_store_explicit(&R->host_section, NULL, memory_order_relaxed);
     return;
   }
-  pthread_t self = pthread_self();
-  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self;
+  watchdog_loop_thread(R);
   atomic_store(&R->host_section, "the host's close (a __gc finalizer run as the Lua state closes)");
   unsigned long seq = atomic_load(&R->resume_seq);
   atomic_store(&R->resume_seq, (seq | 1) + 1); /* a turn of its own, even */

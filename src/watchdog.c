@@ -79,8 +79,13 @@ static void on_watchdog_signal(int signo) {
   errno = saved;
 }
 
+/* This thread's kernel id, read once (the thread a fork leaves in the child is another: forgotten there) */
+static _Thread_local pid_t own_tid;
+static void forget_tid(void) { own_tid = 0; }
+
 static pthread_once_t handler_once = PTHREAD_ONCE_INIT;
 static void install_handler(void) {
+  pthread_atfork(NULL, NULL, forget_tid);
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = on_watchdog_signal;
@@ -276,10 +281,24 @@ void watchdog_signal_install(void) { pthread_once(&handler_once, install_handler
  * host's next call or turn. Async-signal-safe. -> 1 if the loop's thread
  * was asked, 0 if the caller is that thread (it arms the hooks itself). */
 int watchdog_forward(resil_t *R, int what) {
-  if (pthread_equal(R->loop_thread, pthread_self())) return 0;
+  /* By the thread's kernel id (tgkill), not its pthread_t: the thread that ran the loop may have
+   * ended since, its descriptor freed with its stack (pthread_kill read it: SIGSEGV); a tid that
+   * is gone is ESRCH, and one reused by another thread of ours only runs a handler that finds
+   * nothing of this host's to arm. No loop or task has run yet (0): the thread that opened the host. */
+  pid_t tid = atomic_load(&R->loop_tid);
+  if (tid ? tid == gettid() : pthread_equal(R->loop_thread, pthread_self())) return 0;
   atomic_fetch_or(&R->forwarded, what);
-  pthread_kill(R->loop_thread, WATCHDOG_SIGNAL);
+  if (tid) tgkill(getpid(), tid, WATCHDOG_SIGNAL);
   return 1;
+}
+
+/* The calling thread runs the host now (a resume, a loop's turns, a group commit): what the
+ * watchdog times and signals, and watchdog_forward signals. A thread-local read and a compare. */
+void watchdog_loop_thread(resil_t *R) {
+  pid_t tid = own_tid ? own_tid : (own_tid = gettid());
+  if (atomic_load_explicit(&R->loop_tid, memory_order_relaxed) == tid) return;
+  R->loop_thread = pthread_self();
+  atomic_store_explicit(&R->loop_tid, tid, memory_order_release);
 }
 
 int watchdog_set(resil_t *R, double seconds) {
@@ -471,8 +490,7 @@ int watchdog_batch_begin(resil_t *R, lua_State *L) {
     if (R->interrupted) loop_interrupt_running(R); /* (one that came before the batch) */
     return 2;
   }
-  pthread_t self = pthread_self();
-  if (!pthread_equal(R->loop_thread, self)) R->loop_thread = self; /* (as task_resume sets it) */
+  watchdog_loop_thread(R); /* (as task_resume sets it) */
   R->watch_op.L = L;
   R->watch_op.outer_host = watchdog_host;
   watchdog_host = R; /* the signal's handler finds the host here */

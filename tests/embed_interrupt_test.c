@@ -1,6 +1,7 @@
 /*
  * embed_interrupt_test.c: resil_interrupt when no Lua runs, as a program
- * meets it: its own event base waiting for I/O, and between resil_step calls. Prints TAP lines;
+ * meets it: its own event base waiting for I/O, between resil_step calls,
+ * and after the thread that ran the host's loop has ended. Prints TAP lines;
  * spec/run counts them. A hang (a task that loops, never stopped) ends the
  * program with a "not ok" line (alarm).
  */
@@ -73,6 +74,15 @@ static void *interrupt_soon(void *arg) {
   return NULL;
 }
 
+/* ---- the host's loop on a thread of its own, which ends ---- */
+static void *run_once(void *arg) {
+  resil_t *R = arg;
+  char *out = NULL;
+  int st = resil_call(R, "id", "[1]", &out);
+  free(out);
+  return (void *)(long)st;
+}
+
 int main(void) {
   signal(SIGALRM, on_hang);
 
@@ -120,6 +130,31 @@ int main(void) {
   check(next == 0 && ran_next == 1, "and the next resil_step runs the task, once");
   if (next != 0 || ran_next != 1) printf("# got %d (ran: %d): %.200s\n", next, ran_next, resil_error(S));
   resil_close(S);
+  alarm(0);
+
+  /* the thread that ran the host's loop has ended (joined, its stack freed: one larger than
+   * glibc's cache of stacks is unmapped at once): resil_interrupt from another thread sent the
+   * loop's signal to that thread's freed descriptor (pthread_kill: SIGSEGV) */
+  running = "resil_interrupt after the thread that ran the host's loop ended";
+  alarm(20);
+  resil_t *E = open_host(NULL);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, (size_t)256 << 20);
+  void *ran = NULL;
+  if (pthread_create(&t, &attr, run_once, E) != 0) return 2;
+  pthread_join(t, &ran);
+  pthread_attr_destroy(&attr);
+  resil_interrupt(E, SIGINT); /* (this thread is not the one that ran the loop) */
+  char *out = NULL;
+  int after = resil_call(E, "id", "[2]", &out);
+  check((long)ran == RESIL_OK && after == RESIL_ERR_INTERRUPT && contains(resil_error(E), "interrupted by signal 2"),
+        "resil_interrupt after the thread that ran the host's loop ended: reported by the next call (it crashed)");
+  free(out);
+  out = NULL;
+  check(resil_call(E, "id", "[3]", &out) == RESIL_OK && out && strcmp(out, "[3]") == 0, "and the call after it runs");
+  free(out);
+  resil_close(E);
   alarm(0);
 
   printf("1..%d\n", test_number);
