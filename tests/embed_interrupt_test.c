@@ -1,15 +1,19 @@
 /*
  * embed_interrupt_test.c: resil_interrupt when no Lua runs, as a program
  * meets it: its own event base waiting for I/O, between resil_step calls,
- * and after the thread that ran the host's loop has ended. Prints TAP lines;
+ * after the thread that ran the host's loop has ended, and from another
+ * thread while a server handler loops on the program's own event base. Prints TAP lines;
  * spec/run counts them. A hang (a task that loops, never stopped) ends the
  * program with a "not ok" line (alarm).
  */
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -81,6 +85,37 @@ static void *run_once(void *arg) {
   int st = resil_call(R, "id", "[1]", &out);
   free(out);
   return (void *)(long)st;
+}
+
+/* ---- a server handler without tasks on the program's own event base ---- */
+static int server_port;
+static void *ask_server(void *arg) {
+  (void)arg;
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {0};
+  a.sin_family = AF_INET;
+  a.sin_port = htons((unsigned short)server_port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+    static const char req[] = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    ssize_t ignored = write(fd, req, sizeof req - 1);
+    (void)ignored;
+    char buf[256];
+    while (read(fd, buf, sizeof buf) > 0) {
+    }
+  }
+  if (fd >= 0) close(fd);
+  return NULL;
+}
+static void *interrupt_later(void *arg) {
+  (void)arg;
+  usleep(300000); /* the handler loops by now */
+  resil_interrupt(target, SIGINT);
+  return NULL;
+}
+static void end_dispatch(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what, (void)arg;
+  event_base_loopbreak(own);
 }
 
 int main(void) {
@@ -155,6 +190,44 @@ int main(void) {
   check(resil_call(E, "id", "[3]", &out) == RESIL_OK && out && strcmp(out, "[3]") == 0, "and the call after it runs");
   free(out);
   resil_close(E);
+  alarm(0);
+
+  /* another thread interrupts a server handler without tasks that loops, on the program's own
+   * event base (a libevent callback of its dispatch, outside any turn of the host's): the
+   * signal's handler found no host on the thread, and nothing stopped it (fails until resil.c's
+   * host_pcall points watchdog_host at the host while it runs) */
+  running = "own event base: resil_interrupt from another thread stops a server handler that loops";
+  alarm(20);
+  own = event_base_new();
+  resil_options so = {0};
+  so.log_level = "off";
+  so.base = own;
+  target = resil_open(&so);
+  if (!target || resil_load_string(target,
+                                   "local resil = require 'resil'\n"
+                                   "server = resil.server.listen({ port = 0, handler = function() while true do end end })\n",
+                                   "=server") != RESIL_OK || resil_run(target) < 0)
+    return 2;
+  lua_State *TL = resil_lua(target);
+  lua_getglobal(TL, "server");
+  lua_getfield(TL, -1, "port");
+  lua_pushvalue(TL, -2);
+  lua_call(TL, 1, 1);
+  server_port = (int)lua_tointeger(TL, -1);
+  lua_pop(TL, 2);
+  pthread_t asker, stopper;
+  if (pthread_create(&asker, NULL, ask_server, NULL) != 0 || pthread_create(&stopper, NULL, interrupt_later, NULL) != 0)
+    return 2;
+  struct event *enough = evtimer_new(own, end_dispatch, NULL);
+  struct timeval two = {2, 0};
+  evtimer_add(enough, &two);
+  event_base_dispatch(own);
+  pthread_join(stopper, NULL);
+  check(1, running);
+  event_free(enough);
+  resil_close(target);
+  pthread_join(asker, NULL);
+  event_base_free(own);
   alarm(0);
 
   printf("1..%d\n", test_number);
