@@ -455,14 +455,15 @@ static void task_resume(resil_t *R, task *t) {
   else if (lua_gethook(t->co) == instruction_hook && !R->interrupted)
     lua_sethook(t->co, NULL, 0, 0); /* lua_newthread's copy of a capped host_pcall's (a task a policy started at
                                      * load, in a reload): cut at the cap it had no part of */
-  /* an interrupt that came while no task ran (the program's own event base waiting for I/O, or
-   * just before this resume) armed nothing: the task is stopped at its first instruction (it ran
-   * on, unhooked, for good). After R->current is set: a signal from here on arms it itself. */
-  atomic_signal_fence(memory_order_seq_cst);
-  if (R->interrupted) lua_sethook(t->co, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   watchdog_loop_thread(R); /* (not rewritten at each resume: read by the watchdog) */
   resil_t *outer_host = watchdog_host;
   watchdog_host = R; /* the watchdog's signal finds the host it stops here (watchdog.c) */
+  /* an interrupt that came while no task ran (the program's own event base waiting for I/O, or
+   * just before this resume) armed nothing: the task is stopped at its first instruction (it ran
+   * on, unhooked, for good). Once R->current, the loop's thread and watchdog_host say this
+   * resume: a signal from here on arms it itself. */
+  atomic_signal_fence(memory_order_seq_cst);
+  if (R->interrupted) lua_sethook(t->co, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   atomic_fetch_add(&R->resume_seq, 1); /* odd: a resume runs */
   int status = lua_resume(t->co, R->L, nargs, &nres);
   atomic_fetch_add(&R->resume_seq, 1);
