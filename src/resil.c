@@ -129,10 +129,16 @@ int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
   R->host_L = L;
   R->host_what = what;
   R->host_stop[0] = '\0';
+  /* the thread runs the host: resil_interrupt from another thread signals it, and the signal's
+   * handler finds the host (a server handler on the embedder's own event base, outside any turn) */
+  resil_t *outer_host = watchdog_host;
+  watchdog_host = R;
+  watchdog_loop_thread(R);
   loop_arm_hook(R, L); /* also when a signal came before: the first one must stop it */
   locale_t caller = host_locale_enter(R); /* a server handler on the embedder's own event base */
   int status = lua_pcall(L, nargs, nresults, base);
   host_locale_leave(caller);
+  watchdog_host = outer_host;
   R->host_L = outer_L;
   R->host_what = outer_what;
   R->host_stop[0] = '\0';
