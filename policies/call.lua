@@ -238,6 +238,14 @@ end
 -- those whose body was cut ({cut = true, status=, received=, key=}, key:
 -- the Idempotency-Key it was sent with; replayed = true once a whole answer
 -- came under it): the provider billed them, policies.ai records their cost.
+-- An attempt that ends before it sends (its permit's wait failed, the caller gave up, the
+-- deadline passed): what its buckets took for it goes back, nothing having reached the provider
+-- (the estimate stayed charged, and a later call was refused for a rate it never used)
+local function unsent(bucket, token_bucket, tokens)
+  if token_bucket and tokens > 0 then token_bucket:refund(tokens) end
+  if bucket then bucket:refund(1) end
+end
+
 local function attempt(n, self, req, deadline, refused, give_up)
   local br = self.breaker
   local guard
@@ -268,12 +276,16 @@ local function attempt(n, self, req, deadline, refused, give_up)
     -- (what is left of the deadline once a bucket's wait is over, not what was before it)
     if wait and (bucket or token_bucket) then wait.timeout = math.max(0, deadline - now()) end
     local ok, err = sem:acquire(wait)
-    if not ok then return nil, err end
+    if not ok then
+      unsent(bucket, token_bucket, tokens)
+      return nil, err
+    end
   end
   -- (a wait for a bucket or a permit may outlast the client: asked again before anything is sent)
   local why = give_up and (bucket or token_bucket or sem) and give_up()
   if why then
     if sem then sem:release() end
+    unsent(bucket, token_bucket, tokens)
     return nil, resil.error("given_up", ("gave up before attempt %d was sent: %s"):format(n, tostring(why)),
       { provider = self.name, class = "canceled", retryable = true, gave_up = tostring(why) })
   end
@@ -282,6 +294,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
   -- sent past it, and no wait or request is given a timeout below zero, which they raise on)
   if deadline and start >= deadline then
     if sem then sem:release() end
+    unsent(bucket, token_bucket, tokens)
     return nil, resil.error("deadline", ("deadline passed before attempt %d was sent"):format(n),
       { provider = self.name, class = "deadline", retryable = false })
   end
