@@ -151,7 +151,9 @@ RESIL_API int resil_set_max_task_seconds(resil_t *R, double seconds);
  * RESIL_ERR_INTERRUPT in their done, and calls made after it run. From a
  * thread other than the one that runs the host (or a signal handler the
  * kernel ran on one), the running Lua is stopped by that thread itself: it
- * is sent SIGURG, whose handler resil_open installs (the watchdog's). */
+ * is sent SIGURG, whose handler resil_open installs (the watchdog's; it
+ * passes SIGURG on to a handler the program set before the first
+ * resil_open). */
 RESIL_API void resil_interrupt(resil_t *R, int signo);
 
 /* Async-signal-safe: ask for a graceful stop. Nothing is cut: the task

@@ -61,8 +61,11 @@ _Thread_local resil_t *watchdog_host;
  * (loop_arm_runaway), and only in the resume the watchdog saw run. */
 static void arm_op(resil_t *R, unsigned long seq);
 
-static void on_watchdog_signal(int signo) {
-  (void)signo;
+/* the program's own SIGURG handler, found when the host's was installed: called after the host's (a
+ * Go runtime preempts with SIGURG; a program reads out-of-band socket data on it) */
+static struct sigaction program_handler;
+
+static void on_watchdog_signal(int signo, siginfo_t *info, void *context) {
   int saved = errno;
   resil_t *R = watchdog_host;
   int forwarded = R ? atomic_exchange(&R->forwarded, 0) : 0; /* from another thread (watchdog_forward) */
@@ -77,6 +80,11 @@ static void on_watchdog_signal(int signo) {
     }
   }
   errno = saved;
+  if (program_handler.sa_flags & SA_SIGINFO) {
+    if (program_handler.sa_sigaction) program_handler.sa_sigaction(signo, info, context);
+  } else if (program_handler.sa_handler != SIG_DFL && program_handler.sa_handler != SIG_IGN) {
+    program_handler.sa_handler(signo);
+  }
 }
 
 /* This thread's kernel id, read once (the thread a fork leaves in the child is another: forgotten there) */
@@ -88,10 +96,11 @@ static void install_handler(void) {
   pthread_atfork(NULL, NULL, forget_tid);
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_watchdog_signal;
-  sa.sa_flags = SA_RESTART; /* the loop's system calls go on */
+  sa.sa_sigaction = on_watchdog_signal;
+  /* the loop's system calls go on; SA_ONSTACK: a Go runtime's threads need it of every handler */
+  sa.sa_flags = SA_RESTART | SA_SIGINFO | SA_ONSTACK;
   sigemptyset(&sa.sa_mask);
-  sigaction(WATCHDOG_SIGNAL, &sa, NULL);
+  sigaction(WATCHDOG_SIGNAL, &sa, &program_handler);
 }
 
 struct watchdog {

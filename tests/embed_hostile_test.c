@@ -127,8 +127,16 @@ static long interrupted_elsewhere(int seconds, long *interrupted) {
   return other;
 }
 
+static volatile sig_atomic_t program_urgs;
+static void program_urg(int signo) { (void)signo; program_urgs++; }
+
 int main(void) {
+  /* the program's own SIGURG handler, set before the first host opens: still called after (the host's
+   * handler, which resil_interrupt from another thread and the watchdog use, passes the signal on) */
+  signal(SIGURG, program_urg);
   resil_t *R = open_host(NULL);
+  raise(SIGURG);
+  check(program_urgs == 1, "a SIGURG handler the program set before resil_open is still called after it");
 
   /* JSON in and out */
   check(call(R, "id", "{}") == RESIL_ERR_USAGE && contains(resil_error(R), "must be a JSON array") &&
