@@ -735,7 +735,7 @@ local NO_PERMITS = setmetatable({}, { __close = nothing, __index = { release = n
 -- and the new one's run beside each other, more than either limit, and left the old series in
 -- /metrics)
 local total_sem -- { sem =, size =, queue = }
-local key_sems = setmetatable({}, { __mode = "k" }) -- record -> semaphore
+local key_sems = setmetatable({}, { __mode = "k" }) -- record -> { sem =, queue = }
 
 local function semaphore(name, size)
   return host_limits.semaphore(name, { size = size, queue = gateway.config.queue or 64 })
@@ -753,17 +753,20 @@ local function admit(rec, api)
   local p = setmetatable({}, Permits)
   local wait = { timeout = gateway.config.queue_timeout or 10 }
   local since = rec.concurrency and max and resil.now()
+  local queue = gateway.config.queue or 64
   if rec.concurrency then
-    local sem = key_sems[rec]
-    if not sem then -- (a key's record is read again when its cache entry lapses: a changed limit resizes)
-      sem = semaphore("gateway:key:" .. (rec.id or rec.name), rec.concurrency)
-      key_sems[rec] = sem
+    local kept = key_sems[rec]
+    -- (a key's record is read again when its cache entry lapses: a changed limit resizes; a changed
+    -- queue, at once)
+    if not kept or kept.queue ~= queue then
+      kept = { sem = semaphore("gateway:key:" .. (rec.id or rec.name), rec.concurrency), queue = queue }
+      key_sems[rec] = kept
     end
+    local sem = kept.sem
     if not sem:acquire(wait) then return nil, busy(api, ("key '%s'"):format(rec.name), rec.concurrency) end
     p.key = sem
   end
   if max then
-    local queue = gateway.config.queue or 64
     if not total_sem or total_sem.size ~= max or total_sem.queue ~= queue then
       total_sem = { sem = semaphore("gateway:total", max), size = max, queue = queue }
     end
