@@ -1100,7 +1100,8 @@ end
 -- A model the provider says it does not have (a 404: retired, or misspelt):
 -- each call pays a round trip for it and falls back, which at info level
 -- nobody sees. Warned once per process and model, counted on every call.
-local not_found_total = resil.metrics.counter("resil_model_not_found_total",
+-- (the host's constructor, prelude's owning_loader: resil.metrics is the scripts')
+local not_found_total = (select(4, ...) or resil.metrics).counter("resil_model_not_found_total",
   "Calls a provider answered 404 for the model they named (retired or misspelt), by model")
 local not_found_warned = {}
 local function model_not_found(t, err)

@@ -32,10 +32,14 @@ local fallback = require "policies.fallback"
 local call = {}
 local now = resil.now
 
-local calls_total = resil.metrics.counter("resil_calls_total", "Provider attempts, by provider and outcome")
-local call_seconds = resil.metrics.histogram("resil_call_seconds", "Time of one provider attempt, by provider")
+-- (the host's metric constructors, which prelude's owning_loader hands this chunk: resil.metrics is
+-- the scripts', and under the sandbox one that ran first handed out fakes; a copy loaded otherwise
+-- has resil.metrics)
+local host_metrics = select(4, ...) or resil.metrics
+local calls_total = host_metrics.counter("resil_calls_total", "Provider attempts, by provider and outcome")
+local call_seconds = host_metrics.histogram("resil_call_seconds", "Time of one provider attempt, by provider")
 -- OpenTelemetry's gen_ai.client.operation.duration, with its buckets
-local operation_duration = resil.metrics.histogram("gen_ai_client_operation_duration_seconds",
+local operation_duration = host_metrics.histogram("gen_ai_client_operation_duration_seconds",
   "Time of one provider attempt (OpenTelemetry gen_ai.client.operation.duration), by system, model and error type",
   { buckets = { 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92 } })
 

@@ -74,7 +74,11 @@ end
 local kept = resil.keep("policies.gateway.kept", function() return { config = config_defaults() } end)
 gateway.config = kept.config
 
-local requests_total = resil.metrics.counter("resil_gateway_requests_total",
+-- (the host's metric constructors and scrape, which prelude's owning_loader hands this chunk: resil.metrics is
+-- the scripts', and under the sandbox one that ran first handed out fakes; a copy loaded otherwise
+-- has resil.metrics)
+local host_metrics = select(4, ...) or resil.metrics
+local requests_total = host_metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")
 local request_series = {}
 
@@ -1716,7 +1720,7 @@ gateway.routes = {
       end
     end
     -- (with --workers: every worker's figures merged, whichever answers)
-    return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = resil.metrics.scrape() }
+    return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = host_metrics.scrape() }
   end,
 }
 

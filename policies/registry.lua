@@ -284,15 +284,19 @@ end
 -- warnings once per process (kept across reloads)
 
 local once = resil.keep("policies.registry.once")
-local unpinned_total = resil.metrics.counter("resil_model_unpinned_total",
+-- (the host's metric constructors, which prelude's owning_loader hands this chunk: resil.metrics is
+-- the scripts', and under the sandbox one that ran first handed out fakes; a copy loaded otherwise
+-- has resil.metrics)
+local host_metrics = select(4, ...) or resil.metrics
+local unpinned_total = host_metrics.counter("resil_model_unpinned_total",
   "Calls naming a model that is not pinned to a version, by model")
-local sunset_days = resil.metrics.gauge("resil_model_sunset_days",
+local sunset_days = host_metrics.gauge("resil_model_sunset_days",
   "Days left before a deprecated model's sunset, by model")
-local routed_total = resil.metrics.counter("resil_model_routed_total",
+local routed_total = host_metrics.counter("resil_model_routed_total",
   "Calls routed from a model past its sunset to its replacement, by model and replacement")
-local rollback_total = resil.metrics.counter("resil_model_rollbacks_total",
+local rollback_total = host_metrics.counter("resil_model_rollbacks_total",
   "Migrations rolled back automatically, by alias")
-local side_total = resil.metrics.counter("resil_model_migration_calls_total",
+local side_total = host_metrics.counter("resil_model_migration_calls_total",
   "Calls of a migration, by alias, side (old|new) and outcome")
 
 -- registry.reset_warnings(): warn again as a new process would (specs, tools)

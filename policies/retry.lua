@@ -16,8 +16,12 @@ local classify = require "policies.classify"
 
 local retry = {}
 
-local retries_total = resil.metrics.counter("resil_retries_total", "Retries, by provider and outcome class")
-local gave_up_total = resil.metrics.counter("resil_retry_gave_up_total",
+-- (the host's metric constructors, which prelude's owning_loader hands this chunk: resil.metrics is
+-- the scripts', and under the sandbox one that ran first handed out fakes; a copy loaded otherwise
+-- has resil.metrics)
+local host_metrics = select(4, ...) or resil.metrics
+local retries_total = host_metrics.counter("resil_retries_total", "Retries, by provider and outcome class")
+local gave_up_total = host_metrics.counter("resil_retry_gave_up_total",
   "Calls that failed after retrying, by provider and reason (max_retries, deadline, retry_budget)")
 
 retry.defaults = {

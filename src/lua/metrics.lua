@@ -73,12 +73,18 @@ Metric.__index = Metric
 -- own opts.max_series, else metrics.max_series); label sets beyond that are
 -- dropped, counted, and warned about once per metric. Memory stays bounded
 -- whatever a label is fed (user ids, URLs, model names from responses).
-metrics.max_series = 1000
+-- Under the sandbox the host's metrics (names under resil_ and gen_ai_, m.host) keep at least
+-- HOST_MAX_SERIES whatever a script sets (metrics.max_series = 0 in a script that ran before the
+-- policies loaded dropped every series of the host's: resil_calls_total, the gateway's, the budgets'):
+-- host_max_series is max_series, raised to that. Both kept out of the table, set through its
+-- __newindex (below); read only where a series is made, never on an update's path.
+local HOST_MAX_SERIES = 1000
+local max_series, host_max_series = HOST_MAX_SERIES, HOST_MAX_SERIES
 local dropped_total -- resil_metrics_series_dropped_total, defined below
 
 -- (a key the metric has no series of yet)
 local function admit(m, key)
-  if m.nseries < (m.max_series or metrics.max_series) then
+  if m.nseries < (m.max_series or (m.host and host_max_series or max_series)) then
     m.nseries = m.nseries + 1
     return true
   end
@@ -86,7 +92,7 @@ local function admit(m, key)
   if not m.warned then
     m.warned = true
     resil.log.warn("metrics: too many label sets, new ones are dropped", { metric = m.name,
-      max_series = m.max_series or metrics.max_series })
+      max_series = m.max_series or (m.host and host_max_series or max_series) })
   end
   return false
 end
@@ -133,9 +139,11 @@ metrics.merges = setmetatable({}, {
 -- failed to load). Under the sandbox a name under one of these prefixes gives a script a
 -- read-only view of the host's metric (value() as before; a change raises at its line), and a
 -- new one is refused. Policies define theirs as they load (calls, retries, the gateway's, the
--- registry's): a call straight from a policy chunk the host loaded from its policy folders
--- (private.policy_chunks, prelude's owning_loader) gets the metric itself. A host module that
--- loads after scripts may run defines through private.metrics (resil.metrics is the scripts').
+-- registry's) through private.metrics, which prelude's owning_loader hands each policy chunk as
+-- its fourth argument (resil.metrics, and require's resil, are the scripts': one that ran first
+-- handed them fakes); a call straight from a policy chunk the host loaded from its policy folders
+-- (private.policy_chunks: an operator's policy file that calls resil.metrics) gets the metric
+-- itself too. A host module that loads after scripts may run defines through private.metrics.
 local RESERVED = { "resil_", "gen_ai_" }
 local function reserved(name)
   for i = 1, #RESERVED do
@@ -202,7 +210,8 @@ function define_host(kind, name, help, opts)
     return m
   end
   m = setmetatable({ kind = kind, name = name, help = help or name, series = {}, nseries = 0,
-                     max_series = opts and opts.max_series, known = {}, nknown = 0 }, Metric)
+                     max_series = opts and opts.max_series, known = {}, nknown = 0,
+                     host = reserved(name) ~= nil }, Metric)
   if kind == "gauge" then
     m.merge = (opts and opts.merge) or merges[name] or "sum"
     if not MERGES[m.merge] then
@@ -292,7 +301,7 @@ local function remember(m, labels, s)
     known = { secrets_count(), {}, {} }
     m.known, m.nknown = known, 0
   end
-  if m.nknown >= (m.max_series or metrics.max_series) then return end
+  if m.nknown >= (m.max_series or (m.host and host_max_series or max_series)) then return end
   if k2 == nil then
     sub(known[2], k1)[v1] = s
   else
@@ -463,6 +472,9 @@ end
 
 -- resil.metrics.text() -> the Prometheus text exposition of this process's metrics
 function metrics.text() return exposition(false) end
+-- (the host's own scrapes, GET /metrics and the files, call scrape and serve as this file has them:
+-- the table's are the scripts', and a sandboxed script's resil.metrics.scrape answered for the host)
+local scrape, serve
 
 local pid
 local function own_pid()
@@ -660,8 +672,8 @@ end
 
 -- metrics.scrape() -> what GET /metrics answers: metrics.text(), or under
 -- gateway --workers every worker's figures merged (this one's file written first)
-function metrics.scrape()
-  if not shard then return metrics.text() end
+function scrape()
+  if not shard then return exposition(false) end
   if not shard.final then
     local ok, err = write_shard()
     if not ok then resil.log.warn("metrics: this worker's file not written", { error = tostring(err) }) end
@@ -669,8 +681,10 @@ function metrics.scrape()
   return merged(shard.dir)
 end
 
+metrics.scrape = scrape
+
 -- the exposition written whole, then renamed over path
-local function write_file(path) return write_text(path, metrics.scrape()) end
+local function write_file(path) return write_text(path, scrape()) end
 
 -- metrics.shard{dir =, slot =}: this process is worker `slot` of a gateway
 -- whose supervisor made `dir` (src/main.c): its figures are written there,
@@ -736,7 +750,7 @@ function metrics.export(opts)
   if opts.addr then
     local host, port = parse_addr(opts.addr)
     if not host then error(("--metrics-addr: '%s' is not HOST:PORT"):format(opts.addr), 0) end
-    local ok, srv, err = pcall(metrics.serve, { host = host, port = port })
+    local ok, srv, err = pcall(serve, { host = host, port = port })
     if not ok or not srv then
       local why = not ok and srv or (type(err) == "table" and err.message or err) -- raised, or nil, err
       error(("--metrics-addr %s: %s"):format(opts.addr, tostring(why)), 0)
@@ -784,7 +798,7 @@ function metrics.finish()
 end
 
 -- resil.metrics.serve{host = "127.0.0.1", port = 9464} -> server (GET /metrics)
-function metrics.serve(opts)
+function serve(opts)
   opts = opts or {}
   -- (in a gateway's worker, every worker listens there: one answers, with the merge)
   local reuseport = opts.reuseport
@@ -795,11 +809,30 @@ function metrics.serve(opts)
     reuseport = reuseport,
     handler = function(req)
       if req.method == "GET" and req.path == "/metrics" then
-        return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = metrics.scrape() }
+        return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = scrape() }
       end
       return { status = 404, body = "not found: try GET /metrics\n" }
     end,
   })
 end
+
+metrics.serve = serve
+-- (the policies' own scrape: GET /metrics of policies.gateway)
+private.metrics.scrape = scrape
+
+-- resil.metrics.max_series: read and set through the table, kept in max_series above
+setmetatable(metrics, {
+  __index = function(_, k) if k == "max_series" then return max_series end end,
+  __newindex = function(t, k, v)
+    if k ~= "max_series" then return rawset(t, k, v) end
+    if not private.sandbox then
+      max_series, host_max_series = v, v
+      return
+    end
+    if type(v) ~= "number" or v ~= v then error("resil.metrics.max_series must be a number", 2) end
+    max_series, host_max_series = v, math.max(v, HOST_MAX_SERIES)
+  end,
+  __metatable = false,
+})
 
 return metrics

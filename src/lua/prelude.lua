@@ -485,9 +485,10 @@ local function owning_loader(loader)
     -- (policies.ai gets the host's way to its cache's reserved keys, policies.registry to its
     -- migrations': a script's require gives the module's table, never its chunk, so the capability
     -- stays the policy's upvalue)
-    local mod
-    if CAPABILITY[name] then mod = loader(name, (...), private[CAPABILITY[name]])
-    else mod = loader(name, ...) end
+    -- Every policy chunk gets the host's metric constructors (and scrape) as its fourth argument:
+    -- resil.metrics and require are the scripts', and one that ran first handed the policies fakes
+    -- (or views) for resil_calls_total, the gateway's: they were never defined, the alerts blind.
+    local mod = loader(name, (...), private[CAPABILITY[name]], private.metrics)
     if not pending then install(name, rec) end -- loaded on first use (or again, its package.loaded entry cleared)
     return mod
   end
