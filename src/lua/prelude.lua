@@ -488,6 +488,7 @@ local function owning_loader(loader)
     -- Every policy chunk gets the host's metric constructors (and scrape) as its fourth argument:
     -- resil.metrics and require are the scripts', and one that ran first handed the policies fakes
     -- (or views) for resil_calls_total, the gateway's: they were never defined, the alerts blind.
+    if private.policy_env and debug.getupvalue(loader, 1) == "_ENV" then debug.setupvalue(loader, 1, private.policy_env) end
     local mod = loader(name, (...), private[CAPABILITY[name]], private.metrics)
     if not pending then install(name, rec) end -- loaded on first use (or again, its package.loaded entry cleared)
     return mod
@@ -1001,5 +1002,22 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_view })
   env.package.loadlib = refused("package.loadlib")
   env._G = env
+  -- The policy chunks' own globals (owning_loader): the scripts' are theirs to change, and a gateway
+  -- config that replaced `require` handed policies.gateway, at the next reload, a resil.keys of its
+  -- making (any bearer let in). Policies get this allow-list as it is now, in tables no script
+  -- reaches (the libraries copied too: string.format, table.concat); what a policy sets is the
+  -- policies' own. Plain tables: a global's lookup costs what it did.
+  local policy_env = {}
+  for k, v in pairs(env) do policy_env[k] = v end
+  for _, lib in ipairs({ "string", "table", "math", "utf8", "coroutine", "os", "io" }) do
+    local copy = {}
+    for k, v in pairs(env[lib]) do copy[k] = v end
+    policy_env[lib] = copy
+  end
+  policy_env.debug = refusing("debug.", { traceback = debug.traceback })
+  policy_env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_view,
+    loadlib = env.package.loadlib })
+  policy_env._G = policy_env
+  private.policy_env = policy_env
   return env
 end
