@@ -132,6 +132,21 @@ resil.metrics.text = function() return "forged 1\n" end
     assert.is_nil(text:match("forged"))
     assert.matches('resil_reloads_total{result="ok"} 0', text, 1, true)
   end)
+
+  -- (before: the last write was main.c's call of resil.metrics.finish, the scripts' to replace)
+  it("writes --metrics-file at the end though a script replaced resil.metrics.finish", function()
+    local file = helpers.tmpname(".prom")
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.metrics.counter("app_jobs_total", "jobs"):inc()
+resil.metrics.finish = function() end
+]], "--sandbox --metrics-file " .. file)
+    os.remove(r.path)
+    assert.are.equal(0, r.code, r.stderr)
+    local text = helpers.slurp(file) or ""
+    os.remove(file)
+    assert.matches("app_jobs_total 1", text, 1, true)
+  end)
 end)
 
 describe("gateway --sandbox and the host's own metrics", function()

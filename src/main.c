@@ -179,12 +179,17 @@ static int report(resil_t *R, int status) {
 /* L stack: options -> nothing. require("resil.metrics")[fn](options), as the
  * operator's or the supervisor's (sandbox_trust: the files it names are
  * not a script's) -> 0 | -1 (reported) */
+#define METRICS_FINISH "resil.main.metrics_finish" /* (registry) metrics.finish, as it was at start */
 static int metrics_call(resil_t *R, const char *fn) {
   lua_State *L = resil_lua(R);
   int options = lua_gettop(L), rc = 0;
   lua_getglobal(L, "require");
   lua_pushliteral(L, "resil.metrics");
   if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, fn) == LUA_TFUNCTION) {
+    /* finish, taken now, before any script runs: the module is the scripts' to write (one that set
+     * resil.metrics.finish skipped the last --metrics-file write) */
+    if (lua_getfield(L, -2, "finish") == LUA_TFUNCTION) lua_setfield(L, LUA_REGISTRYINDEX, METRICS_FINISH);
+    else lua_pop(L, 1);
     lua_pushvalue(L, options);
     sandbox_trust(R, 1);
     int status = lua_pcall(L, 1, 0, 0);
@@ -263,10 +268,7 @@ static void finish_traces(resil_t *R, const char *url, const char *status) {
 static void finish_metrics(resil_t *R) {
   lua_State *L = resil_lua(R);
   int top = lua_gettop(L);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "resil.metrics");
-  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "finish") == LUA_TFUNCTION &&
-      lua_pcall(L, 0, 0, 0) != LUA_OK)
+  if (lua_getfield(L, LUA_REGISTRYINDEX, METRICS_FINISH) == LUA_TFUNCTION && lua_pcall(L, 0, 0, 0) != LUA_OK)
     fprintf(stderr, PROGNAME ": --metrics-file: %s\n", lua_tostring(L, -1));
   lua_settop(L, top);
 }
