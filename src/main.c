@@ -268,7 +268,16 @@ static void finish_traces(resil_t *R, const char *url, const char *status) {
 static void finish_metrics(resil_t *R) {
   lua_State *L = resil_lua(R);
   int top = lua_gettop(L);
-  if (lua_getfield(L, LUA_REGISTRYINDEX, METRICS_FINISH) == LUA_TFUNCTION && lua_pcall(L, 0, 0, 0) != LUA_OK)
+  if (lua_getfield(L, LUA_REGISTRYINDEX, METRICS_FINISH) != LUA_TFUNCTION) { /* (no --metrics-*: a script's export) */
+    lua_pop(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "resil.metrics");
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK || lua_getfield(L, -1, "finish") != LUA_TFUNCTION) {
+      lua_settop(L, top);
+      return;
+    }
+  }
+  if (lua_pcall(L, 0, 0, 0) != LUA_OK)
     fprintf(stderr, PROGNAME ": --metrics-file: %s\n", lua_tostring(L, -1));
   lua_settop(L, top);
 }
