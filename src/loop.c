@@ -825,7 +825,16 @@ void loop_interrupt_running(resil_t *R) {
   }
 }
 
+/* (host_pcall's, as it starts.) A host call outside every resume and every other Lua running on L
+ * (a server handler without tasks, a reload from SIGHUP) is a turn of its own for the watchdog:
+ * timed from its start, as a resume is. libevent runs every request that came together in one
+ * pass, and 40 handlers of 40 ms, timed as one turn, had the one running at 0.5 s stopped as
+ * having run 0.5 s (its client a 500). Nested in another host call or a finalizer (L runs a
+ * frame), it is part of that one's time: an outer loop that calls it stays seen. */
 void loop_arm_hook(resil_t *R, lua_State *L) {
+  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
+  lua_Debug ar;
+  if (!(seq & 1) && !lua_getstack(L, 0, &ar)) atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
   if (R->interrupted) lua_sethook(L, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   else if (R->max_instructions > 0) lua_sethook(L, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
   else lua_sethook(L, NULL, 0, 0);
