@@ -1526,6 +1526,11 @@ static long preemptions(void) {
   return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : -1;
 }
 
+/* A look at I/O: one pass of the event base, not waiting. EVLOOP_NONBLOCK alone runs pass after
+ * pass while each finds an event due: a program's own periodic event on a shared base whose work
+ * outlasts its period held resil_step (one turn) for good, and the watchdog saw one endless turn. */
+#define LOOK_AT_IO (EVLOOP_NONBLOCK | EVLOOP_ONCE)
+
 /* A pass of the event base. From a callback of the base's own dispatch (the program's
  * event_base_dispatch running an event of its own), libevent refuses it: the host's loop, waiting
  * on it, spun forever; it stops instead (loop_status: RESIL_ERR_USAGE). */
@@ -1546,7 +1551,7 @@ static void loop_wait(resil_t *R) {
     return;
   }
   if (R->io_pending == 0) {
-    base_loop(R, EVLOOP_NONBLOCK);
+    base_loop(R, LOOK_AT_IO);
   } else {
     long grace_usec = R->store_io_pending > 0 ? VIRTUAL_STORE_GRACE_USEC : VIRTUAL_GRACE_USEC;
     struct timeval grace = {0, grace_usec};
@@ -1581,7 +1586,7 @@ static void loop_turn(resil_t *R) {
   if (R->ready_head) {
     loop_run_ready(R);
     for (int i = 0; i < R->nturn_end; i++) R->turn_end[i].fn(R->turn_end[i].arg);
-    if (R->ready_head && !R->interrupted) base_loop(R, EVLOOP_NONBLOCK);
+    if (R->ready_head && !R->interrupted) base_loop(R, LOOK_AT_IO);
   } else {
     loop_wait(R);
   }
@@ -1691,7 +1696,7 @@ int loop_step(resil_t *R, int timeout_ms) {
     loop_turn(R);
   } else if (R->tasks_alive > 0 || timeout_ms >= 0) { /* servers and signals need turns too */
     if (timeout_ms == 0) {
-      base_loop(R, EVLOOP_NONBLOCK);
+      base_loop(R, LOOK_AT_IO);
       if (R->virtual_clock && !R->ready_head && R->io_pending == 0 && R->disk_pending == 0 && R->vheap_len > 0)
         virtual_advance(R);
     } else {
