@@ -1526,10 +1526,12 @@ static long preemptions(void) {
   return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : -1;
 }
 
-/* A look at I/O: one pass of the event base, not waiting. EVLOOP_NONBLOCK alone runs pass after
- * pass while each finds an event due: a program's own periodic event on a shared base whose work
- * outlasts its period held resil_step (one turn) for good, and the watchdog saw one endless turn. */
-#define LOOK_AT_IO (EVLOOP_NONBLOCK | EVLOOP_ONCE)
+/* A look at I/O, not waiting. On a program's base, one pass: EVLOOP_NONBLOCK alone runs pass after
+ * pass while each finds an event due, and a program's own periodic event whose work outlasts its
+ * period held resil_step (one turn) for good, the watchdog seeing one endless turn. On the host's
+ * own base every event is the host's and short: passes go on while events are due (one pass a
+ * look cost the gateway about 1.5 % of its throughput). */
+#define LOOK_AT_IO (R->owns_base ? EVLOOP_NONBLOCK : EVLOOP_NONBLOCK | EVLOOP_ONCE)
 
 /* A pass of the event base. From a callback of the base's own dispatch (the program's
  * event_base_dispatch running an event of its own), libevent refuses it: the host's loop, waiting
