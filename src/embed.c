@@ -16,10 +16,6 @@
 #include "host.h"
 
 #define HELPERS_KEY "resil.embed_helpers" /* registry: { prepare, body } */
-/* resil_call's resolving of fn (its module's load) and decoding of json_args, without caps of
- * the program's own: as a reload's (reload.c) */
-#define PREPARE_DEFAULT_MAX_INSTRUCTIONS 200000000L
-#define PREPARE_DEFAULT_MAX_GROWTH ((size_t)1 << 30)
 
 typedef struct embed_call embed_call;
 struct embed_call {
@@ -238,13 +234,7 @@ static int start_call(resil_t *R, const char *fn, const char *json_args, embed_c
    * nothing: one that looped at load held resil_call (resil_call_async: the
    * program's event loop) for good. Without caps of the program's own, a
    * reload's (reload.c): loading a policy takes thousands of instructions. */
-  long cap = R->max_instructions;
-  size_t mem_cap = R->mem_limit;
-  if (cap <= 0) R->max_instructions = PREPARE_DEFAULT_MAX_INSTRUCTIONS;
-  if (mem_cap == 0) R->mem_limit = R->mem_used + PREPARE_DEFAULT_MAX_GROWTH;
-  int loaded = host_pcall(L, "resil_call (fn's module at load, json_args)", 3, 2);
-  R->max_instructions = cap;
-  R->mem_limit = mem_cap;
+  int loaded = host_pcall_load(L, "resil_call (fn's module at load, json_args)", 3, 2);
   if (loaded != LUA_OK) { /* a policy that fails to load, or a signal */
     resil_set_error(R, resil_describe(L, -1));
     lua_settop(L, top);

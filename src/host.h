@@ -192,6 +192,13 @@ void resil_set_error(resil_t *R, const char *msg);
  * --max-instructions, --max-memory and the interrupt hook. `what` names it
  * in errors. Returns lua_pcall's status. */
 int host_pcall(lua_State *L, const char *what, int nargs, int nresults);
+/* host_pcall of policy code loaded outside a task (a reload, resil_call's module): without
+ * --max-instructions and --max-memory of the program's own, under a load's caps (LOAD_MAX_*:
+ * loading policies takes thousands of instructions and kilobytes; one that looped or allocated
+ * without end at load held the loop for good) */
+#define LOAD_MAX_INSTRUCTIONS 200000000L
+#define LOAD_MAX_GROWTH ((size_t)1 << 30)
+int host_pcall_load(lua_State *L, const char *what, int nargs, int nresults);
 void resil_push_host_env(lua_State *L); /* the host's own globals, not the scripts' sandbox */
 /* May a SQLite file be opened at path? Always, but under the sandbox only the
  * host's own store and files under sandbox_dirs. */

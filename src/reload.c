@@ -101,14 +101,11 @@ static reload_state *state_of(resil_t *R) {
   return R->reload;
 }
 
-/* Without --max-instructions a reload still has a cap: a policy file that
- * loops at load held the loop, and with it every request a gateway serves,
- * for good and without a word. Loading policies takes thousands. */
-#define RELOAD_DEFAULT_MAX_INSTRUCTIONS 200000000L
-/* ...and without --max-memory, a cap on what it may allocate: a policy that
- * allocates without end at load ran to the instruction cap, holding the loop
- * for half a minute and taking gigabytes. Loading policies takes kilobytes. */
-#define RELOAD_DEFAULT_MAX_GROWTH ((size_t)1 << 30)
+/* Without --max-instructions or --max-memory a reload still has caps
+ * (host_pcall_load): a policy file that looped at load held the loop, and
+ * with it every request a gateway serves, for good and without a word; one
+ * that allocated without end ran to the instruction cap, holding the loop
+ * for half a minute and taking gigabytes. */
 
 /* What a failed load allocated is garbage now: collected at once, not held
  * (gigabytes, for a policy that allocates without end at load, with no
@@ -142,17 +139,10 @@ static int reload_on(lua_State *L) {
 }
 
 static int reload_on_watched(lua_State *L) {
-  resil_t *R = resil_from_lua(L);
   lua_getfield(L, LUA_REGISTRYINDEX, STEPS_KEY);
   int steps = lua_gettop(L);
   lua_rawgeti(L, steps, 1);
-  long cap = R->max_instructions;
-  size_t mem_cap = R->mem_limit;
-  if (cap <= 0) R->max_instructions = RELOAD_DEFAULT_MAX_INSTRUCTIONS;
-  if (mem_cap == 0) R->mem_limit = R->mem_used + RELOAD_DEFAULT_MAX_GROWTH;
-  int status = host_pcall(L, "policy reload", 0, 2);
-  R->max_instructions = cap;
-  R->mem_limit = mem_cap;
+  int status = host_pcall_load(L, "policy reload", 0, 2);
   if (status == LUA_OK) {
     lua_remove(L, steps);
     if (!lua_toboolean(L, -2)) collect_failed(L);
@@ -212,7 +202,7 @@ static int l_load_capped(lua_State *L) {
   resil_t *R = resil_from_lua(L);
   luaL_checktype(L, 1, LUA_TFUNCTION);
   size_t mem_cap = R->mem_limit;
-  if (mem_cap == 0) R->mem_limit = R->mem_used + RELOAD_DEFAULT_MAX_GROWTH;
+  if (mem_cap == 0) R->mem_limit = R->mem_used + LOAD_MAX_GROWTH;
   int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
   R->mem_limit = mem_cap;
   if (status != LUA_OK) {

@@ -148,6 +148,18 @@ int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
   return status;
 }
 
+int host_pcall_load(lua_State *L, const char *what, int nargs, int nresults) {
+  resil_t *R = resil_from_lua(L);
+  long cap = R->max_instructions;
+  size_t mem_cap = R->mem_limit;
+  if (cap <= 0) R->max_instructions = LOAD_MAX_INSTRUCTIONS;
+  if (mem_cap == 0) R->mem_limit = R->mem_used + LOAD_MAX_GROWTH;
+  int status = host_pcall(L, what, nargs, nresults);
+  R->max_instructions = cap;
+  R->mem_limit = mem_cap;
+  return status;
+}
+
 /* ---------- require "policies.x": the project's copy before the shipped one ---------- */
 
 static int file_exists(const char *path) {
