@@ -230,10 +230,9 @@ static int start_call(resil_t *R, const char *fn, const char *json_args, embed_c
   lua_pushstring(L, fn);
   if (json_args) lua_pushstring(L, json_args);
   else lua_pushnil(L);
-  /* fn's module loads here, outside any task, where the watchdog times
-   * nothing: one that looped at load held resil_call (resil_call_async: the
-   * program's event loop) for good. Without caps of the program's own, a
-   * reload's (reload.c): loading a policy takes thousands of instructions. */
+  /* fn's module loads here, outside any task: one that looped at load held
+   * resil_call (resil_call_async: the program's event loop) for good. Without
+   * caps of the program's own, a load's (host_pcall_load). */
   int loaded = host_pcall_load(L, "resil_call (fn's module at load, json_args)", 3, 2);
   if (loaded != LUA_OK) { /* a policy that fails to load, or a signal */
     resil_set_error(R, resil_describe(L, -1));

@@ -452,9 +452,6 @@ static void task_resume(resil_t *R, task *t) {
   t->instructions = 0;
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
-  else if (lua_gethook(t->co) == instruction_hook && !R->interrupted)
-    lua_sethook(t->co, NULL, 0, 0); /* lua_newthread's copy of a capped host_pcall's (a task a policy started at
-                                     * load, in a reload): cut at the cap it had no part of */
   watchdog_loop_thread(R); /* (not rewritten at each resume: read by the watchdog) */
   resil_t *outer_host = watchdog_host;
   watchdog_host = R; /* the watchdog's signal finds the host it stops here (watchdog.c) */
@@ -571,8 +568,10 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   if (!R->interrupted && !host && t && R->max_instructions > 0 && ar->event == LUA_HOOKCOUNT &&
       (t->instructions += lua_gethookcount(L)) < R->max_instructions)
     return;
-  /* an interrupt's hook met after the interrupt was reported and cleared (resil_call reports a pending
-   * one once; one from another thread is armed when its signal lands): no cap to raise, nothing to stop */
+  /* no cap to raise and nothing to stop: a hook left over. An interrupt's met after the interrupt was
+   * reported and cleared (resil_call reports a pending one once; one from another thread is armed when
+   * its signal lands), or lua_newthread's copy of a capped host_pcall's (a task a policy started at
+   * load, in a reload, was cut at a cap it had no part of) */
   if (!R->interrupted && !host && R->max_instructions <= 0) {
     lua_sethook(L, NULL, 0, 0);
     return;
@@ -825,6 +824,13 @@ void loop_interrupt_running(resil_t *R) {
   }
 }
 
+/* A new turn for the watchdog (watchdog.c), outside every resume: what runs from here is timed from
+ * here. resume_seq by 2, even as between resumes; a plain store, the loop's thread its only writer. */
+static void turn_begins(resil_t *R) {
+  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
+  if (!(seq & 1)) atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
+}
+
 /* (host_pcall's, as it starts.) A host call outside every resume and every other Lua running on L
  * (a server handler without tasks, a reload from SIGHUP) is a turn of its own for the watchdog:
  * timed from its start, as a resume is. libevent runs every request that came together in one
@@ -832,9 +838,8 @@ void loop_interrupt_running(resil_t *R) {
  * having run 0.5 s (its client a 500). Nested in another host call or a finalizer (L runs a
  * frame), it is part of that one's time: an outer loop that calls it stays seen. */
 void loop_arm_hook(resil_t *R, lua_State *L) {
-  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
   lua_Debug ar;
-  if (!(seq & 1) && !lua_getstack(L, 0, &ar)) atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
+  if (!lua_getstack(L, 0, &ar)) turn_begins(R);
   if (R->interrupted) lua_sethook(L, instruction_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   else if (R->max_instructions > 0) lua_sethook(L, instruction_hook, LUA_MASKCOUNT, (int)R->max_instructions);
   else lua_sethook(L, NULL, 0, 0);
@@ -1537,12 +1542,9 @@ static long preemptions(void) {
  * event_base_dispatch running an event of its own), libevent refuses it: the host's loop, waiting
  * on it, spun forever; it stops instead (loop_status: RESIL_ERR_USAGE). */
 static void base_loop(resil_t *R, int flags) {
-  /* a new turn for the watchdog (watchdog.c): what runs until the next one
-   * outside any resume (libevent's callbacks, the collection steps their
-   * allocations make, the turn's end) is timed from here. By 2: even, as
-   * between resumes; a plain store, the loop's thread its only writer. */
-  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed);
-  if (!(seq & 1)) atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
+  /* a new turn for the watchdog: what runs until the next one outside any resume (libevent's
+   * callbacks, the collection steps their allocations make, the turn's end) is timed from here */
+  turn_begins(R);
   if (event_base_loop(R->base, flags) == -1) R->base_refused = 1;
 }
 
@@ -1730,8 +1732,7 @@ static void pump_cb(evutil_socket_t fd, short what, void *arg) {
   }
   R->in_loop++;
   turns_watched(R);
-  unsigned long seq = atomic_load_explicit(&R->resume_seq, memory_order_relaxed); /* a turn (base_loop) */
-  if (!(seq & 1)) atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
+  turn_begins(R);
   locale_t caller = host_locale_enter(R);
   if (R->ready_head) {
     loop_run_ready(R);

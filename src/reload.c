@@ -101,12 +101,6 @@ static reload_state *state_of(resil_t *R) {
   return R->reload;
 }
 
-/* Without --max-instructions or --max-memory a reload still has caps
- * (host_pcall_load): a policy file that looped at load held the loop, and
- * with it every request a gateway serves, for good and without a word; one
- * that allocated without end ran to the instruction cap, holding the loop
- * for half a minute and taking gigabytes. */
-
 /* What a failed load allocated is garbage now: collected at once, not held
  * (gigabytes, for a policy that allocates without end at load, with no
  * --max-memory) until the heap doubles again, as new garbage piles on it. */

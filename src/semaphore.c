@@ -344,8 +344,9 @@ static int s_hand_over(lua_State *L) {
 
 /* s:detach(): one of the calling task's permits is no task's now: it stays
  * taken after the task ends, until a release by a task that holds none of
- * the semaphore's (or one outside any task) gives it back. For a permit held across calls (an embedding program's
- * resil_call that enters a bulkhead, and a later one that leaves it). */
+ * the semaphore's (or one outside any task) gives it back. For a permit held
+ * across calls (an embedding program's resil_call that enters a bulkhead, and
+ * a later one that leaves it). */
 static int s_detach(lua_State *L) {
   semaphore *s = check_semaphore(L, 1);
   task *t = s->R->current;

@@ -19,8 +19,8 @@
  * thread's call frames, which another OS thread must not do while they
  * change. The two threads share only atomics: the resume counter, and the
  * resume the watchdog asks to stop (a handler that comes after that resume
- * ended does nothing). An embedder that uses SIGURG itself should not turn
- * the watchdog on.
+ * ended does nothing). The handler passes SIGURG on to the program's own,
+ * one it set before the first resil_open.
  *
  * While the loop's thread runs the host's loop it also times the turns: the
  * loop bumps the counter by 2 as each turn waits for I/O (base_loop; the wait

@@ -541,22 +541,9 @@ function Ticket:release()
   return ok, err
 end
 
--- The methods take the store's names from `self`: one called with a table of a script's own as
--- self ({ name = "key:team" } with its budget as __index, or b.reserve(t)) reserved, settled or
--- released in a gateway key's budget past the reserved names. Only the host's objects are taken
--- (the weak tables name them; a tail call keeps the caller's levels for the methods' errors).
-local function genuine_only(class, known, what)
-  for k, f in pairs(class) do
-    if type(f) == "function" and not (type(k) == "string" and k:sub(1, 2) == "__") then
-      class[k] = function(self, ...)
-        if known[self] == nil then error(("%s:%s: self is not a %s of the host's"):format(what, k, what), 2) end
-        return f(self, ...)
-      end
-    end
-  end
-end
-genuine_only(Budget, name_of, "budget")
-genuine_only(Ticket, ticket_id, "ticket")
+-- (only the host's objects as self: the weak tables name them, store.lua's genuine_only)
+private.genuine_only(Budget, function(self) return name_of[self] ~= nil end, "budget", "budget")
+private.genuine_only(Ticket, function(self) return ticket_id[self] ~= nil end, "ticket", "ticket")
 
 -- For `resil-lua budgets`: the budgets a store knows, their limits (set from
 -- the command line, else the script's) and usage in the current period.

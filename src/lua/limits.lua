@@ -660,25 +660,12 @@ function SharedBreaker:reset()
   self.inner:reset()
 end
 
--- The methods take the store's key from `self`: one called with a table of a script's own as self
--- ({ label = "gateway:<id>:rpm" } with its bucket as __index, or sb.try(t)) took a gateway key's
--- rate past the reserved names. Only objects of the class are taken (rawequal: a metatable's own
--- __eq said yes; another process's object a spec makes with the class's metatable still is one;
--- a tail call keeps the caller's levels for the methods' errors).
-local function genuine_only(class, what)
-  for k, f in pairs(class) do
-    if type(f) == "function" and not (type(k) == "string" and k:sub(1, 2) == "__") then
-      class[k] = function(self, ...)
-        if not rawequal(getmetatable(self), class) then
-          error(("%s:%s: self is not a shared %s of the host's"):format(what, k, what), 2)
-        end
-        return f(self, ...)
-      end
-    end
-  end
-end
-genuine_only(SharedBucket, "bucket")
-genuine_only(SharedBreaker, "breaker")
+-- (only the class's objects as self, store.lua's genuine_only: rawequal, a metatable's own __eq said
+-- yes; another process's object a spec makes with the class's metatable still is one)
+private.genuine_only(SharedBucket, function(self) return rawequal(getmetatable(self), SharedBucket) end,
+  "bucket", "shared bucket")
+private.genuine_only(SharedBreaker, function(self) return rawequal(getmetatable(self), SharedBreaker) end,
+  "breaker", "shared breaker")
 
 function resil.breaker(name, opts)
   if type(opts) == "table" and opts.shared or shared_breakers[name] then

@@ -479,19 +479,17 @@ function Store:stats() return backend_of[self]:stats() end
 -- policies.ai's cache (the reserved ai:cache: keys): the third argument of its chunk, kept there
 -- as an upvalue. open is the host's (a script may replace resil.store); the value and TTL are
 -- policies.ai's own (a string, a TTL cache_ok checked).
-private.ai_cache = {
-  open = store_or_fail,
-  get = function(s, key) return backend_of[s]:kv_get(key, store_now()) end,
-  set = function(s, key, value, ttl) return backend_of[s]:kv_set(key, value, ttl, store_now()) end,
-}
+local function host_kv_get(s, key) return backend_of[s]:kv_get(key, store_now()) end
+local function host_kv_set(s, key, value, ttl) return backend_of[s]:kv_set(key, value, ttl, store_now()) end
+private.ai_cache = { open = store_or_fail, get = host_kv_get, set = host_kv_set }
 
 -- policies.registry's migrations (the reserved models:migration: keys): the third argument of its
 -- chunk, as ai's cache. memory: its copy while the store is down, kept across reloads here (a
 -- resil.keep table is any script's); host_only(what) raises under the sandbox (a rollback undone)
 private.migrations = {
   open = store_or_fail,
-  get = function(s, key) return backend_of[s]:kv_get(key, store_now()) end,
-  set = function(s, key, value, ttl) return backend_of[s]:kv_set(key, value, ttl, store_now()) end,
+  get = host_kv_get,
+  set = host_kv_set,
   incr = function(s, key, n, ttl) return backend_of[s]:kv_incr(key, n or 1, ttl, store_now()) end,
   del = function(s, key) return backend_of[s]:kv_del(key) end,
   memory = {},
@@ -501,6 +499,23 @@ private.migrations = {
     end
   end,
 }
+
+-- private.genuine_only(class, is_ours, prefix, noun): each method of the host's class refuses a
+-- self that is_ours(self) says is not the host's object. The methods of budgets, tickets and
+-- shared limits take the store's names from `self`: one called with a table of a script's own as
+-- self ({ name = "key:team" } with its budget as __index, or b.reserve(t)) reserved, settled or
+-- took in a gateway key's budget or rate past the reserved names. (A tail call keeps the caller's
+-- levels for the methods' errors.)
+function private.genuine_only(class, is_ours, prefix, noun)
+  for k, f in pairs(class) do
+    if type(f) == "function" and not (type(k) == "string" and k:sub(1, 2) == "__") then
+      class[k] = function(self, ...)
+        if not is_ours(self) then error(("%s:%s: self is not a %s of the host's"):format(prefix, k, noun), 2) end
+        return f(self, ...)
+      end
+    end
+  end
+end
 
 -- ---------- values in and out of the store ----------
 
