@@ -184,7 +184,11 @@ local function deployment_conf(provider, d)
   local m = merged_confs[key]
   if m and m.base == base and m.named == named then return m.conf end
   local conf = {}
-  for _, t in ipairs({ base, named or {}, own or {} }) do for k, v in pairs(t) do conf[k] = v end end
+  for _, t in ipairs({ base, named or {}, own or {} }) do
+    -- a layer that names its key's variable is not sent the key a wider layer set
+    if t.api_key_env ~= nil and t.api_key == nil then conf.api_key = nil end
+    for k, v in pairs(t) do conf[k] = v end
+  end
   merged_confs[key] = { base = base, named = named, conf = conf }
   return conf
 end
@@ -256,6 +260,18 @@ end
 function ai.targets(req) return targets_of(req, 2) end
 ai.deployment_conf = deployment_conf -- (what an older copy of policies/gateway.lua's count_tokens asks)
 
+-- a target left out for its missing key, said once per variable a process
+local warned_keyless = {}
+local function warn_keyless(errs)
+  for _, err in ipairs(errs) do
+    if not warned_keyless[err.variable] then
+      warned_keyless[err.variable] = true
+      resil.log.warn("ai: a target without its key is left out of calls: " .. err.message,
+        { variable = err.variable, provider = err.provider, model = err.model })
+    end
+  end
+end
+
 function targets_from(reg, plan, req, level)
   local targets, seen = {}, {}
   local function add(t)
@@ -265,27 +281,31 @@ function targets_from(reg, plan, req, level)
     end
   end
   local left = req.deadline or plan.deadline
+  -- A target whose key is missing is left out (said once per variable): a
+  -- backup's expired key must not fail the calls its primary serves. Only
+  -- when the model itself has no target with a key is the call refused.
+  local keyless = {}
   local function add_choices(choices, spec)
     for _, c in ipairs(choices) do
       if c.deployments then
-        local by = {}
+        local by, keyed = {}, {}
         for _, d in ipairs(c.deployments) do
           local t, err = target_of(d.model, req, level + 1, spec, d)
-          if not t then return nil, err end
-          by[d] = t
+          if t then by[d] = t; keyed[#keyed + 1] = d else keyless[#keyless + 1] = err end
         end
-        for _, d in ipairs(reg.order(c, function(d) return deployment_state(by[d]) end, left)) do add(by[d]) end
-        targets.deployments = true -- in this call's order: not kept
+        if keyed[1] then
+          local order = #keyed == #c.deployments and c or { deployments = keyed, strategy = c.strategy }
+          for _, d in ipairs(reg.order(order, function(d) return deployment_state(by[d]) end, left)) do add(by[d]) end
+          targets.deployments = true -- in this call's order: not kept
+        end
       else
         local t, err = target_of(c.model, req, level + 1, spec)
-        if not t then return nil, err end
-        add(t)
+        if t then add(t) else keyless[#keyless + 1] = err end
       end
     end
-    return true
   end
-  local ok, err = add_choices(plan.choices)
-  if not ok then return nil, err end
+  add_choices(plan.choices)
+  if not targets[1] then return nil, keyless[1] end
   local fb = req.fallback
   if fb == nil then fb = (ai.config[targets[1].provider] or {}).fallback end
   if fb ~= nil and type(fb) ~= "table" then error("ai: fallback must be a list of models", level + 1) end
@@ -293,11 +313,9 @@ function targets_from(reg, plan, req, level)
     local m = type(f) == "table" and f.model or f
     if type(m) ~= "string" then error("ai: fallback entries must be models or {model=, ...}", level + 1) end
     local fplan = reg.resolve(m, req, level + 2)
-    if not fplan.err then
-      ok, err = add_choices(fplan.choices, f)
-      if not ok then return nil, err end
-    end
+    if not fplan.err then add_choices(fplan.choices, f) end
   end
+  if keyless[1] then warn_keyless(keyless) end
   targets.plan = plan
   return targets
 end

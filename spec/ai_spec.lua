@@ -367,6 +367,31 @@ describe("chat over the strict mock", function()
     assert.are.equal(4, m:stats().routes.chat)
   end)
 
+  -- (before: the fallback's missing key failed every call, the primary's good answers too)
+  it("a fallback whose key is missing is left out, said once; the primary still answers and still fails as itself", function()
+    ai.configure("anthropic", { base_url = m.url, api_key_env = "RESIL_SPEC_UNSET_ANTHROPIC_KEY" })
+    local r, none, err
+    local lines = helpers.logged(function()
+      r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, fallback = { "anthropic/claude-haiku-4-5" } }))
+      m:configure({ strict = true, sequence = { chat = { 529, 529, 529, 529 } } })
+      none, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, fallback = { "anthropic/claude-haiku-4-5" } })
+    end)
+    assert.are.equal("openai", r.provider)
+    assert.is_nil(none)
+    assert.are.equal("overloaded", err.class)
+    assert.are.equal(0, m:stats().routes.messages or 0)
+    local warned = 0
+    for _, rec in ipairs(lines) do
+      if tostring(rec.msg):find("RESIL_SPEC_UNSET_ANTHROPIC_KEY is not set", 1, true) then warned = warned + 1 end
+    end
+    assert.are.equal(1, warned)
+    -- the model's own key missing still refuses the call, before anything is sent
+    local before = m:stats().total
+    local _, kerr = ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, fallback = { "openai/gpt-4o-mini" } })
+    assert.are.equal("missing_secret", kerr.kind)
+    assert.are.equal(before, m:stats().total)
+  end)
+
   it("insufficient_quota is never retried, and falls back", function()
     m:configure({ strict = true, sequence = { chat = { { status = 429, error_type = "insufficient_quota",
       error_code = "insufficient_quota" } } } })

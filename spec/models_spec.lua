@@ -391,6 +391,21 @@ describe("deployments", function()
       return t
     end)())
   end)
+  -- (before: one deployment's missing key failed every call to the alias)
+  it("a deployment whose key is missing is left out; the others serve", function()
+    registry.use({ spread = { deployments = {
+      { name = "dep-keyed", use = "openai/gpt-4o-mini-2024-07-18" },
+      { name = "dep-keyless", use = "openai/gpt-4o-mini-2024-07-18", config = { api_key_env = "RESIL_SPEC_UNSET_DEP_KEY" } },
+    } } })
+    for _ = 1, 6 do
+      assert.are.equal("dep-keyed", assert(ai.chat({ model = "spread", messages = MSGS })).deployment)
+    end
+    registry.use({ spread = { deployments = {
+      { name = "dep-keyless", use = "openai/gpt-4o-mini-2024-07-18", config = { api_key_env = "RESIL_SPEC_UNSET_DEP_KEY" } },
+    } } })
+    local _, err = ai.chat({ model = "spread", messages = MSGS })
+    assert.are.equal("missing_secret", err.kind)
+  end)
 end)
 
 describe("reload", function()
