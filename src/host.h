@@ -136,10 +136,12 @@ struct resil {
     volatile sig_atomic_t interrupted;  /* a first SIGINT hooked L (loop_interrupt_running): unhooked
                                          * as the batch ends, so the host's own work after it runs */
   } watch_op;
-  pthread_t loop_thread;                /* the thread of the running resume (its CPU clock): written only when
-                                         * it changes, before resume_seq marks the resume (the watchdog reads it) */
-  _Atomic pid_t loop_tid;               /* ...its kernel id (0: no loop or task has run yet): where watchdog_forward's
-                                         * signal goes (tgkill: a thread that has ended since is no crash) */
+  pthread_t loop_thread;                /* the thread of the running resume, read by that thread only (the one
+                                         * that opened the host, before any loop or task ran) */
+  _Atomic pid_t loop_tid;               /* ...its kernel id (0: no loop or task has run yet), written only when it
+                                         * changes, before resume_seq marks the resume: the CPU clock the watchdog
+                                         * reads, and where its and watchdog_forward's signals go (tgkill: a thread
+                                         * that has ended since is no crash) */
 
   /* values registered through resil.secret: redacted from every message */
   redact_secret *secrets;

@@ -112,11 +112,17 @@ struct watchdog {
   int stopping;
 };
 
-/* CPU seconds the loop's thread has used; -1 if it cannot be read */
-static double loop_cpu_seconds(resil_t *R) {
-  clockid_t cid;
+/* CPU seconds the loop's thread has used; -1 if it cannot be read. By the
+ * thread's kernel id, as the signal goes: its pthread_t is written by the
+ * loop's thread as it moves and is not this thread's to read, and one whose
+ * thread has ended names freed memory (the clock of an ended tid is EINVAL).
+ * The clock id is the kernel's ABI for a thread's CPU clock, the one glibc's
+ * pthread_getcpuclockid makes: ~tid << 3, per thread (4), scheduler time (2). */
+static double loop_cpu_seconds(pid_t tid) {
   struct timespec ts;
-  if (pthread_getcpuclockid(R->loop_thread, &cid) != 0 || clock_gettime(cid, &ts) != 0) return -1;
+  if (tid <= 0) return -1;
+  clockid_t cid = (clockid_t)((~(unsigned)tid << 3) | 6u);
+  if (clock_gettime(cid, &ts) != 0) return -1;
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
@@ -234,7 +240,8 @@ static void *watch_main(void *arg) {
      * bumps the count by 2 at each turn, and the wait for I/O takes no CPU time) */
     unsigned long seq = atomic_load(&R->resume_seq);
     int timed = (seq & 1) || atomic_load(&R->turns_watched);
-    double now = timed ? loop_cpu_seconds(R) : -1;
+    pid_t tid = atomic_load(&R->loop_tid);
+    double now = timed ? loop_cpu_seconds(tid) : -1;
     if (!seeing || seq != seen || now < 0) { /* nothing timed, or another resume or turn than last time */
       seeing = now >= 0;
       seen = seq;
@@ -253,7 +260,7 @@ static void *watch_main(void *arg) {
      * (its handler does nothing if that resume has ended meanwhile) */
     atomic_store(&R->runaway_request_seconds, now - seen_since);
     atomic_store(&R->runaway_request, seq);
-    pthread_kill(R->loop_thread, WATCHDOG_SIGNAL);
+    tgkill(getpid(), tid, WATCHDOG_SIGNAL);
   }
   pthread_mutex_unlock(&w->lock);
   return NULL;
