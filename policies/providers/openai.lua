@@ -28,12 +28,14 @@ function openai.headers(key)
   return h
 end
 
--- tools in Anthropic's shape ({name, description, input_schema}) become functions
+-- tools in Anthropic's shape ({name, description, input_schema}) become functions. Its
+-- custom tool may say so (type = "custom": the Anthropic SDK's betaTool and betaZodTool, the
+-- tools its toolRunner sends): passed as it was, OpenAI refused every such request (400).
 local function tools_of(tools)
   if type(tools) ~= "table" or #tools == 0 then return nil end
   local out = {}
   for i, t in ipairs(tools) do
-    if type(t) == "table" and t.type == nil and t.input_schema ~= nil then
+    if type(t) == "table" and (t.type == nil or t.type == "custom") and t.input_schema ~= nil then
       out[i] = { type = "function", ["function"] = { name = t.name, description = t.description,
         parameters = t.input_schema } }
     elseif type(t) == "table" and t.cache_control ~= nil then -- (Anthropic's hint: OpenAI has no such field)

@@ -175,6 +175,7 @@ function Mock:reset()
   self.counts = { total = 0, routes = {}, statuses = {}, keys = {}, paid_keys = {}, faults = {}, replayed = 0,
     billed = { usd = 0, prompt_tokens = 0, completion_tokens = 0, responses = 0 } }
   self.replies = {}
+  self.threads, self.thread_count = {}, 0 -- (message threads: Mock:thread)
 end
 
 local function deep_copy(v)
@@ -543,6 +544,7 @@ function Mock:openai_check(req, body)
     end
   end
   local bad, param = wire.openai_messages(body.messages)
+  if not bad then bad, param = wire.openai_tools(body.tools) end
   if bad then return { status = 400, body = openai_error(400, bad, "invalid_request_error", nil, param) } end
   return nil
 end
@@ -791,7 +793,7 @@ local function anthropic_refusal(self, req, body, count)
       or forced_tool(body) and "Thinking may not be enabled when tool_choice forces tool use."
     if why then return { status = 400, body = anthropic_error(400, "invalid_request_error", why) } end
   end
-  local bad = self.scenario.strict and wire.anthropic_messages(body.messages)
+  local bad = self.scenario.strict and (wire.anthropic_messages(body.messages) or wire.anthropic_tools(body.tools))
   if bad then return { status = 400, body = anthropic_error(400, "invalid_request_error", bad) } end
   return nil
 end
@@ -806,10 +808,65 @@ function Mock:count_tokens(req)
     body = json.encode({ input_tokens = estimate_tokens(prompt_text(body)) }) }
 end
 
+-- Message threads (the beta message-threads-2026-08-12; the Anthropic SDK's toolRunner uses
+-- them by default): `thread = {type = "create"}` has the API hold the conversation (its
+-- system, tools and messages, the answer last) under the answer's id, and `{type = "continue",
+-- previous_message_id}` sends only the new turn's messages, served after the held ones, with the
+-- held system and tools (a continue that repeats them is refused). A thread goes on from an
+-- answer once. Errors name their case in error.details.error_code, which the SDK reads to send
+-- the whole history again. (Ignored, the toolRunner's second turn was its tool_result alone.)
+local THREADS_MAX = 10000 -- (held conversations per mock: past it, the oldest are forgotten)
+local function thread_error(status, etype, code, message)
+  return { status = status, headers = { ["content-type"] = "application/json" }, body = json.encode({ type = "error",
+    error = { type = etype, message = message, details = { error_code = code } } }) }
+end
+
+-- -> the body as served (a continue's with the held conversation), nil, what it continues |
+-- nil, the API's refusal
+function Mock:thread(req, body)
+  local t = type(body) == "table" and body.thread
+  if type(t) ~= "table" or t.type ~= "continue" then return body end
+  local id = t.previous_message_id
+  local held = type(id) == "string" and self.threads[id]
+  if not held then
+    return nil, thread_error(404, "not_found_error", "thread_not_found",
+      ("thread.previous_message_id: no thread holds a message with id '%s'"):format(tostring(id)))
+  end
+  if held.continued then
+    return nil, thread_error(400, "invalid_request_error", "thread_already_continued",
+      ("thread.previous_message_id: the thread was already continued from '%s'"):format(id))
+  end
+  for _, k in ipairs({ "system", "tools" }) do
+    if body[k] ~= nil then
+      return nil, thread_error(400, "invalid_request_error", "thread_create_only_field",
+        ("%s: the thread holds it; a continue may not set it"):format(k))
+    end
+  end
+  local full = {}
+  for k, v in pairs(body) do full[k] = v end
+  full.system, full.tools = held.system, held.tools
+  full.messages = table.move(held.messages, 1, #held.messages, 1, {})
+  table.move(type(body.messages) == "table" and body.messages or {}, 1, #(body.messages or {}), #full.messages + 1,
+    full.messages)
+  return full, nil, held
+end
+
+-- hold a threaded request's conversation, its answer last, under the answer's id
+function Mock:hold_thread(body, continues, id, content)
+  if type(body.thread) ~= "table" then return end
+  if continues then continues.continued = true end
+  if self.thread_count >= THREADS_MAX then self.threads, self.thread_count = {}, 0 end
+  local messages = table.move(body.messages, 1, #body.messages, 1, {})
+  messages[#messages + 1] = { role = "assistant", content = content }
+  self.threads[id] = { system = body.system, tools = body.tools, messages = messages }
+  self.thread_count = self.thread_count + 1
+end
+
 -- POST /v1/messages, as Anthropic's Messages API answers it.
 function Mock:messages(req, fault)
-  local body = json.decode(req.body)
-  local refused = anthropic_refusal(self, req, body)
+  local body, refused, continues = self:thread(req, json.decode(req.body))
+  if refused then return refused end
+  refused = anthropic_refusal(self, req, body)
   if refused then return refused end
   local limited = self:rate_refusal("anthropic")
   if limited then return limited end
@@ -864,6 +921,10 @@ function Mock:messages(req, fault)
     stop_sequence = stop_sequence, stop_details = json.null, container = json.null, diagnostics = json.null,
     usage = usage }
   if think then table.insert(message.content, 1, think) end
+  -- (a stream cut or broken is held by the API whole or not at all: here, not at all)
+  if not (body.stream and fault and (fault.kind == "cut" or fault.kind == "error_event")) then
+    self:hold_thread(body, continues, id, message.content)
+  end
   if not body.stream then
     headers["content-type"] = "application/json"
     return { status = 200, headers = headers, body = encode(message) }

@@ -110,6 +110,65 @@ function wire.openai_messages(messages)
   return nil
 end
 
+-- wire.openai_tools(tools) -> nil | message, param: a tool is a function ({type, function =
+-- {name, ...}}) or a custom tool ({type, custom = {name, ...}}); another API's shape (Anthropic's
+-- {name, input_schema}, with or without type = "custom") is refused as the API refuses it
+function wire.openai_tools(tools)
+  if tools == nil or tools == null then return nil end
+  if type(tools) ~= "table" then return "Invalid type for 'tools': expected an array of objects.", "tools" end
+  for i, t in ipairs(tools) do
+    local at = ("tools[%d]"):format(i - 1)
+    if type(t) ~= "table" or type(t.type) ~= "string" then
+      return "Missing required parameter: '" .. at .. ".type'.", at .. ".type"
+    end
+    if t.type ~= "function" and t.type ~= "custom" then
+      return ("Invalid value: '%s'. Supported values are: 'function' and 'custom'."):format(t.type), at .. ".type"
+    end
+    local inner = t[t.type]
+    if type(inner) ~= "table" then
+      return ("Missing required parameter: '%s.%s'."):format(at, t.type), ("%s.%s"):format(at, t.type)
+    end
+    for k in pairs(t) do
+      if k ~= "type" and k ~= t.type then return ("Unknown parameter: '%s.%s'."):format(at, k), ("%s.%s"):format(at, k) end
+    end
+    local name = inner.name
+    if type(name) ~= "string" then
+      return ("Missing required parameter: '%s.%s.name'."):format(at, t.type), ("%s.%s.name"):format(at, t.type)
+    end
+    if not name:match("^[%w_%-]+$") or #name > 64 then
+      return ("Invalid '%s.%s.name': string does not match pattern. Expected a string that matches the pattern "
+        .. "'^[a-zA-Z0-9_-]+$'."):format(at, t.type), ("%s.%s.name"):format(at, t.type)
+    end
+  end
+  return nil
+end
+
+-- wire.anthropic_tools(tools) -> nil | message: a custom tool (no type, or type "custom") has a
+-- name and an input_schema of type object; a server tool names its versioned type
+-- ("web_search_20250305"); OpenAI's shape ({type = "function", function = {...}}) is refused
+function wire.anthropic_tools(tools)
+  if tools == nil or tools == null then return nil end
+  if type(tools) ~= "table" then return "tools: Input should be a valid list" end
+  for i, t in ipairs(tools) do
+    local at = ("tools.%d"):format(i - 1)
+    if type(t) ~= "table" then return at .. ": Input should be a valid dictionary" end
+    local kind = t.type
+    if kind == nil or kind == null or kind == "custom" then
+      if type(t.name) ~= "string" then return at .. ".custom.name: Field required" end
+      if not t.name:match("^[%w_%-]+$") or #t.name > 128 then
+        return at .. ".custom.name: String should match pattern '^[a-zA-Z0-9_-]{1,128}$'"
+      end
+      if type(t.input_schema) ~= "table" then return at .. ".custom.input_schema: Field required" end
+      if t.input_schema.type ~= "object" then return at .. ".custom.input_schema.type: Input should be 'object'" end
+    elseif type(kind) ~= "string" or not kind:match("_%d%d%d%d%d%d%d%d$") and kind ~= "mcp_toolset" then
+      return ("%s: Input tag '%s' found using 'type' does not match any of the expected tags: 'custom', "
+        .. "'bash_20250124', 'code_execution_20250825', 'text_editor_20250728', 'web_search_20250305', "
+        .. "'web_fetch_20250910', 'mcp_toolset'"):format(at, tostring(kind))
+    end
+  end
+  return nil
+end
+
 -- Anthropic: the block types the Messages API knows
 local ANTHROPIC_BLOCKS = set [[text image document search_result thinking redacted_thinking tool_use
   tool_result server_tool_use web_search_tool_result web_fetch_tool_result code_execution_tool_result

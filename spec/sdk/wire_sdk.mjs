@@ -1,0 +1,71 @@
+// The official clients against the strict mock and a gateway in front of it
+// (spec/sdk/wire_sdk_server.lua, run by spec/wire_sdk_spec.lua): what the
+// SDKs' own helpers send. One line per check, as spec/sdk/harness.mjs.
+import OpenAI from 'openai';
+import Anthropic from '@anthropic-ai/sdk';
+import { betaTool } from '@anthropic-ai/sdk/helpers/beta/json-schema';
+import { check, expect, rejects } from './harness.mjs';
+
+const { url, key, mock } = JSON.parse(process.env.GATEWAY);
+const oai = (base = url, k = key) => new OpenAI({ apiKey: k, baseURL: base + '/v1', maxRetries: 0 });
+const ant = (base = url, k = key) => new Anthropic({ apiKey: k, baseURL: base, maxRetries: 0 });
+const msgs = [{ role: 'user', content: 'weather?' }];
+const schema = { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] };
+
+// the Anthropic SDK's tool helpers (betaTool, betaZodTool: the tools its toolRunner sends) say
+// type "custom": the OpenAI adapter took only a tool without a type for Anthropic's, and sent
+// this one as it was, a 400 from OpenAI on every such request routed or fallen back there
+await check('anthropic: tools of type custom (the SDK\'s betaTool) are served by OpenAI, whole and streamed', async () => {
+  const tools = [{ type: 'custom', name: 'get_weather', description: 'weather', input_schema: schema }];
+  const req = { model: 'gpt', max_tokens: 100, messages: msgs, tools, tool_choice: { type: 'any' } };
+  for (const [how, m] of [['whole', await ant().messages.create(req)], ['streamed', await ant().messages.stream(req).finalMessage()]]) {
+    expect(m.stop_reason === 'tool_use' && m.content[0].type === 'tool_use' && m.content[0].name === 'get_weather' &&
+      typeof m.content[0].input.city === 'string', `${how}: ${JSON.stringify(m.content)}`);
+  }
+});
+
+// the strict mock took any tools: a translation that sent one API's tools to the other passed
+// its specs and failed in production
+await check('mock: tools in the other API\'s shape are refused, as each API refuses them', async () => {
+  const e = await rejects(oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs,
+    tools: [{ type: 'custom', name: 'get_weather', input_schema: schema }] }), OpenAI.BadRequestError, 'OpenAI');
+  expect(e.param === 'tools[0].custom', `param ${e.param}: ${e.message}`);
+  await rejects(oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs,
+    tools: [{ name: 'get_weather', input_schema: schema }] }), OpenAI.BadRequestError, 'OpenAI, no type');
+  await rejects(ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs,
+    tools: [{ type: 'function', function: { name: 'get_weather', parameters: schema } }] }), Anthropic.BadRequestError, 'Anthropic');
+  // (each API's own still served: a function, a custom tool, a server tool)
+  await oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs,
+    tools: [{ type: 'function', function: { name: 'get_weather', parameters: schema } }] });
+  await ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs,
+    tools: [{ name: 'a', input_schema: schema }, { type: 'custom', name: 'b', input_schema: schema },
+      { type: 'web_search_20250305', name: 'web_search', max_uses: 1 }] });
+});
+
+// the SDK's toolRunner keeps its conversation in a message thread (beta message-threads-2026-08-12)
+// and sends each turn's new messages only: the mock ignored `thread`, so the second turn was its
+// tool_result alone, refused (strict) or answered without the conversation
+const runTool = betaTool({ name: 'get_weather', description: 'weather', inputSchema: schema, run: async (i) => `sunny in ${i.city}` });
+await check('mock: a message thread holds the conversation (the SDK\'s toolRunner runs its turns)', async () => {
+  const sent = [];
+  const client = new Anthropic({ apiKey: 'x', baseURL: mock, maxRetries: 0,
+    fetch: async (u, init) => { sent.push(JSON.parse(init.body)); return fetch(u, init); } });
+  const runner = client.beta.messages.toolRunner({ model: 'claude-haiku-4-5', max_tokens: 100, messages: msgs,
+    tools: [runTool], tool_choice: { type: 'any' }, max_iterations: 3 });
+  const turns = [];
+  for await (const m of runner) turns.push(m.stop_reason);
+  expect(turns.length === 3 && turns.every((r) => r === 'tool_use'), `turns ${JSON.stringify(turns)}`);
+  expect(sent[0].thread?.type === 'create' && sent[2].thread?.type === 'continue' && sent[2].messages.length === 1 &&
+    sent[2].tools === undefined, `sent ${JSON.stringify(sent.map((b) => [b.thread, b.messages.length]))}`);
+  // a thread goes on from an answer once, and from an answer it holds
+  const betas = { headers: { 'anthropic-beta': 'message-threads-2026-08-12' } };
+  const first = await client.messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs, thread: { type: 'create' } }, betas);
+  const next = { model: 'claude-haiku-4-5', max_tokens: 10, messages: [{ role: 'user', content: 'and?' }],
+    thread: { type: 'continue', previous_message_id: first.id } };
+  await client.messages.create(next, betas);
+  const again = await rejects(client.messages.create(next, betas), Anthropic.BadRequestError, 'continued twice');
+  expect(again.error?.error?.details?.error_code === 'thread_already_continued', `twice: ${JSON.stringify(again.error)}`);
+  const lost = await rejects(client.messages.create({ ...next, thread: { type: 'continue', previous_message_id: 'msg_nope' } }, betas),
+    Anthropic.NotFoundError, 'unknown');
+  expect(lost.error?.error?.details?.error_code === 'thread_not_found', `unknown: ${JSON.stringify(lost.error)}`);
+});

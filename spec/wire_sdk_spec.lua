@@ -1,0 +1,24 @@
+-- The official TypeScript SDKs' own helpers (spec/sdk: the Anthropic SDK's
+-- betaTool and toolRunner) against the strict mock and a gateway in front of
+-- it (spec/sdk/wire_sdk_server.lua, spec/sdk/wire_sdk.mjs). Skips, saying
+-- why, when node or the SDKs are absent.
+local helpers = require "spec.helpers"
+
+
+describe("the SDKs' helpers against the mock and the gateway", function()
+  local why = helpers.sdk_skip_reason()
+  if why then
+    it("skipped: " .. why, function() print("# wire_sdk_spec skipped: " .. why) end)
+    return
+  end
+
+  local results, out
+  setup(function() results, out = helpers.sdk_against_gateway("spec/sdk/wire_sdk_server.lua", "wire_sdk.mjs") end)
+
+  local CHECKS = {
+    "anthropic: tools of type custom (the SDK's betaTool) are served by OpenAI, whole and streamed",
+    "mock: tools in the other API's shape are refused, as each API refuses them",
+    "mock: a message thread holds the conversation (the SDK's toolRunner runs its turns)",
+  }
+  helpers.sdk_checks(it, CHECKS, function() return results, out end)
+end)
