@@ -19,6 +19,7 @@ describe("the SDKs' helpers against the mock and the gateway", function()
     "anthropic: tools of type custom (the SDK's betaTool) are served by OpenAI, whole and streamed",
     "mock: tools in the other API's shape are refused, as each API refuses them",
     "mock: a message thread holds the conversation (the SDK's toolRunner runs its turns)",
+    "mock: a message's usage has the fields the SDK types, whole and streamed",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

@@ -69,3 +69,22 @@ await check('mock: a message thread holds the conversation (the SDK\'s toolRunne
     Anthropic.NotFoundError, 'unknown');
   expect(lost.error?.error?.details?.error_code === 'thread_not_found', `unknown: ${JSON.stringify(lost.error)}`);
 });
+
+// Usage types server_tool_use, inference_geo, speed and output_tokens_details as never absent
+// (`| null`): code that tests `usage.server_tool_use !== null` before reading its counts met
+// undefined from the mock, and one pricing by speed or region read nothing
+await check('mock: a message\'s usage has the fields the SDK types, whole and streamed', async () => {
+  const req = { model: 'claude-haiku-4-5', max_tokens: 2048, messages: msgs };
+  const think = { ...req, thinking: { type: 'enabled', budget_tokens: 1024 } };
+  for (const [how, m] of [['whole', await ant(mock, 'x').messages.create(req)],
+    ['streamed', await ant(mock, 'x').messages.stream(req).finalMessage()]]) {
+    const u = m.usage;
+    expect(u.server_tool_use === null && u.inference_geo === 'global' && u.speed === 'standard' &&
+      u.output_tokens_details === null, `${how}: ${JSON.stringify(u)}`);
+  }
+  for (const [how, m] of [['whole', await ant(mock, 'x').messages.create(think)],
+    ['streamed', await ant(mock, 'x').messages.stream(think).finalMessage()]]) {
+    const d = m.usage.output_tokens_details;
+    expect(d?.thinking_tokens > 0 && d.thinking_tokens < m.usage.output_tokens, `${how}, thinking: ${JSON.stringify(m.usage)}`);
+  }
+});

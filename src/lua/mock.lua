@@ -910,7 +910,12 @@ function Mock:messages(req, fault)
   local usage = { input_tokens = estimate_tokens(prompt_text(body)), output_tokens = output,
     cache_creation_input_tokens = 0, cache_read_input_tokens = cached,
     cache_creation = { ephemeral_5m_input_tokens = 0, ephemeral_1h_input_tokens = 0 },
-    service_tier = "standard" }
+    service_tier = "standard",
+    -- (null, not absent, as the SDK's Usage types them: code that tests `usage.server_tool_use
+    -- !== null` before reading its counts met undefined; where it ran, how fast, its thinking)
+    server_tool_use = json.null, inference_geo = type(body.inference_geo) == "string" and body.inference_geo or "global",
+    speed = body.speed == "fast" and "fast" or "standard",
+    output_tokens_details = think and { thinking_tokens = thought } or json.null }
   local id = ("msg_mock%s%d"):format(self.instance, self.counts.total)
   self:bill(req, { prompt_tokens = usage.input_tokens + cached, completion_tokens = output })
   local headers = self:rate_headers("anthropic", usage.input_tokens + output)
@@ -934,7 +939,9 @@ function Mock:messages(req, fault)
     stop_reason = json.null, stop_sequence = json.null, stop_details = json.null, container = json.null,
     diagnostics = json.null,
     usage = { input_tokens = usage.input_tokens, output_tokens = 1, cache_creation_input_tokens = 0,
-      cache_read_input_tokens = cached, cache_creation = usage.cache_creation, service_tier = "standard" } }
+      cache_read_input_tokens = cached, cache_creation = usage.cache_creation, service_tier = "standard",
+      server_tool_use = json.null, inference_geo = usage.inference_geo, speed = usage.speed,
+      output_tokens_details = json.null } }
   local chunks = { sse(encode({ type = "message_start", message = start }), "message_start") }
   local at = 0 -- the answer's block: after the thinking block, when there is one
   if think then
@@ -978,7 +985,8 @@ function Mock:messages(req, fault)
     delta = { stop_reason = stop_reason, stop_sequence = stop_sequence, stop_details = json.null,
       container = json.null },
     usage = { input_tokens = usage.input_tokens, output_tokens = output, cache_creation_input_tokens = 0,
-      cache_read_input_tokens = cached } }), "message_delta")
+      cache_read_input_tokens = cached, server_tool_use = json.null,
+      output_tokens_details = usage.output_tokens_details } }), "message_delta")
   chunks[#chunks + 1] = sse('{"type":"message_stop"}', "message_stop")
   return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval,
     stall_after = fault and fault.kind == "stall" and (fault.after or 2) or nil }
