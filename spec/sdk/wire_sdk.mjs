@@ -88,3 +88,17 @@ await check('mock: a message\'s usage has the fields the SDK types, whole and st
     expect(d?.thinking_tokens > 0 && d.thinking_tokens < m.usage.output_tokens, `${how}, thinking: ${JSON.stringify(m.usage)}`);
   }
 });
+
+// a blank chunk in a batch, a batch past 2048 inputs, an input past the model's tokens: the API
+// refuses the whole batch, and the mock embedded them
+await check('mock: embeddings of an empty text, past 2048 inputs or past 8192 tokens are refused, as the API does', async () => {
+  const c = oai(mock, 'x');
+  const model = 'text-embedding-3-small';
+  for (const [what, input] of [['an empty text', ''], ['a blank chunk in a batch', ['tides', '']], ['an empty token list', [[1, 2], []]],
+    ['2049 inputs', Array(2049).fill('x')], ['a text past 8192 tokens', 'word '.repeat(7000)]]) {
+    const e = await rejects(c.embeddings.create({ model, input }), OpenAI.BadRequestError, what);
+    expect(e.type === 'invalid_request_error', `${what}: ${e.message}`);
+  }
+  const r = await c.embeddings.create({ model, input: Array(2048).fill(' ') });
+  expect(r.data.length === 2048, `2048 inputs: ${r.data.length}`);
+});

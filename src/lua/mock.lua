@@ -1039,6 +1039,27 @@ function Mock:embeddings(req)
     return { status = 400, body = openai_error(400, "'input' and 'model' are required", "invalid_request_error",
       nil, "input") }
   end
+  if self.scenario.strict then
+    -- what the API refuses of a batch: an empty text or token list (a pipeline's blank chunk),
+    -- more than 2048 inputs, one past the model's 8192 tokens. (Embedded by the mock, each
+    -- passed its spec and failed the whole batch in production.)
+    local INVALID = "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+    if #input > 2048 then
+      return { status = 400, body = openai_error(400, INVALID .. " (array length must be 2048 or less)",
+        "invalid_request_error") }
+    end
+    for _, x in ipairs(input) do
+      if x == "" or type(x) == "table" and #x == 0 then
+        return { status = 400, body = openai_error(400, INVALID, "invalid_request_error") }
+      end
+      local n = type(x) == "string" and estimate_tokens(x) or type(x) == "table" and #x or 0
+      if n > 8192 then
+        return { status = 400, body = openai_error(400, ("This model's maximum context length is 8192 tokens, however "
+          .. "you requested %d tokens (%d in your prompt; 0 for the completion). Please reduce your prompt; or "
+          .. "completion length."):format(n, n), "invalid_request_error") }
+      end
+    end
+  end
   -- a vector of the model's own size (scenario.dimensions: another default), or `dimensions`
   -- long where the model takes it: text-embedding-3's up to its size, ada-002's not at all
   local native = EMBEDDING_SIZES[body.model:match("([^/]+)$")]
