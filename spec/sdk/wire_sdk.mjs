@@ -102,3 +102,13 @@ await check('mock: embeddings of an empty text, past 2048 inputs or past 8192 to
   const r = await c.embeddings.create({ model, input: Array(2048).fill(' ') });
   expect(r.data.length === 2048, `2048 inputs: ${r.data.length}`);
 });
+
+// OpenAI takes four stop sequences, Anthropic more: the mock took any number on its OpenAI route
+await check('mock: more than four stop sequences are refused on the OpenAI route, not on Anthropic\'s', async () => {
+  const stop = ['a1', 'b2', 'c3', 'd4', 'e5'];
+  const e = await rejects(oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, stop }),
+    OpenAI.BadRequestError, 'five');
+  expect(e.param === 'stop' && e.code === 'array_above_max_length', `${e.param} ${e.code}: ${e.message}`);
+  await oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, stop: stop.slice(0, 4) });
+  await ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs, stop_sequences: stop });
+});

@@ -543,6 +543,12 @@ function Mock:openai_check(req, body)
         above and "decimal_above_max_value" or "decimal_below_min_value", field) }
     end
   end
+  -- (Anthropic takes many stop sequences, OpenAI four: a fallback with more failed there)
+  if type(body.stop) == "table" and #body.stop > 4 then
+    return { status = 400, body = openai_error(400, ("Invalid 'stop': array too long. Expected an array with maximum "
+      .. "length 4, but got an array with length %d instead."):format(#body.stop), "invalid_request_error",
+      "array_above_max_length", "stop") }
+  end
   local bad, param = wire.openai_messages(body.messages)
   if not bad then bad, param = wire.openai_tools(body.tools) end
   if bad then return { status = 400, body = openai_error(400, bad, "invalid_request_error", nil, param) } end
