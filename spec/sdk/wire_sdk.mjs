@@ -112,3 +112,13 @@ await check('mock: more than four stop sequences are refused on the OpenAI route
   await oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, stop: stop.slice(0, 4) });
   await ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs, stop_sequences: stop });
 });
+
+// a fault's should_retry is the x-should-retry header both SDKs read before the status: the
+// mock sent it on its Anthropic route only, and an OpenAI client retried what the spec refused
+await check('mock: a fault\'s should_retry = false reaches the OpenAI SDK, which does not retry it', async () => {
+  const stats = async () => (await (await fetch(mock + '/__mock/stats')).json()).total;
+  const before = await stats();
+  const c = new OpenAI({ apiKey: 'x', baseURL: mock + '/v1', maxRetries: 2 });
+  const e = await rejects(c.chat.completions.create({ model: 'gpt-noretry', messages: msgs }), OpenAI.InternalServerError, '500');
+  expect(e.headers.get('x-should-retry') === 'false' && (await stats()) === before + 1, `requests ${(await stats()) - before}`);
+});

@@ -9,7 +9,8 @@ local json = resil.json
 resil.log.level("off")
 resil.store_config({ url = arg[1] })
 
-local up = assert(resil.mock.start({ strict = true, reply = "one two three four five six" }))
+local up = assert(resil.mock.start({ strict = true, reply = "one two three four five six",
+  faults = { { route = "chat", model = "gpt-noretry", status = 500, should_retry = false } } }))
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })

@@ -1153,7 +1153,8 @@ local function fault_reply(fault, normal, flavor)
     if flavor == "anthropic" and fault.status == 429 and fault.retry_after == nil then
       headers["retry-after"] = "1" -- its rate limits say when to come back; retry_after = false: a spend limit
     end
-    if flavor == "anthropic" and fault.should_retry ~= nil then headers["x-should-retry"] = tostring(fault.should_retry) end
+    -- (both SDKs read it first: false is not retried whatever the status, true always is)
+    if fault.should_retry ~= nil then headers["x-should-retry"] = tostring(fault.should_retry) end
     headers["content-type"] = "application/json"
     return { status = fault.status, headers = headers, body = error_body(fault.status, fault, flavor) }
   end
