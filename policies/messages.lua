@@ -183,6 +183,16 @@ end
 -- the media types Anthropic's base64 sources take
 local IMAGE_TYPES = { ["image/jpeg"] = true, ["image/png"] = true, ["image/gif"] = true, ["image/webp"] = true }
 local IMAGE_ALIASES = { ["image/jpg"] = "image/jpeg" }
+-- an image's type by its first bytes, as base64 writes them: OpenAI reads the bytes and takes
+-- a data URL that names another type (image/jpeg for a PNG, as many clients hard-code it),
+-- Anthropic refuses it ("Image does not match the provided media type")
+local IMAGE_MAGIC = { { "iVBORw0KGgo", "image/png" }, { "/9j/", "image/jpeg" }, { "R0lGOD", "image/gif" },
+  { "UklGR", "image/webp" } }
+local function sniffed(data)
+  for _, m in ipairs(IMAGE_MAGIC) do
+    if data:sub(1, #m[1]) == m[1] then return m[2] end
+  end
+end
 
 -- an OpenAI part that Anthropic names otherwise -> its block: an image_url (a
 -- base64 data URL or a link) -> an image, a base64 PDF file -> a document.
@@ -196,6 +206,7 @@ local function anthropic_block(p)
     local media, data = url:match("^data:([^;,]+);base64,(.*)$")
     media = media and (IMAGE_ALIASES[media:lower()] or media:lower())
     if media and IMAGE_TYPES[media] then
+      media = sniffed(data) or media
       return { type = "image", source = { type = "base64", media_type = media, data = data } }
     end
   elseif p.type == "file" and type(p.file) == "table" and is_text(p.file.file_data) then

@@ -1266,7 +1266,8 @@ describe("a conversation in the other API's shape", function()
     local msgs = seen.messages
     assert.are.same({
       { type = "text", text = "What is in these, and the weather?" },
-      { type = "image", source = { type = "base64", media_type = "image/jpeg", data = PNG } },
+      -- (named image/jpeg, its bytes a PNG: Anthropic reads the bytes and refuses the mismatch)
+      { type = "image", source = { type = "base64", media_type = "image/png", data = PNG } },
       { type = "image", source = { type = "url", url = "https://example.com/cat.png" } },
       { type = "document", title = "q3.pdf", source = { type = "base64", media_type = "application/pdf", data = PDF } } },
       msgs[1].content)
@@ -1315,9 +1316,10 @@ describe("a conversation in the other API's shape", function()
   end)
 
   it("an image/jpg data URL reaches Anthropic as image/jpeg; a data URL it cannot take is passed for its 400", function()
+    local JPEG = "/9j/4AAQSkZJRgABAQAAAQABAAD"
     assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = { { role = "user", content = {
-      { type = "image_url", image_url = { url = "data:image/jpg;base64," .. PNG } } } } } }))
-    assert.are.same({ type = "base64", media_type = "image/jpeg", data = PNG }, seen.messages[1].content[1].source)
+      { type = "image_url", image_url = { url = "data:image/jpg;base64," .. JPEG } } } } } }))
+    assert.are.same({ type = "base64", media_type = "image/jpeg", data = JPEG }, seen.messages[1].content[1].source)
     local r, err = ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, retry = { budget = false },
       messages = { { role = "user", content = { { type = "image_url", image_url = { url = "data:image/bmp;base64,Qk0=" } } } } } })
     assert.is_nil(r)

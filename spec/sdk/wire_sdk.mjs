@@ -122,3 +122,17 @@ await check('mock: a fault\'s should_retry = false reaches the OpenAI SDK, which
   const e = await rejects(c.chat.completions.create({ model: 'gpt-noretry', messages: msgs }), OpenAI.InternalServerError, '500');
   expect(e.headers.get('x-should-retry') === 'false' && (await stats()) === before + 1, `requests ${(await stats()) - before}`);
 });
+
+// OpenAI reads an image's bytes and takes a data URL that names another type (image/jpeg for a
+// PNG, as many clients hard-code it); Anthropic refuses the mismatch: served or fallen back to
+// there, every such request was a 400
+const PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==';
+await check('openai: a PNG sent as data:image/jpeg is served by Anthropic, its type told by its bytes', async () => {
+  const content = [{ type: 'text', text: 'what is this?' }, { type: 'image_url', image_url: { url: 'data:image/jpeg;base64,' + PNG } }];
+  const r = await oai().chat.completions.create({ model: 'claude', messages: [{ role: 'user', content }] });
+  expect(r.choices[0].message.content.length > 0, JSON.stringify(r.choices[0]));
+  const e = await rejects(ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: [{ role: 'user',
+    content: [{ type: 'image', source: { type: 'base64', media_type: 'image/jpeg', data: PNG } }] }] }),
+    Anthropic.BadRequestError, 'the mock, a mismatch');
+  expect(/does not match the provided media type image\/jpeg/.test(e.message), e.message);
+});

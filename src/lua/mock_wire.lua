@@ -184,6 +184,15 @@ local function blocks_of(content)
   return {}
 end
 
+-- an image's type by its first bytes, as base64 writes them (PNG, JPEG, GIF, WebP) | nil
+local IMAGE_MAGIC = { { "iVBORw0KGgo", "image/png" }, { "/9j/", "image/jpeg" }, { "R0lGOD", "image/gif" },
+  { "UklGR", "image/webp" } }
+local function sniffed(data)
+  for _, m in ipairs(IMAGE_MAGIC) do
+    if data:sub(1, #m[1]) == m[1] then return m[2] end
+  end
+end
+
 local function check_source(b, where)
   local s = b.source
   if type(s) ~= "table" then return where .. ".source: Field required" end
@@ -193,6 +202,11 @@ local function check_source(b, where)
     end
     if b.type == "image" and not IMAGE_TYPES[s.media_type] then
       return where .. ".source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
+    end
+    -- (the API reads the image's bytes: a PNG named image/jpeg, which OpenAI takes, is refused)
+    local actual = b.type == "image" and sniffed(s.data)
+    if actual and actual ~= s.media_type then
+      return ("%s.source.base64: Image does not match the provided media type %s"):format(where, s.media_type)
     end
     if b.type == "document" and s.media_type ~= "application/pdf" then
       return where .. ".source.base64.media_type: Input should be 'application/pdf'"
