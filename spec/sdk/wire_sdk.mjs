@@ -136,3 +136,28 @@ await check('openai: a PNG sent as data:image/jpeg is served by Anthropic, its t
     Anthropic.BadRequestError, 'the mock, a mismatch');
   expect(/does not match the provided media type image\/jpeg/.test(e.message), e.message);
 });
+
+// the API bills the prompt up to a cache_control mark as a cache write, then as reads while it
+// lives; the mock reported neither, so what caching costs was never met by a spec
+await check('mock: a prompt marked with cache_control is written to the cache, then read, whole and streamed', async () => {
+  const c = ant(mock, 'x');
+  const big = 'You are a careful assistant. '.repeat(200); // (some 1,450 tokens: past the 1,024 the API caches from)
+  const req = (system, extra = {}) => ({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs, system, ...extra });
+  const marked = [{ type: 'text', text: big + Math.random(), cache_control: { type: 'ephemeral' } }];
+  const first = (await c.messages.create(req(marked))).usage;
+  const again = (await c.messages.stream(req(marked)).finalMessage()).usage;
+  expect(first.cache_creation_input_tokens > 1024 && first.cache_read_input_tokens === 0 &&
+    first.cache_creation.ephemeral_5m_input_tokens === first.cache_creation_input_tokens && first.input_tokens < 10,
+    `first: ${JSON.stringify(first)}`);
+  expect(again.cache_read_input_tokens === first.cache_creation_input_tokens && again.cache_creation_input_tokens === 0 &&
+    again.input_tokens === first.input_tokens, `again: ${JSON.stringify(again)}`);
+  const hour = (await c.messages.create(req([{ ...marked[0], text: big + Math.random(), cache_control: { type: 'ephemeral', ttl: '1h' } }]))).usage;
+  expect(hour.cache_creation.ephemeral_1h_input_tokens === hour.cache_creation_input_tokens && hour.cache_creation_input_tokens > 0,
+    `1h: ${JSON.stringify(hour)}`);
+  // (automatic caching: a top-level cache_control; a short prompt or none marked is not cached)
+  const auto = (await c.messages.create(req(big + Math.random(), { cache_control: { type: 'ephemeral' } }))).usage;
+  const short = (await c.messages.create(req([{ type: 'text', text: 'Be brief.', cache_control: { type: 'ephemeral' } }]))).usage;
+  const plain = (await c.messages.create(req(big))).usage;
+  expect(auto.cache_creation_input_tokens > 1024 && short.cache_creation_input_tokens === 0 && plain.cache_creation_input_tokens === 0 &&
+    plain.input_tokens > 1024, `auto ${JSON.stringify(auto)} short ${JSON.stringify(short)} plain ${JSON.stringify(plain)}`);
+});

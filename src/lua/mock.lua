@@ -176,6 +176,7 @@ function Mock:reset()
     billed = { usd = 0, prompt_tokens = 0, completion_tokens = 0, responses = 0 } }
   self.replies = {}
   self.threads, self.thread_count = {}, 0 -- (message threads: Mock:thread)
+  self.prompt_cache_entries = {} -- (prompt caching: Mock:prompt_cache)
 end
 
 local function deep_copy(v)
@@ -868,6 +869,52 @@ function Mock:hold_thread(body, continues, id, content)
   self.thread_count = self.thread_count + 1
 end
 
+-- Prompt caching, as the API bills it: the prompt up to its last cache_control mark (in tools,
+-- system, messages; a top-level cache_control marks it all), in that order, is written to the
+-- cache the first time (cache_creation_input_tokens; a "1h" ttl's apart) and read from it while
+-- it lives (cache_read_input_tokens), per model; a prefix under 1024 tokens is not cached, as
+-- the API leaves a short one. (The mock reported no cache use, so a spec of what caching costs
+-- never met a cache write.) -> tokens of the whole prompt, written, read, written for 1 hour |
+-- nil when nothing is marked
+local CACHE_MIN = 1024
+function Mock:prompt_cache(body)
+  local pieces, mark, ttl = {}, nil, nil
+  local function add(text, cc)
+    pieces[#pieces + 1] = text
+    if type(cc) == "table" then mark, ttl = #pieces, cc.ttl end
+  end
+  for _, t in ipairs(type(body.tools) == "table" and body.tools or {}) do
+    add(json.encode(t), type(t) == "table" and t.cache_control)
+  end
+  local function blocks(content)
+    if type(content) == "string" then return add(content) end
+    for _, b in ipairs(type(content) == "table" and content or {}) do
+      if type(b) == "table" then add(type(b.text) == "string" and b.text or json.encode(b), b.cache_control) end
+    end
+  end
+  blocks(body.system)
+  for _, m in ipairs(type(body.messages) == "table" and body.messages or {}) do
+    if type(m) == "table" then blocks(m.content) end
+  end
+  if type(body.cache_control) == "table" then mark, ttl = #pieces, body.cache_control.ttl end
+  if not mark then return nil end
+  local all = estimate_tokens(table.concat(pieces, "\n"))
+  local prefix = table.concat(pieces, "\n", 1, mark)
+  local tokens = estimate_tokens(prefix)
+  if tokens < CACHE_MIN then return all, 0, 0, 0 end
+  local life = ttl == "1h" and 3600 or 300
+  local key = resil.hash(tostring(body.model) .. "\0" .. prefix)
+  local now = resil.now()
+  self.prompt_cache_entries = self.prompt_cache_entries or {}
+  local entry = self.prompt_cache_entries[key]
+  if entry and entry > now then
+    self.prompt_cache_entries[key] = math.max(entry, now + life) -- (a read refreshes its life)
+    return all, 0, tokens, 0
+  end
+  self.prompt_cache_entries[key] = now + life
+  return all, tokens, 0, life == 3600 and tokens or 0
+end
+
 -- POST /v1/messages, as Anthropic's Messages API answers it.
 function Mock:messages(req, fault)
   local body, refused, continues = self:thread(req, json.decode(req.body))
@@ -912,10 +959,12 @@ function Mock:messages(req, fault)
   if not use then words, seq = stop_at(words, body.stop_sequences) end
   if seq then output, stop_reason, stop_sequence = #words, "stop_sequence", seq end
   output = output + thought
-  local cached = self.scenario.cached_tokens or 0
-  local usage = { input_tokens = estimate_tokens(prompt_text(body)), output_tokens = output,
-    cache_creation_input_tokens = 0, cache_read_input_tokens = cached,
-    cache_creation = { ephemeral_5m_input_tokens = 0, ephemeral_1h_input_tokens = 0 },
+  local all, written, read, hour = self:prompt_cache(body)
+  written, read, hour = written or 0, read or 0, hour or 0
+  local cached = (self.scenario.cached_tokens or 0) + read
+  local usage = { input_tokens = (all or estimate_tokens(prompt_text(body))) - written - read, output_tokens = output,
+    cache_creation_input_tokens = written, cache_read_input_tokens = cached,
+    cache_creation = { ephemeral_5m_input_tokens = written - hour, ephemeral_1h_input_tokens = hour },
     service_tier = "standard",
     -- (null, not absent, as the SDK's Usage types them: code that tests `usage.server_tool_use
     -- !== null` before reading its counts met undefined; where it ran, how fast, its thinking)
@@ -923,7 +972,7 @@ function Mock:messages(req, fault)
     speed = body.speed == "fast" and "fast" or "standard",
     output_tokens_details = think and { thinking_tokens = thought } or json.null }
   local id = ("msg_mock%s%d"):format(self.instance, self.counts.total)
-  self:bill(req, { prompt_tokens = usage.input_tokens + cached, completion_tokens = output })
+  self:bill(req, { prompt_tokens = usage.input_tokens + cached + written, completion_tokens = output })
   local headers = self:rate_headers("anthropic", usage.input_tokens + output)
   -- (stop_details, container and diagnostics are null, not absent: the SDK's types say so, and
   -- code that tests `message.stop_details !== null` for a refusal read an absent one as one)
@@ -944,7 +993,7 @@ function Mock:messages(req, fault)
   local start = { id = id, type = "message", role = "assistant", model = body.model, content = EMPTY,
     stop_reason = json.null, stop_sequence = json.null, stop_details = json.null, container = json.null,
     diagnostics = json.null,
-    usage = { input_tokens = usage.input_tokens, output_tokens = 1, cache_creation_input_tokens = 0,
+    usage = { input_tokens = usage.input_tokens, output_tokens = 1, cache_creation_input_tokens = written,
       cache_read_input_tokens = cached, cache_creation = usage.cache_creation, service_tier = "standard",
       server_tool_use = json.null, inference_geo = usage.inference_geo, speed = usage.speed,
       output_tokens_details = json.null } }
@@ -990,7 +1039,7 @@ function Mock:messages(req, fault)
   chunks[#chunks + 1] = sse(json.encode({ type = "message_delta",
     delta = { stop_reason = stop_reason, stop_sequence = stop_sequence, stop_details = json.null,
       container = json.null },
-    usage = { input_tokens = usage.input_tokens, output_tokens = output, cache_creation_input_tokens = 0,
+    usage = { input_tokens = usage.input_tokens, output_tokens = output, cache_creation_input_tokens = written,
       cache_read_input_tokens = cached, server_tool_use = json.null,
       output_tokens_details = usage.output_tokens_details } }), "message_delta")
   chunks[#chunks + 1] = sse('{"type":"message_stop"}', "message_stop")
