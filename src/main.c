@@ -106,6 +106,21 @@ static int fail(const char *fmt, const char *arg) {
   return 1;
 }
 
+/* --policies DIR must be a folder: a misspelt one was searched for nothing, and the run
+ * (or a gateway, or `check` in CI) went on with the shipped policies and registry, silently */
+static int check_policies_dir(const char *dir) {
+  struct stat sb;
+  if (stat(dir, &sb) != 0) {
+    fprintf(stderr, PROGNAME ": --policies: %s is not a folder (%s)\n", dir, strerror(errno));
+    return 1;
+  }
+  if (!S_ISDIR(sb.st_mode)) {
+    fprintf(stderr, PROGNAME ": --policies: %s is not a folder\n", dir);
+    return 1;
+  }
+  return 0;
+}
+
 /* "64M" -> bytes; at least 1 KiB, at most 1 PiB (a larger double would not
  * fit a size_t, and no machine has that much) */
 static int parse_size(const char *s, size_t *out) {
@@ -354,6 +369,7 @@ static int run_command(const char *name, const char *chunk, int argc, char **arg
   for (int i = 0; i < argc; i++) {
     if (strcmp(name, "check") == 0 && strcmp(argv[i], "--policies") == 0) { /* (check reads it too) */
       if (i + 1 >= argc) return fail("%s: --policies needs a folder", name);
+      if (check_policies_dir(argv[i + 1]) != 0) return 1;
       opts.policies_dir = argv[i + 1];
     }
     if (strcmp(argv[i], "--store") != 0) continue;
@@ -882,6 +898,7 @@ int main(int argc, char **argv) {
         if (parse_size(next, &opts.max_memory) != 0)
           return fail("--max-memory: bad size '%s' (try 64M; 1K to 1048576G)", next);
       } else if (strcmp(a, "--policies") == 0) {
+        if (check_policies_dir(next) != 0) return 1;
         opts.policies_dir = next;
       } else if (strcmp(a, "--store") == 0) {
         opts.store = next;
