@@ -32,4 +32,29 @@ describe("the command, for a policy's author", function()
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("7\n", r.stdout)
   end)
+
+  it("prints the usage for a subcommand's --help or -h, exit status 0", function()
+    for _, cmd in ipairs({ "check --help", "check -h", "mock --help", "mock -h", "costs --by model --help",
+      "runs --help", "budgets -h", "keys --help" }) do
+      local r = helpers.run(("%s %s"):format(R, cmd))
+      assert.are.equal(0, r.code, cmd .. ": " .. r.stdout .. r.stderr)
+      assert.matches("usage: resil%-lua", r.stdout, cmd)
+      assert.matches("resil%-lua check %[%-%-policies DIR%]", r.stdout, cmd)
+      assert.are.equal("", r.stderr, cmd) -- (was: "unknown option '--help' (try --help)", exit 1)
+    end
+  end)
+
+  it("says a subcommand goes first when options come before it, instead of 'cannot open costs'", function()
+    for _, cmd in ipairs({ "--store x.db costs", "--virtual-clock check", "--log-level off runs show x" }) do
+      local r = helpers.run(("cd %s && %s %s"):format(helpers.policy_dir({}), R, cmd))
+      local name = cmd:match("(%a+)$") == "x" and "runs" or cmd:match("(%a+)$")
+      assert.are.equal(1, r.code, cmd)
+      assert.matches("'" .. name .. "' is a subcommand: name it first", r.stderr, cmd)
+    end
+    -- a script that happens to have such a name still runs
+    local dir = helpers.policy_dir({ check = "print('a script named check')\n" })
+    local r = helpers.run(("cd %s && %s --log-level off check"):format(dir, R))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("a script named check\n", r.stdout)
+  end)
 end)

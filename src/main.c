@@ -65,13 +65,20 @@ static void on_gateway_signal(int signo) {
   on_signal(signo);
 }
 
+static int is_subcommand(const char *s) {
+  static const char *const names[] = {"mock", "runs", "costs", "budgets", "keys", "check", "gateway"};
+  for (size_t k = 0; k < sizeof names / sizeof names[0]; k++)
+    if (strcmp(s, names[k]) == 0) return 1;
+  return 0;
+}
+
 static void usage(FILE *out) {
   fprintf(out,
           "usage: " PROGNAME " [options] [script [args...]]\n"
           "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR] [--metrics-addr A] [--metrics-file F]\n"
           "       " PROGNAME " runs [show ID] [--store URL]     runs and their checkpointed steps\n"
           "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--run ID] [--json|--csv]\n"
-          "       " PROGNAME " budgets [--json] | show NAME | release NAME [--stale] | set NAME --limit USD [--per day]\n"
+          "       " PROGNAME " budgets [--json] | show NAME [--json] | release NAME [--stale] | set NAME --limit USD [--per day|month|none]\n"
           "       " PROGNAME " gateway [--listen HOST:PORT] [--config FILE] [--workers N] [options]\n"
           "       " PROGNAME " keys add --name NAME [--budget USD/day] [--rpm N] [--tpm N] [--models a,b] | list | revoke NAME\n"
           "       " PROGNAME " check [--policies DIR] [files...] policy files and the model registry, without running\n"
@@ -810,6 +817,14 @@ int main(int argc, char **argv) {
    * row (Debian's build has no lookaside). Only the program sets it: SQLite's
    * configuration is the whole process's, an embedder's own to choose. */
   sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
+  /* `resil-lua check --help`: the usage, which has the subcommands' lines (it was "unknown
+   * option '-h'", and the mock's said "unknown option '--help' (try --help)") */
+  if (argc > 2 && is_subcommand(argv[1]) && strcmp(argv[1], "gateway") != 0)
+    for (int k = 2; k < argc && strcmp(argv[k], "--") != 0; k++)
+      if (strcmp(argv[k], "-h") == 0 || strcmp(argv[k], "--help") == 0) {
+        usage(stdout);
+        return 0;
+      }
   if (argc > 1 && strcmp(argv[1], "mock") == 0) return run_mock(argc - 2, argv + 2);
   if (argc > 1 && (strcmp(argv[1], "runs") == 0 || strcmp(argv[1], "costs") == 0 || strcmp(argv[1], "budgets") == 0))
     return run_command(argv[1], "require('resil.commands')(arg)", argc - 2, argv + 2);
@@ -928,6 +943,13 @@ int main(int argc, char **argv) {
   }
   if (gateway && i < argc) return fail("gateway: unexpected argument '%s'", argv[i]);
   const char *script = i < argc ? argv[i++] : NULL;
+  /* `resil-lua --store x.db costs`: a subcommand after an option was read as a script,
+   * "cannot open costs: No such file or directory" */
+  if (script && is_subcommand(script) && access(script, F_OK) != 0) {
+    fprintf(stderr, PROGNAME ": '%s' is a subcommand: name it first, its options after it (" PROGNAME " %s ...)\n",
+            script, script);
+    return 1;
+  }
   if (!script && ncodes == 0 && !gateway) {
     usage(stderr);
     return 1;
