@@ -196,23 +196,73 @@ local function load(entries, file)
   return { entries = entries, file = file }
 end
 
-local current = load(require "policies.models", source_of("policies.models"))
-registry.entries, registry.file = current.entries, current.file
+-- What registry.use / registry.load chose, kept across policy reloads: a reload loads this
+-- module afresh, and it went back to policies/models.lua (a script's registry.load, the demo's
+-- way, was replaced by the policy folder's registry at the first SIGHUP or --watch save).
+-- { path = a file registry.load read, entries =, file = } | {} (policies/models.lua)
+local chosen = resil.keep("policies.registry.chosen")
 
--- registry.use(entries[, file]): another registry for this module (specs, tools)
+-- a registry file's entries (plain data, run with nothing in reach) -> entries | nil, error
+local function read_file(path)
+  local chunk, err = loadfile(path, "t", {})
+  if not chunk then return nil, err end
+  local ok, entries = pcall(chunk)
+  if not ok then return nil, entries end
+  return entries
+end
+
+local current
+if chosen.path then
+  -- the chosen file again, so a reload applies its edits; one deleted keeps what it held
+  -- (as a policy module whose file is gone keeps its loaded version)
+  local entries, err = read_file(chosen.path)
+  if entries == nil and tostring(err):find("No such file", 1, true) then
+    resil.log.warn("policy reload: the registry file is gone; the entries it held are kept", { file = chosen.path })
+    current = load(chosen.entries, chosen.file)
+  elseif entries == nil then
+    error(err, 0)
+  else
+    current = load(entries, chosen.path)
+  end
+elseif chosen.entries then
+  current = load(chosen.entries, chosen.file)
+else
+  current = load(require "policies.models", source_of("policies.models"))
+end
+registry.entries, registry.file = current.entries, current.file
+if chosen.path then chosen.entries, chosen.file = current.entries, current.file end
+
+-- a choice a reload that fails makes (a policy's registry.use as it loads) is undone with it
+local function choose(path, entries, file)
+  local before = { path = chosen.path, entries = chosen.entries, file = chosen.file }
+  require("resil.if_reload_fails")(function() chosen.path, chosen.entries, chosen.file = before.path,
+    before.entries, before.file end)
+  chosen.path, chosen.entries, chosen.file = path, entries, file
+end
+
+-- registry.use(entries[, file]): another registry for this module (specs, tools), in effect
+-- across policy reloads; registry.use() goes back to policies/models.lua
 function registry.use(entries, file)
+  if entries == nil then
+    local r = load(require "policies.models", source_of("policies.models"))
+    registry.entries, registry.file = r.entries, r.file
+    choose(nil, nil, nil)
+    return
+  end
   local r = load(entries, file or "(registry)")
   registry.entries, registry.file = r.entries, r.file
+  choose(nil, r.entries, r.file)
 end
 
 -- registry.load(path): a registry file (plain data, run with nothing in
--- reach) for this module: a demo's or a tool's own, outside policies/
+-- reach) for this module: a demo's or a tool's own, outside policies/; a
+-- policy reload (SIGHUP) reads it again
 function registry.load(path)
-  local chunk, err = loadfile(path, "t", {})
-  if not chunk then error(err, 2) end
-  local ok, entries = pcall(chunk)
-  if not ok then error(entries, 2) end
-  registry.use(entries, path)
+  local entries, err = read_file(path)
+  if entries == nil then error(err, 2) end
+  local r = load(entries, path)
+  registry.entries, registry.file = r.entries, r.file
+  choose(path, r.entries, r.file)
 end
 
 ---------------------------------------------------------------------------
