@@ -4,7 +4,9 @@
 -- verdict: nil for success, else
 --   { class, retryable, backoff, max_retries, fallback, breaker,
 --     reason, status, kind, retry_after }
--- The rules are data. Change them from a pipeline or a project policy file:
+-- The rules are data. Change them from a project policy file (a policy reload
+-- loads this module afresh and runs that file again; a change the main script
+-- made is gone after the first reload) or from a pipeline that never reloads:
 --   classify.status[409] = { class = "conflict", retryable = true, backoff = "constant", max_retries = 2 }
 --   classify.validators.summary = function(res) ... return nil, "why" end
 -- `fallback = true` marks outcomes that a fallback chain moves on from;
