@@ -715,6 +715,49 @@ resil.mock = require "resil.mock"
 resil.own_at_load = own -- (for limits' br:on)
 for _, name in ipairs({ "store", "once", "runs", "costs", "budgets", "limits", "trace" }) do require("resil." .. name) end
 resil.own_at_load = nil
+-- A named limit is one object for every version, and a load that names it with options sets
+-- them: a reload that failed left the broken set's (a budget cut to $1, a rate to 1/s) on the
+-- version the log said keeps serving. The options each name was last given are kept, and a
+-- reload that fails gives the names its files gave options to the ones before, as it puts
+-- the set back. (Recorded before the constructor runs, which it calls as a tail call: its
+-- errors name the caller's line, as they did.)
+do
+  local given = {}
+  local function undoable(kind, ctor)
+    local last = given[kind] or {} -- (a budget's two constructors: one object by its name)
+    given[kind] = last
+    return function(name, opts, ...)
+      if type(opts) == "table" and name ~= nil then
+        local before = last[name]
+        local copy = {}
+        for k, v in pairs(opts) do copy[k] = v end
+        last[name] = copy
+        if undo_if_failed then
+          undo_if_failed[#undo_if_failed + 1] = function()
+            last[name] = before
+            if before then ctor(name, before) end
+          end
+        end
+      end
+      return ctor(name, opts, ...)
+    end
+  end
+  resil.bucket = undoable("bucket", resil.bucket)
+  resil.breaker = undoable("breaker", resil.breaker)
+  -- (the C constructor's own argument errors named the wrapper, "bad argument #2 to 'ctor'", at
+  -- this file's line: said here, at the caller's, as they were)
+  local semaphore = undoable("semaphore", resil.semaphore)
+  resil.semaphore = function(name, opts, ...)
+    if type(name) ~= "string" and type(name) ~= "number" then
+      error(("bad argument #1 to 'semaphore' (string expected, got %s)"):format(type(name)), 2)
+    elseif opts ~= nil and type(opts) ~= "table" then
+      error(("bad argument #2 to 'semaphore' (table expected, got %s)"):format(type(opts)), 2)
+    end
+    return semaphore(name, opts, ...)
+  end
+  resil.budget = undoable("budget", resil.budget)
+  private.host_budget = undoable("budget", private.host_budget)
+end
 -- the gateway's keys' budgets ("key:NAME") and buckets ("gateway:<key id>:rpm"...), names reserved
 -- for the host under the sandbox: policies.gateway's chunk gets the constructors themselves
 private.gateway_limits = { budget = private.host_budget, bucket = resil.bucket, semaphore = resil.semaphore }
