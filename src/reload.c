@@ -46,6 +46,14 @@ struct reload_state {
    * stat'ed through with the roots, every RECHECK_SECONDS */
   struct link_seen *links;
   size_t nlinks, cap_links;
+  /* inotify short (fs.inotify.max_user_watches used up by an IDE or a container's neighbours:
+   * a folder's watch refused with ENOSPC; max_user_instances: no inotify at all): --watch said
+   * nothing of the first and never reloaded. Then every policy file is stat'ed as the links
+   * are, each RECHECK_SECONDS, and one warning says why. */
+  int poll_all;
+  int poll_errno;
+  char poll_dir[PATH_MAX];
+  int poll_warned;
 };
 
 struct link_seen {
@@ -276,8 +284,13 @@ static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
   struct stat st_dir;
   if (stat(dir, &st_dir) != 0 || !S_ISDIR(st_dir.st_mode)) return;
   /* (IN_MOVED_FROM: a file moved out of the folder is gone as a deleted one is) */
-  if (watch)
-    inotify_add_watch(st->inotify_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE);
+  if (watch && st->inotify_fd >= 0 &&
+      inotify_add_watch(st->inotify_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE) < 0 &&
+      !st->poll_all) {
+    st->poll_all = 1;
+    st->poll_errno = errno;
+    snprintf(st->poll_dir, sizeof st->poll_dir, "%s", dir);
+  }
   DIR *d = opendir(dir);
   if (!d) return;
   struct dirent *e;
@@ -290,6 +303,7 @@ static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
     int is_lua = len > 4 && strcmp(e->d_name + len - 4, ".lua") == 0;
     int is_dir = stat(sub, &sb) == 0 && S_ISDIR(sb.st_mode);
     if ((is_lua || (is_dir && depth > 0)) && lstat(sub, &sb) == 0 && S_ISLNK(sb.st_mode)) link_add(st, sub);
+    else if (is_lua && st->poll_all) link_add(st, sub); /* (inotify short: stat'ed each second) */
     if (e->d_name[0] == '.' || !is_dir || depth == 0) continue;
     watch_dir(st, sub, depth - 1, watch);
   }
@@ -297,6 +311,7 @@ static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
 }
 
 static void watch_stop(reload_state *st) {
+  st->poll_all = 0;
   if (st->inotify_ev) event_free(st->inotify_ev);
   if (st->debounce_ev) event_free(st->debounce_ev);
   if (st->recheck_ev) event_free(st->recheck_ev);
@@ -339,9 +354,10 @@ int resil_watch(resil_t *R, int on) {
   watch_stop(st);
   if (!on) return RESIL_OK;
   st->inotify_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-  if (st->inotify_fd < 0) {
-    resil_set_error(R, strerror(errno));
-    return RESIL_ERR_FILE;
+  st->poll_all = st->inotify_fd < 0;
+  if (st->poll_all) {
+    st->poll_errno = errno;
+    snprintf(st->poll_dir, sizeof st->poll_dir, "%s", "(inotify)");
   }
   snprintf(st->roots[0], PATH_MAX, "%s", R->policies_dir ? R->policies_dir : "");
   snprintf(st->roots[1], PATH_MAX, "policies");
@@ -349,14 +365,30 @@ int resil_watch(resil_t *R, int on) {
   roots_moved(st);
   for (int i = 0; i < WATCH_ROOTS; i++)
     if (st->roots[i][0]) watch_dir(st, st->roots[i], 2, 1);
-  st->inotify_ev = event_new(R->base, st->inotify_fd, EV_READ | EV_PERSIST, inotify_cb, R);
+  if (st->inotify_fd >= 0) st->inotify_ev = event_new(R->base, st->inotify_fd, EV_READ | EV_PERSIST, inotify_cb, R);
   st->debounce_ev = evtimer_new(R->base, debounce_cb, R);
   st->recheck_ev = event_new(R->base, -1, EV_PERSIST, recheck_cb, R);
   struct timeval every = {RECHECK_SECONDS, 0};
-  if (!st->inotify_ev || !st->debounce_ev || !st->recheck_ev || event_add(st->inotify_ev, NULL) != 0 ||
-      event_add(st->recheck_ev, &every) != 0) {
+  if ((st->inotify_fd >= 0 && (!st->inotify_ev || event_add(st->inotify_ev, NULL) != 0)) || !st->debounce_ev ||
+      !st->recheck_ev || event_add(st->recheck_ev, &every) != 0) {
     watch_stop(st);
     return RESIL_ERR_MEMORY;
+  }
+  if (st->poll_all && !st->poll_warned) { /* once a process: the watches are made again as folders come */
+    st->poll_warned = 1;
+    lua_State *L = R->L;
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, st->poll_dir);
+    lua_setfield(L, -2, "folder");
+    lua_pushstring(L, strerror(st->poll_errno));
+    lua_setfield(L, -2, "error");
+    if (st->poll_errno == ENOSPC || st->poll_errno == EMFILE || st->poll_errno == ENFILE) {
+      lua_pushstring(L, st->inotify_fd < 0 ? "fs.inotify.max_user_instances (raise it to have the files watched)"
+                                            : "fs.inotify.max_user_watches (raise it to have the files watched)");
+      lua_setfield(L, -2, "sysctl");
+    }
+    host_log(L, "warn", "--watch: cannot watch a policy folder with inotify; its files are checked every second "
+                        "instead");
   }
   return RESIL_OK;
 }

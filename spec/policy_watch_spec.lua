@@ -1,0 +1,73 @@
+-- --watch where inotify is short: a machine whose fs.inotify.max_user_watches
+-- an IDE or a container's neighbours used up (inotify_add_watch: ENOSPC), or
+-- whose max_user_instances is reached (inotify_init1: EMFILE). --watch said
+-- nothing of the first and never reloaded; of the second it said one line
+-- and was off. Both made with an LD_PRELOAD shim; the edit is a real file's.
+local helpers = require "spec.helpers"
+local resil = require "resil"
+
+local function shim(body)
+  local src = helpers.write(helpers.tmpname(".c"), "#define _GNU_SOURCE\n#include <errno.h>\n#include <stdint.h>\n" ..
+    body)
+  local so = helpers.tmpname(".so")
+  assert(os.execute(("cc -shared -fPIC -o %s %s"):format(so, src)), "cc could not build the shim")
+  return so
+end
+
+local SCRIPT = [[
+local resil = require "resil"
+local p = resil.policy("p")
+print("started " .. p.v)
+io.stdout:flush()
+local deadline = resil.clock.wall() + 20
+while p.v == 1 and resil.clock.wall() < deadline do resil.sleep(0.05) end
+print("saw " .. p.v)
+]]
+
+local function watch_with(so)
+  local dir = helpers.policy_dir({ ["p.lua"] = "return { v = 1 }\n" })
+  local pid, out = helpers.start(SCRIPT, ("--watch --policies %s"):format(dir))
+  -- (the shim only for the host: helpers.start runs it through sh)
+  assert(helpers.wait_until(function() return helpers.slurp(out):match("started") ~= nil end, 10),
+    helpers.slurp(out))
+  helpers.write(dir .. "/p.lua", "return { v = 2 }\n")
+  local ended = helpers.wait_until(function() return not helpers.alive(pid) end, 25)
+  if not ended then os.execute("kill -KILL " .. pid) end
+  return helpers.slurp(out), dir
+end
+
+describe("--watch without inotify watches to spare", function()
+  local resil_bin = helpers.resil
+  after_each(function() helpers.resil = resil_bin end)
+
+  it("checks the files every second when a folder cannot be watched (ENOSPC), and says so once", function()
+    local so = shim("int inotify_add_watch(int fd, const char *p, uint32_t m) { (void)fd; (void)p; (void)m; " ..
+      "errno = ENOSPC; return -1; }\n")
+    helpers.resil = ("ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s"):format(so, resil_bin)
+    local out, dir = watch_with(so)
+    assert.matches("saw 2", out) -- (was: "saw 1" after 20 s: never reloaded)
+    local warned = 0
+    for line in out:gmatch("[^\n]+") do
+      if line:find("cannot watch", 1, true) then
+        warned = warned + 1
+        assert.matches("max_user_watches", line)
+        assert.is_truthy(line:find(dir, 1, true) or line:find("policies", 1, true))
+      end
+    end
+    assert.are.equal(1, warned, out)
+  end)
+
+  it("checks the files every second when inotify cannot start (EMFILE)", function()
+    local so = shim("int inotify_init1(int flags) { (void)flags; errno = EMFILE; return -1; }\n")
+    helpers.resil = ("ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s"):format(so, resil_bin)
+    local out = watch_with(so)
+    assert.matches("saw 2", out) -- (was: "--watch: Too many open files", and never reloaded)
+    assert.matches("max_user_instances", out)
+  end)
+
+  it("(an inotify that works reloads on the edit)", function()
+    local out = watch_with(nil)
+    assert.matches("saw 2", out)
+    assert.is_nil(out:find("cannot watch", 1, true))
+  end)
+end)
