@@ -154,7 +154,7 @@ local EMPTY = {}
 -- opts: provider, deadline (absolute, resil.now() scale) or timeout (seconds
 -- from now), attempt_time (seconds an attempt is expected to take: a retry
 -- that would end past the deadline is not started), max_retries (number or
--- {class = n}), strategy (overrides the class's backoff), base, cap,
+-- {class = n}), backoff (or strategy: overrides the class's backoff), base, cap,
 -- budget (false, or {percent=, min_per_second=, window=}), random, validate,
 -- classify (fn(res, err, opts) -> verdict | nil), on_retry(info), sleep,
 -- bounded (fn keeps to the deadline itself: no task per attempt), give_up
@@ -223,7 +223,8 @@ local function attempts(fn, opts, deadline, give_up, ...)
     end
     why = give_up and given_up(give_up) -- (before a backoff that would hold on to what the call holds)
     if why then return nil, final_error(res, err, verdict, attempt, provider, why) end
-    local strategy = opts.strategy or verdict.backoff or "exponential"
+    -- (`backoff`, as the classify rules and the README name it: read only `strategy`, it was ignored)
+    local strategy = opts.strategy or opts.backoff or verdict.backoff or "exponential"
     local delay_fn = retry.strategies[strategy]
     if delay_fn == nil then error(("retry: unknown backoff strategy '%s'"):format(tostring(strategy)), 2) end
     -- (the backoff's options are read when a retry needs them: most calls take one attempt)

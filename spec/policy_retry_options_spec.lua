@@ -1,0 +1,45 @@
+-- The README names a retry's backoffs ("backoff `immediate`, `constant`, ...") and the classify
+-- rules call the field `backoff`, but retry.call read only `strategy`: `backoff = "constant"` in
+-- a newcomer's options was ignored without a word, and the class's own backoff ran instead.
+local resil = require "resil"
+local retry = require "policies.retry"
+local call = require "policies.call"
+
+describe("a retry's backoff named in its options", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+
+  it("is taken as `backoff`, as the README and the classify rules name it, or as `strategy`", function()
+    for _, key in ipairs({ "backoff", "strategy" }) do
+      local n = 0
+      local t0 = resil.now()
+      local r = retry.call(function()
+        n = n + 1
+        if n < 3 then return nil, resil.error("timeout", "slow") end -- (the class's own backoff: immediate)
+        return "ok"
+      end, { [key] = "constant", base = 1, budget = false })
+      assert.are.equal("ok", r)
+      assert.are.equal(3, n)
+      assert.are.equal(2, resil.now() - t0, key) -- (was 0 for `backoff`: immediate, the class's)
+    end
+  end)
+
+  it("is taken from a provider's retry table too", function()
+    for backoff, waited in pairs({ linear = 1 + 2 + 3, constant = 1 + 1 + 1 }) do -- (the class's: 1 + 2 + 4)
+      local m = resil.mock.start({ sequence = { chat = { 503, 503, 503 } } })
+      local p = call.provider("retry-backoff-" .. backoff, {
+        request = { method = "POST", url = m.url .. "/v1/chat/completions" },
+        retry = { backoff = backoff, base = 1, budget = false } })
+      local t0 = resil.now()
+      assert(p({ json = { messages = { { role = "user", content = "hi" } } } }))
+      assert.are.equal(waited, resil.now() - t0, backoff)
+      m:stop()
+    end
+  end)
+
+  it("an unknown one is an error naming it", function()
+    local ok, err = pcall(retry.call, function() return nil, resil.error("timeout", "slow") end,
+      { backoff = "fibonacci", budget = false })
+    assert.is_false(ok)
+    assert.matches("retry: unknown backoff strategy 'fibonacci'", err)
+  end)
+end)
