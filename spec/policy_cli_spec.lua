@@ -57,4 +57,13 @@ describe("the command, for a policy's author", function()
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("a script named check\n", r.stdout)
   end)
+
+  it("refuses a gateway --listen that is no host:port on one line, without the gateway's traceback", function()
+    for _, listen in ipairs({ "foo", "127.0.0.1:99999", "127.0.0.1:", "localhost:http" }) do
+      local r = helpers.run(("%s gateway --listen '%s' --store %s"):format(R, listen, helpers.tmpname(".db")))
+      assert.are.equal(1, r.code, listen)
+      assert.are.equal(("resil-lua: gateway: --listen wants host:port (a port from 0 to 65535), not '%s'\n")
+        :format(listen), r.stderr) -- (was: the gateway's error, then "stack traceback:" and its frames)
+    end
+  end)
 end)

@@ -865,7 +865,14 @@ int main(int argc, char **argv) {
     if (gateway && (strcmp(a, "--listen") == 0 || strcmp(a, "--config") == 0 || strcmp(a, "--workers") == 0)) {
       if (!next) return fail("gateway: option '%s' needs an argument", a);
       i++;
-      if (a[2] == 'l') gw_listen = next;
+      if (a[2] == 'l') {
+        /* said here, on one line: the gateway's own refusal came with a traceback of its code */
+        const char *colon = strrchr(next, ':');
+        const char *port = colon ? colon + 1 : "";
+        if (!*port || strlen(port) > 5 || strspn(port, "0123456789") != strlen(port) || atoi(port) > 65535)
+          return fail("gateway: --listen wants host:port (a port from 0 to 65535), not '%s'", next);
+        gw_listen = next;
+      }
       else if (a[2] == 'c') gw_config = next;
       else if (parse_count(next, &gw_workers) != 0 || gw_workers > 256)
         return fail("gateway: --workers: bad count '%s' (1 to 256)", next);
