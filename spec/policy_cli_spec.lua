@@ -66,4 +66,21 @@ describe("the command, for a policy's author", function()
         :format(listen), r.stderr) -- (was: the gateway's error, then "stack traceback:" and its frames)
     end
   end)
+
+  it("says a mock scenario's mistake on one line, without the driver's traceback", function()
+    local cases = {
+      { "return {\n", ":2: unexpected symbol near <eof>" },
+      { "local x = nil\nreturn { y = x.z }\n", ":2: attempt to index a nil value %(local 'x'%)" },
+      { 'return { faults = { { route = "chat", kind = "garbagee", probability = 1 } } }',
+        ": resil%.mock: unknown fault kind 'garbagee'" },
+    }
+    for _, c in ipairs(cases) do
+      local scenario = helpers.write(helpers.tmpname(".lua"), c[1])
+      local r = helpers.run(("timeout 10 %s mock %s"):format(R, scenario))
+      assert.are.equal(1, r.code, r.stderr)
+      assert.matches("^resil%-lua: " .. scenario:gsub("%p", "%%%0") .. c[2] .. "\n$", r.stderr)
+    end
+    local r = helpers.run(("timeout 10 %s mock /no/such/scenario.lua"):format(R))
+    assert.are.equal("resil-lua: cannot open /no/such/scenario.lua: No such file or directory\n", r.stderr)
+  end)
 end)

@@ -304,19 +304,23 @@ static void finish_metrics(resil_t *R) {
   lua_settop(L, top);
 }
 
+/* (a scenario's mistake is one line, as a bad option's: it came with a traceback of this driver) */
 static const char mock_driver[] =
   "local resil = require 'resil'\n"
   "local path, port, host = arg[1], tonumber(arg[2]), arg[3]\n"
+  "local function fail(msg) io.stderr:write('resil-lua: ', tostring(msg), '\\n') os.exit(1) end\n"
   "local scenario = {}\n"
   "if path then\n"
   "  local chunk, err = loadfile(path)\n"
-  "  if not chunk then error(err, 0) end\n"
-  "  scenario = chunk()\n"
-  "  if type(scenario) ~= 'table' then error(path .. ': a scenario file must return a table', 0) end\n"
+  "  if not chunk then fail(err) end\n"
+  "  local ok, s = pcall(chunk)\n"
+  "  if not ok then fail(s) end\n"
+  "  scenario = s\n"
+  "  if type(scenario) ~= 'table' then fail(path .. ': a scenario file must return a table') end\n"
   "end\n"
   "local ok, m, err = pcall(resil.mock.start, scenario, { port = port, host = host })\n"
-  "if not ok then error((path or 'the scenario') .. ': ' .. tostring(m):gsub('^mock:%d+: ', ''), 0) end\n"
-  "if not m then error(tostring(err), 0) end\n"
+  "if not ok then fail((path or 'the scenario') .. ': ' .. tostring(m):gsub('^mock:%d+: ', '')) end\n"
+  "if not m then fail(err) end\n"
   "io.stdout:write(m.url, '\\n')\n"
   "io.stdout:flush()\n"
   "resil.sleep(math.huge)\n";
