@@ -196,11 +196,11 @@ local function load(entries, file)
   return { entries = entries, file = file }
 end
 
--- What registry.use / registry.load chose, kept across policy reloads: a reload loads this
--- module afresh, and it went back to policies/models.lua (a script's registry.load, the demo's
--- way, was replaced by the policy folder's registry at the first SIGHUP or --watch save).
--- { path = a file registry.load read, entries =, file = } | {} (policies/models.lua)
-local chosen = resil.keep("policies.registry.chosen")
+-- The registry a reload keeps: the one the version before served. A reload loads this module
+-- afresh, and it read policies/models.lua again: a script that chose another registry
+-- (registry.load, the demo's way; registry.use) was moved to the policy folder's at the first
+-- SIGHUP or --watch save of any policy file, its aliases unknown or routed elsewhere.
+local last = resil.keep("policies.registry.last") -- { module = the version loaded last }
 
 -- a registry file's entries (plain data, run with nothing in reach) -> entries | nil, error
 local function read_file(path)
@@ -211,33 +211,44 @@ local function read_file(path)
   return entries
 end
 
-local current
-if chosen.path then
-  -- the chosen file again, so a reload applies its edits; one deleted keeps what it held
-  -- (as a policy module whose file is gone keeps its loaded version)
-  local entries, err = read_file(chosen.path)
+-- (models_entries: what tells a later reload to read policies/models.lua again)
+local function from_models()
+  local r = load(require "policies.models", source_of("policies.models"))
+  registry.models_entries = r.entries
+  return r
+end
+
+local prev, current = last.module, nil
+if prev == nil or prev.entries == nil or rawequal(prev.entries, prev.models_entries) then
+  current = from_models()
+elseif prev.loaded_from and prev.file == prev.loaded_from then
+  -- registry.load's file again, so a reload applies its edits (broken: the reload fails with its
+  -- file:line, as for policies/models.lua); one deleted keeps what it held
+  local entries, err = read_file(prev.loaded_from)
   if entries == nil and tostring(err):find("No such file", 1, true) then
-    resil.log.warn("policy reload: the registry file is gone; the entries it held are kept", { file = chosen.path })
-    current = load(chosen.entries, chosen.file)
+    resil.log.warn("policy reload: the registry file is gone; the entries it held are kept", { file = prev.file })
+    current = { entries = prev.entries, file = prev.file }
   elseif entries == nil then
     error(err, 0)
   else
-    current = load(entries, chosen.path)
+    current = load(entries, prev.loaded_from)
   end
-elseif chosen.entries then
-  current = load(chosen.entries, chosen.file)
+  registry.loaded_from = prev.loaded_from
 else
-  current = load(require "policies.models", source_of("policies.models"))
+  current = { entries = prev.entries, file = prev.file } -- registry.use's table (checked when it was used)
 end
 registry.entries, registry.file = current.entries, current.file
-if chosen.path then chosen.entries, chosen.file = current.entries, current.file end
+-- this version is the one the next reload asks, unless this reload fails
+require("resil.if_reload_fails")(function() last.module = prev end)
+last.module = registry
 
--- a choice a reload that fails makes (a policy's registry.use as it loads) is undone with it
-local function choose(path, entries, file)
-  local before = { path = chosen.path, entries = chosen.entries, file = chosen.file }
-  require("resil.if_reload_fails")(function() chosen.path, chosen.entries, chosen.file = before.path,
-    before.entries, before.file end)
-  chosen.path, chosen.entries, chosen.file = path, entries, file
+-- what registry.use / registry.load choose applies to the version loaded now too: a script's
+-- `local registry = require "policies.registry"` is the version of its start, after a reload
+local function choose(r, loaded_from, models_entries)
+  for _, m in ipairs({ registry, last.module ~= registry and last.module or nil }) do
+    m.entries, m.file, m.loaded_from = r.entries, r.file, loaded_from
+    if models_entries then m.models_entries = models_entries end
+  end
 end
 
 -- registry.use(entries[, file]): another registry for this module (specs, tools), in effect
@@ -245,24 +256,19 @@ end
 function registry.use(entries, file)
   if entries == nil then
     local r = load(require "policies.models", source_of("policies.models"))
-    registry.entries, registry.file = r.entries, r.file
-    choose(nil, nil, nil)
+    choose(r, nil, r.entries)
     return
   end
-  local r = load(entries, file or "(registry)")
-  registry.entries, registry.file = r.entries, r.file
-  choose(nil, r.entries, r.file)
+  choose(load(entries, file or "(registry)"), nil)
 end
 
 -- registry.load(path): a registry file (plain data, run with nothing in
--- reach) for this module: a demo's or a tool's own, outside policies/; a
--- policy reload (SIGHUP) reads it again
+-- reach) for this module: a demo's or a tool's own, outside policies/; in
+-- effect across policy reloads, each of which reads it again
 function registry.load(path)
   local entries, err = read_file(path)
   if entries == nil then error(err, 2) end
-  local r = load(entries, path)
-  registry.entries, registry.file = r.entries, r.file
-  choose(path, r.entries, r.file)
+  choose(load(entries, path), path)
 end
 
 ---------------------------------------------------------------------------
