@@ -729,9 +729,7 @@ do
     return function(name, opts, ...)
       if type(opts) == "table" and name ~= nil then
         local before = last[name]
-        local copy = {}
-        for k, v in pairs(opts) do copy[k] = v end
-        last[name] = copy
+        last[name] = opts -- (the table itself: the gateway names a key's budget so per request)
         if undo_if_failed then
           undo_if_failed[#undo_if_failed + 1] = function()
             last[name] = before
