@@ -149,7 +149,7 @@ return function(args)
     elseif args[i]:sub(1, 1) == "-" then
       io.stderr:write(("resil-lua check: unknown option '%s' (usage: resil-lua check [--policies DIR] [files...])\n")
         :format(args[i]))
-      exit(2)
+      exit(1) -- (bad usage is 1 for every command, as the README says; it was 2)
     else
       files[#files + 1] = args[i]
       i = i + 1
