@@ -42,4 +42,35 @@ describe("the README, against the command", function()
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal(block, r.stdout)
   end)
+
+  it("gives each subcommand the options --help gives it, in the command block", function()
+    local block = readme:match("\n## The command\n\n```\n(.-)```")
+    assert.is_not_nil(block)
+    local function options_by_command(text, prefix)
+      local found = {}
+      for line in text:gmatch("[^\n]+") do
+        local cmd, rest = line:match("^" .. prefix .. "resil%-lua (%l+) (.*)$")
+        if cmd then
+          local set = {}
+          for opt in rest:gmatch("%-%-[%w%-]+") do set[opt] = true end
+          found[cmd] = set
+        end
+      end
+      return found
+    end
+    local help = helpers.run(R .. " --help").stdout
+    local in_readme, in_help = options_by_command(block, ""), options_by_command(help, "%s*u?s?a?g?e?:?%s*")
+    assert.is_not_nil(in_help.costs, help)
+    for cmd, set in pairs(in_help) do
+      assert.is_not_nil(in_readme[cmd], "README's command block has no line for " .. cmd)
+      for opt in pairs(set) do assert.is_true(in_readme[cmd][opt] == true, cmd .. " " .. opt .. " not in the README") end
+    end
+    for cmd, set in pairs(in_readme) do
+      assert.is_not_nil(in_help[cmd], "--help has no line for " .. cmd)
+      for opt in pairs(set) do
+        -- (--store URL is every store command's, said once in --help's options)
+        if opt ~= "--store" then assert.is_true(in_help[cmd][opt] == true, cmd .. " " .. opt .. " not in --help") end
+      end
+    end
+  end)
 end)

@@ -76,11 +76,11 @@ static void usage(FILE *out) {
   fprintf(out,
           "usage: " PROGNAME " [options] [script [args...]]\n"
           "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR] [--metrics-addr A] [--metrics-file F]\n"
-          "       " PROGNAME " runs [show ID] [--store URL]     runs and their checkpointed steps\n"
+          "       " PROGNAME " runs [show ID [--html FILE]] [--store URL]     runs and their checkpointed steps\n"
           "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--run ID] [--json|--csv]\n"
           "       " PROGNAME " budgets [--json] | show NAME [--json] | release NAME [--stale] | set NAME --limit USD [--per day|month|none]\n"
           "       " PROGNAME " gateway [--listen HOST:PORT] [--config FILE] [--workers N] [options]\n"
-          "       " PROGNAME " keys add --name NAME [--budget USD/day] [--rpm N] [--tpm N] [--models a,b] | list | revoke NAME\n"
+          "       " PROGNAME " keys add --name NAME [--budget USD[/day|/month]] [--rpm N] [--tpm N] [--concurrency N] [--models a,b] | list [--json] | revoke NAME\n"
           "       " PROGNAME " check [--policies DIR] [files...] policy files and the model registry, without running\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
