@@ -228,8 +228,9 @@ return function(args)
         local modname = module_of(path)
         local ok, mod = run_capped(path, chunk, modname)
         if not ok then add("error", tostring(mod))
-        elseif type(mod) ~= "table" then
-          add("error", ("%s: a policy module must return a table, not %s"):format(path, type(mod)))
+        elseif type(mod) ~= "table" and type(mod) ~= "function" then -- (as a reload refuses)
+          add("error", ("%s: a policy module must return a table or a function; it returned %s"):format(path,
+            mod == nil and "nothing" or type(mod)))
         end
       end
     end

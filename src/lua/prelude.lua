@@ -615,8 +615,10 @@ local function reload_policies()
   end
   for _, name in ipairs(names) do
     local ok, mod = xpcall(require, load_error, name)
-    if ok and type(mod) ~= "table" then -- it would fail every call that uses it
-      ok, mod = false, ("%s: %s returned %s, not a table"):format(module_file(name), name,
+    -- one that returned nothing or a number would fail every call that uses it; a function is
+    -- Lua's own idiom, which require took at start (refused here, it failed every reload after)
+    if ok and type(mod) ~= "table" and type(mod) ~= "function" then
+      ok, mod = false, ("%s: %s returned %s, not a table or a function"):format(module_file(name), name,
         mod == true and "nothing" or type(mod))
     elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") then
       -- no handler runs for a memory error: "not enough memory" named none of the files
