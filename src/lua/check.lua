@@ -228,9 +228,11 @@ return function(args)
         local modname = module_of(path)
         local ok, mod = run_capped(path, chunk, modname)
         if not ok then add("error", tostring(mod))
-        elseif type(mod) ~= "table" and type(mod) ~= "function" then -- (as a reload refuses)
+        -- (nothing: a file required for what it does as it loads, which a reload takes where its
+        -- version before returned nothing too; one whose caller uses its value fails at the start)
+        elseif mod ~= nil and type(mod) ~= "table" and type(mod) ~= "function" then -- (as a reload refuses)
           add("error", ("%s: a policy module must return a table or a function; it returned %s"):format(path,
-            mod == nil and "nothing" or type(mod)))
+            type(mod)))
         end
       end
     end

@@ -615,9 +615,11 @@ local function reload_policies()
   end
   for _, name in ipairs(names) do
     local ok, mod = xpcall(require, load_error, name)
-    -- one that returned nothing or a number would fail every call that uses it; a function is
-    -- Lua's own idiom, which require took at start (refused here, it failed every reload after)
-    if ok and type(mod) ~= "table" and type(mod) ~= "function" then
+    -- one that returned nothing or a number would fail every call that uses it (a save cut
+    -- before its `return M` is valid Lua); a function is Lua's own idiom, and a file required
+    -- for what it does as it loads (classify rules) returns nothing from the start: require took
+    -- both, and refused here they failed every reload after, whatever file had changed
+    if ok and type(mod) ~= "table" and type(mod) ~= "function" and not (mod == true and replaced[name] == true) then
       ok, mod = false, ("%s: %s returned %s, not a table or a function"):format(module_file(name), name,
         mod == true and "nothing" or type(mod))
     elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") then
