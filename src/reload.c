@@ -347,8 +347,8 @@ static void recheck_cb(evutil_socket_t fd, short what, void *arg) {
   event_add(R->reload->debounce_ev, &quiet);
 }
 
-int resil_watch(resil_t *R, int on) {
-  if (resil_refused(R, "resil_watch")) return RESIL_ERR_USAGE;
+/* L: the thread to log on (resil.watch's own, inside a task; else the main one, idle) */
+static int watch_on(resil_t *R, lua_State *L, int on) {
   reload_state *st = state_of(R);
   if (!st) return RESIL_ERR_MEMORY;
   watch_stop(st);
@@ -376,7 +376,6 @@ int resil_watch(resil_t *R, int on) {
   }
   if (st->poll_all && !st->poll_warned) { /* once a process: the watches are made again as folders come */
     st->poll_warned = 1;
-    lua_State *L = R->L;
     lua_createtable(L, 0, 3);
     lua_pushstring(L, st->poll_dir);
     lua_setfield(L, -2, "folder");
@@ -391,6 +390,11 @@ int resil_watch(resil_t *R, int on) {
                         "instead");
   }
   return RESIL_OK;
+}
+
+int resil_watch(resil_t *R, int on) {
+  if (resil_refused(R, "resil_watch")) return RESIL_ERR_USAGE;
+  return watch_on(R, R->L, on);
 }
 
 static void hup_reload_cb(evutil_socket_t fd, short what, void *arg) { resil_reload(arg); }
@@ -419,7 +423,8 @@ int resil_reload_on_sighup(resil_t *R) {
 /* resil.watch(on): the same from a script */
 static int l_watch(lua_State *L) {
   resil_t *R = resil_from_lua(L);
-  if (resil_watch(R, lua_toboolean(L, 1)) != RESIL_OK) return resil_raise(L, "resil.watch: %s", resil_error(R));
+  if (resil_refused(R, "resil_watch")) return resil_raise(L, "resil.watch: %s", resil_error(R));
+  if (watch_on(R, L, lua_toboolean(L, 1)) != RESIL_OK) return resil_raise(L, "resil.watch: %s", resil_error(R));
   return 0;
 }
 
