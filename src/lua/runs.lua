@@ -392,8 +392,10 @@ function resil.step(name, fn, ...)
   local nth = (names[name] or 0) + 1
   names[name] = nth
   local r, rerr = current_run()
-  if not r then -- (the store unavailable: the run, if held, cannot end "done")
-    if run and run.held and rerr ~= nil then run.failed[scope] = true end
+  if not r then -- (the store unavailable: the run cannot end "done")
+    -- also while not yet held: a later step that takes the run (the store back) ended it "done"
+    -- without this step, whose fn never ran
+    if run then run.failed[scope] = true end
     return nil, rerr
   end
   if r.stopped then error(r.stopped, 2) end -- a step's result was not checkpointed, or the run diverged: nothing more runs

@@ -1,0 +1,40 @@
+-- A pipeline as a user runs it (`resil-lua pipeline.lua`), its store on a bad
+-- day: what `resil-lua runs` says of the run afterwards. Real processes, a
+-- real SQLite file whose write lock another process (sqlite3) holds.
+local helpers = require "spec.helpers"
+
+describe("a pipeline whose first step could not take the run (the store locked past its timeout)", function()
+  it("ends done_with_failures, not done, when later items take the run and finish", function()
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, helpers.run_script('assert(require("resil").store():set("made", "1"))',
+      "--store " .. db .. " --log-level off").code)
+    local release = helpers.hold_write_lock(db)
+    local r = helpers.run_script([[
+local resil = require "resil"
+local release = arg[1]
+local out, failures = resil.map({ 1, 2, 3 }, function(i)
+  if i == 2 then -- the lock given back: the next steps take the run
+    local f = assert(io.open(release, "w")); f:close()
+    while not resil.store():set("probe", "x") do resil.sleep(0.05) end
+  end
+  return resil.step("render", function() return i * 10 end)
+end, { concurrency = 1 })
+print(out[1], out[2], out[3], failures and failures[1].kind)
+]], ("--store '%s?timeout=0.5' --run locked --log-level off"):format(db), release)
+    assert.are.equal(0, r.code, r.stderr)
+    -- item 1's fn never ran: the run is not done, and resuming it runs item 1
+    assert.are.equal("nil\t20\t30\tstore_unavailable\n", r.stdout)
+    local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db))
+    -- (before: "done", as if every item had been made; nobody resumed it)
+    assert.matches("locked%s+done_with_failures", runs.stdout)
+    local again = helpers.run_script([[
+local resil = require "resil"
+local out = resil.map({ 1, 2, 3 }, function(i)
+  return resil.step("render", function() print("ran " .. i) return i * 10 end)
+end, { concurrency = 1 })
+print(out[1], out[2], out[3])
+]], ("--store '%s' --run locked --log-level off"):format(db))
+    assert.are.equal("ran 1\n10\t20\t30\n", again.stdout)
+    assert.matches("locked%s+done%s", helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout)
+  end)
+end)
