@@ -439,7 +439,7 @@ local create_ended = { __close = function(c)
 end }
 -- the create, in the task it runs in, its answer kept on the guard for whoever outlives it
 local function make_guarded(ctx, g)
-  g.creating = true
+  g.creating, g.made = true, true -- (made: this call sent the create, see jobs.job)
   local _ <close> = setmetatable({ guard = g }, create_ended)
   g.handle, g.create_err = make(ctx)
   return g.handle, g.create_err
@@ -486,7 +486,12 @@ function jobs.job(spec)
   ctx.poll_first = spec.poll_first
   local key, legacy = durable_key(spec)
   local ids, last_err = {}, nil
-  for n = 1, attempts do
+  -- jobs this call made, or found still known to the provider, count as its attempts; a lost one
+  -- an earlier process made (its record replayed) does not: kept, every resume of the run found
+  -- the same lost jobs again and failed at its step for good once they were `attempts` many
+  local n, counted = 0, 0
+  while counted < attempts do
+    n, counted = n + 1, counted + 1
     local akey = key and (n == 1 and key or ("%s#%d"):format(key, n))
     local alegacy = legacy and (n == 1 and legacy or ("%s#%d"):format(legacy, n))
     local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(spec.input)))
@@ -516,6 +521,7 @@ function jobs.job(spec)
     local usage, usd
     if state.status == "lost" then -- (nothing known of what it used: no row, its hold given back)
       if ticket then ticket:release() end
+      if not guard.made then counted = counted - 1 end
     else
       usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, spec.input)
       usd = charge(ctx, spec, "job", handle.id, usage, ticket)
@@ -526,7 +532,7 @@ function jobs.job(spec)
     end
     last_err = job_error(ctx, state, handle, n)
     if state.uncanceled then break end -- another job beside one that runs on could pay twice
-    resil.log.warn("job did not succeed" .. (n < attempts and ": making a new one" or ""),
+    resil.log.warn("job did not succeed" .. (counted < attempts and ": making a new one" or ""),
       { provider = ctx.name, model = ctx.model, id = handle.id, status = state.status, attempt = n })
   end
   last_err.job_ids = ids

@@ -1,0 +1,53 @@
+-- A pipeline's async jobs across its resumes: the provider is our mock in a
+-- process of its own (it outlives each run of the pipeline), the pipeline a
+-- real process run again as a user resumes it.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local PIPELINE = [[
+local resil = require "resil"
+local jobs = require "policies.jobs"
+jobs.configure("replicate", { base_url = arg[1] .. "/v1", api_key = "r8_test_000000", poll = { first = 0.01, max = 0.05 } })
+local out, err = resil.step("still", function()
+  return jobs.job({ model = "replicate/black-forest-labs/flux-schnell", input = { prompt = "a lighthouse" } })
+end)
+print(out and out.status, err and err.kind)
+]]
+
+describe("a step whose jobs the provider lost, every attempt of them", function()
+  local mock_pid, url
+
+  setup(function()
+    -- the provider forgets the first two jobs it makes (an outage), then works
+    local scenario = helpers.write(helpers.tmpname(".lua"),
+      'return { jobs = { polls = 1, fates = { "lost", "lost", "succeeded" } } }')
+    local out, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s mock %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, scenario, out, pidfile))
+    mock_pid = helpers.slurp(pidfile):match("%d+")
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("http://") end, 10))
+    url = helpers.slurp(out):match("(http://%S+)")
+  end)
+
+  teardown(function()
+    if mock_pid then os.execute("kill " .. mock_pid) end
+  end)
+
+  it("fails its run, and the resumed run makes a new job instead of failing on the lost ones for good", function()
+    local db = helpers.tmpname(".db")
+    local opts = ("--store %s --run lost --log-level off"):format(db)
+    local first = helpers.run_script(PIPELINE, opts, url)
+    assert.are.equal("nil\tjob_lost\n", first.stdout, first.stderr)
+    -- (before: "nil job_lost" at every resume, the lost jobs' records read again and nothing else tried)
+    local resumed = helpers.run_script(PIPELINE, opts, url)
+    assert.are.equal("succeeded\tnil\n", resumed.stdout, resumed.stderr)
+    local stats = resil.json.decode(helpers.run(("%s -e 'print(require(\"resil\").http.request({ url = \"%s/__mock/stats\" }).body)'")
+      :format(helpers.resil, url)).stdout)
+    assert.are.equal(3, stats.routes.predictions) -- two lost, one made by the resumed run
+    assert.matches("lost%s+done%s", helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout)
+    -- a third run replays the step: no job made
+    assert.are.equal("succeeded\tnil\n", helpers.run_script(PIPELINE, opts, url).stdout)
+    stats = resil.json.decode(helpers.run(("%s -e 'print(require(\"resil\").http.request({ url = \"%s/__mock/stats\" }).body)'")
+      :format(helpers.resil, url)).stdout)
+    assert.are.equal(3, stats.routes.predictions)
+  end)
+end)
