@@ -12,6 +12,7 @@ local owner_keep, owner_drop, lease_due, lease_written = owner.keep, owner.drop,
 local store_now, store_or_fail, shown = S.now, S.open, S.shown
 local encode_values, decode_values = S.encode_values, S.decode_values
 local pack, unpack = table.pack, table.unpack
+local getinfo = debug.getinfo -- (taken at load, as runs.lua does)
 
 local inflight = {} -- key -> the child task running fn in this process
 -- that task -> the fingerprint it runs fn with: a call with other arguments
@@ -60,6 +61,20 @@ local function release(s, key, holder)
   end
 end
 
+-- fn's results cannot be stored: raised by resil.once at its caller's line (run_once runs in a task
+-- of its own, where the message named no place of the script's)
+local unstorable_mt = {}
+-- resil.once's caller (caller_where's caller's), as file:line; one that called it as a tail call
+-- (`return resil.once(...)` in a step's fn) has lost its frame: then fn's own line
+local function caller_where(fn)
+  if not getinfo(2, "t").istailcall then
+    local info = getinfo(3, "Sl")
+    if info and info.currentline > 0 then return ("%s:%d"):format(info.short_src, info.currentline) end
+  end
+  local info = getinfo(fn, "S")
+  return info.linedefined > 0 and ("%s:%d"):format(info.short_src, info.linedefined) or "?"
+end
+
 local function run_once(s, holder, key, lease, retention, fn, ...)
   resil.context({ idempotency_key = key })
   owner_keep(backend_of[s], "once:" .. key) -- renew this process's lease while fn runs
@@ -77,7 +92,7 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
   local text, err = encode_values(r, 2)
   if not text then
     release(s, key, holder)
-    error("resil.once: cannot store the results: " .. err, 0)
+    error(setmetatable({ "resil.once: cannot store the results: " .. err }, unstorable_mt), 0)
   end
   local ok = backend_of[s]:once_finish(key, holder, text, retention, now)
   if ok == nil then
@@ -303,7 +318,10 @@ function resil.once(spec, fn, ...)
       inflight[key], running_fingerprint[child] = child, fingerprint
       local r = pack(child:join())
       if inflight[key] == child then inflight[key] = nil end
-      if not r[1] then error(r[2], 0) end
+      if not r[1] then
+        if getmetatable(r[2]) == unstorable_mt then error(caller_where(fn) .. ": " .. r[2][1], 0) end
+        error(r[2], 0)
+      end
       return unpack(r, 2, r.n)
     elseif not inflight[key] then -- in progress in another process (or a task here is about to run it)
       local gone = gave_up()

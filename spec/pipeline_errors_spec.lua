@@ -1,0 +1,31 @@
+-- What a pipeline's user reads when a step or resil.once is given what it
+-- cannot keep: file:line of their own script, also from inside resil.map
+-- (where a failure is a message without a traceback) and `runs show`.
+local helpers = require "spec.helpers"
+
+describe("resil.once whose fn returns what cannot be stored", function()
+  it("raises at the caller's line; inside a step's fn of a map item, at fn's line, shown by runs show", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local _, failures = resil.map({ 1 }, function(i)
+  return resil.step("render", function()
+    return resil.once("k" .. i, function() local t = {}; t.self = t; return t end)
+  end)
+end)
+print(failures[1])
+print(pcall(resil.once, "direct", function() return print end))
+local ok, err = pcall(function() local v = resil.once("mine", function() return { f = print } end); return v end)
+print(ok, err)
+]], ("--store %s --run unstorable --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for line in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    -- (before: "resil.once: cannot store the results: ..." with no place in the script at all)
+    assert.matches("^/%S+%.lua:4: resil%.once: cannot store the results: they hold a cyclic table$", lines[1])
+    assert.matches("^false\t/%S+%.lua:8: resil%.once: cannot store the results: they must be JSON values", lines[2])
+    assert.matches("^false\t/%S+%.lua:9: resil%.once: cannot store the results: they must be JSON values", lines[3])
+    local show = helpers.run(("%s runs show unstorable --store %s"):format(helpers.resil, db))
+    assert.matches("render%s+failed[^\n]+%.lua:4: resil%.once: cannot store the results", show.stdout)
+  end)
+end)
