@@ -144,6 +144,18 @@ local function unpriced_note(n)
   return (" (+%d unpriced call%s)"):format(n, n == 1 and "" or "s")
 end
 
+-- A run still "running" whose holder died (kill -9, a crash, a machine gone) is resumed by hand:
+-- -> its holder, as `runs` describes it ("pid N on HOST since T (gone)"), and whether it is gone
+local function holder_of(s, run)
+  if run.status ~= "running" or not run.owner then return nil end
+  for _, r in ipairs(need(backend_of[s]:runs_list(resil.store_now()))) do
+    if r.id == run.id and r.holder and r.holder.pid then
+      return ("pid %d on %s since %s%s"):format(r.holder.pid, r.holder.host, date(r.owner_since),
+        r.holder_alive and "" or " (gone)"), not r.holder_alive
+    end
+  end
+end
+
 local function runs_show(s, args)
   local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
   local html
@@ -152,15 +164,19 @@ local function runs_show(s, args)
   if extra then fail("runs show: unknown argument '%s' (runs show ID [--html FILE])", extra) end
   local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
   local run = report.run
+  -- (a run whose holder died says "running" for good: it was shown as one going on, without
+  -- its holder or the command that resumes it)
+  local holder, gone = holder_of(s, run)
+  run.holder = holder
+  local resume = run.status ~= "done" and (run.status ~= "running" or gone) and resume_command(s, run) or nil
   if html then -- the page: src/lua/report.lua
-    local ok, err = require("resil.report").write(html, report, need(backend_of[s]:cost_rows({ run = id })),
-      run.status ~= "done" and run.status ~= "running" and resume_command(s, run) or nil)
+    local ok, err = require("resil.report").write(html, report, need(backend_of[s]:cost_rows({ run = id })), resume)
     if not ok then fail("runs show: cannot write %s: %s", html, tostring(err)) end
     print(("wrote %s"):format(html))
     return
   end
-  print(printable(redact(("run %s: %s%s"):format(run.id, run.status or "?",
-    run.script and (" (" .. run.script .. ")") or ""))))
+  print(printable(redact(("run %s: %s%s%s"):format(run.id, run.status or "?",
+    run.script and (" (" .. run.script .. ")") or "", holder and (", held by " .. holder) or ""))))
   local rows, counts = {}, { done = 0, failed = 0, pending = 0 }
   local retries = 0
   for _, it in ipairs(report.items) do
@@ -182,9 +198,7 @@ local function runs_show(s, args)
   print("")
   print(("%d items: %d done, %d failed, %d pending; %d retries; cost %s%s"):format(#report.items, counts.done,
     counts.failed, counts.pending, retries, money(report.usd), unpriced_note(report.unpriced)))
-  if run.status ~= "done" and run.status ~= "running" then
-    print("resume: " .. printable(redact(resume_command(s, run))))
-  end
+  if resume then print("resume: " .. printable(redact(resume))) end
 end
 
 function commands.runs(args)

@@ -290,8 +290,9 @@ function M.render(report, ledger, resume)
     "<title>run %s</title><style>%s</style></head><body>"):format(esc(run.id), CSS)
   out[#out + 1] = ('<h1>Run <span id="run-id">%s</span>: <span id="run-status">%s</span></h1>'):format(esc(run.id),
     esc(run.status or "?"))
-  out[#out + 1] = ('<p class=muted>%s &middot; started %s UTC &middot; updated %s UTC</p>'):format(
-    esc(run.script or "(script not recorded)"), utc(run.created_at), utc(run.updated_at))
+  out[#out + 1] = ('<p class=muted>%s &middot; started %s UTC &middot; updated %s UTC%s</p>'):format(
+    esc(run.script or "(script not recorded)"), utc(run.created_at), utc(run.updated_at),
+    run.holder and (' &middot; held by <span id="run-holder">%s</span>'):format(esc(run.holder)) or "")
   out[#out + 1] = '<div class="summary">'
   local cells = {
     { "items", f.items }, { "done", f.done }, { "failed", f.failed }, { "pending", f.pending },
