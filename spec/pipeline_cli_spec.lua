@@ -30,3 +30,32 @@ resil.step("render", function() resil.sleep(60) return 2 end)
     assert.matches('<span id="run%-holder">pid ' .. pid .. ' on %S+ since [%d%- :]+ %(gone%)</span>', page)
   end)
 end)
+
+describe("a pipeline that ends with os.exit(code) (a cron job's exit status)", function()
+  for _, b in ipairs(helpers.store_backends()) do
+    it("on " .. b.name .. ": its run ends done, done_with_failures or failed, not running for good", function()
+      if b.stop then finally(b.stop) end
+      local url = b.url()
+      local function run(id, ending)
+        local r = helpers.run_script(([[
+local resil = require "resil"
+local _, failures = resil.map({ 1, 2 }, function(i)
+  return resil.step("render", function() if i == %s then error("no") end return i end)
+end)
+%s
+]]):format(id == "some-failed" and "2" or "0", ending), ("--store '%s' --run %s --log-level off"):format(url, id))
+        return r.code
+      end
+      assert.are.equal(0, run("ok", "os.exit(0)"))
+      assert.are.equal(0, run("some-failed", "os.exit(true)"))
+      assert.are.equal(3, run("failing", "os.exit(3)"))
+      assert.are.equal(0, run("immediate", "os.exit(0, false)"))
+      local runs = helpers.run(("%s runs --store '%s'"):format(helpers.resil, url)).stdout
+      -- (before: each "running", its holder gone, as after a kill -9)
+      assert.matches("\nok%s+done%s", runs)
+      assert.matches("\nsome%-failed%s+done_with_failures%s", runs)
+      assert.matches("\nfailing%s+failed%s", runs)
+      assert.matches("\nimmediate%s+running%s[^\n]+%(gone%)", runs) -- Lua's immediate exit is a crash's
+    end)
+  end
+end)

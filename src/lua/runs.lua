@@ -491,6 +491,19 @@ function resil.run.random(m, n)
   end)
 end
 
+-- os.exit(code) ends the process from inside the script (a cron job's `os.exit(failures and 1 or 0)`):
+-- the command never got to record how the run ended, which stayed "running" for good, its holder
+-- gone. Recorded here first, as the command records it (a success code is "done"; with failed items
+-- "done_with_failures"); os.exit(code, false), Lua's immediate exit, is a crash's.
+local host_exit = os.exit
+os.exit = function(code, close)
+  if close ~= false and run and run.held then
+    local ok, err = resil.run.finish((code == nil or code == true or code == 0) and "done" or "failed")
+    if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
+  end
+  return host_exit(code, close)
+end
+
 -- for the ledger: the run a cost belongs to
 -- for the ledger: the run a cost belongs to; for the progress line: the
 -- retries so far ({total=, by_class={}}, read only)
