@@ -171,7 +171,10 @@ end
 -- in another process, which does not know this one's secrets). Redacted
 -- before it is cut, so no part of a secret is left at the cut.
 local function error_text(err)
-  local text = resil.redact(tostring(err))
+  -- a plain table raised (error{code = 42}) is its fields, not its address ("table: 0x5581...")
+  local encoded, plain = false, nil
+  if type(err) == "table" and getmetatable(err) == nil then encoded, plain = pcall(json.encode, err) end
+  local text = resil.redact(encoded and plain or tostring(err))
   if #text > 2000 then text = text:sub(1, 2000) .. "..." end
   return text
 end
