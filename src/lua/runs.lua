@@ -501,7 +501,9 @@ end
 local host_exit = os.exit
 os.exit = function(code, close)
   if close ~= false and run and run.held then
-    local ok, err = resil.run.finish((code == nil or code == true or code == 0) and "done" or "failed")
+    -- (steps still running, cut short: recorded pending, and the run is not done)
+    local status = (code == nil or code == true or code == 0) and (next(run.inflight) and "interrupted" or "done")
+    local ok, err = resil.run.finish(status or "failed")
     if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
   end
   return host_exit(code, close)
