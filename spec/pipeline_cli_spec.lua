@@ -56,6 +56,17 @@ end)
       assert.matches("\nsome%-failed%s+done_with_failures%s", runs)
       assert.matches("\nfailing%s+failed%s", runs)
       assert.matches("\nimmediate%s+running%s[^\n]+%(gone%)", runs) -- Lua's immediate exit is a crash's
+      -- os.exit(0) from inside a step, another item's step still running: both cut short
+      local cut = helpers.run_script([[
+local resil = require "resil"
+resil.map({ 1, 2 }, function(i)
+  return resil.step("render", function() if i == 1 then resil.sleep(5) end os.exit(0) end)
+end)
+]], ("--store '%s' --run cut --log-level off"):format(url))
+      assert.are.equal(0, cut.code, cut.stderr)
+      local show = helpers.run(("%s runs show cut --store '%s'"):format(helpers.resil, url)).stdout
+      assert.matches("^run cut: interrupted", show)
+      assert.matches("2 items: 0 done, 0 failed, 2 pending", show)
     end)
   end
 end)
