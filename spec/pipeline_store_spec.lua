@@ -27,6 +27,10 @@ print(out[1], out[2], out[3], failures and failures[1].kind)
     local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db))
     -- (before: "done", as if every item had been made; nobody resumed it)
     assert.matches("locked%s+done_with_failures", runs.stdout)
+    -- and runs show says which item, and why (recorded once the run was taken)
+    local show = helpers.run(("%s runs show locked --store %s"):format(helpers.resil, db)).stdout
+    assert.matches("\n1%s+1%s+render%s+failed%s+0%s+[%d%- :]+store_unavailable: [^\n]*locked", show)
+    assert.matches("3 items: 2 done, 1 failed, 0 pending", show)
     local again = helpers.run_script([[
 local resil = require "resil"
 local out = resil.map({ 1, 2, 3 }, function(i)

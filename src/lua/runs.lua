@@ -86,10 +86,12 @@ local function run_object()
     -- inflight: the steps running now, recorded as pending if the run ends
     -- before they do; failed: the items with a failed step recorded
     run = { id = config.run or default_run_id(), url = S.url(), seq = {}, resumed = false, held = false, inflight = {},
-            failed = {}, retries = {}, notes = {}, names = {} }
+            failed = {}, retries = {}, notes = {}, names = {}, unrecorded = {} }
   end
   return run
 end
+
+local record_failure -- (below)
 
 -- -> the current run, taken on first use | nil, err{kind="store_unavailable"}
 -- (taken again at the next step). A run another process holds raises: the
@@ -116,6 +118,11 @@ local function current_run()
     local done, generation = take_run(s, r.id)
     r.held, r.resumed, r.generation = true, done > 0, generation
     resil.log.info(done > 0 and "run resumed" or "run started", { run = r.id, steps_done = done })
+    -- the steps that found the store unavailable before the run was taken: failed, recorded now
+    -- (`runs show` lists them, with why; before, nothing said their items had not run)
+    local unrecorded = r.unrecorded
+    r.unrecorded = {}
+    for _, f in ipairs(unrecorded) do pcall(record_failure, r, f.scope, f.seq, f.name, f.err, 0) end
   end)
   local starter = r.starter
   local ok, err = starter:join()
@@ -181,7 +188,7 @@ end
 
 -- Record a failed step (unless the run's store is gone: the failure is
 -- then only the script's to report).
-local function record_failure(r, scope, seq, name, err, retries, started, detail)
+function record_failure(r, scope, seq, name, err, retries, started, detail)
   steps_failed:inc()
   r.failed[scope] = true
   local ok, serr, since = backend_of[r.store]:step_failed(r.id, scope, seq, name, error_text(err), retries, store_now(),
@@ -398,7 +405,10 @@ function resil.step(name, fn, ...)
   if not r then -- (the store unavailable: the run cannot end "done")
     -- also while not yet held: a later step that takes the run (the store back) ended it "done"
     -- without this step, whose fn never ran
-    if run then run.failed[scope] = true end
+    if run then
+      run.failed[scope] = true
+      run.unrecorded[#run.unrecorded + 1] = { scope = scope, seq = seq, name = name, err = rerr }
+    end
     return nil, rerr
   end
   if r.stopped then error(r.stopped, 2) end -- a step's result was not checkpointed, or the run diverged: nothing more runs
