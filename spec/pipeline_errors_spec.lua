@@ -45,3 +45,22 @@ resil.step("charge", function() error({ code = 42, message = "quota" }) end)
     assert.are.same({ code = 42, message = "quota" }, require("resil").json.decode(text))
   end)
 end)
+
+describe("a step in a resil.map item, returned as a tail call (return resil.step(...)), whose results cannot be stored",
+  function()
+  it("fails at a line of the script (fn's): in the map's failure and in runs show", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local _, failures = resil.map({ 1 }, function(i)
+  return resil.step("render", function() return print end)
+end)
+print(failures[1])
+]], ("--store %s --run tail --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: "resil.step: cannot checkpoint the results: ..." and no place in the script)
+    assert.matches("^/%S+%.lua:3: resil%.step: cannot checkpoint the results: they must be JSON values", r.stdout)
+    local show = helpers.run(("%s runs show tail --store %s"):format(helpers.resil, db)).stdout
+    assert.matches("render%s+failed[^\n]+%.lua:3: resil%.step: cannot checkpoint the results", show)
+  end)
+end)

@@ -99,7 +99,7 @@ print(pcall(function() local v = resil.step("bad", function() return function() 
 ]], ("--store '%s' --run unser --log-level off"):format(db))
     local show = helpers.run(("%s runs show unser --store %s"):format(helpers.resil, db))
     assert.are.equal(0, show.code, show.stderr) -- (its long error message made a column string.format refused)
-    assert.matches("bad%s+failed%s+0%s+%S+ %S+%s+resil.step: cannot checkpoint the results", show.stdout)
+    assert.matches("bad%s+failed%s+0%s+%S+ %S+%s+%S+%.lua:%d+: resil.step: cannot checkpoint the results", show.stdout)
     assert.matches("1 items: 0 done, 1 failed", show.stdout, 1, true)
   end)
 

@@ -473,9 +473,11 @@ function resil.step(name, fn, ...)
   text = record_places(record_item(text, scope), places)
   if not text then
     -- fn ran (and may have been paid for): the step is a failure `runs show` lists
-    local why = "resil.step: cannot checkpoint the results: " .. err
+    -- (at the step's line, or fn's for `return resil.step(...)`, a map item's usual tail call, whose
+    -- error named no place at all; runs show lists it so too)
+    local why = step_where(fn) .. ": resil.step: cannot checkpoint the results: " .. err
     if run == r then record_failure(r, scope, seq, name, why, (r.retries[scope] or 0) - retries0, started, detail) end
-    error(why, 2)
+    error(why, 0)
   end
   local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id,
     (r.retries[scope] or 0) - retries0, started, detail)
