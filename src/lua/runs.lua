@@ -153,10 +153,11 @@ function resil.run.generation() return current_run_or_raise().generation or 0 en
 -- Record how the run ended and give it up (the CLI does this when the
 -- script ends). Works outside a task: it writes at once, without the loop.
 -- A later resil.step takes the run again and resumes it. -> true | nil, err
+local ended_id -- the run this process last gave up (trace.lua names it on the run's span)
 function resil.run.finish(status)
   local r = run
   if not (r and r.held) then return end
-  run = nil
+  run, ended_id = nil, r.id
   owner_drop(backend_of[r.store], "run:" .. r.id)
   local pending = {}
   for _, p in pairs(r.inflight) do
@@ -524,4 +525,5 @@ end
 -- for the ledger: the run a cost belongs to
 -- for the ledger: the run a cost belongs to; for the progress line: the
 -- retries so far ({total=, by_class={}}, read only)
-return { current_id = function() return run and run.id end, retries = function() return retries_seen end }
+return { current_id = function() return run and run.id end, retries = function() return retries_seen end,
+  last_id = function() return run and run.id or ended_id end }

@@ -283,7 +283,10 @@ end
 -- CLI runs this as a last task).
 function trace.finish(status)
   if not (exporter and root) then return end
-  root:finish({ ["resil.run.status"] = status or "done" }, status and status ~= "done" and status or nil)
+  -- (the run's id, as `resil-lua runs show ID` takes it, when the script checkpoints)
+  local runs = package.loaded["resil.runs"]
+  root:finish({ ["resil.run.status"] = status or "done", ["resil.run.id"] = runs and runs.last_id() or nil },
+    status and status ~= "done" and status or nil)
   trace.flush(resil.now() + exporter.timeout)
   -- a batch the background task is still posting: the exit abandons it
   if in_flight > 0 then dropped_total:inc(nil, in_flight) end
