@@ -511,13 +511,19 @@ end
 -- the command never got to record how the run ended, which stayed "running" for good, its holder
 -- gone. Recorded here first, as the command records it (a success code is "done"; with failed items
 -- "done_with_failures"); os.exit(code, false), Lua's immediate exit, is a crash's.
+-- The exported spans too (--otlp-endpoint): the command posts them after the script returns,
+-- and os.exit lost every one not yet posted, the run's own; posted here, from the task that exits.
 local host_exit = os.exit
 os.exit = function(code, close)
-  if close ~= false and run and run.held then
-    -- (steps still running, cut short: recorded pending, and the run is not done)
-    local status = (code == nil or code == true or code == 0) and (next(run.inflight) and "interrupted" or "done")
-    local ok, err = resil.run.finish(status or "failed")
-    if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
+  if close ~= false then
+    local success = code == nil or code == true or code == 0
+    if run and run.held then
+      -- (steps still running, cut short: recorded pending, and the run is not done)
+      local ok, err = resil.run.finish(success and (next(run.inflight) and "interrupted" or "done") or "failed")
+      if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
+    end
+    local trace = package.loaded["resil.trace"]
+    if trace and resil.running() then pcall(trace.finish, success and "done" or "failed") end
   end
   return host_exit(code, close)
 end
