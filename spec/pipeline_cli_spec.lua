@@ -70,3 +70,17 @@ end)
     end)
   end
 end)
+
+describe("a pipeline that ends with os.exit(code), with --metrics-file", function()
+  it("writes the file a last time, with the counts of its whole run", function()
+    local prom = helpers.tmpname(".prom")
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.step("fetch", function() return 1 end)
+os.exit(0)
+]], ("--store %s --log-level off --metrics-file %s"):format(helpers.tmpname(".db"), prom))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: the file as written at start, 0 steps; the command's last write never came)
+    assert.matches('resil_steps_total{result="done"} 1\n', helpers.slurp(prom))
+  end)
+end)

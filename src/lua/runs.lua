@@ -14,7 +14,7 @@ local store_now, store_or_fail = S.now, S.open
 local config, encode_values, decode_values = S.config, S.encode_values, S.decode_values
 local unpack, pack = table.unpack, table.pack
 local json, spawn = private.json, resil.spawn -- (the host's, taken at load: see costs.lua)
-local getinfo = debug.getinfo
+local getinfo, getregistry = debug.getinfo, debug.getregistry
 
 local steps_total = resil.metrics.counter("resil_steps_total",
   "Checkpointed steps, by result: done (run and stored), replayed (from a resumed run), failed")
@@ -511,9 +511,10 @@ end
 -- the command never got to record how the run ended, which stayed "running" for good, its holder
 -- gone. Recorded here first, as the command records it (a success code is "done"; with failed items
 -- "done_with_failures"); os.exit(code, false), Lua's immediate exit, is a crash's.
--- The exported spans too (--otlp-endpoint): the command posts them after the script returns,
--- and os.exit lost every one not yet posted, the run's own; posted here, from the task that exits.
-local host_exit = os.exit
+-- The exported spans too (--otlp-endpoint) and the metrics file's last write (--metrics-file): the
+-- command makes them after the script returns, and os.exit lost every span not yet posted (the
+-- run's own) and the counts since the file's last write; made here, from the task that exits.
+local host_exit, metrics_finish = os.exit, resil.metrics.finish
 os.exit = function(code, close)
   if close ~= false then
     local success = code == nil or code == true or code == 0
@@ -524,6 +525,9 @@ os.exit = function(code, close)
     end
     local trace = package.loaded["resil.trace"]
     if trace and resil.running() then pcall(trace.finish, success and "done" or "failed") end
+    -- and the --metrics-file's last write (main.c's finish_metrics: the function it took at start)
+    local finish_metrics = getregistry()["resil.main.metrics_finish"] or metrics_finish
+    if finish_metrics then pcall(finish_metrics) end
   end
   return host_exit(code, close)
 end
