@@ -3,32 +3,36 @@
 local helpers = require "spec.helpers"
 
 describe("runs show, for a run whose process was killed (kill -9) mid-step", function()
-  it("names its holder, gone, and the command that resumes it (text and --html); a live one's holder alone", function()
-    local db = helpers.tmpname(".db")
-    local pid, out = helpers.start([[
+  for _, b in ipairs(helpers.store_backends()) do
+    it("on " .. b.name .. ": names its holder, gone, and the command that resumes it (text and --html); a live " ..
+      "one's holder alone", function()
+      if b.stop then finally(b.stop) end
+      local db = b.url()
+      local pid, out = helpers.start([[
 local resil = require "resil"
 resil.step("fetch", function() return 1 end)
 io.stdout:write("started\n"); io.stdout:flush()
 resil.step("render", function() resil.sleep(60) return 2 end)
-]], ("--store %s --run crashed --log-level off"):format(db))
-    assert(helpers.wait_until(function() return helpers.slurp(out):match("started") end, 10), helpers.slurp(out))
-    local live = helpers.run(("%s runs show crashed --store %s"):format(helpers.resil, db))
-    assert.matches("^run crashed: running %(%S+%.lua%), held by pid " .. pid .. " on %S+ since [%d%- :]+\n", live.stdout)
-    assert.is_not.matches("resume:", live.stdout) -- (it runs: a resume now would stop with run_held)
-    os.execute("kill -9 " .. pid)
-    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
-    local r = helpers.run(("%s runs show crashed --store %s"):format(helpers.resil, db))
-    assert.are.equal(0, r.code, r.stderr)
-    -- (before: "run crashed: running (...)" and no resume line: a run going on, for good)
-    assert.matches("^run crashed: running %(%S+%.lua%), held by pid " .. pid .. " on %S+ since [%d%- :]+ %(gone%)\n",
-      r.stdout)
-    assert.matches("\nresume: resil%-lua %-%-store %S+ %-%-run crashed %S+%.lua\n$", r.stdout)
-    local html = helpers.tmpname(".html")
-    assert.are.equal(0, helpers.run(("%s runs show crashed --store %s --html %s"):format(helpers.resil, db, html)).code)
-    local page = helpers.slurp(html)
-    assert.matches('<code id="resume">resil%-lua %-%-store %S+ %-%-run crashed %S+%.lua</code>', page)
-    assert.matches('<span id="run%-holder">pid ' .. pid .. ' on %S+ since [%d%- :]+ %(gone%)</span>', page)
-  end)
+]], ("--store '%s' --run crashed --log-level off"):format(db))
+      assert(helpers.wait_until(function() return helpers.slurp(out):match("started") end, 10), helpers.slurp(out))
+      local live = helpers.run(("%s runs show crashed --store '%s'"):format(helpers.resil, db))
+      assert.matches("^run crashed: running %(%S+%.lua%), held by pid " .. pid .. " on %S+ since [%d%- :]+\n", live.stdout)
+      assert.is_not.matches("resume:", live.stdout) -- (it runs: a resume now would stop with run_held)
+      os.execute("kill -9 " .. pid)
+      assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+      local r = helpers.run(("%s runs show crashed --store '%s'"):format(helpers.resil, db))
+      assert.are.equal(0, r.code, r.stderr)
+      -- (before: "run crashed: running (...)" and no resume line: a run going on, for good)
+      assert.matches("^run crashed: running %(%S+%.lua%), held by pid " .. pid .. " on %S+ since [%d%- :]+ %(gone%)\n",
+        r.stdout)
+      assert.matches("\nresume: resil%-lua %-%-store %S+ %-%-run crashed %S+%.lua\n$", r.stdout)
+      local html = helpers.tmpname(".html")
+      assert.are.equal(0, helpers.run(("%s runs show crashed --store '%s' --html %s"):format(helpers.resil, db, html)).code)
+      local page = helpers.slurp(html)
+      assert.matches('<code id="resume">resil%-lua %-%-store %S+ %-%-run crashed %S+%.lua</code>', page)
+      assert.matches('<span id="run%-holder">pid ' .. pid .. ' on %S+ since [%d%- :]+ %(gone%)</span>', page)
+    end)
+  end
 end)
 
 describe("a pipeline that ends with os.exit(code) (a cron job's exit status)", function()

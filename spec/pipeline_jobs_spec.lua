@@ -7,7 +7,8 @@ local helpers = require "spec.helpers"
 local PIPELINE = [[
 local resil = require "resil"
 local jobs = require "policies.jobs"
-jobs.configure("replicate", { base_url = arg[1] .. "/v1", api_key = "r8_test_000000", poll = { first = 0.01, max = 0.05 } })
+jobs.configure("replicate", { base_url = arg[1] .. "/v1", api_key = "r8_test_000000",
+  poll = { first = 0.01, max = 0.05 } })
 local out, err = resil.step("still", function()
   return jobs.job({ model = "replicate/black-forest-labs/flux-schnell", input = { prompt = "a lighthouse" } })
 end)
@@ -32,6 +33,12 @@ describe("a step whose jobs the provider lost, every attempt of them", function(
     if mock_pid then os.execute("kill " .. mock_pid) end
   end)
 
+  local function mock_stats()
+    local r = helpers.run(("%s -e 'print(require(\"resil\").http.request({ url = \"%s/__mock/stats\" }).body)'")
+      :format(helpers.resil, url))
+    return resil.json.decode(r.stdout)
+  end
+
   it("fails its run, and the resumed run makes a new job instead of failing on the lost ones for good", function()
     local db = helpers.tmpname(".db")
     local opts = ("--store %s --run lost --log-level off"):format(db)
@@ -40,14 +47,10 @@ describe("a step whose jobs the provider lost, every attempt of them", function(
     -- (before: "nil job_lost" at every resume, the lost jobs' records read again and nothing else tried)
     local resumed = helpers.run_script(PIPELINE, opts, url)
     assert.are.equal("succeeded\tnil\n", resumed.stdout, resumed.stderr)
-    local stats = resil.json.decode(helpers.run(("%s -e 'print(require(\"resil\").http.request({ url = \"%s/__mock/stats\" }).body)'")
-      :format(helpers.resil, url)).stdout)
-    assert.are.equal(3, stats.routes.predictions) -- two lost, one made by the resumed run
+    assert.are.equal(3, mock_stats().routes.predictions) -- two lost, one made by the resumed run
     assert.matches("lost%s+done%s", helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout)
     -- a third run replays the step: no job made
     assert.are.equal("succeeded\tnil\n", helpers.run_script(PIPELINE, opts, url).stdout)
-    stats = resil.json.decode(helpers.run(("%s -e 'print(require(\"resil\").http.request({ url = \"%s/__mock/stats\" }).body)'")
-      :format(helpers.resil, url)).stdout)
-    assert.are.equal(3, stats.routes.predictions)
+    assert.are.equal(3, mock_stats().routes.predictions)
   end)
 end)

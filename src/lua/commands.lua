@@ -148,7 +148,14 @@ end
 -- -> its holder, as `runs` describes it ("pid N on HOST since T (gone)"), and whether it is gone
 local function holder_of(s, run)
   if run.status ~= "running" or not run.owner then return nil end
-  for _, r in ipairs(need(backend_of[s]:runs_list(resil.store_now()))) do
+  local backend = backend_of[s]
+  if backend.holder_alive then -- (Redis: one holder asked, not every run read)
+    local h, alive = require("resil.owner").describe(run.owner), backend:holder_alive(run.owner)
+    if not (h and h.pid) then return nil end
+    return ("pid %d on %s since %s%s"):format(h.pid, h.host, date(run.owner_since), alive and "" or " (gone)"),
+      not alive
+  end
+  for _, r in ipairs(need(backend:runs_list(resil.store_now()))) do
     if r.id == run.id and r.holder and r.holder.pid then
       return ("pid %d on %s since %s%s"):format(r.holder.pid, r.holder.host, date(r.owner_since),
         r.holder_alive and "" or " (gone)"), not r.holder_alive
