@@ -89,7 +89,10 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
     release(s, key, holder) -- a retryable failure: someone may try again
     return unpack(r, 2, r.n)
   end
-  local text, err = encode_values(r, 2)
+  -- (a replay takes at most 250, store.lua's MAX_VALUES: more were stored, and every later call
+  -- of the key, in every process, got "unreadable" until the record's retention ran out)
+  local text, err = nil, "more than 250 of them"
+  if r.n - 1 <= 250 then text, err = encode_values(r, 2) end
   if not text then
     release(s, key, holder)
     error(setmetatable({ "resil.once: cannot store the results: " .. err }, unstorable_mt), 0)
