@@ -514,17 +514,17 @@ end
 -- The exported spans too (--otlp-endpoint) and the metrics file's last write (--metrics-file): the
 -- command makes them after the script returns, and os.exit lost every span not yet posted (the
 -- run's own) and the counts since the file's last write; made here, from the task that exits.
-local host_exit, metrics_finish = os.exit, resil.metrics.finish
+local host_exit, metrics_finish, run_finish, running = os.exit, resil.metrics.finish, resil.run.finish, resil.running
 os.exit = function(code, close)
   if close ~= false then
     local success = code == nil or code == true or code == 0
     if run and run.held then
       -- (steps still running, cut short: recorded pending, and the run is not done)
-      local ok, err = resil.run.finish(success and (next(run.inflight) and "interrupted" or "done") or "failed")
+      local ok, err = run_finish(success and (next(run.inflight) and "interrupted" or "done") or "failed")
       if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
     end
     local trace = package.loaded["resil.trace"]
-    if trace and resil.running() then pcall(trace.finish, success and "done" or "failed") end
+    if trace and running() then pcall(trace.finish, success and "done" or "failed") end
     -- and the --metrics-file's last write (main.c's finish_metrics: the function it took at start)
     local finish_metrics = getregistry()["resil.main.metrics_finish"] or metrics_finish
     if finish_metrics then pcall(finish_metrics) end
