@@ -42,3 +42,33 @@ print(out[1], out[2], out[3])
     assert.matches("locked%s+done%s", helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout)
   end)
 end)
+
+describe("a step whose caller gives up (resil.timeout) while the store has its result (the write lock held)", function()
+  it("still checkpoints the result fn paid for: the step is done, and a resume replays it", function()
+    local db, rel = helpers.tmpname(".db"), helpers.tmpname(".rel")
+    local script = [[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+assert(resil.step("first", function() return 0 end)) -- (the run taken)
+print(resil.timeout(0.3, function()
+  return resil.step("pay", function()
+    print("paid")
+    if not io.open(rel .. ".locked") then -- another process takes the store's write lock for 1 s
+      os.execute(("(printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 1\\nCOMMIT;\\n' " ..
+        "| sqlite3 -bail %s >/dev/null 2>&1 &)"):format(rel, db))
+      while not io.open(rel .. ".locked") do resil.sleep(0.02) end
+    end
+    return "answer"
+  end)
+end))
+]]
+    local r = helpers.run_script(script, ("--store '%s?timeout=5' --run gaveup --log-level off"):format(db), db .. " " .. rel)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^paid\nnil\ttimeout", r.stdout)
+    local show = helpers.run(("%s runs show gaveup --store %s"):format(helpers.resil, db)).stdout
+    -- (before: no trace of "pay", not even pending, and the run "done": resumed, it paid again)
+    assert.matches("\n%-%s+2%s+pay%s+done%s", show)
+    r = helpers.run_script(script, ("--store '%s?timeout=5' --run gaveup --log-level off"):format(db), db .. " " .. rel)
+    assert.are.equal("answer\n", r.stdout) -- replayed, nothing paid
+  end)
+end)

@@ -13,7 +13,7 @@ local owner_keep, owner_drop, lease_due, lease_written = owner.keep, owner.drop,
 local store_now, store_or_fail = S.now, S.open
 local config, encode_values, decode_values = S.config, S.encode_values, S.decode_values
 local unpack, pack = table.unpack, table.pack
-local json, spawn = private.json, resil.spawn -- (the host's, taken at load: see costs.lua)
+local json, spawn, shield = private.json, resil.spawn, resil.shield -- (the host's, taken at load: see costs.lua)
 local getinfo, getregistry = debug.getinfo, debug.getregistry
 
 local steps_total = resil.metrics.counter("resil_steps_total",
@@ -480,8 +480,11 @@ function resil.step(name, fn, ...)
     if run == r then record_failure(r, scope, seq, name, why, (r.retries[scope] or 0) - retries0, started, detail) end
     error(why, 0)
   end
-  local ok, serr, since = backend:step_put(r.id, scope, seq, name, text, store_now(), owner.me().id,
-    (r.retries[scope] or 0) - retries0, started, detail)
+  -- under the shield: fn ran and may have been paid for; a cancel that comes while the store has
+  -- the result (the caller's resil.timeout, its lock held) waits for it. Cut, the result was lost
+  -- and the step left no trace (not even pending): the run ended "done", the step to pay again.
+  local ok, serr, since = shield(backend.step_put, backend, r.id, scope, seq, name, text, store_now(),
+    owner.me().id, (r.retries[scope] or 0) - retries0, started, detail)
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
   -- another process wrote this place first, while the run had no holder (its holder ended it, or
   -- this one's lease lapsed and another ran and ended the run): the first result is the step's
