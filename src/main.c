@@ -1010,6 +1010,20 @@ int main(int argc, char **argv) {
 
   int status = RESIL_OK;
   for (int k = 0; k < ncodes && status == RESIL_OK; k++) {
+    /* the run its steps go to: named by the code, not by "(script)", which every -e shared (one
+     * code's steps replayed another's results) */
+    lua_State *L = resil_lua(R);
+    lua_getfield(L, LUA_REGISTRYINDEX, "resil.private");
+    lua_getfield(L, -1, "store_config_host");
+    lua_createtable(L, 0, 2);
+    lua_pushliteral(L, "-e");
+    lua_setfield(L, -2, "script");
+    lua_pushliteral(L, "-e\n");
+    lua_pushstring(L, codes[k]);
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "script_path");
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
     status = resil_load_string(R, codes[k], "=(command line)");
     if (status == RESIL_OK) status = resil_run(R);
   }

@@ -749,7 +749,7 @@ resil_t *resil_open(const resil_options *opts) {
 }
 
 /* L stack: chunk -> (queued as the main task) */
-static int start_main(resil_t *R, int argc, char **argv, const char *script) {
+static int start_main(resil_t *R, int argc, char **argv, const char *script, const char *source, size_t source_len) {
   lua_State *L = R->L;
   lua_createtable(L, argc, 1);
   lua_pushstring(L, script);
@@ -768,7 +768,12 @@ static int start_main(resil_t *R, int argc, char **argv, const char *script) {
   lua_pushstring(L, script), lua_setfield(L, -2, "script");
   lua_pushvalue(L, -4), lua_setfield(L, -2, "args");
   char abs[PATH_MAX];
-  if (realpath(script, abs)) lua_pushstring(L, abs), lua_setfield(L, -2, "script_path");
+  if (source) { /* stdin: no path; the text names the run (two scripts piped in were one run) */
+    lua_pushliteral(L, "-\n");
+    lua_pushlstring(L, source, source_len);
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "script_path");
+  } else if (realpath(script, abs)) lua_pushstring(L, abs), lua_setfield(L, -2, "script_path");
   lua_call(L, 1, 0);
   lua_pop(L, 2);
   for (int i = 0; i < argc; i++) lua_pushstring(L, argv[i]);
@@ -802,13 +807,42 @@ static int load_file(resil_t *R, const char *path, int argc, char **argv) {
     }
     fclose(f);
   }
-  int loaded = luaL_loadfilex(R->L, is_stdin ? NULL : path, R->sandbox ? "t" : NULL);
+  if (is_stdin) { /* read whole: its text names its run (start_main) */
+    luaL_Buffer b;
+    luaL_buffinit(R->L, &b);
+    size_t n;
+    do {
+      char *p = luaL_prepbuffer(&b);
+      n = fread(p, 1, LUAL_BUFFERSIZE, stdin);
+      luaL_addsize(&b, n);
+    } while (n == LUAL_BUFFERSIZE);
+    luaL_pushresult(&b); /* (kept under the chunk until start_main has it) */
+    size_t len;
+    const char *text = lua_tolstring(R->L, -1, &len);
+    const char *body = text;
+    size_t body_len = len;
+    if (body_len >= 3 && memcmp(body, "\xEF\xBB\xBF", 3) == 0) body += 3, body_len -= 3; /* a BOM, as luaL_loadfilex */
+    if (body_len > 0 && body[0] == '#') { /* a #! line, as luaL_loadfilex skips it */
+      const char *nl = memchr(body, '\n', body_len);
+      body_len = nl ? body_len - (size_t)(nl - body) : 0;
+      body = nl ? nl : body + len;
+    }
+    if (luaL_loadbufferx(R->L, body, body_len, "=stdin", R->sandbox ? "t" : NULL) != LUA_OK) {
+      set_load_error(R, "stdin");
+      lua_pop(R->L, 1);
+      return RESIL_ERR_SCRIPT;
+    }
+    int status = start_main(R, argc, argv, "-", text, len); /* (takes the chunk above the text) */
+    lua_pop(R->L, 1);
+    return status;
+  }
+  int loaded = luaL_loadfilex(R->L, path, R->sandbox ? "t" : NULL);
   if (loaded != LUA_OK) {
-    set_load_error(R, is_stdin ? "stdin" : path);
+    set_load_error(R, path);
     /* (a file that cannot be read, a directory: not a script's error) */
     return loaded == LUA_ERRFILE ? RESIL_ERR_FILE : RESIL_ERR_SCRIPT;
   }
-  return start_main(R, argc, argv, is_stdin ? "-" : path);
+  return start_main(R, argc, argv, path, NULL, 0);
 }
 
 int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
