@@ -213,11 +213,11 @@ local function durable_key(spec)
   if not c.step then return nil end
   -- a run started over (--fresh) makes new jobs: its generation is in the key
   local gen = resil.run.generation()
-  local key = ("%s%s/%s%s/%s"):format(resil.run.id(), gen > 0 and ("~" .. gen) or "", c.step_scope and
-    (c.step_scope .. "/") or "", c.step, fingerprint(spec.model, spec.input):sub(1, 16))
+  local key = ("%s%s/%s%s/%s"):format(resil.run.id(), gen > 0 and ("~" .. gen) or "", c._step_scope and
+    (c._step_scope .. "/") or "", c.step, fingerprint(spec.model, spec.input):sub(1, 16))
   -- The step's place tells apart steps of one name with one request (a loop making variations):
   -- without it they were one job, each step given the first one's output.
-  return ("%s@%d"):format(key, c.step_seq), (c.step_nth or 1) == 1 and key or nil
+  return ("%s@%d"):format(key, c._step_seq), (c._step_nth or 1) == 1 and key or nil
 end
 
 local warned = {}

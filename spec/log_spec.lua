@@ -64,6 +64,30 @@ describe("resil.log", function()
     assert.is_number(lines[1].task)
   end)
 
+  -- (before: every line inside a step carried step_seq, step_nth, step_scope and "step_places":{})
+  it("writes a step's name and item, not the host's bookkeeping of its place (context fields named _*)", function()
+    local lines = capture(function()
+      resil.context({ _mine = "kept", shown = "yes" })
+      resil.spawn(function()
+        assert.are.equal("kept", resil.context()._mine)
+        log.info("child")
+      end):join()
+    end)
+    assert.are.equal("yes", lines[1].shown)
+    assert.is_nil(lines[1]._mine)
+    local out = helpers.run_script([[
+      local resil = require "resil"
+      resil.map({ "a" }, function(x)
+        return resil.step("fetch", function() resil.log.info("in step") return x end)
+      end)
+    ]], ("--store %s"):format(helpers.tmpname(".db")))
+    local line = assert(out.stderr:match('[^\n]*"msg":"in step"[^\n]*'), out.stderr)
+    local l = resil.json.decode(line)
+    assert.are.equal("fetch", l.step)
+    assert.are.equal(1, l.item)
+    for k in pairs(l) do assert.is_nil(k:find("^_?step_"), "written: " .. k) end
+  end)
+
   it("redacts sensitive headers and registered secrets, without touching the caller's table", function()
     local headers = { Authorization = "Bearer sk-live-123456", ["x-api-key"] = "k-abcdef", accept = "json",
       ["xi-api-key"] = "el-abcdef" } -- (ElevenLabs's)

@@ -241,8 +241,9 @@ static int is_reserved(const char *key) {
 
 /* Copy src's fields into dst. A field named like a reserved key, or like a
  * key of the context table ctx (0: none), is renamed field_<name>; numeric
- * keys become strings, so the line stays one JSON object. */
-static void merge_into(lua_State *L, int src, int dst, int ctx) {
+ * keys become strings, so the line stays one JSON object. The context's keys
+ * that start with "_" (is_context) are left out: its own bookkeeping. */
+static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) {
   lua_pushnil(L);
   /* L stack: key, value */
   while (lua_next(L, src)) {
@@ -250,6 +251,10 @@ static void merge_into(lua_State *L, int src, int dst, int ctx) {
     if (lua_type(L, -1) == LUA_TNUMBER) lua_tostring(L, -1); /* converts the copy, not the key next() needs */
     if (lua_type(L, -1) == LUA_TSTRING) {
       const char *key = lua_tostring(L, -1);
+      if (is_context && key[0] == '_') { /* the context's own bookkeeping (a step's place in its run): not written */
+        lua_pop(L, 2);
+        continue;
+      }
       int clash = is_reserved(key);
       if (!clash && ctx) {
         clash = lua_getfield(L, ctx, key) != LUA_TNIL;
@@ -279,9 +284,9 @@ static int log_at(lua_State *L, int level) {
   if (t && task_context_ref(t) != LUA_NOREF) { /* LUA_NOREF: no context yet */
     lua_rawgeti(L, LUA_REGISTRYINDEX, task_context_ref(t));
     ctx = 4;
-    merge_into(L, ctx, 3, 0);
+    merge_into(L, ctx, 3, 0, 1);
   }
-  if (lua_istable(L, 2)) merge_into(L, 2, 3, ctx);
+  if (lua_istable(L, 2)) merge_into(L, 2, 3, ctx, 0);
   if (t) {
     lua_pushinteger(L, task_id(t));
     lua_setfield(L, 3, "task");

@@ -159,7 +159,7 @@ local function cost_entry(e, at)
            model = e.model, operation = e.operation, user = e.user and tostring(e.user),
            run = e.run or runs.current_id(), step = e.step or ctx.step or nil,
            micro_usd = e.usd and to_micro(e.usd), units = units, budget = e.budget, period = e.period,
-           item = e.item or ctx.step_scope }
+           item = e.item or ctx._step_scope }
 end
 
 -- The same as a row queued in C (backend:cost_queue): an array, the
@@ -175,7 +175,7 @@ local function cost_row(e, at)
   if user and not strings[user] and not is_string(user) then user = tostring(user) end
   return { e.id ~= nil and tostring(e.id) or nil, at, day_of(at), e.provider, e.model, e.operation,
            user, e.run or runs.current_id(), e.step or ctx.step or nil,
-           usd and floor(usd * MICRO + 0.5), units, e.budget, e.period, nil, e.item or ctx.step_scope,
+           usd and floor(usd * MICRO + 0.5), units, e.budget, e.period, nil, e.item or ctx._step_scope,
            usd, u.input_tokens, u.prompt_tokens, u.output_tokens, u.completion_tokens, e.sync }
 end
 

@@ -120,7 +120,7 @@ function resil.map(items, fn, opts)
   local progress = opts.progress and progress_reporter(tostring(opts.progress), n, resil.isatty(2))
   local results, failures = {}, nil
   local next_index, done, failed = 0, 0, 0
-  local parent_scope = resil.context().step_scope
+  local parent_scope = resil.context()._step_scope
 
   local function worker()
     while next_index < n do
@@ -128,7 +128,7 @@ function resil.map(items, fn, opts)
       local i = next_index
       -- steps inside an item are checkpointed under the item (resil.step)
       local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
-      resil.context({ item = i, step_scope = scope })
+      resil.context({ item = i, _step_scope = scope })
       if resil.run then resil.run.item(scope, items[i], i, opts.key) end -- (its steps' records name the item)
       local ok, value, err = pcall(fn, items[i], i)
       if resil.run then resil.run.item(scope, nil) end

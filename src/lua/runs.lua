@@ -205,7 +205,7 @@ local MAX_LATENCIES = 64 -- per provider per step: a step that retries forever s
 local function step_notes()
   local r = run
   if not r then return nil end
-  return r.notes[resil.context().step_scope or ""]
+  return r.notes[resil.context()._step_scope or ""]
 end
 
 local function note_class(field, class)
@@ -228,7 +228,7 @@ function resil.run.retried(class)
   retries_seen.by_class[c] = (retries_seen.by_class[c] or 0) + 1
   local r = run
   if not r then return end
-  local scope = resil.context().step_scope or ""
+  local scope = resil.context()._step_scope or ""
   r.retries[scope] = (r.retries[scope] or 0) + 1
   note_class("retries", class)
 end
@@ -263,7 +263,7 @@ end
 -- of the map inside it, their results replayed as its own). Kept in the task's context, which
 -- the tasks it spawns (a map's workers) copy.
 local function took_place(scope, seq)
-  local places = resil.context().step_places
+  local places = resil.context()._step_places
   if places and (places[scope] or 0) < seq then places[scope] = seq end
 end
 
@@ -391,7 +391,7 @@ function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.step: fn must be a function", 2) end
   if S.holds_secret(name) then error("resil.step: the step's name contains a value read through resil.secret", 2) end
-  local scope = resil.context().step_scope or "" -- set per resil.map item
+  local scope = resil.context()._step_scope or "" -- set per resil.map item
   local counted = run_object()
   local seq = (counted.seq[scope] or 0) + 1
   counted.seq[scope] = seq -- this step's place, even if the store fails it now
@@ -438,8 +438,8 @@ function resil.step(name, fn, ...)
   end
   item_fingerprint(scope) -- (the map's key run now: one that raises fails the step before fn pays, not after)
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
-  local saved_step, saved_seq, saved_nth = ctx.step, ctx.step_seq, ctx.step_nth
-  ctx.step, ctx.step_seq, ctx.step_nth = name, seq, nth
+  local saved_step, saved_seq, saved_nth = ctx.step, ctx._step_seq, ctx._step_nth
+  ctx.step, ctx._step_seq, ctx._step_nth = name, seq, nth
   -- retries made by policies/retry.lua inside the step (counted per item)
   local retries0 = r.retries[scope] or 0
   local key = scope .. "|" .. seq
@@ -447,10 +447,10 @@ function resil.step(name, fn, ...)
   local started, notes, outer_notes = store_now(), {}, r.notes[scope]
   r.notes[scope] = notes
   r.inflight[key] = { scope = scope, seq = seq, name = name, started = started, notes = notes }
-  local places, outer_places = {}, ctx.step_places
-  ctx.step_places = places
+  local places, outer_places = {}, ctx._step_places
+  ctx._step_places = places
   local out = pack(pcall(fn, ...))
-  ctx.step, ctx.step_seq, ctx.step_nth, ctx.step_places = saved_step, saved_seq, saved_nth, outer_places
+  ctx.step, ctx._step_seq, ctx._step_nth, ctx._step_places = saved_step, saved_seq, saved_nth, outer_places
   for s, n in pairs(places) do took_place(s, n) end -- (the outer step's fn ran them too)
   r.inflight[key] = nil
   r.notes[scope] = outer_notes
