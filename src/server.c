@@ -131,7 +131,11 @@ struct conn {
   int no_body;      /* HEAD or TRACE: libevent reads no body */
   int chunked;      /* its (first) Transfer-Encoding: 1 chunked, 2 another, 0 none */
   int expect;       /* its (first) Expect: 1 100-continue, 2 another, 0 none */
-  int chunk_bad;    /* 1: a chunk size libevent refuses; 2: past its last chunk (the trailer) */
+  int chunk_bad;    /* 1: a chunk size not 1*HEXDIG; 2: past its last chunk (the trailer); 3: a size line
+                     * too long; 4: a chunk's data not followed by its line end */
+  int chunk_state;  /* CHUNK_*: where the size line read so far is */
+  int chunk_cr;     /* that line's last byte was a CR */
+  int head_nul;     /* a NUL byte in its head */
   int refused;      /* answered already (a 413 to an Expect): nothing more is sent */
   long long content_length; /* its first Content-Length, -1 none, -2 not digits */
   size_t head_size;         /* its head's bytes, as libevent counts them (without line ends) */
@@ -332,7 +336,7 @@ static int conn_note_api(conn *c, struct evbuffer *in) {
 
 /* ---------- the request as it arrives ---------- */
 
-enum { SCAN_OFF, SCAN_HEAD, SCAN_CHUNK_LINE, SCAN_CHUNK_DATA };
+enum { SCAN_OFF, SCAN_HEAD, SCAN_CHUNK_LINE, SCAN_CHUNK_DATA, SCAN_CHUNK_END };
 
 /* A reply of the server's own, written straight to the socket (libevent has
  * nothing in the output: a request is being read), in the request's HTTP
@@ -351,7 +355,7 @@ static int own_error_body(conn *c, int status, char *body, size_t size);
 
 static void conn_scan_reset(conn *c) {
   c->reading = c->lines = c->http10 = c->http11 = c->no_body = c->chunked = c->expect = 0;
-  c->chunk_bad = c->refused = 0;
+  c->chunk_bad = c->refused = c->chunk_state = c->chunk_cr = c->head_nul = 0;
   c->scanning = SCAN_HEAD;
   c->content_length = -1;
   c->head_size = 0;
@@ -424,17 +428,56 @@ static void head_line(conn *c, const char *line, size_t len, const char *ver) {
   }
 }
 
-/* a chunk's size line, whole: read as libevent reads it */
-static void chunk_line(conn *c, const char *line, size_t len) {
-  if (len == 0) return; /* (the line end after a chunk's data) */
+/* A chunk's size line, byte by byte as it comes (p: k bytes, without the
+ * line's LF), or the line end due after a chunk's data. Read as RFC 9112 7.1
+ * frames it: 1*HEXDIG, then an extension after a space (libevent refuses
+ * one without). libevent reads the size with strtoll, which takes a 0x
+ * prefix, a sign and white space before it, and skips empty lines where a
+ * size is due (a chunk's data not followed by its CRLF): a proxy in front
+ * that reads such a body by the RFC finds its end elsewhere, and the bytes
+ * after that end are a request it never saw (request smuggling). Those are
+ * refused (request_cb). chunk_left holds the size so far. */
+enum { CHUNK_BAD = -1, CHUNK_START, CHUNK_DIGITS, CHUNK_SPACE, CHUNK_EXT };
+
+static void chunk_bytes(conn *c, const char *p, size_t k) {
+  for (size_t i = 0; i < k && c->chunk_state != CHUNK_BAD; i++) {
+    unsigned char ch = (unsigned char)p[i];
+    if (c->chunk_cr || (c->scanning == SCAN_CHUNK_END && ch != '\r')) { /* (a CR not before the LF; bytes after the data) */
+      c->chunk_state = CHUNK_BAD;
+    } else if (ch == '\r') {
+      c->chunk_cr = 1;
+    } else if (c->chunk_state == CHUNK_EXT) {
+    } else if (((ch >= '0' && ch <= '9') || ((ch | 0x20) >= 'a' && (ch | 0x20) <= 'f')) && c->chunk_state <= CHUNK_DIGITS) {
+      int d = ch <= '9' ? ch - '0' : (ch | 0x20) - 'a' + 10;
+      c->chunk_left = c->chunk_left > (LLONG_MAX - 15) / 16 ? LLONG_MAX : c->chunk_left * 16 + d;
+      c->chunk_state = CHUNK_DIGITS;
+    } else if (ch == ' ' && c->chunk_state == CHUNK_DIGITS) {
+      c->chunk_state = CHUNK_SPACE;
+    } else if (c->chunk_state == CHUNK_SPACE && (ch == ' ' || ch == '\t' || ch == ';')) {
+      if (ch == ';') c->chunk_state = CHUNK_EXT;
+    } else {
+      c->chunk_state = CHUNK_BAD;
+    }
+  }
+}
+
+/* the line chunk_bytes read is whole */
+static void chunk_line_end(conn *c) {
+  int state = c->chunk_state;
+  c->chunk_state = CHUNK_START, c->chunk_cr = 0;
+  if (c->scanning == SCAN_CHUNK_END) { /* (the line end after a chunk's data) */
+    if (state == CHUNK_BAD) {
+      c->chunk_bad = 4;
+      c->scanning = SCAN_OFF;
+    } else {
+      c->scanning = SCAN_CHUNK_LINE;
+    }
+    return;
+  }
   c->scanning = SCAN_OFF; /* unless a chunk follows */
-  char text[sizeof c->line];
-  if (len >= sizeof text) return; /* (a size line this long: libevent's own answer stands) */
-  memcpy(text, line, len);
-  text[len] = '\0';
-  char *end;
-  long long n = strtoll(text, &end, 16);
-  if ((*end != '\0' && *end != ' ') || n < 0) {
+  long long n = c->chunk_left;
+  c->chunk_left = 0;
+  if (state != CHUNK_DIGITS && state != CHUNK_SPACE && state != CHUNK_EXT) {
     c->chunk_bad = 1;
   } else if (n == 0) {
     c->chunk_bad = 2; /* a 413 from here on is about the trailer */
@@ -470,12 +513,29 @@ static void scan_bytes(conn *c, const char *p, size_t n) {
     if (c->scanning == SCAN_CHUNK_DATA) {
       size_t k = (unsigned long long)c->chunk_left < n ? (size_t)c->chunk_left : n;
       p += k, n -= k, c->chunk_left -= (long long)k;
-      if (c->chunk_left == 0) c->scanning = SCAN_CHUNK_LINE;
+      if (c->chunk_left == 0) c->scanning = SCAN_CHUNK_END;
       continue;
     }
     const char *nl = memchr(p, '\n', n);
     size_t k = nl ? (size_t)(nl - p) : n;
-    if (c->scanning == SCAN_HEAD) c->head_size += k;
+    if (c->scanning != SCAN_HEAD) { /* a chunk's size line, or the line end after its data */
+      chunk_bytes(c, p, k);
+      c->line_len += k;
+      if (!nl) {
+        /* a chunk size line without its end: libevent buffers it whole and
+         * searches all of it for the end at each read (one client held the
+         * loop's CPU and tens of MB until its read deadline): refused past
+         * CHUNK_LINE_MAX, as Go's server does */
+        if (c->line_len > CHUNK_LINE_MAX) conn_refuse_chunk_line(c);
+        return;
+      }
+      p += k + 1, n -= k + 1;
+      c->line_len = 0;
+      chunk_line_end(c);
+      continue;
+    }
+    c->head_size += k;
+    if (memchr(p, '\0', k)) c->head_nul = 1;
     const char *line = p, *ver = NULL;
     size_t len = k;
     if (!nl || c->line_len > 0) { /* a line in pieces */
@@ -490,14 +550,7 @@ static void scan_bytes(conn *c, const char *p, size_t n) {
         memcpy(c->tail + sizeof c->tail - k, p, k);
       }
       c->line_len += k;
-      if (!nl) {
-        /* a chunk size line without its end: libevent buffers it whole and
-         * searches all of it for the end at each read (one client held the
-         * loop's CPU and tens of MB until its read deadline): refused past
-         * CHUNK_LINE_MAX, as Go's server does */
-        if (c->scanning == SCAN_CHUNK_LINE && c->line_len > CHUNK_LINE_MAX) conn_refuse_chunk_line(c);
-        return;
-      }
+      if (!nl) return;
       line = c->line, len = c->line_len;
       c->line_len = 0;
     }
@@ -506,15 +559,11 @@ static void scan_bytes(conn *c, const char *p, size_t n) {
     int cr = len > 0 && (line == c->line ? c->tail[sizeof c->tail - 1] : line[len - 1]) == '\r';
     len -= (size_t)cr;
     if (len >= 8 && c->lines == 0) ver = line == c->line ? c->tail + sizeof c->tail - cr - 8 : line + len - 8;
-    if (c->scanning == SCAN_HEAD) {
-      c->head_size -= (size_t)cr;
-      if (line == c->line && len > sizeof c->line && c->lines > 0)
-        c->lines++; /* (a header in pieces, longer than the start kept: none read here is that long) */
-      else
-        head_line(c, line, line == c->line && len > sizeof c->line ? sizeof c->line : len, ver);
-    } else {
-      chunk_line(c, line, line == c->line && len > sizeof c->line ? sizeof c->line : len);
-    }
+    c->head_size -= (size_t)cr;
+    if (line == c->line && len > sizeof c->line && c->lines > 0)
+      c->lines++; /* (a header in pieces, longer than the start kept: none read here is that long) */
+    else
+      head_line(c, line, line == c->line && len > sizeof c->line ? sizeof c->line : len, ver);
   }
 }
 
@@ -591,6 +640,8 @@ static int own_error_body(conn *c, int status, char *body, size_t size) {
   } else if (status == 400 && c->chunk_bad == 3) {
     snprintf(message, sizeof message, "a malformed chunked request body: a chunk size line longer than %d bytes",
              CHUNK_LINE_MAX);
+  } else if (status == 400 && c->chunk_bad == 4) {
+    snprintf(message, sizeof message, "a malformed chunked request body: a chunk's data not followed by its line end");
   } else if (status == 400 && c->chunk_bad == 2) {
     snprintf(message, sizeof message, "a malformed trailer after a chunked request body");
   } else if (status == 400) {
@@ -1429,8 +1480,18 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     evbuffer_cb_clear_flags(bufferevent_get_input(c->bev), c->first_byte, EVBUFFER_CB_ENABLED);
     c->api_pending = 0;
   }
-  int status;
-  const char *refusal = framing_problem(req, &status);
+  int status = 400;
+  /* what the scan found as the request came (conn_scan): a NUL in its head, which libevent
+   * reads as the end of the value (RFC 9110 5.5: refused), or a chunk libevent read otherwise
+   * than RFC 9112 frames it */
+  const char *refusal = !c ? NULL
+    : c->head_nul ? SERVER_ERROR("invalid_request_error", "a NUL byte in the request's headers")
+    : c->chunk_bad == 1 ? SERVER_ERROR("invalid_request_error",
+                                       "a malformed chunked request body: a chunk size that is not a hexadecimal number")
+    : c->chunk_bad == 4 ? SERVER_ERROR("invalid_request_error",
+                                       "a malformed chunked request body: a chunk's data not followed by its line end")
+    : NULL;
+  if (!refusal) refusal = framing_problem(req, &status);
   if (refusal) {
     if (c) evtimer_del(c->ev); /* read in time; the reply closes it */
     refuse_request(req, status, refusal);
