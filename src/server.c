@@ -804,11 +804,21 @@ static struct bufferevent *conn_new_cb(struct event_base *base, void *arg) {
 /* evhttp does not read from a connection while a reply is outstanding, so
  * it would not notice the client leaving; peek at the socket ourselves. */
 static void client_gone_cb(evutil_socket_t fd, short what, void *arg) {
-  (void)what;
   pending *p = arg;
   char c;
-  ssize_t n = recv(fd, &c, 1, MSG_PEEK);
-  if (n > 0) return; /* a pipelined request: not a hang-up; stop watching */
+  ssize_t n = what & EV_CLOSED ? 0 : recv(fd, &c, 1, MSG_PEEK);
+  if (n > 0) {
+    /* a pipelined request: not a hang-up. A close behind it is not seen by
+     * a read until its bytes are read (one larger than libevent reads at
+     * once waits in the socket: its client's call retried for no one);
+     * where the backend tells a peer's close apart (epoll's EPOLLRDHUP),
+     * that is watched for instead */
+    if (event_base_get_features(p->srv->R->base) & EV_FEATURE_EARLY_CLOSE) {
+      event_assign(p->client_watch, p->srv->R->base, fd, EV_CLOSED, client_gone_cb, p);
+      event_add(p->client_watch, NULL);
+    }
+    return;
+  }
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
     event_add(p->client_watch, NULL);
     return;
