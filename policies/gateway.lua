@@ -553,6 +553,11 @@ local function check_tools(tools)
   end
 end
 
+-- a decoded body that is not a JSON object: a scalar, or an array ([1] was "model is required")
+local function not_object(b)
+  return type(b) ~= "table" or b[1] ~= nil or getmetatable(b) == json.array_mt
+end
+
 ---------------------------------------------------------------------------
 -- virtual keys
 
@@ -561,7 +566,8 @@ local keys_outage -- since when the store could not check keys (nil: it can)
 
 local function bearer(req)
   local h = req.headers.authorization
-  local token = h and h:match("^[Bb]earer%s+(%S+)$")
+  -- (a scheme is case-insensitive, RFC 9110 11.1: "BEARER sk-..." was "missing API key")
+  local token = h and h:match("^[Bb][Ee][Aa][Rr][Ee][Rr]%s+(%S+)$")
   return token or req.headers["x-api-key"]
 end
 
@@ -1277,7 +1283,7 @@ end
 
 function complete_admitted(req, api, id, rec, slot)
   local b = json.decode(req.body)
-  if type(b) ~= "table" then
+  if not_object(b) then
     return with_id(error_reply(api, 400, "the body is not a JSON object", { code = "invalid_json" }), id)
   end
   local bad_model = check_model(b.model)
@@ -1455,7 +1461,7 @@ local function embeddings(req)
   local slot = { permits = permits }
   local _ <close> = setmetatable({}, { __close = function() if not slot.handed then permits:release() end end })
   local b = json.decode(req.body)
-  if type(b) ~= "table" then
+  if not_object(b) then
     return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)
   end
   local bad_model = check_model(b.model)
@@ -1625,7 +1631,7 @@ local function count_tokens(req)
   if not permits then return anthropic_id(with_id(full, id), "anthropic") end
   local _ <close> = permits
   local b = json.decode(req.body)
-  if type(b) ~= "table" then return refuse(400, "the body is not a JSON object") end
+  if not_object(b) then return refuse(400, "the body is not a JSON object") end
   local bad = check_model(b.model) or check_messages(b.messages) or check_tools(b.tools)
   if bad then return refuse(400, bad) end
   if not model_allowed(rec, b.model) then

@@ -1,0 +1,76 @@
+-- The gateway's HTTP front (policies/gateway.lua on resil.server) against
+-- requests no SDK sends but clients and proxies do: real HTTP on loopback,
+-- the mock provider upstream.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local http = resil.http
+local json = resil.json
+
+-- a mock, a gateway in front of it (keys required), a fresh store -> gw url, mock
+local function start(config)
+  resil.clock.real()
+  resil.log.level("off")
+  resil.store_config({ url = helpers.tmpname(".db") })
+  local m = assert(resil.mock.start({ strict = true, reply = "served" }))
+  local gateway, ai = helpers.fresh_gateway()
+  for k in pairs(gateway.config) do gateway.config[k] = nil end
+  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = { base = 0.001, cap = 0.005 } })
+  ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-test-123456", retry = { base = 0.001, cap = 0.005 } })
+  gateway.configure({ auth = true, key_cache = 0, models = { fast = "openai/gpt-4o-mini" } })
+  for k, v in pairs(config or {}) do gateway.config[k] = v end
+  local s = gateway.serve({ listen = "127.0.0.1:0" })
+  finally(function()
+    s:close()
+    m:stop()
+    resil.log.level("info")
+  end)
+  return ("http://127.0.0.1:%d"):format(s:port()), m
+end
+
+local function post(url, body, headers)
+  local h = { ["content-type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  return assert(http.request({ method = "POST", url = url, headers = h,
+    body = type(body) == "string" and body or json.encode(body) }))
+end
+
+local MSGS = { { role = "user", content = "hi" } }
+
+describe("the gateway's HTTP front: Authorization", function()
+  local keys = require "resil.keys"
+
+  -- (before: only "Bearer" and "bearer" were read, and "BEARER sk-..." was a 401 saying the key was missing)
+  it("takes the Bearer scheme in any case (RFC 9110 11.1); another scheme is still a 401", function()
+    local url, m = start()
+    local key = assert(keys.add({ name = "any-case" }))
+    for _, scheme in ipairs({ "Bearer", "bearer", "BEARER", "BeArEr" }) do
+      local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS },
+        { authorization = scheme .. " " .. key })
+      assert.are.equal(200, res.status, scheme .. ": " .. res.body)
+    end
+    local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS },
+      { authorization = "Basic " .. key })
+    assert.are.equal(401, res.status)
+    assert.are.equal(4, m:stats().routes.chat)
+  end)
+end)
+
+describe("the gateway's HTTP front: bodies that are JSON but not an object", function()
+  -- (before: an array was taken for an object without fields: "model is required", code invalid_model)
+  for _, case in ipairs({
+    { "/v1/chat/completions", "openai" }, { "/v1/messages", "anthropic" }, { "/v1/embeddings", "openai" },
+    { "/v1/messages/count_tokens", "anthropic" },
+  }) do
+    it(case[1] .. ": an array, empty or not, is a 400 saying the body is not a JSON object", function()
+      local url, m = start({ auth = false })
+      for _, body in ipairs({ "[]", "[1,2]", '[{"model":"fast"}]', "5", '"x"' }) do
+        local res = post(url .. case[1], body)
+        assert.are.equal(400, res.status, body)
+        local err = json.decode(res.body).error
+        assert.are.equal("the body is not a JSON object", err.message, body)
+        if case[2] == "openai" then assert.are.equal("invalid_json", err.code, body) end
+      end
+      assert.are.equal(0, m:stats().total)
+    end)
+  end
+end)
