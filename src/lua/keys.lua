@@ -166,8 +166,16 @@ function keys.add(o)
   if type(o) ~= "table" or type(o.name) ~= "string" or not o.name:match("^[%w_.:%-]+$") then
     error("keys.add: name must be letters, digits, _ . : -", 2)
   end
+  -- (a revoke takes a name or an id: a key named like another's id was revoked with it)
+  if o.name:match("^[Kk][Ee][Yy]_" .. ("%x"):rep(12) .. "$") then
+    error("keys.add: name must not have the form of a key's id (key_ and 12 hex digits)", 2)
+  end
   if o.concurrency ~= nil and (math.type(o.concurrency) ~= "integer" or o.concurrency < 1) then
     error("keys.add: concurrency must be a positive integer", 2)
+  end
+  -- (an empty list is a key no request may use: a typo's, `--models "$UNSET"`)
+  if o.models ~= nil and (type(o.models) ~= "table" or o.models[1] == nil) then
+    error("keys.add: models must list at least one model (leave it out for any)", 2)
   end
   local s, err = store()
   if not s then return nil, err end
@@ -299,10 +307,14 @@ function keys.main(args)
       elseif a == "--models" then
         o.models = {}
         for m in v:gmatch("[^,%s]+") do o.models[#o.models + 1] = m end
+        if not o.models[1] then fail("--models wants the models the key may use, a,b (leave it out for any)") end
       else fail("unknown option '%s'\n%s", a, USAGE) end
       i = i + 2
     end
     if not o.name or not o.name:match("^[%w_.:%-]+$") then fail("add needs --name (letters, digits, _ . : -)") end
+    if o.name:match("^[Kk][Ee][Yy]_" .. ("%x"):rep(12) .. "$") then
+      fail("--name '%s' has the form of a key's id: `keys revoke` would take it for one", o.name)
+    end
     local key, rec = keys.add(o)
     if not key then fail("%s", tostring(rec)) end
     -- the only time the key is shown; the store keeps its digest

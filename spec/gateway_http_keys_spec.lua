@@ -1,0 +1,44 @@
+-- `resil-lua keys` as an operator types it on a bad day: names and lists
+-- that make a key other than the one meant, run as the real command.
+local helpers = require "spec.helpers"
+
+local function keys(args, db)
+  return helpers.run(("%s keys %s --store %s"):format(helpers.resil, args, db))
+end
+
+describe("resil-lua keys, hostile arguments", function()
+  -- (before: a key could be named key_<12 hex>, another key's id, and `keys revoke` of that id
+  -- revoked both: "revoked 2 keys", the key meant and the other one)
+  it("a name that has the form of a key's id is refused: a revoke by id revokes that key only", function()
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, keys("add --name alpha", db).code)
+    local id = keys("list", db).stdout:match("(key_%x+)%s+alpha")
+    assert.is_string(id)
+    local add = keys("add --name " .. id, db)
+    assert.are.equal(1, add.code)
+    assert.matches("the form of a key's id", add.stderr, 1, true)
+    assert.are.equal(1, keys("add --name KEY_0123456789ab", db).code)
+    -- names that only start like one are names
+    assert.are.equal(0, keys("add --name key_team", db).code)
+    assert.are.equal(0, keys("add --name key_0123456789abc", db).code)
+    local rev = keys("revoke " .. id, db)
+    assert.are.equal("revoked 1 key\n", rev.stdout)
+    local list = keys("list", db).stdout
+    assert.matches("key_team%s+active", list)
+  end)
+
+  -- (before: `--models "$MODELS"` with MODELS unset made a key that may use no model at all: every
+  -- request a 403, `keys list` showing an empty MODELS column)
+  it("--models naming no model is refused, not a key that may use none", function()
+    local db = helpers.tmpname(".db")
+    for _, v in ipairs({ "''", "','", "' , '" }) do
+      local add = keys("add --name empty --models " .. v, db)
+      assert.are.equal(1, add.code, v)
+      assert.matches("%-%-models wants", add.stderr)
+    end
+    assert.are.equal(0, keys("add --name some --models fast,chat-best", db).code)
+    local list = keys("list", db).stdout
+    assert.matches("some%s+active.*fast,chat%-best", list)
+    assert.is_nil(list:find("empty", 1, true))
+  end)
+end)
