@@ -39,6 +39,7 @@ describe("the gateway's HTTP front, hostile framing", function()
     pids = { helpers.slurp(dir .. "/mock.pid"):match("%d+"), helpers.slurp(dir .. "/gw.pid"):match("%d+") }
     assert(helpers.wait_until(function() return helpers.slurp(dir .. "/gw.out"):find("listening") ~= nil end, 10),
       helpers.slurp(dir .. "/gw.out"))
+    assert(helpers.wait_until(function() return helpers.slurp(dir .. "/mock.out"):find("http") ~= nil end, 10))
   end)
   lazy_teardown(function()
     for _, pid in ipairs(pids) do os.execute("kill " .. pid .. " 2>/dev/null") end
