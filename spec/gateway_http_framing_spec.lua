@@ -106,6 +106,16 @@ describe("the gateway's HTTP front, hostile framing", function()
     end)
   end
 
+  -- (libevent refuses both at once after the body, as "a malformed trailer")
+  it("a chunked request with a Content-Length too is a 400 saying so, that closes the connection", function()
+    local before = chats()
+    local lines, body, text = ask(HEAD:gsub("\r\n\r\n$", "\r\nContent-Length: 4\r\n\r\n") ..
+      ("%x\r\n%s\r\n0\r\n\r\n"):format(#BODY, BODY) .. SMUGGLED)
+    assert.are.same({ "HTTP/1.1 400 Bad Request" }, lines, text)
+    assert.are.equal("a request with both Transfer-Encoding and Content-Length", body.error.message)
+    assert.are.equal(before, chats())
+  end)
+
   -- RFC 9110 5.5: a NUL in a field value is refused or replaced, never read as the end of the
   -- value: libevent cut each value at its NUL, so "Content-Length: 5\0<digits>" was a length of
   -- 5, "Transfer-Encoding: chunked\0, gzip" chunked, and two Idempotency-Keys that differ after

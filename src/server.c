@@ -642,6 +642,8 @@ static int own_error_body(conn *c, int status, char *body, size_t size) {
              CHUNK_LINE_MAX);
   } else if (status == 400 && c->chunk_bad == 4) {
     snprintf(message, sizeof message, "a malformed chunked request body: a chunk's data not followed by its line end");
+  } else if (status == 400 && c->chunked == 1 && c->content_length != -1) { /* (libevent fails it at the trailer) */
+    snprintf(message, sizeof message, "a request with both Transfer-Encoding and Content-Length");
   } else if (status == 400 && c->chunk_bad == 2) {
     snprintf(message, sizeof message, "a malformed trailer after a chunked request body");
   } else if (status == 400) {
