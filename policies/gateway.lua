@@ -129,7 +129,8 @@ local function error_reply(api, status, message, o)
   for k, v in pairs(o.headers or {}) do headers[k] = v end
   local body
   if api == "anthropic" then
-    body = { type = "error", error = { type = o.type or ANTHROPIC_TYPE[status] or "api_error", message = message } }
+    body = { type = "error", error = { type = o.type or ANTHROPIC_TYPE[status] or "api_error", message = message,
+      details = o.details } }
   else
     body = { error = { message = message, type = o.type or OPENAI_TYPE[status] or "server_error",
       param = o.param or null, code = o.code or null } }
@@ -1301,6 +1302,15 @@ function complete_admitted(req, api, id, rec, slot)
   -- (the Messages API has no default: a client that relied on ours would fail on Anthropic's own)
   if api == "anthropic" and (b.max_tokens == nil or b.max_tokens == null) then
     return with_id(error_reply(api, 400, "max_tokens: Field required"), id)
+  end
+  -- A message thread (the beta message-threads-2026-08-12: the Anthropic SDK's toolRunner
+  -- threads by default) is a conversation the provider holds under its answer's id: the
+  -- gateway gives its own ids, may fall back to OpenAI or another account, and the next turn
+  -- sent only its new messages (a lone tool_result, refused). Refused as the API refuses what
+  -- it cannot thread, so that the SDK sends the whole conversation, unthreaded.
+  if api == "anthropic" and b.thread ~= nil and b.thread ~= null then
+    return with_id(error_reply(api, 400, "thread: message threads are not served by this gateway; send the whole "
+      .. "conversation", { details = { error_code = "thread_unsupported_request", unsupported = { "thread" } } }), id)
   end
   local r = api == "anthropic" and from_anthropic(b) or from_openai(b)
   local asked = b.max_completion_tokens or b.max_tokens

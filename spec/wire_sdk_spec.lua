@@ -25,6 +25,7 @@ describe("the SDKs' helpers against the mock and the gateway", function()
     "mock: a fault's should_retry = false reaches the OpenAI SDK, which does not retry it",
     "openai: a PNG sent as data:image/jpeg is served by Anthropic, its type told by its bytes",
     "mock: a prompt marked with cache_control is written to the cache, then read, whole and streamed",
+    "anthropic: the SDK's toolRunner runs through the gateway, served by either API",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

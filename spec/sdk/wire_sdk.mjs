@@ -161,3 +161,16 @@ await check('mock: a prompt marked with cache_control is written to the cache, t
   expect(auto.cache_creation_input_tokens > 1024 && short.cache_creation_input_tokens === 0 && plain.cache_creation_input_tokens === 0 &&
     plain.input_tokens > 1024, `auto ${JSON.stringify(auto)} short ${JSON.stringify(short)} plain ${JSON.stringify(plain)}`);
 });
+
+// through the gateway the thread was sent to Anthropic, and the answer's id replaced by the
+// gateway's: the next turn continued from an id no provider held (404, thread_not_found, and no
+// error details the SDK could recover by), and a turn served by OpenAI lost the conversation
+await check('anthropic: the SDK\'s toolRunner runs through the gateway, served by either API', async () => {
+  for (const model of ['claude', 'gpt']) {
+    const runner = ant().beta.messages.toolRunner({ model, max_tokens: 100, messages: msgs, tools: [runTool],
+      tool_choice: { type: 'any' }, max_iterations: 3 });
+    const turns = [];
+    for await (const m of runner) turns.push(m.stop_reason);
+    expect(turns.length === 3 && turns.every((r) => r === 'tool_use'), `${model}: turns ${JSON.stringify(turns)}`);
+  }
+});
