@@ -310,7 +310,7 @@ local function translated_usage(u)
     ephemeral_1h_input_tokens = hour }
   local searches = count(u and u.web_search_requests)
   usage.server_tool_use = searches > 0 and { web_search_requests = searches } or null
-  usage.service_tier = null
+  usage.service_tier, usage.inference_geo, usage.speed, usage.output_tokens_details = null, null, null, null
   return usage
 end
 
@@ -914,7 +914,8 @@ local function anthropic_stream(s, first, id, model, headers, req)
         -- (another API's provider: no cache writes; its reads, and the counts, come with message_delta)
         cache_creation_input_tokens = 0, cache_read_input_tokens = 0,
         cache_creation = { ephemeral_5m_input_tokens = 0, ephemeral_1h_input_tokens = 0 },
-        server_tool_use = null, service_tier = null } } }))
+        server_tool_use = null, service_tier = null, inference_geo = null, speed = null,
+        output_tokens_details = null } } }))
     write(sse("content_block_start", { type = "content_block_start", index = 0,
       content_block = { type = "text", text = "" } }))
     local delta, err = first, nil
@@ -1022,7 +1023,8 @@ local function anthropic_answer_stream(res, id, model, headers)
       usage = { input_tokens = usage.input_tokens, output_tokens = 0,
         cache_read_input_tokens = usage.cache_read_input_tokens,
         cache_creation_input_tokens = usage.cache_creation_input_tokens, cache_creation = usage.cache_creation,
-        server_tool_use = usage.server_tool_use, service_tier = null } } }))
+        server_tool_use = usage.server_tool_use, service_tier = null, inference_geo = null, speed = null,
+        output_tokens_details = null } } }))
     for i, block in ipairs(m.content) do
       local start, delta
       if block.type == "tool_use" then

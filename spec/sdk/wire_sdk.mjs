@@ -174,3 +174,14 @@ await check('anthropic: the SDK\'s toolRunner runs through the gateway, served b
     expect(turns.length === 3 && turns.every((r) => r === 'tool_use'), `${model}: turns ${JSON.stringify(turns)}`);
   }
 });
+
+// the same fields in an answer translated from OpenAI's, whole and streamed, with tools or not
+await check('anthropic: an answer translated from OpenAI has inference_geo, speed and output_tokens_details null', async () => {
+  const req = { model: 'gpt', max_tokens: 100, messages: msgs };
+  const tools = [{ name: 'get_weather', input_schema: schema }];
+  for (const [how, m] of [['whole', await ant().messages.create(req)], ['streamed', await ant().messages.stream(req).finalMessage()],
+    ['streamed with tools', await ant().messages.stream({ ...req, tools }).finalMessage()]]) {
+    const u = m.usage;
+    expect(u.inference_geo === null && u.speed === null && u.output_tokens_details === null, `${how}: ${JSON.stringify(u)}`);
+  }
+});
