@@ -1254,7 +1254,20 @@ end
 -- pricing.tiers prices in it (held and recorded at that price); any other
 -- is a 400 before any call.
 local STANDARD_TIERS = { openai = { auto = true, default = true }, anthropic = { auto = true, standard_only = true } }
+-- Anthropic's fast mode (speed "fast": 2 to 6 times the price) and US-only inference
+-- (inference_geo "us": 1.1 times) are priced apart too, and nowhere in the ledger: passed on,
+-- they were recorded and held at the standard price
+local STANDARD_ANTHROPIC = { speed = { standard = true }, inference_geo = { global = true } }
 local function unpriced_tier(b, api, route)
+  if api == "anthropic" then
+    for field, standard in pairs(STANDARD_ANTHROPIC) do
+      local v = b[field]
+      if v ~= nil and v ~= null and not standard[v] then
+        return ("%s '%s' is not served: the gateway prices standard processing only"):format(field,
+          tostring(v):sub(1, 40))
+      end
+    end
+  end
   local tier = b.service_tier
   if tier == nil or tier == null or STANDARD_TIERS[api][tier] then return nil end
   if type(tier) ~= "string" then return "service_tier must be a string" end

@@ -27,6 +27,7 @@ describe("the SDKs' helpers against the mock and the gateway", function()
     "mock: a prompt marked with cache_control is written to the cache, then read, whole and streamed",
     "anthropic: the SDK's toolRunner runs through the gateway, served by either API",
     "anthropic: an answer translated from OpenAI has inference_geo, speed and output_tokens_details null",
+    "anthropic: speed fast and inference_geo us are refused (unpriced), the standard ones served",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

@@ -185,3 +185,15 @@ await check('anthropic: an answer translated from OpenAI has inference_geo, spee
     expect(u.inference_geo === null && u.speed === null && u.output_tokens_details === null, `${how}: ${JSON.stringify(u)}`);
   }
 });
+
+// fast mode and US-only inference are billed at their own prices, which the ledger does not
+// know: recorded at the standard price, a key's budget let them spend past it
+await check('anthropic: speed fast and inference_geo us are refused (unpriced), the standard ones served', async () => {
+  const req = { model: 'claude', max_tokens: 10, messages: msgs };
+  for (const extra of [{ speed: 'fast' }, { inference_geo: 'us' }]) {
+    const e = await rejects(ant().messages.create({ ...req, ...extra }), Anthropic.BadRequestError, JSON.stringify(extra));
+    expect(e.message.includes(Object.keys(extra)[0]), e.message);
+  }
+  const m = await ant().messages.create({ ...req, speed: 'standard', inference_geo: 'global' });
+  expect(m.content[0].type === 'text', JSON.stringify(m));
+});
