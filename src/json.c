@@ -11,9 +11,10 @@
  * number as a double and writes it with at most 14 digits (a seed or an id
  * past 1e14 came out changed). So:
  *
- *   decode: an empty array is an empty table with json.array_mt; a number
- *           of more than 14 significant digits is read by Lua (an integer
- *           when it is one and fits, else the nearest double).
+ *   decode: an empty array is an empty table with json.array_mt; an
+ *           integer of more than 14 digits is read by Lua (an integer when
+ *           it fits, else the nearest double). A number with a fraction or
+ *           an exponent cjson reads as Lua would: strtod's nearest double.
  *   encode: a table with json.array_mt is an array ([] when empty); an
  *           integer from 1e14 up, and a float that %.14g would change,
  *           are written exactly.
@@ -102,6 +103,17 @@ static int significant_digits(const char *s, size_t n) {
   return digits;
 }
 
+/* a JSON number written as an integer (no fraction, no exponent): cjson reads
+ * it as a double, which past 2^53 is not it, and below that not an integer.
+ * One with a fraction or an exponent cjson reads with strtod, the nearest
+ * double, as Lua does: it is left to cjson (an embeddings answer is millions
+ * of them, each marked and read back cost a microsecond). */
+static int is_integer_text(const char *s, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (s[i] == '.' || s[i] == 'e' || s[i] == 'E') return 0;
+  return 1;
+}
+
 /* text -> pushes it with what cjson would lose swapped for markers; -> 1 if
  * anything was swapped (else pushes nothing and returns 0) */
 static int mark_text(lua_State *L, const char *s, size_t len, const marker *m) {
@@ -129,7 +141,9 @@ static int mark_text(lua_State *L, const char *s, size_t len, const marker *m) {
       if (end < len && s[end] == ']') kind = "[", end++;
     } else if (c == '-' || (c >= '0' && c <= '9')) {
       while (end < len && is_number_char(s[end])) end++;
-      if (json_number_len(s + i, end - i) && significant_digits(s + i, end - i) > EXACT_DIGITS) kind = "#";
+      if (json_number_len(s + i, end - i) && is_integer_text(s + i, end - i) &&
+          significant_digits(s + i, end - i) > EXACT_DIGITS)
+        kind = "#";
     }
     if (!kind) {
       i = end;
@@ -151,10 +165,10 @@ static int mark_text(lua_State *L, const char *s, size_t len, const marker *m) {
 }
 
 /* could mark_text swap anything in the text? A cheaper look that never says
- * no where it would: an empty array is a ']' after a '[' and blanks, and a
- * number of more than 14 significant digits is a run of 15 or more digits
- * and dots, which holds all 8 bytes of some block at an offset that is a
- * multiple of 8 (looked at 8 bytes at a time) */
+ * no where it would: an empty array is a ']' after a '[' and blanks, and an
+ * integer of more than 14 digits is a run of 15 or more digits without a
+ * dot or an exponent, which holds all 8 bytes of some block at an offset
+ * that is a multiple of 8 (looked at 8 bytes at a time) */
 static int is_digit_or_dot(char c) { return (c >= '0' && c <= '9') || c == '.'; }
 static int may_need_marks(const char *s, size_t len) {
   for (const char *p = s; (p = memchr(p, ']', len - (size_t)(p - s))) != NULL; p++) {
@@ -179,7 +193,9 @@ static int may_need_marks(const char *s, size_t len) {
     }
     while (from > 0 && is_digit_or_dot(s[from - 1])) from--;
     while (to < len && is_digit_or_dot(s[to])) to++;
-    if (to - from > EXACT_DIGITS) return 1;
+    /* (a run with a dot, or before an exponent, is a float's: cjson's) */
+    if (to - from > EXACT_DIGITS && !memchr(s + from, '.', to - from) && !(to < len && (s[to] == 'e' || s[to] == 'E')))
+      return 1;
     i = (to + 7) / 8 * 8;
   }
   return 0;
