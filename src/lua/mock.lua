@@ -1051,6 +1051,10 @@ end
 -- vector; encoding_format "base64" (the official SDKs' default) packs float32s.
 local base64 = resil.crypto.base64
 
+-- Each value a float32, as the API's are, in the float32's digits (at most 9: 0.017291732,
+-- -0.0044424757): the API writes its float32s so, never a double's 17 digits, whose text is
+-- twice as long and many times slower to read and write again.
+local pack, unpack, format = string.pack, string.unpack, string.format
 local function vector_of(text, dims)
   local seed = tonumber(resil.hash(text):sub(1, 8), 16) or 1
   local v, norm = {}, 0
@@ -1060,7 +1064,7 @@ local function vector_of(text, dims)
     norm = norm + v[i] * v[i]
   end
   norm = math.sqrt(norm)
-  for i = 1, dims do v[i] = v[i] / norm end
+  for i = 1, dims do v[i] = tonumber(format("%.9g", (unpack("<f", pack("<f", v[i] / norm))))) end
   return v
 end
 
