@@ -919,8 +919,16 @@ static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
   free(o);
   int res = lua_gettop(L);
+  /* Such a failure was not written, and never will be: the batch was rolled back or never
+   * began (a full disk, the lock held past the timeout), or the op's savepoint was. err.sent =
+   * false says so, as for a Redis command never sent: a reservation or a claim whose outcome
+   * its caller saw has nothing to give back (each spawned a minute of writes to a full disk,
+   * which logged that a hold it never made "counts until its hold ends"). */
   if (failed == 2) {
-    return resil_error_result(L, "store_unavailable", "%s", lua_tostring(L, res));
+    resil_error_result(L, "store_unavailable", "%s", lua_tostring(L, res));
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "sent");
+    return 2;
   }
   lua_getfield(L, res, "n");
   int n = (int)lua_tointeger(L, -1);
@@ -928,6 +936,8 @@ static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   if (failed == 1) {
     lua_rawgeti(L, res, 1);
     if (is_store_unavailable(L, -1)) {
+      lua_pushboolean(L, 0);
+      lua_setfield(L, -2, "sent");
       lua_pushnil(L);
       lua_insert(L, -2);
       return 2; /* nil, err: the file or the disk failed, not the caller */

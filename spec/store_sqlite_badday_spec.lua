@@ -1,0 +1,77 @@
+-- A SQLite store on a bad day: a disk that fills up, a file another process holds, breaks or
+-- leaves behind. What a user sees: an error naming the file, no crash, every cost row once, no
+-- budget hold left behind by a write that never happened, the loop never held.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local is_root = helpers.run("id -u").stdout == "0\n"
+
+-- A SQLite store on a filesystem of its own (a tmpfs; root only) -> its path, and the command that
+-- fills the filesystem up
+local function small_disk(finally, size)
+  local dir = helpers.tmpname("-disk")
+  os.execute("mkdir -p " .. dir)
+  assert(os.execute(("mount -t tmpfs -o size=%s tmpfs %s"):format(size, dir)), "cannot mount a tmpfs")
+  finally(function() os.execute("umount " .. dir) end)
+  return dir .. "/state.db", ("dd if=/dev/zero of=%s/filler bs=4k 2>/dev/null"):format(dir), dir .. "/filler"
+end
+
+describe("a SQLite store whose disk fills up, then gets room again", function()
+  it("records every paid call's cost once, and leaves no hold", function()
+    if not is_root then return pending("mounting a small filesystem needs root") end
+    local db, fill, filler = small_disk(finally, "8m")
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1000, per = "day" })
+local calls, rows, refused = 0, 0, 0
+for i = 1, 120 do
+  local t = b:reserve(1)
+  if i == 40 then os.execute(%q) end -- the disk full as a call runs
+  if i == 80 then os.remove(%q) end  -- room again
+  if t then
+    calls = calls + 1 -- paid: its settle is written now, or tried again until the store takes it
+    t:settle(1, { provider = "p", model = "m", id = "call-" .. i })
+  else refused = refused + 1 end
+  if resil.cost.record({ provider = "p", model = "m", usd = 0.5, id = "row-" .. i, user = ("u"):rep(3000) }) then
+    rows = rows + 1
+  end
+end
+resil.sleep(3) -- (the settles refused meanwhile are tried again)
+local st = assert(b:state())
+print(refused > 20, st.spent == calls, st.reserved, #st.holds, resil.cost.total({}) == calls + rows / 2)
+]]):format(fill, filler), ("--store '%s' --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\ttrue\t0.0\t0\ttrue\n", r.stdout)
+  end)
+end)
+
+describe("a SQLite store whose write lock another process holds past the store's timeout", function()
+  it("refuses a reservation, and does not try to give back a hold the rolled-back write never made", function()
+    local path = helpers.tmpname(".db")
+    assert(resil.store(path)) -- (made, with its schema)
+    local url = path .. "?timeout=0.3"
+    resil.store_config({ url = url })
+    finally(function() resil.store_config({ url = false }) end)
+    local be = helpers.backend(assert(resil.store()))
+    local abandoned = 0
+    local abandon = be.budget_abandon
+    be.budget_abandon = function(...) abandoned = abandoned + 1; return abandon(...) end
+    finally(function() be.budget_abandon = nil end)
+    local budget = resil.budget("locked-out", { limit = 10, per = "day" })
+    assert(budget:state()) -- (its settings declared before the lock)
+    local release = helpers.hold_write_lock(path)
+    local t, err = budget:reserve(1)
+    assert.is_nil(t)
+    assert.are.equal("store_unavailable", err.kind)
+    assert.matches("store " .. path .. ": database is locked", err.message, 1, true)
+    resil.sleep(0.05) -- (a give-back is a task of its own)
+    helpers.write(release, "")
+    -- (before: a task per refusal tried to give the hold back for a minute, each try a write that
+    -- waited the lock's timeout: a gateway refusing 1,000 requests a second during a backup held
+    -- 60,000 tasks writing for nothing, and on a full disk logged that each hold "counts until its
+    -- hold ends")
+    assert.are.equal(0, abandoned)
+    assert(assert(budget:reserve(1)):settle(1, { provider = "p", model = "m" }))
+    assert.are.same({ 1, 0 }, { budget:state().spent, budget:state().reserved })
+  end)
+end)
