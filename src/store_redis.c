@@ -409,14 +409,18 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   lua_State *L = c->R->L;
   lua_createtable(L, 1, 2);
   if (!r) {
-    lua_pushstring(L, c->last_error[0] ? c->last_error : (ac && ac->errstr ? ac->errstr : "connection lost"));
+    if (c->last_error[0]) lua_pushstring(L, c->last_error);
+    else /* (naming the server: "Server closed the connection" alone did not say which) */
+      lua_pushfstring(L, "redis %s:%d: %s", c->host, c->port, ac && ac->errstr ? ac->errstr : "connection lost");
     lua_setfield(L, -2, "err");
     lua_pushliteral(L, "store_unavailable");
     lua_setfield(L, -2, "kind");
     /* the connection was up: the command may have reached the server, and a
      * frozen one runs it when it thaws (a timeout drops the connection; the
      * server still reads what it had received); never made, nothing was sent */
-    lua_pushboolean(L, ac && (ac->c.flags & REDIS_CONNECTED) != 0); /* (no ac: held, never sent) */
+    /* (no cmd->ac: held, never sent; one failed as its SELECT was refused came with the connection's
+     * ac, and said sent: a once claim so refused spawned a minute of give-ups) */
+    lua_pushboolean(L, ac && cmd->ac && (ac->c.flags & REDIS_CONNECTED) != 0);
     lua_setfield(L, -2, "sent");
   } else if (r->type == REDIS_REPLY_ERROR && unavailable_reply(r->str)) {
     drop_replica(c, ac, r);
@@ -425,10 +429,23 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     lua_pushliteral(L, "store_unavailable");
     lua_setfield(L, -2, "kind");
   } else if (r->type == REDIS_REPLY_ERROR) {
-    if (strncmp(r->str, "NOAUTH", 6) == 0 && c->auth_error[0]) /* (why: the AUTH's own answer) */
-      lua_pushfstring(L, "%s (AUTH refused: %s)", r->str, c->auth_error);
-    else
+    /* Refused unauthenticated (no password, a wrong one): the server ran none of it, and never
+     * will (err.sent = false: a once claim so refused spawned a minute of give-ups, each refused
+     * too, that held the process's end and then logged the key as held). A command of more
+     * than 10 arguments (a script's) is answered "Protocol error: unauthenticated multibulk
+     * length" and the connection closed: said as the NOAUTH it is. */
+    int unauth = strncmp(r->str, "ERR Protocol error: unauthenticated", 35) == 0;
+    int noauth = unauth || strncmp(r->str, "NOAUTH", 6) == 0;
+    if (noauth) {
+      lua_pushfstring(L, "redis %s:%d: %s%s%s%s%s", c->host, c->port, unauth ? "NOAUTH Authentication required (" : "",
+                      r->str, unauth ? ")" : "", c->auth_error[0] ? " (AUTH refused: " : "",
+                      c->auth_error[0] ? c->auth_error : ""); /* (why: the AUTH's own answer) */
+      if (c->auth_error[0]) lua_pushliteral(L, ")"), lua_concat(L, 2);
+      lua_pushboolean(L, 0);
+      lua_setfield(L, -3, "sent");
+    } else {
       lua_pushlstring(L, r->str, r->len);
+    }
     lua_setfield(L, -2, "err");
     lua_pushliteral(L, "store_error");
     lua_setfield(L, -2, "kind");
@@ -568,7 +585,8 @@ static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
   if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
-  if (r && r->type == REDIS_REPLY_ERROR) snprintf(c->last_error, sizeof c->last_error, "redis: %s", r->str);
+  if (r && r->type == REDIS_REPLY_ERROR)
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port, r->str);
   if (r) snprintf(c->auth_error, sizeof c->auth_error, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "");
   /* AUTH password, the form this server took before, refused: it may have
    * moved to ACL users (the default user off). The user is tried again, on
@@ -626,7 +644,8 @@ static void on_auth_fallback_reply(redisAsyncContext *ac, void *reply, void *pri
   redisReply *r = reply;
   if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   if (r && r->type == REDIS_REPLY_ERROR)
-    snprintf(c->last_error, sizeof c->last_error, "redis: %s (and as user %s: refused)", r->str, c->username);
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s (and as user %s: refused)", c->host, c->port, r->str,
+             c->username);
   else if (r)
     c->auth_form = AUTH_PASSWORD_ONLY;
   /* the user refused, the default user taken as it shares the password: said

@@ -1,0 +1,69 @@
+-- A Redis store on a bad day, in real processes against a real redis-server: a server that refuses
+-- the process (a password missing or wrong, a database it does not have). What a user sees: an
+-- error naming the server and why, nothing left held, the process not kept alive by writes that
+-- can never land.
+local helpers = require "spec.helpers"
+
+-- a redis-server of the test's own, started with `args` -> its port
+local function own_server(finally, args)
+  local dir, port = helpers.tmpname("-redis-own"), helpers.free_port()
+  os.execute("mkdir -p " .. dir)
+  os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+    "--pidfile %s/redis.pid %s > /dev/null"):format(port, dir, dir, args or ""))
+  assert(helpers.wait_until(function() return helpers.slurp(dir .. "/redis.pid"):match("%d+") ~= nil end, 10))
+  local pid = helpers.slurp(dir .. "/redis.pid"):match("%d+")
+  finally(function()
+    os.execute("kill -9 " .. pid)
+    os.execute("rm -rf " .. dir)
+  end)
+  assert(helpers.wait_until(function() return helpers.run(("redis-cli -p %d ping"):format(port)).stdout ~= "" end, 10))
+  return port
+end
+
+-- a reservation, a once claim and a ledger row against `url` (on the virtual clock: a minute of
+-- retries is instant) -> {stdout=, stderr=, code=}
+local function refused_by(url)
+  return helpers.run_script([[
+local resil = require "resil"
+print("reserve", resil.budget("team", { limit = 10, per = "day" }):reserve(1))
+local ran = false
+print("once", resil.once("job-1", function() ran = true end))
+print("ran", ran)
+print("record", resil.cost.record({ provider = "p", model = "m", usd = 0.5 }))
+]], ("--virtual-clock --store '%s' --log-level warn"):format(url))
+end
+
+describe("a Redis server that refuses the store", function()
+  it("without its password (requirepass): each operation says NOAUTH, naming the server; a once claim it " ..
+    "refused is not given up for a minute", function()
+    local port = own_server(finally, "--requirepass only-secret")
+    for _, url in ipairs({ ("redis://127.0.0.1:%d/0?timeout=1"):format(port),
+                           ("redis://:not-it@127.0.0.1:%d/0?timeout=1"):format(port) }) do
+      local r = refused_by(url)
+      assert.are.equal(0, r.code, r.stderr)
+      local server = ("redis 127.0.0.1:%d: NOAUTH Authentication required"):format(port)
+      assert.matches("reserve\tnil\tstore_error: " .. server, r.stdout, 1, true)
+      -- (before: "ERR Protocol error: unauthenticated multibulk length", a script's many arguments
+      -- refused before any AUTH, and the server closed the connection: nothing said a password was missing)
+      assert.matches("once\tnil\tstore_error: " .. server, r.stdout, 1, true)
+      assert.matches("ran\tfalse\nrecord\tnil\tstore_%a+: redis 127.0.0.1:" .. port .. ": ", r.stdout)
+      -- (before: the claim, refused unrun, was given up by a task for a minute, each try refused too,
+      -- which held the process's end and then logged the key held while the process lives)
+      assert.is_not.matches("outcome was not seen", r.stderr, 1, true)
+    end
+  end)
+
+  it("whose database the URL names and the server does not have, or whose SELECT it refuses: a once claim " ..
+    "held behind it is not given up for a minute", function()
+    local port = own_server(finally, "--requirepass only-secret --databases 4")
+    for _, url in ipairs({ ("redis://:only-secret@127.0.0.1:%d/20?timeout=1"):format(port),
+                           ("redis://:not-it@127.0.0.1:%d/3?timeout=1"):format(port) }) do
+      local r = refused_by(url)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches(("once\tnil\tstore_unavailable: redis 127.0.0.1:%d: database %%d+: "):format(port), r.stdout)
+      assert.matches("ran\tfalse\n", r.stdout, 1, true)
+      -- (before: a claim held for the SELECT and failed with it said it was sent, and was given up as above)
+      assert.is_not.matches("outcome was not seen", r.stderr, 1, true)
+    end
+  end)
+end)
