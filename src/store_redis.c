@@ -436,7 +436,16 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
      * length" and the connection closed: said as the NOAUTH it is. */
     int unauth = strncmp(r->str, "ERR Protocol error: unauthenticated", 35) == 0;
     int noauth = unauth || strncmp(r->str, "NOAUTH", 6) == 0;
-    if (noauth) {
+    /* a Redis Cluster's node refuses a command whose keys are not all its own before running it: the
+     * store's scripts take several keys each, so it cannot be one (a key here or there worked) */
+    int cluster = strncmp(r->str, "MOVED ", 6) == 0 || strncmp(r->str, "ASK ", 4) == 0 ||
+                  strncmp(r->str, "CROSSSLOT ", 10) == 0;
+    if (cluster) {
+      lua_pushfstring(L, "redis %s:%d: %s (a Redis Cluster: the store needs one Redis server, with replicas or not)",
+                      c->host, c->port, r->str);
+      lua_pushboolean(L, 0);
+      lua_setfield(L, -3, "sent");
+    } else if (noauth) {
       lua_pushfstring(L, "redis %s:%d: %s%s%s%s%s", c->host, c->port, unauth ? "NOAUTH Authentication required (" : "",
                       r->str, unauth ? ")" : "", c->auth_error[0] ? " (AUTH refused: " : "",
                       c->auth_error[0] ? c->auth_error : ""); /* (why: the AUTH's own answer) */
