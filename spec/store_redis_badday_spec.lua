@@ -68,6 +68,22 @@ describe("a Redis server that refuses the store", function()
   end)
 end)
 
+describe("a Redis server past its maxmemory (noeviction)", function()
+  it("refuses a reservation and a once claim as unavailable, and nothing is given back for a minute", function()
+    local port = own_server(finally, "--maxmemory 2mb --maxmemory-policy noeviction")
+    helpers.run(("redis-cli -p %d eval \"for i = 1, 100000 do if not pcall(redis.call, 'set', 'fill' .. i, " ..
+      "string.rep('x', 1000)) then return i end end\" 0"):format(port))
+    local r = refused_by(("redis://127.0.0.1:%d/0?timeout=1"):format(port))
+    assert.are.equal(0, r.code, r.stderr)
+    local oom = ("store_unavailable: redis 127.0.0.1:%d: OOM command not allowed"):format(port)
+    assert.matches("reserve\tnil\t" .. oom, r.stdout, 1, true)
+    assert.matches("once\tnil\t" .. oom, r.stdout, 1, true)
+    -- (before: each, refused before it wrote anything, was given back by a task for a minute, each try
+    -- refused too, then logged as a hold that "counts until its hold ends" and a key held)
+    assert.is_not.matches("outcome was not seen", r.stderr, 1, true)
+  end)
+end)
+
 describe("a store URL naming a node of a Redis Cluster", function()
   it("is refused as a cluster, naming the node, and a once claim it refused is not given up for a minute", function()
     local a = own_server(finally, "--cluster-enabled yes --cluster-config-file nodes.conf")

@@ -428,6 +428,11 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     lua_setfield(L, -2, "err");
     lua_pushliteral(L, "store_unavailable");
     lua_setfield(L, -2, "kind");
+    /* refused before it wrote anything (a script is refused OOM, READONLY or MISCONF only at its first
+     * write; the rest before it runs), and never run later: err.sent = false (a reservation or a once
+     * claim refused so was given back for a minute, each try refused too, and then logged as held) */
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "sent");
   } else if (r->type == REDIS_REPLY_ERROR) {
     /* Refused unauthenticated (no password, a wrong one): the server ran none of it, and never
      * will (err.sent = false: a once claim so refused spawned a minute of give-ups, each refused
