@@ -75,3 +75,32 @@ describe("a SQLite store whose write lock another process holds past the store's
     assert.are.same({ 1, 0 }, { budget:state().spent, budget:state().reserved })
   end)
 end)
+
+describe("a SQLite store whose -wal file is deleted under the running process (a cleanup of temporary files)", function()
+  it("refuses every write after it, naming the file, rather than write where no other process reads", function()
+    local db = helpers.tmpname(".db")
+    local check = helpers.write(helpers.tmpname(".lua"), [[
+local st = assert(require("resil").budget("team", { limit = 10, per = "day" }):state())
+print("another process sees", st.spent)
+]])
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local db = arg[1]
+local b = resil.budget("team", { limit = 10, per = "day" })
+assert(assert(b:reserve(2)):settle(2, { provider = "p", model = "m" }))
+os.remove(db .. "-wal"); os.remove(db .. "-shm")
+print(b:reserve(8))
+print(resil.cost.record({ provider = "p", model = "m", usd = 1 }))
+os.execute(%q)
+]]):format(("%s --store '%s' %s"):format(helpers.resil, db, check)), ("--store '%s' --log-level off"):format(db), db)
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: both were written into the deleted WAL, which no other process reads: another process saw
+    -- $0 spent, and could reserve the whole $10 again)
+    local gone = "store_unavailable: store " .. db .. ": its -wal file was deleted or replaced since it was opened; " ..
+      "nothing is written to it any more\n"
+    assert.matches("^nil\t" .. gone:gsub("%p", "%%%0") .. "nil\t" .. gone:gsub("%p", "%%%0"), r.stdout)
+    -- what it wrote before is in the file once it has ended (SQLite copies its WAL in at its close)
+    assert.are.equal("another process sees\t2.0\n",
+      helpers.run(("%s --store '%s' %s"):format(helpers.resil, db, check)).stdout)
+  end)
+end)

@@ -116,6 +116,9 @@ typedef struct store_db {
   struct event *detached_ev; /* commits detached ops (DETACHED_FLUSH_DELAY_US) */
   row_statement rows[ROW_STATEMENTS];
   int nrows;
+  int wal_known;       /* the WAL SQLite has open, once seen (wal_moved) */
+  dev_t wal_dev;
+  ino_t wal_ino;
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -427,22 +430,45 @@ static void run_row(lua_State *L, store_db *d, op *o) {
  * new, empty store and runs every step again. A write is refused instead
  * (one stat of the path, in a write transaction). */
 #define FILE_MOVED "its file was deleted or replaced since it was opened; nothing is written to it any more"
-static int file_moved(store_db *d) {
+#define WAL_MOVED "its -wal file was deleted or replaced since it was opened; nothing is written to it any more"
+/* The same for the WAL (a cleanup of "temporary" files took state.db-wal): SQLite wrote on into the
+ * deleted one, which no other process reads (one opened after it saw none of its commits: a budget's
+ * spend $0) and which it copied over the file at its close. SQLite never removes or replaces the WAL
+ * while a connection has it open, so one gone or another is that. (One stat by the name SQLite uses.) */
+static int wal_moved(store_db *d) {
+  const char *main = sqlite3_db_filename(d->db, "main");
+  if (!main || !main[0]) return 0; /* (a temporary or in-memory database: no file, no WAL) */
+  const char *wal = sqlite3_filename_wal(main);
+  struct stat st;
+  if (!wal || !wal[0]) return 0;
+  if (stat(wal, &st) != 0) return d->wal_known && errno == ENOENT;
+  if (!d->wal_known) {
+    d->wal_known = 1;
+    d->wal_dev = st.st_dev;
+    d->wal_ino = st.st_ino;
+    return 0;
+  }
+  return st.st_dev != d->wal_dev || st.st_ino != d->wal_ino;
+}
+
+/* -> 0, or the reason (FILE_MOVED, WAL_MOVED) */
+static const char *file_moved(store_db *d) {
   int moved = 0;
-  return sqlite3_file_control(d->db, "main", SQLITE_FCNTL_HAS_MOVED, &moved) == SQLITE_OK && moved;
+  if (sqlite3_file_control(d->db, "main", SQLITE_FCNTL_HAS_MOVED, &moved) == SQLITE_OK && moved) return FILE_MOVED;
+  return wal_moved(d) ? WAL_MOVED : NULL;
 }
 
 /* One transaction for a list of ops; every op gets a result or a failure.
  * began: BEGIN IMMEDIATE already succeeded. */
 static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
-  int moved = began && file_moved(d);
+  const char *moved = began ? file_moved(d) : NULL;
   if (moved) {
     exec_sql(d, "ROLLBACK");
     began = 0;
   }
   if (!began) {
     char why[512];
-    if (moved) snprintf(why, sizeof why, "store %s: %s", d->path, FILE_MOVED);
+    if (moved) snprintf(why, sizeof why, "store %s: %s", d->path, moved);
     else snprintf(why, sizeof why, "store %s: %s", d->path, sqlite3_errmsg(d->db));
     for (op *o = first; o; o = o->next) fail_op(L, o, why);
     return 0;
@@ -1089,9 +1115,10 @@ static int run_now(lua_State *L, const char *begin) {
     lua_setfield(L, -2, "busy");
     return pushed;
   }
-  if (strcmp(begin, "BEGIN") != 0 && file_moved(d)) {
+  const char *moved = strcmp(begin, "BEGIN") != 0 ? file_moved(d) : NULL;
+  if (moved) {
     exec_sql(d, "ROLLBACK");
-    return resil_error_result(L, "store_unavailable", "store %s: %s", d->path, FILE_MOVED);
+    return resil_error_result(L, "store_unavailable", "store %s: %s", d->path, moved);
   }
   store_db **txp = lua_newuserdatauv(L, sizeof *txp, 0);
   *txp = d;
@@ -1509,6 +1536,7 @@ static int open_db(lua_State *L, int host) {
     return open_failed(L, d, (wal & 0xff) == SQLITE_BUSY);
   }
   d->path = strdup(path);
+  wal_moved(d); /* (its WAL as opened) */
   lua_newtable(L);
   d->ref_stmts = luaL_ref(L, LUA_REGISTRYINDEX);
   d->flush_ev = event_new(R->base, -1, 0, flush_cb, d);
