@@ -67,9 +67,8 @@ describe("a SQLite store whose write lock another process holds past the store's
     resil.sleep(0.05) -- (a give-back is a task of its own)
     helpers.write(release, "")
     -- (before: a task per refusal tried to give the hold back for a minute, each try a write that
-    -- waited the lock's timeout: a gateway refusing 1,000 requests a second during a backup held
-    -- 60,000 tasks writing for nothing, and on a full disk logged that each hold "counts until its
-    -- hold ends")
+    -- waited the lock's timeout: a gateway kept a task writing for nothing per refusal during a
+    -- backup, and on a full disk logged that each hold "counts until its hold ends")
     assert.are.equal(0, abandoned)
     assert(assert(budget:reserve(1)):settle(1, { provider = "p", model = "m" }))
     assert.are.same({ 1, 0 }, { budget:state().spent, budget:state().reserved })
