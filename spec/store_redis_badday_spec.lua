@@ -53,6 +53,28 @@ describe("a Redis server that refuses the store", function()
     end
   end)
 
+  it("without its password: a budget with on_outage = \"allow\" fails closed, as for a URL that names no store",
+    function()
+    local port = own_server(finally, "--requirepass only-secret")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1, per = "day", on_outage = "allow" })
+for _ = 1, 3 do print(b:reserve(1)) end
+]], ("--virtual-clock --store 'redis://:not-it@127.0.0.1:%d/0?timeout=1' --log-level warn"):format(port))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: three unchecked tickets, and so every call for as long as the password was wrong, its
+    -- budget never looked at: "allow" is for an outage that ends, not for a store that refuses)
+    local refused = ("nil\tstore_error: redis 127.0.0.1:%d: NOAUTH Authentication required. (AUTH refused: " ..
+      "WRONGPASS"):format(port)
+    local n = 0
+    for line in r.stdout:gmatch("[^\n]+") do
+      assert.matches(refused, line, 1, true)
+      n = n + 1
+    end
+    assert.are.equal(3, n)
+    assert.is_not.matches("allowed unchecked", r.stderr, 1, true)
+  end)
+
   it("whose database the URL names and the server does not have, or whose SELECT it refuses: a once claim " ..
     "held behind it is not given up for a minute", function()
     local port = own_server(finally, "--requirepass only-secret --databases 4")

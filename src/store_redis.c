@@ -276,6 +276,8 @@ static int unavailable_reply(const char *s) {
   static const char *const codes[] = {"OOM", "LOADING", "BUSY", "READONLY", "MISCONF", "MASTERDOWN", "NOREPLICAS",
                                       "TRYAGAIN", "CLUSTERDOWN", NULL};
   char wrapped[32];
+  /* (a server at its maxclients answers a new connection so, then closes it: an outage as any) */
+  if (strncmp(s, "ERR max number of clients reached", 33) == 0) return 1;
   for (int i = 0; codes[i]; i++) {
     size_t n = strlen(codes[i]);
     if (strncmp(s, codes[i], n) == 0 && s[n] == ' ') return 1;

@@ -222,6 +222,13 @@ local outcome_guard = { __close = function(g) if not g.seen then spawn(abandon, 
 
 local RESERVE_TRIES = 3 -- against settings that change under it (budgets set --per)
 
+-- on_outage = "allow" lets an outage pass (store_unavailable), not a store that answers with an
+-- error (store_error: a Redis refusing the password, a Redis Cluster, a script's error): no wait
+-- mends that, and it let every call through unchecked until someone did
+local function outage_passes(self, err)
+  return self.on_outage == "allow" and type(err) == "table" and err.kind == "store_unavailable"
+end
+
 -- on_outage = "allow": the store unavailable, a ticket that holds nothing; its settle records the cost
 local function unchecked(self, ticket, err, now)
   unchecked_total:inc({ budget = self.name })
@@ -276,7 +283,7 @@ function Budget:reserve(estimate, o)
       now + hold, now, me.id, lease_until, set_per)
     -- seen: made or refused, or (allowed unchecked) the ticket's settle or release will say, or
     -- never sent (a Redis store that is down refuses at once, err.sent = false): nothing to give back
-    outcome.seen = ok ~= nil or self.on_outage == "allow" or
+    outcome.seen = ok ~= nil or outage_passes(self, spent) or
       (type(spent) == "table" and spent.sent == false)
     if ok ~= nil then lease_written(backend_of[s], lease_until) end
     if not stale then break end
@@ -288,7 +295,7 @@ function Budget:reserve(estimate, o)
   local ticket = new_ticket(id, self, { period = period, per = per, estimate = estimate, store = s, hold = hold,
     expires_at = now + hold })
   if ok == nil then -- the store is unavailable
-    if self.on_outage ~= "allow" then return nil, spent end -- fail closed
+    if not outage_passes(self, spent) then return nil, spent end -- fail closed
     return unchecked(self, ticket, spent, now)
   end
   if self.outage then
