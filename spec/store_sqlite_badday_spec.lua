@@ -75,31 +75,94 @@ describe("a SQLite store whose write lock another process holds past the store's
   end)
 end)
 
-describe("a SQLite store whose -wal file is deleted under the running process (a cleanup of temporary files)", function()
-  it("refuses every write after it, naming the file, rather than write where no other process reads", function()
-    local db = helpers.tmpname(".db")
-    local check = helpers.write(helpers.tmpname(".lua"), [[
-local st = assert(require("resil").budget("team", { limit = 10, per = "day" }):state())
-print("another process sees", st.spent)
-]])
-    local r = helpers.run_script(([[
+describe("a SQLite store whose -wal and -shm files are deleted under the running process (a cleanup of temporary " ..
+  "files)", function()
+  local CHECK = [[
+local resil = require "resil"
+print("ledger", resil.cost.total({}))
+]]
+  -- the process that loses its files: $2 settled, the files deleted, then `between` run (another
+  -- process), then a reservation and a row tried
+  local function losing(db, between)
+    return helpers.run_script(([[
 local resil = require "resil"
 local db = arg[1]
 local b = resil.budget("team", { limit = 10, per = "day" })
 assert(assert(b:reserve(2)):settle(2, { provider = "p", model = "m" }))
 os.remove(db .. "-wal"); os.remove(db .. "-shm")
+os.execute(%q)
 print(b:reserve(8))
 print(resil.cost.record({ provider = "p", model = "m", usd = 1 }))
-os.execute(%q)
-]]):format(("%s --store '%s' %s"):format(helpers.resil, db, check)), ("--store '%s' --log-level off"):format(db), db)
+]]):format(between), ("--store '%s' --log-level off"):format(db), db)
+  end
+  local function gone(db)
+    return ("nil\tstore_unavailable: store %s: its -wal or -shm file was deleted or replaced since it was opened; " ..
+      "nothing is written to it any more\n"):format(db)
+  end
+
+  it("refuses every write after it, naming the file; what it wrote before is in the file once it ends", function()
+    local db = helpers.tmpname(".db")
+    local check = helpers.write(helpers.tmpname(".lua"), CHECK)
+    helpers.run(("%s --store '%s' %s"):format(helpers.resil, db, check)) -- (the store made, its schema in the file)
+    local r = losing(db, ("%s --store '%s' %s"):format(helpers.resil, db, check))
     assert.are.equal(0, r.code, r.stderr)
     -- (before: both were written into the deleted WAL, which no other process reads: another process saw
-    -- $0 spent, and could reserve the whole $10 again)
-    local gone = "store_unavailable: store " .. db .. ": its -wal file was deleted or replaced since it was opened; " ..
-      "nothing is written to it any more\n"
-    assert.matches("^nil\t" .. gone:gsub("%p", "%%%0") .. "nil\t" .. gone:gsub("%p", "%%%0"), r.stdout)
-    -- what it wrote before is in the file once it has ended (SQLite copies its WAL in at its close)
-    assert.are.equal("another process sees\t2.0\n",
-      helpers.run(("%s --store '%s' %s"):format(helpers.resil, db, check)).stdout)
+    -- $0 in the ledger, and a budget's $0 spent let it reserve the whole budget again)
+    assert.are.equal("ledger\t0.0\n" .. gone(db) .. gone(db), r.stdout)
+    -- (SQLite copies the deleted WAL in as the process closes: nobody else wrote meanwhile)
+    assert.are.equal("ledger\t2.0\n", helpers.run(("%s --store '%s' %s"):format(helpers.resil, db, check)).stdout)
+  end)
+
+  it("another process that wrote meanwhile keeps its writes, and the file stays whole", function()
+    local db = helpers.tmpname(".db")
+    local other = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "p", model = "m", usd = 5 }))
+]])
+    local r = losing(db, ("%s --store '%s' %s"):format(helpers.resil, db, other))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(gone(db) .. gone(db), r.stdout)
+    -- (the deleted WAL is not copied in by its stale index over the other process's pages: its $2 is
+    -- lost with it, which no process could read since the deletion)
+    local check = helpers.write(helpers.tmpname(".lua"), CHECK)
+    assert.are.equal("ledger\t5.0\n", helpers.run(("%s --store '%s' %s"):format(helpers.resil, db, check)).stdout)
+    assert.are.equal("ok\n", helpers.run(("sqlite3 '%s' 'PRAGMA integrity_check'"):format(db)).stdout)
+  end)
+end)
+
+describe("a SQLite store whose -shm file is deleted under the running process while another process uses the file",
+  function()
+  it("refuses writes in the process that lost it, and the file stays whole with both processes' spend", function()
+    local db = helpers.tmpname(".db")
+    local other = helpers.write(helpers.tmpname(".lua"), [[
+local b = require("resil").budget("team", { limit = 1000, per = "day" })
+for _ = 1, 50 do assert(assert(b:reserve(1)):settle(1, { provider = "p", model = "m" })) end
+print("the other process settled 50")
+]])
+    local check = helpers.write(helpers.tmpname(".lua"), [[
+local st = assert(require("resil").budget("team", { limit = 1000, per = "day" }):state())
+print("spent", st.spent)
+]])
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local db = arg[1]
+local b = resil.budget("team", { limit = 1000, per = "day" })
+for _ = 1, 20 do assert(assert(b:reserve(1)):settle(1, { provider = "p", model = "m" })) end
+os.remove(db .. "-shm")
+os.execute(%q) -- (it makes an index of its own, and its own locks)
+for _ = 1, 20 do
+  local t, err = b:reserve(1)
+  if not t then print(err) break end
+  assert(t:settle(1, { provider = "p", model = "m" }))
+end
+]]):format(("%s --store '%s' %s"):format(helpers.resil, db, other)), ("--store '%s' --log-level off"):format(db), db)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("the other process settled 50\nstore_unavailable: store " .. db .. ": its -wal or -shm file " ..
+      "was deleted or replaced since it was opened; nothing is written to it any more\n", r.stdout)
+    -- (before: both wrote the WAL, each by an index and locks of its own, and the first copied its WAL in by
+    -- its index as it closed: the file was "not a database", every row of the ledger gone)
+    local after = helpers.run(("%s --store '%s' %s"):format(helpers.resil, db, check))
+    assert.are.equal("spent\t70.0\n", after.stdout, after.stderr)
+    assert.are.equal("ok\n", helpers.run(("sqlite3 '%s' 'PRAGMA integrity_check'"):format(db)).stdout)
   end)
 end)

@@ -116,9 +116,9 @@ typedef struct store_db {
   struct event *detached_ev; /* commits detached ops (DETACHED_FLUSH_DELAY_US) */
   row_statement rows[ROW_STATEMENTS];
   int nrows;
-  int wal_known;       /* the WAL SQLite has open, once seen (wal_moved) */
-  dev_t wal_dev;
-  ino_t wal_ino;
+  int wal_known;       /* the WAL and -shm SQLite has open, once seen (wal_moved) */
+  dev_t wal_dev, shm_dev;
+  ino_t wal_ino, shm_ino;
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -430,25 +430,52 @@ static void run_row(lua_State *L, store_db *d, op *o) {
  * new, empty store and runs every step again. A write is refused instead
  * (one stat of the path, in a write transaction). */
 #define FILE_MOVED "its file was deleted or replaced since it was opened; nothing is written to it any more"
-#define WAL_MOVED "its -wal file was deleted or replaced since it was opened; nothing is written to it any more"
-/* The same for the WAL (a cleanup of "temporary" files took state.db-wal): SQLite wrote on into the
- * deleted one, which no other process reads (one opened after it saw none of its commits: a budget's
- * spend $0) and which it copied over the file at its close. SQLite never removes or replaces the WAL
- * while a connection has it open, so one gone or another is that. (One stat by the name SQLite uses.) */
-static int wal_moved(store_db *d) {
+#define WAL_MOVED "its -wal or -shm file was deleted or replaced since it was opened; nothing is written to it any " \
+                  "more"
+/* The same for the WAL and its index (a cleanup of "temporary" files took state.db-wal or
+ * state.db-shm): SQLite wrote on into the deleted WAL, which no other process reads (one opened
+ * after both were gone saw none of its commits: a budget's spend $0), or kept its locks and index
+ * in the deleted -shm while another process made a new one, both then writing the WAL unaware of
+ * each other (the file was "not a database" after). SQLite never removes or replaces either while
+ * a connection has them open, so one gone or another is that. (A stat of each by the names SQLite
+ * uses, against what they were at open.) -> 1 moved */
+static const char *wal_name(store_db *d) {
   const char *main = sqlite3_db_filename(d->db, "main");
-  if (!main || !main[0]) return 0; /* (a temporary or in-memory database: no file, no WAL) */
+  if (!main || !main[0]) return NULL; /* (a temporary or in-memory database: no file, no WAL) */
   const char *wal = sqlite3_filename_wal(main);
-  struct stat st;
-  if (!wal || !wal[0]) return 0;
-  if (stat(wal, &st) != 0) return d->wal_known && errno == ENOENT;
-  if (!d->wal_known) {
+  return wal && wal[0] ? wal : NULL;
+}
+
+static int wal_moved(store_db *d) {
+  const char *wal = wal_name(d);
+  char shm[PATH_MAX];
+  if (!wal || snprintf(shm, sizeof shm, "%.*s-shm", (int)strlen(wal) - 4, wal) >= (int)sizeof shm) return 0;
+  struct stat w, m;
+  int has_w = stat(wal, &w) == 0, has_m = stat(shm, &m) == 0;
+  if (!d->wal_known) { /* (at open, or the first write: both exist once a read has begun) */
+    if (!has_w || !has_m) return 0;
     d->wal_known = 1;
-    d->wal_dev = st.st_dev;
-    d->wal_ino = st.st_ino;
+    d->wal_dev = w.st_dev, d->wal_ino = w.st_ino;
+    d->shm_dev = m.st_dev, d->shm_ino = m.st_ino;
     return 0;
   }
-  return st.st_dev != d->wal_dev || st.st_ino != d->wal_ino;
+  return !has_w || !has_m || w.st_dev != d->wal_dev || w.st_ino != d->wal_ino || m.st_dev != d->shm_dev ||
+         m.st_ino != d->shm_ino;
+}
+
+/* Another process may have written since ours were deleted: into our WAL by an index of its own
+ * (another -shm where ours was, our WAL still in its place), which ours does not know of, or into a
+ * WAL of its own (frames in it, or pages its checkpoints copied into the file). A copy of our WAL
+ * by our index as this one closes would then mix pages. */
+static int others_wrote(store_db *d) {
+  const char *wal = wal_name(d);
+  char shm[PATH_MAX];
+  if (!d->wal_known || !wal || snprintf(shm, sizeof shm, "%.*s-shm", (int)strlen(wal) - 4, wal) >= (int)sizeof shm)
+    return 0;
+  struct stat w, m;
+  if (stat(wal, &w) != 0) return 0;
+  if (w.st_dev != d->wal_dev || w.st_ino != d->wal_ino) return w.st_size > 0;
+  return stat(shm, &m) == 0 && (m.st_dev != d->shm_dev || m.st_ino != d->shm_ino);
 }
 
 /* -> 0, or the reason (FILE_MOVED, WAL_MOVED) */
@@ -1268,6 +1295,12 @@ static void db_close_all(lua_State *L, store_db *d) {
   }
   d->nrows = 0;
   memset(d->ctl, 0, sizeof d->ctl);
+  /* our WAL or index deleted and another process may have written since: no copy of our WAL as
+   * this one closes (SQLite's checkpoint at the last close), which would mix its pages with that
+   * process's (the file was "not a database" after). Otherwise it is copied in: what this process
+   * wrote before the deletion is kept (another process that opened meanwhile could not read the
+   * WAL our index names, and wrote nothing). */
+  if (others_wrote(d)) sqlite3_db_config(d->db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, (int *)NULL);
   sqlite3_close(d->db);
   d->db = NULL;
   if (d->flush_ev) event_free(d->flush_ev);
