@@ -75,6 +75,21 @@ for _ = 1, 3 do print(b:reserve(1)) end
     assert.is_not.matches("allowed unchecked", r.stderr, 1, true)
   end)
 
+  it("as a user its ACL does not let run scripts or reach the store's keys: each operation says NOPERM, naming " ..
+    "the server; a once claim it refused is not given up for a minute", function()
+    local port = own_server(finally, "--user default on nopass '~*' '&*' '+@all' " ..
+      "--user noscripts on '>pw' '~*' '&*' '+@all' '-@scripting' --user kvonly on '>pw' '~resil:kv:*' '+@all'")
+    for _, user in ipairs({ "noscripts", "kvonly" }) do
+      local r = refused_by(("redis://%s:pw@127.0.0.1:%d/0?timeout=1"):format(user, port))
+      assert.are.equal(0, r.code, r.stderr)
+      local refused = ("store_error: redis 127.0.0.1:%d: NOPERM [^\n]*%%(the store's user needs every command and " ..
+        "key under resil:%%)\n"):format(port)
+      assert.matches("reserve\tnil\t" .. refused .. "once\tnil\t" .. refused .. "ran\tfalse\n", r.stdout)
+      -- (before: refused before it ran, the claim was given up by a task for a minute, each try refused)
+      assert.is_not.matches("outcome was not seen", r.stderr, 1, true)
+    end
+  end)
+
   it("whose database the URL names and the server does not have, or whose SELECT it refuses: a once claim " ..
     "held behind it is not given up for a minute", function()
     local port = own_server(finally, "--requirepass only-secret --databases 4")

@@ -447,9 +447,17 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
      * store's scripts take several keys each, so it cannot be one (a key here or there worked) */
     int cluster = strncmp(r->str, "MOVED ", 6) == 0 || strncmp(r->str, "ASK ", 4) == 0 ||
                   strncmp(r->str, "CROSSSLOT ", 10) == 0;
+    /* the user's ACL refuses the command or its keys, checked before it runs (one a script called
+     * is said with "script: ...": it may have written before) */
+    int noperm = strncmp(r->str, "NOPERM ", 7) == 0 && !strstr(r->str, " script: ");
     if (cluster) {
       lua_pushfstring(L, "redis %s:%d: %s (a Redis Cluster: the store needs one Redis server, with replicas or not)",
                       c->host, c->port, r->str);
+      lua_pushboolean(L, 0);
+      lua_setfield(L, -3, "sent");
+    } else if (noperm) {
+      lua_pushfstring(L, "redis %s:%d: %s (the store's user needs every command and key under resil:)", c->host,
+                      c->port, r->str);
       lua_pushboolean(L, 0);
       lua_setfield(L, -3, "sent");
     } else if (noauth) {
