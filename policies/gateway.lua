@@ -1462,12 +1462,26 @@ end
 -- An embeddings answer as the client reads it: the vectors in C's JSON (one string kept under an
 -- Idempotency-Key: kept as a table, resil.once wrote every number in Lua, 0.27 s on the loop for
 -- 100 vectors of 1,536, and no byte cap counted them)
+-- Written a vector at a time, the loop let in every 64k numbers: a batch of 2,048 vectors of
+-- 1,536 floats is 3 million numbers, a second and a half of JSON, which in one encode held every
+-- other request on the worker (and the watchdog stopped it at --max-task-seconds, a 503).
+local YIELD_EVERY = 65536
 local function embeddings_body(res, model, format)
-  local data = {}
   local base64 = format == "base64"
-  for i, v in ipairs(res.embeddings) do data[i] = { object = "embedding", index = i - 1, embedding = encoded(v, base64) } end
   local n = res.usage and res.usage.input_tokens or 0
-  return json.encode({ object = "list", data = data, model = model, usage = { prompt_tokens = n, total_tokens = n } })
+  local parts, numbers = { '{"object":"list","model":', json.encode(model), ',"usage":',
+    json.encode({ prompt_tokens = n, total_tokens = n }), ',"data":[' }, 0
+  for i, v in ipairs(res.embeddings) do
+    parts[#parts + 1] = (i > 1 and ',{"object":"embedding","index":' or '{"object":"embedding","index":') .. (i - 1)
+      .. ',"embedding":' .. json.encode(encoded(v, base64)) .. "}"
+    numbers = numbers + (type(v) == "table" and #v or 1)
+    if numbers >= YIELD_EVERY and resil.running() then
+      numbers = 0
+      resil.yield()
+    end
+  end
+  parts[#parts + 1] = "]}"
+  return table.concat(parts)
 end
 -- past config.idempotency_keep_max an answer is served but not kept under its key (the
 -- store's own cap is 32 MB as JSON, written out twice on Redis): a retry is told so, and
