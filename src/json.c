@@ -315,11 +315,11 @@ static size_t exact_text(lua_State *L, int idx, char buf[32]) {
   if (lua_isinteger(L, idx)) return (size_t)snprintf(buf, 32, LUA_INTEGER_FMT, lua_tointeger(L, idx));
   double x = lua_tonumber(L, idx);
   int n = 0;
-  for (int digits = EXACT_DIGITS + 1; digits <= 17; digits++) {
+  for (int digits = EXACT_DIGITS + 1; digits < 17; digits++) {
     n = snprintf(buf, 32, "%.*g", digits, x);
-    if (strtod(buf, NULL) == x) break;
+    if (strtod(buf, NULL) == x) return (size_t)n;
   }
-  return (size_t)n;
+  return (size_t)snprintf(buf, 32, "%.17g", x); /* (17 digits always read back the same double) */
 }
 
 /* pushes the value at idx with such values swapped for markers (tables
@@ -328,12 +328,11 @@ static void push_marked(lua_State *L, int idx, const marker *m, int depth) {
   int t = lua_type(L, idx);
   idx = lua_absindex(L, idx);
   if (t == LUA_TNUMBER && needs_exact(L, idx)) {
-    char buf[32];
-    size_t n = exact_text(L, idx, buf);
-    lua_pushlstring(L, m->raw, RAW_LEN);
-    lua_pushliteral(L, "#");
-    lua_pushlstring(L, buf, n);
-    lua_concat(L, 3);
+    char buf[RAW_LEN + 1 + 32]; /* one string: the number's text alone was interned as one more */
+    memcpy(buf, m->raw, RAW_LEN);
+    buf[RAW_LEN] = '#';
+    size_t n = exact_text(L, idx, buf + RAW_LEN + 1);
+    lua_pushlstring(L, buf, RAW_LEN + 1 + n);
     return;
   }
   if (t != LUA_TTABLE) {
