@@ -264,8 +264,10 @@ ai.deployment_conf = deployment_conf -- (what an older copy of policies/gateway.
 local warned_keyless = {}
 local function warn_keyless(errs)
   for _, err in ipairs(errs) do
-    if not warned_keyless[err.variable] then
-      warned_keyless[err.variable] = true
+    -- (a provider file that names no key variable: its error has none, said once per provider)
+    local said = err.variable or ("(" .. tostring(err.provider) .. ")")
+    if not warned_keyless[said] then
+      warned_keyless[said] = true
       resil.log.warn("ai: a target without its key is left out of calls: " .. err.message,
         { variable = err.variable, provider = err.provider, model = err.model })
     end

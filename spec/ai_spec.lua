@@ -392,6 +392,21 @@ describe("chat over the strict mock", function()
     assert.are.equal(before, m:stats().total)
   end)
 
+  -- (before: its error names no variable, and the warning's once-per-variable table was indexed
+  -- by nil: every call raised "table index is nil", the primary's good answers too)
+  it("a fallback whose provider names no key variable is left out as a keyless one, not a raise", function()
+    local adapter = {}
+    for k, v in pairs(openai) do adapter[k] = v end
+    adapter.name, adapter.key_env = "spec_nokeyvar", nil -- (a provider file of the project's, for a local server)
+    ai.adapters.spec_nokeyvar = adapter
+    local ok, r, err = pcall(ai.chat, { model = "openai/gpt-4o-mini", messages = MSGS,
+      fallback = { "spec_nokeyvar/some-model" } })
+    ai.adapters.spec_nokeyvar = nil
+    assert.is_true(ok, tostring(r))
+    assert.is_nil(err)
+    assert.are.equal("openai", r.provider)
+  end)
+
   it("insufficient_quota is never retried, and falls back", function()
     m:configure({ strict = true, sequence = { chat = { { status = 429, error_type = "insufficient_quota",
       error_code = "insufficient_quota" } } } })
