@@ -84,3 +84,25 @@ print(select("#", resil.once("many", function() return table.unpack(t, 1, 3) end
     assert.matches("^true\t3\n3\n$", r.stdout) -- (replayed: the three stored)
   end)
 end)
+
+describe("resil.once whose results cannot be stored, its caller gone (canceled) before fn ends", function()
+  it("the run's own task reports why, not '(error object is a table value)'", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local started, go = false, false
+local caller = resil.spawn(function()
+  return resil.once("gone", function()
+    started = true
+    while not go do resil.sleep(0.01) end
+    return print
+  end)
+end)
+while not started do resil.sleep(0.01) end
+caller:cancel()
+go = true
+]], ("--store %s --log-level off"):format(db))
+    -- (before: "task N (...) failed and was never joined: (error object is a table value)")
+    assert.matches("never joined: resil%.once: cannot store the results: they must be JSON values", r.stderr)
+  end)
+end)

@@ -63,7 +63,9 @@ end
 
 -- fn's results cannot be stored: raised by resil.once at its caller's line (run_once runs in a task
 -- of its own, where the message named no place of the script's)
-local unstorable_mt = {}
+-- (its message as a string too: a caller canceled before fn ended leaves the task unjoined, whose
+-- report said "(error object is a table value)")
+local unstorable_mt = { __tostring = function(e) return e[1] end }
 -- resil.once's caller (caller_where's caller's), as file:line; one that called it as a tail call
 -- (`return resil.once(...)` in a step's fn) has lost its frame: then fn's own line
 local function caller_where(fn)
