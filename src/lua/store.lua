@@ -569,7 +569,14 @@ local function exact(v, depth, path, budget)
   end
   if path[v] then error("a cyclic table", 0) end
   if depth > 200 then error("tables nested more than 200 deep", 0) end
+  -- (an object's methods come back on the first run only: a resumed run got a plain table,
+  -- and its first method call failed there, after a crash; a JSON array's mark is kept)
+  local mt = getmetatable(v)
+  if mt ~= nil and mt ~= json.array_mt then
+    error("a table with a metatable (an object's methods are not stored: return its plain data)", 0)
+  end
   count_bytes(budget, TABLE_BYTES)
+  if mt and next(v) == nil then return setmetatable({}, json.array_mt) end
   path[v] = true
   local n, strings, others, top = 0, true, false, 0
   for k in pairs(v) do
