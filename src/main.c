@@ -76,7 +76,7 @@ static void usage(FILE *out) {
   fprintf(out,
           "usage: " PROGNAME " [options] [script [args...]]\n"
           "       " PROGNAME " mock [scenario.lua] [--port N] [--host ADDR] [--metrics-addr A] [--metrics-file F]\n"
-          "       " PROGNAME " runs [show ID [--html FILE]] [--store URL]     runs and their checkpointed steps\n"
+          "       " PROGNAME " runs [show ID [--html FILE]] | forget ID | prune --older-than AGE [--dry-run]\n"
           "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--run ID] [--json|--csv]\n"
           "       " PROGNAME " budgets [--json] | show NAME [--json] | release NAME [--stale] | set NAME --limit USD [--per day|month|none]\n"
           "       " PROGNAME " gateway [--listen HOST:PORT] [--config FILE] [--workers N] [options]\n"

@@ -1,4 +1,4 @@
--- The store's subcommands: `resil-lua runs [show ID [--html FILE]]`,
+-- The store's subcommands: `resil-lua runs [show ID [--html FILE] | forget ID | prune --older-than AGE]`,
 -- `resil-lua costs [--by provider|model|user|day] [--since DATE] [--run ID] [--json|--csv]` and
 -- `resil-lua budgets [show|release|set NAME ...]`.
 -- The module is the command's entry point: the CLI runs
@@ -208,11 +208,71 @@ local function runs_show(s, args)
   if resume then print("resume: " .. printable(redact(resume))) end
 end
 
+-- the holder a forget was refused for, as `runs` shows it
+local function holder_text(holder)
+  local h = require("resil.owner").describe(holder)
+  return h and h.pid and ("pid %d on %s"):format(h.pid, h.host) or "another process"
+end
+
+-- `runs forget ID`: the run and its checkpointed results gone (its next start runs every step
+-- again); its ledger rows stay. Refused while a live process holds the run.
+local function runs_forget(s, args)
+  local id = args[2] or fail("runs forget: which run? (resil-lua runs lists them)")
+  if args[3] then fail("runs forget: unknown argument '%s' (runs forget ID)", args[3]) end
+  local ok, why, holder = backend_of[s]:run_forget(id, resil.store_now())
+  if ok == nil then fail("runs forget: %s", tostring(why)) end
+  if not ok and why == "unknown" then fail("runs forget: no run '%s' (resil-lua runs lists them)", printable(id)) end
+  if not ok then fail("runs forget: run '%s' is held by %s: stop it first", printable(id), holder_text(holder)) end
+  print(("forgot run %s"):format(printable(redact(id))))
+end
+
+-- `runs prune --older-than AGE [--dry-run]`: every run last updated before now - AGE (30d, 12h,
+-- 90m, 0s) and held by no live process is forgotten. Step results are kept until then: a
+-- store of a pipeline that runs every day grows by its results, up to 32 MB a step.
+local function runs_prune(s, args)
+  local age, dry
+  local i = 2
+  while args[i] do
+    if args[i] == "--older-than" then
+      local n, unit = tostring(args[i + 1]):match("^(%d+%.?%d*)([dhms])$")
+      if not n then fail("runs prune: --older-than takes an age such as 30d, 12h, 90m or 0s") end
+      age = tonumber(n) * ({ d = 86400, h = 3600, m = 60, s = 1 })[unit]
+      i = i + 2
+    elseif args[i] == "--dry-run" then
+      dry, i = true, i + 1
+    else
+      fail("runs prune: unknown argument '%s' (runs prune --older-than AGE [--dry-run])", args[i])
+    end
+  end
+  if not age then fail("runs prune: --older-than AGE is required (30d, 12h, 90m, 0s)") end
+  local now = resil.store_now()
+  local gone, kept = 0, 0
+  for _, r in ipairs(need(backend_of[s]:runs_list(now))) do
+    local old = (tonumber(r.updated_at) or now) <= now - age
+    if old and not r.holder_alive then
+      if dry then
+        print(("would forget %s (%s, updated %s)"):format(printable(redact(r.id)), r.status, date(r.updated_at)))
+        gone = gone + 1
+      else
+        local ok, why = backend_of[s]:run_forget(r.id, now)
+        if ok == nil then fail("runs prune: %s", tostring(why)) end
+        if ok then gone = gone + 1 else kept = kept + 1 end
+      end
+    else
+      kept = kept + 1
+    end
+  end
+  print(("%s %d run%s, kept %d (newer, or held by a live process)"):format(dry and "would forget" or "forgot",
+    gone, gone == 1 and "" or "s", kept))
+end
+
 function commands.runs(args)
   local s, err = resil.store(nil, { existing = true })
   if not s then fail("%s", tostring(err)) end
   if args[1] == "show" then return runs_show(s, args) end
-  if args[1] then fail("runs: unknown argument '%s' (runs, or runs show ID)", args[1]) end
+  if args[1] == "forget" then return runs_forget(s, args) end
+  if args[1] == "prune" then return runs_prune(s, args) end
+  if args[1] then fail("runs: unknown argument '%s' (runs, runs show ID, runs forget ID, runs prune --older-than AGE)", args[1]) end
   local runs = need(backend_of[s]:runs_list(resil.store_now()))
   local rows = {}
   for _, r in ipairs(runs) do

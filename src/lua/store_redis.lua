@@ -1077,6 +1077,27 @@ function R:runs_list(now)
   return out
 end
 
+-- A run and its steps forgotten: -> true | false, "unknown" | false, "held", holder. The run is
+-- deleted only if its holder is still the one judged gone (one that took it meanwhile keeps it).
+local run_forget = [[
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[2])
+return 1
+]]
+function R:run_forget(id)
+  local holder, err = self.conn:call("HGET", P .. "run:" .. id, "owner")
+  if holder == nil then return nil, err end
+  if holder and self:holder_alive(holder) then return false, "held", holder end
+  local keys = run_keys(id)
+  local n, cerr = self.conn:call("EVAL", run_forget, 4, keys[1], keys[2], unfinished_key(id), keys[3], holder or "", id)
+  if n == nil then return nil, cerr end
+  if n == 0 then return false, "unknown" end
+  if n == -1 then return false, "held", self.conn:call("HGET", P .. "run:" .. id, "owner") end
+  return true
+end
+
 -- A step that failed, with its error: -> true | false, holder, since
 function R:step_failed(run, scope, seq, name, err_text, retries, now, me, started, detail)
   local rec = json.encode({ scope = scope, seq = seq, name = name, state = "failed", error = err_text,

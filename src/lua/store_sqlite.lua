@@ -530,6 +530,20 @@ function B:step_failed(run, scope, seq, name, err, retries, now, me, started, de
   end)
 end
 
+-- A run and its steps forgotten (`runs forget`, `runs prune`): -> true | false, "unknown" |
+-- false, "held", holder (a live process runs it). Its ledger rows stay: they are money.
+function B:run_forget(id, now)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT owner FROM runs WHERE id = ?", id)
+    if not row then return false, "unknown" end
+    if row.owner and alive(tx, row.owner, now) == true then return false, "held", row.owner end
+    tx:exec("DELETE FROM steps WHERE run = ?", id)
+    tx:exec("DELETE FROM unfinished_steps WHERE run = ?", id)
+    tx:exec("DELETE FROM runs WHERE id = ?", id)
+    return true
+  end)
+end
+
 -- the run's row (nil when unknown)
 function B:run_get(id)
   return read(self, function(tx) return tx:row("SELECT * FROM runs WHERE id = ?", id) end)
