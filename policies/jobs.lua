@@ -232,10 +232,14 @@ end
 -- (how = "charge": counted in it beside the settle to come).
 local function charge(ctx, spec, operation, job_id, usage, ticket, how)
   local usd = pricing.cost(ctx.name, ctx.model, usage)
+  -- a duration the provider reported that cannot be read (the adapter said which), for a model
+  -- billed by it: a row without a price, never a guess ($0 wrote no row)
+  local price = usage and usage.unreadable and pricing.price(ctx.model)
+  if price and price.per_predict_second then usd = nil end
   local units = {}
   for k, v in pairs(usage or {}) do units[k] = v end
   if usd == nil then
-    warn_unpriced(ctx.model)
+    if not units.unreadable then warn_unpriced(ctx.model) end -- (that one was said where it was read)
     units.unpriced = true
   end
   local entry = { provider = ctx.name, model = ctx.model, operation = operation, user = spec.user,

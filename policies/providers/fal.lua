@@ -34,6 +34,7 @@ function fal.headers(key, json_body)
 end
 
 local escape = require("policies.providers.replicate").escape -- an id as one path segment
+local seconds = require("policies.providers.replicate").seconds -- a reported duration, checked
 
 local function decode(res, what)
   local body = json.decode(res.body or "")
@@ -50,11 +51,15 @@ function fal.create(ctx)
   if not res then return nil, err end
   local q, derr = decode(res, "submit answer")
   if not q then return nil, derr end
-  if type(q.request_id) ~= "string" or type(q.status_url) ~= "string" or type(q.response_url) ~= "string" then
-    return nil, resil.error("invalid_output", "fal: the submit answer has no request_id, status_url or response_url",
-      { provider = "fal", retryable = false })
+  -- (no request_id: a request made that no one can follow, recorded at its estimate by jobs.lua from
+  -- the status; one with an id and no URLs is followed at the documented ones, as replicate.create)
+  if type(q.request_id) ~= "string" or q.request_id == "" then
+    return nil, resil.error("invalid_output", "fal: the submit answer has no request_id",
+      { provider = "fal", status = res.status, retryable = true })
   end
-  if q.cancel_url == json.null then q.cancel_url = nil end
+  for _, k in ipairs({ "status_url", "response_url", "cancel_url" }) do
+    if q[k] == json.null then q[k] = nil end
+  end
   -- (the key goes only to base_url's host: jobs.lua's own_url; fal's documented queue URLs)
   local at = ("%s/%s/requests/%s"):format(ctx.base, ctx.target.app, escape(q.request_id))
   return { id = q.request_id, status_url = ctx.own_url(q.status_url, at .. "/status"),
@@ -116,7 +121,11 @@ function fal.usage(state, input)
     end
   end
   local metrics = state and state.metrics
-  if type(metrics) == "table" then u.predict_seconds = tonumber(metrics.inference_time) end
+  if type(metrics) == "table" then
+    local unreadable
+    u.predict_seconds, unreadable = seconds(metrics.inference_time, "metrics.inference_time", "fal")
+    u.unreadable = unreadable and "metrics.inference_time" or nil -- (jobs.lua: no price, never a guess)
+  end
   return u
 end
 

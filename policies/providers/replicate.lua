@@ -73,15 +73,20 @@ function replicate.create(ctx)
   if not res then return nil, err end
   local p, derr = decode(res)
   if not p then return nil, derr end
-  if type(p.id) ~= "string" or type(p.urls) ~= "table" or type(p.urls.get) ~= "string" then
-    return nil, resil.error("invalid_output", "replicate: the created prediction has no id or urls.get",
-      { provider = "replicate", retryable = false })
+  -- a 2xx without an id made a job no one can follow: its status says so (jobs.lua records it at
+  -- its estimate and makes no other, as a create cut after its 2xx; retryable, so that resil.once
+  -- keeps no failure to be charged again at each replay); one with an id and no urls
+  -- is followed at the documented URLs (it was refused, neither read, canceled nor recorded)
+  if type(p.id) ~= "string" or p.id == "" then
+    return nil, resil.error("invalid_output", "replicate: the created prediction has no id",
+      { provider = "replicate", status = res.status, retryable = true })
   end
+  local urls = type(p.urls) == "table" and p.urls or {}
   -- (the key goes only to base_url's host: jobs.lua's own_url)
   local get = ("%s/predictions/%s"):format(ctx.base, escape(p.id))
-  local cancel = p.urls.cancel ~= json.null and p.urls.cancel or nil
+  local cancel = urls.cancel ~= json.null and urls.cancel or nil
   local s = state_of(p)
-  return { id = p.id, get = ctx.own_url(p.urls.get, get), cancel = ctx.own_url(cancel, get .. "/cancel"),
+  return { id = p.id, get = ctx.own_url(urls.get, get), cancel = ctx.own_url(cancel, get .. "/cancel"),
     state = s.status ~= "running" and { status = s.status, output = s.output, error = s.error,
       metrics = p.metrics ~= json.null and p.metrics or nil } or nil }
 end
@@ -109,13 +114,35 @@ function replicate.cancel(ctx, handle)
   return res, nil, s
 end
 
+-- A duration the provider reported, in seconds -> a finite number from 0 to a year | nil (none)
+-- | nil, true (one that cannot be read: logged). A string, a negative or an infinite one raised
+-- in the pricing, or was refused by the budget's settle: a job that succeeded and was paid
+-- raised out of ai.job, its output lost, no row, its hold kept.
+local YEAR = 365 * 86400
+function replicate.seconds(v, what, provider)
+  if v == nil or v == json.null then return nil end
+  if math.type(v) and v >= 0 and v <= YEAR then return v end
+  resil.log.error("job: the provider reported a duration that cannot be read; the job is recorded without a price",
+    { provider = provider, field = what, value = tostring(v):sub(1, 80) })
+  return nil, true
+end
+
 -- what the job used, for policies/pricing_media.lua
 function replicate.usage(state, input)
   local out = state and state.output
   local files = 0
   if type(out) == "string" then files = 1 elseif type(out) == "table" then files = #out end
-  local metrics = state and state.metrics or {}
-  local u = { predict_seconds = metrics.predict_time }
+  local metrics = state and state.metrics
+  local u = {}
+  if type(metrics) == "table" then
+    local unreadable
+    u.predict_seconds, unreadable = replicate.seconds(metrics.predict_time, "metrics.predict_time", "replicate")
+    u.unreadable = unreadable and "metrics.predict_time" or nil -- (jobs.lua: no price, never a guess)
+  elseif metrics ~= nil then
+    u.unreadable = "metrics"
+    resil.log.error("job: the provider reported metrics that are not an object; the job is recorded without a price",
+      { provider = "replicate", value = tostring(metrics):sub(1, 80) })
+  end
   if state and state.status == "succeeded" then
     u.outputs = files
     if type(input) == "table" and tonumber(input.duration) then u.video_seconds = tonumber(input.duration) end

@@ -1,0 +1,155 @@
+-- policies/jobs.lua and its adapters against a provider having a bad day: answers the real APIs
+-- would not give but a proxy, an outage or an API change may (a duration that is not one, a
+-- create's answer missing its URLs or its id), from a real loopback server.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local jobs = require "policies.jobs"
+local pricing = require "policies.pricing_media"
+local json = resil.json
+
+local KEYS = { replicate = "r8_badday_token_01", fal = "fal_badday_key_01" }
+local PER_SECOND = "replicate/acme/hw:5c7d5dc6"      -- billed for the time it ran
+local PER_IMAGE = "replicate/acme/img:5c7d5dc6"      -- billed per output
+local FAL_PER_SECOND = "fal/acme/hw"
+
+-- a Replicate and fal queue on loopback whose answers `answers` makes:
+-- answers.create(base) -> body of the create; answers.status -> body of a status read
+local function provider(answers)
+  local seen = { creates = 0, reads = {}, cancels = 0 }
+  local server = assert(resil.server.listen({ handler = function(req)
+    local base = ("http://%s"):format(req.headers.host)
+    if req.method == "POST" and (req.path == "/v1/predictions" or req.path == "/fal/acme/hw") then
+      seen.creates = seen.creates + 1
+      return { status = req.path == "/v1/predictions" and 201 or 200, body = answers.create(base) }
+    end
+    seen.reads[#seen.reads + 1] = req.method .. " " .. req.path
+    if req.path:match("/cancel$") then seen.cancels = seen.cancels + 1 end
+    if req.path == "/fal/acme/hw/requests/r1" then return { status = 200, body = '{"images":[{"url":"https://x/a.png"}]}' } end
+    if req.path == "/v1/predictions/p1" or req.path == "/fal/acme/hw/requests/r1/status" then
+      return { status = 200, body = answers.status }
+    end
+    return { status = 404, body = '{"detail":"Not found."}' }
+  end }))
+  local url = ("http://127.0.0.1:%d"):format(server:port())
+  jobs.configure("replicate", { base_url = url .. "/v1", api_key = KEYS.replicate, poll = { first = 1 } })
+  jobs.configure("fal", { base_url = url .. "/fal", api_key = KEYS.fal, poll = { first = 1 } })
+  finally(function() server:close() end)
+  return seen
+end
+
+local function rows()
+  local n, usd, unpriced = 0, 0, 0
+  for _, g in ipairs(assert(resil.cost.breakdown("provider"))) do
+    n, usd, unpriced = n + g.calls, usd + g.usd, unpriced + (g.unpriced or 0)
+  end
+  return n, usd, unpriced
+end
+
+local function created(base)
+  return json.encode({ id = "p1", status = "starting", urls = { get = base .. "/v1/predictions/p1",
+    cancel = base .. "/v1/predictions/p1/cancel" } })
+end
+
+describe("a job on a bad day", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.store_config({ url = helpers.tmpname(".db") })
+    pricing.models["replicate/acme/hw"] = { per_predict_second = 0.001 }
+    pricing.models["replicate/acme/img"] = { per_output = 0.01 }
+    pricing.models["fal/acme/hw"] = { per_predict_second = 0.001 }
+  end)
+  after_each(function()
+    pricing.models["replicate/acme/hw"], pricing.models["replicate/acme/img"], pricing.models["fal/acme/hw"] = nil, nil, nil
+  end)
+
+  -- (before: a Lua error out of ai.job from the pricing or the budget's settle: a job that succeeded
+  -- and was paid lost its output, wrote no row, and its hold stayed)
+  for what, metrics in pairs({ ["a string"] = '{"predict_time":"1.5s"}', negative = '{"predict_time":-500}',
+    infinite = '{"predict_time":1e400}', ["past a year"] = '{"predict_time":1e300}', ["not an object"] = '7' }) do
+    it("Replicate: a succeeded job whose predict_time is " .. what .. " is its output and a row without a price",
+      function()
+        provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"],' ..
+          '"metrics":' .. metrics .. '}' })
+        local b = resil.budget("jobs-badday-" .. what, { limit = 5 })
+        local r, err
+        local lines = helpers.logged(function()
+          r, err = jobs.job({ model = PER_SECOND, input = { prompt = "x" }, budget = "jobs-badday-" .. what })
+        end)
+        assert(r, err and tostring(err))
+        assert.are.same({ "https://x/a.png" }, r.output)
+        assert.is_nil(r.cost_usd) -- unknown, never a guess nor a silent zero
+        local n, _, unpriced = rows()
+        assert.are.same({ 1, 1 }, { n, unpriced })
+        local st = b:state()
+        assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+        local said = false
+        for _, l in ipairs(lines) do said = said or (l.level == "error" and l.provider == "replicate") end
+        assert.is_true(said, "the unreadable duration is logged, naming the provider")
+      end)
+  end
+
+  it("Replicate: a predict_time of null is none: the job is priced at what it reported, no error", function()
+    provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"],' ..
+      '"metrics":{"predict_time":null}}' })
+    local r = assert(jobs.job({ model = PER_IMAGE, input = { prompt = "x" } }))
+    assert.are.equal(0.01, r.cost_usd)
+  end)
+
+  it("fal: a completed request whose inference_time cannot be read is its output and a row without a price",
+    function()
+      provider({ create = function(base)
+        return json.encode({ request_id = "r1", status_url = base .. "/fal/acme/hw/requests/r1/status",
+          response_url = base .. "/fal/acme/hw/requests/r1" })
+      end, status = '{"status":"COMPLETED","metrics":{"inference_time":"fast"}}' })
+      local r, err
+      helpers.logged(function() r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x" } }) end)
+      assert(r, err and tostring(err))
+      assert.are.equal("https://x/a.png", r.output.images[1].url)
+      assert.is_nil(r.cost_usd)
+      local n, _, unpriced = rows()
+      assert.are.same({ 1, 1 }, { n, unpriced })
+    end)
+
+  -- (before: invalid_output, and the job the provider had made, and billed, was neither read,
+  -- canceled nor recorded)
+  it("Replicate: a create answered with an id and no urls is followed at the documented URL, paid once", function()
+    local seen = provider({ create = function() return '{"id":"p1","status":"starting"}' end,
+      status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"]}' })
+    local r, err = jobs.job({ model = PER_IMAGE, input = { prompt = "x" } })
+    assert(r, err and tostring(err))
+    assert.are.same({ "https://x/a.png" }, r.output)
+    assert.are.equal(1, seen.creates)
+    assert.are.equal("GET /v1/predictions/p1", seen.reads[1])
+    local n, usd = rows()
+    assert.are.same({ 1, 0.01 }, { n, usd })
+  end)
+
+  it("fal: a submit answered with a request_id and no URLs is followed at the documented URLs", function()
+    local seen = provider({ create = function() return '{"request_id":"r1","status_url":null}' end,
+      status = '{"status":"COMPLETED","metrics":{"inference_time":2}}' })
+    local r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x" } })
+    assert(r, err and tostring(err))
+    assert.are.equal(1, seen.creates)
+    assert.are.same({ "GET /fal/acme/hw/requests/r1/status", "GET /fal/acme/hw/requests/r1" }, seen.reads)
+    assert.are.equal(0.002, r.cost_usd)
+  end)
+
+  -- (a 2xx without an id: a job made that no one can follow, as a create cut after its 2xx)
+  it("Replicate: a create answered 201 without an id is not made again, recorded once at its estimate", function()
+    local seen = provider({ create = function() return '{"status":"starting"}' end, status = "{}" })
+    local r, err
+    helpers.logged(function() r, err = jobs.job({ model = PER_IMAGE, input = { prompt = "x" }, key = "no-id" }) end)
+    assert.is_nil(r)
+    assert.are.equal("invalid_output", err.kind)
+    assert.matches("no id", err.message)
+    assert.are.equal(0.01, err.cost_usd)
+    assert.are.equal(1, seen.creates)
+    local n, usd = rows()
+    assert.are.same({ 1, 0.01 }, { n, usd })
+    -- the same key again (a resumed run) is not that failure replayed and charged again: a new job
+    helpers.logged(function() jobs.job({ model = PER_IMAGE, input = { prompt = "x" }, key = "no-id" }) end)
+    assert.are.equal(2, seen.creates)
+    n, usd = rows()
+    assert.are.same({ 2, 0.02 }, { n, usd })
+  end)
+end)
