@@ -303,6 +303,7 @@ local function follow(ctx, handle, deadline)
   local deadline_at = resil.now() + deadline - elapsed -- a resumed job keeps the time it already ran
   local delay = ctx.poll_first or poll.first or 1
   local state = handle.state
+  local unread -- the failure of the status reads since the last one read (said at the deadline)
   while not (state and state.status ~= "running") do
     local left = deadline_at - resil.now()
     if left <= 0 then
@@ -316,10 +317,10 @@ local function follow(ctx, handle, deadline)
       end
       if cerr then
         resil.log.warn("job: cancel failed", { provider = ctx.name, id = handle.id, error = tostring(cerr) })
-        return { status = "deadline", uncanceled = cerr } -- it may run on: no replacement beside it
+        return { status = "deadline", uncanceled = cerr, unread = unread } -- it may run on: no replacement beside it
       end
       -- the time it ran, as the cancel's answer says (hardware-billed models are paid for it)
-      return { status = "deadline", metrics = ended and ended.metrics }
+      return { status = "deadline", metrics = ended and ended.metrics, unread = unread }
     end
     resil.sleep(math.min(delay, left))
     delay = math.min(delay * (poll.factor or 1.5), poll.max or 15)
@@ -328,27 +329,39 @@ local function follow(ctx, handle, deadline)
       local s, err = ctx.adapter.poll(ctx, handle)
       ctx.poll_until = nil
       if s then
-        state = s
+        state, unread = s, nil
       elseif lost(err) then
         return { status = "lost", error = err.message }
       elseif resil.now() < deadline_at and not (type(err) == "table" and (err.retryable or LOCAL_WAIT[err.class or err.kind]))
       then
         return nil, err -- the job cannot be read (auth, not found): another would fare no better
+      elseif not unread then -- (read again at the next poll; said once, and at the deadline)
+        unread = err
+        resil.log.warn("job: its status could not be read; reading it again", { provider = ctx.name,
+          id = handle.id, error = tostring(type(err) == "table" and err.message or err) })
       end
     end
   end
   return state
 end
 
+-- what a deadline's error adds when the job's status could not be read at the end (a proxy's
+-- page, an outage): the job may have finished unseen, not run too long
+local function unread_said(state)
+  local e = state.unread
+  if e == nil then return "" end
+  return (" (its status could not be read since: %s)"):format(tostring(type(e) == "table" and e.message or e))
+end
+
 local function job_error(ctx, state, handle, n)
   if state.status == "deadline" then
     if state.uncanceled then
       return resil.error("deadline", ("%s job %s did not finish within its deadline and could not be canceled (%s): "
-        .. "not replaced, it may still run"):format(ctx.name, handle.id, tostring(state.uncanceled)),
+        .. "not replaced, it may still run%s"):format(ctx.name, handle.id, tostring(state.uncanceled), unread_said(state)),
         { provider = ctx.name, model = ctx.model, id = handle.id, attempts = n, canceled = false, retryable = true })
     end
-    return resil.error("deadline", ("%s job %s did not finish within its deadline: canceled"):format(ctx.name,
-      handle.id), { provider = ctx.name, model = ctx.model, id = handle.id, attempts = n, retryable = true })
+    return resil.error("deadline", ("%s job %s did not finish within its deadline: canceled%s"):format(ctx.name,
+      handle.id, unread_said(state)), { provider = ctx.name, model = ctx.model, id = handle.id, attempts = n, retryable = true })
   end
   if state.status == "lost" then
     return resil.error("job_lost", ("%s job %s is not known to the provider any more (%s)"):format(ctx.name,

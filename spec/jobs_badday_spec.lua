@@ -23,7 +23,10 @@ local function provider(answers)
       return { status = req.path == "/v1/predictions" and 201 or 200, body = answers.create(base) }
     end
     seen.reads[#seen.reads + 1] = req.method .. " " .. req.path
-    if req.path:match("/cancel$") then seen.cancels = seen.cancels + 1 end
+    if req.path:match("/cancel$") then
+      seen.cancels = seen.cancels + 1
+      if req.path == "/v1/predictions/p1/cancel" then return { status = 200, body = '{"id":"p1","status":"canceled"}' } end
+    end
     if req.path == "/fal/acme/hw/requests/r1" then return { status = 200, body = '{"images":[{"url":"https://x/a.png"}]}' } end
     if req.path == "/v1/predictions/p1" or req.path == "/fal/acme/hw/requests/r1/status" then
       return { status = 200, body = answers.status }
@@ -132,6 +135,43 @@ describe("a job on a bad day", function()
     assert.are.equal(1, seen.creates)
     assert.are.same({ "GET /fal/acme/hw/requests/r1/status", "GET /fal/acme/hw/requests/r1" }, seen.reads)
     assert.are.equal(0.002, r.cost_usd)
+  end)
+
+  -- (before: "did not finish within its deadline", as of a job that ran too long, with nothing said
+  -- of a status that was never read; an answer without a status was taken for a running job)
+  for what, case in pairs({ ["a proxy's error page"] = { "<html>502 Bad Gateway</html>", "is not a JSON object" },
+    ["JSON without a status"] = { '{"id":"p1"}', "has no status field" } }) do
+    local body, says = case[1], case[2]
+    it("Replicate: status reads answered with " .. what .. " until the deadline: the error and the log say so",
+      function()
+        local seen = provider({ create = created, status = body })
+        local r, err
+        local lines = helpers.logged(function()
+          r, err = jobs.job({ model = PER_IMAGE, input = { prompt = "x" }, deadline = 30, attempts = 1 })
+        end)
+        assert.is_nil(r)
+        assert.are.equal("deadline", err.kind)
+        assert.matches("its status could not be read since: replicate: the status of prediction p1 ", err.message,
+          1, true)
+        assert.matches(says, err.message, 1, true)
+        assert.are.equal(1, seen.cancels)
+        local said = 0
+        for _, l in ipairs(lines) do if l.msg:match("status could not be read") then said = said + 1 end end
+        assert.are.equal(1, said) -- once, not at every poll
+      end)
+  end
+
+  it("fal: a status answered without its status field is not taken for a request in progress", function()
+    provider({ create = function(base)
+      return json.encode({ request_id = "r1", status_url = base .. "/fal/acme/hw/requests/r1/status",
+        response_url = base .. "/fal/acme/hw/requests/r1" })
+    end, status = '{"queue_position":0}' })
+    local r, err
+    helpers.logged(function()
+      r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x" }, deadline = 30, attempts = 1 })
+    end)
+    assert.is_nil(r)
+    assert.matches("fal: the status of request r1 has no status field", err.message, 1, true)
   end)
 
   -- (a 2xx without an id: a job made that no one can follow, as a create cut after its 2xx)

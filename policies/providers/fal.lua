@@ -39,7 +39,8 @@ local seconds = require("policies.providers.replicate").seconds -- a reported du
 local function decode(res, what)
   local body = json.decode(res.body or "")
   if type(body) ~= "table" then
-    return nil, resil.error("invalid_output", ("fal: the %s is not a JSON object"):format(what),
+    return nil, resil.error("invalid_output", ("fal: the %s is not a JSON object (HTTP %s: %q)"):format(what,
+      tostring(res.status), (res.body or ""):sub(1, 80)),
       { provider = "fal", status = res.status, retryable = true })
   end
   return body
@@ -84,7 +85,7 @@ local function completed(ctx, handle, s)
     end
     return nil, err
   end
-  local out, derr = decode(res, "result")
+  local out, derr = decode(res, "result of request " .. handle.id)
   if not out then return nil, derr end
   return { status = "succeeded", output = out, metrics = s.metrics ~= json.null and s.metrics or nil }
 end
@@ -92,8 +93,13 @@ end
 function fal.poll(ctx, handle)
   local res, err = ctx.send({ method = "GET", url = handle.status_url, headers = fal.headers(ctx.key) })
   if not res then return nil, err end
-  local s, derr = decode(res, "status")
+  local s, derr = decode(res, "status of request " .. handle.id)
   if not s then return nil, derr end
+  if type(s.status) ~= "string" then -- (taken for running, it was read until the deadline, unsaid)
+    return nil, resil.error("invalid_output", ("fal: the status of request %s has no status field (HTTP %s: %q)")
+      :format(handle.id, tostring(res.status), (res.body or ""):sub(1, 80)),
+      { provider = "fal", status = res.status, retryable = true })
+  end
   if s.status == "COMPLETED" then return completed(ctx, handle, s) end
   return { status = "running", queue_position = s.queue_position, raw = s }
 end

@@ -48,10 +48,13 @@ local function state_of(p)
     error = p.error ~= json.null and p.error or nil, raw = p }
 end
 
-local function decode(res)
+-- (what: the answer's name in the error, which quotes the answer's start: a proxy's error page says
+-- more than "not JSON")
+local function decode(res, what)
   local body = json.decode(res.body or "")
   if type(body) ~= "table" then
-    return nil, resil.error("invalid_output", "replicate: the answer is not a JSON object",
+    return nil, resil.error("invalid_output", ("replicate: the %s is not a JSON object (HTTP %s: %q)"):format(
+      what or "answer", tostring(res.status), (res.body or ""):sub(1, 80)),
       { provider = "replicate", status = res.status, retryable = true })
   end
   return body
@@ -71,7 +74,7 @@ function replicate.create(ctx)
   local res, err = ctx.send_create({ method = "POST", url = url, headers = replicate.headers(ctx.key, extra),
     json = body, timeout = ctx.wait and (ctx.wait + 30) or nil })
   if not res then return nil, err end
-  local p, derr = decode(res)
+  local p, derr = decode(res, "created prediction")
   if not p then return nil, derr end
   -- a 2xx without an id made a job no one can follow: its status says so (jobs.lua records it at
   -- its estimate and makes no other, as a create cut after its 2xx; retryable, so that resil.once
@@ -94,8 +97,13 @@ end
 function replicate.poll(ctx, handle)
   local res, err = ctx.send({ method = "GET", url = handle.get, headers = replicate.headers(ctx.key) })
   if not res then return nil, err end
-  local p, derr = decode(res)
+  local p, derr = decode(res, "status of prediction " .. handle.id)
   if not p then return nil, derr end
+  if type(p.status) ~= "string" then -- (taken for running, it was read until the deadline, unsaid)
+    return nil, resil.error("invalid_output", ("replicate: the status of prediction %s has no status field (HTTP %s: %q)")
+      :format(handle.id, tostring(res.status), (res.body or ""):sub(1, 80)),
+      { provider = "replicate", status = res.status, retryable = true })
+  end
   local s = state_of(p)
   s.metrics = p.metrics ~= json.null and p.metrics or nil
   return s
