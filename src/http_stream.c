@@ -199,6 +199,15 @@ static int stream_gc(lua_State *L) {
   if (s->r) {
     http_req *r = s->r;
     s->r = NULL;
+    /* Closed by `<close>` while another task waits to read it: that task is
+     * woken (its read finds the stream closed). Left waiting, it never woke,
+     * and its cancel later cleared the waiter of whichever request had been
+     * given this one's recycled struct, which then never woke either. */
+    if (r->waiter) {
+      task *t = r->waiter;
+      r->waiter = NULL;
+      task_wake(t);
+    }
     req_release(r);
   }
   return 0;
