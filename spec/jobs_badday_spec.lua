@@ -98,6 +98,17 @@ describe("a job on a bad day", function()
     assert.are.equal(0.01, r.cost_usd)
   end)
 
+  -- (before: counted by its length, 0: recorded at $0, which writes no row)
+  it("Replicate: a succeeded job whose output is an object is one output, billed", function()
+    provider({ create = created, status = '{"id":"p1","status":"succeeded","output":{"image":"https://x/a.png",' ..
+      '"mask":"https://x/m.png"}}' })
+    local r = assert(jobs.job({ model = PER_IMAGE, input = { prompt = "x" } }))
+    assert.are.equal("https://x/m.png", r.output.mask)
+    assert.are.equal(0.01, r.cost_usd)
+    local n, usd = rows()
+    assert.are.same({ 1, 0.01 }, { n, usd })
+  end)
+
   it("fal: a completed request whose inference_time cannot be read is its output and a row without a price",
     function()
       provider({ create = function(base)

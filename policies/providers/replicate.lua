@@ -139,7 +139,10 @@ end
 function replicate.usage(state, input)
   local out = state and state.output
   local files = 0
-  if type(out) == "string" then files = 1 elseif type(out) == "table" then files = #out end
+  -- (an object, {"image": url, "mask": url} say, is one output: counted by its length, 0, a job that
+  -- succeeded and was billed per output was recorded at $0, no row)
+  if type(out) == "string" then files = 1
+  elseif type(out) == "table" then files = (#out == 0 and next(out) ~= nil) and 1 or #out end
   local metrics = state and state.metrics
   local u = {}
   if type(metrics) == "table" then
