@@ -27,7 +27,9 @@ local function provider(answers)
       seen.cancels = seen.cancels + 1
       if req.path == "/v1/predictions/p1/cancel" then return { status = 200, body = '{"id":"p1","status":"canceled"}' } end
     end
-    if req.path == "/fal/acme/hw/requests/r1" then return { status = 200, body = '{"images":[{"url":"https://x/a.png"}]}' } end
+    if req.path == "/fal/acme/hw/requests/r1" then
+      return answers.result and answers.result() or { status = 200, body = '{"images":[{"url":"https://x/a.png"}]}' }
+    end
     if req.path == "/v1/predictions/p1" or req.path == "/fal/acme/hw/requests/r1/status" then
       return { status = 200, body = answers.status }
     end
@@ -123,6 +125,24 @@ describe("a job on a bad day", function()
       local n, _, unpriced = rows()
       assert.are.same({ 1, 1 }, { n, unpriced })
     end)
+
+  -- (before: "fal job r1 failed: HTTP 404", as of a model that failed, and not the time its status
+  -- reported, which a per-second model bills)
+  it("fal: a completed request whose result read is refused says so, where and why, and is billed its time", function()
+    provider({ create = function(base)
+      return json.encode({ request_id = "r1", status_url = base .. "/fal/acme/hw/requests/r1/status",
+        response_url = base .. "/fal/acme/hw/requests/r1" })
+    end, status = '{"status":"COMPLETED","metrics":{"inference_time":2}}',
+      result = function() return { status = 404, body = '{"detail":"Request not found"}' } end })
+    local r, err
+    helpers.logged(function() r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x" }, attempts = 1 }) end)
+    assert.is_nil(r)
+    assert.are.equal("job_failed", err.kind)
+    assert.matches("its result could not be read %(GET http://127%.0%.0%.1:%d+/fal/acme/hw/requests/r1%): HTTP 404: " ..
+      "Request not found", err.message)
+    local n, usd = rows()
+    assert.are.same({ 1, 0.002 }, { n, usd })
+  end)
 
   -- (before: invalid_output, and the job the provider had made, and billed, was neither read,
   -- canceled nor recorded)

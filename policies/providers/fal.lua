@@ -81,7 +81,14 @@ local function completed(ctx, handle, s)
     local headers = status and type(err.response) == "table" and err.response.headers
     local error_type = type(headers) == "table" and headers["x-fal-error-type"] or nil
     if status and (error_type or (status >= 400 and status < 500 and status ~= 429)) then
-      return { status = "failed", error = err.message, error_type = error_type }
+      -- (said as what it is, the result's read, with fal's detail: "failed: HTTP 404" sent a user to
+      -- look for a failed model; and the time its status reported, which a per-second model bills)
+      local body = type(err.response) == "table" and json.decode(err.response.body or "")
+      local detail = type(body) == "table" and (type(body.detail) == "string" and body.detail
+        or type(body.detail) == "table" and json.encode(body.detail)) or nil
+      return { status = "failed", error = ("its result could not be read (GET %s): %s%s"):format(handle.response_url,
+        tostring(err.message), detail and (": " .. detail:sub(1, 200)) or ""), error_type = error_type,
+        metrics = s.metrics ~= json.null and s.metrics or nil }
     end
     return nil, err
   end
