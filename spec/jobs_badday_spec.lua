@@ -224,3 +224,36 @@ describe("a job on a bad day", function()
     assert.are.same({ 2, 0.02 }, { n, usd })
   end)
 end)
+
+describe("speech on a bad day", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.store_config({ url = helpers.tmpname(".db") })
+  end)
+
+  -- (before: a negative or infinite count raised out of ai.speech from the budget's settle, its hold
+  -- kept; "1e12" recorded $50,000,000 for an 11-character text, past any budget)
+  for header, billed in pairs({ ["-5"] = 11, ["1e400"] = 11, ["1e12"] = 11, ["2.5"] = 11, ["x"] = 11, ["7"] = 7 }) do
+    it("an x-character-count of " .. header .. " is recorded as " .. billed .. " characters", function()
+      local server = assert(resil.server.listen({ handler = function()
+        return { status = 200, headers = { ["content-type"] = "audio/mpeg", ["x-character-count"] = header,
+          ["request-id"] = "rq-" .. header }, body = "ID3 audio" }
+      end }))
+      finally(function() server:close() end)
+      jobs.configure("elevenlabs", { base_url = ("http://127.0.0.1:%d"):format(server:port()),
+        api_key = "xi_badday_key_01" })
+      local b = resil.budget("speech-badday-" .. header, { limit = 5 })
+      local r, err
+      helpers.logged(function()
+        r, err = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "v1", text = "Hello there",
+          budget = "speech-badday-" .. header })
+      end)
+      assert(r, err and tostring(err))
+      local function micro(usd) return math.floor(usd * 1e6 + 0.5) end
+      assert.are.equal(billed, r.characters)
+      assert.are.equal(micro(billed * 0.05 / 1000), micro(r.cost_usd))
+      local st = b:state()
+      assert.are.same({ 0, 0, micro(billed * 0.05 / 1000) }, { st.reserved, #st.holds, micro(st.spent) })
+    end)
+  end
+end)

@@ -43,7 +43,23 @@ function elevenlabs.speak(ctx, s)
       { provider = "elevenlabs", retryable = true })
   end
   return { audio = res.body, content_type = ctype, request_id = res.headers["request-id"],
-    characters = tonumber(res.headers["x-character-count"]) or elevenlabs.characters(s.text) }
+    characters = elevenlabs.billed(res.headers["x-character-count"], s.text) }
+end
+
+-- The characters an answer says it billed (x-character-count), read as a count: a whole number
+-- from 0 to the text's bytes (more than the text holds is recorded at that most, said), else the
+-- text's own count. A negative or infinite one raised out of ai.speech (the budget's settle
+-- refused it), its hold kept; "1e12" recorded $50,000,000 for an 11-character text.
+function elevenlabs.billed(header, text)
+  local own = elevenlabs.characters(text)
+  if header == nil then return own end
+  local n = tonumber(header)
+  n = n and n >= 0 and n < math.huge and math.tointeger(n) or nil
+  if n and n <= #text then return n end
+  resil.log.error("speech: the provider's x-character-count cannot be read or is more than the text holds; " ..
+    (n and "recorded at the text's bytes" or "the text's own count is recorded"),
+    { provider = "elevenlabs", value = tostring(header):sub(1, 40), characters = own })
+  return n and #text or own
 end
 
 return elevenlabs
