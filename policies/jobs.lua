@@ -284,6 +284,24 @@ end
 
 -- ---------- jobs ----------
 
+-- What a job used, as its adapter reads the provider's answer; a time it says the job ran that is
+-- longer than the job has existed (since its create was answered, with the create's own wait
+-- and a minute's slack) is recorded at that most, said, as a chat answer's output past its
+-- max_tokens is: a provider's 5 days for a 30 s job was a row of them.
+local function usage_of(ctx, handle, state, input)
+  local usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, input)
+  local ran, made = usage.predict_seconds, handle.created_wall
+  if type(ran) == "number" and type(made) == "number" then
+    local most = math.max(0, resil.clock.wall() - made) + (tonumber(ctx.wait) or 0) + 60
+    if ran > most then
+      resil.log.error("job: the provider says it ran longer than it has existed; recorded at that most",
+        { provider = ctx.name, model = ctx.model, id = handle.id, reported = ran, recorded = most })
+      usage.predict_seconds, usage.capped = most, true
+    end
+  end
+  return usage
+end
+
 -- refusals of our own side (an open breaker, a full bulkhead): the job runs on, paid for, and
 -- is read again at the next poll
 local LOCAL_WAIT = { circuit_open = true, bulkhead_full = true }
@@ -405,7 +423,7 @@ local function abandon_job(g)
   end
   local state = ended and (ended.status == "succeeded" or ended.status == "failed") and ended
     or { status = "deadline", metrics = ended and ended.metrics }
-  local usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, g.input)
+  local usage = usage_of(ctx, handle, state, g.input)
   charge(ctx, g.spec, "job", handle.id, usage, ticket)
 end
 -- (a create still in flight is left to its own task, which abandons the job when it ends: create_apart)
@@ -540,7 +558,7 @@ function jobs.job(spec)
       if ticket then ticket:release() end
       if not guard.made then counted = counted - 1 end
     else
-      usage = ctx.adapter.usage(state.status == "deadline" and { metrics = state.metrics } or state, spec.input)
+      usage = usage_of(ctx, handle, state, spec.input)
       usd = charge(ctx, spec, "job", handle.id, usage, ticket)
     end
     if state.status == "succeeded" then

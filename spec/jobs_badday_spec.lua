@@ -93,6 +93,20 @@ describe("a job on a bad day", function()
       end)
   end
 
+  -- (before: a row of the 5 days, $432 for a job that ran a second)
+  it("Replicate: a predict_time longer than the job has existed is recorded at that most, said", function()
+    provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"],' ..
+      '"metrics":{"predict_time":432000}}' })
+    local r, lines
+    lines = helpers.logged(function() r = assert(jobs.job({ model = PER_SECOND, input = { prompt = "x" } })) end)
+    assert.is_true(r.cost_usd > 0 and r.cost_usd < 0.1, "recorded $" .. tostring(r.cost_usd))
+    local _, usd = rows()
+    assert.are.equal(math.floor(r.cost_usd * 1e6 + 0.5), math.floor(usd * 1e6 + 0.5))
+    local said = false
+    for _, l in ipairs(lines) do said = said or (l.msg:match("ran longer than it has existed") and l.reported == 432000) end
+    assert.is_true(said)
+  end)
+
   it("Replicate: a predict_time of null is none: the job is priced at what it reported, no error", function()
     provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"],' ..
       '"metrics":{"predict_time":null}}' })
