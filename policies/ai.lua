@@ -1484,12 +1484,33 @@ local function finished(self)
   return nil
 end
 
+-- A reader canceled while it waits for the next event (a resil.timeout, a task
+-- canceled) closes its stream, `<close>` or not: it is recorded as what it
+-- streamed and its transfer aborted. Without it, a script that held its stream
+-- in a plain local (as the README's do) recorded nothing, its hold kept until
+-- it lapsed, and the transfer ran on until the stream was collected.
+local reading_mt = { __close = function(g)
+  local self = g[1]
+  if self.reading then
+    self.reading = nil
+    self:close()
+  end
+end }
+
 -- The open stream's next event, read through its adapter (its text kept):
 -- -> ev, delta, done (a complete end marker) | false, the stream's end as
 -- finished() or interrupted() gives it (nil | nil, err)
 local function read_next(self)
   local adapter = self.target.adapter
+  local guard = self.reading_guard
+  if not guard then
+    guard = setmetatable({ self }, reading_mt)
+    self.reading_guard = guard
+  end
+  local _ <close> = guard
+  self.reading = true
   local ev, err = self.s:read_event()
+  self.reading = nil
   if ev == nil then
     if err then return false, interrupted(self, tostring(err.message or err), err) end
     if adapter.complete(self.state, true) then return false, finished(self) end
