@@ -1608,6 +1608,14 @@ function Stream:close()
   elseif record then resil.spawn(record) end
 end
 Stream.__close = Stream.close
+-- A stream dropped before its end without a close (its reader canceled in its loop's body, not
+-- while it read) is recorded when collected: its transfer was given back by its own finalizer
+-- (collected in the same cycle), so only the record is left, in a task (a finalizer cannot wait).
+function Stream:__gc()
+  if self.done or self.recording then return end
+  self.s = nil
+  pcall(self.close, self)
+end
 
 -- ai.stream(req) -> a stream; a missing key raises here, before anything is sent
 function ai.stream(req)

@@ -102,6 +102,28 @@ describe("a stream canceled between its deltas, held in a plain local", function
     end
   end
 
+  -- (before: nothing recorded and the hold kept until it lapsed, however often collected)
+  it("canceled in its loop's body, not while it reads: recorded once when the stream is collected", function()
+    local st = upstream(CHUNKS)
+    local b = resil.budget("stream-cancel-body", { limit = 1 })
+    local got = {}
+    resil.timeout(0.3, function()
+      local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+        budget = "stream-cancel-body" })
+      for d in s do got[#got + 1] = d; resil.sleep(3600) end
+    end)
+    assert.are.same({ "one " }, got)
+    collectgarbage("restart")
+    collectgarbage()
+    collectgarbage()
+    assert.is_true(helpers.wait_until(function() return st.gone == 1 end, 5), "the upstream saw no cancel")
+    assert.is_true(helpers.wait_until(function() return #rows() == 1 end, 5), "rows: " .. #rows())
+    local s = b:state()
+    assert.are.same({ 0, 0 }, { s.reserved, #s.holds })
+    resil.sleep(0.2)
+    assert.are.equal(1, #rows())
+  end)
+
   -- the usage chunk is the last before [DONE]: a cancel waiting for it records the text streamed
   it("openai, canceled after its finish_reason while the usage chunk is awaited: recorded once", function()
     local st = upstream({ ["/v1/chat/completions"] = { openai_delta("one "), OPENAI_FINISH } })
