@@ -1609,10 +1609,12 @@ function Stream:close()
 end
 Stream.__close = Stream.close
 -- A stream dropped before its end without a close (its reader canceled in its loop's body, not
--- while it read) is recorded when collected: its transfer was given back by its own finalizer
--- (collected in the same cycle), so only the record is left, in a task (a finalizer cannot wait).
+-- while it read) is recorded when collected, in a task (a finalizer cannot wait). Its transfer
+-- is aborted if its own finalizer (as a rule run first, in the same cycle) has not given it back.
+local function close_transfer(s) s:close() end
 function Stream:__gc()
   if self.done or self.recording then return end
+  if self.s then pcall(close_transfer, self.s) end -- (a stream given back raises: closed)
   self.s = nil
   pcall(self.close, self)
 end
