@@ -871,6 +871,9 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
   if (r->stream && r->body.len >= STREAM_HIGH_WATER && r->http_version != CURL_HTTP_VERSION_2_0) {
     r->total_received -= len;
     r->paused = 1;
+    /* the upstream is not idle, our reader is slow: no idle clock while
+     * paused (the stream's read that resumes it starts it again) */
+    timer_stop(&r->idle);
     return CURL_WRITEFUNC_PAUSE;
   }
   if (buffer_append(&r->body, data, len) != 0) return 0;

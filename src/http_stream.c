@@ -21,6 +21,16 @@ typedef struct {
   http_req *r; /* NULL once closed and given back */
 } http_stream;
 
+/* The reader caught up with a transfer paused at the high-water mark: it
+ * goes on, its idle clock again from now (http.c stops it at the pause: a
+ * reader slow for longer than idle_timeout cut a healthy stream as idle). */
+static void stream_resume(http_req *r) {
+  if (!(r->paused && r->active)) return;
+  r->paused = 0;
+  if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
+  curl_easy_pause(r->easy, CURLPAUSE_CONT);
+}
+
 static http_req *check_stream(lua_State *L, int idx) {
   http_stream *s = luaL_checkudata(L, idx, STREAM_MT);
   if (!s->r) luaL_error(L, "the stream is closed");
@@ -72,10 +82,7 @@ static int stream_read_k(lua_State *L, int status, lua_KContext ctx) {
   if (r->body.len > 0) {
     lua_pushlstring(L, r->body.data, r->body.len);
     r->body.len = 0;
-    if (r->paused && r->active) {
-      r->paused = 0;
-      curl_easy_pause(r->easy, CURLPAUSE_CONT);
-    }
+    stream_resume(r);
     return 1;
   }
   if (r->done) {
@@ -138,10 +145,7 @@ static int stream_read_event_k(lua_State *L, int status, lua_KContext ctx) {
     } else {
       if (r->sse_used == r->body.len) {
         r->body.len = r->sse_used = 0;
-        if (r->paused && r->active) {
-          r->paused = 0;
-          curl_easy_pause(r->easy, CURLPAUSE_CONT);
-        }
+        stream_resume(r);
       }
       if (rc > 0) {
         push_event(L, &ev);
