@@ -315,6 +315,7 @@ local function lost(err)
 end
 
 -- Poll until the job ends or its deadline passes (then cancel it). -> state | nil, err
+local CANCEL_WINDOW = 30
 local function follow(ctx, handle, deadline)
   local poll = option(ctx.conf, nil, "poll")
   local elapsed = math.max(0, resil.clock.wall() - (handle.created_wall or resil.clock.wall()))
@@ -325,7 +326,11 @@ local function follow(ctx, handle, deadline)
   while not (state and state.status ~= "running") do
     local left = deadline_at - resil.now()
     if left <= 0 then
+      -- the cancel's tries end CANCEL_WINDOW after the deadline: against a provider that hangs,
+      -- four tries of 60 s each gave the caller its deadline's error four minutes late
+      ctx.poll_until = resil.now() + CANCEL_WINDOW
       local _, cerr, ended = ctx.adapter.cancel(ctx, handle)
+      ctx.poll_until = nil
       -- a job that ended before the cancel took is paid for: its outcome is the answer
       if ended and (ended.status == "succeeded" or ended.status == "failed") then return ended end
       -- (a 404 for the cancel alone may be its route gone: the job is lost if it cannot be read

@@ -93,6 +93,32 @@ describe("a job on a bad day", function()
       end)
   end
 
+  -- (before: the cancel was tried as any request, four times 60 s against a provider that hangs:
+  -- a job of a 120 s deadline gave its error 360 s after it started)
+  it("Replicate: a cancel at the deadline to a provider that hangs is given up 30 s after the deadline", function()
+    local seen = { cancels = 0 }
+    local server = assert(resil.server.listen({ tasks = true, handler = function(req)
+      local base = ("http://%s"):format(req.headers.host)
+      if req.method == "POST" and req.path == "/v1/predictions" then return { status = 201, body = created(base) } end
+      if req.path:match("/cancel$") then
+        seen.cancels = seen.cancels + 1
+        resil.sleep(3600) -- (frozen)
+      end
+      return { status = 200, body = '{"id":"p1","status":"processing"}' }
+    end }))
+    finally(function() server:close() end)
+    jobs.configure("replicate", { base_url = ("http://127.0.0.1:%d/v1"):format(server:port()), api_key = KEYS.replicate,
+      poll = { first = 1 } })
+    local started = resil.now()
+    local r, err = jobs.job({ model = PER_SECOND, input = { prompt = "x" }, deadline = 120, attempts = 1 })
+    assert.is_nil(r)
+    assert.are.equal("deadline", err.kind)
+    assert.matches("could not be canceled", err.message)
+    assert.is_true(seen.cancels >= 1)
+    local took = resil.now() - started
+    assert.is_true(took >= 120 and took <= 120 + 31, "the error came after " .. took .. " s")
+  end)
+
   -- (before: a row of the 5 days, $432 for a job that ran a second)
   it("Replicate: a predict_time longer than the job has existed is recorded at that most, said", function()
     provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"],' ..
