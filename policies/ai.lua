@@ -92,9 +92,39 @@ local function cache_ok(c)
   return type(c) == "table" and type(c.ttl) == "number" and c.ttl > 0 and c.ttl < math.huge
 end
 
+-- what ai.configure reads (its own, policies.call's, the shipped adapters'); a provider file of a
+-- project's own names its other options in `config_keys`
+local KNOWN_CONF = {}
+for k in ("base_url api_key api_key_env key_env fallback fallback_on cache max_tokens idle_timeout stream_timeout " ..
+    "service_tier timeout deadline retry breaker rate tokens concurrency idempotency request validate estimate " ..
+    "beta version official stream_usage max_tokens_field"):gmatch("%S+") do
+  KNOWN_CONF[k] = true
+end
+-- An option no one reads is said, where it was given: `retrys = {...}` or a top-level
+-- `max_retries` were silently ignored, the provider left on the defaults.
+local function unknown_options(provider, conf)
+  local adapter_keys
+  for k in pairs(conf) do
+    if not KNOWN_CONF[k] then
+      if adapter_keys == nil then
+        local ok, mod = pcall(ai.provider_module, provider)
+        adapter_keys = ok and type(mod) == "table" and type(mod.config_keys) == "table" and mod.config_keys or {}
+      end
+      local known = false
+      for _, a in ipairs(adapter_keys) do known = known or a == k end
+      if not known then
+        local where = select(2, pcall(error, "", 4)):gsub(":%s*$", "")
+        resil.log.warn(("ai.configure: unknown option '%s' for %s, ignored (a misspelling? see README, " ..
+          "Providers)"):format(tostring(k), provider), { option = tostring(k), provider = provider, where = where })
+      end
+    end
+  end
+end
+
 function ai.configure(provider, conf)
   if type(provider) ~= "string" then error("ai.configure: provider must be a string", 2) end
   if type(conf) ~= "table" then error("ai.configure: conf must be a table", 2) end
+  unknown_options(provider, conf)
   if conf.cache ~= nil and not cache_ok(conf.cache) then
     error("ai.configure: cache must be {ttl = seconds}, seconds > 0", 2)
   end

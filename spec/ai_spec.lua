@@ -367,6 +367,21 @@ describe("chat over the strict mock", function()
     assert.are.equal(4, m:stats().routes.chat)
   end)
 
+  -- (before: a misspelt option was ignored without a word, the provider left on its defaults)
+  it("ai.configure says an option it does not read, where it was given", function()
+    local lines = helpers.logged(function()
+      ai.configure("openai", { base_url = m.url .. "/v1", api_key = OPENAI_KEY, retrys = { base = 1 } })
+    end)
+    point_at(m.url)
+    local said
+    for _, l in ipairs(lines) do if l.option == "retrys" then said = l end end
+    assert.is_not_nil(said, "no warning")
+    assert.are.equal("warn", said.level)
+    assert.matches("ai_spec%.lua:%d+$", said.where)
+    lines = helpers.logged(function() point_at(m.url) end)
+    for _, l in ipairs(lines) do assert.is_nil(l.option, l.msg) end
+  end)
+
   -- (before: the fallback's missing key failed every call, the primary's good answers too)
   it("a fallback whose key is missing is left out, said once; the primary still answers and still fails as itself", function()
     ai.configure("anthropic", { base_url = m.url, api_key_env = "RESIL_SPEC_UNSET_ANTHROPIC_KEY" })
