@@ -1794,12 +1794,12 @@ local function api_of(path)
 end
 
 function gateway.handle(req)
-  -- a caller that sends its W3C trace context gets the provider attempts as
-  -- children of its span (each request is a task of its own)
-  local traceparent = req.headers.traceparent
-  if traceparent then resil.trace.continue(traceparent) end
   local path = req.path
   if path:byte(-1) == 47 then path = path:gsub("/+$", "") end -- "/v1/models/" is "/v1/models"
+  -- each request a trace of its own when spans are exported (its provider attempts the children
+  -- of its server span, itself a child of the caller's when it sends its W3C trace context); not
+  -- exported, a caller's context is carried on to the provider (each request is a task of its own)
+  local span = resil.trace.request(req.headers.traceparent, req.method)
   -- HEAD is GET without the body (the server sends none): a monitor's HEAD /health is not a 404
   local method = req.method == "HEAD" and "GET" or req.method
   local route = gateway.routes[route_key(method, path)]
@@ -1822,6 +1822,11 @@ function gateway.handle(req)
     by_status[status] = series
   end
   series:inc()
+  if span then
+    span.name = req.method .. " " .. label -- (the route, not the client's path: a span name is low-cardinality)
+    span:finish({ ["http.request.method"] = req.method, ["http.route"] = label,
+      ["http.response.status_code"] = status }, status >= 500 and tostring(status) or nil)
+  end
   return reply
 end
 

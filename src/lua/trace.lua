@@ -265,6 +265,29 @@ function trace.continue(header)
   return true
 end
 
+-- resil.trace.request(traceparent, name) -> span | nil: the running task
+-- serves one request of a server that runs for days (the gateway). With an
+-- exporter, the request is a server span of its own, the child of the
+-- caller's when its header is valid, else the root of a new trace: as
+-- children of the run's root span, every request the process ever served was
+-- one trace whose root is exported only at its exit (never after a kill -9).
+-- Without one, a valid header is continued (trace.continue) and no span made.
+-- The caller finishes the span when the request ends.
+function trace.request(header, name)
+  if not exporter then
+    if header then trace.continue(header) end
+    return nil
+  end
+  local trace_id, parent_id, flags = trace.parse(header)
+  local span_id = new_span_id()
+  trace_id, flags = trace_id or new_trace_id(), flags or "01"
+  local span = setmetatable({ trace_id = trace_id, span_id = span_id, parent_id = parent_id, flags = flags,
+                              name = name or "request", kind = 2, start = wall(), attributes = {},
+                              traceparent = "00-" .. trace_id .. "-" .. span_id .. "-" .. flags }, Span)
+  resil.context({ trace_id = trace_id, span_id = span_id, trace_flags = flags })
+  return span
+end
+
 -- whether finished spans go anywhere: attributes only the export reads
 -- need not be gathered otherwise
 function trace.exporting() return exporter ~= nil end
