@@ -167,7 +167,7 @@ resil.step("one", function() resil.cost.record{ provider = "mock", model = "a,b"
       local csv = cli("costs --run r9 --csv").stdout
       assert.matches('^at,provider,model,operation,user,run,item,step,budget,usd,units\n', csv)
       assert.matches('\n%d+%-%d+%-%d+T[%d:]+Z,mock,"a,b",,"say ""hi""",r9,,one,,0%.250000,\n$', csv)
-      assert.are.equal("provider,calls,usd\nmock,2,1.750000\n", cli("costs --by provider --csv").stdout)
+      assert.are.equal("provider,calls,usd,unpriced\nmock,2,1.750000,0\n", cli("costs --by provider --csv").stdout)
       assert.matches("both", cli("costs --csv --json").stderr)
     end)
   end)

@@ -36,13 +36,17 @@ end
 
 local function date(t) return t and os.date("!%Y-%m-%d %H:%M:%S", math.floor(t)) or "-" end
 
+-- the columns a cell takes on a terminal: its characters, not its bytes (a budget or model named
+-- "équipe" pushed every column after it one place left per accented letter)
+local function columns(s) return utf8.len(s) or #s end
+
 local function table_print(header, rows)
   local widths = {}
   for i, h in ipairs(header) do widths[i] = #h end
   for _, r in ipairs(rows) do
     for i, v in ipairs(r) do
       r[i] = printable(redact(tostring(v)))
-      widths[i] = math.max(widths[i], #r[i])
+      widths[i] = math.max(widths[i], columns(r[i]))
     end
   end
   local function line(r)
@@ -51,7 +55,7 @@ local function table_print(header, rows)
     -- error message makes a wider column)
     for i, v in ipairs(r) do
       v = tostring(v)
-      cells[i] = v .. (" "):rep(widths[i] - #v)
+      cells[i] = v .. (" "):rep(widths[i] - columns(v))
     end
     print((table.concat(cells, "  "):gsub("%s+$", "")))
   end
@@ -372,8 +376,10 @@ function commands.costs(args)
     if as_json then print(json_list(rows)) return end
     if as_csv then
       local out = {}
-      for i, r in ipairs(rows) do out[i] = { r.key, r.calls, ("%.6f"):format(r.usd) } end
-      csv_print({ by, "calls", "usd" }, out)
+      -- (with the calls that had no price, as the table and --json say them: a model only
+      -- unpriced calls reached read "0.000000" in a spreadsheet, a silent zero)
+      for i, r in ipairs(rows) do out[i] = { r.key, r.calls, ("%.6f"):format(r.usd), r.unpriced or 0 } end
+      csv_print({ by, "calls", "usd", "unpriced" }, out)
       return
     end
     local out, total, unpriced = {}, 0, 0
