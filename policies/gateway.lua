@@ -1764,8 +1764,11 @@ gateway.routes = {
           { code = "invalid_api_key", headers = { ["www-authenticate"] = "Bearer" } })
       end
     end
-    -- (with --workers: every worker's figures merged, whichever answers)
-    return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = host_metrics.scrape() }
+    -- (with --workers: every worker's figures merged, whichever answers; a 503 when this worker's
+    -- could not be written for the merge, a full disk: the merge's would be old, frozen at a 200)
+    local ok, text = pcall(host_metrics.scrape)
+    if not ok then return error_reply("openai", 503, tostring(text), { code = "metrics_unavailable" }) end
+    return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = text }
   end,
 }
 

@@ -672,19 +672,29 @@ end
 
 -- metrics.scrape() -> what GET /metrics answers: metrics.text(), or under
 -- gateway --workers every worker's figures merged (this one's file written first)
+-- A worker whose file cannot be written (the folder's disk full) raises: the merge would answer its
+-- figures as they were at the last write, a 200 whose counts froze while it served (its files'
+-- folder is everyone's, so the others' froze too); a failed scrape is Prometheus' up = 0, which
+-- alerts, and no count is lost (nor goes down: a merge of this worker's memory with the others'
+-- old files could read lower than the next scrape another worker answers).
 function scrape()
   if not shard then return exposition(false) end
   if not shard.final then
     local ok, err = write_shard()
-    if not ok then resil.log.warn("metrics: this worker's file not written", { error = tostring(err) }) end
+    if not ok then error(("metrics: this worker's figures could not be written for the merge: %s"):format(
+      tostring(type(err) == "table" and err.message or err)), 0) end
   end
   return merged(shard.dir)
 end
 
 metrics.scrape = scrape
 
--- the exposition written whole, then renamed over path
-local function write_file(path) return write_text(path, scrape()) end
+-- the exposition written whole, then renamed over path (a scrape that fails: nil, err)
+local function write_file(path)
+  local ok, text = pcall(scrape)
+  if not ok then return nil, resil.error("io", tostring(text)) end
+  return write_text(path, text)
+end
 
 -- metrics.shard{dir =, slot =}: this process is worker `slot` of a gateway
 -- whose supervisor made `dir` (src/main.c): its figures are written there,
@@ -809,7 +819,9 @@ function serve(opts)
     reuseport = reuseport,
     handler = function(req)
       if req.method == "GET" and req.path == "/metrics" then
-        return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = scrape() }
+        local ok, text = pcall(scrape)
+        if not ok then return { status = 503, body = tostring(text) .. "\n" } end -- (a failed scrape: up = 0)
+        return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = text }
       end
       return { status = 404, body = "not found: try GET /metrics\n" }
     end,
