@@ -2014,10 +2014,14 @@ end
 
 -- `resil-lua gateway`: serve until stopped (SIGTERM, SIGINT)
 function gateway.main(o)
+  -- (a --workers worker tells its supervisor it loads, then that it listens: one that fails in
+  -- between dies as it starts, however long that took, and does not restart without end)
+  if o.ready then o.ready("loading") end
   local s = gateway.serve(o)
   local host = (o.listen or "127.0.0.1:8080"):match("^(.*):%d+$")
   io.stdout:write(("gateway listening on http://%s:%d\n"):format(host, s:port()))
   io.stdout:flush()
+  if o.ready then o.ready("listening") end
   -- the first SIGTERM or SIGINT (src/main.c); a request whose handler then runs half the
   -- drain_timeout without yielding (a policy that loops) is ended with a 500, or the drain could
   -- never run

@@ -7,6 +7,7 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <netdb.h>
 #include <signal.h>
@@ -519,6 +520,26 @@ static int check_gateway_address(const char *listen_at, const char *option) {
 
 /* ---------- gateway --workers N: a supervisor and its workers ---------- */
 
+/* In a worker: the write end of its pipe to the supervisor, which reads
+ * from it that the worker loads ('l': its gateway.lua says when it listens)
+ * and then that it listens ('r'). A worker that dies between the two died
+ * as it started, however long its load took (a config that raises after a
+ * store's connect timeout was replaced at once, without end: one that took a
+ * second or more to fail never counted as dying as it starts). */
+static int ready_fd = -1;
+#define SAID_LOADING 1
+#define SAID_LISTENING 2
+
+/* gateway.main's o.ready("loading" | "listening") */
+static int worker_ready(lua_State *L) {
+  const char *state = luaL_checkstring(L, 1);
+  if (ready_fd >= 0) {
+    ssize_t n = write(ready_fd, strcmp(state, "listening") == 0 ? "r" : "l", 1);
+    (void)n; /* (the supervisor gone: nothing to tell) */
+  }
+  return 0;
+}
+
 static volatile sig_atomic_t supervisor_signal, supervisor_signals, supervisor_hup, supervisor_alarm;
 static void supervisor_on_signal(int sig) {
   if (sig == SIGHUP) {
@@ -559,17 +580,42 @@ static pid_t fork_worker(const sigset_t *worker_mask) {
 }
 
 /* Worker w's slot: started (1), or fork failed (-1, its pid -1: tried again
- * when its due time comes); 0 in the new worker itself. */
-static int start_worker(pid_t *pids, double *started, long w, const sigset_t *worker_mask) {
+ * when its due time comes); 0 in the new worker itself. The slot's pipe
+ * (rfds[w], its read end, non-blocking) is made anew, what it said cleared;
+ * without a pipe (none left) the worker is judged by its time alone. */
+static int start_worker(pid_t *pids, double *started, int *rfds, unsigned char *said, long n, long w,
+                        const sigset_t *worker_mask) {
+  int fds[2] = {-1, -1};
+  if (rfds[w] >= 0) close(rfds[w]);
+  rfds[w] = -1, said[w] = 0;
+  if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) fds[0] = fds[1] = -1;
   fflush(NULL);
   pid_t pid = fork_worker(worker_mask);
   if (pid == 0) {
     worker_slot = w;
+    for (long k = 0; k < n; k++)
+      if (rfds[k] >= 0) close(rfds[k]);
+    if (fds[0] >= 0) close(fds[0]);
+    ready_fd = fds[1];
+    if (ready_fd >= 0) fcntl(ready_fd, F_SETFL, 0); /* (a byte into an empty pipe: never blocks) */
     return 0;
   }
+  if (fds[1] >= 0) close(fds[1]);
+  if (pid < 0 && fds[0] >= 0) close(fds[0]), fds[0] = -1;
+  rfds[w] = fds[0];
   pids[w] = pid < 0 ? -1 : pid;
   started[w] = seconds_now();
   return pid < 0 ? -1 : 1;
+}
+
+/* what each slot's worker has said on its pipe so far */
+static void read_said(const int *rfds, unsigned char *said, long n) {
+  char buf[64];
+  for (long w = 0; w < n; w++) {
+    ssize_t got;
+    while (rfds[w] >= 0 && (got = read(rfds[w], buf, sizeof buf)) > 0)
+      for (ssize_t i = 0; i < got; i++) said[w] |= buf[i] == 'r' ? SAID_LISTENING : SAID_LOADING;
+  }
 }
 
 /* every file in a folder, then the folder */
@@ -672,6 +718,9 @@ static int arm_for_vacant(const pid_t *pids, const double *due, long n) {
 static int supervise_workers(long n) {
   pid_t pids[256];
   double started[256], due[256] = {0}; /* due: when a vacant slot is started again */
+  int rfds[256]; /* each slot's pipe from its worker (start_worker) */
+  unsigned char said[256] = {0};
+  for (long w = 0; w < n; w++) rfds[w] = -1;
   /* deaths in a row within a second of starting: the gateway's (any slot's)
    * decide that it cannot start; each slot's own set its backoff, so that
    * one slot's broken restarts do not lengthen another's */
@@ -690,7 +739,7 @@ static int supervise_workers(long n) {
   const int handled[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGALRM};
   for (size_t i = 0; i < sizeof handled / sizeof *handled; i++) sigaction(handled[i], &sa, NULL);
   for (long w = 0; w < n; w++) {
-    int started_one = start_worker(pids, started, w, &worker_mask);
+    int started_one = start_worker(pids, started, rfds, said, n, w, &worker_mask);
     if (started_one == 0) return -1;
     if (started_one < 0) {
       fprintf(stderr, PROGNAME ": gateway: fork: %s\n", strerror(errno));
@@ -705,6 +754,7 @@ static int supervise_workers(long n) {
     int status;
     pid_t pid;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+      read_said(rfds, said, n); /* (what the dead one wrote is in its pipe still) */
       long w = 0;
       while (w < n && pids[w] != pid) w++;
       if (w == n) continue;
@@ -715,7 +765,8 @@ static int supervise_workers(long n) {
        * os.exit), left the gateway a process short: it is replaced */
       if (supervisor_signal) continue;
       double now = seconds_now();
-      int quick = now - started[w] < 1.0;
+      /* within a second of its start, or (a worker that says when it listens) before it listened */
+      int quick = now - started[w] < 1.0 || said[w] == SAID_LOADING;
       quick_deaths = quick ? quick_deaths + 1 : 0;
       int slot_quick = slot_quick_deaths[w] = quick ? slot_quick_deaths[w] + 1 : 0;
       /* Another worker serving for a second or more: the gateway is up. A
@@ -725,7 +776,9 @@ static int supervise_workers(long n) {
        * down with it. */
       int serving = 0;
       for (long k = 0; k < n; k++)
-        if (k != w && pids[k] > 0 && now - started[k] >= 1.0) serving = 1;
+        if (k != w && pids[k] > 0 &&
+            ((said[k] & SAID_LISTENING) || (!(said[k] & SAID_LOADING) && now - started[k] >= 1.0)))
+          serving = 1;
       int give_up = quick_deaths >= 3 && !serving, later = slot_quick >= 3 && serving;
       /* each try that dies again waits twice as long, up to a minute: a
        * broken policy file printed its traceback every second for as long
@@ -759,7 +812,7 @@ static int supervise_workers(long n) {
         struct timespec pause = {0, 200 * 1000 * 1000};
         nanosleep(&pause, NULL);
       }
-      int again = start_worker(pids, started, w, &worker_mask);
+      int again = start_worker(pids, started, rfds, said, n, w, &worker_mask);
       if (again == 0) return -1;
       if (again > 0) {
         running++;
@@ -774,7 +827,7 @@ static int supervise_workers(long n) {
       double now = seconds_now();
       for (long w = 0; w < n && !supervisor_signal; w++) {
         if (pids[w] != -1 || due[w] > now) continue; /* (the others' alarm is armed below) */
-        int again = start_worker(pids, started, w, &worker_mask);
+        int again = start_worker(pids, started, rfds, said, n, w, &worker_mask);
         if (again == 0) return -1;
         if (again > 0)
           running++;
@@ -1042,6 +1095,10 @@ int main(int argc, char **argv) {
     lua_setfield(L, -2, "config");
     lua_pushinteger(L, gw_workers);
     lua_setfield(L, -2, "workers");
+    if (ready_fd >= 0) { /* (a worker: it tells its supervisor when it loads, then listens) */
+      lua_pushcfunction(L, worker_ready);
+      lua_setfield(L, -2, "ready");
+    }
     /* the host's hook functions (a policy's debug is refused under --sandbox): the config's
      * instruction cap and the handler's catch (policies/gateway.lua keeps them in closures) */
     lua_pushcfunction(L, luaopen_debug);
