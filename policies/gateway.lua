@@ -1802,7 +1802,8 @@ function gateway.handle(req)
   -- each request a trace of its own when spans are exported (its provider attempts the children
   -- of its server span, itself a child of the caller's when it sends its W3C trace context); not
   -- exported, a caller's context is carried on to the provider (each request is a task of its own)
-  local span = resil.trace.request(req.headers.traceparent, req.method)
+  -- (not a probe's or a scraper's: GET /health and /metrics every few seconds would be most traces)
+  local span = resil.trace.request(req.headers.traceparent, req.method, path == "/health" or path == "/metrics")
   -- HEAD is GET without the body (the server sends none): a monitor's HEAD /health is not a 404
   local method = req.method == "HEAD" and "GET" or req.method
   local route = gateway.routes[route_key(method, path)]

@@ -43,6 +43,11 @@ describe("gateway --otlp-endpoint", function()
       local res = assert(resil.http.request({ method = "POST", url = url, json = CHAT, headers = headers }))
       assert.are.equal(200, res.status, res.body)
     end
+    -- a health check and a scrape make no trace (a probe every few seconds would be most of them)
+    for _, probe in ipairs({ "/health", "/metrics" }) do
+      local res = assert(resil.http.request({ url = ("http://127.0.0.1:%d%s"):format(port, probe) }))
+      assert.are.equal(200, res.status)
+    end
     -- the export runs each second: 3 attempts and 3 requests, while the gateway serves on
     assert.is_true(helpers.wait_until(function() return #spans >= 6 end, 10), #spans .. " spans")
     local by_id, attempts = {}, {}
@@ -51,6 +56,8 @@ describe("gateway --otlp-endpoint", function()
       if s.kind == 3 then attempts[#attempts + 1] = s end
     end
     assert.are.equal(3, #attempts)
+    -- (none for the probes, in this export or the next)
+    assert.is_false(helpers.wait_until(function() return #spans > 6 end, 2.5))
     local traces = {}
     for _, a in ipairs(attempts) do
       -- its parent is the request's server span, exported with it, in its trace

@@ -272,9 +272,10 @@ end
 -- children of the run's root span, every request the process ever served was
 -- one trace whose root is exported only at its exit (never after a kill -9).
 -- Without one, a valid header is continued (trace.continue) and no span made.
--- The caller finishes the span when the request ends.
-function trace.request(header, name)
-  if not exporter then
+-- The caller finishes the span when the request ends. untraced: no span (a
+-- health check, a scrape), a caller's header continued all the same.
+function trace.request(header, name, untraced)
+  if not exporter or untraced then
     if header then trace.continue(header) end
     return nil
   end
