@@ -36,8 +36,9 @@ local function chats(port, n)
   assert.are.equal(n, ok, r.stdout .. r.stderr)
 end
 
-describe("gateway --workers 2, its metrics folder's disk full", function()
-  it("a scrape fails (503) rather than answer frozen counts; with room again, every count is there", function()
+describe("metrics on a bad day: a disk full, a file that cannot be written", function()
+  it("gateway --workers 2, its metrics folder's disk full: a scrape fails (503) rather than answer frozen " ..
+     "counts; with room again, every count is there", function()
     local tmpdir = helpers.tmpname(".d")
     os.execute("mkdir -p " .. tmpdir)
     -- a real full disk where a tmpfs can be mounted (root); else the files' places taken
@@ -103,5 +104,28 @@ describe("gateway --workers 2, its metrics folder's disk full", function()
       assert.are.equal(200, status, body)
       assert.are.equal(8, value(body, SERIES), body)
     end
+  end)
+
+  it("--metrics-file that cannot be written for a while: said once, and once when it is written again " ..
+     "(not a line every 15 s)", function()
+    local file = helpers.tmpname(".prom")
+    -- the file's place taken by a folder once the run has started (its first write was fine), for
+    -- 100 s of virtual time: some six 15 s writes fail
+    local r = helpers.run_script(([[
+      local resil = require "resil"
+      os.remove(%q); os.execute("mkdir -p %s/x")
+      resil.sleep(100)
+      os.execute("rm -rf %s")
+      resil.sleep(40)
+    ]]):format(file, file, file), ("--virtual-clock --log-level info --metrics-file %s"):format(file))
+    assert.are.equal(0, r.code, r.stderr)
+    local out = r.stdout .. r.stderr
+    local _, failed = out:gsub('"metrics file not written"', "")
+    local _, again = out:gsub('"metrics file written again"', "")
+    assert.are.equal(1, failed, out)
+    assert.are.equal(1, again, out)
+    assert.matches("Is a directory", out, 1, true)
+    assert.matches(file, out, 1, true) -- (the error names the file)
+    assert.matches("# TYPE", helpers.slurp(file)) -- written at the end
   end)
 end)

@@ -510,7 +510,7 @@ local function write_text(path, text)
   local renamed, rerr = os.rename(tmp, path)
   if not renamed then
     os.remove(tmp)
-    return nil, resil.error("io", ("metrics file: %s"):format(rerr))
+    return nil, resil.error("io", ("metrics file %s: %s"):format(path, rerr))
   end
   return true
 end
@@ -776,10 +776,14 @@ function metrics.export(opts)
     -- (a gateway's worker 0 writes the merge; at exit, each does, the last with every count)
     if shard and shard.slot ~= "0" then return true end
     resil.background(function()
+      local failing = false
       while true do
         resil.sleep(interval)
         local wrote, werr = write_file(opts.file)
-        if not wrote then resil.log.warn("metrics file not written", { error = tostring(werr) }) end
+        -- said once while it keeps failing (a full disk: a line every 15 s for days), and once as it ends
+        if not wrote and not failing then resil.log.warn("metrics file not written", { error = tostring(werr) })
+        elseif wrote and failing then resil.log.info("metrics file written again", { file = opts.file }) end
+        failing = not wrote
       end
     end)
   end
