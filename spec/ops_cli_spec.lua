@@ -79,4 +79,40 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     assert.are.equal(at[1], at[2], r.stdout)
     assert.are.equal(at[1], at[3], r.stdout)
   end)
+
+  it("runs show ID --html on a full disk: exit 1 naming the error; no cut page, and one there before is kept",
+     function()
+    local dir = helpers.tmpname(".d")
+    os.execute("mkdir -p " .. dir)
+    -- a real full disk: a small tmpfs (root); elsewhere there is no such disk to fill
+    if os.execute(("mount -t tmpfs -o size=64k tmpfs %s 2>/dev/null"):format(dir)) ~= true then
+      return pending("mounting a tmpfs needs root")
+    end
+    finally(function() os.execute("umount -l " .. dir) end)
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      for i = 1, 20 do
+        resil.step("step " .. i, function() resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 0.01 }) end)
+      end
+    ]], ("--store %s --run nightly --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    local page = dir .. "/report.html"
+    r = helpers.run(("%s runs show nightly --html %s --store %s"):format(helpers.resil, page, db))
+    assert.are.equal(0, r.code, r.stderr)
+    local whole = helpers.slurp(page)
+    assert.matches("</html>\n$", whole)
+    -- the disk filled but for the page's whole 4 KiB blocks (a tmpfs counts in them): the writes go
+    -- through, and the last part fails as the file is closed (its buffer flushed)
+    assert.is_true(#whole % 4096 ~= 0 and #whole > 4096, #whole)
+    local held, room = -(-#whole // 4096), #whole // 4096
+    os.execute(("dd if=/dev/zero of=%s/fill bs=4k count=%d > /dev/null 2>&1"):format(dir, 16 - held - room))
+    r = helpers.run(("%s runs show nightly --html %s --store %s"):format(helpers.resil, page, db))
+    assert.are.equal(1, r.code, r.stdout)
+    assert.matches("cannot write " .. page, r.stderr, 1, true)
+    assert.matches("No space left", r.stderr, 1, true)
+    assert.is_nil(r.stdout:match("wrote"))
+    assert.are.equal(whole, helpers.slurp(page)) -- the page before, whole
+    assert.are.equal("", helpers.run("ls " .. dir .. " | grep tmp").stdout)
+  end)
 end)

@@ -325,9 +325,11 @@ function M.write(path, report, ledger, resume)
   local tmp = path .. ".tmp"
   local fh, err = io.open(tmp, "wb")
   if not fh then return nil, err end
+  -- (the close's result too: a full disk fails there, at the flush of what was buffered, and the
+  -- cut page was renamed into place and "wrote FILE" said)
   local ok, werr = fh:write(html)
-  fh:close()
-  if not ok then os.remove(tmp) return nil, werr end
+  local closed, cerr = fh:close()
+  if not (ok and closed) then os.remove(tmp) return nil, werr or cerr end
   local renamed, rerr = os.rename(tmp, path)
   if not renamed then os.remove(tmp) return nil, rerr end
   return true
