@@ -115,4 +115,16 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     assert.are.equal(whole, helpers.slurp(page)) -- the page before, whole
     assert.are.equal("", helpers.run("ls " .. dir .. " | grep tmp").stdout)
   end)
+
+  it("costs --csv (and the other commands) whose output cannot be written (a full disk: /dev/full) exit 1, " ..
+     "saying so, not 0 over a cut file", function()
+    local db = ledger()
+    for _, args in ipairs({ "costs --csv", "costs --by model --csv", "costs --by model", "budgets --json", "runs" }) do
+      local r = helpers.run(("(%s %s --store %s > /dev/full)"):format(helpers.resil, args, db))
+      assert.are.equal(1, r.code, args)
+      assert.matches("its output could not be written", r.stderr, 1, true)
+    end
+    -- (written whole: 0, as before)
+    assert.are.equal(0, helpers.run(("%s costs --csv --store %s > /dev/null"):format(helpers.resil, db)).code)
+  end)
 end)

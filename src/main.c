@@ -411,6 +411,17 @@ static int run_command(const char *name, const char *chunk, int argc, char **arg
   int code = report(R, status);
   signal_target = NULL;
   resil_close(R);
+  /* What it printed was cut (costs --csv > FILE on a full disk, > /dev/full): the exit status
+   * said 0 over a CSV missing rows. A reader that left (| head) ends it as SIGPIPE would have,
+   * silently: the host ignores SIGPIPE for its sockets. */
+  errno = 0;
+  int flushed = fflush(stdout) == 0, e = errno;
+  if ((!flushed || ferror(stdout)) && code == 0) {
+    if (!flushed && e == EPIPE) return 128 + SIGPIPE;
+    fprintf(stderr, PROGNAME ": %s: its output could not be written%s%s\n", name, flushed ? "" : ": ",
+            flushed ? "" : strerror(e));
+    code = 1;
+  }
   return code;
 }
 
