@@ -128,4 +128,25 @@ describe("metrics on a bad day: a disk full, a file that cannot be written", fun
     assert.matches(file, out, 1, true) -- (the error names the file)
     assert.matches("# TYPE", helpers.slurp(file)) -- written at the end
   end)
+
+  it("gateway --metrics-addr on the gateway's own --listen address is refused at the start (exit 1), not " ..
+     "served there beside the gateway, which answered a share of the clients' requests with 404s", function()
+    local config = helpers.write(helpers.tmpname(".lua"), "return { auth = false }")
+    for _, case in ipairs({ { "127.0.0.1", "127.0.0.1" }, { "0.0.0.0", "" }, { "127.0.0.1", "0.0.0.0" } }) do
+      local port = helpers.free_port()
+      local pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".out")
+      os.execute(("%s gateway --listen %s:%d --workers 2 --config %s --store %s --metrics-addr %s:%d > %s 2>&1 & " ..
+        "echo $! > %s"):format(helpers.resil, case[1], port, config, helpers.tmpname(".db"), case[2], port, log, pidfile))
+      local pid = helpers.slurp(pidfile):match("%d+")
+      finally(function()
+        for _, p in ipairs({ pid, table.unpack(helpers.workers_of(pid)) }) do
+          if helpers.alive(p) then os.execute("kill -KILL " .. p) end
+        end
+      end)
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10),
+        "it started: " .. helpers.slurp(log) .. helpers.run(("for i in $(seq 9); do curl -s -o /dev/null -w " ..
+          "'%%{http_code} ' http://127.0.0.1:%d/health; done"):format(port)).stdout)
+      assert.matches("is where the gateway listens", helpers.slurp(log), 1, true)
+    end
+  end)
 end)

@@ -529,6 +529,39 @@ static int check_gateway_address(const char *listen_at, const char *option) {
   return 0;
 }
 
+/* "HOST:PORT", "[HOST]:PORT" or ":PORT" (loopback) -> host (a wildcard as ""), port; 0 if not one */
+static int split_address(const char *addr, char *host, size_t size, long *port) {
+  const char *colon = strrchr(addr, ':');
+  if (!colon || !colon[1] || strspn(colon + 1, "0123456789") != strlen(colon + 1)) return 0;
+  const char *start = addr, *end = colon;
+  if (*start == '[' && end > start && end[-1] == ']') start++, end--;
+  if ((size_t)(end - start) >= size) return 0;
+  memcpy(host, start, (size_t)(end - start));
+  host[end - start] = '\0';
+  if (colon == addr) strcpy(host, "127.0.0.1");
+  if (strcmp(host, "0.0.0.0") == 0 || strcmp(host, "::") == 0 || strcmp(host, "*") == 0) host[0] = '\0';
+  *port = atol(colon + 1);
+  return 1;
+}
+
+/* --metrics-addr on the gateway's own --listen address: each worker listens
+ * there twice (SO_REUSEPORT), and the kernel handed a share of the clients'
+ * requests to the metrics server, a 404 each; without --workers the gateway
+ * could not listen (a traceback). The gateway serves GET /metrics itself.
+ * -> 0, or 1 having said why */
+static int check_metrics_address(const char *listen_at, const char *metrics_addr) {
+  char lhost[256], mhost[256];
+  long lport, mport;
+  if (!split_address(listen_at, lhost, sizeof lhost, &lport) ||
+      !split_address(metrics_addr, mhost, sizeof mhost, &mport))
+    return 0;
+  if (lport == 0 || lport != mport || (lhost[0] && mhost[0] && strcmp(lhost, mhost) != 0)) return 0;
+  fprintf(stderr, PROGNAME ": gateway: --metrics-addr %s is where the gateway listens (--listen %s), and it "
+                  "serves GET /metrics there itself: leave --metrics-addr out, or give it another port\n",
+          metrics_addr, listen_at);
+  return 1;
+}
+
 /* ---------- gateway --workers N: a supervisor and its workers ---------- */
 
 /* In a worker: the write end of its pipe to the supervisor, which reads
@@ -1032,6 +1065,7 @@ int main(int argc, char **argv) {
 
   raise_fd_limit();
   if (gateway && check_gateway_address(gw_listen, "--listen") != 0) return 1;
+  if (gateway && metrics_addr && check_metrics_address(gw_listen, metrics_addr) != 0) return 1;
   /* gateway --workers N: N processes on one SO_REUSEPORT socket, each with
    * its own loop, sharing keys, limits and budgets through the store, kept
    * at N by this process (supervise_workers) */
