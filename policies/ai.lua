@@ -1153,11 +1153,19 @@ end
 -- (the host's constructor, prelude's owning_loader: resil.metrics is the scripts')
 local not_found_total = (select(4, ...) or resil.metrics).counter("resil_model_not_found_total",
   "Calls a provider answered 404 for the model they named (retired or misspelt), by model")
-local not_found_warned = {}
+-- (one line per model for so many models, then one saying so: a gateway's clients name what they
+-- like, and each model a provider does not have made a line and a key here, for good)
+local not_found_warned, not_found_count, NOT_FOUND_WARN_MAX = {}, 0, 100
 local function model_not_found(t, err)
   if not (err.class == "not_found" or err.status == 404) then return end
   not_found_total:inc({ model = t.provider .. "/" .. t.model })
-  if not_found_warned[t.name] then return end
+  if not_found_warned[t.name] or not_found_count > NOT_FOUND_WARN_MAX then return end
+  not_found_count = not_found_count + 1
+  if not_found_count > NOT_FOUND_WARN_MAX then
+    resil.log.warn("more models answered 404: not warned about one by one (see resil_model_not_found_total)",
+      { model = t.provider .. "/" .. t.model, warned = NOT_FOUND_WARN_MAX })
+    return
+  end
   not_found_warned[t.name] = true
   resil.log.warn("the provider answered 404 for this model: retired or misspelt? every call to it fails over " ..
     "(mark it deprecated in the model registry with a replacement)", { model = t.provider .. "/" .. t.model,

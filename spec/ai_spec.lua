@@ -367,6 +367,21 @@ describe("chat over the strict mock", function()
     assert.are.equal(4, m:stats().routes.chat)
   end)
 
+  -- (before: each model a provider answered 404 for was a line and a key kept for good: a gateway's
+  -- clients name what they like)
+  it("a 404 for the model is warned about for 100 models, then once for all the others", function()
+    m:configure({ faults = { { route = "chat", probability = 1, status = 404 } } })
+    local lines = helpers.logged(function()
+      for i = 1, 130 do ai.chat({ model = "openai/spec-missing-" .. i, messages = MSGS }) end
+    end)
+    local one, all = 0, 0
+    for _, l in ipairs(lines) do
+      if l.msg:find("answered 404 for this model", 1, true) then one = one + 1 end
+      if l.msg:find("more models answered 404", 1, true) then all = all + 1 end
+    end
+    assert.are.same({ 100, 1 }, { one, all })
+  end)
+
   -- (before: a misspelt option was ignored without a word, the provider left on its defaults)
   it("ai.configure says an option it does not read, where it was given", function()
     local lines = helpers.logged(function()
