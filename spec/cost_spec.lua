@@ -492,7 +492,7 @@ assert(resil.cost.record({ provider = "p", model = "-1", usd = 3 }))
     assert.matches(",'@SUM(1+1),", r.stdout, 1, true)
     assert.matches(",-1,", r.stdout, 1, true) -- (a number stays one)
     r = helpers.run(("%s costs --by model --csv --store %s"):format(helpers.resil, db))
-    assert.matches("\n'@SUM(1+1),1,2.000000\n", r.stdout, 1, true)
+    assert.matches("\n'@SUM(1+1),1,2.000000,0\n", r.stdout, 1, true)
   end)
 end)
 

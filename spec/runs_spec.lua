@@ -181,6 +181,9 @@ for _, b in ipairs(helpers.store_backends()) do
         print(ok, err)
         local r = resil.step("schema", function() return { required = setmetatable({}, json.array_mt) } end)
         print(json.encode(r))
+        -- (an error inside a result, a fallback chain's, is its fields: stored as before)
+        local e = resil.step("nested error", function() return { errors = { resil.error("timeout", "slow") } } end)
+        print("nested", e.errors[1].kind, e.errors[1].message)
       ]==])
       for _ = 1, 2 do
         local r = sh(("%s --store '%s' --log-level off --run objects %s"):format(helpers.resil, url, script))
@@ -188,6 +191,7 @@ for _, b in ipairs(helpers.store_backends()) do
         assert.matches("false\t[^\n]*%.lua:4: resil.step: cannot checkpoint the results: they hold a table with a " ..
           "metatable", r.stdout)
         assert.matches('{"required":[]}', r.stdout, 1, true)
+        assert.matches("nested\ttimeout\tslow", r.stdout)
       end
     end)
 

@@ -61,6 +61,7 @@ local function table_print(header, rows)
   end
   line(header)
   for _, r in ipairs(rows) do line(r) end
+  return line -- (for rows that come later)
 end
 
 -- cjson writes an empty table as {}: a list says []
@@ -331,6 +332,7 @@ local function csv_print(header, rows)
   end
   line(header)
   for _, r in ipairs(rows) do line(r) end
+  return line -- (for rows that come later)
 end
 
 function commands.costs(args)
@@ -362,13 +364,13 @@ function commands.costs(args)
   local filter = { since = since, run = run }
   local s, err = resil.store(nil, { existing = true }) -- (the one resil.cost reads too)
   if not s then fail("%s", tostring(err)) end
-  if as_csv and not by then -- the ledger's rows, for a spreadsheet
-    local out = {}
-    for _, r in ipairs(need(backend_of[s]:cost_rows(filter))) do
-      out[#out + 1] = { os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(r.at)), r.provider, r.model, r.operation, r.user,
-                        r.run, r.item, r.step, r.budget, r.micro_usd and ("%.6f"):format(r.micro_usd / 1e6) or "", r.units }
-    end
-    csv_print({ "at", "provider", "model", "operation", "user", "run", "item", "step", "budget", "usd", "units" }, out)
+  if as_csv and not by then -- the ledger's rows, for a spreadsheet, written as they are read
+    local header = { "at", "provider", "model", "operation", "user", "run", "item", "step", "budget", "usd", "units" }
+    local line = csv_print(header, {})
+    need(backend_of[s]:cost_rows(filter, function(r)
+      line({ os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(r.at)), r.provider, r.model, r.operation, r.user,
+             r.run, r.item, r.step, r.budget, r.micro_usd and ("%.6f"):format(r.micro_usd / 1e6) or "", r.units })
+    end))
     return
   end
   if by then

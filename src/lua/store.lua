@@ -572,7 +572,7 @@ local function exact(v, depth, path, budget)
   -- (an object's methods come back on the first run only: a resumed run got a plain table,
   -- and its first method call failed there, after a crash; a JSON array's mark is kept)
   local mt = getmetatable(v)
-  if mt ~= nil and mt ~= json.array_mt then
+  if mt ~= nil and mt ~= json.array_mt and not resil.is_error(v) then -- (an error is its fields, as it was)
     error("a table with a metatable (an object's methods are not stored: return its plain data)", 0)
   end
   count_bytes(budget, TABLE_BYTES)

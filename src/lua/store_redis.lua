@@ -1210,7 +1210,7 @@ function R:cost_query(by, filter)
 end
 
 -- the ledger's rows that pass the filter, oldest first
-function R:cost_rows(filter)
+function R:cost_rows(filter, each)
   local out = {}
   local ok, err = each_ledger_row(self, function(text)
     local e = json.decode(text)
@@ -1226,6 +1226,10 @@ function R:cost_rows(filter)
   end)
   if not ok then return nil, err end
   table.sort(out, function(a, b) return a.at < b.at end)
+  if each then -- (as SQLite's: the rows are in no order in Redis, so they are all read first)
+    for _, r in ipairs(out) do each(r) end
+    return true
+  end
   return out
 end
 
