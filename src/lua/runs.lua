@@ -535,7 +535,6 @@ os.exit = function(code, close)
   return host_exit(code, close)
 end
 
--- for the ledger: the run a cost belongs to
 -- for the ledger: the run a cost belongs to; for the progress line: the
 -- retries so far ({total=, by_class={}}, read only)
 return { current_id = function() return run and run.id end, retries = function() return retries_seen end,
