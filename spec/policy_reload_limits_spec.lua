@@ -89,3 +89,20 @@ describe("a reload that fails", function()
     assert.matches(":2: bucket 'b': rate must be a positive number", r.stderr)
   end)
 end)
+
+describe("a policy file that loops as a reload loads it", function()
+  it("is stopped at the load's own cap, named as such: not as --max-instructions, which was never given", function()
+    local dir = helpers.policy_dir({ ["p.lua"] = "return { ok = true }\n" })
+    local r = helpers.run_script(([[
+      local resil = require "resil"
+      require "policies.p"
+      local f = assert(io.open(%q .. "/p.lua", "w")) f:write("while true do end\nreturn {}\n") f:close()
+      print(resil.reload())
+      print(require("policies.p").ok)                      -- the old version keeps serving
+    ]]):format(dir), ("--policies %s --log-level off"):format(dir))
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("p%.lua:1: policy reload ran more than 200000000 instructions as it loaded", r.stdout)
+    assert.is_nil(r.stdout:find("--max-instructions", 1, true))
+    assert.matches("\ntrue\n$", r.stdout)
+  end)
+end)

@@ -599,7 +599,13 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
       R->host_watch_seq = 0;
       atomic_store_explicit(&R->resume_seq, seq + 2, memory_order_release);
     }
-    if (!R->host_stop[0])
+    /* a load's own cap (host_pcall_load, without --max-instructions) is not the option's: a file
+     * that loops as it loads was told to raise an option the user never passed */
+    if (!R->host_stop[0] && R->max_instructions == LOAD_MAX_INSTRUCTIONS)
+      snprintf(R->host_stop, sizeof R->host_stop, "%s%s ran more than %ld instructions as it loaded (a file must "
+               "return to load: a loop that never ends, or work that belongs in a task)", at, R->host_what,
+               R->max_instructions);
+    else if (!R->host_stop[0])
       snprintf(R->host_stop, sizeof R->host_stop, "%s%s ran more than --max-instructions=%ld", at, R->host_what,
                R->max_instructions);
     lua_pushstring(L, R->host_stop);
