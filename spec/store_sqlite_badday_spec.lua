@@ -166,3 +166,36 @@ end
     assert.are.equal("ok\n", helpers.run(("sqlite3 '%s' 'PRAGMA integrity_check'"):format(db)).stdout)
   end)
 end)
+
+describe("a SQLite store whose file is replaced under the running process (a backup moved over it)", function()
+  local CHECK = [[
+local resil = require "resil"
+print("ledger", resil.cost.total({}))
+assert(resil.cost.record({ provider = "p", model = "m", usd = 0.25 }))
+]]
+  -- the process that loses its file: rows of $1 written (pages in its WAL), `between` run, then a row tried
+  local function losing(db, between)
+    return helpers.run_script(([[
+local resil = require "resil"
+for _ = 1, 2000 do assert(resil.cost.record({ provider = "p", model = "m", usd = 1, user = ("u"):rep(200) })) end
+os.execute(%q)
+print(resil.cost.record({ provider = "p", model = "m", usd = 1 }))
+]]):format(between), ("--store '%s' --log-level off"):format(db))
+  end
+
+  it("refuses writes, and the file now there is whole, as it was put there, for the next process", function()
+    local db = helpers.tmpname(".db")
+    local check = helpers.write(helpers.tmpname(".lua"), CHECK)
+    helpers.run(("%s --store '%s' %s"):format(helpers.resil, db, check)) -- (a backup of $0.25)
+    helpers.run(("sqlite3 '%s' '.backup %s.bak'"):format(db, db))
+    local r = losing(db, ("mv '%s.bak' '%s'"):format(db, db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(("nil\tstore_unavailable: store %s: its file was deleted or replaced since it was opened; " ..
+      "nothing is written to it any more\n"):format(db), r.stdout)
+    -- (before: the process left its WAL, of the file that went, and the next one read its pages over the
+    -- backup: "database disk image is malformed", the restored ledger gone)
+    local after = helpers.run(("%s --store '%s' %s"):format(helpers.resil, db, check))
+    assert.are.equal("ledger\t0.25\n", after.stdout, after.stderr)
+    assert.are.equal("ok\n", helpers.run(("sqlite3 '%s' 'PRAGMA integrity_check'"):format(db)).stdout)
+  end)
+end)

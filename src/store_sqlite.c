@@ -504,10 +504,33 @@ static int others_wrote(store_db *d) {
   return stat(shm, &m) == 0 && (m.st_dev != d->shm_dev || m.st_ino != d->shm_ino);
 }
 
+/* The store's file replaced (a backup moved over it) or deleted under this process: the -wal and
+ * -shm by its name are still ours, of the file that went, and SQLite leaves them as it closes (it
+ * does not checkpoint into a file that moved). The next process to open the path read our WAL's
+ * pages over the new file: a restored backup was "malformed", its whole ledger gone. They are
+ * unlinked once the move is seen (nothing in them belongs to the file now there); a -wal or -shm
+ * of another inode is someone else's and left. */
+static void drop_moved_wal(store_db *d) {
+  const char *wal = wal_name(d);
+  char shm[PATH_MAX];
+  if (!d->wal_known || !wal || snprintf(shm, sizeof shm, "%.*s-shm", (int)strlen(wal) - 4, wal) >= (int)sizeof shm)
+    return;
+  struct stat w, m;
+  if (stat(wal, &w) == 0 && w.st_dev == d->wal_dev && w.st_ino == d->wal_ino) unlink(wal);
+  if (stat(shm, &m) == 0 && m.st_dev == d->shm_dev && m.st_ino == d->shm_ino) unlink(shm);
+}
+
+static int main_moved(store_db *d) {
+  int moved = 0;
+  return sqlite3_file_control(d->db, "main", SQLITE_FCNTL_HAS_MOVED, &moved) == SQLITE_OK && moved;
+}
+
 /* -> 0, or the reason (FILE_MOVED, WAL_MOVED) */
 static const char *file_moved(store_db *d) {
-  int moved = 0;
-  if (sqlite3_file_control(d->db, "main", SQLITE_FCNTL_HAS_MOVED, &moved) == SQLITE_OK && moved) return FILE_MOVED;
+  if (main_moved(d)) {
+    drop_moved_wal(d);
+    return FILE_MOVED;
+  }
   return wal_moved(d) ? WAL_MOVED : NULL;
 }
 
@@ -1327,6 +1350,7 @@ static void db_close_all(lua_State *L, store_db *d) {
    * wrote before the deletion is kept (another process that opened meanwhile could not read the
    * WAL our index names, and wrote nothing). */
   if (others_wrote(d)) sqlite3_db_config(d->db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, (int *)NULL);
+  if (d->path && main_moved(d)) drop_moved_wal(d); /* (no write saw it) */
   sqlite3_close(d->db);
   d->db = NULL;
   if (d->flush_ev) event_free(d->flush_ev);
