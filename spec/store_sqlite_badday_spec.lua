@@ -199,3 +199,37 @@ print(resil.cost.record({ provider = "p", model = "m", usd = 1 }))
     assert.are.equal("ok\n", helpers.run(("sqlite3 '%s' 'PRAGMA integrity_check'"):format(db)).stdout)
   end)
 end)
+
+describe("a SQLite store whose -shm file is truncated or made immutable under the running process", function()
+  it("refuses every operation with an error naming the file, instead of dying of SIGBUS; the file keeps its " ..
+    "ledger", function()
+    for _, how in ipairs({ { "truncate -s 0 %s-shm", "truncated" }, { "chattr +i %s-shm", "made immutable" } }) do
+      if how[2] == "made immutable" and not is_root then return pending("chattr +i needs root") end
+      local db = helpers.tmpname(".db")
+      finally(function() os.execute(("chattr -i '%s-shm' 2>/dev/null"):format(db)) end)
+      local r = helpers.run_script(([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1000, per = "day" })
+for _ = 1, 5 do assert(assert(b:reserve(1)):settle(1, { provider = "p", model = "m" })) end
+os.execute(%q)
+print(b:state())
+print(b:reserve(1))
+print(resil.cost.record({ provider = "p", model = "m", usd = 1 }))
+]]):format(how[1]:format(db)), ("--store '%s' --log-level off"):format(db))
+      -- (before: killed by SIGBUS, 135, at the next transaction: SQLite reads and writes the -shm
+      -- through a shared mapping)
+      assert.are.equal(0, r.code, r.stderr)
+      local refused = ("store_unavailable: store %s: its -shm file was %s"):format(db, how[2])
+      local n = 0
+      for line in r.stdout:gmatch("[^\n]+") do
+        assert.matches("nil\t" .. refused, line, 1, true)
+        n = n + 1
+      end
+      assert.are.equal(3, n)
+      os.execute(("chattr -i '%s-shm' 2>/dev/null"):format(db))
+      local after = helpers.run(("%s --store '%s' %s"):format(helpers.resil, db,
+        helpers.write(helpers.tmpname(".lua"), 'print("ledger", require("resil").cost.total({}))')))
+      assert.are.equal("ledger\t5.0\n", after.stdout, after.stderr)
+    end
+  end)
+end)

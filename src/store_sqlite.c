@@ -18,8 +18,10 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <linux/fs.h>
 #include <unistd.h>
 #include <string.h>
 
@@ -119,6 +121,9 @@ typedef struct store_db {
   int wal_known;       /* the WAL and -shm SQLite has open, once seen (wal_moved) */
   dev_t wal_dev, shm_dev;
   ino_t wal_ino, shm_ino;
+  int shm_fd;            /* the -shm SQLite maps, held open (shm_broken); -1 for none */
+  off_t shm_size;        /* its largest size seen */
+  const char *shm_error; /* SHM_TRUNCATED or SHM_LOCKED: operations are refused from then on */
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -525,6 +530,45 @@ static int main_moved(store_db *d) {
   return sqlite3_file_control(d->db, "main", SQLITE_FCNTL_HAS_MOVED, &moved) == SQLITE_OK && moved;
 }
 
+/* SQLite reads and writes the -shm through a shared mapping: one truncated (its pages gone) or
+ * made immutable (chattr +i) under the process killed it with SIGBUS at its next transaction, or
+ * as it closed. SQLite has no error for it short of a VFS of its own (unix-excl and
+ * locking_mode=EXCLUSIVE keep the index in memory, but shut every other process out), so the
+ * store looks before each transaction begins, through a descriptor of its own to the file
+ * SQLite mapped (one fstat and one ioctl): SQLite never shrinks it while a connection has it,
+ * so smaller than seen is someone else's truncate. Once seen, the store refuses every operation
+ * and closes without its checkpoint (which writes there). A change between the look and the
+ * transaction still kills the process. -> 0, or the reason */
+#define SHM_TRUNCATED "its -shm file was truncated since it was opened; nothing is read from it or written to it " \
+                      "any more (restart the process)"
+#define SHM_LOCKED "its -shm file was made immutable or append-only (chattr); nothing is read from it or written to " \
+                   "it any more (restart the process)"
+static const char *shm_broken(store_db *d) {
+  if (d->shm_error) return d->shm_error;
+  struct stat m;
+  int flags = 0;
+  if (d->shm_fd < 0) { /* (opened once SQLite has made it: wal_moved saw it, its inode kept) */
+    const char *wal = wal_name(d);
+    char shm[PATH_MAX];
+    if (!d->wal_known || !wal || snprintf(shm, sizeof shm, "%.*s-shm", (int)strlen(wal) - 4, wal) >= (int)sizeof shm)
+      return NULL;
+    int fd = open(shm, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    if (fstat(fd, &m) != 0 || m.st_dev != d->shm_dev || m.st_ino != d->shm_ino) {
+      close(fd);
+      return NULL; /* (another's: WAL_MOVED) */
+    }
+    d->shm_fd = fd;
+  }
+  if (fstat(d->shm_fd, &m) == 0) {
+    if (m.st_size < d->shm_size) return d->shm_error = SHM_TRUNCATED;
+    d->shm_size = m.st_size;
+  }
+  if (ioctl(d->shm_fd, FS_IOC_GETFLAGS, &flags) == 0 && (flags & (FS_IMMUTABLE_FL | FS_APPEND_FL)))
+    return d->shm_error = SHM_LOCKED;
+  return NULL;
+}
+
 /* -> 0, or the reason (FILE_MOVED, WAL_MOVED) */
 static const char *file_moved(store_db *d) {
   if (main_moved(d)) {
@@ -914,6 +958,15 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
     finish_batch(L, d, batch);
     return;
   }
+  if (shm_broken(d)) {
+    char why[512];
+    snprintf(why, sizeof why, "store %s: %s", d->path, d->shm_error);
+    op *batch = d->head;
+    d->head = d->tail = NULL;
+    for (op *o = batch; o; o = o->next) fail_op(L, o, why);
+    finish_batch(L, d, batch);
+    return;
+  }
   int rc = take_write_lock(d);
   if (rc == -1) return; /* retried by the timer */
   if (rc == SQLITE_BUSY) { /* waited the timeout: the tasks' ops fail, detached ops wait on */
@@ -1184,6 +1237,7 @@ static int run_now(lua_State *L, const char *begin) {
   luaL_checktype(L, 2, LUA_TFUNCTION);
   if (d->in_tx) return luaL_error(L, "store: db:now inside a transaction");
   int n = lua_gettop(L) - 2;
+  if (shm_broken(d)) return resil_error_result(L, "store_unavailable", "store %s: %s", d->path, d->shm_error);
   if (exec_sql(d, begin) != SQLITE_OK) {
     int busy = sqlite3_errcode(d->db) == SQLITE_BUSY;
     int pushed = resil_error_result(L, "store_unavailable", "store %s: %s", d->path, sqlite3_errmsg(d->db));
@@ -1273,7 +1327,7 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
   if (!detached) return;
   end_lock_wait(d);
   int began = 0;
-  if (!d->sync_error) {
+  if (!d->sync_error && !shm_broken(d)) {
     sqlite3_busy_timeout(d->db, (int)(d->timeout * 1000));
     began = exec_ctl(d, CTL_BEGIN) == SQLITE_OK;
     sqlite3_busy_timeout(d->db, 0);
@@ -1349,10 +1403,12 @@ static void db_close_all(lua_State *L, store_db *d) {
    * process's (the file was "not a database" after). Otherwise it is copied in: what this process
    * wrote before the deletion is kept (another process that opened meanwhile could not read the
    * WAL our index names, and wrote nothing). */
-  if (others_wrote(d)) sqlite3_db_config(d->db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, (int *)NULL);
+  if (others_wrote(d) || shm_broken(d)) sqlite3_db_config(d->db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, (int *)NULL);
   if (d->path && main_moved(d)) drop_moved_wal(d); /* (no write saw it) */
   sqlite3_close(d->db);
   d->db = NULL;
+  if (d->shm_fd >= 0) close(d->shm_fd);
+  d->shm_fd = -1;
   if (d->flush_ev) event_free(d->flush_ev);
   if (d->retry_ev) event_free(d->retry_ev);
   if (d->unsynced_ev) event_free(d->unsynced_ev);
@@ -1539,6 +1595,7 @@ static int open_db(lua_State *L, int host) {
   if (!sandbox_file_ok(R, path)) return refuse_file(L, "store", path, 1);
   store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
   memset(d, 0, sizeof *d);
+  d->shm_fd = -1;
   d->R = R;
   d->group_commit = group_commit;
   d->timeout = timeout;
@@ -1620,6 +1677,7 @@ static int open_db(lua_State *L, int host) {
   }
   d->path = strdup(path);
   wal_moved(d); /* (its WAL as opened) */
+  shm_broken(d); /* (its -shm's size as opened) */
   lua_newtable(L);
   d->ref_stmts = luaL_ref(L, LUA_REGISTRYINDEX);
   d->flush_ev = event_new(R->base, -1, 0, flush_cb, d);
