@@ -45,6 +45,42 @@ print(refused > 20, st.spent == calls, st.reserved, #st.holds, resil.cost.total(
   end)
 end)
 
+describe("a SQLite store on a disk with less free room than its WAL takes before it is copied (about 4 MB)", function()
+  it("writes until the rows themselves fill it, refuses the next ones unwritten, and writes again once there " ..
+    "is room", function()
+    if not is_root then return pending("mounting a small filesystem needs root") end
+    local db = small_disk(finally, "6m")
+    local dir = db:match("^(.*)/")
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local dir = %q
+os.execute("dd if=/dev/zero of=" .. dir .. "/filler bs=1k count=3500 2>/dev/null") -- some 2.5 MB left
+local written, sent = 0, {}
+local function rows(n, tag)
+  local ok, refused = 0, 0
+  for i = 1, n do
+    local r, err = resil.cost.record({ provider = "p", model = "m", usd = 0.5, id = tag .. i, user = ("u"):rep(1000) })
+    if r then ok = ok + 1 else refused = refused + 1; sent[tostring(err.sent)] = true end
+  end
+  written = written + ok
+  return ok, refused
+end
+print("room", rows(1000, "a"))
+os.execute("dd if=/dev/zero of=" .. dir .. "/filler2 bs=4k 2>/dev/null") -- the disk full
+local _, refused = rows(500, "b")
+print("full", refused > 100, next(sent), next(sent, next(sent)))
+os.remove(dir .. "/filler2")
+print("again", rows(50, "c"))
+print("ledger", resil.cost.total({}) == written * 0.5)
+]]):format(dir), ("--store '%s' --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: "room 231 769" and "again 0 50": the WAL, copied only at 1,000 frames, took the disk's room itself, and
+    -- every write after was refused, also once 900 KB were free again)
+    assert.are.equal("room\t1000\t0\nfull\ttrue\tfalse\tnil\nagain\t50\t0\nledger\ttrue\n", r.stdout)
+    assert.are.equal("ok\n", helpers.run(("sqlite3 '%s' 'PRAGMA integrity_check'"):format(db)).stdout)
+  end)
+end)
+
 describe("a SQLite store whose write lock another process holds past the store's timeout", function()
   it("refuses a reservation, and does not try to give back a hold the rolled-back write never made", function()
     local path = helpers.tmpname(".db")

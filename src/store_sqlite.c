@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <linux/fs.h>
 #include <unistd.h>
@@ -124,6 +125,9 @@ typedef struct store_db {
   int shm_fd;            /* the -shm SQLite maps, held open (shm_broken); -1 for none */
   off_t shm_size;        /* its largest size seen */
   const char *shm_error; /* SHM_TRUNCATED or SHM_LOCKED: operations are refused from then on */
+  int page_size;         /* the file's (a WAL frame is that and 24 bytes) */
+  int room_checked_at;   /* the WAL's frames when the disk's free room was last looked at */
+  int short_of_room;     /* too little of it for the WAL to reach CHECKPOINT_FRAMES (count_frames) */
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -774,8 +778,23 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
 }
 
 /* After each commit: how long the WAL is, for the syncer's checkpoints */
+/* A disk with little room: the WAL, copied at CHECKPOINT_FRAMES (4 MB of 4 KB pages), filled a disk
+ * with less free than that before its first copy, and every write was refused from then on until
+ * room was made (the copy itself needs room for the pages it adds to the file). Every
+ * ROOM_CHECK_FRAMES frames the free room is looked at (one fstatvfs); under twice what the WAL would
+ * take to CHECKPOINT_FRAMES, it is copied from ROOM_CHECK_FRAMES on (wal_long), so that it stays
+ * short, its space reused from the top, and the room goes to the rows. */
+#define ROOM_CHECK_FRAMES 64
 static int count_frames(void *arg, sqlite3 *db, const char *name, int frames) {
-  ((store_db *)arg)->wal_frames = frames;
+  store_db *d = arg;
+  d->wal_frames = frames;
+  if (frames < d->room_checked_at) d->room_checked_at = 0; /* (the WAL restarted from the top) */
+  if (frames >= d->room_checked_at + ROOM_CHECK_FRAMES && d->shm_fd >= 0) {
+    d->room_checked_at = frames;
+    struct statvfs v;
+    double frame = (d->page_size > 0 ? d->page_size : 4096) + 24;
+    d->short_of_room = fstatvfs(d->shm_fd, &v) == 0 && (double)v.f_bavail * v.f_frsize < 2.0 * CHECKPOINT_FRAMES * frame;
+  }
   return SQLITE_OK;
 }
 
@@ -870,7 +889,9 @@ static int take_write_lock(store_db *d) {
  * then what they wrote meanwhile while they wait, so that the next batch
  * begins with the WAL all copied and restarts it; otherwise SQLite appends to
  * it for ever (under steady writes: 51.6 MB from 6,000 of them). */
-static int wal_long(const store_db *d) { return d->wal_frames >= CHECKPOINT_FRAMES; }
+static int wal_long(const store_db *d) {
+  return d->wal_frames >= CHECKPOINT_FRAMES || (d->short_of_room && d->wal_frames >= ROOM_CHECK_FRAMES);
+}
 
 /* Ask the syncer to make every commit so far durable; batch (may be NULL)
  * continues when it is. The next batch waits for it (sync_pending). */
@@ -1661,6 +1682,10 @@ static int open_db(lua_State *L, int host) {
   if (wal == SQLITE_OK && (d->syncer = wal_syncer_new(R->base, path, synced_cb, d)) != NULL) {
     sqlite3_exec(d->db, "PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;", NULL, NULL, NULL);
     sqlite3_wal_hook(d->db, count_frames, d);
+    sqlite3_stmt *ps;
+    if (sqlite3_prepare_v2(d->db, "PRAGMA page_size", -1, &ps, NULL) == SQLITE_OK && sqlite3_step(ps) == SQLITE_ROW)
+      d->page_size = sqlite3_column_int(ps, 0);
+    sqlite3_finalize(ps);
   }
   /* from now on never wait for a lock inside SQLite: that would block the
    * loop (writes wait on a timer instead, take_write_lock) */
