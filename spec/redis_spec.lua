@@ -22,9 +22,12 @@ local function start_redis()
   assert(helpers.wait_until(function()
     return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == true
   end, 10))
+  os.remove(dir .. "/dump.rdb") -- (loaded: the next start is empty unless stop_redis(true) saves again)
 end
 
-local function stop_redis()
+-- keep: its keys saved first (SAVE), for the next start_redis to load: a server restarted with its data
+local function stop_redis(keep)
+  if pid and keep then os.execute(("redis-cli -p %d save > /dev/null"):format(port)) end
   if pid then os.execute("kill -9 " .. pid) end
   helpers.wait_until(function() return not helpers.alive(pid) end, 10)
   os.remove(dir .. "/redis.pid")
@@ -864,7 +867,7 @@ describe("a Redis outage", function()
     local unchecked = resil.metrics.counter("resil_budget_unchecked_total")
     local b = resil.budget("allow-once", { limit = 1000, on_outage = "allow" })
     assert.is_nil(assert(b:reserve(1)).unchecked)
-    stop_redis()
+    stop_redis(true) -- (a server restarted with its data: an outage, not a loss)
     local lines = logged(function()
       for _ = 1, 50 do assert.is_true(assert(b:reserve(1)).unchecked) end
     end)
@@ -944,7 +947,16 @@ describe("a Redis outage", function()
       assert.is_true(unchecked.unchecked)
       assert.is_true(unchecked:extend()) -- (it holds nothing: nothing to renew, and no error for its call)
       start_redis() -- empty: the server kept nothing
-      assert.is_true(helpers.wait_until(function() return b:reserve(1) ~= nil end, 10))
+      -- it lost the budget's spend: reservations fail closed until an operator says so (the store's marker)
+      local lost
+      assert.is_true(helpers.wait_until(function()
+        t, lost = b:reserve(1)
+        return lost.kind ~= "store_unavailable"
+      end, 10))
+      assert.matches("the store lost its data", lost.message, 1, true)
+      assert.is_false(lost.sent)
+      helpers.run(("redis-cli -p %d -n %d set resil:store ok"):format(port, db_seq))
+      assert.is_truthy(b:reserve(1))
       assert.are.equal(1, resil.budget("outage"):state().reserved)
       resil.log.level("info")
     end)

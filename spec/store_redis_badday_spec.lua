@@ -4,20 +4,31 @@
 -- can never land.
 local helpers = require "spec.helpers"
 
--- a redis-server of the test's own, started with `args` -> its port
+-- a redis-server of the test's own, started with `args` -> its port, a function that kills it
+-- (SIGKILL) and starts it again, empty
 local function own_server(finally, args)
   local dir, port = helpers.tmpname("-redis-own"), helpers.free_port()
   os.execute("mkdir -p " .. dir)
-  os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
-    "--pidfile %s/redis.pid %s > /dev/null"):format(port, dir, dir, args or ""))
-  assert(helpers.wait_until(function() return helpers.slurp(dir .. "/redis.pid"):match("%d+") ~= nil end, 10))
-  local pid = helpers.slurp(dir .. "/redis.pid"):match("%d+")
+  local pid
+  local function start()
+    os.remove(dir .. "/redis.pid")
+    os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+      "--pidfile %s/redis.pid %s > /dev/null"):format(port, dir, dir, args or ""))
+    assert(helpers.wait_until(function() return helpers.slurp(dir .. "/redis.pid"):match("%d+") ~= nil end, 10))
+    pid = helpers.slurp(dir .. "/redis.pid"):match("%d+")
+    assert(helpers.wait_until(function() return helpers.run(("redis-cli -p %d ping"):format(port)).stdout ~= "" end,
+      10))
+  end
+  start()
   finally(function()
     os.execute("kill -9 " .. pid)
     os.execute("rm -rf " .. dir)
   end)
-  assert(helpers.wait_until(function() return helpers.run(("redis-cli -p %d ping"):format(port)).stdout ~= "" end, 10))
-  return port
+  return port, function()
+    os.execute("kill -9 " .. pid)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    start()
+  end
 end
 
 -- a reservation, a once claim and a ledger row against `url` (on the virtual clock: a minute of
@@ -141,5 +152,80 @@ describe("a store URL naming a node of a Redis Cluster", function()
     assert.matches("once\tnil\t" .. cluster, r.stdout)
     assert.matches("ran\tfalse\nrecord\tnil\t" .. cluster, r.stdout)
     assert.is_not.matches("outcome was not seen", r.stderr, 1, true)
+  end)
+end)
+
+describe("a Redis server that lost its data (restarted without persistence, flushed)", function()
+  -- A budget of $1 a day, spent whole; then the server loses every key. What a user sees: the process
+  -- that was running refuses to reserve (not a second dollar), logs why, and so do processes started
+  -- after; an operator's `redis-cli SET resil:store ok` lets budgets reserve again.
+  local function reserve(url, pre)
+    return helpers.run_script(([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1, per = "day", on_outage = "allow" })
+%s
+local t, err = b:reserve(0.5)
+print("after", t and "ticket" or err)
+]]):format(pre or ""), ("--virtual-clock --store '%s' --log-level warn"):format(url))
+  end
+
+  it("refuses reservations in the process that saw it and in those started after, until an operator acknowledges",
+    function()
+    local port = own_server(finally)
+    local url = ("redis://127.0.0.1:%d/0?timeout=1"):format(port)
+    local r = reserve(url, ([[
+local t = assert(b:reserve(1))
+assert(t:settle(1))
+print("full", b:reserve(0.5))
+os.execute("redis-cli -p %d flushall > /dev/null")
+]]):format(port))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("full\tnil\tbudget_exceeded", r.stdout, 1, true)
+    -- (before: "after  <ticket>": the dollar spent was gone, and the budget paid out again)
+    assert.matches("after\tstore_error: redis 127.0.0.1:" .. port .. ": the store lost its data",
+      r.stdout, 1, true)
+    assert.matches("redis: the store lost its data", r.stderr, 1, true)
+    -- a process started after the loss
+    r = reserve(url)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("after\tstore_error: [^\n]*the store lost its data %(its marker resil:store is 'lost ", r.stdout)
+    -- the operator restores the spend, or accepts its loss
+    helpers.run(("redis-cli -p %d set resil:store ok"):format(port))
+    r = reserve(url)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("after\tticket", r.stdout, 1, true)
+  end)
+
+  it("is seen by a process whose server restarted empty while it ran, though a process started first after the " ..
+    "restart made the store anew", function()
+    local port, restart = own_server(finally)
+    local url = ("redis://127.0.0.1:%d/0?timeout=1"):format(port)
+    local go = helpers.tmpname("-go")
+    finally(function() os.remove(go) end)
+    local pid, out = helpers.start(([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1, per = "day" })
+assert(assert(b:reserve(1)):settle(1))
+print("started") io.stdout:flush()
+while not io.open(%q) do os.execute("sleep 0.02") end
+for _ = 1, 3 do local t, err = b:reserve(0.5) print("after", t and "ticket" or err) end
+]]):format(go), ("--virtual-clock --store '%s' --log-level warn"):format(url))
+    finally(function() if helpers.alive(pid) then os.execute("kill -9 " .. pid) end end)
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("started") end, 30))
+    restart()
+    -- a process that starts on the empty server cannot know: it makes the store anew, and spends
+    local r = reserve(url)
+    assert.matches("after\tticket", r.stdout, 1, true)
+    helpers.write(go, "")
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 30))
+    local text = helpers.slurp(out)
+    -- (the first, on the connection the restart closed, is unavailable)
+    -- (before: a second dollar reserved, "after  team:...": the restart took every cent spent)
+    assert.matches("after\tstore_error: [^\n]*the store lost its data %(its marker resil:store is 'n:", text)
+    assert.matches("after\tstore_error: [^\n]*the store lost its data %(its marker resil:store is 'lost ", text)
+    assert.matches("redis: the store lost its data", text, 1, true)
+    -- and the one that made it anew refuses now too
+    r = reserve(url)
+    assert.matches("after\tstore_error: [^\n]*its marker resil:store is 'lost ", r.stdout)
   end)
 end)

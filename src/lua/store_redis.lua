@@ -377,12 +377,22 @@ end
 -- length, the ticket's time to live (ms), skew -> {1, spent, reserved} | {0, spent, reserved, holders
 -- to judge...}
 -- Dead owners' holds are looked for only when the reservation does not fit.
-scripts.budget_reserve = budget_lib .. [[
--- (KEYS[8], the settings; ARGV[14], the period kind set from the command line that the caller's
--- period comes from, '' for none: another one now, a switch since it read them -> {2})
-if ARGV[14] then
+scripts.budget_reserve = budget_lib .. ("local MARK = %q\n"):format(P .. "store") .. [[
+-- (the store's marker, ARGV[14], as this process saw it, '' before it has: another, or none, -> {3,
+-- the marker}, nothing written; none where none was seen is a new store's, ARGV[15])
+local mark = redis.call('GET', MARK)
+if mark ~= ARGV[14] then
+  if not mark and ARGV[14] == '' then
+    mark = ARGV[15]
+    redis.call('SET', MARK, mark)
+  end
+  return {3, mark or false}
+end
+-- (KEYS[8], the settings; ARGV[16], the period kind set from the command line that the caller's
+-- period comes from, '' for none, or no ARGV[16]: another one now, a switch since it read them -> {2})
+if ARGV[16] then
   local set = redis.call('HMGET', KEYS[8], 'limit', 'per')
-  if (set[1] and set[2] or '') ~= ARGV[14] then return {2, 0, 0} end
+  if (set[1] and set[2] or '') ~= ARGV[16] then return {2, 0, 0} end
 end
 local now, off = server_clock(ARGV[5], ARGV[13])
 local period = server_period(now, off)
@@ -758,7 +768,7 @@ local function open(url)
   o.on_state = on_state(url)
   local conn = private.redis_connect(o) -- (resil.redis.connect is refused in the sandbox)
   local backend = setmetatable({ conn = conn, url = url, kind = "redis", shas = {}, loading = {}, commits = 0,
-                                 ops = 0 }, R)
+                                 ops = 0, where = o.host .. ":" .. o.port }, R)
   stores[backend] = true
   return backend
 end
@@ -1272,6 +1282,50 @@ local function rolling_keys(budget, period, now, ticket)
   return keys
 end
 
+-- A store that lost its data (a server restarted without persistence, flushed, or failed over to an
+-- empty replica) has lost every budget's spend: its next reservations would spend them again. Its
+-- marker ("resil:store", written by the first reservation on a store without one) is checked by
+-- each reservation's own script; one gone, or another process's new one where this process saw
+-- another, marks the store lost ("lost ..." in the marker, for every process, those started since
+-- too), and reservations fail closed (store_error, not sent: on_outage = "allow" too) until an
+-- operator sets the marker to anything else (docs/decisions.md).
+local MARK = P .. "store"
+-- (a marker this process may take: its own, the first it sees, or an operator's)
+local function marker_ok(seen, mark)
+  return mark ~= nil and (mark == seen or not mark:match("^lost ") and (seen == nil or not mark:match("^n:")))
+end
+
+scripts.store_lost = [[
+if (redis.call('GET', KEYS[1]) or '') == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) end
+return 1
+]]
+
+-- the marker `mark` a reservation found (nil: none) -> true to try again (adopted) | nil, err
+local function marker_found(self, mark)
+  if marker_ok(self.mark, mark) then
+    if self.lost then
+      resil.log.warn("redis: the store's loss was acknowledged (its marker set): budgets reserve again",
+        { store = redact(self.url), marker = mark })
+    end
+    self.mark, self.lost = mark, nil
+    return true
+  end
+  if not (mark and mark:match("^lost ")) then -- (seen here first: said in the store, for every process)
+    self:script("store_lost", { MARK }, mark or "", ("lost %s (marker %s, was %s)"):format(
+      os.date("!%Y-%m-%dT%H:%M:%SZ"), mark or "gone", self.mark or "not seen"))
+  end
+  if not self.lost then
+    self.lost = true
+    resil.log.error("redis: the store lost its data (a server restarted without persistence, flushed, or failed " ..
+      "over to an empty replica): every budget's spend is gone, and budgets refuse to reserve until an operator " ..
+      "restores it or accepts the loss: redis-cli SET " .. MARK .. " ok", { store = redact(self.url),
+      marker = mark or "gone" })
+  end
+  return nil, resil.error("store_error", ("redis %s: the store lost its data (its marker %s is %s): budgets " ..
+    "refuse until an operator sets it (redis-cli SET %s ok)"):format(self.where, MARK,
+    mark and ("'" .. mark .. "'") or "gone", MARK), { sent = false })
+end
+
 -- -> true, spent, reserved | false, spent, reserved
 -- set_per: as on SQLite (-> false, 0, 0, "stale")
 function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, now, me, lease_until, set_per)
@@ -1280,12 +1334,18 @@ function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   while true do
     local r, err = self:script("budget_reserve", keys, limit, estimate, ticket,
       fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until, now),
-      ticket_ttl(expires_at - now), lease_skew(), set_per)
+      ticket_ttl(expires_at - now), lease_skew(), self.mark or "", "n:" .. me, set_per)
     if r == nil then return nil, err end
     if r[1] == 2 then return false, 0, 0, "stale" end
+    if r[1] == 3 then
+      local again, lerr = marker_found(self, r[2] or nil)
+      if not again then return nil, lerr end
+      goto continue
+    end
     local holders_dead = r[1] == 0 and dead == "" and dead_among({ table.unpack(r, 4) })
     if not holders_dead then return r[1] == 1, r[2], r[3] end
     dead = holders_dead -- their pids are gone: release their holds and try again
+    ::continue::
   end
 end
 
