@@ -74,8 +74,8 @@ print("again", rows(50, "c"))
 print("ledger", resil.cost.total({}) == written * 0.5)
 ]]):format(dir), ("--store '%s' --log-level off"):format(db))
     assert.are.equal(0, r.code, r.stderr)
-    -- (before: "room 231 769" and "again 0 50": the WAL, copied only at 1,000 frames, took the disk's room itself, and
-    -- every write after was refused, also once 900 KB were free again)
+    -- (before: "room 231 769" and "again 0 50": the WAL, copied only at 1,000 frames, took the disk's
+    -- room itself, and every write after was refused, also once 900 KB were free again)
     assert.are.equal("room\t1000\t0\nfull\ttrue\tfalse\tnil\nagain\t50\t0\nledger\ttrue\n", r.stdout)
     assert.are.equal("ok\n", helpers.run(("sqlite3 '%s' 'PRAGMA integrity_check'"):format(db)).stdout)
   end)
