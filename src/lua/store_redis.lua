@@ -1334,7 +1334,7 @@ function R:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   while true do
     local r, err = self:script("budget_reserve", keys, limit, estimate, ticket,
       fmt_time(expires_at), fmt_time(now), budget, period, me, dead, same_host(), lease_arg(lease_until, now),
-      ticket_ttl(expires_at - now), lease_skew(), self.mark or "", "n:" .. me, set_per)
+      ticket_ttl(expires_at - now), lease_skew(), self.mark or "", self.mark and "" or "n:" .. me, set_per)
     if r == nil then return nil, err end
     if r[1] == 2 then return false, 0, 0, "stale" end
     if r[1] == 3 then
