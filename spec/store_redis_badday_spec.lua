@@ -182,13 +182,13 @@ os.execute("redis-cli -p %d flushall > /dev/null")
     assert.are.equal(0, r.code, r.stderr)
     assert.matches("full\tnil\tbudget_exceeded", r.stdout, 1, true)
     -- (before: "after  <ticket>": the dollar spent was gone, and the budget paid out again)
-    assert.matches("after\tstore_error: redis 127.0.0.1:" .. port .. ": the store lost its data",
+    assert.matches("after\tstore_unavailable: redis 127.0.0.1:" .. port .. ": the store lost its data",
       r.stdout, 1, true)
     assert.matches("redis: the store lost its data", r.stderr, 1, true)
     -- a process started after the loss
     r = reserve(url)
     assert.are.equal(0, r.code, r.stderr)
-    assert.matches("after\tstore_error: [^\n]*the store lost its data %(its marker resil:store is 'lost ", r.stdout)
+    assert.matches("after\tstore_unavailable: [^\n]*the store lost its data %(its marker resil:store is 'lost ", r.stdout)
     -- the operator restores the spend, or accepts its loss
     helpers.run(("redis-cli -p %d set resil:store ok"):format(port))
     r = reserve(url)
@@ -211,7 +211,7 @@ while not io.open(%q) do os.execute("sleep 0.02") end
 local answered = 0
 for _ = 1, 500 do -- (the connection the restart closed, and the store down until its probe is answered)
   local t, err = b:reserve(0.5)
-  if t or err.kind ~= "store_unavailable" then
+  if t or err.lost then
     print("after", t and "ticket" or err)
     answered = answered + 1
     if answered == 2 then break end
@@ -228,11 +228,11 @@ end
     assert(helpers.wait_until(function() return not helpers.alive(pid) end, 30))
     local text = helpers.slurp(out)
     -- (before: a second dollar reserved, "after  team:...": the restart took every cent spent)
-    assert.matches("after\tstore_error: [^\n]*the store lost its data %(its marker resil:store is 'n:", text)
-    assert.matches("after\tstore_error: [^\n]*the store lost its data %(its marker resil:store is 'lost ", text)
+    assert.matches("after\tstore_unavailable: [^\n]*the store lost its data %(its marker resil:store is 'n:", text)
+    assert.matches("after\tstore_unavailable: [^\n]*the store lost its data %(its marker resil:store is 'lost ", text)
     assert.matches("redis: the store lost its data", text, 1, true)
     -- and the one that made it anew refuses now too
     r = reserve(url)
-    assert.matches("after\tstore_error: [^\n]*its marker resil:store is 'lost ", r.stdout)
+    assert.matches("after\tstore_unavailable: [^\n]*its marker resil:store is 'lost ", r.stdout)
   end)
 end)

@@ -224,9 +224,10 @@ local RESERVE_TRIES = 3 -- against settings that change under it (budgets set --
 
 -- on_outage = "allow" lets an outage pass (store_unavailable), not a store that answers with an
 -- error (store_error: a Redis refusing the password, a Redis Cluster, a script's error): no wait
--- mends that, and it let every call through unchecked until someone did
+-- mends that, and it let every call through unchecked until someone did; nor a Redis store that lost
+-- its data (err.lost: every budget's spend gone, until an operator says so, store_redis.lua)
 local function outage_passes(self, err)
-  return self.on_outage == "allow" and type(err) == "table" and err.kind == "store_unavailable"
+  return self.on_outage == "allow" and type(err) == "table" and err.kind == "store_unavailable" and not err.lost
 end
 
 -- on_outage = "allow": the store unavailable, a ticket that holds nothing; its settle records the cost

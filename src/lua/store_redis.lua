@@ -1287,8 +1287,9 @@ end
 -- marker ("resil:store", written by the first reservation on a store without one) is checked by
 -- each reservation's own script; one gone, or another process's new one where this process saw
 -- another, marks the store lost ("lost ..." in the marker, for every process, those started since
--- too), and reservations fail closed (store_error, not sent: on_outage = "allow" too) until an
--- operator sets the marker to anything else (docs/decisions.md).
+-- too), and reservations fail closed (store_unavailable, err.lost, not sent: on_outage = "allow"
+-- too; a gateway's client gets its 503) until an operator sets the marker to anything else
+-- (docs/decisions.md).
 local MARK = P .. "store"
 -- (a marker this process may take: its own, the first it sees, or an operator's)
 local function marker_ok(seen, mark)
@@ -1321,9 +1322,9 @@ local function marker_found(self, mark)
       "restores it or accepts the loss: redis-cli SET " .. MARK .. " ok", { store = redact(self.url),
       marker = mark or "gone" })
   end
-  return nil, resil.error("store_error", ("redis %s: the store lost its data (its marker %s is %s): budgets " ..
+  return nil, resil.error("store_unavailable", ("redis %s: the store lost its data (its marker %s is %s): budgets " ..
     "refuse until an operator sets it (redis-cli SET %s ok)"):format(self.where, MARK,
-    mark and ("'" .. mark .. "'") or "gone", MARK), { sent = false })
+    mark and ("'" .. mark .. "'") or "gone", MARK), { sent = false, lost = true })
 end
 
 -- -> true, spent, reserved | false, spent, reserved
