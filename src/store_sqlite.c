@@ -593,6 +593,7 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
   if (!began) {
     char why[512];
     if (moved) snprintf(why, sizeof why, "store %s: %s", d->path, moved);
+    else if (d->shm_error) snprintf(why, sizeof why, "store %s: %s", d->path, d->shm_error); /* (at close) */
     else snprintf(why, sizeof why, "store %s: %s", d->path, sqlite3_errmsg(d->db));
     for (op *o = first; o; o = o->next) fail_op(L, o, why);
     return 0;
