@@ -18,11 +18,10 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
-#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/sysmacros.h>
 #include <time.h>
-#include <linux/fs.h>
 #include <unistd.h>
 #include <string.h>
 
@@ -122,7 +121,7 @@ typedef struct store_db {
   int wal_known;       /* the WAL and -shm SQLite has open, once seen (wal_moved) */
   dev_t wal_dev, shm_dev;
   ino_t wal_ino, shm_ino;
-  int shm_fd;            /* the -shm SQLite maps, held open (shm_broken); -1 for none */
+  char *shm_path;        /* the -shm SQLite maps (shm_broken), once known */
   off_t shm_size;        /* its largest size seen */
   const char *shm_error; /* SHM_TRUNCATED or SHM_LOCKED: operations are refused from then on */
   int page_size;         /* the file's (a WAL frame is that and 24 bytes) */
@@ -538,37 +537,30 @@ static int main_moved(store_db *d) {
  * made immutable (chattr +i) under the process killed it with SIGBUS at its next transaction, or
  * as it closed. SQLite has no error for it short of a VFS of its own (unix-excl and
  * locking_mode=EXCLUSIVE keep the index in memory, but shut every other process out), so the
- * store looks before each transaction begins, through a descriptor of its own to the file
- * SQLite mapped (one fstat and one ioctl): SQLite never shrinks it while a connection has it,
- * so smaller than seen is someone else's truncate. Once seen, the store refuses every operation
- * and closes without its checkpoint (which writes there). A change between the look and the
- * transaction still kills the process. -> 0, or the reason */
+ * store looks before each transaction begins: one statx of the -shm while it is the file SQLite
+ * mapped (its inode as seen). SQLite never shrinks it while a connection has it, so smaller than
+ * seen is someone else's truncate. (By its name, not a descriptor of our own: closing one would
+ * drop every fcntl lock this process holds on the file, SQLite's included.) Once seen, the store
+ * refuses every operation and closes without its checkpoint (which writes there). A change
+ * between the look and the transaction still kills the process. -> 0, or the reason */
 #define SHM_TRUNCATED "its -shm file was truncated since it was opened; nothing is read from it or written to it " \
                       "any more (restart the process)"
 #define SHM_LOCKED "its -shm file was made immutable or append-only (chattr); nothing is read from it or written to " \
                    "it any more (restart the process)"
 static const char *shm_broken(store_db *d) {
   if (d->shm_error) return d->shm_error;
-  struct stat m;
-  int flags = 0;
-  if (d->shm_fd < 0) { /* (opened once SQLite has made it: wal_moved saw it, its inode kept) */
+  if (!d->shm_path) { /* (once SQLite has made it: wal_moved saw it, its inode kept) */
     const char *wal = wal_name(d);
-    char shm[PATH_MAX];
-    if (!d->wal_known || !wal || snprintf(shm, sizeof shm, "%.*s-shm", (int)strlen(wal) - 4, wal) >= (int)sizeof shm)
-      return NULL;
-    int fd = open(shm, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return NULL;
-    if (fstat(fd, &m) != 0 || m.st_dev != d->shm_dev || m.st_ino != d->shm_ino) {
-      close(fd);
-      return NULL; /* (another's: WAL_MOVED) */
-    }
-    d->shm_fd = fd;
+    if (!d->wal_known || !wal || !(d->shm_path = malloc(strlen(wal) + 1))) return NULL;
+    sprintf(d->shm_path, "%.*s-shm", (int)strlen(wal) - 4, wal);
   }
-  if (fstat(d->shm_fd, &m) == 0) {
-    if (m.st_size < d->shm_size) return d->shm_error = SHM_TRUNCATED;
-    d->shm_size = m.st_size;
-  }
-  if (ioctl(d->shm_fd, FS_IOC_GETFLAGS, &flags) == 0 && (flags & (FS_IMMUTABLE_FL | FS_APPEND_FL)))
+  struct statx x;
+  if (statx(AT_FDCWD, d->shm_path, 0, STATX_SIZE | STATX_INO, &x) != 0 || x.stx_ino != d->shm_ino ||
+      makedev(x.stx_dev_major, x.stx_dev_minor) != d->shm_dev)
+    return NULL; /* (gone or another's: WAL_MOVED) */
+  if ((off_t)x.stx_size < d->shm_size) return d->shm_error = SHM_TRUNCATED;
+  d->shm_size = (off_t)x.stx_size;
+  if (x.stx_attributes_mask & x.stx_attributes & (STATX_ATTR_IMMUTABLE | STATX_ATTR_APPEND))
     return d->shm_error = SHM_LOCKED;
   return NULL;
 }
@@ -782,7 +774,7 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
 /* A disk with little room: the WAL, copied at CHECKPOINT_FRAMES (4 MB of 4 KB pages), filled a disk
  * with less free than that before its first copy, and every write was refused from then on until
  * room was made (the copy itself needs room for the pages it adds to the file). Every
- * ROOM_CHECK_FRAMES frames the free room is looked at (one fstatvfs); under twice what the WAL would
+ * ROOM_CHECK_FRAMES frames the free room is looked at (one statvfs); under twice what the WAL would
  * take to CHECKPOINT_FRAMES, it is copied from ROOM_CHECK_FRAMES on (wal_long), so that it stays
  * short, its space reused from the top, and the room goes to the rows. */
 #define ROOM_CHECK_FRAMES 64
@@ -790,11 +782,11 @@ static int count_frames(void *arg, sqlite3 *db, const char *name, int frames) {
   store_db *d = arg;
   d->wal_frames = frames;
   if (frames < d->room_checked_at) d->room_checked_at = 0; /* (the WAL restarted from the top) */
-  if (frames >= d->room_checked_at + ROOM_CHECK_FRAMES && d->shm_fd >= 0) {
+  if (frames >= d->room_checked_at + ROOM_CHECK_FRAMES && d->shm_path) {
     d->room_checked_at = frames;
     struct statvfs v;
     double frame = (d->page_size > 0 ? d->page_size : 4096) + 24;
-    d->short_of_room = fstatvfs(d->shm_fd, &v) == 0 && (double)v.f_bavail * v.f_frsize < 2.0 * CHECKPOINT_FRAMES * frame;
+    d->short_of_room = statvfs(d->shm_path, &v) == 0 && (double)v.f_bavail * v.f_frsize < 2.0 * CHECKPOINT_FRAMES * frame;
   }
   return SQLITE_OK;
 }
@@ -1429,8 +1421,8 @@ static void db_close_all(lua_State *L, store_db *d) {
   if (d->path && main_moved(d)) drop_moved_wal(d); /* (no write saw it) */
   sqlite3_close(d->db);
   d->db = NULL;
-  if (d->shm_fd >= 0) close(d->shm_fd);
-  d->shm_fd = -1;
+  free(d->shm_path);
+  d->shm_path = NULL;
   if (d->flush_ev) event_free(d->flush_ev);
   if (d->retry_ev) event_free(d->retry_ev);
   if (d->unsynced_ev) event_free(d->unsynced_ev);
@@ -1617,7 +1609,6 @@ static int open_db(lua_State *L, int host) {
   if (!sandbox_file_ok(R, path)) return refuse_file(L, "store", path, 1);
   store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
   memset(d, 0, sizeof *d);
-  d->shm_fd = -1;
   d->R = R;
   d->group_commit = group_commit;
   d->timeout = timeout;
