@@ -342,3 +342,51 @@ describe("a run resumed with its list reordered, its items mapped three at a tim
     end
   end)
 end)
+
+-- Items of two steps, one at a time; KILL=x: the process dies (SIGKILL) inside item x's second step.
+local HALF_DONE = [[
+local resil = require "resil"
+resil.map({ "a", "b", "c" }, function(x)
+  resil.step("fetch", function() return x end)
+  resil.step("caption", function()
+    if x == os.getenv("KILL") then os.execute("kill -KILL " .. io.open("/proc/self/stat"):read("l"):match("^%d+")) end
+    return "caption of " .. x
+  end)
+end, { concurrency = 1 })
+]]
+
+for _, b in ipairs(helpers.store_backends()) do
+  describe("runs show of a run killed (kill -9) mid-step, on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+
+    it("lists the step it was in as interrupted and its item as not done; resumed, all done", function()
+      local url, id = b.url(), "half-" .. b.name
+      local script = helpers.write(helpers.tmpname(".lua"), HALF_DONE)
+      local function run(env)
+        return helpers.run(("%s %s --store '%s' --run %s --log-level off %s"):format(env, helpers.resil, url, id, script))
+      end
+      local function show(html)
+        return helpers.run(("%s runs show %s --store '%s'%s"):format(helpers.resil, id, url,
+          html and (" --html " .. html) or ""))
+      end
+      assert.are.equal(137, run("KILL=b").code)
+      local r = show()
+      assert.are.equal(0, r.code, r.stderr)
+      -- (before: item b "done", with its fetch only, and "2 items: 2 done")
+      assert.matches("\n2%s+2%s+caption%s+interrupted%s+0%s+[%d%- :]+its process ended", r.stdout)
+      assert.matches("\n2%s+interrupted%s+2%s", r.stdout)
+      assert.matches("\n1%s+done%s+2%s", r.stdout)
+      assert.matches("2 items: 1 done, 0 failed, 0 pending, 1 interrupted;", r.stdout, 1, true)
+      assert.matches("resume: resil%-lua", r.stdout)
+      local page = helpers.tmpname(".html")
+      assert.are.equal(0, show(page).code)
+      assert.matches('id="sum-interrupted"><b>1</b>', helpers.slurp(page), 1, true)
+      assert.matches('id="sum-done"><b>1</b>', helpers.slurp(page), 1, true)
+      -- resumed to its end: nothing left interrupted
+      assert.are.equal(0, run("").code)
+      r = show()
+      assert.matches("3 items: 3 done, 0 failed, 0 pending;", r.stdout, 1, true)
+      assert.is_nil(r.stdout:find("interrupted"), r.stdout)
+    end)
+  end)
+end

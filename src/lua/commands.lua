@@ -101,54 +101,6 @@ end
 
 local function money(usd) return ("$%.6f"):format(usd or 0) end
 
--- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ... }
-local function run_report(s, id)
-  local run, rerr = backend_of[s]:run_get(id)
-  if run == nil and rerr ~= nil then need(nil, rerr) end -- (not "no such run": it could not be read)
-  local steps = need(backend_of[s]:run_steps(id))
-  if not run and #steps == 0 then return nil end
-  local items, by_scope = {}, {}
-  for _, st in ipairs(steps) do
-    local it = by_scope[st.scope]
-    if not it then
-      it = { scope = st.scope, steps = {}, retries = 0, usd = 0, unpriced = 0, state = "done" }
-      by_scope[st.scope] = it
-      items[#items + 1] = it
-    end
-    it.steps[#it.steps + 1] = st
-    it.retries = it.retries + (st.retries or 0)
-    if st.state == "failed" then it.state = "failed"
-    elseif st.state == "pending" and it.state ~= "failed" then it.state = "pending" end
-  end
-  local costs = need(resil.cost.breakdown("item", { run = id }))
-  local total, unpriced = 0, 0
-  for _, c in ipairs(costs) do
-    total, unpriced = total + c.usd, unpriced + (c.unpriced or 0)
-    local it = by_scope[c.key or ""]
-    if it then it.usd, it.unpriced = it.usd + c.usd, it.unpriced + (c.unpriced or 0) end
-  end
-  table.sort(items, function(a, b) return scope_less(a.scope, b.scope) end)
-  for _, it in ipairs(items) do table.sort(it.steps, function(a, b) return a.seq < b.seq end) end
-  return { run = run or { id = id }, items = items, usd = total, unpriced = unpriced }
-end
-
-local function resume_command(s, run)
-  local args = run.args and json.decode(run.args) or {}
-  local parts = { "resil-lua" }
-  if s.url ~= ".resil/state.db" then parts[#parts + 1] = "--store " .. shell_quote(s.url) end
-  parts[#parts + 1] = "--run " .. shell_quote(run.id)
-  parts[#parts + 1] = shell_quote(run.script or "SCRIPT")
-  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
-  return table.concat(parts, " ")
-end
-
--- calls in the ledger without a price are not a $0 (costs --by says UNPRICED, the page too): an
--- item whose only call had no price read "$0.000000", and the run's cost said nothing of it
-local function unpriced_note(n)
-  if n == 0 then return "" end
-  return (" (+%d unpriced call%s)"):format(n, n == 1 and "" or "s")
-end
-
 -- A run still "running" whose holder died (kill -9, a crash, a machine gone) is resumed by hand:
 -- -> its holder, as `runs` describes it ("pid N on HOST since T (gone)"), and whether it is gone
 local function holder_of(s, run)
@@ -168,6 +120,71 @@ local function holder_of(s, run)
   end
 end
 
+-- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ... }
+-- an item's state from its steps': the worst of them
+local ITEM_STATE = { done = 1, running = 2, pending = 3, interrupted = 4, failed = 5 }
+
+local function run_report(s, id)
+  local run, rerr = backend_of[s]:run_get(id)
+  if run == nil and rerr ~= nil then need(nil, rerr) end -- (not "no such run": it could not be read)
+  local steps = need(backend_of[s]:run_steps(id))
+  if not run and #steps == 0 then return nil end
+  -- A step begun and not ended is running while its run's holder lives; otherwise its process died
+  -- in it (kill -9, a crash): interrupted, and its item not done (it was listed done, its step
+  -- missing: the operator read a half-done item as finished). Resuming runs it again.
+  local holder, gone
+  if run then holder, gone = holder_of(s, run) end
+  local live = run and run.status == "running" and holder and not gone
+  local done_at = {}
+  for _, st in ipairs(steps) do if st.state == "done" then done_at[st.scope .. "|" .. st.seq] = true end end
+  local items, by_scope = {}, {}
+  for _, st in ipairs(steps) do
+    if st.state == "running" and not live then
+      st.state = "interrupted"
+      st.error = st.error or "its process ended (killed, crashed) before the step did; resuming runs it again"
+    end
+    local it = by_scope[st.scope]
+    if not it then
+      it = { scope = st.scope, steps = {}, retries = 0, usd = 0, unpriced = 0, state = "done" }
+      by_scope[st.scope] = it
+      items[#items + 1] = it
+    end
+    -- (a begun record of a place that has its result: the result is what happened)
+    if not (st.state ~= "done" and done_at[st.scope .. "|" .. st.seq]) then
+      it.steps[#it.steps + 1] = st
+      it.retries = it.retries + (st.retries or 0)
+      if (ITEM_STATE[st.state] or 5) > ITEM_STATE[it.state] then it.state = st.state end
+    end
+  end
+  local costs = need(resil.cost.breakdown("item", { run = id }))
+  local total, unpriced = 0, 0
+  for _, c in ipairs(costs) do
+    total, unpriced = total + c.usd, unpriced + (c.unpriced or 0)
+    local it = by_scope[c.key or ""]
+    if it then it.usd, it.unpriced = it.usd + c.usd, it.unpriced + (c.unpriced or 0) end
+  end
+  table.sort(items, function(a, b) return scope_less(a.scope, b.scope) end)
+  for _, it in ipairs(items) do table.sort(it.steps, function(a, b) return a.seq < b.seq end) end
+  return { run = run or { id = id }, items = items, usd = total, unpriced = unpriced, holder = holder, gone = gone }
+end
+
+local function resume_command(s, run)
+  local args = run.args and json.decode(run.args) or {}
+  local parts = { "resil-lua" }
+  if s.url ~= ".resil/state.db" then parts[#parts + 1] = "--store " .. shell_quote(s.url) end
+  parts[#parts + 1] = "--run " .. shell_quote(run.id)
+  parts[#parts + 1] = shell_quote(run.script or "SCRIPT")
+  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
+  return table.concat(parts, " ")
+end
+
+-- calls in the ledger without a price are not a $0 (costs --by says UNPRICED, the page too): an
+-- item whose only call had no price read "$0.000000", and the run's cost said nothing of it
+local function unpriced_note(n)
+  if n == 0 then return "" end
+  return (" (+%d unpriced call%s)"):format(n, n == 1 and "" or "s")
+end
+
 local function runs_show(s, args)
   local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
   local html
@@ -178,7 +195,7 @@ local function runs_show(s, args)
   local run = report.run
   -- (a run whose holder died says "running" for good: it was shown as one going on, without
   -- its holder or the command that resumes it)
-  local holder, gone = holder_of(s, run)
+  local holder, gone = report.holder, report.gone
   run.holder = holder
   local resume = run.status ~= "done" and (run.status ~= "running" or gone) and resume_command(s, run) or nil
   if html then -- the page: src/lua/report.lua
@@ -189,10 +206,10 @@ local function runs_show(s, args)
   end
   print(printable(redact(("run %s: %s%s%s"):format(run.id, run.status or "?",
     run.script and (" (" .. run.script .. ")") or "", holder and (", held by " .. holder) or ""))))
-  local rows, counts = {}, { done = 0, failed = 0, pending = 0 }
+  local rows, counts = {}, { done = 0, failed = 0, pending = 0, interrupted = 0, running = 0 }
   local retries = 0
   for _, it in ipairs(report.items) do
-    counts[it.state] = counts[it.state] + 1
+    counts[it.state] = (counts[it.state] or 0) + 1
     retries = retries + it.retries
     for _, st in ipairs(it.steps) do
       rows[#rows + 1] = { st.scope == "" and "-" or st.scope, st.seq, st.name, st.state, st.retries or 0,
@@ -208,8 +225,11 @@ local function runs_show(s, args)
   end
   table_print({ "ITEM", "STATE", "STEPS", "RETRIES", "COST" }, item_rows)
   print("")
-  print(("%d items: %d done, %d failed, %d pending; %d retries; cost %s%s"):format(#report.items, counts.done,
-    counts.failed, counts.pending, retries, money(report.usd), unpriced_note(report.unpriced)))
+  -- (interrupted and running only when there are some: the line kept its form)
+  print(("%d items: %d done, %d failed, %d pending%s%s; %d retries; cost %s%s"):format(#report.items, counts.done,
+    counts.failed, counts.pending, counts.interrupted > 0 and (", %d interrupted"):format(counts.interrupted) or "",
+    counts.running > 0 and (", %d running"):format(counts.running) or "", retries, money(report.usd),
+    unpriced_note(report.unpriced)))
   if resume then print("resume: " .. printable(redact(resume))) end
 end
 

@@ -47,11 +47,12 @@ end
 
 -- what the page shows, from runs show's report and the run's ledger rows
 local function figures(report, ledger)
-  local f = { items = #report.items, done = 0, failed = 0, pending = 0, retries = 0, steps = 0,
+  local f = { items = #report.items, done = 0, failed = 0, pending = 0, interrupted = 0, running = 0, retries = 0,
+              steps = 0,
               latency = {}, retries_by = {}, fallbacks_by = {}, failures = {}, costs = {}, usd = 0, calls = 0,
               unpriced = 0 }
   for _, it in ipairs(report.items) do
-    f[it.state] = f[it.state] + 1
+    f[it.state] = (f[it.state] or 0) + 1
     f.retries = f.retries + it.retries
     for _, st in ipairs(it.steps) do
       f.steps = f.steps + 1
@@ -70,7 +71,7 @@ local function figures(report, ledger)
       for class, n in pairs(type(d.fallbacks) == "table" and d.fallbacks or {}) do
         f.fallbacks_by[class] = (f.fallbacks_by[class] or 0) + n
       end
-      if st.state ~= "done" then f.failures[#f.failures + 1] = st end
+      if st.state ~= "done" and st.state ~= "running" then f.failures[#f.failures + 1] = st end
     end
   end
   -- cost by provider and model, in integer micro-dollars as the ledger keeps it
@@ -107,7 +108,8 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:3px 8px;
 vertical-align:top}th{cursor:pointer;background:#f6f6f6;user-select:none}td.n,th.n{text-align:right;
 font-variant-numeric:tabular-nums}td.err{font-family:ui-monospace,monospace;white-space:pre-wrap;word-break:break-word}
 .bar{display:inline-block;height:.8em;background:#4a7bd0;vertical-align:middle}
-.done{fill:#3c9a5f}.failed{fill:#d0453c}.pending{fill:#a0a0a0}.muted{color:#777}
+.done{fill:#3c9a5f}.failed{fill:#d0453c}.pending{fill:#a0a0a0}.interrupted{fill:#e0a030}.running{fill:#4a7bd0}
+.muted{color:#777}
 svg text{font:11px system-ui,sans-serif;fill:#333}svg .axis{stroke:#ccc}
 .legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
 ]]
@@ -168,7 +170,9 @@ local function gantt(out, report, f)
   out[#out + 1] = "</svg>"
   out[#out + 1] = '<p class="legend muted"><span class="bar" style="background:#3c9a5f"></span>done' ..
     '<span class="bar" style="background:#d0453c"></span>failed<span class="bar" style="background:#a0a0a0"></span>' ..
-    "pending (cut short)"
+    "pending (cut short)" .. (f.interrupted > 0 and
+    '<span class="bar" style="background:#e0a030"></span>interrupted (its process died)' or "") ..
+    (f.running > 0 and '<span class="bar" style="background:#4a7bd0"></span>running' or "")
   if shown < #report.items then out[#out + 1] = (" &middot; first %d of %d items"):format(shown, #report.items) end
   out[#out + 1] = "</p>"
 end
@@ -263,7 +267,7 @@ end
 
 local function failures_table(out, f)
   if #f.failures == 0 then
-    out[#out + 1] = "<p>No failed or pending steps.</p>"
+    out[#out + 1] = "<p>No failed, pending or interrupted steps.</p>"
     return
   end
   out[#out + 1] = '<table id="failures" class="sortable"><thead><tr><th>Item</th><th class=n>Seq</th><th>Step</th>' ..
@@ -296,9 +300,11 @@ function M.render(report, ledger, resume)
   out[#out + 1] = '<div class="summary">'
   local cells = {
     { "items", f.items }, { "done", f.done }, { "failed", f.failed }, { "pending", f.pending },
+    { "interrupted", f.interrupted },
     { "retries", f.retries }, { "calls", f.calls }, { "cost", money(f.usd) },
     { "wall time", seconds(f.from and f.to and f.to - f.from) },
   }
+  if f.running > 0 then table.insert(cells, 6, { "running", f.running }) end
   for _, c in ipairs(cells) do
     out[#out + 1] = ('<div id="sum-%s"><b>%s</b>%s</div>'):format(c[1]:gsub(" ", "-"), esc(c[2]), c[1])
   end

@@ -448,6 +448,10 @@ function resil.step(name, fn, ...)
   r.notes[scope] = notes
   r.inflight[key] = { scope = scope, seq = seq, name = name, started = started, notes = notes }
   local places, outer_places = {}, ctx._step_places
+  -- the step begun, in the store: a process killed from here on leaves its step "running" there,
+  -- which `runs show` lists as interrupted (it listed the item done). Its outcome replaces it. (A
+  -- cancel meanwhile waits for the write, and then cuts fn at its first wait: recorded failed.)
+  pcall(shield, backend.step_started, backend, r.id, scope, seq, name, started, owner.me().id) -- (only a trace)
   ctx._step_places = places
   local out = pack(pcall(fn, ...))
   ctx.step, ctx._step_seq, ctx._step_nth, ctx._step_places = saved_step, saved_seq, saved_nth, outer_places

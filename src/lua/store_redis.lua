@@ -205,13 +205,23 @@ redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 return {1}
 ]]
 
--- KEYS: run hash, steps hash; ARGV: field, json, now, me -> {1} | {2, the record there already} |
--- {0, holder, since} (taken over)
+-- KEYS: run hash, unfinished steps hash; ARGV: field, json, me -> {1} | {0} (taken over)
+scripts.step_started = [[
+local holder = redis.call('HGET', KEYS[1], 'owner')
+if holder and holder ~= ARGV[3] then return {0} end
+redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+return {1}
+]]
+
+-- KEYS: run hash, steps hash, unfinished steps hash; ARGV: field, json, now, me -> {1} | {2, the
+-- record there already} | {0, holder, since} (taken over). The step's "running" record goes.
 scripts.step_put = [[
 local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
 if holder[1] and holder[1] ~= ARGV[4] then return {0, holder[1], holder[2] or ''} end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'steps', 1)
+  local u = redis.call('HGET', KEYS[3], ARGV[1])
+  if u and cjson.decode(u).state == 'running' then redis.call('HDEL', KEYS[3], ARGV[1]) end
 else
   return {2, redis.call('HGET', KEYS[2], ARGV[1])}
 end
@@ -1048,6 +1058,16 @@ function R:run_finish_now(id, status, now, me, pending)
   return n == 1
 end
 
+-- A step's fn is about to run: a "running" record, so that a process that dies before the step's
+-- end leaves a trace of it. Its step_put or step_failed replaces it.
+function R:step_started(run, scope, seq, name, started, me)
+  local rec = json.encode({ scope = scope, seq = seq, name = name, state = "running", retries = 0, at = started,
+    started = started })
+  local r, err = self:script("step_started", { P .. "run:" .. run, unfinished_key(run) }, scope .. "|" .. seq, rec, me)
+  if r == nil then return nil, err end
+  return r[1] == 1
+end
+
 function R:step_get(run, scope, seq)
   local v, err = self.conn:call("HGET", P .. "steps:" .. run, scope .. "|" .. seq)
   if v == nil then return nil, err end
@@ -1062,7 +1082,8 @@ function R:step_put(run, scope, seq, name, result, now, me, retries, started, de
   local keys = run_keys(run)
   local rec = json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
     retries = retries or 0, started = started, detail = detail })
-  local r, err = self:script("step_put", { keys[1], keys[2] }, scope .. "|" .. seq, rec, fmt_time(now), me)
+  local r, err = self:script("step_put", { keys[1], keys[2], unfinished_key(run) }, scope .. "|" .. seq, rec,
+    fmt_time(now), me)
   if r == nil then return nil, err end
   if r[1] == 1 then return true end
   if r[1] == 2 then -- the place has a record already (written while the run had no holder): the first is kept

@@ -480,6 +480,19 @@ function B:run_finish_now(id, status, now, me, pending)
   end)
 end
 
+-- A step's fn is about to run: a "running" row, so that a process that dies (kill -9) before the
+-- step's end leaves a trace of it (`runs show` listed the item done). Its step_put or step_failed
+-- replaces it. Committed, not synced: a process's death keeps it; a machine's may not.
+function B:step_started(run, scope, seq, name, started, me)
+  return self.db:commit_only(function(tx)
+    local holder = tx:value("SELECT owner FROM runs WHERE id = ?", run)
+    if holder ~= nil and holder ~= me then return false end
+    tx:exec("INSERT OR IGNORE INTO unfinished_steps (run, scope, seq, name, state, retries, at, started) " ..
+            "VALUES (?, ?, ?, ?, 'running', 0, ?, ?)", run, scope, seq, name, started, started)
+    return true
+  end)
+end
+
 function B:step_get(run, scope, seq)
   return self.db:tx(function(tx)
     local row = tx:row("SELECT name, result FROM steps WHERE run = ? AND scope = ? AND seq = ?", run, scope, seq)
@@ -503,6 +516,8 @@ function B:step_put(run, scope, seq, name, result, now, me, retries, started, de
       return true, stored.name, stored.result
     end
     tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
+    tx:exec("DELETE FROM unfinished_steps WHERE run = ? AND scope = ? AND seq = ? AND state = 'running'", run, scope,
+      seq)
     return true
   end)
 end
@@ -549,8 +564,9 @@ function B:run_get(id)
   return read(self, function(tx) return tx:row("SELECT * FROM runs WHERE id = ?", id) end)
 end
 
--- -> { {scope=, seq=, name=, at=, started=, detail=, bytes=, retries=, state="done"|"failed"|"pending",
---       error=}, ... } (started and detail: nil for steps recorded before schema 7)
+-- -> { {scope=, seq=, name=, at=, started=, detail=, bytes=, retries=,
+--       state="done"|"failed"|"pending"|"running", error=}, ... } (started and detail: nil for steps
+--       recorded before schema 7; running: begun and not ended, by a live holder or a dead one)
 function B:run_steps(run)
   return read(self, function(tx)
     local rows = tx:rows("SELECT scope, seq, name, at, started, detail, length(result) AS bytes, retries, " ..
