@@ -516,6 +516,28 @@ local function create(ctx, akey, g, legacy)
     function() return make_guarded(ctx, g) end)
 end
 
+-- A call under a key that ended failing (its attempts spent) leaves a mark at the attempt after its
+-- last: the next call under the key (a run resumed to try the failed step again) starts its own
+-- attempts there. Without it every resume read the same failed jobs again and failed at its step
+-- for good. A call cut by a crash leaves none: its jobs' failures still count for the resumed
+-- call, which goes on with the same attempts (a crash is not a job's failure; a failure the
+-- provider reported is).
+local function is_mark(handle) return type(handle) == "table" and handle.call_ended == true end
+local function attempt_key(key, n) return key and (n == 1 and key or ("%s#%d"):format(key, n)) end
+local function mark_end(ctx, key, n)
+  local ok, err = resil.once({ key = "ai.job:" .. attempt_key(key, n), fingerprint = fingerprint(ctx.model, ctx.input),
+    retention = JOB_RETENTION }, function() return { call_ended = true } end)
+  if ok == nil then
+    resil.log.warn("job: the end of the call's attempts could not be recorded: a resume reads its failed jobs again",
+      { provider = ctx.name, model = ctx.model, error = tostring(err) })
+  end
+end
+local function marked(ctx, key, n)
+  local found, handle = resil.once_replay({ key = "ai.job:" .. attempt_key(key, n),
+    fingerprint = fingerprint(ctx.model, ctx.input) })
+  return found and is_mark(handle)
+end
+
 -- jobs.job(spec) -> result | nil, err
 function jobs.job(spec)
   if type(spec) == "table" and type(spec.input) ~= "table" then error("ai.job: input must be a table", 2) end
@@ -530,16 +552,27 @@ function jobs.job(spec)
   -- an earlier process made (its record replayed) does not: kept, every resume of the run found
   -- the same lost jobs again and failed at its step for good once they were `attempts` many
   local n, counted = 0, 0
-  while counted < attempts do
+  while true do
+    if counted >= attempts then
+      -- (the jobs before an ended call's mark were that call's attempts: this call's start after it)
+      if not (key and marked(ctx, key, n + 1)) then break end
+      n, counted = n + 1, 0
+    end
     n, counted = n + 1, counted + 1
-    local akey = key and (n == 1 and key or ("%s#%d"):format(key, n))
-    local alegacy = legacy and (n == 1 and legacy or ("%s#%d"):format(legacy, n))
+    local akey = attempt_key(key, n)
+    local alegacy = attempt_key(legacy, n)
     local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(spec.input)))
     if spec.budget ~= nil and not ticket then return nil, berr end
     if ticket then ticket:keep() end -- (a video job may run past its hold)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
       job_guard)
     local handle, err = create(ctx, akey, guard, alegacy)
+    if is_mark(handle) then -- (an ended call's mark met before its attempts were spent: fewer, then)
+      guard.done = true
+      if ticket then ticket:release() end
+      counted = 0
+      goto next_attempt
+    end
     if handle then handle = rebase(ctx, handle) end
     guard.handle = handle
     if not handle then
@@ -571,10 +604,15 @@ function jobs.job(spec)
         cost_usd = usd, usage = usage, attempts = n, job_ids = ids, raw = state.raw }
     end
     last_err = job_error(ctx, state, handle, n)
-    if state.uncanceled then break end -- another job beside one that runs on could pay twice
+    if state.uncanceled then -- another job beside one that runs on could pay twice
+      last_err.job_ids = ids
+      return nil, last_err -- (its attempts not spent: the next call under the key goes on with them)
+    end
     resil.log.warn("job did not succeed" .. (counted < attempts and ": making a new one" or ""),
       { provider = ctx.name, model = ctx.model, id = handle.id, status = state.status, attempt = n })
+    ::next_attempt::
   end
+  if key then mark_end(ctx, key, n + 1) end
   last_err.job_ids = ids
   return nil, last_err
 end

@@ -54,3 +54,60 @@ describe("a step whose jobs the provider lost, every attempt of them", function(
     assert.are.equal(3, mock_stats().routes.predictions)
   end)
 end)
+
+-- The provider fails jobs: the first two made, then (with `slow`) the second only after some reads
+local function mock_with(fates)
+  local scenario = helpers.write(helpers.tmpname(".lua"), ("return { jobs = { polls = 1, fates = %s } }"):format(fates))
+  local out, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+  os.execute(("%s mock %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, scenario, out, pidfile))
+  local pid = helpers.slurp(pidfile):match("%d+")
+  assert(helpers.wait_until(function() return helpers.slurp(out):match("http://") end, 10))
+  local url = helpers.slurp(out):match("(http://%S+)")
+  local function predictions()
+    local r = helpers.run(("%s -e 'print(require(\"resil\").http.request({ url = \"%s/__mock/stats\" }).body)'")
+      :format(helpers.resil, url))
+    return resil.json.decode(r.stdout).routes.predictions or 0
+  end
+  return url, function() os.execute("kill " .. pid) end, predictions
+end
+
+describe("a step whose jobs all failed (the provider said so), resumed", function()
+  local url, stop, predictions
+  setup(function() url, stop, predictions = mock_with('{ "failed", "failed", "succeeded" }') end)
+  teardown(function() if stop then stop() end end)
+
+  it("makes jobs of its own: the earlier call's failed jobs are not its attempts", function()
+    local db = helpers.tmpname(".db")
+    local opts = ("--store %s --run failed --log-level off"):format(db)
+    local first = helpers.run_script(PIPELINE, opts, url)
+    assert.are.equal("nil\tjob_failed\n", first.stdout, first.stderr)
+    assert.are.equal(2, predictions())
+    -- (before: "nil job_failed" at every resume, the two failed jobs read again as its attempts and none made)
+    local resumed = helpers.run_script(PIPELINE, opts, url)
+    assert.are.equal("succeeded\tnil\n", resumed.stdout, resumed.stderr)
+    assert.are.equal(3, predictions())
+    assert.are.equal("succeeded\tnil\n", helpers.run_script(PIPELINE, opts, url).stdout) -- replayed
+    assert.are.equal(3, predictions())
+  end)
+end)
+
+describe("a step killed (kill -9) while its second job runs, the first failed", function()
+  local url, stop, predictions
+  setup(function() url, stop, predictions = mock_with('{ "failed", { "failed", polls = 60 }, "succeeded" }') end)
+  teardown(function() if stop then stop() end end)
+
+  it("resumed, follows that job as the call's last attempt: the crash is no attempt, the failure is", function()
+    local db = helpers.tmpname(".db")
+    local opts = ("--store %s --run killed --log-level off"):format(db)
+    local pid, out = helpers.start(PIPELINE, opts, url)
+    assert(helpers.wait_until(function() return predictions() == 2 end, 30), helpers.slurp(out))
+    os.execute("kill -KILL " .. pid)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    local resumed = helpers.run_script(PIPELINE, opts, url)
+    assert.are.equal("nil\tjob_failed\n", resumed.stdout, resumed.stderr)
+    assert.are.equal(2, predictions()) -- the second job followed to its end, no third beside it
+    -- its call ended failing: the next resume tries again
+    assert.are.equal("succeeded\tnil\n", helpers.run_script(PIPELINE, opts, url).stdout)
+    assert.are.equal(3, predictions())
+  end)
+end)
