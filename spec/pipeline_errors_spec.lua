@@ -106,3 +106,36 @@ go = true
     assert.matches("never joined: resil%.once: cannot store the results: they must be JSON values", r.stderr)
   end)
 end)
+
+describe("an uncaught error that is a plain table (error{code = 1})", function()
+  it("prints its fields as JSON, bounded, at the line it was raised at", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.step("charge", function()
+  error({ code = 402, why = "quota", detail = { plan = "free" } })
+end)
+]], ("--store %s --log-level off"):format(db))
+    assert.are.equal(1, r.code)
+    -- (before: "resil-lua: (error object is a table value)", nothing of what it held nor where)
+    local first = r.stderr:match("^[^\n]+")
+    assert.matches("^resil%-lua: /%S+%.lua:2: {", first) -- (the step's line: fn's own frame is gone)
+    assert.matches('"code":402', first, 1, true)
+    assert.matches('"why":"quota"', first, 1, true)
+    assert.matches('"detail":{"plan":"free"}', first, 1, true)
+    -- a large or cyclic one is cut, and a task's, never joined, says its own line
+    r = helpers.run_script([[
+local resil = require "resil"
+local big = { name = string.rep("x", 5000) }
+for i = 1, 1000 do big[i] = i end
+big.self = big
+resil.spawn(function()
+  error(big)
+end)
+]], "--log-level off")
+    first = r.stderr:match("^[^\n]+")
+    assert.matches("never joined: /%S+%.lua:6: {", first)
+    assert.is_true(#first < 1400, #first)
+    assert.matches("...", first, 1, true)
+  end)
+end)

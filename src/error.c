@@ -32,6 +32,133 @@ void describe_hook(lua_State *L, lua_Debug *ar) {
   luaL_error(L, "__tostring ran more than %d instructions", DESCRIBE_MAX);
 }
 
+/* A table raised as an error (error({code = 1})) without a __tostring: its fields as JSON, so a
+ * report says what it held, not "(error object is a table value)". Bounded: DESCRIBE_TEXT bytes
+ * in all ("..." at the cut), DESCRIBE_DEPTH levels, a string's first DESCRIBE_STRING bytes; what
+ * JSON has no value for is its type's name as a string. Raw reads only (lua_next): no
+ * metamethod runs, nothing is allocated but the result. */
+#define DESCRIBE_TEXT 1024
+#define DESCRIBE_DEPTH 3
+#define DESCRIBE_STRING 200
+typedef struct {
+  char text[DESCRIBE_TEXT + 4];
+  size_t n;
+  int cut;
+} describe_buf;
+
+static void describe_add(describe_buf *d, const char *s, size_t n) {
+  if (d->cut) return;
+  if (d->n + n > DESCRIBE_TEXT) {
+    n = DESCRIBE_TEXT - d->n;
+    d->cut = 1;
+  }
+  memcpy(d->text + d->n, s, n);
+  d->n += n;
+  if (d->cut) memcpy(d->text + d->n, "...", 3), d->n += 3;
+}
+static void describe_adds(describe_buf *d, const char *s) { describe_add(d, s, strlen(s)); }
+
+static void describe_add_string(describe_buf *d, const char *s, size_t n) {
+  size_t shown = n > DESCRIBE_STRING ? DESCRIBE_STRING : n;
+  describe_adds(d, "\"");
+  for (size_t i = 0; i < shown && !d->cut; i++) {
+    unsigned char c = (unsigned char)s[i];
+    char esc[8];
+    if (c == '"' || c == '\\') {
+      esc[0] = '\\', esc[1] = (char)c;
+      describe_add(d, esc, 2);
+    } else if (c < 0x20 || c == 0x7f) {
+      snprintf(esc, sizeof esc, "\\u%04x", c);
+      describe_adds(d, esc);
+    } else {
+      describe_add(d, (const char *)&s[i], 1);
+    }
+  }
+  if (shown < n) describe_adds(d, "...");
+  describe_adds(d, "\"");
+}
+
+static void describe_add_number(describe_buf *d, lua_State *L, int idx, int quoted) {
+  char num[64];
+  if (lua_isinteger(L, idx)) {
+    snprintf(num, sizeof num, quoted ? "\"" LUA_INTEGER_FMT "\"" : LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
+  } else {
+    double v = (double)lua_tonumber(L, idx);
+    if (v != v || v > 1.79e308 || v < -1.79e308) quoted = 1; /* (nan, inf: no JSON number) */
+    snprintf(num, sizeof num, quoted ? "\"%.14g\"" : "%.14g", v);
+  }
+  describe_adds(d, num);
+}
+
+static void describe_add_value(lua_State *L, describe_buf *d, int idx, int depth) {
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL: describe_adds(d, "null"); break;
+  case LUA_TBOOLEAN: describe_adds(d, lua_toboolean(L, idx) ? "true" : "false"); break;
+  case LUA_TNUMBER: describe_add_number(d, L, idx, 0); break;
+  case LUA_TSTRING: {
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    describe_add_string(d, s, n);
+    break;
+  }
+  case LUA_TTABLE: {
+    if (depth >= DESCRIBE_DEPTH) {
+      describe_adds(d, "{...}");
+      break;
+    }
+    describe_adds(d, "{");
+    int first = 1;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      if (d->cut) {
+        lua_pop(L, 2);
+        break;
+      }
+      if (!first) describe_adds(d, ",");
+      first = 0;
+      if (lua_type(L, -2) == LUA_TSTRING) {
+        size_t n;
+        const char *s = lua_tolstring(L, -2, &n);
+        describe_add_string(d, s, n);
+      } else if (lua_type(L, -2) == LUA_TNUMBER) {
+        describe_add_number(d, L, lua_absindex(L, -2), 1); /* (lua_tolstring would change the key lua_next needs) */
+      } else {
+        describe_adds(d, "\"");
+        describe_adds(d, luaL_typename(L, -2));
+        describe_adds(d, "\"");
+      }
+      describe_adds(d, ":");
+      describe_add_value(L, d, lua_absindex(L, -1), depth + 1);
+      lua_pop(L, 1);
+    }
+    describe_adds(d, "}");
+    break;
+  }
+  default: /* a function, a userdata, a thread: its type's name, JSON having none of them */
+    describe_adds(d, "\"");
+    describe_adds(d, luaL_typename(L, idx));
+    describe_adds(d, "\"");
+  }
+}
+
+/* A table raised has no position (error() adds one to a string only): msg after the line it was
+ * raised at, in the first frame from `level` on outside the host's own Lua, when there is one
+ * (L's stack is where it was raised: a message handler's, or a coroutine's that died of it) */
+static const char *describe_where(lua_State *L, int idx, int level, const char *msg) {
+  if (luaL_getmetafield(L, idx, "__tostring") != LUA_TNIL) {
+    lua_pop(L, 1);
+    return msg;
+  }
+  lua_Debug ar;
+  for (; lua_getstack(L, level, &ar); level++) {
+    lua_getinfo(L, "Sl", &ar);
+    if (ar.currentline > 0 && strncmp(ar.source, "=[resil", 7) != 0) {
+      return lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, msg);
+    }
+  }
+  return msg;
+}
+
 /* Push a message for the value at idx and return it. A __tostring runs
  * protected on the main state: one that raises, yields, loops or returns a
  * non-string gives the type's name instead, never a panic. */
@@ -59,11 +186,26 @@ const char *resil_describe(lua_State *L, int idx) {
     lua_pop(main, 1);
     return lua_pushfstring(L, "(error object is a %s value; its __tostring failed)", luaL_typename(L, idx));
   }
+  if (lua_type(L, idx) == LUA_TTABLE && lua_checkstack(L, 3 * DESCRIBE_DEPTH + 8)) {
+    describe_buf d;
+    d.n = 0, d.cut = 0;
+    describe_add_value(L, &d, idx, 0);
+    const char *msg = lua_pushlstring(L, d.text, d.n);
+    /* (a task's coroutine that died of it keeps its stack: loop.c describes its error so) */
+    if (lua_status(L) == LUA_ERRRUN) {
+      int at = lua_gettop(L);
+      msg = describe_where(L, idx, 0, msg);
+      if (lua_gettop(L) > at) lua_remove(L, at); /* (one value pushed, as always) */
+    }
+    return msg;
+  }
   return lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
 }
 
 int resil_traceback(lua_State *L) {
-  luaL_traceback(L, L, resil_describe(L, 1), 1);
+  const char *msg = resil_describe(L, 1);
+  if (lua_status(L) == LUA_OK && lua_type(L, 1) == LUA_TTABLE) msg = describe_where(L, 1, 1, msg);
+  luaL_traceback(L, L, msg, 1);
   return 1;
 }
 
