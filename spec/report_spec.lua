@@ -187,6 +187,23 @@ end)
         assert.matches("unknown argument '%-%-pdf'", r.stderr)
       end)
 
+      -- (before: the bytes as they were, and the page was not UTF-8: a decoder refused it or guessed)
+      it("writes a step name or error that is not UTF-8 as U+FFFD, control characters as escapes", function()
+        local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.step("caption \255\195(", function() return 1 end)
+resil.step("tint \27[31m \194\155 x", function() error("cut \226\130", 0) end)
+]])
+        sh(("%s --store '%s' --log-level off --run latin1 %s"):format(helpers.resil, url, script))
+        local page = helpers.tmpname(".html")
+        assert.are.equal(0, sh(("%s runs show latin1 --html '%s' --store '%s'"):format(helpers.resil, page, url)).code)
+        local text = helpers.slurp(page)
+        assert.is_not_nil(utf8.len(text), "the page is not UTF-8")
+        assert.matches("caption \u{FFFD}\u{FFFD}(", text, 1, true)
+        assert.matches("tint \\x1b[31m \\u009b x", text, 1, true)
+        assert.matches("cut \u{FFFD}\u{FFFD}", text, 1, true)
+      end)
+
       local why = chromium_skip_reason()
       if why then
         it("skipped in a browser: " .. why, function() print("# report_spec: browser check skipped: " .. why) end)

@@ -11,8 +11,28 @@ local redact = resil.redact
 
 local M = {}
 
+-- Text as the page's UTF-8 can hold it: each byte that is no part of a valid sequence (a step
+-- named from a Latin-1 file, a provider's error cut mid-character) is U+FFFD. Written raw, the
+-- page was not UTF-8 (a validator, an HTML parser, a browser's decoder rejected it or guessed);
+-- control characters are shown as the terminal shows them (\x1b, \u009b), never sent as they are.
+local function utf8_text(s)
+  if not utf8.len(s) then
+    local out, i = {}, 1
+    while i <= #s do
+      local n, bad = utf8.len(s, i)
+      if n then out[#out + 1] = s:sub(i) break end
+      out[#out + 1] = s:sub(i, bad - 1)
+      out[#out + 1] = "\u{FFFD}"
+      i = bad + 1
+    end
+    s = table.concat(out)
+  end
+  return (s:gsub("[%z\1-\8\11\12\14-\31\127]", function(c) return ("\\x%02x"):format(c:byte()) end)
+    :gsub("\194([\128-\159])", function(c) return ("\\u%04x"):format(c:byte()) end))
+end
+
 local ESCAPES = { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;", ["'"] = "&#39;" }
-local function esc(v) return (redact(tostring(v == nil and "" or v)):gsub("[&<>\"']", ESCAPES)) end
+local function esc(v) return (utf8_text(redact(tostring(v == nil and "" or v))):gsub("[&<>\"']", ESCAPES)) end
 local function money(usd) return ("$%.6f"):format(usd or 0) end
 local function utc(t) return t and os.date("!%Y-%m-%d %H:%M:%S", math.floor(t)) or "-" end
 
