@@ -33,3 +33,29 @@ describe("scripts without a file (stdin, -e)", function()
     assert.are.equal("x\n", r.stdout, r.stderr)
   end)
 end)
+
+describe("an -e run that failed", function()
+  it("runs show gives a resume command that works: its code, quoted for the shell, lines and quotes kept", function()
+    local db = helpers.tmpname(".db")
+    local code = 'local resil = require "resil"\n' ..
+      'resil.step("fetch", function() return 1 end)\n' ..
+      'print(resil.step("caption", function() assert(os.getenv("FIXED"), "it\'s not fixed") return "ok" end))\n'
+    local code_file = helpers.write(helpers.tmpname(".lua"), code)
+    local r = helpers.run(('%s --store %s --log-level off -e "$(cat %s)"'):format(helpers.resil, db, code_file))
+    assert.are.equal(1, r.code)
+    local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout
+    local id = assert(runs:match("\n(%-e%-%x+)%s+failed"), runs)
+    local show = helpers.run(("%s runs show %s --store %s"):format(helpers.resil, id, db)).stdout
+    local resume = assert(show:match("\nresume: ([^\n]+)"), show)
+    -- (before: "resume: resil-lua --store DB --run -e-... -e", the option without its code)
+    assert.matches("^resil%-lua %-%-store ", resume)
+    -- run by bash as a user pastes it: the same run, its failed step run again, its first replayed
+    local bin = helpers.tmpname("-bin")
+    os.execute(("mkdir -p %s && ln -s %s %s/resil-lua"):format(bin, helpers.resil, bin))
+    local again = helpers.run(("cd %s && FIXED=1 PATH=%s:$PATH bash -c %s"):format(
+      db:match("^(.*)/"), bin, ("'%s --log-level off'"):format(resume:gsub("'", "'\\''"))))
+    assert.are.equal("ok\n", again.stdout, again.stderr)
+    runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout
+    assert.matches(id:gsub("%-", "%%-") .. "%s+done%s+2%s", runs)
+  end)
+end)

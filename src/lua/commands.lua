@@ -96,6 +96,14 @@ end
 local function shell_quote(v)
   v = tostring(v)
   if v:match("^[%w%./_:=@%-+,]+$") then return v end
+  -- (a line break or another control character, an -e's code of several lines: $'...', which the
+  -- shells read back as it was; printed raw, each was \x0a and the command another code)
+  if v:find("[%c\127]") then
+    return "$'" .. v:gsub("[\\'%c\127]", function(c)
+      if c == "\\" or c == "'" then return "\\" .. c end
+      return c == "\n" and "\\n" or c == "\t" and "\\t" or ("\\x%02x"):format(c:byte())
+    end) .. "'"
+  end
   return "'" .. v:gsub("'", "'\\''") .. "'"
 end
 
@@ -168,8 +176,11 @@ local function run_report(s, id)
   return { run = run or { id = id }, items = items, usd = total, unpriced = unpriced, holder = holder, gone = gone }
 end
 
+-- -> the command that resumes the run, or nil when none can be said: an `-e` run recorded
+-- without its code (by versions before, or past 8 KB) is resumed only by its code
 local function resume_command(s, run)
   local args = run.args and json.decode(run.args) or {}
+  if run.script == "-e" and type(args[1]) ~= "string" then return nil end
   local parts = { "resil-lua" }
   if s.url ~= ".resil/state.db" then parts[#parts + 1] = "--store " .. shell_quote(s.url) end
   parts[#parts + 1] = "--run " .. shell_quote(run.id)

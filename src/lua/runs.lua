@@ -41,6 +41,16 @@ local function run_held(id, holder, since, lost)
     { run = id, holder = owner.describe(holder), traceback = false })
 end
 
+-- What `runs show` puts after the script to resume the run: its arguments; for `-e CODE` (the CLI
+-- names its script "-e", its path "-e\n" .. CODE) the code, which names the run and runs it
+-- again (the line said "resil-lua --run ID -e", an option without its code). Up to 8 KB of it.
+local MAX_CODE_KEPT = 8192
+local function resume_args()
+  if config.args then return json.encode({ unpack(config.args) }) end
+  local code = config.script == "-e" and type(config.script_path) == "string" and config.script_path:match("^%-e\n(.*)$")
+  if code and #code <= MAX_CODE_KEPT then return json.encode({ code }) end
+end
+
 -- A run has one owner at a time: take it, or wait for its holder (config.wait).
 local function take_run(s, id)
   local me = owner.me().id
@@ -50,7 +60,7 @@ local function take_run(s, id)
     local now = store_now()
     local lease_until = lease_due(backend_of[s], now)
     local done, generation, since = backend_of[s]:run_start(id, config.script, config.fresh, now, me, lease_until,
-      config.args and json.encode({ unpack(config.args) }))
+      resume_args())
     if done == nil then error(generation, 0) end -- the store is unavailable
     lease_written(backend_of[s], lease_until)
     if done then
