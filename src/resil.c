@@ -857,6 +857,23 @@ int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
   return status;
 }
 
+/* The run a chunk's steps go to follows the chunk: its name and its code (runs.lua's name_chunk;
+ * every chunk was one run, and two programs running different code replayed each other's paid
+ * step results). The run held under the last chunk's is ended as the last resil_run ended. */
+static void name_chunk(resil_t *R, const char *name, const char *code) {
+  lua_State *L = R->L;
+  int top = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, PRIVATE_KEY);
+  if (lua_getfield(L, -1, "name_chunk") == LUA_TFUNCTION) {
+    lua_pushstring(L, *name ? name : "(string)");
+    lua_pushstring(L, code);
+    lua_pushstring(L, R->status == RESIL_OK ? "done" : R->status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
+    if (host_pcall(L, "resil_load_string", 3, 0) != LUA_OK) /* (the chunk runs all the same) */
+      redact_fprintf(R, stderr, "resil-lua: naming the chunk's run: %s\n", lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
+  }
+  lua_settop(L, top);
+}
+
 int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
   if (resil_refused(R, "resil_load_string")) return RESIL_ERR_USAGE;
   if (!code) {
@@ -868,6 +885,7 @@ int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
     set_load_error(R, name + (*name == '=' || *name == '@'));
     return RESIL_ERR_SCRIPT;
   }
+  name_chunk(R, name + (*name == '=' || *name == '@'), code);
   task_spawn_main(R, 0);
   return RESIL_OK;
 }

@@ -46,9 +46,9 @@ end
 -- again (the line said "resil-lua --run ID -e", an option without its code). Up to 8 KB of it.
 local MAX_CODE_KEPT = 8192
 local function resume_args()
-  if config.args then return json.encode({ unpack(config.args) }) end
   local code = config.script == "-e" and type(config.script_path) == "string" and config.script_path:match("^%-e\n(.*)$")
-  if code and #code <= MAX_CODE_KEPT then return json.encode({ code }) end
+  if code then return #code <= MAX_CODE_KEPT and json.encode({ code }) or nil end
+  if config.args then return json.encode({ unpack(config.args) }) end
 end
 
 -- A run has one owner at a time: take it, or wait for its holder (config.wait).
@@ -547,6 +547,24 @@ os.exit = function(code, close)
     if finish_metrics then pcall(finish_metrics) end
   end
   return host_exit(code, close)
+end
+
+-- resil_load_string (src/resil.c): a chunk's steps go to a run named by the chunk's name and its
+-- code, as stdin's and -e's are: every chunk an embedder loaded was the run "(script)-...", and two
+-- programs running different code replayed each other's paid step results. A chunk the host named
+-- already (the CLI's -e: its script_path is "-e\n" .. code) keeps that name. The run this process
+-- holds under another chunk's name is ended first, as `status` says the last resil_run ended (as
+-- the CLI ends a script's run): the new chunk's first step takes its own. A run named by
+-- resil_options.run_id (--run) is every chunk's.
+function private.name_chunk(name, code, status)
+  local path = config.script_path
+  if not (type(path) == "string" and path:sub(-#code - 1) == "\n" .. code) then
+    private.store_config_host({ script = name, script_path = name .. "\n" .. code })
+  end
+  if run and run.held and not config.run and run.id ~= default_run_id() then
+    local ok, err = run_finish(status)
+    if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
+  end
 end
 
 -- for the ledger: the run a cost belongs to; for the progress line: the
