@@ -59,3 +59,21 @@ describe("an -e run that failed", function()
     assert.matches(id:gsub("%-", "%%-") .. "%s+done%s+2%s", runs)
   end)
 end)
+
+describe("-e code with steps, then a script", function()
+  it("are two runs: the script's steps are not the -e code's run's", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"),
+      'local resil = require "resil"\nprint(resil.step("fetch", function() return "file" end), resil.run.id())\n')
+    local r = helpers.run(("%s --store %s --log-level off -e 'local resil = require \"resil\"; " ..
+      "print(resil.step(\"fetch\", function() return \"code\" end), resil.run.id())' %s"):format(helpers.resil, db, script))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: "file -e-...": the script's steps went to the -e code's run, still held)
+    local code_run, file_run = r.stdout:match("^code\t(%S+)\nfile\t(%S+)\n$")
+    assert.matches("^%-e%-%x+$", code_run, nil, false, r.stdout)
+    assert.is_truthy(file_run and file_run ~= code_run and not file_run:find("^%-e"), r.stdout)
+    local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout
+    assert.matches(code_run:gsub("%-", "%%-") .. "%s+done%s+1%s", runs)
+    assert.matches(file_run:gsub("%-", "%%-") .. "%s+done%s+1%s", runs)
+  end)
+end)

@@ -748,6 +748,8 @@ resil_t *resil_open(const resil_options *opts) {
   return R;
 }
 
+static void name_run(resil_t *R, const char *name, const char *code);
+
 /* L stack: chunk -> (queued as the main task) */
 static int start_main(resil_t *R, int argc, char **argv, const char *script, const char *source, size_t source_len) {
   lua_State *L = R->L;
@@ -776,6 +778,7 @@ static int start_main(resil_t *R, int argc, char **argv, const char *script, con
   } else if (realpath(script, abs)) lua_pushstring(L, abs), lua_setfield(L, -2, "script_path");
   lua_call(L, 1, 0);
   lua_pop(L, 2);
+  name_run(R, NULL, NULL);
   for (int i = 0; i < argc; i++) lua_pushstring(L, argv[i]);
   task_spawn_main(R, argc);
   return RESIL_OK;
@@ -859,16 +862,16 @@ int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
 
 /* The run a chunk's steps go to follows the chunk: its name and its code (runs.lua's name_chunk;
  * every chunk was one run, and two programs running different code replayed each other's paid
- * step results). The run held under the last chunk's is ended as the last resil_run ended. */
-static void name_chunk(resil_t *R, const char *name, const char *code) {
+ * step results). The run held under the last chunk's or script's is ended as the last resil_run
+ * ended (end_other_run). name NULL: a script, named already (start_main). */
+static void name_run(resil_t *R, const char *name, const char *code) {
   lua_State *L = R->L;
   int top = lua_gettop(L);
   lua_getfield(L, LUA_REGISTRYINDEX, PRIVATE_KEY);
-  if (lua_getfield(L, -1, "name_chunk") == LUA_TFUNCTION) {
-    lua_pushstring(L, *name ? name : "(string)");
-    lua_pushstring(L, code);
+  if (lua_getfield(L, -1, name ? "name_chunk" : "end_other_run") == LUA_TFUNCTION) {
+    if (name) lua_pushstring(L, *name ? name : "(string)"), lua_pushstring(L, code);
     lua_pushstring(L, R->status == RESIL_OK ? "done" : R->status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
-    if (host_pcall(L, "resil_load_string", 3, 0) != LUA_OK) /* (the chunk runs all the same) */
+    if (host_pcall(L, "resil_load", name ? 3 : 1, 0) != LUA_OK) /* (the chunk runs all the same) */
       redact_fprintf(R, stderr, "resil-lua: naming the chunk's run: %s\n", lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
   }
   lua_settop(L, top);
@@ -885,7 +888,7 @@ int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
     set_load_error(R, name + (*name == '=' || *name == '@'));
     return RESIL_ERR_SCRIPT;
   }
-  name_chunk(R, name + (*name == '=' || *name == '@'), code);
+  name_run(R, name + (*name == '=' || *name == '@'), code);
   task_spawn_main(R, 0);
   return RESIL_OK;
 }

@@ -556,15 +556,20 @@ end
 -- holds under another chunk's name is ended first, as `status` says the last resil_run ended (as
 -- the CLI ends a script's run): the new chunk's first step takes its own. A run named by
 -- resil_options.run_id (--run) is every chunk's.
+-- (and resil_load_file, once it named the script: the CLI's `-e CODE script.lua` ran the script's
+-- steps in the -e code's run)
+function private.end_other_run(status)
+  if run and run.held and not config.run and run.id ~= default_run_id() then
+    local ok, err = run_finish(status)
+    if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
+  end
+end
 function private.name_chunk(name, code, status)
   local path = config.script_path
   if not (type(path) == "string" and path:sub(-#code - 1) == "\n" .. code) then
     private.store_config_host({ script = name, script_path = name .. "\n" .. code })
   end
-  if run and run.held and not config.run and run.id ~= default_run_id() then
-    local ok, err = run_finish(status)
-    if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
-  end
+  private.end_other_run(status)
 end
 
 -- for the ledger: the run a cost belongs to; for the progress line: the
