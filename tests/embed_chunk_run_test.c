@@ -100,6 +100,23 @@ int main(void) {
   check(strcmp(result, "one host, B") == 0, "and the second chunk's step ran");
   resil_close(R);
 
+  /* the run of a chunk whose step failed: `runs show` names it as Lua names the chunk, and gives
+   * no command to resume it (its program does; the line named a file "billing" that is none) */
+  check(run_apart("require('resil').step('charge', function() error('declined') end)", "=billing", "x", "x") == 4,
+        "a chunk whose step fails fails its run");
+  const char *bin = getenv("RESIL");
+  if (bin) {
+    char cmd[1024], out[4096] = "";
+    snprintf(cmd, sizeof cmd, "%s runs --store %s 2>&1 && %s runs show $(%s runs --store %s | awk '/^billing-/ { print $1 }') "
+             "--store %s 2>&1", bin, store, bin, bin, store, store);
+    FILE *p = popen(cmd, "r");
+    size_t n = p ? fread(out, 1, sizeof out - 1, p) : 0;
+    out[n] = '\0';
+    if (p) pclose(p);
+    check(strstr(out, "billing-") && strstr(out, " (=billing)") && !strstr(out, "resume:"),
+          "runs show names the run of a chunk whose step failed \"=billing\", with no command to resume it");
+  }
+
   char cmd[300];
   snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
   if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);

@@ -177,10 +177,12 @@ local function run_report(s, id)
 end
 
 -- -> the command that resumes the run, or nil when none can be said: an `-e` run recorded
--- without its code (by versions before, or past 8 KB) is resumed only by its code
+-- without its code (by versions before, or past 8 KB) is resumed only by its code, a program's
+-- chunk (resil_load_string, "=name") by its program
 local function resume_command(s, run)
   local args = run.args and json.decode(run.args) or {}
   if run.script == "-e" and type(args[1]) ~= "string" then return nil end
+  if type(run.script) == "string" and run.script:sub(1, 1) == "=" then return nil end -- (an embedder's chunk)
   local parts = { "resil-lua" }
   if s.url ~= ".resil/state.db" then parts[#parts + 1] = "--store " .. shell_quote(s.url) end
   parts[#parts + 1] = "--run " .. shell_quote(run.id)

@@ -51,6 +51,18 @@ local function resume_args()
   if config.args then return json.encode({ unpack(config.args) }) end
 end
 
+-- The script the run's row names: an embedder's chunk (resil_load_string: its path is its name, a
+-- line break and its code, see name_chunk) as Lua names chunks, "=name", which `runs show` gives
+-- no resume command (its program resumes it; the line named a file "nightly" that is none)
+local function row_script()
+  local script, path = config.script, config.script_path
+  if type(script) == "string" and script ~= "-" and script ~= "-e" and type(path) == "string" and
+      path:sub(1, #script + 1) == script .. "\n" then
+    return "=" .. script
+  end
+  return script
+end
+
 -- A run has one owner at a time: take it, or wait for its holder (config.wait).
 local function take_run(s, id)
   local me = owner.me().id
@@ -59,7 +71,7 @@ local function take_run(s, id)
   while true do
     local now = store_now()
     local lease_until = lease_due(backend_of[s], now)
-    local done, generation, since = backend_of[s]:run_start(id, config.script, config.fresh, now, me, lease_until,
+    local done, generation, since = backend_of[s]:run_start(id, row_script(), config.fresh, now, me, lease_until,
       resume_args())
     if done == nil then error(generation, 0) end -- the store is unavailable
     lease_written(backend_of[s], lease_until)
