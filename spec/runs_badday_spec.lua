@@ -390,3 +390,29 @@ for _, b in ipairs(helpers.store_backends()) do
     end)
   end)
 end
+
+describe("runs show of a run whose holder is in a step now", function()
+  it("lists that step as running, not interrupted", function()
+    local db, go = helpers.tmpname(".db"), helpers.tmpname(".go")
+    local pid, out = helpers.start(([[
+local resil = require "resil"
+resil.step("fetch", function() return 1 end)
+resil.step("caption", function()
+  while not io.open(%q) do resil.sleep(0.02) end
+  return 2
+end)
+]]):format(go), ("--store %s --run live --log-level off"):format(db))
+    local show
+    assert(helpers.wait_until(function()
+      show = helpers.run(("%s runs show live --store %s"):format(helpers.resil, db)).stdout
+      return show:find("caption") ~= nil
+    end, 30), helpers.slurp(out))
+    assert.matches("\n%-%s+2%s+caption%s+running%s", show)
+    assert.matches("1 items: 0 done, 0 failed, 0 pending, 1 running;", show, 1, true)
+    assert.is_nil(show:find("interrupted"), show)
+    helpers.write(go, "")
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 30))
+    show = helpers.run(("%s runs show live --store %s"):format(helpers.resil, db)).stdout
+    assert.matches("1 items: 1 done, 0 failed, 0 pending;", show, 1, true)
+  end)
+end)
