@@ -108,14 +108,14 @@ go = true
 end)
 
 describe("an uncaught error that is a plain table (error{code = 1})", function()
-  it("prints its fields as JSON, bounded, at the line it was raised at", function()
+  it("prints its fields as JSON, bounded, credentials redacted, at the line it was raised at", function()
     local db = helpers.tmpname(".db")
     local r = helpers.run_script([[
 local resil = require "resil"
 resil.step("charge", function()
-  error({ code = 402, why = "quota", detail = { plan = "free" } })
+  error({ code = 402, why = "quota", detail = { plan = "free" }, request = { headers = { Authorization = "Bearer sk-live-123" } } })
 end)
-]], ("--store %s --log-level off"):format(db))
+]], ("--store %s --run charge --log-level off"):format(db))
     assert.are.equal(1, r.code)
     -- (before: "resil-lua: (error object is a table value)", nothing of what it held nor where)
     local first = r.stderr:match("^[^\n]+")
@@ -123,6 +123,12 @@ end)
     assert.matches('"code":402', first, 1, true)
     assert.matches('"why":"quota"', first, 1, true)
     assert.matches('"detail":{"plan":"free"}', first, 1, true)
+    -- a field named for a credential is not written out, here nor in what runs show lists
+    assert.matches('"Authorization":"[REDACTED]"', first, 1, true)
+    assert.is_nil(r.stderr:find("sk-live-123", 1, true), r.stderr)
+    local show = helpers.run(("%s runs show charge --store %s"):format(helpers.resil, db)).stdout
+    assert.matches('"Authorization":"[REDACTED]"', show, 1, true)
+    assert.is_nil(show:find("sk-live-123", 1, true), show)
     -- a large or cyclic one is cut, and a task's, never joined, says its own line
     r = helpers.run_script([[
 local resil = require "resil"

@@ -7,6 +7,7 @@
  * is redacted (redact.c), and any value becomes a message through
  * resil_describe, which never raises.
  */
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -90,6 +91,21 @@ static void describe_add_number(describe_buf *d, lua_State *L, int idx, int quot
   describe_adds(d, num);
 }
 
+/* A field whose name says it holds a credential (a request's headers raised with the error, a
+ * config's api_key) is written as the redaction mark: the report goes to logs and terminals, and
+ * redaction finds only registered secrets and URL parameters, not a JSON field's value. */
+static int describe_sensitive(const char *name, size_t n) {
+  static const char *const parts[] = {"authoriz", "cookie", "api_key", "api-key", "apikey", "token", "secret",
+                                      "passw", "signature", NULL};
+  char low[64];
+  if (n >= sizeof low) n = sizeof low - 1;
+  for (size_t i = 0; i < n; i++) low[i] = (char)tolower((unsigned char)name[i]);
+  low[n] = '\0';
+  for (int i = 0; parts[i]; i++)
+    if (strstr(low, parts[i])) return 1;
+  return 0;
+}
+
 static void describe_add_value(lua_State *L, describe_buf *d, int idx, int depth) {
   switch (lua_type(L, idx)) {
   case LUA_TNIL: describe_adds(d, "null"); break;
@@ -116,10 +132,12 @@ static void describe_add_value(lua_State *L, describe_buf *d, int idx, int depth
       }
       if (!first) describe_adds(d, ",");
       first = 0;
+      int sensitive = 0;
       if (lua_type(L, -2) == LUA_TSTRING) {
         size_t n;
         const char *s = lua_tolstring(L, -2, &n);
         describe_add_string(d, s, n);
+        sensitive = describe_sensitive(s, n);
       } else if (lua_type(L, -2) == LUA_TNUMBER) {
         describe_add_number(d, L, lua_absindex(L, -2), 1); /* (lua_tolstring would change the key lua_next needs) */
       } else {
@@ -128,7 +146,8 @@ static void describe_add_value(lua_State *L, describe_buf *d, int idx, int depth
         describe_adds(d, "\"");
       }
       describe_adds(d, ":");
-      describe_add_value(L, d, lua_absindex(L, -1), depth + 1);
+      if (sensitive) describe_adds(d, "\"" REDACT_MARK "\"");
+      else describe_add_value(L, d, lua_absindex(L, -1), depth + 1);
       lua_pop(L, 1);
     }
     describe_adds(d, "}");

@@ -200,10 +200,31 @@ end
 -- secrets (a string error is not redacted by tostring, and `runs show` runs
 -- in another process, which does not know this one's secrets). Redacted
 -- before it is cut, so no part of a secret is left at the cut.
+-- A field whose name says it holds a credential (a request's headers kept in the error) is the
+-- redaction mark, as an uncaught table's report has it (src/error.c): redaction finds registered
+-- secrets and URL parameters, not a JSON field's value.
+local SENSITIVE = { "authoriz", "cookie", "api_key", "api-key", "apikey", "token", "secret", "passw", "signature" }
+local function without_credentials(t, depth, seen)
+  if type(t) ~= "table" or depth > 16 or seen[t] then return t end
+  seen[t] = true
+  local out = {}
+  for k, v in pairs(t) do
+    local low = type(k) == "string" and k:lower()
+    local sensitive = false
+    for _, part in ipairs(low and SENSITIVE or {}) do
+      if low:find(part, 1, true) then sensitive = true break end
+    end
+    out[k] = sensitive and "[REDACTED]" or without_credentials(v, depth + 1, seen)
+  end
+  seen[t] = nil
+  return setmetatable(out, getmetatable(t))
+end
 local function error_text(err)
   -- a plain table raised (error{code = 42}) is its fields, not its address ("table: 0x5581...")
   local encoded, plain = false, nil
-  if type(err) == "table" and getmetatable(err) == nil then encoded, plain = pcall(json.encode, err) end
+  if type(err) == "table" and getmetatable(err) == nil then
+    encoded, plain = pcall(json.encode, without_credentials(err, 0, {}))
+  end
   local text = resil.redact(encoded and plain or tostring(err))
   if #text > 2000 then text = text:sub(1, 2000) .. "..." end
   return text
