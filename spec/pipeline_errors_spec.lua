@@ -113,7 +113,8 @@ describe("an uncaught error that is a plain table (error{code = 1})", function()
     local r = helpers.run_script([[
 local resil = require "resil"
 resil.step("charge", function()
-  error({ code = 402, why = "quota", detail = { plan = "free" }, request = { headers = { Authorization = "Bearer sk-live-123" } } })
+  error({ code = 402, why = "quota", detail = { plan = "free" }, usage = { max_tokens = 50 },
+    request = { headers = { Authorization = "Bearer sk-live-123" } } })
 end)
 ]], ("--store %s --run charge --log-level off"):format(db))
     assert.are.equal(1, r.code)
@@ -125,6 +126,7 @@ end)
     assert.matches('"detail":{"plan":"free"}', first, 1, true)
     -- a field named for a credential is not written out, here nor in what runs show lists
     assert.matches('"Authorization":"[REDACTED]"', first, 1, true)
+    assert.matches('"usage":{"max_tokens":50}', first, 1, true) -- (a count, not a token)
     assert.is_nil(r.stderr:find("sk-live-123", 1, true), r.stderr)
     local show = helpers.run(("%s runs show charge --store %s"):format(helpers.resil, db)).stdout
     assert.matches('"Authorization":"[REDACTED]"', show, 1, true)

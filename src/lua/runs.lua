@@ -203,7 +203,7 @@ end
 -- A field whose name says it holds a credential (a request's headers kept in the error) is the
 -- redaction mark, as an uncaught table's report has it (src/error.c): redaction finds registered
 -- secrets and URL parameters, not a JSON field's value.
-local SENSITIVE = { "authoriz", "cookie", "api_key", "api-key", "apikey", "token", "secret", "passw", "signature" }
+local SENSITIVE = { "authoriz", "cookie", "api_key", "api-key", "apikey", "token$", "secret", "passw", "signature" }
 local function without_credentials(t, depth, seen)
   if type(t) ~= "table" or depth > 16 or seen[t] then return t end
   seen[t] = true
@@ -212,7 +212,7 @@ local function without_credentials(t, depth, seen)
     local low = type(k) == "string" and k:lower()
     local sensitive = false
     for _, part in ipairs(low and SENSITIVE or {}) do
-      if low:find(part, 1, true) then sensitive = true break end
+      if low:find(part, 1, part:sub(-1) ~= "$") then sensitive = true break end -- (token$: not max_tokens)
     end
     out[k] = sensitive and "[REDACTED]" or without_credentials(v, depth + 1, seen)
   end
