@@ -128,10 +128,11 @@ local function holder_of(s, run)
   end
 end
 
--- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ... }
 -- an item's state from its steps': the worst of them
 local ITEM_STATE = { done = 1, running = 2, pending = 3, interrupted = 4, failed = 5 }
 
+-- The run as `runs show` sees it: -> { run =, items = { {scope=, steps = {...}, state=, retries=, usd=} }, ...,
+-- holder =, gone = }
 local function run_report(s, id)
   local run, rerr = backend_of[s]:run_get(id)
   if run == nil and rerr ~= nil then need(nil, rerr) end -- (not "no such run": it could not be read)
