@@ -20,7 +20,66 @@ local openai = {
   default_base = "https://api.openai.com/v1",
 }
 
+-- (options of ai.configure this adapter reads besides the shared ones)
+openai.config_keys = { "reasoning_models" }
+
 function openai.url(base) return base .. "/chat/completions" end
+
+-- OpenAI's reasoning models refuse max_tokens (they take max_completion_tokens) and any
+-- temperature or top_p but the default (a 400 that failed every request, or fallback, that set
+-- one: an Anthropic client's temperature, a policy's). By name, the first pattern that matches:
+-- "reasoning" takes no sampling; "effort" (gpt-5.1 on, whose default effort is none) takes it
+-- unless the request sets a reasoning_effort other than "none"; false is a chat model. A project
+-- names its own (an Azure deployment's name) with ai.configure("openai", { reasoning_models =
+-- { "^my%-deployment" } }), patterns of "reasoning" models tried before these.
+openai.reasoning_models = {
+  { "^gpt%-5[%.%d]*%-chat", false }, -- gpt-5-chat-latest
+  { "^gpt%-5%.%d+%-pro", "reasoning" },
+  { "^gpt%-5%.%d", "effort" },
+  { "^gpt%-5", "reasoning" },
+  { "^o%d", "reasoning" },
+}
+-- the sampling fields such a model takes at their defaults only, and those defaults
+local FIXED_SAMPLING = { temperature = 1, top_p = 1, presence_penalty = 0, frequency_penalty = 0 }
+
+-- conf -> { model -> kind | false }: a name is matched once (the table is bounded: any name is a
+-- gateway client's to choose)
+local kinds = setmetatable({}, { __mode = "k" })
+local KINDS_MAX = 1000
+local function reasoning_kind(conf, model)
+  local known = kinds[conf]
+  if not known then
+    known = { n = 0 }
+    kinds[conf] = known
+  end
+  local kind = known[model]
+  if kind ~= nil then return kind end
+  kind = false
+  local name = tostring(model)
+  local own = conf.reasoning_models
+  for _, p in ipairs(type(own) == "table" and own or {}) do
+    if type(p) == "string" and name:find(p) then kind = "reasoning" break end
+  end
+  if not kind then
+    for _, r in ipairs(openai.reasoning_models) do
+      if name:find(r[1]) then kind = r[2] break end
+    end
+  end
+  if known.n >= KINDS_MAX then known = { n = 0 }; kinds[conf] = known end
+  known.n = known.n + 1
+  known[model] = kind
+  return kind
+end
+
+-- a sampling value left out, said once per model and field (not once per request)
+local said = { n = 0 }
+local function left_out(model, field, v)
+  local key = tostring(model) .. "\0" .. field
+  if said[key] or said.n >= KINDS_MAX then return end
+  said[key], said.n = true, said.n + 1
+  resil.log.warn(("openai: %s takes no %s but the default; %s left out"):format(tostring(model), field, tostring(v)),
+    { model = tostring(model), field = field })
+end
 
 function openai.headers(key)
   local h = { ["content-type"] = "application/json", accept = "application/json" }
@@ -67,10 +126,11 @@ function openai.body(req, model, conf)
     body.service_tier = conf.service_tier
   end
   body.messages = messages.openai(req)
+  local kind = reasoning_kind(conf, model)
   if req.max_tokens then
     -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
-    -- compatible servers document max_tokens
-    local field = conf.max_tokens_field or (conf.official and "max_completion_tokens" or "max_tokens")
+    -- compatible servers document max_tokens, but serving a reasoning model (Azure's) refuse it too
+    local field = conf.max_tokens_field or ((conf.official or kind) and "max_completion_tokens" or "max_tokens")
     body[field] = req.max_tokens
   end
   -- the fields of the normalized request sent as they are, each read by its name (walking a
@@ -101,6 +161,18 @@ function openai.body(req, model, conf)
   if v ~= nil then body.reasoning_effort = v end
   v = req.stop
   if v ~= nil then body.stop = v end
+  if kind and (kind == "reasoning" or (body.reasoning_effort ~= nil and body.reasoning_effort ~= "none")) then
+    for field, default in pairs(FIXED_SAMPLING) do
+      v = body[field]
+      if v ~= nil and v ~= default then
+        body[field] = nil
+        left_out(model, field, v)
+      end
+    end
+    if body.max_tokens ~= nil and body.max_completion_tokens == nil then -- (a client's own, in provider_options)
+      body.max_completion_tokens, body.max_tokens = body.max_tokens, nil
+    end
+  end
   body.tools = tools_of(req.tools)
   if req.stream then
     body.stream = true

@@ -113,6 +113,40 @@ await check('mock: more than four stop sequences are refused on the OpenAI route
   await ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs, stop_sequences: stop });
 });
 
+// OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens and any temperature or top_p but
+// the default: an Anthropic client's request falling back to one, or an OpenAI client's naming
+// one, was a 400. The mock refuses them as the API does; the gateway sends what they take
+await check('mock and gateway: reasoning models take max_completion_tokens and the default sampling only', async () => {
+  const e = await rejects(oai(mock, 'x').chat.completions.create({ model: 'o3', messages: msgs, max_tokens: 20 }),
+    OpenAI.BadRequestError, 'max_tokens');
+  expect(e.param === 'max_tokens' && e.code === 'unsupported_parameter' &&
+    e.error.message === "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.", e.message);
+  const t = await rejects(oai(mock, 'x').chat.completions.create({ model: 'gpt-5-mini', messages: msgs, temperature: 0.2 }),
+    OpenAI.BadRequestError, 'temperature');
+  expect(t.param === 'temperature' && t.code === 'unsupported_value' &&
+    t.error.message === "Unsupported value: 'temperature' does not support 0.2 with this model. Only the default (1) value is supported.", t.message);
+  const p = await rejects(oai(mock, 'x').chat.completions.create({ model: 'o4-mini', messages: msgs, top_p: 0.5 }),
+    OpenAI.BadRequestError, 'top_p');
+  expect(p.param === 'top_p' && p.code === 'unsupported_parameter', p.message);
+  // what these models take: the defaults; gpt-5.1 on samples at its default effort (none); a chat model
+  await oai(mock, 'x').chat.completions.create({ model: 'o3', messages: msgs, max_completion_tokens: 20, temperature: 1 });
+  await oai(mock, 'x').chat.completions.create({ model: 'gpt-5.2', messages: msgs, temperature: 0.2 });
+  await rejects(oai(mock, 'x').chat.completions.create({ model: 'gpt-5.2', messages: msgs, temperature: 0.2,
+    reasoning_effort: 'high' }), OpenAI.BadRequestError, 'gpt-5.2 at high effort');
+  await oai(mock, 'x').chat.completions.create({ model: 'gpt-5-chat-latest', messages: msgs, max_tokens: 20, temperature: 0.2 });
+  await oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, max_tokens: 20, temperature: 0.2 });
+  // through the gateway: an Anthropic client's request falling back to o3, whole and streamed
+  const req = { model: 'claude-or-o3', max_tokens: 50, messages: msgs, temperature: 0.3, top_p: 0.9 };
+  for (const [how, m] of [['whole', await ant().messages.create(req)], ['streamed', await ant().messages.stream(req).finalMessage()]]) {
+    expect(m.content[0].text.length > 0 && m.stop_reason !== null, `${how}: ${JSON.stringify(m)}`);
+  }
+  // an OpenAI client's, naming one
+  const r = await oai().chat.completions.create({ model: 'o3', messages: msgs, max_tokens: 20, temperature: 0.2, top_p: 0.5 });
+  expect(r.choices[0].message.content.length > 0, JSON.stringify(r));
+  await oai().chat.completions.create({ model: 'gpt52', messages: msgs, max_tokens: 20, temperature: 0.2, reasoning_effort: 'high' });
+  await oai().chat.completions.create({ model: 'gpt52', messages: msgs, max_tokens: 20, temperature: 0.2 });
+});
+
 // a fault's should_retry is the x-should-retry header both SDKs read before the status: the
 // mock sent it on its Anthropic route only, and an OpenAI client retried what the spec refused
 await check('mock: a fault\'s should_retry = false reaches the OpenAI SDK, which does not retry it', async () => {

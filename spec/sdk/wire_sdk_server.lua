@@ -10,13 +10,17 @@ resil.log.level("off")
 resil.store_config({ url = arg[1] })
 
 local up = assert(resil.mock.start({ strict = true, reply = "one two three four five six",
-  faults = { { route = "chat", model = "gpt-noretry", status = 500, should_retry = false } } }))
+  faults = { { route = "chat", model = "gpt-noretry", status = 500, should_retry = false },
+    { route = "messages", model = "claude-down", status = 500, should_retry = false } } }))
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
 gateway.configure({ auth = true, key_cache = 0, models = {
   ["gpt"] = "openai/gpt-4o-mini", ["claude"] = "anthropic/claude-haiku-4-5",
   ["emb"] = "openai/text-embedding-3-small",
+  ["o3"] = "openai/o3", ["gpt52"] = "openai/gpt-5.2",
+  -- (an Anthropic client's request, falling back to a reasoning model)
+  ["claude-or-o3"] = { model = "anthropic/claude-down", fallback = { "openai/o3" } },
 } })
 local good = assert(keys.add({ name = "good" }))
 local s = gateway.serve({ listen = "127.0.0.1:0" })

@@ -500,6 +500,39 @@ local OPENAI_RANGES = { temperature = { 0, 2 }, top_p = { 0, 1 }, presence_penal
   frequency_penalty = { -2, 2 } }
 local ANTHROPIC_RANGES = { temperature = { 0, 1 }, top_p = { 0, 1 } }
 
+-- OpenAI's reasoning models, by name (first match): "reasoning" takes max_completion_tokens only
+-- and no temperature or top_p but the default 1; "effort" (gpt-5.1 on, whose default effort is
+-- none) takes them while its reasoning_effort is none; false is a chat model of the family
+local OPENAI_REASONING = { { "^gpt%-5[%.%d]*%-chat", false }, { "^gpt%-5%.%d+%-pro", "reasoning" },
+  { "^gpt%-5%.%d", "effort" }, { "^gpt%-5", "reasoning" }, { "^o%d", "reasoning" } }
+local function openai_reasoning(model)
+  for _, r in ipairs(OPENAI_REASONING) do
+    if tostring(model):find(r[1]) then return r[2] end
+  end
+  return false
+end
+
+-- what the API answers a reasoning model's request for a parameter it does not take | nil
+local function reasoning_refusal(body)
+  local kind = openai_reasoning(body.model)
+  if not kind then return nil end
+  if body.max_tokens ~= nil and body.max_tokens ~= json.null then
+    return openai_error(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+      .. "'max_completion_tokens' instead.", "invalid_request_error", "unsupported_parameter", "max_tokens")
+  end
+  if kind == "effort" and (body.reasoning_effort == nil or body.reasoning_effort == "none") then return nil end
+  local t = body.temperature
+  if type(t) == "number" and t ~= 1 then
+    return openai_error(400, ("Unsupported value: 'temperature' does not support %s with this model. Only the "
+      .. "default (1) value is supported."):format(tostring(t)), "invalid_request_error", "unsupported_value",
+      "temperature")
+  end
+  if type(body.top_p) == "number" and body.top_p ~= 1 then
+    return openai_error(400, "Unsupported parameter: 'top_p' is not supported with this model.",
+      "invalid_request_error", "unsupported_parameter", "top_p")
+  end
+end
+
 -- scenario.api_keys: the keys the mock accepts (any, when not set)
 function Mock:key_ok(key)
   local keys = self.scenario.api_keys
@@ -544,6 +577,8 @@ function Mock:openai_check(req, body)
         above and "decimal_above_max_value" or "decimal_below_min_value", field) }
     end
   end
+  local refused = reasoning_refusal(body)
+  if refused then return { status = 400, body = refused } end
   -- (Anthropic takes many stop sequences, OpenAI four: a fallback with more failed there)
   if type(body.stop) == "table" and #body.stop > 4 then
     return { status = 400, body = openai_error(400, ("Invalid 'stop': array too long. Expected an array with maximum "

@@ -1,0 +1,52 @@
+-- The OpenAI adapter's body for a reasoning model (the o-series, gpt-5): what it takes, by the
+-- model's name, and a project's own names for one (an Azure deployment's)
+local resil = require "resil"
+resil.log.level("off")
+local openai = require "policies.providers.openai"
+
+local MSGS = { { role = "user", content = "hi" } }
+
+describe("the OpenAI adapter and reasoning models", function()
+  it("sends max_completion_tokens and leaves out sampling but the default, to a compatible server too", function()
+    local b = openai.body({ messages = MSGS, max_tokens = 50, temperature = 0.3, top_p = 0.9, presence_penalty = 0.5 },
+      "o3", {})
+    assert.are.equal(50, b.max_completion_tokens)
+    assert.is_nil(b.max_tokens)
+    assert.is_nil(b.temperature)
+    assert.is_nil(b.top_p)
+    assert.is_nil(b.presence_penalty)
+    b = openai.body({ messages = MSGS, max_tokens = 50, temperature = 1 }, "gpt-5-mini", {})
+    assert.are.equal(1, b.temperature) -- (the default is taken)
+    -- a chat model is sent what it was
+    b = openai.body({ messages = MSGS, max_tokens = 50, temperature = 0.3 }, "gpt-4o-mini", {})
+    assert.are.same({ 50, 0.3 }, { b.max_tokens, b.temperature })
+    b = openai.body({ messages = MSGS, max_tokens = 50, temperature = 0.3 }, "gpt-5-chat-latest", {})
+    assert.are.same({ 50, 0.3 }, { b.max_tokens, b.temperature })
+  end)
+
+  it("keeps gpt-5.1's sampling at its default effort (none), not at another", function()
+    local b = openai.body({ messages = MSGS, temperature = 0.3 }, "gpt-5.2", {})
+    assert.are.equal(0.3, b.temperature)
+    b = openai.body({ messages = MSGS, temperature = 0.3, reasoning_effort = "high" }, "gpt-5.2", {})
+    assert.is_nil(b.temperature)
+    b = openai.body({ messages = MSGS, temperature = 0.3, provider_options = { openai = { reasoning_effort = "low" } } },
+      "gpt-5.1", {})
+    assert.is_nil(b.temperature)
+  end)
+
+  it("takes a project's own names for reasoning models (ai.configure's reasoning_models)", function()
+    local conf = { reasoning_models = { "^my%-reasoner" } }
+    local b = openai.body({ messages = MSGS, max_tokens = 50, temperature = 0.3 }, "my-reasoner-eu", conf)
+    assert.are.same({ 50, nil, nil }, { b.max_completion_tokens, b.max_tokens, b.temperature })
+    b = openai.body({ messages = MSGS, max_tokens = 50, temperature = 0.3 }, "my-chat", conf)
+    assert.are.same({ 50, 0.3 }, { b.max_tokens, b.temperature })
+    -- an option ai.configure knows (not warned about as a misspelling)
+    local ai = require "policies.ai"
+    local warned = {}
+    local warn = resil.log.warn
+    resil.log.warn = function(msg) warned[#warned + 1] = msg end
+    ai.configure("openai", { api_key = "sk-x", reasoning_models = { "^my%-reasoner" } })
+    resil.log.warn = warn
+    assert.are.same({}, warned)
+  end)
+end)
