@@ -71,15 +71,17 @@ local function reasoning_kind(conf, model)
   return kind
 end
 
--- a sampling value left out, said once per model and field (not once per request)
+-- a field left out, said once per model and field (not once per request)
 local said = { n = 0 }
-local function left_out(model, field, v)
+local function left_out(model, field, message)
   local key = tostring(model) .. "\0" .. field
   if said[key] or said.n >= KINDS_MAX then return end
   said[key], said.n = true, said.n + 1
-  resil.log.warn(("openai: %s takes no %s but the default; %s left out"):format(tostring(model), field, tostring(v)),
-    { model = tostring(model), field = field })
+  resil.log.warn(("openai: %s %s"):format(tostring(model), message), { model = tostring(model), field = field })
 end
+
+-- OpenAI takes four stop sequences, Anthropic (whose clients' requests fall back here) many
+local MAX_STOP = 4
 
 function openai.headers(key)
   local h = { ["content-type"] = "application/json", accept = "application/json" }
@@ -160,14 +162,27 @@ function openai.body(req, model, conf)
   v = req.reasoning_effort
   if v ~= nil then body.reasoning_effort = v end
   v = req.stop
-  if v ~= nil then body.stop = v end
+  if v ~= nil then
+    -- past four, a 400 that failed the request (an Anthropic client's, falling back here): the
+    -- first four are sent, as a target that took none would have failed the call for good
+    if type(v) == "table" and #v > MAX_STOP then
+      left_out(model, "stop", ("takes %d stop sequences; %d left out: %s"):format(MAX_STOP, #v - MAX_STOP,
+        json.encode(table.move(v, MAX_STOP + 1, #v, 1, {})):sub(1, 200)))
+      v = table.move(v, 1, MAX_STOP, 1, {})
+    end
+    body.stop = v
+  end
   if kind and (kind == "reasoning" or (body.reasoning_effort ~= nil and body.reasoning_effort ~= "none")) then
     for field, default in pairs(FIXED_SAMPLING) do
       v = body[field]
       if v ~= nil and v ~= default then
         body[field] = nil
-        left_out(model, field, v)
+        left_out(model, field, ("takes no %s but the default; %s left out"):format(field, tostring(v)))
       end
+    end
+    if kind == "reasoning" and body.stop ~= nil then -- (o3, o4-mini, gpt-5 refuse any)
+      body.stop = nil
+      left_out(model, "stop", "takes no stop sequences; left out")
     end
     if body.max_tokens ~= nil and body.max_completion_tokens == nil then -- (a client's own, in provider_options)
       body.max_completion_tokens, body.max_tokens = body.max_tokens, nil

@@ -21,6 +21,7 @@ gateway.configure({ auth = true, key_cache = 0, models = {
   ["o3"] = "openai/o3", ["gpt52"] = "openai/gpt-5.2",
   -- (an Anthropic client's request, falling back to a reasoning model)
   ["claude-or-o3"] = { model = "anthropic/claude-down", fallback = { "openai/o3" } },
+  ["claude-or-gpt"] = { model = "anthropic/claude-down", fallback = { "openai/gpt-4o-mini" } },
 } })
 local good = assert(keys.add({ name = "good" }))
 local s = gateway.serve({ listen = "127.0.0.1:0" })

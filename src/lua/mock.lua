@@ -520,6 +520,10 @@ local function reasoning_refusal(body)
     return openai_error(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
       .. "'max_completion_tokens' instead.", "invalid_request_error", "unsupported_parameter", "max_tokens")
   end
+  if kind == "reasoning" and body.stop ~= nil and body.stop ~= json.null then
+    return openai_error(400, "Unsupported parameter: 'stop' is not supported with this model.",
+      "invalid_request_error", "unsupported_parameter", "stop")
+  end
   if kind == "effort" and (body.reasoning_effort == nil or body.reasoning_effort == "none") then return nil end
   local t = body.temperature
   if type(t) == "number" and t ~= 1 then
