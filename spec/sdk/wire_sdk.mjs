@@ -191,8 +191,8 @@ await check('openai: a PNG sent as data:image/jpeg is served by Anthropic, its t
 // lives; the mock reported neither, so what caching costs was never met by a spec
 await check('mock: a prompt marked with cache_control is written to the cache, then read, whole and streamed', async () => {
   const c = ant(mock, 'x');
-  const big = 'You are a careful assistant. '.repeat(200); // (some 1,450 tokens: past the 1,024 the API caches from)
-  const req = (system, extra = {}) => ({ model: 'claude-haiku-4-5', max_tokens: 10, messages: msgs, system, ...extra });
+  const big = 'You are a careful assistant. '.repeat(200); // (some 1,450 tokens: past the 1,024 Sonnet caches from)
+  const req = (system, extra = {}) => ({ model: 'claude-sonnet-4-5', max_tokens: 10, messages: msgs, system, ...extra });
   const marked = [{ type: 'text', text: big + Math.random(), cache_control: { type: 'ephemeral' } }];
   const first = (await c.messages.create(req(marked))).usage;
   const again = (await c.messages.stream(req(marked)).finalMessage()).usage;
@@ -210,6 +210,23 @@ await check('mock: a prompt marked with cache_control is written to the cache, t
   const plain = (await c.messages.create(req(big))).usage;
   expect(auto.cache_creation_input_tokens > 1024 && short.cache_creation_input_tokens === 0 && plain.cache_creation_input_tokens === 0 &&
     plain.input_tokens > 1024, `auto ${JSON.stringify(auto)} short ${JSON.stringify(short)} plain ${JSON.stringify(plain)}`);
+});
+
+// the API caches a prompt from a length that is the model's own (4,096 tokens for Haiku 4.5 and
+// Opus 4.5 and 4.6, 2,048 for Opus 4.7, 512 for Opus 5): the mock cached from 1,024 for every
+// model, so a spec of caching on Haiku 4.5 met writes and reads production never makes
+await check('mock: a prompt is cached from its model\'s minimum length', async () => {
+  const c = ant(mock, 'x');
+  const written = async (model, repeat) => (await c.messages.create({ model, max_tokens: 10, messages: msgs,
+    system: [{ type: 'text', text: 'You are a careful assistant. '.repeat(repeat) + Math.random(), cache_control: { type: 'ephemeral' } }] }))
+    .usage.cache_creation_input_tokens;
+  // (some 7 tokens a repeat)
+  for (const [model, under, over] of [['claude-haiku-4-5', 550, 600], ['claude-haiku-4-5-20251001', 550, 600],
+    ['claude-opus-4-6', 550, 600], ['claude-opus-4-7', 270, 300], ['claude-3-5-haiku-20241022', 270, 300],
+    ['claude-sonnet-4-5', 130, 160], ['claude-sonnet-4-6', 130, 160], ['claude-opus-5', 60, 80]]) {
+    const [no, yes] = [await written(model, under), await written(model, over)];
+    expect(no === 0 && yes > 0, `${model}: ${under} repeats wrote ${no}, ${over} wrote ${yes}`);
+  }
 });
 
 // through the gateway the thread was sent to Anthropic, and the answer's id replaced by the

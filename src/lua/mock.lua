@@ -911,11 +911,24 @@ end
 -- Prompt caching, as the API bills it: the prompt up to its last cache_control mark (in tools,
 -- system, messages; a top-level cache_control marks it all), in that order, is written to the
 -- cache the first time (cache_creation_input_tokens; a "1h" ttl's apart) and read from it while
--- it lives (cache_read_input_tokens), per model; a prefix under 1024 tokens is not cached, as
--- the API leaves a short one. (The mock reported no cache use, so a spec of what caching costs
--- never met a cache write.) -> tokens of the whole prompt, written, read, written for 1 hour |
--- nil when nothing is marked
-local CACHE_MIN = 1024
+-- it lives (cache_read_input_tokens), per model; a prefix under the model's minimum is not
+-- cached, as the API leaves a short one. (The mock reported no cache use, so a spec of what
+-- caching costs never met a cache write.) -> tokens of the whole prompt, written, read, written
+-- for 1 hour | nil when nothing is marked
+-- The minimum cacheable prompt by model (Anthropic's prompt caching page; the names as Bedrock
+-- and Vertex spell them too), first match; 1,024 for the others (Sonnet 4.x and 5, Opus 4, 4.1, 4.8)
+local CACHE_MINS = {
+  { "claude%-opus%-4%-[56]%f[^%d]", 4096 }, { "claude%-haiku%-4%-5%f[^%d]", 4096 },
+  { "claude%-opus%-4%-7%f[^%d]", 2048 }, { "claude%-3%-5%-haiku", 2048 }, { "claude%-3%-haiku", 2048 },
+  { "claude%-opus%-5%f[^%d%.]", 512 }, { "claude%-fable%-5%f[^%d%.]", 512 }, { "claude%-mythos%-5%f[^%d%.]", 512 },
+}
+local function cache_min(model)
+  model = tostring(model)
+  for _, m in ipairs(CACHE_MINS) do
+    if model:find(m[1]) then return m[2] end
+  end
+  return 1024
+end
 function Mock:prompt_cache(body)
   local pieces, mark, ttl = {}, nil, nil
   local function add(text, cc)
@@ -940,7 +953,7 @@ function Mock:prompt_cache(body)
   local all = estimate_tokens(table.concat(pieces, "\n"))
   local prefix = table.concat(pieces, "\n", 1, mark)
   local tokens = estimate_tokens(prefix)
-  if tokens < CACHE_MIN then return all, 0, 0, 0 end
+  if tokens < cache_min(body.model) then return all, 0, 0, 0 end
   local life = ttl == "1h" and 3600 or 300
   local key = resil.hash(tostring(body.model) .. "\0" .. prefix)
   local now = resil.now()
