@@ -28,6 +28,7 @@ describe("the SDKs' helpers against the mock and the gateway", function()
     "openai: a PNG sent as data:image/jpeg is served by Anthropic, its type told by its bytes",
     "mock: a prompt marked with cache_control is written to the cache, then read, whole and streamed",
     "mock: a prompt is cached from its model's minimum length",
+    "mock: the beta's fallbacks serve a declined request, as the SDK reads it, whole and streamed",
     "anthropic: the SDK's toolRunner runs through the gateway, served by either API",
     "anthropic: an answer translated from OpenAI has inference_geo, speed and output_tokens_details null",
     "anthropic: speed fast and inference_geo us are refused (unpriced), the standard ones served",

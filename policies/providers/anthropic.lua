@@ -163,6 +163,20 @@ end
 local FINISH = { end_turn = "stop", stop_sequence = "stop", max_tokens = "length", tool_use = "tool_calls",
   refusal = "content_filter", pause_turn = "pause", model_context_window_exceeded = "length" }
 
+-- The model that served an answer: with the beta's server-side `fallbacks`, a model that
+-- declined hands over to the next, and the one that served is named by usage.iterations'
+-- `fallback_message` entry (the API's signal for it), not by `model`, which may name the model
+-- asked for (a stream's message_start is sent before any refusal): priced as the model asked for,
+-- an answer from a cheaper or dearer fallback was billed wrong -> that model | nil
+local function served_by(u)
+  local its = type(u) == "table" and u.iterations
+  if type(its) ~= "table" then return nil end
+  for i = #its, 1, -1 do
+    local it = its[i]
+    if type(it) == "table" and it.type == "fallback_message" and type(it.model) == "string" then return it.model end
+  end
+end
+
 -- anthropic.parse(data) -> normalized result | nil, why
 function anthropic.parse(data)
   if type(data) ~= "table" or type(data.content) ~= "table" then return nil, "no content in the response" end
@@ -176,7 +190,8 @@ function anthropic.parse(data)
     end
   end
   local stop = data.stop_reason ~= json.null and data.stop_reason or nil
-  return { id = data.id, model = data.model, text = table.concat(texts), finish_reason = FINISH[stop] or stop,
+  local u = data.usage -- (iterations looked at only when the answer has them: this runs on every answer)
+  return { id = data.id, model = type(u) == "table" and u.iterations ~= nil and served_by(u) or data.model, text = table.concat(texts), finish_reason = FINISH[stop] or stop,
     stop_reason = stop, stop_sequence = type(data.stop_sequence) == "string" and data.stop_sequence or nil,
     tool_calls = calls, usage = anthropic.usage(data.usage) }
 end
@@ -239,6 +254,7 @@ function anthropic.event(state, ev)
     end
     state.raw_usage = u
     state.usage = anthropic.usage(u)
+    state.model = served_by(u) or state.model
     if type(data.usage) == "table" then state.usage_partial = nil end
     local stop = type(data.delta) == "table" and data.delta.stop_reason
     if stop and stop ~= json.null then state.finish_reason, state.stop_reason = FINISH[stop] or stop, stop end

@@ -229,6 +229,29 @@ await check('mock: a prompt is cached from its model\'s minimum length', async (
   }
 });
 
+// the beta's server-side fallback, as the SDK types it: a model that declines (the mock's
+// scenario.refuses) hands over to the first fallback that serves; a `fallback` block at the seam,
+// usage.iterations naming each hop's model; without one that serves, a refusal
+await check('mock: the beta\'s fallbacks serve a declined request, as the SDK reads it, whole and streamed', async () => {
+  const c = ant(mock, 'x');
+  const req = { model: 'claude-fable-5-1', max_tokens: 50, messages: msgs, betas: ['server-side-fallback-2026-07-01'],
+    fallbacks: [{ model: 'claude-haiku-4-5' }] };
+  for (const [how, m] of [['whole', await c.beta.messages.create(req)], ['streamed', await c.beta.messages.stream(req).finalMessage()]]) {
+    const [seam, text] = m.content;
+    expect(seam.type === 'fallback' && seam.from.model === 'claude-fable-5-1' && seam.to.model === 'claude-haiku-4-5' &&
+      text.type === 'text' && text.text.length > 0 && m.stop_reason === 'end_turn', `${how}: ${JSON.stringify(m.content)}`);
+    const its = m.usage.iterations;
+    expect(its?.length === 2 && its[0].type === 'message' && its[0].model === 'claude-fable-5-1' &&
+      its[1].type === 'fallback_message' && its[1].model === 'claude-haiku-4-5' &&
+      m.usage.input_tokens === its[0].input_tokens + its[1].input_tokens, `${how}: ${JSON.stringify(m.usage)}`);
+  }
+  const r = await c.beta.messages.create({ ...req, fallbacks: undefined });
+  expect(r.stop_reason === 'refusal' && r.content.length === 0 && r.stop_details?.type === 'refusal', JSON.stringify(r));
+  // (fallbacks without the beta's header are refused, as before)
+  await rejects(c.messages.create({ model: 'claude-fable-5-1', max_tokens: 50, messages: msgs, fallbacks: req.fallbacks }),
+    Anthropic.BadRequestError, 'fallbacks without the beta');
+});
+
 // through the gateway the thread was sent to Anthropic, and the answer's id replaced by the
 // gateway's: the next turn continued from an id no provider held (404, thread_not_found, and no
 // error details the SDK could recover by), and a turn served by OpenAI lost the conversation

@@ -9,7 +9,7 @@ local json = resil.json
 resil.log.level("off")
 resil.store_config({ url = arg[1] })
 
-local up = assert(resil.mock.start({ strict = true, reply = "one two three four five six",
+local up = assert(resil.mock.start({ strict = true, reply = "one two three four five six", refuses = { "claude-fable-5-1" },
   faults = { { route = "chat", model = "gpt-noretry", status = 500, should_retry = false },
     { route = "messages", model = "claude-down", status = 500, should_retry = false } } }))
 local fast = { base = 0.001, cap = 0.005 }

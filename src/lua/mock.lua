@@ -11,6 +11,8 @@
 -- "stream": true), messages (POST /v1/messages, Anthropic's), the job and
 -- speech APIs of src/lua/mock_jobs.lua (Replicate predictions, the fal queue,
 -- ElevenLabs), and GET /__mock/stats. Custom routes: routes = { ["POST /path"] = fn(req) }.
+-- refuses = { "claude-fable-5-1", ... }: models that decline every request (stop_reason
+-- "refusal"), which the beta's server-side `fallbacks` serve (Mock:fall_back).
 local resil = ...
 local json = resil.json
 local job_routes = require("resil.mock_jobs").route -- Replicate, fal, ElevenLabs (src/lua/mock_jobs.lua)
@@ -967,6 +969,54 @@ function Mock:prompt_cache(body)
   return all, tokens, 0, life == 3600 and tokens or 0
 end
 
+-- scenario.refuses: the models that decline every request -> the models that declined this one,
+-- in order (the request's, then its beta fallbacks'), and the one that served it | nil
+function Mock:declined(body)
+  local refuses = self.scenario.refuses
+  if type(refuses) ~= "table" then return nil end
+  local set = {}
+  for _, m in ipairs(refuses) do set[m] = true end
+  if not set[body.model] then return nil end
+  local declined = { body.model }
+  for _, f in ipairs(type(body.fallbacks) == "table" and body.fallbacks or {}) do
+    local m = type(f) == "table" and f.model
+    if type(m) == "string" then
+      if not set[m] then return declined, m end
+      declined[#declined + 1] = m
+    end
+  end
+  return declined, nil
+end
+
+-- A message whose model declined, as the API answers it: a refusal (stop_details saying why), or
+-- with a fallback that served it a `fallback` block at each seam, and usage.iterations a
+-- `message` entry per declined hop (its input paid) and a `fallback_message` one for the hop that
+-- served (its model, as only this and the seams say: `model` is the model asked for); the
+-- top-level usage their sum -> the seams | nil
+local TRIGGER = { type = "refusal", category = "cyber" }
+function Mock:fall_back(message, declined, served)
+  local u = message.usage
+  if not served then
+    message.stop_details = { type = "refusal", category = "cyber",
+      explanation = "This request was declined because it could enable cyber harm." }
+    return nil
+  end
+  local seams, iterations = {}, {}
+  for i, m in ipairs(declined) do
+    seams[i] = { type = "fallback", from = { model = m }, to = { model = declined[i + 1] or served }, trigger = TRIGGER }
+    iterations[i] = { type = "message", model = m, input_tokens = u.input_tokens, output_tokens = 0,
+      cache_creation_input_tokens = 0, cache_read_input_tokens = 0, cache_creation = json.null }
+  end
+  iterations[#iterations + 1] = { type = "fallback_message", model = served, input_tokens = u.input_tokens,
+    output_tokens = u.output_tokens, cache_creation_input_tokens = u.cache_creation_input_tokens,
+    cache_read_input_tokens = u.cache_read_input_tokens, cache_creation = u.cache_creation }
+  u.input_tokens = u.input_tokens * (#declined + 1)
+  u.iterations = iterations
+  table.move(message.content, 1, #message.content, #seams + 1, seams)
+  message.content = seams
+  return table.move(seams, 1, #declined, 1, {})
+end
+
 -- POST /v1/messages, as Anthropic's Messages API answers it.
 function Mock:messages(req, fault)
   local body, refused, continues = self:thread(req, json.decode(req.body))
@@ -1011,6 +1061,12 @@ function Mock:messages(req, fault)
   if not use then words, seq = stop_at(words, body.stop_sequences) end
   if seq then output, stop_reason, stop_sequence = #words, "stop_sequence", seq end
   output = output + thought
+  -- scenario.refuses: models that decline (a safety classifier's refusal); the beta's `fallbacks`
+  -- are tried in order, the first that does not decline serving (server-side fallback)
+  local declined, served = self:declined(body)
+  if declined and not served then
+    words, output, stop_reason, stop_sequence, use, think, thought = {}, 0, "refusal", json.null, nil, nil, 0
+  end
   local all, written, read, hour = self:prompt_cache(body)
   written, read, hour = written or 0, read or 0, hour or 0
   local cached = (self.scenario.cached_tokens or 0) + read
@@ -1033,6 +1089,8 @@ function Mock:messages(req, fault)
     stop_sequence = stop_sequence, stop_details = json.null, container = json.null, diagnostics = json.null,
     usage = usage }
   if think then table.insert(message.content, 1, think) end
+  local seams = declined and self:fall_back(message, declined, served)
+  if declined and not served then message.content = EMPTY end
   -- (a stream cut or broken is held by the API whole or not at all: here, not at all)
   if not (body.stream and fault and (fault.kind == "cut" or fault.kind == "error_event")) then
     self:hold_thread(body, continues, id, message.content)
@@ -1051,49 +1109,58 @@ function Mock:messages(req, fault)
       output_tokens_details = json.null } }
   local chunks = { sse(encode({ type = "message_start", message = start }), "message_start") }
   local at = 0 -- the answer's block: after the thinking block, when there is one
+  -- (a fallback's seams first: a start and a stop each, no deltas)
+  for _, seam in ipairs(seams or {}) do
+    chunks[#chunks + 1] = sse(encode({ type = "content_block_start", index = at, content_block = seam }),
+      "content_block_start")
+    chunks[#chunks + 1] = sse(encode({ type = "content_block_stop", index = at }), "content_block_stop")
+    at = at + 1
+  end
   if think then
     local half = #think.thinking // 2
     for _, e in ipairs({
-      { type = "content_block_start", index = 0, content_block = { type = "thinking", thinking = "", signature = "" } },
-      { type = "content_block_delta", index = 0, delta = { type = "thinking_delta", thinking = think.thinking:sub(1, half) } },
-      { type = "content_block_delta", index = 0, delta = { type = "thinking_delta", thinking = think.thinking:sub(half + 1) } },
-      { type = "content_block_delta", index = 0, delta = { type = "signature_delta", signature = think.signature } },
-      { type = "content_block_stop", index = 0 } }) do
+      { type = "content_block_start", index = at, content_block = { type = "thinking", thinking = "", signature = "" } },
+      { type = "content_block_delta", index = at, delta = { type = "thinking_delta", thinking = think.thinking:sub(1, half) } },
+      { type = "content_block_delta", index = at, delta = { type = "thinking_delta", thinking = think.thinking:sub(half + 1) } },
+      { type = "content_block_delta", index = at, delta = { type = "signature_delta", signature = think.signature } },
+      { type = "content_block_stop", index = at } }) do
       chunks[#chunks + 1] = sse(json.encode(e), e.type)
     end
-    at = 1
+    at = at + 1
   end
-  chunks[#chunks + 1] = sse(json.encode({ type = "content_block_start", index = at, content_block = use and {
-    type = "tool_use", id = use.id, name = use.name, input = {} } or { type = "text", text = "" } }), "content_block_start")
-  chunks[#chunks + 1] = sse('{"type": "ping"}', "ping")
   local cut_after = fault and fault.kind == "cut" and (fault.after or 3) or nil
   local error_after = fault and fault.kind == "error_event" and (fault.after or 0) or nil
   local interval = self.scenario.stream_interval or 0.005
-  if cut_after == 0 then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
-  if error_after == 0 then
-    chunks[#chunks + 1] = sse(anthropic_error(529, fault.error_type or "overloaded_error", fault.message or "Overloaded"),
-      "error")
-    return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
-  end
-  for w, word in ipairs(words) do
-    chunks[#chunks + 1] = sse(json.encode({ type = "content_block_delta", index = at,
-      delta = use and { type = "input_json_delta", partial_json = word } or { type = "text_delta", text = word } }),
-      "content_block_delta")
-    if w == cut_after then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
-    if w == error_after then
-      chunks[#chunks + 1] = sse(anthropic_error(529, fault.error_type or "overloaded_error",
-        fault.message or "Overloaded"), "error")
+  if not (declined and not served) then -- (a refusal streams no block)
+    chunks[#chunks + 1] = sse(json.encode({ type = "content_block_start", index = at, content_block = use and {
+      type = "tool_use", id = use.id, name = use.name, input = {} } or { type = "text", text = "" } }), "content_block_start")
+    chunks[#chunks + 1] = sse('{"type": "ping"}', "ping")
+    if cut_after == 0 then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
+    if error_after == 0 then
+      chunks[#chunks + 1] = sse(anthropic_error(529, fault.error_type or "overloaded_error", fault.message or "Overloaded"),
+        "error")
       return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
     end
+    for w, word in ipairs(words) do
+      chunks[#chunks + 1] = sse(json.encode({ type = "content_block_delta", index = at,
+        delta = use and { type = "input_json_delta", partial_json = word } or { type = "text_delta", text = word } }),
+        "content_block_delta")
+      if w == cut_after then return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval } end
+      if w == error_after then
+        chunks[#chunks + 1] = sse(anthropic_error(529, fault.error_type or "overloaded_error",
+          fault.message or "Overloaded"), "error")
+        return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval }
+      end
+    end
+    chunks[#chunks + 1] = sse(json.encode({ type = "content_block_stop", index = at }), "content_block_stop")
   end
-  chunks[#chunks + 1] = sse(json.encode({ type = "content_block_stop", index = at }), "content_block_stop")
   -- message_delta's usage is cumulative: the totals so far, not an increment
-  chunks[#chunks + 1] = sse(json.encode({ type = "message_delta",
-    delta = { stop_reason = stop_reason, stop_sequence = stop_sequence, stop_details = json.null,
+  chunks[#chunks + 1] = sse(encode({ type = "message_delta",
+    delta = { stop_reason = stop_reason, stop_sequence = stop_sequence, stop_details = message.stop_details,
       container = json.null },
-    usage = { input_tokens = usage.input_tokens, output_tokens = output, cache_creation_input_tokens = written,
+    usage = { input_tokens = usage.input_tokens, output_tokens = usage.output_tokens, cache_creation_input_tokens = written,
       cache_read_input_tokens = cached, server_tool_use = json.null,
-      output_tokens_details = usage.output_tokens_details } }), "message_delta")
+      output_tokens_details = usage.output_tokens_details, iterations = usage.iterations } }), "message_delta")
   chunks[#chunks + 1] = sse('{"type":"message_stop"}', "message_stop")
   return { status = 200, headers = headers, chunks = chunks, chunk_interval = interval,
     stall_after = fault and fault.kind == "stall" and (fault.after or 2) or nil }
