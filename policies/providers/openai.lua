@@ -128,7 +128,9 @@ function openai.body(req, model, conf)
     body.service_tier = conf.service_tier
   end
   body.messages = messages.openai(req)
-  local kind = reasoning_kind(conf, model)
+  local known = kinds[conf] -- (the name's kind as matched before: two reads a request, no call)
+  local kind = known and known[model]
+  if kind == nil then kind = reasoning_kind(conf, model) end
   if req.max_tokens then
     -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
     -- compatible servers document max_tokens, but serving a reasoning model (Azure's) refuse it too
