@@ -252,6 +252,24 @@ describe("the strict mock's Anthropic sampling", function()
   end)
 end)
 
+describe("the strict mock's extended thinking", function()
+  it("refuses a temperature other than 1 with thinking enabled, as the API does", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local thinking = { type = "enabled", budget_tokens = 1024 }
+    local res = anthropic(m, { model = "claude-sonnet-4-5", max_tokens = 2000, messages = MSGS, thinking = thinking,
+      temperature = 0.7 })
+    assert.are.equal(400, res.status, res.body) -- (was: 200)
+    local e = json.decode(res.body).error
+    assert.are.equal("invalid_request_error", e.type)
+    assert.matches("`temperature` may only be set to 1 when thinking is enabled", e.message, 1, true)
+    assert.are.equal(200, anthropic(m, { model = "claude-sonnet-4-5", max_tokens = 2000, messages = MSGS,
+      thinking = thinking, temperature = 1 }).status)
+    assert.are.equal(200, anthropic(m, { model = "claude-sonnet-4-5", max_tokens = 2000, messages = MSGS,
+      temperature = 0.7 }).status)
+    m:stop()
+  end)
+end)
+
 describe("the mock's Anthropic count_tokens", function()
   it("counts a prompt as a message's usage counts it, takes no answer's field, bills nothing", function()
     local m = assert(resil.mock.start({ strict = true }))

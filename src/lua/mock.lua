@@ -839,6 +839,10 @@ local function anthropic_refusal(self, req, body, count)
       or budget >= int(body.max_tokens) and "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our "
         .. "documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size"
       or forced_tool(body) and "Thinking may not be enabled when tool_choice forces tool use."
+      -- (a spec that set both passed here and failed in production)
+      or type(body.temperature) == "number" and body.temperature ~= 1 and "`temperature` may only be set to 1 when "
+        .. "thinking is enabled. Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude/"
+        .. "extended-thinking#important-considerations-when-using-extended-thinking"
     if why then return { status = 400, body = anthropic_error(400, "invalid_request_error", why) } end
   end
   local bad = self.scenario.strict and (wire.anthropic_messages(body.messages) or wire.anthropic_tools(body.tools))
