@@ -585,6 +585,11 @@ function Mock:openai_check(req, body)
   end
   local refused = reasoning_refusal(body)
   if refused then return { status = 400, body = refused } end
+  -- (metadata is kept with a stored completion only: sent alone, the API's 400)
+  if body.metadata ~= nil and body.metadata ~= json.null and body.store ~= true then
+    return { status = 400, body = openai_error(400, "The 'metadata' parameter is only allowed when 'store' is enabled.",
+      "invalid_request_error", nil, "metadata") }
+  end
   -- (Anthropic takes many stop sequences, OpenAI four: a fallback with more failed there)
   if type(body.stop) == "table" and #body.stop > 4 then
     return { status = 400, body = openai_error(400, ("Invalid 'stop': array too long. Expected an array with maximum "
