@@ -136,13 +136,22 @@ await check('mock and gateway: reasoning models take max_completion_tokens and t
   await oai(mock, 'x').chat.completions.create({ model: 'gpt-5-chat-latest', messages: msgs, max_tokens: 20, temperature: 0.2 });
   await oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, max_tokens: 20, temperature: 0.2 });
   // through the gateway: an Anthropic client's request falling back to o3, whole and streamed
-  const req = { model: 'claude-or-o3', max_tokens: 50, messages: msgs, temperature: 0.3, top_p: 0.9 };
+  const req = { model: 'claude-or-o3', max_tokens: 500, messages: msgs, temperature: 0.3, top_p: 0.9 };
   for (const [how, m] of [['whole', await ant().messages.create(req)], ['streamed', await ant().messages.stream(req).finalMessage()]]) {
     expect(m.content[0].text.length > 0 && m.stop_reason !== null, `${how}: ${JSON.stringify(m)}`);
   }
   // an OpenAI client's, naming one
-  const r = await oai().chat.completions.create({ model: 'o3', messages: msgs, max_tokens: 20, temperature: 0.2, top_p: 0.5 });
+  const r = await oai().chat.completions.create({ model: 'o3', messages: msgs, max_tokens: 200, temperature: 0.2, top_p: 0.5 });
   expect(r.choices[0].message.content.length > 0, JSON.stringify(r));
+  // its reasoning is output, within max_completion_tokens: too few for it answer nothing, as o3 does
+  const c = await oai(mock, 'x').chat.completions.create({ model: 'o3', messages: msgs, max_completion_tokens: 10 });
+  expect(c.choices[0].message.content === '' && c.choices[0].finish_reason === 'length' &&
+    c.usage.completion_tokens === 10 && c.usage.completion_tokens_details.reasoning_tokens === 10, JSON.stringify(c));
+  const h = await oai(mock, 'x').chat.completions.create({ model: 'o3', messages: msgs, reasoning_effort: 'high' });
+  const words = h.choices[0].message.content.split(' ').length;
+  expect(h.usage.completion_tokens_details.reasoning_tokens === 256 && h.usage.completion_tokens === 256 + words, JSON.stringify(h.usage));
+  const g = await oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, max_completion_tokens: 10 });
+  expect(g.usage.completion_tokens_details.reasoning_tokens === 0 && g.choices[0].message.content !== '', JSON.stringify(g.usage));
   await oai().chat.completions.create({ model: 'gpt52', messages: msgs, max_tokens: 20, temperature: 0.2, reasoning_effort: 'high' });
   await oai().chat.completions.create({ model: 'gpt52', messages: msgs, max_tokens: 20, temperature: 0.2 });
 });
@@ -156,7 +165,7 @@ await check('anthropic: more than four stop sequences fall back to OpenAI, its f
     expect(m.content[0].text.includes('one two three four') && m.stop_reason === 'end_turn', `${how}: ${JSON.stringify(m)}`);
   }
   // and to a reasoning model, which takes none (o3: a 400 for any), none
-  const m = await ant().messages.create({ ...req, model: 'claude-or-o3', stop_sequences: ['one'] });
+  const m = await ant().messages.create({ ...req, model: 'claude-or-o3', max_tokens: 500, stop_sequences: ['one'] });
   expect(m.content[0].text.includes('one two'), JSON.stringify(m));
   const e = await rejects(oai(mock, 'x').chat.completions.create({ model: 'o3', messages: msgs, stop: ['a'] }),
     OpenAI.BadRequestError, 'stop to o3');

@@ -539,6 +539,16 @@ local function reasoning_refusal(body)
   end
 end
 
+-- the reasoning tokens a request's answer spends, by its effort (none for a chat model, or at
+-- effort none): a fixed number each, so that specs can count on them
+local REASONING_TOKENS = { none = 0, minimal = 8, low = 16, medium = 64, high = 256, xhigh = 512 }
+local function reasoning_tokens(body)
+  local kind = openai_reasoning(body.model)
+  local effort = body.reasoning_effort
+  if not kind or (kind == "effort" and (effort == nil or effort == "none")) then return 0 end
+  return REASONING_TOKENS[effort] or REASONING_TOKENS.medium
+end
+
 -- scenario.api_keys: the keys the mock accepts (any, when not set)
 function Mock:key_ok(key)
   local keys = self.scenario.api_keys
@@ -633,7 +643,13 @@ function Mock:chat(req, fault)
       arguments = encode(instance_of(schema, reply)) }
     reply = call.arguments
   end
-  local words, completion, cut = reply_words(reply, body.max_completion_tokens or body.max_tokens)
+  -- a reasoning model thinks before it answers: its reasoning tokens are output, billed, and
+  -- within max_completion_tokens (one too small for them answers nothing, finish_reason length)
+  local reasoning = reasoning_tokens(body)
+  local limit = int(body.max_completion_tokens or body.max_tokens)
+  if limit and reasoning > limit then reasoning = limit end
+  local words, completion, cut = reply_words(reply, limit and limit - reasoning)
+  if limit and reasoning == limit and reasoning > 0 then call = nil end -- (no room left to call a tool)
   if call then -- (its arguments are one piece of JSON: tokens as the text's estimate, never cut)
     words, completion, cut = pieces_of(call.arguments), estimate_tokens(call.arguments), false
   else
@@ -645,10 +661,10 @@ function Mock:chat(req, fault)
   local finish = call and "tool_calls" or cut and "length" or "stop"
   local top = body.logprobs == true and (int(body.top_logprobs) or 0) or nil
   local cached = self.scenario.cached_tokens or 0
-  local usage = { prompt_tokens = estimate_tokens(prompt_text(body)) + cached, completion_tokens = completion * n }
+  local usage = { prompt_tokens = estimate_tokens(prompt_text(body)) + cached, completion_tokens = (completion + reasoning) * n }
   usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
   usage.prompt_tokens_details = { cached_tokens = cached, audio_tokens = 0 }
-  usage.completion_tokens_details = { reasoning_tokens = 0, audio_tokens = 0, accepted_prediction_tokens = 0,
+  usage.completion_tokens_details = { reasoning_tokens = reasoning * n, audio_tokens = 0, accepted_prediction_tokens = 0,
     rejected_prediction_tokens = 0 }
   local id = ("chatcmpl-mock%s-%d"):format(self.instance, self.counts.total)
   local model = type(body.model) == "string" and body.model or "mock-model"
