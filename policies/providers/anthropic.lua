@@ -165,8 +165,8 @@ local FINISH = { end_turn = "stop", stop_sequence = "stop", max_tokens = "length
 
 -- The model that served an answer: with the beta's server-side `fallbacks`, a model that
 -- declined hands over to the next, and the one that served is named by usage.iterations'
--- `fallback_message` entry (the API's signal for it), not by `model`, which may name the model
--- asked for (a stream's message_start is sent before any refusal): priced as the model asked for,
+-- `fallback_message` entry (the API's signal for it) and by the last `fallback` block's `to`; a
+-- stream's message_start, sent before any refusal, names the model asked for: priced as that one,
 -- an answer from a cheaper or dearer fallback was billed wrong -> that model | nil
 local function served_by(u)
   local its = type(u) == "table" and u.iterations
@@ -236,6 +236,8 @@ function anthropic.event(state, ev)
       state.progress = true
     elseif type(b) == "table" and (b.type == "thinking" or b.type == "redacted_thinking") then
       state.thinking = true
+    elseif type(b) == "table" and b.type == "fallback" and type(b.to) == "table" and type(b.to.model) == "string" then
+      state.model = b.to.model -- (a seam: the model after it serves, as the SDK's stream helper reads it)
     end
   elseif t == "message_start" then
     -- (a usage or a message that is not an object is the provider's garbage: it raised here,

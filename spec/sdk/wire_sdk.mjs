@@ -247,6 +247,7 @@ await check('mock: the beta\'s fallbacks serve a declined request, as the SDK re
     fallbacks: [{ model: 'claude-haiku-4-5' }] };
   for (const [how, m] of [['whole', await c.beta.messages.create(req)], ['streamed', await c.beta.messages.stream(req).finalMessage()]]) {
     const [seam, text] = m.content;
+    expect(m.model === 'claude-haiku-4-5', `${how}: model ${m.model}`); // (relabeled: the stream's by the SDK, from the seam)
     expect(seam.type === 'fallback' && seam.from.model === 'claude-fable-5-1' && seam.to.model === 'claude-haiku-4-5' &&
       text.type === 'text' && text.text.length > 0 && m.stop_reason === 'end_turn', `${how}: ${JSON.stringify(m.content)}`);
     const its = m.usage.iterations;

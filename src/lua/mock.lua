@@ -1016,8 +1016,9 @@ end
 -- A message whose model declined, as the API answers it: a refusal (stop_details saying why), or
 -- with a fallback that served it a `fallback` block at each seam, and usage.iterations a
 -- `message` entry per declined hop (its input paid) and a `fallback_message` one for the hop that
--- served (its model, as only this and the seams say: `model` is the model asked for); the
--- top-level usage their sum -> the seams | nil
+-- served; the top-level usage their sum. A whole message's `model` is relabeled the model that
+-- served; a stream's message_start, sent before any refusal, names the model asked for (the
+-- SDK's stream helper relabels it from the last seam) -> the seams | nil
 local TRIGGER = { type = "refusal", category = "cyber" }
 function Mock:fall_back(message, declined, served)
   local u = message.usage
@@ -1037,6 +1038,7 @@ function Mock:fall_back(message, declined, served)
     cache_read_input_tokens = u.cache_read_input_tokens, cache_creation = u.cache_creation }
   u.input_tokens = u.input_tokens * (#declined + 1)
   u.iterations = iterations
+  message.model = served
   table.move(message.content, 1, #message.content, #seams + 1, seams)
   message.content = seams
   return table.move(seams, 1, #declined, 1, {})
