@@ -263,6 +263,20 @@ describe("the strict mock's OpenAI metadata", function()
   end)
 end)
 
+describe("the strict mock's Anthropic text blocks", function()
+  it("refuses an empty text block in a message, as the API does", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local thread = { MSGS[1], { role = "assistant", content = { { type = "text", text = "" } } },
+      { role = "user", content = "go on" } }
+    local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = thread })
+    assert.are.equal(400, res.status, res.body) -- (was: 200)
+    assert.are.equal("messages: text content blocks must be non-empty", json.decode(res.body).error.message)
+    thread[2].content[1].text = "ok"
+    assert.are.equal(200, anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = thread }).status)
+    m:stop()
+  end)
+end)
+
 describe("the strict mock's extended thinking", function()
   it("refuses a temperature other than 1 with thinking enabled, as the API does", function()
     local m = assert(resil.mock.start({ strict = true }))

@@ -258,6 +258,8 @@ function wire.anthropic_messages(messages)
           :format(where, tostring(b.type), ANTHROPIC_BLOCK_LIST)
       end
       if b.type == "text" and type(b.text) ~= "string" then return where .. ".text.text: Field required" end
+      -- (an answer translated from another API with no text, sent back as it came, is one)
+      if b.type == "text" and b.text == "" then return "messages: text content blocks must be non-empty" end
       if b.type == "image" or b.type == "document" then
         local bad = check_source(b, where .. "." .. b.type)
         if bad then return bad end
