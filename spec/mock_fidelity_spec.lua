@@ -263,6 +263,21 @@ describe("the strict mock's OpenAI metadata", function()
   end)
 end)
 
+describe("the strict mock's parallel_tool_calls", function()
+  it("takes parallel_tool_calls with tools only, as the API does; the adapter sends it so", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local res = openai(m, { model = "gpt-4o-mini", messages = MSGS, parallel_tool_calls = false })
+    assert.are.equal(400, res.status, res.body) -- (was: 200)
+    assert.matches("'parallel_tool_calls' is only allowed when 'tools' are specified", json.decode(res.body).error.message,
+      1, true)
+    local ai = require "policies.ai"
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-1" })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, parallel_tool_calls = false }))
+    assert.is_true(#r.text > 0)
+    m:stop()
+  end)
+end)
+
 describe("the strict mock's Anthropic text blocks", function()
   it("refuses an empty text block in a message, as the API does", function()
     local m = assert(resil.mock.start({ strict = true }))

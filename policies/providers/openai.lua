@@ -153,8 +153,6 @@ function openai.body(req, model, conf)
   if v ~= nil then body.user = v end
   v = req.response_format
   if v ~= nil then body.response_format = v end
-  v = req.parallel_tool_calls
-  if v ~= nil then body.parallel_tool_calls = v end
   v = req.presence_penalty
   if v ~= nil then body.presence_penalty = v end
   v = req.frequency_penalty
@@ -191,6 +189,9 @@ function openai.body(req, model, conf)
     end
   end
   body.tools = tools_of(req.tools)
+  -- (with tools only: the API refuses it without, and a policy's or a fallback's request may set it for none)
+  v = req.parallel_tool_calls
+  if v ~= nil and body.tools then body.parallel_tool_calls = v end
   if req.stream then
     body.stream = true
     if conf.stream_usage ~= false then body.stream_options = { include_usage = true } end
