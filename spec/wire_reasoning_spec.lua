@@ -43,6 +43,16 @@ describe("the OpenAI adapter and reasoning models", function()
     assert.is_nil(b.temperature)
   end)
 
+  it("leaves reasoning_effort out for a chat model that refuses it (a fallback from a reasoning model)", function()
+    local b = openai.body({ messages = MSGS, max_tokens = 50, reasoning_effort = "high", temperature = 0.3 }, "gpt-4o", {})
+    assert.are.same({ 50, 0.3 }, { b.max_tokens, b.temperature })
+    assert.is_nil(b.reasoning_effort)
+    b = openai.body({ messages = MSGS, reasoning_effort = "high" }, "o3", {})
+    assert.are.equal("high", b.reasoning_effort)
+    b = openai.body({ messages = MSGS, reasoning_effort = "high" }, "gpt-oss-120b", {}) -- (a compatible server's)
+    assert.are.equal("high", b.reasoning_effort)
+  end)
+
   it("takes a project's own names for reasoning models (ai.configure's reasoning_models)", function()
     local conf = { reasoning_models = { "^my%-reasoner" } }
     local b = openai.body({ messages = MSGS, max_tokens = 50, temperature = 0.3 }, "my-reasoner-eu", conf)

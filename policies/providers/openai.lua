@@ -33,6 +33,9 @@ function openai.url(base) return base .. "/chat/completions" end
 -- names its own (an Azure deployment's name) with ai.configure("openai", { reasoning_models =
 -- { "^my%-deployment" } }), patterns of "reasoning" models tried before these.
 openai.reasoning_models = {
+  -- chat models that refuse reasoning_effort too (a request for a reasoning model falling back
+  -- to one): "chat"
+  { "^gpt%-4", "chat" }, { "^gpt%-3%.5", "chat" }, { "^chatgpt%-4o", "chat" },
   { "^gpt%-5[%.%d]*%-chat", false }, -- gpt-5-chat-latest
   { "^gpt%-5%.%d+%-pro", "reasoning" },
   { "^gpt%-5%.%d", "effort" },
@@ -134,7 +137,8 @@ function openai.body(req, model, conf)
   if req.max_tokens then
     -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
     -- compatible servers document max_tokens, but serving a reasoning model (Azure's) refuse it too
-    local field = conf.max_tokens_field or ((conf.official or kind) and "max_completion_tokens" or "max_tokens")
+    local field = conf.max_tokens_field
+      or ((conf.official or (kind and kind ~= "chat")) and "max_completion_tokens" or "max_tokens")
     body[field] = req.max_tokens
   end
   -- the fields of the normalized request sent as they are, each read by its name (walking a
@@ -172,7 +176,12 @@ function openai.body(req, model, conf)
     end
     body.stop = v
   end
-  if kind and (kind == "reasoning" or (body.reasoning_effort ~= nil and body.reasoning_effort ~= "none")) then
+  if kind == "chat" then
+    if body.reasoning_effort ~= nil then
+      left_out(model, "reasoning_effort", ("takes no reasoning_effort; %s left out"):format(tostring(body.reasoning_effort)))
+      body.reasoning_effort = nil
+    end
+  elseif kind and (kind == "reasoning" or (body.reasoning_effort ~= nil and body.reasoning_effort ~= "none")) then
     for field, default in pairs(FIXED_SAMPLING) do
       v = body[field]
       if v ~= nil and v ~= default then

@@ -135,6 +135,11 @@ await check('mock and gateway: reasoning models take max_completion_tokens and t
     reasoning_effort: 'high' }), OpenAI.BadRequestError, 'gpt-5.2 at high effort');
   await oai(mock, 'x').chat.completions.create({ model: 'gpt-5-chat-latest', messages: msgs, max_tokens: 20, temperature: 0.2 });
   await oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, max_tokens: 20, temperature: 0.2 });
+  const re = await rejects(oai(mock, 'x').chat.completions.create({ model: 'gpt-4.1', messages: msgs, reasoning_effort: 'low' }),
+    OpenAI.BadRequestError, 'reasoning_effort to gpt-4.1');
+  expect(re.param === 'reasoning_effort' && re.code === 'unsupported_parameter', re.message);
+  // through the gateway: a reasoning model's request falling back to a chat model
+  await oai().chat.completions.create({ model: 'o3-or-gpt', messages: msgs, max_tokens: 200, reasoning_effort: 'high' });
   // through the gateway: an Anthropic client's request falling back to o3, whole and streamed
   const req = { model: 'claude-or-o3', max_tokens: 500, messages: msgs, temperature: 0.3, top_p: 0.9 };
   for (const [how, m] of [['whole', await ant().messages.create(req)], ['streamed', await ant().messages.stream(req).finalMessage()]]) {

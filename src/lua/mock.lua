@@ -504,8 +504,10 @@ local ANTHROPIC_RANGES = { temperature = { 0, 1 }, top_p = { 0, 1 } }
 
 -- OpenAI's reasoning models, by name (first match): "reasoning" takes max_completion_tokens only
 -- and no temperature or top_p but the default 1; "effort" (gpt-5.1 on, whose default effort is
--- none) takes them while its reasoning_effort is none; false is a chat model of the family
-local OPENAI_REASONING = { { "^gpt%-5[%.%d]*%-chat", false }, { "^gpt%-5%.%d+%-pro", "reasoning" },
+-- none) takes them while its reasoning_effort is none; false is a chat model of the family;
+-- "chat" a chat model that takes no reasoning_effort
+local OPENAI_REASONING = { { "^gpt%-4", "chat" }, { "^gpt%-3%.5", "chat" }, { "^chatgpt%-4o", "chat" },
+  { "^gpt%-5[%.%d]*%-chat", false }, { "^gpt%-5%.%d+%-pro", "reasoning" },
   { "^gpt%-5%.%d", "effort" }, { "^gpt%-5", "reasoning" }, { "^o%d", "reasoning" } }
 local function openai_reasoning(model)
   for _, r in ipairs(OPENAI_REASONING) do
@@ -517,6 +519,13 @@ end
 -- what the API answers a reasoning model's request for a parameter it does not take | nil
 local function reasoning_refusal(body)
   local kind = openai_reasoning(body.model)
+  if kind == "chat" then -- (a chat model of the API's: it takes no reasoning_effort)
+    if body.reasoning_effort ~= nil and body.reasoning_effort ~= json.null then
+      return openai_error(400, "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+        "invalid_request_error", "unsupported_parameter", "reasoning_effort")
+    end
+    return nil
+  end
   if not kind then return nil end
   if body.max_tokens ~= nil and body.max_tokens ~= json.null then
     return openai_error(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
@@ -545,7 +554,7 @@ local REASONING_TOKENS = { none = 0, minimal = 8, low = 16, medium = 64, high = 
 local function reasoning_tokens(body)
   local kind = openai_reasoning(body.model)
   local effort = body.reasoning_effort
-  if not kind or (kind == "effort" and (effort == nil or effort == "none")) then return 0 end
+  if not kind or kind == "chat" or (kind == "effort" and (effort == nil or effort == "none")) then return 0 end
   return REASONING_TOKENS[effort] or REASONING_TOKENS.medium
 end
 
