@@ -24,6 +24,7 @@ describe("the SDKs' helpers against the mock and the gateway", function()
     "mock: more than four stop sequences are refused on the OpenAI route, not on Anthropic's",
     "mock and gateway: reasoning models take max_completion_tokens and the default sampling only",
     "anthropic: more than four stop sequences fall back to OpenAI, its first four sent",
+    "openai: an allowed_tools choice calls an allowed tool, served by either API",
     "mock: a fault's should_retry = false reaches the OpenAI SDK, which does not retry it",
     "openai: a PNG sent as data:image/jpeg is served by Anthropic, its type told by its bytes",
     "mock: a prompt marked with cache_control is written to the cache, then read, whole and streamed",

@@ -67,7 +67,28 @@ local function tool_choice_of(choice)
   if type(choice) == "table" and choice.type == "function" and type(choice["function"]) == "table" then
     return { type = "tool", name = choice["function"].name }
   end
+  -- OpenAI's allowed_tools: its mode over the tools it allows (anthropic.body sends those only)
+  if type(choice) == "table" and choice.type == "allowed_tools" and type(choice.allowed_tools) == "table" then
+    return { type = choice.allowed_tools.mode == "required" and "any" or "auto" }
+  end
   return choice
+end
+
+-- the tools an OpenAI allowed_tools choice allows, of those translated | tools
+local function allowed_of(tools, choice)
+  local allowed = type(choice) == "table" and choice.type == "allowed_tools" and type(choice.allowed_tools) == "table"
+    and type(choice.allowed_tools.tools) == "table" and choice.allowed_tools.tools
+  if not allowed or not tools then return tools end
+  local names = {}
+  for _, a in ipairs(allowed) do
+    local f = type(a) == "table" and (type(a["function"]) == "table" and a["function"] or a) or {}
+    if type(f.name) == "string" then names[f.name] = true end
+  end
+  local out = {}
+  for _, t in ipairs(tools) do
+    if type(t) ~= "table" or t.name == nil or names[t.name] then out[#out + 1] = t end
+  end
+  return out
 end
 
 -- OpenAI's stop (a string or a list) as stop_sequences, without the empty or
@@ -106,6 +127,9 @@ function anthropic.body(req, model, conf)
   if req.stop ~= nil then body.stop_sequences = stop_sequences_of(req.stop) end
   body.tools = tools_of(req.tools)
   body.tool_choice = tool_choice_of(req.tool_choice)
+  if body.tool_choice ~= req.tool_choice and type(req.tool_choice) == "table" then
+    body.tools = allowed_of(body.tools, req.tool_choice)
+  end
   -- OpenAI's parallel_tool_calls = false is a flag of Anthropic's tool_choice (none has no calls)
   if req.parallel_tool_calls == false and body.tools then
     local choice = {}

@@ -177,6 +177,28 @@ await check('anthropic: more than four stop sequences fall back to OpenAI, its f
   expect(e.param === 'stop' && e.error.message === "Unsupported parameter: 'stop' is not supported with this model.", e.message);
 });
 
+// OpenAI's allowed_tools choice (the SDK's ChatCompletionAllowedToolChoice): the mock answered
+// text where the API calls one of the tools it allows, and the gateway sent it to Anthropic as it
+// was (a 400 there: Anthropic has no such choice; it gets its mode over the allowed tools only)
+await check('openai: an allowed_tools choice calls an allowed tool, served by either API', async () => {
+  const otools = ['get_weather', 'get_time'].map((name) => ({ type: 'function', function: { name,
+    parameters: { type: 'object', properties: { q: { type: 'string' } }, required: ['q'] } } }));
+  const tool_choice = { type: 'allowed_tools', allowed_tools: { mode: 'required', tools: [{ type: 'function', function: { name: 'get_time' } }] } };
+  for (const [how, c, model] of [['mock', oai(mock, 'x'), 'gpt-4o-mini'], ['gateway to OpenAI', oai(), 'gpt'], ['gateway to Anthropic', oai(), 'claude']]) {
+    const r = await c.chat.completions.create({ model, messages: msgs, tools: otools, tool_choice });
+    const calls = r.choices[0].message.tool_calls;
+    expect(r.choices[0].finish_reason === 'tool_calls' && calls?.length === 1 && calls[0].function.name === 'get_time',
+      `${how}: ${JSON.stringify(r.choices[0])}`);
+  }
+  const auto = await oai().chat.completions.create({ model: 'claude', messages: msgs, tools: otools,
+    tool_choice: { type: 'allowed_tools', allowed_tools: { mode: 'auto', tools: [{ type: 'function', function: { name: 'get_time' } }] } } });
+  expect(auto.choices[0].finish_reason === 'stop', JSON.stringify(auto.choices[0]));
+  // (the strict mock refuses another API's tool_choice on Anthropic's route, as the API does)
+  const e = await rejects(ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 20, messages: msgs,
+    tools: [{ name: 'get_time', input_schema: { type: 'object' } }], tool_choice }), Anthropic.BadRequestError, 'allowed_tools to Anthropic');
+  expect(/tool_choice: Input tag 'allowed_tools'/.test(e.message), e.message);
+});
+
 // a fault's should_retry is the x-should-retry header both SDKs read before the status: the
 // mock sent it on its Anthropic route only, and an OpenAI client retried what the spec refused
 await check('mock: a fault\'s should_retry = false reaches the OpenAI SDK, which does not retry it', async () => {

@@ -381,6 +381,10 @@ local function forced_tool(body)
     name = choice["function"].name
   elseif type(choice) == "table" and choice.type == "tool" then
     name = choice.name
+  elseif type(choice) == "table" and choice.type == "allowed_tools" and type(choice.allowed_tools) == "table"
+    and choice.allowed_tools.mode == "required" then -- (one of the tools it allows: the first)
+    local t = type(choice.allowed_tools.tools) == "table" and choice.allowed_tools.tools[1]
+    name = type(t) == "table" and type(t["function"]) == "table" and t["function"].name or nil
   end
   if type(name) ~= "string" then return nil end
   for _, t in ipairs(tools) do
@@ -792,6 +796,8 @@ for f in ([[model messages system tools tool_choice thinking cache_control outpu
 end
 local COUNT_BETA_FIELDS = { mcp_servers = true, context_management = true }
 
+local ANTHROPIC_TOOL_CHOICES = { auto = true, any = true, tool = true, none = true }
+
 -- (count: a count_tokens request's, which takes COUNT_FIELDS and no max_tokens)
 local function anthropic_refusal(self, req, body, count)
   -- an API key as x-api-key, or as a bearer token (the API takes both; newer SDKs send the latter)
@@ -879,6 +885,12 @@ local function anthropic_refusal(self, req, body, count)
         .. "thinking is enabled. Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude/"
         .. "extended-thinking#important-considerations-when-using-extended-thinking"
     if why then return { status = 400, body = anthropic_error(400, "invalid_request_error", why) } end
+  end
+  -- (another API's tool_choice sent as it was: OpenAI's allowed_tools, function)
+  local tc = body.tool_choice
+  if self.scenario.strict and type(tc) == "table" and not ANTHROPIC_TOOL_CHOICES[tc.type] then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error", ("tool_choice: Input tag '%s' found "
+      .. "using 'type' does not match any of the expected tags: 'auto', 'any', 'tool', 'none'"):format(tostring(tc.type))) }
   end
   local bad = self.scenario.strict and (wire.anthropic_messages(body.messages) or wire.anthropic_tools(body.tools))
   if bad then return { status = 400, body = anthropic_error(400, "invalid_request_error", bad) } end
