@@ -343,10 +343,12 @@ local function openai_answer_json(r, id, model, created)
 end
 
 local function anthropic_answer(r, id, model)
-  local content = {}
+  -- (an answer without text is content [] as the API writes it: an empty text block, sent back
+  -- as the assistant's turn of the next request, is refused: "text content blocks must be non-empty")
+  local content = setmetatable({}, json.array_mt)
   -- (an OpenAI refusal is the text of an answer that stops for "refusal")
   local text = (r.text or "") ~= "" and r.text or type(r.refusal) == "string" and r.refusal or ""
-  if text ~= "" or not r.tool_calls then content[1] = { type = "text", text = text } end
+  if text ~= "" then content[1] = { type = "text", text = text } end
   for _, c in ipairs(r.tool_calls or {}) do
     content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = json.decode(c.arguments or "{}") or {} }
   end

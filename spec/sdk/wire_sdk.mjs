@@ -324,3 +324,10 @@ await check('anthropic: speed fast and inference_geo us are refused (unpriced), 
   const m = await ant().messages.create({ ...req, speed: 'standard', inference_geo: 'global' });
   expect(m.content[0].type === 'text', JSON.stringify(m));
 });
+
+// an answer cut before any text (a reasoning model's max_tokens spent thinking): the API writes
+// content [], and an empty text block sent back as the assistant's turn is refused by Anthropic
+await check('anthropic: an answer translated from OpenAI without text has content [], not an empty text block', async () => {
+  const m = await ant().messages.create({ model: 'claude-or-o3', max_tokens: 30, messages: msgs });
+  expect(Array.isArray(m.content) && m.content.length === 0 && m.stop_reason === 'max_tokens', JSON.stringify(m));
+});
