@@ -958,24 +958,31 @@ end
 local function own_stream(s, api, id, b, headers)
   local openai = api ~= "anthropic"
   local with_usage = type(b.stream_options) == "table" and b.stream_options.include_usage == true
-  local usage_sent = false
+  local usage_sent, done_sent = false, false
+  -- (the stream's end: a client that asked for the usage gets it, the provider's or, if it sent none, as recorded)
+  local function done(write)
+    done_sent = true
+    local r = with_usage and not usage_sent and s:result()
+    if r then
+      write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = math.floor(resil.clock.wall()),
+        model = b.model, choices = setmetatable({}, json.array_mt), usage = openai_usage(r.usage, true) }))
+    end
+    write("data: [DONE]\n\n", true)
+  end
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
     while true do
       local ev, data = safely(s, "next_event")
       if not ev then
-        if data then write(broken(api, data), true) end
+        if data then write(broken(api, data), true)
+        -- an OpenAI stream that ended complete without its [DONE] (closed after its finish_reason,
+        -- as ai.lua takes it): the client's ends as one (it ended with neither [DONE] nor an error)
+        elseif openai and not done_sent then done(write) end
         return
       end
       if openai then
         if ev.data == "[DONE]" then
-          -- a client that asked for the usage gets it, the provider's or, if it sent none, as recorded
-          local r = with_usage and not usage_sent and s:result()
-          if r then
-            write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = math.floor(resil.clock.wall()),
-              model = b.model, choices = setmetatable({}, json.array_mt), usage = openai_usage(r.usage, true) }))
-          end
-          write("data: [DONE]\n\n", true)
+          done(write)
         elseif type(data) == "table" and (with_usage or not (data.usage ~= nil and type(data.choices) == "table"
             and data.choices[1] == nil)) then
           data.id, data.model = "chatcmpl-" .. id, b.model

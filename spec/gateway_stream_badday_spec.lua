@@ -1,0 +1,101 @@
+-- Streams through the gateway on a bad day (policies/gateway.lua's stream
+-- functions): upstreams that end oddly, clients that leave at every point,
+-- many streams at once. A real mock provider on loopback, a fresh SQLite
+-- store, clients reading with resil.http.stream as an SDK reads.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local json = resil.json
+
+local fresh_gateway = helpers.fresh_gateway
+local CLAUDE = "anthropic/claude-sonnet-4-5-20250929"
+
+-- a mock, a gateway in front of it (keys on), a fresh store -> the gateway's url, the mock, a key
+-- with a budget
+local function start(scenario)
+  resil.clock.real()
+  resil.log.level("off")
+  resil.store_config({ url = helpers.tmpname(".db") })
+  local m = assert(resil.mock.start(scenario))
+  local gateway, ai = fresh_gateway()
+  local keys = require "resil.keys"
+  for k in pairs(gateway.config) do gateway.config[k] = nil end
+  local fast = { base = 0.001, cap = 0.005 }
+  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+  ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-test-123456", retry = fast })
+  gateway.configure({ models = {}, auth = true, key_cache = 0 })
+  local key = assert(keys.add({ name = "streams", budget = "100/day" }))
+  local s = gateway.serve({ listen = "127.0.0.1:0" })
+  finally(function()
+    s:close()
+    m:stop()
+    resil.log.level("info")
+  end)
+  return ("http://127.0.0.1:%d"):format(s:port()), m, key
+end
+
+local function path_of(api) return api == "openai" and "/v1/chat/completions" or "/v1/messages" end
+
+-- a streamed request -> the stream (a 200's), as an SDK opens it
+local function open(url, key, api, body)
+  body.stream, body.max_tokens = true, body.max_tokens or 200
+  body.messages = body.messages or { { role = "user", content = "hi" } }
+  local s, err = resil.http.stream({ method = "POST", url = url .. path_of(api), timeout = 60, body = json.encode(body),
+    headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json",
+      ["anthropic-version"] = "2023-06-01" } })
+  assert(s, err and err.message)
+  assert.are.equal(200, s.status)
+  return s
+end
+
+local function events_of(s)
+  local evs = {}
+  while true do
+    local ev, err = s:read_event()
+    assert.is_nil(err)
+    if not ev then return evs end
+    evs[#evs + 1] = ev
+  end
+end
+
+local function rows()
+  local n = 0
+  for _, g in ipairs(resil.cost.breakdown("model")) do n = n + g.calls end
+  return n
+end
+
+-- the key's budget: no hold left, and its spend the ledger's
+local function settled()
+  local b = assert(resil.budget("key:streams"):state())
+  assert.are.same({ 0, 0 }, { #b.holds, b.reserved })
+  assert.is_true(math.abs(b.spent - resil.cost.total({})) <= 1e-6, b.spent .. " spent, " .. resil.cost.total({}))
+end
+
+local function chunk(delta, finish)
+  return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
+    choices = { { index = 0, delta = delta, finish_reason = finish or json.null } } }) .. "\n\n"
+end
+
+describe("gateway streams on a bad day: an upstream that ends oddly", function()
+  -- (before: the OpenAI client's stream ended with neither [DONE] nor an error, as a cut one looks
+  -- to a client that reads the events itself, while the ledger and an Anthropic client took it whole)
+  it("an OpenAI stream closed after its finish_reason without [DONE] ends with [DONE], its usage as recorded",
+    function()
+    local url, _, key = start({ strict = true, routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+        chunk({ role = "assistant", content = "" }), chunk({ content = "hello " }), chunk({ content = "world" }),
+        chunk({}, "stop") } }
+    end } })
+    local evs = events_of(open(url, key, "openai", { model = "openai/gpt-4o-mini",
+      stream_options = { include_usage = true } }))
+    assert.are.equal("[DONE]", evs[#evs].data)
+    local usage = json.decode(evs[#evs - 1].data).usage
+    assert.is_table(usage, evs[#evs - 1].data)
+    assert.is_true(usage.completion_tokens > 0)
+    assert.are.equal("stop", json.decode(evs[#evs - 2].data).choices[1].finish_reason)
+    -- the Anthropic client of the same stream: complete too
+    evs = events_of(open(url, key, "anthropic", { model = "openai/gpt-4o-mini" }))
+    assert.are.equal("message_stop", evs[#evs].event)
+    assert.is_true(helpers.wait_until(function() return rows() == 2 end, 10))
+    settled()
+  end)
+end)
