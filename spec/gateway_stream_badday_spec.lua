@@ -99,3 +99,35 @@ describe("gateway streams on a bad day: an upstream that ends oddly", function()
     settled()
   end)
 end)
+
+describe("gateway streams on a bad day: a client that stops a stream", function()
+  -- (before: the stream's record was written in a task of its own, after the reply's end, and its
+  -- key's tpm kept the request's estimate, all of max_tokens: two streams stopped after a few
+  -- words took 8,000 of the key's 10,000 tokens a minute, and the next request was a 429)
+  for _, case in ipairs({ { "openai", "openai/gpt-4o-mini" }, { "anthropic", "openai/gpt-4o-mini" },
+    { "openai", CLAUDE }, { "anthropic", CLAUDE } }) do
+    local api, model = case[1], case[2]
+    it(("gives its key's tpm back what it did not use (%s client, %s)"):format(api, model), function()
+      local url = start({ strict = true, reply = ("word "):rep(200), stream_interval = 0.01 })
+      local keys = require "resil.keys"
+      local key = assert(keys.add({ name = "tpm-" .. api, tpm = 10000 }))
+      for _ = 1, 2 do
+        local s = open(url, key, api, { model = model, max_tokens = 4000 })
+        for _ = 1, 3 do assert(s:read_event()) end
+        s:close() -- (the user pressed stop)
+      end
+      assert.is_true(helpers.wait_until(function() return rows() == 2 end, 10))
+      -- a third request of the same size fits in the key's minute: the first two used a few tokens
+      local served = helpers.wait_until(function()
+        local s = resil.http.stream({ method = "POST", url = url .. path_of(api), timeout = 10,
+          headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json",
+            ["anthropic-version"] = "2023-06-01" }, body = json.encode({ model = model, max_tokens = 4000, stream = true,
+            messages = { { role = "user", content = "hi" } } }) })
+        local status = s and s.status
+        if s then s:close() end
+        return status == 200
+      end, 2)
+      assert.is_true(served, "the key's tpm kept the estimates of the streams its client stopped")
+    end)
+  end
+end)
