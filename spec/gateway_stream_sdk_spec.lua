@@ -17,9 +17,9 @@ describe("the official SDKs' streams through the gateway on a bad day", function
 
   helpers.sdk_checks(it, {
     "openai: 250 streams at once, a fifth of their clients leaving at each point: a ledger row for each stream the " ..
-      "providers started, no hold left",
+      "gateway saw a provider start, no hold left",
     "anthropic: 250 streams at once, a fifth of their clients leaving at each point: a ledger row for each stream " ..
-      "the providers started, no hold left",
+      "the gateway saw a provider start, no hold left",
     "openai: a stream whose primary ends before its first delta is the fallback's, whole",
     "openai and anthropic: an Idempotency-Key on a stream serves each request whole (streams are not replayed), " ..
       "each one row",

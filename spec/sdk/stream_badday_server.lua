@@ -56,6 +56,17 @@ local up = assert(resil.mock.start({ strict = true, reply = ("word "):rep(30), s
 -- a primary whose streams end before their first delta (a 200, then nothing)
 local cut = assert(resil.mock.start({ strict = true, faults = { { route = "chat", probability = 1, kind = "cut", after = 0 } } }))
 
+-- the streams the gateway saw a provider start (its 200 read): a client that leaves after the
+-- provider sent its 200 but before the gateway read it leaves no row (an attempt never answered, as
+-- the gateway saw it, costs nothing), and the providers' own counts include those
+local opened = 0
+local http_stream = resil.http.stream
+resil.http.stream = function(o)
+  local st, err = http_stream(o)
+  if st and st.status == 200 and not o.url:find(cut.url, 1, true) then opened = opened + 1 end
+  return st, err
+end
+
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
@@ -84,7 +95,7 @@ gateway.routes["GET /__test/state"] = function()
   -- (the streams the providers started: each of tools' answers a 200; the cut primary's, which ended before
   -- any delta, are not rows: a failure the provider answered costs what it read)
   local billed = up:stats().billed.responses + tools:stats().total
-  return { status = 200, body = json.encode({ rows = rows, holds = #b.holds, reserved = b.reserved, spent = b.spent,
+  return { status = 200, body = json.encode({ rows = rows, opened = opened, holds = #b.holds, reserved = b.reserved, spent = b.spent,
     total = resil.cost.total({}), billed = billed, cut = cut:stats().total,
     pending = tools.server:pending() + up.server:pending() }) }
 end
