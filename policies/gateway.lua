@@ -968,20 +968,21 @@ end
 -- OpenAI's usage chunk (the gateway always asks for it, for the ledger) is
 -- left out unless the client asked for it. The last event ([DONE],
 -- message_stop) is given only to a stream that ended complete.
+-- an OpenAI stream's end: a client that asked for the usage (and was not sent the provider's)
+-- gets it as recorded, then [DONE]
+local function relay_done(write, s, id, b, usage_due)
+  local r = usage_due and s:result()
+  if r then
+    write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = math.floor(resil.clock.wall()),
+      model = b.model, choices = setmetatable({}, json.array_mt), usage = openai_usage(r.usage, true) }))
+  end
+  write("data: [DONE]\n\n", true)
+end
+
 local function own_stream(s, api, id, b, headers)
   local openai = api ~= "anthropic"
   local with_usage = type(b.stream_options) == "table" and b.stream_options.include_usage == true
   local usage_sent, done_sent = false, false
-  -- (the stream's end: a client that asked for the usage gets it, the provider's or, if it sent none, as recorded)
-  local function done(write)
-    done_sent = true
-    local r = with_usage and not usage_sent and s:result()
-    if r then
-      write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = math.floor(resil.clock.wall()),
-        model = b.model, choices = setmetatable({}, json.array_mt), usage = openai_usage(r.usage, true) }))
-    end
-    write("data: [DONE]\n\n", true)
-  end
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
     while true do
@@ -990,12 +991,13 @@ local function own_stream(s, api, id, b, headers)
         if data then write(broken(api, data), true)
         -- an OpenAI stream that ended complete without its [DONE] (closed after its finish_reason,
         -- as ai.lua takes it): the client's ends as one (it ended with neither [DONE] nor an error)
-        elseif openai and not done_sent then done(write) end
+        elseif openai and not done_sent then relay_done(write, s, id, b, with_usage and not usage_sent) end
         return
       end
       if openai then
         if ev.data == "[DONE]" then
-          done(write)
+          done_sent = true
+          relay_done(write, s, id, b, with_usage and not usage_sent)
         elseif type(data) == "table" and (with_usage or not (data.usage ~= nil and type(data.choices) == "table"
             and data.choices[1] == nil)) then
           data.id, data.model = "chatcmpl-" .. id, b.model
