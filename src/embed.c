@@ -415,6 +415,27 @@ int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) 
   return RESIL_OK;
 }
 
+/* resil_close, before the Lua state goes: the run the host took (resil.step) is given up,
+ * recorded as the command records it at the script's end ("interrupted" with steps still
+ * running). Kept, it was held by this process for as long as it lived: every later host
+ * (the program's next, another process's) was refused run_held. */
+void embed_close_run(resil_t *R) {
+  lua_State *L = R->L;
+  if (!lua_checkstack(L, 3) || lua_getfield(L, LUA_REGISTRYINDEX, "resil.runs.close") != LUA_TFUNCTION) {
+    lua_pop(L, 1);
+    return;
+  }
+  /* -> true | nil, err; the store's failure is logged (the run resumes as one whose holder left) */
+  if (lua_pcall(L, 0, 2, 0) != LUA_OK) {
+    fprintf(stderr, "resil_close: recording the run's end: %s\n", lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
+    lua_pop(L, 1);
+    return;
+  }
+  if (lua_isnil(L, -2) && !lua_isnil(L, -1))
+    fprintf(stderr, "resil_close: recording the run's end: %s\n", luaL_tolstring(L, -1, NULL)), lua_pop(L, 1);
+  lua_pop(L, 2);
+}
+
 /* resil_close: calls still running never end; their callbacks hear so. */
 void embed_free(resil_t *R) {
   embed_state *st = R->embed;

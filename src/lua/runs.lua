@@ -605,6 +605,14 @@ function private.name_chunk(name, code, status)
   private.end_other_run(status)
 end
 
+-- resil_close (embed_close_run): a host that ends gives its run up, as the command does when the
+-- script ends; an embedding program that closed one held the run for as long as it lived, so
+-- every later host, its own or another process's, was refused run_held
+getregistry()["resil.runs.close"] = function()
+  if not (run and run.held) then return true end
+  return run_finish(next(run.inflight) and "interrupted" or "done")
+end
+
 -- for the ledger: the run a cost belongs to; for the progress line: the
 -- retries so far ({total=, by_class={}}, read only)
 return { current_id = function() return run and run.id end, retries = function() return retries_seen end,
