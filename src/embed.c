@@ -15,7 +15,7 @@
 
 #include "host.h"
 
-#define HELPERS_KEY "resil.embed_helpers" /* registry: { prepare, body } */
+#define HELPERS_KEY "resil.embed_helpers" /* registry: { prepare, body, fields } */
 
 typedef struct embed_call embed_call;
 struct embed_call {
@@ -105,14 +105,29 @@ static const char helpers_lua[] =
   "    at = bad + 1\n"
   "  end\n"
   "end\n"
+  "-- a plain table (no __tostring) as its fields, not its address ('table: 0x...', all that\n"
+  "-- reached the program of an error{code = 42} or a nil, {kind =, message =}); nil otherwise\n"
+  "local function fields(v)\n"
+  "  if type(v) ~= 'table' then return nil end\n"
+  "  local mt = getmetatable(v)\n"
+  "  if type(mt) == 'table' and mt.__tostring ~= nil then return nil end\n"
+  "  local ok, text = pcall(json.encode, v)\n"
+  "  return ok and valid_utf8(text) or nil\n"
+  "end\n"
   "local function finish(name, f, r)\n"
   "  if r.n >= 2 and r[1] == nil and r[2] ~= nil then\n"
   "    local where = type(f) == 'function' and debug.getinfo(f, 'S')\n"
   "    where = where and where.linedefined > 0 and (' (%s:%d)'):format(where.short_src, where.linedefined) or ''\n"
   "    local err = r[2]\n"
   "    local kind = type(err) == 'table' and err.kind\n"
-  "    return false, ('%s%s returned nil, %s'):format(name, where,\n"
-  "      kind and tostring(err) or ('err: ' .. tostring(err)))\n"
+  "    local plain, text = fields(err), nil\n"
+  "    if plain and type(kind) == 'string' and type(err.message) == 'string' then text = kind .. ': ' .. err.message\n"
+  "    elseif plain then text = plain\n"
+  "    else -- (a __tostring that raises: still the function's nil, err, RESIL_ERR_FAILED)\n"
+  "      local ok, s = pcall(tostring, err)\n"
+  "      text = ok and type(s) == 'string' and s or ('(a %s value; its __tostring failed)'):format(type(err))\n"
+  "    end\n"
+  "    return false, ('%s%s returned nil, %s'):format(name, where, kind and text or ('err: ' .. text))\n"
   "  end\n"
   "  local out = {}\n"
   "  for i = 1, r.n do if r[i] == nil then out[i] = null else out[i] = r[i] end end\n"
@@ -122,7 +137,7 @@ static const char helpers_lua[] =
   "local function body(name, f, args)\n"
   "  return finish(name, f, pack(f(unpack(args, 1, args.n))))\n"
   "end\n"
-  "return prepare, body\n";
+  "return prepare, body, fields\n";
 
 static embed_state *state_of(resil_t *R) {
   if (!R->embed) R->embed = calloc(1, sizeof *R->embed);
@@ -163,6 +178,29 @@ static void deliver(void *arg) {
 
 static char *copy_or_placeholder(const char *s, const char *placeholder) { return strdup(s ? s : placeholder); }
 
+/* A plain table raised (error{code = 42}): the traceback's message is "(error object is a
+ * table value)", all the program learnt of it; its fields go in as JSON. -> malloc'd, or
+ * NULL (not such a table). L stack (R->L): unchanged. */
+static char *with_fields(resil_t *R, int idx, const char *tb) {
+  static const char opaque[] = "(error object is a table value)";
+  lua_State *L = R->L;
+  if (!tb || strncmp(tb, opaque, sizeof opaque - 1) != 0 || lua_type(L, idx) != LUA_TTABLE) return NULL;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, HELPERS_KEY) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  lua_rawgeti(L, -1, 3);
+  lua_pushvalue(L, idx);
+  char *out = NULL;
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING) {
+    const char *plain = lua_tostring(L, -1), *rest = tb + sizeof opaque - 1;
+    size_t len = sizeof opaque + strlen(plain) + strlen(rest) + 4;
+    if ((out = malloc(len))) snprintf(out, len, "(error object is a table value: %s)%s", plain, rest);
+  }
+  lua_pop(L, 2);
+  return out;
+}
+
 /* The call's task ended (task_done): keep its outcome. L stack (R->L): unchanged. */
 static void call_done(void *arg, task *t) {
   embed_call *c = arg;
@@ -173,7 +211,9 @@ static void call_done(void *arg, task *t) {
   if (n == 0 || !lua_toboolean(L, top + 1)) { /* it raised, or was canceled */
     const char *tb = task_traceback(t);
     c->status = R->interrupted ? RESIL_ERR_INTERRUPT : RESIL_ERR_SCRIPT;
-    c->text = copy_or_placeholder(tb ? tb : (n >= 2 ? resil_describe(L, top + 2) : NULL), "resil_call: the call failed");
+    c->text = n >= 2 ? with_fields(R, top + 2, tb) : NULL;
+    if (!c->text)
+      c->text = copy_or_placeholder(tb ? tb : (n >= 2 ? resil_describe(L, top + 2) : NULL), "resil_call: the call failed");
   } else {
     c->status = lua_toboolean(L, top + 2) ? RESIL_OK : RESIL_ERR_FAILED;
     c->text = copy_or_placeholder(lua_tostring(L, top + 3), "resil_call: no result");
@@ -200,9 +240,10 @@ static int push_helpers(resil_t *R) {
   if (luaL_loadbuffer(L, helpers_lua, sizeof helpers_lua - 1, "=[resil embed]") != LUA_OK) return LUA_ERRSYNTAX;
   resil_push_host_env(L);
   lua_setupvalue(L, -2, 1);
-  if (host_pcall(L, "resil_call", 0, 2) != LUA_OK) return LUA_ERRRUN;
-  lua_createtable(L, 2, 0);
-  lua_insert(L, -3);
+  if (host_pcall(L, "resil_call", 0, 3) != LUA_OK) return LUA_ERRRUN;
+  lua_createtable(L, 3, 0);
+  lua_insert(L, -4);
+  lua_rawseti(L, -4, 3);
   lua_rawseti(L, -3, 2);
   lua_rawseti(L, -2, 1);
   lua_pushvalue(L, -1);

@@ -308,6 +308,39 @@ int main(void) {
         "a permit detached in one resil_call stays taken (the next is refused) until a later call releases it");
   if (B) resil_close(B);
 
+  /* errors that are tables: what the program reads of them is their fields, never an address */
+  resil_t *E = resil_open(&lo);
+  int defined = E && resil_load_string(E,
+                                       "function raise_plain() error({ code = 42, reason = 'quota' }) end\n"
+                                       "function fail_plain() return nil, { kind = 'quota', message = 'over by 3' } end\n"
+                                       "function fail_fields() return nil, { code = 7 } end\n"
+                                       "function fail_bad_tostring()\n"
+                                       "  return nil, setmetatable({}, { __tostring = function() error('no') end })\n"
+                                       "end\n",
+                                       "=errors") == RESIL_OK && resil_run(E) == RESIL_OK;
+  int raised = defined ? call(E, "raise_plain", NULL) : -1;
+  check(raised == RESIL_ERR_SCRIPT && contains(resil_error(E), "\"code\":42") &&
+            contains(resil_error(E), "\"reason\":\"quota\"") && contains(resil_error(E), "errors:1"),
+        "a plain table raised (error{code = 42}): resil_error has its fields and the line (it said only "
+        "'(error object is a table value)')");
+  if (raised != RESIL_ERR_SCRIPT || !contains(resil_error(E), "42")) printf("# got %d: %.300s\n", raised, resil_error(E));
+  int failed = defined ? call(E, "fail_plain", NULL) : -1;
+  check(failed == RESIL_ERR_FAILED && contains(resil_error(E), "returned nil, quota: over by 3"),
+        "nil, {kind =, message =} (a plain table) is 'fn (file:line) returned nil, kind: message' as the header "
+        "says (it was 'table: 0x...')");
+  if (failed != RESIL_ERR_FAILED || !contains(resil_error(E), "over by 3"))
+    printf("# got %d: %.300s\n", failed, resil_error(E));
+  failed = defined ? call(E, "fail_fields", NULL) : -1;
+  check(failed == RESIL_ERR_FAILED && contains(resil_error(E), "returned nil, err: {\"code\":7}"),
+        "nil, {code = 7}: its fields");
+  if (failed != RESIL_ERR_FAILED || !contains(resil_error(E), "code")) printf("# got %d: %.300s\n", failed, resil_error(E));
+  failed = defined ? call(E, "fail_bad_tostring", NULL) : -1;
+  check(failed == RESIL_ERR_FAILED && contains(resil_error(E), "fail_bad_tostring (errors:4) returned nil"),
+        "nil, err whose __tostring raises is still RESIL_ERR_FAILED naming the function (it was RESIL_ERR_SCRIPT, "
+        "the __tostring's error as the call's)");
+  if (failed != RESIL_ERR_FAILED) printf("# got %d: %.300s\n", failed, resil_error(E));
+  if (E) resil_close(E);
+
   long interrupted = 0, other = interrupted_elsewhere(3, &interrupted);
   check(other == 0 && interrupted > 0,
         "resil_interrupt from another thread every 50 us: each call is OK or RESIL_ERR_INTERRUPT (it crashed, or "
