@@ -456,25 +456,30 @@ int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) 
   return RESIL_OK;
 }
 
-/* resil_close, before the Lua state goes: the run the host took (resil.step) is given up,
- * recorded as the command records it at the script's end ("interrupted" with steps still
- * running). Kept, it was held by this process for as long as it lived: every later host
- * (the program's next, another process's) was refused run_held. */
+/* resil_close, before the Lua state goes: what the host holds in its store in its own name
+ * is given up, as the command gives it up at its end. Kept, it was held by this process for
+ * as long as it lived: the run it took (resil.step; recorded "interrupted" with steps still
+ * running) refused every later host, the program's next or another process's, run_held; a
+ * resil.once key whose fn it ran told every later caller in_progress. */
 void embed_close_run(resil_t *R) {
+  static const char *const closers[] = {"resil.runs.close", "resil.once.close"};
   lua_State *L = R->L;
-  if (!lua_checkstack(L, 3) || lua_getfield(L, LUA_REGISTRYINDEX, "resil.runs.close") != LUA_TFUNCTION) {
-    lua_pop(L, 1);
-    return;
+  if (!lua_checkstack(L, 3)) return;
+  for (size_t i = 0; i < sizeof closers / sizeof closers[0]; i++) {
+    if (lua_getfield(L, LUA_REGISTRYINDEX, closers[i]) != LUA_TFUNCTION) { /* (the module never loaded) */
+      lua_pop(L, 1);
+      continue;
+    }
+    /* -> true | nil, err: the store's failure is said (the holder is judged dead with the process) */
+    if (lua_pcall(L, 0, 2, 0) != LUA_OK) {
+      lua_pushnil(L);
+      lua_insert(L, -2);
+    }
+    if (lua_isnil(L, -2) && !lua_isnil(L, -1))
+      fprintf(stderr, "resil_close: giving up the host's %s: %s\n", i == 0 ? "run" : "resil.once keys",
+              resil_describe(L, -1)), lua_pop(L, 1);
+    lua_pop(L, 2);
   }
-  /* -> true | nil, err; the store's failure is logged (the run resumes as one whose holder left) */
-  if (lua_pcall(L, 0, 2, 0) != LUA_OK) {
-    fprintf(stderr, "resil_close: recording the run's end: %s\n", lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
-    lua_pop(L, 1);
-    return;
-  }
-  if (lua_isnil(L, -2) && !lua_isnil(L, -1))
-    fprintf(stderr, "resil_close: recording the run's end: %s\n", luaL_tolstring(L, -1, NULL)), lua_pop(L, 1);
-  lua_pop(L, 2);
 }
 
 /* resil_close: calls still running never end; their callbacks hear so. */

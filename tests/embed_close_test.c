@@ -40,7 +40,11 @@ static void on_done(void *ud, int status, const char *json) {
 
 static const char policy[] = "local resil = require 'resil'\n"
                              "function quick() return resil.step('quick', function() return 'done' end) end\n"
-                             "function slow() return resil.step('slow', function() resil.sleep(3600) return 'x' end) end\n";
+                             "function slow() return resil.step('slow', function() resil.sleep(3600) return 'x' end) end\n"
+                             "function once_slow() return resil.once('charge-7', function() resil.sleep(3600) end) end\n"
+                             "function once_quick()\n"
+                             "  return resil.once({ key = 'charge-7', wait = 0.2 }, function() return 'charged' end)\n"
+                             "end\n";
 
 static resil_t *open_on(const char *store) {
   resil_options o = {0};
@@ -77,6 +81,17 @@ int main(void) {
   again = call(R, "quick", NULL);
   check(again == RESIL_OK && strcmp(result, "[\"done\"]") == 0 && !contains(result, "run_held"),
         "and a host opened after it takes the run (the step recorded as cut short: the run resumes)");
+  if (again != RESIL_OK) printf("# got %d: %.300s\n", again, result);
+
+  /* a resil.once key whose fn runs at resil_close: given up, as a fn that raised gives it up */
+  resil_call_async(R, "once_slow", NULL, on_done, NULL);
+  for (int i = 0; i < 5; i++) resil_step(R, 10);
+  resil_close(R);
+  R = open_on(store);
+  again = call(R, "once_quick", NULL);
+  check(again == RESIL_OK && strcmp(result, "[\"charged\"]") == 0,
+        "a resil.once key whose fn ran at resil_close is free for the next host (it was in_progress, 'held by pid "
+        "<this process>', for as long as the process lived)");
   if (again != RESIL_OK) printf("# got %d: %.300s\n", again, result);
   resil_close(R);
 

@@ -31,6 +31,9 @@ local function is_permanent(err)
 end
 
 local drop_mt = { __close = function(d) owner_drop(d[1], d[2]) end }
+-- key -> { store, holder } while fn runs here, for resil_close (below)
+local running = {}
+local running_mt = { __close = function(r) if running[r[1]] == r then running[r[1]] = nil end end }
 
 -- The record of a key whose fn has ended could not be written (the store
 -- was unavailable: SQLite's lock held past the timeout, a frozen Redis). It
@@ -81,6 +84,8 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
   resil.context({ idempotency_key = key })
   owner_keep(backend_of[s], "once:" .. key) -- renew this process's lease while fn runs
   local _ <close> = setmetatable({ backend_of[s], "once:" .. key }, drop_mt)
+  local mine <close> = setmetatable({ key, s, holder }, running_mt)
+  running[key] = mine
   local r = pack(pcall(fn, ...))
   local now = store_now()
   if not r[1] then
@@ -364,6 +369,20 @@ end
 -- Drop idempotency records past their retention.
 function resil.once_reap()
   return backend_of[S.open_or_raise(2)]:once_reap(store_now())
+end
+
+-- resil_close (embed_close_run): the keys whose fn the host was running are given up, as a fn
+-- that raised gives its key up. Kept, they were held by this live process: every caller, in it or
+-- another process, was told in_progress for as long as it lived. -> true | nil, err (the first)
+debug.getregistry()["resil.once.close"] = function()
+  local first
+  for key, r in pairs(running) do
+    local b = backend_of[r[2]]
+    local ok, err = pcall(b.once_release_now, b, key, r[3])
+    if not ok then first = first or err end
+  end
+  if first then return nil, first end
+  return true
 end
 
 -- for specs that seed a record as another process would

@@ -1021,6 +1021,13 @@ function R:once_release(key, owner)
   return n == 1
 end
 
+-- the same at once, without the loop (resil_close): one blocking command
+function R:once_release_now(key, owner)
+  local n, err = self.conn:call_now("EVAL", scripts.once_release, 1, P .. "once:" .. key, owner)
+  if n == nil then error(err, 0) end
+  return n == 1
+end
+
 function R:once_reap() return 0 end -- records expire by themselves (PEXPIRE)
 
 -- ---------- runs and steps ----------

@@ -383,6 +383,14 @@ function B:once_release(key, owner)
   end)
 end
 
+-- the same at once, without the loop (resil_close: a key its closed host ran stayed held for as
+-- long as the process lived)
+function B:once_release_now(key, owner)
+  return self.db:now(function(tx)
+    return tx:exec("DELETE FROM idempotency WHERE key = ? AND owner = ? AND state = 'running'", key, owner) > 0
+  end)
+end
+
 -- What has expired, at most `limit` rows of each table per call (a long
 -- backlog goes over several calls, never one long transaction): kv keys
 -- past their TTL (otherwise deleted only if read again: a cache's answers
