@@ -460,9 +460,11 @@ int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) 
  * is given up, as the command gives it up at its end. Kept, it was held by this process for
  * as long as it lived: the run it took (resil.step; recorded "interrupted" with steps still
  * running) refused every later host, the program's next or another process's, run_held; a
- * resil.once key whose fn it ran told every later caller in_progress. */
+ * resil.once key whose fn it ran told every later caller in_progress; a budget's hold that no
+ * settle or release ended counted until its end (hold, 600 s). */
 void embed_close_run(resil_t *R) {
-  static const char *const closers[] = {"resil.runs.close", "resil.once.close"};
+  static const char *const closers[] = {"resil.runs.close", "resil.once.close", "resil.budgets.close"};
+  static const char *const what[] = {"run", "resil.once keys", "budget holds"};
   lua_State *L = R->L;
   if (!lua_checkstack(L, 3)) return;
   for (size_t i = 0; i < sizeof closers / sizeof closers[0]; i++) {
@@ -476,7 +478,7 @@ void embed_close_run(resil_t *R) {
       lua_insert(L, -2);
     }
     if (lua_isnil(L, -2) && !lua_isnil(L, -1))
-      fprintf(stderr, "resil_close: giving up the host's %s: %s\n", i == 0 ? "run" : "resil.once keys",
+      fprintf(stderr, "resil_close: giving up the host's %s: %s\n", what[i],
               resil_describe(L, -1)), lua_pop(L, 1);
     lua_pop(L, 2);
   }

@@ -44,7 +44,13 @@ static const char policy[] = "local resil = require 'resil'\n"
                              "function once_slow() return resil.once('charge-7', function() resil.sleep(3600) end) end\n"
                              "function once_quick()\n"
                              "  return resil.once({ key = 'charge-7', wait = 0.2 }, function() return 'charged' end)\n"
-                             "end\n";
+                             "end\n"
+                             "function hold()\n"
+                             "  local t = assert(resil.budget('team-a', { limit = 1 }):reserve(0.4))\n"
+                             "  resil.sleep(3600)\n"
+                             "  t:settle(0.1)\n"
+                             "end\n"
+                             "function reserved() return resil.budget('team-a', { limit = 1 }):state().reserved end\n";
 
 static resil_t *open_on(const char *store) {
   resil_options o = {0};
@@ -93,6 +99,17 @@ int main(void) {
         "a resil.once key whose fn ran at resil_close is free for the next host (it was in_progress, 'held by pid "
         "<this process>', for as long as the process lived)");
   if (again != RESIL_OK) printf("# got %d: %.300s\n", again, result);
+
+  /* a budget's hold that a call still had at resil_close: given back, as a process's as it dies */
+  resil_call_async(R, "hold", NULL, on_done, NULL);
+  for (int i = 0; i < 5; i++) resil_step(R, 10);
+  int held = call(R, "reserved", NULL) == RESIL_OK && strcmp(result, "[0.4]") == 0;
+  resil_close(R);
+  R = open_on(store);
+  again = call(R, "reserved", NULL);
+  check(held && again == RESIL_OK && strcmp(result, "[0]") == 0,
+        "a budget's hold a call had at resil_close is given back (it counted 600 s more, the process alive)");
+  if (again != RESIL_OK || strcmp(result, "[0]") != 0) printf("# got %d: %.300s\n", again, result);
   resil_close(R);
 
   char path[700];

@@ -1563,6 +1563,19 @@ function R:budget_release(ticket)
   return n == 1
 end
 
+-- the same at once, without the loop (resil_close): blocking commands
+function R:budget_release_now(ticket)
+  local state, serr = self.conn:call_now("HMGET", P .. "ticket:" .. ticket, "budget", "period")
+  if state == nil then error(serr, 0) end
+  if not state[1] then return false end
+  local keys = budget_keys(state[1], state[2], ticket)
+  local args = { "EVAL", scripts.budget_release, #keys, table.unpack(keys) }
+  args[#args + 1], args[#args + 2] = ticket, ticket_ttl()
+  local n, err = self.conn:call_now(table.unpack(args))
+  if n == nil then error(err, 0) end
+  return n == 1
+end
+
 -- the hold `ticket` (reserved in budget, period) renewed until expires_at: -> true | false (it
 -- stopped counting) | nil, err
 function R:budget_extend(budget, period, ticket, expires_at, now, me, lease_until)
