@@ -653,12 +653,13 @@ end
 -- as a process's stop counting when it dies. Kept, a closed host's counted against the budget
 -- until their end (`hold`, 600 s by default) in this live process. -> true | nil, err (the first)
 debug.getregistry()["resil.budgets.close"] = function()
-  local first
+  local first, failed = nil, {}
   for t in pairs(on_store) do
-    if not t.done then
-      local b = backend_of[t.store]
-      local ok, err = pcall(b.budget_release_now, b, t.id)
-      if not ok then first = first or err end
+    local b = backend_of[t.store]
+    -- (one failure and that store is left: each try on a frozen Redis waits a second or two)
+    if not t.done and not failed[b] then
+      local ok, released, err = pcall(b.budget_release_now, b, t.id)
+      if not ok or (released == nil and err ~= nil) then first, failed[b] = first or (ok and err or released), true end
     end
   end
   if first then return nil, first end

@@ -375,11 +375,14 @@ end
 -- that raised gives its key up. Kept, they were held by this live process: every caller, in it or
 -- another process, was told in_progress for as long as it lived. -> true | nil, err (the first)
 debug.getregistry()["resil.once.close"] = function()
-  local first
+  local first, failed = nil, {}
   for key, r in pairs(running) do
     local b = backend_of[r[2]]
-    local ok, err = pcall(b.once_release_now, b, key, r[3])
-    if not ok then first = first or err end
+    -- (one failure and that store is left: each try on a frozen Redis waits a second or two)
+    if not failed[b] then
+      local ok, released, err = pcall(b.once_release_now, b, key, r[3])
+      if not ok or (released == nil and err ~= nil) then first, failed[b] = first or (ok and err or released), true end
+    end
   end
   if first then return nil, first end
   return true
