@@ -156,6 +156,22 @@ static void free_call(embed_call *c) {
   free(c);
 }
 
+/* A failure at max_memory names the cap: a bare "not enough memory" (with no traceback:
+ * the message handler had no memory either) read as the machine's memory running out, and a
+ * program that set a cap too small to load its policies was not told which. */
+void embed_name_memory_cap(resil_t *R) {
+  static const char bare[] = "not enough memory";
+  const char *e = R->error, *at = e ? strstr(e, bare) : NULL; /* (also where a policy's load failed) */
+  if (!R->mem_limit || !at || strstr(e, "max_memory")) return;
+  size_t len = strlen(e) + 160;
+  char *msg = malloc(len);
+  if (!msg) return;
+  snprintf(msg, len, "%.*s%s: the Lua state is capped at %zu bytes (resil_options.max_memory, --max-memory)%s",
+           (int)(at - e), e, bare, R->mem_limit, at + sizeof bare - 1);
+  resil_set_error(R, msg);
+  free(msg);
+}
+
 /* The async calls that ended: their callbacks run here, at the end of a
  * loop turn, never from inside a task, so a callback may start new calls. */
 static void deliver(void *arg) {
@@ -166,7 +182,7 @@ static void deliver(void *arg) {
   while (st && (c = st->completed_head)) {
     st->completed_head = c->next;
     if (!st->completed_head) st->completed_tail = NULL;
-    if (c->status != RESIL_OK) resil_set_error(R, c->text);
+    if (c->status != RESIL_OK) resil_set_error(R, c->text), embed_name_memory_cap(R);
     c->done(c->ud, c->status, c->status == RESIL_OK ? c->text : NULL);
     free_call(c);
   }
@@ -261,6 +277,7 @@ static int start_call(resil_t *R, const char *fn, const char *json_args, embed_c
   }
   if (push_helpers(R) != LUA_OK) {
     resil_set_error(R, lua_tostring(L, -1));
+    embed_name_memory_cap(R);
     lua_settop(L, top);
     return R->interrupted ? RESIL_ERR_INTERRUPT : RESIL_ERR_SCRIPT;
   }
@@ -277,6 +294,7 @@ static int start_call(resil_t *R, const char *fn, const char *json_args, embed_c
   int loaded = host_pcall_load(L, "resil_call (fn's module at load, json_args)", 3, 2);
   if (loaded != LUA_OK) { /* a policy that fails to load, or a signal */
     resil_set_error(R, resil_describe(L, -1));
+    embed_name_memory_cap(R);
     lua_settop(L, top);
     return R->interrupted ? RESIL_ERR_INTERRUPT : RESIL_ERR_SCRIPT;
   }
@@ -365,6 +383,7 @@ static int call_and_wait(resil_t *R, const char *fn, const char *json_args, char
     c->text = NULL;
   } else {
     resil_set_error(R, c->text);
+    embed_name_memory_cap(R);
   }
   free_call(c);
   return status;
@@ -416,6 +435,7 @@ static int step(resil_t *R, int timeout_ms) {
     return -RESIL_ERR_USAGE;
   }
   int status = loop_step(R, timeout_ms);
+  if (status == -RESIL_ERR_SCRIPT) embed_name_memory_cap(R);
   deliver(R); /* calls that ended outside a pass over the ready tasks (canceled from a handler) */
   return status;
 }

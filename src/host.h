@@ -219,6 +219,7 @@ int api_leave(resil_t *R);
 /* embed.c */
 void embed_free(resil_t *R);
 void embed_close_run(resil_t *R);
+void embed_name_memory_cap(resil_t *R);
 
 /* loop.c: tasks */
 task *task_current(lua_State *L, const char *what); /* raises outside a task */

@@ -903,6 +903,7 @@ int resil_run(resil_t *R) {
   }
   api_enter(R);
   int status = R->status = loop_run(R);
+  if (status == RESIL_ERR_SCRIPT) embed_name_memory_cap(R);
   api_leave(R);
   return status;
 }

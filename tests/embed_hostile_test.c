@@ -341,6 +341,23 @@ int main(void) {
   if (failed != RESIL_ERR_FAILED) printf("# got %d: %.300s\n", failed, resil_error(E));
   if (E) resil_close(E);
 
+  /* max_memory too small for the policies: the failure names the cap */
+  resil_options mo = lo;
+  mo.max_memory = 200000;
+  resil_t *M = resil_open(&mo);
+  int loaded_m = M ? resil_load_string(M, "require 'policies.ai'", "=small") : -1;
+  int ran = loaded_m == RESIL_OK ? resil_run(M) : -1;
+  check(ran == RESIL_ERR_SCRIPT && contains(resil_error(M), "not enough memory") &&
+            contains(resil_error(M), "capped at 200000 bytes (resil_options.max_memory"),
+        "max_memory too small to load the policies: resil_run's error names the cap (it said 'not enough memory', "
+        "no more)");
+  if (!contains(M ? resil_error(M) : NULL, "max_memory")) printf("# got %d: %.300s\n", ran, M ? resil_error(M) : "");
+  int capped = M ? call(M, "policies.retry.decide", NULL) : -1;
+  check(capped == RESIL_ERR_SCRIPT && contains(resil_error(M), "capped at 200000 bytes"),
+        "and resil_call's, its module failing to load under the cap");
+  if (!contains(M ? resil_error(M) : NULL, "max_memory")) printf("# got %d: %.300s\n", capped, M ? resil_error(M) : "");
+  if (M) resil_close(M);
+
   long interrupted = 0, other = interrupted_elsewhere(3, &interrupted);
   check(other == 0 && interrupted > 0,
         "resil_interrupt from another thread every 50 us: each call is OK or RESIL_ERR_INTERRUPT (it crashed, or "
