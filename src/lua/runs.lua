@@ -489,7 +489,8 @@ function resil.step(name, fn, ...)
   -- a step inside a step keeps its own notes; the outer one's come back after it
   local started, notes, outer_notes = store_now(), {}, r.notes[scope]
   r.notes[scope] = notes
-  r.inflight[key] = { scope = scope, seq = seq, name = name, started = started, notes = notes }
+  local running = { scope = scope, seq = seq, name = name, started = started, notes = notes }
+  r.inflight[key] = running
   local places, outer_places = {}, ctx._step_places
   -- the step begun, in the store: a process killed from here on leaves its step "running" there,
   -- which `runs show` lists as interrupted (it listed the item done). Its outcome replaces it. (A
@@ -530,8 +531,12 @@ function resil.step(name, fn, ...)
   -- under the shield: fn ran and may have been paid for; a cancel that comes while the store has
   -- the result (the caller's resil.timeout, its lock held) waits for it. Cut, the result was lost
   -- and the step left no trace (not even pending): the run ended "done", the step to pay again.
+  -- (in flight again while the store takes it: a host closed meanwhile, resil_close, ends the run
+  -- "interrupted" with the step pending, not "done" without a trace of a step that ran)
+  r.inflight[key] = running
   local ok, serr, since = shield(backend.step_put, backend, r.id, scope, seq, name, text, store_now(),
     owner.me().id, (r.retries[scope] or 0) - retries0, started, detail)
+  r.inflight[key] = nil
   if ok == false then error(run_held(r.id, serr, since, true), 2) end
   -- another process wrote this place first, while the run had no holder (its holder ended it, or
   -- this one's lease lapsed and another ran and ended the run): the first result is the step's
