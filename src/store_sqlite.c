@@ -1382,6 +1382,17 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
 static void db_close_all(lua_State *L, store_db *d) {
   if (!d->db) return;
   commit_detached_at_close(L, d);
+  /* the host closing (resil_close) with tasks waiting for their ops (a step's checkpoint): not
+   * written, as those tasks never run again; freed here, as nothing else would free them */
+  if (d->R->closing) {
+    op *o = d->head;
+    d->head = d->tail = NULL;
+    while (o) {
+      op *next = o->next;
+      op_free(L, o);
+      o = next;
+    }
+  }
   /* closing: durable now (also with a sync under way: these may have
    * committed after it began) */
   if (d->unsynced && d->syncer) wal_syncer_sync_now(d->syncer);
