@@ -482,7 +482,7 @@ int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) 
  * running) refused every later host, the program's next or another process's, run_held; a
  * resil.once key whose fn it ran told every later caller in_progress; a budget's hold that no
  * settle or release ended counted until its end (hold, 600 s). */
-void embed_close_run(resil_t *R) {
+void embed_give_up(resil_t *R) {
   static const char *const closers[] = {"resil.runs.close", "resil.once.close", "resil.budgets.close"};
   static const char *const what[] = {"run", "resil.once keys", "budget holds"};
   lua_State *L = R->L;

@@ -218,7 +218,7 @@ int api_leave(resil_t *R);
 
 /* embed.c */
 void embed_free(resil_t *R);
-void embed_close_run(resil_t *R);
+void embed_give_up(resil_t *R);
 void embed_name_memory_cap(resil_t *R);
 
 /* loop.c: tasks */

@@ -959,7 +959,7 @@ void resil_close(resil_t *R) {
   locale_t caller = host_locale_enter(R);
   if (R->L) {
     R->current = NULL;
-    embed_close_run(R);
+    embed_give_up(R);
     lua_close(R->L);
   }
   R->L = NULL;

@@ -649,7 +649,7 @@ function admin.set(s, name, limit, per)
   return ok, err
 end
 
--- resil_close (embed_close_run): the holds of tickets neither settled nor released are given up,
+-- resil_close (embed_give_up): the holds of tickets neither settled nor released are given up,
 -- as a process's stop counting when it dies. Kept, a closed host's counted against the budget
 -- until their end (`hold`, 600 s by default) in this live process. -> true | nil, err (the first)
 debug.getregistry()["resil.budgets.close"] = function()

@@ -371,7 +371,7 @@ function resil.once_reap()
   return backend_of[S.open_or_raise(2)]:once_reap(store_now())
 end
 
--- resil_close (embed_close_run): the keys whose fn the host was running are given up, as a fn
+-- resil_close (embed_give_up): the keys whose fn the host was running are given up, as a fn
 -- that raised gives its key up. Kept, they were held by this live process: every caller, in it or
 -- another process, was told in_progress for as long as it lived. -> true | nil, err (the first)
 debug.getregistry()["resil.once.close"] = function()

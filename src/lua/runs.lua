@@ -610,7 +610,7 @@ function private.name_chunk(name, code, status)
   private.end_other_run(status)
 end
 
--- resil_close (embed_close_run): a host that ends gives its run up, as the command does when the
+-- resil_close (embed_give_up): a host that ends gives its run up, as the command does when the
 -- script ends; an embedding program that closed one held the run for as long as it lived, so
 -- every later host, its own or another process's, was refused run_held
 getregistry()["resil.runs.close"] = function()
