@@ -105,14 +105,19 @@ end
 
 -- Steps whose fn pays (each run of one is logged, as a provider bills it); BREAK (a shell
 -- command) runs inside the step named BREAK_AT, after it paid and before its result is stored:
--- it fills the store's disk, or stops or kills its redis-server.
+-- it fills the store's disk, or stops or kills its redis-server. That step's answer is then
+-- larger than the WAL's own room: a SQLite WAL kept short on a small disk is written again from
+-- its top, and a full disk still takes a result that fits in the room it already has.
 local PAYING = [[
 local resil = require "resil"
 local log = arg[1]
 local function paid(what) local f = assert(io.open(log, "a")); f:write(what, "\n"); f:close() end
 local function call(what, answer)
   paid(what)
-  if what == os.getenv("BREAK_AT") then os.execute(os.getenv("BREAK")) end
+  if what == os.getenv("BREAK_AT") then
+    os.execute(os.getenv("BREAK"))
+    answer = answer .. (" "):rep(600000)
+  end
   return answer
 end
 for i = 1, 3 do
