@@ -100,6 +100,51 @@ describe("gateway streams on a bad day: an upstream that ends oddly", function()
   end)
 end)
 
+describe("gateway streams on a bad day: usage that comes twice", function()
+  -- (before: a second usage chunk with counts that cannot be read replaced the provider's good one,
+  -- and the row was an estimate from the bytes streamed: 8 and 3 tokens for 100 and 50)
+  it("an OpenAI stream's unreadable second usage leaves the first one recorded", function()
+    local function usage_chunk(u)
+      return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
+        choices = setmetatable({}, json.array_mt), usage = u }) .. "\n\n"
+    end
+    local url, _, key = start({ strict = true, routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+        chunk({ role = "assistant", content = "" }), chunk({ content = "hello" }), chunk({}, "stop"),
+        usage_chunk({ prompt_tokens = 100, completion_tokens = 50, total_tokens = 150 }),
+        usage_chunk({ prompt_tokens = "many", completion_tokens = -1 }), "data: [DONE]\n\n" } }
+    end } })
+    local evs = events_of(open(url, key, "openai", { model = "openai/gpt-4o-mini" }))
+    assert.are.equal("[DONE]", evs[#evs].data)
+    assert.is_true(helpers.wait_until(function() return rows() == 1 end, 10))
+    -- gpt-4o-mini: $0.15 and $0.60 a million input and output tokens
+    assert.are.equal(string.format("%.9f", (100 * 0.15 + 50 * 0.60) / 1e6), string.format("%.9f", resil.cost.total({})))
+    settled()
+  end)
+
+  it("an Anthropic stream's unreadable message_delta usage leaves message_start's input recorded", function()
+    local function ev(name, data) return ("event: %s\ndata: %s\n\n"):format(name, json.encode(data)) end
+    local url, _, key = start({ strict = true, routes = { ["POST /v1/messages"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+        ev("message_start", { type = "message_start", message = { id = "msg_1", type = "message", role = "assistant",
+          model = "claude-sonnet-4-5-20250929", content = setmetatable({}, json.array_mt),
+          usage = { input_tokens = 100, output_tokens = 1 } } }),
+        ev("content_block_start", { type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
+        ev("content_block_delta", { type = "content_block_delta", index = 0, delta = { type = "text_delta", text = "hello" } }),
+        ev("content_block_stop", { type = "content_block_stop", index = 0 }),
+        ev("message_delta", { type = "message_delta", delta = { stop_reason = "end_turn" },
+          usage = { output_tokens = "several" } }),
+        ev("message_stop", { type = "message_stop" }) } }
+    end } })
+    local evs = events_of(open(url, key, "anthropic", { model = CLAUDE }))
+    assert.are.equal("message_stop", evs[#evs].event)
+    assert.is_true(helpers.wait_until(function() return rows() == 1 end, 10))
+    -- claude-sonnet-4-5: $3 and $15 a million; the output estimated from the 5 bytes streamed (2 tokens)
+    assert.are.equal(string.format("%.9f", (100 * 3 + 2 * 15) / 1e6), string.format("%.9f", resil.cost.total({})))
+    settled()
+  end)
+end)
+
 describe("gateway streams on a bad day: a client that stops a stream", function()
   -- (before: the stream's record was written in a task of its own, after the reply's end, and its
   -- key's tpm kept the request's estimate, all of max_tokens: two streams stopped after a few

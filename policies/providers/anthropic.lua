@@ -274,14 +274,18 @@ function anthropic.event(state, ev)
   elseif t == "message_delta" then
     -- its usage is cumulative: the totals so far replace, never add; a null count is one it
     -- does not restate (as the SDKs read it), not a zero (message_start's input went unpaid)
-    local u = state.raw_usage or {}
+    -- (counts that cannot be read leave the ones read so far: merged, message_start's good input
+    -- made the usage unknown, and the row an estimate from the bytes streamed)
+    local u = {}
+    for k, v in pairs(state.raw_usage or {}) do u[k] = v end
     for k, v in pairs(type(data.usage) == "table" and data.usage or {}) do
       if v ~= json.null then u[k] = v end
     end
-    state.raw_usage = u
-    state.usage = anthropic.usage(u)
+    local readable = anthropic.usage(u)
+    if readable or not state.usage then state.raw_usage, state.usage = u, readable end
     state.model = served_by(u) or state.model
-    if type(data.usage) == "table" then state.usage_partial = nil end
+    -- (an unreadable one leaves the output a placeholder: estimated from the bytes streamed)
+    if type(data.usage) == "table" and readable then state.usage_partial = nil end
     local stop = type(data.delta) == "table" and data.delta.stop_reason
     if stop and stop ~= json.null then state.finish_reason, state.stop_reason = FINISH[stop] or stop, stop end
     local seq = type(data.delta) == "table" and data.delta.stop_sequence

@@ -391,7 +391,11 @@ function openai.event(state, ev)
   state.id = state.id or chunk.id
   state.model = state.model or chunk.model
   if type(chunk.service_tier) == "string" then state.service_tier = chunk.service_tier end
-  if type(chunk.usage) == "table" then state.usage = openai.usage(chunk.usage, state.service_tier) end
+  if type(chunk.usage) == "table" then
+    -- (a second usage whose counts cannot be read leaves the good one: replaced, the row was an
+    -- estimate from the bytes streamed)
+    state.usage = openai.usage(chunk.usage, state.service_tier) or state.usage
+  end
   local choice = type(chunk.choices) == "table" and chunk.choices[1]
   if type(choice) ~= "table" or (choice.index or 0) ~= 0 then return nil, false end
   if choice.finish_reason and choice.finish_reason ~= json.null then state.finish_reason = choice.finish_reason end
