@@ -24,9 +24,9 @@
  * gives back what it holds. Delays and chunk intervals use host timers (so they follow the
  * virtual clock); nothing blocks: any number of delayed replies can be
  * pending. Limits: a request whose headers pass max_headers gets a 431, a
- * body past max_body a 413 (at once to an Expect: 100-continue), and one not
+ * body past max_body a 413 (at once when its Content-Length says so), and one not
  * read within read_timeout of its first byte a 408 (real time: clients live
- * in the real world); a malformed one a 400; each
+ * in the real world); a malformed one a 400, an HTTP major version not 1 a 505; each
  * with the server's JSON error body (conn_output_cb), typed as the request's
  * API types it (Anthropic's under /v1/messages, OpenAI's elsewhere).
  */
@@ -121,16 +121,17 @@ struct conn {
   int api_pending;                     /* its first bytes are here, its path not yet whole: first_byte watches on */
   /* The request as it arrives (conn_scan), for what libevent does not tell
    * apart: headers too large from malformed ones (both its 400), a malformed
-   * chunk from a body too large (both its 413); and an Expect: 100-continue
-   * past max_body, which it leaves waiting for a body never sent. */
+   * chunk from a body too large (both its 413); and a Content-Length past
+   * max_body, whose body libevent waits for before its 413. */
   int reading;      /* its first byte came */
   int scanning;     /* SCAN_*: what the next bytes are */
   int lines;        /* lines of its head so far */
   int http10;       /* its request line says HTTP/1.0 */
-  int http11;       /* ... HTTP/1.1 (libevent honors an Expect from 1.1 on) */
+  int version;      /* VERSION_*: its request line's HTTP version, as RFC 9112 2.3 reads it */
+  char version_seen[9]; /* (that version, for the 505's message) */
   int no_body;      /* HEAD or TRACE: libevent reads no body */
   int chunked;      /* its (first) Transfer-Encoding: 1 chunked, 2 another, 0 none */
-  int expect;       /* its (first) Expect: 1 100-continue, 2 another, 0 none */
+  int te_headers;   /* its Transfer-Encoding headers (libevent refuses a second one, a 400) */
   int chunk_bad;    /* 1: a chunk size not 1*HEXDIG; 2: past its last chunk (the trailer); 3: a size line
                      * too long; 4: a chunk's data not followed by its line end */
   int chunk_state;  /* CHUNK_*: where the size line read so far is */
@@ -338,6 +339,15 @@ static int conn_note_api(conn *c, struct evbuffer *in) {
 
 enum { SCAN_OFF, SCAN_HEAD, SCAN_CHUNK_LINE, SCAN_CHUNK_DATA, SCAN_CHUNK_END };
 
+/* A request line's HTTP version (RFC 9112 2.3: "HTTP/" DIGIT "." DIGIT, its
+ * last word). libevent reads it with sscanf("HTTP/%d.%d"): it took
+ * "HTTP/1.2" (and "HTTP/+1.-1") and answered in that version, and refused
+ * HTTP/2.0 as a malformed request. A later HTTP/1 minor version is served
+ * as HTTP/1.1 (RFC 9110 2.5: its messages are HTTP/1.1's; the answer says
+ * HTTP/1.1, RFC 9112 2.3); another major version is a 505, a version not
+ * in that form a 400. */
+enum { VERSION_1, VERSION_1_LATER, VERSION_OTHER, VERSION_MALFORMED };
+
 /* A reply of the server's own, written straight to the socket (libevent has
  * nothing in the output: a request is being read), in the request's HTTP
  * version as its other replies are. Connection: close: what follows it is
@@ -354,7 +364,7 @@ static void conn_send_own(conn *c, int status, const char *phrase, const char *b
 static int own_error_body(conn *c, int status, char *body, size_t size);
 
 static void conn_scan_reset(conn *c) {
-  c->reading = c->lines = c->http10 = c->http11 = c->no_body = c->chunked = c->expect = 0;
+  c->reading = c->lines = c->http10 = c->version = c->no_body = c->chunked = c->te_headers = 0;
   c->chunk_bad = c->refused = c->chunk_state = c->chunk_cr = c->head_nul = 0;
   c->scanning = SCAN_HEAD;
   c->content_length = -1;
@@ -383,22 +393,30 @@ static int is_value(const char *v, size_t vlen, const char *want, size_t n) {
 }
 
 /* a line of the head, whole (len: its length without its line end; ver:
- * its last 8 bytes, or NULL when it is shorter) */
+ * its last 8 bytes, the byte before them readable, or NULL when it is
+ * shorter than 9) */
 static void head_line(conn *c, const char *line, size_t len, const char *ver) {
   if (c->lines++ == 0) { /* the request line */
-    c->http10 = ver && memcmp(ver, "HTTP/1.0", 8) == 0;
-    c->http11 = ver && memcmp(ver, "HTTP/1.1", 8) == 0;
+    if (!ver || ver[-1] != ' ' || memcmp(ver, "HTTP/", 5) != 0 || ver[5] < '0' || ver[5] > '9' || ver[6] != '.' ||
+        ver[7] < '0' || ver[7] > '9')
+      c->version = VERSION_MALFORMED;
+    else
+      c->version = ver[5] != '1' ? VERSION_OTHER : ver[7] > '1' ? VERSION_1_LATER : VERSION_1;
+    if (ver) memcpy(c->version_seen, ver, 8), c->version_seen[8] = '\0';
+    c->http10 = c->version == VERSION_1 && ver[7] == '0';
     c->no_body = (len >= 5 && memcmp(line, "HEAD ", 5) == 0) || (len >= 6 && memcmp(line, "TRACE ", 6) == 0);
     return;
   }
   if (len == 0) { /* its end */
     c->scanning = c->chunked == 1 ? SCAN_CHUNK_LINE : SCAN_OFF;
-    /* An Expect: 100-continue past max_body: libevent reads and drops the
-     * body before its 413, and the client waits for a 100 Continue before
-     * sending it, until the read deadline's 408. The 413 goes now; a body
-     * sent anyway is still read and dropped (the connection then closes). */
-    if (c->expect == 1 && c->http11 && !c->no_body && c->chunked != 1 && c->content_length >= 0 &&
-        (double)c->content_length > c->srv->max_body && (double)c->head_size <= c->srv->max_headers) { /* (else a 431) */
+    /* A Content-Length past max_body: libevent reads and drops the body
+     * before its 413, and a client that holds its body back (Expect:
+     * 100-continue, which libevent would answer 100) or sends less than it
+     * said waited for the read deadline's 408. The 413 goes now; a body sent
+     * anyway is still read and dropped (the connection then closes), so the
+     * client reads the 413, not a reset. */
+    if (!c->no_body && c->chunked != 1 && c->content_length >= 0 && (double)c->content_length > c->srv->max_body &&
+        (double)c->head_size <= c->srv->max_headers && c->version != VERSION_OTHER) { /* (else a 431, a 505) */
       char body[400];
       int n = own_error_body(c, 413, body, sizeof body);
       conn_send_own(c, 413, "Request Entity Too Large", body, n); /* (as libevent names its own 413s) */
@@ -409,8 +427,8 @@ static void head_line(conn *c, const char *line, size_t len, const char *ver) {
   }
   const char *v;
   size_t vlen;
-  switch (line[0] | 0x20) { /* (a line that cannot be one of the three, at one compare) */
-  case 'c': case 't': case 'e': break;
+  switch (line[0] | 0x20) { /* (a line that cannot be one of the two, at one compare) */
+  case 'c': case 't': break;
   default: return;
   }
   if ((v = header_value(line, len, "content-length", 14, &vlen)) && c->content_length == -1) {
@@ -421,10 +439,8 @@ static void head_line(conn *c, const char *line, size_t len, const char *ver) {
     size_t digits = i;
     while (i < vlen && (v[i] == ' ' || v[i] == '\t')) i++;
     c->content_length = digits > 0 && i == vlen ? n : -2;
-  } else if ((v = header_value(line, len, "transfer-encoding", 17, &vlen)) && !c->chunked) { /* (libevent reads the first) */
+  } else if ((v = header_value(line, len, "transfer-encoding", 17, &vlen)) && !c->te_headers++) { /* (libevent reads the first) */
     c->chunked = is_value(v, vlen, "chunked", 7) ? 1 : 2;
-  } else if ((v = header_value(line, len, "expect", 6, &vlen)) && !c->expect) {
-    c->expect = is_value(v, vlen, "100-continue", 12) ? 1 : 2;
   }
 }
 
@@ -558,7 +574,7 @@ static void scan_bytes(conn *c, const char *p, size_t n) {
     /* (libevent's line ends: \r\n or \n) */
     int cr = len > 0 && (line == c->line ? c->tail[sizeof c->tail - 1] : line[len - 1]) == '\r';
     len -= (size_t)cr;
-    if (len >= 8 && c->lines == 0) ver = line == c->line ? c->tail + sizeof c->tail - cr - 8 : line + len - 8;
+    if (len >= 9 && c->lines == 0) ver = line == c->line ? c->tail + sizeof c->tail - cr - 8 : line + len - 8;
     c->head_size -= (size_t)cr;
     if (line == c->line && len > sizeof c->line && c->lines > 0)
       c->lines++; /* (a header in pieces, longer than the start kept: none read here is that long) */
@@ -642,8 +658,16 @@ static int own_error_body(conn *c, int status, char *body, size_t size) {
              CHUNK_LINE_MAX);
   } else if (status == 400 && c->chunk_bad == 4) {
     snprintf(message, sizeof message, "a malformed chunked request body: a chunk's data not followed by its line end");
+  } else if (status == 505) {
+    type = "invalid_request_error";
+    snprintf(message, sizeof message, "HTTP version %s is not supported: this server speaks HTTP/1.1 (and HTTP/1.0)",
+             c->version_seen);
+  } else if (status == 400 && c->version == VERSION_MALFORMED) {
+    snprintf(message, sizeof message, "a malformed request line: its HTTP version is not HTTP/1.1 (RFC 9112 3)");
   } else if (status == 400 && c->chunked == 1 && c->content_length != -1) { /* (libevent fails it at the trailer) */
     snprintf(message, sizeof message, "a request with both Transfer-Encoding and Content-Length");
+  } else if (status == 400 && c->te_headers > 1) { /* (libevent refuses it as its head ends) */
+    snprintf(message, sizeof message, "more than one Transfer-Encoding header (a request body is chunked once)");
   } else if (status == 400 && c->chunk_bad == 2) {
     snprintf(message, sizeof message, "a malformed trailer after a chunked request body");
   } else if (status == 400) {
@@ -674,15 +698,19 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
   char *eol = strstr(line, "\r\n");
   if (!eol || eol - line < 12) return;
   *eol = '\0';
-  int status = atoi(line + 9), was = status;
+  const char *code = strchr(line, ' '); /* (libevent's status line says the request's version: HTTP/1.2, HTTP/1.10) */
+  if (!code) return;
+  int status = atoi(code + 1), was = status;
   /* libevent's 400 for headers past max_headers too: a head past the limit, counted as it counts, is a 431
    * (one malformed as well may have been refused for that first: it is too large all the same) */
   if (status == 400 && (double)c->head_size > c->srv->max_headers) status = 431;
+  /* its 400 for a major version other than 1, as for a malformed request line */
+  else if (status == 400 && c->version == VERSION_OTHER && c->lines > 0) status = 505;
   /* its 413 for a malformed chunk too (read alongside it by conn_scan) */
   if (status == 413 && c->chunk_bad) status = 400;
-  if (status != was) snprintf(line, sizeof line, "HTTP/1.1 %d %s", status, reason_phrase(status));
   /* (libevent answers HTTP/1.1 to an HTTP/1.0 request it refuses; its other replies, 1.0) */
-  if (c->http10) line[7] = '0';
+  if (status != was) snprintf(line, sizeof line, "HTTP/1.%d %d %s", c->http10 ? 0 : 1, status, reason_phrase(status));
+  else memmove(line + 9, code + 1, strlen(code)), memcpy(line, c->http10 ? "HTTP/1.0 " : "HTTP/1.1 ", 9);
   int len = own_error_body(c, status, body, sizeof body);
   /* (the output's start is frozen but to the bufferevent's own writes, which unfreeze it as this does) */
   evbuffer_unfreeze(out, 1);
@@ -1497,6 +1525,8 @@ static void request_cb(struct evhttp_request *req, void *arg) {
    * reads as the end of the value (RFC 9110 5.5: refused), or a chunk libevent read otherwise
    * than RFC 9112 frames it */
   const char *refusal = !c ? NULL
+    : c->version == VERSION_MALFORMED ? SERVER_ERROR("invalid_request_error",
+                                                     "a malformed request line: its HTTP version is not HTTP/1.1 (RFC 9112 3)")
     : c->head_nul ? SERVER_ERROR("invalid_request_error", "a NUL byte in the request's headers")
     : c->chunk_bad == 1 ? SERVER_ERROR("invalid_request_error",
                                        "a malformed chunked request body: a chunk size that is not a hexadecimal number")
@@ -1504,6 +1534,13 @@ static void request_cb(struct evhttp_request *req, void *arg) {
                                        "a malformed chunked request body: a chunk's data not followed by its line end")
     : NULL;
   if (!refusal) refusal = framing_problem(req, &status);
+  char own[400];
+  if (c && c->version == VERSION_OTHER && own_error_body(c, 505, own, sizeof own) > 0) { /* (HTTP/0.x: libevent
+                                                                                        * refuses 2 and later) */
+    status = 505;
+    refusal = own;
+  }
+  if (c && c->version != VERSION_1) req->major = 1, req->minor = 1; /* (its reply says HTTP/1.1) */
   if (refusal) {
     if (c) evtimer_del(c->ev); /* read in time; the reply closes it */
     refuse_request(req, status, refusal);
