@@ -41,4 +41,23 @@ describe("resil-lua keys, hostile arguments", function()
     assert.matches("some%s+active.*fast,chat%-best", list)
     assert.is_nil(list:find("empty", 1, true))
   end)
+
+  -- (before: any length was taken: a name of 100 kB made a key, and every list of keys, the
+  -- record the gateway reads and each add rewrites, carried it)
+  it("a name longer than 64 characters is refused, saying how long it is", function()
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, keys("add --name first", db).code)
+    for _, n in ipairs({ 65, 100000 }) do
+      local add = keys("add --name " .. ("n"):rep(n), db)
+      assert.are.equal(1, add.code, n)
+      assert.are.equal(("resil-lua: keys: --name is %d characters long: a key's name is at most 64\n"):format(n),
+        add.stderr)
+    end
+    assert.is_nil(keys("list", db).stdout:find("nn", 1, true))
+    assert.are.equal(0, keys("add --name " .. ("n"):rep(64), db).code)
+    assert.matches(("n"):rep(64) .. "%s+active", keys("list", db).stdout)
+    local ok, err = pcall(require("resil.keys").add, { name = ("n"):rep(65) })
+    assert.is_false(ok)
+    assert.matches("name must be at most 64 characters, not 65", err)
+  end)
 end)

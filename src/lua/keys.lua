@@ -160,11 +160,19 @@ local function add_listed(s, o, budget, set_limit)
   return key, rec
 end
 
+-- A key's name is in every list of keys (one record the gateway reads and each add rewrites), its
+-- budget's name, its error messages and `keys list`'s column: a name of megabytes (a file's
+-- content given by mistake, `--name "$(cat ...)"`) was taken, and made each of them that large.
+local NAME_MAX = 64
+
 -- keys.add{name=, budget="50/day" | {limit=, per=}, rpm=, tpm=, concurrency=, models={...}} -> key, record | nil, err
 function keys.add(o)
   operator_only("add")
   if type(o) ~= "table" or type(o.name) ~= "string" or not o.name:match("^[%w_.:%-]+$") then
     error("keys.add: name must be letters, digits, _ . : -", 2)
+  end
+  if #o.name > NAME_MAX then
+    error(("keys.add: name must be at most %d characters, not %d"):format(NAME_MAX, #o.name), 2)
   end
   -- (a revoke takes a name or an id: a key named like another's id was revoked with it)
   if o.name:match("^[Kk][Ee][Yy]_" .. ("%x"):rep(12) .. "$") then
@@ -312,6 +320,7 @@ function keys.main(args)
       i = i + 2
     end
     if not o.name or not o.name:match("^[%w_.:%-]+$") then fail("add needs --name (letters, digits, _ . : -)") end
+    if #o.name > NAME_MAX then fail("--name is %d characters long: a key's name is at most %d", #o.name, NAME_MAX) end
     if o.name:match("^[Kk][Ee][Yy]_" .. ("%x"):rep(12) .. "$") then
       fail("--name '%s' has the form of a key's id: `keys revoke` would take it for one", o.name)
     end
