@@ -1621,6 +1621,26 @@ local function model_list(rec)
   return data
 end
 
+-- the provider/model ids the config's models and the registry's aliases send calls to (their
+-- fallbacks, deployments and migrations too) -> a set
+local function model_targets()
+  local set = {}
+  local function add(m)
+    if type(m) == "string" then set[m:match("^([^:]+)")] = true
+    elseif type(m) == "table" then for _, v in ipairs(m) do add(type(v) == "table" and v.use or v) end end
+  end
+  for _, m in pairs(gateway.config.models) do
+    if type(m) == "table" then add(m.model) add(m.fallback) else add(m) end
+  end
+  for _, e in pairs(registry().entries) do
+    if type(e) == "table" then
+      add(e.use) add(e.fallbacks) add(e.deployments) add(e.replacement)
+      if type(e.migrate) == "table" then add(e.migrate.to) end
+    end
+  end
+  return set
+end
+
 -- a model in the asking SDK's shape: Anthropic's SDK sends anthropic-version
 local function model_object(m, api)
   if api == "anthropic" then
@@ -1653,6 +1673,15 @@ local function model_by_id(req, id)
   id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
   for _, m in ipairs(model_list(rec)) do
     if m.id == id then return { status = 200, body = json.encode(model_object(m, api)) } end
+  end
+  -- a provider's model as a chat names it ("openai/gpt-4o-mini", the SDKs' retrieve sends it
+  -- "openai%2Fgpt-4o-mini"): found when the key may use it and the gateway knows the model, by
+  -- its price or as a model the config or the registry sends calls to (before: a 404, while a chat
+  -- naming it was served). The provider's catalog is not known here: another name is a 404.
+  local provider, name = id:match("^([%w_%-]+)/(.+)$")
+  if provider and not check_model(id) and model_allowed(rec, id) and (pricing.price(provider, name) or
+      model_targets()[id]) and ai.provider_module(provider) ~= nil then
+    return { status = 200, body = json.encode(model_object({ id = id, owned_by = provider }, api)) }
   end
   return error_reply(api, 404, ("The model '%s' does not exist or this key may not use it"):format(
     public_message(id:sub(1, MODEL_MAX))), { code = "model_not_found" })

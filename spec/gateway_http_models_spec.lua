@@ -1,0 +1,83 @@
+-- GET /v1/models/{id} as the official SDKs send it (spec/sdk's openai and @anthropic-ai/sdk, run
+-- by node), at a real `resil-lua gateway` process with keys: a provider/model id is percent-encoded
+-- in one path segment ("openai%2Fgpt-4o-mini"). Skips, saying why, when node or the SDKs are absent.
+local helpers = require "spec.helpers"
+
+-- (CommonJS: the SDKs required from spec/sdk's node_modules by their absolute paths)
+local SCRIPT = [[
+const OpenAI = require(process.env.SDK + '/openai');
+const Anthropic = require(process.env.SDK + '/@anthropic-ai/sdk');
+const oai = (key) => new OpenAI({ baseURL: process.env.URL + '/v1', apiKey: key, maxRetries: 0 });
+const ant = (key) => new Anthropic({ baseURL: process.env.URL, apiKey: key, maxRetries: 0 });
+// -> "ok id owned_by", or the error's class and status
+const show = (p) => p.then((m) => `ok ${m.id} ${m.owned_by || m.type}`, (e) => `${e.constructor.name} ${e.status}`);
+(async () => {
+  const [any, fast] = [process.env.KEY_ANY, process.env.KEY_FAST];
+  const out = {
+    priced: await show(oai(any).models.retrieve('openai/gpt-4o-mini')),
+    dated: await show(oai(any).models.retrieve('openai/gpt-4o-mini-2024-07-18')),
+    target: await show(oai(any).models.retrieve('openai/my-finetune')),
+    unknown: await show(oai(any).models.retrieve('openai/no-such-model')),
+    no_provider: await show(oai(any).models.retrieve('nope/gpt-4o-mini')),
+    not_allowed: await show(oai(fast).models.retrieve('openai/gpt-4o-mini')),
+    alias: await show(oai(fast).models.retrieve('fast')),
+    anthropic: await show(ant(any).models.retrieve('anthropic/claude-haiku-4-5-20251001')),
+  };
+  console.log(JSON.stringify(out));
+})();
+]]
+
+describe("GET /v1/models/{id}: a provider/model id from the official SDKs", function()
+  local why = helpers.sdk_skip_reason()
+  if why then
+    it("skipped: " .. why, function() print("# gateway_http_models_spec skipped: " .. why) end)
+    return
+  end
+  local resil = require "resil"
+  local got, pid
+
+  setup(function()
+    local port = helpers.free_port()
+    local dir = helpers.tmpname("")
+    os.execute("mkdir -p " .. dir)
+    local db = dir .. "/s.db"
+    -- (no provider is called: a retrieve is the gateway's own answer)
+    helpers.write(dir .. "/gw.lua", [[
+      return { auth = true, key_cache = 0,
+               models = { fast = "openai/gpt-4o-mini", tuned = { model = "openai/my-finetune" } } }
+    ]])
+    local function key(args)
+      local r = helpers.run(("%s keys add %s --store %s"):format(helpers.resil, args, db))
+      assert(r.code == 0, r.stderr)
+      return r.stdout:match("%S+")
+    end
+    local any, fast = key("--name any"), key("--name fast-only --models fast")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s/gw.lua --store %s --log-level error > %s/gw.out 2>&1 " ..
+      "& echo $! > %s/gw.pid"):format(helpers.resil, port, dir, db, dir, dir))
+    pid = helpers.slurp(dir .. "/gw.pid"):match("%d+")
+    assert(helpers.wait_until(function() return helpers.slurp(dir .. "/gw.out"):find("listening") ~= nil end, 10),
+      helpers.slurp(dir .. "/gw.out"))
+    local r = helpers.run(("SDK=%s/spec/sdk/node_modules URL=http://127.0.0.1:%d KEY_ANY=%s KEY_FAST=%s node %s"):format(
+      os.getenv("PWD"), port, any, fast, helpers.write(helpers.tmpname(".cjs"), SCRIPT)))
+    got = assert(resil.json.decode(r.stdout:match("%b{}") or "null"), r.stdout .. r.stderr)
+  end)
+  teardown(function() if pid then os.execute("kill " .. pid .. " 2>/dev/null") end end)
+
+  -- (before: a 404 for each, while a chat naming the model was served)
+  it("openai: a model the gateway prices is found, dated too", function()
+    assert.are.equal("ok openai/gpt-4o-mini openai", got.priced)
+    assert.are.equal("ok openai/gpt-4o-mini-2024-07-18 openai", got.dated)
+  end)
+  it("openai: a model the config sends calls to is found, priced or not", function()
+    assert.are.equal("ok openai/my-finetune openai", got.target)
+  end)
+  it("anthropic: found, in its own shape", function()
+    assert.are.equal("ok anthropic/claude-haiku-4-5-20251001 model", got.anthropic)
+  end)
+  it("a model the gateway does not know, an unknown provider, one the key may not use: NotFoundError", function()
+    assert.are.equal("NotFoundError 404", got.unknown)
+    assert.are.equal("NotFoundError 404", got.no_provider)
+    assert.are.equal("NotFoundError 404", got.not_allowed)
+    assert.are.equal("ok fast openai", got.alias)
+  end)
+end)
