@@ -1982,6 +1982,7 @@ function gateway.serve(o)
   end
   local s, err = resil.server.listen({ host = host, port = tonumber(port), tasks = true,
     reuseport = workers > 1, max_body = gateway.config.max_body, read_timeout = gateway.config.read_timeout,
+    utf8 = true, -- a body that is not UTF-8: the server's 400, before a handler (RFC 8259 8.1)
     -- the current version of this module: a policy reload changes what new requests run
     handler = function(req)
       local current = package.loaded["policies.gateway"] or gateway

@@ -34,8 +34,9 @@ describe("the gateway's HTTP front, limits and versions", function()
     -- (read_timeout: the 408 a request not read in time got, well before RAW's 20 s)
     helpers.write(dir .. "/gw.lua", ([[
       require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:%d/v1", api_key = "sk-test-123456" })
+      require("policies.ai").configure("anthropic", { base_url = "http://127.0.0.1:%d", api_key = "sk-ant-test-123456" })
       return { auth = false, max_body = %d, read_timeout = 8, models = { fast = "openai/gpt-4o-mini" } }
-    ]]):format(mock_port, MAX_BODY))
+    ]]):format(mock_port, mock_port, MAX_BODY))
     for _, cmd in ipairs({
       ("%s mock %s/mock.lua --port %d > %s/mock.out 2>&1 & echo $! > %s/mock.pid"):format(helpers.resil, dir, mock_port,
         dir, dir),
@@ -61,10 +62,10 @@ describe("the gateway's HTTP front, limits and versions", function()
     return lines, ok and decoded or nil, r.stdout
   end
 
-  -- the chat calls the mock has answered so far
-  local function chats()
+  -- the chat calls the mock has answered so far (Messages calls too: route "messages")
+  local function chats(route)
     local r = helpers.run(("curl -s http://127.0.0.1:%d/__mock/stats"):format(mock_port))
-    return json.decode(r.stdout).routes.chat or 0
+    return json.decode(r.stdout).routes[route or "chat"] or 0
   end
 
   local BODY = json.encode({ model = "fast", messages = { { role = "user", content = "hi" } } })
@@ -173,4 +174,49 @@ describe("the gateway's HTTP front, limits and versions", function()
       assert.are.equal(before, chats())
     end)
   end
+
+  -- RFC 8259 8.1: JSON between systems is UTF-8, and OpenAI and Anthropic answer a body that is
+  -- not a 400 invalid_request_error ("Your request contained invalid JSON: 'utf-8' codec can't
+  -- decode byte ...", "The request body is not valid JSON: ..."). (before: cjson takes any byte in
+  -- a string, and the body went upstream as it came, a provider call for the provider's 400)
+  local function chat_body(api, content)
+    return api == "openai" and ('{"model":"fast","messages":[{"role":"user","content":"%s"}]}'):format(content)
+      or ('{"model":"claude-haiku-4-5","max_tokens":10,"messages":[{"role":"user","content":"%s"}]}'):format(content)
+  end
+  for _, case in ipairs({
+    { "a byte that is never UTF-8", "h\255i", 0xFF },
+    { "a continuation byte alone", "h\128i", 0x80 },
+    { "an overlong form of /", "h\192\175i", 0xC0 },
+    { "an overlong three-byte form", "h\224\128\175i", 0xE0 },
+    { "a surrogate (U+D800)", "h\237\160\128i", 0xED },
+    { "a code point past U+10FFFF", "h\244\144\128\128i", 0xF4 },
+    { "a sequence cut short", "h\230\151i", 0xE6 },
+    { "a Latin-1 body (caf, then 0xE9)", "caf\233", 0xE9 },
+  }) do
+    for _, api in ipairs({ { "/v1/chat/completions", "openai", "chat" }, { "/v1/messages", "anthropic", "messages" } }) do
+      it(api[1] .. ": " .. case[1] .. " in a string is a 400 before any provider is called", function()
+        local before = chats(api[3])
+        -- (past a run of ASCII longer than the check's 32-byte steps too)
+        local body = chat_body(api[2], ("x"):rep(100) .. case[2])
+        local lines, reply, text = ask(head(api[1], "HTTP/1.1", ("Content-Length: %d\r\n"):format(#body)) .. body)
+        assert.are.same({ "HTTP/1.1 400 Bad Request" }, lines, text)
+        assert.are.equal("invalid_request_error", reply.error.type)
+        local at = body:find("[\128-\255]") - 1 -- (the first byte past ASCII, offsets from 0)
+        assert.are.equal(("the request body is not valid JSON: it is not UTF-8 (byte 0x%02X at offset %d)"):format(
+          case[3], at), reply.error.message)
+        assert.are.equal(before, chats(api[3]))
+      end)
+    end
+  end
+
+  it("UTF-8 of every length, U+FFFF and U+10FFFF too, is served as it came", function()
+    local before = chats()
+    local content = "caf\195\169 \230\151\165\230\156\172 \240\159\152\128 \239\191\191 \244\143\191\191"
+    local body = chat_body("openai", content)
+    local lines, reply, text = ask(head("/v1/chat/completions", "HTTP/1.1",
+      ("Content-Length: %d\r\nConnection: close\r\n"):format(#body)) .. body)
+    assert.are.same({ "HTTP/1.1 200 OK" }, lines, text)
+    assert.are.equal("served", reply.choices[1].message.content)
+    assert.are.equal(before + 1, chats())
+  end)
 end)
