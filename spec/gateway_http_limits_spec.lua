@@ -219,4 +219,63 @@ describe("the gateway's HTTP front, limits and versions", function()
     assert.are.equal("served", reply.choices[1].message.content)
     assert.are.equal(before + 1, chats())
   end)
+
+  -- The front attacked (this session's own findings)
+
+  -- (before: libevent answered CONNECT its 501 saying Connection: close, kept the connection open
+  -- for CONNECT alone, and served what followed it, the tunnel's bytes, as requests)
+  it("CONNECT is a 501 that closes the connection: nothing sent after it is served", function()
+    local before = chats()
+    local lines, body, text = ask("CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n" ..
+      head("/v1/chat/completions", "HTTP/1.1", ("Content-Length: %d\r\nConnection: close\r\n"):format(#BODY)) .. BODY)
+    assert.are.same({ "HTTP/1.1 501 Not Implemented" }, lines, text)
+    assert.are.equal("a method this server does not serve", body.error.message)
+    assert.matches("\r\nConnection: close\r\n", text)
+    assert.are.equal(before, chats())
+  end)
+
+  -- (before: libevent read "//x/metrics" as an authority x and the path /metrics, so a proxy in
+  -- front that refused /metrics, or allowed /v1/ only, passed on what the gateway served as such)
+  it("a request-target starting with // is that path (RFC 9112 3.2.1), not an authority and the rest", function()
+    local lines, body, text = ask("GET //x/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert.are.same({ "HTTP/1.1 404 Not Found" }, lines, text)
+    assert.are.equal("no route GET //x/metrics", body.error.message)
+    local before = chats()
+    lines, body, text = ask(head("//x/v1/chat/completions", "HTTP/1.1",
+      ("Content-Length: %d\r\nConnection: close\r\n"):format(#BODY)) .. BODY)
+    assert.are.same({ "HTTP/1.1 404 Not Found" }, lines, text)
+    assert.are.equal(before, chats())
+    -- the absolute-form, which a server must accept (RFC 9112 3.2.2): its path
+    lines = ask("GET http://x/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert.are.same({ "HTTP/1.1 200 OK" }, lines)
+  end)
+
+  -- RFC 9112 5.2: an obs-fold is refused (400) or replaced by spaces. (before: replaced by
+  -- libevent, where the scan for framing read the line before it alone: "Transfer-Encoding:
+  -- chunked" folded onto ", gzip" was a 400 about a trailer; any other fold was served, read one
+  -- way here and maybe another by a proxy in front)
+  for _, case in ipairs({
+    { "a header", "X-Note: a\r\n b\r\n" },
+    { "Transfer-Encoding", "Transfer-Encoding: chunked\r\n\t, identity\r\n" },
+    { "the first header line", " X-Note: a\r\n" },
+  }) do
+    it("a folded header line (" .. case[1] .. ") is a 400 saying so: nothing is called", function()
+      local before = chats()
+      local lines, body, text = ask(("POST /v1/chat/completions HTTP/1.1\r\n%sHost: x\r\nContent-Length: %d\r\n\r\n%s")
+        :format(case[2], #BODY, BODY))
+      assert.are.same({ "HTTP/1.1 400 Bad Request" }, lines, text)
+      assert.are.equal("a header line folded onto the one before (obs-fold, RFC 9112 5.2)", body.error.message)
+      assert.are.equal(before, chats())
+    end)
+  end
+
+  -- RFC 9112 3: a request-target longer than the server parses MUST be a 414 (before: a 431, the
+  -- headers' status)
+  it("a request line of 1 MB is a 414 at once; headers past the limit are still a 431", function()
+    local lines, body, text = ask("GET /" .. ("a"):rep(1024 * 1024) .. " HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert.are.same({ "HTTP/1.1 414 URI Too Long" }, lines, text:sub(1, 300))
+    assert.are.equal("the request line is longer than this server accepts (65536 bytes)", body.error.message)
+    lines = ask("GET /health HTTP/1.1\r\nHost: x\r\n" .. ("X-Pad: " .. ("p"):rep(1000) .. "\r\n"):rep(80) .. "\r\n")
+    assert.are.same({ "HTTP/1.1 431 Request Header Fields Too Large" }, lines)
+  end)
 end)

@@ -140,6 +140,8 @@ struct conn {
   int chunk_state;  /* CHUNK_*: where the size line read so far is */
   int chunk_cr;     /* that line's last byte was a CR */
   int head_nul;     /* a NUL byte in its head */
+  int folded;       /* a header line folded onto the one before (obs-fold): refused */
+  size_t line0_len; /* its request line's length, once whole */
   int refused;      /* answered already (a 413 to an Expect): nothing more is sent */
   long long content_length; /* its first Content-Length, -1 none, -2 not digits */
   size_t head_size;         /* its head's bytes, as libevent counts them (without line ends) */
@@ -366,10 +368,26 @@ static void conn_send_own(conn *c, int status, const char *phrase, const char *b
 }
 
 static int own_error_body(conn *c, int status, char *body, size_t size);
+static const char *reason_phrase(int status);
+
+/* The server's own refusal as the request is read, at once: the connection
+ * then reads nothing more (what the client sends waits in its socket) until
+ * the read deadline closes it, without its 408, and libevent's own reply to
+ * what it read already is not sent (conn_output_cb) */
+static void conn_refuse_now(conn *c, int status) {
+  char body[400];
+  int n = own_error_body(c, status, body, sizeof body);
+  conn_send_own(c, status, reason_phrase(status), body, n);
+  shutdown(c->fd, SHUT_WR);
+  c->refused = 1;
+  c->scanning = SCAN_OFF;
+  bufferevent_disable(c->bev, EV_READ);
+}
 
 static void conn_scan_reset(conn *c) {
   c->reading = c->lines = c->http10 = c->version = c->no_body = c->chunked = c->te_headers = 0;
-  c->chunk_bad = c->refused = c->chunk_state = c->chunk_cr = c->head_nul = 0;
+  c->chunk_bad = c->refused = c->chunk_state = c->chunk_cr = c->head_nul = c->folded = 0;
+  c->line0_len = 0;
   c->scanning = SCAN_HEAD;
   c->content_length = -1;
   c->head_size = 0;
@@ -409,6 +427,12 @@ static void head_line(conn *c, const char *line, size_t len, const char *ver) {
     if (ver) memcpy(c->version_seen, ver, 8), c->version_seen[8] = '\0';
     c->http10 = c->version == VERSION_1 && ver[7] == '0';
     c->no_body = (len >= 5 && memcmp(line, "HEAD ", 5) == 0) || (len >= 6 && memcmp(line, "TRACE ", 6) == 0);
+    c->line0_len = c->head_size;
+    /* CONNECT: libevent answers its 501 with Connection: close, but keeps
+     * the connection open for CONNECT alone, and read what the client sent
+     * after it (the tunnel's bytes) as requests, served. Refused here, and
+     * closed. */
+    if (len >= 8 && memcmp(line, "CONNECT ", 8) == 0 && c->version != VERSION_OTHER) conn_refuse_now(c, 501);
     return;
   }
   if (len == 0) { /* its end */
@@ -516,14 +540,8 @@ static void chunk_line_end(conn *c) {
  * connection then reads nothing more (what the client sends waits in its
  * socket) until the read deadline closes it, without its 408 */
 static void conn_refuse_chunk_line(conn *c) {
-  char body[400];
   c->chunk_bad = 3;
-  int n = own_error_body(c, 400, body, sizeof body);
-  conn_send_own(c, 400, "Bad Request", body, n);
-  shutdown(c->fd, SHUT_WR);
-  c->refused = 1;
-  c->scanning = SCAN_OFF;
-  bufferevent_disable(c->bev, EV_READ);
+  conn_refuse_now(c, 400);
 }
 
 /* n more bytes of the request: each line read in place, or, one that came
@@ -580,6 +598,7 @@ static void scan_bytes(conn *c, const char *p, size_t n) {
     len -= (size_t)cr;
     if (len >= 9 && c->lines == 0) ver = line == c->line ? c->tail + sizeof c->tail - cr - 8 : line + len - 8;
     c->head_size -= (size_t)cr;
+    if (c->lines > 0 && len > 0 && (line[0] == ' ' || line[0] == '\t')) c->folded = 1;
     if (line == c->line && len > sizeof c->line && c->lines > 0)
       c->lines++; /* (a header in pieces, longer than the start kept: none read here is that long) */
     else
@@ -605,7 +624,6 @@ static void conn_scan(conn *c, struct evbuffer *in, size_t from) {
 
 static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg);
 static void conn_refused_close_cb(evutil_socket_t fd, short what, void *arg);
-static const char *reason_phrase(int status);
 
 /* the first n bytes of a bufferevent's output (whose start is frozen to
  * evbuffer_copyout) -> how many there were */
@@ -666,6 +684,11 @@ static int own_error_body(conn *c, int status, char *body, size_t size) {
     type = "invalid_request_error";
     snprintf(message, sizeof message, "HTTP version %s is not supported: this server speaks HTTP/1.1 (and HTTP/1.0)",
              c->version_seen);
+  } else if (status == 414) {
+    snprintf(message, sizeof message, "the request line is longer than this server accepts (%.0f bytes)",
+             c->srv->max_headers);
+  } else if (status == 400 && c->folded) {
+    snprintf(message, sizeof message, "a header line folded onto the one before (obs-fold, RFC 9112 5.2)");
   } else if (status == 400 && c->version == VERSION_MALFORMED) {
     snprintf(message, sizeof message, "a malformed request line: its HTTP version is not HTTP/1.1 (RFC 9112 3)");
   } else if (status == 400 && c->chunked == 1 && c->content_length != -1) { /* (libevent fails it at the trailer) */
@@ -707,7 +730,8 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
   int status = atoi(code + 1), was = status;
   /* libevent's 400 for headers past max_headers too: a head past the limit, counted as it counts, is a 431
    * (one malformed as well may have been refused for that first: it is too large all the same) */
-  if (status == 400 && (double)c->head_size > c->srv->max_headers) status = 431;
+  if (status == 400 && (double)c->head_size > c->srv->max_headers)
+    status = c->lines == 0 || (double)c->line0_len > c->srv->max_headers ? 414 : 431; /* (RFC 9112 3: a 414 for the line) */
   /* its 400 for a major version other than 1, as for a malformed request line */
   else if (status == 400 && c->version == VERSION_OTHER && c->lines > 0) status = 505;
   /* its 413 for a malformed chunk too (read alongside it by conn_scan) */
@@ -1124,7 +1148,13 @@ static void push_request(lua_State *L, struct evhttp_request *req) {
   const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
   const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
   const char *query = uri ? evhttp_uri_get_query(uri) : NULL;
-  lua_pushstring(L, path && *path ? path : "/");
+  /* an origin-form target's path as sent: libevent reads "//x/metrics" as
+   * a network-path reference (an authority x, the path /metrics), and a
+   * proxy in front that refused /metrics passed it on (RFC 9112 3.2.1: the
+   * path is "//x/metrics") */
+  const char *target = evhttp_request_get_uri(req);
+  if (target && target[0] == '/' && target[1] == '/') lua_pushlstring(L, target, strcspn(target, "?#"));
+  else lua_pushstring(L, path && *path ? path : "/");
   lua_setfield(L, -2, "path");
   lua_pushstring(L, query ? query : "");
   lua_setfield(L, -2, "query");
@@ -1572,6 +1602,7 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     : c->version == VERSION_MALFORMED ? SERVER_ERROR("invalid_request_error",
                                                      "a malformed request line: its HTTP version is not HTTP/1.1 (RFC 9112 3)")
     : c->head_nul ? SERVER_ERROR("invalid_request_error", "a NUL byte in the request's headers")
+    : c->folded ? SERVER_ERROR("invalid_request_error", "a header line folded onto the one before (obs-fold, RFC 9112 5.2)")
     : c->chunk_bad == 1 ? SERVER_ERROR("invalid_request_error",
                                        "a malformed chunked request body: a chunk size that is not a hexadecimal number")
     : c->chunk_bad == 4 ? SERVER_ERROR("invalid_request_error",
