@@ -155,7 +155,7 @@ describe("the gateway's HTTP front, limits and versions", function()
       local lines, body, text = ask(head("/v1/chat/completions", version, ("Content-Length: %d\r\n"):format(#BODY)) ..
         BODY)
       assert.are.same({ "HTTP/1.1 400 Bad Request" }, lines, text)
-      assert.are.equal("a malformed request line: its HTTP version is not HTTP/1.1 (RFC 9112 3)", body.error.message)
+      assert.are.equal("a malformed request line: not method, target and HTTP/1.1, one space apart (RFC 9112 3)", body.error.message)
       assert.are.equal(before, chats())
     end)
   end

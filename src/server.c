@@ -690,7 +690,8 @@ static int own_error_body(conn *c, int status, char *body, size_t size) {
   } else if (status == 400 && c->folded) {
     snprintf(message, sizeof message, "a header line folded onto the one before (obs-fold, RFC 9112 5.2)");
   } else if (status == 400 && c->version == VERSION_MALFORMED) {
-    snprintf(message, sizeof message, "a malformed request line: its HTTP version is not HTTP/1.1 (RFC 9112 3)");
+    snprintf(message, sizeof message,
+             "a malformed request line: not method, target and HTTP/1.1, one space apart (RFC 9112 3)");
   } else if (status == 400 && c->chunked == 1 && c->content_length != -1) { /* (libevent fails it at the trailer) */
     snprintf(message, sizeof message, "a request with both Transfer-Encoding and Content-Length");
   } else if (status == 400 && c->te_headers > 1) { /* (libevent refuses it as its head ends) */
@@ -731,7 +732,7 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
   /* libevent's 400 for headers past max_headers too: a head past the limit, counted as it counts, is a 431
    * (one malformed as well may have been refused for that first: it is too large all the same) */
   if (status == 400 && (double)c->head_size > c->srv->max_headers)
-    status = c->lines == 0 || (double)c->line0_len > c->srv->max_headers ? 414 : 431; /* (RFC 9112 3: a 414 for the line) */
+    status = c->lines == 0 || (double)c->line0_len > c->srv->max_headers ? 414 : 431; /* (RFC 9112 3: the line's, 414) */
   /* its 400 for a major version other than 1, as for a malformed request line */
   else if (status == 400 && c->version == VERSION_OTHER && c->lines > 0) status = 505;
   /* its 413 for a malformed chunk too (read alongside it by conn_scan) */
@@ -1599,10 +1600,12 @@ static void request_cb(struct evhttp_request *req, void *arg) {
    * reads as the end of the value (RFC 9110 5.5: refused), or a chunk libevent read otherwise
    * than RFC 9112 frames it */
   const char *refusal = !c ? NULL
-    : c->version == VERSION_MALFORMED ? SERVER_ERROR("invalid_request_error",
-                                                     "a malformed request line: its HTTP version is not HTTP/1.1 (RFC 9112 3)")
+    : c->version == VERSION_MALFORMED
+      ? SERVER_ERROR("invalid_request_error",
+                     "a malformed request line: not method, target and HTTP/1.1, one space apart (RFC 9112 3)")
     : c->head_nul ? SERVER_ERROR("invalid_request_error", "a NUL byte in the request's headers")
-    : c->folded ? SERVER_ERROR("invalid_request_error", "a header line folded onto the one before (obs-fold, RFC 9112 5.2)")
+    : c->folded ? SERVER_ERROR("invalid_request_error",
+                               "a header line folded onto the one before (obs-fold, RFC 9112 5.2)")
     : c->chunk_bad == 1 ? SERVER_ERROR("invalid_request_error",
                                        "a malformed chunked request body: a chunk size that is not a hexadecimal number")
     : c->chunk_bad == 4 ? SERVER_ERROR("invalid_request_error",
