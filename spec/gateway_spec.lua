@@ -330,7 +330,8 @@ describe("gateway: hostile requests", function()
     "nothing of it reaches a header, the metrics or a provider", function()
     local url, m = start({ strict = true })
     local huge = "gpt-" .. ("x"):rep(100000)
-    for _, name in ipairs({ huge, "gpt-4o-mini\0x", "gpt\r\nx-injected: 1", "gpt 4o", "gpt-\xff\xfe" }) do
+    -- (non-ASCII as UTF-8: a body that is not UTF-8 is refused before the model is read)
+    for _, name in ipairs({ huge, "gpt-4o-mini\0x", "gpt\r\nx-injected: 1", "gpt 4o", "gpt-\xc3\xa9\xe2\x80\x8b" }) do
       local res = post(url .. "/v1/chat/completions", { model = name, messages = MSGS })
       assert.are.equal(400, res.status, res.body)
       local e = json.decode(res.body).error
