@@ -396,7 +396,7 @@ do
     return stop_accepting(s, ...)
   end
 end
-local SETTINGS = { "tasks", "reuseport", "max_headers", "max_body", "read_timeout" }
+local SETTINGS = { "tasks", "reuseport", "max_headers", "max_body", "read_timeout", "utf8" }
 local function address_of(o)
   local port = o.port or 0
   return ("%s %s"):format(tostring(o.host or "127.0.0.1"), tostring(math.tointeger(tonumber(port)) or port))
