@@ -848,8 +848,18 @@ static int load_file(resil_t *R, const char *path, int argc, char **argv) {
   return start_main(R, argc, argv, path, NULL, 0);
 }
 
+/* From a callback (a resil_register function, the log callback): a script loaded there replaced
+ * the main task under way, and resil_run said RESIL_OK of a first script that had raised */
+static int loaded_in_loop(resil_t *R, const char *what) {
+  if (!(R->in_loop || R->current || R->host_L)) return 0;
+  char msg[128];
+  snprintf(msg, sizeof msg, "%s: called from inside the host's loop (a task, a handler or a callback)", what);
+  resil_set_error(R, msg);
+  return 1;
+}
+
 int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
-  if (resil_refused(R, "resil_load_file")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_load_file") || loaded_in_loop(R, "resil_load_file")) return RESIL_ERR_USAGE;
   if (argc < 0 || (argc > 0 && !argv)) {
     resil_set_error(R, "resil_load_file: argc must be >= 0, with argv holding argc strings");
     return RESIL_ERR_USAGE;
@@ -878,7 +888,7 @@ static void name_run(resil_t *R, const char *name, const char *code) {
 }
 
 int resil_load_string(resil_t *R, const char *code, const char *chunkname) {
-  if (resil_refused(R, "resil_load_string")) return RESIL_ERR_USAGE;
+  if (resil_refused(R, "resil_load_string") || loaded_in_loop(R, "resil_load_string")) return RESIL_ERR_USAGE;
   if (!code) {
     resil_set_error(R, "resil_load_string: no code");
     return RESIL_ERR_USAGE;

@@ -42,6 +42,13 @@ static int call(resil_t *R, const char *fn, const char *args) {
 
 static int host_nothing(lua_State *L) { return 0; }
 
+/* resil.host.loader(): resil_load_string from inside a task -> its status */
+static resil_t *loading_host;
+static int host_loader(lua_State *L) {
+  lua_pushinteger(L, resil_load_string(loading_host, "print('the second script ran')", "=second"));
+  return 1;
+}
+
 static resil_t *open_host(struct event_base *base) {
   resil_options o = {0};
   o.log_level = "off";
@@ -357,6 +364,20 @@ int main(void) {
         "and resil_call's, its module failing to load under the cap");
   if (!contains(M ? resil_error(M) : NULL, "max_memory")) printf("# got %d: %.300s\n", capped, M ? resil_error(M) : "");
   if (M) resil_close(M);
+
+  /* a script loaded from a callback replaced the main task under way: resil_run said RESIL_OK of a
+   * first script that raised */
+  resil_options lho = {0};
+  lho.log_level = "off";
+  loading_host = resil_open(&lho);
+  int registered = loading_host ? resil_register(loading_host, "loader", host_loader) : -1;
+  int first_loaded = registered == RESIL_OK ? resil_load_string(loading_host,
+      "local resil = require 'resil'\nLOADED = resil.host.loader()\nerror('the first script failed')\n", "=first") : -1;
+  int first_run = first_loaded == RESIL_OK ? resil_run(loading_host) : -1;
+  check(first_run == RESIL_ERR_SCRIPT && contains(resil_error(loading_host), "the first script failed"),
+        "resil_load_string from inside a task is refused; the script under way fails as it did");
+  if (first_run != RESIL_ERR_SCRIPT) printf("# got %d: %.300s\n", first_run, loading_host ? resil_error(loading_host) : "");
+  if (loading_host) resil_close(loading_host);
 
   long interrupted = 0, other = interrupted_elsewhere(3, &interrupted);
   check(other == 0 && interrupted > 0,
