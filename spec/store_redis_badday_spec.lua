@@ -236,3 +236,42 @@ end
     assert.matches("after\tstore_unavailable: [^\n]*its marker resil:store is 'lost ", r.stdout)
   end)
 end)
+
+describe("a Redis store on a database other than 0 that lost its data", function()
+  -- (found in review, helper R: the error said `redis-cli SET resil:store ok`, which an operator ran
+  -- against localhost:6379's database 0: the budgets of the store's own database refused on)
+  local function reserve(url, pre)
+    return helpers.run_script(([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1, per = "day" })
+%s
+local t, err = b:reserve(0.5)
+print("after", t and "ticket" or err)
+]]):format(pre or ""), ("--virtual-clock --store '%s' --log-level warn"):format(url))
+  end
+
+  it("names the command that acknowledges it on its own server and database; another database's flush is no loss",
+    function()
+    local port = own_server(finally)
+    local url = ("redis://127.0.0.1:%d/3?timeout=1"):format(port)
+    local r = reserve(url, ([[
+assert(assert(b:reserve(1)):settle(1))
+os.execute("redis-cli -p %d -n 0 flushdb > /dev/null") -- another database's: nothing of this store's
+local t, err = b:reserve(0.5)
+print("other", t and "ticket" or err)
+os.execute("redis-cli -p %d -n 3 flushdb > /dev/null")
+]]):format(port, port))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("other\tbudget_exceeded", r.stdout, 1, true)
+    local command = r.stdout:match("%((redis%-cli [^)]*)%)")
+    assert.is_truthy(command, r.stdout)
+    assert.matches("the store lost its data", r.stdout, 1, true)
+    -- the operator runs what it says, from anywhere (not sent to a default server: someone else's)
+    assert.matches("-p " .. port .. " -n 3 ", command, 1, true)
+    local cli = helpers.run(command)
+    assert.matches("OK", cli.stdout, 1, true)
+    r = reserve(url)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("after\tticket", r.stdout, 1, true)
+  end)
+end)

@@ -778,7 +778,11 @@ local function open(url)
   o.on_state = on_state(url)
   local conn = private.redis_connect(o) -- (resil.redis.connect is refused in the sandbox)
   local backend = setmetatable({ conn = conn, url = url, kind = "redis", shas = {}, loading = {}, commits = 0,
-                                 ops = 0, where = o.host .. ":" .. o.port }, R)
+                                 ops = 0, where = o.host .. ":" .. o.port,
+                                 -- (the command that acknowledges a loss names its server and database: a bare
+                                 -- redis-cli went to localhost:6379's database 0, and budgets refused on)
+                                 cli = ("redis-cli -h %s -p %d%s"):format(o.host, o.port,
+                                   o.db ~= 0 and (" -n %d"):format(o.db) or "") }, R)
   stores[backend] = true
   return backend
 end
@@ -1347,12 +1351,12 @@ local function marker_found(self, mark)
     self.lost = true
     resil.log.error("redis: the store lost its data (a server restarted without persistence, flushed, or failed " ..
       "over to an empty replica): every budget's spend is gone, and budgets refuse to reserve until an operator " ..
-      "restores it or accepts the loss: redis-cli SET " .. MARK .. " ok", { store = redact(self.url),
+      "restores it or accepts the loss: " .. self.cli .. " SET " .. MARK .. " ok", { store = redact(self.url),
       marker = mark or "gone" })
   end
   return nil, resil.error("store_unavailable", ("redis %s: the store lost its data (its marker %s is %s): budgets " ..
-    "refuse until an operator sets it (redis-cli SET %s ok)"):format(self.where, MARK,
-    mark and ("'" .. mark .. "'") or "gone", MARK), { sent = false, lost = true })
+    "refuse until an operator sets it (%s SET %s ok)"):format(self.where, MARK,
+    mark and ("'" .. mark .. "'") or "gone", self.cli, MARK), { sent = false, lost = true })
 end
 
 -- -> true, spent, reserved | false, spent, reserved
