@@ -68,4 +68,23 @@ describe("the OpenAI adapter and reasoning models", function()
     resil.log.warn = warn
     assert.are.same({}, warned)
   end)
+
+  -- (found in review, helper R: the kind was kept per target conf, and a deployment's target, with
+  -- its conf, is made for every call: each request matched its model's name again, 0.6 us more)
+  it("matches a model's name once, not on every request to a deployment", function()
+    local ai = require "policies.ai"
+    local registry = require "policies.registry"
+    local looked = 0 -- (each pattern list walked: ipairs reads its first entry through __index)
+    local own = setmetatable({}, { __index = function(_, i) if i == 1 then looked = looked + 1 end end })
+    ai.configure("openai", { api_key = "sk-x", reasoning_models = own })
+    registry.use({ spread = { deployments = {
+      { name = "dep-r1", use = "openai/o3-mini" }, { name = "dep-r2", use = "openai/o3-mini" } } } })
+    for _ = 1, 20 do
+      local targets = assert(ai.targets({ model = "spread", messages = MSGS }))
+      local w = ai.wire_request(targets[1], { messages = MSGS, max_tokens = 50, temperature = 0.3 })
+      assert.are.same({ 50, nil, nil }, { w.json.max_completion_tokens, w.json.max_tokens, w.json.temperature })
+    end
+    assert.are.equal(1, looked)
+    registry.use({})
+  end)
 end)

@@ -45,22 +45,24 @@ openai.reasoning_models = {
 -- the sampling fields such a model takes at their defaults only, and those defaults
 local FIXED_SAMPLING = { temperature = 1, top_p = 1, presence_penalty = 0, frequency_penalty = 0 }
 
--- conf -> { model -> kind | false }: a name is matched once (the table is bounded: any name is a
--- gateway client's to choose)
+-- a project's reasoning_models (or NONE) -> { model -> kind | false }: a name is matched once (the
+-- table is bounded: any name is a gateway client's to choose). Keyed by the list, not by the conf
+-- body is given: a deployment's target, and so its conf, is made anew for every call, and each
+-- call matched its name again (0.6 us more a request, a table more for the collector)
 local kinds = setmetatable({}, { __mode = "k" })
+local NONE = {}
 local KINDS_MAX = 1000
-local function reasoning_kind(conf, model)
-  local known = kinds[conf]
+local function reasoning_kind(own, model)
+  local known = kinds[own]
   if not known then
     known = { n = 0 }
-    kinds[conf] = known
+    kinds[own] = known
   end
   local kind = known[model]
   if kind ~= nil then return kind end
   kind = false
   local name = tostring(model)
-  local own = conf.reasoning_models
-  for _, p in ipairs(type(own) == "table" and own or {}) do
+  for _, p in ipairs(type(own) == "table" and own or NONE) do
     if type(p) == "string" and name:find(p) then kind = "reasoning" break end
   end
   if not kind then
@@ -68,7 +70,7 @@ local function reasoning_kind(conf, model)
       if name:find(r[1]) then kind = r[2] break end
     end
   end
-  if known.n >= KINDS_MAX then known = { n = 0 }; kinds[conf] = known end
+  if known.n >= KINDS_MAX then known = { n = 0 }; kinds[own] = known end
   known.n = known.n + 1
   known[model] = kind
   return kind
@@ -131,9 +133,10 @@ function openai.body(req, model, conf)
     body.service_tier = conf.service_tier
   end
   body.messages = messages.openai(req)
-  local known = kinds[conf] -- (the name's kind as matched before: two reads a request, no call)
+  local own = conf.reasoning_models or NONE
+  local known = kinds[own] -- (the name's kind as matched before: a few reads a request, no call)
   local kind = known and known[model]
-  if kind == nil then kind = reasoning_kind(conf, model) end
+  if kind == nil then kind = reasoning_kind(own, model) end
   if req.max_tokens then
     -- the official API names it max_completion_tokens (o-series and later refuse max_tokens);
     -- compatible servers document max_tokens, but serving a reasoning model (Azure's) refuse it too
