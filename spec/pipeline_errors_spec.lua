@@ -147,3 +147,29 @@ end)
     assert.matches("...", first, 1, true)
   end)
 end)
+
+-- (found in review, helper R: a service account's private_key, a client's auth = "user:pass", a
+-- credentials field and a key's passphrase went out whole, to the terminal and the store)
+describe("an uncaught error table holding a private key, an auth pair, credentials or a passphrase", function()
+  it("writes none of them, here nor in what runs show lists; an author or a passage is not one", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.step("sign", function()
+  error({ private_key = "-----BEGIN PRIVATE KEY-----MIIEvQ", auth = "alice:hunter2", credentials = "c2VjcmV0Zm9v",
+    passphrase = "open-sesame", author = "bob", passage = "ch. 2" })
+end)
+]], ("--store %s --run sign --log-level off"):format(db))
+    assert.are.equal(1, r.code)
+    local show = helpers.run(("%s runs show sign --store %s"):format(helpers.resil, db)).stdout
+    for _, out in ipairs({ r.stderr:match("^[^\n]+"), show }) do
+      for _, secret in ipairs({ "MIIEvQ", "hunter2", "c2VjcmV0Zm9v", "open-sesame" }) do
+        assert.is_nil(out:find(secret, 1, true), out)
+      end
+      assert.matches('"private_key":"[REDACTED]"', out, 1, true)
+      assert.matches('"auth":"[REDACTED]"', out, 1, true)
+      assert.matches('"author":"bob"', out, 1, true)
+      assert.matches('"passage":"ch. 2"', out, 1, true)
+    end
+  end)
+end)

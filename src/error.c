@@ -95,14 +95,17 @@ static void describe_add_number(describe_buf *d, lua_State *L, int idx, int quot
  * config's api_key) is written as the redaction mark: the report goes to logs and terminals, and
  * redaction finds only registered secrets and URL parameters, not a JSON field's value. */
 static int describe_sensitive(const char *name, size_t n) {
+  /* (and a service account's private_key, a client's auth = "user:pass", credentials, a passphrase) */
   static const char *const parts[] = {"authoriz", "cookie", "api_key", "api-key", "apikey", "secret", "passw",
-                                      "signature", NULL};
+                                      "signature", "private_key", "private-key", "privatekey", "credential",
+                                      "passphrase", NULL};
   char low[64];
   if (n >= sizeof low) n = sizeof low - 1;
   for (size_t i = 0; i < n; i++) low[i] = (char)tolower((unsigned char)name[i]);
   low[n] = '\0';
   for (int i = 0; parts[i]; i++)
     if (strstr(low, parts[i])) return 1;
+  if (strcmp(low, "auth") == 0) return 1; /* (not author) */
   return n >= 5 && strcmp(low + n - 5, "token") == 0; /* (access_token; not max_tokens, a count) */
 }
 

@@ -203,7 +203,9 @@ end
 -- A field whose name says it holds a credential (a request's headers kept in the error) is the
 -- redaction mark, as an uncaught table's report has it (src/error.c): redaction finds registered
 -- secrets and URL parameters, not a JSON field's value.
-local SENSITIVE = { "authoriz", "cookie", "api_key", "api-key", "apikey", "token$", "secret", "passw", "signature" }
+-- (and a service account's private_key, a client's auth = "user:pass", credentials, a key's passphrase)
+local SENSITIVE = { "authoriz", "cookie", "api_key", "api-key", "apikey", "token$", "secret", "passw", "signature",
+  "private_key", "private-key", "privatekey", "credential", "passphrase", "^auth$" }
 local function without_credentials(t, depth, seen)
   if type(t) ~= "table" or depth > 16 or seen[t] then return t end
   seen[t] = true
