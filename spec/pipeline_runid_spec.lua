@@ -77,3 +77,21 @@ describe("-e code with steps, then a script", function()
     assert.matches(file_run:gsub("%-", "%%-") .. "%s+done%s+1%s", runs)
   end)
 end)
+
+-- (found in review, helper R: the code went to the store as it was, an API key configured in it
+-- too, and runs show, another process that does not know the secret, printed it)
+describe("an -e run whose code holds a secret the process knows (an API key it configured)", function()
+  it("keeps no copy of the code in the store and gives no resume line; the run is listed", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run(("%s --store %s --log-level off -e '%s'"):format(helpers.resil, db,
+      'local ai = require "policies.ai"\nai.configure("openai", { api_key = "sk-live-abcdef1234567890" })\n' ..
+      'local resil = require "resil"\nresil.step("a", function() return 1 end)\nerror("stop")'))
+    assert.are.equal(1, r.code)
+    local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db)).stdout
+    local id = assert(runs:match("\n(%-e%-%x+)%s+failed"), runs)
+    local show = helpers.run(("%s runs show %s --store %s"):format(helpers.resil, id, db)).stdout
+    assert.is_nil(show:find("abcdef1234567890", 1, true), show)
+    assert.is_nil(show:find("\nresume:", 1, true), show)
+    assert.is_nil(helpers.slurp(db):find("abcdef1234567890", 1, true))
+  end)
+end)

@@ -47,7 +47,9 @@ end
 local MAX_CODE_KEPT = 8192
 local function resume_args()
   local code = config.script == "-e" and type(config.script_path) == "string" and config.script_path:match("^%-e\n(.*)$")
-  if code then return #code <= MAX_CODE_KEPT and json.encode({ code }) or nil end
+  -- (nor code holding a secret the process knows, an API key it configured: the store kept it, and
+  -- runs show, another process, printed it whole; redacted, the line would run other code)
+  if code then return #code <= MAX_CODE_KEPT and resil.redact(code) == code and json.encode({ code }) or nil end
   if config.args then return json.encode({ unpack(config.args) }) end
 end
 
