@@ -171,6 +171,19 @@ static const char *describe_where(lua_State *L, int idx, int level, const char *
     lua_pop(L, 1);
     return msg;
   }
+  /* (raised in a step's fn: where, as the step noted it before raising it again, runs.lua) */
+  int value = lua_absindex(L, idx);
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "resil.raised_at") == LUA_TTABLE) {
+    lua_pushvalue(L, value);
+    if (lua_rawget(L, -2) == LUA_TSTRING) {
+      const char *where = lua_pushfstring(L, "%s: %s", lua_tostring(L, -1), msg);
+      lua_replace(L, -3); /* (one value pushed, as below: the table and its entry go) */
+      lua_pop(L, 1);
+      return where;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
   lua_Debug ar;
   for (; lua_getstack(L, level, &ar); level++) {
     lua_getinfo(L, "Sl", &ar);

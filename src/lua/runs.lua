@@ -16,6 +16,26 @@ local unpack, pack = table.unpack, table.pack
 local json, spawn, shield = private.json, resil.spawn, resil.shield -- (the host's, taken at load: see costs.lua)
 local getinfo, getregistry = debug.getinfo, debug.getregistry
 
+-- Where a plain table raised in a step's fn was raised (error{code = 402}: Lua gives a table no
+-- place, and the step raises it again from here): src/error.c's report of it reads this first. It
+-- said the line of the resil.step call, the raise's own line gone from the message and the
+-- traceback. Weak: an error's entry goes with it. Set in the handler, on the error's way only.
+local raised_at = setmetatable({}, { __mode = "k" })
+getregistry()["resil.raised_at"] = raised_at
+local function note_raise(e)
+  if type(e) == "table" and getmetatable(e) == nil and raised_at[e] == nil then
+    for level = 2, 40 do
+      local info = getinfo(level, "Sl")
+      if not info then break end
+      if info.currentline > 0 and info.source:sub(1, 7) ~= "=[resil" then
+        raised_at[e] = info.short_src .. ":" .. info.currentline
+        break
+      end
+    end
+  end
+  return e
+end
+
 local steps_total = resil.metrics.counter("resil_steps_total",
   "Checkpointed steps, by result: done (run and stored), replayed (from a resumed run), failed")
 local steps_done, steps_replayed, steps_failed = steps_total:labels({ result = "done" }),
@@ -501,7 +521,7 @@ function resil.step(name, fn, ...)
   -- cancel meanwhile waits for the write, and then cuts fn at its first wait: recorded failed.)
   pcall(shield, backend.step_started, backend, r.id, scope, seq, name, started, owner.me().id) -- (only a trace)
   ctx._step_places = places
-  local out = pack(pcall(fn, ...))
+  local out = pack(xpcall(fn, note_raise, ...))
   ctx.step, ctx._step_seq, ctx._step_nth, ctx._step_places = saved_step, saved_seq, saved_nth, outer_places
   for s, n in pairs(places) do took_place(s, n) end -- (the outer step's fn ran them too)
   r.inflight[key] = nil
