@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <netdb.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +37,8 @@
 /* The one C global: the host a signal handler interrupts (as lua.c does). */
 static resil_t *signal_target;
 static volatile sig_atomic_t received_signal;
+/* in a gateway's worker: its pipe to the supervisor (start_worker), else -1 */
+static int ready_fd = -1;
 
 static void on_signal(int signo) {
   signal(signo, SIG_DFL); /* a second signal kills at once */
@@ -61,6 +64,10 @@ static void on_gateway_signal(int signo) {
   if (stop_signals++ == 0) {
     stop_first_at = at;
     received_signal = signo;
+    if (ready_fd >= 0) { /* (a worker: its drain may be silent, the stores' last writes) */
+      ssize_t n = write(ready_fd, "s", 1);
+      (void)n;
+    }
     if (signal_target && resil_request_stop(signal_target, signo)) return;
   }
   on_signal(signo);
@@ -93,6 +100,7 @@ static void usage(FILE *out) {
           "  --max-memory SIZE       cap the Lua state's memory (e.g. 64M, 1G)\n"
           "  --policies DIR          search DIR first for require \"policies.x\"\n"
           "  --watch                 reload policies when their files change (SIGHUP always reloads)\n"
+          "  --worker-timeout S      gateway --workers: kill and replace a worker silent S s (default 30; 0: off)\n"
           "  --store PATH|URL        the store: a SQLite file (default .resil/state.db) or redis://host:port/db\n"
           "  --run ID                the run resil.step checkpoints into (default: from script and args)\n"
           "  --fresh                 start the run over, forgetting its checkpoints\n"
@@ -570,9 +578,24 @@ static int check_metrics_address(const char *listen_at, const char *metrics_addr
  * as it started, however long its load took (a config that raises after a
  * store's connect timeout was replaced at once, without end: one that took a
  * second or more to fail never counted as dying as it starts). */
-static int ready_fd = -1;
 #define SAID_LOADING 1
 #define SAID_LISTENING 2
+#define SAID_HEARD 4    /* a heartbeat ('h'): its loop turns */
+#define SAID_STOPPING 8 /* 's': told to stop, it drains (its silence then is not judged) */
+
+/* --worker-timeout: a worker whose loop has said nothing for this long (a
+ * SIGSTOP, a C call blocked where the watchdog, which counts CPU time, sees
+ * nothing) is killed and replaced; 0: never. Its loop says 'h' every
+ * heartbeat_seconds() from a libevent timer, nothing on a request's path. */
+static double worker_timeout = -1; /* -1: the default (worker_timeout_default) */
+
+static double heartbeat_seconds(void) { return worker_timeout / 4 < 1 ? worker_timeout / 4 : 1; }
+
+static void heartbeat(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what, (void)arg;
+  ssize_t n = write(ready_fd, "h", 1); /* (non-blocking: a supervisor that stopped reading loses some) */
+  (void)n;
+}
 
 /* gateway.main's o.ready("loading" | "listening") */
 static int worker_ready(lua_State *L) {
@@ -640,8 +663,7 @@ static int start_worker(pid_t *pids, double *started, int *rfds, unsigned char *
     for (long k = 0; k < n; k++)
       if (rfds[k] >= 0) close(rfds[k]);
     if (fds[0] >= 0) close(fds[0]);
-    ready_fd = fds[1];
-    if (ready_fd >= 0) fcntl(ready_fd, F_SETFL, 0); /* (a byte into an empty pipe: never blocks) */
+    ready_fd = fds[1]; /* (non-blocking: a heartbeat never holds the loop) */
     return 0;
   }
   if (fds[1] >= 0) close(fds[1]);
@@ -652,13 +674,24 @@ static int start_worker(pid_t *pids, double *started, int *rfds, unsigned char *
   return pid < 0 ? -1 : 1;
 }
 
-/* what each slot's worker has said on its pipe so far */
-static void read_said(const int *rfds, unsigned char *said, long n) {
+/* what each slot's worker has said on its pipe so far, and when it was
+ * last heard (a pipe at its end, the worker gone: closed, as no pipe) */
+static void read_said(int *rfds, unsigned char *said, double *heard, long n) {
   char buf[64];
+  double now = seconds_now();
   for (long w = 0; w < n; w++) {
     ssize_t got;
-    while (rfds[w] >= 0 && (got = read(rfds[w], buf, sizeof buf)) > 0)
-      for (ssize_t i = 0; i < got; i++) said[w] |= buf[i] == 'r' ? SAID_LISTENING : SAID_LOADING;
+    while (rfds[w] >= 0 && (got = read(rfds[w], buf, sizeof buf)) != 0) {
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        break;
+      }
+      heard[w] = now;
+      for (ssize_t i = 0; i < got; i++)
+        said[w] |= buf[i] == 'r' ? SAID_LISTENING : buf[i] == 'h' ? SAID_HEARD : buf[i] == 's' ? SAID_STOPPING
+                                                                                                 : SAID_LOADING;
+    }
+    if (rfds[w] >= 0 && got == 0) close(rfds[w]), rfds[w] = -1;
   }
 }
 
@@ -747,6 +780,52 @@ static int arm_for_vacant(const pid_t *pids, const double *due, long n) {
   return vacant;
 }
 
+#define SAID_KILLED 16 /* (the supervisor's own mark: killed for its silence, not yet reaped) */
+
+/* A worker that has been heard (a heartbeat, or it listens) and is silent
+ * past --worker-timeout is killed with SIGKILL: frozen (SIGSTOP) or blocked
+ * in a C call, it holds the connections the kernel queued on its socket for
+ * good, and the watchdog, which counts its CPU time, sees none. Not one that
+ * drains ('s', or the supervisor stops them all): the stores' last writes
+ * come after its loop, and the second signal stops a stuck drain. Reaped, it
+ * is replaced as any dead worker is. */
+static void kill_silent(const pid_t *pids, const int *rfds, unsigned char *said, const double *heard, long n) {
+  if (!(worker_timeout > 0) || supervisor_signal) return;
+  double now = seconds_now();
+  for (long w = 0; w < n; w++) {
+    if (pids[w] <= 0 || rfds[w] < 0 || !(said[w] & (SAID_HEARD | SAID_LISTENING)) ||
+        (said[w] & (SAID_STOPPING | SAID_KILLED)) || now - heard[w] < worker_timeout)
+      continue;
+    fprintf(stderr,
+            PROGNAME ": gateway: worker %d said nothing for %.1f s (--worker-timeout=%g: stopped, or stuck where "
+            "the watchdog cannot stop it); killing it (SIGKILL)\n",
+            (int)pids[w], now - heard[w], worker_timeout);
+    kill(pids[w], SIGKILL);
+    said[w] |= SAID_KILLED;
+  }
+}
+
+/* Wait for a signal (as sigsuspend, with the handlers' mask) or a worker's
+ * word on its pipe, looking at the silences at least every heartbeat. A wait
+ * that ended far later than asked: the supervisor itself stood still (a
+ * SIGSTOP of the whole group, a frozen container), its workers with it; what
+ * they said meanwhile is not judged as silence. */
+static void wait_for_workers(int *rfds, unsigned char *said, double *heard, long n, const sigset_t *mask) {
+  struct pollfd fds[256];
+  nfds_t k = 0;
+  for (long w = 0; w < n; w++)
+    if (rfds[w] >= 0) fds[k].fd = rfds[w], fds[k].events = POLLIN, k++;
+  int judged = worker_timeout > 0 && !supervisor_signal;
+  double wait = judged ? heartbeat_seconds() : 0, before = seconds_now();
+  struct timespec at = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+  ppoll(fds, k, judged ? &at : NULL, mask);
+  double now = seconds_now();
+  if (judged && now - before > wait + worker_timeout / 2)
+    for (long w = 0; w < n; w++)
+      if (heard[w] < now) heard[w] = now;
+  read_said(rfds, said, heard, n);
+}
+
 /* The process that started N workers on one SO_REUSEPORT socket serves none
  * itself: it forks them (before anything is opened: a store, a loop or
  * libcurl's threads do not survive fork) and starts another when one dies (a
@@ -764,6 +843,7 @@ static int supervise_workers(long n) {
   double started[256], due[256] = {0}; /* due: when a vacant slot is started again */
   int rfds[256]; /* each slot's pipe from its worker (start_worker) */
   unsigned char said[256] = {0};
+  double heard[256] = {0}; /* when each slot's worker last said something */
   for (long w = 0; w < n; w++) rfds[w] = -1;
   /* deaths in a row within a second of starting: the gateway's (any slot's)
    * decide that it cannot start; each slot's own set its backoff, so that
@@ -798,7 +878,7 @@ static int supervise_workers(long n) {
     int status;
     pid_t pid;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-      read_said(rfds, said, n); /* (what the dead one wrote is in its pipe still) */
+      read_said(rfds, said, heard, n); /* (what the dead one wrote is in its pipe still) */
       long w = 0;
       while (w < n && pids[w] != pid) w++;
       if (w == n) continue;
@@ -810,7 +890,7 @@ static int supervise_workers(long n) {
       if (supervisor_signal) continue;
       double now = seconds_now();
       /* within a second of its start, or (a worker that says when it listens) before it listened */
-      int quick = now - started[w] < 1.0 || said[w] == SAID_LOADING;
+      int quick = now - started[w] < 1.0 || (said[w] & (SAID_LOADING | SAID_LISTENING)) == SAID_LOADING;
       quick_deaths = quick ? quick_deaths + 1 : 0;
       int slot_quick = slot_quick_deaths[w] = quick ? slot_quick_deaths[w] + 1 : 0;
       /* Another worker serving for a second or more: the gateway is up. A
@@ -900,7 +980,10 @@ static int supervise_workers(long n) {
         if (pids[w] > 0) kill(pids[w], supervisor_signal);
       if (!code) code = 128 + (int)supervisor_signal;
     }
-    if (running > 0 || (vacant && !supervisor_signal)) sigsuspend(&worker_mask);
+    if (running > 0 || (vacant && !supervisor_signal)) {
+      wait_for_workers(rfds, said, heard, n, &worker_mask);
+      kill_silent(pids, rfds, said, heard, n);
+    }
   }
   return code;
 }
@@ -977,6 +1060,16 @@ int main(int argc, char **argv) {
       else if (a[2] == 'c') gw_config = next;
       else if (parse_count(next, &gw_workers) != 0 || gw_workers > 256)
         return fail("gateway: --workers: bad count '%s' (1 to 256)", next);
+      continue;
+    }
+    if (gateway && strcmp(a, "--worker-timeout") == 0) {
+      if (!next) return fail("gateway: option '%s' needs an argument", a);
+      i++;
+      char *end;
+      errno = 0;
+      worker_timeout = strtod(next, &end);
+      if (errno || end == next || *end || !(worker_timeout >= 0 && worker_timeout <= 1e6))
+        return fail("gateway: --worker-timeout: bad number of seconds '%s' (0 to 1000000; 0: off)", next);
       continue;
     }
     if (strcmp(a, "--virtual-clock") == 0) {
@@ -1070,6 +1163,13 @@ int main(int argc, char **argv) {
    * its own loop, sharing keys, limits and budgets through the store, kept
    * at N by this process (supervise_workers) */
   if (gateway && gw_workers > 1) {
+    /* A worker's silence is judged well after the watchdog's stuck exit
+     * (max_task_seconds, then as long again and 10 s at least, of CPU): a
+     * loop it can end ends with its own line */
+    if (worker_timeout < 0) {
+      double stuck = max_task_seconds + (max_task_seconds > 10 ? max_task_seconds : 10);
+      worker_timeout = max_task_seconds > 0 && 2 * stuck > 30 ? 2 * stuck : 30;
+    }
     /* each worker serves --metrics-addr with SO_REUSEPORT, as the gateway's
      * port: a second gateway's metrics there would be split with ours */
     if (metrics_addr) {
@@ -1093,6 +1193,14 @@ int main(int argc, char **argv) {
     fprintf(stderr, PROGNAME ": --max-task-seconds: cannot start the watchdog's thread\n");
     resil_close(R);
     return 1;
+  }
+  /* a worker's heartbeat, from its loop (kill_silent); freed before the host's base is */
+  struct event *beat = NULL;
+  if (ready_fd >= 0 && worker_timeout > 0 && (beat = event_new(R->base, -1, EV_PERSIST, heartbeat, NULL))) {
+    double every = heartbeat_seconds();
+    struct timeval tv = {(time_t)every, (suseconds_t)((every - (double)(time_t)every) * 1e6)};
+    evtimer_add(beat, &tv);
+    watchdog_heartbeat_fd = ready_fd;
   }
   if (wait) wait_for_run(R);
   if (shard_metrics(R) != 0 || export_metrics(R, metrics_addr, metrics_file) != 0 ||
@@ -1170,6 +1278,7 @@ int main(int argc, char **argv) {
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */
   if (gateway && status == RESIL_OK && stop_signals > 0) code = 128 + (int)received_signal; /* stopped gracefully */
   signal_target = NULL;
+  if (beat) event_free(beat);
   resil_close(R);
   return code;
 }

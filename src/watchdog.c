@@ -57,6 +57,13 @@
 
 _Thread_local resil_t *watchdog_host;
 
+/* A gateway worker's pipe to its supervisor (main.c), or -1: while the
+ * host's own long work holds the loop (unwatched: a store's migration on a
+ * large ledger), its heartbeat comes from here, the work being the host's
+ * choice and not a stuck loop (the supervisor would kill it, and its
+ * replacement at the same migration, without end). */
+int watchdog_heartbeat_fd = -1;
+
 /* On the loop's thread, interrupted wherever it was: hooks only
  * (loop_arm_runaway), and only in the resume the watchdog saw run. */
 static void arm_op(resil_t *R, unsigned long seq);
@@ -225,7 +232,9 @@ static void *watch_main(void *arg) {
   while (!w->stopping) {
     struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
-    double t = (double)until.tv_sec + (double)until.tv_nsec / 1e9 + every;
+    /* (a gateway worker's heartbeat is said four times a second at most: its bound may be 1 s) */
+    double t = (double)until.tv_sec + (double)until.tv_nsec / 1e9 +
+               (watchdog_heartbeat_fd >= 0 && every > 0.25 ? 0.25 : every);
     until.tv_sec = (time_t)t;
     until.tv_nsec = (long)((t - (double)until.tv_sec) * 1e9);
     while (!w->stopping && pthread_cond_timedwait(&w->wake, &w->lock, &until) != ETIMEDOUT) {
@@ -233,6 +242,10 @@ static void *watch_main(void *arg) {
     if (w->stopping) break;
     if (atomic_load(&R->watch_paused)) { /* the host's own long work: timed afresh once it ends */
       seeing = 0;
+      if (watchdog_heartbeat_fd >= 0) {
+        ssize_t n = write(watchdog_heartbeat_fd, "h", 1); /* (non-blocking) */
+        (void)n;
+      }
       continue;
     }
     /* a resume (odd), or the loop's own time between resumes in one turn (even: libevent's

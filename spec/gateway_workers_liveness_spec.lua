@@ -1,0 +1,97 @@
+-- `gateway --workers N`: a worker whose loop stands still. One frozen by
+-- SIGSTOP, or blocked in a C call (the watchdog counts CPU time and sees
+-- none), still holds its SO_REUSEPORT socket: the kernel goes on queueing
+-- about half the new connections on it, and they waited for good, the
+-- supervisor seeing nothing wrong. Each worker's loop now says it lives over
+-- its pipe to the supervisor, which kills one silent past --worker-timeout
+-- (SIGKILL, a line saying so) and starts another. Real processes, curl on a
+-- new connection each time (the kernel spreads them over the workers).
+local helpers = require "spec.helpers"
+
+-- `resil-lua gateway --workers 2 [extra]` -> pid of the supervisor, port, log
+local function start(extra, config)
+  local port = helpers.free_port()
+  local pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".out")
+  config = helpers.write(helpers.tmpname(".lua"), config or "return { auth = false }")
+  os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s %s > %s 2>&1 & echo $! > %s")
+    :format(helpers.resil, port, config, helpers.tmpname(".db"), extra or "", log, pidfile))
+  local pid, seen = helpers.slurp(pidfile):match("%d+"), {}
+  finally(function()
+    for _, p in ipairs(seen) do os.execute("kill -CONT " .. p .. " 2>/dev/null") end
+    for _, p in ipairs({ pid, table.unpack(seen) }) do
+      if helpers.alive(p) then os.execute("kill -KILL " .. p) end
+    end
+  end)
+  assert.is_true(helpers.wait_until(function()
+    return select(2, helpers.slurp(log):gsub("gateway listening", "")) >= 2
+  end, 20), helpers.slurp(log))
+  for _, w in ipairs(helpers.workers_of(pid)) do seen[#seen + 1] = w end
+  return pid, port, log, seen
+end
+
+-- n GET /health, each on a new connection -> how many were answered 200 within 3 s
+local function health(port, n)
+  local r = helpers.run(("for i in $(seq %d); do curl -s -o /dev/null -w '%%{http_code}\\n' --max-time 3 " ..
+    "http://127.0.0.1:%d/health; done"):format(n, port))
+  return select(2, r.stdout:gsub("200\n", ""))
+end
+
+local function listening(log) return select(2, helpers.slurp(log):gsub("gateway listening", "")) end
+
+describe("gateway --workers: a worker whose loop stands still", function()
+  it("frozen by SIGSTOP: killed past --worker-timeout, with a line, and replaced; every new connection is " ..
+     "answered", function()
+    local pid, port, log, seen = start("--worker-timeout 1")
+    local frozen = seen[1]
+    os.execute("kill -STOP " .. frozen)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(frozen) and listening(log) >= 3 end, 20),
+      helpers.slurp(log))
+    local out = helpers.slurp(log)
+    assert.matches("worker " .. frozen .. " said nothing for [%d.]+ s %(%-%-worker%-timeout=1: stopped, or stuck", out)
+    assert.matches("worker " .. frozen .. " killed by signal 9; starting another", out, 1, true)
+    assert.are.equal(8, health(port, 8)) -- (before: about half waited in the frozen one's queue)
+    assert.is_true(helpers.alive(pid))
+    assert.are.equal(2, #helpers.workers_of(pid))
+  end)
+
+  it("the host's own long work that holds the loop (a store's migration: unwatched) is not silence", function()
+    -- os.execute("sleep") under unwatched stands for a migration on a large ledger: the loop
+    -- makes no turn for 3 s, the worker is busy, not stuck (killed, its replacement would
+    -- run the same migration again, without end)
+    local marker = helpers.tmpname(".done")
+    local pid, port, log = start("--worker-timeout 1", ([[
+      local resil = require "resil"
+      resil.spawn(function()
+        resil.sleep(0.5)
+        require("resil.core.watchdog").unwatched(function() os.execute("sleep 3") end)
+        io.open(%q .. "." .. io.open("/proc/self/stat"):read("n"), "w"):close() -- (one file a worker)
+      end)
+      return { auth = false }
+    ]]):format(marker))
+    assert.is_true(helpers.wait_until(function()
+      return select(2, helpers.run("ls " .. marker .. ".* 2>/dev/null").stdout:gsub("\n", "")) >= 2
+    end, 20), helpers.slurp(log))
+    assert.is_nil(helpers.slurp(log):match("said nothing"), helpers.slurp(log))
+    assert.are.equal(2, listening(log))
+    assert.are.equal(4, health(port, 4))
+    assert.is_true(helpers.alive(pid))
+  end)
+
+  it("a worker that drains (SIGTERM) is not killed for its silence; the stop ends as usual", function()
+    local pid, _, log, seen = start("--worker-timeout 1")
+    os.execute("kill -TERM " .. pid)
+    os.execute("kill -STOP " .. seen[1]) -- (its drain stands still: the stores' last writes, say)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(seen[2]) end, 20), helpers.slurp(log))
+    -- the supervisor waits for it, longer than its --worker-timeout
+    assert.is_false(helpers.wait_until(function() return not helpers.alive(seen[1]) end, 3))
+    os.execute("kill -CONT " .. seen[1])
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 20), helpers.slurp(log))
+    assert.is_nil(helpers.slurp(log):match("said nothing"), helpers.slurp(log))
+  end)
+
+  it("--worker-timeout is checked: a bad value is refused before anything starts", function()
+    local r = helpers.run(helpers.resil .. " gateway --workers 2 --worker-timeout soon")
+    assert.are.equal(1, r.code)
+    assert.matches("--worker-timeout: bad number of seconds 'soon'", r.stderr, 1, true)
+  end)
+end)
