@@ -330,4 +330,27 @@ describe("resil.metrics: the merge of the workers' files", function()
     local _, dead = left:gsub("d%-", "")
     assert.are.equal(1, dead, left)
   end)
+
+  it("worker 0 merges them as it starts: a worker 0 that dies before its 10th write (a crash at a request, " ..
+     "again and again) left one file a death, for good", function()
+    local dir = helpers.tmpname(".d")
+    os.execute("mkdir -p " .. dir)
+    for i = 1, 12 do
+      helpers.write(dir .. ("/d-0-%d.prom"):format(700 + i), "# HELP t_total Things\n# TYPE t_total counter\n" ..
+        ('t_total{k="a"} %d\n'):format(i) .. "# HELP g Queue\n# TYPE g gauge\ng 50\n")
+    end
+    local r = helpers.run_script([[
+      local m = require("resil").metrics
+      m.counter("t_total", "Things"):inc({ k = "a" }, 1000)
+      m.shard({ dir = arg[1], slot = 0 })
+      io.write(m.scrape())
+      os.exit(0, false) -- (it dies before its first tick)
+    ]], "--store " .. helpers.tmpname(".db"), dir)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(1078, value(r.stdout, 't_total{k="a"}'), r.stdout) -- (1000 and 1 + ... + 12)
+    assert.is_nil(value(r.stdout, "g"), r.stdout)
+    local left = sh("ls " .. dir).stdout
+    local _, dead = left:gsub("d%-", "")
+    assert.are.equal(1, dead, left)
+  end)
 end)

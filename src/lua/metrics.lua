@@ -646,7 +646,7 @@ local function merged(dir) return merge((read_files(dir))) end
 
 -- Dead workers' files, one more at each restart (a worker crashing for days
 -- would leave thousands, each read at every scrape): past DEAD_MAX, worker 0
--- merges them into one, which names those it replaces before they are
+-- (as it starts, then every 10th write) merges them into one, which names those it replaces before they are
 -- removed (worker 0 killed in between: the merge leaves them out, the next
 -- compaction removes them). Only worker 0 does it, one process at a time.
 local DEAD_MAX, compactions = 8, 0
@@ -706,6 +706,15 @@ function metrics.shard(opts)
             file = ("%s/w-%s-%s.prom"):format(opts.dir, opts.slot, own_pid()) }
   local ok, err = write_shard()
   if not ok then error("metrics: " .. tostring(err), 0) end
+  -- worker 0 merges the dead ones' files as it starts too: one that dies before its 10th
+  -- write (a crash at a request, again and again) never did, and they piled up, one a death
+  local function compact_dead()
+    local cok, done, cerr = pcall(compact, shard.dir)
+    if not (cok and done) then
+      resil.log.warn("metrics: dead workers' files not merged", { error = tostring(cok and cerr or done) })
+    end
+  end
+  if shard.slot == "0" then compact_dead() end
   -- each second the counts; the figures read from state (the collectors: a
   -- budget's are store reads) every 10th time, and at each of its scrapes.
   -- A write takes the loop from the requests: one that took t waits 100 t
@@ -724,12 +733,7 @@ function metrics.shard(opts)
         resil.log.warn("metrics: this worker's file not written", { error = tostring(werr) })
       end
       failing = not wrote
-      if n % 10 == 0 and shard.slot == "0" then
-        local ok, done, cerr = pcall(compact, shard.dir)
-        if not (ok and done) then
-          resil.log.warn("metrics: dead workers' files not merged", { error = tostring(ok and cerr or done) })
-        end
-      end
+      if n % 10 == 0 and shard.slot == "0" then compact_dead() end
     end
   end)
   return true
