@@ -451,10 +451,39 @@ static void wait_for_run(resil_t *R) {
 /* gateway --config FILE: the operator's, loaded as the main script is (text only under
  * --sandbox, in the scripts' environment, wherever it is: the sandbox's loadfile reads only
  * its folders) -> the chunk | nil, error. Loads that file only (a policy reload runs it again). */
+/* The config's chunk run where it cannot wait (lua_call from C: not
+ * yieldable), at start as at each reload. A reload runs it as
+ * policies.gateway loads, outside any task, and never yields (no request
+ * sees half a set of policies: docs/decisions.md), so a config that waited
+ * (resil.sleep, a store's read, an HTTP call) started and then failed
+ * every SIGHUP. It fails at start now, at its file:line, saying why. */
+static int config_error(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg && (strstr(msg, "must be called from a task") || strstr(msg, "attempt to yield"))) {
+    lua_pushfstring(L, "%s (a gateway's config runs again at each policy reload, where nothing may wait: "
+                       "wait in a task it starts, resil.spawn)", msg);
+    return 1;
+  }
+  lua_settop(L, 1);
+  return 1;
+}
+
+static int run_config(lua_State *L) {
+  int n = lua_gettop(L);
+  lua_pushcfunction(L, config_error);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_rotate(L, 1, 2);
+  if (lua_pcall(L, n, LUA_MULTRET, 1) != LUA_OK) return lua_error(L);
+  return lua_gettop(L) - 1;
+}
+
 static int load_config(lua_State *L) {
   const char *path = lua_tostring(L, lua_upvalueindex(1));
   int sandboxed = lua_toboolean(L, lua_upvalueindex(2));
-  if (luaL_loadfilex(L, path, sandboxed ? "t" : NULL) == LUA_OK) return 1;
+  if (luaL_loadfilex(L, path, sandboxed ? "t" : NULL) == LUA_OK) {
+    lua_pushcclosure(L, run_config, 1);
+    return 1;
+  }
   if (strncmp(lua_tostring(L, -1), "attempt to load a binary chunk", 30) == 0)
     lua_pushfstring(L, "%s: binary chunks are not allowed in the sandbox", path);
   lua_pushnil(L);
