@@ -56,11 +56,10 @@ static void on_signal(int signo) {
  * supervisor passes it on to its workers as well), not a second signal. */
 static volatile sig_atomic_t stop_signals;
 static double stop_first_at;
-static void on_gateway_signal(int signo) {
-  struct timespec now;
-  clock_gettime(CLOCK_MONOTONIC, &now); /* async-signal-safe */
-  double at = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
-  if (stop_signals == 1 && at - stop_first_at < 1.0) return;
+static pid_t supervisor_pid; /* in a gateway's worker: its supervisor's (fork_worker) */
+
+/* one more stop signal: the first drains, the next interrupts */
+static void stop_step(int signo, double at) {
   if (stop_signals++ == 0) {
     stop_first_at = at;
     received_signal = signo;
@@ -71,6 +70,31 @@ static void on_gateway_signal(int signo) {
     if (signal_target && resil_request_stop(signal_target, signo)) return;
   }
   on_signal(signo);
+}
+
+/* A worker's supervisor counts the stop signals it gets and passes each on
+ * with its rank (sigqueue): the worker goes to that stage, however close
+ * together they came (two within a second were taken for one told twice:
+ * the second stop was lost, the workers drained on). A signal from anyone
+ * else is judged as before (systemd's to the whole group comes to a worker
+ * from systemd and from its supervisor: counted once either way round). */
+static void on_gateway_signal(int signo, siginfo_t *info, void *context) {
+  (void)context;
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now); /* async-signal-safe */
+  double at = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+  if (supervisor_pid > 0 && info && info->si_code == SI_QUEUE && info->si_pid == supervisor_pid) {
+    int rank = info->si_value.sival_int;
+    if (rank >= 3) { /* the third kills */
+      signal(signo, SIG_DFL);
+      raise(signo);
+      return;
+    }
+    while (stop_signals < rank) stop_step(signo, at);
+    return;
+  }
+  if (stop_signals == 1 && at - stop_first_at < 1.0) return;
+  stop_step(signo, at);
 }
 
 static int is_subcommand(const char *s) {
@@ -654,6 +678,12 @@ static double seconds_now(void) {
   return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
+/* a stop signal to a worker, the supervisor's rank-th (on_gateway_signal) */
+static void pass_on(pid_t pid, int sig, int rank) {
+  union sigval v = {.sival_int = rank};
+  if (sigqueue(pid, sig, v) != 0 && errno != ESRCH) kill(pid, sig);
+}
+
 /* Fork one worker: 0 in the worker (signals as they were), its pid in the
  * supervisor, -1 if fork failed. */
 static pid_t fork_worker(const sigset_t *worker_mask) {
@@ -662,6 +692,7 @@ static pid_t fork_worker(const sigset_t *worker_mask) {
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGTERM); /* a supervisor killed with -9 takes its workers along */
     if (getppid() != supervisor) _exit(1); /* it died before that was set */
+    supervisor_pid = supervisor;
     signal(SIGCHLD, SIG_DFL);
     signal(SIGALRM, SIG_DFL);
     /* a reload passed on before the worker's handler is set (main,
@@ -888,7 +919,7 @@ static int supervise_workers(long n) {
   sigprocmask(SIG_BLOCK, &block, &worker_mask);
   struct sigaction sa = {0};
   sa.sa_handler = supervisor_on_signal;
-  sigemptyset(&sa.sa_mask);
+  sa.sa_mask = block; /* (a handler interrupted by another lost a count) */
   const int handled[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGALRM};
   for (size_t i = 0; i < sizeof handled / sizeof *handled; i++) sigaction(handled[i], &sa, NULL);
   for (long w = 0; w < n; w++) {
@@ -958,12 +989,12 @@ static int supervise_workers(long n) {
         supervisor_signal = SIGTERM;
         passed_on = supervisor_signals = 1; /* (a signal to the supervisor later is passed on as the second) */
         for (long k = 0; k < n; k++)
-          if (pids[k] > 0) kill(pids[k], SIGTERM);
+          if (pids[k] > 0) pass_on(pids[k], SIGTERM, 1);
         continue;
       }
-      if (quick) {
+      if (quick) { /* (signals let in meanwhile: two blocked for its time were one) */
         struct timespec pause = {0, 200 * 1000 * 1000};
-        nanosleep(&pause, NULL);
+        ppoll(NULL, 0, &pause, &worker_mask);
       }
       int again = start_worker(pids, started, rfds, said, n, w, &worker_mask);
       if (again == 0) return -1;
@@ -1003,10 +1034,11 @@ static int supervise_workers(long n) {
         continue;
       }
     }
-    if (supervisor_signal && passed_on < supervisor_signals) {
-      passed_on = supervisor_signals;
+    /* each stop signal passed on, with its rank: two that came together are two */
+    while (supervisor_signal && passed_on < supervisor_signals) {
+      passed_on++;
       for (long w = 0; w < n; w++)
-        if (pids[w] > 0) kill(pids[w], supervisor_signal);
+        if (pids[w] > 0) pass_on(pids[w], supervisor_signal, passed_on);
       if (!code) code = 128 + (int)supervisor_signal;
     }
     if (running > 0 || (vacant && !supervisor_signal)) {
@@ -1238,8 +1270,19 @@ int main(int argc, char **argv) {
     return 1;
   }
   signal_target = R;
-  signal(SIGINT, gateway ? on_gateway_signal : on_signal);
-  signal(SIGTERM, gateway ? on_gateway_signal : on_signal);
+  if (gateway) {
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_gateway_signal;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGINT);
+    sigaddset(&sa.sa_mask, SIGTERM);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+  } else {
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+  }
   resil_reload_on_sighup(R);
   if (watch && resil_watch(R, 1) != RESIL_OK) fprintf(stderr, PROGNAME ": --watch: %s\n", resil_error(R));
 

@@ -1,0 +1,69 @@
+-- `gateway --workers N` told to stop twice: the first SIGTERM drains (the
+-- requests in flight finish), the second stops at once. Two sent close
+-- together to the supervisor were one: it passed on a single signal for
+-- both (its count had moved by two when it looked), and a worker took a
+-- second signal within a second of the first for the same stop told twice
+-- (systemd signals the whole group), so the workers drained on, for up to
+-- drain_timeout. Real processes: a mock provider that answers after a
+-- minute, chats in flight, the signals sent by kill.
+local helpers = require "spec.helpers"
+
+-- the gateway (drain_timeout 120) before a mock that answers in 120 s, chats in flight on each
+-- worker -> supervisor pid, log, its workers
+local function start_busy()
+  local mport, port = helpers.free_ports(2)
+  local mpidfile, pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".pid"), helpers.tmpname(".out")
+  local scenario = helpers.write(helpers.tmpname(".lua"), "return { latency = { min = 120, max = 120 } }")
+  os.execute(("%s mock %s --port %d > /dev/null 2>&1 & echo $! > %s"):format(helpers.resil, scenario, mport, mpidfile))
+  local mpid = helpers.slurp(mpidfile):match("%d+")
+  local config = helpers.write(helpers.tmpname(".lua"), ([[
+    require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:%d/v1", api_key = "sk-test-123456" })
+    return { auth = false, drain_timeout = 120 }
+  ]]):format(mport))
+  os.execute(("%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2>&1 & echo $! > %s")
+    :format(helpers.resil, port, config, helpers.tmpname(".db"), log, pidfile))
+  local pid = helpers.slurp(pidfile):match("%d+")
+  local workers = {}
+  finally(function()
+    for _, p in ipairs({ pid, mpid, table.unpack(workers) }) do
+      if helpers.alive(p) then os.execute("kill -KILL " .. p) end
+    end
+  end)
+  assert.is_true(helpers.wait_until(function()
+    return helpers.run(("curl -s -o /dev/null http://127.0.0.1:%d/health"):format(mport)).code == 0 and
+      select(2, helpers.slurp(log):gsub("gateway listening", "")) >= 2
+  end, 20), helpers.slurp(log))
+  workers = helpers.workers_of(pid)
+  for i = 1, 6 do -- (the kernel spreads new connections over both workers; each its own, not one shared call)
+    local body = helpers.write(helpers.tmpname(".json"),
+      ('{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"hi %d"}]}'):format(i))
+    os.execute(("curl -s -o /dev/null --max-time 150 -H 'content-type: application/json' --data @%s " ..
+      "http://127.0.0.1:%d/v1/chat/completions > /dev/null 2>&1 &"):format(body, port))
+  end
+  -- each worker has its chats in flight: the mock has them all
+  assert.is_true(helpers.wait_until(function()
+    local r = helpers.run(("curl -s http://127.0.0.1:%d/__mock/stats"):format(mport))
+    return (tonumber(r.stdout:match('"total":(%d+)')) or 0) >= 6
+  end, 20), helpers.slurp(log))
+  return pid, log, workers
+end
+
+describe("gateway --workers: two stop signals close together", function()
+  it("the first drains, the second stops at once: the gateway ends with its chats still in flight", function()
+    local pid, log, workers = start_busy()
+    os.execute(("kill -TERM %s; kill -TERM %s"):format(pid, pid))
+    -- (before: both workers drained on until the mock answered, two minutes on)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 30), helpers.slurp(log))
+    for _, w in ipairs(workers) do assert.is_false(helpers.alive(w)) end
+  end)
+
+  it("one signal to the whole group (systemd's) still drains: the workers do not count it twice", function()
+    local pid, log, workers = start_busy()
+    -- the workers get it from the sender and again from the supervisor
+    os.execute(("kill -TERM %s %s"):format(pid, table.concat(workers, " ")))
+    assert.is_false(helpers.wait_until(function() return not helpers.alive(pid) end, 3), helpers.slurp(log))
+    for _, w in ipairs(workers) do assert.is_true(helpers.alive(w), helpers.slurp(log)) end
+    os.execute("kill -TERM " .. pid) -- (then a second one stops them at once)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 30), helpers.slurp(log))
+  end)
+end)
