@@ -48,13 +48,30 @@ local function start_busy()
   return pid, log, workers
 end
 
-describe("gateway --workers: two stop signals close together", function()
+describe("gateway --workers: stop signals", function()
   it("the first drains, the second stops at once: the gateway ends with its chats still in flight", function()
     local pid, log, workers = start_busy()
     os.execute(("kill -TERM %s; kill -TERM %s"):format(pid, pid))
     -- (before: both workers drained on until the mock answered, two minutes on)
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 30), helpers.slurp(log))
     for _, w in ipairs(workers) do assert.is_false(helpers.alive(w)) end
+  end)
+
+  it("a worker killed with -9 as it drains: said on stderr, not replaced; the other drains on, a second " ..
+     "signal stops it", function()
+    local pid, log, workers = start_busy()
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function()
+      return select(2, helpers.slurp(log):gsub("finishing the requests in flight", "")) == 2
+    end, 10), helpers.slurp(log))
+    os.execute("kill -KILL " .. workers[1])
+    assert.is_true(helpers.wait_until(function()
+      return helpers.slurp(log):find("worker " .. workers[1] .. " killed by signal 9 as the gateway stopped", 1, true)
+    end, 10), helpers.slurp(log))
+    assert.are.same({ workers[2] }, helpers.workers_of(pid))
+    assert.is_nil(helpers.slurp(log):match("starting another"), helpers.slurp(log))
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 30), helpers.slurp(log))
   end)
 
   it("one signal to the whole group (systemd's) still drains: the workers do not count it twice", function()

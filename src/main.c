@@ -947,7 +947,13 @@ static int supervise_workers(long n) {
       running--;
       /* stopping; otherwise a worker that ended, even with 0 (a policy's
        * os.exit), left the gateway a process short: it is replaced */
-      if (supervisor_signal) continue;
+      if (supervisor_signal) {
+        /* (one killed as it drained took its requests in flight along: said, not replaced) */
+        if (WIFSIGNALED(status) && WTERMSIG(status) != supervisor_signal)
+          fprintf(stderr, PROGNAME ": gateway: worker %d killed by signal %d as the gateway stopped\n", (int)pid,
+                  WTERMSIG(status));
+        continue;
+      }
       double now = seconds_now();
       /* within a second of its start, or (a worker that says when it listens) before it listened */
       int quick = now - started[w] < 1.0 || (said[w] & (SAID_LOADING | SAID_LISTENING)) == SAID_LOADING;
