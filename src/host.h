@@ -292,7 +292,7 @@ extern _Thread_local resil_t *watchdog_host; /* the host whose task this thread 
 typedef struct watchdog watchdog;
 int watchdog_set(resil_t *R, double seconds); /* 0 or less: none; -1 if its thread cannot start */
 void watchdog_free(resil_t *R);
-extern int watchdog_heartbeat_fd; /* a gateway worker's heartbeat while unwatched work holds its loop (main.c) */
+extern _Atomic int watchdog_heartbeat_fd; /* a gateway worker's heartbeat while unwatched work holds its loop (main.c) */
 void watchdog_signal_install(void); /* at resil_open: the handler watchdog_forward's signal needs */
 enum { FORWARD_INTERRUPT = 1, FORWARD_STOP = 2 };
 int watchdog_forward(resil_t *R, int what); /* off the loop's thread: its hooks armed there, by a signal -> 1 */

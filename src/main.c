@@ -73,9 +73,9 @@ static void stop_step(int signo, double at) {
 }
 
 /* A worker's supervisor counts the stop signals it gets and passes each on
- * with its rank (sigqueue): the worker goes to that stage, however close
- * together they came (two within a second were taken for one told twice:
- * the second stop was lost, the workers drained on). A signal from anyone
+ * with its rank (sigqueue, pass_on): the worker goes to that stage, however
+ * soon after the first the second came (one within a second was taken for
+ * the first told twice: the workers drained on). A signal from anyone
  * else is judged as before (systemd's to the whole group comes to a worker
  * from systemd and from its supervisor: counted once either way round). */
 static void on_gateway_signal(int signo, siginfo_t *info, void *context) {
@@ -84,13 +84,14 @@ static void on_gateway_signal(int signo, siginfo_t *info, void *context) {
   clock_gettime(CLOCK_MONOTONIC, &now); /* async-signal-safe */
   double at = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
   if (supervisor_pid > 0 && info && info->si_code == SI_QUEUE && info->si_pid == supervisor_pid) {
-    int rank = info->si_value.sival_int;
-    if (rank >= 3) { /* the third kills */
-      signal(signo, SIG_DFL);
-      raise(signo);
-      return;
-    }
-    while (stop_signals < rank) stop_step(signo, at);
+    int rank = info->si_value.sival_int & 255, sent = info->si_value.sival_int >> 8;
+    while (stop_signals < rank) stop_step(sent ? sent : signo, at); /* (pending together: the second may come first) */
+    return;
+  }
+  /* its supervisor's death (PR_SET_PDEATHSIG: its pid, SI_USER; it passes on with SI_QUEUE only):
+   * a stop, the first, not a second one in the middle of the drain */
+  if (supervisor_pid > 0 && info && info->si_code == SI_USER && info->si_pid == supervisor_pid) {
+    if (stop_signals == 0) stop_step(signo, at);
     return;
   }
   if (stop_signals == 1 && at - stop_first_at < 1.0) return;
@@ -472,10 +473,7 @@ static void wait_for_run(resil_t *R) {
   lua_settop(L, top);
 }
 
-/* gateway --config FILE: the operator's, loaded as the main script is (text only under
- * --sandbox, in the scripts' environment, wherever it is: the sandbox's loadfile reads only
- * its folders) -> the chunk | nil, error. Loads that file only (a policy reload runs it again). */
-/* The config's chunk run where it cannot wait (lua_call from C: not
+/* The config's chunk run where it cannot wait (called from C: not
  * yieldable), at start as at each reload. A reload runs it as
  * policies.gateway loads, outside any task, and never yields (no request
  * sees half a set of policies: docs/decisions.md), so a config that waited
@@ -501,6 +499,9 @@ static int run_config(lua_State *L) {
   return lua_gettop(L) - 1;
 }
 
+/* gateway --config FILE: the operator's, loaded as the main script is (text only under
+ * --sandbox, in the scripts' environment, wherever it is: the sandbox's loadfile reads only
+ * its folders) -> the chunk | nil, error. Loads that file only (a policy reload runs it again). */
 static int load_config(lua_State *L) {
   const char *path = lua_tostring(L, lua_upvalueindex(1));
   int sandboxed = lua_toboolean(L, lua_upvalueindex(2));
@@ -640,7 +641,7 @@ static int check_metrics_address(const char *listen_at, const char *metrics_addr
  * SIGSTOP, a C call blocked where the watchdog, which counts CPU time, sees
  * nothing) is killed and replaced; 0: never. Its loop says 'h' every
  * heartbeat_seconds() from a libevent timer, nothing on a request's path. */
-static double worker_timeout = -1; /* -1: the default (worker_timeout_default) */
+static double worker_timeout = -1; /* -1: the default, set by main from --max-task-seconds */
 
 static double heartbeat_seconds(void) { return worker_timeout / 4 < 1 ? worker_timeout / 4 : 1; }
 
@@ -678,9 +679,17 @@ static double seconds_now(void) {
   return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
-/* a stop signal to a worker, the supervisor's rank-th (on_gateway_signal) */
+/* A stop signal to a worker, the supervisor's rank-th (on_gateway_signal).
+ * The second goes as the other of SIGTERM and SIGINT: a standard signal
+ * does not queue, sigqueue's neither, and one sent while the first was still
+ * pending was dropped (the worker drained on). The third is SIGKILL. */
 static void pass_on(pid_t pid, int sig, int rank) {
-  union sigval v = {.sival_int = rank};
+  if (rank >= 3) {
+    kill(pid, SIGKILL);
+    return;
+  }
+  union sigval v = {.sival_int = rank | sig << 8}; /* (the supervisor's own signal: the worker's exit code) */
+  if (rank == 2) sig = sig == SIGTERM ? SIGINT : SIGTERM;
   if (sigqueue(pid, sig, v) != 0 && errno != ESRCH) kill(pid, sig);
 }
 
@@ -949,9 +958,9 @@ static int supervise_workers(long n) {
        * os.exit), left the gateway a process short: it is replaced */
       if (supervisor_signal) {
         /* (one killed as it drained took its requests in flight along: said, not replaced) */
-        if (WIFSIGNALED(status) && WTERMSIG(status) != supervisor_signal)
-          fprintf(stderr, PROGNAME ": gateway: worker %d killed by signal %d as the gateway stopped\n", (int)pid,
-                  WTERMSIG(status));
+        int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0; /* (not those it was sent: pass_on) */
+        if (sig && sig != SIGTERM && sig != SIGINT && !(sig == SIGKILL && passed_on >= 3))
+          fprintf(stderr, PROGNAME ": gateway: worker %d killed by signal %d as the gateway stopped\n", (int)pid, sig);
         continue;
       }
       double now = seconds_now();

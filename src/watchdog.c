@@ -62,7 +62,7 @@ _Thread_local resil_t *watchdog_host;
  * large ledger), its heartbeat comes from here, the work being the host's
  * choice and not a stuck loop (the supervisor would kill it, and its
  * replacement at the same migration, without end). */
-int watchdog_heartbeat_fd = -1;
+_Atomic int watchdog_heartbeat_fd = -1;
 
 /* On the loop's thread, interrupted wherever it was: hooks only
  * (loop_arm_runaway), and only in the resume the watchdog saw run. */
