@@ -390,7 +390,8 @@ local ANTHROPIC_READ = { model = true, messages = true, system = true, max_token
 local function from_openai(b)
   local req = { messages = b.messages, max_tokens = whole(b.max_completion_tokens or b.max_tokens),
     stop = b.stop ~= null and b.stop or nil, tools = b.tools, model = nil, fallback = nil, user = nil,
-    ledger_sync = nil, ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil }
+    ledger_sync = nil, ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil,
+    client_model = b.model } -- (the model the client named, before its alias: see openai.body)
   local own
   for k, v in pairs(b) do -- the body's few fields
     if OPENAI_PASSED[k] then
@@ -408,7 +409,8 @@ local function from_anthropic(b)
   -- (client_api: its sampling numbers are Anthropic's, sent to Anthropic as they are)
   local req = { messages = b.messages, system = b.system, max_tokens = whole(b.max_tokens),
     stop = b.stop_sequences, tools = b.tools, model = nil, fallback = nil, user = nil, ledger_sync = nil,
-    ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil, client_api = "anthropic" } -- (sized: see from_openai)
+    ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil, client_api = "anthropic",
+    client_model = b.model } -- (sized: see from_openai)
   if b.temperature ~= null then req.temperature = b.temperature end
   if b.top_p ~= null then req.top_p = b.top_p end
   if type(b.tool_choice) == "table" then

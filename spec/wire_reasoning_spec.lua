@@ -88,3 +88,47 @@ describe("the OpenAI adapter and reasoning models", function()
     registry.use({})
   end)
 end)
+
+-- A field the model refuses is left out only for a model the request did not name: the one it
+-- named is sent it, and its 400 says what is wrong, as the API itself would (left out, the
+-- client's temperature or fifth stop sequence was dropped without a word to it)
+describe("the OpenAI adapter and a model the request named", function()
+  it("sends a named model the fields it refuses; leaves them out for a fallback's or an alias's", function()
+    local asked = { messages = MSGS, temperature = 0.3, stop = { "a", "b", "c", "d", "e" } }
+    for _, named in ipairs({ "o3", "openai/o3", "azure/o3" }) do
+      asked.model = named
+      local b = openai.body(asked, "o3", {})
+      assert.are.same({ 0.3, 5 }, { b.temperature, #b.stop }, named)
+    end
+    for _, other in ipairs({ "anthropic/claude-sonnet-4-5", "fast", "openai/o3-mini", "xo3" }) do
+      asked.model = other
+      local b = openai.body(asked, "o3", {})
+      assert.are.same({}, { b.temperature, b.stop }, other)
+    end
+    -- a gateway's client: the name it sent, not its alias's model
+    asked.model, asked.client_model = "openai/o3", "fast"
+    assert.is_nil(openai.body(asked, "o3", {}).temperature)
+    asked.client_model = nil
+    -- a chat model named with more than four stop sequences, and a reasoning_effort it refuses
+    local b = openai.body({ model = "gpt-4o-mini", messages = MSGS, stop = { "a", "b", "c", "d", "e" },
+      reasoning_effort = "high" }, "gpt-4o-mini", {})
+    assert.are.same({ 5, "high" }, { #b.stop, b.reasoning_effort })
+  end)
+
+  it("leaves them out for every model with drop_params", function()
+    local b = openai.body({ model = "openai/o3", messages = MSGS, temperature = 0.3 }, "o3", { drop_params = true })
+    assert.is_nil(b.temperature)
+    local ai = require "policies.ai"
+    assert.are.equal(0, #select(2, pcall(function() -- (an option the adapter reads: no warning)
+      local warned = {}
+      local level = resil.log.level()
+      resil.log.level("warn")
+      local old = resil.log.warn
+      resil.log.warn = function(msg) warned[#warned + 1] = msg end
+      ai.configure("openai", { drop_params = true })
+      resil.log.warn = old
+      resil.log.level(level)
+      return warned
+    end)))
+  end)
+end)

@@ -21,7 +21,7 @@ local openai = {
 }
 
 -- (options of ai.configure this adapter reads besides the shared ones)
-openai.config_keys = { "reasoning_models" }
+openai.config_keys = { "reasoning_models", "drop_params" }
 
 function openai.url(base) return base .. "/chat/completions" end
 
@@ -87,6 +87,18 @@ end
 
 -- OpenAI takes four stop sequences, Anthropic (whose clients' requests fall back here) many
 local MAX_STOP = 4
+
+-- A field the model refuses is left out for a model the request did not name (a fallback, an
+-- alias's, a migration's target: the call must not fail for what the client wrote for another
+-- model), and sent as it came to the one it named, whose 400 then says what is wrong, as the API
+-- itself would (left out, a client's temperature or fifth stop sequence was dropped without a
+-- word to it). ai.configure("openai", { drop_params = true }) leaves them out for every model.
+-- (asked only where a field would be left out: nothing on the usual request)
+local function keeps_fields(req, model, conf)
+  if conf.drop_params then return false end
+  local m = req.client_model or req.model -- (a gateway's client: the name it sent, not its alias's model)
+  return m == model or type(m) == "string" and #m > #model and m:sub(-#model - 1) == "/" .. model
+end
 
 function openai.headers(key)
   local h = { ["content-type"] = "application/json", accept = "application/json" }
@@ -172,7 +184,7 @@ function openai.body(req, model, conf)
   if v ~= nil then
     -- past four, a 400 that failed the request (an Anthropic client's, falling back here): the
     -- first four are sent, as a target that took none would have failed the call for good
-    if type(v) == "table" and #v > MAX_STOP then
+    if type(v) == "table" and #v > MAX_STOP and not keeps_fields(req, model, conf) then
       left_out(model, "stop", ("takes %d stop sequences; %d left out: %s"):format(MAX_STOP, #v - MAX_STOP,
         json.encode(table.move(v, MAX_STOP + 1, #v, 1, {})):sub(1, 200)))
       v = table.move(v, 1, MAX_STOP, 1, {})
@@ -180,19 +192,23 @@ function openai.body(req, model, conf)
     body.stop = v
   end
   if kind == "chat" then
-    if body.reasoning_effort ~= nil then
+    if body.reasoning_effort ~= nil and not keeps_fields(req, model, conf) then
       left_out(model, "reasoning_effort", ("takes no reasoning_effort; %s left out"):format(tostring(body.reasoning_effort)))
       body.reasoning_effort = nil
     end
   elseif kind and (kind == "reasoning" or (body.reasoning_effort ~= nil and body.reasoning_effort ~= "none")) then
+    local keep -- (asked once, at the first field it would leave out)
     for field, default in pairs(FIXED_SAMPLING) do
       v = body[field]
       if v ~= nil and v ~= default then
-        body[field] = nil
-        left_out(model, field, ("takes no %s but the default; %s left out"):format(field, tostring(v)))
+        if keep == nil then keep = keeps_fields(req, model, conf) end
+        if not keep then
+          body[field] = nil
+          left_out(model, field, ("takes no %s but the default; %s left out"):format(field, tostring(v)))
+        end
       end
     end
-    if kind == "reasoning" and body.stop ~= nil then -- (o3, o4-mini, gpt-5 refuse any)
+    if kind == "reasoning" and body.stop ~= nil and not keeps_fields(req, model, conf) then -- (o3, o4-mini, gpt-5 refuse any)
       body.stop = nil
       left_out(model, "stop", "takes no stop sequences; left out")
     end

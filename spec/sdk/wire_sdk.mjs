@@ -145,9 +145,13 @@ await check('mock and gateway: reasoning models take max_completion_tokens and t
   for (const [how, m] of [['whole', await ant().messages.create(req)], ['streamed', await ant().messages.stream(req).finalMessage()]]) {
     expect(m.content[0].text.length > 0 && m.stop_reason !== null, `${how}: ${JSON.stringify(m)}`);
   }
-  // an OpenAI client's, naming one
-  const r = await oai().chat.completions.create({ model: 'o3', messages: msgs, max_tokens: 200, temperature: 0.2, top_p: 0.5 });
+  // an OpenAI client's, naming one: its max_tokens renamed, but its own temperature is the API's
+  // 400, as from the API itself (left out, the client's sampling was dropped without a word to it)
+  const r = await oai().chat.completions.create({ model: 'o3', messages: msgs, max_tokens: 200 });
   expect(r.choices[0].message.content.length > 0, JSON.stringify(r));
+  const named = await rejects(oai().chat.completions.create({ model: 'o3', messages: msgs, max_tokens: 200, temperature: 0.2 }),
+    OpenAI.BadRequestError, 'temperature to o3, named');
+  expect(named.message.includes('temperature'), named.message);
   // its reasoning is output, within max_completion_tokens: too few for it answer nothing, as o3 does
   const c = await oai(mock, 'x').chat.completions.create({ model: 'o3', messages: msgs, max_completion_tokens: 10 });
   expect(c.choices[0].message.content === '' && c.choices[0].finish_reason === 'length' &&
