@@ -77,6 +77,28 @@ describe("gateway --workers: a worker whose loop stands still", function()
     assert.is_true(helpers.alive(pid))
   end)
 
+  it("the host's own long work is not silence with the watchdog off (--max-task-seconds 0) either", function()
+    -- (the heartbeat during unwatched work came from the watchdog's thread, which runs only with a
+    -- task cap: without one the worker was killed mid-migration, and its replacement ran it again)
+    local marker = helpers.tmpname(".done")
+    local pid, port, log = start("--worker-timeout 1 --max-task-seconds 0", ([[
+      local resil = require "resil"
+      resil.spawn(function()
+        resil.sleep(0.5)
+        require("resil.core.watchdog").unwatched(function() os.execute("sleep 3") end)
+        io.open(%q .. "." .. io.open("/proc/self/stat"):read("n"), "w"):close() -- (one file a worker)
+      end)
+      return { auth = false }
+    ]]):format(marker))
+    assert.is_true(helpers.wait_until(function()
+      return select(2, helpers.run("ls " .. marker .. ".* 2>/dev/null").stdout:gsub("\n", "")) >= 2
+    end, 20), helpers.slurp(log))
+    assert.is_nil(helpers.slurp(log):match("said nothing"), helpers.slurp(log))
+    assert.are.equal(2, listening(log))
+    assert.are.equal(4, health(port, 4))
+    assert.is_true(helpers.alive(pid))
+  end)
+
   it("a worker that drains (SIGTERM) is not killed for its silence; the stop ends as usual", function()
     local pid, _, log, seen = start("--worker-timeout 1")
     -- (its drain stands still: the stores' last writes, say; stopped first, or an idle worker's

@@ -636,6 +636,7 @@ static int check_metrics_address(const char *listen_at, const char *metrics_addr
 #define SAID_LISTENING 2
 #define SAID_HEARD 4    /* a heartbeat ('h'): its loop turns */
 #define SAID_STOPPING 8 /* 's': told to stop, it drains (its silence then is not judged) */
+#define SAID_UNWATCHED 32 /* 'u': the host's own long work holds its loop (a migration), until its next word */
 
 /* --worker-timeout: a worker whose loop has said nothing for this long (a
  * SIGSTOP, a C call blocked where the watchdog, which counts CPU time, sees
@@ -756,9 +757,15 @@ static void read_said(int *rfds, unsigned char *said, double *heard, long n) {
         break;
       }
       heard[w] = now;
-      for (ssize_t i = 0; i < got; i++)
+      for (ssize_t i = 0; i < got; i++) {
+        if (buf[i] == 'u') { /* the host's own long work (unwatched) holds its loop until its next word */
+          said[w] |= SAID_UNWATCHED;
+          continue;
+        }
+        said[w] &= (unsigned char)~SAID_UNWATCHED;
         said[w] |= buf[i] == 'r' ? SAID_LISTENING : buf[i] == 'h' ? SAID_HEARD : buf[i] == 's' ? SAID_STOPPING
                                                                                                  : SAID_LOADING;
+      }
     }
     if (rfds[w] >= 0 && got == 0) close(rfds[w]), rfds[w] = -1;
   }
@@ -863,7 +870,7 @@ static void kill_silent(const pid_t *pids, const int *rfds, unsigned char *said,
   double now = seconds_now();
   for (long w = 0; w < n; w++) {
     if (pids[w] <= 0 || rfds[w] < 0 || !(said[w] & (SAID_HEARD | SAID_LISTENING)) ||
-        (said[w] & (SAID_STOPPING | SAID_KILLED)) || now - heard[w] < worker_timeout)
+        (said[w] & (SAID_STOPPING | SAID_KILLED | SAID_UNWATCHED)) || now - heard[w] < worker_timeout)
       continue;
     fprintf(stderr,
             PROGNAME ": gateway: worker %d said nothing for %.1f s (--worker-timeout=%g: stopped, or stuck where "

@@ -410,9 +410,18 @@ void watchdog_sql_stopped(lua_State *L, resil_t *R) {
 static int l_unwatched(lua_State *L) {
   resil_t *R = resil_from_lua(L);
   luaL_checktype(L, 1, LUA_TFUNCTION);
-  atomic_fetch_add(&R->watch_paused, 1);
+  /* a gateway worker says so to its supervisor ('u', then a heartbeat): without a watchdog
+   * (--max-task-seconds 0) no thread says 'h' meanwhile, and the migration was killed, again
+   * in each replacement */
+  if (atomic_fetch_add(&R->watch_paused, 1) == 0 && watchdog_heartbeat_fd >= 0) {
+    ssize_t n = write(watchdog_heartbeat_fd, "u", 1); /* (non-blocking) */
+    (void)n;
+  }
   int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
-  atomic_fetch_sub(&R->watch_paused, 1);
+  if (atomic_fetch_sub(&R->watch_paused, 1) == 1 && watchdog_heartbeat_fd >= 0) {
+    ssize_t n = write(watchdog_heartbeat_fd, "h", 1);
+    (void)n;
+  }
   if (status != LUA_OK) return lua_error(L);
   return lua_gettop(L);
 }
