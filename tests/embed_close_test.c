@@ -63,7 +63,13 @@ static const char policy[] = "local resil = require 'resil'\n"
                              "end\n"
                              "function reserved() return resil.budget('team-a', { limit = 1 }):state().reserved end\n"
                              "function held_now() resil.sleep(0.01) return held == true end\n"
-                             "function paid() return resil.step('paid', function() resil.host.mark() return 'p' end) end\n";
+                             "function paid() return resil.step('paid', function() resil.host.mark() return 'p' end) end\n"
+                             "function once_paid()\n"
+                             "  return resil.once('charge-8', function() resil.host.mark() return 'charged' end)\n"
+                             "end\n"
+                             "function once_paid_again()\n"
+                             "  return resil.once({ key = 'charge-8', wait = 0.2 }, function() return 'charged again' end)\n"
+                             "end\n";
 
 /* resil.host.mark(): the step's fn ran (it has no way back into the host) */
 static int fn_ran;
@@ -182,6 +188,21 @@ static void scenario(const char *store, const char *on) {
   check_on(on, held && again == RESIL_OK && strcmp(result, "[0]") == 0,
         "a budget's hold a call had at resil_close is given back (it counted 600 s more, the process alive)");
   if (again != RESIL_OK || strcmp(result, "[0]") != 0) printf("# got %d: %.300s\n", again, result);
+  resil_close(R);
+
+  /* a resil.once fn that ran (and was paid for), closed while the store takes its record: the
+   * key is not given up, which made the next caller run fn, and pay, again; its record is written */
+  R = open_on(store);
+  fn_ran = 0;
+  resil_call_async(R, "once_paid", NULL, on_done, NULL);
+  for (int i = 0; i < 200 && !fn_ran; i++) resil_step(R, 10);
+  resil_close(R);
+  R = open_on(store);
+  again = call(R, "once_paid_again", NULL);
+  check_on(on, fn_ran && again == RESIL_OK && strcmp(result, "[\"charged\"]") == 0,
+           "a resil.once fn that ran, closed before its record was stored: the next caller gets its result "
+           "(its key was given up, and the next caller's fn ran, paid, again)");
+  if (again != RESIL_OK || strcmp(result, "[\"charged\"]") != 0) printf("# got %d: %.300s\n", again, result);
   resil_close(R);
 
   /* a step whose fn ran, closed while the store takes its result: the run says so */

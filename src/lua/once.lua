@@ -31,7 +31,8 @@ local function is_permanent(err)
 end
 
 local drop_mt = { __close = function(d) owner_drop(d[1], d[2]) end }
--- key -> { store, holder } while fn runs here, for resil_close (below)
+-- key -> { key, store, holder [, result, retention, now] } while fn runs here or its record is
+-- being written (the result: fn has ended, and was paid for), for resil_close (below)
 local running = {}
 local running_mt = { __close = function(r) if running[r[1]] == r then running[r[1]] = nil end end }
 
@@ -41,14 +42,16 @@ local running_mt = { __close = function(r) if running[r[1]] == r then running[r[
 -- other processes, saw the key in progress for as long as this process
 -- lived. The write is retried until the store takes it (a minute at most);
 -- callers in this process wait for that as for fn itself. -> the task
-local function write_later(s, key, write)
+local function write_later(s, key, write, record)
   local token = "once-pending:" .. key -- renews our lease (another host must not take the key over)
   owner_keep(backend_of[s], token)
   local task
+  if record then running[key] = record end -- (resil_close writes it, if still due)
   task = resil.spawn(function()
     local ok, err = S.retry_write(write)
     owner_drop(backend_of[s], token)
     if inflight[key] == task then inflight[key] = nil end
+    if record and running[key] == record then running[key] = nil end
     if ok == nil then
       resil.log.error("once: the record could not be written; the key stays held until this process ends",
         { key = key, error = tostring(err) })
@@ -104,11 +107,15 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
     release(s, key, holder)
     error(setmetatable({ "resil.once: cannot store the results: " .. err }, unstorable_mt), 0)
   end
+  -- (fn ran and was paid for: a host closed from here on writes its record, not give the key up,
+  -- which made the next caller run fn and pay again)
+  mine[4], mine[5], mine[6] = text, retention, now
   local ok = backend_of[s]:once_finish(key, holder, text, retention, now)
   if ok == nil then
     -- fn ran (and was paid for): its caller gets the results, and the record
     -- is written when the store takes it, so a second copy replays them
-    write_later(s, key, function() return backend_of[s]:once_finish(key, holder, text, retention, store_now()) end)
+    write_later(s, key, function() return backend_of[s]:once_finish(key, holder, text, retention, store_now()) end,
+      { key, s, holder, text, retention, now })
     return unpack(r, 2, r.n)
   end
   if not ok then
@@ -372,7 +379,7 @@ function resil.once_reap()
 end
 
 -- resil_close (embed_give_up): the keys whose fn the host was running are given up, as a fn
--- that raised gives its key up. Kept, they were held by this live process: every caller, in it or
+-- that raised gives its key up; those whose fn ended have their record written. Kept, they were held by this live process: every caller, in it or
 -- another process, was told in_progress for as long as it lived. -> true | nil, err (the first)
 debug.getregistry()["resil.once.close"] = function()
   local first, failed = nil, {}
@@ -380,7 +387,9 @@ debug.getregistry()["resil.once.close"] = function()
     local b = backend_of[r[2]]
     -- (one failure and that store is left: each try on a frozen Redis waits a second or two)
     if not failed[b] then
-      local ok, released, err = pcall(b.once_release_now, b, key, r[3])
+      local ok, released, err
+      if r[4] then ok, released, err = pcall(b.once_finish_now, b, key, r[3], r[4], r[5], r[6])
+      else ok, released, err = pcall(b.once_release_now, b, key, r[3]) end
       if not ok or (released == nil and err ~= nil) then first, failed[b] = first or (ok and err or released), true end
     end
   end

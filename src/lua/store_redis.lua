@@ -1025,6 +1025,13 @@ function R:once_release(key, owner)
   return n == 1
 end
 
+-- once_finish at once, without the loop (resil_close: fn ended, its record not yet written)
+function R:once_finish_now(key, owner, result, retention)
+  local n, err = self.conn:call_now("EVAL", scripts.once_finish, 1, P .. "once:" .. key, owner, result, retention)
+  if n == nil then error(err, 0) end
+  return n == 1
+end
+
 -- the same at once, without the loop (resil_close): one blocking command
 function R:once_release_now(key, owner)
   local n, err = self.conn:call_now("EVAL", scripts.once_release, 1, P .. "once:" .. key, owner)

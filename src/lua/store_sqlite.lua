@@ -383,6 +383,14 @@ function B:once_release(key, owner)
   end)
 end
 
+-- once_finish at once, without the loop (resil_close: fn ended, its record not yet written)
+function B:once_finish_now(key, owner, result, retention, now)
+  return self.db:now(function(tx)
+    return tx:exec("UPDATE idempotency SET state = 'done', result = ?, locked_at = NULL, expires_at = ? " ..
+                   "WHERE key = ? AND owner = ?", result, now + retention, key, owner) > 0
+  end)
+end
+
 -- the same at once, without the loop (resil_close: a key its closed host ran stayed held for as
 -- long as the process lived)
 function B:once_release_now(key, owner)
