@@ -64,6 +64,15 @@ static const char policy[] = "local resil = require 'resil'\n"
                              "function reserved() return resil.budget('team-a', { limit = 1 }):state().reserved end\n"
                              "function held_now() resil.sleep(0.01) return held == true end\n"
                              "function paid() return resil.step('paid', function() resil.host.mark() return 'p' end) end\n"
+                             "function settle_paid()\n"
+                             "  local t = assert(resil.budget('team-b', { limit = 1 }):reserve(0.4))\n"
+                             "  resil.host.mark()\n"
+                             "  assert(t:settle(0.3))\n"
+                             "end\n"
+                             "function spent_b()\n"
+                             "  local s = resil.budget('team-b', { limit = 1 }):state()\n"
+                             "  return s.spent, s.reserved\n"
+                             "end\n"
                              "function once_paid()\n"
                              "  return resil.once('charge-8', function() resil.host.mark() return 'charged' end)\n"
                              "end\n"
@@ -203,6 +212,21 @@ static void scenario(const char *store, const char *on) {
            "a resil.once fn that ran, closed before its record was stored: the next caller gets its result "
            "(its key was given up, and the next caller's fn ran, paid, again)");
   if (again != RESIL_OK || strcmp(result, "[\"charged\"]") != 0) printf("# got %d: %.300s\n", again, result);
+  resil_close(R);
+
+  /* a call's settle the store was taking at resil_close: written (its cost was paid), not lost
+   * with the host, its hold counted until its end and the spend never */
+  R = open_on(store);
+  fn_ran = 0;
+  resil_call_async(R, "settle_paid", NULL, on_done, NULL);
+  for (int i = 0; i < 200 && !fn_ran; i++) resil_step(R, 10);
+  resil_close(R);
+  R = open_on(store);
+  again = call(R, "spent_b", NULL);
+  check_on(on, fn_ran && again == RESIL_OK && strcmp(result, "[0.3,0]") == 0,
+           "a settle the store was taking at resil_close is written: the budget's spent counts it, no hold left "
+           "(it was lost: spent 0, the 0.4 hold counted 600 s)");
+  if (again != RESIL_OK || strcmp(result, "[0.3,0]") != 0) printf("# got %d: %.300s\n", again, result);
   resil_close(R);
 
   /* a step whose fn ran, closed while the store takes its result: the run says so */

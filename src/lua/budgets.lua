@@ -89,8 +89,10 @@ Ticket.__newindex = function(t, k, v)
   rawset(t, k, v)
 end
 Ticket.__metatable = false
--- the tickets made on a store, for resil_close (below)
+-- the tickets made on a store, and those whose settle the store is taking (-> {store, entry}),
+-- for resil_close (below)
 local on_store = setmetatable({}, { __mode = "k" })
+local settling = setmetatable({}, { __mode = "k" })
 local function new_ticket(id, budget, fields)
   local t = setmetatable(fields, Ticket)
   ticket_id[t], ticket_budget[t] = id, budget
@@ -516,7 +518,9 @@ function Ticket:settle(actual, e)
   -- task of its own, kept once per ticket (the row and the hold both lost
   -- before)
   local write <close> = setmetatable({ ticket = self, entry = entry, fields = fields }, settle_guard)
+  settling[self] = { s, entry }
   local ok, err = backend_of[s]:budget_settle(self.id, entry)
+  settling[self] = nil
   write.seen = true
   if ok and actual > 0 then costs.observe(fields, fields.units) end
   if ok == nil and resil.is_error(err) and err.kind == "store_unavailable" then
@@ -654,6 +658,15 @@ end
 -- until their end (`hold`, 600 s by default) in this live process. -> true | nil, err (the first)
 debug.getregistry()["resil.budgets.close"] = function()
   local first, failed = nil, {}
+  -- a settle the store was taking (SQLite's queue, freed at its close): written now, as the paid
+  -- call's cost it is (it was lost: the spend never counted, its hold did until its end)
+  for t, w in pairs(settling) do
+    local b = backend_of[w[1]]
+    if b.budget_settle_now and not failed[b] then
+      local ok, settled, err = pcall(b.budget_settle_now, b, t.id, w[2])
+      if not ok or (settled == nil and err ~= nil) then first, failed[b] = first or (ok and err or settled), true end
+    end
+  end
   for t in pairs(on_store) do
     local b = backend_of[t.store]
     -- (one failure and that store is left: each try on a frozen Redis waits a second or two)

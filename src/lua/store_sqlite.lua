@@ -807,6 +807,10 @@ end
 
 function B:budget_settle(ticket, entry) return self.db:tx(settle, ticket, entry) end
 
+-- the same at once, without the loop (resil_close: a settle queued when the host closed; Redis
+-- has none, its command sent as the settle began)
+function B:budget_settle_now(ticket, entry) return self.db:now(settle, ticket, entry) end
+
 -- the same in the next group commit, without waiting: done(nil, first) | done(err)
 function B:budget_settle_later(ticket, entry, done) return self.db:enqueue(done, settle, ticket, entry) end
 
