@@ -39,6 +39,7 @@ typedef struct embed_state {
  * environment (through its require, so the sandbox applies), decode the
  * arguments, and turn results into JSON or nil, err into a message. */
 static const char helpers_lua[] =
+  "local describe = ... -- (resil_describe: a table's fields, credentials redacted, as error.c reports them)\n"
   "local resil = require 'resil'\n"
   "local json, null = resil.json, resil.json.null\n"
   "local pack, unpack = table.pack, table.unpack\n"
@@ -111,8 +112,9 @@ static const char helpers_lua[] =
   "  if type(v) ~= 'table' then return nil end\n"
   "  local mt = getmetatable(v)\n"
   "  if type(mt) == 'table' and mt.__tostring ~= nil then return nil end\n"
-  "  local ok, text = pcall(json.encode, v)\n"
-  "  return ok and valid_utf8(text) or nil\n"
+  "  -- (its credential fields redacted, as a raised table's: a password, an Authorization went out whole)\n"
+  "  local ok, text = pcall(describe, v)\n"
+  "  return ok and type(text) == 'string' and valid_utf8(text) or nil\n"
   "end\n"
   "local function finish(name, f, r)\n"
   "  if r.n >= 2 and r[1] == nil and r[2] ~= nil then\n"
@@ -217,6 +219,12 @@ static char *with_fields(resil_t *R, int idx, const char *tb) {
   return out;
 }
 
+/* describe(v) -> resil_describe's message (the helpers' fields) */
+static int l_describe(lua_State *L) {
+  resil_describe(L, 1);
+  return 1;
+}
+
 /* The call's task ended (task_done): keep its outcome. L stack (R->L): unchanged. */
 static void call_done(void *arg, task *t) {
   embed_call *c = arg;
@@ -256,7 +264,8 @@ static int push_helpers(resil_t *R) {
   if (luaL_loadbuffer(L, helpers_lua, sizeof helpers_lua - 1, "=[resil embed]") != LUA_OK) return LUA_ERRSYNTAX;
   resil_push_host_env(L);
   lua_setupvalue(L, -2, 1);
-  if (host_pcall(L, "resil_call", 0, 3) != LUA_OK) return LUA_ERRRUN;
+  lua_pushcfunction(L, l_describe);
+  if (host_pcall(L, "resil_call", 1, 3) != LUA_OK) return LUA_ERRRUN;
   lua_createtable(L, 3, 0);
   lua_insert(L, -4);
   lua_rawseti(L, -4, 3);

@@ -323,6 +323,9 @@ int main(void) {
                                        "function fail_fields() return nil, { code = 7 } end\n"
                                        "function fail_bad_tostring()\n"
                                        "  return nil, setmetatable({}, { __tostring = function() error('no') end })\n"
+                                       "end\n"
+                                       "function fail_secret()\n"
+                                       "  return nil, { code = 7, password = 'hunter2', headers = { Authorization = 'Bearer sk-9' } }\n"
                                        "end\n",
                                        "=errors") == RESIL_OK && resil_run(E) == RESIL_OK;
   int raised = defined ? call(E, "raise_plain", NULL) : -1;
@@ -341,6 +344,12 @@ int main(void) {
   check(failed == RESIL_ERR_FAILED && contains(resil_error(E), "returned nil, err: {\"code\":7}"),
         "nil, {code = 7}: its fields");
   if (failed != RESIL_ERR_FAILED || !contains(resil_error(E), "code")) printf("# got %d: %.300s\n", failed, resil_error(E));
+  failed = defined ? call(E, "fail_secret", NULL) : -1;
+  check(failed == RESIL_ERR_FAILED && contains(resil_error(E), "\"password\":\"[REDACTED]\"") &&
+            !contains(resil_error(E), "hunter2") && !contains(resil_error(E), "sk-9"),
+        "nil, {password =, headers = {Authorization =}}: its credential fields redacted, as a raised table's are "
+        "(they reached the program whole)");
+  if (failed != RESIL_ERR_FAILED || contains(resil_error(E), "hunter2")) printf("# got %d: %.300s\n", failed, resil_error(E));
   failed = defined ? call(E, "fail_bad_tostring", NULL) : -1;
   check(failed == RESIL_ERR_FAILED && contains(resil_error(E), "fail_bad_tostring (errors:4) returned nil"),
         "nil, err whose __tostring raises is still RESIL_ERR_FAILED naming the function (it was RESIL_ERR_SCRIPT, "
