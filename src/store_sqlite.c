@@ -73,6 +73,8 @@ struct op {
   int changed;     /* ...and its statement wrote a row */
   struct timespec queued_at; /* a detached op's, for DETACHED_LOCK_WAIT */
   op *next;
+  op *woken_prev, *woken_next; /* its task woken, its continuation not run yet (store_db's woken) */
+  int is_woken;
 };
 
 /* A row statement (db:row_statement): one INSERT whose parameters are a
@@ -91,6 +93,7 @@ typedef struct store_db {
   char *path;
   int group_commit;
   op *head, *tail;
+  op *woken; /* ops done whose tasks have not resumed: freed at the host's close, as nothing else would */
   struct event *flush_ev;
   struct event *retry_ev; /* another process holds the write lock: try again later */
   int waiting_lock, lock_attempts;
@@ -364,6 +367,24 @@ static void op_free(lua_State *L, op *o) {
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_done);
   free(o);
+}
+
+/* An op whose task was woken (its result due) is on its store's woken list until the task's
+ * continuation takes it, or a cancel gives it back: a host closed in between (resil_close after
+ * the commit, before the task ran again) leaked it (72 bytes each) */
+static void woken_add(store_db *d, op *o) {
+  o->woken_prev = NULL;
+  o->woken_next = d->woken;
+  if (d->woken) d->woken->woken_prev = o;
+  d->woken = o;
+  o->is_woken = 1;
+}
+static void woken_remove(op *o) {
+  if (!o->is_woken) return;
+  if (o->woken_prev) o->woken_prev->woken_next = o->woken_next;
+  else o->d->woken = o->woken_next;
+  if (o->woken_next) o->woken_next->woken_prev = o->woken_prev;
+  o->is_woken = 0;
 }
 
 /* Run one op on L (the main state) under a savepoint; store its results.
@@ -728,6 +749,7 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
     op *next = o->next;
     d->ops++;
     if (o->t) {
+      woken_add(d, o);
       task_wake(o->t);
     } else if (o->insert) {
       int i = o->insert - 1;
@@ -1066,6 +1088,7 @@ static void op_canceled(void *arg) {
 /* Flushed and canceled before it resumed: nobody will read the result. */
 static void op_give_back(void *arg) {
   op *o = arg;
+  woken_remove(o);
   op_free(o->d->R->L, o);
 }
 
@@ -1083,6 +1106,7 @@ static const task_wait_ops store_op_wait = {op_canceled, op_give_back, op_settli
 static int tx_k(lua_State *L, int status, lua_KContext ctx) {
   op *o = (op *)ctx;
   int failed = o->failed;
+  woken_remove(o);
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_fn_args);
   lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_result);
   luaL_unref(L, LUA_REGISTRYINDEX, o->ref_result);
@@ -1391,6 +1415,10 @@ static void db_close_all(lua_State *L, store_db *d) {
       op *next = o->next;
       op_free(L, o);
       o = next;
+    }
+    while ((o = d->woken)) { /* (done, their tasks never to run again) */
+      woken_remove(o);
+      op_free(L, o);
     }
   }
   /* closing: durable now (also with a sync under way: these may have
