@@ -1685,8 +1685,17 @@ local function model_by_id(req, id)
       model_targets()[id]) and ai.provider_module(provider) ~= nil then
     return { status = 200, body = json.encode(model_object({ id = id, owned_by = provider }, api)) }
   end
+  -- (the id as UTF-8: a character cut at the bound dropped, bytes that are not UTF-8 shown as "?";
+  -- echoed as they came, the 404 was a body no client could read)
+  local shown = id:sub(1, MODEL_MAX)
+  if not utf8.len(shown) then
+    for cut = 1, 3 do
+      if utf8.len(shown:sub(1, -cut - 1)) then shown = shown:sub(1, -cut - 1) break end
+    end
+    if not utf8.len(shown) then shown = shown:gsub("[\128-\255]", "?") end
+  end
   return error_reply(api, 404, ("The model '%s' does not exist or this key may not use it"):format(
-    public_message(id:sub(1, MODEL_MAX))), { code = "model_not_found" })
+    public_message(shown)), { code = "model_not_found" })
 end
 
 -- count_tokens' own rate for a key with rpm: at the key's rpm, apart from its calls', as Anthropic

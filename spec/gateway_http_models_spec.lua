@@ -34,7 +34,7 @@ describe("GET /v1/models/{id}: a provider/model id from the official SDKs", func
     return
   end
   local resil = require "resil"
-  local got, pid
+  local got, pid, raw_404
 
   setup(function()
     local port = helpers.free_port()
@@ -60,6 +60,12 @@ describe("GET /v1/models/{id}: a provider/model id from the official SDKs", func
     local r = helpers.run(("SDK=%s/spec/sdk/node_modules URL=http://127.0.0.1:%d KEY_ANY=%s KEY_FAST=%s node %s"):format(
       os.getenv("PWD"), port, any, fast, helpers.write(helpers.tmpname(".cjs"), SCRIPT)))
     got = assert(resil.json.decode(r.stdout:match("%b{}") or "null"), r.stdout .. r.stderr)
+    -- an id whose bytes are not UTF-8 (percent-encoded), and one cut inside a character at its bound
+    raw_404 = {}
+    for _, id in ipairs({ "openai%2Fgpt%FF%FE", "openai%2F" .. ("%C3%A9"):rep(200) }) do
+      raw_404[#raw_404 + 1] = helpers.run(("curl -s 'http://127.0.0.1:%d/v1/models/%s' -H 'Authorization: Bearer %s'")
+        :format(port, id, any)).stdout
+    end
   end)
   teardown(function() if pid then os.execute("kill " .. pid .. " 2>/dev/null") end end)
 
@@ -79,5 +85,12 @@ describe("GET /v1/models/{id}: a provider/model id from the official SDKs", func
     assert.are.equal("NotFoundError 404", got.no_provider)
     assert.are.equal("NotFoundError 404", got.not_allowed)
     assert.are.equal("ok fast openai", got.alias)
+  end)
+  -- (before: its bytes echoed in the message, a body no client could read as UTF-8 JSON)
+  it("a 404 for an id that is not UTF-8 is UTF-8 JSON all the same", function()
+    for _, body in ipairs(raw_404) do
+      assert.is_not_nil(utf8.len(body), body)
+      assert.matches("does not exist", resil.json.decode(body).error.message)
+    end
   end)
 end)
