@@ -1,6 +1,6 @@
 -- OpenAI's tool_choice allowed_tools sent to Anthropic: its mode over the tools it allows. One
 -- that allows none of the request's tools sent "tools": {} (an object, which Anthropic refuses
--- with a 400) beside its tool_choice.
+-- with a 400) beside its tool_choice: now all of them, with tool_choice none.
 local resil = require "resil"
 resil.log.level("off")
 local anthropic = require "policies.providers.anthropic"
@@ -21,14 +21,12 @@ describe("an OpenAI allowed_tools choice sent to Anthropic", function()
     assert.are.same({ "a", "any" }, { b.tools[1].name, b.tool_choice.type })
   end)
 
-  it("that allows none of the request's tools sends no tools list: none, not an object", function()
-    local b = sent({ type = "allowed_tools", allowed_tools = { mode = "auto",
-      tools = { { type = "function", ["function"] = { name = "b" } } } } })
-    assert.is_nil(b.tools)
-    assert.is_nil(b.tool_choice) -- (auto over no tools: a plain answer)
-    b = sent({ type = "allowed_tools", allowed_tools = { mode = "required",
-      tools = { { type = "function", ["function"] = { name = "b" } } } } })
-    assert.is_nil(b.tools)
-    assert.are.equal("any", b.tool_choice.type) -- (the API's own 400: the client required a tool it did not send)
+  it("that allows none of the request's tools sends them all, none to be called: never \"tools\": {}", function()
+    -- (without the tools, a conversation holding tool_use blocks is refused too)
+    for _, mode in ipairs({ "auto", "required" }) do
+      local b = sent({ type = "allowed_tools", allowed_tools = { mode = mode,
+        tools = { { type = "function", ["function"] = { name = "b" } } } } })
+      assert.are.same({ "a", "none" }, { b.tools[1] and b.tools[1].name, b.tool_choice.type }, mode)
+    end
   end)
 end)

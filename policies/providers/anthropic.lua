@@ -88,7 +88,7 @@ local function allowed_of(tools, choice)
   for _, t in ipairs(tools) do
     if type(t) ~= "table" or t.name == nil or names[t.name] then out[#out + 1] = t end
   end
-  return out[1] and out or nil -- (none: no list, never "tools": {}, an object the API refuses)
+  return out[1] and out or nil -- (none: nil, never "tools": {}, an object the API refuses)
 end
 
 -- OpenAI's stop (a string or a list) as stop_sequences, without the empty or
@@ -128,9 +128,10 @@ function anthropic.body(req, model, conf)
   body.tools = tools_of(req.tools)
   body.tool_choice = tool_choice_of(req.tool_choice)
   if body.tool_choice ~= req.tool_choice and type(req.tool_choice) == "table" then
-    body.tools = allowed_of(body.tools, req.tool_choice)
-    -- auto over no tools is a plain answer; required over none stays the API's own 400
-    if not body.tools and body.tool_choice.type == "auto" then body.tool_choice = nil end
+    -- none of the request's tools allowed: all of them sent, and none to be called (without
+    -- them, a conversation holding tool_use blocks is refused; "tools": {} was refused as well)
+    local allowed = allowed_of(body.tools, req.tool_choice)
+    if allowed or not body.tools then body.tools = allowed else body.tool_choice = { type = "none" } end
   end
   -- OpenAI's parallel_tool_calls = false is a flag of Anthropic's tool_choice (none has no calls)
   if req.parallel_tool_calls == false and body.tools then
