@@ -710,12 +710,17 @@ end
 -- which cannot wait): its usage is known once that record is written, polled here for a while
 -- (it kept its estimate, all of max_tokens: two streams stopped after a few words took 8,000 of
 -- a key's 10,000 tpm, and the next request was a 429)
-local RECORDED_WAIT, RECORDED_POLL = 10, 0.01
+-- (polled from 10 ms, doubling to 0.5 s: a thousand clients leaving while the store is slow to
+-- take their records woke the loop 100,000 times a second)
+local RECORDED_WAIT, RECORDED_POLL, RECORDED_POLL_MAX = 10, 0.01, 0.5
 local function correct_once_recorded(charged, s)
-  for _ = 1, RECORDED_WAIT / RECORDED_POLL do
+  local waited, poll = 0, RECORDED_POLL
+  while true do
     local r, err = s:result()
     if r or err then return correct_tpm(charged, r and r.usage or type(err) == "table" and err.usage) end
-    resil.sleep(RECORDED_POLL)
+    if waited >= RECORDED_WAIT then return end
+    resil.sleep(poll)
+    waited, poll = waited + poll, math.min(poll * 2, RECORDED_POLL_MAX)
   end
 end
 
