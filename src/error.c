@@ -7,7 +7,6 @@
  * is redacted (redact.c), and any value becomes a message through
  * resil_describe, which never raises.
  */
-#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -93,20 +92,25 @@ static void describe_add_number(describe_buf *d, lua_State *L, int idx, int quot
 
 /* A field whose name says it holds a credential (a request's headers raised with the error, a
  * config's api_key) is written as the redaction mark: the report goes to logs and terminals, and
- * redaction finds only registered secrets and URL parameters, not a JSON field's value. */
-static int describe_sensitive(const char *name, size_t n) {
+ * redaction finds only registered secrets and URL parameters, not a JSON field's value. The one
+ * list for both reports: this one and a step's stored error (runs.lua, private.sensitive_field). */
+int resil_sensitive_field(const char *name, size_t n) {
   /* (and a service account's private_key, a client's auth = "user:pass", credentials, a passphrase) */
   static const char *const parts[] = {"authoriz", "cookie", "api_key", "api-key", "apikey", "secret", "passw",
                                       "signature", "private_key", "private-key", "privatekey", "credential",
                                       "passphrase", NULL};
-  char low[64];
-  if (n >= sizeof low) n = sizeof low - 1;
-  for (size_t i = 0; i < n; i++) low[i] = (char)tolower((unsigned char)name[i]);
-  low[n] = '\0';
   for (int i = 0; parts[i]; i++)
-    if (strstr(low, parts[i])) return 1;
-  if (strcmp(low, "auth") == 0) return 1; /* (not author) */
-  return n >= 5 && strcmp(low + n - 5, "token") == 0; /* (access_token; not max_tokens, a count) */
+    if (strcasestr(name, parts[i])) return 1;
+  if (strcasecmp(name, "auth") == 0) return 1; /* (not author) */
+  return n >= 5 && strcasecmp(name + n - 5, "token") == 0; /* (access_token; not max_tokens, a count) */
+}
+
+/* private.sensitive_field(name) -> whether a field of that name is written redacted */
+int resil_l_sensitive_field(lua_State *L) {
+  size_t n;
+  const char *name = luaL_checklstring(L, 1, &n);
+  lua_pushboolean(L, resil_sensitive_field(name, n));
+  return 1;
 }
 
 static void describe_add_value(lua_State *L, describe_buf *d, int idx, int depth) {
@@ -140,7 +144,7 @@ static void describe_add_value(lua_State *L, describe_buf *d, int idx, int depth
         size_t n;
         const char *s = lua_tolstring(L, -2, &n);
         describe_add_string(d, s, n);
-        sensitive = describe_sensitive(s, n);
+        sensitive = resil_sensitive_field(s, n);
       } else if (lua_type(L, -2) == LUA_TNUMBER) {
         describe_add_number(d, L, lua_absindex(L, -2), 1); /* (lua_tolstring would change the key lua_next needs) */
       } else {

@@ -326,6 +326,8 @@ void timer_free(resil_timer *tm);
 /* error.c: error values, {kind=, message=, ...} with a __tostring, and messages */
 int resil_traceback(lua_State *L); /* message handler for lua_pcall */
 const char *resil_describe(lua_State *L, int idx); /* pushes a message for any value; never raises */
+int resil_sensitive_field(const char *name, size_t n); /* error.c: a field written redacted in error reports */
+int resil_l_sensitive_field(lua_State *L);              /* ...as private.sensitive_field(name) */
 void describe_hook(lua_State *L, lua_Debug *ar); /* error.c: resil_describe's cap on a __tostring */
 int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's line */
 void resil_push_error(lua_State *L, const char *kind, const char *fmt, ...);

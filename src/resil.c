@@ -338,6 +338,8 @@ static void make_private(lua_State *L) {
   lua_newtable(L);
   lua_pushcfunction(L, resil_sqlite_open_store);
   lua_setfield(L, -2, "sqlite_open");
+  lua_pushcfunction(L, resil_l_sensitive_field);
+  lua_setfield(L, -2, "sensitive_field");
   lua_getfield(L, -2, "redis");
   lua_getfield(L, -1, "connect");
   lua_pushvalue(L, -1);

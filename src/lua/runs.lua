@@ -223,22 +223,15 @@ end
 -- in another process, which does not know this one's secrets). Redacted
 -- before it is cut, so no part of a secret is left at the cut.
 -- A field whose name says it holds a credential (a request's headers kept in the error) is the
--- redaction mark, as an uncaught table's report has it (src/error.c): redaction finds registered
--- secrets and URL parameters, not a JSON field's value.
--- (and a service account's private_key, a client's auth = "user:pass", credentials, a key's passphrase)
-local SENSITIVE = { "authoriz", "cookie", "api_key", "api-key", "apikey", "token$", "secret", "passw", "signature",
-  "private_key", "private-key", "privatekey", "credential", "passphrase", "^auth$" }
+-- redaction mark, as an uncaught table's report has it: redaction finds registered secrets and URL
+-- parameters, not a JSON field's value. The names are src/error.c's (private.sensitive_field).
+local sensitive_field = private.sensitive_field
 local function without_credentials(t, depth, seen)
   if type(t) ~= "table" or depth > 16 or seen[t] then return t end
   seen[t] = true
   local out = {}
   for k, v in pairs(t) do
-    local low = type(k) == "string" and k:lower()
-    local sensitive = false
-    for _, part in ipairs(low and SENSITIVE or {}) do
-      if low:find(part, 1, part:sub(-1) ~= "$") then sensitive = true break end -- (token$: not max_tokens)
-    end
-    out[k] = sensitive and "[REDACTED]" or without_credentials(v, depth + 1, seen)
+    out[k] = type(k) == "string" and sensitive_field(k) and "[REDACTED]" or without_credentials(v, depth + 1, seen)
   end
   seen[t] = nil
   return setmetatable(out, getmetatable(t))
