@@ -487,6 +487,13 @@ static void run_row(lua_State *L, store_db *d, op *o) {
 #define FILE_MOVED "its file was deleted or replaced since it was opened; nothing is written to it any more"
 #define WAL_MOVED "its -wal or -shm file was deleted or replaced since it was opened; nothing is written to it any " \
                   "more"
+
+/* The -shm SQLite keeps beside a WAL ("x.db-wal" -> "x.db-shm") -> shm, or NULL (no WAL, too long) */
+static const char *shm_name(const char *wal, char shm[PATH_MAX]) {
+  if (!wal || snprintf(shm, PATH_MAX, "%.*s-shm", (int)strlen(wal) - 4, wal) >= PATH_MAX) return NULL;
+  return shm;
+}
+
 /* The same for the WAL and its index (a cleanup of "temporary" files took state.db-wal or
  * state.db-shm): SQLite wrote on into the deleted WAL, which no other process reads (one opened
  * after both were gone saw none of its commits: a budget's spend $0), or kept its locks and index
@@ -503,8 +510,9 @@ static const char *wal_name(store_db *d) {
 
 static int wal_moved(store_db *d) {
   const char *wal = wal_name(d);
-  char shm[PATH_MAX];
-  if (!wal || snprintf(shm, sizeof shm, "%.*s-shm", (int)strlen(wal) - 4, wal) >= (int)sizeof shm) return 0;
+  char buf[PATH_MAX];
+  const char *shm = shm_name(wal, buf);
+  if (!shm) return 0;
   struct stat w, m;
   int has_w = stat(wal, &w) == 0, has_m = stat(shm, &m) == 0;
   if (!d->wal_known) { /* (at open, or the first write: both exist once a read has begun) */
@@ -524,9 +532,9 @@ static int wal_moved(store_db *d) {
  * by our index as this one closes would then mix pages. */
 static int others_wrote(store_db *d) {
   const char *wal = wal_name(d);
-  char shm[PATH_MAX];
-  if (!d->wal_known || !wal || snprintf(shm, sizeof shm, "%.*s-shm", (int)strlen(wal) - 4, wal) >= (int)sizeof shm)
-    return 0;
+  char buf[PATH_MAX];
+  const char *shm = shm_name(wal, buf);
+  if (!d->wal_known || !shm) return 0;
   struct stat w, m;
   if (stat(wal, &w) != 0) return 0;
   if (w.st_dev != d->wal_dev || w.st_ino != d->wal_ino) return w.st_size > 0;
@@ -541,9 +549,9 @@ static int others_wrote(store_db *d) {
  * of another inode is someone else's and left. */
 static void drop_moved_wal(store_db *d) {
   const char *wal = wal_name(d);
-  char shm[PATH_MAX];
-  if (!d->wal_known || !wal || snprintf(shm, sizeof shm, "%.*s-shm", (int)strlen(wal) - 4, wal) >= (int)sizeof shm)
-    return;
+  char buf[PATH_MAX];
+  const char *shm = shm_name(wal, buf);
+  if (!d->wal_known || !shm) return;
   struct stat w, m;
   if (stat(wal, &w) == 0 && w.st_dev == d->wal_dev && w.st_ino == d->wal_ino) unlink(wal);
   if (stat(shm, &m) == 0 && m.st_dev == d->shm_dev && m.st_ino == d->shm_ino) unlink(shm);
@@ -571,9 +579,9 @@ static int main_moved(store_db *d) {
 static const char *shm_broken(store_db *d) {
   if (d->shm_error) return d->shm_error;
   if (!d->shm_path) { /* (once SQLite has made it: wal_moved saw it, its inode kept) */
-    const char *wal = wal_name(d);
-    if (!d->wal_known || !wal || !(d->shm_path = malloc(strlen(wal) + 1))) return NULL;
-    sprintf(d->shm_path, "%.*s-shm", (int)strlen(wal) - 4, wal);
+    char buf[PATH_MAX];
+    const char *shm = shm_name(wal_name(d), buf);
+    if (!d->wal_known || !shm || !(d->shm_path = strdup(shm))) return NULL;
   }
   struct statx x;
   if (statx(AT_FDCWD, d->shm_path, 0, STATX_SIZE | STATX_INO, &x) != 0 || x.stx_ino != d->shm_ino ||
