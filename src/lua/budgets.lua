@@ -662,18 +662,12 @@ debug.getregistry()["resil.budgets.close"] = function()
   -- call's cost it is (it was lost: the spend never counted, its hold did until its end)
   for t, w in pairs(settling) do
     local b = backend_of[w[1]]
-    if b.budget_settle_now and not failed[b] then
-      local ok, settled, err = pcall(b.budget_settle_now, b, t.id, w[2])
-      if not ok or (settled == nil and err ~= nil) then first, failed[b] = first or (ok and err or settled), true end
-    end
+    local err = b.budget_settle_now and S.at_close(failed, b, "budget_settle_now", t.id, w[2])
+    first = first or err or nil
   end
   for t in pairs(on_store) do
-    local b = backend_of[t.store]
-    -- (one failure and that store is left: each try on a frozen Redis waits a second or two)
-    if not t.done and not failed[b] then
-      local ok, released, err = pcall(b.budget_release_now, b, t.id)
-      if not ok or (released == nil and err ~= nil) then first, failed[b] = first or (ok and err or released), true end
-    end
+    local err = not t.done and S.at_close(failed, backend_of[t.store], "budget_release_now", t.id)
+    first = first or err or nil
   end
   if first then return nil, first end
   return true

@@ -379,19 +379,17 @@ function resil.once_reap()
 end
 
 -- resil_close (embed_give_up): the keys whose fn the host was running are given up, as a fn
--- that raised gives its key up; those whose fn ended have their record written. Kept, they were held by this live process: every caller, in it or
--- another process, was told in_progress for as long as it lived. -> true | nil, err (the first)
+-- that raised gives its key up; those whose fn ended have their record written. Kept, they were
+-- held by this live process: every caller, in it or another process, was told in_progress for as
+-- long as it lived. -> true | nil, err (the first)
 debug.getregistry()["resil.once.close"] = function()
   local first, failed = nil, {}
   for key, r in pairs(running) do
     local b = backend_of[r[2]]
-    -- (one failure and that store is left: each try on a frozen Redis waits a second or two)
-    if not failed[b] then
-      local ok, released, err
-      if r[4] then ok, released, err = pcall(b.once_finish_now, b, key, r[3], r[4], r[5], r[6])
-      else ok, released, err = pcall(b.once_release_now, b, key, r[3]) end
-      if not ok or (released == nil and err ~= nil) then first, failed[b] = first or (ok and err or released), true end
-    end
+    local err
+    if r[4] then err = S.at_close(failed, b, "once_finish_now", key, r[3], r[4], r[5], r[6])
+    else err = S.at_close(failed, b, "once_release_now", key, r[3]) end
+    first = first or err
   end
   if first then return nil, first end
   return true

@@ -718,6 +718,17 @@ local function retry_write(write)
   return ok, err
 end
 
+-- resil_close's writes (once.lua, budgets.lua): backend[method](backend, ...) at once, without the
+-- loop, unless that store failed one already this close (each try on a frozen Redis waits a second
+-- or two: 40 keys and holds took 40 s). -> the failure (the store marked in `failed`) | nil
+local function at_close(failed, backend, method, ...)
+  if failed[backend] then return nil end
+  local ok, done, err = pcall(backend[method], backend, ...)
+  if ok and (done ~= nil or err == nil) then return nil end
+  failed[backend] = true
+  return ok and err or done
+end
+
 -- (runs.lua reads the settings here; a script's require gives this table too, and the settings
 -- themselves were writable there under the sandbox: run= and lease= past store_config's checks)
 local config_view = setmetatable({}, {
@@ -735,6 +746,7 @@ local config_view = setmetatable({}, {
 -- what the modules built on the store share (not a public API)
 return {
   retry_write = retry_write,
+  at_close = at_close,
   config = config_view,
   now = store_now,
   open = store_or_fail,
