@@ -127,4 +127,25 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     -- (written whole: 0, as before)
     assert.are.equal(0, helpers.run(("%s costs --csv --store %s > /dev/null"):format(helpers.resil, db)).code)
   end)
+
+  it("a reader that left (| head) ends the command as SIGPIPE would, 141, and silently, however long its output " ..
+     "(runs show of 3000 steps: the pipe's buffer filled mid-run, not at the last flush)", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      for i = 1, 3000 do
+        resil.step("step " .. i, function()
+          assert(resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 0.01, wait = false }))
+          return i
+        end)
+      end
+    ]], ("--store %s --run long --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (more than a pipe holds and head reads: a write after head left fails, whatever the timing)
+    for _, args in ipairs({ "runs show long", "costs --csv" }) do
+      r = helpers.run(("bash -c '%s %s --store %s | head -1; exit ${PIPESTATUS[0]}'"):format(helpers.resil, args, db))
+      assert.are.equal(141, r.code, args .. ": " .. r.stderr)
+      assert.are.equal("", r.stderr, args)
+    end
+  end)
 end)

@@ -406,6 +406,14 @@ static int run_mock(int argc, char **argv) {
   return code;
 }
 
+/* stdout a pipe or socket whose reader has left: an output longer than the
+ * pipe holds failed mid-run (EPIPE then, its errno lost by the time of the
+ * last flush, which has nothing left to write) */
+static int reader_gone(void) {
+  struct pollfd p = {.fd = STDOUT_FILENO, .events = POLLOUT};
+  return poll(&p, 1, 0) == 1 && (p.revents & (POLLERR | POLLHUP));
+}
+
 /* resil-lua runs|costs|budgets|keys [--store URL] args...: the store's subcommands */
 static int run_command(const char *name, const char *chunk, int argc, char **argv) {
   resil_options opts = {0};
@@ -450,7 +458,7 @@ static int run_command(const char *name, const char *chunk, int argc, char **arg
   errno = 0;
   int flushed = fflush(stdout) == 0, e = errno;
   if ((!flushed || ferror(stdout)) && code == 0) {
-    if (!flushed && e == EPIPE) return 128 + SIGPIPE;
+    if ((!flushed && e == EPIPE) || reader_gone()) return 128 + SIGPIPE;
     fprintf(stderr, PROGNAME ": %s: its output could not be written%s%s\n", name, flushed ? "" : ": ",
             flushed ? "" : strerror(e));
     code = 1;
