@@ -108,6 +108,21 @@ describe("the resil-lua command", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  -- (before: a command printed the store module's traceback, and a pipeline ran on, its steps
+  -- unrecorded, each returning the error)
+  it("refuses a RESIL_STORE of an unknown scheme as it refuses --store: one line, exit 1, nothing run", function()
+    local dir = helpers.tmpname("-cwd")
+    assert(os.execute("mkdir -p " .. dir))
+    for _, cmd in ipairs({ " -e 'print(1)'", " runs", " costs", " keys list", " budgets set b --limit 1" }) do
+      local r = helpers.run("cd " .. dir .. " && RESIL_STORE=ftp://x " .. R .. cmd)
+      assert.are.equal(1, r.code, cmd)
+      assert.are.equal("", r.stdout, cmd)
+      assert.are.equal("resil-lua: store: unknown URL scheme 'ftp' in 'ftp://x' (use a file path, sqlite://PATH or "
+        .. "redis://host:port/db)\n", r.stderr, cmd)
+    end
+    os.execute("rm -rf " .. dir)
+  end)
+
   -- (before: 'bad argument #-1 to 'connect' (number has no integer representation)' and a traceback;
   -- 4294967296 was cut to database 0, another store's keys)
   it("refuses a Redis --store URL whose database is no number Redis takes, naming the URL", function()

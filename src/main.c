@@ -414,6 +414,14 @@ static int reader_gone(void) {
   return poll(&p, 1, 0) == 1 && (p.revents & (POLLERR | POLLHUP));
 }
 
+/* RESIL_STORE, given to the host as --store is, so that a URL it refuses is refused
+ * as the command starts (one line): read on first use, it was a command's traceback,
+ * and a pipeline ran on with every step failing. Empty is unset (store.lua). */
+static const char *env_store(void) {
+  const char *env = getenv("RESIL_STORE");
+  return env && *env ? env : NULL;
+}
+
 /* resil-lua runs|costs|budgets|keys [--store URL] args...: the store's subcommands */
 static int run_command(const char *name, const char *chunk, int argc, char **argv) {
   resil_options opts = {0};
@@ -429,6 +437,7 @@ static int run_command(const char *name, const char *chunk, int argc, char **arg
     if (i + 1 >= argc) return fail("%s: --store needs a path or URL", name);
     opts.store = argv[i + 1];
   }
+  if (!opts.store) opts.store = env_store();
   resil_t *R = resil_open(&opts);
   if (!R) return fail("%s", "cannot create the host");
   if (open_failed(R)) return 1;
@@ -1275,6 +1284,7 @@ int main(int argc, char **argv) {
       return code;
     }
   }
+  if (!opts.store) opts.store = env_store();
   resil_t *R = resil_open(&opts);
   if (held_log) fclose(held_log); /* the host has the log open now (or said it could not) */
   if (!R) return fail("%s", "cannot create the host (out of memory?)");
