@@ -227,4 +227,14 @@ describe("the standalone mock (resil-lua mock)", function()
     assert.matches("^resil%-lua: " .. scenario:gsub("%p", "%%%0") ..
       ": resil%.mock: sequence%.chat%[1%]: unknown fault kind 'hnag'\n", r.stderr)
   end)
+
+  -- (before: "mock: unknown option '--port' (try --help)", for an option it knows)
+  it("says which option needs a value, rather than calling it unknown", function()
+    for _, opt in ipairs({ "--port", "--host", "--metrics-addr", "--metrics-file" }) do
+      local r = helpers.run(helpers.resil .. " mock " .. opt)
+      assert.are.equal(1, r.code, opt)
+      assert.are.equal("", r.stdout, opt)
+      assert.are.equal(("resil-lua: mock: option '%s' needs an argument\n"):format(opt), r.stderr)
+    end
+  end)
 end)

@@ -362,6 +362,9 @@ static const char mock_driver[] =
 static int run_mock(int argc, char **argv) {
   const char *scenario = NULL, *port = "0", *host = "127.0.0.1", *metrics_addr = NULL, *metrics_file = NULL;
   for (int i = 0; i < argc; i++) {
+    if (i + 1 == argc && (strcmp(argv[i], "--port") == 0 || strcmp(argv[i], "--host") == 0 ||
+                          strcmp(argv[i], "--metrics-addr") == 0 || strcmp(argv[i], "--metrics-file") == 0))
+      return fail("mock: option '%s' needs an argument", argv[i]);
     if (strcmp(argv[i], "--port") == 0 && i + 1 < argc) port = argv[++i];
     else if (strcmp(argv[i], "--host") == 0 && i + 1 < argc) host = argv[++i];
     else if (strcmp(argv[i], "--metrics-addr") == 0 && i + 1 < argc) metrics_addr = argv[++i];
