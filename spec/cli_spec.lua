@@ -123,6 +123,30 @@ describe("the resil-lua command", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  -- (before: --workers started its workers, each of which printed the same refusal with a traceback of
+  -- policies/gateway.lua, three times over, then "workers keep dying as they start"; a --config that
+  -- cannot be opened came with the same traceback, or the same three deaths with --workers)
+  it("gateway: --workers on port 0, or a --config it cannot open, is one line before anything starts", function()
+    local config = helpers.write(helpers.tmpname(".lua"), "return { auth = false }\n")
+    local missing = helpers.tmpname("-missing.lua")
+    local port = helpers.free_port()
+    for _, case in ipairs({
+      { ("--listen 127.0.0.1:0 --workers 2 --config %s"):format(config),
+        "resil-lua: gateway: --workers needs a fixed port in --listen, not '127.0.0.1:0'\n" },
+      { ("--listen 127.0.0.1:%d --config %s"):format(port, missing),
+        ("resil-lua: gateway: --config: cannot open %s: No such file or directory\n"):format(missing) },
+      { ("--listen 127.0.0.1:%d --workers 2 --config %s"):format(port, missing),
+        ("resil-lua: gateway: --config: cannot open %s: No such file or directory\n"):format(missing) },
+      { ("--listen 127.0.0.1:%d --config %s"):format(port, "/tmp"),
+        ("resil-lua: gateway: --config: cannot open %s: Is a directory\n"):format("/tmp") },
+    }) do
+      local r = helpers.run(("timeout -s KILL 20 %s gateway %s --store %s"):format(R, case[1], helpers.tmpname(".db")))
+      assert.are.equal(1, r.code, case[1])
+      assert.are.equal("", r.stdout, case[1])
+      assert.are.equal(case[2], r.stderr, case[1])
+    end
+  end)
+
   -- (before: 'bad argument #-1 to 'connect' (number has no integer representation)' and a traceback;
   -- 4294967296 was cut to database 0, another store's keys)
   it("refuses a Redis --store URL whose database is no number Redis takes, naming the URL", function()

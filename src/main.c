@@ -564,6 +564,17 @@ static void finish_run(resil_t *R, int status) {
   lua_settop(L, top);
 }
 
+/* gateway --config FILE: one the gateway cannot open (a typo, a folder) is one line (its
+ * syntax and its errors are the config's load's, with their file:line). -> 0 | 1 (said) */
+static int check_config_file(const char *path) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  struct stat st;
+  int e = fd < 0 ? errno : fstat(fd, &st) != 0 ? errno : S_ISDIR(st.st_mode) ? EISDIR : 0;
+  if (fd >= 0) close(fd);
+  if (e) fprintf(stderr, PROGNAME ": gateway: --config: cannot open %s: %s\n", path, strerror(e));
+  return e != 0;
+}
+
 /* ---------- gateway --listen: the address must be free ---------- */
 
 /* A gateway refuses an address another process already listens on. Its
@@ -1260,6 +1271,11 @@ int main(int argc, char **argv) {
   }
 
   raise_fd_limit();
+  /* said here, once: the gateway's own refusal came from each worker, with a traceback of its
+   * code, three times before "workers keep dying as they start" */
+  if (gateway && gw_workers > 1 && atoi(strrchr(gw_listen, ':') + 1) == 0)
+    return fail("gateway: --workers needs a fixed port in --listen, not '%s'", gw_listen);
+  if (gateway && gw_config && check_config_file(gw_config) != 0) return 1;
   if (gateway && check_gateway_address(gw_listen, "--listen") != 0) return 1;
   if (gateway && metrics_addr && check_metrics_address(gw_listen, metrics_addr) != 0) return 1;
   /* gateway --workers N: N processes on one SO_REUSEPORT socket, each with
