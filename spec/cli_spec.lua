@@ -147,6 +147,27 @@ describe("the resil-lua command", function()
     end
   end)
 
+  -- (before: `keys list --bogus` listed, exit 0; `keys revoke a b` revoked a and said nothing of b; an
+  -- add refused said "keys: bad_option: --budget wants ..." and "keys: exists: ...", the error's kind)
+  it("keys: an argument list or revoke does not take is refused, nothing revoked; add's refusals name no kind",
+    function()
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, helpers.run(("%s keys add --name a --store %s"):format(R, db)).code)
+    for _, args in ipairs({ "list --bogus", "list --json --bogus", "list extra", "revoke a b", "revoke a --json" }) do
+      local r = helpers.run(("%s keys %s --store %s"):format(R, args, db))
+      assert.are.equal(1, r.code, args)
+      assert.are.equal("", r.stdout, args)
+      assert.matches("^resil%-lua: keys: unexpected argument '[^']+'\nusage: resil%-lua keys add", r.stderr)
+    end
+    assert.matches("a%s+active", helpers.run(("%s keys list --store %s"):format(R, db)).stdout)
+    local r = helpers.run(("%s keys add --name b --budget 50/week --store %s"):format(R, db))
+    assert.are.equal(1, r.code)
+    assert.are.equal("resil-lua: keys: --budget wants USD (up to 1e12), USD/day or USD/month, not '50/week'\n", r.stderr)
+    r = helpers.run(("%s keys add --name a --store %s"):format(R, db))
+    assert.are.equal(1, r.code)
+    assert.are.equal("resil-lua: keys: a live key is named 'a' already (revoke it first)\n", r.stderr)
+  end)
+
   -- (before: 'bad argument #-1 to 'connect' (number has no integer representation)' and a traceback;
   -- 4294967296 was cut to database 0, another store's keys)
   it("refuses a Redis --store URL whose database is no number Redis takes, naming the URL", function()

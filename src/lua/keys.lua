@@ -296,6 +296,9 @@ local USAGE = "usage: resil-lua keys add --name NAME [--budget USD[/day|/month]]
 
 function keys.main(args)
   local cmd = args[1]
+  -- (list took anything after it, and revoke a second name, silently: `revoke a b` revoked a alone)
+  local takes = cmd == "list" and (args[2] == "--json" and 2 or 1) or cmd == "revoke" and 2 or nil
+  if takes and args[takes + 1] ~= nil then fail("unexpected argument '%s'\n%s", args[takes + 1], USAGE) end
   if cmd == "list" or cmd == "revoke" then
     -- a SQLite path with no store there (a typo, another working directory) is named, not made
     -- there and read as "no keys" (add makes the store: the first key may come before the gateway)
@@ -325,7 +328,8 @@ function keys.main(args)
       fail("--name '%s' has the form of a key's id: `keys revoke` would take it for one", o.name)
     end
     local key, rec = keys.add(o)
-    if not key then fail("%s", tostring(rec)) end
+    -- (a refusal of what was typed is its message; the store's trouble keeps its kind)
+    if not key then fail("%s", (rec.kind == "bad_option" or rec.kind == "exists") and rec.message or tostring(rec)) end
     -- the only time the key is shown; the store keeps its digest
     print(key)
     io.stderr:write(("key %s (%s) made; it is not shown again\n"):format(rec.id, rec.name))
