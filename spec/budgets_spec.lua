@@ -152,6 +152,16 @@ print(t and "reserved" or err.kind)
       r = cli("budgets set team --limit 5 --per week")
       assert.matches("%-%-per takes day, month or none, not 'week'", r.stderr)
       assert.matches("which budget", cli("budgets show").stderr)
+      -- (before: "not 'nil'" for an option given without its value)
+      for _, opt in ipairs({ "--limit", "--per" }) do
+        r = cli("budgets set team --limit 5 " .. opt)
+        assert.are.equal(1, r.code, opt)
+        assert.are.equal(("resil-lua: budgets set: %s needs a value\n"):format(opt), r.stderr)
+      end
+      -- a period typed into the limit, as keys add takes it (--budget 50/day): the option to use
+      r = cli("budgets set team --limit 50/day")
+      assert.are.equal(1, r.code)
+      assert.matches("not '50/day' (a period is --per day)", r.stderr, 1, true)
     end)
 
     it("costs --run ID keeps one run's costs; --csv writes rows a spreadsheet reads", function()

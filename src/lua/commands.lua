@@ -526,11 +526,15 @@ function commands.budgets(args)
     local i = 3
     while args[i] do
       local a, v = args[i], args[i + 1]
+      if (a == "--limit" or a == "--per") and v == nil then fail("budgets set: %s needs a value", a) end
       if a == "--limit" then
         limit = tonumber(v)
         -- (as resil.budget's: past 1e12 USD its micro-dollars pass 2^63 and are stored as a float)
         if not limit or not (limit >= 0 and limit <= 1e12) then
-          fail("budgets set: --limit takes an amount in USD from 0 to 1e12, not '%s'", tostring(v))
+          -- (keys add --budget takes 50/day: the same typed here gets the option that says it)
+          local period = v:match("^[%d.]+/(%a+)$")
+          fail("budgets set: --limit takes an amount in USD from 0 to 1e12, not '%s'%s", v,
+            period and (" (a period is --per %s)"):format(period) or "")
         end
       elseif a == "--per" then
         if v ~= "day" and v ~= "month" and v ~= "none" then
