@@ -113,7 +113,7 @@ static void usage(FILE *out) {
           "       " PROGNAME " costs [--by provider|model|user|day] [--since DATE|Nd] [--run ID] [--json|--csv]\n"
           "       " PROGNAME " budgets [--json] | show NAME [--json] | release NAME [--stale] | set NAME --limit USD [--per day|month|none]\n"
           "       " PROGNAME " gateway [--listen HOST:PORT] [--config FILE] [--workers N] [options]\n"
-          "       " PROGNAME " keys add --name NAME [--budget USD[/day|/month]] [--rpm N] [--tpm N] [--concurrency N] [--models a,b] | list [--json] | revoke NAME\n"
+          "       " PROGNAME " keys add --name NAME [--budget USD[/day|/month]] [--rpm N] [--tpm N] [--concurrency N] [--models a,b] | list [--json] | revoke NAME|ID\n"
           "       " PROGNAME " check [--policies DIR] [files...] policy files and the model registry, without running\n"
           "Options:\n"
           "  -e CODE                 run CODE (before the script, if any)\n"
