@@ -168,6 +168,33 @@ describe("the resil-lua command", function()
     assert.are.equal("resil-lua: keys: a live key is named 'a' already (revoke it first)\n", r.stderr)
   end)
 
+  -- (before: a name past 16 characters pushed its row's columns out of line, --tpm 20000000 was listed
+  -- as 2e+07 and a budget of $1234567.5 as $1.23457e+06; a model's escape sequence reached the terminal)
+  it("keys list: columns in line whatever the name's length, limits as typed, control characters escaped",
+    function()
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, helpers.run(("%s keys add --name platform-team-production-east --budget 1234567.5/month " ..
+      "--rpm 1000000 --tpm 20000000 --concurrency 64 --models \"$(printf 'chat-fast,red\\033[31m')\" --store %s"):format(R, db)).code)
+    assert.are.equal(0, helpers.run(("%s keys add --name b --budget 0.25 --store %s"):format(R, db)).code)
+    local r = helpers.run(("%s keys list --store %s"):format(R, db))
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for line in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.are.equal(3, #lines, r.stdout)
+    -- each column starts where its header does, on every line
+    for _, h in ipairs({ "NAME", "STATUS", "BUDGET", "RPM", "TPM", "CONC", "MODELS" }) do
+      local at = lines[1]:find(h, 1, true)
+      for k = 2, 3 do
+        assert.are.equal(" ", lines[k]:sub(at - 1, at - 1), h .. ": " .. lines[k])
+        assert.are_not.equal(" ", lines[k]:sub(at, at), h .. ": " .. lines[k])
+      end
+    end
+    assert.matches("platform%-team%-production%-east%s+active%s+%$1234567%.5/month%s+1000000%s+20000000%s+64%s+" ..
+      "chat%-fast,red\\x1b%[31m$", lines[2])
+    assert.matches("b%s+active%s+%$0%.25%s+%-%s+%-%s+%-%s+%*$", lines[3])
+    assert.is_nil(r.stdout:find("\27", 1, true))
+  end)
+
   -- (before: 'bad argument #-1 to 'connect' (number has no integer representation)' and a traceback;
   -- 4294967296 was cut to database 0, another store's keys)
   it("refuses a Redis --store URL whose database is no number Redis takes, naming the URL", function()

@@ -342,13 +342,25 @@ function keys.main(args)
       return
     end
     if #list == 0 then print("no keys") return end
-    print(("%-18s %-16s %-8s %-14s %-8s %-8s %-6s %s"):format("ID", "NAME", "STATUS", "BUDGET", "RPM", "TPM", "CONC",
-      "MODELS"))
+    -- Columns as wide as their widest cell (a name is up to 64 characters: fixed widths pushed a long
+    -- one's row out of line), numbers as typed (%g wrote 20000000 as 2e+07), and a control
+    -- character in a model's name written as an escape, as `runs` and `costs` print theirs.
+    local function number(v) return (("%.6f"):format(v):gsub("%.?0+$", "")) end
+    local function printable(v) return (v:gsub("%c", function(c) return ("\\x%02x"):format(c:byte()) end)) end
+    local rows = { { "ID", "NAME", "STATUS", "BUDGET", "RPM", "TPM", "CONC", "MODELS" } }
     for _, r in ipairs(list) do
-      local b = r.budget and ("$%g%s"):format(r.budget.limit, r.budget.per and ("/" .. r.budget.per) or "") or "-"
-      print(("%-18s %-16s %-8s %-14s %-8s %-8s %-6s %s"):format(r.id, r.name, r.revoked and "revoked" or "active", b,
-        r.rpm and ("%g"):format(r.rpm) or "-", r.tpm and ("%g"):format(r.tpm) or "-",
-        r.concurrency and ("%d"):format(r.concurrency) or "-", r.models and table.concat(r.models, ",") or "*"))
+      local b = r.budget and ("$%s%s"):format(number(r.budget.limit), r.budget.per and ("/" .. r.budget.per) or "") or "-"
+      rows[#rows + 1] = { r.id, r.name, r.revoked and "revoked" or "active", b, r.rpm and number(r.rpm) or "-",
+        r.tpm and number(r.tpm) or "-", r.concurrency and ("%d"):format(r.concurrency) or "-",
+        r.models and printable(table.concat(r.models, ",")) or "*" }
+    end
+    local widths = {}
+    for _, row in ipairs(rows) do
+      for i, v in ipairs(row) do widths[i] = math.max(widths[i] or 0, #v) end
+    end
+    for _, row in ipairs(rows) do
+      for i = 1, #row - 1 do row[i] = row[i] .. (" "):rep(widths[i] - #row[i]) end
+      print(table.concat(row, "  "))
     end
   elseif cmd == "revoke" then
     local which = args[2] or fail("revoke needs a key's name or id")
