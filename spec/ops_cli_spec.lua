@@ -128,6 +128,36 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     assert.are.equal(0, helpers.run(("%s costs --csv --store %s > /dev/null"):format(helpers.resil, db)).code)
   end)
 
+  -- (before: `costs --run nigthly` said "total $0.000000", exit 0: a typo read as a run that spent nothing)
+  it("costs --run ID of a run the store has never seen, with no ledger rows, is an error naming it; a run " ..
+     "that spent nothing is $0, and a forgotten one's rows are still its costs", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      resil.step("one", function() return 1 end)
+    ]], ("--store %s --run idle --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    r = helpers.run_script([[
+      local resil = require "resil"
+      resil.step("one", function() assert(resil.cost.record({ provider = "openai", model = "m", usd = 0.5 })) end)
+    ]], ("--store %s --run paid --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(0, helpers.run(("%s runs forget paid --store %s"):format(helpers.resil, db)).code)
+    for _, args in ipairs({ "", " --json", " --csv", " --by model" }) do
+      r = helpers.run(("%s costs --run nightly%s --store %s"):format(helpers.resil, args, db))
+      assert.are.equal(1, r.code, args)
+      assert.are.equal("", r.stdout, args)
+      assert.are.equal("resil-lua: costs: no run 'nightly' in the store, and no ledger rows for it " ..
+        "(resil-lua runs lists the runs)\n", r.stderr, args)
+    end
+    r = helpers.run(("%s costs --run idle --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("total $0.000000\n", r.stdout)
+    r = helpers.run(("%s costs --run paid --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("total $0.500000\n", r.stdout)
+  end)
+
   it("a reader that left (| head) ends the command as SIGPIPE would, 141, and silently, however long its output " ..
      "(runs show of 3000 steps: the pipe's buffer filled mid-run, not at the last flush)", function()
     local db = helpers.tmpname(".db")

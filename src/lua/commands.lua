@@ -398,6 +398,17 @@ function commands.costs(args)
   local filter = { since = since, run = run }
   local s, err = resil.store(nil, { existing = true }) -- (the one resil.cost reads too)
   if not s then fail("%s", tostring(err)) end
+  if run then
+    -- a run id typed wrong read as a run that spent nothing ("total $0.000000", exit 0); a run the
+    -- store knows, or one forgotten whose rows the ledger keeps, is answered as before
+    local rows = need(resil.cost.breakdown("provider", { run = run }))
+    local known, gerr = #rows > 0 or backend_of[s]:run_get(run)
+    if known == nil and gerr ~= nil then fail("costs: %s", tostring(gerr)) end
+    if not known then
+      fail("costs: no run '%s' in the store, and no ledger rows for it (resil-lua runs lists the runs)",
+        printable(redact(run)))
+    end
+  end
   if as_csv and not by then -- the ledger's rows, for a spreadsheet, written as they are read
     local header = { "at", "provider", "model", "operation", "user", "run", "item", "step", "budget", "usd", "units" }
     local line = csv_print(header, {})
