@@ -195,6 +195,33 @@ describe("the resil-lua command", function()
     assert.is_nil(r.stdout:find("\27", 1, true))
   end)
 
+  -- (before: "listen: server: cannot listen on localhost:8080 (No such file or directory)" and a traceback
+  -- of policies/gateway.lua, for a host name, and the same for :PORT, which --metrics-addr takes as loopback)
+  it("gateway --listen: a host name is refused in one line naming the forms; :PORT is loopback", function()
+    local port = helpers.free_port()
+    for _, at in ipairs({ "localhost:" .. port, "gw.example:" .. port }) do
+      local r = helpers.run(("timeout -s KILL 20 %s gateway --listen %s --store %s"):format(R, at, helpers.tmpname(".db")))
+      assert.are.equal(1, r.code, at)
+      assert.are.equal("", r.stdout, at)
+      assert.are.equal(("resil-lua: gateway: --listen wants a numeric address and a port (127.0.0.1:8080, " ..
+        "0.0.0.0:8080, [::1]:8080, :8080 for loopback), not '%s'\n"):format(at), r.stderr)
+    end
+    local config = helpers.write(helpers.tmpname(".lua"), "return { auth = false }\n")
+    local log, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+    os.execute(("%s gateway --listen :%d --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(R, port, config, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert.is_true(helpers.wait_until(function()
+      return helpers.slurp(log):match("listening") ~= nil or not helpers.alive(pid)
+    end, 15))
+    assert.are.equal(("gateway listening on http://127.0.0.1:%d\n"):format(port), helpers.slurp(log))
+    local res = assert(resil.http.request({ url = ("http://127.0.0.1:%d/health"):format(port) }))
+    assert.are.equal(200, res.status)
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 15))
+  end)
+
   -- (before: 'bad argument #-1 to 'connect' (number has no integer representation)' and a traceback;
   -- 4294967296 was cut to database 0, another store's keys)
   it("refuses a Redis --store URL whose database is no number Redis takes, naming the URL", function()

@@ -564,6 +564,21 @@ static void finish_run(resil_t *R, int status) {
   lua_settop(L, top);
 }
 
+/* the host of "HOST:PORT" or "[HOST]:PORT" (up to colon) is an IPv4 or IPv6 address */
+static int numeric_host(const char *addr, const char *colon) {
+  char host[256];
+  const char *start = addr, *end = colon;
+  if (*start == '[' && end > start && end[-1] == ']') start++, end--;
+  if (end - start >= (long)sizeof host) return 0;
+  memcpy(host, start, (size_t)(end - start));
+  host[end - start] = '\0';
+  struct addrinfo hints = {0}, *ai = NULL;
+  hints.ai_flags = AI_NUMERICHOST;
+  if (getaddrinfo(host, NULL, &hints, &ai) != 0) return 0;
+  freeaddrinfo(ai);
+  return 1;
+}
+
 /* gateway --config FILE: one the gateway cannot open (a typo, a folder) is one line (its
  * syntax and its errors are the config's load's, with their file:line). -> 0 | 1 (said) */
 static int check_config_file(const char *path) {
@@ -1170,6 +1185,16 @@ int main(int argc, char **argv) {
         if (!*port || strlen(port) > 5 || strspn(port, "0123456789") != strlen(port) || atoi(port) > 65535)
           return fail("gateway: --listen wants host:port (a port from 0 to 65535), not '%s'", next);
         gw_listen = next;
+        /* :PORT is loopback, as for --metrics-addr; a host name (localhost) is refused here, on one
+         * line: the server binds numeric addresses only, and said "No such file or directory" */
+        static char loopback[32];
+        if (colon == next) {
+          snprintf(loopback, sizeof loopback, "127.0.0.1%s", colon);
+          gw_listen = loopback;
+        } else if (!numeric_host(next, colon)) {
+          return fail("gateway: --listen wants a numeric address and a port (127.0.0.1:8080, 0.0.0.0:8080, "
+                      "[::1]:8080, :8080 for loopback), not '%s'", next);
+        }
       }
       else if (a[2] == 'c') gw_config = next;
       else if (parse_count(next, &gw_workers) != 0 || gw_workers > 256)
