@@ -108,6 +108,21 @@ describe("the resil-lua command", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  -- (before: the hint's own "[[user]:password@]" was taken for a URL's password and printed
+  -- as "[[user]:[REDACTED]@]")
+  it("names the form of a redis URL it cannot read, the hint not redacted", function()
+    local r = helpers.run(R .. " runs --store redis://h:1/0/x")
+    assert.are.equal(1, r.code)
+    assert.are.equal("resil-lua: store_unavailable: redis: cannot read URL redis://h:1/0/x (the form is "
+      .. "redis://host:port/db[?timeout=seconds], with [user]:password@ before host when the server needs one)\n",
+      r.stderr)
+    -- a password in the URL itself still is
+    r = helpers.run(R .. " runs --store redis://u:hunter2@h:1/0/x")
+    assert.are.equal(1, r.code)
+    assert.not_matches("hunter2", r.stderr)
+    assert.matches("REDACTED", r.stderr)
+  end)
+
   -- (before: a command printed the store module's traceback, and a pipeline ran on, its steps
   -- unrecorded, each returning the error)
   it("refuses a RESIL_STORE of an unknown scheme as it refuses --store: one line, exit 1, nothing run", function()

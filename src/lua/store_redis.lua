@@ -722,7 +722,10 @@ local function parse_url(url)
   if not o then return nil, qerr end
   local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
   if not host then
-    return nil, "redis: cannot read URL " .. url .. " (redis://[[user]:password@]host:port/db[?timeout=seconds])"
+    -- (the form's "user:password@" apart from its "redis://": the redaction of a URL's password
+    -- ate the hint's own)
+    return nil, "redis: cannot read URL " .. url
+      .. " (the form is redis://host:port/db[?timeout=seconds], with [user]:password@ before host when the server needs one)"
   end
   port = tonumber(port) or 6379
   if port < 1 or port > 65535 then -- (hiredis took 99999 as 34463, and each command said "Connection refused")
