@@ -1904,8 +1904,71 @@ function gateway.handle(req)
 end
 
 -- gateway.configure(conf): a config file's returned table, merged over the defaults
-function gateway.configure(conf)
-  if type(conf) ~= "table" then error("gateway.configure: conf must be a table", 2) end
+-- What a config may set, and what each must be: a name it does not know (a typo, max_concurent)
+-- or a value of the wrong kind is refused as the config loads, naming both. Taken as they came,
+-- a typo was a limit silently not set, and max_concurrent = "lots" served a 500 on every request.
+local function is_count(min) return function(v) return math.type(v) == "integer" and v >= min end end
+local function is_seconds(v) return type(v) == "number" and v >= 0 and v < math.huge end
+local function is_boolean(v) return type(v) == "boolean" end
+local CONFIG_OPTIONS = {
+  models = { "a table of names to models", function(v) return type(v) == "table" end },
+  auth = { "true or false", is_boolean },
+  key_cache = { "seconds (a number >= 0)", is_seconds },
+  max_body = { "bytes (an integer >= 1)", is_count(1) },
+  read_timeout = { "seconds (a number > 0)", function(v) return is_seconds(v) and v > 0 end },
+  ledger_wait = { "true or false", is_boolean },
+  ledger_sync = { "true or false", is_boolean },
+  drain_timeout = { "seconds (a number >= 0)", is_seconds },
+  idempotency_keep_max = { "bytes (an integer >= 0)", is_count(0) },
+  metrics_key = { "a string", function(v) return type(v) == "string" and v ~= "" end },
+  max_concurrent = { "requests (an integer >= 1)", is_count(1) },
+  queue = { "requests (an integer >= 0)", is_count(0) },
+  queue_timeout = { "seconds (a number >= 0)", is_seconds },
+}
+local function option_names()
+  local names = {}
+  for k in pairs(CONFIG_OPTIONS) do names[#names + 1] = k end
+  table.sort(names)
+  return table.concat(names, ", ")
+end
+
+-- a models entry: "provider/model" (or an alias), or { model = ..., fallback = { ... } }
+local function model_entry_problem(m)
+  if type(m) == "string" then return m == "" and "an empty model name" or nil end
+  if type(m) ~= "table" then return ("a %s (a model name or { model = ..., fallback = { ... } })"):format(type(m)) end
+  if type(m.model) ~= "string" or m.model == "" then return "no model (model = \"provider/model\")" end
+  if m.fallback ~= nil and type(m.fallback) ~= "table" then return "fallback is not a list of models" end
+  for i, f in ipairs(m.fallback or {}) do
+    local fm = type(f) == "table" and f.model or f
+    if type(fm) ~= "string" or fm == "" then return ("fallback[%d] is not a model"):format(i) end
+  end
+end
+
+-- -> nil | why the config cannot be used
+local function config_problem(conf)
+  if type(conf) ~= "table" then return ("it returned a %s, not a table of options"):format(type(conf)) end
+  for k, v in pairs(conf) do
+    local option = CONFIG_OPTIONS[k]
+    if not option then
+      return ("unknown option %s (the options: %s)"):format(type(k) == "string" and "'" .. k .. "'" or tostring(k),
+        option_names())
+    end
+    if not option[2](v) then return ("%s must be %s, not %s"):format(k, option[1], tostring(v)) end
+  end
+  for name, m in pairs(conf.models or {}) do
+    if type(name) ~= "string" or name == "" then return ("models: a name must be a string, not %s"):format(tostring(name)) end
+    local why = model_entry_problem(m)
+    if why then return ("models['%s']: %s"):format(name, why) end
+  end
+end
+
+function gateway.configure(conf, where)
+  local why = config_problem(conf)
+  if why then
+    local message = ("gateway: the config%s: %s"):format(where and " " .. where or "", why)
+    if not where then error(message, 2) end
+    error(resil.error("bad_config", message, { traceback = false }), 0) -- (the file named: no traceback of ours)
+  end
   for k, v in pairs(conf) do gateway.config[k] = v end
   return gateway.config
 end
@@ -1978,7 +2041,7 @@ function gateway.serve(o)
     -- (what it starts is this version's, as what it starts when a reload runs it again: a task it
     -- started at start ran on beside each later version's)
     local conf = require("resil.as_version")("policies.gateway", run_capped, chunk, o.config)
-    if conf ~= nil then gateway.configure(conf) end
+    if conf ~= nil then gateway.configure(conf, o.config) end
     kept.path = o.config
   end
   -- What requests load on first use, loaded before serving: a policy file saved
@@ -2112,7 +2175,7 @@ if kept.path then
   -- (its ai.configure calls are undone if this reload fails, here or in another file: ai.lua)
   local conf = run_capped(chunk, kept.path)
   gateway.config = config_defaults()
-  if conf ~= nil then gateway.configure(conf) end
+  if conf ~= nil then gateway.configure(conf, kept.path) end
   gateway.config.shared_limits = kept.shared_limits
   gateway.config.max_body, gateway.config.read_timeout = kept.config.max_body, kept.config.read_timeout
 end

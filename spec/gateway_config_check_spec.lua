@@ -1,0 +1,74 @@
+-- A gateway's config is checked as it loads: an option it does not know (a
+-- typo: max_concurent) or a value of the wrong kind is refused at start,
+-- naming the file, the option and what it must be, and a policy reload that
+-- brings one fails with the same words while the config before serves on.
+-- Taken as they came, a typo was a limit silently not set, and
+-- max_concurrent = "lots" started fine and then answered every request a 500.
+-- Real processes, a real SIGHUP.
+local helpers = require "spec.helpers"
+
+local function start(config)
+  local port = helpers.free_port()
+  local pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".out")
+  local path = helpers.write(helpers.tmpname(".lua"), config)
+  os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s")
+    :format(helpers.resil, port, path, helpers.tmpname(".db"), log, pidfile))
+  local pid = helpers.slurp(pidfile):match("%d+")
+  finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+  return pid, port, log, path
+end
+
+local function refused(config, says)
+  local pid, _, log, path = start(config)
+  assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 20), helpers.slurp(log))
+  local out = helpers.slurp(log)
+  assert.is_nil(out:match("gateway listening"), out)
+  assert.matches("gateway: the config " .. path:gsub("%p", "%%%0") .. ": " .. says, out)
+  assert.is_nil(out:match("stack traceback"), out)
+end
+
+local function reloads(port, result)
+  local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/metrics"):format(port))
+  return tonumber(r.stdout:match('resil_reloads_total{result="' .. result .. '"} (%d+)'))
+end
+
+describe("gateway: the config's options", function()
+  it("refuses an option it does not know, naming it and the options there are", function()
+    refused("return { auth = false, max_concurent = 10 }",
+      "unknown option 'max_concurent' %(the options: auth, drain_timeout, .*max_concurrent, ")
+  end)
+
+  it("refuses a value of the wrong kind, saying what it must be", function()
+    refused('return { auth = false, max_concurrent = "lots" }',
+      "max_concurrent must be requests %(an integer >= 1%), not lots")
+    refused("return { auth = 1 }", "auth must be true or false, not 1")
+    refused("return { read_timeout = 0 }", "read_timeout must be seconds %(a number > 0%), not 0")
+    refused("return { queue = 1.5 }", "queue must be requests %(an integer >= 0%), not 1.5")
+  end)
+
+  it("refuses a models entry that is not a model", function()
+    refused("return { auth = false, models = { x = 42 } }", "models%['x'%]: a number")
+    refused("return { auth = false, models = { x = { fallback = { 'openai/gpt-4o' } } } }",
+      "models%['x'%]: no model")
+    refused("return { auth = false, models = { x = { model = 'openai/gpt-4o', fallback = 'openai/gpt-4o-mini' } } }",
+      "models%['x'%]: fallback is not a list of models")
+  end)
+
+  it("refuses a config that returns something other than a table, naming the config file", function()
+    refused("return 42", "it returned a number, not a table of options")
+  end)
+
+  it("a reload that brings a bad option fails with the same words; the config before serves on", function()
+    local pid, port, log, path = start("return { auth = false, models = { fast = 'openai/gpt-4o-mini' } }")
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("gateway listening") end, 20),
+      helpers.slurp(log))
+    helpers.write(path, "return { auth = false, modles = { fast = 'openai/gpt-4o' } }")
+    os.execute("kill -HUP " .. pid)
+    assert.is_true(helpers.wait_until(function() return reloads(port, "failed") == 1 end, 10), helpers.slurp(log))
+    assert.matches("unknown option 'modles'", helpers.slurp(log))
+    -- the model the config before named is still served (routed: the provider is what answers)
+    local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/v1/models"):format(port))
+    assert.matches('"fast"', r.stdout)
+    assert.is_true(helpers.alive(pid))
+  end)
+end)
