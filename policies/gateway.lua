@@ -1920,7 +1920,7 @@ local CONFIG_OPTIONS = {
   ledger_sync = { "true or false", is_boolean },
   drain_timeout = { "seconds (a number >= 0)", is_seconds },
   idempotency_keep_max = { "bytes (an integer >= 0)", is_count(0) },
-  metrics_key = { "a string", function(v) return type(v) == "string" and v ~= "" end },
+  metrics_key = { "a non-empty string", function(v) return type(v) == "string" and v ~= "" end },
   max_concurrent = { "requests (an integer >= 1)", is_count(1) },
   queue = { "requests (an integer >= 0)", is_count(0) },
   queue_timeout = { "seconds (a number >= 0)", is_seconds },
