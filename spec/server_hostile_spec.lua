@@ -531,4 +531,21 @@ while true do resil.sleep(3600) end
       assert.matches(case[2], line)
     end
   end)
+
+  -- RFC 9112 2.3: a later HTTP/1 minor version is answered in HTTP/1.1, its 100 Continue too (before:
+  -- "HTTP/1.2 100 Continue", then "HTTP/1.1 200 OK")
+  it("the 100 Continue to an HTTP/1.2 request says HTTP/1.1, as the reply after it does", function()
+    local script = helpers.write(helpers.tmpname(".py"), [[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(10)
+s.sendall(b"POST /a HTTP/1.2\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+interim = s.recv(65536)
+s.sendall(b"hello")
+sys.stdout.buffer.write(interim + b"".join(iter(lambda: s.recv(65536), b"")))
+]])
+    local r = helpers.run(("python3 %s %d"):format(script, port))
+    assert.matches("^HTTP/1%.1 100 Continue\r\n\r\nHTTP/1%.1 200 OK\r\n", r.stdout)
+    assert.matches("seen hello$", r.stdout)
+  end)
 end)

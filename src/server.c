@@ -650,7 +650,15 @@ static void conn_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *
   conn *c = arg;
   char start[12];
   if (info->orig_size != 0 || output_start(buf, start, sizeof start) < sizeof start) return;
-  if (memcmp(start, "HTTP/1.", 7) != 0 || start[9] < '4') return; /* (a 100 Continue) */
+  if (memcmp(start, "HTTP/1.", 7) == 0 && start[9] == '1' && c->version == VERSION_1_LATER) {
+    /* a 100 Continue, which libevent writes in the request's version
+     * ("HTTP/1.2 100 Continue"): said in HTTP/1.1, as the reply after it is
+     * (request_cb). Its one digit, in place. */
+    struct evbuffer_iovec v;
+    if (evbuffer_peek(buf, 8, NULL, &v, 1) == 1 && v.iov_len >= 8) ((char *)v.iov_base)[7] = '1';
+    return;
+  }
+  if (memcmp(start, "HTTP/1.", 7) != 0 || start[9] < '4') return;
   evbuffer_cb_clear_flags(buf, c->own_error, EVBUFFER_CB_ENABLED);
   if (c->first_byte) evbuffer_cb_clear_flags(bufferevent_get_input(c->bev), c->first_byte, EVBUFFER_CB_ENABLED);
   c->api_pending = 0; /* (what comes in now is a body libevent drops) */
