@@ -532,6 +532,27 @@ while true do resil.sleep(3600) end
     end
   end)
 
+  -- RFC 9112 3.2: a server answers a 400 to an HTTP/1.1 request without Host, and to any with two
+  -- (before: served; which host a request is for is what a proxy in front may read otherwise)
+  it("an HTTP/1.1 request without Host, or with two, is a 400 saying so; HTTP/1.0 needs none", function()
+    for _, version in ipairs({ "1.1", "1.2" }) do
+      local line, body = ask("GET /a HTTP/" .. version .. "\\r\\nConnection: close\\r\\n\\r\\n")
+      assert.are.equal("HTTP/1.1 400 Bad Request", line)
+      assert.are.equal("an HTTP/1.1 request without a Host header (RFC 9112 3.2)", body.error.message)
+    end
+    local line, body = ask("GET /a HTTP/1.1\\r\\nHost: x\\r\\nhost: y\\r\\nConnection: close\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.1 400 Bad Request", line)
+    assert.are.equal("more than one Host header (RFC 9112 3.2)", body.error.message)
+    line, body = ask("GET /a HTTP/1.0\\r\\nHost: x\\r\\nHost: y\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.0 400 Bad Request", line)
+    line, body = ask("GET /a HTTP/1.0\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.0 200 OK", line)
+    assert.are.equal("seen ", body)
+    -- (an empty Host is the one a request for a target without an authority sends)
+    line, body = ask("GET /a HTTP/1.1\\r\\nHost:\\r\\nConnection: close\\r\\n\\r\\n")
+    assert.are.equal("HTTP/1.1 200 OK", line)
+  end)
+
   -- RFC 9112 2.3: a later HTTP/1 minor version is answered in HTTP/1.1, its 100 Continue too (before:
   -- "HTTP/1.2 100 Continue", then "HTTP/1.1 200 OK")
   it("the 100 Continue to an HTTP/1.2 request says HTTP/1.1, as the reply after it does", function()

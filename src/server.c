@@ -1520,13 +1520,19 @@ static void deferred_stop_cb(evutil_socket_t fd, short what, void *arg) {
  *   keeps "Content-Length " as another header, a proxy may not);
  * - a Content-Length that is not digits ("+5"), or two that differ;
  * - a Transfer-Encoding other than chunked (libevent reads no body).
+ * And, as RFC 9112 3.2 has a server refuse them (libevent served them), an
+ * HTTP/1.1 request without Host and one with two: which host it is for is
+ * what a proxy in front and this server could read otherwise.
  * -> NULL, or the status and the JSON body of the refusal */
 static const char *framing_problem(struct evhttp_request *req, int *status) {
   const char *length = NULL;
   struct evkeyval *h;
+  int hosts = 0;
   *status = 400;
   TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next) {
     if (!is_token(h->key)) return SERVER_ERROR("invalid_request_error", "a header name that is not a token");
+    if (evutil_ascii_strcasecmp(h->key, "host") == 0 && ++hosts > 1)
+      return SERVER_ERROR("invalid_request_error", "more than one Host header (RFC 9112 3.2)");
     if (evutil_ascii_strcasecmp(h->key, "content-length") == 0) {
       if (!h->value[0] || h->value[strspn(h->value, "0123456789")] != '\0')
         return SERVER_ERROR("invalid_request_error", "Content-Length is not a number");
@@ -1539,6 +1545,9 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
       return SERVER_ERROR("invalid_request_error", "unsupported Transfer-Encoding: only chunked");
     }
   }
+  /* (HTTP/1.0 has no Host to require; a later HTTP/1 minor version is served as HTTP/1.1) */
+  if (!hosts && req->major == 1 && req->minor >= 1)
+    return SERVER_ERROR("invalid_request_error", "an HTTP/1.1 request without a Host header (RFC 9112 3.2)");
   return NULL;
 }
 
