@@ -273,8 +273,8 @@ function openai.usage(u, tier)
     service_tier = tier ~= nil and openai.service_tier(tier) or nil }
 end
 
--- a decoded JSON object (a table that is not a non-empty array)
-local function is_object(v) return type(v) == "table" and v[1] == nil end
+-- a decoded JSON object (a table that is not an array: [] decodes with json.array_mt)
+local function is_object(v) return type(v) == "table" and v[1] == nil and getmetatable(v) ~= json.array_mt end
 
 -- -> the calls | nil | nil, why. Arguments that are not a JSON object are
 -- the model's garbage (invalid output, tried again), unless the answer was
