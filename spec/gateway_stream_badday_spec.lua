@@ -100,6 +100,65 @@ describe("gateway streams on a bad day: an upstream that ends oddly", function()
   end)
 end)
 
+describe("gateway streams on a bad day: an event that is JSON but not an object", function()
+  -- (before: an OpenAI client of an OpenAI provider got `data: []` as a chunk made of the gateway's
+  -- id and model alone, which the SDK's stream helper raises on (chunk.choices is not iterable);
+  -- an Anthropic provider's was relayed as it came, or skipped once translated)
+  for _, garbage in ipairs({ "[]", "[1]", "1", "\"x\"", "null" }) do
+    for _, provider in ipairs({ "openai/gpt-4o-mini", CLAUDE }) do
+      it(("`data: %s` from %s ends each client's stream with its error event"):format(garbage, provider), function()
+        local function ev(name, data) return ("event: %s\ndata: %s\n\n"):format(name, json.encode(data)) end
+        local url, _, key = start({ strict = true, routes = {
+          ["POST /v1/chat/completions"] = function()
+            return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+              chunk({ role = "assistant", content = "" }), chunk({ content = "hello " }), "data: " .. garbage .. "\n\n",
+              chunk({ content = "world" }), chunk({}, "stop"), "data: [DONE]\n\n" } }
+          end,
+          ["POST /v1/messages"] = function()
+            return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+              ev("message_start", { type = "message_start", message = { id = "msg_1", type = "message",
+                role = "assistant", model = "claude-sonnet-4-5-20250929", content = setmetatable({}, json.array_mt),
+                usage = { input_tokens = 10, output_tokens = 1 } } }),
+              ev("content_block_start", { type = "content_block_start", index = 0,
+                content_block = { type = "text", text = "" } }),
+              ev("content_block_delta", { type = "content_block_delta", index = 0,
+                delta = { type = "text_delta", text = "hello " } }),
+              "event: content_block_delta\ndata: " .. garbage .. "\n\n",
+              ev("content_block_delta", { type = "content_block_delta", index = 0,
+                delta = { type = "text_delta", text = "world" } }),
+              ev("content_block_stop", { type = "content_block_stop", index = 0 }),
+              ev("message_delta", { type = "message_delta", delta = { stop_reason = "end_turn" },
+                usage = { output_tokens = 2 } }),
+              ev("message_stop", { type = "message_stop" }) } }
+          end } })
+        for _, api in ipairs({ "openai", "anthropic" }) do
+          local evs = events_of(open(url, key, api, { model = provider }))
+          local last = evs[#evs]
+          for i = 1, #evs - 1 do
+            local data = json.decode(evs[i].data)
+            assert.is_true(type(data) == "table" and data[1] == nil and getmetatable(data) ~= json.array_mt,
+              api .. " client, event " .. i .. ": " .. tostring(evs[i].data))
+            if api == "openai" then assert.is_table(data.choices, evs[i].data) end
+            assert.is_nil(data.error, evs[i].data)
+          end
+          if api == "openai" then
+            assert.is_table(json.decode(last.data).error, last.data)
+          else
+            assert.are.equal("error", last.event, last.data)
+          end
+          assert.matches("hello", table.concat((function()
+            local t = {}
+            for _, e in ipairs(evs) do t[#t + 1] = e.data end
+            return t
+          end)()))
+        end
+        assert.is_true(helpers.wait_until(function() return rows() == 2 end, 10))
+        settled()
+      end)
+    end
+  end
+end)
+
 describe("gateway streams on a bad day: usage that comes twice", function()
   -- (before: a second usage chunk with counts that cannot be read replaced the provider's good one,
   -- and the row was an estimate from the bytes streamed: 8 and 3 tokens for 100 and 50)

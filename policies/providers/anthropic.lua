@@ -235,6 +235,10 @@ function anthropic.event(state, ev)
   local data = json.decode(ev.data or "")
   state.decoded = data
   if type(data) ~= "table" then return nil, false, "an event that is not JSON: " .. tostring(ev.data):sub(1, 80) end
+  -- (`data: []`: JSON, but no event; the SDK's stream helper raises on it)
+  if data[1] ~= nil or getmetatable(data) == json.array_mt then
+    return nil, false, "an event that is not a JSON object: " .. tostring(ev.data):sub(1, 80)
+  end
   t = t or data.type
   if t == "content_block_delta" then
     local d = data.delta
