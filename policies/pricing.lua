@@ -241,10 +241,51 @@ local function priced(price, usage)
   return math.floor(usd * 1e9 + 0.5) / 1e9
 end
 
+-- A usage of parts (usage.parts: an Anthropic server-side fallback's hops, each a usage with its
+-- model): each part priced at its own model's rate, what no part holds (web searches, a flat
+-- price a call) at the model's. A part whose model has no price is priced at the model's (that
+-- price's absence warned): a row without a price would settle its budget at nothing. Parts that
+-- do not add up to the usage (the API says it is their sum; one capped or estimated since) are
+-- not its breakdown: nil, and the usage is priced whole.
+local COUNTED = { "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens" }
+local function parts_cost(provider, model, usage)
+  local parts = usage.parts
+  for _, k in ipairs(COUNTED) do
+    local sum = 0
+    for _, part in ipairs(parts) do
+      if type(part) ~= "table" then return nil end
+      sum = sum + (tonumber(part[k]) or 0)
+    end
+    if sum ~= (usage[k] or 0) then return nil end
+  end
+  local tier, usd = usage.service_tier, 0
+  for _, part in ipairs(parts) do
+    local one = {}
+    for k, v in pairs(part) do one[k] = v end
+    one.model, one.service_tier, one.requests = nil, tier, 0
+    local c = type(part.model) == "string" and pricing.cost(provider, part.model, one)
+    if not c then
+      local why
+      c, why = pricing.cost(provider, model, one)
+      if c == nil then return nil, why end
+    end
+    usd = usd + c
+  end
+  local rest, why = pricing.cost(provider, model, { service_tier = tier, requests = usage.requests,
+    web_search_requests = usage.web_search_requests })
+  if rest == nil then return nil, why end
+  return math.floor((usd + rest) * 1e9 + 0.5) / 1e9
+end
+
 -- pricing.cost(provider, model, usage) -> usd | nil, why; usage.service_tier (a
--- tier other than the standard one) prices it from pricing.tiers
+-- tier other than the standard one) prices it from pricing.tiers; usage.parts, each
+-- part at its own model (parts_cost)
 function pricing.cost(provider, model, usage)
   if type(usage) ~= "table" then error("pricing.cost: usage must be a table", 2) end
+  if type(usage.parts) == "table" and usage.parts[1] ~= nil then
+    local usd, why = parts_cost(provider, model, usage)
+    if usd ~= nil or why then return usd, why end
+  end
   local tier = usage.service_tier
   if tier ~= nil and type(tier) ~= "string" then tier = tostring(tier) end
   local price, usd, bad = price_entry(provider, model, tier), nil, nil

@@ -169,10 +169,31 @@ local function absent(v) return v == nil or v == json.null end
 local function bad(v) return not absent(v) and num(v) == nil end
 local function unreadable(a, b) return bad(a) or bad(b) or (absent(a) and absent(b)) end
 
+-- A server-side fallback's hops (usage.iterations: a `message` entry per model that declined,
+-- its tokens paid, and the `fallback_message` of the one that served), each a usage of its own
+-- model, for pricing.cost to price each at its model's rate (priced at the serving model's, a
+-- declined Fable hop's input was billed at Haiku's) -> the parts | nil: no fallback served, or
+-- an entry without its model
+local function hop_parts(its)
+  if type(its) ~= "table" then return nil end
+  local parts, served = {}, false
+  for _, it in ipairs(its) do
+    if type(it) == "table" and (it.type == "message" or it.type == "fallback_message") then
+      local part = type(it.model) == "string" and it.iterations == nil and anthropic.usage(it)
+      if not part then return nil end
+      part.model = it.model
+      parts[#parts + 1] = part
+      served = served or it.type == "fallback_message"
+    end
+  end
+  return served and parts or nil
+end
+
 -- anthropic.usage(u) -> normalized usage | nil (unknown). Anthropic's input_tokens leaves out
 -- cache reads and writes; the normalized input_tokens counts them. The writes to the 1-hour
 -- cache (usage.cache_creation's breakdown), a part of them, cost twice the input price, not
--- the 5-minute cache's 1.25 times: cache_write_1h_tokens, priced apart.
+-- the 5-minute cache's 1.25 times: cache_write_1h_tokens, priced apart. A server-side
+-- fallback's usage has its hops as usage.parts (hop_parts).
 function anthropic.usage(u)
   if type(u) ~= "table" or unreadable(u.input_tokens, u.output_tokens) then return nil end
   local read, write = num(u.cache_read_input_tokens) or 0, num(u.cache_creation_input_tokens) or 0
@@ -183,6 +204,7 @@ function anthropic.usage(u)
   local breakdown = type(u.cache_creation) == "table" and u.cache_creation or nil
   local hour = breakdown and num(breakdown.ephemeral_1h_input_tokens) or 0
   if hour > 0 then usage.cache_write_1h_tokens = math.min(hour, write) end -- (more is no part of the writes)
+  if u.iterations ~= nil then usage.parts = hop_parts(u.iterations) end
   return usage
 end
 
