@@ -159,6 +159,80 @@ describe("gateway streams on a bad day: an event that is JSON but not an object"
   end
 end)
 
+describe("gateway streams on a bad day: an emoji cut in two UTF-16 halves", function()
+  -- (before: a provider that cuts its deltas by UTF-16 code unit, as a JavaScript server slicing a
+  -- string does, sent "\ud83d" ending one delta and "\udc4b" starting the next; the SDKs' JSON.parse
+  -- takes a lone surrogate and their concatenation joins the halves, but cjson refused it and the
+  -- stream broke: "an event that is not JSON")
+  local function ev(name, data) return ("event: %s\ndata: %s\n\n"):format(name, data) end
+  for _, provider in ipairs({ "openai/gpt-4o-mini", CLAUDE }) do
+    it("reaches each client whole from " .. provider .. "; a half with no other is U+FFFD", function()
+      local function delta(text) -- (text: JSON string contents, escapes as written)
+        return 'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":' ..
+          '[{"index":0,"delta":{"content":"' .. text .. '"},"logprobs":null,"finish_reason":null}]}\n\n'
+      end
+      local function text_delta(text)
+        return ev("content_block_delta", '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"'
+          .. text .. '"}}')
+      end
+      local TEXTS = { "hi \\ud83d", "\\udc4b there, \\\\ud83d is \\ud83d", " not \\udc4b" }
+      local url, _, key = start({ strict = true, routes = {
+        ["POST /v1/chat/completions"] = function()
+          local chunks = { chunk({ role = "assistant", content = "" }) }
+          for _, t in ipairs(TEXTS) do chunks[#chunks + 1] = delta(t) end
+          chunks[#chunks + 1] = chunk({}, "stop")
+          chunks[#chunks + 1] = "data: [DONE]\n\n"
+          return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = chunks }
+        end,
+        ["POST /v1/messages"] = function()
+          local chunks = { ev("message_start", json.encode({ type = "message_start", message = { id = "msg_1",
+            type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+            content = setmetatable({}, json.array_mt), usage = { input_tokens = 10, output_tokens = 1 } } })),
+            ev("content_block_start", '{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}') }
+          for _, t in ipairs(TEXTS) do chunks[#chunks + 1] = text_delta(t) end
+          chunks[#chunks + 1] = ev("content_block_stop", '{"type":"content_block_stop","index":0}')
+          chunks[#chunks + 1] = ev("message_delta", '{"type":"message_delta","delta":{"stop_reason":"end_turn"},' ..
+            '"usage":{"output_tokens":9}}')
+          chunks[#chunks + 1] = ev("message_stop", '{"type":"message_stop"}')
+          return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = chunks }
+        end } })
+      -- (the relayed Anthropic events are the provider's text: decoded here as the SDK's JSON.parse would)
+      local WANT = "hi \240\159\145\139 there, \\ud83d is \239\191\189 not \239\191\189"
+      for _, api in ipairs({ "openai", "anthropic" }) do
+        local text = {}
+        local evs = events_of(open(url, key, api, { model = provider }))
+        assert.are.equal(api == "openai" and "[DONE]" or "message_stop", api == "openai" and evs[#evs].data
+          or evs[#evs].event)
+        local read = {} -- (one stream's: a half carried from an event to the next)
+        for i = 1, api == "openai" and #evs - 1 or #evs do
+          local e = evs[i]
+          local data = require("policies.event_json")(read, e.data)
+          assert.is_not_nil(data, e.data)
+          local piece = type(data) == "table" and (api == "openai" and type(data.choices) == "table" and data.choices[1]
+            and data.choices[1].delta.content or type(data.delta) == "table" and data.delta.text)
+          if type(piece) == "string" then text[#text + 1] = piece end
+          assert.is_nil(type(data) == "table" and data.error or nil, e.data)
+        end
+        assert.are.equal(WANT, table.concat(text), api .. " client")
+      end
+      assert.is_true(helpers.wait_until(function() return rows() == 2 end, 10))
+      settled()
+    end)
+  end
+
+  it("a tool call's arguments get their halves joined too, in their own field", function()
+    local event_json, read = require "policies.event_json", {}
+    local one = event_json(read, '{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1",' ..
+      '"function":{"name":"w","arguments":"{\\"city\\":\\"\\ud83c"}}]}}]}')
+    local two = event_json(read, '{"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,' ..
+      '"function":{"arguments":"\\udfd4\\"}"}}]}}]}')
+    assert.are.equal('{"city":"\240\159\143\148"}', one.choices[1].delta.tool_calls[1]["function"].arguments ..
+      two.choices[1].delta.tool_calls[1]["function"].arguments)
+    assert.are.equal("c1", two.id) -- (the half went to its own field, not the first string)
+    assert.is_nil(read.surrogate)
+  end)
+end)
+
 describe("gateway streams on a bad day: usage that comes twice", function()
   -- (before: a second usage chunk with counts that cannot be read replaced the provider's good one,
   -- and the row was an estimate from the bytes streamed: 8 and 3 tokens for 100 and 50)

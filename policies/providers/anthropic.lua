@@ -10,6 +10,7 @@
 local resil = require "resil"
 local json = resil.json
 local messages = require "policies.messages"
+local event_json = require "policies.event_json"
 
 local anthropic = {
   name = "anthropic",
@@ -254,7 +255,7 @@ function anthropic.event(state, ev)
   local t = ev.event
   state.decoded = nil
   if t == "ping" then return nil, false end
-  local data = json.decode(ev.data or "")
+  local data = event_json(state, ev.data or "")
   state.decoded = data
   if type(data) ~= "table" then return nil, false, "an event that is not JSON: " .. tostring(ev.data):sub(1, 80) end
   -- (`data: []`: JSON, but no event; the SDK's stream helper raises on it)

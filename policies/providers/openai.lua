@@ -12,6 +12,7 @@
 local resil = require "resil"
 local json = resil.json
 local messages = require "policies.messages"
+local event_json = require "policies.event_json"
 
 local openai = {
   name = "openai",
@@ -399,7 +400,7 @@ function openai.event(state, ev)
     state.decoded = nil
     return nil, true
   end
-  local chunk = json.decode(data)
+  local chunk = event_json(state, data)
   state.decoded = chunk
   if type(chunk) ~= "table" then return nil, false, "an event that is not JSON: " .. data:sub(1, 80) end
   -- (`data: []`, `data: 1`: JSON, but no chunk; the SDK yields it, and its stream helper raises on
