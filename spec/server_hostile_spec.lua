@@ -534,7 +534,7 @@ while true do resil.sleep(3600) end
 
   -- RFC 9112 3.2: a server answers a 400 to an HTTP/1.1 request without Host, and to any with two
   -- (before: served; which host a request is for is what a proxy in front may read otherwise)
-  it("an HTTP/1.1 request without Host, or with two, is a 400 saying so; HTTP/1.0 needs none", function()
+  it("an HTTP/1.1 request without Host, with two, or with one that is not a host, is a 400 saying so; HTTP/1.0 needs none", function()
     for _, version in ipairs({ "1.1", "1.2" }) do
       local line, body = ask("GET /a HTTP/" .. version .. "\\r\\nConnection: close\\r\\n\\r\\n")
       assert.are.equal("HTTP/1.1 400 Bad Request", line)
@@ -551,6 +551,15 @@ while true do resil.sleep(3600) end
     -- (an empty Host is the one a request for a target without an authority sends)
     line, body = ask("GET /a HTTP/1.1\\r\\nHost:\\r\\nConnection: close\\r\\n\\r\\n")
     assert.are.equal("HTTP/1.1 200 OK", line)
+    for _, host in ipairs({ "[::1]:8080", "api.example.com", "127.0.0.1:80" }) do
+      line = ask("GET /a HTTP/1.1\\r\\nHost: " .. host .. "\\r\\nConnection: close\\r\\n\\r\\n")
+      assert.are.equal("HTTP/1.1 200 OK", line, host)
+    end
+    for _, host in ipairs({ "a b", "evil.com/x", "user@evil.com", "x\\ty" }) do
+      line, body = ask("GET /a HTTP/1.1\\r\\nHost: " .. host .. "\\r\\nConnection: close\\r\\n\\r\\n")
+      assert.are.equal("HTTP/1.1 400 Bad Request", line, host)
+      assert.are.equal("a Host header that is not a host and port (RFC 9112 3.2)", body.error.message)
+    end
   end)
 
   -- RFC 9112 2.3: a later HTTP/1 minor version is answered in HTTP/1.1, its 100 Continue too (before:

@@ -1531,8 +1531,12 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
   *status = 400;
   TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next) {
     if (!is_token(h->key)) return SERVER_ERROR("invalid_request_error", "a header name that is not a token");
-    if (evutil_ascii_strcasecmp(h->key, "host") == 0 && ++hosts > 1)
-      return SERVER_ERROR("invalid_request_error", "more than one Host header (RFC 9112 3.2)");
+    if (evutil_ascii_strcasecmp(h->key, "host") == 0) {
+      if (++hosts > 1) return SERVER_ERROR("invalid_request_error", "more than one Host header (RFC 9112 3.2)");
+      /* uri-host [":" port] (RFC 3986 3.2.2): a space, a slash, an @ are another authority to a proxy */
+      if (h->value[strspn(h->value, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]")])
+        return SERVER_ERROR("invalid_request_error", "a Host header that is not a host and port (RFC 9112 3.2)");
+    }
     if (evutil_ascii_strcasecmp(h->key, "content-length") == 0) {
       if (!h->value[0] || h->value[strspn(h->value, "0123456789")] != '\0')
         return SERVER_ERROR("invalid_request_error", "Content-Length is not a number");
