@@ -358,6 +358,15 @@ describe("the return convention", function()
     first:close()
   end)
 
+  -- (before: "(No such file or directory)", whatever errno a call before had left)
+  it("a host that is a name, not an address, is nil, err from server.listen saying so", function()
+    local s, err = resil.server.listen({ host = "localhost", port = 0, handler = function() end })
+    assert.is_nil(s)
+    assert.are.equal("listen", err.kind)
+    assert.are.equal("server: cannot listen on localhost:0 (localhost is not a numeric address: an IP address such "
+      .. "as 127.0.0.1 or ::1, never a name)", err.message)
+  end)
+
   it("a log file that cannot be opened is nil, err from log.output, and logging goes on", function()
     local ok, err = resil.log.output("/nonexistent-dir/x.log")
     assert.is_nil(ok)

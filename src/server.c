@@ -1866,9 +1866,12 @@ static int l_listen(lua_State *L) {
   char port_text[16];
   snprintf(port_text, sizeof port_text, "%d", (int)port);
   evutil_socket_t fd = -1;
+  int not_numeric = 0;
   if (from && from->http && from->bound) {
     fd = fcntl(evhttp_bound_socket_get_fd(from->bound), F_DUPFD_CLOEXEC, 0);
-  } else if (evutil_getaddrinfo(host, port_text, &hints, &ai) == 0 && ai) {
+  } else if (evutil_getaddrinfo(host, port_text, &hints, &ai) != 0 || !ai) {
+    not_numeric = 1;
+  } else {
     fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
     /* reuseport: several processes (gateway --workers) accept on one port, the kernel spreads connections */
@@ -1885,9 +1888,13 @@ static int l_listen(lua_State *L) {
     evhttp_free(srv->http);
     srv->http = NULL;
     /* a port in use is trouble from the world, not misuse: nil, err */
-    int e = errno;
-    resil_error_result(L, e == EADDRINUSE ? "address_in_use" : "listen", "server: cannot listen on %s:%d (%s)", host,
-                       (int)port, strerror(e));
+    int e = not_numeric ? EINVAL : errno;
+    if (not_numeric) /* (errno was whatever came before: "No such file or directory") */
+      resil_error_result(L, "listen", "server: cannot listen on %s:%d (%s is not a numeric address: an IP address "
+                         "such as 127.0.0.1 or ::1, never a name)", host, (int)port, host);
+    else
+      resil_error_result(L, e == EADDRINUSE ? "address_in_use" : "listen", "server: cannot listen on %s:%d (%s)", host,
+                         (int)port, strerror(e));
     lua_pushinteger(L, e);
     lua_setfield(L, -2, "errno");
     return 2;
