@@ -34,13 +34,27 @@ local DEFAULTS = { window = 3600, min_calls = 50 }
 -- loading and structural checks (a broken registry fails to load: a reload
 -- keeps the old one serving, reported with file:line)
 
+-- -> path, guessed (a path not found: messages name it, nothing reads it)
 local function source_of(modname)
   local ok, searchers = pcall(function() return package.searchers end) -- the sandbox hides them
   for _, searcher in ipairs(ok and searchers or {}) do
     local loader, where = searcher(modname)
     if type(loader) == "function" and type(where) == "string" then return where end
   end
-  return "policies/" .. modname:gsub("^policies%.", "") .. ".lua"
+  -- the sandbox's package.path names the policy folders in the order require searches them
+  local rest = modname:gsub("^policies%.", ""):gsub("%.", "/")
+  local okp, path = pcall(function() return package.path end)
+  for template in (okp and type(path) == "string" and path or ""):gmatch("[^;]+") do
+    local file = template:gsub("%?", rest)
+    local opened, f = pcall(io.open, file, "r")
+    if opened and f then
+      f:close()
+      return file
+    end
+  end
+  -- (a guess read for lines and keys written twice was another file: the working folder's
+  -- policies/models.lua, whose duplicates refused the registry of --policies DIR)
+  return "policies/" .. rest .. ".lua", true
 end
 
 -- the line an entry's key is written on, for messages
@@ -66,49 +80,244 @@ local function where(file, key)
   return line and ("%s:%d"):format(file, line) or (file or "models")
 end
 
-local function is_name(v) return type(v) == "string" and v ~= "" end
+-- A name (an alias, a model, a request field) is what a gateway's client may name
+-- (policies/gateway.lua's check_model): printable ASCII without spaces, at most 256 bytes. It is
+-- echoed in headers (x-resil-model), log lines and metric labels: an alias with a space or an
+-- accent was listed by GET /v1/models and refused (a 400) to the client that named it, and a
+-- target with a CR LF in it went into the x-resil-model header as written
+local NAME_MAX = 256
+local NAME_RULE = "1 to 256 printable ASCII characters, no spaces"
+local function is_name(v) return type(v) == "string" and #v <= NAME_MAX and v:find("^[!-~]+$") ~= nil end
 
--- Errors a registry must not load with: wrong shapes and alias cycles.
-local function structure_errors(entries, file)
+-- a value in a message: what is not printable ASCII escaped, a long one cut
+local function shown(v)
+  if v ~= v then return "NaN" end
+  if type(v) ~= "string" then return tostring(v) end
+  local s = v:sub(1, 80):gsub("[^ -~]", function(c) return ("\\x%02X"):format(c:byte()) end)
+  return #v > 80 and s .. "..." or s
+end
+
+-- (NaN passes `x < 0 or x > 1` and infinity passes `x > 0`: a share of NaN sent every call to
+-- the old side without a word, a deadline of NaN raised inside each call)
+local function finite(v) return type(v) == "number" and v == v and v > -math.huge and v < math.huge end
+
+-- a real day: "2026-13-45" was read as 2027-02-14
+local function is_date(s)
+  local y, m, d = (type(s) == "string" and s or ""):match("^(%d%d%d%d)%-(%d%d)%-(%d%d)$")
+  if not y then return false end
+  y, m, d = tonumber(y), tonumber(m), tonumber(d)
+  local leap = y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0)
+  local days = { 31, leap and 29 or 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 }
+  return m >= 1 and m <= 12 and d >= 1 and d <= days[m]
+end
+
+local function distance(a, b)
+  if #a > #b then a, b = b, a end
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:byte(i) == b:byte(j) and 0 or 1))
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+-- The fields each table of an entry takes: one misspelt (`fallback = {...}`, `percent = 10`) was
+-- dropped without a word, and the fallbacks or the split it meant were not there
+local FIELDS_OF = {}
+for kind, list in pairs({
+  entry = { "use", "fallbacks", "deadline", "deployments", "strategy", "migrate", "pinned", "deprecated",
+            "replacement", "sunset" },
+  migrate = { "to", "share", "sticky", "rollback", "window" },
+  rollback = { "error_rate", "invalid_output", "latency", "min_calls" },
+  deployment = { "use", "weight", "name", "config" },
+}) do
+  local set = {}
+  for _, f in ipairs(list) do set[f] = true end
+  FIELDS_OF[kind] = { list = list, set = set }
+end
+
+-- messages for the fields of t that `kind` does not take
+local function unknown_fields(t, kind, what)
+  local known, out, names = FIELDS_OF[kind], {}, {}
+  for k in pairs(t) do if not known.set[k] then names[#names + 1] = k end end
+  table.sort(names, function(a, b) return tostring(a) < tostring(b) end)
+  for _, f in ipairs(names) do
+    local near, best = nil, 3
+    for _, k in ipairs(known.list) do
+      local d = type(f) == "string" and distance(f:lower(), k) or best
+      if d < best then near, best = k, d end
+    end
+    out[#out + 1] = ("%s: unknown field '%s'%s (it takes %s)"):format(what, shown(f),
+      near and (", did you mean '" .. near .. "'?") or "", table.concat(known.list, ", "))
+  end
+  return out
+end
+
+-- How deep resolution may go below the name a call asks for (aliases naming aliases, fallbacks,
+-- replacements); a registry going deeper is refused when it loads, not at each call
+local MAX_DEPTH = 8
+
+-- Keys written twice in one table of a registry file, as { line =, first =, key =, top = }: Lua
+-- keeps the last without a word, so an edit of the first (the share of a migration written
+-- twice in one entry, an alias written twice) changed nothing. A scan of the source, tokens
+-- enough for table constructors; a file with a function in it is not scanned (its bodies'
+-- assignments are not keys).
+local function written_twice(file)
+  local ok, f = pcall(io.open, file, "r") -- a sandbox may refuse it: then no scan
+  if not ok or not f then return {} end
+  local src = f:read("a") or ""
+  f:close()
+  local out, scopes = {}, {}
+  local i, n, line = 1, #src, 1
+  local prev, prev_field -- the token before ("{", ",", ";" start a field), and a "[" that starts one
+  local function newlines(s) local _, c = s:gsub("\n", "") line = line + c end
+  local last -- the key of the field being written, which a "{" after it owns
+  local function key(k, at)
+    local scope = scopes[#scopes]
+    if not scope then return end
+    last = k
+    if scope.keys[k] then
+      out[#out + 1] = { line = at, first = scope.keys[k], key = k, top = #scopes == 1,
+        model = scopes[2] and scopes[2].owner }
+    else
+      scope.keys[k] = at
+    end
+  end
+  -- the index after an "=" that follows j (spaces and comments aside), or nil
+  local function assign_after(j)
+    local _, e = src:find("^%s*", j)
+    j = e + 1
+    if src:sub(j, j) == "=" and src:sub(j + 1, j + 1) ~= "=" then return j + 1 end
+  end
+  while i <= n do
+    local c = src:sub(i, i)
+    if c == "\n" then
+      line, i = line + 1, i + 1
+    elseif c:find("%s") then
+      i = i + 1
+    elseif src:find("^%-%-", i) then
+      local eq = src:match("^%-%-%[(=*)%[", i)
+      local stop = eq and select(2, src:find("]" .. eq .. "]", i, true)) or (src:find("\n", i, true) or n + 1) - 1
+      newlines(src:sub(i, stop))
+      i = stop + 1
+    elseif c == '"' or c == "'" then
+      local j = i + 1
+      while j <= n and src:sub(j, j) ~= c do j = j + (src:sub(j, j) == "\\" and 2 or 1) end
+      local value, at = src:sub(i + 1, j - 1), line
+      newlines(value)
+      i = j + 1
+      -- ["key"] =
+      if prev == "[" and src:match("^%s*%]", i) then
+        local close = select(2, src:find("^%s*%]", i))
+        local after = assign_after(close + 1)
+        if after and prev_field then key(value, at) end
+      end
+      prev = "string"
+    elseif src:find("^%[=*%[", i) then
+      local eq = src:match("^%[(=*)%[", i)
+      local stop = select(2, src:find("]" .. eq .. "]", i, true)) or n
+      newlines(src:sub(i, stop))
+      i, prev = stop + 1, "string"
+    elseif c:find("[%a_]") then
+      local name = src:match("^[%w_]+", i)
+      if name == "function" then return {} end
+      i = i + #name
+      if (prev == "{" or prev == "," or prev == ";") and assign_after(i) then key(name, line) end
+      prev = "name"
+    else
+      if c == "{" then scopes[#scopes + 1] = { keys = {}, owner = prev == "=" and last or nil }
+      elseif c == "}" then scopes[#scopes] = nil end
+      prev_field = c == "[" and (prev == "{" or prev == "," or prev == ";")
+      prev = c
+      i = i + 1
+    end
+  end
+  return out
+end
+
+-- Errors a registry must not load with: wrong shapes and values, references that lead nowhere,
+-- alias cycles, resolution too deep, migrations inside migrations, keys written twice.
+-- (unread: file is a guess, named in messages but not read for lines nor keys written twice)
+local function structure_errors(entries, file, unread)
   local errs = {}
   local function bad(key, fmt, ...)
-    errs[#errs + 1] = { level = "error", key = key, message = ("%s: model '%s': " .. fmt):format(where(file, key), key, ...) }
+    errs[#errs + 1] = { level = "error", key = key,
+      message = ("%s: model '%s': " .. fmt):format(unread and file or where(file, key), shown(key), ...) }
   end
   if type(entries) ~= "table" then
     return { { level = "error", message = ("%s: the registry must return a table, not %s"):format(file, type(entries)) } }
   end
-  for key, e in pairs(entries) do
+  local keys = {}
+  for key in pairs(entries) do
     if type(key) ~= "string" then
-      errs[#errs + 1] = { level = "error", message = ("%s: registry keys must be model names"):format(file) }
+      errs[#errs + 1] = { level = "error", message = ("%s: registry keys must be model names, not %s"):format(file,
+        shown(key)) }
+    else
+      keys[#keys + 1] = key
+    end
+  end
+  table.sort(keys)
+  local function alias(name) local e = entries[name] return type(e) == "table" and (e.use or e.deployments) ~= nil end
+  local function full(name) return name:find("^[%w_%-]+/.") ~= nil end
+  -- a model a field names ("provider/model" or an alias; one that is neither is `check`'s error
+  -- and, for a fallback, warned about at its first call: the primary still serves)
+  local function model_ref(key, v, what, provider_only)
+    if not is_name(v) then
+      bad(key, "%s must be \"provider/model\"%s (%s), not %s", what, provider_only and "" or " or an alias", NAME_RULE,
+        type(v) == "string" and ("'" .. shown(v) .. "'") or tostring(v))
+    elseif provider_only and not full(v) then -- (a deployment's is sent as it is: an alias there failed each call)
+      bad(key, "%s '%s' must be \"provider/model\", not an alias", what, v)
+    end
+  end
+  for _, key in ipairs(keys) do
+    local e = entries[key]
+    if not is_name(key) then
+      bad(key, "a model's name must be %s", NAME_RULE)
     elseif type(e) ~= "table" then
       bad(key, "an entry must be a table")
     else
-      if e.use ~= nil and not is_name(e.use) then bad(key, "use must be \"provider/model\"") end
+      for _, msg in ipairs(unknown_fields(e, "entry", "the entry")) do bad(key, "%s", msg) end
+      if e.use ~= nil then model_ref(key, e.use, "use") end
       if e.use == nil and e.deployments == nil and not e.deprecated then
         bad(key, "needs use = \"provider/model\", deployments = {...} or deprecated = true")
       end
+      if e.deprecated ~= nil and type(e.deprecated) ~= "boolean" then bad(key, "deprecated must be true or false") end
+      if e.pinned ~= nil and type(e.pinned) ~= "boolean" then bad(key, "pinned must be true or false") end
+      -- (an alias's sunset was never read: its calls kept going to its use past the date)
+      if e.deprecated and (e.use ~= nil or e.deployments ~= nil) then
+        bad(key, "deprecated = true marks a model's name, not an alias: to move an alias, change its use or migrate it")
+      elseif not e.deprecated and (e.replacement ~= nil or e.sunset ~= nil) then
+        bad(key, "replacement and sunset go with deprecated = true")
+      end
       if e.fallbacks ~= nil and type(e.fallbacks) ~= "table" then bad(key, "fallbacks must be a list of models") end
-      for i, f in ipairs(type(e.fallbacks) == "table" and e.fallbacks or {}) do
-        if not is_name(f) then bad(key, "fallbacks[%d] must be a model name", i) end
-      end
-      if e.deadline ~= nil and type(e.deadline) ~= "number" then bad(key, "deadline must be seconds") end
-      if e.sunset ~= nil and (type(e.sunset) ~= "string" or not e.sunset:match("^%d%d%d%d%-%d%d%-%d%d$")) then
-        bad(key, "sunset must be a date \"YYYY-MM-DD\"")
-      end
-      if e.replacement ~= nil and not is_name(e.replacement) then bad(key, "replacement must be a model name") end
+      for i, f in ipairs(type(e.fallbacks) == "table" and e.fallbacks or {}) do model_ref(key, f, ("fallbacks[%d]"):format(i)) end
+      if e.deadline ~= nil and not (finite(e.deadline) and e.deadline > 0) then bad(key, "deadline must be seconds > 0") end
+      if e.sunset ~= nil and not is_date(e.sunset) then bad(key, "sunset must be a date \"YYYY-MM-DD\", not %s", shown(e.sunset)) end
+      if e.replacement ~= nil then model_ref(key, e.replacement, "replacement") end
       if e.deployments ~= nil then
         if type(e.deployments) ~= "table" or #e.deployments == 0 then
           bad(key, "deployments must be a non-empty list of { use =, weight = }")
         else
           for i, d in ipairs(e.deployments) do
-            if type(d) ~= "table" or not is_name(d.use) then bad(key, "deployments[%d] needs use = \"provider/model\"", i)
-            elseif d.weight ~= nil and (type(d.weight) ~= "number" or d.weight < 0) then
-              bad(key, "deployments[%d].weight must be a number >= 0", i)
-            elseif d.config ~= nil and type(d.config) ~= "table" then bad(key, "deployments[%d].config must be a table", i)
-            -- (as ai.configure's: a TTL the store refuses left every answer uncached, each repeat paid for)
-            elseif type(d.config) == "table" and d.config.cache ~= nil and not (type(d.config.cache) == "table"
-              and type(d.config.cache.ttl) == "number" and d.config.cache.ttl > 0 and d.config.cache.ttl < math.huge) then
-              bad(key, "deployments[%d].config.cache must be {ttl = seconds}, seconds > 0", i)
+            local what = ("deployments[%d]"):format(i)
+            if type(d) ~= "table" then bad(key, "%s must be { use =, weight = }", what)
+            else
+              for _, msg in ipairs(unknown_fields(d, "deployment", what)) do bad(key, "%s", msg) end
+              model_ref(key, d.use, what .. ".use", true)
+              if d.weight ~= nil and not (finite(d.weight) and d.weight >= 0) then
+                bad(key, "%s.weight must be a number >= 0", what)
+              end
+              if d.name ~= nil and not is_name(d.name) then bad(key, "%s.name must be %s", what, NAME_RULE) end
+              if d.config ~= nil and type(d.config) ~= "table" then bad(key, "%s.config must be a table", what)
+              -- (as ai.configure's: a TTL the store refuses left every answer uncached, each repeat paid for)
+              elseif type(d.config) == "table" and d.config.cache ~= nil and not (type(d.config.cache) == "table"
+                and finite(d.config.cache.ttl) and d.config.cache.ttl > 0) then
+                bad(key, "%s.config.cache must be {ttl = seconds}, seconds > 0", what)
+              end
             end
           end
         end
@@ -118,23 +327,42 @@ local function structure_errors(entries, file)
       end
       local m = e.migrate
       if m ~= nil then
-        if type(m) ~= "table" or not is_name(m.to) then bad(key, "migrate needs to = \"provider/model\"")
-        elseif type(m.share) ~= "number" or m.share < 0 or m.share > 1 then bad(key, "migrate.share must be 0..1")
-        elseif m.rollback ~= nil and type(m.rollback) ~= "table" then bad(key, "migrate.rollback must be a table")
-        elseif e.use == nil then bad(key, "migrate needs use = the model it migrates from")
-        elseif m.sticky ~= nil and (type(m.sticky) ~= "string" or m.sticky == "") then
-          bad(key, "migrate.sticky must name a request field (\"user\", \"session\"), not %s", tostring(m.sticky))
-        elseif m.window ~= nil and (type(m.window) ~= "number" or not (m.window > 0)) then
-          bad(key, "migrate.window must be seconds > 0")
+        if type(m) ~= "table" then bad(key, "migrate must be { to =, share = }")
         else
-          for _, f in ipairs({ "error_rate", "invalid_output", "latency", "min_calls" }) do
-            local v = type(m.rollback) == "table" and m.rollback[f]
-            if v and (type(v) ~= "number" or not (v >= 0)) then bad(key, "migrate.rollback.%s must be a number >= 0", f) end
+          for _, msg in ipairs(unknown_fields(m, "migrate", "migrate")) do bad(key, "%s", msg) end
+          model_ref(key, m.to, "migrate.to")
+          if not (finite(m.share) and m.share >= 0 and m.share <= 1) then
+            bad(key, "migrate.share must be a number from 0 to 1, not %s", shown(m.share))
+          end
+          if e.use == nil then bad(key, "migrate needs use = the model it migrates from") end
+          if m.sticky ~= nil and not is_name(m.sticky) then
+            bad(key, "migrate.sticky must name a request field (\"user\", \"session\"), not %s", shown(m.sticky))
+          end
+          if m.window ~= nil and not (finite(m.window) and m.window > 0) then bad(key, "migrate.window must be seconds > 0") end
+          if m.rollback ~= nil and type(m.rollback) ~= "table" then bad(key, "migrate.rollback must be a table")
+          elseif m.rollback ~= nil then
+            for _, msg in ipairs(unknown_fields(m.rollback, "rollback", "migrate.rollback")) do bad(key, "%s", msg) end
+            for _, f in ipairs(FIELDS_OF.rollback.list) do
+              local v = m.rollback[f]
+              if v ~= nil and not (finite(v) and v >= 0) then bad(key, "migrate.rollback.%s must be a number >= 0", f) end
+            end
           end
         end
       end
     end
   end
+  -- keys written twice (the file as written: a table has kept one of each)
+  if file and not unread then
+    for _, d in ipairs(written_twice(file)) do
+      local what = d.top and "" or d.model and ("model '" .. shown(d.model) .. "': ") or ""
+      errs[#errs + 1] = { level = "error", key = d.top and d.key or d.model,
+        message = ("%s:%d: %s%s is written twice%s (lines %d and %d): Lua keeps the last one and drops the first " ..
+          "without a word"):format(file, d.line, what, d.top and ("model '" .. shown(d.key) .. "'") or ("'" .. shown(d.key) .. "'"),
+          d.top and "" or " in one table", d.first, d.line) }
+    end
+  end
+  if #errs > 0 then return errs end -- (what follows walks references the checks above found sound)
+
   -- alias cycles: follow use, fallbacks, replacement and migrate.to through aliases
   local state = {}
   local function visit(key, path)
@@ -175,19 +403,90 @@ local function structure_errors(entries, file)
     state[key] = "done"
     return found
   end
-  local keys = {}
-  for key, e in pairs(entries) do if type(key) == "string" and type(e) == "table" then keys[#keys + 1] = key end end
-  table.sort(keys)
   for _, key in ipairs(keys) do
     if state[key] == nil then visit(key, {}) end
+  end
+  if #errs > 0 then return errs end
+
+  -- the replacement a full name is routed to past its sunset, if any
+  local function replacement_of(name)
+    local d = entries[name]
+    if not (type(d) == "table" and d.deprecated) then
+      local bare = name:match("^[%w_%-]+/(.+)$")
+      d = bare and entries[bare]
+    end
+    return type(d) == "table" and d.deprecated and d.replacement ~= name and d.replacement or nil
+  end
+  -- the names a call's resolution passes below a name, as expand walks them: levels, the chain
+  local deep = {}
+  local function depth(name)
+    if deep[name] then return deep[name][1], deep[name][2] end
+    deep[name] = { 0, { name } } -- (no cycles are left; this only guards)
+    local e, next = entries[name], {}
+    if alias(name) then
+      next = { e.use, type(e.migrate) == "table" and e.migrate.to or nil }
+      for _, f in ipairs(e.fallbacks or {}) do next[#next + 1] = f end
+    elseif full(name) then
+      next = { replacement_of(name) }
+    end
+    local levels, chain = 0, { name }
+    for i = 1, 2 + #(e and e.fallbacks or {}) do
+      local r = next[i]
+      if r then
+        local d, c = depth(r)
+        if d + 1 > levels then levels, chain = d + 1, { name, table.unpack(c) } end
+      end
+    end
+    deep[name] = { levels, chain }
+    return levels, chain
+  end
+  for _, key in ipairs(keys) do
+    local e = entries[key]
+    local levels, chain = depth(key)
+    if not alias(key) and e.replacement then
+      local d, c = depth(e.replacement)
+      levels, chain = d + 1, { key, table.unpack(c) }
+    end
+    if levels > MAX_DEPTH then
+      bad(key, "resolves through %d names (%s), more than %d: name a model nearer", levels + 1,
+        table.concat(chain, " -> "), MAX_DEPTH + 1)
+    end
+  end
+
+  -- a migration met inside another's sides: a call takes the first migration it meets, so the
+  -- inner one never applied to the outer's calls (nor counted them for its rollback)
+  for _, key in ipairs(keys) do
+    local e = entries[key]
+    if type(e.migrate) == "table" then
+      local seen, inner = {}, nil
+      local function reach(r)
+        if inner or type(r) ~= "string" or seen[r] then return end
+        seen[r] = true
+        if alias(r) then
+          local a = entries[r]
+          -- (one at 0 sends every call to its use, one at 1 to its target, wherever it is met)
+          if type(a.migrate) == "table" and a.migrate.share > 0 and a.migrate.share < 1 then inner = r return end
+          if type(a.migrate) == "table" and a.migrate.share >= 1 then reach(a.migrate.to) end
+          reach(a.use)
+        elseif full(r) then
+          reach(replacement_of(r))
+        end
+      end
+      reach(e.use)
+      reach(e.migrate.to)
+      if inner then
+        bad(key, "migrates through '%s', which has a migration of its own: a call takes the first migration it meets, " ..
+          "so '%s''s never applies to the calls of '%s'; migrate one of them", inner, inner, key)
+      end
+    end
   end
   return errs
 end
 registry.structure_errors = structure_errors
 
 -- load(entries, file) -> a registry view | raises "file:line: ..."
-local function load(entries, file)
-  local errs = structure_errors(entries, file)
+local function load(entries, file, unread)
+  local errs = structure_errors(entries, file, unread)
   if #errs > 0 then
     local lines = {}
     for _, e in ipairs(errs) do lines[#lines + 1] = e.message end
@@ -289,20 +588,6 @@ function registry.is_pinned(model)
     for _, p in ipairs(set) do if name:find(p) then return true end end
   end
   return false
-end
-
-local function distance(a, b)
-  if #a > #b then a, b = b, a end
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:byte(i) == b:byte(j) and 0 or 1))
-    end
-    prev = cur
-  end
-  return prev[#b]
 end
 
 -- every model name with a price, as "provider/model"
@@ -578,7 +863,6 @@ end
 ---------------------------------------------------------------------------
 -- resolution
 
-local MAX_DEPTH = 8
 local UNPINNED_WARN_MAX = 100 -- unpinned models warned about one by one
 
 local function unknown(name)
@@ -642,6 +926,16 @@ local function expand(name, req, plan, depth)
             "model registry: a migration's target cannot be used; its calls go to the old version",
             { alias = name, to = e.migrate.to, error = tostring(more) })
         end
+      end
+      add_all(expand(e.use, req, plan, depth + 1))
+    elseif e.migrate and e.migrate.share >= 1 then
+      -- a completed migration met in a fallback or below another alias serves its target, as the
+      -- alias's own calls do (before: the old version, which the provider may have retired since)
+      local ok, more = pcall(expand, e.migrate.to, req, plan, depth + 1)
+      if ok then add_all(more) else
+        warn_once("migrate\0" .. name .. "\0" .. tostring(e.migrate.to),
+          "model registry: a migration's target cannot be used; its calls go to the old version",
+          { alias = name, to = e.migrate.to, error = tostring(more) })
       end
       add_all(expand(e.use, req, plan, depth + 1))
     elseif e.deployments then
