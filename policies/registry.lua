@@ -887,8 +887,10 @@ local function past_sunset(model)
     return model
   end
   if not dep.replacement then
-    return nil, resil.error("model_retired", ("model %s passed its sunset (%s) and has no replacement in %s"):format(
-      model, tostring(dep.sunset), registry.file), { model = model, class = "model_retired", retryable = false })
+    -- (the registry's path in a field, not the message: a gateway hands the message to its client)
+    return nil, resil.error("model_retired", ("model %s passed its sunset (%s) and the model registry names no " ..
+      "replacement"):format(model, tostring(dep.sunset)), { model = model, class = "model_retired", retryable = false,
+      file = registry.file })
   end
   sunset_days:set({ model = model }, 0)
   return dep.replacement, { from = model, to = dep.replacement, reason = "sunset", sunset = dep.sunset }

@@ -238,6 +238,22 @@ describe("a migration edited while its calls are in flight", function()
   end)
 end)
 
+describe("a model past its sunset with no replacement", function()
+  -- (before: the message named the registry's path on the server, which a gateway hands its client)
+  it("fails the call before anything is sent, the registry's file in a field and not in the message", function()
+    local path = registry_file('  ["gpt-x-2024-01-01"] = { deprecated = true, sunset = "2020-01-01" },\n' ..
+      '  gone = { use = "openai/gpt-x-2024-01-01" },')
+    registry.load(path)
+    local r, err = ai.chat({ model = "gone", messages = MSGS })
+    assert.is_nil(r)
+    assert.are.equal("model_retired", err.kind)
+    assert.are.equal("model openai/gpt-x-2024-01-01 passed its sunset (2020-01-01) and the model registry names no "
+      .. "replacement", err.message)
+    assert.are.equal(path, err.file)
+    assert.are.equal(0, m:stats().total)
+  end)
+end)
+
 describe("a registry under the sandbox", function()
   -- (before: the sandbox hides package.searchers, so the registry guessed its file was the working
   -- folder's policies/models.lua: keys written twice there refused the --policies DIR registry, and
