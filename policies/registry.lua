@@ -335,8 +335,9 @@ local function structure_errors(entries, file, unread)
             bad(key, "migrate.share must be a number from 0 to 1, not %s", shown(m.share))
           end
           if e.use == nil then bad(key, "migrate needs use = the model it migrates from") end
-          if m.sticky ~= nil and not is_name(m.sticky) then
-            bad(key, "migrate.sticky must name a request field (\"user\", \"session\"), not %s", shown(m.sticky))
+          if m.sticky ~= nil and m.sticky ~= false and not is_name(m.sticky) then
+            bad(key, "migrate.sticky must name a request field (\"user\", \"session\") or be false (each call " ..
+              "draws), not %s", shown(m.sticky))
           end
           if m.window ~= nil and not (finite(m.window) and m.window > 0) then bad(key, "migrate.window must be seconds > 0") end
           if m.rollback ~= nil and type(m.rollback) ~= "table" then bad(key, "migrate.rollback must be a table")
@@ -770,8 +771,9 @@ local function side_for(alias, e, req)
   if m.share >= 1 then return "new", nil end
   local st = registry.migration_state(alias)
   if st.share <= 0 then return "old", st end
-  local field = m.sticky or "user"
-  local key = type(req) == "table" and req[field]
+  -- (sticky = false: each call draws. A gateway's `user` is the key's name, so a share of a
+  -- gateway's calls is a share of its keys: with one key, all of them or none)
+  local key = m.sticky ~= false and type(req) == "table" and req[m.sticky or "user"] or nil
   local u = key ~= nil and point_of(alias, key) or registry.random()
   return u < st.share and "new" or "old", st
 end

@@ -279,3 +279,23 @@ describe("a registry under the sandbox", function()
       dir:gsub("%p", "%%%0")), r.stderr)
   end)
 end)
+
+describe("a migration through a gateway's few keys", function()
+  -- (before: sticky had to name a field, and a gateway's `user` is the key's name: one key's calls
+  -- were all on one side, so a 10 % canary for an app with one key moved none or all of them)
+  it("sticky = false splits the calls of one caller by the share, each call drawing", function()
+    registry.use({ canary = { use = OLD, migrate = { to = NEW, share = 0.1, sticky = false } } })
+    math.randomseed(7)
+    registry.random = math.random
+    local new = 0
+    for _ = 1, 10000 do
+      if registry.resolve("canary", { user = "team-a" }).migration.side == "new" then new = new + 1 end
+    end
+    assert.is_true(new > 880 and new < 1120, "new side: " .. new)
+    -- sticky by default: one key, one side
+    registry.use({ canary = { use = OLD, migrate = { to = NEW, share = 0.1 } } })
+    local sides = {}
+    for _ = 1, 100 do sides[registry.resolve("canary", { user = "team-a" }).migration.side] = true end
+    assert.are.equal(1, (sides.new and 1 or 0) + (sides.old and 1 or 0))
+  end)
+end)
