@@ -657,11 +657,19 @@ end
 -- the store's clock: the virtual clock moves it in specs
 local function now() return resil.store_now() end
 
+-- midnight UTC of that day, as epoch seconds, by arithmetic (days from the civil date): os.time
+-- reads local time, and the correction by the zone's offset of 1970 was an hour off wherever
+-- that offset was not the date's (daylight saving time: in New York a sunset came at 23:00 UTC
+-- the day before, in London an hour late in winter)
 local function day_of(date)
   local y, m, d = date:match("^(%d+)-(%d+)-(%d+)$")
-  -- noon UTC of that day, as epoch seconds (os.time reads local time)
-  local t = os.time({ year = tonumber(y), month = tonumber(m), day = tonumber(d), hour = 0 })
-  return t - os.time(os.date("!*t", 0))
+  y, m, d = tonumber(y), tonumber(m), tonumber(d)
+  if m <= 2 then y = y - 1 end
+  local era = y // 400
+  local yoe = y - era * 400
+  local doy = (153 * (m > 2 and m - 3 or m + 9) + 2) // 5 + d - 1
+  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+  return (era * 146097 + doe - 719468) * 86400
 end
 registry.day_of = day_of
 

@@ -299,3 +299,18 @@ describe("a migration through a gateway's few keys", function()
     assert.are.equal(1, (sides.new and 1 or 0) + (sides.old and 1 or 0))
   end)
 end)
+
+describe("a sunset on a host in another time zone", function()
+  -- (before: os.time's local time, corrected by the zone's offset of 1970: in New York in summer
+  -- a sunset came at 23:00 UTC the day before, in London in winter an hour late)
+  it("begins at midnight UTC of its day wherever the host is", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+      local registry = require "policies.registry"
+      print(registry.day_of("2026-06-30"), registry.day_of("2026-01-15"), registry.day_of("2000-02-29"))
+    ]])
+    for _, tz in ipairs({ "UTC", "America/New_York", "Europe/London", "Australia/Lord_Howe" }) do
+      local r = helpers.run(("TZ=%s %s %s"):format(tz, helpers.resil, script))
+      assert.are.equal("1782777600\t1768435200\t951782400\n", r.stdout, tz)
+    end
+  end)
+end)
