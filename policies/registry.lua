@@ -166,15 +166,24 @@ local MAX_DEPTH = 8
 -- twice in one entry, an alias written twice) changed nothing. A scan of the source, tokens
 -- enough for table constructors; a file with a function in it is not scanned (its bodies'
 -- assignments are not keys).
+local SCAN_MAX = 256 * 1024
 local function written_twice(file)
   local ok, f = pcall(io.open, file, "r") -- a sandbox may refuse it: then no scan
   if not ok or not f then return {} end
-  local src = f:read("a") or ""
+  -- (a file written by hand is a few KB; one past SCAN_MAX is a tool's output, and the scan of
+  -- megabytes, a quarter of a second per 2.5 MB, would hold the loop at each reload)
+  local src = f:read(SCAN_MAX + 1) or ""
   f:close()
+  if #src > SCAN_MAX then return {} end
   local out, scopes = {}, {}
   local i, n, line = 1, #src, 1
   local prev, prev_field -- the token before ("{", ",", ";" start a field), and a "[" that starts one
-  local function newlines(s) local _, c = s:gsub("\n", "") line = line + c end
+  local function newlines(s)
+    if s:find("\n", 1, true) then
+      local _, c = s:gsub("\n", "")
+      line = line + c
+    end
+  end
   local last -- the key of the field being written, which a "{" after it owns
   local function key(k, at)
     local scope = scopes[#scopes]
@@ -193,31 +202,37 @@ local function written_twice(file)
     j = e + 1
     if src:sub(j, j) == "=" and src:sub(j + 1, j + 1) ~= "=" then return j + 1 end
   end
-  while i <= n do
+  while true do
+    -- (to the next token that matters, past blanks and numbers' digits at C speed: a registry of
+    -- thousands of aliases is read at each reload, which the loop waits for)
+    i = src:find("[^ \t\r%d%.]", i)
+    if not i then break end
     local c = src:sub(i, i)
     if c == "\n" then
       line, i = line + 1, i + 1
-    elseif c:find("%s") then
-      i = i + 1
-    elseif src:find("^%-%-", i) then
+    elseif c == "-" and src:sub(i + 1, i + 1) == "-" then
       local eq = src:match("^%-%-%[(=*)%[", i)
       local stop = eq and select(2, src:find("]" .. eq .. "]", i, true)) or (src:find("\n", i, true) or n + 1) - 1
       newlines(src:sub(i, stop))
       i = stop + 1
     elseif c == '"' or c == "'" then
-      local j = i + 1
-      while j <= n and src:sub(j, j) ~= c do j = j + (src:sub(j, j) == "\\" and 2 or 1) end
+      local j, stop = i + 1, "[\\" .. c .. "]"
+      while true do
+        j = src:find(stop, j) or n + 1
+        if src:sub(j, j) ~= "\\" then break end
+        j = j + 2
+      end
       local value, at = src:sub(i + 1, j - 1), line
       newlines(value)
       i = j + 1
       -- ["key"] =
-      if prev == "[" and src:match("^%s*%]", i) then
+      if prev_field and prev == "[" and src:match("^%s*%]", i) then
         local close = select(2, src:find("^%s*%]", i))
         local after = assign_after(close + 1)
         if after and prev_field then key(value, at) end
       end
       prev = "string"
-    elseif src:find("^%[=*%[", i) then
+    elseif c == "[" and src:find("^%[=*%[", i) then
       local eq = src:match("^%[(=*)%[", i)
       local stop = select(2, src:find("]" .. eq .. "]", i, true)) or n
       newlines(src:sub(i, stop))
