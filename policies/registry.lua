@@ -360,7 +360,16 @@ local function structure_errors(entries, file, unread)
             for _, msg in ipairs(unknown_fields(m.rollback, "rollback", "migrate.rollback")) do bad(key, "%s", msg) end
             for _, f in ipairs(FIELDS_OF.rollback.list) do
               local v = m.rollback[f]
-              if v ~= nil and not (finite(v) and v >= 0) then bad(key, "migrate.rollback.%s must be a number >= 0", f) end
+              if v ~= nil and not (finite(v) and v >= 0) then bad(key, "migrate.rollback.%s must be a number >= 0", f)
+              -- (margins of rates written as percents, error_rate = 5, never rolled back: a
+              -- difference of two rates is at most 1)
+              elseif v ~= nil and (f == "error_rate" or f == "invalid_output") and v > 1 then
+                bad(key, "migrate.rollback.%s is a difference of rates, from 0 to 1 (0.05: 5 points), not %s", f, shown(v))
+              -- (a ratio under 1, latency = 0.5 as seconds, rolled back nearly every canary at min_calls)
+              elseif v ~= nil and f == "latency" and v < 1 then
+                bad(key, "migrate.rollback.latency is a ratio of the sides' mean latencies, 1 or more (2: twice as " ..
+                  "slow), not %s", shown(v))
+              end
             end
           end
         end

@@ -57,6 +57,11 @@ describe("a registry file with hostile values", function()
       "model 'a': migrate%.window must be seconds > 0" },
     { ('a = { use = %q, migrate = { to = %q, share = 0.1, rollback = { min_calls = 0/0 } } },'):format(OLD, NEW),
       "model 'a': migrate%.rollback%.min_calls must be a number >= 0" },
+    -- a margin written as a percent never rolled back; a latency ratio under 1 nearly always did
+    { ('a = { use = %q, migrate = { to = %q, share = 0.1, rollback = { error_rate = 5 } } },'):format(OLD, NEW),
+      "model 'a': migrate%.rollback%.error_rate is a difference of rates, from 0 to 1 %(0%.05: 5 points%), not 5" },
+    { ('a = { use = %q, migrate = { to = %q, share = 0.1, rollback = { latency = 0.5 } } },'):format(OLD, NEW),
+      "model 'a': migrate%.rollback%.latency is a ratio of the sides' mean latencies, 1 or more" },
     -- a deadline of NaN raised inside each call ("'timeout' must be >= 0"); -1 failed each one
     { ('a = { use = %q, deadline = 0/0 },'):format(OLD), "model 'a': deadline must be seconds > 0" },
     { ('a = { use = %q, deadline = -1 },'):format(OLD), "model 'a': deadline must be seconds > 0" },
