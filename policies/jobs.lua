@@ -649,6 +649,9 @@ function jobs.speech(spec)
   if type(spec) == "table" then
     if type(spec.voice) ~= "string" or spec.voice == "" then error("ai.speech: voice must be a voice id", 2) end
     if type(spec.text) ~= "string" or spec.text == "" then error("ai.speech: text must be a non-empty string", 2) end
+    if spec.output_format ~= nil and type(spec.output_format) ~= "string" then
+      error("ai.speech: output_format must be a string (\"mp3_44100_128\")", 2)
+    end
   end
   local ctx, cerr = context(spec, "ai.speech", 3)
   if not ctx then return nil, cerr end

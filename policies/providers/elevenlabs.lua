@@ -9,6 +9,7 @@
 -- POST /v1/text-to-speech/{voice_id}?output_format=... {text, model_id, voice_settings} ->
 -- the audio bytes. Billed by characters of text.
 local resil = require "resil"
+local escape = require("policies.providers.replicate").escape -- a value as one path segment or query value
 
 local elevenlabs = {
   name = "elevenlabs",
@@ -31,7 +32,9 @@ function elevenlabs.characters(text) return utf8.len(text) or #text end
 -- language_code=, seed= } -> { audio=, content_type=, request_id=, characters= } | nil, err
 function elevenlabs.speak(ctx, s)
   local format = s.output_format or "mp3_44100_128"
-  local url = ("%s/v1/text-to-speech/%s?output_format=%s"):format(ctx.base, s.voice, format)
+  -- (escaped: a voice "../../v1/user" was a POST with the key to /v1/user, "a?b=c" or "a#b" another
+  -- request than the one asked for; a voice id or format that is not one is the provider's 404 or 422)
+  local url = ("%s/v1/text-to-speech/%s?output_format=%s"):format(ctx.base, escape(s.voice), escape(format))
   local body = { text = s.text, model_id = ctx.target.model_id, voice_settings = s.voice_settings,
     language_code = s.language_code, seed = s.seed }
   local res, err = ctx.send({ method = "POST", url = url, json = body,

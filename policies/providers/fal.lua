@@ -19,12 +19,19 @@ local fal = {
 }
 
 -- "owner/app[/path]" -> { endpoint=, app= } | nil, why
+-- Each segment a name (letters, digits, "-", "_", "."), none of dots only: the endpoint is the
+-- submit's path, and "fal-ai/flux/../../../admin" was a POST with the key to /admin, "fal-ai/flux?x"
+-- another request, one with a space or a line break a Lua error from inside the HTTP client.
 function fal.target(rest)
-  local owner, app = rest:match("^([%w%-_%.]+)/([%w%-_%.]+)")
-  if not owner or rest:find("//", 1, true) or rest:sub(-1) == "/" then
+  local parts = {}
+  for part in (rest .. "/"):gmatch("(.-)/") do
+    if not part:match("^[%w%-_%.]+$") or part:match("^%.+$") then parts = nil; break end
+    parts[#parts + 1] = part
+  end
+  if not parts or #parts < 2 then
     return nil, ("fal model must be \"fal/owner/app[/path]\", got \"fal/%s\""):format(rest)
   end
-  return { endpoint = rest, app = owner .. "/" .. app }
+  return { endpoint = rest, app = parts[1] .. "/" .. parts[2] }
 end
 
 function fal.headers(key, json_body)

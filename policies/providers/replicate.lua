@@ -20,11 +20,13 @@ local replicate = {
 }
 
 -- "owner/name:version" | "owner/name" -> { owner=, name=, version= } | nil, why
+-- (a name of dots only is refused: "replicate/../..:v" was a request to another path of the API)
+local function segment(s) return s and not s:match("^%.+$") and s or nil end
 function replicate.target(rest)
   local owner, name, version = rest:match("^([%w%-_%.]+)/([%w%-_%.]+):(%x+)$")
-  if owner then return { owner = owner, name = name, version = version } end
+  if segment(owner) and segment(name) then return { owner = owner, name = name, version = version } end
   owner, name = rest:match("^([%w%-_%.]+)/([%w%-_%.]+)$")
-  if owner then return { owner = owner, name = name } end
+  if segment(owner) and segment(name) then return { owner = owner, name = name } end
   return nil, ("replicate model must be \"replicate/owner/name[:version]\", got \"replicate/%s\""):format(rest)
 end
 

@@ -1,0 +1,80 @@
+-- policies/jobs.lua and its adapters given hostile names by their caller (a voice, a format or a
+-- model string from an app's user): each stays the one path segment or query value it names, so
+-- the API key goes with the request asked for and with no other, from a real loopback server.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local jobs = require "policies.jobs"
+
+-- a server answering every request with audio, and the requests it saw ("METHOD path?query")
+local function server()
+  local seen = {}
+  local s = assert(resil.server.listen({ handler = function(req)
+    seen[#seen + 1] = req.method .. " " .. req.path .. (req.query ~= "" and ("?" .. req.query) or "")
+    return { status = 200, headers = { ["content-type"] = "audio/mpeg", ["request-id"] = "rq" }, body = "ID3 audio" }
+  end }))
+  finally(function() s:close() end)
+  local url = ("http://127.0.0.1:%d"):format(s:port())
+  jobs.configure("elevenlabs", { base_url = url, api_key = "xi_hostile_key_01" })
+  jobs.configure("fal", { base_url = url, api_key = "fal_hostile_key_01", poll = { first = 1 } })
+  jobs.configure("replicate", { base_url = url .. "/v1", api_key = "r8_hostile_token_01", poll = { first = 1 } })
+  return seen
+end
+
+describe("a hostile name in a job or a speech", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.store_config({ url = helpers.tmpname(".db") })
+  end)
+
+  -- (before: the voice and the format went into the URL as they came: "../../v1/user" was a POST
+  -- to /v1/user with the key and the text, "a?b=c" and "a#b" other requests, a line break a Lua
+  -- error from inside the HTTP client)
+  it("ElevenLabs: a voice or an output_format is one path segment, one query value", function()
+    local seen = server()
+    local asked = { { "../../v1/user", "mp3_44100_128" }, { "a?b=c", "mp3_44100_128" }, { "a#b", "mp3_44100_128" },
+      { "x\r\nX-Evil: 1", "mp3_44100_128" }, { "JBFqnCBsd6RMkjVDRZzb", "mp3_44100_128&enable_logging=false" } }
+    for _, a in ipairs(asked) do
+      local ok, r, err = pcall(jobs.speech, { model = "elevenlabs/eleven_flash_v2_5", voice = a[1], text = "Hello",
+        output_format = a[2] })
+      assert.is_true(ok, r)
+      assert(r, err and tostring(err))
+    end
+    assert.are.equal(#asked, #seen)
+    for _, s in ipairs(seen) do
+      assert.matches("^POST /v1/text%-to%-speech/[%w%%_%-~]+%?output_format=[%w%%_%-~]+$", s)
+    end
+    assert.are.equal("POST /v1/text-to-speech/%2E%2E%2F%2E%2E%2Fv1%2Fuser?output_format=mp3_44100_128", seen[1])
+    assert.are.equal("POST /v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb?output_format=mp3_44100_128%26enable_logging%3Dfalse",
+      seen[5])
+    -- a format that is no string is the caller's mistake, said at its line
+    local ok, err = pcall(function()
+      local r = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "v", text = "t", output_format = {} })
+      return r
+    end)
+    assert.is_false(ok)
+    assert.matches("jobs_hostile_spec.lua:%d+: ai.speech: output_format must be a string", err)
+  end)
+
+  -- (before: "fal/fal-ai/flux/../../../admin" was a POST with the key to /admin, "fal/fal-ai/flux?x=1"
+  -- another request, and one with a space a Lua error from inside the HTTP client)
+  it("fal and Replicate: a model whose path leaves its endpoint is refused at the caller's line, nothing sent",
+    function()
+      local seen = server()
+      for _, model in ipairs({ "fal/fal-ai/flux/../../../admin", "fal/fal-ai/..", "fal/fal-ai/flux?x=1",
+        "fal/fal-ai/flux#x", "fal/fal-ai/flux/a b", "fal/fal-ai/flux/x\r\ny", "fal/fal-ai/flux/", "fal/./flux",
+        "replicate/../..:abc123", "replicate/acme/..", "replicate/./x" }) do
+        local ok, err = pcall(function()
+          local r = jobs.job({ model = model, input = { prompt = "x" }, attempts = 1, deadline = 2 })
+          return r
+        end)
+        assert.is_false(ok, model)
+        assert.matches("jobs_hostile_spec.lua:%d+: ai.job: %a+ model must be", err)
+      end
+      assert.are.same({}, seen)
+      -- names with dots in them are names
+      helpers.logged(function() -- (answered with audio: a submit that cannot be read, said)
+        jobs.job({ model = "fal/fal-ai/flux-pro/v1.1-ultra", input = { prompt = "x" }, attempts = 1, deadline = 2 })
+      end)
+      assert.are.equal("POST /fal-ai/flux-pro/v1.1-ultra", seen[1])
+    end)
+end)
