@@ -232,14 +232,26 @@ end
 -- (how = "charge": counted in it beside the settle to come).
 local function charge(ctx, spec, operation, job_id, usage, ticket, how)
   local usd = pricing.cost(ctx.name, ctx.model, usage)
-  -- a duration the provider reported that cannot be read (the adapter said which), for a model
-  -- billed by it: a row without a price, never a guess ($0 wrote no row)
-  local price = usage and usage.unreadable and pricing.price(ctx.model)
-  if price and price.per_predict_second then usd = nil end
   local units = {}
   for k, v in pairs(usage or {}) do units[k] = v end
+  -- a duration the provider reported that cannot be read (the adapter said which), or none at all
+  -- (a cancel answered without it, fal's; a status without metrics), for a job of a model billed
+  -- by it: a row without a price, never a guess ($0 wrote no row: a job canceled at its deadline
+  -- after 900 s on a GPU was not in the ledger, nor its budget, nor said)
+  local price = usage and pricing.price(ctx.model)
+  if price and price.per_predict_second and (usage.unreadable or operation == "job" and usage.predict_seconds == nil)
+  then
+    usd = nil
+    if not usage.unreadable then
+      units.unreported = ctx.adapter.duration_field or "duration"
+      if not usage.cut then -- (a cut create's log says so: it was never followed)
+        resil.log.error("job: the provider did not say how long the job ran, which its model is billed by; " ..
+          "recorded without a price", { provider = ctx.name, model = ctx.model, id = job_id, field = units.unreported })
+      end
+    end
+  end
   if usd == nil then
-    if not units.unreadable then warn_unpriced(ctx.model) end -- (that one was said where it was read)
+    if not (units.unreadable or units.unreported) then warn_unpriced(ctx.model) end -- (those were said)
     units.unpriced = true
   end
   local entry = { provider = ctx.name, model = ctx.model, operation = operation, user = spec.user,
@@ -595,6 +607,10 @@ function jobs.job(spec)
     if state.status == "lost" then -- (nothing known of what it used: no row, its hold given back)
       if ticket then ticket:release() end
       if not guard.made then counted = counted - 1 end
+    elseif state.uncanceled and key then
+      -- it runs on: the next call under the key cancels it and records what it ran then (a row now,
+      -- of a time not known yet, would be the job's one row: that one deduplicated away)
+      if ticket then ticket:release() end
     else
       usage = usage_of(ctx, handle, state, spec.input)
       usd = charge(ctx, spec, "job", handle.id, usage, ticket)

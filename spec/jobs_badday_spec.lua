@@ -140,6 +140,62 @@ describe("a job on a bad day", function()
     assert.are.equal(0.01, r.cost_usd)
   end)
 
+  -- (before: $0, which writes no row: the job ran its deadline on a GPU the provider bills by the
+  -- second, and neither the ledger nor the budget had it, nor did anything say so)
+  it("fal: a request canceled at its deadline, its time not said, is a row without a price, said", function()
+    local m = resil.mock.start({ jobs = { fates = { "stuck" } } })
+    finally(function() m:stop() end)
+    jobs.configure("fal", { base_url = m.url .. "/fal", api_key = KEYS.fal, poll = { first = 1 } })
+    local b = resil.budget("jobs-badday-fal-cancel", { limit = 5 })
+    local r, err
+    local lines = helpers.logged(function()
+      r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x" }, deadline = 600, attempts = 1,
+        budget = "jobs-badday-fal-cancel" })
+    end)
+    assert.is_nil(r)
+    assert.are.equal("deadline", err.kind)
+    assert.are.equal(1, m:stats().billed.canceled)
+    local n, _, unpriced = rows()
+    assert.are.same({ 1, 1 }, { n, unpriced })
+    local st = b:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    local said
+    for _, l in ipairs(lines) do said = said or (l.msg:match("did not say how long the job ran") and l.field) end
+    assert.are.equal("metrics.inference_time", said)
+  end)
+
+  it("Replicate: a job whose cancel failed is recorded by the call that cancels it, at the time it ran, once",
+    function()
+      local m = resil.mock.start({ jobs = { fates = { "stuck", "succeeded" }, polls = 1, predict_time = 2,
+        errors = { cancel = { 500, 500, 500, 500 } } } })
+      finally(function() m:stop() end)
+      jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = KEYS.replicate, poll = { first = 1 } })
+      local r, err
+      helpers.logged(function()
+        r, err = jobs.job({ model = PER_SECOND, input = { prompt = "x" }, deadline = 60, key = "hw-uncanceled" })
+      end)
+      assert.is_nil(r)
+      assert.is_false(err.canceled)
+      assert.are.equal(0, (rows())) -- it runs on: its time is not known yet
+      helpers.logged(function()
+        r = assert(jobs.job({ model = PER_SECOND, input = { prompt = "x" }, deadline = 60, key = "hw-uncanceled" }))
+      end)
+      assert.are.equal(1, m:stats().billed.canceled)
+      local n, usd, unpriced = rows()
+      assert.are.same({ 2, 0 }, { n, unpriced })
+      assert.is_true(usd > 0.06, "the canceled job ran past its 60 s deadline: $" .. usd)
+    end)
+
+  it("Replicate: a succeeded job of a model billed by the second, with no metrics, is a row without a price",
+    function()
+      provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"]}' })
+      local r
+      helpers.logged(function() r = assert(jobs.job({ model = PER_SECOND, input = { prompt = "x" } })) end)
+      assert.is_nil(r.cost_usd) -- unknown, never a silent zero
+      local n, _, unpriced = rows()
+      assert.are.same({ 1, 1 }, { n, unpriced })
+    end)
+
   -- (before: counted by its length, 0: recorded at $0, which writes no row)
   it("Replicate: a succeeded job whose output is an object is one output, billed", function()
     provider({ create = created, status = '{"id":"p1","status":"succeeded","output":{"image":"https://x/a.png",' ..

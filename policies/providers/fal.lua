@@ -16,6 +16,7 @@ local fal = {
   key_env = "FAL_KEY",
   base_env = "FAL_BASE_URL",
   base_url = "https://queue.fal.run",
+  duration_field = "metrics.inference_time", -- (what a model billed by the second is billed by: jobs.lua's charge)
 }
 
 -- "owner/app[/path]" -> { endpoint=, app= } | nil, why

@@ -17,6 +17,7 @@ local replicate = {
   key_env = "REPLICATE_API_TOKEN",
   base_env = "REPLICATE_BASE_URL",
   base_url = "https://api.replicate.com/v1",
+  duration_field = "metrics.predict_time", -- (what a model billed by the second is billed by: jobs.lua's charge)
 }
 
 -- "owner/name:version" | "owner/name" -> { owner=, name=, version= } | nil, why
