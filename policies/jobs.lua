@@ -550,13 +550,40 @@ local function marked(ctx, key, n)
   return found and is_mark(handle)
 end
 
+-- Options that cannot be meant, refused at the caller's line before anything is sent: a deadline
+-- of NaN made the job and then neither read nor canceled it, ever; one that is a string made it
+-- (paid) and raised from inside; attempts = 0 raised, NaN made jobs without end; a poll of 0 s (or
+-- a factor below 1) read the job in a tight loop until its deadline.
+local function shown(v) return type(v) == "string" and ("%q"):format(v) or tostring(v) end
+local function checked(v, ok, what)
+  if not ok then error(("ai.job: %s, not %s"):format(what, shown(v)), 4) end
+  return v
+end
+local function is_seconds(v, least) return type(v) == "number" and v >= least and v < math.huge end
+local function options(ctx, spec)
+  local deadline = option(ctx.conf, spec, "deadline")
+  checked(deadline, type(deadline) == "number" and deadline > 0, "deadline must be a number of seconds > 0")
+  local attempts = option(ctx.conf, spec, "attempts")
+  attempts = checked(attempts, type(attempts) == "number" and math.tointeger(attempts) and attempts >= 1,
+    "attempts must be a whole number >= 1")
+  checked(spec.wait, spec.wait == nil or is_seconds(spec.wait, 0), "wait must be a number of seconds >= 0")
+  local poll = option(ctx.conf, nil, "poll")
+  checked(poll, type(poll) == "table", "poll must be a table { first =, factor =, max = }")
+  checked(poll.first, poll.first == nil or is_seconds(poll.first, 0) and poll.first > 0,
+    "poll.first must be a number of seconds > 0")
+  checked(poll.factor, poll.factor == nil or is_seconds(poll.factor, 1), "poll.factor must be a number >= 1")
+  checked(poll.max, poll.max == nil or is_seconds(poll.max, 0) and poll.max > 0, "poll.max must be a number of seconds > 0")
+  checked(spec.poll_first, spec.poll_first == nil or is_seconds(spec.poll_first, 0) and spec.poll_first > 0,
+    "poll_first must be a number of seconds > 0")
+  return deadline, math.tointeger(attempts)
+end
+
 -- jobs.job(spec) -> result | nil, err
 function jobs.job(spec)
   if type(spec) == "table" and type(spec.input) ~= "table" then error("ai.job: input must be a table", 2) end
   local ctx, cerr = context(spec, "ai.job", 3)
   if not ctx then return nil, cerr end
-  local deadline = option(ctx.conf, spec, "deadline")
-  local attempts = option(ctx.conf, spec, "attempts")
+  local deadline, attempts = options(ctx, spec)
   ctx.poll_first = spec.poll_first
   local key, legacy = durable_key(spec)
   local ids, last_err = {}, nil

@@ -78,3 +78,56 @@ describe("a hostile name in a job or a speech", function()
       assert.are.equal("POST /fal-ai/flux-pro/v1.1-ultra", seen[1])
     end)
 end)
+
+describe("job options that cannot be meant", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.store_config({ url = helpers.tmpname(".db") })
+  end)
+
+  -- (before: a deadline of NaN made the job and then neither read nor canceled it, ever; "soon" made
+  -- it, paid, and raised from inside jobs.lua; attempts = 0 raised "attempt to index a nil value",
+  -- NaN made jobs without end; a poll of 0 s read the job in a tight loop until its deadline)
+  it("are refused at the caller's line, before any job is made", function()
+    -- (a job that runs until its 52nd status read is refused: a tight loop ends, said)
+    local reads = {}
+    for i = 1, 51 do reads[i] = "ok" end
+    reads[52] = 401
+    local cases = { { deadline = 0 / 0 }, { deadline = "soon" }, { deadline = -5 }, { attempts = 0 },
+      { attempts = 0 / 0 }, { attempts = 1.5 }, { attempts = math.huge }, { attempts = "2" }, { wait = "x" },
+      { wait = 0 / 0 }, { poll = { first = 0 } }, { poll = { factor = 0.5 } }, { poll = { max = 0 / 0 } },
+      { poll = "fast" } }
+    for _, case in ipairs(cases) do
+      local m = resil.mock.start({ jobs = { stuck = 1, errors = { prediction = reads } } })
+      finally(function() m:stop() end)
+      local conf = { base_url = m.url .. "/v1", api_key = "r8_hostile_token_01", poll = case.poll }
+      jobs.configure("replicate", conf)
+      local spec = { model = "replicate/black-forest-labs/flux-schnell", input = { prompt = "x" }, deadline = 60,
+        attempts = 1 }
+      for k, v in pairs(case) do if k ~= "poll" then spec[k] = v end end
+      local task = resil.spawn(function()
+        return pcall(function()
+          local r = jobs.job(spec)
+          return r
+        end)
+      end)
+      local done, ok, err = task:join(3600) -- (virtual: a job never read nor canceled is not waited for)
+      if done == nil then task:cancel() end
+      local name, v = next(case)
+      assert.is_true(done, ("%s = %s: still running after an hour"):format(name, tostring(v)))
+      assert.is_false(ok, ("%s = %s was taken"):format(name, tostring(v)))
+      assert.matches("jobs_hostile_spec.lua:%d+: ai.job: [%w_.]+ must be", err)
+      assert.is_nil(m:stats().routes.predictions) -- nothing made, nothing paid
+    end
+    -- what can be meant is taken: a deadline, a wait and a poll of a fraction of a second
+    local m = resil.mock.start({ jobs = { stuck = 1 } })
+    finally(function() m:stop() end)
+    jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = "r8_hostile_token_01",
+      poll = { first = 0.05, factor = 1, max = 0.05 } })
+    helpers.logged(function()
+      local _, err = jobs.job({ model = "replicate/black-forest-labs/flux-schnell", input = { prompt = "x" },
+        deadline = 0.5, attempts = 1, wait = 0 })
+      assert.are.equal("deadline", err.kind)
+    end)
+  end)
+end)
