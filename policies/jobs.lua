@@ -239,19 +239,20 @@ local function charge(ctx, spec, operation, job_id, usage, ticket, how)
   -- by it: a row without a price, never a guess ($0 wrote no row: a job canceled at its deadline
   -- after 900 s on a GPU was not in the ledger, nor its budget, nor said)
   local price = usage and pricing.price(ctx.model)
+  if usage and usage.unknown then usd = nil end -- (a unit it is billed by, said where it was found out)
   if price and price.per_predict_second and (usage.unreadable or operation == "job" and usage.predict_seconds == nil)
   then
     usd = nil
     if not usage.unreadable then
-      units.unreported = ctx.adapter.duration_field or "duration"
+      units.unknown = ctx.adapter.duration_field or "duration"
       if not usage.cut then -- (a cut create's log says so: it was never followed)
         resil.log.error("job: the provider did not say how long the job ran, which its model is billed by; " ..
-          "recorded without a price", { provider = ctx.name, model = ctx.model, id = job_id, field = units.unreported })
+          "recorded without a price", { provider = ctx.name, model = ctx.model, id = job_id, field = units.unknown })
       end
     end
   end
   if usd == nil then
-    if not (units.unreadable or units.unreported) then warn_unpriced(ctx.model) end -- (those were said)
+    if not (units.unreadable or units.unknown) then warn_unpriced(ctx.model) end -- (those were said)
     units.unpriced = true
   end
   local entry = { provider = ctx.name, model = ctx.model, operation = operation, user = spec.user,
@@ -276,17 +277,32 @@ local function reserve(spec, estimate)
   return resil.budget(spec.budget):reserve(estimate or 0)
 end
 
--- what a job will likely use, for a budget's reservation
-local function estimate_usage(input)
+-- The seconds of video a job's input asks for (`duration`, a number or a numeric string, as
+-- providers take it) -> seconds | nil, "absent" | "unreadable" (negative, past a day, not a number)
+local DAY = 86400
+local function input_seconds(input)
+  if type(input) ~= "table" then return nil, "absent" end
+  local v = input.duration
+  if v == nil or v == resil.json.null then return nil, "absent" end
+  local d = (type(v) == "number" or type(v) == "string") and tonumber(v) or nil
+  if d and d >= 0 and d <= DAY then return d end
+  return nil, "unreadable"
+end
+
+-- what a job will likely use, for a budget's reservation: a count or a duration that cannot be one
+-- (negative, NaN, 1e12) is the usual one (it raised out of budget:reserve, from inside jobs.lua)
+local function estimate_usage(ctx, input)
   input = type(input) == "table" and input or {}
-  return { outputs = tonumber(input.num_outputs or input.num_images) or 1,
-    video_seconds = tonumber(input.duration) or 5 }
+  local n = tonumber(input.num_outputs or input.num_images)
+  local price = pricing.price(ctx.model)
+  return { outputs = n and n >= 1 and n <= 1000 and n or 1,
+    video_seconds = input_seconds(input) or price and price.duration or 5 }
 end
 
 -- A create whose answer was cut after its 2xx: the provider made a job nobody can follow (no id), and
 -- bills it; recorded at its estimate, said. -> its usd
 local function charge_cut(ctx, spec, err, ticket, how)
-  local usage = estimate_usage(spec.input)
+  local usage = estimate_usage(ctx, spec.input)
   usage.estimated, usage.cut = true, 1
   resil.log.error("job: the create's answer was cut after the provider accepted it: a job was made that " ..
     "cannot be followed; recorded at its estimate, not made again", { provider = ctx.name, model = ctx.model,
@@ -309,6 +325,22 @@ local function usage_of(ctx, handle, state, input)
       resil.log.error("job: the provider says it ran longer than it has existed; recorded at that most",
         { provider = ctx.name, model = ctx.model, id = handle.id, reported = ran, recorded = most })
       usage.predict_seconds, usage.capped = most, true
+    end
+  end
+  -- a video is billed by the seconds its input asked for: none is the model's default (its price's
+  -- `duration`), else unknown, as one that cannot be seconds (a row without a price, said; it was
+  -- $0, which writes no row, or a negative cost, or 1e12 s raised out of ai.job after the job was paid)
+  local price = pricing.price(ctx.model)
+  if price and price.per_video_second and state.status == "succeeded" then
+    local d, why = input_seconds(input)
+    if d == nil and why == "absent" then d = price.duration end
+    usage.video_seconds = d
+    if d == nil then
+      usage.unknown = "input.duration"
+      resil.log.error("job: the seconds of video its model is billed by are not known (the input's duration is " ..
+        (why == "absent" and "absent, and the price gives no default" or "not a number of seconds") ..
+        "); recorded without a price", { provider = ctx.name, model = ctx.model, id = handle.id,
+        duration = type(input) == "table" and tostring(input.duration):sub(1, 40) or nil })
     end
   end
   return usage
@@ -600,7 +632,7 @@ function jobs.job(spec)
     n, counted = n + 1, counted + 1
     local akey = attempt_key(key, n)
     local alegacy = attempt_key(legacy, n)
-    local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(spec.input)))
+    local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(ctx, spec.input)))
     if spec.budget ~= nil and not ticket then return nil, berr end
     if ticket then ticket:keep() end -- (a video job may run past its hold)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },

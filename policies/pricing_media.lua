@@ -8,7 +8,8 @@
 -- `model` strings of ai.job / ai.speech; a Replicate version pin (":<version>") may be left
 -- out. Units, any of them in one entry:
 --   per_output            each image (or file) a job returns
---   per_video_second      each second of video (the input's `duration`)
+--   per_video_second      each second of video (the input's `duration`; `duration = 5`, the
+--                         model's default, when the input gives none: without it, unpriced)
 --   per_predict_second    each second the provider ran the model (hardware-billed models)
 --   per_1k_characters     each 1,000 characters of speech text
 -- cost() returns nil for a model without a price: policies/jobs.lua records it unpriced and
@@ -22,7 +23,7 @@ pricing.models = {
   ["replicate/black-forest-labs/flux-schnell"] = { per_output = 0.003 },
   ["replicate/black-forest-labs/flux-dev"] = { per_output = 0.025 },
   ["replicate/black-forest-labs/flux-1.1-pro"] = { per_output = 0.04 },
-  ["replicate/bytedance/seedance-1-lite"] = { per_video_second = 0.036 },
+  ["replicate/bytedance/seedance-1-lite"] = { per_video_second = 0.036, duration = 5 },
   -- fal: per image (about one megapixel) or per second of video
   ["fal/fal-ai/flux/dev"] = { per_output = 0.025 },
   ["fal/fal-ai/flux/schnell"] = { per_output = 0.003 },

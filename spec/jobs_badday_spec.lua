@@ -196,6 +196,39 @@ describe("a job on a bad day", function()
       assert.are.same({ 1, 1 }, { n, unpriced })
     end)
 
+  -- (before: the input's duration as it came: none was $0, which writes no row, for a video the
+  -- provider billed at its default 5 s; -5 a cost_usd of -0.18; 1e12 raised out of ai.job after the
+  -- job was paid, its output lost; with a budget, both raised out of the reservation)
+  it("Replicate: a video is billed by its input's duration, its model's default when none; else unknown", function()
+    local m = resil.mock.start({ jobs = { polls = 0 } })
+    finally(function() m:stop() end)
+    jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = KEYS.replicate, poll = { first = 1 } })
+    pricing.models["replicate/acme/clip"] = { per_video_second = 0.01 } -- (no default duration)
+    finally(function() pricing.models["replicate/acme/clip"] = nil end)
+    local b = resil.budget("jobs-badday-video", { limit = 100 })
+    local function micro(usd) return usd and math.floor(usd * 1e6 + 0.5) end
+    for _, case in ipairs({ { nil, 180000 }, { 10, 360000 }, { "10", 360000 }, { -5 }, { 1e12 }, { "5s" },
+      { false }, { nil, nil, "replicate/acme/clip" }, { 3, 30000, "replicate/acme/clip" } }) do
+      local duration, usd, model = case[1], case[2], case[3] or "replicate/bytedance/seedance-1-lite"
+      local r, err
+      local lines = helpers.logged(function()
+        r, err = jobs.job({ model = model, input = { prompt = "x", duration = duration }, budget = "jobs-badday-video" })
+      end)
+      local what = ("%s, duration %s"):format(model, tostring(duration))
+      assert(r, err and tostring(err))
+      assert.are.equal(usd, micro(r.cost_usd), what)
+      if not usd then
+        local said = false
+        for _, l in ipairs(lines) do said = said or (l.msg:match("seconds of video") ~= nil) end
+        assert.is_true(said, what)
+      end
+    end
+    local n, usd, unpriced = rows()
+    assert.are.same({ 9, 5, 930000 }, { n, unpriced, micro(usd) })
+    local st = b:state()
+    assert.are.same({ 0, 0, 930000 }, { st.reserved, #st.holds, micro(st.spent) })
+  end)
+
   -- (before: counted by its length, 0: recorded at $0, which writes no row)
   it("Replicate: a succeeded job whose output is an object is one output, billed", function()
     provider({ create = created, status = '{"id":"p1","status":"succeeded","output":{"image":"https://x/a.png",' ..

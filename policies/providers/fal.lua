@@ -131,15 +131,12 @@ function fal.cancel(ctx, handle)
   return res, err
 end
 
-function fal.usage(state, input)
+function fal.usage(state)
   local u = {}
   if state and state.status == "succeeded" then
     local out = state.output
     local images = type(out) == "table" and type(out.images) == "table" and #out.images or nil
-    u.outputs = images or 1
-    if type(out) == "table" and type(out.video) == "table" and type(input) == "table" and tonumber(input.duration) then
-      u.video_seconds = tonumber(input.duration)
-    end
+    u.outputs = images or 1 -- (a video's seconds: jobs.lua's usage_of)
   end
   local metrics = state and state.metrics
   if type(metrics) == "table" then

@@ -139,7 +139,7 @@ function replicate.seconds(v, what, provider)
 end
 
 -- what the job used, for policies/pricing_media.lua
-function replicate.usage(state, input)
+function replicate.usage(state)
   local out = state and state.output
   local files = 0
   -- (an object, {"image": url, "mask": url} say, is one output: counted by its length, 0, a job that
@@ -157,10 +157,7 @@ function replicate.usage(state, input)
     resil.log.error("job: the provider reported metrics that are not an object; the job is recorded without a price",
       { provider = "replicate", value = tostring(metrics):sub(1, 80) })
   end
-  if state and state.status == "succeeded" then
-    u.outputs = files
-    if type(input) == "table" and tonumber(input.duration) then u.video_seconds = tonumber(input.duration) end
-  end
+  if state and state.status == "succeeded" then u.outputs = files end -- (a video's seconds: jobs.lua's usage_of)
   return u
 end
 
