@@ -613,6 +613,10 @@ end
 -- jobs.job(spec) -> result | nil, err
 function jobs.job(spec)
   if type(spec) == "table" and type(spec.input) ~= "table" then error("ai.job: input must be a table", 2) end
+  if type(spec) == "table" then -- (one that cannot be sent raised from inside the HTTP client)
+    local ok, why = pcall(resil.json.encode, spec.input)
+    if not ok then error(("ai.job: input cannot be sent as JSON (%s)"):format(tostring(why)), 2) end
+  end
   local ctx, cerr = context(spec, "ai.job", 3)
   if not ctx then return nil, cerr end
   local deadline, attempts = options(ctx, spec)

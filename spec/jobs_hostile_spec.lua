@@ -131,3 +131,30 @@ describe("job options that cannot be meant", function()
     end)
   end)
 end)
+
+describe("a job input that cannot be sent", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.store_config({ url = helpers.tmpname(".db") })
+  end)
+
+  -- (before: a Lua error from inside the HTTP client: "policies/call.lua:314: http request: cannot
+  -- encode 'json'"; with a budget, "budget:reserve: estimate must be a number" from inside jobs.lua)
+  it("is refused at the caller's line, nothing sent", function()
+    local m = resil.mock.start({ jobs = { polls = 0 } })
+    finally(function() m:stop() end)
+    jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = "r8_hostile_token_01" })
+    resil.budget("hostile-input", { limit = 10 })
+    for _, input in ipairs({ { prompt = "x", duration = 1 / 0 }, { prompt = 0 / 0 }, { prompt = print } }) do
+      for _, budget in ipairs({ false, "hostile-input" }) do
+        local ok, err = pcall(function()
+          local r = jobs.job({ model = "replicate/bytedance/seedance-1-lite", input = input, budget = budget or nil })
+          return r
+        end)
+        assert.is_false(ok)
+        assert.matches("jobs_hostile_spec.lua:%d+: ai.job: input cannot be sent as JSON", err)
+      end
+    end
+    assert.is_nil(m:stats().routes.predictions)
+  end)
+end)
