@@ -239,8 +239,9 @@ local function charge(ctx, spec, operation, job_id, usage, ticket, how)
   -- by it: a row without a price, never a guess ($0 wrote no row: a job canceled at its deadline
   -- after 900 s on a GPU was not in the ledger, nor its budget, nor said)
   local price = usage and pricing.price(ctx.model)
-  if usage and usage.unknown then usd = nil end -- (a unit it is billed by, said where it was found out)
-  if price and price.per_predict_second and (usage.unreadable or operation == "job" and usage.predict_seconds == nil)
+  if usage and usage.unknown then
+    usd = nil -- (a unit it is billed by, or what the job made: said where it was found out)
+  elseif price and price.per_predict_second and (usage.unreadable or operation == "job" and usage.predict_seconds == nil)
   then
     usd = nil
     if not usage.unreadable then
@@ -465,9 +466,9 @@ local function abandon_job(g)
   end
   local _, cerr, ended = ctx.adapter.cancel(ctx, handle)
   if cerr and not ended then
-    if ticket then ticket:release() end
-    resil.log.error("job: canceled by its caller, and its cancel at the provider failed: it may run on, and its " ..
-      "cost is not recorded", { provider = ctx.name, model = ctx.model, id = handle.id, error = tostring(cerr) })
+    resil.log.error("job: canceled by its caller, and its cancel at the provider failed: it may run on; " ..
+      "recorded without a price", { provider = ctx.name, model = ctx.model, id = handle.id, error = tostring(cerr) })
+    charge(ctx, g.spec, "job", handle.id, { unknown = "outcome" }, ticket) -- (its hold given back)
     return
   end
   local state = ended and (ended.status == "succeeded" or ended.status == "failed") and ended
@@ -674,6 +675,9 @@ function jobs.job(spec)
       -- it runs on: the next call under the key cancels it and records what it ran then (a row now,
       -- of a time not known yet, would be the job's one row: that one deduplicated away)
       if ticket then ticket:release() end
+    elseif state.uncanceled then -- (nothing reads it again: what it will make and cost is not known)
+      usage = { unknown = "outcome" }
+      usd = charge(ctx, spec, "job", handle.id, usage, ticket)
     else
       usage = usage_of(ctx, handle, state, spec.input)
       usd = charge(ctx, spec, "job", handle.id, usage, ticket)

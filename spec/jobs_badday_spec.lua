@@ -186,6 +186,38 @@ describe("a job on a bad day", function()
       assert.is_true(usd > 0.06, "the canceled job ran past its 60 s deadline: $" .. usd)
     end)
 
+  -- (before: $0, which writes no row, for a job that may yet make its image and be billed; or
+  -- "its cost is not recorded" for one whose caller was canceled)
+  it("Replicate: a job outside a run whose cancel failed may run on: a row without a price, its hold given back",
+    function()
+      local m = resil.mock.start({ jobs = { stuck = 1, errors = { cancel = { 500, 500, 500, 500, 500, 500, 500, 500 } } } })
+      finally(function() m:stop() end)
+      jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = KEYS.replicate, poll = { first = 1 } })
+      local b = resil.budget("jobs-badday-uncanceled", { limit = 5 })
+      local r, err
+      helpers.logged(function()
+        r, err = jobs.job({ model = PER_IMAGE, input = { prompt = "x" }, deadline = 60, budget = "jobs-badday-uncanceled" })
+      end)
+      assert.is_nil(r)
+      assert.is_false(err.canceled)
+      local n, _, unpriced = rows()
+      assert.are.same({ 1, 1 }, { n, unpriced })
+      -- its caller canceled while it runs, and the cancel at the provider fails: the same
+      local task = resil.spawn(function()
+        return jobs.job({ model = PER_IMAGE, input = { prompt = "y" }, deadline = 600, budget = "jobs-badday-uncanceled" })
+      end)
+      helpers.logged(function()
+        resil.sleep(30)
+        task:cancel()
+        resil.sleep(120) -- (the cancel's tries, in a task of their own)
+      end)
+      n, _, unpriced = rows()
+      assert.are.same({ 2, 2 }, { n, unpriced })
+      assert.are.equal(2, m:stats().routes.predictions)
+      local st = b:state()
+      assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    end)
+
   it("Replicate: a succeeded job of a model billed by the second, with no metrics, is a row without a price",
     function()
       provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"]}' })
