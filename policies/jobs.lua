@@ -166,8 +166,14 @@ local function context(spec, what, level)
   if base == nil or base == "" then base = adapter.base_url end
   local p = provider_for(name, conf)
   local ctx = { name = name, adapter = adapter, target = target, model = spec.model, conf = conf, key = key,
-    base = (base:gsub("/+$", "")), input = spec.input, wait = spec.wait,
-    send_create = function(req) return p.create(req) end }
+    base = (base:gsub("/+$", "")), input = spec.input, wait = spec.wait }
+  -- a create's retries end at the job's deadline (ctx.create_until): a Retry-After of an hour on a
+  -- create held the call two hours for a job of a 60 s deadline. (Not its request's timeout: one cut
+  -- short may leave a job made that no one knows of.)
+  local function create_given_up()
+    if ctx.create_until and resil.now() >= ctx.create_until then return "deadline" end
+  end
+  ctx.send_create = function(req) return p.create:attempts(req, nil, nil, create_given_up) end
   ctx.own_url = function(u, fallback) return own_url(ctx, u, fallback) end
   -- a status read keeps to the job's deadline (ctx.poll_until): a hanging read or a long
   -- Retry-After does not hold off the cancel
@@ -642,6 +648,7 @@ function jobs.job(spec)
     if ticket then ticket:keep() end -- (a video job may run past its hold)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
       job_guard)
+    ctx.create_until = resil.now() + deadline
     local handle, err = create(ctx, akey, guard, alegacy)
     if is_mark(handle) then -- (an ended call's mark met before its attempts were spent: fewer, then)
       guard.done = true

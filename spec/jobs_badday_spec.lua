@@ -218,6 +218,22 @@ describe("a job on a bad day", function()
       assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
     end)
 
+  -- (before: the create waited out each Retry-After: two hours for a job of a 60 s deadline)
+  it("Replicate: a create told to come back in an hour is given up at the job's deadline", function()
+    local m = resil.mock.start({ jobs = { polls = 0, errors = { predictions = { { status = 429, retry_after = 3600 },
+      { status = 429, retry_after = 3600 } } } } })
+    finally(function() m:stop() end)
+    jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = KEYS.replicate, poll = { first = 1 } })
+    local started = resil.now()
+    local r, err
+    helpers.logged(function() r, err = jobs.job({ model = PER_IMAGE, input = { prompt = "x" }, deadline = 60 }) end)
+    assert.is_nil(r)
+    assert.are.equal("rate_limited", err.class)
+    local took = resil.now() - started
+    assert.is_true(took >= 60 and took <= 62, "the error came after " .. took .. " s")
+    assert.is_nil(m:stats().billed.jobs)
+  end)
+
   it("Replicate: a succeeded job of a model billed by the second, with no metrics, is a row without a price",
     function()
       provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"]}' })
