@@ -472,8 +472,9 @@ local function abandon_job(g)
   end
   local _, cerr, ended = ctx.adapter.cancel(ctx, handle)
   if cerr and not ended then
-    resil.log.error("job: canceled by its caller, and its cancel at the provider failed: it may run on; " ..
-      "recorded without a price", { provider = ctx.name, model = ctx.model, id = handle.id, error = tostring(cerr) })
+    resil.log.error(("job: %s, and its cancel at the provider failed: it may run on; recorded without a price")
+      :format(g.left_why or "canceled by its caller"), { provider = ctx.name, model = ctx.model, id = handle.id,
+      error = tostring(cerr) })
     charge(ctx, g.spec, "job", handle.id, { unknown = "outcome" }, ticket) -- (its hold given back)
     return
   end
@@ -669,11 +670,17 @@ function jobs.job(spec)
     end
     ids[#ids + 1] = handle.id
     local state, perr = follow(ctx, handle, deadline)
-    guard.done = true
-    if not state then
-      if ticket then ticket:release() end
+    if not state then -- (its status could not be read: an auth error, a proxy's 4xx)
+      -- outside a run nothing reads it again: the guard, as it closes, cancels it at the provider and
+      -- records what it ran (it was left running, billed, with no row); a run's is the resumed run's
+      if key then
+        guard.done = true
+        if ticket then ticket:release() end
+      end
+      guard.left_why = "its status could not be read"
       return nil, perr
     end
+    guard.done = true
     local usage, usd
     if state.status == "lost" then -- (nothing known of what it used: no row, its hold given back)
       if ticket then ticket:release() end

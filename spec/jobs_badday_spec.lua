@@ -234,6 +234,38 @@ describe("a job on a bad day", function()
     assert.is_nil(m:stats().billed.jobs)
   end)
 
+  -- (before: the call returned the 403 and left the job running at the provider, billed, not
+  -- canceled and not in the ledger)
+  it("Replicate: a job outside a run whose status read is refused is canceled at the provider, what it ran recorded",
+    function()
+      local m = resil.mock.start({ jobs = { polls = 1e9, predict_time = 2,
+        errors = { prediction = { "ok", { status = 403, title = "Forbidden" } } } } })
+      finally(function() m:stop() end)
+      jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = KEYS.replicate, poll = { first = 1 } })
+      local b = resil.budget("jobs-badday-refused", { limit = 5 })
+      local r, err
+      helpers.logged(function()
+        r, err = jobs.job({ model = PER_SECOND, input = { prompt = "x" }, budget = "jobs-badday-refused" })
+        resil.sleep(60) -- (the cancel, in a task of its own)
+      end)
+      assert.is_nil(r)
+      assert.are.equal(403, err.status)
+      assert.are.equal(1, m:stats().billed.canceled)
+      local n, usd, unpriced = rows()
+      assert.are.same({ 1, 0 }, { n, unpriced })
+      assert.is_true(usd > 0, "what it ran is recorded")
+      local st = b:state()
+      assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+      -- inside a run (a key) it is the resumed run's, which reads it again: not canceled
+      m:configure({ jobs = { polls = 1e9, errors = { prediction = { "ok", { status = 403, title = "Forbidden" } } } } })
+      helpers.logged(function()
+        r, err = jobs.job({ model = PER_SECOND, input = { prompt = "y" }, key = "refused" })
+        resil.sleep(60)
+      end)
+      assert.is_nil(r)
+      assert.are.equal(1, m:stats().billed.canceled)
+    end)
+
   it("Replicate: a succeeded job of a model billed by the second, with no metrics, is a row without a price",
     function()
       provider({ create = created, status = '{"id":"p1","status":"succeeded","output":["https://x/a.png"]}' })
