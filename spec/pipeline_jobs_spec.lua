@@ -111,3 +111,30 @@ describe("a step killed (kill -9) while its second job runs, the first failed", 
     assert.are.equal(3, predictions())
   end)
 end)
+
+describe("two copies of a pipeline making the same job (one key) at the same moment", function()
+  local url, stop, predictions
+  setup(function() url, stop, predictions = mock_with('{ { "succeeded", polls = 4 } }') end)
+  teardown(function() if stop then stop() end end)
+
+  it("make it once, follow it both, and record it once, in the ledger and the budget", function()
+    local db = helpers.tmpname(".db")
+    local outputs = helpers.run_together(2, ([[
+local resil = require "resil"
+local jobs = require "policies.jobs"
+jobs.configure("replicate", { base_url = %q .. "/v1", api_key = "r8_test_000000", poll = { first = 0.01, max = 0.05 } })
+resil.budget("posters", { limit = 10 })
+local r, err = jobs.job({ model = "replicate/black-forest-labs/flux-schnell", input = { prompt = "a lighthouse" },
+  key = "poster-1", budget = "posters" })
+print(r and r.id, err)
+]]):format(url), ("--store %s --log-level off"):format(db))
+    assert.are.equal(outputs[1], outputs[2])
+    assert.matches("^mock%w+\t", outputs[1])
+    assert.are.equal(1, predictions())
+    resil.store_config({ url = db })
+    local rows = resil.cost.breakdown("model")
+    assert.are.same({ 1, 0.003 }, { rows[1].calls, rows[1].usd })
+    local st = resil.budget("posters", { limit = 10 }):state()
+    assert.are.same({ 0.003, 0, 0 }, { st.spent, st.reserved, #st.holds })
+  end)
+end)
