@@ -505,12 +505,21 @@ end
 -- resume: a proxy put in front or taken away, a port moved) is read and canceled under the
 -- base_url of now: its URLs under the old one led nowhere, and it was read until its deadline,
 -- its cancel failed, and it was never replaced ("it may still run"), at every call again.
+-- A URL of the job that is not under the old base_url (on its host, off its path) is left out, for
+-- the adapter's documented one on base_url: the key of now went to the old host.
+local URL_FIELDS = { get = true, cancel = true, status_url = true, response_url = true, cancel_url = true }
 local function rebase(ctx, handle)
   local old = handle.base
   if type(old) ~= "string" or old == ctx.base then return handle end
   local moved = {}
   for k, v in pairs(handle) do
-    if k ~= "base" and type(v) == "string" and v:sub(1, #old + 1) == old .. "/" then v = ctx.base .. v:sub(#old + 1) end
+    if k ~= "base" and type(v) == "string" then
+      if v:sub(1, #old + 1) == old .. "/" then
+        v = ctx.base .. v:sub(#old + 1)
+      elseif URL_FIELDS[k] and origin(v) ~= origin(ctx.base) then
+        v = nil
+      end
+    end
     moved[k] = v
   end
   moved.base = ctx.base

@@ -158,3 +158,45 @@ describe("a job input that cannot be sent", function()
     assert.is_nil(m:stats().routes.predictions)
   end)
 end)
+
+describe("a job made under another base_url", function()
+  before_each(function()
+    resil.clock.virtual()
+    resil.store_config({ url = helpers.tmpname(".db") })
+  end)
+
+  -- (before: a URL the old host answered on itself but off base_url's path was kept as it was:
+  -- the resumed call sent the key of now to the old host)
+  it("is read under the base_url of now, none of its URLs left on the old host", function()
+    local json = resil.json
+    local old_seen, new_seen = {}, {}
+    local old = assert(resil.server.listen({ handler = function(req)
+      old_seen[#old_seen + 1] = req.method .. " " .. req.path
+      local here = "http://" .. req.headers.host
+      if req.method == "POST" then
+        return { status = 201, body = json.encode({ id = "p1", status = "starting",
+          urls = { get = here .. "/elsewhere/p1", cancel = here .. "/elsewhere/p1/cancel" } }) }
+      end
+      return { status = 403, body = '{"detail":"forbidden"}' } -- (the call ends; the job is the run's)
+    end }))
+    finally(function() old:close() end)
+    local new = assert(resil.server.listen({ handler = function(req)
+      new_seen[#new_seen + 1] = req.method .. " " .. req.path
+      return { status = 200, body = '{"id":"p1","status":"succeeded","output":["https://x/a.png"]}' }
+    end }))
+    finally(function() new:close() end)
+    local spec = { model = "replicate/acme/video:abc123", input = { prompt = "x" }, key = "moved-elsewhere" }
+    jobs.configure("replicate", { base_url = ("http://127.0.0.1:%d/v1"):format(old:port()),
+      api_key = "r8_hostile_token_01", poll = { first = 1 } })
+    local r, err = jobs.job(spec)
+    assert.is_nil(r)
+    assert.are.equal(403, err.status)
+    assert.are.same({ "POST /v1/predictions", "GET /elsewhere/p1" }, old_seen)
+    jobs.configure("replicate", { base_url = ("http://127.0.0.1:%d/v1"):format(new:port()),
+      api_key = "r8_hostile_token_01", poll = { first = 1 } })
+    helpers.logged(function() r = assert(jobs.job(spec)) end)
+    assert.are.equal("p1", r.id)
+    assert.are.same({ "GET /v1/predictions/p1" }, new_seen)
+    assert.are.equal(2, #old_seen) -- nothing more went to the old host
+  end)
+end)

@@ -70,9 +70,19 @@ function fal.create(ctx)
     if q[k] == json.null then q[k] = nil end
   end
   -- (the key goes only to base_url's host: jobs.lua's own_url; fal's documented queue URLs)
-  local at = ("%s/%s/requests/%s"):format(ctx.base, ctx.target.app, escape(q.request_id))
+  local at = fal.documented(ctx, q.request_id)
   return { id = q.request_id, status_url = ctx.own_url(q.status_url, at .. "/status"),
     response_url = ctx.own_url(q.response_url, at), cancel_url = ctx.own_url(q.cancel_url, at .. "/cancel") }
+end
+
+-- the request's URL as fal's API documents it on base_url (its status and cancel under it)
+function fal.documented(ctx, id) return ("%s/%s/requests/%s"):format(ctx.base, ctx.target.app, escape(id)) end
+
+-- a handle's URLs, the documented ones for those it has not (jobs.lua's rebase leaves out one
+-- that was off the host of base_url)
+local function urls(ctx, handle)
+  local at = fal.documented(ctx, handle.id)
+  return handle.status_url or (at .. "/status"), handle.response_url or at, handle.cancel_url or (at .. "/cancel")
 end
 
 -- COMPLETED -> fetch the output from response_url
@@ -80,7 +90,8 @@ local function completed(ctx, handle, s)
   if s.error ~= nil and s.error ~= json.null then
     return { status = "failed", error = s.error, error_type = s.error_type, metrics = s.metrics }
   end
-  local res, err = ctx.send({ method = "GET", url = handle.response_url, headers = fal.headers(ctx.key) })
+  local _, response_url = urls(ctx, handle)
+  local res, err = ctx.send({ method = "GET", url = response_url, headers = fal.headers(ctx.key) })
   if not res then
     -- a request that failed on fal's side answers its result with the error: fal names it
     -- (X-Fal-Error-Type) or refuses the input (4xx). A bare 5xx (a proxy, an outage) says
@@ -94,7 +105,7 @@ local function completed(ctx, handle, s)
       local body = type(err.response) == "table" and json.decode(err.response.body or "")
       local detail = type(body) == "table" and (type(body.detail) == "string" and body.detail
         or type(body.detail) == "table" and json.encode(body.detail)) or nil
-      return { status = "failed", error = ("its result could not be read (GET %s): %s%s"):format(handle.response_url,
+      return { status = "failed", error = ("its result could not be read (GET %s): %s%s"):format(response_url,
         tostring(err.message), detail and (": " .. detail:sub(1, 200)) or ""), error_type = error_type,
         metrics = s.metrics ~= json.null and s.metrics or nil }
     end
@@ -106,7 +117,8 @@ local function completed(ctx, handle, s)
 end
 
 function fal.poll(ctx, handle)
-  local res, err = ctx.send({ method = "GET", url = handle.status_url, headers = fal.headers(ctx.key) })
+  local status_url = urls(ctx, handle)
+  local res, err = ctx.send({ method = "GET", url = status_url, headers = fal.headers(ctx.key) })
   if not res then return nil, err end
   local s, derr = decode(res, "status of request " .. handle.id)
   if not s then return nil, derr end
@@ -122,7 +134,7 @@ end
 -- -> res | nil, err; and the request's state when it completed before the cancel (fal answers
 -- 400 ALREADY_COMPLETED: the request is read once more)
 function fal.cancel(ctx, handle)
-  local url = handle.cancel_url or (handle.response_url .. "/cancel")
+  local _, _, url = urls(ctx, handle)
   local res, err = ctx.send({ method = "PUT", url = url, headers = fal.headers(ctx.key) })
   if not res and type(err) == "table" and err.status == 400 then
     local s = fal.poll(ctx, handle)

@@ -98,7 +98,8 @@ function replicate.create(ctx)
 end
 
 function replicate.poll(ctx, handle)
-  local res, err = ctx.send({ method = "GET", url = handle.get, headers = replicate.headers(ctx.key) })
+  local url = handle.get or ("%s/predictions/%s"):format(ctx.base, escape(handle.id)) -- (none: jobs.lua's rebase)
+  local res, err = ctx.send({ method = "GET", url = url, headers = replicate.headers(ctx.key) })
   if not res then return nil, err end
   local p, derr = decode(res, "status of prediction " .. handle.id)
   if not p then return nil, derr end
