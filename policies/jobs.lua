@@ -167,19 +167,19 @@ local function context(spec, what, level)
   local p = provider_for(name, conf)
   local ctx = { name = name, adapter = adapter, target = target, model = spec.model, conf = conf, key = key,
     base = (base:gsub("/+$", "")), input = spec.input, wait = spec.wait }
-  -- a create's retries end at the job's deadline (ctx.create_until): a Retry-After of an hour on a
-  -- create held the call two hours for a job of a 60 s deadline. (Not its request's timeout: one cut
-  -- short may leave a job made that no one knows of.)
-  local function create_given_up()
-    if ctx.create_until and resil.now() >= ctx.create_until then return "deadline" end
+  -- a create's retries, and a speech's, end at the deadline (ctx.retries_until): a Retry-After of an
+  -- hour held the call two hours for a job of a 60 s deadline. (Not its request's timeout: a create
+  -- cut short may leave a job made that no one knows of, a speech an answer billed and not read.)
+  local function given_up()
+    if ctx.retries_until and resil.now() >= ctx.retries_until then return "deadline" end
   end
-  ctx.send_create = function(req) return p.create:attempts(req, nil, nil, create_given_up) end
+  ctx.send_create = function(req) return p.create:attempts(req, nil, nil, given_up) end
   ctx.own_url = function(u, fallback) return own_url(ctx, u, fallback) end
   -- a status read keeps to the job's deadline (ctx.poll_until): a hanging read or a long
   -- Retry-After does not hold off the cancel
   ctx.send = function(req)
     if ctx.poll_until then return p.any:attempts(req, ctx.poll_until) end
-    if ctx.refused then return p.any:attempts(req, nil, ctx.refused) end -- (a speech's cut answers, see there)
+    if ctx.refused then return p.any:attempts(req, nil, ctx.refused, given_up) end -- (a speech's cut answers, see there)
     return p.any(req)
   end
   return ctx
@@ -604,14 +604,17 @@ end
 -- (paid) and raised from inside; attempts = 0 raised, NaN made jobs without end; a poll of 0 s (or
 -- a factor below 1) read the job in a tight loop until its deadline.
 local function shown(v) return type(v) == "string" and ("%q"):format(v) or tostring(v) end
-local function checked(v, ok, what)
-  if not ok then error(("ai.job: %s, not %s"):format(what, shown(v)), 4) end
+local function checked(v, ok, what, call)
+  if not ok then error(("%s: %s, not %s"):format(call or "ai.job", what, shown(v)), 4) end
   return v
 end
 local function is_seconds(v, least) return type(v) == "number" and v >= least and v < math.huge end
-local function options(ctx, spec)
+local function checked_deadline(ctx, spec, call)
   local deadline = option(ctx.conf, spec, "deadline")
-  checked(deadline, type(deadline) == "number" and deadline > 0, "deadline must be a number of seconds > 0")
+  checked(deadline, type(deadline) == "number" and deadline > 0, "deadline must be a number of seconds > 0", call)
+  return deadline -- (not a tail call: checked's level counts this frame)
+end
+local function options(ctx, spec)
   local attempts = option(ctx.conf, spec, "attempts")
   attempts = checked(attempts, type(attempts) == "number" and math.tointeger(attempts) and attempts >= 1,
     "attempts must be a whole number >= 1")
@@ -624,7 +627,7 @@ local function options(ctx, spec)
   checked(poll.max, poll.max == nil or is_seconds(poll.max, 0) and poll.max > 0, "poll.max must be a number of seconds > 0")
   checked(spec.poll_first, spec.poll_first == nil or is_seconds(spec.poll_first, 0) and spec.poll_first > 0,
     "poll_first must be a number of seconds > 0")
-  return deadline, math.tointeger(attempts)
+  return math.tointeger(attempts)
 end
 
 -- jobs.job(spec) -> result | nil, err
@@ -636,7 +639,8 @@ function jobs.job(spec)
   end
   local ctx, cerr = context(spec, "ai.job", 3)
   if not ctx then return nil, cerr end
-  local deadline, attempts = options(ctx, spec)
+  local deadline = checked_deadline(ctx, spec)
+  local attempts = options(ctx, spec)
   ctx.poll_first = spec.poll_first
   local key, legacy = durable_key(spec)
   local ids, last_err = {}, nil
@@ -658,7 +662,7 @@ function jobs.job(spec)
     if ticket then ticket:keep() end -- (a video job may run past its hold)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
       job_guard)
-    ctx.create_until = resil.now() + deadline
+    ctx.retries_until = resil.now() + deadline
     local handle, err = create(ctx, akey, guard, alegacy)
     if is_mark(handle) then -- (an ended call's mark met before its attempts were spent: fewer, then)
       guard.done = true
@@ -761,6 +765,7 @@ function jobs.speech(spec)
   end
   local ctx, cerr = context(spec, "ai.speech", 3)
   if not ctx then return nil, cerr end
+  ctx.retries_until = resil.now() + checked_deadline(ctx, spec, "ai.speech")
   local chars = ctx.adapter.characters(spec.text)
   local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, { characters = chars }))
   if spec.budget ~= nil and not ticket then return nil, berr end

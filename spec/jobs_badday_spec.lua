@@ -440,6 +440,31 @@ describe("speech on a bad day", function()
     resil.store_config({ url = helpers.tmpname(".db") })
   end)
 
+  -- (before: each Retry-After was waited out: two hours for a sentence)
+  it("a speech told to come back in an hour is given up at its deadline; a deadline that is none is refused",
+    function()
+      local busy = { status = 429, code = "concurrent_limit_exceeded", retry_after = 3600 }
+      local m = resil.mock.start({ jobs = { errors = { tts = { busy, busy } } } })
+      finally(function() m:stop() end)
+      jobs.configure("elevenlabs", { base_url = m.url, api_key = "xi_badday_key_01" })
+      local started = resil.now()
+      local r, err
+      helpers.logged(function()
+        r, err = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "v1", text = "Hello", deadline = 120 })
+      end)
+      assert.is_nil(r)
+      assert.are.equal("rate_limited", err.class)
+      local took = resil.now() - started
+      assert.is_true(took >= 120 and took <= 122, "the error came after " .. took .. " s")
+      assert.is_nil(m:stats().billed.characters)
+      local ok, why = pcall(function()
+        local a = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "v1", text = "Hello", deadline = "2m" })
+        return a
+      end)
+      assert.is_false(ok)
+      assert.matches("jobs_badday_spec.lua:%d+: ai.speech: deadline must be a number of seconds > 0", why)
+    end)
+
   -- (before: a negative or infinite count raised out of ai.speech from the budget's settle, its hold
   -- kept; "1e12" recorded $50,000,000 for an 11-character text, past any budget)
   for header, billed in pairs({ ["-5"] = 11, ["1e400"] = 11, ["1e12"] = 11, ["2.5"] = 11, ["x"] = 11, ["7"] = 7 }) do
