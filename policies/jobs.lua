@@ -50,8 +50,25 @@ jobs.config = { replicate = {}, fal = {}, elevenlabs = {} }
 local providers = {} -- name -> call.provider, built on first use
 
 -- jobs.configure(name, conf): replace a provider's configuration
+-- (a key too short to be redacted, or a base_url that is no URL, raised at each call from inside
+-- jobs.lua or the HTTP client: said here, where it was written; the key itself is never shown)
+local function bad_key(k)
+  if k == nil then return nil end
+  if type(k) ~= "string" then return type(k) end
+  if #k < 6 then return ("%d bytes"):format(#k) end
+end
+local function bad_base(b)
+  if b == nil or type(b) == "string" and b:match("^[hH][tT][tT][pP][sS]?://[^/?#%s]+[^%s]*$") then return nil end
+  return type(b) == "string" and ("%q"):format(b:sub(1, 80)) or type(b)
+end
 function jobs.configure(name, conf)
   if type(name) ~= "string" or type(conf) ~= "table" then error("jobs.configure(name, conf)", 2) end
+  local why = bad_key(conf.api_key)
+  if why then
+    error(("jobs.configure: %s's api_key must be a string of 6 bytes or more, not %s"):format(name, why), 2)
+  end
+  why = bad_base(conf.base_url)
+  if why then error(("jobs.configure: %s's base_url must be an http(s) URL, not %s"):format(name, why), 2) end
   jobs.config[name] = conf
   providers[name] = nil
 end
@@ -157,6 +174,8 @@ local function context(spec, what, level)
   local conf = jobs.config[name] or {}
   local env = conf.key_env or adapter.key_env
   local key = conf.api_key -- a value from a vault: redacted like a secret
+  local bad = bad_key(key)
+  if bad then error(("%s: the %s api_key must be a string of 6 bytes or more, not %s"):format(what, name, bad), level) end
   if key then resil.log.redact(key) else key = resil.secret(env) end
   if not key then
     return nil, resil.error("missing_key", ("%s: %s is not set (the %s API key)"):format(what, env, name),
@@ -164,6 +183,11 @@ local function context(spec, what, level)
   end
   local base = conf.base_url or os.getenv(adapter.base_env)
   if base == nil or base == "" then base = adapter.base_url end
+  local bad_url = bad_base(base) -- (the variable's, or one set in jobs.config directly)
+  if bad_url then
+    error(("%s: %s must be an http(s) URL, not %s"):format(what, conf.base_url and (name .. "'s base_url")
+      or adapter.base_env, bad_url), level)
+  end
   local p = provider_for(name, conf)
   local ctx = { name = name, adapter = adapter, target = target, model = spec.model, conf = conf, key = key,
     base = (base:gsub("/+$", "")), input = spec.input, wait = spec.wait }

@@ -200,3 +200,43 @@ describe("a job made under another base_url", function()
     assert.are.equal(2, #old_seen) -- nothing more went to the old host
   end)
 end)
+
+describe("a provider's configuration that cannot be used", function()
+  -- (before: a key too short to be redacted raised "bad argument #1 to 'redact'" from inside
+  -- jobs.lua at each call; a base_url that is no URL, from inside the HTTP client or not at all)
+  it("is refused where it is written, the key itself never shown", function()
+    for _, key in ipairs({ "abc", "", 12345678, true }) do
+      local ok, err = pcall(function()
+        jobs.configure("replicate", { base_url = "http://127.0.0.1:1/v1", api_key = key })
+      end)
+      assert.is_false(ok)
+      assert.matches("jobs_hostile_spec.lua:%d+: jobs.configure: replicate's api_key must be a string of 6 bytes or more",
+        err)
+      if type(key) == "string" and key ~= "" then assert.is_nil(err:find(key, 1, true)) end
+    end
+    for _, base in ipairs({ "127.0.0.1:8080", "ftp://x", "http://", "http://x y", 5 }) do
+      local ok, err = pcall(function() jobs.configure("fal", { base_url = base, api_key = "fal_hostile_key_01" }) end)
+      assert.is_false(ok)
+      assert.matches("jobs_hostile_spec.lua:%d+: jobs.configure: fal's base_url must be an http%(s%) URL", err)
+    end
+    -- one set without configure: said at the call's line
+    jobs.config.replicate = { api_key = "abc" }
+    finally(function() jobs.config.replicate = {} end)
+    local ok, err = pcall(function()
+      local r = jobs.job({ model = "replicate/acme/video:abc123", input = {}, attempts = 1 })
+      return r
+    end)
+    assert.is_false(ok)
+    assert.matches("jobs_hostile_spec.lua:%d+: ai.job: the replicate api_key must be a string of 6 bytes or more", err)
+    -- a base URL from the provider's variable, said at the call's line too
+    local saved = helpers.resil
+    helpers.resil = "REPLICATE_API_TOKEN=r8_hostile_token_01 REPLICATE_BASE_URL='127.0.0.1:9/v1' " .. saved
+    local r = helpers.run_script([[
+local jobs = require "policies.jobs"
+print(pcall(function() local r = jobs.job({ model = "replicate/acme/video:abc123", input = {} }) return r end))
+]], "--log-level off")
+    helpers.resil = saved
+    assert.matches('^false\t[^\n]+%.lua:2: ai.job: REPLICATE_BASE_URL must be an http%(s%) URL, not "127%.0%.0%.1:9/v1"',
+      r.stdout)
+  end)
+end)
