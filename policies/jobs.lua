@@ -123,6 +123,11 @@ local function answered(e)
   return type(e) == "table" and math.type(e.status) == "integer" and e.status >= 200 and e.status < 300
 end
 
+-- A create's failure after which the job may exist: its answer never came (a timeout), or a
+-- gateway says its upstream had the request and did not answer in time or well (502, 504,
+-- Cloudflare's 524). Another create would pay twice. (A 503 or a 429 is a refusal: retried.)
+local MAY_BE_MADE = { [502] = true, [504] = true, [524] = true }
+
 -- Two views of one provider (the same bucket, breaker and concurrency limit): creates are not
 -- retried after a timeout, since the provider may have made the job (another create would
 -- pay twice); reads, results and cancels are.
@@ -137,14 +142,13 @@ local function provider_for(name, conf)
     local r = option(conf, nil, "retry")
     local once_sent = {}
     for k, v in pairs(r) do once_sent[k] = v end
-    if type(r.max_retries) ~= "number" then
-      once_sent.max_retries = named(r.max_retries or {}, nil)
-      once_sent.max_retries.timeout = 0
-    end
-    -- (nor after its 2xx was cut: the job was made, and a second one would be paid as well)
+    -- (nor after its 2xx was cut: the job was made, and a second one would be paid as well; decided
+    -- here, whatever max_retries says: a number there, `retry = { max_retries = 3 }`, sent a create
+    -- that timed out again, and the job was made and paid twice)
+    local outcome = r.classify or classify.outcome
     once_sent.classify = function(res, err, o)
-      local v = classify.outcome(res, err, o)
-      if v and v.retryable and answered(v) then
+      local v = outcome(res, err, o)
+      if v and v.retryable and (answered(v) or v.kind == "timeout" or MAY_BE_MADE[v.status]) then
         local made = {}
         for k, x in pairs(v) do made[k] = x end
         made.retryable = false

@@ -218,6 +218,39 @@ describe("a job on a bad day", function()
       assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
     end)
 
+  -- (before: with `retry = { max_retries = 3 }` a create that timed out was sent again, and a
+  -- gateway's 502 or 504 was too: the provider had made the first job, and both were paid)
+  it("Replicate: a create whose answer may have come after the job was made is not sent again", function()
+    local creates, first = 0, nil
+    local server = assert(resil.server.listen({ tasks = true, handler = function(req)
+      if req.method ~= "POST" then return { status = 404, body = "{}" } end
+      creates = creates + 1 -- (each one makes a job, paid)
+      if creates == 1 then
+        if first == "hang" then resil.sleep(3600) end
+        if first then return { status = tonumber(first), body = "<html>gateway</html>" } end
+      end
+      return { status = 201, body = json.encode({ id = "p" .. creates, status = "succeeded", output = { "https://x/a" } }) }
+    end }))
+    finally(function() server:close() end)
+    local url = ("http://127.0.0.1:%d/v1"):format(server:port())
+    for _, case in ipairs({ { "hang", { max_retries = 3 }, "timeout" }, { "502", nil, "server_error" },
+      { "504", nil, "server_error" }, { "524", nil, "server_error" } }) do
+      creates, first = 0, case[1]
+      jobs.configure("replicate", { base_url = url, api_key = KEYS.replicate, timeout = 5, retry = case[2] })
+      local r, err
+      helpers.logged(function() r, err = jobs.job({ model = PER_IMAGE, input = { prompt = "x" } }) end)
+      assert.is_nil(r, case[1])
+      assert.are.equal(case[3], err.class or err.kind, case[1])
+      assert.are.equal(1, creates, case[1])
+    end
+    -- a refusal is retried: the job was not made
+    creates, first = 0, "503"
+    jobs.configure("replicate", { base_url = url, api_key = KEYS.replicate, timeout = 5 })
+    local r
+    helpers.logged(function() r = assert(jobs.job({ model = PER_IMAGE, input = { prompt = "x" } })) end)
+    assert.are.same({ "p2", 2 }, { r.id, creates })
+  end)
+
   -- (before: the create waited out each Retry-After: two hours for a job of a 60 s deadline)
   it("Replicate: a create told to come back in an hour is given up at the job's deadline", function()
     local m = resil.mock.start({ jobs = { polls = 0, errors = { predictions = { { status = 429, retry_after = 3600 },
