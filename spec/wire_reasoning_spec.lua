@@ -85,7 +85,7 @@ describe("the OpenAI adapter and reasoning models", function()
       assert.are.same({ 50, nil, nil }, { w.json.max_completion_tokens, w.json.max_tokens, w.json.temperature })
     end
     assert.are.equal(1, looked)
-    registry.use({})
+    registry.use() -- (the shipped registry back: an empty one broke the spec files after this one)
   end)
 end)
 
