@@ -112,7 +112,10 @@ local CLASS_STATUS = { rate_limited = 429, quota = 429, quota_exceeded = 429, bu
 -- unpriced: a budgeted key asked for a model nobody priced (often a typo):
 -- the client's to fix, and a 5xx would be retried by its SDK
 local KIND_STATUS = { budget_exceeded = 429, missing_secret = 500, unpriced = 400, store_unavailable = 503,
-  connect = 502, dns = 502, reset = 502, timeout = 504, in_progress = 409, key_reused = 422 }
+  connect = 502, dns = 502, reset = 502, timeout = 504, in_progress = 409, key_reused = 422,
+  -- past its sunset with no replacement: gone for good, the client's to change (a 502 was retried by
+  -- the SDKs, each retry failing the same)
+  model_retired = 404 }
 
 local function status_of(err)
   if type(err) ~= "table" then return 502 end
@@ -243,6 +246,9 @@ local function ai_error_reply(api, err)
     code = "insufficient_quota"
   elseif type(err) == "table" and err.kind == "unpriced" then
     code = "model_not_priced"
+  elseif err.kind == "model_retired" then
+    headers["x-should-retry"] = "false"
+    code = "model_retired"
   elseif type(err) == "table" and err.kind == "gateway_overloaded" then
     code = "gateway_overloaded"
   elseif err.kind == "policy_error" then
@@ -1617,11 +1623,23 @@ local function model_list(rec)
       model = type(e) == "table" and (e.use or type(e.deployments) == "table" and (e.deployments[1] or {}).use) or nil
     end
   end
+  -- an alias a chat can be sent to now: not one whose models passed their sunset with no
+  -- replacement (a 404 model_retired), nor a job provider's (video-hq, voice: a 400 "has no chat
+  -- API"), each listed before and then refused to the client that took the list's word
+  local function chat_alias(name)
+    local ok, plan = pcall(registry().resolve, name, {})
+    if not ok or plan.err then return false end
+    local first = plan.choices and plan.choices[1]
+    local p = type(first) == "table" and type(first.model) == "string" and first.model:match("^([%w_%-]+)/")
+    if not p then return true end
+    local found, module = pcall(ai.provider_module, p)
+    return not (found and type(module) == "table" and not module.url)
+  end
   for name, m in pairs(gateway.config.models) do
     add(name, provider_of(type(m) == "table" and m.model or m))
   end
   for name, e in pairs(entries) do
-    if type(e) == "table" and (e.use or e.deployments) then add(name, provider_of(name)) end
+    if type(e) == "table" and (e.use or e.deployments) and chat_alias(name) then add(name, provider_of(name)) end
   end
   for _, m in ipairs(rec.models or {}) do add(m, provider_of(m)) end
   table.sort(data, function(a, b) return a.id < b.id end)
@@ -1687,7 +1705,7 @@ local function model_by_id(req, id)
   -- naming it was served). The provider's catalog is not known here: another name is a 404.
   local provider, name = id:match("^([%w_%-]+)/(.+)$")
   if provider and not check_model(id) and model_allowed(rec, id) and (pricing.price(provider, name) or
-      model_targets()[id]) and ai.provider_module(provider) ~= nil then
+      model_targets()[id]) and (ai.provider_module(provider) or {}).url then -- (a job provider's: no chat)
     return { status = 200, body = json.encode(model_object({ id = id, owned_by = provider }, api)) }
   end
   -- (the id as UTF-8: a character cut at the bound dropped, bytes that are not UTF-8 shown as "?";

@@ -623,6 +623,29 @@ describe("gateway: the model registry", function()
     assert.are.equal("anthropic", owner.team)
   end)
 
+  -- (found by helper G: both were listed, then refused to the client that took the list's word; the
+  -- retired one as a 502 the SDKs retried, each retry failing the same)
+  it("/v1/models leaves out a retired alias and a job provider's; a chat to the retired one is a 404", function()
+    use_registry({ gone = { use = "openai/gpt-x-2020-01-01" },
+      ["openai/gpt-x-2020-01-01"] = { deprecated = true, sunset = "2020-01-01" },
+      ["video-hq"] = { use = "replicate/bytedance/seedance-1-lite:c4d7a4b9" },
+      here = { use = "openai/gpt-4o-mini-2024-07-18" } })
+    local url = start({ strict = true, reply = "x" })
+    local models = json.decode(assert(http.request({ url = url .. "/v1/models" })).body)
+    local ids = {}
+    for _, d in ipairs(models.data) do ids[d.id] = true end
+    assert.is_true(ids.here)
+    assert.is_nil(ids.gone)
+    assert.is_nil(ids["video-hq"])
+    for _, id in ipairs({ "gone", "video-hq", "replicate%2Fbytedance%2Fseedance-1-lite" }) do
+      assert.are.equal(404, assert(http.request({ url = url .. "/v1/models/" .. id })).status, id)
+    end
+    local res = post(url .. "/v1/chat/completions", { model = "gone", messages = MSGS })
+    assert.are.equal(404, res.status, res.body)
+    assert.are.equal("false", res.headers["x-should-retry"])
+    assert.are.equal("model_retired", json.decode(res.body).error.code)
+  end)
+
   it("an alias the config does not name is not taken for a bare model of the endpoint's provider", function()
     use_registry({ ["team-chat"] = { use = "anthropic/claude-haiku-4-5-20251001" } })
     local url = start({ strict = true, reply = "from the registry" })
