@@ -22,11 +22,15 @@ local retry = {}
 local host_metrics = select(4, ...) or resil.metrics
 local retries_total = host_metrics.counter("resil_retries_total", "Retries, by provider and outcome class")
 local gave_up_total = host_metrics.counter("resil_retry_gave_up_total",
-  "Calls that failed after retrying, by provider and reason (max_retries, deadline, retry_budget)")
+  "Calls that failed after retrying, by provider and reason (max_retries, deadline, retry_budget, retry_after)")
 
 retry.defaults = {
   base = 0.5,             -- seconds: the first delay of a growing backoff
   cap = 30,               -- seconds: no computed delay is longer
+  -- seconds: a Retry-After longer is not waited out (the provider's "not now", 429 Retry-After:
+  -- 3600, held the call an hour where no deadline was set); the call ends with the provider's
+  -- error, err.gave_up = "retry_after" and its err.retry_after, for a fallback or the caller
+  max_retry_after = 60,
   budget = { percent = 0.2, min_per_second = 1, window = 10 },
 }
 
@@ -232,7 +236,12 @@ local function attempts(fn, opts, deadline, give_up, ...)
     local delay = delay_fn(attempt - 1, base, cap, prev_delay, opts.random or default_random)
     prev_delay = delay
     local floor_delay = verdict.retry_after
-    if floor_delay and floor_delay > delay then delay = floor_delay end
+    if floor_delay and floor_delay > delay then
+      if floor_delay > (opts.max_retry_after or retry.defaults.max_retry_after) then
+        return nil, final_error(res, err, verdict, attempt, provider, "retry_after")
+      end
+      delay = floor_delay
+    end
     if deadline and now() + delay + (opts.attempt_time or 0) >= deadline then
       return nil, final_error(res, err, verdict, attempt, provider, "deadline")
     end

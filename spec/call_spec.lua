@@ -36,6 +36,32 @@ describe("policies.call against the mock provider", function()
     assert.are.equal(3, m:stats().routes.chat)
   end)
 
+  -- (before: a 429 with Retry-After: 3600 held a call without a deadline an hour, its fallback unused)
+  it("does not wait out a Retry-After past max_retry_after: the call ends at once, its fallback serves", function()
+    m = resil.mock.start { sequence = { chat = { { status = 429, retry_after = 3600 }, "ok" } } }
+    local p = provider(m, { retry = { base = 0.1 } })
+    local t0 = resil.now()
+    local res, err = p(chat)
+    assert.is_nil(res)
+    assert.are.same({ "rate_limited", "retry_after", 3600, 1 }, { err.class, err.gave_up, err.retry_after, err.attempts })
+    assert.is_true(resil.now() - t0 < 1)
+    -- a fallback is tried at once; a caller's own max_retry_after waits it out
+    m:stop()
+    m = resil.mock.start { sequence = { chat = { { status = 429, retry_after = 3600 }, "ok" } } }
+    local other = provider(m, {})
+    local q = provider(m, { retry = { base = 0.1 }, fallback = { other } })
+    local res2, err2, info = q(chat)
+    assert.is_nil(err2)
+    assert.are.equal(other.name, info.served_by)
+    assert.is_true(resil.now() - t0 < 1)
+    m:stop()
+    m = resil.mock.start { sequence = { chat = { { status = 429, retry_after = 90 }, "ok" } } }
+    local patient = provider(m, { retry = { base = 0.1, max_retry_after = 120 } })
+    local t1 = resil.now()
+    assert.are.equal(200, assert(patient(chat)).status)
+    assert.is_true(resil.now() - t1 >= 90)
+  end)
+
   it("a 5xx outage opens the breaker, which stops the calls, then recovers through half-open", function()
     m = resil.mock.start { faults = { { route = "chat", status = 503 } } }
     local p = provider(m, { timeout = 10, retry = { max_retries = 0 },
