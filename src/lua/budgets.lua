@@ -223,7 +223,12 @@ local function abandon(g)
       "its hold ends", { budget = g.budget, ticket = g.id, error = tostring(err) })
   end
 end
-local outcome_guard = { __close = function(g) if not g.seen then spawn(abandon, g) end end }
+-- the reservations sent whose callers have not resumed with the answer yet, for resil_close (below)
+local unseen = setmetatable({}, { __mode = "k" })
+local outcome_guard = { __close = function(g)
+  unseen[g] = nil
+  if not g.seen then spawn(abandon, g) end
+end }
 
 local RESERVE_TRIES = 3 -- against settings that change under it (budgets set --per)
 
@@ -285,8 +290,10 @@ function Budget:reserve(estimate, o)
     local lease_until = lease_due(backend_of[s], now)
     local outcome <close> = setmetatable({ backend = backend_of[s], budget = self.name, period = period, id = id,
       expires_at = now + hold }, outcome_guard)
+    unseen[outcome] = true
     ok, spent, reserved, stale = backend_of[s]:budget_reserve(self.name, period, to_micro(limit), to_micro(estimate), id,
       now + hold, now, me.id, lease_until, set_per)
+    unseen[outcome] = nil
     -- seen: made or refused, or (allowed unchecked) the ticket's settle or release will say, or
     -- never sent (a Redis store that is down refuses at once, err.sent = false): nothing to give back
     outcome.seen = ok ~= nil or outage_passes(self, spent) or
@@ -653,7 +660,8 @@ function admin.set(s, name, limit, per)
   return ok, err
 end
 
--- resil_close (embed_give_up): the holds of tickets neither settled nor released are given up,
+-- resil_close (embed_give_up): the holds of tickets neither settled nor released (and of
+-- reservations whose tasks never resumed with their tickets) are given up,
 -- as a process's stop counting when it dies. Kept, a closed host's counted against the budget
 -- until their end (`hold`, 600 s by default) in this live process. -> true | nil, err (the first)
 debug.getregistry()["resil.budgets.close"] = function()
@@ -667,6 +675,14 @@ debug.getregistry()["resil.budgets.close"] = function()
   end
   for t in pairs(on_store) do
     local err = not t.done and S.at_close(failed, backend_of[t.store], "budget_release_now", t.id)
+    first = first or err or nil
+  end
+  -- a reservation sent whose task never resumed (the store's answer in, or still on its way): its
+  -- caller never had the ticket to settle or release; abandoned as a canceled caller's is (on Redis
+  -- one that arrives after this is refused)
+  local now = store_now()
+  for g in pairs(unseen) do
+    local err = S.at_close(failed, g.backend, "budget_abandon_now", g.budget, g.period, g.id, g.expires_at, now)
     first = first or err or nil
   end
   if first then return nil, first end

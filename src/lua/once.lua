@@ -236,7 +236,12 @@ local function abandon_claim(g)
       "while this process lives", { key = g.key, error = tostring(err) })
   end
 end
-local claim_guard = { __close = function(g) if not g.seen then spawn(abandon_claim, g) end end }
+-- the claims sent whose callers have not resumed with the answer yet, for resil_close (below)
+local unseen = setmetatable({}, { __mode = "k" })
+local claim_guard = { __close = function(g)
+  unseen[g] = nil
+  if not g.seen then spawn(abandon_claim, g) end
+end }
 local claim_seq = 0
 
 -- resil.once(key | {key=, fingerprint=, lease=, wait=, retention=}, fn, ...)
@@ -305,8 +310,10 @@ function resil.once(spec, fn, ...)
     claim_seq = claim_seq + 1
     local claim = ("%s:%d"):format(holder_id, claim_seq)
     local guard <close> = setmetatable({ backend = backend_of[s], key = key, me = holder_id, claim = claim }, claim_guard)
+    unseen[guard] = true
     local state, data, held_by = backend_of[s]:once_claim(key, fingerprint, holder_id, lease, retention, now,
       lease_until, claim)
+    unseen[guard] = nil
     -- (never sent, err.sent = false: a Redis store that is down refuses at once; nothing to give up)
     guard.seen = state ~= nil or (type(data) == "table" and data.sent == false)
     if state == nil then return nil, data end -- the store is unavailable
@@ -378,7 +385,8 @@ function resil.once_reap()
   return backend_of[S.open_or_raise(2)]:once_reap(store_now())
 end
 
--- resil_close (embed_give_up): the keys whose fn the host was running are given up, as a fn
+-- resil_close (embed_give_up): the keys whose fn the host was running (or whose claim its task
+-- never resumed to see) are given up, as a fn
 -- that raised gives its key up; those whose fn ended have their record written. Kept, they were
 -- held by this live process: every caller, in it or another process, was told in_progress for as
 -- long as it lived. -> true | nil, err (the first)
@@ -390,6 +398,11 @@ debug.getregistry()["resil.once.close"] = function()
     if r[4] then err = S.at_close(failed, b, "once_finish_now", key, r[3], r[4], r[5], r[6])
     else err = S.at_close(failed, b, "once_release_now", key, r[3]) end
     first = first or err
+  end
+  -- a claim sent whose task never resumed (the store's answer in, or still on its way): nobody
+  -- runs its fn; given up as a canceled caller's is (on Redis one that arrives after this is refused)
+  for g in pairs(unseen) do
+    first = first or S.at_close(failed, g.backend, "once_abandon_now", g.key, g.me, g.claim)
   end
   if first then return nil, first end
   return true

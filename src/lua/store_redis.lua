@@ -1022,6 +1022,15 @@ function R:once_abandon(key, me, claim)
   return true
 end
 
+-- the same at once, without the loop (resil_close: a claim whose task never resumed, its answer
+-- in or its command still on its way: written as the connection closes, and refused then)
+function R:once_abandon_now(key, me, claim)
+  local n, err = self.conn:call_now("EVAL", scripts.once_abandon, 2, P .. "once:" .. key, abandoned_marker(claim), me,
+    claim, ABANDONED_TTL_MS)
+  if n == nil then error(err, 0) end
+  return n == 1
+end
+
 function R:once_release(key, owner)
   local n, err = self:script("once_release", { P .. "once:" .. key }, owner)
   if n == nil then return nil, err end
@@ -1607,6 +1616,18 @@ function R:budget_abandon(budget, period, ticket, expires_at, now)
   local n, err = self:script("budget_abandon", budget_keys(budget, period, ticket), ticket,
     ticket_ttl(expires_at - now), period, budget_prefix(budget))
   if n == nil then return nil, err end
+  return n == 1
+end
+
+-- the same at once, without the loop (resil_close: a reservation whose task never resumed, its
+-- answer in or its command still on its way: written as the connection closes, and refused then)
+function R:budget_abandon_now(budget, period, ticket, expires_at, now)
+  local keys = budget_keys(budget, period, ticket)
+  local args = { "EVAL", scripts.budget_abandon, #keys, table.unpack(keys) }
+  args[#args + 1], args[#args + 2] = ticket, ticket_ttl(expires_at - now)
+  args[#args + 1], args[#args + 2] = period, budget_prefix(budget)
+  local n, err = self.conn:call_now(table.unpack(args))
+  if n == nil then error(err, 0) end
   return n == 1
 end
 

@@ -383,6 +383,10 @@ function B:once_release(key, owner)
   end)
 end
 
+-- resil_close: a claim whose task never resumed (committed, or dropped unwritten with the ops
+-- still queued): the running record it may have made, the holder's, given up
+function B:once_abandon_now(key, me) return self:once_release_now(key, me) end
+
 -- once_finish at once, without the loop (resil_close: fn ended, its record not yet written)
 function B:once_finish_now(key, owner, result, retention, now)
   return self.db:now(function(tx)
@@ -847,6 +851,9 @@ end
 -- committed or not, and a canceled one never runs (store_sqlite.c,
 -- op_canceled): nothing can arrive after this.
 function B:budget_abandon(_, _, ticket) return self:budget_release(ticket) end
+-- the same at once, without the loop (resil_close: a reservation whose task never resumed; an op
+-- still queued then is dropped unwritten, store_sqlite.c's db_close_all)
+function B:budget_abandon_now(_, _, ticket) return self:budget_release_now(ticket) end
 
 -- A budget's stored settings: -> {limit_micro=, per=, declared_micro=, declared_per=} | nil
 -- (per: "day", "month" or "none"). A read: it never waits for a writer.
