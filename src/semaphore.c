@@ -9,7 +9,10 @@
  * callers in); hand_over(t) makes t its holder; a task that ends holding
  * permits gives them back then. Permits taken outside any task (a server
  * handler without tasks) are the host's own, released outside any task;
- * a detached one (detach) is anyone's, released by whoever holds none.
+ * a detached one (detach) is no task's: detach hands back a token, and only a
+ * release that names it gives that permit back, once (a stray release, one
+ * too many by a task that holds none, took it: another caller got in while
+ * its holder still counted on it).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -38,7 +41,8 @@ struct semaphore {
   int size, queue;  /* permits; waiters allowed (-1: unbounded) */
   int in_use, waiting;
   int loose; /* of in_use: taken outside any task */
-  int detached; /* of in_use: detached from their task (s:detach), anyone's to release */
+  int detached; /* of in_use: detached from their task (s:detach), each released by its token */
+  long detach_seq; /* the last token's number */
   long rejected;
   sem_waiter *head, *tail;
 };
@@ -178,8 +182,10 @@ static int l_semaphore(lua_State *L) {
   } else {
     lua_pop(L, 1);
     if (!lua_istable(L, 2)) resil_raise(L, "semaphore '%s' does not exist yet: give its options {size=}", name);
-    s = lua_newuserdatauv(L, sizeof *s, 0);
+    s = lua_newuserdatauv(L, sizeof *s, 1);
     memset(s, 0, sizeof *s);
+    lua_newtable(L); /* the detached permits' tokens: token -> true */
+    lua_setiuservalue(L, -2, 1);
     s->R = resil_from_lua(L);
     memcpy(s->name, name, len + 1);
     s->queue = -1;
@@ -291,23 +297,40 @@ static void give_back(semaphore *s) {
   grant(s);
 }
 
-/* s:release(): one of the permits the calling task holds goes back (else a
- * detached one: the host's, anyone's to give back) */
+/* s:release([token]): one of the permits the calling task holds goes back
+ * (outside any task: one of the host's); with a token, the detached permit
+ * it names, once */
 static int s_release(lua_State *L) {
   semaphore *s = check_semaphore(L, 1);
+  if (!lua_isnoneornil(L, 2)) {
+    lua_settop(L, 2);
+    lua_getiuservalue(L, 1, 1);
+    int held = 0;
+    if (lua_type(L, 2) == LUA_TSTRING) {
+      lua_pushvalue(L, 2);
+      held = lua_rawget(L, 3) != LUA_TNIL;
+      lua_pop(L, 1);
+    }
+    if (!held)
+      return resil_raise(L, "semaphore '%s': release of %s, which is none of its detached permits (released "
+                            "already, or another semaphore's)", s->name, luaL_tolstring(L, 2, NULL));
+    lua_pushvalue(L, 2);
+    lua_pushnil(L);
+    lua_rawset(L, 3);
+    s->detached--;
+    give_back(s);
+    return 0;
+  }
   task *t = s->R->current;
   if (unhold(s, t) == 0) {
     give_back(s);
     return 0;
   }
-  if (s->detached > 0) { /* a detached one: anyone's */
-    s->detached--;
-    give_back(s);
-    return 0;
-  }
-  if (!t) resil_raise(L, "semaphore '%s': release outside any task, where none of its permits is held", s->name);
+  const char *detached = s->detached > 0 ? " (a detached permit is released by the token detach returned)" : "";
+  if (!t)
+    resil_raise(L, "semaphore '%s': release outside any task, where none of its permits is held%s", s->name, detached);
   return resil_raise(L, "semaphore '%s': release by task %d, which holds none of its permits (released already, "
-                        "taken by another task, or handed over)", s->name, task_id(t));
+                        "taken by another task, handed over or detached)%s", s->name, task_id(t), detached);
 }
 
 /* s:hand_over(t) -> true: one of the calling task's permits is t's now, given
@@ -342,24 +365,28 @@ static int s_hand_over(lua_State *L) {
   return 1;
 }
 
-/* s:detach(): one of the calling task's permits is no task's now: it stays
- * taken after the task ends, until a release by a task that holds none of
- * the semaphore's (or one outside any task) gives it back. For a permit held
- * across calls (an embedding program's resil_call that enters a bulkhead, and
- * a later one that leaves it). */
+/* s:detach() -> token: one of the calling task's permits is no task's now:
+ * it stays taken after the task ends, until s:release(token) gives it back.
+ * For a permit held across calls (an embedding program's resil_call that
+ * enters a bulkhead, and a later one that leaves it, handed the token). */
 static int s_detach(lua_State *L) {
   semaphore *s = check_semaphore(L, 1);
   task *t = s->R->current;
-  if (!t) { /* outside any task: one of the host's */
-    if (s->loose <= 0) resil_raise(L, "semaphore '%s': detach outside any task, where none of its permits is held", s->name);
-    s->loose--;
-    s->detached++;
-    return 0;
-  }
-  if (unhold(s, t) != 0)
+  if (!t && s->loose <= 0) /* outside any task: one of the host's */
+    resil_raise(L, "semaphore '%s': detach outside any task, where none of its permits is held", s->name);
+  if (t && !hold_of(t, s))
     resil_raise(L, "semaphore '%s': detach by task %d, which holds none of its permits", s->name, task_id(t));
+  lua_settop(L, 1);
+  lua_getiuservalue(L, 1, 1);
+  lua_pushfstring(L, "%s#%I", s->name, (lua_Integer)(s->detach_seq + 1));
+  lua_pushvalue(L, -1);
+  lua_pushboolean(L, 1);
+  lua_rawset(L, 2); /* (before the permit moves: it may raise, out of memory) */
+  if (t) unhold(s, t);
+  else s->loose--;
+  s->detach_seq++;
   s->detached++;
-  return 0;
+  return 1;
 }
 
 static int s_state(lua_State *L) {

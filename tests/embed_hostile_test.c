@@ -298,21 +298,27 @@ int main(void) {
   if (L2) resil_close(L2);
 
   /* a bulkhead held across calls: each resil_call is a task of its own, which gives back what it holds as
-   * it ends; a permit detached from it stays taken until a later call releases it */
+   * it ends; a permit detached from it stays taken until a later call releases it by its token */
   lo.log_level = "off";
   resil_t *B = resil_open(&lo);
   int loaded = B && resil_load_string(B,
                                       "local resil = require 'resil'\n"
                                       "local s = resil.semaphore('bulkhead', { size = 1 })\n"
-                                      "function enter() local ok = s:try() if ok then s:detach() end return ok end\n"
-                                      "function leave() s:release() return true end\n",
+                                      "function enter() if s:try() then return s:detach() end return false end\n"
+                                      "function leave(token) s:release(token) return true end\n",
                                       "=bulkhead") == RESIL_OK && resil_run(B) == RESIL_OK;
-  int b_first = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[true]") == 0;
+  int b_first = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[\"bulkhead#1\"]") == 0;
   int b_second = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[false]") == 0;
-  int left = loaded && call(B, "leave", "[]") == RESIL_OK;
-  int again = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[true]") == 0;
+  int stray = loaded && call(B, "leave", "[]") == RESIL_ERR_SCRIPT && contains(resil_error(B), "holds none of its permits");
+  int still = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[false]") == 0;
+  int left = loaded && call(B, "leave", "[\"bulkhead#1\"]") == RESIL_OK;
+  int twice = loaded && call(B, "leave", "[\"bulkhead#1\"]") == RESIL_ERR_SCRIPT;
+  int again = loaded && call(B, "enter", "[]") == RESIL_OK && strcmp(result, "[\"bulkhead#2\"]") == 0;
   check(b_first && b_second && left && again,
         "a permit detached in one resil_call stays taken (the next is refused) until a later call releases it");
+  check(stray && still && twice,
+        "a release without the detached permit's token, or with it a second time, is refused and frees nothing (it "
+        "took the detached permit: another caller got in while its holder still counted on it)");
   if (B) resil_close(B);
 
   /* errors that are tables: what the program reads of them is their fields, never an address */
