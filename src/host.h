@@ -380,6 +380,8 @@ int luaopen_resil_http(lua_State *L);
 int luaopen_resil_json(lua_State *L);
 int luaopen_resil_log(lua_State *L);
 void host_log(lua_State *L, const char *level, const char *msg); /* pops a fields table */
+/* pops a fields table: written (-> 1) only where the program sends the host's logs, not stderr */
+int host_log_elsewhere(lua_State *L, const char *level, const char *msg);
 int luaopen_resil_server(lua_State *L);
 int luaopen_resil_crypto(lua_State *L);
 int luaopen_resil_bucket(lua_State *L);

@@ -24,6 +24,7 @@
 
 #define LOG_MT "resil.Log"
 #define LOG_REGISTRY_KEY "resil.log.functions"
+#define LOG_BARE_KEY "resil.log.bare"
 
 extern int luaopen_cjson(lua_State *L);
 #define MAX_DEPTH 6
@@ -311,6 +312,42 @@ void host_log(lua_State *L, const char *level, const char *msg) {
   lua_settop(L, fields - 1);
 }
 
+/* (level, msg, fields): a line without the running task's context (the host's own report about
+ * another task, from a finalizer that may run inside any task) */
+static int log_bare(lua_State *L) {
+  log_state *st = lua_touserdata(L, STATE_UPVALUE);
+  int level = luaL_checkoption(L, 1, NULL, level_names);
+  size_t msg_len;
+  const char *msg = luaL_checklstring(L, 2, &msg_len);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  if (level < st->level) return 0;
+  lua_settop(L, 3);
+  redact_value(L, 0);
+  write_line(L, st, level, msg, msg_len);
+  return 0;
+}
+
+/* L stack: fields table -> nothing. When the host's lines go where the program chose
+ * (resil_options.log or log_file, resil.log.output) rather than stderr, the line is written
+ * there, without a task's context (at the level in force), -> 1; else nothing is written -> 0,
+ * and the caller says it on stderr its own way. Never raises. */
+int host_log_elsewhere(lua_State *L, const char *level, const char *msg) {
+  int fields = lua_gettop(L), elsewhere = 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, LOG_BARE_KEY) == LUA_TFUNCTION && lua_getupvalue(L, -1, 1)) {
+    log_state *st = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    elsewhere = st && (resil_from_lua(L)->log_fn || st->out != stderr);
+    if (elsewhere) {
+      lua_pushstring(L, level);
+      lua_pushstring(L, msg);
+      lua_pushvalue(L, fields);
+      lua_pcall(L, 3, 0, 0); /* a log line that cannot be written is dropped, never raised */
+    }
+  }
+  lua_settop(L, fields - 1);
+  return elsewhere;
+}
+
 static int log_debug(lua_State *L) { return log_at(L, LEVEL_DEBUG); }
 static int log_info(lua_State *L) { return log_at(L, LEVEL_INFO); }
 static int log_warn(lua_State *L) { return log_at(L, LEVEL_WARN); }
@@ -390,6 +427,10 @@ int luaopen_resil_log(lua_State *L) {
   luaL_requiref(L, "cjson", luaopen_cjson, 0);
   lua_getfield(L, -1, "encode");
   lua_remove(L, -2);
+  lua_pushvalue(L, -2);
+  lua_pushvalue(L, -2);
+  lua_pushcclosure(L, log_bare, 2);
+  lua_setfield(L, LUA_REGISTRYINDEX, LOG_BARE_KEY); /* for host_log_elsewhere */
   luaL_setfuncs(L, log_functions, 2);
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, LOG_REGISTRY_KEY); /* for host_log */

@@ -1384,11 +1384,32 @@ static int task_tostring(lua_State *L) {
 }
 
 /* Collected: report a failure nobody looked at, free what C holds. */
+/* (t): its failure, where the program sends the host's logs -> true | false: they go to stderr */
+static int report_unjoined(lua_State *L) {
+  task *t = lua_touserdata(L, 1);
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, t->id);
+  lua_setfield(L, -2, "failed_task"); /* (not "task": the line's is the running one's) */
+  lua_pushstring(L, task_where(t));
+  lua_setfield(L, -2, "where");
+  lua_pushstring(L, t->traceback);
+  lua_setfield(L, -2, "error");
+  char msg[160];
+  snprintf(msg, sizeof msg, "task %d (%.100s) failed and was never joined", t->id, task_where(t));
+  lua_pushboolean(L, host_log_elsewhere(L, "error", msg));
+  return 1;
+}
+
 static int task_gc(lua_State *L) {
   task *t = check_task(L, 1);
-  if (t->failed && !t->joined && !t->canceled && t != t->R->main_task && t->traceback)
-    redact_fprintf(t->R, stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, task_where(t),
-                   t->traceback);
+  if (t->failed && !t->joined && !t->canceled && t != t->R->main_task && t->traceback) {
+    lua_pushcfunction(L, report_unjoined);
+    lua_pushlightuserdata(L, t);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_toboolean(L, -1))
+      redact_fprintf(t->R, stderr, "resil-lua: task %d (%s) failed and was never joined: %s\n", t->id, task_where(t),
+                     t->traceback);
+    lua_pop(L, 1);
+  }
   if (t->R->main_task == t) t->R->main_task = NULL; /* collected once it ended: resil_call and resil_step look later */
   while (t->holds) { /* never ended: the host is closing */
     task_hold *h = t->holds;

@@ -326,6 +326,47 @@ int main(void) {
             !contains(log_lines, "42}\n\n"),
         "resil_options.log receives each JSON line");
 
+  /* a task that failed and was never joined is reported where the host's logs go, not on stderr */
+  log_lines[0] = '\0';
+  char err_path[] = "/tmp/resil-call-stderr-XXXXXX";
+  int err_file = mkstemp(err_path), saved_err = dup(2);
+  fflush(stderr);
+  dup2(err_file, 2);
+  load(R, "local resil = require 'resil'\n"
+          "resil.spawn(function() error('lost failure 42') end)\n"
+          "resil.sleep(0)\n");
+  load(R, "collectgarbage() collectgarbage()\n");
+  /* and by a host that logs to a file, as it closes with the task still referred to */
+  char log_path[] = "/tmp/resil-call-log-XXXXXX";
+  close(mkstemp(log_path));
+  resil_options fo = {0};
+  fo.log_file = log_path;
+  resil_t *F = resil_open(&fo);
+  load(F, "local resil = require 'resil'\n"
+          "kept = resil.spawn(function() error('lost failure 43') end)\n"
+          "resil.sleep(0)\n");
+  resil_close(F);
+  fflush(stderr);
+  dup2(saved_err, 2);
+  close(saved_err);
+  char seen_err[4096] = "", seen_file[4096] = "";
+  ssize_t got = pread(err_file, seen_err, sizeof seen_err - 1, 0);
+  seen_err[got > 0 ? got : 0] = '\0';
+  close(err_file);
+  unlink(err_path);
+  FILE *lf = fopen(log_path, "r");
+  got = lf ? (ssize_t)fread(seen_file, 1, sizeof seen_file - 1, lf) : 0;
+  seen_file[got > 0 ? got : 0] = '\0';
+  if (lf) fclose(lf);
+  unlink(log_path);
+  check(contains(log_lines, "never joined") && contains(log_lines, "lost failure 42") &&
+            contains(log_lines, "\"level\":\"error\"") && !contains(seen_err, "lost failure 42"),
+        "a task that failed and was never joined is reported through resil_options.log (it went to stderr)");
+  check(contains(seen_file, "never joined") && contains(seen_file, "lost failure 43") && !contains(seen_err, "lost failure 43"),
+        "and into resil_options.log_file, at resil_close too (it went to stderr)");
+  if (!contains(log_lines, "lost failure 42") || !contains(seen_file, "lost failure 43"))
+    printf("# log: %.500s\n# file: %.500s\n# stderr: %.500s\n", log_lines, seen_file, seen_err);
+
   /* resil_step drives a run to completion */
   load(R, "mock:stop()\n");
   check(resil_load_string(R,
