@@ -90,6 +90,20 @@ static const char policy[] = "local resil = require 'resil'\n"
                              "function claim_d_again()\n"
                              "  return resil.once({ key = 'charge-9', wait = 0.2 }, function() return 'charged' end)\n"
                              "end\n"
+                             "function crowd(n)\n"
+                             "  local s = resil.semaphore('crowd', { size = 10 })\n"
+                             "  for i = 1, n do\n"
+                             "    resil.spawn(function()\n"
+                             "      assert(s:acquire())\n"
+                             "      local t = assert(resil.budget('team-e', { limit = 100 }):reserve(0.25))\n"
+                             "      resil.sleep(0.001 * (i % 7))\n"
+                             "      s:release()\n"
+                             "      resil.sleep(3600)\n"
+                             "      t:settle(0.1)\n"
+                             "    end)\n"
+                             "  end\n"
+                             "end\n"
+                             "function reserved_e() return resil.budget('team-e', { limit = 100 }):state().reserved end\n"
                              "function once_paid_again()\n"
                              "  return resil.once({ key = 'charge-8', wait = 0.2 }, function() return 'charged again' end)\n"
                              "end\n";
@@ -311,6 +325,24 @@ static void scenario(const char *store, const char *on) {
   if (!made || ran || again != RESIL_OK || strcmp(result, "[\"charged\"]") != 0)
     printf("# made %d ran %d got %d: %.300s\n", made, ran, again, result);
   resil_close(R);
+
+  /* a bad day: 100 tasks through a bulkhead of 10, each holding a reservation, closed mid-way (tickets
+   * held, reservations out or answered, permits granted to tasks not yet resumed): every hold is
+   * given back, and the host closes without waking anyone */
+  R = open_on(store);
+  W = open_on(store);
+  resil_call_async(R, "crowd", "[100]", on_done, NULL);
+  double seen = 0;
+  for (int i = 0; i < 2000 && seen < 10; i++) {
+    resil_step(R, 2);
+    if (i % 5 == 0 && call(W, "reserved_e", NULL) == RESIL_OK) seen = atof(result + 1);
+  }
+  resil_close(R);
+  again = call(W, "reserved_e", NULL);
+  check_on(on, seen >= 10 && again == RESIL_OK && strcmp(result, "[0]") == 0,
+           "100 tasks holding permits and reservations at resil_close: every hold is given back");
+  if (seen < 10 || again != RESIL_OK || strcmp(result, "[0]") != 0) printf("# seen %g got %d: %.300s\n", seen, again, result);
+  resil_close(W);
 
   /* a step whose fn ran, closed while the store takes its result: the run says so */
   const char *cli = getenv("RESIL");
