@@ -756,7 +756,10 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
   for (op *o = batch; o;) {
     op *next = o->next;
     d->ops++;
-    if (o->t) {
+    if (o->t && d->R->closing) { /* (a batch made durable as the host closes, db_close_all: its
+                                   * task never runs again, and nothing is woken during the close) */
+      op_free(L, o);
+    } else if (o->t) {
       woken_add(d, o);
       task_wake(o->t);
     } else if (o->insert) {
