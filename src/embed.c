@@ -490,10 +490,12 @@ int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) 
  * as long as it lived: the run it took (resil.step; recorded "interrupted" with steps still
  * running) refused every later host, the program's next or another process's, run_held; a
  * resil.once key whose fn it ran told every later caller in_progress; a budget's hold that no
- * settle or release ended counted until its end (hold, 600 s). */
+ * settle or release ended counted until its end (hold, 600 s); a shared breaker's half-open
+ * probe, never reported, kept every process from probing until its end (probe_timeout, 60 s). */
 void embed_give_up(resil_t *R) {
-  static const char *const closers[] = {"resil.runs.close", "resil.once.close", "resil.budgets.close"};
-  static const char *const what[] = {"run", "resil.once keys", "budget holds"};
+  static const char *const closers[] = {"resil.runs.close", "resil.once.close", "resil.budgets.close",
+                                        "resil.limits.close"};
+  static const char *const what[] = {"run", "resil.once keys", "budget holds", "shared breakers' probes"};
   lua_State *L = R->L;
   if (!lua_checkstack(L, 3)) return;
   for (size_t i = 0; i < sizeof closers / sizeof closers[0]; i++) {

@@ -255,8 +255,9 @@ RESIL_API struct event_base *resil_event_base(resil_t *R);
  * RESIL_ERR_INTERRUPT, its memory, connections and files go. What it holds in
  * its store is given up as a process's end gives it up: its run is recorded
  * ("interrupted" with steps running; a later host resumes it), and its
- * resil.once keys in flight and unsettled budget holds are released (those
- * the store made for a task that never resumed to see them too). From a callback
+ * resil.once keys in flight, unsettled budget holds and shared breakers'
+ * unreported half-open probes are released (those the store made for a task
+ * that never resumed to see them too). From a callback
  * the host made (a resil_call_async done, a resil_register function), the
  * host is in use below it: it is closed once control is back with the
  * program, as the resil_* function that called back returns (resil_step then

@@ -104,6 +104,17 @@ static const char policy[] = "local resil = require 'resil'\n"
                              "  end\n"
                              "end\n"
                              "function reserved_e() return resil.budget('team-e', { limit = 100 }):state().reserved end\n"
+                             "function br_shared()\n"
+                             "  return resil.breaker('shared-br', { shared = true, window_type = 'count', window = 1,\n"
+                             "    min_calls = 1, failure_rate = 0.5, open_for = 0.05, probe_timeout = 3600 })\n"
+                             "end\n"
+                             "function probe_open() br_shared():record(false, 0.01) resil.sleep(0.2) end\n"
+                             "function probe_slow() return br_shared():call(function() probing = true resil.sleep(3600) end) end\n"
+                             "function probe_free()\n"
+                             "  local ok, p = br_shared():allow()\n"
+                             "  if ok and p == 'probe' then br_shared():record(true, 0.01) end\n"
+                             "  return ok == true, p\n"
+                             "end\n"
                              "function once_paid_again()\n"
                              "  return resil.once({ key = 'charge-8', wait = 0.2 }, function() return 'charged again' end)\n"
                              "end\n";
@@ -324,6 +335,27 @@ static void scenario(const char *store, const char *on) {
            "host (it was in_progress for as long as the process lived)");
   if (!made || ran || again != RESIL_OK || strcmp(result, "[\"charged\"]") != 0)
     printf("# made %d ran %d got %d: %.300s\n", made, ran, again, result);
+  resil_close(R);
+
+  /* a shared breaker's half-open probe a call had at resil_close: its slot is free for the next
+   * caller (every process was refused, "open (shared)", until probe_timeout) */
+  R = open_on(store);
+  int opened = call(R, "probe_open", NULL) == RESIL_OK;
+  resil_call_async(R, "probe_slow", NULL, on_done, NULL);
+  int probing = 0;
+  for (int i = 0; i < 200 && !probing; i++) {
+    resil_step(R, 10);
+    probing = lua_getglobal(resil_lua(R), "probing") != LUA_TNIL;
+    lua_pop(resil_lua(R), 1);
+  }
+  resil_close(R);
+  R = open_on(store);
+  again = call(R, "probe_free", NULL);
+  check_on(on, opened && probing && again == RESIL_OK && strcmp(result, "[true,\"probe\"]") == 0,
+           "a shared breaker's probe a call had at resil_close is given back: the next caller probes (it was "
+           "refused until probe_timeout)");
+  if (!opened || !probing || again != RESIL_OK || strcmp(result, "[true,\"probe\"]") != 0)
+    printf("# opened %d probing %d got %d: %.300s\n", opened, probing, again, result);
   resil_close(R);
 
   /* a bad day: 100 tasks through a bulkhead of 10, each holding a reservation, closed mid-way (tickets

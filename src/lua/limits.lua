@@ -6,6 +6,7 @@
 -- Lua and live here too.
 local resil, private = ...
 local S = require "resil.store"
+local owner = require "resil.owner"
 local backend_of = private.backend_of -- (a store's backend: never on the store object, a script's)
 local store_open = private.store_open -- (not resil.store: a script may replace it)
 local core_bucket = require "resil.core.bucket"
@@ -603,11 +604,37 @@ named_class(SharedBreaker, "breaker")
 private.host_metatables = private.host_metatables or {}
 private.host_metatables[SharedBucket], private.host_metatables[SharedBreaker] = true, true
 
+-- The half-open probes this process took and has not reported (and those asked for whose answer
+-- its task has not resumed to read), for a canceled probe's give-back and for resil_close: kept,
+-- the slot stayed taken for probe_timeout (60 s) with nobody probing, every process refused.
+-- A probe is named by its id (Redis) and its end, now + probe_for (SQLite), as it was asked for.
+local probes_out = {}
+local probe_seq = 0
+local function unprobe(p)
+  local ok, err = p.backend:breaker_unprobe(p.name, p.probe_for, p.now, p.id)
+  if ok == nil then
+    resil.log.warn("breaker: a probe given back unrun could not be; its slot frees at its end",
+      { breaker = p.name, error = tostring(err) })
+  end
+end
+
 -- br:allow() -> true [, "probe"] | nil, err{kind="circuit_open"}
 function SharedBreaker:allow()
   local s, serr = store_open()
   local ok, x
-  if s then ok, x = backend_of[s]:breaker_probe(self.label, self.probe_for, store_now()) end
+  if s then
+    probe_seq = probe_seq + 1
+    local p = { backend = backend_of[s], name = self.label, probe_for = self.probe_for, now = store_now(),
+      id = ("%s:%d"):format(owner.me().id, probe_seq) }
+    probes_out[p] = true
+    ok, x = p.backend:breaker_probe(p.name, p.probe_for, p.now, p.id)
+    if ok and x == "probe" then
+      self.probes = self.probes or {}
+      self.probes[#self.probes + 1] = p
+    else
+      probes_out[p] = nil
+    end
+  end
   if ok == nil then
     warn_once(self, s and x or serr)
     return self.inner:allow()
@@ -626,7 +653,12 @@ function SharedBreaker:record(ok, seconds)
   local s = store_open()
   if self.probing and self.probing > 0 then
     self.probing = self.probing - 1
-    if ok == nil then return end
+    local p = self.probes and table.remove(self.probes, 1)
+    if p then probes_out[p] = nil end
+    if ok == nil then -- a probe that never ran (its call canceled): its slot is free for another
+      if p then resil.spawn(unprobe, p) end
+      return
+    end
     if ok then
       if s then backend_of[s]:breaker_close(self.label) end
       self.inner:reset()
@@ -650,6 +682,17 @@ function SharedBreaker:state()
 end
 
 SharedBreaker.call = breaker_call -- it only uses allow() and record()
+
+-- resil_close (embed_give_up): the probes this host took and never reported are given back, as a
+-- canceled one is. -> true | nil, err (the first)
+debug.getregistry()["resil.limits.close"] = function()
+  local first, failed = nil, {}
+  for p in pairs(probes_out) do
+    first = first or S.at_close(failed, p.backend, "breaker_unprobe_now", p.name, p.probe_for, p.now, p.id)
+  end
+  if first then return nil, first end
+  return true
+end
 
 function SharedBreaker:name() return self.label end
 function SharedBreaker:on(event, fn) listen(self.inner, event, fn) end

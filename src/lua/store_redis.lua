@@ -673,8 +673,17 @@ if not r[1] then return {1, ''} end
 local now = server_clock(ARGV[2], ARGV[3])
 if tonumber(r[1]) > now then return {0, tostring(tonumber(r[1]) - now)} end
 if r[2] and tonumber(r[2]) > now then return {0, tostring(tonumber(r[2]) - now)} end
-redis.call('HSET', KEYS[1], 'probe_until', fmt(now + tonumber(ARGV[1])))
+redis.call('HSET', KEYS[1], 'probe_until', fmt(now + tonumber(ARGV[1])), 'prober', ARGV[4] or '')
 return {1, 'probe'}
+]]
+
+-- KEYS[1] breaker hash; ARGV: the probe's id -> 1 | 0: the probe given back unrun, its slot free now
+scripts.breaker_unprobe = [[
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'prober') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'probe_until', 'prober')
+  return 1
+end
+return 0
 ]]
 
 -- KEYS[1] breaker hash; ARGV: open_until, now, skew. Kept an hour past its end.
@@ -1691,12 +1700,27 @@ function R:breaker_open(name, open_until, now)
   return true
 end
 
-function R:breaker_probe(name, probe_for, now)
+function R:breaker_probe(name, probe_for, now, id)
   local r, err = self:script("breaker_probe", { P .. "breaker:" .. name }, probe_for, string.format("%.6f", now),
-    lease_skew())
+    lease_skew(), id or "")
   if r == nil then return nil, err end
   if r[1] == 1 then return true, r[2] ~= "" and r[2] or nil end
   return false, tonumber(r[2])
+end
+
+-- a half-open probe given back unrun (its call canceled, its host closed): -> true | false
+function R:breaker_unprobe(name, _, _, id)
+  local n, err = self:script("breaker_unprobe", { P .. "breaker:" .. name }, id)
+  if n == nil then return nil, err end
+  return n == 1
+end
+
+-- the same at once, without the loop (resil_close): a probe whose command is still on its way
+-- lands after it, and its slot ends at probe_for as before
+function R:breaker_unprobe_now(name, _, _, id)
+  local n, err = self.conn:call_now("EVAL", scripts.breaker_unprobe, 1, P .. "breaker:" .. name, id)
+  if n == nil then error(err, 0) end
+  return n == 1
 end
 
 function R:breaker_close(name)

@@ -1031,6 +1031,16 @@ function B:breaker_probe(name, probe_for, now)
   end)
 end
 
+-- A half-open probe given back unrun (its call canceled, its host closed): the slot is free at
+-- once, not after probe_for. The probe is the one whose end is `now + probe_for` as it was taken
+-- (another's since is left alone). -> true | false (none such)
+local function unprobe(tx, name, probe_until)
+  return tx:exec("UPDATE breakers SET probe_until = NULL WHERE name = ? AND probe_until = ?", name, probe_until) > 0
+end
+function B:breaker_unprobe(name, probe_for, now) return self.db:tx(unprobe, name, now + probe_for) end
+-- the same at once, without the loop (resil_close)
+function B:breaker_unprobe_now(name, probe_for, now) return self.db:now(unprobe, name, now + probe_for) end
+
 function B:breaker_close(name)
   return self.db:tx(function(tx) return tx:exec("DELETE FROM breakers WHERE name = ?", name) > 0 end)
 end
