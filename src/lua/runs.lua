@@ -85,6 +85,8 @@ local function row_script()
   return script
 end
 
+-- A take sent whose task has not resumed with the answer yet, for resil_close (below)
+local taking
 -- A run has one owner at a time: take it, or wait for its holder (config.wait).
 local function take_run(s, id)
   local me = owner.me().id
@@ -93,8 +95,11 @@ local function take_run(s, id)
   while true do
     local now = store_now()
     local lease_until = lease_due(backend_of[s], now)
+    local mine = { backend = backend_of[s], id = id, me = me }
+    taking = mine
     local done, generation, since = backend_of[s]:run_start(id, row_script(), config.fresh, now, me, lease_until,
       resume_args())
+    if taking == mine then taking = nil end
     if done == nil then error(generation, 0) end -- the store is unavailable
     lease_written(backend_of[s], lease_until)
     if done then
@@ -631,6 +636,14 @@ end
 -- script ends; an embedding program that closed one held the run for as long as it lived, so
 -- every later host, its own or another process's, was refused run_held
 getregistry()["resil.runs.close"] = function()
+  -- a take the store answered (or may still) whose task never resumed: the run, if the store gave
+  -- it to this host, is given up unfinished (its steps, if any, are the next host's to resume)
+  local t = taking
+  taking = nil
+  if t and not (run and run.held) then
+    local err = S.at_close({}, t.backend, "run_give_up_now", t.id, store_now(), t.me)
+    if err then return nil, err end
+  end
   if not (run and run.held) then return true end
   return run_finish(next(run.inflight) and "interrupted" or "done")
 end

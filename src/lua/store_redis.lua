@@ -1097,6 +1097,20 @@ function R:run_finish_now(id, status, now, me, pending)
   return n == 1
 end
 
+-- resil_close: a take of the run whose task never resumed: the run, if `me` holds it, is given up
+-- "interrupted" (a later host resumes it); one another holds, or nobody, is left as it is
+local run_give_up = [[
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'interrupted', 'updated_at', ARGV[1])
+redis.call('HDEL', KEYS[1], 'owner', 'owner_since')
+return 1
+]]
+function R:run_give_up_now(id, now, me)
+  local n, err = self.conn:call_now("EVAL", run_give_up, 1, P .. "run:" .. id, fmt_time(now), me)
+  if n == nil then error(err, 0) end
+  return n == 1
+end
+
 -- A step's fn is about to run: a "running" record, so that a process that dies before the step's
 -- end leaves a trace of it. Its step_put or step_failed replaces it.
 function R:step_started(run, scope, seq, name, started, me)

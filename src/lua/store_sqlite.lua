@@ -500,6 +500,15 @@ function B:run_finish_now(id, status, now, me, pending)
   end)
 end
 
+-- resil_close: a take of the run whose task never resumed: the run, if `me` holds it, is given up
+-- "interrupted" (a later host resumes it); one another holds, or nobody, is left as it is
+function B:run_give_up_now(id, now, me)
+  return self.db:now(function(tx)
+    return tx:exec("UPDATE runs SET status = 'interrupted', updated_at = ?, owner = NULL, owner_since = NULL " ..
+                   "WHERE id = ? AND owner = ?", now, id, me) > 0
+  end)
+end
+
 -- A step's fn is about to run: a "running" row, so that a process that dies (kill -9) before the
 -- step's end leaves a trace of it (`runs show` listed the item done). Its step_put or step_failed
 -- replaces it. Committed, not synced: a process's death keeps it; a machine's may not.
