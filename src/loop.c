@@ -1383,7 +1383,6 @@ static int task_tostring(lua_State *L) {
   return 1;
 }
 
-/* Collected: report a failure nobody looked at, free what C holds. */
 /* (t): its failure, where the program sends the host's logs -> true | false: they go to stderr */
 static int report_unjoined(lua_State *L) {
   task *t = lua_touserdata(L, 1);
@@ -1400,6 +1399,7 @@ static int report_unjoined(lua_State *L) {
   return 1;
 }
 
+/* Collected: report a failure nobody looked at, free what C holds. */
 static int task_gc(lua_State *L) {
   task *t = check_task(L, 1);
   if (t->failed && !t->joined && !t->canceled && t != t->R->main_task && t->traceback) {
