@@ -235,7 +235,9 @@ typedef struct task_wait_ops {
   /* optional: 1 while the wait cannot be abandoned (what it waits for has
    * happened and only its result is due): a cancel then waits for the
    * result and takes effect at the task's next wait, so the task holds what
-   * it was granted (and its <close> handlers can give it back) */
+   * it was granted (and its <close> handlers can give it back). Asked at
+   * the cancel, while the task waits or once woken before it resumes; a
+   * wait may bound itself then (resil.http.stream's cancel_grace) */
   int (*settling)(void *arg);
 } task_wait_ops;
 void task_wait(task *t, const task_wait_ops *ops, void *arg);

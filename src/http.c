@@ -916,8 +916,29 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
 
 static void deadline_cb(void *arg) {
   http_req *r = arg;
+  if (r->grace_cut) { /* a cancel's wait for the status (request_bound): it ends as the cancel */
+    r->aborted = ABORT_CANCELED;
+    request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
+    return;
+  }
   r->aborted = ABORT_TIMEOUT;
   request_finish(r, CURLE_OPERATION_TIMEDOUT, ABORT_TIMEOUT);
+}
+
+int request_sent(http_req *r) {
+  if (!r->active || !r->easy) return 0;
+  long head = 0;
+  curl_off_t body = 0;
+  if (curl_easy_getinfo(r->easy, CURLINFO_REQUEST_SIZE, &head) != CURLE_OK || head <= 0) return 0;
+  if (r->set.body_len <= 0) return 1;
+  return curl_easy_getinfo(r->easy, CURLINFO_SIZE_UPLOAD_T, &body) == CURLE_OK && body >= r->set.body_len;
+}
+
+void request_bound(http_req *r, double seconds) {
+  if (r->done || r->grace_cut) return;
+  double left = r->timeout > 0 ? r->started + r->timeout - resil_now(r->H->R) : seconds;
+  r->grace_cut = 1;
+  timer_start(&r->deadline, left < seconds ? (left > 0 ? left : 0) : seconds);
 }
 
 static void idle_cb(void *arg) {
@@ -1579,7 +1600,7 @@ static header_set *header_set_for(lua_State *L, http_state *H, int t, int json, 
 /* The fields of a request table, read in one pass over it. */
 typedef struct {
   const char *method, *ca_file;
-  double timeout, idle_timeout, connect_timeout, max_body, max_event;
+  double timeout, idle_timeout, connect_timeout, max_body, max_event, cancel_grace;
   int insecure, follow;
   int http_version; /* 0 auto, 11 "1.1", 20 "2" */
   int extras; /* on_chunk or on_event: for the prelude's stream_request */
@@ -1621,7 +1642,7 @@ static void merge_headers(lua_State *L, request_fields *f) {
 static void read_fields(lua_State *L, request_fields *f, int layers) {
   f->method = f->ca_file = NULL;
   f->timeout = DEFAULT_TIMEOUT;
-  f->idle_timeout = 0;
+  f->idle_timeout = f->cancel_grace = 0;
   f->connect_timeout = DEFAULT_CONNECT_TIMEOUT;
   f->max_body = DEFAULT_MAX_BODY;
   f->max_event = DEFAULT_MAX_EVENT;
@@ -1651,6 +1672,8 @@ static void read_fields(lua_State *L, request_fields *f, int layers) {
         f->timeout = number_field(L, "timeout", "seconds");
       } else if (IS("idle_timeout")) {
         f->idle_timeout = number_field(L, "idle_timeout", "seconds");
+      } else if (IS("cancel_grace")) {
+        f->cancel_grace = number_field(L, "cancel_grace", "seconds");
       } else if (IS("connect_timeout")) {
         f->connect_timeout = number_field(L, "connect_timeout", "seconds");
       } else if (IS("max_body")) {
@@ -1828,6 +1851,7 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   r->req_body = body;
   r->timeout = f.timeout;
   r->idle_timeout = f.idle_timeout;
+  r->cancel_grace = f.cancel_grace;
   r->max_body = (size_t)f.max_body;
   r->max_event = f.max_event >= (double)SIZE_MAX ? SIZE_MAX : (size_t)f.max_event;
 

@@ -86,9 +86,11 @@ struct http_req {
   int active, done, stream, headers_done, paused;
   int client_fault;          /* failed by libcurl's fault, not the server's (a lost h2 header block) */
   int progress_ref;          /* the request's `progress` table (a registry ref; 0: none), told at a cancel */
+  int grace_cut;             /* a stream's cancel waits for its status (cancel_grace): its deadline is that wait's */
   CURLcode result;
   abort_reason aborted;
   double timeout, idle_timeout, started, elapsed;
+  double cancel_grace;       /* resil.http.stream: how long a cancel waits for the status of a request sent */
 };
 
 /* L stack of resil.http.request and resil.http.stream: the request table,
@@ -103,6 +105,8 @@ http_req *request_prepare(lua_State *L, int stream);
 void request_start(lua_State *L, http_req *r); /* raises, giving r back, if curl refuses it */
 void request_finish(http_req *r, CURLcode result, abort_reason why); /* wakes the waiter */
 void req_release(http_req *r); /* back to the pool, the transfer aborted if still running */
+int request_sent(http_req *r);  /* 1 once all of the request (headers and body) went to the server */
+void request_bound(http_req *r, double seconds); /* it ends, canceled, within seconds (its deadline) */
 
 /* http.c: results */
 int request_push_failure(lua_State *L, const http_req *r); /* nil, err: returns 2 */

@@ -53,6 +53,22 @@ static void stream_cancel(void *arg) {
   request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
 }
 
+/* A cancel that comes once the request was sent, with cancel_grace > 0:
+ * the server may have answered already (its status on the wire, or read and
+ * the task not yet resumed), and a 200 is billed. The cancel then waits
+ * (loop.c's settling) for the status, at most cancel_grace s from now: the
+ * task resumes with its stream or its failure and is canceled at its next
+ * wait, so its caller knows whether the server took it. Not sent yet (or
+ * ended): canceled at once, as without it. */
+static int stream_open_settling(void *arg) {
+  http_req *r = arg;
+  if (r->cancel_grace <= 0 || r->done) return 0;
+  if (r->headers_done) return 1;
+  if (!request_sent(r)) return 0;
+  request_bound(r, r->cancel_grace);
+  return 1;
+}
+
 /* resil.http.stream{...} -> stream (once the headers arrived) | nil, err */
 int http_stream_open(lua_State *L) {
   lua_settop(L, SLOT_LAST);
@@ -69,7 +85,7 @@ int http_stream_open(lua_State *L) {
   lua_setiuservalue(L, SLOT_STREAM, 2);
   request_start(L, r);
   r->waiter = t;
-  static const task_wait_ops stream_open_wait = {stream_cancel, NULL, NULL};
+  static const task_wait_ops stream_open_wait = {stream_cancel, NULL, stream_open_settling};
   task_wait(t, &stream_open_wait, r);
   return lua_yieldk(L, 0, 0, stream_open_k);
 }

@@ -1351,7 +1351,9 @@ static int task_stop_as(task *t, int force) {
     return 1;
   }
   if (t->state == TASK_RUNNING) return -1;
-  if (t->state == TASK_WAITING && t->wait_ops && t->wait_ops->settling && t->wait_ops->settling(t->wait_arg)) {
+  /* (woken too: what it waited for is in hand, its continuation not run yet) */
+  if ((t->state == TASK_WAITING || t->state == TASK_READY) && t->wait_ops && t->wait_ops->settling &&
+      t->wait_ops->settling(t->wait_arg)) {
     t->cancel_due = 1; /* task_resume stops it when it waits next, its result in hand */
     return 1;
   }

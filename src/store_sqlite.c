@@ -1107,6 +1107,7 @@ static void op_give_back(void *arg) {
  * result before a cancel takes effect (loop.c, task_stop). */
 static int op_settling(void *arg) {
   op *o = arg;
+  if (o->is_woken) return 0; /* its task woken: a cancel gives the result back (op_give_back) */
   for (op *p = o->d->head; p; p = p->next)
     if (p == o) return 0;
   return 1;
