@@ -13,6 +13,7 @@
 -- ElevenLabs), and GET /__mock/stats. Custom routes: routes = { ["POST /path"] = fn(req) }.
 -- refuses = { "claude-fable-5-1", ... }: models that decline every request (stop_reason
 -- "refusal"), which the beta's server-side `fallbacks` serve (Mock:fall_back).
+-- on_request = fn(req): called as each request arrives, before it is answered.
 local resil = ...
 local json = resil.json
 local job_routes = require("resil.mock_jobs").route -- Replicate, fal, ElevenLabs (src/lua/mock_jobs.lua)
@@ -90,6 +91,9 @@ local function check_scenario(s, level)
     end
   end
   if s.routes ~= nil and type(s.routes) ~= "table" then error("resil.mock: routes must be a table", level) end
+  if s.on_request ~= nil and type(s.on_request) ~= "function" then
+    error("resil.mock: on_request must be a function", level)
+  end
 end
 
 local function sample_latency(spec, random)
@@ -1390,6 +1394,9 @@ function Mock:handle(req)
   if req.method == "GET" and req.path == "/__mock/stats" then
     return { status = 200, body = json.encode(self.counts) }
   end
+  -- scenario.on_request(req): told of each request as it arrives, before its answer (a spec's
+  -- client that leaves just as the provider answers)
+  if self.scenario.on_request then self.scenario.on_request(req) end
   local route, custom, capture = self:route(req)
   -- scenario.idempotency: like providers that honour Idempotency-Key, a
   -- repeated key gets the first successful answer again, unbilled
