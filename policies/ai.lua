@@ -1298,10 +1298,21 @@ local RELAY_BACKLOG_MAX = 1024 * 1024
 -- -> opener(): one attempt. `refused`: the target's refused attempts, where
 -- an attempt that fails or is canceled after the provider billed it is put
 -- (recorded with the call's refusals)
+-- A cancel that comes once the request was sent, its status not yet read,
+-- waits this long for that status (resil.http.stream's cancel_grace): the
+-- provider may have answered 200 already, on the wire or read but not yet
+-- resumed to (a busy loop: 150 streams on one loop, half their clients'
+-- cancels fell there), and bills the input of a stream it accepted. A 200
+-- is then recorded as any attempt canceled after it (input_paid); a
+-- provider that has not answered within it is taken as not having the
+-- request, as before. (A deadline cut there is late by at most this much.)
+local STATUS_GRACE = 1
+
 local function stream_opener(t, req, refused)
   local wire = wire_request(t, req, true)
   wire.idle_timeout = t.conf.idle_timeout or 60
   wire.timeout = t.conf.stream_timeout or 600
+  wire.cancel_grace = STATUS_GRACE
   -- (a result the call will take, the guard's until open() does; an empty one is refused instead)
   local function opened(res)
     if refused and not res.empty then refused.opened = res end
