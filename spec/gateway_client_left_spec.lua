@@ -130,6 +130,36 @@ describe("gateway: a client that leaves as the provider answers a stream", funct
     settled()
   end)
 
+  -- The load the window was found under: 150 streams on one loop, each client leaving at a time
+  -- of its own. The mock answers each request as it arrives, so every request it saw was a 200
+  -- the provider billed: one row each. (Before: a few of them had none, seed 1 three.) A guard:
+  -- which cancels fall in the window is the loop's doing; the spec above is the reproduction.
+  it("150 streams on one loop, their clients leaving at random: a row for every stream the provider answered",
+    function()
+    local url, m, key = start({ strict = true, reply = ("word "):rep(30), stream_interval = 0.003 })
+    math.randomseed(1)
+    local random = math.random
+    local clients = {}
+    for i = 1, 150 do
+      local api, model = CASES[i % 4 + 1][1], CASES[i % 4 + 1][2]
+      local req = request(url, key, api, { model = model, stream = true, max_tokens = 100 })
+      local t = resil.spawn(function()
+        local s = resil.http.stream(req)
+        while s and s:read_event() do end
+      end)
+      clients[i] = t
+      resil.spawn(function()
+        resil.sleep(random() * 0.6)
+        t:cancel()
+      end)
+    end
+    for _, t in ipairs(clients) do t:join() end
+    assert.is_true(helpers.wait_until(function() return idle() and #rows() >= m:stats().total end, 15))
+    assert.is_true(m:stats().total > 0)
+    assert.are.equal(m:stats().total, #rows())
+    settled()
+  end)
+
   -- the provider answers 200 and then sends nothing: the cancel is done at the first read, not
   -- after the stream's idle timeout (60 s); nothing waits on the loop
   it("an upstream frozen after its headers: recorded at once, the upstream cut", function()

@@ -36,6 +36,18 @@ describe("resil.mock scenarios", function()
     m:stop()
   end)
 
+  it("on_request is told of each request before it is answered; one that is no function is refused", function()
+    assert.matches("on_request must be a function", raised(function() resil.mock.start({ on_request = true }) end))
+    local seen = {}
+    local m = assert(resil.mock.start({ strict = true, on_request = function(req) seen[#seen + 1] = req.path end }))
+    local res = assert(http.request({ method = "POST", url = m.url .. "/v1/chat/completions",
+      headers = { authorization = "Bearer sk-test-123456" }, json = {
+      model = "gpt-4o-mini", messages = { { role = "user", content = "hi" } } } }))
+    assert.are.equal(200, res.status, res.body)
+    assert.are.same({ "/v1/chat/completions" }, seen)
+    m:stop()
+  end)
+
   it("answers an x-mock-fault it does not know with a 400 naming it, in the route's API shape", function()
     local m = assert(resil.mock.start({}))
     local res = assert(http.request({ method = "POST", url = m.url .. "/v1/messages", json = { messages = {} },
