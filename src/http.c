@@ -925,8 +925,10 @@ static void deadline_cb(void *arg) {
   request_finish(r, CURLE_OPERATION_TIMEDOUT, ABORT_TIMEOUT);
 }
 
+/* (sends: curl reached this request's prereq_cb; before it, a reused handle's counters are its
+ * last request's) */
 int request_sent(http_req *r) {
-  if (!r->active || !r->easy) return 0;
+  if (!r->active || !r->easy || r->sends == 0) return 0;
   long head = 0;
   curl_off_t body = 0;
   if (curl_easy_getinfo(r->easy, CURLINFO_REQUEST_SIZE, &head) != CURLE_OK || head <= 0) return 0;
