@@ -1433,6 +1433,10 @@ function complete_admitted(req, api, id, rec, slot)
       return with_id(error_reply(api, 502, UNREADABLE.message, { code = "bad_upstream_stream" }), id)
     end
     if err then return with_id(ai_error_reply(api, err), id) end
+    -- its client left as the provider answered: the cancel waited for the status (ai's
+    -- cancel_grace) and is done at the next wait; a reply now would be dropped unread with the
+    -- stream in it, recorded and its hold given back only when collected. Closed here instead.
+    if resil.running():cancel_pending() then return with_id(error_reply(api, 499, "the client left"), id) end
     local t = s.target or {}
     local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id,
       ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model, ["x-resil-attempts"] = tostring(s.attempts or 1) }

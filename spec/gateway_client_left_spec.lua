@@ -110,6 +110,30 @@ describe("gateway: a client that leaves as the provider answers a stream", funct
     end)
   end
 
+  -- the provider's first delta comes with its headers: the stream opens in the turn the cancel
+  -- waited for, and the handler would end before it waits again, its reply (the stream in it)
+  -- dropped unread: recorded, its hold given back and the upstream closed only when collected
+  it("the first delta in the same read as the 200: recorded once, the upstream closed, no hold", function()
+    local function chunk(delta, finish)
+      return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, delta = delta, finish_reason = finish or json.null } } }) .. "\n\n"
+    end
+    local url, m, key = start({ strict = true, routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+        chunk({ role = "assistant", content = "hello " }) .. chunk({ content = "world" }), chunk({}, "stop") },
+        chunk_interval = 30 }
+    end } })
+    local client = leave(request(url, key, "openai", { model = MINI, stream = true }), true)
+    assert.is_true(helpers.wait_until(function() return client:status() == "canceled" end, 10))
+    collectgarbage("stop") -- (only the gateway may close the stream, not its collection)
+    finally(function() collectgarbage("restart") end)
+    assert.is_true(helpers.wait_until(function() return #rows() >= 1 and idle() end, 10),
+      "the stream the provider answered has no row, or its hold was kept")
+    assert.are.equal(1, m:stats().total)
+    assert.are.equal(1, #rows())
+    settled()
+  end)
+
   -- the other points a client leaves at: one row each, whatever it read
   it("a client leaving at each point of a stream: one row per stream, the budget settled", function()
     local url, m, key = start({ strict = true, reply = ("word "):rep(20), stream_interval = 0.002 })

@@ -936,6 +936,8 @@ int request_sent(http_req *r) {
   return curl_easy_getinfo(r->easy, CURLINFO_SIZE_UPLOAD_T, &body) == CURLE_OK && body >= r->set.body_len;
 }
 
+int request_host_stopping(const http_req *r) { return r->H->R->stop_requested != 0; }
+
 void request_bound(http_req *r, double seconds) {
   if (r->done || r->grace_cut) return;
   double left = r->timeout > 0 ? r->started + r->timeout - resil_now(r->H->R) : seconds;

@@ -107,6 +107,7 @@ void request_finish(http_req *r, CURLcode result, abort_reason why); /* wakes th
 void req_release(http_req *r); /* back to the pool, the transfer aborted if still running */
 int request_sent(http_req *r);  /* 1 once all of the request (headers and body) went to the server */
 void request_bound(http_req *r, double seconds); /* it ends, canceled, within seconds (its deadline) */
+int request_host_stopping(const http_req *r);    /* 1 once a stop was asked of its host */
 
 /* http.c: results */
 int request_push_failure(lua_State *L, const http_req *r); /* nil, err: returns 2 */

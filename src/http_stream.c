@@ -59,10 +59,12 @@ static void stream_cancel(void *arg) {
  * (loop.c's settling) for the status, at most cancel_grace s from now: the
  * task resumes with its stream or its failure and is canceled at its next
  * wait, so its caller knows whether the server took it. Not sent yet (or
- * ended): canceled at once, as without it. */
+ * ended): canceled at once, as without it; so too once a stop was asked (a
+ * gateway's drain: the process would end with the task still waiting, and
+ * what its cancel records, the call's refused answers too, unwritten). */
 static int stream_open_settling(void *arg) {
   http_req *r = arg;
-  if (r->cancel_grace <= 0 || r->done) return 0;
+  if (r->cancel_grace <= 0 || r->done || request_host_stopping(r)) return 0;
   if (r->headers_done) return 1;
   if (!request_sent(r)) return 0;
   request_bound(r, r->cancel_grace);

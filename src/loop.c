@@ -1307,10 +1307,13 @@ static int task_cancel(lua_State *L) {
   return 1;
 }
 
-/* t:cancel_pending() -> true while a cancel waits for its resil.shield */
+/* t:cancel_pending() -> true while a cancel waits to be done: for its
+ * resil.shield, or for what a settling wait had in hand (a stream's status),
+ * done at its next wait (a task that runs on to its end without one would
+ * otherwise not know that nobody takes what it returns) */
 static int task_cancel_pending(lua_State *L) {
   task *t = check_task(L, 1);
-  lua_pushboolean(L, t->cancel_due && t->shield && !t->shield_off);
+  lua_pushboolean(L, t->cancel_due);
   return 1;
 }
 
