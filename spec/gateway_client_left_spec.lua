@@ -18,10 +18,10 @@ local MINI = "openai/gpt-4o-mini"
 -- the client task the mock cancels as the gateway's request arrives (one per spec)
 local leaving
 
-local function start(scenario)
+local function start(scenario, store_url)
   resil.clock.real()
   resil.log.level("off")
-  resil.store_config({ url = helpers.tmpname(".db") })
+  resil.store_config({ url = store_url or helpers.tmpname(".db") })
   scenario.on_request = function()
     local t = leaving
     leaving = nil
@@ -86,30 +86,35 @@ local function idle() return held() == 0 end
 
 local CASES = { { "openai", MINI }, { "anthropic", MINI }, { "openai", CLAUDE }, { "anthropic", CLAUDE } }
 
-describe("gateway: a client that leaves as the provider answers a stream", function()
-  -- (before: the handler was canceled in resil.http.stream's wait for the status, the provider's
-  -- 200 on the wire or read but not resumed to: no row, though the provider billed the input;
-  -- with 150 streams on one loop, half the client cancels fell there)
-  for _, case in ipairs(CASES) do
-    local api, model = case[1], case[2]
-    it(("records its input once, estimated, and keeps no hold (%s client, %s)"):format(api, model), function()
-      local url, m, key = start({ strict = true, stream_interval = 0.05 })
-      local client = leave(request(url, key, api, { model = model, stream = true }), true)
-      assert.is_true(helpers.wait_until(function() return client:status() == "canceled" end, 10))
-      assert.is_true(helpers.wait_until(function() return #rows() >= 1 and idle() end, 10),
-        "the stream the provider answered has no row")
-      assert.are.equal(1, m:stats().total)
-      local list = rows()
-      assert.are.equal(1, #list)
-      local u = json.decode(list[1].units)
-      assert.is_true(u.input_tokens > 0 and list[1].micro_usd > 0, list[1].units)
-      -- (OpenAI's stream tells its usage at its end: the input estimated from the prompt;
-      -- Anthropic's message_start, read with the headers, told its count)
-      if model == MINI then assert.is_true(u.estimated, list[1].units) end
-      settled()
-    end)
-  end
+for _, b in ipairs(helpers.store_backends()) do
+  describe("gateway: a client that leaves as the provider answers a stream, on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+    -- (before: the handler was canceled in resil.http.stream's wait for the status, the provider's
+    -- 200 on the wire or read but not resumed to: no row, though the provider billed the input;
+    -- with 150 streams on one loop, half the client cancels fell there)
+    for _, case in ipairs(CASES) do
+      local api, model = case[1], case[2]
+      it(("records its input once and keeps no hold (%s client, %s)"):format(api, model), function()
+        local url, m, key = start({ strict = true, stream_interval = 0.05 }, b.url())
+        local client = leave(request(url, key, api, { model = model, stream = true }), true)
+        assert.is_true(helpers.wait_until(function() return client:status() == "canceled" end, 10))
+        assert.is_true(helpers.wait_until(function() return #rows() >= 1 and idle() end, 10),
+          "the stream the provider answered has no row")
+        assert.are.equal(1, m:stats().total)
+        local list = rows()
+        assert.are.equal(1, #list)
+        local u = json.decode(list[1].units)
+        assert.is_true(u.input_tokens > 0 and list[1].micro_usd > 0, list[1].units)
+        -- (OpenAI's stream tells its usage at its end: the input estimated from the prompt;
+        -- Anthropic's message_start, read with the headers, told its count)
+        if model == MINI then assert.is_true(u.estimated, list[1].units) end
+        settled()
+      end)
+    end
+  end)
+end
 
+describe("gateway: a client that leaves as the provider answers a stream", function()
   -- the provider's first delta comes with its headers: the stream opens in the turn the cancel
   -- waited for, and the handler would end before it waits again, its reply (the stream in it)
   -- dropped unread: recorded, its hold given back and the upstream closed only when collected
