@@ -1295,9 +1295,6 @@ end
 -- retries and fallbacks to the last event).
 local RELAY_BACKLOG_MAX = 1024 * 1024
 
--- -> opener(): one attempt. `refused`: the target's refused attempts, where
--- an attempt that fails or is canceled after the provider billed it is put
--- (recorded with the call's refusals)
 -- A cancel that comes once the request was sent, its status not yet read,
 -- waits this long for that status (resil.http.stream's cancel_grace): the
 -- provider may have answered 200 already, on the wire or read but not yet
@@ -1308,6 +1305,9 @@ local RELAY_BACKLOG_MAX = 1024 * 1024
 -- request, as before. (A deadline cut there is late by at most this much.)
 local STATUS_GRACE = 1
 
+-- -> opener(): one attempt. `refused`: the target's refused attempts, where
+-- an attempt that fails or is canceled after the provider billed it is put
+-- (recorded with the call's refusals)
 local function stream_opener(t, req, refused)
   local wire = wire_request(t, req, true)
   wire.idle_timeout = t.conf.idle_timeout or 60
