@@ -11,6 +11,7 @@ local dir, tls_port, h2c_port, goaway_port, h1_port, backend, origin, ca
 -- more TLS ports of the main server: origins of their own
 local extra_ports = {}
 local burst_arrived = 0 -- requests for /burst the backend has seen
+local graced_arrived = 0 -- and for /graced
 local sse_events = 10
 -- header blocks a CDN in front of a provider may send (cookies, CSP, ids),
 -- up to near libcurl 7.88's limit on one (its h2 header buffer is 128 KiB)
@@ -65,6 +66,7 @@ setup(function()
   ca = dir .. "/cert.pem"
   backend = resil.server.listen({ handler = function(req)
     if req.path == "/burst" then burst_arrived = burst_arrived + 1 end
+    if req.path == "/graced" then graced_arrived = graced_arrived + 1 end
     if req.path == "/sse" then
       local chunks = {}
       for i = 1, sse_events do chunks[i] = ("data: %d\n\n"):format(i) end
@@ -301,6 +303,23 @@ describe("streams over h2", function()
     local n = 0
     for chunk in function() return big:read() end do n = n + #chunk end
     assert.are.equal(8 * 1024 * 1024, n)
+  end)
+
+  -- (the request's counters, which say it was sent, as libcurl keeps them on h2: a POST's body
+  -- too, which nginx reads whole before the backend sees the request)
+  it("a stream canceled once its request went out waits for its status (cancel_grace)", function()
+    local got, before = {}, graced_arrived
+    local reader = resil.spawn(function()
+      local s = assert(http.stream({ method = "POST", url = origin .. "/graced?delay=0.3", ca_file = ca,
+        body = ("x"):rep(20000), cancel_grace = 5 }))
+      got.version, got.status = s.response.http_version, s.status
+      s:read()
+    end)
+    assert.is_true(helpers.wait_until(function() return graced_arrived > before end, 5))
+    reader:cancel()
+    assert.are.equal("waiting", reader:status())
+    assert.is_true(helpers.wait_until(function() return reader:status() == "canceled" end, 5))
+    assert.are.same({ "2", 200 }, { got.version, got.status })
   end)
 
   it("a stream that goes idle times out alone, its neighbour goes on", function()
