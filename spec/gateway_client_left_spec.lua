@@ -203,6 +203,18 @@ describe("gateway: a client that leaves as the provider answers a stream", funct
     settled()
   end)
 
+  -- the provider refuses it (a 429, a 529): not billed, so no row; and not tried again for nobody
+  it("an error status in the window: no row, no retry, no hold", function()
+    local url, m, key = start({ strict = true, faults = { { route = "messages", status = 529 } } })
+    local client = leave(request(url, key, "anthropic", { model = CLAUDE, stream = true }), true)
+    assert.is_true(helpers.wait_until(function() return client:status() == "canceled" end, 10))
+    assert.is_true(helpers.wait_until(function() return m:stats().total >= 1 and idle() end, 10))
+    resil.sleep(0.3) -- (a retry would come within the retry's backoff, 5 ms at most here)
+    assert.are.equal(1, m:stats().total)
+    assert.are.equal(0, #rows())
+    settled()
+  end)
+
   -- the provider never answers: the cancel waits for its status a bounded while, then the
   -- attempt ends as never answered (no row: it is not known to be billed), the hold given back
   it("an upstream that never answers: the cancel's wait for the status is bounded, no row, no hold", function()
