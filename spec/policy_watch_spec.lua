@@ -24,13 +24,14 @@ while p.v == 1 and resil.clock.wall() < deadline do resil.sleep(0.05) end
 print("saw " .. p.v)
 ]]
 
-local function watch_with(so)
-  local dir = helpers.policy_dir({ ["p.lua"] = "return { v = 1 }\n" })
+-- files: the policy folder at start (p.lua's v = 1); change(dir): what the user does after
+local function watch_with(so, files, change)
+  local dir = helpers.policy_dir(files or { ["p.lua"] = "return { v = 1 }\n" })
   local pid, out = helpers.start(SCRIPT, ("--watch --policies %s"):format(dir))
   -- (the shim only for the host: helpers.start runs it through sh)
   assert(helpers.wait_until(function() return helpers.slurp(out):match("started") ~= nil end, 10),
     helpers.slurp(out))
-  helpers.write(dir .. "/p.lua", "return { v = 2 }\n")
+  if change then change(dir) else helpers.write(dir .. "/p.lua", "return { v = 2 }\n") end
   local ended = helpers.wait_until(function() return not helpers.alive(pid) end, 25)
   if not ended then os.execute("kill -KILL " .. pid) end
   return helpers.slurp(out), dir
@@ -63,6 +64,37 @@ describe("--watch without inotify watches to spare", function()
     local out = watch_with(so)
     assert.matches("saw 2", out) -- (was: "--watch: Too many open files", and never reloaded)
     assert.matches("max_user_instances", out)
+  end)
+
+  -- A file made after the start: the poll stat'ed the files it had listed, so a new one (an
+  -- override of a shipped policy, a module a policy requires once it exists, one in a folder
+  -- made later) was never seen, and the old version served on without a word.
+  local REQUIRES_X = { ["p.lua"] = 'local ok, x = pcall(require, "policies.x")\nreturn { v = ok and x.v or 1 }\n' }
+  local REQUIRES_SUB = { ["p.lua"] = 'local ok, x = pcall(require, "policies.sub.x")\nreturn { v = ok and x.v or 1 }\n' }
+  local function new_file(dir) helpers.write(dir .. "/x.lua", "return { v = 2 }\n") end
+  local function new_folder(dir)
+    assert(os.execute("mkdir " .. dir .. "/sub"))
+    helpers.write(dir .. "/sub/x.lua", "return { v = 2 }\n")
+  end
+  local SHIMS = {
+    ENOSPC = "int inotify_add_watch(int fd, const char *p, uint32_t m) { (void)fd; (void)p; (void)m; " ..
+      "errno = ENOSPC; return -1; }\n",
+    EMFILE = "int inotify_init1(int flags) { (void)flags; errno = EMFILE; return -1; }\n",
+  }
+  for _, why in ipairs({ "ENOSPC", "EMFILE" }) do
+    it("sees a policy file made after the start when the files are checked every second (" .. why .. ")", function()
+      helpers.resil = ("ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s"):format(shim(SHIMS[why]), resil_bin)
+      local out = watch_with(nil, REQUIRES_X, new_file)
+      assert.matches("cannot watch", out)
+      assert.matches("saw 2", out) -- (was: "saw 1" after 20 s, the new file never seen)
+      out = watch_with(nil, REQUIRES_SUB, new_folder)
+      assert.matches("saw 2", out) -- (was: "saw 1": a folder made later was never read)
+    end)
+  end
+
+  it("(an inotify that works sees a file made after the start, and one in a folder made later)", function()
+    assert.matches("saw 2", (watch_with(nil, REQUIRES_X, new_file)))
+    assert.matches("saw 2", (watch_with(nil, REQUIRES_SUB, new_folder)))
   end)
 
   it("(an inotify that works reloads on the edit)", function()

@@ -336,11 +336,36 @@ static int roots_moved(reload_state *st) {
   return moved;
 }
 
+/* inotify short: the policy files there now against those seen a second
+ * before. A list of the files seen then shows an edit or a deletion, never a
+ * file made since (a new override of a shipped policy, a module a policy now
+ * requires, a folder made later): the folders are read again each time. */
+static int files_moved(reload_state *st) {
+  struct link_seen *before = st->links;
+  size_t n_before = st->nlinks;
+  st->links = NULL;
+  st->nlinks = st->cap_links = 0;
+  links_rescan(st);
+  int moved = st->nlinks != n_before;
+  for (size_t i = 0; i < st->nlinks && !moved; i++) {
+    const struct link_seen *now = &st->links[i], *was = NULL;
+    /* (readdir's order: the same index unless the folder changed) */
+    if (i < n_before && strcmp(before[i].path, now->path) == 0) was = &before[i];
+    for (size_t j = 0; !was && j < n_before; j++)
+      if (strcmp(before[j].path, now->path) == 0) was = &before[j];
+    if (!was || now->dev != was->dev || now->ino != was->ino || now->size != was->size ||
+        now->mtime.tv_sec != was->mtime.tv_sec || now->mtime.tv_nsec != was->mtime.tv_nsec)
+      moved = 1;
+  }
+  free(before);
+  return moved;
+}
+
 static void recheck_cb(evutil_socket_t fd, short what, void *arg) {
   resil_t *R = arg;
   reload_state *st = R->reload;
   int moved = roots_moved(st);
-  if (links_moved(st)) moved = 1;
+  if (st->poll_all ? files_moved(st) : links_moved(st)) moved = 1;
   if (!moved) return;
   if (resil_watch(R, 1) != RESIL_OK) return; /* watches made again (this event with them) */
   struct timeval quiet = {0, (long)(QUIET_SECONDS * 1e6)};
