@@ -44,6 +44,35 @@ describe("resil-lua check", function()
     assert.matches("check: %-%-policies needs a folder", r.stderr)
   end)
 
+  -- (before: check --policies conf read conf only, "0 errors", exit 0; the pipeline run with
+  -- --policies conf loaded the project's broken ./policies/retry.lua, which conf lacks)
+  it("checks ./policies after --policies DIR, as require searches them: a module in both is DIR's", function()
+    os.execute("mkdir -p " .. dir .. "/conf " .. dir .. "/policies/providers")
+    helpers.write(dir .. "/conf/ok.lua", "return { ok = true }\n")
+    helpers.write(dir .. "/policies/retry.lua", "local retry = {}\nfunction retry.call(\n  return retry\n")
+    helpers.write(dir .. "/policies/providers/acme.lua", "return {\n")
+    helpers.write(dir .. "/policies/limits.lua", "return {\n") -- (shadowed by conf's: never loaded)
+    helpers.write(dir .. "/conf/limits.lua", "return {}\n")
+    local r = check("--policies conf")
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("error: policies/retry%.lua:3: <name> or '%.%.%.' expected near 'return'", r.stdout)
+    assert.matches("error: policies/providers/acme%.lua:2: unexpected symbol near <eof>", r.stdout)
+    assert.matches("warning: policies/limits%.lua: never loaded: conf/limits%.lua is found first", r.stdout)
+    assert.is_nil(r.stdout:find("error: policies/limits.lua", 1, true))
+    -- what the run itself meets
+    local run = helpers.run(("cd %s && %s --policies conf -e 'require \"policies.retry\"'"):format(dir, helpers.resil))
+    assert.are.equal(1, run.code)
+    assert.matches("policies/retry%.lua:3: <name> or '%.%.%.' expected near 'return'", run.stderr)
+    -- the project's own folder named as --policies is checked once, not as a second copy of itself
+    for _, same in ipairs({ "./policies", "policies/", dir .. "/policies" }) do
+      r = check("--policies " .. same)
+      assert.are.equal(1, r.code, r.stdout .. r.stderr)
+      assert.is_nil(r.stdout:find("never loaded", 1, true), r.stdout)
+      assert.matches("retry%.lua:3: ", r.stdout)
+      assert.matches("\n3 errors", r.stdout) -- (its limits.lua is the one loaded now)
+    end
+  end)
+
   it("reports a syntax error with file:line and exits 1", function()
     helpers.write(dir .. "/policies/retry.lua", "local retry = {}\n\nfunction retry.call(\n  return retry\n")
     local r = check()

@@ -7,21 +7,31 @@
 --     models without a price, sunsets passed with no replacement,
 --     migrations to unpinned targets
 -- Exit status 1 on any error; 0 with the warnings printed. No files: the
--- project's policies/*.lua and the registry in effect.
+-- policy folders' *.lua (--policies DIR's, then ./policies') and the registry in effect.
 local resil = require "resil"
 local load_capped = require "resil.load_capped" -- fn under a reload's memory cap (src/reload.c)
 
 -- dir's *.lua, as require finds them (names NUL-separated: `ls dir/*.lua` listed a folder named
 -- x.lua by its files, each "no such file", and split a name with a line break in it)
+local function quoted(dir) return "'" .. (dir:sub(1, 1) == "-" and "./" or "") .. dir:gsub("'", "'\\''") .. "'" end -- (-x: no option)
 local function list_dir(dir)
-  local quoted = "'" .. (dir:sub(1, 1) == "-" and "./" or "") .. dir:gsub("'", "'\\''") .. "'" -- (-x: no option)
-  local p = io.popen(("find %s/ -mindepth 1 -maxdepth 1 -name '*.lua' ! -name '.*' -print0 2>/dev/null"):format(quoted))
+  local p = io.popen(("find %s/ -mindepth 1 -maxdepth 1 -name '*.lua' ! -name '.*' -print0 2>/dev/null"):format(
+    quoted(dir)))
   local out = {}
   if not p then return out end
   for name in p:read("a"):gmatch("%Z+") do out[#out + 1] = dir .. "/" .. name:match("([^/]*)$") end
   p:close()
   table.sort(out)
   return out
+end
+
+-- a folder's device:inode (nil: none there): `--policies ./policies` is the project's folder itself
+local function folder_id(dir)
+  local p = io.popen(("find -H %s -maxdepth 0 -printf '%%D:%%i' 2>/dev/null"):format(quoted(dir)))
+  if not p then return nil end
+  local id = p:read("a")
+  p:close()
+  return id ~= "" and id or nil
 end
 
 local function exists(path)
@@ -155,12 +165,6 @@ return function(args)
       i = i + 1
     end
   end
-  if #files == 0 then
-    files = list_dir(dir)
-    -- a project's own provider adapters are policy files too (one broken was
-    -- reported only as "unknown provider ... (no policies/providers/x.lua)")
-    for _, f in ipairs(list_dir(dir .. "/providers")) do files[#files + 1] = f end
-  end
   -- a file of the policy folder is the module require finds by its name
   local function module_of(path)
     local rest = path:sub(1, #dir + 1) == dir .. "/" and path:sub(#dir + 2) or path:match("policies/(.+)$")
@@ -173,6 +177,29 @@ return function(args)
     if said[message] then return end -- (a module two others require fails once)
     said[message] = true
     problems[#problems + 1] = { level = level, message = message }
+  end
+  if #files == 0 then
+    -- the folders require searches, in its order: --policies DIR, then ./policies (a pipeline or
+    -- gateway run with --policies loads an override there that DIR lacks; check read DIR only,
+    -- "0 errors", and the run failed on the broken ./policies file). A module in both is DIR's.
+    local dirs = { dir }
+    if dir ~= "policies" and folder_id(dir) ~= folder_id("policies") then dirs[2] = "policies" end
+    local first = {}
+    for _, d in ipairs(dirs) do
+      -- a project's own provider adapters are policy files too (one broken was
+      -- reported only as "unknown provider ... (no policies/providers/x.lua)")
+      for _, sub in ipairs({ "", "/providers" }) do
+        for _, f in ipairs(list_dir(d .. sub)) do
+          local name = sub .. "/" .. f:sub(#d + #sub + 2)
+          if first[name] then
+            add("warning", ("%s: never loaded: %s is found first (--policies %s)"):format(f, first[name], dir))
+          else
+            first[name] = f
+            files[#files + 1] = f
+          end
+        end
+      end
+    end
   end
 
   local reg, why = registry_module()
