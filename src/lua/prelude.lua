@@ -683,6 +683,18 @@ function resil.policy(name)
   if not ok then error(err, 2) end
   -- (every access goes to the version loaded now: pairs and # over the empty view gave nothing,
   -- and a field set on it shadowed that field of every later version)
+  -- Under the sandbox the version's tables are read only to a script (sandbox_env's policy views)
+  local view = private.policy_view
+  if view then
+    return setmetatable({}, {
+      __index = function(_, k) return view(require(modname), modname)[k] end,
+      __newindex = function(_, k) error(private.policy_read_only(("policies.%s.%s"):format(name, tostring(k))), 2) end,
+      __pairs = function() return pairs(view(require(modname), modname)) end,
+      __len = function() return #require(modname) end,
+      __call = function(_, ...) return require(modname)(...) end,
+      __tostring = function() return "policy " .. name end,
+    })
+  end
   return setmetatable({}, {
     __index = function(_, k) return require(modname)[k] end,
     __newindex = function(_, k, v) require(modname)[k] = v end,
@@ -979,6 +991,100 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     ["resil.budgets"] = true }, {
     __index = function(_, name) return type(name) == "string" and name:match("^resil%.core%.") ~= nil end,
   })
+  -- A policy module's tables (require "policies.pricing", its `models` and every table in them) are
+  -- read-only views to a script: the policies call what their own and each other's tables hold when
+  -- they run (pricing.cost, ai.chat for the gateway, classify's rules), and a script that set a
+  -- price to 0 or replaced ai.chat had every caller of its process billed at 0 (a gateway key's
+  -- budget never spent) or served by its function (every client's prompt). The policies get the
+  -- tables themselves (policy_env's require, below); a script changes them in a policy file of
+  -- its own. One metatable for every view, the table viewed in a weak side table: nothing per view
+  -- kept after it and its table are gone (a reload's old versions are collected).
+  local viewed, view_name = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
+  local policy_views = setmetatable({}, { __mode = "k" })
+  local policy_view_mt = {}
+  local function policy_view(t, name)
+    local v = policy_views[t]
+    if not v then
+      v = setmetatable({}, policy_view_mt)
+      viewed[v], view_name[v], policy_views[t] = t, name, v
+    end
+    return v
+  end
+  local function field_name(v, k)
+    if type(k) == "string" and k:match("^[%a_][%w_]*$") then return view_name[v] .. "." .. k end
+    return ("%s[%s]"):format(view_name[v], type(k) == "string" and ("%q"):format(k) or tostring(k))
+  end
+  -- Some of the policies' functions return their state itself: pricing.price the price table's
+  -- entry, ai.targets each target's provider conf (its URL, every caller's) and adapter, ai's
+  -- provider_module a provider's module. To a script, what they return is a view too.
+  local RETURNS_STATE = { ["policies.pricing"] = { price = true }, ["policies.pricing_media"] = { price = true },
+    ["policies.ai"] = { targets = true, deployment_conf = true, provider_module = true } }
+  local returning_views = setmetatable({}, { __mode = "k" })
+  local function viewed_results(name, ...)
+    local r = table.pack(...)
+    for i = 1, r.n do
+      if type(r[i]) == "table" and not host_mts[real_metatable(r[i])] then r[i] = policy_view(r[i], name) end
+    end
+    return table.unpack(r, 1, r.n)
+  end
+  -- (a table of the host's, a store or a budget the policy holds, or a view, is given as it is)
+  local function viewed_value(v, k, x)
+    local kind = type(x)
+    if kind == "table" and not host_mts[real_metatable(x)] then return policy_view(x, field_name(v, k)) end
+    if kind == "function" then
+      local getters = RETURNS_STATE[view_name[v]]
+      if getters and getters[k] then
+        local f = returning_views[x]
+        if not f then
+          local name = field_name(v, k) .. "(...)"
+          f = function(...) return viewed_results(name, x(...)) end
+          returning_views[x] = f
+        end
+        return f
+      end
+    end
+    return x
+  end
+  policy_view_mt.__index = function(v, k) return viewed_value(v, k, viewed[v][k]) end
+  local function read_only(field)
+    return ("%s cannot be set in the sandbox: the policies' tables are read only to a script (set it in a policy"
+      .. " file of your own, in the policy folders, which a reload runs again)"):format(field)
+  end
+  policy_view_mt.__newindex = function(v, k) error(read_only(field_name(v, k)), 2) end
+  policy_view_mt.__pairs = function(v)
+    local t = viewed[v]
+    return function(_, k)
+      local nk, x = next(t, k)
+      return nk, viewed_value(v, nk, x)
+    end, v, nil
+  end
+  policy_view_mt.__len = function(v) return #viewed[v] end
+  policy_view_mt.__call = function(v, ...) return viewed[v](...) end
+  policy_view_mt.__tostring = function(v) return view_name[v] end
+  policy_view_mt.__metatable = false
+  host_mts[policy_view_mt] = true
+  -- (resil.policy(name)'s view reads through this too)
+  private.policy_view = function(mod, name)
+    if type(mod) ~= "table" then return mod end
+    return policy_view(mod, name)
+  end
+  private.policy_read_only = read_only
+  -- The policies' state kept across reloads (resil.keep("policies.gateway.kept"): the gateway's
+  -- config in force, its auth; "policies.ai.config": each provider's URL and key) is theirs the
+  -- same way: a name under "policies." (and the two older names the shipped policies keep) is
+  -- given to a policy file's chunk only, as it loads (private.policy_chunks; not through a tail
+  -- call, which hides who called). A script that asked first would have made the policy's state
+  -- its own table.
+  local keep = resil.keep
+  local POLICIES_KEPT = { ["retry.budgets"] = true, ["limit.releasers"] = true }
+  resil.keep = function(name, init)
+    if type(name) == "string" and (name:sub(1, 9) == "policies." or POLICIES_KEPT[name]) and
+      (debug.getinfo(1, "t").istailcall or not private.policy_chunks[debug.getinfo(2, "f").func]) then
+      error(("resil.keep: %q is the policies' state (names under \"policies.\" are reserved in the sandbox:"
+        .. " resil_options.sandbox, --sandbox)"):format(name), 2)
+    end
+    return keep(name, init)
+  end
   -- A host module's table (require "resil.owner", "resil.keys", ...) is a read-only view: the
   -- host's own modules call what is in it when they run (a script that replaced
   -- resil.owner.verdict had its process's store take a live process's once keys over and run
@@ -1006,44 +1112,55 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     end
     return v
   end
-  env.require = function(name)
-    if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
-    if own[name] then return own[name] end
-    if HOST_ONLY[name] then
-      error(("require %q is not allowed in the sandbox: a tool of the host's"):format(name), 2)
-    end
-    if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then
-      return view_of(name, require(name))
-    end
-    local loaded = package.loaded[name]
-    local path = package.searchpath(name, search)
-    if path then
-      if loaded ~= nil then return loaded end
-      local chunk, err = loadfile(path, "t", env)
-      if not chunk then error(err, 2) end
-      local mod = chunk(name, path)
-      if mod == nil then mod = true end
-      package.loaded[name] = mod
-      return mod, path
-    end
-    error(("require %q is not allowed in the sandbox: only resil, resil.* and modules in the policy folders"):format(name), 2)
+  -- (a script's require gives a policy module as a read-only view, a policy's the module itself)
+  local function script_view(name, mod)
+    if name:match("^policies%.") then return private.policy_view(mod, name) end
+    return view_of(name, mod)
   end
+  local function require_with(view)
+    return function(name)
+      if type(name) ~= "string" then error("bad argument #1 to 'require' (string expected)", 2) end
+      if own[name] then return own[name] end
+      if HOST_ONLY[name] then
+        error(("require %q is not allowed in the sandbox: a tool of the host's"):format(name), 2)
+      end
+      if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then
+        return view(name, require(name))
+      end
+      local loaded = package.loaded[name]
+      local path = package.searchpath(name, search)
+      if path then
+        if loaded ~= nil then return loaded end
+        local chunk, err = loadfile(path, "t", env)
+        if not chunk then error(err, 2) end
+        local mod = chunk(name, path)
+        if mod == nil then mod = true end
+        package.loaded[name] = mod
+        return mod, path
+      end
+      error(("require %q is not allowed in the sandbox: only resil, resil.* and modules in the policy folders"):format(name), 2)
+    end
+  end
+  env.require = require_with(script_view)
   -- package.loaded: what require may give (the policy library reads its
   -- own current version there after a reload), read only
   local function visible(name)
     return type(name) == "string" and not HOST_ONLY[name] and (name == "resil" or name:match("^resil%.")
       or name:match("^policies%.") or package.searchpath(name, search) ~= nil)
   end
-  local loaded_view = setmetatable({}, {
-    __index = function(_, name)
-      if own[name] then return own[name] end
-      if visible(name) then return view_of(name, package.loaded[name]) end
-      return nil
-    end,
-    __newindex = function(_, name)
-      error(("package.loaded[%q] cannot be set in the sandbox"):format(tostring(name)), 2)
-    end,
-  })
+  local function loaded_with(view)
+    return setmetatable({}, {
+      __index = function(_, name)
+        if own[name] then return own[name] end
+        if visible(name) then return view(name, package.loaded[name]) end
+        return nil
+      end,
+      __newindex = function(_, name)
+        error(("package.loaded[%q] cannot be set in the sandbox"):format(tostring(name)), 2)
+      end,
+    })
+  end
+  local loaded_view = loaded_with(script_view)
   env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_view })
   env.package.loadlib = refused("package.loadlib")
   env._G = env
@@ -1060,7 +1177,8 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     policy_env[lib] = copy
   end
   policy_env.debug = refusing("debug.", { traceback = debug.traceback })
-  policy_env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_view,
+  policy_env.require = require_with(view_of)
+  policy_env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_with(view_of),
     loadlib = env.package.loadlib })
   policy_env._G = policy_env
   private.policy_env = policy_env
