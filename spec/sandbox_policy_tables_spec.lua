@@ -2,7 +2,9 @@
 -- each other's module tables hold when they run (pricing.cost's prices, the gateway's ai.chat,
 -- classify's rules). A sandboxed script that set a price to 0 had every call of its process
 -- recorded at $0 (a gateway key's budget never spent), and one that replaced ai.chat was called
--- for every caller. A script reads them as before; a policy file of the project's sets them.
+-- for every caller; one that replaced resil.http.request saw every provider request the policies
+-- made (their resil is their own now). A script reads them as before; a policy file of the
+-- project's sets them.
 local helpers = require "spec.helpers"
 
 local SCRIPT = [[
@@ -32,8 +34,12 @@ print(n > 5, pricing.models.openai["gpt-4o-mini"].output, resil.policy("pricing"
   classify.status[429].max_retries, require("policies.prices").set)
 local m = assert(resil.mock.start({ reply = "served" }))
 ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456" })
+-- the resil table is the script's; what the policies call from it is not (a spy on every request)
+local seen, request = 0, resil.http.request
+resil.http.request = function(...) seen = seen + 1 return request(...) end
+resil.now = function() return 0 end
 local res = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = { { role = "user", content = "hi" } } }))
-print(res.text, resil.cost.total() > 0, m:stats().routes.chat)
+print(res.text, resil.cost.total() > 0, m:stats().routes.chat, seen)
 m:stop()
 ]]
 
@@ -71,7 +77,7 @@ describe("--sandbox and the policies' tables", function()
     refused(10, 17, 'policies%.ai%.targets%(%.%.%.%)%[1%]%.conf%.base_url')
     refused(11, 18, 'policies%.ai%.provider_module%(%.%.%.%)%.build')
     assert.are.equal("true\t0.6\t2.5\t5\t2", l[12])
-    assert.are.equal("served\ttrue\t1", l[13]) -- (its price not 0, its call the policy's)
+    assert.are.equal("served\ttrue\t1\t0", l[13]) -- (its price not 0, its call the policy's, unseen)
     -- outside the sandbox the script is the operator's: its writes go through
     r = helpers.run(("timeout 60 %s --store %s --policies %s %s writes"):format(helpers.resil, db, dir, script))
     assert.are.equal(0, r.code, r.stderr)

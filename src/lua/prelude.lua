@@ -1177,8 +1177,32 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     policy_env[lib] = copy
   end
   policy_env.debug = refusing("debug.", { traceback = debug.traceback })
-  policy_env.require = require_with(view_of)
-  policy_env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_with(view_of),
+  -- Nor is the resil table theirs: the policies look its functions up at each call
+  -- (resil.http.request in policies.call, resil.now, resil.spawn), and a script that replaced
+  -- resil.http.request was handed every provider request of its process, the API key in its
+  -- headers, the gateway's clients' too. A policy's require "resil" gives a table of its own: the
+  -- functions (and userdata, resil.json.null) as they are now, in copies of the plain sub-tables
+  -- (resil.http, resil.json, resil.log, ...); anything else, and what the host adds later, is read
+  -- through from the resil table. Plain tables: a lookup costs what it did.
+  local function functions_of(t)
+    local copy = {}
+    for k, v in pairs(t) do
+      local kind = type(v)
+      if kind == "function" or kind == "userdata" then copy[k] = v end
+    end
+    return setmetatable(copy, { __index = t })
+  end
+  local policy_resil = functions_of(resil)
+  for k, v in pairs(resil) do
+    if type(v) == "table" and getmetatable(v) == nil then policy_resil[k] = functions_of(v) end
+  end
+  policy_resil.sandbox_env = nil -- (taken off resil by C once this returns)
+  local function policy_side(name, mod)
+    if name == "resil" then return policy_resil end
+    return view_of(name, mod)
+  end
+  policy_env.require = require_with(policy_side)
+  policy_env.package = refusing("package.", { path = search, config = package.config, loaded = loaded_with(policy_side),
     loadlib = env.package.loadlib })
   policy_env._G = policy_env
   private.policy_env = policy_env
