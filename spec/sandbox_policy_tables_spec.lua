@@ -32,6 +32,9 @@ local n = 0
 for _, price in pairs(pricing.models.openai) do n = n + (price.input and 1 or 0) end
 print(n > 5, pricing.models.openai["gpt-4o-mini"].output, resil.policy("pricing").models.openai["gpt-4o"].input,
   classify.status[429].max_retries, require("policies.prices").set)
+-- (a view holds nothing itself: resil.json.encode wrote {} for it)
+local encoded = resil.json.decode(resil.json.encode({ mini = pricing.models.openai["gpt-4o-mini"] }))
+print(encoded.mini.output, #resil.json.encode(classify.status) > 10)
 local m = assert(resil.mock.start({ reply = "served" }))
 ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456" })
 -- the resil table is the script's; what the policies call from it is not (a spy on every request)
@@ -77,7 +80,8 @@ describe("--sandbox and the policies' tables", function()
     refused(10, 17, 'policies%.ai%.targets%(%.%.%.%)%[1%]%.conf%.base_url')
     refused(11, 18, 'policies%.ai%.provider_module%(%.%.%.%)%.build')
     assert.are.equal("true\t0.6\t2.5\t5\t2", l[12])
-    assert.are.equal("served\ttrue\t1\t0", l[13]) -- (its price not 0, its call the policy's, unseen)
+    assert.are.equal("0.6\ttrue", l[13])
+    assert.are.equal("served\ttrue\t1\t0", l[14]) -- (its price not 0, its call the policy's, unseen)
     -- outside the sandbox the script is the operator's: its writes go through
     r = helpers.run(("timeout 60 %s --store %s --policies %s %s writes"):format(helpers.resil, db, dir, script))
     assert.are.equal(0, r.code, r.stderr)

@@ -1197,6 +1197,34 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     if type(v) == "table" and getmetatable(v) == nil then policy_resil[k] = functions_of(v) end
   end
   policy_resil.sandbox_env = nil -- (taken off resil by C once this returns)
+  -- A view holds nothing itself, and cjson reads tables raw: a script's resil.json.encode of a
+  -- policy's table (or of its own table holding one) wrote {} without a word. The scripts' encode
+  -- (not the policies', just copied) hands cjson the tables viewed instead: a walk of the
+  -- value's tables, and a copy only of those that hold a view.
+  local json_encode = resil.json.encode
+  local function unviewed(x, depth)
+    local t = viewed[x]
+    if t then return t end
+    if depth > 100 then return x end -- (cjson's own depth error, or its cycle's, comes after)
+    local copy
+    for k, v in next, x do
+      if type(v) == "table" then
+        local u = unviewed(v, depth + 1)
+        if u ~= v then
+          if not copy then
+            copy = setmetatable({}, real_metatable(x)) -- (json.array_mt's arrays stay arrays)
+            for k2, v2 in next, x do rawset(copy, k2, v2) end
+          end
+          rawset(copy, k, u)
+        end
+      end
+    end
+    return copy or x
+  end
+  resil.json.encode = function(v, ...)
+    if type(v) == "table" then v = unviewed(v, 0) end
+    return json_encode(v, ...)
+  end
   local function policy_side(name, mod)
     if name == "resil" then return policy_resil end
     return view_of(name, mod)
