@@ -1002,10 +1002,11 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   local viewed, view_name = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
   local policy_views = setmetatable({}, { __mode = "k" })
   local policy_view_mt = {}
+  local VIEW_MARK = {} -- (resil.json.encode's, below)
   local function policy_view(t, name)
     local v = policy_views[t]
     if not v then
-      v = setmetatable({}, policy_view_mt)
+      v = setmetatable({ [VIEW_MARK] = false }, policy_view_mt)
       viewed[v], view_name[v], policy_views[t] = t, name, v
     end
     return v
@@ -1198,9 +1199,11 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   end
   policy_resil.sandbox_env = nil -- (taken off resil by C once this returns)
   -- A view holds nothing itself, and cjson reads tables raw: a script's resil.json.encode of a
-  -- policy's table (or of its own table holding one) wrote {} without a word. The scripts' encode
-  -- (not the policies', just copied) hands cjson the tables viewed instead: a walk of the
-  -- value's tables, and a copy only of those that hold a view.
+  -- policy's table (or of its own table holding one) wrote {} without a word. Each view holds one
+  -- key cjson refuses (VIEW_MARK, a table: "table key must be a number or string"), so the encode
+  -- fails; the scripts' encode (not the policies', just copied) then hands cjson the tables viewed
+  -- instead: a walk of the value's tables, and a copy only of those that hold a view. A value
+  -- without a view costs a pcall more, not a walk.
   local json_encode = resil.json.encode
   local function unviewed(x, depth)
     local t = viewed[x]
@@ -1221,9 +1224,16 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     end
     return copy or x
   end
+  local function encoded(ok, ...)
+    if ok then return ... end
+    return nil, ...
+  end
   resil.json.encode = function(v, ...)
-    if type(v) == "table" then v = unviewed(v, 0) end
-    return json_encode(v, ...)
+    local s, err = encoded(pcall(json_encode, v, ...))
+    if s ~= nil then return s end
+    local plain = type(v) == "table" and unviewed(v, 0) or v
+    if plain == v then error(err, 0) end -- (its own error, as cjson says it: no view in it)
+    return json_encode(plain, ...)
   end
   local function policy_side(name, mod)
     if name == "resil" then return policy_resil end
