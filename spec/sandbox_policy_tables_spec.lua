@@ -6,6 +6,7 @@
 -- made (their resil is their own now). A script reads them as before; a policy file of the
 -- project's sets them.
 local helpers = require "spec.helpers"
+local resil = require "resil"
 
 local SCRIPT = [[
 local resil = require "resil"
@@ -35,6 +36,7 @@ print(n > 5, pricing.models.openai["gpt-4o-mini"].output, resil.policy("pricing"
 -- (a view holds nothing itself: resil.json.encode wrote {} for it)
 local encoded = resil.json.decode(resil.json.encode({ mini = pricing.models.openai["gpt-4o-mini"] }))
 print(encoded.mini.output, #resil.json.encode(classify.status) > 10)
+resil.log.warn("prices", { mini = pricing.models.openai["gpt-4o-mini"] })
 local m = assert(resil.mock.start({ reply = "served" }))
 ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456" })
 -- the resil table is the script's; what the policies call from it is not (a spy on every request)
@@ -81,6 +83,8 @@ describe("--sandbox and the policies' tables", function()
     refused(11, 18, 'policies%.ai%.provider_module%(%.%.%.%)%.build')
     assert.are.equal("true\t0.6\t2.5\t5\t2", l[12])
     assert.are.equal("0.6\ttrue", l[13])
+    local logged = r.stderr:match('\n?({[^\n]*"msg":"prices"[^\n]*})')
+    assert.are.equal(0.6, resil.json.decode(logged).mini.output, r.stderr)
     assert.are.equal("served\ttrue\t1\t0", l[14]) -- (its price not 0, its call the policy's, unseen)
     -- outside the sandbox the script is the operator's: its writes go through
     r = helpers.run(("timeout 60 %s --store %s --policies %s %s writes"):format(helpers.resil, db, dir, script))

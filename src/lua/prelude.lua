@@ -1235,6 +1235,21 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     if plain == v then error(err, 0) end -- (its own error, as cjson says it: no view in it)
     return json_encode(plain, ...)
   end
+  -- (a log line's fields are read raw too: a view in them was written as its key for cjson)
+  for _, level in ipairs({ "debug", "info", "warn", "error" }) do
+    local log_at = resil.log[level]
+    resil.log[level] = function(msg, fields)
+      -- (its argument errors at the caller's line, as the C function's are)
+      if type(msg) ~= "string" and type(msg) ~= "number" then
+        error(("bad argument #1 to '%s' (string expected, got %s)"):format(level, type(msg)), 2)
+      end
+      if type(fields) == "table" then fields = unviewed(fields, 0)
+      elseif fields ~= nil then
+        error(("bad argument #2 to '%s' (table expected, got %s)"):format(level, type(fields)), 2)
+      end
+      return log_at(msg, fields)
+    end
+  end
   local function policy_side(name, mod)
     if name == "resil" then return policy_resil end
     return view_of(name, mod)
