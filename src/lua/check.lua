@@ -11,9 +11,11 @@
 local resil = require "resil"
 local load_capped = require "resil.load_capped" -- fn under a reload's memory cap (src/reload.c)
 
+local function quoted(dir) -- (./-x: not an option)
+  return "'" .. (dir:sub(1, 1) == "-" and "./" or "") .. dir:gsub("'", "'\\''") .. "'"
+end
 -- dir's *.lua, as require finds them (names NUL-separated: `ls dir/*.lua` listed a folder named
 -- x.lua by its files, each "no such file", and split a name with a line break in it)
-local function quoted(dir) return "'" .. (dir:sub(1, 1) == "-" and "./" or "") .. dir:gsub("'", "'\\''") .. "'" end -- (-x: no option)
 local function list_dir(dir)
   local p = io.popen(("find %s/ -mindepth 1 -maxdepth 1 -name '*.lua' ! -name '.*' -print0 2>/dev/null"):format(
     quoted(dir)))
