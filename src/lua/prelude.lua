@@ -1020,6 +1020,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- provider_module a provider's module. To a script, what they return is a view too.
   local RETURNS_STATE = { ["policies.pricing"] = { price = true }, ["policies.pricing_media"] = { price = true },
     ["policies.ai"] = { targets = true, deployment_conf = true, provider_module = true } }
+  local getters_of = setmetatable({}, { __mode = "k" }) -- module table -> its RETURNS_STATE entry
   local returning_views = setmetatable({}, { __mode = "k" })
   local function viewed_results(name, ...)
     local r = table.pack(...)
@@ -1033,7 +1034,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     local kind = type(x)
     if kind == "table" and not host_mts[real_metatable(x)] then return policy_view(x, field_name(v, k)) end
     if kind == "function" then
-      local getters = RETURNS_STATE[view_name[v]]
+      local getters = getters_of[viewed[v]]
       if getters and getters[k] then
         local f = returning_views[x]
         if not f then
@@ -1067,6 +1068,8 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- (resil.policy(name)'s view reads through this too)
   private.policy_view = function(mod, name)
     if type(mod) ~= "table" then return mod end
+    -- (by the module's table, not by the view's name: a module first reached as another's field)
+    if RETURNS_STATE[name] then getters_of[mod] = RETURNS_STATE[name] end
     return policy_view(mod, name)
   end
   private.policy_read_only = read_only
