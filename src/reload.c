@@ -87,15 +87,19 @@ static void link_add(reload_state *st, const char *path) {
   link_stat(l);
 }
 
+/* -> whether two looks at a path saw another file, or the file changed */
+static int seen_differs(const struct link_seen *a, const struct link_seen *b) {
+  return a->dev != b->dev || a->ino != b->ino || a->size != b->size || a->mtime.tv_sec != b->mtime.tv_sec ||
+         a->mtime.tv_nsec != b->mtime.tv_nsec;
+}
+
 /* -> whether a link now leads to another file, or its file changed */
 static int links_moved(reload_state *st) {
   int moved = 0;
   for (size_t i = 0; i < st->nlinks; i++) {
     struct link_seen now = st->links[i];
     link_stat(&now);
-    if (now.dev != st->links[i].dev || now.ino != st->links[i].ino || now.size != st->links[i].size ||
-        now.mtime.tv_sec != st->links[i].mtime.tv_sec || now.mtime.tv_nsec != st->links[i].mtime.tv_nsec)
-      moved = 1;
+    if (seen_differs(&now, &st->links[i])) moved = 1;
     st->links[i] = now;
   }
   return moved;
@@ -353,9 +357,7 @@ static int files_moved(reload_state *st) {
     if (i < n_before && strcmp(before[i].path, now->path) == 0) was = &before[i];
     for (size_t j = 0; !was && j < n_before; j++)
       if (strcmp(before[j].path, now->path) == 0) was = &before[j];
-    if (!was || now->dev != was->dev || now->ino != was->ino || now->size != was->size ||
-        now->mtime.tv_sec != was->mtime.tv_sec || now->mtime.tv_nsec != was->mtime.tv_nsec)
-      moved = 1;
+    if (!was || seen_differs(now, was)) moved = 1;
   }
   free(before);
   return moved;
