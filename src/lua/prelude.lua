@@ -933,7 +933,8 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     local reading = mode == nil or mode == "r" or mode == "rb"
     if not reading then check_file(path, fname, 3) end -- (never the host's own store: the ledger)
     if full and (under(full, dirs) or (reading and under(full, policy_dirs))) then return end
-    error(("%s(%q) is not allowed in the sandbox: outside the folders it may use (resil_options.sandbox_dirs)")
+    error(("%s(%q) is not allowed in the sandbox: outside the folders it may use (--sandbox-dir DIR, or " ..
+      "resil_options.sandbox_dirs when embedding)")
       :format(fname, path), 3)
   end
   env.io = library(io, "io.", { "write", "read", "type", "stdout", "stderr", "stdin" },
