@@ -7,16 +7,7 @@
 -- Real processes, a real SIGHUP.
 local helpers = require "spec.helpers"
 
-local function start(config)
-  local port = helpers.free_port()
-  local pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".out")
-  local path = helpers.write(helpers.tmpname(".lua"), config)
-  os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s")
-    :format(helpers.resil, port, path, helpers.tmpname(".db"), log, pidfile))
-  local pid = helpers.slurp(pidfile):match("%d+")
-  finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
-  return pid, port, log, path
-end
+local function start(config) return helpers.gateway_with_config(config, finally) end
 
 local function refused(config, says)
   local pid, _, log, path = start(config)
@@ -27,10 +18,7 @@ local function refused(config, says)
   assert.is_nil(out:match("stack traceback"), out)
 end
 
-local function reloads(port, result)
-  local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/metrics"):format(port))
-  return tonumber(r.stdout:match('resil_reloads_total{result="' .. result .. '"} (%d+)'))
-end
+local reloads = helpers.reloads
 
 describe("gateway: the config's options", function()
   it("refuses an option it does not know, naming it and the options there are", function()

@@ -8,22 +8,9 @@
 -- at start as after a reload). Real processes, a real SIGHUP.
 local helpers = require "spec.helpers"
 
--- `resil-lua gateway` with this config in the background -> pid, port, log
-local function start(config)
-  local port = helpers.free_port()
-  local pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".out")
-  local path = helpers.write(helpers.tmpname(".lua"), config)
-  os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s")
-    :format(helpers.resil, port, path, helpers.tmpname(".db"), log, pidfile))
-  local pid = helpers.slurp(pidfile):match("%d+")
-  finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
-  return pid, port, log, path
-end
+local function start(config) return helpers.gateway_with_config(config, finally) end
 
-local function reloads(port, result)
-  local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/metrics"):format(port))
-  return tonumber(r.stdout:match('resil_reloads_total{result="' .. result .. '"} (%d+)'))
-end
+local reloads = helpers.reloads
 
 describe("gateway: a config that waits", function()
   it("is refused at start with its file:line and why (it used to start, then fail every SIGHUP)", function()

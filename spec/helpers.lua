@@ -421,4 +421,23 @@ time_t time(time_t *t) {
   return shim
 end
 
+-- `resil-lua gateway` with this config text, in the background, on a free port and a fresh
+-- store; killed when the spec ends (finally: the spec file's, handed in) -> pid, port, log, path
+function helpers.gateway_with_config(config, finally)
+  local port = helpers.free_port()
+  local pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".out")
+  local path = helpers.write(helpers.tmpname(".lua"), config)
+  os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s")
+    :format(helpers.resil, port, path, helpers.tmpname(".db"), log, pidfile))
+  local pid = helpers.slurp(pidfile):match("%d+")
+  finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+  return pid, port, log, path
+end
+
+-- a gateway's count of policy reloads with this result ("ok", "failed"), from its /metrics
+function helpers.reloads(port, result)
+  local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/metrics"):format(port))
+  return tonumber(r.stdout:match('resil_reloads_total{result="' .. result .. '"} (%d+)'))
+end
+
 return helpers
