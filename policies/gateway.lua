@@ -1946,6 +1946,8 @@ local CONFIG_OPTIONS = {
   max_concurrent = { "requests (an integer >= 1)", is_count(1) },
   queue = { "requests (an integer >= 0)", is_count(0) },
   queue_timeout = { "seconds (a number >= 0)", is_seconds },
+  -- (README: on a Redis store, false keeps a key's rpm/tpm per process; --workers sets it true)
+  shared_limits = { "true or false", is_boolean },
 }
 local function option_names()
   local names = {}

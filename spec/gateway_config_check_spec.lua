@@ -26,6 +26,15 @@ describe("gateway: the config's options", function()
       "unknown option 'max_concurent' %(the options: auth, drain_timeout, .*max_concurrent, ")
   end)
 
+  it("starts with every option the README's config shows, and shared_limits (README: Redis keeps them per process)", function()
+    local pid, _, log = start("return { auth = false, shared_limits = false, key_cache = 2, max_body = 4096, "
+      .. "read_timeout = 30, ledger_wait = false, ledger_sync = false, drain_timeout = 20, "
+      .. "idempotency_keep_max = 1024, max_concurrent = 8, queue = 4, queue_timeout = 10 }")
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("gateway listening") end, 20),
+      helpers.slurp(log))
+    assert.is_true(helpers.alive(pid))
+  end)
+
   it("refuses a value of the wrong kind, saying what it must be", function()
     refused('return { auth = false, max_concurrent = "lots" }',
       "max_concurrent must be requests %(an integer >= 1%), not lots")
