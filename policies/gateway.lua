@@ -1631,7 +1631,7 @@ local function model_list(rec)
   -- replacement (a 404 model_retired), nor a job provider's (video-hq, voice: a 400 "has no chat
   -- API"), each listed before and then refused to the client that took the list's word
   local function chat_alias(name)
-    local ok, plan = pcall(registry().resolve, name, {})
+    local ok, plan = pcall(registry().resolve, name, {}, 2, true) -- (a listing, not a call: not counted)
     if not ok or plan.err then return false end
     local first = plan.choices and plan.choices[1]
     local p = type(first) == "table" and type(first.model) == "string" and first.model:match("^([%w_%-]+)/")

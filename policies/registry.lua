@@ -1059,7 +1059,8 @@ end
 -- Raises on an unknown alias at `level` (as error's: 2 is resolve's caller);
 -- a model past its sunset with no replacement is returned as plan.err.
 -- A plan is shared by the calls that get it: read it, never change it.
-function registry.resolve(name, req, level)
+-- listing: not a call (GET /v1/models asks what a name serves): not counted as one.
+function registry.resolve(name, req, level, listing)
   level = level or 2
   if type(name) ~= "string" then error("model must be a string: an alias or \"provider/model\"", level) end
   local t = now()
@@ -1069,7 +1070,7 @@ function registry.resolve(name, req, level)
   end
   local plan = memo.plans[name]
   if plan then
-    if plan.unpinned then count_unpinned(plan) end
+    if plan.unpinned and not listing then count_unpinned(plan) end
     return plan
   end
   plan = {}
@@ -1079,7 +1080,7 @@ function registry.resolve(name, req, level)
     error(choices, level)
   end
   plan.choices = choices
-  if plan.unpinned then count_unpinned(plan) end
+  if plan.unpinned and not listing then count_unpinned(plan) end
   if not plan.migration and memo.size < MEMO_MAX then
     memo.plans[name] = plan
     memo.size = memo.size + 1

@@ -646,6 +646,24 @@ describe("gateway: the model registry", function()
     assert.are.equal("model_retired", json.decode(res.body).error.code)
   end)
 
+  -- (/v1/models resolved each alias as a call does, to leave out the retired: each listing counted
+  -- as a call to an unpinned model, and an SDK or a UI polling the list raised the metric alone)
+  it("/v1/models is not a call: resil_model_unpinned_total counts calls, not listings", function()
+    use_registry({ loose = { use = "openai/gpt-4o-mini" }, here = { use = "openai/gpt-4o-mini-2024-07-18" } })
+    local url = start({ strict = true, reply = "x" })
+    local unpinned = resil.metrics.counter("resil_model_unpinned_total")
+    local before = unpinned:value({ model = "openai/gpt-4o-mini" })
+    for _ = 1, 3 do
+      local models = json.decode(assert(http.request({ url = url .. "/v1/models" })).body)
+      local ids = {}
+      for _, d in ipairs(models.data) do ids[d.id] = true end
+      assert.is_true(ids.loose and ids.here)
+    end
+    assert.are.equal(before, unpinned:value({ model = "openai/gpt-4o-mini" }))
+    assert.are.equal(200, post(url .. "/v1/chat/completions", { model = "loose", messages = MSGS }).status)
+    assert.are.equal(before + 1, unpinned:value({ model = "openai/gpt-4o-mini" }))
+  end)
+
   it("an alias the config does not name is not taken for a bare model of the endpoint's provider", function()
     use_registry({ ["team-chat"] = { use = "anthropic/claude-haiku-4-5-20251001" } })
     local url = start({ strict = true, reply = "from the registry" })
