@@ -551,7 +551,8 @@ while true do resil.sleep(3600) end
     -- (an empty Host is the one a request for a target without an authority sends)
     line, body = ask("GET /a HTTP/1.1\\r\\nHost:\\r\\nConnection: close\\r\\n\\r\\n")
     assert.are.equal("HTTP/1.1 200 OK", line)
-    for _, host in ipairs({ "[::1]:8080", "api.example.com", "127.0.0.1:80" }) do
+    -- (a tab before the value is its optional whitespace, RFC 9112 5.1: libevent drops spaces alone)
+    for _, host in ipairs({ "[::1]:8080", "api.example.com", "127.0.0.1:80", "\\tapi.example.com" }) do
       line = ask("GET /a HTTP/1.1\\r\\nHost: " .. host .. "\\r\\nConnection: close\\r\\n\\r\\n")
       assert.are.equal("HTTP/1.1 200 OK", line, host)
     end

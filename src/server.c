@@ -1533,8 +1533,11 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
     if (!is_token(h->key)) return SERVER_ERROR("invalid_request_error", "a header name that is not a token");
     if (evutil_ascii_strcasecmp(h->key, "host") == 0) {
       if (++hosts > 1) return SERVER_ERROR("invalid_request_error", "more than one Host header (RFC 9112 3.2)");
-      /* uri-host [":" port] (RFC 3986 3.2.2): a space, a slash, an @ are another authority to a proxy */
-      if (h->value[strspn(h->value, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]")])
+      /* uri-host [":" port] (RFC 3986 3.2.2): a space, a slash, an @ are another authority to a proxy.
+       * (Around it, optional whitespace, RFC 9112 5.1: libevent drops a leading tab's spaces alone.) */
+      const char *v = h->value + strspn(h->value, " \t");
+      v += strspn(v, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]");
+      if (v[strspn(v, " \t")])
         return SERVER_ERROR("invalid_request_error", "a Host header that is not a host and port (RFC 9112 3.2)");
     }
     if (evutil_ascii_strcasecmp(h->key, "content-length") == 0) {
