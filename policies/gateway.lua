@@ -2200,7 +2200,8 @@ if kept.path then
   local conf = run_capped(chunk, kept.path)
   gateway.config = config_defaults()
   if conf ~= nil then gateway.configure(conf, kept.path) end
-  gateway.config.shared_limits = kept.shared_limits
+  -- (--workers': as serve set it; else the config's own, shared_limits = false kept)
+  if kept.shared_limits then gateway.config.shared_limits = true end
   gateway.config.max_body, gateway.config.read_timeout = kept.config.max_body, kept.config.read_timeout
 end
 

@@ -684,6 +684,32 @@ describe("gateway: policy reload", function()
   end)
 end)
 
+describe("gateway: policy reload of a config file", function()
+  -- (README: on a Redis store, shared_limits = false keeps a key's rpm/tpm per process; a reload
+  -- put back what serve had set, nothing without --workers, and the limits went shared)
+  it("keeps the config's shared_limits = false", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local kept = resil.keep("policies.gateway.kept", function() return { config = {} } end)
+    local saved = {}
+    for k, v in pairs(kept.config) do saved[k] = v end
+    local gateway = fresh_gateway()
+    local path = helpers.write(helpers.tmpname(".lua"), "return { auth = false, shared_limits = false }")
+    local s = gateway.serve({ listen = "127.0.0.1:0", config = path })
+    finally(function()
+      s:close()
+      kept.path = nil
+      for k in pairs(kept.config) do kept.config[k] = nil end
+      for k, v in pairs(saved) do kept.config[k] = v end
+      resil.log.level("info")
+    end)
+    assert.is_false(package.loaded["policies.gateway"].config.shared_limits)
+    assert(resil.reload())
+    assert.is_false(package.loaded["policies.gateway"].config.shared_limits)
+  end)
+end)
+
 describe("gateway: a config that loops", function()
   it("stops the gateway with a message naming the file, instead of never listening", function()
     local config = helpers.write(helpers.tmpname(".lua"), "local n = 0\nwhile true do n = n + 1 end\n")
