@@ -234,6 +234,14 @@ describe("the resil-lua command", function()
       "chat%-fast,red\\x1b%[31m$", lines[2])
     assert.matches("b%s+active%s+%$0%.25%s+%-%s+%-%s+%-%s+%*$", lines[3])
     assert.is_nil(r.stdout:find("\27", 1, true))
+    -- a C1 control in UTF-8 (CSI, U+009B) and DEL are escaped too, as runs and costs escape them
+    assert.are.equal(0, helpers.run(("%s keys add --name c --models \"$(printf 'csi\\302\\2332J,del\\177')\" " ..
+      "--store %s"):format(R, db)).code)
+    r = helpers.run(("%s keys list --store %s"):format(R, db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("csi\\u009b2J,del\\x7f", r.stdout, 1, true)
+    assert.is_nil(r.stdout:find("\194\155", 1, true))
+    assert.is_nil(r.stdout:find("\127", 1, true))
   end)
 
   -- (before: "listen: server: cannot listen on localhost:8080 (No such file or directory)" and a traceback

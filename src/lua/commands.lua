@@ -29,10 +29,7 @@ end
 -- step's error is a provider's or a model's text, and an escape sequence in
 -- it acted on the operator's terminal (cleared it, retitled it, hid text,
 -- made links).
-local function printable(s)
-  return (s:gsub("[%c\127]", function(c) return ("\\x%02x"):format(c:byte()) end)
-    :gsub("\194([\128-\159])", function(c) return ("\\u%04x"):format(c:byte()) end))
-end
+local printable = select(2, ...).printable -- (prelude.lua's: keys list's too)
 
 local function date(t) return t and os.date("!%Y-%m-%d %H:%M:%S", math.floor(t)) or "-" end
 

@@ -346,7 +346,7 @@ function keys.main(args)
     -- one's row out of line), numbers as typed (%g wrote 20000000 as 2e+07), and a control
     -- character in a model's name written as an escape, as `runs` and `costs` print theirs.
     local function number(v) return (("%.6f"):format(v):gsub("%.?0+$", "")) end
-    local function printable(v) return (v:gsub("%c", function(c) return ("\\x%02x"):format(c:byte()) end)) end
+    local printable = private.printable -- (C1 controls too: a CSI in UTF-8 acted as ESC [)
     local rows = { { "ID", "NAME", "STATUS", "BUDGET", "RPM", "TPM", "CONC", "MODELS" } }
     for _, r in ipairs(list) do
       local b = r.budget and ("$%s%s"):format(number(r.budget.limit), r.budget.per and ("/" .. r.budget.per) or "") or "-"

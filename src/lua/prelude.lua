@@ -471,6 +471,12 @@ local loading_mt = {
 -- resil_* metrics under the sandbox, metrics.lua; a script's own loadfile of one is not there)
 local private = debug.getregistry()["resil.private"]
 private.policy_chunks = setmetatable({}, weak_keys)
+-- A text for the operator's terminal (the CLI's tables: runs, costs, keys list): its control
+-- characters, C0, DEL and C1 (UTF-8's U+0080..U+009F: a CSI acts as ESC [), as \xNN and \u00NN
+function private.printable(s)
+  return (s:gsub("[%c\127]", function(c) return ("\\x%02x"):format(c:byte()) end)
+    :gsub("\194([\128-\159])", function(c) return ("\\u%04x"):format(c:byte()) end))
+end
 local CAPABILITY = { ["policies.ai"] = "ai_cache", ["policies.registry"] = "migrations",
   ["policies.gateway"] = "gateway_limits" }
 local function owning_loader(loader)
