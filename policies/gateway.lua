@@ -1642,10 +1642,14 @@ local function model_list(rec)
   for name, m in pairs(gateway.config.models) do
     add(name, provider_of(type(m) == "table" and m.model or m))
   end
+  local refused = {}
   for name, e in pairs(entries) do
-    if type(e) == "table" and (e.use or e.deployments) and chat_alias(name) then add(name, provider_of(name)) end
+    if type(e) == "table" and (e.use or e.deployments) then
+      if chat_alias(name) then add(name, provider_of(name)) else refused[name] = true end
+    end
   end
-  for _, m in ipairs(rec.models or {}) do add(m, provider_of(m)) end
+  -- (a key's own list names them too: left out there as well)
+  for _, m in ipairs(rec.models or {}) do if not refused[m] then add(m, provider_of(m)) end end
   table.sort(data, function(a, b) return a.id < b.id end)
   return data
 end

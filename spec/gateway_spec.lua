@@ -646,6 +646,24 @@ describe("gateway: the model registry", function()
     assert.are.equal("model_retired", json.decode(res.body).error.code)
   end)
 
+  -- (a key limited to some models listed its own list as it was: the retired alias and the job
+  -- provider's came back through it, and were refused to the client that took the list's word)
+  it("/v1/models of a key with --models leaves out the retired alias and the job provider's it names", function()
+    use_registry({ gone = { use = "openai/gpt-x-2020-01-01" },
+      ["openai/gpt-x-2020-01-01"] = { deprecated = true, sunset = "2020-01-01" },
+      ["video-hq"] = { use = "replicate/bytedance/seedance-1-lite:c4d7a4b9" },
+      here = { use = "openai/gpt-4o-mini-2024-07-18" } })
+    local url = start({ strict = true, reply = "x" }, { auth = true })
+    local key = assert(require("resil.keys").add({ name = "some-models", models = { "gone", "video-hq", "here" } }))
+    local res = http.request({ url = url .. "/v1/models", headers = { authorization = "Bearer " .. key } })
+    assert.are.equal(200, res.status, res.body)
+    local ids = {}
+    for _, d in ipairs(json.decode(res.body).data) do ids[d.id] = true end
+    assert.is_true(ids.here)
+    assert.is_nil(ids.gone)
+    assert.is_nil(ids["video-hq"])
+  end)
+
   -- (/v1/models resolved each alias as a call does, to leave out the retired: each listing counted
   -- as a call to an unpinned model, and an SDK or a UI polling the list raised the metric alone)
   it("/v1/models is not a call: resil_model_unpinned_total counts calls, not listings", function()
