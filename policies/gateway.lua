@@ -1981,7 +1981,9 @@ local function config_problem(conf)
       return ("unknown option %s (the options: %s)"):format(type(k) == "string" and "'" .. k .. "'" or tostring(k),
         option_names())
     end
-    if not option[2](v) then return ("%s must be %s, not %s"):format(k, option[1], tostring(v)) end
+    if not option[2](v) then
+      return ("%s must be %s, not %s"):format(k, option[1], type(v) == "string" and ("%q"):format(v) or tostring(v))
+    end
   end
   for name, m in pairs(conf.models or {}) do
     if type(name) ~= "string" or name == "" then return ("models: a name must be a string, not %s"):format(tostring(name)) end

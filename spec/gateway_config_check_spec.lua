@@ -37,10 +37,11 @@ describe("gateway: the config's options", function()
 
   it("refuses a value of the wrong kind, saying what it must be", function()
     refused('return { auth = false, max_concurrent = "lots" }',
-      "max_concurrent must be requests %(an integer >= 1%), not lots")
+      'max_concurrent must be requests %(an integer >= 1%), not "lots"')
     refused("return { auth = 1 }", "auth must be true or false, not 1")
     refused("return { read_timeout = 0 }", "read_timeout must be seconds %(a number > 0%), not 0")
     refused("return { queue = 1.5 }", "queue must be requests %(an integer >= 0%), not 1.5")
+    refused('return { metrics_key = "" }', 'metrics_key must be a non%-empty string, not ""')
   end)
 
   it("refuses a models entry that is not a model", function()
