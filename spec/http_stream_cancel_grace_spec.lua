@@ -131,6 +131,44 @@ describe("resil.http.stream cancel_grace", function()
     assert.are.equal(1, st.asked) -- (never sent)
   end)
 
+  -- (found in review, helper R: the grace's bound stayed on the transfer once the status came, and
+  -- a task the stream was handed to, not canceled, had its read cut as canceled at the grace)
+  it("once the status came within the grace, the transfer keeps its own timeout: a task it is handed to reads on",
+    function()
+      local gate
+      local server = assert(resil.server.listen({ port = 0, tasks = true, handler = function()
+        gate = resil.spawn(resil.sleep, 30)
+        gate:join()
+        return { status = 200, headers = { ["content-type"] = "text/event-stream" }, stream = function(write)
+          resil.sleep(0.6) -- (past the grace below)
+          write("data: late\n\n")
+          resil.sleep(3600)
+        end }
+      end }))
+      finally(function() server:close() end)
+      local got = {}
+      local reader = resil.spawn(function()
+        local s = resil.http.stream({ url = ("http://127.0.0.1:%d/a"):format(server:port()), timeout = 30,
+          cancel_grace = 0.2 })
+        got.status = s.status
+        -- (no wait before the hand-over: this task's cancel is done at its next one)
+        got.handed = resil.spawn(function()
+          got.event, got.err = s:read_event()
+          s:close()
+        end)
+        resil.sleep(60)
+      end)
+      assert.is_true(helpers.wait_until(function() return gate ~= nil end, 5))
+      reader:cancel()
+      gate:cancel() -- the status goes out within the grace
+      assert.is_true(helpers.wait_until(function() return got.handed ~= nil end, 5))
+      assert.is_true(got.handed:join(5))
+      assert.are.equal("canceled", reader:status())
+      assert.are.equal(200, got.status)
+      assert.is_nil(got.err and tostring(got.err.kind or got.err))
+      assert.are.equal("late", got.event and got.event.data)
+    end)
+
   it("cancel_grace that is not a number raises at the caller's line", function()
     local ok, err = pcall(resil.http.stream, { url = "http://127.0.0.1:9/", cancel_grace = "soon" })
     assert.is_false(ok)

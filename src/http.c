@@ -900,6 +900,13 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
       r->status = code;
       r->headers_done = 1;
       note_http_version(r);
+      if (r->grace_cut) { /* the status came within a cancel's grace: the transfer's own timeout again (a
+                           * read its task makes under resil.shield was cut at the grace, as canceled) */
+        r->grace_cut = 0;
+        double left = r->started + r->timeout - resil_now(r->H->R);
+        if (r->timeout > 0) timer_start(&r->deadline, left > 0 ? left : 0);
+        else timer_stop(&r->deadline);
+      }
       if (r->stream && r->waiter) {
         task *t = r->waiter;
         r->waiter = NULL;
