@@ -121,6 +121,14 @@ describe("the resil-lua command", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  -- (before: the gateway's own options were in its synopsis line only, never said what they do)
+  it("--help says what each of the gateway's options does", function()
+    local r = helpers.run(R .. " gateway --help")
+    for _, option in ipairs({ "--listen HOST:PORT", "--config FILE", "--workers N", "--worker-timeout S" }) do
+      assert.matches("\n  " .. option:gsub("%p", "%%%0") .. " +gateway", r.stdout .. r.stderr, nil, false)
+    end
+  end)
+
   it("refuses a --store URL of an unknown scheme, naming the accepted forms", function()
     local dir = helpers.tmpname("-cwd")
     assert(os.execute("mkdir -p " .. dir))
