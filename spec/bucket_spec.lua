@@ -272,6 +272,47 @@ describe("resil.bucket (GCRA)", function()
     ok, err = pcall(resil.bucket, "bucket-unknown")
     assert.matches("does not exist yet", err)
   end)
+
+  it("refuses a rate its nanosecond clock cannot keep, at the caller's line", function()
+    -- (before: 1 per 1e12 s overflowed the interval to 1 ns and granted a billion a second;
+    -- 3e9 a second was rounded to 1e9)
+    for _, o in ipairs({ { rate = 1, per = 1e12 }, { rate = 1e-10 }, { rate = 3e9 }, { rate = 1e12, per = 60 } }) do
+      local ok, err = pcall(resil.bucket, "bucket-range", o)
+      assert.is_false(ok)
+      assert.matches("bucket_spec.lua:%d+: bucket 'bucket%-range': .* is out of range", err)
+    end
+    assert.has_error(function() resil.bucket("bucket-range") end) -- none was made
+    local slow = fresh { rate = 1, per = 1e9 }
+    assert.is_true((slow:try()))
+    assert.is_false((slow:try()))
+  end)
+
+  it("at fine intervals grants the burst and no more, and says so in remaining", function()
+    -- (before: a microsecond's slack was ten tokens past a burst of 1 at 1e7 a second, and
+    -- remaining read burst + 1000 at 1e9 a second)
+    local b = fresh { rate = 1e7, burst = 1 }
+    assert.is_true((b:try()))
+    assert.is_false((b:try()))
+    local fast = fresh { rate = 1e9, burst = 5 }
+    assert.are.equal(5, fast:state().remaining)
+    local ok, left = fast:try()
+    assert.is_true(ok)
+    assert.are.equal(4, left)
+    assert.is_true((fast:try(4)))
+    assert.is_false((fast:try()))
+  end)
+
+  it("keeps its rate exactly over long virtual runs at 1e-6 and 1e9 a second", function()
+    local tiny = fresh { rate = 1e-6, burst = 1 }
+    local t0 = resil.now()
+    for _ = 1, 101 do assert.is_true((tiny:acquire(1))) end
+    near(100e6, resil.now() - t0)
+    local huge = fresh { rate = 1e9, burst = 1e6 }
+    resil.sleep(3 * 86400)
+    t0 = resil.now()
+    for _ = 1, 1001 do assert.is_true((huge:acquire(1e6))) end
+    near(1, resil.now() - t0)
+  end)
 end)
 
 describe("a shared bucket (GCRA state in the store)", function()
@@ -673,5 +714,21 @@ describe("a shared bucket asked again with bad options", function()
     assert.are.equal(600, b:state().burst)
     b = resil.bucket("shared-bad-burst", { rate = 50, per = 60, shared = true })
     assert.are.equal(50, b:state().burst)
+  end)
+
+  it("refuses a rate that is not a positive finite number, or out of range, at the caller's line, changing nothing",
+    function()
+    -- (before: a NaN or infinite rate passed `rate <= 0` and was taken, with on_outage, before the
+    -- local stand-in refused it; 1 per 1e12 s was taken whole)
+    local b = resil.bucket("shared-bad-rate", { rate = 600, per = 60, shared = true })
+    for _, o in ipairs({ { rate = 0 / 0 }, { rate = math.huge }, { rate = 1, per = 1e12 }, { rate = 1e11 } }) do
+      o.shared, o.on_outage = true, "deny"
+      local ok, err = pcall(function() return resil.bucket("shared-bad-rate", o) end)
+      assert.is_false(ok)
+      assert.matches("bucket_spec.lua:%d+: bucket 'shared%-bad%-rate': ", err)
+    end
+    assert.are.equal("local", b.on_outage)
+    assert.are.equal(600, b:state().rate)
+    assert.is_true((b:try(1)))
   end)
 end)

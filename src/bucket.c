@@ -66,13 +66,16 @@ static int64_t tokens_ns(const bucket *b, double n) {
   return ns >= (double)MAX_AHEAD_NS ? MAX_AHEAD_NS : (int64_t)llround(ns);
 }
 static int64_t tolerance_ns(const bucket *b) { return tokens_ns(b, b->burst); }
+/* The slack, less than half a token: at 1e7 a second a whole SLACK_NS was ten tokens past the
+ * burst (and a remaining of burst + 1000 at 1e9) */
+static int64_t slack_ns(const bucket *b) { return b->interval_ns / 2 < SLACK_NS ? b->interval_ns / 2 : SLACK_NS; }
 
 /* Nanoseconds until n tokens can be taken (0: now). */
 static int64_t wait_for(const bucket *b, double n, int64_t now) {
   int64_t start = b->tat_ns > now ? b->tat_ns : now;
   int64_t wait = start + tokens_ns(b, n) - now - tolerance_ns(b);
   if (b->paused_until_ns > now && b->paused_until_ns - now > wait) wait = b->paused_until_ns - now;
-  return wait <= SLACK_NS ? 0 : wait;
+  return wait <= slack_ns(b) ? 0 : wait;
 }
 
 /* The wait for n tokens behind the queue's waiters up to `stop` (NULL: all
@@ -85,7 +88,7 @@ static int64_t wait_behind(const bucket *b, double n, int64_t now, const waiter 
 
 static double remaining_at(const bucket *b, int64_t now) {
   int64_t start = b->tat_ns > now ? b->tat_ns : now;
-  double r = floor((double)(now + tolerance_ns(b) - start + SLACK_NS) / (double)b->interval_ns);
+  double r = floor((double)(now + tolerance_ns(b) - start + slack_ns(b)) / (double)b->interval_ns);
   return r < 0 ? 0 : r;
 }
 
@@ -218,6 +221,12 @@ static void configure(lua_State *L, bucket *b, int opts) {
   double rate = opt_positive(L, opts, b->name, "rate", b->rate);
   double per = opt_positive(L, opts, b->name, "per", b->per ? b->per : 1);
   if (!(rate > 0)) resil_raise(L, "bucket '%s': rate is required (tokens per `per` seconds)", b->name);
+  /* T is whole nanoseconds up to MAX_AHEAD_NS: 1 per 1e12 s overflowed the integer (it wrapped
+   * to 1 ns, a billion a second), and 3e9 a second was rounded to 1e9 */
+  double interval_d = per / rate * NS;
+  if (!(interval_d >= 1 && interval_d <= (double)MAX_AHEAD_NS))
+    resil_raise(L, "bucket '%s': %g per %g s is out of range: from one token per %g s to %g tokens a second",
+                b->name, rate, per, (double)MAX_AHEAD_NS / NS, NS);
   int burst_given = lua_getfield(L, opts, "burst") != LUA_TNIL || b->burst_given;
   lua_pop(L, 1);
   double burst = opt_positive(L, opts, b->name, "burst", b->burst_given ? b->burst : rate);
@@ -228,8 +237,7 @@ static void configure(lua_State *L, bucket *b, int opts) {
     snprintf(b->unit, sizeof b->unit, "%s", unit);
   }
   lua_pop(L, 1);
-  int64_t interval = (int64_t)llround(per / rate * NS);
-  if (interval < 1) interval = 1;
+  int64_t interval = (int64_t)llround(interval_d);
   if (b->interval_ns && interval != b->interval_ns) {
     /* keep the fill level in tokens, not in time, across a rate change */
     int64_t now = now_ns(b->R);

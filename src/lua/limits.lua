@@ -123,26 +123,44 @@ local OUTAGE_CHOICES = { ["local"] = true, deny = true, allow = true }
 -- token, ask the store every time.
 local LEASE_SECONDS, LEASE_KEEP = 0.005, 1
 
+-- an error at the script's line: the first frame not the host's (a level counted from here
+-- named a wrapper of resil.bucket, or nothing under pcall)
+local function user_error(msg)
+  for level = 2, 40 do
+    local info = debug.getinfo(level, "Sl")
+    if not info then break end
+    if info.currentline > 0 and info.source:sub(1, 7) ~= "=[resil" then
+      error(("%s:%d: %s"):format(info.short_src, info.currentline, msg), 0)
+    end
+  end
+  error(msg, 0)
+end
+
 function SharedBucket:configure(opts)
   local outage = opts.on_outage or self.on_outage or "local"
   if not OUTAGE_CHOICES[outage] then
-    error(("bucket '%s': on_outage must be \"local\", \"deny\" or \"allow\""):format(self.label), 3)
+    user_error(("bucket '%s': on_outage must be \"local\", \"deny\" or \"allow\""):format(self.label))
   end
-  self.on_outage = outage
   local rate, per = opts.rate or self.rate, opts.per or self.per or 1
-  if type(rate) ~= "number" or rate <= 0 then error(("bucket '%s': rate must be a positive number"):format(self.label), 3) end
+  if rate == nil then user_error(("bucket '%s': rate is required (tokens per `per` seconds)"):format(self.label)) end
   -- (refused before anything is taken: taken first, a reload that failed on them left the bucket in
-  -- use refusing every try, and each reload after refused too)
-  for _, k in ipairs({ "per", "burst" }) do
+  -- use refusing every try, and each reload after refused too; a NaN or infinite rate was taken)
+  for _, k in ipairs({ "rate", "per", "burst" }) do
     local v = opts[k]
     if v ~= nil and not (type(v) == "number" and v > 0 and v < math.huge) then
-      error(("bucket '%s': %s must be a positive number, got %s"):format(self.label, k, tostring(v)), 3)
+      user_error(("bucket '%s': %s must be a positive number, got %s"):format(self.label, k, tostring(v)))
     end
+  end
+  -- (the range of its local stand-in, src/bucket.c: one token per 1e9 s to 1e9 a second)
+  if not (per / rate >= 1e-9 and per / rate <= 1e9) then
+    user_error(("bucket '%s': %g per %g s is out of range: from one token per 1e+09 s to 1e+09 tokens a second"):format(
+      self.label, rate, per))
   end
   local unit = opts.unit or self.unit or "requests"
   if unit ~= "requests" and unit ~= "tokens" then
-    error(("bucket '%s': unit must be \"requests\" or \"tokens\", got \"%s\""):format(self.label, tostring(unit)), 3)
+    user_error(("bucket '%s': unit must be \"requests\" or \"tokens\", got \"%s\""):format(self.label, tostring(unit)))
   end
+  self.on_outage = outage
   -- (a burst never given follows the rate: a reload that lowers the rate lowers it too)
   if opts.burst ~= nil then self.burst_given = true end
   self.rate, self.per, self.burst, self.unit = rate, per, opts.burst or (self.burst_given and self.burst) or rate, unit
