@@ -202,6 +202,48 @@ describe("resil.breaker", function()
     assert.truthy(err:find("failure_rate must be a number in [0, 1]", 1, true))
   end)
 
+  it("a failure_rate or slow_call_rate of 0 opens on any failure or slow call, never on successes", function()
+    -- (before: 0/10 >= 0 opened a breaker whose last ten calls all succeeded, fast)
+    local br = fresh { window_type = "count", window = 10, min_calls = 5, failure_rate = 0, open_for = 10 }
+    record_all(br, { true, true, true, true, true, true })
+    assert.are.equal("closed", br:state())
+    record_all(br, { false })
+    assert.are.equal("open", br:state())
+    local slow = fresh { window_type = "count", window = 10, min_calls = 5, failure_rate = 1, slow_call = 1,
+      slow_call_rate = 0, open_for = 10 }
+    record_all(slow, { true, true, true, true, true }, 0.5)
+    assert.are.equal("closed", slow:state())
+    record_all(slow, { true }, 2)
+    assert.are.equal("open", slow:state())
+    -- failure_rate 1: only a window of failures opens it
+    local all = fresh { window_type = "count", window = 4, min_calls = 4, failure_rate = 1, open_for = 10 }
+    record_all(all, { false, false, false, true, false, false, false })
+    assert.are.equal("closed", all:state())
+    record_all(all, { false })
+    assert.are.equal("open", all:state())
+  end)
+
+  it("refuses options that cannot be meant, and a reload that has one changes none", function()
+    -- (before: half_open_success 0 closed the breaker on a failed probe; open_for inf never
+    -- half-opened, retry_after inf; a reload refused on its last option kept the ones before it)
+    for _, o in ipairs({ { half_open_success = 0 }, { open_for = math.huge }, { open_for_max = math.huge },
+      { failure_rate = 0 / 0 }, { min_calls = 0 }, { window = "x" } }) do
+      local ok, err = pcall(resil.breaker, "breaker-cannot", o)
+      assert.is_false(ok)
+      assert.matches("breaker_spec.lua:%d+: breaker 'breaker%-cannot': ", err)
+    end
+    local br = fresh { window_type = "count", window = 2, min_calls = 2, failure_rate = 0.5, open_for = 60 }
+    assert.is_false((pcall(resil.breaker, "breaker-spec-" .. seq, { failure_rate = 0.9, open_for = 1,
+      half_open_success = 0 })))
+    record_all(br, { false, true })
+    local _, err = br:allow()
+    assert.are.equal(60, err.retry_after) -- opened at 0.5, for 60 s
+    resil.sleep(60)
+    assert.is_true((br:allow()))
+    br:record(false, 0.01)
+    assert.are.equal("open", br:state())
+  end)
+
   it("rejects a listener that is not a function with the caller's line", function()
     local br = fresh()
     local ok, err = pcall(function() br:on("open", 5) end)

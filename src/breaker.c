@@ -212,22 +212,36 @@ static void configure(lua_State *L, breaker *br, int opts) {
     time_window = strcmp(type, "time") == 0;
   }
   lua_pop(L, 1);
+  /* every option read and checked before any is taken: one refused (a reload's) left those before it
+   * changed, half_open_success 0 among them */
   int window = (int)opt_number(L, opts, br, "window", br->slots ? br->window : (time_window ? 30 : 100), 1, 86400);
-  br->failure_rate = opt_number(L, opts, br, "failure_rate", br->slots ? br->failure_rate : 0.5, 0, 1);
-  br->slow_call = opt_number(L, opts, br, "slow_call", br->slots ? br->slow_call : 0, 0, HUGE_VAL);
-  br->slow_call_rate = opt_number(L, opts, br, "slow_call_rate", br->slots ? br->slow_call_rate : 1, 0, 1);
-  br->min_calls = (int)opt_number(L, opts, br, "min_calls", br->slots ? br->min_calls : 10, 1, 1e9);
-  br->open_for = opt_number(L, opts, br, "open_for", br->slots ? br->open_for : 30, 0, HUGE_VAL);
+  double failure_rate = opt_number(L, opts, br, "failure_rate", br->slots ? br->failure_rate : 0.5, 0, 1);
+  double slow_call = opt_number(L, opts, br, "slow_call", br->slots ? br->slow_call : 0, 0, HUGE_VAL);
+  double slow_call_rate = opt_number(L, opts, br, "slow_call_rate", br->slots ? br->slow_call_rate : 1, 0, 1);
+  int min_calls = (int)opt_number(L, opts, br, "min_calls", br->slots ? br->min_calls : 10, 1, 1e9);
+  /* (finite: open for inf was a breaker that never half-opens, retry_after inf; isolate() is that) */
+  double open_for = opt_number(L, opts, br, "open_for", br->slots ? br->open_for : 30, 0, 1e9);
   int max_given = lua_getfield(L, opts, "open_for_max") != LUA_TNIL;
   lua_pop(L, 1);
-  br->open_for_max =
-    opt_number(L, opts, br, "open_for_max", br->open_for_max_given ? br->open_for_max : br->open_for, 0, HUGE_VAL);
-  if (max_given) br->open_for_max_given = 1; /* (once taken: one refused above leaves it following open_for) */
-  if (br->open_for_max < br->open_for) br->open_for_max = br->open_for;
-  br->backoff = opt_number(L, opts, br, "backoff", br->slots ? br->backoff : 2, 1, 100);
-  br->half_open_calls = (int)opt_number(L, opts, br, "half_open_calls", br->slots ? br->half_open_calls : 1, 1, 1e6);
-  br->half_open_success =
+  double open_for_max =
+    opt_number(L, opts, br, "open_for_max", br->open_for_max_given ? br->open_for_max : open_for, 0, 1e9);
+  double backoff = opt_number(L, opts, br, "backoff", br->slots ? br->backoff : 2, 1, 100);
+  int half_open_calls = (int)opt_number(L, opts, br, "half_open_calls", br->slots ? br->half_open_calls : 1, 1, 1e6);
+  double half_open_success =
     opt_number(L, opts, br, "half_open_success", br->slots ? br->half_open_success : 1, 0, 1);
+  /* (0 closed the breaker on a failed probe: a share of none is no test) */
+  if (!(half_open_success > 0))
+    resil_raise(L, "breaker '%s': half_open_success must be a share of the probes above 0, up to 1", br->name);
+  br->failure_rate = failure_rate;
+  br->slow_call = slow_call;
+  br->slow_call_rate = slow_call_rate;
+  br->min_calls = min_calls;
+  br->open_for = open_for;
+  br->open_for_max = open_for_max < open_for ? open_for : open_for_max;
+  if (max_given) br->open_for_max_given = 1;
+  br->backoff = backoff;
+  br->half_open_calls = half_open_calls;
+  br->half_open_success = half_open_success;
   if (!br->slots || window != br->window || time_window != br->time_window) {
     slot *slots = calloc((size_t)window, sizeof(slot));
     if (!slots) luaL_error(L, "out of memory");
@@ -326,9 +340,10 @@ static int br_record(lua_State *L) {
     if (!counted) break;
     window_expire(br, now);
     window_add(br, now, !ok, slow);
+    /* (a rate of 0 is "any failure": 0/10 >= 0 opened a breaker on ten successes) */
     if (br->calls >= br->min_calls &&
-        ((double)br->failures / br->calls >= br->failure_rate ||
-         (br->slow_call > 0 && (double)br->slow / br->calls >= br->slow_call_rate)))
+        ((br->failures > 0 && (double)br->failures / br->calls >= br->failure_rate) ||
+         (br->slow_call > 0 && br->slow > 0 && (double)br->slow / br->calls >= br->slow_call_rate)))
       transition(L, 1, br, OPEN, now);
     break;
   case HALF_OPEN:
