@@ -732,11 +732,18 @@ function resil.breaker(name, opts)
   if type(opts) == "table" and opts.shared or shared_breakers[name] then
     local br = shared_named(shared_breakers, SharedBreaker, name)
     if opts then
+      local probe_for = opts.probe_timeout
+      if probe_for ~= nil and not (type(probe_for) == "number" and probe_for > 0 and probe_for <= 1e9) then
+        user_error(("breaker '%s': probe_timeout must be a number of seconds in (0, 1e9], got %s"):format(name,
+          tostring(probe_for)))
+      end
       local o = {}
-      for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
+      for k, v in pairs(opts) do if k ~= "shared" and k ~= "probe_timeout" then o[k] = v end end
       br.inner = instrumented(local_breaker(name .. ":local", o))
-      br.open_for = opts.open_for or 30
-      br.probe_for = opts.probe_timeout or 60 -- a probe that never reports frees its slot after this
+      -- (options not given again keep their values, as the local breaker's do: a reload that set
+      -- only min_calls put open_for back to 30 and probe_timeout to 60)
+      br.open_for = tonumber(opts.open_for) or br.open_for or 30
+      br.probe_for = probe_for or br.probe_for or 60 -- a probe that never reports frees its slot after this
     end
     return br
   end
