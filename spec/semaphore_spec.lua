@@ -266,3 +266,27 @@ describe("a semaphore's permit outside any task", function()
     assert.are.equal(0, other:state().in_use)
   end)
 end)
+
+describe("a semaphore's options", function()
+  before_each(function() resil.clock.virtual() end)
+
+  it("refused at creation keep no semaphore of that name; a reload refused on queue changes nothing", function()
+    -- (before: resil.semaphore(n, {size = 0}) raised but kept a semaphore of size 0 by that name:
+    -- every acquire of it after waited for a permit there never was)
+    local n = name("bad")
+    for _, o in ipairs({ { size = 0 }, { size = 1.5 }, { size = "x" }, { size = 0 / 0 }, { size = 2, queue = -2 } }) do
+      local ok, err = pcall(resil.semaphore, n, o)
+      assert.is_false(ok)
+      assert.matches("semaphore_spec.lua:%d+: semaphore '" .. n:gsub("%-", "%%-") .. "': ", err)
+    end
+    local ok, err = pcall(resil.semaphore, n)
+    assert.is_false(ok)
+    assert.matches("does not exist yet", err)
+    local s = resil.semaphore(n, { size = 1, queue = 0 })
+    assert.is_false((pcall(resil.semaphore, n, { size = 5, queue = "x" })))
+    assert.is_true((s:acquire()))
+    local _, full = s:acquire({ timeout = 1 })
+    assert.are.equal("bulkhead_full", full.kind)
+    assert.are.equal(1, s:state().size)
+  end)
+end)

@@ -154,13 +154,13 @@ static void waiter_give_back(void *arg) {
 
 static const task_wait_ops semaphore_wait = {waiter_canceled, waiter_give_back, NULL};
 
-static int opt_count(lua_State *L, int idx, semaphore *s, const char *field, int dflt, int lo) {
+static int opt_count(lua_State *L, int idx, const char *name, const char *field, int dflt, int lo) {
   int v = dflt;
   if (lua_getfield(L, idx, field) != LUA_TNIL) {
     int isnum;
     lua_Integer n = lua_tointegerx(L, -1, &isnum);
     if (!isnum || n < lo || n > 1000000000)
-      resil_raise(L, "semaphore '%s': %s must be an integer >= %d, got %s", s->name, field, lo,
+      resil_raise(L, "semaphore '%s': %s must be an integer >= %d, got %s", name, field, lo,
                   luaL_tolstring(L, -1, NULL));
     v = (int)n;
   }
@@ -176,12 +176,19 @@ static int l_semaphore(lua_State *L) {
   if (len == 0 || len >= sizeof ((semaphore *)0)->name) resil_raise(L, "semaphore name must be 1 to 63 characters");
   if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, REGISTRY);
-  semaphore *s;
-  if (lua_getfield(L, -1, name) != LUA_TNIL) {
-    s = check_semaphore(L, -1);
-  } else {
+  semaphore *s = NULL;
+  if (lua_getfield(L, -1, name) != LUA_TNIL) s = check_semaphore(L, -1);
+  else if (!lua_istable(L, 2)) resil_raise(L, "semaphore '%s' does not exist yet: give its options {size=}", name);
+  /* the options are checked before a new one is kept by name: one refused (size = 0) stayed, and
+   * every acquire of that name after waited for a permit there never was */
+  int size = 0, queue = -1;
+  if (lua_istable(L, 2)) {
+    size = opt_count(L, 2, name, "size", s ? s->size : 0, 1);
+    if (size < 1) resil_raise(L, "semaphore '%s': size is required", name);
+    queue = opt_count(L, 2, name, "queue", s ? s->queue : -1, -1);
+  }
+  if (!s) {
     lua_pop(L, 1);
-    if (!lua_istable(L, 2)) resil_raise(L, "semaphore '%s' does not exist yet: give its options {size=}", name);
     s = lua_newuserdatauv(L, sizeof *s, 1);
     memset(s, 0, sizeof *s);
     lua_newtable(L); /* the detached permits' tokens: token -> true */
@@ -194,9 +201,8 @@ static int l_semaphore(lua_State *L) {
     lua_setfield(L, -3, name);
   }
   if (lua_istable(L, 2)) {
-    s->size = opt_count(L, 2, s, "size", s->size, 1);
-    if (s->size < 1) resil_raise(L, "semaphore '%s': size is required", name);
-    s->queue = opt_count(L, 2, s, "queue", s->queue, -1);
+    s->size = size;
+    s->queue = queue;
     grant(s);
   }
   return 1;
