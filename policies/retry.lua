@@ -105,11 +105,43 @@ function Budget:state()
   return { calls = calls, retries = retries, allowed = floor(allowed(self, calls)) }
 end
 
+-- an error at the line that gave the options: the first frame outside this file and the host
+local function raise_at_caller(msg)
+  local here = debug.getinfo(1, "S").source
+  for level = 2, 40 do
+    local info = debug.getinfo(level, "Sl")
+    if not info then break end
+    if info.currentline > 0 and info.source ~= here and info.source:sub(1, 7) ~= "=[resil" then
+      error(("%s:%d: %s"):format(info.short_src, info.currentline, msg), 0)
+    end
+  end
+  error(msg, 0)
+end
+
+-- (a window of math.huge made slots until memory ran out, 0 or 1.5 raised inside withdraw on
+-- a later call, a NaN percent let every retry through: each is refused where it is given)
+local function check_budget(name, conf)
+  if type(conf) ~= "table" then
+    raise_at_caller(("retry budget '%s': budget must be false or {percent=, min_per_second=, window=}, got %s")
+      :format(name, type(conf)))
+  end
+  local function check(k, ok, want)
+    local v = conf[k]
+    if v ~= nil and not (type(v) == "number" and ok(v)) then
+      raise_at_caller(("retry budget '%s': %s must be %s, got %s"):format(name, k, want, tostring(v)))
+    end
+  end
+  check("window", function(v) return v >= 1 and v <= 3600 and v == floor(v) end, "a whole number of seconds, 1 to 3600")
+  check("percent", function(v) return v >= 0 and v < math.huge end, "a non-negative share of the calls")
+  check("min_per_second", function(v) return v >= 0 and v < math.huge end, "a non-negative number")
+end
+
 -- retry.budget(name [, conf]) -> the budget of a provider; it survives reloads.
 local budgets = resil.keep("retry.budgets")
 function retry.budget(name, conf)
   local b = budgets[name]
   if b and (conf == nil or b.conf == conf) then return b end
+  if conf ~= nil then check_budget(name, conf) end
   local d = retry.defaults.budget
   local c = type(conf) == "table" and conf or d
   if b == nil then

@@ -43,3 +43,31 @@ describe("a retry's backoff named in its options", function()
     assert.matches("retry: unknown backoff strategy 'fibonacci'", err)
   end)
 end)
+
+describe("a retry budget's options", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  it("that cannot be meant raise at the line that gave them, before any attempt", function()
+    -- (before: window = math.huge made slots until memory ran out; window 0 or 1.5 raised inside
+    -- retry.lua on the first retry; percent NaN let every retry through, budget "x" was the default)
+    local bad = { { window = math.huge }, { window = 0 }, { window = 1.5 }, { percent = 0 / 0 },
+      { percent = -1 }, { min_per_second = "x" }, { min_per_second = math.huge }, "x" }
+    for i, conf in ipairs(bad) do
+      local attempts = 0
+      local ok, err = pcall(function()
+        return retry.call(function() attempts = attempts + 1; return { status = 503, headers = {}, body = "" } end,
+          { provider = "budget-bad-" .. i, budget = conf, max_retries = 1, base = 0.01 })
+      end)
+      assert.is_false(ok, "taken: " .. tostring(conf))
+      assert.matches("policy_retry_options_spec.lua:%d+: retry budget 'budget%-bad%-" .. i .. "': ", err)
+      assert.are.equal(0, attempts)
+    end
+    local ok, err = pcall(retry.budget, "budget-direct", { window = -3 })
+    assert.is_false(ok)
+    assert.matches("window must be a whole number of seconds", err)
+    local b = retry.budget("budget-good", { percent = 0, min_per_second = 0.1, window = 10 })
+    assert.is_true(b:withdraw())
+    assert.is_false(b:withdraw())
+  end)
+end)
