@@ -9,7 +9,8 @@
 --   }
 --   local value, err, info = answer(req)   -- info.served_by == "gpt-4o" | "claude" | "placeholder" (read-only)
 --
--- A strategy returns value or nil, err. The chain moves on from a failure when
+-- A strategy returns value or nil, err (nothing at all is an invalid_output
+-- failure, which moves on by default). The chain moves on from a failure when
 -- the strategy's `on` allows it: a list of classes, or fn(err) -> bool; by
 -- default, when the error's class is marked `fallback` in policies.classify
 -- (an outage, a content-policy refusal, a context too long; not a 401 or a
@@ -92,7 +93,12 @@ function Chain:__call(...)
     local stopped = move_on(self, errors, s.name)
     if stopped then return nil, stopped end
     local value, err = s.fn(...)
-    if value ~= nil or err == nil then
+    -- nothing at all (a strategy without a return, a cache that missed) is no answer: the chain
+    -- returned nil, nil as served by it, and a caller reading err.kind raised
+    if value == nil and err == nil then
+      err = resil.error("invalid_output", ("%s returned nothing (neither a value nor nil, err)"):format(s.name))
+    end
+    if value ~= nil then
       if errors == nil then return value, nil, s.info end -- shared: treat info as read-only
       return value, nil, { served_by = s.name, index = i, errors = errors }
     end

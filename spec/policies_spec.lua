@@ -417,6 +417,32 @@ describe("policies.fallback", function()
   end)
 end)
 
+describe("policies.fallback, a strategy that returns nothing", function()
+  before_each(function() resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  it("is no answer: the chain moves on, or ends with an error naming it, never nil without err", function()
+    -- (before: the chain returned nil, nil as served by it; `err.kind` in the caller raised)
+    local chain = fallback.chain {
+      { name = "cache", fn = function() end },
+      { name = "model", fn = function(x) return x .. "!" end },
+    }
+    local value, err, info = chain("hi")
+    assert.are.equal("hi!", value)
+    assert.is_nil(err)
+    assert.are.equal("model", info.served_by)
+    assert.matches("cache returned nothing", info.errors[1].error.message)
+    value, err = fallback.chain { { name = "only", fn = function() return nil end } } ()
+    assert.is_nil(value)
+    assert.are.equal("invalid_output", err.kind)
+    assert.matches("only returned nothing", err.message)
+    value, err, info = fallback.chain { { name = "a", fn = function() end }, placeholder = "p" } ()
+    assert.are.same({ "p", "placeholder" }, { value, info.served_by })
+    -- a false value is a value
+    assert.is_false((fallback.chain { function() return false end } ()))
+  end)
+end)
+
 describe("policies.limit", function()
   before_each(function() resil.clock.virtual() end)
 
