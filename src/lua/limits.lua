@@ -636,13 +636,29 @@ local function unprobe(p)
   end
 end
 
+-- A probe asked for whose answer never came (the store's timeout: a frozen Redis runs the command
+-- as it thaws) may have been taken by nobody: kept, every process was refused for probe_timeout
+-- after the store came back. Each is given back, by its id, at the next allow that reaches the store.
+local UNSURE_MAX = 8
+local function give_back_unsure(self, backend)
+  local list = self.unsure
+  for i = #list, 1, -1 do
+    local p = list[i]
+    if p.backend ~= backend or p.backend:breaker_unprobe(p.name, p.probe_for, p.now, p.id) ~= nil then
+      table.remove(list, i)
+    end
+  end
+  if #list == 0 then self.unsure = nil end
+end
+
 -- br:allow() -> true [, "probe"] | nil, err{kind="circuit_open"}
 function SharedBreaker:allow()
   local s, serr = store_open()
-  local ok, x
+  local ok, x, p
+  if s and self.unsure then give_back_unsure(self, backend_of[s]) end
   if s then
     probe_seq = probe_seq + 1
-    local p = { backend = backend_of[s], name = self.label, probe_for = self.probe_for, now = store_now(),
+    p = { backend = backend_of[s], name = self.label, probe_for = self.probe_for, now = store_now(),
       id = ("%s:%d"):format(owner.me().id, probe_seq) }
     probes_out[p] = true
     ok, x = p.backend:breaker_probe(p.name, p.probe_for, p.now, p.id)
@@ -654,6 +670,12 @@ function SharedBreaker:allow()
     end
   end
   if ok == nil then
+    if p then
+      local list = self.unsure or {}
+      if #list >= UNSURE_MAX then table.remove(list, 1) end
+      list[#list + 1] = p
+      self.unsure = list
+    end
     warn_once(self, s and x or serr)
     return self.inner:allow()
   end
