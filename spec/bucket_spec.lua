@@ -302,6 +302,16 @@ describe("resil.bucket (GCRA)", function()
     assert.is_false((fast:try()))
   end)
 
+  it("in debt past what it can count, stays in debt through a reload that lowers its rate", function()
+    -- (before: the debt rescaled to the new rate overflowed its nanoseconds and wrapped into a full bucket)
+    local b = fresh { rate = 100, burst = 10 }
+    b:charge(1e17) -- a provider's garbage usage count
+    resil.bucket(b:name(), { rate = 1 })
+    assert.is_false((b:try()))
+    assert.is_true(b:wait_time(1) > 1e8)
+    assert.are.equal(0, b:state().remaining)
+  end)
+
   it("keeps its rate exactly over long virtual runs at 1e-6 and 1e9 a second", function()
     local tiny = fresh { rate = 1e-6, burst = 1 }
     local t0 = resil.now()

@@ -241,8 +241,12 @@ static void configure(lua_State *L, bucket *b, int opts) {
   if (b->interval_ns && interval != b->interval_ns) {
     /* keep the fill level in tokens, not in time, across a rate change */
     int64_t now = now_ns(b->R);
-    if (b->tat_ns > now)
-      b->tat_ns = now + (int64_t)llround((double)(b->tat_ns - now) / (double)b->interval_ns * (double)interval);
+    if (b->tat_ns > now) {
+      /* (within MAX_AHEAD_NS: a debt of 1e9 s at a rate lowered a hundredfold overflowed, and wrapped
+       * into a full bucket) */
+      double ahead = (double)(b->tat_ns - now) / (double)b->interval_ns * (double)interval;
+      b->tat_ns = now + (ahead >= (double)MAX_AHEAD_NS ? MAX_AHEAD_NS : (int64_t)llround(ahead));
+    }
   }
   b->rate = rate;
   b->per = per;
