@@ -312,6 +312,23 @@ describe("resil.bucket (GCRA)", function()
     assert.are.equal(0, b:state().remaining)
   end)
 
+  it("at one token a 1e9 s, a try behind a dozen waiters is refused, not granted past them", function()
+    -- (before: the waiters' waits summed past int64 into a negative one: the try was granted at once,
+    -- and an acquire was told its tokens could never be granted)
+    local b = fresh { rate = 1, per = 1e9, burst = 1 }
+    assert.is_true((b:try()))
+    local waiters = {}
+    for i = 1, 12 do waiters[i] = resil.spawn(function() return b:acquire(1) end) end
+    resil.sleep(1)
+    local ok, wait = b:try()
+    assert.is_false(ok)
+    assert.is_true(wait > 1e9)
+    local got, err = b:acquire(1, { timeout = 10 })
+    assert.is_nil(got)
+    assert.is_true(err.retry_after > 1e9)
+    for i = 1, 12 do waiters[i]:cancel() end
+  end)
+
   it("keeps its rate exactly over long virtual runs at 1e-6 and 1e9 a second", function()
     local tiny = fresh { rate = 1e-6, burst = 1 }
     local t0 = resil.now()

@@ -82,7 +82,12 @@ static int64_t wait_for(const bucket *b, double n, int64_t now) {
  * of them): FIFO, so they are served first. */
 static int64_t wait_behind(const bucket *b, double n, int64_t now, const waiter *stop) {
   int64_t wait = wait_for(b, n, now);
-  for (const waiter *p = b->head; p && p != stop; p = p->next) wait += tokens_ns(b, p->n);
+  /* (saturating: a dozen waiters of a token a 1e9 s summed past int64 into a negative wait, and a
+   * try behind them was granted at once) */
+  for (const waiter *p = b->head; p && p != stop; p = p->next) {
+    int64_t t = tokens_ns(b, p->n);
+    wait = wait > INT64_MAX - t ? INT64_MAX : wait + t;
+  }
   return wait;
 }
 
