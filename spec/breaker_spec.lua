@@ -244,6 +244,18 @@ describe("resil.breaker", function()
     assert.are.equal("open", br:state())
   end)
 
+  it("refuses a count window smaller than min_calls, which would never open", function()
+    -- (before: window = 5 calls with min_calls left at 10 was taken, and no run of failures opened it)
+    local ok, err = pcall(resil.breaker, "breaker-never", { window_type = "count", window = 5 })
+    assert.is_false(ok)
+    assert.matches("breaker_spec.lua:%d+: breaker 'breaker%-never': min_calls %(10%) is more than its count window", err)
+    local br = fresh { window_type = "count", window = 5, min_calls = 5, failure_rate = 0.5 }
+    record_all(br, { false, false, false, false, false })
+    assert.are.equal("open", br:state())
+    -- a time window's calls are not bounded by its seconds
+    assert.is_truthy(fresh { window_type = "time", window = 5, min_calls = 10 })
+  end)
+
   it("rejects a listener that is not a function with the caller's line", function()
     local br = fresh()
     local ok, err = pcall(function() br:on("open", 5) end)

@@ -232,6 +232,11 @@ static void configure(lua_State *L, breaker *br, int opts) {
   /* (0 closed the breaker on a failed probe: a share of none is no test) */
   if (!(half_open_success > 0))
     resil_raise(L, "breaker '%s': half_open_success must be a share of the probes above 0, up to 1", br->name);
+  /* (a count window holds `window` calls: min_calls past that never opened it, a window of 5 with
+   * min_calls left at 10 among them) */
+  if (!time_window && min_calls > window)
+    resil_raise(L, "breaker '%s': min_calls (%d) is more than its count window holds (%d calls): it would never open",
+                br->name, min_calls, window);
   br->failure_rate = failure_rate;
   br->slow_call = slow_call;
   br->slow_call_rate = slow_call_rate;
