@@ -44,15 +44,26 @@ local function escape(v)
   return (valid_utf8(redact(tostring(v))):gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
 end
 
+-- A label name the exposition writes itself: a histogram's le, a merge = "worker" gauge's worker
+-- (the series had the label twice, and Prometheus refuses the whole scrape over one such line),
+-- and names under __, which Prometheus keeps for its own (__name__).
+local function own_label(m, k)
+  if k:sub(1, 2) == "__" then return "names under __ are Prometheus' own" end
+  if m and m.kind == "histogram" and k == "le" then return "a histogram writes le itself (its buckets)" end
+  if m and m.merge == "worker" and k == "worker" then return 'a merge = "worker" gauge writes worker itself' end
+end
+
 -- {b = 2, a = 1} -> 'a="1",b="2"' (sorted: one series per label set)
--- (level: where a bad label name is reported, 3 unless told)
-local function label_key(labels, level)
+-- (level: where a bad label name is reported, 3 unless told; m: the metric, for the names it writes itself)
+local function label_key(labels, level, m)
   if labels == nil or next(labels) == nil then return "" end
   local names = {}
   for k in pairs(labels) do
     if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then
       error(("metrics: bad label name %q"):format(tostring(k)), level or 3)
     end
+    local why = own_label(m, k)
+    if why then error(("metrics: %s: label name %q is reserved: %s"):format(m and m.name or "", k, why), level or 3) end
     if redact(k) ~= k then error("metrics: a label name holds a secret (resil.secret)", level or 3) end
     names[#names + 1] = k
   end
@@ -197,6 +208,22 @@ local function define(kind, name, help, opts)
   return define_host(kind, name, help, opts)
 end
 
+-- A histogram h writes h_bucket, h_sum and h_count: a metric of one of those names beside it made
+-- an exposition Prometheus refuses whole (its parser reads h_sum as h's), so the second is refused.
+local HISTOGRAM_SUFFIXES = { "_bucket", "_sum", "_count" }
+local function collision(kind, name)
+  for _, suffix in ipairs(HISTOGRAM_SUFFIXES) do
+    local base = name:sub(1, -#suffix - 1)
+    if #name > #suffix and name:sub(-#suffix) == suffix and registry[base] and registry[base].kind == "histogram" then
+      return ("collides with the histogram '%s' (its %s series)"):format(base, name)
+    end
+    if kind == "histogram" and registry[name .. suffix] then
+      return ("collides with the %s '%s%s' (a histogram writes %s%s series)"):format(registry[name .. suffix].kind,
+        name, suffix, name, suffix)
+    end
+  end
+end
+
 function define_host(kind, name, help, opts)
   if type(name) ~= "string" or not name:match("^[%a_:][%w_:]*$") then
     error(("resil.metrics.%s: bad metric name %q"):format(kind, tostring(name)), 3)
@@ -209,6 +236,8 @@ function define_host(kind, name, help, opts)
     end
     return m
   end
+  local clash = collision(kind, name)
+  if clash then error(("resil.metrics.%s: '%s' %s"):format(kind, name, clash), 3) end
   m = setmetatable({ kind = kind, name = name, help = help or name, series = {}, nseries = 0,
                      max_series = opts and opts.max_series, known = {}, nknown = 0,
                      host = reserved(name) ~= nil }, Metric)
@@ -318,7 +347,7 @@ local function series_for(m, labels)
   if labels == nil then return series_of(m, "") end
   local s = find_known(m.known, labels)
   if s then return s end
-  s = series_of(m, label_key(labels, 4))
+  s = series_of(m, label_key(labels, 4, m))
   if s then remember(m, labels, s) end
   return s
 end
