@@ -16,8 +16,10 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "host.h"
@@ -38,7 +40,31 @@ typedef struct {
   int level;
   log_sink *sink;  /* stderr written without blocking (log_sink.c); NULL: fwrite */
   int sink_tried;  /* log_sink_open asked for this output */
+  char *path;      /* a regular log file's path (resil.log.output): opened again when it names another file */
+  dev_t dev;       /* the file out writes */
+  ino_t ino;
 } log_state;
+
+/* logrotate renames the log file (or someone deletes it) and expects the next line at the path: the
+ * host wrote on into the renamed or deleted file for the rest of its life (a deleted one's space
+ * never freed, the new file never made). Before each line the path is looked at (a stat, as
+ * Python's WatchedFileHandler does) and opened again when it no longer names the file written.
+ * A path that cannot be opened (its folder gone) leaves the lines where they went. */
+static void follow_path(log_state *st) {
+  if (!st->path || !st->owns_out) return;
+  struct stat now;
+  if (stat(st->path, &now) == 0 && now.st_dev == st->dev && now.st_ino == st->ino) return;
+  FILE *f = log_sink_open_file(st->path);
+  if (!f) return;
+  if (fstat(fileno(f), &now) != 0 || !S_ISREG(now.st_mode)) { /* (a FIFO put there: not followed) */
+    fclose(f);
+    return;
+  }
+  fclose(st->out);
+  st->out = f;
+  st->dev = now.st_dev;
+  st->ino = now.st_ino;
+}
 
 static const char *const sensitive_keys[] = {
   "authorization", "proxy-authorization", "x-api-key", "api-key", "api_key", "apikey", "password",
@@ -223,6 +249,7 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg, 
   } else {
     /* stderr only: stdout is print()'s too, whose buffered text must stay ahead of a line */
     /* (or a FIFO given as the log file: its reader may stall as stderr's) */
+    follow_path(st);
     if (!st->sink_tried && (st->out == stderr || st->owns_out)) st->sink = log_sink_open(fileno(st->out), R->base);
     st->sink_tried = 1;
     if (st->sink) {
@@ -368,6 +395,8 @@ static void close_output(log_state *st) {
   if (st->owns_out && st->out) fclose(st->out);
   st->out = stderr;
   st->owns_out = 0;
+  free(st->path);
+  st->path = NULL;
 }
 
 /* resil.log.output("stderr" | "stdout" | path): lines are appended to path */
@@ -386,6 +415,12 @@ static int log_output(lua_State *L) {
   close_output(st);
   st->out = f;
   st->owns_out = 1;
+  struct stat fs;
+  if (fstat(fileno(f), &fs) == 0 && S_ISREG(fs.st_mode)) { /* (no memory for the path: not followed) */
+    st->path = strdup(where);
+    st->dev = fs.st_dev;
+    st->ino = fs.st_ino;
+  }
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -419,6 +454,7 @@ int luaopen_resil_log(lua_State *L) {
   st->level = LEVEL_INFO;
   st->sink = NULL;
   st->sink_tried = 0;
+  st->path = NULL;
   if (luaL_newmetatable(L, LOG_MT)) {
     lua_pushcfunction(L, log_state_gc);
     lua_setfield(L, -2, "__gc");
