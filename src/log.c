@@ -14,6 +14,7 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "host.h"
 
@@ -40,9 +42,12 @@ typedef struct {
   int level;
   log_sink *sink;  /* stderr written without blocking (log_sink.c); NULL: fwrite */
   int sink_tried;  /* log_sink_open asked for this output */
-  char *path;      /* a regular log file's path (resil.log.output): opened again when it names another file */
+  char *path;      /* the log file's path (resil.log.output) */
+  int follow;      /* a regular file: opened again when the path names another file */
   dev_t dev;       /* the file out writes */
   ino_t ino;
+  unsigned long dropped; /* lines the log file could not take (its disk full), not yet said in it */
+  int failing;     /* said on stderr that lines are dropped; said again once they were written again */
 } log_state;
 
 /* logrotate renames the log file (or someone deletes it) and expects the next line at the path: the
@@ -51,7 +56,7 @@ typedef struct {
  * Python's WatchedFileHandler does) and opened again when it no longer names the file written.
  * A path that cannot be opened (its folder gone) leaves the lines where they went. */
 static void follow_path(log_state *st) {
-  if (!st->path || !st->owns_out) return;
+  if (!st->follow || !st->owns_out) return;
   struct stat now;
   if (stat(st->path, &now) == 0 && now.st_dev == st->dev && now.st_ino == st->ino) return;
   FILE *f = log_sink_open_file(st->path);
@@ -209,6 +214,63 @@ static void add_json(luaL_Buffer *b, const char *s, size_t len) {
   }
 }
 
+/* -> bytes of p written to fd, and errno set when not all */
+static size_t write_all(int fd, const char *p, size_t n) {
+  size_t done = 0;
+  while (done < n) {
+    ssize_t w = write(fd, p + done, n - done);
+    if (w > 0) done += (size_t)w;
+    else if (w < 0 && errno == EINTR) continue;
+    else {
+      if (w == 0) errno = ENOSPC;
+      break;
+    }
+  }
+  return done;
+}
+
+/* A log file its disk cannot take a line in (ENOSPC, EDQUOT, EFBIG): stdio wrote the part that fit
+ * and the next line that fitted went on from it, one line no JSON reader takes, and nothing said
+ * the lines were lost. A line is written with one write; the part of one that fit is cut off again
+ * when it is still the file's end (the file is shared by a gateway's workers); the line is counted
+ * dropped, said once on stderr, and the count is written as a warn line once lines fit again. */
+static void write_file(log_state *st, const char *line, size_t n) {
+  int fd = fileno(st->out);
+  size_t done = write_all(fd, line, n);
+  if (done == n) {
+    if (st->dropped) {
+      char ts[40], say[256];
+      format_timestamp(ts, sizeof ts);
+      int k = snprintf(say, sizeof say, "{\"ts\":\"%s\",\"level\":\"warn\",\"msg\":\"log lines dropped: the log "
+                       "file could not be written\",\"dropped\":%lu}\n", ts, st->dropped);
+      if (write_all(fd, say, (size_t)k) == (size_t)k) {
+        st->dropped = 0;
+        st->failing = 0;
+      }
+    }
+    return;
+  }
+  int err = errno;
+  struct stat fs;
+  char *tail = done > 0 ? malloc(done) : NULL;
+  char self[64];
+  snprintf(self, sizeof self, "/proc/self/fd/%d", fd); /* (out is write-only: read through a description of its own) */
+  int rd = tail && fstat(fd, &fs) == 0 && S_ISREG(fs.st_mode) && (size_t)fs.st_size >= done
+               ? open(self, O_RDONLY | O_CLOEXEC) : -1;
+  if (rd >= 0 && pread(rd, tail, done, fs.st_size - (off_t)done) == (ssize_t)done && memcmp(tail, line, done) == 0 &&
+      ftruncate(fd, fs.st_size - (off_t)done) != 0) {
+    /* (not cut: the part stays, and the next line is written after it) */
+  }
+  if (rd >= 0) close(rd);
+  free(tail);
+  st->dropped++;
+  if (!st->failing) {
+    st->failing = 1;
+    fprintf(stderr, "resil-lua: log file %s: %s: log lines are dropped (and counted) until it takes them again\n",
+            st->path ? st->path : "?", strerror(err));
+  }
+}
+
 /* L stack: merged fields table -> nothing; writes one line */
 static void write_line(lua_State *L, log_state *st, int level, const char *msg, size_t msg_len) {
   char ts[40];
@@ -254,6 +316,8 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg, 
     st->sink_tried = 1;
     if (st->sink) {
       log_sink_write(st->sink, line, line_len);
+    } else if (st->owns_out) {
+      write_file(st, line, line_len);
     } else {
       fwrite(line, 1, line_len, st->out);
       fflush(st->out);
@@ -397,6 +461,9 @@ static void close_output(log_state *st) {
   st->owns_out = 0;
   free(st->path);
   st->path = NULL;
+  st->follow = 0;
+  st->dropped = 0;
+  st->failing = 0;
 }
 
 /* resil.log.output("stderr" | "stdout" | path): lines are appended to path */
@@ -416,8 +483,9 @@ static int log_output(lua_State *L) {
   st->out = f;
   st->owns_out = 1;
   struct stat fs;
-  if (fstat(fileno(f), &fs) == 0 && S_ISREG(fs.st_mode)) { /* (no memory for the path: not followed) */
-    st->path = strdup(where);
+  st->path = strdup(where); /* (no memory for it: not followed, "?" in an error) */
+  if (st->path && fstat(fileno(f), &fs) == 0 && S_ISREG(fs.st_mode)) {
+    st->follow = 1;
     st->dev = fs.st_dev;
     st->ino = fs.st_ino;
   }
@@ -455,6 +523,9 @@ int luaopen_resil_log(lua_State *L) {
   st->sink = NULL;
   st->sink_tried = 0;
   st->path = NULL;
+  st->follow = 0;
+  st->dropped = 0;
+  st->failing = 0;
   if (luaL_newmetatable(L, LOG_MT)) {
     lua_pushcfunction(L, log_state_gc);
     lua_setfield(L, -2, "__gc");
