@@ -194,6 +194,33 @@ end
     assert.are.equal("bad\tlow=-Infinity per_token=NaN rate=Infinity\nafter\tper_token=0.5\n", r.stdout)
   end)
 
+  it("exports text that is not UTF-8 (a provider's error cut mid-character) as U+FFFD: the batch is not refused", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local got = {}
+-- as the OpenTelemetry Collector's OTLP JSON decoder (protojson): a body that is not UTF-8 is a 400
+local collector = resil.server.listen({ port = 0, handler = function(req)
+  if not utf8.len(req.body) then return { status = 400, body = "invalid UTF-8 in string" } end
+  for _, s in ipairs(resil.json.decode(req.body).resourceSpans[1].scopeSpans[1].spans) do got[#got + 1] = s end
+  return { status = 200, body = "{}" }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 100 })
+resil.trace.start("chat caf\195"):finish({ ["gen_ai.response.model"] = "gpt-\226\130", ["k\254"] = 1 },
+  "provider said: \255")
+resil.trace.start("whole"):finish()
+resil.trace.flush()
+collector:close()
+for _, s in ipairs(got) do
+  local a = s.attributes and s.attributes[1]
+  print(s.name, s.status.message, a and a.key .. "=" .. a.value.stringValue, s.attributes and s.attributes[2].key)
+end
+]], "--log-level warn")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("", r.stderr)
+    assert.are.equal("chat caf\u{FFFD}\tprovider said: \u{FFFD}\tgen_ai.response.model=gpt-\u{FFFD}\u{FFFD}\tk\u{FFFD}\n" ..
+      "whole\tnil\tnil\tnil\n", r.stdout)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0

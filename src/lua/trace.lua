@@ -142,13 +142,32 @@ local function double(v)
   return v == math.huge and "Infinity" or v == -math.huge and "-Infinity" or v
 end
 
+-- Text redacted and made UTF-8, each byte that is not as U+FFFD: the collector's OTLP JSON
+-- decoder (protojson) refuses a whole batch over one string that is not (a provider's error
+-- or model name cut mid-character), and the 256 spans in it were lost.
+local function text(v)
+  local s = resil.redact(tostring(v))
+  if utf8.len(s) then return s end
+  local out, at = {}, 1
+  while true do
+    local ok, bad = utf8.len(s, at)
+    if ok then
+      out[#out + 1] = s:sub(at)
+      return table.concat(out)
+    end
+    out[#out + 1] = s:sub(at, bad - 1)
+    out[#out + 1] = "\u{FFFD}"
+    at = bad + 1
+  end
+end
+
 local function attribute(key, v)
   local value
   if math.type(v) == "integer" then value = { intValue = tostring(v) }
   elseif type(v) == "number" then value = { doubleValue = double(v) }
   elseif type(v) == "boolean" then value = { boolValue = v }
-  else value = { stringValue = resil.redact(tostring(v)) } end
-  return { key = resil.redact(tostring(key)), value = value }
+  else value = { stringValue = text(v) } end
+  return { key = text(key), value = value }
 end
 
 local function otlp_span(s)
@@ -159,9 +178,9 @@ local function otlp_span(s)
   for i, k in ipairs(keys) do attrs[i] = attribute(k, s.attributes[k]) end
   -- the name and keys as the values: a name is often a request's URL
   local out = { traceId = s.trace_id, spanId = s.span_id, parentSpanId = s.parent_id,
-                name = resil.redact(tostring(s.name)), kind = s.kind,
+                name = text(s.name), kind = s.kind,
                 startTimeUnixNano = nano(s.start), endTimeUnixNano = nano(s.finished),
-                status = s.error and { code = 2, message = resil.redact(s.error) } or { code = 1 } }
+                status = s.error and { code = 2, message = text(s.error) } or { code = 1 } }
   if #attrs > 0 then out.attributes = attrs end
   return out
 end
