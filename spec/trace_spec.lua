@@ -221,6 +221,31 @@ end
       "whole\tnil\tnil\tnil\n", r.stdout)
   end)
 
+  it("says a failing export once while it fails, and again after it worked in between", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local answers, n = { 503, 503, 200, 200, 503, 200 }, 0
+local collector = resil.server.listen({ port = 0, handler = function()
+  n = n + 1
+  return { status = answers[n], body = "{}" }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 100 })
+for _ = 1, #answers do
+  resil.trace.start("s"):finish()
+  resil.trace.flush()
+end
+collector:close()
+]], "--log-level info")
+    assert.are.equal(0, r.code, r.stderr)
+    local said = {}
+    for line in r.stderr:gmatch("[^\n]+") do
+      local msg = resil.json.decode(line).msg
+      if msg:find("^trace export") then said[#said + 1] = msg end
+    end
+    assert.are.same({ "trace export failed; spans are dropped", "trace export works again",
+      "trace export failed; spans are dropped", "trace export works again" }, said)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0

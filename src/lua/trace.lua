@@ -207,11 +207,16 @@ local function post(batch, timeout)
   end
   local ok = res and res.status >= 200 and res.status < 300
   exported_total:inc({ result = ok and "ok" or "failed" }, #batch)
-  if not ok and not exporter.warned then
-    exporter.warned = true -- once: an unreachable collector must not flood the log
+  -- said once while it keeps failing (an unreachable collector must not flood the log), and once
+  -- as it ends: said once for the run, a collector that failed again days into a gateway's life
+  -- was never said
+  if not ok and not exporter.failing then
     resil.log.warn("trace export failed; spans are dropped", { url = exporter.url,
       error = err and tostring(err) or ("status " .. tostring(res and res.status)) })
+  elseif ok and exporter.failing then
+    resil.log.info("trace export works again", { url = exporter.url })
   end
+  exporter.failing = not ok
   return ok
 end
 
