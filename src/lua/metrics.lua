@@ -22,23 +22,9 @@ local registry, order = {}, {}
 -- when a series is made, so two values that differ only by a secret are one series
 local redact = resil.redact
 
--- Text made UTF-8, each byte that is not as U+FFFD: Prometheus refuses the
--- whole scrape over one label value or help that is not (a model name or
--- a user id cut mid-character), and promtool fails it.
-local function valid_utf8(s)
-  if utf8.len(s) then return s end
-  local out, at = {}, 1
-  while true do
-    local ok, bad = utf8.len(s, at)
-    if ok then
-      out[#out + 1] = s:sub(at)
-      return table.concat(out)
-    end
-    out[#out + 1] = s:sub(at, bad - 1)
-    out[#out + 1] = "\u{FFFD}"
-    at = bad + 1
-  end
-end
+-- (Text made UTF-8, each byte that is not as U+FFFD: Prometheus refuses the whole scrape over one
+-- label value or help that is not, a model name or a user id cut mid-character, and promtool fails it)
+local valid_utf8 = private.valid_utf8
 
 local function escape(v)
   return (valid_utf8(redact(tostring(v))):gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))

@@ -145,21 +145,8 @@ end
 -- Text redacted and made UTF-8, each byte that is not as U+FFFD: the collector's OTLP JSON
 -- decoder (protojson) refuses a whole batch over one string that is not (a provider's error
 -- or model name cut mid-character), and the 256 spans in it were lost.
-local function text(v)
-  local s = resil.redact(tostring(v))
-  if utf8.len(s) then return s end
-  local out, at = {}, 1
-  while true do
-    local ok, bad = utf8.len(s, at)
-    if ok then
-      out[#out + 1] = s:sub(at)
-      return table.concat(out)
-    end
-    out[#out + 1] = s:sub(at, bad - 1)
-    out[#out + 1] = "\u{FFFD}"
-    at = bad + 1
-  end
-end
+local valid_utf8 = debug.getregistry()["resil.private"].valid_utf8
+local function text(v) return valid_utf8(resil.redact(tostring(v))) end
 
 local function attribute(key, v)
   local value
