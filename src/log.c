@@ -257,10 +257,9 @@ static void write_file(log_state *st, const char *line, size_t n) {
   snprintf(self, sizeof self, "/proc/self/fd/%d", fd); /* (out is write-only: read through a description of its own) */
   int rd = tail && fstat(fd, &fs) == 0 && S_ISREG(fs.st_mode) && (size_t)fs.st_size >= done
                ? open(self, O_RDONLY | O_CLOEXEC) : -1;
-  if (rd >= 0 && pread(rd, tail, done, fs.st_size - (off_t)done) == (ssize_t)done && memcmp(tail, line, done) == 0 &&
-      ftruncate(fd, fs.st_size - (off_t)done) != 0) {
-    /* (not cut: the part stays, and the next line is written after it) */
-  }
+  /* (a cut that fails leaves the part, and the next line is written after it) */
+  if (rd >= 0 && pread(rd, tail, done, fs.st_size - (off_t)done) == (ssize_t)done && memcmp(tail, line, done) == 0)
+    (void)!ftruncate(fd, fs.st_size - (off_t)done);
   if (rd >= 0) close(rd);
   free(tail);
   st->dropped++;
