@@ -17,6 +17,7 @@ command -v nginx >/dev/null || { echo "gateway: nginx is not installed"; exit 0;
 work=$(mktemp -d)
 cleanup() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  [ -f "$work/proxy.pid" ] && kill "$(cat "$work/proxy.pid")" 2>/dev/null || true
   [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null || true
   [ -n "${w2_pid:-}" ] && kill "$w2_pid" 2>/dev/null || true
   [ -n "${pk_pid:-}" ] && kill "$pk_pid" 2>/dev/null || true
@@ -92,6 +93,38 @@ errs() { awk '/Non-2xx|Socket errors/ { print }' "$work/wrk.out" | tr '\n' ' '; 
 
 run "$GW_C" "$direct"; d_rps=$(rps); d_err=$(errs)
 run "$GW_C" "$through"; g_rps=$(rps); g_err=$(errs)
+
+# --- a reference: nginx itself as a reverse proxy, no policy, pinned as the gateway ---
+# What a proxy written in C pays on this machine for the two sockets of a
+# request (the client's and the upstream's, kept alive): a ceiling that no
+# gateway doing more than relaying reaches. Skipped in GW_STAGES runs.
+if [ -z "${GW_STAGES:-}" ]; then
+  px_port=$(free_port)
+  cat > "$work/proxy.conf" <<CONF
+worker_processes 1;
+daemon on;
+pid $work/proxy.pid;
+error_log $work/proxy.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
+  uwsgi_temp_path $work; scgi_temp_path $work;
+  keepalive_requests 1000000;
+  upstream provider { server 127.0.0.1:$up_port; keepalive 128; }
+  server {
+    listen 127.0.0.1:$px_port;
+    location / { proxy_pass http://provider; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+  nginx -c "$work/proxy.conf" -p "$work"
+  if [ -n "$pin_gw" ]; then
+    for p in $(cat "$work/proxy.pid") $(pgrep -P "$(cat "$work/proxy.pid")" || true); do taskset -pc 0 "$p" >/dev/null; done
+  fi
+  proxy="http://127.0.0.1:$px_port/v1/chat/completions"
+  run "$GW_C" "$proxy"; x_rps=$(rps); x_err=$(errs)
+fi
 
 # --- GW_STAGES=1: what each piece of a request costs (bench/gateway_stages.lua) ---
 # The same gateway with its handler cut down to the first N pieces of the
@@ -208,12 +241,17 @@ if [ -n "$pin_gw" ]; then
 fi
 run 1 "$direct"; d50=$(pct 50%); d99=$(pct 99%)
 run 1 "$through"; g50=$(pct 50%); g99=$(pct 99%)
+run 1 "$proxy"; x50=$(pct 50%); x99=$(pct 99%)
+kill "$(cat "$work/proxy.pid")" 2>/dev/null || true
 if [ -z "$pk_skip" ]; then pk_run 1; p50=$(pct 50%); p99=$(pct 99%); kill "$pk_pid" 2>/dev/null || true; fi
 echo "gateway: wrk ${GW_SECONDS}s per run, nginx upstream (1 worker), full policy (key, buckets, breaker, retry, ledger)"
 echo "  $GW_C connections  direct ${d_rps} req/s; through the gateway ${g_rps} req/s ${d_err}${g_err}${pin_gw:+(gateway on core 0, wrk and nginx on core 1)}"
 awk -v a="$w2_rps" -v b="$g_rps" -v w="$w2_where" -v e="$w2_err" -v c="$GW_C" 'BEGIN {
   printf "  --workers 2     %s req/s at %s connections, %.2fx one worker %s(%s)\n", a, c, a / b, e, w }'
 echo "  1 connection    direct p50 ${d50} us p99 ${d99} us; through p50 ${g50} us p99 ${g99} us; added p50 $((g50 - d50)) us, p99 $((g99 - d99)) us${pin_gw:+ (all on core 0)}"
+awk -v x="$x_rps" -v g="$g_rps" -v c="$GW_C" -v e="$x_err" -v a50="$((x50 - d50))" -v a99="$((x99 - d99))" -v w="${pin_gw:+, on core 0 as the gateway}" 'BEGIN {
+  printf "  nginx proxy     %s req/s at %s connections %s(proxy_pass alone, no policy%s), the gateway %.2fx of it; added at 1 connection p50 %d us, p99 %d us\n",
+    x, c, e, w, (x > 0 ? g / x : 0), a50, a99 }'
 if [ -z "$pk_skip" ]; then
   pk_where="node $(node --version)${pin_gw:+, on core 0 as the gateway}, after a ${PK_WARMUP} s warm-up"
   awk -v a="$pk_rps" -v g="$g_rps" -v c="$GW_C" -v e="$pk_err" -v v="$PK_VERSION" -v w="$pk_where" 'BEGIN {
