@@ -57,6 +57,29 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.matches("\nteam:%S+%s+%$2%.000000%s+pid " .. pid .. " on %S+%s+%d+s%s+%d", r.stdout)
     end)
 
+    it("show or release of a name the store has no budget for is an error, naming a key's budget", function()
+      -- (before: "limit - per none (not known to the store)", $0 spent, exit 0, for a mistyped name)
+      for _, sub in ipairs({ "show", "release" }) do
+        local r = cli("budgets " .. sub .. " teem")
+        assert.are.equal(1, r.code, sub)
+        assert.matches("budgets " .. sub .. ": no budget 'teem' in ", r.stderr, 1, true)
+        assert.are.equal("", r.stdout)
+      end
+      -- a key's budget before its first request lives in the key's record: shown with its limit
+      local r = cli("keys add --name crew --budget 7/day")
+      assert.are.equal(0, r.code, r.stderr)
+      r = cli("budgets show key:crew")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("budget key:crew: limit $7.000000 per day (set by keys add)", r.stdout, 1, true)
+      assert.matches("remaining $7.000000", r.stdout, 1, true)
+      r = cli("budgets show crew")
+      assert.are.equal(1, r.code)
+      assert.matches("the gateway key crew's budget is 'key:crew'", r.stderr, 1, true)
+      -- a limit set from the command line says so
+      assert.are.equal(0, cli("budgets set team --limit 9").code)
+      assert.matches("limit $9.000000 per day (set by budgets set)", cli("budgets show team").stdout, 1, true)
+    end)
+
     it("release frees every hold; --stale only those whose owner is gone", function()
       local r = cli("budgets release team --stale")
       assert.are.equal("released 0 stale holds of budget team\n", r.stdout)

@@ -573,7 +573,7 @@ local admin = {}
 
 local function describe(backend, cfg, now)
   local limit_micro, per, source = cfg.limit_micro, cfg.per, "set"
-  if not limit_micro then limit_micro, per, source = cfg.declared_micro, cfg.declared_per, "script" end
+  if not limit_micro then limit_micro, per, source = cfg.declared_micro, cfg.declared_per, cfg.source or "script" end
   if per == "none" then per = nil end
   local period = period_of(per, now)
   local spent, reserved, rows, in_period = backend:budget_usage(cfg.name, period, now, owner.me().id)
@@ -605,8 +605,10 @@ function admin.list(s)
   return out
 end
 
-function admin.show(s, name)
-  local cfg, err = backend_of[s]:budget_config(name)
+-- (cfg: its settings when the caller read them, a key's budget from the key's record among them)
+function admin.show(s, name, cfg)
+  local err
+  if not cfg then cfg, err = backend_of[s]:budget_config(name) end
   if cfg == nil and err then return nil, err end
   cfg = cfg or {}
   cfg.name = name

@@ -500,14 +500,42 @@ function commands.budgets(args)
     return
   end
   local name = args[2]
+  -- the budget of the live key named n, when it has one
+  -- Each read that fails stops it with the store's error: taken for "none", each went on to the
+  -- next, and against a frozen Redis (?down=0) each waited its timeout (six of them)
+  local function key_budget(n)
+    local list, kerr = require("resil.keys").list()
+    if not list then fail("budgets %s: %s", sub, tostring(kerr)) end
+    for _, rec in ipairs(list) do
+      if rec.name == n and rec.budget and not rec.revoked then return rec.budget end
+    end
+  end
+  -- n's settings as the store keeps them; a live key's budget, not yet reserved against, is
+  -- in its record; any other name the store has no budget for is an error (a mistyped name
+  -- showed $0 spent, exit 0), with the key's budget's name when n is a key's
+  local function known(n)
+    local cfg, cerr = backend_of[s]:budget_config(n)
+    if cfg ~= nil then return cfg end
+    if cerr ~= nil then fail("budgets %s: %s", sub, tostring(cerr)) end
+    local kb = n:match("^key:(.+)$") and key_budget(n:sub(5))
+    if kb then
+      return { name = n, declared_micro = math.floor(kb.limit * 1e6 + 0.5), declared_per = kb.per or "none",
+               source = "keys add" }
+    end
+    local hint = ""
+    if not n:find("^key:") and (backend_of[s]:budget_config("key:" .. n) or key_budget(n)) then
+      hint = ("; the gateway key %s's budget is 'key:%s'"):format(printable(n), printable(n))
+    end
+    fail("budgets %s: no budget '%s' in %s%s (resil-lua budgets lists them)", sub, printable(n), redact(s.url), hint)
+  end
   if sub == "show" then
     name = name or fail("budgets show: which budget? (resil-lua budgets lists them)")
     for i = 3, #args do if args[i] ~= "--json" then fail("budgets show: unknown argument '%s'", args[i]) end end
-    local b, berr = admin.show(s, name)
+    local b, berr = admin.show(s, name, known(name))
     if not b then fail("budgets show: %s", tostring(berr)) end
     if as_json then print(budget_json(b)) return end
     print(("budget %s: limit %s per %s (%s), period %s"):format(b.name, opt_money(b.limit), b.per,
-      b.source and ("set by " .. b.source) or "not known to the store", b.period))
+      b.source and ("set by " .. (b.source == "set" and "budgets set" or b.source)) or "not known to the store", b.period))
     print(("spent %s, reserved %s, remaining %s"):format(money(b.spent), money(b.reserved), opt_money(b.remaining)))
     if #b.holds == 0 then print("no open holds") return end
     local rows = {}
@@ -523,6 +551,7 @@ function commands.budgets(args)
     for i = 3, #args do
       if args[i] == "--stale" then stale = true else fail("budgets release: unknown argument '%s'", args[i]) end
     end
+    known(name)
     local n, rerr = admin.release(s, name, stale)
     if not n then fail("budgets release: %s", tostring(rerr)) end
     print(("released %d %shold%s of budget %s"):format(n, stale and "stale " or "", n == 1 and "" or "s", name))
@@ -557,16 +586,6 @@ function commands.budgets(args)
     if not limit then fail("budgets set: --limit USD is needed") end
     -- a gateway key's budget is "key:NAME": `budgets set NAME` made a budget
     -- nothing reserves against, and the key went on spending to its old limit
-    -- the budget of the live key named n, when it has one
-    -- Each read that fails stops it with the store's error: taken for "none", each went on to the
-    -- next, and against a frozen Redis (?down=0) each waited its timeout (six of them)
-    local function key_budget(n)
-      local list, kerr = require("resil.keys").list()
-      if not list then fail("budgets set: %s", tostring(kerr)) end
-      for _, rec in ipairs(list) do
-        if rec.name == n and rec.budget and not rec.revoked then return rec.budget end
-      end
-    end
     local function config_of(n)
       local cfg, cerr = backend_of[s]:budget_config(n)
       if cfg == nil and cerr ~= nil then fail("budgets set: %s", tostring(cerr)) end
