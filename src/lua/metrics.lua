@@ -841,12 +841,18 @@ function serve(opts)
     port = opts.port or 9464,
     reuseport = reuseport,
     handler = function(req)
-      if req.method == "GET" and req.path == "/metrics" then
+      if req.path == "/metrics" then
+        -- (HEAD as GET, its body left out by the server: a `curl -I` or a load balancer's check
+        -- got a 404 for a path that serves)
+        if req.method ~= "GET" and req.method ~= "HEAD" then
+          return { status = 405, headers = { allow = "GET, HEAD", ["content-type"] = "text/plain" },
+                   body = "GET /metrics\n" }
+        end
         local ok, text = pcall(scrape)
         if not ok then return { status = 503, body = tostring(text) .. "\n" } end -- (a failed scrape: up = 0)
         return { status = 200, headers = { ["content-type"] = "text/plain; version=0.0.4" }, body = text }
       end
-      return { status = 404, body = "not found: try GET /metrics\n" }
+      return { status = 404, headers = { ["content-type"] = "text/plain" }, body = "not found: try GET /metrics\n" }
     end,
   })
 end
