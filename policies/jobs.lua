@@ -307,9 +307,16 @@ local function charge(ctx, spec, operation, job_id, usage, ticket, how)
   return usd
 end
 
-local function reserve(spec, estimate)
+-- A model without a price is refused by a budget, as a chat call's is: nothing would be held, and
+-- its cost (a row without a price) never counts, so a budget let every such job through.
+local function reserve(spec, estimate, model)
   if spec.budget == nil then return nil end
-  return resil.budget(spec.budget):reserve(estimate or 0)
+  if estimate == nil then
+    return nil, resil.error("unpriced", ("budget '%s' cannot hold a call without a price: no price for %s " ..
+      "(add it to policies/pricing_media.lua)"):format(tostring(spec.budget), tostring(model)),
+      { class = "unpriced", retryable = false })
+  end
+  return resil.budget(spec.budget):reserve(estimate)
 end
 
 -- The seconds of video a job's input asks for (`duration`, a number or a numeric string, as
@@ -685,7 +692,7 @@ function jobs.job(spec)
     n, counted = n + 1, counted + 1
     local akey = attempt_key(key, n)
     local alegacy = attempt_key(legacy, n)
-    local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(ctx, spec.input)))
+    local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(ctx, spec.input)), ctx.model)
     if spec.budget ~= nil and not ticket then return nil, berr end
     if ticket then ticket:keep() end -- (a video job may run past its hold)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
@@ -795,7 +802,7 @@ function jobs.speech(spec)
   if not ctx then return nil, cerr end
   ctx.retries_until = resil.now() + checked_deadline(ctx, spec, "ai.speech")
   local chars = ctx.adapter.characters(spec.text)
-  local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, { characters = chars }))
+  local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, { characters = chars }), ctx.model)
   if spec.budget ~= nil and not ticket then return nil, berr end
   ctx.refused = {} -- (the answers cut after their 200, see charge_cuts)
   local guard <close> = setmetatable({ ctx = ctx, spec = spec, chars = chars, ticket = ticket }, speech_guard)

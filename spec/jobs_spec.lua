@@ -733,6 +733,25 @@ describe("costs and budgets of jobs", function()
     local rows = resil.cost.breakdown("model")
     assert.are.equal(2, rows[1].calls)
   end)
+
+  -- (before: nothing was held for it and its row had no price, so a budget of $0.01 let every such
+  -- job and speech through, paid and never counted against it)
+  it("refuses a budgeted job or speech of a model without a price, before any request, as a chat call's", function()
+    m = resil.mock.start({ jobs = { polls = 0 } })
+    use(m.url)
+    resil.budget("media-unpriced", { limit = 0.01 })
+    local r, err = jobs.job({ model = "replicate/acme/unpriced:abc", input = { prompt = "a cat" },
+      budget = "media-unpriced" })
+    assert.is_nil(r)
+    assert.are.equal("unpriced", err.kind)
+    assert.matches("media%-unpriced", err.message)
+    local s, serr = jobs.speech({ model = "elevenlabs/eleven_unknown_v9", voice = "v1", text = "hello",
+      budget = "media-unpriced" })
+    assert.is_nil(s)
+    assert.are.equal("unpriced", serr.kind)
+    assert.is_nil(m:stats().routes.predictions)
+    assert.are.equal(0, #resil.cost.breakdown("model"))
+  end)
 end)
 
 describe("the mock's job APIs reject what the real ones reject", function()
