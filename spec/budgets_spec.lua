@@ -794,3 +794,28 @@ describe("budgets set against a frozen Redis (SIGSTOP)", function()
     assert.matches("limit %$5%.000000", cli("show frozen").stdout)
   end)
 end)
+
+-- A reservation the budget refused holds nothing, so its process has nothing to give up as it
+-- closes. (before: each refusal made a ticket the close released, a write per refusal; with
+-- another process holding the store's write lock then, a process that never held a cent said
+-- "resil_close: giving up the host's budget holds: ... database is locked")
+describe("a refused reservation at the process's close", function()
+  it("gives nothing up, and says nothing, with the store's write lock held by another process", function()
+    local db, go = helpers.tmpname(".db"), helpers.tmpname(".go")
+    local pid, out = helpers.start([[
+local resil = require "resil"
+local b = resil.budget("nothing-left", { limit = 0.01 })
+for _ = 1, 5 do assert(not b:reserve(1)) end
+io.stdout:write("refused\n"); io.stdout:flush()
+while not io.open(arg[1]) do resil.sleep(0.01) end
+]], ("--store '%s'"):format(db), go)
+    finally(function() if helpers.alive(pid) then os.execute("kill -9 " .. pid) end end)
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("refused") ~= nil end, 20), helpers.slurp(out))
+    local release = helpers.hold_write_lock(db)
+    finally(function() helpers.write(release, "") end)
+    helpers.write(go, "")
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 30))
+    helpers.write(release, "")
+    assert.are.equal("refused\n", helpers.slurp(out))
+  end)
+end)

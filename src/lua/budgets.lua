@@ -305,11 +305,15 @@ function Budget:reserve(estimate, o)
     return nil, resil.error("store_unavailable", ("budget '%s': its settings changed during %d reservations in a " ..
       "row; try again"):format(self.name, RESERVE_TRIES), { budget = self.name })
   end
-  local ticket = new_ticket(id, self, { period = period, per = per, estimate = estimate, store = s, hold = hold,
-    expires_at = now + hold })
+  -- (a ticket only for a hold made, or let through unchecked: one made for a refusal held nothing,
+  -- yet the close gave it up as an open hold, a write per refusal)
+  local function made()
+    return new_ticket(id, self, { period = period, per = per, estimate = estimate, store = s, hold = hold,
+      expires_at = now + hold })
+  end
   if ok == nil then -- the store is unavailable
     if not outage_passes(self, spent) then return nil, spent end -- fail closed
-    return unchecked(self, ticket, spent, now)
+    return unchecked(self, made(), spent, now)
   end
   if self.outage then
     resil.log.info("budget: store available again", { budget = self.name, unchecked = self.outage.unchecked,
@@ -323,6 +327,7 @@ function Budget:reserve(estimate, o)
       { budget = self.name, limit = limit, spent = from_micro(spent), reserved = from_micro(reserved),
         period = period })
   end
+  local ticket = made()
   owner_keep(backend_of[s], id, now + hold)
   local used = from_micro(spent + reserved)
   if used >= self.soft * limit then
