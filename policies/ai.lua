@@ -1719,7 +1719,7 @@ local function embed_strategy(spec, req, level, guard)
     if res == nil then return target_failed(t, cerr) end
     local r = adapter.embed_parse(classify.decoded(res))
     r.attempts = res.attempts
-    r.usage.requests = 1
+    if r.usage then r.usage.requests = 1 end
     return finish_result(t, r, nil)
   end }
 end

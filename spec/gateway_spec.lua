@@ -969,6 +969,27 @@ describe("gateway: embeddings", function()
     assert.are.equal(0, b:state().reserved)
   end)
 
+  -- (before: a usage it could not read was 0 tokens, priced $0: cost_usd 0 and no ledger row at all)
+  it("ai.embed: an answer without a usage it can read is a ledger row without a price, never a $0", function()
+    local _, m = start({ strict = true })
+    local usages = { false, { prompt_tokens = -5, total_tokens = 1 }, { prompt_tokens = "1000" } }
+    local n = 0
+    m:configure({ routes = { ["POST /v1/embeddings"] = function()
+      n = n + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        object = "list", model = "text-embedding-3-large", usage = usages[n] or nil,
+        data = { { object = "embedding", index = 0, embedding = { 0.5, 0.25 } } } }) }
+    end } })
+    local ai = require "policies.ai"
+    resil.budget("embed-no-usage", { limit = 1 })
+    for i = 1, #usages do
+      local r = assert(ai.embed({ model = "openai/text-embedding-3-large", input = "hello", budget = "embed-no-usage" }))
+      assert.is_nil(r.cost_usd, i)
+    end
+    local by = assert(resil.cost.breakdown("model"))
+    assert.are.same({ 3, 3 }, { by[1].calls, by[1].unpriced })
+  end)
+
   -- (before: its vectors' bytes were counted as output, 4 a token: 52,417 output tokens in the ledger and the
   -- token metrics for an embedding, said in an error line as more than max_tokens allows)
   it("ai.embed: an answer cut after its 200 is its input's charge, without output", function()

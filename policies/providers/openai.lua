@@ -479,10 +479,13 @@ function openai.embed_parse(data)
     if type(v) ~= "table" and type(v) ~= "string" then return nil, ("embedding %d is missing"):format(i - 1) end
     out[(math.tointeger(e.index) or (i - 1)) + 1] = v
   end
+  -- a usage without a readable count (none, a negative one, a string) is unknown, as a chat answer's:
+  -- its call a ledger row without a price, never a $0 one (which wrote no row and settled at 0)
   local u = type(data.usage) == "table" and data.usage or {}
+  local input = num(u.prompt_tokens)
+  if input == nil and absent(u.prompt_tokens) then input = num(u.total_tokens) end
   return { embeddings = out, model = type(data.model) == "string" and data.model or nil,
-    usage = { input_tokens = num(u.prompt_tokens) or 0, output_tokens = 0, cached_input_tokens = 0,
-      cache_write_tokens = 0 } }
+    usage = input and { input_tokens = input, output_tokens = 0, cached_input_tokens = 0, cache_write_tokens = 0 } }
 end
 
 return openai
