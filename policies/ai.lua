@@ -698,13 +698,35 @@ local function input_capped(r, req, u)
   return c
 end
 
+-- Without a max_tokens (a call with no budget that names none), an output count past what any model
+-- writes in one call (MOST_INPUT again: no model's output reaches its context) is the provider's
+-- garbage as well: 1e12 tokens for "hi" were a $600,000 row. Recorded at what the answer holds (its
+-- text and tool calls' arguments, 4 bytes a token, as a cut stream's output is), and said.
+local function output_capped(r, u)
+  local bytes = type(r.text) == "string" and #r.text or 0
+  for _, c in ipairs(type(r.tool_calls) == "table" and r.tool_calls or {}) do
+    if type(c) == "table" and type(c.arguments) == "string" then bytes = bytes + #c.arguments end
+  end
+  local c = {}
+  for k, v in pairs(u) do c[k] = v end
+  c.output_tokens = math.ceil(bytes / 4)
+  resil.log.error("ai: an answer reported more output tokens than any model writes; recorded at its text's estimate",
+    { provider = r.provider, model = r.model or r.requested_model, output_tokens = u.output_tokens,
+      recorded_output_tokens = c.output_tokens })
+  return c
+end
+
 local function capped_usage(r, req)
   local u, most = input_capped(r, req, r.usage), math.type(req.max_tokens) == "integer" and req.max_tokens or nil
   if not most and req.budget ~= nil then -- what wire_request sent a budgeted call without one
     local conf = ai.config[r.provider]
     most = budget_max_tokens(type(conf) == "table" and conf or nil, ai.adapters[r.provider])
   end
-  if math.type(most) ~= "integer" or type(u) ~= "table" or type(u.output_tokens) ~= "number" then return u end
+  if type(u) ~= "table" or type(u.output_tokens) ~= "number" then return u end
+  if math.type(most) ~= "integer" then
+    if u.output_tokens > MOST_INPUT and not u.estimated then return output_capped(r, u) end
+    return u
+  end
   if u.output_tokens <= most then return u end -- (within one choice's most: the common case)
   most = most * math.max(1, math.tointeger(req.n) or 1)
   if u.output_tokens <= most then return u end

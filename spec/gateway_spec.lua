@@ -520,6 +520,23 @@ describe("gateway: a hostile upstream", function()
     assert.are.equal(4096, json.decode(res.body).usage.completion_tokens)
   end)
 
+  -- (before: with no max_tokens to cap it, 1e12 output tokens for "ok" were a $600,000 ledger row, said nowhere)
+  it("an output count past what any model writes, with no max_tokens, is recorded at the answer's text", function()
+    local url = start(answering('{"prompt_tokens":1000,"completion_tokens":1e12}'))
+    resil.log.level("error")
+    finally(function() resil.log.level("off") end)
+    local lines = helpers.logged(function()
+      local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS })
+      assert.are.equal(200, res.status, res.body)
+      assert(helpers.wait_until(function() return #assert(resil.cost.breakdown("model")) == 1 end, 10))
+    end)
+    local one = require("policies.pricing").cost("openai", "gpt-4o-mini", { input_tokens = 1000, output_tokens = 1 })
+    assert.is_true(math.abs(resil.cost.total({}) - one) < 1e-6, tostring(resil.cost.total({})))
+    local said = false
+    for _, l in ipairs(lines) do said = said or l.msg:match("more output tokens than any model writes") ~= nil end
+    assert.is_true(said)
+  end)
+
   it("a stream whose usage is not an object (Anthropic's message_start, message_delta) is still relayed to its " ..
      "end and recorded", function()
     local sse_body = table.concat({
