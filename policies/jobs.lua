@@ -255,17 +255,17 @@ local function durable_key(spec)
 end
 
 local warned = {}
-local function warn_unpriced(model)
+local function warn_unpriced(model, why)
   if warned[model] then return end
   warned[model] = true
   resil.log.warn("no price for this model: its costs are recorded unpriced (add it to policies/pricing_media.lua)",
-    { model = model })
+    { model = model, error = why })
 end
 
 -- One ledger row per job (id = the provider's job id); with a ticket, the reservation is settled
 -- (how = "charge": counted in it beside the settle to come).
 local function charge(ctx, spec, operation, job_id, usage, ticket, how)
-  local usd = pricing.cost(ctx.name, ctx.model, usage)
+  local usd, why = pricing.cost(ctx.name, ctx.model, usage)
   local units = {}
   for k, v in pairs(usage or {}) do units[k] = v end
   -- a duration the provider reported that cannot be read (the adapter said which), or none at all
@@ -287,7 +287,7 @@ local function charge(ctx, spec, operation, job_id, usage, ticket, how)
     end
   end
   if usd == nil then
-    if not (units.unreadable or units.unknown) then warn_unpriced(ctx.model) end -- (those were said)
+    if not (units.unreadable or units.unknown) then warn_unpriced(ctx.model, why) end -- (those were said)
     units.unpriced = true
   end
   local entry = { provider = ctx.name, model = ctx.model, operation = operation, user = spec.user,

@@ -33,19 +33,44 @@ pricing.models = {
   ["elevenlabs/eleven_multilingual_v2"] = { per_1k_characters = 0.10 },
 }
 
--- the entry of a model: exact, then without a Replicate version pin
-function pricing.price(model)
-  local p = pricing.models[model]
-  if p then return p end
-  local unpinned = model:match("^(.-):%x+$")
-  return unpinned and pricing.models[unpinned] or nil
+-- An entry prices a job only when each of its fields is a unit above (or `duration`) holding a
+-- finite number >= 0, and it has one price at least: a typo ("per_outptu") priced every job at $0,
+-- which writes no ledger row, NaN did the same, and a string ("abc") raised out of ai.job. Such an
+-- entry is no price. -> nil | why
+local UNITS = { per_output = true, per_video_second = true, per_predict_second = true, per_1k_characters = true }
+local function malformed(p)
+  if type(p) ~= "table" then return "not a table" end
+  local any
+  for field, v in pairs(p) do
+    if not UNITS[field] and field ~= "duration" then return ("unknown field '%s'"):format(tostring(field)) end
+    if math.type(v) == nil or v ~= v or v < 0 or v == math.huge then
+      return ("%s must be a number >= 0, not %s"):format(field, tostring(v))
+    end
+    any = any or UNITS[field]
+  end
+  if not any then return "no price field" end
+  return nil
 end
 
--- cost(provider, model, usage) -> usd | nil (no price for this model)
+-- the entry of a model: exact, then without a Replicate version pin -> the entry | nil, why (none,
+-- or a malformed one, which is no price)
+function pricing.price(model)
+  local p = pricing.models[model]
+  if p == nil then
+    local unpinned = type(model) == "string" and model:match("^(.-):%x+$")
+    p = unpinned and pricing.models[unpinned] or nil
+  end
+  if p == nil then return nil end
+  local bad = malformed(p)
+  if bad then return nil, ("malformed price for %s: %s"):format(tostring(model), bad) end
+  return p
+end
+
+-- cost(provider, model, usage) -> usd | nil, why (no price for this model, or a malformed one)
 -- usage: { outputs=, video_seconds=, predict_seconds=, characters= }
 function pricing.cost(provider, model, usage)
-  local p = pricing.price(model)
-  if p == nil then return nil end
+  local p, why = pricing.price(model)
+  if p == nil then return nil, why end
   usage = usage or {}
   local usd = 0
   if p.per_output then usd = usd + p.per_output * (usage.outputs or 0) end

@@ -734,6 +734,30 @@ describe("costs and budgets of jobs", function()
     assert.are.equal(2, rows[1].calls)
   end)
 
+  -- (before: a typo priced every job at $0, which wrote no ledger row, NaN the same, and "abc" raised out of
+  -- ai.job; pricing.lua's tables were checked so, pricing_media.lua's not)
+  it("a malformed price (a typo, a string, NaN) is no price: the job's row is written without one, and said", function()
+    local pricing = require "policies.pricing_media"
+    local bad = { ["replicate/acme/typo"] = { per_outptu = 0.003 }, ["replicate/acme/text"] = { per_output = "abc" },
+      ["replicate/acme/nan"] = { per_output = 0 / 0 } }
+    for model, price in pairs(bad) do pricing.models[model] = price end
+    finally(function() for model in pairs(bad) do pricing.models[model] = nil end end)
+    m = resil.mock.start({ jobs = { polls = 0 } })
+    use(m.url)
+    local lines = capture_log(function()
+      for model in pairs(bad) do
+        local r = assert(jobs.job({ model = model, input = { prompt = "a cat" }, attempts = 1 }))
+        assert.is_nil(r.cost_usd, model)
+      end
+    end)
+    local said = 0
+    for _, l in ipairs(lines) do if tostring(l.error):match("^malformed price for replicate/acme/") then said = said + 1 end end
+    assert.are.equal(3, said)
+    local rows = resil.cost.breakdown("model")
+    assert.are.equal(3, #rows)
+    for _, row in ipairs(rows) do assert.are.same({ 1, 1 }, { row.calls, row.unpriced }) end
+  end)
+
   -- (before: nothing was held for it and its row had no price, so a budget of $0.01 let every such
   -- job and speech through, paid and never counted against it)
   it("refuses a budgeted job or speech of a model without a price, before any request, as a chat call's", function()
