@@ -332,13 +332,15 @@ local function input_seconds(input)
 end
 
 -- what a job will likely use, for a budget's reservation: a count or a duration that cannot be one
--- (negative, NaN, 1e12) is the usual one (it raised out of budget:reserve, from inside jobs.lua)
-local function estimate_usage(ctx, input)
+-- (negative, NaN, 1e12) is the usual one (it raised out of budget:reserve, from inside jobs.lua).
+-- deadline: the job's, the most a model billed by the second runs before it is canceled (held at
+-- nothing, ten such jobs at once on a $0.05 budget spent $0.20)
+local function estimate_usage(ctx, input, deadline)
   input = type(input) == "table" and input or {}
   local n = tonumber(input.num_outputs or input.num_images)
   local price = pricing.price(ctx.model)
   return { outputs = n and n >= 1 and n <= 1000 and n or 1,
-    video_seconds = input_seconds(input) or price and price.duration or 5 }
+    video_seconds = input_seconds(input) or price and price.duration or 5, predict_seconds = deadline }
 end
 
 -- A create whose answer was cut after its 2xx: the provider made a job nobody can follow (no id), and
@@ -692,7 +694,7 @@ function jobs.job(spec)
     n, counted = n + 1, counted + 1
     local akey = attempt_key(key, n)
     local alegacy = attempt_key(legacy, n)
-    local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(ctx, spec.input)), ctx.model)
+    local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(ctx, spec.input, deadline)), ctx.model)
     if spec.budget ~= nil and not ticket then return nil, berr end
     if ticket then ticket:keep() end -- (a video job may run past its hold)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },

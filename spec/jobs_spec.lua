@@ -734,6 +734,30 @@ describe("costs and budgets of jobs", function()
     assert.are.equal(2, rows[1].calls)
   end)
 
+  -- (before: a model billed by the second was held at $0, whatever it might run: ten such jobs at once on a
+  -- $0.05 budget spent $0.20)
+  it("holds a job billed by the second at its deadline's worth: jobs at once spend no more than the budget", function()
+    local pricing = require "policies.pricing_media"
+    pricing.models["replicate/acme/gpu"] = { per_predict_second = 0.001 }
+    finally(function() pricing.models["replicate/acme/gpu"] = nil end)
+    m = resil.mock.start({ jobs = { duration = 20, predict_time = 20 } })
+    use(m.url)
+    local b = resil.budget("media-gpu", { limit = 0.05 })
+    local tasks, served = {}, 0
+    for i = 1, 5 do
+      tasks[i] = resil.spawn(jobs.job, { model = "replicate/acme/gpu", input = { prompt = "cat " .. i }, attempts = 1,
+        deadline = 40, budget = "media-gpu" })
+    end
+    for i = 1, 5 do
+      local _, r, err = tasks[i]:join()
+      if r then served = served + 1 else assert.are.equal("budget_exceeded", err.kind) end
+    end
+    assert.is_true(served >= 1)
+    local st = b:state()
+    assert.is_true(st.spent <= 0.05, tostring(st.spent))
+    assert.are.equal(0, st.reserved)
+  end)
+
   -- (before: a typo priced every job at $0, which wrote no ledger row, NaN the same, and "abc" raised out of
   -- ai.job; pricing.lua's tables were checked so, pricing_media.lua's not)
   it("a malformed price (a typo, a string, NaN) is no price: the job's row is written without one, and said", function()
