@@ -254,6 +254,21 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.is_nil((budget:reserve(0.01)))
     end)
 
+    -- (before: a string raised inside budgets.lua, and a field the ledger refuses raised after the ticket was
+    -- done: either way its hold was no longer kept nor given up at the close, ticket:extend said hold_ended)
+    it("a settle with cost fields of the wrong type raises at the caller's line; the hold is still the ticket's",
+      function()
+      local budget = resil.budget("money-fields", { limit = 1 })
+      local t = assert(budget:reserve(0.5))
+      misuse(function() local _ = t:settle(0.1, "openai") end, "ticket:settle: cost fields must be a table or nil")
+      misuse(function() local _ = t:settle(0.1, { provider = 5 }) end, "resil.cost.record: provider must be a string")
+      misuse(function() local _ = t:charge(0.1, "openai") end, "ticket:charge: cost fields must be a table or nil")
+      assert.is_true(t:extend())
+      assert.are.same({ 0, 0.5 }, { assert(budget:state()).spent, assert(budget:state()).reserved })
+      assert.is_true(t:settle(0.1, { provider = "p" }))
+      assert.are.same({ 0.1, 0 }, { assert(budget:state()).spent, assert(budget:state()).reserved })
+    end)
+
     it("a call that cost less than a micro-dollar still has its ledger row; a settle of 0 has none", function()
       local budget = resil.budget("money-tiny", { limit = 1 })
       assert.is_true(assert(budget:reserve(0.01)):settle(0.0000004, { provider = "tiny", units = { input_tokens = 20 } }))

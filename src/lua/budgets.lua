@@ -497,9 +497,9 @@ end }
 -- without it (costs.lua, LATER_MAX).
 function Ticket:settle(actual, e)
   if not is_usd(actual) then error("ticket:settle: actual must be a number from 0 to 1e9", 2) end
-  self.done = true -- (a guard that would release it on a cancel has nothing left to do)
-  stop_keeping(self)
-  if self.store then owner_drop(backend_of[self.store], self.id) end
+  -- (the fields checked before the ticket is done: a string here raised inside this file, and a
+  -- field the ledger refuses at the caller's line, each with the hold left open and no longer kept)
+  if e ~= nil and type(e) ~= "table" then error("ticket:settle: cost fields must be a table or nil", 2) end
   local fields = {}
   for k, v in pairs(e or {}) do fields[k] = v end
   -- the cost counts in the period the settle falls in, its ledger row's (a call across midnight is
@@ -512,6 +512,9 @@ function Ticket:settle(actual, e)
   -- a call that cost something, however little (under half a micro-dollar
   -- rounds to 0): its row is written; settle(0) writes none
   entry.charged = actual > 0
+  self.done = true -- (a guard that would release it on a cancel has nothing left to do)
+  stop_keeping(self)
+  if self.store then owner_drop(backend_of[self.store], self.id) end
   local s, serr = store_of(self)
   if not s and actual == 0 then return true end -- (unchecked, no store yet: no hold, no row to undo)
   if not s then -- (unchecked: the store still cannot be opened) tried again as one it refused
@@ -550,6 +553,7 @@ end
 -- grows by `actual` whether or not the budget has room left (it was paid).
 function Ticket:charge(actual, e)
   if not is_usd(actual) then error("ticket:charge: actual must be a number from 0 to 1e9", 2) end
+  if e ~= nil and type(e) ~= "table" then error("ticket:charge: cost fields must be a table or nil", 2) end
   ticket_seq = ticket_seq + 1
   -- (named after the call's ticket: the store counts it in the period that ticket is in, which a
   -- period switch may have changed since it was reserved)
