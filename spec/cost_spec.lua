@@ -170,13 +170,20 @@ describe("resil.cost inside steps and once (one process)", function()
 
   -- (rows nobody waits for are written in C, one statement each and no savepoint: one that fails must
   -- undo only itself, and the metrics count what was written, once per commit)
-  it("wait = false: a row the ledger cannot hold (a run id that is a table) is refused in the log; the rows " ..
+  it("wait = false: a row the ledger refuses (here a trigger's) is refused in the log; the rows " ..
      "committed with it are written and counted, their token counts by type", function()
+    -- (a table as its run id was such a row; it is refused at the caller's line now, so the store refuses it)
+    local db = assert(resil.sqlite.open(resil.store().url, {}))
+    db:tx(function(tx)
+      tx:exec("CREATE TRIGGER refuse_a_dollar BEFORE INSERT ON costs WHEN NEW.micro_usd = 1000000 " ..
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    end)
+    db:close()
     local text
     local lines = helpers.logged(function()
       assert(resil.cost.record({ provider = "mixed", model = "m", usd = 0.25, id = "mixed-1",
         units = { prompt_tokens = 4, completion_tokens = 2 }, wait = false }))
-      assert(resil.cost.record({ provider = "mixed", model = "m", usd = 1, run = {}, wait = false }))
+      assert(resil.cost.record({ provider = "mixed", model = "m", usd = 1, wait = false }))
       assert(resil.cost.record({ provider = "mixed", model = "m", usd = 0.5, id = "mixed-1", wait = false }))
       assert(resil.cost.record({ provider = "mixed", model = "m", units = { input_tokens = 3 }, wait = false }))
       assert.are.equal(0.25, resil.cost.total({ provider = "mixed" }))
@@ -419,6 +426,21 @@ print(b:state().spent)
     local users = assert(resil.cost.breakdown("user"))
     assert.are.equal(1, #users)
     assert.are.same({ "42", 2, 1 }, { users[1].key, users[1].calls, users[1].usd })
+  end)
+
+  -- (before: a table as a row's run, step, item, budget or period failed its insert: raised from inside the
+  -- store, or, for a row nobody waits for, lost at the next commit with "the ledger refused a row")
+  it("refuses a run, step, item, budget or period that is not a string, at the caller's line", function()
+    fresh_store()
+    for _, wait in ipairs({ true, false }) do
+      for _, field in ipairs({ "run", "step", "item", "budget", "period" }) do
+        local e = { provider = "p", usd = 0.5, wait = wait }
+        e[field] = { "x" }
+        local ok, err = pcall(function() local r = resil.cost.record(e); return r end)
+        assert.is_false(ok)
+        assert.matches("cost_spec.lua:%d+: resil.cost.record: " .. field .. " must be a string or nil, not a table", err)
+      end
+    end
   end)
 
   -- (before: the migration ran in the first task that opened the store, and the watchdog stopped

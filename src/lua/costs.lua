@@ -137,6 +137,16 @@ local function checked(e)
       end
     end
   end
+  -- (the ledger's other text columns, seldom given: a table there failed the row's insert, at the
+  -- store's next commit for a row nobody waits for, its cost lost with "the ledger refused a row")
+  if e.run ~= nil or e.step ~= nil or e.item ~= nil or e.budget ~= nil or e.period ~= nil then
+    for _, field in ipairs({ "run", "step", "item", "budget", "period" }) do
+      local t = type(e[field])
+      if t ~= "nil" and t ~= "string" and t ~= "number" then
+        error(("resil.cost.record: %s must be a string or nil, not a %s"):format(field, t), 4)
+      end
+    end
+  end
   local units = e.units
   if units ~= nil then
     local ok, text = false, "not a table"
