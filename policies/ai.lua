@@ -128,6 +128,10 @@ function ai.configure(provider, conf)
   if conf.cache ~= nil and not cache_ok(conf.cache) then
     error("ai.configure: cache must be {ttl = seconds}, seconds > 0", 2)
   end
+  if conf.retry ~= nil then
+    local wrong = require("policies.retry").check(conf.retry)
+    if wrong then error(("ai.configure '%s': %s"):format(provider, wrong), 2) end
+  end
   if type(conf.api_key) == "string" and #conf.api_key >= 6 then resil.log.redact(conf.api_key) end
   if conf.service_tier ~= nil and type(conf.service_tier) ~= "string" then
     error("ai.configure: service_tier must be a string (\"priority\", \"flex\", \"default\", ...)", 2)

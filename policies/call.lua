@@ -440,6 +440,10 @@ function call.provider(name, conf)
     self.semaphore = sem
     self.releaser = setmetatable({}, { __close = function() sem:release() end })
   end
+  if conf.retry ~= nil then
+    local wrong = retry.check(conf.retry)
+    if wrong then error(("call.provider '%s': %s"):format(name, wrong), 2) end
+  end
   local r = {}
   for k, v in pairs(conf.retry or {}) do r[k] = v end
   r.provider = name

@@ -136,6 +136,59 @@ local function check_budget(name, conf)
   check("min_per_second", function(v) return v >= 0 and v < math.huge end, "a non-negative number")
 end
 
+-- retry.check(opts) -> nil | what is wrong with retry options, for the line that gave them (a NaN
+-- max_retries retried without end, a string one or an unknown backoff raised inside this file
+-- after the first attempt had been made and paid for, a negative one was taken as 0)
+local function nonneg(v, finite) return v >= 0 and (not finite or v < math.huge) end
+local OPTION_NUMBERS = { -- name -> finite, what it must be
+  base = { true, "a number of seconds >= 0" }, cap = { false, "a number of seconds >= 0" },
+  max_retry_after = { false, "a number of seconds >= 0" }, attempt_time = { true, "a number of seconds >= 0" },
+  timeout = { false, "a number of seconds >= 0" },
+}
+local OPTION_FUNCTIONS = { "random", "on_retry", "sleep", "classify", "give_up" }
+local function shown(v) return type(v) == "string" and ("%q"):format(v) or tostring(v) end
+local function retries_ok(v) return type(v) == "number" and v >= 0 and (v == floor(v) or v == math.huge) end
+function retry.check(opts)
+  if type(opts) ~= "table" then return ("retry options must be a table, got %s"):format(type(opts)) end
+  local m = opts.max_retries
+  if type(m) == "table" then
+    for class, n in pairs(m) do
+      if not retries_ok(n) then
+        return ("retry: max_retries.%s must be a whole number >= 0 (or math.huge), got %s"):format(
+          tostring(class), shown(n))
+      end
+    end
+  elseif m ~= nil and not retries_ok(m) then
+    return ("retry: max_retries must be a whole number >= 0 (or math.huge), or {class = n}, got %s"):format(shown(m))
+  end
+  for k, rule in pairs(OPTION_NUMBERS) do
+    local v = opts[k]
+    if v ~= nil and not (type(v) == "number" and nonneg(v, rule[1])) then
+      return ("retry: %s must be %s, got %s"):format(k, rule[2], shown(v))
+    end
+  end
+  if opts.deadline ~= nil and not (type(opts.deadline) == "number" and opts.deadline == opts.deadline) then
+    return ("retry: deadline must be a number (resil.now()'s scale), got %s"):format(shown(opts.deadline))
+  end
+  for _, k in ipairs({ "backoff", "strategy" }) do
+    local v = opts[k]
+    if v ~= nil and retry.strategies[v] == nil then
+      local names = {}
+      for name in pairs(retry.strategies) do names[#names + 1] = name end
+      table.sort(names)
+      return ("retry: unknown backoff strategy '%s' (one of %s)"):format(tostring(v), table.concat(names, ", "))
+    end
+  end
+  for _, k in ipairs(OPTION_FUNCTIONS) do
+    local v = opts[k]
+    local mt = v ~= nil and type(v) ~= "function" and getmetatable(v)
+    if v ~= nil and type(v) ~= "function" and not (type(mt) == "table" and mt.__call) then
+      return ("retry: %s must be a function, got %s"):format(k, type(v))
+    end
+  end
+  return nil
+end
+
 -- retry.budget(name [, conf]) -> the budget of a provider; it survives reloads.
 local budgets = resil.keep("retry.budgets")
 function retry.budget(name, conf)
@@ -312,6 +365,10 @@ end
 function retry.call(fn, opts, ...)
   if type(fn) ~= "function" then error("retry.call: fn must be a function", 2) end
   opts = opts or EMPTY
+  if opts ~= EMPTY then
+    local wrong = retry.check(opts)
+    if wrong then raise_at_caller(wrong) end
+  end
   local deadline = opts.deadline or (opts.timeout and resil.now() + opts.timeout)
   return attempts(fn, opts, deadline, opts.give_up, ...)
 end

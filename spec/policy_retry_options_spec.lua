@@ -71,3 +71,44 @@ describe("a retry budget's options", function()
     assert.is_false(b:withdraw())
   end)
 end)
+
+describe("a retry's other options", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  it("that cannot be meant raise at the line that gave them, before any attempt", function()
+    -- (before: max_retries = NaN retried without end, -1 was taken as 0 and 1.5 as 2, "3" or an
+    -- unknown backoff raised inside retry.lua after the first attempt had been made and paid)
+    local bad = { { max_retries = 0 / 0 }, { max_retries = -1 }, { max_retries = 1.5 }, { max_retries = "3" },
+      { max_retries = { server_error = -2 } }, { base = -1 }, { base = 0 / 0 }, { cap = 0 / 0 },
+      { max_retry_after = -1 }, { timeout = 0 / 0 }, { deadline = "5" }, { random = 3 }, { backoff = "expo" },
+      { on_retry = "log" } }
+    for i, opts in ipairs(bad) do
+      opts.budget = false
+      local attempts = 0
+      local ok, err = pcall(function()
+        return retry.call(function()
+          attempts = attempts + 1
+          if attempts > 1 then return "ok" end -- (so that the NaN one ends without the check)
+          return { status = 503, headers = {}, body = "" }
+        end, opts)
+      end)
+      assert.is_false(ok, "taken: " .. i)
+      assert.matches("policy_retry_options_spec.lua:%d+: retry: ", err)
+      assert.are.equal(0, attempts, i)
+    end
+    -- (the edges that are meant: none, no end, no wait)
+    for _, opts in ipairs({ { max_retries = 0 }, { max_retries = math.huge, base = 0 }, { cap = math.huge } }) do
+      assert.are.equal("ok", retry.call(function() return "ok" end, opts))
+    end
+  end)
+
+  it("given to a provider or ai.configure raise there, naming it", function()
+    local ok, err = pcall(call.provider, "retry-bad", { retry = { max_retries = -1 } })
+    assert.is_false(ok)
+    assert.matches("call.provider 'retry%-bad': retry: max_retries must be a whole number", err)
+    ok, err = pcall(function() require("policies.ai").configure("openai", { retry = { backoff = "expo" } }) end)
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec.lua:%d+: ai.configure 'openai': retry: unknown backoff strategy 'expo'", err)
+  end)
+end)
