@@ -237,6 +237,18 @@ end
 
 local EMPTY = {}
 
+-- a classifier's answer that is neither nil (a success) nor a verdict with a class: said with
+-- where the classifier is defined (it raised inside this file, 'table index is nil', or inside
+-- classify.lua, and a string was taken for a verdict)
+local function bad_verdict(classify_fn, verdict)
+  local info = type(classify_fn) == "function" and debug.getinfo(classify_fn, "S")
+  local where = info and info.what ~= "C" and ("%s:%d"):format(info.short_src, info.linedefined) or tostring(classify_fn)
+  local got = type(verdict) == "table" and "a table without a string class" or
+    ("%s %s"):format(type(verdict), type(verdict) == "string" and ("%q"):format(verdict) or tostring(verdict))
+  raise_at_caller(("retry: the classifier defined at %s returned %s; it must return nil (a success) or a " ..
+    "verdict {class = \"...\", retryable = true|false, ...}"):format(where, got))
+end
+
 -- retry.call(fn, opts, ...) -> fn's result | nil, err (err.attempts, err.class)
 -- fn(attempt, ...) returns res, err like resil.http.request; anything that is not
 -- an HTTP response and not an error is a success.
@@ -294,6 +306,9 @@ local function attempts(fn, opts, deadline, give_up, ...)
       if resil.run then resil.run.attempted(provider, now() - t0) end
     end
     verdict = classify_fn(res, err, opts)
+    if verdict ~= nil and (type(verdict) ~= "table" or type(verdict.class) ~= "string") then
+      bad_verdict(classify_fn, verdict)
+    end
     if verdict == nil then
       -- a response table says how many attempts it took (as res.time says how long); not an object
       -- of the host's (a budget's ticket, a store: their metatables hidden), which the sandbox's
@@ -315,7 +330,10 @@ local function attempts(fn, opts, deadline, give_up, ...)
     -- (`backoff`, as the classify rules and the README name it: read only `strategy`, it was ignored)
     local strategy = opts.strategy or opts.backoff or verdict.backoff or "exponential"
     local delay_fn = retry.strategies[strategy]
-    if delay_fn == nil then error(("retry: unknown backoff strategy '%s'"):format(tostring(strategy)), 2) end
+    if delay_fn == nil then -- (a classify rule's: the options' are refused by retry.check)
+      raise_at_caller(("retry: unknown backoff strategy '%s' (the verdict of class '%s')"):format(
+        tostring(strategy), class))
+    end
     -- (the backoff's options are read when a retry needs them: most calls take one attempt)
     local base, cap = opts.base or retry.defaults.base, opts.cap or retry.defaults.cap
     local delay = delay_fn(attempt - 1, base, cap, prev_delay, opts.random or default_random)

@@ -112,3 +112,36 @@ describe("a retry's other options", function()
     assert.matches("policy_retry_options_spec.lua:%d+: ai.configure 'openai': retry: unknown backoff strategy 'expo'", err)
   end)
 end)
+
+describe("a retry's classifier", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  it("that answers something other than nil or a verdict with a class is named, with where it is defined", function()
+    -- (before: 'retry.lua:...: attempt to index a number value (local 'verdict')', 'table index is
+    -- nil' or 'classify.lua:...: bad argument #1 to 'for iterator'', naming nothing of the user's)
+    for _, answer in ipairs({ "retry", 42, true, { retryable = true, max_retries = 1 } }) do
+      local classifier = function() return answer end
+      local line = debug.getinfo(classifier, "S").linedefined
+      local ok, err = pcall(retry.call, function() return nil, resil.error("server_error", "503") end,
+        { budget = false, classify = classifier })
+      assert.is_false(ok)
+      assert.matches("retry: the classifier defined at spec/policy_retry_options_spec.lua:" .. line .. " returned ", err)
+    end
+    -- an unknown class is a class like another: not retried unless its verdict says so
+    local n = 0
+    local _, err = retry.call(function() n = n + 1; return nil, resil.error("server_error", "503") end,
+      { budget = false, base = 0, classify = function() return { class = "weird", retryable = true, max_retries = 2 } end })
+    assert.are.equal("weird", err.class)
+    assert.are.equal(3, n)
+  end)
+
+  it("whose verdict names an unknown backoff is said with the class, at the caller's line", function()
+    local ok, err = pcall(function()
+      return retry.call(function() return nil, resil.error("server_error", "503") end,
+        { budget = false, classify = function() return { class = "x", retryable = true, max_retries = 1, backoff = "nope" } end })
+    end)
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec.lua:%d+: retry: unknown backoff strategy 'nope' %(the verdict of class 'x'%)", err)
+  end)
+end)
