@@ -189,6 +189,22 @@ describe("the virtual clock", function()
     assert.are.equal("0 failed, mock saw 3000", helpers.slurp(out):match("[^\n]*"))
   end)
 
+  it("keeps a finite time when a sleep of math.huge ends on it, as the real clock does (31 years)", function()
+    -- (before: the clock jumped to inf; a bucket of burst 1 then handed out 9,223,358,967 tokens and
+    -- a breaker never opened, for the rest of the process: the busted run's other specs too)
+    local t0 = resil.now()
+    local sleeper = resil.spawn(function() resil.sleep(math.huge); return "woke" end)
+    assert.are.same({ true, "woke" }, { sleeper:join() })
+    assert.are.equal(1e9, resil.now() - t0)
+    local b = resil.bucket("virtual-huge-sleep", { rate = 1, per = 1, burst = 1 })
+    assert.are.same({ true, 0 }, { b:try() })
+    assert.is_false((b:try()))
+    local br = resil.breaker("virtual-huge-sleep", { window_type = "time", window = 10, min_calls = 1,
+      failure_rate = 0.5, open_for = 1 })
+    br:call(function() return nil, resil.error("server_error", "503") end)
+    assert.are.equal("open", br:state())
+  end)
+
   it("can be switched back to real time", function()
     assert.is_true(resil.clock.is_virtual())
     resil.clock.real()

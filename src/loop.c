@@ -174,6 +174,9 @@ void timer_start(resil_timer *tm, double seconds) {
   resil_t *R = tm->R;
   timer_stop(tm);
   if (seconds < 0) seconds = 0;
+  /* (on the virtual clock too: a sleep(math.huge) that fired there set the clock to inf, and
+   * every bucket, breaker and deadline after it went wrong) */
+  if (seconds > 1e9) seconds = 1e9;
   if (R->virtual_clock) {
     tm->deadline = R->virtual_now + seconds;
     tm->seq = R->timer_seq++;
@@ -181,7 +184,6 @@ void timer_start(resil_timer *tm, double seconds) {
   } else {
     if (!tm->ev) tm->ev = evtimer_new(R->base, real_timer_cb, tm);
     if (!tm->ev) return;
-    if (seconds > 1e9) seconds = 1e9;
     struct timeval tv = {(time_t)seconds, (suseconds_t)((seconds - (double)(time_t)seconds) * 1e6)};
     evtimer_add(tm->ev, &tv);
   }
