@@ -237,6 +237,27 @@ describe("resil.timeout", function()
   it("re-raises fn's error", function()
     assert.has_error(function() resil.timeout(1, function() error("inner", 0) end) end, "inner")
   end)
+
+  it("refuses a NaN limit at the caller's line, and a join's limit already passed is up at once", function()
+    -- (before: resil.timeout(0/0, fn), a deadline computed from a NaN, ran fn with no limit at all;
+    -- t:join(deadline - resil.now()) once the deadline had passed waited for good)
+    local ran = false
+    local ok, err = pcall(function()
+      local v = resil.timeout(0 / 0, function() ran = true; resil.sleep(1e6) end)
+      return v
+    end)
+    assert.is_false(ok)
+    assert.matches("loop_spec.lua:%d+: resil.timeout: seconds must be a number >= 0, got %-?nan", err)
+    assert.is_false(ran)
+    local slow = resil.spawn(resil.sleep, 60)
+    local t0 = resil.now()
+    local r, e = slow:join(-1)
+    assert.is_nil(r)
+    assert.matches("did not finish in time", tostring(e))
+    assert.are.equal(0, resil.now() - t0)
+    assert.has_error(function() slow:join(0 / 0) end)
+    slow:cancel()
+  end)
 end)
 
 describe("resil.map", function()

@@ -1272,7 +1272,11 @@ static int join_k(lua_State *L, int status, lua_KContext ctx) {
 /* t:join([timeout]) -> true, results... | false, err | nil, err{kind="timeout"} */
 static int task_join(lua_State *L) {
   task *t = check_task(L, 1);
+  /* (none: no limit; a NaN, as from a deadline that was NaN, had none either, and a negative one,
+   * a deadline already passed, waited for good: the second is up at once, NaN refused) */
   double timeout = luaL_optnumber(L, 2, -1);
+  if (timeout != timeout) return luaL_argerror(L, 2, "NaN");
+  if (timeout < 0 && !lua_isnoneornil(L, 2)) timeout = 0;
   lua_settop(L, 1);
   if (t->state == TASK_DONE) return push_results(L, t);
   task *me = task_current(L, "task:join");

@@ -31,8 +31,8 @@ local function timeout_result(seconds, child, ok, ...)
 end
 
 function resil.timeout(seconds, fn, ...)
-  if type(seconds) ~= "number" or seconds < 0 then
-    error("resil.timeout: seconds must be a number >= 0", 2)
+  if type(seconds) ~= "number" or not (seconds >= 0) then -- (NaN: no deadline at all, before)
+    error(("resil.timeout: seconds must be a number >= 0, got %s"):format(tostring(seconds)), 2)
   end
   if type(fn) ~= "function" then error("resil.timeout: fn must be a function", 2) end
   local child = resil.spawn(fn, ...)
