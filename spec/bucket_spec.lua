@@ -202,6 +202,27 @@ describe("resil.bucket (GCRA)", function()
     assert.are.equal(9, rpm:remaining())
   end)
 
+  it("acquire_all refuses a NaN timeout and an entry that is not {bucket, n} at the caller's line", function()
+    -- (before: a NaN timeout waited for good; {{}, 1} raised "[resil limits]:500: attempt to call a
+    -- nil value (method 'wait_time')")
+    local b = fresh { rate = 1, per = 60, burst = 1 }
+    assert.is_true((b:try()))
+    local t = resil.spawn(function() return pcall(function()
+      local ok, err = resil.acquire_all({ { b, 1 } }, { timeout = 0 / 0 })
+      return ok, err
+    end) end)
+    local done, ok, err = t:join(600)
+    t:cancel()
+    assert.is_true(done, "still waiting")
+    assert.is_false(ok)
+    assert.matches("bucket_spec.lua:%d+: resil.acquire_all: timeout must be a number >= 0", err)
+    for _, entry in ipairs({ { {}, 1 }, { "b", 1 }, 5 }) do
+      ok, err = pcall(function() local r = resil.acquire_all({ entry }); return r end)
+      assert.is_false(ok)
+      assert.matches("bucket_spec.lua:%d+: resil.acquire_all: entry 1 must be {bucket, n}", err)
+    end
+  end)
+
   it("observe pauses the bucket until the provider's reset when it says exhausted", function()
     local b = fresh { rate = 100, per = 60, burst = 100 }
     local paused = b:observe({ ["x-ratelimit-remaining-requests"] = "0", ["x-ratelimit-reset-requests"] = "6m0s" })

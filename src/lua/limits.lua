@@ -489,6 +489,19 @@ end
 function resil.acquire_all(list, opts)
   if type(list) ~= "table" then error("resil.acquire_all: expects a list of {bucket, n}", 2) end
   local timeout = opts and opts.timeout
+  -- (a NaN timeout waited for good; an entry that is not {bucket, n} raised inside this file,
+  -- "attempt to call a nil value (method 'wait_time')", naming no line of the caller's)
+  if timeout ~= nil and not (type(timeout) == "number" and timeout >= 0) then
+    error(("resil.acquire_all: timeout must be a number >= 0, got %s"):format(tostring(timeout)), 2)
+  end
+  for i = 1, #list do
+    local e = list[i]
+    local b = type(e) == "table" and e[1]
+    if not ((type(b) == "userdata" or type(b) == "table") and b.wait_time) then
+      error(("resil.acquire_all: entry %d must be {bucket, n}, got %s"):format(i,
+        type(e) == "table" and ("{%s, ...}"):format(type(e[1])) or type(e)), 2)
+    end
+  end
   local deadline = timeout and resil.now() + timeout
   local shared = {}
   for i = 1, #list do
