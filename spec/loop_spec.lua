@@ -205,6 +205,26 @@ describe("the virtual clock", function()
     assert.are.equal("open", br:state())
   end)
 
+  it("never goes back when switched to real time and back: a breaker opened on it stays open for its open_for", function()
+    -- (before: switched back to real time, resil.now() went back by the virtual time slept, an hour
+    -- here, and the breaker stayed open that hour of real time; switched to virtual again, it went back again)
+    resil.log.level("error")
+    resil.sleep(3600)
+    local br = resil.breaker("virtual-to-real", { window_type = "count", window = 4, min_calls = 2,
+      failure_rate = 0.5, open_for = 1 })
+    for _ = 1, 2 do br:call(function() return nil, resil.error("server_error", "503") end) end
+    local before = resil.now()
+    resil.clock.real()
+    local real_now = resil.now()
+    local _, err = br:call(function() return "ok" end)
+    resil.clock.virtual()
+    resil.log.level("info")
+    assert.is_true(real_now >= before, ("went back %.1f s"):format(before - real_now))
+    assert.are.equal("circuit_open", err.kind)
+    assert.is_true(err.retry_after <= 1, "open for " .. err.retry_after .. " s more")
+    assert.is_true(resil.now() >= real_now)
+  end)
+
   it("can be switched back to real time", function()
     assert.is_true(resil.clock.is_virtual())
     resil.clock.real()

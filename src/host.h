@@ -73,6 +73,9 @@ struct resil {
   /* clock */
   int virtual_clock;
   double virtual_now;
+  double clock_lead; /* the real clock's lead over CLOCK_MONOTONIC: the time a virtual clock ran ahead
+                      * (switched back to real time, resil.now() went back by as much, and a breaker
+                      * opened on the virtual clock stayed open that long) */
   resil_timer **vheap;
   size_t vheap_len, vheap_cap;
   uint64_t timer_seq;
@@ -329,6 +332,7 @@ void timer_free(resil_timer *tm);
 int resil_traceback(lua_State *L); /* message handler for lua_pcall */
 const char *resil_describe(lua_State *L, int idx); /* pushes a message for any value; never raises */
 int resil_sensitive_field(const char *name, size_t n); /* error.c: a field written redacted in error reports */
+int resil_l_store_clock(lua_State *L); /* ...as private.store_clock(): resil.now() without that lead */
 int resil_l_sensitive_field(lua_State *L);              /* ...as private.sensitive_field(name) */
 void describe_hook(lua_State *L, lua_Debug *ar); /* error.c: resil_describe's cap on a __tostring */
 int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's line */

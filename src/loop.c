@@ -92,7 +92,15 @@ double monotonic_seconds(void) {
 }
 
 double resil_now(resil_t *R) {
-  return R->virtual_clock ? R->virtual_now : monotonic_seconds();
+  return R->virtual_clock ? R->virtual_now : monotonic_seconds() + R->clock_lead;
+}
+
+/* the store's clock (store.lua): resil.now() without the lead a virtual clock left on the real one,
+ * so that the store's time, which other processes share, is the wall clock's again on real time */
+int resil_l_store_clock(lua_State *L) {
+  resil_t *R = resil_from_lua(L);
+  lua_pushnumber(L, R->virtual_clock ? R->virtual_now : monotonic_seconds());
+  return 1;
 }
 
 /* ---------- virtual timer heap, ordered by (deadline, seq) ---------- */
@@ -217,11 +225,14 @@ void clock_set_virtual(resil_t *R, int on) {
   if (on) {
     /* a whole second to start from, so that whole and binary-fraction
      * durations subtract exactly */
-    R->virtual_now = ceil(monotonic_seconds());
+    R->virtual_now = ceil(monotonic_seconds() + R->clock_lead);
     R->virtual_clock = 1;
     return;
   }
-  /* back to real time: pending virtual timers keep their remaining delay */
+  /* back to real time, from where the virtual clock got (time never goes back): pending virtual
+   * timers keep their remaining delay */
+  double lead = R->virtual_now - monotonic_seconds();
+  if (lead > R->clock_lead) R->clock_lead = lead;
   R->virtual_clock = 0;
   while (R->vheap_len > 0) {
     resil_timer *tm = R->vheap[0];

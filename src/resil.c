@@ -340,6 +340,8 @@ static void make_private(lua_State *L) {
   lua_setfield(L, -2, "sqlite_open");
   lua_pushcfunction(L, resil_l_sensitive_field);
   lua_setfield(L, -2, "sensitive_field");
+  lua_pushcfunction(L, resil_l_store_clock);
+  lua_setfield(L, -2, "store_clock");
   lua_getfield(L, -2, "redis");
   lua_getfield(L, -1, "connect");
   lua_pushvalue(L, -1);

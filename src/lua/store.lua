@@ -43,7 +43,10 @@ local config = { url = nil, run = nil, fresh = false, script = nil, args = nil, 
 -- virtual clock drives expiries in specs, and processes agree in real use).
 -- (resil.now taken now: a script that replaced it moved the time every host record is written
 -- with, other processes' too: a lease, a budget's period, a key's expiry)
-local mono = resil.now
+-- (private.store_clock: resil.now() but for the lead a virtual clock leaves on the real one, which
+-- keeps resil.now() from going back; the store's time is the wall clock's again on real time, as
+-- other processes sharing the store have it)
+local mono = private.store_clock or resil.now
 local wall0, mono0 = resil.clock.wall(), mono()
 local function store_now() return wall0 + (mono() - mono0) end
 resil.store_now = store_now
