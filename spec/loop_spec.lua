@@ -290,6 +290,24 @@ describe("resil.map", function()
     assert.is_nil(failures)
   end)
 
+  it("counts an item that raised nil as failed, saying where, and refuses a NaN concurrency", function()
+    -- (before: error() with no value was a success with a nil result; concurrency = 0/0 ran no item
+    -- and returned an empty result with no failures)
+    local results, failures = resil.map({ 1, 2, 3 }, function(x)
+      if x == 2 then error() end
+      return x
+    end)
+    assert.are.same({ [1] = 1, [3] = 3 }, results)
+    assert.is_table(failures)
+    assert.matches("loop_spec.lua:%d+: raised nil", failures[2])
+    local ok, err = pcall(function()
+      local r = resil.map({ 1, 2, 3 }, function(x) return x end, { concurrency = 0 / 0 })
+      return r
+    end)
+    assert.is_false(ok)
+    assert.matches("loop_spec.lua:%d+: resil.map: concurrency must be a number >= 1", err)
+  end)
+
   it("never runs more than `concurrency` items at once", function()
     local running, peak = 0, 0
     local items = {}

@@ -102,6 +102,20 @@ local function progress_reporter(label, total, tty)
   end
 end
 
+-- an item's fn that raised nil (error() with no value) was counted a success, its result nil:
+-- its failure says where it was raised
+local function nil_raised(e)
+  if e ~= nil then return e end
+  for level = 2, 40 do
+    local info = debug.getinfo(level, "Sl")
+    if not info then break end
+    if info.currentline > 0 then
+      return ("%s:%d: raised nil (error() with no value)"):format(info.short_src, info.currentline)
+    end
+  end
+  return "raised nil (error() with no value)"
+end
+
 -- resil.map(items, fn, {concurrency=32, progress="label", key=fn(item, i)}) -> results, failures
 -- results[i] is fn(items[i], i); failures is nil, or {[i] = err} for the
 -- items whose fn raised or returned nil, err. Order follows items. key: what
@@ -113,8 +127,8 @@ function resil.map(items, fn, opts)
   if opts.key ~= nil and type(opts.key) ~= "function" then error("resil.map: key must be a function", 2) end
   local n = #items
   local concurrency = opts.concurrency or 32
-  if type(concurrency) ~= "number" or concurrency < 1 then
-    error("resil.map: concurrency must be a number >= 1", 2)
+  if type(concurrency) ~= "number" or not (concurrency >= 1) then -- (NaN: every item skipped, unsaid)
+    error(("resil.map: concurrency must be a number >= 1, got %s"):format(tostring(concurrency)), 2)
   end
   concurrency = math.min(math.floor(concurrency), math.max(n, 1))
   local progress = opts.progress and progress_reporter(tostring(opts.progress), n, resil.isatty(2))
@@ -130,7 +144,7 @@ function resil.map(items, fn, opts)
       local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
       resil.context({ item = i, _step_scope = scope })
       if resil.run then resil.run.item(scope, items[i], i, opts.key) end -- (its steps' records name the item)
-      local ok, value, err = pcall(fn, items[i], i)
+      local ok, value, err = xpcall(fn, nil_raised, items[i], i)
       if resil.run then resil.run.item(scope, nil) end
       -- the run lost to another process, or diverged, or a step's result not checkpointed (stops_run):
       -- the script must stop, not carry on past the map
