@@ -336,7 +336,24 @@ local function attempts(fn, opts, deadline, give_up, ...)
     end
     -- (the backoff's options are read when a retry needs them: most calls take one attempt)
     local base, cap = opts.base or retry.defaults.base, opts.cap or retry.defaults.cap
-    local delay = delay_fn(attempt - 1, base, cap, prev_delay, opts.random or default_random)
+    local random = opts.random
+    if random then
+      local own = random
+      random = function()
+        local r = own()
+        if not (type(r) == "number" and r >= 0 and r <= 1) then
+          raise_at_caller(("retry: random must return a number in [0, 1), got %s"):format(tostring(r)))
+        end
+        return r
+      end
+    end
+    local delay = delay_fn(attempt - 1, base, cap, prev_delay, random or default_random)
+    -- (a `random` outside [0, 1) gave delays past the cap, negative ones that retried at once, or NaN,
+    -- which retried at once too: it is refused above; a strategy of one's own is kept to 0..cap)
+    if type(delay) ~= "number" or delay ~= delay then
+      raise_at_caller(("retry: backoff '%s' gave a delay of %s"):format(tostring(strategy), tostring(delay)))
+    elseif delay < 0 then delay = 0
+    elseif delay > cap then delay = cap end
     prev_delay = delay
     local floor_delay = verdict.retry_after
     if floor_delay and floor_delay > delay then

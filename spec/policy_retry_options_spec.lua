@@ -145,3 +145,29 @@ describe("a retry's classifier", function()
     assert.matches("policy_retry_options_spec.lua:%d+: retry: unknown backoff strategy 'nope' %(the verdict of class 'x'%)", err)
   end)
 end)
+
+describe("a retry's jitter", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  it("refuses a random outside [0, 1] at the caller's line, and no delay passes the cap", function()
+    -- (before: random = 5 made full_jitter wait 5, 10, 20 s with cap = 2; -1 or NaN retried at once)
+    for _, r in ipairs({ 5, -1, 0 / 0 }) do
+      local n = 0
+      local ok, err = pcall(function()
+        local v = retry.call(function() n = n + 1; return nil, resil.error("server_error", "503") end, { budget = false,
+          backoff = "full_jitter", base = 1, cap = 2, max_retries = 3, random = function() return r end })
+        return v
+      end)
+      assert.is_false(ok, tostring(r))
+      assert.matches("policy_retry_options_spec.lua:%d+: retry: random must return a number in %[0, 1%), got ", err)
+      assert.are.equal(1, n)
+    end
+    retry.strategies.too_long = function() return 100 end
+    local delays = {}
+    retry.call(function() return nil, resil.error("server_error", "503") end, { budget = false, backoff = "too_long",
+      cap = 2, max_retries = 2, on_retry = function(info) delays[#delays + 1] = info.delay end })
+    retry.strategies.too_long = nil
+    assert.are.same({ 2, 2 }, delays)
+  end)
+end)
