@@ -212,6 +212,10 @@ local function max_retries_for(opts, verdict)
   local m = opts.max_retries
   if type(m) == "table" then m = m[verdict.class] end
   if m == nil then m = verdict.max_retries end
+  if m ~= nil and type(m) ~= "number" then -- (a classify rule's "3" raised 'attempt to compare' in here)
+    raise_at_caller(("retry: the verdict of class '%s' has max_retries %q, not a number"):format(
+      verdict.class, tostring(m)))
+  end
   return m or 0
 end
 
@@ -356,6 +360,10 @@ local function attempts(fn, opts, deadline, give_up, ...)
     elseif delay > cap then delay = cap end
     prev_delay = delay
     local floor_delay = verdict.retry_after
+    if floor_delay ~= nil and type(floor_delay) ~= "number" then
+      raise_at_caller(("retry: the verdict of class '%s' has retry_after %q, not a number"):format(
+        class, tostring(floor_delay)))
+    end
     if floor_delay and floor_delay > delay then
       if floor_delay > (opts.max_retry_after or retry.defaults.max_retry_after) then
         return nil, final_error(res, err, verdict, attempt, provider, "retry_after")

@@ -146,6 +146,31 @@ describe("a retry's classifier", function()
   end)
 end)
 
+describe("a retry's verdict", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  it("whose max_retries or retry_after is not a number is said with its class at the caller's line", function()
+    -- (before: 'retry.lua:...: attempt to compare number with string', naming neither)
+    local classify = require "policies.classify"
+    classify.status[409] = { class = "conflict", retryable = true, max_retries = "2" }
+    local ok, err = pcall(function()
+      local v = retry.call(function() return { status = 409, headers = {}, body = "" } end, { budget = false })
+      return v
+    end)
+    classify.status[409] = nil
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec.lua:%d+: retry: the verdict of class 'conflict' has max_retries \"2\"", err)
+    ok, err = pcall(function()
+      local v = retry.call(function() return nil, resil.error("server_error", "503") end, { budget = false,
+        classify = function() return { class = "x", retryable = true, max_retries = 1, retry_after = "5" } end })
+      return v
+    end)
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec.lua:%d+: retry: the verdict of class 'x' has retry_after \"5\"", err)
+  end)
+end)
+
 describe("a retry's jitter", function()
   before_each(function() resil.clock.virtual(); resil.log.level("error") end)
   after_each(function() resil.log.level("info") end)
