@@ -372,6 +372,17 @@ describe("a shared bucket (GCRA state in the store)", function()
   end)
   after_each(function() resil.log.level("info") end)
 
+  it("gives back the slot booked for a waiter canceled before it came, as a local bucket does", function()
+    -- (before: the canceled waiter's slot stayed booked, and the next caller, 10.5 s on, waited 9.5 s more)
+    local b = resil.bucket("shared-cancel-booked", { rate = 1, per = 10, burst = 1, shared = true })
+    assert.is_true((b:try()))
+    local waiter = resil.spawn(function() return b:acquire(1, { timeout = 100 }) end)
+    resil.sleep(1)
+    assert.is_true(waiter:cancel())
+    resil.sleep(9.5)
+    assert.are.same({ true, 0 }, { b:try() })
+  end)
+
   -- waiters tasks acquiring one token at a time for `seconds`: -> admission times, per-task counts, store ops
   local function pace(b, waiters, seconds, opts)
     local s = assert(resil.store())

@@ -245,6 +245,11 @@ local function sleep_counted(self, seconds)
   resil.sleep(seconds)
 end
 
+-- a slot booked for a waiter canceled before it came goes back, as a local bucket's queue gives it
+-- back (it was kept: the next caller waited a slot more); in a task of its own, as a cancel's
+-- <close> cannot wait on the store
+local booked_mt = { __close = function(g) if g.n then resil.spawn(g.bucket.refund, g.bucket, g.n) end end }
+
 -- b:acquire(n, {timeout=}) -> true, remaining | nil, err{kind="rate_limited"}
 function SharedBucket:acquire(n, opts)
   n = n or 1
@@ -261,7 +266,11 @@ function SharedBucket:acquire(n, opts)
     if ok then
       -- the slot is ours (no need to ask again); it starts `wait` after we asked, not after the reply
       local left = wait and asked + wait - resil.now() or 0
-      if left > 0 then sleep_counted(self, left) end
+      if left > 0 then
+        local booked <close> = setmetatable({ bucket = self, n = n }, booked_mt)
+        sleep_counted(self, left)
+        booked.n = nil
+      end
       -- unless this process learned of a pause meanwhile (observe): it moved the arrival time past
       -- the slot, which would go in the pause. The caller waits it out, as a local bucket's queue
       -- waits, and books again (every such waiter going at the pause's end would be a herd)
