@@ -413,6 +413,33 @@ end
 function call.provider(name, conf)
   if type(name) ~= "string" then error("call.provider: name must be a string", 2) end
   if type(conf) ~= "table" then error("call.provider: conf must be a table", 2) end
+  -- (a NaN or string timeout or deadline, or a negative timeout, raised 'http request: ...' inside
+  -- this file at every call; an unknown validator raised once the request had been made and paid
+  -- for, a number 'attempt to call a number value' inside classify.lua. A deadline of 0 or less,
+  -- time already spent, is the call's "deadline passed", as it was)
+  for _, k in ipairs({ "timeout", "deadline" }) do
+    local v = conf[k]
+    if v ~= nil and not (type(v) == "number" and v == v and (k == "deadline" or v >= 0)) then
+      error(("call.provider '%s': %s must be a number of seconds%s, got %s"):format(name, k,
+        k == "timeout" and " >= 0" or "", type(v) == "string" and ("%q"):format(v) or tostring(v)), 2)
+    end
+  end
+  local validate = conf.validate
+  if validate ~= nil and type(validate) ~= "function" then
+    local mt = getmetatable(validate)
+    if type(validate) == "string" then
+      if classify.validators[validate] == nil then
+        local names = {}
+        for n in pairs(classify.validators) do names[#names + 1] = n end
+        table.sort(names)
+        error(("call.provider '%s': no validator named '%s' (one of %s, or a function)"):format(name, validate,
+          table.concat(names, ", ")), 2)
+      end
+    elseif not (type(mt) == "table" and mt.__call) then
+      error(("call.provider '%s': validate must be a validator's name or a function, got %s"):format(name,
+        type(validate)), 2)
+    end
+  end
   local self = setmetatable({ name = name, request = conf.request or {}, timeout = conf.timeout,
                               deadline = conf.deadline, validate = conf.validate, estimate = conf.estimate,
                               idempotency = conf.idempotency,

@@ -218,3 +218,34 @@ describe("policies.call against the mock provider", function()
     assert.are.same({ 1, 1 }, { m:stats().keys["job-43"], m:stats().keys["job-43.1"] })
   end)
 end)
+
+describe("call.provider's options", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  it("that cannot be meant raise at the line that made the provider, before any call is sent", function()
+    -- (before: a NaN or "30" timeout raised 'call.lua:...: http request: ...' at every call; an
+    -- unknown validator raised at call.lua once the request had been sent, and paid for; validate = 5
+    -- 'attempt to call a number value' inside classify.lua)
+    local m = resil.mock.start({})
+    local bad = { { timeout = 0 / 0 }, { timeout = -1 }, { timeout = "30" }, { deadline = 0 / 0 },
+      { deadline = "10" }, { validate = "chatt" }, { validate = 5 } }
+    for i, conf in ipairs(bad) do
+      conf.request = { method = "POST", url = m.url .. "/v1/chat/completions" }
+      local ok, err = pcall(function()
+        local p = call.provider("call-bad-" .. i, conf)
+        return p
+      end)
+      assert.is_false(ok, "taken: " .. i)
+      assert.matches("call_spec.lua:%d+: call.provider 'call%-bad%-" .. i .. "': ", err)
+    end
+    assert.is_nil(m:stats().routes.chat)
+    -- a deadline already spent is the call's failure, as before
+    local p = call.provider("call-spent", { request = { method = "POST", url = m.url .. "/v1/chat/completions" },
+      deadline = -1 })
+    local res, err = p(chat)
+    assert.is_nil(res)
+    assert.are.equal("deadline", err.kind)
+    m:stop()
+  end)
+end)
