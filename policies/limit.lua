@@ -26,9 +26,17 @@ function limit.get(name, opts)
 end
 
 -- limit.run(name, opts, fn, ...) -> fn's results | nil, err{kind="bulkhead_full"}
+-- (options that cannot be meant, size = 0/0 or timeout = -1, raise at the caller's line: they said
+-- 'policies/limit.lua:30: semaphore ...', naming none of the caller's)
+local function raise_here(err) -- (the position the primitive gave, this file's line, is dropped)
+  error(type(err) == "string" and err:gsub("^[^\n]-:%d+: ", "", 1) or err, 3)
+end
 function limit.run(name, opts, fn, ...)
-  local sem = resil.semaphore(name, opts)
-  local ok, err = sem:acquire(opts)
+  if type(fn) ~= "function" then error("limit.run: fn must be a function", 2) end
+  local made, sem = pcall(resil.semaphore, name, opts)
+  if not made then raise_here(sem) end
+  local called, ok, err = pcall(sem.acquire, sem, opts)
+  if not called then raise_here(ok) end
   if not ok then return nil, err end
   local _ <close> = releaser(sem)
   return fn(...)

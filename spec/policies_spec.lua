@@ -478,4 +478,16 @@ describe("policies.limit", function()
     assert.has_error(function() limit.run(lname, { size = 1 }, error, "boom") end)
     assert.are.equal(0, limit.get(lname):state().in_use)
   end)
+
+  it("raises at the caller's line for options that cannot be meant", function()
+    -- (before: 'policies/limit.lua:30: semaphore ...: size must be an integer >= 1', naming the library)
+    for _, opts in ipairs({ { size = 0 / 0 }, { size = 1, timeout = -1 } }) do
+      local ok, err = pcall(function()
+        local r = limit.run(name("limit"), opts, function() return 1 end)
+        return r
+      end)
+      assert.is_false(ok)
+      assert.matches("^spec/policies_spec.lua:%d+: semaphore '", err)
+    end
+  end)
 end)
