@@ -2000,6 +2000,15 @@ function gateway.configure(conf, where)
     error(resil.error("bad_config", message, { traceback = false }), 0) -- (the file named: no traceback of ours)
   end
   for k, v in pairs(conf) do gateway.config[k] = v end
+  -- a changed max_concurrent (a reload's) applies to the requests already waiting for a permit:
+  -- a raised one admits them at once (resized at the next request's admit only, with none
+  -- coming they waited out their queue_timeout beside free permits, then got 503s)
+  -- (one that lifts it lets them all in: new requests no longer wait, nor should they)
+  local max = gateway.config.max_concurrent
+  if pcall(host_limits.semaphore, "gateway:total") then
+    local queue = gateway.config.queue or 64
+    total_sem = { sem = semaphore("gateway:total", max or 1000000000), size = max, queue = queue }
+  end
   return gateway.config
 end
 

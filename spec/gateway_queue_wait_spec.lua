@@ -89,4 +89,48 @@ describe("the gateway's queue", function()
     assert.are.equal(200, select(2, a:join()).status)
     assert.are.equal(200, select(2, b:join()).status)
   end)
+  -- (before: the semaphore was resized by the next request's admit only: with none coming, the
+  -- requests queued under the old limit waited out their queue_timeout beside free permits)
+  it("admits the requests already queued when a reload raises max_concurrent, or lifts it", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ strict = true, latency = 10 }))
+    local gateway, ai = helpers.fresh_gateway()
+    for k in pairs(gateway.config) do gateway.config[k] = nil end
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = { base = 0.001, cap = 0.005 } })
+    gateway.configure({ auth = true, key_cache = 0, models = {}, max_concurrent = 1, queue = 8, queue_timeout = 30 })
+    local s = gateway.serve({ listen = "127.0.0.1:0" })
+    resil.clock.virtual()
+    finally(function()
+      resil.clock.real()
+      s:close()
+      m:stop()
+      resil.log.level("info")
+    end)
+    local base = ("http://127.0.0.1:%d"):format(s:port())
+    local keys = require "resil.keys"
+    local key = assert(keys.add({ name = "raised" }))
+    local function post()
+      return http.request({ method = "POST", url = base .. "/v1/chat/completions", body = BODY, timeout = 60,
+        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
+    end
+    local tasks = { resil.spawn(post), resil.spawn(post), resil.spawn(post) }
+    assert.is_true(helpers.wait_until(function()
+      return m.server:pending() == 1 and resil.semaphore("gateway:total"):state().waiting == 2 end, 10))
+    gateway.configure({ max_concurrent = 3 }) -- what a reload does with the config file's table
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 3 end, 5),
+      "the queued requests still wait beside the raised limit's free permits")
+    for _, t in ipairs(tasks) do assert.are.equal(200, select(2, t:join()).status) end
+    -- a reload whose config has no max_concurrent: no limit, for those already queued too
+    gateway.configure({ max_concurrent = 1 })
+    tasks = { resil.spawn(post), resil.spawn(post), resil.spawn(post) }
+    assert.is_true(helpers.wait_until(function()
+      return m.server:pending() == 1 and resil.semaphore("gateway:total"):state().waiting == 2 end, 10))
+    gateway.config.max_concurrent = nil -- (a reload starts from the defaults, which have none)
+    gateway.configure({})
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 3 end, 5),
+      "the queued requests still wait for a limit the config lifted")
+    for _, t in ipairs(tasks) do assert.are.equal(200, select(2, t:join()).status) end
+  end)
 end)
