@@ -568,6 +568,14 @@ end
 local function not_object(b)
   return type(b) ~= "table" or b[1] ~= nil or getmetatable(b) == json.array_mt
 end
+-- what its 400 says: a body nested past the decoder's depth is JSON all the same (an object 1,001
+-- levels deep was told it was "not a JSON object")
+local function not_object_message(decode_err)
+  if decode_err ~= nil and tostring(decode_err):find("too many nested", 1, true) then
+    return "the body is nested more than 1000 levels deep"
+  end
+  return "the body is not a JSON object"
+end
 
 ---------------------------------------------------------------------------
 -- virtual keys
@@ -1335,9 +1343,9 @@ local function complete(req, api)
 end
 
 function complete_admitted(req, api, id, rec, slot)
-  local b = json.decode(req.body)
+  local b, bad_json = json.decode(req.body)
   if not_object(b) then
-    return with_id(error_reply(api, 400, "the body is not a JSON object", { code = "invalid_json" }), id)
+    return with_id(error_reply(api, 400, not_object_message(bad_json), { code = "invalid_json" }), id)
   end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
@@ -1540,9 +1548,9 @@ local function embeddings(req)
   -- end of the call resil.once runs in a task of its own under an Idempotency-Key)
   local slot = { permits = permits }
   local _ <close> = setmetatable({}, { __close = function() if not slot.handed then permits:release() end end })
-  local b = json.decode(req.body)
+  local b, bad_json = json.decode(req.body)
   if not_object(b) then
-    return with_id(error_reply("openai", 400, "the body is not a JSON object", { code = "invalid_json" }), id)
+    return with_id(error_reply("openai", 400, not_object_message(bad_json), { code = "invalid_json" }), id)
   end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply("openai", 400, bad_model, { code = "invalid_model" }), id) end
@@ -1764,8 +1772,8 @@ local function count_tokens(req)
   local permits, full = admit(rec, "anthropic")
   if not permits then return anthropic_id(with_id(full, id), "anthropic") end
   local _ <close> = permits
-  local b = json.decode(req.body)
-  if not_object(b) then return refuse(400, "the body is not a JSON object") end
+  local b, bad_json = json.decode(req.body)
+  if not_object(b) then return refuse(400, not_object_message(bad_json)) end
   local bad = check_model(b.model) or check_messages(b.messages) or check_tools(b.tools)
   if bad then return refuse(400, bad) end
   if not model_allowed(rec, b.model) then
