@@ -204,8 +204,11 @@ local REQUEST_FAULTS = { [400] = true, [404] = true, [413] = true, [422] = true 
 local CLASS_CODE = { context_length = "context_length_exceeded", content_policy = "content_policy_violation" }
 local function upstream_error(err, status)
   local res = err.response
-  if not REQUEST_FAULTS[status] or tonumber(err.status) ~= status or type(res) ~= "table"
-    or type(res.body) ~= "string" then return nil end
+  if not REQUEST_FAULTS[status] or tonumber(err.status) ~= status then return nil end
+  if res == nil and type(err.upstream_message) == "string" then -- (kept under an Idempotency-Key)
+    return { message = err.upstream_message, code = err.upstream_code, param = err.upstream_param }
+  end
+  if type(res) ~= "table" or type(res.body) ~= "string" then return nil end
   local body = json.decode(res.body)
   local e = type(body) == "table" and body.error
   if type(e) ~= "table" then return nil end
@@ -1252,6 +1255,15 @@ local function kept_call(fn, r)
   return v, e
 end
 
+-- a failure kept under an Idempotency-Key keeps what the upstream said of it, in fields of its own:
+-- the store keeps an error's own fields, not its response (a replay said "HTTP 400: ..." with the
+-- upstream's code and param lost)
+local function keep_upstream(err)
+  if type(err) ~= "table" then return end
+  local up = upstream_error(err, status_of(err))
+  if up then err.upstream_message, err.upstream_code, err.upstream_param = up.message, up.code, up.param end
+end
+
 -- fn(r) under an Idempotency-Key: run to its end by resil.once, keep(v) making its answer what
 -- the key keeps. -> res, err, replayed (a replay called no provider: none of the tokens its
 -- key's tpm was charged were used, and they are given back)
@@ -1263,7 +1275,7 @@ local function once_to_end(slot, r, once_spec, tpm, fn, keep)
   local joined, res, err = run_to_end(slot, r, resil.once, once_spec, function()
     ran = true
     local v, e = kept_call(correcting_tpm(tpm, fn), r)
-    if v then keep(v) end
+    if v then keep(v) else keep_upstream(e) end
     return v, e
   end)
   if not joined then res, err = nil, res end

@@ -914,6 +914,24 @@ describe("gateway: Idempotency-Key", function()
       assert.are.equal(1, m:stats().routes.chat)
       assert.are.equal(1, m:stats().routes.messages)
     end)
+
+  -- (before: the store keeps an error's own fields, not the upstream's response: the replay said
+  -- "HTTP 400: ..." with its code and param null, which an app reading error.code acts on)
+  it("a 400 kept under the key is replayed as the upstream said it: its message, code and param", function()
+    local refusal = json.encode({ error = { message = "Invalid value for 'temperature': 7 is above 2.",
+      type = "invalid_request_error", param = "temperature", code = "invalid_value" } })
+    local url, m = start({ strict = true, faults = { { route = "chat", probability = 1, status = 400, body = refusal } } })
+    local body = { model = "openai/gpt-4o-mini", messages = MSGS, temperature = 7 }
+    local a = post(url .. "/v1/chat/completions", body, { ["idempotency-key"] = "refused-1" })
+    local b = post(url .. "/v1/chat/completions", body, { ["idempotency-key"] = "refused-1" })
+    assert.are.equal(400, a.status, a.body)
+    assert.are.equal(400, b.status, b.body)
+    assert.are.equal(1, m:stats().routes.chat) -- kept: the replay called no one
+    local ea, eb = json.decode(a.body).error, json.decode(b.body).error
+    assert.are.same({ "Invalid value for 'temperature': 7 is above 2.", "invalid_value", "temperature" },
+      { ea.message, ea.code, ea.param })
+    assert.are.same({ ea.message, ea.code, ea.param, ea.type }, { eb.message, eb.code, eb.param, eb.type })
+  end)
 end)
 
 describe("gateway: embeddings", function()
