@@ -135,6 +135,17 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal("too_large", err.kind)
   end)
 
+  it("takes a max_body past what a size can hold (math.huge: no limit) as no limit, not as 0", function()
+    for _, limit in ipairs({ math.huge, 1e300, 2^63, 2^64 }) do
+      -- a recycled handle that last had a small limit keeps no trace of it
+      assert.are.equal("too_large", select(2, http.request({ url = mock.url .. "/v1/chat/completions", json = {},
+        max_body = 10 })).kind)
+      local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {}, max_body = limit })
+      assert.is_nil(err, tostring(limit))
+      assert.are.equal(200, res.status)
+    end
+  end)
+
   it("returns provider errors as responses with Retry-After readable", function()
     mock:configure({ sequence = { chat = { { status = 429, retry_after = 7 } } } })
     local res = http.request({ url = mock.url .. "/v1/chat/completions", json = {} })

@@ -1272,8 +1272,8 @@ static int push_failure(lua_State *L, const outcome *o) {
   case ABORT_IDLE:
     return resil_error_result(L, "timeout", "%s: no data for %g s (idle_timeout)", o->url, o->idle_timeout);
   case ABORT_TOO_LARGE:
-    return resil_error_result(L, "too_large", "%s: response body larger than max_body (%d bytes)", o->url,
-                              (int)o->max_body);
+    return resil_error_result(L, "too_large", "%s: response body larger than max_body (%zu bytes)", o->url,
+                              o->max_body);
   case ABORT_EVENT_TOO_LARGE:
     return resil_error_result(L, "too_large", "%s: a server-sent event larger than max_event (%zu bytes)", o->url,
                               o->max_event);
@@ -1863,7 +1863,8 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
   r->timeout = f.timeout;
   r->idle_timeout = f.idle_timeout;
   r->cancel_grace = f.cancel_grace;
-  r->max_body = (size_t)f.max_body;
+  /* past what curl's limit holds (math.huge, 2^64): no limit, not a cast's 0 or a negative curl refuses */
+  r->max_body = f.max_body >= 0x1p63 ? (size_t)INT64_MAX : (size_t)f.max_body;
   r->max_event = f.max_event >= (double)SIZE_MAX ? SIZE_MAX : (size_t)f.max_event;
 
   easy_retries_spent(r); /* first, with set_tls: they may reset the handle */
