@@ -72,6 +72,29 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal("reset", err.kind)
   end)
 
+  it("never sends a POST again when its kept connection closes unanswered (the server may have acted on it); a GET it does", function()
+    -- every second request's connection closes once the request was read whole, before any answer
+    local seen = {}
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      seen[#seen + 1] = req.method
+      if #seen % 2 == 0 then return { action = "reset" } end
+      return { status = 200, body = "ok" }
+    end })
+    local url = ("http://127.0.0.1:%d/"):format(server:port())
+    assert.are.equal(200, http.request({ url = url, method = "POST", body = "{}" }).status)
+    local res, err = http.request({ url = url, json = { charge = 1 } }) -- on the kept connection
+    assert.is_nil(res)
+    assert.are.equal("reset", err.kind)
+    assert.matches("not idempotent", err.message)
+    assert.are.same({ "POST", "POST" }, seen) -- once: the provider bills one completion, not two
+    seen = {}
+    assert.are.equal(200, http.request({ url = url, method = "GET" }).status)
+    res = http.request({ url = url, method = "GET" }) -- its connection dies unanswered: sent again
+    assert.are.equal(200, res.status)
+    assert.are.same({ "GET", "GET", "GET" }, seen)
+    server:close()
+  end)
+
   it("gives kind=dns when the name cannot resolve", function()
     -- a label over 63 characters cannot go into a DNS query: the resolver
     -- fails at once, with no network and no resolver timeout involved

@@ -549,6 +549,16 @@ static void admit_parked(http_state *H) {
 /* The opener's connection is up (or it found a free stream): the origin has
  * room for more. Also counts the times curl sends a request: it resends one
  * that a GOAWAY or a dead reused connection refused. */
+/* RFC 9110's idempotent methods: what curl may send again (set_method's) */
+static int idempotent(const http_req *r) {
+  const char *m = r->set.method_set ? r->set.method : "";
+  if (!*m) return r->set.body == NULL; /* GET, or POST with a body */
+  static const char *const safe[] = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"};
+  for (size_t i = 0; i < sizeof safe / sizeof *safe; i++)
+    if (strcmp(m, safe[i]) == 0) return 1;
+  return 0;
+}
+
 static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port) {
   (void)primary_ip, (void)local_ip, (void)primary_port;
   http_req *r = clientp;
@@ -564,7 +574,20 @@ static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primar
       o->multiplexes = 1;
     }
   }
-  if (++r->sends > 1) r->set.retried++; /* curl sent it again: see easy_retries_spent */
+  if (++r->sends > 1) {
+    r->set.retried++; /* curl sent it again: see easy_retries_spent */
+    /* libcurl resends a request whose reused HTTP/1 connection closed before
+     * any byte of an answer: the server may have read it whole and acted on
+     * it (a provider bills a completion it began), so a request that is not
+     * idempotent fails instead, kind "reset", for its caller to decide. (Over
+     * h2 curl resends only streams the server refused, which it never began.) */
+    int http1 = r->driver == &r->H->drivers[DRIVER_PLAIN] || o->version == CURL_HTTP_VERSION_1_1 ||
+                o->version == CURL_HTTP_VERSION_1_0;
+    if (http1 && !idempotent(r)) {
+      r->resend_refused = 1;
+      return CURL_PREREQFUNC_ABORT;
+    }
+  }
   return CURL_PREREQFUNC_OK;
 }
 
@@ -1261,6 +1284,11 @@ static void outcome_of(const http_req *r, outcome *o) {
   o->detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
   o->client_fault = r->client_fault;
   o->received = -1;
+  if (r->resend_refused) {
+    o->result = CURLE_GOT_NOTHING; /* "reset" */
+    o->detail = "the connection closed before any answer; not sent again, as the request is not idempotent "
+                "(the server may have received it and acted on it)";
+  }
 }
 
 static int failed(const outcome *o) { return o->aborted != ABORT_NONE || o->result != CURLE_OK; }
