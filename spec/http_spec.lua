@@ -176,6 +176,26 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal("7", res.headers["retry-after"])
   end)
 
+  it("frames the body itself: a caller's content-length or transfer-encoding smuggles no request onto the kept connection", function()
+    local seen = {}
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      seen[#seen + 1] = req.method .. " " .. req.path .. " " .. req.body
+      return { status = 200, body = req.path }
+    end })
+    local base = ("http://127.0.0.1:%d"):format(server:port())
+    local body = 'ab' .. "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _, h in ipairs({ { ["Content-Length"] = "2" }, { ["transfer-encoding"] = "chunked" } }) do
+      seen = {}
+      local res = http.request({ url = base .. "/one", method = "POST", body = body, headers = h })
+      assert.are.equal(200, res.status)
+      assert.are.equal("/one", res.body)
+      res = http.request({ url = base .. "/two" }) -- on the kept connection: its own answer
+      assert.are.equal("/two", res.body)
+      assert.are.same({ "POST /one " .. body, "GET /two " }, seen)
+    end
+    server:close()
+  end)
+
   it("reuses connections to the same host", function()
     local peers, seen = {}, 0
     local server = resil.server.listen({ handler = function(req)

@@ -1575,6 +1575,16 @@ static void header_text(lua_State *L, http_state *H, int t, int json, int big_bo
       const char *value = lua_tolstring(L, -1, &vlen);
       check_header_text(L, name, name, nlen, "name");
       check_header_text(L, name, value, vlen, "value");
+      /* the body's framing is the host's, from the body it sends: a caller's
+       * Content-Length that differs from it (or a Transfer-Encoding) would
+       * end the request early on the wire and make the rest of the body the
+       * next request on the kept connection, whose answer another caller
+       * reads (as resil.server drops a handler's own) */
+      if ((nlen == 14 && strncasecmp(name, "content-length", 14) == 0) ||
+          (nlen == 17 && strncasecmp(name, "transfer-encoding", 17) == 0)) {
+        lua_pop(L, 1);
+        continue;
+      }
       has_agent |= nlen == 10 && strncasecmp(name, "user-agent", 10) == 0;
       has_type |= nlen == 12 && strncasecmp(name, "content-type", 12) == 0;
       int ok = buffer_append(b, name, nlen) == 0;
