@@ -478,6 +478,24 @@ describe("misuse raises with the caller's file:line", function()
     assert.matches("http_spec.lua:%d+: .*line break", err)
   end)
 
+  it("rejects a header name that is not a token: a colon or space in it would send another header", function()
+    local seen
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      seen = req.headers
+      return { status = 200, body = "ok" }
+    end })
+    local url = ("http://127.0.0.1:%d/"):format(server:port())
+    for _, name in ipairs({ "x-a: x-forwarded-for", "x a", "", "x-a\t" }) do
+      seen = nil
+      local ok, err = pcall(function() return http.request({ url = url, headers = { [name] = "v" } }) end)
+      assert.is_false(ok, name)
+      assert.matches("http_spec.lua:%d+: .*not a token", err)
+      assert.is_nil(seen)
+    end
+    assert.are.equal(200, http.request({ url = url, headers = { ["X-Custom_1.!#$%&'*+^`|~"] = "v" } }).status)
+    server:close()
+  end)
+
   it("rejects a progress that is not a table", function()
     local ok, err = pcall(function() return http.request({ url = "http://127.0.0.1:1/", progress = true }) end)
     assert.is_false(ok)

@@ -1557,6 +1557,17 @@ static void check_header_text(lua_State *L, const char *name, const char *s, siz
       resil_raise(L, "http request: the %s of header '%s' contains a line break or NUL", what, name);
 }
 
+/* RFC 9110's token: a name with a colon or a space would send another header than the one named */
+static int header_name_ok(const char *s, size_t len) {
+  if (len == 0) return 0;
+  for (size_t i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || (c && strchr("!#$%&'*+-.^_`|~", c))))
+      return 0;
+  }
+  return 1;
+}
+
 #define EXPECT_100_AT (1024 * 1024) /* libcurl's EXPECT_100_THRESHOLD: it asks past this */
 
 /* The request's header lines, each ending in "\n", into H's scratch buffer
@@ -1574,6 +1585,7 @@ static void header_text(lua_State *L, http_state *H, int t, int json, int big_bo
       const char *name = lua_tolstring(L, -2, &nlen);
       const char *value = lua_tolstring(L, -1, &vlen);
       check_header_text(L, name, name, nlen, "name");
+      if (!header_name_ok(name, nlen)) resil_raise(L, "http request: header name '%s' is not a token (RFC 9110)", name);
       check_header_text(L, name, value, vlen, "value");
       /* the body's framing is the host's, from the body it sends: a caller's
        * Content-Length that differs from it (or a Transfer-Encoding) would
