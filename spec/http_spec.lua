@@ -496,6 +496,21 @@ describe("misuse raises with the caller's file:line", function()
     server:close()
   end)
 
+  it("rejects a url with a NUL byte, not sent as the url before it", function()
+    local seen
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      seen = req.path
+      return { status = 200, body = "ok" }
+    end })
+    local ok, err = pcall(function()
+      return http.request({ url = ("http://127.0.0.1:%d/v1/files/a\0/../../admin"):format(server:port()) })
+    end)
+    assert.is_false(ok)
+    assert.matches("http_spec.lua:%d+: .*bad url.*NUL", err)
+    assert.is_nil(seen)
+    server:close()
+  end)
+
   it("rejects a progress that is not a table", function()
     local ok, err = pcall(function() return http.request({ url = "http://127.0.0.1:1/", progress = true }) end)
     assert.is_false(ok)

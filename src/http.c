@@ -1717,7 +1717,11 @@ static void read_fields(lua_State *L, request_fields *f, int layers) {
       if (!k) n = 0;
 #define IS(name) (n == sizeof name - 1 && memcmp(k, name, sizeof name - 1) == 0)
       if (IS("url")) {
-        string_field(L, "url");
+        size_t ulen;
+        const char *u = string_field(L, "url");
+        lua_tolstring(L, -1, &ulen);
+        if (strlen(u) != ulen) /* curl would read the url up to it: another url than the one given */
+          resil_raise(L, "http request: bad url '%s': contains a NUL byte", u);
         lua_copy(L, -1, SLOT_URL);
       } else if (IS("body")) {
         if (lua_type(L, -1) != LUA_TSTRING)
