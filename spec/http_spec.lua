@@ -455,6 +455,29 @@ describe("streaming", function()
     for chunk in s.read, s do all[#all + 1] = chunk end
     assert.matches("%[DONE%]", table.concat(all))
   end)
+
+  it("a stream that follows a redirect has the status and headers of the answer it reads, not the 302's", function()
+    local final = resil.server.listen({ port = 0, handler = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream", ["x-hop"] = "final" },
+        body = "data: final\n\n" }
+    end })
+    local moved = resil.server.listen({ port = 0, handler = function()
+      return { status = 302, headers = { location = ("http://127.0.0.1:%d/x"):format(final:port()), ["x-hop"] = "moved" },
+        body = "moved" }
+    end })
+    local s <close> = assert(http.stream({ url = ("http://127.0.0.1:%d/"):format(moved:port()), follow_redirects = true }))
+    assert.are.equal(200, s.status)
+    assert.are.equal("final", s.headers["x-hop"])
+    assert.are.equal("final", s:read_event().data)
+    s:close()
+    -- not followed: the 302 is the answer
+    local s2 <close> = assert(http.stream({ url = ("http://127.0.0.1:%d/"):format(moved:port()) }))
+    assert.are.equal(302, s2.status)
+    assert.are.equal("moved", s2.headers["x-hop"])
+    s2:close()
+    moved:close()
+    final:close()
+  end)
 end)
 
 describe("misuse raises with the caller's file:line", function()

@@ -910,6 +910,25 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
   return len;
 }
 
+/* A 3xx that curl follows (follow_redirects, a Location given; libcurl 7.88
+ * follows any number of them, never a 304) is no more the answer than a 1xx:
+ * its status and headers are not the response's, whose body is the next one's */
+static int redirect_followed(const http_req *r, long code) {
+  if (!r->set.follow || code < 300 || code > 399 || code == 304) return 0;
+  const char *p = r->head.data, *end = p + r->head.len;
+  while (p && p < end) {
+    const char *eol = memchr(p, '\n', (size_t)(end - p));
+    if (!eol) eol = end;
+    if (eol - p > 9 && strncasecmp(p, "location:", 9) == 0) {
+      const char *v = p + 9;
+      while (v < eol && (*v == ' ' || *v == '\t' || *v == '\r')) v++;
+      if (v < eol) return 1;
+    }
+    p = eol + 1;
+  }
+  return 0;
+}
+
 static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
   http_req *r = userp;
   size_t len = size * n;
@@ -918,7 +937,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
   } else if (len <= 2 && (data[0] == '\r' || data[0] == '\n')) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
-    if (code >= 200) {
+    if (code >= 200 && !redirect_followed(r, code)) {
       note_fed(r, len, 0);
       r->status = code;
       r->headers_done = 1;
