@@ -946,8 +946,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
                            * read its task makes under resil.shield was cut at the grace, as canceled) */
         r->grace_cut = 0;
         double left = r->started + r->timeout - resil_now(r->H->R);
-        if (r->timeout > 0) timer_start(&r->deadline, left > 0 ? left : 0);
-        else timer_stop(&r->deadline);
+        timer_start(&r->deadline, left > 0 ? left : 0);
       }
       if (r->stream && r->waiter) {
         task *t = r->waiter;
@@ -989,7 +988,7 @@ int request_host_stopping(const http_req *r) { return r->H->R->stop_requested !=
 
 void request_bound(http_req *r, double seconds) {
   if (r->done || r->grace_cut) return;
-  double left = r->timeout > 0 ? r->started + r->timeout - resil_now(r->H->R) : seconds;
+  double left = r->started + r->timeout - resil_now(r->H->R);
   r->grace_cut = 1;
   timer_start(&r->deadline, left < seconds ? (left > 0 ? left : 0) : seconds);
 }
@@ -2020,7 +2019,8 @@ void request_start(lua_State *L, http_req *r) {
   r->active = 1;
   H->R->io_pending++;
   r->started = resil_now(H->R);
-  if (r->timeout > 0) timer_start(&r->deadline, r->timeout);
+  /* 0 is no time left (a deadline's remainder that reached 0), not no limit: math.huge is that */
+  timer_start(&r->deadline, r->timeout);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
 }
 
