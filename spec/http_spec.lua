@@ -104,6 +104,34 @@ describe("resil.http.request against the mock provider", function()
     server:close()
   end)
 
+  it("keeps connect_timeout = 0 at once and math.huge without end, not curl's 300 s or a recycled handle's last", function()
+    -- a listener whose backlog is full: the kernel drops the SYNs, a connect waits
+    local script = helpers.write(helpers.tmpname(".py"), [[
+import socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(0)
+port = s.getsockname()[1]
+held = []
+for i in range(3):
+    c = socket.socket(); c.setblocking(False)
+    try: c.connect(("127.0.0.1", port))
+    except BlockingIOError: pass
+    held.append(c)
+print("port", port, flush=True)
+time.sleep(30)
+]])
+    resil.clock.real()
+    local results = helpers.with_server("timeout 30 python3 " .. script, "port (%d+)", function(port)
+      local url = ("http://127.0.0.1:%s/"):format(port)
+      local out = {}
+      for i, ct in ipairs({ 0.2, math.huge, 0 }) do
+        local _, err = http.request({ url = url, connect_timeout = ct, timeout = 1.5 })
+        out[i] = err.message:match("Failed to connect") and "connect" or err.message:match("no complete response") and "whole"
+      end
+      return out
+    end)
+    assert.are.same({ "connect", "whole", "connect" }, results)
+  end)
+
   it("gives kind=dns when the name cannot resolve", function()
     -- a label over 63 characters cannot go into a DNS query: the resolver
     -- fails at once, with no network and no resolver timeout involved

@@ -1957,7 +1957,11 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
     r->set.recv_buffer = H->origins[origin].recv_buffer;
     curl_easy_setopt(r->easy, CURLOPT_BUFFERSIZE, CURL_BUFFER_OPTION(r->set.recv_buffer));
   }
-  SET_IF_CHANGED(r, connect_ms, CURLOPT_CONNECTTIMEOUT_MS, (long)(f.connect_timeout * 1000));
+  /* curl takes 0 for its default (300 s) and refuses what a long cannot hold, keeping the handle's
+   * last value: 0 is at once (1 ms), math.huge the longest a timer holds (1e9 s) */
+  double connect_ms = f.connect_timeout * 1000;
+  SET_IF_CHANGED(r, connect_ms, CURLOPT_CONNECTTIMEOUT_MS,
+                 connect_ms < 1 ? 1L : connect_ms > 1e12 ? (long)1e12 : (long)connect_ms);
   SET_IF_CHANGED(r, max_body, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_body);
   SET_IF_CHANGED(r, follow, CURLOPT_FOLLOWLOCATION, (long)f.follow);
   int https = strncasecmp(url, "https:", 6) == 0;
