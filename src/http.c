@@ -262,6 +262,7 @@ typedef struct {
   abort_reason aborted;
   const char *detail;
   int client_fault;
+  int unsent; /* curl never reached the request's sending (prereq_cb): no connection came */
   /* body bytes read before a non-stream transfer failed; -1 for a stream
    * (its reader accounts for what it read) */
   long long received;
@@ -1301,6 +1302,7 @@ static void outcome_of(const http_req *r, outcome *o) {
   o->aborted = r->aborted;
   o->detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
   o->client_fault = r->client_fault;
+  o->unsent = r->sends == 0;
   o->received = -1;
   if (r->resend_refused) {
     o->result = CURLE_GOT_NOTHING; /* "reset" */
@@ -1326,7 +1328,13 @@ static int push_failure(lua_State *L, const outcome *o) {
   case ABORT_CANCELED: return resil_error_result(L, "canceled", "%s: request canceled", o->url);
   case ABORT_NONE: break;
   }
-  int n = resil_error_result(L, error_kind(o->result, o->detail), "%s: %s", o->url, o->detail);
+  const char *kind = error_kind(o->result, o->detail);
+  /* curl's own timeout is connect_timeout's (the whole request's is our timer): a connection that
+   * never came, the request not sent, as a refused one is "connect" (or a name not resolved in
+   * time, "dns"), not a timeout that may have reached the server */
+  if (o->result == CURLE_OPERATION_TIMEDOUT && o->unsent)
+    kind = strncmp(o->detail, "Resolving", 9) == 0 ? "dns" : "connect";
+  int n = resil_error_result(L, kind, "%s: %s", o->url, o->detail);
   if (o->client_fault) { /* libcurl's, not the server's: not counted against it (classify) */
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "client_fault");
