@@ -211,6 +211,38 @@ describe("hostile keys and values through the store API on Redis", function()
   end)
 end)
 
+describe("a key of another type under the store's prefix (another program's, on the same database)", function()
+  -- (before: a settle whose ledger key was another program's string failed WRONGTYPE after the
+  -- hold was freed, the ticket marked settled and its id marked recorded: Redis keeps what a script
+  -- wrote before its error. Once the key was put right, the settle again answered false and the row
+  -- with that id answered true, and neither was in the ledger: $0.75 paid, $0 recorded)
+  it("refuses a settle and a row without writing half of them: once the key is put right, each lands once",
+    function()
+    local url = redis.url()
+    resil.store_config({ url = url })
+    local db = url:match("/(%d+)$")
+    local function cli(command)
+      assert(os.execute(("redis-cli -p %d -n %s %s > /dev/null"):format(redis.port, db, command)))
+    end
+    local budget = resil.budget("wrongtype", { limit = 10, per = "day" })
+    local ticket = assert(budget:reserve(1))
+    cli("set resil:costs not-a-list")
+    local ok, err = ticket:settle(0.5, { provider = "p", model = "m" })
+    assert.is_nil(ok)
+    assert.matches("WRONGTYPE", tostring(err), 1, true)
+    ok, err = resil.cost.record({ provider = "p", model = "m", usd = 0.25, id = "resp-1" })
+    assert.is_nil(ok)
+    assert.matches("WRONGTYPE", tostring(err), 1, true)
+    cli("del resil:costs")
+    assert.is_true(ticket:settle(0.5, { provider = "p", model = "m" }))
+    assert.is_true(resil.cost.record({ provider = "p", model = "m", usd = 0.25, id = "resp-1" }))
+    assert.is_true(resil.cost.record({ provider = "p", model = "m", usd = 0.25, id = "resp-1" }))
+    assert.are.equal(0.75, resil.cost.total())
+    local state = budget:state()
+    assert.are.same({ 0.5, 0 }, { state.spent, state.reserved })
+  end)
+end)
+
 describe("a process that ends as its Redis is restarted refusing writes (past its maxmemory)", function()
   -- (before: the rows sent again on a new connection and refused were said to have had no answer,
   -- "a frozen server runs them when it thaws": that server never would)

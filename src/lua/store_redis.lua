@@ -249,9 +249,13 @@ return 1
 
 -- KEYS: ledger list, dedupe set; ARGV: dedupe ('' for none), json
 local insert_cost = [[
+-- (the row before its id: Redis keeps what a script wrote before a command of it failed, and an id
+-- marked recorded with its RPUSH refused, a key of another type under resil:, dropped the row's
+-- retry as a duplicate)
 local function insert_cost(ledger, dedupe_set, dedupe, entry)
-  if dedupe ~= '' and redis.call('SADD', dedupe_set, dedupe) == 0 then return 0 end
+  if dedupe ~= '' and redis.call('SISMEMBER', dedupe_set, dedupe) == 1 then return 0 end
   redis.call('RPUSH', ledger, entry)
+  if dedupe ~= '' then redis.call('SADD', dedupe_set, dedupe) end
   return 1
 end
 ]]
@@ -483,12 +487,19 @@ if period then
   local at = string.find(entry, label, 1, true)
   if at then entry = string.sub(entry, 1, at - 1) .. '"period":' .. cjson.encode(period) .. string.sub(entry, at + #label) end
 end
-unhold(ARGV[1])
-redis.call('HSET', KEYS[5], 'state', 'settled')
-redis.call('PEXPIRE', KEYS[5], ARGV[5])
-if ARGV[6] ~= '1' then return 1 end
-if insert_cost(KEYS[8], KEYS[9], ARGV[3], entry) == 0 then return 0 end
-redis.call('INCRBY', KEYS[1], ARGV[2])
+local function settled()
+  unhold(ARGV[1])
+  redis.call('HSET', KEYS[5], 'state', 'settled')
+  redis.call('PEXPIRE', KEYS[5], ARGV[5])
+end
+-- the row and its spend before the ticket is marked settled: a command refused midway (a key of
+-- another type under resil:) left a ticket settled without its row, and the settle again wrote none
+if ARGV[6] == '1' then
+  redis.call('GET', KEYS[1]) -- (a read: a spent key of another type refuses before any write)
+  if insert_cost(KEYS[8], KEYS[9], ARGV[3], entry) == 0 then settled(); return 0 end
+  redis.call('INCRBY', KEYS[1], ARGV[2])
+end
+settled()
 return 1
 ]]
 
