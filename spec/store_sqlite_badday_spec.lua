@@ -111,6 +111,32 @@ describe("a SQLite store whose write lock another process holds past the store's
   end)
 end)
 
+describe("a SQLite store whose write lock another process holds for a moment as the script ends", function()
+  -- (before: the run's end, written at once after the loop, did not wait for the lock at all: "recording
+  -- the run's end: store_unavailable: ... database is locked", and the run stayed "running" with its holder
+  -- gone, as after a crash; with four processes on one file, another's group commit often fell there)
+  for _, ending in ipairs({ "returns", "calls os.exit(0)" }) do
+    it("records the run's end once the lock is let go, within the store's timeout, when the script " .. ending,
+      function()
+      local db, rel = helpers.tmpname(".db"), helpers.tmpname(".rel")
+      local r = helpers.run_script(([[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+resil.step("one", function() return 1 end)
+os.execute(("(printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %%s.locked\\n.shell sleep 1\\nCOMMIT;\\n' " ..
+  "| sqlite3 -bail %%s >/dev/null 2>&1 &)"):format(rel, db))
+while not io.open(rel .. ".locked") do resil.sleep(0.02) end
+%s
+]]):format(ending == "returns" and "" or "os.exit(0)"), ("--store '%s?timeout=20' --run ends-locked --log-level off")
+        :format(db), db .. " " .. rel)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("", r.stderr)
+      local runs = helpers.run(("%s runs --store '%s'"):format(helpers.resil, db))
+      assert.matches("ends%-locked%s+done", runs.stdout)
+    end)
+  end
+end)
+
 describe("a SQLite store whose -wal and -shm files are deleted under the running process (a cleanup of temporary " ..
   "files)", function()
   local CHECK = [[

@@ -222,10 +222,36 @@ local function open(path, opts)
   if not in_task then db:blocking(false) end
   if not ok then return nil, merr end
   opening.kept = true
-  return setmetatable({ db = db, path = path, kind = "sqlite" }, B)
+  return setmetatable({ db = db, path = path, kind = "sqlite", timeout = timeout }, B)
 end
 
 function B:stats() return self.db:stats() end
+
+-- A write at once, without the loop's group commit (db:now): the run's end, and what resil_close
+-- gives up or writes. Another process's write lock (its group commit, a moment) is waited for up to
+-- the store's timeout, as the queue's writes are: outside a task inside SQLite, as nothing else runs
+-- (the command's end, resil_close); in a task (os.exit, resil.run.finish) on timers. It failed at
+-- once, "database is locked": the run stayed "running" with its holder gone, a hold or a settle
+-- resil_close had to write was not.
+local function write_now(self, ...)
+  local db = self.db
+  if running() == nil or not coroutine.isyieldable() then
+    db:blocking(true)
+    local r = table.pack(pcall(db.now, db, ...))
+    db:blocking(false)
+    if not r[1] then error(r[2], 0) end
+    return table.unpack(r, 2, r.n)
+  end
+  local deadline, pause = now() + self.timeout, 0.001
+  while true do
+    local r = table.pack(db:now(...))
+    if not (r[1] == nil and type(r[2]) == "table" and r[2].busy and now() + pause < deadline) then
+      return table.unpack(r, 1, r.n)
+    end
+    sleep(pause)
+    pause = math.min(pause * 2, 0.05)
+  end
+end
 
 -- ---------- ownership ----------
 
@@ -389,7 +415,7 @@ function B:once_abandon_now(key, me) return self:once_release_now(key, me) end
 
 -- once_finish at once, without the loop (resil_close: fn ended, its record not yet written)
 function B:once_finish_now(key, owner, result, retention, now)
-  return self.db:now(function(tx)
+  return write_now(self, function(tx)
     return tx:exec("UPDATE idempotency SET state = 'done', result = ?, locked_at = NULL, expires_at = ? " ..
                    "WHERE key = ? AND owner = ?", result, now + retention, key, owner) > 0
   end)
@@ -398,7 +424,7 @@ end
 -- the same at once, without the loop (resil_close: a key its closed host ran stayed held for as
 -- long as the process lived)
 function B:once_release_now(key, owner)
-  return self.db:now(function(tx)
+  return write_now(self, function(tx)
     return tx:exec("DELETE FROM idempotency WHERE key = ? AND owner = ? AND state = 'running'", key, owner) > 0
   end)
 end
@@ -483,7 +509,7 @@ end
 -- pending: the steps cut short, { {scope=, seq=, name=, retries=}, ... }. A run
 -- that ends "done" with failed steps is "done_with_failures".
 function B:run_finish_now(id, status, now, me, pending)
-  return self.db:now(function(tx)
+  return write_now(self, function(tx)
     local holder = tx:value("SELECT owner FROM runs WHERE id = ?", id)
     if holder ~= nil and holder ~= me then return false end
     for _, p in ipairs(pending or {}) do
@@ -503,7 +529,7 @@ end
 -- resil_close: a take of the run whose task never resumed: the run, if `me` holds it, is given up
 -- "interrupted" (a later host resumes it); one another holds, or nobody, is left as it is
 function B:run_give_up_now(id, now, me)
-  return self.db:now(function(tx)
+  return write_now(self, function(tx)
     return tx:exec("UPDATE runs SET status = 'interrupted', updated_at = ?, owner = NULL, owner_since = NULL " ..
                    "WHERE id = ? AND owner = ?", now, id, me) > 0
   end)
@@ -822,7 +848,7 @@ function B:budget_settle(ticket, entry) return self.db:tx(settle, ticket, entry)
 
 -- the same at once, without the loop (resil_close: a settle queued when the host closed; Redis
 -- has none, its command sent as the settle began)
-function B:budget_settle_now(ticket, entry) return self.db:now(settle, ticket, entry) end
+function B:budget_settle_now(ticket, entry) return write_now(self, settle, ticket, entry) end
 
 -- the same in the next group commit, without waiting: done(nil, first) | done(err)
 function B:budget_settle_later(ticket, entry, done) return self.db:enqueue(done, settle, ticket, entry) end
@@ -835,7 +861,7 @@ end
 
 -- the same at once, without the loop (resil_close)
 function B:budget_release_now(ticket)
-  return self.db:now(function(tx)
+  return write_now(self, function(tx)
     return tx:exec("UPDATE reservations SET state = 'released' WHERE ticket = ? AND state = 'held'", ticket) > 0
   end)
 end
@@ -1048,7 +1074,7 @@ local function unprobe(tx, name, probe_until)
 end
 function B:breaker_unprobe(name, probe_for, now) return self.db:tx(unprobe, name, now + probe_for) end
 -- the same at once, without the loop (resil_close)
-function B:breaker_unprobe_now(name, probe_for, now) return self.db:now(unprobe, name, now + probe_for) end
+function B:breaker_unprobe_now(name, probe_for, now) return write_now(self, unprobe, name, now + probe_for) end
 
 function B:breaker_close(name)
   return self.db:tx(function(tx) return tx:exec("DELETE FROM breakers WHERE name = ?", name) > 0 end)
