@@ -414,6 +414,26 @@ print(c:call("PING"))
   end)
 end)
 
+describe("a store URL naming an IPv6 address, bracketed as in any URL (redis://[::1]:6379/0)", function()
+  -- (before: "redis: cannot read URL redis://[::1]:...", a URL every other client takes; the host
+  -- resolved names to IPv6 addresses, but no address could be given)
+  it("is the server at that address", function()
+    local r = helpers.run(("redis-cli -p %d config set bind '127.0.0.1 ::1'"):format(redis.port))
+    if not r.stdout:match("OK") then return pending("no IPv6 loopback here: " .. r.stdout .. r.stderr) end
+    finally(function() os.execute(("redis-cli -p %d config set bind 127.0.0.1 > /dev/null"):format(redis.port)) end)
+    local url = redis.url()
+    r = helpers.run_script([[
+local resil = require "resil"
+local s = assert(resil.store())
+print(s:set("v6", "here"))
+]], ("--store '%s' --log-level off"):format(url:gsub("127%.0%.0%.1", "[::1]")))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\n", r.stdout)
+    resil.store_config({ url = url })
+    assert.are.equal("here", resil.store():get("v6"))
+  end)
+end)
+
 describe("a command sent on a connection a READONLY answer dropped, while the name is being resolved anew", function()
   -- (before: its deadline took the resolving branch: it canceled the new connection's resolve and failed the
   -- commands held for it, none late, and the command itself waited its XREAD's 20 s)

@@ -741,6 +741,8 @@ local function parse_url(url)
   local o, qerr = store_options(query, url, "redis")
   if not o then return nil, qerr end
   local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
+  -- an IPv6 address, bracketed as in any URL (redis://[::1]:6379/0)
+  if not host then host, port, db = rest:match("^%[([%x:.]+)%]:?(%d*)/?(%d*)$") end
   if not host then
     -- (the form's "user:password@" apart from its "redis://": the redaction of a URL's password
     -- ate the hint's own)
