@@ -223,6 +223,28 @@ describe("resil.cost inside steps and once (one process)", function()
       assert.are.equal(before, resil.cost.total())
     end)
 
+  -- (before: "[resil costs]:414: attempt to index a nil value (local 'e')" and "[resil budgets]:499: bad
+  -- argument #1 to 'for iterator' (table expected, got string)", from inside the host)
+  it("a record or a settle's fields that are not a table raise at the caller's line; nothing is written",
+    function()
+    local before = resil.cost.total()
+    for _, bad in ipairs({ false, "p", 5 }) do
+      local ok, err = pcall(function() local r = resil.cost.record(bad); return r end)
+      assert.is_false(ok)
+      assert.matches("cost_spec%.lua:%d+: resil%.cost%.record: expects a table", err)
+    end
+    local ok, err = pcall(function() local r = resil.cost.record(); return r end)
+    assert.matches("cost_spec%.lua:%d+: resil%.cost%.record: expects a table", err)
+    local b = resil.budget("cost-fields", { limit = 10 })
+    local t = assert(b:reserve(1))
+    ok, err = pcall(function() local r = t:settle(0.5, "openai"); return r end)
+    assert.is_false(ok)
+    assert.matches("cost_spec%.lua:%d+: ticket:settle: fields must be a table or nil", err)
+    assert.are.equal(before, resil.cost.total())
+    assert.are.equal(1, b:state().reserved)
+    assert.is_true(t:settle(0.5, { provider = "p" }))
+  end)
+
   it("a ticket's settle is kept once, inside a step too", function()
     local b = resil.budget("cost-spec", { limit = 10 })
     resil.step("settled", function()

@@ -224,6 +224,18 @@ print(s:stats().commits - before)
     assert.is_nil(io.open("ftp:"))
   end)
 
+  -- (before: "[resil store]:126: attempt to index a nil value (local 'c')", from inside the host)
+  it("resil.store_config without a table raises at the caller's line", function()
+    for _, bad in ipairs({ "x.db", 5 }) do
+      local ok, err = pcall(function() local r = resil.store_config(bad); return r end)
+      assert.is_false(ok)
+      assert.matches("store_spec%.lua:%d+: resil%.store_config: expects a table", err)
+    end
+    local ok, err = pcall(function() local r = resil.store_config(); return r end)
+    assert.is_false(ok)
+    assert.matches("store_spec%.lua:%d+: resil%.store_config: expects a table", err)
+  end)
+
   -- SQLite takes an empty name for a temporary database, deleted at exit: a
   -- store URL that named no file (--store "", sqlite://, an empty
   -- RESIL_STORE as a compose file's ${STORE} leaves it) lost every step,

@@ -399,6 +399,7 @@ local record_guard = { __close = function(w)
 end }
 
 function resil.cost.record(e)
+  if type(e) ~= "table" then error("resil.cost.record: expects a table", 2) end
   -- (a row's budget is whose spend it is, on SQLite: under the sandbox a gateway key's, "key:NAME", is
   -- the host's, as resil.budget refuses it; a script spent a key's money with a row of its own)
   if private.sandbox and type(e) == "table" and type(e.budget) == "string" and e.budget:sub(1, 4) == "key:" then

@@ -126,6 +126,7 @@ end
 -- that many seconds) instead of stopping. lease: seconds a holder on another machine is
 -- trusted without a heartbeat (renewed every third of it).
 function resil.store_config(c)
+  if type(c) ~= "table" then error("resil.store_config: expects a table", 2) end
   if c.wait ~= nil and type(c.wait) ~= "boolean" and not (type(c.wait) == "number" and c.wait >= 0) then
     error("resil.store_config: wait must be true, false or a number of seconds >= 0", 2)
   end
