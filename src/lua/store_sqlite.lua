@@ -331,7 +331,15 @@ function B:kv_incr(key, n, ttl, now)
   return self.db:tx(function(tx)
     local row = tx:row("SELECT value, expires_at FROM kv WHERE key = ?", key)
     local v = 0
-    if row and not (row.expires_at and row.expires_at <= now) then v = tonumber(row.value) or 0 end
+    if row and not (row.expires_at and row.expires_at <= now) then
+      -- (text that is no number was taken for 0 and written over, where Redis refuses it)
+      v = tonumber(row.value)
+      if v == nil then
+        local k = tostring(key)
+        return nil, resil.error("store_error", ("store %s: incr: the value of key %q is not a number"):format(
+          self.path, #k > 80 and k:sub(1, 80) .. "..." or k), { key = key })
+      end
+    end
     v = v + n
     local expires = row and row.expires_at and row.expires_at > now and row.expires_at or (ttl and now + ttl)
     tx:exec("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)", key, tostring(v), expires)
