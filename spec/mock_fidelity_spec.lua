@@ -138,6 +138,20 @@ describe("the mock's Anthropic conversations", function()
     assert.are.equal(200, res.status, res.body) -- (the final assistant message may be empty)
     m:stop()
   end)
+
+  it("refuse a final user message that is empty: only an assistant's may be", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    for _, empty in ipairs({ "", setmetatable({}, json.array_mt) }) do
+      for _, messages in ipairs({ { { role = "user", content = empty } },
+        { MSGS[1], { role = "assistant", content = "ok" }, { role = "user", content = empty } } }) do
+        local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = messages })
+        assert.are.equal(400, res.status, res.body) -- (was: 200, an answer to nothing)
+        assert.are.equal(("messages.%d: all messages must have non-empty content except for the optional final "
+          .. "assistant message"):format(#messages - 1), json.decode(res.body).error.message)
+      end
+    end
+    m:stop()
+  end)
 end)
 
 describe("the strict mock's sampling ranges", function()

@@ -247,7 +247,8 @@ function wire.anthropic_messages(messages)
       close_turn()
       role, uses, turn_start, answered = m.role, {}, i, {}
     end
-    if (m.content == "" or type(m.content) == "table" and #m.content == 0) and i < #messages then
+    -- (the last message may be empty when it is the assistant's, a prefill of nothing; a user's never)
+    if (m.content == "" or type(m.content) == "table" and #m.content == 0) and (i < #messages or m.role ~= "assistant") then
       return ("messages.%d: all messages must have non-empty content except for the optional final assistant "
         .. "message"):format(i - 1)
     end
