@@ -221,14 +221,18 @@ local function anthropic_block(p)
   return p
 end
 
+-- (an empty text part, which OpenAI takes, is left out: Anthropic refuses an empty text block;
+-- parts that are all empty are "", a message with nothing to say)
 local function content_to_anthropic(content)
   if type(content) ~= "table" then return content end
   local out
   for i, p in ipairs(content) do
     local b = anthropic_block(p)
+    if type(b) == "table" and b.type == "text" and b.text == "" and b.cache_control == nil then b = nil end
     if b ~= p and not out then out = table.move(content, 1, i - 1, 1, {}) end
-    if out then out[i] = b end
+    if out then out[#out + 1] = b end
   end
+  if out and #out == 0 and #content > 0 then return "" end
   return out or content
 end
 
@@ -309,12 +313,13 @@ function messages.anthropic(req)
     else
       local content = m.content
       if content == nil or content == null then content = "" end
+      content = content_to_anthropic(content)
       -- an assistant turn that said nothing (an OpenAI refusal: its text in `refusal`) is its
       -- refusal, else left out: the API refuses empty content but in the last message, and an
       -- app that sends back the SDK's message as it came got a 400
       if content == "" and m.role == "assistant" and is_text(m.refusal) then content = m.refusal end
       if content ~= "" or m.role ~= "assistant" or m == req.messages[#req.messages] then
-        out[#out + 1] = { role = m.role, content = content_to_anthropic(content) }
+        out[#out + 1] = { role = m.role, content = content }
       end
     end
   end

@@ -1375,6 +1375,17 @@ describe("a conversation in the other API's shape", function()
     assert.are.equal("bad_request", err.class)
   end)
 
+  it("an OpenAI text part that is empty is left out for Anthropic, which refuses an empty text block", function()
+    -- (OpenAI takes one: a client's parts list with a blank part failed on Anthropic, a fallback's 400)
+    local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = {
+      { role = "user", content = { { type = "text", text = "" }, { type = "text", text = "What now?" } } },
+      { role = "assistant", content = { { type = "text", text = "" } } },
+      { role = "user", content = { { type = "text", text = "Go on." }, { type = "text", text = "" } } } } }))
+    assert.are.equal("done", r.text)
+    assert.are.same({ { role = "user", content = { { type = "text", text = "What now?" } } },
+      { role = "user", content = { { type = "text", text = "Go on." } } } }, seen.messages)
+  end)
+
   it("a request the provider refuses is a 400 that names the part, not a retry", function()
     -- an Anthropic image from the Files API has no OpenAI counterpart: passed on, the API says what
     local r, err = ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, retry = { budget = false },
