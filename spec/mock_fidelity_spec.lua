@@ -112,6 +112,20 @@ describe("the mock's answers under a schema", function()
   end)
 end)
 
+describe("the strict mock's stream_options", function()
+  it("are refused on a request that does not stream, as OpenAI refuses them", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local res = openai(m, { model = "gpt-4o-mini", messages = MSGS, stream_options = { include_usage = true } })
+    assert.are.equal(400, res.status, res.body) -- (was: 200, where the API answers this)
+    local e = json.decode(res.body).error
+    assert.are.same({ "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "invalid_request_error",
+      "stream_options" }, { e.message, e.type, e.param })
+    res = openai(m, { model = "gpt-4o-mini", messages = MSGS, stream = true, stream_options = { include_usage = true } })
+    assert.are.equal(200, res.status, res.body)
+    m:stop()
+  end)
+end)
+
 describe("the mock's Anthropic stop sequences", function()
   it("an empty or whitespace-only one is refused, as the API refuses it", function()
     local m = assert(resil.mock.start({ strict = true }))

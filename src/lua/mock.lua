@@ -622,6 +622,11 @@ function Mock:openai_check(req, body)
     return { status = 400, body = openai_error(400, "The 'metadata' parameter is only allowed when 'store' is enabled.",
       "invalid_request_error", nil, "metadata") }
   end
+  -- (a client that sends them on a call that does not stream, as a "fake streaming" proxy does)
+  if body.stream_options ~= nil and body.stream_options ~= json.null and body.stream ~= true then
+    return { status = 400, body = openai_error(400, "The 'stream_options' parameter is only allowed when 'stream' is "
+      .. "enabled.", "invalid_request_error", nil, "stream_options") }
+  end
   -- (Anthropic takes many stop sequences, OpenAI four: a fallback with more failed there)
   if type(body.stop) == "table" and #body.stop > 4 then
     return { status = 400, body = openai_error(400, ("Invalid 'stop': array too long. Expected an array with maximum "
