@@ -306,6 +306,26 @@ describe("the strict mock's parallel_tool_calls", function()
   end)
 end)
 
+describe("the strict mock's tool_choice", function()
+  it("takes tool_choice with tools only, as the API does; the adapter sends it so", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local res = openai(m, { model = "gpt-4o-mini", messages = MSGS, tool_choice = "auto" })
+    assert.are.equal(400, res.status, res.body) -- (was: 200)
+    local e = json.decode(res.body).error
+    assert.are.same({ "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+      "tool_choice" }, { e.message, e.param })
+    -- a request with no tools and a tool_choice (an Anthropic client's { type = "auto" }, say, falling
+    -- back to OpenAI) was that 400 from the API, a fallback that could never serve
+    local ai = require "policies.ai"
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-1" })
+    for _, choice in ipairs({ "auto", "none", { type = "auto" } }) do
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, tool_choice = choice }))
+      assert.is_true(#r.text > 0)
+    end
+    m:stop()
+  end)
+end)
+
 describe("the strict mock's Anthropic text blocks", function()
   it("refuses an empty text block in a message, as the API does", function()
     local m = assert(resil.mock.start({ strict = true }))

@@ -218,7 +218,9 @@ function openai.body(req, model, conf)
     end
   end
   body.tools = tools_of(req.tools)
-  -- (with tools only: the API refuses it without, and a policy's or a fallback's request may set it for none)
+  -- (with tools only: the API refuses them without, and a policy's or a fallback's request may set them
+  -- for none: an Anthropic client's tool_choice { type = "auto" } with no tools)
+  if not body.tools then body.tool_choice = nil end
   v = req.parallel_tool_calls
   if v ~= nil and body.tools then body.parallel_tool_calls = v end
   if req.stream then

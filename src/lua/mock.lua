@@ -617,6 +617,10 @@ function Mock:openai_check(req, body)
     return { status = 400, body = openai_error(400, "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' "
       .. "is only allowed when 'tools' are specified.", "invalid_request_error", nil, "parallel_tool_calls") }
   end
+  if body.tool_choice ~= nil and body.tool_choice ~= json.null and (type(body.tools) ~= "table" or #body.tools == 0) then
+    return { status = 400, body = openai_error(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed "
+      .. "when 'tools' are specified.", "invalid_request_error", nil, "tool_choice") }
+  end
   -- (metadata is kept with a stored completion only: sent alone, the API's 400)
   if body.metadata ~= nil and body.metadata ~= json.null and body.store ~= true then
     return { status = 400, body = openai_error(400, "The 'metadata' parameter is only allowed when 'store' is enabled.",
