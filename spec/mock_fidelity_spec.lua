@@ -326,6 +326,35 @@ describe("the strict mock's tool_choice", function()
   end)
 end)
 
+describe("the strict mock's tool_choice shapes", function()
+  it("refuses Anthropic's on the OpenAI route; the adapter sends Anthropic's shape as OpenAI's", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local tools = { { type = "function", ["function"] = { name = "a", parameters = { type = "object" } } } }
+    for _, choice in ipairs({ { type = "any" }, { type = "tool", name = "a" }, "any" }) do
+      local res = openai(m, { model = "gpt-4o-mini", messages = MSGS, tools = tools, tool_choice = choice })
+      assert.are.equal(400, res.status, res.body) -- (was: 200)
+      assert.matches("^Invalid value: '%w+'%. Supported values are: ", json.decode(res.body).error.message)
+    end
+    for _, choice in ipairs({ "none", "auto", "required", { type = "function", ["function"] = { name = "a" } },
+      { type = "allowed_tools", allowed_tools = { mode = "auto", tools = { { type = "function", ["function"] = { name = "a" } } } } } }) do
+      local res = openai(m, { model = "gpt-4o-mini", messages = MSGS, tools = tools, tool_choice = choice })
+      assert.are.equal(200, res.status, res.body)
+    end
+    -- README: tools and tool_choice in either API's shape, translated (a call with Anthropic's
+    -- { type = "any" }, or falling back to OpenAI with it, was the API's 400)
+    local ai = require "policies.ai"
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-1" })
+    local atools = { { name = "a", input_schema = { type = "object", properties = {} } } }
+    for _, choice in ipairs({ { type = "any" }, { type = "tool", name = "a" } }) do
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, tools = atools, tool_choice = choice }))
+      assert.are.equal("a", r.tool_calls[1].name) -- (forced: the call the choice asks for)
+    end
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, tools = atools, tool_choice = { type = "auto" } }))
+    assert.is_nil(r.tool_calls)
+    m:stop()
+  end)
+end)
+
 describe("the strict mock's Anthropic text blocks", function()
   it("refuses an empty text block in a message, as the API does", function()
     local m = assert(resil.mock.start({ strict = true }))

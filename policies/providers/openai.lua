@@ -110,6 +110,16 @@ end
 -- tools in Anthropic's shape ({name, description, input_schema}) become functions. Its
 -- custom tool may say so (type = "custom": the Anthropic SDK's betaTool and betaZodTool, the
 -- tools its toolRunner sends): passed as it was, OpenAI refused every such request (400).
+-- a tool_choice in Anthropic's shape -> OpenAI's ({ type = "any" } is "required", { type = "tool",
+-- name } a function named; sent as it came, the API's 400); OpenAI's own pass as they are
+local function tool_choice_of(v)
+  if type(v) ~= "table" or v["function"] ~= nil then return v end
+  if v.type == "any" then return "required" end
+  if v.type == "auto" or v.type == "none" then return v.type end
+  if v.type == "tool" and type(v.name) == "string" then return { type = "function", ["function"] = { name = v.name } } end
+  return v
+end
+
 local function tools_of(tools)
   if type(tools) ~= "table" or #tools == 0 then return nil end
   local out = {}
@@ -164,7 +174,7 @@ function openai.body(req, model, conf)
   v = req.top_p
   if v ~= nil then body.top_p = v end
   v = req.tool_choice
-  if v ~= nil then body.tool_choice = v end
+  if v ~= nil then body.tool_choice = tool_choice_of(v) end
   v = req.n
   if v ~= nil then body.n = v end
   v = req.seed

@@ -575,6 +575,9 @@ function Mock:key_ok(key)
 end
 
 -- A strict request check: nil when acceptable, else the reply the API would send.
+local TOOL_CHOICE_MODES = { none = true, auto = true, required = true }
+local TOOL_CHOICE_TYPES = { ["function"] = true, allowed_tools = true, custom = true }
+
 function Mock:openai_check(req, body)
   local auth = req.headers["authorization"]
   if not auth or not auth:match("^Bearer %S") then
@@ -620,6 +623,16 @@ function Mock:openai_check(req, body)
   if body.tool_choice ~= nil and body.tool_choice ~= json.null and (type(body.tools) ~= "table" or #body.tools == 0) then
     return { status = 400, body = openai_error(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed "
       .. "when 'tools' are specified.", "invalid_request_error", nil, "tool_choice") }
+  end
+  -- (Anthropic's shapes, { type = "any" } or { type = "tool", name }, are not OpenAI's)
+  local choice = body.tool_choice
+  if type(choice) == "string" and not TOOL_CHOICE_MODES[choice] then
+    return { status = 400, body = openai_error(400, ("Invalid value: '%s'. Supported values are: 'none', 'auto', and "
+      .. "'required'."):format(choice), "invalid_request_error", "invalid_value", "tool_choice") }
+  elseif type(choice) == "table" and not TOOL_CHOICE_TYPES[choice.type] then
+    return { status = 400, body = openai_error(400, ("Invalid value: '%s'. Supported values are: 'function', "
+      .. "'allowed_tools', and 'custom'."):format(tostring(choice.type)), "invalid_request_error", "invalid_value",
+      "tool_choice.type") }
   end
   -- (metadata is kept with a stored completion only: sent alone, the API's 400)
   if body.metadata ~= nil and body.metadata ~= json.null and body.store ~= true then
