@@ -323,6 +323,23 @@ function messages.anthropic(req)
       end
     end
   end
+  -- a last assistant message (a prefill) ends without whitespace: OpenAI takes one, Anthropic
+  -- refuses it ("final assistant content cannot end with trailing whitespace")
+  local last = out[#out]
+  if last and last.role == "assistant" then
+    if type(last.content) == "string" then
+      last.content = last.content:gsub("%s+$", "")
+    elseif type(last.content) == "table" then
+      local b = last.content[#last.content]
+      if type(b) == "table" and b.type == "text" and is_text(b.text) and b.text:find("%s$") then
+        local trimmed = copy(b)
+        trimmed.text = b.text:gsub("%s+$", "")
+        local content = table.move(last.content, 1, #last.content - 1, 1, {})
+        if trimmed.text ~= "" then content[#content + 1] = trimmed end
+        last.content = #content > 0 and content or ""
+      end
+    end
+  end
   -- a system given as content blocks (prompt caching) is kept as blocks
   if type(req.system) == "table" and #system == 1 then return req.system, out end
   local blocks = system_contents and system_blocks(req, system_contents)

@@ -1386,6 +1386,17 @@ describe("a conversation in the other API's shape", function()
       { role = "user", content = { { type = "text", text = "Go on." } } } }, seen.messages)
   end)
 
+  it("a conversation that ends in an assistant's text with trailing whitespace is served by Anthropic, trimmed", function()
+    -- (OpenAI takes it; Anthropic refuses a prefill that ends in whitespace: the fallback's 400)
+    for _, prefill in ipairs({ "The answer is ", { { type = "text", text = "The answer is\n" } } }) do
+      local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = {
+        { role = "user", content = "What now?" }, { role = "assistant", content = prefill } } }))
+      assert.are.equal("done", r.text)
+      local last = seen.messages[#seen.messages]
+      assert.are.equal("The answer is", type(last.content) == "table" and last.content[1].text or last.content)
+    end
+  end)
+
   it("a request the provider refuses is a 400 that names the part, not a retry", function()
     -- an Anthropic image from the Files API has no OpenAI counterpart: passed on, the API says what
     local r, err = ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, retry = { budget = false },

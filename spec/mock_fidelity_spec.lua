@@ -153,6 +153,21 @@ describe("the mock's Anthropic conversations", function()
     m:stop()
   end)
 
+  it("refuse a final assistant message that ends in whitespace, a string's as a text block's", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    for _, prefill in ipairs({ "The answer is ", { { type = "text", text = "The answer is\n" } } }) do
+      local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = { MSGS[1],
+        { role = "assistant", content = prefill } } })
+      assert.are.equal(400, res.status, res.body) -- (was: 200)
+      assert.are.equal("messages: final assistant content cannot end with trailing whitespace",
+        json.decode(res.body).error.message)
+    end
+    local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = { MSGS[1],
+      { role = "assistant", content = "The answer is " }, { role = "user", content = "go on" } } })
+    assert.are.equal(200, res.status, res.body) -- (an earlier one may)
+    m:stop()
+  end)
+
   it("refuse a final user message that is empty: only an assistant's may be", function()
     local m = assert(resil.mock.start({ strict = true }))
     for _, empty in ipairs({ "", setmetatable({}, json.array_mt) }) do

@@ -295,6 +295,18 @@ function wire.anthropic_messages(messages)
       end
     end
   end
+  -- a prefill that ends in whitespace (OpenAI takes one) is refused
+  local last = messages[#messages]
+  if type(last) == "table" and last.role == "assistant" then
+    local text = last.content
+    if type(text) == "table" then
+      local b = text[#text]
+      text = type(b) == "table" and b.type == "text" and b.text or nil
+    end
+    if type(text) == "string" and text:find("%s$") then
+      return "messages: final assistant content cannot end with trailing whitespace"
+    end
+  end
   return role == "user" and unanswered_use(prev_uses, answered, prev_turn) or nil
 end
 
