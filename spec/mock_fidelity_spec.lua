@@ -321,6 +321,24 @@ describe("the strict mock's parallel_tool_calls", function()
   end)
 end)
 
+describe("the strict mock's json_object", function()
+  it("is refused when no message says json, as OpenAI refuses it; answered when one does", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local res = openai(m, { model = "gpt-4o-mini", messages = MSGS, response_format = { type = "json_object" } })
+    assert.are.equal(400, res.status, res.body) -- (was: 200, where the API answers this)
+    local e = json.decode(res.body).error
+    assert.are.same({ "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+      .. "'json_object'.", "messages" }, { e.message, e.param })
+    for _, messages in ipairs({ { { role = "system", content = "Answer in JSON." }, MSGS[1] },
+      { { role = "user", content = { { type = "text", text = "hi, as json" } } } } }) do
+      res = openai(m, { model = "gpt-4o-mini", messages = messages, response_format = { type = "json_object" } })
+      assert.are.equal(200, res.status, res.body)
+      assert.is_table(json.decode(json.decode(res.body).choices[1].message.content))
+    end
+    m:stop()
+  end)
+end)
+
 describe("the strict mock's tool_choice", function()
   it("takes tool_choice with tools only, as the API does; the adapter sends it so", function()
     local m = assert(resil.mock.start({ strict = true }))

@@ -624,6 +624,17 @@ function Mock:openai_check(req, body)
     return { status = 400, body = openai_error(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed "
       .. "when 'tools' are specified.", "invalid_request_error", nil, "tool_choice") }
   end
+  -- JSON mode needs the word in the prompt (without it a model may write whitespace until its limit)
+  if type(body.response_format) == "table" and body.response_format.type == "json_object" then
+    local said = false
+    for _, msg in ipairs(body.messages) do
+      if type(msg) == "table" and content_text(msg.content):lower():find("json", 1, true) then said = true; break end
+    end
+    if not said then
+      return { status = 400, body = openai_error(400, "'messages' must contain the word 'json' in some form, to use "
+        .. "'response_format' of type 'json_object'.", "invalid_request_error", nil, "messages") }
+    end
+  end
   -- (Anthropic's shapes, { type = "any" } or { type = "tool", name }, are not OpenAI's)
   local choice = body.tool_choice
   if type(choice) == "string" and not TOOL_CHOICE_MODES[choice] then
