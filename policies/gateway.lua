@@ -332,6 +332,13 @@ local function openai_tool_calls(calls)
   return out
 end
 
+-- OpenAI's finish_reasons; another (the normalized "pause" of Anthropic's pause_turn, a
+-- compatible server's own) is "stop" for an OpenAI client, whose SDK types know these only
+local OPENAI_FINISH = { stop = true, length = true, tool_calls = true, content_filter = true, function_call = true }
+local function openai_finish(f)
+  return OPENAI_FINISH[f] and f or "stop"
+end
+
 -- the answer as JSON, written directly: a table built and encoded costs the
 -- hot path a third of its JSON time (cjson prints every number with %.14g)
 local OPENAI_ANSWER = '{"id":"chatcmpl-%s","object":"chat.completion","created":%d,"model":%s,'
@@ -347,7 +354,7 @@ local function openai_answer_json(r, id, model, created)
   local refusal = type(r.refusal) == "string" and json.encode(r.refusal) or "null"
   local cached = count(u.cached_input_tokens)
   return OPENAI_ANSWER:format(id, created or math.floor(resil.clock.wall()), json.encode(model), text, refusal,
-    calls, json.encode(r.finish_reason or "stop"), i, o, i + o,
+    calls, json.encode(openai_finish(r.finish_reason)), i, o, i + o,
     cached > 0 and (',"prompt_tokens_details":{"cached_tokens":%d}'):format(cached) or "")
 end
 
@@ -936,7 +943,7 @@ local function openai_stream(s, first, id, model, b, headers)
       write(chunk({ content = delta }))
     end
     local r = s:result()
-    write(chunk({}, r and r.finish_reason or "stop"), true) -- (its ending: a stop adds nothing after it)
+    write(chunk({}, openai_finish(r and r.finish_reason)), true) -- (its ending: a stop adds nothing after it)
     if usage_chunk and r then write(usage_chunk(r.usage)) end
     write("data: [DONE]\n\n")
   end }
@@ -1055,7 +1062,7 @@ local function openai_answer_stream(res, id, model, b, headers)
       for i, c in ipairs(calls) do c.index = i - 1 end
       write(chunk({ tool_calls = calls }))
     end
-    write(chunk({}, res.finish_reason or "stop"), true)
+    write(chunk({}, openai_finish(res.finish_reason)), true)
     if usage_chunk then write(usage_chunk(res.usage)) end
     write("data: [DONE]\n\n")
   end }

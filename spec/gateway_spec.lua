@@ -3015,6 +3015,37 @@ describe("gateway: streams across APIs and from unusual providers", function()
     assert.is_true(usage.completion_tokens > 0)
   end)
 
+  it("an Anthropic pause_turn reaches an OpenAI client as finish_reason stop, one of OpenAI's, whole and streamed", function()
+    -- (the adapter's normalized "pause" was written as it was: a finish_reason the OpenAI API never
+    -- sends, outside the SDKs' types, that an app's switch on it did not know)
+    local url = start({ routes = { ["POST /v1/messages"] = function(req)
+      if json.decode(req.body).stream then
+        return streams.reply(streams.anthropic({ content = "Searching now.", stop_reason = "pause_turn" }))
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "msg_p", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+        content = { { type = "text", text = "Searching now." } }, stop_reason = "pause_turn", stop_sequence = json.null,
+        usage = { input_tokens = 3, output_tokens = 5 } }) }
+    end } })
+    local body = { model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS }
+    local res = post(url .. "/v1/chat/completions", body)
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("stop", json.decode(res.body).choices[1].finish_reason)
+    assert.are.equal("Searching now.", json.decode(res.body).choices[1].message.content)
+    local tools = { { type = "function", ["function"] = { name = "a", parameters = { type = "object" } } } }
+    for _, extra in ipairs({ {}, { tools = tools } }) do -- (a text stream, and one read whole for its tools)
+      local b = { model = body.model, messages = MSGS, stream = true, tools = extra.tools }
+      local evs = events_of(url .. "/v1/chat/completions", b)
+      local finish
+      for _, ev in ipairs(evs) do
+        local c = ev.data ~= "[DONE]" and json.decode(ev.data)
+        if c and c.choices and c.choices[1] and c.choices[1].finish_reason ~= json.null then finish = c.choices[1].finish_reason end
+      end
+      assert.are.equal("stop", finish)
+      assert.are.equal("[DONE]", evs[#evs].data)
+    end
+  end)
+
   it("an OpenAI refusal reaches an Anthropic client as its text, stopping for refusal", function()
     local url = start({ routes = { ["POST /v1/chat/completions"] = function()
       return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
