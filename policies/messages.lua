@@ -236,6 +236,15 @@ local function content_to_anthropic(content)
   return out or content
 end
 
+-- a tool call's id as Anthropic takes it (^[a-zA-Z0-9_-]+$): OpenAI takes any, and another
+-- provider's ("functions.get_weather:0", "call_1|fc_2") was the API's 400 for every later turn.
+-- Mapped the same for the call and its result (still paired), with a hash of the id so that
+-- two ids one character apart stay two
+local function tool_id(id)
+  if not is_text(id) or id:find("^[%w_-]+$") then return id end
+  return id:gsub("[^%w_-]", "_") .. "_" .. resil.hash(id):sub(1, 8)
+end
+
 -- a tool call's arguments (a JSON string) -> the object a tool_use block's
 -- input must be; arguments that are not one (a cut answer's) are {}
 local function object_of(arguments)
@@ -290,7 +299,7 @@ function messages.anthropic(req)
       system_contents = system_contents or {}
       system_contents[#system_contents + 1] = m.content
     elseif m.role == "tool" then
-      local block = { type = "tool_result", tool_use_id = m.tool_call_id, content = text_of(m.content) }
+      local block = { type = "tool_result", tool_use_id = tool_id(m.tool_call_id), content = text_of(m.content) }
       for _, p in ipairs(type(m.content) == "table" and m.content or {}) do -- (a part's cache breakpoint)
         if type(p) == "table" and p.cache_control ~= nil then block.cache_control = p.cache_control end
       end
@@ -307,7 +316,7 @@ function messages.anthropic(req)
       if text ~= "" then blocks[1] = { type = "text", text = text } end
       for _, c in ipairs(m.tool_calls) do
         local f = type(c) == "table" and c["function"] or {}
-        blocks[#blocks + 1] = { type = "tool_use", id = c.id, name = f.name, input = object_of(f.arguments) }
+        blocks[#blocks + 1] = { type = "tool_use", id = tool_id(c.id), name = f.name, input = object_of(f.arguments) }
       end
       out[#out + 1] = { role = "assistant", content = blocks }
     else

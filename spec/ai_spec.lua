@@ -1397,6 +1397,32 @@ describe("a conversation in the other API's shape", function()
     end
   end)
 
+  it("tool call ids another provider wrote (dots, colons, bars) reach Anthropic in its pattern, still paired", function()
+    -- (OpenAI takes any id; Anthropic's 400 "tool_use.id: String should match pattern" failed every
+    -- later turn of such a conversation it served)
+    local calls = {}
+    for i, id in ipairs({ "functions.get_weather:0", "functions.get_weather:1", "call_1|fc_2", "call_ok-1" }) do
+      calls[i] = { id = id, type = "function", ["function"] = { name = "get_weather", arguments = "{}" } }
+    end
+    local msgs = { { role = "user", content = "Weather?" },
+      { role = "assistant", content = resil.json.null, tool_calls = calls } }
+    for _, c in ipairs(calls) do msgs[#msgs + 1] = { role = "tool", tool_call_id = c.id, content = "sunny" } end
+    local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = msgs,
+      tools = { { type = "function", ["function"] = { name = "get_weather", parameters = { type = "object" } } } } }))
+    assert.are.equal("done", r.text)
+    local uses, results = seen.messages[2].content, seen.messages[3].content
+    local ids = {}
+    for i = 1, 4 do
+      assert.matches("^[%w_-]+$", uses[i].id)
+      assert.are.equal(uses[i].id, results[i].tool_use_id)
+      ids[uses[i].id] = true
+    end
+    assert.are.equal("call_ok-1", uses[4].id) -- (an id in the pattern is kept)
+    local n = 0
+    for _ in pairs(ids) do n = n + 1 end
+    assert.are.equal(4, n) -- (each its own: :0 and :1 are not one id)
+  end)
+
   it("a request the provider refuses is a 400 that names the part, not a retry", function()
     -- an Anthropic image from the Files API has no OpenAI counterpart: passed on, the API says what
     local r, err = ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, retry = { budget = false },

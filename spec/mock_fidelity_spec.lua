@@ -168,6 +168,21 @@ describe("the mock's Anthropic conversations", function()
     m:stop()
   end)
 
+  it("refuse a tool_use id outside the API's pattern (another provider's, with dots or colons)", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local function thread(id)
+      return { MSGS[1], { role = "assistant", content = { { type = "tool_use", id = id, name = "a", input = {} } } },
+        { role = "user", content = { { type = "tool_result", tool_use_id = id, content = "ok" } } } }
+    end
+    local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = thread("functions.a:0") })
+    assert.are.equal(400, res.status, res.body) -- (was: 200)
+    assert.are.equal("messages.1.content.0.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'",
+      json.decode(res.body).error.message)
+    res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = thread("toolu_01A-b_9") })
+    assert.are.equal(200, res.status, res.body)
+    m:stop()
+  end)
+
   it("refuse a final user message that is empty: only an assistant's may be", function()
     local m = assert(resil.mock.start({ strict = true }))
     for _, empty in ipairs({ "", setmetatable({}, json.array_mt) }) do

@@ -270,6 +270,10 @@ function wire.anthropic_messages(messages)
           or getmetatable(b.input) == json.array_mt then
           return where .. ".tool_use: id, name and input (an object) are required"
         end
+        -- (OpenAI takes any id: another provider's "functions.get:0" is refused here)
+        if not b.id:find("^[%w_-]+$") then
+          return where .. ".tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'"
+        end
         uses[b.id] = true
       elseif b.type == "tool_result" then
         if m.role ~= "user" then return where .. ": tool_result blocks are only allowed in user messages" end
