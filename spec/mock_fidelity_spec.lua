@@ -336,6 +336,35 @@ describe("the strict mock's parallel_tool_calls", function()
   end)
 end)
 
+describe("the mock's output limits", function()
+  it("refuse a max_tokens past a known model's output, as each API refuses it; an unknown model takes any", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local res = openai(m, { model = "gpt-4o-mini-2024-07-18", messages = MSGS, max_tokens = 32000 })
+    assert.are.equal(400, res.status, res.body) -- (was: 200; an Anthropic client's max_tokens, falling back here)
+    local e = json.decode(res.body).error
+    assert.are.same({ "max_tokens is too large: 32000. This model supports at most 16384 completion tokens, whereas "
+      .. "you provided 32000.", "max_tokens", "invalid_value" }, { e.message, e.param, e.code })
+    res = openai(m, { model = "gpt-4.1-mini", messages = MSGS, max_completion_tokens = 40000 })
+    assert.are.equal(400, res.status, res.body)
+    assert.are.equal("max_completion_tokens", json.decode(res.body).error.param)
+    for model, n in pairs({ ["gpt-4o-mini"] = 16384, ["gpt-4.1-nano"] = 32768, ["o3"] = 100000, ["gpt-9"] = 500000 }) do
+      local field = model:find("^o") and "max_completion_tokens" or "max_tokens"
+      res = openai(m, { model = model, messages = MSGS, [field] = n })
+      assert.are.equal(200, res.status, model .. ": " .. res.body)
+    end
+    res = anthropic(m, { model = "claude-opus-4-1-20250805", max_tokens = 64000, messages = MSGS })
+    assert.are.equal(400, res.status, res.body) -- (was: 200; an OpenAI client's max_tokens, falling back here)
+    assert.are.equal("max_tokens: 64000 > 32000, which is the maximum allowed number of output tokens for "
+      .. "claude-opus-4-1-20250805", json.decode(res.body).error.message)
+    for model, n in pairs({ ["claude-sonnet-4-5"] = 64000, ["claude-haiku-4-5-20251001"] = 64000,
+      ["claude-sonnet-5-5"] = 200000 }) do
+      res = anthropic(m, { model = model, max_tokens = n, messages = MSGS })
+      assert.are.equal(200, res.status, model .. ": " .. res.body)
+    end
+    m:stop()
+  end)
+end)
+
 describe("the strict mock's json_object", function()
   it("is refused when no message says json, as OpenAI refuses it; answered when one does", function()
     local m = assert(resil.mock.start({ strict = true }))

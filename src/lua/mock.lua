@@ -575,6 +575,23 @@ function Mock:key_ok(key)
 end
 
 -- A strict request check: nil when acceptable, else the reply the API would send.
+-- the most output tokens a known model writes (the APIs refuse a max_tokens past it: an Anthropic
+-- client's 32000 falling back to gpt-4o-mini, an OpenAI client's 64000 to Opus 4.1), first match
+-- by name; a model not here takes any
+local OUTPUT_LIMITS = {
+  { "^gpt%-4o%-2024%-05%-13", 4096 }, { "^gpt%-4o", 16384 }, { "^gpt%-4%.1", 32768 }, { "^gpt%-4%-turbo", 4096 },
+  { "^gpt%-3%.5%-turbo", 4096 }, { "^o1%-mini", 65536 }, { "^o%d", 100000 }, { "^gpt%-5[%.%d]*%-chat", 16384 },
+  { "^gpt%-5", 128000 },
+  { "^claude%-opus%-4%-5", 64000 }, { "^claude%-opus%-4%-1", 32000 }, { "^claude%-opus%-4$", 32000 },
+  { "^claude%-opus%-4%-0", 32000 }, { "^claude%-opus%-4%-20", 32000 }, { "^claude%-sonnet%-4", 64000 },
+  { "^claude%-haiku%-4%-5", 64000 }, { "^claude%-3%-7%-sonnet", 64000 }, { "^claude%-3%-5%-", 8192 },
+  { "^claude%-3%-haiku", 4096 }, { "^claude%-3%-opus", 4096 } }
+local function output_limit(model)
+  for _, l in ipairs(OUTPUT_LIMITS) do
+    if tostring(model):find(l[1]) then return l[2] end
+  end
+end
+
 local TOOL_CHOICE_MODES = { none = true, auto = true, required = true }
 local TOOL_CHOICE_TYPES = { ["function"] = true, allowed_tools = true, custom = true }
 
@@ -623,6 +640,14 @@ function Mock:openai_check(req, body)
   if body.tool_choice ~= nil and body.tool_choice ~= json.null and (type(body.tools) ~= "table" or #body.tools == 0) then
     return { status = 400, body = openai_error(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed "
       .. "when 'tools' are specified.", "invalid_request_error", nil, "tool_choice") }
+  end
+  local limit = output_limit(body.model)
+  for _, field in ipairs({ "max_tokens", "max_completion_tokens" }) do
+    local n = int(body[field])
+    if limit and n and n > limit then
+      return { status = 400, body = openai_error(400, ("%s is too large: %d. This model supports at most %d completion "
+        .. "tokens, whereas you provided %d."):format(field, n, limit, n), "invalid_request_error", "invalid_value", field) }
+    end
   end
   -- JSON mode needs the word in the prompt (without it a model may write whitespace until its limit)
   if type(body.response_format) == "table" and body.response_format.type == "json_object" then
@@ -864,6 +889,11 @@ local function anthropic_refusal(self, req, body, count)
   end
   if not count and not int(body.max_tokens) then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "max_tokens: Field required") }
+  end
+  local limit = not count and output_limit(body.model)
+  if limit and int(body.max_tokens) > limit then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error", ("max_tokens: %d > %d, which is the "
+      .. "maximum allowed number of output tokens for %s"):format(int(body.max_tokens), limit, body.model)) }
   end
   if type(body.messages) ~= "table" or #body.messages == 0 then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "messages: Field required") }
