@@ -367,6 +367,27 @@ describe("chat over the strict mock", function()
     assert.are.equal(4, m:stats().routes.chat)
   end)
 
+  -- (before: an Anthropic-sized max_tokens, 32000 or 64000, went as it was to a fallback that writes
+  -- less, the API's 400 "max_tokens is too large": the fallback could never serve)
+  it("a max_tokens past what a fallback's model writes is sent as its limit; the model named gets the API's 400", function()
+    local seen = {}
+    local function record(req) seen[#seen + 1] = resil.json.decode(req.body) end
+    m:configure({ strict = true, sequence = { messages = { 529, 529, 529, 529 } }, on_request = record })
+    local r = assert(ai.chat({ model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS, max_tokens = 64000,
+      fallback = { "openai/gpt-4o-mini" } }))
+    assert.are.equal("openai", r.provider)
+    local last = seen[#seen]
+    assert.are.equal(16384, last.max_tokens or last.max_completion_tokens)
+    m:configure({ strict = true, sequence = { chat = { 529, 529, 529, 529 } }, on_request = record })
+    r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 64000,
+      fallback = { "anthropic/claude-opus-4-1-20250805" } }))
+    assert.are.equal("anthropic", r.provider)
+    assert.are.equal(32000, seen[#seen].max_tokens)
+    local _, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 64000 })
+    assert.are.equal("bad_request", err.class) -- (the model it named: the API's own answer)
+    assert.matches("max_tokens is too large", tostring(err.message or err), 1, true)
+  end)
+
   -- (before: each model a provider answered 404 for was a line and a key kept for good: a gateway's
   -- clients name what they like)
   it("a 404 for the model is warned about for 100 models, then once for all the others", function()

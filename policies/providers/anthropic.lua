@@ -105,6 +105,34 @@ local function stop_sequences_of(stop)
   return #out > 0 and out or nil
 end
 
+-- the most output tokens a model writes, first match by name (the API refuses a max_tokens past
+-- it: an OpenAI client's 64000, falling back to Opus 4.1, failed there); a model not here is sent
+-- any. Past it, a model the request did not name (a fallback, an alias's target) is sent its
+-- limit, said once per model; the one it named gets the API's 400, as the API itself would.
+anthropic.output_limits = {
+  { "^claude%-opus%-4%-5", 64000 }, { "^claude%-opus%-4%-1", 32000 }, { "^claude%-opus%-4$", 32000 },
+  { "^claude%-opus%-4%-0", 32000 }, { "^claude%-opus%-4%-20", 32000 }, { "^claude%-sonnet%-4", 64000 },
+  { "^claude%-haiku%-4%-5", 64000 }, { "^claude%-3%-7%-sonnet", 64000 }, { "^claude%-3%-5%-", 8192 },
+  { "^claude%-3%-haiku", 4096 }, { "^claude%-3%-opus", 4096 } }
+local capped = { n = 0 }
+local function output_cap(req, model, conf, n)
+  if type(n) ~= "number" or n <= 4096 then return n end -- (the least limit: the usual request looks nothing up)
+  local limit
+  for _, l in ipairs(anthropic.output_limits) do
+    if tostring(model):find(l[1]) then limit = l[2] break end
+  end
+  if not limit or n <= limit then return n end
+  local m = req.client_model or req.model -- (a gateway's client: the name it sent, not its alias's model)
+  local named = m == model or type(m) == "string" and #m > #model and m:sub(-#model - 1) == "/" .. model
+  if named and not conf.drop_params then return n end
+  if not capped[model] and capped.n < 1000 then
+    capped[model], capped.n = true, capped.n + 1
+    resil.log.warn(("anthropic: %s writes at most %d tokens; %d asked, %d sent"):format(model, limit, n, limit),
+      { model = model, field = "max_tokens" })
+  end
+  return limit
+end
+
 -- anthropic.body(req, model, conf) -> the JSON body of a message
 function anthropic.body(req, model, conf)
   local system, msgs = messages.anthropic(req) -- (translated from OpenAI's shape: policies/messages.lua)
@@ -114,7 +142,7 @@ function anthropic.body(req, model, conf)
   local own = req.provider_options and req.provider_options[anthropic.name]
   if own then for k, v in pairs(own) do body[k] = v end end
   body.model, body.messages, body.system = model, msgs, system
-  body.max_tokens = req.max_tokens or conf.max_tokens or anthropic.default_max_tokens
+  body.max_tokens = output_cap(req, model, conf, req.max_tokens or conf.max_tokens or anthropic.default_max_tokens)
   for _, k in ipairs(PASSED) do if req[k] ~= nil then body[k] = req[k] end end
   -- sampling in OpenAI's terms (an OpenAI client's, a policy's): Anthropic's temperature runs
   -- 0..1, not 0..2 (past 1 is sent as 1), and its models from Opus 4.1 and the 4.5s on refuse

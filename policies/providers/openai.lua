@@ -89,6 +89,19 @@ end
 -- OpenAI takes four stop sequences, Anthropic (whose clients' requests fall back here) many
 local MAX_STOP = 4
 
+-- the most output tokens a model writes, first match by name (the API refuses a max_tokens past
+-- it: an Anthropic client's 32000, falling back to gpt-4o-mini, failed there); a model not here
+-- is sent any. Past it, a model the request did not name is sent its limit.
+openai.output_limits = {
+  { "^gpt%-4o%-2024%-05%-13", 4096 }, { "^gpt%-4o", 16384 }, { "^gpt%-4%.1", 32768 }, { "^gpt%-4%-turbo", 4096 },
+  { "^gpt%-3%.5%-turbo", 4096 }, { "^o1%-mini", 65536 }, { "^o%d", 100000 }, { "^gpt%-5[%.%d]*%-chat", 16384 },
+  { "^gpt%-5", 128000 } }
+local function output_limit(model)
+  for _, l in ipairs(openai.output_limits) do
+    if tostring(model):find(l[1]) then return l[2] end
+  end
+end
+
 -- A field the model refuses is left out for a model the request did not name (a fallback, an
 -- alias's, a migration's target: the call must not fail for what the client wrote for another
 -- model), and sent as it came to the one it named, whose 400 then says what is wrong, as the API
@@ -166,6 +179,12 @@ function openai.body(req, model, conf)
     local field = conf.max_tokens_field
       or ((conf.official or (kind and kind ~= "chat")) and "max_completion_tokens" or "max_tokens")
     body[field] = req.max_tokens
+    -- (past 4096, the least limit: the usual request looks nothing up)
+    local limit = type(req.max_tokens) == "number" and req.max_tokens > 4096 and output_limit(model)
+    if limit and req.max_tokens > limit and not keeps_fields(req, model, conf) then
+      left_out(model, field, ("writes at most %d tokens; %s asked, %d sent"):format(limit, req.max_tokens, limit))
+      body[field] = limit
+    end
   end
   -- the fields of the normalized request sent as they are, each read by its name (walking a
   -- list of their names, each read by a key from it, cost some 5k instructions a call)
