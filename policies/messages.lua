@@ -194,6 +194,15 @@ local function sniffed(data)
   end
 end
 
+-- a tool call's id as Anthropic takes it (^[a-zA-Z0-9_-]+$): OpenAI takes any, and another
+-- provider's ("functions.get_weather:0", "call_1|fc_2") was the API's 400 for every later turn.
+-- Mapped the same for the call and its result (still paired), with a hash of the id so that
+-- two ids one character apart stay two
+local function tool_id(id)
+  if not is_text(id) or id:find("^[%w_-]+$") then return id end
+  return id:gsub("[^%w_-]", "_") .. "_" .. resil.hash(id):sub(1, 8)
+end
+
 -- an OpenAI part that Anthropic names otherwise -> its block: an image_url (a
 -- base64 data URL or a link) -> an image, a base64 PDF file -> a document.
 -- Anthropic's own blocks, and text parts (one shape in both), pass as they are.
@@ -217,6 +226,14 @@ local function anthropic_block(p)
     end
   elseif p.type == "refusal" and is_text(p.refusal) then
     return { type = "text", text = p.refusal }
+  elseif p.type == "tool_use" and tool_id(p.id) ~= p.id then -- (Anthropic's own shape, another provider's id)
+    local b = copy(p)
+    b.id = tool_id(p.id)
+    return b
+  elseif p.type == "tool_result" and tool_id(p.tool_use_id) ~= p.tool_use_id then
+    local b = copy(p)
+    b.tool_use_id = tool_id(p.tool_use_id)
+    return b
   end
   return p
 end
@@ -234,15 +251,6 @@ local function content_to_anthropic(content)
   end
   if out and #out == 0 and #content > 0 then return "" end
   return out or content
-end
-
--- a tool call's id as Anthropic takes it (^[a-zA-Z0-9_-]+$): OpenAI takes any, and another
--- provider's ("functions.get_weather:0", "call_1|fc_2") was the API's 400 for every later turn.
--- Mapped the same for the call and its result (still paired), with a hash of the id so that
--- two ids one character apart stay two
-local function tool_id(id)
-  if not is_text(id) or id:find("^[%w_-]+$") then return id end
-  return id:gsub("[^%w_-]", "_") .. "_" .. resil.hash(id):sub(1, 8)
 end
 
 -- a tool call's arguments (a JSON string) -> the object a tool_use block's

@@ -1444,6 +1444,20 @@ describe("a conversation in the other API's shape", function()
     assert.are.equal(4, n) -- (each its own: :0 and :1 are not one id)
   end)
 
+  it("tool_use ids another provider wrote in an Anthropic-shaped history reach Anthropic in its pattern, paired", function()
+    -- (a gateway's Anthropic client whose earlier turn an OpenAI-compatible server answered, its
+    -- "functions.Bash:12" sent back: every later turn Anthropic served was its 400)
+    local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = {
+      { role = "user", content = "Run it." },
+      { role = "assistant", content = { { type = "tool_use", id = "functions.Bash:12", name = "Bash", input = {} } } },
+      { role = "user", content = { { type = "tool_result", tool_use_id = "functions.Bash:12", content = "ok" } } } },
+      tools = { { name = "Bash", input_schema = { type = "object" } } } }))
+    assert.are.equal("done", r.text)
+    local id = seen.messages[2].content[1].id
+    assert.matches("^[%w_-]+$", id)
+    assert.are.equal(id, seen.messages[3].content[1].tool_use_id)
+  end)
+
   it("a request the provider refuses is a 400 that names the part, not a retry", function()
     -- an Anthropic image from the Files API has no OpenAI counterpart: passed on, the API says what
     local r, err = ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, retry = { budget = false },
