@@ -102,6 +102,23 @@ error("the script gave up")
       assert.matches("1 items: 0 done, 0 failed, 1 pending", show.stdout)
       assert.matches("resume: ", show.stdout)
     end)
+
+    -- (before: the row kept the first script's name and took the new arguments: "resume: resil-lua
+    -- --run r4 old.lua new-arg", a command that ran the old script, or a file no longer there)
+    it("a run resumed or started over by another script names that script in its resume command", function()
+      local code = 'require("resil").step("a", function() return 1 end)\nerror("stopped")\n'
+      local old = helpers.write(helpers.tmpname("-old.lua"), code)
+      local new = helpers.write(helpers.tmpname("-new.lua"), code)
+      local function show() return sh(("%s runs show r4 --store '%s'"):format(helpers.resil, url)).stdout end
+      sh(("%s --store '%s' --log-level off --run r4 %s old-arg"):format(helpers.resil, url, old))
+      assert.matches("\nresume: [^\n]* %-%-run r4 " .. old:gsub("%p", "%%%0") .. " old%-arg\n", show())
+      for _, fresh in ipairs({ "", "--fresh" }) do
+        sh(("%s --store '%s' --log-level off --run r4 %s %s new-arg"):format(helpers.resil, url, fresh, new))
+        local out = show()
+        assert.matches("^run r4: failed %(" .. new:gsub("%p", "%%%0") .. "%)", out)
+        assert.matches("\nresume: [^\n]* %-%-run r4 " .. new:gsub("%p", "%%%0") .. " new%-arg\n", out)
+      end
+    end)
   end)
 end
 

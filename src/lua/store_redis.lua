@@ -178,6 +178,7 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[5], 'owner_since', ARGV[4], 'failed', 
 redis.call('DEL', KEYS[5])
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'args', ARGV[9]) end
 local steps = redis.call('HGET', KEYS[1], 'steps')
+if steps and ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'script', ARGV[2]) end -- (the script that runs it now)
 if steps and ARGV[3] == '1' then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'steps', '0', 'created_at', ARGV[4])

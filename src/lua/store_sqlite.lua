@@ -503,8 +503,10 @@ function B:run_start(id, script, fresh, now, me, lease_until, args)
       row.steps, row.generation = 0, row.generation + 1
     end
     if row then
+      -- (the script that runs it now, with its arguments: the resume command named the first script
+      -- with these arguments)
       tx:exec("UPDATE runs SET status = 'running', updated_at = ?, owner = ?, owner_since = ?, " ..
-              "args = coalesce(?, args) WHERE id = ?", now, me, now, args, id)
+              "script = coalesce(?, script), args = coalesce(?, args) WHERE id = ?", now, me, now, script, args, id)
       return row.steps, row.generation
     end
     tx:exec("INSERT INTO runs (id, script, status, steps, created_at, updated_at, owner, owner_since, args) " ..
