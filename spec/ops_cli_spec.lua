@@ -116,6 +116,30 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     assert.are.equal("", helpers.run("ls " .. dir .. " | grep tmp").stdout)
   end)
 
+  -- (before: the page went to FILE.tmp, renamed over FILE: `--html /dev/stdout` replaced the
+  -- system's /dev/stdout with a regular file as root, and failed on /dev/stdout.tmp as anyone else;
+  -- a symlinked page was replaced by a file, its target left as it was)
+  it("runs show ID --html onto what is not a plain file (/dev/stdout, a symlink) writes through it, leaving it",
+     function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[require("resil").step("fetch", function() return 1 end)]],
+      ("--store %s --run nightly --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    local dir = helpers.tmpname(".d")
+    os.execute("mkdir -p " .. dir)
+    -- a name for this process's stdout, as /dev/stdout is one (a symlink to /proc/self/fd/1)
+    local out, page, real = dir .. "/stdout", dir .. "/page.html", dir .. "/real.html"
+    os.execute(("ln -s /proc/self/fd/1 %s && ln -s %s %s && echo old > %s"):format(out, real, page, real))
+    r = helpers.run(("%s runs show nightly --html %s --store %s"):format(helpers.resil, out, db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^<!DOCTYPE html>.*</html>\n", r.stdout)
+    assert.are.equal(0, helpers.run("test -L " .. out).code)
+    r = helpers.run(("%s runs show nightly --html %s --store %s"):format(helpers.resil, page, db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(0, helpers.run("test -L " .. page).code)
+    assert.matches("</html>\n$", helpers.slurp(real))
+  end)
+
   it("costs --csv (and the other commands) whose output cannot be written (a full disk: /dev/full) exit 1, " ..
      "saying so, not 0 over a cut file", function()
     local db = ledger()

@@ -329,6 +329,16 @@ static int l_redis_connect(lua_State *L) {
   return lua_gettop(L);
 }
 
+/* private.plain_file(path) -> whether path is a regular file or nothing (not a link, a device, a
+ * FIFO): what a write through a temp file and a rename may replace (report.lua: `--html
+ * /dev/stdout` replaced the system's /dev/stdout with a file, a symlinked page with a copy) */
+static int l_plain_file(lua_State *L) {
+  struct stat st;
+  const char *path = luaL_checkstring(L, 1);
+  lua_pushboolean(L, lstat(path, &st) == 0 ? S_ISREG(st.st_mode) : errno == ENOENT);
+  return 1;
+}
+
 /* L stack: resil -> resil. The private table (the embedded modules' second
  * argument): the store's own opens, which may name the host's store (the
  * host's SQLite file; its Redis server), and what the Lua modules leave
@@ -342,6 +352,8 @@ static void make_private(lua_State *L) {
   lua_setfield(L, -2, "sensitive_field");
   lua_pushcfunction(L, resil_l_store_clock);
   lua_setfield(L, -2, "store_clock");
+  lua_pushcfunction(L, l_plain_file);
+  lua_setfield(L, -2, "plain_file");
   lua_getfield(L, -2, "redis");
   lua_getfield(L, -1, "connect");
   lua_pushvalue(L, -1);

@@ -212,7 +212,8 @@ local function runs_show(s, args)
   if html then -- the page: src/lua/report.lua
     local ok, err = require("resil.report").write(html, report, need(backend_of[s]:cost_rows({ run = id })), resume)
     if not ok then fail("runs show: cannot write %s: %s", html, tostring(err)) end
-    print(("wrote %s"):format(html))
+    -- (not after a page written through /dev/stdout: the line went over the page's first bytes)
+    if err then print(("wrote %s"):format(html)) end
     return
   end
   print(printable(redact(("run %s: %s%s%s"):format(run.id, run.status or "?",

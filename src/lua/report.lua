@@ -6,6 +6,7 @@
 -- with scripts off; the script only sorts tables.
 -- Every text from the store passes resil.redact, then is escaped.
 local resil = require "resil"
+local plain_file = select(2, ...).plain_file
 local json = resil.json
 local redact = resil.redact
 
@@ -345,20 +346,26 @@ function M.render(report, ledger, resume)
   return table.concat(out)
 end
 
--- -> true | nil, message; written whole or not at all (temp file, rename)
+-- -> true, whether path was a plain file | nil, message; written whole or not at all (temp file,
+-- rename), but through what is not a plain file (/dev/stdout, a symlink, a FIFO), which a rename
+-- would replace
 function M.write(path, report, ledger, resume)
   local html = M.render(report, ledger, resume)
-  local tmp = path .. ".tmp"
+  local tmp = plain_file(path) and path .. ".tmp" or path
   local fh, err = io.open(tmp, "wb")
   if not fh then return nil, err end
   -- (the close's result too: a full disk fails there, at the flush of what was buffered, and the
   -- cut page was renamed into place and "wrote FILE" said)
   local ok, werr = fh:write(html)
   local closed, cerr = fh:close()
-  if not (ok and closed) then os.remove(tmp) return nil, werr or cerr end
+  if not (ok and closed) then
+    if tmp ~= path then os.remove(tmp) end
+    return nil, werr or cerr
+  end
+  if tmp == path then return true, false end
   local renamed, rerr = os.rename(tmp, path)
   if not renamed then os.remove(tmp) return nil, rerr end
-  return true
+  return true, true
 end
 
 return M
