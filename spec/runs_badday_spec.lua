@@ -421,3 +421,26 @@ end)
     assert.matches("1 items: 1 done, 0 failed, 0 pending;", show, 1, true)
   end)
 end)
+
+-- (before: `runs show` read every step's record, results and all, in one HVALS: a run of a few
+-- large checkpoints (up to 32 MB a step) needed one reply of all of them, past a server's
+-- client-output-buffer-limit (the connection cut: store_unavailable) or, larger, its timeout)
+describe("runs show on Redis of a run whose checkpoints are large together", function()
+  local redis = helpers.redis_server()
+  teardown(function() redis.stop() end)
+  it("reads them a few at a time: each reply fits where one of them fits", function()
+    local url = redis.url()
+    local r = helpers.run_script([[
+local resil = require "resil"
+for i = 1, 4 do resil.step("render " .. i, function() return string.rep("v", 3 * 1024 * 1024) end) end
+]], ("--store '%s' --run large --log-level off"):format(url))
+    assert.are.equal(0, r.code, r.stderr)
+    -- a reply over 8 MB cuts the connection; each record is 3 MB, the four 12 MB
+    assert.is_true(os.execute(("redis-cli -p %d config set client-output-buffer-limit 'normal 8mb 8mb 0' > /dev/null")
+      :format(redis.port)))
+    local show = helpers.run(("%s runs show large --store '%s'"):format(helpers.resil, url))
+    assert.are.equal(0, show.code, show.stderr)
+    assert.matches("\n%-%s+4%s+render 4%s+done%s", show.stdout)
+    assert.matches("1 items: 1 done, 0 failed, 0 pending;", show.stdout, 1, true)
+  end)
+end)

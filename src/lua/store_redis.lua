@@ -1217,15 +1217,41 @@ function R:run_get(id)
 end
 
 -- -> { {scope=, seq=, name=, at=, bytes=, retries=, state="done"|"failed"|"pending", error=}, ... }
+-- KEYS: steps hash -> { field, bytes, field, bytes, ... }
+scripts.step_sizes = [[
+local out = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  out[#out + 1] = f
+  out[#out + 1] = redis.call('HSTRLEN', KEYS[1], f)
+end
+return out
+]]
+
+-- The records are read a few at a time, up to about 4 MB a reply (one larger record alone): all in
+-- one HVALS, a run of a few large checkpoints (up to 32 MB a step) needed a reply past a server's
+-- client-output-buffer-limit (the connection cut) or its timeout, and `runs show` failed
+local STEPS_READ_BYTES, STEPS_READ_FIELDS = 4 * 1024 * 1024, 500
 function R:run_steps(run)
-  local h, err = self.conn:call("HVALS", P .. "steps:" .. run)
-  if not h then return nil, err end
+  local key = P .. "steps:" .. run
+  local sizes, err = self:script("step_sizes", { key })
+  if not sizes then return nil, err end
   local out = {}
-  for _, v in ipairs(h) do
-    local rec = json.decode(v)
-    out[#out + 1] = { scope = rec.scope, seq = math.tointeger(rec.seq), name = rec.name, at = rec.at,
-                      started = rec.started, detail = rec.detail, bytes = #rec.result,
-                      retries = math.tointeger(rec.retries or 0), state = "done" }
+  local i = 1
+  while i < #sizes do
+    local batch, bytes = { "HMGET", key }, 0
+    repeat
+      batch[#batch + 1], bytes, i = sizes[i], bytes + sizes[i + 1], i + 2
+    until i >= #sizes or #batch - 2 >= STEPS_READ_FIELDS or bytes + sizes[i + 1] > STEPS_READ_BYTES
+    local h, herr = self.conn:call(table.unpack(batch))
+    if not h then return nil, herr end
+    for _, v in ipairs(h) do
+      if v then -- (false: forgotten since)
+        local rec = json.decode(v)
+        out[#out + 1] = { scope = rec.scope, seq = math.tointeger(rec.seq), name = rec.name, at = rec.at,
+                          started = rec.started, detail = rec.detail, bytes = #rec.result,
+                          retries = math.tointeger(rec.retries or 0), state = "done" }
+      end
+    end
   end
   table.sort(out, function(a, b) return a.at < b.at end)
   for _, v in ipairs(self.conn:call("HVALS", unfinished_key(run)) or {}) do
