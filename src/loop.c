@@ -60,7 +60,8 @@ struct task {
   int failed, canceled, joined;
   int canceling;           /* its <close> handlers are running: a second cancel is a no-op */
   int stop_raised;         /* the stop watch raised in it, this resume (stop_watch_hook) */
-  int stop_cut;            /* ...and it ran on (the error caught): it yielded to be ended as canceled */
+  int stop_cut;            /* ...and it ran on (the error caught): it yielded to be ended */
+  char *stop_message;      /* what the stop raised: the error a cut task ends with (a pcall had swallowed it) */
   int resumes_after_stop;  /* coroutines it resumed since (resume_nested: cut past a pace's worth) */
   int yielded;             /* ready again by a bare yield (not woken): it waits for the next turn */
   long instructions;       /* charged to it this resume, a part at a time (instruction_hook) */
@@ -453,6 +454,26 @@ static void task_end_canceled(task *t) {
   task_done(t);
 }
 
+/* t was cut after a stop it caught (stop_cut): it ends failed with the
+ * stop's message, where the stop raised, and the traceback where it ran on
+ * (cut_running): not a bare "task N was canceled" (the main task's, a
+ * resil_call's) with no line and no word of the watchdog, and a spawned task's
+ * not said at all, as a cancel is not */
+static void task_end_cut(task *t) {
+  if (!t->stop_message) {
+    task_end_canceled(t);
+    return;
+  }
+  t->canceling = 1;
+  task_close_as_resume(t, NULL);
+  lua_settop(t->co, 0);
+  lua_pushstring(t->co, t->stop_message);
+  if (!t->traceback) t->traceback = strdup(t->stop_message);
+  t->failed = 1;
+  t->nres = 1;
+  task_done(t);
+}
+
 static void task_resume(resil_t *R, task *t) {
   int nres = 0, nargs = t->nargs;
   t->nargs = 0;
@@ -463,6 +484,10 @@ static void task_resume(resil_t *R, task *t) {
   t->stop_raised = 0;
   t->resumes_after_stop = 0;
   t->instructions = 0;
+  if (t->stop_message) { /* (a stop an earlier resume caught, and it yielded since) */
+    free(t->stop_message);
+    t->stop_message = NULL;
+  }
   if (R->max_instructions > 0) lua_sethook(t->co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
   else if (R->stop_requested && R->stop_grace > 0) loop_watch_running(R);
   watchdog_loop_thread(R); /* (not rewritten at each resume: read by the watchdog) */
@@ -479,10 +504,10 @@ static void task_resume(resil_t *R, task *t) {
   atomic_fetch_add(&R->resume_seq, 1);
   watchdog_host = outer_host;
   R->current = NULL;
-  if (status == LUA_YIELD && t->stop_cut) { /* the stop watch's: ended as a cancel, its <close> handlers run */
+  if (status == LUA_YIELD && t->stop_cut) { /* the stop watch's: ended with the stop, its <close> handlers run */
     t->stop_cut = 0;
     lua_pop(t->co, nres);
-    task_end_canceled(t);
+    task_end_cut(t);
     return;
   }
   if (status == LUA_YIELD) {
@@ -637,9 +662,20 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
  * after `grace` seconds without yielding, as --max-instructions stops one. */
 #define STOP_WATCH_EVERY (1 << 20) /* instructions between looks at the clock (real time) */
 
+/* The stop's message (on L's top) kept for t, in case it runs on after a pcall caught it */
+static void note_stop(lua_State *L, task *t) {
+  if (!t) return;
+  free(t->stop_message);
+  t->stop_message = strdup(lua_tostring(L, -1));
+}
+
 static int stop_watch_error(lua_State *L, resil_t *R, task *t, double now) {
-  return luaL_error(L, "task %d (%s) ran %d s without yielding while the host stops", t ? t->id : 0,
-                    t ? task_where(t) : "?", (int)(now - R->stop_watch_since));
+  luaL_where(L, 1);
+  lua_pushfstring(L, "task %d (%s) ran %d s without yielding while the host stops", t ? t->id : 0,
+                  t ? task_where(t) : "?", (int)(now - R->stop_watch_since));
+  lua_concat(L, 2);
+  note_stop(L, t);
+  return lua_error(L);
 }
 
 /* A guard raised in t and it runs on after the error (a pcall caught it):
@@ -650,6 +686,12 @@ static int stop_watch_error(lua_State *L, resil_t *R, task *t, double now) {
 static int cut_running(lua_State *L, resil_t *R, task *t) {
   if (L == (R->nested ? R->nested->co : t->co) && lua_isyieldable(L)) {
     t->stop_cut = 1;
+    if (t->stop_message && lua_checkstack(L, 4)) { /* the stop, and where it ran on */
+      luaL_traceback(L, L, t->stop_message, 0);
+      free(t->traceback);
+      t->traceback = strdup(lua_tostring(L, -1));
+      lua_pop(L, 1);
+    }
     lua_sethook(L, NULL, 0, 0);
     lua_yield(L, 0);
     return 1;
@@ -709,6 +751,7 @@ static void runaway_raise(lua_State *L, resil_t *R, task *t, int level, const ch
   snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_request_seconds));
   lua_pushfstring(L, "%stask %d (%s) ran %s s without yielding (--max-task-seconds=%s)%s", at, t->id, task_where(t),
                   ran, R->max_task_seconds_text, how);
+  note_stop(L, t);
   lua_error(L);
 }
 
@@ -1443,6 +1486,8 @@ static int task_gc(lua_State *L) {
   t->joiners = NULL;
   free(t->traceback);
   t->traceback = NULL;
+  free(t->stop_message);
+  t->stop_message = NULL;
   if (t->ref_co != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, t->ref_co);
   if (t->ref_ctx != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, t->ref_ctx);
   t->ref_co = t->ref_ctx = LUA_NOREF;

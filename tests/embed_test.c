@@ -324,6 +324,22 @@ int main(void) {
             resil_call(Rw, "ping", "[]", &answer) == RESIL_OK && answer && strcmp(answer, "[\"pong\"]") == 0,
         "and the host serves on");
   free(answer);
+  /* a loop whose pcall swallows the stop is cut: the call and the run say the stop, at its line
+   * (before: resil_call's error was "canceled: task N was canceled" and resil_run's "main task
+   * failed", with no line and no word of the watchdog) */
+  answer = NULL;
+  int swallowed = resil_load_string(Rw, "function keeps_on()\n  while true do pcall(function() while true do end end) end\nend",
+                                    "=swallow") == RESIL_OK && resil_run(Rw) == RESIL_OK
+                      ? resil_call(Rw, "keeps_on", NULL, &answer) : -1;
+  check(swallowed == RESIL_ERR_SCRIPT && !answer &&
+            strstr(resil_error(Rw), "swallow:2: task ") != NULL &&
+            strstr(resil_error(Rw), "without yielding (--max-task-seconds=0.2)") != NULL,
+        "resil_call of a loop that swallows the watchdog's stop in pcall fails with the stop, at its line");
+  if (swallowed != RESIL_ERR_SCRIPT || !strstr(resil_error(Rw), "swallow:2: task ")) printf("# got %d: %.60s\n", swallowed, resil_error(Rw));
+  check(resil_load_string(Rw, "while true do pcall(function() while true do end end) end", "=swallow_main") == RESIL_OK &&
+            resil_run(Rw) == RESIL_ERR_SCRIPT && strstr(resil_error(Rw), "swallow_main:1: task ") != NULL &&
+            strstr(resil_error(Rw), "without yielding (--max-task-seconds=0.2)") != NULL,
+        "and so does resil_run of a main chunk that does it");
   check(resil_set_max_task_seconds(Rw, 0) == RESIL_OK, "a watchdog is turned off with 0");
   resil_close(Rw);
 
