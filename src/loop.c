@@ -669,18 +669,28 @@ static void note_stop(lua_State *L, task *t) {
   t->stop_message = strdup(lua_tostring(L, -1));
 }
 
+/* (located where it runs, as the watchdog's: luaL_error's level 1, in a hook, is the looping
+ * function's caller, a handler's pcall, which has no line) */
 static int stop_watch_error(lua_State *L, resil_t *R, task *t, double now) {
-  luaL_where(L, 1);
-  lua_pushfstring(L, "task %d (%s) ran %d s without yielding while the host stops", t ? t->id : 0,
-                  t ? task_where(t) : "?", (int)(now - R->stop_watch_since));
-  lua_concat(L, 2);
+  lua_Debug ar0;
+  char at[128] = "";
+  for (int lv = 0; lua_getstack(L, lv, &ar0) && lua_getinfo(L, "Sl", &ar0); lv++) {
+    if (ar0.currentline > 0) {
+      snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
+      break;
+    }
+  }
+  char ran[32];
+  snprintf(ran, sizeof ran, "%.1f", now - R->stop_watch_since);
+  lua_pushfstring(L, "%stask %d (%s) ran %s s without yielding while the host stops", at, t ? t->id : 0,
+                  t ? task_where(t) : "?", ran);
   note_stop(L, t);
   return lua_error(L);
 }
 
 /* A guard raised in t and it runs on after the error (a pcall caught it):
- * a yield no pcall catches, and the task is ended as canceled
- * (task_resume); from a coroutine the task resumed, each resume passes the
+ * a yield no pcall catches, and the task is ended with the stop's error
+ * (task_resume, task_end_cut); from a coroutine the task resumed, each resume passes the
  * yield on (resume_nested). -> 0 where it cannot yield (the guard raises
  * again) */
 static int cut_running(lua_State *L, resil_t *R, task *t) {
