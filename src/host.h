@@ -271,6 +271,7 @@ void task_hold_remove(task_hold *h);
 task_hold *task_holds(const task *t); /* the first of t's, ->next for the others */
 task *task_check(lua_State *L, int idx); /* a task object argument */
 int task_ended(const task *t);
+int task_started(const task *t); /* resumed once at least, or ended (canceled before it ran) */
 void task_describe(task *t, lua_State *L, int idx); /* messages name the function at idx as the task's */
 int task_push_results(lua_State *L, task *t);
 const char *task_traceback(const task *t);

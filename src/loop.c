@@ -64,6 +64,7 @@ struct task {
   char *stop_message;      /* what the stop raised: the error a cut task ends with (a pcall had swallowed it) */
   int resumes_after_stop;  /* coroutines it resumed since (resume_nested: cut past a pace's worth) */
   int yielded;             /* ready again by a bare yield (not woken): it waits for the next turn */
+  int started;             /* resumed once at least (task_started) */
   long instructions;       /* charged to it this resume, a part at a time (instruction_hook) */
   int cancel_due;          /* canceled while its wait was settling, or shielded: stopped at its next wait */
   int shield;              /* resil.shield calls running: a cancel waits for them (cancel_due) */
@@ -478,6 +479,7 @@ static void task_resume(resil_t *R, task *t) {
   int nres = 0, nargs = t->nargs;
   t->nargs = 0;
   t->state = TASK_RUNNING;
+  t->started = 1;
   t->wait_ops = NULL; /* the continuation owns what the wait granted now */
   t->wait_arg = NULL;
   R->current = t;
@@ -1284,6 +1286,7 @@ void task_hold_remove(task_hold *h) {
 task_hold *task_holds(const task *t) { return t->holds; }
 task *task_check(lua_State *L, int idx) { return check_task(L, idx); }
 int task_ended(const task *t) { return t->state == TASK_DONE; }
+int task_started(const task *t) { return t->started || t->state == TASK_DONE; }
 
 void task_on_done(task *t, task_done_fn fn, void *arg) {
   t->on_done = fn;

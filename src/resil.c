@@ -867,9 +867,16 @@ static int load_file(resil_t *R, const char *path, int argc, char **argv) {
 /* From a callback (a resil_register function, the log callback): a script loaded there replaced
  * the main task under way, and resil_run said RESIL_OK of a first script that had raised */
 static int loaded_in_loop(resil_t *R, const char *what) {
-  if (!(R->in_loop || R->current || R->host_L)) return 0;
-  char msg[128];
-  snprintf(msg, sizeof msg, "%s: called from inside the host's loop (a task, a handler or a callback)", what);
+  char msg[200];
+  if (R->in_loop || R->current || R->host_L) {
+    snprintf(msg, sizeof msg, "%s: called from inside the host's loop (a task, a handler or a callback)", what);
+  } else if (R->main_task && !task_started(R->main_task)) {
+    /* (it became a task like any other: its failure was said to nobody, resil_run returned
+     * RESIL_OK, and its steps went to the next chunk's run) */
+    snprintf(msg, sizeof msg, "%s: the chunk loaded before has not run yet (resil_run or resil_step it first)", what);
+  } else {
+    return 0;
+  }
   resil_set_error(R, msg);
   return 1;
 }

@@ -120,7 +120,9 @@ RESIL_API resil_t *resil_open(const resil_options *opts);
 /* Compile a script (path "-" or NULL reads stdin) and queue it as the first
  * task with argv[0..argc-1] as its arguments (`...`) and as the global arg.
  * From inside the loop (a resil_register function, a callback) both are refused
- * with RESIL_ERR_USAGE, as resil_run is: the main task under way is not replaced. */
+ * with RESIL_ERR_USAGE, as resil_run is: the main task under way is not replaced. So is
+ * a chunk loaded over one that has not run yet (resil_run or resil_step it first): the
+ * first would have run as a task like any other, its failure reported to nobody. */
 RESIL_API int resil_load_file(resil_t *R, const char *path, int argc, char **argv);
 RESIL_API int resil_load_string(resil_t *R, const char *code, const char *chunkname); /* code NULL: RESIL_ERR_USAGE */
 

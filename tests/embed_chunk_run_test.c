@@ -117,6 +117,20 @@ int main(void) {
           "runs show names the run of a chunk whose step failed \"=billing\", with no command to resume it");
   }
 
+  /* a chunk loaded over one not yet run: refused (before: the first became a task like any other,
+   * and its failure was said to nobody: resil_run returned RESIL_OK) */
+  R = open_host();
+  int first = resil_load_string(R, "error('the first chunk fails')", "=first");
+  int second = resil_load_string(R, "done_second = true", "=second");
+  check(first == RESIL_OK && second == RESIL_ERR_USAGE && strstr(resil_error(R), "has not run yet") != NULL,
+        "resil_load_string over a chunk not yet run is refused (RESIL_ERR_USAGE)");
+  int ran = resil_run(R);
+  check(ran == RESIL_ERR_SCRIPT && strstr(resil_error(R), "first:1: the first chunk fails") != NULL,
+        "and resil_run reports the first chunk's failure");
+  check(resil_load_string(R, "done_second = true", "=second") == RESIL_OK && resil_run(R) == RESIL_OK,
+        "a chunk loaded after the run is taken");
+  resil_close(R);
+
   char cmd[300];
   snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
   if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
