@@ -81,29 +81,6 @@ describe("resil.http.request against the mock provider", function()
     assert.are.equal("reset", err.kind)
   end)
 
-  it("never sends a POST again when its kept connection closes unanswered (the server may have acted on it); a GET it does", function()
-    -- every second request's connection closes once the request was read whole, before any answer
-    local seen = {}
-    local server = resil.server.listen({ port = 0, handler = function(req)
-      seen[#seen + 1] = req.method
-      if #seen % 2 == 0 then return { action = "reset" } end
-      return { status = 200, body = "ok" }
-    end })
-    local url = ("http://127.0.0.1:%d/"):format(server:port())
-    assert.are.equal(200, http.request({ url = url, method = "POST", body = "{}" }).status)
-    local res, err = http.request({ url = url, json = { charge = 1 } }) -- on the kept connection
-    assert.is_nil(res)
-    assert.are.equal("reset", err.kind)
-    assert.matches("not idempotent", err.message)
-    assert.are.same({ "POST", "POST" }, seen) -- once: the provider bills one completion, not two
-    seen = {}
-    assert.are.equal(200, http.request({ url = url, method = "GET" }).status)
-    res = http.request({ url = url, method = "GET" }) -- its connection dies unanswered: sent again
-    assert.are.equal(200, res.status)
-    assert.are.same({ "GET", "GET", "GET" }, seen)
-    server:close()
-  end)
-
   it("keeps connect_timeout = 0 at once and math.huge without end, not curl's 300 s or a recycled handle's last; its expiry is kind connect", function()
     -- a listener whose backlog is full: the kernel drops the SYNs, a connect waits
     local script = helpers.write(helpers.tmpname(".py"), [[
@@ -131,6 +108,34 @@ time.sleep(30)
       return out
     end)
     assert.are.same({ "connect connect", "whole timeout", "connect connect" }, results)
+  end)
+
+  it("counts no connection for a connect that timed out (resil.http.stats), over HTTP/1.1 or h2", function()
+    -- a listener whose backlog is full: the kernel drops the SYNs, a connect waits
+    local script = helpers.write(helpers.tmpname(".py"), [[
+import socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(0)
+port = s.getsockname()[1]
+held = []
+for i in range(3):
+    c = socket.socket(); c.setblocking(False)
+    try: c.connect(("127.0.0.1", port))
+    except BlockingIOError: pass
+    held.append(c)
+print("port", port, flush=True)
+time.sleep(30)
+]])
+    resil.clock.real()
+    local got = helpers.with_server("timeout 30 python3 " .. script, "port (%d+)", function(port)
+      local url = ("http://127.0.0.1:%s/"):format(port)
+      for i = 1, 10 do
+        local _, err = http.request({ url = url, http_version = i % 2 == 0 and "2" or "1.1", connect_timeout = 0.05,
+          timeout = 1 })
+        assert.matches("Failed to connect", err.message)
+      end
+      return { counted = http.stats().connections["http://127.0.0.1:" .. port] or 0 }
+    end)
+    assert.are.equal(0, got.counted)
   end)
 
   it("gives kind=dns when the name cannot resolve", function()

@@ -15,6 +15,8 @@
  * Network trouble never raises: the task gets nil, err{kind=...}. Misuse
  * (no url, a malformed url, a header with a line break) raises.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -386,6 +388,8 @@ static void opener_done(http_req *r) {
 
 /* Take the transfer off the multi handle (or out of its origin's queue);
  * the easy handle stays with r. */
+static void forget_closed_sockets(http_req *r);
+
 static void request_detach(http_req *r) {
   timer_stop(&r->deadline);
   timer_stop(&r->idle);
@@ -400,6 +404,7 @@ static void request_detach(http_req *r) {
       curl_multi_remove_handle(r->driver->multi, r->easy);
       if (r->driver == &H->drivers[DRIVER_MUX]) o->mux_active--;
     }
+    if (r->nopened) forget_closed_sockets(r);
     opener_done(r);
     if (o->probe == r) o->probe = NULL;
     r->active = 0;
@@ -550,16 +555,6 @@ static void admit_parked(http_state *H) {
 /* The opener's connection is up (or it found a free stream): the origin has
  * room for more. Also counts the times curl sends a request: it resends one
  * that a GOAWAY or a dead reused connection refused. */
-/* RFC 9110's idempotent methods: what curl may send again (set_method's) */
-static int idempotent(const http_req *r) {
-  const char *m = r->set.method_set ? r->set.method : "";
-  if (!*m) return r->set.body == NULL; /* GET, or POST with a body */
-  static const char *const safe[] = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"};
-  for (size_t i = 0; i < sizeof safe / sizeof *safe; i++)
-    if (strcmp(m, safe[i]) == 0) return 1;
-  return 0;
-}
-
 static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port) {
   (void)primary_ip, (void)local_ip, (void)primary_port;
   http_req *r = clientp;
@@ -575,20 +570,7 @@ static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primar
       o->multiplexes = 1;
     }
   }
-  if (++r->sends > 1) {
-    r->set.retried++; /* curl sent it again: see easy_retries_spent */
-    /* libcurl resends a request whose reused HTTP/1 connection closed before
-     * any byte of an answer: the server may have read it whole and acted on
-     * it (a provider bills a completion it began), so a request that is not
-     * idempotent fails instead, kind "reset", for its caller to decide. (Over
-     * h2 curl resends only streams the server refused, which it never began.) */
-    int http1 = r->driver == &r->H->drivers[DRIVER_PLAIN] || o->version == CURL_HTTP_VERSION_1_1 ||
-                o->version == CURL_HTTP_VERSION_1_0;
-    if (http1 && !idempotent(r)) {
-      r->resend_refused = 1;
-      return CURL_PREREQFUNC_ABORT;
-    }
-  }
+  if (++r->sends > 1) r->set.retried++; /* curl sent it again: see easy_retries_spent */
   return CURL_PREREQFUNC_OK;
 }
 
@@ -1002,6 +984,40 @@ static void idle_cb(void *arg) {
 
 /* ---------- the request pool ---------- */
 
+/* What H knows of socket s (its watch, its origin's count of connections)
+ * dropped: it is closed, or about to be. behind: closed without our
+ * callback, where a watch curl did not say CURL_POLL_REMOVE for may still be
+ * curl's (curl_multi_assign): it stays. */
+static void forget_socket(http_state *H, curl_socket_t s, int behind) {
+  if (s >= 0 && s < H->socket_cap && H->socket_watch[s] && (!behind || H->socket_watch[s]->idle)) {
+    /* (curl told CURL_POLL_REMOVE before) */
+    watch_free(H->socket_watch[s]);
+    H->socket_watch[s] = NULL;
+  }
+  if (s >= 0 && s < H->socket_cap && H->socket_origin[s]) {
+    origin *o = &H->origins[H->socket_origin[s] / 2 - 1];
+    o->connections--;
+    o->mux_connections -= H->socket_origin[s] & 1;
+    H->socket_origin[s] = 0;
+  }
+}
+
+/* libcurl 7.88 closes the socket of a connect that timed out without its
+ * close callback: the origin kept counting a connection that was gone (its
+ * h2 admission counted it as one to open streams on, and the origin was
+ * never idle, never forgotten) and the socket's watch stayed with libevent
+ * for whatever next got that descriptor ("Epoll ADD ... failed"). A
+ * transfer's sockets are looked at as it leaves curl; one closed behind our
+ * back is forgotten then (or when curl opens a socket of that number). */
+static void forget_closed_sockets(http_req *r) {
+  http_state *H = r->H;
+  for (int i = 0; i < r->nopened && i < 2; i++) {
+    curl_socket_t s = r->opened[i];
+    if (s < 0 || s >= H->socket_cap || (!H->socket_origin[s] && !H->socket_watch[s])) continue;
+    if (fcntl(s, F_GETFD) == -1 && errno == EBADF) forget_socket(H, s, 1);
+  }
+}
+
 /* Connections counted per origin, for resil.http.stats(): every socket curl
  * opens is an origin's until curl closes it (the close callback is the
  * connection's, given H, so it runs whichever handle closes it). */
@@ -1013,6 +1029,8 @@ static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct 
    * provider's connection open (the peer saw no FIN until that child ended) */
   curl_socket_t s = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
   if (s == CURL_SOCKET_BAD || s < 0) return CURL_SOCKET_BAD;
+  forget_socket(H, s, 1); /* the kernel gave s again: what we knew of it was of a socket closed behind our back */
+  r->opened[r->nopened++ % 2] = s;
   char *url = NULL; /* a redirect's target, or the request's url */
   curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &url);
   int i = origin_index(H, url ? url : r->url);
@@ -1042,17 +1060,7 @@ static curl_socket_t open_socket_cb(void *clientp, curlsocktype purpose, struct 
 }
 
 static int close_socket_cb(void *clientp, curl_socket_t s) {
-  http_state *H = clientp;
-  if (s >= 0 && s < H->socket_cap && H->socket_watch[s]) { /* (curl told CURL_POLL_REMOVE before) */
-    watch_free(H->socket_watch[s]);
-    H->socket_watch[s] = NULL;
-  }
-  if (s >= 0 && s < H->socket_cap && H->socket_origin[s]) {
-    origin *o = &H->origins[H->socket_origin[s] / 2 - 1];
-    o->connections--;
-    o->mux_connections -= H->socket_origin[s] & 1;
-    H->socket_origin[s] = 0;
-  }
+  forget_socket(clientp, s, 0);
   return close(s);
 }
 
@@ -1304,11 +1312,6 @@ static void outcome_of(const http_req *r, outcome *o) {
   o->client_fault = r->client_fault;
   o->unsent = r->sends == 0;
   o->received = -1;
-  if (r->resend_refused) {
-    o->result = CURLE_GOT_NOTHING; /* "reset" */
-    o->detail = "the connection closed before any answer; not sent again, as the request is not idempotent "
-                "(the server may have received it and acted on it)";
-  }
 }
 
 static int failed(const outcome *o) { return o->aborted != ABORT_NONE || o->result != CURLE_OK; }

@@ -85,9 +85,10 @@ struct http_req {
   int parked, opener, sends, uploading, fed;
   int active, done, stream, headers_done, paused;
   int client_fault;          /* failed by libcurl's fault, not the server's (a lost h2 header block) */
-  int resend_refused;        /* curl was to send it again after its HTTP/1 connection died unanswered (prereq_cb) */
   int progress_ref;          /* the request's `progress` table (a registry ref; 0: none), told at a cancel */
   int grace_cut;             /* a stream's cancel waits for its status (cancel_grace): its deadline is that wait's */
+  curl_socket_t opened[2];   /* the last sockets curl opened for it (forget_closed_sockets) */
+  int nopened;
   CURLcode result;
   abort_reason aborted;
   double timeout, idle_timeout, started, elapsed;
