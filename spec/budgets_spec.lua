@@ -303,6 +303,37 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.is_nil((budget:reserve(0.01)))
       misuse(function() local _ = t:charge(0 / 0) end, "ticket:charge: actual must be a number from 0 to 1e9")
     end)
+
+    -- (before: on Redis only a settle added to a budget's spend, so such rows, which SQLite's spend
+    -- (the ledger's sum) counts, were not counted there: the budget reserved its whole limit on top)
+    it("a cost row recorded with a budget and period counts in that period's spend, once per id", function()
+      local budget = resil.budget("money-row", { limit = 1, per = "day" })
+      local today = assert(budget:state()).period
+      local function row(usd, extra)
+        local e = { provider = "p", usd = usd, budget = "money-row", period = today }
+        for k, v in pairs(extra or {}) do e[k] = v end
+        assert.is_true(resil.cost.record(e))
+      end
+      row(0.1)
+      row(0.2, { id = "p:row-1" })
+      row(0.2, { id = "p:row-1" }) -- the provider replayed it: kept once
+      row(0.3, { id = "p:row-2", wait = false })
+      row(0.3, { id = "p:row-2", wait = false })
+      row(nil) -- a call without a price spends nothing
+      row(0.5, { period = "2000-01-01" }) -- another period's spend, not today's
+      resil.cost.record({ provider = "p", usd = 0.25 }) -- a row of no budget
+      local st = assert(budget:state())
+      assert.are.same({ 0.6, 0 }, { st.spent, st.reserved })
+      assert.is_truthy(budget:reserve(0.4))
+      assert.is_nil((budget:reserve(0.000001)))
+      -- a period named ahead of the budget's counts when the budget reaches it
+      local tomorrow = os.date("!%Y-%m-%d", math.floor(resil.store_now()) + 86400)
+      row(0.7, { period = tomorrow })
+      assert.are.equal(0.6, assert(budget:state()).spent)
+      resil.sleep(86400)
+      st = assert(budget:state())
+      assert.are.same({ tomorrow, 0.7 }, { st.period, st.spent })
+    end)
   end)
 end
 

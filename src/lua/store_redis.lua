@@ -260,8 +260,14 @@ local function insert_cost(ledger, dedupe_set, dedupe, entry)
   return 1
 end
 ]]
+-- A row with a budget and a period spends in it (KEYS[3], that period's spent; ARGV[3], its
+-- micro-dollars) once the ledger took it, as on SQLite, whose spend is the ledger's sum: before,
+-- only a settle added to the spent key, and `budget`/`period` rows counted on SQLite alone.
 scripts.cost_record = insert_cost .. [[
-return insert_cost(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if KEYS[3] then redis.call('GET', KEYS[3]) end -- (a read: a spent key of another type refuses before any write)
+if insert_cost(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+if KEYS[3] then redis.call('INCRBY', KEYS[3], ARGV[3]) end
+return 1
 ]]
 
 -- The budget scripts' keys: spent, reserved total, holds zset (ticket -> expires_at, on the server's
@@ -1267,16 +1273,26 @@ end
 
 local COST_KEYS = { P .. "costs", P .. "costs:dedupe" }
 
+-- the keys and arguments of a row (scripts.cost_record): one with a budget and a period names
+-- that period's spent key (budget_keys' first), as SQLite's trigger counts it in budget_spent
+local function cost_call(e)
+  if e.budget == nil or e.period == nil then return COST_KEYS, { e.dedupe or "", json.encode(e), n = 2 } end
+  local spent = P .. "budget:" .. tostring(e.budget) .. ":" .. tostring(e.period) .. ":spent"
+  return { COST_KEYS[1], COST_KEYS[2], spent },
+    { e.dedupe or "", json.encode(e), string.format("%d", e.micro_usd or 0), n = 3 }
+end
+
 function R:cost_record(e)
-  local n, err = self:script("cost_record", COST_KEYS, e.dedupe or "",
-    json.encode(e))
+  local keys, args = cost_call(e)
+  local n, err = self:script("cost_record", keys, table.unpack(args, 1, args.n))
   if n == nil then return nil, err end
   return n == 1
 end
 
 -- the same, without waiting (R:script_later): done(nil, inserted) | done(err)
 function R:cost_record_later(e, done)
-  self:script_later("cost_record", COST_KEYS, { e.dedupe or "", json.encode(e), n = 2 }, done)
+  local keys, args = cost_call(e)
+  self:script_later("cost_record", keys, args, done)
 end
 
 local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
