@@ -243,6 +243,10 @@ local function ai_error_reply(api, err)
   -- own retries (two by default) would pay for as many again, for answers
   -- as likely to be refused
   if err.class == "invalid_output" then headers["x-should-retry"] = "false" end
+  -- the provider refused the gateway's own key (its 401/403, a 502 here): no retry of the
+  -- client's changes that, and an SDK's own (two by default, on any 5xx) were each refused the same
+  local up_status = tonumber(err.status)
+  if up_status == 401 or up_status == 403 or err.class == "auth" then headers["x-should-retry"] = "false" end
   local code
   if type(err) == "table" and (err.kind == "budget_exceeded" or err.class == "quota") then
     headers["x-should-retry"] = "false"
@@ -1860,9 +1864,11 @@ local function count_tokens(req)
     local status = (res.status == 401 or res.status == 403) and 502 or res.status
     -- (a 429's or 503's Retry-After is the provider's word on when to ask again: the SDK waits for it)
     local after = (status == 429 or status == 503 or status == 529) and res.headers and res.headers["retry-after"]
+    -- (and no retry of the client's changes the key refused: an SDK retries a 502)
+    local headers = status ~= res.status and { ["x-should-retry"] = "false" } or nil
+    if type(after) == "string" and after:find("^%d+$") then headers = { ["retry-after"] = after } end
     return refuse(status, public_message(tostring(e.message or ("the upstream answered " .. res.status))),
-      { type = status == res.status and type(e.type) == "string" and e.type or nil,
-        headers = type(after) == "string" and after:find("^%d+$") and { ["retry-after"] = after } or nil })
+      { type = status == res.status and type(e.type) == "string" and e.type or nil, headers = headers })
   end
   return anthropic_id(with_id({ status = 200, headers = { ["content-type"] = "application/json",
     ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model }, body = res.body }, id), "anthropic")

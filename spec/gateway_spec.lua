@@ -601,6 +601,25 @@ describe("gateway: answers refused as invalid output", function()
     end)
 end)
 
+-- (found by helper J: an upstream 401/403, the gateway's own key refused, was a 502 the SDKs
+-- retried twice more, each refused the same)
+describe("gateway: the provider refusing the gateway's key", function()
+  it("an upstream 401/403 is a 502 with x-should-retry: false on either route, asked once", function()
+    for _, status in ipairs({ 401, 403 }) do
+      local url, m = start({ strict = true, sequence = { chat = { status }, messages = { status } } })
+      local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+      assert.are.equal(502, res.status, res.body)
+      assert.are.equal("false", res.headers["x-should-retry"], status)
+      res = post(url .. "/v1/messages", { model = "anthropic/claude-sonnet-4-5-20250929", max_tokens = 10,
+        messages = MSGS })
+      assert.are.equal(502, res.status, res.body)
+      assert.are.equal("false", res.headers["x-should-retry"], status)
+      assert.are.equal(1, m:stats().routes.chat)
+      assert.are.equal(1, m:stats().routes.messages)
+    end
+  end)
+end)
+
 describe("gateway: the model registry", function()
   local registry = require "policies.registry"
   local function use_registry(entries)
