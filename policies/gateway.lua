@@ -95,7 +95,7 @@ end
 
 -- OpenAI's error types by status, and Anthropic's
 local OPENAI_TYPE = { [400] = "invalid_request_error", [401] = "invalid_request_error", [403] = "permission_error",
-  [404] = "not_found_error", [408] = "timeout", [409] = "invalid_request_error", [413] = "invalid_request_error",
+  [404] = "invalid_request_error", [408] = "timeout", [409] = "invalid_request_error", [413] = "invalid_request_error",
   [422] = "invalid_request_error", [429] = "rate_limit_exceeded",
   [500] = "server_error", [502] = "server_error", [503] = "server_error", [504] = "timeout", [529] = "server_error" }
 local ANTHROPIC_TYPE = { [400] = "invalid_request_error", [401] = "authentication_error",

@@ -2960,6 +2960,19 @@ describe("gateway: upstream errors", function()
     assert.are.equal("rate_limit_exceeded", json.decode(res.body).error.code)
     assert.is_truthy(res.headers["retry-after"])
   end)
+
+  -- (found by helper J: an OpenAI client got not_found_error, a type OpenAI never sends)
+  it("a provider's 404 is typed as each API types it: invalid_request_error for OpenAI, not_found_error for Anthropic",
+    function()
+      local url = start({ strict = true, sequence = { chat = { 404 }, messages = { 404 } } })
+      local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+      assert.are.equal(404, res.status, res.body)
+      assert.are.equal("invalid_request_error", json.decode(res.body).error.type)
+      res = post(url .. "/v1/messages", { model = "anthropic/claude-sonnet-4-5-20250929", max_tokens = 10,
+        messages = MSGS })
+      assert.are.equal(404, res.status, res.body)
+      assert.are.equal("not_found_error", json.decode(res.body).error.type)
+    end)
 end)
 
 describe("gateway: streams across APIs and from unusual providers", function()
