@@ -910,7 +910,7 @@ local function stream_error(api, message, code, etype)
   if api == "anthropic" then
     return sse("error", { type = "error", error = { type = etype or "api_error", message = message } })
   end
-  return sse(nil, { error = { message = message, type = "server_error", code = code } })
+  return sse(nil, { error = { message = message, type = "server_error", param = null, code = code } })
 end
 -- the type of the provider's own error event, when it is one of Anthropic's: its SDK's
 -- error.type (an overloaded_error a client backs off on was an api_error)

@@ -870,6 +870,17 @@ describe("gateway: streams", function()
     assert.is_true(helpers.wait_until(function() return m.server:pending() == 0 end, 2),
       "the upstream stream was not canceled")
   end)
+
+  -- (found by helper J: the event had no param, which OpenAI's error schema has)
+  it("a stream's error event in OpenAI's shape has param null, as OpenAI's schema has it", function()
+    local url = start({ strict = true, reply = "one two three",
+      sequence = { chat = { { kind = "error_event", after = 2 } } } })
+    local evs = events_of(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, stream = true })
+    local last = evs[#evs].data
+    local e = assert(json.decode(last).error, last)
+    assert.is_truthy(last:find('"param":null', 1, true), last)
+    assert.are.equal("server_error", e.type)
+  end)
 end)
 
 describe("gateway: Idempotency-Key", function()
