@@ -362,6 +362,35 @@ local function openai_answer_json(r, id, model, created)
     cached > 0 and (',"prompt_tokens_details":{"cached_tokens":%d}'):format(cached) or "")
 end
 
+-- Tool-call arguments cut short (an answer that stopped at max_tokens mid-call: '{"x":"ab') ->
+-- the object they began, as far as it parses (as Anthropic's own answer cut there, and its SDK
+-- reading the streamed partial JSON): the open string and containers closed, else cut back to
+-- the last whole member | nil
+local CLOSER = { ["{"] = "}", ["["] = "]" }
+local function partial_object(text)
+  if type(text) ~= "string" or text:sub(1, 1) ~= "{" then return nil end
+  local stack, cuts, in_str, esc = {}, {}, false, false
+  local function closers(n) local t = {} for i = n, 1, -1 do t[#t + 1] = CLOSER[stack[i]] end return table.concat(t) end
+  for i = 1, #text do
+    local ch = text:sub(i, i)
+    if in_str then
+      if esc then esc = false elseif ch == "\\" then esc = true elseif ch == '"' then in_str = false end
+    elseif ch == '"' then in_str = true
+    elseif ch == "{" or ch == "[" then stack[#stack + 1] = ch; cuts[#cuts + 1] = text:sub(1, i) .. closers(#stack)
+    elseif ch == "}" or ch == "]" then stack[#stack] = nil
+    elseif ch == "," then cuts[#cuts + 1] = text:sub(1, i - 1) .. closers(#stack) end
+  end
+  -- the whole text first, its open string closed (a dangling escape or \u left out)
+  local whole = text
+  if in_str then whole = (esc and whole:sub(1, -2) or whole:gsub("\\u%x*$", "")) .. '"' end
+  cuts[#cuts + 1] = whole .. closers(#stack)
+  for i = #cuts, 1, -1 do
+    local v = json.decode(cuts[i])
+    if type(v) == "table" and getmetatable(v) ~= json.array_mt and v[1] == nil then return v end
+  end
+  return nil
+end
+
 local function anthropic_answer(r, id, model)
   -- (an answer without text is content [] as the API writes it: an empty text block, sent back
   -- as the assistant's turn of the next request, is refused: "text content blocks must be non-empty")
@@ -370,7 +399,8 @@ local function anthropic_answer(r, id, model)
   local text = (r.text or "") ~= "" and r.text or type(r.refusal) == "string" and r.refusal or ""
   if text ~= "" then content[1] = { type = "text", text = text } end
   for _, c in ipairs(r.tool_calls or {}) do
-    content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = json.decode(c.arguments or "{}") or {} }
+    content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = json.decode(c.arguments or "{}")
+      or partial_object(c.arguments) or {} }
   end
   -- (stop_details, container and diagnostics are null, not absent, as the API writes them: the
   -- SDK's types say so, and code that tests `stop_details !== null` for a refusal read an
@@ -1084,11 +1114,18 @@ local function anthropic_answer_stream(res, id, model, headers)
         cache_creation_input_tokens = usage.cache_creation_input_tokens, cache_creation = usage.cache_creation,
         server_tool_use = usage.server_tool_use, service_tier = null, inference_geo = null, speed = null,
         output_tokens_details = null } } }))
+    local calls = 0
     for i, block in ipairs(m.content) do
       local start, delta
       if block.type == "tool_use" then
         start = { type = "tool_use", id = block.id, name = block.name, input = {} }
-        delta = { type = "input_json_delta", partial_json = json.encode(block.input) }
+        -- (arguments cut short are streamed as they came, as Anthropic streams them: its SDK
+        -- reads what parses of them)
+        calls = calls + 1
+        local args = res.tool_calls[calls].arguments
+        local cut = m.stop_reason == "max_tokens" and type(args) == "string" and json.decode(args) == nil
+          and partial_object(args) ~= nil
+        delta = { type = "input_json_delta", partial_json = cut and args or json.encode(block.input) }
       else
         start = { type = "text", text = "" }
         delta = { type = "text_delta", text = block.text }

@@ -3190,3 +3190,49 @@ describe("gateway: what a stream read while it opens was billed", function()
       { input_tokens = 0, output_tokens = 400 }), tostring(usd))
   end)
 end)
+
+-- (found by helper J: an Anthropic client got input {} (streamed: partial_json "{}"), the arguments
+-- the OpenAI upstream had written before max_tokens lost)
+describe("gateway: a tool call cut at max_tokens, from OpenAI to an Anthropic client", function()
+  local ARGS = '{"x":"ab'
+  local function cut_call(req)
+    local call = { index = 0, id = "call_1", type = "function", ["function"] = { name = "f", arguments = ARGS } }
+    if (json.decode(req.body) or {}).stream then
+      local function chunk(delta, finish)
+        return "data: " .. json.encode({ id = "up-1", object = "chat.completion.chunk", model = "gpt-4o-mini",
+          choices = { { index = 0, delta = delta, finish_reason = finish or json.null } } }) .. "\n\n"
+      end
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" },
+        body = chunk({ role = "assistant", tool_calls = { call } }) .. chunk({}, "length") .. "data: [DONE]\n\n" }
+    end
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({ id = "up-1",
+      object = "chat.completion", model = "gpt-4o-mini", choices = { { index = 0, finish_reason = "length",
+        message = { role = "assistant", content = json.null, tool_calls = { call } } } },
+      usage = { prompt_tokens = 5, completion_tokens = 3 } }) }
+  end
+  local BODY = { model = "openai/gpt-4o-mini", max_tokens = 3, messages = MSGS,
+    tools = { { name = "f", input_schema = { type = "object", properties = { x = { type = "string" } } } } } }
+
+  it("keeps what the arguments held: input as far as it parses, streamed as the partial JSON it was", function()
+    local url = start({ routes = { ["POST /v1/chat/completions"] = cut_call } })
+    local res = post(url .. "/v1/messages", BODY)
+    assert.are.equal(200, res.status, res.body)
+    local m = json.decode(res.body)
+    assert.are.equal("max_tokens", m.stop_reason)
+    assert.are.equal("tool_use", m.content[1].type)
+    assert.are.equal("ab", m.content[1].input.x, res.body)
+    local streamed = {}
+    for k, v in pairs(BODY) do streamed[k] = v end
+    streamed.stream = true
+    local evs = events_of(url .. "/v1/messages", streamed)
+    local partial, stop
+    for _, ev in ipairs(evs) do
+      local d = json.decode(ev.data)
+      if d.type == "content_block_delta" and d.delta.type == "input_json_delta" then
+        partial = (partial or "") .. d.delta.partial_json
+      elseif d.type == "message_delta" then stop = d.delta.stop_reason end
+    end
+    assert.are.equal(ARGS, partial)
+    assert.are.equal("max_tokens", stop)
+  end)
+end)
