@@ -136,6 +136,62 @@ local function user_error(msg)
   error(msg, 0)
 end
 
+-- The options each constructor takes (and those its callers put beside them: `name` and a token
+-- bucket's `estimate` in policies.call's rate, tokens, breaker and concurrency tables, limit.run's
+-- `timeout`). One misspelt (`failure_threshold = 5`) was ignored without a word and the object ran
+-- on its defaults: refused where the object is made (never on acquire, allow or record).
+local OPTIONS = {}
+for kind, list in pairs({
+  bucket = { "rate", "per", "burst", "unit", "shared", "on_outage", "name", "estimate" },
+  breaker = { "window_type", "window", "failure_rate", "slow_call", "slow_call_rate", "min_calls", "open_for",
+              "open_for_max", "backoff", "half_open_calls", "half_open_success", "shared", "probe_timeout", "name" },
+  semaphore = { "size", "queue", "timeout", "name" },
+}) do
+  local set = {}
+  for _, k in ipairs(list) do set[k] = true end
+  table.sort(list)
+  OPTIONS[kind] = { list = list, set = set }
+end
+local function distance(a, b)
+  if #a > #b then a, b = b, a end
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:byte(i) == b:byte(j) and 0 or 1))
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+local function check_options(kind, name, opts)
+  if type(opts) ~= "table" or getmetatable(opts) ~= nil then return end
+  local known = OPTIONS[kind]
+  for k in pairs(opts) do
+    if not known.set[k] then
+      local near
+      if type(k) == "string" then
+        -- a slip of one letter (min_call), else one the name starts with (window_size: window), else
+        -- a close spelling (brust; closer the shorter the name: max is not name), else one that
+        -- shares its first word (failure_threshold: failure_rate)
+        local lk, best, starts, word = k:lower(), math.huge, nil, nil
+        local first = lk:match("^([^_]+_)")
+        for _, o in ipairs(known.list) do
+          local d = distance(lk, o)
+          if d < best then near, best = o, d end
+          if not starts and lk:sub(1, #o + 1) == o .. "_" then starts = o end
+          if not word and first and o:sub(1, #first) == first then word = o end
+        end
+        local close = #lk <= 3 and 1 or #lk <= 7 and 2 or 3
+        if best > 1 then near = starts or best <= close and near or word end
+      end
+      user_error(("%s '%s': unknown option '%s'%s (it takes %s)"):format(kind, tostring(name), tostring(k),
+        near and (", did you mean '" .. near .. "'?") or "", table.concat(known.list, ", ")))
+    end
+  end
+end
+
 function SharedBucket:configure(opts)
   local outage = opts.on_outage or self.on_outage or "local"
   if not OUTAGE_CHOICES[outage] then
@@ -576,6 +632,7 @@ local function shared_named(registry, mt, name)
 end
 
 function resil.bucket(name, opts)
+  check_options("bucket", name, opts)
   if type(opts) == "table" and opts.shared or shared_buckets[name] then
     local b = shared_named(shared_buckets, SharedBucket, name)
     if opts then b:configure(opts) end
@@ -773,6 +830,7 @@ private.genuine_only(SharedBreaker, function(self) return rawequal(getmetatable(
   "breaker", "shared breaker")
 
 function resil.breaker(name, opts)
+  check_options("breaker", name, opts)
   if type(opts) == "table" and opts.shared or shared_breakers[name] then
     local br = shared_named(shared_breakers, SharedBreaker, name)
     if opts then
@@ -792,6 +850,12 @@ function resil.breaker(name, opts)
     return br
   end
   return instrumented(local_breaker(name, opts))
+end
+
+local c_semaphore = resil.semaphore
+function resil.semaphore(name, opts, ...)
+  check_options("semaphore", name, opts)
+  return c_semaphore(name, opts, ...)
 end
 
 -- for resil.map's progress line: the breakers (seen through resil.breaker)
