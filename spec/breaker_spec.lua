@@ -13,6 +13,28 @@ local function record_all(br, outcomes, seconds)
   end
 end
 
+describe("resil.breaker counts and record arguments", function()
+  it("refuses a fractional min_calls or half_open_calls", function()
+    local ok, err = pcall(resil.breaker, "frac-br", { min_calls = 2.5 })
+    assert.is_false(ok)
+    assert.matches("breaker_spec.lua:%d+: breaker 'frac%-br': min_calls must be a whole number, got 2.5", err)
+    ok, err = pcall(resil.breaker, "frac-br2", { half_open_calls = 1.5 })
+    assert.is_false(ok)
+    assert.matches("half_open_calls must be a whole number", err)
+  end)
+
+  it("refuses record with an ok that is not a boolean or a NaN duration", function()
+    local br = fresh({ window_type = "count", window = 2, min_calls = 2 })
+    local ok, err = pcall(br.record, br, "yes", 1)
+    assert.is_false(ok)
+    assert.matches("breaker_spec.lua:%d+: breaker '[^']+': record's ok must be true, false or nil", err)
+    ok, err = pcall(br.record, br, true, 0 / 0)
+    assert.is_false(ok)
+    assert.matches("record's seconds must be a number", err)
+    assert.are.equal(0, br:stats().calls)
+  end)
+end)
+
 describe("resil.breaker", function()
   before_each(function()
     resil.clock.virtual()

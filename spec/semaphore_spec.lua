@@ -193,6 +193,16 @@ describe("a semaphore's permit", function()
   end)
 end)
 
+describe("resil.semaphore timeout at creation", function()
+  it("refuses a negative or NaN timeout where it is made", function()
+    local ok, err = pcall(resil.semaphore, "neg-timeout-sem", { size = 2, timeout = -1 })
+    assert.is_false(ok)
+    assert.matches("semaphore_spec.lua:%d+: semaphore 'neg%-timeout%-sem': timeout must be a non%-negative number", err)
+    assert.is_false((pcall(resil.semaphore, "nan-timeout-sem", { size = 2, timeout = 0 / 0 })))
+    assert.truthy(resil.semaphore("ok-timeout-sem", { size = 2, queue = 1, timeout = 3, name = "ok-timeout-sem" }))
+  end)
+end)
+
 describe("a semaphore's permit outside any task", function()
   local http = resil.http
 

@@ -203,6 +203,13 @@ static double opt_number(lua_State *L, int idx, breaker *br, const char *field, 
   return v;
 }
 
+/* a count: 2.5 min_calls was taken as 2 without a word */
+static int opt_count(lua_State *L, int idx, breaker *br, const char *field, int dflt, double hi) {
+  double v = opt_number(L, idx, br, field, dflt, 1, hi);
+  if (v != floor(v)) resil_raise(L, "breaker '%s': %s must be a whole number, got %g", br->name, field, v);
+  return (int)v;
+}
+
 static void configure(lua_State *L, breaker *br, int opts) {
   int time_window = br->slots ? br->time_window : 1;
   if (lua_getfield(L, opts, "window_type") != LUA_TNIL) {
@@ -218,7 +225,7 @@ static void configure(lua_State *L, breaker *br, int opts) {
   double failure_rate = opt_number(L, opts, br, "failure_rate", br->slots ? br->failure_rate : 0.5, 0, 1);
   double slow_call = opt_number(L, opts, br, "slow_call", br->slots ? br->slow_call : 0, 0, HUGE_VAL);
   double slow_call_rate = opt_number(L, opts, br, "slow_call_rate", br->slots ? br->slow_call_rate : 1, 0, 1);
-  int min_calls = (int)opt_number(L, opts, br, "min_calls", br->slots ? br->min_calls : 10, 1, 1e9);
+  int min_calls = opt_count(L, opts, br, "min_calls", br->slots ? br->min_calls : 10, 1e9);
   /* (finite: open for inf was a breaker that never half-opens, retry_after inf; isolate() is that) */
   double open_for = opt_number(L, opts, br, "open_for", br->slots ? br->open_for : 30, 0, 1e9);
   int max_given = lua_getfield(L, opts, "open_for_max") != LUA_TNIL;
@@ -226,7 +233,7 @@ static void configure(lua_State *L, breaker *br, int opts) {
   double open_for_max =
     opt_number(L, opts, br, "open_for_max", br->open_for_max_given ? br->open_for_max : open_for, 0, 1e9);
   double backoff = opt_number(L, opts, br, "backoff", br->slots ? br->backoff : 2, 1, 100);
-  int half_open_calls = (int)opt_number(L, opts, br, "half_open_calls", br->slots ? br->half_open_calls : 1, 1, 1e6);
+  int half_open_calls = opt_count(L, opts, br, "half_open_calls", br->slots ? br->half_open_calls : 1, 1e6);
   double half_open_success =
     opt_number(L, opts, br, "half_open_success", br->slots ? br->half_open_success : 1, 0, 1);
   /* (0 closed the breaker on a failed probe: a share of none is no test) */
@@ -335,8 +342,18 @@ static int br_allow(lua_State *L) {
 static int br_record(lua_State *L) {
   breaker *br = check_breaker(L, 1);
   int counted = !lua_isnoneornil(L, 2);
+  /* ("yes" counted as a success and a NaN duration as never slow, without a word) */
+  if (counted && lua_type(L, 2) != LUA_TBOOLEAN)
+    resil_raise(L, "breaker '%s': record's ok must be true, false or nil (the call did not finish), got %s", br->name,
+                luaL_typename(L, 2));
   int ok = lua_toboolean(L, 2);
-  double seconds = luaL_optnumber(L, 3, 0);
+  double seconds = 0;
+  if (!lua_isnoneornil(L, 3)) {
+    int isnum;
+    seconds = lua_tonumberx(L, 3, &isnum);
+    if (!isnum || seconds != seconds)
+      resil_raise(L, "breaker '%s': record's seconds must be a number, got %s", br->name, luaL_tolstring(L, 3, NULL));
+  }
   lua_settop(L, 1);
   double now = resil_now(br->R);
   int slow = br->slow_call > 0 && seconds >= br->slow_call;

@@ -186,6 +186,16 @@ static int l_semaphore(lua_State *L) {
     size = opt_count(L, 2, name, "size", s ? s->size : 0, 1);
     if (size < 1) resil_raise(L, "semaphore '%s': size is required", name);
     queue = opt_count(L, 2, name, "queue", s ? s->queue : -1, -1);
+    /* (limit.run and policies.call's concurrency give the acquire's timeout with these options: -1
+     * at creation was taken without a word where no acquire with it came) */
+    if (lua_getfield(L, 2, "timeout") != LUA_TNIL) {
+      int isnum;
+      double timeout = lua_tonumberx(L, -1, &isnum);
+      if (!isnum || !(timeout >= 0))
+        resil_raise(L, "semaphore '%s': timeout must be a non-negative number of seconds, got %s", name,
+                    luaL_tolstring(L, -1, NULL));
+    }
+    lua_pop(L, 1);
   }
   if (!s) {
     lua_pop(L, 1);

@@ -769,6 +769,15 @@ end
 
 -- br:record(ok, seconds); a probe's outcome closes or re-opens it for everyone
 function SharedBreaker:record(ok, seconds)
+  -- (as a local breaker's do: "yes" closed it for everyone as a probe's outcome)
+  if ok ~= nil and type(ok) ~= "boolean" then
+    user_error(("breaker '%s': record's ok must be true, false or nil (the call did not finish), got %s"):format(
+      self.label, type(ok)))
+  end
+  local n = seconds ~= nil and tonumber(seconds)
+  if seconds ~= nil and not (n and n == n) then
+    user_error(("breaker '%s': record's seconds must be a number, got %s"):format(self.label, tostring(seconds)))
+  end
   local s = store_open()
   if self.probing and self.probing > 0 then
     self.probing = self.probing - 1
