@@ -491,3 +491,20 @@ describe("policies.limit", function()
     end
   end)
 end)
+
+describe("classify.outcome of a status that is no HTTP status", function()
+  it("is a protocol failure: a string \"503\", NaN, 503.5 or 0", function()
+    for _, st in ipairs({ "503", "200", 0 / 0, 503.5, 0 }) do
+      local v = classify.outcome({ status = st })
+      assert.is_table(v)
+      assert.are.equal("protocol", v.class)
+      assert.matches("is not an HTTP status", v.reason)
+    end
+  end)
+
+  it("leaves a value's own string status and real statuses as they were", function()
+    assert.is_nil(classify.outcome({ status = "succeeded" }))
+    assert.is_nil(classify.outcome({ status = 200 }))
+    assert.are.equal("server_error", classify.outcome({ status = 503 }).class)
+  end)
+end)
