@@ -316,6 +316,13 @@ local function reserve(spec, estimate, model)
       "(add it to policies/pricing_media.lua)"):format(tostring(spec.budget), tostring(model)),
       { class = "unpriced", retryable = false })
   end
+  -- (a model billed by the second is held at its deadline's worth: a deadline of math.huge, or a
+  -- price of 0 times it, is no amount a budget holds; it raised out of budget:reserve)
+  if not (estimate >= 0 and estimate <= 1e9) then
+    return nil, resil.error("bad_option", ("budget '%s' cannot hold a job of %s whose cost is not bounded: it is " ..
+      "billed by the second and held at its deadline's worth (give the job a deadline in seconds)"):format(
+      tostring(spec.budget), tostring(model)), { class = "bad_request", retryable = false })
+  end
   return resil.budget(spec.budget):reserve(estimate)
 end
 

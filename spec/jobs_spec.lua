@@ -758,6 +758,27 @@ describe("costs and budgets of jobs", function()
     assert.are.equal(0, st.reserved)
   end)
 
+  -- (before: deadline = math.huge raised "budget:reserve: estimate must be a number from 0 to 1e9" out of
+  -- jobs.lua, and a price of 0 a second gave NaN the same way)
+  it("a budgeted job billed by the second with no bound on its cost is refused before any request", function()
+    local pricing = require "policies.pricing_media"
+    pricing.models["replicate/acme/gpu"] = { per_predict_second = 0.001 }
+    pricing.models["replicate/acme/free"] = { per_predict_second = 0 }
+    finally(function() pricing.models["replicate/acme/gpu"], pricing.models["replicate/acme/free"] = nil, nil end)
+    m = resil.mock.start({ jobs = { polls = 0 } })
+    use(m.url)
+    resil.budget("media-unbounded", { limit = 5 })
+    for _, model in ipairs({ "replicate/acme/gpu", "replicate/acme/free" }) do
+      local r, err = jobs.job({ model = model, input = { prompt = "a cat" }, attempts = 1, deadline = math.huge,
+        budget = "media-unbounded" })
+      assert.is_nil(r, model)
+      assert.are.equal("bad_option", err.kind, model)
+      assert.matches("give the job a deadline in seconds", err.message, 1, true)
+    end
+    assert.is_nil(m:stats().routes.predictions) -- (no create sent)
+    assert.are.equal(0, resil.budget("media-unbounded"):state().reserved)
+  end)
+
   -- (before: a typo priced every job at $0, which wrote no ledger row, NaN the same, and "abc" raised out of
   -- ai.job; pricing.lua's tables were checked so, pricing_media.lua's not)
   it("a malformed price (a typo, a string, NaN) is no price: the job's row is written without one, and said", function()
