@@ -133,6 +133,14 @@ function ai.configure(provider, conf)
     if wrong then error(("ai.configure '%s': %s"):format(provider, wrong), 2) end
   end
   if type(conf.api_key) == "string" and #conf.api_key >= 6 then resil.log.redact(conf.api_key) end
+  -- (each is every call's: 0 timed every call out at once, where curl's 0 means none, math.huge here)
+  for _, k in ipairs({ "timeout", "stream_timeout", "idle_timeout" }) do
+    local v = conf[k]
+    if v ~= nil and not (type(v) == "number" and v > 0) then
+      error(("ai.configure '%s': %s must be a number of seconds > 0 (math.huge: none), got %s"):format(provider, k,
+        type(v) == "string" and ("%q"):format(v) or tostring(v)), 2)
+    end
+  end
   if conf.service_tier ~= nil and type(conf.service_tier) ~= "string" then
     error("ai.configure: service_tier must be a string (\"priority\", \"flex\", \"default\", ...)", 2)
   end

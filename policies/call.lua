@@ -417,11 +417,13 @@ function call.provider(name, conf)
   -- this file at every call; an unknown validator raised once the request had been made and paid
   -- for, a number 'attempt to call a number value' inside classify.lua. A deadline of 0 or less,
   -- time already spent, is the call's "deadline passed", as it was)
+  -- A timeout of 0 set here is every attempt's (resil.http: 0 times out at once), so every call
+  -- failed: as curl's option, 0 was likely meant as none, which is math.huge
   for _, k in ipairs({ "timeout", "deadline" }) do
     local v = conf[k]
-    if v ~= nil and not (type(v) == "number" and v == v and (k == "deadline" or v >= 0)) then
+    if v ~= nil and not (type(v) == "number" and v == v and (k == "deadline" or v > 0)) then
       error(("call.provider '%s': %s must be a number of seconds%s, got %s"):format(name, k,
-        k == "timeout" and " >= 0" or "", type(v) == "string" and ("%q"):format(v) or tostring(v)), 2)
+        k == "timeout" and " > 0 (math.huge: none)" or "", type(v) == "string" and ("%q"):format(v) or tostring(v)), 2)
     end
   end
   local validate = conf.validate

@@ -1230,6 +1230,21 @@ describe("chat over the strict mock", function()
     assert.is_true(math.abs(a.cost_usd - resil.cost.total({})) <= 1e-6) -- the ledger keeps micro-dollars
   end)
 
+  it("ai.configure's timeout, stream_timeout or idle_timeout of 0 (curl's none) raises at its line", function()
+    -- (before: taken, then every call or stream timed out at once: resil.http's timeout = 0 times out now)
+    for _, k in ipairs({ "timeout", "stream_timeout", "idle_timeout" }) do
+      for _, v in ipairs({ 0, -1, 0 / 0, "60" }) do
+        local ok, err = pcall(function()
+          ai.configure("openai", { base_url = "http://127.0.0.1:1/v1", api_key = OPENAI_KEY, [k] = v })
+        end)
+        assert.is_false(ok, k .. " " .. tostring(v))
+        assert.matches("ai_spec.lua:%d+: ai.configure 'openai': " .. k .. " must be a number of seconds > 0", err)
+      end
+    end
+    ai.configure("openai", { base_url = "http://127.0.0.1:1/v1", api_key = OPENAI_KEY, stream_timeout = math.huge })
+    point_at(m.url)
+  end)
+
   it("ai.configure's cache = {ttl=} that the store cannot keep raises at its line (it left every answer uncached)",
     function()
       for _, bad in ipairs({ { ttl = "60" }, { ttl = 0 }, { ttl = 0 / 0 }, { ttl = math.huge }, 60 }) do

@@ -228,8 +228,9 @@ describe("call.provider's options", function()
     -- unknown validator raised at call.lua once the request had been sent, and paid for; validate = 5
     -- 'attempt to call a number value' inside classify.lua)
     local m = resil.mock.start({})
+    -- (timeout = 0: every attempt timed out at once, after resil.http's 0 came to mean that; curl's 0 is none)
     local bad = { { timeout = 0 / 0 }, { timeout = -1 }, { timeout = "30" }, { deadline = 0 / 0 },
-      { deadline = "10" }, { validate = "chatt" }, { validate = 5 } }
+      { deadline = "10" }, { validate = "chatt" }, { validate = 5 }, { timeout = 0 } }
     for i, conf in ipairs(bad) do
       conf.request = { method = "POST", url = m.url .. "/v1/chat/completions" }
       local ok, err = pcall(function()
