@@ -33,24 +33,30 @@ up_port=$(free_port)
 # the ledger keeps one row per provider response id, so a fixed id would have
 # recorded one row for the whole run and measured no ledger writes at all
 reply='{"id":"chatcmpl-$request_id","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
-cat > "$work/nginx.conf" <<CONF
+# start_nginx NAME SERVERS: one nginx worker (its pid in $work/NAME.pid) serving the http-level
+# SERVERS text; pin_nginx NAME CORE: that nginx's processes onto CORE
+start_nginx() {
+  cat > "$work/$1.conf" <<CONF
 worker_processes 1;
 daemon on;
-pid $work/nginx.pid;
-error_log $work/error.log;
+pid $work/$1.pid;
+error_log $work/$1.log;
 events { worker_connections 4096; }
 http {
   access_log off;
   client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
   uwsgi_temp_path $work; scgi_temp_path $work;
   keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$up_port;
-    location / { default_type application/json; return 200 '$reply'; }
-  }
+$2
 }
 CONF
-nginx -c "$work/nginx.conf" -p "$work"
+  nginx -c "$work/$1.conf" -p "$work"
+}
+pin_nginx() { for p in $(cat "$work/$1.pid") $(pgrep -P "$(cat "$work/$1.pid")" || true); do taskset -pc "$2" "$p" >/dev/null; done; }
+start_nginx nginx "  server {
+    listen 127.0.0.1:$up_port;
+    location / { default_type application/json; return 200 '$reply'; }
+  }"
 
 cat > "$work/gateway.lua" <<CONF
 local ai = require "policies.ai"
@@ -65,7 +71,7 @@ pin_gw="" pin_rest=""
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   pin_gw="taskset -c 0"
   pin_rest="taskset -c 1"
-  for p in $(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" || true); do taskset -pc 1 "$p" >/dev/null; done
+  pin_nginx nginx 1
 fi
 $pin_gw "$RESIL" gateway --listen "127.0.0.1:$gw_port" --config "$work/gateway.lua" --store "$db" --log-level error \
   > "$work/gw.out" 2>&1 &
@@ -100,28 +106,12 @@ run "$GW_C" "$through"; g_rps=$(rps); g_err=$(errs)
 # gateway doing more than relaying reaches. Skipped in GW_STAGES runs.
 if [ -z "${GW_STAGES:-}" ]; then
   px_port=$(free_port)
-  cat > "$work/proxy.conf" <<CONF
-worker_processes 1;
-daemon on;
-pid $work/proxy.pid;
-error_log $work/proxy.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
-  uwsgi_temp_path $work; scgi_temp_path $work;
-  keepalive_requests 1000000;
-  upstream provider { server 127.0.0.1:$up_port; keepalive 128; }
+  start_nginx proxy "  upstream provider { server 127.0.0.1:$up_port; keepalive 128; }
   server {
     listen 127.0.0.1:$px_port;
-    location / { proxy_pass http://provider; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-CONF
-  nginx -c "$work/proxy.conf" -p "$work"
-  if [ -n "$pin_gw" ]; then
-    for p in $(cat "$work/proxy.pid") $(pgrep -P "$(cat "$work/proxy.pid")" || true); do taskset -pc 0 "$p" >/dev/null; done
-  fi
+    location / { proxy_pass http://provider; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
+  }"
+  if [ -n "$pin_gw" ]; then pin_nginx proxy 0; fi
   proxy="http://127.0.0.1:$px_port/v1/chat/completions"
   run "$GW_C" "$proxy"; x_rps=$(rps); x_err=$(errs)
 fi
@@ -133,8 +123,7 @@ fi
 # connection (all on core 0). Instead of the usual figures; not in bench/run.
 if [ -n "${GW_STAGES:-}" ]; then
   cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user + system, in 1/100 s
-  pin_upstream() { for p in $(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" || true); do
-    taskset -pc "$1" "$p" >/dev/null; done; }
+  pin_upstream() { pin_nginx nginx "$1"; }
   stage() { # $1: a label; $2: the gateway's pid; $3: its URL
     local t0 t1 n r64 cpu
     t0=$(cpu_ticks "$2"); run "$GW_C" "$3"; t1=$(cpu_ticks "$2"); r64=$(rps)
@@ -237,7 +226,7 @@ fi
 # (an idle core takes tens of microseconds to wake; the direct path would pay none)
 if [ -n "$pin_gw" ]; then
   pin_rest="taskset -c 0"
-  for p in $(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" || true); do taskset -pc 0 "$p" >/dev/null; done
+  pin_nginx nginx 0
 fi
 run 1 "$direct"; d50=$(pct 50%); d99=$(pct 99%)
 run 1 "$through"; g50=$(pct 50%); g99=$(pct 99%)
