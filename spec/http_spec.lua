@@ -814,3 +814,65 @@ describe("proxies", function()
     assert.are.equal("200\tvia proxy for upstream.invalid\n", r.stdout)
   end)
 end)
+
+-- follow_redirects: a hop to another origin (scheme, host or port) is sent
+-- without the caller's credential headers; libcurl alone strips only
+-- Authorization and Cookie, and an x-api-key went to whatever host the
+-- Location named.
+describe("redirects to another origin", function()
+  it("drop the caller's credential headers; a hop on the same origin keeps them", function()
+    resil.clock.virtual()
+    local seen = {}
+    local other = resil.server.listen({ port = 0, handler = function(req)
+      seen[#seen + 1] = req.headers
+      return { status = 200, body = "other" }
+    end })
+    local first
+    first = resil.server.listen({ port = 0, handler = function(req)
+      if req.path == "/same" then
+        return { status = 302, headers = { location = "/here" }, body = "" }
+      elseif req.path == "/here" then
+        seen[#seen + 1] = req.headers
+        return { status = 307, headers = { location = ("http://127.0.0.1:%d/there"):format(other:port()) }, body = "" }
+      end
+      return { status = 200, body = "?" }
+    end })
+    local headers = {
+      ["x-api-key"] = "k1", ["api-key"] = "k2", ["x-goog-api-key"] = "k3", authorization = "Bearer k4",
+      cookie = "s=k5", ["proxy-authorization"] = "Basic k6", ["x-auth-token"] = "k7", ["x-client-secret"] = "k8",
+      ["x-amz-security-token"] = "k9", ["x-session-id"] = "k10",
+      ["anthropic-version"] = "2023-06-01", ["x-trace"] = "t1", accept = "application/json",
+    }
+    local res, err = http.request({ url = ("http://127.0.0.1:%d/same"):format(first:port()), headers = headers,
+      follow_redirects = true })
+    assert(res, err and err.message)
+    assert.are.equal("other", res.body)
+    assert.are.equal(2, #seen)
+    -- the same origin: everything the caller gave
+    for name, value in pairs(headers) do assert.are.equal(value, seen[1][name], name) end
+    -- another origin (another port): no credential, the rest as given
+    for _, name in ipairs({ "x-api-key", "api-key", "x-goog-api-key", "authorization", "cookie", "proxy-authorization",
+      "x-auth-token", "x-client-secret", "x-amz-security-token", "x-session-id" }) do
+      assert.is_nil(seen[2][name], name)
+    end
+    assert.are.equal("2023-06-01", seen[2]["anthropic-version"])
+    assert.are.equal("t1", seen[2]["x-trace"])
+    assert.are.equal("application/json", seen[2].accept)
+    -- the next request on the same (recycled) handle sends its credentials again
+    seen = {}
+    res = assert(http.request({ url = ("http://127.0.0.1:%d/x"):format(other:port()), headers = headers }))
+    assert.are.equal("k1", seen[1]["x-api-key"])
+    assert.are.equal("Bearer k4", seen[1].authorization)
+    -- a stream follows the same rule
+    seen = {}
+    local s <close> = assert(http.stream({ url = ("http://127.0.0.1:%d/same"):format(first:port()), headers = headers,
+      follow_redirects = true }))
+    assert.are.equal(200, s.status)
+    assert.are.equal("k1", seen[1]["x-api-key"])
+    assert.is_nil(seen[2]["x-api-key"])
+    assert.is_nil(seen[2]["x-goog-api-key"])
+    s:close()
+    first:close()
+    other:close()
+  end)
+end)

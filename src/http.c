@@ -552,6 +552,55 @@ static void admit_parked(http_state *H) {
   }
 }
 
+/* A header that may carry a credential, by its name: Authorization, Cookie,
+ * Proxy-Authorization and any whose name holds auth, key, token, secret,
+ * cookie, session, password, credential or signature (x-api-key, api-key,
+ * x-goog-api-key, x-auth-token, x-amz-security-token, ...) */
+static int credential_header(const char *line) {
+  static const char *const words[] = {"auth", "key", "token", "secret", "cookie", "session", "password",
+                                      "credential", "signature"};
+  size_t len = strcspn(line, ":;");
+  for (size_t w = 0; w < sizeof words / sizeof words[0]; w++) {
+    size_t n = strlen(words[w]);
+    for (size_t i = 0; i + n <= len; i++)
+      if (strncasecmp(line + i, words[w], n) == 0) return 1;
+  }
+  return 0;
+}
+
+/* follow_redirects: a hop to another origin (scheme, host or port) than the
+ * request's is sent without the caller's credential headers (libcurl strips
+ * only Authorization and Cookie: an x-api-key went to whatever host the
+ * Location named); a hop back to the request's origin sends them again.
+ * Curl builds each hop's request after this (prereq_cb). -1: no memory. */
+static int redirect_headers(http_req *r) {
+  long hops = 0;
+  char *url = NULL;
+  if (curl_easy_getinfo(r->easy, CURLINFO_REDIRECT_COUNT, &hops) != CURLE_OK) hops = 1;
+  struct curl_slist *want = r->req_headers->list;
+  if (hops > 0) {
+    size_t n = origin_length(r->url);
+    int same = curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &url) == CURLE_OK && url &&
+               origin_length(url) == n && strncasecmp(url, r->url, n) == 0;
+    if (!same) {
+      if (!r->hop_headers) { /* (never empty: a User-Agent line, ours or the caller's, is kept) */
+        for (struct curl_slist *h = want; h; h = h->next)
+          if (!credential_header(h->data)) {
+            struct curl_slist *grown = curl_slist_append(r->hop_headers, h->data);
+            if (!grown) return -1; /* (req_release frees what was made) */
+            r->hop_headers = grown;
+          }
+      }
+      want = r->hop_headers;
+    }
+  }
+  if (r->set.headers != want) {
+    r->set.headers = want;
+    curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, want);
+  }
+  return 0;
+}
+
 /* The opener's connection is up (or it found a free stream): the origin has
  * room for more. Also counts the times curl sends a request: it resends one
  * that a GOAWAY or a dead reused connection refused. */
@@ -571,6 +620,7 @@ static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primar
     }
   }
   if (++r->sends > 1) r->set.retried++; /* curl sent it again: see easy_retries_spent */
+  if (r->set.follow && redirect_headers(r) != 0) return CURL_PREREQFUNC_ABORT;
   return CURL_PREREQFUNC_OK;
 }
 
@@ -806,6 +856,18 @@ static http_state *http_get(lua_State *L) {
 }
 
 static void req_destroy(http_req *r);
+
+/* A redirect's headers (redirect_headers) freed, the handle told first: a
+ * later list at the same address must not pass for what it has */
+static void hop_headers_free(http_req *r) {
+  if (!r->hop_headers) return;
+  if (r->set.headers == r->hop_headers) {
+    r->set.headers = NULL;
+    if (r->easy) curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, NULL);
+  }
+  curl_slist_free_all(r->hop_headers);
+  r->hop_headers = NULL;
+}
 
 /* Start now the transfers that tasks added in this loop turn, all in one
  * call, rather than on curl's 0 ms timer in the next turn: the requests of
@@ -1127,6 +1189,8 @@ static CURL *new_easy(http_req *r) {
 
 static void req_destroy(http_req *r) {
   if (r->easy) curl_easy_cleanup(r->easy);
+  r->easy = NULL;
+  hop_headers_free(r);
   sse_free(r->sse);
   free(r->set.url);
   free(r->set.ca_file);
@@ -1186,6 +1250,7 @@ void req_release(http_req *r) {
   H->origins[r->origin].users--;
   header_set_release(H, r->req_headers);
   r->req_headers = NULL;
+  hop_headers_free(r);
   url_set_release(H, r->req_url);
   r->req_url = NULL;
   sse_free(r->sse);

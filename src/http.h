@@ -66,6 +66,7 @@ struct http_req {
   /* per request, cleared by req_take */
   task *waiter;              /* the task blocked on this transfer, if any */
   header_set *req_headers;
+  struct curl_slist *hop_headers; /* req_headers without credentials: a redirect's hop to another origin */
   url_set *req_url;          /* the parsed url, given to curl as CURLOPT_CURLU */
   const char *req_body;      /* a Lua string anchored by the caller (stack slot or user value) */
   const char *url;           /* likewise */
