@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <event2/event_struct.h>
+#include <zlib.h>
 
 #include "http.h"
 
@@ -457,6 +458,8 @@ static void note_lost_header_block(http_req *r) {
            had / 1024, o->recv_buffer / 1024);
 }
 
+static const char *content_encoding(const http_req *r, size_t *n);
+
 void request_finish(http_req *r, CURLcode result, abort_reason why) {
   if (r->done) return;
   if (r->easy && why == ABORT_NONE) {
@@ -467,6 +470,20 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
     if (result == CURLE_OK && r->status < 100) {
       result = CURLE_WEIRD_SERVER_REPLY;
       snprintf(r->errbuf, sizeof r->errbuf, "no valid HTTP status line in the response");
+    }
+    /* the body's gzip stream ended before its end, or did not decode (gunzip) */
+    if (result == CURLE_OK && r->gz_open) {
+      result = CURLE_BAD_CONTENT_ENCODING;
+      snprintf(r->errbuf, sizeof r->errbuf, "the body's gzip stream ended before its end: the answer is incomplete");
+    } else if (r->decode_failed && result == CURLE_WRITE_ERROR) {
+      result = (CURLcode)r->decode_failed;
+      size_t n = 0;
+      const char *v = content_encoding(r, &n);
+      if (result == CURLE_OUT_OF_MEMORY) snprintf(r->errbuf, sizeof r->errbuf, "no memory to decode the body");
+      else if (r->gz) snprintf(r->errbuf, sizeof r->errbuf, "a body that is no valid %.*s (%s)", v ? (int)(n > 16 ? 16 : n) : 4,
+                               v ? v : "gzip", r->gz->msg ? r->gz->msg : "cannot decode");
+      else snprintf(r->errbuf, sizeof r->errbuf, "a body in Content-Encoding %.*s, which is not decoded here (gzip is)",
+                    v ? (int)(n > 64 ? 64 : n) : 1, v ? v : "?");
     }
     if (lost_header_block(r, result)) {
       note_lost_header_block(r);
@@ -925,26 +942,111 @@ void http_free(resil_t *R) {
 
 /* ---------- curl callbacks for one transfer ---------- */
 
-static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
-  http_req *r = userp;
-  size_t len = size * n;
+/* Body bytes (decoded) into the body buffer, within max_body. */
+static int body_take(http_req *r, const char *data, size_t len) {
   r->total_received += len;
   if (r->total_received > r->max_body) {
     r->aborted = ABORT_TOO_LARGE;
-    return 0; /* curl stops the transfer: nothing is buffered past the limit */
+    return -1; /* curl stops the transfer: nothing is buffered past the limit */
   }
+  return buffer_append(&r->body, data, len);
+}
+
+/* A gzip (or deflate) body, decoded here rather than by libcurl, which
+ * never checks that the stream reached its end (7.88): a body cut before its
+ * trailer passed for a whole answer. Members that follow one another are
+ * read as one body; bytes after a deflate stream's end are ignored, as
+ * curl did. -1: stop the transfer (decode_failed or too large). */
+static int gunzip(http_req *r, const char *data, size_t len) {
+  z_stream *z = r->gz;
+  unsigned char out[16384];
+  z->next_in = (Bytef *)data;
+  z->avail_in = (uInt)len;
+  for (;;) {
+    if (z->avail_in > 0 && !r->gz_open && z->total_in > 0) { /* a member ended and more follows */
+      if (*z->next_in != 0x1f) return 0;
+      if (inflateReset(z) != Z_OK) break;
+    }
+    z->next_out = out;
+    z->avail_out = sizeof out;
+    const Bytef *before = z->next_in;
+    int rc = inflate(z, Z_NO_FLUSH);
+    if (z->next_in != before) r->gz_open = 1;
+    size_t got = sizeof out - z->avail_out;
+    if (got && body_take(r, (const char *)out, got) != 0) return -1;
+    if (rc == Z_STREAM_END) {
+      r->gz_open = 0;
+      if (z->avail_in == 0) return 0;
+    } else if (rc != Z_OK && rc != Z_BUF_ERROR) {
+      break;
+    } else if (z->avail_out != 0) {
+      return 0; /* all of the input taken and all it gives given out */
+    }
+  }
+  r->decode_failed = CURLE_BAD_CONTENT_ENCODING;
+  return -1;
+}
+
+/* The final response's Content-Encoding (its last line), trimmed: NULL for none */
+static const char *content_encoding(const http_req *r, size_t *n) {
+  const char *p = r->head.data, *end = p + r->head.len, *v = NULL, *eol = NULL;
+  while (p && p < end) {
+    const char *e = memchr(p, '\n', (size_t)(end - p));
+    if (!e) e = end;
+    if (e - p > 17 && strncasecmp(p, "content-encoding:", 17) == 0) v = p + 17, eol = e;
+    p = e + 1;
+  }
+  if (!v) return NULL;
+  while (v < eol && (*v == ' ' || *v == '\t')) v++;
+  while (eol > v && (eol[-1] == '\r' || eol[-1] == ' ' || eol[-1] == '\t')) eol--;
+  *n = (size_t)(eol - v);
+  return v;
+}
+
+/* A decoder for the final response's gzip (x-gzip) or deflate body; an
+ * encoding we cannot decode (we ask for gzip only) fails the transfer at
+ * its first body byte. 0: none needed. */
+static int content_decoder(http_req *r) {
+  size_t n = 0;
+  const char *v = content_encoding(r, &n);
+  if (!v || n == 0 || (n == 8 && strncasecmp(v, "identity", 8) == 0)) return 0;
+  if (!((n == 4 && strncasecmp(v, "gzip", 4) == 0) || (n == 6 && strncasecmp(v, "x-gzip", 6) == 0) ||
+        (n == 7 && strncasecmp(v, "deflate", 7) == 0))) {
+    r->decode_failed = CURLE_BAD_CONTENT_ENCODING;
+    return 1;
+  }
+  z_stream *z = calloc(1, sizeof *z);
+  if (!z || inflateInit2(z, 15 + 32) != Z_OK) { /* (gzip or zlib, by its header) */
+    free(z);
+    r->decode_failed = CURLE_OUT_OF_MEMORY;
+    return 1;
+  }
+  r->gz = z;
+  return 1;
+}
+
+static void gunzip_free(http_req *r) {
+  if (!r->gz) return;
+  inflateEnd(r->gz);
+  free(r->gz);
+  r->gz = NULL;
+}
+
+static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
+  http_req *r = userp;
+  size_t len = size * n;
   /* The reader is behind: let TCP push back. Not on h2, where libcurl 7.88
    * stops reading the whole connection for a paused stream and its
    * neighbours stall: there the buffer may grow to max_body. */
   if (r->stream && r->body.len >= STREAM_HIGH_WATER && r->http_version != CURL_HTTP_VERSION_2_0) {
-    r->total_received -= len;
     r->paused = 1;
     /* the upstream is not idle, our reader is slow: no idle clock while
      * paused (the stream's read that resumes it starts it again) */
     timer_stop(&r->idle);
     return CURL_WRITEFUNC_PAUSE;
   }
-  if (buffer_append(&r->body, data, len) != 0) return 0;
+  if (r->decode_failed) return 0;
+  if (r->gz ? gunzip(r, data, len) : body_take(r, data, len)) return 0;
   note_fed(r, len, 0);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   if (r->stream && r->waiter) {
@@ -983,6 +1085,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
     if (code >= 200 && !redirect_followed(r, code)) {
+      if (!r->headers_done && content_decoder(r) && r->decode_failed == CURLE_OUT_OF_MEMORY) return 0;
       note_fed(r, len, 0);
       r->status = code;
       r->headers_done = 1;
@@ -1155,6 +1258,7 @@ static void easy_defaults(http_req *r) {
   curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
   curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "gzip");
+  curl_easy_setopt(e, CURLOPT_HTTP_CONTENT_DECODING, 0L); /* we decode (gunzip) */
   curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
   curl_easy_setopt(e, CURLOPT_BUFFERSIZE, CURL_BUFFER_OPTION(RECEIVE_BUFFER_SIZE));
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -1196,6 +1300,7 @@ static void req_destroy(http_req *r) {
   free(r->set.ca_file);
   timer_free(&r->deadline);
   timer_free(&r->idle);
+  gunzip_free(r);
   buffer_free(&r->body);
   buffer_free(&r->head);
   free(r);
@@ -1258,6 +1363,7 @@ void req_release(http_req *r) {
   if (r->prev) r->prev->next = r->next;
   else H->live = r->next;
   if (r->next) r->next->prev = r->prev;
+  gunzip_free(r);
   if (H->nfree >= REQ_POOL_MAX) {
     req_destroy(r);
     return;

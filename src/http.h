@@ -72,6 +72,9 @@ struct http_req {
   const char *url;           /* likewise */
   size_t max_body, total_received;
   sse_parser *sse;           /* a stream read by events (stream:read_event) */
+  struct z_stream_s *gz;     /* a gzip or deflate body's decoder (header_cb) */
+  int gz_open;               /* it took bytes of a gzip member not yet ended: the body is incomplete */
+  int decode_failed;         /* CURLE_BAD_CONTENT_ENCODING or CURLE_OUT_OF_MEMORY: why decoding stopped */
   size_t sse_used;           /* body bytes it has framed */
   size_t max_event;
   long status;
