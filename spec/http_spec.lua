@@ -814,6 +814,28 @@ describe("many origins", function()
   end)
 end)
 
+-- libcurl 7.88 follows any number of redirects: a loop was followed until the
+-- response headers of all the hops together passed curl's limit (some 2,300
+-- requests, a POST's body sent again with each 307, then "Too large response
+-- headers", kind too_large) or the timeout.
+describe("a redirect loop", function()
+  it("is followed 30 times, then fails as protocol, saying so", function()
+    resil.clock.virtual()
+    local hops = 0
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      hops = hops + 1
+      return { status = 307, headers = { location = "/again" .. hops }, body = "" }
+    end })
+    local res, err = http.request({ url = ("http://127.0.0.1:%d/"):format(server:port()), method = "POST", body = "pay",
+      follow_redirects = true })
+    assert.is_nil(res)
+    assert.are.equal("protocol", err.kind)
+    assert.matches("redirects", err.message)
+    assert.are.equal(31, hops)
+    server:close()
+  end)
+end)
+
 -- A URL is parsed once and the parse handed to libcurl (CURLOPT_CURLU), shared
 -- by the requests to that URL: each request must still reach its own URL, a
 -- parse must outlive every transfer using it when the next URL replaces it,
