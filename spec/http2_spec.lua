@@ -104,6 +104,7 @@ http {
     location = /fast { default_type application/json; return 200 '{"ok":true}'; }
     location = /big.bin { root DIR; }
     location /replies/ { root DIR; }
+    location /gz/ { root DIR; gzip on; gzip_types *; gzip_min_length 1; }
     HEADERS
     location / {
       proxy_pass http://127.0.0.1:BACKEND;
@@ -345,6 +346,45 @@ describe("replies over h2", function()
       assert.is_nil(err, size)
       assert.are.equal("2", res.http_version)
       assert.are.equal(size, #res.body)
+    end
+  end)
+end)
+
+-- nginx's gzip: no Content-Length, the last DATA frame both data and
+-- END_STREAM. libcurl 7.88 pauses nghttp2 inside a frame that does not fit
+-- the receive buffer and, unlike before, never asks it to go on once the
+-- rest was read: the stream's end was never seen and the reply timed out,
+-- all of its body read.
+describe("gzip replies over h2", function()
+  it("arrive whole, however their last frame falls", function()
+    os.execute("mkdir -p " .. dir .. "/gz")
+    math.randomseed(34)
+    local alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/"
+    for _, size in ipairs({ 2000, 4000, 5000, 8000, 30000, 200000, 1000000 }) do
+      local t = {}
+      for i = 1, size do
+        local k = math.random(64)
+        t[i] = alphabet:sub(k, k)
+      end
+      local text = table.concat(t)
+      helpers.write(("%s/gz/%d.txt"):format(dir, size), text)
+      local res, err = http.request({ url = ("%s/gz/%d.txt"):format(origin, size), ca_file = ca, timeout = 3 })
+      assert.is_nil(err, size .. " " .. (err and err.message or ""))
+      assert.are.equal("2", res.http_version)
+      assert.are.equal("gzip", res.headers["content-encoding"])
+      assert.is_nil(res.headers["content-length"])
+      assert.are.equal(text, res.body, size)
+      -- read as a stream too
+      local s <close> = assert(http.stream({ url = ("%s/gz/%d.txt"):format(origin, size), ca_file = ca, timeout = 3 }))
+      local parts = {}
+      while true do
+        local chunk, e = s:read()
+        assert.is_nil(e, e and e.message)
+        if not chunk then break end
+        parts[#parts + 1] = chunk
+      end
+      assert.are.equal(text, table.concat(parts), size)
+      s:close()
     end
   end)
 end)
