@@ -172,6 +172,26 @@ describe("HTTP/2 by default over TLS", function()
     assert.are.equal(200, res.status)
   end)
 
+  -- libcurl before 8.0.0 broke an h2c connection it reused (curl/curl#10634): the first request
+  -- was answered, every later one failed "Error in the HTTP2 framing layer", retries too
+  it("answers every h2c request, one after another and many at once, not only the first", function()
+    local url = ("http://127.0.0.1:%d/fast"):format(h2c_port)
+    for i = 1, 4 do
+      local res, err = http.request({ url = url, http_version = "2", timeout = 5 })
+      assert.is_nil(err, i .. " " .. (err and err.message or ""))
+      assert.are.equal("2", res.http_version)
+    end
+    local tasks = {}
+    for i = 1, 20 do
+      tasks[i] = resil.spawn(function() return http.request({ url = url, http_version = "2", timeout = 5 }) end)
+    end
+    for i, t in ipairs(tasks) do
+      local _, res, err = t:join()
+      assert.is_nil(err, i .. " " .. (err and err.message or ""))
+      assert.are.equal(200, res.status)
+    end
+  end)
+
   it("stays on HTTP/1.1 over plain text by default", function()
     local res = assert(http.request({ url = ("http://127.0.0.1:%d/"):format(backend:port()) }))
     assert.are.equal("1.1", res.http_version)

@@ -1365,6 +1365,12 @@ static int handles_reusable(void) {
   return reusable;
 }
 
+static int h2c_reuse_broken(void) {
+  static int broken = -1;
+  if (broken < 0) broken = curl_version_info(CURLVERSION_NOW)->version_num < 0x080000;
+  return broken;
+}
+
 /* Back to the pool: the transfer aborted if still running. */
 void req_release(http_req *r) {
   http_state *H = r->H;
@@ -2182,11 +2188,17 @@ static http_req *request_new(lua_State *L, int stream, const request_fields *fp)
    * use a one-shot connection, so the cache stays this size. Not those that
    * may multiplex: h2 needs few connections, and a one-shot one would defeat
    * it (an https origin counts as h2 until it answers in HTTP/1.1). */
-  int multiplexed = f.http_version == 20 ||
-                    (https && f.http_version == 0 && H->origins[origin].version != CURL_HTTP_VERSION_1_1 &&
-                     H->origins[origin].version != CURL_HTTP_VERSION_1_0);
+  /* libcurl before 8.0.0 breaks an h2c (prior knowledge) connection it
+   * reuses or multiplexes onto: the first request is answered, every later
+   * one fails "Error in the HTTP2 framing layer" (curl/curl#10634). There
+   * each h2c request has a connection of its own. */
+  int h2c_alone = f.http_version == 20 && !https && h2c_reuse_broken();
+  int multiplexed = !h2c_alone &&
+                    (f.http_version == 20 ||
+                     (https && f.http_version == 0 && H->origins[origin].version != CURL_HTTP_VERSION_1_1 &&
+                      H->origins[origin].version != CURL_HTTP_VERSION_1_0));
   r->driver = &H->drivers[multiplexed ? DRIVER_MUX : DRIVER_PLAIN];
-  long one_shot = !multiplexed && H->R->io_pending >= ONE_SHOT_CONNECTIONS_ABOVE;
+  long one_shot = h2c_alone || (!multiplexed && H->R->io_pending >= ONE_SHOT_CONNECTIONS_ABOVE);
   if (r->set.one_shot != one_shot) {
     r->set.one_shot = one_shot;
     curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, one_shot);
