@@ -95,3 +95,37 @@ describe("an -e run whose code holds a secret the process knows (an API key it c
     assert.is_nil(helpers.slurp(db):find("abcdef1234567890", 1, true))
   end)
 end)
+
+describe("the default run id of a script", function()
+  it("differs for argument lists that differ, an empty argument too; the same list is the same run", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), 'local resil = require "resil"\n' ..
+      'local n = resil.step("count", function() return #arg end)\n' ..
+      'print(resil.run.id(), n, resil.run.resumed())\n')
+    local function run(args)
+      local r = helpers.run(("%s --store %s --log-level off %s %s"):format(helpers.resil, db, script, args))
+      assert.are.equal(0, r.code, r.stderr)
+      return r.stdout:match("^(%S+)\t(%d+)\t(%a+)\n$")
+    end
+    local none, n0, resumed0 = run("")
+    local empty, n1, resumed1 = run("''")
+    -- (before: one id, the second resumed the first's run and was given its step's result: 0)
+    assert.are_not.equal(none, empty)
+    assert.are.same({ "0", "false" }, { n0, resumed0 })
+    assert.are.same({ "1", "false" }, { n1, resumed1 })
+    local two = run("'' ''")
+    assert.is_truthy(two ~= none and two ~= empty)
+    -- the same lists again: the same runs, resumed
+    assert.are.same({ none, "0", "true" }, { run("") })
+    assert.are.same({ empty, "1", "true" }, { run("''") })
+    assert.are.same({ two, "2", "true" }, { run("'' ''") })
+    -- the ids of other lists are those earlier versions gave (a run interrupted before an upgrade
+    -- resumes after it)
+    local resil = require "resil"
+    local path = helpers.run("realpath " .. script).stdout:gsub("\n$", "")
+    local name = path:match("([^/]+)%.lua$")
+    assert.are.equal(name .. "-" .. resil.hash(path .. "\0"):sub(1, 12), none)
+    assert.are.equal(name .. "-" .. resil.hash(path .. "\0\0"):sub(1, 12), two)
+    assert.are.equal(name .. "-" .. resil.hash(path .. "\0a\0b"):sub(1, 12), run("a b"))
+  end)
+end)

@@ -44,12 +44,22 @@ local steps_done, steps_replayed, steps_failed = steps_total:labels({ result = "
 local run -- the current run: { id =, seq = { [scope] = n } }, once a step has run
 
 -- from the script's absolute path (config.script_path, set by the host) and
--- its arguments: the same command resumes the same run
+-- its arguments: the same command resumes the same run, another list of arguments is another run.
+-- The arguments joined by NULs named no arguments and one empty one (`p.lua` and `p.lua ""`) alike,
+-- and an argument holding a NUL (an embedder's) as two: such a list is named by its JSON after a
+-- byte no joined list has there; every other list keeps the id earlier versions gave it (a run
+-- interrupted before an upgrade resumes after it).
 local function default_run_id()
   local script = config.script or "(script)"
   local name = script:match("([^/]+)$"):gsub("%.lua$", "")
   local where = config.script_path or script
-  return ("%s-%s"):format(name, resil.hash(where .. "\0" .. table.concat(config.args or {}, "\0")):sub(1, 12))
+  local args = config.args or {}
+  local joined = table.concat(args, "\0")
+  local named = where .. "\0" .. joined
+  if #args > 0 and (joined == "" and #args == 1 or select(2, joined:gsub("\0", "")) ~= #args - 1) then
+    named = where .. "\1" .. json.encode({ unpack(args) })
+  end
+  return ("%s-%s"):format(name, resil.hash(named):sub(1, 12))
 end
 
 -- Another live process holds the run. Said without a traceback: nothing is
