@@ -327,3 +327,75 @@ resil.cost.record({ provider = "p\27[8m", model = "m\27]8;;http://x\7link", usd 
     for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
   end)
 end)
+
+-- What a run cost is every call its script paid for, also those made before its first step (an
+-- ai.chat at the top of the script) and in a script with no steps at all: the ledger's rows carry
+-- the run's id from the script's first line. On SQLite and on a real redis-server.
+local early_calls = [[
+local resil = require "resil"
+local ai = require "policies.ai"
+local mock = resil.mock.start({ strict = true, reply = "ok" })
+ai.configure("openai", { base_url = mock.url .. "/v1", api_key = "sk-example-000000" })
+local function chat()
+  assert(ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 10, messages = { { role = "user", content = "hi" } } }))
+  return true
+end
+chat()
+if arg[1] == "steps" then
+  resil.step("answer", chat)
+  print(resil.run.id())
+end
+mock:stop()
+]]
+
+for _, b in ipairs(helpers.store_backends()) do
+  describe("a run's cost on " .. b.name, function()
+    teardown(function() if b.stop then b.stop() end end)
+
+    -- -> the calls and dollars `costs --run ID` says the run made, and the store's whole ledger's
+    local function costs(url, id)
+      local r = sh(("%s costs --store '%s' --run %s --by model --json"):format(helpers.resil, url, id))
+      assert.are.equal(0, r.code, r.stderr)
+      local run = require("resil").json.decode(r.stdout)
+      local all = require("resil").json.decode(sh(("%s costs --store '%s' --by model --json"):format(
+        helpers.resil, url)).stdout)
+      return run[1] and run[1].calls or 0, all[1] and all[1].calls or 0
+    end
+
+    it("counts the calls made before its first step", function()
+      local url = b.url()
+      local script = helpers.write(helpers.tmpname(".lua"), early_calls)
+      local r = sh(("%s --store '%s' --log-level off %s steps"):format(helpers.resil, url, script))
+      assert.are.equal(0, r.code, r.stderr)
+      local id = r.stdout:match("^(%S+)\n$")
+      assert.matches("%s" .. id:gsub("%p", "%%%0") .. "%s+done%s+1%s",
+        sh(("%s runs --store '%s'"):format(helpers.resil, url)).stdout)
+      -- (before: 1 of the 2 calls the ledger has, the one inside the step)
+      assert.are.same({ 2, 2 }, { costs(url, id) })
+      local show = sh(("%s runs show %s --store '%s'"):format(helpers.resil, id, url))
+      assert.are.equal(0, show.code, show.stderr)
+      local total = sh(("%s costs --store '%s'"):format(helpers.resil, url)).stdout:match("total (%$[%d.]+)")
+      assert.matches("; cost " .. total:gsub("%p", "%%%0") .. "\n", show.stdout)
+    end)
+
+    it("counts the calls of a script with no steps, under its default id or --run", function()
+      local url = b.url()
+      local script = helpers.write(helpers.tmpname(".lua"), early_calls)
+      local r = sh(("%s --store '%s' --log-level off %s"):format(helpers.resil, url, script))
+      assert.are.same({ 0, "" }, { r.code, r.stdout }, r.stderr)
+      -- (the default id: the script's name and a hash of its path, pipeline_runid_spec)
+      local path = sh("realpath " .. script).stdout:gsub("\n$", "")
+      local id = path:match("([^/]+)%.lua$") .. "-" .. require("resil").hash(path .. "\0"):sub(1, 12)
+      -- (before: "no run ... and no ledger rows for it")
+      assert.are.same({ 1, 1 }, { costs(url, id) })
+      r = sh(("%s --store '%s' --log-level off --run named %s"):format(helpers.resil, url, script))
+      assert.are.same({ 0, "" }, { r.code, r.stdout }, r.stderr)
+      assert.are.same({ 1, 2 }, { costs(url, "named") })
+      -- runs show gives its cost; it holds no run record (nothing to resume), so runs lists none
+      local show = sh(("%s runs show named --store '%s'"):format(helpers.resil, url))
+      assert.are.equal(0, show.code, show.stderr)
+      assert.matches("^run named: no steps recorded %(.*%); cost %$0%.%d+\n$", show.stdout)
+      assert.matches("no runs recorded", sh(("%s runs --store '%s'"):format(helpers.resil, url)).stdout)
+    end)
+  end)
+end

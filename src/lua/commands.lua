@@ -134,7 +134,15 @@ local function run_report(s, id)
   local run, rerr = backend_of[s]:run_get(id)
   if run == nil and rerr ~= nil then need(nil, rerr) end -- (not "no such run": it could not be read)
   local steps = need(backend_of[s]:run_steps(id))
-  if not run and #steps == 0 then return nil end
+  if not run and #steps == 0 then
+    -- a script that ran no step (or has not reached one) is its run in the ledger: its rows carry
+    -- the id (runs.lua's current_id); it holds nothing and has nothing to resume
+    local costs = need(resil.cost.breakdown("provider", { run = id }))
+    if #costs == 0 then return nil end
+    local usd, unpriced = 0, 0
+    for _, c in ipairs(costs) do usd, unpriced = usd + c.usd, unpriced + (c.unpriced or 0) end
+    return { run = { id = id, status = "no steps" }, items = {}, usd = usd, unpriced = unpriced, no_steps = true }
+  end
   -- A step begun and not ended is running while its run's holder lives; otherwise its process died
   -- in it (kill -9, a crash): interrupted, and its item not done (it was listed done, its step
   -- missing: the operator read a half-done item as finished). Resuming runs it again.
@@ -204,11 +212,17 @@ local function runs_show(s, args)
   if extra then fail("runs show: unknown argument '%s' (runs show ID [--html FILE])", extra) end
   local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
   local run = report.run
+  if report.no_steps and not html then
+    print(printable(redact(("run %s: no steps recorded (its script checkpointed nothing; nothing to resume); " ..
+      "cost %s%s"):format(run.id, money(report.usd), unpriced_note(report.unpriced)))))
+    return
+  end
   -- (a run whose holder died says "running" for good: it was shown as one going on, without
   -- its holder or the command that resumes it)
   local holder, gone = report.holder, report.gone
   run.holder = holder
-  local resume = run.status ~= "done" and (run.status ~= "running" or gone) and resume_command(s, run) or nil
+  local resume = run.status ~= "done" and not report.no_steps and (run.status ~= "running" or gone) and
+    resume_command(s, run) or nil
   if html then -- the page: src/lua/report.lua
     local ok, err = require("resil.report").write(html, report, need(backend_of[s]:cost_rows({ run = id })), resume)
     if not ok then fail("runs show: cannot write %s: %s", html, tostring(err)) end

@@ -628,18 +628,35 @@ end
 -- resil_options.run_id (--run) is every chunk's.
 -- (and resil_load_file, once it named the script: the CLI's `-e CODE script.lua` ran the script's
 -- steps in the -e code's run)
-function private.end_other_run(status)
-  if run and run.held and not config.run and run.id ~= default_run_id() then
+-- (and the last chunk's run not taken yet, its first step having found the store unavailable: the
+-- new chunk's steps and costs went to it)
+local script_is_run = false -- (below)
+local function end_other_run(status)
+  if run and not config.run and run.id ~= default_run_id() then
+    if not run.held then
+      run = nil
+      return
+    end
     local ok, err = run_finish(status)
     if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
   end
+end
+-- A script, and an embedder's chunk, is its run from its first line, not from its first step: the
+-- ledger rows it writes before it (ai.chat at the top, a script with no steps at all) carry the run's
+-- id, the one its steps take (`costs --run ID` and `runs show ID` missed what they cost). Only its
+-- first step takes the run (a record, a lease): a script that never checkpoints neither opens the
+-- store for it nor refuses a second copy of itself. The gateway's chunk is no run: it serves.
+function private.end_other_run(status)
+  end_other_run(status)
+  script_is_run = true
 end
 function private.name_chunk(name, code, status)
   local path = config.script_path
   if not (type(path) == "string" and path:sub(-#code - 1) == "\n" .. code) then
     private.store_config_host({ script = name, script_path = name .. "\n" .. code })
   end
-  private.end_other_run(status)
+  end_other_run(status)
+  script_is_run = name ~= "[gateway]"
 end
 
 -- resil_close (embed_give_up): a host that ends gives its run up, as the command does when the
@@ -660,5 +677,10 @@ end
 
 -- for the ledger: the run a cost belongs to; for the progress line: the
 -- retries so far ({total=, by_class={}}, read only)
-return { current_id = function() return run and run.id end, retries = function() return retries_seen end,
+-- (before the run is taken: the id its first step will take, as the script runs)
+local function current_id()
+  if run then return run.id end
+  if script_is_run then return config.run or default_run_id() end
+end
+return { current_id = current_id, retries = function() return retries_seen end,
   last_id = function() return run and run.id or ended_id end }
