@@ -399,3 +399,28 @@ for _, b in ipairs(helpers.store_backends()) do
     end)
   end)
 end
+
+-- A step named by a long text (a prompt) makes a wide column: the tables are printed in time
+-- linear in their size (before, `runs show` of 200 steps, one named by 4 KB, took minutes).
+describe("runs show of a run with a wide column", function()
+  it("prints every step, padded, without trailing spaces, however wide a step's name", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.step("caption: " .. ("a long prompt "):rep(4000), function() return 0 end)
+for i = 1, 40 do resil.step("s" .. i, function() return i end) end
+]])
+    local r = sh(("%s --store %s --log-level off --run wide %s"):format(helpers.resil, db, script))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (the bound only keeps a regression from holding the suite: the quadratic strip took hours)
+    local show = sh(("timeout 120 %s runs show wide --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, show.code, show.stderr)
+    local steps, trailing = 0, 0
+    for line in show.stdout:gmatch("[^\n]*") do
+      if line:match("^%-%s+%d+%s+[%w:]") and line:match("%sdone%s") then steps = steps + 1 end
+      if line:match(" $") then trailing = trailing + 1 end
+    end
+    assert.are.same({ 41, 0 }, { steps, trailing })
+    assert.matches("\n%-%s+41%s+s40%s+done%s+0%s+%d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%d\n", show.stdout)
+  end)
+end)

@@ -54,7 +54,10 @@ local function table_print(header, rows)
       v = tostring(v)
       cells[i] = v .. (" "):rep(widths[i] - columns(v))
     end
-    print((table.concat(cells, "  "):gsub("%s+$", "")))
+    -- (its trailing spaces cut by one anchored match: gsub("%s+$") tried each space of the line's
+    -- padding in turn, quadratic in a wide column's, and `runs show` of 200 steps, one named by a
+    -- 4 KB prompt, took minutes)
+    print(table.concat(cells, "  "):match("^(.*%S)") or "")
   end
   line(header)
   for _, r in ipairs(rows) do line(r) end
