@@ -277,9 +277,67 @@ print("B got", resil.step("answer", function() return "B's" end))
       -- and A stops at its next step: the run was ended by another process
       assert.matches("run_held: run shared was ended by another process", a, 1, true)
       assert.is_not.matches("next step runs", a)
+      -- and leaves the run as B ended it (before: A's "failed" was written over B's "done")
+      assert.matches("\nshared%s+done%s", helpers.run(("%s runs --store %s"):format(helpers.resil, url)).stdout)
       local again = helpers.run(("%s %s %s"):format(helpers.resil, opts, b_script))
       assert.are.equal("B got\tB's\n", again.stdout)
     end)
+
+    -- The same script in both, as two copies of a cron job are: B, having taken the run over from A
+    -- (frozen past its lease, in a step or between two), runs every step and ends the run. A thaws:
+    -- it stops at its next step, though B's records would replay there, and leaves B's "done".
+    -- (Before: A replayed B's records to its script's end, ran its code outside steps again, exited
+    -- 0, and, frozen in a step, wrote "failed" over B's "done".)
+    for _, where in ipairs({ "in a step", "between steps" }) do
+      it("a process frozen past its lease " .. where .. ", its run taken over and ended running the same " ..
+        "script, stops at its next step and leaves the run done", function()
+        if helpers.run("id -u").stdout ~= "0\n" then return pending("unshare --uts needs root") end
+        local url, dir = store_url(), helpers.tmpname("-dir")
+        os.execute("mkdir -p " .. dir)
+        local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+resil.store_config({ lease = 1 })
+local dir, held = arg[1], arg[2] == "held"
+local function exists(p) local f = io.open(p) if f then f:close() end return f ~= nil end
+local function wait_here() -- (A only: until the spec has frozen it and let it go)
+  if not held then return end
+  io.open(dir .. "/started", "w"):close()
+  while not exists(dir .. "/go") do resil.sleep(0.02) end
+end
+for i = 1, 3 do
+  resil.step("step " .. i, function()
+    if i == 1 and %q == "in a step" then wait_here() end
+    return i
+  end)
+  if i == 1 and %q == "between steps" then wait_here() end
+end
+print(held and "A" or "B", "reached the end")
+]]):format(where, where))
+        local opts = ("--store %s --run shared-%s --log-level off"):format(url, where:gsub(" ", "-"))
+        local out, pidfile = dir .. "/a.out", dir .. "/a.pid"
+        os.execute(("unshare --uts sh -c 'hostname resil-other-host; exec %s %s %s %s held' > %s 2>&1 & echo $! > %s")
+          :format(helpers.resil, opts, script, dir, out, pidfile))
+        local pid = helpers.slurp(pidfile):match("%d+")
+        reap(pid)
+        assert(helpers.wait_until(function()
+          local f = io.open(dir .. "/started")
+          if f then f:close() end
+          return f ~= nil
+        end, 20), helpers.slurp(out))
+        os.execute("kill -STOP " .. pid)
+        finally(function() os.execute("kill -CONT " .. pid .. " 2> /dev/null") end)
+        local b = helpers.run(("timeout 60 %s --wait %s %s %s"):format(helpers.resil, opts, script, dir))
+        assert.are.same({ 0, "B\treached the end\n" }, { b.code, b.stdout }, b.stderr)
+        helpers.write(dir .. "/go", "")
+        os.execute("kill -CONT " .. pid)
+        assert(helpers.wait_until(function() return not helpers.alive(pid) end, 20))
+        local a = helpers.slurp(out)
+        assert.matches("run_held: run shared%-[%w-]+ was ended by another process %(done%)", a)
+        assert.is_not.matches("A\treached the end", a)
+        local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, url)).stdout
+        assert.matches("shared%-" .. where:gsub(" ", "%%-") .. "%s+done%s+3%s", runs)
+      end)
+    end
   end)
 
   describe(("resil.once holders (%s)"):format(backend), function()

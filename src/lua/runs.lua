@@ -71,6 +71,14 @@ local function run_held(id, holder, since, lost)
     { run = id, holder = owner.describe(holder), traceback = false })
 end
 
+-- This process found its run taken over or ended by another (it was frozen, or its loop held, past
+-- its lease): -> err, which every later step raises before its fn runs; the run's end is not
+-- recorded by this process (its "failed" replaced the "done" of the process that ended it)
+local function lost(r, err)
+  r.stopped, r.lost = err, true
+  return err
+end
+
 -- What `runs show` puts after the script to resume the run: its arguments; for `-e CODE` (the CLI
 -- names its script "-e", its path "-e\n" .. CODE) the code, which names the run and runs it
 -- again (the line said "resil-lua --run ID -e", an option without its code). Up to 8 KB of it.
@@ -175,7 +183,7 @@ local function current_run()
     local me = resil.running()
     local _ <close> = setmetatable({}, { __close = function() if r.starter == me then r.starter = nil end end })
     local done, generation = take_run(s, r.id)
-    r.held, r.resumed, r.generation = true, done > 0, generation
+    r.held, r.resumed, r.generation, r.confirmed = true, done > 0, generation, store_now()
     resil.log.info(done > 0 and "run resumed" or "run started", { run = r.id, steps_done = done })
     -- the steps that found the store unavailable before the run was taken: failed, recorded now
     -- (`runs show` lists them, with why; before, nothing said their items had not run)
@@ -218,6 +226,7 @@ function resil.run.finish(status)
   if not (r and r.held) then return end
   run, ended_id = nil, r.id
   owner_drop(backend_of[r.store], "run:" .. r.id)
+  if r.lost then return true end -- (the run is another's: its end is theirs to record)
   local pending = {}
   for _, p in pairs(r.inflight) do
     pending[#pending + 1] = { scope = p.scope, seq = p.seq, name = p.name, started = p.started,
@@ -269,7 +278,7 @@ function record_failure(r, scope, seq, name, err, retries, started, detail)
   r.failed[scope] = true
   local ok, serr, since = backend_of[r.store]:step_failed(r.id, scope, seq, name, error_text(err), retries, store_now(),
     owner.me().id, started, detail)
-  if ok == false then error(run_held(r.id, serr, since, true), 0) end
+  if ok == false then error(lost(r, run_held(r.id, serr, since, true)), 0) end
 end
 
 -- What happens inside a step, for `runs show --html`: each attempt's
@@ -461,6 +470,25 @@ local function replay(r, scope, seq, name, recorded, result)
   return unpack(values, 1, values.n)
 end
 
+-- Whether the run is still this process's: -> true | nil, err (the store unavailable); another
+-- process holding it, or having ended it, raises run_held at resil.step's caller (level 3)
+local function still_held(r, backend, scope)
+  local row, gerr = backend:run_get(r.id)
+  if row == nil and gerr ~= nil then
+    r.failed[scope] = true
+    return nil, gerr
+  end
+  if row and row.owner and row.owner ~= owner.me().id then
+    error(lost(r, run_held(r.id, row.owner, tonumber(row.owner_since), true)), 3)
+  end
+  if row and not row.owner then -- (its new holder ended it: this process's steps would all run again)
+    error(lost(r, resil.error("run_held", ("run %s was ended by another process (%s) while this one ran it; this "
+      .. "process stops"):format(r.id, tostring(row.status)), { run = r.id, traceback = false })), 3)
+  end
+  r.confirmed = store_now()
+  return true
+end
+
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
 function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
@@ -495,22 +523,22 @@ function resil.step(name, fn, ...)
     r.failed[scope] = true
     return nil, result
   end
-  if recorded ~= nil then return replay(r, scope, seq, name, recorded, result) end
+  if recorded ~= nil then
+    -- a replay too, once this process may have been held up past its lease since it last saw the run
+    -- its own (frozen between steps, while another host took the run over, ran its steps and ended
+    -- it): it replayed the other's records to the script's end, ran the script's code outside steps
+    -- a second time, and exited 0
+    if store_now() - (r.confirmed or 0) > owner.lease / 3 then
+      local mine, gerr = still_held(r, backend, scope)
+      if not mine then return nil, gerr end
+    end
+    return replay(r, scope, seq, name, recorded, result)
+  end
   -- fn is about to run (and pay): a process whose run was taken over meanwhile (its lease
   -- lapsed: a loop held, a partition) stops here, not at the step's put after paying for
   -- what the new holder runs too. (A read: on SQLite it never waits for a writer.)
-  local row, gerr = backend:run_get(r.id)
-  if row == nil and gerr ~= nil then
-    r.failed[scope] = true
-    return nil, gerr
-  end
-  if row and row.owner and row.owner ~= owner.me().id then
-    error(run_held(r.id, row.owner, tonumber(row.owner_since), true), 2)
-  end
-  if row and not row.owner then -- (its new holder ended it: this process's steps would all run again)
-    error(resil.error("run_held", ("run %s was ended by another process (%s) while this one ran it; this process "
-      .. "stops"):format(r.id, tostring(row.status)), { run = r.id, traceback = false }), 2)
-  end
+  local mine, gerr = still_held(r, backend, scope)
+  if not mine then return nil, gerr end
   item_fingerprint(scope) -- (the map's key run now: one that raises fails the step before fn pays, not after)
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
   local saved_step, saved_seq, saved_nth = ctx.step, ctx._step_seq, ctx._step_nth
@@ -569,11 +597,21 @@ function resil.step(name, fn, ...)
   local ok, serr, since = shield(backend.step_put, backend, r.id, scope, seq, name, text, store_now(),
     owner.me().id, (r.retries[scope] or 0) - retries0, started, detail)
   r.inflight[key] = nil
-  if ok == false then error(run_held(r.id, serr, since, true), 2) end
+  if ok == false then error(lost(r, run_held(r.id, serr, since, true)), 2) end
   -- another process wrote this place first, while the run had no holder (its holder ended it, or
   -- this one's lease lapsed and another ran and ended the run): the first result is the step's
-  -- in both processes, as a replay gives it
-  if ok and serr ~= nil then return replay(r, scope, seq, name, serr, since) end
+  -- in both processes, as a replay gives it, and this process stops at its next step (it went on
+  -- replaying the other's records of the steps after it, to the script's end, exit status 0)
+  if ok and serr ~= nil then
+    -- (the error says who has the run now, or that it was ended, as still_held's; it marks it lost)
+    local now_mine, why = pcall(still_held, r, backend, scope)
+    if now_mine then
+      lost(r, resil.error("run_held", ("run %s: another process ran step %d%s '%s' too and stored its result "
+        .. "first; this process stops"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", name),
+        { run = r.id, traceback = false, cause = why }))
+    end
+    return replay(r, scope, seq, name, serr, since)
+  end
   if not ok then -- fn ran (and was paid for), its result not checkpointed: the run stops here
     r.failed[scope] = true
     if run == r then
@@ -581,6 +619,7 @@ function resil.step(name, fn, ...)
     end
     error(checkpoint_failed(r, scope, seq, name, step_where(fn), text, serr), 2)
   end
+  r.confirmed = store_now()
   steps_done:inc()
   return unpack(out, 2, out.n)
 end
