@@ -236,6 +236,19 @@ print(s:stats().commits - before)
     assert.matches("store_spec%.lua:%d+: resil%.store_config: expects a table", err)
   end)
 
+  -- (before: "[resil store]:67: attempt to index a number value (local 'url')", "[resil runs]:57:
+  -- bad argument #1 to 'concat'", "[resil store_sqlite]:494: store: cannot bind a table", from inside
+  -- the host, some at the first step)
+  it("resil.store_config with a store or run named by a wrong type raises at the caller's line", function()
+    for _, c in ipairs({ { url = 5 }, { run = {} }, { script = 5 }, { script_path = {} }, { args = "x" },
+                         { args = { "a", {} } } }) do
+      local k = next(c)
+      local ok, err = pcall(function() local r = resil.store_config(c); return r end)
+      assert.is_false(ok)
+      assert.matches("store_spec%.lua:%d+: resil%.store_config: " .. k .. " must be a", err)
+    end
+  end)
+
   -- SQLite takes an empty name for a temporary database, deleted at exit: a
   -- store URL that named no file (--store "", sqlite://, an empty
   -- RESIL_STORE as a compose file's ${STORE} leaves it) lost every step,

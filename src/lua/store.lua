@@ -148,6 +148,19 @@ function resil.store_config(c)
       end
     end
   end
+  -- (what names the store and the run, checked here: a table or a number raised later inside the
+  -- host, "[resil store]:67: attempt to index a number value", at the store's open or the first step)
+  for _, k in ipairs({ "url", "run", "script", "script_path" }) do
+    local v = c[k]
+    if v ~= nil and v ~= false and type(v) ~= "string" and not (k == "run" and type(v) == "number") then
+      error(("resil.store_config: %s must be a string, not a %s"):format(k, type(v)), 2)
+    end
+  end
+  if c.args ~= nil then
+    local ok = type(c.args) == "table"
+    for _, a in ipairs(ok and c.args or {}) do ok = ok and (type(a) == "string" or type(a) == "number") end
+    if not ok then error("resil.store_config: args must be a list of strings (the script's arguments)", 2) end
+  end
   local ok, err = true, nil
   if c.url then ok, err = pcall(check_url, c.url, 3) end
   if ok and c.url then ok, err = pcall(check_file, c.url, 3) end
