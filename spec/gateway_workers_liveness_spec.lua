@@ -99,6 +99,41 @@ describe("gateway --workers: a worker whose loop stands still", function()
     assert.is_true(helpers.alive(pid))
   end)
 
+  -- (before: the supervisor judged a worker's silence in wall time, the watchdog a stuck loop in
+  -- CPU time: on a busy machine, or under a container's CPU quota, a worker stuck in a pattern got
+  -- a fifth of a core, was killed as silent at --worker-timeout ("said nothing for 30.8 s ...
+  -- SIGKILL"), and the log never said where it was stuck. Here its CPU is halved by stopping and
+  -- continuing it.)
+  it("a worker stuck outside Lua code that gets half a core ends with the watchdog's code 70, not killed as " ..
+     "silent", function()
+    -- (--worker-timeout 12: past the watchdog's stuck exit, 10.3 s of CPU, which half a core uses in 20 s)
+    local pid, port, log, seen = start("--worker-timeout 12 --max-task-seconds 0.3", [[
+      local gateway = require "policies.gateway"
+      local handle = gateway.handle
+      gateway.handle = function(req)
+        if req.path == "/stuck" then return (("a"):rep(200)):find(("a-"):rep(40) .. "c") end
+        return handle(req)
+      end
+      return { auth = false }
+    ]])
+    local all = table.concat(seen, " ")
+    local throttle = helpers.write(helpers.tmpname(".sh"),
+      ("while kill -STOP %s 2>/dev/null; do sleep 0.2; kill -CONT %s; sleep 0.2; done; kill -CONT %s 2>/dev/null")
+        :format(all, all, all))
+    os.execute(("timeout 200 sh %s >/dev/null 2>&1 &"):format(throttle))
+    finally(function() os.execute("kill -CONT " .. all .. " 2>/dev/null") end)
+    os.execute(("curl -s -o /dev/null --max-time 200 http://127.0.0.1:%d/stuck"):format(port))
+    local ended
+    assert.is_true(helpers.wait_until(function()
+      local text = helpers.slurp(log)
+      ended = text:match("worker %d+ exited with code 70; starting another") or text:match("said nothing for [^\n]*")
+      return ended ~= nil
+    end, 200), helpers.slurp(log))
+    assert.matches("exited with code 70", ended)
+    assert.matches("it is stuck outside Lua code", helpers.slurp(log), 1, true)
+    assert.is_true(helpers.alive(pid))
+  end)
+
   it("a worker that drains (SIGTERM) is not killed for its silence; the stop ends as usual", function()
     local pid, _, log, seen = start("--worker-timeout 1")
     -- (its drain stands still: the stores' last writes, say; stopped first, or an idle worker's

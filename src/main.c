@@ -936,12 +936,57 @@ static int arm_for_vacant(const pid_t *pids, const double *due, long n) {
  * drains ('s', or the supervisor stops them all): the stores' last writes
  * come after its loop, and the second signal stops a stuck drain. Reaped, it
  * is replaced as any dead worker is. */
+/* The CPU seconds the loop's thread of a worker (its main thread) has used; -1 if unknown. */
+static double worker_loop_cpu(pid_t pid) {
+  char path[64], buf[1024];
+  snprintf(path, sizeof path, "/proc/%d/task/%d/stat", (int)pid, (int)pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t got = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (got <= 0) return -1;
+  buf[got] = '\0';
+  const char *p = strrchr(buf, ')'); /* (the name, in parentheses, may hold spaces) */
+  unsigned long long utime, stime;
+  /* after the name: the state, 5 numbers, 5 counts, then utime and stime (proc(5)) */
+  if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime) != 2) return -1;
+  long hz = sysconf(_SC_CLK_TCK);
+  return (double)(utime + stime) / (double)(hz > 0 ? hz : 100);
+}
+
+/* A silent worker whose loop runs on the CPU is judged by its CPU time, as
+ * the watchdog judges it: past --worker-timeout of wall time it is killed
+ * only once its loop stands still (it used no CPU over a second: frozen, or
+ * blocked in a C call) or has used --worker-timeout more of CPU time. On a
+ * busy machine (or a container's CPU quota) a loop stuck in a pattern had
+ * 30 s of wall time for the watchdog's 10.3 s of CPU and got a fifth of a
+ * core: it was killed as silent, with no word of where it was stuck, before
+ * the watchdog's own line (the default's promise). */
+#define SILENT_LOOK_SECONDS 1.0
+static double look_heard[256], look_at[256], look_cpu[256], look_mark[256];
+static pid_t look_pid[256];
+
+/* -> 1 if slot w's silent worker is still running on the CPU within its time */
+static int silent_but_running(long w, pid_t pid, double heard, double now) {
+  if (look_pid[w] != pid || look_heard[w] != heard) { /* the first look since it went silent */
+    look_pid[w] = pid, look_heard[w] = heard, look_at[w] = now;
+    look_cpu[w] = look_mark[w] = worker_loop_cpu(pid);
+    return look_cpu[w] >= 0; /* (judged at the next look) */
+  }
+  if (now - look_at[w] < SILENT_LOOK_SECONDS) return look_cpu[w] >= 0;
+  double cpu = worker_loop_cpu(pid);
+  int ran = cpu >= 0 && look_cpu[w] >= 0 && cpu > look_cpu[w];
+  look_at[w] = now, look_cpu[w] = cpu;
+  return ran && cpu - look_mark[w] < worker_timeout;
+}
+
 static void kill_silent(const pid_t *pids, const int *rfds, unsigned char *said, const double *heard, long n) {
   if (!(worker_timeout > 0) || supervisor_signal) return;
   double now = seconds_now();
   for (long w = 0; w < n; w++) {
     if (pids[w] <= 0 || rfds[w] < 0 || !(said[w] & (SAID_HEARD | SAID_LISTENING)) ||
-        (said[w] & (SAID_STOPPING | SAID_KILLED | SAID_UNWATCHED)) || now - heard[w] < worker_timeout)
+        (said[w] & (SAID_STOPPING | SAID_KILLED | SAID_UNWATCHED)) || now - heard[w] < worker_timeout ||
+        silent_but_running(w, pids[w], heard[w], now))
       continue;
     fprintf(stderr,
             PROGNAME ": gateway: worker %d said nothing for %.1f s (--worker-timeout=%g: stopped, or stuck where "
