@@ -2737,7 +2737,10 @@ print(ok, left, (b:try(1)))
         local dir = helpers.tmpname("-policies")
         assert(os.execute("mkdir -p " .. dir .. "/providers"))
         helpers.write(dir .. "/" .. case.file, "return {\n  oops oops\n}\n")
-        local r = helpers.run(("timeout -s KILL 5 %s gateway --listen 127.0.0.1:%d --policies %s --config %s --store %s")
+        -- (the bound is for a start that listens instead of failing: 60 s, not 5; an ASan build took
+        -- 1.7 s of wall time for 0.15 s of CPU to start and fail at a load of 17 on 2 cores)
+        local r = helpers.run(("timeout -s KILL 60 %s gateway --listen 127.0.0.1:%d --policies %s --config %s " ..
+          "--store %s")
           :format(helpers.resil, helpers.free_port(), dir, mock_config(m), helpers.tmpname(".db")))
         assert.are.equal(1, r.code, case.file .. ": " .. r.stdout .. r.stderr)
         assert.is_nil(r.stdout:match("listening"), case.file)
@@ -2791,7 +2794,10 @@ print(ok, left, (b:try(1)))
       local port = helpers.free_port()
       local pid, log = listening_gateway(port, first, m, pids)
       for _, second in ipairs({ 1, 2 }) do
-        local r = helpers.run(("timeout -s KILL 10 %s gateway --listen 127.0.0.1:%d --workers %d --config %s --store %s")
+        -- (60 s, not 10: the bound is for a second gateway that would serve instead of failing; an ASan
+        -- build's start, wall time, grows with the machine's load)
+        local r = helpers.run(("timeout -s KILL 60 %s gateway --listen 127.0.0.1:%d --workers %d --config %s " ..
+          "--store %s")
           :format(helpers.resil, port, second, mock_config(m), helpers.tmpname(".db")))
         local case = ("first --workers %d, second --workers %d: "):format(first, second)
         assert.are.equal(1, r.code, case .. r.stdout .. r.stderr)
