@@ -625,13 +625,18 @@ describe("a server going away", function()
     assert.is_true(reloaded)
     assert.are.same({}, outcomes.other)
     assert.are.equal(n, outcomes.ok + outcomes.retryable)
-    -- and the next request finds a live connection (one that meets a
-    -- connection the old worker is still closing fails retryably, as above)
-    local res, err = http.request({ url = origin .. "/fast", ca_file = ca })
-    if err and classify.outcome(nil, err).retryable then
+    -- and the next request finds a live connection: one that meets a
+    -- connection the old worker is still closing fails retryably, as above,
+    -- and is tried again. (Not once only: on a busy machine the old worker
+    -- may not yet have closed several of the connections kept open to it,
+    -- each met in turn; as many tries as connections are open, and one more.)
+    local tries = (http.stats().connections[origin] or 0) + 1
+    local res, err
+    for _ = 1, tries do
       res, err = http.request({ url = origin .. "/fast", ca_file = ca })
+      if not err or not classify.outcome(nil, err).retryable then break end
     end
-    assert.is_nil(err)
+    assert.is_nil(err, err and tries .. " tries: " .. tostring(err))
     assert.are.equal("2", res.http_version)
   end)
 end)
