@@ -1820,9 +1820,9 @@ end
 -- A job or speech call names an alias or a model: the registry picks the
 -- model (its first choice: deprecations and migrations apply), and the
 -- alias's deadline when the call sets none.
-local function through_registry(req, level)
+local function through_registry(req, level, anchor)
   if type(req) ~= "table" or type(req.model) ~= "string" then return req end
-  local plan = registry().resolve(req.model, req, level + 1)
+  local plan = registry().resolve(req.model, req, level + 1, nil, anchor)
   if plan.err then return nil, plan.err end
   local first = plan.choices[1]
   local model = first.model or (first.deployments and first.deployments[1].model)
@@ -1850,7 +1850,9 @@ local function through_jobs(fname)
     if not jobs or type(jobs[fname]) ~= "function" then
       error(("ai.%s: not available (policies.jobs is missing: %s)"):format(fname, tostring(why)), 2)
     end
-    local r, err, plan = through_registry(req, 2)
+    -- (a job resumed draws a migration's side as it did: its key)
+    local anchor = fname == "job" and type(jobs.resume_key) == "function" and jobs.resume_key(req) or nil
+    local r, err, plan = through_registry(req, 2, anchor)
     if r == nil then return nil, err end
     if not plan then return jobs[fname](r) end -- a tail call: misuse raises at the caller's line
     local res, jerr = jobs[fname](r)

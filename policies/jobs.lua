@@ -254,6 +254,14 @@ local function durable_key(spec)
   return ("%s@%d"):format(key, c._step_seq), (c._step_nth or 1) == 1 and key or nil
 end
 
+-- The name a job keeps across resumes, for what is decided before it is made: the side of a
+-- migration an alias draws (policies.ai). nil: nothing resumes it (no key, outside a step).
+function jobs.resume_key(spec)
+  if type(spec) ~= "table" or type(spec.model) ~= "string" then return nil end
+  local ok, key = pcall(durable_key, spec) -- (an input that cannot be sent: jobs.job says so)
+  return ok and key or nil
+end
+
 local warned = {}
 local function warn_unpriced(model, why)
   if warned[model] then return end

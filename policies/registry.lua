@@ -798,15 +798,18 @@ local function point_of(alias, key)
 end
 registry.point_of = point_of
 
-local function side_for(alias, e, req)
+local function side_for(alias, e, req, anchor)
   local m = e.migrate
   if m.share >= 1 then return "new", nil end
   local st = registry.migration_state(alias)
   if st.share <= 0 then return "old", st end
   -- (sticky = false: each call draws. A gateway's `user` is the key's name, so a share of a
-  -- gateway's calls is a share of its keys: with one key, all of them or none)
+  -- gateway's calls is a share of its keys: with one key, all of them or none. A call made again
+  -- as itself, a job resumed (`anchor`), lands where it did: drawn again, a resumed run took the
+  -- other version, and made and paid a second job beside the one it had made)
   local key = m.sticky ~= false and type(req) == "table" and req[m.sticky or "user"] or nil
-  local u = key ~= nil and point_of(alias, key) or registry.random()
+  local u = key ~= nil and point_of(alias, key) or anchor ~= nil and point_of(alias, "\0" .. anchor)
+    or registry.random()
   return u < st.share and "new" or "old", st
 end
 
@@ -945,7 +948,7 @@ local function expand(name, req, plan, depth)
     local function add_all(more) for _, c in ipairs(more) do list[#list + 1] = c end end
     -- a migration met on the way to the first target (not in a fallback) picks the side
     if e.migrate and not plan.migration and not plan.in_fallback then
-      local side, st = side_for(name, e, req)
+      local side, st = side_for(name, e, req, plan.anchor)
       plan.migration = { alias = name, side = side, from = e.use, to = e.migrate.to,
         rolled_back = st and st.rolled_back ~= nil or nil,
         entry = e } -- its outcome counts for this entry, though a reload edits it meanwhile
@@ -1060,7 +1063,8 @@ end
 -- a model past its sunset with no replacement is returned as plan.err.
 -- A plan is shared by the calls that get it: read it, never change it.
 -- listing: not a call (GET /v1/models asks what a name serves): not counted as one.
-function registry.resolve(name, req, level, listing)
+-- anchor: a call's own name across its resumes (a job's key): its migration side is drawn by it.
+function registry.resolve(name, req, level, listing, anchor)
   level = level or 2
   if type(name) ~= "string" then error("model must be a string: an alias or \"provider/model\"", level) end
   local t = now()
@@ -1073,8 +1077,9 @@ function registry.resolve(name, req, level, listing)
     if plan.unpinned and not listing then count_unpinned(plan) end
     return plan
   end
-  plan = {}
+  plan = { anchor = anchor }
   local ok, choices = pcall(expand, name, req, plan, 0)
+  plan.anchor = nil
   if not ok then
     if type(choices) == "table" and choices.kind then plan.err = choices return plan end
     error(choices, level)

@@ -284,6 +284,43 @@ describe("ai.job on Replicate", function()
       assert.are.equal(2, m:stats().routes.predictions)
       assert.are.equal("mock" .. m.instance .. "00001", ids[1])
     end)
+
+    -- (before: the side was drawn again at each call: a resumed run that drew the other version had
+    -- another job's key, and made and paid a second job beside the first, which ran on unrecorded)
+    it("an alias migrating without a sticky value: a resumed run draws the side it drew, and follows its job",
+      function()
+      local ai = require "policies.ai"
+      local registry = require "policies.registry"
+      local saved = registry.random
+      finally(function() registry.random = saved; registry.use() end)
+      registry.use({ img = { use = FLUX, migrate = { to = "replicate/black-forest-labs/flux-dev", share = 0.5,
+        sticky = false } } })
+      m = resil.mock.start({ jobs = { duration = 10 } })
+      use(m.url)
+      resil.store_config({ run = "canary" })
+      local function render()
+        return resil.step("render", function()
+          local r = assert(ai.job({ model = "img", input = { prompt = "a lighthouse" } }))
+          return r.id .. " " .. r.model
+        end)
+      end
+      local draws = { 0.1, 0.9 } -- the first run on one side of the share, the resumed one on the other
+      registry.random = function() return table.remove(draws, 1) end
+      local t = resil.spawn(render)
+      resil.sleep(2)
+      t:cancel() -- (a crash while the job runs)
+      resil.run.finish("interrupted")
+      assert.are.equal(1, m:stats().routes.predictions)
+      assert.matches("^mock" .. m.instance .. "00001 ", render())
+      assert.are.equal(1, m:stats().routes.predictions) -- followed, not made again
+      -- with a key of its own, outside a run, likewise: the same job again, not 'key_reused'
+      draws = { 0.1, 0.9 }
+      local a = assert(ai.job({ model = "img", input = { prompt = "a fox" }, key = "fox-1" }))
+      local b = assert(ai.job({ model = "img", input = { prompt = "a fox" }, key = "fox-1" }))
+      assert.are.equal(a.id, b.id)
+      assert.are.equal(a.model, b.model)
+      assert.are.equal(2, m:stats().routes.predictions)
+    end)
   end)
 
   it("records the time a job canceled at its deadline ran, for a model billed per second", function()
