@@ -1855,7 +1855,14 @@ local function through_jobs(fname)
     local r, err, plan = through_registry(req, 2, anchor)
     if r == nil then return nil, err end
     if not plan then return jobs[fname](r) end -- a tail call: misuse raises at the caller's line
+    local start = resil.now()
     local res, jerr = jobs[fname](r)
+    -- its outcome counts for its side of a migration, as a chat's does (uncounted, a canary whose
+    -- every job failed was never rolled back)
+    if plan.migration then
+      local class = type(jerr) == "table" and (jerr.class or jerr.kind) or (jerr ~= nil and "unknown" or nil)
+      registry().record(plan.migration, { ok = res ~= nil, class = class, seconds = resil.now() - start })
+    end
     return with_plan(res, jerr, plan)
   end
 end

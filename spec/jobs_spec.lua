@@ -556,6 +556,36 @@ describe("ai.job on Replicate", function()
     assert.is_true(resil.now() - t0 >= 4)
     assert.are.equal(2, m:stats().statuses["429"]) -- the probe and the job's first create
   end)
+
+  -- (before: a job's outcome was never counted for its alias's migration: a canary whose every job
+  -- failed was never rolled back, and went on failing its share of the calls)
+  it("a job through a migrating alias counts for its side: a canary whose jobs fail is rolled back", function()
+    local ai = require "policies.ai"
+    local registry = require "policies.registry"
+    local saved = registry.random
+    finally(function() registry.random = saved; registry.use() end)
+    registry.use({ video = { use = FLUX, migrate = { to = "replicate/black-forest-labs/flux-dev", share = 0.5,
+      sticky = false, rollback = { error_rate = 0.05, min_calls = 4 } } } })
+    local n = 0
+    registry.random = function() n = n + 1 return n % 2 == 1 and 0.1 or 0.9 end -- new, old, new, old, ...
+    m = resil.mock.start({ jobs = { polls = 0, fates = { "failed", "succeeded", "failed", "succeeded", "failed",
+      "succeeded", "failed", "succeeded" } } })
+    use(m.url)
+    helpers.logged(function()
+      for i = 1, 8 do
+        local r, err = ai.job({ model = "video", input = { prompt = "a cat " .. i }, attempts = 1 })
+        if i % 2 == 1 then assert.are.equal("job_failed", err.kind) else assert.are.equal(FLUX, r.model) end
+      end
+    end)
+    local st = registry.migration_state("video")
+    assert.are.equal(0, st.share)
+    assert.are.equal("error_rate", st.rolled_back and st.rolled_back.reason)
+    assert.are.equal(4, st.rolled_back.new_calls)
+    -- rolled back: every job goes to the old version
+    local r = assert(ai.job({ model = "video", input = { prompt = "a dog" } }))
+    assert.are.equal(FLUX, r.model)
+    assert.are.equal("old", r.migration.side)
+  end)
 end)
 
 describe("ai.job on the fal queue", function()
