@@ -1142,8 +1142,8 @@ function registry.problems(entries, opts)
   local function check_model(key, what, m, need_pinned, pinned_here)
     if entries[m] and (entries[m].use or entries[m].deployments) then return end
     local p, name = split(m)
-    if not p then
-      if not entries[m] then add("error", key, "%s '%s' is neither an alias nor \"provider/model\"", what, m) end
+    if not p then -- (a deprecation's key names no provider either: a call naming it raised)
+      add("error", key, "%s '%s' is neither an alias nor \"provider/model\"", what, m)
       return
     end
     if opts.provider_known and not opts.provider_known(p) then

@@ -202,6 +202,24 @@ return {
       .. "seconds}, seconds > 0", r.stdout)
   end)
 
+  -- (before: 0 errors, and every call of the alias raised "must name its provider": the name is a
+  -- deprecation's key, which names a model without its provider)
+  it("an alias or fallback naming a deprecation by its key without a provider is an error", function()
+    helpers.write(dir .. "/policies/models.lua", [[
+return {
+  ["chat-old"] = { use = "gpt-4o-2024-05-13" },
+  ["chat-safe"] = { use = "openai/gpt-4o-mini-2024-07-18", fallbacks = { "gpt-4o-2024-05-13" } },
+  ["gpt-4o-2024-05-13"] = { deprecated = true, replacement = "openai/gpt-4o-2024-08-06", sunset = "2099-06-30" },
+}
+]])
+    local r = check()
+    assert.are.equal(1, r.code, r.stdout)
+    assert.matches("error: policies/models%.lua:2: model 'chat%-old': use 'gpt%-4o%-2024%-05%-13' is neither an "
+      .. "alias nor \"provider/model\"", r.stdout)
+    assert.matches("error: policies/models%.lua:3: model 'chat%-safe': fallback 'gpt%-4o%-2024%-05%-13' is neither "
+      .. "an alias nor \"provider/model\"", r.stdout)
+  end)
+
   it("checks the registry file given, and exits 0 when it only warns", function()
     helpers.write(dir .. "/staging-models.lua", 'return { fast = { use = "openai/gpt-4o" } }\n')
     os.rename(dir .. "/staging-models.lua", dir .. "/models.lua")
