@@ -165,6 +165,23 @@ for _, rule in ipairs({
                 breaker = true } },
 }) do classify.bodies[#classify.bodies + 1] = rule end
 
+-- What a job or speech provider's error body says, for the error's message: Replicate's and fal's
+-- `detail` (a string, or FastAPI's list of { loc =, msg = }), ElevenLabs' `detail.message`. (Without
+-- it a version the provider stopped serving, an input refused or a voice gone said "HTTP 422".)
+local function detail_said(body)
+  local d = type(body) == "table" and body.detail
+  if type(d) == "table" and type(d.message) == "string" then d = d.message end
+  if type(d) == "table" and type(d[1]) == "table" and type(d[1].msg) == "string" then
+    local loc = {}
+    for _, part in ipairs(type(d[1].loc) == "table" and d[1].loc or {}) do
+      if type(part) == "string" or math.type(part) then loc[#loc + 1] = tostring(part) end
+    end
+    d = (#loc > 0 and (table.concat(loc, ".") .. ": ") or "") .. d[1].msg
+  end
+  if type(d) ~= "string" or d == "" then return nil end
+  return #d > 200 and (d:sub(1, 200) .. "...") or d
+end
+
 -- Anything no rule names: one retry.
 classify.unknown = { class = "unknown", retryable = true, backoff = "exponential", max_retries = 1 }
 
@@ -298,7 +315,7 @@ function classify.outcome(res, err, opts)
     end
   end
   if not v then
-    local message = error_field(body, "message")
+    local message = error_field(body, "message") or detail_said(body)
     v = verdict_of(status_rule(status), ("HTTP %d%s"):format(status, message and (": " .. tostring(message)) or ""),
       status, nil, retry_after)
   end

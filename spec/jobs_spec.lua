@@ -927,6 +927,34 @@ describe("the mock's job APIs reject what the real ones reject", function()
   end)
 end)
 
+-- (before: "HTTP 422", "HTTP 404": a version the provider stopped serving, an input it refused, a
+-- voice that is gone said nothing more, what the provider's body said dropped)
+describe("a job or speech the provider refuses", function()
+  local m
+  before_each(function() resil.clock.virtual(); fresh_store() end)
+  after_each(function() if m then m:stop() end; m = nil end)
+
+  it("says what the provider said, sent once", function()
+    m = resil.mock.start({ jobs = { polls = 0, errors = {
+      predictions = { { status = 422, detail = "Invalid version or not permitted" } },
+      fal_submit = { { status = 422, detail = { { loc = { "body", "prompt" }, msg = "Field required",
+        type = "missing" } } } },
+      tts = { { code = "voice_not_found" } } } } })
+    use(m.url)
+    local _, err = jobs.job({ model = FLUX .. ":5c7d5dc6", input = { prompt = "a cat" } })
+    assert.are.equal("bad_request", err.kind)
+    assert.matches("HTTP 422: Invalid version or not permitted", err.message, 1, true)
+    _, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { image_size = "square" } })
+    assert.are.equal("bad_request", err.kind)
+    assert.matches("HTTP 422: body.prompt: Field required", err.message, 1, true)
+    _, err = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "gone", text = "hello" })
+    assert.are.equal("not_found", err.kind)
+    assert.matches("HTTP 404: A voice with the voice_id was not found.", err.message, 1, true)
+    local routes = m:stats().routes
+    assert.are.same({ 1, 1, 1 }, { routes.predictions, routes.fal_submit, routes.tts })
+  end)
+end)
+
 describe("ai.job and ai.speech keys", function()
   it("name the missing variable before any request is sent", function()
     local m = resil.mock.start({})
