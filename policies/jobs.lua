@@ -45,7 +45,9 @@ jobs.defaults = {
   retry = { base = 0.5, cap = 20 },
 }
 
-jobs.config = { replicate = {}, fal = {}, elevenlabs = {} }
+-- (kept across a policy reload, as ai.configure's: a reload loaded this module afresh, and ai.job
+-- asked for the key's variable, or sent the job with it to the provider's default base_url)
+jobs.config = resil.keep("policies.jobs.config", function() return { replicate = {}, fal = {}, elevenlabs = {} } end)
 
 local providers = {} -- name -> call.provider, built on first use
 
@@ -69,7 +71,10 @@ function jobs.configure(name, conf)
   end
   why = bad_base(conf.base_url)
   if why then error(("jobs.configure: %s's base_url must be an http(s) URL, not %s"):format(name, why), 2) end
+  local before = jobs.config[name]
   jobs.config[name] = conf
+  -- (one table for every version: a reload that fails after this puts it back)
+  require("resil.if_reload_fails")(function() jobs.config[name] = before end)
   providers[name] = nil
 end
 

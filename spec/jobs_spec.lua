@@ -971,6 +971,28 @@ print(e1.message)]]))
     m:stop()
   end)
 
+  -- (before: a reload loaded policies.jobs afresh, its configuration empty: ai.job asked for the
+  -- variable (missing_key), or sent the job with it to the provider's default base_url)
+  it("given by jobs.configure are kept across a policy reload, as ai.configure's", function()
+    local r = helpers.run(("env -u REPLICATE_API_TOKEN %s --log-level off -e '%s'"):format(helpers.resil, [[
+local resil = require "resil"
+local ai = require "policies.ai"
+local jobs = require "policies.jobs"
+resil.clock.virtual()
+local m = resil.mock.start({ jobs = { polls = 0 } })
+jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = "r8_spec_token_0001" })
+local function job()
+  local r, err = ai.job({ model = "replicate/black-forest-labs/flux-schnell", input = { prompt = "a" } })
+  return r and "made" or tostring(err)
+end
+print(job())
+assert(resil.reload())
+print(job())
+print(m:stats().routes.predictions)
+m:stop()]]))
+    assert.are.equal("made\nmade\n2\n", r.stdout, r.stderr)
+  end)
+
   it("raise at the caller's line for misuse: a model no provider serves, no input, no text", function()
     local ok, err = pcall(function() local r = jobs.job({ model = "nobody/x", input = {} }); return r end)
     assert.is_false(ok)
