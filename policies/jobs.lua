@@ -621,6 +621,12 @@ end
 -- resumed (with resil.once's 24 h, a run interrupted on a Friday and resumed on the Monday made
 -- its job again, the first one paid for and never in the ledger).
 local JOB_RETENTION = 365 * 86400
+-- an answer that says no job was made: a status of refusal the call does not try again (not a
+-- gateway's 502, 504 or 524, whose upstream may have made it, nor a timeout, which has no status)
+local function refused(e)
+  return type(e) == "table" and e.retryable == false and math.type(e.status) == "integer" and e.status >= 400
+    and not MAY_BE_MADE[e.status]
+end
 -- legacy: the key versions before gave the job (durable_key); a job made under it by a run
 -- interrupted across the upgrade is followed, not made again (only read: nothing is written there)
 local function create(ctx, akey, g, legacy)
@@ -630,8 +636,17 @@ local function create(ctx, akey, g, legacy)
     local found, handle, err = resil.once_replay({ key = "ai.job:" .. legacy, fingerprint = fp })
     if found then return handle, err end
   end
-  return resil.once({ key = "ai.job:" .. akey, fingerprint = fp, retention = JOB_RETENTION },
-    function() return make_guarded(ctx, g) end)
+  local handle, err = resil.once({ key = "ai.job:" .. akey, fingerprint = fp, retention = JOB_RETENTION },
+    function()
+      local h, e = make_guarded(ctx, g)
+      -- a create the provider refused made no job: its failure is not kept under the key (a
+      -- permanent one was, and every resume of the run, the credit added or the token fixed,
+      -- failed at its step again with nothing sent), but given back for another try
+      if h == nil and refused(e) then return nil, { refused = e, retryable = true } end
+      return h, e
+    end)
+  if handle == nil and type(err) == "table" and err.refused ~= nil then return nil, err.refused end
+  return handle, err
 end
 
 -- A call under a key that ended failing (its attempts spent) leaves a mark at the attempt after its

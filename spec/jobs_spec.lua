@@ -285,6 +285,30 @@ describe("ai.job on Replicate", function()
       assert.are.equal("mock" .. m.instance .. "00001", ids[1])
     end)
 
+    -- (before: the refusal was kept under the job's key as a permanent failure: every resume of the
+    -- run, once the credit was added or the token fixed, failed at its step again, nothing sent)
+    it("a create the provider refused (no credit, a bad token) is sent again when the run is resumed", function()
+      m = resil.mock.start({ jobs = { polls = 0, errors = { predictions = { 402, 401 } } } })
+      use(m.url)
+      resil.store_config({ run = "refused" })
+      local function render()
+        return resil.step("render", function()
+          local r, err = jobs.job({ model = FLUX, input = { prompt = "a lighthouse" } })
+          if not r then return nil, err end
+          return r.id
+        end)
+      end
+      local _, err = render()
+      assert.are.equal("quota_exceeded", err.kind)
+      resil.run.finish("failed")
+      _, err = render() -- (the credit added, the token now wrong)
+      assert.are.equal("auth", err.kind)
+      resil.run.finish("failed")
+      assert.are.equal("mock" .. m.instance .. "00001", render()) -- (the token fixed)
+      assert.are.equal(3, m:stats().routes.predictions)
+      assert.are.equal(1, m:stats().billed.jobs)
+    end)
+
     -- (before: the side was drawn again at each call: a resumed run that drew the other version had
     -- another job's key, and made and paid a second job beside the first, which ran on unrecorded)
     it("an alias migrating without a sticky value: a resumed run draws the side it drew, and follows its job",
