@@ -691,6 +691,11 @@ local function options(ctx, spec)
   attempts = checked(attempts, type(attempts) == "number" and math.tointeger(attempts) and attempts >= 1,
     "attempts must be a whole number >= 1")
   checked(spec.wait, spec.wait == nil or is_seconds(spec.wait, 0), "wait must be a number of seconds >= 0")
+  -- (a table, `key = item` for `item.id`, was keyed by its address, another in the resumed run,
+  -- which made and paid the job again; "" was one key for every call that gave it)
+  local k = spec.key
+  checked(k, k == nil or type(k) == "string" and k ~= "" or type(k) == "number" and k == k and k > -math.huge
+    and k < math.huge, "key must be a non-empty string or a number")
   local poll = option(ctx.conf, nil, "poll")
   checked(poll, type(poll) == "table", "poll must be a table { first =, factor =, max = }")
   checked(poll.first, poll.first == nil or is_seconds(poll.first, 0) and poll.first > 0,

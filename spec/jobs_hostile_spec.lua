@@ -96,7 +96,10 @@ describe("job options that cannot be meant", function()
     local cases = { { deadline = 0 / 0 }, { deadline = "soon" }, { deadline = -5 }, { attempts = 0 },
       { attempts = 0 / 0 }, { attempts = 1.5 }, { attempts = math.huge }, { attempts = "2" }, { wait = "x" },
       { wait = 0 / 0 }, { poll = { first = 0 } }, { poll = { factor = 0.5 } }, { poll = { max = 0 / 0 } },
-      { poll = "fast" } }
+      { poll = "fast" },
+      -- (a key that is a table, `key = item` for `item.id`, was its address: another in the resumed
+      -- run, which made and paid the job again; "" was one key for every such call)
+      { key = { id = 1 } }, { key = "" }, { key = print }, { key = 0 / 0 } }
     for _, case in ipairs(cases) do
       local m = resil.mock.start({ jobs = { stuck = 1, errors = { prediction = reads } } })
       finally(function() m:stop() end)
