@@ -767,7 +767,9 @@ end)
 describe("gateway: a config that loops", function()
   it("stops the gateway with a message naming the file, instead of never listening", function()
     local config = helpers.write(helpers.tmpname(".lua"), "local n = 0\nwhile true do n = n + 1 end\n")
-    local r = helpers.run(("timeout -s KILL 20 %s gateway --listen 127.0.0.1:%d --config %s --store %s"):format(
+    -- (the bound is for a gateway that never stops: 120 s, not 20; the config's 200,000,000 instructions
+    -- took past 20 s of wall time on 2 cores at a load of 10)
+    local r = helpers.run(("timeout -s KILL 120 %s gateway --listen 127.0.0.1:%d --config %s --store %s"):format(
       helpers.resil, helpers.free_port(), config, helpers.tmpname(".db")))
     assert.are.equal(1, r.code, r.stderr)
     assert.matches("the config " .. config:gsub("%p", "%%%0") .. " ran more than 200000000 instructions", r.stderr)
