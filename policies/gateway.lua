@@ -630,6 +630,12 @@ local function not_object_message(decode_err)
   if decode_err ~= nil and tostring(decode_err):find("too many nested", 1, true) then
     return "the body is nested more than 1000 levels deep"
   end
+  -- (and one that is no JSON, an object cut short or with a lone UTF-16 surrogate escape such as a
+  -- JavaScript client's text sliced inside an emoji sends, says why and where: it was "not a JSON object")
+  if decode_err ~= nil then
+    local why = type(decode_err) == "table" and decode_err.message or tostring(decode_err)
+    return "the request body is not valid JSON: " .. tostring(why)
+  end
   return "the body is not a JSON object"
 end
 

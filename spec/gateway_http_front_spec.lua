@@ -83,5 +83,22 @@ describe("the gateway's HTTP front: bodies that are JSON but not an object", fun
       if case[2] == "openai" then assert.are.equal("invalid_json", err.code) end
       assert.are.equal(0, m:stats().total)
     end)
+    -- (before: an object cut short, or one whose string holds a lone UTF-16 surrogate escape, as a
+    -- JavaScript client's text sliced inside an emoji is sent, was told "the body is not a JSON object")
+    it(case[1] .. ": an object that is not valid JSON is a 400 saying so, and where", function()
+      local url, m = start({ auth = false })
+      for _, c in ipairs({
+        { '{"model":"fast","messages":[{"role":"user","content":"hi"}]', "found T_END at character" },
+        { '{"model":"fast","messages":[{"role":"user","content":"cut \\ud83d"}]}', "invalid unicode escape code at character" },
+      }) do
+        local res = post(url .. case[1], c[1])
+        assert.are.equal(400, res.status, c[1])
+        local err = json.decode(res.body).error
+        assert.matches("^the request body is not valid JSON: ", err.message, 1)
+        assert.is_truthy(err.message:find(c[2], 1, true), err.message)
+        if case[2] == "openai" then assert.are.equal("invalid_json", err.code) end
+      end
+      assert.are.equal(0, m:stats().total)
+    end)
   end
 end)
