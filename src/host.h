@@ -380,6 +380,42 @@ void wal_syncer_request(wal_syncer *s, int checkpoint); /* done(arg, errno or 0)
 int wal_syncer_sync_now(wal_syncer *s); /* the same, blocking: -> 0 | errno */
 void wal_syncer_free(wal_syncer *s);
 
+/* sql_reader.c: a SQLite store's reads that may scan without bound, on a thread of its own with a
+ * connection of its own, a chunk of rows at a time */
+typedef struct sql_reader sql_reader;
+typedef struct sql_value {
+  int type; /* SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT (s, n: a blob too) or SQLITE_NULL */
+  long long i;
+  double d;
+  char *s;
+  int n;
+} sql_value;
+typedef struct sql_read sql_read;
+struct sql_read {
+  char *sql;
+  sql_value *args; /* nargs of them, filled by the caller before the first submit (s: malloc'd, freed here) */
+  int nargs, chunk;
+  void (*done)(sql_read *r); /* on the loop: the chunk below is the caller's until it submits again */
+  void *arg;
+  task *t; /* the task that waits for it, if any */
+  /* the chunk: nrows rows of ncols values (names[c]); more: rows follow; rc != 0: failed (errmsg) */
+  int ncols, nrows, more, rc;
+  char **names;
+  sql_value *vals;
+  char *errmsg;
+  /* the reader's */
+  struct sqlite3_stmt *st;
+  atomic_int canceled;
+  int state;
+  sql_read *next, *all_next, *all_prev;
+};
+sql_reader *sql_reader_new(struct event_base *base, const char *path, double timeout, int *pending);
+sql_read *sql_read_new(sql_reader *rd, const char *sql, int nargs, int chunk); /* NULL: out of memory */
+void sql_read_submit(sql_reader *rd, sql_read *r);
+void sql_read_drop(sql_reader *rd, sql_read *r);
+int sql_reader_busy(const sql_reader *rd); /* reads someone still wants */
+void sql_reader_free(sql_reader *rd);
+
 /* openers, one per primitive */
 int luaopen_resil_error(lua_State *L);
 int luaopen_resil_loop(lua_State *L);

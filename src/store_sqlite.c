@@ -130,6 +130,7 @@ typedef struct store_db {
   int page_size;         /* the file's (a WAL frame is that and 24 bytes) */
   int room_checked_at;   /* the WAL's frames when the disk's free room was last looked at */
   int short_of_room;     /* too little of it for the WAL to reach CHECKPOINT_FRAMES (count_frames) */
+  sql_reader *reader;    /* db:scan's thread, from its first read (sql_reader.c) */
 } store_db;
 
 static store_db *check_db(lua_State *L, int idx) {
@@ -1367,6 +1368,126 @@ static int db_stats(lua_State *L) {
   return 1;
 }
 
+/* ---------- reads off the loop ---------- */
+
+/* rows a chunk of db:scan brings to the loop at a time: the loop converts and hands them to `each`
+ * in one go (some ms at most), then goes on while the thread reads the next */
+#define SCAN_CHUNK 2000
+
+static int scan_k(lua_State *L, int status, lua_KContext ctx);
+
+static void scan_done(sql_read *r) { task_wake(r->t); }
+
+static void scan_drop(void *arg) {
+  sql_read *r = arg;
+  sql_read_drop(((store_db *)r->arg)->reader, r);
+}
+
+static const task_wait_ops scan_wait_ops = {scan_drop, scan_drop, NULL};
+
+static int scan_wait(lua_State *L, store_db *d, sql_read *r) {
+  sql_read_submit(d->reader, r);
+  task_wait(r->t, &scan_wait_ops, r);
+  return lua_yieldk(L, 0, (lua_KContext)r, scan_k);
+}
+
+static int scan_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  sql_read *r = (sql_read *)ctx;
+  store_db *d = r->arg;
+  if (r->rc) {
+    int rc = r->rc;
+    lua_pushstring(L, r->errmsg ? r->errmsg : sqlite3_errstr(rc));
+    sql_read_drop(d->reader, r);
+    switch (rc & 0xff) { /* as sql_failed: trouble from the world, or a bug in the SQL */
+    case SQLITE_READONLY: case SQLITE_IOERR: case SQLITE_CORRUPT: case SQLITE_NOTADB: case SQLITE_FULL:
+    case SQLITE_CANTOPEN: case SQLITE_BUSY: case SQLITE_LOCKED: case SQLITE_NOMEM: case SQLITE_PERM:
+    case SQLITE_PROTOCOL: {
+      int pushed = resil_error_result(L, "store_unavailable", "store %s: %s", d->path ? d->path : "?",
+                                      lua_tostring(L, -1));
+      lua_pushboolean(L, (rc & 0xff) == SQLITE_BUSY);
+      lua_setfield(L, -2, "busy");
+      return pushed;
+    }
+    default: return luaL_error(L, "store %s: %s", d->path ? d->path : "?", lua_tostring(L, -1));
+    }
+  }
+  for (int i = 0; i < r->nrows; i++) {
+    const sql_value *row = r->vals + (size_t)i * (size_t)r->ncols;
+    lua_pushvalue(L, 3);
+    lua_createtable(L, 0, r->ncols);
+    for (int c = 0; c < r->ncols; c++) {
+      const sql_value *v = &row[c];
+      if (v->type == SQLITE_NULL) continue;
+      if (v->type == SQLITE_INTEGER) lua_pushinteger(L, v->i);
+      else if (v->type == SQLITE_FLOAT) lua_pushnumber(L, v->d);
+      else lua_pushlstring(L, v->s, (size_t)v->n);
+      lua_setfield(L, -2, r->names[c]);
+    }
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+      sql_read_drop(d->reader, r);
+      return lua_error(L);
+    }
+  }
+  if (r->more && d->reader) return scan_wait(L, d, r);
+  if (d->reader) sql_read_drop(d->reader, r);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* db:scan(sql, each, ...) -> true | nil, err{kind="store_unavailable"}: one SELECT, run on a thread
+ * of the store's own with a connection of its own (sql_reader.c), each(row) called on the loop for
+ * every row, a chunk at a time, in one snapshot. In a task (which waits meanwhile); each cannot
+ * yield, and what it raises ends the read. For reads that may scan without bound (the ledger's
+ * sums, its rows, the runs): on the loop (db:read) they held every other task of the process up. */
+static int db_scan(lua_State *L) {
+  store_db *d = check_db(L, 1);
+  const char *sql = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  task *t = task_current(L, "store reads");
+  int nargs = lua_gettop(L) - 3;
+  for (int i = 4; i <= lua_gettop(L); i++) {
+    int ty = lua_type(L, i);
+    if (ty != LUA_TNIL && ty != LUA_TBOOLEAN && ty != LUA_TNUMBER && ty != LUA_TSTRING)
+      return luaL_error(L, "store: cannot bind a %s (parameter %d)", luaL_typename(L, i), i - 3);
+  }
+  if (!d->reader && !(d->reader = sql_reader_new(d->R->base, d->path, d->timeout, &d->R->disk_pending)))
+    return luaL_error(L, "store %s: cannot start its reader thread", d->path);
+  sql_read *r = sql_read_new(d->reader, sql, nargs, SCAN_CHUNK);
+  if (!r) return luaL_error(L, "out of memory");
+  for (int i = 0; i < nargs; i++) {
+    sql_value *v = &r->args[i];
+    int at = 4 + i;
+    switch (lua_type(L, at)) {
+    case LUA_TBOOLEAN: v->type = SQLITE_INTEGER, v->i = lua_toboolean(L, at); break;
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, at)) v->type = SQLITE_INTEGER, v->i = lua_tointeger(L, at);
+      else v->type = SQLITE_FLOAT, v->d = lua_tonumber(L, at);
+      break;
+    case LUA_TSTRING: {
+      size_t len;
+      const char *s = lua_tolstring(L, at, &len);
+      v->type = SQLITE_TEXT;
+      v->n = (int)len;
+      v->s = malloc(len + 1);
+      if (!v->s) {
+        v->type = SQLITE_NULL;
+        sql_read_drop(d->reader, r);
+        return luaL_error(L, "out of memory");
+      }
+      memcpy(v->s, s, len + 1);
+      break;
+    }
+    default: v->type = SQLITE_NULL;
+    }
+  }
+  r->done = scan_done;
+  r->arg = d;
+  r->t = t;
+  lua_settop(L, 3);
+  return scan_wait(L, d, r);
+}
+
 /* Closing with detached ops still queued (db:enqueue; a gateway stopped
  * mid-traffic, another process holding the write lock): they are written
  * now, waiting for the lock inside SQLite up to the timeout, since nobody
@@ -1418,6 +1539,8 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
 static void db_close_all(lua_State *L, store_db *d) {
   if (!d->db) return;
   commit_detached_at_close(L, d);
+  sql_reader_free(d->reader); /* (reads still wanted: their tasks never resume, the host closes) */
+  d->reader = NULL;
   /* the host closing (resil_close) with tasks waiting for their ops (a step's checkpoint): not
    * written, as those tasks never run again; freed here, as nothing else would free them */
   if (d->R->closing) {
@@ -1487,6 +1610,7 @@ static int db_close(lua_State *L) {
   store_db *d = luaL_checkudata(L, 1, DB_MT);
   for (op *o = d->head; o; o = o->next)
     if (!o->detached) return luaL_error(L, "store: close with operations pending");
+  if (sql_reader_busy(d->reader)) return luaL_error(L, "store: close with reads pending");
   db_close_all(L, d);
   return 0;
 }
@@ -1767,6 +1891,7 @@ static const luaL_Reg db_methods[] = {{"tx", db_tx},         {"commit_only", db_
                                       {"enqueue", db_enqueue},
                                       {"row_statement", db_row_statement}, {"insert_later", db_insert_later},
                                       {"now", db_now},       {"read", db_read},
+                                      {"scan", db_scan},
                                       {"queued", db_queued},
                                       {"blocking", db_blocking}, {"stats", db_stats},
                                       {"close", db_close},   {NULL, NULL}};
