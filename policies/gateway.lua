@@ -1770,6 +1770,18 @@ local function model_object(m, api)
   return { id = m.id, object = "model", created = 0, owned_by = m.owned_by }
 end
 
+-- a query string's arguments -> { name = value } (percent-decoded, "+" a space; the last of a
+-- name given twice)
+local function query_args(query)
+  local args = {}
+  local function decode(v) return (v:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+  for pair in tostring(query or ""):gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    args[decode(k)] = decode(v)
+  end
+  return args
+end
+
 local function models_api(req) return req.headers["anthropic-version"] and "anthropic" or "openai" end
 
 -- GET /v1/models
@@ -1778,11 +1790,32 @@ local function models(req)
   local rec, refused = authenticate(req, api)
   if not rec then return refused end
   local data = model_list(rec)
-  for i, m in ipairs(data) do data[i] = model_object(m, api) end
   if api == "anthropic" then
-    return { status = 200, body = json.encode({ data = setmetatable(data, json.array_mt), has_more = false,
-      first_id = data[1] and data[1].id or null, last_id = data[#data] and data[#data].id or null }) }
+    -- a page of the list, sorted by id, as the API pages it (limit 1-1000, 20 by default;
+    -- after_id or before_id the cursor): its SDK's list({limit}) read every model on one page
+    -- whatever the limit, and a before_id got the whole list again
+    local q = query_args(req.query)
+    local limit = q.limit == nil and 20 or tonumber(q.limit)
+    if not limit or limit ~= math.floor(limit) or limit < 1 or limit > 1000 then
+      return error_reply(api, 400, "limit: Input should be an integer between 1 and 1000")
+    end
+    local after, before = q.after_id ~= "" and q.after_id or nil, q.before_id ~= "" and q.before_id or nil
+    if after and before then
+      return error_reply(api, 400, "after_id and before_id cannot both be set")
+    end
+    local kept = {}
+    for _, m in ipairs(data) do
+      if (not after or m.id > after) and (not before or m.id < before) then kept[#kept + 1] = m end
+    end
+    local first, last = 1, math.min(#kept, limit)
+    if before then first, last = math.max(1, #kept - limit + 1), #kept end -- (the models just before it)
+    local page = {}
+    for i = first, last do page[#page + 1] = model_object(kept[i], api) end
+    local more = before and first > 1 or not before and last < #kept
+    return { status = 200, body = json.encode({ data = setmetatable(page, json.array_mt), has_more = more,
+      first_id = page[1] and page[1].id or null, last_id = page[#page] and page[#page].id or null }) }
   end
+  for i, m in ipairs(data) do data[i] = model_object(m, api) end
   return { status = 200, body = json.encode({ object = "list", data = setmetatable(data, json.array_mt) }) }
 end
 

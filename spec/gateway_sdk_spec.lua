@@ -34,6 +34,7 @@ describe("the official SDKs against the gateway", function()
     "anthropic: a stream relays thinking with its signature, then the text",
     "openai: models.list and models.retrieve (an id with a slash too)",
     "anthropic: models.list and models.retrieve in its own shape",
+    "anthropic: models.list({limit: 2}) pages by two, each model once, and back with before_id",
     "anthropic: a request without max_tokens is BadRequestError, as the API answers it",
     "anthropic: a refusal with no content is the SDK's message, stop_reason refusal, one call",
     "openai: invalid output, billed and tried again by the gateway, is not tried again by the SDK",

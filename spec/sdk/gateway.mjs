@@ -239,6 +239,20 @@ await check('anthropic: models.list and models.retrieve in its own shape', async
   expect(m.type === 'model' && m.id === 'claude-echo' && typeof m.display_name === 'string', `model ${JSON.stringify(m)}`);
 });
 
+await check('anthropic: models.list({limit: 2}) pages by two, each model once, and back with before_id', async () => {
+  const all = [];
+  for await (const m of ant().models.list({ limit: 1000 })) all.push(m.id);
+  const page = await ant().models.list({ limit: 2 });
+  expect(page.data.length === 2 && page.has_more === true, `first page ${JSON.stringify(page.data)} has_more ${page.has_more}`);
+  const ids = [];
+  for await (const m of ant().models.list({ limit: 2 })) ids.push(m.id);
+  expect(ids.join() === all.join() && new Set(ids).size === ids.length && ids.length > 4, `paged ${ids} all ${all}`);
+  const back = await ant().models.list({ limit: 2, before_id: all[3] });
+  expect(back.data.map((m) => m.id).join() === all.slice(1, 3).join() && back.has_more === true,
+    `before ${all[3]}: ${back.data.map((m) => m.id)} has_more ${back.has_more}`);
+  await rejects(ant().models.list({ limit: 0 }), Anthropic.BadRequestError, 'limit 0');
+});
+
 await check('anthropic: a request without max_tokens is BadRequestError, as the API answers it', async () => {
   const err = await rejects(ant().messages.create({ model: 'claude-sonnet-4-5-20250929', messages: msgs }),
     Anthropic.BadRequestError, 'no max_tokens');
