@@ -243,6 +243,14 @@ local function ai_error_reply(api, err)
   -- own retries (two by default) would pay for as many again, for answers
   -- as likely to be refused
   if err.class == "invalid_output" then headers["x-should-retry"] = "false" end
+  -- a failure the gateway's own policy already tried again: its retries spent (or its retry
+  -- budget, its deadline) or its fallbacks tried. The SDKs try a 408, 409, 429 or 5xx again, twice
+  -- by default, and each of theirs ran the gateway's retries once more: 3 x 4 upstream calls for one
+  -- request. Its Retry-After stays, for a client that schedules; a failure tried once (a status
+  -- the policy does not retry, retries off) is the SDK's to retry as before.
+  if err.gave_up or (tonumber(err.attempts) or 1) > 1 or type(err.errors) == "table" and #err.errors > 1 then
+    headers["x-should-retry"] = "false"
+  end
   -- the provider refused the gateway's own key (its 401/403, a 502 here): no retry of the
   -- client's changes that, and an SDK's own (two by default, on any 5xx) were each refused the same
   local up_status = tonumber(err.status)

@@ -327,7 +327,33 @@ await check('openai: the key\'s rate limit is RateLimitError', async () => {
   const e = await rejects(oai(keys.slow).chat.completions.create({ model: 'chat-fast', messages: msgs }),
     OpenAI.RateLimitError, '429');
   expect(Number(e.headers['retry-after'] ?? e.headers.get?.('retry-after')) >= 1, 'retry-after');
+  expect(e.headers.get('x-should-retry') !== 'false', 'the key\'s own limit is the SDK\'s to wait for and retry');
 });
+
+// an SDK with its default retries (two), counting the requests it sends the gateway
+const counted = (Cls, opts) => {
+  const sent = { n: 0 };
+  const client = new Cls({ ...opts, maxRetries: 2, fetch: (...a) => { sent.n++; return fetch(...a); } });
+  return { client, sent };
+};
+for (const [api, model, cls, status] of [['openai', 'chat-failing-500', OpenAI.InternalServerError, 500],
+  ['openai', 'chat-failing-408', OpenAI.APIError, 408], ['openai', 'chat-failing-reset', OpenAI.InternalServerError, 502],
+  ['anthropic', 'claude-failing-529', Anthropic.APIError, 529],
+  ['anthropic', 'claude-failing-503', Anthropic.InternalServerError, 500]]) {
+  await check(`${api}: a ${model} the gateway tried again and gave up on is not tried again by the SDK`, async () => {
+    const before = (await upstream()).failing;
+    const { client, sent } = api === 'openai' ? counted(OpenAI, { apiKey: keys.good, baseURL: url + '/v1' })
+      : counted(Anthropic, { apiKey: keys.good, baseURL: url });
+    const call = api === 'openai' ? client.chat.completions.create({ model, messages: msgs })
+      : client.messages.create({ model, max_tokens: 100, messages: msgs });
+    const e = await rejects(call, cls, model);
+    const calls = (await upstream()).failing - before;
+    expect(e.status === status, `status ${e.status}`);
+    expect(sent.n === 1, `the SDK sent ${sent.n} requests, the upstream had ${calls}`);
+    expect(calls >= 1 && calls <= 8, `the upstream had ${calls}`);
+    if (status === 529 || status === 503) expect(Number(e.headers.get('retry-after')) >= 1, 'retry-after kept');
+  });
+}
 
 await check('openai: an exhausted budget is refused, not retried, no provider called', async () => {
   const before = await upstream();

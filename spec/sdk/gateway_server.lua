@@ -98,6 +98,12 @@ local overflow = assert(resil.mock.start({ strict = true, faults = {
     message = "prompt is too long: 210000 tokens > 200000 maximum" } } }))
 -- answers with no content (invalid output, billed), whatever is asked
 local empty = assert(resil.mock.start({ strict = true, faults = { { route = "chat", probability = 1, kind = "empty" } } }))
+-- a provider that fails whatever the gateway tries: each API's retryable statuses, and a reset
+local failing = assert(resil.mock.start({ strict = true, faults = {
+  { route = "chat", model = "gpt-4o-mini", status = 500 }, { route = "chat", model = "gpt-4o", status = 408 },
+  { route = "chat", model = "gpt-4.1", kind = "reset" },
+  { route = "messages", model = "claude-sonnet-4-5-20250929", status = 529 },
+  { route = "messages", model = "claude-haiku-4-5", status = 503 } } }))
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
@@ -125,6 +131,10 @@ ai.adapters.refusing = require "policies.providers.anthropic"
 ai.configure("refusing", { base_url = refusing.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.emptyopenai = require "policies.providers.openai"
 ai.configure("emptyopenai", { base_url = empty.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.failingopenai = require "policies.providers.openai"
+ai.configure("failingopenai", { base_url = failing.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+ai.adapters.failinganthropic = require "policies.providers.anthropic"
+ai.configure("failinganthropic", { base_url = failing.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.toolsanthropic = require "policies.providers.anthropic"
 ai.configure("toolsanthropic", { base_url = tools.url, api_key = "sk-ant-test-123456", retry = fast })
 
@@ -142,12 +152,17 @@ gateway.configure({ auth = true, key_cache = 0, models = {
   ["claude-broken"] = "brokenanthropic/claude-sonnet-4-5-20250929",
   ["chat-overflow"] = "overflowopenai/gpt-4o-mini",
   ["claude-overflow"] = "overflowanthropic/claude-sonnet-4-5-20250929",
+  ["chat-failing-500"] = "failingopenai/gpt-4o-mini",
+  ["chat-failing-408"] = "failingopenai/gpt-4o",
+  ["chat-failing-reset"] = "failingopenai/gpt-4.1",
+  ["claude-failing-529"] = "failinganthropic/claude-sonnet-4-5-20250929",
+  ["claude-failing-503"] = { model = "failinganthropic/claude-haiku-4-5", fallback = { "failingopenai/gpt-4o-mini" } },
   ["claude-busy"] = { model = "overloaded/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
 } })
 -- what the checks read of the upstream: its counts, and transfers still open
 gateway.routes["GET /__test/upstream"] = function()
   return { status = 200, body = resil.json.encode({ total = up:stats().total, pending = up.server:pending(),
-    down = down:stats().total, long_pending = long.server:pending(), refusing = refusing:stats().total, empty = empty:stats().total }) }
+    down = down:stats().total, long_pending = long.server:pending(), refusing = refusing:stats().total, empty = empty:stats().total, failing = failing:stats().total }) }
 end
 
 local good = assert(keys.add({ name = "good" }))
