@@ -63,18 +63,37 @@ describe("the mock's errors in each API's shape", function()
   after_each(function() m:stop() end)
 
   it("answers a path it does not serve in the shape of the client's API", function()
-    -- an Anthropic client (its SDK sends anthropic-version): batches, models
+    -- an Anthropic client (its SDK sends anthropic-version): batches; an OpenAI one: files
     local res = assert(http.request({ method = "POST", url = m.url .. "/v1/messages/batches", body = "{}",
       headers = { ["anthropic-version"] = "2023-06-01" } }))
     assert.are.equal(404, res.status)
     local e = json.decode(res.body)
     assert.are.equal("error", e.type) -- (was OpenAI's shape, which Anthropic's SDK shows as raw JSON)
     assert.are.equal("not_found_error", e.error.type)
-    res = assert(http.request({ url = m.url .. "/v1/models" }))
+    res = assert(http.request({ url = m.url .. "/v1/files" }))
     assert.are.equal(404, res.status)
     e = json.decode(res.body)
     assert.are.equal("invalid_request_error", e.error.type)
-    assert.are.equal("Invalid URL (GET /v1/models)", e.error.message)
+    assert.are.equal("Invalid URL (GET /v1/files)", e.error.message)
+  end)
+
+  it("lists the scenario's models in each API's shape, and refuses a models that is no list of ids", function()
+    m:configure({ models = { "my-model", "my-other" } })
+    local res = assert(http.request({ url = m.url .. "/v1/models" }))
+    local list = json.decode(res.body)
+    assert.are.equal("list", list.object)
+    assert.are.same({ "my-model", "my-other" }, { list.data[1].id, list.data[2].id })
+    res = assert(http.request({ url = m.url .. "/v1/models?limit=1", headers = { ["x-api-key"] = "k",
+      ["anthropic-version"] = "2023-06-01" } }))
+    list = json.decode(res.body)
+    assert.are.same({ "my-model", true, "my-model" }, { list.data[1].id, list.has_more, list.last_id })
+    assert.are.equal("model", list.data[1].type)
+    res = assert(http.request({ url = m.url .. "/v1/models/my-other" }))
+    assert.are.equal(200, res.status)
+    assert.are.equal(404, assert(http.request({ url = m.url .. "/v1/models/gpt-4o-mini" })).status)
+    assert.has_error(function() m:configure({ models = { 42 } }) end,
+      "resil.mock: models[1] must be a model id (a string), not 42")
+    m:configure({})
   end)
 
   it("a 401 or 404 fault on OpenAI's route is an invalid_request_error, as the API types them", function()

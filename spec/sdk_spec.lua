@@ -50,6 +50,8 @@ describe("the official SDKs against the mock", function()
     "openai: stop ends the answer before the first stop sequence, finish_reason stop",
     "anthropic: extended thinking is answered with a thinking block and its signature, whole and streamed",
     "anthropic: a thinking budget the API refuses is BadRequestError",
+    "openai: models.list and models.retrieve, an unknown model NotFoundError model_not_found",
+    "anthropic: models.list({limit: 2}) pages by two, each model once, and models.retrieve (an alias too)",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

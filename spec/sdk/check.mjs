@@ -225,4 +225,32 @@ await check('anthropic: a thinking budget the API refuses is BadRequestError', a
   }
 });
 
+await check('openai: models.list and models.retrieve, an unknown model NotFoundError model_not_found', async () => {
+  const ids = [];
+  for await (const m of oai.models.list()) ids.push(m.id);
+  expect(ids.includes('gpt-4o-mini') && new Set(ids).size === ids.length, `ids ${ids}`);
+  const m = await oai.models.retrieve('gpt-4o-mini');
+  expect(m.id === 'gpt-4o-mini' && m.object === 'model' && typeof m.created === 'number' && m.owned_by, `model ${JSON.stringify(m)}`);
+  const e = await rejects(oai.models.retrieve('gpt-nope'), OpenAI.NotFoundError, 'unknown model');
+  expect(e.code === 'model_not_found', `code ${e.code}`);
+  await rejects(new OpenAI({ apiKey: 'sk-wrong', baseURL: url + '/v1', maxRetries: 0 }).models.list(),
+    OpenAI.AuthenticationError, 'a wrong key');
+});
+
+await check('anthropic: models.list({limit: 2}) pages by two, each model once, and models.retrieve (an alias too)', async () => {
+  const first = await ant.models.list({ limit: 2 });
+  expect(first.data.length === 2 && first.has_more === true && first.last_id === first.data[1].id,
+    `first page ${JSON.stringify(first)}`);
+  const ids = [];
+  for await (const m of ant.models.list({ limit: 2 })) ids.push(m.id);
+  expect(ids.length > 2 && new Set(ids).size === ids.length && ids[0] === first.data[0].id, `ids ${ids}`);
+  const back = await ant.models.list({ limit: 2, before_id: ids[3] });
+  expect(back.data.map((m) => m.id).join() === ids.slice(1, 3).join(), `before ${ids[3]}: ${JSON.stringify(back.data)}`);
+  const m = await ant.models.retrieve('claude-sonnet-4-5');
+  expect(m.type === 'model' && m.id === 'claude-sonnet-4-5-20250929' && m.display_name && m.created_at,
+    `model ${JSON.stringify(m)}`);
+  await rejects(ant.models.retrieve('claude-nope'), Anthropic.NotFoundError, 'unknown model');
+  await rejects(ant.models.list({ limit: 0 }), Anthropic.BadRequestError, 'limit 0');
+});
+
 process.exit(tally.failed ? 1 : 0);

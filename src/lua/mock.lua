@@ -10,7 +10,7 @@
 -- Routes: chat (POST /v1/chat/completions, OpenAI shape, SSE when
 -- "stream": true), messages (POST /v1/messages, Anthropic's), the job and
 -- speech APIs of src/lua/mock_jobs.lua (Replicate predictions, the fal queue,
--- ElevenLabs), and GET /__mock/stats. Custom routes: routes = { ["POST /path"] = fn(req) }.
+-- ElevenLabs), GET /v1/models and /v1/models/{id} (each API's shape), and GET /__mock/stats. Custom routes: routes = { ["POST /path"] = fn(req) }.
 -- refuses = { "claude-fable-5-1", ... }: models that decline every request (stop_reason
 -- "refusal"), which the beta's server-side `fallbacks` serve (Mock:fall_back).
 -- on_request = fn(req): called as each request arrives, before it is answered.
@@ -30,6 +30,8 @@ local BUILTIN_ROUTES = {
   { "POST", "^/v1/messages$", "messages" },
   { "POST", "^/v1/messages/count_tokens$", "count_tokens" },
   { "POST", "^/v1/embeddings$", "embeddings" },
+  { "GET", "^/v1/models$", "models" },
+  { "GET", "^/v1/models/(.+)$", "model" },
 }
 
 local NAMED_FAULTS = { hang = true, reset = true, truncate = true, garbage = true, empty = true, stall = true,
@@ -91,6 +93,14 @@ local function check_scenario(s, level)
     end
   end
   if s.routes ~= nil and type(s.routes) ~= "table" then error("resil.mock: routes must be a table", level) end
+  if s.models ~= nil then
+    if type(s.models) ~= "table" then error("resil.mock: models must be a list of model ids", level) end
+    for i, id in ipairs(s.models) do
+      if type(id) ~= "string" or id == "" then
+        error(("resil.mock: models[%d] must be a model id (a string), not %s"):format(i, tostring(id)), level)
+      end
+    end
+  end
   if s.on_request ~= nil and type(s.on_request) ~= "function" then
     error("resil.mock: on_request must be a function", level)
   end
@@ -1396,13 +1406,143 @@ function Mock:embeddings(req)
     usage = { prompt_tokens = tokens, total_tokens = tokens } }) }
 end
 
+-- GET /v1/models and /v1/models/{id}, in each API's shape: Anthropic's for a request that carries
+-- anthropic-version or x-api-key (its SDK's), OpenAI's otherwise. scenario.models = { "id", ... }:
+-- the models listed, in both shapes (else each API's own, below).
+local OPENAI_MODELS = {
+  { "gpt-5", 1754425777 }, { "gpt-4.1", 1744316542 }, { "gpt-4.1-mini", 1744318173 }, { "o4-mini", 1744225351 },
+  { "o3", 1744225308 }, { "gpt-4o-mini", 1721172741 }, { "gpt-4o", 1715367049 },
+  { "text-embedding-3-large", 1705953180 }, { "text-embedding-3-small", 1705948997 },
+  { "text-embedding-ada-002", 1671217299, "openai-internal" } }
+local ANTHROPIC_MODELS = { -- newest first, as the API lists them
+  { "claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z" },
+  { "claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z" },
+  { "claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z" },
+  { "claude-opus-4-20250514", "Claude Opus 4", "2025-05-22T00:00:00Z" },
+  { "claude-sonnet-4-20250514", "Claude Sonnet 4", "2025-05-22T00:00:00Z" },
+  { "claude-3-7-sonnet-20250219", "Claude Sonnet 3.7", "2025-02-24T00:00:00Z" },
+  { "claude-3-5-haiku-20241022", "Claude Haiku 3.5", "2024-10-22T00:00:00Z" } }
+
+local function models_flavor(req)
+  return (req.headers["anthropic-version"] or req.headers["x-api-key"]) and "anthropic" or nil
+end
+
+-- the catalog a flavor lists -> { { id, object in its shape }, ... } in the API's order
+function Mock:catalog(flavor)
+  local list = {}
+  for i, m in ipairs(self.scenario.models or (flavor == "anthropic" and ANTHROPIC_MODELS or OPENAI_MODELS)) do
+    local id = type(m) == "table" and m[1] or m
+    if flavor == "anthropic" then
+      list[i] = { id = id, type = "model", display_name = type(m) == "table" and m[2] or id,
+        created_at = type(m) == "table" and m[3] or "2025-01-01T00:00:00Z" }
+    else
+      list[i] = { id = id, object = "model", created = type(m) == "table" and m[2] or 1735689600,
+        owned_by = type(m) == "table" and m[3] or "system" }
+    end
+  end
+  return list
+end
+
+-- the key and version a models request needs, as each API checks them -> nil | the refusal
+function Mock:models_refusal(req, flavor)
+  if flavor == "anthropic" then
+    local key = req.headers["x-api-key"] or (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
+    if not key or key == "" then
+      return { status = 401, body = anthropic_error(401, "authentication_error", "x-api-key header is required") }
+    end
+    if not self:key_ok(key) then
+      return { status = 401, body = anthropic_error(401, "authentication_error", "invalid x-api-key") }
+    end
+    if not req.headers["anthropic-version"] then
+      return { status = 400, body = anthropic_error(400, "invalid_request_error", "anthropic-version: header is required") }
+    end
+    return nil
+  end
+  if not self.scenario.strict then return nil end
+  local key = (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
+  if not key then
+    return { status = 401, body = openai_error(401, "You didn't provide an API key. You need to provide your API key "
+      .. "in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", "invalid_request_error") }
+  end
+  if not self:key_ok(key) then
+    return { status = 401, body = openai_error(401, "Incorrect API key provided. You can find your API key at "
+      .. "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key") }
+  end
+end
+
+local function query_args(query)
+  local args = {}
+  local function decode(v) return (v:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+  for pair in tostring(query or ""):gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    args[decode(k)] = decode(v)
+  end
+  return args
+end
+
+function Mock:models(req)
+  local flavor = models_flavor(req)
+  local refused = self:models_refusal(req, flavor)
+  if refused then refused.headers = { ["content-type"] = "application/json" } return refused end
+  local list = self:catalog(flavor)
+  local headers = { ["content-type"] = "application/json" }
+  if flavor ~= "anthropic" then
+    return { status = 200, headers = headers, body = encode({ object = "list", data = #list > 0 and list or EMPTY }) }
+  end
+  -- Anthropic's pages: limit (1-1000, 20 by default), after_id or before_id, has_more
+  local q = query_args(req.query)
+  local limit = q.limit == nil and 20 or tonumber(q.limit)
+  if not limit or limit ~= math.floor(limit) or limit < 1 or limit > 1000 then
+    return { status = 400, headers = headers, body = anthropic_error(400, "invalid_request_error",
+      "limit: Input should be less than or equal to 1000 and greater than or equal to 1") }
+  end
+  if q.after_id == "" then q.after_id = nil end
+  if q.before_id == "" then q.before_id = nil end
+  if q.after_id and q.before_id then
+    return { status = 400, headers = headers, body = anthropic_error(400, "invalid_request_error",
+      "after_id and before_id cannot both be set") }
+  end
+  local at
+  for i, m in ipairs(list) do if m.id == (q.after_id or q.before_id) then at = i end end
+  local first, last
+  if q.after_id then first = (at or #list) + 1 last = math.min(#list, first + limit - 1)
+  elseif q.before_id then last = (at or 1) - 1 first = math.max(1, last - limit + 1)
+  else first, last = 1, math.min(#list, limit) end
+  local page = {}
+  for i = first, last do page[#page + 1] = list[i] end
+  local more = q.before_id and first > 1 or not q.before_id and last < #list
+  return { status = 200, headers = headers, body = encode({ data = #page > 0 and page or EMPTY, has_more = more,
+    first_id = page[1] and page[1].id or json.null, last_id = page[#page] and page[#page].id or json.null }) }
+end
+
+-- GET /v1/models/{id} (percent-encoded); Anthropic's takes an alias too (claude-sonnet-4-5)
+function Mock:model(req, _, id)
+  local flavor = models_flavor(req)
+  local refused = self:models_refusal(req, flavor)
+  if refused then refused.headers = { ["content-type"] = "application/json" } return refused end
+  id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+  local headers = { ["content-type"] = "application/json" }
+  for _, m in ipairs(self:catalog(flavor)) do
+    if m.id == id or flavor == "anthropic" and m.id:match("^(.+)%-%d%d%d%d%d%d%d%d$") == id then
+      return { status = 200, headers = headers, body = json.encode(m) }
+    end
+  end
+  if flavor == "anthropic" then
+    return { status = 404, headers = headers, body = anthropic_error(404, "not_found_error", "model: " .. id) }
+  end
+  return { status = 404, headers = headers, body = openai_error(404, ("The model '%s' does not exist"):format(id),
+    "invalid_request_error", "model_not_found", "model") }
+end
+
 -- handler(self, req, fault, capture) -> reply; the flavor names the API whose
--- error bodies a status fault on the route sends
+-- error bodies a status fault on the route sends (a function: the request's)
 local HANDLERS = {
   chat = { fn = Mock.chat },
   messages = { fn = Mock.messages, flavor = "anthropic" },
   count_tokens = { fn = Mock.count_tokens, flavor = "anthropic" },
   embeddings = { fn = Mock.embeddings },
+  models = { fn = Mock.models, flavor = models_flavor },
+  model = { fn = Mock.model, flavor = models_flavor },
 }
 mock.routes, mock.handlers = BUILTIN_ROUTES, HANDLERS
 
@@ -1471,6 +1611,8 @@ function Mock:handle(req)
   end
   -- x-mock-fault: a status or a fault kind for this one request (clients
   -- that cannot follow a sequence: the official SDKs in spec/sdk)
+  local flavor = HANDLERS[route] and HANDLERS[route].flavor
+  if type(flavor) == "function" then flavor = flavor(req) end
   local asked = req.headers["x-mock-fault"]
   local fault = asked and (tonumber(asked) and { status = tonumber(asked) } or { kind = asked })
     or route ~= "unknown" and self:pick_fault(route, req) or nil
@@ -1481,7 +1623,7 @@ function Mock:handle(req)
     self:count(route, req, status)
     return { status = status, headers = { ["content-type"] = "application/json" },
       body = error_body(status, { message = ("x-mock-fault: '%s' is neither a status (100-599) nor a fault kind")
-        :format(asked) }, h and h.flavor) }
+        :format(asked) }, flavor) }
   end
   if fault then self.counts.faults[route] = (self.counts.faults[route] or 0) + 1 end
   local function normal()
@@ -1502,11 +1644,11 @@ function Mock:handle(req)
       body = openai_error(404, ("Invalid URL (%s %s)"):format(req.method, req.path), "invalid_request_error") }
   end
   local h = HANDLERS[route]
-  local reply = fault and fault_reply(fault, normal, h and h.flavor) or normal()
+  local reply = fault and fault_reply(fault, normal, flavor) or normal()
   self:count(route, req, reply.action and reply.action or reply.status or 200)
   if h and not reply.action then
     -- every answer of the API carries its request id, its errors too (the SDKs' error.requestID)
-    local name = h.flavor == "anthropic" and "request-id" or "x-request-id"
+    local name = flavor == "anthropic" and "request-id" or "x-request-id"
     reply.headers = reply.headers or {}
     reply.headers[name] = reply.headers[name] or ("req_mock%s%d"):format(self.instance, self.counts.total)
   end
