@@ -341,16 +341,19 @@ function messages.anthropic(req)
     end
   end
   -- a last assistant message (a prefill) ends without whitespace: OpenAI takes one, Anthropic
-  -- refuses it ("final assistant content cannot end with trailing whitespace")
+  -- refuses it ("final assistant content cannot end with trailing whitespace"). Cut by one
+  -- anchored match: gsub("%s+$") tried the rest of the text from every space in it, 31 s of a
+  -- gateway's loop for "a", 20,000 spaces, "b" (one C call: no watchdog can stop it)
+  local function trim_end(text) return text:match("^(.*%S)") or "" end
   local last = out[#out]
   if last and last.role == "assistant" then
     if type(last.content) == "string" then
-      last.content = last.content:gsub("%s+$", "")
+      last.content = trim_end(last.content)
     elseif type(last.content) == "table" then
       local b = last.content[#last.content]
       if type(b) == "table" and b.type == "text" and is_text(b.text) and b.text:find("%s$") then
         local trimmed = copy(b)
-        trimmed.text = b.text:gsub("%s+$", "")
+        trimmed.text = trim_end(b.text)
         local content = table.move(last.content, 1, #last.content - 1, 1, {})
         if trimmed.text ~= "" then content[#content + 1] = trimmed end
         last.content = #content > 0 and content or ""

@@ -1433,6 +1433,26 @@ describe("a conversation in the other API's shape", function()
     end
   end)
 
+  -- (before: gsub("%s+$") tried the rest of the text from every space in it: 31 s of a gateway's loop
+  -- for 20,000 spaces, hours for a 4 MB body, inside one C call that no watchdog stops. The bound
+  -- below is for a translation that never ends; the fixed one takes milliseconds)
+  it("a prefill with long runs of spaces is trimmed in time proportional to its length", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local messages = require "policies.messages"
+local text = "a" .. (" "):rep(200000) .. "b \n\t "
+for _, content in ipairs({ text, { { type = "text", text = text } } }) do
+  local _, out = messages.anthropic({ messages = { { role = "user", content = "hi" },
+    { role = "assistant", content = content } } })
+  local last = out[#out].content
+  if type(last) == "table" then last = last[1].text end
+  print(#last, last:sub(1, 2), last:sub(-2))
+end
+]])
+    local r = helpers.run(("timeout -s KILL 60 %s %s"):format(helpers.resil, script))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(("200002\ta \t b\n"):rep(2), r.stdout)
+  end)
+
   it("tool call ids another provider wrote (dots, colons, bars) reach Anthropic in its pattern, still paired", function()
     -- (OpenAI takes any id; Anthropic's 400 "tool_use.id: String should match pattern" failed every
     -- later turn of such a conversation it served)
