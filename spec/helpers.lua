@@ -140,6 +140,16 @@ function helpers.wait_until(cond, seconds)
   return cond() and true or false
 end
 
+-- Wait until something answers HTTP on the loopback port (a mock or gateway started in the
+-- background: a request sent before it listens is refused, and a gateway tries it again);
+-- false after `seconds`.
+function helpers.wait_listening(port, seconds)
+  local resil = require "resil"
+  return helpers.wait_until(function()
+    return resil.http.request({ url = ("http://127.0.0.1:%d/health"):format(port), timeout = 1 }) ~= nil
+  end, seconds or 20)
+end
+
 -- Run n copies of a script at once: each waits for the same wall-clock
 -- moment (`delay` seconds from now, 1 by default) before its first line.
 -- -> their outputs, in order.

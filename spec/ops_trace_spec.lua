@@ -22,6 +22,8 @@ describe("gateway --otlp-endpoint", function()
     local mpidfile, pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".pid"), helpers.tmpname(".out")
     os.execute(("%s mock --port %d > /dev/null 2>&1 & echo $! > %s"):format(helpers.resil, mport, mpidfile))
     local mpid = helpers.slurp(mpidfile):match("%d+")
+    assert.is_true(helpers.wait_listening(mport), "the mock did not start") -- (before the first request: one sent
+    -- while it started was refused and tried again, an attempt more than the spec counts)
     local config = helpers.write(helpers.tmpname(".lua"), ([[
       require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:%d/v1", api_key = "sk-test-123456" })
       return { auth = false }
