@@ -956,4 +956,26 @@ describe("redirects to another origin", function()
     first:close()
     other:close()
   end)
+
+  -- an Idempotency-Key names a call, it opens nothing: dropped at a 307 to another origin, the
+  -- provider there could not tell a retried POST from a new one, and made (and billed) it twice
+  it("keep the Idempotency-Key on a hop to another origin", function()
+    resil.clock.virtual()
+    local seen
+    local other = resil.server.listen({ port = 0, handler = function(req)
+      seen = req.headers
+      return { status = 200, body = "made" }
+    end })
+    local first = resil.server.listen({ port = 0, handler = function()
+      return { status = 307, headers = { location = ("http://127.0.0.1:%d/v1/x"):format(other:port()) }, body = "" }
+    end })
+    local res, err = http.request({ url = ("http://127.0.0.1:%d/v1/x"):format(first:port()), method = "POST",
+      body = "{}", headers = { ["Idempotency-Key"] = "job-7", ["x-api-key"] = "k1" }, follow_redirects = true })
+    assert(res, err and err.message)
+    assert.are.equal("made", res.body)
+    assert.are.equal("job-7", seen["idempotency-key"])
+    assert.is_nil(seen["x-api-key"])
+    first:close()
+    other:close()
+  end)
 end)

@@ -575,11 +575,16 @@ static void admit_parked(http_state *H) {
 /* A header that may carry a credential, by its name: Authorization, Cookie,
  * Proxy-Authorization and any whose name holds auth, key, token, secret,
  * cookie, session, password, credential or signature (x-api-key, api-key,
- * x-goog-api-key, x-auth-token, x-amz-security-token, ...) */
+ * x-goog-api-key, x-auth-token, x-amz-security-token, ...), but an Idempotency-Key */
 static int credential_header(const char *line) {
   static const char *const words[] = {"auth", "key", "token", "secret", "cookie", "session", "password",
                                       "credential", "signature"};
   size_t len = strcspn(line, ":;");
+  /* (an Idempotency-Key names the call and opens nothing: dropped, the other origin could not tell
+   * a POST sent again from a new one) */
+  if ((len == 15 && strncasecmp(line, "idempotency-key", 15) == 0) ||
+      (len == 17 && strncasecmp(line, "x-idempotency-key", 17) == 0))
+    return 0;
   for (size_t w = 0; w < sizeof words / sizeof words[0]; w++) {
     size_t n = strlen(words[w]);
     for (size_t i = 0; i + n <= len; i++)
