@@ -145,10 +145,12 @@ static void fetch(sql_reader *rd, sql_read *r) {
       r->vals = vals;
     }
     sql_value *row = r->vals + (size_t)r->nrows * (size_t)r->ncols;
+    /* the whole row cleared before it counts: a copy that fails midway leaves the columns after
+     * it as NULLs, not as pointers free_rows would free */
+    memset(row, 0, (size_t)r->ncols * sizeof *row);
     r->nrows++;
     for (int c = 0; c < r->ncols; c++) {
       sql_value *v = &row[c];
-      memset(v, 0, sizeof *v);
       v->type = sqlite3_column_type(r->st, c);
       if (v->type == SQLITE_INTEGER) v->i = sqlite3_column_int64(r->st, c);
       else if (v->type == SQLITE_FLOAT) v->d = sqlite3_column_double(r->st, c);
