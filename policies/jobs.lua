@@ -71,6 +71,24 @@ function jobs.configure(name, conf)
   end
   why = bad_base(conf.base_url)
   if why then error(("jobs.configure: %s's base_url must be an http(s) URL, not %s"):format(name, why), 2) end
+  -- (a timeout of 0, -1 or "5" was taken here and raised at every call, from inside jobs.lua; the
+  -- others raised at each call's line, far from where they were written)
+  local function refuse(k, what)
+    local v = conf[k]
+    error(("jobs.configure: %s's %s must be %s, not %s"):format(name, k, what,
+      type(v) == "string" and ("%q"):format(v) or tostring(v)), 3)
+  end
+  local function number(k) return type(conf[k]) == "number" and conf[k] == conf[k] end
+  if conf.timeout ~= nil and not (number("timeout") and conf.timeout > 0) then
+    refuse("timeout", "a number of seconds > 0 (math.huge: none)")
+  end
+  if conf.deadline ~= nil and not (number("deadline") and conf.deadline > 0) then
+    refuse("deadline", "a number of seconds > 0")
+  end
+  if conf.attempts ~= nil and not (number("attempts") and math.tointeger(conf.attempts) and conf.attempts >= 1) then
+    refuse("attempts", "a whole number >= 1")
+  end
+  if conf.poll ~= nil and type(conf.poll) ~= "table" then refuse("poll", "a table { first =, factor =, max = }") end
   local before = jobs.config[name]
   jobs.config[name] = conf
   -- (one table for every version: a reload that fails after this puts it back)

@@ -96,7 +96,7 @@ describe("job options that cannot be meant", function()
     local cases = { { deadline = 0 / 0 }, { deadline = "soon" }, { deadline = -5 }, { attempts = 0 },
       { attempts = 0 / 0 }, { attempts = 1.5 }, { attempts = math.huge }, { attempts = "2" }, { wait = "x" },
       { wait = 0 / 0 }, { poll = { first = 0 } }, { poll = { factor = 0.5 } }, { poll = { max = 0 / 0 } },
-      { poll = "fast" },
+      -- (a poll that is no table, `poll = "fast"`, is refused at jobs.configure's own line: below)
       -- (a key that is a table, `key = item` for `item.id`, was its address: another in the resumed
       -- run, which made and paid the job again; "" was one key for every such call)
       { key = { id = 1 } }, { key = "" }, { key = print }, { key = 0 / 0 } }
@@ -222,6 +222,18 @@ describe("a provider's configuration that cannot be used", function()
       assert.is_false(ok)
       assert.matches("jobs_hostile_spec.lua:%d+: jobs.configure: fal's base_url must be an http%(s%) URL", err)
     end
+    -- (before: a timeout of 0, -1 or "5" was taken, then raised at every call from inside jobs.lua)
+    for _, case in ipairs({ { "timeout", 0 }, { "timeout", -1 }, { "timeout", "5" }, { "timeout", 0 / 0 },
+      { "deadline", 0 }, { "deadline", "60" }, { "attempts", 0 }, { "attempts", 1.5 }, { "poll", 5 } }) do
+      local ok, err = pcall(function()
+        jobs.configure("fal", { base_url = "http://127.0.0.1:1/fal", api_key = "fal_hostile_key_01", [case[1]] = case[2] })
+      end)
+      assert.is_false(ok, case[1])
+      assert.matches("jobs_hostile_spec.lua:%d+: jobs.configure: fal's " .. case[1] .. " must be ", err)
+    end
+    assert.is_nil(jobs.config.fal.timeout) -- (nothing taken from a refused configure)
+    jobs.configure("fal", { base_url = "http://127.0.0.1:1/fal", api_key = "fal_hostile_key_01", timeout = math.huge })
+    jobs.config.fal = {}
     -- one set without configure: said at the call's line
     jobs.config.replicate = { api_key = "abc" }
     finally(function() jobs.config.replicate = {} end)
