@@ -97,6 +97,19 @@ local function shown(v)
   return #v > 80 and s .. "..." or s
 end
 
+-- A table read as a list (ipairs) that is not one: `{ x = "..." }` or `{ "a", nil, "b" }` gave no
+-- fallback, or only the first, without a word. -> why | nil
+local function not_a_list(t)
+  local n = 0
+  for k in pairs(t) do
+    if math.type(k) ~= "integer" or k < 1 then return ("has the key %s (a list has positions 1, 2, ...)"):format(shown(k)) end
+    n = n + 1
+  end
+  for i = 1, n do
+    if t[i] == nil then return ("has a hole at position %d"):format(i) end
+  end
+end
+
 -- (NaN passes `x < 0 or x > 1` and infinity passes `x > 0`: a share of NaN sent every call to
 -- the old side without a word, a deadline of NaN raised inside each call)
 local function finite(v) return type(v) == "number" and v == v and v > -math.huge and v < math.huge end
@@ -309,6 +322,10 @@ local function structure_errors(entries, file, unread)
         bad(key, "replacement and sunset go with deprecated = true")
       end
       if e.fallbacks ~= nil and type(e.fallbacks) ~= "table" then bad(key, "fallbacks must be a list of models") end
+      if type(e.fallbacks) == "table" then
+        local why = not_a_list(e.fallbacks)
+        if why then bad(key, "fallbacks must be a list of models: it %s", why) end
+      end
       for i, f in ipairs(type(e.fallbacks) == "table" and e.fallbacks or {}) do model_ref(key, f, ("fallbacks[%d]"):format(i)) end
       if e.deadline ~= nil and not (finite(e.deadline) and e.deadline > 0) then bad(key, "deadline must be seconds > 0") end
       if e.sunset ~= nil and not is_date(e.sunset) then bad(key, "sunset must be a date \"YYYY-MM-DD\", not %s", shown(e.sunset)) end
@@ -316,6 +333,8 @@ local function structure_errors(entries, file, unread)
       if e.deployments ~= nil then
         if type(e.deployments) ~= "table" or #e.deployments == 0 then
           bad(key, "deployments must be a non-empty list of { use =, weight = }")
+        elseif not_a_list(e.deployments) then
+          bad(key, "deployments must be a list of { use =, weight = }: it %s", not_a_list(e.deployments))
         else
           for i, d in ipairs(e.deployments) do
             local what = ("deployments[%d]"):format(i)

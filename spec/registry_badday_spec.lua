@@ -81,6 +81,13 @@ describe("a registry file with hostile values", function()
       "model 'a': use must be \"provider/model\" or an alias %(1 to 256 printable ASCII characters, no spaces%), " ..
       "not 'openai/gpt%-4o\\x0D\\x0AX%-Injected: 1'" },
     { ('a = { use = %q, fallbacks = { "openai/gpt-4.1 2025-04-14" } },'):format(OLD), "model 'a': fallbacks%[1%] must be" },
+    -- (read by ipairs: a map gave no fallback, a hole every one after it, without a word)
+    { ('a = { use = %q, fallbacks = { x = "anthropic/claude-haiku-4-5-20251001" } },'):format(OLD),
+      "model 'a': fallbacks must be a list of models: it has the key x %(a list has positions 1, 2, %.%.%.%)" },
+    { ('a = { use = %q, fallbacks = { %q, nil, "anthropic/claude-haiku-4-5-20251001" } },'):format(OLD, NEW),
+      "model 'a': fallbacks must be a list of models: it has a hole at position 2" },
+    { ('a = { deployments = { { use = %q }, nil, { use = %q } } },'):format(OLD, NEW),
+      "model 'a': deployments must be a list of { use =, weight = }: it has a hole at position 2" },
     -- a misspelt field was dropped without a word: no fallbacks, no split
     { ('a = { use = %q, fallback = { "anthropic/claude-haiku-4-5-20251001" } },'):format(OLD),
       "model 'a': the entry: unknown field 'fallback', did you mean 'fallbacks'%?" },
