@@ -1792,6 +1792,14 @@ end
 
 local function models_api(req) return req.headers["anthropic-version"] and "anthropic" or "openai" end
 
+-- a models answer or refusal with its request id, as every other answer has (an SDK's
+-- error.requestID, _request_id, was undefined on these routes)
+local function with_request_id(reply, api)
+  reply.headers = reply.headers or { ["content-type"] = "application/json" }
+  reply.headers["x-request-id"] = reply.headers["x-request-id"] or request_id()
+  return anthropic_id(reply, api)
+end
+
 -- GET /v1/models
 local function models(req)
   local api = models_api(req)
@@ -2025,7 +2033,9 @@ end
 
 function gateway.handle(req)
   local path = req.path
-  if path:byte(-1) == 47 then path = path:gsub("/+$", "") end -- "/v1/models/" is "/v1/models"
+  -- "/v1/models/" is "/v1/models" (the path up to its last other byte: gsub("/+$") tried the rest of a
+  -- run of slashes from each of them)
+  if path:byte(-1) == 47 then path = path:match("^(.*[^/])") or "" end
   -- each request a trace of its own when spans are exported (its provider attempts the children
   -- of its server span, itself a child of the caller's when it sends its W3C trace context); not
   -- exported, a caller's context is carried on to the provider (each request is a task of its own)
@@ -2036,10 +2046,12 @@ function gateway.handle(req)
   local route = gateway.routes[route_key(method, path)]
   local reply
   local one_model = not route and method == "GET" and path:match("^/v1/models/(.+)$")
-  if route then
+  if route == models then
+    reply = with_request_id(models(req), models_api(req))
+  elseif route then
     reply = route(req)
   elseif one_model then
-    reply = model_by_id(req, one_model)
+    reply = with_request_id(model_by_id(req, one_model), models_api(req))
   else
     reply = error_reply(api_of(path), 404, ("no route %s %s"):format(req.method, req.path), { code = "unknown_url" })
   end

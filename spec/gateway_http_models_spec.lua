@@ -23,6 +23,13 @@ const show = (p) => p.then((m) => `ok ${m.id} ${m.owned_by || m.type}`, (e) => `
     alias: await show(oai(fast).models.retrieve('fast')),
     anthropic: await show(ant(any).models.retrieve('anthropic/claude-haiku-4-5-20251001')),
   };
+  // the request ids an SDK reads: of a list, a retrieve and a 404, in each API
+  const rid = async (p) => { try { const r = await p.withResponse(); return r.response.headers.get('x-request-id') + ' ' + (r.response.headers.get('request-id') || '-'); } catch (e) { return 'error ' + e.requestID; } };
+  out.ids = [
+    await rid(oai(any).models.list()), await rid(oai(any).models.retrieve('openai/gpt-4o-mini')),
+    await rid(oai(any).models.retrieve('openai/no-such-model')), await rid(ant(any).models.list()),
+    await rid(ant(any).models.retrieve('anthropic/no-such-model')),
+  ];
   console.log(JSON.stringify(out));
 })();
 ]]
@@ -85,6 +92,24 @@ describe("GET /v1/models/{id}: a provider/model id from the official SDKs", func
     assert.are.equal("NotFoundError 404", got.no_provider)
     assert.are.equal("NotFoundError 404", got.not_allowed)
     assert.are.equal("ok fast openai", got.alias)
+  end)
+  -- (before: none, so an SDK's error.requestID and _request_id were undefined on these routes)
+  it("each answer and refusal carries its request id, where each SDK reads it", function()
+    local ids = got.ids
+    assert.are.equal(5, #ids, resil.json.encode(got))
+    assert.matches("^req_%x+ %-$", ids[1])
+    assert.matches("^req_%x+ %-$", ids[2])
+    assert.matches("^error req_%x+$", ids[3])
+    local a, b = ids[4]:match("^(req_%x+) (req_%x+)$")
+    assert.is_truthy(a, ids[4])
+    assert.are.equal(a, b)
+    assert.matches("^error req_%x+$", ids[5])
+    local seen = {}
+    for _, id in ipairs(ids) do
+      local v = id:match("req_%x+")
+      assert.is_nil(seen[v], "ids repeat: " .. resil.json.encode(ids))
+      seen[v] = true
+    end
   end)
   -- (before: its bytes echoed in the message, a body no client could read as UTF-8 JSON)
   it("a 404 for an id that is not UTF-8 is UTF-8 JSON all the same", function()
