@@ -74,18 +74,26 @@ end
 
 local commands = {}
 
--- "2/10" before "10": items in their order, each scope split at "/"
-local function scope_less(a, b)
+-- "2/10" before "10": items in their order, each scope split at "/" (once per scope, in
+-- `parts`: split at each comparison, a run of 20,000 items took 11 s to sort)
+local function scope_parts(parts, s)
+  local p = parts[s]
+  if not p then
+    p = { n = {} }
+    for x in s:gmatch("[^/]+") do p[#p + 1], p.n[#p + 1] = x, tonumber(x) end
+    parts[s] = p
+  end
+  return p
+end
+local function scope_less(parts, a, b)
   if a == b then return false end
-  local pa, pb = {}, {}
-  for p in a:gmatch("[^/]+") do pa[#pa + 1] = p end
-  for p in b:gmatch("[^/]+") do pb[#pb + 1] = p end
+  local pa, pb = scope_parts(parts, a), scope_parts(parts, b)
   for i = 1, math.max(#pa, #pb) do
     local x, y = pa[i], pb[i]
     if x == nil then return true end
     if y == nil then return false end
     if x ~= y then
-      local nx, ny = tonumber(x), tonumber(y)
+      local nx, ny = pa.n[i], pb.n[i]
       if nx and ny then return nx < ny end
       return x < y
     end
@@ -180,7 +188,8 @@ local function run_report(s, id)
     local it = by_scope[c.key or ""]
     if it then it.usd, it.unpriced = it.usd + c.usd, it.unpriced + (c.unpriced or 0) end
   end
-  table.sort(items, function(a, b) return scope_less(a.scope, b.scope) end)
+  local parts = {}
+  table.sort(items, function(a, b) return scope_less(parts, a.scope, b.scope) end)
   for _, it in ipairs(items) do table.sort(it.steps, function(a, b) return a.seq < b.seq end) end
   return { run = run or { id = id }, items = items, usd = total, unpriced = unpriced, holder = holder, gone = gone }
 end
