@@ -1778,17 +1778,6 @@ local function model_object(m, api)
   return { id = m.id, object = "model", created = 0, owned_by = m.owned_by }
 end
 
--- a query string's arguments -> { name = value } (percent-decoded, "+" a space; the last of a
--- name given twice)
-local function query_args(query)
-  local args = {}
-  local function decode(v) return (v:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
-  for pair in tostring(query or ""):gmatch("[^&]+") do
-    local k, v = pair:match("^([^=]*)=?(.*)$")
-    args[decode(k)] = decode(v)
-  end
-  return args
-end
 
 local function models_api(req) return req.headers["anthropic-version"] and "anthropic" or "openai" end
 
@@ -1810,7 +1799,7 @@ local function models(req)
     -- a page of the list, sorted by id, as the API pages it (limit 1-1000, 20 by default;
     -- after_id or before_id the cursor): its SDK's list({limit}) read every model on one page
     -- whatever the limit, and a before_id got the whole list again
-    local q = query_args(req.query)
+    local q = resil.url.query(req.query)
     local limit = q.limit == nil and 20 or tonumber(q.limit)
     if not limit or limit ~= math.floor(limit) or limit < 1 or limit > 1000 then
       return error_reply(api, 400, "limit: Input should be an integer between 1 and 1000")
@@ -1840,7 +1829,7 @@ local function model_by_id(req, id)
   local api = models_api(req)
   local rec, refused = authenticate(req, api)
   if not rec then return refused end
-  id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+  id = resil.url.unescape(id)
   for _, m in ipairs(model_list(rec)) do
     if m.id == id then return { status = 200, body = json.encode(model_object(m, api)) } end
   end

@@ -427,6 +427,7 @@ void host_log(lua_State *L, const char *level, const char *msg); /* pops a field
 int host_log_elsewhere(lua_State *L, const char *level, const char *msg);
 int luaopen_resil_server(lua_State *L);
 int luaopen_resil_crypto(lua_State *L);
+int luaopen_resil_url(lua_State *L);
 int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_metrics(lua_State *L);

@@ -263,6 +263,7 @@ static const struct {
   {"log", luaopen_resil_log},
   {"server", luaopen_resil_server},
   {"crypto", luaopen_resil_crypto},
+  {"url", luaopen_resil_url},
   {NULL, luaopen_resil_semaphore},
   {NULL, luaopen_resil_reload},
   {NULL, luaopen_resil_stop},

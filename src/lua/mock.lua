@@ -1470,15 +1470,6 @@ function Mock:models_refusal(req, flavor)
   end
 end
 
-local function query_args(query)
-  local args = {}
-  local function decode(v) return (v:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
-  for pair in tostring(query or ""):gmatch("[^&]+") do
-    local k, v = pair:match("^([^=]*)=?(.*)$")
-    args[decode(k)] = decode(v)
-  end
-  return args
-end
 
 function Mock:models(req)
   local flavor = models_flavor(req)
@@ -1490,7 +1481,7 @@ function Mock:models(req)
     return { status = 200, headers = headers, body = encode({ object = "list", data = #list > 0 and list or EMPTY }) }
   end
   -- Anthropic's pages: limit (1-1000, 20 by default), after_id or before_id, has_more
-  local q = query_args(req.query)
+  local q = resil.url.query(req.query)
   local limit = q.limit == nil and 20 or tonumber(q.limit)
   if not limit or limit ~= math.floor(limit) or limit < 1 or limit > 1000 then
     return { status = 400, headers = headers, body = anthropic_error(400, "invalid_request_error",
@@ -1520,7 +1511,7 @@ function Mock:model(req, _, id)
   local flavor = models_flavor(req)
   local refused = self:models_refusal(req, flavor)
   if refused then refused.headers = { ["content-type"] = "application/json" } return refused end
-  id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+  id = resil.url.unescape(id)
   local headers = { ["content-type"] = "application/json" }
   for _, m in ipairs(self:catalog(flavor)) do
     if m.id == id or flavor == "anthropic" and m.id:match("^(.+)%-%d%d%d%d%d%d%d%d$") == id then

@@ -743,7 +743,7 @@ local function parse_url(url)
     if not username then password = userinfo end
     -- percent-encoded as a URL's userinfo is (redis://:p%40ss@host is AUTH p@ss; a password with
     -- an @, : or / has no other way in); a % not followed by two hex digits stays as written
-    local function decode(s) return s and (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+    local function decode(s) return s and resil.url.unescape(s) end
     username, password = decode(username), decode(password)
     rest = hostpart
   end
