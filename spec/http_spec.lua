@@ -836,6 +836,34 @@ describe("a redirect loop", function()
   end)
 end)
 
+-- (before: libcurl 7.88 took the last of two Content-Lengths that differ, a body of 7 where the
+-- server may have meant 5, the rest read as the next answer; RFC 9110 makes it an error)
+describe("a response with Content-Length headers that differ", function()
+  it("fails as protocol, saying so; the same length twice, or once, is read", function()
+    local heads = {
+      conflict = "Content-Length: 5\r\nContent-Length: 7\r\n",
+      list = "Content-Length: 5, 7\r\n",
+      same = "Content-Length: 7\r\nContent-Length: 7\r\n",
+      one = "Content-Length: 7\r\n",
+    }
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      return { action = "raw", body = "HTTP/1.1 200 OK\r\n" .. heads[req.path:sub(2)] ..
+        "Connection: close\r\n\r\nhello, world" }
+    end })
+    for _, name in ipairs({ "conflict", "list" }) do
+      local res, err = http.request({ url = ("http://127.0.0.1:%d/%s"):format(server:port(), name) })
+      assert.is_nil(res, name)
+      assert.are.equal("protocol", err.kind, name)
+      assert.matches("Content%-Length headers that differ", err.message)
+    end
+    for _, name in ipairs({ "same", "one" }) do
+      local res = assert(http.request({ url = ("http://127.0.0.1:%d/%s"):format(server:port(), name) }))
+      assert.are.equal("hello, ", res.body, name)
+    end
+    server:close()
+  end)
+end)
+
 -- A URL is parsed once and the parse handed to libcurl (CURLOPT_CURLU), shared
 -- by the requests to that URL: each request must still reach its own URL, a
 -- parse must outlive every transfer using it when the next URL replaces it,

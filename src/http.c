@@ -474,6 +474,11 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
       result = CURLE_WEIRD_SERVER_REPLY;
       snprintf(r->errbuf, sizeof r->errbuf, "no valid HTTP status line in the response");
     }
+    if (r->length_conflict && result == CURLE_WRITE_ERROR) {
+      result = CURLE_WEIRD_SERVER_REPLY;
+      snprintf(r->errbuf, sizeof r->errbuf, "the response has Content-Length headers that differ: where its body ends "
+               "cannot be known");
+    }
     /* the body's gzip stream ended before its end, or did not decode (gunzip) */
     if (result == CURLE_OK && r->gz_open) {
       result = CURLE_BAD_CONTENT_ENCODING;
@@ -1011,6 +1016,34 @@ static const char *content_encoding(const http_req *r, size_t *n) {
   return v;
 }
 
+/* The final response's Content-Length lines disagree ("5" and "7", or "5, 7" in one line):
+ * RFC 9110 makes that an error, since the body's end cannot be known; libcurl 7.88 takes the
+ * last one, and what followed the shorter body would be read as the next answer */
+static int length_conflict(const http_req *r) {
+  const char *p = r->head.data, *end = p + r->head.len;
+  long long seen = -1;
+  while (p && p < end) {
+    const char *e = memchr(p, '\n', (size_t)(end - p));
+    if (!e) e = end;
+    if (e - p > 15 && strncasecmp(p, "content-length:", 15) == 0) {
+      const char *v = p + 15;
+      while (v < e) { /* each value of a comma-separated list */
+        while (v < e && (*v == ' ' || *v == '\t' || *v == ',')) v++;
+        if (v >= e || *v == '\r') break;
+        long long n = 0;
+        int digits = 0;
+        while (v < e && *v >= '0' && *v <= '9' && digits < 19) n = n * 10 + (*v++ - '0'), digits++;
+        if (!digits) break; /* (not a number: curl's own check says so) */
+        if (seen >= 0 && n != seen) return 1;
+        seen = n;
+        while (v < e && *v != ',') v++;
+      }
+    }
+    p = e + 1;
+  }
+  return 0;
+}
+
 /* A decoder for the final response's gzip (x-gzip) or deflate body; an
  * encoding we cannot decode (we ask for gzip only) fails the transfer at
  * its first body byte. 0: none needed. */
@@ -1103,6 +1136,10 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
     if (code >= 200 && !redirect_followed(r, code)) {
+      if (!r->headers_done && length_conflict(r)) {
+        r->length_conflict = 1;
+        return 0;
+      }
       if (!r->headers_done && content_decoder(r) && r->decode_failed == CURLE_OUT_OF_MEMORY) return 0;
       note_fed(r, len, 0);
       r->status = code;

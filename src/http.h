@@ -76,6 +76,7 @@ struct http_req {
   int gz_open;               /* it took bytes of a gzip member not yet ended: the body is incomplete */
   int gz_grace;              /* h2, libcurl < 8.1.0: the gzip body ended, the idle timer ends the transfer */
   int decode_failed;         /* CURLE_BAD_CONTENT_ENCODING or CURLE_OUT_OF_MEMORY: why decoding stopped */
+  int length_conflict;       /* the final response named two different Content-Lengths */
   size_t sse_used;           /* body bytes it has framed */
   size_t max_event;
   long status;
