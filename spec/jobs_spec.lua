@@ -662,6 +662,31 @@ describe("ai.job on the fal queue", function()
     assert.are.equal(0.025, resil.cost.breakdown("model")[1].usd)
   end)
 
+  -- (before: such a request, paid at fal, had no row: the ledger said $0 for $0.05 billed, and a
+  -- budget let the replacement through on money already spent)
+  it("records a request fal said COMPLETED whose result cannot be read (a 404) at its outputs, estimated", function()
+    m = resil.mock.start({ jobs = { polls = 1, errors = { fal_result = { 404, 404 } } } })
+    use(m.url)
+    resil.budget("fal-404", { limit = 1 })
+    local r, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" }, budget = "fal-404",
+      deadline = 300 })
+    assert.is_nil(r)
+    assert.matches("its result could not be read", err.message)
+    local s = m:stats()
+    assert.are.equal(2, s.billed.jobs)
+    local rows = assert(helpers.backend(assert(resil.store())):cost_rows({}))
+    assert.are.equal(2, #rows)
+    for _, row in ipairs(rows) do
+      local u = resil.json.decode(row.units)
+      assert.are.equal(1, u.outputs)
+      assert.is_true(u.estimated)
+    end
+    assert.are.equal(s.billed.usd, resil.cost.total({})) -- (the ledger is what the provider billed)
+    local st = assert(resil.budget("fal-404"):state())
+    assert.are.equal(s.billed.usd, st.spent)
+    assert.are.equal(0, st.reserved)
+  end)
+
   it("maps X-Fal-Error-Type: a runner failure is retried, a bad request is not", function()
     m = resil.mock.start({ jobs = { polls = 0, errors = { fal_submit = { { error_type = "runner_disconnected" } } } } })
     use(m.url)

@@ -105,9 +105,11 @@ local function completed(ctx, handle, s)
       local body = type(err.response) == "table" and json.decode(err.response.body or "")
       local detail = type(body) == "table" and (type(body.detail) == "string" and body.detail
         or type(body.detail) == "table" and json.encode(body.detail)) or nil
+      -- (a request fal said COMPLETED without an error ran, and fal bills it: without the result
+      -- its outputs are estimated (fal.usage); it had no row at all, and its replacement was paid too)
       return { status = "failed", error = ("its result could not be read (GET %s): %s%s"):format(response_url,
         tostring(err.message), detail and (": " .. detail:sub(1, 200)) or ""), error_type = error_type,
-        metrics = s.metrics ~= json.null and s.metrics or nil }
+        metrics = s.metrics ~= json.null and s.metrics or nil, completed = not error_type or nil }
     end
     return nil, err
   end
@@ -143,12 +145,15 @@ function fal.cancel(ctx, handle)
   return res, err
 end
 
-function fal.usage(state)
+function fal.usage(state, input)
   local u = {}
   if state and state.status == "succeeded" then
     local out = state.output
     local images = type(out) == "table" and type(out.images) == "table" and #out.images or nil
     u.outputs = images or 1 -- (a video's seconds: jobs.lua's usage_of)
+  elseif state and state.completed then -- (COMPLETED, its result unreadable: the outputs it asked for)
+    local n = type(input) == "table" and math.tointeger(input.num_images)
+    u.outputs, u.estimated = n and n >= 1 and n <= 100 and n or 1, true
   end
   local metrics = state and state.metrics
   if type(metrics) == "table" then
