@@ -870,9 +870,9 @@ local COUNT_BETA_FIELDS = { mcp_servers = true, context_management = true }
 
 local ANTHROPIC_TOOL_CHOICES = { auto = true, any = true, tool = true, none = true }
 
--- (count: a count_tokens request's, which takes COUNT_FIELDS and no max_tokens)
-local function anthropic_refusal(self, req, body, count)
-  -- an API key as x-api-key, or as a bearer token (the API takes both; newer SDKs send the latter)
+-- The key and version every Anthropic request needs -> nil | the refusal. An API key as
+-- x-api-key, or as a bearer token (the API takes both; newer SDKs send the latter).
+local function anthropic_auth_refusal(self, req)
   local key = req.headers["x-api-key"] or (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
   if not key or key == "" then
     return { status = 401, body = anthropic_error(401, "authentication_error", "x-api-key header is required") }
@@ -883,6 +883,12 @@ local function anthropic_refusal(self, req, body, count)
   if not req.headers["anthropic-version"] then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "anthropic-version: header is required") }
   end
+end
+
+-- (count: a count_tokens request's, which takes COUNT_FIELDS and no max_tokens)
+local function anthropic_refusal(self, req, body, count)
+  local refused = anthropic_auth_refusal(self, req)
+  if refused then return refused end
   if type(body) ~= "table" then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "There was an error parsing the body") }
   end
@@ -1445,19 +1451,7 @@ end
 
 -- the key and version a models request needs, as each API checks them -> nil | the refusal
 function Mock:models_refusal(req, flavor)
-  if flavor == "anthropic" then
-    local key = req.headers["x-api-key"] or (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
-    if not key or key == "" then
-      return { status = 401, body = anthropic_error(401, "authentication_error", "x-api-key header is required") }
-    end
-    if not self:key_ok(key) then
-      return { status = 401, body = anthropic_error(401, "authentication_error", "invalid x-api-key") }
-    end
-    if not req.headers["anthropic-version"] then
-      return { status = 400, body = anthropic_error(400, "invalid_request_error", "anthropic-version: header is required") }
-    end
-    return nil
-  end
+  if flavor == "anthropic" then return anthropic_auth_refusal(self, req) end
   if not self.scenario.strict then return nil end
   local key = (req.headers["authorization"] or ""):match("^Bearer (%S+)$")
   if not key then
