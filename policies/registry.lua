@@ -124,19 +124,7 @@ local function is_date(s)
   return m >= 1 and m <= 12 and d >= 1 and d <= days[m]
 end
 
-local function distance(a, b)
-  if #a > #b then a, b = b, a end
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:byte(i) == b:byte(j) and 0 or 1))
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
+local distance = require "resil.edit_distance"
 
 -- The fields each table of an entry takes: one misspelt (`fallback = {...}`, `percent = 10`) was
 -- dropped without a word, and the fallbacks or the split it meant were not there

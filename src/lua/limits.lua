@@ -152,19 +152,7 @@ for kind, list in pairs({
   table.sort(list)
   OPTIONS[kind] = { list = list, set = set }
 end
-local function distance(a, b)
-  if #a > #b then a, b = b, a end
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:byte(i) == b:byte(j) and 0 or 1))
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
+local distance = require "resil.edit_distance"
 local function check_options(kind, name, opts)
   if type(opts) ~= "table" or getmetatable(opts) ~= nil then return end
   local known = OPTIONS[kind]

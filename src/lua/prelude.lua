@@ -539,6 +539,22 @@ package.loaded["resil.if_reload_fails"] = function(fn)
   if undo_if_failed and type(fn) == "function" then undo_if_failed[#undo_if_failed + 1] = fn end
 end
 
+-- require("resil.edit_distance")(a, b) -> the edits (a byte put in, taken out or changed) from a
+-- to b: what "did you mean" takes the closest name by (resil.bucket's options, a registry's fields)
+package.loaded["resil.edit_distance"] = function(a, b)
+  if #a > #b then a, b = b, a end
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:byte(i) == b:byte(j) and 0 or 1))
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
 -- require("resil.as_version")(name, fn, ...) -> fn's results: what fn starts is the version of
 -- policies module `name` loaded now's, as if it ran at its load (the gateway's config: run at
 -- start by gateway.serve, again at each reload as policies.gateway loads)
