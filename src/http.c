@@ -1000,19 +1000,51 @@ static int gunzip(http_req *r, const char *data, size_t len) {
   return -1;
 }
 
-/* The final response's Content-Encoding (its last line), trimmed: NULL for none */
-static const char *content_encoding(const http_req *r, size_t *n) {
-  const char *p = r->head.data, *end = p + r->head.len, *v = NULL, *eol = NULL;
-  while (p && p < end) {
-    const char *e = memchr(p, '\n', (size_t)(end - p));
-    if (!e) e = end;
-    if (e - p > 17 && strncasecmp(p, "content-encoding:", 17) == 0) v = p + 17, eol = e;
-    p = e + 1;
+/* One "Name: value" line of raw header lines (not the status line, nor a
+ * line without a name): the name as sent and the value without the blanks
+ * around it. */
+typedef struct {
+  const char *name, *value;
+  size_t nlen, vlen;
+} header_line;
+
+/* The next header line from *p (before end) into h, *p moved past it; 0 at the end */
+static int next_header_line(const char **p, const char *end, header_line *h) {
+  while (*p && *p < end) {
+    const char *line = *p;
+    const char *eol = memchr(line, '\n', (size_t)(end - line));
+    if (!eol) eol = end;
+    *p = eol < end ? eol + 1 : end;
+    const char *colon = memchr(line, ':', (size_t)(eol - line));
+    if (!colon || colon == line) continue;
+    const char *v = colon + 1, *vend = eol;
+    while (v < vend && (*v == ' ' || *v == '\t')) v++;
+    while (vend > v && (vend[-1] == '\r' || vend[-1] == ' ' || vend[-1] == '\t')) vend--;
+    h->name = line;
+    h->nlen = (size_t)(colon - line);
+    h->value = v;
+    h->vlen = (size_t)(vend - v);
+    return 1;
   }
-  if (!v) return NULL;
-  while (v < eol && (*v == ' ' || *v == '\t')) v++;
-  while (eol > v && (eol[-1] == '\r' || eol[-1] == ' ' || eol[-1] == '\t')) eol--;
-  *n = (size_t)(eol - v);
+  return 0;
+}
+
+/* a header line's name is `lower` (lower-cased, as res.headers spells it) */
+static int header_named(const header_line *h, const char *lower, size_t len) {
+  if (h->nlen != len) return 0;
+  for (size_t i = 0; i < len; i++) {
+    char c = h->name[i];
+    if ((c >= 'A' && c <= 'Z' ? c + 32 : c) != lower[i]) return 0;
+  }
+  return 1;
+}
+
+/* The final response's Content-Encoding (its last line): NULL for none */
+static const char *content_encoding(const http_req *r, size_t *n) {
+  const char *p = r->head.data, *v = NULL;
+  header_line h;
+  while (next_header_line(&p, r->head.data + r->head.len, &h))
+    if (header_named(&h, "content-encoding", 16)) v = h.value, *n = h.vlen;
   return v;
 }
 
@@ -1020,26 +1052,23 @@ static const char *content_encoding(const http_req *r, size_t *n) {
  * RFC 9110 makes that an error, since the body's end cannot be known; libcurl 7.88 takes the
  * last one, and what followed the shorter body would be read as the next answer */
 static int length_conflict(const http_req *r) {
-  const char *p = r->head.data, *end = p + r->head.len;
+  const char *p = r->head.data;
+  header_line h;
   long long seen = -1;
-  while (p && p < end) {
-    const char *e = memchr(p, '\n', (size_t)(end - p));
-    if (!e) e = end;
-    if (e - p > 15 && strncasecmp(p, "content-length:", 15) == 0) {
-      const char *v = p + 15;
-      while (v < e) { /* each value of a comma-separated list */
-        while (v < e && (*v == ' ' || *v == '\t' || *v == ',')) v++;
-        if (v >= e || *v == '\r') break;
-        long long n = 0;
-        int digits = 0;
-        while (v < e && *v >= '0' && *v <= '9' && digits < 19) n = n * 10 + (*v++ - '0'), digits++;
-        if (!digits) break; /* (not a number: curl's own check says so) */
-        if (seen >= 0 && n != seen) return 1;
-        seen = n;
-        while (v < e && *v != ',') v++;
-      }
+  while (next_header_line(&p, r->head.data + r->head.len, &h)) {
+    if (!header_named(&h, "content-length", 14)) continue;
+    const char *v = h.value, *e = h.value + h.vlen;
+    while (v < e) { /* each value of a comma-separated list */
+      while (v < e && (*v == ' ' || *v == '\t' || *v == ',')) v++;
+      if (v >= e) break;
+      long long n = 0;
+      int digits = 0;
+      while (v < e && *v >= '0' && *v <= '9' && digits < 19) n = n * 10 + (*v++ - '0'), digits++;
+      if (!digits) break; /* (not a number: curl's own check says so) */
+      if (seen >= 0 && n != seen) return 1;
+      seen = n;
+      while (v < e && *v != ',') v++;
     }
-    p = e + 1;
   }
   return 0;
 }
@@ -1596,45 +1625,6 @@ static int push_failure_after_answer(lua_State *L, const outcome *o) {
     lua_setfield(L, -2, "received");
   }
   return n;
-}
-
-/* One "Name: value" line of raw header lines (not the status line, nor a
- * line without a name): the name as sent and the value without the blanks
- * around it. */
-typedef struct {
-  const char *name, *value;
-  size_t nlen, vlen;
-} header_line;
-
-/* The next header line from *p (before end) into h, *p moved past it; 0 at the end */
-static int next_header_line(const char **p, const char *end, header_line *h) {
-  while (*p && *p < end) {
-    const char *line = *p;
-    const char *eol = memchr(line, '\n', (size_t)(end - line));
-    if (!eol) eol = end;
-    *p = eol < end ? eol + 1 : end;
-    const char *colon = memchr(line, ':', (size_t)(eol - line));
-    if (!colon || colon == line) continue;
-    const char *v = colon + 1, *vend = eol;
-    while (v < vend && (*v == ' ' || *v == '\t')) v++;
-    while (vend > v && (vend[-1] == '\r' || vend[-1] == ' ' || vend[-1] == '\t')) vend--;
-    h->name = line;
-    h->nlen = (size_t)(colon - line);
-    h->value = v;
-    h->vlen = (size_t)(vend - v);
-    return 1;
-  }
-  return 0;
-}
-
-/* a header line's name is `lower` (lower-cased, as res.headers spells it) */
-static int header_named(const header_line *h, const char *lower, size_t len) {
-  if (h->nlen != len) return 0;
-  for (size_t i = 0; i < len; i++) {
-    char c = h->name[i];
-    if ((c >= 'A' && c <= 'Z' ? c + 32 : c) != lower[i]) return 0;
-  }
-  return 1;
 }
 
 /* L stack: the value so far (a string) or nil -> that value with one more
