@@ -226,23 +226,29 @@ static int task_statement_progress(void *arg) {
  * corrupt, the disk full, another process holds the lock) is raised as a
  * store_unavailable error value, which the waiting task receives as
  * nil, err; anything else is a bug in the SQL and raises as it is. */
-static int sql_failed(lua_State *L, store_db *d, int rc) {
-  if ((rc & 0xff) == SQLITE_INTERRUPT) watchdog_sql_stopped(L, d->R); /* the watchdog's stop, if it was */
+/* rc is trouble from the world (the file, the disk, another process), not a bug in the SQL */
+static int store_trouble(int rc) {
   switch (rc & 0xff) {
   case SQLITE_READONLY: case SQLITE_IOERR: case SQLITE_CORRUPT: case SQLITE_NOTADB: case SQLITE_FULL:
   case SQLITE_CANTOPEN: case SQLITE_BUSY: case SQLITE_LOCKED: case SQLITE_NOMEM: case SQLITE_PERM:
   case SQLITE_PROTOCOL:
-    resil_push_error(L, "store_unavailable", "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
-    /* busy = true: worth another try (migrate, read): a read transaction's
-     * first statement finds the file busy while another process recovers
-     * the WAL it has just opened, or checkpoints it as it closes */
-    if ((rc & 0xff) == SQLITE_BUSY) {
-      lua_pushboolean(L, 1);
-      lua_setfield(L, -2, "busy");
-    }
-    return lua_error(L);
-  default: return luaL_error(L, "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+    return 1;
+  default: return 0;
   }
+}
+
+static int sql_failed(lua_State *L, store_db *d, int rc) {
+  if ((rc & 0xff) == SQLITE_INTERRUPT) watchdog_sql_stopped(L, d->R); /* the watchdog's stop, if it was */
+  if (!store_trouble(rc)) return luaL_error(L, "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+  resil_push_error(L, "store_unavailable", "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+  /* busy = true: worth another try (migrate, read): a read transaction's
+   * first statement finds the file busy while another process recovers
+   * the WAL it has just opened, or checkpoints it as it closes */
+  if ((rc & 0xff) == SQLITE_BUSY) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "busy");
+  }
+  return lua_error(L);
 }
 
 /* Is the value at idx a store_unavailable error value? Leaves the stack as it was. */
@@ -1399,18 +1405,13 @@ static int scan_k(lua_State *L, int status, lua_KContext ctx) {
     int rc = r->rc;
     lua_pushstring(L, r->errmsg ? r->errmsg : sqlite3_errstr(rc));
     sql_read_drop(d->reader, r);
-    switch (rc & 0xff) { /* as sql_failed: trouble from the world, or a bug in the SQL */
-    case SQLITE_READONLY: case SQLITE_IOERR: case SQLITE_CORRUPT: case SQLITE_NOTADB: case SQLITE_FULL:
-    case SQLITE_CANTOPEN: case SQLITE_BUSY: case SQLITE_LOCKED: case SQLITE_NOMEM: case SQLITE_PERM:
-    case SQLITE_PROTOCOL: {
-      int pushed = resil_error_result(L, "store_unavailable", "store %s: %s", d->path ? d->path : "?",
-                                      lua_tostring(L, -1));
-      lua_pushboolean(L, (rc & 0xff) == SQLITE_BUSY);
-      lua_setfield(L, -2, "busy");
-      return pushed;
-    }
-    default: return luaL_error(L, "store %s: %s", d->path ? d->path : "?", lua_tostring(L, -1));
-    }
+    /* (as sql_failed, but returned: a read the caller may take as the store unavailable) */
+    if (!store_trouble(rc)) return luaL_error(L, "store %s: %s", d->path ? d->path : "?", lua_tostring(L, -1));
+    int pushed = resil_error_result(L, "store_unavailable", "store %s: %s", d->path ? d->path : "?",
+                                    lua_tostring(L, -1));
+    lua_pushboolean(L, (rc & 0xff) == SQLITE_BUSY);
+    lua_setfield(L, -2, "busy");
+    return pushed;
   }
   for (int i = 0; i < r->nrows; i++) {
     const sql_value *row = r->vals + (size_t)i * (size_t)r->ncols;
