@@ -373,30 +373,45 @@ end
 -- Tool-call arguments cut short (an answer that stopped at max_tokens mid-call: '{"x":"ab') ->
 -- the object they began, as far as it parses (as Anthropic's own answer cut there, and its SDK
 -- reading the streamed partial JSON): the open string and containers closed, else cut back to
--- the last whole member | nil
+-- one of the last whole members | nil. Only the last few places to cut are kept and tried, each
+-- text made when tried: every one kept as a text (each with its closers) was a gigabyte of
+-- copies for arguments of 256 KB with 10,000 commas, or as deeply nested, each decoded in turn.
 local CLOSER = { ["{"] = "}", ["["] = "]" }
-local function partial_object(text)
-  if type(text) ~= "string" or text:sub(1, 1) ~= "{" then return nil end
-  local stack, cuts, in_str, esc = {}, {}, false, false
-  local function closers(n) local t = {} for i = n, 1, -1 do t[#t + 1] = CLOSER[stack[i]] end return table.concat(t) end
-  for i = 1, #text do
+local PARTIAL_TRIES = 8
+-- text's first `upto` bytes walked: -> the containers open there, and whether in a string and
+-- after its backslash; on_cut(i): a place to cut, after an opening or before a comma
+local function walk_json(text, upto, on_cut)
+  local stack, in_str, esc = {}, false, false
+  for i = 1, upto do
     local ch = text:sub(i, i)
     if in_str then
       if esc then esc = false elseif ch == "\\" then esc = true elseif ch == '"' then in_str = false end
     elseif ch == '"' then in_str = true
-    elseif ch == "{" or ch == "[" then stack[#stack + 1] = ch; cuts[#cuts + 1] = text:sub(1, i) .. closers(#stack)
+    elseif ch == "{" or ch == "[" then stack[#stack + 1] = ch; if on_cut then on_cut(i) end
     elseif ch == "}" or ch == "]" then stack[#stack] = nil
-    elseif ch == "," then cuts[#cuts + 1] = text:sub(1, i - 1) .. closers(#stack) end
+    elseif ch == "," and on_cut then on_cut(i - 1) end
+  end
+  return stack, in_str, esc
+end
+local function closers(stack) local t = {} for i = #stack, 1, -1 do t[#t + 1] = CLOSER[stack[i]] end return table.concat(t) end
+local function partial_object(text)
+  if type(text) ~= "string" or text:sub(1, 1) ~= "{" then return nil end
+  local cuts, n = {}, 0 -- (a ring of the last PARTIAL_TRIES places)
+  local stack, in_str, esc = walk_json(text, #text, function(i) n = n + 1; cuts[(n - 1) % PARTIAL_TRIES + 1] = i end)
+  local function object(candidate)
+    local v = json.decode(candidate)
+    if type(v) == "table" and getmetatable(v) ~= json.array_mt and v[1] == nil then return v end
   end
   -- the whole text first, its open string closed (a dangling escape or \u left out)
   local whole = text
   if in_str then whole = (esc and whole:sub(1, -2) or whole:gsub("\\u%x*$", "")) .. '"' end
-  cuts[#cuts + 1] = whole .. closers(#stack)
-  for i = #cuts, 1, -1 do
-    local v = json.decode(cuts[i])
-    if type(v) == "table" and getmetatable(v) ~= json.array_mt and v[1] == nil then return v end
+  local v = object(whole .. closers(stack))
+  for k = n, math.max(1, n - PARTIAL_TRIES + 1), -1 do
+    if v then return v end
+    local at = cuts[(k - 1) % PARTIAL_TRIES + 1]
+    v = object(text:sub(1, at) .. closers((walk_json(text, at))))
   end
-  return nil
+  return v
 end
 
 local function anthropic_answer(r, id, model)
@@ -1777,7 +1792,6 @@ local function model_object(m, api)
   end
   return { id = m.id, object = "model", created = 0, owned_by = m.owned_by }
 end
-
 
 local function models_api(req) return req.headers["anthropic-version"] and "anthropic" or "openai" end
 
