@@ -385,6 +385,29 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.are.equal(1, st.spent, "its settle is not in the new period's spend")
     end)
 
+    -- a policy reload that changes the script's own period kind, with no limit set from the command
+    -- line (before: the new period started at $0 with the open hold uncounted, and its settle went to
+    -- the old period: $1.40 committed against a $1 budget, today's spend $0 after both calls)
+    it("a script's own period changed by a reload carries the spend and the open holds, as set --per does",
+      function()
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 1 })
+      assert(assert(bud:reserve(0.3)):settle(0.3, E))
+      local held = assert(bud:reserve(0.5))
+      resil.budget(name, { limit = 1, per = "day" }) -- (the reloaded policy)
+      local t, err = bud:reserve(0.5)
+      assert.is_nil(t, "$0.30 spent + $0.50 held + $0.50 let through a $1 budget")
+      assert.are.equal("budget_exceeded", err.kind)
+      assert(held:settle(0.5, E))
+      local st = assert(bud:state())
+      assert.are.same({ 0.8, 0 }, { st.spent, st.reserved })
+      assert.is_nil(bud:reserve(0.5))
+      -- and back: the lifetime period counts what the days spent
+      resil.budget(name, { limit = 1 })
+      st = assert(bud:state())
+      assert.are.same({ "all", 0.8 }, { st.period, st.spent })
+    end)
+
     -- a settle that lands while the switch runs (on Redis: between the ledger's sum and the script;
     -- SQLite does both in one transaction)
     if b.name == "Redis" then it("a settle landing while the switch sums the ledger is in the new period's spend", function()

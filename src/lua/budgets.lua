@@ -136,6 +136,24 @@ local function period_of(per, now)
   return "all"
 end
 
+-- when a period kind ("day", "month", "none") starts, in UTC
+local function period_start(per, now)
+  if per == "none" then return nil end
+  local day = math.floor(now) - math.floor(now) % 86400
+  if per == "day" then return day end
+  return day - (os.date("!*t", math.floor(now)).day - 1) * 86400
+end
+
+-- A period kind changed from `was` to `per` (`budgets set --per`, or a script's own while no
+-- limit is set: a policy reload): what the switch carries into the new period, the ledger's spend
+-- since its start and the open holds of the old kind's current and previous period (a hold taken
+-- at 23:55 may still be open) -> {period=, since=, from = {...}}
+local function carry_of(was, per, now)
+  local start = period_start(was, now)
+  return { period = period_of(per, now), since = period_start(per, now),
+    from = { period_of(was, now), start and period_of(was, start - 1) or nil } }
+end
+
 -- budget -> the backend its limit was last written to (not on the budget: a script holds it, and the
 -- backend holds the raw db or connection)
 local declared_in = setmetatable({}, { __mode = "k" })
@@ -196,7 +214,20 @@ local function limit_in_force(b, backend, now)
   cfg = cfg or {}
   local declared_micro, declared_per = to_micro(b.limit), b.per or "none"
   if declared_in[b] ~= backend and (cfg.declared_micro ~= declared_micro or cfg.declared_per ~= declared_per) then
-    if backend:budget_declare(b.name, declared_micro, declared_per, now) then declared_in[b] = backend end
+    -- the script's own period kind changed (a policy reload, per = nil made "day") while no limit
+    -- is set: the switch carries the spend and open holds as `budgets set --per` does (before,
+    -- the new period started at zero with the old holds uncounted, their settles in the old one:
+    -- a $1 budget with $0.60 held let another $0.60 through). A carry not written is not guessed
+    -- past: nothing is reserved until it is.
+    local carry = not cfg.limit_micro and cfg.declared_per and cfg.declared_per ~= declared_per and
+      carry_of(cfg.declared_per, declared_per, now) or nil
+    local ok, err = backend:budget_declare(b.name, declared_micro, declared_per, now, carry)
+    if ok then
+      declared_in[b] = backend
+    elseif carry then
+      return nil, nil, err or resil.error("store_unavailable", ("budget '%s': its new period could not be written")
+        :format(b.name), { budget = b.name })
+    end
   elseif cfg.declared_micro then
     declared_in[b] = backend
   end
@@ -636,14 +667,6 @@ function admin.release(s, name, stale)
   return backend_of[s]:budget_release_holds(name, period_of(per_in_force(s, name), now), stale, now, owner.me().id)
 end
 
--- when a period kind ("day", "month", "none") starts, in UTC
-local function period_start(per, now)
-  if per == "none" then return nil end
-  local day = math.floor(now) - math.floor(now) % 86400
-  if per == "day" then return day end
-  return day - (os.date("!*t", math.floor(now)).day - 1) * 86400
-end
-
 -- Set a budget's limit and period. A new period kind counts what the ledger
 -- holds for it so far, whatever period each cost was charged under: a
 -- budget of 50/day made 500/month on the 20th starts at the month's spend,
@@ -652,14 +675,7 @@ function admin.set(s, name, limit, per)
   per = per or "none"
   local now = store_now()
   local was = per_in_force(s, name)
-  local carry
-  if was ~= per then
-    -- (the open holds move: those of the old kind's period, and of the one before it, where a
-    -- hold taken at 23:55 may still be open)
-    local start = period_start(was, now)
-    carry = { period = period_of(per, now), since = period_start(per, now),
-      from = { period_of(was, now), start and period_of(was, start - 1) or nil } }
-  end
+  local carry = was ~= per and carry_of(was, per, now) or nil
   local ok, err = backend_of[s]:budget_set(name, to_micro(limit), per, now, carry)
   -- a gateway key's budget: its record says it too (a key made without --budget had none, and
   -- the gateway reserved nothing for it: the limit set went unenforced)

@@ -1562,7 +1562,9 @@ function R:budget_config(name)
   return budget_config_of(h)
 end
 
-function R:budget_declare(name, micro, per, now)
+function R:budget_declare(name, micro, per, now, carry)
+  -- (its period kind changed while it is the one in force: carried in one script, as budget_set's)
+  if carry then return self:budget_set(name, micro, per, now, carry, true) end
   local ok, err = self.conn:call("HSET", BUDGETS .. ":" .. name, "declared_limit", micro, "declared_per", per,
     "declared_at", fmt_time(now))
   if ok == nil then return nil, err end
@@ -1579,7 +1581,11 @@ end
 -- old period's counter), and the open holds move to the new period, their tickets saying so
 -- (their settle counts there), as on SQLite.
 scripts.budget_set = [[
-redis.call('HSET', KEYS[1], 'limit', ARGV[2], 'per', ARGV[3], 'set_at', ARGV[4])
+if ARGV[10] == 'declared' then
+  redis.call('HSET', KEYS[1], 'declared_limit', ARGV[2], 'declared_per', ARGV[3], 'declared_at', ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'limit', ARGV[2], 'per', ARGV[3], 'set_at', ARGV[4])
+end
 redis.call('SADD', KEYS[2], ARGV[1])
 if not KEYS[3] then return 1 end
 local spent, since = tonumber(ARGV[5]), tonumber(ARGV[7])
@@ -1616,8 +1622,8 @@ redis.call('SADD', string.sub(KEYS[4], 1, #KEYS[4] - #ARGV[9] - #':spent') .. 'p
 return 1
 ]]
 -- carry: {period = the new one, since = its start (nil: all), from = {the periods whose open holds
--- move to it}}
-function R:budget_set(name, micro, per, now, carry)
+-- move to it}}; declared: the script's limit and period kind (budget_declare's), not the command line's
+function R:budget_set(name, micro, per, now, carry, declared)
   local keys, args = { BUDGETS .. ":" .. name, BUDGETS }, { name, micro, per, fmt_time(now) }
   if carry then
     -- the new period's spend in the ledger so far, and how many rows that read (a settle that lands
@@ -1642,7 +1648,8 @@ function R:budget_set(name, micro, per, now, carry)
     args[5], args[6], args[7] = ("%d"):format(spent), n, carry.since and fmt_time(carry.since) or ""
     args[8], args[9] = P .. "ticket:", carry.period
   end
-  local ok, err = self:script("budget_set", keys, table.unpack(args, 1, carry and 9 or 4))
+  if declared then args[10] = "declared" end
+  local ok, err = self:script("budget_set", keys, table.unpack(args, 1, declared and 10 or carry and 9 or 4))
   if ok == nil then return nil, err end
   return true
 end

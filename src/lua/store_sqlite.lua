@@ -942,12 +942,22 @@ function B:budget_config(name)
   end)
 end
 
--- the limit a script declares (resil.budget), for `resil-lua budgets`
-function B:budget_declare(name, micro, per, now)
+-- a period kind switched (carry, below): the budget's costs since `since` and its open holds
+-- count in `period` from now on
+local function carry_into(tx, name, carry)
+  tx:exec("UPDATE costs SET period = ? WHERE budget = ? AND at >= ? AND period IS NOT ?", carry.period, name,
+    carry.since or -math.huge, carry.period)
+  tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND state = 'held'", carry.period, name)
+end
+
+-- the limit a script declares (resil.budget), for `resil-lua budgets`; carry: its period kind
+-- changed while it is the one in force (no limit set), as budget_set's
+function B:budget_declare(name, micro, per, now, carry)
   return self.db:tx(function(tx)
     tx:exec("INSERT INTO budgets (name, declared_micro, declared_per, declared_at) VALUES (?, ?, ?, ?) " ..
             "ON CONFLICT (name) DO UPDATE SET declared_micro = excluded.declared_micro, " ..
             "declared_per = excluded.declared_per, declared_at = excluded.declared_at", name, micro, per, now)
+    if carry then carry_into(tx, name, carry) end
     return true
   end)
 end
@@ -962,11 +972,7 @@ function B:budget_set(name, micro, per, now, carry)
     tx:exec("INSERT INTO budgets (name, limit_micro, per, set_at) VALUES (?, ?, ?, ?) " ..
             "ON CONFLICT (name) DO UPDATE SET limit_micro = excluded.limit_micro, per = excluded.per, " ..
             "set_at = excluded.set_at", name, micro, per, now)
-    if carry then
-      tx:exec("UPDATE costs SET period = ? WHERE budget = ? AND at >= ? AND period IS NOT ?", carry.period, name,
-        carry.since or -math.huge, carry.period)
-      tx:exec("UPDATE reservations SET period = ? WHERE budget = ? AND state = 'held'", carry.period, name)
-    end
+    if carry then carry_into(tx, name, carry) end
     return true
   end)
 end
