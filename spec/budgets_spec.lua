@@ -864,6 +864,34 @@ describe("budgets set against a frozen Redis (SIGSTOP)", function()
   end)
 end)
 
+-- A ticket released (a gateway client that left, a job that failed, a retry's hold) while the
+-- store cannot take it. (before: the release failed once and was never tried again: the hold
+-- counted until its end, ten minutes by default, in a process still running, and a gateway key
+-- whose client left during a Redis blip had that much of its budget locked away)
+describe("a ticket released while Redis is frozen (SIGSTOP)", function()
+  local redis
+  setup(function() redis = helpers.redis_server() end)
+  teardown(function() redis.stop() end)
+
+  it("is given back once the store answers again, while its process lives", function()
+    resil.clock.real()
+    resil.store_config({ url = redis.url(nil, "timeout=0.5") })
+    local bud = resil.budget("frozen-release", { limit = 1 })
+    local t = assert(bud:reserve(0.9))
+    os.execute("kill -STOP " .. redis.pid)
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    local ok, err = t:release()
+    os.execute("kill -CONT " .. redis.pid)
+    assert.is_true(helpers.wait_until(function()
+      local st = bud:state()
+      return st ~= nil and st.reserved == 0
+    end, 30), "the hold still counts")
+    assert.is_nil(ok) -- (as a settle's: tried again meanwhile)
+    assert.are.same({ "store_unavailable", true }, { err.kind, err.retrying })
+    assert(assert(bud:reserve(0.9)):release())
+  end)
+end)
+
 -- A reservation the budget refused holds nothing, so its process has nothing to give up as it
 -- closes. (before: each refusal made a ticket the close released, a write per refusal; with
 -- another process holding the store's write lock then, a process that never held a cent said

@@ -593,13 +593,39 @@ function Ticket:charge(actual, e)
   return extra:settle(actual, e)
 end
 
+-- A release the store did not take (unavailable: a frozen or restarting Redis, SQLite's lock held
+-- past the timeout; or its caller canceled while the store had it) is tried again in a task of
+-- its own, for a minute at most, as a settle is: a call that ended costing nothing (a gateway
+-- client that left, a job that failed, a retry's hold) kept its money held until the hold's end,
+-- ten minutes by default, with nobody left to free it. Kept once: a held ticket only.
+local function release_later(backend, t)
+  local ok, err = S.retry_write(function() return backend:budget_release(t.id) end)
+  if ok ~= nil then
+    t.releasing = nil
+    if ok then observe_end(t, 0) end
+    return
+  end
+  resil.log.error("budget: a hold given back could not be released; it counts until its end",
+    { budget = t.budget.name, ticket = t.id, error = tostring(err) })
+end
+local release_guard = { __close = function(w)
+  if not w.seen then spawn(release_later, w.backend, w.ticket) end
+end }
+
+-- ticket:release() -> true | false (nothing held) | nil, err{retrying = true} (tried again, above)
 function Ticket:release()
   self.done = true
   stop_keeping(self)
   if not self.store then return false end -- (unchecked before the store could be opened: nothing held)
-  owner_drop(backend_of[self.store], self.id)
-  local ok, err = backend_of[self.store]:budget_release(self.id)
+  local backend = backend_of[self.store]
+  owner_drop(backend, self.id)
+  self.releasing = true -- (for resil_close, below, until the store has taken it)
+  local write <close> = setmetatable({ backend = backend, ticket = self }, release_guard)
+  local ok, err = backend:budget_release(self.id)
+  write.seen = ok ~= nil or not (resil.is_error(err) and err.kind == "store_unavailable")
+  if ok ~= nil then self.releasing = nil end
   if ok then observe_end(self, 0) end
+  if not write.seen then err.retrying = true end
   return ok, err
 end
 
@@ -701,7 +727,7 @@ debug.getregistry()["resil.budgets.close"] = function()
     first = first or err or nil
   end
   for t in pairs(on_store) do
-    local err = not t.done and S.at_close(failed, backend_of[t.store], "budget_release_now", t.id)
+    local err = (not t.done or t.releasing) and S.at_close(failed, backend_of[t.store], "budget_release_now", t.id)
     first = first or err or nil
   end
   -- a reservation sent whose task never resumed (the store's answer in, or still on its way): its
