@@ -334,6 +334,19 @@ for _, b in ipairs(helpers.store_backends()) do
       st = assert(budget:state())
       assert.are.same({ tomorrow, 0.7 }, { st.period, st.spent })
     end)
+
+    -- (before: kept under the budget in the ledger and counted in none of its periods, the
+    -- reservation after it granted as if nothing were spent)
+    it("a cost row naming a budget without its period is refused at the caller's line, nothing recorded", function()
+      local budget = resil.budget("money-no-period", { limit = 1 })
+      local line = debug.getinfo(1, "l").currentline + 1
+      local ok, err = pcall(function() resil.cost.record({ provider = "p", usd = 0.7, budget = "money-no-period" }) end)
+      assert.is_false(ok)
+      assert.matches("budgets_spec%.lua:" .. line .. ": resil%.cost%.record: budget needs its period", err)
+      assert.are.equal(0, assert(budget:state()).spent)
+      assert.are.equal(0, resil.cost.total())
+      assert.is_truthy(budget:reserve(0.9))
+    end)
   end)
 end
 

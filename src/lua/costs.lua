@@ -147,6 +147,12 @@ local function checked(e)
       end
     end
   end
+  -- a budget's row counts in the period it names and in no other: one without it was kept in the
+  -- ledger under the budget and counted in none of its periods, the money spent past the limit
+  if e.budget ~= nil and e.period == nil then
+    error("resil.cost.record: budget needs its period (period = budget:state().period): a row without one " ..
+      "counts in no period of the budget", 4)
+  end
   local units = e.units
   if units ~= nil then
     local ok, text = false, "not a table"
