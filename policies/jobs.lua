@@ -652,7 +652,7 @@ local function create(ctx, akey, g, legacy)
   local fp = fingerprint(ctx.model, ctx.input)
   if legacy then
     local found, handle, err = resil.once_replay({ key = "ai.job:" .. legacy, fingerprint = fp })
-    if found then return handle, err end
+    if found and not (handle == nil and refused(err)) then return handle, err end
   end
   local handle, err = resil.once({ key = "ai.job:" .. akey, fingerprint = fp, retention = JOB_RETENTION },
     function()
@@ -664,6 +664,10 @@ local function create(ctx, akey, g, legacy)
       return h, e
     end)
   if handle == nil and type(err) == "table" and err.refused ~= nil then return nil, err.refused end
+  -- a refusal an older version kept under the key (it made no job) was replayed at every resume,
+  -- for good, nothing sent: the create is sent under a key of its own beside it, which keeps the
+  -- job it makes for the resumes to come (a refusal is never kept there: see above)
+  if handle == nil and refused(err) and not g.made then return create(ctx, akey .. "~resent", g) end
   return handle, err
 end
 

@@ -309,6 +309,30 @@ describe("ai.job on Replicate", function()
       assert.are.equal(1, m:stats().billed.jobs)
     end)
 
+    -- (before: a refusal an older version kept under the job's key was replayed at every resume, for
+    -- good: the run failed at its step, nothing sent, whatever credit or token it had since)
+    it("a refusal an older version kept under the job's key is not replayed: the create is sent", function()
+      m = resil.mock.start({ jobs = { polls = 0 } })
+      use(m.url)
+      local input = { prompt = "a lighthouse" }
+      local function seed(key)
+        resil.once({ key = "ai.job:" .. key, fingerprint = jobs.fingerprint(FLUX, input), retention = 86400 },
+          function()
+            return nil, resil.error("quota_exceeded", "replicate: 402 Insufficient credit",
+              { provider = "replicate", status = 402, retryable = false })
+          end)
+      end
+      seed("old-402")
+      local r, err = jobs.job({ model = FLUX, input = input, key = "old-402" })
+      assert(r, err and tostring(err))
+      assert.are.equal("mock" .. m.instance .. "00001", r.id)
+      -- and again: the job made then is followed, not made a second time
+      assert.are.equal(r.id, assert(jobs.job({ model = FLUX, input = input, key = "old-402" })).id)
+      assert.are.equal(1, m:stats().routes.predictions)
+      assert.are.equal(1, m:stats().billed.jobs)
+      assert.are.equal(1, resil.cost.breakdown("provider")[1].calls) -- one row, read twice
+    end)
+
     -- (before: the side was drawn again at each call: a resumed run that drew the other version had
     -- another job's key, and made and paid a second job beside the first, which ran on unrecorded)
     it("an alias migrating without a sticky value: a resumed run draws the side it drew, and follows its job",
