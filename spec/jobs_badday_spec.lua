@@ -164,6 +164,43 @@ describe("a job on a bad day", function()
     assert.are.equal("metrics.inference_time", said)
   end)
 
+  -- (before: fal's 202 CANCELLATION_REQUESTED was taken as the request's end: one whose app finished it
+  -- all the same was paid at fal, had no row, and was replaced by a second request, paid too)
+  it("fal: a request whose cancel was only accepted is followed; one that completed is its output, paid once",
+    function()
+      local m = resil.mock.start({ jobs = { duration = 20, cancel_takes = math.huge } })
+      finally(function() m:stop() end)
+      jobs.configure("fal", { base_url = m.url .. "/fal", api_key = KEYS.fal, poll = { first = 1 } })
+      local r, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "x" }, deadline = 12 })
+      assert(r, err and tostring(err))
+      assert.are.equal("succeeded", r.status)
+      assert.are.equal(1, r.attempts)
+      assert.are.equal(0.025, r.cost_usd)
+      local s = m:stats()
+      assert.are.same({ 1, 1 }, { s.routes.fal_submit, s.billed.jobs })
+      assert.are.same({ 1, 0.025, 0 }, { rows() })
+    end)
+
+  it("fal: a request whose cancel was accepted but that runs on past the cancel's window may run on: not replaced",
+    function()
+      local m = resil.mock.start({ jobs = { fates = { "stuck" }, cancel_takes = math.huge } })
+      finally(function() m:stop() end)
+      jobs.configure("fal", { base_url = m.url .. "/fal", api_key = KEYS.fal, poll = { first = 1 } })
+      local r, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "x" }, deadline = 12 })
+      assert.is_nil(r)
+      assert.are.equal("deadline", err.kind)
+      assert.is_false(err.canceled) -- (it was said canceled, and a second request made beside it)
+      assert.are.equal(1, m:stats().routes.fal_submit)
+      -- and one whose cancel takes a few seconds later is canceled: its end is read, nothing else made
+      m:configure({ jobs = { fates = { "stuck", "stuck" }, cancel_takes = 4 } }) -- (the second of its fates)
+      r, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "x" }, deadline = 12, attempts = 1 })
+      assert.is_nil(r)
+      assert.are.equal("deadline", err.kind)
+      assert.is_nil(err.canceled)
+      assert.are.equal(1, m:stats().billed.canceled)
+      assert.are.equal(2, m:stats().routes.fal_submit)
+    end)
+
   it("Replicate: a job whose cancel failed is recorded by the call that cancels it, at the time it ran, once",
     function()
       local m = resil.mock.start({ jobs = { fates = { "stuck", "succeeded" }, polls = 1, predict_time = 2,

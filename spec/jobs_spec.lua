@@ -1271,7 +1271,11 @@ describe("golden requests", function()
     local _, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" }, deadline = 2,
       attempts = 1 })
     assert.are.equal("deadline", err.kind)
+    local put -- (then its status read again: a cancel accepted is followed until the request ends)
+    for _, q in ipairs(rec.requests) do if q.method == "PUT" then put = put or q end end
     assert.are.same({ method = "PUT", path = app .. "/cancel", headers = { authorization = "Key <key>",
+      accept = "*/*" } }, golden(put))
+    assert.are.same({ method = "GET", path = app .. "/status", headers = { authorization = "Key <key>",
       accept = "*/*" } }, golden(rec.requests[#rec.requests]))
   end)
 

@@ -133,8 +133,45 @@ function fal.poll(ctx, handle)
   return { status = "running", queue_position = s.queue_position, raw = s }
 end
 
+-- A cancel fal accepted (202 CANCELLATION_REQUESTED) is a signal sent to the request's runner, whose
+-- app stops when it does, or not at all: the request may still complete, and be billed. It is read
+-- until it ends, within the cancel's window (ctx.poll_until, else CANCEL_WINDOW): canceled (its
+-- error client_cancelled; a 404, gone) -> res, nil, { status = "canceled", metrics = }; completed
+-- or failed meanwhile -> res, nil, its state (taken as a request that ended before the cancel);
+-- still running -> nil, err: it may run on (jobs.lua: not replaced, said `canceled = false`).
+local CANCEL_WINDOW = 30
+local function until_ended(ctx, handle, res)
+  local own = ctx.poll_until == nil
+  if own then ctx.poll_until = resil.now() + CANCEL_WINDOW end
+  local last_until, delay, last = ctx.poll_until, 0.5, nil
+  while resil.now() < last_until do
+    local s, err = fal.poll(ctx, handle)
+    if s and s.status ~= "running" then
+      if own then ctx.poll_until = nil end
+      if s.status == "failed" and s.error_type == "client_cancelled" then
+        return res, nil, { status = "canceled", metrics = s.metrics }
+      end
+      return res, nil, s
+    end
+    if not s and type(err) == "table" and err.status == 404 then
+      if own then ctx.poll_until = nil end
+      return res, nil, { status = "canceled" }
+    end
+    last = not s and err or last
+    local left = last_until - resil.now()
+    if left <= 0 then break end
+    resil.sleep(math.min(delay, left))
+    delay = math.min(delay * 2, 5)
+  end
+  if own then ctx.poll_until = nil end
+  return nil, resil.error("cancel_pending", ("fal: the cancel of request %s was accepted, but the request had " ..
+    "not ended %d s later%s"):format(handle.id, CANCEL_WINDOW, last and (" (its status: %s)"):format(
+    tostring(type(last) == "table" and last.message or last)) or ""), { provider = "fal", id = handle.id,
+    retryable = true })
+end
+
 -- -> res | nil, err; and the request's state when it completed before the cancel (fal answers
--- 400 ALREADY_COMPLETED: the request is read once more)
+-- 400 ALREADY_COMPLETED: the request is read once more) or after it was accepted (until_ended)
 function fal.cancel(ctx, handle)
   local _, _, url = urls(ctx, handle)
   local res, err = ctx.send({ method = "PUT", url = url, headers = fal.headers(ctx.key) })
@@ -142,6 +179,7 @@ function fal.cancel(ctx, handle)
     local s = fal.poll(ctx, handle)
     if s and s.status ~= "running" then return nil, err, s end
   end
+  if res then return until_ended(ctx, handle, res) end
   return res, err
 end
 

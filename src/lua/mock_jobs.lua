@@ -12,13 +12,15 @@
 --                          errors as {detail = {status, code, message}})
 -- Scenario (the `jobs` table, shared by Replicate and fal):
 --   jobs = { polls = 2 | duration = s, fail = p, stuck = p, output = v, usd = n, predict_time = s,
---            error = "why", fates = { "failed", { "succeeded", polls = 0 }, "stuck" },
+--            error = "why", fates = { "failed", { "succeeded", polls = 0 }, "stuck" }, cancel_takes = s,
 --            errors = { [route] = { 429, "ok", { status = 401, code = "quota_exceeded" } } } }
 -- `fates` decides the jobs in order of creation (then `stuck` and `fail` draw; "lost": the job is
 -- answered at its create, then forgotten, as by a provider's outage: its reads and cancel are 404s); `errors` plays
 -- each route's provider-shaped error replies in order (route names: predictions, prediction,
 -- cancel, fal_submit, fal_status, fal_result, fal_cancel, tts); the mock's generic
 -- `sequence` and `faults` (hang, reset, garbage, latency, ...) apply to these routes too.
+-- `cancel_takes`: a fal request in progress whose cancel was accepted (202 CANCELLATION_REQUESTED)
+-- ends canceled that many seconds later, unless it completes first (math.huge: its app ignores it).
 -- mock.lua asks route() first; a route's handler answers like a custom route.
 local resil = ...
 local json = resil.json
@@ -270,15 +272,28 @@ local function fal_status_view(m, job)
     cancel_url = cancel_url }
   if job.status == "IN_QUEUE" then v.queue_position = job.queue_position end
   if job.status ~= "IN_QUEUE" then v.logs = json.null end
-  if job.status == "COMPLETED" then
+  if job.status == "COMPLETED" and job.error_type ~= "client_cancelled" then
     v.metrics = { inference_time = cfg(m).predict_time or 1.5 }
+  end
+  if job.status == "COMPLETED" then
     if job.error then v.error, v.error_type = job.error, job.error_type end
   end
   return v
 end
 
+-- a request whose cancel was accepted (`cancel_takes`) ends canceled when the cancel takes, unless
+-- it completed first; a canceled request's status says no time (fal_status_view)
+local function fal_canceled(m, job)
+  job.status, job.error, job.error_type = "COMPLETED", "Request was cancelled by the client", "client_cancelled"
+  job.queue_position = nil
+  billed(m, "canceled", 1)
+end
+
 local function fal_advance(m, job)
   if job.status == "COMPLETED" then return end
+  if job.cancel_at and resil.now() >= job.cancel_at and (job.fate == "stuck" or not ready(m, job)) then
+    return fal_canceled(m, job)
+  end
   if job.fate == "stuck" or not ready(m, job) then
     if job.polls >= 1 then job.status, job.queue_position = "IN_PROGRESS", nil end
     return
@@ -364,8 +379,13 @@ local function fal_cancel(m, req, app, id)
   if job.status == "COMPLETED" then
     return { status = 400, body = json.encode({ status = "ALREADY_COMPLETED" }) }
   end
-  job.status, job.error, job.error_type = "COMPLETED", "Request was cancelled by the client", "client_cancelled"
-  billed(m, "canceled", 1)
+  -- (`cancel_takes`: fal signals the runner, whose app stops when it does, or never: math.huge)
+  local takes = cfg(m).cancel_takes
+  if takes and job.status == "IN_PROGRESS" then
+    job.cancel_at = job.cancel_at or resil.now() + takes
+  else
+    fal_canceled(m, job)
+  end
   return { status = 202, body = json.encode({ status = "CANCELLATION_REQUESTED" }) }
 end
 
