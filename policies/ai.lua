@@ -1830,6 +1830,7 @@ local function through_registry(req, level, anchor)
   local r = {}
   for k, v in pairs(req) do r[k] = v end
   r.model = model
+  r._alias = req.model -- (a job's name across resumes, whatever model the alias names then: policies.jobs)
   if r.deadline == nil then r.deadline = plan.deadline end
   return r, nil, plan
 end

@@ -261,20 +261,35 @@ end
 local function fingerprint(...) return resil.hash(table.concat(canonical({ ... }, {}))) end
 jobs.fingerprint = fingerprint
 
+-- The name the caller gave the model: an alias policies.ai resolved (`_alias`), else the model. A
+-- job is named by it across resumes, not by the model the alias names at the time: a registry
+-- edited, a rollback or a migration's end between a run and its resume moved the job's key, and
+-- the resumed run made and paid a second job beside the first.
+local function asked(spec)
+  return type(spec._alias) == "string" and spec._alias or spec.model
+end
+
 -- The job's name for resumes: the caller's key, or (inside a step) the run, the step's name and
 -- place and the request; nil outside a step without a key: nothing to resume. -> key, and the
--- key versions before gave the first step of its name in its scope (no place), or nil.
+-- {key, model} versions before gave it (read, never written: a job made under one is followed):
+-- the first step of its name in its scope had no place, and an alias's job was named by its model.
 local function durable_key(spec)
-  if spec.key ~= nil then return tostring(spec.key) end
+  local by_model = asked(spec) ~= spec.model and spec.model or nil
+  if spec.key ~= nil then return tostring(spec.key), by_model and { { tostring(spec.key), by_model } } or {} end
   local c = resil.context()
   if not c.step then return nil end
   -- a run started over (--fresh) makes new jobs: its generation is in the key
   local gen = resil.run.generation()
-  local key = ("%s%s/%s%s/%s"):format(resil.run.id(), gen > 0 and ("~" .. gen) or "", c._step_scope and
-    (c._step_scope .. "/") or "", c.step, fingerprint(spec.model, spec.input):sub(1, 16))
+  local function named(model)
+    return ("%s%s/%s%s/%s"):format(resil.run.id(), gen > 0 and ("~" .. gen) or "", c._step_scope and
+      (c._step_scope .. "/") or "", c.step, fingerprint(model, spec.input):sub(1, 16))
+  end
   -- The step's place tells apart steps of one name with one request (a loop making variations):
   -- without it they were one job, each step given the first one's output.
-  return ("%s@%d"):format(key, c._step_seq), (c._step_nth or 1) == 1 and key or nil
+  local key, legacy = named(asked(spec)), {}
+  if by_model then legacy[#legacy + 1] = { ("%s@%d"):format(named(by_model), c._step_seq), by_model } end
+  if (c._step_nth or 1) == 1 then legacy[#legacy + 1] = { named(spec.model), spec.model } end
+  return ("%s@%d"):format(key, c._step_seq), legacy
 end
 
 -- The name a job keeps across resumes, for what is decided before it is made: the side of a
@@ -572,7 +587,7 @@ end }
 -- The create: its result is the handle (job id, URLs).
 local function make(ctx)
   local handle, err = ctx.adapter.create(ctx)
-  if handle then handle.created_wall, handle.base = resil.clock.wall(), ctx.base end
+  if handle then handle.created_wall, handle.base, handle.model = resil.clock.wall(), ctx.base, ctx.model end
   return handle, err
 end
 
@@ -645,13 +660,13 @@ local function refused(e)
   return type(e) == "table" and e.retryable == false and math.type(e.status) == "integer" and e.status >= 400
     and not MAY_BE_MADE[e.status]
 end
--- legacy: the key versions before gave the job (durable_key); a job made under it by a run
--- interrupted across the upgrade is followed, not made again (only read: nothing is written there)
+-- legacy: the {key, model} versions before gave the job (durable_key); a job made under one by a
+-- run interrupted across the upgrade is followed, not made again (only read: nothing is written there)
 local function create(ctx, akey, g, legacy)
   if not akey then return create_apart(ctx, g) end
-  local fp = fingerprint(ctx.model, ctx.input)
-  if legacy then
-    local found, handle, err = resil.once_replay({ key = "ai.job:" .. legacy, fingerprint = fp })
+  local fp = fingerprint(ctx.asked, ctx.input)
+  for _, l in ipairs(legacy or {}) do
+    local found, handle, err = resil.once_replay({ key = "ai.job:" .. l[1], fingerprint = fingerprint(l[2], ctx.input) })
     if found and not (handle == nil and refused(err)) then return handle, err end
   end
   local handle, err = resil.once({ key = "ai.job:" .. akey, fingerprint = fp, retention = JOB_RETENTION },
@@ -680,7 +695,7 @@ end
 local function is_mark(handle) return type(handle) == "table" and handle.call_ended == true end
 local function attempt_key(key, n) return key and (n == 1 and key or ("%s#%d"):format(key, n)) end
 local function mark_end(ctx, key, n)
-  local ok, err = resil.once({ key = "ai.job:" .. attempt_key(key, n), fingerprint = fingerprint(ctx.model, ctx.input),
+  local ok, err = resil.once({ key = "ai.job:" .. attempt_key(key, n), fingerprint = fingerprint(ctx.asked, ctx.input),
     retention = JOB_RETENTION }, function() return { call_ended = true } end)
   if ok == nil then
     resil.log.warn("job: the end of the call's attempts could not be recorded: a resume reads its failed jobs again",
@@ -688,9 +703,12 @@ local function mark_end(ctx, key, n)
   end
 end
 local function marked(ctx, key, n)
-  local found, handle = resil.once_replay({ key = "ai.job:" .. attempt_key(key, n),
-    fingerprint = fingerprint(ctx.model, ctx.input) })
-  return found and is_mark(handle)
+  for _, model in ipairs({ ctx.asked, ctx.model ~= ctx.asked and ctx.model or nil }) do -- (the model's: before)
+    local found, handle = resil.once_replay({ key = "ai.job:" .. attempt_key(key, n), fingerprint = fingerprint(model,
+      ctx.input) })
+    if found and is_mark(handle) then return true end
+  end
+  return false
 end
 
 -- Options that cannot be meant, refused at the caller's line before anything is sent: a deadline
@@ -741,6 +759,7 @@ function jobs.job(spec)
   local deadline = checked_deadline(ctx, spec)
   local attempts = options(ctx, spec)
   ctx.poll_first = spec.poll_first
+  ctx.asked = asked(spec)
   local key, legacy = durable_key(spec)
   local ids, last_err = {}, nil
   -- jobs this call made, or found still known to the provider, count as its attempts; a lost one
@@ -755,7 +774,8 @@ function jobs.job(spec)
     end
     n, counted = n + 1, counted + 1
     local akey = attempt_key(key, n)
-    local alegacy = attempt_key(legacy, n)
+    local alegacy = {}
+    for i, l in ipairs(legacy or {}) do alegacy[i] = { attempt_key(l[1], n), l[2] } end
     local ticket, berr = reserve(spec, pricing.cost(ctx.name, ctx.model, estimate_usage(ctx, spec.input, deadline)), ctx.model)
     if spec.budget ~= nil and not ticket then return nil, berr end
     if ticket then ticket:keep() end -- (a video job may run past its hold)
@@ -769,19 +789,34 @@ function jobs.job(spec)
       counted = 0
       goto next_attempt
     end
-    if handle then handle = rebase(ctx, handle) end
+    -- a job made on the model its alias named then, which names another now (the registry edited
+    -- between a run and its resume): read, canceled and recorded as that model's
+    local jc = ctx
+    if type(handle) == "table" and type(handle.model) == "string" and handle.model ~= ctx.model then
+      local ok, other, oerr = pcall(context, { model = handle.model, input = spec.input, wait = spec.wait }, "ai.job", 1)
+      if not (ok and other) then
+        guard.done = true
+        if ticket then ticket:release() end
+        return nil, ok and oerr or resil.error("bad_option", ("ai.job: job %s was made on %s, which cannot be " ..
+          "read now: %s"):format(tostring(handle.id), handle.model, tostring(other)), { retryable = false })
+      end
+      jc = other
+      jc.poll_first, jc.retries_until, jc.asked = ctx.poll_first, ctx.retries_until, ctx.asked
+      guard.ctx = jc
+    end
+    if handle then handle = rebase(jc, handle) end
     guard.handle = handle
     if not handle then
       guard.done = true
       if answered(err) then
-        err.cost_usd = charge_cut(ctx, spec, err, ticket)
+        err.cost_usd = charge_cut(jc, spec, err, ticket)
         return nil, err
       end
       if ticket then ticket:release() end
       return nil, err
     end
     ids[#ids + 1] = handle.id
-    local state, perr = follow(ctx, handle, deadline)
+    local state, perr = follow(jc, handle, deadline)
     if not state then -- (its status could not be read: an auth error, a proxy's 4xx)
       -- outside a run nothing reads it again: the guard, as it closes, cancels it at the provider and
       -- records what it ran (it was left running, billed, with no row); a run's is the resumed run's
@@ -803,22 +838,22 @@ function jobs.job(spec)
       if ticket then ticket:release() end
     elseif state.uncanceled then -- (nothing reads it again: what it will make and cost is not known)
       usage = { unknown = "outcome" }
-      usd = charge(ctx, spec, "job", handle.id, usage, ticket)
+      usd = charge(jc, spec, "job", handle.id, usage, ticket)
     else
-      usage = usage_of(ctx, handle, state, spec.input)
-      usd = charge(ctx, spec, "job", handle.id, usage, ticket)
+      usage = usage_of(jc, handle, state, spec.input)
+      usd = charge(jc, spec, "job", handle.id, usage, ticket)
     end
     if state.status == "succeeded" then
-      return { provider = ctx.name, model = ctx.model, id = handle.id, status = "succeeded", output = state.output,
+      return { provider = jc.name, model = jc.model, id = handle.id, status = "succeeded", output = state.output,
         cost_usd = usd, usage = usage, attempts = n, job_ids = ids, raw = state.raw }
     end
-    last_err = job_error(ctx, state, handle, n)
+    last_err = job_error(jc, state, handle, n)
     if state.uncanceled then -- another job beside one that runs on could pay twice
       last_err.job_ids = ids
       return nil, last_err -- (its attempts not spent: the next call under the key goes on with them)
     end
     resil.log.warn("job did not succeed" .. (counted < attempts and ": making a new one" or ""),
-      { provider = ctx.name, model = ctx.model, id = handle.id, status = state.status, attempt = n })
+      { provider = jc.name, model = jc.model, id = handle.id, status = state.status, attempt = n })
     ::next_attempt::
   end
   if key then mark_end(ctx, key, n + 1) end

@@ -369,6 +369,70 @@ describe("ai.job on Replicate", function()
       assert.are.equal(a.model, b.model)
       assert.are.equal(2, m:stats().routes.predictions)
     end)
+
+    -- (before: the job's key held the model the alias named then: a run resumed after the registry
+    -- moved the alias made and paid a second job, the first one running on, never in the ledger;
+    -- with `key =`, it failed as key_reused)
+    it("an alias moved to another model between a run and its resume: the job made is followed, recorded at its model",
+      function()
+      local ai = require "policies.ai"
+      local registry = require "policies.registry"
+      finally(function() registry.use() end)
+      local DEV = "replicate/black-forest-labs/flux-dev"
+      registry.use({ img = { use = FLUX } })
+      m = resil.mock.start({ jobs = { duration = 10 } })
+      use(m.url)
+      resil.store_config({ run = "moved" })
+      local function render()
+        return resil.step("render", function()
+          local r = assert(ai.job({ model = "img", input = { prompt = "a lighthouse" } }))
+          return r.id .. " " .. r.model .. " " .. r.cost_usd
+        end)
+      end
+      local t = resil.spawn(render)
+      resil.sleep(2)
+      t:cancel() -- (a crash while the job runs)
+      resil.run.finish("interrupted")
+      registry.use({ img = { use = DEV } }) -- (the registry edited, a rollback, a migration ended)
+      assert.are.equal(("mock%s00001 %s 0.003"):format(m.instance, FLUX), render())
+      assert.are.equal(1, m:stats().routes.predictions) -- followed, not made again
+      assert.are.equal(0.003, resil.cost.total())
+      -- with a key of its own, outside a run, likewise: the same job again, not 'key_reused'
+      registry.use({ img = { use = FLUX } })
+      local a = assert(ai.job({ model = "img", input = { prompt = "a fox" }, key = "fox-2" }))
+      registry.use({ img = { use = DEV } })
+      local b, err = ai.job({ model = "img", input = { prompt = "a fox" }, key = "fox-2" })
+      assert(b, err and tostring(err))
+      assert.are.same({ a.id, FLUX }, { b.id, b.model })
+      assert.are.equal(2, m:stats().routes.predictions)
+      assert.are.equal(0.006, resil.cost.total())
+      -- a new step of the alias is made on the model of now
+      local c = assert(ai.job({ model = "img", input = { prompt = "a fox" }, key = "fox-3" }))
+      assert.are.equal(DEV, c.model)
+    end)
+
+    it("an alias's job a run made before its key held the alias (it held the model) is followed, not made again",
+      function()
+      local ai = require "policies.ai"
+      local registry = require "policies.registry"
+      finally(function() registry.use() end)
+      registry.use({ img = { use = FLUX } })
+      m = resil.mock.start({ jobs = { duration = 10 } })
+      use(m.url)
+      resil.store_config({ run = "upgraded-alias" })
+      local function render(model) -- (an older version sent the alias's model, as jobs.job is given it)
+        return resil.step("render", function()
+          local r = assert((model == FLUX and jobs.job or ai.job)({ model = model, input = { prompt = "a lighthouse" } }))
+          return r.id
+        end)
+      end
+      local t = resil.spawn(render, FLUX)
+      resil.sleep(2)
+      t:cancel()
+      resil.run.finish("interrupted")
+      assert.are.equal("mock" .. m.instance .. "00001", render("img"))
+      assert.are.equal(1, m:stats().routes.predictions)
+    end)
   end)
 
   it("records the time a job canceled at its deadline ran, for a model billed per second", function()
