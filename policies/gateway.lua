@@ -2056,7 +2056,8 @@ function gateway.handle(req)
   elseif one_model then
     reply = with_request_id(model_by_id(req, one_model), models_api(req))
   else
-    reply = error_reply(api_of(path), 404, ("no route %s %s"):format(req.method, req.path), { code = "unknown_url" })
+    -- (a HEAD's message names GET, as its GET's does: its Content-Length is the GET's body's)
+    reply = error_reply(api_of(path), 404, ("no route %s %s"):format(method, req.path), { code = "unknown_url" })
   end
   -- by route and status, each series bound once (no label key built per request)
   local label = route and path or one_model and "/v1/models/{id}" or "other"

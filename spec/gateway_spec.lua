@@ -323,6 +323,18 @@ describe("gateway: OpenAI chat completions", function()
       assert.are.equal("", res.body)
     end
   end)
+
+  -- (a HEAD reply had no Content-Length: RFC 9110 9.3.2 has it carry the GET's, and a monitor or
+  -- `curl -I` that reads it to size a download saw none)
+  it("HEAD carries the Content-Length the GET's body has", function()
+    local url = start({ strict = true })
+    for _, path in ipairs({ "/health", "/v1/models", "/v1/models/fast", "/v1/models/nope", "/v2/nothing" }) do
+      local get = assert(http.request({ url = url .. path }))
+      local head = assert(http.request({ method = "HEAD", url = url .. path }))
+      assert.are.equal(get.status, head.status, path)
+      assert.are.equal(tostring(#get.body), head.headers["content-length"], path)
+    end
+  end)
 end)
 
 describe("gateway: hostile requests", function()

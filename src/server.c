@@ -1023,7 +1023,10 @@ static void reply_streams(pending *p) {
 /* A reply to HEAD has no body (RFC 9110 9.3.2). libevent drops a chunked
  * reply's chunks, but writes a whole reply's body as it is given, without a
  * Content-Length: a client on the kept-alive connection read the body as the
- * start of its next reply. */
+ * start of its next reply. A whole reply's Content-Length is the body's
+ * length all the same, as the GET's (9.3.2, 8.6: libevent sent none, and
+ * `curl -I` or a monitor sizing the resource saw none); a handler that
+ * answers HEAD with no body says nothing of the GET's, so none is sent. */
 static int is_head(struct evhttp_request *req) { return evhttp_request_get_command(req) == EVHTTP_REQ_HEAD; }
 
 /* The status line of a chunked or streamed reply. HTTP/1.0 has no chunked
@@ -1080,6 +1083,11 @@ static void pending_send(pending *p) {
   if (!p->srv->bound && !evhttp_find_header(out_headers, "Connection"))
     evhttp_add_header(out_headers, "Connection", "close");
   if (is_head(req)) {
+    if (p->nchunks == 0 && p->body_len > 0) {
+      char len[32];
+      snprintf(len, sizeof len, "%zu", p->body_len);
+      evhttp_add_header(out_headers, "Content-Length", len);
+    }
     add_date(p);
     evhttp_send_reply(req, p->status, reason_phrase(p->status), NULL);
     pending_unlink(p);
