@@ -96,10 +96,10 @@ end
 -- OpenAI's error types by status, and Anthropic's
 local OPENAI_TYPE = { [400] = "invalid_request_error", [401] = "invalid_request_error", [403] = "permission_error",
   [404] = "invalid_request_error", [408] = "timeout", [409] = "invalid_request_error", [413] = "invalid_request_error",
-  [422] = "invalid_request_error", [429] = "rate_limit_exceeded",
+  [405] = "invalid_request_error", [422] = "invalid_request_error", [429] = "rate_limit_exceeded",
   [500] = "server_error", [502] = "server_error", [503] = "server_error", [504] = "timeout", [529] = "server_error" }
 local ANTHROPIC_TYPE = { [400] = "invalid_request_error", [401] = "authentication_error",
-  [403] = "permission_error", [404] = "not_found_error", [409] = "invalid_request_error",
+  [403] = "permission_error", [404] = "not_found_error", [405] = "invalid_request_error", [409] = "invalid_request_error",
   [413] = "request_too_large", [422] = "invalid_request_error", [429] = "rate_limit_error",
   [500] = "api_error", [502] = "api_error", [503] = "api_error", [504] = "timeout_error",
   [529] = "overloaded_error" }
@@ -2034,6 +2034,25 @@ local function api_of(path)
   return (path == "/v1/messages" or path:find("^/v1/messages/")) and "anthropic" or "openai"
 end
 
+-- the methods gateway.routes serves a path with (HEAD with GET), "GET, HEAD" say, or nil: a request
+-- with another method is a 405 saying them in Allow (RFC 9110 15.5.6), not a 404 "no route" that
+-- told a client whose GET /v1/chat/completions should have been a POST that the path was wrong
+-- (only for a request no route takes: a scan of the few routes, and nothing kept)
+local function allowed_methods(path)
+  local got = {}
+  for key in pairs(gateway.routes) do
+    local m, p = key:match("^(%u+) (.*)$")
+    if p == path then
+      got[#got + 1] = m
+      if m == "GET" then got[#got + 1] = "HEAD" end
+    end
+  end
+  if #got == 0 and path:match("^/v1/models/.") then got = { "GET", "HEAD" } end
+  if #got == 0 then return nil end
+  table.sort(got)
+  return table.concat(got, ", ")
+end
+
 function gateway.handle(req)
   local path = req.path
   -- "/v1/models/" is "/v1/models" (the path up to its last other byte: gsub("/+$") tried the rest of a
@@ -2057,7 +2076,13 @@ function gateway.handle(req)
     reply = with_request_id(model_by_id(req, one_model), models_api(req))
   else
     -- (a HEAD's message names GET, as its GET's does: its Content-Length is the GET's body's)
-    reply = error_reply(api_of(path), 404, ("no route %s %s"):format(method, req.path), { code = "unknown_url" })
+    local allow = allowed_methods(path)
+    if allow then
+      reply = error_reply(api_of(path), 405, ("%s %s is not allowed: %s only"):format(method, req.path, allow),
+        { code = "method_not_allowed", headers = { allow = allow } })
+    else
+      reply = error_reply(api_of(path), 404, ("no route %s %s"):format(method, req.path), { code = "unknown_url" })
+    end
   end
   -- by route and status, each series bound once (no label key built per request)
   local label = route and path or one_model and "/v1/models/{id}" or "other"

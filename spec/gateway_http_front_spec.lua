@@ -102,3 +102,50 @@ describe("the gateway's HTTP front: bodies that are JSON but not an object", fun
     end)
   end
 end)
+
+describe("the gateway's HTTP front: a method a path is not served with", function()
+  -- (before: GET /v1/chat/completions, a browser's or a misconfigured client's, was a 404 "no route":
+  -- the path looked wrong when the method was)
+  for _, case in ipairs({
+    { "GET", "/v1/chat/completions", "POST", "openai" }, { "GET", "/v1/messages", "POST", "anthropic" },
+    { "PUT", "/v1/embeddings", "POST", "openai" }, { "DELETE", "/v1/messages/count_tokens", "POST", "anthropic" },
+    { "POST", "/v1/models", "GET, HEAD", "openai" }, { "POST", "/v1/models/fast", "GET, HEAD", "openai" },
+    { "POST", "/health", "GET, HEAD", "openai" }, { "GET", "/v1/chat/completions/", "POST", "openai" },
+  }) do
+    it(case[1] .. " " .. case[2] .. " is a 405 with Allow: " .. case[3] .. ", in the " .. case[4] .. " shape",
+      function()
+        local url, m = start()
+        local res = assert(http.request({ method = case[1], url = url .. case[2] }))
+        assert.are.equal(405, res.status, res.body)
+        assert.are.equal(case[3], res.headers["allow"])
+        local body = json.decode(res.body)
+        if case[4] == "anthropic" then
+          assert.are.equal("error", body.type)
+          assert.are.equal("invalid_request_error", body.error.type)
+        else
+          assert.are.equal("method_not_allowed", body.error.code)
+          assert.are.equal("invalid_request_error", body.error.type)
+        end
+        assert.matches(case[3], body.error.message, 1, true)
+        assert.are.equal(0, m:stats().total)
+      end)
+  end
+
+  it("a HEAD of a POST-only path is a 405 too, with the GET's Content-Length and no body", function()
+    local url = start()
+    local get = assert(http.request({ url = url .. "/v1/chat/completions" }))
+    local head = assert(http.request({ method = "HEAD", url = url .. "/v1/chat/completions" }))
+    assert.are.equal(405, head.status)
+    assert.are.equal("POST", head.headers["allow"])
+    assert.are.equal("", head.body)
+    assert.are.equal(tostring(#get.body), head.headers["content-length"])
+  end)
+
+  it("a path served with no method is still a 404 no route", function()
+    local url = start()
+    local res = assert(http.request({ method = "GET", url = url .. "/v1/completions" }))
+    assert.are.equal(404, res.status)
+    assert.is_nil(res.headers["allow"])
+    assert.are.equal("unknown_url", json.decode(res.body).error.code)
+  end)
+end)
