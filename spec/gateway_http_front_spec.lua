@@ -149,3 +149,31 @@ describe("the gateway's HTTP front: a method a path is not served with", functio
     assert.are.equal("unknown_url", json.decode(res.body).error.code)
   end)
 end)
+
+describe("the gateway's HTTP front: a body that starts with a UTF-8 byte order mark", function()
+  -- (before: a 400 "not valid JSON: ... invalid token at character 1" for a file a Windows tool wrote
+  -- with a BOM, sent as it is by curl --data-binary @file: the client saw a "{" at character 1)
+  local BOM = "\239\187\191"
+  for _, case in ipairs({
+    { "/v1/chat/completions", '{"model":"fast","messages":[{"role":"user","content":"hi"}]}', "chat" },
+    { "/v1/messages", '{"model":"claude-sonnet-4-5-20250929","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}',
+      "messages" },
+    { "/v1/embeddings", '{"model":"text-embedding-3-small","input":"hi","encoding_format":"float"}', "embeddings" },
+    { "/v1/messages/count_tokens", '{"model":"claude-sonnet-4-5-20250929","messages":[{"role":"user","content":"hi"}]}',
+      "count_tokens" },
+  }) do
+    it(case[1] .. ": is read without it, as RFC 8259 lets a parser, and served", function()
+      local url, m = start({ auth = false })
+      local res = post(url .. case[1], BOM .. case[2])
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal(1, m:stats().total)
+    end)
+  end
+
+  it("a BOM before a body that is no JSON still says why, not the BOM", function()
+    local url = start({ auth = false })
+    local res = post(url .. "/v1/chat/completions", BOM .. '{"model":')
+    assert.are.equal(400, res.status)
+    assert.are.equal("invalid_json", json.decode(res.body).error.code)
+  end)
+end)
