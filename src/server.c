@@ -1528,6 +1528,10 @@ static void deferred_stop_cb(evutil_socket_t fd, short what, void *arg) {
  *   keeps "Content-Length " as another header, a proxy may not);
  * - a Content-Length that is not digits ("+5"), or two that differ;
  * - a Transfer-Encoding other than chunked (libevent reads no body).
+ * - a HEAD with a body (a Content-Length past 0, or chunked): libevent reads
+ *   none for a HEAD, and its bytes were read as the next request on the
+ *   connection; a proxy frames a request's body whatever its method (RFC
+ *   9112 6.3), and RFC 9110 9.3.2 has such a HEAD refused for this reason.
  * And, as RFC 9112 3.2 has a server refuse them (libevent served them), an
  * HTTP/1.1 request without Host and one with two: which host it is for is
  * what a proxy in front and this server could read otherwise.
@@ -1535,7 +1539,7 @@ static void deferred_stop_cb(evutil_socket_t fd, short what, void *arg) {
 static const char *framing_problem(struct evhttp_request *req, int *status) {
   const char *length = NULL;
   struct evkeyval *h;
-  int hosts = 0;
+  int hosts = 0, chunked = 0;
   *status = 400;
   TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next) {
     if (!is_token(h->key)) return SERVER_ERROR("invalid_request_error", "a header name that is not a token");
@@ -1554,12 +1558,16 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
       if (length && strcmp(length, h->value) != 0)
         return SERVER_ERROR("invalid_request_error", "conflicting Content-Length headers");
       length = h->value;
-    } else if (evutil_ascii_strcasecmp(h->key, "transfer-encoding") == 0 &&
-               evutil_ascii_strcasecmp(h->value, "chunked") != 0) {
-      *status = 501;
-      return SERVER_ERROR("invalid_request_error", "unsupported Transfer-Encoding: only chunked");
+    } else if (evutil_ascii_strcasecmp(h->key, "transfer-encoding") == 0) {
+      if (evutil_ascii_strcasecmp(h->value, "chunked") != 0) {
+        *status = 501;
+        return SERVER_ERROR("invalid_request_error", "unsupported Transfer-Encoding: only chunked");
+      }
+      chunked = 1;
     }
   }
+  if (evhttp_request_get_command(req) == EVHTTP_REQ_HEAD && (chunked || (length && length[strspn(length, "0")])))
+    return SERVER_ERROR("invalid_request_error", "a HEAD request with a body (RFC 9110 9.3.2)");
   /* (HTTP/1.0 has no Host to require; a later HTTP/1 minor version is served as HTTP/1.1) */
   if (!hosts && req->major == 1 && req->minor >= 1)
     return SERVER_ERROR("invalid_request_error", "an HTTP/1.1 request without a Host header (RFC 9112 3.2)");
