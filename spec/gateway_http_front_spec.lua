@@ -177,3 +177,37 @@ describe("the gateway's HTTP front: a body that starts with a UTF-8 byte order m
     assert.are.equal("invalid_json", json.decode(res.body).error.code)
   end)
 end)
+
+describe("the gateway's HTTP front: a compressed request body", function()
+  -- (before: a gzip body, as a client that compresses its uploads sends one, was a 400 "the request
+  -- body is not valid JSON: it is not UTF-8 (byte 0x8B at offset 1)": the JSON was fine, its
+  -- encoding was not read)
+  local function gzip(text)
+    local path = helpers.write(helpers.tmpname(".json"), text)
+    local f = assert(io.popen("gzip -c " .. path))
+    local bytes = f:read("a")
+    f:close()
+    return bytes
+  end
+
+  for _, case in ipairs({ { "/v1/chat/completions", "openai" }, { "/v1/messages", "anthropic" } }) do
+    it(case[1] .. ": is a 415 naming its Content-Encoding, with Accept-Encoding: identity", function()
+      local url, m = start({ auth = false })
+      local body = gzip(json.encode({ model = "fast", max_tokens = 16, messages = MSGS }))
+      local res = post(url .. case[1], body, { ["content-encoding"] = "gzip" })
+      assert.are.equal(415, res.status, res.body)
+      assert.are.equal("identity", res.headers["accept-encoding"])
+      local err = json.decode(res.body).error
+      assert.matches("Content-Encoding: gzip", err.message, 1, true)
+      assert.are.equal("invalid_request_error", err.type)
+      assert.are.equal(0, m:stats().total)
+    end)
+  end
+
+  it("a body not UTF-8 without a Content-Encoding is still the 400 naming the byte", function()
+    local url = start({ auth = false })
+    local res = post(url .. "/v1/chat/completions", '{"model":"fast","x":"\255"}')
+    assert.are.equal(400, res.status)
+    assert.matches("not UTF-8", json.decode(res.body).error.message, 1, true)
+  end)
+end)

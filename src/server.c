@@ -1664,7 +1664,21 @@ static void request_cb(struct evhttp_request *req, void *arg) {
   if (body_len > 0) { /* (made whole here, as push_request would) */
     const unsigned char *bytes = evbuffer_pullup(body, -1);
     size_t at = bytes ? utf8_invalid_at(bytes, body_len) : body_len;
-    if (at < body_len) {
+    /* a body sent compressed (gzip's 1F 8B is never UTF-8) is not read here: a 415 naming its
+     * encoding (RFC 9110 15.5.16), not "not UTF-8 (byte 0x8B at offset 1)" of a JSON that was fine */
+    const char *coding = at < body_len ? evhttp_find_header(evhttp_request_get_input_headers(req), "Content-Encoding")
+                                       : NULL;
+    if (coding && evutil_ascii_strcasecmp(coding, "identity") != 0 && strlen(coding) < 64 &&
+        !coding[strspn(coding, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_., ")]) {
+      snprintf(own, sizeof own,
+               "{\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"the request body "
+               "came with Content-Encoding: %s, which this server does not decode: send it uncompressed\",\"param\":null,"
+               "\"code\":null}}\n",
+               coding);
+      evhttp_add_header(evhttp_request_get_output_headers(req), "Accept-Encoding", "identity");
+      status = 415;
+      refusal = own;
+    } else if (at < body_len) {
       snprintf(own, sizeof own,
                "{\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"the request body is not "
                "valid JSON: it is not UTF-8 (byte 0x%02X at offset %zu)\",\"param\":null,\"code\":null}}\n",
