@@ -158,4 +158,19 @@ describe("the gateway's HTTP front, hostile framing", function()
     local lines = ask("HEAD /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" .. SMUGGLED)
     assert.are.same({ "HTTP/1.1 200 OK", "HTTP/1.1 200 OK" }, lines)
   end)
+
+  -- (RFC 9112 6.1: an HTTP/1.0 message with a Transfer-Encoding has faulty framing, and the
+  -- connection closes after it. It was read as chunked and the connection kept alive: an HTTP/1.0
+  -- proxy in front, which knows no chunked, read the bytes after the body as the body's, and the
+  -- gateway read them as the next request: a provider call the proxy never saw)
+  it("an HTTP/1.0 request with Transfer-Encoding is a 400 that closes the connection: nothing smuggled after it",
+    function()
+      local before = chats()
+      local lines, body, text = ask("POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\n" ..
+        ("Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"):format(#BODY, BODY) ..
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: " .. #BODY .. "\r\n\r\n" .. BODY)
+      assert.are.same({ "HTTP/1.0 400 Bad Request" }, lines, text)
+      assert.matches("HTTP/1.0", body.error.message, 1, true)
+      assert.are.equal(before, chats())
+    end)
 end)

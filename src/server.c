@@ -1527,7 +1527,10 @@ static void deferred_stop_cb(evutil_socket_t fd, short what, void *arg) {
  * - a header name that is not a token ("Content-Length : 5": libevent
  *   keeps "Content-Length " as another header, a proxy may not);
  * - a Content-Length that is not digits ("+5"), or two that differ;
- * - a Transfer-Encoding other than chunked (libevent reads no body).
+ * - a Transfer-Encoding other than chunked (libevent reads no body);
+ * - a Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1: its framing
+ *   is faulty): an HTTP/1.0 proxy knows no chunked, and libevent read it so
+ *   and kept the connection alive for what followed;
  * - a HEAD with a body (a Content-Length past 0, or chunked): libevent reads
  *   none for a HEAD, and its bytes were read as the next request on the
  *   connection; a proxy frames a request's body whatever its method (RFC
@@ -1566,6 +1569,8 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
       chunked = 1;
     }
   }
+  if (chunked && req->major == 1 && req->minor == 0)
+    return SERVER_ERROR("invalid_request_error", "a Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)");
   if (evhttp_request_get_command(req) == EVHTTP_REQ_HEAD && (chunked || (length && length[strspn(length, "0")])))
     return SERVER_ERROR("invalid_request_error", "a HEAD request with a body (RFC 9110 9.3.2)");
   /* (HTTP/1.0 has no Host to require; a later HTTP/1 minor version is served as HTTP/1.1) */
