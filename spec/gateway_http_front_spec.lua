@@ -53,6 +53,24 @@ describe("the gateway's HTTP front: Authorization", function()
     assert.are.equal(401, res.status)
     assert.are.equal(4, m:stats().routes.chat)
   end)
+
+  -- (before: the last of two was the key, while a proxy in front reading the first (Node, Go,
+  -- nginx) had checked the other: a request its proxy refused or billed to one key used another)
+  it("a key sent in two Authorization headers is a 401 whichever comes first: none is taken from two", function()
+    local url, m = start()
+    local key = assert(keys.add({ name = "twice" }))
+    for _, pair in ipairs({ { key, "sk-resil-other" }, { "sk-resil-other", key }, { key, key } }) do
+      local pid, out = helpers.start(([[
+local h = io.popen("curl -s -o /dev/null -w '%%{http_code}' -H 'content-type: application/json' " ..
+  "-H 'Authorization: Bearer %s' -H 'Authorization: Bearer %s' " ..
+  "-d '{\"model\":\"fast\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}' %s/v1/chat/completions")
+print("status " .. h:read("a"))
+]]):format(pair[1], pair[2], url))
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(out):find("status %d") ~= nil end, 10))
+      assert.are.equal("status 401", helpers.slurp(out):match("status %d+"), pid)
+    end
+    assert.are.equal(0, m:stats().total)
+  end)
 end)
 
 describe("the gateway's HTTP front: bodies that are JSON but not an object", function()

@@ -277,6 +277,21 @@ describe("the embedded server, HEAD requests", function()
   end
 end)
 
+-- A name sent twice (a proxy that adds its own Authorization, a client that sends two): taken
+-- as the last, the handler used one credential while a proxy in front, reading the first as
+-- Node, Go and nginx do, had checked the other
+describe("the embedded server, a header sent twice", function()
+  it("is one field of both values, joined in order (a cookie's with '; '); a name sent once is as sent", function()
+    local raw = "GET /h HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nX-Once: 1\r\n" ..
+      "authorization: Bearer other\r\nCookie: a=1\r\nCookie: b=2\r\nConnection: close\r\n\r\n"
+    local r = serve_and_ask("function(req) return { status = 200, body = req.headers.authorization .. '|' .. " ..
+      "req.headers.cookie .. '|' .. req.headers['x-once'] } end", false,
+      helpers.write(helpers.tmpname(".bin"), raw), "rawfile")
+    assert.matches("\r\n\r\nBearer good, Bearer other|a=1; b=2|1$", r.stdout)
+    assert.is_true(r.alive)
+  end)
+end)
+
 describe("--watch as deploys change files", function()
   local function start_server(cwd, opts)
     local port = helpers.free_port()

@@ -1191,7 +1191,19 @@ static void push_request(lua_State *L, struct evhttp_request *req) {
       for (const char *c = h->key; *c; c++) luaL_addchar(&name, (char)(*c >= 'A' && *c <= 'Z' ? *c + 32 : *c));
       luaL_pushresult(&name);
     }
-    lua_pushstring(L, h->value);
+    /* a name sent twice is one field of both values, joined as RFC 9110 5.3 joins a list (a
+     * cookie's with "; "): taken as the last one, two Authorization headers meant one key here
+     * and the other to a proxy in front that reads the first (Node, Go, nginx); joined, a
+     * credential sent twice reads as none, whichever order */
+    lua_pushvalue(L, -1);
+    if (lua_rawget(L, -3) == LUA_TSTRING) {
+      lua_pushstring(L, strcmp(lua_tostring(L, -2), "cookie") == 0 ? "; " : ", ");
+      lua_pushstring(L, h->value);
+      lua_concat(L, 3);
+    } else {
+      lua_pop(L, 1);
+      lua_pushstring(L, h->value);
+    }
     lua_rawset(L, -3);
   }
   lua_setfield(L, -2, "headers");
