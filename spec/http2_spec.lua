@@ -105,6 +105,7 @@ http {
     location = /big.bin { root DIR; }
     location /replies/ { root DIR; }
     location /gz/ { root DIR; gzip on; gzip_types *; gzip_min_length 1; }
+    location /nolen/ { root DIR; sub_filter_types *; sub_filter 'never-in-a-body' 'x'; }
     HEADERS
     location / {
       proxy_pass http://127.0.0.1:BACKEND;
@@ -406,6 +407,44 @@ describe("gzip replies over h2", function()
       assert.are.equal(text, table.concat(parts), size)
       s:close()
     end
+  end)
+end)
+
+-- A reply without Content-Length (nginx's sub_filter drops it) whose last
+-- DATA frame carries both data and END_STREAM: libcurl 7.88 never saw the
+-- end of one whose last frame it paused in (see above), and it waited for
+-- its timeout, all of its body read.
+describe("replies over h2 without a Content-Length", function()
+  it("end when their last frame does", function()
+    os.execute("mkdir -p " .. dir .. "/nolen")
+    for _, size in ipairs({ 2000, 4000, 5000, 8000, 30000, 200000 }) do
+      local text = ("n"):rep(size - 1) .. "\n"
+      helpers.write(("%s/nolen/%d.txt"):format(dir, size), text)
+      local res, err = http.request({ url = ("%s/nolen/%d.txt"):format(origin, size), ca_file = ca, timeout = 3 })
+      assert.is_nil(err, size .. " " .. (err and err.message or ""))
+      assert.are.equal("2", res.http_version)
+      assert.is_nil(res.headers["content-length"])
+      assert.are.equal(text, res.body, size)
+    end
+  end)
+
+  it("arrive whole and unmixed, many at once on one connection", function()
+    math.randomseed(35)
+    local texts, tasks, got = {}, {}, {}
+    for i = 1, 60 do
+      local t = {}
+      for k = 1, 500 + (i * 997) % 40000 do t[k] = string.char(97 + math.random(26) - 1) end
+      texts[i] = table.concat(t)
+      helpers.write(("%s/nolen/many%d.txt"):format(dir, i), texts[i])
+    end
+    for i = 1, 60 do
+      tasks[i] = resil.spawn(function()
+        local res, err = http.request({ url = ("%s/nolen/many%d.txt"):format(origin, i), ca_file = ca, timeout = 5 })
+        got[i] = res and res.body or (err and err.message)
+      end)
+    end
+    for i = 1, 60 do tasks[i]:join() end
+    for i = 1, 60 do assert.are.equal(texts[i], got[i], i) end
   end)
 end)
 

@@ -15,8 +15,10 @@
  * Network trouble never raises: the task gets nil, err{kind=...}. Misuse
  * (no url, a malformed url, a header with a line break) raises.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -394,8 +396,11 @@ static void opener_done(http_req *r) {
  * the easy handle stays with r. */
 static void forget_closed_sockets(http_req *r);
 
+static void held_forget(http_req *r);
+
 static void request_detach(http_req *r) {
   timer_stop(&r->deadline);
+  held_forget(r);
   timer_stop(&r->idle);
   if (r->uploading) upload_unlink(r);
   if (r->fed) fed_unlink(r);
@@ -680,6 +685,170 @@ static void after_action(curl_driver *d) {
   }
 }
 
+/* ---------- libcurl < 8.1.0: the end of a DATA frame it paused in ---------- */
+
+/* libcurl 7.88 pauses nghttp2 inside a DATA frame that does not fit the
+ * stream's receive buffer (NGHTTP2_ERR_PAUSE from its on_data_chunk_recv)
+ * and hands the rest over from nghttp2's input; nghttp2 finishes the frame
+ * (its END_STREAM: the stream closes) at its next nghttp2_session_mem_recv
+ * only, which 7.7x made with 0 bytes once the rest was handed over and 7.88
+ * makes only when more bytes come (lib/http2.c cf_h2_recv). A last frame
+ * that carries both data and END_STREAM, with nothing after it on the
+ * connection (a reply without Content-Length: nginx's gzip, sub_filter,
+ * SSI), left the transfer waiting for its timeout, all of its body read.
+ * So the executable and libresil.so interpose three nghttp2 functions (the
+ * real ones by dlsym's RTLD_NEXT), for libcurl < 8.1.0's calls only:
+ * curl's chunk callback is wrapped and a pause noted per session (one at a
+ * time: curl's pause_stream_id); once the stream was handed the rest
+ * (held_note_write), kick_cb, outside curl, makes the 0-byte call and runs
+ * the connection again, where curl sees the stream's end. Until the rest
+ * is handed over nothing is done: nghttp2 would go on and curl could read
+ * over the input it still points into. curl's on_frame_recv reads the
+ * transfer it is running, NULL outside its calls, so for the 0-byte call
+ * its DATA case (which wakes a stream that still has data: these have
+ * none) is skipped; on_stream_close needs no running transfer. */
+typedef struct nghttp2_session nghttp2_session;
+typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
+typedef int (*chunk_recv_fn)(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *);
+#define NGHTTP2_ERR_PAUSE (-526)
+#define HELD_FRAMES_MAX 64
+
+enum { HELD_PAUSED, HELD_FILLED, HELD_HANDED };
+typedef struct {
+  nghttp2_session *session;
+  void *easy;     /* the paused stream's transfer (its stream user data) */
+  http_req *r;    /* ours, once write_cb saw it handed the rest */
+  int state;
+} held_frame;
+
+/* per thread: curl's callbacks run in the thread driving its multi handle */
+#define THREAD_TLS _Thread_local __attribute__((tls_model("initial-exec")))
+static THREAD_TLS held_frame held_frames[HELD_FRAMES_MAX];
+static THREAD_TLS int held_count;
+typedef int (*frame_recv_fn)(nghttp2_session *, const void *, void *);
+static chunk_recv_fn curl_chunk_recv;
+static frame_recv_fn curl_frame_recv;
+static THREAD_TLS int held_finishing; /* in held_finish's call: no transfer is curl's current one */
+static void *(*real_stream_user_data)(nghttp2_session *, int32_t);
+static ssize_t (*real_mem_recv)(nghttp2_session *, const uint8_t *, size_t);
+
+static void held_drop(int i) { held_frames[i] = held_frames[--held_count]; }
+
+static void *next_symbol(const char *name) {
+  void *f = dlsym(RTLD_NEXT, name);
+  if (!f) abort(); /* (only libcurl, through libnghttp2, calls these names: it is loaded) */
+  return f;
+}
+
+static int chunk_recv_hook(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t *data, size_t len, void *ud) {
+  int rv = curl_chunk_recv(s, flags, id, data, len, ud);
+  if (rv != NGHTTP2_ERR_PAUSE) return rv;
+  void *easy = real_stream_user_data(s, id);
+  int i = 0;
+  while (i < held_count && held_frames[i].session != s) i++;
+  if (i == held_count) {
+    if (held_count == HELD_FRAMES_MAX) return rv; /* (that stream may wait for its timeout, as before) */
+    held_count++;
+  }
+  held_frames[i] = (held_frame){ s, easy, NULL, HELD_PAUSED };
+  return rv;
+}
+
+/* nghttp2_frame_hd, the start of every nghttp2_frame */
+typedef struct { size_t length; int32_t stream_id; uint8_t type, flags, reserved; } frame_head;
+
+/* curl's on_frame_recv reads the transfer it runs (NULL outside its calls)
+ * for a DATA frame that ends its stream, to wake the stream if it still has
+ * data: held_finish's streams have none, and their stream's end is seen by
+ * on_stream_close, which needs no current transfer */
+static int frame_recv_hook(nghttp2_session *s, const void *frame, void *ud) {
+  if (held_finishing && ((const frame_head *)frame)->type == 0 /* DATA */) return 0;
+  return curl_frame_recv(s, frame, ud);
+}
+
+static int called_by_old_curl(void *caller_address) {
+  Dl_info caller, curl;
+  void *curl_fn = dlsym(RTLD_DEFAULT, "curl_version");
+  return curl_fn && curl_version_info(CURLVERSION_NOW)->version_num < 0x080100 && dladdr(caller_address, &caller) &&
+         dladdr(curl_fn, &curl) && caller.dli_fbase == curl.dli_fbase;
+}
+
+__attribute__((visibility("default"))) void
+nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *cbs, frame_recv_fn cb) {
+  static void (*real)(nghttp2_session_callbacks *, frame_recv_fn);
+  if (!real) real = (void (*)(nghttp2_session_callbacks *, frame_recv_fn))next_symbol(__func__);
+  if (cb && called_by_old_curl(__builtin_return_address(0))) {
+    curl_frame_recv = cb; /* (always the same function) */
+    cb = frame_recv_hook;
+  }
+  real(cbs, cb);
+}
+
+__attribute__((visibility("default"))) void
+nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *cbs, chunk_recv_fn cb) {
+  static void (*real)(nghttp2_session_callbacks *, chunk_recv_fn);
+  if (!real) real = (void (*)(nghttp2_session_callbacks *, chunk_recv_fn))next_symbol(__func__);
+  if (cb && curl_frame_recv && called_by_old_curl(__builtin_return_address(0))) {
+    if (!real_stream_user_data)
+      real_stream_user_data = (void *(*)(nghttp2_session *, int32_t))next_symbol("nghttp2_session_get_stream_user_data");
+    if (!real_mem_recv) real_mem_recv = (ssize_t (*)(nghttp2_session *, const uint8_t *, size_t))next_symbol("nghttp2_session_mem_recv");
+    curl_chunk_recv = cb; /* (always the same function) */
+    cb = chunk_recv_hook;
+  }
+  real(cbs, cb);
+}
+
+/* a session curl deletes (its connection closed) is forgotten */
+__attribute__((visibility("default"))) void nghttp2_session_del(nghttp2_session *s) {
+  static void (*real)(nghttp2_session *);
+  if (!real) real = (void (*)(nghttp2_session *))next_symbol(__func__);
+  for (int i = held_count - 1; i >= 0; i--)
+    if (held_frames[i].session == s) held_drop(i);
+  real(s);
+}
+
+/* From write_cb: r was handed len bytes. Was that the rest of a paused frame? */
+static void held_note_write(http_req *r, size_t len) {
+  for (int i = 0; i < held_count; i++) {
+    if (held_frames[i].easy != r->easy || held_frames[i].state > HELD_FILLED) continue;
+    /* curl fills the buffer with the frame it pauses in (its first write,
+     * shorter when the buffer began with the header lines) and hands the
+     * rest over a buffer at a time: the next shorter write is its last.
+     * Writes are at most CURL_MAX_WRITE_SIZE: a larger buffer's cannot tell. */
+    size_t full = (size_t)CURL_BUFFER_OPTION(r->set.recv_buffer);
+    if (held_frames[i].state == HELD_PAUSED) {
+      held_frames[i].state = HELD_FILLED;
+    } else if (len < full && full <= CURL_MAX_WRITE_SIZE) {
+      held_frames[i].r = r;
+      held_frames[i].state = HELD_HANDED;
+      event_active(r->H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
+    }
+    return;
+  }
+}
+
+/* r is done: no call for its frame */
+static void held_forget(http_req *r) {
+  for (int i = held_count - 1; i >= 0; i--)
+    if (held_frames[i].r == r || held_frames[i].easy == r->easy) held_drop(i);
+}
+
+/* From kick_cb, outside curl: have nghttp2 finish the frames whose rest
+ * was handed over (the end of its stream drains its transfer), and have
+ * kick_cb run their connections */
+static void held_finish(curl_driver *d) {
+  for (int i = held_count - 1; i >= 0; i--) {
+    http_req *r = held_frames[i].r;
+    if (!r || r->H != d->H || held_frames[i].state != HELD_HANDED) continue;
+    nghttp2_session *s = held_frames[i].session;
+    held_drop(i);
+    held_finishing = 1;
+    real_mem_recv(s, NULL, 0); /* (an error: curl sees the session's trouble when it reads) */
+    held_finishing = 0;
+    note_fed(r, 0, 0);
+  }
+}
+
 /* libcurl before 8.1.0 can hold an h2 stream's data that did not fit its
  * receive buffer (a paused DATA frame, the rest of the connection's read)
  * and not call for the transfer to run again: its data-pending check is
@@ -704,6 +873,7 @@ static void kick_cb(evutil_socket_t fd, short what, void *arg) {
   http_state *H = d->H;
   curl_socket_t socks[8];
   int n = 0, all = 0;
+  if (held_count) held_finish(d);
   while (H->fed) {
     http_req *r = H->fed;
     curl_socket_t s = r->conn_fd;
@@ -1118,6 +1288,7 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
   if (r->decode_failed) return 0;
   if (r->gz ? gunzip(r, data, len) : body_take(r, data, len)) return 0;
   note_fed(r, len, 0);
+  if (held_count) held_note_write(r, len);
   /* libcurl < 8.1.0 pauses nghttp2 inside a DATA frame that does not fit the
    * receive buffer and, once the rest was read, never has it go on (7.88
    * lib/http2.c cf_h2_recv: its 0-byte nghttp2_session_mem_recv is gone): a
