@@ -13,6 +13,7 @@ local extra_ports = {}
 local burst_arrived = 0 -- requests for /burst the backend has seen
 local graced_arrived = 0 -- and for /graced
 local sse_events = 10
+local gz_members = {} -- /gzmembers: a gzip body of two members, the second a while after the first
 -- header blocks a CDN in front of a provider may send (cookies, CSP, ids),
 -- up to near libcurl 7.88's limit on one (its h2 header buffer is 128 KiB)
 local header_blocks = { 2048, 6144, 20480, 100000 }
@@ -67,6 +68,10 @@ setup(function()
   backend = resil.server.listen({ handler = function(req)
     if req.path == "/burst" then burst_arrived = burst_arrived + 1 end
     if req.path == "/graced" then graced_arrived = graced_arrived + 1 end
+    if req.path == "/gzmembers" then
+      return { status = 200, headers = { ["content-type"] = "text/plain", ["content-encoding"] = "gzip" },
+        chunks = gz_members, chunk_interval = 0.6 }
+    end
     if req.path == "/sse" then
       local chunks = {}
       for i = 1, sse_events do chunks[i] = ("data: %d\n\n"):format(i) end
@@ -407,6 +412,40 @@ describe("gzip replies over h2", function()
       assert.are.equal(text, table.concat(parts), size)
       s:close()
     end
+  end)
+end)
+
+-- A gzip body may be members one after another (a server or proxy that compresses each flush of a
+-- stream as a member of its own): the end of one is not the body's end. Ended 0.2 s after the first
+-- member's end, the answer was its first half, given as whole.
+describe("a gzip body of two members over h2, the second a while after the first", function()
+  it("arrives whole, as a body and as a stream", function()
+    -- each member a few KB that do not compress: frames larger than the receive buffer
+    math.randomseed(36)
+    local texts = {}
+    for i = 1, 2 do
+      local t = {}
+      for k = 1, 6000 do t[k] = string.char(97 + math.random(26) - 1) end
+      texts[i] = table.concat(t)
+      helpers.write(("%s/member%d.txt"):format(dir, i), texts[i])
+      local f = assert(io.popen(("gzip -c %s/member%d.txt"):format(dir, i)))
+      gz_members[i] = f:read("a")
+      f:close()
+    end
+    local url = origin .. "/gzmembers"
+    local res, err = http.request({ url = url, ca_file = ca, timeout = 10 })
+    assert.is_nil(err, err and err.message)
+    assert.are.equal("2", res.http_version)
+    assert.are.equal(texts[1] .. texts[2], res.body)
+    local s <close> = assert(http.stream({ url = url, ca_file = ca, timeout = 10 }))
+    local parts = {}
+    while true do
+      local chunk, e = s:read()
+      assert.is_nil(e, e and e.message)
+      if not chunk then break end
+      parts[#parts + 1] = chunk
+    end
+    assert.are.equal(texts[1] .. texts[2], table.concat(parts))
   end)
 end)
 

@@ -37,9 +37,6 @@
 /* one server-sent event: a reply streamed as one event, not a runaway line */
 #define DEFAULT_MAX_EVENT (8u * 1024 * 1024)
 #define STREAM_HIGH_WATER (1u << 20)
-/* h2 on libcurl < 8.1.0: how long after its gzip body's end a transfer
- * curl does not end is ended as complete (write_cb) */
-#define GZ_END_GRACE 0.2
 #define REQ_POOL_MAX 256
 /* a pooled request keeps buffers up to this size for the next one */
 #define KEEP_BUFFER_MAX (64u * 1024)
@@ -1289,17 +1286,7 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
   if (r->gz ? gunzip(r, data, len) : body_take(r, data, len)) return 0;
   note_fed(r, len, 0);
   if (held_count) held_note_write(r, len);
-  /* libcurl < 8.1.0 pauses nghttp2 inside a DATA frame that does not fit the
-   * receive buffer and, once the rest was read, never has it go on (7.88
-   * lib/http2.c cf_h2_recv: its 0-byte nghttp2_session_mem_recv is gone): a
-   * last frame that carries END_STREAM is never done, the stream never ends
-   * (nginx's gzip replies: no Content-Length). A gzip body knows its end: a
-   * moment after it, with nothing more, the transfer ends as complete. */
-  int grace = r->gz && !r->gz_open && r->http_version == CURL_HTTP_VERSION_2_0 && r->H->h2_holds_data;
-  if (grace) timer_start(&r->idle, GZ_END_GRACE);
-  else if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
-  else if (r->gz_grace) timer_stop(&r->idle);
-  r->gz_grace = grace;
+  if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   if (r->stream && r->waiter) {
     task *t = r->waiter;
     r->waiter = NULL;
@@ -1398,10 +1385,6 @@ void request_bound(http_req *r, double seconds) {
 
 static void idle_cb(void *arg) {
   http_req *r = arg;
-  if (r->gz_grace) { /* (see write_cb) */
-    request_finish(r, CURLE_OK, ABORT_NONE);
-    return;
-  }
   r->aborted = ABORT_IDLE;
   request_finish(r, CURLE_OPERATION_TIMEDOUT, ABORT_IDLE);
 }

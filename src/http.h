@@ -74,7 +74,6 @@ struct http_req {
   sse_parser *sse;           /* a stream read by events (stream:read_event) */
   struct z_stream_s *gz;     /* a gzip or deflate body's decoder (header_cb) */
   int gz_open;               /* it took bytes of a gzip member not yet ended: the body is incomplete */
-  int gz_grace;              /* h2, libcurl < 8.1.0: the gzip body ended, the idle timer ends the transfer */
   int decode_failed;         /* CURLE_BAD_CONTENT_ENCODING or CURLE_OUT_OF_MEMORY: why decoding stopped */
   int length_conflict;       /* the final response named two different Content-Lengths */
   size_t sse_used;           /* body bytes it has framed */
