@@ -209,6 +209,8 @@ int main(void) {
              "function M.holes() return 1, nil, 3 end\n"
              "function M.combine(a, b) return a * 1000 + b end\n"
              "function M.wait(seconds) resil.sleep(seconds) return 'woke' end\n"
+             "M.doubler = setmetatable({}, { __call = function(_, x) return 2 * x end })\n"
+             "M.table = { x = 1 }\n"
              "return M\n");
   write_file("data.txt", "inside\n");
 
@@ -250,6 +252,13 @@ int main(void) {
         "nil, a string is RESIL_ERR_FAILED with the string");
   check(call(R, "policies.router.missing", "[]") == RESIL_ERR_USAGE && contains(resil_error(R), "policies.router.missing is not a function (it is nil)"),
         "an unknown function is RESIL_ERR_USAGE and nothing runs");
+  /* (a provider made by policies.call, a fallback chain: callable tables, which the policies' view
+   * under the sandbox hid: "is not a function (it is table)", RESIL_ERR_USAGE) */
+  check(call(R, "policies.router.doubler", "[21]") == RESIL_OK && strcmp(result, "[42]") == 0,
+        "a policy's callable table (__call) runs under the sandbox as a function does");
+  check(call(R, "policies.router.table", "[]") == RESIL_ERR_USAGE &&
+            contains(resil_error(R), "policies.router.table is not a function (it is table)"),
+        "a policy's plain table is RESIL_ERR_USAGE and nothing runs");
   check(call(R, "policies.nowhere.fn", "[]") == RESIL_ERR_SCRIPT && contains(resil_error(R), "module 'policies.nowhere' not found"),
         "a module that cannot be found is RESIL_ERR_SCRIPT");
   check(call(R, "add", "[1, 2") == RESIL_ERR_USAGE && contains(resil_error(R), "json_args"),

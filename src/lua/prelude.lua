@@ -1126,6 +1126,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     return policy_view(mod, name)
   end
   private.policy_read_only = read_only
+  private.policy_viewed = function(v) return viewed[v] end -- (resil_call: is a view's table callable)
   -- The policies' state kept across reloads (resil.keep("policies.gateway.kept"): the gateway's
   -- config in force, its auth; "policies.ai.config": each provider's URL and key) is theirs the
   -- same way: a name under "policies." (and the two older names the shipped policies keep) is
