@@ -199,7 +199,9 @@ RESIL_API int resil_reload_on_sighup(resil_t *R);
  * decide" finds the policy library's file, hot reload included). JSON null
  * in the arguments is nil; nil among the results is null.
  * Returns RESIL_OK; RESIL_ERR_SCRIPT when fn raised (or its module failed to
- * load, or a cap stopped it: resil_error() has file:line and a traceback);
+ * load, or a cap stopped it: resil_error() has file:line and a traceback; or
+ * it returned what JSON cannot hold, a NaN, a function or a cycle: resil_error()
+ * names fn, where it is defined and what);
  * RESIL_ERR_FAILED when it returned nil, err (resil_error(): "fn (file:line)
  * returned nil, kind: message"); RESIL_ERR_USAGE when fn is not a function,
  * json_args is not a JSON array ({} is an object), or resil_call was called from inside the

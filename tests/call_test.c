@@ -211,6 +211,7 @@ int main(void) {
              "function M.wait(seconds) resil.sleep(seconds) return 'woke' end\n"
              "M.doubler = setmetatable({}, { __call = function(_, x) return 2 * x end })\n"
              "M.table = { x = 1 }\n"
+             "function M.ratio(a, b) return { ratio = a / b } end\n"
              "return M\n");
   write_file("data.txt", "inside\n");
 
@@ -259,6 +260,11 @@ int main(void) {
   check(call(R, "policies.router.table", "[]") == RESIL_ERR_USAGE &&
             contains(resil_error(R), "policies.router.table is not a function (it is table)"),
         "a policy's plain table is RESIL_ERR_USAGE and nothing runs");
+  /* (before: "Cannot serialise number: must not be NaN or Inf", naming neither the function nor where) */
+  check(call(R, "policies.router.ratio", "[0, 0]") == RESIL_ERR_SCRIPT &&
+            contains(resil_error(R), "policies.router.ratio (") && contains(resil_error(R), "router.lua:15)") &&
+            contains(resil_error(R), "must not be NaN or Inf"),
+        "a result JSON cannot hold is RESIL_ERR_SCRIPT naming the function, its file:line and why");
   check(call(R, "policies.nowhere.fn", "[]") == RESIL_ERR_SCRIPT && contains(resil_error(R), "module 'policies.nowhere' not found"),
         "a module that cannot be found is RESIL_ERR_SCRIPT");
   check(call(R, "add", "[1, 2") == RESIL_ERR_USAGE && contains(resil_error(R), "json_args"),
