@@ -2266,6 +2266,7 @@ function gateway.serve(o)
     local conf = require("resil.as_version")("policies.gateway", run_capped, chunk, o.config)
     if conf ~= nil then gateway.configure(conf, o.config) end
     kept.path = o.config
+    kept.config_returned = conf ~= nil or nil -- (a reload's config returning nothing then: below)
   end
   -- What requests load on first use, loaded before serving: a policy file saved
   -- broken (the registry, a provider copied into the project) stops the start with
@@ -2397,6 +2398,19 @@ if kept.path then
   if not chunk then error(err, 0) end
   -- (its ai.configure calls are undone if this reload fails, here or in another file: ai.lua)
   local conf = run_capped(chunk, kept.path)
+  -- A config that returns nothing where the one serving returned its options was saved
+  -- half-written (emptied by an editor's truncate before its write, cut before its `return`):
+  -- taken, the defaults served, auth on and no models, every client a 401 until the next save.
+  -- (A config that returns nothing from the start still may, as a policy file may.)
+  if conf == nil and kept.config_returned then
+    error(resil.error("bad_config", ("gateway: the config %s: it returned nothing, where the config serving "
+      .. "returned its options (a file saved half-written?); return {} for the defaults"):format(kept.path),
+      { traceback = false }), 0)
+  end
+  if conf ~= nil and not kept.config_returned then
+    kept.config_returned = true
+    require("resil.if_reload_fails")(function() kept.config_returned = nil end)
+  end
   gateway.config = config_defaults()
   if conf ~= nil then gateway.configure(conf, kept.path) end
   -- (--workers': as serve set it; else the config's own, shared_limits = false kept)

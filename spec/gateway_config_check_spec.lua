@@ -69,4 +69,25 @@ describe("gateway: the config's options", function()
     assert.matches('"fast"', r.stdout)
     assert.is_true(helpers.alive(pid))
   end)
+
+  -- (before: a config saved half-written, emptied by an editor's truncate before its write, or cut
+  -- before its `return`, ran as a config of nothing: the defaults, auth on and no models, served
+  -- every client a 401 until the next save)
+  it("a reload whose config returns nothing where the config serving returned its options fails; it serves on",
+    function()
+      local pid, port, log, path = start("return { auth = false, models = { fast = 'openai/gpt-4o-mini' } }")
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("gateway listening") end, 20),
+        helpers.slurp(log))
+      for _, saved in ipairs({ "", "local ai = require 'policies.ai'\n" }) do
+        local failed = reloads(port, "failed") or 0
+        helpers.write(path, saved)
+        os.execute("kill -HUP " .. pid)
+        assert.is_true(helpers.wait_until(function() return reloads(port, "failed") == failed + 1 end, 10),
+          helpers.slurp(log))
+        assert.matches("gateway: the config " .. path:gsub("%p", "%%%0") .. ": it returned nothing", helpers.slurp(log))
+        local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/v1/models"):format(port))
+        assert.matches('"fast"', r.stdout) -- no key asked for: auth = false still
+      end
+      assert.is_true(helpers.alive(pid))
+    end)
 end)
