@@ -32,6 +32,28 @@ describe("resil-lua --sandbox", function()
     end
   end)
 
+  -- (before: "[resil prelude]:1186: module 'policies.retyr' not found", the sandbox's require's own
+  -- line, where the script's or the policy's was meant; without --sandbox the line was right)
+  it("names the script's or the policy's line for a module that is not there", function()
+    local dir = helpers.tmpname("-policies")
+    assert(os.execute("mkdir -p " .. dir))
+    helpers.write(dir .. "/uses.lua", "local x = 1\nlocal nowhere = require 'policies.nowhere'\nreturn nowhere\n")
+    local script = helpers.tmpname(".lua")
+    for _, case in ipairs({
+      { "require 'policies.retyr'", script .. ":2: module 'policies.retyr' not found" },
+      { "require 'resil.nowhere'", script .. ":2: module 'resil.nowhere' not found" },
+      { "require 'policies.uses'", dir .. "/uses.lua:2: module 'policies.nowhere' not found" },
+    }) do
+      helpers.write(script, "local x = 1\n" .. case[1] .. "\n")
+      for _, sandbox in ipairs({ "--sandbox", "" }) do
+        local r = helpers.run(("timeout -s KILL 20 %s %s --policies %s %s"):format(R, sandbox, dir, script))
+        assert.are.equal(1, r.code, case[1])
+        assert.matches(case[2]:gsub("%p", "%%%0"), r.stderr, nil, sandbox .. " " .. case[1])
+      end
+    end
+    os.remove(script)
+  end)
+
   it("still runs resil, the safe libraries and the shipped policies", function()
     local r = helpers.run(R .. [[ --sandbox -e "local retry = require 'policies.retry' print(type(retry), ]]
       .. [[require('resil').version ~= nil, string.rep('a', 2), math.max(1, 2))"]])

@@ -1183,7 +1183,21 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
         error(("require %q is not allowed in the sandbox: a tool of the host's"):format(name), 2)
       end
       if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then
-        return view(name, require(name))
+        local loaded = package.loaded[name]
+        if loaded ~= nil then return view(name, loaded) end
+        -- require says "module ... not found" at its caller's line: this function's ("[resil
+        -- prelude]:N"), where the script's or the policy's was meant (under xpcall, a C function's:
+        -- none), given here; the module's own errors (a syntax error, a raise at load) name their
+        -- file:line already and go on as they came
+        local not_found
+        local function where_not_found(e)
+          if type(e) == "string" and e:find("^module '[^']*' not found:") then not_found = e end
+          return e
+        end
+        local results = table.pack(xpcall(require, where_not_found, name))
+        if results[1] then return view(name, table.unpack(results, 2, results.n)) end
+        if not_found then error(not_found, 2) end
+        error(results[2], 0)
       end
       local loaded = package.loaded[name]
       local path = package.searchpath(name, search)
