@@ -576,9 +576,13 @@ static void finish_run(resil_t *R, int status) {
   if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_getfield(L, -1, "run") == LUA_TTABLE &&
       lua_getfield(L, -1, "finish") == LUA_TFUNCTION) {
     lua_pushstring(L, status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
+    /* and why it failed, which `runs show` says (it said "failed" and nothing else when the
+     * error was outside any step: the script's own code, a divergence) */
+    if (status != RESIL_OK && status != RESIL_ERR_INTERRUPT) lua_pushstring(L, resil_error(R));
+    else lua_pushnil(L);
     /* -> true | nil, err, or it raised; an error value is a table: its
      * __tostring (protected) says what */
-    int raised = lua_pcall(L, 1, 2, 0) != LUA_OK;
+    int raised = lua_pcall(L, 2, 2, 0) != LUA_OK;
     if (raised || (lua_isnil(L, -2) && !lua_isnil(L, -1))) {
       lua_pushcfunction(L, to_text);
       lua_insert(L, -2);

@@ -163,7 +163,13 @@ local function run_report(s, id)
   local done_at = {}
   for _, st in ipairs(steps) do if st.state == "done" then done_at[st.scope .. "|" .. st.seq] = true end end
   local items, by_scope = {}, {}
+  local reason
   for _, st in ipairs(steps) do
+    -- why the run failed outside its steps (runs.lua's resil.run.finish): the run's, not an item's step
+    if st.scope == "" and st.name == "(run)" and st.state == "failed" then
+      reason = st.error
+      goto next
+    end
     if st.state == "running" and not live then
       st.state = "interrupted"
       st.error = st.error or "its process ended (killed, crashed) before the step did; resuming runs it again"
@@ -180,6 +186,7 @@ local function run_report(s, id)
       it.retries = it.retries + (st.retries or 0)
       if (ITEM_STATE[st.state] or 5) > ITEM_STATE[it.state] then it.state = st.state end
     end
+    ::next::
   end
   local costs = need(resil.cost.breakdown("item", { run = id }))
   local total, unpriced = 0, 0
@@ -191,7 +198,9 @@ local function run_report(s, id)
   local parts = {}
   table.sort(items, function(a, b) return scope_less(parts, a.scope, b.scope) end)
   for _, it in ipairs(items) do table.sort(it.steps, function(a, b) return a.seq < b.seq end) end
-  return { run = run or { id = id }, items = items, usd = total, unpriced = unpriced, holder = holder, gone = gone }
+  run = run or { id = id }
+  run.reason = reason
+  return { run = run, items = items, usd = total, unpriced = unpriced, holder = holder, gone = gone }
 end
 
 -- -> the command that resumes the run, or nil when none can be said: an `-e` run recorded
@@ -244,6 +253,7 @@ local function runs_show(s, args)
   end
   print(printable(redact(("run %s: %s%s%s"):format(run.id, run.status or "?",
     run.script and (" (" .. run.script .. ")") or "", holder and (", held by " .. holder) or ""))))
+  if run.reason then print(printable(redact("why: " .. run.reason:gsub("%s+", " ")))) end
   local rows, counts = {}, { done = 0, failed = 0, pending = 0, interrupted = 0, running = 0 }
   local retries = 0
   for _, it in ipairs(report.items) do

@@ -318,6 +318,7 @@ function M.render(report, ledger, resume)
   out[#out + 1] = ('<p class=muted>%s &middot; started %s UTC &middot; updated %s UTC%s</p>'):format(
     esc(run.script or "(script not recorded)"), utc(run.created_at), utc(run.updated_at),
     run.holder and (' &middot; held by <span id="run-holder">%s</span>'):format(esc(run.holder)) or "")
+  if run.reason then out[#out + 1] = ('<p>Why: <code id="run-reason">%s</code></p>'):format(esc(run.reason)) end
   out[#out + 1] = '<div class="summary">'
   local cells = {
     { "items", f.items }, { "done", f.done }, { "failed", f.failed }, { "pending", f.pending },

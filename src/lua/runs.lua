@@ -221,7 +221,8 @@ function resil.run.generation() return current_run_or_raise().generation or 0 en
 -- script ends). Works outside a task: it writes at once, without the loop.
 -- A later resil.step takes the run again and resumes it. -> true | nil, err
 local ended_id -- the run this process last gave up (trace.lua names it on the run's span)
-function resil.run.finish(status)
+local error_text -- (below)
+function resil.run.finish(status, why)
   local r = run
   if not (r and r.held) then return end
   run, ended_id = nil, r.id
@@ -234,6 +235,18 @@ function resil.run.finish(status)
   end
   table.sort(pending, function(a, b) return a.scope < b.scope or (a.scope == b.scope and a.seq < b.seq) end)
   status = status or "done"
+  -- why a run failed outside its steps (an error in the script's own code, a divergence, os.exit(1)):
+  -- a failed step "(run)" after its last one, as resil.map's "(item)". `runs show` said "failed" and
+  -- nothing else. Not when that error is a step's failure already recorded (the step says it).
+  if status == "failed" and why ~= nil then
+    if type(why) == "string" then why = why:gsub("\n+stack traceback:.*$", "") end
+    local text = error_text(why)
+    if text ~= r.last_failure then
+      local seq = (r.seq[""] or 0) + 1
+      for _, p in ipairs(pending) do if p.scope == "" and p.seq >= seq then seq = p.seq + 1 end end
+      pending[#pending + 1] = { scope = "", seq = seq, name = "(run)", state = "failed", error = text }
+    end
+  end
   -- this process saw steps fail, whether or not the store took their
   -- records (it refused some: the run said "done", its failures nowhere)
   if status == "done" and next(r.failed) then status = "done_with_failures" end
@@ -260,7 +273,7 @@ local function without_credentials(t, depth, seen)
   seen[t] = nil
   return setmetatable(out, getmetatable(t))
 end
-local function error_text(err)
+function error_text(err)
   -- a plain table raised (error{code = 42}) is its fields, not its address ("table: 0x5581...")
   local encoded, plain = false, nil
   if type(err) == "table" and getmetatable(err) == nil then
@@ -276,7 +289,9 @@ end
 function record_failure(r, scope, seq, name, err, retries, started, detail)
   steps_failed:inc()
   r.failed[scope] = true
-  local ok, serr, since = backend_of[r.store]:step_failed(r.id, scope, seq, name, error_text(err), retries, store_now(),
+  local text = error_text(err)
+  r.last_failure = text
+  local ok, serr, since = backend_of[r.store]:step_failed(r.id, scope, seq, name, text, retries, store_now(),
     owner.me().id, started, detail)
   if ok == false then error(lost(r, run_held(r.id, serr, since, true)), 0) end
 end
@@ -646,7 +661,8 @@ os.exit = function(code, close)
     local success = code == nil or code == true or code == 0
     if run and run.held then
       -- (steps still running, cut short: recorded pending, and the run is not done)
-      local ok, err = run_finish(success and (next(run.inflight) and "interrupted" or "done") or "failed")
+      local ok, err = run_finish(success and (next(run.inflight) and "interrupted" or "done") or "failed",
+        not success and ("the script called os.exit(%s)"):format(tostring(code)) or nil)
       if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
     end
     local trace = package.loaded["resil.trace"]

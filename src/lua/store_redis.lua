@@ -1112,8 +1112,8 @@ function R:run_finish_now(id, status, now, me, pending)
   local extra = {}
   for _, p in ipairs(pending or {}) do
     extra[#extra + 1] = p.scope .. "|" .. p.seq
-    extra[#extra + 1] = json.encode({ scope = p.scope, seq = p.seq, name = p.name, state = "pending",
-      retries = p.retries or 0, at = now, started = p.started, detail = p.detail })
+    extra[#extra + 1] = json.encode({ scope = p.scope, seq = p.seq, name = p.name, state = p.state or "pending",
+      error = p.error, retries = p.retries or 0, at = now, started = p.started, detail = p.detail })
   end
   local n, err = self.conn:call_now("EVAL", run_finish, 2, P .. "run:" .. id, unfinished_key(id), status,
     fmt_time(now), me, #extra > 0 and json.encode(extra) or "[]")

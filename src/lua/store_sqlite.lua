@@ -550,7 +550,8 @@ function B:run_start(id, script, fresh, now, me, lease_until, args)
 end
 
 -- the run's end, and its holder gives it up (unless another took it over).
--- pending: the steps cut short, { {scope=, seq=, name=, retries=}, ... }. A run
+-- pending: the steps cut short, { {scope=, seq=, name=, retries=}, ... } (and why a failed run failed
+-- outside its steps: { scope=, seq=, name="(run)", state="failed", error= }). A run
 -- that ends "done" with failed steps is "done_with_failures".
 function B:run_finish_now(id, status, now, me, pending)
   return write_now(self, function(tx)
@@ -558,8 +559,8 @@ function B:run_finish_now(id, status, now, me, pending)
     if holder ~= nil and holder ~= me then return false end
     for _, p in ipairs(pending or {}) do
       tx:exec("INSERT OR REPLACE INTO unfinished_steps (run, scope, seq, name, state, error, retries, at, started, " ..
-              "detail) VALUES (?, ?, ?, ?, 'pending', NULL, ?, ?, ?, ?)", id, p.scope, p.seq, p.name, p.retries or 0,
-              now, p.started, p.detail)
+              "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", id, p.scope, p.seq, p.name, p.state or "pending",
+              p.error, p.retries or 0, now, p.started, p.detail)
     end
     if status == "done" and tx:value("SELECT count(*) FROM unfinished_steps WHERE run = ? AND state = 'failed'",
         id) > 0 then
