@@ -1308,15 +1308,19 @@ local FILTERS = { "provider", "model", "operation", "user", "run", "budget" }
 -- connection was closed and the report failed). The list is only appended
 -- to, so a row's index is fixed and the pages join up. each(text) ->
 -- nothing | nil, err
+-- (up to the row before `upto`, when given: -> true, how many rows were read)
 local LEDGER_PAGE = 1000
-local function each_ledger_row(self, each)
+local function each_ledger_row(self, each, upto)
   local from = 0
   while true do
-    local page, err = self.conn:call("LRANGE", P .. "costs", from, from + LEDGER_PAGE - 1)
+    local last = from + LEDGER_PAGE - 1
+    if upto and last >= upto then last = upto - 1 end
+    if last < from then return true, from end
+    local page, err = self.conn:call("LRANGE", P .. "costs", from, last)
     if not page then return nil, err end
     for _, text in ipairs(page) do each(text) end
-    if #page < LEDGER_PAGE then return true end
-    from = from + LEDGER_PAGE
+    if #page < last - from + 1 then return true, from + #page end
+    from = last + 1
   end
 end
 
@@ -1353,24 +1357,93 @@ function R:cost_query(by, filter)
   return order
 end
 
--- the ledger's rows that pass the filter, oldest first
+-- a ledger row that passes the filter, as cost_rows hands it -> row | nil
+local function kept_row(filter, text)
+  local e = json.decode(text)
+  if filter.since and e.at < filter.since then return nil end
+  for _, f in ipairs(FILTERS) do
+    if filter[f] ~= nil and e[f] ~= filter[f] then return nil end
+  end
+  for k, v in pairs(e) do if v == json.null then e[k] = nil end end
+  e.micro_usd = math.tointeger(e.micro_usd) or e.micro_usd
+  return e
+end
+
+-- A binary heap of {at, i[, row]}, least (at, then place in the ledger) first; or of numbers
+local function earlier(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+local function less(a, b) return a < b end
+local function heap_push(h, e, earlier)
+  local k = #h + 1
+  h[k] = e
+  while k > 1 do
+    local up = k // 2
+    if not earlier(h[k], h[up]) then break end
+    h[k], h[up] = h[up], h[k]
+    k = up
+  end
+end
+local function heap_pop(h, earlier)
+  local top, n = h[1], #h
+  h[1] = h[n]
+  h[n] = nil
+  n = n - 1
+  local k = 1
+  while true do
+    local l, least = 2 * k, k
+    if l <= n and earlier(h[l], h[least]) then least = l end
+    if l + 1 <= n and earlier(h[l + 1], h[least]) then least = l + 1 end
+    if least == k then return top end
+    h[k], h[least] = h[least], h[k]
+    k = least
+  end
+end
+
+-- The ledger's rows that pass the filter, oldest first (by `at`, then as recorded), as SQLite's.
+-- The list is in the order the rows reached Redis: nearly by time, a row late by as much as its
+-- process took to write it (a queue through an outage: minutes). each(row) gets them SORT_WINDOW
+-- rows behind the read, in order when no row came later than that: a first pass checks it, on the
+-- rows' times alone. Each was read whole first and sorted: `costs --csv` of a million rows held
+-- them all (525 MB, where SQLite's streamed). A ledger whose rows came later still is sorted whole.
+local SORT_WINDOW = 10000
 function R:cost_rows(filter, each)
+  if each then
+    -- (sorted: each row as it is read; in_order: each SORT_WINDOW rows behind)
+    local h, last, latest, i, in_order, sorted = {}, -math.huge, -math.huge, 0, true, true
+    local ok, n = each_ledger_row(self, function(text)
+      if not in_order then return end
+      local e = kept_row(filter, text)
+      if not e then return end
+      local at = e.at
+      if at < latest then sorted = false else latest = at end
+      if at < last then in_order = false return end
+      heap_push(h, at, less)
+      if #h > SORT_WINDOW then last = heap_pop(h, less) end
+    end)
+    if not ok then return nil, n end
+    if in_order then
+      h = {}
+      local rok, err = each_ledger_row(self, function(text)
+        local e = kept_row(filter, text)
+        if not e then return end
+        if sorted then return each(e) end
+        i = i + 1
+        heap_push(h, { e.at, i, e }, earlier)
+        if #h > SORT_WINDOW then each(heap_pop(h, earlier)[3]) end
+      end, n) -- (not the rows recorded since the first pass: those were not checked)
+      if not rok then return nil, err end
+      while #h > 0 do each(heap_pop(h, earlier)[3]) end
+      return true
+    end
+  end
   local out = {}
   local ok, err = each_ledger_row(self, function(text)
-    local e = json.decode(text)
-    local keep = not (filter.since and e.at < filter.since)
-    for _, f in ipairs(FILTERS) do
-      if filter[f] ~= nil and e[f] ~= filter[f] then keep = false end
-    end
-    if keep then
-      for k, v in pairs(e) do if v == json.null then e[k] = nil end end
-      e.micro_usd = math.tointeger(e.micro_usd) or e.micro_usd
-      out[#out + 1] = e
-    end
+    local e = kept_row(filter, text)
+    if e then out[#out + 1] = { e.at, #out + 1, e } end
   end)
   if not ok then return nil, err end
-  table.sort(out, function(a, b) return a.at < b.at end)
-  if each then -- (as SQLite's: the rows are in no order in Redis, so they are all read first)
+  table.sort(out, earlier)
+  for k, e in ipairs(out) do out[k] = e[3] end
+  if each then
     for _, r in ipairs(out) do each(r) end
     return true
   end
