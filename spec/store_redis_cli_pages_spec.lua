@@ -74,3 +74,37 @@ describe("costs --csv on Redis", function()
     assert.are.same({ "m", "m", "late", "m" }, models) -- r50: rows 50, 150, 250 and the late one at 150.5
   end)
 end)
+
+-- (before: one ZREVRANGE of the whole index, a reply as large as all the run ids, then a round trip
+-- per run: a server whose client-output-buffer-limit the ids passed cut the connection, and
+-- `runs` failed; 100,000 runs took 20 s)
+describe("runs on Redis with many runs", function()
+  local redis = helpers.redis_server()
+  teardown(function() redis.stop() end)
+
+  it("reads them a page at a time: every run listed once, newest first, each reply small", function()
+    -- 30,000 runs whose ids are 64 bytes: 2 MB of ids; the last two share a time
+    local r = cli(redis, redis.port, ("-n 1 EVAL \"for i = 1, 30000 do local id = string.format('%%064d', i) " ..
+      "local t = %d + math.min(i, 29999) redis.call('HSET', 'resil:run:' .. id, 'id', id, 'script', 'x.lua', " ..
+      "'status', 'done', 'steps', '3', 'generation', '0', 'created_at', t, 'updated_at', t) " ..
+      "redis.call('ZADD', 'resil:runs', t, id) end return 1\" 0"):format(1700000000))
+    assert.are.equal(0, r.code, r.stderr)
+    -- a reply over 1 MB cuts the connection
+    assert.are.equal(0, cli(redis, redis.port, "config set client-output-buffer-limit 'normal 1mb 1mb 0'").code)
+    r = helpers.run(("%s runs --store '%s'"):format(helpers.resil, redis.url(1)))
+    assert.are.equal(0, r.code, r.stderr)
+    local ids, seen = {}, {}
+    for id in r.stdout:gmatch("\n(%d+)%s+done%s") do
+      assert.is_nil(seen[id], id)
+      seen[id] = true
+      ids[#ids + 1] = tonumber(id)
+    end
+    assert.are.equal(30000, #ids)
+    assert.are.same({ 30000, 29999, 29998 }, { ids[1], ids[2], ids[3] }) -- (a time shared: by id, descending)
+    assert.are.equal(1, ids[30000])
+    -- `runs prune` reads the same list
+    r = helpers.run(("%s runs prune --older-than 0s --dry-run --store '%s'"):format(helpers.resil, redis.url(1)))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("would forget 30000 runs", r.stdout, 1, true)
+  end)
+end)
