@@ -6,7 +6,7 @@ CC       ?= cc
 PKGS      = lua5.4 lua5.4-cjson libcurl libevent sqlite3 hiredis libcrypto zlib
 DEB_PKGS  = build-essential pkg-config liblua5.4-dev lua-cjson-dev libcurl4-openssl-dev libevent-dev \
             libhiredis-dev libsqlite3-dev zlib1g-dev libmimalloc-dev lua-busted redis-server nginx-light openssl wrk \
-            libssl-dev ca-certificates prometheus clang valgrind chromium sqlite3 procps locales
+            libssl-dev ca-certificates prometheus clang valgrind chromium sqlite3 procps locales time
 
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
