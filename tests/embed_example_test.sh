@@ -30,6 +30,29 @@ exported=$(nm -D --defined-only "$prefix/lib/libresil.so" | awk '$3 !~ /^resil_/
 [ -z "$exported" ]
 ok $? "libresil.so exports the resil_* API only (no loop_run, timer_init, ... to clash with a program's own)${exported:+: $exported}"
 
+# A plugin that uses libresil (a Python or Lua C module, a server module) is loaded with dlopen:
+# libresil.so must not need more static TLS than glibc keeps for dlopen (initial-exec TLS of 2 KiB
+# made it "cannot allocate memory in static TLS block")
+cat > "$tmp/plugin.c" <<'PLUGIN'
+#include <resil.h>
+void *plugin_entry(void) { return (void *)resil_open; }
+PLUGIN
+cat > "$tmp/loader.c" <<'LOADER'
+#include <dlfcn.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+  void *h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  if (!h) { printf("%s\n", dlerror()); return 1; }
+  return dlsym(h, "plugin_entry") ? 0 : 1;
+}
+LOADER
+cc -shared -fPIC ${SAN_FLAGS:-} -o "$tmp/plugin.so" "$tmp/plugin.c" $(pkg-config --cflags --libs resil) -Wl,-rpath,"$prefix/lib" > "$tmp/plugin.log" 2>&1 &&
+  cc ${SAN_FLAGS:-} -o "$tmp/loader" "$tmp/loader.c" -ldl >> "$tmp/plugin.log" 2>&1 &&
+  "$tmp/loader" "$tmp/plugin.so" >> "$tmp/plugin.log" 2>&1
+status=$?
+ok $status "a plugin linked with libresil loads with dlopen"
+[ $status -eq 0 ] || sed 's/^/# /' "$tmp/plugin.log"
+
 (cd "$tmp" && "$prefix/bin/resil-lua" -e "assert(require('policies.retry')) print(package.searchpath('x', 'y') or 'found')" > "$tmp/policies.out" 2>&1)
 ok $? "the installed resil-lua finds the shipped policies under the prefix (no RESIL_HOME)"
 
