@@ -719,7 +719,7 @@ typedef struct {
 } held_frame;
 
 /* per thread: curl's callbacks run in the thread driving its multi handle */
-#define THREAD_TLS _Thread_local __attribute__((tls_model("initial-exec")))
+#define THREAD_TLS _Thread_local
 static THREAD_TLS held_frame held_frames[HELD_FRAMES_MAX];
 static THREAD_TLS int held_count;
 typedef int (*frame_recv_fn)(nghttp2_session *, const void *, void *);
