@@ -713,6 +713,7 @@ typedef int (*chunk_recv_fn)(nghttp2_session *, uint8_t, int32_t, const uint8_t 
 enum { HELD_PAUSED, HELD_FILLED, HELD_HANDED };
 typedef struct {
   nghttp2_session *session;
+  int32_t stream_id;
   void *easy;     /* the paused stream's transfer (its stream user data) */
   http_req *r;    /* ours, once write_cb saw it handed the rest */
   int state;
@@ -728,6 +729,7 @@ static frame_recv_fn curl_frame_recv;
 static THREAD_TLS int held_finishing; /* in held_finish's call: no transfer is curl's current one */
 static void *(*real_stream_user_data)(nghttp2_session *, int32_t);
 static ssize_t (*real_mem_recv)(nghttp2_session *, const uint8_t *, size_t);
+static int32_t (*real_recv_data_length)(nghttp2_session *, int32_t);
 
 static void held_drop(int i) { held_frames[i] = held_frames[--held_count]; }
 
@@ -747,7 +749,7 @@ static int chunk_recv_hook(nghttp2_session *s, uint8_t flags, int32_t id, const 
     if (held_count == HELD_FRAMES_MAX) return rv; /* (that stream may wait for its timeout, as before) */
     held_count++;
   }
-  held_frames[i] = (held_frame){ s, easy, NULL, HELD_PAUSED };
+  held_frames[i] = (held_frame){ s, id, easy, NULL, HELD_PAUSED };
   return rv;
 }
 
@@ -789,6 +791,8 @@ nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callba
     if (!real_stream_user_data)
       real_stream_user_data = (void *(*)(nghttp2_session *, int32_t))next_symbol("nghttp2_session_get_stream_user_data");
     if (!real_mem_recv) real_mem_recv = (ssize_t (*)(nghttp2_session *, const uint8_t *, size_t))next_symbol("nghttp2_session_mem_recv");
+    if (!real_recv_data_length)
+      real_recv_data_length = (int32_t (*)(nghttp2_session *, int32_t))next_symbol("nghttp2_session_get_stream_effective_recv_data_length");
     curl_chunk_recv = cb; /* (always the same function) */
     cb = chunk_recv_hook;
   }
@@ -813,7 +817,17 @@ static void held_note_write(http_req *r, size_t len) {
      * rest over a buffer at a time: the next shorter write is its last.
      * Writes are at most CURL_MAX_WRITE_SIZE: a larger buffer's cannot tell. */
     size_t full = (size_t)CURL_BUFFER_OPTION(r->set.recv_buffer);
-    if (held_frames[i].state == HELD_PAUSED) {
+    /* exact: the stream's DATA bytes nghttp2 read (its receive window: no
+     * WINDOW_UPDATE before 16 MiB, as curl's window is 32 MiB; padding
+     * counts, and then they never match) are all written: nothing is left
+     * in curl's hands, whatever the write sizes (a rest of whole buffers,
+     * a buffer past 16 KiB) */
+    int32_t read = real_recv_data_length(held_frames[i].session, held_frames[i].stream_id);
+    if (read > 0 && (size_t)read == r->h2_raw) {
+      held_frames[i].r = r;
+      held_frames[i].state = HELD_HANDED;
+      event_active(r->H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
+    } else if (held_frames[i].state == HELD_PAUSED) {
       held_frames[i].state = HELD_FILLED;
     } else if (len < full && full <= CURL_MAX_WRITE_SIZE) {
       held_frames[i].r = r;
@@ -1285,6 +1299,7 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userp) {
   if (r->decode_failed) return 0;
   if (r->gz ? gunzip(r, data, len) : body_take(r, data, len)) return 0;
   note_fed(r, len, 0);
+  r->h2_raw += len;
   if (held_count) held_note_write(r, len);
   if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
   if (r->stream && r->waiter) {
@@ -1319,6 +1334,7 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
   size_t len = size * n;
   if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
     r->head.len = 0; /* a new response (after 100-continue or a redirect) */
+    r->h2_raw = 0;
   } else if (len <= 2 && (data[0] == '\r' || data[0] == '\n')) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);

@@ -73,6 +73,7 @@ struct http_req {
   size_t max_body, total_received;
   sse_parser *sse;           /* a stream read by events (stream:read_event) */
   struct z_stream_s *gz;     /* a gzip or deflate body's decoder (header_cb) */
+  size_t h2_raw;              /* body bytes curl wrote since the response's status line (held_note_write) */
   int gz_open;               /* it took bytes of a gzip member not yet ended: the body is incomplete */
   int decode_failed;         /* CURLE_BAD_CONTENT_ENCODING or CURLE_OUT_OF_MEMORY: why decoding stopped */
   int length_conflict;       /* the final response named two different Content-Lengths */
