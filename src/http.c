@@ -765,10 +765,12 @@ static int frame_recv_hook(nghttp2_session *s, const void *frame, void *ud) {
   return curl_frame_recv(s, frame, ud);
 }
 
+/* libcurl 7.88.0 to 8.0.1: 7.87 and older make the 0-byte call themselves, 8.1.0 again */
 static int called_by_old_curl(void *caller_address) {
   Dl_info caller, curl;
   void *curl_fn = dlsym(RTLD_DEFAULT, "curl_version");
-  return curl_fn && curl_version_info(CURLVERSION_NOW)->version_num < 0x080100 && dladdr(caller_address, &caller) &&
+  unsigned version = curl_fn ? curl_version_info(CURLVERSION_NOW)->version_num : 0;
+  return version >= 0x075800 && version < 0x080100 && dladdr(caller_address, &caller) &&
          dladdr(curl_fn, &curl) && caller.dli_fbase == curl.dli_fbase;
 }
 
