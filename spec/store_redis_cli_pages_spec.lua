@@ -37,7 +37,11 @@ describe("costs --csv on Redis", function()
       helpers.resil, redis.url(1), out))
     assert.are.equal(0, r.code, r.stderr)
     local kb = tonumber(r.stderr:match("peak (%d+) KB"))
-    assert.is_true(kb < 60 * 1024, ("peak %d KB"):format(kb))
+    -- (AddressSanitizer keeps what is freed in its quarantine, some 256 MB: its peak is not the
+    -- program's; the order below is checked all the same)
+    if not (os.getenv("SAN_FLAGS") or ""):find("address", 1, true) then
+      assert.is_true(kb < 60 * 1024, ("peak %d KB"):format(kb))
+    end
     local lines, prev, n = {}, "", 0
     for line in io.lines(out) do
       n = n + 1
