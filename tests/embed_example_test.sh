@@ -25,10 +25,10 @@ flags=$(pkg-config --cflags --libs resil 2>&1)
 [[ "$flags" == *"-I$prefix/include"* && "$flags" == *"-lresil"* && "$flags" == *"-llua5.4"* && "$flags" == *"-levent"* ]]
 ok $? "pkg-config --cflags --libs resil names the prefix, libresil, Lua and libevent: $flags"
 
-# (and the three nghttp2 functions it interposes for libcurl < 8.1.0: src/http.c, held_frames)
+# (and the three nghttp2 functions it interposes for libcurl 7.88 to 8.0.1: src/http.c, held_frames)
 exported=$(nm -D --defined-only "$prefix/lib/libresil.so" | awk '$3 !~ /^resil_/ && $3 !~ /^nghttp2_session_(callbacks_set_on_(frame|data_chunk)_recv_callback|del)$/ { print $3 }' | tr '\n' ' ')
 [ -z "$exported" ]
-ok $? "libresil.so exports the resil_* API only (no loop_run, timer_init, ... to clash with a program's own)${exported:+: $exported}"
+ok $? "libresil.so exports the resil_* API and the three nghttp2 names it interposes only (no loop_run, timer_init, ... to clash with a program's own)${exported:+: $exported}"
 
 # A plugin that uses libresil (a Python or Lua C module, a server module) is loaded with dlopen:
 # libresil.so must not need more static TLS than glibc keeps for dlopen (initial-exec TLS of 2 KiB
