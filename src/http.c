@@ -825,13 +825,10 @@ static void held_note_write(http_req *r, size_t len) {
      * in curl's hands, whatever the write sizes (a rest of whole buffers,
      * a buffer past 16 KiB) */
     int32_t read = real_recv_data_length(held_frames[i].session, held_frames[i].stream_id);
-    if (read > 0 && (size_t)read == r->h2_raw) {
-      held_frames[i].r = r;
-      held_frames[i].state = HELD_HANDED;
-      event_active(r->H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
-    } else if (held_frames[i].state == HELD_PAUSED) {
+    int all_written = read > 0 && (size_t)read == r->h2_raw;
+    if (!all_written && held_frames[i].state == HELD_PAUSED) {
       held_frames[i].state = HELD_FILLED;
-    } else if (len < full && full <= CURL_MAX_WRITE_SIZE) {
+    } else if (all_written || (len < full && full <= CURL_MAX_WRITE_SIZE)) {
       held_frames[i].r = r;
       held_frames[i].state = HELD_HANDED;
       event_active(r->H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
