@@ -488,6 +488,31 @@ describe("replies over h2 without a Content-Length", function()
     end
   end)
 
+  -- h2c by prior knowledge (libcurl < 8.0: a connection of its own a request, outside the
+  -- multiplexed handle) waited for its timeout from 12 KB up, all of the body read
+  it("end when their last frame does over h2c by prior knowledge too, as a body and as a stream", function()
+    os.execute("mkdir -p " .. dir .. "/nolen")
+    for _, size in ipairs({ 2000, 5000, 12000, 30000, 200000 }) do
+      local text = ("c"):rep(size - 1) .. "\n"
+      helpers.write(("%s/nolen/c%d.txt"):format(dir, size), text)
+      local url = ("http://127.0.0.1:%d/nolen/c%d.txt"):format(h2c_port, size)
+      local res, err = http.request({ url = url, http_version = "2", timeout = 3 })
+      assert.is_nil(err, size .. " " .. (err and err.message or ""))
+      assert.are.equal("2", res.http_version)
+      assert.is_nil(res.headers["content-length"])
+      assert.are.equal(text, res.body, size)
+      local s <close> = assert(http.stream({ url = url, http_version = "2", timeout = 3 }))
+      local parts = {}
+      while true do
+        local chunk, e = s:read()
+        assert.is_nil(e, e and e.message)
+        if not chunk then break end
+        parts[#parts + 1] = chunk
+      end
+      assert.are.equal(text, table.concat(parts), size)
+    end
+  end)
+
   it("arrive whole and unmixed, many at once on one connection", function()
     math.randomseed(35)
     local texts, tasks, got = {}, {}, {}

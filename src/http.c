@@ -354,6 +354,12 @@ static void upload_watch(http_req *r) {
   H->uploading = r;
 }
 
+/* h2 by ALPN or prior knowledge: multiplexed, or (libcurl < 8.0) h2c on a
+ * connection of its own in the plain handle */
+static int speaks_h2(http_req *r) {
+  return r->driver == &r->H->drivers[DRIVER_MUX] || r->set.http_version == CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE;
+}
+
 static void fed_unlink(http_req *r) {
   if (r->fed_prev) r->fed_prev->fed_next = r->fed_next;
   else r->H->fed = r->fed_next;
@@ -368,7 +374,7 @@ static void fed_unlink(http_req *r) {
  * head (see kick_cb) */
 static void note_fed(http_req *r, size_t len, int head) {
   http_state *H = r->H;
-  if (!H->h2_holds_data || r->driver != &H->drivers[DRIVER_MUX]) return;
+  if (!H->h2_holds_data || !speaks_h2(r)) return;
   if (H->acting_fd != CURL_SOCKET_BAD) r->conn_fd = H->acting_fd;
   r->fed_bytes += len;
   r->fed_head |= head;
@@ -831,7 +837,7 @@ static void held_note_write(http_req *r, size_t len) {
     } else if (all_written || (len < full && full <= CURL_MAX_WRITE_SIZE)) {
       held_frames[i].r = r;
       held_frames[i].state = HELD_HANDED;
-      event_active(r->H->drivers[DRIVER_MUX].kick_ev, EV_TIMEOUT, 0);
+      event_active(r->driver->kick_ev, EV_TIMEOUT, 0);
     }
     return;
   }
@@ -846,10 +852,10 @@ static void held_forget(http_req *r) {
 /* From kick_cb, outside curl: have nghttp2 finish the frames whose rest
  * was handed over (the end of its stream drains its transfer), and have
  * kick_cb run their connections */
-static void held_finish(curl_driver *d) {
+static void held_finish(http_state *H) {
   for (int i = held_count - 1; i >= 0; i--) {
     http_req *r = held_frames[i].r;
-    if (!r || r->H != d->H || held_frames[i].state != HELD_HANDED) continue;
+    if (!r || r->H != H || held_frames[i].state != HELD_HANDED) continue;
     nghttp2_session *s = held_frames[i].session;
     held_drop(i);
     held_finishing = 1;
@@ -877,29 +883,37 @@ static void kick_socket(curl_driver *d, curl_socket_t s) {
   after_action(d);
 }
 
+typedef struct { curl_driver *d; curl_socket_t s; } kick_target;
+
 static void kick_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
-  curl_driver *d = arg;
-  http_state *H = d->H;
-  curl_socket_t socks[8];
+  http_state *H = ((curl_driver *)arg)->H;
+  curl_driver *mux = &H->drivers[DRIVER_MUX];
+  kick_target socks[8];
   int n = 0, all = 0;
-  if (held_count) held_finish(d);
+  if (held_count) held_finish(H);
   while (H->fed) {
     http_req *r = H->fed;
     curl_socket_t s = r->conn_fd;
+    curl_driver *d = r->driver;
+    if (d != mux && s == CURL_SOCKET_BAD) curl_easy_getinfo(r->easy, CURLINFO_ACTIVESOCKET, &s);
     fed_unlink(r);
     int seen = 0;
-    for (int i = 0; i < n; i++) seen |= socks[i] == s;
+    for (int i = 0; i < n; i++) seen |= socks[i].s == s;
     if (seen) continue;
-    if (s == CURL_SOCKET_BAD || n == (int)(sizeof socks / sizeof socks[0])) all = 1;
-    else socks[n++] = s;
+    /* (a plain handle's h2c connection is its transfer's alone: kicked by name) */
+    if (d == mux && (s == CURL_SOCKET_BAD || n == (int)(sizeof socks / sizeof socks[0]))) all = 1;
+    else if (n < (int)(sizeof socks / sizeof socks[0])) socks[n++] = (kick_target){ d, s };
+    else kick_socket(d, s);
   }
-  if (all) { /* data given in a timeout's run, or many connections: every h2 socket */
+  if (all) { /* data given in a timeout's run, or many connections: every multiplexed socket */
+    for (int i = 0; i < n; i++)
+      if (socks[i].d != mux) kick_socket(socks[i].d, socks[i].s);
     n = 0;
     for (int s = 0; s < H->socket_cap; s++)
-      if (H->socket_origin[s] & 1) kick_socket(d, s);
+      if (H->socket_origin[s] & 1) kick_socket(mux, s);
   }
-  for (int i = 0; i < n; i++) kick_socket(d, socks[i]);
+  for (int i = 0; i < n; i++) kick_socket(socks[i].d, socks[i].s);
   if (H->parked) http_flush(H);
 }
 
