@@ -714,22 +714,41 @@ end
 -- writes in one call (MOST_INPUT again: no model's output reaches its context) is the provider's
 -- garbage as well: 1e12 tokens for "hi" were a $600,000 row. Recorded at what the answer holds (its
 -- text and tool calls' arguments, 4 bytes a token, as a cut stream's output is), and said.
-local function output_capped(r, u)
+local function answer_tokens(r)
   local bytes = type(r.text) == "string" and #r.text or 0
   for _, c in ipairs(type(r.tool_calls) == "table" and r.tool_calls or {}) do
     if type(c) == "table" and type(c.arguments) == "string" then bytes = bytes + #c.arguments end
   end
+  return math.ceil(bytes / 4)
+end
+local function output_capped(r, u)
   local c = {}
   for k, v in pairs(u) do c[k] = v end
-  c.output_tokens = math.ceil(bytes / 4)
+  c.output_tokens = answer_tokens(r)
   resil.log.error("ai: an answer reported more output tokens than any model writes; recorded at its text's estimate",
     { provider = r.provider, model = r.model or r.requested_model, output_tokens = u.output_tokens,
       recorded_output_tokens = c.output_tokens })
   return c
 end
 
+-- A usage with a main count the provider left out (`completion_tokens` without `prompt_tokens`, an
+-- Anthropic answer without `input_tokens`: the adapters' input_unreported / output_unreported) has
+-- that side estimated: the input from the request, at least the cache's part the answer did count,
+-- the output from the answer's text and tool calls (4 bytes a token). Read as 0, a 2,000-token
+-- prompt was recorded, and settled, at no input at all. The row says so: units.estimated.
+local function reported_usage(r, req, u)
+  if type(u) ~= "table" or not (u.input_unreported or u.output_unreported) then return u end
+  local c = {}
+  for k, v in pairs(u) do c[k] = v end
+  if c.input_unreported then c.input_tokens = math.max(text_input_tokens(req), tonumber(c.input_tokens) or 0) end
+  if c.output_unreported then c.output_tokens = math.max(answer_tokens(r), tonumber(c.output_tokens) or 0) end
+  c.input_unreported, c.output_unreported, c.estimated = nil, nil, true
+  return c
+end
+
 local function capped_usage(r, req)
-  local u, most = input_capped(r, req, r.usage), math.type(req.max_tokens) == "integer" and req.max_tokens or nil
+  local u, most = input_capped(r, req, reported_usage(r, req, r.usage)),
+    math.type(req.max_tokens) == "integer" and req.max_tokens or nil
   if not most and req.budget ~= nil then -- what wire_request sent a budgeted call without one
     local conf = ai.config[r.provider]
     most = budget_max_tokens(type(conf) == "table" and conf or nil, ai.adapters[r.provider])

@@ -213,6 +213,71 @@ describe("golden costs from the providers' documented usage", function()
     assert.matches("no price for openai/gpt%-unknown", why)
   end)
 
+  -- (before: a usage of completion_tokens without prompt_tokens priced the prompt at 0 tokens, an
+  -- answer without completion_tokens its output at 0: a long prompt's row, and its budget, paid nothing)
+  describe("a usage that leaves a main count out", function()
+    local server, reply
+    local PROMPT = { { role = "user", content = string.rep("word ", 400) } } -- 2,000 bytes: 500 tokens or so
+    before_each(function()
+      server = resil.server.listen({ handler = function(req) return reply(req) end })
+      fresh_store()
+      point_at(("http://127.0.0.1:%d"):format(server:port()))
+    end)
+    after_each(function() server:close() end)
+    local function openai_body(usage)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"id":"chatcmpl-' ..
+        resil.hash(usage) .. '","object":"chat.completion","created":1,"model":"gpt-4o-mini-2024-07-18",' ..
+        '"choices":[{"index":0,"message":{"role":"assistant","content":"hello there, friend"},' ..
+        '"finish_reason":"stop"}],"usage":' .. usage .. '}' }
+    end
+    local input = pricing.estimate_tokens(resil.json.encode(PROMPT))
+    local function usd(i, o) return math.floor((i * 0.15 + o * 0.60) + 0.5) / 1e6 end -- gpt-4o-mini, micro-dollars
+
+    it("openai: no prompt_tokens is the prompt estimated from the request, the row marked estimated", function()
+      reply = function() return openai_body('{"completion_tokens":50}') end
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini-2024-07-18", messages = PROMPT }))
+      assert.are.same({ input, 50, true }, { r.usage.input_tokens, r.usage.output_tokens, r.usage.estimated })
+      assert.is_nil(r.usage.input_unreported)
+      assert.are.equal(usd(input, 50), assert(resil.cost.total()))
+    end)
+
+    it("openai: no completion_tokens is the output estimated from the answer's text", function()
+      reply = function() return openai_body('{"prompt_tokens":500,"completion_tokens":null}') end
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini-2024-07-18", messages = PROMPT }))
+      assert.are.same({ 500, 5, true }, { r.usage.input_tokens, r.usage.output_tokens, r.usage.estimated })
+      assert.are.equal(usd(500, 5), assert(resil.cost.total()))
+    end)
+
+    it("openai: a stream whose final usage has no prompt_tokens", function()
+      reply = function()
+        local chunk = '{"id":"chatcmpl-s","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+        return { status = 200, headers = { ["content-type"] = "text/event-stream" }, body =
+          "data: " .. chunk .. '"choices":[{"index":0,"delta":{"role":"assistant","content":"hi"},"finish_reason":null}]}\n\n' ..
+          "data: " .. chunk .. '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n' ..
+          "data: " .. chunk .. '"choices":[],"usage":{"completion_tokens":40}}\n\n' .. "data: [DONE]\n\n" }
+      end
+      local s = assert(ai.stream({ model = "openai/gpt-4o-mini", messages = PROMPT }))
+      for _ in s do end
+      local r = assert(s:result())
+      assert.are.same({ input, 40, true }, { r.usage.input_tokens, r.usage.output_tokens, r.usage.estimated })
+      assert.are.equal(usd(input, 40), assert(resil.cost.total()))
+    end)
+
+    it("anthropic: no input_tokens is the prompt estimated, at least the cache's part it counted", function()
+      reply = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+          id = "msg_noinput", type = "message", role = "assistant", model = "claude-haiku-4-5",
+          content = { { type = "text", text = "hi" } }, stop_reason = "end_turn",
+          usage = { output_tokens = 10, cache_read_input_tokens = 100 } }) }
+      end
+      local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = PROMPT }))
+      assert.are.same({ input, 100, 10, true },
+        { r.usage.input_tokens, r.usage.cached_input_tokens, r.usage.output_tokens, r.usage.estimated })
+      -- haiku 4.5: $1 input, $0.10 cache reads, $5 output a million
+      assert.are.equal(math.floor((input - 100) * 1 + 100 * 0.1 + 10 * 5 + 0.5) / 1e6, assert(resil.cost.total()))
+    end)
+  end)
+
   it("a malformed price is no price: nil and why, the same from pricing.price and pricing.cost", function()
     local u = { input_tokens = 1000000, output_tokens = 1000000, cached_input_tokens = 0, cache_write_tokens = 0 }
     local cases = {

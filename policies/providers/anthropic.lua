@@ -228,8 +228,12 @@ function anthropic.usage(u)
   local read, write = num(u.cache_read_input_tokens) or 0, num(u.cache_creation_input_tokens) or 0
   -- searches its web search tool ran: billed per search besides the tokens
   local searches = type(u.server_tool_use) == "table" and num(u.server_tool_use.web_search_requests) or 0
-  local usage = { input_tokens = (num(u.input_tokens) or 0) + read + write, output_tokens = num(u.output_tokens) or 0,
-    cached_input_tokens = read, cache_write_tokens = write, web_search_requests = searches > 0 and searches or nil }
+  -- (a main count the answer left out is not a zero: input_unreported / output_unreported, and ai.lua
+  -- records the row with that side estimated; the input here is only its floor, the cache's part)
+  local input, output = num(u.input_tokens), num(u.output_tokens)
+  local usage = { input_tokens = (input or 0) + read + write, output_tokens = output or 0,
+    cached_input_tokens = read, cache_write_tokens = write, web_search_requests = searches > 0 and searches or nil,
+    input_unreported = input == nil or nil, output_unreported = output == nil or nil }
   local breakdown = type(u.cache_creation) == "table" and u.cache_creation or nil
   local hour = breakdown and num(breakdown.ephemeral_1h_input_tokens) or 0
   if hour > 0 then usage.cache_write_1h_tokens = math.min(hour, write) end -- (more is no part of the writes)

@@ -293,14 +293,17 @@ function openai.usage(u, tier)
     or (input == nil and output == nil) then
     return nil
   end
-  input = input or 0
   local details, out_details = u.prompt_tokens_details, u.completion_tokens_details
   -- (cached ones are a part of the input: more would price the rest below zero)
   -- (each optional part looked at only when the answer has it)
   local cached = details ~= nil and type(details) == "table" and num(details.cached_tokens)
-  cached = cached and math.min(cached, input) or 0
-  return { input_tokens = input, output_tokens = output or 0,
+  cached = cached and (input and math.min(cached, input) or cached) or 0
+  -- (a main count the answer left out is not a zero: input_unreported / output_unreported, and ai.lua
+  -- records the row with that side estimated, as LiteLLM counts a prompt it was not told; the count
+  -- here is only its floor, the cached part)
+  return { input_tokens = input or cached, output_tokens = output or 0,
     cached_input_tokens = cached, cache_write_tokens = 0,
+    input_unreported = input == nil or nil, output_unreported = output == nil or nil,
     reasoning_tokens = out_details ~= nil and type(out_details) == "table" and num(out_details.reasoning_tokens) or nil,
     service_tier = tier ~= nil and openai.service_tier(tier) or nil }
 end
