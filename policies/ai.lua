@@ -772,7 +772,25 @@ local function capped_usage(r, req)
   return c
 end
 
+-- An answer that reports no usage (some OpenAI-compatible servers), or one it cannot read (a negative
+-- count, a string), is estimated as a stream without its usage is: the input from the request, the
+-- output from the answer's text and tool calls (an embedding's: none), units.estimated. Recorded
+-- without a price, it settled its budget at 0: a $0.001 budget let through every call of $0.0008 it
+-- held for, one after another. Said once a model (bounded: a gateway's clients name any model).
+local guessed, guessed_count = {}, 0
+local function estimated_usage(r, req, operation)
+  local name = tostring(r.provider) .. "/" .. tostring(r.model or r.requested_model)
+  if not guessed[name] and guessed_count < 100 then
+    guessed[name], guessed_count = true, guessed_count + 1
+    resil.log.warn("ai: an answer reported no usage it can read; its cost is estimated from the request and the answer",
+      { provider = r.provider, model = r.model or r.requested_model })
+  end
+  return { input_tokens = text_input_tokens(req), output_tokens = operation == "embed" and 0 or answer_tokens(r),
+    cached_input_tokens = 0, cache_write_tokens = 0, requests = 1, estimated = true }
+end
+
 local function record_cost(r, req, ticket, operation, how)
+  if r.usage == nil and how == nil then r.usage = estimated_usage(r, req, operation) end
   r.usage = capped_usage(r, req)
   local usd = r.usage and pricing.cost(r.provider, r.model or r.requested_model, r.usage)
   if usd == nil and r.usage and r.model ~= r.requested_model then

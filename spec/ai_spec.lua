@@ -655,23 +655,32 @@ describe("chat over the strict mock", function()
     assert.is_nil(seen.max_completion_tokens or seen.max_tokens)
   end)
 
-  it("a budgeted answer without usage (some OpenAI-compatible servers) has its ledger row, without a price",
+  -- (before: its row had no price and its budget was settled at 0, so a budget let through every
+  -- such call it could hold one at a time: a $0.001 budget, five calls of $0.0008)
+  it("a budgeted answer without usage (some OpenAI-compatible servers) is estimated, and spends its budget",
     function()
       m:configure({ routes = { ["POST /v1/chat/completions"] = function()
         return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
           id = "chatcmpl-nousage", object = "chat.completion", created = 1, model = "gpt-4o-mini",
           choices = { { index = 0, message = { role = "assistant", content = "hi" }, finish_reason = "stop" } } }) }
       end } })
-      local b = resil.budget("ai-spec-nousage", { limit = 1 })
-      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      local long = { { role = "user", content = string.rep("word ", 4000) } } -- about 5,000 tokens
+      local b = resil.budget("ai-spec-nousage", { limit = 0.001 })
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = long, max_tokens = 100,
         budget = "ai-spec-nousage" }))
-      assert.is_nil(r.cost_usd)
-      assert.are.same({ 0, 0 }, { b:state().spent, b:state().reserved })
+      local input = pricing.estimate_tokens(resil.json.encode(long))
+      assert.are.same({ input, 1, true }, { r.usage.input_tokens, r.usage.output_tokens, r.usage.estimated })
+      local usd = math.floor(input * 0.15 + 1 * 0.60 + 0.5) / 1e6 -- gpt-4o-mini, in whole micro-dollars
+      assert.are.same({ usd, 0 }, { b:state().spent, b:state().reserved })
       local by = assert(resil.cost.breakdown("model"))
-      assert.are.same({ { key = "gpt-4o-mini", usd = 0, calls = 1, unpriced = 1 } }, by)
+      assert.are.same({ { key = "gpt-4o-mini", usd = usd, calls = 1 } }, by)
+      -- the next is refused: what is left cannot hold it
+      local _, err = ai.chat({ model = "openai/gpt-4o-mini", messages = long, max_tokens = 100, budget = "ai-spec-nousage" })
+      assert.are.equal("budget_exceeded", err and err.kind)
     end)
 
-  -- (before: a count it could not read was taken as 0, so the call was priced $0 and wrote no row)
+  -- (before: a count it could not read was taken as 0, so the call was priced $0 and wrote no row;
+  -- then a row without a price, its budget settled at 0; now estimated, as no usage is)
   for _, case in ipairs({ { name = "negative counts", openai = '"prompt_tokens":-5,"completion_tokens":-3',
                             anthropic = '"input_tokens":-5,"output_tokens":-3' },
                           { name = "counts as strings", openai = '"prompt_tokens":"12","completion_tokens":"3"',
@@ -679,7 +688,7 @@ describe("chat over the strict mock", function()
                           { name = "a count past any number", openai = '"prompt_tokens":1e400,"completion_tokens":3',
                             anthropic = '"input_tokens":1e400,"output_tokens":3' },
                           { name = "no counts", openai = '"total_tokens":15', anthropic = '"service_tier":"standard"' } }) do
-    it("an answer whose usage has " .. case.name .. " has its ledger row, without a price", function()
+    it("an answer whose usage has " .. case.name .. " has its ledger row, estimated, in its budget", function()
       m:configure({ routes = {
         ["POST /v1/chat/completions"] = function()
           return { status = 200, headers = { ["content-type"] = "application/json" }, body = '{"id":"chatcmpl-u",' ..
@@ -694,13 +703,15 @@ describe("chat over the strict mock", function()
       local b = resil.budget("ai-spec-bad-usage", { limit = 1 })
       for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5-20251001" }) do
         local r = assert(ai.chat({ model = model, messages = MSGS, max_tokens = 100, budget = "ai-spec-bad-usage" }))
-        assert.is_nil(r.cost_usd, model)
+        assert.is_true(r.cost_usd > 0, model)
+        assert.are.same({ pricing.estimate_tokens(resil.json.encode(MSGS)), 1, true },
+          { r.usage.input_tokens, r.usage.output_tokens, r.usage.estimated })
       end
       assert.are.equal(2, ledger_rows())
-      local unpriced = 0
-      for _, g in ipairs(assert(resil.cost.breakdown("model"))) do unpriced = unpriced + g.unpriced end
-      assert.are.equal(2, unpriced)
-      assert.are.equal(0, b:state().reserved)
+      local unpriced, usd = 0, 0
+      for _, g in ipairs(assert(resil.cost.breakdown("model"))) do unpriced, usd = unpriced + (g.unpriced or 0), usd + g.usd end
+      assert.are.equal(0, unpriced)
+      assert.are.same({ usd, 0 }, { b:state().spent, b:state().reserved })
     end)
   end
 

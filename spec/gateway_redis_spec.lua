@@ -335,8 +335,9 @@ describe("the gateway on Redis: a server past its maxmemory as an answer comes",
     os.execute(("redis-cli -p %d config set maxmemory %d > /dev/null"):format(redis.port, bytes))
   end
 
-  -- (before: the settle of 0 was tried again, and the answer's row without a price was never written)
-  it("a budgeted answer without usage whose settle it refuses still gets its row, without a price", function()
+  -- (before: the settle of 0 was tried again, and the answer's row without a price was never written;
+  -- such an answer is now estimated, its settle tried again until the store takes it)
+  it("a budgeted answer without usage whose settle it refuses still gets its row, estimated, once", function()
     resil.log.level("off")
     resil.store_config({ url = redis.url() })
     finally(function() maxmemory(0); resil.log.level("info") end)
@@ -352,13 +353,16 @@ describe("the gateway on Redis: a server past its maxmemory as an answer comes",
     local b = resil.budget("oom-unpriced", { limit = 1, per = "day" })
     local r = assert(ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 10, budget = b,
       messages = { { role = "user", content = "hi" } } }))
-    assert.is_nil(r.cost_usd)
+    assert.is_true(r.usage.estimated)
+    local usd = math.floor(r.cost_usd * 1e6 + 0.5) / 1e6
+    assert.is_true(usd > 0)
     maxmemory(0)
     assert.is_true(helpers.wait_until(function()
       local by = resil.cost.breakdown("model")
       return by and by[1] ~= nil and b:state().reserved == 0
     end, 10))
-    assert.are.same({ { key = "gpt-4o-mini", usd = 0, calls = 1, unpriced = 1 } }, resil.cost.breakdown("model"))
+    assert.are.same({ { key = "gpt-4o-mini", usd = usd, calls = 1 } }, resil.cost.breakdown("model"))
+    assert.are.equal(usd, b:state().spent)
   end)
 end)
 

@@ -1048,8 +1048,9 @@ describe("gateway: embeddings", function()
     assert.are.equal(0, b:state().reserved)
   end)
 
-  -- (before: a usage it could not read was 0 tokens, priced $0: cost_usd 0 and no ledger row at all)
-  it("ai.embed: an answer without a usage it can read is a ledger row without a price, never a $0", function()
+  -- (before: a usage it could not read was 0 tokens, priced $0: cost_usd 0 and no ledger row at all;
+  -- then a row without a price, its budget settled at 0)
+  it("ai.embed: an answer without a usage it can read is a ledger row at the input's estimate, never a $0", function()
     local _, m = start({ strict = true })
     local usages = { false, { prompt_tokens = -5, total_tokens = 1 }, { prompt_tokens = "1000" } }
     local n = 0
@@ -1063,10 +1064,11 @@ describe("gateway: embeddings", function()
     resil.budget("embed-no-usage", { limit = 1 })
     for i = 1, #usages do
       local r = assert(ai.embed({ model = "openai/text-embedding-3-large", input = "hello", budget = "embed-no-usage" }))
-      assert.is_nil(r.cost_usd, i)
+      assert.are.same({ 2, 0, true }, { r.usage.input_tokens, r.usage.output_tokens, r.usage.estimated }, i) -- '"hello"'
     end
     local by = assert(resil.cost.breakdown("model"))
-    assert.are.same({ 3, 3 }, { by[1].calls, by[1].unpriced })
+    assert.are.same({ 3, nil }, { by[1].calls, by[1].unpriced })
+    assert.are.equal(by[1].usd, resil.budget("embed-no-usage"):state().spent)
   end)
 
   -- (before: its vectors' bytes were counted as output, 4 a token: 52,417 output tokens in the ledger and the
