@@ -746,8 +746,32 @@ local function reported_usage(r, req, u)
   return c
 end
 
+-- An answer's web searches are at most the max_uses of the request's web search tools (what the
+-- budget held): more is the provider's garbage, as an output past max_tokens is (1e7 searches to a
+-- max_uses of 5 spent $100,000 of a $1 budget; 1e300, a row without a price that spent nothing).
+-- Recorded at that most, and said. A request that names no search tool with max_uses is not capped.
+local function searches_capped(r, req, u)
+  local n = type(u) == "table" and u.web_search_requests
+  if type(n) ~= "number" or n <= 0 or type(req.tools) ~= "table" then return u end
+  local most, named = 0, false
+  for _, t in ipairs(req.tools) do
+    if type(t) == "table" and type(t.type) == "string" and t.type:find("^web_search") then
+      local uses = math.tointeger(t.max_uses)
+      if not uses or uses < 0 then return u end -- (as many as the model wants)
+      most, named = most + uses, true
+    end
+  end
+  if not named or n <= most then return u end
+  resil.log.error("ai: an answer reported more web searches than its request's max_uses allows; recorded at max_uses",
+    { provider = r.provider, model = r.model or r.requested_model, web_search_requests = n, max_uses = most })
+  local c = {}
+  for k, v in pairs(u) do c[k] = v end
+  c.web_search_requests = most > 0 and most or nil
+  return c
+end
+
 local function capped_usage(r, req)
-  local u, most = input_capped(r, req, reported_usage(r, req, r.usage)),
+  local u, most = searches_capped(r, req, input_capped(r, req, reported_usage(r, req, r.usage))),
     math.type(req.max_tokens) == "integer" and req.max_tokens or nil
   if not most and req.budget ~= nil then -- what wire_request sent a budgeted call without one
     local conf = ai.config[r.provider]

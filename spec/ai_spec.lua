@@ -715,6 +715,37 @@ describe("chat over the strict mock", function()
     end)
   end
 
+  -- (before: 1e7 searches to a max_uses of 5 were $100,000 in a $1 budget, and 1e300 a row without a
+  -- price that spent nothing of it)
+  it("an answer reporting more web searches than the request's max_uses is recorded at max_uses, said", function()
+    local searches
+    m:configure({ routes = { ["POST /v1/messages"] = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "msg_ws_" .. tostring(searches), type = "message", role = "assistant", model = "claude-haiku-4-5",
+        content = { { type = "text", text = "found it" } }, stop_reason = "end_turn",
+        usage = { input_tokens = 50, output_tokens = 10, server_tool_use = { web_search_requests = searches } } }) }
+    end } })
+    local b = resil.budget("ai-spec-searches", { limit = 1 })
+    local tools = { { type = "web_search_20250305", name = "web_search", max_uses = 5 } }
+    local each = math.floor(50 * 1.00 + 10 * 5.00 + 0.5) / 1e6 -- claude-haiku-4-5's tokens
+    local lines = {}
+    for i, n in ipairs({ 3, 1e7, 1e300 }) do
+      searches = n
+      local said = helpers.logged(function()
+        local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", budget = b, max_tokens = 100, tools = tools,
+          messages = MSGS }))
+        assert.are.equal(math.min(n, 5), r.usage.web_search_requests, i)
+      end)
+      for _, l in ipairs(said) do lines[#lines + 1] = l end
+    end
+    local usd = 3 * each + (3 + 5 + 5) * 0.01
+    assert.is_true(math.abs(b:state().spent - usd) < 1e-9, tostring(b:state().spent))
+    assert.is_true(math.abs(resil.cost.total() - usd) < 1e-9)
+    local capped = 0
+    for _, l in ipairs(lines) do if tostring(l.msg):find("more web searches", 1, true) then capped = capped + 1 end end
+    assert.are.equal(2, capped)
+  end)
+
   -- a 200 the validator refuses (no choices), but billed: it says what it used
   local function refused_answer(id)
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
