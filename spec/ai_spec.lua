@@ -130,6 +130,38 @@ describe("golden costs from the providers' documented usage", function()
     assert.are.equal(0.0003369, pricing.cost("openai", "gpt-4o-mini-2024-07-18", usage))
   end)
 
+  -- (before: xAI's reasoning tokens, outside its completion_tokens and inside its total_tokens, were
+  -- not priced: a Grok answer was recorded at 1,499 output tokens of the 4,308 it was billed)
+  it("reasoning tokens a compatible server reports apart from completion_tokens (xAI) are output; OpenAI's are not " ..
+    "counted twice", function()
+    local bodies = {
+      -- xAI: prompt + completion + reasoning = total
+      { prompt_tokens = 10120, completion_tokens = 1499, total_tokens = 14428,
+        prompt_tokens_details = { cached_tokens = 128 }, completion_tokens_details = { reasoning_tokens = 2809 } },
+      -- OpenAI: the reasoning is a part of completion_tokens
+      { prompt_tokens = 10120, completion_tokens = 4308, total_tokens = 14428,
+        prompt_tokens_details = { cached_tokens = 128 }, completion_tokens_details = { reasoning_tokens = 2809 } },
+    }
+    local n = 0
+    local server = resil.server.listen({ handler = function()
+      n = n + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "chatcmpl-r" .. n, object = "chat.completion", created = 1, model = "o4-mini",
+        choices = { { index = 0, message = { role = "assistant", content = "42" }, finish_reason = "stop" } },
+        usage = bodies[n] }) }
+    end })
+    finally(function() server:close() end)
+    fresh_store()
+    point_at(("http://127.0.0.1:%d"):format(server:port()))
+    -- o4-mini: $1.10 input, $0.275 cached, $4.40 output a million
+    local usd = ((10120 - 128) * 1.10 + 128 * 0.275 + 4308 * 4.40) / 1e6
+    for i = 1, 2 do
+      local r = assert(ai.chat({ model = "openai/o4-mini", messages = MSGS }))
+      assert.are.same({ 10120, 4308, 2809 }, { r.usage.input_tokens, r.usage.output_tokens, r.usage.reasoning_tokens }, i)
+      assert.is_true(math.abs(r.cost_usd - usd) < 1e-9, i .. ": " .. r.cost_usd)
+    end
+  end)
+
   it("anthropic prompt caching: a cache write, then a cache read (claude-sonnet-4-5)", function()
     local write = anthropic.usage({ input_tokens = 21, cache_creation_input_tokens = 188086,
       cache_read_input_tokens = 0, output_tokens = 393 })

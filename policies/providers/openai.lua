@@ -298,13 +298,20 @@ function openai.usage(u, tier)
   -- (each optional part looked at only when the answer has it)
   local cached = details ~= nil and type(details) == "table" and num(details.cached_tokens)
   cached = cached and (input and math.min(cached, input) or cached) or 0
+  local reasoning = out_details ~= nil and type(out_details) == "table" and num(out_details.reasoning_tokens) or nil
+  -- OpenAI's completion_tokens include the reasoning ones; xAI's (and other compatible servers') leave
+  -- them out, billed as output all the same, and say so in a total_tokens of the three: priced at
+  -- completion_tokens alone, a Grok reasoning answer was recorded at a third of its output
+  if reasoning and reasoning > 0 and input and output and u.total_tokens == input + output + reasoning then
+    output = output + reasoning
+  end
   -- (a main count the answer left out is not a zero: input_unreported / output_unreported, and ai.lua
   -- records the row with that side estimated, as LiteLLM counts a prompt it was not told; the count
   -- here is only its floor, the cached part)
   return { input_tokens = input or cached, output_tokens = output or 0,
     cached_input_tokens = cached, cache_write_tokens = 0,
     input_unreported = input == nil or nil, output_unreported = output == nil or nil,
-    reasoning_tokens = out_details ~= nil and type(out_details) == "table" and num(out_details.reasoning_tokens) or nil,
+    reasoning_tokens = reasoning,
     service_tier = tier ~= nil and openai.service_tier(tier) or nil }
 end
 
