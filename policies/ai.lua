@@ -382,8 +382,17 @@ local function one_line_header(name, value)
   return type(name) == "string" and type(value) == "string" and not value:find("[\r\n%z]")
 end
 
+-- a budget a request names: its name, or what resil.budget made (a number or `true` raised
+-- "attempt to index a number value (local 'budget')" from inside this file)
+local function is_budget(b)
+  return type(b) == "string" or type(b) == "table" and type(b.reserve) == "function"
+end
+
 local function check_request(req, level)
   if type(req) ~= "table" then error("ai: expects a request table", level + 1) end
+  if req.budget ~= nil and not is_budget(req.budget) then
+    error(("ai: budget must be a budget's name or a resil.budget, not %s"):format(type(req.budget)), level + 1)
+  end
   if type(req.messages) ~= "table" or #req.messages == 0 then
     error("ai: messages must be a non-empty list of {role=, content=}", level + 1)
   end
@@ -1827,6 +1836,9 @@ function ai.embed(req)
   end
   if req.give_up ~= nil and type(req.give_up) ~= "function" then
     error("ai.embed: give_up must be a function () -> a reason | nil", 2)
+  end
+  if req.budget ~= nil and not is_budget(req.budget) then
+    error(("ai.embed: budget must be a budget's name or a resil.budget, not %s"):format(type(req.budget)), 2)
   end
   local list = { req.model }
   for _, f in ipairs(req.fallback or {}) do list[#list + 1] = f end

@@ -1343,6 +1343,20 @@ describe("chat over the strict mock", function()
       held .. " held")
   end)
 
+  -- (before: "policies/ai.lua:644: attempt to index a number value (local 'budget')")
+  it("a budget that is neither a name nor a resil.budget is said at the caller's line, nothing sent", function()
+    for _, b in ipairs({ 5, true, {} }) do
+      for _, call in ipairs({ function() local r = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, budget = b }) return r end,
+                              function() local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, budget = b }) return s end,
+                              function() local r = ai.embed({ model = "openai/text-embedding-3-small", input = "x", budget = b }) return r end }) do
+        local ok, err = pcall(call)
+        assert.is_false(ok)
+        assert.matches("^spec/ai_spec%.lua:%d+: ai[.%a]*: budget must be a budget's name or a resil%.budget, not " .. type(b), err)
+      end
+    end
+    assert.are.equal(0, m:stats().total)
+  end)
+
   it("a budget refuses a model without a price before sending anything", function()
     resil.budget("ai-spec-2", { limit = 1 })
     local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, budget = "ai-spec-2" })
