@@ -1710,6 +1710,41 @@ describe("streams", function()
     assert.are.equal(0.00189, assert(resil.cost.breakdown("provider"))[1].usd)
   end)
 
+  -- (before: a compatible server's message_delta saying input_tokens 0 (sglang's, "said in message_start")
+  -- replaced message_start's 2,000 input tokens: the row priced the input at nothing)
+  it("an Anthropic message_delta whose input counts are below message_start's keeps message_start's; higher ones count",
+    function()
+    local start, delta
+    m:configure({ routes = { ["POST /v1/messages"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, body = table.concat({
+        'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_z","type":"message",'
+          .. '"role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"stop_reason":null,'
+          .. '"stop_sequence":null,"usage":' .. start .. '}}\n\n',
+        'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n',
+        'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}\n\n',
+        'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+        'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+          .. '"usage":' .. delta .. '}\n\n',
+        'event: message_stop\ndata: {"type":"message_stop"}\n\n' }) }
+    end } })
+    local function streamed()
+      local s = ai.stream({ model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS, max_tokens = 100 })
+      while s:next() do end
+      return assert(s:result())
+    end
+    start = '{"input_tokens":200,"cache_creation_input_tokens":0,"cache_read_input_tokens":1800,"output_tokens":1}'
+    delta = '{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":50}'
+    local r = streamed()
+    assert.are.same({ 2000, 1800, 50 }, { r.usage.input_tokens, r.usage.cached_input_tokens, r.usage.output_tokens })
+    assert.are.equal(0.00189, r.cost_usd) -- 200 x 3 + 1800 x 0.30 + 50 x 15 per 1M
+    -- a relay that knows the input only at the end: message_start's 0, message_delta's total
+    start = '{"input_tokens":0,"output_tokens":1}'
+    delta = '{"input_tokens":200,"cache_read_input_tokens":1800,"output_tokens":50}'
+    r = streamed()
+    assert.are.same({ 2000, 1800, 50 }, { r.usage.input_tokens, r.usage.cached_input_tokens, r.usage.output_tokens })
+    assert.are.equal(0.00189 * 2, assert(resil.cost.breakdown("provider"))[1].usd)
+  end)
+
   -- (before: nothing was recorded, so clients that cut their streams before the first delta spent
   -- the provider's money past their budget)
   it("a stream canceled after the provider accepted it, before its first delta, is billed its input", function()

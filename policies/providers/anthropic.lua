@@ -189,6 +189,8 @@ end
 local function num(v)
   return type(v) == "number" and v >= 0 and v < math.huge and (math.tointeger(v) or v) or nil
 end
+-- the counts of a usage that are its input (message_delta restates them, cumulative)
+local INPUT_COUNTS = { input_tokens = true, cache_read_input_tokens = true, cache_creation_input_tokens = true }
 
 -- the main counts of a usage: a usage that has neither, or one the provider
 -- sent that cannot be read (negative, a string, 1e400), is unknown: priced at
@@ -338,10 +340,12 @@ function anthropic.event(state, ev)
     -- does not restate (as the SDKs read it), not a zero (message_start's input went unpaid)
     -- (counts that cannot be read leave the ones read so far: merged, message_start's good input
     -- made the usage unknown, and the row an estimate from the bytes streamed)
+    -- (a cumulative input count never goes down: one below message_start's is not a total but a
+    -- compatible server's 0 for "said already", sglang's and others': taken, it priced the input at 0)
     local u = {}
     for k, v in pairs(state.raw_usage or {}) do u[k] = v end
     for k, v in pairs(type(data.usage) == "table" and data.usage or {}) do
-      if v ~= json.null then u[k] = v end
+      if v ~= json.null and not (INPUT_COUNTS[k] and num(v) and num(u[k]) and v < u[k]) then u[k] = v end
     end
     local readable = anthropic.usage(u)
     if readable or not state.usage then state.raw_usage, state.usage = u, readable end
