@@ -57,12 +57,39 @@ local function estimate_tokens(req)
   return pricing.estimate_tokens(body) + out
 end
 
+-- A count of an answer's usage as the token bucket takes it: a number from 0 to MOST_TOKENS (no
+-- model reads or writes more in one call, as policies.ai records it) | nil (absent) | false (the
+-- provider's garbage). A string or a boolean count raised out of the call after the provider was
+-- paid (its cost never recorded), and a total_tokens of 1e300 for an 8-token answer charged the
+-- bucket that much: every later call waited.
+local MOST_TOKENS = 10000000
+local function count(v)
+  if v == nil or v == resil.json.null then return nil end
+  return math.type(v) ~= nil and v >= 0 and v <= MOST_TOKENS and v or false -- (NaN fails v >= 0)
+end
+local function either(a, b)
+  if a == nil then return b end
+  return a
+end
+
+-- the tokens an answer used: its input and output counts (a total_tokens past them only as far as
+-- its reasoning tokens go, which some compatible servers count outside completion_tokens), else its
+-- total_tokens | nil: none, or a count that cannot be read (the estimate charged stays, as
+-- policies.ai records such an answer at its estimate)
 local function used_tokens(res)
   local data = res and res.status == 200 and classify.decoded(res)
   local usage = type(data) == "table" and data.usage
   if type(usage) ~= "table" then return nil end
-  return usage.total_tokens or ((usage.prompt_tokens or usage.input_tokens or 0)
-    + (usage.completion_tokens or usage.output_tokens or 0))
+  local i = either(count(usage.prompt_tokens), count(usage.input_tokens))
+  local o = either(count(usage.completion_tokens), count(usage.output_tokens))
+  local total = count(usage.total_tokens) or nil -- (garbage beside readable counts: left out)
+  if i == false or o == false then return nil end
+  if not (i or o) then return total end
+  local n = (i or 0) + (o or 0)
+  local details = usage.completion_tokens_details
+  local reasoning = type(details) == "table" and count(details.reasoning_tokens) or 0
+  if total and total > n and total <= n + reasoning then n = total end
+  return n
 end
 
 -- The Idempotency-Key an attempt sends | nil

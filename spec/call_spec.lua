@@ -158,6 +158,40 @@ describe("policies.call against the mock provider", function()
     end
   end)
 
+  -- (before: "policies/call.lua:65: attempt to add a 'string' with a 'number'" out of a paid call, and a
+  -- total_tokens of 1e300 for an 8-token answer charged the bucket that much: every later call waited)
+  it("a tokens bucket takes an answer's usage as far as it can be read: garbage neither raises nor starves it",
+    function()
+      local usage
+      local server = resil.server.listen({ handler = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" },
+                 body = '{"choices":[{"message":{"role":"assistant","content":"hi"}}],"usage":' .. usage .. '}' }
+      end })
+      finally(function() server:close() end)
+      local p = call.provider("call-spec-usage-garbage", { tokens = { rate = 10000, per = 60 },
+        request = { method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(server:port()) } })
+      local cases = { -- usage, the tokens the bucket is charged (1: the request's estimate stays)
+        { '{"prompt_tokens":"abc","completion_tokens":3}', 1 },
+        { '{"prompt_tokens":true,"completion_tokens":{}}', 1 },
+        { '{"prompt_tokens":1e300,"completion_tokens":3}', 1 },
+        { '{"prompt_tokens":5,"completion_tokens":3,"total_tokens":"abc"}', 8 },
+        { '{"prompt_tokens":5,"completion_tokens":3,"total_tokens":1e300}', 8 },
+        { '{"prompt_tokens":5,"completion_tokens":3,"total_tokens":-1e300}', 8 },
+        { '{"prompt_tokens":5,"completion_tokens":null,"total_tokens":5}', 5 },
+        -- xAI's reasoning, outside completion_tokens, in total_tokens
+        { '{"prompt_tokens":5,"completion_tokens":3,"total_tokens":20,"completion_tokens_details":{"reasoning_tokens":12}}', 20 },
+        { '{"total_tokens":7}', 7 },
+      }
+      for i, c in ipairs(cases) do
+        usage = c[1]
+        p.token_bucket:refund(10000) -- full
+        local ok, res = pcall(p, { body = "{}" }) -- an estimate of 1 token
+        assert.is_true(ok, tostring(res))
+        assert.are.equal(200, res.status, i)
+        assert.are.equal(10000 - c[2], p.token_bucket:remaining(), i .. ": " .. c[1])
+      end
+    end)
+
   it("sends the provider's request under the call's fields and the attempt's headers; its bucket learns from the answer's headers, left unbuilt", function()
     local seen
     local server = resil.server.listen({ handler = function(req)
