@@ -880,8 +880,9 @@ end
 -- Answers a validator refused (an empty choice, tool arguments that are not
 -- JSON: invalid output, retried or fallen back from) were billed all the
 -- same when they say what they used: each gets a row of its own (units.refused
--- = 1) and counts in the call's budget, beyond its reservation. One that
--- says nothing (not JSON, no usage) is not counted: nothing to price it by.
+-- = 1) and counts in the call's budget, beyond its reservation. An answer
+-- without a usage it can read is estimated (refused_usage); a body that is
+-- no answer (not JSON, no choices or message) is not counted: nothing to price it by.
 
 -- What a refused answer says it used: a body's usage, or what a stream
 -- that ended empty reported; for an answer whose body was cut (its 2xx
@@ -892,6 +893,20 @@ end
 -- provider replayed it, one charge, the whole one's (res.replayed, see
 -- policies.call). An embedding's has no output: its body is vectors, and
 -- the provider bills the input only. -> usage, model, id | nil
+-- the output a refused answer's body holds, about 4 bytes a token: the strings of its choices
+-- (OpenAI) or its content (Anthropic), roles and finish reasons too (a few tokens over)
+local function refused_output_tokens(data)
+  local bytes = 0
+  local function walk(v, depth)
+    if type(v) == "string" then bytes = bytes + #v
+    elseif type(v) == "table" and depth < 8 then
+      for _, x in pairs(v) do walk(x, depth + 1) end
+    end
+  end
+  walk(data.choices or data.content, 0)
+  return math.ceil(bytes / 4)
+end
+
 local function refused_usage(t, res, req, operation)
   if res.cut then
     if res.replayed then return nil end
@@ -906,7 +921,15 @@ local function refused_usage(t, res, req, operation)
   end
   local data = classify.decoded(res)
   if type(data) ~= "table" or not t.adapter.usage then return nil end
-  return t.adapter.usage(data.usage, data.service_tier), data.model, data.id
+  local u = t.adapter.usage(data.usage, data.service_tier)
+  if u == nil and operation ~= "embed" and (type(data.choices) == "table" or data.type == "message") then
+    -- an answer (OpenAI's choices, Anthropic's message) without a usage it can read was billed all the
+    -- same: estimated, as such an answer the validator takes is (record_cost); not counted, a server
+    -- that reports no usage had every retry on an empty answer paid and none in the budget
+    u = { input_tokens = text_input_tokens(req), output_tokens = refused_output_tokens(data),
+      cached_input_tokens = 0, cache_write_tokens = 0, estimated = true }
+  end
+  return u, data.model, data.id
 end
 
 -- guard.refused: one list per target tried, of the responses its attempts

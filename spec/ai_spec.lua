@@ -778,6 +778,29 @@ describe("chat over the strict mock", function()
     assert.are.equal(2, capped)
   end)
 
+  -- (before: a server that reports no usage had each of its refused answers paid and none counted:
+  -- three attempts on a 2,000-token prompt, one row and one attempt in the budget)
+  it("answers refused as invalid output that report no usage are estimated, each a row in the budget", function()
+    local n = 0
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      n = n + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "chatcmpl-nousage-" .. n, object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = n <= 2 and "" or "hello" },
+          finish_reason = "stop" } } }) }
+    end } })
+    local long = { { role = "user", content = string.rep("word ", 2000) } }
+    local b = resil.budget("ai-spec-refused-nousage", { limit = 1 })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = long, max_tokens = 50,
+      budget = "ai-spec-refused-nousage" }))
+    assert.are.equal(3, r.attempts)
+    assert.are.equal(3, ledger_rows())
+    local input = pricing.estimate_tokens(resil.json.encode(long))
+    assert.is_true(r.cost_usd > 3 * input * 0.15 / 1e6, tostring(r.cost_usd)) -- three prompts at least
+    assert.is_true(math.abs(b:state().spent - r.cost_usd) < 1e-9)
+    assert.is_true(math.abs(assert(resil.cost.total()) - r.cost_usd) < 1e-9)
+  end)
+
   -- a 200 the validator refuses (no choices), but billed: it says what it used
   local function refused_answer(id)
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
