@@ -58,6 +58,37 @@ print("done", table.concat(items, ","), resil.run.resumed())
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("done\tA,B,C\tfalse\n", r.stdout)
   end)
+
+  it("names where the step that diverged is called (a policy module's line, inside resil.map)", function()
+    -- (the message named the step and the run, not the line: its traceback ended at the script's
+    -- resil.map call, and `runs show` had the message alone; a policy edited between runs was to be
+    -- searched for the step)
+    local db = helpers.tmpname(".db")
+    local flow = [[
+local resil = require "resil"
+return { run = function(x)
+  local a = resil.step("draft", function() return x .. "-draft" end)
+  local b = resil.step("%s", function() return a .. "-done" end)
+  return b
+end }
+]]
+    local dir = helpers.policy_dir({ ["flow.lua"] = flow:format("polish") })
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local flow = require "policies.flow"
+print(table.concat((resil.map({ "a", "b" }, flow.run)), ","))
+]])
+    local cmd = ("%s --policies %s --store %s --run moved --log-level off %s"):format(helpers.resil, dir, db, script)
+    assert.are.equal(0, sh(cmd).code)
+    helpers.write(dir .. "/flow.lua", flow:format("review"))
+    local r = sh(cmd)
+    assert.are.equal(1, r.code)
+    local line = "divergence: run moved diverged at step 2 of item 1: recorded 'polish', now 'review' at " .. dir ..
+      "/flow.lua:4 (use --fresh to start over)"
+    assert.matches(line, r.stderr, 1, true)
+    local show = sh(("%s runs show moved --store %s"):format(helpers.resil, db))
+    assert.matches("\nwhy: " .. line, show.stdout, 1, true)
+  end)
 end)
 
 describe("resil.once across processes", function()

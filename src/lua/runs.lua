@@ -460,11 +460,14 @@ local function diverged(r, err)
   error(err, 4)
 end
 
-local function replay(r, scope, seq, name, recorded, result)
+-- (where: the step's call, step_where's; a divergence names it, as a policy edited between runs is
+-- where to look: the error said the step's name alone, and its traceback ended at the script's
+-- resil.map call)
+local function replay(r, scope, seq, name, recorded, result, where)
   if recorded ~= name then
-    diverged(r, resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' (use --fresh to "
-      .. "start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name),
-      { run = r.id, seq = seq, recorded = recorded, name = name }))
+    diverged(r, resil.error("divergence", ("run %s diverged at step %d%s: recorded '%s', now '%s' at %s (use --fresh "
+      .. "to start over)"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", recorded, name, where),
+      { run = r.id, seq = seq, recorded = recorded, name = name, where = where }))
   end
   local was, now = recorded_item(result), item_fingerprint(scope)
   if was and now and was ~= now then
@@ -547,7 +550,7 @@ function resil.step(name, fn, ...)
       local mine, gerr = still_held(r, backend, scope)
       if not mine then return nil, gerr end
     end
-    return replay(r, scope, seq, name, recorded, result)
+    return replay(r, scope, seq, name, recorded, result, recorded ~= name and step_where(fn) or nil)
   end
   -- fn is about to run (and pay): a process whose run was taken over meanwhile (its lease
   -- lapsed: a loop held, a partition) stops here, not at the step's put after paying for
@@ -625,7 +628,7 @@ function resil.step(name, fn, ...)
         .. "first; this process stops"):format(r.id, seq, scope ~= "" and (" of item " .. scope) or "", name),
         { run = r.id, traceback = false, cause = why }))
     end
-    return replay(r, scope, seq, name, serr, since)
+    return replay(r, scope, seq, name, serr, since, serr ~= name and step_where(fn) or nil)
   end
   if not ok then -- fn ran (and was paid for), its result not checkpointed: the run stops here
     r.failed[scope] = true
