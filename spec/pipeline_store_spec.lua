@@ -72,3 +72,30 @@ end))
     assert.are.equal("answer\n", r.stdout) -- replayed, nothing paid
   end)
 end)
+
+describe("a pipeline whose store stays locked past its timeout through every step", function()
+  it("says on stderr, once, that a step did not run, naming the store and the step's line", function()
+    -- (it printed nothing at all and exited 0: every step's result nil, none of their work done)
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, helpers.run_script('assert(require("resil").store():set("made", "1"))',
+      "--store " .. db .. " --log-level off").code)
+    local release = helpers.hold_write_lock(db)
+    local r = helpers.run_script([[
+local resil = require "resil"
+local a = resil.step("script", function() print("ran script") return "s" end)
+local b = resil.step("render", function() print("ran render") return "r" end)
+print(a, b)
+]], ("--store '%s?timeout=0.3' --run stuck"):format(db))
+    helpers.write(release, "")
+    assert.are.equal("nil\tnil\n", r.stdout)
+    local said = r.stderr:gsub("\n$", "")
+    assert.is_nil(said:find("\n"), said) -- one line, not one a step
+    local line = assert(require("cjson").decode(said))
+    assert.are.equal("error", line.level)
+    assert.matches("a step did not run", line.msg, 1, true)
+    assert.are.equal("script", line.step)
+    assert.are.equal("stuck", line.run)
+    assert.matches("%.lua:2$", line.at)
+    assert.matches(db, line.error, 1, true)
+  end)
+end)

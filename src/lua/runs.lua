@@ -507,6 +507,19 @@ local function still_held(r, backend, scope)
   return true
 end
 
+-- A step that did not run, the store not reached or not read (the run not taken, its record not
+-- read: a read-only or corrupt file, the write lock held past the timeout, Redis down): nil, err,
+-- as its caller is told, and logged once per run with the step's line and the store's error (the
+-- command said nothing and exited 0, every step's result nil and none of their work done)
+local function not_run(r, name, where, err)
+  if where and not r.told_unavailable then
+    r.told_unavailable = true
+    resil.log.error("a step did not run: the store could not be reached or read (the run's later steps that find it "
+      .. "so are not logged)", { run = r.id, step = name, at = where, error = tostring(err) })
+  end
+  return nil, err
+end
+
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
 function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
@@ -531,7 +544,7 @@ function resil.step(name, fn, ...)
       run.failed[scope] = true
       run.unrecorded[#run.unrecorded + 1] = { scope = scope, seq = seq, name = name, err = rerr }
     end
-    return nil, rerr
+    return not_run(counted, name, not counted.told_unavailable and step_where(fn), rerr)
   end
   if r.stopped then error(r.stopped, 2) end -- a step's result was not checkpointed, or the run diverged: nothing more runs
   local backend = backend_of[r.store]
@@ -539,7 +552,7 @@ function resil.step(name, fn, ...)
   -- unknown is not "not done": running it again could pay twice
   if recorded == nil and result ~= nil then
     r.failed[scope] = true
-    return nil, result
+    return not_run(r, name, not r.told_unavailable and step_where(fn), result)
   end
   if recorded ~= nil then
     -- a replay too, once this process may have been held up past its lease since it last saw the run
@@ -548,7 +561,7 @@ function resil.step(name, fn, ...)
     -- a second time, and exited 0
     if store_now() - (r.confirmed or 0) > owner.lease / 3 then
       local mine, gerr = still_held(r, backend, scope)
-      if not mine then return nil, gerr end
+      if not mine then return not_run(r, name, not r.told_unavailable and step_where(fn), gerr) end
     end
     return replay(r, scope, seq, name, recorded, result, recorded ~= name and step_where(fn) or nil)
   end
@@ -556,7 +569,7 @@ function resil.step(name, fn, ...)
   -- lapsed: a loop held, a partition) stops here, not at the step's put after paying for
   -- what the new holder runs too. (A read: on SQLite it never waits for a writer.)
   local mine, gerr = still_held(r, backend, scope)
-  if not mine then return nil, gerr end
+  if not mine then return not_run(r, name, not r.told_unavailable and step_where(fn), gerr) end
   item_fingerprint(scope) -- (the map's key run now: one that raises fails the step before fn pays, not after)
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
   local saved_step, saved_seq, saved_nth = ctx.step, ctx._step_seq, ctx._step_nth
