@@ -129,3 +129,23 @@ describe("the default run id of a script", function()
     assert.are.equal(name .. "-" .. resil.hash(path .. "\0a\0b"):sub(1, 12), run("a b"))
   end)
 end)
+
+describe("an empty run id (--run \"$ID\" with ID unset, resil_options.run_id = \"\")", function()
+  it("is refused before the script runs, exit status 1, rather than one run every such command shares", function()
+    -- (before: accepted; a second job given it replayed the first's step results as its own, its
+    -- argument another video: "captions of a.mp4" for b.mp4)
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+print(require("resil").step("caption", function() return "captions of " .. arg[1] end))
+]])
+    for _, video in ipairs({ "a.mp4", "b.mp4" }) do
+      local r = helpers.run(("%s --store %s --run '' --log-level off %s %s"):format(helpers.resil, db, script, video))
+      assert.are.equal(1, r.code, r.stdout)
+      assert.are.equal("", r.stdout)
+      assert.matches("run id is empty", r.stderr, 1, true)
+    end
+    local r = helpers.run_script('require("resil").store_config({ run = "" })', "--log-level off")
+    assert.are.equal(1, r.code)
+    assert.matches("run id is empty", r.stderr, 1, true)
+  end)
+end)

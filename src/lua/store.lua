@@ -156,6 +156,12 @@ function resil.store_config(c)
       error(("resil.store_config: %s must be a string, not a %s"):format(k, type(v)), 2)
     end
   end
+  -- (an empty run id, `--run "$ID"` with ID unset, named one run for every command given it: each
+  -- replayed the step results of the one that ran first, another job's, as its own)
+  if c.run == "" then
+    error("resil.store_config: the run id is empty (--run, resil_options.run_id): every command given it would "
+      .. "share one run, each replaying another's step results", 2)
+  end
   if c.args ~= nil then
     local ok = type(c.args) == "table"
     for _, a in ipairs(ok and c.args or {}) do ok = ok and (type(a) == "string" or type(a) == "number") end
