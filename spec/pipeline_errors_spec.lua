@@ -174,3 +174,25 @@ end)
     end
   end)
 end)
+
+describe("resil.step and resil.once called inside the script's own coroutine.wrap", function()
+  it("raise at the caller's line naming themselves, as resil.sleep does; the run goes on after", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+print(pcall(coroutine.wrap(function() return resil.step("inside", function() return 1 end) end)))
+print(pcall(coroutine.wrap(function() return resil.once("k", function() return 1 end) end)))
+print(resil.step("after", function() return 2 end))
+]], ("--store %s --run wrapped --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for line in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    -- (before: "[resil runs]:195: task:join must be called from a task ...", a call the script never
+    -- made at a line of the host's; resil.once's named "store operations" at one of store_sqlite's)
+    assert.matches("^false\t/%S+%.lua:2: resil%.step must be called from a task %(resil%.spawn%), not from a plain "
+      .. "coroutine", lines[1])
+    assert.matches("^false\t/%S+%.lua:3: resil%.once must be called from a task %(resil%.spawn%), not from a plain "
+      .. "coroutine", lines[2])
+    assert.are.equal("2", lines[3])
+  end)
+end)

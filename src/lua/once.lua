@@ -8,6 +8,7 @@ local backend_of = private.backend_of -- (a store's backend: never on the store 
 -- (taken now, before any script runs: these are handed a store's backend, and a script may replace
 -- what the resil table and resil.owner's table hold)
 local spawn = resil.spawn
+local task_running, isyieldable = resil.running, coroutine.isyieldable
 local owner_keep, owner_drop, lease_due, lease_written = owner.keep, owner.drop, owner.lease_due, owner.lease_written
 local store_now, store_or_fail, shown = S.now, S.open, S.shown
 local encode_values, decode_values = S.encode_values, S.decode_values
@@ -263,6 +264,11 @@ function resil.once(spec, fn, ...)
   end
   if o.give_up ~= nil and type(o.give_up) ~= "function" then
     error(("resil.once: give_up must be a function, not %s"):format(shown(o.give_up)), 2)
+  end
+  -- (inside the script's own coroutine.wrap: the error named "store operations" at a line of the host's)
+  if not (task_running() and isyieldable()) then
+    error(caller_where(fn) .. ": resil.once must be called from a task (resil.spawn), not from a plain coroutine, a "
+      .. "metamethod or a C callback", 0)
   end
   local s, serr = store_or_fail()
   if not s then return nil, serr end

@@ -15,6 +15,7 @@ local config, encode_values, decode_values = S.config, S.encode_values, S.decode
 local unpack, pack = table.unpack, table.pack
 local json, spawn, shield = private.json, resil.spawn, resil.shield -- (the host's, taken at load: see costs.lua)
 local getinfo, getregistry = debug.getinfo, debug.getregistry
+local task_running, isyieldable = resil.running, coroutine.isyieldable
 
 -- Where a plain table raised in a step's fn was raised (error{code = 402}: Lua gives a table no
 -- place, and the step raises it again from here): src/error.c's report of it reads this first. It
@@ -525,6 +526,12 @@ function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.step: fn must be a function", 2) end
   if S.holds_secret(name) then error("resil.step: the step's name contains a value read through resil.secret", 2) end
+  -- (inside the script's own coroutine.wrap: the error named task:join, which the script never called, at a line of
+  -- the host's)
+  if not (task_running() and isyieldable()) then
+    error(step_where(fn) .. ": resil.step must be called from a task (resil.spawn), not from a plain coroutine, a "
+      .. "metamethod or a C callback", 0)
+  end
   local scope = resil.context()._step_scope or "" -- set per resil.map item
   local counted = run_object()
   local seq = (counted.seq[scope] or 0) + 1
