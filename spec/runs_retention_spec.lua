@@ -61,3 +61,23 @@ for _, b in ipairs(helpers.store_backends()) do
       end)
   end)
 end
+
+describe("runs show of a forgotten run that paid for calls", function()
+  it("gives its cost without saying that its script checkpointed nothing", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.step("a", function()
+  resil.cost.record({ provider = "openai", model = "gpt-4o", operation = "chat", usd = 0.5 })
+  return 1
+end)
+]], ("--store %s --run paid --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(0, sh(("%s runs forget paid --store %s"):format(helpers.resil, db)).code)
+    local show = sh(("%s runs show paid --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, show.code, show.stderr)
+    -- (before: "(its script checkpointed nothing; nothing to resume)", of a script whose step was done)
+    assert.are.equal("run paid: no steps recorded (its script checkpointed nothing, or the run was forgotten; " ..
+      "nothing to resume); cost $0.500000\n", show.stdout)
+  end)
+end)

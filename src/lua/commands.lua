@@ -234,8 +234,9 @@ local function runs_show(s, args)
   local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
   local run = report.run
   if report.no_steps and not html then
-    print(printable(redact(("run %s: no steps recorded (its script checkpointed nothing; nothing to resume); " ..
-      "cost %s%s"):format(run.id, money(report.usd), unpriced_note(report.unpriced)))))
+    -- (or `runs forget` let its steps go: the line said its script had checkpointed nothing)
+    print(printable(redact(("run %s: no steps recorded (its script checkpointed nothing, or the run was forgotten; " ..
+      "nothing to resume); cost %s%s"):format(run.id, money(report.usd), unpriced_note(report.unpriced)))))
     return
   end
   -- (a run whose holder died says "running" for good: it was shown as one going on, without
