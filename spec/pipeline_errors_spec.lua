@@ -196,3 +196,24 @@ print(resil.step("after", function() return 2 end))
     assert.are.equal("2", lines[3])
   end)
 end)
+
+describe("a step whose fn raises an error object whose __tostring itself raises", function()
+  it("raises that object to its caller, and runs show lists the step failed, not its process killed", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local ok, err = pcall(resil.step, "s", function()
+  error(setmetatable({ code = 7 }, { __tostring = function(e) return e.detail.text end }))
+end)
+print(ok, type(err) == "table" and err.code or err)
+print(resil.step("next", function() return "went on" end))
+]], ("--store %s --run shown --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: "false  p.lua:3: attempt to index a nil value (field 'detail')", the __tostring's own error, and
+    -- the step left "running": interrupted, "its process ended (killed, crashed)")
+    assert.are.equal("false\t7\nwent on\n", r.stdout)
+    local show = helpers.run(("%s runs show shown --store %s"):format(helpers.resil, db)).stdout
+    assert.matches("\n%-%s+1%s+s%s+failed%s", show)
+    assert.matches("1 items: 0 done, 1 failed", show, 1, true)
+  end)
+end)

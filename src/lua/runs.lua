@@ -280,7 +280,14 @@ function error_text(err)
   if type(err) == "table" and getmetatable(err) == nil then
     encoded, plain = pcall(json.encode, without_credentials(err, 0, {}))
   end
-  local text = resil.redact(encoded and plain or tostring(err))
+  -- (an error object whose __tostring raises: that raise replaced the step's error for its caller, and
+  -- left the step "running", listed as its process killed)
+  local shown_ok, shown = true, plain
+  if not encoded then shown_ok, shown = pcall(tostring, err) end
+  if not shown_ok then
+    shown = ("(a %s whose __tostring raised: %s)"):format(type(err), type(shown) == "string" and shown or type(shown))
+  end
+  local text = resil.redact(shown)
   if #text > 2000 then text = text:sub(1, 2000) .. "..." end
   return text
 end
