@@ -565,8 +565,17 @@ package.loaded["resil.as_version"] = function(name, fn, ...)
   return fn(...)
 end
 
+-- during a reload: module name -> { loader, where } that module_exists found, for the reload's
+-- require of it (each file was compiled twice per reload, to see that it exists and again to
+-- load it: half the time a SIGHUP held the loop, every request with it)
+local found
 for i, searcher in ipairs(package.searchers) do
   package.searchers[i] = function(name, ...)
+    local f = found and found[name]
+    if f then
+      found[name] = nil
+      return f[1], f[2]
+    end
     -- (through pcall: an error a C searcher raises names its caller's line, "[resil prelude]:N:")
     local ok, loader, where = pcall(searcher, name, ...)
     if not ok then error(loader, 0) end
@@ -593,7 +602,7 @@ local function restore_policies(failed)
   -- what the failed set started ends; the old version's runs on (a cap or a signal that stopped
   -- a load left no <close> of its to put back the one loading)
   local started, undo = pending or {}, undo_if_failed or {}
-  pending, loading, loading_co, undo_if_failed = nil, nil, nil, nil
+  pending, loading, loading_co, undo_if_failed, found = nil, nil, nil, nil, nil
   for _, rec in pairs(started) do retire(rec) end
   for i = #undo, 1, -1 do
     local ok, err = pcall(undo[i])
@@ -618,8 +627,12 @@ end
 -- compile does: that is the reload's error to report)
 local function module_exists(name)
   for _, searcher in ipairs(package.searchers) do
-    local ok, loader = pcall(searcher, name)
-    if not ok or type(loader) == "function" then return true end
+    local ok, loader, where = pcall(searcher, name)
+    if not ok then return true end
+    if type(loader) == "function" then
+      if found then found[name] = { loader, where } end -- (the reload's require takes it)
+      return true
+    end
   end
   return false
 end
@@ -649,7 +662,7 @@ local function reload_policies()
   -- after it was left unloaded, not the old version kept)
   if replaced then return false, "reload: a reload is under way (resil.reload called as policies load)" end
   local names = policy_names()
-  replaced, pending, undo_if_failed = {}, {}, {}
+  replaced, pending, undo_if_failed, found = {}, {}, {}, {}
   local gone = {}
   for _, name in ipairs(names) do
     replaced[name] = package.loaded[name]
@@ -686,7 +699,7 @@ local function reload_policies()
       return false, message
     end
   end
-  replaced = nil
+  replaced, found = nil, nil
   -- each module loaded again replaces its version, and ends what that version started
   local started = pending
   pending, undo_if_failed = nil, nil
