@@ -39,7 +39,7 @@ typedef struct embed_state {
  * environment (through its require, so the sandbox applies), decode the
  * arguments, and turn results into JSON or nil, err into a message. */
 static const char helpers_lua[] =
-  "local describe = ... -- (resil_describe: a table's fields, credentials redacted, as error.c reports them)\n"
+  "local describe, from_c = ... -- (resil_describe: a table's fields, credentials redacted, as error.c reports them)\n"
   "local resil = require 'resil'\n"
   "local json, null = resil.json, resil.json.null\n"
   "local pack, unpack = table.pack, table.unpack\n"
@@ -148,8 +148,9 @@ static const char helpers_lua[] =
   "  end\n"
   "  return true, valid_utf8(text)\n"
   "end\n"
+  "-- (f called from C, as the program calls it: its error(msg, 2) blamed this line, [resil embed]:N)\n"
   "local function body(name, f, args)\n"
-  "  return finish(name, f, pack(f(unpack(args, 1, args.n))))\n"
+  "  return finish(name, f, pack(from_c(f, unpack(args, 1, args.n))))\n"
   "end\n"
   "return prepare, body, fields\n";
 
@@ -267,6 +268,17 @@ static void call_done(void *arg, task *t) {
   }
 }
 
+/* from_c(f, ...) -> f(...): f's caller is C, the program's resil_call, so an error(msg, 2) in f
+ * names no line (as Lua's own for a function a C program calls), not the helpers' own */
+static int from_c_done(lua_State *L, int status, lua_KContext ctx) {
+  (void)status, (void)ctx;
+  return lua_gettop(L);
+}
+static int l_from_c(lua_State *L) {
+  lua_callk(L, lua_gettop(L) - 1, LUA_MULTRET, 0, from_c_done);
+  return lua_gettop(L);
+}
+
 /* L stack: -> helpers table (compiled once per host, run with the host's
  * own globals, not the scripts' sandbox). */
 static int push_helpers(resil_t *R) {
@@ -277,7 +289,8 @@ static int push_helpers(resil_t *R) {
   resil_push_host_env(L);
   lua_setupvalue(L, -2, 1);
   lua_pushcfunction(L, l_describe);
-  if (host_pcall(L, "resil_call", 1, 3) != LUA_OK) return LUA_ERRRUN;
+  lua_pushcfunction(L, l_from_c);
+  if (host_pcall(L, "resil_call", 2, 3) != LUA_OK) return LUA_ERRRUN;
   lua_createtable(L, 3, 0);
   lua_insert(L, -4);
   lua_rawseti(L, -4, 3);

@@ -245,6 +245,15 @@ int main(void) {
   check(call(R, "policies.router.broken", "[]") == RESIL_ERR_SCRIPT && contains(resil_error(R), "router.lua:4: no route for this") &&
             contains(resil_error(R), "stack traceback"),
         "a raise is RESIL_ERR_SCRIPT with file:line and a traceback");
+  /* (before: "[resil embed]:111: need_string: ...", a line of the host's own call helper) */
+  load(R, "function need_string(x)\n"
+          "  if type(x) ~= 'string' then error('need_string: x must be a string', 2) end\n"
+          "  return x\n"
+          "end\n");
+  check(call(R, "need_string", "[42]") == RESIL_ERR_SCRIPT &&
+            strncmp(resil_error(R), "need_string: x must be a string\n", 32) == 0,
+        "error(msg, 2) in the function called blames its caller, the program: no line of the host's");
+  if (strncmp(resil_error(R), "need_string: x must be a string\n", 32) != 0) printf("# got %.80s\n", resil_error(R));
   check(call(R, "policies.router.unavailable", "[]") == RESIL_ERR_FAILED &&
             contains(resil_error(R), "policies.router.unavailable (") && contains(resil_error(R), "router.lua:5)") &&
             contains(resil_error(R), "rate_limited: try later"),
