@@ -451,6 +451,27 @@ static void scenario(const char *store, const char *on) {
            "a step whose fn ran, closed before its result was stored: the run is 'interrupted', the step pending "
            "(it said 'done', no trace of the step, which the next host runs again)");
   if (!contains(shown, "paid   pending")) printf("# fn_ran %d dones %d status %d: %s\n", fn_ran, dones, done_status, shown);
+
+  /* a step begun whose fn has not run yet, closed while its task waits for the step's record (the
+   * run's take answered): the run is not done either (it said 'done', and the step never ran) */
+  R = open_on(store);
+  call(R, "quick", NULL);
+  resil_close(R); /* (the run ended 'done': nothing in flight) */
+  R = open_on(store);
+  fn_ran = 0;
+  resil_call_async(R, "paid", NULL, on_done, NULL);
+  int started = 0;
+  for (int i = 0; i < 400 && !started; i++) resil_step(R, 10), started = run_started(R);
+  int paid_ran = fn_ran;
+  resil_close(R);
+  p = popen(cmd, "r");
+  got = p ? fread(shown, 1, sizeof shown - 1, p) : 0;
+  shown[got] = '\0';
+  if (p) pclose(p);
+  check_on(on, started && !paid_ran && contains(shown, "run job-1: interrupted"),
+           "a step begun, closed before its fn ran (the run taken, its record asked for): the run is "
+           "'interrupted' (it said 'done')");
+  if (!started || paid_ran || !contains(shown, "run job-1: interrupted")) printf("# started %d fn_ran %d: %s\n", started, paid_ran, shown);
 }
 
 int main(void) {

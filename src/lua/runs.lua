@@ -153,8 +153,10 @@ local function run_object()
   if not run then
     -- inflight: the steps running now, recorded as pending if the run ends
     -- before they do; failed: the items with a failed step recorded
+    -- starting: the steps begun whose fn has not started yet (the run being taken, the store
+    -- asked for their record)
     run = { id = config.run or default_run_id(), url = S.url(), seq = {}, resumed = false, held = false, inflight = {},
-            failed = {}, retries = {}, notes = {}, names = {}, unrecorded = {} }
+            starting = {}, failed = {}, retries = {}, notes = {}, names = {}, unrecorded = {} }
   end
   return run
 end
@@ -550,6 +552,11 @@ function resil.step(name, fn, ...)
   counted.names[scope] = names
   local nth = (names[name] or 0) + 1
   names[name] = nth
+  -- (a host closed while this task waits for the run's take or the step's record: the run was
+  -- recorded "done" though this step never ran)
+  local key = scope .. "|" .. seq
+  counted.starting[key] = true
+  local _ <close> = setmetatable({}, { __close = function() counted.starting[key] = nil end })
   local r, rerr = current_run()
   if not r then -- (the store unavailable: the run cannot end "done")
     -- also while not yet held: a later step that takes the run (the store back) ended it "done"
@@ -590,7 +597,6 @@ function resil.step(name, fn, ...)
   ctx.step, ctx._step_seq, ctx._step_nth = name, seq, nth
   -- retries made by policies/retry.lua inside the step (counted per item)
   local retries0 = r.retries[scope] or 0
-  local key = scope .. "|" .. seq
   -- a step inside a step keeps its own notes; the outer one's come back after it
   local started, notes, outer_notes = store_now(), {}, r.notes[scope]
   r.notes[scope] = notes
@@ -685,13 +691,15 @@ end
 -- The exported spans too (--otlp-endpoint) and the metrics file's last write (--metrics-file): the
 -- command makes them after the script returns, and os.exit lost every span not yet posted (the
 -- run's own) and the counts since the file's last write; made here, from the task that exits.
+-- steps running, or begun and waiting to run (the run's take, their record): the run is not done
+local function unfinished(r) return next(r.inflight) ~= nil or next(r.starting) ~= nil end
 local host_exit, metrics_finish, run_finish, running = os.exit, resil.metrics.finish, resil.run.finish, resil.running
 os.exit = function(code, close)
   if close ~= false then
     local success = code == nil or code == true or code == 0
     if run and run.held then
       -- (steps still running, cut short: recorded pending, and the run is not done)
-      local ok, err = run_finish(success and (next(run.inflight) and "interrupted" or "done") or "failed",
+      local ok, err = run_finish(success and (unfinished(run) and "interrupted" or "done") or "failed",
         not success and ("the script called os.exit(%s)"):format(tostring(code)) or nil)
       if not ok and err ~= nil then io.stderr:write("resil-lua: recording the run's end: ", tostring(err), "\n") end
     end
@@ -757,7 +765,7 @@ getregistry()["resil.runs.close"] = function()
     if err then return nil, err end
   end
   if not (run and run.held) then return true end
-  return run_finish(next(run.inflight) and "interrupted" or "done")
+  return run_finish(unfinished(run) and "interrupted" or "done")
 end
 
 -- for the ledger: the run a cost belongs to; for the progress line: the
