@@ -495,7 +495,8 @@ static int valid_name(const char *s) {
 }
 
 int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) {
-  if (!R || !f || !valid_name(name)) return refuse(R, "resil_register: the name must be a Lua identifier");
+  if (R && !f) return refuse(R, "resil_register: no function (f is NULL)"); /* (it said the name was no identifier) */
+  if (!R || !valid_name(name)) return refuse(R, "resil_register: the name must be a Lua identifier");
   if (resil_refused(R, "resil_register")) return RESIL_ERR_USAGE;
   lua_State *L = R->L;
   if (!lua_checkstack(L, 4)) return RESIL_ERR_MEMORY;

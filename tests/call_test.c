@@ -317,6 +317,8 @@ int main(void) {
   /* resil_register */
   check(resil_register(R, "add", host_add) == RESIL_OK, "resil_register adds a host function");
   check(resil_register(R, "not a name", host_add) == RESIL_ERR_USAGE, "resil_register refuses a name that is not an identifier");
+  check(resil_register(R, "lookup", NULL) == RESIL_ERR_USAGE && contains(resil_error(R), "f is NULL"),
+        "resil_register refuses a NULL function, saying so (it said the name was no identifier)");
   load(R, "function use_host(a, b) return require('resil').host.add(a, b) end\n"
           "function misuse_host() return require('resil').host.add('x', 1) end\n");
   check(call(R, "use_host", "[20, 22]") == RESIL_OK && strcmp(result, "[42]") == 0, "Lua calls it as resil.host.<name>");
