@@ -167,6 +167,7 @@ struct resil {
   char *sandbox_store; /* the SQLite file of the host's own store (opts->store, RESIL_STORE or the default) */
   int sandbox_trusted; /* > 0: the host itself names a file (the command line's --metrics-file) */
   char *policies_dir;
+  struct policy_compiled *compiled; /* resil.c: the policy files compiled, for a reload's unchanged ones */
   char *share_dir;
   int status;
   char *error;
