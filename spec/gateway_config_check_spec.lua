@@ -70,6 +70,30 @@ describe("gateway: the config's options", function()
     assert.is_true(helpers.alive(pid))
   end)
 
+  -- (before: the gateway's own line, "policies/gateway.lua:2211: boom" at a reload, "...:2224:
+  -- {"code":1}" at start: the operator was sent to the shipped file, never told which line of theirs)
+  it("a raise that names no line, at start or at a reload, names the config's line it came from", function()
+    for _, raise in ipairs({ "error('boom', 0)", "error({ code = 1 })" }) do
+      local pid, _, log, path = start("local x = 1\n" .. raise .. "\nreturn {}")
+      assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 20), helpers.slurp(log))
+      local out = helpers.slurp(log)
+      assert.matches("resil%-lua: " .. path:gsub("%p", "%%%0") .. ":2: ", out)
+      assert.is_nil(out:match("resil%-lua: [^\n]*gateway%.lua:%d+: "), out)
+    end
+    local pid, port, log, path = start("return { auth = false, models = { fast = 'openai/gpt-4o-mini' } }")
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("gateway listening") end, 20),
+      helpers.slurp(log))
+    for i, raise in ipairs({ "error('boom', 0)", "error({ code = 1 })" }) do
+      helpers.write(path, "local x = 1\n" .. raise .. "\nreturn {}")
+      os.execute("kill -HUP " .. pid)
+      assert.is_true(helpers.wait_until(function() return reloads(port, "failed") == i end, 10), helpers.slurp(log))
+    end
+    local out = helpers.slurp(log)
+    assert.matches('"reload: ' .. path:gsub("%p", "%%%0") .. ':2: boom"', out)
+    assert.matches('"reload: ' .. path:gsub("%p", "%%%0") .. ':2: {\\"code\\":1}"', out)
+    assert.is_nil(out:match('"reload: [^"]*gateway%.lua:%d+: '), out)
+  end)
+
   -- (before: a config saved half-written, emptied by an editor's truncate before its write, or cut
   -- before its `return`, ran as a config of nothing: the defaults, auth on and no models, served
   -- every client a 401 until the next save)

@@ -524,7 +524,44 @@ static void wait_for_run(resil_t *R) {
  * sees half a set of policies: docs/decisions.md), so a config that waited
  * (resil.sleep, a store's read, an HTTP call) started and then failed
  * every SIGHUP. It fails at start now, at its file:line, saying why. */
+/* "file:line: " in msg, as Lua's positions read */
+static int has_position(const char *msg) {
+  for (const char *p = strchr(msg, ':'); p; p = strchr(p + 1, ':')) {
+    const char *d = p + 1;
+    if (*d < '0' || *d > '9') continue;
+    while (*d >= '0' && *d <= '9') d++;
+    if (d[0] == ':' && d[1] == ' ') return 1;
+  }
+  return 0;
+}
+
+/* A raise that names no line (error(msg, 0), a table raised, but not the host's errors, which say
+ * where): the config's line it came from, found here where it was raised. Re-raised from C, it was
+ * named by policies/gateway.lua's own line (a reload's "gateway.lua:2211: boom", the start's
+ * "gateway.lua:2224: {...}"), the operator sent to the shipped file. */
+static int config_error_where(lua_State *L) {
+  int type = lua_type(L, 1);
+  if (type == LUA_TSTRING && has_position(lua_tostring(L, 1))) return 0;
+  if (type == LUA_TTABLE) {
+    lua_pushliteral(L, "kind");
+    int host_error = lua_rawget(L, 1) == LUA_TSTRING;
+    lua_pop(L, 1);
+    if (host_error) return 0;
+  }
+  lua_Debug ar;
+  for (int level = 1; lua_getstack(L, level, &ar); level++) {
+    if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0) continue;
+    const char *text = resil_describe(L, 1);
+    lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, text);
+    lua_replace(L, 1);
+    lua_settop(L, 1);
+    return 1;
+  }
+  return 0;
+}
+
 static int config_error(lua_State *L) {
+  config_error_where(L);
   const char *msg = lua_tostring(L, 1);
   if (msg && (strstr(msg, "must be called from a task") || strstr(msg, "attempt to yield"))) {
     lua_pushfstring(L, "%s (a gateway's config runs again at each policy reload, where nothing may wait: "
