@@ -47,6 +47,7 @@ describe("the official SDKs against the mock", function()
     "openai: embeddings, a list of token ids is one input",
     "anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed",
     "anthropic: output_config.format json_schema is answered with JSON of the schema",
+    "openai and anthropic: a schema's formats and bounds are answered within them, whole and streamed",
     "openai: stop ends the answer before the first stop sequence, finish_reason stop",
     "anthropic: extended thinking is answered with a thinking block and its signature, whole and streamed",
     "anthropic: a thinking budget the API refuses is BadRequestError",

@@ -190,6 +190,50 @@ await check('anthropic: output_config.format json_schema is answered with JSON o
   expect(typeof p.city === 'string' && p.units === 'c', `text ${r.content[0].text}`);
 });
 
+// a schema as zod writes z.string().email(), .uuid(), .datetime(), z.number().positive(), .max(n):
+// the API answers within its formats and bounds (strict structured output), and the app's zod
+// parse of the mock's answer (a text where an email goes, 0 where a positive number does) raised
+const booking = { type: 'object', additionalProperties: false,
+  required: ['email', 'id', 'when', 'day', 'guests', 'price', 'discount', 'code', 'note', 'rooms'],
+  properties: { email: { type: 'string', format: 'email' }, id: { type: 'string', format: 'uuid' },
+    when: { type: 'string', format: 'date-time' }, day: { type: 'string', format: 'date' },
+    guests: { type: 'integer', exclusiveMinimum: 0, maximum: 12 }, price: { type: 'number', minimum: 10.5 },
+    discount: { type: 'number', exclusiveMaximum: 0 }, code: { type: 'string', maxLength: 5 },
+    note: { type: 'string', minLength: 40 }, rooms: { type: 'integer', minimum: 2, multipleOf: 3 } } };
+const withinBooking = (p) => [
+  /^[^@\s]+@[^@\s]+\.[^@\s]+$/.test(p.email) || `email ${p.email}`,
+  /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(p.id) || `uuid ${p.id}`,
+  (/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$/.test(p.when) && !isNaN(Date.parse(p.when))) || `date-time ${p.when}`,
+  /^\d{4}-\d\d-\d\d$/.test(p.day) || `date ${p.day}`,
+  (Number.isInteger(p.guests) && p.guests > 0 && p.guests <= 12) || `guests ${p.guests}`,
+  (typeof p.price === 'number' && p.price >= 10.5) || `price ${p.price}`,
+  (typeof p.discount === 'number' && p.discount < 0) || `discount ${p.discount}`,
+  (typeof p.code === 'string' && p.code.length <= 5) || `code ${p.code}`,
+  (typeof p.note === 'string' && p.note.length >= 40) || `note ${p.note}`,
+  (Number.isInteger(p.rooms) && p.rooms >= 2 && p.rooms % 3 === 0) || `rooms ${p.rooms}`,
+].filter((x) => x !== true);
+await check('openai and anthropic: a schema\'s formats and bounds are answered within them, whole and streamed', async () => {
+  const rf = { type: 'json_schema', json_schema: { name: 'booking', strict: true, schema: booking } };
+  const p = (await oai.chat.completions.parse({ model: 'gpt-4o-mini', messages: msgs, response_format: rf })).choices[0].message.parsed;
+  let bad = withinBooking(p);
+  expect(bad.length === 0, `openai: ${bad.join('; ')}`);
+  const f = await oai.chat.completions.stream({ model: 'gpt-4o-mini', messages: msgs, response_format: rf }).finalChatCompletion();
+  bad = withinBooking(JSON.parse(f.choices[0].message.content));
+  expect(bad.length === 0, `openai streamed: ${bad.join('; ')}`);
+  const tools = [{ type: 'function', function: { name: 'book', strict: true, parameters: booking } }];
+  const c = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, tools, tool_choice: 'required' });
+  bad = withinBooking(JSON.parse(c.choices[0].message.tool_calls[0].function.arguments));
+  expect(bad.length === 0, `openai tool call: ${bad.join('; ')}`);
+  const a = await ant.messages.create({ model: 'claude-haiku-4-5', max_tokens: 500, messages: msgs,
+    output_config: { format: { type: 'json_schema', schema: booking } } });
+  bad = withinBooking(JSON.parse(a.content[0].text));
+  expect(bad.length === 0, `anthropic: ${bad.join('; ')}`);
+  const u = await ant.messages.stream({ model: 'claude-haiku-4-5', max_tokens: 500, messages: msgs,
+    tools: [{ name: 'book', input_schema: booking }], tool_choice: { type: 'any' } }).finalMessage();
+  bad = withinBooking(u.content.find((b) => b.type === 'tool_use').input);
+  expect(bad.length === 0, `anthropic tool_use: ${bad.join('; ')}`);
+});
+
 await check('openai: stop ends the answer before the first stop sequence, finish_reason stop', async () => {
   const r = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, stop: ['five', 'three'] });
   expect(r.choices[0].message.content === 'one two ' && r.choices[0].finish_reason === 'stop' &&

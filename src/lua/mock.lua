@@ -329,6 +329,54 @@ local function stop_at(words, stops)
   return kept, seq
 end
 
+-- A string a schema takes: a value of its format (the API's strict structured output keeps to
+-- these, and an app's validator, zod's .email() say, refused the reply's text where an email
+-- goes), else the reply's text within minLength and maxLength (characters, not bytes)
+local FORMATS = { ["date-time"] = "2025-01-01T00:00:00Z", date = "2025-01-01", time = "00:00:00Z",
+  duration = "P1D", email = "mock@example.com", hostname = "example.com", ipv4 = "192.0.2.1",
+  ipv6 = "2001:db8::1", uuid = "00000000-0000-4000-8000-000000000000", uri = "https://example.com/" }
+local function string_of(schema, text)
+  if FORMATS[schema.format] then return FORMATS[schema.format] end
+  local least, most = math.tointeger(schema.minLength), math.tointeger(schema.maxLength)
+  if not utf8.len(text) then return text end -- (not UTF-8: as it is)
+  if least and utf8.len(text) < least then -- (the text again, as many times as it takes: one rep)
+    local pad = text ~= "" and text or "x"
+    local n = utf8.len(pad) + 1
+    text = (pad .. " "):rep(math.ceil((math.min(least, 1000000) - n + 1) / n)) .. pad
+  end
+  if most and most >= 0 and utf8.len(text) > most then text = text:sub(1, (utf8.offset(text, most + 1) or #text + 1) - 1) end
+  return text
+end
+
+-- A number a schema takes: 0 where its bounds allow it, else the bound nearest 0 (one past an
+-- exclusive one; the middle between two bounds, exclusive both), a multipleOf's multiple
+local function number_of(schema, integer)
+  local lo, hi = tonumber(schema.minimum), tonumber(schema.maximum)
+  local xlo, xhi = tonumber(schema.exclusiveMinimum), tonumber(schema.exclusiveMaximum)
+  if schema.exclusiveMinimum == true then xlo, lo = lo, nil end -- (draft 4: a flag on minimum)
+  if schema.exclusiveMaximum == true then xhi, hi = hi, nil end
+  local function fits(v)
+    return not (lo and v < lo or xlo and v <= xlo or hi and v > hi or xhi and v >= xhi)
+  end
+  local step = tonumber(schema.multipleOf)
+  step = step and step > 0 and (not integer or math.tointeger(step)) and step or (integer and 1 or nil)
+  local v = 0
+  if not fits(v) then
+    local above = lo and lo > 0 or xlo and xlo >= 0
+    if step then -- the first multiple past the bound, toward 0
+      local bound = above and math.max(lo or -math.huge, xlo or -math.huge) or math.min(hi or math.huge, xhi or math.huge)
+      v = (above and math.ceil(bound / step) or math.floor(bound / step)) * step
+      if not fits(v) then v = v + (above and step or -step) end
+    elseif above then
+      v = lo and (not xlo or lo > xlo) and lo or (xhi and (xlo + xhi) / 2 or hi and math.min(xlo + 1, hi) or xlo + 1)
+    else
+      v = hi and (not xhi or hi < xhi) and hi or (xlo and (xlo + xhi) / 2 or lo and math.max(xhi - 1, lo) or xhi - 1)
+    end
+  end
+  if integer then return math.tointeger(v) or math.floor(v) end
+  return math.tointeger(v) or v
+end
+
 -- The least value a JSON schema takes, its strings the reply's text: what a model held
 -- to a schema answers (structured output, a tool call its request forces). A reply that
 -- is JSON already is the scenario's own answer, kept.
@@ -353,9 +401,8 @@ local function instance_of(schema, text, root, depth, budget)
     for _, x in ipairs(t) do if x ~= "null" then first = x break end end
     t = first
   end
-  if t == "string" then return text end
-  if t == "integer" then return math.tointeger(schema.minimum) or 0 end
-  if t == "number" then return tonumber(schema.minimum) or 0 end
+  if t == "string" then return string_of(schema, text) end
+  if t == "integer" or t == "number" then return number_of(schema, t == "integer") end
   if t == "boolean" then return true end
   if t == "null" then return json.null end
   if t == "array" then
