@@ -44,7 +44,7 @@ describe("the official SDKs against the mock", function()
     "openai: a json_schema response_format is answered with JSON of the schema (parse())",
     "openai: a tool_choice that forces a call is answered with one, whole and streamed",
     "openai: logprobs are answered, whole and streamed",
-    "openai: embeddings, a list of token ids is one input",
+    "openai: embeddings, a list of token ids is one input, its usage that many tokens",
     "anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed",
     "anthropic: output_config.format json_schema is answered with JSON of the schema",
     "openai and anthropic: a schema's formats and bounds are answered within them, whole and streamed",

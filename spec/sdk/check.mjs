@@ -165,11 +165,15 @@ await check('openai: logprobs are answered, whole and streamed', async () => {
   const none = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs });
   expect(none.choices[0].logprobs === null, 'not asked: null');
 });
-await check('openai: embeddings, a list of token ids is one input', async () => {
+// (the usage of token ids is their count, as the API bills them: the mock billed the ids' JSON
+// text, [100000, 100001] as 4 tokens, a spec of a tokenized pipeline's costs got another sum)
+await check('openai: embeddings, a list of token ids is one input, its usage that many tokens', async () => {
   const r = await oai.embeddings.create({ model: 'text-embedding-3-small', input: [1, 2, 3] });
   expect(r.data.length === 1 && r.data[0].embedding.length > 0, `data ${r.data.length}`);
-  const two = await oai.embeddings.create({ model: 'text-embedding-3-small', input: [[1, 2, 3], [4, 5]] });
+  expect(r.usage.prompt_tokens === 3 && r.usage.total_tokens === 3, `usage ${JSON.stringify(r.usage)}`);
+  const two = await oai.embeddings.create({ model: 'text-embedding-3-small', input: [[100000, 100001], [4, 5, 6, 7, 8]] });
   expect(two.data.length === 2, `data ${two.data.length}`);
+  expect(two.usage.prompt_tokens === 7, `usage ${JSON.stringify(two.usage)}`);
 });
 await check('anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed', async () => {
   const tools = [{ name: 'get_weather', input_schema: weather }];

@@ -1440,8 +1440,9 @@ function Mock:embeddings(req)
   dims = dims or self.scenario.dimensions or native or 1536
   local data, tokens = {}, 0
   for i, text in ipairs(input) do
+    -- (token ids are as many tokens as there are ids, not their JSON text's estimate)
+    tokens = tokens + (type(text) == "table" and #text or estimate_tokens(tostring(text)))
     text = type(text) == "string" and text or json.encode(text)
-    tokens = tokens + estimate_tokens(text)
     local v = vector_of(text, dims)
     local e = v
     if body.encoding_format == "base64" then
