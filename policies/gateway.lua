@@ -2040,9 +2040,12 @@ local function route_key(method, path)
 end
 
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
--- the API a path speaks, for its errors (Anthropic's batches, not served, are 404s its SDK reads)
-local function api_of(path)
-  return (path == "/v1/messages" or path:find("^/v1/messages/")) and "anthropic" or "openai"
+-- the API a request speaks, for its errors (Anthropic's batches, not served, are 404s its SDK
+-- reads): by its path, or, on a path of neither API's own (Anthropic's Files API, /v1/models), by
+-- the anthropic-version header its SDK sends (its 404 was OpenAI's invalid_request_error)
+local function api_of(path, headers)
+  if path == "/v1/messages" or path:find("^/v1/messages/") then return "anthropic" end
+  return headers and headers["anthropic-version"] and "anthropic" or "openai"
 end
 
 -- the methods gateway.routes serves a path with (HEAD with GET), "GET, HEAD" say, or nil: a request
@@ -2088,11 +2091,14 @@ function gateway.handle(req)
   else
     -- (a HEAD's message names GET, as its GET's does: its Content-Length is the GET's body's)
     local allow = allowed_methods(path)
+    -- (with its request id, as every other answer: the SDKs' error.requestID was null)
+    local api = api_of(path, req.headers)
     if allow then
-      reply = error_reply(api_of(path), 405, ("%s %s is not allowed: %s only"):format(method, req.path, allow),
-        { code = "method_not_allowed", headers = { allow = allow } })
+      reply = with_request_id(error_reply(api, 405, ("%s %s is not allowed: %s only"):format(method, req.path, allow),
+        { code = "method_not_allowed", headers = { allow = allow } }), api)
     else
-      reply = error_reply(api_of(path), 404, ("no route %s %s"):format(method, req.path), { code = "unknown_url" })
+      reply = with_request_id(error_reply(api, 404, ("no route %s %s"):format(method, req.path),
+        { code = "unknown_url" }), api)
     end
   end
   -- by route and status, each series bound once (no label key built per request)
@@ -2243,7 +2249,7 @@ end
 local function with_traceback(e) return debug.traceback(tostring(e), 2) end
 
 local function failed_reply(req, err)
-  local api = api_of(req.path)
+  local api = api_of(req.path, req.headers)
   if host_failure(err) then
     return error_reply(api, 503, "the gateway could not serve this request right now; retry shortly",
       { headers = { ["retry-after"] = "1" }, code = "gateway_overloaded" })
@@ -2313,7 +2319,7 @@ end
 -- before): a 503 the SDKs retry, on a new connection (another worker, the
 -- next process)
 function gateway.stopping_reply(req)
-  return error_reply(api_of(req.path), 503, "the gateway is stopping; retry the request", { code = "gateway_stopping",
+  return error_reply(api_of(req.path, req.headers), 503, "the gateway is stopping; retry the request", { code = "gateway_stopping",
     headers = { connection = "close", ["retry-after"] = "1" } })
 end
 

@@ -31,6 +31,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: a conversation with a custom tool's call is served",
     "anthropic: an MCP toolset (a tool without a name) reaches Anthropic",
     "the server's own refusals (413, 431, 408) reach each SDK as an API error of its type",
+    "an endpoint the gateway does not serve is the SDK's own 404 (or 405), with its request id",
     "openai: temperature over 1, and temperature with top_p, are served by Anthropic",
     "anthropic: countTokens is the upstream's count; a model another API serves is a 400 saying so",
     "anthropic: countTokens holds a permit, has its own bucket at the key's rpm, and meets an open breaker (or falls back)",

@@ -245,6 +245,22 @@ await check('the server\'s own refusals (413, 431, 408) reach each SDK as an API
   expect(t.type === 'invalid_request_error' && /not read in time/.test(t.apiMessage), `408: ${t.type} ${t.apiMessage}`);
 });
 
+// an endpoint of either SDK the gateway does not serve (Anthropic's Files API, OpenAI's): a 404 in
+// the client's API's shape (the Anthropic SDK's was OpenAI's invalid_request_error, as the path
+// alone chose it), and, as every other answer, with its request id (the SDKs' requestID was null)
+await check('an endpoint the gateway does not serve is the SDK\'s own 404 (or 405), with its request id', async () => {
+  const a = await rejects(ant().beta.files.list(), Anthropic.NotFoundError, 'anthropic files');
+  expect(a.type === 'not_found_error' && /no route GET \/v1\/files/.test(a.apiMessage),
+    `anthropic 404: ${a.type} ${a.apiMessage}`);
+  expect(typeof a.requestID === 'string' && a.requestID.startsWith('req_'), `anthropic requestID ${a.requestID}`);
+  const o = await rejects(oai().files.list(), OpenAI.NotFoundError, 'openai files');
+  expect(o.type === 'invalid_request_error' && o.code === 'unknown_url', `openai 404: ${o.type} ${o.code}`);
+  expect(typeof o.requestID === 'string' && o.requestID.startsWith('req_'), `openai requestID ${o.requestID}`);
+  const m = await rejects(oai().get('/chat/completions'), OpenAI.APIError, 'openai GET chat/completions');
+  expect(m.status === 405 && m.code === 'method_not_allowed' && typeof m.requestID === 'string',
+    `openai 405: ${m.status} ${m.code} ${m.requestID}`);
+});
+
 // OpenAI's temperature runs 0..2 and Anthropic's 0..1, and Anthropic's recent models refuse
 // temperature and top_p together: an OpenAI client's request served by Anthropic was a 400
 // for either. Sent as Anthropic takes them: temperature at most 1, top_p left out beside it
