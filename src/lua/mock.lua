@@ -408,6 +408,9 @@ local function instance_of(schema, text, root, depth, budget)
   if t == "array" then
     local n = math.tointeger(schema.minItems) or 1
     if math.tointeger(schema.maxItems) and schema.maxItems < n then n = schema.maxItems end
+    -- (within the values left to make: a minItems of millions was a list made whole, 2 GB and
+    -- 40 s of the mock's loop for one request's schema)
+    n = math.max(0, math.min(n, budget[1]))
     local out = {}
     for i = 1, n do out[i] = instance_of(schema.items, text, root, depth, budget) end
     return #out > 0 and out or EMPTY
