@@ -28,6 +28,7 @@ describe("the official SDKs against the mock", function()
   local CHECKS = {
     "openai: chat.completions.create parses",
     "openai: n and max_tokens (finish_reason length)",
+    "openai: n past 128 or under 1 is refused as the API refuses it",
     "openai: a raw stream parses chunk by chunk, usage last",
     "openai: the stream helper accumulates the final completion",
     "openai: 429 is RateLimitError",

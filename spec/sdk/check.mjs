@@ -29,6 +29,16 @@ await check('openai: n and max_tokens (finish_reason length)', async () => {
   expect(r.choices[1].finish_reason === 'length', `finish_reason ${r.choices[1].finish_reason}`);
 });
 
+// (the API takes n up to 128: the mock answered any, 200,000 choices a 27 MB answer in 3.5 s of its loop)
+await check('openai: n past 128 or under 1 is refused as the API refuses it', async () => {
+  for (const [n, code] of [[129, 'integer_above_max_value'], [0, 'integer_below_min_value']]) {
+    const e = await rejects(oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, n }), OpenAI.BadRequestError, `n ${n}`);
+    expect(e.param === 'n' && e.code === code, `n ${n}: ${e.param} ${e.code} ${e.message}`);
+  }
+  const r = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, n: 128, max_tokens: 1 });
+  expect(r.choices.length === 128, `n 128: ${r.choices.length}`);
+});
+
 await check('openai: a raw stream parses chunk by chunk, usage last', async () => {
   const s = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, stream: true,
     stream_options: { include_usage: true } });

@@ -690,6 +690,20 @@ function Mock:openai_check(req, body)
         above and "decimal_above_max_value" or "decimal_below_min_value", field) }
     end
   end
+  -- (n: 1 to 128 choices, as the API takes it)
+  local n = body.n
+  if n ~= nil and n ~= json.null then
+    if not int(n) then
+      return { status = 400, body = openai_error(400, ("Invalid type for 'n': expected an integer, but got %s instead.")
+        :format(type(n) == "number" and "a decimal number" or "a " .. type(n)), "invalid_request_error", "invalid_type", "n") }
+    end
+    if n < 1 or n > 128 then
+      local above = n > 128
+      return { status = 400, body = openai_error(400, ("Invalid 'n': integer %s %s value. Expected a value %s %d, but got "
+        .. "%d instead."):format(above and "above" or "below", above and "maximum" or "minimum", above and "<=" or ">=",
+        above and 128 or 1, n), "invalid_request_error", above and "integer_above_max_value" or "integer_below_min_value", "n") }
+    end
+  end
   local refused = reasoning_refusal(body)
   if refused then return { status = 400, body = refused } end
   if body.parallel_tool_calls ~= nil and body.parallel_tool_calls ~= json.null
@@ -767,7 +781,7 @@ function Mock:chat(req, fault)
   if type(reply) == "function" then reply = reply(body) end
   if fault and fault.kind == "empty" then reply = "" end
   reply = reply or ("Mock reply to: " .. last_user_text(body):sub(1, 80))
-  local n = int(body.n) and int(body.n) > 0 and int(body.n) or 1
+  local n = int(body.n) and int(body.n) > 0 and math.min(int(body.n), 128) or 1 -- (the API's most)
   -- as the API answers: JSON under a response_format, a tool call when tool_choice forces one
   local empty = fault and fault.kind == "empty"
   local format = not empty and type(body.response_format) == "table" and body.response_format or {}
