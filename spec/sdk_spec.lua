@@ -45,6 +45,7 @@ describe("the official SDKs against the mock", function()
     "openai: a json_schema response_format is answered with JSON of the schema (parse())",
     "openai: a tool_choice that forces a call is answered with one, whole and streamed",
     "openai: logprobs are answered, whole and streamed",
+    "openai: top_logprobs past 20 is refused as the API refuses it",
     "openai: embeddings, a list of token ids is one input, its usage that many tokens",
     "anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed",
     "anthropic: output_config.format json_schema is answered with JSON of the schema",

@@ -175,6 +175,14 @@ await check('openai: logprobs are answered, whole and streamed', async () => {
   const none = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs });
   expect(none.choices[0].logprobs === null, 'not asked: null');
 });
+// (the API takes 0 to 20 alternatives: the mock made any number, 10,000,000 held its loop and memory)
+await check('openai: top_logprobs past 20 is refused as the API refuses it', async () => {
+  const e = await rejects(oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, logprobs: true, top_logprobs: 21 }),
+    OpenAI.BadRequestError, 'top_logprobs 21');
+  expect(e.param === 'top_logprobs' && e.code === 'integer_above_max_value', `${e.param} ${e.code} ${e.message}`);
+  const r = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, logprobs: true, top_logprobs: 20 });
+  expect(r.choices[0].logprobs.content[0].top_logprobs.length === 20, 'top_logprobs 20');
+});
 // (the usage of token ids is their count, as the API bills them: the mock billed the ids' JSON
 // text, [100000, 100001] as 4 tokens, a spec of a tokenized pipeline's costs got another sum)
 await check('openai: embeddings, a list of token ids is one input, its usage that many tokens', async () => {

@@ -569,6 +569,7 @@ end
 local OPENAI_RANGES = { temperature = { 0, 2 }, top_p = { 0, 1 }, presence_penalty = { -2, 2 },
   frequency_penalty = { -2, 2 } }
 local ANTHROPIC_RANGES = { temperature = { 0, 1 }, top_p = { 0, 1 } }
+local OPENAI_INT_RANGES = { n = { 1, 128 }, top_logprobs = { 0, 20 } }
 
 -- OpenAI's reasoning models, by name (first match): "reasoning" takes max_completion_tokens only
 -- and no temperature or top_p but the default 1; "effort" (gpt-5.1 on, whose default effort is
@@ -690,18 +691,22 @@ function Mock:openai_check(req, body)
         above and "decimal_above_max_value" or "decimal_below_min_value", field) }
     end
   end
-  -- (n: 1 to 128 choices, as the API takes it)
-  local n = body.n
-  if n ~= nil and n ~= json.null then
-    if not int(n) then
-      return { status = 400, body = openai_error(400, ("Invalid type for 'n': expected an integer, but got %s instead.")
-        :format(type(n) == "number" and "a decimal number" or "a " .. type(n)), "invalid_request_error", "invalid_type", "n") }
-    end
-    if n < 1 or n > 128 then
-      local above = n > 128
-      return { status = 400, body = openai_error(400, ("Invalid 'n': integer %s %s value. Expected a value %s %d, but got "
-        .. "%d instead."):format(above and "above" or "below", above and "maximum" or "minimum", above and "<=" or ">=",
-        above and 128 or 1, n), "invalid_request_error", above and "integer_above_max_value" or "integer_below_min_value", "n") }
+  -- integers in the API's ranges (n: 1 to 128 choices, top_logprobs: 0 to 20 alternatives)
+  for field, range in pairs(OPENAI_INT_RANGES) do
+    local v = body[field]
+    if v ~= nil and v ~= json.null then
+      if not int(v) then
+        return { status = 400, body = openai_error(400, ("Invalid type for '%s': expected an integer, but got %s instead.")
+          :format(field, type(v) == "number" and "a decimal number" or "a " .. type(v)), "invalid_request_error",
+          "invalid_type", field) }
+      end
+      if v < range[1] or v > range[2] then
+        local above = v > range[2]
+        return { status = 400, body = openai_error(400, ("Invalid '%s': integer %s %s value. Expected a value %s %d, but "
+          .. "got %d instead."):format(field, above and "above" or "below", above and "maximum" or "minimum",
+          above and "<=" or ">=", above and range[2] or range[1], v), "invalid_request_error",
+          above and "integer_above_max_value" or "integer_below_min_value", field) }
+      end
     end
   end
   local refused = reasoning_refusal(body)
@@ -813,7 +818,7 @@ function Mock:chat(req, fault)
   end
   local text = table.concat(words)
   local finish = call and "tool_calls" or cut and "length" or "stop"
-  local top = body.logprobs == true and (int(body.top_logprobs) or 0) or nil
+  local top = body.logprobs == true and math.max(0, math.min(int(body.top_logprobs) or 0, 20)) or nil -- (the API's most)
   local cached = self.scenario.cached_tokens or 0
   local usage = { prompt_tokens = estimate_tokens(prompt_text(body)) + cached, completion_tokens = (completion + reasoning) * n }
   usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
