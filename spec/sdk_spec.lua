@@ -47,6 +47,7 @@ describe("the official SDKs against the mock", function()
     "openai: logprobs are answered, whole and streamed",
     "openai: top_logprobs past 20 is refused as the API refuses it",
     "openai: embeddings, a list of token ids is one input, its usage that many tokens",
+    "openai: embeddings dimensions past 65536 are refused for a model the mock does not know, as its message says",
     "anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed",
     "anthropic: output_config.format json_schema is answered with JSON of the schema",
     "openai and anthropic: a schema's formats and bounds are answered within them, whole and streamed",

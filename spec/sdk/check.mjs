@@ -193,6 +193,14 @@ await check('openai: embeddings, a list of token ids is one input, its usage tha
   expect(two.data.length === 2, `data ${two.data.length}`);
   expect(two.usage.prompt_tokens === 7, `usage ${JSON.stringify(two.usage)}`);
 });
+// (a model the mock does not know took any dimensions: 3,000,000 held its loop 43 s, then the answer was lost)
+await check('openai: embeddings dimensions past 65536 are refused for a model the mock does not know, as its message says', async () => {
+  const e = await rejects(oai.embeddings.create({ model: 'my-embedder', input: 'tides', dimensions: 65537 }),
+    OpenAI.BadRequestError, 'dimensions 65537');
+  expect(e.param === 'dimensions' && /between 1 and 65536/.test(e.message), `${e.param} ${e.message}`);
+  const r = await oai.embeddings.create({ model: 'my-embedder', input: 'tides', dimensions: 16 });
+  expect(r.data[0].embedding.length === 16, `dimensions 16: ${r.data[0].embedding.length}`);
+});
 await check('anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed', async () => {
   const tools = [{ name: 'get_weather', input_schema: weather }];
   for (const tool_choice of [{ type: 'any' }, { type: 'tool', name: 'get_weather' }]) {

@@ -1452,7 +1452,8 @@ function Mock:embeddings(req)
       return { status = 400, body = openai_error(400, "This model does not support specifying dimensions.",
         "invalid_request_error", nil, "dimensions") }
     end
-    if not dims or dims < 1 or native and dims > native then
+    -- (a model it does not know at most 65536, as its message says: any was a vector made that long)
+    if not dims or dims < 1 or dims > (native or 65536) then
       return { status = 400, body = openai_error(400, ("Invalid value for 'dimensions' = %s. Must be between 1 and %d.")
         :format(tostring(body.dimensions), native or 65536), "invalid_request_error", nil, "dimensions") }
     end
