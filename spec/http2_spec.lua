@@ -52,6 +52,19 @@ local function server_connections(path)
   return n
 end
 
+-- every process of the nginx whose folder is d, orphaned workers too (a master killed with -9
+-- leaves its workers serving): the ones with a file of its folder open (its error log), found
+-- among `pgrep nginx`, as a worker's name does not say whose it is
+local function nginx_pids(d)
+  local pids = {}
+  for pid in helpers.run("pgrep -x nginx").stdout:gmatch("%d+") do
+    if helpers.run(("ls -l /proc/%s/fd 2>/dev/null | grep -qF '%s/'"):format(pid, d)).code == 0 then
+      pids[#pids + 1] = pid
+    end
+  end
+  return pids
+end
+
 local function clear_log()
   helpers.write(dir .. "/access.log", "")
   nginx("-s reopen")
@@ -152,6 +165,10 @@ teardown(function()
       os.execute("kill " .. pid)
       helpers.wait_until(function() return not helpers.alive(pid) end, 5)
     end
+    -- and its workers, whatever became of the master
+    local left = nginx_pids(dir)
+    if #left > 0 then os.execute("kill -KILL " .. table.concat(left, " ")) end
+    helpers.wait_until(function() return #nginx_pids(dir) == 0 end, 5)
     os.execute("rm -rf " .. dir)
   end
   if backend then backend:close() end
@@ -762,5 +779,196 @@ describe("a server going away", function()
     end
     assert.is_nil(err, err and tries .. " tries: " .. tostring(err))
     assert.are.equal("2", res.http_version)
+  end)
+end)
+
+-- An nginx of its own (TLS, h2) for a test that kills it: conf is the server block's body
+-- (DIR is its folder). -> {dir, origin, master pid, workers, kill9 (master and workers), stop}
+local function own_nginx(conf)
+  local d = helpers.tmpname("-h2own")
+  os.execute("mkdir -p " .. d)
+  os.execute(("cp %s/cert.pem %s/key.pem %s/"):format(dir, dir, d))
+  local port = helpers.free_port()
+  helpers.write(d .. "/nginx.conf", ([[
+worker_processes 2;
+daemon on;
+pid DIR/nginx.pid;
+error_log DIR/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path DIR; proxy_temp_path DIR; fastcgi_temp_path DIR; uwsgi_temp_path DIR; scgi_temp_path DIR;
+  server {
+    listen 127.0.0.1:PORT ssl http2;
+    ssl_certificate DIR/cert.pem;
+    ssl_certificate_key DIR/key.pem;
+    CONF
+  }
+}
+]]):gsub("CONF", conf):gsub("DIR", d):gsub("PORT", port))
+  local r = helpers.run(("nginx -c %s/nginx.conf -p %s"):format(d, d))
+  assert.are.equal(0, r.code, r.stderr)
+  local n = { dir = d, origin = ("https://127.0.0.1:%d"):format(port) }
+  assert(helpers.wait_until(function()
+    n.master = helpers.slurp(d .. "/nginx.pid"):match("%d+")
+    return n.master ~= nil
+  end), "nginx wrote no pid")
+  function n.pids() return nginx_pids(d) end
+  assert(helpers.wait_until(function() return #n.pids() >= 3 end), "nginx's workers did not start")
+  function n.kill9()
+    local pids = n.pids()
+    os.execute("kill -KILL " .. table.concat(pids, " "))
+    assert(helpers.wait_until(function()
+      for _, pid in ipairs(pids) do if helpers.alive(pid) then return false end end
+      return true
+    end, 10), "nginx survived kill -9")
+  end
+  -- the cleanup: none of its processes left, master or orphaned worker
+  function n.stop()
+    local pids = n.pids()
+    if #pids > 0 then os.execute("kill -KILL " .. table.concat(pids, " ")) end
+    helpers.wait_until(function() return #n.pids() == 0 end, 10)
+    assert.are.same({}, n.pids())
+    os.execute("rm -rf " .. d)
+  end
+  return n
+end
+
+-- (review, session 35, by hand) nginx killed with -9, master and workers, in the middle of an h2
+-- reply: the connection ends without the stream's END_STREAM. Whatever the framing (a
+-- Content-Length or none), the call fails saying so, never returns the cut body as a whole 200.
+describe("an h2 upstream killed (-9) in the middle of a reply body", function()
+  local half, stream_server, written = ("h"):rep(50000), nil, 0
+  local release = false
+  setup(function()
+    stream_server = resil.server.listen({ port = 0, tasks = true, handler = function()
+      return { status = 200, headers = { ["content-type"] = "text/plain" }, stream = function(write)
+        write(half)
+        written = written + 1
+        while not release do resil.sleep(0.02) end
+        write(half)
+      end }
+    end })
+  end)
+  teardown(function()
+    release = true
+    if stream_server then stream_server:close() end
+  end)
+
+  local function start()
+    local n = own_nginx(([[
+    location /cl/ { root DIR; limit_rate 100k; limit_rate_after 20k; }
+    location / { proxy_pass http://127.0.0.1:%d; proxy_buffering off; proxy_http_version 1.1; }
+    ]]):format(stream_server:port()))
+    os.execute("mkdir -p " .. n.dir .. "/cl")
+    helpers.write(n.dir .. "/cl/big.bin", ("c"):rep(2000000))
+    return n
+  end
+
+  it("a whole-body request fails (no Content-Length, body proxied as it comes)", function()
+    local n = start()
+    finally(n.stop)
+    local before = written
+    local t = resil.spawn(function()
+      return http.request({ url = n.origin .. "/cut", ca_file = ca, timeout = 20 })
+    end)
+    assert(helpers.wait_until(function() return written > before end, 10), "the backend never wrote")
+    resil.sleep(0.3) -- (nginx passes the first half on)
+    n.kill9()
+    local ok, res, err = t:join()
+    assert.is_true(ok)
+    assert.is_nil(res and ("status %d with %d bytes"):format(res.status, #res.body))
+    assert.are.equal("reset", err.kind, err.message)
+  end)
+
+  it("a stream fails after the bytes that came, with a Content-Length or without", function()
+    for _, path in ipairs({ "/cl/big.bin", "/cut" }) do
+      local n = start()
+      finally(n.stop)
+      local s = assert(http.stream({ url = n.origin .. path, ca_file = ca, timeout = 20 }))
+      assert.are.equal("2", s.response.http_version)
+      local got = #assert(s:read())
+      n.kill9()
+      local err
+      while true do
+        local chunk, e = s:read()
+        if not chunk then err = e break end
+        got = got + #chunk
+      end
+      assert.is_true(got < 2000000 and got < 2 * #half or path == "/cut" and got < 2 * #half, path .. " " .. got)
+      assert.is_not_nil(err, path .. ": the stream ended as if whole after " .. got .. " bytes")
+      assert.are.equal("reset", err.kind, err.message)
+      s:close()
+      n.stop()
+    end
+  end)
+end)
+
+-- (review, session 35, by hand) 240 h2 streams at once to one origin (its connections carry 100
+-- streams each), a third of their tasks canceled in the middle of their bodies: the others
+-- arrive whole and unmixed, none hangs, and nothing is left held (transfers, requests, the
+-- backend's replies).
+describe("240 h2 streams at once, a third canceled mid-body", function()
+  it("the rest arrive whole, nothing hangs or is left held", function()
+    -- each body's first half, then its second once all have begun and a third were canceled
+    local release = false
+    local paced = resil.server.listen({ port = 0, tasks = true, handler = function(req)
+      local i = tonumber(req.query:match("i=(%d+)"))
+      return { status = 200, headers = { ["content-type"] = "text/plain" }, stream = function(write)
+        for k = 1, 6 do
+          write(("%d.%d;"):format(i, k):rep(400))
+          resil.sleep(0.05)
+          while k == 3 and not release do resil.sleep(0.02) end
+        end
+      end }
+    end })
+    finally(function() release = true; paced:close() end)
+    local n = own_nginx(("location / { proxy_pass http://127.0.0.1:%d; proxy_buffering off; }"):format(paced:port()))
+    finally(n.stop)
+    local function body(i)
+      local t = {}
+      for k = 1, 6 do t[k] = ("%d.%d;"):format(i, k):rep(400) end
+      return table.concat(t)
+    end
+    collectgarbage() -- (streams earlier tests left to the collector)
+    collectgarbage()
+    local before = http.stats()
+    local tasks, started, got = {}, 0, {}
+    for i = 1, 240 do
+      tasks[i] = resil.spawn(function()
+        local s <close> = assert(http.stream({ url = ("%s/p?i=%d"):format(n.origin, i), ca_file = ca, timeout = 30 }))
+        local parts = { assert(s:read()) }
+        started = started + 1
+        while true do
+          local chunk, e = s:read()
+          assert(not e, e and e.message)
+          if not chunk then break end
+          parts[#parts + 1] = chunk
+        end
+        got[i] = table.concat(parts)
+        return s.response.http_version
+      end)
+    end
+    assert(helpers.wait_until(function() return started == 240 end, 30), "only " .. started .. " started")
+    for i = 3, 240, 3 do tasks[i]:cancel() end
+    release = true
+    local wrong = {}
+    for i = 1, 240 do
+      local ok, v = tasks[i]:join()
+      if i % 3 == 0 then
+        if ok then wrong[#wrong + 1] = i .. " was not canceled" end
+      elseif not ok then wrong[#wrong + 1] = i .. ": " .. tostring(v)
+      elseif v ~= "2" or got[i] ~= body(i) then wrong[#wrong + 1] = i .. ": " .. v .. " " .. #(got[i] or "") .. " bytes" end
+    end
+    assert.are.same({}, wrong)
+    collectgarbage()
+    collectgarbage()
+    assert(helpers.wait_until(function()
+      local st = http.stats()
+      return st.in_flight <= before.in_flight and st.open <= before.open and paced:pending() == 0
+    end, 10), "left held: " .. resil.json.encode({ http = http.stats(), backend = paced:pending() }))
+    -- and the connection still serves
+    local res = assert(http.request({ url = n.origin .. "/p?i=7", ca_file = ca, timeout = 10 }))
+    assert.are.equal(body(7), res.body)
   end)
 end)
