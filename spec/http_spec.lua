@@ -1007,3 +1007,91 @@ describe("redirects to another origin", function()
     other:close()
   end)
 end)
+
+-- (helper K, session 36) libcurl 7.88 reuses a kept HTTP/1.1 connection with bytes waiting on it:
+-- bytes a server sent past its Content-Length (or after its answer) were read as the next
+-- request's answer, and each later answer on the connection was the one before it.
+describe("a kept HTTP/1.1 connection that a server sent more on than its answer", function()
+  -- /short: 5 bytes of body as its Content-Length says, and an answer nobody asked for in the
+  -- same write; /late: its answer, then that other one 50 ms later; others: the method, the path and
+  -- how many requests for a path other than those two the server has read
+  local script = [[
+import socket, threading, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0)); s.listen(16)
+print("port", s.getsockname()[1], flush=True)
+STRAY = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
+count = 0
+def answer(body):
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+def serve(c):
+    global count
+    buf = b""
+    while True:
+        d = c.recv(65536)
+        if not d: return
+        buf += d
+        while b"\r\n\r\n" in buf:
+            head, rest = buf.split(b"\r\n\r\n", 1)
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"): n = int(line.split(b":")[1])
+            if len(rest) < n: break
+            body, buf = rest[:n], rest[n:]
+            method, path = head.split(b" ")[:2]
+            if path == b"/short": # (the head read first, alone, as most servers write it)
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                time.sleep(0.01)
+                c.sendall(b"hello" + STRAY)
+            elif path == b"/late":
+                c.sendall(answer(b"late"))
+                time.sleep(0.05)
+                c.sendall(STRAY)
+            else:
+                count += 1
+                c.sendall(answer(b"%s %s %s %d" % (method, path, body, count)))
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+]]
+  local function with_server(fn)
+    resil.clock.real()
+    local got, log = helpers.with_server("timeout 60 python3 " .. helpers.write(helpers.tmpname(".py"), script),
+      "port (%d+)", function(port) return fn("http://127.0.0.1:" .. port) end)
+    assert(got, log)
+    return got
+  end
+
+  it("is not reused: the next requests, GET or POST, get their own answers, each sent once", function()
+    local r = with_server(function(base)
+      local got, want = {}, {}
+      for i = 1, 30 do
+        local a, e = http.request({ url = base .. "/short", timeout = 5 })
+        got[#got + 1] = a and a.body or e.message
+        want[#want + 1] = "hello"
+        local method = i % 2 == 0 and "POST" or "GET"
+        local b, e2 = http.request({ url = base .. "/next" .. i, method = method,
+          body = method == "POST" and "pay" or nil, timeout = 5 })
+        got[#got + 1] = b and b.body or e2.message
+        want[#want + 1] = ("%s /next%d %s %d"):format(method, i, method == "POST" and "pay" or "", i)
+      end
+      return { got = got, want = want }
+    end)
+    assert.are.same(r.want, r.got)
+  end)
+
+  it("nor when the stray bytes come a while after the answer, the connection idle", function()
+    local got = with_server(function(base)
+      local out = {}
+      for i = 1, 5 do
+        local a, e = http.request({ url = base .. "/late", timeout = 5 })
+        resil.sleep(0.3)
+        local b, e2 = http.request({ url = base .. "/next", method = "POST", body = "pay", timeout = 5 })
+        out[i] = (a and a.body or e.message) .. ", " .. (b and b.body or e2.message)
+      end
+      return out
+    end)
+    assert.are.same({ "late, POST /next pay 1", "late, POST /next pay 2", "late, POST /next pay 3",
+      "late, POST /next pay 4", "late, POST /next pay 5" }, got)
+  end)
+end)

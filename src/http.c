@@ -279,6 +279,7 @@ typedef struct socket_watch {
   short flags;     /* what ev was assigned (0: never) */
   int armed;       /* ev is added */
   int idle;        /* curl no longer watches the socket (CURL_POLL_REMOVE): kept for its next transfer */
+  int kept;        /* idle after an HTTP/1 answer: in curl's cache, no transfer's (shut_if_stray) */
 } socket_watch;
 
 /* ---------- buffers ---------- */
@@ -469,6 +470,25 @@ static void note_lost_header_block(http_req *r) {
            had / 1024, o->recv_buffer / 1024);
 }
 
+/* libcurl 7.88 reuses a kept HTTP/1 connection with bytes waiting on it (8.x does not reuse one
+ * with input pending): bytes a server sent past its Content-Length, or after its answer, were
+ * read as the next request's answer, and every later answer on that connection was the one
+ * before it. A byte there is one no request asked for (or the server's close): the connection is
+ * shut, its next send fails and curl sends that request again on a new connection, as it does
+ * for a kept connection the server closed. Looked at as an HTTP/1 answer ends (fd: its socket),
+ * and by the idle socket's watch for bytes that come later (socket_event_cb). (An h2
+ * connection's idle bytes are frames, a PING or a GOAWAY, that curl reads.) */
+static void shut_if_stray(http_state *H, curl_socket_t fd) {
+  if (fd < 0 || fd >= H->socket_cap || !H->socket_origin[fd]) return;
+  socket_watch *w = H->socket_watch[fd];
+  if (!w || !w->idle) return; /* closed, or a transfer's again */
+  char c;
+  if (recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+    shutdown(fd, SHUT_RDWR);
+  else
+    w->kept = 1;
+}
+
 static const char *content_encoding(const http_req *r, size_t *n);
 
 void request_finish(http_req *r, CURLcode result, abort_reason why) {
@@ -504,6 +524,14 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
     if (lost_header_block(r, result)) {
       note_lost_header_block(r);
       r->client_fault = 1;
+    }
+    if (result == CURLE_OK && (r->http_version == CURL_HTTP_VERSION_1_1 || r->http_version == CURL_HTTP_VERSION_1_0)) {
+      /* (a head curl read outside a socket's event, in a timer's run, says no socket: asked of curl
+       * then, which looks through its connections) */
+      curl_socket_t fd = r->http1_fd;
+      if (fd == CURL_SOCKET_BAD && curl_easy_getinfo(r->easy, CURLINFO_ACTIVESOCKET, &fd) != CURLE_OK)
+        fd = CURL_SOCKET_BAD;
+      shut_if_stray(r->H, fd);
     }
   }
   r->done = 1;
@@ -921,9 +949,10 @@ static void kick_cb(evutil_socket_t fd, short what, void *arg) {
 
 static void socket_event_cb(evutil_socket_t fd, short what, void *arg) {
   socket_watch *w = arg;
-  if (w->idle) { /* a kept connection's EOF or stray bytes: curl's own check finds them when it reuses it */
+  if (w->idle) { /* a kept connection's EOF or stray bytes */
     event_del(&w->ev);
     w->armed = 0;
+    if (w->kept) shutdown(fd, SHUT_RDWR); /* (an HTTP/1 connection's: see shut_if_stray) */
     return;
   }
   curl_driver *d = w->d; /* the watch may be freed during the action */
@@ -969,7 +998,7 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     curl_multi_assign(d->multi, s, w);
     if (ours && !H->socket_watch[s]) H->socket_watch[s] = w;
   }
-  w->idle = 0;
+  w->idle = w->kept = 0;
   if (w->armed && w->flags == flags) return 0;
   if (w->armed) event_del(&w->ev);
   w->armed = 0;
@@ -1361,6 +1390,8 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
       r->status = code;
       r->headers_done = 1;
       note_http_version(r);
+      if (r->http_version == CURL_HTTP_VERSION_1_1 || r->http_version == CURL_HTTP_VERSION_1_0)
+        r->http1_fd = r->H->acting_fd; /* (its socket: shut_if_stray) */
       if (r->grace_cut) { /* the status came within a cancel's grace: the transfer's own timeout again (a
                            * read its task makes under resil.shield was cut at the grace, as canceled) */
         r->grace_cut = 0;
@@ -1598,7 +1629,7 @@ static http_req *req_take(lua_State *L, http_state *H) {
     luaL_error(L, "cannot create an HTTP transfer");
   }
   memset(&r->waiter, 0, sizeof *r - offsetof(http_req, waiter));
-  r->conn_fd = CURL_SOCKET_BAD;
+  r->conn_fd = r->http1_fd = CURL_SOCKET_BAD;
   r->body.len = r->head.len = 0;
   r->errbuf[0] = '\0';
   r->prev = NULL;

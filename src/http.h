@@ -88,6 +88,7 @@ struct http_req {
   size_t fed_bytes;          /* how much, in that call */
   int fed_head;              /* some of it header lines */
   curl_socket_t conn_fd;     /* the socket curl was driving when it last gave this transfer data */
+  curl_socket_t http1_fd;    /* an HTTP/1 answer's socket, as its head ended (shut_if_stray) */
   int parked, opener, sends, uploading, fed;
   int active, done, stream, headers_done, paused;
   int client_fault;          /* failed by libcurl's fault, not the server's (a lost h2 header block) */
