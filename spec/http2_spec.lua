@@ -972,3 +972,76 @@ describe("240 h2 streams at once, a third canceled mid-body", function()
     assert.are.equal(body(7), res.body)
   end)
 end)
+
+-- (helper K, session 36) An upstream that freezes (SIGSTOP: the kernel still accepts and acks,
+-- nothing answers) before its headers or in the middle of a body: each call ends at its own
+-- timeout, kind "timeout", while other requests on the loop go on; thawed, it serves again.
+describe("an h2 upstream frozen (SIGSTOP) before its headers or mid-body", function()
+  it("times each call out at its timeout while the loop's other requests go on", function()
+    local release = false
+    local slow = resil.server.listen({ port = 0, tasks = true, handler = function()
+      return { status = 200, headers = { ["content-type"] = "text/plain" }, stream = function(write)
+        write(("s"):rep(20000))
+        while not release do resil.sleep(0.02) end
+        write("end")
+      end }
+    end })
+    local n = own_nginx(([[
+    location = /fast { default_type text/plain; return 200 'fast'; }
+    location / { proxy_pass http://127.0.0.1:%d; proxy_buffering off; }
+    ]]):format(slow:port()))
+    local pids = n.pids()
+    finally(function()
+      os.execute("kill -CONT " .. table.concat(pids, " "))
+      release = true
+      n.stop()
+      slow:close()
+    end)
+    local other = resil.server.listen({ port = 0, handler = function() return { status = 200, body = "alive" } end })
+    finally(function() other:close() end)
+    -- the loop's other requests: counted while the upstream is frozen
+    local alive, stop = 0, false
+    local ticker = resil.spawn(function()
+      while not stop do
+        local r = http.request({ url = ("http://127.0.0.1:%d/"):format(other:port()), timeout = 5 })
+        if r and r.body == "alive" then alive = alive + 1 end
+        resil.sleep(0.02)
+      end
+    end)
+    local s = assert(http.stream({ url = n.origin .. "/mid", ca_file = ca, timeout = 1.5 }))
+    assert.are.equal("2", s.response.http_version)
+    assert(s:read())
+    os.execute("kill -STOP " .. table.concat(pids, " "))
+    local before = alive
+    local err
+    repeat
+      local chunk, e = s:read()
+      err = e
+    until not chunk
+    assert.is_not_nil(err, "a frozen stream ended as if whole")
+    assert.are.equal("timeout", err.kind, err.message)
+    -- a request on the frozen connection, and one that needs a new one, never answered
+    local results = {}
+    local tasks = {
+      resil.spawn(function() return http.request({ url = n.origin .. "/fast", ca_file = ca, timeout = 1 }) end),
+      resil.spawn(function()
+        return http.request({ url = n.origin .. "/fast", ca_file = ca, timeout = 1, http_version = "1.1" })
+      end),
+      resil.spawn(function()
+        return http.request({ url = n.origin .. "/fast", ca_file = ca, timeout = 10, idle_timeout = 0.5 })
+      end),
+    }
+    for i, t in ipairs(tasks) do
+      local ok, res, e = t:join()
+      results[i] = tostring(ok) .. " " .. (res and res.status or e.kind)
+    end
+    assert.are.same({ "true timeout", "true timeout", "true timeout" }, results)
+    assert.is_true(alive > before, "the loop's other requests stood still")
+    stop = true
+    ticker:join()
+    os.execute("kill -CONT " .. table.concat(pids, " "))
+    local res, e = http.request({ url = n.origin .. "/fast", ca_file = ca, timeout = 10 })
+    assert.is_nil(e, e and e.message)
+    assert.are.equal("fast", res.body)
+  end)
+end)
