@@ -1095,3 +1095,34 @@ while True:
       "late, POST /next pay 4", "late, POST /next pay 5" }, got)
   end)
 end)
+
+-- (helper K, session 36) libcurl 7.88 refuses a header line over 100 KiB as out of memory: the
+-- call failed saying "Out of memory" and a user looked for a leak. Thousands of small headers
+-- (within libcurl's 300 KiB for all of them) arrive.
+describe("a response with a huge header line, or thousands of headers, over HTTP/1.1", function()
+  it("fails as too_large saying what was too large; thousands of small ones arrive", function()
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      local head = {}
+      if req.path == "/huge" then
+        head[1] = "X-Huge: " .. ("a"):rep(200 * 1024)
+      else
+        for i = 1, 5000 do head[i] = ("X-H%d: v%d"):format(i, i) end
+      end
+      return { action = "raw", body = "HTTP/1.1 200 OK\r\n" .. table.concat(head, "\r\n") ..
+        "\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok" }
+    end })
+    local base = ("http://127.0.0.1:%d"):format(server:port())
+    local res, err = http.request({ url = base .. "/huge", timeout = 5 })
+    assert.is_nil(res)
+    assert.are.equal("too_large", err.kind)
+    assert.matches("header line longer than libcurl's limit", err.message)
+    local s, serr = http.stream({ url = base .. "/huge", timeout = 5 })
+    assert.is_nil(s)
+    assert.matches("header line longer than libcurl's limit", serr.message)
+    res = assert(http.request({ url = base .. "/many", timeout = 5 }))
+    assert.are.equal("ok", res.body)
+    assert.are.equal("v1", res.headers["x-h1"])
+    assert.are.equal("v5000", res.headers["x-h5000"])
+    server:close()
+  end)
+end)

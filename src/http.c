@@ -521,6 +521,11 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
       else snprintf(r->errbuf, sizeof r->errbuf, "a body in Content-Encoding %.*s, which is not decoded here (gzip is)",
                     v ? (int)(n > 64 ? 64 : n) : 1, v ? v : "?");
     }
+    /* libcurl 7.88 refuses a header line over 100 KiB (CURL_MAX_HTTP_HEADER) as out of memory,
+     * saying only "Out of memory": a user looked for a leak */
+    if (result == CURLE_OUT_OF_MEMORY && !r->headers_done && !r->errbuf[0])
+      snprintf(r->errbuf, sizeof r->errbuf, "a response header line longer than libcurl's limit (100 KiB), "
+               "or no memory for the response's headers");
     if (lost_header_block(r, result)) {
       note_lost_header_block(r);
       r->client_fault = 1;
