@@ -186,6 +186,27 @@ describe("the mock provider", function()
       "resil.mock: unknown fault kind 'explode'")
     assert.has_error(function() resil.mock.start({ faults = { { probability = 2 } } }) end)
   end)
+
+  -- a refused request's id was the next answered one's too (the rate-limit headers took the id
+  -- before the request was counted): two requests, one id, in a user's support ticket
+  it("gives every request its own request id, a refused one and the answer after it too", function()
+    m = resil.mock.start({})
+    local ids = {}
+    local function note(res, name) ids[#ids + 1] = assert(res.headers[name], name) end
+    local anthropic = { ["anthropic-version"] = "2023-06-01" }
+    local msg = { model = "claude-sonnet-4-5", messages = { { role = "user", content = "hi" } } }
+    note(http.request({ url = m.url .. "/v1/messages", headers = anthropic, json = msg }), "request-id")
+    msg.max_tokens = 16
+    note(http.request({ url = m.url .. "/v1/messages", headers = anthropic, json = msg }), "request-id")
+    note(chat(m), "x-request-id")
+    note(chat(m, { ["x-mock-fault"] = "503" }), "x-request-id")
+    note(chat(m), "x-request-id")
+    local seen = {}
+    for i, id in ipairs(ids) do
+      assert.is_nil(seen[id], ("request %d has request %s's id %s"):format(i, tostring(seen[id]), id))
+      seen[id] = i
+    end
+  end)
 end)
 
 describe("the standalone mock (resil-lua mock)", function()

@@ -510,15 +510,13 @@ function Mock:rate_headers(flavor, tokens, uncounted)
     return { ["anthropic-ratelimit-requests-limit"] = tostring(rl),
       ["anthropic-ratelimit-requests-remaining"] = tostring(rr), ["anthropic-ratelimit-requests-reset"] = reset,
       ["anthropic-ratelimit-tokens-limit"] = tostring(tl),
-      ["anthropic-ratelimit-tokens-remaining"] = tostring(tr), ["anthropic-ratelimit-tokens-reset"] = reset,
-      ["request-id"] = ("req_mock%s%d"):format(self.instance, self.counts.total) }
+      ["anthropic-ratelimit-tokens-remaining"] = tostring(tr), ["anthropic-ratelimit-tokens-reset"] = reset }
   end
   -- a request-limit resets one request's share at a time; tokens the same
   return { ["x-ratelimit-limit-requests"] = tostring(rl), ["x-ratelimit-remaining-requests"] = tostring(rr),
     ["x-ratelimit-reset-requests"] = go_duration(rr > 0 and 60 / rl or left),
     ["x-ratelimit-limit-tokens"] = tostring(tl), ["x-ratelimit-remaining-tokens"] = tostring(tr),
-    ["x-ratelimit-reset-tokens"] = go_duration(tr > 0 and 60 * math.max(1, tokens or 1) / tl or left),
-    ["x-request-id"] = ("req_mock%s%d"):format(self.instance, self.counts.total) }
+    ["x-ratelimit-reset-tokens"] = go_duration(tr > 0 and 60 * math.max(1, tokens or 1) / tl or left) }
 end
 
 -- scenario.rate_limits, when given, are enforced as the APIs enforce theirs: a
@@ -1653,6 +1651,10 @@ function Mock:handle(req)
   if req.method == "GET" and req.path == "/__mock/stats" then
     return { status = 200, body = json.encode(self.counts) }
   end
+  -- its own id from its arrival: one taken from the count as the answer is made was also the
+  -- next request's when this one was refused uncounted, or counted after its headers were made
+  self.requests_seen = (self.requests_seen or 0) + 1
+  local request_id = ("req_mock%s%d"):format(self.instance, self.requests_seen)
   -- scenario.on_request(req): told of each request as it arrives, before its answer (a spec's
   -- client that leaves just as the provider answers)
   if self.scenario.on_request then self.scenario.on_request(req) end
@@ -1706,7 +1708,7 @@ function Mock:handle(req)
     -- every answer of the API carries its request id, its errors too (the SDKs' error.requestID)
     local name = flavor == "anthropic" and "request-id" or "x-request-id"
     reply.headers = reply.headers or {}
-    reply.headers[name] = reply.headers[name] or ("req_mock%s%d"):format(self.instance, self.counts.total)
+    reply.headers[name] = reply.headers[name] or request_id
   end
   -- (a truncated answer too: the provider kept the answer it made, only its delivery was cut)
   if key and (not reply.action or reply.action == "truncate") and (reply.status or 200) < 300 then
