@@ -408,6 +408,35 @@ describe("the strict mock's json_object", function()
   end)
 end)
 
+describe("the mock's forced tool call with n > 1", function()
+  -- every choice's call had one id: an app that sends each choice's tool results back keyed by
+  -- id (as the API's ids allow) could not tell them apart
+  it("gives each choice's call an id of its own, in one answer and in a stream", function()
+    local m = assert(resil.mock.start({}))
+    local body = { model = "gpt-4o-mini", messages = MSGS, n = 3, tool_choice = "required",
+      tools = { { type = "function", ["function"] = { name = "lookup",
+        parameters = { type = "object", properties = { q = { type = "string" } } } } } } }
+    local res = openai(m, body)
+    assert.are.equal(200, res.status, res.body)
+    local ids = {}
+    for _, c in ipairs(json.decode(res.body).choices) do ids[#ids + 1] = c.message.tool_calls[1].id end
+    body.stream = true
+    local streamed = {}
+    for line in openai(m, body).body:gmatch("data: ([^\n]+)") do
+      local ev = line ~= "[DONE]" and json.decode(line)
+      local d = ev and ev.choices[1] and ev.choices[1].delta
+      if d and d.tool_calls and d.tool_calls[1].id then streamed[ev.choices[1].index + 1] = d.tool_calls[1].id end
+    end
+    m:stop()
+    for _, list in ipairs({ ids, streamed }) do
+      assert.are.equal(3, #list)
+      assert.are_not.equal(list[1], list[2], json.encode(list))
+      assert.are_not.equal(list[2], list[3], json.encode(list))
+      assert.are_not.equal(list[1], list[3], json.encode(list))
+    end
+  end)
+end)
+
 describe("the strict mock's tool_choice", function()
   it("takes tool_choice with tools only, as the API does; the adapter sends it so", function()
     local m = assert(resil.mock.start({ strict = true }))

@@ -795,6 +795,9 @@ function Mock:chat(req, fault)
   end
   local tool, schema = forced_tool(body)
   local call -- { id, name, arguments }
+  -- choice i's call: an id of its own (an app that keys tool results by id, each choice's answer
+  -- sent back, mixed them up when every choice's call had one)
+  local function call_id(c, i) return i == 1 and c.id or ("%s_%d"):format(c.id, i) end
   if tool and not empty then
     call = { id = ("call_mock%s%d"):format(self.instance, self.counts.total), name = tool,
       arguments = encode(instance_of(schema, reply)) }
@@ -846,7 +849,7 @@ function Mock:chat(req, fault)
       local first = { role = "assistant", content = "", refusal = json.null }
       if call then
         first.content = json.null
-        first.tool_calls = { { index = 0, id = call.id, type = "function", ["function"] = { name = call.name,
+        first.tool_calls = { { index = 0, id = call_id(call, i + 1), type = "function", ["function"] = { name = call.name,
           arguments = "" } } }
       end
       chunks[#chunks + 1] = chunk({ { index = i, delta = first, logprobs = json.null, finish_reason = json.null } })
@@ -890,7 +893,7 @@ function Mock:chat(req, fault)
     local message = { role = "assistant", content = text, refusal = json.null, annotations = EMPTY }
     if call then
       message.content = json.null
-      message.tool_calls = { { id = call.id, type = "function", ["function"] = { name = call.name,
+      message.tool_calls = { { id = call_id(call, i), type = "function", ["function"] = { name = call.name,
         arguments = call.arguments } } }
     end
     choices[i] = { index = i - 1, message = message, logprobs = top and not call and logprobs_of(words, top) or json.null,
