@@ -895,7 +895,8 @@ describe("an h2 upstream killed (-9) in the middle of a reply body", function()
         if not chunk then err = e break end
         got = got + #chunk
       end
-      assert.is_true(got < 2000000 and got < 2 * #half or path == "/cut" and got < 2 * #half, path .. " " .. got)
+      -- (the file comes at 100 KB/s: how much of it came before the kill is the machine's speed)
+      assert.is_true(got < (path == "/cut" and 2 * #half or 2000000), path .. " " .. got)
       assert.is_not_nil(err, path .. ": the stream ended as if whole after " .. got .. " bytes")
       assert.are.equal("reset", err.kind, err.message)
       s:close()
