@@ -94,6 +94,25 @@ describe("gateway: the config's options", function()
     assert.is_nil(out:match('"reload: [^"]*gateway%.lua:%d+: '), out)
   end)
 
+  -- (before: "reload: .../policies/gateway.lua: not enough memory", the shipped file's name)
+  it("a reload whose config allocates without end names the config; the config before serves on", function()
+    local port, pidfile, log = helpers.free_port(), helpers.tmpname(".pid"), helpers.tmpname(".out")
+    local path = helpers.write(helpers.tmpname(".lua"), "return { auth = false, models = { fast = 'openai/gpt-4o-mini' } }")
+    os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s --max-memory 64M > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, port, path, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("gateway listening") end, 20),
+      helpers.slurp(log))
+    helpers.write(path, "local s = 'x'\nwhile true do s = s .. s end\nreturn {}")
+    os.execute("kill -HUP " .. pid)
+    assert.is_true(helpers.wait_until(function() return reloads(port, "failed") == 1 end, 20), helpers.slurp(log))
+    local out = helpers.slurp(log)
+    assert.matches('"reload: ' .. path:gsub("%p", "%%%0") .. ': not enough memory"', out)
+    local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/v1/models"):format(port))
+    assert.matches('"fast"', r.stdout)
+  end)
+
   -- (before: a config saved half-written, emptied by an editor's truncate before its write, or cut
   -- before its `return`, ran as a config of nothing: the defaults, auth on and no models, served
   -- every client a 401 until the next save)

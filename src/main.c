@@ -577,7 +577,10 @@ static int run_config(lua_State *L) {
   lua_pushcfunction(L, config_error);
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_rotate(L, 1, 2);
-  if (lua_pcall(L, n, LUA_MULTRET, 1) != LUA_OK) return lua_error(L);
+  int status = lua_pcall(L, n, LUA_MULTRET, 1);
+  /* (no handler runs for it, and it names nothing: the reload's log blamed policies/gateway.lua) */
+  if (status == LUA_ERRMEM) lua_pushfstring(L, "%s: not enough memory", lua_tostring(L, lua_upvalueindex(2)));
+  if (status != LUA_OK) return lua_error(L);
   return lua_gettop(L) - 1;
 }
 
@@ -588,7 +591,8 @@ static int load_config(lua_State *L) {
   const char *path = lua_tostring(L, lua_upvalueindex(1));
   int sandboxed = lua_toboolean(L, lua_upvalueindex(2));
   if (luaL_loadfilex(L, path, sandboxed ? "t" : NULL) == LUA_OK) {
-    lua_pushcclosure(L, run_config, 1);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushcclosure(L, run_config, 2);
     return 1;
   }
   if (strncmp(lua_tostring(L, -1), "attempt to load a binary chunk", 30) == 0)

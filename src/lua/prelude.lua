@@ -642,10 +642,13 @@ end
 -- first policy file on the stack, or the log said "reload: table: 0x..."
 -- and nothing of which file broke the reload. (xpcall's handler: level 1 is
 -- itself)
+-- the gateway's config that ran out of memory names itself (src/main.c's run_config: no line is
+-- known, and the module that ran it, policies.gateway, is not the file that allocated)
+local function config_out_of_memory(err) return err:find("^[^\n]-%.lua: not enough memory$") ~= nil end
 local function load_error(err)
   local ok, text = pcall(tostring, err)
   if not ok then text = "(error object is a " .. type(err) .. " value)" end
-  if type(err) == "string" and err:find(":%d+: ") then return text end
+  if type(err) == "string" and (err:find(":%d+: ") or config_out_of_memory(err)) then return text end
   for level = 2, 64 do
     local info = debug.getinfo(level, "Sl")
     if not info then break end
@@ -687,7 +690,7 @@ local function reload_policies()
     if ok and type(mod) ~= "table" and type(mod) ~= "function" and not (mod == true and replaced[name] == true) then
       ok, mod = false, ("%s: %s returned %s, not a table or a function"):format(module_file(name), name,
         mod == true and "nothing" or type(mod))
-    elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") then
+    elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") and not config_out_of_memory(mod) then
       -- no handler runs for a memory error: "not enough memory" named none of the files
       mod = ("%s: %s"):format(module_file(name), mod)
     end
