@@ -648,6 +648,40 @@ describe("misuse raises with the caller's file:line", function()
     assert.matches("http_spec.lua:%d+: http request: give 'body' or 'json', not both", err)
   end)
 
+  -- (helper K, session 36) `insecure = "false"` (a string read from a config or the environment)
+  -- turned TLS verification off; an empty method went out as a request line without one, "G\0ET"
+  -- as "G"; an on_chunk that is no function raised from the prelude once the request was sent
+  it("rejects an option of the wrong type or value before anything is sent", function()
+    local seen = 0
+    local server = resil.server.listen({ port = 0, handler = function()
+      seen = seen + 1
+      return { status = 200, body = "ok" }
+    end })
+    local url = ("http://127.0.0.1:%d/"):format(server:port())
+    for _, case in ipairs({
+      { { insecure = "false" }, "'insecure' must be true or false" },
+      { { insecure = 0 }, "'insecure' must be true or false" },
+      { { follow_redirects = "no" }, "'follow_redirects' must be true or false" },
+      { { method = "" }, "bad method ''" },
+      { { method = "G\0ET" }, "bad method 'G'" },
+      { { on_chunk = 5 }, "'on_chunk' must be a function" },
+      { { on_event = "print" }, "'on_event' must be a function" },
+    }) do
+      case[1].url = url
+      local ok, err = pcall(function() return http.request(case[1]) end)
+      assert.is_false(ok, case[2])
+      assert.matches("http_spec.lua:%d+: http request: " .. case[2]:gsub("%p", "%%%0"), err)
+    end
+    assert.are.equal(0, seen)
+    -- what is allowed still is: booleans, and a callable table
+    local got = {}
+    local res = assert(http.request({ url = url, insecure = false, follow_redirects = true,
+      on_chunk = setmetatable({}, { __call = function(_, chunk) got[#got + 1] = chunk end }) }))
+    assert.are.equal(200, res.status)
+    assert.are.equal("ok", table.concat(got))
+    server:close()
+  end)
+
   it("rejects json that cannot be encoded, naming why", function()
     local ok, err = pcall(function() return http.request({ url = "http://127.0.0.1:1/", json = { f = print } }) end)
     assert.is_false(ok)

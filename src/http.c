@@ -2210,6 +2210,9 @@ static void read_fields(lua_State *L, request_fields *f, int layers) {
         else merge_headers(L, f);
       } else if (IS("method")) {
         f->method = string_field(L, "method");
+        /* (an empty method went out as a request line without one; "G\0ET" as "G") */
+        if (!*f->method || strlen(f->method) != lua_rawlen(L, -1))
+          resil_raise(L, "http request: bad method '%s'", f->method);
       } else if (IS("timeout")) {
         f->timeout = number_field(L, "timeout", "seconds");
       } else if (IS("idle_timeout")) {
@@ -2224,7 +2227,8 @@ static void read_fields(lua_State *L, request_fields *f, int layers) {
         f->max_event = number_field(L, "max_event", "bytes");
       } else if (IS("ca_file")) {
         f->ca_file = string_field(L, "ca_file");
-      } else if (IS("insecure")) {
+      } else if (IS("insecure")) { /* (a string from a config, "false" or "0", turned verification off) */
+        if (!lua_isboolean(L, -1)) resil_raise(L, "http request: 'insecure' must be true or false");
         f->insecure = lua_toboolean(L, -1);
       } else if (IS("http_version")) {
         const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
@@ -2233,10 +2237,18 @@ static void read_fields(lua_State *L, request_fields *f, int layers) {
         else if (strcmp(v, "2") == 0) f->http_version = 20;
         else resil_raise(L, "http request: 'http_version' must be \"1.1\", \"2\" or \"auto\"");
       } else if (IS("follow_redirects")) {
+        if (!lua_isboolean(L, -1)) resil_raise(L, "http request: 'follow_redirects' must be true or false");
         f->follow = lua_toboolean(L, -1);
       } else if (IS("json")) {
         lua_copy(L, -1, SLOT_JSON);
       } else if (IS("on_chunk") || IS("on_event")) {
+        /* (else the first chunk raised "attempt to call a ... value" from the prelude, the request sent) */
+        int callable = lua_isfunction(L, -1);
+        if (!callable && luaL_getmetafield(L, -1, "__call") != LUA_TNIL) {
+          lua_pop(L, 1);
+          callable = 1;
+        }
+        if (!callable) resil_raise(L, "http request: '%s' must be a function", lua_tostring(L, -2));
         f->extras = 1;
       } else if (IS("progress")) { /* false: none (a later table's drops an earlier one's) */
         if (lua_type(L, -1) != LUA_TTABLE && !(lua_isboolean(L, -1) && !lua_toboolean(L, -1)))
