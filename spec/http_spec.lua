@@ -199,6 +199,8 @@ time.sleep(30)
     local res, err = http.request({ url = mock.url .. "/v1/chat/completions", json = {}, max_body = 10 })
     assert.is_nil(res)
     assert.are.equal("too_large", err.kind)
+    -- saying so, whether the Content-Length told it (libcurl: "Maximum file size exceeded") or not
+    assert.matches("response body larger than max_body %(10 bytes%)", err.message)
   end)
 
   it("takes a max_body past what a size can hold (math.huge: no limit) as no limit, not as 0", function()

@@ -1816,7 +1816,13 @@ static int push_failure(lua_State *L, const outcome *o) {
     return resil_error_result(L, "too_large", "%s: a server-sent event larger than max_event (%zu bytes)", o->url,
                               o->max_event);
   case ABORT_CANCELED: return resil_error_result(L, "canceled", "%s: request canceled", o->url);
-  case ABORT_NONE: break;
+  case ABORT_NONE:
+    /* (curl refuses a Content-Length past CURLOPT_MAXFILESIZE before the body: "Maximum file size
+     * exceeded", where a body found larger as it came said max_body) */
+    if (o->result == CURLE_FILESIZE_EXCEEDED)
+      return resil_error_result(L, "too_large", "%s: response body larger than max_body (%zu bytes), as its "
+                                "Content-Length says", o->url, o->max_body);
+    break;
   }
   const char *kind = error_kind(o->result, o->detail);
   /* curl's own timeout is connect_timeout's (the whole request's is our timer): a connection that
