@@ -326,6 +326,41 @@ resil.cost.record({ provider = "p\27[8m", model = "m\27]8;;http://x\7link", usd 
     assert.matches("p\\x1b[8m", all, 1, true)
     for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
   end)
+
+  -- Unicode's bidirectional controls (U+202A-U+202E, U+2066-U+2069, LRM, RLM, ALM) reorder
+  -- the rest of the line on a terminal: an error reading "paid \u{202E}0.01$" showed its
+  -- text backwards and its columns out of place ("Trojan Source"). Shown as escapes.
+  it("prints Unicode's bidirectional controls as escapes, not as they are", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+pcall(resil.step, "bidi\u{202E}eman", function() error("refund \u{2067}done\u{2069} \u{200F}x \u{61C}y", 0) end)
+]])
+    local r = sh(("%s --store %s --log-level off --run bidi-run %s"):format(helpers.resil, db, script))
+    assert.are.equal(0, r.code, r.stderr)
+    local outputs = {}
+    for _, cmd in ipairs({ "runs show bidi-run", "runs" }) do
+      local out = sh(("%s %s --store %s"):format(helpers.resil, cmd, db))
+      assert.are.equal(0, out.code, out.stderr)
+      for _, c in ipairs({ "\u{202E}", "\u{2067}", "\u{2069}", "\u{200F}", "\u{61C}" }) do
+        assert.is_nil(out.stdout:find(c, 1, true), cmd .. " printed a bidirectional control:\n" .. out.stdout)
+      end
+      outputs[#outputs + 1] = out.stdout
+    end
+    -- the page too: a browser reorders its text as a terminal does
+    local page = helpers.tmpname(".html")
+    local out = sh(("%s runs show bidi-run --html %s --store %s"):format(helpers.resil, page, db))
+    assert.are.equal(0, out.code, out.stderr)
+    outputs[#outputs + 1] = helpers.slurp(page)
+    os.remove(page)
+    for _, c in ipairs({ "\u{202E}", "\u{2067}", "\u{2069}", "\u{200F}", "\u{61C}" }) do
+      assert.is_nil(outputs[#outputs]:find(c, 1, true), "the page holds a bidirectional control")
+    end
+    local all = table.concat(outputs)
+    assert.matches("bidi\\u202eeman", all, 1, true)
+    assert.matches("refund \\u2067done\\u2069 \\u200fx \\u061cy", all, 1, true)
+    for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
+  end)
 end)
 
 -- What a run cost is every call its script paid for, also those made before its first step (an

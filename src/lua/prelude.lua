@@ -486,10 +486,20 @@ local loading_mt = {
 local private = debug.getregistry()["resil.private"]
 private.policy_chunks = setmetatable({}, weak_keys)
 -- A text for the operator's terminal (the CLI's tables: runs, costs, keys list): its control
--- characters, C0, DEL and C1 (UTF-8's U+0080..U+009F: a CSI acts as ESC [), as \xNN and \u00NN
+-- characters, C0, DEL and C1 (UTF-8's U+0080..U+009F: a CSI acts as ESC [), as \xNN and \u00NN,
+-- and Unicode's bidirectional controls (private.bidi_escaped)
 function private.printable(s)
-  return (s:gsub("[%c\127]", function(c) return ("\\x%02x"):format(c:byte()) end)
-    :gsub("\194([\128-\159])", function(c) return ("\\u%04x"):format(c:byte()) end))
+  return private.bidi_escaped((s:gsub("[%c\127]", function(c) return ("\\x%02x"):format(c:byte()) end)
+    :gsub("\194([\128-\159])", function(c) return ("\\u%04x"):format(c:byte()) end)))
+end
+-- Unicode's bidirectional controls as \u202e: the embeddings and overrides U+202A..U+202E, the
+-- isolates U+2066..U+2069, LRM, RLM and ALM reorder the rest of a line where they are shown (a
+-- provider's error, a step's name: text backwards, columns out of place, "Trojan Source")
+function private.bidi_escaped(s)
+  if not s:find("[\216\226]") then return s end
+  return (s:gsub("\226\128([\142\143\170-\174])", function(c) return ("\\u20%02x"):format(c:byte() - 128) end)
+    :gsub("\226\129([\166-\169])", function(c) return ("\\u20%02x"):format(c:byte() - 128 + 64) end)
+    :gsub("\216\156", "\\u061c"))
 end
 -- Text made UTF-8, each byte that is not as U+FFFD, for what a reader refuses whole over one bad
 -- byte: a Prometheus scrape (resil.metrics), an OTLP batch of 256 spans (resil.trace)

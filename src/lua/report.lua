@@ -7,6 +7,7 @@
 -- Every text from the store passes resil.redact, then is escaped.
 local resil = require "resil"
 local plain_file = select(2, ...).plain_file
+local bidi_escaped = select(2, ...).bidi_escaped
 local json = resil.json
 local redact = resil.redact
 
@@ -28,8 +29,9 @@ local function utf8_text(s)
     end
     s = table.concat(out)
   end
-  return (s:gsub("[%z\1-\8\11\12\14-\31\127]", function(c) return ("\\x%02x"):format(c:byte()) end)
-    :gsub("\194([\128-\159])", function(c) return ("\\u%04x"):format(c:byte()) end))
+  -- (and the bidirectional controls, which reorder a page's text as a terminal's)
+  return bidi_escaped((s:gsub("[%z\1-\8\11\12\14-\31\127]", function(c) return ("\\x%02x"):format(c:byte()) end)
+    :gsub("\194([\128-\159])", function(c) return ("\\u%04x"):format(c:byte()) end)))
 end
 
 local ESCAPES = { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;", ["'"] = "&#39;" }
