@@ -228,12 +228,17 @@ print(pcall(function() -- (numbers count too: before, 3 million of them were tak
   local v = resil.step("numbers", function() local t = {} for i = 1, 3000000 do t[i] = i + 0.5 end return t end)
   return v
 end))
+print(pcall(function() -- (bytes JSON writes as \u0001: 8 MB of them are 48 MB as JSON, stored before)
+  local v = resil.step("escaped", function() return ("\1"):rep(8 * 1024 * 1024) end)
+  return v
+end))
 ]])
       local r = sh(("%s --store '%s' --log-level off --run huge %s"):format(helpers.resil, b.url(), script))
       assert.are.equal(0, r.code, r.stderr)
       assert.matches("^false\t%S+%.lua:3: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n" ..
         "false\t%S+%.lua:8: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n" ..
-        "false\t%S+%.lua:12: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n$", r.stdout)
+        "false\t%S+%.lua:12: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n" ..
+        "false\t%S+%.lua:16: resil.step: cannot checkpoint the results: they hold more than 32 MB as JSON\n$", r.stdout)
     end)
 
     it("a run resumed with its items reordered or one inserted is refused at the item whose record is " ..

@@ -649,6 +649,11 @@ local function encode_values(r, first)
   end
   local ok, text = pcall(json.encode, { n = r.n - first + 1, v = values, x = 1 })
   if not ok then return nil, "they must be JSON values: " .. tostring(text) end
+  -- (the count above is the values' own bytes: a control byte is six as JSON, \u0001, and 8 MB
+  -- of them were a 48 MB record; the limit is the text's)
+  if #text > MAX_STORED_BYTES then
+    return nil, ("they hold more than %d MB as JSON"):format(MAX_STORED_BYTES // (1024 * 1024))
+  end
   if holds_secret(text) then return nil, SECRET_STORED end
   return text
 end
