@@ -501,6 +501,31 @@ describe("streaming", function()
     assert.matches("%[DONE%]", table.concat(all))
   end)
 
+  -- The events that had come before a close were handed out after it, as if it were open: a
+  -- reader that closed one of several streams (canceled, its neighbours kept) went on getting
+  -- its events, and the same code said "canceled" or not by how far the stream had come.
+  it("a stream read after its close says canceled, whatever had come before the close", function()
+    local server = resil.server.listen({ port = 0, handler = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" },
+        body = "data: 1\n\ndata: 2\n\ndata: 3\n\n" }
+    end })
+    local url = ("http://127.0.0.1:%d/"):format(server:port())
+    local s = assert(http.stream({ url = url }))
+    assert.are.equal("1", s:read_event().data) -- (2 and 3 came with it)
+    s:close()
+    local ev, err = s:read_event()
+    assert.is_nil(ev and ev.data)
+    assert.are.equal("canceled", err and err.kind)
+    -- read to its end: a close ends it all the same
+    local s2 = assert(http.stream({ url = url }))
+    repeat local e = s2:read_event() until not e
+    s2:close()
+    local chunk, err2 = s2:read_event()
+    assert.is_nil(chunk)
+    assert.are.equal("canceled", err2 and err2.kind)
+    server:close()
+  end)
+
   it("a stream that follows a redirect has the status and headers of the answer it reads, not the 302's", function()
     local final = resil.server.listen({ port = 0, handler = function()
       return { status = 200, headers = { ["content-type"] = "text/event-stream", ["x-hop"] = "final" },

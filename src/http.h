@@ -92,6 +92,7 @@ struct http_req {
   int parked, opener, sends, uploading, fed;
   int active, done, stream, headers_done, paused;
   int client_fault;          /* failed by libcurl's fault, not the server's (a lost h2 header block) */
+  int reader_closed;         /* stream:close() was called: a read says canceled (http_stream.c) */
   int progress_ref;          /* the request's `progress` table (a registry ref; 0: none), told at a cancel */
   int grace_cut;             /* a stream's cancel waits for its status (cancel_grace): its deadline is that wait's */
   curl_socket_t opened[2];   /* the last sockets curl opened for it (forget_closed_sockets) */

@@ -94,9 +94,18 @@ int http_stream_open(lua_State *L) {
 
 static void read_cancel(void *arg) { ((http_req *)arg)->waiter = NULL; }
 
+/* A read after stream:close(): canceled, as the close of a stream still coming ends it, also when
+ * it had all come (its events were handed out after the close, as if it were open) */
+static int push_closed(lua_State *L, const http_req *r) {
+  lua_pushnil(L);
+  resil_push_error(L, "canceled", "%s: the stream was closed", r->url);
+  return 2;
+}
+
 static int stream_read_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status, (void)ctx;
   http_req *r = check_stream(L, 1);
+  if (r->reader_closed) return push_closed(L, r);
   if (r->body.len > 0) {
     lua_pushlstring(L, r->body.data, r->body.len);
     r->body.len = 0;
@@ -149,6 +158,7 @@ static void push_event(lua_State *L, const sse_event *ev) {
 static int stream_read_event_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status, (void)ctx;
   http_req *r = check_stream(L, 1);
+  if (r->reader_closed) return push_closed(L, r);
   if (r->sse && r->body.len > r->sse_used) {
     sse_event ev;
     int rc = sse_next(r->sse, r->body.data, r->body.len, &r->sse_used, &ev);
@@ -195,6 +205,8 @@ static int stream_read_event(lua_State *L) {
 
 static int stream_close(lua_State *L) {
   http_req *r = check_stream(L, 1);
+  r->reader_closed = 1;
+  r->body.len = r->sse_used = 0; /* (what came and was not read is nobody's) */
   if (!r->done) {
     r->aborted = ABORT_CANCELED;
     request_finish(r, CURLE_ABORTED_BY_CALLBACK, ABORT_CANCELED);
