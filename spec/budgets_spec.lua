@@ -166,7 +166,8 @@ print(t and "reserved" or err.kind)
       assert.are.equal(1, r.code)
       assert.matches("%-%-limit takes an amount in USD from 0 to 1e12, not 'lots'", r.stderr)
       -- (before: 1e13 was set, stored as 1e19 micro-dollars, past what an integer holds)
-      for _, v in ipairs({ "1e13", "1e999", "-1", "nan" }) do
+      -- (and 0x10 was $16, read by Lua's tonumber as hexadecimal)
+      for _, v in ipairs({ "1e13", "1e999", "-1", "nan", "0x10", "1_000", "5usd" }) do
         r = cli("budgets set team --limit " .. v)
         assert.are.equal(1, r.code, v)
         assert.matches("--limit takes an amount in USD from 0 to 1e12, not '" .. v .. "'", r.stderr, 1, true)

@@ -603,7 +603,8 @@ function commands.budgets(args)
       local a, v = args[i], args[i + 1]
       if (a == "--limit" or a == "--per") and v == nil then fail("budgets set: %s needs a value", a) end
       if a == "--limit" then
-        limit = tonumber(v)
+        -- (decimal only: Lua's tonumber took 0x10 as $16)
+        limit = v:match("^%-?%d*%.?%d*[eE]?[-+]?%d*$") and v:find("%d") and tonumber(v)
         -- (as resil.budget's: past 1e12 USD its micro-dollars pass 2^63 and are stored as a float)
         if not limit or not (limit >= 0 and limit <= 1e12) then
           -- (keys add --budget takes 50/day: the same typed here gets the option that says it)
