@@ -42,6 +42,21 @@ describe("resil-lua keys, hostile arguments", function()
     assert.is_nil(list:find("empty", 1, true))
   end)
 
+  -- (before: Lua's tonumber read --rpm 0x10 as 16 and 1e3 as 1000: a limit other than the one typed)
+  it("--rpm, --tpm and --concurrency take decimal whole numbers only", function()
+    local db = helpers.tmpname(".db")
+    for _, flag in ipairs({ "--rpm", "--tpm", "--concurrency" }) do
+      for _, v in ipairs({ "0x10", "1e3", "16.0", "+5", "0", "-3" }) do
+        local add = keys(("add --name n%d %s %s"):format(#v, flag, v), db)
+        assert.are.equal(1, add.code, flag .. " " .. v)
+        assert.matches(flag .. " wants a positive whole number, not '" .. v .. "'", add.stderr, 1, true)
+      end
+    end
+    assert.are.equal("", keys("list", db).stdout:match("\n(.*)") or "")
+    assert.are.equal(0, keys("add --name ok --rpm 600 --tpm 200000 --concurrency 4", db).code)
+    assert.matches("ok%s+active%s+%-%s+600%s+200000%s+4", keys("list", db).stdout)
+  end)
+
   -- (before: any length was taken: a name of 100 kB made a key, and every list of keys, the
   -- record the gateway reads and each add rewrites, carried it)
   it("a name longer than 64 characters is refused, saying how long it is", function()

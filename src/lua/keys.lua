@@ -286,7 +286,8 @@ local function fail(fmt, ...)
 end
 
 local function count(v, flag)
-  local n = math.tointeger(tonumber(v))
+  -- (decimal digits only: tonumber read 0x10 as 16 and 1e3 as 1000)
+  local n = type(v) == "string" and v:match("^%d+$") and math.tointeger(tonumber(v))
   if not n or n <= 0 then fail("%s wants a positive whole number, not '%s'", flag, tostring(v)) end
   return n
 end
