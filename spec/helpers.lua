@@ -94,6 +94,20 @@ function helpers.hold_write_lock(db)
   return release
 end
 
+-- Gives hold_write_lock's lock back and waits for its sqlite3 and shell to end (a spec file that
+-- ended first left them running, a failure of its own)
+function helpers.release_write_lock(release)
+  helpers.write(release, "")
+  helpers.wait_until(function()
+    -- (its last letter in brackets: the shell that runs pgrep, whose command line holds the
+    -- pattern, is not found by it)
+    local p = io.popen(("pgrep -f '%s[%s]'"):format(release:sub(1, -2), release:sub(-1)))
+    local running = p:read("l")
+    p:close()
+    return running == nil
+  end, 10)
+end
+
 -- kill -9 the process `pid` `delay` seconds after it printed "started" to
 -- its output file `out` (timed from its start-up, on a slow machine a good
 -- part of a short delay, its kills would all land before it did anything);
@@ -324,17 +338,32 @@ end
 -- A real redis-server on a free loopback port, in a folder of its own, for
 -- one spec file: -> {port=, pid=, url([db] [, query]) (a fresh database's
 -- URL without db), stop()}. Always stop it.
+-- (The port is free when picked, and another spec file's redis-server may take it first: this one
+-- then fails to bind, and the one that answers on it, with the same database numbers, is the
+-- other file's, whose cleanup empties them. The server that answers is checked to be this one.)
 function helpers.redis_server()
   local dir = helpers.tmpname("-redis")
   os.execute("mkdir -p " .. dir)
-  local port, pidfile = helpers.free_port(), dir .. "/redis.pid"
-  os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
-              "--pidfile %s --databases 64 > /dev/null"):format(port, dir, pidfile))
-  assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
-  local server = { port = port, pid = helpers.slurp(pidfile):match("%d+") }
-  assert(helpers.wait_until(function()
-    return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == true
-  end, 10))
+  local pidfile = dir .. "/redis.pid"
+  local port, pid
+  for _ = 1, 10 do
+    port = helpers.free_port()
+    os.remove(pidfile)
+    os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+                "--pidfile %s --databases 64 > /dev/null"):format(port, dir, pidfile))
+    -- (none written when it could not bind: it has exited)
+    helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 3)
+    pid = helpers.slurp(pidfile):match("%d+") or "0"
+    local answered = pid ~= "0" and helpers.wait_until(function()
+      return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == true or not helpers.alive(pid)
+    end, 10) and helpers.alive(pid)
+    local info = answered and io.popen(("redis-cli -p %d info server 2>/dev/null"):format(port)):read("a") or ""
+    if info:match("process_id:(%d+)") == pid then break end
+    if pid ~= "0" then os.execute("kill -9 " .. pid .. " 2>/dev/null") end
+    pid = nil
+  end
+  assert(pid, "no redis-server of this spec's own could be started")
+  local server = { port = port, pid = pid }
   local fresh = 0
   function server.url(db, query)
     if not db then

@@ -86,7 +86,7 @@ local a = resil.step("script", function() print("ran script") return "s" end)
 local b = resil.step("render", function() print("ran render") return "r" end)
 print(a, b)
 ]], ("--store '%s?timeout=0.3' --run stuck"):format(db))
-    helpers.write(release, "")
+    helpers.release_write_lock(release)
     assert.are.equal("nil\tnil\n", r.stdout)
     local said = r.stderr:gsub("\n$", "")
     assert.is_nil(said:find("\n"), said) -- one line, not one a step
