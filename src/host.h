@@ -410,7 +410,8 @@ struct sql_read {
   int state;
   sql_read *next, *all_next, *all_prev;
 };
-sql_reader *sql_reader_new(struct event_base *base, const char *path, double timeout, int *pending);
+/* path: a file name, or with uri a read-only SQLite URI (store_sqlite.c's readonly_uri) */
+sql_reader *sql_reader_new(struct event_base *base, const char *path, int uri, double timeout, int *pending);
 sql_read *sql_read_new(sql_reader *rd, const char *sql, int nargs, int chunk); /* NULL: out of memory */
 void sql_read_submit(sql_reader *rd, sql_read *r);
 void sql_read_drop(sql_reader *rd, sql_read *r);

@@ -45,6 +45,7 @@ struct sql_reader {
   sqlite3 *db;                /* the thread's */
   sql_read *current;          /* the thread's: the read its statement steps */
   char *path;
+  int uri; /* path is a read-only URI */
   double timeout;
   int *pending; /* the host's disk_pending: reads with the thread (the virtual clock waits for them) */
   int efd;
@@ -81,7 +82,9 @@ static int canceled_progress(void *arg) {
 
 static int open_conn(sql_reader *rd) {
   if (rd->db) return SQLITE_OK;
-  int rc = sqlite3_open_v2(rd->path, &rd->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+  int rc = sqlite3_open_v2(rd->path, &rd->db,
+                           (rd->uri ? SQLITE_OPEN_READONLY | SQLITE_OPEN_URI : SQLITE_OPEN_READWRITE) | SQLITE_OPEN_NOMUTEX,
+                           NULL);
   if (rc != SQLITE_OK) return rc;
   /* off the loop: a file busy (another process recovering its WAL) is waited for here */
   sqlite3_busy_timeout(rd->db, (int)(rd->timeout * 1000));
@@ -234,10 +237,11 @@ static void done_cb(evutil_socket_t fd, short what, void *arg) {
   }
 }
 
-sql_reader *sql_reader_new(struct event_base *base, const char *path, double timeout, int *pending) {
+sql_reader *sql_reader_new(struct event_base *base, const char *path, int uri, double timeout, int *pending) {
   sql_reader *rd = calloc(1, sizeof *rd);
   if (!rd) return NULL;
   rd->path = strdup(path);
+  rd->uri = uri;
   rd->timeout = timeout;
   rd->pending = pending;
   rd->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

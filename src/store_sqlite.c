@@ -91,6 +91,7 @@ typedef struct store_db {
   resil_t *R;
   sqlite3 *db;
   char *path;
+  char *readonly_uri; /* the file is not ours to write: opened read-only by this (readonly_uri) */
   int group_commit;
   op *head, *tail;
   op *woken; /* ops done whose tasks have not resumed: freed at the host's close, as nothing else would */
@@ -237,10 +238,18 @@ static int store_trouble(int rc) {
   }
 }
 
+/* what SQLite said, and why a write was refused when the file is not this process's to write */
+static const char *readonly_note(store_db *d, int rc) {
+  return d->readonly_uri && (rc & 0xff) == SQLITE_READONLY ? " (this process may read the file, not write it: opened "
+                                                              "read-only)" : "";
+}
+
 static int sql_failed(lua_State *L, store_db *d, int rc) {
   if ((rc & 0xff) == SQLITE_INTERRUPT) watchdog_sql_stopped(L, d->R); /* the watchdog's stop, if it was */
-  if (!store_trouble(rc)) return luaL_error(L, "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
-  resil_push_error(L, "store_unavailable", "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+  if (!store_trouble(rc))
+    return luaL_error(L, "store %s: %s%s", d->path ? d->path : "?", sqlite3_errmsg(d->db), readonly_note(d, rc));
+  resil_push_error(L, "store_unavailable", "store %s: %s%s", d->path ? d->path : "?", sqlite3_errmsg(d->db),
+                   readonly_note(d, rc));
   /* busy = true: worth another try (migrate, read): a read transaction's
    * first statement finds the file busy while another process recovers
    * the WAL it has just opened, or checkpoints it as it closes */
@@ -622,7 +631,8 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
     char why[512];
     if (moved) snprintf(why, sizeof why, "store %s: %s", d->path, moved);
     else if (d->shm_error) snprintf(why, sizeof why, "store %s: %s", d->path, d->shm_error); /* (at close) */
-    else snprintf(why, sizeof why, "store %s: %s", d->path, sqlite3_errmsg(d->db));
+    else snprintf(why, sizeof why, "store %s: %s%s", d->path, sqlite3_errmsg(d->db),
+                  readonly_note(d, sqlite3_extended_errcode(d->db)));
     for (op *o = first; o; o = o->next) fail_op(L, o, why);
     return 0;
   }
@@ -1364,6 +1374,12 @@ static int db_queued(lua_State *L) {
   return 1;
 }
 
+/* db:readonly() -> true when the file was opened read-only (readonly_uri) */
+static int db_readonly(lua_State *L) {
+  lua_pushboolean(L, check_db(L, 1)->readonly_uri != NULL);
+  return 1;
+}
+
 static int db_stats(lua_State *L) {
   store_db *d = check_db(L, 1);
   lua_createtable(L, 0, 2);
@@ -1452,7 +1468,8 @@ static int db_scan(lua_State *L) {
     if (ty != LUA_TNIL && ty != LUA_TBOOLEAN && ty != LUA_TNUMBER && ty != LUA_TSTRING)
       return luaL_error(L, "store: cannot bind a %s (parameter %d)", luaL_typename(L, i), i - 3);
   }
-  if (!d->reader && !(d->reader = sql_reader_new(d->R->base, d->path, d->timeout, &d->R->disk_pending)))
+  if (!d->reader && !(d->reader = sql_reader_new(d->R->base, d->readonly_uri ? d->readonly_uri : d->path,
+                                                 d->readonly_uri != NULL, d->timeout, &d->R->disk_pending)))
     return luaL_error(L, "store %s: cannot start its reader thread", d->path);
   sql_read *r = sql_read_new(d->reader, sql, nargs, SCAN_CHUNK);
   if (!r) return luaL_error(L, "out of memory");
@@ -1605,6 +1622,8 @@ static void db_close_all(lua_State *L, store_db *d) {
   d->flush_ev = d->retry_ev = d->unsynced_ev = d->detached_ev = NULL;
   free(d->path);
   d->path = NULL;
+  free(d->readonly_uri);
+  d->readonly_uri = NULL;
 }
 
 static int db_close(lua_State *L) {
@@ -1679,6 +1698,8 @@ static int open_failed(lua_State *L, store_db *d, int busy) {
   }
   sqlite3_close(d->db);
   d->db = NULL;
+  free(d->readonly_uri);
+  d->readonly_uri = NULL;
   return 2;
 }
 
@@ -1763,6 +1784,26 @@ static int l_resolve(lua_State *L) {
   return 1;
 }
 
+/* A read-only URI for path: mode=ro, and immutable=1 when it has no WAL (no writer has it open: the
+ * last one's close folded the WAL in), since a reader in WAL mode needs the -shm beside the file and
+ * may not be let make it. A writer that opens it meanwhile is not seen by this reader (its reads are
+ * of the file as it was). -> malloc'd | NULL */
+static char *readonly_uri(const char *path) {
+  char wal[PATH_MAX];
+  struct stat st;
+  int immutable = snprintf(wal, sizeof wal, "%s-wal", path) < (int)sizeof wal && stat(wal, &st) != 0;
+  size_t n = strlen(path);
+  char *uri = malloc(3 * n + 40);
+  if (!uri) return NULL;
+  char *o = uri + sprintf(uri, "file:");
+  for (const unsigned char *p = (const unsigned char *)path; *p; p++) {
+    if (*p == '%' || *p == '?' || *p == '#' || *p < 0x21 || *p >= 0x7f) o += sprintf(o, "%%%02X", *p);
+    else *o++ = (char)*p;
+  }
+  sprintf(o, "?mode=ro%s", immutable ? "&immutable=1" : "");
+  return uri;
+}
+
 /* resil.sqlite.open(path, {group_commit = true, store = false, timeout = 5, wait = timeout}) -> db | nil, err;
  * store: refuse another program's database (the store's own open); wait: how long the open itself may
  * wait for another process holding the file, in SQLite, on the loop: the store's open, in a task, passes
@@ -1798,8 +1839,16 @@ static int open_db(lua_State *L, int host) {
                      "SQLite store is a file", path);
     return 2;
   }
-  make_parents(path);
-  int rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+  /* A store file this user may read and not write (an operator's `runs` or `costs` as another user,
+   * a read-only mount): opened read-only, with no WAL switch, syncer or schema change. Read-write it
+   * failed, "attempt to write a readonly database", as SQLite could not make the -shm beside it. */
+  if (store && stat(path, &st) == 0 && S_ISREG(st.st_mode) && access(path, W_OK) != 0 &&
+      (errno == EACCES || errno == EROFS || errno == EPERM))
+    d->readonly_uri = readonly_uri(path);
+  if (!d->readonly_uri) make_parents(path);
+  int rc = d->readonly_uri
+             ? sqlite3_open_v2(d->readonly_uri, &d->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX, NULL)
+             : sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
     const char *why = d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc);
     /* and the system's reason: SQLite's "unable to open database file" alone did not say that the path is
@@ -1839,6 +1888,10 @@ static int open_db(lua_State *L, int host) {
    * deadlock): 2 of 80 processes opening a new store together failed. Try
    * again, up to `wait` (and the store's open tries again on a timer). */
   for (int pause_ms = 1;; pause_ms = pause_ms < 16 ? pause_ms * 2 : pause_ms) {
+    if (d->readonly_uri) { /* (nothing to switch, sync or checkpoint) */
+      wal = SQLITE_READONLY;
+      break;
+    }
     wal = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err);
     if (wal != SQLITE_BUSY || seconds_since(&opened_at) >= wait) break;
     sqlite3_free(err);
@@ -1858,7 +1911,7 @@ static int open_db(lua_State *L, int host) {
   /* from now on never wait for a lock inside SQLite: that would block the
    * loop (writes wait on a timer instead, take_write_lock) */
   sqlite3_busy_timeout(d->db, 0);
-  if (wal != SQLITE_OK) {
+  if (wal != SQLITE_OK && !d->readonly_uri) {
     /* (an existing file in a folder it may not write in: its -wal and -shm cannot be made) */
     char wal_path[PATH_MAX], reason[PATH_MAX + 64] = "";
     snprintf(wal_path, sizeof wal_path, "%s-wal", path);
@@ -1894,6 +1947,7 @@ static const luaL_Reg db_methods[] = {{"tx", db_tx},         {"commit_only", db_
                                       {"now", db_now},       {"read", db_read},
                                       {"scan", db_scan},
                                       {"queued", db_queued},
+                                      {"readonly", db_readonly},
                                       {"blocking", db_blocking}, {"stats", db_stats},
                                       {"close", db_close},   {NULL, NULL}};
 static const luaL_Reg tx_methods[] = {

@@ -845,6 +845,22 @@ end
 
 -- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=}, ... }
 function B:budget_usage(budget, period, now, me)
+  -- a store this process may only read (another user's file): what the writes below would find,
+  -- read (earlier periods' open holds counted, as budget_figures; listed where they are)
+  if self.db:readonly() then
+    local r, err = read(self, function(tx)
+      local spent, reserved = budget_usage(tx, budget, period, now)
+      local where, a, b, c = earlier(tx, budget, period, now)
+      if where then
+        reserved = reserved + tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE " .. where,
+          budget, a, b, c)
+      end
+      return { spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations " ..
+        "WHERE budget = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket", budget, now) }
+    end)
+    if not r then return nil, err end
+    return r[1], r[2], r[3]
+  end
   return self.db:tx(function(tx)
     roll(tx, budget, period, now)
     release_dead(tx, budget, period, me, now)

@@ -1,0 +1,96 @@
+-- A SQLite store read by a user who may not write it: an operator's `runs`, `costs`, `budgets`
+-- and `keys list` as another user than the pipeline's (or on a read-only mount). They failed,
+-- "attempt to write a readonly database": opened for writing, SQLite could not make the -shm
+-- beside the file. Run as the real command, as the user `nobody`.
+local helpers = require "spec.helpers"
+
+local bin = helpers.resil:sub(1, 1) == "/" and helpers.resil or (os.getenv("PWD") .. "/" .. helpers.resil)
+
+local function as_nobody(cmd)
+  return helpers.run(("su nobody -s /bin/sh -c %q"):format(cmd))
+end
+
+local function sha(path)
+  local p = io.popen("sha256sum " .. path)
+  local s = p:read("l")
+  p:close()
+  return s
+end
+
+describe("a store its reader may not write", function()
+  local dir, db, usable
+  setup(function()
+    dir = helpers.tmpname("-ro")
+    db = dir .. "/state.db"
+    os.execute("mkdir -p " .. dir .. " && chmod 755 " .. dir)
+    local script = helpers.write(dir .. "/p.lua", [[
+local resil = require "resil"
+resil.step("fetch", function() return 1 end)
+resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 0.25, budget = "team", period = "day" })
+]])
+    assert.are.equal(0, helpers.run(("%s --store %s --run nightly --log-level off %s"):format(bin, db, script)).code)
+    assert.are.equal(0, helpers.run(("%s keys add --name team-a --store %s"):format(bin, db)).code)
+    assert.are.equal(0, helpers.run(("%s budgets set team --limit 5 --per day --store %s"):format(bin, db)).code)
+    os.execute("chmod 644 " .. db)
+    usable = as_nobody(("test -x %s && test -r %s && ! test -w %s"):format(bin, db, db)).code == 0
+  end)
+  teardown(function() if dir then os.execute("rm -rf " .. dir) end end)
+
+  local function check_usable()
+    if not usable then
+      pending("the user nobody cannot run " .. bin .. " or read the store here (su, or the checkout's folder)")
+      return false
+    end
+    return true
+  end
+
+  it("is listed by runs, runs show, costs, budgets and keys list, and left as it was", function()
+    if not check_usable() then return end
+    local before = sha(db)
+    local runs = as_nobody(("%s runs --store %s"):format(bin, db))
+    assert.are.equal(0, runs.code, runs.stderr)
+    assert.matches("nightly%s+done", runs.stdout)
+    local show = as_nobody(("%s runs show nightly --store %s"):format(bin, db))
+    assert.are.equal(0, show.code, show.stderr)
+    assert.matches("fetch%s+done", show.stdout)
+    local costs = as_nobody(("%s costs --store %s"):format(bin, db))
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("total $0.250000", costs.stdout, 1, true)
+    local budgets = as_nobody(("%s budgets --store %s"):format(bin, db))
+    assert.are.equal(0, budgets.code, budgets.stderr)
+    assert.matches("team", budgets.stdout, 1, true)
+    local listed = require("resil").json.decode(as_nobody(("%s budgets --json --store %s"):format(bin, db)).stdout)
+    assert.are.equal("team", listed[1].name)
+    assert.are.equal(0.25, listed[1].spent)
+    assert.are.equal(5, listed[1].limit)
+    local keys = as_nobody(("%s keys list --store %s"):format(bin, db))
+    assert.are.equal(0, keys.code, keys.stderr)
+    assert.matches("team%-a%s+active", keys.stdout)
+    assert.are.equal(before, sha(db))
+    assert.is_nil(io.open(db .. "-wal"), "a -wal was made")
+  end)
+
+  it("is listed while a writer has it open (its WAL and -shm beside it)", function()
+    if not check_usable() then return end
+    local release = helpers.hold_write_lock(db)
+    local runs = as_nobody(("%s runs --store %s"):format(bin, db))
+    local costs = as_nobody(("%s costs --store %s"):format(bin, db))
+    helpers.release_write_lock(release)
+    assert.are.equal(0, runs.code, runs.stderr)
+    assert.matches("nightly%s+done", runs.stdout)
+    assert.are.equal(0, costs.code, costs.stderr)
+    assert.matches("total $0.250000", costs.stdout, 1, true)
+  end)
+
+  it("refuses a change, saying the store, and changes nothing", function()
+    if not check_usable() then return end
+    local before = sha(db)
+    local set = as_nobody(("%s budgets set team --limit 50 --store %s"):format(bin, db))
+    assert.are.equal(1, set.code)
+    assert.matches(db, set.stderr, 1, true)
+    assert.matches("readonly", set.stderr, 1, true)
+    assert.are.equal(before, sha(db))
+    local budgets = helpers.run(("%s budgets --json --store %s"):format(bin, db))
+    assert.matches('"limit":5', budgets.stdout, 1, true)
+  end)
+end)
