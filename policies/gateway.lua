@@ -82,12 +82,16 @@ local requests_total = host_metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")
 local request_series = {}
 
--- request ids: this process's random prefix and a count (unique across workers and restarts)
+-- request ids: this process's random prefix and a count (unique across workers and restarts);
+-- each in its request's log context, so that every line its work logs (a policy's error, a
+-- stream cut, a retry) carries the x-request-id its client got (the 500's "its log says where")
 local id_prefix, seq = nil, 0
 local function request_id()
   id_prefix = id_prefix or resil.crypto.sha256(resil.crypto.random(16)):sub(1, 12)
   seq = seq + 1
-  return ("req_%s%08x"):format(id_prefix, seq)
+  local id = ("req_%s%08x"):format(id_prefix, seq)
+  resil.context({ request_id = id })
+  return id
 end
 
 ---------------------------------------------------------------------------

@@ -287,6 +287,29 @@ describe("gateway: OpenAI chat completions", function()
     assert.are.equal(1, m:stats().total) -- (the request served after the fix)
   end)
 
+  it("the lines a request's work logs carry its x-request-id (an operator finds the 500 a client names)", function()
+    local url = start({ strict = true })
+    local ai = require "policies.ai"
+    local chat = ai.chat
+    local ids = {}
+    local lines = helpers.logged(function()
+      resil.log.level("error")
+      ai.chat = function() local route = nil; return route.model end
+      for i = 1, 2 do
+        local res = post(url .. "/v1/chat/completions", { model = "gpt-4o-mini", messages = MSGS })
+        assert.are.equal(500, res.status, res.body)
+        ids[i] = res.headers["x-request-id"]
+      end
+    end)
+    resil.log.level("off")
+    ai.chat = chat
+    local said = {}
+    for _, l in ipairs(lines) do
+      if l.msg:find("a policy raised", 1, true) then said[#said + 1] = l.request_id or "(none)" end
+    end
+    assert.are.same(ids, said)
+  end)
+
   it("stream given as anything but true or false is a 400, not a silent answer of another kind", function()
     local url, m = start({ strict = true })
     local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS, stream = "true" })
