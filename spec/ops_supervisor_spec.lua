@@ -68,4 +68,34 @@ describe("gateway --workers: a config that fails after a while", function()
     assert.are.equal("200", r.stdout)
     assert.is_nil(helpers.slurp(log):match("keep dying"))
   end)
+  it("its stderr's reader gone (a log shipper that died): a worker killed with -9 is still started again, " ..
+     "the gateway serves on", function()
+    -- (SIGPIPE, at its default, killed the supervisor at its line about the dead worker, exit 141, and
+    -- with it every worker: one crash took the whole gateway down)
+    local port = helpers.free_port()
+    local fifo, out, pidfile = helpers.tmpname(".fifo"), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    local config = helpers.write(helpers.tmpname(".lua"), "return { auth = false }")
+    local script = helpers.write(helpers.tmpname(".sh"), ([[
+mkfifo %s
+%s gateway --listen 127.0.0.1:%d --workers 2 --config %s --store %s > %s 2> %s &
+echo $! > %s
+exec 3< %s
+while [ "$(grep -c 'gateway listening' %s)" -lt 2 ]; do sleep 0.1; done
+exec 3<&-
+]]):format(fifo, helpers.resil, port, config, helpers.tmpname(".db"), out, fifo, pidfile, fifo, out))
+    assert.are.equal(0, helpers.run("timeout 30 sh " .. script).code)
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function()
+      for _, p in ipairs({ pid, table.unpack(helpers.workers_of(pid)) }) do
+        if helpers.alive(p) then os.execute("kill -KILL " .. p) end
+      end
+      os.remove(fifo)
+    end)
+    os.execute("kill -KILL " .. helpers.workers_of(pid)[1])
+    assert.is_true(helpers.wait_until(function()
+      return select(2, helpers.slurp(out):gsub("gateway listening", "")) >= 3 end, 20), helpers.slurp(out))
+    assert.is_true(helpers.alive(pid))
+    local r = helpers.run(("curl -s -o /dev/null -w '%%{http_code}' http://127.0.0.1:%d/health"):format(port))
+    assert.are.equal("200", r.stdout)
+  end)
 end)

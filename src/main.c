@@ -821,6 +821,7 @@ static pid_t fork_worker(const sigset_t *worker_mask) {
     supervisor_pid = supervisor;
     signal(SIGCHLD, SIG_DFL);
     signal(SIGALRM, SIG_DFL);
+    signal(SIGPIPE, SIG_DFL); /* (the supervisor's SIG_IGN: the host sets its own, which exec does not keep) */
     /* a reload passed on before the worker's handler is set (main,
      * resil_reload_on_sighup) would kill it; it reads its config and
      * policies after that point anyway */
@@ -1099,6 +1100,10 @@ static int supervise_workers(long n) {
   sa.sa_mask = block; /* (a handler interrupted by another lost a count) */
   const int handled[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGALRM};
   for (size_t i = 0; i < sizeof handled / sizeof *handled; i++) sigaction(handled[i], &sa, NULL);
+  /* its stderr's reader gone (a log shipper that died, `| head`): its line
+   * about a dead worker raised SIGPIPE, which killed it (141) and, with it,
+   * every worker; the line is lost instead (each worker sets its own again) */
+  signal(SIGPIPE, SIG_IGN);
   for (long w = 0; w < n; w++) {
     int started_one = start_worker(pids, started, rfds, said, n, w, &worker_mask);
     if (started_one == 0) return -1;
