@@ -275,3 +275,36 @@ os.execute("redis-cli -p %d -n 3 flushdb > /dev/null")
     assert.matches("after\tticket", r.stdout, 1, true)
   end)
 end)
+
+describe("a store URL whose port is not a Redis server's (an HTTP server's)", function()
+  it("is refused as not Redis: a budget with on_outage = \"allow\" fails closed, and a once claim is not " ..
+    "given up for a minute", function()
+    local got = helpers.with_server("timeout 60 python3 -u -m http.server 0 --bind 127.0.0.1", "port (%d+)",
+      function(port)
+        return { refused_by(("redis://127.0.0.1:%d/0?timeout=1"):format(port)), helpers.run_script([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1, per = "day", on_outage = "allow" })
+for _ = 1, 2 do print(b:reserve(1)) end
+]], ("--virtual-clock --store 'redis://:pw@127.0.0.1:%d/3?timeout=1' --log-level warn"):format(port)), port }
+      end)
+    assert.is_truthy(got)
+    local r, allow, port = table.unpack(got)
+    assert.are.equal(0, r.code, r.stderr)
+    local refused = ("store_error: redis 127.0.0.1:%d: not a Redis server (Protocol error"):format(port)
+    assert.matches("reserve\tnil\t" .. refused, r.stdout, 1, true)
+    assert.matches("once\tnil\t" .. refused, r.stdout, 1, true)
+    assert.matches("ran\tfalse\n", r.stdout, 1, true)
+    -- (before: store_unavailable, sent: the claim given up by a task for a minute, each try refused,
+    -- which held the process's end and then logged the key held while the process lives)
+    assert.is_not.matches("outcome was not seen", r.stderr, 1, true)
+    -- (before: "<ticket>" twice, each unchecked: $2 paid out on a $1 budget, for as long as the URL was wrong)
+    assert.are.equal(0, allow.code, allow.stderr)
+    local n = 0
+    for line in allow.stdout:gmatch("[^\n]+") do
+      assert.matches("nil\t" .. refused, line, 1, true)
+      n = n + 1
+    end
+    assert.are.equal(2, n)
+    assert.is_not.matches("allowed unchecked", allow.stderr, 1, true)
+  end)
+end)

@@ -118,6 +118,9 @@ typedef struct {
    * connection's held commands on it, failed them, and left that next
    * connection unselected: its commands ran in database 0 */
   const redisAsyncContext *setup_ac;
+  /* the connection that has read a reply, any (compared, never used): a
+   * protocol error before it is a server that does not speak Redis */
+  const redisAsyncContext *replied_ac;
   struct redis_cmd *held_first, *held_last;
   /* answered commands whose task has not resumed yet (the continuation frees
    * each): at the host's close no task resumes, and they are freed here */
@@ -410,7 +413,20 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   }
   lua_State *L = c->R->L;
   lua_createtable(L, 1, 2);
-  if (!r) {
+  if (r) c->replied_ac = ac;
+  if (!r && ac && ac->err == REDIS_ERR_PROTOCOL && c->replied_ac != ac) {
+    /* The connection's first reply was not Redis's protocol: the URL's port is another server's
+     * (an HTTP server's, say). It ran nothing (err.sent = false), and no wait mends it
+     * (store_error): said as a store that answers with an error, not an outage, a budget with
+     * on_outage = "allow" handed out unchecked tickets for as long as the URL was wrong, and a
+     * once claim was given up for a minute, holding the process's end. */
+    lua_pushfstring(L, "redis %s:%d: not a Redis server (%s)", c->host, c->port, ac->errstr);
+    lua_setfield(L, -2, "err");
+    lua_pushliteral(L, "store_error");
+    lua_setfield(L, -2, "kind");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "sent");
+  } else if (!r) {
     if (c->last_error[0]) lua_pushstring(L, c->last_error);
     else /* (naming the server: "Server closed the connection" alone did not say which) */
       lua_pushfstring(L, "redis %s:%d: %s", c->host, c->port, ac && ac->errstr ? ac->errstr : "connection lost");
@@ -608,6 +624,7 @@ static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata);
 static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
+  if (r) c->replied_ac = ac;
   if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   if (r && r->type == REDIS_REPLY_ERROR)
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s", c->host, c->port, r->str);
@@ -647,6 +664,7 @@ static void send_held(redis_conn *c, redisAsyncContext *ac, int ok) {
 static void on_select_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
+  if (r) c->replied_ac = ac;
   if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   int ok = r && r->type != REDIS_REPLY_ERROR;
   /* refused (a server restarted with fewer databases): the writes pipelined
@@ -666,6 +684,7 @@ static int hold_command(redis_conn *c, redis_cmd *cmd, int len);
 static void on_auth_fallback_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
+  if (r) c->replied_ac = ac;
   if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   if (r && r->type == REDIS_REPLY_ERROR)
     snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: %s (and as user %s: refused)", c->host, c->port, r->str,
@@ -697,6 +716,7 @@ static void on_auth_fallback_reply(redisAsyncContext *ac, void *reply, void *pri
 static void on_auth_reply(redisAsyncContext *ac, void *reply, void *privdata) {
   redis_conn *c = privdata;
   redisReply *r = reply;
+  if (r) c->replied_ac = ac;
   if (ac != c->setup_ac) return; /* a connection let go of: not the conn's setup any more */
   int waited = c->authing;
   c->authing = 0;
