@@ -308,3 +308,22 @@ for _ = 1, 2 do print(b:reserve(1)) end
     assert.is_not.matches("allowed unchecked", allow.stderr, 1, true)
   end)
 end)
+
+describe("a Redis server without scripts (EVAL and EVALSHA renamed away, as some managed Redis do)", function()
+  it("refuses each operation naming the server and what the store needs; nothing is given back for a minute",
+    function()
+    local port = own_server(finally, "--rename-command EVAL '' --rename-command EVALSHA ''")
+    local r = refused_by(("redis://127.0.0.1:%d/0?timeout=1"):format(port))
+    assert.are.equal(0, r.code, r.stderr)
+    local refused = ("store_error: redis 127.0.0.1:%d: ERR unknown command 'EVAL' (the store needs the server's " ..
+      "scripts: EVAL, EVALSHA and SCRIPT)"):format(port)
+    -- (before: "store_error: ERR unknown command 'EVAL', with args beginning with: 'if redis.replicate_commands
+    -- ...": the script's first bytes, and not which server)
+    assert.matches("reserve\tnil\t" .. refused .. "\n", r.stdout, 1, true)
+    assert.matches("once\tnil\t" .. refused .. "\n", r.stdout, 1, true)
+    assert.matches("ran\tfalse\n", r.stdout, 1, true)
+    -- (before: each, refused unrun, was given back by a task for a minute, each try refused too, then
+    -- logged as "a reservation ... counts until its hold ends" and "its key stays held")
+    assert.is_not.matches("outcome was not seen", r.stderr, 1, true)
+  end)
+end)

@@ -466,6 +466,11 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     /* the user's ACL refuses the command or its keys, checked before it runs (one a script called
      * is said with "script: ...": it may have written before) */
     int noperm = strncmp(r->str, "NOPERM ", 7) == 0 && !strstr(r->str, " script: ");
+    /* a command the server does not have (EVAL, EVALSHA renamed away by its configuration, as some
+     * managed Redis do): refused before it ran (its outcome was said unseen, a reservation given
+     * back and a once claim given up for a minute, each refused too, then logged as held), said
+     * without naming the server, with the script's first hundred bytes */
+    int unknown = strncmp(r->str, "ERR unknown command ", 20) == 0;
     if (cluster) {
       lua_pushfstring(L, "redis %s:%d: %s (a Redis Cluster: the store needs one Redis server, with replicas or not)",
                       c->host, c->port, r->str);
@@ -474,6 +479,16 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     } else if (noperm) {
       lua_pushfstring(L, "redis %s:%d: %s (the store's user needs every command and key under resil:)", c->host,
                       c->port, r->str);
+      lua_pushboolean(L, 0);
+      lua_setfield(L, -3, "sent");
+    } else if (unknown) {
+      const char *args = strstr(r->str, ", with args beginning with");
+      lua_pushlstring(L, r->str, args ? (size_t)(args - r->str) : r->len);
+      lua_pushfstring(L, "redis %s:%d: %s (%s)", c->host, c->port, lua_tostring(L, -1),
+                      strstr(r->str, "'EVAL") || strstr(r->str, "'SCRIPT")
+                          ? "the store needs the server's scripts: EVAL, EVALSHA and SCRIPT"
+                          : "the server lacks a command the store needs");
+      lua_remove(L, -2);
       lua_pushboolean(L, 0);
       lua_setfield(L, -3, "sent");
     } else if (noauth) {
