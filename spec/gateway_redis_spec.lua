@@ -541,3 +541,28 @@ describe("the gateway on Redis: a graceful stop while the server is frozen", fun
     end, 10), calls)
   end)
 end)
+
+describe("the gateway on Redis: a server that lost its data (flushed, restarted without persistence)", function()
+  it("answers a key it no longer has with a 503 and says why, not a 401 for every valid key; once the operator " ..
+    "accepts the loss, a 401", function()
+    local url = start("timeout=1", { key_cache = 0 })
+    local key = assert(keys.add({ name = "lost", budget = "5/day" }))
+    assert.are.equal(200, assert(post(url, key)).status) -- (its reservation saw the store's marker)
+    local db = resil.store().url:match("/(%d+)%?")
+    local lines = helpers.logged(function()
+      resil.log.level("info")
+      os.execute(("redis-cli -p %d -n %s flushdb > /dev/null"):format(redis.port, db))
+      local res = assert(post(url, key))
+      -- (before: 401 invalid_api_key for every key, and nothing logged: no reservation followed)
+      assert.are.equal(503, res.status, res.body)
+      assert.are.equal("store_unavailable", json.decode(res.body).error.code)
+    end)
+    local said
+    for _, l in ipairs(lines) do said = said or l.msg:find("the store lost its data", 1, true) end
+    assert.is_truthy(said)
+    -- the operator accepts the loss: the key is gone, and said so
+    os.execute(("redis-cli -p %d -n %s set resil:store ok > /dev/null"):format(redis.port, db))
+    resil.sleep(1.1) -- (the marker is read again at most once a second)
+    assert.are.equal(401, assert(post(url, key)).status)
+  end)
+end)

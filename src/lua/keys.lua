@@ -46,6 +46,10 @@ function keys.lookup(hash)
   if not s then return nil, err end
   local v, gerr = kv_get(s, record_key(hash))
   if v == nil and gerr ~= nil then return nil, gerr end -- the store failed: not an unknown key
+  if v == nil and backend_of[s].lost_check then -- (Redis: a key not found in a store that lost its data)
+    local lost = backend_of[s]:lost_check()
+    if lost then return nil, lost end
+  end
   local rec = type(v) == "string" and json.decode(v)
   return type(rec) == "table" and rec or nil
 end

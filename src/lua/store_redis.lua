@@ -1547,13 +1547,31 @@ local function marker_found(self, mark)
   if not self.lost then
     self.lost = true
     resil.log.error("redis: the store lost its data (a server restarted without persistence, flushed, or failed " ..
-      "over to an empty replica): every budget's spend is gone, and budgets refuse to reserve until an operator " ..
+      "over to an empty replica): every budget's spend and gateway key is gone, and budgets refuse to reserve (a " ..
+      "gateway's keys not found are 503s) until an operator " ..
       "restores it or accepts the loss: " .. self.cli .. " SET " .. MARK .. " ok", { store = redact(self.url),
       marker = mark or "gone" })
   end
   return nil, resil.error("store_unavailable", ("redis %s: the store lost its data (its marker %s is %s): budgets " ..
     "refuse until an operator sets it (%s SET %s ok)"):format(self.where, MARK,
     mark and ("'" .. mark .. "'") or "gone", self.cli, MARK), { sent = false, lost = true })
+end
+
+-- A key the gateway looked up and did not find: a store that lost its data lost every key too, and
+-- nothing but a reservation read the marker, so each client's valid key was a 401 "invalid or revoked"
+-- with nothing said (no reservation follows a 401). Read as a reservation reads it, at most once a
+-- second, not judged before this process has seen one (a store whose budgets never reserved has none).
+-- -> nil | err (the store lost its data, as marker_found says it)
+function R:lost_check()
+  local now = resil.clock.now()
+  if self.lost_checked and now >= self.lost_checked and now - self.lost_checked < 1 then return self.lost_err end
+  self.lost_checked = now
+  local mark = self.conn:call("GET", MARK)
+  if mark == nil then return self.lost_err end -- (unavailable: judged at the next)
+  if not mark and self.mark == nil then return nil end
+  local _, err = marker_found(self, mark or nil)
+  self.lost_err = err
+  return err
 end
 
 -- -> true, spent, reserved | false, spent, reserved
