@@ -237,6 +237,29 @@ end
   end)
 end)
 
+describe("a once claim running as its Redis server loses its data (flushed, restarted without persistence)", function()
+  it("keeps fn's result: its caller gets it, and the key's next call replays it rather than run fn again",
+    function()
+    local port = own_server(finally)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local ran = 0
+print("once", resil.once("paid-job", function()
+  ran = ran + 1
+  os.execute("redis-cli -p %d flushall > /dev/null")
+  return "paid"
+end))
+print("again", resil.once("paid-job", function() ran = ran + 1 return "again" end))
+print("ran", ran)
+]]):format(port), ("--virtual-clock --store 'redis://127.0.0.1:%d/0?timeout=1' --log-level warn"):format(port))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: "once  nil  lease_lost: ... another process took the key over; ask again", there being no
+    -- other, and the next call ran fn, paid for, a second time)
+    assert.matches("once\tpaid\nagain\tpaid\nran\t1\n", r.stdout)
+    assert.matches("the key's record was gone as fn ended", r.stderr, 1, true)
+  end)
+end)
+
 describe("a Redis store on a database other than 0 that lost its data", function()
   -- (found in review, helper R: the error said `redis-cli SET resil:store ok`, which an operator ran
   -- against localhost:6379's database 0: the budgets of the store's own database refused on)

@@ -84,7 +84,7 @@ local function caller_where(fn)
   return info.linedefined > 0 and ("%s:%d"):format(info.short_src, info.linedefined) or "?"
 end
 
-local function run_once(s, holder, key, lease, retention, fn, ...)
+local function run_once(s, holder, key, lease, retention, fingerprint, fn, ...)
   resil.context({ idempotency_key = key })
   owner_keep(backend_of[s], "once:" .. key) -- renew this process's lease while fn runs
   local _ <close> = setmetatable({ backend_of[s], "once:" .. key }, drop_mt)
@@ -110,13 +110,13 @@ local function run_once(s, holder, key, lease, retention, fn, ...)
   end
   -- (fn ran and was paid for: a host closed from here on writes its record, not give the key up,
   -- which made the next caller run fn and pay again)
-  mine[4], mine[5], mine[6] = text, retention, now
-  local ok = backend_of[s]:once_finish(key, holder, text, retention, now)
+  mine[4], mine[5], mine[6], mine[7] = text, retention, now, fingerprint
+  local ok = backend_of[s]:once_finish(key, holder, text, retention, now, fingerprint)
   if ok == nil then
     -- fn ran (and was paid for): its caller gets the results, and the record
     -- is written when the store takes it, so a second copy replays them
-    write_later(s, key, function() return backend_of[s]:once_finish(key, holder, text, retention, store_now()) end,
-      { key, s, holder, text, retention, now })
+    write_later(s, key, function() return backend_of[s]:once_finish(key, holder, text, retention, store_now(),
+      fingerprint) end, { key, s, holder, text, retention, now, fingerprint })
     return unpack(r, 2, r.n)
   end
   if not ok then
@@ -344,7 +344,7 @@ function resil.once(spec, fn, ...)
           if inflight[key] == child then inflight[key] = nil end
         end })
         return run_once(...)
-      end, s, holder_id, key, lease, retention, fn, ...)
+      end, s, holder_id, key, lease, retention, fingerprint, fn, ...)
       inflight[key], running_fingerprint[child] = child, fingerprint
       local r = pack(child:join())
       if inflight[key] == child then inflight[key] = nil end
@@ -401,7 +401,7 @@ debug.getregistry()["resil.once.close"] = function()
   for key, r in pairs(running) do
     local b = backend_of[r[2]]
     local err
-    if r[4] then err = S.at_close(failed, b, "once_finish_now", key, r[3], r[4], r[5], r[6])
+    if r[4] then err = S.at_close(failed, b, "once_finish_now", key, r[3], r[4], r[5], r[6], r[7])
     else err = S.at_close(failed, b, "once_release_now", key, r[3]) end
     first = first or err
   end

@@ -138,12 +138,17 @@ end
 return {'in_progress', r[4], r[3]}
 ]]
 
+-- (ARGV[4], the fingerprint: a record gone as fn ended, the store's data lost (flushed, restarted
+-- empty) and no other process's claim since, is written again, done: fn ran and was paid for here.
+-- Refused as taken over, its caller was told to ask again, and fn ran and was paid for a second time)
 scripts.once_finish = [[
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'result', ARGV[2])
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner ~= ARGV[1] and (owner or (ARGV[4] or '') == '') then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'result', ARGV[2], 'owner', ARGV[1])
+if not owner then redis.call('HSET', KEYS[1], 'fingerprint', ARGV[4]) end
 redis.call('HDEL', KEYS[1], 'locked_at')
 redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(tonumber(ARGV[3]) * 1000)))
-return 1
+return owner and 1 or 2
 ]]
 
 -- A claim whose outcome its caller did not see: the record it made is dropped; not made (yet),
@@ -1041,10 +1046,18 @@ function R:once_peek(key, fingerprint)
   return "running"
 end
 
-function R:once_finish(key, owner, result, retention)
-  local n, err = self:script("once_finish", { P .. "once:" .. key }, owner, result, retention)
+local function once_rewritten(self, key, n)
+  if n == 2 then
+    resil.log.warn("once: the key's record was gone as fn ended (the store lost its data?): written again with " ..
+      "fn's result", { key = key, store = redact(self.url) })
+  end
+  return n >= 1
+end
+
+function R:once_finish(key, owner, result, retention, _, fingerprint)
+  local n, err = self:script("once_finish", { P .. "once:" .. key }, owner, result, retention, fingerprint or "")
   if n == nil then return nil, err end
-  return n == 1
+  return once_rewritten(self, key, n)
 end
 
 -- -> true (given up: its record dropped, or never to be made)
@@ -1071,10 +1084,11 @@ function R:once_release(key, owner)
 end
 
 -- once_finish at once, without the loop (resil_close: fn ended, its record not yet written)
-function R:once_finish_now(key, owner, result, retention)
-  local n, err = self.conn:call_now("EVAL", scripts.once_finish, 1, P .. "once:" .. key, owner, result, retention)
+function R:once_finish_now(key, owner, result, retention, _, fingerprint)
+  local n, err = self.conn:call_now("EVAL", scripts.once_finish, 1, P .. "once:" .. key, owner, result, retention,
+    fingerprint or "")
   if n == nil then error(err, 0) end
-  return n == 1
+  return n >= 1
 end
 
 -- the same at once, without the loop (resil_close): one blocking command
