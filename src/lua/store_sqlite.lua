@@ -843,18 +843,24 @@ function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   end)
 end
 
+-- A budget's spent and reserved in `period` as a read finds them: the earlier periods' open holds
+-- counted, as roll would move them -> spent, reserved
+local function figures(tx, budget, period, now)
+  local spent, reserved = budget_usage(tx, budget, period, now)
+  local where, a, b, c = earlier(tx, budget, period, now)
+  if where then
+    reserved = reserved + tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE " .. where, budget, a, b, c)
+  end
+  return spent, reserved
+end
+
 -- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=}, ... }
 function B:budget_usage(budget, period, now, me)
   -- a store this process may only read (another user's file): what the writes below would find,
-  -- read (earlier periods' open holds counted, as budget_figures; listed where they are)
+  -- read (as budget_figures; the holds listed in the periods they are in)
   if self.db:readonly() then
     local r, err = read(self, function(tx)
-      local spent, reserved = budget_usage(tx, budget, period, now)
-      local where, a, b, c = earlier(tx, budget, period, now)
-      if where then
-        reserved = reserved + tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE " .. where,
-          budget, a, b, c)
-      end
+      local spent, reserved = figures(tx, budget, period, now)
       return { spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations " ..
         "WHERE budget = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket", budget, now) }
     end)
@@ -875,15 +881,8 @@ end
 -- for another process's write lock (budget_usage writes: it moves and releases holds). The
 -- earlier periods' open holds count, as roll would move them. -> spent, reserved
 function B:budget_figures(budget, period, now)
-  local r, err = read(self, function(tx) -- (one value: a read's second is its error)
-    local spent, reserved = budget_usage(tx, budget, period, now)
-    local where, a, b, c = earlier(tx, budget, period, now)
-    if where then
-      reserved = reserved + tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE " .. where,
-        budget, a, b, c)
-    end
-    return { spent, reserved }
-  end)
+  -- (one value: a read's second is its error)
+  local r, err = read(self, function(tx) return { figures(tx, budget, period, now) } end)
   if not r then return nil, err end
   return r[1], r[2]
 end
