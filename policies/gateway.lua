@@ -81,6 +81,23 @@ local host_metrics = select(4, ...) or resil.metrics
 local requests_total = host_metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")
 local request_series = {}
+-- by route and status, each series bound once (no label key built per request)
+local function count_request(label, status)
+  local by_status = request_series[label]
+  if not by_status then
+    by_status = {}
+    request_series[label] = by_status
+  end
+  local series = by_status[status]
+  if not series then
+    series = requests_total:labels({ route = label, status = tostring(status) })
+    by_status[status] = series
+  end
+  series:inc()
+end
+local COUNT_UNANSWERED = { __close = function(c, err)
+  if not c.done then count_request(c.label, err ~= nil and 500 or 499) end
+end }
 
 -- request ids: this process's random prefix and a count (unique across workers and restarts);
 -- each in its request's log context, so that every line its work logs (a policy's error, a
@@ -2086,6 +2103,10 @@ function gateway.handle(req)
   local route = gateway.routes[route_key(method, path)]
   local reply
   local one_model = not route and method == "GET" and path:match("^/v1/models/(.+)$")
+  local label = route and path or one_model and "/v1/models/{id}" or "other"
+  -- counted however the request ends: a client that left (its task canceled) as 499, a policy's
+  -- raise as 500 (gateway.serve's reply); before, neither was counted at all
+  local counting <close> = setmetatable({ label = label }, COUNT_UNANSWERED)
   if route == models then
     reply = with_request_id(models(req), models_api(req))
   elseif route then
@@ -2105,16 +2126,11 @@ function gateway.handle(req)
         { code = "unknown_url" }), api)
     end
   end
-  -- by route and status, each series bound once (no label key built per request)
-  local label = route and path or one_model and "/v1/models/{id}" or "other"
-  local status = reply.status or 200
-  local by_status = sub(request_series, label)
-  local series = by_status[status]
-  if not series then
-    series = requests_total:labels({ route = label, status = tostring(status) })
-    by_status[status] = series
-  end
-  series:inc()
+  -- an answer made for a client that left meanwhile (a call run to its end under resil.shield)
+  -- reaches no one: 499, as nginx counts it, not the 200 nobody got
+  local status = resil.running():cancel_pending() and 499 or reply.status or 200
+  count_request(label, status)
+  counting.done = true
   if span then
     span.name = req.method .. " " .. label -- (the route, not the client's path: a span name is low-cardinality)
     span:finish({ ["http.request.method"] = req.method, ["http.route"] = label,

@@ -251,6 +251,31 @@ describe("gateway: a client that leaves as the provider answers a call not strea
     end)
   end
 
+  -- resil_gateway_requests_total counted the answer nobody got as a 200 (the call run to its end
+  -- under resil.shield), and a request under an Idempotency-Key whose client left not at all
+  it("is counted in resil_gateway_requests_total as 499, with an Idempotency-Key or without", function()
+    local url, m, key = start({ strict = true, latency = 0.2 })
+    local function count(status)
+      local body = assert(resil.http.request({ url = url .. "/metrics" })).body
+      return tonumber(body:match('resil_gateway_requests_total{route="/v1/chat/completions",status="' .. status ..
+        '"} (%d+)')) or 0
+    end
+    -- (the counters are the process's: the specs before this one counted theirs)
+    local ok0, left0 = count(200), count(499)
+    for i, headers in ipairs({ {}, { ["idempotency-key"] = "left-counted" } }) do
+      local client = leave(request(url, key, "openai", { model = MINI }, headers), false)
+      assert.is_true(helpers.wait_until(function() return client:status() == "canceled" end, 10))
+      assert.is_true(helpers.wait_until(function() return #rows() >= i and idle() end, 10))
+      assert.is_true(helpers.wait_until(function() return count(499) == left0 + i end, 10),
+        "499 counted " .. count(499) - left0)
+    end
+    assert.are.equal(ok0, count(200))
+    assert(resil.http.request(request(url, key, "openai", { model = MINI })))
+    assert.is_true(helpers.wait_until(function() return count(200) == ok0 + 1 end, 10))
+    assert.are.equal(left0 + 2, count(499))
+    assert.are.equal(3, m:stats().total)
+  end)
+
   -- the first client leaves, its twin with the same Idempotency-Key gets the answer the first
   -- one paid for: one provider call, one row
   it("the same Idempotency-Key sent again after its first client left: one call, one row", function()
