@@ -292,6 +292,12 @@ describe("gateway: OpenAI chat completions", function()
     local ai = require "policies.ai"
     local chat = ai.chat
     local ids = {}
+    -- (and counted, as 500s: a raise was not counted at all)
+    local function raised()
+      local body = assert(http.request({ url = url .. "/metrics" })).body
+      return tonumber(body:match('resil_gateway_requests_total{route="/v1/chat/completions",status="500"} (%d+)')) or 0
+    end
+    local before = raised()
     local lines = helpers.logged(function()
       resil.log.level("error")
       ai.chat = function() local route = nil; return route.model end
@@ -303,6 +309,7 @@ describe("gateway: OpenAI chat completions", function()
     end)
     resil.log.level("off")
     ai.chat = chat
+    assert.are.equal(before + 2, raised())
     local said = {}
     for _, l in ipairs(lines) do
       if l.msg:find("a policy raised", 1, true) then said[#said + 1] = l.request_id or "(none)" end
