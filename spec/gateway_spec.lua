@@ -292,7 +292,7 @@ describe("gateway: OpenAI chat completions", function()
     local ai = require "policies.ai"
     local chat = ai.chat
     local ids = {}
-    -- (and counted, as 500s: a raise was not counted at all)
+    -- (and counted, as 500s)
     local function raised()
       local body = assert(http.request({ url = url .. "/metrics" })).body
       return tonumber(body:match('resil_gateway_requests_total{route="/v1/chat/completions",status="500"} (%d+)')) or 0
