@@ -384,15 +384,15 @@ end
 
 -- a budget a request names: its name, or what resil.budget made (a number or `true` raised
 -- "attempt to index a number value (local 'budget')" from inside this file)
-local function is_budget(b)
-  return type(b) == "string" or type(b) == "table" and type(b.reserve) == "function"
+local function check_budget(b, who, level)
+  if b ~= nil and not (type(b) == "string" or type(b) == "table" and type(b.reserve) == "function") then
+    error(("%s: budget must be a budget's name or a resil.budget, not %s"):format(who, type(b)), level + 1)
+  end
 end
 
 local function check_request(req, level)
   if type(req) ~= "table" then error("ai: expects a request table", level + 1) end
-  if req.budget ~= nil and not is_budget(req.budget) then
-    error(("ai: budget must be a budget's name or a resil.budget, not %s"):format(type(req.budget)), level + 1)
-  end
+  check_budget(req.budget, "ai", level + 1)
   if type(req.messages) ~= "table" or #req.messages == 0 then
     error("ai: messages must be a non-empty list of {role=, content=}", level + 1)
   end
@@ -697,6 +697,13 @@ end
 -- largest contexts: 1 to 10 million): a count past that is the provider's garbage too (3e12 tokens
 -- for a 5-token prompt priced $450,000, under record_cost's bound, into a $1 budget). Recorded at
 -- the request's estimate, what its hold was made of, with the cache counts it cannot hold, and said.
+-- a usage's copy, to record other counts in without changing the answer's own
+local function copy_of(u)
+  local c = {}
+  for k, v in pairs(u) do c[k] = v end
+  return c
+end
+
 local MOST_INPUT = 10000000
 local CACHE_COUNTS = { "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens" }
 local function input_capped(r, req, u)
@@ -709,8 +716,7 @@ local function input_capped(r, req, u)
     end
     if not (type(input) == "number" and input > MOST_INPUT) then return u end
   end
-  local c = {}
-  for k, v in pairs(u) do c[k] = v end
+  local c = copy_of(u)
   c.input_tokens = text_input_tokens(req)
   c.cached_input_tokens, c.cache_write_tokens, c.cache_write_1h_tokens = nil, nil, nil
   resil.log.error("ai: an answer reported more input tokens than any model reads; recorded at the request's estimate",
@@ -731,8 +737,7 @@ local function answer_tokens(r)
   return math.ceil(bytes / 4)
 end
 local function output_capped(r, u)
-  local c = {}
-  for k, v in pairs(u) do c[k] = v end
+  local c = copy_of(u)
   c.output_tokens = answer_tokens(r)
   resil.log.error("ai: an answer reported more output tokens than any model writes; recorded at its text's estimate",
     { provider = r.provider, model = r.model or r.requested_model, output_tokens = u.output_tokens,
@@ -747,8 +752,7 @@ end
 -- prompt was recorded, and settled, at no input at all. The row says so: units.estimated.
 local function reported_usage(r, req, u)
   if type(u) ~= "table" or not (u.input_unreported or u.output_unreported) then return u end
-  local c = {}
-  for k, v in pairs(u) do c[k] = v end
+  local c = copy_of(u)
   if c.input_unreported then c.input_tokens = math.max(text_input_tokens(req), tonumber(c.input_tokens) or 0) end
   if c.output_unreported then c.output_tokens = math.max(answer_tokens(r), tonumber(c.output_tokens) or 0) end
   c.input_unreported, c.output_unreported, c.estimated = nil, nil, true
@@ -773,8 +777,7 @@ local function searches_capped(r, req, u)
   if not named or n <= most then return u end
   resil.log.error("ai: an answer reported more web searches than its request's max_uses allows; recorded at max_uses",
     { provider = r.provider, model = r.model or r.requested_model, web_search_requests = n, max_uses = most })
-  local c = {}
-  for k, v in pairs(u) do c[k] = v end
+  local c = copy_of(u)
   c.web_search_requests = most > 0 and most or nil
   return c
 end
@@ -799,8 +802,7 @@ local function capped_usage(r, req)
     resil.log.error("ai: an answer reported more output tokens than max_tokens allows; recorded at max_tokens",
       { provider = r.provider, model = r.model or r.requested_model, output_tokens = u.output_tokens, max_tokens = most })
   end
-  local c = {}
-  for k, v in pairs(u) do c[k] = v end
+  local c = copy_of(u)
   c.output_tokens = most
   return c
 end
@@ -810,6 +812,12 @@ end
 -- output from the answer's text and tool calls (an embedding's: none), units.estimated. Recorded
 -- without a price, it settled its budget at 0: a $0.001 budget let through every call of $0.0008 it
 -- held for, one after another. Said once a model (bounded: a gateway's clients name any model).
+-- A usage estimated: the input from the request, the output given (units.estimated)
+local function estimate(req, output_tokens)
+  return { input_tokens = text_input_tokens(req), output_tokens = output_tokens, cached_input_tokens = 0,
+    cache_write_tokens = 0, requests = 1, estimated = true }
+end
+
 local guessed, guessed_count = {}, 0
 local function estimated_usage(r, req, operation)
   local name = tostring(r.provider) .. "/" .. tostring(r.model or r.requested_model)
@@ -818,8 +826,7 @@ local function estimated_usage(r, req, operation)
     resil.log.warn("ai: an answer reported no usage it can read; its cost is estimated from the request and the answer",
       { provider = r.provider, model = r.model or r.requested_model })
   end
-  return { input_tokens = text_input_tokens(req), output_tokens = operation == "embed" and 0 or answer_tokens(r),
-    cached_input_tokens = 0, cache_write_tokens = 0, requests = 1, estimated = true }
+  return estimate(req, operation == "embed" and 0 or answer_tokens(r))
 end
 
 local function record_cost(r, req, ticket, operation, how)
@@ -926,8 +933,7 @@ local function refused_usage(t, res, req, operation)
     -- an answer (OpenAI's choices, Anthropic's message) without a usage it can read was billed all the
     -- same: estimated, as such an answer the validator takes is (record_cost); not counted, a server
     -- that reports no usage had every retry on an empty answer paid and none in the budget
-    u = { input_tokens = text_input_tokens(req), output_tokens = refused_output_tokens(data),
-      cached_input_tokens = 0, cache_write_tokens = 0, estimated = true }
+    u = estimate(req, refused_output_tokens(data)) -- (its requests = 1 as record_refusals sets)
   end
   return u, data.model, data.id
 end
@@ -1860,9 +1866,7 @@ function ai.embed(req)
   if req.give_up ~= nil and type(req.give_up) ~= "function" then
     error("ai.embed: give_up must be a function () -> a reason | nil", 2)
   end
-  if req.budget ~= nil and not is_budget(req.budget) then
-    error(("ai.embed: budget must be a budget's name or a resil.budget, not %s"):format(type(req.budget)), 2)
-  end
+  check_budget(req.budget, "ai.embed", 2)
   local list = { req.model }
   for _, f in ipairs(req.fallback or {}) do list[#list + 1] = f end
   local strategies = {}
