@@ -81,23 +81,6 @@ local host_metrics = select(4, ...) or resil.metrics
 local requests_total = host_metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")
 local request_series = {}
--- by route and status, each series bound once (no label key built per request)
-local function count_request(label, status)
-  local by_status = request_series[label]
-  if not by_status then
-    by_status = {}
-    request_series[label] = by_status
-  end
-  local series = by_status[status]
-  if not series then
-    series = requests_total:labels({ route = label, status = tostring(status) })
-    by_status[status] = series
-  end
-  series:inc()
-end
-local COUNT_UNANSWERED = { __close = function(c, err)
-  if not c.done then count_request(c.label, err ~= nil and 500 or 499) end
-end }
 
 -- request ids: this process's random prefix and a count (unique across workers and restarts);
 -- each in its request's log context, so that every line its work logs (a policy's error, a
@@ -2060,6 +2043,22 @@ local function route_key(method, path)
   return key
 end
 
+-- by route and status, each series bound once (no label key built per request)
+local function count_request(label, status)
+  local by_status = sub(request_series, label)
+  local series = by_status[status]
+  if not series then
+    series = requests_total:labels({ route = label, status = tostring(status) })
+    by_status[status] = series
+  end
+  series:inc()
+end
+-- a request that ends without its reply: its client left (its task canceled), or the handler
+-- raised (gateway.serve's failed_reply: a 503 for the host's trouble, else a 500)
+local COUNT_UNANSWERED = { __close = function(c, err)
+  if not c.done then count_request(c.label, err == nil and 499 or host_failure(err) and 503 or 500) end
+end }
+
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
 -- the API a request speaks, for its errors (Anthropic's batches, not served, are 404s its SDK
 -- reads): by its path, or, on a path of neither API's own (Anthropic's Files API, /v1/models), by
@@ -2104,8 +2103,7 @@ function gateway.handle(req)
   local reply
   local one_model = not route and method == "GET" and path:match("^/v1/models/(.+)$")
   local label = route and path or one_model and "/v1/models/{id}" or "other"
-  -- counted however the request ends: a client that left (its task canceled) as 499, a policy's
-  -- raise as 500 (gateway.serve's reply); before, neither was counted at all
+  -- counted however the request ends (COUNT_UNANSWERED): a client that left was not counted at all
   local counting <close> = setmetatable({ label = label }, COUNT_UNANSWERED)
   if route == models then
     reply = with_request_id(models(req), models_api(req))
