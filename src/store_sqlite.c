@@ -1881,17 +1881,13 @@ static int open_db(lua_State *L, int host) {
     return open_failed(L, d, 1);
   }
   char *err = NULL;
-  int wal;
+  int wal = SQLITE_READONLY; /* (a read-only file: nothing to switch, sync or checkpoint) */
   /* Processes creating the file at once can find it busy without SQLite's
    * busy handler being called (each holds the read lock that the other's
    * switch to WAL waits for, so SQLite refuses at once rather than
    * deadlock): 2 of 80 processes opening a new store together failed. Try
    * again, up to `wait` (and the store's open tries again on a timer). */
-  for (int pause_ms = 1;; pause_ms = pause_ms < 16 ? pause_ms * 2 : pause_ms) {
-    if (d->readonly_uri) { /* (nothing to switch, sync or checkpoint) */
-      wal = SQLITE_READONLY;
-      break;
-    }
+  for (int pause_ms = 1; !d->readonly_uri; pause_ms = pause_ms < 16 ? pause_ms * 2 : pause_ms) {
     wal = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &err);
     if (wal != SQLITE_BUSY || seconds_since(&opened_at) >= wait) break;
     sqlite3_free(err);
