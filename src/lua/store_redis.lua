@@ -1088,7 +1088,7 @@ function R:once_finish_now(key, owner, result, retention, _, fingerprint)
   local n, err = self.conn:call_now("EVAL", scripts.once_finish, 1, P .. "once:" .. key, owner, result, retention,
     fingerprint or "")
   if n == nil then error(err, 0) end
-  return n >= 1
+  return once_rewritten(self, key, n)
 end
 
 -- the same at once, without the loop (resil_close): one blocking command
