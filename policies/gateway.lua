@@ -68,6 +68,9 @@ local function config_defaults()
     idempotency_keep_max = 8 * 1024 * 1024,
     -- a string: GET /metrics answers only a bearer of it (nil: open)
     metrics_key = nil,
+    -- one "access" line per request at info (false: none): as its answer is made, or as its
+    -- stream ends
+    access_log = true,
   }
 end
 -- (path: the config file serve ran; shared_limits: set by serve for --workers)
@@ -81,6 +84,9 @@ local host_metrics = select(4, ...) or resil.metrics
 local requests_total = host_metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")
 local request_series = {}
+-- req -> what its access line says besides the reply ({ started =, key =, model = }): only while
+-- the access log is written
+local access_of = setmetatable({}, { __mode = "k" })
 
 -- request ids: this process's random prefix and a count (unique across workers and restarts);
 -- each in its request's log context, so that every line its work logs (a policy's error, a
@@ -731,6 +737,8 @@ local function authenticate(req, api)
   if not rec or rec.revoked or not resil.crypto.equal(rec.hash or "", hash) then
     return nil, error_reply(api, 401, "invalid or revoked API key", { code = "invalid_api_key" })
   end
+  local a = access_of[req]
+  if a then a.key = rec.name end
   return rec
 end
 
@@ -1464,6 +1472,8 @@ function complete_admitted(req, api, id, rec, slot)
     return with_id(error_reply(api, 400, not_object_message(bad_json), { code = "invalid_json" }), id)
   end
   let_others_in(req.body)
+  local a = access_of[req]
+  if a and type(b.model) == "string" then a.model = b.model end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
   local bad = check_messages(b.messages) or check_tools(b.tools) or not_finite(b)
@@ -1670,6 +1680,8 @@ local function embeddings(req)
   if not_object(b) then
     return with_id(error_reply("openai", 400, not_object_message(bad_json), { code = "invalid_json" }), id)
   end
+  local a = access_of[req]
+  if a and type(b.model) == "string" then a.model = b.model end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply("openai", 400, bad_model, { code = "invalid_model" }), id) end
   local input = b.input
@@ -2053,10 +2065,52 @@ local function count_request(label, status)
   end
   series:inc()
 end
+-- The access log: one line per request, at info (an operator's record of who asked for what and
+-- what it got; every line a request's work logs carries the same request_id), unless the config's
+-- access_log is false or the log's level is above info. A streamed reply's is written as its
+-- stream ends: its status was sent long before, its duration is the stream's.
+local WRITES_INFO = { debug = true, info = true }
+local PATH_LOGGED = 512
+local function access_started(req)
+  if gateway.config.access_log == false or not WRITES_INFO[resil.log.level()] then return nil end
+  local a = { started = resil.now() }
+  access_of[req] = a
+  return a
+end
+-- how: nil for an answer; a stream's end: "ended", "cut" (the reply failed mid-way) or "client_left"
+local function access_line(req, a, route, status, reply, how)
+  local path = req.path
+  if #path > PATH_LOGGED then path = path:sub(1, PATH_LOGGED) .. "..." end
+  local h = type(reply) == "table" and type(reply.headers) == "table" and reply.headers or {}
+  local attempts = h["x-resil-attempts"]
+  local cost = h["x-resil-cost-usd"]
+  resil.log.info("access", { method = req.method, path = path, route = route, status = status,
+    ms = math.floor((resil.now() - a.started) * 1e6 + 0.5) / 1e3, key = a.key, model = a.model,
+    provider = h["x-resil-provider"], served_model = h["x-resil-model"],
+    attempts = attempts and math.tointeger(tonumber(attempts)), cost_usd = cost and tonumber(cost),
+    replayed = h["x-resil-replayed"] == "true" or nil,
+    bytes = type(reply) == "table" and type(reply.body) == "string" and #reply.body or nil, stream = how })
+end
+-- a streamed reply's line as its stream ends (its client leaving cancels it: no error)
+local function access_at_end(req, a, route, reply)
+  local stream = reply.stream
+  reply.stream = function(write)
+    local ended = false
+    local _ <close> = setmetatable({}, { __close = function(_, err)
+      access_line(req, a, route, reply.status or 200, reply, ended and "ended" or err == nil and "client_left" or "cut")
+    end })
+    local function over(...) ended = true; return ... end
+    return over(stream(write))
+  end
+end
+
 -- a request that ends without its reply: its client left (its task canceled), or the handler
 -- raised (gateway.serve's failed_reply: a 503 for the host's trouble, else a 500)
 local COUNT_UNANSWERED = { __close = function(c, err)
-  if not c.done then count_request(c.label, err == nil and 499 or host_failure(err) and 503 or 500) end
+  if c.done then return end
+  local status = err == nil and 499 or host_failure(err) and 503 or 500
+  count_request(c.label, status)
+  if c.access then access_line(c.req, c.access, c.label, status, nil) end
 end }
 
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
@@ -2104,7 +2158,8 @@ function gateway.handle(req)
   local one_model = not route and method == "GET" and path:match("^/v1/models/(.+)$")
   local label = route and path or one_model and "/v1/models/{id}" or "other"
   -- counted however the request ends (COUNT_UNANSWERED): a client that left was not counted at all
-  local counting <close> = setmetatable({ label = label }, COUNT_UNANSWERED)
+  local access = access_started(req)
+  local counting <close> = setmetatable({ label = label, req = req, access = access }, COUNT_UNANSWERED)
   if route == models then
     reply = with_request_id(models(req), models_api(req))
   elseif route then
@@ -2129,6 +2184,10 @@ function gateway.handle(req)
   local status = resil.running():cancel_pending() and 499 or reply.status or 200
   count_request(label, status)
   counting.done = true
+  if access then
+    if type(reply.stream) == "function" and status ~= 499 then access_at_end(req, access, label, reply)
+    else access_line(req, access, label, status, reply) end
+  end
   if span then
     span.name = req.method .. " " .. label -- (the route, not the client's path: a span name is low-cardinality)
     span:finish({ ["http.request.method"] = req.method, ["http.route"] = label,
@@ -2155,6 +2214,7 @@ local CONFIG_OPTIONS = {
   drain_timeout = { "seconds (a number >= 0)", is_seconds },
   idempotency_keep_max = { "bytes (an integer >= 0)", is_count(0) },
   metrics_key = { "a non-empty string", function(v) return type(v) == "string" and v ~= "" end },
+  access_log = { "true or false", is_boolean },
   max_concurrent = { "requests (an integer >= 1)", is_count(1) },
   queue = { "requests (an integer >= 0)", is_count(0) },
   queue_timeout = { "seconds (a number >= 0)", is_seconds },

@@ -23,7 +23,7 @@ local reloads = helpers.reloads
 describe("gateway: the config's options", function()
   it("refuses an option it does not know, naming it and the options there are", function()
     refused("return { auth = false, max_concurent = 10 }",
-      "unknown option 'max_concurent' %(the options: auth, drain_timeout, .*max_concurrent, ")
+      "unknown option 'max_concurent' %(the options: access_log, auth, drain_timeout, .*max_concurrent, ")
   end)
 
   it("starts with every option the README's config shows, and shared_limits (README: Redis keeps them per process)", function()
