@@ -48,6 +48,8 @@ typedef struct {
   ino_t ino;
   unsigned long dropped; /* lines the log file could not take (its disk full), not yet said in it */
   int failing;     /* said on stderr that lines are dropped; said again once they were written again */
+  time_t ts_second; /* the second ts_text says (line_timestamp) */
+  char ts_text[32];
 } log_state;
 
 /* logrotate renames the log file (or someone deletes it) and expects the next line at the path: the
@@ -200,18 +202,35 @@ static void format_timestamp(char *buf, size_t len) {
   snprintf(buf + n, len - n, ".%03dZ", (int)(ts.tv_nsec / 1000000));
 }
 
+/* format_timestamp for a line: the date and time formatted once a second
+ * (strftime was a tenth of a line's cost), the milliseconds each time */
+static void line_timestamp(log_state *st, char ts[40]) {
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  if (now.tv_sec != st->ts_second || !st->ts_text[0]) {
+    struct tm tm;
+    gmtime_r(&now.tv_sec, &tm);
+    if (!strftime(st->ts_text, sizeof st->ts_text, "%Y-%m-%dT%H:%M:%S", &tm)) st->ts_text[0] = '\0';
+    st->ts_second = now.tv_sec;
+  }
+  int ms = (int)(now.tv_nsec / 1000000);
+  size_t n = strlen(st->ts_text);
+  memcpy(ts, st->ts_text, n);
+  ts[n] = '.', ts[n + 1] = (char)('0' + ms / 100), ts[n + 2] = (char)('0' + ms / 10 % 10);
+  ts[n + 3] = (char)('0' + ms % 10), ts[n + 4] = 'Z', ts[n + 5] = '\0';
+}
+
 /* Append cjson's output without its "\/" escapes: URLs stay readable in
  * logs, and "/" needs no escape in JSON. An escaped backslash ("\\") is
  * copied whole, so "\\/" keeps its meaning. */
 static void add_json(luaL_Buffer *b, const char *s, size_t len) {
-  for (size_t i = 0; i < len; i++) {
-    if (s[i] == '\\' && i + 1 < len) {
-      if (s[i + 1] != '/') luaL_addchar(b, '\\');
-      luaL_addchar(b, s[++i]);
-    } else {
-      luaL_addchar(b, s[i]);
-    }
+  const char *end = s + len, *slash;
+  while ((slash = memchr(s, '\\', (size_t)(end - s))) && slash + 1 < end) {
+    luaL_addlstring(b, s, (size_t)(slash - s) + (slash[1] != '/')); /* up to it, and it unless before "/" */
+    luaL_addchar(b, slash[1]);
+    s = slash + 2;
   }
+  luaL_addlstring(b, s, (size_t)(end - s));
 }
 
 /* -> bytes of p written to fd, and errno set when not all */
@@ -273,7 +292,7 @@ static void write_file(log_state *st, const char *line, size_t n) {
 /* L stack: merged fields table -> nothing; writes one line */
 static void write_line(lua_State *L, log_state *st, int level, const char *msg, size_t msg_len) {
   char ts[40];
-  format_timestamp(ts, sizeof ts);
+  line_timestamp(st, ts);
   lua_pushvalue(L, ENCODE_UPVALUE);
   lua_pushlstring(L, msg, msg_len); /* whole: a NUL in it cut the message short */
   redact_string(L);
@@ -289,8 +308,11 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg, 
 
   luaL_Buffer b;
   luaL_buffinit(L, &b);
-  lua_pushfstring(L, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":", ts, level_names[level]);
-  luaL_addvalue(&b);
+  luaL_addstring(&b, "{\"ts\":\"");
+  luaL_addstring(&b, ts);
+  luaL_addstring(&b, "\",\"level\":\"");
+  luaL_addstring(&b, level_names[level]);
+  luaL_addstring(&b, "\",\"msg\":");
   add_json(&b, msg_json, msg_json_len);
   if (rest_len > 2) { /* "{...}" -> ",..." */
     luaL_addchar(&b, ',');
@@ -330,16 +352,33 @@ static int is_reserved(const char *key) {
   return strcmp(key, "ts") == 0 || strcmp(key, "level") == 0 || strcmp(key, "msg") == 0 || strcmp(key, "task") == 0;
 }
 
-/* Copy src's fields into dst. A field named like a reserved key, or like a
- * key of the context table ctx (0: none), is renamed field_<name>; numeric
- * keys become strings, so the line stays one JSON object. The context's keys
+/* How many fields src holds: dst is made that size at once (grown a field at
+ * a time, a line of 15 fields was rehashed five times) */
+static int field_count(lua_State *L, int src) {
+  int n = 0;
+  lua_pushnil(L);
+  while (lua_next(L, src)) {
+    lua_pop(L, 1);
+    n++;
+  }
+  return n;
+}
+
+/* Copy src's fields into dst, redacted as they are copied (a table's are
+ * copied, never changed: they are the caller's). A field named like a
+ * reserved key, or like a key of the context table ctx (0: none), is renamed
+ * field_<name>; numeric keys become strings, so the line stays one JSON
+ * object; any other key that is not a string is written as its text. The
+ * value of a key named like a credential is REDACT_MARK. The context's keys
  * that start with "_" (is_context) are left out: its own bookkeeping. */
 static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) {
+  luaL_checkstack(L, 6, "log fields");
   lua_pushnil(L);
   /* L stack: key, value */
   while (lua_next(L, src)) {
     lua_pushvalue(L, -2);
     if (lua_type(L, -1) == LUA_TNUMBER) lua_tostring(L, -1); /* converts the copy, not the key next() needs */
+    int sensitive = 0;
     if (lua_type(L, -1) == LUA_TSTRING) {
       const char *key = lua_tostring(L, -1);
       if (is_context && key[0] == '_') { /* the context's own bookkeeping (a step's place in its run): not written */
@@ -355,10 +394,21 @@ static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) 
         lua_pushfstring(L, "field_%s", key);
         lua_replace(L, -2);
       }
+      sensitive = is_sensitive(lua_tostring(L, -1));
+    } else {
+      luaL_tolstring(L, -1, NULL); /* true, a table's address: as text */
+      lua_replace(L, -2);
     }
+    redact_string(L); /* a key can hold a secret too */
     /* L stack: key, value, new key */
-    lua_insert(L, -2);
+    if (sensitive) {
+      lua_pushliteral(L, REDACT_MARK);
+    } else {
+      lua_pushvalue(L, -2);
+      redact_value(L, 1);
+    }
     lua_rawset(L, dst);
+    lua_pop(L, 1);
   }
 }
 
@@ -369,21 +419,18 @@ static int log_at(lua_State *L, int level) {
   const char *msg = luaL_checklstring(L, 1, &msg_len);
   if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
-  lua_newtable(L); /* 3: merged */
   task *t = task_running(L);
-  int ctx = 0;
-  if (t && task_context_ref(t) != LUA_NOREF) { /* LUA_NOREF: no context yet */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, task_context_ref(t));
-    ctx = 4;
-    merge_into(L, ctx, 3, 0, 1);
-  }
-  if (lua_istable(L, 2)) merge_into(L, 2, 3, ctx, 0);
+  int has_ctx = t && task_context_ref(t) != LUA_NOREF; /* LUA_NOREF: no context yet */
+  if (has_ctx) lua_rawgeti(L, LUA_REGISTRYINDEX, task_context_ref(t));
+  else lua_pushnil(L);
+  /* 3: the context (or nil), 4: the line's fields, merged and redacted */
+  lua_createtable(L, 0, (has_ctx ? field_count(L, 3) : 0) + (lua_istable(L, 2) ? field_count(L, 2) : 0) + 1);
+  if (has_ctx) merge_into(L, 3, 4, 0, 1);
+  if (lua_istable(L, 2)) merge_into(L, 2, 4, has_ctx ? 3 : 0, 0);
   if (t) {
     lua_pushinteger(L, task_id(t));
-    lua_setfield(L, 3, "task");
+    lua_setfield(L, 4, "task");
   }
-  lua_settop(L, 3);
-  redact_value(L, 0);
   write_line(L, st, level, msg, msg_len);
   return 0;
 }
@@ -525,6 +572,8 @@ int luaopen_resil_log(lua_State *L) {
   st->follow = 0;
   st->dropped = 0;
   st->failing = 0;
+  st->ts_second = 0;
+  st->ts_text[0] = '\0';
   if (luaL_newmetatable(L, LOG_MT)) {
     lua_pushcfunction(L, log_state_gc);
     lua_setfield(L, -2, "__gc");
