@@ -9,7 +9,10 @@
 --   2  + the request's JSON decoded
 --   3  + policies.call instead of the plain request: bucket, breaker, retry, metrics,
 --        the body encoded from a table, the answer decoded and validated
---   4  + a ledger row per answer (pricing, resil.cost.record{wait = false})
+--   4  + a ledger row per answer (pricing, resil.cost.record{wait = false}), without an id
+--        as the full policy writes one (a row is keyed only under an Idempotency-Key: keyed by
+--        the answer's random id, each row's index entry dirtied a page of its own, some three
+--        WAL writes a request, and the stage read 74 us where the full policy's row costs less)
 -- The full policy (policies/gateway.lua through policies.ai) is the script's last line.
 local resil = require "resil"
 local keys = require "resil.keys"
@@ -56,7 +59,7 @@ gateway.handle = function(req)
     local data = classify.decoded(res)
     local usage = { input_tokens = data.usage.prompt_tokens, output_tokens = data.usage.completion_tokens }
     resil.cost.record({ provider = "openai", model = data.model, operation = "chat", user = "bench",
-      units = usage, id = "openai:" .. data.id, usd = pricing.cost("openai", data.model, usage),
+      units = usage, usd = pricing.cost("openai", data.model, usage),
       wait = false, sync = false })
   end
   return { status = 200, headers = REPLY_HEADERS, body = res.body }
