@@ -924,7 +924,12 @@ local function refused_usage(t, res, req, operation)
   end
   if res.stream then
     local st = type(res.state) == "table" and res.state or {}
-    return type(st.usage) == "table" and st.usage or nil, st.model, st.id
+    if type(st.usage) == "table" then return st.usage, st.model, st.id end
+    -- a stream that ended (empty) without usage was billed all the same, as such an answer is:
+    -- its input estimated, its output at least what it streamed (thinking, text)
+    if not res.ended then return nil end
+    local bytes = (st.extra_bytes or 0) + (type(res.text) == "string" and #res.text or 0)
+    return with_streamed_output(nil, req, bytes), st.model, st.id
   end
   local data = classify.decoded(res)
   if type(data) ~= "table" or not t.adapter.usage then return nil end

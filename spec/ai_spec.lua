@@ -801,6 +801,29 @@ describe("chat over the strict mock", function()
     assert.is_true(math.abs(assert(resil.cost.total()) - r.cost_usd) < 1e-9)
   end)
 
+  -- (before: a stream that ended empty without usage was refused, paid and never counted: three
+  -- attempts on one prompt, one row in the ledger and one in the budget)
+  it("streams refused as empty (invalid output) that report no usage are estimated, each a row in the budget",
+    function()
+      local streams, n = require "spec.provider_streams", 0
+      m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+        n = n + 1
+        return { status = 200, headers = { ["content-type"] = "text/event-stream" },
+          body = streams.openai({ id = "chatcmpl-s-nousage-" .. n, content = n <= 2 and "" or "hello" }) }
+      end } })
+      local long = { { role = "user", content = string.rep("word ", 2000) } }
+      local b = resil.budget("ai-spec-refused-stream-nousage", { limit = 1 })
+      local s = assert(ai.stream({ model = "openai/gpt-4o-mini", messages = long, max_tokens = 50, budget = b }))
+      for _ in s do end
+      local r = assert(s:result())
+      assert.are.equal(3, n)
+      assert.are.equal(3, ledger_rows())
+      local input = pricing.estimate_tokens(resil.json.encode(long))
+      assert.is_true(r.cost_usd > 3 * input * 0.15 / 1e6, tostring(r.cost_usd)) -- three prompts at least
+      assert.is_true(math.abs(b:state().spent - r.cost_usd) < 1e-9)
+      assert.is_true(math.abs(assert(resil.cost.total()) - r.cost_usd) < 1e-9)
+    end)
+
   -- a 200 the validator refuses (no choices), but billed: it says what it used
   local function refused_answer(id)
     return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
