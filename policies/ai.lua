@@ -762,21 +762,28 @@ end
 -- An answer's web searches are at most the max_uses of the request's web search tools (what the
 -- budget held): more is the provider's garbage, as an output past max_tokens is (1e7 searches to a
 -- max_uses of 5 spent $100,000 of a $1 budget; 1e300, a row without a price that spent nothing).
--- Recorded at that most, and said. A request that names no search tool with max_uses is not capped.
+-- Recorded at that most, and said. A request whose search tool has no max_uses (a call without a
+-- budget), or that names no search tool, is capped at MOST_SEARCHES: no call runs that many (the API
+-- pauses its server tools' loop after 10 turns), so a count past it is the provider's garbage too
+-- (1e7 searches were a $100,000 row; 1,000 is $10).
+local MOST_SEARCHES = 1000
 local function searches_capped(r, req, u)
   local n = type(u) == "table" and u.web_search_requests
-  if type(n) ~= "number" or n <= 0 or type(req.tools) ~= "table" then return u end
+  if type(n) ~= "number" or n <= 0 then return u end
   local most, named = 0, false
-  for _, t in ipairs(req.tools) do
+  for _, t in ipairs(type(req.tools) == "table" and req.tools or {}) do
     if type(t) == "table" and type(t.type) == "string" and t.type:find("^web_search") then
       local uses = math.tointeger(t.max_uses)
-      if not uses or uses < 0 then return u end -- (as many as the model wants)
+      if not uses or uses < 0 then most, named = nil, false break end -- (as many as the model wants)
       most, named = most + uses, true
     end
   end
-  if not named or n <= most then return u end
-  resil.log.error("ai: an answer reported more web searches than its request's max_uses allows; recorded at max_uses",
-    { provider = r.provider, model = r.model or r.requested_model, web_search_requests = n, max_uses = most })
+  if not named then most = MOST_SEARCHES end
+  if n <= most then return u end
+  resil.log.error(named and "ai: an answer reported more web searches than its request's max_uses allows; recorded at max_uses"
+    or "ai: an answer reported more web searches than any call runs; recorded at that most",
+    { provider = r.provider, model = r.model or r.requested_model, web_search_requests = n,
+      max_uses = named and most or nil, recorded = most })
   local c = copy_of(u)
   c.web_search_requests = most > 0 and most or nil
   return c

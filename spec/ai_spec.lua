@@ -778,6 +778,34 @@ describe("chat over the strict mock", function()
     assert.are.equal(2, capped)
   end)
 
+  -- (before: a search tool without max_uses, on a call without a budget, took any count: 1e7 searches
+  -- were a $100,000 row)
+  it("an answer reporting more web searches than any call runs, to a tool without max_uses, is recorded at that most",
+    function()
+      local searches
+      m:configure({ routes = { ["POST /v1/messages"] = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+          id = "msg_wsn_" .. tostring(searches), type = "message", role = "assistant", model = "claude-haiku-4-5",
+          content = { { type = "text", text = "found it" } }, stop_reason = "end_turn",
+          usage = { input_tokens = 50, output_tokens = 10, server_tool_use = { web_search_requests = searches } } }) }
+      end } })
+      local tools = { { type = "web_search_20250305", name = "web_search" } }
+      local each = math.floor(50 * 1.00 + 10 * 5.00 + 0.5) / 1e6 -- claude-haiku-4-5's tokens
+      local capped = 0
+      for i, n in ipairs({ 30, 1e7 }) do
+        searches = n
+        local said = helpers.logged(function()
+          local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 100, tools = tools,
+            messages = MSGS }))
+          assert.are.equal(math.min(n, 1000), r.usage.web_search_requests, i)
+        end)
+        for _, l in ipairs(said) do if tostring(l.msg):find("more web searches", 1, true) then capped = capped + 1 end end
+      end
+      local usd = 2 * each + (30 + 1000) * 0.01
+      assert.is_true(math.abs(resil.cost.total() - usd) < 1e-9, tostring(resil.cost.total()))
+      assert.are.equal(1, capped)
+    end)
+
   -- (before: a server that reports no usage had each of its refused answers paid and none counted:
   -- three attempts on a 2,000-token prompt, one row and one attempt in the budget)
   it("answers refused as invalid output that report no usage are estimated, each a row in the budget", function()
