@@ -65,6 +65,26 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     assert.matches('"unpriced":1', j.stdout, 1, true)
   end)
 
+  -- (before: summed and said in doubles, which past $8e9 have no room for micro-dollars: --json said
+  -- "usd":10000000000, the table's TOTAL $9999999999.999998)
+  it("costs: totals past a double's micro-dollars are the ledger's, to the micro-dollar", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      for i = 1, 10 do
+        assert(resil.cost.record({ provider = "p" .. i % 2, model = "m" .. i % 3, usd = 999999999.999999 }))
+      end
+      assert(resil.cost.record({ provider = "p", model = "m", usd = 0.000007 }))
+    ]], ("--store %s --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local function costs(args) return helpers.run(("%s costs %s --store %s"):format(helpers.resil, args, db)).stdout end
+    assert.are.equal('{"usd":9999999999.999997}\n', costs("--json"))
+    assert.are.equal("total $9999999999.999997\n", costs(""))
+    assert.matches("TOTAL +%$9999999999%.999997\n", costs("--by model"))
+    assert.matches('"usd":3999999999.999996,', costs("--by model --json"), 1, true)
+    assert.matches("p1,5,4999999999.999995,0\n", costs("--by provider --csv"), 1, true)
+  end)
+
   it("budgets: the columns line up after a name with accented letters", function()
     local db = ledger()
     local r = helpers.run(("%s budgets --store %s"):format(helpers.resil, db))

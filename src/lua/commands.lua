@@ -453,34 +453,55 @@ function commands.costs(args)
     end))
     return
   end
+  -- Money is said from the ledger's whole micro-dollars, written out as digits: a double past
+  -- $8e9 has no room for them (ten rows of $999,999,999.999999 and one of $0.000007 said
+  -- "usd":10000000000 in --json, $9999999999.999998 as a TOTAL, for 9999999999.999997)
+  local function usd_text(micro)
+    micro = math.tointeger(micro) or math.floor(micro + 0.5)
+    return ("%d.%06d"):format(micro // 1000000, micro % 1000000)
+  end
+  local function usd_json(micro) -- (a JSON number, without the zeros after its last digit)
+    return (usd_text(micro):gsub("%.?0+$", ""))
+  end
   if by then
-    local rows = need(resil.cost.breakdown(by, filter))
-    if as_json then print(json_list(rows)) return end
+    local rows = need(backend_of[s]:cost_query(by, filter)) -- (resil.cost.breakdown's, in micro-dollars)
+    for _, r in ipairs(rows) do
+      r.unpriced = (r.unpriced or 0) > 0 and r.unpriced or nil
+    end
+    if as_json then
+      local out = {}
+      for i, r in ipairs(rows) do
+        out[i] = ('{"usd":%s,'):format(usd_json(r.micro_usd)) ..
+          json.encode({ key = r.key, calls = r.calls, unpriced = r.unpriced }):sub(2)
+      end
+      print(json_list(out))
+      return
+    end
     if as_csv then
       local out = {}
       -- (with the calls that had no price, as the table and --json say them: a model only
       -- unpriced calls reached read "0.000000" in a spreadsheet, a silent zero)
-      for i, r in ipairs(rows) do out[i] = { r.key, r.calls, ("%.6f"):format(r.usd), r.unpriced or 0 } end
+      for i, r in ipairs(rows) do out[i] = { r.key, r.calls, usd_text(r.micro_usd), r.unpriced or 0 } end
       csv_print({ by, "calls", "usd", "unpriced" }, out)
       return
     end
     local out, total, unpriced = {}, 0, 0
     for _, r in ipairs(rows) do
-      out[#out + 1] = { r.key or "-", r.calls, ("$%.6f"):format(r.usd), r.unpriced or "" }
-      total, unpriced = total + r.usd, unpriced + (r.unpriced or 0)
+      out[#out + 1] = { r.key or "-", r.calls, "$" .. usd_text(r.micro_usd), r.unpriced or "" }
+      total, unpriced = total + r.micro_usd, unpriced + (r.unpriced or 0)
     end
-    out[#out + 1] = { "TOTAL", "", ("$%.6f"):format(total), unpriced > 0 and unpriced or "" }
+    out[#out + 1] = { "TOTAL", "", "$" .. usd_text(total), unpriced > 0 and unpriced or "" }
     table_print({ by:upper(), "CALLS", "USD", "UNPRICED" }, out)
   else
-    -- (by provider, so that calls without a price are counted too: "total $0.000000" said nothing
-    -- of a thousand calls the ledger could not price; summed in micro-dollars, as the ledger is)
-    local micro, unpriced = 0, 0
-    for _, r in ipairs(need(resil.cost.breakdown("provider", filter))) do
-      micro, unpriced = micro + math.floor(r.usd * 1e6 + 0.5), unpriced + (r.unpriced or 0)
+    -- (with the calls without a price counted too: "total $0.000000" said nothing of a thousand
+    -- calls the ledger could not price)
+    local row = need(backend_of[s]:cost_query(nil, filter))[1] or { micro_usd = 0 }
+    local unpriced = row.unpriced or 0
+    if as_json then
+      print(('{"usd":%s%s}'):format(usd_json(row.micro_usd), unpriced > 0 and (',"unpriced":%d'):format(unpriced) or ""))
+      return
     end
-    local total = micro / 1e6
-    if as_json then print(json.encode({ usd = total, unpriced = unpriced > 0 and unpriced or nil })) return end
-    print(("total $%.6f%s"):format(total, unpriced_note(unpriced)))
+    print(("total $%s%s"):format(usd_text(row.micro_usd), unpriced_note(unpriced)))
   end
 end
 

@@ -1382,7 +1382,8 @@ function R:cost_query(by, filter)
         groups[gk] = g
         order[#order + 1] = g
       end
-      local micro = e.micro_usd ~= json.null and e.micro_usd or nil -- nil: a call without a price
+      -- nil: a call without a price (an integer: a sum of floats past 2^53 micro-dollars is not whole)
+      local micro = e.micro_usd ~= json.null and (math.tointeger(e.micro_usd) or e.micro_usd) or nil
       g.micro_usd, g.calls = g.micro_usd + (micro or 0), g.calls + 1
       if not micro then g.unpriced = g.unpriced + 1 end
     end
