@@ -350,3 +350,70 @@ describe("a Redis server without scripts (EVAL and EVALSHA renamed away, as some
     assert.is_not.matches("outcome was not seen", r.stderr, 1, true)
   end)
 end)
+
+-- a budget with on_outage = "allow" on `url`: two reservations -> the run
+local function allow_run(url, opts)
+  return helpers.run_script([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1, per = "day", on_outage = "allow" })
+for _ = 1, 2 do print(b:reserve(1)) end
+]], ("--virtual-clock --store '%s' --log-level warn %s"):format(url, opts or ""))
+end
+
+-- both reservations refused store_error with `refused` in its message, nothing let through unchecked
+local function failed_closed(allow, refused)
+  assert.are.equal(0, allow.code, allow.stderr)
+  local n = 0
+  for line in allow.stdout:gmatch("[^\n]+") do
+    assert.matches("^nil\tstore_error: [^\n]*" .. refused, line)
+    n = n + 1
+  end
+  assert.are.equal(2, n, allow.stdout)
+  assert.is_not.matches("allowed unchecked", allow.stderr, 1, true)
+end
+
+describe("a store URL that is wrong, not down", function()
+  -- (before: store_unavailable, an outage: a budget with on_outage = "allow" handed out "<ticket>" twice,
+  -- $2 on a $1 budget, unchecked for as long as the URL was wrong)
+  it("a host name the resolver says does not exist (NXDOMAIN) is store_error: on_outage = \"allow\" fails closed",
+    function()
+      if helpers.run("unshare -rmn true").code ~= 0 or helpers.run("command -v python3").code ~= 0 then
+        return pending("unshare -rmn (or python3) cannot run here")
+      end
+      local dir = helpers.tmpname("-nxdomain")
+      os.execute("mkdir -p " .. dir)
+      finally(function() os.execute("rm -rf " .. dir) end)
+      local resolv = helpers.write(dir .. "/resolv.conf", "nameserver 127.0.0.1\noptions timeout:2 attempts:1\n")
+      local nx = helpers.write(dir .. "/nx.py", ([[
+import socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", 53))
+open("%s/ready", "w").close()
+u.settimeout(30)
+while True:
+    d, a = u.recvfrom(512)
+    i = 12
+    while d[i] != 0: i += d[i] + 1
+    # the question again, answered NXDOMAIN (rcode 3), nothing else
+    u.sendto(d[:2] + b"\x81\x83\x00\x01\x00\x00\x00\x00\x00\x00" + d[12:i + 5], a)
+]]):format(dir))
+      local path = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1, per = "day", on_outage = "allow" })
+for _ = 1, 2 do print(b:reserve(1)) end
+]])
+      local r = helpers.run(("unshare -rmn sh -c 'ip link set lo up && mount --bind %s /etc/resolv.conf && " ..
+        "{ python3 %s & } && while [ ! -e %s/ready ]; do sleep 0.05; done; %s --virtual-clock --log-level warn " ..
+        "--store redis://no-such-redis.example:6379/0?timeout=1 %s; code=$?; kill $!; exit $code'")
+        :format(resolv, nx, dir, helpers.resil, path))
+      failed_closed(r, "cannot resolve the host name no%-such%-redis%.example")
+    end)
+
+  it("a replica (writes refused READONLY) this process never wrote to is store_error: on_outage = \"allow\" " ..
+    "fails closed", function()
+      local port = own_server(finally)
+      local replica = own_server(finally)
+      assert.are.equal(0, helpers.run(("redis-cli -p %d replicaof 127.0.0.1 %d"):format(replica, port)).code)
+      failed_closed(allow_run(("redis://127.0.0.1:%d/0?timeout=1"):format(replica)), "READONLY")
+    end)
+end)

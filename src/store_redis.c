@@ -97,6 +97,11 @@ typedef struct {
    * (held_first) until it is; request NULL while resolving: answered at once */
   int resolving;
   struct evdns_getaddrinfo_request *request;
+  /* the name resolved once in this process; and, never so, the resolver said it does not exist
+   * (NXDOMAIN): a URL that names no host, which no wait mends, said store_error, not an outage (a
+   * budget with on_outage = "allow" handed out unchecked tickets for as long as the URL was wrong).
+   * A name that resolved before and then not is an outage, as a resolver that does not answer is. */
+  int resolved_once, name_unknown;
   double last_attempt;
   int connected;
   char last_error[512];
@@ -431,7 +436,8 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata) {
     else /* (naming the server: "Server closed the connection" alone did not say which) */
       lua_pushfstring(L, "redis %s:%d: %s", c->host, c->port, ac && ac->errstr ? ac->errstr : "connection lost");
     lua_setfield(L, -2, "err");
-    lua_pushliteral(L, "store_unavailable");
+    if (c->name_unknown) lua_pushliteral(L, "store_error"); /* (a name that does not exist: never sent) */
+    else lua_pushliteral(L, "store_unavailable");
     lua_setfield(L, -2, "kind");
     /* the connection was up: the command may have reached the server, and a
      * frozen one runs it when it thaws (a timeout drops the connection; the
@@ -913,9 +919,12 @@ static void on_resolved(int result, struct evutil_addrinfo *res, void *arg) {
     }
   }
   if (res) evutil_freeaddrinfo(res);
+  if (addr[0]) c->resolved_once = 1, c->name_unknown = 0;
   if (!addr[0]) {
-    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: cannot resolve the host name %s: %s", c->host,
-             c->port, c->host, result ? evutil_gai_strerror(result) : "no address");
+    c->name_unknown = result == EVUTIL_EAI_NONAME && !c->resolved_once;
+    snprintf(c->last_error, sizeof c->last_error, "redis %s:%d: cannot resolve the host name %s: %s%s", c->host,
+             c->port, c->host, result ? evutil_gai_strerror(result) : "no address",
+             c->name_unknown ? " (the resolver says it does not exist: the store's URL is wrong)" : "");
     mark_down(c);
     fail_held(c);
   } else if (!connect_to(c, addr)) {
@@ -1174,14 +1183,16 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
                                int keep) {
   if (c->down && !sends_when_down(L)) { /* not sent: it cannot run when the server thaws (err.sent = false) */
     c->refused++;
-    if (c->last_error[0]) resil_error_result(L, "store_unavailable", "%s (the store is down: not sent)", c->last_error);
-    else resil_error_result(L, "store_unavailable", "redis %s:%d: the store is down: not sent", c->host, c->port);
+    const char *kind = c->name_unknown ? "store_error" : "store_unavailable";
+    if (c->last_error[0]) resil_error_result(L, kind, "%s (the store is down: not sent)", c->last_error);
+    else resil_error_result(L, kind, "redis %s:%d: the store is down: not sent", c->host, c->port);
     lua_pushboolean(L, 0);
     lua_setfield(L, -2, "sent");
     return NULL;
   }
   if (!ensure_connected(c)) {
-    resil_error_result(L, "store_unavailable", "%s", c->last_error[0] ? c->last_error : "redis: not connected");
+    resil_error_result(L, c->name_unknown ? "store_error" : "store_unavailable", "%s",
+                       c->last_error[0] ? c->last_error : "redis: not connected");
     return NULL;
   }
   redis_cmd *cmd = calloc(1, sizeof *cmd);

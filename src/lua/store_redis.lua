@@ -836,6 +836,24 @@ function R:stats()
            probes = st.probes, probe_every = st.probe_every, refused = st.refused }
 end
 
+-- A write refused READONLY is a failover's (the primary a replica now, store_unavailable: the
+-- connection is made anew, src/store_redis.c) once this process has had a script's write taken on
+-- the store; before, it is a URL that names a replica, which no wait mends: store_error, not sent
+-- (said an outage, a budget with on_outage = "allow" handed out unchecked tickets for as long as
+-- the URL was wrong). -> reply | nil, err
+local function judged(self, reply, err)
+  if reply ~= nil then
+    self.written = true -- (a script the server ran: the store's scripts write)
+    return reply
+  end
+  if not self.written and resil.is_error(err) and err.kind == "store_unavailable" and
+    tostring(err.message):find("READONLY", 1, true) then
+    return nil, resil.error("store_error", ("%s (the store's URL names a replica: it takes no writes)"):format(
+      err.message), { sent = false })
+  end
+  return nil, err
+end
+
 -- run a named script by SHA, loading it on first use or after a flush
 function R:script(name, keys, ...)
   local args = { "EVALSHA", false, #keys }
@@ -846,7 +864,7 @@ function R:script(name, keys, ...)
   if sha then
     args[2] = sha
     local reply, err = self.conn:call(table.unpack(args))
-    if reply ~= nil or not (err and tostring(err.message):match("NOSCRIPT")) then return reply, err end
+    if reply ~= nil or not (err and tostring(err.message):match("NOSCRIPT")) then return judged(self, reply, err) end
     self.shas[name] = nil -- (the server's scripts were flushed)
   end
   -- A script not loaded yet goes whole (EVAL), in one round trip, and is
@@ -856,7 +874,7 @@ function R:script(name, keys, ...)
   args[1], args[2] = "EVAL", scripts[name]
   local reply, err = self.conn:call(table.unpack(args))
   self:load_later(name)
-  return reply, err
+  return judged(self, reply, err)
 end
 
 -- one SCRIPT LOAD at a time per script, its answer not waited for
