@@ -2285,3 +2285,34 @@ describe("a streamed tool call, from a hostile or unusual provider", function()
     assert.are.equal(5, n)
   end)
 end)
+
+describe("a stream whose reader was canceled in its loop's body, in a script that then ends", function()
+  -- (before: the stream, dropped unclosed, was to be recorded when collected; a script that ended
+  -- before a collection had no ledger row for it, though the provider was paid for what it streamed)
+  it("is recorded as what it streamed, once, before the process ends", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local ai = require "policies.ai"
+resil.store_config({ url = %q })
+local m = resil.mock.start({ strict = true, reply = ("word "):rep(400) })
+ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-spec-0123456789" })
+local b = resil.budget("canceled-reader", { limit = 10 })
+local t = resil.spawn(function()
+  local s = assert(ai.stream({ model = "openai/gpt-4o-mini-2024-07-18", messages = { { role = "user", content = "hi" } },
+    max_tokens = 1000, budget = b }))
+  for _ in s do resil.sleep(0.05) end
+end)
+resil.sleep(0.5)
+t:cancel()
+]]):format(db), "--log-level error")
+    assert.are.equal(0, r.code, r.stderr)
+    resil.store_config({ url = db })
+    local by = assert(resil.cost.breakdown("provider"))
+    assert.are.equal(1, #by, r.stderr)
+    assert.are.equal(1, by[1].calls)
+    assert.is_true(by[1].usd > 0)
+    local st = resil.budget("canceled-reader", { limit = 10 }):state()
+    assert.are.same({ by[1].usd, 0 }, { st.spent, st.reserved })
+  end)
+end)

@@ -1780,12 +1780,30 @@ static void loop_leave(resil_t *R) {
   if (!R->in_loop && R->ready_head && R->pump_ev) event_active(R->pump_ev, EV_TIMEOUT, 0);
 }
 
+/* The tasks ended: what was dropped unclosed and not collected yet (a stream whose reader was
+ * canceled in its loop's body: its cost is recorded by a task its finalizer spawns) is collected
+ * now, while the loop can still run those tasks; at lua_close their tasks never ran, and a
+ * script that ended soon after such a cancel paid for the stream and had no ledger row for it.
+ * -> 1 when the finalizers left tasks to run (at most twice: a finalizer may spawn forever) */
+static int loop_collect_at_end(resil_t *R, int *collections) {
+  if (R->tasks_alive > 0 || R->interrupted || R->base_refused || (R->main_task && R->main_task->failed) ||
+      (*collections)++ >= 2)
+    return 0;
+  int watched = loop_host_section_begin(R, "the host's full garbage collection at the end (a __gc finalizer)");
+  lua_gc(R->L, LUA_GCCOLLECT);
+  loop_host_section_end(R, watched);
+  return R->tasks_alive > 0;
+}
+
 int loop_run(resil_t *R) {
   loop_enter(R);
-  while (R->tasks_alive > 0 && !R->interrupted && !R->base_refused) {
-    if (R->main_task && R->main_task->failed) break;
-    loop_turn(R);
-  }
+  int collections = 0;
+  do {
+    while (R->tasks_alive > 0 && !R->interrupted && !R->base_refused) {
+      if (R->main_task && R->main_task->failed) break;
+      loop_turn(R);
+    }
+  } while (loop_collect_at_end(R, &collections));
   loop_leave(R);
   return loop_status(R, 1);
 }
