@@ -66,6 +66,26 @@ describe("resil.metrics", function()
     assert.matches('spec_bound_nan_sum{k="v"} NaN\n', text, 1, true)
   end)
 
+  -- (a Prometheus client's counter.inc(5): labels come first here; it said
+  -- "[resil metrics]:45: bad argument #1 to 'next' (table expected, got number)")
+  it("refuses labels that are not a table at the caller's line, naming them, and counts nothing", function()
+    local c = resil.metrics.counter("spec_labels_not_table_total", "Labels")
+    local g = resil.metrics.gauge("spec_labels_not_table", "Labels")
+    local h = resil.metrics.histogram("spec_labels_not_table_seconds", "Labels")
+    local calls = {
+      function() c:inc(5) end, function() g:dec(2) end, function() g:set("x", 1) end,
+      function() h:observe(true, 1) end, function() c:labels("x") end, function() c:value(5) end,
+    }
+    for i, f in ipairs(calls) do
+      local line = debug.getinfo(f, "S").linedefined
+      local ok, err = pcall(f)
+      assert.is_false(ok, i)
+      assert.matches("metrics_spec%.lua:" .. line .. ": metrics: labels must be a table", err)
+    end
+    assert.are.equal(0, c:value())
+    assert.are.equal(0, g:value())
+  end)
+
   it("a bound series counts as the metric's own methods do: integers stay integers, errors the same", function()
     local c = resil.metrics.counter("spec_bound_total", "Bound")
     local ints, floats = c:labels({ kind = "ints" }), c:labels({ kind = "floats" })

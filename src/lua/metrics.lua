@@ -42,7 +42,14 @@ end
 -- {b = 2, a = 1} -> 'a="1",b="2"' (sorted: one series per label set)
 -- (level: where a bad label name is reported, 3 unless told; m: the metric, for the names it writes itself)
 local function label_key(labels, level, m)
-  if labels == nil or next(labels) == nil then return "" end
+  if labels == nil then return "" end
+  -- (counter:inc(5), a Prometheus client's habit, raised from next() at this file's line)
+  if type(labels) ~= "table" then
+    local t = type(labels)
+    error(("metrics: labels must be a table of name = value (or nil), got %s"):format((t == "number" or
+      t == "string" or t == "boolean") and ("%s %q"):format(t, labels) or t), level or 3)
+  end
+  if next(labels) == nil then return "" end
   local names = {}
   for k in pairs(labels) do
     if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then
@@ -350,7 +357,7 @@ end
 
 function Metric:dec(labels, n)
   if self.kind ~= "gauge" then error("metrics: only a gauge goes down", 2) end
-  self:inc(labels, -(n or 1))
+  return self:inc(labels, -(n or 1)) -- (a tail call: inc's errors name dec's caller)
 end
 
 function Metric:set(labels, v)
