@@ -217,6 +217,16 @@ describe("resil.breaker", function()
     assert.are.equal("open", br:state())
   end)
 
+  -- (before: "[resil limits]:849: bad argument #1 to 'local_breaker' (string expected, got nil)")
+  it("refuses a name that is not a string and options that are not a table at the caller's line", function()
+    for _, f in ipairs({ function() resil.breaker(nil) end, function() resil.breaker({ window = 10 }) end,
+      function() resil.breaker("breaker-opts-bad", "shared") end }) do
+      local ok, err = pcall(f)
+      assert.is_false(ok)
+      assert.matches("breaker_spec%.lua:" .. debug.getinfo(f, "S").linedefined .. ": bad argument #%d to 'breaker' %(%a+ expected, got %a+%)", err)
+    end
+  end)
+
   it("rejects bad options with the caller's line", function()
     local ok, err = pcall(resil.breaker, "breaker-bad", { failure_rate = 2 })
     assert.is_false(ok)

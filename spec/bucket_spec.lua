@@ -285,6 +285,16 @@ describe("resil.bucket (GCRA)", function()
     assert.are.equal(3723, resil.parse_duration("1h2m3s"))
   end)
 
+  -- (before: "[resil limits]:629: bad argument #1 to 'local_bucket' (string expected, got nil)")
+  it("refuses a name that is not a string and options that are not a table at the caller's line", function()
+    for _, f in ipairs({ function() resil.bucket(nil, { rate = 1 }) end, function() resil.bucket({ rate = 1 }) end,
+      function() resil.bucket("bucket-opts-bad", true) end, function() resil.bucket("bucket-opts-bad", 10) end }) do
+      local ok, err = pcall(f)
+      assert.is_false(ok)
+      assert.matches("bucket_spec%.lua:" .. debug.getinfo(f, "S").linedefined .. ": bad argument #%d to 'bucket' %(%a+ expected, got %a+%)", err)
+    end
+  end)
+
   it("rejects bad options with the caller's line", function()
     local ok, err = pcall(resil.bucket, "bucket-bad", { rate = -1 })
     assert.is_false(ok)

@@ -241,6 +241,9 @@ for _, b in ipairs(helpers.store_backends()) do
           "resil.budget: limit must be a number from 0 to 1e12")
       end
       misuse(function() local _ = budget:reserve(0.1, { hold = nan }) end, "budget:reserve: hold must be a number")
+      -- (a function or a number as the options of a budget that exists: "[resil budgets]:172: attempt to index")
+      misuse(function() local _ = resil.budget("money-in", function() end) end, "resil.budget: options must be a table")
+      misuse(function() local _ = resil.budget("money-in", 5) end, "resil.budget: options must be a table")
       for _, soft in ipairs({ nan, -0.1, 1.5, "0.8" }) do -- (NaN: the soft limit's warning never came)
         misuse(function() local _ = resil.budget("money-soft", { limit = 1, soft = soft }) end,
           "resil.budget: soft must be a share from 0 to 1")

@@ -161,6 +161,10 @@ local declared_in = setmetatable({}, { __mode = "k" })
 -- resil.budget(name, {limit=, per="day"|"month"|nil, hold=600, soft=0.8})
 local function budget(name, opts)
   if type(name) ~= "string" or name == "" then error("resil.budget: name must be a non-empty string", 2) end
+  -- (a function or a number as options of a budget that exists indexed it, at this file's line)
+  if opts ~= nil and type(opts) ~= "table" then
+    error(("resil.budget: options must be a table {limit=, ...}, got %s"):format(type(opts)), 2)
+  end
   local b = budgets[name]
   if not b then
     if type(opts) ~= "table" then error(("resil.budget: budget '%s' needs its options {limit=}"):format(name), 2) end

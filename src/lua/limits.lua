@@ -154,6 +154,13 @@ for kind, list in pairs({
 end
 local distance = require "resil.edit_distance"
 local function check_options(kind, name, opts)
+  -- (the C constructor's own check named "[resil limits]:NNN: bad argument #1 to 'local_bucket'")
+  if type(name) ~= "string" and type(name) ~= "number" then
+    user_error(("bad argument #1 to '%s' (string expected, got %s)"):format(kind, type(name)))
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    user_error(("bad argument #2 to '%s' (table expected, got %s)"):format(kind, type(opts)))
+  end
   if type(opts) ~= "table" or getmetatable(opts) ~= nil then return end
   local known = OPTIONS[kind]
   for k in pairs(opts) do
