@@ -225,6 +225,23 @@ describe("resil.json", function()
     assert.has_error(function() resil.json.encode(t) end)
   end)
 
+  -- (it said "Cannot serialise number: must not be NaN or Inf" and no more: cjson raises from
+  -- under the host's C function, which named no line)
+  it("names the caller's line when it cannot encode, whichever way the value is written", function()
+    local json = resil.json
+    local cases = {
+      function() json.encode({ score = 0 / 0 }) end,
+      function() json.encode({ f = print }) end,
+      function() json.encode({ 0.1 + 0.2, 1 / 0 }) end, -- (written exactly: the swap's path)
+      function() json.encode({ tags = setmetatable({}, json.array_mt), f = print }) end,
+    }
+    for i, f in ipairs(cases) do
+      local ok, err = pcall(f)
+      assert.is_false(ok, i)
+      assert.matches("log_spec%.lua:" .. debug.getinfo(f, "S").linedefined .. ": Cannot serialise", err)
+    end
+  end)
+
   -- (before: a long run of number characters that is no number was taken in, and its
   -- marker, with the host's tag, came back as a string)
   it("refuses a long number that is not one, as cjson does", function()

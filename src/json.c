@@ -585,6 +585,21 @@ static void swap_values(lua_State *L, const walk *w, int back) {
   }
 }
 
+/* cjson's error (a string) raised again with the caller's file:line, as luaL_error
+ * would name it: cjson raises from under this C function, which named no line
+ * ("Cannot serialise number: must not be NaN or Inf", wherever the NaN was).
+ * Not for the host's own modules' calls: they say what failed themselves. */
+static int raise_at_caller(lua_State *L, int status) {
+  lua_Debug ar;
+  if (status == LUA_ERRRUN && lua_type(L, -1) == LUA_TSTRING && lua_getstack(L, 1, &ar) &&
+      lua_getinfo(L, "Sl", &ar) && ar.currentline > 0 && strncmp(ar.source, "=[resil", 7) != 0) {
+    luaL_where(L, 1);
+    lua_insert(L, -2);
+    lua_concat(L, 2);
+  }
+  return lua_error(L);
+}
+
 /* json.encode(value) -> text (raises on what JSON cannot hold) */
 static int json_encode(lua_State *L) {
   luaL_checkany(L, 1);
@@ -614,7 +629,7 @@ static int json_encode(lua_State *L) {
     int status = lua_pcall(L, 1, 1, 0);
     swap_values(L, &w, 1);
     if (put_off) lua_gc(L, LUA_GCSTEP, GC_LENT_KB); /* (the step now, if one is due) */
-    if (status != LUA_OK) return lua_error(L);
+    if (status != LUA_OK) return raise_at_caller(L, status);
     size_t len;
     const char *s = lua_tolstring(L, -1, &len);
     unmark_text(L, s, len, m, &w);
@@ -624,11 +639,13 @@ static int json_encode(lua_State *L) {
   long visits = 0;
   if (found == WALK_SWAPS || found == WALK_PLAIN || !needs_marks(L, 1, 1, &visits) || visits > MAX_VISITS) {
     lua_pushvalue(L, 1);
-    lua_call(L, 1, 1);
+    int status = lua_pcall(L, 1, 1, 0);
+    if (status != LUA_OK) return raise_at_caller(L, status);
     return 1;
   }
   push_marked(L, 1, m, 1);
-  lua_call(L, 1, 1);
+  int status = lua_pcall(L, 1, 1, 0);
+  if (status != LUA_OK) return raise_at_caller(L, status);
   size_t len;
   const char *s = lua_tolstring(L, -1, &len);
   unmark_text(L, s, len, m, NULL);
