@@ -121,6 +121,23 @@ describe("tasks", function()
     assert.matches("must be called from a task", err)
   end)
 
+  -- (before: "[resil prelude]:40: task:join must be called from a task ...", a call the script
+  -- never made, after resil.map had spawned its workers)
+  it("resil.timeout and resil.map inside a plain coroutine name the caller's line and start nothing", function()
+    local ran = false
+    local calls = {
+      function() resil.timeout(1, function() ran = true end) end,
+      function() resil.map({ 1, 2 }, function() ran = true end) end,
+    }
+    for _, f in ipairs(calls) do
+      local ok, err = coroutine.wrap(function() return pcall(f) end)()
+      assert.is_false(ok)
+      assert.matches("loop_spec%.lua:" .. debug.getinfo(f, "S").linedefined .. ": resil%.%a+ must be called from a task", err)
+    end
+    resil.sleep(0)
+    assert.is_false(ran)
+  end)
+
   it("spawned tasks inherit the log context, and extend it privately", function()
     resil.context({ run = "r1" })
     local child_ctx = resil.spawn(function()

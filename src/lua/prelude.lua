@@ -21,6 +21,15 @@ end
 -- under every deadline of the policy library.)
 local child_guard_mt = { __close = function(g) g[1]:cancel() end }
 
+-- (inside the script's own coroutine.wrap: the join's error named "[resil prelude]:40:", a line of
+-- the host's, and resil.map had spawned its workers)
+local task_running, isyieldable = resil.running, coroutine.isyieldable
+local function in_task(what)
+  if not (task_running() and isyieldable()) then
+    error(what .. " must be called from a task (resil.spawn), not from a plain coroutine, a metamethod or a C callback", 3)
+  end
+end
+
 local function timeout_result(seconds, child, ok, ...)
   if ok == nil then
     child:cancel()
@@ -35,6 +44,7 @@ function resil.timeout(seconds, fn, ...)
     error(("resil.timeout: seconds must be a number >= 0, got %s"):format(tostring(seconds)), 2)
   end
   if type(fn) ~= "function" then error("resil.timeout: fn must be a function", 2) end
+  in_task("resil.timeout")
   local child = resil.spawn(fn, ...)
   local _ <close> = setmetatable({ child }, child_guard_mt) -- if we are canceled, so is the child
   return timeout_result(seconds, child, child:join(seconds))
@@ -130,6 +140,7 @@ function resil.map(items, fn, opts)
   if type(concurrency) ~= "number" or not (concurrency >= 1) then -- (NaN: every item skipped, unsaid)
     error(("resil.map: concurrency must be a number >= 1, got %s"):format(tostring(concurrency)), 2)
   end
+  in_task("resil.map")
   concurrency = math.min(math.floor(concurrency), math.max(n, 1))
   local progress = opts.progress and progress_reporter(tostring(opts.progress), n, resil.isatty(2))
   local results, failures = {}, nil
