@@ -13,6 +13,25 @@ describe("resil.policy", function()
       tostring(err))
   end)
 
+  -- (before: "[resil prelude]:769: attempt to concatenate a nil value (local 'name')"; resil.keep's
+  -- "table index is nil", and "attempt to call a table value (local 'init')" for a default table)
+  it("a name that is no string, and resil.keep's init that is no function, are the caller's line", function()
+    local calls = {
+      { function() local p = resil.policy(nil); return p end, "resil%.policy: name must be a string" },
+      { function() local p = resil.policy({}); return p end, "resil%.policy: name must be a string" },
+      { function() local t = resil.keep(nil); return t end, "resil%.keep: name must be a string, got nil" },
+      { function() local t = resil.keep(0 / 0); return t end, "resil%.keep: name must be a string, got NaN" },
+      { function() local t = resil.keep("spec-keep-default", { n = 0 }); return t end,
+        "resil%.keep: init must be a function that returns the table to keep, got table" },
+    }
+    for _, c in ipairs(calls) do
+      local ok, err = pcall(c[1])
+      assert.is_false(ok)
+      assert.matches("^spec/policy_view_spec%.lua:" .. debug.getinfo(c[1], "S").linedefined .. ": " .. c[2], tostring(err))
+    end
+    assert.are.same({}, resil.keep("spec-keep-default")) -- (nothing kept by the refused call)
+  end)
+
   it("a policy that does not compile is the caller's line and the file's", function()
     local dir = helpers.tmpname("")
     os.execute("mkdir -p " .. dir .. "/policies")

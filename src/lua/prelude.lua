@@ -747,6 +747,13 @@ resil.load_capped = nil
 local kept = {}
 local keep_mt = { __close = function(g) loading, loading_co, keeping[g.co] = g.prev, g.prev_co, g.keeping end }
 function resil.keep(name, init)
+  -- (a nil name, or a default table given for init, raised at a line of the host's)
+  if not (type(name) == "string" or type(name) == "number" and name == name) then
+    error(("resil.keep: name must be a string, got %s"):format(type(name) == "number" and "NaN" or type(name)), 2)
+  end
+  if init ~= nil and type(init) ~= "function" then
+    error(("resil.keep: init must be a function that returns the table to keep, got %s"):format(type(init)), 2)
+  end
   local t = kept[name]
   if t == nil then
     if init then
@@ -766,6 +773,9 @@ end
 -- version loaded now, so new calls use a reloaded policy while calls that
 -- already started finish on the old one.
 function resil.policy(name)
+  if type(name) ~= "string" then -- (it raised "attempt to concatenate" at a line of the host's)
+    error(("resil.policy: name must be a string (policies.<name>), got %s"):format(type(name)), 2)
+  end
   local modname = "policies." .. name
   -- a policy not found or broken is the caller's line, not this one (it said "[resil prelude]:NNN:")
   local ok, err = pcall(require, modname)
