@@ -223,6 +223,31 @@ describe("resil.cost inside steps and once (one process)", function()
       assert.are.equal(before, resil.cost.total())
     end)
 
+  -- (before: total{usr = "u42"} ignored the typo and summed every user's cost; since = "2026-01-01" summed
+  -- nothing on SQLite; a list or a bad `by` raised "[resil store_sqlite]:736: ..." from inside the host)
+  it("a filter or a breakdown the ledger cannot apply raises at the caller's line, rather than a wrong sum", function()
+    fresh_store()
+    assert(resil.cost.record({ provider = "p", model = "m", user = "u42", usd = 0.5 }))
+    assert(resil.cost.record({ provider = "p", model = "m", user = "u7", usd = 0.25 }))
+    local calls = {
+      { function() local v = resil.cost.total({ usr = "u42" }); return v end, "unknown filter 'usr'" },
+      { function() local v = resil.cost.total({ since = "2026-01-01" }); return v end, "since must be a time in epoch seconds" },
+      { function() local v = resil.cost.total({ ["until"] = 0 / 0 }); return v end, "until must be a time in epoch seconds" },
+      { function() local v = resil.cost.total({ provider = { "p" } }); return v end, "filter provider must be a string" },
+      { function() local v = resil.cost.total("u42"); return v end, "the filter must be a table" },
+      { function() local v = resil.cost.breakdown("models"); return v end, "cannot break down by 'models'" },
+      { function() local v = resil.cost.breakdown("model", { modle = "m" }); return v end, "unknown filter 'modle'" },
+    }
+    for _, c in ipairs(calls) do
+      local ok, err = pcall(c[1])
+      assert.is_false(ok, c[2])
+      assert.matches("cost_spec%.lua:" .. debug.getinfo(c[1], "S").linedefined .. ": resil%.cost%.%a+: " .. c[2]:gsub("%p", "%%%0"), err)
+    end
+    assert.are.equal(0.5, resil.cost.total({ user = "u42" }))
+    assert.are.equal(0.75, resil.cost.total({ since = resil.clock.wall() - 60 }))
+    assert.are.equal("m", resil.cost.breakdown("model", { provider = "p" })[1].key)
+  end)
+
   -- (before: "[resil costs]:414: attempt to index a nil value (local 'e')" and "[resil budgets]:499: bad
   -- argument #1 to 'for iterator' (table expected, got string)", from inside the host)
   it("a record or a settle's fields that are not a table raise at the caller's line; nothing is written",

@@ -462,8 +462,32 @@ function resil.cost.record(e)
   return true
 end
 
+-- A filter the ledger cannot apply is the caller's mistake, raised at its line (level: the caller's).
+-- (An unknown key was ignored: total{usr = "u42"} summed every user's cost; a since given as a date
+-- string summed nothing on SQLite and raised in the Redis backend; a list raised in the backend.)
+local FILTER_KEYS = { provider = true, model = true, operation = true, user = true, run = true, budget = true }
+local BY_KEYS = { provider = true, model = true, user = true, day = true, operation = true, run = true, item = true }
+local function check_filter(fname, f, level)
+  if f == nil then return end
+  if type(f) ~= "table" then error(("%s: the filter must be a table, got %s"):format(fname, type(f)), level + 1) end
+  for k, v in pairs(f) do
+    if k == "since" or k == "until" then
+      if type(v) ~= "number" or v ~= v then
+        error(("%s: %s must be a time in epoch seconds (resil.clock.wall()), got %s"):format(fname, k,
+          type(v) == "number" and "NaN" or type(v) .. (type(v) == "string" and (" %q"):format(v) or "")), level + 1)
+      end
+    elseif not FILTER_KEYS[k] then
+      error(("%s: unknown filter '%s' (it takes provider, model, operation, user, run, budget, since, until)")
+        :format(fname, tostring(k)), level + 1)
+    elseif type(v) ~= "string" and type(v) ~= "number" then
+      error(("%s: filter %s must be a string, got %s"):format(fname, k, type(v)), level + 1)
+    end
+  end
+end
+
 -- resil.cost.total{provider=, model=, user=, run=, since=, ["until"]=} -> usd
 function resil.cost.total(f)
+  check_filter("resil.cost.total", f, 2)
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   local rows, err = backend_of[s]:cost_query(nil, f or {})
@@ -473,6 +497,11 @@ end
 
 -- resil.cost.breakdown(by, filter) -> { {key=, usd=, calls=}, ... }, by "provider"|"model"|"user"|"day"
 function resil.cost.breakdown(by, f)
+  if by ~= nil and not BY_KEYS[by] then
+    error(("resil.cost.breakdown: cannot break down by %s (by provider, model, operation, user, day, run or item)")
+      :format(type(by) == "string" and ("'%s'"):format(by) or type(by)), 2)
+  end
+  check_filter("resil.cost.breakdown", f, 2)
   local s, serr = store_or_fail()
   if not s then return nil, serr end
   local rows, err = backend_of[s]:cost_query(by, f or {})
