@@ -302,6 +302,32 @@ end))
   end)
 end
 
+-- (before: resil.run.random(6), math.random's one-argument form, raised "[resil runs]:683: bad
+-- argument #2 to 'random'" from inside its step, and the run ended done_with_failures)
+describe("resil.run.random", function()
+  it("takes math.random's forms, refuses others at the caller's line, and records no failed step", function()
+    local db = helpers.tmpname(".db")
+    local script = [[
+local resil = require "resil"
+local die, pick = resil.run.random(6), resil.run.random(3, 4)
+print(math.type(die), die >= 1 and die <= 6, pick >= 3 and pick <= 4)
+for _, args in ipairs({ { "6" }, { 1.5 }, { 4, 3 }, { 0 }, { nil, 5 }, { 1, 0 / 0 } }) do
+  print((select(2, pcall(function() local v = resil.run.random(args[1], args[2]); return v end))))
+end
+]]
+    local r = helpers.run_script(script, "--log-level off --store " .. db)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.are.equal("integer\ttrue\ttrue", lines[1])
+    assert.are.equal(7, #lines, r.stdout)
+    for i = 2, 7 do assert.matches("%.lua:5: resil%.run%.random: ", lines[i]) end
+    local runs = helpers.run(("%s runs --store %s"):format(helpers.resil, db))
+    assert.matches(" done ", runs.stdout)
+    assert.is_nil(runs.stdout:find("failures", 1, true), runs.stdout)
+  end)
+end)
+
 -- A step's error is a provider's or a model's text: what the terminal tables
 -- print of it (and of step names, providers, models) must not act on the
 -- operator's terminal.

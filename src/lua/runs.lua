@@ -677,10 +677,23 @@ end
 
 -- Journaled decisions: in a resumed run they return what the first run got.
 function resil.run.now() return resil.step("@now", store_now) end
+-- (math.random's forms: none, m for 1..m, or m and n; checked before the step: random(6) raised
+-- "[resil runs]:683: bad argument #2 to 'random'" from inside it, and the run kept a failed step)
 function resil.run.random(m, n)
+  local lo, hi
+  if m ~= nil then
+    lo, hi = math.tointeger(m), math.tointeger(n)
+    if n == nil then lo, hi = 1, lo end
+    if type(m) ~= "number" or n ~= nil and type(n) ~= "number" or not lo or not hi or lo > hi then
+      error(("resil.run.random: takes nothing, m (1 to m) or m and n, whole numbers with m <= n; got %s, %s")
+        :format(tostring(m), tostring(n)), 2)
+    end
+  elseif n ~= nil then
+    error(("resil.run.random: n without m (got nil, %s)"):format(tostring(n)), 2)
+  end
   return resil.step("@random", function()
-    if m == nil then return math.random() end
-    return math.random(m, n)
+    if lo == nil then return math.random() end
+    return math.random(lo, hi)
   end)
 end
 
