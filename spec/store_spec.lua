@@ -224,6 +224,16 @@ print(s:stats().commits - before)
     assert.is_nil(io.open("ftp:"))
   end)
 
+  -- (before: "[resil store]:67: attempt to index a boolean value (local 'url')", from inside the host)
+  it("resil.store with a URL that is no string raises at the caller's line", function()
+    for _, bad in ipairs({ true, 5, {} }) do
+      local f = function() local s = resil.store(bad); return s end
+      local ok, err = pcall(f)
+      assert.is_false(ok)
+      assert.matches("store_spec%.lua:" .. debug.getinfo(f, "S").linedefined .. ": store: the URL must be a string", err)
+    end
+  end)
+
   -- (before: "[resil store]:126: attempt to index a nil value (local 'c')", from inside the host)
   it("resil.store_config without a table raises at the caller's line", function()
     for _, bad in ipairs({ "x.db", 5 }) do

@@ -64,6 +64,10 @@ local opened = {}
 -- rediss://; anything else that looks like a URL is a mistake, not a file
 -- name (`ftp://x` would make a folder `ftp:`).
 local function check_url(url, level)
+  if type(url) ~= "string" then -- (resil.store(true) raised "attempt to index a boolean value" at a line of the host's)
+    error(("store: the URL must be a string (a file path, sqlite://PATH or redis://host:port/db), got %s"):format(
+      type(url)), level + 1)
+  end
   local scheme = url:match("^(%a[%w+.-]*)://")
   if scheme and scheme ~= "sqlite" and scheme ~= "redis" and scheme ~= "rediss" then
     error(("store: unknown URL scheme '%s' in '%s' (use a file path, sqlite://PATH or redis://host:port/db)"):format(
