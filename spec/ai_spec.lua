@@ -671,6 +671,28 @@ describe("chat over the strict mock", function()
         max_tokens = 100 })).tool_calls[1].arguments)
     end)
 
+  -- (before: 'attempt to index a userdata value' raised out of ai.chat, the answer paid for and never recorded)
+  it("an OpenAI tool call that is null, or whose function is null or a number, is invalid output, tried again",
+    function()
+      local bad
+      m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+        local calls = bad and { bad } or nil
+        bad = nil -- (the retry gets a good answer)
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+          id = "chatcmpl-badcall", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+          choices = { { index = 0, finish_reason = calls and "tool_calls" or "stop", message = { role = "assistant",
+            content = calls and resil.json.null or "fine", tool_calls = calls } } },
+          usage = { prompt_tokens = 5, completion_tokens = 5, total_tokens = 10 } }) }
+      end } })
+      for _, call in ipairs({ resil.json.null, 5, { id = "call_1", type = "function", ["function"] = resil.json.null },
+                              { id = "call_1", type = "function", ["function"] = 5 } }) do
+        bad = call
+        local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 }))
+        assert.are.equal("fine", r.text)
+        assert.are.equal(2, r.attempts)
+      end
+    end)
+
   it("a budgeted call without max_tokens is sent the max_tokens its budget reserved; others are not", function()
     local seen
     m:configure({ routes = { ["POST /v1/chat/completions"] = function(req)

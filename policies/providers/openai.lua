@@ -325,7 +325,13 @@ local function tool_calls_of(calls, cut)
   if type(calls) ~= "table" or #calls == 0 then return nil end
   local out = {}
   for i, c in ipairs(calls) do
-    local f = type(c) == "table" and c["function"] or {}
+    -- (a call that is null, or whose function is null or a number, is garbage: it raised 'attempt
+    -- to index' out of the call, after the answer had been paid for)
+    local f = type(c) == "table" and c["function"]
+    if f == nil and type(c) == "table" then f = {} end -- (a call of another type: "custom")
+    if type(f) ~= "table" then
+      return nil, ("tool call %d: not an object with a function {name, arguments}"):format(i)
+    end
     local args = f.arguments
     if args == "" then args = "{}" end -- (what some compatible servers send for a tool without parameters)
     if type(args) == "string" and not cut and not is_object(json.decode(args)) then
