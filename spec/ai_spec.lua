@@ -693,6 +693,26 @@ describe("chat over the strict mock", function()
       end
     end)
 
+  -- (before: 'invalid value (at index 1) in table for concat' raised out of ai.chat, the answer paid for and
+  -- never recorded; a number was taken for the text, "5.0")
+  it("an Anthropic text block whose text is null, a number or an object is invalid output, tried again", function()
+    local bad
+    m:configure({ routes = { ["POST /v1/messages"] = function()
+      local text = bad or "fine"
+      bad = nil -- (the retry gets a good answer)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "msg_badtext", type = "message", role = "assistant", model = "claude-haiku-4-5",
+        content = { { type = "text", text = text } }, stop_reason = "end_turn", stop_sequence = resil.json.null,
+        usage = { input_tokens = 5, output_tokens = 5 } }) }
+    end } })
+    for _, text in ipairs({ resil.json.null, 5, { a = 1 }, true }) do
+      bad = text
+      local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 100 }))
+      assert.are.equal("fine", r.text)
+      assert.are.equal(2, r.attempts)
+    end
+  end)
+
   it("a budgeted call without max_tokens is sent the max_tokens its budget reserved; others are not", function()
     local seen
     m:configure({ routes = { ["POST /v1/chat/completions"] = function(req)

@@ -265,8 +265,11 @@ end
 function anthropic.parse(data)
   if type(data) ~= "table" or type(data.content) ~= "table" then return nil, "no content in the response" end
   local texts, calls = {}, nil
-  for _, b in ipairs(data.content) do
+  for i, b in ipairs(data.content) do
     if type(b) == "table" and b.type == "text" then
+      -- (a text that is null, a number or an object is garbage: it raised 'invalid value ... for
+      -- concat' out of the call, after the answer had been paid for)
+      if type(b.text) ~= "string" then return nil, ("content[%d]: a text block without a string text"):format(i) end
       texts[#texts + 1] = b.text
     elseif type(b) == "table" and b.type == "tool_use" then
       calls = calls or {}
