@@ -1863,6 +1863,17 @@ local function embed_strategy(spec, req, level, guard)
     local res, cerr = caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up, caller))
     if res == nil then return target_failed(t, cerr) end
     local r = adapter.embed_parse(classify.decoded(res))
+    -- (as many vectors as inputs, or the answer is the provider's garbage: one short was returned as it
+    -- was, and a caller that pairs them up paired them wrong. Paid for, it is recorded as refused.)
+    -- (OpenAI's input may be one text's tokens, a list of integers: one input)
+    local inputs = (type(req.input) == "string" or math.type(req.input[1])) and 1 or #req.input
+    if #r.embeddings ~= inputs then
+      local list = refused_list(guard, t)
+      list[#list + 1] = res
+      return target_failed(t, resil.error("invalid_output", ("%s answered %d embeddings for %d inputs"):format(
+        t.name, #r.embeddings, inputs), { class = "invalid_output", retryable = false, fallback = true,
+        provider = p, status = res.status, attempts = res.attempts }))
+    end
     r.attempts = res.attempts
     if r.usage then r.usage.requests = 1 end
     return finish_result(t, r, nil)

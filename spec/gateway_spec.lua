@@ -1078,6 +1078,36 @@ describe("gateway: embeddings", function()
     assert.are.equal(0, b:state().reserved)
   end)
 
+  -- (before: an index given twice or past the list gave one vector for two inputs, or a list with a hole
+  -- (#r.embeddings 0), as a success: a caller pairing inputs with vectors paired them wrong)
+  it("ai.embed: vectors that do not match the inputs one for one are invalid output, billed", function()
+    local _, m = start({ strict = true })
+    local datas = {
+      { { index = 0, embedding = { 1 } }, { index = 0, embedding = { 2 } } }, -- an index twice: retried
+      { { index = 0, embedding = { 1 } }, { index = 5, embedding = { 2 } } }, -- past the list: retried
+      { { index = 0, embedding = { 1 } }, { index = 1, embedding = { 2 } } },
+      { { index = 0, embedding = { 1 } } }, -- one vector for two inputs, again: the call's failure
+    }
+    local n = 0
+    m:configure({ routes = { ["POST /v1/embeddings"] = function()
+      n = n + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        object = "list", model = "text-embedding-3-large", data = datas[n], usage = { prompt_tokens = 1000 } }) }
+    end } })
+    local ai = require "policies.ai"
+    local r = assert(ai.embed({ model = "openai/text-embedding-3-large", input = { "a", "b" } }))
+    assert.are.same({ { 1 }, { 2 } }, r.embeddings)
+    assert.are.equal(3, r.attempts)
+    local r2, err = ai.embed({ model = "openai/text-embedding-3-large", input = { "a", "b" } })
+    assert.is_nil(r2)
+    assert.are.equal("invalid_output", err.kind)
+    assert.matches("1 embeddings for 2 inputs", err.message)
+    assert.are.equal(4, assert(resil.cost.breakdown("model"))[1].calls) -- each answer was billed
+    datas[5] = { { index = 0, embedding = { 3 } } }
+    r = assert(ai.embed({ model = "openai/text-embedding-3-large", input = { 15339, 1917 } })) -- one text's tokens
+    assert.are.same({ { 3 } }, r.embeddings)
+  end)
+
   -- (before: a usage it could not read was 0 tokens, priced $0: cost_usd 0 and no ledger row at all;
   -- then a row without a price, its budget settled at 0)
   it("ai.embed: an answer without a usage it can read is a ledger row at the input's estimate, never a $0", function()

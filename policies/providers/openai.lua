@@ -520,11 +520,17 @@ function openai.embed_parse(data)
   if type(data) ~= "table" or type(data.data) ~= "table" or #data.data == 0 then
     return nil, "no embeddings in the response"
   end
-  local out = {}
+  local out, n = {}, #data.data
   for i, e in ipairs(data.data) do
     local v = type(e) == "table" and e.embedding
     if type(v) ~= "table" and type(v) ~= "string" then return nil, ("embedding %d is missing"):format(i - 1) end
-    out[(math.tointeger(e.index) or (i - 1)) + 1] = v
+    -- (an index given twice or past the list left a vector out, or a hole: inputs and vectors no longer
+    -- matched, and the caller was not told)
+    local at = math.tointeger(e.index) or (i - 1)
+    if at < 0 or at >= n or out[at + 1] ~= nil then
+      return nil, ("embedding %d: index %s is taken or outside 0..%d"):format(i - 1, tostring(e.index), n - 1)
+    end
+    out[at + 1] = v
   end
   -- a usage without a readable count (none, a negative one, a string) is unknown, as a chat answer's:
   -- its call a ledger row without a price, never a $0 one (which wrote no row and settled at 0)
