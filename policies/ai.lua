@@ -132,6 +132,10 @@ function ai.configure(provider, conf)
     local wrong = require("policies.retry").check(conf.retry)
     if wrong then error(("ai.configure '%s': %s"):format(provider, wrong), 2) end
   end
+  -- (a deadline that is not a number, or a breaker, rate, tokens or concurrency that is not a table, was
+  -- taken here and raised inside policies/ai.lua at every call)
+  local wrong = call.check(provider, conf)
+  if wrong then error(("ai.configure '%s': %s"):format(provider, (wrong:gsub("^call%.provider '[^']*': ", ""))), 2) end
   if type(conf.api_key) == "string" and #conf.api_key >= 6 then resil.log.redact(conf.api_key) end
   -- (each is every call's: 0 timed every call out at once, where curl's 0 means none, math.huge here)
   for _, k in ipairs({ "timeout", "stream_timeout", "idle_timeout" }) do

@@ -436,6 +436,29 @@ function Provider:__call(req)
   return invoke(self, req)
 end
 
+-- call.check(name, conf) -> nil | what is wrong with a provider's options, said for the line that
+-- gave them (call.provider's, ai.configure's)
+-- (a rate, tokens, breaker or concurrency that is not a table raised inside this file or the limits
+-- module, 'attempt to index a boolean value'; given to ai.configure, at every call)
+local LIMIT_TABLES = { "rate", "tokens", "breaker", "concurrency" }
+function call.check(name, conf)
+  for _, k in ipairs({ "timeout", "deadline" }) do
+    local v = conf[k]
+    if v ~= nil and not (type(v) == "number" and v == v and (k == "deadline" or v > 0)) then
+      return ("call.provider '%s': %s must be a number of seconds%s, got %s"):format(name, k,
+        k == "timeout" and " > 0 (math.huge: none)" or "", type(v) == "string" and ("%q"):format(v) or tostring(v))
+    end
+  end
+  for _, k in ipairs(LIMIT_TABLES) do
+    local v = conf[k]
+    if v ~= nil and v ~= false and type(v) ~= "table" then
+      return ("call.provider '%s': %s must be a table of its options (or false: none), got %s"):format(name, k,
+        type(v))
+    end
+  end
+  return nil
+end
+
 -- call.provider(name, conf) -> a callable provider
 function call.provider(name, conf)
   if type(name) ~= "string" then error("call.provider: name must be a string", 2) end
@@ -446,13 +469,8 @@ function call.provider(name, conf)
   -- time already spent, is the call's "deadline passed", as it was)
   -- A timeout of 0 set here is every attempt's (resil.http: 0 times out at once), so every call
   -- failed: as curl's option, 0 was likely meant as none, which is math.huge
-  for _, k in ipairs({ "timeout", "deadline" }) do
-    local v = conf[k]
-    if v ~= nil and not (type(v) == "number" and v == v and (k == "deadline" or v > 0)) then
-      error(("call.provider '%s': %s must be a number of seconds%s, got %s"):format(name, k,
-        k == "timeout" and " > 0 (math.huge: none)" or "", type(v) == "string" and ("%q"):format(v) or tostring(v)), 2)
-    end
-  end
+  local wrong = call.check(name, conf)
+  if wrong then error(wrong, 2) end
   local validate = conf.validate
   if validate ~= nil and type(validate) ~= "function" then
     local mt = getmetatable(validate)

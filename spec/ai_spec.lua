@@ -1514,6 +1514,20 @@ describe("chat over the strict mock", function()
     point_at(m.url)
   end)
 
+  it("ai.configure's deadline that is not a number, or limits that are not tables, raise at its line", function()
+    -- (before: taken, then every call raised inside policies/ai.lua, 'call.provider ...' or 'attempt to index')
+    for _, conf in ipairs({ { deadline = "30" }, { deadline = 0 / 0 }, { breaker = true }, { rate = 500 },
+                            { tokens = "90000" }, { concurrency = 16 } }) do
+      local k = next(conf)
+      conf.base_url, conf.api_key = m.url .. "/v1", OPENAI_KEY
+      local ok, err = pcall(function() ai.configure("openai", conf) end)
+      assert.is_false(ok, k)
+      assert.matches("ai_spec.lua:%d+: ai.configure 'openai': " .. k .. " must be", err)
+    end
+    point_at(m.url)
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS })) -- the configuration before stands
+  end)
+
   it("ai.configure's cache = {ttl=} that the store cannot keep raises at its line (it left every answer uncached)",
     function()
       for _, bad in ipairs({ { ttl = "60" }, { ttl = 0 }, { ttl = 0 / 0 }, { ttl = math.huge }, 60 }) do

@@ -264,7 +264,9 @@ describe("call.provider's options", function()
     local m = resil.mock.start({})
     -- (timeout = 0: every attempt timed out at once, after resil.http's 0 came to mean that; curl's 0 is none)
     local bad = { { timeout = 0 / 0 }, { timeout = -1 }, { timeout = "30" }, { deadline = 0 / 0 },
-      { deadline = "10" }, { validate = "chatt" }, { validate = 5 }, { timeout = 0 } }
+      { deadline = "10" }, { validate = "chatt" }, { validate = 5 }, { timeout = 0 },
+      -- (before: 'attempt to index a boolean value (field 'breaker')' inside call.lua, or the limits module's)
+      { breaker = true }, { rate = 5 }, { tokens = "90000" }, { concurrency = 4 } }
     for i, conf in ipairs(bad) do
       conf.request = { method = "POST", url = m.url .. "/v1/chat/completions" }
       local ok, err = pcall(function()
