@@ -1894,6 +1894,14 @@ function ai.embed(req)
     error("ai.embed: give_up must be a function () -> a reason | nil", 2)
   end
   check_budget(req.budget, "ai.embed", 2)
+  -- (a fallback given as one string was no fallback, without a word; a NaN deadline raised inside
+  -- policies/call.lua, 'http request: timeout must be >= 0')
+  if req.fallback ~= nil and type(req.fallback) ~= "table" then
+    error("ai.embed: fallback must be a list of models", 2)
+  end
+  if req.deadline ~= nil and not (type(req.deadline) == "number" and req.deadline == req.deadline) then
+    error(("ai.embed: deadline must be a number of seconds, got %s"):format(tostring(req.deadline)), 2)
+  end
   local list = { req.model }
   for _, f in ipairs(req.fallback or {}) do list[#list + 1] = f end
   local strategies = {}

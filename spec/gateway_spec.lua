@@ -1057,6 +1057,17 @@ describe("gateway: embeddings", function()
     assert.are.equal("text-embedding-3-large", by[1].key)
     assert.are.equal(1, by[1].calls)
     assert.has_error(function() ai.embed({ model = "openai/text-embedding-3-large" }) end)
+    -- (before: a fallback given as one string was no fallback, without a word; a NaN deadline raised
+    -- inside policies/call.lua)
+    for _, bad in ipairs({ { fallback = "openai/text-embedding-3-small" }, { deadline = 0 / 0 }, { deadline = "5" } }) do
+      local ok, err = pcall(function()
+        local r = ai.embed({ model = "openai/text-embedding-3-large", input = "x", fallback = bad.fallback,
+          deadline = bad.deadline })
+        return r
+      end)
+      assert.is_false(ok)
+      assert.matches("gateway_spec.lua:%d+: ai.embed: %a+ must be", err)
+    end
   end)
 
   it("ai.embed: an answer refused (no vectors) but billed is in the ledger, the budget and cost_usd", function()
