@@ -31,6 +31,9 @@ classify.status = {
   ["5xx"] = { class = "server_error", retryable = true, backoff = "exponential", max_retries = 3, fallback = true,
               breaker = true },
   ["4xx"] = { class = "client_error", retryable = false },
+  -- a redirect where a validated answer was wanted (an http:// base_url that moved to https://, a
+  -- proxy's login page): the configuration's fault, which a retry does not cure
+  ["3xx"] = { class = "redirect", retryable = false, fallback = true },
 }
 
 -- By the error kinds of resil.http and the host's own primitives.
@@ -303,7 +306,14 @@ function classify.outcome(res, err, opts)
     if ok then return nil end
     return verdict_of(classify.kinds.invalid_output, why or "output failed validation", status, "invalid_output")
   end
-  if status < 400 then return nil end -- 1xx/3xx: the caller asked for them
+  if status < 400 then
+    -- 1xx/3xx: the caller asked for them, unless it wants an answer to validate (a 301 from an
+    -- http:// base_url was taken for one, and ai.chat raised 'attempt to index a nil value')
+    if opts == nil or opts.validate == nil then return nil end
+    local location = type(res.headers) == "table" and res.headers.location
+    return verdict_of(classify.status["3xx"], ("HTTP %d%s"):format(status,
+      type(location) == "string" and (": redirected to " .. location:sub(1, 200)) or ""), status)
+  end
   local headers = res.headers or {}
   local retry_after = resil.retry_after(headers)
   local body = res.body and res.body ~= "" and resil.json.decode(res.body) or nil

@@ -713,6 +713,26 @@ describe("chat over the strict mock", function()
     end
   end)
 
+  -- (before: a 3xx was taken for an answer and ai.chat, ai.embed raised 'attempt to index a nil value (local 'r')')
+  it("a redirect (an http:// base_url moved to https://, a proxy's login) is the call's failure, saying where to",
+    function()
+      local moved = { status = 301, headers = { location = "https://api.example/v1/chat/completions" }, body = "" }
+      m:configure({ strict = true, reply = "fine", sequence = { chat = { moved, moved }, embeddings = { moved } } })
+      local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS })
+      assert.is_nil(r)
+      assert.are.equal("redirect", err.kind)
+      assert.matches("HTTP 301: redirected to https://api.example/", err.message, 1, true)
+      assert.are.equal(1, m:stats().routes.chat) -- not tried again: the configuration's to fix
+      r, err = ai.embed({ model = "openai/text-embedding-3-small", input = "x" })
+      assert.is_nil(r)
+      assert.are.equal("redirect", err.kind)
+      -- another provider serves
+      r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, fallback = { "anthropic/claude-haiku-4-5" } }))
+      assert.are.equal("anthropic", r.provider)
+      -- without a validator a 3xx is what the caller asked for, as before
+      assert.is_nil(require("policies.classify").outcome({ status = 304, headers = {} }, nil))
+    end)
+
   it("a budgeted call without max_tokens is sent the max_tokens its budget reserved; others are not", function()
     local seen
     m:configure({ routes = { ["POST /v1/chat/completions"] = function(req)
