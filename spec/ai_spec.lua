@@ -693,6 +693,22 @@ describe("chat over the strict mock", function()
       end
     end)
 
+  -- (before: 'attempt to index a userdata value (local 'c')' raised out of ai.chat, the answer paid for)
+  it("an OpenAI answer to n = 2 whose second choice is null or a number is the first's text, and no raise", function()
+    local second
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "chatcmpl-n2", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, finish_reason = "stop", message = { role = "assistant", content = "fine" } }, second },
+        usage = { prompt_tokens = 5, completion_tokens = 5, total_tokens = 10 } }) }
+    end } })
+    for _, c in ipairs({ resil.json.null, 5 }) do
+      second = c
+      local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, n = 2 }))
+      assert.are.same({ "fine", "" }, r.choices)
+    end
+  end)
+
   -- (before: 'invalid value (at index 1) in table for concat' raised out of ai.chat, the answer paid for and
   -- never recorded; a number was taken for the text, "5.0")
   it("an Anthropic text block whose text is null, a number or an object is invalid output, tried again", function()

@@ -380,7 +380,9 @@ function openai.parse(data)
   if #data.choices > 1 then
     r.choices = {}
     for i, c in ipairs(data.choices) do
-      r.choices[i] = type(c.message) == "table" and type(c.message.content) == "string" and c.message.content or ""
+      -- (a choice that is null or a number: 'attempt to index' raised out of the call, the answer paid for)
+      local msg = type(c) == "table" and c.message
+      r.choices[i] = type(msg) == "table" and type(msg.content) == "string" and msg.content or ""
     end
   end
   return r
