@@ -274,6 +274,9 @@ function classify.outcome(res, err, opts)
     if err.client_fault then -- libcurl lost the reply (not the provider's doing): neither breaker nor retry budget
       v.breaker, v.client_fault = nil, true
     end
+    -- the error's own word that no retry cures it (a bucket asked for more than its burst: retried
+    -- five times, 15 s of backoff before the fallback)
+    if err.retryable == false then v.retryable = false end
     return v
   end
   -- a status that is no HTTP status (NaN, 503.5, 0, or "503" as a string) is a malformed response, a

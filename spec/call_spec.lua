@@ -158,6 +158,31 @@ describe("policies.call against the mock provider", function()
     end
   end)
 
+  -- (before: "can never be granted" was a rate_limited like any other, retried five times: 15.5 s of backoff
+  -- before the call failed, or before its fallback served)
+  it("a request its tokens bucket can never grant (more than the burst) is not retried: the fallback serves at once",
+    function()
+      resil.store_config({ url = require("spec.helpers").tmpname(".db") })
+      m = resil.mock.start {}
+      local big = { json = { model = "gpt-test", max_tokens = 5000, messages = chat.json.messages } }
+      for _, shared in ipairs({ false, true }) do
+        local backup = provider(m, { timeout = 10 })
+        local p = provider(m, { timeout = 10, tokens = { rate = 1000, per = 60, shared = shared },
+          rate = { rate = 100, per = 1 }, fallback = { backup } })
+        local t0 = resil.now()
+        local res, _, info = p(big)
+        assert.are.equal(200, res.status)
+        assert.are.equal(backup.name, info.served_by)
+        assert.are.equal(0, resil.now() - t0)
+        p = provider(m, { timeout = 10, tokens = { rate = 1000, per = 60, shared = shared } })
+        local err
+        res, err = p(big)
+        assert.is_nil(res)
+        assert.are.same({ "rate_limited", 1 }, { err.kind, err.attempts })
+        assert.matches("can never be granted", err.message)
+      end
+    end)
+
   -- (before: "policies/call.lua:65: attempt to add a 'string' with a 'number'" out of a paid call, and a
   -- total_tokens of 1e300 for an 8-token answer charged the bucket that much: every later call waited)
   it("a tokens bucket takes an answer's usage as far as it can be read: garbage neither raises nor starves it",

@@ -300,6 +300,9 @@ static int push_limited(lua_State *L, bucket *b, double n, double retry_after) {
   if (retry_after < 0) {
     resil_push_error(L, "rate_limited", "bucket '%s': %g tokens can never be granted (burst is %g)", b->name, n,
                      b->burst);
+    /* (no wait cures it: a policies.retry loop retried it five times, 15 s of backoff before a fallback) */
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "retryable");
   } else {
     resil_push_error(L, "rate_limited", "bucket '%s': %g tokens available in %.3f s", b->name, n, retry_after);
     lua_pushnumber(L, retry_after);

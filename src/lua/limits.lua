@@ -307,7 +307,7 @@ function SharedBucket:acquire(n, opts)
   if n > self.burst then
     self.refusals = self.refusals + 1
     return nil, resil.error("rate_limited", ("bucket '%s': %g tokens can never be granted (burst is %g)"):format(
-      self.label, n, self.burst), { bucket = self.label })
+      self.label, n, self.burst), { bucket = self.label, retryable = false }) -- (no wait cures it)
   end
   local timeout = opts and opts.timeout
   local deadline = timeout and resil.now() + timeout
