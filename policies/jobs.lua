@@ -660,9 +660,45 @@ local function refused(e)
   return type(e) == "table" and e.retryable == false and math.type(e.status) == "integer" and e.status >= 400
     and not MAY_BE_MADE[e.status]
 end
+-- a create's failure after which the job may exist (see MAY_BE_MADE; a 2xx cut short is charge_cut's)
+local function may_be_made(e)
+  return type(e) == "table" and not answered(e) and ((e.kind or e.class) == "timeout" or MAY_BE_MADE[e.status] == true)
+end
+
+-- The job an earlier create under the key may have made (its answer a proxy's 502/504 or none at all),
+-- looked up at the provider (no provider here takes an idempotency key): -> its handle | false (it
+-- made none: send the create) | nil, err (not known: nothing is sent, a second job would be paid too)
+local function look_up(ctx, unsure)
+  local when = os.date("!%Y-%m-%d %H:%M:%S UTC", math.floor(unsure.sent))
+  if not ctx.adapter.find then
+    return nil, resil.error("job_unsure", ("%s: the create of job '%s' sent at %s was answered %s, after which the " ..
+      "provider may have made the job; %s cannot be asked which jobs it made, so no other is made (it would be paid " ..
+      "too): look for it in the provider's dashboard, and give the call another `key` to make a new one"):format(
+      ctx.model, tostring(unsure.key), when, tostring(unsure.answer), ctx.name),
+      { provider = ctx.name, model = ctx.model, sent_at = unsure.sent, retryable = false })
+  end
+  local fp = fingerprint(ctx.input)
+  local found, err = ctx.adapter.find(ctx, unsure.sent, function(input) return fingerprint(input) == fp end)
+  if found == nil then
+    return nil, resil.error("job_unsure", ("%s: the create of job '%s' sent at %s was answered %s, after which the " ..
+      "provider may have made the job, and its jobs could not be listed (%s): no other is made; the run's next " ..
+      "resume looks again"):format(ctx.model, tostring(unsure.key), when, tostring(unsure.answer),
+      tostring(type(err) == "table" and err.message or err)), { provider = ctx.name, model = ctx.model,
+      sent_at = unsure.sent, retryable = true })
+  end
+  if found then
+    found.created_wall = found.created_wall or unsure.sent
+    found.base, found.model = ctx.base, ctx.model
+    resil.log.warn("job: the create answered " .. tostring(unsure.answer) .. " had made the job; following it",
+      { provider = ctx.name, model = ctx.model, id = found.id, key = unsure.key })
+  end
+  return found
+end
+
 -- legacy: the {key, model} versions before gave the job (durable_key); a job made under one by a
 -- run interrupted across the upgrade is followed, not made again (only read: nothing is written there)
-local function create(ctx, akey, g, legacy)
+-- unsure: an earlier create under the key may have made the job: it is looked up before any is sent
+local function create(ctx, akey, g, legacy, unsure)
   if not akey then return create_apart(ctx, g) end
   local fp = fingerprint(ctx.asked, ctx.input)
   for _, l in ipairs(legacy or {}) do
@@ -671,13 +707,29 @@ local function create(ctx, akey, g, legacy)
   end
   local handle, err = resil.once({ key = "ai.job:" .. akey, fingerprint = fp, retention = JOB_RETENTION },
     function()
+      if unsure then
+        local found, ferr = look_up(ctx, unsure)
+        if found ~= false then return found, ferr end
+      end
+      local sent = resil.clock.wall()
       local h, e = make_guarded(ctx, g)
       -- a create the provider refused made no job: its failure is not kept under the key (a
       -- permanent one was, and every resume of the run, the credit added or the token fixed,
       -- failed at its step again with nothing sent), but given back for another try
       if h == nil and refused(e) then return nil, { refused = e, retryable = true } end
+      -- one after which the job may exist is kept as such (freed, a resumed run sent the create
+      -- again and a second job was paid): the next call under the key looks the job up first
+      if h == nil and may_be_made(e) then
+        return { unsure = { sent = unsure and math.min(unsure.sent, sent) or sent, key = unsure and unsure.key or akey,
+          answer = e.status and ("HTTP " .. e.status) or "with a timeout" } }
+      end
       return h, e
     end)
+  if type(handle) == "table" and type(handle.unsure) == "table" then
+    if g.made then return nil, g.create_err end -- (this call sent it: its own error, as before)
+    if not ctx.adapter.find then return look_up(ctx, handle.unsure) end -- (its refusal: nothing sent, nothing kept)
+    return create(ctx, akey .. "~found", g, nil, handle.unsure)
+  end
   if handle == nil and type(err) == "table" and err.refused ~= nil then return nil, err.refused end
   -- a refusal an older version kept under the key (it made no job) was replayed at every resume,
   -- for good, nothing sent: the create is sent under a key of its own beside it, which keeps the

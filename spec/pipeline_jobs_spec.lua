@@ -138,3 +138,81 @@ print(r and r.id, err)
     assert.are.same({ 0.003, 0, 0 }, { st.spent, st.reserved, #st.holds })
   end)
 end)
+
+-- A proxy in front of the provider answers a create 502 after the provider made the job (the mock's
+-- `made = true`), and the run is resumed
+local function mock_scenario(text)
+  local scenario = helpers.write(helpers.tmpname(".lua"), text)
+  local out, pidfile = helpers.tmpname(".out"), helpers.tmpname(".pid")
+  os.execute(("%s mock %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, scenario, out, pidfile))
+  local pid = helpers.slurp(pidfile):match("%d+")
+  assert(helpers.wait_until(function() return helpers.slurp(out):match("http://") end, 10))
+  local url = helpers.slurp(out):match("(http://%S+)")
+  local function stats()
+    local r = helpers.run(("%s -e 'print(require(\"resil\").http.request({ url = \"%s/__mock/stats\" }).body)'")
+      :format(helpers.resil, url))
+    return resil.json.decode(r.stdout)
+  end
+  return url, function() os.execute("kill " .. pid) end, stats
+end
+
+describe("a job's create answered 502 or 504 by a proxy after the provider made the job, resumed", function()
+  local stops = {}
+  teardown(function() for _, stop in ipairs(stops) do stop() end end)
+
+  -- (before: the create was sent again at the resume, and a second job was made and paid)
+  for _, status in ipairs({ 502, 504 }) do
+    it(("Replicate (%d): the resumed run finds the job made and follows it, no second one made"):format(status),
+      function()
+        local url, stop, stats = mock_scenario(("return { jobs = { polls = 1, errors = { predictions = " ..
+          "{ { status = %d, made = true } } } } }"):format(status))
+        stops[#stops + 1] = stop
+        local db = helpers.tmpname(".db")
+        local opts = ("--store %s --run proxy%d --log-level off"):format(db, status)
+        local script = PIPELINE:gsub("print%(out and out.status, err and err.kind%)",
+          "print(out and out.status, out and out.id, err and err.status)")
+        local first = helpers.run_script(script, opts, url)
+        assert.are.equal(("nil\tnil\t%d\n"):format(status), first.stdout, first.stderr)
+        local resumed = helpers.run_script(script, opts, url)
+        assert.matches("^succeeded\tmock%w+00001\tnil\n$", resumed.stdout, resumed.stderr)
+        local st = stats()
+        assert.are.same({ 1, 1 }, { st.routes.predictions, st.billed.jobs })
+        -- a third run replays the step: nothing sent
+        assert.are.equal(resumed.stdout, helpers.run_script(script, opts, url).stdout)
+        assert.are.equal(1, stats().routes.predictions)
+      end)
+  end
+
+  it("Replicate: a create the proxy answered 502 without the job made is sent again at the resume, once", function()
+    local url, stop, stats = mock_scenario("return { jobs = { polls = 1, errors = { predictions = { 502 } } } }")
+    stops[#stops + 1] = stop
+    local db = helpers.tmpname(".db")
+    local opts = ("--store %s --run proxy-none --log-level off"):format(db)
+    assert.are.equal("nil\tserver_error\n", helpers.run_script(PIPELINE, opts, url).stdout)
+    local resumed = helpers.run_script(PIPELINE, opts, url)
+    assert.are.equal("succeeded\tnil\n", resumed.stdout, resumed.stderr)
+    assert.are.same({ 2, 1 }, { stats().routes.predictions, stats().billed.jobs })
+  end)
+
+  it("fal (no way to list its jobs): the resumed run makes no second job and says why", function()
+    local url, stop, stats = mock_scenario("return { jobs = { polls = 1, errors = { fal_submit = { 504 } } } }")
+    stops[#stops + 1] = stop
+    local db = helpers.tmpname(".db")
+    local opts = ("--store %s --run proxy-fal"):format(db)
+    local script = [[
+local resil = require "resil"
+local jobs = require "policies.jobs"
+jobs.configure("fal", { base_url = arg[1] .. "/fal", api_key = "fal_test_000000", poll = { first = 0.01, max = 0.05 } })
+local out, err = resil.step("still", function()
+  return jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a lighthouse" } })
+end)
+print(out and out.status, err and (err.kind or err.class))
+if err and err.kind == "job_unsure" then print(err.message) end
+]]
+    assert.are.equal("nil\tserver_error\n", helpers.run_script(script, opts .. " --log-level off", url).stdout)
+    local resumed = helpers.run_script(script, opts .. " --log-level off", url)
+    assert.matches("^nil\tjob_unsure\n", resumed.stdout, resumed.stderr)
+    assert.matches("answered HTTP 504, after which the provider may have made the job", resumed.stdout)
+    assert.are.equal(1, stats().routes.fal_submit)
+  end)
+end)

@@ -8,7 +8,9 @@
 -- Create: POST /predictions {version, input} (or POST /models/{owner}/{name}/predictions
 -- {input}), with `Prefer: wait=N` when the call asks to wait; then GET urls.get until
 -- succeeded | failed | canceled | aborted; POST urls.cancel at the deadline.
--- Used by policies/jobs.lua through the adapter interface: target, create, poll, cancel, usage.
+-- find: GET /predictions (the account's, newest first) for a job a create may have made when its
+-- answer was a proxy's 502/504 or never came (Replicate takes no idempotency key).
+-- Used by policies/jobs.lua through the adapter interface: target, create, poll, cancel, usage, find.
 local resil = require "resil"
 local json = resil.json
 
@@ -124,6 +126,58 @@ function replicate.cancel(ctx, handle)
   local s = state_of(p)
   s.metrics = p.metrics ~= json.null and p.metrics or nil
   return res, nil, s
+end
+
+-- "2026-01-05T03:00:01.123456Z" (UTC) -> seconds since the epoch | nil
+local function iso_seconds(v)
+  local y, mo, d, h, mi, sec = tostring(v):match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d%.?%d*)")
+  if not y then return nil end
+  y, mo = tonumber(y), tonumber(mo)
+  if mo <= 2 then y = y - 1 end -- (days from the civil date: March-based years)
+  local era = y // 400
+  local yoe = y - era * 400
+  local doy = (153 * (mo + (mo > 2 and -3 or 9)) + 2) // 5 + tonumber(d) - 1
+  local days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+  return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec)
+end
+
+-- The job a create sent at wall time `since` made, though its answer was lost: the oldest prediction
+-- of this model (its version) created since then (a few minutes' slack for the clocks) whose input
+-- `same_input(input)` says is the one sent. -> handle | false (none: the create made nothing) |
+-- nil, err (the list could not be read)
+local FIND_SLACK, FIND_PAGES = 300, 20
+function replicate.find(ctx, since, same_input)
+  local t = ctx.target
+  local url, found, complete = ctx.base .. "/predictions", nil, false
+  for _ = 1, FIND_PAGES do
+    local res, err = ctx.send({ method = "GET", url = url, headers = replicate.headers(ctx.key) })
+    if not res then return nil, err end
+    local page, derr = decode(res, "list of predictions")
+    if not page then return nil, derr end
+    if type(page.results) ~= "table" then
+      return nil, resil.error("invalid_output", "replicate: the list of predictions has no results",
+        { provider = "replicate", status = res.status, retryable = true })
+    end
+    local older
+    for _, p in ipairs(page.results) do
+      local at = type(p) == "table" and iso_seconds(p.created_at)
+      if at and at < since - FIND_SLACK then older = true; break end
+      if at and type(p.id) == "string" and p.id ~= "" and (t.version and p.version == t.version
+        or not t.version and p.model == t.owner .. "/" .. t.name) and same_input(p.input) then
+        found = p -- (newest first: the last one met is the oldest)
+      end
+    end
+    complete = older or type(page.next) ~= "string"
+    url = not complete and ctx.own_url(page.next, nil)
+    if not url then break end
+  end
+  if not found and not complete then
+    return nil, resil.error("unknown", ("replicate: the list of predictions did not reach back to %s"):format(
+      os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(since))), { provider = "replicate", retryable = false })
+  end
+  if not found then return false end
+  local get = ("%s/predictions/%s"):format(ctx.base, escape(found.id))
+  return { id = found.id, get = get, cancel = get .. "/cancel", created_wall = iso_seconds(found.created_at) }
 end
 
 -- A duration the provider reported, in seconds -> a finite number from 0 to a year | nil (none)

@@ -1,6 +1,7 @@
 -- The mock's async-job and speech APIs, as the real ones speak them:
 --   Replicate predictions  POST /v1/predictions, POST /v1/models/{owner}/{name}/predictions,
---                          GET /v1/predictions/{id}, POST /v1/predictions/{id}/cancel
+--                          GET /v1/predictions/{id}, POST /v1/predictions/{id}/cancel,
+--                          GET /v1/predictions (the list, newest first, {next, previous, results})
 --                          (Authorization: Bearer; `Prefer: wait[=N]`; starting -> processing ->
 --                          succeeded | failed | canceled; errors as {title, detail, status})
 --   fal queue              under /fal (the mock's stand-in for the queue.fal.run host):
@@ -14,10 +15,12 @@
 --   jobs = { polls = 2 | duration = s, fail = p, stuck = p, output = v, usd = n, predict_time = s,
 --            error = "why", fates = { "failed", { "succeeded", polls = 0 }, "stuck" }, cancel_takes = s,
 --            errors = { [route] = { 429, "ok", { status = 401, code = "quota_exceeded" } } } }
+--   (a create's scripted error with `made = true`, { status = 502, made = true }, is a proxy's answer
+--   after the provider made the job: the job runs and is listed, its id never answered)
 -- `fates` decides the jobs in order of creation (then `stuck` and `fail` draw; "lost": the job is
 -- answered at its create, then forgotten, as by a provider's outage: its reads and cancel are 404s); `errors` plays
 -- each route's provider-shaped error replies in order (route names: predictions, prediction,
--- cancel, fal_submit, fal_status, fal_result, fal_cancel, tts); the mock's generic
+-- cancel, prediction_list, fal_submit, fal_status, fal_result, fal_cancel, tts); the mock's generic
 -- `sequence` and `faults` (hang, reset, garbage, latency, ...) apply to these routes too.
 -- `cancel_takes`: a fal request in progress whose cancel was accepted (202 CANCELLATION_REQUESTED)
 -- ends canceled that many seconds later, unless it completes first (math.huge: its app ignores it).
@@ -156,7 +159,7 @@ end
 local function replicate_create(m, req, owner_model)
   if not replicate_auth(req) then return replicate_error({ status = 401 }) end
   local e = scripted_error(m, "predictions")
-  if e then return replicate_error(e) end
+  if e and not e.made then return replicate_error(e) end
   local body = json.decode(req.body)
   if type(body) ~= "table" then return replicate_error({ status = 400, title = "Bad request",
     detail = "The request body is not valid JSON" }) end
@@ -176,6 +179,9 @@ local function replicate_create(m, req, owner_model)
     created_at = os.date("!%Y-%m-%dT%H:%M:%S.000Z", math.floor(resil.clock.wall())) }
   job.fate, job.needs_polls = fate(m)
   if job.fate ~= "lost" then s.replicate[id] = job end -- (lost: created, then forgotten: 404s)
+  s.replicate_order = s.replicate_order or {}
+  if job.fate ~= "lost" then table.insert(s.replicate_order, 1, job) end
+  if e then return replicate_error(e) end -- (made = true: a proxy's answer after the job was made)
   -- Prefer: wait[=N] holds the answer until the job ends or N seconds pass (60 at most)
   local prefer = req.headers.prefer
   local wait = prefer and (tonumber(prefer:match("^wait=(%d+)")) or (prefer == "wait" and 60))
@@ -208,6 +214,19 @@ local function replicate_get(m, req, id)
   job.polls = job.polls + 1
   replicate_advance(m, job)
   return { status = 200, body = json.encode(M.replicate_view(m, job)) }
+end
+
+-- the account's predictions, newest first, 100 a page (`?cursor=N` the page after N skipped)
+local function replicate_list(m, req)
+  if not replicate_auth(req) then return replicate_error({ status = 401 }) end
+  local e = scripted_error(m, "prediction_list")
+  if e then return replicate_error(e) end
+  local order = state(m).replicate_order or {}
+  local from = tonumber((req.query or ""):match("cursor=(%d+)")) or 0
+  local results = setmetatable({}, json.array_mt)
+  for i = from + 1, math.min(#order, from + 100) do results[#results + 1] = M.replicate_view(m, order[i]) end
+  local next_url = #order > from + 100 and ("%s/v1/predictions?cursor=%d"):format(m.url, from + 100) or json.null
+  return { status = 200, body = json.encode({ next = next_url, previous = json.null, results = results }) }
 end
 
 local function replicate_cancel(m, req, id)
@@ -450,6 +469,7 @@ end
 local ROUTES = {
   { "POST", "^/v1/predictions$", "predictions", function(m, req) return replicate_create(m, req) end },
   { "POST", "^/v1/models/([%w%-_%.]+/[%w%-_%.]+)/predictions$", "predictions", replicate_create },
+  { "GET", "^/v1/predictions$", "prediction_list", replicate_list },
   { "GET", "^/v1/predictions/([%w%-_]+)$", "prediction", replicate_get },
   { "POST", "^/v1/predictions/([%w%-_]+)/cancel$", "cancel", replicate_cancel },
   { "GET", "^/fal/([^/]+/[^/]+)/requests/([%w%-_]+)/status$", "fal_status", fal_status },
