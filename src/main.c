@@ -607,6 +607,25 @@ static int to_text(lua_State *L) {
   return 1;
 }
 
+/* Steps that did not run, the store unavailable before their fn (locked, read-only, corrupt, Redis
+ * down): the script went on with their nil, err and exited 0, as one whose work was all done, and
+ * a cron job's failure went unseen. Said in one line. -> 1 (some did not run) | 0 */
+static int steps_not_run(resil_t *R) {
+  lua_State *L = resil_lua(R);
+  int top = lua_gettop(L), some = 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "resil.runs.not_run") == LUA_TFUNCTION && lua_pcall(L, 0, 3, 0) == LUA_OK) {
+    lua_Integer n = lua_tointeger(L, -3);
+    if (n > 0) {
+      some = 1;
+      fprintf(stderr, PROGNAME ": run %s: %lld step%s did not run, the store unavailable (%s); resume the run once it "
+              "is back\n", lua_isstring(L, -2) ? lua_tostring(L, -2) : "?", (long long)n, n == 1 ? "" : "s",
+              lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
+    }
+  }
+  lua_settop(L, top);
+  return some;
+}
+
 /* Record how the run ended, if the script used resil.step. Synchronous:
  * after an error or a signal, other tasks must not run again. */
 static void finish_run(resil_t *R, int status) {
@@ -1559,6 +1578,7 @@ int main(int argc, char **argv) {
   }
   int code = report(R, status);
   if (status != RESIL_ERR_FILE) finish_run(R, status);
+  if (status == RESIL_OK && code == 0 && steps_not_run(R)) code = 1;
   finish_traces(R, otlp_endpoint, status == RESIL_OK ? "done" : status == RESIL_ERR_INTERRUPT ? "interrupted" : "failed");
   finish_metrics(R);
   if (status == RESIL_ERR_INTERRUPT) code = 128 + (int)received_signal; /* 130 for SIGINT, 143 for SIGTERM */

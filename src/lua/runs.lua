@@ -162,6 +162,9 @@ local function run_object()
 end
 
 local record_failure -- (below)
+-- steps that did not run, the store unavailable, with none run or replayed after them and not in a
+-- run's end this process recorded (for the command's exit status: resil.runs.not_run)
+local not_run_count, not_run_run, not_run_err, not_run_url = 0, nil, nil, nil
 
 -- -> the current run, taken on first use | nil, err{kind="store_unavailable"}
 -- (taken again at the next step). A run another process holds raises: the
@@ -192,6 +195,7 @@ local function current_run()
     -- (`runs show` lists them, with why; before, nothing said their items had not run)
     local unrecorded = r.unrecorded
     r.unrecorded = {}
+    if r.id == not_run_run then not_run_count = 0 end -- (the store has the run now: they are its failures)
     for _, f in ipairs(unrecorded) do pcall(record_failure, r, f.scope, f.seq, f.name, f.err, 0) end
   end)
   local starter = r.starter
@@ -255,6 +259,7 @@ function resil.run.finish(status, why)
   if status == "done" and next(r.failed) then status = "done_with_failures" end
   local ok, err = backend_of[r.store]:run_finish_now(r.id, status, store_now(), owner.me().id, pending)
   if ok == nil and err ~= nil then return nil, err end -- (the run stays "running (gone)": it resumes)
+  if r.id == not_run_run then not_run_count = 0 end -- (its steps that did not run are in its end, as failures are)
   return true
 end
 
@@ -522,6 +527,10 @@ end
 -- as its caller is told, and logged once per run with the step's line and the store's error (the
 -- command said nothing and exited 0, every step's result nil and none of their work done)
 local function not_run(r, name, where, err)
+  if resil.is_error(err) and err.kind == "store_unavailable" then
+    if not_run_count == 0 then not_run_err = nil end
+    not_run_count, not_run_run, not_run_err, not_run_url = not_run_count + 1, r.id, not_run_err or err, r.url
+  end
   if where and not r.told_unavailable then
     r.told_unavailable = true
     resil.log.error("a step did not run: the store could not be reached or read (the run's later steps that find it "
@@ -584,6 +593,7 @@ function resil.step(name, fn, ...)
       local mine, gerr = still_held(r, backend, scope)
       if not mine then return not_run(r, name, not r.told_unavailable and step_where(fn), gerr) end
     end
+    not_run_count = 0 -- (a step the store let run since: the script went on, its run's end says the rest)
     return replay(r, scope, seq, name, recorded, result, recorded ~= name and step_where(fn) or nil)
   end
   -- fn is about to run (and pay): a process whose run was taken over meanwhile (its lease
@@ -591,6 +601,7 @@ function resil.step(name, fn, ...)
   -- what the new holder runs too. (A read: on SQLite it never waits for a writer.)
   local mine, gerr = still_held(r, backend, scope)
   if not mine then return not_run(r, name, not r.told_unavailable and step_where(fn), gerr) end
+  not_run_count = 0
   item_fingerprint(scope) -- (the map's key run now: one that raises fails the step before fn pays, not after)
   local ctx = resil.context() -- this task's own table (a spawned task gets a copy)
   local saved_step, saved_seq, saved_nth = ctx.step, ctx._step_seq, ctx._step_nth
@@ -779,6 +790,14 @@ getregistry()["resil.runs.close"] = function()
   end
   if not (run and run.held) then return true end
   return run_finish(unfinished(run) and "interrupted" or "done")
+end
+
+-- the command's exit status (main.c): a script whose steps did not run, the store unavailable
+-- before their fn, exited 0, as one whose work was all done. -> how many, the run, the first error
+-- (not those of a store the script has left since, resil.store_config naming another: it gave that run up)
+getregistry()["resil.runs.not_run"] = function()
+  if not_run_count == 0 or not_run_url ~= S.url() then return 0 end
+  return not_run_count, not_run_run, not_run_err ~= nil and error_text(not_run_err) or nil
 end
 
 -- for the ledger: the run a cost belongs to; for the progress line: the
