@@ -175,6 +175,19 @@ describe("resil.log", function()
     assert.are.same({ ["true"] = 1, inf = 2, ["7"] = 3 }, l.seen)
   end)
 
+  it("writes every number exactly, as resil.json does: an id or a count past 14 digits is not changed", function()
+    -- cjson writes %.14g: an order id 1234567890123456789 was logged as 1.2345678901235e+18, a
+    -- byte count 123456789012345 as 1.2345678901234e+14 (another number), math.mininteger as a float
+    local lines = capture(function()
+      log.info("ids", { id = 1234567890123456789, bytes = 123456789012345, low = math.mininteger,
+        ratio = 0.1 + 0.2, nested = { ns = 1765100000123456789 } })
+    end)
+    local l = lines[1]
+    assert.are.same({ 1234567890123456789, 123456789012345, math.mininteger, 0.1 + 0.2, 1765100000123456789 },
+      { l.id, l.bytes, l.low, l.ratio, l.nested.ns })
+    assert.are.equal(math.type(l.id), "integer")
+  end)
+
   it("keeps each line valid UTF-8 JSON whatever bytes it is given, and a message whole past a NUL", function()
     -- a provider's body cut mid-character, a latin-1 file name, a binary
     -- answer: each bad byte is written as U+FFFD, the rest as it is

@@ -30,7 +30,6 @@
 #define LOG_REGISTRY_KEY "resil.log.functions"
 #define LOG_BARE_KEY "resil.log.bare"
 
-extern int luaopen_cjson(lua_State *L);
 #define MAX_DEPTH 6
 
 enum { LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_OFF };
@@ -84,7 +83,7 @@ static int is_sensitive(const char *key) {
   return 0;
 }
 
-/* upvalues: 1 log state, 2 json encode */
+/* upvalues: 1 log state, 2 json encode (resil.json's: exact) */
 #define STATE_UPVALUE lua_upvalueindex(1)
 #define ENCODE_UPVALUE lua_upvalueindex(2)
 
@@ -579,7 +578,9 @@ int luaopen_resil_log(lua_State *L) {
     lua_setfield(L, -2, "__gc");
   }
   lua_setmetatable(L, -2);
-  luaL_requiref(L, "cjson", luaopen_cjson, 0);
+  /* resil.json's encode, not cjson's: cjson writes %.14g, and an id or a count past 14 digits
+   * (1234567890123456789) was logged as another number (1.2345678901235e+18) */
+  luaopen_resil_json(L);
   lua_getfield(L, -1, "encode");
   lua_remove(L, -2);
   lua_pushvalue(L, -2);
