@@ -32,6 +32,7 @@ typedef struct log_sink log_sink;
 log_sink *log_sink_open(int fd, struct event_base *base);
 void log_sink_write(log_sink *s, const char *line, size_t n);
 void log_sink_close(log_sink *s); /* NULL-safe; waits a little for a slow reader */
+void log_sink_abandon(log_sink *s); /* the same without waiting: what the reader does not take now is lost */
 /* A log file opened for appending without ever waiting for a reader (a
  * FIFO nobody reads is refused, errno ENXIO, rather than hanging the
  * start): -> a FILE, line-buffered, or NULL with errno set;

@@ -41,6 +41,8 @@ typedef struct {
   int level;
   log_sink *sink;  /* stderr written without blocking (log_sink.c); NULL: fwrite */
   int sink_tried;  /* log_sink_open asked for this output */
+  dev_t out_dev;   /* what stderr's fd named then: a program that moves its stderr (dup2, freopen) */
+  ino_t out_ino;   /* has the host's lines follow it, as its own do */
   char *path;      /* the log file's path (resil.log.output) */
   int follow;      /* a regular file: opened again when the path names another file */
   dev_t dev;       /* the file out writes */
@@ -332,7 +334,20 @@ static void write_line(lua_State *L, log_state *st, int level, const char *msg, 
     /* stderr only: stdout is print()'s too, whose buffered text must stay ahead of a line */
     /* (or a FIFO given as the log file: its reader may stall as stderr's) */
     follow_path(st);
-    if (!st->sink_tried && (st->out == stderr || st->owns_out)) st->sink = log_sink_open(fileno(st->out), R->base);
+    struct stat fs;
+    if (st->sink_tried && st->out == stderr &&
+        (fstat(fileno(stderr), &fs) != 0 || fs.st_dev != st->out_dev || fs.st_ino != st->out_ino)) {
+      /* the program sent its stderr elsewhere (a daemon leaving its terminal, a log reopened on
+       * SIGHUP): the sink's description of its own, or a socket's fd now another file, still
+       * wrote the old one, and the host's lines never reached the new */
+      log_sink_abandon(st->sink);
+      st->sink = NULL;
+      st->sink_tried = 0;
+    }
+    if (!st->sink_tried && (st->out == stderr || st->owns_out)) {
+      st->sink = log_sink_open(fileno(st->out), R->base);
+      if (fstat(fileno(st->out), &fs) == 0) st->out_dev = fs.st_dev, st->out_ino = fs.st_ino;
+    }
     st->sink_tried = 1;
     if (st->sink) {
       log_sink_write(st->sink, line, line_len);

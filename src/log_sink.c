@@ -211,7 +211,7 @@ void log_sink_write(log_sink *s, const char *line, size_t n) {
   arm(s);
 }
 
-void log_sink_close(log_sink *s) {
+static void sink_close(log_sink *s, long wait_ms) {
   if (!s) return;
   if (s->writable) event_free(s->writable);
   struct timespec start, now;
@@ -220,12 +220,17 @@ void log_sink_close(log_sink *s) {
     if (s->len == 0 && s->dropped) say_dropped(s);
     if (s->len == 0) break;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    long left = CLOSE_WAIT_MS - (long)((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
+    long left = wait_ms - (long)((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
     struct pollfd p = {.fd = s->fd, .events = POLLOUT};
-    if (left <= 0 || poll(&p, 1, (int)left) <= 0) break;
+    if (left < 0 || poll(&p, 1, (int)left) <= 0) break;
     send_pending(s);
   }
   if (s->owns_fd) close(s->fd);
   free(s->pending);
   free(s);
 }
+
+void log_sink_close(log_sink *s) { sink_close(s, CLOSE_WAIT_MS); }
+
+/* (the program moved its stderr elsewhere: the old reader gets what it takes now, never a wait) */
+void log_sink_abandon(log_sink *s) { sink_close(s, 0); }
