@@ -156,6 +156,34 @@ print(pcall(require, "resil.report"))
     os.execute("rm -rf " .. dir)
   end)
 
+  it("writes its log lines to no file outside its folders: resil.log.output is io.open's", function()
+    local dir, allowed = helpers.tmpname(".d"), helpers.tmpname(".ok")
+    assert(os.execute("mkdir -p " .. dir .. " " .. allowed))
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+print(pcall(resil.log.output, %q))
+resil.log.warn("a line of the script's choosing")
+print(pcall(resil.log.output, %q))
+resil.log.warn("in its folder")
+print(pcall(resil.log.output, "stderr"))
+]]):format(dir .. "/escape.log", allowed .. "/own.log"))
+    local r = helpers.run(("%s --sandbox --sandbox-dir %s %s"):format(R, allowed, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stderr)
+    local lines = {}
+    for l in r.stdout:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    -- (before: true, and the file made, 0644, anywhere the process may write, and appended to: a
+    -- shell's profile, a cron folder, another program's data)
+    assert.matches("^false\tresil%.log%.output: %S+/escape%.log is outside the folders the sandbox may write in",
+      lines[1])
+    assert.is_nil(io.open(dir .. "/escape.log"))
+    assert.matches("a line of the script's choosing", r.stderr, 1, true)
+    assert.are.equal("true\ttrue", lines[2])
+    assert.matches('"msg":"in its folder"', helpers.slurp(allowed .. "/own.log"), 1, true)
+    assert.are.equal("true\ttrue", lines[3])
+    os.execute("rm -rf " .. dir .. " " .. allowed)
+  end)
+
   it("never lets a script write the host's own store but through the store: the ledger stays", function()
     local dir = helpers.tmpname(".d")
     assert(os.execute("mkdir -p " .. dir))

@@ -530,15 +530,22 @@ static void close_output(log_state *st) {
 static int log_output(lua_State *L) {
   log_state *st = lua_touserdata(L, STATE_UPVALUE);
   const char *where = luaL_checkstring(L, 1);
-  resil_from_lua(L)->log_fn = NULL; /* the script's choice wins over resil_options.log */
   if (strcmp(where, "stderr") == 0 || strcmp(where, "stdout") == 0) {
+    resil_from_lua(L)->log_fn = NULL; /* the script's choice wins over resil_options.log */
     close_output(st);
     st->out = where[3] == 'e' ? stderr : stdout;
     lua_pushboolean(L, 1);
     return 1;
   }
+  /* under the sandbox a log file is a file the script writes, as io.open's: it made one, 0644, and
+   * appended lines of its choosing to one, anywhere the process may write */
+  if (!sandbox_plain_file_ok(resil_from_lua(L), where))
+    return luaL_error(L, "resil.log.output: %s %s", where, sandbox_is_store_file(resil_from_lua(L), where)
+                      ? "is the host's own store: a sandboxed script writes it only through resil.store"
+                      : "is outside the folders the sandbox may write in (resil_options.sandbox_dirs)");
   FILE *f = log_sink_open_file(where);
   if (!f) return resil_error_result(L, "io", "resil.log.output: cannot open %s: %s", where, log_file_error(errno));
+  resil_from_lua(L)->log_fn = NULL; /* (a path refused or not opened leaves the lines where they went) */
   close_output(st);
   st->out = f;
   st->owns_out = 1;

@@ -414,6 +414,26 @@ int main(void) {
   }
   check(n == -RESIL_ERR_SCRIPT && contains(resil_error(R), "stepfail:1: late failure"),
         "resil_step returns -RESIL_ERR_SCRIPT when the main task fails");
+
+  /* (before: a sandboxed script's resil.log.output made and appended to a file anywhere the process
+   * may write, and a refused or failed one still took the lines away from the program's callback) */
+  char elsewhere[700];
+  snprintf(elsewhere, sizeof elsewhere, "%s/../diverted-%d.log", dir, (int)getpid());
+  load(R, "function divert(path)\n"
+          "  local resil = require 'resil'\n"
+          "  local ok, err = pcall(resil.log.output, path)\n"
+          "  resil.log.warn('still the program\\'s')\n"
+          "  return ok, tostring(err)\n"
+          "end\n");
+  char divert_args[800];
+  snprintf(divert_args, sizeof divert_args, "[\"%s\"]", elsewhere);
+  log_lines[0] = '\0';
+  int diverted = call(R, "divert", divert_args);
+  check(diverted == RESIL_OK && contains(result, "[false,") &&
+            contains(result, "is outside the folders the sandbox may write in") && access(elsewhere, F_OK) != 0,
+        "sandbox: resil.log.output to a file outside sandbox_dirs is refused, and no file is made");
+  check(contains(log_lines, "still the program's"), "a refused resil.log.output leaves the lines with the log callback");
+  unlink(elsewhere);
   resil_close(R);
 
   /* resil_call_async on the embedder's own event base, run by event_base_dispatch */
