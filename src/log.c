@@ -15,6 +15,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -550,7 +551,15 @@ static int log_output(lua_State *L) {
   st->out = f;
   st->owns_out = 1;
   struct stat fs;
-  st->path = strdup(where); /* (no memory for it: not followed, "?" in an error) */
+  /* (absolute: the path is looked at again before each line, and a relative one looked at after the
+   * program changed its working directory, a daemon's chdir("/"), moved the lines to a new file there) */
+  char cwd[PATH_MAX];
+  if (where[0] != '/' && getcwd(cwd, sizeof cwd)) {
+    size_t len = strlen(cwd) + 1 + strlen(where) + 1;
+    if ((st->path = malloc(len))) snprintf(st->path, len, "%s%s%s", cwd, strcmp(cwd, "/") == 0 ? "" : "/", where);
+  } else {
+    st->path = strdup(where); /* (no memory for it: not followed, "?" in an error) */
+  }
   if (st->path && fstat(fileno(f), &fs) == 0 && S_ISREG(fs.st_mode)) {
     st->follow = 1;
     st->dev = fs.st_dev;

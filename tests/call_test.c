@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -673,6 +674,39 @@ int main(void) {
   }
   snprintf(command, sizeof command, "rm -rf %s", locales);
   if (system(command) != 0) printf("# could not remove %s\n", locales);
+
+  /* a log file named relative to the working directory stays that file when the program changes
+   * folder (a daemon's chdir("/")): each line looks at the path again, for logrotate, and a relative
+   * path looked at from the new folder moved the lines to a new file there */
+  {
+    char here[700], there[700], first[800], second[800], old_cwd[4096];
+    snprintf(here, sizeof here, "%s/cwd-a", dir);
+    snprintf(there, sizeof there, "%s/cwd-b", dir);
+    mkdir(here, 0755);
+    mkdir(there, 0755);
+    if (!getcwd(old_cwd, sizeof old_cwd) || chdir(here) != 0) printf("# chdir %s failed\n", here);
+    resil_options ro = {0};
+    ro.log_file = "app.log";
+    resil_t *RL = resil_open(&ro);
+    load(RL, "require('resil').log.info('line one')\n");
+    if (chdir(there) != 0) printf("# chdir %s failed\n", there);
+    load(RL, "require('resil').log.info('line two')\n");
+    resil_close(RL);
+    if (chdir(old_cwd) != 0) printf("# chdir back failed\n");
+    snprintf(first, sizeof first, "%s/app.log", here);
+    snprintf(second, sizeof second, "%s/app.log", there);
+    char text[4096] = "";
+    FILE *lf = fopen(first, "r");
+    size_t n = lf ? fread(text, 1, sizeof text - 1, lf) : 0;
+    text[n] = '\0';
+    if (lf) fclose(lf);
+    check(contains(text, "line one") && contains(text, "line two") && access(second, F_OK) != 0,
+          "a relative log_file stays the file it named when the program changes its working directory");
+    unlink(first);
+    unlink(second);
+    rmdir(here);
+    rmdir(there);
+  }
 
   char path[600];
   snprintf(path, sizeof path, "%s/router.lua", dir);
