@@ -52,6 +52,11 @@
 
 #define RESIL_VERSION "0.1.0"
 
+/* C linkage for a C++ program that includes this header */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct resil resil_t;
 struct lua_State;
 struct event_base;
@@ -270,5 +275,9 @@ RESIL_API struct event_base *resil_event_base(resil_t *R);
  * it does nothing more, and a new call from there (a retry) is refused with
  * RESIL_ERR_USAGE. */
 RESIL_API void resil_close(resil_t *R);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

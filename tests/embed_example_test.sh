@@ -53,6 +53,32 @@ status=$?
 ok $status "a plugin linked with libresil loads with dlopen"
 [ $status -eq 0 ] || sed 's/^/# /' "$tmp/plugin.log"
 
+# A C++ program includes the same header: its declarations are C's (extern "C"), or every resil_*
+# call was a C++ name libresil does not have ("undefined reference to resil_open(resil_options const*)")
+cat > "$tmp/app.cpp" <<'CPP'
+#include <resil.h>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+int main() {
+  resil_t *R = resil_open(nullptr);
+  char *out = nullptr;
+  int status = R ? resil_load_string(R, "function twice(x) return 2 * x end", "=cpp") : RESIL_ERR_MEMORY;
+  if (status == RESIL_OK) status = resil_run(R);
+  if (status == RESIL_OK) status = resil_call(R, "twice", "[21]", &out);
+  if (status == RESIL_OK && std::strcmp(out, "[42]") != 0) status = 99;
+  if (status != RESIL_OK) std::fprintf(stderr, "%d %s\n", status, resil_error(R));
+  std::free(out);
+  resil_close(R);
+  return status;
+}
+CPP
+c++ -Wall -Wextra ${SAN_FLAGS:-} -o "$tmp/app-cpp" "$tmp/app.cpp" $(pkg-config --cflags --libs resil) -Wl,-rpath,"$prefix/lib" > "$tmp/cpp.log" 2>&1 &&
+  "$tmp/app-cpp" >> "$tmp/cpp.log" 2>&1
+status=$?
+ok $status "a C++ program builds against resil.h through pkg-config, links and calls the host"
+[ $status -eq 0 ] || sed 's/^/# /' "$tmp/cpp.log" | head -20
+
 (cd "$tmp" && "$prefix/bin/resil-lua" -e "assert(require('policies.retry')) print(package.searchpath('x', 'y') or 'found')" > "$tmp/policies.out" 2>&1)
 ok $? "the installed resil-lua finds the shipped policies under the prefix (no RESIL_HOME)"
 
