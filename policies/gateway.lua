@@ -125,7 +125,11 @@ local KIND_STATUS = { budget_exceeded = 429, missing_secret = 500, unpriced = 40
   connect = 502, dns = 502, reset = 502, timeout = 504, in_progress = 409, key_reused = 422,
   -- past its sunset with no replacement: gone for good, the client's to change (a 502 was retried by
   -- the SDKs, each retry failing the same)
-  model_retired = 404 }
+  model_retired = 404,
+  -- the upstream's answer past max_body, or an event of its stream past max_event: the answer was
+  -- too large, not the request (a 413, the client's request_too_large, is an SDK's to give up on);
+  -- the upstream's own 413 keeps its status above
+  too_large = 502 }
 
 local function status_of(err)
   if type(err) ~= "table" then return 502 end

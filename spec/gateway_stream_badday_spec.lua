@@ -313,3 +313,42 @@ describe("gateway streams on a bad day: a client that stops a stream", function(
     end)
   end
 end)
+
+describe("gateway streams on a bad day: an upstream event past max_event before the first delta", function()
+  -- (before: the client was answered 413, OpenAI's invalid_request_error and Anthropic's
+  -- request_too_large, for a request of a few bytes: it was the upstream's answer that was too
+  -- large, and an SDK does not retry a 413, taking its own request for the fault)
+  it("is the gateway's 502 for each client, its request not called too large", function()
+    local function ev(name, data) return ("event: %s\ndata: %s\n\n"):format(name, json.encode(data)) end
+    local BIG = ("x"):rep(9 * 1024 * 1024) -- (the default max_event is 8 MiB)
+    local url, _, key = start({ strict = true, routes = {
+      ["POST /v1/chat/completions"] = function()
+        return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+          chunk({ role = "assistant", content = "" }), chunk({ content = BIG }), chunk({}, "stop"), "data: [DONE]\n\n" } }
+      end,
+      ["POST /v1/messages"] = function()
+        return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+          ev("message_start", { type = "message_start", message = { id = "msg_1", type = "message", role = "assistant",
+            model = "claude-sonnet-4-5-20250929", content = setmetatable({}, json.array_mt),
+            usage = { input_tokens = 10, output_tokens = 1 } } }),
+          ev("content_block_start", { type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
+          ev("content_block_delta", { type = "content_block_delta", index = 0, delta = { type = "text_delta", text = BIG } }) } }
+      end } })
+    for _, api in ipairs({ "openai", "anthropic" }) do
+      for _, model in ipairs({ "openai/gpt-4o-mini", CLAUDE }) do
+        local s = assert(resil.http.stream({ method = "POST", url = url .. path_of(api), timeout = 60,
+          headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json",
+            ["anthropic-version"] = "2023-06-01" }, body = json.encode({ model = model, max_tokens = 200, stream = true,
+            messages = { { role = "user", content = "hi" } } }) }))
+        local body = {}
+        for piece in function() return s:read() end do body[#body + 1] = piece end
+        body = json.decode(table.concat(body))
+        assert.are.equal(502, s.status, api .. " client of " .. model)
+        if api == "anthropic" then assert.are.equal("api_error", body.error.type)
+        else assert.are.equal("server_error", body.error.type) end
+        assert.matches("max_event", body.error.message)
+      end
+    end
+    settled()
+  end)
+end)
