@@ -900,8 +900,12 @@ local function semaphore(name, size)
   return host_limits.semaphore(name, { size = size, queue = gateway.config.queue or 64 })
 end
 
-local function busy(api, who, n)
-  return error_reply(api, 503, ("%s: %d requests at once already, and its queue is full"):format(who, n),
+-- (err: the semaphore's refusal, its queue full or no permit within the wait: a request that
+-- waited out queue_timeout was told the queue was full, and `queue` raised changed nothing)
+local function busy(api, who, n, err)
+  local why = tostring(type(err) == "table" and err.message or ""):find("queue full", 1, true)
+    and "its queue is full" or ("none came free within queue_timeout (%g s)"):format(gateway.config.queue_timeout or 10)
+  return error_reply(api, 503, ("%s: %d requests at once already, and %s"):format(who, n, why),
     { headers = { ["retry-after"] = "1" }, code = "too_many_concurrent_requests" })
 end
 
@@ -922,7 +926,8 @@ local function admit(rec, api)
       key_sems[rec] = kept
     end
     local sem = kept.sem
-    if not sem:acquire(wait) then return nil, busy(api, ("key '%s'"):format(rec.name), rec.concurrency) end
+    local ok, err = sem:acquire(wait)
+    if not ok then return nil, busy(api, ("key '%s'"):format(rec.name), rec.concurrency, err) end
     p.key = sem
   end
   if max then
@@ -931,9 +936,10 @@ local function admit(rec, api)
     end
     -- (the queue_timeout is the request's in all: what the key's permit took of it is gone)
     if since then wait.timeout = math.max(0, wait.timeout - (resil.now() - since)) end
-    if not total_sem.sem:acquire(wait) then
+    local ok, err = total_sem.sem:acquire(wait)
+    if not ok then
       p:release()
-      return nil, busy(api, "the gateway", max)
+      return nil, busy(api, "the gateway", max, err)
     end
     p.total = total_sem.sem
   end

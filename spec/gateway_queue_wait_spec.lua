@@ -133,4 +133,47 @@ describe("the gateway's queue", function()
       "the queued requests still wait for a limit the config lifted")
     for _, t in ipairs(tasks) do assert.are.equal(200, select(2, t:join()).status) end
   end)
+  -- (before: a stream's client that waited out queue_timeout behind a key's streams was told "its
+  -- queue is full" with one place taken in a queue of 4: the operator raised `queue`, which
+  -- changed nothing; the wait was too short, or the key's concurrency too small)
+  it("says why a request was refused: a full queue, or no permit within queue_timeout", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ strict = true, latency = 10 }))
+    local gateway, ai = helpers.fresh_gateway()
+    for k in pairs(gateway.config) do gateway.config[k] = nil end
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = { base = 0.001, cap = 0.005 } })
+    gateway.configure({ auth = true, key_cache = 0, models = {}, queue = 1, queue_timeout = 2 })
+    local s = gateway.serve({ listen = "127.0.0.1:0" })
+    resil.clock.virtual()
+    finally(function()
+      resil.clock.real()
+      s:close()
+      m:stop()
+      resil.log.level("info")
+    end)
+    local url = ("http://127.0.0.1:%d/v1/chat/completions"):format(s:port())
+    local keys = require "resil.keys"
+    local key = assert(keys.add({ name = "queue-why", concurrency = 1 }))
+    local function post()
+      return http.request({ method = "POST", url = url, body = BODY, timeout = 60,
+        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json" } })
+    end
+    local a = resil.spawn(post) -- the key's one permit, 10 s upstream
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 10))
+    local waiting = resil.spawn(post) -- the queue's one place, for 2 s
+    assert.is_true(helpers.wait_until(function()
+      return resil.semaphore("gateway:key:" .. keys.list()[1].id):state().waiting == 1 end, 10))
+    local full = assert(post()) -- no place left in the queue: at once
+    assert.are.equal(503, full.status)
+    assert.matches("queue is full", json.decode(full.body).error.message)
+    local timed_out = select(2, waiting:join())
+    assert.are.equal(503, timed_out.status)
+    local msg = json.decode(timed_out.body).error.message
+    assert.is_nil(msg:find("queue is full", 1, true), msg)
+    assert.matches("queue_timeout", msg)
+    assert.are.equal("too_many_concurrent_requests", json.decode(timed_out.body).error.code)
+    assert.are.equal(200, select(2, a:join()).status)
+  end)
 end)
