@@ -382,6 +382,32 @@ describe("a shared bucket (GCRA state in the store)", function()
   end)
   after_each(function() resil.log.level("info") end)
 
+  -- (before: b:acquire(1, 5) ignored its options, no table, and waited with no timeout at all; a
+  -- timeout that was no number said "bad argument #-2 to 'acquire'"; acquire_all(list, 5) raised
+  -- "attempt to index a number value" at a line of the host's)
+  it("acquire refuses options that are no table, or a timeout that is no number, at the caller's line", function()
+    local locals = resil.bucket("acquire-opts", { rate = 1, per = 60, burst = 1 })
+    local shared = resil.bucket("acquire-opts-shared", { rate = 1, per = 60, burst = 1, shared = true })
+    for _, b in ipairs({ locals, shared }) do
+      assert.is_true((b:acquire(1)))
+      for _, c in ipairs({
+        { function() local ok = b:acquire(1, 5); return ok end, "acquire's options must be a table {timeout=}, got number" },
+        { function() local ok = b:acquire(1, { timeout = "soon" }); return ok end, "timeout must be a non%-negative number" },
+      }) do
+        local t0 = resil.now()
+        local ok, err = pcall(c[1])
+        assert.is_false(ok)
+        assert.matches("bucket_spec%.lua:" .. debug.getinfo(c[1], "S").linedefined .. ": bucket '" .. b:name():gsub("%p", "%%%0")
+          .. "': " .. c[2], err)
+        assert.are.equal(0, resil.now() - t0)
+      end
+    end
+    local f = function() local ok = resil.acquire_all({ { locals, 1 } }, 5); return ok end
+    local ok, err = pcall(f)
+    assert.is_false(ok)
+    assert.matches("bucket_spec%.lua:" .. debug.getinfo(f, "S").linedefined .. ": resil%.acquire_all: options must be a table", err)
+  end)
+
   it("gives back the slot booked for a waiter canceled before it came, as a local bucket does", function()
     -- (before: the canceled waiter's slot stayed booked, and the next caller, 10.5 s on, waited 9.5 s more)
     local b = resil.bucket("shared-cancel-booked", { rate = 1, per = 10, burst = 1, shared = true })

@@ -203,6 +203,28 @@ describe("resil.semaphore timeout at creation", function()
   end)
 end)
 
+-- (before: sem:acquire(30) ignored its options, no table, and waited with no timeout at all)
+describe("resil.semaphore's acquire", function()
+  it("refuses options that are no table, or a timeout that is no number, at the caller's line, waiting for nothing",
+    function()
+    local sem = resil.semaphore("acquire-opts-sem", { size = 1 })
+    assert.is_true(sem:acquire())
+    for _, c in ipairs({
+      { function() local ok = sem:acquire(30); return ok end, "acquire's options must be a table {timeout=}, got number" },
+      { function() local ok = sem:acquire({ timeout = "soon" }); return ok end, "timeout must be a non%-negative number" },
+    }) do
+      local t = resil.spawn(pcall, c[1])
+      local done, ok, err = t:join(1) -- (it waited for good)
+      t:cancel()
+      assert.is_true(done, "still waiting")
+      assert.is_false(ok)
+      assert.matches("semaphore_spec%.lua:" .. debug.getinfo(c[1], "S").linedefined .. ": semaphore 'acquire%-opts%-sem': " .. c[2], err)
+    end
+    assert.is_nil((sem:acquire({ timeout = 0 })))
+    sem:release()
+  end)
+end)
+
 describe("a semaphore's permit outside any task", function()
   local http = resil.http
 

@@ -356,8 +356,12 @@ static int b_acquire(lua_State *L) {
   bucket *b = check_bucket(L, 1);
   double n = check_tokens(L, 2, b);
   double timeout = -1;
+  /* (options that were no table, acquire(1, 5), were ignored: no timeout at all; a timeout that was
+   * no number said "bad argument #-2 to 'acquire'") */
+  if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3))
+    resil_raise(L, "bucket '%s': acquire's options must be a table {timeout=}, got %s", b->name, luaL_typename(L, 3));
   if (lua_istable(L, 3) && lua_getfield(L, 3, "timeout") != LUA_TNIL) {
-    timeout = luaL_checknumber(L, -1);
+    timeout = lua_isnumber(L, -1) ? lua_tonumber(L, -1) : -1;
     if (!(timeout >= 0)) resil_raise(L, "bucket '%s': timeout must be a non-negative number", b->name);
   }
   lua_settop(L, 2);

@@ -244,8 +244,12 @@ static int acquire_k(lua_State *L, int status, lua_KContext ctx) {
 static int s_acquire(lua_State *L) {
   semaphore *s = check_semaphore(L, 1);
   double timeout = -1;
+  /* (options that were no table, acquire(30), were ignored: no timeout at all) */
+  if (!lua_isnoneornil(L, 2) && !lua_istable(L, 2))
+    resil_raise(L, "semaphore '%s': acquire's options must be a table {timeout=}, got %s", s->name,
+                luaL_typename(L, 2));
   if (lua_istable(L, 2) && lua_getfield(L, 2, "timeout") != LUA_TNIL) {
-    timeout = luaL_checknumber(L, -1);
+    timeout = lua_isnumber(L, -1) ? lua_tonumber(L, -1) : -1;
     if (!(timeout >= 0)) resil_raise(L, "semaphore '%s': timeout must be a non-negative number", s->name);
   }
   lua_settop(L, 1);

@@ -303,13 +303,20 @@ local booked_mt = { __close = function(g) if g.n then resil.spawn(g.bucket.refun
 
 -- b:acquire(n, {timeout=}) -> true, remaining | nil, err{kind="rate_limited"}
 function SharedBucket:acquire(n, opts)
+  -- (as a local bucket's: options that were no table were ignored, no timeout at all)
+  if opts ~= nil and type(opts) ~= "table" then
+    user_error(("bucket '%s': acquire's options must be a table {timeout=}, got %s"):format(self.label, type(opts)))
+  end
+  local timeout = opts and opts.timeout
+  if timeout ~= nil and not (type(timeout) == "number" and timeout >= 0) then
+    user_error(("bucket '%s': timeout must be a non-negative number"):format(self.label))
+  end
   n = n or 1
   if n > self.burst then
     self.refusals = self.refusals + 1
     return nil, resil.error("rate_limited", ("bucket '%s': %g tokens can never be granted (burst is %g)"):format(
       self.label, n, self.burst), { bucket = self.label, retryable = false }) -- (no wait cures it)
   end
-  local timeout = opts and opts.timeout
   local deadline = timeout and resil.now() + timeout
   while true do
     local asked, paused_until = resil.now(), self.paused_until
@@ -548,6 +555,9 @@ end
 
 function resil.acquire_all(list, opts)
   if type(list) ~= "table" then error("resil.acquire_all: expects a list of {bucket, n}", 2) end
+  if opts ~= nil and type(opts) ~= "table" then -- (a number was "attempt to index", a string no timeout at all)
+    error(("resil.acquire_all: options must be a table {timeout=}, got %s"):format(type(opts)), 2)
+  end
   local timeout = opts and opts.timeout
   -- (a NaN timeout waited for good; an entry that is not {bucket, n} raised inside this file,
   -- "attempt to call a nil value (method 'wait_time')", naming no line of the caller's)
