@@ -241,6 +241,8 @@ for _, b in ipairs(helpers.store_backends()) do
           "resil.budget: limit must be a number from 0 to 1e12")
       end
       misuse(function() local _ = budget:reserve(0.1, { hold = nan }) end, "budget:reserve: hold must be a number")
+      -- (a hold given as a number: "[resil budgets]:294: attempt to index a number value (local 'o')")
+      misuse(function() local _ = budget:reserve(0.1, 600) end, "budget:reserve: options must be a table {hold=}, got number")
       -- (a function or a number as the options of a budget that exists: "[resil budgets]:172: attempt to index")
       misuse(function() local _ = resil.budget("money-in", function() end) end, "resil.budget: options must be a table")
       misuse(function() local _ = resil.budget("money-in", 5) end, "resil.budget: options must be a table")

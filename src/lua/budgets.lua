@@ -291,6 +291,9 @@ end
 -- budget:reserve(estimate_usd [, {hold=}]) -> ticket | nil, err{kind="budget_exceeded"|"store_unavailable"}
 function Budget:reserve(estimate, o)
   if not is_usd(estimate) then error("budget:reserve: estimate must be a number from 0 to 1e9", 2) end
+  if o ~= nil and type(o) ~= "table" then -- (reserve(1, 600): "attempt to index a number value" at this file's line)
+    error(("budget:reserve: options must be a table {hold=}, got %s"):format(type(o)), 2)
+  end
   local hold = o and o.hold or self.hold
   if not (type(hold) == "number" and hold > 0 and hold < math.huge) then
     error("budget:reserve: hold must be a number of seconds > 0", 2)
