@@ -431,6 +431,16 @@ call.invoke = invoke
 -- provider(req) -> res, nil, info | nil, err
 -- After a reload, providers made by the old version run the new code.
 function Provider:__call(req)
+  -- (a request that was neither raised "attempt to index a number value (local 'req')", and one
+  -- without a url "http request: 'url' is required", each at a line of this file, at every attempt)
+  local kind = type(req)
+  if kind ~= "table" and kind ~= "function" then
+    error(("provider '%s': the request must be a table or a function (attempt, seconds_left), got %s"):format(
+      self.name, kind), 2)
+  end
+  if kind == "table" and req.url == nil and self.request.url == nil then
+    error(("provider '%s': no url, in the call's request or the provider's `request`"):format(self.name), 2)
+  end
   local current = package.loaded["policies.call"]
   if current ~= call and type(current) == "table" and current.invoke then return current.invoke(self, req) end
   return invoke(self, req)
@@ -460,9 +470,29 @@ function call.check(name, conf)
 end
 
 -- call.provider(name, conf) -> a callable provider
+local CONF_LIST = "request, timeout, deadline, validate, estimate, idempotency, rate, tokens, breaker, concurrency, " ..
+  "retry, fallback, fallback_on"
+local CONF_KEYS = {}
+for k in CONF_LIST:gmatch("[%w_]+") do CONF_KEYS[k] = true end
 function call.provider(name, conf)
   if type(name) ~= "string" then error("call.provider: name must be a string", 2) end
   if type(conf) ~= "table" then error("call.provider: conf must be a table", 2) end
+  -- (an option misspelt, retries = 3, was ignored; a table option given otherwise, rate = 500 or
+  -- breaker = true, raised inside this file, and fallback = provider, not a list, fell back to nothing)
+  for k in pairs(conf) do
+    if not CONF_KEYS[k] then
+      error(("call.provider '%s': unknown option '%s' (it takes %s)"):format(name, tostring(k), CONF_LIST), 2)
+    end
+  end
+  for _, k in ipairs({ "request", "rate", "tokens", "breaker", "concurrency", "fallback" }) do
+    local v = conf[k]
+    if v ~= nil and v ~= false and type(v) ~= "table" then
+      error(("call.provider '%s': %s must be a table, got %s"):format(name, k, type(v)), 2)
+    end
+  end
+  if getmetatable(conf.fallback) == Provider then
+    error(("call.provider '%s': fallback is a list, { provider, ..., placeholder = v }, not a provider"):format(name), 2)
+  end
   -- (a NaN or string timeout or deadline, or a negative timeout, raised 'http request: ...' inside
   -- this file at every call; an unknown validator raised once the request had been made and paid
   -- for, a number 'attempt to call a number value' inside classify.lua. A deadline of 0 or less,

@@ -310,4 +310,32 @@ describe("call.provider's options", function()
     assert.are.equal("deadline", err.kind)
     m:stop()
   end)
+
+  -- (before: retries = 3 was ignored; rate = 500 raised "call.lua:479: bad argument #1 to 'for iterator'",
+  -- breaker = true "attempt to index a boolean value", inside this library; fallback = other (no list)
+  -- fell back to nothing; a call with a number, or with no url anywhere, raised inside it at each attempt)
+  it("an unknown option, a table option given otherwise, or a call without a request raise at the caller's line",
+    function()
+    local m = resil.mock.start({})
+    local request = { method = "POST", url = m.url .. "/v1/chat/completions" }
+    local other = call.provider("call-other", { request = request })
+    local nourl = call.provider("call-no-url", {})
+    local cases = {
+      { function() local p = call.provider("call-x1", { request = request, retries = 3 }); return p end, "unknown option 'retries'" },
+      { function() local p = call.provider("call-x2", { request = request, rate = 500 }); return p end, "rate must be a table, got number" },
+      { function() local p = call.provider("call-x3", { request = request, breaker = true }); return p end, "breaker must be a table, got boolean" },
+      { function() local p = call.provider("call-x4", { request = "http://x" }); return p end, "request must be a table, got string" },
+      { function() local p = call.provider("call-x5", { request = request, fallback = other }); return p end, "fallback is a list" },
+      { function() local r = other(5); return r end, "the request must be a table or a function" },
+      { function() local r = nourl(chat); return r end, "no url" },
+    }
+    for i, c in ipairs(cases) do
+      local ok, err = pcall(c[1])
+      assert.is_false(ok, i)
+      assert.matches("call_spec%.lua:" .. debug.getinfo(c[1], "S").linedefined .. ": [%w%.]*provider '[%w%-]+': " .. c[2]:gsub("%p", "%%%0"), err)
+    end
+    assert.is_nil(m:stats().routes.chat)
+    assert.are.equal(200, assert(call.provider("call-x6", { request = request, rate = false })(chat)).status)
+    m:stop()
+  end)
 end)
