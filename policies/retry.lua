@@ -148,8 +148,17 @@ local OPTION_NUMBERS = { -- name -> finite, what it must be
 local OPTION_FUNCTIONS = { "random", "on_retry", "sleep", "classify", "give_up" }
 local function shown(v) return type(v) == "string" and ("%q"):format(v) or tostring(v) end
 local function retries_ok(v) return type(v) == "number" and v >= 0 and (v == floor(v) or v == math.huge) end
+-- (an option misspelt, max_retry = 3 or backof = "constant", was ignored: the call retried as the
+-- defaults say. provider, validate and bounded are what policies.call adds for its own calls.)
+local KNOWN_LIST = "max_retries, base, cap, backoff, strategy, max_retry_after, deadline, timeout, attempt_time, " ..
+  "budget, random, on_retry, give_up, sleep, classify"
+local KNOWN = { provider = true, validate = true, bounded = true }
+for k in KNOWN_LIST:gmatch("[%w_]+") do KNOWN[k] = true end
 function retry.check(opts)
   if type(opts) ~= "table" then return ("retry options must be a table, got %s"):format(type(opts)) end
+  for k in pairs(opts) do
+    if not KNOWN[k] then return ("retry: unknown option '%s' (it takes %s)"):format(tostring(k), KNOWN_LIST) end
+  end
   local m = opts.max_retries
   if type(m) == "table" then
     for class, n in pairs(m) do

@@ -111,6 +111,23 @@ describe("a retry's other options", function()
     assert.is_false(ok)
     assert.matches("policy_retry_options_spec.lua:%d+: ai.configure 'openai': retry: unknown backoff strategy 'expo'", err)
   end)
+
+  -- (before: max_retry = 3 was ignored without a word, and the call retried as the defaults say)
+  it("an option retry does not take is named at the line that gave it, before any attempt", function()
+    local n = 0
+    local f = function()
+      local r = retry.call(function() n = n + 1; return nil, resil.error("timeout", "slow") end, { max_retry = 0 })
+      return r
+    end
+    local ok, err = pcall(f)
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec%.lua:" .. debug.getinfo(f, "S").linedefined + 1
+      .. ": retry: unknown option 'max_retry' %(it takes max_retries, ", err)
+    assert.are.equal(0, n)
+    ok, err = pcall(call.provider, "retry-typo", { retry = { backof = "constant" } })
+    assert.is_false(ok)
+    assert.matches("call.provider 'retry%-typo': retry: unknown option 'backof'", err)
+  end)
 end)
 
 describe("a retry's classifier", function()
