@@ -277,7 +277,28 @@ local function unsent(bucket, token_bucket, tokens)
   if bucket then bucket:refund(1) end
 end
 
+-- A pause the provider asked for (an exhausted limit's reset, a 429's Retry-After) longer than the
+-- retry's max_retry_after is its "not now" to the calls after the one it answered too: not waited out
+-- in the bucket (the call that got it gave up at once, err.gave_up = "retry_after", and the next one,
+-- with no deadline, held an hour there, its fallback unasked). -> the error | nil. Looked at only when
+-- the bucket's wait is that long (its own pacing may be: a pipeline's calls queue for minutes).
+local function paused_past(b, n, most)
+  if b:wait_time(n) <= most then return nil end
+  local paused = b:state().paused_for
+  if not (paused > most) then return nil end
+  return resil.error("rate_limited", ("bucket '%s' is paused for %.3f s more, as the provider said (past " ..
+    "max_retry_after, %g s)"):format(b:name(), paused, most), { retry_after = paused, bucket = b:name() })
+end
+
 local function attempt(n, self, req, deadline, refused, give_up)
+  if self.bucket or self.token_bucket then
+    local most = self.retry_opts.max_retry_after or retry.defaults.max_retry_after
+    if not deadline or deadline - now() > most then -- (a deadline nearer cuts the wait itself)
+      local paused = self.bucket and paused_past(self.bucket, 1, most)
+        or self.token_bucket and paused_past(self.token_bucket, 1, most)
+      if paused then return nil, paused end
+    end
+  end
   local br = self.breaker
   local guard
   if br then

@@ -105,6 +105,31 @@ describe("policies.call against the mock provider", function()
     assert.are.equal(1, m:stats().routes.chat)
   end)
 
+  -- (before: the call after the one that gave up sat in its bucket's pause for the hour, with no deadline, and
+  -- its fallback was not asked)
+  it("a provider's pause past max_retry_after is not waited out by the calls after it either", function()
+    m = resil.mock.start {}
+    local backup = provider(m, { timeout = 10 })
+    for i, limits in ipairs({ { rate = { rate = 100, per = 1, name = "call-spec-paused-r" } },
+                              { tokens = { rate = 100000, per = 60, name = "call-spec-paused-t" } } }) do
+      m:configure({ sequence = { chat = { { status = 429, retry_after = 3600 } } } })
+      local p = provider(m, { timeout = 10, rate = limits.rate, tokens = limits.tokens })
+      local t0 = resil.now()
+      local res, err = p(chat)
+      assert.are.same({ "rate_limited", "retry_after" }, { err.kind, err.gave_up }, i)
+      local sent = m:stats().routes.chat
+      res, err = p(chat) -- no deadline
+      assert.is_nil(res)
+      assert.are.same({ "rate_limited", "retry_after" }, { err.kind, err.gave_up }, i)
+      assert.is_true(err.retry_after > 3500, tostring(err.retry_after))
+      assert.are.equal(sent, m:stats().routes.chat) -- nothing sent meanwhile
+      local _, _, info = assert(provider(m, { timeout = 10, rate = limits.rate, tokens = limits.tokens,
+        fallback = { backup } })(chat))
+      assert.are.equal(backup.name, info.served_by)
+      assert.are.equal(0, resil.now() - t0)
+    end
+  end)
+
   it("falls back to another provider on a context-length refusal and says who served", function()
     m = resil.mock.start { sequence = { chat = { { status = 400, error_code = "context_length_exceeded" } } } }
     local big = provider(m, { timeout = 10 })
