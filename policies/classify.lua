@@ -328,7 +328,14 @@ function classify.outcome(res, err, opts)
     end
   end
   if not v then
-    local message = error_field(body, "message") or detail_said(body)
+    -- (a message that is no string was said as "table: 0x55..." or "5.0"; a proxy's {"error": "..."} or
+    -- {"message": "..."} went unsaid)
+    local message = error_field(body, "message")
+    if type(message) ~= "string" then
+      local b = type(body) == "table" and body or {}
+      message = type(b.error) == "string" and b.error or type(b.message) == "string" and b.message or nil
+    end
+    message = message or detail_said(body)
     v = verdict_of(status_rule(status), ("HTTP %d%s"):format(status, message and (": " .. tostring(message)) or ""),
       status, nil, retry_after)
   end

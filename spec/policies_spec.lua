@@ -77,6 +77,17 @@ describe("policies.classify", function()
       { validate = "prediction" }))
   end)
 
+  -- (before: "HTTP 503: table: 0x55..." or "HTTP 503: 5.0"; a proxy's own words went unsaid)
+  it("says what an error body's message is when it is a string, wherever it is", function()
+    local said = {
+      ['{"error":{"type":"x","message":{"a":1}}}'] = "HTTP 503", ['{"error":{"message":5}}'] = "HTTP 503",
+      ['{"error":"Rate limited, slow down"}'] = "HTTP 503: Rate limited, slow down",
+      ['{"message":"Too Many Requests"}'] = "HTTP 503: Too Many Requests",
+      ['{"error":{"message":"fine"}}'] = "HTTP 503: fine",
+    }
+    for body, reason in pairs(said) do assert.are.equal(reason, classify.outcome(response(503, body)).reason, body) end
+  end)
+
   it("carries Retry-After into the verdict", function()
     local v = classify.outcome(response(429, "", { ["retry-after"] = "7" }))
     assert.are.equal(7, v.retry_after)
