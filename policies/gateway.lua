@@ -1020,7 +1020,10 @@ end
 -- error.type (an overloaded_error a client backs off on was an api_error)
 local ANTHROPIC_TYPES = {}
 for _, t in pairs(ANTHROPIC_TYPE) do ANTHROPIC_TYPES[t] = true end
+-- task -> the kind of error its streamed reply ended with (its access line says it)
+local stream_failed = setmetatable({}, { __mode = "k" })
 local function broken(api, err)
+  stream_failed[resil.running()] = err.kind or "stream_interrupted"
   local cause = type(err.cause) == "table" and err.cause.error
   local etype = api == "anthropic" and type(cause) == "table" and ANTHROPIC_TYPES[cause.type] and cause.type or nil
   return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted", etype)
@@ -2087,8 +2090,9 @@ local function access_started(req)
   access_of[req] = a
   return a
 end
--- how: nil for an answer; a stream's end: "ended", "cut" (the reply failed mid-way) or "client_left"
-local function access_line(req, a, route, status, reply, how)
+-- how: nil for an answer; a stream's end: "ended", "failed" (an error event ended it: failed, its
+-- kind), "cut" (the reply raised mid-way) or "client_left"
+local function access_line(req, a, route, status, reply, how, failed)
   local path = req.path
   if #path > PATH_LOGGED then path = path:sub(1, PATH_LOGGED) .. "..." end
   local h = type(reply) == "table" and type(reply.headers) == "table" and reply.headers or {}
@@ -2099,7 +2103,8 @@ local function access_line(req, a, route, status, reply, how)
     provider = h["x-resil-provider"], served_model = h["x-resil-model"],
     attempts = attempts and math.tointeger(tonumber(attempts)), cost_usd = cost and tonumber(cost),
     replayed = h["x-resil-replayed"] == "true" or nil,
-    bytes = type(reply) == "table" and type(reply.body) == "string" and #reply.body or nil, stream = how })
+    bytes = type(reply) == "table" and type(reply.body) == "string" and #reply.body or nil, stream = how,
+    error = failed })
 end
 -- a streamed reply's line as its stream ends (its client leaving cancels it: no error)
 local function access_at_end(req, a, route, reply)
@@ -2107,7 +2112,9 @@ local function access_at_end(req, a, route, reply)
   reply.stream = function(write)
     local ended = false
     local _ <close> = setmetatable({}, { __close = function(_, err)
-      access_line(req, a, route, reply.status or 200, reply, ended and "ended" or err == nil and "client_left" or "cut")
+      local failed = stream_failed[resil.running()]
+      local how = ended and (failed and "failed" or "ended") or err == nil and "client_left" or "cut"
+      access_line(req, a, route, reply.status or 200, reply, how, failed)
     end })
     local function over(...) ended = true; return ... end
     return over(stream(write))

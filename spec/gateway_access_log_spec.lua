@@ -116,6 +116,31 @@ describe("the gateway's access log", function()
       got[1].model, got[1].provider })
   end)
 
+  it("says failed, with the error's kind, for a stream an upstream's bad event ended", function()
+    local function chunk(delta)
+      return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, delta = delta, finish_reason = json.null } } }) .. "\n\n"
+    end
+    local url, key = start(nil, { routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" },
+        chunks = { chunk({ role = "assistant", content = "" }), chunk({ content = "hello " }), "data: []\n\n" } }
+    end } })
+    local body
+    local got = logged_until(1, function()
+      local s = assert(resil.http.stream(chat(url, key, { model = MINI, stream = true })))
+      local parts = {}
+      while true do
+        local chunk_text = s:read()
+        if not chunk_text then break end
+        parts[#parts + 1] = chunk_text
+      end
+      body = table.concat(parts)
+    end)
+    assert.is_nil(body:find("[DONE]", 1, true))
+    assert.are.equal(1, #got)
+    assert.are.same({ 200, "failed", "stream_interrupted" }, { got[1].status, got[1].stream, got[1].error })
+  end)
+
   it("says client_left for a stream whose client hung up mid-way", function()
     local url, key = start(nil, { faults = { { route = "chat", kind = "stall", after = 2 } } })
     local got = logged_until(1, function()
