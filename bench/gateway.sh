@@ -20,6 +20,7 @@ cleanup() {
   [ -f "$work/proxy.pid" ] && kill "$(cat "$work/proxy.pid")" 2>/dev/null || true
   [ -n "${gw_pid:-}" ] && kill "$gw_pid" 2>/dev/null || true
   [ -n "${w2_pid:-}" ] && kill "$w2_pid" 2>/dev/null || true
+  [ -n "${al_pid:-}" ] && kill "$al_pid" 2>/dev/null || true
   [ -n "${pk_pid:-}" ] && kill "$pk_pid" 2>/dev/null || true
   [ -n "${sgw_pid:-}" ] && kill "$sgw_pid" 2>/dev/null || true
   [ -n "${mock_pid:-}" ] && kill "$mock_pid" 2>/dev/null || true
@@ -99,6 +100,20 @@ errs() { awk '/Non-2xx|Socket errors/ { print }' "$work/wrk.out" | tr '\n' ' '; 
 
 run "$GW_C" "$direct"; d_rps=$(rps); d_err=$(errs)
 run "$GW_C" "$through"; g_rps=$(rps); g_err=$(errs)
+
+# --- the same gateway writing its access log: a line per request at info, to a file ---
+# (the runs above are at --log-level error, where no line is built)
+if [ -z "${GW_STAGES:-}" ]; then
+  al_port=$(free_port)
+  $pin_gw "$RESIL" gateway --listen "127.0.0.1:$al_port" --config "$work/gateway.lua" --store "$db" --log-level info \
+    --log-file "$work/access.log" > "$work/al.out" 2>&1 &
+  al_pid=$!
+  for _ in $(seq 100); do grep -q listening "$work/al.out" && break; sleep 0.05; done
+  run "$GW_C" "http://127.0.0.1:$al_port/v1/chat/completions"; al_rps=$(rps); al_err=$(errs)
+  kill "$al_pid" 2>/dev/null || true
+  wait "$al_pid" 2>/dev/null || true
+  al_lines=$(grep -c '"msg":"access"' "$work/access.log" || true)
+fi
 
 # --- a reference: nginx itself as a reverse proxy, no policy, pinned as the gateway ---
 # What a proxy written in C pays on this machine for the two sockets of a
@@ -237,6 +252,9 @@ echo "gateway: wrk ${GW_SECONDS}s per run, nginx upstream (1 worker), full polic
 echo "  $GW_C connections  direct ${d_rps} req/s; through the gateway ${g_rps} req/s ${d_err}${g_err}${pin_gw:+(gateway on core 0, wrk and nginx on core 1)}"
 awk -v a="$w2_rps" -v b="$g_rps" -v w="$w2_where" -v e="$w2_err" -v c="$GW_C" 'BEGIN {
   printf "  --workers 2     %s req/s at %s connections, %.2fx one worker %s(%s)\n", a, c, a / b, e, w }'
+awk -v a="$al_rps" -v b="$g_rps" -v e="$al_err" -v c="$GW_C" -v n="$al_lines" 'BEGIN {
+  printf "  access log      %s req/s at %s connections, %.2fx without it %s(--log-level info to a file: %s lines)\n",
+    a, c, (b > 0 ? a / b : 0), e, n }'
 echo "  1 connection    direct p50 ${d50} us p99 ${d99} us; through p50 ${g50} us p99 ${g99} us; added p50 $((g50 - d50)) us, p99 $((g99 - d99)) us${pin_gw:+ (all on core 0)}"
 awk -v x="$x_rps" -v g="$g_rps" -v c="$GW_C" -v e="$x_err" -v a50="$((x50 - d50))" -v a99="$((x99 - d99))" -v w="${pin_gw:+, on core 0 as the gateway}" 'BEGIN {
   printf "  nginx proxy     %s req/s at %s connections %s(proxy_pass alone, no policy%s), the gateway %.2fx of it; added at 1 connection p50 %d us, p99 %d us\n",
