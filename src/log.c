@@ -80,9 +80,12 @@ static const char *const sensitive_keys[] = {
   "secret", "access_token", "refresh_token", "cookie", "set-cookie", "x-goog-api-key", "xi-api-key",
   "x-auth-token", "ocp-apim-subscription-key", NULL};
 
+/* (a name of no sensitive key's length is none of them: most fields are compared with none) */
 static int is_sensitive(const char *key) {
+  size_t len = strlen(key);
+  if (len < 6 || len > 25) return 0;
   for (int i = 0; sensitive_keys[i]; i++)
-    if (strcasecmp(key, sensitive_keys[i]) == 0) return 1;
+    if (strlen(sensitive_keys[i]) == len && strcasecmp(key, sensitive_keys[i]) == 0) return 1;
   return 0;
 }
 
@@ -115,6 +118,7 @@ static size_t utf8_sequence(const unsigned char *s, size_t n) {
 static void valid_utf8(lua_State *L) {
   size_t len, at = 0, n;
   const unsigned char *s = (const unsigned char *)lua_tolstring(L, -1, &len);
+  while (at < len && s[at] < 0x80) at++; /* (ASCII, most text, without a call a byte) */
   while (at < len && (n = utf8_sequence(s + at, len - at)) > 0) at += n;
   if (at == len) return;
   luaL_Buffer b;
