@@ -585,6 +585,12 @@ end
 -- what real model ids look like, printable ASCII and short, so one request
 -- cannot put megabytes into each of those (or a control byte into a header)
 local MODEL_MAX = 256
+-- the model a client named, for its access line: cut to MODEL_MAX bytes (one refused as too long
+-- was written whole, a 5 MB line a request)
+local function logged_model(name)
+  if type(name) ~= "string" then return nil end
+  return #name > MODEL_MAX and name:sub(1, MODEL_MAX) .. "..." or name
+end
 local function check_model(name)
   if type(name) ~= "string" or name == "" then return "model is required" end
   if #name > MODEL_MAX or not name:find("^[!-~]*$") then
@@ -1486,7 +1492,7 @@ function complete_admitted(req, api, id, rec, slot)
   end
   let_others_in(req.body)
   local a = access_of[req]
-  if a and type(b.model) == "string" then a.model = b.model end
+  if a then a.model = logged_model(b.model) end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
   local bad = check_messages(b.messages) or check_tools(b.tools) or not_finite(b)
@@ -1694,7 +1700,7 @@ local function embeddings(req)
     return with_id(error_reply("openai", 400, not_object_message(bad_json), { code = "invalid_json" }), id)
   end
   local a = access_of[req]
-  if a and type(b.model) == "string" then a.model = b.model end
+  if a then a.model = logged_model(b.model) end
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply("openai", 400, bad_model, { code = "invalid_model" }), id) end
   local input = b.input
