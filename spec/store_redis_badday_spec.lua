@@ -416,4 +416,21 @@ for _ = 1, 2 do print(b:reserve(1)) end
       assert.are.equal(0, helpers.run(("redis-cli -p %d replicaof 127.0.0.1 %d"):format(replica, port)).code)
       failed_closed(allow_run(("redis://127.0.0.1:%d/0?timeout=1"):format(replica)), "READONLY")
     end)
+
+  it("a replica stays store_error after reads it ran (a read is no write taken)", function()
+    -- (before: the first script the replica ran, a read, counted as a write taken: the reservations
+    -- after it were an outage again, and on_outage = "allow" let $2 through on a $1 budget)
+    local port = own_server(finally)
+    local replica = own_server(finally)
+    assert.are.equal(0, helpers.run(("redis-cli -p %d replicaof 127.0.0.1 %d"):format(replica, port)).code)
+    local r = helpers.run_script([[
+local resil = require "resil"
+assert(resil.store():get("anything") == nil)
+local open = resil.breaker("upstream", { shared = true })
+assert(open:allow())
+local b = resil.budget("team", { limit = 1, per = "day", on_outage = "allow" })
+for _ = 1, 2 do print(b:reserve(1)) end
+]], ("--virtual-clock --store 'redis://127.0.0.1:%d/0?timeout=1' --log-level warn"):format(replica))
+    failed_closed(r, "READONLY")
+  end)
 end)

@@ -841,9 +841,21 @@ end
 -- the store; before, it is a URL that names a replica, which no wait mends: store_error, not sent
 -- (said an outage, a budget with on_outage = "allow" handed out unchecked tickets for as long as
 -- the URL was wrong). -> reply | nil, err
-local function judged(self, reply, err)
+-- The scripts whose reply says a write was taken, by the reply: a replica runs the others (a closed
+-- breaker's probe, a page of runs, a budget refused: reads only), so that they said nothing of a
+-- replica, and one of them run first let a budget's reservation refused READONLY be an outage again
+local function first_is(v) return function(r) return type(r) == "table" and r[1] == v end end
+local WROTE = {
+  kv_incr = function() return true end, breaker_open = function() return true end,
+  gcra_adjust = function() return true end, cost_record = function(r) return r == 1 end,
+  budget_settle = function(r) return r == 1 end, budget_reserve = first_is(1),
+  run_start = function(r) return type(r) == "table" and r[1] ~= "held" end,
+  step_put = first_is(1), step_failed = first_is(1), once_finish = function(r) return r == 1 or r == 2 end,
+}
+local function judged(self, name, reply, err)
   if reply ~= nil then
-    self.written = true -- (a script the server ran: the store's scripts write)
+    local wrote = WROTE[name]
+    if wrote and wrote(reply) then self.written = true end
     return reply
   end
   if not self.written and resil.is_error(err) and err.kind == "store_unavailable" and
@@ -864,7 +876,7 @@ function R:script(name, keys, ...)
   if sha then
     args[2] = sha
     local reply, err = self.conn:call(table.unpack(args))
-    if reply ~= nil or not (err and tostring(err.message):match("NOSCRIPT")) then return judged(self, reply, err) end
+    if reply ~= nil or not (err and tostring(err.message):match("NOSCRIPT")) then return judged(self, name, reply, err) end
     self.shas[name] = nil -- (the server's scripts were flushed)
   end
   -- A script not loaded yet goes whole (EVAL), in one round trip, and is
@@ -874,7 +886,7 @@ function R:script(name, keys, ...)
   args[1], args[2] = "EVAL", scripts[name]
   local reply, err = self.conn:call(table.unpack(args))
   self:load_later(name)
-  return judged(self, reply, err)
+  return judged(self, name, reply, err)
 end
 
 -- one SCRIPT LOAD at a time per script, its answer not waited for
