@@ -718,6 +718,23 @@ print(resil.once("flags", function() return arg[1] end, flags))
     assert.are.equal(2, calls)
   end)
 
+  -- (before: a bucket's "can never be granted" says retryable = false, so that no retry waits for
+  -- it; kept as permanent, an Idempotency-Key's retry got the 429 for a day after its operator
+  -- raised the burst)
+  it("keeps no rate limit's refusal, not even one no wait cures (more than a bucket's burst)", function()
+    local tiny = resil.bucket("once-tiny", { rate = 1, per = 1, burst = 10 })
+    local function over()
+      calls = calls + 1
+      local ok, err = tiny:acquire(100)
+      if not ok then return nil, err end
+      return "granted"
+    end
+    local _, e1 = resil.once("job-8", over)
+    assert.are.same({ "rate_limited", false }, { e1.kind, e1.retryable })
+    resil.once("job-8", over)
+    assert.are.equal(2, calls)
+  end)
+
   -- (the gateway asks it before a key's rate limits: a claim there would hold the key for a request
   -- the limits then refuse)
   it("resil.once_replay reads a finished record's results, claiming nothing; anything else is false", function()

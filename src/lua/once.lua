@@ -26,9 +26,12 @@ local replays_total = resil.metrics.counter("resil_once_replays_total",
 
 -- A failure is stored (and replayed) only when it says it is permanent,
 -- err.retryable == false (policies.classify sets it); anything else frees the
--- key for another try. The store does not depend on the policy library.
+-- key for another try. The store does not depend on the policy library. A
+-- rate limit's refusal never is, not even a bucket's "can never be granted"
+-- (retryable = false, so that no retry waits for it): its operator may raise
+-- the burst, and the request's retry under its key must then be served.
 local function is_permanent(err)
-  return type(err) == "table" and err.retryable == false
+  return type(err) == "table" and err.retryable == false and err.kind ~= "rate_limited"
 end
 
 local drop_mt = { __close = function(d) owner_drop(d[1], d[2]) end }
