@@ -505,7 +505,8 @@ function call.provider(name, conf)
       error(("call.provider '%s': unknown option '%s' (it takes %s)"):format(name, tostring(k), CONF_LIST), 2)
     end
   end
-  for _, k in ipairs({ "request", "rate", "tokens", "breaker", "concurrency", "fallback" }) do
+  -- (rate, tokens, breaker and concurrency: call.check, with ai.configure's words)
+  for _, k in ipairs({ "request", "fallback" }) do
     local v = conf[k]
     if v ~= nil and v ~= false and type(v) ~= "table" then
       error(("call.provider '%s': %s must be a table, got %s"):format(name, k, type(v)), 2)

@@ -347,8 +347,8 @@ describe("call.provider's options", function()
     local nourl = call.provider("call-no-url", {})
     local cases = {
       { function() local p = call.provider("call-x1", { request = request, retries = 3 }); return p end, "unknown option 'retries'" },
-      { function() local p = call.provider("call-x2", { request = request, rate = 500 }); return p end, "rate must be a table, got number" },
-      { function() local p = call.provider("call-x3", { request = request, breaker = true }); return p end, "breaker must be a table, got boolean" },
+      { function() local p = call.provider("call-x2", { request = request, rate = 500 }); return p end, "rate must be a table of its options (or false: none), got number" },
+      { function() local p = call.provider("call-x3", { request = request, breaker = true }); return p end, "breaker must be a table of its options (or false: none), got boolean" },
       { function() local p = call.provider("call-x4", { request = "http://x" }); return p end, "request must be a table, got string" },
       { function() local p = call.provider("call-x5", { request = request, fallback = other }); return p end, "fallback is a list" },
       { function() local r = other(5); return r end, "the request must be a table or a function" },
