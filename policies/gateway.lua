@@ -257,6 +257,9 @@ local function ai_error_reply(api, err)
   -- own retries (two by default) would pay for as many again, for answers
   -- as likely to be refused
   if err.class == "invalid_output" then headers["x-should-retry"] = "false" end
+  -- an upstream answer too large (its 502 above), which the policy does not try again: an SDK's
+  -- retries (a 413 had none) would each be billed for another such answer
+  if err.kind == "too_large" and not tonumber(err.status) then headers["x-should-retry"] = "false" end
   -- a failure the gateway's own policy already tried again: its retries spent (or its retry
   -- budget, its deadline) or its fallbacks tried. The SDKs try a 408, 409, 429 or 5xx again, twice
   -- by default, and each of theirs ran the gateway's retries once more: 3 x 4 upstream calls for one

@@ -344,6 +344,7 @@ describe("gateway streams on a bad day: an upstream event past max_event before 
         for piece in function() return s:read() end do body[#body + 1] = piece end
         body = json.decode(table.concat(body))
         assert.are.equal(502, s.status, api .. " client of " .. model)
+        assert.are.equal("false", s.headers["x-should-retry"]) -- (not tried again by the policy: nor by the SDK)
         if api == "anthropic" then assert.are.equal("api_error", body.error.type)
         else assert.are.equal("server_error", body.error.type) end
         assert.matches("max_event", body.error.message)
