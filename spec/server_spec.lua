@@ -208,6 +208,25 @@ describe("server request limits", function()
     assert.matches("server_spec%.lua:%d+: resil%.server%.listen: max_body must be a number >= 0", err)
     assert.has_error(function() resil.server.listen({ handler = print, read_timeout = "soon" }) end)
   end)
+
+  -- (before: "[resil prelude]:431: bad argument #-1 to 'listen' (function expected, got nil)" for a
+  -- handler misspelt, a line of the host's and an argument of none; metrics.serve(9464) "attempt to index")
+  it("rejects options without a handler, a port out of range or no table at the caller's line", function()
+    local cases = {
+      { function() local s = resil.server.listen({ port = 0, hander = print }); return s end, "resil%.server%.listen: handler must be a function, got nil" },
+      { function() local s = resil.server.listen({ port = 70000, handler = print }); return s end, "resil%.server%.listen: port must be a whole number from 0 to 65535, got 70000" },
+      { function() local s = resil.server.listen({ port = 80.5, handler = print }); return s end, "resil%.server%.listen: port must be a whole number" },
+      { function() local s = resil.server.listen({ host = 127, handler = print }); return s end, "resil%.server%.listen: host must be a string" },
+      { function() local s = resil.server.listen(print); return s end, "resil%.server%.listen: expects a table" },
+      { function() local s = resil.metrics.serve({ port = "x" }); return s end, "resil%.server%.listen: port must be a whole number" },
+      { function() local s = resil.metrics.serve(9464); return s end, "resil%.metrics%.serve: expects a table" },
+    }
+    for _, c in ipairs(cases) do
+      local ok, err = pcall(c[1])
+      assert.is_false(ok)
+      assert.matches("server_spec%.lua:" .. debug.getinfo(c[1], "S").linedefined .. ": " .. c[2], err)
+    end
+  end)
 end)
 
 describe("server memory under --max-memory", function()

@@ -1853,15 +1853,24 @@ static void accept_failed(struct evconnlistener *lev, void *http) {
 
 /* resil.server.listen{host=, port=, handler=, max_headers=, max_body=, read_timeout=} -> server */
 static int l_listen(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
+  /* (the checks below said "[resil prelude]:431: bad argument #-1 to 'listen' (function expected,
+   * got nil)" for a handler misspelt: a line of the host's, and an argument number of none) */
+  if (!lua_istable(L, 1))
+    return resil_raise(L, "resil.server.listen: expects a table {port=, handler=, ...}, got %s", luaL_typename(L, 1));
   resil_t *R = resil_from_lua(L);
   double max_headers = opt_limit(L, "max_headers", DEFAULT_MAX_HEADERS, 256);
   double max_body = opt_limit(L, "max_body", DEFAULT_MAX_BODY, 0);
   double read_timeout = opt_limit(L, "read_timeout", DEFAULT_READ_TIMEOUT, 0.001);
   lua_getfield(L, 1, "host");
+  if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+    return resil_raise(L, "resil.server.listen: host must be a string, got %s", luaL_typename(L, -1));
   const char *host = luaL_optstring(L, -1, "127.0.0.1");
   lua_getfield(L, 1, "port");
-  lua_Integer port = luaL_optinteger(L, -1, 0);
+  int whole = 1;
+  lua_Integer port = lua_isnil(L, -1) ? 0 : lua_tointegerx(L, -1, &whole);
+  if (!whole || port < 0 || port > 65535)
+    return resil_raise(L, "resil.server.listen: port must be a whole number from 0 to 65535, got %s",
+                       lua_isnumber(L, -1) || lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1));
   lua_getfield(L, 1, "tasks");
   int tasks = lua_toboolean(L, -1);
   lua_getfield(L, 1, "reuseport");
@@ -1876,8 +1885,8 @@ static int l_listen(lua_State *L) {
   server *from = luaL_testudata(L, -1, SERVER_MT);
   lua_pop(L, 1);
   lua_getfield(L, 1, "handler");
-  luaL_checktype(L, -1, LUA_TFUNCTION);
-  if (port < 0 || port > 65535) return luaL_error(L, "server: port %d out of range", (int)port);
+  if (!lua_isfunction(L, -1))
+    return resil_raise(L, "resil.server.listen: handler must be a function, got %s", luaL_typename(L, -1));
 
   server *srv = lua_newuserdatauv(L, sizeof *srv, 0);
   memset(srv, 0, sizeof *srv);

@@ -839,6 +839,9 @@ end
 
 -- resil.metrics.serve{host = "127.0.0.1", port = 9464} -> server (GET /metrics)
 function serve(opts)
+  if opts ~= nil and type(opts) ~= "table" then -- (serve(9464): "attempt to index a number value" at this file's line)
+    error(("resil.metrics.serve: expects a table {host=, port=}, got %s"):format(type(opts)), 2)
+  end
   opts = opts or {}
   -- (in a gateway's worker, every worker listens there: one answers, with the merge)
   local reuseport = opts.reuseport
