@@ -1361,6 +1361,11 @@ end
 -- ai.chat(req) -> result | nil, err
 function ai.chat(req)
   check_request(req, 2)
+  -- (stream = true, as an SDK's request has it, asked the provider for events that ai.chat then
+  -- read as one JSON body: invalid_output, retried and paid three times, then the call failed)
+  if req.stream ~= nil and req.stream ~= false then
+    error("ai.chat: stream = true is ai.stream's (ai.chat reads the answer whole): call ai.stream(req)", 2)
+  end
   local targets, terr = targets_of(req, 2)
   if not targets then return nil, terr end
   local cache = cache_of(targets, req)

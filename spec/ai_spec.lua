@@ -1590,6 +1590,18 @@ describe("chat over the strict mock", function()
     assert.matches("ai_spec.lua:%d+: ai: messages must be", err)
   end)
 
+  -- (before: the provider was asked for a stream that ai.chat read as one JSON body: invalid_output,
+  -- retried, three calls paid, and the call failed)
+  it("ai.chat with stream = true (an SDK's habit) raises at the caller's line, nothing sent", function()
+    local before = m:stats().total
+    local f = function() local r = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, stream = true }); return r end
+    local ok, err = pcall(f)
+    assert.is_false(ok)
+    assert.matches("ai_spec%.lua:" .. debug.getinfo(f, "S").linedefined .. ": ai%.chat: stream = true is ai%.stream's", err)
+    assert.are.equal(before, m:stats().total)
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, stream = false }))
+  end)
+
   it("ai.job and ai.speech say plainly when policies.jobs is absent", function()
     if package.searchpath("policies.jobs", package.path) then return end
     local ok, err = pcall(ai.job, { model = "fal/x", input = {} })
