@@ -408,6 +408,27 @@ local function check_request(req, level)
   if req.max_tokens ~= nil and math.type(req.max_tokens) ~= "integer" then
     error("ai: max_tokens must be an integer", level + 1)
   end
+  -- the call options a request may set for itself (CALL_OPTIONS), checked as call.provider checks
+  -- them: its error named this file's line (caller_of's), not the request's
+  if sets_call_options(req) then
+    for _, k in ipairs({ "timeout", "deadline" }) do
+      local v = req[k]
+      if v ~= nil and not (type(v) == "number" and v == v and (k == "deadline" or v > 0)) then
+        error(("ai: %s must be a number of seconds%s, got %s"):format(k, k == "timeout" and " > 0" or "",
+          type(v) == "string" and ("%q"):format(v) or tostring(v)), level + 1)
+      end
+    end
+    for _, k in ipairs({ "rate", "tokens", "breaker", "concurrency" }) do
+      local v = req[k]
+      if v ~= nil and v ~= false and type(v) ~= "table" then
+        error(("ai: %s must be a table, got %s"):format(k, type(v)), level + 1)
+      end
+    end
+    if req.retry ~= nil then
+      local wrong = require("policies.retry").check(req.retry)
+      if wrong then error("ai: " .. wrong, level + 1) end
+    end
+  end
   if req.cache ~= nil and not cache_ok(req.cache) then
     error("ai: cache must be {ttl = seconds}, seconds > 0", level + 1)
   end

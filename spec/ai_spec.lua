@@ -1509,6 +1509,21 @@ describe("chat over the strict mock", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  -- (before: "policies/ai.lua:202: call.provider 'openai': timeout must be ...", a line of the library's)
+  it("a request's own call options that cannot be meant are said at the caller's line, nothing sent", function()
+    local before = m:stats().total
+    for _, c in ipairs({
+      { function() local r = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, timeout = "30" }) return r end, "ai: timeout must be a number of seconds > 0" },
+      { function() local r = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, retry = { max_retries = -1 } }) return r end, "ai: retry: max_retries must be" },
+      { function() local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, breaker = true }) return s end, "ai: breaker must be a table" },
+    }) do
+      local ok, err = pcall(c[1])
+      assert.is_false(ok)
+      assert.matches("ai_spec%.lua:" .. debug.getinfo(c[1], "S").linedefined .. ": " .. c[2], err)
+    end
+    assert.are.equal(before, m:stats().total)
+  end)
+
   it("a budget refuses a model without a price before sending anything", function()
     resil.budget("ai-spec-2", { limit = 1 })
     local r, err = ai.chat({ model = "openai/gpt-unpriced", messages = MSGS, budget = "ai-spec-2" })
