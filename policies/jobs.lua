@@ -868,6 +868,12 @@ function jobs.job(spec)
       return nil, err
     end
     ids[#ids + 1] = handle.id
+    -- which job the call waits on, and until when: a job the provider never ends was said only at
+    -- its deadline (15 minutes by default), the pipeline silent meanwhile
+    if not handle.state then
+      resil.log.info("job: waiting for it to end", { provider = jc.name, model = jc.model, id = handle.id, attempt = n,
+        deadline_at = os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor((handle.created_wall or resil.clock.wall()) + deadline)) })
+    end
     local state, perr = follow(jc, handle, deadline)
     if not state then -- (its status could not be read: an auth error, a proxy's 4xx)
       -- outside a run nothing reads it again: the guard, as it closes, cancels it at the provider and

@@ -20,7 +20,14 @@ local function fresh_store()
   return assert(resil.store())
 end
 
-local capture_log = helpers.logged
+-- the lines logged, but for the info line naming each job waited on (see "says which job it waits on")
+local function capture_log(fn)
+  local lines = {}
+  for _, l in ipairs(helpers.logged(fn)) do
+    if l.msg ~= "job: waiting for it to end" then lines[#lines + 1] = l end
+  end
+  return lines
+end
 
 local VIDEO = "replicate/acme/video:5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
 local FLUX = "replicate/black-forest-labs/flux-schnell"
@@ -68,6 +75,26 @@ describe("ai.job on Replicate", function()
     assert.are.equal(r.job_ids[2], r.id)
     assert.are_not.equal(r.job_ids[1], r.job_ids[2])
     assert.is_true(resil.now() - t0 >= 60)
+  end)
+
+  -- (before: nothing was said of the job until its deadline, 15 minutes by default: a pipeline waiting
+  -- on a job the provider never ends was silent, and which job it was, unknown)
+  it("says which job it waits on, and until when, as the job is made", function()
+    m = resil.mock.start({ jobs = { fates = { "stuck" } } })
+    use(m.url)
+    local err
+    local lines = helpers.logged(function()
+      local t0 = resil.clock.wall()
+      _, err = jobs.job({ model = FLUX, input = { prompt = "a cat" }, deadline = 60, attempts = 1 })
+      err.t0 = t0
+    end)
+    assert.are.equal("deadline", err.kind)
+    local said
+    for _, l in ipairs(lines) do if l.msg == "job: waiting for it to end" then said = said or l end end
+    assert(said, "no line named the job before its deadline")
+    assert.are.same({ "info", "replicate", err.id, FLUX }, { said.level, said.provider, said.id, said.model })
+    local at = function(d) return os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(err.t0) + d) end
+    assert.is_true(said.deadline_at == at(60) or said.deadline_at == at(61), said.deadline_at) -- (the create's time)
   end)
 
   it("takes a job that finished just before its deadline's cancel: no second job, billed once", function()
