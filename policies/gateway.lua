@@ -909,13 +909,32 @@ local function semaphore(name, size)
   return host_limits.semaphore(name, { size = size, queue = gateway.config.queue or 64 })
 end
 
+-- a 503 the SDKs retry, on a new connection (another worker, the next process)
+local function stopping(api)
+  return error_reply(api, 503, "the gateway is stopping; retry the request", { code = "gateway_stopping",
+    headers = { connection = "close", ["retry-after"] = "1" } })
+end
+
 -- (err: the semaphore's refusal, its queue full or no permit within the wait: a request that
 -- waited out queue_timeout was told the queue was full, and `queue` raised changed nothing)
 local function busy(api, who, n, err)
+  -- (one still queued as a drain ended: its queue let go, refuse_queued, a 503 to retry elsewhere)
+  if resil.stop_requested() then return stopping(api) end
   local why = tostring(type(err) == "table" and err.message or ""):find("queue full", 1, true)
     and "its queue is full" or ("none came free within queue_timeout (%g s)"):format(gateway.config.queue_timeout or 10)
   return error_reply(api, 503, ("%s: %d requests at once already, and %s"):format(who, n, why),
     { headers = { ["retry-after"] = "1" }, code = "too_many_concurrent_requests" })
+end
+
+-- The semaphores requests have queued for (every version's: a reload's module keeps them), whose
+-- queues a drain lets go as it ends (refuse_queued): a request still waiting for its permit then
+-- was cut with the calls still running, a connection closed without an answer, where it had not
+-- started anything and a 503 sends it elsewhere
+local queued_on = resil.keep("policies.gateway.queued_on", function() return setmetatable({}, { __mode = "k" }) end)
+local function refuse_queued()
+  local n = 0
+  for sem in pairs(queued_on) do n = n + sem:refuse_waiting() end
+  return n
 end
 
 -- -> permits (a to-be-closed value) | nil, a 503 reply
@@ -935,6 +954,7 @@ local function admit(rec, api)
       key_sems[rec] = kept
     end
     local sem = kept.sem
+    queued_on[sem] = true
     local ok, err = sem:acquire(wait)
     if not ok then return nil, busy(api, ("key '%s'"):format(rec.name), rec.concurrency, err) end
     p.key = sem
@@ -945,6 +965,7 @@ local function admit(rec, api)
     end
     -- (the queue_timeout is the request's in all: what the key's permit took of it is gone)
     if since then wait.timeout = math.max(0, wait.timeout - (resil.now() - since)) end
+    queued_on[total_sem.sem] = true
     local ok, err = total_sem.sem:acquire(wait)
     if not ok then
       p:release()
@@ -2422,10 +2443,7 @@ end
 -- A request that comes while the gateway stops (on a connection opened
 -- before): a 503 the SDKs retry, on a new connection (another worker, the
 -- next process)
-function gateway.stopping_reply(req)
-  return error_reply(api_of(req.path, req.headers), 503, "the gateway is stopping; retry the request", { code = "gateway_stopping",
-    headers = { connection = "close", ["retry-after"] = "1" } })
-end
+function gateway.stopping_reply(req) return stopping(api_of(req.path, req.headers)) end
 
 -- The graceful stop, all within drain_timeout: the listening socket closed,
 -- the requests in flight answered, their ledger rows and budget settles
@@ -2455,6 +2473,12 @@ local function drain(s, signo)
   local margin = math.min(1, grace / 10)
   wait_while(busy, deadline - margin)
   if s:pending() > 0 then
+    -- a request still queued for a permit is answered a 503 (gateway_stopping), not cut below
+    local queued = refuse_queued()
+    if queued > 0 then
+      resil.log.warn("gateway: drain_timeout is near; the requests still queued for a permit are answered 503",
+        { requests = queued, drain_timeout = grace })
+    end
     local streams = s:cut_streams()
     if streams > 0 then
       resil.log.warn("gateway: drain_timeout is near; the streams still running end with an error event",

@@ -330,3 +330,30 @@ describe("resil.semaphore options", function()
     assert.matches("semaphore_spec.lua:%d+: semaphore 'typo%-sem': unknown option 'qeue', did you mean 'queue'%?", err)
   end)
 end)
+
+describe("semaphore:refuse_waiting", function()
+  it("answers every queued task bulkhead_full at once; the permits held and later acquires are as before", function()
+    local s = resil.semaphore(name("refused"), { size = 1 })
+    local _, go = holder(s)
+    local got = {}
+    for i = 1, 2 do
+      resil.spawn(function() got[i] = { s:acquire({ timeout = 30 }) } end)
+    end
+    resil.spawn(function() got[3] = { s:acquire() } end) -- (no timeout at all)
+    resil.yield()
+    assert.are.equal(3, s:state().waiting)
+    assert.are.equal(3, s:refuse_waiting())
+    resil.yield()
+    for i = 1, 3 do
+      assert.is_nil(got[i][1])
+      assert.are.equal("bulkhead_full", got[i][2].kind)
+    end
+    assert.are.same({ 1, 0 }, { s:state().in_use, s:state().waiting })
+    assert.are.equal(0, s:refuse_waiting())
+    go()
+    resil.sleep(2)
+    assert.are.equal(0, s:state().in_use)
+    assert.is_true((s:acquire({ timeout = 1 })))
+    s:release()
+  end)
+end)

@@ -33,6 +33,7 @@ struct sem_waiter {
   resil_timer timeout;
   int has_timeout;
   int granted;
+  int refused; /* let go by s:refuse_waiting */
 };
 
 struct semaphore {
@@ -237,7 +238,7 @@ static int acquire_k(lua_State *L, int status, lua_KContext ctx) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  return push_full(L, w->s, "no permit within the wait timeout");
+  return push_full(L, w->s, w->refused ? "its queue was let go (refuse_waiting)" : "no permit within the wait timeout");
 }
 
 /* s:acquire([{timeout=}]) -> true | nil, err{kind="bulkhead_full"} */
@@ -278,6 +279,25 @@ static int s_acquire(lua_State *L) {
   }
   task_wait(t, &semaphore_wait, w);
   return lua_yieldk(L, 0, (lua_KContext)w, acquire_k);
+}
+
+/* s:refuse_waiting() -> how many: every task queued for a permit gets its
+ * answer now, nil, err{kind="bulkhead_full"}, as at its wait's timeout (a
+ * server that stops answers the requests still queued rather than cutting
+ * them) */
+static int s_refuse_waiting(lua_State *L) {
+  semaphore *s = check_semaphore(L, 1);
+  int n = 0;
+  while (s->head) {
+    sem_waiter *w = s->head;
+    unlink_waiter(s, w);
+    if (w->has_timeout) timer_stop(&w->timeout);
+    w->refused = 1;
+    task_wake(w->t);
+    n++;
+  }
+  lua_pushinteger(L, n);
+  return 1;
 }
 
 /* s:try() -> true, permits left | false: the same shape as bucket:try,
@@ -428,7 +448,7 @@ static int s_tostring(lua_State *L) {
 
 static const luaL_Reg semaphore_methods[] = {
   {"acquire", s_acquire}, {"try", s_try}, {"release", s_release}, {"hand_over", s_hand_over}, {"detach", s_detach},
-  {"state", s_state}, {NULL, NULL}};
+  {"refuse_waiting", s_refuse_waiting}, {"state", s_state}, {NULL, NULL}};
 
 /* resil.semaphores() -> {name = semaphore, ...}: every named semaphore (for metrics) */
 static int l_semaphores(lua_State *L) {
