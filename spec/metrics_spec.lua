@@ -31,6 +31,31 @@ describe("resil.metrics", function()
     assert.truthy(text:find('spec_inflight 2\n', 1, true))
   end)
 
+  -- (before: { 1, 1, 2, math.huge } wrote le="1" twice and le="+Inf" twice, series a scraper drops or
+  -- refuses, with the caller's own table sorted in place; a NaN or a string among them raised
+  -- "attempt to compare number with string" from inside table.sort, or was taken)
+  it("takes a histogram's buckets as Prometheus does: each once, +Inf its own, the caller's table left as it is", function()
+    local given = { 5, 1, math.huge, 2 }
+    local h = resil.metrics.histogram("spec_given_buckets_seconds", "Given", { buckets = given })
+    h:observe(nil, 1.5)
+    h:observe(nil, 50)
+    local text = resil.metrics.text()
+    local les = {}
+    for le in text:gmatch('spec_given_buckets_seconds_bucket{le="([^"]*)"}') do les[#les + 1] = le end
+    assert.are.same({ "1", "2", "5", "+Inf" }, les)
+    assert.truthy(text:find('spec_given_buckets_seconds_bucket{le="+Inf"} 2\n', 1, true))
+    assert.are.same({ 5, 1, math.huge, 2 }, given)
+    for _, case in ipairs({
+      { { 1, 1, 2 }, "bucket 1 is given twice" },
+      { { 1, 0 / 0 }, "bucket 2 must be a number, not NaN" },
+      { { "1", 2 }, "bucket 1 must be a number, not a string" },
+    }) do
+      local ok, err = pcall(resil.metrics.histogram, "spec_bad_buckets_seconds", "Bad", { buckets = case[1] })
+      assert.is_false(ok)
+      assert.matches("resil.metrics.histogram: " .. case[2], err, 1, true)
+    end
+  end)
+
   -- (a bound histogram series has no value until its first observation: it was admitted at labels() and
   -- again at that observation, so it took two places of max_series; the ledger's token usage by model
   -- dropped series, and warned, at half its bound)

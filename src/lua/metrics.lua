@@ -242,8 +242,24 @@ function define_host(kind, name, help, opts)
     end
   end
   if kind == "histogram" then
-    m.buckets = (opts and opts.buckets) or { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 }
-    table.sort(m.buckets)
+    -- (a copy, sorted: the caller's table was sorted in place; a bucket given twice, or +Inf, which the
+    -- exposition writes itself, made two series of one le, which a scraper drops or refuses)
+    local given = (opts and opts.buckets) or { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 }
+    local buckets = {}
+    for i, b in ipairs(given) do
+      if type(b) ~= "number" or b ~= b then
+        error(("resil.metrics.histogram: bucket %d must be a number, not %s"):format(i,
+          b ~= b and "NaN" or "a " .. type(b)), 3)
+      end
+      if b ~= math.huge then buckets[#buckets + 1] = b end
+    end
+    table.sort(buckets)
+    for i = 2, #buckets do
+      if buckets[i] == buckets[i - 1] then
+        error(("resil.metrics.histogram: bucket %.14g is given twice"):format(buckets[i]), 3)
+      end
+    end
+    m.buckets = buckets
     m.bounds = core.bounds(m.buckets)
   end
   registry[name] = m
