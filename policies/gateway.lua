@@ -937,13 +937,15 @@ local function refuse_queued()
   return n
 end
 
--- -> permits (a to-be-closed value) | nil, a 503 reply
-local function admit(rec, api)
+-- -> permits (a to-be-closed value) | nil, a 503 reply (a 401 for a key revoked while it
+-- waited: req, the request whose key is checked again after a wait past key_cache)
+local function admit(rec, api, req)
   local max = gateway.config.max_concurrent
   if not max and not rec.concurrency then return NO_PERMITS end
   local p = setmetatable({}, Permits)
   local wait = { timeout = gateway.config.queue_timeout or 10 }
-  local since = rec.concurrency and max and resil.now()
+  local started = resil.now()
+  local since = rec.concurrency and max and started
   local queue = gateway.config.queue or 64
   if rec.concurrency then
     local kept = key_sems[rec]
@@ -972,6 +974,16 @@ local function admit(rec, api)
       return nil, busy(api, "the gateway", max, err)
     end
     p.total = total_sem.sem
+  end
+  -- a wait in the queue longer than key_cache: the key is checked again, so that a revoke
+  -- meanwhile takes at most key_cache here too (the request was let in up to queue_timeout after it;
+  -- 10 ms at least: one let in at once is not looked up twice, key_cache = 0 or not)
+  if req and gateway.config.auth and resil.now() - started > math.max(tonumber(gateway.config.key_cache) or 0, 0.01) then
+    local again, refused = authenticate(req, api)
+    if not again then
+      p:release()
+      return nil, refused
+    end
   end
   return p
 end
@@ -1494,7 +1506,7 @@ local function complete(req, api)
   local id = request_id()
   local rec, refused = authenticate(req, api)
   if not rec then return with_id(refused, id) end
-  local permits, full = admit(rec, api)
+  local permits, full = admit(rec, api, req)
   if not permits then return with_id(full, id) end
   if permits == NO_PERMITS then return anthropic_id(complete_admitted(req, api, id, rec), api) end
   local held = false
@@ -1713,7 +1725,7 @@ local function embeddings(req)
   local id = request_id()
   local rec, refused = authenticate(req, "openai")
   if not rec then return with_id(refused, id) end
-  local permits, full = admit(rec, "openai")
+  local permits, full = admit(rec, "openai", req)
   if not permits then return with_id(full, id) end
   -- (held to this handler's end: its call runs shielded in it, call_to_end; or, handed, to the
   -- end of the call resil.once runs in a task of its own under an Idempotency-Key)
@@ -1971,7 +1983,7 @@ local function count_tokens(req)
   local rec, refused = authenticate(req, "anthropic")
   if not rec then return anthropic_id(with_id(refused, id), "anthropic") end
   local function refuse(status, message, o) return anthropic_id(with_id(error_reply("anthropic", status, message, o), id), "anthropic") end
-  local permits, full = admit(rec, "anthropic")
+  local permits, full = admit(rec, "anthropic", req)
   if not permits then return anthropic_id(with_id(full, id), "anthropic") end
   local _ <close> = permits
   local b, bad_json = decode_body(req.body)
