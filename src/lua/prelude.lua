@@ -669,6 +669,12 @@ local function config_out_of_memory(err) return err:find("^[^\n]-%.lua: not enou
 local function load_error(err)
   local ok, text = pcall(tostring, err)
   if not ok then text = "(error object is a " .. type(err) .. " value)" end
+  -- (a plain table raised, error({code = 7}): its fields, as the command reports a script's, not
+  -- "table: 0x55d0c2df800"; one JSON cannot hold keeps that)
+  if type(err) == "table" and getmetatable(err) == nil then
+    local encoded, json = pcall(resil.json.encode, err)
+    if encoded then text = json end
+  end
   if type(err) == "string" and (err:find(":%d+: ") or config_out_of_memory(err)) then return text end
   for level = 2, 64 do
     local info = debug.getinfo(level, "Sl")
