@@ -1119,6 +1119,37 @@ describe("gateway: embeddings", function()
     assert.are.same({ { 3 } }, r.embeddings)
   end)
 
+  -- (before: ai.embed returned { "x", null, true } or a nested list as a vector, and the gateway
+  -- relayed it with a 200: a client's array of strings, or a crash far from the cause)
+  it("ai.embed: a vector holding what is not a number is invalid output, retried; a base64 string is one", function()
+    local url, m = start({ strict = true })
+    local datas = {
+      { { object = "embedding", index = 0, embedding = { "x", json.null, true } } },
+      { { object = "embedding", index = 0, embedding = { { 1, 2 }, { 3 } } } },
+      { { object = "embedding", index = 0, embedding = { 0.5, 0.25 } } },
+      { { object = "embedding", index = 0, embedding = "AAAAPwAAgD4=" } },
+    }
+    local n = 0
+    m:configure({ routes = { ["POST /v1/embeddings"] = function()
+      n = n + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        object = "list", model = "text-embedding-3-small", data = datas[math.min(n, #datas)],
+        usage = { prompt_tokens = 3, total_tokens = 3 } }) }
+    end } })
+    local ai = require "policies.ai"
+    local r = assert(ai.embed({ model = "openai/text-embedding-3-small", input = "tides" }))
+    assert.are.same({ { 0.5, 0.25 } }, r.embeddings)
+    assert.are.equal(3, r.attempts)
+    r = assert(ai.embed({ model = "openai/text-embedding-3-small", input = "tides", encoding_format = "base64" }))
+    assert.are.same({ "AAAAPwAAgD4=" }, r.embeddings)
+    -- the gateway's client of an upstream that answers only garbage: an error, not the garbage
+    n, datas = 0, { datas[1] }
+    local res = post(url .. "/v1/embeddings", { model = "openai/text-embedding-3-small", input = "tides",
+      encoding_format = "float" })
+    assert.are_not.equal(200, res.status, res.body)
+    assert.is_table(json.decode(res.body).error, res.body)
+  end)
+
   -- (before: a usage it could not read was 0 tokens, priced $0: cost_usd 0 and no ledger row at all;
   -- then a row without a price, its budget settled at 0)
   it("ai.embed: an answer without a usage it can read is a ledger row at the input's estimate, never a $0", function()
