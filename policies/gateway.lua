@@ -367,6 +367,20 @@ local OPENAI_FINISH = { stop = true, length = true, tool_calls = true, content_f
 local function openai_finish(f)
   return OPENAI_FINISH[f] and f or "stop"
 end
+-- a provider's reason that is no string (5, {}, true: garbage the SDKs' enums do not have) -> true;
+-- relayed, it is written as the answer translated would say it (ai.chat takes it as unknown).
+-- choices: an OpenAI answer's or chunk's, each garbage finish_reason made "stop"
+-- (the main chunk is at Lua's 200 locals: one function for both)
+local function garbage_reason(f, choices)
+  if choices ~= nil then
+    if type(choices) ~= "table" then return end
+    for _, c in ipairs(choices) do
+      if type(c) == "table" and garbage_reason(c.finish_reason) then c.finish_reason = "stop" end
+    end
+    return
+  end
+  return f ~= nil and f ~= null and not OPENAI_FINISH[f] and type(f) ~= "string"
+end
 
 -- the answer as JSON, written directly: a table built and encoded costs the
 -- hot path a third of its JSON time (cjson prints every number with %.14g)
@@ -1185,6 +1199,7 @@ local function own_stream(s, api, id, b, headers)
         elseif type(data) == "table" and (with_usage or not (data.usage ~= nil and type(data.choices) == "table"
             and data.choices[1] == nil)) then
           data.id, data.model = "chatcmpl-" .. id, b.model
+          garbage_reason(nil, data.choices)
           if not with_usage then data.usage = nil end
           if type(data.usage) == "table" then usage_sent = true end
           local ok, text = pcall(json.encode, data) -- (a number JSON cannot write: the provider's own text)
@@ -1192,8 +1207,14 @@ local function own_stream(s, api, id, b, headers)
         end
       elseif ev.event == "message_start" and type(data) == "table" and type(data.message) == "table" then
         data.message.id, data.message.model = "msg_" .. id, b.model
+        if garbage_reason(data.message.stop_reason) then data.message.stop_reason = null end
         local ok, text = pcall(json.encode, data)
         write("event: message_start\ndata: " .. (ok and text or one_line(ev.data)) .. "\n\n")
+      elseif ev.event == "message_delta" and type(data) == "table" and type(data.delta) == "table"
+          and garbage_reason(data.delta.stop_reason) then
+        data.delta.stop_reason = "end_turn" -- (as a translated stream's, its reason unknown)
+        local ok, text = pcall(json.encode, data)
+        write("event: message_delta\ndata: " .. (ok and text or one_line(ev.data)) .. "\n\n")
       else
         local name = ev.event or type(data) == "table" and type(data.type) == "string" and data.type or "message"
         write("event: " .. name .. "\ndata: " .. one_line(ev.data) .. "\n\n", name == "message_stop")
@@ -1296,10 +1317,12 @@ local function own_answer(res, api, answer_id, model)
   if api == "anthropic" then
     if raw.type ~= "message" then return nil end
     raw.id = "msg_" .. answer_id
+    if garbage_reason(raw.stop_reason) then raw.stop_reason = stop_reason_of(res) end
     for k, v in pairs(anthropic_usage(res.usage)) do usage[k] = v end
   else
     if raw.object ~= "chat.completion" then return nil end
     raw.id = "chatcmpl-" .. answer_id
+    garbage_reason(nil, raw.choices)
     local counts = openai_usage(res.usage)
     local i, o = counts.prompt_tokens, counts.completion_tokens
     if math.type(i) == "integer" and math.type(o) == "integer" then

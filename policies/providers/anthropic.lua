@@ -276,7 +276,9 @@ function anthropic.parse(data)
       calls[#calls + 1] = { id = b.id, name = b.name, arguments = json.encode(b.input or {}) }
     end
   end
-  local stop = data.stop_reason ~= json.null and data.stop_reason or nil
+  -- (a stop_reason that is no string, 5 or {} or true, is none the SDK's enum has: unknown, not
+  -- passed on as it came)
+  local stop = type(data.stop_reason) == "string" and data.stop_reason or nil
   local u = data.usage -- (iterations looked at only when the answer has them: this runs on every answer)
   return { id = data.id, model = type(u) == "table" and u.iterations ~= nil and served_by(u) or data.model, text = table.concat(texts), finish_reason = FINISH[stop] or stop,
     stop_reason = stop, stop_sequence = type(data.stop_sequence) == "string" and data.stop_sequence or nil,
@@ -356,7 +358,7 @@ function anthropic.event(state, ev)
     -- (an unreadable one leaves the output a placeholder: estimated from the bytes streamed)
     if type(data.usage) == "table" and readable then state.usage_partial = nil end
     local stop = type(data.delta) == "table" and data.delta.stop_reason
-    if stop and stop ~= json.null then state.finish_reason, state.stop_reason = FINISH[stop] or stop, stop end
+    if type(stop) == "string" then state.finish_reason, state.stop_reason = FINISH[stop] or stop, stop end
     local seq = type(data.delta) == "table" and data.delta.stop_sequence
     if type(seq) == "string" then state.stop_sequence = seq end
   elseif t == "message_stop" then

@@ -367,7 +367,9 @@ function openai.parse(data)
   -- (made at the size it reaches: the fields policies.ai adds to a result are named, nil until
   -- then; grown key by key the table was rehashed on every answer)
   local r = { id = data.id, model = data.model, text = type(message.content) == "string" and message.content or "",
-    finish_reason = first.finish_reason ~= json.null and first.finish_reason or nil,
+    -- (a finish_reason that is no string, 5 or {} or true, is none the SDKs' enum has: unknown, not
+    -- passed on as it came)
+    finish_reason = type(first.finish_reason) == "string" and first.finish_reason or nil,
     tool_calls = calls, usage = openai.usage(data.usage, data.service_tier), refusal = nil,
     attempts = nil, provider = nil, requested_model = nil, raw = nil, fallbacks = nil, cost_usd = nil }
   if message.refusal and message.refusal ~= json.null then r.refusal = message.refusal end
@@ -470,7 +472,10 @@ function openai.event(state, ev)
   end
   local choice = type(chunk.choices) == "table" and chunk.choices[1]
   if type(choice) ~= "table" or (choice.index or 0) ~= 0 then return nil, false end
-  if choice.finish_reason and choice.finish_reason ~= json.null then state.finish_reason = choice.finish_reason end
+  local finish = choice.finish_reason
+  if type(finish) == "string" then state.finish_reason = finish
+  -- (one that is no string, 5 or {} or true, still ends the stream, its reason unknown)
+  elseif finish ~= nil and finish ~= json.null then state.finish_unknown = true end
   local delta = type(choice.delta) == "table" and choice.delta or {}
   if type(delta.tool_calls) == "table" then gather_calls(state, delta.tool_calls) end
   if type(delta.refusal) == "string" and delta.refusal ~= "" then
@@ -491,7 +496,7 @@ function openai.event(state, ev)
 end
 
 -- The stream ended as the API ends one: [DONE] after a finish_reason.
-function openai.complete(state, done) return done and state.finish_reason ~= nil end
+function openai.complete(state, done) return done and (state.finish_reason ~= nil or state.finish_unknown == true) end
 
 -- a 200 whose body is not a usable completion is invalid output (retried)
 function openai.validate(data)

@@ -1,0 +1,147 @@
+-- Models that answer garbage rather than an error: a finish_reason / stop_reason of the
+-- wrong type. What ai.chat returns, and what the gateway's clients get, relayed (a provider of
+-- their own API) and translated, whole and streamed. A real mock provider on loopback.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local json = resil.json
+local http = resil.http
+
+local CLAUDE = "anthropic/claude-sonnet-4-5-20250929"
+local GPT = "openai/gpt-4o-mini"
+
+-- a mock answering with the routes given, a gateway in front of it -> the gateway's url
+local function start(routes)
+  resil.clock.real()
+  resil.log.level("off")
+  resil.store_config({ url = helpers.tmpname(".db") })
+  local m = assert(resil.mock.start({ routes = routes }))
+  local gateway, ai = helpers.fresh_gateway()
+  for k in pairs(gateway.config) do gateway.config[k] = nil end
+  local fast = { base = 0.001, cap = 0.005 }
+  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+  ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-test-123456", retry = fast })
+  gateway.configure({ auth = false, key_cache = 0, models = {} })
+  local s = gateway.serve({ listen = "127.0.0.1:0" })
+  finally(function()
+    s:close()
+    m:stop()
+    resil.log.level("info")
+  end)
+  return ("http://127.0.0.1:%d"):format(s:port()), ai
+end
+
+local HEADERS = { ["content-type"] = "application/json", ["anthropic-version"] = "2023-06-01" }
+local function path_of(api) return api == "openai" and "/v1/chat/completions" or "/v1/messages" end
+
+-- a whole answer -> status, body (the bytes as sent)
+local function ask(url, api, model)
+  local res = assert(http.request({ method = "POST", url = url .. path_of(api), headers = HEADERS,
+    body = json.encode({ model = model, max_tokens = 100, messages = { { role = "user", content = "hi" } } }) }))
+  return res.status, res.body
+end
+
+-- a streamed answer -> its events' data (the bytes as sent) and their names
+local function ask_stream(url, api, model)
+  local s = assert(http.stream({ method = "POST", url = url .. path_of(api), headers = HEADERS,
+    body = json.encode({ model = model, max_tokens = 100, stream = true,
+      messages = { { role = "user", content = "hi" } } }) }))
+  assert.are.equal(200, s.status)
+  local datas, names = {}, {}
+  while true do
+    local ev, err = s:read_event()
+    assert.is_nil(err)
+    if not ev then return datas, names end
+    datas[#datas + 1], names[#datas + 1] = ev.data, ev.event or ""
+  end
+end
+
+local function openai_answer(text, finish)
+  -- (json.encode copies bytes that are not UTF-8 as they are: the provider's garbage)
+  return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+    id = "chatcmpl-x", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+    choices = { { index = 0, message = { role = "assistant", content = text }, finish_reason = finish } },
+    usage = { prompt_tokens = 5, completion_tokens = 2, total_tokens = 7 } }) }
+end
+
+local function anthropic_answer(text, stop)
+  return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+    id = "msg_x", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+    content = { { type = "text", text = text } }, stop_reason = stop, stop_sequence = json.null,
+    usage = { input_tokens = 5, output_tokens = 2 } }) }
+end
+
+local function chunk(delta, finish)
+  return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
+    choices = { { index = 0, delta = delta, finish_reason = finish == nil and json.null or finish } } }) .. "\n\n"
+end
+local function openai_stream(text, finish)
+  return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+    chunk({ role = "assistant", content = "" }), chunk({ content = text }), chunk({}, finish), "data: [DONE]\n\n" } }
+end
+
+local function ev(name, data) return ("event: %s\ndata: %s\n\n"):format(name, json.encode(data)) end
+local function anthropic_stream(text, stop)
+  return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+    ev("message_start", { type = "message_start", message = { id = "msg_x", type = "message", role = "assistant",
+      model = "claude-sonnet-4-5-20250929", content = {}, stop_reason = json.null, stop_sequence = json.null,
+      usage = { input_tokens = 5, output_tokens = 1 } } }),
+    ev("content_block_start", { type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
+    ev("content_block_delta", { type = "content_block_delta", index = 0, delta = { type = "text_delta", text = text } }),
+    ev("content_block_stop", { type = "content_block_stop", index = 0 }),
+    ev("message_delta", { type = "message_delta", delta = { stop_reason = stop, stop_sequence = json.null },
+      usage = { output_tokens = 2 } }),
+    ev("message_stop", { type = "message_stop" }) } }
+end
+
+describe("garbage answers: a finish_reason or stop_reason that is not a string", function()
+  -- (before: 5, {"a":1} or true was ai.chat's r.finish_reason / r.stop_reason, and a client of the
+  -- provider's own API got it relayed: an SDK's `switch (finish_reason)` matched nothing, Python's
+  -- pydantic model refused the answer)
+  for _, garbage in ipairs({ 5, { a = 1 }, true }) do
+    local shown = json.encode(garbage)
+    it(("%s is no reason in ai.chat's result, and each client gets one of its API's reasons"):format(shown), function()
+      local url, ai = start({
+        ["POST /v1/chat/completions"] = function(req)
+          local b = json.decode(req.body)
+          if b.stream then return openai_stream("ok", garbage) end
+          return openai_answer("ok", garbage)
+        end,
+        ["POST /v1/messages"] = function(req)
+          local b = json.decode(req.body)
+          if b.stream then return anthropic_stream("ok", garbage) end
+          return anthropic_answer("ok", garbage)
+        end })
+      local r = assert(ai.chat({ model = GPT, messages = { { role = "user", content = "hi" } } }))
+      assert.is_nil(r.finish_reason)
+      r = assert(ai.chat({ model = CLAUDE, messages = { { role = "user", content = "hi" } }, max_tokens = 100 }))
+      assert.is_nil(r.finish_reason)
+      assert.is_nil(r.stop_reason)
+      for _, model in ipairs({ GPT, CLAUDE }) do
+        local status, body = ask(url, "openai", model)
+        assert.are.equal(200, status, body)
+        assert.are.equal("stop", json.decode(body).choices[1].finish_reason, model)
+        status, body = ask(url, "anthropic", model)
+        assert.are.equal(200, status, body)
+        assert.are.equal("end_turn", json.decode(body).stop_reason, model)
+        -- streamed: the reason given is a string (or null, on the chunks before it), and the stream ends whole
+        local datas = ask_stream(url, "openai", model)
+        assert.are.equal("[DONE]", datas[#datas], model)
+        local finishes = {}
+        for i = 1, #datas - 1 do
+          local c = json.decode(datas[i])
+          local f = type(c.choices) == "table" and c.choices[1] and c.choices[1].finish_reason
+          if f and f ~= json.null then finishes[#finishes + 1] = f end
+        end
+        assert.are.same({ "stop" }, finishes, model)
+        local names
+        datas, names = ask_stream(url, "anthropic", model)
+        assert.are.equal("message_stop", names[#names], model)
+        local stops = {}
+        for i, name in ipairs(names) do
+          if name == "message_delta" then stops[#stops + 1] = json.decode(datas[i]).delta.stop_reason end
+        end
+        assert.are.same({ "end_turn" }, stops, model)
+      end
+    end)
+  end
+end)
