@@ -156,12 +156,32 @@ local function error_reply(api, status, message, o)
 end
 gateway.error_reply = error_reply
 
--- an error's message as a client may read it: secrets redacted, and the
+-- Text made UTF-8, each byte that is not part of a character as U+FFFD. A provider's text that
+-- is not (a chunk "ok \xFF\xFE") reached the client as it came, and JSON is UTF-8 (RFC 8259
+-- 8.1): Python's json.loads of the bytes, serde, any strict decoder refused the whole answer.
+-- (cjson copies such bytes as they are; in JSON it wrote they stand only inside a string.)
+-- Valid text, nearly all, is one utf8.len, a loop in C, and is returned as it is.
+local function valid_utf8(s)
+  if utf8.len(s) then return s end
+  local out, at = {}, 1
+  while true do
+    local ok, bad = utf8.len(s, at)
+    if ok then
+      out[#out + 1] = s:sub(at)
+      return table.concat(out)
+    end
+    out[#out + 1] = s:sub(at, bad - 1)
+    out[#out + 1] = "\u{FFFD}"
+    at = bad + 1
+  end
+end
+
+-- an error's message as a client may read it: secrets redacted, the
 -- upstream's URL (an internal host, an Azure resource and deployment) named
--- only as "the upstream"
+-- only as "the upstream", and UTF-8
 local function public_message(msg)
   -- (a transport error starts "<url>: "; a link in a provider's own message is kept)
-  return (resil.redact(tostring(msg)):gsub("%a[%w+.%-]*://[^%s\"']-: ", "the upstream: "))
+  return valid_utf8((resil.redact(tostring(msg)):gsub("%a[%w+.%-]*://[^%s\"']-: ", "the upstream: ")))
 end
 
 -- An error ai raised that is the gateway's own failure, not the request's:
@@ -1661,6 +1681,12 @@ function complete_admitted(req, api, id, rec, slot)
     elseif tools or schema then reply = whole_stream(s, api, id, b, headers)
     elseif api == "anthropic" then reply = anthropic_stream(s, first, id, b.model, headers, r)
     else reply = openai_stream(s, first, id, b.model, b, headers) end
+    -- its events UTF-8 (valid_utf8): a provider's event relayed as it came, or its text translated,
+    -- with bytes that are not
+    local stream = reply.stream
+    reply.stream = function(write)
+      return stream(function(text, ...) return write(valid_utf8(text), ...) end)
+    end
     return correcting_stream(reply, tpm, s)
   end
 
@@ -1691,7 +1717,7 @@ function complete_admitted(req, api, id, rec, slot)
   local body = own_answer(res, api, answer_id, b.model)
     or api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))
     or openai_answer_json(res, answer_id, b.model, res.answer_created)
-  return { status = 200, headers = headers, body = body }
+  return { status = 200, headers = headers, body = valid_utf8(body) }
 end
 
 -- A vector in the encoding its client asked for. The official SDKs ask for base64 when their

@@ -1,0 +1,134 @@
+-- Models that answer garbage rather than an error: text that is not UTF-8. What the gateway's
+-- clients get, relayed (a provider of their own API) and translated, whole and streamed. A real
+-- mock provider on loopback, a fresh SQLite store.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+local json = resil.json
+local http = resil.http
+
+local CLAUDE = "anthropic/claude-sonnet-4-5-20250929"
+local GPT = "openai/gpt-4o-mini"
+
+-- a mock answering with the routes given, a gateway in front of it -> the gateway's url
+local function start(routes)
+  resil.clock.real()
+  resil.log.level("off")
+  resil.store_config({ url = helpers.tmpname(".db") })
+  local m = assert(resil.mock.start({ routes = routes }))
+  local gateway, ai = helpers.fresh_gateway()
+  for k in pairs(gateway.config) do gateway.config[k] = nil end
+  local fast = { base = 0.001, cap = 0.005 }
+  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+  ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-test-123456", retry = fast })
+  gateway.configure({ auth = false, key_cache = 0, models = {} })
+  local s = gateway.serve({ listen = "127.0.0.1:0" })
+  finally(function()
+    s:close()
+    m:stop()
+    resil.log.level("info")
+  end)
+  return ("http://127.0.0.1:%d"):format(s:port()), ai
+end
+
+local HEADERS = { ["content-type"] = "application/json", ["anthropic-version"] = "2023-06-01" }
+local function path_of(api) return api == "openai" and "/v1/chat/completions" or "/v1/messages" end
+
+-- a whole answer -> status, body (the bytes as sent)
+local function ask(url, api, model)
+  local res = assert(http.request({ method = "POST", url = url .. path_of(api), headers = HEADERS,
+    body = json.encode({ model = model, max_tokens = 100, messages = { { role = "user", content = "hi" } } }) }))
+  return res.status, res.body
+end
+
+-- a streamed answer -> its events' data (the bytes as sent) and their names
+local function ask_stream(url, api, model)
+  local s = assert(http.stream({ method = "POST", url = url .. path_of(api), headers = HEADERS,
+    body = json.encode({ model = model, max_tokens = 100, stream = true,
+      messages = { { role = "user", content = "hi" } } }) }))
+  assert.are.equal(200, s.status)
+  local datas, names = {}, {}
+  while true do
+    local ev, err = s:read_event()
+    assert.is_nil(err)
+    if not ev then return datas, names end
+    datas[#datas + 1], names[#datas + 1] = ev.data, ev.event or ""
+  end
+end
+
+local function openai_answer(text, finish)
+  -- (json.encode copies bytes that are not UTF-8 as they are: the provider's garbage)
+  return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+    id = "chatcmpl-x", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+    choices = { { index = 0, message = { role = "assistant", content = text }, finish_reason = finish } },
+    usage = { prompt_tokens = 5, completion_tokens = 2, total_tokens = 7 } }) }
+end
+
+local function anthropic_answer(text, stop)
+  return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+    id = "msg_x", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+    content = { { type = "text", text = text } }, stop_reason = stop, stop_sequence = json.null,
+    usage = { input_tokens = 5, output_tokens = 2 } }) }
+end
+
+local function chunk(delta, finish)
+  return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
+    choices = { { index = 0, delta = delta, finish_reason = finish == nil and json.null or finish } } }) .. "\n\n"
+end
+local function openai_stream(text, finish)
+  return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+    chunk({ role = "assistant", content = "" }), chunk({ content = text }), chunk({}, finish), "data: [DONE]\n\n" } }
+end
+
+local function ev(name, data) return ("event: %s\ndata: %s\n\n"):format(name, json.encode(data)) end
+local function anthropic_stream(text, stop)
+  return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+    ev("message_start", { type = "message_start", message = { id = "msg_x", type = "message", role = "assistant",
+      model = "claude-sonnet-4-5-20250929", content = {}, stop_reason = json.null, stop_sequence = json.null,
+      usage = { input_tokens = 5, output_tokens = 1 } } }),
+    ev("content_block_start", { type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
+    ev("content_block_delta", { type = "content_block_delta", index = 0, delta = { type = "text_delta", text = text } }),
+    ev("content_block_stop", { type = "content_block_stop", index = 0 }),
+    ev("message_delta", { type = "message_delta", delta = { stop_reason = stop, stop_sequence = json.null },
+      usage = { output_tokens = 2 } }),
+    ev("message_stop", { type = "message_stop" }) } }
+end
+
+describe("garbage answers: text that is not UTF-8", function()
+  -- (before: "ok \255\254" reached the client as those bytes, in a JSON body: Python's
+  -- json.loads(bytes), serde and any strict decoder refused the whole answer; RFC 8259 8.1)
+  local BAD, SHOWN = "ok \255\254", "ok \u{FFFD}\u{FFFD}"
+  it("reaches each client as U+FFFD for each byte, relayed and translated, whole and streamed", function()
+    local url = start({
+      ["POST /v1/chat/completions"] = function(req)
+        if json.decode(req.body).stream then return openai_stream(BAD, "stop") end
+        return openai_answer(BAD, "stop")
+      end,
+      ["POST /v1/messages"] = function(req)
+        if json.decode(req.body).stream then return anthropic_stream(BAD, "end_turn") end
+        return anthropic_answer(BAD, "end_turn")
+      end })
+    for _, model in ipairs({ GPT, CLAUDE }) do
+      local status, body = ask(url, "openai", model)
+      assert.are.equal(200, status, body)
+      assert.is_truthy(utf8.len(body), model .. ": " .. body)
+      assert.are.equal(SHOWN, json.decode(body).choices[1].message.content)
+      status, body = ask(url, "anthropic", model)
+      assert.are.equal(200, status, body)
+      assert.is_truthy(utf8.len(body), model .. ": " .. body)
+      assert.are.equal(SHOWN, json.decode(body).content[1].text)
+      for _, api in ipairs({ "openai", "anthropic" }) do
+        local datas = ask_stream(url, api, model)
+        local text = {}
+        for _, d in ipairs(datas) do
+          assert.is_truthy(utf8.len(d), api .. " client of " .. model .. ": " .. d)
+          local c = d ~= "[DONE]" and json.decode(d) or {}
+          local delta = type(c.choices) == "table" and c.choices[1] and c.choices[1].delta or c.delta
+          if type(delta) == "table" and type(delta.content or delta.text) == "string" then
+            text[#text + 1] = delta.content or delta.text
+          end
+        end
+        assert.are.equal(SHOWN, table.concat(text), api .. " client of " .. model)
+      end
+    end
+  end)
+end)
