@@ -33,12 +33,16 @@ local host_limits = select(3, ...) or { budget = function(...) return resil.budg
 local ai = require "policies.ai"
 local pricing = require "policies.pricing"
 local classify = require "policies.classify"
+local access = require "policies.gateway_access"
 local keys = require "resil.keys"
 
 local json = resil.json
 local null = json.null
 
 local gateway = {}
+-- sizes, counts and seconds the gateway is tuned by, each set (and said why) where it is used
+-- (fields, not locals: a main chunk holds at most 200 locals, and a project's copy adds its own)
+local TUNED = {}
 
 -- the config's defaults; the config in force is kept across a policy reload (--watch, SIGHUP),
 -- and the config file, when the gateway was started with one, runs again at each (the end of
@@ -84,9 +88,6 @@ local host_metrics = select(4, ...) or resil.metrics
 local requests_total = host_metrics.counter("resil_gateway_requests_total",
   "Gateway requests, by route and status")
 local request_series = {}
--- req -> what its access line says besides the reply ({ started =, key =, model = }): only while
--- the access log is written
-local access_of = setmetatable({}, { __mode = "k" })
 
 -- request ids: this process's random prefix and a count (unique across workers and restarts);
 -- each in its request's log context, so that every line its work logs (a policy's error, a
@@ -428,7 +429,7 @@ end
 -- text made when tried: every one kept as a text (each with its closers) was a gigabyte of
 -- copies for arguments of 256 KB with 10,000 commas, or as deeply nested, each decoded in turn.
 local CLOSER = { ["{"] = "}", ["["] = "]" }
-local PARTIAL_TRIES = 8
+TUNED.PARTIAL_TRIES = 8
 -- text's first `upto` bytes walked: -> the containers open there, and whether in a string and
 -- after its backslash; on_cut(i): a place to cut, after an opening or before a comma
 local function walk_json(text, upto, on_cut)
@@ -447,8 +448,8 @@ end
 local function closers(stack) local t = {} for i = #stack, 1, -1 do t[#t + 1] = CLOSER[stack[i]] end return table.concat(t) end
 local function partial_object(text)
   if type(text) ~= "string" or text:sub(1, 1) ~= "{" then return nil end
-  local cuts, n = {}, 0 -- (a ring of the last PARTIAL_TRIES places)
-  local stack, in_str, esc = walk_json(text, #text, function(i) n = n + 1; cuts[(n - 1) % PARTIAL_TRIES + 1] = i end)
+  local cuts, n = {}, 0 -- (a ring of the last TUNED.PARTIAL_TRIES places)
+  local stack, in_str, esc = walk_json(text, #text, function(i) n = n + 1; cuts[(n - 1) % TUNED.PARTIAL_TRIES + 1] = i end)
   local function object(candidate)
     local v = json.decode(candidate)
     if type(v) == "table" and getmetatable(v) ~= json.array_mt and v[1] == nil then return v end
@@ -457,9 +458,9 @@ local function partial_object(text)
   local whole = text
   if in_str then whole = (esc and whole:sub(1, -2) or whole:gsub("\\u%x*$", "")) .. '"' end
   local v = object(whole .. closers(stack))
-  for k = n, math.max(1, n - PARTIAL_TRIES + 1), -1 do
+  for k = n, math.max(1, n - TUNED.PARTIAL_TRIES + 1), -1 do
     if v then return v end
-    local at = cuts[(k - 1) % PARTIAL_TRIES + 1]
+    local at = cuts[(k - 1) % TUNED.PARTIAL_TRIES + 1]
     v = object(text:sub(1, at) .. closers((walk_json(text, at))))
   end
   return v
@@ -590,7 +591,7 @@ end
 -- a bare name on an endpoint -> its route, made once per name (api -> name -> route);
 -- how many each endpoint keeps is counted apart: any name is a client's to choose
 local native_routes, native_counts = {}, {}
-local NATIVE_ROUTES_MAX = 1000 -- a client's made-up names must not grow it without end
+TUNED.NATIVE_ROUTES_MAX = 1000 -- a client's made-up names must not grow it without end
 
 -- the model a client named -> the request's model and fallback, or nil, why
 -- (a route is shared by the requests that name the model: read it only)
@@ -612,7 +613,7 @@ local function route_model(name, native)
   if not route then
     route = { model = native .. "/" .. name }
     local n = native_counts[native] or 0
-    if n < NATIVE_ROUTES_MAX then routes[name], native_counts[native] = route, n + 1 end
+    if n < TUNED.NATIVE_ROUTES_MAX then routes[name], native_counts[native] = route, n + 1 end
   end
   return route
 end
@@ -622,12 +623,6 @@ end
 -- what real model ids look like, printable ASCII and short, so one request
 -- cannot put megabytes into each of those (or a control byte into a header)
 local MODEL_MAX = 256
--- the model a client named, for its access line: cut to MODEL_MAX bytes (one refused as too long
--- was written whole, a 5 MB line a request)
-local function logged_model(name)
-  if type(name) ~= "string" then return nil end
-  return #name > MODEL_MAX and name:sub(1, MODEL_MAX) .. "..." or name
-end
 local function check_model(name)
   if type(name) ~= "string" or name == "" then return "model is required" end
   if #name > MODEL_MAX or not name:find("^[!-~]*$") then
@@ -656,20 +651,20 @@ local function check_tool_calls(calls, i)
 end
 
 -- A big body's work lets the loop turn: its decode, the checks of its messages (every
--- YIELD_MESSAGES) and its translation are stretches of their own, so the worker's other requests
+-- TUNED.YIELD_MESSAGES) and its translation are stretches of their own, so the worker's other requests
 -- (a /health, a small chat) are served meanwhile. As one stretch a 4 MB conversation of short
 -- messages held every other request about 0.3 s of CPU (2 s on a busy machine).
-local BIG_BODY, YIELD_MESSAGES = 256 * 1024, 4096
+TUNED.BIG_BODY, TUNED.YIELD_MESSAGES = 256 * 1024, 4096
 local function yieldable() return resil.running() and coroutine.isyieldable() end
 local function let_others_in(body)
-  if #body >= BIG_BODY and yieldable() then resil.yield() end
+  if #body >= TUNED.BIG_BODY and yieldable() then resil.yield() end
 end
 
 local function check_messages(msgs)
   if type(msgs) ~= "table" or #msgs == 0 then return "messages must be a non-empty array" end
-  local yielding = #msgs > YIELD_MESSAGES and yieldable()
+  local yielding = #msgs > TUNED.YIELD_MESSAGES and yieldable()
   for i, m in ipairs(msgs) do
-    if yielding and i % YIELD_MESSAGES == 0 then resil.yield() end
+    if yielding and i % TUNED.YIELD_MESSAGES == 0 then resil.yield() end
     if type(m) ~= "table" or type(m.role) ~= "string" then
       return ("messages[%d] must be an object with a role"):format(i - 1)
     end
@@ -784,8 +779,7 @@ local function authenticate(req, api)
   if not rec or rec.revoked or not resil.crypto.equal(rec.hash or "", hash) then
     return nil, error_reply(api, 401, "invalid or revoked API key", { code = "invalid_api_key" })
   end
-  local a = access_of[req]
-  if a then a.key = rec.name end
+  access.key(req, rec.name)
   return rec
 end
 
@@ -881,15 +875,15 @@ end
 -- a key's 10,000 tpm, and the next request was a 429)
 -- (polled from 10 ms, doubling to 0.5 s: a thousand clients leaving while the store is slow to
 -- take their records woke the loop 100,000 times a second)
-local RECORDED_WAIT, RECORDED_POLL, RECORDED_POLL_MAX = 10, 0.01, 0.5
+TUNED.RECORDED_WAIT, TUNED.RECORDED_POLL, TUNED.RECORDED_POLL_MAX = 10, 0.01, 0.5
 local function correct_once_recorded(charged, s)
-  local waited, poll = 0, RECORDED_POLL
+  local waited, poll = 0, TUNED.RECORDED_POLL
   while true do
     local r, err = s:result()
     if r or err then return correct_tpm(charged, r and r.usage or type(err) == "table" and err.usage) end
-    if waited >= RECORDED_WAIT then return end
+    if waited >= TUNED.RECORDED_WAIT then return end
     resil.sleep(poll)
-    waited, poll = waited + poll, math.min(poll * 2, RECORDED_POLL_MAX)
+    waited, poll = waited + poll, math.min(poll * 2, TUNED.RECORDED_POLL_MAX)
   end
 end
 
@@ -1096,10 +1090,8 @@ end
 -- error.type (an overloaded_error a client backs off on was an api_error)
 local ANTHROPIC_TYPES = {}
 for _, t in pairs(ANTHROPIC_TYPE) do ANTHROPIC_TYPES[t] = true end
--- task -> the kind of error its streamed reply ended with (its access line says it)
-local stream_failed = setmetatable({}, { __mode = "k" })
 local function broken(api, err)
-  stream_failed[resil.running()] = err.kind or "stream_interrupted"
+  access.stream_failed(err.kind or "stream_interrupted") -- (its access line says it)
   local cause = type(err.cause) == "table" and err.cause.error
   local etype = api == "anthropic" and type(cause) == "table" and ANTHROPIC_TYPES[cause.type] and cause.type or nil
   return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted", etype)
@@ -1570,8 +1562,7 @@ function complete_admitted(req, api, id, rec, slot)
     return with_id(error_reply(api, 400, not_object_message(bad_json), { code = "invalid_json" }), id)
   end
   let_others_in(req.body)
-  local a = access_of[req]
-  if a then a.model = logged_model(b.model) end
+  access.model(req, b.model)
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply(api, 400, bad_model, { code = "invalid_model" }), id) end
   local bad = check_messages(b.messages) or check_tools(b.tools) or not_finite(b)
@@ -1746,7 +1737,7 @@ end
 -- Written a vector at a time, the loop let in every 64k numbers: a batch of 2,048 vectors of
 -- 1,536 floats is 3 million numbers, a second and a half of JSON, which in one encode held every
 -- other request on the worker (and the watchdog stopped it at --max-task-seconds, a 503).
-local YIELD_EVERY = 65536
+TUNED.YIELD_EVERY = 65536
 local function embeddings_body(res, model, format)
   local base64 = format == "base64"
   local n = res.usage and res.usage.input_tokens or 0
@@ -1756,7 +1747,7 @@ local function embeddings_body(res, model, format)
     parts[#parts + 1] = (i > 1 and ',{"object":"embedding","index":' or '{"object":"embedding","index":') .. (i - 1)
       .. ',"embedding":' .. json.encode(encoded(v, base64)) .. "}"
     numbers = numbers + (type(v) == "table" and #v or 1)
-    if numbers >= YIELD_EVERY and resil.running() then
+    if numbers >= TUNED.YIELD_EVERY and resil.running() then
       numbers = 0
       resil.yield()
     end
@@ -1784,8 +1775,7 @@ local function embeddings(req)
   if not_object(b) then
     return with_id(error_reply("openai", 400, not_object_message(bad_json), { code = "invalid_json" }), id)
   end
-  local a = access_of[req]
-  if a then a.model = logged_model(b.model) end
+  access.model(req, b.model)
   local bad_model = check_model(b.model)
   if bad_model then return with_id(error_reply("openai", 400, bad_model, { code = "invalid_model" }), id) end
   local input = b.input
@@ -2169,56 +2159,13 @@ local function count_request(label, status)
   end
   series:inc()
 end
--- The access log: one line per request, at info (an operator's record of who asked for what and
--- what it got; every line a request's work logs carries the same request_id), unless the config's
--- access_log is false or the log's level is above info. A streamed reply's is written as its
--- stream ends: its status was sent long before, its duration is the stream's.
-local WRITES_INFO = { debug = true, info = true }
-local PATH_LOGGED = 512
-local function access_started(req)
-  if gateway.config.access_log == false or not WRITES_INFO[resil.log.level()] then return nil end
-  local a = { started = resil.now() }
-  access_of[req] = a
-  return a
-end
--- how: nil for an answer; a stream's end: "ended", "failed" (an error event ended it: failed, its
--- kind), "cut" (the reply raised mid-way) or "client_left"
-local function access_line(req, a, route, status, reply, how, failed)
-  local path = req.path
-  if #path > PATH_LOGGED then path = path:sub(1, PATH_LOGGED) .. "..." end
-  local h = type(reply) == "table" and type(reply.headers) == "table" and reply.headers or {}
-  local attempts = h["x-resil-attempts"]
-  local cost = h["x-resil-cost-usd"]
-  resil.log.info("access", { method = req.method, path = path, route = route, status = status,
-    ms = math.floor((resil.now() - a.started) * 1e6 + 0.5) / 1e3, key = a.key, model = a.model,
-    provider = h["x-resil-provider"], served_model = h["x-resil-model"],
-    attempts = attempts and math.tointeger(tonumber(attempts)), cost_usd = cost and tonumber(cost),
-    replayed = h["x-resil-replayed"] == "true" or nil,
-    bytes = type(reply) == "table" and type(reply.body) == "string" and #reply.body or nil, stream = how,
-    error = failed })
-end
--- a streamed reply's line as its stream ends (its client leaving cancels it: no error)
-local function access_at_end(req, a, route, reply)
-  local stream = reply.stream
-  reply.stream = function(write)
-    local ended = false
-    local _ <close> = setmetatable({}, { __close = function(_, err)
-      local failed = stream_failed[resil.running()]
-      local how = ended and (failed and "failed" or "ended") or err == nil and "client_left" or "cut"
-      access_line(req, a, route, reply.status or 200, reply, how, failed)
-    end })
-    local function over(...) ended = true; return ... end
-    return over(stream(write))
-  end
-end
-
 -- a request that ends without its reply: its client left (its task canceled), or the handler
 -- raised (gateway.serve's failed_reply: a 503 for the host's trouble, else a 500)
 local COUNT_UNANSWERED = { __close = function(c, err)
   if c.done then return end
   local status = err == nil and 499 or host_failure(err) and 503 or 500
   count_request(c.label, status)
-  if c.access then access_line(c.req, c.access, c.label, status, nil) end
+  if c.access then access.line(c.req, c.access, c.label, status, nil) end
 end }
 
 -- gateway.handle(req) -> the reply; the server's handler (a task per request)
@@ -2266,8 +2213,9 @@ function gateway.handle(req)
   local one_model = not route and method == "GET" and path:match("^/v1/models/(.+)$")
   local label = route and path or one_model and "/v1/models/{id}" or "other"
   -- counted however the request ends (COUNT_UNANSWERED): a client that left was not counted at all
-  local access = access_started(req)
-  local counting <close> = setmetatable({ label = label, req = req, access = access }, COUNT_UNANSWERED)
+  -- (its access line: policies/gateway_access.lua)
+  local logging = access.start(req, gateway.config)
+  local counting <close> = setmetatable({ label = label, req = req, access = logging }, COUNT_UNANSWERED)
   if route == models then
     reply = with_request_id(models(req), models_api(req))
   elseif route then
@@ -2292,9 +2240,9 @@ function gateway.handle(req)
   local status = resil.running():cancel_pending() and 499 or reply.status or 200
   count_request(label, status)
   counting.done = true
-  if access then
-    if type(reply.stream) == "function" and status ~= 499 then access_at_end(req, access, label, reply)
-    else access_line(req, access, label, status, reply) end
+  if logging then
+    if type(reply.stream) == "function" and status ~= 499 then access.at_end(req, logging, label, reply)
+    else access.line(req, logging, label, status, reply) end
   end
   if span then
     span.name = req.method .. " " .. label -- (the route, not the client's path: a span name is low-cardinality)
@@ -2391,7 +2339,7 @@ end
 -- The config file, run under a cap when --max-instructions sets none: one
 -- that loops never listened and said nothing (its workers neither died nor
 -- served). 200,000,000 instructions, as a policy reload (src/reload.c).
-local CONFIG_MAX_INSTRUCTIONS, CONFIG_HOOK_EVERY = 200000000, 1000000
+TUNED.CONFIG_MAX_INSTRUCTIONS, TUNED.CONFIG_HOOK_EVERY = 200000000, 1000000
 -- The hook functions the cap and the handler's catch need: debug's, or under --sandbox (where a
 -- policy's debug is refused) the host's, which src/main.c hands gateway.main. Kept (across
 -- reloads) as these two closures, never the functions: kept is any script's (resil.keep), and
@@ -2401,16 +2349,16 @@ local function hook_closures(gethook, sethook)
   function h.hooked() return gethook() ~= nil end
   function h.capped(chunk, path)
     if gethook() then return chunk() end -- the host's own cap
-    local left = CONFIG_MAX_INSTRUCTIONS // CONFIG_HOOK_EVERY
+    local left = TUNED.CONFIG_MAX_INSTRUCTIONS // TUNED.CONFIG_HOOK_EVERY
     local function cap()
       left = left - 1
       if left <= 0 then
         sethook()
         error(resil.error("max_instructions", ("gateway: the config %s ran more than %d instructions (does it " ..
-          "loop?); --max-instructions sets another cap"):format(path, CONFIG_MAX_INSTRUCTIONS), { traceback = false }), 0)
+          "loop?); --max-instructions sets another cap"):format(path, TUNED.CONFIG_MAX_INSTRUCTIONS), { traceback = false }), 0)
       end
     end
-    sethook(cap, "", CONFIG_HOOK_EVERY)
+    sethook(cap, "", TUNED.CONFIG_HOOK_EVERY)
     local ok, conf = pcall(chunk)
     if gethook() == cap then sethook() end -- (only its own: not the watchdog's, set meanwhile)
     if not ok then error(conf, 0) end
@@ -2511,12 +2459,12 @@ function gateway.stopping_reply(req) return stopping(api_of(req.path, req.header
 -- written (another process may hold the store's write lock), the server
 -- closed; then whatever still runs (a call a client left, finishing for its
 -- Idempotency-Key) is stopped, so that the process ends in time. At least
--- DRAIN_MIN: a stream cut at once must still get its error event out, and
+-- TUNED.DRAIN_MIN: a stream cut at once must still get its error event out, and
 -- the rows their tasks record be written (with 0, the server closed in the
 -- same turn: a client read the truncated stream as a complete answer).
-local DRAIN_MIN = 0.5
-local CLOSE_MIN = 0.1
-local function drain_timeout() return math.max(tonumber(gateway.config.drain_timeout) or 20, DRAIN_MIN) end
+TUNED.DRAIN_MIN = 0.5
+TUNED.CLOSE_MIN = 0.1
+local function drain_timeout() return math.max(tonumber(gateway.config.drain_timeout) or 20, TUNED.DRAIN_MIN) end
 local function drain(s, signo)
   local grace = drain_timeout()
   s:stop_accepting()
@@ -2561,8 +2509,8 @@ local function drain(s, signo)
   wait_while(function() return resil.cost.unwritten() > 0 end, deadline)
   -- the stores' last writes as the process closes end by the deadline too (a Redis connection
   -- waited for a frozen server to read what was sent, its whole timeout past drain_timeout);
-  -- CLOSE_MIN lets a server that answers read what was sent at the last moment
-  resil.stop_now(signo, math.max(deadline - resil.now(), CLOSE_MIN))
+  -- TUNED.CLOSE_MIN lets a server that answers read what was sent at the last moment
+  resil.stop_now(signo, math.max(deadline - resil.now(), TUNED.CLOSE_MIN))
 end
 
 -- `resil-lua gateway`: serve until stopped (SIGTERM, SIGINT)

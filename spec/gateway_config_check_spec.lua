@@ -134,3 +134,17 @@ describe("gateway: the config's options", function()
       assert.is_true(helpers.alive(pid))
     end)
 end)
+
+describe("gateway: a project's copy of policies/gateway.lua", function()
+  -- (Lua's main chunk holds at most 200 locals: the shipped file had room for 5 more, and a copy
+  -- with a few rules of its own would not load, "too many local variables")
+  it("has room for 20 locals of the project's own", function()
+    local text = helpers.slurp("policies/gateway.lua")
+    local at = text:find("return gateway%s*$")
+    assert.truthy(at)
+    local extra = {}
+    for i = 1, 20 do extra[#extra + 1] = ("local project_rule_%d = %d\n"):format(i, i) end
+    local f, err = load(text:sub(1, at - 1) .. table.concat(extra) .. text:sub(at), "=gateway copy")
+    assert.is_not_nil(f, err)
+  end)
+end)
