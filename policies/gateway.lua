@@ -160,22 +160,8 @@ gateway.error_reply = error_reply
 -- Text made UTF-8, each byte that is not part of a character as U+FFFD. A provider's text that
 -- is not (a chunk "ok \xFF\xFE") reached the client as it came, and JSON is UTF-8 (RFC 8259
 -- 8.1): Python's json.loads of the bytes, serde, any strict decoder refused the whole answer.
--- (cjson copies such bytes as they are; in JSON it wrote they stand only inside a string.)
--- Valid text, nearly all, is one utf8.len, a loop in C, and is returned as it is.
-local function valid_utf8(s)
-  if utf8.len(s) then return s end
-  local out, at = {}, 1
-  while true do
-    local ok, bad = utf8.len(s, at)
-    if ok then
-      out[#out + 1] = s:sub(at)
-      return table.concat(out)
-    end
-    out[#out + 1] = s:sub(at, bad - 1)
-    out[#out + 1] = "\u{FFFD}"
-    at = bad + 1
-  end
-end
+-- (cjson copies such bytes as they are.) Valid text, nearly all, is one scan in C, as it is.
+local valid_utf8 = json.utf8
 
 -- an error's message as a client may read it: secrets redacted, the
 -- upstream's URL (an internal host, an Azure resource and deployment) named

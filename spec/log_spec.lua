@@ -210,6 +210,21 @@ describe("resil.log", function()
 end)
 
 describe("resil.json", function()
+  it("utf8 makes text UTF-8: each byte not part of a character U+FFFD, valid text as it is", function()
+    local json = resil.json
+    assert.are.equal("ok h\u{e9} \u{1F600}", json.utf8("ok h\u{e9} \u{1F600}"))
+    assert.are.equal("ok \u{FFFD}\u{FFFD}", json.utf8("ok \255\254"))
+    -- a cut sequence, an overlong form, a surrogate, past U+10FFFF: each byte its own U+FFFD
+    assert.are.equal("a\u{FFFD}\u{FFFD}b", json.utf8("a\xE2\x82b"))
+    assert.are.equal("\u{FFFD}\u{FFFD}", json.utf8("\xC0\xAF"))
+    assert.are.equal("\u{FFFD}\u{FFFD}\u{FFFD}", json.utf8("\xED\xA0\x80"))
+    assert.are.equal("\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}", json.utf8("\xF4\x90\x80\x80"))
+    assert.are.equal("a\0b", json.utf8("a\0b"))
+    local long = ("x"):rep(100000) .. "\255"
+    assert.are.equal(("x"):rep(100000) .. "\u{FFFD}", json.utf8(long))
+    assert.has_error(function() json.utf8({}) end)
+  end)
+
   it("round-trips tables", function()
     local t = resil.json.decode(resil.json.encode({ a = { 1, 2, 3 }, b = "x", c = true }))
     assert.are.same({ a = { 1, 2, 3 }, b = "x", c = true }, t)

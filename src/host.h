@@ -354,6 +354,11 @@ const char *redact_push(lua_State *L, int idx, int what);        /* pushes the r
 void redact_fprintf(resil_t *R, FILE *f, const char *fmt, ...); /* format, redact, write */
 void redact_free(resil_t *R);
 
+/* utf8.c: UTF-8 checked (-> the offset of the first byte not part of a character, len when
+ * none) and made valid (pushes the string at idx, or a copy with such bytes as U+FFFD) */
+size_t utf8_invalid_at(const unsigned char *s, size_t len);
+const char *utf8_push_valid(lua_State *L, int idx, size_t *out_len);
+
 /* http.c */
 void http_free(resil_t *R);
 

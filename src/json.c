@@ -654,6 +654,13 @@ static int json_encode(lua_State *L) {
 
 /* -> the host's one resil.json (its array_mt and tag are the same for every
  * caller: resil.json and the HTTP client's json = body) */
+/* resil.json.utf8(s) -> s, or a copy with each byte that is not part of a character as U+FFFD:
+ * JSON is UTF-8 (RFC 8259 8.1), and cjson writes any byte as it is */
+static int json_utf8(lua_State *L) {
+  utf8_push_valid(L, 1, NULL);
+  return 1;
+}
+
 int luaopen_resil_json(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, "resil.json") == LUA_TTABLE) return 1;
   lua_pop(L, 1);
@@ -697,6 +704,8 @@ int luaopen_resil_json(lua_State *L) {
   lua_pushvalue(L, mark);
   lua_pushcclosure(L, json_decode, 3);
   lua_setfield(L, module, "decode");
+  lua_pushcfunction(L, json_utf8);
+  lua_setfield(L, module, "utf8");
   lua_settop(L, module);
   return 1;
 }

@@ -93,52 +93,15 @@ static int is_sensitive(const char *key) {
 #define STATE_UPVALUE lua_upvalueindex(1)
 #define ENCODE_UPVALUE lua_upvalueindex(2)
 
-/* The length of the valid UTF-8 sequence at s (n bytes left), 0 if it is
- * not one: overlong forms, surrogates and code points past U+10FFFF too. */
-static size_t utf8_sequence(const unsigned char *s, size_t n) {
-  unsigned c = s[0], cp, min;
-  size_t len;
-  if (c < 0x80) return 1;
-  if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f, min = 0x80;
-  else if (c >= 0xe0 && c <= 0xef) len = 3, cp = c & 0x0f, min = 0x800;
-  else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07, min = 0x10000;
-  else return 0;
-  if (n < len) return 0;
-  for (size_t i = 1; i < len; i++) {
-    if ((s[i] & 0xc0) != 0x80) return 0;
-    cp = cp << 6 | (s[i] & 0x3f);
-  }
-  return cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff) ? 0 : len;
-}
-
-/* L stack: string -> the same string, or a copy with each byte that is not
- * part of valid UTF-8 written as U+FFFD. cjson copies such bytes as they
- * are, and a line with them is not JSON: a reader that decodes UTF-8 first
- * (Python's json, serde_json in Vector) refused the whole line. */
-static void valid_utf8(lua_State *L) {
-  size_t len, at = 0, n;
-  const unsigned char *s = (const unsigned char *)lua_tolstring(L, -1, &len);
-  while (at < len && s[at] < 0x80) at++; /* (ASCII, most text, without a call a byte) */
-  while (at < len && (n = utf8_sequence(s + at, len - at)) > 0) at += n;
-  if (at == len) return;
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  luaL_addlstring(&b, (const char *)s, at);
-  while (at < len) {
-    n = utf8_sequence(s + at, len - at);
-    if (n) luaL_addlstring(&b, (const char *)s + at, n);
-    else luaL_addstring(&b, "\xEF\xBF\xBD");
-    at += n ? n : 1;
-  }
-  luaL_pushresult(&b);
-  lua_replace(L, -2);
-}
-
 /* L stack: string -> redacted string, valid UTF-8 */
+/* (a byte that is not part of valid UTF-8 as U+FFFD: cjson copies such bytes as they are, and a
+ * line with them is not JSON; a reader that decodes UTF-8 first, Python's json, serde_json in
+ * Vector, refused the whole line) */
 static void redact_string(lua_State *L) {
   redact_push(L, -1, REDACT_ALL);
   lua_replace(L, -2);
-  valid_utf8(L);
+  utf8_push_valid(L, -1, NULL);
+  lua_replace(L, -2);
 }
 
 /* L stack: value -> redacted copy of value, one JSON can hold: cjson raises

@@ -1591,45 +1591,6 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
   return NULL;
 }
 
-/* A body's first byte that is not UTF-8 (RFC 3629: no overlong form, no
- * surrogate, nothing past U+10FFFF) -> its offset, or len when it all is.
- * JSON between systems is UTF-8 (RFC 8259 8.1), and cjson takes any byte
- * in a string: a body that is not went to the provider as it came, which
- * refused it after the gateway had admitted, reserved and sent it. ASCII
- * (most of a body) 32 bytes, then 8, a step: 0.55 instructions a byte by
- * callgrind (341 for a 531-byte chat body, 4,371 for 8 KB). */
-static size_t utf8_invalid_at(const unsigned char *s, size_t len) {
-  const uint64_t high = 0x8080808080808080ULL;
-  size_t i = 0;
-  while (i < len) {
-    uint64_t w[4];
-    for (; len - i >= 32; i += 32) {
-      memcpy(w, s + i, sizeof w);
-      if ((w[0] | w[1] | w[2] | w[3]) & high) break;
-    }
-    for (; len - i >= 8; i += 8) {
-      memcpy(w, s + i, 8);
-      if (w[0] & high) break;
-    }
-    if (i == len) break;
-    unsigned char c = s[i];
-    if (c < 0x80) {
-      i++;
-      continue;
-    }
-    size_t n; /* continuation bytes */
-    unsigned char lo = 0x80, hi = 0xBF; /* the second byte's range (RFC 3629 4) */
-    if (c >= 0xC2 && c <= 0xDF) n = 1;
-    else if (c >= 0xE0 && c <= 0xEF) n = 2, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
-    else if (c >= 0xF0 && c <= 0xF4) n = 3, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
-    else return i;
-    if (len - i <= n || s[i + 1] < lo || s[i + 1] > hi) return i;
-    for (size_t k = 2; k <= n; k++)
-      if ((s[i + k] & 0xC0) != 0x80) return i;
-    i += n + 1;
-  }
-  return len;
-}
 
 /* the server's own refusal, before any handler; the connection closes,
  * since what follows the body on it cannot be trusted */
