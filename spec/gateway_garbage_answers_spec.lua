@@ -1,6 +1,7 @@
--- Models that answer garbage rather than an error: text that is not UTF-8. What the gateway's
--- clients get, relayed (a provider of their own API) and translated, whole and streamed. A real
--- mock provider on loopback, a fresh SQLite store.
+-- Models that answer garbage rather than an error: a finish_reason / stop_reason of the wrong
+-- type, text that is not UTF-8. What ai.chat returns, and what the gateway's clients get, relayed
+-- (a provider of their own API) and translated, whole and streamed. A real mock provider on
+-- loopback, a fresh SQLite store.
 local resil = require "resil"
 local helpers = require "spec.helpers"
 local json = resil.json
@@ -92,6 +93,59 @@ local function anthropic_stream(text, stop)
       usage = { output_tokens = 2 } }),
     ev("message_stop", { type = "message_stop" }) } }
 end
+
+describe("garbage answers: a finish_reason or stop_reason that is not a string", function()
+  -- (before: 5, {"a":1} or true was ai.chat's r.finish_reason / r.stop_reason, and a client of the
+  -- provider's own API got it relayed: an SDK's `switch (finish_reason)` matched nothing, Python's
+  -- pydantic model refused the answer)
+  for _, garbage in ipairs({ 5, { a = 1 }, true }) do
+    local shown = json.encode(garbage)
+    it(("%s is no reason in ai.chat's result, and each client gets one of its API's reasons"):format(shown), function()
+      local url, ai = start({
+        ["POST /v1/chat/completions"] = function(req)
+          local b = json.decode(req.body)
+          if b.stream then return openai_stream("ok", garbage) end
+          return openai_answer("ok", garbage)
+        end,
+        ["POST /v1/messages"] = function(req)
+          local b = json.decode(req.body)
+          if b.stream then return anthropic_stream("ok", garbage) end
+          return anthropic_answer("ok", garbage)
+        end })
+      local r = assert(ai.chat({ model = GPT, messages = { { role = "user", content = "hi" } } }))
+      assert.is_nil(r.finish_reason)
+      r = assert(ai.chat({ model = CLAUDE, messages = { { role = "user", content = "hi" } }, max_tokens = 100 }))
+      assert.is_nil(r.finish_reason)
+      assert.is_nil(r.stop_reason)
+      for _, model in ipairs({ GPT, CLAUDE }) do
+        local status, body = ask(url, "openai", model)
+        assert.are.equal(200, status, body)
+        assert.are.equal("stop", json.decode(body).choices[1].finish_reason, model)
+        status, body = ask(url, "anthropic", model)
+        assert.are.equal(200, status, body)
+        assert.are.equal("end_turn", json.decode(body).stop_reason, model)
+        -- streamed: the reason given is a string (or null, on the chunks before it), and the stream ends whole
+        local datas = ask_stream(url, "openai", model)
+        assert.are.equal("[DONE]", datas[#datas], model)
+        local finishes = {}
+        for i = 1, #datas - 1 do
+          local c = json.decode(datas[i])
+          local f = type(c.choices) == "table" and c.choices[1] and c.choices[1].finish_reason
+          if f and f ~= json.null then finishes[#finishes + 1] = f end
+        end
+        assert.are.same({ "stop" }, finishes, model)
+        local names
+        datas, names = ask_stream(url, "anthropic", model)
+        assert.are.equal("message_stop", names[#names], model)
+        local stops = {}
+        for i, name in ipairs(names) do
+          if name == "message_delta" then stops[#stops + 1] = json.decode(datas[i]).delta.stop_reason end
+        end
+        assert.are.same({ "end_turn" }, stops, model)
+      end
+    end)
+  end
+end)
 
 describe("garbage answers: text that is not UTF-8", function()
   -- (before: "ok \255\254" reached the client as those bytes, in a JSON body: Python's
