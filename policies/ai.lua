@@ -394,6 +394,29 @@ local function check_budget(b, who, level)
   end
 end
 
+-- the call options a request may set for itself (CALL_OPTIONS), checked as call.provider checks
+-- them: its error named this file's line (caller_of's), not the request's. who: "ai", "ai.embed"
+local function check_call_options(req, who, level)
+  if not sets_call_options(req) then return end
+  for _, k in ipairs({ "timeout", "deadline" }) do
+    local v = req[k]
+    if v ~= nil and not (type(v) == "number" and v == v and (k == "deadline" or v > 0)) then
+      error(("%s: %s must be a number of seconds%s, got %s"):format(who, k, k == "timeout" and " > 0" or "",
+        type(v) == "string" and ("%q"):format(v) or tostring(v)), level + 1)
+    end
+  end
+  for _, k in ipairs({ "rate", "tokens", "breaker", "concurrency" }) do
+    local v = req[k]
+    if v ~= nil and v ~= false and type(v) ~= "table" then
+      error(("%s: %s must be a table, got %s"):format(who, k, type(v)), level + 1)
+    end
+  end
+  if req.retry ~= nil then
+    local wrong = require("policies.retry").check(req.retry)
+    if wrong then error(who .. ": " .. wrong, level + 1) end
+  end
+end
+
 local function check_request(req, level)
   if type(req) ~= "table" then error("ai: expects a request table", level + 1) end
   check_budget(req.budget, "ai", level + 1)
@@ -408,27 +431,7 @@ local function check_request(req, level)
   if req.max_tokens ~= nil and math.type(req.max_tokens) ~= "integer" then
     error("ai: max_tokens must be an integer", level + 1)
   end
-  -- the call options a request may set for itself (CALL_OPTIONS), checked as call.provider checks
-  -- them: its error named this file's line (caller_of's), not the request's
-  if sets_call_options(req) then
-    for _, k in ipairs({ "timeout", "deadline" }) do
-      local v = req[k]
-      if v ~= nil and not (type(v) == "number" and v == v and (k == "deadline" or v > 0)) then
-        error(("ai: %s must be a number of seconds%s, got %s"):format(k, k == "timeout" and " > 0" or "",
-          type(v) == "string" and ("%q"):format(v) or tostring(v)), level + 1)
-      end
-    end
-    for _, k in ipairs({ "rate", "tokens", "breaker", "concurrency" }) do
-      local v = req[k]
-      if v ~= nil and v ~= false and type(v) ~= "table" then
-        error(("ai: %s must be a table, got %s"):format(k, type(v)), level + 1)
-      end
-    end
-    if req.retry ~= nil then
-      local wrong = require("policies.retry").check(req.retry)
-      if wrong then error("ai: " .. wrong, level + 1) end
-    end
-  end
+  check_call_options(req, "ai", level + 1)
   if req.cache ~= nil and not cache_ok(req.cache) then
     error("ai: cache must be {ttl = seconds}, seconds > 0", level + 1)
   end
@@ -1861,11 +1864,16 @@ end
 local embed_callers = {} -- provider -> { conf =, caller = }; a new ai.configure makes a new caller
 local NO_CONF = {}
 
-local function embed_caller(provider, adapter, conf)
-  local c = embed_callers[provider]
+-- (a call's own options, timeout or retry, over its provider's, as caller_of does for a chat: they
+-- were ignored, and an embed given timeout = 5 waited for the provider's 60)
+local function embed_caller(provider, adapter, conf, req)
+  local override = sets_call_options(req)
+  local c = not override and embed_callers[provider]
   if c and c.conf == conf then return c.caller end
   local o = {}
-  for _, k in ipairs(CALL_OPTIONS) do o[k] = conf[k] end
+  for _, k in ipairs(CALL_OPTIONS) do
+    if req[k] ~= nil then o[k] = req[k] else o[k] = conf[k] end
+  end
   o.validate = function(res)
     local data, why = classify.decoded(res)
     if data == nil then return nil, why end
@@ -1874,7 +1882,7 @@ local function embed_caller(provider, adapter, conf)
     return true
   end
   local caller = call.provider(provider, o)
-  embed_callers[provider] = { conf = conf, caller = caller }
+  if not override then embed_callers[provider] = { conf = conf, caller = caller } end
   return caller
 end
 
@@ -1886,7 +1894,7 @@ local function embed_strategy(spec, req, level, guard)
   local key, err = key_of(p, adapter, conf, model)
   if key == nil then return nil, err end
   local t = { provider = p, model = model, name = p .. "/" .. model, adapter = adapter }
-  local caller = embed_caller(p, adapter, conf)
+  local caller = embed_caller(p, adapter, conf, req)
   local wire = { method = "POST", url = adapter.embed_url(base_url(adapter, conf)),
     headers = adapter.headers(key or nil, conf), json = adapter.embed_body(req, model, conf) }
   return { name = t.name, t = t, fn = function(_, deadline)
@@ -1925,9 +1933,7 @@ function ai.embed(req)
   if req.fallback ~= nil and type(req.fallback) ~= "table" then
     error("ai.embed: fallback must be a list of models", 2)
   end
-  if req.deadline ~= nil and not (type(req.deadline) == "number" and req.deadline == req.deadline) then
-    error(("ai.embed: deadline must be a number of seconds, got %s"):format(tostring(req.deadline)), 2)
-  end
+  check_call_options(req, "ai.embed", 2)
   local list = { req.model }
   for _, f in ipairs(req.fallback or {}) do list[#list + 1] = f end
   local strategies = {}

@@ -1070,6 +1070,26 @@ describe("gateway: embeddings", function()
     end
   end)
 
+  -- (before: ai.embed ignored a call's own timeout and retry: an embed given timeout = 0.3 waited
+  -- for the provider's own, and was answered after the mock's 2 s)
+  it("ai.embed takes a call's own timeout and retry over its provider's", function()
+    local _, m = start({ strict = true, latency = 2 })
+    local ai = require "policies.ai"
+    local t0 = resil.now()
+    local r, err = ai.embed({ model = "openai/text-embedding-3-small", input = "x", timeout = 0.3,
+      retry = { max_retries = 0 } })
+    assert.is_nil(r)
+    assert.are.equal("timeout", err.kind)
+    assert.is_true(resil.now() - t0 < 1.5, "waited for the provider's own timeout")
+    assert.are.equal(1, m:stats().routes.embeddings)
+    local ok, bad = pcall(function()
+      local x = ai.embed({ model = "openai/text-embedding-3-small", input = "x", retry = { max_retry = 1 } })
+      return x
+    end)
+    assert.is_false(ok)
+    assert.matches("gateway_spec.lua:%d+: ai.embed: .*max_retry", bad)
+  end)
+
   it("ai.embed: an answer refused (no vectors) but billed is in the ledger, the budget and cost_usd", function()
     local _, m = start({ strict = true })
     local n = 0
