@@ -729,8 +729,12 @@ local function authenticate(req, api)
   if not gateway.config.auth then return {} end
   local token = bearer(req)
   if not token then
-    return nil, error_reply(api, 401, "missing API key: send Authorization: Bearer <key>",
-      { code = "invalid_api_key" })
+    -- (two Authorization headers are one field of both values, joined with ", ": neither is taken,
+    -- and "missing API key" told a client that had sent one, twice, to send one)
+    local h = req.headers.authorization
+    return nil, error_reply(api, 401, h and h:find(",", 1, true)
+      and "Authorization sent more than once: send one key, Authorization: Bearer <key>"
+      or "missing API key: send Authorization: Bearer <key>", { code = "invalid_api_key" })
   end
   local hash = resil.crypto.sha256(token)
   local now = resil.now()
