@@ -652,8 +652,6 @@ static int json_encode(lua_State *L) {
   return 1;
 }
 
-/* -> the host's one resil.json (its array_mt and tag are the same for every
- * caller: resil.json and the HTTP client's json = body) */
 /* resil.json.utf8(s) -> s, or a copy with each byte that is not part of a character as U+FFFD:
  * JSON is UTF-8 (RFC 8259 8.1), and cjson writes any byte as it is */
 static int json_utf8(lua_State *L) {
@@ -661,6 +659,8 @@ static int json_utf8(lua_State *L) {
   return 1;
 }
 
+/* -> the host's one resil.json (its array_mt and tag are the same for every
+ * caller: resil.json and the HTTP client's json = body) */
 int luaopen_resil_json(lua_State *L) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, "resil.json") == LUA_TTABLE) return 1;
   lua_pop(L, 1);

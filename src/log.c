@@ -93,10 +93,9 @@ static int is_sensitive(const char *key) {
 #define STATE_UPVALUE lua_upvalueindex(1)
 #define ENCODE_UPVALUE lua_upvalueindex(2)
 
-/* L stack: string -> redacted string, valid UTF-8 */
-/* (a byte that is not part of valid UTF-8 as U+FFFD: cjson copies such bytes as they are, and a
- * line with them is not JSON; a reader that decodes UTF-8 first, Python's json, serde_json in
- * Vector, refused the whole line) */
+/* L stack: string -> redacted string, valid UTF-8 (a byte that is not part of a character as
+ * U+FFFD: cjson copies such bytes as they are, and a line with them is not JSON; a reader that
+ * decodes UTF-8 first, Python's json, serde_json in Vector, refused the whole line) */
 static void redact_string(lua_State *L) {
   redact_push(L, -1, REDACT_ALL);
   lua_replace(L, -2);

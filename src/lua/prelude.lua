@@ -514,20 +514,8 @@ function private.bidi_escaped(s)
 end
 -- Text made UTF-8, each byte that is not as U+FFFD, for what a reader refuses whole over one bad
 -- byte: a Prometheus scrape (resil.metrics), an OTLP batch of 256 spans (resil.trace)
-function private.valid_utf8(s)
-  if utf8.len(s) then return s end
-  local out, at = {}, 1
-  while true do
-    local ok, bad = utf8.len(s, at)
-    if ok then
-      out[#out + 1] = s:sub(at)
-      return table.concat(out)
-    end
-    out[#out + 1] = s:sub(at, bad - 1)
-    out[#out + 1] = "\u{FFFD}"
-    at = bad + 1
-  end
-end
+-- (resil.json.utf8: one check in C, src/utf8.c)
+private.valid_utf8 = resil.json.utf8
 local CAPABILITY = { ["policies.ai"] = "ai_cache", ["policies.registry"] = "migrations",
   ["policies.gateway"] = "gateway_limits" }
 local function owning_loader(loader)
