@@ -54,6 +54,23 @@ describe("gateway --workers: a worker whose loop stands still", function()
     assert.are.equal(2, #helpers.workers_of(pid))
   end)
 
+  it("frozen by SIGSTOP when the gateway is told to stop: killed past --worker-timeout, the stop ends", function()
+    -- (before: a frozen worker never said it drains, and the supervisor waited for it for good:
+    -- systemd's or a deploy's SIGTERM hung until its own SIGKILL of the whole group)
+    local pid, _, log, seen = start("--worker-timeout 1")
+    local frozen, other = seen[1], seen[2]
+    os.execute("kill -STOP " .. frozen)
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 20), helpers.slurp(log))
+    local out = helpers.slurp(log)
+    assert.matches("worker " .. frozen .. " said nothing for [%d.]+ s %(%-%-worker%-timeout=1: stopped, or stuck", out)
+    assert.matches("worker " .. frozen .. " killed by signal 9 as the gateway stopped", out, 1, true)
+    assert.is_nil(out:match("worker " .. other .. " said nothing"), out) -- (the live one drained, not judged)
+    assert.is_nil(out:match("starting another"), out)
+    assert.is_false(helpers.alive(frozen))
+    assert.is_false(helpers.alive(other))
+  end)
+
   it("the host's own long work that holds the loop (a store's migration: unwatched) is not silence", function()
     -- os.execute("sleep") under unwatched stands for a migration on a large ledger: the loop
     -- makes no turn for 3 s, the worker is busy, not stuck (killed, its replacement would
@@ -135,14 +152,34 @@ describe("gateway --workers: a worker whose loop stands still", function()
   end)
 
   it("a worker that drains (SIGTERM) is not killed for its silence; the stop ends as usual", function()
-    local pid, _, log, seen = start("--worker-timeout 1")
-    -- (its drain stands still: the stores' last writes, say; stopped first, or an idle worker's
-    -- drain may be over before)
-    os.execute(("kill -STOP %s; kill -TERM %s"):format(seen[1], pid))
-    assert.is_true(helpers.wait_until(function() return not helpers.alive(seen[2]) end, 20), helpers.slurp(log))
-    -- the supervisor waits for it, longer than its --worker-timeout
-    assert.is_false(helpers.wait_until(function() return not helpers.alive(seen[1]) end, 3), helpers.slurp(log))
-    os.execute("kill -CONT " .. seen[1])
+    -- a request in flight keeps the drain going; each worker has said it drains (its handler's
+    -- word, before the "stopping" line) when both are stopped: the stores' last writes, say
+    local arrived = helpers.tmpname(".arrived")
+    local pid, port, log, seen = start("--worker-timeout 1", ([[
+      local resil = require "resil"
+      local gateway = require "policies.gateway"
+      local handle = gateway.handle
+      gateway.handle = function(req)
+        if req.path == "/slow" then
+          io.open(%q, "w"):close()
+          resil.sleep(4)
+          return { status = 200, body = "slow" }
+        end
+        return handle(req)
+      end
+      return { auth = false }
+    ]]):format(arrived))
+    os.execute(("curl -s -o /dev/null --max-time 30 http://127.0.0.1:%d/slow &"):format(port))
+    assert.is_true(helpers.wait_until(function() return io.open(arrived) ~= nil end, 10))
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(helpers.wait_until(function()
+      return helpers.slurp(log):match("finishing the requests in flight") ~= nil
+    end, 10), helpers.slurp(log))
+    local all = table.concat(seen, " ")
+    os.execute(("kill -STOP %s 2>/dev/null"):format(all))
+    -- the supervisor waits for them, longer than its --worker-timeout
+    assert.is_false(helpers.wait_until(function() return not helpers.alive(pid) end, 3), helpers.slurp(log))
+    os.execute(("kill -CONT %s 2>/dev/null"):format(all))
     assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 20), helpers.slurp(log))
     assert.is_nil(helpers.slurp(log):match("said nothing"), helpers.slurp(log))
   end)

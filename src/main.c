@@ -998,9 +998,12 @@ static int arm_for_vacant(const pid_t *pids, const double *due, long n) {
  * past --worker-timeout is killed with SIGKILL: frozen (SIGSTOP) or blocked
  * in a C call, it holds the connections the kernel queued on its socket for
  * good, and the watchdog, which counts its CPU time, sees none. Not one that
- * drains ('s', or the supervisor stops them all): the stores' last writes
- * come after its loop, and the second signal stops a stuck drain. Reaped, it
- * is replaced as any dead worker is. */
+ * drains ('s'): the stores' last writes come after its loop, and the second
+ * signal stops a stuck drain. A live worker says 's' from its handler as the
+ * stop is passed on; one frozen then never says it, and the gateway's stop
+ * (systemd's, a deploy's) waited for it for good: it is judged as before,
+ * killed and, the gateway stopping, not replaced. Reaped otherwise, it is
+ * replaced as any dead worker is. */
 /* The CPU seconds the loop's thread of a worker (its main thread) has used; -1 if unknown. */
 static double worker_loop_cpu(pid_t pid) {
   char path[64], buf[1024];
@@ -1046,7 +1049,7 @@ static int silent_but_running(long w, pid_t pid, double heard, double now) {
 }
 
 static void kill_silent(const pid_t *pids, const int *rfds, unsigned char *said, const double *heard, long n) {
-  if (!(worker_timeout > 0) || supervisor_signal) return;
+  if (!(worker_timeout > 0)) return;
   double now = seconds_now();
   for (long w = 0; w < n; w++) {
     if (pids[w] <= 0 || rfds[w] < 0 || !(said[w] & (SAID_HEARD | SAID_LISTENING)) ||
@@ -1072,7 +1075,7 @@ static void wait_for_workers(int *rfds, unsigned char *said, double *heard, long
   nfds_t k = 0;
   for (long w = 0; w < n; w++)
     if (rfds[w] >= 0) fds[k].fd = rfds[w], fds[k].events = POLLIN, k++;
-  int judged = worker_timeout > 0 && !supervisor_signal;
+  int judged = worker_timeout > 0;
   double wait = judged ? heartbeat_seconds() : 0, before = seconds_now();
   struct timespec at = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
   ppoll(fds, k, judged ? &at : NULL, mask);
