@@ -552,6 +552,28 @@ describe("server handlers as tasks (tasks = true)", function()
     assert.is_true(sem:try()) -- the permit came back
   end)
 
+  it("a request that finds the server's memory spent (--max-memory) by those in flight: a 503 with " ..
+     "Retry-After, not a 500", function()
+    -- (before: "server handler not started; answered 500": a load balancer took the server for
+    -- broken, and the client was told of a bug, not of a busy server to retry)
+    local _, port, out = start_server([[function(req)
+      local body = req.body
+      resil.sleep(1)
+      return { status = 200, body = tostring(#body) }
+    end]], "--max-memory 40M", "tasks = true")
+    local big = helpers.write(helpers.tmpname(".txt"), ("x"):rep(4 * 1024 * 1024))
+    local statuses = helpers.tmpname(".txt")
+    os.execute(("(for i in $(seq 24); do curl -s -o /dev/null -H 'Expect:' -w '%%{http_code}:%%header{retry-after} ' " ..
+      "--max-time 30 --data-binary @%s http://127.0.0.1:%s/ & done; wait) > %s"):format(big, port, statuses))
+    local got = helpers.slurp(statuses)
+    assert.is_nil(got:match("500"), got .. helpers.slurp(out))
+    assert.matches("503:1 ", got, 1, true)
+    assert.matches("200: ", got, 1, true)
+    assert.matches('"msg":"server handler not started (out of memory); answered 503"', helpers.slurp(out), 1, true)
+    local res = http.request({ url = ("http://127.0.0.1:%s/"):format(port), body = "after" })
+    assert.are.equal(200, res.status) -- (their memory back once they were answered)
+  end)
+
   it("a curl client that hangs up mid-stream cancels the task", function()
     local pid, port, out = start_server([[function(req)
       return { status = 200, stream = function(write)

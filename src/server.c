@@ -1358,6 +1358,28 @@ static void answer_500(pending *p) {
   evhttp_add_header(out, "Content-Type", "application/json");
 }
 
+/* A handler task that could not be started for want of memory (--max-memory, spent by the
+ * requests in flight): a 503 with Retry-After, which clients and load balancers retry later or
+ * elsewhere, as the gateway answers the same want met inside its handler; a 500 said the server
+ * had a bug. */
+#define UNAVAILABLE_ERROR SERVER_ERROR("api_error", "the server is out of memory for now; retry shortly")
+static void answer_unavailable(pending *p) {
+  struct evkeyvalq *out = evhttp_request_get_output_headers(p->req);
+  pending_clear_reply(p);
+  evhttp_clear_headers(out);
+  p->status = 503;
+  p->body = dup_bytes(UNAVAILABLE_ERROR, sizeof UNAVAILABLE_ERROR - 1);
+  p->body_len = p->body ? sizeof UNAVAILABLE_ERROR - 1 : 0;
+  evhttp_add_header(out, "Content-Type", "application/json");
+  evhttp_add_header(out, "Retry-After", "1");
+}
+
+/* the error at idx is Lua's memory error (its message; a C function's luaL_error may say it too) */
+static int out_of_memory(lua_State *L, int idx) {
+  const char *msg = lua_tostring(L, idx);
+  return msg && strstr(msg, "not enough memory") != NULL;
+}
+
 /* L stack: error -> nothing; logs it with the request it came from */
 static void log_handler_error(lua_State *L, pending *p, const char *msg) {
   lua_createtable(L, 0, 2);
@@ -1697,8 +1719,13 @@ static void request_cb(struct evhttp_request *req, void *arg) {
       return;
     }
     pending_detach(p, 1);
-    answer_500(p);
-    log_handler_error(L, p, "server handler not started; answered 500");
+    if (out_of_memory(L, -1)) { /* (the server's memory spent by the requests in flight: not this one's fault) */
+      answer_unavailable(p);
+      log_handler_error(L, p, "server handler not started (out of memory); answered 503");
+    } else {
+      answer_500(p);
+      log_handler_error(L, p, "server handler not started; answered 500");
+    }
     lua_settop(L, top);
     pending_send(p);
     return;
