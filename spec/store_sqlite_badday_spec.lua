@@ -295,3 +295,37 @@ print(resil.cost.record({ provider = "p", model = "m", usd = 1 }))
     end
   end)
 end)
+
+describe("a SQLite store past the process's file-size limit (ulimit -f, a service's LimitFSIZE)", function()
+  it("refuses the writes past it unwritten, saying why, instead of the process dying of SIGXFSZ; each row once",
+    function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 1000, per = "day" })
+local written, refused, why = 0, 0, {}
+for i = 1, 400 do
+  local t = b:reserve(1)
+  if t then t:release() end
+  local ok, err = resil.cost.record({ provider = "p", model = "m", usd = 0.5, id = "row-" .. i, user = ("u"):rep(3000) })
+  if ok then written = written + 1 else
+    refused = refused + 1
+    why[("%s sent=%s %s"):format(err.kind, tostring(err.sent), err.message:match("file%-size limit") or "?")] = true
+  end
+end
+print(written > 0, refused > 100, next(why), next(why, next(why)))
+print("ledger", resil.cost.total({}) == written * 0.5, b:state().reserved)
+]])
+    -- (dash counts the limit in blocks of 512 bytes: the file and its WAL may grow to 1 MB)
+    local r = helpers.run(("ulimit -f 2000; %s --store '%s' --log-level off %s"):format(helpers.resil, db, script))
+    -- (before: killed by SIGXFSZ, 153, at the first write past the limit, with nothing said)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\ttrue\tstore_unavailable sent=false file-size limit\tnil\nledger\ttrue\t0.0\n", r.stdout)
+    -- every row once, in a file whole: the refused ones written by a run without the limit
+    local after = helpers.run(("%s --store '%s' --log-level off %s"):format(helpers.resil, db, script))
+    assert.are.equal("true\tfalse\tnil\tnil\nledger\ttrue\t0.0\n", after.stdout, after.stderr)
+    assert.are.equal("ok\n", helpers.run(("sqlite3 '%s' 'PRAGMA integrity_check'"):format(db)).stdout)
+    local rows = helpers.run(("sqlite3 '%s' 'SELECT count(*), count(DISTINCT dedupe) FROM costs'"):format(db))
+    assert.are.equal("400|400\n", rows.stdout, rows.stderr)
+  end)
+end)

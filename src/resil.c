@@ -740,20 +740,23 @@ static void apply_sandbox(resil_t *R, const resil_options *opts) {
  * whose default kills the process: libevent's bufferevents write with plain
  * writev, so one client that sent pipelined requests and reset its
  * connection killed a gateway (exit 141, its queued ledger rows lost). The
- * write's EPIPE is handled where it happens; a program that chose its own
- * disposition (a handler, or ignoring it) keeps it. */
-static void on_sigpipe(int signo) { (void)signo; }
-static void ignore_sigpipe(void) {
+ * write's EPIPE is handled where it happens. So for SIGXFSZ: a write past the
+ * process's file-size limit (ulimit -f, a service's LimitFSIZE) killed it
+ * (153) at the SQLite store's next commit, saying nothing; ignored, the write
+ * fails EFBIG and the store refuses it unwritten, as on a full disk. A
+ * program that chose its own disposition (a handler, or ignoring it) keeps it. */
+static void on_quiet_signal(int signo) { (void)signo; }
+static void quiet_default_signal(int signo) {
   struct sigaction now;
-  if (sigaction(SIGPIPE, NULL, &now) != 0 || (now.sa_flags & SA_SIGINFO) || now.sa_handler != SIG_DFL) return;
+  if (sigaction(signo, NULL, &now) != 0 || (now.sa_flags & SA_SIGINFO) || now.sa_handler != SIG_DFL) return;
   /* a handler that does nothing, not SIG_IGN, which exec keeps: the
    * programs os.execute and io.popen start get SIGPIPE at its default (a
    * shell's `producer | head -1` ends) */
   struct sigaction quiet = {0};
-  quiet.sa_handler = on_sigpipe;
+  quiet.sa_handler = on_quiet_signal;
   quiet.sa_flags = SA_RESTART;
   sigemptyset(&quiet.sa_mask);
-  sigaction(SIGPIPE, &quiet, NULL);
+  sigaction(signo, &quiet, NULL);
 }
 
 static resil_t *open_host(const resil_options *opts) {
@@ -875,7 +878,8 @@ static resil_t *open_host(const resil_options *opts) {
 resil_t *resil_open(const resil_options *opts) {
   resil_options defaults = {0};
   if (!opts) opts = &defaults;
-  ignore_sigpipe();
+  quiet_default_signal(SIGPIPE);
+  quiet_default_signal(SIGXFSZ);
   watchdog_signal_install(); /* (resil_interrupt from another thread, and the watchdog, signal the loop's) */
   locale_t c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0);
   locale_t caller = c_locale ? uselocale(c_locale) : (locale_t)0;

@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/sysmacros.h>
@@ -238,10 +239,28 @@ static int store_trouble(int rc) {
   }
 }
 
-/* what SQLite said, and why a write was refused when the file is not this process's to write */
+/* The file or its WAL within a page of the process's file-size limit
+ * (ulimit -f): a write that failed there failed EFBIG, which SQLite reports
+ * as a bare "disk I/O error" (its errno gone by then) */
+static int at_file_size_limit(const store_db *d) {
+  struct rlimit lim;
+  if (!d->path || getrlimit(RLIMIT_FSIZE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY) return 0;
+  double frame = (d->page_size > 0 ? d->page_size : 4096) + 24;
+  char wal[PATH_MAX];
+  snprintf(wal, sizeof wal, "%s-wal", d->path);
+  struct stat st;
+  return (stat(d->path, &st) == 0 && (double)st.st_size + frame > (double)lim.rlim_cur) ||
+         (stat(wal, &st) == 0 && (double)st.st_size + frame > (double)lim.rlim_cur);
+}
+
+/* what SQLite said, and why a write was refused when the file is not this
+ * process's to write, or would grow past the file-size limit */
 static const char *readonly_note(store_db *d, int rc) {
-  return d->readonly_uri && (rc & 0xff) == SQLITE_READONLY ? " (this process may read the file, not write it: opened "
-                                                              "read-only)" : "";
+  if (d->readonly_uri && (rc & 0xff) == SQLITE_READONLY)
+    return " (this process may read the file, not write it: opened read-only)";
+  if ((rc & 0xff) == SQLITE_IOERR && at_file_size_limit(d))
+    return " (the file would grow past the process's file-size limit, ulimit -f)";
+  return "";
 }
 
 static int sql_failed(lua_State *L, store_db *d, int rc) {
@@ -488,7 +507,7 @@ static void run_row(lua_State *L, store_db *d, op *o) {
     case SQLITE_PROTOCOL: o->failed = 2; break;
     default: o->failed = 1;
     }
-    lua_pushfstring(L, "store %s: %s", d->path ? d->path : "?", sqlite3_errmsg(d->db));
+    lua_pushfstring(L, "store %s: %s%s", d->path ? d->path : "?", sqlite3_errmsg(d->db), readonly_note(d, rc));
     o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
   }
   sqlite3_reset(st);
@@ -666,7 +685,8 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
   int rc = SQLITE_ABORT;
   if (!why[0]) {
     rc = exec_ctl(d, CTL_COMMIT);
-    if (rc != SQLITE_OK) snprintf(why, sizeof why, "store %s: commit failed: %s", d->path, sqlite3_errmsg(d->db));
+    if (rc != SQLITE_OK)
+      snprintf(why, sizeof why, "store %s: commit failed: %s%s", d->path, sqlite3_errmsg(d->db), readonly_note(d, rc));
   }
   if (rc != SQLITE_OK) {
     if (!sqlite3_get_autocommit(d->db)) exec_sql(d, "ROLLBACK");
@@ -1336,11 +1356,12 @@ static int run_now(lua_State *L, const char *begin) {
     }
     return lua_error(L);
   }
-  if (exec_sql(d, "COMMIT") != SQLITE_OK) {
+  int commit_rc = exec_sql(d, "COMMIT");
+  if (commit_rc != SQLITE_OK) {
     /* the reason before the ROLLBACK's: SQLite may have rolled back itself
      * (a full disk, an I/O error), and then the ROLLBACK fails on its own */
-    int pushed = resil_error_result(L, "store_unavailable", "store %s: commit failed: %s", d->path,
-                                    sqlite3_errmsg(d->db));
+    int pushed = resil_error_result(L, "store_unavailable", "store %s: commit failed: %s%s", d->path,
+                                    sqlite3_errmsg(d->db), readonly_note(d, commit_rc));
     if (!sqlite3_get_autocommit(d->db)) exec_sql(d, "ROLLBACK");
     return pushed;
   }
