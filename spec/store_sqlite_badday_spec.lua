@@ -328,4 +328,23 @@ print("ledger", resil.cost.total({}) == written * 0.5, b:state().reserved)
     local rows = helpers.run(("sqlite3 '%s' 'SELECT count(*), count(DISTINCT dedupe) FROM costs'"):format(db))
     assert.are.equal("400|400\n", rows.stdout, rows.stderr)
   end)
+
+  it("keeps its WAL short under a limit that a WAL copied only at 1,000 frames would reach: the rows fill the file",
+    function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local written = 0
+for i = 1, 400 do
+  if resil.cost.record({ provider = "p", model = "m", usd = 0.5, id = "row-" .. i, user = ("u"):rep(3000) }) then
+    written = written + 1
+  end
+end
+print(written > 200, resil.cost.total({}) == written * 0.5)
+]])
+    local r = helpers.run(("ulimit -f 2000; %s --store '%s' --log-level off %s"):format(helpers.resil, db, script))
+    -- (before: "false": some 60 rows of 3 KB in a file of 250 KB, then the WAL at the limit refused
+    -- every write after, though the file had room for three times as many)
+    assert.are.equal("true\ttrue\n", r.stdout, r.stderr)
+  end)
 end)

@@ -844,9 +844,10 @@ static void finish_batch(lua_State *L, store_db *d, op *batch) {
 /* A disk with little room: the WAL, copied at CHECKPOINT_FRAMES (4 MB of 4 KB pages), filled a disk
  * with less free than that before its first copy, and every write was refused from then on until
  * room was made (the copy itself needs room for the pages it adds to the file). Every
- * ROOM_CHECK_FRAMES frames the free room is looked at (one statvfs); under twice what the WAL would
- * take to CHECKPOINT_FRAMES, it is copied from ROOM_CHECK_FRAMES on (wal_long), so that it stays
- * short, its space reused from the top, and the room goes to the rows. */
+ * ROOM_CHECK_FRAMES frames the free room is looked at (one statvfs, and the file-size limit, which
+ * the WAL reached alike); under twice what the WAL would take to CHECKPOINT_FRAMES, it is copied
+ * from ROOM_CHECK_FRAMES on (wal_long), so that it stays short, its space reused from the top, and
+ * the room goes to the rows. */
 #define ROOM_CHECK_FRAMES 64
 static int count_frames(void *arg, sqlite3 *db, const char *name, int frames) {
   store_db *d = arg;
@@ -855,8 +856,11 @@ static int count_frames(void *arg, sqlite3 *db, const char *name, int frames) {
   if (frames >= d->room_checked_at + ROOM_CHECK_FRAMES && d->shm_path) {
     d->room_checked_at = frames;
     struct statvfs v;
+    struct rlimit lim; /* a file-size limit (ulimit -f) is as little room, for the WAL itself */
     double frame = (d->page_size > 0 ? d->page_size : 4096) + 24;
-    d->short_of_room = statvfs(d->shm_path, &v) == 0 && (double)v.f_bavail * v.f_frsize < 2.0 * CHECKPOINT_FRAMES * frame;
+    d->short_of_room = (statvfs(d->shm_path, &v) == 0 && (double)v.f_bavail * v.f_frsize < 2.0 * CHECKPOINT_FRAMES * frame) ||
+                       (getrlimit(RLIMIT_FSIZE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY &&
+                        (double)lim.rlim_cur < 2.0 * CHECKPOINT_FRAMES * frame);
   }
   return SQLITE_OK;
 }
