@@ -260,6 +260,36 @@ print("ran", ran)
   end)
 end)
 
+describe("a run whose Redis server loses its data as a step runs (flushed, restarted without persistence)", function()
+  it("goes on: the record of the run is made again, held by its process, and the run ends done, each step run once",
+    function()
+    local port = own_server(finally)
+    local url = ("redis://127.0.0.1:%d/0?timeout=1"):format(port)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local ran = 0
+for i = 1, 5 do
+  print(i, resil.step("s" .. i, function()
+    ran = ran + 1
+    if i == 3 then os.execute("redis-cli -p %d flushall > /dev/null") end
+    return i * 10
+  end))
+end
+print("ran", ran)
+]]):format(port), ("--virtual-clock --store '%s' --run lost-run --log-level warn"):format(url))
+    -- (before: exit 1, "run_held: run lost-run was ended by another process (nil) while this one ran it": no
+    -- other process had it; step 3's record had made a run record of its own, with neither holder nor status, and a
+    -- resume ran every step again, each paid again)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("1\t10\n2\t20\n3\t30\n4\t40\n5\t50\nran\t5\n", r.stdout)
+    assert.matches("run: the run's record was gone from the store as a step ended (the store lost its data?): " ..
+      "made again, held by this process", r.stderr, 1, true)
+    local runs = helpers.run(("%s runs --store '%s'"):format(helpers.resil, url))
+    -- (the steps from the loss on: those before it went with the data)
+    assert.matches("lost%-run%s+done%s+3 ", runs.stdout)
+  end)
+end)
+
 describe("a Redis store on a database other than 0 that lost its data", function()
   -- (found in review, helper R: the error said `redis-cli SET resil:store ok`, which an operator ran
   -- against localhost:6379's database 0: the budgets of the store's own database refused on)

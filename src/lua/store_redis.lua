@@ -201,14 +201,32 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return {0, 0}
 ]]
 
--- KEYS: run hash, unfinished steps hash; ARGV: field, json, now, me -> {1} | {0, holder, since}
-scripts.step_failed = [[
+-- A run's record gone while its holder runs it (the server lost its data: flushed, restarted
+-- empty): made again, held by it, so that its steps from here on count and its end is recorded
+-- (those before went with the data). A step's record had made a hash of its own, with neither
+-- holder nor status, read as a run another process had ended: the holder stopped, and a resume
+-- ran, and paid for, every step again. -> 1 when made again
+local remake_run = [[
+local function remake_run(run, runs, id, script, args, generation, now, me)
+  if redis.call('EXISTS', run) == 1 then return 0 end
+  redis.call('HSET', run, 'id', id, 'script', script, 'status', 'running', 'steps', '0', 'generation', generation,
+    'failed', '0', 'created_at', now, 'updated_at', now, 'owner', me, 'owner_since', now)
+  if args ~= '' then redis.call('HSET', run, 'args', args) end
+  redis.call('ZADD', runs, now, id)
+  return 1
+end
+]]
+
+-- KEYS: run hash, unfinished steps hash, runs index; ARGV: field, json, now, me, run id, script,
+-- args, generation -> {1, made again} | {0, holder, since}
+scripts.step_failed = remake_run .. [[
 local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
 if holder[1] and holder[1] ~= ARGV[4] then return {0, holder[1], holder[2] or ''} end
+local remade = remake_run(KEYS[1], KEYS[3], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[3], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'failed', 1)
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
-return {1}
+return {1, remade}
 ]]
 
 -- KEYS: run hash, unfinished steps hash; ARGV: field, json, me -> {1} | {0} (taken over)
@@ -219,11 +237,13 @@ redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 return {1}
 ]]
 
--- KEYS: run hash, steps hash, unfinished steps hash; ARGV: field, json, now, me -> {1} | {2, the
--- record there already} | {0, holder, since} (taken over). The step's "running" record goes.
-scripts.step_put = [[
+-- KEYS: run hash, steps hash, unfinished steps hash, runs index; ARGV: field, json, now, me, run
+-- id, script, args, generation -> {1, made again} | {2, the record there already} | {0, holder, since} (taken
+-- over). The step's "running" record goes.
+scripts.step_put = remake_run .. [[
 local holder = redis.call('HMGET', KEYS[1], 'owner', 'owner_since')
 if holder[1] and holder[1] ~= ARGV[4] then return {0, holder[1], holder[2] or ''} end
+local remade = remake_run(KEYS[1], KEYS[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[3], ARGV[4])
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'steps', 1)
   local u = redis.call('HGET', KEYS[3], ARGV[1])
@@ -232,7 +252,7 @@ else
   return {2, redis.call('HGET', KEYS[2], ARGV[1])}
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
-return {1}
+return {1, remade}
 ]]
 
 -- KEYS: run hash, unfinished steps hash; ARGV: status, now, me, the steps cut short as one JSON
@@ -1144,7 +1164,12 @@ function R:run_start(id, script, fresh, now, me, lease_until, args)
     local r, err = self:script("run_start", keys, id, script or "", fresh and "1" or "0", fmt_time(now), me, dead,
       same_host(), lease_arg(lease_until, now), args or "", lease_skew())
     if r == nil then return nil, err end
-    if r[1] ~= "held" then return r[1], r[2] end
+    if r[1] ~= "held" then
+      self.taken_runs = self.taken_runs or {}
+      -- (its record made again from these: remake_run)
+      self.taken_runs[id] = { script = script or "", args = args or "", generation = tostring(r[2] or 0) }
+      return r[1], r[2]
+    end
     local holder_dead = dead == "" and dead_among({ r[2] })
     if not holder_dead then return false, r[2], tonumber(r[3]) end
     dead = holder_dead
@@ -1197,15 +1222,30 @@ function R:step_get(run, scope, seq)
   return rec.name, rec.result
 end
 
+-- the run's record was made again by a step's record (remake_run): said
+local function run_remade(self, run, r)
+  if r[2] == 1 then
+    resil.log.warn("run: the run's record was gone from the store as a step ended (the store lost its data?): made "
+      .. "again, held by this process; its steps before this one went with it", { run = run, store = redact(self.url) })
+  end
+end
+
+-- what a step's record makes the run's record again from (remake_run): its id, script, args and generation
+local function taken_run(self, run)
+  local t = self.taken_runs and self.taken_runs[run] or {}
+  return run, t.script or "", t.args or "", t.generation or "0"
+end
+
 -- -> true | true, name, result (a record there already: the first is kept) | false, holder, since
 -- (the run was taken over)
 function R:step_put(run, scope, seq, name, result, now, me, retries, started, detail)
   local keys = run_keys(run)
   local rec = json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
     retries = retries or 0, started = started, detail = detail })
-  local r, err = self:script("step_put", { keys[1], keys[2], unfinished_key(run) }, scope .. "|" .. seq, rec,
-    fmt_time(now), me)
+  local r, err = self:script("step_put", { keys[1], keys[2], unfinished_key(run), keys[3] }, scope .. "|" .. seq, rec,
+    fmt_time(now), me, taken_run(self, run))
   if r == nil then return nil, err end
+  run_remade(self, run, r)
   if r[1] == 1 then return true end
   if r[1] == 2 then -- the place has a record already (written while the run had no holder): the first is kept
     local stored = json.decode(r[2])
@@ -1276,9 +1316,10 @@ end
 function R:step_failed(run, scope, seq, name, err_text, retries, now, me, started, detail)
   local rec = json.encode({ scope = scope, seq = seq, name = name, state = "failed", error = err_text,
     retries = retries or 0, at = now, started = started, detail = detail })
-  local r, err = self:script("step_failed", { P .. "run:" .. run, unfinished_key(run) }, scope .. "|" .. seq, rec,
-    fmt_time(now), me)
+  local r, err = self:script("step_failed", { P .. "run:" .. run, unfinished_key(run), P .. "runs" }, scope .. "|" .. seq,
+    rec, fmt_time(now), me, taken_run(self, run))
   if r == nil then return nil, err end
+  run_remade(self, run, r)
   if r[1] == 1 then return true end
   return false, r[2], tonumber(r[3])
 end
