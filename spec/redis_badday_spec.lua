@@ -559,3 +559,30 @@ print("third", c:call("SET", "k3", "v3"))
     end
   end)
 end)
+
+describe("resil.run.finish called from a task while its Redis is frozen", function()
+  -- (before: the script died at `resil.run.finish`, "store_unavailable: redis ...: Resource temporarily
+  -- unavailable" with a traceback into the host's store code, and every other task stood still while
+  -- it waited: the end was one blocking command on the loop)
+  it("returns nil, err at the store's timeout while the other tasks run on; the run resumes later", function()
+    local url = redis.url(nil, "timeout=0.5")
+    finally(function() os.execute("kill -CONT " .. redis.pid) end)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+resil.step("a", function() return 1 end)
+local ticks, gap, last = 0, 0, resil.now()
+local ticker = resil.spawn(function()
+  while true do resil.sleep(0.02); gap = math.max(gap, resil.now() - last); last = resil.now(); ticks = ticks + 1 end
+end)
+resil.sleep(0.1)
+os.execute("kill -STOP %s")
+local before = ticks
+local ok, err = resil.run.finish("done")
+os.execute("kill -CONT %s")
+print(ok, err and err.kind, ticks - before > 10, gap < 0.3)
+ticker:cancel()
+]]):format(redis.pid, redis.pid), ("--store '%s' --run frozen-finish --log-level off"):format(url))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("nil\tstore_unavailable\ttrue\ttrue\n", r.stdout)
+  end)
+end)

@@ -229,7 +229,9 @@ function resil.run.generation() return current_run_or_raise().generation or 0 en
 -- A later resil.step takes the run again and resumes it. -> true | nil, err
 local ended_id -- the run this process last gave up (trace.lua names it on the run's span)
 local error_text -- (below)
-function resil.run.finish(status, why)
+-- (at_end: the script's or the host's end, where the store is written to at once; from the
+-- script, resil.run.finish waits for it in its task, as for any store operation)
+local function finish_run(status, why, at_end)
   local r = run
   if not (r and r.held) then return end
   run, ended_id = nil, r.id
@@ -257,11 +259,12 @@ function resil.run.finish(status, why)
   -- this process saw steps fail, whether or not the store took their
   -- records (it refused some: the run said "done", its failures nowhere)
   if status == "done" and next(r.failed) then status = "done_with_failures" end
-  local ok, err = backend_of[r.store]:run_finish_now(r.id, status, store_now(), owner.me().id, pending)
+  local ok, err = backend_of[r.store]:run_finish_now(r.id, status, store_now(), owner.me().id, pending, not at_end)
   if ok == nil and err ~= nil then return nil, err end -- (the run stays "running (gone)": it resumes)
   if r.id == not_run_run then not_run_count = 0 end -- (its steps that did not run are in its end, as failures are)
   return true
 end
+function resil.run.finish(status, why) return finish_run(status, why, false) end
 
 -- What a failure leaves in the store: its kind and message, short, without
 -- secrets (a string error is not redacted by tostring, and `runs show` runs
@@ -717,7 +720,8 @@ end
 -- run's own) and the counts since the file's last write; made here, from the task that exits.
 -- steps running, or begun and waiting to run (the run's take, their record): the run is not done
 local function unfinished(r) return next(r.inflight) ~= nil or next(r.starting) ~= nil end
-local host_exit, metrics_finish, run_finish, running = os.exit, resil.metrics.finish, resil.run.finish, resil.running
+local host_exit, metrics_finish, running = os.exit, resil.metrics.finish, resil.running
+local function run_finish(status, why) return finish_run(status, why, true) end
 os.exit = function(code, close)
   if close ~= false then
     local success = code == nil or code == true or code == 0

@@ -259,7 +259,7 @@ return {1, remade}
 -- array of field, json pairs (an argument each, past 28 steps the command's 64 arguments raised and
 -- the run's end was never recorded). The holder gives the run up (unless another took it over);
 -- "done" with failed steps is "done_with_failures".
-local run_finish = [[
+scripts.run_finish = [[
 local holder = redis.call('HGET', KEYS[1], 'owner')
 if holder and holder ~= ARGV[3] then return 0 end
 local pending = cjson.decode(ARGV[4])
@@ -1176,17 +1176,26 @@ function R:run_start(id, script, fresh, now, me, lease_until, args)
   end
 end
 
--- after the last task: the loop has stopped, so one blocking command
-function R:run_finish_now(id, status, now, me, pending)
+-- after the last task: the loop has stopped, so one blocking command; from a task (on_loop:
+-- resil.run.finish called by the script, not its end), the script waits for it as for any
+-- other: a blocking command held every task of the process while a frozen server timed it out.
+-- -> true | false (another holds the run) | nil, err
+function R:run_finish_now(id, status, now, me, pending, on_loop)
   local extra = {}
   for _, p in ipairs(pending or {}) do
     extra[#extra + 1] = p.scope .. "|" .. p.seq
     extra[#extra + 1] = json.encode({ scope = p.scope, seq = p.seq, name = p.name, state = p.state or "pending",
       error = p.error, retries = p.retries or 0, at = now, started = p.started, detail = p.detail })
   end
-  local n, err = self.conn:call_now("EVAL", run_finish, 2, P .. "run:" .. id, unfinished_key(id), status,
-    fmt_time(now), me, #extra > 0 and json.encode(extra) or "[]")
-  if n == nil then error(err, 0) end
+  local args = { status, fmt_time(now), me, #extra > 0 and json.encode(extra) or "[]" }
+  local keys = { P .. "run:" .. id, unfinished_key(id) }
+  local n, err
+  if on_loop and private.running() and coroutine.isyieldable() then
+    n, err = self:script("run_finish", keys, table.unpack(args))
+  else
+    n, err = self.conn:call_now("EVAL", scripts.run_finish, 2, keys[1], keys[2], table.unpack(args))
+  end
+  if n == nil then return nil, err end -- (the run stays "running (gone)": it resumes)
   return n == 1
 end
 
