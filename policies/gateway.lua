@@ -1530,9 +1530,10 @@ end
 local function complete(req, api)
   local id = request_id()
   local rec, refused = authenticate(req, api)
-  if not rec then return with_id(refused, id) end
+  -- (refusals before the call carry Anthropic's request-id too: its SDK's error.requestID)
+  if not rec then return anthropic_id(with_id(refused, id), api) end
   local permits, full = admit(rec, api, req)
-  if not permits then return with_id(full, id) end
+  if not permits then return anthropic_id(with_id(full, id), api) end
   if permits == NO_PERMITS then return anthropic_id(complete_admitted(req, api, id, rec), api) end
   local held = false
   -- handed = true: a call run to its end in a task of its own (resil.once's) holds them; a call

@@ -317,9 +317,23 @@ await check('openai: a revoked key is AuthenticationError', async () => {
     OpenAI.AuthenticationError, '401');
 });
 
-await check('anthropic: a revoked key is AuthenticationError', async () => {
-  await rejects(ant(keys.revoked).messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 10,
+// the Anthropic SDK's error.requestID is the request-id header: the gateway's refusals before a
+// call (a key it does not know, the key's own rpm) carried only x-request-id, and it was null
+await check('anthropic: a revoked key is AuthenticationError, with its request id', async () => {
+  const e = await rejects(ant(keys.revoked).messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 10,
     messages: msgs }), Anthropic.AuthenticationError, '401');
+  expect(e.requestID && e.requestID === e.headers.get('x-request-id'), `requestID ${e.requestID}`);
+  const s = await rejects(ant('sk-resil-unknown').messages.stream({ model: 'claude-sonnet-4-5-20250929',
+    max_tokens: 10, messages: msgs }).finalMessage(), Anthropic.AuthenticationError, '401 streamed');
+  expect(s.requestID && s.requestID === s.headers.get('x-request-id'), `streamed: requestID ${s.requestID}`);
+});
+
+await check('anthropic: the key\'s rate limit is RateLimitError, with its request id', async () => {
+  await ant(keys.slowant).messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 10, messages: msgs });
+  const e = await rejects(ant(keys.slowant).messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 10,
+    messages: msgs }), Anthropic.RateLimitError, '429');
+  expect(e.requestID && e.requestID === e.headers.get('x-request-id'), `requestID ${e.requestID}`);
+  expect(Number(e.headers.get('retry-after')) >= 1, 'retry-after');
 });
 
 await check('openai: the key\'s rate limit is RateLimitError', async () => {
