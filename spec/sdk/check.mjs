@@ -327,4 +327,21 @@ await check('anthropic: models.list({limit: 2}) pages by two, each model once, a
   await rejects(ant.models.list({ limit: 0 }), Anthropic.BadRequestError, 'limit 0');
 });
 
+// ModelInfo's fields are typed as never absent (null where unknown): code that keeps the models
+// whose lifecycle is 'active', or reads max_tokens to size a request, kept none and read undefined
+const MODEL_INFO = ['id', 'type', 'display_name', 'created_at', 'capabilities', 'lifecycle', 'deprecated_at',
+  'retires_at', 'line', 'max_input_tokens', 'max_tokens'];
+await check('anthropic: a model has every field of the SDK\'s ModelInfo, listed or retrieved', async () => {
+  const page = await ant.models.list({ limit: 1000 });
+  for (const m of [...page.data, await ant.models.retrieve('claude-opus-4-1')]) {
+    const absent = MODEL_INFO.filter((k) => m[k] === undefined);
+    expect(absent.length === 0, `${m.id} has no ${absent}`);
+    expect(m.lifecycle === 'active' && m.deprecated_at === null && m.retires_at === null, `${JSON.stringify(m)}`);
+  }
+  const opus = await ant.models.retrieve('claude-opus-4-1');
+  expect(opus.line === 'opus' && opus.max_tokens === 32000 && opus.max_input_tokens === 200000, JSON.stringify(opus));
+  const haiku = await ant.models.retrieve('claude-3-5-haiku-20241022');
+  expect(haiku.line === 'haiku' && haiku.max_tokens === 8192, JSON.stringify(haiku));
+});
+
 process.exit(tally.failed ? 1 : 0);

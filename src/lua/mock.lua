@@ -1511,8 +1511,14 @@ function Mock:catalog(flavor)
   for i, m in ipairs(self.scenario.models or (flavor == "anthropic" and ANTHROPIC_MODELS or OPENAI_MODELS)) do
     local id = type(m) == "table" and m[1] or m
     if flavor == "anthropic" then
+      -- (every field of the SDK's ModelInfo, as the API writes them: its types have none absent,
+      -- null where not known; a Claude model's window is 200k, its output limit the model's)
+      local claude = id:find("^claude%-") ~= nil
       list[i] = { id = id, type = "model", display_name = type(m) == "table" and m[2] or id,
-        created_at = type(m) == "table" and m[3] or "2025-01-01T00:00:00Z" }
+        created_at = type(m) == "table" and m[3] or "2025-01-01T00:00:00Z", capabilities = json.null,
+        lifecycle = "active", deprecated_at = json.null, retires_at = json.null,
+        line = claude and (id:match("%-(haiku)") or id:match("%-(sonnet)") or id:match("%-(opus)")) or json.null,
+        max_input_tokens = claude and 200000 or json.null, max_tokens = output_limit(id) or json.null }
     else
       list[i] = { id = id, object = "model", created = type(m) == "table" and m[2] or 1735689600,
         owned_by = type(m) == "table" and m[3] or "system" }
