@@ -1900,7 +1900,11 @@ end
 -- a model in the asking SDK's shape: Anthropic's SDK sends anthropic-version
 local function model_object(m, api)
   if api == "anthropic" then
-    return { type = "model", id = m.id, display_name = m.id, created_at = "1970-01-01T00:00:00Z" }
+    -- (every field of its SDK's ModelInfo, none absent: a name the gateway serves is active, and
+    -- what an alias's targets may differ in is null, unknown)
+    return { type = "model", id = m.id, display_name = m.id, created_at = "1970-01-01T00:00:00Z",
+      capabilities = null, lifecycle = "active", deprecated_at = null, retires_at = null, line = null,
+      max_input_tokens = null, max_tokens = null }
   end
   return { id = m.id, object = "model", created = 0, owned_by = m.owned_by }
 end

@@ -35,6 +35,7 @@ describe("the official SDKs against the gateway", function()
     "openai: models.list and models.retrieve (an id with a slash too)",
     "anthropic: models.list and models.retrieve in its own shape",
     "anthropic: models.list({limit: 2}) pages by two, each model once, and back with before_id",
+    "anthropic: a model has every field of the SDK's ModelInfo, listed or retrieved",
     "anthropic: a request without max_tokens is BadRequestError, as the API answers it",
     "anthropic: a refusal with no content is the SDK's message, stop_reason refusal, one call",
     "openai: invalid output, billed and tried again by the gateway, is not tried again by the SDK",

@@ -239,6 +239,20 @@ await check('anthropic: models.list and models.retrieve in its own shape', async
   expect(m.type === 'model' && m.id === 'claude-echo' && typeof m.display_name === 'string', `model ${JSON.stringify(m)}`);
 });
 
+// ModelInfo's fields are typed as never absent: code that kept the models whose lifecycle is
+// 'active' kept none of the gateway's
+await check('anthropic: a model has every field of the SDK\'s ModelInfo, listed or retrieved', async () => {
+  const keys = ['id', 'type', 'display_name', 'created_at', 'capabilities', 'lifecycle', 'deprecated_at',
+    'retires_at', 'line', 'max_input_tokens', 'max_tokens'];
+  const page = await ant().models.list({ limit: 1000 });
+  for (const m of [...page.data, await ant().models.retrieve('claude-echo'),
+    await ant().models.retrieve('anthropic/claude-sonnet-4-5-20250929')]) {
+    const absent = keys.filter((k) => m[k] === undefined);
+    expect(absent.length === 0, `${m.id} has no ${absent}`);
+    expect(m.lifecycle === 'active' && m.deprecated_at === null && m.retires_at === null, JSON.stringify(m));
+  }
+});
+
 await check('anthropic: models.list({limit: 2}) pages by two, each model once, and back with before_id', async () => {
   const all = [];
   for await (const m of ant().models.list({ limit: 1000 })) all.push(m.id);
