@@ -87,6 +87,16 @@ classify.bodies = {
         and (res.headers or {})["retry-after"] == nil
     end,
     verdict = { class = "quota", retryable = false, fallback = true } },
+  -- Anthropic: an account out of credit, a 402 billing_error or a 400 that says so in its
+  -- message only ("Your credit balance is too low to access the Anthropic API. ..."): as OpenAI's
+  -- insufficient_quota, a person's to fix, and another provider's to serve meanwhile
+  { name = "anthropic_billing",
+    match = function(_, body)
+      local msg = error_field(body, "message")
+      return error_field(body, "type") == "billing_error" or error_field(body, "type") == "invalid_request_error"
+        and type(msg) == "string" and msg:find("credit balance is too low", 1, true) ~= nil
+    end,
+    verdict = { class = "quota", retryable = false, fallback = true } },
   -- (Anthropic says it in its message only: "prompt is too long: 210000 tokens > 200000
   -- maximum", "input length and `max_tokens` exceed context limit: ...")
   { name = "context_length",

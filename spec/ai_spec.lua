@@ -574,6 +574,24 @@ describe("chat over the strict mock", function()
     assert.are.equal(2, m:stats().routes.messages)
   end)
 
+  -- (before: the 402 a client_error, the 400 a bad_request, neither fallen back from: an account
+  -- out of credit failed every call that had a fallback to serve it)
+  it("Anthropic's billing_error (402) and 'credit balance is too low' (400) are quota: not retried, fallen back from",
+    function()
+    m:configure({ strict = true, sequence = { messages = { { status = 402 }, { status = 400,
+      error_type = "invalid_request_error", message = "Your credit balance is too low to access the Anthropic API. "
+        .. "Please go to Plans & Billing to upgrade or purchase credits." } } } })
+    for _ = 1, 2 do
+      local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 100,
+        fallback = { "openai/gpt-4.1" } }))
+      assert.are.equal("gpt-4.1", r.model)
+    end
+    assert.are.equal(2, m:stats().routes.messages)
+    m:configure({ strict = true, sequence = { messages = { { status = 402 } } } })
+    local _, err = ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 100 })
+    assert.are.equal("quota", err.class)
+  end)
+
   it("context_length_exceeded falls back to the next model without retrying", function()
     m:configure({ strict = true, sequence = { chat = { { status = 400, error_code = "context_length_exceeded",
       error_type = "invalid_request_error" } } } })

@@ -126,7 +126,7 @@ local function estimate_tokens(text) return math.max(1, math.ceil(#text / 4)) en
 -- Error bodies as each API documents them. OpenAI: {error={message, type,
 -- param, code}}; Anthropic: {type="error", error={type, message}}.
 local ANTHROPIC_ERROR_TYPES = {
-  [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
+  [400] = "invalid_request_error", [401] = "authentication_error", [402] = "billing_error", [403] = "permission_error",
   [404] = "not_found_error", [413] = "request_too_large", [429] = "rate_limit_error", [500] = "api_error",
   [504] = "timeout_error", [529] = "overloaded_error",
 }
