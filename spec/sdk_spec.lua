@@ -49,6 +49,7 @@ describe("the official SDKs against the mock", function()
     "openai: embeddings, a list of token ids is one input, its usage that many tokens",
     "openai: embeddings dimensions past 65536 are refused for a model the mock does not know, as its message says",
     "anthropic: a tool_choice that forces a call is answered with a tool_use block, whole and streamed",
+    "openai and anthropic: a forced tool call past max_tokens is cut there, billed at most max_tokens, whole and streamed",
     "anthropic: output_config.format json_schema is answered with JSON of the schema",
     "openai and anthropic: a schema's formats and bounds are answered within them, whole and streamed",
     "openai: stop ends the answer before the first stop sequence, finish_reason stop",

@@ -213,6 +213,36 @@ await check('anthropic: a tool_choice that forces a call is answered with a tool
       `streamed ${JSON.stringify(f)}`);
   }
 });
+// a forced call past max_tokens is cut there, as the APIs cut one (finish_reason length, stop_reason
+// max_tokens): the mock answered the whole call and billed its 20 tokens past a max_tokens of 4
+await check('openai and anthropic: a forced tool call past max_tokens is cut there, billed at most max_tokens, whole and streamed', async () => {
+  const otools = [{ type: 'function', function: { name: 'get_weather', parameters: weather } }];
+  const r = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, tools: otools, tool_choice: 'required',
+    max_tokens: 4 });
+  const c = r.choices[0];
+  expect(c.finish_reason === 'length' && r.usage.completion_tokens === 4 && c.message.tool_calls?.[0]?.function.name === 'get_weather',
+    `cut: ${JSON.stringify(r)}`);
+  const args = c.message.tool_calls[0].function.arguments;
+  let whole = true; try { JSON.parse(args); } catch { whole = false; }
+  expect(!whole && args.length > 0, `arguments cut short: ${args}`);
+  const f = await oai.chat.completions.stream({ model: 'gpt-4o-mini', messages: msgs, tools: otools, tool_choice: 'required',
+    max_tokens: 4, stream_options: { include_usage: true } }).finalChatCompletion();
+  expect(f.choices[0].finish_reason === 'length' && f.usage.completion_tokens === 4 &&
+    f.choices[0].message.tool_calls[0].function.arguments === args, `streamed: ${JSON.stringify(f)}`);
+  const roomy = await oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, tools: otools, tool_choice: 'required',
+    max_tokens: 1000 });
+  expect(roomy.choices[0].finish_reason === 'tool_calls', 'within max_tokens: whole');
+  const atools = [{ name: 'get_weather', input_schema: weather }];
+  const m = await ant.messages.create({ model: 'claude-haiku-4-5', max_tokens: 4, messages: msgs, tools: atools,
+    tool_choice: { type: 'any' } });
+  expect(m.stop_reason === 'max_tokens' && m.usage.output_tokens === 4 && m.content[0]?.type === 'tool_use' &&
+    typeof m.content[0].input === 'object', `cut: ${JSON.stringify(m)}`);
+  const sm = await ant.messages.stream({ model: 'claude-haiku-4-5', max_tokens: 4, messages: msgs, tools: atools,
+    tool_choice: { type: 'any' } }).finalMessage();
+  // (its input as the SDK's partial parse reads the JSON streamed so far)
+  expect(sm.stop_reason === 'max_tokens' && sm.usage.output_tokens === 4 && sm.content[0]?.type === 'tool_use' &&
+    typeof sm.content[0].input === 'object', `streamed: ${JSON.stringify(sm)}`);
+});
 await check('anthropic: output_config.format json_schema is answered with JSON of the schema', async () => {
   const r = await ant.messages.create({ model: 'claude-haiku-4-5', max_tokens: 100, messages: msgs,
     output_config: { format: { type: 'json_schema', schema: weather } } });

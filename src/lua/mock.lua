@@ -465,6 +465,32 @@ local function pieces_of(s)
   return out
 end
 
+-- A tool call's arguments cut at max_tokens, as the APIs cut one that runs past it (its tokens
+-- the text's estimate, four bytes each; never inside a UTF-8 character) -> text, tokens, cut
+local function cut_call(text, room)
+  local tokens = estimate_tokens(text)
+  if not room or tokens <= room then return text, tokens, false end
+  local n = math.max(0, room) * 4
+  while n > 0 and (text:byte(n + 1) or 0) & 0xC0 == 0x80 do n = n - 1 end
+  return text:sub(1, n), math.max(0, room), true
+end
+
+-- the members an object's text cut short holds whole (those before its last top-level comma),
+-- as the input of a tool_use block cut at max_tokens
+local function whole_members(text)
+  local depth, in_string, escaped, last = 0, false, false, nil
+  for i = 1, #text do
+    local c = text:sub(i, i)
+    if in_string then
+      if escaped then escaped = false elseif c == "\\" then escaped = true elseif c == '"' then in_string = false end
+    elseif c == '"' then in_string = true
+    elseif c == "{" or c == "[" then depth = depth + 1
+    elseif c == "}" or c == "]" then depth = depth - 1
+    elseif c == "," and depth == 1 then last = i end
+  end
+  return last and json.decode(text:sub(1, last - 1) .. "}") or {}
+end
+
 -- logprobs of a choice's tokens (words here), and top_logprobs alternatives of each
 local function logprobs_of(words, top)
   local content = {}
@@ -810,15 +836,16 @@ function Mock:chat(req, fault)
   if limit and reasoning > limit then reasoning = limit end
   local words, completion, cut = reply_words(reply, limit and limit - reasoning)
   if limit and reasoning == limit and reasoning > 0 then call = nil end -- (no room left to call a tool)
-  if call then -- (its arguments are one piece of JSON: tokens as the text's estimate, never cut)
-    words, completion, cut = pieces_of(call.arguments), estimate_tokens(call.arguments), false
+  if call then -- (its arguments are one piece of JSON, cut at max_tokens: finish_reason length)
+    call.arguments, completion, cut = cut_call(call.arguments, limit and limit - reasoning)
+    words = pieces_of(call.arguments)
   else
     local seq
     words, seq = stop_at(words, body.stop)
     if seq then completion, cut = #words, false end -- (finish_reason "stop", as at the reply's end)
   end
   local text = table.concat(words)
-  local finish = call and "tool_calls" or cut and "length" or "stop"
+  local finish = cut and "length" or call and "tool_calls" or "stop"
   local top = body.logprobs == true and math.max(0, math.min(int(body.top_logprobs) or 0, 20)) or nil -- (the API's most)
   local cached = self.scenario.cached_tokens or 0
   local usage = { prompt_tokens = estimate_tokens(prompt_text(body)) + cached, completion_tokens = (completion + reasoning) * n }
@@ -1259,9 +1286,11 @@ function Mock:messages(req, fault)
   local thought = think and estimate_tokens(think.thinking) or 0
   local words, output, cut = reply_words(reply, int(body.max_tokens) and math.max(0, body.max_tokens - thought))
   local stop_reason, stop_sequence = cut and "max_tokens" or "end_turn", json.null
-  if use then -- (its input is one piece of JSON: tokens as the text's estimate, never cut)
-    local text = encode(use.input)
-    words, output, cut, stop_reason = pieces_of(text), estimate_tokens(text), false, "tool_use"
+  if use then -- (its input is one piece of JSON, cut at max_tokens: its members written whole)
+    local text
+    text, output, cut = cut_call(encode(use.input), int(body.max_tokens) and math.max(0, body.max_tokens - thought))
+    words, stop_reason = pieces_of(text), cut and "max_tokens" or "tool_use"
+    if cut then use.input = whole_members(text) end
   end
   local seq
   if not use then words, seq = stop_at(words, body.stop_sequences) end
