@@ -103,6 +103,19 @@ await check('mock: embeddings of an empty text, past 2048 inputs or past 8192 to
   expect(r.data.length === 2048, `2048 inputs: ${r.data.length}`);
 });
 
+// an encoding_format the API does not have ('binary', 'base64 ') is its 400: the mock answered it
+// floats, and a client's decoding passed against the mock
+await check('mock: embeddings in an encoding_format other than float or base64 are refused, as the API does', async () => {
+  const c = oai(mock, 'x');
+  for (const f of ['binary', 'base64 ', 'FLOAT']) {
+    const e = await rejects(c.embeddings.create({ model: 'text-embedding-3-small', input: 'tides', encoding_format: f }),
+      OpenAI.BadRequestError, f);
+    expect(e.param === 'encoding_format' && e.type === 'invalid_request_error', `${f}: ${e.param} ${e.message}`);
+  }
+  const r = await c.embeddings.create({ model: 'text-embedding-3-small', input: 'tides', encoding_format: 'float' });
+  expect(Array.isArray(r.data[0].embedding), 'float');
+});
+
 // OpenAI takes four stop sequences, Anthropic more: the mock took any number on its OpenAI route
 await check('mock: more than four stop sequences are refused on the OpenAI route, not on Anthropic\'s', async () => {
   const stop = ['a1', 'b2', 'c3', 'd4', 'e5'];

@@ -1444,6 +1444,12 @@ function Mock:embeddings(req)
           "invalid_request_error") }
       end
     end
+    -- (another, "base64 " or "binary", was answered floats: the client's decode passed its spec here)
+    local f = body.encoding_format
+    if f ~= nil and f ~= json.null and f ~= "float" and f ~= "base64" then
+      return { status = 400, body = openai_error(400, ("Invalid value: '%s'. Supported values are: 'float' and "
+        .. "'base64'."):format(tostring(f)), "invalid_request_error", "invalid_value", "encoding_format") }
+    end
   end
   local input = body.input
   -- (a list of token ids is one input, as a string is: LangChain sends its texts tokenized)
