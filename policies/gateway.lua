@@ -157,6 +157,17 @@ local function error_reply(api, status, message, o)
 end
 gateway.error_reply = error_reply
 
+-- a wait of `seconds` as the SDKs read it: Retry-After in whole seconds (at least 1), and
+-- retry-after-ms, which both official SDKs read first (a key's limit that frees a request in
+-- 0.1 s had each retry wait a whole second) -> headers (a new table, or added to `into`)
+local function retry_headers(seconds, into)
+  local h = into or {}
+  seconds = tonumber(seconds) or 1
+  h["retry-after"] = tostring(math.max(1, math.ceil(seconds)))
+  h["retry-after-ms"] = tostring(math.max(1, math.ceil(seconds * 1000)))
+  return h
+end
+
 -- Text made UTF-8, each byte that is not part of a character as U+FFFD. A provider's text that
 -- is not (a chunk "ok \xFF\xFE") reached the client as it came, and JSON is UTF-8 (RFC 8259
 -- 8.1): Python's json.loads of the bytes, serde, any strict decoder refused the whole answer.
@@ -257,7 +268,7 @@ local function ai_error_reply(api, err)
   elseif err.cost_unknown then headers["x-resil-cost-usd"] = "unknown" end
   local retry_after = type(err) == "table" and tonumber(err.retry_after)
   if status == 429 or status == 503 or status == 529 then
-    headers["retry-after"] = tostring(math.max(1, math.ceil(retry_after or 1)))
+    retry_headers(retry_after or 1, headers)
   end
   -- answers the provider gave (and billed, priced or not) that the gateway
   -- refused as invalid output, tried again by its policy already: an SDK's
@@ -808,7 +819,7 @@ local function key_limits(rec, api, body, most)
     local ok, wait = buckets.rpm:try(1)
     if not ok then
       return error_reply(api, 429, ("key '%s': %d requests per minute"):format(rec.name, rec.rpm),
-        { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) }, code = "rate_limit_exceeded" })
+        { headers = retry_headers(wait), code = "rate_limit_exceeded" })
     end
   end
   if rec.tpm then
@@ -816,7 +827,7 @@ local function key_limits(rec, api, body, most)
     local ok, wait = buckets.tpm:try(tokens)
     if not ok then
       return error_reply(api, 429, ("key '%s': %d tokens per minute"):format(rec.name, rec.tpm),
-        { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) }, code = "rate_limit_exceeded" })
+        { headers = retry_headers(wait), code = "rate_limit_exceeded" })
     end
     return nil, { bucket = buckets.tpm, tokens = tokens, shared = buckets.shared }
   end
@@ -1998,7 +2009,7 @@ local function count_limit(rec)
   local ok, wait = buckets.count_rpm:try(1)
   if ok then return nil end
   return error_reply("anthropic", 429, ("key '%s': %d count_tokens requests per minute"):format(rec.name, rec.rpm),
-    { headers = { ["retry-after"] = tostring(math.max(1, math.ceil(wait or 1))) } })
+    { headers = retry_headers(wait) })
 end
 
 -- POST /v1/messages/count_tokens (Anthropic's; the SDK's messages.countTokens): asked of the

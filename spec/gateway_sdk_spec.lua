@@ -55,6 +55,7 @@ describe("the official SDKs against the gateway", function()
     "anthropic: a revoked key is AuthenticationError, with its request id",
     "anthropic: the key's rate limit is RateLimitError, with its request id",
     "openai: the key's rate limit is RateLimitError",
+    "openai and anthropic: a key's rate limit says retry-after-ms, the wait the SDKs read first",
     "openai: a chat-failing-500 the gateway tried again and gave up on is not tried again by the SDK",
     "openai: a chat-failing-408 the gateway tried again and gave up on is not tried again by the SDK",
     "openai: a chat-failing-reset the gateway tried again and gave up on is not tried again by the SDK",

@@ -358,6 +358,24 @@ await check('openai: the key\'s rate limit is RateLimitError', async () => {
   expect(e.headers.get('x-should-retry') !== 'false', 'the key\'s own limit is the SDK\'s to wait for and retry');
 });
 
+// a key's limit frees its next request in less than a second (rpm 120: one each half second):
+// Retry-After says 1, its whole seconds, and retry-after-ms, which both SDKs read first, says
+// when: they waited a whole second for each retry
+await check('openai and anthropic: a key\'s rate limit says retry-after-ms, the wait the SDKs read first', async () => {
+  for (const [client, cls] of [[oai(keys.brisk), OpenAI.RateLimitError], [ant(keys.brisk), Anthropic.RateLimitError]]) {
+    let e;
+    for (let i = 0; i < 400 && !e; i++) {
+      try {
+        if (client instanceof OpenAI) await client.chat.completions.create({ model: 'chat-fast', messages: msgs });
+        else await client.messages.create({ model: 'claude-sonnet-4-5-20250929', max_tokens: 10, messages: msgs });
+      } catch (err) { e = err; }
+    }
+    expect(e instanceof cls, `${cls.name}: got ${e}`);
+    const ms = Number(e.headers.get('retry-after-ms'));
+    expect(e.headers.get('retry-after') === '1' && ms >= 1 && ms <= 500, `retry-after ${e.headers.get('retry-after')}, retry-after-ms ${e.headers.get('retry-after-ms')}`);
+  }
+});
+
 // an SDK with its default retries (two), counting the requests it sends the gateway
 const counted = (Cls, opts) => {
   const sent = { n: 0 };
