@@ -57,6 +57,7 @@ describe("the official SDKs against the mock", function()
     "anthropic: a thinking budget the API refuses is BadRequestError",
     "openai: models.list and models.retrieve, an unknown model NotFoundError model_not_found",
     "anthropic: models.list({limit: 2}) pages by two, each model once, and models.retrieve (an alias too)",
+    "openai and anthropic: a max_tokens under 1 is refused as each API refuses it",
     "anthropic: a model has every field of the SDK's ModelInfo, listed or retrieved",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)

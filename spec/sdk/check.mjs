@@ -357,6 +357,21 @@ await check('anthropic: models.list({limit: 2}) pages by two, each model once, a
   await rejects(ant.models.list({ limit: 0 }), Anthropic.BadRequestError, 'limit 0');
 });
 
+// a max_tokens under 1 is each API's 400: the mock answered nothing (an empty text block, a
+// completion of no tokens), and a policy that computed 0 passed its spec
+await check('openai and anthropic: a max_tokens under 1 is refused as each API refuses it', async () => {
+  for (const field of ['max_tokens', 'max_completion_tokens']) {
+    const e = await rejects(oai.chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, [field]: 0 }),
+      OpenAI.BadRequestError, `openai ${field} 0`);
+    expect(e.param === field && e.code === 'integer_below_min_value', `${field}: ${e.param} ${e.code} ${e.message}`);
+  }
+  const a = await rejects(ant.messages.create({ model: 'claude-haiku-4-5', max_tokens: 0, messages: msgs }),
+    Anthropic.BadRequestError, 'anthropic max_tokens 0');
+  expect(/max_tokens/.test(a.message), a.message);
+  const one = await ant.messages.create({ model: 'claude-haiku-4-5', max_tokens: 1, messages: msgs });
+  expect(one.stop_reason === 'max_tokens' && one.usage.output_tokens === 1, JSON.stringify(one));
+});
+
 // ModelInfo's fields are typed as never absent (null where unknown): code that keeps the models
 // whose lifecycle is 'active', or reads max_tokens to size a request, kept none and read undefined
 const MODEL_INFO = ['id', 'type', 'display_name', 'created_at', 'capabilities', 'lifecycle', 'deprecated_at',

@@ -747,6 +747,10 @@ function Mock:openai_check(req, body)
   local limit = output_limit(body.model)
   for _, field in ipairs({ "max_tokens", "max_completion_tokens" }) do
     local n = int(body[field])
+    if n and n < 1 then -- (an answer of no tokens is not one the API makes)
+      return { status = 400, body = openai_error(400, ("Invalid '%s': integer below minimum value. Expected a value >= 1, "
+        .. "but got %d instead."):format(field, n), "invalid_request_error", "integer_below_min_value", field) }
+    end
     if limit and n and n > limit then
       return { status = 400, body = openai_error(400, ("%s is too large: %d. This model supports at most %d completion "
         .. "tokens, whereas you provided %d."):format(field, n, limit, n), "invalid_request_error", "invalid_value", field) }
@@ -1002,6 +1006,10 @@ local function anthropic_refusal(self, req, body, count)
   end
   if not count and not int(body.max_tokens) then
     return { status = 400, body = anthropic_error(400, "invalid_request_error", "max_tokens: Field required") }
+  end
+  if not count and int(body.max_tokens) < 1 then
+    return { status = 400, body = anthropic_error(400, "invalid_request_error",
+      "max_tokens: Input should be greater than or equal to 1") }
   end
   local limit = not count and output_limit(body.model)
   if limit and int(body.max_tokens) > limit then
