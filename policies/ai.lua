@@ -1501,6 +1501,7 @@ local function stream_opener(t, req, refused)
   local function attempt(o)
     local s, err = resil.http.stream(wire)
     if not s then return nil, err end
+    o.s = s
     if s.status ~= 200 then
       local body = read_all(s)
       s:close()
@@ -1568,6 +1569,10 @@ local function stream_opener(t, req, refused)
     local o = { state = {} }
     local returned = false
     local _ <close> = setmetatable({}, { __close = function()
+      -- a stream not handed on, left on the way (its task canceled: a client that left while it was
+      -- read to its end), is closed: the provider stops generating what no one will read, and bills
+      -- what it wrote so far (left to the collector, it ran and billed to its end)
+      if not o.handed and o.s then o.s:close() end
       if o.handed or not refused then return end
       local paid = paid_while_opening(req, o.state, o.whole)
       if not paid and not returned and o.accepted then paid = input_paid(req, o.state) end

@@ -353,3 +353,25 @@ describe("gateway streams on a bad day: an upstream event past max_event before 
     settled()
   end)
 end)
+
+-- A stream from the other API that carries tools is read to its end before its first byte to the
+-- client (its tool calls are written whole). A client that left meanwhile (an abort, a timeout)
+-- left the upstream generating and billing to its end for no one.
+describe("gateway streams on a bad day: a client that leaves a stream read whole", function()
+  for _, case in ipairs({ { "anthropic", "openai/gpt-4o-mini" }, { "openai", CLAUDE } }) do
+    local api, model = case[1], case[2]
+    it(("cancels the upstream transfer (%s client, %s)"):format(api, model), function()
+      local url, m, key = start({ strict = true, reply = ("word "):rep(60), stream_interval = 0.5 })
+      local schema = { type = "object", properties = { text = { type = "string" } } }
+      local body = api == "anthropic" and { model = model, tools = { { name = "save", input_schema = schema } },
+        tool_choice = { type = "any" } } or { model = model, tools = { { type = "function",
+        ["function"] = { name = "save", parameters = schema } } }, tool_choice = "required" }
+      local client = resil.spawn(open, url, key, api, body)
+      assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 10))
+      client:cancel() -- (the client's SDK aborted: its connection closed)
+      -- (the answer's 40-odd pieces, half a second apart, took 20 s: gone in far less)
+      assert.is_true(helpers.wait_until(function() return m.server:pending() == 0 end, 5),
+        "the upstream kept generating for a client that left")
+    end)
+  end
+end)
