@@ -116,6 +116,25 @@ await check('mock: embeddings in an encoding_format other than float or base64 a
   expect(Array.isArray(r.data[0].embedding), 'float');
 });
 
+// a tool_choice naming a tool the request does not carry (a translation that renamed or dropped
+// it) is each API's 400, and so are Anthropic tools of one name twice: the mock answered text
+await check('mock: a tool_choice naming no tool of the request, or two tools of one name, are refused, as the APIs refuse them', async () => {
+  const atools = [{ name: 'get_weather', input_schema: schema }];
+  const otools = [{ type: 'function', function: { name: 'get_weather', parameters: schema } }];
+  const a = await rejects(ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 50, messages: msgs,
+    tools: atools, tool_choice: { type: 'tool', name: 'get_forecast' } }), Anthropic.BadRequestError, 'anthropic unknown tool');
+  expect(/get_forecast/.test(a.message), a.message);
+  const o = await rejects(oai(mock, 'x').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, tools: otools,
+    tool_choice: { type: 'function', function: { name: 'get_forecast' } } }), OpenAI.BadRequestError, 'openai unknown tool');
+  expect(/get_forecast/.test(o.message) && o.param === 'tool_choice', `${o.param}: ${o.message}`);
+  const d = await rejects(ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 50, messages: msgs,
+    tools: [...atools, ...atools] }), Anthropic.BadRequestError, 'anthropic tools of one name twice');
+  expect(/unique/.test(d.message), d.message);
+  const ok = await ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 50, messages: msgs,
+    tools: atools, tool_choice: { type: 'tool', name: 'get_weather' } });
+  expect(ok.stop_reason === 'tool_use', JSON.stringify(ok));
+});
+
 // OpenAI takes four stop sequences, Anthropic more: the mock took any number on its OpenAI route
 await check('mock: more than four stop sequences are refused on the OpenAI route, not on Anthropic\'s', async () => {
   const stop = ['a1', 'b2', 'c3', 'd4', 'e5'];

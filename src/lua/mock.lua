@@ -795,6 +795,7 @@ function Mock:openai_check(req, body)
   end
   local bad, param = wire.openai_messages(body.messages)
   if not bad then bad, param = wire.openai_tools(body.tools) end
+  if not bad then bad, param = wire.openai_tool_choice(body.tool_choice, body.tools) end
   if bad then return { status = 400, body = openai_error(400, bad, "invalid_request_error", nil, param) } end
   return nil
 end
@@ -1080,7 +1081,8 @@ local function anthropic_refusal(self, req, body, count)
     return { status = 400, body = anthropic_error(400, "invalid_request_error", ("tool_choice: Input tag '%s' found "
       .. "using 'type' does not match any of the expected tags: 'auto', 'any', 'tool', 'none'"):format(tostring(tc.type))) }
   end
-  local bad = self.scenario.strict and (wire.anthropic_messages(body.messages) or wire.anthropic_tools(body.tools))
+  local bad = self.scenario.strict and (wire.anthropic_messages(body.messages) or wire.anthropic_tools(body.tools)
+    or wire.anthropic_tool_choice(tc, body.tools))
   if bad then return { status = 400, body = anthropic_error(400, "invalid_request_error", bad) } end
   return nil
 end

@@ -143,12 +143,44 @@ function wire.openai_tools(tools)
   return nil
 end
 
+-- wire.openai_tool_choice(choice, tools) -> nil | message, param: a choice that names a function
+-- (or a custom tool) names one of the request's tools
+function wire.openai_tool_choice(choice, tools)
+  if type(choice) ~= "table" or (choice.type ~= "function" and choice.type ~= "custom") then return nil end
+  local inner = choice[choice.type]
+  local name = type(inner) == "table" and inner.name
+  if type(name) ~= "string" then return nil end
+  for _, t in ipairs(type(tools) == "table" and tools or {}) do
+    local f = type(t) == "table" and t[t.type]
+    if type(f) == "table" and f.name == name then return nil end
+  end
+  return ("Invalid value for 'tool_choice': %s '%s' not found in 'tools'."):format(choice.type, name), "tool_choice"
+end
+
+-- wire.anthropic_tool_choice(choice, tools) -> nil | message: a choice of type tool names one of
+-- the request's tools
+function wire.anthropic_tool_choice(choice, tools)
+  if type(choice) ~= "table" or choice.type ~= "tool" or type(choice.name) ~= "string" then return nil end
+  for _, t in ipairs(type(tools) == "table" and tools or {}) do
+    if type(t) == "table" and t.name == choice.name then return nil end
+  end
+  return ("tool_choice: tool '%s' not found in the request's tools"):format(choice.name)
+end
+
 -- wire.anthropic_tools(tools) -> nil | message: a custom tool (no type, or type "custom") has a
 -- name and an input_schema of type object; a server tool names its versioned type
 -- ("web_search_20250305"); OpenAI's shape ({type = "function", function = {...}}) is refused
 function wire.anthropic_tools(tools)
   if tools == nil or tools == null then return nil end
   if type(tools) ~= "table" then return "tools: Input should be a valid list" end
+  local names = {}
+  for _, t in ipairs(tools) do
+    local name = type(t) == "table" and t.name
+    if type(name) == "string" then
+      if names[name] then return "tools: Tool names must be unique." end
+      names[name] = true
+    end
+  end
   for i, t in ipairs(tools) do
     local at = ("tools.%d"):format(i - 1)
     if type(t) ~= "table" then return at .. ": Input should be a valid dictionary" end
