@@ -23,6 +23,7 @@ describe("the SDKs' helpers against the mock and the gateway", function()
     "mock: embeddings of an empty text, past 2048 inputs or past 8192 tokens are refused, as the API does",
     "mock: embeddings in an encoding_format other than float or base64 are refused, as the API does",
     "mock: a tool_choice naming no tool of the request, or two tools of one name, are refused, as the APIs refuse them",
+    "mock: tool results after a text, or two tool_use blocks of one id, are refused, as Anthropic refuses them",
     "mock: more than four stop sequences are refused on the OpenAI route, not on Anthropic's",
     "mock and gateway: reasoning models take max_completion_tokens and the default sampling only",
     "anthropic: more than four stop sequences fall back to OpenAI, its first four sent",

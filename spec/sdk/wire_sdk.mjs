@@ -135,6 +135,25 @@ await check('mock: a tool_choice naming no tool of the request, or two tools of 
   expect(ok.stop_reason === 'tool_use', JSON.stringify(ok));
 });
 
+// the turn after tool calls answers them first: a text before its tool_result blocks, or two
+// tool_use blocks of one id, are Anthropic's 400 (its tool-use docs say so), and the mock served them
+await check('mock: tool results after a text, or two tool_use blocks of one id, are refused, as Anthropic refuses them', async () => {
+  const tools = [{ name: 'get_weather', input_schema: schema }];
+  const use = (id) => ({ type: 'tool_use', id, name: 'get_weather', input: { city: 'Paris' } });
+  const result = { type: 'tool_result', tool_use_id: 'toolu_01', content: 'sunny' };
+  const late = await rejects(ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 50, tools, messages: [
+    ...msgs, { role: 'assistant', content: [use('toolu_01')] },
+    { role: 'user', content: [{ type: 'text', text: 'here it is' }, result] }] }), Anthropic.BadRequestError, 'text first');
+  expect(/immediately after/.test(late.message), late.message);
+  const twice = await rejects(ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 50, tools, messages: [
+    ...msgs, { role: 'assistant', content: [use('toolu_01'), use('toolu_01')] }, { role: 'user', content: [result] }] }),
+    Anthropic.BadRequestError, 'one id twice');
+  expect(/unique/.test(twice.message), twice.message);
+  await ant(mock, 'x').messages.create({ model: 'claude-haiku-4-5', max_tokens: 50, tools, messages: [
+    ...msgs, { role: 'assistant', content: [use('toolu_01')] },
+    { role: 'user', content: [result, { type: 'text', text: 'and more' }] }] });
+});
+
 // OpenAI takes four stop sequences, Anthropic more: the mock took any number on its OpenAI route
 await check('mock: more than four stop sequences are refused on the OpenAI route, not on Anthropic\'s', async () => {
   const stop = ['a1', 'b2', 'c3', 'd4', 'e5'];

@@ -268,6 +268,7 @@ function wire.anthropic_messages(messages)
   local prev_uses, prev_turn = {}, nil -- the tool_use ids of the previous turn
   local uses, role, turn_start = {}, nil, nil
   local answered = {}
+  local before_results -- a user turn's first block that is not a tool_result, where results are due
   local function close_turn()
     if role == "assistant" then prev_uses, prev_turn = uses, turn_start else prev_uses, prev_turn = {}, nil end
   end
@@ -277,7 +278,7 @@ function wire.anthropic_messages(messages)
       local bad = role == "user" and unanswered_use(prev_uses, answered, prev_turn)
       if bad then return bad end
       close_turn()
-      role, uses, turn_start, answered = m.role, {}, i, {}
+      role, uses, turn_start, answered, before_results = m.role, {}, i, {}, nil
     end
     -- (the last message may be empty when it is the assistant's, a prefill of nothing; a user's never)
     if (m.content == "" or type(m.content) == "table" and #m.content == 0) and (i < #messages or m.role ~= "assistant") then
@@ -286,6 +287,9 @@ function wire.anthropic_messages(messages)
     end
     for j, b in ipairs(blocks_of(m.content)) do
       local where = ("messages.%d.content.%d"):format(i - 1, j - 1)
+      if m.role == "user" and next(prev_uses) and type(b) == "table" and b.type ~= "tool_result" then
+        before_results = before_results or j
+      end
       if not ANTHROPIC_BLOCKS[b.type] then
         return ("%s: Input tag '%s' found using 'type' does not match any of the expected tags: %s")
           :format(where, tostring(b.type), ANTHROPIC_BLOCK_LIST)
@@ -306,9 +310,14 @@ function wire.anthropic_messages(messages)
         if not b.id:find("^[%w_-]+$") then
           return where .. ".tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'"
         end
+        if uses[b.id] then return where .. ": `tool_use` ids must be unique" end
         uses[b.id] = true
       elseif b.type == "tool_result" then
         if m.role ~= "user" then return where .. ": tool_result blocks are only allowed in user messages" end
+        -- (the results come first in the turn that answers tool calls: a text before them is the
+        -- API's 400, its tool_use unanswered "immediately after")
+        local early = before_results and unanswered_use(prev_uses, answered, prev_turn)
+        if early then return early end
         if not prev_uses[b.tool_use_id] then
           return ("messages.%d.content.%d: unexpected `tool_use_id` found in `tool_result` blocks: %s. Each "
             .. "`tool_result` block must have a corresponding `tool_use` block in the previous message.")
