@@ -36,6 +36,41 @@ describe("resil.mock scenarios", function()
     m:stop()
   end)
 
+  -- (each was accepted and did nothing: a spec of an outage, its `sequnce` or its route `chats`
+  -- misspelt, was served normal 200s, and passed without the outage it was written for)
+  it("refuses a misspelt name: a scenario key, a route, a fault's field, at the caller's line", function()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local err = raised(function() resil.mock.start({ sequnce = { chat = { 503 } } }) end)
+    assert.matches("^spec/mock_scenario_spec%.lua:" .. line .. ": resil%.mock: unknown scenario key 'sequnce'", err)
+    assert.matches("sequence", err:match("%((.*)%)")) -- (the keys it takes)
+    err = raised(function() resil.mock.start({ sequence = { chats = { 503 } } }) end)
+    assert.matches("resil%.mock: sequence%.chats: unknown route 'chats' %(routes: chat, ", err)
+    err = raised(function() resil.mock.start({ faults = { { route = "chatt", status = 429 } } }) end)
+    assert.matches("resil%.mock: faults%[1%]: unknown route 'chatt'", err)
+    err = raised(function() resil.mock.start({ faults = { { route = "chat", probabilty = 1, status = 429 } } }) end)
+    assert.matches("resil%.mock: faults%[1%]: unknown field 'probabilty'", err)
+    err = raised(function() resil.mock.start({ sequence = { chat = { { status = 429, retry_afterr = 2 } } } }) end)
+    assert.matches("resil%.mock: sequence%.chat%[1%]: unknown field 'retry_afterr'", err)
+    local m = assert(resil.mock.start({}))
+    line = debug.getinfo(1, "l").currentline + 1
+    err = raised(function() m:configure({ fault = { { status = 503 } } }) end)
+    assert.matches("^spec/mock_scenario_spec%.lua:" .. line .. ": resil%.mock: unknown scenario key 'fault'", err)
+    m:stop()
+  end)
+
+  it("takes every route it serves by name, a custom route by its pattern, and '*' in a sequence", function()
+    for _, route in ipairs({ "chat", "messages", "count_tokens", "embeddings", "models", "model", "predictions",
+      "prediction", "prediction_list", "cancel", "fal_submit", "fal_status", "fal_result", "fal_cancel", "tts" }) do
+      local m = assert(resil.mock.start({ sequence = { [route] = { 503 } }, faults = { { route = route, status = 429 } } }))
+      m:stop()
+    end
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/audio/speech"] = function() return { status = 200 } end },
+      sequence = { ["POST /v1/audio/speech"] = { 503 }, ["*"] = { 502 } } }))
+    local res = assert(http.request({ method = "POST", url = m.url .. "/v1/audio/speech", body = "{}" }))
+    assert.are.equal(503, res.status)
+    m:stop()
+  end)
+
   it("on_request is told of each request before it is answered; one that is no function is refused", function()
     assert.matches("on_request must be a function", raised(function() resil.mock.start({ on_request = true }) end))
     local seen = {}

@@ -16,7 +16,8 @@
 -- on_request = fn(req): called as each request arrives, before it is answered.
 local resil = ...
 local json = resil.json
-local job_routes = require("resil.mock_jobs").route -- Replicate, fal, ElevenLabs (src/lua/mock_jobs.lua)
+local mock_jobs = require "resil.mock_jobs" -- Replicate, fal, ElevenLabs (src/lua/mock_jobs.lua)
+local job_routes = mock_jobs.route
 local wire = require "resil.mock_wire" -- what each API refuses in a conversation (src/lua/mock_wire.lua)
 
 local mock = {}
@@ -62,9 +63,47 @@ end
 -- A scenario's mistakes raise at the caller's line (level: its level from
 -- check_scenario), naming the entry: a misspelt fault kind or a status given as a
 -- string was served as a normal 200, so a spec of an outage passed without one.
-local function check_fault(f, where, level)
+--
+-- A name the mock does not know raises too: a scenario key, a route, a fault's field misspelt
+-- (`sequnce`, `chats`, `probabilty`) was ignored, and the spec passed on normal answers.
+local SCENARIO_KEYS = { "faults", "sequence", "routes", "latency", "seed", "jobs", "idempotency", "on_request",
+  "models", "reply", "strict", "api_keys", "rate_limits", "refuses", "prices", "cached_tokens", "dimensions",
+  "service_tier", "stream_interval" }
+local FAULT_FIELDS = { "route", "model", "probability", "kind", "status", "retry_after", "error_type", "error_code",
+  "message", "body", "headers", "should_retry", "latency", "after" }
+local function set_of(list)
+  local set = {}
+  for _, v in ipairs(list) do set[v] = true end
+  return set
+end
+local IS_SCENARIO_KEY, IS_FAULT_FIELD = set_of(SCENARIO_KEYS), set_of(FAULT_FIELDS)
+
+-- -> nil when the scenario `s` serves a route so named (a built-in one, a job API's, a custom
+-- route's "METHOD /path"), else the message naming those it serves
+local function unknown_route(s, route)
+  if type(route) == "string" and type(s.routes) == "table" and s.routes[route] ~= nil then return nil end
+  local names = {}
+  for _, r in ipairs(BUILTIN_ROUTES) do
+    if r[3] == route then return nil end
+    names[#names + 1] = r[3]
+  end
+  for _, name in ipairs(mock_jobs.route_names) do
+    if name == route then return nil end
+    names[#names + 1] = name
+  end
+  return ("unknown route '%s' (routes: %s, or a custom route's \"METHOD /path\")"):format(tostring(route),
+    table.concat(names, ", "))
+end
+
+local function check_fault(f, where, level, named)
   local at = where and where .. ": " or "" -- (a fault of `faults` keeps the message it always had)
   if type(f) ~= "table" then error(("resil.mock: %seach fault must be a table"):format(at), level) end
+  for k in pairs(f) do
+    if not IS_FAULT_FIELD[k] then
+      error(("resil.mock: %s: unknown field '%s' (a fault takes %s)"):format(named, tostring(k),
+        table.concat(FAULT_FIELDS, ", ")), level)
+    end
+  end
   if f.kind ~= nil and not NAMED_FAULTS[f.kind] then
     error(("resil.mock: %sunknown fault kind '%s'"):format(at, tostring(f.kind)), level)
   end
@@ -80,16 +119,29 @@ end
 
 local function check_scenario(s, level)
   if type(s) ~= "table" then error("resil.mock: scenario must be a table", level) end
+  for k in pairs(s) do
+    if not IS_SCENARIO_KEY[k] then
+      error(("resil.mock: unknown scenario key '%s' (a scenario takes %s)"):format(tostring(k),
+        table.concat(SCENARIO_KEYS, ", ")), level)
+    end
+  end
   if s.faults ~= nil and type(s.faults) ~= "table" then error("resil.mock: faults must be a list", level) end
-  for _, f in ipairs(s.faults or {}) do check_fault(f, nil, level + 1) end
+  for i, f in ipairs(s.faults or {}) do
+    local named = ("faults[%d]"):format(i)
+    check_fault(f, nil, level + 1, named)
+    local wrong = f.route ~= nil and unknown_route(s, f.route)
+    if wrong then error(("resil.mock: %s: %s"):format(named, wrong), level) end
+  end
   if s.sequence ~= nil and type(s.sequence) ~= "table" then error("resil.mock: sequence must be a table", level) end
   for route, seq in pairs(s.sequence or {}) do
+    local wrong = route ~= "*" and unknown_route(s, route)
+    if wrong then error(("resil.mock: sequence.%s: %s"):format(tostring(route), wrong), level) end
     if type(seq) ~= "table" then error(("resil.mock: sequence.%s must be a list"):format(route), level) end
     for i, entry in ipairs(seq) do
       local where = ("sequence.%s[%d]"):format(route, i)
-      if type(entry) == "number" then check_fault({ status = entry }, where, level + 1)
-      elseif type(entry) == "string" then check_fault({ kind = entry }, where, level + 1)
-      else check_fault(entry, where, level + 1) end
+      if type(entry) == "number" then check_fault({ status = entry }, where, level + 1, where)
+      elseif type(entry) == "string" then check_fault({ kind = entry }, where, level + 1, where)
+      else check_fault(entry, where, level + 1, where) end
     end
   end
   if s.routes ~= nil and type(s.routes) ~= "table" then error("resil.mock: routes must be a table", level) end
@@ -1728,7 +1780,7 @@ function Mock:handle(req)
   local asked = req.headers["x-mock-fault"]
   local fault = asked and (tonumber(asked) and { status = tonumber(asked) } or { kind = asked })
     or route ~= "unknown" and self:pick_fault(route, req) or nil
-  if asked and not pcall(check_fault, fault, "x-mock-fault", 1) then
+  if asked and not pcall(check_fault, fault, "x-mock-fault", 1, "x-mock-fault") then
     -- a misspelt one was served as a normal answer: the client's spec of a fault passed without it
     local h = HANDLERS[route]
     local status = 400

@@ -479,6 +479,12 @@ local ROUTES = {
   { "POST", "^/v1/text%-to%-speech/([%w%-_]*)$", "tts", tts },
 }
 
+-- the names of these routes, for a scenario's `sequence` and `faults` (mock.lua checks them)
+M.route_names = {}
+for _, r in ipairs(ROUTES) do
+  if M.route_names[#M.route_names] ~= r[3] then M.route_names[#M.route_names + 1] = r[3] end
+end
+
 -- route(m, req) -> route name, handler(req) | nil
 function M.route(m, req)
   for _, r in ipairs(ROUTES) do
