@@ -58,6 +58,26 @@ describe("resil.mock scenarios", function()
     m:stop()
   end)
 
+  -- (a seed that was no whole number failed inside the mock ("[resil mock]:52: attempt to mul a
+  -- 'string'"), or at the first fault it drew; a latency of another shape was no latency, or each
+  -- request's 500 "handler error")
+  it("refuses a seed that is no whole number and a latency that is no number of seconds, at the caller's line", function()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local err = raised(function() resil.mock.start({ seed = "x" }) end)
+    assert.matches("^spec/mock_scenario_spec%.lua:" .. line .. ": resil%.mock: seed must be a whole number, not 'x'", err)
+    assert.matches("seed must be a whole number, not 1.5", raised(function() resil.mock.start({ seed = 1.5 }) end))
+    for _, latency in ipairs({ "fast", -1, 0 / 0, { min = "a" }, { min = 2, max = 1 }, { mean = 1, stddev = -1 },
+      { max = math.huge }, {} }) do
+      err = raised(function() resil.mock.start({ latency = latency }) end)
+      assert.matches("resil%.mock: latency must be seconds", err)
+    end
+    err = raised(function() resil.mock.start({ faults = { { route = "chat", latency = "x" } } }) end)
+    assert.matches("resil%.mock: faults%[1%]: latency must be seconds", err)
+    for _, latency in ipairs({ 0, 0.5, { min = 0.1, max = 0.2 }, { min = 0.1 }, { mean = 1, stddev = 0.5 } }) do
+      assert(resil.mock.start({ seed = 7, latency = latency })):stop()
+    end
+  end)
+
   it("takes every route it serves by name, a custom route by its pattern, and '*' in a sequence", function()
     for _, route in ipairs({ "chat", "messages", "count_tokens", "embeddings", "models", "model", "predictions",
       "prediction", "prediction_list", "cancel", "fal_submit", "fal_status", "fal_result", "fal_cancel", "tts" }) do

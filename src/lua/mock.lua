@@ -49,7 +49,7 @@ local ERROR_TYPES = {
 -- xorshift64*: a per-mock random source, so a seed gives the same faults
 -- whatever else uses math.random.
 local function new_random(seed)
-  local state = (seed or os.time()) * 2654435761 + 1
+  local state = (seed and math.tointeger(seed) or os.time()) * 2654435761 + 1 -- (2.0: the integer 2)
   if state == 0 then state = 88172645463325252 end
   return function()
     state = state ~ (state >> 12)
@@ -95,6 +95,33 @@ local function unknown_route(s, route)
     table.concat(names, ", "))
 end
 
+local function shown(v)
+  if type(v) == "string" then return ("'%s'"):format(v) end
+  return type(v) == "table" and "a table of other fields" or tostring(v)
+end
+
+-- a latency: seconds (a number >= 0), { min =, max = } (uniform) or { mean =, stddev = } (normal)
+-- -> the message when `v` is none of them
+local LATENCY_FIELDS = { min = true, max = true, mean = true, stddev = true }
+local function latency_wrong(v)
+  local function seconds(x) return type(x) == "number" and x >= 0 and x < math.huge end -- (NaN too)
+  local ok
+  if type(v) == "number" then
+    ok = seconds(v)
+  elseif type(v) == "table" then
+    ok = true
+    for k in pairs(v) do ok = ok and LATENCY_FIELDS[k] == true end
+    if v.min ~= nil or v.max ~= nil then
+      ok = ok and v.mean == nil and v.stddev == nil and (v.min == nil or seconds(v.min))
+        and (v.max == nil or seconds(v.max)) and (v.min or 0) <= (v.max or v.min or 0)
+    else
+      ok = ok and seconds(v.mean) and (v.stddev == nil or seconds(v.stddev))
+    end
+  end
+  if ok then return nil end
+  return ("latency must be seconds >= 0, { min =, max = } or { mean =, stddev = }, not %s"):format(shown(v))
+end
+
 local function check_fault(f, where, level, named)
   local at = where and where .. ": " or "" -- (a fault of `faults` keeps the message it always had)
   if type(f) ~= "table" then error(("resil.mock: %seach fault must be a table"):format(at), level) end
@@ -115,6 +142,8 @@ local function check_fault(f, where, level, named)
   if f.probability and (type(f.probability) ~= "number" or f.probability < 0 or f.probability > 1) then
     error(("resil.mock: %sfault probability must be between 0 and 1"):format(at), level)
   end
+  local wrong = f.latency ~= nil and latency_wrong(f.latency)
+  if wrong then error(("resil.mock: %s: %s"):format(named, wrong), level) end
 end
 
 local function check_scenario(s, level)
@@ -125,6 +154,11 @@ local function check_scenario(s, level)
         table.concat(SCENARIO_KEYS, ", ")), level)
     end
   end
+  if s.seed ~= nil and not (type(s.seed) == "number" and math.tointeger(s.seed)) then
+    error(("resil.mock: seed must be a whole number, not %s"):format(shown(s.seed)), level)
+  end
+  local wrong = s.latency ~= nil and latency_wrong(s.latency)
+  if wrong then error("resil.mock: " .. wrong, level) end
   if s.faults ~= nil and type(s.faults) ~= "table" then error("resil.mock: faults must be a list", level) end
   for i, f in ipairs(s.faults or {}) do
     local named = ("faults[%d]"):format(i)
