@@ -183,6 +183,17 @@ local function key_of(provider, adapter, conf, model)
   return key
 end
 
+-- A call's own retry table is this call's alone: its deadline, a time on resil.now()'s clock, goes to
+-- the provider made for the call as the seconds left to it (call.provider refuses a deadline in
+-- options made once, which would pass for every later call)
+local function call_retry(r)
+  if r.deadline == nil then return r end
+  local copy = {}
+  for k, v in pairs(r) do copy[k] = v end
+  copy.deadline, copy.timeout = nil, math.max(0, r.deadline - resil.now())
+  return copy
+end
+
 -- One policies.call provider per provider name (or registry deployment), or
 -- a fresh one for a call that overrides its options (buckets, breakers and
 -- semaphores are shared by name).
@@ -194,6 +205,7 @@ local function caller_of(name, adapter, conf, req)
   for _, k in ipairs(CALL_OPTIONS) do
     if req[k] ~= nil then o[k] = req[k] else o[k] = conf[k] end
   end
+  if req.retry ~= nil then o.retry = call_retry(req.retry) end
   o.validate = function(res)
     if res.stream then -- a stream that delivered its first delta, or ended
       if res.empty then return nil, "empty content (the stream ended before any text)" end
@@ -1879,6 +1891,7 @@ local function embed_caller(provider, adapter, conf, req)
   for _, k in ipairs(CALL_OPTIONS) do
     if req[k] ~= nil then o[k] = req[k] else o[k] = conf[k] end
   end
+  if req.retry ~= nil then o.retry = call_retry(req.retry) end
   o.validate = function(res)
     local data, why = classify.decoded(res)
     if data == nil then return nil, why end

@@ -480,6 +480,13 @@ function call.check(name, conf)
         k == "timeout" and " > 0 (math.huge: none)" or "", type(v) == "string" and ("%q"):format(v) or tostring(v))
     end
   end
+  -- (a retry table's deadline is a time on resil.now()'s clock: in options made once it passed for
+  -- good, at once on a machine up longer than it, and every call failed "deadline passed before attempt 1")
+  if type(conf.retry) == "table" and conf.retry.deadline ~= nil then
+    return ("call.provider '%s': retry.deadline is a time on resil.now()'s clock, passed for every call made after "
+      .. "it; give the provider's deadline = %s (seconds, each call's) or retry.timeout"):format(name,
+      type(conf.retry.deadline) == "number" and ("%g"):format(conf.retry.deadline) or "N")
+  end
   for _, k in ipairs(LIMIT_TABLES) do
     local v = conf[k]
     if v ~= nil and v ~= false and type(v) ~= "table" then

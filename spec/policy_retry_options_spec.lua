@@ -112,6 +112,40 @@ describe("a retry's other options", function()
     assert.matches("policy_retry_options_spec.lua:%d+: ai.configure 'openai': retry: unknown backoff strategy 'expo'", err)
   end)
 
+  -- (before: taken as a time on resil.now()'s clock, fixed when the provider was made: once it passed
+  -- (at once, `deadline = 120` on a machine up for more than two minutes), every call failed
+  -- "deadline passed before attempt 1" without trying)
+  it("a deadline in a provider's retry table, a point in time made once, raises there, naming the ones meant", function()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local ok, err = pcall(function() call.provider("retry-deadline", { retry = { deadline = 120 } }) end)
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec%.lua:" .. line .. ": call%.provider 'retry%-deadline': retry%.deadline is "
+      .. "a time on resil%.now%(%)'s clock", err)
+    assert.matches("the provider's deadline = 120 %(seconds, each call's%) or retry%.timeout", err)
+    ok, err = pcall(function() require("policies.ai").configure("openai", { retry = { deadline = 120 } }) end)
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec.lua:%d+: ai.configure 'openai': retry%.deadline is a time", err)
+    -- (what is meant: each call's seconds, and a retry table's own timeout)
+    local m = resil.mock.start({ sequence = { chat = { 503, 503, 503, 503 } } })
+    local p = call.provider("retry-deadline-ok", { request = { method = "POST", url = m.url .. "/v1/chat/completions" },
+      retry = { timeout = 2.5, base = 1, backoff = "constant", budget = false } })
+    local t0 = resil.now()
+    local _, e = p({ json = { messages = { { role = "user", content = "hi" } } } })
+    assert.are.equal("deadline", e.gave_up) -- (attempts at 0, 1 and 2 s: the next would end past 2.5)
+    assert.are.equal(3, e.attempts)
+    assert.are.equal(2, resil.now() - t0)
+    -- (a call's own retry table is that call's: its deadline is kept, as it was)
+    local ai = require "policies.ai"
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456" })
+    m:configure({ sequence = { chat = { 503, 503, 503, 503 } } })
+    t0 = resil.now()
+    local _, ce = ai.chat({ model = "openai/gpt-4o-mini", messages = { { role = "user", content = "hi" } },
+      retry = { deadline = resil.now() + 2.5, base = 1, backoff = "constant", budget = false } })
+    assert.are.equal("deadline", ce.gave_up)
+    assert.are.equal(2, resil.now() - t0)
+    m:stop()
+  end)
+
   -- (before: max_retry = 3 was ignored without a word, and the call retried as the defaults say)
   it("an option retry does not take is named at the line that gave it, before any attempt", function()
     local n = 0
