@@ -202,6 +202,38 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     assert.are.equal("total $0.500000\n", r.stdout)
   end)
 
+  -- (before: --json printed names as they were stored, where the table and --csv redact them: a budget
+  -- or user named by a URL with its credentials was printed whole; and a byte that is no UTF-8
+  -- (a model name made from a provider's bytes) made output no JSON parser reads)
+  it("--json of costs --by and budgets is redacted as the table is, and JSON a strict parser reads", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      assert(resil.cost.record({ provider = "openai", model = "m\255\254x", operation = "chat",
+        user = "https://api.example.com/v1?api_key=sk-abcdefghijklmnop1234", usd = 0.5 }))
+      local t = assert(resil.budget("https://ops:hunter2secret@example.com/b\255", { limit = 10, per = "day" }):reserve(1))
+      t:settle(0.25)
+    ]], ("--store %s --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local names = {}
+    for _, args in ipairs({ "costs --by user --json", "costs --by model --json", "budgets --json" }) do
+      r = helpers.run(("%s %s --store %s"):format(helpers.resil, args, db))
+      assert.are.equal(0, r.code, r.stderr)
+      assert.is_nil(r.stdout:find("sk-abcdefghijklmnop1234", 1, true), args .. ": " .. r.stdout)
+      assert.is_nil(r.stdout:find("hunter2secret", 1, true), args .. ": " .. r.stdout)
+      assert.is_truthy(utf8.len(r.stdout), args .. ": no UTF-8: " .. r.stdout)
+      local list = assert(require("resil").json.decode(r.stdout), args)
+      for _, row in ipairs(list) do names[#names + 1] = row.key or row.name end
+    end
+    table.sort(names)
+    assert.are.same({ "https://api.example.com/v1?api_key=[REDACTED]", "https://ops:[REDACTED]@example.com/b\u{FFFD}",
+      "m\u{FFFD}\u{FFFD}x" }, names)
+    r = helpers.run(("%s budgets show %q --json --store %s"):format(helpers.resil,
+      "https://ops:hunter2secret@example.com/b\255", db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("https://ops:[REDACTED]@example.com/b\u{FFFD}", require("resil").json.decode(r.stdout).name)
+  end)
+
   it("a reader that left (| head) ends the command as SIGPIPE would, 141, and silently, however long its output " ..
      "(runs show of 3000 steps: the pipe's buffer filled mid-run, not at the last flush)", function()
     local db = helpers.tmpname(".db")

@@ -64,6 +64,18 @@ local function table_print(header, rows)
   return line -- (for rows that come later)
 end
 
+-- What --json prints of the store's text, as the table prints it: redacted (a budget or user named
+-- by a URL with its credentials was printed whole), and UTF-8 (a byte of another encoding, a model
+-- named from a provider's bytes, made output no JSON parser reads): U+FFFD, as metrics and traces
+local valid_utf8 = resil.json.utf8
+local function json_text(v)
+  if type(v) == "string" then return valid_utf8(redact(v)) end
+  if type(v) ~= "table" then return v end
+  local out = {}
+  for k, x in pairs(v) do out[k] = json_text(x) end
+  return out
+end
+
 -- cjson writes an empty table as {}: a list says []
 local function json_list(items)
   if #items == 0 then return "[]" end
@@ -472,7 +484,7 @@ function commands.costs(args)
       local out = {}
       for i, r in ipairs(rows) do
         out[i] = ('{"usd":%s,'):format(usd_json(r.micro_usd)) ..
-          json.encode({ key = r.key, calls = r.calls, unpriced = r.unpriced }):sub(2)
+          json.encode({ key = json_text(r.key), calls = r.calls, unpriced = r.unpriced }):sub(2)
       end
       print(json_list(out))
       return
@@ -521,10 +533,10 @@ end
 local function budget_json(b)
   local holds = {}
   for i, h in ipairs(b.holds) do
-    holds[i] = { ticket = h.ticket, usd = h.usd, owner = h.owner, expires_at = h.expires_at, age = h.age }
+    holds[i] = json_text({ ticket = h.ticket, usd = h.usd, owner = h.owner, expires_at = h.expires_at, age = h.age })
   end
-  local head = json.encode({ name = b.name, limit = b.limit, per = b.per, period = b.period, source = b.source,
-                             spent = b.spent, reserved = b.reserved, remaining = b.remaining })
+  local head = json.encode(json_text({ name = b.name, limit = b.limit, per = b.per, period = b.period,
+    source = b.source, spent = b.spent, reserved = b.reserved, remaining = b.remaining }))
   return head:sub(1, -2) .. ',"holds":' .. json_list(holds) .. "}"
 end
 
