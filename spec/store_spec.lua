@@ -837,6 +837,27 @@ describe("resil.cost", function()
   end)
 end)
 
+-- (before: a spec's `resil.store_config({ url = ":memory:" })` took steps, once and budgets, then
+-- failed at its first sum of the ledger, "[resil store_sqlite]:325: store :memory:: no such table:
+-- costs": those reads ran on a connection of their own, another, empty database)
+describe("a store in memory (:memory:)", function()
+  before_each(function() resil.clock.virtual() end)
+  after_each(function() resil.store_config({ url = helpers.tmpname(".db") }) end)
+
+  it("reads what it holds: the ledger's sums and budgets", function()
+    resil.store_config({ url = ":memory:" })
+    local t = assert(resil.budget("user:mem", { limit = 1, per = "day" }):reserve(0.6))
+    t:settle(0.25)
+    assert(resil.cost.record({ provider = "openai", model = "gpt-4o", user = "u1", usd = 0.5 }))
+    assert.are.equal(0.75, resil.cost.total())
+    assert.are.same({ key = "gpt-4o", usd = 0.5, calls = 1 }, resil.cost.breakdown("model")[1])
+    assert.are.equal(0.25, resil.budget("user:mem"):state().spent)
+    local ran = 0
+    resil.step("mem step", function() ran = ran + 1 end)
+    assert.are.equal(1, ran)
+  end)
+end)
+
 describe("resil.cost with wait = false (db:enqueue), against another process's write lock", function()
   -- a store with its schema, and another process (sqlite3) that takes its
   -- write lock and keeps it until the file `release` exists

@@ -222,7 +222,8 @@ local function open(path, opts)
   if not in_task then db:blocking(false) end
   if not ok then return nil, merr end
   opening.kept = true
-  return setmetatable({ db = db, path = path, kind = "sqlite", timeout = timeout }, B)
+  return setmetatable({ db = db, path = path, kind = "sqlite", timeout = timeout,
+    in_memory = path == ":memory:" or path == "" }, B)
 end
 
 function B:stats() return self.db:stats() end
@@ -310,8 +311,10 @@ end
 -- and gateway request of the process for 0.7-1.8 s. Writes this process queued come first, as for
 -- read (an empty operation after them). Outside a task (the CLI before its loop), as read.
 -- each cannot yield. -> true | nil, err
+-- A database in memory (":memory:") is its connection's alone: the thread's would read another, empty
+-- one ("no such table: costs"), so its scans run on the loop, as outside a task.
 local function scan(self, sql, each, ...)
-  if running() == nil or not coroutine.isyieldable() then
+  if running() == nil or not coroutine.isyieldable() or self.in_memory then
     local args = table.pack(...)
     return read(self, function(tx)
       tx:each(sql, each, table.unpack(args, 1, args.n))
