@@ -57,8 +57,17 @@ describe("README examples", function()
     it("runs Lua example " .. i .. " (" .. title .. ")", function()
       local r
       if code:match("^%-%- spec/") then -- a spec example: run it with busted inside the host
-        local path = helpers.write(helpers.tmpname("_spec.lua"), code)
-        r = helpers.run(("%s /usr/bin/busted -o TAP %s"):format(helpers.resil, path))
+        -- in a project of its own, twice, as a user runs their specs again: what a first run left
+        -- in the folder's store (steps, budgets, the ledger) must not fail the next
+        local dir = helpers.tmpname("-project")
+        assert(os.execute("mkdir -p " .. dir))
+        local path = helpers.write(dir .. "/example_spec.lua", code)
+        local resil_bin = helpers.resil:sub(1, 1) == "/" and helpers.resil or cwd() .. "/" .. helpers.resil
+        for run = 1, 2 do
+          r = helpers.run(("cd %s && %s /usr/bin/busted -o TAP %s"):format(dir, resil_bin, path))
+          assert.are.equal(0, r.code, ("run %d: %s%s"):format(run, r.stdout, r.stderr))
+        end
+        os.execute("rm -rf " .. dir)
       else
         r = helpers.run_script(code, "--store " .. helpers.tmpname(".db"), nil)
       end
