@@ -132,6 +132,22 @@ function ai.configure(provider, conf)
     local wrong = require("policies.retry").check(conf.retry)
     if wrong then error(("ai.configure '%s': %s"):format(provider, wrong), 2) end
   end
+  -- (each was taken, then every call raised inside this file, "attempt to index a number value
+  -- (local 'base')", or policies/call.lua's "bad url 'localhost:8080/v1/...'"; a key given as a
+  -- number was "OPENAI_API_KEY is not set")
+  local base = conf.base_url
+  if base ~= nil and not (type(base) == "string" and base:lower():match("^https?://[^/]")) then
+    error(("ai.configure '%s': base_url must be an http(s) URL (http://host:port/v1), got %s"):format(provider,
+      type(base) == "string" and ("'%s'"):format(resil.redact(base)) or type(base)), 2)
+  end
+  if conf.api_key ~= nil and conf.api_key ~= false and not (type(conf.api_key) == "string" and conf.api_key ~= "") then
+    error(("ai.configure '%s': api_key must be the key (a string), or false for none, got %s"):format(provider,
+      type(conf.api_key) == "string" and "an empty string" or type(conf.api_key)), 2)
+  end
+  if conf.api_key_env ~= nil and not (type(conf.api_key_env) == "string" and conf.api_key_env ~= "") then
+    error(("ai.configure '%s': api_key_env must be the name of an environment variable, got %s"):format(provider,
+      type(conf.api_key_env)), 2)
+  end
   -- (a deadline that is not a number, or a breaker, rate, tokens or concurrency that is not a table, was
   -- taken here and raised inside policies/ai.lua at every call)
   local wrong = call.check(provider, conf)

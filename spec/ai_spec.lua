@@ -1597,6 +1597,25 @@ describe("chat over the strict mock", function()
     assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS })) -- the configuration before stands
   end)
 
+  it("ai.configure's base_url that is no http(s) URL, or api_key that is neither a key nor false, raises at its line",
+    function()
+    -- (before: taken; then each call raised inside policies/ai.lua, "attempt to index a number value
+    -- (local 'base')", or inside policies/call.lua, "bad url 'localhost:8080/v1/chat/completions'"; a
+    -- key given as a number was "OPENAI_API_KEY is not set")
+    for _, conf in ipairs({ { base_url = 5 }, { base_url = "localhost:8080/v1" }, { base_url = "" },
+                            { api_key = 5 }, { api_key = true }, { api_key = "" }, { api_key_env = 5 } }) do
+      local k, v = next(conf)
+      conf.base_url, conf.api_key = conf.base_url or m.url .. "/v1", conf.api_key or OPENAI_KEY
+      local ok, err = pcall(function() ai.configure("openai", conf) end)
+      assert.is_false(ok, k .. " " .. tostring(v))
+      assert.matches("ai_spec.lua:%d+: ai.configure 'openai': " .. k .. " must be", err)
+    end
+    point_at(m.url)
+    assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS })) -- the configuration before stands
+    ai.configure("openai", { base_url = m.url .. "/v1/", api_key = false }) -- (false: no auth, as before)
+    point_at(m.url)
+  end)
+
   it("ai.configure's cache = {ttl=} that the store cannot keep raises at its line (it left every answer uncached)",
     function()
       for _, bad in ipairs({ { ttl = "60" }, { ttl = 0 }, { ttl = 0 / 0 }, { ttl = math.huge }, 60 }) do
