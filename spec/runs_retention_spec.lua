@@ -81,3 +81,31 @@ end)
       "nothing to resume); cost $0.500000\n", show.stdout)
   end)
 end)
+
+-- (before: a run another prune or a `runs forget` let go between this prune's list and its own
+-- forget was counted as kept: two prunes at once said "forgot 6 runs" and "forgot 0 runs, kept 6
+-- (newer, or held by a live process)", of six runs both had seen go)
+describe("runs prune beside another prune", function()
+  it("counts a run another process forgot meanwhile as neither forgotten nor kept", function()
+    local db = helpers.tmpname(".db")
+    for _, id in ipairs({ "old-1", "old-2" }) do
+      local r = helpers.run_script('require("resil").step("a", function() return 1 end)',
+        ("--store %s --run %s --log-level off"):format(db, id))
+      assert.are.equal(0, r.code, r.stderr)
+    end
+    -- the other process's forget, at the moment between this prune's list and its forget
+    local r = helpers.run_script([[
+local resil = require "resil"
+local s = resil.store()
+local backend = debug.getregistry()["resil.private"].backend_of[s]
+local forget = backend.run_forget
+backend.run_forget = function(self, id, now)
+  if id == "old-1" then assert(forget(self, id, now)) end -- (another prune's)
+  return forget(self, id, now)
+end
+require("resil.commands")({ [0] = "runs", "prune", "--older-than", "0s" })
+]], ("--store %s --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("forgot 1 run, kept 0 (newer, or held by a live process)\n", r.stdout)
+  end)
+end)

@@ -342,7 +342,8 @@ local function runs_prune(s, args)
       else
         local ok, why = backend_of[s]:run_forget(r.id, now)
         if ok == nil then fail("runs prune: %s", tostring(why)) end
-        if ok then gone = gone + 1 else kept = kept + 1 end
+        -- (one another prune or `runs forget` let go since the list is neither: it was counted kept)
+        if ok then gone = gone + 1 elseif why ~= "unknown" then kept = kept + 1 end
       end
     else
       kept = kept + 1
