@@ -502,6 +502,12 @@ local CONF_LIST = "request, timeout, deadline, validate, estimate, idempotency, 
   "retry, fallback, fallback_on"
 local CONF_KEYS = {}
 for k in CONF_LIST:gmatch("[%w_]+") do CONF_KEYS[k] = true end
+-- what resil.http.request reads of a request (README, HTTP), and the key a call sends
+local REQUEST_LIST = "url, method, headers, body, json, timeout, connect_timeout, idle_timeout, max_body, " ..
+  "http_version, ca_file, insecure, follow_redirects, on_chunk, on_event, max_event, progress, cancel_grace, " ..
+  "idempotency_key"
+local REQUEST_KEYS = {}
+for k in REQUEST_LIST:gmatch("[%w_]+") do REQUEST_KEYS[k] = true end
 function call.provider(name, conf)
   if type(name) ~= "string" then error("call.provider: name must be a string", 2) end
   if type(conf) ~= "table" then error("call.provider: conf must be a table", 2) end
@@ -517,6 +523,16 @@ function call.provider(name, conf)
     local v = conf[k]
     if v ~= nil and v ~= false and type(v) ~= "table" then
       error(("call.provider '%s': %s must be a table, got %s"):format(name, k, type(v)), 2)
+    end
+  end
+  -- (a field resil.http.request does not read was ignored: `header = {authorization = ...}` sent none,
+  -- which a spec's mock let by and the provider answered 401; `timout = 5` left the 60 s default)
+  if type(conf.request) == "table" then
+    for k in pairs(conf.request) do
+      if not REQUEST_KEYS[k] then
+        error(("call.provider '%s': request: unknown field '%s' (a request takes %s)"):format(name, tostring(k),
+          REQUEST_LIST), 2)
+      end
     end
   end
   if getmetatable(conf.fallback) == Provider then

@@ -351,6 +351,10 @@ describe("call.provider's options", function()
       { function() local p = call.provider("call-x3", { request = request, breaker = true }); return p end, "breaker must be a table of its options (or false: none), got boolean" },
       { function() local p = call.provider("call-x4", { request = "http://x" }); return p end, "request must be a table, got string" },
       { function() local p = call.provider("call-x5", { request = request, fallback = other }); return p end, "fallback is a list" },
+      -- (before: ignored: `header` sent no authorization, which the mock let by and the provider answered 401;
+      -- `timout` left every attempt the 60 s default)
+      { function() local p = call.provider("call-x7", { request = { url = request.url, header = {} } }); return p end, "request: unknown field 'header' (a request takes url, method, headers, " },
+      { function() local p = call.provider("call-x8", { request = { url = request.url, timout = 5 } }); return p end, "request: unknown field 'timout'" },
       { function() local r = other(5); return r end, "the request must be a table or a function" },
       { function() local r = nourl(chat); return r end, "no url" },
     }
