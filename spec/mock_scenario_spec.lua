@@ -78,6 +78,18 @@ describe("resil.mock scenarios", function()
     end
   end)
 
+  -- (before: an option misspelt, { prot = 8080 }, was ignored, and opts that were no table failed
+  -- inside the mock, "[resil mock]:256: attempt to index a number value (local 'opts')")
+  it("refuses start options it does not take, or that are no table, at the caller's line", function()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local err = raised(function() resil.mock.start({}, { prot = 8080 }) end)
+    assert.matches("^spec/mock_scenario_spec%.lua:" .. line .. ": resil%.mock%.start: unknown option 'prot' %(it takes "
+      .. "host, port, max_headers, max_body, read_timeout%)", err)
+    assert.matches("resil%.mock%.start: options must be a table", raised(function() resil.mock.start({}, 5) end))
+    local m = assert(resil.mock.start({}, { port = 0, max_body = 1024, read_timeout = 5 }))
+    m:stop()
+  end)
+
   it("takes every route it serves by name, a custom route by its pattern, and '*' in a sequence", function()
     for _, route in ipairs({ "chat", "messages", "count_tokens", "embeddings", "models", "model", "predictions",
       "prediction", "prediction_list", "cancel", "fal_submit", "fal_status", "fal_result", "fal_cancel", "tts" }) do

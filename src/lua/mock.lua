@@ -243,9 +243,20 @@ local function error_body(status, fault, flavor)
     type = etype, param = json.null, code = fault.error_code or fault.error_type or json.null } })
 end
 
+local START_OPTIONS = { "host", "port", "max_headers", "max_body", "read_timeout" }
+local IS_START_OPTION = set_of(START_OPTIONS)
+
 function mock.start(scenario, opts)
   scenario = scenario or {}
   opts = opts or {}
+  -- (a misspelt one, { prot = 8080 }, was ignored; a number failed inside this file)
+  if type(opts) ~= "table" then error("resil.mock.start: options must be a table", 2) end
+  for k in pairs(opts) do
+    if not IS_START_OPTION[k] then
+      error(("resil.mock.start: unknown option '%s' (it takes %s)"):format(tostring(k),
+        table.concat(START_OPTIONS, ", ")), 2)
+    end
+  end
   check_scenario(scenario, 3) -- (3: the caller of mock.start; 2 named mock.start's own line)
   local self = setmetatable({}, Mock)
   self:configure(scenario)
