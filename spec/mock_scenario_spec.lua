@@ -90,6 +90,19 @@ describe("resil.mock scenarios", function()
     m:stop()
   end)
 
+  -- (before: taken, and never matched: "/v1/audio/speech" without its method, "post /x" in lower case;
+  -- a reply given as no function failed at the request, its 500 "handler error")
+  it("refuses a custom route that is not \"METHOD /path\" = function, at the caller's line", function()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local err = raised(function() resil.mock.start({ routes = { ["/v1/audio/speech"] = function() end } }) end)
+    assert.matches("^spec/mock_scenario_spec%.lua:" .. line .. ": resil%.mock: routes%['/v1/audio/speech'%]: a custom "
+      .. "route is \"METHOD /path\"", err)
+    assert.matches("routes%['post /x'%]: a custom route is", raised(function()
+      resil.mock.start({ routes = { ["post /x"] = function() end } }) end))
+    assert.matches("routes%['POST /x'%]: its handler must be a function, not number", raised(function()
+      resil.mock.start({ routes = { ["POST /x"] = 5 } }) end))
+  end)
+
   it("takes every route it serves by name, a custom route by its pattern, and '*' in a sequence", function()
     for _, route in ipairs({ "chat", "messages", "count_tokens", "embeddings", "models", "model", "predictions",
       "prediction", "prediction_list", "cancel", "fal_submit", "fal_status", "fal_result", "fal_cancel", "tts" }) do

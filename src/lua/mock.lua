@@ -179,6 +179,18 @@ local function check_scenario(s, level)
     end
   end
   if s.routes ~= nil and type(s.routes) ~= "table" then error("resil.mock: routes must be a table", level) end
+  -- (one without its method, or in lower case, was never matched; a handler that was no function
+  -- failed at its request, a 500 "handler error")
+  for pattern, fn in pairs(s.routes or {}) do
+    if type(pattern) ~= "string" or not pattern:match("^%u+%s+/") then
+      error(("resil.mock: routes['%s']: a custom route is \"METHOD /path\" (\"POST /v1/audio/speech\")")
+        :format(tostring(pattern)), level)
+    end
+    local mt = getmetatable(fn)
+    if type(fn) ~= "function" and not (type(mt) == "table" and mt.__call) then
+      error(("resil.mock: routes['%s']: its handler must be a function, not %s"):format(pattern, type(fn)), level)
+    end
+  end
   if s.models ~= nil then
     if type(s.models) ~= "table" then error("resil.mock: models must be a list of model ids", level) end
     for i, id in ipairs(s.models) do
