@@ -103,6 +103,19 @@ describe("resil.mock scenarios", function()
       resil.mock.start({ routes = { ["POST /x"] = 5 } }) end))
   end)
 
+  -- (before: ignored: a spec of a stuck job whose `stuk` was misspelt got jobs that succeeded)
+  it("refuses a jobs key, or a route of jobs.errors, it does not know", function()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local err = raised(function() resil.mock.start({ jobs = { pols = 2 } }) end)
+    assert.matches("^spec/mock_scenario_spec%.lua:" .. line .. ": resil%.mock: jobs: unknown key 'pols' %(jobs takes polls, ",
+      err)
+    assert.matches("resil%.mock: jobs%.errors%.predictons: unknown route 'predictons' %(routes: predictions, ",
+      raised(function() resil.mock.start({ jobs = { errors = { predictons = { 429 } } } }) end))
+    assert.matches("resil%.mock: jobs must be a table", raised(function() resil.mock.start({ jobs = 2 }) end))
+    assert(resil.mock.start({ jobs = { polls = 1, duration = 2, fail = 0.1, stuck = 0.1, output = "x", usd = 0.01,
+      predict_time = 1, error = "why", fates = { "stuck" }, cancel_takes = 1, errors = { tts = { 429 } } } })):stop()
+  end)
+
   it("takes every route it serves by name, a custom route by its pattern, and '*' in a sequence", function()
     for _, route in ipairs({ "chat", "messages", "count_tokens", "embeddings", "models", "model", "predictions",
       "prediction", "prediction_list", "cancel", "fal_submit", "fal_status", "fal_result", "fal_cancel", "tts" }) do

@@ -178,6 +178,23 @@ local function check_scenario(s, level)
       else check_fault(entry, where, level + 1, where) end
     end
   end
+  if s.jobs ~= nil then
+    if type(s.jobs) ~= "table" then error("resil.mock: jobs must be a table", level) end
+    local known = set_of(mock_jobs.scenario_keys)
+    for k in pairs(s.jobs) do
+      if not known[k] then
+        error(("resil.mock: jobs: unknown key '%s' (jobs takes %s)"):format(tostring(k),
+          table.concat(mock_jobs.scenario_keys, ", ")), level)
+      end
+    end
+    local job_routes_known = set_of(mock_jobs.route_names)
+    for route in pairs(type(s.jobs.errors) == "table" and s.jobs.errors or {}) do
+      if not job_routes_known[route] then
+        error(("resil.mock: jobs.errors.%s: unknown route '%s' (routes: %s)"):format(tostring(route), tostring(route),
+          table.concat(mock_jobs.route_names, ", ")), level)
+      end
+    end
+  end
   if s.routes ~= nil and type(s.routes) ~= "table" then error("resil.mock: routes must be a table", level) end
   -- (one without its method, or in lower case, was never matched; a handler that was no function
   -- failed at its request, a 500 "handler error")

@@ -479,6 +479,10 @@ local ROUTES = {
   { "POST", "^/v1/text%-to%-speech/([%w%-_]*)$", "tts", tts },
 }
 
+-- what a scenario's `jobs` table takes (mock.lua checks it: a misspelt one was ignored)
+M.scenario_keys = { "polls", "duration", "fail", "stuck", "output", "usd", "predict_time", "error", "fates",
+  "cancel_takes", "errors" }
+
 -- the names of these routes, for a scenario's `sequence` and `faults` (mock.lua checks them)
 M.route_names = {}
 for _, r in ipairs(ROUTES) do
