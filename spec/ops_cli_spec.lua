@@ -223,7 +223,10 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
       assert.is_nil(r.stdout:find("hunter2secret", 1, true), args .. ": " .. r.stdout)
       assert.is_truthy(utf8.len(r.stdout), args .. ": no UTF-8: " .. r.stdout)
       local list = assert(require("resil").json.decode(r.stdout), args)
-      for _, row in ipairs(list) do names[#names + 1] = row.key or row.name end
+      for _, row in ipairs(list) do
+        local name = row.key or row.name
+        if name ~= require("resil").json.null then names[#names + 1] = name end -- (the calls with none)
+      end
     end
     table.sort(names)
     assert.are.same({ "https://api.example.com/v1?api_key=[REDACTED]", "https://ops:[REDACTED]@example.com/b\u{FFFD}",
@@ -232,6 +235,29 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
       "https://ops:hunter2secret@example.com/b\255", db))
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("https://ops:[REDACTED]@example.com/b\u{FFFD}", require("resil").json.decode(r.stdout).name)
+  end)
+
+  -- (before: a row of calls without a user, a model or a provider had no "key" at all, where the others
+  -- had one: a script's row["key"] failed on it)
+  it("costs --by --json gives every row a key, null for the calls without one", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+      local resil = require "resil"
+      assert(resil.cost.record({ provider = "openai", model = "gpt-4o", user = "u1", usd = 0.5 }))
+      assert(resil.cost.record({ provider = "openai", model = "gpt-4o", usd = 0.25 }))
+    ]], ("--store %s --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    r = helpers.run(("%s costs --by user --json --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, r.code, r.stderr)
+    local rows = assert(require("resil").json.decode(r.stdout))
+    assert.are.equal(2, #rows)
+    local keys = {}
+    for _, row in ipairs(rows) do
+      keys[#keys + 1] = row.key == require("resil").json.null and "null" or row.key
+    end
+    table.sort(keys)
+    assert.are.same({ "null", "u1" }, keys)
+    assert.matches('"key":null', r.stdout, 1, true)
   end)
 
   it("a reader that left (| head) ends the command as SIGPIPE would, 141, and silently, however long its output " ..

@@ -485,7 +485,9 @@ function commands.costs(args)
       local out = {}
       for i, r in ipairs(rows) do
         out[i] = ('{"usd":%s,'):format(usd_json(r.micro_usd)) ..
-          json.encode({ key = json_text(r.key), calls = r.calls, unpriced = r.unpriced }):sub(2)
+          -- (a row of calls without one has its key too, null: it had none, and row["key"] failed)
+          json.encode({ key = r.key == nil and json.null or json_text(r.key), calls = r.calls,
+            unpriced = r.unpriced }):sub(2)
       end
       print(json_list(out))
       return
