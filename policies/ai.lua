@@ -1382,6 +1382,11 @@ local function target_failed(t, err)
   return nil, err
 end
 
+-- the id the provider gave its answer's request (OpenAI's x-request-id, Anthropic's request-id):
+-- what its support asks for; read from the raw header lines, res.headers not built for it
+local http_header = resil.http.header
+local function provider_request_id(res) return http_header(res, "x-request-id", "request-id") end
+
 local function chat_attempts(t, req, guard, wire, deadline)
   local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up, t.caller))
   if res == nil then return target_failed(t, err) end
@@ -1389,6 +1394,7 @@ local function chat_attempts(t, req, guard, wire, deadline)
   local r = t.adapter.parse(data)
   if r.usage then r.usage.requests = 1 end
   r.attempts = res.attempts
+  r.provider_request_id = provider_request_id(res)
   learn_tier(t, req, r)
   return finish_result(t, r, data)
 end
@@ -1630,6 +1636,7 @@ local function stream_result(self)
   end
   local r = { id = st.id, model = st.model or self.target.model, text = table.concat(self.parts),
     finish_reason = st.finish_reason, usage = st.usage, attempts = self.attempts,
+    provider_request_id = self.provider_request_id,
     stop_reason = st.stop_reason, stop_sequence = st.stop_sequence, tool_calls = calls,
     refusal = st.refusal_pieces and table.concat(st.refusal_pieces) or nil }
   r.fallbacks = self.fallbacks
@@ -1681,7 +1688,10 @@ local function open(self)
     give_up_opened(guard)
   end
   self.fallbacks = got and info and info.index and info.index - 1 or 0
-  if got then self.attempts = (got.res.attempts or 1) + attempts_failed(info and info.errors) end
+  if got then
+    self.attempts = (got.res.attempts or 1) + attempts_failed(info and info.errors)
+    self.provider_request_id = provider_request_id(got.res)
+  end
   if got == nil then
     self.done, self.err = true, err
     return settle_call(guard, nil, err, "stream")
@@ -1947,6 +1957,7 @@ local function embed_strategy(spec, req, level, guard)
         provider = p, status = res.status, attempts = res.attempts }))
     end
     r.attempts = res.attempts
+    r.provider_request_id = provider_request_id(res)
     if r.usage then r.usage.requests = 1 end
     return finish_result(t, r, nil)
   end }

@@ -1665,6 +1665,7 @@ function complete_admitted(req, api, id, rec, slot)
     -- stream in it, recorded and its hold given back only when collected. Closed here instead.
     if resil.running():cancel_pending() then return with_id(error_reply(api, 499, "the client left"), id) end
     local t = s.target or {}
+    access.upstream(req, s.provider_request_id)
     local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id,
       ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model, ["x-resil-attempts"] = tostring(s.attempts or 1) }
     handed_over = true
@@ -1702,6 +1703,7 @@ function complete_admitted(req, api, id, rec, slot)
     return with_id(reply, id)
   end
   local headers = answer_headers(id, res)
+  access.upstream(req, res.provider_request_id)
   if replayed then -- the first answer again, not billed again: adding up the header must not count it twice
     headers["x-resil-replayed"] = "true"
     headers["x-resil-cost-usd"] = "0.000000"
@@ -1834,6 +1836,7 @@ local function embeddings(req)
     return with_id(reply, id)
   end
   local headers = answer_headers(id, res)
+  access.upstream(req, res.provider_request_id)
   if replayed then -- the first answer again, not billed again
     headers["x-resil-replayed"] = "true"
     headers["x-resil-cost-usd"] = "0.000000"

@@ -38,6 +38,13 @@ function access.model(req, name)
   if a and type(name) == "string" then a.model = cut(name, MODEL_LOGGED) end
 end
 
+-- the id the provider gave the request that answered (its x-request-id or request-id): the one
+-- its support asks for (cut as the model is: a provider's header, not ours)
+function access.upstream(req, id)
+  local a = of[req]
+  if a and type(id) == "string" then a.upstream = cut(id, MODEL_LOGGED) end
+end
+
 -- the running task's streamed reply ended with an error event of this kind
 function access.stream_failed(kind) stream_failed[resil.running()] = kind end
 
@@ -49,7 +56,7 @@ function access.line(req, a, route, status, reply, how, failed)
   local cost = h["x-resil-cost-usd"]
   resil.log.info("access", { method = req.method, path = cut(req.path, PATH_LOGGED), route = route, status = status,
     ms = math.floor((resil.now() - a.started) * 1e6 + 0.5) / 1e3, key = a.key, model = a.model,
-    provider = h["x-resil-provider"], served_model = h["x-resil-model"],
+    provider = h["x-resil-provider"], served_model = h["x-resil-model"], upstream_request_id = a.upstream,
     attempts = attempts and math.tointeger(tonumber(attempts)), cost_usd = cost and tonumber(cost),
     replayed = h["x-resil-replayed"] == "true" or nil,
     bytes = type(reply) == "table" and type(reply.body) == "string" and #reply.body or nil, stream = how,

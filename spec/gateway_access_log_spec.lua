@@ -116,6 +116,27 @@ describe("the gateway's access log", function()
       got[1].model, got[1].provider })
   end)
 
+  it("names the provider's own request id (its x-request-id), answered, streamed or embedded", function()
+    -- (what the provider's support asks for: before, no log, header or row of the gateway had it)
+    local url, key = start()
+    local got = logged_until(3, function()
+      assert.are.equal(200, assert(resil.http.request(chat(url, key, { model = MINI }))).status)
+      local s = assert(resil.http.stream(chat(url, key, { model = MINI, stream = true })))
+      while s:read() do end
+      local e = chat(url, key, { model = "openai/text-embedding-3-small", input = "hello" })
+      e.url = url .. "/v1/embeddings"
+      assert.are.equal(200, assert(resil.http.request(e)).status)
+    end)
+    assert.are.equal(3, #got)
+    local seen = {}
+    for _, a in ipairs(got) do
+      assert.matches("^req_mock", a.upstream_request_id) -- (the mock's, not the gateway's own request_id)
+      assert.are_not.equal(a.request_id, a.upstream_request_id)
+      assert.is_nil(seen[a.upstream_request_id])
+      seen[a.upstream_request_id] = true
+    end
+  end)
+
   it("says failed, with the error's kind, for a stream an upstream's bad event ended", function()
     local function chunk(delta)
       return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",

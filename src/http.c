@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <ctype.h>
 #include <string.h>
 #include <strings.h>
 
@@ -2648,7 +2649,49 @@ static int l_set_request_extras(lua_State *L) {
   return 0;
 }
 
+/* resil.http.header(res, name [, name2]) -> the value of the first of the
+ * headers named (any case) that the response has, as res.headers[name] would
+ * give it, or nil; read from the raw lines without building res.headers (a
+ * provider's request id, read from every answer). A table that is no
+ * response: its headers field's. */
+static int l_header(lua_State *L) {
+  enum { NAME_MAX_LEN = 128 };
+  int n = lua_gettop(L) - 1;
+  if (n < 1 || n > 2) return luaL_error(L, "resil.http.header(res, name [, name2])");
+  char lower[2][NAME_MAX_LEN];
+  const char *names[2];
+  for (int i = 0; i < n; i++) {
+    size_t len;
+    const char *name = luaL_checklstring(L, 2 + i, &len);
+    if (len >= NAME_MAX_LEN) luaL_argerror(L, 2 + i, "a header name of at most 127 bytes");
+    for (size_t k = 0; k <= len; k++) lower[i][k] = (char)tolower((unsigned char)name[k]);
+    names[i] = lower[i];
+  }
+  int t = response_headers(L, 1);
+  if (t == LUA_TNONE && lua_type(L, 1) == LUA_TTABLE) t = lua_getfield(L, 1, "headers");
+  if (t == LUA_TSTRING) {
+    size_t len;
+    const char *raw = lua_tolstring(L, -1, &len);
+    const char *values[2];
+    int pushed = push_raw_headers(L, raw, len, names, n, values);
+    for (int i = 0; i < n; i++)
+      if (values[i]) { /* (pushed in the order of names: the first present is the deepest) */
+        lua_pushvalue(L, -pushed);
+        return 1;
+      }
+    lua_pushnil(L);
+    return 1;
+  }
+  if (t == LUA_TTABLE) {
+    for (int i = 0; i < n; i++)
+      if (lua_getfield(L, -1 - i, names[i]) != LUA_TNIL) return 1;
+  }
+  lua_pushnil(L);
+  return 1;
+}
+
 static const luaL_Reg http_functions[] = {{"request", l_request},
+                                          {"header", l_header},
                                           {"stream", http_stream_open},
                                           {"stats", l_stats},
                                           {"set_request_extras", l_set_request_extras},
