@@ -1312,6 +1312,42 @@ local function whole_stream(s, api, id, b, headers)
   end }
 end
 
+-- A stream of the other API with tools is read whole inside its attempt (still retried, fallen
+-- back from) before a byte is sent: a long answer held its client's connection silent for the
+-- whole generation, and a proxy's or load balancer's idle timeout (nginx's proxy_read_timeout,
+-- 60 s) cut it. Past KEEPALIVE_AFTER its reply starts: a comment line (": keep-alive", which
+-- SSE readers skip) every KEEPALIVE_EVERY, then the whole answer's events, or the failure as an
+-- error event (its status was sent). A failure sooner keeps its own status, as before.
+TUNED.KEEPALIVE_AFTER, TUNED.KEEPALIVE_EVERY = 15, 15
+local function kept_alive(reader, s, api, id, b, req)
+  local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id }
+  return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
+    local _ <close> = s
+    local _ <close> = setmetatable({}, { __close = function() reader:cancel() end }) -- (its client gone)
+    local done, opened, first, err
+    repeat
+      done, opened, first, err = reader:join(TUNED.KEEPALIVE_EVERY)
+      if done == nil then write(": keep-alive\n\n") end
+    until done ~= nil
+    if not done then error(opened, 0) end
+    if not opened then
+      resil.log.warn("gateway: a stream could not be opened", { error = tostring(first) })
+      return write(broken(api, UNREADABLE), true)
+    end
+    if err then return write(broken(api, err), true) end
+    access.upstream(req, s.provider_request_id)
+    while true do
+      local delta, e = safely(s, "next")
+      if e then return write(broken(api, e), true) end
+      if not delta then break end
+    end
+    local res = assert(s:result())
+    local whole = api == "anthropic" and anthropic_answer_stream(res, id, b.model, headers)
+      or openai_answer_stream(res, id, b.model, b, headers)
+    whole.stream(write)
+  end }
+end
+
 -- POST /v1/chat/completions and POST /v1/messages
 local complete_admitted
 
@@ -1647,7 +1683,21 @@ function complete_admitted(req, api, id, rec, slot)
     local handed_over = false
     local _ <close> = setmetatable({}, { __close = function() if not handed_over then s:close() end end })
     -- up to the first delta a failure is retried and fallen back from; only then does the reply start
-    local opened, first, err = pcall(s.next, s)
+    local opened, first, err
+    if r.read_whole then
+      -- (read whole, the first delta is the whole answer's end: a long one is kept alive below)
+      local reader = resil.spawn(pcall, s.next, s)
+      local _ <close> = setmetatable({}, { __close = function() if not handed_over then reader:cancel() end end })
+      local done, ok, delta, e = reader:join(TUNED.KEEPALIVE_AFTER)
+      if done == nil then
+        handed_over = true
+        return correcting_stream(kept_alive(reader, s, api, id, b, req), tpm, s)
+      end
+      if not done then error(ok, 0) end -- (the reader itself failed: the host's caps)
+      opened, first, err = ok, delta, e
+    else
+      opened, first, err = pcall(s.next, s)
+    end
     if not opened then
       if host_failure(first) then error(first, 0) end
       -- a body no provider can be sent is the client's 400 (as ai.chat's); anything else, a provider's

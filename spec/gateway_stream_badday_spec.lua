@@ -375,3 +375,76 @@ describe("gateway streams on a bad day: a client that leaves a stream read whole
     end)
   end
 end)
+
+-- The same stream, long (its 100 pieces half a second apart): its client heard nothing for the
+-- whole generation, and a proxy's idle timeout in between (nginx's proxy_read_timeout, 60 s)
+-- cut it. Past 15 s its status is sent, then a comment line every 15 s, then the whole answer.
+describe("gateway streams read whole: a long one is kept alive", function()
+  for _, case in ipairs({ { "anthropic", "openai/gpt-4o-mini" }, { "openai", CLAUDE } }) do
+    local api, model = case[1], case[2]
+    it(("sends its status, keep-alive comments, then the whole answer (%s client, %s)"):format(api, model), function()
+      local url, m, key = start({ strict = true, reply = ("word "):rep(200), stream_interval = 0.5 })
+      resil.clock.virtual()
+      finally(function() resil.clock.real() end)
+      local schema = { type = "object", properties = { text = { type = "string" } } }
+      local body = api == "anthropic" and { model = model, tools = { { name = "save", input_schema = schema } },
+        tool_choice = { type = "any" } } or { model = model, tools = { { type = "function",
+        ["function"] = { name = "save", parameters = schema } } }, tool_choice = "required" }
+      local t0 = resil.now()
+      local s = open(url, key, api, body)
+      local opened_after = resil.now() - t0
+      local parts = {}
+      while true do
+        local chunk, err = s:read()
+        assert.is_nil(err)
+        if not chunk then break end
+        parts[#parts + 1] = chunk
+      end
+      local text = table.concat(parts)
+      assert.is_true(opened_after >= 15 and opened_after < 20, ("status after %.1f s"):format(opened_after))
+      local _, comments = text:gsub(": keep%-alive\n\n", "")
+      local took = resil.now() - t0
+      assert.is_true(took > 30, ("the answer took %.1f s"):format(took))
+      -- one every 15 s it was still read after its status went
+      assert.are.equal(math.floor((took - 15) / 15), comments, text:sub(1, 300))
+      local done = api == "anthropic" and "event: message_stop" or "data: [DONE]"
+      assert.truthy(text:find(done, 1, true), text:sub(-300))
+      assert.truthy(text:find("save", 1, true)) -- (the tool call, written whole)
+      assert.are.equal(1, m:stats().total)
+      assert.is_true(helpers.wait_until(function() return rows() == 1 end, 10)) -- (its cost, once)
+      settled()
+    end)
+  end
+
+  it("ends with an error event, no end marker, when every attempt fails after its status went", function()
+    -- (an Anthropic client served by OpenAI: each attempt answered 500 after 8 s)
+    local url, m, key = start({ strict = true, latency = 8,
+      faults = { { route = "chat", probability = 1, status = 500 } } })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local schema = { type = "object", properties = { text = { type = "string" } } }
+    local s = open(url, key, "anthropic", { model = "openai/gpt-4o-mini",
+      tools = { { name = "save", input_schema = schema } }, tool_choice = { type = "any" } })
+    local evs = events_of(s)
+    local last = evs[#evs]
+    assert.are.equal("error", last.event)
+    assert.are.equal("error", json.decode(last.data).type)
+    for _, ev in ipairs(evs) do assert.are_not.equal("message_stop", ev.event) end
+    assert.is_true(m:stats().total >= 2) -- (retried as before: the status sent changed none of that)
+  end)
+
+  it("cancels the upstream when its client leaves after the status went", function()
+    local url, m, key = start({ strict = true, reply = ("word "):rep(200), stream_interval = 0.5 })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local schema = { type = "object", properties = { text = { type = "string" } } }
+    local s = open(url, key, "openai", { model = CLAUDE, tools = { { type = "function",
+      ["function"] = { name = "save", parameters = schema } } }, tool_choice = "required" })
+    assert.are.equal(1, m.server:pending())
+    s:close() -- (the client's SDK aborted)
+    assert.is_true(helpers.wait_until(function() return m.server:pending() == 0 end, 5),
+      "the upstream kept generating for a client that left")
+    assert.is_true(helpers.wait_until(function() return rows() == 1 end, 10)) -- (what it billed, recorded)
+    settled()
+  end)
+end)
