@@ -245,6 +245,14 @@ print(res and res.status, err and err.kind)
     end)
   end
 
+  it("a Content-Length after a tab (optional whitespace, RFC 9110) is its length, served as usual", function()
+    -- (before: "Content-Length is not a number", a 400 to a client whose header was valid)
+    local r = ask_raw("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length:\t5\r\nContent-Length: 5\r\n" ..
+      "Connection: close\r\n\r\nhello")
+    assert.matches("^HTTP/1.1 200", r.stdout)
+    assert.matches("seen /a hello", r.stdout)
+  end)
+
   it("repeated equal Content-Length headers are one length (RFC 9112), served as usual", function()
     local r = ask_raw("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n" ..
       "Connection: close\r\n\r\nhello")

@@ -1590,11 +1590,14 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
         return SERVER_ERROR("invalid_request_error", "a Host header that is not a host and port (RFC 9112 3.2)");
     }
     if (evutil_ascii_strcasecmp(h->key, "content-length") == 0) {
-      if (!h->value[0] || h->value[strspn(h->value, "0123456789")] != '\0')
+      /* (optional whitespace before the value, RFC 9110 5.5: libevent keeps a leading tab, and its
+       * strtoll skips it: "Content-Length:<TAB>5" is 5, as a proxy in front reads it) */
+      const char *digits = h->value + strspn(h->value, " \t");
+      if (!digits[0] || digits[strspn(digits, "0123456789")] != '\0')
         return SERVER_ERROR("invalid_request_error", "Content-Length is not a number");
-      if (length && strcmp(length, h->value) != 0)
+      if (length && strcmp(length, digits) != 0)
         return SERVER_ERROR("invalid_request_error", "conflicting Content-Length headers");
-      length = h->value;
+      length = digits;
     } else if (evutil_ascii_strcasecmp(h->key, "transfer-encoding") == 0) {
       if (evutil_ascii_strcasecmp(h->value, "chunked") != 0) {
         *status = 501;
