@@ -673,7 +673,7 @@ local side_total = host_metrics.counter("resil_model_migration_calls_total",
   "Calls of a migration, by alias, side (old|new) and outcome")
 
 -- registry.reset_warnings(): warn again as a new process would (specs, tools)
-local memo = { expires = -math.huge, plans = {}, size = 0 } -- plans kept (see resolve)
+local memo = { expires = -math.huge, plans = {}, size = 0, providers = {} } -- plans kept (see resolve)
 function registry.reset_warnings()
   for k in pairs(once) do once[k] = nil end
   memo.expires = -math.huge -- a kept plan would not warn again
@@ -683,6 +683,13 @@ local function warn_once(key, msg, fields)
   if once[key] then return end
   once[key] = true
   resil.log.warn(msg, fields)
+end
+
+-- warn_once, with the line of the registry where fields.alias is written (read only the once)
+local function warn_at(key, msg, fields)
+  if once[key] then return end
+  fields.where = where(registry.file, fields.alias)
+  warn_once(key, msg, fields)
 end
 
 -- the store's clock: the virtual clock moves it in specs
@@ -940,6 +947,38 @@ local function past_sunset(model)
   return dep.replacement, { from = model, to = dep.replacement, reason = "sunset", sunset = dep.sunset }
 end
 
+-- A provider a call can go to: one ai has an adapter for (a script's own, ai.adapters) or whose
+-- file is there (policies/providers/NAME.lua; one that does not load is no business of this: the
+-- call raises its file:line). A fallback, a migration's target or a deployment whose provider is
+-- misspelt ("antrhopic/...") is a name that cannot be used, as a misspelt alias is: left out with
+-- a warning, as the README says (`resil-lua check`'s error; "a primary still serves"). Before,
+-- every call of the alias raised "unknown provider" from inside policies/ai.lua, a gateway's
+-- client got a 400, and a 5 % canary so misspelt failed 5 % of the calls. Once per memo (a second).
+local function provider_known(p)
+  local known = memo.providers[p]
+  if known == nil then
+    local ok, ai = pcall(require, "policies.ai")
+    known = not ok or type(ai) ~= "table" or ai.adapters[p] ~= nil
+    if not known then
+      local found, mod = pcall(ai.provider_module, p)
+      known = not found or mod ~= nil
+    end
+    memo.providers[p] = known
+  end
+  return known
+end
+
+-- a full model name's provider, checked -> the model | raises (caught where it may be left out)
+local function usable(model, plan)
+  local p = split(model)
+  if provider_known(p) then return model end
+  if plan.alias then
+    error(("ai: unknown provider '%s' in '%s' (model registry, alias '%s'; no policies/providers/%s.lua)"):format(
+      p, model, plan.alias, p), 0)
+  end
+  error(("ai: unknown provider '%s' (no policies/providers/%s.lua)"):format(p, p), 0)
+end
+
 -- expand(name) -> list of choices for a name (an alias or provider/model), in order
 local function expand(name, req, plan, depth)
   if depth > MAX_DEPTH then error(("model '%s': aliases nest too deep"):format(name), 0) end
@@ -968,7 +1007,7 @@ local function expand(name, req, plan, depth)
           plan.migration.primary = #list
         else
           plan.migration.side = "old"
-          warn_once("migrate\0" .. name .. "\0" .. tostring(e.migrate.to),
+          warn_at("migrate\0" .. name .. "\0" .. tostring(e.migrate.to),
             "model registry: a migration's target cannot be used; its calls go to the old version",
             { alias = name, to = e.migrate.to, error = tostring(more) })
         end
@@ -979,20 +1018,29 @@ local function expand(name, req, plan, depth)
       -- alias's own calls do (before: the old version, which the provider may have retired since)
       local ok, more = pcall(expand, e.migrate.to, req, plan, depth + 1)
       if ok then add_all(more) else
-        warn_once("migrate\0" .. name .. "\0" .. tostring(e.migrate.to),
+        warn_at("migrate\0" .. name .. "\0" .. tostring(e.migrate.to),
           "model registry: a migration's target cannot be used; its calls go to the old version",
           { alias = name, to = e.migrate.to, error = tostring(more) })
       end
       add_all(expand(e.use, req, plan, depth + 1))
     elseif e.deployments then
       local group = { deployments = {}, strategy = e.strategy or "weighted" }
+      local unusable
       for i, d in ipairs(e.deployments) do
         local model, routed = past_sunset(d.use)
         if model == nil then error(routed, 0) end
         if routed then plan.routed = plan.routed or routed end
-        group.deployments[i] = { model = model, weight = d.weight or 1, name = d.name or (name .. "#" .. i),
-          config = d.config }
+        local ok, why = pcall(usable, model, plan)
+        if ok then
+          group.deployments[#group.deployments + 1] = { model = model, weight = d.weight or 1,
+            name = d.name or (name .. "#" .. i), config = d.config }
+        else
+          unusable = unusable or why
+          warn_at("deployment\0" .. name .. "\0" .. i, "model registry: a deployment cannot be used",
+            { alias = name, deployment = d.name or (name .. "#" .. i), error = why })
+        end
       end
+      if not group.deployments[1] then error(unusable, 0) end
       list[#list + 1] = group
     else
       add_all(expand(e.use, req, plan, depth + 1))
@@ -1003,7 +1051,7 @@ local function expand(name, req, plan, depth)
       local ok, more = pcall(expand, f, req, plan, depth + 1)
       plan.in_fallback = was
       -- once per alias and fallback: a broken entry must not write a line per call
-      if ok then add_all(more) else warn_once("fallback\0" .. name .. "\0" .. tostring(f),
+      if ok then add_all(more) else warn_at("fallback\0" .. name .. "\0" .. tostring(f),
         "model registry: a fallback cannot be used", { alias = name, fallback = f, error = tostring(more) }) end
     end
     return list
@@ -1037,7 +1085,7 @@ local function expand(name, req, plan, depth)
     plan.unpinned = plan.unpinned or {}
     plan.unpinned[#plan.unpinned + 1] = model -- counted on every call, by resolve
   end
-  return { { model = model } }
+  return { { model = usable(model, plan) } }
 end
 
 -- Plans that do not depend on the call (no migration: its side is per key and
@@ -1076,8 +1124,8 @@ function registry.resolve(name, req, level, listing, anchor)
   if type(name) ~= "string" then error("model must be a string: an alias or \"provider/model\"", level) end
   local t = now()
   if memo.entries ~= registry.entries or memo.pinned ~= registry.pinned or t >= memo.expires then
-    memo.entries, memo.pinned, memo.expires, memo.plans, memo.size = registry.entries, registry.pinned,
-      t + MEMO_SECONDS, {}, 0
+    memo.entries, memo.pinned, memo.expires, memo.plans, memo.size, memo.providers = registry.entries,
+      registry.pinned, t + MEMO_SECONDS, {}, 0, {}
   end
   local plan = memo.plans[name]
   if plan then

@@ -124,6 +124,64 @@ describe("a registry file with hostile values", function()
   end)
 end)
 
+describe("a registry naming a provider that does not exist (misspelt)", function()
+  -- (before: each of these loaded, as the README says they do (check's errors, "a primary still
+  -- serves"), and then every call of the alias raised "ai: unknown provider 'antrhopic'", named at
+  -- policies/ai.lua: a gateway answered each one 400 invalid_request_error, blaming its client; a
+  -- 5 % canary so misspelt failed 5 % of the calls)
+  -- the warnings fn logs, as "msg|where|error" lines
+  local function warned(fn)
+    local lines = {}
+    for i, l in ipairs(helpers.logged(fn)) do lines[i] = ("%s|%s|%s"):format(l.msg, l.where, l.error) end
+    return table.concat(lines, "\n")
+  end
+
+  it("a fallback so misspelt is left out, said once at its line; the primary serves", function()
+    local path = registry_file(('  a = { use = %q, fallbacks = { "antrhopic/claude-haiku-4-5-20251001" } },'):format(OLD))
+    registry.load(path)
+    local log = warned(function()
+      for _ = 1, 3 do
+        local r = assert(ai.chat({ model = "a", messages = MSGS }))
+        assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+      end
+    end)
+    assert.matches("a fallback cannot be used", log)
+    assert.matches("unknown provider 'antrhopic'", log)
+    assert.matches(path:gsub("%p", "%%%0") .. ":2", log)
+    local _, n = log:gsub("a fallback cannot be used", "")
+    assert.are.equal(1, n)
+  end)
+
+  it("a migration's target so misspelt: its calls go to the old version, counted there", function()
+    registry.load(registry_file(('  a = { use = %q, migrate = { to = "opnai/gpt-4.1-2025-04-14", share = 1 } },')
+      :format(OLD)))
+    local r = assert(ai.chat({ model = "a", messages = MSGS, user = "u1" }))
+    assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+    assert.are.equal("old", r.migration.side)
+  end)
+
+  it("a deployment so misspelt is left out; the others serve", function()
+    registry.load(registry_file(('  a = { deployments = { { use = "opnai/gpt-4o-mini-2024-07-18" }, { use = %q } } },')
+      :format(OLD)))
+    for _ = 1, 4 do
+      local r = assert(ai.chat({ model = "a", messages = MSGS }))
+      assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+    end
+  end)
+
+  it("an alias whose only model is so misspelt raises at the caller's line, naming the alias", function()
+    registry.load(registry_file('  a = { use = "opnai/gpt-4o-mini-2024-07-18" },'))
+    local ok, err = pcall(function()
+      local r, e = ai.chat({ model = "a", messages = MSGS })
+      return r, e
+    end)
+    assert.is_false(ok)
+    assert.matches("registry_badday_spec%.lua:%d+: ai: unknown provider 'opnai' in 'opnai/gpt%-4o%-mini%-2024%-07%-18' "
+      .. "%(model registry, alias 'a'", tostring(err))
+    assert.are.equal(0, m:stats().total)
+  end)
+end)
+
 describe("aliases nested deeper than a call resolves", function()
   local function chain(n) -- l1 -> l2 -> ... -> ln -> OLD
     local lines = {}
