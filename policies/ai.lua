@@ -361,12 +361,14 @@ function targets_from(reg, plan, req, level)
   -- backup's expired key must not fail the calls its primary serves. Only
   -- when the model itself has no target with a key is the call refused.
   local keyless = {}
+  -- (a frame more than targets_from's: what target_of raises names the line that called ai.chat,
+  -- not policies/ai.lua's)
   local function add_choices(choices, spec)
     for _, c in ipairs(choices) do
       if c.deployments then
         local by, keyed = {}, {}
         for _, d in ipairs(c.deployments) do
-          local t, err = target_of(d.model, req, level + 1, spec, d)
+          local t, err = target_of(d.model, req, level + 2, spec, d)
           if t then by[d] = t; keyed[#keyed + 1] = d else keyless[#keyless + 1] = err end
         end
         if keyed[1] then
@@ -375,7 +377,7 @@ function targets_from(reg, plan, req, level)
           targets.deployments = true -- in this call's order: not kept
         end
       else
-        local t, err = target_of(c.model, req, level + 1, spec)
+        local t, err = target_of(c.model, req, level + 2, spec)
         if t then add(t) else keyless[#keyless + 1] = err end
       end
     end

@@ -646,6 +646,25 @@ describe("a chat naming a job provider's model", function()
     end
     assert.are.equal(0, m:stats().total)
   end)
+
+  -- (before: the error named policies/ai.lua:1393 (ai.chat's own line, or ai.stream's), one level
+  -- short: nothing said which call of the script named the model)
+  it("names the caller's line, for ai.chat and ai.stream, as model and as fallback", function()
+    local calls = {
+      function() local r, e = ai.chat({ model = "replicate/owner/model:abc123", messages = MSGS }); return r, e end,
+      function() local r, e = ai.stream({ model = "fal/fal-ai/flux/schnell", messages = MSGS }); return r, e end,
+      function()
+        local r, e = ai.chat({ model = "openai/gpt-4o-mini-2024-07-18", messages = MSGS,
+          fallback = { "replicate/owner/model:abc123" } })
+        return r, e
+      end,
+    }
+    for i, call in ipairs(calls) do
+      local ok, err = pcall(call)
+      assert.is_false(ok, i)
+      assert.matches("^spec/models_spec%.lua:%d+: ai: provider '%a+' has no chat API", tostring(err))
+    end
+  end)
 end)
 
 describe("a registry reloaded while a migration's calls are in flight", function()
