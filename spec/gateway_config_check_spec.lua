@@ -64,6 +64,10 @@ describe("gateway: the config's options", function()
     os.execute("kill -HUP " .. pid)
     assert.is_true(helpers.wait_until(function() return reloads(port, "failed") == 1 end, 10), helpers.slurp(log))
     assert.matches("unknown option 'modles'", helpers.slurp(log))
+    -- the config's words alone, as at start (before: "reload: .../policies/gateway.lua:2314:
+    -- bad_config: ...", the shipped file's line first, as if that file were what broke)
+    assert.matches([["reload: bad_config: gateway: the config [^"]*lua: unknown option 'modles']], helpers.slurp(log))
+    assert.is_nil(helpers.slurp(log):match('"reload: [^"]*gateway%.lua:%d+: '), helpers.slurp(log))
     -- the model the config before named is still served (routed: the provider is what answers)
     local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/v1/models"):format(port))
     assert.matches('"fast"', r.stdout)
@@ -128,6 +132,7 @@ describe("gateway: the config's options", function()
         assert.is_true(helpers.wait_until(function() return reloads(port, "failed") == failed + 1 end, 10),
           helpers.slurp(log))
         assert.matches("gateway: the config " .. path:gsub("%p", "%%%0") .. ": it returned nothing", helpers.slurp(log))
+        assert.is_nil(helpers.slurp(log):match('"reload: [^"]*gateway%.lua:%d+: '), helpers.slurp(log))
         local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/v1/models"):format(port))
         assert.matches('"fast"', r.stdout) -- no key asked for: auth = false still
       end

@@ -664,6 +664,10 @@ local function load_error(err)
     if encoded then text = json end
   end
   if type(err) == "string" and (err:find(":%d+: ") or config_out_of_memory(err)) then return text end
+  -- an error that says all a user needs (traceback = false, as a task's failure reads it), kept
+  -- as it is: the gateway's refusal of its config names the config; the position of the raise, or
+  -- the module's file, was the shipped policies/gateway.lua's, logged first as if it had broken
+  if type(err) == "table" and rawget(err, "traceback") == false then return err end
   for level = 2, 64 do
     local info = debug.getinfo(level, "Sl")
     if not info then break end
