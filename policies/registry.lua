@@ -361,7 +361,12 @@ local function structure_errors(entries, file, unread)
             bad(key, "migrate.sticky must name a request field (\"user\", \"session\") or be false (each call " ..
               "draws), not %s", shown(m.sticky))
           end
-          if m.window ~= nil and not (finite(m.window) and m.window > 0) then bad(key, "migrate.window must be seconds > 0") end
+          if m.window ~= nil and not (finite(m.window) and m.window > 0) then bad(key, "migrate.window must be seconds > 0")
+          elseif m.window ~= nil and m.window < 1 then
+            -- (a window's number, now / window, is written as an integer: under 2e-10 s each call,
+            -- answered and paid for, raised as its outcome was counted)
+            bad(key, "migrate.window must be at least 1 second (its calls are counted per window), not %s", shown(m.window))
+          end
           if m.rollback ~= nil and type(m.rollback) ~= "table" then bad(key, "migrate.rollback must be a table")
           elseif m.rollback ~= nil then
             for _, msg in ipairs(unknown_fields(m.rollback, "rollback", "migrate.rollback")) do bad(key, "%s", msg) end

@@ -55,6 +55,10 @@ describe("a registry file with hostile values", function()
       "model 'a': migrate%.share must be a number from 0 to 1, not %-0%.1" },
     { ('a = { use = %q, migrate = { to = %q, share = 0.1, window = 1/0 } },'):format(OLD, NEW),
       "model 'a': migrate%.window must be seconds > 0" },
+    -- (a window under 2e-10 s passed "> 0": each call, answered and paid for, then raised "bad argument
+    -- #4 to 'format' (number has no integer representation)" as its outcome was counted)
+    { ('a = { use = %q, migrate = { to = %q, share = 0.1, window = 1e-300 } },'):format(OLD, NEW),
+      "model 'a': migrate%.window must be at least 1 second %(its calls are counted per window%), not 1e%-300" },
     { ('a = { use = %q, migrate = { to = %q, share = 0.1, rollback = { min_calls = 0/0 } } },'):format(OLD, NEW),
       "model 'a': migrate%.rollback%.min_calls must be a number >= 0" },
     -- a margin written as a percent never rolled back; a latency ratio under 1 nearly always did
