@@ -95,3 +95,27 @@ describe("a registry chosen by the script, across policy reloads", function()
     assert.are.equal("openai/gpt-4.1-nano-2025-04-14", lines[6])
   end)
 end)
+
+describe("a policy folder's registry saved with a shape it cannot have", function()
+  -- (before: "reload: .../policies/registry.lua:530: pol/models.lua: registry keys must be model
+  -- names, not 1", the shipped file's line first, as if it had broken the reload)
+  it("fails the reload naming the file alone, not policies/registry.lua; the registry before serves", function()
+    local dir = helpers.policy_dir({ ["models.lua"] = 'return { writer = { use = "openai/gpt-4o-mini-2024-07-18" } }\n' })
+    local r = helpers.run_script(([[
+      local resil = require "resil"
+      local registry = require "policies.registry"
+      for _, text in ipairs({ 'return { { use = "openai/gpt-4o-mini-2024-07-18" } }\n',
+                              'return { writer = { use = "openai/gpt-4o-mini-2024-07-18" }, [true] = 1 }\n' }) do
+        local f = assert(io.open(%q, "w")) f:write(text) f:close()
+        print(resil.reload())
+        print(require("policies.registry").resolve("writer").choices[1].model)
+      end
+    ]]):format(dir .. "/models.lua"), ("--policies %s --log-level off"):format(dir))
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local p = (dir .. "/models.lua"):gsub("%p", "%%%0")
+    assert.matches("^false\treload: " .. p .. ": registry keys must be model names, not 1\n" ..
+      "openai/gpt%-4o%-mini%-2024%-07%-18\n" ..
+      "false\treload: " .. p .. ": registry keys must be model names, not true\n" ..
+      "openai/gpt%-4o%-mini%-2024%-07%-18\n$", r.stdout)
+  end)
+end)

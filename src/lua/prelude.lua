@@ -651,9 +651,12 @@ end
 -- first policy file on the stack, or the log said "reload: table: 0x..."
 -- and nothing of which file broke the reload. (xpcall's handler: level 1 is
 -- itself)
--- the gateway's config that ran out of memory names itself (src/main.c's run_config: no line is
--- known, and the module that ran it, policies.gateway, is not the file that allocated)
-local function config_out_of_memory(err) return err:find("^[^\n]-%.lua: not enough memory$") ~= nil end
+-- A message that starts with the file it is about names its place: the gateway's config that ran
+-- out of memory (src/main.c's run_config: no line is known, and the module that ran it,
+-- policies.gateway, is not the file that allocated), a registry file of the wrong shape
+-- ("pol/models.lua: registry keys must be model names, not 1": policies.registry raised it, and
+-- its line came first, as if the shipped file had broken the reload)
+local function names_its_file(err) return err:find("^[^%s:]+%.lua: ") ~= nil end
 local function load_error(err)
   local ok, text = pcall(tostring, err)
   if not ok then text = "(error object is a " .. type(err) .. " value)" end
@@ -663,7 +666,7 @@ local function load_error(err)
     local encoded, json = pcall(resil.json.encode, err)
     if encoded then text = json end
   end
-  if type(err) == "string" and (err:find(":%d+: ") or config_out_of_memory(err)) then return text end
+  if type(err) == "string" and (err:find(":%d+: ") or names_its_file(err)) then return text end
   -- an error that says all a user needs (traceback = false, as a task's failure reads it), kept
   -- as it is: the gateway's refusal of its config names the config; the position of the raise, or
   -- the module's file, was the shipped policies/gateway.lua's, logged first as if it had broken
@@ -709,7 +712,7 @@ local function reload_policies()
     if ok and type(mod) ~= "table" and type(mod) ~= "function" and not (mod == true and replaced[name] == true) then
       ok, mod = false, ("%s: %s returned %s, not a table or a function"):format(module_file(name), name,
         mod == true and "nothing" or type(mod))
-    elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") and not config_out_of_memory(mod) then
+    elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") and not names_its_file(mod) then
       -- no handler runs for a memory error: "not enough memory" named none of the files
       mod = ("%s: %s"):format(module_file(name), mod)
     end
