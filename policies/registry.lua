@@ -616,13 +616,29 @@ local function split(model)
 end
 registry.split = split
 
+-- A rule that is no Lua pattern ("[%d") raised from every call of an unpinned model of its
+-- provider ("registry.lua: malformed pattern"): a rule of a warning failed the calls. It is
+-- skipped, said once per rule.
+local said_rules = {}
+local function rule_matches(name, rule, provider)
+  local ok, found = pcall(string.find, name, rule)
+  if ok then return found ~= nil end
+  local said = tostring(provider) .. "\0" .. tostring(rule)
+  if not said_rules[said] then
+    said_rules[said] = true
+    resil.log.warn("model registry: a pinning rule (registry.pinned) is not a pattern; it is skipped",
+      { provider = provider, rule = tostring(rule), error = tostring(found) })
+  end
+  return false
+end
+
 function registry.is_pinned(model)
   local provider, name = split(model)
   if not provider then return false end
   local e = registry.entries[model] or registry.entries[name]
   if type(e) == "table" and e.pinned then return true end
-  for _, set in ipairs({ registry.pinned[provider] or {}, registry.pinned["*"] }) do
-    for _, p in ipairs(set) do if name:find(p) then return true end end
+  for _, rules in ipairs({ provider, "*" }) do
+    for _, p in ipairs(registry.pinned[rules] or {}) do if rule_matches(name, p, rules) then return true end end
   end
   return false
 end
@@ -681,6 +697,7 @@ local side_total = host_metrics.counter("resil_model_migration_calls_total",
 local memo = { expires = -math.huge, plans = {}, size = 0, providers = {} } -- plans kept (see resolve)
 function registry.reset_warnings()
   for k in pairs(once) do once[k] = nil end
+  for k in pairs(said_rules) do said_rules[k] = nil end
   memo.expires = -math.huge -- a kept plan would not warn again
 end
 

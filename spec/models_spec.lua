@@ -105,6 +105,25 @@ describe("aliases", function()
     assert.is_false(registry.is_pinned("replicate/bytedance/seedance-1-lite"))
   end)
 
+  -- (before: a rule that is no Lua pattern, "[%d", raised "policies/registry.lua:625: malformed
+  -- pattern" from every call of an unpinned model of that provider: a warning's rule failed the calls)
+  it("a pinning rule that is no pattern is skipped, said once naming it; the calls serve", function()
+    local rules = registry.pinned.openai
+    registry.pinned.openai = { "[%d", "-%d%d%d%d%-%d%d%-%d%d$" }
+    finally(function() registry.pinned.openai = rules end)
+    local lines = logged(function()
+      for _ = 1, 2 do assert(ai.chat({ model = "openai/gpt-4o", messages = MSGS })) end
+      assert(ai.chat({ model = "openai/gpt-4o-mini-2024-07-18", messages = MSGS }))
+    end)
+    local said = with_msg(lines, "pinning rule")
+    assert.are.equal(1, #said)
+    assert.are.equal("[%d", said[1].rule)
+    assert.are.equal("openai", said[1].provider)
+    assert.matches("malformed pattern", said[1].error)
+    assert.is_true(registry.is_pinned("openai/gpt-4o-mini-2024-07-18"))
+    assert.is_false(registry.is_pinned("openai/gpt-4o"))
+  end)
+
   -- (before: the shipped chat-best named claude-sonnet-4-5-20250929, which Anthropic retired, and
   -- a migration to a current Claude failed `check` twice: no price, and "not pinned")
   it("Anthropic's undated ids from Claude 4.6 on are snapshots; the shipped chat-best is one, and priced", function()
