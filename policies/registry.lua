@@ -1006,6 +1006,14 @@ local function expand(name, req, plan, depth)
   if depth > MAX_DEPTH then error(("model '%s': aliases nest too deep"):format(name), 0) end
   local e = registry.entries[name]
   if type(e) == "table" and (e.use or e.deployments) then
+    -- An alias met again adds nothing its first time did not (a call tries each target once), and
+    -- expanded again at each meeting, fallbacks naming the same aliases at each level grew as
+    -- their product: 8 levels of 8 resolved into 2.4 million choices, seconds of the loop's time
+    -- per resolve. Met as a fallback or not, apart: a migration applies to its own calls only.
+    local met = (plan.in_fallback and "fallback\0" or "\0") .. name
+    plan.met = plan.met or {}
+    if plan.met[met] then return {} end
+    plan.met[met] = true
     plan.alias = plan.alias or name
     if e.pinned and type(e.use) == "string" then
       plan.pinned = plan.pinned or {}
@@ -1156,7 +1164,7 @@ function registry.resolve(name, req, level, listing, anchor)
   end
   plan = { anchor = anchor }
   local ok, choices = pcall(expand, name, req, plan, 0)
-  plan.anchor = nil
+  plan.anchor, plan.met = nil, nil
   if not ok then
     if type(choices) == "table" and choices.kind then plan.err = choices return plan end
     error(choices, level)

@@ -207,6 +207,30 @@ describe("aliases nested deeper than a call resolves", function()
   end)
 end)
 
+describe("fallbacks naming the same aliases at each level", function()
+  -- (before: each alias was expanded again each time it was met: 8 levels of 8 aliases, each
+  -- falling back to the next level's 8, resolved into 2.4 million choices, seconds of the loop's
+  -- time per resolve, once a second on a gateway, as a plan is kept a second)
+  it("resolve each alias once: a plan holds a choice per alias, in the order first met", function()
+    local t = {}
+    for d = 1, 8 do
+      for w = 1, 8 do
+        local fb = {}
+        if d < 8 then for k = 1, 8 do fb[k] = ("l%d_%d"):format(d + 1, k) end end
+        t[("l%d_%d"):format(d, w)] = { use = ("openai/gpt-4o-mini-2024-07-18:l%d_%d"):format(d, w), fallbacks = fb }
+      end
+    end
+    registry.use(t)
+    local plan = registry.resolve("l1_1", {})
+    local models = {}
+    for i, c in ipairs(plan.choices) do models[i] = c.model:match(":(.*)$") end
+    assert.are.equal(1 + 7 * 8, #models)
+    assert.are.same({ "l1_1", "l2_1", "l3_1", "l4_1" }, { models[1], models[2], models[3], models[4] })
+    assert.are.equal("l2_8", models[#models]) -- (depth first, as a call tries them)
+    assert(ai.chat({ model = "l1_1", messages = MSGS }))
+  end)
+end)
+
 describe("migrations inside migrations", function()
   -- (before: it loaded; a call through 'a' took a's migration and never b's, nor counted for b's rollback)
   it("a migration reaching an alias that is migrating itself is refused", function()
