@@ -388,6 +388,45 @@ print(wait_for(n, 2))
   end)
 end)
 
+describe("policy reload with --watch, a module deep in its folder", function()
+  -- (before: folders were watched two below the policy folder only: an edit of
+  -- policies.team.shared.lib.x (pol/team/shared/lib/x.lua) reloaded nothing, an edit one folder up did)
+  it("reloads on an edit of a module four folders down, loaded before the watch started or after", function()
+    local dir = policy_dir(1)
+    assert(os.execute(("mkdir -p %s/team/shared/lib %s/team/other/deep/er"):format(dir, dir)))
+    helpers.write(dir .. "/team/shared/lib/x.lua", "return { v = 1 }")
+    helpers.write(dir .. "/team/other/deep/er/y.lua", "return { v = 1 }")
+    local r = run(dir, [[
+local resil = require "resil"
+local x = resil.policy "team.shared.lib.x"
+assert(x.v == 1)
+resil.watch(true)
+local y = resil.policy "team.other.deep.er.y"
+assert(y.v == 1)
+resil.sleep(0.05)
+local function edit(path)
+  local f = assert(io.open(arg[1] .. path, "w"))
+  f:write("return { v = 2 }")
+  f:close()
+end
+local function wait_for(p)
+  for _ = 1, 500 do
+    if p.v == 2 then return p.v end
+    resil.sleep(0.01)
+  end
+  return p.v
+end
+edit("/team/shared/lib/x.lua")
+print(wait_for(x))
+edit("/team/other/deep/er/y.lua")
+print(wait_for(y))
+os.exit(0)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("2\n2\n", r.stdout)
+  end)
+end)
+
 describe("policy reload with --watch, when inotify's queue overflows", function()
   it("reloads all the same", function()
     local max = tonumber(helpers.slurp("/proc/sys/fs/inotify/max_queued_events"):match("%d+") or "")

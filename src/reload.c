@@ -21,6 +21,7 @@
 #include "host.h"
 
 #define QUIET_SECONDS 0.1
+#define WATCH_MASK (IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE)
 #define STEPS_KEY "resil.reload_steps" /* registry: { reload_policies, restore_policies } */
 
 /* The policy folders --watch follows: by path, their inode seen when the
@@ -289,7 +290,7 @@ static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
   if (stat(dir, &st_dir) != 0 || !S_ISDIR(st_dir.st_mode)) return;
   /* (IN_MOVED_FROM: a file moved out of the folder is gone as a deleted one is) */
   if (watch && st->inotify_fd >= 0 &&
-      inotify_add_watch(st->inotify_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE) < 0 &&
+      inotify_add_watch(st->inotify_fd, dir, WATCH_MASK) < 0 &&
       !st->poll_all) {
     st->poll_all = 1;
     st->poll_errno = errno;
@@ -312,6 +313,22 @@ static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
     watch_dir(st, sub, depth - 1, watch);
   }
   closedir(d);
+}
+
+/* Folders are walked two below a policy folder (a project's tree may be large: `--policies .`
+ * beside node_modules); a module deeper (policies.team.shared.lib.x: pol/team/shared/lib/x.lua)
+ * was never watched, and its edits reloaded nothing. The folder of each policy file the searcher
+ * loads is watched as it loads (inotify keeps one watch per folder, so again is nothing), and
+ * those loaded before --watch started, as it starts. */
+void reload_watch_folder_of(resil_t *R, const char *path) {
+  reload_state *st = R->reload;
+  if (!st || st->inotify_fd < 0) return;
+  char dir[PATH_MAX];
+  snprintf(dir, sizeof dir, "%s", path);
+  char *slash = strrchr(dir, '/');
+  if (!slash) return; /* (a policy file is always found as folder/name.lua) */
+  *slash = '\0';
+  inotify_add_watch(st->inotify_fd, dir, WATCH_MASK);
 }
 
 static void watch_stop(reload_state *st) {
@@ -392,6 +409,7 @@ static int watch_on(resil_t *R, lua_State *L, int on) {
   roots_moved(st);
   for (int i = 0; i < WATCH_ROOTS; i++)
     if (st->roots[i][0]) watch_dir(st, st->roots[i], 2, 1);
+  policy_folders_watch(R); /* (the policy files loaded so far, however deep) */
   if (st->inotify_fd >= 0) st->inotify_ev = event_new(R->base, st->inotify_fd, EV_READ | EV_PERSIST, inotify_cb, R);
   st->debounce_ev = evtimer_new(R->base, debounce_cb, R);
   st->recheck_ev = event_new(R->base, -1, EV_PERSIST, recheck_cb, R);
