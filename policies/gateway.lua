@@ -2482,6 +2482,8 @@ function gateway.serve(o)
     gateway.config.shared_limits = true -- a key's rate limits hold across the workers
     kept.shared_limits = true
   end
+  -- (a copy of this file saved without them fails the reload, rather than every request after it)
+  require("resil.next_versions_have")("policies.gateway", { "handle", "stopping_reply" })
   local s, err = resil.server.listen({ host = host, port = tonumber(port), tasks = true,
     reuseport = workers > 1, max_body = gateway.config.max_body, read_timeout = gateway.config.read_timeout,
     utf8 = true, -- a body that is not UTF-8: the server's 400, before a handler (RFC 8259 8.1)

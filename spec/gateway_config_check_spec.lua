@@ -141,6 +141,28 @@ describe("gateway: the config's options", function()
 end)
 
 describe("gateway: a project's copy of policies/gateway.lua", function()
+  -- (before: a copy saved without what the server calls, `return {}` or an edit that dropped
+  -- gateway.handle, reloaded "ok", and every request after was a 500 "attempt to call a nil value")
+  it("saved without the functions the server calls fails the reload, naming the file; it serves on", function()
+    local dir = helpers.tmpname("-policies")
+    assert(os.execute("mkdir -p " .. dir))
+    helpers.write(dir .. "/gateway.lua", helpers.slurp("policies/gateway.lua"))
+    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+    local config = helpers.write(helpers.tmpname(".lua"), "return { auth = false }")
+    os.execute(("%s gateway --policies %s --listen 127.0.0.1:%d --config %s --store %s > %s 2>&1 & echo $! > %s")
+      :format(helpers.resil, dir, port, config, helpers.tmpname(".db"), log, pidfile))
+    local pid = helpers.slurp(pidfile):match("%d+")
+    finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("gateway listening") end, 20),
+      helpers.slurp(log))
+    helpers.write(dir .. "/gateway.lua", "return {}\n")
+    os.execute("kill -HUP " .. pid)
+    assert.is_true(helpers.wait_until(function() return reloads(port, "failed") == 1 end, 10), helpers.slurp(log))
+    assert.matches("gateway%.lua: policies%.gateway has no function 'handle'", helpers.slurp(log))
+    local r = helpers.run(("curl -s -o /dev/null -w '%%{http_code}' --max-time 5 http://127.0.0.1:%d/v1/models"):format(port))
+    assert.are.equal("200", r.stdout)
+  end)
+
   -- (Lua's main chunk holds at most 200 locals: the shipped file had room for 5 more, and a copy
   -- with a few rules of its own would not load, "too many local variables")
   it("has room for 20 locals of the project's own", function()

@@ -548,6 +548,22 @@ package.loaded["resil.if_reload_fails"] = function(fn)
   if undo_if_failed and type(fn) == "function" then undo_if_failed[#undo_if_failed + 1] = fn end
 end
 
+-- require("resil.next_versions_have")(name, { "fn", ... }): a reload whose new version of policies
+-- module `name` lacks one of these functions fails, naming the file, and the version before serves
+-- on: what calls into the version loaded now (the gateway's server: gateway.handle) found a copy
+-- saved without it (`return {}`, an edit that dropped it) reloaded "ok", and every request after
+-- it was a 500 "attempt to call a nil value". Kept for the process.
+local next_versions_have = {} -- module name -> the function names its versions must have
+package.loaded["resil.next_versions_have"] = function(name, fns)
+  if type(name) == "string" and type(fns) == "table" then next_versions_have[name] = fns end
+end
+-- -> the function module `name`'s new version `mod` lacks, of those | nil
+local function lacks(name, mod)
+  for _, fn in ipairs(next_versions_have[name] or {}) do
+    if type(mod) ~= "table" or type(rawget(mod, fn)) ~= "function" then return fn end
+  end
+end
+
 -- require("resil.edit_distance")(a, b) -> the edits (a byte put in, taken out or changed) from a
 -- to b: what "did you mean" takes the closest name by (resil.bucket's options, a registry's fields)
 package.loaded["resil.edit_distance"] = function(a, b)
@@ -712,6 +728,9 @@ local function reload_policies()
     if ok and type(mod) ~= "table" and type(mod) ~= "function" and not (mod == true and replaced[name] == true) then
       ok, mod = false, ("%s: %s returned %s, not a table or a function"):format(module_file(name), name,
         mod == true and "nothing" or type(mod))
+    elseif ok and lacks(name, mod) then
+      ok, mod = false, ("%s: %s has no function '%s' (the version loaded calls it, as it serves)"):format(
+        module_file(name), name, lacks(name, mod))
     elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") and not names_its_file(mod) then
       -- no handler runs for a memory error: "not enough memory" named none of the files
       mod = ("%s: %s"):format(module_file(name), mod)
