@@ -1297,9 +1297,32 @@ end
 -- schema, whose refusal a text stream cannot carry), read to its end
 -- (req.read_whole) and written as the events of that whole answer: its tool
 -- calls are not translated delta by delta
-local function whole_stream(s, api, id, b, headers)
+-- A stream of the other API with tools is read whole inside its attempt (still retried, fallen
+-- back from) before a byte is sent: a long answer held its client's connection silent for the
+-- whole generation, and a proxy's or load balancer's idle timeout (nginx's proxy_read_timeout,
+-- 60 s) cut it. Past KEEPALIVE_AFTER its reply starts (`reader`: the task reading it, req): a
+-- comment line (": keep-alive", which SSE readers skip) every KEEPALIVE_EVERY, then the whole
+-- answer's events, or the failure as an error event (its status was sent). A failure sooner
+-- keeps its own status, as before.
+TUNED.KEEPALIVE_AFTER, TUNED.KEEPALIVE_EVERY = 15, 15
+local function whole_stream(s, api, id, b, headers, reader, req)
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s
+    if reader then
+      local _ <close> = setmetatable({}, { __close = function() reader:cancel() end }) -- (its client gone)
+      local done, opened, first, err
+      repeat
+        done, opened, first, err = reader:join(TUNED.KEEPALIVE_EVERY)
+        if done == nil then write(": keep-alive\n\n") end
+      until done ~= nil
+      if not done then error(opened, 0) end -- (the reader itself failed: the host's caps)
+      if not opened then
+        resil.log.warn("gateway: a stream could not be opened", { error = tostring(first) })
+        return write(broken(api, UNREADABLE), true)
+      end
+      if err then return write(broken(api, err), true) end
+      access.upstream(req, s.provider_request_id)
+    end
     while true do
       local delta, err = safely(s, "next")
       if err then return write(broken(api, err), true) end
@@ -1312,40 +1335,14 @@ local function whole_stream(s, api, id, b, headers)
   end }
 end
 
--- A stream of the other API with tools is read whole inside its attempt (still retried, fallen
--- back from) before a byte is sent: a long answer held its client's connection silent for the
--- whole generation, and a proxy's or load balancer's idle timeout (nginx's proxy_read_timeout,
--- 60 s) cut it. Past KEEPALIVE_AFTER its reply starts: a comment line (": keep-alive", which
--- SSE readers skip) every KEEPALIVE_EVERY, then the whole answer's events, or the failure as an
--- error event (its status was sent). A failure sooner keeps its own status, as before.
-TUNED.KEEPALIVE_AFTER, TUNED.KEEPALIVE_EVERY = 15, 15
-local function kept_alive(reader, s, api, id, b, req)
-  local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id }
-  return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
-    local _ <close> = s
-    local _ <close> = setmetatable({}, { __close = function() reader:cancel() end }) -- (its client gone)
-    local done, opened, first, err
-    repeat
-      done, opened, first, err = reader:join(TUNED.KEEPALIVE_EVERY)
-      if done == nil then write(": keep-alive\n\n") end
-    until done ~= nil
-    if not done then error(opened, 0) end
-    if not opened then
-      resil.log.warn("gateway: a stream could not be opened", { error = tostring(first) })
-      return write(broken(api, UNREADABLE), true)
-    end
-    if err then return write(broken(api, err), true) end
-    access.upstream(req, s.provider_request_id)
-    while true do
-      local delta, e = safely(s, "next")
-      if e then return write(broken(api, e), true) end
-      if not delta then break end
-    end
-    local res = assert(s:result())
-    local whole = api == "anthropic" and anthropic_answer_stream(res, id, b.model, headers)
-      or openai_answer_stream(res, id, b.model, b, headers)
-    whole.stream(write)
-  end }
+-- a streamed reply whose events are made UTF-8 (valid_utf8): a provider's event relayed as it
+-- came, or its text translated, with bytes that are not
+local function utf8_stream(reply)
+  local stream = reply.stream
+  reply.stream = function(write)
+    return stream(function(text, ...) return write(valid_utf8(text), ...) end)
+  end
+  return reply
 end
 
 -- POST /v1/chat/completions and POST /v1/messages
@@ -1691,7 +1688,8 @@ function complete_admitted(req, api, id, rec, slot)
       local done, ok, delta, e = reader:join(TUNED.KEEPALIVE_AFTER)
       if done == nil then
         handed_over = true
-        return correcting_stream(kept_alive(reader, s, api, id, b, req), tpm, s)
+        return correcting_stream(utf8_stream(whole_stream(s, api, id, b, { ["content-type"] = "text/event-stream",
+          ["cache-control"] = "no-cache", ["x-request-id"] = id }, reader, req)), tpm, s)
       end
       if not done then error(ok, 0) end -- (the reader itself failed: the host's caps)
       opened, first, err = ok, delta, e
@@ -1725,13 +1723,7 @@ function complete_admitted(req, api, id, rec, slot)
     elseif tools or schema then reply = whole_stream(s, api, id, b, headers)
     elseif api == "anthropic" then reply = anthropic_stream(s, first, id, b.model, headers, r)
     else reply = openai_stream(s, first, id, b.model, b, headers) end
-    -- its events UTF-8 (valid_utf8): a provider's event relayed as it came, or its text translated,
-    -- with bytes that are not
-    local stream = reply.stream
-    reply.stream = function(write)
-      return stream(function(text, ...) return write(valid_utf8(text), ...) end)
-    end
-    return correcting_stream(reply, tpm, s)
+    return correcting_stream(utf8_stream(reply), tpm, s)
   end
 
   if replayed then -- (kept: res, err)
@@ -2315,10 +2307,13 @@ end
 -- What a config may set, and what each must be: a name it does not know (a typo, max_concurent)
 -- or a value of the wrong kind is refused as the config loads, naming both. Taken as they came,
 -- a typo was a limit silently not set, and max_concurrent = "lots" served a 500 on every request.
+-- (its checks in a block of their own: the main chunk's locals are few, and a project's copy needs room)
+local CONFIG_OPTIONS
+do
 local function is_count(min) return function(v) return math.type(v) == "integer" and v >= min end end
 local function is_seconds(v) return type(v) == "number" and v >= 0 and v < math.huge end
 local function is_boolean(v) return type(v) == "boolean" end
-local CONFIG_OPTIONS = {
+CONFIG_OPTIONS = {
   models = { "a table of names to models", function(v) return type(v) == "table" end },
   auth = { "true or false", is_boolean },
   key_cache = { "seconds (a number >= 0)", is_seconds },
@@ -2336,6 +2331,7 @@ local CONFIG_OPTIONS = {
   -- (README: on a Redis store, false keeps a key's rpm/tpm per process; --workers sets it true)
   shared_limits = { "true or false", is_boolean },
 }
+end
 local function option_names()
   local names = {}
   for k in pairs(CONFIG_OPTIONS) do names[#names + 1] = k end
