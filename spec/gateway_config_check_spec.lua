@@ -143,6 +143,17 @@ end)
 describe("gateway: a project's copy of policies/gateway.lua", function()
   -- (before: a copy saved without what the server calls, `return {}` or an edit that dropped
   -- gateway.handle, reloaded "ok", and every request after was a 500 "attempt to call a nil value")
+  it("without gateway.main stops the start with a line saying so (not 'attempt to call a nil value')", function()
+    local dir = helpers.tmpname("-policies")
+    assert(os.execute("mkdir -p " .. dir))
+    helpers.write(dir .. "/gateway.lua", "return {}\n")
+    local r = helpers.run(("%s gateway --policies %s --listen 127.0.0.1:0 --store %s"):format(helpers.resil, dir,
+      helpers.tmpname(".db")))
+    assert.are.equal(1, r.code)
+    assert.matches("bad_config: policies.gateway has no function 'main'", r.stderr, 1, true)
+    assert.is_nil(r.stderr:find("traceback", 1, true), r.stderr)
+  end)
+
   it("saved without the functions the server calls fails the reload, naming the file; it serves on", function()
     local dir = helpers.tmpname("-policies")
     assert(os.execute("mkdir -p " .. dir))

@@ -1572,7 +1572,12 @@ int main(int argc, char **argv) {
     lua_setglobal(L, "gateway_options");
     /* (taken off the globals before any policy loads: gateway.main's only) */
     status = resil_load_string(R, "local o = gateway_options; gateway_options = nil; "
-                               "require('policies.gateway').main(o)", "=[gateway]");
+                               "local g = require('policies.gateway'); "
+                               "if type(g) ~= 'table' or type(g.main) ~= 'function' then "
+                               "error(require('resil').error('bad_config', \"policies.gateway has no function 'main': "
+                               "a project's copy of policies/gateway.lua must keep the shipped file's (the gateway "
+                               "command runs it)\", { traceback = false }), 0) "
+                               "end; g.main(o)", "=[gateway]");
     if (status == RESIL_OK) status = resil_run(R);
   }
   if (status == RESIL_OK && script) {
