@@ -354,6 +354,17 @@ describe("gateway streams on a bad day: an upstream event past max_event before 
   end)
 end)
 
+-- a request of the client's API whose one tool must be called (the other API's stream is then
+-- read whole, its tool call written whole)
+local function tool_body(api, model)
+  local schema = { type = "object", properties = { text = { type = "string" } } }
+  if api == "anthropic" then
+    return { model = model, tools = { { name = "save", input_schema = schema } }, tool_choice = { type = "any" } }
+  end
+  return { model = model, tools = { { type = "function", ["function"] = { name = "save", parameters = schema } } },
+    tool_choice = "required" }
+end
+
 -- A stream from the other API that carries tools is read to its end before its first byte to the
 -- client (its tool calls are written whole). A client that left meanwhile (an abort, a timeout)
 -- left the upstream generating and billing to its end for no one.
@@ -362,10 +373,7 @@ describe("gateway streams on a bad day: a client that leaves a stream read whole
     local api, model = case[1], case[2]
     it(("cancels the upstream transfer (%s client, %s)"):format(api, model), function()
       local url, m, key = start({ strict = true, reply = ("word "):rep(60), stream_interval = 0.5 })
-      local schema = { type = "object", properties = { text = { type = "string" } } }
-      local body = api == "anthropic" and { model = model, tools = { { name = "save", input_schema = schema } },
-        tool_choice = { type = "any" } } or { model = model, tools = { { type = "function",
-        ["function"] = { name = "save", parameters = schema } } }, tool_choice = "required" }
+      local body = tool_body(api, model)
       local client = resil.spawn(open, url, key, api, body)
       assert.is_true(helpers.wait_until(function() return m.server:pending() == 1 end, 10))
       client:cancel() -- (the client's SDK aborted: its connection closed)
@@ -386,10 +394,7 @@ describe("gateway streams read whole: a long one is kept alive", function()
       local url, m, key = start({ strict = true, reply = ("word "):rep(200), stream_interval = 0.5 })
       resil.clock.virtual()
       finally(function() resil.clock.real() end)
-      local schema = { type = "object", properties = { text = { type = "string" } } }
-      local body = api == "anthropic" and { model = model, tools = { { name = "save", input_schema = schema } },
-        tool_choice = { type = "any" } } or { model = model, tools = { { type = "function",
-        ["function"] = { name = "save", parameters = schema } } }, tool_choice = "required" }
+      local body = tool_body(api, model)
       local t0 = resil.now()
       local s = open(url, key, api, body)
       local opened_after = resil.now() - t0
@@ -422,9 +427,7 @@ describe("gateway streams read whole: a long one is kept alive", function()
       faults = { { route = "chat", probability = 1, status = 500 } } })
     resil.clock.virtual()
     finally(function() resil.clock.real() end)
-    local schema = { type = "object", properties = { text = { type = "string" } } }
-    local s = open(url, key, "anthropic", { model = "openai/gpt-4o-mini",
-      tools = { { name = "save", input_schema = schema } }, tool_choice = { type = "any" } })
+    local s = open(url, key, "anthropic", tool_body("anthropic", "openai/gpt-4o-mini"))
     local evs = events_of(s)
     local last = evs[#evs]
     assert.are.equal("error", last.event)
@@ -437,9 +440,7 @@ describe("gateway streams read whole: a long one is kept alive", function()
     local url, m, key = start({ strict = true, reply = ("word "):rep(200), stream_interval = 0.5 })
     resil.clock.virtual()
     finally(function() resil.clock.real() end)
-    local schema = { type = "object", properties = { text = { type = "string" } } }
-    local s = open(url, key, "openai", { model = CLAUDE, tools = { { type = "function",
-      ["function"] = { name = "save", parameters = schema } } }, tool_choice = "required" })
+    local s = open(url, key, "openai", tool_body("openai", CLAUDE))
     assert.are.equal(1, m.server:pending())
     s:close() -- (the client's SDK aborted)
     assert.is_true(helpers.wait_until(function() return m.server:pending() == 0 end, 5),
