@@ -450,6 +450,38 @@ describe("a job on a bad day", function()
     assert.are.equal(0.002, r.cost_usd)
   end)
 
+  -- fal's namespaced endpoints (workflows/, comfy/: fal-js's parseEndpointId) have their queue
+  -- under namespace/owner/app. (before: read at /fal/workflows/acme/requests/r1/status, a 404:
+  -- the request fal made and billed was taken for lost and made again)
+  it("fal: a workflow's request without URLs is followed under workflows/owner/app, paid once", function()
+    local seen = { creates = 0, reads = {} }
+    local server = assert(resil.server.listen({ handler = function(req)
+      if req.method == "POST" then
+        seen.creates = seen.creates + 1
+        return { status = 200, body = '{"request_id":"r1","status":"IN_QUEUE"}' }
+      end
+      seen.reads[#seen.reads + 1] = req.method .. " " .. req.path
+      if req.path == "/fal/workflows/acme/flow/requests/r1/status" then
+        return { status = 200, body = '{"status":"COMPLETED","metrics":{"inference_time":2}}' }
+      end
+      if req.path == "/fal/workflows/acme/flow/requests/r1" then
+        return { status = 200, body = '{"images":[{"url":"https://x/a.png"}]}' }
+      end
+      return { status = 404, body = '{"detail":"Request not found"}' }
+    end }))
+    finally(function() server:close() end)
+    jobs.configure("fal", { base_url = ("http://127.0.0.1:%d/fal"):format(server:port()), api_key = KEYS.fal,
+      poll = { first = 1 } })
+    pricing.models["fal/workflows/acme/flow/run"] = { per_predict_second = 0.001 }
+    finally(function() pricing.models["fal/workflows/acme/flow/run"] = nil end)
+    local r, err = jobs.job({ model = "fal/workflows/acme/flow/run", input = { prompt = "x" } })
+    assert(r, err and tostring(err))
+    assert.are.equal(1, seen.creates)
+    assert.are.same({ "GET /fal/workflows/acme/flow/requests/r1/status", "GET /fal/workflows/acme/flow/requests/r1" },
+      seen.reads)
+    assert.are.equal(0.002, r.cost_usd)
+  end)
+
   -- (before: "did not finish within its deadline", as of a job that ran too long, with nothing said
   -- of a status that was never read; an answer without a status was taken for a running job)
   for what, case in pairs({ ["a proxy's error page"] = { "<html>502 Bad Gateway</html>", "is not a JSON object" },

@@ -744,6 +744,18 @@ describe("ai.job on the fal queue", function()
     assert.are.equal(0.025, r.cost_usd)
   end)
 
+  it("serves a namespaced app's queue under workflows/owner/app, as fal does", function()
+    m = resil.mock.start({ jobs = { polls = 1 } })
+    use(m.url)
+    local raw = http.request({ method = "POST", url = m.url .. "/fal/workflows/acme/flow/run", json = {},
+      headers = { authorization = "Key " .. KEYS.fal } })
+    assert.matches("/fal/workflows/acme/flow/requests/[^/]+/status$", json.decode(raw.body).status_url)
+    local r = assert(jobs.job({ model = "fal/workflows/acme/flow/run", input = { prompt = "a cat" } }))
+    assert.matches("^https://", r.output.images[1].url)
+    assert.are.equal(1, m:stats().billed.jobs)
+    assert.is_nil(m:stats().statuses[404])
+  end)
+
   it("cancels through cancel_url at the deadline", function()
     m = resil.mock.start({ jobs = { fates = { "stuck", "stuck" } } })
     use(m.url)

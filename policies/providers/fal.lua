@@ -19,7 +19,9 @@ local fal = {
   duration_field = "metrics.inference_time", -- (what a model billed by the second is billed by: jobs.lua's charge)
 }
 
--- "owner/app[/path]" -> { endpoint=, app= } | nil, why
+local NAMESPACES = { workflows = true, comfy = true }
+
+-- "owner/app[/path]" | "workflows/owner/app[/path]" -> { endpoint=, app= } | nil, why
 -- Each segment a name (letters, digits, "-", "_", "."), none of dots only: the endpoint is the
 -- submit's path, and "fal-ai/flux/../../../admin" was a POST with the key to /admin, "fal-ai/flux?x"
 -- another request, one with a space or a line break a Lua error from inside the HTTP client.
@@ -29,10 +31,12 @@ function fal.target(rest)
     if not part:match("^[%w%-_%.]+$") or part:match("^%.+$") then parts = nil; break end
     parts[#parts + 1] = part
   end
-  if not parts or #parts < 2 then
+  -- (a namespaced app, workflows/owner/app, has its queue under all three: fal-js's parseEndpointId)
+  local n = parts and NAMESPACES[parts[1]] and 3 or 2
+  if not parts or #parts < n then
     return nil, ("fal model must be \"fal/owner/app[/path]\", got \"fal/%s\""):format(rest)
   end
-  return { endpoint = rest, app = parts[1] .. "/" .. parts[2] }
+  return { endpoint = rest, app = table.concat(parts, "/", 1, n) }
 end
 
 function fal.headers(key, json_body)

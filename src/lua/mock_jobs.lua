@@ -339,14 +339,16 @@ local function fal_submit(m, req, endpoint)
     return { status = 422, headers = { ["content-type"] = "application/json" }, body = json.encode({ detail = {
       { loc = { "body" }, msg = "Input should be a valid dictionary", type = "dict_type" } } }) }
   end
-  local owner, alias = endpoint:match("^([^/]+)/([^/]+)")
-  if not owner then return fal_error({ status = 404, detail = "Application not found" }) end
+  -- (a namespaced app's queue is under namespace/owner/app, as fal's: workflows/acme/flow)
+  local app = endpoint:match("^([^/]+/[^/]+)")
+  if app and (app:match("^workflows/") or app:match("^comfy/")) then app = endpoint:match("^([^/]+/[^/]+/[^/]+)") end
+  if not app then return fal_error({ status = 404, detail = "Application not found" }) end
   local s = state(m)
   s.seq = s.seq + 1
   local id = ("%08x-mock-%s-%04d"):format(s.seq, m.instance, s.seq)
   local queued = 0
   for _, j in pairs(s.fal) do if j.status == "IN_QUEUE" then queued = queued + 1 end end
-  local job = { id = id, app = owner .. "/" .. alias, endpoint = endpoint, status = "IN_QUEUE", input = input,
+  local job = { id = id, app = app, endpoint = endpoint, status = "IN_QUEUE", input = input,
     polls = 0, started = resil.now(), queue_position = queued }
   job.fate, job.needs_polls = fate(m)
   if job.fate ~= "lost" then s.fal[id] = job end
@@ -472,9 +474,9 @@ local ROUTES = {
   { "GET", "^/v1/predictions$", "prediction_list", replicate_list },
   { "GET", "^/v1/predictions/([%w%-_]+)$", "prediction", replicate_get },
   { "POST", "^/v1/predictions/([%w%-_]+)/cancel$", "cancel", replicate_cancel },
-  { "GET", "^/fal/([^/]+/[^/]+)/requests/([%w%-_]+)/status$", "fal_status", fal_status },
-  { "PUT", "^/fal/([^/]+/[^/]+)/requests/([%w%-_]+)/cancel$", "fal_cancel", fal_cancel },
-  { "GET", "^/fal/([^/]+/[^/]+)/requests/([%w%-_]+)$", "fal_result", fal_result },
+  { "GET", "^/fal/([^/]+/[^/]+/?[^/]-)/requests/([%w%-_]+)/status$", "fal_status", fal_status },
+  { "PUT", "^/fal/([^/]+/[^/]+/?[^/]-)/requests/([%w%-_]+)/cancel$", "fal_cancel", fal_cancel },
+  { "GET", "^/fal/([^/]+/[^/]+/?[^/]-)/requests/([%w%-_]+)$", "fal_result", fal_result },
   { "POST", "^/fal/(.+)$", "fal_submit", fal_submit },
   { "POST", "^/v1/text%-to%-speech/([%w%-_]*)$", "tts", tts },
 }
