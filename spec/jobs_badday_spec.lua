@@ -67,6 +67,23 @@ describe("a job on a bad day", function()
     pricing.models["replicate/acme/hw"], pricing.models["replicate/acme/img"], pricing.models["fal/acme/hw"] = nil, nil, nil
   end)
 
+  -- Replicate bills a canceled prediction for the time it ran, not an aborted one (its deadline
+  -- passed before it started: https://replicate.com/docs/topics/predictions/lifecycle). (before:
+  -- "replicate job p1 failed", a row without a price and an error that Replicate "did not say how
+  -- long the job ran", for a prediction that never ran)
+  it("Replicate: an aborted prediction failed, said aborted, no row and nothing logged of its duration", function()
+    provider({ create = created, status = '{"id":"p1","status":"aborted","error":null,"metrics":{}}' })
+    local r, err
+    local lines = helpers.logged(function()
+      r, err = jobs.job({ model = PER_SECOND, input = { prompt = "x" }, attempts = 1 })
+    end)
+    assert.is_nil(r)
+    assert.are.equal("job_failed", err.kind)
+    assert.matches("replicate job p1 failed: aborted before it started", err.message, 1, true)
+    for _, l in ipairs(lines) do assert.is_nil(l.msg:match("did not say how long"), l.msg) end
+    assert.are.same({ 0, 0, 0 }, { rows() })
+  end)
+
   -- (before: a Lua error out of ai.job from the pricing or the budget's settle: a job that succeeded
   -- and was paid lost its output, wrote no row, and its hold stayed)
   for what, metrics in pairs({ ["a string"] = '{"predict_time":"1.5s"}', negative = '{"predict_time":-500}',

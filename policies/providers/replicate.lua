@@ -47,10 +47,15 @@ replicate.escape = escape
 
 local TERMINAL = { succeeded = "succeeded", failed = "failed", canceled = "canceled", aborted = "failed" }
 
--- a prediction -> { status = "running"|"succeeded"|"failed"|"canceled", output=, error=, raw= }
+-- a prediction -> { status = "running"|"succeeded"|"failed"|"canceled", output=, error=, aborted=, raw= }
+-- (aborted: its deadline passed before it started; it ran no time and is not billed, as a canceled
+-- one is for the time it ran)
 local function state_of(p)
+  local aborted = p.status == "aborted" or nil
+  local err = p.error ~= json.null and p.error or nil
   return { status = TERMINAL[p.status] or "running", output = p.output ~= json.null and p.output or nil,
-    error = p.error ~= json.null and p.error or nil, raw = p }
+    error = aborted and ("aborted before it started%s"):format(err and (": " .. tostring(err)) or "") or err,
+    aborted = aborted, raw = p }
 end
 
 -- (what: the answer's name in the error, which quotes the answer's start: a proxy's error page says
@@ -95,7 +100,7 @@ function replicate.create(ctx)
   local cancel = urls.cancel ~= json.null and urls.cancel or nil
   local s = state_of(p)
   return { id = p.id, get = ctx.own_url(urls.get, get), cancel = ctx.own_url(cancel, get .. "/cancel"),
-    state = s.status ~= "running" and { status = s.status, output = s.output, error = s.error,
+    state = s.status ~= "running" and { status = s.status, output = s.output, error = s.error, aborted = s.aborted,
       metrics = p.metrics ~= json.null and p.metrics or nil } or nil }
 end
 
@@ -213,6 +218,7 @@ function replicate.usage(state)
       { provider = "replicate", value = tostring(metrics):sub(1, 80) })
   end
   if state and state.status == "succeeded" then u.outputs = files end -- (a video's seconds: jobs.lua's usage_of)
+  if state and state.aborted and u.predict_seconds == nil and not u.unreadable then u.predict_seconds = 0 end
   return u
 end
 
