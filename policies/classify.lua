@@ -150,6 +150,14 @@ for _, rule in ipairs({
       return res.status == 402 and type(body) == "table" and type(body.title) == "string"
     end,
     verdict = { class = "quota_exceeded", retryable = false, fallback = true } },
+  -- fal: an account out of balance, 403 {"detail": "User is locked. Reason: Exhausted balance. Top up
+  -- ..."} (topping it up is a person's job; the key is good: not auth, which a fallback stops at)
+  { name = "fal_exhausted_balance",
+    match = function(res, body)
+      return res.status == 403 and type(body) == "table" and type(body.detail) == "string"
+        and body.detail:find("Exhausted balance", 1, true) ~= nil
+    end,
+    verdict = { class = "quota_exceeded", retryable = false, fallback = true } },
   -- fal: X-Fal-Error-Type names the infrastructure failures worth another try
   { name = "fal_runner_error",
     match = function(res) return FAL_RETRYABLE[header(res, "x-fal-error-type") or ""] ~= nil end,

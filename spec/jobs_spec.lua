@@ -756,6 +756,21 @@ describe("ai.job on the fal queue", function()
     assert.is_nil(m:stats().statuses[404])
   end)
 
+  -- fal answers an account out of balance 403 {"detail": "User is locked. Reason: Exhausted balance..."}
+  -- (fal-ai/fal#1112, #1147). (before: kind "auth", as a wrong key, which a fallback chain stops at)
+  it("an account out of balance is quota_exceeded, not retried, not auth", function()
+    m = resil.mock.start({ jobs = { errors = { fal_submit = { { code = "exhausted_balance" } } } } })
+    use(m.url)
+    local r, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" } })
+    assert.is_nil(r)
+    assert.are.equal("quota_exceeded", err.kind)
+    assert.is_false(err.retryable)
+    assert.are.equal(1, m:stats().routes.fal_submit)
+    local v = classify.outcome({ status = 403, headers = {}, body = '{"detail":"User is locked. Reason: Exhausted ' ..
+      'balance. Top up your balance at fal.ai/dashboard/billing."}' })
+    assert.are.same({ "quota_exceeded", true }, { v.class, v.fallback })
+  end)
+
   it("cancels through cancel_url at the deadline", function()
     m = resil.mock.start({ jobs = { fates = { "stuck", "stuck" } } })
     use(m.url)

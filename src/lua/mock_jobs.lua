@@ -262,6 +262,10 @@ local function fal_error(e)
       body = json.encode({ detail = e.detail or e.error_type:gsub("_", " "), error_type = e.error_type }) }
   end
   local detail = e.detail
+  if e.code == "exhausted_balance" then -- (fal's answer to an account out of balance)
+    status = status or 403
+    detail = detail or "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard/billing."
+  end
   if status == 401 then detail = detail or "Missing authorization header" end
   if status == 404 then detail = detail or "Request not found" end
   if status == 429 then
