@@ -341,7 +341,11 @@ function classify.outcome(res, err, opts)
   local v
   for _, rule in ipairs(classify.bodies) do
     if rule.match(res, body) then
-      v = verdict_of(rule.verdict, ("%d %s"):format(status, rule.name), status, nil, retry_after)
+      -- (with a job or speech provider's `detail`: "402 replicate_insufficient_credit" alone left
+      -- unsaid what the provider said to do; a chat provider's body has none, its reason unchanged)
+      local said = detail_said(body)
+      v = verdict_of(rule.verdict, ("%d %s%s"):format(status, rule.name, said and (": " .. said) or ""), status, nil,
+        retry_after)
       break
     end
   end
