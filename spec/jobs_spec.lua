@@ -477,6 +477,30 @@ describe("ai.job on Replicate", function()
     assert.is_true(math.abs(rows[1].usd - 0.03) < 1e-6)
   end)
 
+  -- the mock's fate "aborted": Replicate's status for a prediction whose deadline passed before it
+  -- started (never run, not billed); the one after it succeeds
+  it("an aborted prediction is replaced, not billed, no row, its hold given back", function()
+    local pricing = require "policies.pricing_media"
+    pricing.models["replicate/acme/hardware"] = { per_predict_second = 0.001 }
+    finally(function() pricing.models["replicate/acme/hardware"] = nil end)
+    m = resil.mock.start({ jobs = { fates = { "aborted", "succeeded" }, predict_time = 4 } })
+    use(m.url)
+    local budget = resil.budget("jobs-aborted", { limit = 1 })
+    local r = assert(jobs.job({ model = "replicate/acme/hardware", input = { prompt = "a cat" }, deadline = 300,
+      budget = "jobs-aborted" }))
+    assert.are.equal(2, r.attempts)
+    local raw = http.request({ method = "GET", url = m.url .. "/v1/predictions/" .. r.job_ids[1],
+      headers = { authorization = "Bearer " .. KEYS.replicate } })
+    local first = json.decode(raw.body)
+    assert.are.same({ "aborted", json.null }, { first.status, first.metrics.predict_time or json.null })
+    local rows = resil.cost.breakdown("model")
+    assert.are.same({ 1, 1 }, { #rows, rows[1].calls })
+    assert.is_true(math.abs(rows[1].usd - 0.004) < 1e-9)
+    local st = budget:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    assert.is_true(math.abs(st.spent - 0.004) < 1e-9)
+  end)
+
   -- (before: the job ran on at the provider, billed, and nothing recorded it; its hold counted until it expired)
   it("a job whose caller is canceled is canceled at the provider, what it ran recorded, its hold settled", function()
     local pricing = require "policies.pricing_media"

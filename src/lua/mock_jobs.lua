@@ -17,7 +17,9 @@
 --            errors = { [route] = { 429, "ok", { status = 401, code = "quota_exceeded" } } } }
 --   (a create's scripted error with `made = true`, { status = 502, made = true }, is a proxy's answer
 --   after the provider made the job: the job runs and is listed, its id never answered)
--- `fates` decides the jobs in order of creation (then `stuck` and `fail` draw; "lost": the job is
+-- `fates` decides the jobs in order of creation (then `stuck` and `fail` draw; "aborted": a Replicate
+-- prediction ends `aborted`, a fal request COMPLETED with error_type request_timeout, never run, no
+-- time, not billed; "lost": the job is
 -- answered at its create, then forgotten, as by a provider's outage: its reads and cancel are 404s); `errors` plays
 -- each route's provider-shaped error replies in order (route names: predictions, prediction,
 -- cancel, prediction_list, fal_submit, fal_status, fal_result, fal_cancel, tts); the mock's generic
@@ -140,6 +142,10 @@ local function replicate_advance(m, job, extra_seconds)
   end
   local c = cfg(m)
   job.completed_at = os.date("!%Y-%m-%dT%H:%M:%S.000Z", math.floor(resil.clock.wall()))
+  if job.fate == "aborted" then -- (its deadline passed before it started: it never ran, not billed)
+    job.status, job.metrics = "aborted", { total_time = resil.now() - job.started }
+    return
+  end
   job.metrics = { predict_time = c.predict_time or 1.5, total_time = (c.predict_time or 1.5) + 0.5 }
   if job.fate == "failed" then
     job.status, job.error = "failed", c.error or "mock: prediction failed"
@@ -295,7 +301,7 @@ local function fal_status_view(m, job)
     cancel_url = cancel_url }
   if job.status == "IN_QUEUE" then v.queue_position = job.queue_position end
   if job.status ~= "IN_QUEUE" then v.logs = json.null end
-  if job.status == "COMPLETED" and job.error_type ~= "client_cancelled" then
+  if job.status == "COMPLETED" and job.error_type ~= "client_cancelled" and job.fate ~= "aborted" then
     v.metrics = { inference_time = cfg(m).predict_time or 1.5 }
   end
   if job.status == "COMPLETED" then
@@ -323,7 +329,9 @@ local function fal_advance(m, job)
   end
   local c = cfg(m)
   job.status = "COMPLETED"
-  if job.fate == "failed" then
+  if job.fate == "aborted" then -- (fal's x-fal-request-timeout passed before it started: never run)
+    job.error, job.error_type, job.queue_position = "Request timed out before processing started", "request_timeout", nil
+  elseif job.fate == "failed" then
     job.error, job.error_type = c.error or "mock: request failed", "runner_server_error"
   else
     job.output = c.output or { images = { { url = ("https://v3.fal.media/files/mock/%s.png"):format(job.id),
