@@ -112,6 +112,10 @@ describe("resil.mock scenarios", function()
     assert.matches("resil%.mock: jobs%.errors%.predictons: unknown route 'predictons' %(routes: predictions, ",
       raised(function() resil.mock.start({ jobs = { errors = { predictons = { 429 } } } }) end))
     assert.matches("resil%.mock: jobs must be a table", raised(function() resil.mock.start({ jobs = 2 }) end))
+    -- (before: a fate misspelt, "faild", made a job that succeeded)
+    assert.matches("resil%.mock: jobs%.fates%[2%]: unknown fate 'faild' %(fates: succeeded, failed, stuck, aborted, lost%)",
+      raised(function() resil.mock.start({ jobs = { fates = { "stuck", { "faild", polls = 0 } } } }) end))
+    assert(resil.mock.start({ jobs = { fates = { "succeeded", "failed", { "stuck" }, "aborted", "lost" } } })):stop()
     assert(resil.mock.start({ jobs = { polls = 1, duration = 2, fail = 0.1, stuck = 0.1, output = "x", usd = 0.01,
       predict_time = 1, error = "why", fates = { "stuck" }, cancel_takes = 1, errors = { tts = { 429 } } } })):stop()
   end)

@@ -187,6 +187,15 @@ local function check_scenario(s, level)
           table.concat(mock_jobs.scenario_keys, ", ")), level)
       end
     end
+    -- (a misspelt fate, "faild", made a job that succeeded: the failure rehearsed never happened)
+    local fates_known = set_of(mock_jobs.fate_names)
+    for i, f in ipairs(type(s.jobs.fates) == "table" and s.jobs.fates or {}) do
+      local name = type(f) == "table" and f[1] or f
+      if not fates_known[name] then
+        error(("resil.mock: jobs.fates[%d]: unknown fate '%s' (fates: %s)"):format(i, tostring(name),
+          table.concat(mock_jobs.fate_names, ", ")), level)
+      end
+    end
     local job_routes_known = set_of(mock_jobs.route_names)
     for route in pairs(type(s.jobs.errors) == "table" and s.jobs.errors or {}) do
       if not job_routes_known[route] then

@@ -497,6 +497,9 @@ local ROUTES = {
 M.scenario_keys = { "polls", "duration", "fail", "stuck", "output", "usd", "predict_time", "error", "fates",
   "cancel_takes", "errors" }
 
+-- the fates a scenario's `fates` names (mock.lua checks them)
+M.fate_names = { "succeeded", "failed", "stuck", "aborted", "lost" }
+
 -- the names of these routes, for a scenario's `sequence` and `faults` (mock.lua checks them)
 M.route_names = {}
 for _, r in ipairs(ROUTES) do
