@@ -679,6 +679,13 @@ local function look_up(ctx, unsure)
   end
   local fp = fingerprint(ctx.input)
   local found, err = ctx.adapter.find(ctx, unsure.sent, function(input) return fingerprint(input) == fp end)
+  if found == nil and type(err) == "table" and err.removed then -- (no resume will tell better)
+    return nil, resil.error("job_unsure", ("%s: the create of job '%s' sent at %s was answered %s, after which the " ..
+      "provider may have made the job; %s: no other is made (it would be paid too): look for it in the provider's " ..
+      "dashboard, and give the call another `key` to make a new one"):format(ctx.model, tostring(unsure.key), when,
+      tostring(unsure.answer), tostring(err.message)), { provider = ctx.name, model = ctx.model, id = err.id,
+      sent_at = unsure.sent, retryable = false })
+  end
   if found == nil then
     return nil, resil.error("job_unsure", ("%s: the create of job '%s' sent at %s was answered %s, after which the " ..
       "provider may have made the job, and its jobs could not be listed (%s): no other is made; the run's next " ..

@@ -67,6 +67,50 @@ describe("a job on a bad day", function()
     pricing.models["replicate/acme/hw"], pricing.models["replicate/acme/img"], pricing.models["fal/acme/hw"] = nil, nil, nil
   end)
 
+  -- Replicate removes an API prediction's input and output an hour after it ends (data_removed):
+  -- a run resumed later cannot tell whether the prediction made then is its own. (before: taken
+  -- for none, a second prediction was made and paid beside the first)
+  it("Replicate: a resumed create finds a prediction of its model whose input was removed: job_unsure, none made",
+    function()
+      local creates, only_later = 0, false
+      local server = assert(resil.server.listen({ handler = function(req)
+        if req.method == "POST" then
+          creates = creates + 1
+          return { status = 502, body = "<html>502 Bad Gateway</html>" }
+        end
+        if req.path == "/v1/predictions" then
+          -- (p2, made an hour after the create was sent, cannot be its job)
+          local function at(ago) return os.date("!%Y-%m-%dT%H:%M:%S.000Z", math.floor(resil.clock.wall() - ago)) end
+          return { status = 200, body = json.encode({ next = json.null, previous = json.null, results = {
+            { id = "p2", model = "acme/img", version = "5c7d5dc6", status = "succeeded", input = {}, output = json.null,
+              data_removed = true, created_at = at(-3600) },
+            not only_later and { id = "p1", model = "acme/img", version = "5c7d5dc6", status = "succeeded", input = {},
+              output = json.null, data_removed = true, created_at = at(0) } or nil } }) }
+        end
+        return { status = 404, body = '{"detail":"Not found."}' }
+      end }))
+      finally(function() server:close() end)
+      jobs.configure("replicate", { base_url = ("http://127.0.0.1:%d/v1"):format(server:port()), api_key = KEYS.replicate,
+        poll = { first = 1 } })
+      local spec = { model = PER_IMAGE, input = { prompt = "x" }, key = "removed-1", attempts = 1 }
+      local r, err
+      helpers.logged(function() r, err = jobs.job(spec) end)
+      assert.is_nil(r)
+      assert.are.equal(502, err.status)
+      helpers.logged(function() r, err = jobs.job(spec) end)
+      assert.is_nil(r)
+      assert.are.equal("job_unsure", err.kind)
+      assert.is_false(err.retryable)
+      assert.matches("prediction p1, made then, has had its input removed by Replicate", err.message, 1, true)
+      assert.are.equal(1, creates)
+      -- one made an hour after the create was sent is not it: the create is sent again
+      only_later = true
+      spec.key = "removed-2"
+      helpers.logged(function() r, err = jobs.job(spec) end)
+      helpers.logged(function() r, err = jobs.job(spec) end)
+      assert.are.same({ 502, 3 }, { err.status, creates })
+    end)
+
   -- Replicate bills a canceled prediction for the time it ran, not an aborted one (its deadline
   -- passed before it started: https://replicate.com/docs/topics/predictions/lifecycle). (before:
   -- "replicate job p1 failed", a row without a price and an error that Replicate "did not say how

@@ -149,11 +149,11 @@ end
 -- The job a create sent at wall time `since` made, though its answer was lost: the oldest prediction
 -- of this model (its version) created since then (a few minutes' slack for the clocks) whose input
 -- `same_input(input)` says is the one sent. -> handle | false (none: the create made nothing) |
--- nil, err (the list could not be read)
+-- nil, err (the list could not be read; or err.removed: one whose input Replicate removed may be it)
 local FIND_SLACK, FIND_PAGES = 300, 20
 function replicate.find(ctx, since, same_input)
   local t = ctx.target
-  local url, found, complete = ctx.base .. "/predictions", nil, false
+  local url, found, complete, removed = ctx.base .. "/predictions", nil, false, nil
   for _ = 1, FIND_PAGES do
     local res, err = ctx.send({ method = "GET", url = url, headers = replicate.headers(ctx.key) })
     if not res then return nil, err end
@@ -168,8 +168,12 @@ function replicate.find(ctx, since, same_input)
       local at = type(p) == "table" and iso_seconds(p.created_at)
       if at and at < since - FIND_SLACK then older = true; break end
       if at and type(p.id) == "string" and p.id ~= "" and (t.version and p.version == t.version
-        or not t.version and p.model == t.owner .. "/" .. t.name) and same_input(p.input) then
-        found = p -- (newest first: the last one met is the oldest)
+        or not t.version and p.model == t.owner .. "/" .. t.name) then
+        if same_input(p.input) then
+          found = p -- (newest first: the last one met is the oldest)
+        elseif p.data_removed == true and at <= since + FIND_SLACK then
+          removed = p -- (its input gone, an hour after it ended; made when the create was sent: it may be the one)
+        end
       end
     end
     complete = older or type(page.next) ~= "string"
@@ -179,6 +183,12 @@ function replicate.find(ctx, since, same_input)
   if not found and not complete then
     return nil, resil.error("unknown", ("replicate: the list of predictions did not reach back to %s"):format(
       os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(since))), { provider = "replicate", retryable = false })
+  end
+  -- (one whose input Replicate removed cannot be told apart: taken for none, a second was made and paid)
+  if not found and removed then
+    return nil, resil.error("job_unsure", ("prediction %s, made then, has had its input removed by Replicate " ..
+      "(data_removed: an hour after it ended), so whether it is this job cannot be told"):format(removed.id),
+      { provider = "replicate", id = removed.id, removed = true, retryable = false })
   end
   if not found then return false end
   local get = ("%s/predictions/%s"):format(ctx.base, escape(found.id))
