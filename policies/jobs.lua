@@ -204,6 +204,13 @@ local function context(spec, what, level)
   local bad = bad_key(key)
   if bad then error(("%s: the %s api_key must be a string of 6 bytes or more, not %s"):format(what, name, bad), level) end
   if key then resil.log.redact(key) else key = resil.secret(env) end
+  -- (fal's clients take FAL_KEY_ID and FAL_KEY_SECRET when FAL_KEY is not set: adapter.key_pair)
+  local pair = not key and not conf.key_env and adapter.key_pair
+  if pair then
+    local id, secret = resil.secret(pair[1]), resil.secret(pair[2])
+    key = id and secret and (id .. ":" .. secret) or nil
+    if key then resil.log.redact(key) end
+  end
   if not key then
     return nil, resil.error("missing_key", ("%s: %s is not set (the %s API key)"):format(what, env, name),
       { provider = name, variable = env, retryable = false })

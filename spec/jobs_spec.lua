@@ -1202,6 +1202,25 @@ print(e1.message)]]))
     m:stop()
   end)
 
+  -- fal's clients take FAL_KEY, else FAL_KEY_ID and FAL_KEY_SECRET as "id:secret" (fal-js config.ts).
+  -- (before: "FAL_KEY is not set" with both of those set, as fal's docs had them)
+  it("fal: FAL_KEY_ID and FAL_KEY_SECRET are the key id:secret when FAL_KEY is not set", function()
+    local r = helpers.run(("env -u FAL_KEY FAL_KEY_ID=kid-0001 FAL_KEY_SECRET=s3cr3t-0001 %s -e '%s'"):format(
+      helpers.resil, [[
+local resil = require "resil"
+local jobs = require "policies.jobs"
+local seen
+local server = assert(resil.server.listen({ handler = function(req)
+  if req.method == "POST" then seen = req.headers.authorization; return { status = 200, body = [=[{"request_id":"r1"}]=] } end
+  if req.path:match("/status$") then return { status = 200, body = [=[{"status":"COMPLETED"}]=] } end
+  return { status = 200, body = [=[{"images":[{"url":"https://x/a.png"}]}]=] }
+end }))
+jobs.configure("fal", { base_url = ("http://127.0.0.1:%d/fal"):format(server:port()), poll = { first = 0.01 } })
+local r, e = jobs.job({ model = "fal/fal-ai/flux/dev", input = {} })
+print(r and r.status, e, seen)]]))
+    assert.are.equal("succeeded\tnil\tKey kid-0001:s3cr3t-0001\n", r.stdout, r.stderr)
+  end)
+
   -- (before: a reload loaded policies.jobs afresh, its configuration empty: ai.job asked for the
   -- variable (missing_key), or sent the job with it to the provider's default base_url)
   it("given by jobs.configure are kept across a policy reload, as ai.configure's", function()

@@ -2,7 +2,7 @@
 --
 --   ai.job{ model = "fal/fal-ai/flux/dev", input = { prompt = "..." }, deadline = 300 }
 --
--- Key: FAL_KEY (Authorization: Key). Base URL: the provider's `base_url` configuration, else
+-- Key: FAL_KEY, else FAL_KEY_ID and FAL_KEY_SECRET as "id:secret" (Authorization: Key). Base URL: the provider's `base_url` configuration, else
 -- FAL_BASE_URL, else https://queue.fal.run.
 -- Submit: POST {base}/{endpoint} with the input as the body -> {request_id, status_url,
 -- response_url, cancel_url}; GET status_url through IN_QUEUE / IN_PROGRESS / COMPLETED; GET
@@ -14,6 +14,7 @@ local json = resil.json
 local fal = {
   name = "fal",
   key_env = "FAL_KEY",
+  key_pair = { "FAL_KEY_ID", "FAL_KEY_SECRET" }, -- (else "id:secret", as fal's clients read them)
   base_env = "FAL_BASE_URL",
   base_url = "https://queue.fal.run",
   duration_field = "metrics.inference_time", -- (what a model billed by the second is billed by: jobs.lua's charge)
