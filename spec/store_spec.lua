@@ -844,8 +844,9 @@ describe("a store in memory (:memory:)", function()
   before_each(function() resil.clock.virtual() end)
   after_each(function() resil.store_config({ url = helpers.tmpname(".db") }) end)
 
-  it("reads what it holds: the ledger's sums and budgets", function()
-    resil.store_config({ url = ":memory:" })
+  for _, url in ipairs({ ":memory:", "file::memory:", "sqlite://:memory:" }) do
+  it("reads what it holds: the ledger's sums and budgets (" .. url .. ")", function()
+    resil.store_config({ url = url })
     local t = assert(resil.budget("user:mem", { limit = 1, per = "day" }):reserve(0.6))
     t:settle(0.25)
     assert(resil.cost.record({ provider = "openai", model = "gpt-4o", user = "u1", usd = 0.5 }))
@@ -856,6 +857,7 @@ describe("a store in memory (:memory:)", function()
     resil.step("mem step", function() ran = ran + 1 end)
     assert.are.equal(1, ran)
   end)
+  end
 end)
 
 describe("resil.cost with wait = false (db:enqueue), against another process's write lock", function()

@@ -1405,6 +1405,15 @@ static int db_readonly(lua_State *L) {
   return 1;
 }
 
+/* db:in_memory() -> true for a database in memory or a temporary one (":memory:", "",
+ * "file::memory:", a "mode=memory" URI): SQLite names no file for it, and another connection
+ * (the reader thread's) opens another, empty database */
+static int db_in_memory(lua_State *L) {
+  const char *file = sqlite3_db_filename(check_db(L, 1)->db, "main");
+  lua_pushboolean(L, file == NULL || file[0] == '\0');
+  return 1;
+}
+
 static int db_stats(lua_State *L) {
   store_db *d = check_db(L, 1);
   lua_createtable(L, 0, 2);
@@ -1969,6 +1978,7 @@ static const luaL_Reg db_methods[] = {{"tx", db_tx},         {"commit_only", db_
                                       {"scan", db_scan},
                                       {"queued", db_queued},
                                       {"readonly", db_readonly},
+                                      {"in_memory", db_in_memory},
                                       {"blocking", db_blocking}, {"stats", db_stats},
                                       {"close", db_close},   {NULL, NULL}};
 static const luaL_Reg tx_methods[] = {

@@ -223,7 +223,7 @@ local function open(path, opts)
   if not ok then return nil, merr end
   opening.kept = true
   return setmetatable({ db = db, path = path, kind = "sqlite", timeout = timeout,
-    in_memory = path == ":memory:" or path == "" }, B)
+    in_memory = db:in_memory() }, B)
 end
 
 function B:stats() return self.db:stats() end
