@@ -1321,6 +1321,8 @@ local function whole_stream(s, api, id, b, headers, reader, req)
         return write(broken(api, UNREADABLE), true)
       end
       if err then return write(broken(api, err), true) end
+      local t = s.target or {}
+      access.served(req, t.provider, t.model, s.attempts or 1)
       access.upstream(req, s.provider_request_id)
     end
     while true do

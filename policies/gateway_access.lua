@@ -45,6 +45,13 @@ function access.upstream(req, id)
   if a and type(id) == "string" then a.upstream = cut(id, MODEL_LOGGED) end
 end
 
+-- what served a streamed reply whose headers went before it was known (a long stream read whole,
+-- kept alive: its x-resil-provider, -model and -attempts never sent): its line says it all the same
+function access.served(req, provider, model, attempts)
+  local a = of[req]
+  if a then a.provider, a.served_model, a.attempts = provider, model, attempts end
+end
+
 -- the running task's streamed reply ended with an error event of this kind
 function access.stream_failed(kind) stream_failed[resil.running()] = kind end
 
@@ -56,8 +63,9 @@ function access.line(req, a, route, status, reply, how, failed)
   local cost = h["x-resil-cost-usd"]
   resil.log.info("access", { method = req.method, path = cut(req.path, PATH_LOGGED), route = route, status = status,
     ms = math.floor((resil.now() - a.started) * 1e6 + 0.5) / 1e3, key = a.key, model = a.model,
-    provider = h["x-resil-provider"], served_model = h["x-resil-model"], upstream_request_id = a.upstream,
-    attempts = attempts and math.tointeger(tonumber(attempts)), cost_usd = cost and tonumber(cost),
+    provider = h["x-resil-provider"] or a.provider, served_model = h["x-resil-model"] or a.served_model,
+    upstream_request_id = a.upstream,
+    attempts = attempts and math.tointeger(tonumber(attempts)) or a.attempts, cost_usd = cost and tonumber(cost),
     replayed = h["x-resil-replayed"] == "true" or nil,
     bytes = type(reply) == "table" and type(reply.body) == "string" and #reply.body or nil, stream = how,
     error = failed })

@@ -137,6 +137,26 @@ describe("the gateway's access log", function()
     end
   end)
 
+  it("names what served a long stream kept alive, whose headers went before it was known", function()
+    -- (an Anthropic client with a tool, served by OpenAI: read whole, its reply started at 15 s)
+    local url, key = start(nil, { strict = true, reply = ("word "):rep(200), stream_interval = 0.5 })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local got = logged_until(1, function()
+      local s = assert(resil.http.stream({ method = "POST", url = url .. "/v1/messages", timeout = 120,
+        headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json",
+          ["anthropic-version"] = "2023-06-01" },
+        body = json.encode({ model = MINI, max_tokens = 300, stream = true,
+          messages = { { role = "user", content = "hello" } }, tool_choice = { type = "any" },
+          tools = { { name = "save", input_schema = { type = "object", properties = { text = { type = "string" } } } } } }) }))
+      assert.is_nil(s.headers["x-resil-provider"]) -- (not known when they went)
+      while s:read() do end
+    end)
+    assert.are.equal(1, #got)
+    assert.are.same({ "ended", "openai", "gpt-4o-mini", 1 },
+      { got[1].stream, got[1].provider, got[1].served_model, got[1].attempts })
+  end)
+
   it("says failed, with the error's kind, for a stream an upstream's bad event ended", function()
     local function chunk(delta)
       return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
