@@ -1348,15 +1348,23 @@ static int read_reply_protected(lua_State *L) {
 #define REPLY_HANDLE_MT "resil.ServerReply"
 #define WRITE_HIGH_WATER (256 * 1024) /* a write waits while the client has this much unread */
 
-static void answer_500(pending *p) {
+/* The server's own answer to a request its handler could not serve: status, body, and for a 503
+ * a Retry-After (and retry-after-ms, which the SDKs read first) */
+static void answer_error(pending *p, int status, const char *body, size_t len) {
   struct evkeyvalq *out = evhttp_request_get_output_headers(p->req);
   pending_clear_reply(p);
   evhttp_clear_headers(out); /* (those of a reply read part way) */
-  p->status = 500;
-  p->body = dup_bytes(HANDLER_ERROR, sizeof HANDLER_ERROR - 1);
-  p->body_len = p->body ? sizeof HANDLER_ERROR - 1 : 0;
+  p->status = status;
+  p->body = dup_bytes(body, len);
+  p->body_len = p->body ? len : 0;
   evhttp_add_header(out, "Content-Type", "application/json");
+  if (status == 503) {
+    evhttp_add_header(out, "Retry-After", "1");
+    evhttp_add_header(out, "retry-after-ms", "1000");
+  }
 }
+
+static void answer_500(pending *p) { answer_error(p, 500, HANDLER_ERROR, sizeof HANDLER_ERROR - 1); }
 
 /* A handler task that could not be started for want of memory (--max-memory, spent by the
  * requests in flight): a 503 with Retry-After, which clients and load balancers retry later or
@@ -1364,19 +1372,14 @@ static void answer_500(pending *p) {
  * had a bug. */
 #define UNAVAILABLE_ERROR SERVER_ERROR("api_error", "the server is out of memory for now; retry shortly")
 static void answer_unavailable(pending *p) {
-  struct evkeyvalq *out = evhttp_request_get_output_headers(p->req);
-  pending_clear_reply(p);
-  evhttp_clear_headers(out);
-  p->status = 503;
-  p->body = dup_bytes(UNAVAILABLE_ERROR, sizeof UNAVAILABLE_ERROR - 1);
-  p->body_len = p->body ? sizeof UNAVAILABLE_ERROR - 1 : 0;
-  evhttp_add_header(out, "Content-Type", "application/json");
-  evhttp_add_header(out, "Retry-After", "1");
+  answer_error(p, 503, UNAVAILABLE_ERROR, sizeof UNAVAILABLE_ERROR - 1);
 }
 
-/* the error at idx is Lua's memory error (its message; a C function's luaL_error may say it too) */
-static int out_of_memory(lua_State *L, int idx) {
-  const char *msg = lua_tostring(L, idx);
+/* host_pcall's status, and the error it left at the top: Lua's memory error (LUA_ERRMEM; or a C
+ * function's that said it, luaL_error "not enough memory", a status of LUA_ERRRUN) */
+static int out_of_memory(lua_State *L, int status) {
+  if (status == LUA_ERRMEM) return 1;
+  const char *msg = lua_tostring(L, -1);
   return msg && strstr(msg, "not enough memory") != NULL;
 }
 
@@ -1716,13 +1719,14 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     lua_pushlightuserdata(L, srv);
     lua_pushlightuserdata(L, req);
     lua_pushlightuserdata(L, p);
-    if (host_pcall(L, "server handler", 3, 0) == LUA_OK) {
+    int started = host_pcall(L, "server handler", 3, 0);
+    if (started == LUA_OK) {
       lua_settop(L, top);
       watch_client(p); /* a client that leaves cancels the task */
       return;
     }
     pending_detach(p, 1);
-    if (out_of_memory(L, -1)) { /* (the server's memory spent by the requests in flight: not this one's fault) */
+    if (out_of_memory(L, started)) { /* (the server's memory spent by the requests in flight: not this one's fault) */
       answer_unavailable(p);
       log_handler_error(L, p, "server handler not started (out of memory); answered 503");
     } else {
