@@ -41,6 +41,26 @@ describe("--watch without inotify watches to spare", function()
   local resil_bin = helpers.resil
   after_each(function() helpers.resil = resil_bin end)
 
+  it("checks a deep module's file every second when its folder cannot be watched (ENOSPC), and says so", function()
+    -- (the folders two below a policy folder are walked at start; a module deeper is watched as
+    -- it loads: its watch refused, the file went unwatched and unsaid, and its edits reloaded nothing)
+    local so = shim("#include <string.h>\nint inotify_add_watch(int fd, const char *p, uint32_t m) { " ..
+      "(void)fd; (void)m; if (strstr(p, \"/lib\")) { errno = ENOSPC; return -1; } return 1; }\n")
+    helpers.resil = ("ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s"):format(so, resil_bin)
+    local dir = helpers.policy_dir({})
+    assert(os.execute("mkdir -p " .. dir .. "/team/shared/lib"))
+    helpers.write(dir .. "/team/shared/lib/x.lua", "return { v = 1 }\n")
+    local pid, out = helpers.start(SCRIPT:gsub('resil.policy%("p"%)', 'resil.policy("team.shared.lib.x")'),
+      ("--watch --policies %s"):format(dir))
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("started") ~= nil end, 10),
+      helpers.slurp(out))
+    helpers.write(dir .. "/team/shared/lib/x.lua", "return { v = 2 }\n")
+    if not helpers.wait_until(function() return not helpers.alive(pid) end, 25) then os.execute("kill -KILL " .. pid) end
+    local text = helpers.slurp(out)
+    assert.matches("saw 2", text)
+    assert.matches("cannot watch a policy folder[^\n]*/team/shared/lib", text)
+  end)
+
   it("checks the files every second when a folder cannot be watched (ENOSPC), and says so once", function()
     local so = shim("int inotify_add_watch(int fd, const char *p, uint32_t m) { (void)fd; (void)p; (void)m; " ..
       "errno = ENOSPC; return -1; }\n")

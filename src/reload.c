@@ -284,18 +284,43 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
   }
 }
 
-/* watch: inotify watches too (else the links only) */
-static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
-  struct stat st_dir;
-  if (stat(dir, &st_dir) != 0 || !S_ISDIR(st_dir.st_mode)) return;
-  /* (IN_MOVED_FROM: a file moved out of the folder is gone as a deleted one is) */
-  if (watch && st->inotify_fd >= 0 &&
-      inotify_add_watch(st->inotify_fd, dir, WATCH_MASK) < 0 &&
-      !st->poll_all) {
+/* An inotify watch on dir (IN_MOVED_FROM: a file moved out of the folder is gone as a deleted
+ * one is) -> 0; or -1, the kernel's watches spent (ENOSPC: a large tree beside node_modules):
+ * the first such folder noted for the warning (warn_polling), and files are stat'ed each second
+ * instead (poll_all) */
+static int watch_folder(reload_state *st, const char *dir) {
+  if (inotify_add_watch(st->inotify_fd, dir, WATCH_MASK) >= 0) return 0;
+  if (!st->poll_all) {
     st->poll_all = 1;
     st->poll_errno = errno;
     snprintf(st->poll_dir, sizeof st->poll_dir, "%s", dir);
   }
+  return -1;
+}
+
+/* once a process, when a folder could not be watched: the line saying so, and what to raise */
+static void warn_polling(reload_state *st, lua_State *L) {
+  if (!st->poll_all || st->poll_warned) return;
+  st->poll_warned = 1;
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, st->poll_dir);
+  lua_setfield(L, -2, "folder");
+  lua_pushstring(L, strerror(st->poll_errno));
+  lua_setfield(L, -2, "error");
+  if (st->poll_errno == ENOSPC || st->poll_errno == EMFILE || st->poll_errno == ENFILE) {
+    lua_pushstring(L, st->inotify_fd < 0 ? "fs.inotify.max_user_instances (raise it to have the files watched)"
+                                          : "fs.inotify.max_user_watches (raise it to have the files watched)");
+    lua_setfield(L, -2, "sysctl");
+  }
+  host_log(L, "warn", "--watch: cannot watch a policy folder with inotify; its files are checked every second "
+                      "instead");
+}
+
+/* watch: inotify watches too (else the links only) */
+static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
+  struct stat st_dir;
+  if (stat(dir, &st_dir) != 0 || !S_ISDIR(st_dir.st_mode)) return;
+  if (watch && st->inotify_fd >= 0) watch_folder(st, dir);
   DIR *d = opendir(dir);
   if (!d) return;
   struct dirent *e;
@@ -328,7 +353,12 @@ void reload_watch_folder_of(resil_t *R, const char *path) {
   char *slash = strrchr(dir, '/');
   if (!slash) return; /* (a policy file is always found as folder/name.lua) */
   *slash = '\0';
-  inotify_add_watch(st->inotify_fd, dir, WATCH_MASK);
+  if (watch_folder(st, dir) == 0) return;
+  /* (no watch left: the file itself is stat'ed each second, once, however often it loads) */
+  for (size_t i = 0; i < st->nlinks; i++)
+    if (strcmp(st->links[i].path, path) == 0) return;
+  link_add(st, path);
+  warn_polling(st, R->L);
 }
 
 static void watch_stop(reload_state *st) {
@@ -419,21 +449,7 @@ static int watch_on(resil_t *R, lua_State *L, int on) {
     watch_stop(st);
     return RESIL_ERR_MEMORY;
   }
-  if (st->poll_all && !st->poll_warned) { /* once a process: the watches are made again as folders come */
-    st->poll_warned = 1;
-    lua_createtable(L, 0, 3);
-    lua_pushstring(L, st->poll_dir);
-    lua_setfield(L, -2, "folder");
-    lua_pushstring(L, strerror(st->poll_errno));
-    lua_setfield(L, -2, "error");
-    if (st->poll_errno == ENOSPC || st->poll_errno == EMFILE || st->poll_errno == ENFILE) {
-      lua_pushstring(L, st->inotify_fd < 0 ? "fs.inotify.max_user_instances (raise it to have the files watched)"
-                                            : "fs.inotify.max_user_watches (raise it to have the files watched)");
-      lua_setfield(L, -2, "sysctl");
-    }
-    host_log(L, "warn", "--watch: cannot watch a policy folder with inotify; its files are checked every second "
-                        "instead");
-  }
+  warn_polling(st, L); /* (once a process: the watches are made again as folders come) */
   return RESIL_OK;
 }
 
