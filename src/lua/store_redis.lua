@@ -1196,6 +1196,7 @@ function R:run_finish_now(id, status, now, me, pending, on_loop)
     n, err = self.conn:call_now("EVAL", scripts.run_finish, 2, keys[1], keys[2], table.unpack(args))
   end
   if n == nil then return nil, err end -- (the run stays "running (gone)": it resumes)
+  if self.taken_runs then self.taken_runs[id] = nil end -- (an embedder's process runs many)
   return n == 1
 end
 
@@ -1210,6 +1211,7 @@ return 1
 function R:run_give_up_now(id, now, me)
   local n, err = self.conn:call_now("EVAL", run_give_up, 1, P .. "run:" .. id, fmt_time(now), me)
   if n == nil then error(err, 0) end
+  if self.taken_runs then self.taken_runs[id] = nil end
   return n == 1
 end
 
