@@ -170,6 +170,8 @@ assert(t:settle(0.00972, { provider = "p", model = "m" }))
       assert.are.equal(0, cli("keys add --name most --budget 1000000000000/month").code)
       -- the most as the message writes it (before: "up to 1e12", and 1e12 refused), not past it
       assert.are.equal(0, cli("keys add --name most-too --budget 1e12").code)
+      assert.are.equal(0, cli("keys add --name small --budget 5e-3/day").code)
+      assert.are.equal(1, cli("keys add --name negative --budget -5").code)
       assert.are.equal(1, cli("keys add --name past --budget 1.5e12/day").code)
     end)
   end)

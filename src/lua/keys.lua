@@ -87,8 +87,8 @@ end
 -- "50/day" | "10/month" | "5" -> {limit=, per=}
 local function parse_budget(v)
   -- (a number as the message writes its most, 1e12, too: tonumber decides what is one)
-  local limit, per = tostring(v):match("^%$?([%d.eE+]+)/(%a+)$")
-  if not limit then limit = tostring(v):match("^%$?([%d.eE+]+)$") end
+  local limit, per = tostring(v):match("^%$?([%d.eE+-]+)/(%a+)$")
+  if not limit then limit = tostring(v):match("^%$?([%d.eE+-]+)$") end
   limit = tonumber(limit)
   -- (past 1e12, what a budget holds, the key was made and every request it sent was a 500)
   if not limit or limit <= 0 or limit > 1e12 or (per and per ~= "day" and per ~= "month") then
