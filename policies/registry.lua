@@ -619,13 +619,15 @@ registry.split = split
 -- A rule that is no Lua pattern ("[%d") raised from every call of an unpinned model of its
 -- provider ("registry.lua: malformed pattern"): a rule of a warning failed the calls. It is
 -- skipped, said once per rule.
-local said_rules = {}
+-- (the registry's warnings said once per process, kept across reloads)
+local once = resil.keep("policies.registry.once")
+
 local function rule_matches(name, rule, provider)
   local ok, found = pcall(string.find, name, rule)
   if ok then return found ~= nil end
-  local said = tostring(provider) .. "\0" .. tostring(rule)
-  if not said_rules[said] then
-    said_rules[said] = true
+  local said = "pinned\0" .. tostring(provider) .. "\0" .. tostring(rule)
+  if not once[said] then -- (the registry's warnings' once, which reset_warnings clears)
+    once[said] = true
     resil.log.warn("model registry: a pinning rule (registry.pinned) is not a pattern; it is skipped",
       { provider = provider, rule = tostring(rule), error = tostring(found) })
   end
@@ -675,9 +677,8 @@ function registry.closest(name)
 end
 
 ---------------------------------------------------------------------------
--- warnings once per process (kept across reloads)
+-- warnings once per process (kept across reloads): `once`, above
 
-local once = resil.keep("policies.registry.once")
 -- (the host's metric constructors, which prelude's owning_loader hands this chunk: resil.metrics is
 -- the scripts', and under the sandbox one that ran first handed out fakes; a copy loaded otherwise
 -- has resil.metrics)
@@ -697,7 +698,6 @@ local side_total = host_metrics.counter("resil_model_migration_calls_total",
 local memo = { expires = -math.huge, plans = {}, size = 0, providers = {} } -- plans kept (see resolve)
 function registry.reset_warnings()
   for k in pairs(once) do once[k] = nil end
-  for k in pairs(said_rules) do said_rules[k] = nil end
   memo.expires = -math.huge -- a kept plan would not warn again
 end
 
