@@ -239,23 +239,33 @@ static int store_trouble(int rc) {
   }
 }
 
+/* the bytes of one WAL frame: a page and its header */
+static double frame_bytes(const store_db *d) { return (d->page_size > 0 ? d->page_size : 4096) + 24; }
+
+/* the process's file-size limit (ulimit -f) in bytes; 0 for none */
+static double file_size_limit(void) {
+  struct rlimit lim;
+  if (getrlimit(RLIMIT_FSIZE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY) return 0;
+  return (double)lim.rlim_cur;
+}
+
 /* The file or its WAL within a page of the process's file-size limit
  * (ulimit -f): a write that failed there failed EFBIG, which SQLite reports
  * as a bare "disk I/O error" (its errno gone by then) */
 static int at_file_size_limit(const store_db *d) {
-  struct rlimit lim;
-  if (!d->path || getrlimit(RLIMIT_FSIZE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY) return 0;
-  double frame = (d->page_size > 0 ? d->page_size : 4096) + 24;
+  double most = file_size_limit();
+  if (!d->path || most == 0) return 0;
+  double frame = frame_bytes(d);
   char wal[PATH_MAX];
   snprintf(wal, sizeof wal, "%s-wal", d->path);
   struct stat st;
-  return (stat(d->path, &st) == 0 && (double)st.st_size + frame > (double)lim.rlim_cur) ||
-         (stat(wal, &st) == 0 && (double)st.st_size + frame > (double)lim.rlim_cur);
+  return (stat(d->path, &st) == 0 && (double)st.st_size + frame > most) ||
+         (stat(wal, &st) == 0 && (double)st.st_size + frame > most);
 }
 
 /* what SQLite said, and why a write was refused when the file is not this
  * process's to write, or would grow past the file-size limit */
-static const char *readonly_note(store_db *d, int rc) {
+static const char *refusal_note(store_db *d, int rc) {
   if (d->readonly_uri && (rc & 0xff) == SQLITE_READONLY)
     return " (this process may read the file, not write it: opened read-only)";
   if ((rc & 0xff) == SQLITE_IOERR && at_file_size_limit(d))
@@ -266,9 +276,9 @@ static const char *readonly_note(store_db *d, int rc) {
 static int sql_failed(lua_State *L, store_db *d, int rc) {
   if ((rc & 0xff) == SQLITE_INTERRUPT) watchdog_sql_stopped(L, d->R); /* the watchdog's stop, if it was */
   if (!store_trouble(rc))
-    return luaL_error(L, "store %s: %s%s", d->path ? d->path : "?", sqlite3_errmsg(d->db), readonly_note(d, rc));
+    return luaL_error(L, "store %s: %s%s", d->path ? d->path : "?", sqlite3_errmsg(d->db), refusal_note(d, rc));
   resil_push_error(L, "store_unavailable", "store %s: %s%s", d->path ? d->path : "?", sqlite3_errmsg(d->db),
-                   readonly_note(d, rc));
+                   refusal_note(d, rc));
   /* busy = true: worth another try (migrate, read): a read transaction's
    * first statement finds the file busy while another process recovers
    * the WAL it has just opened, or checkpoints it as it closes */
@@ -507,7 +517,7 @@ static void run_row(lua_State *L, store_db *d, op *o) {
     case SQLITE_PROTOCOL: o->failed = 2; break;
     default: o->failed = 1;
     }
-    lua_pushfstring(L, "store %s: %s%s", d->path ? d->path : "?", sqlite3_errmsg(d->db), readonly_note(d, rc));
+    lua_pushfstring(L, "store %s: %s%s", d->path ? d->path : "?", sqlite3_errmsg(d->db), refusal_note(d, rc));
     o->ref_result = luaL_ref(L, LUA_REGISTRYINDEX);
   }
   sqlite3_reset(st);
@@ -651,7 +661,7 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
     if (moved) snprintf(why, sizeof why, "store %s: %s", d->path, moved);
     else if (d->shm_error) snprintf(why, sizeof why, "store %s: %s", d->path, d->shm_error); /* (at close) */
     else snprintf(why, sizeof why, "store %s: %s%s", d->path, sqlite3_errmsg(d->db),
-                  readonly_note(d, sqlite3_extended_errcode(d->db)));
+                  refusal_note(d, sqlite3_extended_errcode(d->db)));
     for (op *o = first; o; o = o->next) fail_op(L, o, why);
     return 0;
   }
@@ -686,7 +696,7 @@ static int commit_batch(lua_State *L, store_db *d, op *first, int began) {
   if (!why[0]) {
     rc = exec_ctl(d, CTL_COMMIT);
     if (rc != SQLITE_OK)
-      snprintf(why, sizeof why, "store %s: commit failed: %s%s", d->path, sqlite3_errmsg(d->db), readonly_note(d, rc));
+      snprintf(why, sizeof why, "store %s: commit failed: %s%s", d->path, sqlite3_errmsg(d->db), refusal_note(d, rc));
   }
   if (rc != SQLITE_OK) {
     if (!sqlite3_get_autocommit(d->db)) exec_sql(d, "ROLLBACK");
@@ -856,11 +866,9 @@ static int count_frames(void *arg, sqlite3 *db, const char *name, int frames) {
   if (frames >= d->room_checked_at + ROOM_CHECK_FRAMES && d->shm_path) {
     d->room_checked_at = frames;
     struct statvfs v;
-    struct rlimit lim; /* a file-size limit (ulimit -f) is as little room, for the WAL itself */
-    double frame = (d->page_size > 0 ? d->page_size : 4096) + 24;
+    double frame = frame_bytes(d), most = file_size_limit(); /* (a file-size limit is as little room, for the WAL itself) */
     d->short_of_room = (statvfs(d->shm_path, &v) == 0 && (double)v.f_bavail * v.f_frsize < 2.0 * CHECKPOINT_FRAMES * frame) ||
-                       (getrlimit(RLIMIT_FSIZE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY &&
-                        (double)lim.rlim_cur < 2.0 * CHECKPOINT_FRAMES * frame);
+                       (most > 0 && most < 2.0 * CHECKPOINT_FRAMES * frame);
   }
   return SQLITE_OK;
 }
@@ -1365,7 +1373,7 @@ static int run_now(lua_State *L, const char *begin) {
     /* the reason before the ROLLBACK's: SQLite may have rolled back itself
      * (a full disk, an I/O error), and then the ROLLBACK fails on its own */
     int pushed = resil_error_result(L, "store_unavailable", "store %s: commit failed: %s%s", d->path,
-                                    sqlite3_errmsg(d->db), readonly_note(d, commit_rc));
+                                    sqlite3_errmsg(d->db), refusal_note(d, commit_rc));
     if (!sqlite3_get_autocommit(d->db)) exec_sql(d, "ROLLBACK");
     return pushed;
   }
