@@ -122,6 +122,19 @@ describe("resil.bucket (GCRA)", function()
     assert.is_true((waiter:join()))
   end)
 
+  -- (before: the waiter's timeout and the bucket's timer, due at one moment, ran timeout first: a
+  -- wait of exactly the timeout was refused, saying "1 tokens available in 0.000 s")
+  it("grants tokens that come at the timeout's very moment", function()
+    for _, case in ipairs({ { rate = 2, timeout = 0.5 }, { rate = 10, timeout = 0.1 } }) do
+      local b = fresh { rate = case.rate, per = 1, burst = 1 }
+      assert.is_true((b:try()))
+      local t0 = resil.now()
+      local ok, err = b:acquire(1, { timeout = case.timeout })
+      assert.is_true(ok, type(err) == "table" and err.message or nil)
+      near(case.timeout, resil.now() - t0)
+    end
+  end)
+
   it("gives up at once when the wait would exceed the timeout, with the wait as retry_after", function()
     local b = fresh { rate = 1, per = 1, burst = 1 }
     assert.is_true((b:try()))

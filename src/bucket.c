@@ -159,6 +159,10 @@ static void bucket_timer_fired(void *arg) {
 static void waiter_timed_out(void *arg) {
   waiter *w = arg;
   bucket *b = w->b;
+  /* its tokens due at its timeout's very moment (the bucket's timer, due then too, not yet run: two
+   * timers of one deadline run in either order) are granted, not refused as 'available in 0.000 s' */
+  serve(b);
+  if (w->outcome == 1) return;
   w->retry_after = (double)wait_behind(b, w->n, now_ns(b->R), w) / NS;
   int was_head = b->head == w;
   queue_remove(b, w);
