@@ -643,6 +643,22 @@ describe("a shared bucket (GCRA state in the store)", function()
     assert.are.equal(0, tokens:remaining())
   end)
 
+  -- (before: resil.acquire_all, canceled while it slept on the slots the store had booked for it,
+  -- another process having taken the last token, kept them: each bucket's next caller, 10.5 s on,
+  -- waited 9.5 s more, as for a call that was never made)
+  it("resil.acquire_all gives back the slots booked for a waiter canceled before they came", function()
+    local rpm_opts = { rate = 1, per = 10, burst = 1, shared = true }
+    local tpm_opts = { rate = 10, per = 10, burst = 10, unit = "tokens", shared = true }
+    local rpm, tpm = resil.bucket("all-cancel-rpm", rpm_opts), resil.bucket("all-cancel-tpm", tpm_opts)
+    assert.is_true((other_process(rpm, rpm_opts):try(1))) -- this process still sees a token there
+    local waiter = resil.spawn(function() return resil.acquire_all({ { rpm, 1 }, { tpm, 5 } }, { timeout = 100 }) end)
+    resil.sleep(1)
+    assert.is_true(waiter:cancel())
+    resil.sleep(9.5)
+    assert.are.same({ true, 0 }, { rpm:try(1) })
+    assert.are.same({ true, 0 }, { tpm:try(10) })
+  end)
+
   -- (before: a shared bucket had no observe: a provider's 429 paused no one)
   it("a provider's pause observed by one process holds back every process sharing the bucket", function()
     local opts = { rate = 10, per = 1, burst = 10, shared = true }

@@ -300,6 +300,10 @@ end
 -- back (it was kept: the next caller waited a slot more); in a task of its own, as a cancel's
 -- <close> cannot wait on the store
 local booked_mt = { __close = function(g) if g.n then resil.spawn(g.bucket.refund, g.bucket, g.n) end end }
+-- the same for acquire_all's slots, booked in several buckets at once ({ {bucket, n}, ... } in g.list)
+local booked_all_mt = { __close = function(g)
+  for _, e in ipairs(g.list or {}) do resil.spawn(e[1].refund, e[1], e[2]) end
+end }
 
 -- b:acquire(n, {timeout=}) -> true, remaining | nil, err{kind="rate_limited"}
 function SharedBucket:acquire(n, opts)
@@ -598,7 +602,15 @@ function resil.acquire_all(list, opts)
       local took, x, i = take_shared(list, shared, deadline)
       if took == nil then took, x, i = shared_stand_ins(list, shared, x, locals) end
       if took then
-        if x > 0 then resil.sleep(x) end
+        if x > 0 then
+          local booked = {}
+          if took == "booked" then
+            for k, i in ipairs(shared) do booked[k] = { list[i][1], list[i][2] or 1 } end
+          end
+          local guard <close> = setmetatable({ list = booked }, booked_all_mt)
+          resil.sleep(x)
+          guard.list = nil
+        end
         -- a pause learned of meanwhile: waited out, the slots booked again after it (as acquire does)
         local paused, which = 0, nil
         if took == "booked" then paused, which = paused_since(list, shared, before) end
