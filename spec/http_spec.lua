@@ -1157,6 +1157,58 @@ while True:
   end)
 end)
 
+-- (before: libcurl keeps the first failure's words in the error buffer: a request whose kept
+-- connection the server reset as it went, which libcurl sent again on a new one that then failed
+-- otherwise, said "Recv failure: Connection reset by peer" as a too_large or a protocol error)
+describe("a request sent again after its kept connection was reset", function()
+  -- each connection: its first request answered ("ok", kept alive); the next one not read, the
+  -- connection closed on it (a reset); /huge answers a header line past libcurl's limit, /zero a
+  -- status of 000
+  local script = [[
+import socket, threading, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0)); s.listen(16)
+print("port", s.getsockname()[1], flush=True)
+def serve(c):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(65536)
+        if not d: c.close(); return
+        buf += d
+    path = buf.split(b" ")[1]
+    if path == b"/huge":
+        c.sendall(b"HTTP/1.1 200 OK\r\nX-Huge: " + b"a" * (200 * 1024) + b"\r\nContent-Length: 2\r\n\r\nok")
+    elif path == b"/zero":
+        c.sendall(b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok")
+    else:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    time.sleep(0.3) # the next request comes, unread
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+]]
+  it("fails saying why the request sent again failed, not the reset libcurl got past", function()
+    resil.clock.real()
+    local got, log = helpers.with_server("timeout 60 python3 " .. helpers.write(helpers.tmpname(".py"), script),
+      "port (%d+)", function(port)
+        local base, out = "http://127.0.0.1:" .. port, {}
+        for _, path in ipairs({ "/huge", "/zero" }) do
+          assert(http.request({ url = base .. "/ok", timeout = 5 })) -- the connection kept
+          resil.sleep(0.05)
+          local res, err = http.request({ url = base .. path, timeout = 5 })
+          out[path] = res and res.status or err
+        end
+        return out
+      end)
+    assert(got, log)
+    assert.are.equal("too_large", got["/huge"].kind)
+    assert.matches("header line longer than libcurl's limit", got["/huge"].message)
+    assert.are.equal("protocol", got["/zero"].kind)
+    assert.not_matches("reset", got["/zero"].message)
+  end)
+end)
+
 -- (helper K, session 36) libcurl 7.88 refuses a header line over 100 KiB as out of memory: the
 -- call failed saying "Out of memory" and a user looked for a leak. Thousands of small headers
 -- (within libcurl's 300 KiB for all of them) arrive.

@@ -691,7 +691,12 @@ static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primar
       o->multiplexes = 1;
     }
   }
-  if (++r->sends > 1) r->set.retried++; /* curl sent it again: see easy_retries_spent */
+  if (++r->sends > 1) {
+    r->set.retried++; /* curl sent it again: see easy_retries_spent */
+    /* what failed the last send (a kept connection reset) is past: libcurl keeps a transfer's first
+     * failure's words, so this one's failure would say "Connection reset by peer" */
+    r->errbuf[0] = '\0';
+  }
   if (r->set.follow && redirect_headers(r) != 0) return CURL_PREREQFUNC_ABORT;
   return CURL_PREREQFUNC_OK;
 }
