@@ -1199,6 +1199,13 @@ static int body_take(http_req *r, const char *data, size_t len) {
   return buffer_append(&r->body, data, len);
 }
 
+static const char *content_encoding(const http_req *r, size_t *n);
+static int deflate_encoded(const http_req *r) {
+  size_t n = 0;
+  const char *v = content_encoding(r, &n);
+  return v && n == 7 && strncasecmp(v, "deflate", 7) == 0;
+}
+
 /* A gzip (or deflate) body, decoded here rather than by libcurl, which
  * never checks that the stream reached its end (7.88): a body cut before its
  * trailer passed for a whole answer. Members that follow one another are
@@ -1207,6 +1214,7 @@ static int body_take(http_req *r, const char *data, size_t len) {
 static int gunzip(http_req *r, const char *data, size_t len) {
   z_stream *z = r->gz;
   unsigned char out[16384];
+  int first = z->total_in == 0 && z->total_out == 0 && !r->gz_raw; /* the body's first bytes */
   z->next_in = (Bytef *)data;
   z->avail_in = (uInt)len;
   for (;;) {
@@ -1225,6 +1233,14 @@ static int gunzip(http_req *r, const char *data, size_t len) {
       r->gz_open = 0;
       if (z->avail_in == 0) return 0;
     } else if (rc != Z_OK && rc != Z_BUF_ERROR) {
+      /* a "deflate" body without zlib's header (servers send one so; libcurl read it) */
+      if (rc == Z_DATA_ERROR && first && z->total_out == 0 && deflate_encoded(r) && inflateReset2(z, -15) == Z_OK) {
+        r->gz_raw = 1;
+        first = 0;
+        z->next_in = (Bytef *)data;
+        z->avail_in = (uInt)len;
+        continue;
+      }
       break;
     } else if (z->avail_out != 0) {
       return 0; /* all of the input taken and all it gives given out */

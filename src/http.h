@@ -75,6 +75,7 @@ struct http_req {
   struct z_stream_s *gz;     /* a gzip or deflate body's decoder (header_cb) */
   size_t h2_raw;              /* body bytes curl wrote since the response's status line (held_note_write) */
   int gz_open;               /* it took bytes of a gzip member not yet ended: the body is incomplete */
+  int gz_raw;                /* its deflate body came without zlib's header: read as raw deflate */
   int decode_failed;         /* CURLE_BAD_CONTENT_ENCODING or CURLE_OUT_OF_MEMORY: why decoding stopped */
   int length_conflict;       /* the final response named two different Content-Lengths */
   size_t sse_used;           /* body bytes it has framed */
