@@ -1545,6 +1545,19 @@ local function stream_opener(t, req, refused)
     end
     o.accepted = true
     local state = o.state
+    local ctype = s.headers["content-type"]
+    if type(ctype) == "string" and ctype:find("json", 1, true) then
+      -- a whole answer (a server that ignores stream = true): billed as one, so recorded as one
+      -- (the guard below), and no stream: not asked again of a server that answers so
+      local body = read_all(s)
+      s:close()
+      local data = json.decode(body)
+      local r = type(data) == "table" and t.adapter.parse(data)
+      if type(r) == "table" then state.usage, state.model, state.id = r.usage, r.model, r.id end
+      o.whole = { type(r) == "table" and type(r.text) == "string" and r.text ~= "" and r.text or body }
+      return nil, resil.error("protocol", ("%s: answered a stream request with a whole answer (%s), not a stream")
+        :format(t.name, ctype:sub(1, 64)), { retryable = false })
+    end
     local relay = req.raw_events == true or req.raw_events == t.adapter.name
     local events = relay and {} or nil
     local whole = not relay and req.read_whole and {} or nil

@@ -2013,6 +2013,43 @@ describe("streams", function()
     assert.is_true(inputs.openai > 0) -- estimated from the prompt
   end)
 
+  -- (before: "the stream ended before its first delta", a protocol error tried again: each whole
+  -- answer was paid and none was recorded, nor held against the budget)
+  it("a whole JSON answer to a stream request (a server that ignores stream = true) is recorded as billed, once, " ..
+     "and not asked again of that server", function()
+    local asked = 0
+    local upstream = assert(resil.server.listen({ handler = function(req)
+      asked = asked + 1
+      local body = req.path == "/v1/messages"
+        and '{"id":"msg_whole","type":"message","role":"assistant","model":"claude-haiku-4-5","content":' ..
+            '[{"type":"text","text":"hello there"}],"stop_reason":"end_turn","usage":{"input_tokens":1234,' ..
+            '"output_tokens":56}}'
+        or '{"id":"chatcmpl-whole","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,' ..
+            '"message":{"role":"assistant","content":"hello there"},"finish_reason":"stop"}],"usage":' ..
+            '{"prompt_tokens":1234,"completion_tokens":56}}'
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = body }
+    end }))
+    finally(function() upstream:close() end)
+    point_at(("http://127.0.0.1:%d"):format(upstream:port()))
+    local b = resil.budget("ai-spec-stream-whole", { limit = 1 })
+    for i, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
+      local s = ai.stream({ model = model, messages = MSGS, max_tokens = 100, budget = "ai-spec-stream-whole" })
+      local ok, err = pcall(function() for _ in s do end end)
+      assert.is_false(ok, model)
+      assert.are.equal(false, err.retryable, model)
+      assert.matches("not a stream", err.message)
+      assert.are.equal(i, asked, model)
+      assert.are.equal(i, ledger_rows(), model)
+    end
+    local st = b:state()
+    assert.are.same({ 0, 0 }, { st.reserved, #st.holds })
+    local rows = assert(helpers.backend(assert(resil.store())):cost_rows({}))
+    for _, r in ipairs(rows) do
+      local units = resil.json.decode(r.units)
+      assert.are.same({ 1234, 56 }, { units.input_tokens, units.output_tokens }, r.provider)
+    end
+  end)
+
   for _, model in ipairs({ "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5" }) do
     it(model .. ": a stream that ends before any text is invalid output, retried as ai.chat's empty answer is; " ..
        "each refused answer is billed", function()
