@@ -1271,3 +1271,30 @@ describe("resil.http.header", function()
     assert.has_error(function() resil.http.header(res) end)
   end)
 end)
+
+-- (before: libcurl 7.88 bounds a response's headers, not a chunked body's trailers, and the host
+-- kept each trailer line: a server that sent trailers without end grew the process by some 80 MB a
+-- second until the request's timeout)
+describe("a chunked response's trailers", function()
+  it("past 300 KiB fail the request as too_large, saying so; a few arrive", function()
+    local server = resil.server.listen({ port = 0, handler = function(req)
+      local n = req.path == "/endless" and 20000 or 3 -- 20,000 lines of 108 bytes: 2 MiB
+      local trailer = ("X-T: %s\r\n"):format(("a"):rep(100))
+      return { action = "raw", body = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" ..
+        "2\r\nok\r\n0\r\n" .. trailer:rep(n) .. "\r\n" }
+    end })
+    local base = ("http://127.0.0.1:%d"):format(server:port())
+    local res, err = http.request({ url = base .. "/endless", timeout = 5 })
+    assert.is_nil(res)
+    assert.are.equal("too_large", err.kind)
+    assert.matches("trailers", err.message)
+    local s = assert(http.stream({ url = base .. "/endless", timeout = 5 }))
+    local chunk, serr
+    repeat chunk, serr = s:read() until not chunk
+    s:close()
+    assert.are.equal("too_large", serr and serr.kind)
+    res = assert(http.request({ url = base .. "/few", timeout = 5 }))
+    assert.are.equal("ok", res.body)
+    server:close()
+  end)
+end)

@@ -35,6 +35,10 @@
 #define DEFAULT_TIMEOUT 60.0
 #define DEFAULT_CONNECT_TIMEOUT 10.0
 #define DEFAULT_MAX_BODY (64u * 1024 * 1024)
+/* libcurl 7.88 holds a response's headers to 300 KiB, not the trailers after a chunked (or h2)
+ * body, which header_cb is given too: a server sending them without end grew the process until
+ * the request's timeout. They are held to as much. */
+#define MAX_TRAILER_BYTES (300 * 1024)
 /* one server-sent event: a reply streamed as one event, not a runaway line */
 #define DEFAULT_MAX_EVENT (8u * 1024 * 1024)
 #define STREAM_HIGH_WATER (1u << 20)
@@ -502,6 +506,11 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
     if (result == CURLE_OK && r->status < 100) {
       result = CURLE_WEIRD_SERVER_REPLY;
       snprintf(r->errbuf, sizeof r->errbuf, "no valid HTTP status line in the response");
+    }
+    if (r->trailers_too_large && result == CURLE_WRITE_ERROR) {
+      result = CURLE_OUT_OF_MEMORY; /* (too_large) */
+      snprintf(r->errbuf, sizeof r->errbuf, "the response's trailers (after its body) ran past %d KiB",
+               MAX_TRAILER_BYTES / 1024);
     }
     if (r->length_conflict && result == CURLE_WRITE_ERROR) {
       result = CURLE_WEIRD_SERVER_REPLY;
@@ -1401,6 +1410,17 @@ static int redirect_followed(const http_req *r, long code) {
 static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
   http_req *r = userp;
   size_t len = size * n;
+  if (r->headers_done && !(len <= 2 && (data[0] == '\r' || data[0] == '\n'))) { /* a trailer line */
+    r->trailer_bytes += len;
+    if (r->trailer_bytes > MAX_TRAILER_BYTES) {
+      r->trailers_too_large = 1;
+      return 0;
+    }
+    if (buffer_append(&r->head, data, len) != 0) return 0;
+    note_fed(r, len, 1);
+    if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
+    return len;
+  }
   if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
     r->head.len = 0; /* a new response (after 100-continue or a redirect) */
     r->h2_raw = 0;
