@@ -1298,3 +1298,61 @@ describe("a chunked response's trailers", function()
     server:close()
   end)
 end)
+
+-- (before: idle_timeout counted the bytes received only: a request still sending a large body
+-- (a prompt with images, up a slow link) that the server read as it came was cut as "no data for
+-- N s" while its bytes went, and tried again the same way)
+describe("idle_timeout while the request's body is still being sent", function()
+  -- /slow reads the body 64 KiB at a time, 10 ms apart (6 MiB a second), then answers "ok";
+  -- /stall reads nothing
+  local script = [[
+import socket, threading, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+s.bind(("127.0.0.1", 0)); s.listen(16)
+print("port", s.getsockname()[1], flush=True)
+def serve(c):
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(65536)
+        if not d: c.close(); return
+        buf += d
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    if head.split(b" ")[1] == b"/stall":
+        time.sleep(30); c.close(); return
+    n = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"): n = int(line.split(b":")[1])
+    got = len(rest)
+    while got < n:
+        d = c.recv(65536)
+        if not d: c.close(); return
+        got += len(d)
+        time.sleep(0.01)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+]]
+  it("does not cut it while the server reads it; a server that reads nothing is cut", function()
+    local got, log = helpers.with_server("timeout 60 python3 " .. helpers.write(helpers.tmpname(".py"), script),
+      "port (%d+)", function(port)
+        -- (the kernel's buffers take some MiB at once: what is left of the body takes seconds more)
+        local base, body = "http://127.0.0.1:" .. port, ("x"):rep(24 * 1024 * 1024)
+        local t0 = resil.now()
+        local res, err = http.request({ url = base .. "/slow", method = "POST", body = body, timeout = 50,
+          idle_timeout = 2 })
+        local slow = { res and res.body or err.message, resil.now() - t0 }
+        local _, serr = http.request({ url = base .. "/stall", method = "POST", body = body, timeout = 30,
+          idle_timeout = 0.3 })
+        return { slow = slow, stall = serr }
+      end)
+    assert(got, log)
+    assert.are.equal("ok", got.slow[1])
+    assert.is_true(got.slow[2] > 2.5, "the body went in " .. got.slow[2] .. " s: the server read it too fast")
+    assert.are.equal("timeout", got.stall and got.stall.kind)
+    assert.matches("idle_timeout", got.stall.message)
+  end)
+end)

@@ -1492,6 +1492,17 @@ void request_bound(http_req *r, double seconds) {
 
 static void idle_cb(void *arg) {
   http_req *r = arg;
+  /* a request still sending its body (a large prompt up a slow link) that the server takes as it
+   * comes is not idle: bytes go, not come. Asked here, when the timer runs out, not on each send
+   * (what the kernel's buffers hold once curl handed the last byte is the server's to take within
+   * idle_timeout) */
+  curl_off_t sent = 0;
+  if (r->easy && r->req_body && !r->headers_done && curl_easy_getinfo(r->easy, CURLINFO_SIZE_UPLOAD_T, &sent) == CURLE_OK &&
+      (long long)sent != r->idle_sent) {
+    r->idle_sent = (long long)sent;
+    timer_start(&r->idle, r->idle_timeout);
+    return;
+  }
   r->aborted = ABORT_IDLE;
   request_finish(r, CURLE_OPERATION_TIMEDOUT, ABORT_IDLE);
 }
