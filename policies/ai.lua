@@ -161,6 +161,13 @@ function ai.configure(provider, conf)
         type(v) == "string" and ("%q"):format(v) or tostring(v)), 2)
     end
   end
+  -- (taken as it came: each budgeted call given none raised inside policies/call.lua for a NaN, or was
+  -- held at -1 token)
+  local mt = conf.max_tokens
+  if mt ~= nil and not (type(mt) == "number" and mt >= 1 and mt < 2^53 and mt == math.floor(mt)) then
+    error(("ai.configure '%s': max_tokens must be a whole number >= 1, got %s"):format(provider,
+      type(mt) == "string" and ("%q"):format(mt) or tostring(mt)), 2)
+  end
   if conf.service_tier ~= nil and type(conf.service_tier) ~= "string" then
     error("ai.configure: service_tier must be a string (\"priority\", \"flex\", \"default\", ...)", 2)
   end
@@ -458,8 +465,9 @@ local function check_request(req, level)
       error(("ai: messages[%d] must be a table with a role"):format(i), level + 1)
     end
   end
-  if req.max_tokens ~= nil and math.type(req.max_tokens) ~= "integer" then
-    error("ai: max_tokens must be an integer", level + 1)
+  -- (-1 was sent, the provider's 400, and held against a budget below its input's cost)
+  if req.max_tokens ~= nil and not (math.type(req.max_tokens) == "integer" and req.max_tokens >= 0) then
+    error(("ai: max_tokens must be an integer >= 0, got %s"):format(tostring(req.max_tokens)), level + 1)
   end
   check_call_options(req, "ai", level + 1)
   if req.cache ~= nil and not cache_ok(req.cache) then

@@ -1583,6 +1583,29 @@ describe("chat over the strict mock", function()
     point_at(m.url)
   end)
 
+  -- (before: ai.configure took any max_tokens, and each budgeted call given none raised at
+  -- "policies/call.lua:362: ... cannot encode 'json': Cannot serialise number" (NaN), or was held
+  -- at -1 token, a hold below its input's; a request's max_tokens of -1 was sent, the provider's
+  -- 400, and held likewise)
+  it("a max_tokens that cannot be meant, ai.configure's or a request's, raises at its line", function()
+    for _, v in ipairs({ 0, -1, 0 / 0, math.huge, 2.5, "60" }) do
+      local ok, err = pcall(function()
+        ai.configure("openai", { base_url = "http://127.0.0.1:1/v1", api_key = OPENAI_KEY, max_tokens = v })
+      end)
+      assert.is_false(ok, tostring(v))
+      assert.matches("ai_spec.lua:%d+: ai.configure 'openai': max_tokens must be a whole number >= 1", err)
+    end
+    point_at(m.url)
+    for _, v in ipairs({ -1, -4096 }) do
+      local ok, err = pcall(function()
+        local r = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = v }); return r
+      end)
+      assert.is_false(ok, tostring(v))
+      assert.matches("ai_spec.lua:%d+: ai: max_tokens must be", err)
+    end
+    assert.are.equal(0, m:stats().total)
+  end)
+
   it("ai.configure's deadline that is not a number, or limits that are not tables, raise at its line", function()
     -- (before: taken, then every call raised inside policies/ai.lua, 'call.provider ...' or 'attempt to index')
     for _, conf in ipairs({ { deadline = "30" }, { deadline = 0 / 0 }, { breaker = true }, { rate = 500 },
