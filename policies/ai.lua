@@ -454,6 +454,9 @@ local function check_call_options(req, who, level)
   end
 end
 
+-- a request's numbers the providers take as sampling options: each must be one JSON can say
+local FINITE_FIELDS = { "temperature", "top_p", "top_k", "seed", "n", "frequency_penalty", "presence_penalty" }
+
 local function check_request(req, level)
   if type(req) ~= "table" then error("ai: expects a request table", level + 1) end
   check_budget(req.budget, "ai", level + 1)
@@ -468,6 +471,13 @@ local function check_request(req, level)
   -- (-1 was sent, the provider's 400, and held against a budget below its input's cost)
   if req.max_tokens ~= nil and not (math.type(req.max_tokens) == "integer" and req.max_tokens >= 0) then
     error(("ai: max_tokens must be an integer >= 0, got %s"):format(tostring(req.max_tokens)), level + 1)
+  end
+  -- (a NaN or an infinite one, computed, raised at "policies/call.lua:362: ... cannot encode 'json'")
+  for i = 1, #FINITE_FIELDS do
+    local v = req[FINITE_FIELDS[i]]
+    if type(v) == "number" and not (v == v and v > -math.huge and v < math.huge) then
+      error(("ai: %s must be a finite number, got %s"):format(FINITE_FIELDS[i], tostring(v)), level + 1)
+    end
   end
   check_call_options(req, "ai", level + 1)
   if req.cache ~= nil and not cache_ok(req.cache) then

@@ -1606,6 +1606,22 @@ describe("chat over the strict mock", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  -- (before: "policies/call.lua:362: http request: cannot encode 'json': Cannot serialise number",
+  -- a line of the library's, for a temperature computed as 1 / 0)
+  it("a sampling number that is NaN or infinite raises at the caller's line, nothing sent", function()
+    point_at(m.url)
+    for _, k in ipairs({ "temperature", "top_p", "top_k", "seed", "n", "frequency_penalty", "presence_penalty" }) do
+      for _, v in ipairs({ 0 / 0, math.huge, -math.huge }) do
+        local ok, err = pcall(function()
+          local r = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, [k] = v }); return r
+        end)
+        assert.is_false(ok, k .. " " .. tostring(v))
+        assert.matches("ai_spec.lua:%d+: ai: " .. k .. " must be a finite number", err)
+      end
+    end
+    assert.are.equal(0, m:stats().total)
+  end)
+
   it("ai.configure's deadline that is not a number, or limits that are not tables, raise at its line", function()
     -- (before: taken, then every call raised inside policies/ai.lua, 'call.provider ...' or 'attempt to index')
     for _, conf in ipairs({ { deadline = "30" }, { deadline = 0 / 0 }, { breaker = true }, { rate = 500 },
