@@ -1905,29 +1905,33 @@ static int push_failure_after_answer(lua_State *L, const outcome *o) {
   return n;
 }
 
-/* L stack: the value so far (a string) or nil -> that value with one more
- * line's added: a repeated header's values are joined, as HTTP allows; an
- * empty value adds no element to the list (not "a, " nor ", ") */
-static void join_header_value(lua_State *L, const header_line *h) {
-  if (lua_type(L, -1) == LUA_TSTRING && lua_rawlen(L, -1) > 0 && h->vlen > 0) {
-    lua_pushliteral(L, ", ");
-    lua_pushlstring(L, h->value, h->vlen);
-    lua_concat(L, 3);
-  } else if (lua_type(L, -1) == LUA_TSTRING && h->vlen == 0) {
-    /* empty: the value so far stands */
-  } else {
-    lua_pop(L, 1);
-    lua_pushlstring(L, h->value, h->vlen);
+/* The values of a repeated header (the strings of the list at the top of the stack, each not
+ * empty) joined as HTTP allows, ", " between: one buffer. (Joined a line at a time, a header
+ * repeated 35,000 times within libcurl's 300 KiB made 35,000 strings of up to 100 KB: 0.4 s of
+ * the loop's for one response of a hostile server, and res.headers of each stream reads them.) */
+static void push_joined(lua_State *L) {
+  int list = lua_gettop(L);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, list);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (lua_Integer i = 1; i <= n; i++) {
+    if (i > 1) luaL_addlstring(&b, ", ", 2);
+    lua_rawgeti(L, list, i);
+    luaL_addvalue(&b);
   }
+  luaL_pushresult(&b);
 }
 
 /* Raw header lines -> { ["lower-cased-name"] = "value", ... }; a repeated
- * header's values are joined. */
+ * header's values are joined, as HTTP allows; an empty value adds no element
+ * to the list (not "a, " nor ", "). */
 void push_header_table(lua_State *L, const char *p, size_t len) {
   const char *end = p ? p + len : NULL;
   int lines = 0;
   for (const char *c = p; c && c < end; c++) lines += *c == '\n';
+  luaL_checkstack(L, 8, NULL);
   lua_createtable(L, 0, lines); /* sized once: no rehash per header */
+  int t = lua_gettop(L), lists = 0; /* lists: { name = {value, ...} } of the repeated ones, made once one is */
   header_line h;
   while (next_header_line(&p, end, &h)) {
     char small[128];
@@ -1936,9 +1940,48 @@ void push_header_table(lua_State *L, const char *p, size_t len) {
     lua_pushlstring(L, name, h.nlen);
     if (name != small) lua_remove(L, -2);
     lua_pushvalue(L, -1);
-    lua_rawget(L, -3);
-    join_header_value(L, &h);
-    lua_rawset(L, -3);
+    lua_rawget(L, t); /* name, the value so far */
+    if (lua_isnil(L, -1) || (lua_rawlen(L, -1) == 0 && h.vlen > 0)) { /* the first, or one after empty ones */
+      lua_pop(L, 1);
+      lua_pushlstring(L, h.value, h.vlen);
+      lua_rawset(L, t);
+      continue;
+    }
+    if (h.vlen == 0) { /* empty: the value so far stands */
+      lua_pop(L, 2);
+      continue;
+    }
+    if (!lists) {
+      lua_newtable(L);
+      lua_insert(L, -3);
+      lists = t + 1;
+    }
+    lua_pushvalue(L, -2);
+    lua_rawget(L, lists); /* name, value so far, its list or nil */
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_createtable(L, 4, 0);
+      lua_pushvalue(L, -2);
+      lua_rawseti(L, -2, 1);
+      lua_pushvalue(L, -3);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, lists);
+    }
+    lua_Integer next = (lua_Integer)lua_rawlen(L, -1) + 1;
+    lua_pushlstring(L, h.value, h.vlen);
+    lua_rawseti(L, -2, next);
+    lua_pop(L, 3);
+  }
+  if (lists) {
+    lua_pushnil(L);
+    while (lua_next(L, lists)) { /* name, list */
+      push_joined(L);
+      lua_pushvalue(L, -3);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, t);
+      lua_pop(L, 2);
+    }
+    lua_remove(L, lists);
   }
 }
 
@@ -1954,7 +1997,7 @@ int push_raw_headers(lua_State *L, const char *raw, size_t len, const char *cons
   header_line first[MAX_NAMES];
   int seen[MAX_NAMES];
   if (n > MAX_NAMES) luaL_error(L, "push_raw_headers: at most %d names", MAX_NAMES);
-  luaL_checkstack(L, n + 2, NULL);
+  luaL_checkstack(L, n + 6, NULL); /* (a repeated one: its list, a buffer, a value) */
   for (int i = 0; i < n; i++) {
     lens[i] = strlen(names[i]);
     seen[i] = 0;
@@ -1971,10 +2014,16 @@ int push_raw_headers(lua_State *L, const char *raw, size_t len, const char *cons
     if (seen[i] == 1) {
       lua_pushlstring(L, first[i].value, first[i].vlen);
     } else { /* repeated: joined as push_header_table joins it */
-      lua_pushnil(L);
+      lua_createtable(L, seen[i], 0);
+      lua_Integer k = 0;
       p = raw;
       while (next_header_line(&p, end, &h))
-        if (header_named(&h, names[i], lens[i])) join_header_value(L, &h);
+        if (header_named(&h, names[i], lens[i]) && h.vlen > 0) {
+          lua_pushlstring(L, h.value, h.vlen);
+          lua_rawseti(L, -2, ++k);
+        }
+      push_joined(L);
+      lua_remove(L, -2);
     }
     values[i] = lua_tostring(L, -1);
     pushed++;
