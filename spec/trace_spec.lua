@@ -242,8 +242,67 @@ collector:close()
       local msg = resil.json.decode(line).msg
       if msg:find("^trace export") then said[#said + 1] = msg end
     end
-    assert.are.same({ "trace export failed; spans are dropped", "trace export works again",
-      "trace export failed; spans are dropped", "trace export works again" }, said)
+    assert.are.same({ "trace export failed; spans are kept and sent again", "trace export works again",
+      "trace export failed; spans are kept and sent again", "trace export works again" }, said)
+  end)
+
+  -- OTLP/HTTP's rules (opentelemetry-proto, docs/specification.md): a 429, 502, 503 or 504 is
+  -- retried, after the Retry-After the collector gave, else a backoff; before, the batch was
+  -- dropped at the first 503 of a collector that was restarting, and spans were lost for nothing.
+  it("sends a batch again after a 503's Retry-After and a 429's backoff, and drops it on a 400", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local posts = {}
+local answers = { { status = 503, headers = { ["retry-after"] = "30" }, body = "{}" },
+                  { status = 429, body = "{}" }, { status = 200, body = "{}" }, { status = 400, body = "{}" } }
+local collector = resil.server.listen({ port = 0, handler = function(req)
+  local names = {}
+  for _, s in ipairs(resil.json.decode(req.body).resourceSpans[1].scopeSpans[1].spans) do names[#names + 1] = s.name end
+  posts[#posts + 1] = { at = resil.now(), names = table.concat(names, ",") }
+  return answers[#posts] or { status = 200, body = "{}" }
+end })
+local t0 = resil.now()
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 1 })
+resil.trace.start("a"):finish()
+resil.trace.start("b"):finish()
+while #posts < 3 and resil.now() < t0 + 600 do resil.sleep(0.5) end
+resil.trace.start("c"):finish() -- refused with a 400: not sent again
+local t3 = resil.now()
+while resil.now() < t3 + 100 do resil.sleep(1) end
+collector:close()
+for _, p in ipairs(posts) do print(("%.0f %s"):format(p.at - t0, p.names)) end
+local m = resil.metrics.counter("resil_trace_spans_exported_total")
+print(m:value({ result = "ok" }), m:value({ result = "failed" }))
+]], "--virtual-clock --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    -- posted at 1 s (503, come back in 30), 31 s (429: the backoff, 2 s), 33 s (taken), then c once
+    assert.are.equal("1 a,b\n31 a,b\n33 a,b\n34 c\n", r.stdout:match("^(.-)%d+%.?%d*\t"))
+    assert.matches("\n2%.?0?\t1%.?0?\n$", r.stdout)
+  end)
+
+  it("keeps at most max_queue spans while the collector is away, and sends them when it is back", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local got, up = 0, false
+local collector = resil.server.listen({ port = 0, handler = function(req)
+  if not up then return { status = 503, body = "{}" } end
+  got = got + #resil.json.decode(req.body).resourceSpans[1].scopeSpans[1].spans
+  return { status = 200, body = "{}" }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 1, max_queue = 10, batch = 4 })
+for i = 1, 25 do
+  resil.trace.start("s" .. i):finish()
+  resil.sleep(10)
+end
+up = true
+resil.sleep(60)
+collector:close()
+print(got, resil.metrics.counter("resil_trace_spans_dropped_total"):value())
+]], "--virtual-clock --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    local got, dropped = r.stdout:match("^(%d+)%.?0?\t(%d+)")
+    assert.are.equal("10", got)
+    assert.are.equal("15", dropped)
   end)
 
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()

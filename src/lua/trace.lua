@@ -182,6 +182,20 @@ function trace.otlp_body(spans)
   } } })
 end
 
+-- OTLP/HTTP: a 429, 502, 503 or 504, or no answer at all (refused, timed out), is the collector
+-- busy or away, and the batch is sent again later; any other status is the batch refused for good
+local RETRYABLE = { [429] = true, [502] = true, [503] = true, [504] = true }
+local BACKOFF_CAP, RETRY_AFTER_CAP = 30, 60
+
+-- the seconds a retryable answer asks us to wait: its Retry-After (delta seconds), else a backoff
+-- that doubles with each failure in a row, from the export's interval up to BACKOFF_CAP
+local function retry_wait(res)
+  local after = res and res.headers and tonumber(res.headers["retry-after"])
+  if after and after >= 0 then return math.min(after, RETRY_AFTER_CAP) end
+  return math.min(exporter.interval * 2 ^ (exporter.failures - 1), BACKOFF_CAP)
+end
+
+-- -> ok, retry (the seconds to wait before sending the batch again; nil: it is not to be sent again)
 local function post(batch, timeout)
   -- a batch that cannot be written is that batch's failure, not the exporter's end
   local encoded, body = pcall(trace.otlp_body, batch)
@@ -193,25 +207,51 @@ local function post(batch, timeout)
     err = body
   end
   local ok = res and res.status >= 200 and res.status < 300
-  exported_total:inc({ result = ok and "ok" or "failed" }, #batch)
+  local retry
+  if ok then
+    exporter.failures = 0
+    exported_total:inc({ result = "ok" }, #batch)
+  elseif encoded and (not res or RETRYABLE[res.status]) then
+    exporter.failures = exporter.failures + 1
+    retry = retry_wait(res)
+  else
+    exported_total:inc({ result = "failed" }, #batch)
+  end
   -- said once while it keeps failing (an unreachable collector must not flood the log), and once
   -- as it ends: said once for the run, a collector that failed again days into a gateway's life
   -- was never said
   if not ok and not exporter.failing then
-    resil.log.warn("trace export failed; spans are dropped", { url = exporter.url,
-      error = err and tostring(err) or ("status " .. tostring(res and res.status)) })
+    resil.log.warn(retry and "trace export failed; spans are kept and sent again" or
+      "trace export failed; spans are dropped", { url = exporter.url,
+      error = err and tostring(err) or ("status " .. tostring(res and res.status)), retry_in = retry })
   elseif ok and exporter.failing then
     resil.log.info("trace export works again", { url = exporter.url })
   end
   exporter.failing = not ok
-  return ok
+  return ok, retry
+end
+
+-- A batch the collector is to get again goes back to the queue's head; the queue stays within
+-- max_queue, the newest spans past it dropped and counted (a collector away for hours costs
+-- max_queue spans of memory, no more).
+local function requeue(batch)
+  local k, n = #batch, #queue
+  table.move(queue, 1, n, k + 1)
+  table.move(batch, 1, k, 1, queue)
+  local over = #queue - exporter.max_queue
+  if over > 0 then
+    dropped_total:inc(nil, over)
+    for i = #queue, exporter.max_queue + 1, -1 do queue[i] = nil end
+  end
 end
 
 -- Send what is queued, in batches. -> nothing. With a deadline (the run's
 -- end), the posts share what is left of it and the first that fails ends
 -- the flush: a collector that accepts and never answers held the exit up a
 -- whole timeout per batch (16 of them for a full queue). What is not sent
--- is dropped and counted.
+-- is dropped and counted. Without one, a batch the collector is busy or away
+-- for goes back to the queue and the flush ends: the background task sends
+-- it again after the collector's Retry-After, or a backoff (exporter.retry_at).
 function trace.flush(deadline)
   if not exporter then return end
   while #queue > 0 do
@@ -222,9 +262,18 @@ function trace.flush(deadline)
     table.move(queue, k + 1, n, 1)
     for i = n - k + 1, n do queue[i] = nil end
     in_flight = in_flight + k
-    local ok = post(batch, timeout)
+    local ok, retry = post(batch, timeout)
     in_flight = in_flight - k
-    if not ok and deadline then break end
+    if not ok and deadline then
+      if retry then exported_total:inc({ result = "failed" }, k) end
+      break
+    end
+    if retry then
+      requeue(batch)
+      exporter.retry_at = resil.now() + retry
+      break
+    end
+    exporter.retry_at = nil
   end
   if deadline and #queue > 0 then
     dropped_total:inc(nil, #queue)
@@ -255,12 +304,13 @@ function trace.export(opts)
   if not url:match("/v1/traces$") then url = url:gsub("/$", "") .. "/v1/traces" end
   exporter = { url = url, batch = option(opts, "batch", 256, 1, true),
                max_queue = option(opts, "max_queue", 4096, 0, true), interval = option(opts, "interval", 1, 0),
-               timeout = option(opts, "timeout", 5, 0), service = opts.service }
+               timeout = option(opts, "timeout", 5, 0), service = opts.service, failures = 0 }
   trace.spans = true
   root_span()
   resil.background(function()
     while true do
-      resil.sleep(exporter.interval)
+      -- (a collector that asked for a pause, or is away: not before retry_at)
+      resil.sleep(math.max(exporter.interval, (exporter.retry_at or 0) - resil.now()))
       trace.flush()
     end
   end)
