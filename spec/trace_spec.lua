@@ -305,6 +305,33 @@ print(got, resil.metrics.counter("resil_trace_spans_dropped_total"):value())
     assert.are.equal("15", dropped)
   end)
 
+  it("counts the spans a 200 with partialSuccess rejected, says why, and does not send them again", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local posts = 0
+local collector = resil.server.listen({ port = 0, handler = function()
+  posts = posts + 1
+  return { status = 200, headers = { ["content-type"] = "application/json" },
+    body = '{"partialSuccess":{"rejectedSpans":"2","errorMessage":"span name too long"}}' }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 1 })
+for i = 1, 5 do resil.trace.start("s" .. i):finish() end
+resil.sleep(30)
+resil.trace.start("again"):finish() -- rejected too: not said again
+resil.sleep(30)
+collector:close()
+local m = resil.metrics.counter("resil_trace_spans_exported_total")
+print(posts, m:value({ result = "ok" }), m:value({ result = "rejected" }))
+]], "--virtual-clock --log-level warn")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^2\t3%.?0?\t3%.?0?\n$", r.stdout) -- (the second batch: 1 span, 1 rejected)
+    local _, said = r.stderr:gsub("the collector rejected spans", "")
+    assert.are.equal(1, said, r.stderr)
+    assert.matches('"msg":"trace export: the collector rejected spans"', r.stderr)
+    assert.matches('"error":"span name too long"', r.stderr)
+    assert.matches('"rejected":2', r.stderr)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0

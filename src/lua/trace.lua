@@ -195,6 +195,16 @@ local function retry_wait(res)
   return math.min(exporter.interval * 2 ^ (exporter.failures - 1), BACKOFF_CAP)
 end
 
+-- a 200 with partialSuccess.rejectedSpans: the collector took the batch but not all of it
+-- (the spec's "MUST NOT retry"): -> the count rejected, the collector's reason
+local function rejected(res)
+  local ok, doc = pcall(json.decode, res.body or "")
+  local partial = ok and type(doc) == "table" and type(doc.partialSuccess) == "table" and doc.partialSuccess
+  local n = partial and math.tointeger(tonumber(partial.rejectedSpans))
+  if not n or n <= 0 then return 0 end
+  return n, type(partial.errorMessage) == "string" and partial.errorMessage or nil
+end
+
 -- -> ok, retry (the seconds to wait before sending the batch again; nil: it is not to be sent again)
 local function post(batch, timeout)
   -- a batch that cannot be written is that batch's failure, not the exporter's end
@@ -210,7 +220,18 @@ local function post(batch, timeout)
   local retry
   if ok then
     exporter.failures = 0
-    exported_total:inc({ result = "ok" }, #batch)
+    local n, why = rejected(res)
+    n = math.min(n, #batch)
+    exported_total:inc({ result = "ok" }, #batch - n)
+    if n > 0 then
+      exported_total:inc({ result = "rejected" }, n)
+      -- (said once while batches keep having spans rejected, as a failing export is)
+      if not exporter.rejecting then
+        resil.log.warn("trace export: the collector rejected spans", { url = exporter.url, rejected = n,
+          error = why and text(why) or nil })
+      end
+    end
+    exporter.rejecting = n > 0
   elseif encoded and (not res or RETRYABLE[res.status]) then
     exporter.failures = exporter.failures + 1
     retry = retry_wait(res)
