@@ -147,7 +147,9 @@ local function start_span(self, is_table, model, n)
   local exporting = resil.trace.exporting()
   if not exporting and not (is_table and resil.trace.followed()) then return nil end
   local span = resil.trace.start(exporting and ("chat %s"):format(model or self.name) or "chat", exporting and {
-    ["gen_ai.system"] = self.name, ["gen_ai.operation.name"] = "chat", ["gen_ai.request.model"] = model,
+    -- (gen_ai.provider.name is the conventions' name for what gen_ai.system was; both are said,
+    -- gen_ai.system for the dashboards made before)
+    ["gen_ai.provider.name"] = self.name, ["gen_ai.system"] = self.name, ["gen_ai.operation.name"] = "chat", ["gen_ai.request.model"] = model,
     ["resil.attempt"] = n } or nil)
   local ctx = resil.context()
   span.saved = { ctx.trace_id, ctx.span_id }
@@ -196,7 +198,8 @@ local function operation_series(self, model, error_type)
   end
   local series = by_error[error_type]
   if not series then
-    series = operation_duration:labels({ gen_ai_system = self.name, gen_ai_request_model = tostring(model),
+    series = operation_duration:labels({ gen_ai_provider_name = self.name, gen_ai_system = self.name,
+                                         gen_ai_request_model = tostring(model),
                                          error_type = error_type })
     by_error[error_type] = series
   end

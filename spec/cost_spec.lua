@@ -201,7 +201,7 @@ describe("resil.cost inside steps and once (one process)", function()
     assert.matches('resil_cost_unpriced_total{model="m",provider="mixed"} 1\n', text, 1, true)
     assert.matches('resil_tokens_total{model="m",provider="mixed",type="input"} 7\n', text, 1, true)
     assert.matches('resil_tokens_total{model="m",provider="mixed",type="output"} 2\n', text, 1, true)
-    assert.matches('gen_ai_client_token_usage_count{gen_ai_request_model="m",gen_ai_system="mixed",' ..
+    assert.matches('gen_ai_client_token_usage_count{gen_ai_provider_name="mixed",gen_ai_request_model="m",gen_ai_system="mixed",' ..
       'gen_ai_token_type="input"} 2\n', text, 1, true)
   end)
 

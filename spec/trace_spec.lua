@@ -80,7 +80,8 @@ describe("trace context and OTLP export", function()
       assert.are.equal(3, a.kind) -- client
       assert.are.equal(("00-%s-%s-01"):format(parent_trace, a.spanId), received[i]) -- what the provider got
       local at = attrs_of(a)
-      assert.are.equal("mockai", at["gen_ai.system"])
+      assert.are.equal("mockai", at["gen_ai.system"]) -- (deprecated, kept for the dashboards that read it)
+      assert.are.equal("mockai", at["gen_ai.provider.name"]) -- the conventions' name since gen_ai.system
       assert.are.equal("mock-1", at["gen_ai.request.model"])
       assert.are.equal("chat", at["gen_ai.operation.name"])
     end

@@ -24,7 +24,8 @@ resil.cost = {}
 
 -- Spend as metrics: USD by provider and model, and tokens in the units of
 -- OpenTelemetry's GenAI metric gen_ai.client.token.usage (a histogram of
--- tokens per call, by gen_ai.system, gen_ai.request.model, gen_ai.token.type).
+-- tokens per call, by gen_ai.provider.name, gen_ai.request.model, gen_ai.token.type; and
+-- gen_ai.system, the provider's name before the conventions renamed it).
 local usd_total = resil.metrics.counter("resil_cost_usd_total", "Recorded spend in USD, by provider and model")
 local unpriced_total = resil.metrics.counter("resil_cost_unpriced_total",
   "Calls recorded without a price (usd = nil), by provider and model")
@@ -56,7 +57,7 @@ local function observe_tokens(b, field, token_type, n, provider, model)
   local f = b[field]
   if not f then
     f = { tokens = tokens_total:labels({ provider = provider, model = model, type = token_type }),
-      usage = token_usage:labels({ gen_ai_system = provider, gen_ai_request_model = model,
+      usage = token_usage:labels({ gen_ai_provider_name = provider, gen_ai_system = provider, gen_ai_request_model = model,
         gen_ai_token_type = token_type }) }
     b[field] = f
   end
