@@ -333,6 +333,38 @@ print(posts, m:value({ result = "ok" }), m:value({ result = "rejected" }))
     assert.matches('"rejected":2', r.stderr)
   end)
 
+  -- W3C trace context: a caller whose traceparent says not sampled (flags 00) records nothing of
+  -- that trace, and OpenTelemetry's default sampler (parent-based) exports no span of it; before,
+  -- every span of it was sent, as fragments of traces the caller's backend had chosen not to keep.
+  it("exports no span of a trace its caller did not sample (flags 00), and carries the 00 on", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local names = {}
+local collector = resil.server.listen({ port = 0, handler = function(req)
+  for _, s in ipairs(resil.json.decode(req.body).resourceSpans[1].scopeSpans[1].spans) do names[#names + 1] = s.name end
+  return { status = 200, body = "{}" }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 3600 })
+local carried
+for _, flags in ipairs({ "00", "01" }) do
+  resil.spawn(function()
+    assert(resil.trace.continue("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-" .. flags))
+    local span = resil.trace.start("under " .. flags)
+    if flags == "00" then carried = span.traceparent end
+    span:finish()
+  end):join()
+  local req = resil.trace.request("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-" .. flags, "request " .. flags)
+  req:finish()
+end
+resil.trace.flush()
+collector:close()
+table.sort(names)
+print(table.concat(names, ","), carried:sub(-3))
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("request 01,under 01\t-00\n", r.stdout)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0

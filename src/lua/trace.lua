@@ -112,8 +112,16 @@ function trace.start(name, attributes)
                         traceparent = "00-" .. trace_id .. "-" .. span_id .. "-" .. flags }, Span)
 end
 
+-- whether a span's trace is sampled: the W3C trace-flags' lowest bit. A caller's 00 says it
+-- records nothing of the trace, and OpenTelemetry's default sampler (parent-based) then exports no
+-- span of it either; the 00 is still carried on in each traceparent.
+local function sampled(flags)
+  local n = tonumber(flags, 16)
+  return n == nil or n % 2 == 1
+end
+
 local function enqueue(span)
-  if not exporter then return end
+  if not exporter or not sampled(span.flags) then return end
   if #queue >= exporter.max_queue then
     dropped_total:inc()
     return
