@@ -8,8 +8,10 @@ local helpers = require "spec.helpers"
 local function sh(cmd) return helpers.run(cmd) end
 local has_promtool = os.execute("command -v promtool > /dev/null 2>&1") == true
 
--- promtool check metrics on a text: -> ok, what it said
+-- promtool check metrics on a text, and the strict check (spec/prom_strict.lua): -> ok, what they said
 local function promtool_ok(text)
+  local problems = require("spec.prom_strict")(text)
+  if #problems > 0 then return false, table.concat(problems, "\n") end
   local path = helpers.write(helpers.tmpname(".prom"), text)
   local r = sh("promtool check metrics < " .. path)
   os.remove(path)

@@ -62,6 +62,7 @@ describe("metrics exposition under hostile names", function()
     local text = resil.metrics.text()
     assert.truthy(text:find('spec_expo_hostile_total{v="a\\"b\\\\c\\nd\re\u{FFFD}\u{FFFD}f"} 1\n', 1, true))
     assert.truthy(text:find('# HELP spec_expo_hostile_total Help with \\\\ and "quotes" and a newline\n', 1, true))
+    assert.are.same({}, require("spec.prom_strict")(text))
     if has_promtool then
       local good, out = promtool(text)
       assert.is_true(good, out)

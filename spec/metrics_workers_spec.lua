@@ -7,6 +7,7 @@
 -- file held whichever worker wrote it last. Real processes: the gateway, a
 -- mock provider (resil-lua mock), curl on a new connection each time (the
 -- kernel spreads them over the workers), kill -9.
+local resil = require "resil"
 local helpers = require "spec.helpers"
 
 local has_promtool = os.execute("command -v promtool > /dev/null 2>&1") == true
@@ -19,7 +20,7 @@ local function value(text, series)
   return v and tonumber(v)
 end
 
-local function sh(cmd) return helpers.run(cmd) end
+local function sh(cmd, stdin) return helpers.run(cmd, stdin) end
 
 -- GET url on a connection of its own -> body
 local function scrape(url)
@@ -161,6 +162,38 @@ describe("gateway --workers 2: metrics merged over the workers", function()
     assert.is_true(helpers.alive(pid))
   end)
 
+  it("hostile model names, merged over the workers: every scrape passes the strict exposition check " ..
+     "and promtool, with the version=0.0.4 Content-Type", function()
+    local port, pid, log = start_gateway("--metrics-file " .. helpers.tmpname(".prom"))
+    local strict = require "spec.prom_strict"
+    -- (the gateway refuses a model that is not printable ASCII without spaces: those are 400s, and
+    -- the quotes, backslashes and braces of the first reach the labels)
+    local names = { 'q"b\\c{le="1"}', 'a"b', "back\\slash", "new\nline", "caf\xc3", 'x} 1\n# TYPE y counter', "le",
+      "sp ace", "\xff\xfe" }
+    for _, model in ipairs(names) do
+      for _ = 1, 2 do -- (two connections: both workers, most often)
+        local body = helpers.write(helpers.tmpname(".json"), resil.json.encode({ model = "openai/" .. model,
+          messages = { { role = "user", content = "hi" } } }))
+        sh(("curl -s -o /dev/null --max-time 10 -H 'content-type: application/json' --data-binary @%s " ..
+          "http://127.0.0.1:%d%s"):format(body, port, CHAT))
+      end
+    end
+    local url = ("http://127.0.0.1:%d/metrics"):format(port)
+    for _ = 1, 6 do
+      local r = sh(("curl -s -D %s --max-time 10 %s"):format(helpers.tmpname(".h"), url))
+      local text = r.stdout
+      assert.are.same({}, strict(text), text)
+      assert.truthy(text:find('gen_ai_request_model="q\\"b\\\\c{le=\\"1\\"}"', 1, true), text)
+      if has_promtool then
+        local p = sh("promtool check metrics", text)
+        assert.are.equal(0, p.code, p.stdout .. p.stderr)
+      end
+    end
+    local headers = sh(("curl -s -o /dev/null -D - --max-time 10 %s"):format(url)).stdout
+    assert.matches("\n[Cc]ontent%-[Tt]ype: text/plain; version=0%.0%.4", headers)
+    assert.is_true(helpers.alive(pid), helpers.slurp(log))
+  end)
+
   it("a folder left by a supervisor killed with -9 is removed at the next start; a running one's is kept",
      function()
     local gone = sh("sh -c 'echo $$'").stdout:match("%d+") -- (a pid that ran and ended)
@@ -243,7 +276,7 @@ describe("resil.metrics: the merge of the workers' files", function()
       "# HELP t_seconds Time", "# TYPE t_seconds histogram",
       't_seconds_bucket{le="0.1"} 1', 't_seconds_bucket{le="1"} 2', 't_seconds_bucket{le="+Inf"} 2',
       "t_seconds_sum 0.55", "t_seconds_count 2",
-      "# HELP g_sum Queue", "# TYPE g_sum gauge", "g_sum 3",
+      "# HELP g_summed Queue", "# TYPE g_summed gauge", "g_summed 3",
       "# HELP g_max Store figure", "# TYPE g_max gauge", "# MERGE g_max max", 'g_max{b="x"} 7',
       "# HELP g_min Days", "# TYPE g_min gauge", "# MERGE g_min min", "g_min 4",
       "# HELP g_w Own", "# TYPE g_w gauge", "# MERGE g_w worker", 'g_w{a="x"} 2',
@@ -255,7 +288,7 @@ describe("resil.metrics: the merge of the workers' files", function()
       "# HELP g_recent Read", "# TYPE g_recent gauge", "# MERGE g_recent mostrecent", 'g_recent{z="2"} 7', "" }, "\n"))
     helpers.write(dir .. "/d-2-12.prom", table.concat({
       "# HELP t_total Things", "# TYPE t_total counter", 't_total{k="a"} 10', 't_total{k="b"} 1',
-      "# HELP g_sum Queue", "# TYPE g_sum gauge", "g_sum 100",
+      "# HELP g_summed Queue", "# TYPE g_summed gauge", "g_summed 100",
       "# HELP g_max Store figure", "# TYPE g_max gauge", "# MERGE g_max max", 'g_max{b="x"} 100', "" }, "\n"))
     helpers.write(dir .. "/w-1-11.prom.11.tmp", "t_total{k=\"a\"} 1000\n") -- (half written: not read)
     local r = helpers.run_script([[
@@ -263,7 +296,7 @@ describe("resil.metrics: the merge of the workers' files", function()
       m.counter("t_total", "Things"):inc({ k = "a" }, 3)
       local h = m.histogram("t_seconds", "Time", { buckets = { 0.1, 1 } })
       h:observe(nil, 0.05)
-      m.gauge("g_sum", "Queue"):set(nil, 2)
+      m.gauge("g_summed", "Queue"):set(nil, 2)
       m.gauge("g_max", "Store figure", { merge = "max" }):set({ b = "x" }, 5)
       m.gauge("g_min", "Days", { merge = "min" }):set(nil, 6)
       m.gauge("g_w", "Own", { merge = "worker" }):set({ a = "x" }, 1)
@@ -283,7 +316,7 @@ describe("resil.metrics: the merge of the workers' files", function()
     assert.are.equal(3, value(text, 't_seconds_bucket{le="+Inf"}'), text)
     assert.are.equal(3, value(text, "t_seconds_count"), text)
     assert.are.equal(0.6, value(text, "t_seconds_sum"), text)
-    assert.are.equal(5, value(text, "g_sum"), text) -- (the dead worker's 100 left out)
+    assert.are.equal(5, value(text, "g_summed"), text) -- (the dead worker's 100 left out)
     assert.are.equal(7, value(text, 'g_max{b="x"}'), text)
     assert.are.equal(4, value(text, "g_min"), text)
     assert.are.equal(1, value(text, 'g_w{a="x",worker="0"}'), text)
@@ -295,6 +328,7 @@ describe("resil.metrics: the merge of the workers' files", function()
     assert.is_nil(text:match("# AT"), text)
     local _, helps = text:gsub("# HELP t_total ", "")
     assert.are.equal(1, helps, text)
+    assert.are.same({}, require("spec.prom_strict")(text), text)
     if has_promtool then
       local p = sh("promtool check metrics", text)
       assert.is_true(p.code == 0 and p.stdout == "" and p.stderr == "", p.stdout .. p.stderr)
