@@ -175,7 +175,9 @@ local function otlp_span(s)
   local out = { traceId = s.trace_id, spanId = s.span_id, parentSpanId = s.parent_id,
                 name = text(s.name), kind = s.kind,
                 startTimeUnixNano = nano(s.start), endTimeUnixNano = nano(s.finished),
-                status = s.error and { code = 2, message = text(s.error) } or { code = 1 } }
+                -- (a span that went well is Unset, {}: the trace API's instrumentation "SHOULD NOT
+                -- set the status code to Ok", which is the application's to say)
+                status = s.error and { code = 2, message = text(s.error) } or {} }
   if #attrs > 0 then out.attributes = attrs end
   return out
 end
