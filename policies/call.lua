@@ -143,13 +143,17 @@ end
 -- gateway request, most of it libcurl writing the header byte by byte).
 -- A process that neither exports nor follows a trace reads one field
 -- (resil.trace.spans) for it.
-local function start_span(self, is_table, model, n)
+local function start_span(self, is_table, model, n, req)
   local exporting = resil.trace.exporting()
   if not exporting and not (is_table and resil.trace.followed()) then return nil end
-  local span = resil.trace.start(exporting and ("chat %s"):format(model or self.name) or "chat", exporting and {
+  -- (the GenAI conventions' operation: an embeddings request's URL ends so, OpenAI's API and those
+  -- that copy it; every other request is a chat)
+  local url = exporting and is_table and (req.url or self.request.url)
+  local op = type(url) == "string" and url:find("/embeddings$") and "embeddings" or "chat"
+  local span = resil.trace.start(exporting and ("%s %s"):format(op, model or self.name) or op, exporting and {
     -- (gen_ai.provider.name is the conventions' name for what gen_ai.system was; both are said,
     -- gen_ai.system for the dashboards made before)
-    ["gen_ai.provider.name"] = self.name, ["gen_ai.system"] = self.name, ["gen_ai.operation.name"] = "chat", ["gen_ai.request.model"] = model,
+    ["gen_ai.provider.name"] = self.name, ["gen_ai.system"] = self.name, ["gen_ai.operation.name"] = op, ["gen_ai.request.model"] = model,
     ["resil.attempt"] = n } or nil)
   local ctx = resil.context()
   span.saved = { ctx.trace_id, ctx.span_id }
@@ -357,7 +361,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
   local json = is_table and req.json
   local model = json and type(json) == "table" and json.model or nil
   local key = is_table and (self.idempotency or req.idempotency_key ~= nil) and sent_key(self, req, refused) or nil
-  local span = resil.trace.spans and start_span(self, is_table, model, n) or nil
+  local span = resil.trace.spans and start_span(self, is_table, model, n, req) or nil
   local progress = refused and is_table and sending(refused, key) or nil
   do
     local _ <close> = sem and self.releaser or nil

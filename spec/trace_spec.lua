@@ -368,6 +368,40 @@ print(table.concat(names, ","), carried:sub(-3))
     assert.are.equal("request 01,under 01\t-00\n", r.stdout)
   end)
 
+  -- GenAI conventions: gen_ai.operation.name is "embeddings" for an embeddings call, and the span's
+  -- name "{operation} {model}"; an embeddings call (ai.embed, the gateway's /v1/embeddings) was
+  -- exported as a "chat", mixed with the chats in every backend's GenAI view.
+  it("names an embeddings attempt's span and operation embeddings, a chat's chat", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local call = require "policies.call"
+local got = {}
+local collector = resil.server.listen({ port = 0, handler = function(req)
+  for _, s in ipairs(resil.json.decode(req.body).resourceSpans[1].scopeSpans[1].spans) do
+    for _, a in ipairs(s.attributes or {}) do
+      if a.key == "gen_ai.operation.name" then got[#got + 1] = s.name .. "=" .. a.value.stringValue end
+    end
+  end
+  return { status = 200, body = "{}" }
+end })
+local provider = resil.server.listen({ port = 0, handler = function()
+  return { status = 200, headers = { ["content-type"] = "application/json" }, body = "{}" }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 3600 })
+local base = ("http://127.0.0.1:%d/v1"):format(provider:port())
+local p = call.provider("optrace", { request = { method = "POST", url = base .. "/chat/completions" } })
+assert(p({ json = { model = "m-chat", messages = {} } }))
+assert(p({ url = base .. "/embeddings", json = { model = "m-embed", input = "hi" } }))
+resil.trace.flush()
+collector:close()
+provider:close()
+table.sort(got)
+print(table.concat(got, ","))
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("chat m-chat=chat,embeddings m-embed=embeddings\n", r.stdout)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0
