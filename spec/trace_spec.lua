@@ -402,6 +402,25 @@ print(table.concat(got, ","))
     assert.are.equal("chat m-chat=chat,embeddings m-embed=embeddings\n", r.stdout)
   end)
 
+  it("exports a list attribute as OTLP's arrayValue and another table as its JSON, not its address", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.trace.export({ url = "http://127.0.0.1:9", interval = 3600 })
+local s = resil.trace.start("x", { tags = { "a", "b" }, ids = { 1, 2.5 }, none = {}, map = { k = "v" } })
+s:finish()
+io.write(resil.trace.otlp_body({ s }))
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    local values = {}
+    for _, a in ipairs(resil.json.decode(r.stdout).resourceSpans[1].scopeSpans[1].spans[1].attributes) do
+      values[a.key] = a.value
+    end
+    assert.are.same({ arrayValue = { values = { { stringValue = "a" }, { stringValue = "b" } } } }, values.tags)
+    assert.are.same({ arrayValue = { values = { { intValue = "1" }, { doubleValue = 2.5 } } } }, values.ids)
+    assert.are.same({ arrayValue = {} }, values.none)
+    assert.are.same({ stringValue = '{"k":"v"}' }, values.map)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0

@@ -156,13 +156,39 @@ end
 local valid_utf8 = debug.getregistry()["resil.private"].valid_utf8
 local function text(v) return valid_utf8(resil.redact(tostring(v))) end
 
+-- a list's length, or nil when the table is not one (keys 1..n only)
+local function list_length(t)
+  local n = 0
+  for k in pairs(t) do
+    if math.type(k) ~= "integer" or k < 1 then return nil end
+    n = n + 1
+  end
+  return n == #t and n or nil
+end
+
+-- a Lua value as OTLP's AnyValue. A list is an arrayValue (OpenTelemetry's array attributes,
+-- tags = {"a", "b"}), its items' lists and other tables as their JSON text; another table is its
+-- JSON text: each was exported as 'table: 0x55d0c...', its address.
+local function any_value(v, nested)
+  if math.type(v) == "integer" then return { intValue = tostring(v) } end
+  if type(v) == "number" then return { doubleValue = double(v) } end
+  if type(v) == "boolean" then return { boolValue = v } end
+  if type(v) == "table" then
+    local n = not nested and list_length(v)
+    if n then
+      local values = {}
+      for i = 1, n do values[i] = any_value(v[i], true) end
+      -- (no values field for an empty list: cjson writes an empty table as {}, which is no array)
+      return { arrayValue = n > 0 and { values = values } or {} }
+    end
+    local ok, encoded = pcall(json.encode, v)
+    if ok then return { stringValue = text(encoded) } end
+  end
+  return { stringValue = text(v) }
+end
+
 local function attribute(key, v)
-  local value
-  if math.type(v) == "integer" then value = { intValue = tostring(v) }
-  elseif type(v) == "number" then value = { doubleValue = double(v) }
-  elseif type(v) == "boolean" then value = { boolValue = v }
-  else value = { stringValue = text(v) } end
-  return { key = text(key), value = value }
+  return { key = text(key), value = any_value(v) }
 end
 
 local function otlp_span(s)
