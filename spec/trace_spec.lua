@@ -421,6 +421,26 @@ io.write(resil.trace.otlp_body({ s }))
     assert.are.same({ stringValue = '{"k":"v"}' }, values.map)
   end)
 
+  it("reads at most 4 MiB of a collector's answer, and a longer one is a failure not sent again", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local posts = 0
+local big = ("x"):rep(5 * 1024 * 1024)
+local collector = resil.server.listen({ port = 0, handler = function()
+  posts = posts + 1
+  return { status = 200, headers = { ["content-type"] = "application/json" }, body = big }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 1 })
+resil.trace.start("s"):finish()
+resil.sleep(120)
+collector:close()
+local m = resil.metrics.counter("resil_trace_spans_exported_total")
+print(posts, m:value({ result = "ok" }), m:value({ result = "failed" }))
+]], "--virtual-clock --log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^1\t0%.?0?\t1%.?0?\n$", r.stdout)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0

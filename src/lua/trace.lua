@@ -221,7 +221,12 @@ end
 -- OTLP/HTTP: a 429, 502, 503 or 504, or no answer at all (refused, timed out), is the collector
 -- busy or away, and the batch is sent again later; any other status is the batch refused for good
 local RETRYABLE = { [429] = true, [502] = true, [503] = true, [504] = true }
+local TRANSIENT = { timeout = true, connect = true, dns = true, reset = true }
 local BACKOFF_CAP, RETRY_AFTER_CAP = 30, 60
+-- OTLP/HTTP: "the client MUST limit the size of the response body ... RECOMMENDED 4 MiB", and one
+-- past it is a non-retryable error (a collector, or whatever answers at its address, that sends
+-- megabytes cost as much memory per post, up to resil.http's default of 64 MiB)
+local MAX_ANSWER = 4 * 1024 * 1024
 
 -- the seconds a retryable answer asks us to wait: its Retry-After (delta seconds), else a backoff
 -- that doubles with each failure in a row, from the export's interval up to BACKOFF_CAP
@@ -248,7 +253,7 @@ local function post(batch, timeout)
   local res, err
   if encoded then
     res, err = resil.http.request({ method = "POST", url = exporter.url, body = body,
-      headers = { ["content-type"] = "application/json" }, timeout = timeout })
+      headers = { ["content-type"] = "application/json" }, timeout = timeout, max_body = MAX_ANSWER })
   else
     err = body
   end
@@ -268,7 +273,8 @@ local function post(batch, timeout)
       end
     end
     exporter.rejecting = n > 0
-  elseif encoded and (not res or RETRYABLE[res.status]) then
+  elseif encoded and (res and RETRYABLE[res.status] or
+      not res and type(err) == "table" and TRANSIENT[err.kind] and not err.status) then
     exporter.failures = exporter.failures + 1
     retry = retry_wait(res)
   else
