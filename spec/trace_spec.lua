@@ -441,6 +441,23 @@ print(posts, m:value({ result = "ok" }), m:value({ result = "failed" }))
     assert.matches("^1\t0%.?0?\t1%.?0?\n$", r.stdout)
   end)
 
+  it("says the message of a collector's refusal (its Status), not only its status code", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+local collector = resil.server.listen({ port = 0, handler = function()
+  return { status = 400, headers = { ["content-type"] = "application/json" },
+    body = '{"code":3,"message":"invalid trace id: \\"zz\\""}' }
+end })
+resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), interval = 3600 })
+resil.trace.start("s"):finish()
+resil.trace.flush()
+collector:close()
+]], "--log-level warn")
+    assert.are.equal(0, r.code, r.stderr)
+    local line = resil.json.decode(r.stderr:match("[^\n]*trace export failed[^\n]*"))
+    assert.are.equal('status 400: invalid trace id: "zz"', line.error)
+  end)
+
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
     -- a collector that reads each post and never answers it
     local posts = 0

@@ -246,6 +246,16 @@ local function rejected(res)
   return n, type(partial.errorMessage) == "string" and partial.errorMessage or nil
 end
 
+-- what a collector's failed answer says: its status, and the message of the Status its body is
+-- (OTLP/HTTP), else the body's first line: 'status 400' alone left the cause to guess
+local function refusal(res)
+  local ok, doc = pcall(json.decode, res.body or "")
+  local why = ok and type(doc) == "table" and type(doc.message) == "string" and doc.message
+    or (res.body or ""):match("^[^\n]*")
+  why = text(why:sub(1, 300))
+  return why ~= "" and ("status %d: %s"):format(res.status, why) or ("status %d"):format(res.status)
+end
+
 -- -> ok, retry (the seconds to wait before sending the batch again; nil: it is not to be sent again)
 local function post(batch, timeout)
   -- a batch that cannot be written is that batch's failure, not the exporter's end
@@ -286,7 +296,7 @@ local function post(batch, timeout)
   if not ok and not exporter.failing then
     resil.log.warn(retry and "trace export failed; spans are kept and sent again" or
       "trace export failed; spans are dropped", { url = exporter.url,
-      error = err and tostring(err) or ("status " .. tostring(res and res.status)), retry_in = retry })
+      error = err and tostring(err) or refusal(res), retry_in = retry })
   elseif ok and exporter.failing then
     resil.log.info("trace export works again", { url = exporter.url })
   end
