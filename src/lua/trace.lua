@@ -127,7 +127,16 @@ local function enqueue(span)
     return
   end
   queue[#queue + 1] = span
-  if #queue >= exporter.batch and exporter.wake then exporter.wake() end
+  -- a whole batch is sent now, not at the next interval: a burst of more than max_queue spans
+  -- within one interval was dropped with the collector well (not while one is being sent or
+  -- the collector asked for a pause: the background task sends it then)
+  if #queue >= exporter.batch and not exporter.sending and not (exporter.retry_at and exporter.retry_at > resil.now()) then
+    exporter.sending = true
+    resil.background(function()
+      local _ <close> = exporter.done_sending
+      trace.flush()
+    end)
+  end
 end
 
 -- span:finish([attributes], [err]): ends the span; an err marks it failed
@@ -267,6 +276,8 @@ local function post(batch, timeout)
   else
     err = body
   end
+  -- (a post the exit abandoned, counted dropped there: counted again here, its spans were twice)
+  if exporter.abandoned then return false end
   local ok = res and res.status >= 200 and res.status < 300
   local retry
   if ok then
@@ -337,6 +348,7 @@ function trace.flush(deadline)
     in_flight = in_flight + k
     local ok, retry = post(batch, timeout)
     in_flight = in_flight - k
+    if exporter.abandoned then break end
     if not ok and deadline then
       if retry then exported_total:inc({ result = "failed" }, k) end
       break
@@ -375,16 +387,21 @@ function trace.export(opts)
   end
   local url = opts.url
   if not url:match("/v1/traces$") then url = url:gsub("/$", "") .. "/v1/traces" end
-  exporter = { url = url, batch = option(opts, "batch", 256, 1, true),
-               max_queue = option(opts, "max_queue", 4096, 0, true), interval = option(opts, "interval", 1, 0),
-               timeout = option(opts, "timeout", 5, 0), service = opts.service, failures = 0 }
+  local e
+  e = { url = url, batch = option(opts, "batch", 256, 1, true),
+        max_queue = option(opts, "max_queue", 4096, 0, true), interval = option(opts, "interval", 1, 0),
+        timeout = option(opts, "timeout", 5, 0), service = opts.service, failures = 0,
+        -- (sending is over however the flush ends: a post that raised, the task canceled)
+        done_sending = setmetatable({}, { __close = function() e.sending = false end }) }
+  exporter = e
   trace.spans = true
   root_span()
   resil.background(function()
     while true do
       -- (a collector that asked for a pause, or is away: not before retry_at)
       resil.sleep(math.max(exporter.interval, (exporter.retry_at or 0) - resil.now()))
-      trace.flush()
+      -- (a pause asked for while this task slept, by a post a full batch started: kept too)
+      if not (exporter.retry_at and exporter.retry_at > resil.now()) then trace.flush() end
     end
   end)
 end
@@ -448,6 +465,7 @@ function trace.finish(status)
   trace.flush(resil.now() + exporter.timeout)
   -- a batch the background task is still posting: the exit abandons it
   if in_flight > 0 then dropped_total:inc(nil, in_flight) end
+  exporter.abandoned = true
 end
 
 resil.trace = trace
