@@ -501,9 +501,10 @@ print(got, resil.metrics.counter("resil_trace_spans_dropped_total"):value())
   end)
 
   it("gives a collector that accepts and never answers one timeout at exit, not one per batch", function()
-    -- a collector that reads each post and never answers it
+    -- a collector that reads each post and never answers it (tasks = true: a handler that is no
+    -- task cannot wait, and answered each post at once with a 500)
     local posts = 0
-    local collector = resil.server.listen({ port = 0, handler = function()
+    local collector = resil.server.listen({ port = 0, tasks = true, handler = function()
       posts = posts + 1
       resil.sleep(3600)
     end })
