@@ -202,9 +202,11 @@ local function operation_series(self, model, error_type)
   end
   local series = by_error[error_type]
   if not series then
+    -- (error_type false: the attempt went well, and the conventions' error.type is absent, no
+    -- label; "none" made every query for an error_type count the successes as errors)
     series = operation_duration:labels({ gen_ai_provider_name = self.name, gen_ai_system = self.name,
                                          gen_ai_request_model = tostring(model),
-                                         error_type = error_type })
+                                         error_type = error_type or nil })
     by_error[error_type] = series
   end
   return series
@@ -384,7 +386,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
   end
   series:inc()
   self.call_time:observe(elapsed)
-  operation_series(self, model, verdict and outcome or "none"):observe(elapsed)
+  operation_series(self, model, verdict and outcome or false):observe(elapsed)
   if bucket or token_bucket then
     local more = token_bucket and (used_tokens(res) or (verdict and 0) or tokens) - tokens or 0
     -- resil.http.request's response itself (a table request's): a bucket reads its raw header
