@@ -112,6 +112,12 @@ describe("trace context and OTLP export", function()
     assert.are.same({ "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", "01" },
       { resil.trace.parse("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01") })
     assert.is_nil(resil.trace.parse("00-" .. ("0"):rep(32) .. "-00f067aa0ba902b7-01"))
+    -- a later version's header, with a field more, is read as a 00 (W3C trace context, versioning);
+    -- a 00 with anything more is no traceparent
+    assert.are.same({ "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", "01" },
+      { resil.trace.parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes-next") })
+    assert.is_nil(resil.trace.parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more"))
+    assert.is_nil(resil.trace.parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x"))
   end)
 
   it("drops spans past a full queue and counts them; the caller never waits", function()

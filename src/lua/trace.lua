@@ -55,11 +55,14 @@ local function new_span_id()
 end
 
 -- "00-<32 hex>-<16 hex>-<2 hex>" -> trace_id, parent_id, flags | nil
+-- (W3C trace context: a version above 00 may carry more fields after a '-', which a reader of
+-- version 00 skips, keeping the trace; a 00 with anything more is not one)
+local TRACEPARENT = "^%s*(%x%x)%-(" .. ("%x"):rep(32) .. ")%-(" .. ("%x"):rep(16) .. ")%-(%x%x)(.-)%s*$"
 function trace.parse(header)
   if type(header) ~= "string" then return nil end
-  local version, trace_id, parent_id, flags = header:lower():match(
-    "^%s*(%x%x)%-(" .. ("%x"):rep(32) .. ")%-(" .. ("%x"):rep(16) .. ")%-(%x%x)%s*$")
+  local version, trace_id, parent_id, flags, more = header:lower():match(TRACEPARENT)
   if not version or version == "ff" or trace_id == ("0"):rep(32) or parent_id == ("0"):rep(16) then return nil end
+  if more ~= "" and (version == "00" or more:sub(1, 1) ~= "-") then return nil end
   return trace_id, parent_id, flags
 end
 
