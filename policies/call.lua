@@ -122,7 +122,10 @@ local function attempt_fields(self, req, left, span, key, progress)
   if key or span then
     headers = {}
     if key then headers["Idempotency-Key"] = key end
-    if span then headers["traceparent"] = span.traceparent end -- W3C trace context: the attempt's span
+    if span then -- W3C trace context: the attempt's span, and the caller's tracestate passed on
+      headers["traceparent"] = span.traceparent
+      headers["tracestate"] = span.tracestate
+    end
   end
   return { timeout = timeout, progress = progress or false, headers = headers }
 end

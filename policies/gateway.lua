@@ -2258,7 +2258,8 @@ function gateway.handle(req)
   -- of its server span, itself a child of the caller's when it sends its W3C trace context); not
   -- exported, a caller's context is carried on to the provider (each request is a task of its own)
   -- (not a probe's or a scraper's: GET /health and /metrics every few seconds would be most traces)
-  local span = resil.trace.request(req.headers.traceparent, req.method, path == "/health" or path == "/metrics")
+  local span = resil.trace.request(req.headers.traceparent, req.method, path == "/health" or path == "/metrics",
+    req.headers.tracestate)
   -- HEAD is GET without the body (the server sends none): a monitor's HEAD /health is not a 404
   local method = req.method == "HEAD" and "GET" or req.method
   local route = gateway.routes[route_key(method, path)]

@@ -80,3 +80,41 @@ describe("gateway --otlp-endpoint", function()
     end
   end)
 end)
+
+describe("gateway and a caller's tracestate", function()
+  it("goes on to the provider with the attempt's traceparent, with spans exported or not", function()
+    local seen = {}
+    local provider = assert(resil.server.listen({ port = 0, handler = function(req)
+      seen[#seen + 1] = tostring(req.headers.tracestate) .. " " .. tostring(req.headers.traceparent)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = resil.json.encode({
+        id = "c-1", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = "hi" }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 1, completion_tokens = 1, total_tokens = 2 } }) }
+    end }))
+    local collector = assert(resil.server.listen({ port = 0, handler = function() return { status = 200, body = "{}" } end }))
+    finally(function() provider:close(); collector:close() end)
+    local config = helpers.write(helpers.tmpname(".lua"), ([[
+      require("policies.ai").configure("openai", { base_url = "http://127.0.0.1:%d/v1", api_key = "sk-test-123456" })
+      return { auth = false }
+    ]]):format(provider:port()))
+    for _, otlp in ipairs({ "", ("--otlp-endpoint http://127.0.0.1:%d"):format(collector:port()) }) do
+      local port = helpers.free_ports(1)
+      local pidfile, log = helpers.tmpname(".pid"), helpers.tmpname(".out")
+      os.execute(("%s gateway --listen 127.0.0.1:%d --config %s --store %s %s > %s 2>&1 & echo $! > %s"):format(
+        helpers.resil, port, config, helpers.tmpname(".db"), otlp, log, pidfile))
+      local pid = helpers.slurp(pidfile):match("%d+")
+      finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("listening") ~= nil end, 10),
+        helpers.slurp(log))
+      local res = assert(resil.http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+        json = CHAT, headers = { traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+          tracestate = "congo=t61rcWkgMzE" } }))
+      assert.are.equal(200, res.status, res.body)
+      os.execute("kill -KILL " .. pid)
+    end
+    assert.are.equal(2, #seen)
+    for _, line in ipairs(seen) do
+      assert.matches("^congo=t61rcWkgMzE 00%-4bf92f3577b34da6a3ce929d0e0e4736%-%x+%-01$", line)
+    end
+  end)
+end)

@@ -561,6 +561,28 @@ describe("a task that continues a caller's trace (resil.trace.continue)", functi
     assert.is_false(resil.trace.continue("not a traceparent"))
   end)
 
+  -- W3C trace context: the caller's tracestate (its vendors' entries) goes on with the traceparent;
+  -- it was dropped, and a vendor's sampling or routing state was lost at the first hop
+  it("passes the caller's tracestate on to the provider with the traceparent", function()
+    local seen = {}
+    local provider = resil.server.listen({ port = 0, handler = function(req)
+      seen[#seen + 1] = tostring(req.headers.tracestate)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = "{}" }
+    end })
+    local call = require "policies.call"
+    local p = call.provider("trace-state", { request = { method = "POST",
+      url = ("http://127.0.0.1:%d/v1/x"):format(provider:port()) } })
+    local header = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for _, state in ipairs({ "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", "bad\nstate" }) do
+      assert.is_truthy(select(2, resil.spawn(function()
+        assert.is_true(resil.trace.continue(header, state))
+        return p({ json = {} })
+      end):join()))
+    end
+    provider:close()
+    assert.are.same({ "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", "nil" }, seen)
+  end)
+
   it("says with resil.trace.spans whether an attempt may need a span: not until a trace is continued", function()
     -- (a process of its own: this one's spans were turned on by the specs above)
     local script = helpers.write(helpers.tmpname(".lua"), [[

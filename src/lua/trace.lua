@@ -66,6 +66,14 @@ function trace.parse(header)
   return trace_id, parent_id, flags
 end
 
+-- a caller's tracestate header as it goes on (W3C trace context: the vendors' entries, which a
+-- participant MUST pass on with the traceparent) | nil when it is not one: at most 512
+-- printable ASCII characters
+local function trace_state(header)
+  if type(header) ~= "string" or header == "" or #header > 512 or header:find("[^\32-\126]") then return nil end
+  return header
+end
+
 -- times are kept as wall-clock seconds and written in nanoseconds at export
 local wall = resil.clock.wall
 local function nano(t) return t and ("%.0f"):format(t * 1e9) or nil end
@@ -88,7 +96,8 @@ local function root_span()
   if not root then
     local trace_id, parent_id, flags = trace.parse(os.getenv("TRACEPARENT"))
     root = setmetatable({ trace_id = trace_id or new_trace_id(), span_id = new_span_id(), parent_id = parent_id,
-                          flags = flags or "01", name = "run", kind = 1, start = wall(), attributes = {} }, Span)
+                          flags = flags or "01", name = "run", kind = 1, start = wall(), attributes = {},
+                          tracestate = trace_id and trace_state(os.getenv("TRACESTATE")) or nil }, Span)
     root.traceparent = ("00-%s-%s-%s"):format(root.trace_id, root.span_id, root.flags)
   end
   return root
@@ -110,8 +119,10 @@ function trace.start(name, attributes)
   local parent = current_parent()
   local r = root or root_span()
   local trace_id, span_id, flags = parent.trace_id or r.trace_id, new_span_id(), parent.trace_flags or r.flags
+  local state = parent.trace_state
+  if parent == r or not parent.trace_id then state = r.tracestate end
   return setmetatable({ trace_id = trace_id, span_id = span_id, parent_id = parent.span_id, flags = flags,
-                        name = name, kind = 3, start = wall(), attributes = attributes or {},
+                        name = name, kind = 3, start = wall(), attributes = attributes or {}, tracestate = state,
                         traceparent = "00-" .. trace_id .. "-" .. span_id .. "-" .. flags }, Span)
 end
 
@@ -409,13 +420,13 @@ function trace.export(opts)
   end)
 end
 
--- resil.trace.continue(header): the running task joins the caller's trace
--- (a W3C traceparent) -> true | false when the header is not one
-function trace.continue(header)
+-- resil.trace.continue(header, [tracestate]): the running task joins the caller's trace
+-- (a W3C traceparent, and its tracestate, passed on with it) -> true | false when the header is not one
+function trace.continue(header, state)
   local trace_id, parent_id, flags = trace.parse(header)
   if not trace_id then return false end
   trace.spans = true
-  resil.context({ trace_id = trace_id, span_id = parent_id, trace_flags = flags })
+  resil.context({ trace_id = trace_id, span_id = parent_id, trace_flags = flags, trace_state = trace_state(state) })
   return true
 end
 
@@ -428,18 +439,19 @@ end
 -- Without one, a valid header is continued (trace.continue) and no span made.
 -- The caller finishes the span when the request ends. untraced: no span (a
 -- health check, a scrape), a caller's header continued all the same.
-function trace.request(header, name, untraced)
+function trace.request(header, name, untraced, state)
   if not exporter or untraced then
-    if header then trace.continue(header) end
+    if header then trace.continue(header, state) end
     return nil
   end
   local trace_id, parent_id, flags = trace.parse(header)
+  state = trace_id and trace_state(state) or nil
   local span_id = new_span_id()
   trace_id, flags = trace_id or new_trace_id(), flags or "01"
   local span = setmetatable({ trace_id = trace_id, span_id = span_id, parent_id = parent_id, flags = flags,
                               name = name or "request", kind = 2, start = wall(), attributes = {},
                               traceparent = "00-" .. trace_id .. "-" .. span_id .. "-" .. flags }, Span)
-  resil.context({ trace_id = trace_id, span_id = span_id, trace_flags = flags })
+  resil.context({ trace_id = trace_id, span_id = span_id, trace_flags = flags, trace_state = state })
   return span
 end
 
