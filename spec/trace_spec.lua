@@ -157,6 +157,25 @@ io.write(body)
     assert.are.same({ "GET https://x.example/v1/files?key=[REDACTED]&n=1", "upload [REDACTED]" }, names)
   end)
 
+  it("names the service and the resource from OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES", function()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.trace.export({ url = "http://127.0.0.1:9", interval = 3600 })
+local s = resil.trace.start("x")
+s:finish()
+for _, a in ipairs(resil.json.decode(resil.trace.otlp_body({ s })).resourceSpans[1].resource.attributes) do
+  io.write(a.key, "=", a.value.stringValue, ";")
+end
+]])
+    local r = helpers.run(("OTEL_SERVICE_NAME=gateway-eu OTEL_RESOURCE_ATTRIBUTES='deployment.environment=prod," ..
+      "service.name=other,team=a%%2Cb' %s --log-level off %s"):format(helpers.resil, script))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("service.name=gateway-eu;deployment.environment=prod;team=a,b;", r.stdout)
+    r = helpers.run(("env -u OTEL_SERVICE_NAME OTEL_RESOURCE_ATTRIBUTES=service.name=batch %s --log-level off %s")
+      :format(helpers.resil, script))
+    assert.are.equal("service.name=batch;", r.stdout)
+  end)
+
   it("refuses export options that do not fit, naming the option and the caller's line", function()
     local r = helpers.run_script([[
 local resil = require "resil"

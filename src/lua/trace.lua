@@ -231,12 +231,37 @@ local function otlp_span(s)
   return out
 end
 
+-- The resource's attributes, as OpenTelemetry's SDKs read them from the environment:
+-- OTEL_RESOURCE_ATTRIBUTES (key=value,... its values percent-encoded), and service.name from
+-- resil.trace.export{service=}, else OTEL_SERVICE_NAME, else that list's, else resil-lua. Every
+-- process's spans were resil-lua's, a gateway's and each pipeline's alike, with no way to tell them.
+local function resource_attributes(service)
+  local pairs_of, names = {}, {}
+  for item in (os.getenv("OTEL_RESOURCE_ATTRIBUTES") or ""):gmatch("[^,]+") do
+    local k, v = item:match("^%s*([^=]-)%s*=%s*(.-)%s*$")
+    if k and k ~= "" then
+      v = v:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+      if pairs_of[k] == nil then names[#names + 1] = k end
+      pairs_of[k] = v
+    end
+  end
+  local env_service = os.getenv("OTEL_SERVICE_NAME")
+  service = service or (env_service ~= "" and env_service) or pairs_of["service.name"] or "resil-lua"
+  local out = { attribute("service.name", service) }
+  for _, k in ipairs(names) do
+    if k ~= "service.name" then out[#out + 1] = attribute(k, pairs_of[k]) end
+  end
+  return out
+end
+local resource -- (read once: the environment does not change under a running process)
+
 -- the OTLP/HTTP JSON body for a batch of spans
 function trace.otlp_body(spans)
   local list = {}
   for i, s in ipairs(spans) do list[i] = otlp_span(s) end
+  resource = resource or resource_attributes(exporter and exporter.service)
   return json.encode({ resourceSpans = { {
-    resource = { attributes = { attribute("service.name", exporter and exporter.service or "resil-lua") } },
+    resource = { attributes = resource },
     scopeSpans = { { scope = { name = "resil-lua", version = resil.version or "" }, spans = list } },
   } } })
 end
@@ -408,6 +433,7 @@ function trace.export(opts)
         -- (sending is over however the flush ends: a post that raised, the task canceled)
         done_sending = setmetatable({}, { __close = function() e.sending = false end }) }
   exporter = e
+  resource = nil -- (its service may be another)
   trace.spans = true
   root_span()
   resil.background(function()
