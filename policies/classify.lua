@@ -325,6 +325,17 @@ function classify.outcome(res, err, opts)
     end
     local ok, why = validate(res)
     if ok then return nil end
+    -- a 2xx whose body is the API's error and no answer (an OpenAI-compatible server's 200 with
+    -- {"error": {...}}, no usage): the provider's failure, not an answer it made and billed; as
+    -- invalid output it was recorded as a paid answer at its estimate, each attempt
+    local body = res.data
+    if type(body) == "table" and body.error ~= nil and body.usage == nil and body.choices == nil and
+        body.content == nil then
+      local said = error_field(body, "message")
+      said = type(said) == "string" and said:sub(1, 300) or type(body.error) == "string" and body.error:sub(1, 300)
+      return verdict_of(classify.status["5xx"], ("HTTP %d whose body is an error%s"):format(status,
+        said and (": " .. said) or ""), status, "server_error")
+    end
     return verdict_of(classify.kinds.invalid_output, why or "output failed validation", status, "invalid_output")
   end
   if status < 400 then

@@ -2054,6 +2054,27 @@ describe("streams", function()
 
   -- (before: "the stream ended before its first delta", a protocol error tried again: each whole
   -- answer was paid and none was recorded, nor held against the budget)
+  it("a 200 whose body is the API's error and no answer (an OpenAI-compatible server's) is a server_error, " ..
+     "retried, and not recorded as a paid answer", function()
+    -- (before: invalid output, each attempt recorded at the request's estimate as a paid answer)
+    local asked = 0
+    local upstream = assert(resil.server.listen({ handler = function()
+      asked = asked + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" },
+        body = '{"error":{"message":"upstream overloaded, try again","type":"server_error","code":null}}' }
+    end }))
+    finally(function() upstream:close() end)
+    point_at(("http://127.0.0.1:%d"):format(upstream:port()))
+    local before = ledger_rows()
+    local r, err = ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      retry = { base = 0.001, cap = 0.002 } })
+    assert.is_nil(r)
+    assert.are.equal("server_error", err.class)
+    assert.matches("HTTP 200 whose body is an error: upstream overloaded, try again", err.message, 1, true)
+    assert.is_true(asked > 1) -- (retried as a 5xx is)
+    assert.are.equal(before, ledger_rows())
+  end)
+
   it("a whole JSON answer to a stream request (a server that ignores stream = true) is recorded as billed, once, " ..
      "and not asked again of that server", function()
     local asked = 0
