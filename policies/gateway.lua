@@ -1961,8 +1961,8 @@ local function model_object(m, api)
     -- (every field of its SDK's ModelInfo, none absent: a name the gateway serves is active, and
     -- what an alias's targets may differ in is null, unknown)
     return { type = "model", id = m.id, display_name = m.id, created_at = "1970-01-01T00:00:00Z",
-      capabilities = null, lifecycle = "active", deprecated_at = null, retires_at = null, line = null,
-      max_input_tokens = null, max_tokens = null }
+      capabilities = null, lifecycle = m.lifecycle or "active", deprecated_at = null, retires_at = m.retires_at or null,
+      line = null, max_input_tokens = null, max_tokens = null }
   end
   return { id = m.id, object = "model", created = 0, owned_by = m.owned_by }
 end
@@ -2028,7 +2028,14 @@ local function model_by_id(req, id)
   local provider, name = id:match("^([%w_%-]+)/(.+)$")
   if provider and not check_model(id) and model_allowed(rec, id) and (pricing.price(provider, name) or
       model_targets()[id]) and (ai.provider_module(provider) or {}).url then -- (a job provider's: no chat)
-    return { status = 200, body = json.encode(model_object({ id = id, owned_by = provider }, api)) }
+    -- (one the registry marks deprecated is so, retiring at its sunset: a client keeping the
+    -- active models kept it, while the gateway routes its calls elsewhere at that date)
+    local entries = registry().entries
+    local d = entries[id] or entries[name]
+    local deprecated = type(d) == "table" and d.deprecated == true
+    return { status = 200, body = json.encode(model_object({ id = id, owned_by = provider,
+      lifecycle = deprecated and "deprecated" or nil,
+      retires_at = deprecated and type(d.sunset) == "string" and d.sunset .. "T00:00:00Z" or nil }, api)) }
   end
   -- (the id as UTF-8: a character cut at the bound dropped, bytes that are not UTF-8 shown as "?";
   -- echoed as they came, the 404 was a body no client could read)

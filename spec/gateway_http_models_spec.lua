@@ -119,3 +119,32 @@ describe("GET /v1/models/{id}: a provider/model id from the official SDKs", func
     end
   end)
 end)
+
+-- (before: every model object said lifecycle "active", retires_at null: a client keeping the
+-- active models kept one the registry marks deprecated, whose calls go elsewhere at its sunset)
+describe("GET /v1/models/{id}: a model the registry marks deprecated", function()
+  it("is deprecated in Anthropic's shape, retiring at its sunset", function()
+    local port, dir = helpers.free_port(), helpers.tmpname("")
+    assert(os.execute("mkdir -p " .. dir .. "/policies"))
+    helpers.write(dir .. "/policies/models.lua", [[
+      return { ["anthropic/claude-3-5-haiku-20241022"] = { deprecated = true, sunset = "2099-02-19",
+        replacement = "anthropic/claude-haiku-4-5-20251001" } }
+    ]])
+    helpers.write(dir .. "/gw.lua", "return { auth = false }")
+    os.execute(("%s gateway --policies %s/policies --listen 127.0.0.1:%d --config %s/gw.lua --store %s/s.db " ..
+      "--log-level error > %s/gw.out 2>&1 & echo $! > %s/gw.pid"):format(helpers.resil, dir, port, dir, dir, dir, dir))
+    local pid = helpers.slurp(dir .. "/gw.pid"):match("%d+")
+    finally(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
+    assert(helpers.wait_until(function() return helpers.slurp(dir .. "/gw.out"):find("listening") ~= nil end, 10),
+      helpers.slurp(dir .. "/gw.out"))
+    local function get(id)
+      local r = helpers.run(("curl -s 'http://127.0.0.1:%d/v1/models/%s' -H 'anthropic-version: 2023-06-01'")
+        :format(port, id))
+      return require("resil").json.decode(r.stdout)
+    end
+    local old = get("anthropic%2Fclaude-3-5-haiku-20241022")
+    assert.are.same({ "deprecated", "2099-02-19T00:00:00Z" }, { old.lifecycle, old.retires_at })
+    local new = get("anthropic%2Fclaude-haiku-4-5-20251001")
+    assert.are.same({ "active", require("resil").json.null }, { new.lifecycle, new.retires_at })
+  end)
+end)
