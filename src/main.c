@@ -994,16 +994,6 @@ static int arm_for_vacant(const pid_t *pids, const double *due, long n) {
 
 #define SAID_KILLED 16 /* (the supervisor's own mark: killed for its silence, not yet reaped) */
 
-/* A worker that has been heard (a heartbeat, or it listens) and is silent
- * past --worker-timeout is killed with SIGKILL: frozen (SIGSTOP) or blocked
- * in a C call, it holds the connections the kernel queued on its socket for
- * good, and the watchdog, which counts its CPU time, sees none. Not one that
- * drains ('s'): the stores' last writes come after its loop, and the second
- * signal stops a stuck drain. A live worker says 's' from its handler as the
- * stop is passed on; one frozen then never says it, and the gateway's stop
- * (systemd's, a deploy's) waited for it for good: it is judged as before,
- * killed and, the gateway stopping, not replaced. Reaped otherwise, it is
- * replaced as any dead worker is. */
 /* The CPU seconds the loop's thread of a worker (its main thread) has used; -1 if unknown. */
 static double worker_loop_cpu(pid_t pid) {
   char path[64], buf[1024];
@@ -1048,6 +1038,16 @@ static int silent_but_running(long w, pid_t pid, double heard, double now) {
   return ran && cpu - look_mark[w] < worker_timeout;
 }
 
+/* A worker that has been heard (a heartbeat, or it listens) and is silent
+ * past --worker-timeout is killed with SIGKILL: frozen (SIGSTOP) or blocked
+ * in a C call, it holds the connections the kernel queued on its socket for
+ * good, and the watchdog, which counts its CPU time, sees none. Not one that
+ * drains ('s'): the stores' last writes come after its loop, and the second
+ * signal stops a stuck drain. A live worker says 's' from its handler as the
+ * stop is passed on; one frozen then never says it, and the gateway's stop
+ * (systemd's, a deploy's) waited for it for good: it is judged as before,
+ * killed and, the gateway stopping, not replaced. Reaped otherwise, it is
+ * replaced as any dead worker is. */
 static void kill_silent(const pid_t *pids, const int *rfds, unsigned char *said, const double *heard, long n) {
   if (!(worker_timeout > 0)) return;
   double now = seconds_now();
