@@ -200,6 +200,9 @@ local function detail_said(body)
     d = (#loc > 0 and (table.concat(loc, ".") .. ": ") or "") .. d[1].msg
   end
   if type(d) ~= "string" or d == "" then return nil end
+  -- (redacted before it is cut: a key the provider echoed across the cut was no longer the
+  -- secret, and its first bytes were in the message)
+  d = resil.redact(d)
   return #d > 200 and (d:sub(1, 200) .. "...") or d
 end
 

@@ -244,7 +244,9 @@ local function upstream_error(err, status)
   local body = json.decode(res.body)
   local e = type(body) == "table" and body.error
   if type(e) ~= "table" then return nil end
-  local function text(v, most) return type(v) == "string" and v ~= "" and v:sub(1, most) or nil end
+  -- (redacted before it is cut, and the code and param too: the upstream may echo the gateway's
+  -- key in any of them; one cut across it was no longer the secret, its first bytes relayed)
+  local function text(v, most) return type(v) == "string" and v ~= "" and valid_utf8(resil.redact(v):sub(1, most)) or nil end
   return { message = text(e.message, 2000), code = text(e.code, 100), param = text(e.param, 200) }
 end
 

@@ -136,7 +136,7 @@ local function own_url(ctx, u, fallback)
     warned_url[ctx.name] = true
     resil.log.warn("job: the provider answered a URL off its base_url's host (or one that cannot be read); the " ..
       "documented URL on base_url is used instead",
-      { provider = ctx.name, url = tostring(u):sub(1, 200), base_url = ctx.base })
+      { provider = ctx.name, url = resil.redact(tostring(u)):sub(1, 200), base_url = ctx.base })
   end
   return fallback
 end

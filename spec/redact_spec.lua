@@ -285,3 +285,57 @@ describe("secrets read through resil.secret", function()
     for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
   end)
 end)
+
+-- A provider that echoes the key it was sent in its error (a proxy's 401, a FastAPI detail):
+-- the text is cut to an excerpt for the error's message and the gateway's client. Cut before it
+-- was redacted, a key straddling the cut was no longer the secret, and its first bytes were shown.
+describe("a provider's error that echoes the key", function()
+  local PROVIDER_KEY = "sk-proj-Echo7Kq2Wm9Xv4Lp8Rt3Zy6"
+  local PREFIX = PROVIDER_KEY:sub(1, 12)
+
+  -- a mock whose chat route answers status with body(key); ai configured on it with the key
+  local function start(status, body)
+    resil.clock.real()
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function(req)
+      local key = (req.headers.authorization or ""):gsub("^Bearer ", "")
+      return { status = status, headers = { ["content-type"] = "application/json" }, body = body(key) }
+    end } }))
+    local gateway, ai = helpers.fresh_gateway()
+    for k in pairs(gateway.config) do gateway.config[k] = nil end
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = PROVIDER_KEY, retry = { max_retries = 0 } })
+    finally(function() m:stop() end)
+    return gateway, ai
+  end
+
+  local function refute_prefix(text)
+    assert.is_nil(text:find(PREFIX, 1, true), "part of the key was shown:\n" .. text)
+  end
+
+  it("is not shown in part by the error's message where the excerpt cuts it", function()
+    local _, ai = start(401, function(key) return resil.json.encode({ detail = ("x"):rep(180) .. key }) end)
+    local _, err = ai.chat({ model = "openai/gpt-4o-mini-2024-07-18", messages = { { role = "user", content = "hi" } } })
+    assert.are.equal("auth", err.kind)
+    refute_prefix(err.message)
+    refute_prefix(tostring(err))
+  end)
+
+  it("is not shown, whole or in part, to the gateway's client in its error's message, code or param", function()
+    -- (a 400: the upstream's own message, code and param are relayed)
+    local gateway = start(400, function(key)
+      return resil.json.encode({ error = { message = ("x"):rep(1990) .. key, code = "bad_key:" .. key,
+        param = "key=" .. key .. "&" } })
+    end)
+    resil.log.level("off")
+    gateway.configure({ auth = false, key_cache = 0, models = {} })
+    local s = gateway.serve({ listen = "127.0.0.1:0" })
+    finally(function() s:close() resil.log.level("info") end)
+    local res = assert(resil.http.request({ method = "POST",
+      url = ("http://127.0.0.1:%d/v1/chat/completions"):format(s:port()),
+      headers = { ["content-type"] = "application/json" },
+      body = resil.json.encode({ model = "openai/gpt-4o-mini-2024-07-18", messages = { { role = "user", content = "hi" } } }) }))
+    assert.are.equal(400, res.status, res.body)
+    refute_prefix(res.body)
+    assert.matches("bad_key:[REDACTED]", res.body, 1, true)
+  end)
+end)

@@ -53,7 +53,7 @@ local function decode(res, what)
   local body = json.decode(res.body or "")
   if type(body) ~= "table" then
     return nil, resil.error("invalid_output", ("fal: the %s is not a JSON object (HTTP %s: %q)"):format(what,
-      tostring(res.status), (res.body or ""):sub(1, 80)),
+      tostring(res.status), resil.redact(res.body or ""):sub(1, 80)),
       { provider = "fal", status = res.status, retryable = true })
   end
   return body
@@ -113,7 +113,7 @@ local function completed(ctx, handle, s)
       -- (a request fal said COMPLETED without an error ran, and fal bills it: without the result
       -- its outputs are estimated (fal.usage); it had no row at all, and its replacement was paid too)
       return { status = "failed", error = ("its result could not be read (GET %s): %s%s"):format(response_url,
-        tostring(err.message), detail and (": " .. detail:sub(1, 200)) or ""), error_type = error_type,
+        tostring(err.message), detail and (": " .. resil.redact(detail):sub(1, 200)) or ""), error_type = error_type,
         metrics = s.metrics ~= json.null and s.metrics or nil, completed = not error_type or nil }
     end
     return nil, err
@@ -131,7 +131,7 @@ function fal.poll(ctx, handle)
   if not s then return nil, derr end
   if type(s.status) ~= "string" then -- (taken for running, it was read until the deadline, unsaid)
     return nil, resil.error("invalid_output", ("fal: the status of request %s has no status field (HTTP %s: %q)")
-      :format(handle.id, tostring(res.status), (res.body or ""):sub(1, 80)),
+      :format(handle.id, tostring(res.status), resil.redact(res.body or ""):sub(1, 80)),
       { provider = "fal", status = res.status, retryable = true })
   end
   if s.status == "COMPLETED" then return completed(ctx, handle, s) end

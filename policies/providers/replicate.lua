@@ -64,7 +64,7 @@ local function decode(res, what)
   local body = json.decode(res.body or "")
   if type(body) ~= "table" then
     return nil, resil.error("invalid_output", ("replicate: the %s is not a JSON object (HTTP %s: %q)"):format(
-      what or "answer", tostring(res.status), (res.body or ""):sub(1, 80)),
+      what or "answer", tostring(res.status), resil.redact(res.body or ""):sub(1, 80)),
       { provider = "replicate", status = res.status, retryable = true })
   end
   return body
@@ -112,7 +112,7 @@ function replicate.poll(ctx, handle)
   if not p then return nil, derr end
   if type(p.status) ~= "string" then -- (taken for running, it was read until the deadline, unsaid)
     return nil, resil.error("invalid_output", ("replicate: the status of prediction %s has no status field (HTTP %s: %q)")
-      :format(handle.id, tostring(res.status), (res.body or ""):sub(1, 80)),
+      :format(handle.id, tostring(res.status), resil.redact(res.body or ""):sub(1, 80)),
       { provider = "replicate", status = res.status, retryable = true })
   end
   local s = state_of(p)
