@@ -61,6 +61,30 @@ describe("resil.redact", function()
     assert.matches("^connect: http://127.0.0.1:1/v1/files/%[REDACTED%]: ", tostring(err))
   end)
 
+  it("finds a secret written with escapes: JSON's, a URL's in part, twice over", function()
+    resil.log.redact("sk-esc-Qw3Er5Ty7")
+    resil.log.redact("aK3/x+Yz9w==")
+    resil.log.redact("cl\u{e9}-secr\u{e8}te-\u{1F600}")
+    for _, written in ipairs({
+      [[{"error":"bad key \u0073k-esc-Qw3Er5Ty7"}]], -- any character may be escaped in JSON
+      [[\u0073\u006b\u002d\u0065\u0073\u0063\u002d\u0051\u0077\u0033\u0045\u0072\u0035\u0054\u0079\u0037]],
+      [[{"body":"{\"error\":\"bad key \\u0073k-esc-Qw3Er5Ty7\"}"}]], -- a JSON body quoted in JSON
+      "/v1/files/aK3/x%2BYz9w%3D%3D", -- Python's quote() leaves "/" as it is
+      "/v1/files/%61K3%2fx%2bYz9w==", -- a character that needs none encoded all the same
+      "/v1/files/aK3%252Fx%252BYz9w%253D%253D", -- encoded twice
+      [[{"u":"cl\u00e9-secr\u00E8te-\ud83d\ude00"}]], -- not ASCII, a surrogate pair
+    }) do
+      local redacted = resil.redact(written, "secrets")
+      assert.matches("[REDACTED]", redacted, 1, true)
+      for _, part in ipairs({ "Qw3Er5Ty7", "Yz9w", "secr" }) do
+        assert.is_nil(redacted:find(part, 1, true), written .. " -> " .. redacted)
+      end
+    end
+    assert.are.equal([[{"error":"bad key [REDACTED]"} and \u0041 %41 %zz \q \]],
+      resil.redact([[{"error":"bad key \u0073k-esc-Qw3Er5Ty7"} and \u0041 %41 %zz \q \]], "secrets"))
+    assert.are.equal("/a/[REDACTED]?x=%2F", resil.redact("/a/aK3/x%2BYz9w%3D%3D?x=%2F", "secrets"))
+  end)
+
   it("redacts overlapping and repeated secrets whole", function()
     resil.log.redact("abcdef-111111")
     resil.log.redact("111111-ghijkl")
@@ -337,5 +361,32 @@ describe("a provider's error that echoes the key", function()
     assert.are.equal(400, res.status, res.body)
     refute_prefix(res.body)
     assert.matches("bad_key:[REDACTED]", res.body, 1, true)
+  end)
+end)
+
+describe("a provider's error that echoes the key JSON-escaped", function()
+  it("is not printed by a log line of the error, its response's body held as it came", function()
+    local KEY = "sk-proj-Esc4Kq2Wm9Xv4Lp8Rt3Zy6"
+    resil.clock.real()
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function(req)
+      local key = (req.headers.authorization or ""):gsub("^Bearer ", "")
+      -- (the "s" written \u0073, as an encoder that escapes more than it must may write it)
+      return { status = 401, headers = { ["content-type"] = "application/json" },
+        body = '{"error":{"message":"Incorrect API key provided: \\u0073' .. key:sub(2) .. '"}}' }
+    end } }))
+    finally(function() m:stop() end)
+    local _, ai = helpers.fresh_gateway()
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = KEY, retry = { max_retries = 0 } })
+    local _, err = ai.chat({ model = "openai/gpt-4o-mini-2024-07-18", messages = { { role = "user", content = "hi" } } })
+    assert.are.equal("auth", err.kind)
+    local path = helpers.tmpname(".log")
+    resil.log.output(path)
+    resil.log.error("chat failed", { err = err })
+    resil.log.output("stderr")
+    local text = helpers.slurp(path)
+    os.remove(path)
+    assert.matches("Incorrect API key provided: [REDACTED]", text, 1, true)
+    assert.is_nil(text:find(KEY:sub(2, 13), 1, true), "the key was logged:\n" .. text)
+    assert.is_nil(tostring(err):find(KEY:sub(2, 13), 1, true), tostring(err))
   end)
 end)

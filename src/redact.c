@@ -21,6 +21,7 @@
  * overlapping secrets are redacted whole.
  */
 #include <ctype.h>
+#include <stdint.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -260,10 +261,126 @@ static void mark_secrets(const resil_t *R, marks *m, const char *s, size_t len) 
   }
 }
 
+/* ---------- a secret written with escapes ---------- */
+
+static int hex_value(unsigned char c) {
+  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+static long hex4(const char *s, size_t len, size_t i) {
+  if (i + 4 > len) return -1;
+  long v = 0;
+  for (size_t k = i; k < i + 4; k++) {
+    int h = hex_value((unsigned char)s[k]);
+    if (h < 0) return -1;
+    v = v * 16 + h;
+  }
+  return v;
+}
+
+/* The escape at s[i], if one: JSON's \uXXXX (a surrogate pair as one character), \/, \", \n ...
+ * after one backslash or more (a body quoted in a JSON string inside another is \\u0073), or a
+ * URL's %XX (%25XX: encoded twice). -> its length, the bytes it stands for in out (UTF-8), 0 if
+ * s[i] is no escape */
+static size_t escape_at(const char *s, size_t len, size_t i, unsigned char out[4], size_t *n) {
+  size_t j = i;
+  if (s[i] == '%') {
+    j++;
+    while (j + 3 < len && s[j] == '2' && s[j + 1] == '5' && hex_value((unsigned char)s[j + 2]) >= 0 &&
+           hex_value((unsigned char)s[j + 3]) >= 0)
+      j += 2;
+    if (j + 2 > len || hex_value((unsigned char)s[j]) < 0 || hex_value((unsigned char)s[j + 1]) < 0) return 0;
+    out[0] = (unsigned char)(hex_value((unsigned char)s[j]) * 16 + hex_value((unsigned char)s[j + 1]));
+    *n = 1;
+    return j + 2 - i;
+  }
+  if (s[i] != '\\') return 0;
+  while (j < len && s[j] == '\\') j++;
+  if (j == len) return 0;
+  static const char simple_from[] = "/\"'bfnrt", simple_to[] = "/\"'\b\f\n\r\t";
+  const char *simple = strchr(simple_from, s[j]);
+  if (simple && s[j]) {
+    out[0] = (unsigned char)simple_to[simple - simple_from];
+    *n = 1;
+    return j + 1 - i;
+  }
+  if (s[j] != 'u') return 0;
+  long cp = hex4(s, len, j + 1);
+  if (cp < 0) return 0;
+  size_t end = j + 5;
+  if (cp >= 0xD800 && cp < 0xDC00) { /* a high surrogate: its low one follows, after as many backslashes */
+    size_t k = end;
+    while (k < len && s[k] == '\\') k++;
+    long lo = k > end && k < len && s[k] == 'u' ? hex4(s, len, k + 1) : -1;
+    if (lo < 0xDC00 || lo > 0xDFFF) return 0;
+    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+    end = k + 5;
+  }
+  if (cp < 0x80) {
+    out[0] = (unsigned char)cp, *n = 1;
+  } else if (cp < 0x800) {
+    out[0] = (unsigned char)(0xC0 | cp >> 6), out[1] = (unsigned char)(0x80 | (cp & 0x3F)), *n = 2;
+  } else if (cp < 0x10000) {
+    out[0] = (unsigned char)(0xE0 | cp >> 12), out[1] = (unsigned char)(0x80 | (cp >> 6 & 0x3F));
+    out[2] = (unsigned char)(0x80 | (cp & 0x3F)), *n = 3;
+  } else {
+    out[0] = (unsigned char)(0xF0 | cp >> 18), out[1] = (unsigned char)(0x80 | (cp >> 12 & 0x3F));
+    out[2] = (unsigned char)(0x80 | (cp >> 6 & 0x3F)), out[3] = (unsigned char)(0x80 | (cp & 0x3F)), *n = 4;
+  }
+  return end - i;
+}
+
+/* Secrets in the text read with its escapes decoded: a provider that echoes the key in its error
+ * may write it "\u0073k-..." (JSON allows any character escaped), a URL may encode it in part
+ * (Python's quote leaves "/" as is, so "aK3/x%2BY" is neither the secret nor its encoded form).
+ * The decoded text keeps, for each of its bytes, where it came from, and a secret found there
+ * marks the escapes that wrote it. Only text with an escape in it is decoded. */
+static int mark_secrets_escaped(const resil_t *R, marks *m, const char *s, size_t len) {
+  if (!R->nsecrets || (!memchr(s, '\\', len) && !memchr(s, '%', len)) || len >= UINT32_MAX) return 0;
+  unsigned char *d = NULL;
+  uint32_t *from = NULL;
+  size_t dn = 0;
+  for (size_t i = 0; i < len;) {
+    unsigned char bytes[4];
+    size_t n = 0, used = s[i] == '\\' || s[i] == '%' ? escape_at(s, len, i, bytes, &n) : 0;
+    if (!used) bytes[0] = (unsigned char)s[i], n = 1, used = 1;
+    else if (!d) { /* the first escape: the text before it is copied as it is */
+      d = malloc(len);
+      from = malloc((len + 1) * sizeof *from);
+      if (!d || !from) {
+        free(d), free(from);
+        return -1;
+      }
+      for (size_t k = 0; k < i; k++) d[k] = (unsigned char)s[k], from[k] = (uint32_t)k;
+      dn = i;
+    }
+    if (d)
+      for (size_t k = 0; k < n; k++) d[dn] = bytes[k], from[dn++] = (uint32_t)i;
+    i += used;
+  }
+  if (!d) return 0;
+  from[dn] = (uint32_t)len;
+  for (size_t k = 0; k < R->nsecrets; k++) {
+    const redact_secret *sec = &R->secrets[k];
+    size_t at = 0;
+    const unsigned char *p;
+    while (at < dn && (p = memmem(d + at, dn - at, sec->value, sec->len))) {
+      size_t pos = (size_t)(p - d);
+      mark(m, from[pos], from[pos + sec->len]);
+      at = pos + sec->len;
+    }
+  }
+  free(d), free(from);
+  return 0;
+}
+
 int redact_text(resil_t *R, const char *s, size_t len, int what, char **out, size_t *out_len) {
   marks m = {NULL, len, 0};
   *out = NULL;
-  if (what & REDACT_SECRETS) mark_secrets(R, &m, s, len);
+  if (what & REDACT_SECRETS) {
+    mark_secrets(R, &m, s, len);
+    if (mark_secrets_escaped(R, &m, s, len) < 0) m.failed = 1;
+  }
   if (what & REDACT_PARAMS) {
     mark_params(&m, s, len);
     mark_userinfo(&m, s, len);
