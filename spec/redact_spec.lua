@@ -390,3 +390,16 @@ describe("a provider's error that echoes the key JSON-escaped", function()
     assert.is_nil(tostring(err):find(KEY:sub(2, 13), 1, true), tostring(err))
   end)
 end)
+
+describe("a command line refused", function()
+  it("does not print the password of a URL given as --store=URL (or as an argument too many)", function()
+    local url = "redis://:cli-Pa55w0rd-9@127.0.0.1:1/0"
+    for _, cmd in ipairs({ "--store=%s x.lua", "check --store=%s", "mock --store=%s", "gateway --store=%s",
+      "gateway --listen 127.0.0.1:0 %s", "--log-level 'x?token=cli-Pa55w0rd-9'" }) do
+      local r = helpers.run(helpers.resil .. " " .. cmd:format(url))
+      assert.are_not.equal(0, r.code, cmd)
+      assert.matches("[REDACTED]", r.stderr, 1, true)
+      assert.is_nil(r.stderr:find("Pa55w0rd", 1, true), cmd .. " printed the password:\n" .. r.stderr)
+    end
+  end)
+end)

@@ -347,7 +347,8 @@ int resil_error_result(lua_State *L, const char *kind, const char *fmt, ...);
 #define REDACT_MARK "[REDACTED]"
 enum { REDACT_SECRETS = 1, REDACT_PARAMS = 2, REDACT_ALL = 3 };
 int redact_add(resil_t *R, const char *s, size_t len); /* 1 added, 0 too short or known, -1 no memory */
-/* 0: nothing to redact (*out NULL); 1: *out is a malloc'd, NUL-terminated copy; -1: no memory */
+/* 0: nothing to redact (*out NULL); 1: *out is a malloc'd, NUL-terminated copy; -1: no memory.
+ * R may be NULL when what is REDACT_PARAMS (an argument, before any host) */
 int redact_text(resil_t *R, const char *s, size_t len, int what, char **out, size_t *out_len);
 char *redact_strdup(resil_t *R, const char *s);                 /* malloc'd; NULL only without memory */
 const char *redact_push(lua_State *L, int idx, int what);        /* pushes the redacted string at idx */

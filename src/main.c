@@ -144,10 +144,17 @@ static void usage(FILE *out) {
           "  -h, --help              print this help\n");
 }
 
+/* (the argument with a URL's password and credential parameters redacted, as every message:
+ * `--store=redis://:pw@host`, an option written with "=", was "unknown option" and its password
+ * printed whole; no secret is registered yet, so the host is not needed) */
 static int fail(const char *fmt, const char *arg) {
+  char *shown = NULL;
+  size_t n;
+  if (arg && redact_text(NULL, arg, strlen(arg), REDACT_PARAMS, &shown, &n) < 0) arg = REDACT_MARK;
   fprintf(stderr, PROGNAME ": ");
-  fprintf(stderr, fmt, arg);
+  fprintf(stderr, fmt, shown ? shown : arg);
   fprintf(stderr, "\n");
+  free(shown);
   return 1;
 }
 
@@ -1425,7 +1432,7 @@ int main(int argc, char **argv) {
       }
       continue;
     }
-    fprintf(stderr, PROGNAME ": unknown option '%s'\n", a);
+    fail("unknown option '%s'", a);
     usage(stderr);
     return 1;
   }

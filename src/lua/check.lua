@@ -160,7 +160,7 @@ return function(args)
       i = i + 2
     elseif args[i]:sub(1, 1) == "-" then
       io.stderr:write(("resil-lua check: unknown option '%s' (usage: resil-lua check [--policies DIR] [files...])\n")
-        :format(args[i]))
+        :format(resil.redact(args[i]))) -- (--store=redis://:pw@host: its password)
       exit(1) -- (bad usage is 1 for every command, as the README says; it was 2)
     else
       files[#files + 1] = args[i]
