@@ -85,6 +85,14 @@ describe("resil.redact", function()
     assert.are.equal("/a/[REDACTED]?x=%2F", resil.redact("/a/aK3/x%2BYz9w%3D%3D?x=%2F", "secrets"))
   end)
 
+  it("finds a secret read with whitespace around it as it is sent: without it", function()
+    -- (a .env line's trailing space, a mounted file's newline: a header's value reaches the
+    -- provider trimmed, and the key its 401 echoed was printed whole)
+    resil.log.redact(" sk-ws-Qz7Key123456 \t")
+    resil.log.redact("vault-nl-Key987654\n")
+    assert.are.equal("key: [REDACTED], [REDACTED].", resil.redact("key: sk-ws-Qz7Key123456, vault-nl-Key987654.", "secrets"))
+  end)
+
   it("redacts overlapping and repeated secrets whole", function()
     resil.log.redact("abcdef-111111")
     resil.log.redact("111111-ghijkl")

@@ -121,6 +121,13 @@ int redact_add(resil_t *R, const char *s, size_t len) {
   if (len < REDACT_MIN_SECRET) return 0;
   int added = add_one(R, s, len);
   if (added <= 0) return added;
+  /* and without the whitespace around it (a .env line's trailing space, a mounted file's
+   * newline): a header's value reaches the provider without it, and the key it echoes
+   * did not match the value as read, and was printed */
+  size_t from = 0, to = len;
+  while (from < to && isspace((unsigned char)s[from])) from++;
+  while (to > from && isspace((unsigned char)s[to - 1])) to--;
+  if ((from > 0 || to < len) && redact_add(R, s + from, to - from) < 0) added = -1;
   /* the forms it takes in the host's text: in JSON (the store), and in a
    * URL a script built with it (an error names the URL) */
   size_t elen = 0;
