@@ -105,6 +105,33 @@ describe("resil.log", function()
     assert.are.equal("Bearer sk-live-123456", headers.Authorization)
   end)
 
+  it("redacts what an error report redacts: a private key, a client secret, a vault token", function()
+    -- (the log's own list was shorter: a table an uncaught error reported redacted was printed
+    -- whole by a log line of it)
+    local conf = { client_secret = "cs-9f8e7d", private_key = "-----BEGIN PRIVATE KEY-----",
+      passphrase = "correct horse", db_password = "pw-123456", auth = "user:pass",
+      headers = { ["X-Vault-Token"] = "hvs.abcdef", ["Private-Token"] = "glpat-abc", accept = "json" },
+      key = "team-a", max_tokens = 100, author = "me", tokens = 5, usd_per_token = 0.5, use_token = true }
+    local lines = capture(function()
+      log.info("config", conf)
+      log.info("again", conf) -- (a name's verdict is remembered: the same the second time)
+    end)
+    for _, l in ipairs(lines) do
+      for _, k in ipairs({ "client_secret", "private_key", "passphrase", "db_password", "auth" }) do
+        assert.are.equal("[REDACTED]", l[k], k)
+      end
+      assert.are.equal("[REDACTED]", l.headers["X-Vault-Token"])
+      assert.are.equal("[REDACTED]", l.headers["Private-Token"])
+      assert.are.equal("json", l.headers.accept)
+      assert.are.equal("team-a", l.key)
+      assert.are.equal(100, l.max_tokens)
+      assert.are.equal("me", l.author)
+      assert.are.equal(5, l.tokens)
+      assert.are.equal(0.5, l.usd_per_token) -- (a number or a boolean is no credential)
+      assert.are.equal(true, l.use_token)
+    end
+  end)
+
   it("registers environment secrets through resil.secret", function()
     local script = helpers.write(helpers.tmpname(".lua"), [[
       local resil = require "resil"

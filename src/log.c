@@ -80,13 +80,54 @@ static const char *const sensitive_keys[] = {
   "secret", "access_token", "refresh_token", "cookie", "set-cookie", "x-goog-api-key", "xi-api-key",
   "x-auth-token", "ocp-apim-subscription-key", NULL};
 
-/* (a name of no sensitive key's length is none of them: most fields are compared with none) */
+/* 1: one of these names; 2: a name error reports redact (error.c's rule: private_key,
+ * client_secret, x-vault-token, a passphrase; a log line printed what an uncaught table's report
+ * redacted), whose value is redacted unless a number or a boolean (a per_token price is no
+ * token); 0: neither */
 static int is_sensitive(const char *key) {
   size_t len = strlen(key);
-  if (len < 6 || len > 25) return 0;
+  if (len < 4) return 0; /* (auth is the shortest) */
   for (int i = 0; sensitive_keys[i]; i++)
     if (strlen(sensitive_keys[i]) == len && strcasecmp(key, sensitive_keys[i]) == 0) return 1;
-  return 0;
+  return resil_sensitive_field(key, len) ? 2 : 0;
+}
+
+/* Whether the value at value, under the name at idx, is written redacted: is_sensitive of the
+ * name, remembered per name in a table of the registry: a line's
+ * dozen names, each searched for a dozen words, cost a third of the line. At most
+ * SENSITIVE_CACHED names are remembered (a table of a client's own keys logged must not grow
+ * it without end); its count is kept at [1]. */
+#define SENSITIVE_CACHED 2048
+static const char sensitive_cache_key = 0;
+static int is_sensitive_at(lua_State *L, int idx, int value) {
+  idx = lua_absindex(L, idx);
+  value = lua_absindex(L, value);
+  int plain = lua_type(L, value) == LUA_TNUMBER || lua_type(L, value) == LUA_TBOOLEAN;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &sensitive_cache_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, 1, 64);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &sensitive_cache_key);
+  }
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) == LUA_TNUMBER) {
+    int known = (int)lua_tointeger(L, -1);
+    lua_pop(L, 2);
+    return known == 1 || (known == 2 && !plain);
+  }
+  lua_pop(L, 1);
+  int r = is_sensitive(lua_tostring(L, idx));
+  lua_Integer n = (lua_rawgeti(L, -1, 1), lua_tointeger(L, -1));
+  lua_pop(L, 1);
+  if (n < SENSITIVE_CACHED) {
+    lua_pushvalue(L, idx);
+    lua_pushinteger(L, r);
+    lua_rawset(L, -3);
+    lua_pushinteger(L, n + 1);
+    lua_rawseti(L, -2, 1);
+  }
+  lua_pop(L, 1);
+  return r == 1 || (r == 2 && !plain);
 }
 
 /* upvalues: 1 log state, 2 json encode (resil.json's: exact) */
@@ -142,7 +183,7 @@ static void redact_value(lua_State *L, int depth) {
   lua_pushnil(L);
   /* L stack: src, copy, key */
   while (lua_next(L, -3)) {
-    if (lua_type(L, -2) == LUA_TSTRING && is_sensitive(lua_tostring(L, -2))) {
+    if (lua_type(L, -2) == LUA_TSTRING && is_sensitive_at(L, -2, -1)) {
       lua_pop(L, 1);
       lua_pushliteral(L, REDACT_MARK);
     } else {
@@ -375,7 +416,7 @@ static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) 
         lua_pushfstring(L, "field_%s", key);
         lua_replace(L, -2);
       }
-      sensitive = is_sensitive(lua_tostring(L, -1));
+      sensitive = is_sensitive_at(L, -1, -2);
     } else {
       luaL_tolstring(L, -1, NULL); /* true, a table's address: as text */
       lua_replace(L, -2);
