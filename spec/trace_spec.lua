@@ -144,17 +144,21 @@ resil.trace.export({ url = ("http://127.0.0.1:%d"):format(collector:port()), int
 resil.trace.start("GET https://x.example/v1/files?key=plain-key-42&n=1"):finish({
   ["token vault-token-123456"] = 1, url = "https://x.example/?sig=plain-sig-7" })
 resil.trace.start("upload vault-token-123456"):finish()
+-- (named like a credential, as OpenTelemetry names a header's attribute: never registered)
+resil.trace.start("call", { ["http.request.header.authorization"] = "Bearer plain-bearer-8",
+  ["http.request.header.x-api-key"] = "plain-xkey-9", api_key = "plain-apikey-10" }):finish()
 resil.trace.flush()
 collector:close()
 io.write(body)
 ]], "--log-level off")
     assert.are.equal(0, r.code, r.stderr)
-    for _, leaked in ipairs({ "plain-key-42", "vault-token-123456", "plain-sig-7" }) do
+    for _, leaked in ipairs({ "plain-key-42", "vault-token-123456", "plain-sig-7", "plain-bearer-8", "plain-xkey-9",
+      "plain-apikey-10" }) do
       assert.is_nil(r.stdout:find(leaked, 1, true), leaked .. " was exported:\n" .. r.stdout)
     end
     local names = {}
     for _, s in ipairs(resil.json.decode(r.stdout).resourceSpans[1].scopeSpans[1].spans) do names[#names + 1] = s.name end
-    assert.are.same({ "GET https://x.example/v1/files?key=[REDACTED]&n=1", "upload [REDACTED]" }, names)
+    assert.are.same({ "GET https://x.example/v1/files?key=[REDACTED]&n=1", "upload [REDACTED]", "call" }, names)
   end)
 
   it("names the service and the resource from OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES", function()

@@ -178,6 +178,10 @@ end
 -- or model name cut mid-character), and the 256 spans in it were lost.
 local valid_utf8 = debug.getregistry()["resil.private"].valid_utf8
 local function text(v) return valid_utf8(resil.redact(tostring(v))) end
+-- (an attribute named like a credential, OpenTelemetry's http.request.header.authorization or an
+-- api_key, is exported as the redaction mark, as a log line's field of that name is written; a
+-- number or a boolean is none: a per_token price)
+local sensitive_field = debug.getregistry()["resil.private"].sensitive_field
 
 -- a list's length, or nil when the table is not one (keys 1..n only)
 local function list_length(t)
@@ -211,6 +215,9 @@ local function any_value(v, nested)
 end
 
 local function attribute(key, v)
+  if type(key) == "string" and type(v) ~= "number" and type(v) ~= "boolean" and sensitive_field(key) then
+    return { key = text(key), value = { stringValue = "[REDACTED]" } }
+  end
   return { key = text(key), value = any_value(v) }
 end
 
