@@ -411,3 +411,27 @@ describe("a command line refused", function()
     end
   end)
 end)
+
+describe("a key given as a script's argument and registered", function()
+  it("is not kept in the run's row, nor printed by runs show's resume line in another process", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+      local resil = require "resil"
+      resil.log.redact(arg[1])
+      resil.step("a", function() return 1 end)
+      error("stop")
+    ]])
+    local r = helpers.run(("%s --log-level off --store %s --run arg-secret-run %s %s plain-arg"):format(helpers.resil, db,
+      script, KEY))
+    assert.are.equal(1, r.code, r.stderr)
+    local dump = helpers.run(("sqlite3 %s .dump"):format(db))
+    assert.are.equal(0, dump.code, dump.stderr)
+    assert.is_nil(dump.stdout:find(KEY, 1, true), "the store kept the key:\n" .. dump.stdout)
+    local show = helpers.run(("%s runs show arg-secret-run --store %s"):format(helpers.resil, db))
+    assert.are.equal(0, show.code, show.stderr)
+    refute_key(show.stdout)
+    assert.matches("resume: [^\n]* %-%-run arg%-secret%-run [^\n]* '?%[REDACTED%]'? plain%-arg\n", show.stdout)
+    os.remove(script)
+    for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db .. suffix) end
+  end)
+end)

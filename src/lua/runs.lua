@@ -89,7 +89,16 @@ local function resume_args()
   -- (nor code holding a secret the process knows, an API key it configured: the store kept it, and
   -- runs show, another process, printed it whole; redacted, the line would run other code)
   if code then return #code <= MAX_CODE_KEPT and resil.redact(code) == code and json.encode({ code }) or nil end
-  if config.args then return json.encode({ unpack(config.args) }) end
+  -- (an argument holding a secret the process knows, a key given on the command line and
+  -- registered with resil.log.redact, is kept redacted: the store kept it whole, and runs show,
+  -- another process, printed it; the line says which argument to give again)
+  if config.args then
+    local kept = { unpack(config.args) }
+    for i, v in pairs(kept) do
+      if type(v) == "string" then kept[i] = resil.redact(v, "secrets") end
+    end
+    return json.encode(kept)
+  end
 end
 
 -- The script the run's row names: an embedder's chunk (resil_load_string: its path is its name, a
