@@ -233,7 +233,7 @@ describe("secrets read through resil.secret", function()
     refute_key(r.stdout)
   end)
 
-  it("are refused as step results: the SQLite file and runs show never hold them", function()
+  it("are refused as step results and once keys: the SQLite file and runs show never hold them", function()
     local db = helpers.tmpname(".db")
     local r = run([[
       local resil = require "resil"
@@ -245,6 +245,7 @@ describe("secrets read through resil.secret", function()
       print(ok, err)
       print(pcall(resil.step, "named " .. KEY, function() return 1 end))
       print(pcall(resil.once, "once-key", function() return "echo " .. KEY end))
+      print(pcall(resil.once, "user:" .. KEY, function() return 1 end)) -- (a call keyed by a token)
     ]], "--store " .. db .. " --run secret-run")
     assert.are.equal(0, r.code, r.stderr)
     assert.matches("false\t%S+:5: resil.step: cannot checkpoint the results: they contain a value read through "
@@ -252,6 +253,7 @@ describe("secrets read through resil.secret", function()
     assert.matches("false\t.*resil.step: the step's name contains a value read through resil.secret", r.stdout)
     assert.matches("false\t.*resil.once: cannot store the results: they contain a value read through resil.secret",
       r.stdout)
+    assert.matches("false\t.*resil.once: the key contains a value read through resil.secret", r.stdout)
     refute_key(r.stdout)
     refute_key(r.stderr)
     local dump = helpers.run(("sqlite3 %s .dump"):format(db))

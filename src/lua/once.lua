@@ -255,6 +255,11 @@ function resil.once(spec, fn, ...)
   local key = o.key
   if type(key) ~= "string" or key == "" then error("resil.once: key must be a non-empty string", 2) end
   if type(fn) ~= "function" then error("resil.once: fn must be a function", 2) end
+  -- (as a step's name: the key is the store's, kept a day, and was written there whole, an API
+  -- key or a user's token a script keyed its calls by)
+  if S.holds_secret(key) then
+    error("resil.once: the key contains a value read through resil.secret (secrets are never written to the store)", 2)
+  end
   local lease, retention = o.lease or 300, o.retention or 86400
   -- (a NaN or a string reached the store: an error from inside it, or a Redis store_error)
   for name, v in pairs({ lease = lease, retention = retention }) do
