@@ -2373,7 +2373,11 @@ local function config_problem(conf)
         option_names())
     end
     if not option[2](v) then
-      return ("%s must be %s, not %s"):format(k, option[1], type(v) == "string" and ("%q"):format(v) or tostring(v))
+      -- (the metrics key's value is never shown: a key written without quotes, 8472619305, was
+      -- printed whole in the refusal, to a terminal or a journal)
+      local shown = k == "metrics_key" and v ~= "" and ("a " .. type(v))
+        or type(v) == "string" and ("%q"):format(v) or tostring(v)
+      return ("%s must be %s, not %s"):format(k, option[1], shown)
     end
   end
   for name, m in pairs(conf.models or {}) do
@@ -2391,6 +2395,8 @@ function gateway.configure(conf, where)
     error(resil.error("bad_config", message, { traceback = false }), 0) -- (the file named: no traceback of ours)
   end
   for k, v in pairs(conf) do gateway.config[k] = v end
+  -- the metrics key is a secret as an API key is: redacted wherever the host prints text
+  if type(conf.metrics_key) == "string" and #conf.metrics_key >= 6 then resil.log.redact(conf.metrics_key) end
   -- a changed max_concurrent (a reload's) applies to the requests already waiting for a permit:
   -- a raised one admits them at once (resized at the next request's admit only, with none
   -- coming they waited out their queue_timeout beside free permits, then got 503s)

@@ -16,6 +16,7 @@ local function refused(config, says)
   assert.is_nil(out:match("gateway listening"), out)
   assert.matches("gateway: the config " .. path:gsub("%p", "%%%0") .. ": " .. says, out)
   assert.is_nil(out:match("stack traceback"), out)
+  return out
 end
 
 local reloads = helpers.reloads
@@ -42,6 +43,9 @@ describe("gateway: the config's options", function()
     refused("return { read_timeout = 0 }", "read_timeout must be seconds %(a number > 0%), not 0")
     refused("return { queue = 1.5 }", "queue must be requests %(an integer >= 0%), not 1.5")
     refused('return { metrics_key = "" }', 'metrics_key must be a non%-empty string, not ""')
+    -- (its value never shown: a key written without quotes was printed whole)
+    local out = refused("return { metrics_key = 8472619305 }", "metrics_key must be a non%-empty string, not a number")
+    assert.is_nil(out:find("8472619305", 1, true), out)
   end)
 
   it("refuses a models entry that is not a model", function()
