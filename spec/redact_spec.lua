@@ -36,6 +36,9 @@ describe("resil.redact", function()
     assert.are.equal("redis://:[REDACTED]@127.0.0.1:6379/0 and https://me:[REDACTED]@x/",
       resil.redact("redis://:hunter22@127.0.0.1:6379/0 and https://me:pw@x/"))
     assert.are.equal("http://127.0.0.1:8080/a@b", resil.redact("http://127.0.0.1:8080/a@b"))
+    -- a user name without a password is the credential: GitHub's token, Stripe's key with an empty password
+    assert.are.equal("https://[REDACTED]@github.com/o/r.git https://[REDACTED]:@api.stripe.com/v1",
+      resil.redact("https://ghp_Tok3n123456@github.com/o/r.git https://sk_test_4eC39Hq:@api.stripe.com/v1"))
     -- a redis URL's password runs to its last "@", as the store reads it
     assert.are.equal("redis://:[REDACTED]@h:6379/0 redis://u:[REDACTED]@h redis://[REDACTED]@h/1",
       resil.redact("redis://:a/b?c#d@e@h:6379/0 redis://u:p@w@h redis://only@h/1"))

@@ -235,7 +235,9 @@ static size_t mark_redis_userinfo(marks *m, const char *s, size_t len, size_t st
   return end;
 }
 
-/* scheme://user:password@host: the password */
+/* scheme://user:password@host: the password; scheme://token@host and scheme://token:@host, a
+ * user name without a password, is the credential itself (GitHub's https://<token>@github.com,
+ * Stripe's key as the user of an empty password, a Sentry DSN): the user name */
 static void mark_userinfo(marks *m, const char *s, size_t len) {
   size_t at = 0;
   const char *p;
@@ -251,6 +253,7 @@ static void mark_userinfo(marks *m, const char *s, size_t len) {
       end++;
     }
     if (end < len && s[end] == '@' && colon && end > colon + 1) mark(m, colon + 1, end);
+    else if (end < len && s[end] == '@' && (colon ? colon : end) > start) mark(m, start, colon ? colon : end);
     at = end > start ? end : start;
   }
 }
