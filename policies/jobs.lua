@@ -61,7 +61,7 @@ local function bad_key(k)
 end
 local function bad_base(b)
   if b == nil or type(b) == "string" and b:match("^[hH][tT][tT][pP][sS]?://[^/?#%s]+[^%s]*$") then return nil end
-  return type(b) == "string" and ("%q"):format(b:sub(1, 80)) or type(b)
+  return type(b) == "string" and ("%q"):format(resil.redact(b):sub(1, 80)) or type(b) -- (redacted, then cut)
 end
 function jobs.configure(name, conf)
   if type(name) ~= "string" or type(conf) ~= "table" then error("jobs.configure(name, conf)", 2) end

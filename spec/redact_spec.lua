@@ -357,6 +357,30 @@ describe("a provider's error that echoes the key", function()
     refute_prefix(tostring(err))
   end)
 
+  it("is not shown in part by a stream's error naming an event that is not JSON", function()
+    local _, ai = start(200, function() return "" end)
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function(req)
+      local key = (req.headers.authorization or ""):gsub("^Bearer ", "")
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" },
+        body = "data: " .. ("x"):rep(50) .. " rejected key " .. key .. "\n\n" }
+    end } }))
+    finally(function() m:stop() end)
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = PROVIDER_KEY, retry = { max_retries = 0 } })
+    local s = assert(ai.stream({ model = "openai/gpt-4o-mini-2024-07-18", messages = { { role = "user", content = "hi" } } }))
+    local chunk, err = s:next()
+    assert.is_nil(chunk)
+    assert.matches("an event that is not JSON", err.message, 1, true)
+    refute_prefix(err.message)
+  end)
+
+  it("is not shown in part by jobs.configure's refusal of a base_url with credentials", function()
+    local jobs = require "policies.jobs"
+    local ok, err = pcall(jobs.configure, "fal", { base_url = ("https://h.example/" .. ("x"):rep(30)
+      .. " https://user:" .. PROVIDER_KEY .. "@h"), api_key = "fal-key-123456" })
+    assert.is_false(ok)
+    refute_prefix(tostring(err))
+  end)
+
   it("is not shown, whole or in part, to the gateway's client in its error's message, code or param", function()
     -- (a 400: the upstream's own message, code and param are relayed)
     local gateway = start(400, function(key)

@@ -296,10 +296,10 @@ function anthropic.event(state, ev)
   if t == "ping" then return nil, false end
   local data = event_json(state, ev.data or "")
   state.decoded = data
-  if type(data) ~= "table" then return nil, false, "an event that is not JSON: " .. tostring(ev.data):sub(1, 80) end
+  if type(data) ~= "table" then return nil, false, "an event that is not JSON: " .. resil.redact(tostring(ev.data)):sub(1, 80) end
   -- (`data: []`: JSON, but no event; the SDK's stream helper raises on it)
   if data[1] ~= nil or getmetatable(data) == json.array_mt then
-    return nil, false, "an event that is not a JSON object: " .. tostring(ev.data):sub(1, 80)
+    return nil, false, "an event that is not a JSON object: " .. resil.redact(tostring(ev.data)):sub(1, 80)
   end
   t = t or data.type
   if t == "content_block_delta" then

@@ -453,10 +453,10 @@ function openai.event(state, ev)
   end
   local chunk = event_json(state, data)
   state.decoded = chunk
-  if type(chunk) ~= "table" then return nil, false, "an event that is not JSON: " .. data:sub(1, 80) end
+  if type(chunk) ~= "table" then return nil, false, "an event that is not JSON: " .. resil.redact(data):sub(1, 80) end
   -- (`data: []`, `data: 1`: JSON, but no chunk; the SDK yields it, and its stream helper raises on
   -- .choices: relayed, it was a chunk made of the gateway's id and model)
-  if not is_object(chunk) then return nil, false, "an event that is not a JSON object: " .. data:sub(1, 80) end
+  if not is_object(chunk) then return nil, false, "an event that is not a JSON object: " .. resil.redact(data):sub(1, 80) end
   if chunk.error then
     -- an error after the 200: the API sends it as a data event
     local e = chunk.error
