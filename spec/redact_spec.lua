@@ -88,6 +88,17 @@ describe("resil.redact", function()
     assert.are.equal("/a/[REDACTED]?x=%2F", resil.redact("/a/aK3/x%2BYz9w%3D%3D?x=%2F", "secrets"))
   end)
 
+  it("reads a megabyte of backslashes that start no escape once, not again from each of them", function()
+    -- (read again from each backslash of a run, a log line of such a body held its process for
+    -- minutes; bounded here by timeout(1), not timed: it takes milliseconds)
+    local r = helpers.run("timeout -s KILL 60 " .. helpers.resil .. " -e '"
+      .. [[local r = require "resil"; r.log.redact("sk-live-123456")
+        local s = ("\\"):rep(1000000) .. "x" .. ("\\"):rep(1000) .. "u0073k-live-123456"
+        io.write(#r.redact(s), " ", r.redact(s):sub(-20))]] .. "'")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("1000011 " .. ("\\"):rep(9) .. "x[REDACTED]", r.stdout) -- (the escape's backslashes with it)
+  end)
+
   it("finds a secret read with whitespace around it as it is sent: without it", function()
     -- (a .env line's trailing space, a mounted file's newline: a header's value reaches the
     -- provider trimmed, and the key its 401 echoed was printed whole)

@@ -353,8 +353,16 @@ static int mark_secrets_escaped(const resil_t *R, marks *m, const char *s, size_
   for (size_t i = 0; i < len;) {
     unsigned char bytes[4];
     size_t n = 0, used = s[i] == '\\' || s[i] == '%' ? escape_at(s, len, i, bytes, &n) : 0;
-    if (!used) bytes[0] = (unsigned char)s[i], n = 1, used = 1;
-    else if (!d) { /* the first escape: the text before it is copied as it is */
+    if (!used) { /* a byte as it is; a run of backslashes that starts no escape, all of it (read again
+                  * from each of its backslashes, a megabyte of them took minutes) */
+      size_t run = 1;
+      while (s[i] == '\\' && i + run < len && s[i + run] == '\\') run++;
+      if (d)
+        for (size_t k = 0; k < run; k++) d[dn] = (unsigned char)s[i + k], from[dn++] = (uint32_t)(i + k);
+      i += run;
+      continue;
+    }
+    if (!d) { /* the first escape: the text before it is copied as it is */
       d = malloc(len);
       from = malloc((len + 1) * sizeof *from);
       if (!d || !from) {
@@ -364,8 +372,7 @@ static int mark_secrets_escaped(const resil_t *R, marks *m, const char *s, size_
       for (size_t k = 0; k < i; k++) d[k] = (unsigned char)s[k], from[k] = (uint32_t)k;
       dn = i;
     }
-    if (d)
-      for (size_t k = 0; k < n; k++) d[dn] = bytes[k], from[dn++] = (uint32_t)i;
+    for (size_t k = 0; k < n; k++) d[dn] = bytes[k], from[dn++] = (uint32_t)i;
     i += used;
   }
   if (!d) return 0;
