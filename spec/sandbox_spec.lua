@@ -920,3 +920,26 @@ print(resil.cost.record({ provider = "openai", model = "gpt-4o-mini", usd = 1.5,
     assert.are.equal("true\t50\tmax", lines[3])
   end)
 end)
+
+-- (before: cjson writes its text with malloc, past the cap, and exits the process when that fails:
+-- "Out of memory", exit 255, the script's pcall never reached; a gigabyte first without a ulimit)
+describe("resil-lua --sandbox --max-memory: resil.json.encode of a table that holds one table twice, deep", function()
+  it("fails the script's call with the cap's error, and the process goes on", function()
+    local script = helpers.tmpname(".lua")
+    helpers.write(script, [[
+local json = require("resil").json
+local t = { ("x"):rep(1000) }
+for _ = 1, 19 do t = { t, t } end -- (a text of 2^19 copies: half a gigabyte)
+print("twice", pcall(json.encode, t))
+print("small", json.encode({ a = { 1, 2 }, b = "x" }))
+]])
+    -- (under a ulimit, so that cjson's half gigabyte fails as it would past the machine's; not under
+    -- AddressSanitizer, which reserves terabytes of address space)
+    local ulimit = (os.getenv("SAN_FLAGS") or ""):find("address", 1, true) and "" or "ulimit -v 400000 && "
+    local r = helpers.run(("%stimeout -s KILL 60 %s --sandbox --max-memory 32M %s"):format(ulimit, R, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("twice\tfalse\tnot enough memory\n", r.stdout, nil, true)
+    assert.matches('small\t{"', r.stdout, nil, true)
+  end)
+end)

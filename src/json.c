@@ -600,10 +600,69 @@ static int raise_at_caller(lua_State *L, int status) {
   return lua_error(L);
 }
 
+/* cjson writes its text in memory of its own (malloc), past the Lua state's
+ * cap, and ends the process when that fails ("Out of memory", exit 255): a
+ * table that holds one table twice, nested 20 deep, is a text of 2^20 times
+ * that table's, and a script under --max-memory 32M (a sandboxed one too)
+ * took gigabytes and then the whole process with it. A text that cannot fit
+ * the cap can never be the result, so under a cap the value is measured
+ * first: the least cjson writes for each value (a string's bytes and its
+ * quotes, a key's, one byte a number, two a table), against the room the cap
+ * leaves. Past it, one full collection (garbage cjson's text would have had
+ * reclaimed), then the cap's own error, as the result's allocation would
+ * have raised it. Stops at cjson's depth (a table that holds itself: cjson's
+ * error comes first). No walk without a cap. */
+typedef struct {
+  resil_t *R;
+  size_t least, room;
+  int collected;
+} text_size;
+
+static void text_needs(lua_State *L, text_size *ts, size_t bytes) {
+  ts->least += bytes;
+  if (ts->least <= ts->room) return;
+  if (!ts->collected) {
+    ts->collected = 1;
+    lua_gc(L, LUA_GCCOLLECT);
+    ts->room = ts->R->mem_limit > ts->R->mem_used ? ts->R->mem_limit - ts->R->mem_used : 0;
+    if (ts->least <= ts->room) return;
+  }
+  lua_newuserdatauv(L, ts->least, 0); /* (refused by the cap: its error, at the caller's line) */
+  lua_pop(L, 1);
+  ts->room = ts->least; /* (it fit after all: the cap moved) */
+}
+
+/* -> 0 past cjson's depth (it raises there itself) */
+static int text_measure(lua_State *L, int idx, int depth, text_size *ts) {
+  switch (lua_type(L, idx)) {
+  case LUA_TSTRING: text_needs(L, ts, lua_rawlen(L, idx) + 2); return 1;
+  case LUA_TTABLE: break;
+  default: text_needs(L, ts, 1); return 1;
+  }
+  if (depth > MAX_DEPTH || !lua_checkstack(L, 3)) return 0;
+  idx = lua_absindex(L, idx);
+  text_needs(L, ts, 2);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_type(L, -2) == LUA_TSTRING) text_needs(L, ts, lua_rawlen(L, -2) + 3);
+    if (!text_measure(L, -1, depth + 1, ts)) {
+      lua_pop(L, 2);
+      return 0;
+    }
+    lua_pop(L, 1);
+  }
+  return 1;
+}
+
 /* json.encode(value) -> text (raises on what JSON cannot hold) */
 static int json_encode(lua_State *L) {
   luaL_checkany(L, 1);
   lua_settop(L, 1);
+  resil_t *R = resil_from_lua(L);
+  if (R->mem_limit && (R->current || R->host_L) && lua_type(L, 1) == LUA_TTABLE) {
+    text_size ts = { R, 0, R->mem_limit > R->mem_used ? R->mem_limit - R->mem_used : 0, 0 };
+    text_measure(L, 1, 1, &ts);
+  }
   lua_getfield(L, lua_upvalueindex(UP_CJSON), "encode");
   const marker *m = marker_of(L);
   walk w = { 0, 3, 0, 0, 0 };
