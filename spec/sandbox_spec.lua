@@ -943,3 +943,27 @@ print("small", json.encode({ a = { 1, 2 }, b = "x" }))
     assert.matches('small\t{"', r.stdout, nil, true)
   end)
 end)
+
+-- (before: the sandbox's encode, after cjson refused, walked every path of the value for views of the
+-- policies' tables: 2^100 of them for a cycle held twice, and a log line's fields were walked so always)
+describe("resil-lua --sandbox: a table that holds itself twice", function()
+  it("is cjson's nesting error in resil.json.encode, and a log line's fields, at once", function()
+    local script = helpers.tmpname(".lua")
+    helpers.write(script, [[
+local resil = require "resil"
+local cycle = {}
+cycle[1], cycle[2] = cycle, cycle
+print("encode", select(2, pcall(resil.json.encode, cycle)))
+local pricing = require "policies.pricing"
+print("with a view", select(2, pcall(resil.json.encode, { cycle, pricing = pricing.models })))
+resil.log.info("fields", { cycle = cycle })
+print("logged")
+]])
+    local r = helpers.run(("timeout -s KILL 60 %s --sandbox %s"):format(R, script))
+    os.remove(script)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("encode\t[^\n]*excessive nesting", r.stdout)
+    assert.matches("with a view\t[^\n]*excessive nesting", r.stdout)
+    assert.matches("logged\n", r.stdout, nil, true)
+  end)
+end)

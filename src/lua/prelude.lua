@@ -1343,14 +1343,20 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- instead: a walk of the value's tables, and a copy only of those that hold a view. A value
   -- without a view costs a pcall more, not a walk.
   local json_encode = resil.json.encode
-  local function unviewed(x, depth)
+  -- Each table once (seen): a table that holds another twice, nested, is walked once per table, not
+  -- once per path (a cycle held twice, t[1], t[2] = t, t, was 2^100 paths: a script's encode of it,
+  -- or a log line's fields holding it, never returned, where cjson says "excessive nesting").
+  local function unviewed(x, depth, seen)
     local t = viewed[x]
     if t then return t end
     if depth > 100 then return x end -- (cjson's own depth error, or its cycle's, comes after)
+    seen = seen or {}
+    if seen[x] then return seen[x] end
+    seen[x] = x -- (as it is while it is walked: a cycle back to it is cjson's to refuse)
     local copy
     for k, v in next, x do
       if type(v) == "table" then
-        local u = unviewed(v, depth + 1)
+        local u = unviewed(v, depth + 1, seen)
         if u ~= v then
           if not copy then
             copy = setmetatable({}, real_metatable(x)) -- (json.array_mt's arrays stay arrays)
@@ -1360,6 +1366,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
         end
       end
     end
+    seen[x] = copy or x
     return copy or x
   end
   local function encoded(ok, ...)
