@@ -564,12 +564,28 @@ static int luaopen_resil(lua_State *L) {
 
 /* ---------- the sandbox ---------- */
 
+/* A path whose last name is a symbolic link is where the link points: the
+ * folder alone was resolved, and a link in an allowed folder (one a policy
+ * author put in the policy repository, `data.txt -> /etc/shadow`, or one to a
+ * file not there yet, `notes.txt -> ~/.bashrc`, which opening to write makes)
+ * was read or written wherever it pointed. -> 1 with the target in real, 0
+ * for no link, -1 for a link to nothing (its target is not checked: refused). */
+static int link_target(const char *path, char real[PATH_MAX]) {
+  struct stat st;
+  if (lstat(path, &st) != 0 || !S_ISLNK(st.st_mode)) return 0;
+  return realpath(path, real) ? 1 : -1;
+}
+
 /* canonical(path) -> the absolute path with its folder resolved (symlinks,
  * "..") | nil when that folder does not exist: what io.open checks under the
  * sandbox. */
 static int l_canonical(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   char dir[PATH_MAX], real[PATH_MAX];
+  switch (link_target(path, real)) {
+  case 1: lua_pushstring(L, real); return 1;
+  case -1: return 0;
+  }
   const char *slash = strrchr(path, '/');
   const char *base = slash ? slash + 1 : path;
   if (!slash) snprintf(dir, sizeof dir, ".");
@@ -597,6 +613,10 @@ static void add_dir(lua_State *L, const char *dir) {
  * the rest holds "." or ".." (it cannot be placed without the folders) */
 static char *resolved_path(const char *path) {
   char head[PATH_MAX], real[PATH_MAX];
+  switch (link_target(path, real)) {
+  case 1: return strdup(real);
+  case -1: return NULL;
+  }
   if (snprintf(head, sizeof head, "%s", path) >= (int)sizeof head) return NULL;
   const char *rest = "";
   for (;;) {
