@@ -114,4 +114,40 @@ describe("gateway --sandbox", function()
     assert.are.equal(1, r.code, r.stdout .. r.stderr)
     assert.matches("the config .*gateway_conf%.lua ran more than 200000000 instructions", r.stderr)
   end)
+
+  -- (before: a sandboxed script on the gateway's store read a client's answer with resil.once_replay,
+  -- and its resil.once planted the answer the gateway served a client's request with that key)
+  it("keeps its Idempotency-Key answers from a sandboxed script on its store: resil.once of gateway: keys raises", function()
+    resil.clock.real()
+    resil.log.level("off")
+    local m = assert(resil.mock.start({ reply = "the client's private answer" }))
+    finally(function() m:stop() end)
+    local db = helpers.tmpname(".db")
+    local key = new_key(db)
+    local id = json.decode(helpers.run(("%s keys list --json --store %s"):format(helpers.resil, db)).stdout)[1].id
+    local _, port, log = start_gateway(nil, db, ("OPENAI_BASE_URL=%s/v1 OPENAI_API_KEY=sk-test-123456"):format(m.url))
+    local body = json.encode({ model = "openai/gpt-4o-mini", messages = MSGS })
+    local res = assert(http.request({ method = "POST", url = ("http://127.0.0.1:%d/v1/chat/completions"):format(port),
+      body = body, headers = { authorization = "Bearer " .. key, ["content-type"] = "application/json",
+        ["idempotency-key"] = "order-7" } }))
+    assert.are.equal(200, res.status, res.body .. helpers.slurp(log))
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+local fingerprint = resil.hash("openai\0" .. %q)
+print("replay", pcall(function()
+  local found, answer = resil.once_replay({ key = %q, fingerprint = fingerprint })
+  return found, resil.json.encode(answer)
+end))
+print("plant", pcall(function()
+  local planted = resil.once({ key = %q, fingerprint = fingerprint }, function() return { forged = true } end)
+  return planted
+end))
+]]):format(body, "gateway:" .. id .. ":order-7", "gateway:" .. id .. ":order-8"))
+    local r = helpers.run(("timeout -s KILL 60 %s --sandbox --store %s %s"):format(helpers.resil, db, script))
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.not_matches("private answer", r.stdout, nil, true)
+    assert.matches("replay\tfalse\t[^\n]*:4: resil.once_replay: key \"gateway:" .. id .. ":order%-7\" is the gateway's",
+      r.stdout)
+    assert.matches("plant\tfalse\t[^\n]*:8: resil.once: key \"gateway:" .. id .. ":order%-8\" is the gateway's", r.stdout)
+  end)
 end)

@@ -1336,6 +1336,27 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     if type(v) == "table" and getmetatable(v) == nil then policy_resil[k] = functions_of(v) end
   end
   policy_resil.sandbox_env = nil -- (taken off resil by C once this returns)
+  -- The gateway's Idempotency-Key answers are resil.once records under "gateway:<key id>:<key>", the
+  -- host's as the store's gateway: keys are: a script's resil.once of such a key, the fingerprint its
+  -- own, planted the answer a gateway client's request with that key was served (every process's on
+  -- the store), and its resil.once_replay read a client's. The policies' resil (above) keeps the
+  -- functions themselves; a tail call here, so that once's own argument errors name the script's line.
+  local function refuse_gateway_once(fname, spec)
+    local key = type(spec) == "table" and spec.key or spec
+    if type(key) == "string" and key:sub(1, 8) == "gateway:" then
+      error(("%s: key %q is the gateway's (once keys under \"gateway:\" are reserved in the sandbox:"
+        .. " resil_options.sandbox, --sandbox)"):format(fname, key), 3)
+    end
+  end
+  local once, once_replay = resil.once, resil.once_replay
+  resil.once = function(spec, ...)
+    refuse_gateway_once("resil.once", spec)
+    return once(spec, ...)
+  end
+  resil.once_replay = function(spec, ...)
+    refuse_gateway_once("resil.once_replay", spec)
+    return once_replay(spec, ...)
+  end
   -- A view holds nothing itself, and cjson reads tables raw: a script's resil.json.encode of a
   -- policy's table (or of its own table holding one) wrote {} without a word. Each view holds one
   -- key cjson refuses (VIEW_MARK, a table: "table key must be a number or string"), so the encode
