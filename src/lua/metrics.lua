@@ -853,6 +853,9 @@ function metrics.finish()
   end
 end
 
+-- (the host's listen, taken at load: under the sandbox a script's resil.server.listen refuses
+-- reuseport, which a gateway worker's metrics server takes)
+local listen = resil.server.listen
 -- resil.metrics.serve{host = "127.0.0.1", port = 9464} -> server (GET /metrics)
 function serve(opts)
   if opts ~= nil and type(opts) ~= "table" then -- (serve(9464): "attempt to index a number value" at this file's line)
@@ -862,7 +865,7 @@ function serve(opts)
   -- (in a gateway's worker, every worker listens there: one answers, with the merge)
   local reuseport = opts.reuseport
   if reuseport == nil then reuseport = shard ~= nil end
-  return resil.server.listen({
+  return listen({
     host = opts.host or "127.0.0.1",
     port = opts.port or 9464,
     reuseport = reuseport,

@@ -1348,6 +1348,19 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
         .. " resil_options.sandbox, --sandbox)"):format(fname, key), 3)
     end
   end
+  -- A script's server shares no port (reuseport): the kernel spread a gateway's connections (gateway
+  -- --workers N listens with SO_REUSEPORT) to a script that listened there too, and its handler was
+  -- handed a share of the gateway's clients, their bearer keys and prompts. The gateway's own listen
+  -- is the policies' resil's; reuseport is set false here, whatever opts's __index says next.
+  local server_listen = resil.server.listen
+  resil.server.listen = function(opts, ...)
+    if type(opts) ~= "table" then return server_listen(opts, ...) end
+    if opts.reuseport then
+      error("resil.server.listen: reuseport is not allowed in the sandbox (a port shared with another process:"
+        .. " a gateway's --workers; resil_options.sandbox, --sandbox)", 2)
+    end
+    return server_listen(setmetatable({ reuseport = false }, { __index = opts }), ...)
+  end
   local once, once_replay = resil.once, resil.once_replay
   resil.once = function(spec, ...)
     refuse_gateway_once("resil.once", spec)
