@@ -998,3 +998,37 @@ print("alias", assert(io.open("box/alias.txt")):read("a"))
     assert.is_nil(made, "a file was made outside the folders")
   end)
 end)
+
+-- (before: io.open refused the host's store to write only, and read as bytes it held what a script's
+-- store:get is refused: the gateway's keys, its clients' Idempotency-Key answers, the AI cache)
+describe("resil-lua --sandbox: the host's own store in a folder the script may read", function()
+  it("is not read as bytes by io.open, io.lines or loadfile (nor its -wal); the script's own files are", function()
+    local dir = helpers.tmpname("-box")
+    assert(os.execute("mkdir -p " .. dir))
+    local store = dir .. "/state.db"
+    local script = helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+resil.store():set("note", "A-VALUE-IN-THE-STORE")
+for _, path in ipairs({ %q, %q }) do
+  print("open", pcall(function() local f = assert(io.open(path, "rb")) return f:read("a"):find("A-VALUE", 1, true) end))
+  print("lines", pcall(function() return io.lines(path, 4096)() end))
+  print("loadfile", pcall(loadfile, path))
+end
+local f = assert(io.open(%q, "w")) f:write("mine") f:close()
+print("mine", assert(io.open(%q)):read("a"))
+]]):format(store, store .. "-wal", dir .. "/mine.txt", dir .. "/mine.txt"))
+    local r = helpers.run(("timeout -s KILL 30 %s --sandbox --sandbox-dir %s --store %s %s"):format(R, dir, store, script))
+    os.execute("rm -rf " .. dir)
+    assert.are.equal(0, r.code, r.stderr)
+    local refused = 0
+    for line in r.stdout:gmatch("[^\n]+") do
+      if line:match("^open") or line:match("^lines") or line:match("^loadfile") then
+        assert.matches("^%a+\tfalse\t[^\t]*is the host's own store: a sandboxed script reads it only through resil%.store",
+          line)
+        refused = refused + 1
+      end
+    end
+    assert.are.equal(6, refused)
+    assert.matches("mine\tmine\n", r.stdout, nil, true)
+  end)
+end)

@@ -1757,20 +1757,31 @@ static int refuse_file(lua_State *L, const char *what, const char *path, int lev
 
 /* The host's own store is the scripts' to use through resil.store only: its
  * SQL (a DELETE of the ledger) is not theirs */
-static int refuse_store(lua_State *L, const char *what, const char *path, int level) {
+static int refuse_store_as(lua_State *L, const char *what, const char *path, int level, const char *verb) {
   luaL_where(L, level);
-  lua_pushfstring(L, "%s: %s is the host's own store: a sandboxed script writes it only through resil.store", what,
-                  path);
+  lua_pushfstring(L, "%s: %s is the host's own store: a sandboxed script %s it only through resil.store", what,
+                  path, verb);
   lua_concat(L, 2);
   return lua_error(L);
 }
+static int refuse_store(lua_State *L, const char *what, const char *path, int level) {
+  return refuse_store_as(L, what, path, level, "writes");
+}
 
-/* resil.sqlite.check_file(path, what [, level]): raises unless the sandbox
+/* resil.sqlite.check_file(path, what [, level [, "read"]]): raises unless the sandbox
  * lets a file be written at path (checked here: a script may replace what
- * the resil table holds, not the C behind it) */
+ * the resil table holds, not the C behind it). With "read", only the host's
+ * own store (and its -wal, -shm, -journal) is refused, the folders being the
+ * caller's to check: read as bytes, it held every key the store keeps from a
+ * script (the gateway's keys, its clients' Idempotency-Key answers, the AI
+ * cache's) and every other script's values. */
 static int l_check_file(lua_State *L) {
   const char *path = luaL_checkstring(L, 1), *what = luaL_checkstring(L, 2);
   resil_t *R = resil_from_lua(L);
+  if (lua_isstring(L, 4) && strcmp(lua_tostring(L, 4), "read") == 0) {
+    if (!R->sandbox || R->sandbox_trusted > 0 || !sandbox_is_store_file(R, path)) return 0;
+    return refuse_store_as(L, what, path, (int)luaL_optinteger(L, 3, 1), "reads");
+  }
   if (sandbox_plain_file_ok(R, path)) return 0;
   if (sandbox_is_store_file(R, path)) return refuse_store(L, what, path, (int)luaL_optinteger(L, 3, 1));
   return refuse_file(L, what, path, (int)luaL_optinteger(L, 3, 1));

@@ -1050,7 +1050,8 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     if type(path) ~= "string" then error(("bad argument #1 to '%s' (string expected)"):format(fname), 3) end
     local full = canonical(path)
     local reading = mode == nil or mode == "r" or mode == "rb"
-    if not reading then check_file(path, fname, 3) end -- (never the host's own store: the ledger)
+    -- (never the host's own store: the ledger; nor read as bytes, every key it keeps from a script)
+    check_file(path, fname, 3, (reading and "read" or nil))
     if full and (under(full, dirs) or (reading and under(full, policy_dirs))) then return end
     error(("%s(%q) is not allowed in the sandbox: outside the folders it may use (--sandbox-dir DIR, or " ..
       "resil_options.sandbox_dirs when embedding)")
