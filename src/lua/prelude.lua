@@ -1362,6 +1362,17 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     end
     return server_listen(setmetatable({ reuseport = false }, { __index = opts }), ...)
   end
+  -- (and resil.metrics.serve, which listens with the host's listen: its 404s took a share of a gateway's
+  -- requests; in a gateway's worker its reuseport is on unless said otherwise)
+  local metrics_serve = resil.metrics.serve
+  resil.metrics.serve = function(opts, ...)
+    if type(opts) ~= "table" and opts ~= nil then return metrics_serve(opts, ...) end
+    if opts and opts.reuseport then
+      error("resil.metrics.serve: reuseport is not allowed in the sandbox (a port shared with another process:"
+        .. " a gateway's --workers; resil_options.sandbox, --sandbox)", 2)
+    end
+    return metrics_serve(setmetatable({ reuseport = false }, { __index = opts }), ...)
+  end
   local once, once_replay = resil.once, resil.once_replay
   resil.once = function(spec, ...)
     refuse_gateway_once("resil.once", spec)
