@@ -1052,6 +1052,13 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
     local reading = mode == nil or mode == "r" or mode == "rb"
     -- (never the host's own store: the ledger; nor read as bytes, every key it keeps from a script)
     check_file(path, fname, 3, (reading and "read" or nil))
+    -- (a policy folder inside an allowed one, --sandbox-dir . with ./policies, is read only all the same:
+    -- a file a script wrote there was required as a policy, with the policies' own state, resil.keep of
+    -- "policies.ai.config" (every provider's URL and key) among it)
+    if full and not reading and under(full, policy_dirs) then
+      error(("%s(%q) is not allowed in the sandbox: the policy folders are read only to a script (what is"
+        .. " there is loaded as a policy)"):format(fname, path), 3)
+    end
     if full and (under(full, dirs) or (reading and under(full, policy_dirs))) then return end
     error(("%s(%q) is not allowed in the sandbox: outside the folders it may use (--sandbox-dir DIR, or " ..
       "resil_options.sandbox_dirs when embedding)")
