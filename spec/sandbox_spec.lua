@@ -1065,3 +1065,28 @@ print("beside", assert(io.open("notes.txt")):read("a"))
     assert.is_nil(made)
   end)
 end)
+
+-- (before: ./policies, where require looks for policies.*, was no policy folder of the sandbox's when it
+-- was not there at start: a script made it with a store there, which makes its folders, and wrote a policy)
+describe("resil-lua --sandbox: ./policies not there at start, in a folder the script may write", function()
+  it("is a policy folder all the same: a file written there raises, and no policy is required from it", function()
+    local dir = helpers.tmpname("-proj")
+    assert(os.execute(("mkdir -p %s/pol"):format(dir)))
+    helpers.write(dir .. "/esc.lua", [[
+local resil = require "resil"
+assert(resil.store("policies/made.db"))
+print("write", pcall(function()
+  local f = assert(io.open("policies/evil.lua", "w"))
+  f:write("return { kept = type(require('resil').keep('policies.ai.config')) }\n")
+  f:close()
+end))
+print("required", pcall(function() return require("policies.evil").kept end))
+]])
+    local r = helpers.run(("cd %s && timeout -s KILL 20 %s --sandbox --sandbox-dir . --policies pol esc.lua"):format(dir, R))
+    os.execute("rm -rf " .. dir)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches('write\tfalse\tesc.lua:4: io.open("policies/evil.lua") is not allowed in the sandbox: the policy '
+      .. "folders are read only to a script", r.stdout, nil, true)
+    assert.matches("required\tfalse\t[^\n]*module 'policies.evil' not found", r.stdout)
+  end)
+end)

@@ -600,11 +600,22 @@ static int l_canonical(lua_State *L) {
   return 1;
 }
 
-/* L stack: list -> list with dir appended when it exists (canonical) */
+static char *resolved_path(const char *path);
+
+/* L stack: list -> list with dir appended (canonical). One not there yet is
+ * appended where it would be: a script made ./policies in its folder (a store
+ * there makes its folders) and wrote a file in it, which require then loaded
+ * as a policy, with the policies' own state. */
 static void add_dir(lua_State *L, const char *dir) {
   char real[PATH_MAX];
-  if (!dir || !realpath(dir, real)) return;
-  lua_pushstring(L, real);
+  if (!dir) return;
+  if (realpath(dir, real)) lua_pushstring(L, real);
+  else {
+    char *placed = resolved_path(dir);
+    if (!placed) return;
+    lua_pushstring(L, placed);
+    free(placed);
+  }
   lua_rawseti(L, -2, (lua_Integer)luaL_len(L, -2) + 1);
 }
 
