@@ -1090,3 +1090,30 @@ print("required", pcall(function() return require("policies.evil").kept end))
     assert.matches("required\tfalse\t[^\n]*module 'policies.evil' not found", r.stdout)
   end)
 end)
+
+-- (before: the refusal read the spec's key, and resil.once read it again: a table whose __index said
+-- another key the second time planted an answer under the gateway's key all the same)
+describe("resil-lua --sandbox: resil.once with a spec whose key changes as it is read", function()
+  it("runs under the key checked: nothing is kept under the gateway's key", function()
+    local db = helpers.tmpname(".db")
+    local plant = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local reads = 0
+local spec = setmetatable({ fingerprint = "f" }, { __index = function(_, k)
+  if k == "key" then reads = reads + 1 return reads == 1 and "harmless" or "gateway:key_1:order-9" end
+end })
+print("plant", pcall(resil.once, spec, function() return "forged" end))
+]])
+    local check = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+print("gateway", resil.once_replay({ key = "gateway:key_1:order-9", fingerprint = "f" }))
+print("checked", resil.once_replay({ key = "harmless", fingerprint = "f" }))
+]])
+    local r1 = helpers.run(("timeout -s KILL 20 %s --sandbox --store %s %s"):format(R, db, plant))
+    local r2 = helpers.run(("timeout -s KILL 20 %s --store %s %s"):format(R, db, check))
+    assert.are.equal(0, r1.code, r1.stderr)
+    assert.are.equal(0, r2.code, r2.stderr)
+    assert.matches("gateway\tfalse\n", r2.stdout, nil, true)
+    assert.matches("checked\ttrue\tforged\n", r2.stdout, nil, true)
+  end)
+end)

@@ -1349,12 +1349,16 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- own, planted the answer a gateway client's request with that key was served (every process's on
   -- the store), and its resil.once_replay read a client's. The policies' resil (above) keeps the
   -- functions themselves; a tail call here, so that once's own argument errors name the script's line.
-  local function refuse_gateway_once(fname, spec)
+  -- (the key read once: once reads it again from what it is handed, a table whose __index said another
+  -- key the second time; the spec handed on holds the key checked)
+  local function checked_once_spec(fname, spec)
     local key = type(spec) == "table" and spec.key or spec
     if type(key) == "string" and key:sub(1, 8) == "gateway:" then
       error(("%s: key %q is the gateway's (once keys under \"gateway:\" are reserved in the sandbox:"
         .. " resil_options.sandbox, --sandbox)"):format(fname, key), 3)
     end
+    if type(spec) ~= "table" then return spec end
+    return setmetatable({ key = key }, { __index = spec })
   end
   -- A script's server shares no port (reuseport): the kernel spread a gateway's connections (gateway
   -- --workers N listens with SO_REUSEPORT) to a script that listened there too, and its handler was
@@ -1382,12 +1386,10 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   end
   local once, once_replay = resil.once, resil.once_replay
   resil.once = function(spec, ...)
-    refuse_gateway_once("resil.once", spec)
-    return once(spec, ...)
+    return once(checked_once_spec("resil.once", spec), ...)
   end
   resil.once_replay = function(spec, ...)
-    refuse_gateway_once("resil.once_replay", spec)
-    return once_replay(spec, ...)
+    return once_replay(checked_once_spec("resil.once_replay", spec), ...)
   end
   -- A view holds nothing itself, and cjson reads tables raw: a script's resil.json.encode of a
   -- policy's table (or of its own table holding one) wrote {} without a word. Each view holds one
