@@ -152,90 +152,50 @@ end))
   end)
 
   -- (before: the kernel spread the gateway's connections to a sandboxed script that listened on its port
-  -- with reuseport, and the script's handler was handed a share of the clients' bearer keys)
-  it("with --workers keeps its port from a sandboxed script: resil.server.listen with reuseport raises", function()
-    resil.clock.real()
-    resil.log.level("off")
-    local db = helpers.tmpname(".db")
-    local key = new_key(db)
-    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
-    os.execute(("%s gateway --sandbox --workers 2 --listen 127.0.0.1:%d --store %s > %s 2>&1 & echo $! > %s")
-      :format(helpers.resil, port, db, log, pidfile))
-    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
-    local pid = helpers.slurp(pidfile):match("%d+")
-    finally(function() if helpers.alive(pid) then os.execute("kill -TERM " .. pid) end end)
-    local url = ("http://127.0.0.1:%d/v1/models"):format(port)
-    assert(helpers.wait_until(function()
-      local res = http.request({ url = url, headers = { authorization = "Bearer " .. key } })
-      return res and res.status == 200
-    end, 20), helpers.slurp(log))
-    local script, out, spid = helpers.tmpname(".lua"), helpers.tmpname(".out"), helpers.tmpname(".pid")
-    helpers.write(script, ([[
-local resil = require "resil"
-local server = assert(resil.server.listen({ host = "127.0.0.1", port = %d, reuseport = true,
-  handler = function(req) print("stolen", req.headers.authorization) return { status = 200, body = "stolen" } end }))
-print("listening")
-resil.sleep(30)
-]]):format(port))
-    os.execute(("timeout -s KILL 40 %s --sandbox %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, script, out, spid))
-    finally(function()
-      local p = helpers.slurp(spid):match("%d+")
-      if p and helpers.alive(p) then os.execute("kill -KILL " .. p) end
+  -- with reuseport: resil.server.listen's handler was handed a share of the clients' bearer keys, and
+  -- resil.metrics.serve answered a share of their requests with a 404)
+  for _, case in ipairs({
+    { "resil.server.listen", "resil.server.listen({ host = \"127.0.0.1\", port = %d, reuseport = true,\n" ..
+      "  handler = function(req) print(\"stolen\", req.headers.authorization) return { status = 200, body = \"stolen\" } end })" },
+    { "resil.metrics.serve", "resil.metrics.serve({ host = \"127.0.0.1\", port = %d, reuseport = true })" },
+  }) do
+    local fn, listen = case[1], case[2]
+    it("with --workers keeps its port from a sandboxed script: " .. fn .. " with reuseport raises", function()
+      resil.clock.real()
+      resil.log.level("off")
+      local db = helpers.tmpname(".db")
+      local key = new_key(db)
+      local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
+      os.execute(("%s gateway --sandbox --workers 2 --listen 127.0.0.1:%d --store %s > %s 2>&1 & echo $! > %s")
+        :format(helpers.resil, port, db, log, pidfile))
+      assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
+      local pid = helpers.slurp(pidfile):match("%d+")
+      finally(function() if helpers.alive(pid) then os.execute("kill -TERM " .. pid) end end)
+      local url = ("http://127.0.0.1:%d/v1/models"):format(port)
+      assert(helpers.wait_until(function()
+        local res = http.request({ url = url, headers = { authorization = "Bearer " .. key } })
+        return res and res.status == 200
+      end, 20), helpers.slurp(log))
+      local script, out, spid = helpers.tmpname(".lua"), helpers.tmpname(".out"), helpers.tmpname(".pid")
+      helpers.write(script, ("local resil = require \"resil\"\nlocal server = assert(" .. listen .. ")\n" ..
+        "print(\"listening\")\nresil.sleep(30)\n"):format(port))
+      os.execute(("timeout -s KILL 40 %s --sandbox %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, script, out, spid))
+      finally(function()
+        local p = helpers.slurp(spid):match("%d+")
+        if p and helpers.alive(p) then os.execute("kill -KILL " .. p) end
+      end)
+      assert(helpers.wait_until(function()
+        local text = helpers.slurp(out)
+        return text:find("listening", 1, true) or text:find(fn, 1, true)
+      end, 20), helpers.slurp(out))
+      local served = 0
+      for _ = 1, 30 do -- (a connection each: the kernel spreads connections, not requests)
+        local res = assert(http.request({ url = url, headers = { authorization = "Bearer " .. key, connection = "close" } }))
+        assert.are_not.equal("stolen", res.body)
+        if res.status == 200 then served = served + 1 end
+      end
+      assert.are.equal(30, served)
+      assert.matches("%.lua:2: " .. fn:gsub("%.", "%%.") .. ": reuseport is not allowed in the sandbox", helpers.slurp(out))
     end)
-    assert(helpers.wait_until(function()
-      local text = helpers.slurp(out)
-      return text:find("listening", 1, true) or text:find("resil.server.listen", 1, true)
-    end, 20), helpers.slurp(out))
-    local served = 0
-    for _ = 1, 30 do -- (a connection each: the kernel spreads connections, not requests)
-      local res = assert(http.request({ url = url, headers = { authorization = "Bearer " .. key, connection = "close" } }))
-      assert.are_not.equal("stolen", res.body)
-      if res.status == 200 then served = served + 1 end
-    end
-    assert.are.equal(30, served)
-    assert.matches("%.lua:2: resil%.server%.listen: reuseport is not allowed in the sandbox", helpers.slurp(out))
-  end)
-
-  -- (before: a sandboxed script's resil.metrics.serve with reuseport on the gateway's port answered a share
-  -- of its clients' requests with a 404)
-  it("with --workers keeps its port from a sandboxed script: resil.metrics.serve with reuseport raises", function()
-    resil.clock.real()
-    resil.log.level("off")
-    local db = helpers.tmpname(".db")
-    local key = new_key(db)
-    local port, log, pidfile = helpers.free_port(), helpers.tmpname(".out"), helpers.tmpname(".pid")
-    os.execute(("%s gateway --sandbox --workers 2 --listen 127.0.0.1:%d --store %s > %s 2>&1 & echo $! > %s")
-      :format(helpers.resil, port, db, log, pidfile))
-    assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10))
-    local pid = helpers.slurp(pidfile):match("%d+")
-    finally(function() if helpers.alive(pid) then os.execute("kill -TERM " .. pid) end end)
-    local url = ("http://127.0.0.1:%d/v1/models"):format(port)
-    assert(helpers.wait_until(function()
-      local res = http.request({ url = url, headers = { authorization = "Bearer " .. key } })
-      return res and res.status == 200
-    end, 20), helpers.slurp(log))
-    local script, out, spid = helpers.tmpname(".lua"), helpers.tmpname(".out"), helpers.tmpname(".pid")
-    helpers.write(script, ([[
-local resil = require "resil"
-local server = assert(resil.metrics.serve({ host = "127.0.0.1", port = %d, reuseport = true }))
-print("listening")
-resil.sleep(30)
-]]):format(port))
-    os.execute(("timeout -s KILL 40 %s --sandbox %s > %s 2>&1 & echo $! > %s"):format(helpers.resil, script, out, spid))
-    finally(function()
-      local p = helpers.slurp(spid):match("%d+")
-      if p and helpers.alive(p) then os.execute("kill -KILL " .. p) end
-    end)
-    assert(helpers.wait_until(function()
-      local text = helpers.slurp(out)
-      return text:find("listening", 1, true) or text:find("resil.metrics.serve", 1, true)
-    end, 20), helpers.slurp(out))
-    local served = 0
-    for _ = 1, 30 do -- (a connection each: the kernel spreads connections, not requests)
-      local res = assert(http.request({ url = url, headers = { authorization = "Bearer " .. key, connection = "close" } }))
-      if res.status == 200 then served = served + 1 end
-    end
-    assert.are.equal(30, served)
-    assert.matches("%.lua:2: resil%.metrics%.serve: reuseport is not allowed in the sandbox", helpers.slurp(out))
-  end)
+  end
 end)
