@@ -2563,6 +2563,7 @@ local function drain(s, signo)
       resil.log.warn("gateway: drain_timeout is near; the requests still queued for a permit are answered 503",
         { requests = queued, drain_timeout = grace })
     end
+    access.stopping()
     local streams = s:cut_streams()
     if streams > 0 then
       resil.log.warn("gateway: drain_timeout is near; the streams still running end with an error event",

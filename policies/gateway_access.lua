@@ -55,6 +55,11 @@ end
 -- the running task's streamed reply ended with an error event of this kind
 function access.stream_failed(kind) stream_failed[resil.running()] = kind end
 
+-- the gateway's drain cuts the streams still running (each ends with its error event,
+-- gateway_stopping): their lines say so, not that their clients left
+local stopping = false
+function access.stopping() stopping = true end
+
 -- how: nil for an answer; a stream's end: "ended", "failed" (an error event ended it: failed, its
 -- kind), "cut" (the reply raised mid-way) or "client_left"
 function access.line(req, a, route, status, reply, how, failed)
@@ -79,6 +84,7 @@ function access.at_end(req, a, route, reply)
     local _ <close> = setmetatable({}, { __close = function(_, err)
       local failed = stream_failed[resil.running()]
       local how = ended and (failed and "failed" or "ended") or err == nil and "client_left" or "cut"
+      if not ended and stopping then how, failed = "failed", "gateway_stopping" end
       access.line(req, a, route, reply.status or 200, reply, how, failed)
     end })
     local function over(...) ended = true; return ... end

@@ -2277,7 +2277,7 @@ describe("resil-lua gateway and resil-lua keys", function()
      ", and is in the ledger as what it streamed", function()
       local m = mock_upstream()
       local db = helpers.tmpname(".db")
-      local pid, port = start_gateway(mock_config(m, "drain_timeout = " .. api.grace), db)
+      local pid, port, log = start_gateway(mock_config(m, "drain_timeout = " .. api.grace), db)
       finally(function()
         if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
         m:stop()
@@ -2305,6 +2305,10 @@ describe("resil-lua gateway and resil-lua keys", function()
       assert.is_nil(err) -- an error event, then the reply's clean end: not a connection cut mid-chunk
       assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
       assert.are.equal("openai\t1\n", ledger_by_provider(db))
+      -- its access line says how it ended (before: "client_left", as if its client had hung up)
+      local line = helpers.slurp(log):match('[^\n]*"msg":"access"[^\n]*')
+      assert.matches('"stream":"failed"', line)
+      assert.matches('"error":"gateway_stopping"', line)
     end)
   end
 
