@@ -1569,7 +1569,39 @@ local function stream_opener(t, req, refused)
       -- (the guard below), and no stream: not asked again of a server that answers so
       local body = read_all(s)
       s:close()
+      -- (a stream labelled JSON, which its events say it is: read from the body as they come)
+      if body:find("^%s*data:") or body:find("^%s*event:") or body:find("^%s*:") then
+        local relay = req.raw_events == true or req.raw_events == t.adapter.name
+        local events, whole = relay and {} or nil, {}
+        for block in (body:gsub("\r\n", "\n") .. "\n\n"):gmatch("(.-)\n\n") do
+          local ev, data = {}, {}
+          for line in (block .. "\n"):gmatch("(.-)\n") do
+            local field, value = line:match("^(%a+): ?(.*)$")
+            if field == "data" then data[#data + 1] = value elseif field == "event" then ev.event = value end
+          end
+          if #data > 0 then
+            ev.data = table.concat(data, "\n")
+            local delta, done, eerr = t.adapter.event(state, ev)
+            if events then events[#events + 1] = { ev, state.decoded } end
+            if eerr then return nil, resil.error("protocol", ("%s: %s"):format(t.name, tostring(eerr))) end
+            if delta then whole[#whole + 1] = delta end
+            if done then break end
+          end
+        end
+        o.whole = whole
+        if not t.adapter.complete(state, true) then
+          return nil, resil.error("protocol", ("%s: the stream ended before its first delta"):format(t.name))
+        end
+        o.handed = true
+        return opened(ended_stream(s, state, events, whole))
+      end
       local data = json.decode(body)
+      -- (the API's error in a 200, no answer and no usage: the provider's failure, as a 5xx is,
+      -- retried and not paid; classify says the same of ai.chat's)
+      if type(data) == "table" and type(data.error) == "table" and data.usage == nil and data.choices == nil and
+          data.content == nil then
+        return { status = 502, headers = s.headers, body = body }
+      end
       local r = type(data) == "table" and t.adapter.parse(data)
       if type(r) == "table" then state.usage, state.model, state.id = r.usage, r.model, r.id end
       o.whole = { type(r) == "table" and type(r.text) == "string" and r.text ~= "" and r.text or body }

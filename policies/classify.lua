@@ -332,10 +332,10 @@ function classify.outcome(res, err, opts)
     -- {"error": {...}}, no usage): the provider's failure, not an answer it made and billed; as
     -- invalid output it was recorded as a paid answer at its estimate, each attempt
     local body = res.data
-    if type(body) == "table" and body.error ~= nil and body.usage == nil and body.choices == nil and
+    if type(body) == "table" and type(body.error) == "table" and body.usage == nil and body.choices == nil and
         body.content == nil then
       local said = error_field(body, "message")
-      said = type(said) == "string" and said:sub(1, 300) or type(body.error) == "string" and body.error:sub(1, 300)
+      said = type(said) == "string" and said:sub(1, 300) or nil
       return verdict_of(classify.status["5xx"], ("HTTP %d whose body is an error%s"):format(status,
         said and (": " .. said) or ""), status, "server_error")
     end

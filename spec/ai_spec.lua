@@ -2075,6 +2075,56 @@ describe("streams", function()
     assert.are.equal(before, ledger_rows())
   end)
 
+  it("a stream request answered 200 with the API's error and no answer is retried, not recorded as paid", function()
+    -- (before: its error text taken for a whole answer, recorded at the estimate, not retried)
+    local asked = 0
+    local upstream = assert(resil.server.listen({ handler = function()
+      asked = asked + 1
+      return { status = 200, headers = { ["content-type"] = "application/json" },
+        body = '{"error":{"message":"upstream overloaded, try again","type":"server_error"}}' }
+    end }))
+    finally(function() upstream:close() end)
+    point_at(("http://127.0.0.1:%d"):format(upstream:port()))
+    local before = ledger_rows()
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100,
+      retry = { base = 0.001, cap = 0.002 } })
+    local ok, err = pcall(function() for _ in s do end end)
+    assert.is_false(ok)
+    assert.are.equal("server_error", err.class, err.message)
+    assert.is_true(asked > 1)
+    assert.are.equal(before, ledger_rows())
+  end)
+
+  it("a stream a server labels application/json is read as the stream it is, recorded once", function()
+    -- (before: refused as a whole answer, its row written, not retried)
+    local upstream = assert(resil.server.listen({ handler = function()
+      local chunk = function(delta, finish)
+        return "data: " .. resil.json.encode({ id = "c1", object = "chat.completion.chunk", model = "gpt-4o-mini",
+          choices = { { index = 0, delta = delta, finish_reason = finish or resil.json.null } } }) .. "\n\n"
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" },
+        body = chunk({ role = "assistant", content = "hi" }) .. chunk({ content = " there" }) .. chunk({}, "stop") ..
+          'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],' ..
+          '"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n' }
+    end }))
+    finally(function() upstream:close() end)
+    point_at(("http://127.0.0.1:%d"):format(upstream:port()))
+    local before = ledger_rows()
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+    local parts = {}
+    for delta in s do parts[#parts + 1] = delta end
+    assert.are.equal("hi there", table.concat(parts))
+    assert.is_true(helpers.wait_until(function() return ledger_rows() == before + 1 end, 5))
+  end)
+
+  it("a validator's refusal of a 200 whose error is null (JSON-RPC's) is invalid output, not a server error",
+     function()
+    local classify = require "policies.classify"
+    local v = classify.outcome({ status = 200, data = resil.json.decode('{"result":{"rows":[]},"error":null,"id":1}') },
+      nil, { validate = function() return false, "no rows" end })
+    assert.are.same({ "invalid_output", "no rows" }, { v.class, v.reason })
+  end)
+
   it("a whole JSON answer to a stream request (a server that ignores stream = true) is recorded as billed, once, " ..
      "and not asked again of that server", function()
     local asked = 0
