@@ -39,6 +39,13 @@ describe("resil.redact", function()
     -- a user name without a password is the credential: GitHub's token, Stripe's key with an empty password
     assert.are.equal("https://[REDACTED]@github.com/o/r.git https://[REDACTED]:@api.stripe.com/v1",
       resil.redact("https://ghp_Tok3n123456@github.com/o/r.git https://sk_test_4eC39Hq:@api.stripe.com/v1"))
+    assert.are.equal("https://[REDACTED]@o1.ingest.sentry.io/5",
+      resil.redact("https://0123456789abcdef0123456789abcdef@o1.ingest.sentry.io/5"))
+    -- a plain user name is no credential: kept (it was redacted, mangling every ssh and database URL)
+    for _, plain in ipairs({ "ssh://git@github.com/org/repo.git", "git+ssh://git@github.com/o/r",
+      "postgres://app@db.internal:5432/x", "https://jane.doe@example.com/" }) do
+      assert.are.equal(plain, resil.redact(plain))
+    end
     -- a redis URL's password runs to its last "@", as the store reads it
     assert.are.equal("redis://:[REDACTED]@h:6379/0 redis://u:[REDACTED]@h redis://[REDACTED]@h/1",
       resil.redact("redis://:a/b?c#d@e@h:6379/0 redis://u:p@w@h redis://only@h/1"))

@@ -235,9 +235,25 @@ static size_t mark_redis_userinfo(marks *m, const char *s, size_t len, size_t st
   return end;
 }
 
-/* scheme://user:password@host: the password; scheme://token@host and scheme://token:@host, a
- * user name without a password, is the credential itself (GitHub's https://<token>@github.com,
- * Stripe's key as the user of an empty password, a Sentry DSN): the user name */
+/* a user name that reads as a token: a known token's prefix (GitHub's ghp_, GitLab's glpat-,
+ * Stripe's sk_, Slack's xox), or 16 bytes or more with a digit among them (a Sentry DSN's key),
+ * not a person's or a service's name (git, postgres, deploy, jane.doe) */
+static int token_like(const char *s, size_t n) {
+  static const char *const prefixes[] = {"ghp_", "gho_", "ghs_", "ghu_", "github_pat_", "glpat-", "sk_", "sk-", "xox"};
+  for (size_t k = 0; k < sizeof prefixes / sizeof *prefixes; k++) {
+    size_t p = strlen(prefixes[k]);
+    if (n > p && memcmp(s, prefixes[k], p) == 0) return 1;
+  }
+  if (n < 16) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (s[i] >= '0' && s[i] <= '9') return 1;
+  return 0;
+}
+
+/* scheme://user:password@host: the password; scheme://token:@host, a user name with an empty
+ * password (Stripe's key), is the credential itself, and so is scheme://token@host when the user
+ * name reads as a token (GitHub's https://<token>@github.com, a Sentry DSN): the user name. A
+ * plain one (ssh://git@github.com, postgres://app@db) is kept */
 static void mark_userinfo(marks *m, const char *s, size_t len) {
   size_t at = 0;
   const char *p;
@@ -253,7 +269,9 @@ static void mark_userinfo(marks *m, const char *s, size_t len) {
       end++;
     }
     if (end < len && s[end] == '@' && colon && end > colon + 1) mark(m, colon + 1, end);
-    else if (end < len && s[end] == '@' && (colon ? colon : end) > start) mark(m, start, colon ? colon : end);
+    else if (end < len && s[end] == '@' && (colon ? colon : end) > start &&
+             (colon ? end == colon + 1 : token_like(s + start, end - start)))
+      mark(m, start, colon ? colon : end);
     at = end > start ? end : start;
   }
 }
