@@ -380,8 +380,8 @@ int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_eve
 /* reload.c */
 void reload_free(resil_t *R);
 /* --watch: the folder of a policy file the searcher loaded is watched too, however deep */
-void reload_watch_folder_of(resil_t *R, const char *path);
-void policy_folders_watch(resil_t *R); /* resil.c: reload_watch_folder_of each policy file loaded */
+void reload_watch_folder_of(resil_t *R, lua_State *L, const char *path);
+void policy_folders_watch(resil_t *R, lua_State *L); /* resil.c: reload_watch_folder_of each policy file loaded */
 
 /* wal_sync.c: a store's commits made durable by a thread of its own */
 typedef struct wal_syncer wal_syncer;

@@ -345,7 +345,7 @@ static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
  * was never watched, and its edits reloaded nothing. The folder of each policy file the searcher
  * loads is watched as it loads (inotify keeps one watch per folder, so again is nothing), and
  * those loaded before --watch started, as it starts. */
-void reload_watch_folder_of(resil_t *R, const char *path) {
+void reload_watch_folder_of(resil_t *R, lua_State *L, const char *path) {
   reload_state *st = R->reload;
   if (!st || st->inotify_fd < 0) return;
   char dir[PATH_MAX];
@@ -358,7 +358,7 @@ void reload_watch_folder_of(resil_t *R, const char *path) {
   for (size_t i = 0; i < st->nlinks; i++)
     if (strcmp(st->links[i].path, path) == 0) return;
   link_add(st, path);
-  warn_polling(st, R->L);
+  warn_polling(st, L); /* (the caller's: a task's require, its context in the line) */
 }
 
 static void watch_stop(reload_state *st) {
@@ -439,7 +439,7 @@ static int watch_on(resil_t *R, lua_State *L, int on) {
   roots_moved(st);
   for (int i = 0; i < WATCH_ROOTS; i++)
     if (st->roots[i][0]) watch_dir(st, st->roots[i], 2, 1);
-  policy_folders_watch(R); /* (the policy files loaded so far, however deep) */
+  policy_folders_watch(R, L); /* (the policy files loaded so far, however deep) */
   if (st->inotify_fd >= 0) st->inotify_ev = event_new(R->base, st->inotify_fd, EV_READ | EV_PERSIST, inotify_cb, R);
   st->debounce_ev = evtimer_new(R->base, debounce_cb, R);
   st->recheck_ev = event_new(R->base, -1, EV_PERSIST, recheck_cb, R);

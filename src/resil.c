@@ -278,8 +278,8 @@ static int load_policy_file(resil_t *R, lua_State *L, const char *path, const ch
 }
 
 /* --watch: the folders of the policy files loaded so far (reload.c) */
-void policy_folders_watch(resil_t *R) {
-  for (struct policy_compiled *c = R->compiled; c; c = c->next) reload_watch_folder_of(R, c->path);
+void policy_folders_watch(resil_t *R, lua_State *L) {
+  for (struct policy_compiled *c = R->compiled; c; c = c->next) reload_watch_folder_of(R, L, c->path);
 }
 
 static void free_compiled(resil_t *R) {
@@ -310,7 +310,7 @@ static int policy_searcher(lua_State *L) {
     if (!dirs[i]) continue;
     const char *path = lua_pushfstring(L, "%s/%s.lua", dirs[i], rest);
     if (file_exists(path)) {
-      reload_watch_folder_of(R, path); /* (before the load: a file saved broken is watched for its fix) */
+      reload_watch_folder_of(R, L, path); /* (before the load: a file saved broken is watched for its fix) */
       if (load_policy_file(R, L, path, R->sandbox ? "t" : NULL) != LUA_OK)
         return luaL_error(L, "error loading policy '%s':\n\t%s", name, lua_tostring(L, -1));
       lua_pushstring(L, path);
