@@ -1180,20 +1180,31 @@ import socket, threading, time
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", 0)); s.listen(16)
 print("port", s.getsockname()[1], flush=True)
+resets = 0
 def serve(c):
+    global resets
     buf = b""
     while b"\r\n\r\n" not in buf:
         d = c.recv(65536)
         if not d: c.close(); return
         buf += d
     path = buf.split(b" ")[1]
+    if path == b"/resets": # how many connections were closed on a request sent on them, unread
+        body = str(resets).encode()
+        c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        c.close()
+        return
     if path == b"/huge":
         c.sendall(b"HTTP/1.1 200 OK\r\nX-Huge: " + b"a" * (200 * 1024) + b"\r\nContent-Length: 2\r\n\r\nok")
     elif path == b"/zero":
         c.sendall(b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok")
     else:
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    time.sleep(0.3) # the next request comes, unread
+    c.settimeout(5) # the next request comes, unread: the connection is closed on it
+    try:
+        if c.recv(1, socket.MSG_PEEK): resets += 1
+    except OSError:
+        pass
     c.close()
 while True:
     c, _ = s.accept()
@@ -1210,6 +1221,12 @@ while True:
           local res, err = http.request({ url = base .. path, timeout = 5 })
           out[path] = res and res.status or err
         end
+        -- (each was sent on the kept connection first, which the server closed on it: a resend)
+        helpers.wait_until(function()
+          local r = http.request({ url = base .. "/resets", timeout = 5, headers = { connection = "close" } })
+          out.resets = r and tonumber(r.body)
+          return (out.resets or 0) >= 2
+        end, 5)
         return out
       end)
     assert(got, log)
@@ -1217,6 +1234,7 @@ while True:
     assert.matches("header line longer than libcurl's limit", got["/huge"].message)
     assert.are.equal("protocol", got["/zero"].kind)
     assert.not_matches("reset", got["/zero"].message)
+    assert.is_true((got.resets or 0) >= 2, tostring(got.resets)) -- (one that passed without a reset tested nothing)
   end)
 end)
 
