@@ -1573,20 +1573,14 @@ local function stream_opener(t, req, refused)
       if body:find("^%s*data:") or body:find("^%s*event:") or body:find("^%s*:") then
         local relay = req.raw_events == true or req.raw_events == t.adapter.name
         local events, whole = relay and {} or nil, {}
-        for block in (body:gsub("\r\n", "\n") .. "\n\n"):gmatch("(.-)\n\n") do
-          local ev, data = {}, {}
-          for line in (block .. "\n"):gmatch("(.-)\n") do
-            local field, value = line:match("^(%a+): ?(.*)$")
-            if field == "data" then data[#data + 1] = value elseif field == "event" then ev.event = value end
-          end
-          if #data > 0 then
-            ev.data = table.concat(data, "\n")
-            local delta, done, eerr = t.adapter.event(state, ev)
-            if events then events[#events + 1] = { ev, state.decoded } end
-            if eerr then return nil, resil.error("protocol", ("%s: %s"):format(t.name, tostring(eerr))) end
-            if delta then whole[#whole + 1] = delta end
-            if done then break end
-          end
+        local framed, ferr = resil.http.sse_events(body)
+        if not framed then return nil, resil.error("protocol", ("%s: %s"):format(t.name, ferr)) end
+        for _, ev in ipairs(framed) do
+          local delta, done, eerr = t.adapter.event(state, ev)
+          if events then events[#events + 1] = { ev, state.decoded } end
+          if eerr then return nil, resil.error("protocol", ("%s: %s"):format(t.name, tostring(eerr))) end
+          if delta then whole[#whole + 1] = delta end
+          if done then break end
         end
         o.whole = whole
         if not t.adapter.complete(state, true) then

@@ -2794,6 +2794,7 @@ static int l_header(lua_State *L) {
 static const luaL_Reg http_functions[] = {{"request", l_request},
                                           {"header", l_header},
                                           {"stream", http_stream_open},
+                                          {"sse_events", http_sse_events},
                                           {"stats", l_stats},
                                           {"set_request_extras", l_set_request_extras},
                                           {NULL, NULL}};

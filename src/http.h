@@ -137,6 +137,7 @@ int push_raw_headers(lua_State *L, const char *raw, size_t len, const char *cons
 
 /* http_stream.c */
 int http_stream_open(lua_State *L);     /* resil.http.stream{...} */
+int http_sse_events(lua_State *L);      /* resil.http.sse_events(text) */
 void http_stream_register(lua_State *L); /* its metatable */
 
 #endif

@@ -153,6 +153,30 @@ static void push_event(lua_State *L, const sse_event *ev) {
   }
 }
 
+/* resil.http.sse_events(text) -> the list of the events the text frames, as read_event gives
+ * them (a stream a server sent whole, labelled as something else: framed by the same parser,
+ * not by a second one) | nil, err past 8 MiB an event */
+int http_sse_events(lua_State *L) {
+  size_t len, used = 0;
+  const char *text = luaL_checklstring(L, 1, &len);
+  sse_parser *p = sse_new(8u * 1024 * 1024);
+  if (!p) return luaL_error(L, "not enough memory");
+  lua_newtable(L);
+  sse_event ev;
+  int rc, n = 0;
+  while ((rc = sse_next(p, text, len, &used, &ev)) == 1) {
+    push_event(L, &ev);
+    lua_rawseti(L, -2, ++n);
+  }
+  sse_free(p);
+  if (rc < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, rc == SSE_TOO_LARGE ? "an event past 8 MiB" : "not enough memory");
+    return 2;
+  }
+  return 1;
+}
+
 /* Frames the body from where the last event ended: no byte is scanned
  * twice, and the body is handed back to curl once all of it is framed. */
 static int stream_read_event_k(lua_State *L, int status, lua_KContext ctx) {
