@@ -1592,8 +1592,7 @@ local function stream_opener(t, req, refused)
       local data = json.decode(body)
       -- (the API's error in a 200, no answer and no usage: the provider's failure, as a 5xx is,
       -- retried and not paid; classify says the same of ai.chat's)
-      if type(data) == "table" and type(data.error) == "table" and data.usage == nil and data.choices == nil and
-          data.content == nil then
+      if classify.only_error(data) then
         return { status = 502, headers = s.headers, body = body }
       end
       local r = type(data) == "table" and t.adapter.parse(data)

@@ -281,6 +281,13 @@ local function status_rule(status)
   return nil
 end
 
+-- a decoded 2xx body that is the API's error object and no answer (no usage, choices or content):
+-- the provider's failure, not something it made and billed (ai.stream's whole-body reading asks too)
+function classify.only_error(body)
+  return type(body) == "table" and type(body.error) == "table" and body.usage == nil and body.choices == nil and
+    body.content == nil
+end
+
 -- classify.outcome(res, err [, opts]) -> nil (success) | verdict
 -- opts.validate: a validator name or function for 2xx responses.
 function classify.outcome(res, err, opts)
@@ -332,8 +339,7 @@ function classify.outcome(res, err, opts)
     -- {"error": {...}}, no usage): the provider's failure, not an answer it made and billed; as
     -- invalid output it was recorded as a paid answer at its estimate, each attempt
     local body = res.data
-    if type(body) == "table" and type(body.error) == "table" and body.usage == nil and body.choices == nil and
-        body.content == nil then
+    if classify.only_error(body) then
       local said = error_field(body, "message")
       said = type(said) == "string" and said:sub(1, 300) or nil
       return verdict_of(classify.status["5xx"], ("HTTP %d whose body is an error%s"):format(status,
