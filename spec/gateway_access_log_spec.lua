@@ -13,21 +13,10 @@ local function start(conf, scenario)
   resil.clock.real()
   resil.store_config({ url = helpers.tmpname(".db") })
   local m = assert(resil.mock.start(scenario or {}))
-  local gateway, ai = helpers.fresh_gateway()
-  local keys = require "resil.keys"
-  for k in pairs(gateway.config) do gateway.config[k] = nil end
-  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = { base = 0.001, cap = 0.005 } })
   local options = { models = {}, auth = true, key_cache = 0 }
   for k, v in pairs(conf or {}) do options[k] = v end
-  gateway.configure(options)
-  local key = assert(keys.add({ name = "team-a" }))
-  local s = gateway.serve({ listen = "127.0.0.1:0" })
-  finally(function()
-    s:close()
-    m:stop()
-    resil.log.level("info")
-  end)
-  return ("http://127.0.0.1:%d"):format(s:port()), key
+  local url = helpers.gateway_for_mock(m, options, finally)
+  return url, assert(require("resil.keys").add({ name = "team-a" }))
 end
 
 local function chat(url, key, body, timeout)

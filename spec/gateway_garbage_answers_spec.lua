@@ -16,19 +16,8 @@ local function start(routes)
   resil.log.level("off")
   resil.store_config({ url = helpers.tmpname(".db") })
   local m = assert(resil.mock.start({ routes = routes }))
-  local gateway, ai = helpers.fresh_gateway()
-  for k in pairs(gateway.config) do gateway.config[k] = nil end
-  local fast = { base = 0.001, cap = 0.005 }
-  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = fast })
-  ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-test-123456", retry = fast })
-  gateway.configure({ auth = false, key_cache = 0, models = {} })
-  local s = gateway.serve({ listen = "127.0.0.1:0" })
-  finally(function()
-    s:close()
-    m:stop()
-    resil.log.level("info")
-  end)
-  return ("http://127.0.0.1:%d"):format(s:port()), ai
+  local url, _, ai = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+  return url, ai
 end
 
 local HEADERS = { ["content-type"] = "application/json", ["anthropic-version"] = "2023-06-01" }

@@ -12,19 +12,9 @@ local function start(config)
   resil.log.level("off")
   resil.store_config({ url = helpers.tmpname(".db") })
   local m = assert(resil.mock.start({ strict = true, reply = "served" }))
-  local gateway, ai = helpers.fresh_gateway()
-  for k in pairs(gateway.config) do gateway.config[k] = nil end
-  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = { base = 0.001, cap = 0.005 } })
-  ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-test-123456", retry = { base = 0.001, cap = 0.005 } })
-  gateway.configure({ auth = true, key_cache = 0, models = { fast = "openai/gpt-4o-mini" } })
-  for k, v in pairs(config or {}) do gateway.config[k] = v end
-  local s = gateway.serve({ listen = "127.0.0.1:0" })
-  finally(function()
-    s:close()
-    m:stop()
-    resil.log.level("info")
-  end)
-  return ("http://127.0.0.1:%d"):format(s:port()), m
+  local options = { auth = true, key_cache = 0, models = { fast = "openai/gpt-4o-mini" } }
+  for k, v in pairs(config or {}) do options[k] = v end
+  return (helpers.gateway_for_mock(m, options, finally)), m
 end
 
 local function post(url, body, headers)

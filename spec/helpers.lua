@@ -47,6 +47,26 @@ function helpers.fresh_gateway()
   return require "policies.gateway", require "policies.ai"
 end
 
+-- A fresh gateway in this process in front of the mock m: OpenAI and Anthropic pointed at it
+-- (retries without waiting), the config's defaults cleared and `config` set; served on a free
+-- port, and it and m stopped after the test (`finally`, the spec's: the log's level back to info)
+-- -> its URL, gateway, ai
+function helpers.gateway_for_mock(m, config, finally)
+  local gateway, ai = helpers.fresh_gateway()
+  for k in pairs(gateway.config) do gateway.config[k] = nil end
+  local fast = { base = 0.001, cap = 0.005 }
+  ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = fast })
+  ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-test-123456", retry = fast })
+  gateway.configure(config)
+  local s = gateway.serve({ listen = "127.0.0.1:0" })
+  finally(function()
+    s:close()
+    m:stop()
+    require("resil").log.level("info")
+  end)
+  return ("http://127.0.0.1:%d"):format(s:port()), gateway, ai
+end
+
 function helpers.write(path, text)
   local f = assert(io.open(path, "wb"))
   f:write(text)
