@@ -621,16 +621,18 @@ registry.split = split
 -- skipped, said once per rule.
 -- (the registry's warnings said once per process, kept across reloads)
 local once = resil.keep("policies.registry.once")
+local function warn_once(key, msg, fields)
+  if once[key] then return end
+  once[key] = true
+  resil.log.warn(msg, fields)
+end
 
 local function rule_matches(name, rule, provider)
   local ok, found = pcall(string.find, name, rule)
   if ok then return found ~= nil end
-  local said = "pinned\0" .. tostring(provider) .. "\0" .. tostring(rule)
-  if not once[said] then -- (the registry's warnings' once, which reset_warnings clears)
-    once[said] = true
-    resil.log.warn("model registry: a pinning rule (registry.pinned) is not a pattern; it is skipped",
-      { provider = provider, rule = tostring(rule), error = tostring(found) })
-  end
+  warn_once("pinned\0" .. tostring(provider) .. "\0" .. tostring(rule),
+    "model registry: a pinning rule (registry.pinned) is not a pattern; it is skipped",
+    { provider = provider, rule = tostring(rule), error = tostring(found) })
   return false
 end
 
@@ -699,12 +701,6 @@ local memo = { expires = -math.huge, plans = {}, size = 0, providers = {} } -- p
 function registry.reset_warnings()
   for k in pairs(once) do once[k] = nil end
   memo.expires = -math.huge -- a kept plan would not warn again
-end
-
-local function warn_once(key, msg, fields)
-  if once[key] then return end
-  once[key] = true
-  resil.log.warn(msg, fields)
 end
 
 -- warn_once, with the line of the registry where fields.alias is written (read only the once)
