@@ -1364,26 +1364,20 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
   -- --workers N listens with SO_REUSEPORT) to a script that listened there too, and its handler was
   -- handed a share of the gateway's clients, their bearer keys and prompts. The gateway's own listen
   -- is the policies' resil's; reuseport is set false here, whatever opts's __index says next.
-  local server_listen = resil.server.listen
-  resil.server.listen = function(opts, ...)
-    if type(opts) ~= "table" then return server_listen(opts, ...) end
-    if opts.reuseport then
-      error("resil.server.listen: reuseport is not allowed in the sandbox (a port shared with another process:"
-        .. " a gateway's --workers; resil_options.sandbox, --sandbox)", 2)
-    end
-    return server_listen(setmetatable({ reuseport = false }, { __index = opts }), ...)
-  end
   -- (and resil.metrics.serve, which listens with the host's listen: its 404s took a share of a gateway's
-  -- requests; in a gateway's worker its reuseport is on unless said otherwise)
-  local metrics_serve = resil.metrics.serve
-  resil.metrics.serve = function(opts, ...)
-    if type(opts) ~= "table" and opts ~= nil then return metrics_serve(opts, ...) end
-    if opts and opts.reuseport then
-      error("resil.metrics.serve: reuseport is not allowed in the sandbox (a port shared with another process:"
-        .. " a gateway's --workers; resil_options.sandbox, --sandbox)", 2)
+  -- requests; in a gateway's worker its reuseport is on unless said otherwise; its options may be nil)
+  local function without_reuseport(fname, fn, nil_ok)
+    return function(opts, ...)
+      if type(opts) ~= "table" and not (nil_ok and opts == nil) then return fn(opts, ...) end
+      if opts and opts.reuseport then
+        error(fname .. ": reuseport is not allowed in the sandbox (a port shared with another process:"
+          .. " a gateway's --workers; resil_options.sandbox, --sandbox)", 2)
+      end
+      return fn(setmetatable({ reuseport = false }, { __index = opts }), ...)
     end
-    return metrics_serve(setmetatable({ reuseport = false }, { __index = opts }), ...)
   end
+  resil.server.listen = without_reuseport("resil.server.listen", resil.server.listen)
+  resil.metrics.serve = without_reuseport("resil.metrics.serve", resil.metrics.serve, true)
   local once, once_replay = resil.once, resil.once_replay
   resil.once = function(spec, ...)
     return once(checked_once_spec("resil.once", spec), ...)
