@@ -77,6 +77,15 @@ local function set_of(list)
   return set
 end
 local IS_SCENARIO_KEY, IS_FAULT_FIELD = set_of(SCENARIO_KEYS), set_of(FAULT_FIELDS)
+local IS_JOBS_KEY, IS_FATE, IS_JOB_ROUTE =
+  set_of(mock_jobs.scenario_keys), set_of(mock_jobs.fate_names), set_of(mock_jobs.route_names)
+
+-- the first key of t that the set `known` does not hold | nil (a misspelt option is said, not ignored)
+local function unknown_key(t, known)
+  for k in pairs(t) do
+    if not known[k] then return k end
+  end
+end
 
 -- -> nil when the scenario `s` serves a route so named (a built-in one, a job API's, a custom
 -- route's "METHOD /path"), else the message naming those it serves
@@ -125,11 +134,10 @@ end
 local function check_fault(f, where, level, named)
   local at = where and where .. ": " or "" -- (a fault of `faults` keeps the message it always had)
   if type(f) ~= "table" then error(("resil.mock: %seach fault must be a table"):format(at), level) end
-  for k in pairs(f) do
-    if not IS_FAULT_FIELD[k] then
-      error(("resil.mock: %s: unknown field '%s' (a fault takes %s)"):format(named, tostring(k),
-        table.concat(FAULT_FIELDS, ", ")), level)
-    end
+  local k = unknown_key(f, IS_FAULT_FIELD)
+  if k ~= nil then
+    error(("resil.mock: %s: unknown field '%s' (a fault takes %s)"):format(named, tostring(k),
+      table.concat(FAULT_FIELDS, ", ")), level)
   end
   if f.kind ~= nil and not NAMED_FAULTS[f.kind] then
     error(("resil.mock: %sunknown fault kind '%s'"):format(at, tostring(f.kind)), level)
@@ -148,11 +156,10 @@ end
 
 local function check_scenario(s, level)
   if type(s) ~= "table" then error("resil.mock: scenario must be a table", level) end
-  for k in pairs(s) do
-    if not IS_SCENARIO_KEY[k] then
-      error(("resil.mock: unknown scenario key '%s' (a scenario takes %s)"):format(tostring(k),
-        table.concat(SCENARIO_KEYS, ", ")), level)
-    end
+  local k = unknown_key(s, IS_SCENARIO_KEY)
+  if k ~= nil then
+    error(("resil.mock: unknown scenario key '%s' (a scenario takes %s)"):format(tostring(k),
+      table.concat(SCENARIO_KEYS, ", ")), level)
   end
   if s.seed ~= nil and not (type(s.seed) == "number" and math.tointeger(s.seed)) then
     error(("resil.mock: seed must be a whole number, not %s"):format(shown(s.seed)), level)
@@ -180,28 +187,23 @@ local function check_scenario(s, level)
   end
   if s.jobs ~= nil then
     if type(s.jobs) ~= "table" then error("resil.mock: jobs must be a table", level) end
-    local known = set_of(mock_jobs.scenario_keys)
-    for k in pairs(s.jobs) do
-      if not known[k] then
-        error(("resil.mock: jobs: unknown key '%s' (jobs takes %s)"):format(tostring(k),
-          table.concat(mock_jobs.scenario_keys, ", ")), level)
-      end
+    local jk = unknown_key(s.jobs, IS_JOBS_KEY)
+    if jk ~= nil then
+      error(("resil.mock: jobs: unknown key '%s' (jobs takes %s)"):format(tostring(jk),
+        table.concat(mock_jobs.scenario_keys, ", ")), level)
     end
     -- (a misspelt fate, "faild", made a job that succeeded: the failure rehearsed never happened)
-    local fates_known = set_of(mock_jobs.fate_names)
     for i, f in ipairs(type(s.jobs.fates) == "table" and s.jobs.fates or {}) do
       local name = type(f) == "table" and f[1] or f
-      if not fates_known[name] then
+      if not IS_FATE[name] then
         error(("resil.mock: jobs.fates[%d]: unknown fate '%s' (fates: %s)"):format(i, tostring(name),
           table.concat(mock_jobs.fate_names, ", ")), level)
       end
     end
-    local job_routes_known = set_of(mock_jobs.route_names)
-    for route in pairs(type(s.jobs.errors) == "table" and s.jobs.errors or {}) do
-      if not job_routes_known[route] then
-        error(("resil.mock: jobs.errors.%s: unknown route '%s' (routes: %s)"):format(tostring(route), tostring(route),
-          table.concat(mock_jobs.route_names, ", ")), level)
-      end
+    local route = unknown_key(type(s.jobs.errors) == "table" and s.jobs.errors or {}, IS_JOB_ROUTE)
+    if route ~= nil then
+      error(("resil.mock: jobs.errors.%s: unknown route '%s' (routes: %s)"):format(tostring(route), tostring(route),
+        table.concat(mock_jobs.route_names, ", ")), level)
     end
   end
   if s.routes ~= nil and type(s.routes) ~= "table" then error("resil.mock: routes must be a table", level) end
@@ -289,11 +291,10 @@ function mock.start(scenario, opts)
   opts = opts or {}
   -- (a misspelt one, { prot = 8080 }, was ignored; a number failed inside this file)
   if type(opts) ~= "table" then error("resil.mock.start: options must be a table", 2) end
-  for k in pairs(opts) do
-    if not IS_START_OPTION[k] then
-      error(("resil.mock.start: unknown option '%s' (it takes %s)"):format(tostring(k),
-        table.concat(START_OPTIONS, ", ")), 2)
-    end
+  local unknown = unknown_key(opts, IS_START_OPTION)
+  if unknown ~= nil then
+    error(("resil.mock.start: unknown option '%s' (it takes %s)"):format(tostring(unknown),
+      table.concat(START_OPTIONS, ", ")), 2)
   end
   check_scenario(scenario, 3) -- (3: the caller of mock.start; 2 named mock.start's own line)
   local self = setmetatable({}, Mock)
