@@ -677,22 +677,18 @@ end
 -- made none: send the create) | nil, err (not known: nothing is sent, a second job would be paid too)
 local function look_up(ctx, unsure)
   local when = os.date("!%Y-%m-%d %H:%M:%S UTC", math.floor(unsure.sent))
-  if not ctx.adapter.find then
-    return nil, resil.error("job_unsure", ("%s: the create of job '%s' sent at %s was answered %s, after which the " ..
-      "provider may have made the job; %s cannot be asked which jobs it made, so no other is made (it would be paid " ..
-      "too): look for it in the provider's dashboard, and give the call another `key` to make a new one"):format(
-      ctx.model, tostring(unsure.key), when, tostring(unsure.answer), ctx.name),
-      { provider = ctx.name, model = ctx.model, sent_at = unsure.sent, retryable = false })
-  end
-  local fp = fingerprint(ctx.input)
-  local found, err = ctx.adapter.find(ctx, unsure.sent, function(input) return fingerprint(input) == fp end)
-  if found == nil and type(err) == "table" and err.removed then -- (no resume will tell better)
+  -- (why: what keeps it unknown for good; no resume will tell better: a person's to look)
+  local function for_good(why, id)
     return nil, resil.error("job_unsure", ("%s: the create of job '%s' sent at %s was answered %s, after which the " ..
       "provider may have made the job; %s: no other is made (it would be paid too): look for it in the provider's " ..
       "dashboard, and give the call another `key` to make a new one"):format(ctx.model, tostring(unsure.key), when,
-      tostring(unsure.answer), tostring(err.message)), { provider = ctx.name, model = ctx.model, id = err.id,
-      sent_at = unsure.sent, retryable = false })
+      tostring(unsure.answer), why), { provider = ctx.name, model = ctx.model, id = id, sent_at = unsure.sent,
+      retryable = false })
   end
+  if not ctx.adapter.find then return for_good(("%s cannot be asked which jobs it made"):format(ctx.name)) end
+  local fp = fingerprint(ctx.input)
+  local found, err = ctx.adapter.find(ctx, unsure.sent, function(input) return fingerprint(input) == fp end)
+  if found == nil and type(err) == "table" and err.removed then return for_good(tostring(err.message), err.id) end
   if found == nil then
     return nil, resil.error("job_unsure", ("%s: the create of job '%s' sent at %s was answered %s, after which the " ..
       "provider may have made the job, and its jobs could not be listed (%s): no other is made; the run's next " ..
