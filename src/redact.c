@@ -128,13 +128,18 @@ int redact_add(resil_t *R, const char *s, size_t len) {
   while (from < to && isspace((unsigned char)s[from])) from++;
   while (to > from && isspace((unsigned char)s[to - 1])) to--;
   if ((from > 0 || to < len) && redact_add(R, s + from, to - from) < 0) added = -1;
-  /* the forms it takes in the host's text: in JSON (the store), and in a
-   * URL a script built with it (an error names the URL) */
+  /* the forms it takes in the host's text, in JSON (the store) and in a URL a script built with
+   * it (an error names the URL), are found by reading the text's escapes decoded
+   * (mark_secrets_escaped); but for a secret holding a backslash or a %, whose own escapes that
+   * reading takes for others ("\\" for a run of backslashes, "%25" for a URL encoded twice):
+   * those forms are kept as secrets of their own */
   size_t elen = 0;
-  char *forms[3] = {json_escaped(s, len, &elen), NULL, NULL};
+  char *forms[3] = {memchr(s, '\\', len) ? json_escaped(s, len, &elen) : NULL, NULL, NULL};
   size_t lens[3] = {elen, 0, 0};
-  forms[1] = percent_encoded(s, len, 0, &lens[1]);
-  forms[2] = percent_encoded(s, len, 1, &lens[2]);
+  if (memchr(s, '%', len)) {
+    forms[1] = percent_encoded(s, len, 0, &lens[1]);
+    forms[2] = percent_encoded(s, len, 1, &lens[2]);
+  }
   for (int i = 0; i < 3; i++) {
     if (forms[i] && add_one(R, forms[i], lens[i]) < 0) added = -1;
     free(forms[i]);
