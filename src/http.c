@@ -1410,21 +1410,17 @@ static int redirect_followed(const http_req *r, long code) {
 static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
   http_req *r = userp;
   size_t len = size * n;
-  if (r->headers_done && !(len <= 2 && (data[0] == '\r' || data[0] == '\n'))) { /* a trailer line */
+  int blank = len <= 2 && (data[0] == '\r' || data[0] == '\n');
+  if (r->headers_done && !blank) { /* a trailer line: counted, then kept as the others */
     r->trailer_bytes += len;
     if (r->trailer_bytes > MAX_TRAILER_BYTES) {
       r->trailers_too_large = 1;
       return 0;
     }
-    if (buffer_append(&r->head, data, len) != 0) return 0;
-    note_fed(r, len, 1);
-    if (r->idle_timeout > 0) timer_start(&r->idle, r->idle_timeout);
-    return len;
-  }
-  if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+  } else if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
     r->head.len = 0; /* a new response (after 100-continue or a redirect) */
     r->h2_raw = 0;
-  } else if (len <= 2 && (data[0] == '\r' || data[0] == '\n')) {
+  } else if (blank) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
     if (code >= 200 && !redirect_followed(r, code)) {
