@@ -2312,6 +2312,45 @@ describe("resil-lua gateway and resil-lua keys", function()
     end)
   end
 
+  it("a long stream read whole, kept alive, that the drain cuts ends with its error event, in the ledger once", function()
+    -- (an Anthropic client with a tool served by OpenAI: read whole inside its attempt, its reply
+    -- started at 15 s with keep-alive comments; the stop comes while it is still read)
+    local m = mock_upstream()
+    local db = helpers.tmpname(".db")
+    local pid, port, log = start_gateway(mock_config(m, "drain_timeout = 2"), db)
+    finally(function()
+      if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end
+      m:stop()
+      resil.log.level("info")
+    end)
+    m:configure({ strict = true, reply = ("word "):rep(200), stream_interval = 0.25 }) -- 50 s of deltas
+    local s = assert(http.stream({ method = "POST", url = ("http://127.0.0.1:%d/v1/messages"):format(port), timeout = 60,
+      headers = { ["content-type"] = "application/json", ["anthropic-version"] = "2023-06-01" },
+      body = json.encode({ model = "openai/gpt-4o-mini", max_tokens = 500, stream = true, messages = MSGS,
+        tools = { { name = "save", input_schema = { type = "object", properties = { text = { type = "string" } } } } },
+        tool_choice = { type = "any" } }) }))
+    assert.are.equal(200, s.status)
+    os.execute("kill -TERM " .. pid)
+    local events = {}
+    while true do
+      local ev, e = s:read_event()
+      if not ev then
+        assert.is_nil(e) -- an error event, then the reply's clean end
+        break
+      end
+      events[#events + 1] = ev
+    end
+    s:close()
+    local last = events[#events]
+    assert.are.equal("error", last and last.event)
+    assert.matches("gateway stopped", last.data, 1, true)
+    for _, ev in ipairs(events) do assert.are_not.equal("message_stop", ev.event) end
+    assert.is_true(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert.are.equal("openai\t1\n", ledger_by_provider(db))
+    local line = helpers.slurp(log):match('[^\n]*"msg":"access"[^\n]*')
+    assert.matches('"error":"gateway_stopping"', line)
+  end)
+
   it("a stream still opening at drain_timeout (its first answer refused, its retry hanging) has the refused " ..
      "answer in the ledger", function()
     local m = mock_upstream()
