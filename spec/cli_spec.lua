@@ -500,6 +500,53 @@ for _ = 1, 200 do resil.sleep(0.01) end
       "wrapped closed\njoined\tfalse\t[^\n]-%.lua:15: [^\n]-%.lua:17: task 3 %(.-%.lua:14%) " .. limit .. "\n$", r.stdout)
   end)
 
+  -- (before: an error raised from a hook left the thread's hooks off, and the <close> handlers ran
+  -- unhooked: one that looped, in a task or a coroutine the cap ended, ran for good)
+  it("--max-instructions stops a <close> handler that loops in a task it ended, and in a coroutine", function()
+    local path = helpers.write(helpers.tmpname(".lua"), [[
+      local resil = require "resil"
+      local function loops(name) return setmetatable({}, { __close = function() print(name .. " handler runs")
+        while true do end end }) end
+      local t = resil.spawn(function()
+        local _ <close> = loops("task")
+        while true do end
+      end)
+      print("joined", t:join())
+      local c = resil.spawn(function()
+        local co = coroutine.create(function() local _ <close> = loops("coroutine"); while true do end end)
+        print("resumed", coroutine.resume(co))
+      end)
+      print("joined", c:join())
+    ]])
+    -- (a kill after 60 s: without the fix the process never ends)
+    local r = helpers.run("timeout -s KILL 60 " .. helpers.resil .. " --max-instructions 100000 " .. path)
+    assert.are.equal(0, r.code, r.stderr)
+    local limit = "ran more than %-%-max%-instructions=100000 without yielding"
+    assert.matches("^task handler runs\njoined\tfalse\t[^\n]-%.lua:6: task 2 %(.-%.lua:4%) " .. limit ..
+      "\ncoroutine handler runs\nresumed\tfalse\t[^\n]-%.lua:3: task 3 %(.-%.lua:9%) " .. limit ..
+      "\njoined\ttrue\n$", r.stdout)
+    -- the handler the cap cut is said, with its line
+    assert.matches("a task's <close> handler failed as the task ended.-%.lua:3: task 2", r.stderr)
+  end)
+
+  -- (before: the watchdog's stop could not reach the handler either, and the process ended as a stuck one, 70)
+  it("--max-task-seconds stops a <close> handler that loops in a task it ended; the process goes on", function()
+    local path = helpers.write(helpers.tmpname(".lua"), [[
+      local resil = require "resil"
+      local t = resil.spawn(function()
+        local _ <close> = setmetatable({}, { __close = function() print("handler runs") while true do end end })
+        while true do end
+      end)
+      print("joined", t:join())
+      print("main goes on")
+    ]])
+    local r = helpers.run("timeout -s KILL 60 " .. helpers.resil .. " --max-task-seconds 0.3 " .. path)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^handler runs\njoined\tfalse\t[^\n]-%.lua:4: task 2 %(.-%.lua:2%) ran [%d.]+ s without " ..
+      "yielding %(%-%-max%-task%-seconds=0%.3%)\nmain goes on\n$", r.stdout)
+    assert.matches("a task's <close> handler failed as the task ended.-%.lua:3: task 2", r.stderr)
+  end)
+
   -- one budget for all a task runs: the coroutines it resumes count to it, each run from where it was
   it("--max-instructions charges a task for the coroutines it runs, fresh ones too", function()
     local r = helpers.run_script([[

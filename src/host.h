@@ -321,6 +321,8 @@ void watchdog_op_end(resil_t *R);
 void loop_hook_nested(resil_t *R, lua_State *except, lua_Hook hook, int count); /* async-signal-safe */
 void loop_arm_hook(resil_t *R, lua_State *L); /* the hook Lua on L needs now: interrupt, count or none */
 void loop_guard_coroutines(lua_State *L);      /* coroutine.resume and wrap pass the guards on (at start-up) */
+void hooks_back_check(lua_State *L);         /* hooks_back.c: once, at start-up: may hooks_back_on write? */
+void hooks_back_on(lua_State *co);           /* a thread a hook's error ended gets its hooks back */
 
 /* loop.c: clock and timers */
 double resil_now(resil_t *R);

@@ -582,10 +582,11 @@ static int budget_part(const resil_t *R) {
 
 /* The <close> handlers of a thread a guard failed get a part of the budget,
  * not the one instruction a spent one allows, and none once interrupted
- * (what they give back matters; a second signal kills). An error the hook
- * raised itself leaves the thread's hooks off all the same; this is for one
- * raised again from C (a coroutine's, passed on by its resume). */
+ * (what they give back matters; a second signal kills). An error a hook
+ * raised left the thread's hooks off, and a handler that looped ran for
+ * good: they are turned back on first (hooks_back.c). */
 static void guard_for_close(resil_t *R, lua_State *co) {
+  hooks_back_on(co);
   if (lua_gethook(co) != instruction_hook) return;
   if (R->max_instructions > 0 && !R->interrupted) lua_sethook(co, instruction_hook, LUA_MASKCOUNT, budget_part(R));
   else lua_sethook(co, NULL, 0, 0);

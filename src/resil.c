@@ -836,6 +836,7 @@ static resil_t *open_host(const resil_options *opts) {
    * (gc_full.c). A script may still choose collectgarbage("incremental"). */
   gc_full_init(R);
   loop_guard_coroutines(L); /* before any script can keep the library's own */
+  hooks_back_check(L);
   lua_getglobal(L, "os");
   lua_pushcfunction(L, host_os_exit);
   lua_setfield(L, -2, "exit");
