@@ -40,7 +40,8 @@ local calls_total = host_metrics.counter("resil_calls_total", "Provider attempts
 local call_seconds = host_metrics.histogram("resil_call_seconds", "Time of one provider attempt, by provider")
 -- OpenTelemetry's gen_ai.client.operation.duration, with its buckets
 local operation_duration = host_metrics.histogram("gen_ai_client_operation_duration_seconds",
-  "Time of one provider attempt (OpenTelemetry gen_ai.client.operation.duration), by system, model and error type",
+  "Time of one provider attempt (OpenTelemetry gen_ai.client.operation.duration), by operation, system, model and " ..
+    "error type",
   { buckets = { 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92 } })
 
 local Provider = {}
@@ -146,13 +147,25 @@ end
 -- gateway request, most of it libcurl writing the header byte by byte).
 -- A process that neither exports nor follows a trace reads one field
 -- (resil.trace.spans) for it.
-local function start_span(self, is_table, model, n, req)
+-- The GenAI conventions' operation of a request (gen_ai.operation.name, on its span and its
+-- duration's series): an embeddings request's URL ends so, OpenAI's API and those that copy it;
+-- every other request is a chat. Remembered by URL, at most OPERATION_URLS_MAX of them.
+local OPERATION_URLS_MAX = 1000
+local operation_of_url, operation_urls = {}, 0
+local function operation_of(self, is_table, req)
+  local url = is_table and (req.url or self.request.url)
+  if type(url) ~= "string" then return "chat" end
+  local op = operation_of_url[url]
+  if op then return op end
+  op = url:find("/embeddings$") and "embeddings" or "chat"
+  if operation_urls >= OPERATION_URLS_MAX then operation_of_url, operation_urls = {}, 0 end
+  operation_of_url[url], operation_urls = op, operation_urls + 1
+  return op
+end
+
+local function start_span(self, is_table, model, n, req, op)
   local exporting = resil.trace.exporting()
   if not exporting and not (is_table and resil.trace.followed()) then return nil end
-  -- (the GenAI conventions' operation: an embeddings request's URL ends so, OpenAI's API and those
-  -- that copy it; every other request is a chat)
-  local url = exporting and is_table and (req.url or self.request.url)
-  local op = type(url) == "string" and url:find("/embeddings$") and "embeddings" or "chat"
   local span = resil.trace.start(exporting and ("%s %s"):format(op, model or self.name) or op, exporting and {
     -- (gen_ai.provider.name is the conventions' name for what gen_ai.system was; both are said,
     -- gen_ai.system for the dashboards made before)
@@ -189,7 +202,7 @@ end
 -- model they like: a scan of made-up names grew it by each); past that it
 -- starts over, as the metric keeps only so many label sets anyway
 local OPERATION_MODELS_MAX = 1000
-local function operation_series(self, model, error_type)
+local function operation_series(self, model, error_type, op)
   model = model or "unknown" -- (kept by the model as given: no tostring per attempt)
   if model ~= model then model = tostring(model) end -- (NaN is no table key)
   local by_model = self.operation_series
@@ -197,18 +210,23 @@ local function operation_series(self, model, error_type)
     by_model = {}
     self.operation_series, self.operation_models = by_model, 0
   end
-  local by_error = by_model[model]
+  local by_op = by_model[model]
+  if not by_op then
+    by_op = {}
+    by_model[model] = by_op
+    self.operation_models = self.operation_models + 1
+  end
+  local by_error = by_op[op]
   if not by_error then
     by_error = {}
-    by_model[model] = by_error
-    self.operation_models = self.operation_models + 1
+    by_op[op] = by_error
   end
   local series = by_error[error_type]
   if not series then
     -- (error_type false: the attempt went well, and the conventions' error.type is absent, no
     -- label; "none" made every query for an error_type count the successes as errors)
-    series = operation_duration:labels({ gen_ai_provider_name = self.name, gen_ai_system = self.name,
-                                         gen_ai_request_model = tostring(model),
+    series = operation_duration:labels({ gen_ai_operation_name = op, gen_ai_provider_name = self.name,
+                                         gen_ai_system = self.name, gen_ai_request_model = tostring(model),
                                          error_type = error_type or nil })
     by_error[error_type] = series
   end
@@ -366,7 +384,8 @@ local function attempt(n, self, req, deadline, refused, give_up)
   local json = is_table and req.json
   local model = json and type(json) == "table" and json.model or nil
   local key = is_table and (self.idempotency or req.idempotency_key ~= nil) and sent_key(self, req, refused) or nil
-  local span = resil.trace.spans and start_span(self, is_table, model, n, req) or nil
+  local op = operation_of(self, is_table, req)
+  local span = resil.trace.spans and start_span(self, is_table, model, n, req, op) or nil
   local progress = refused and is_table and sending(refused, key) or nil
   do
     local _ <close> = sem and self.releaser or nil
@@ -389,7 +408,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
   end
   series:inc()
   self.call_time:observe(elapsed)
-  operation_series(self, model, verdict and outcome or false):observe(elapsed)
+  operation_series(self, model, verdict and outcome or false, op):observe(elapsed)
   if bucket or token_bucket then
     local more = token_bucket and (used_tokens(res) or (verdict and 0) or tokens) - tokens or 0
     -- resil.http.request's response itself (a table request's): a bucket reads its raw header

@@ -86,9 +86,9 @@ describe("--metrics-addr and --metrics-file on a pipeline", function()
     assert.are.equal(5, value(text, 'gen_ai_client_token_usage_count{gen_ai_provider_name="mockai",gen_ai_request_model="mock-1",' ..
       'gen_ai_system="mockai",gen_ai_token_type="input"}'))
     assert.are.equal(tonumber(ok200), value(text, 'gen_ai_client_operation_duration_seconds_count{' ..
-      'gen_ai_provider_name="mockai",gen_ai_request_model="mock-1",gen_ai_system="mockai"}'))
+      'gen_ai_operation_name="chat",gen_ai_provider_name="mockai",gen_ai_request_model="mock-1",gen_ai_system="mockai"}'))
     assert.are.equal(tonumber(r429), value(text, 'gen_ai_client_operation_duration_seconds_count{' ..
-      'error_type="rate_limited",gen_ai_provider_name="mockai",gen_ai_request_model="mock-1",gen_ai_system="mockai"}'))
+      'error_type="rate_limited",gen_ai_operation_name="chat",gen_ai_provider_name="mockai",gen_ai_request_model="mock-1",gen_ai_system="mockai"}'))
     assert.are.equal(10, value(text, 'resil_budget_limit_usd{budget="team"}'))
     assert.truthy(value(text, 'resil_budget_spent_usd{budget="team"}'))
     if not has_promtool then

@@ -24,14 +24,14 @@ resil.cost = {}
 
 -- Spend as metrics: USD by provider and model, and tokens in the units of
 -- OpenTelemetry's GenAI metric gen_ai.client.token.usage (a histogram of
--- tokens per call, by gen_ai.provider.name, gen_ai.request.model, gen_ai.token.type; and
--- gen_ai.system, the provider's name before the conventions renamed it).
+-- tokens per call, by gen_ai.operation.name, gen_ai.provider.name, gen_ai.request.model,
+-- gen_ai.token.type; and gen_ai.system, the provider's name before the conventions renamed it).
 local usd_total = resil.metrics.counter("resil_cost_usd_total", "Recorded spend in USD, by provider and model")
 local unpriced_total = resil.metrics.counter("resil_cost_unpriced_total",
   "Calls recorded without a price (usd = nil), by provider and model")
 local tokens_total = resil.metrics.counter("resil_tokens_total", "Recorded tokens, by provider, model and type")
 local token_usage = resil.metrics.histogram("gen_ai_client_token_usage",
-  "Tokens used per call (OpenTelemetry gen_ai.client.token.usage), by system, model and token type",
+  "Tokens used per call (OpenTelemetry gen_ai.client.token.usage), by operation, system, model and token type",
   { buckets = { 1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864 } })
 
 -- the series of one provider and model, each bound at its first use (a
@@ -51,15 +51,30 @@ local function series_of(provider, model)
   return b
 end
 
--- n tokens of a units field (token_type: its type in the metrics)
-local function observe_tokens(b, field, token_type, n, provider, model)
+-- The conventions' gen_ai.operation.name of a ledger row's operation (a row's own name when the
+-- conventions have none for it; none without one)
+local SEMCONV_OPERATION = { chat = "chat", stream = "chat", embed = "embeddings" }
+
+-- n tokens of a units field (token_type: its type in the metrics) of a call of `operation`
+local function observe_tokens(b, field, token_type, n, provider, model, operation)
   if type(n) ~= "number" or not (n >= 0) then return end
-  local f = b[field]
+  local by_operation = b.by_operation -- (the operation is a label of its own)
+  if not by_operation then
+    by_operation = {}
+    b.by_operation = by_operation
+  end
+  local by_field = by_operation[operation or false]
+  if not by_field then
+    by_field = {}
+    by_operation[operation or false] = by_field
+  end
+  local f = by_field[field]
   if not f then
     f = { tokens = tokens_total:labels({ provider = provider, model = model, type = token_type }),
-      usage = token_usage:labels({ gen_ai_provider_name = provider, gen_ai_system = provider, gen_ai_request_model = model,
+      usage = token_usage:labels({ gen_ai_operation_name = operation and (SEMCONV_OPERATION[operation] or operation),
+        gen_ai_provider_name = provider, gen_ai_system = provider, gen_ai_request_model = model,
         gen_ai_token_type = token_type }) }
-    b[field] = f
+    by_field[field] = f
   end
   f.tokens:inc(n)
   f.usage:observe(n)
@@ -68,7 +83,7 @@ end
 -- a call's spend in the metrics: its USD (nil: unpriced) and the token
 -- counts of its units' fields input_tokens, prompt_tokens, output_tokens
 -- and completion_tokens
-local function observe_call(provider, model, usd, input, prompt, output, completion)
+local function observe_call(provider, model, usd, input, prompt, output, completion, operation)
   provider, model = provider or "unknown", model or "unknown"
   local b = series_of(provider, model)
   if usd then
@@ -82,16 +97,16 @@ local function observe_call(provider, model, usd, input, prompt, output, complet
   else
     unpriced_total:inc({ provider = provider, model = model })
   end
-  if input ~= nil then observe_tokens(b, "input_tokens", "input", input, provider, model) end
-  if prompt ~= nil then observe_tokens(b, "prompt_tokens", "input", prompt, provider, model) end
-  if output ~= nil then observe_tokens(b, "output_tokens", "output", output, provider, model) end
-  if completion ~= nil then observe_tokens(b, "completion_tokens", "output", completion, provider, model) end
+  if input ~= nil then observe_tokens(b, "input_tokens", "input", input, provider, model, operation) end
+  if prompt ~= nil then observe_tokens(b, "prompt_tokens", "input", prompt, provider, model, operation) end
+  if output ~= nil then observe_tokens(b, "output_tokens", "output", output, provider, model, operation) end
+  if completion ~= nil then observe_tokens(b, "completion_tokens", "output", completion, provider, model, operation) end
 end
 
 local function observe_cost(e, units)
   if type(units) ~= "table" then return observe_call(e.provider, e.model, e.usd) end
   observe_call(e.provider, e.model, e.usd, units.input_tokens, units.prompt_tokens, units.output_tokens,
-    units.completion_tokens)
+    units.completion_tokens, e.operation)
 end
 
 -- the UTC day of `at`, formatted once per day rather than once per row
@@ -203,7 +218,7 @@ local function row_entry(r)
            item = r[15], sync = r[21] }
 end
 local function row_metric_fields(r)
-  return { provider = r[4], model = r[5], usd = r[16],
+  return { provider = r[4], model = r[5], usd = r[16], operation = r[6],
            units = { input_tokens = r[17], prompt_tokens = r[18], output_tokens = r[19], completion_tokens = r[20] } }
 end
 
@@ -216,7 +231,7 @@ local function metric_fields(e)
     u = { input_tokens = u.input_tokens, prompt_tokens = u.prompt_tokens, output_tokens = u.output_tokens,
           completion_tokens = u.completion_tokens }
   end
-  return { provider = e.provider, model = e.model, usd = e.usd, units = u }
+  return { provider = e.provider, model = e.model, usd = e.usd, operation = e.operation, units = u }
 end
 
 -- Writes nobody waits for that are not written yet: queued for SQLite's
@@ -337,7 +352,7 @@ local function rows_committed(rows, done)
   unwritten = unwritten - done
   for i = 1, #rows do
     local r = rows[i]
-    observe_call(r[4], r[5], r[16], r[17], r[18], r[19], r[20])
+    observe_call(r[4], r[5], r[16], r[17], r[18], r[19], r[20], r[6])
   end
 end
 
