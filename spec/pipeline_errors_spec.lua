@@ -217,3 +217,48 @@ print(resil.step("next", function() return "went on" end))
     assert.matches("1 items: 0 done, 1 failed", show, 1, true)
   end)
 end)
+
+describe("a step whose task is canceled mid-fn (a resil.timeout around it, t:cancel) while the script goes on", function()
+  local backends = helpers.store_backends()
+  teardown(function() for _, b in ipairs(backends) do if b.stop then b.stop() end end end)
+
+  for _, backend in ipairs(backends) do
+    it(("on %s: the run ends done_with_failures, the step failed saying so; resumed, it runs again"):format(backend.name),
+      function()
+        local store = backend.url()
+        local script = [[
+local resil = require "resil"
+local slow = arg[1] == "slow"
+local v, err = resil.timeout(0.1, resil.step, "render", function()
+  print("render ran"); resil.sleep(slow and 30 or 0); return "video"
+end)
+print(v, err and err.kind)
+local t = resil.spawn(resil.step, "upload", function() print("upload ran"); resil.sleep(slow and 30 or 0); return "url" end)
+resil.sleep(0.05)
+if slow then t:cancel() end
+print(t:join())
+print(resil.step("notify", function() return "sent" end))
+if arg[2] == "exit" then os.exit(0) end
+]]
+        local run = "cut-" .. backend.name:lower() .. "-" .. tostring(math.random(1e9))
+        for _, exit in ipairs({ "", "exit" }) do
+          local id = run .. exit
+          local r = helpers.run_script(script, ("--store '%s' --run %s --log-level off"):format(store, id), "slow " .. exit)
+          assert.are.equal(0, r.code, r.stderr)
+          assert.matches("^render ran\nnil\ttimeout\nupload ran\nfalse\tcanceled: [^\n]*\nsent\n$", r.stdout)
+          -- (before: "done", the steps "pending", and no resume line: nothing said the video was never made)
+          local show = helpers.run(("%s runs show %s --store '%s'"):format(helpers.resil, id, store)).stdout
+          assert.matches("^run " .. id:gsub("%-", "%%-") .. ": done_with_failures", show)
+          assert.matches("\n%-%s+1%s+render%s+failed%s[^\n]+canceled: the step's task was canceled", show)
+          assert.matches("\n%-%s+2%s+upload%s+failed%s[^\n]+canceled: the step's task was canceled", show)
+          assert.matches("\n%-%s+3%s+notify%s+done%s", show)
+          assert.matches("\nresume: ", show)
+          r = helpers.run_script(script, ("--store '%s' --run %s --log-level off"):format(store, id), "fast " .. exit)
+          assert.are.equal(0, r.code, r.stderr)
+          assert.are.equal("render ran\nvideo\tnil\nupload ran\ntrue\turl\nsent\n", r.stdout)
+          assert.matches(id:gsub("%-", "%%-") .. "%s+done%s",
+            helpers.run(("%s runs --store '%s'"):format(helpers.resil, store)).stdout)
+        end
+      end)
+  end
+end)

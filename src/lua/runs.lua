@@ -237,6 +237,8 @@ function resil.run.generation() return current_run_or_raise().generation or 0 en
 -- script ends). Works outside a task: it writes at once, without the loop.
 -- A later resil.step takes the run again and resumes it. -> true | nil, err
 local ended_id -- the run this process last gave up (trace.lua names it on the run's span)
+local CUT_SHORT = "canceled: the step's task was canceled (a resil.timeout or t:cancel around the step) before its fn " ..
+  "ended; resuming the run runs it again"
 local error_text -- (below)
 -- (at_end: the script's or the host's end, where the store is written to at once; from the
 -- script, resil.run.finish waits for it in its task, as for any store operation)
@@ -246,13 +248,23 @@ local function finish_run(status, why, at_end)
   run, ended_id = nil, r.id
   owner_drop(backend_of[r.store], "run:" .. r.id)
   if r.lost then return true end -- (the run is another's: its end is theirs to record)
+  status = status or "done"
   local pending = {}
   for _, p in pairs(r.inflight) do
-    pending[#pending + 1] = { scope = p.scope, seq = p.seq, name = p.name, started = p.started,
-                              detail = next(p.notes) and json.encode(p.notes) or nil }
+    local step = { scope = p.scope, seq = p.seq, name = p.name, started = p.started,
+                   detail = next(p.notes) and json.encode(p.notes) or nil }
+    -- a run that got to its end: a step whose task was canceled (a resil.timeout around it) never
+    -- ended, and the script went on; one still running there (a background task's) is cut by the
+    -- end. The run was recorded "done", the step "pending", with no resume line to run it again.
+    if status == "done" and p.cut then
+      step.state, step.error = "failed", CUT_SHORT
+      r.failed[p.scope] = true
+    elseif status == "done" then
+      status = "interrupted"
+    end
+    pending[#pending + 1] = step
   end
   table.sort(pending, function(a, b) return a.scope < b.scope or (a.scope == b.scope and a.seq < b.seq) end)
-  status = status or "done"
   -- why a run failed outside its steps (an error in the script's own code, a divergence, os.exit(1)):
   -- a failed step "(run)" after its last one, as resil.map's "(item)". `runs show` said "failed" and
   -- nothing else. Not when that error is a step's failure already recorded (the step says it).
@@ -625,6 +637,9 @@ function resil.step(name, fn, ...)
   r.notes[scope] = notes
   local running = { scope = scope, seq = seq, name = name, started = started, notes = notes }
   r.inflight[key] = running
+  -- a cancel closes the task where it waits (in fn, or the store's put past a shield): the step is
+  -- still in flight then, and never will end (finish_run records it failed)
+  local _ <close> = setmetatable({}, { __close = function() if r.inflight[key] == running then running.cut = true end end })
   local places, outer_places = {}, ctx._step_places
   -- the step begun, in the store: a process killed from here on leaves its step "running" there,
   -- which `runs show` lists as interrupted (it listed the item done). Its outcome replaces it. (A
@@ -728,7 +743,11 @@ end
 -- command makes them after the script returns, and os.exit lost every span not yet posted (the
 -- run's own) and the counts since the file's last write; made here, from the task that exits.
 -- steps running, or begun and waiting to run (the run's take, their record): the run is not done
-local function unfinished(r) return next(r.inflight) ~= nil or next(r.starting) ~= nil end
+-- (not one whose task was canceled, the script going on: it is a failure, see finish_run)
+local function unfinished(r)
+  for _, p in pairs(r.inflight) do if not p.cut then return true end end
+  return next(r.starting) ~= nil
+end
 local host_exit, metrics_finish, running = os.exit, resil.metrics.finish, resil.running
 local function run_finish(status, why) return finish_run(status, why, true) end
 os.exit = function(code, close)
