@@ -444,3 +444,37 @@ for i = 1, 4 do resil.step("render " .. i, function() return string.rep("v", 3 *
     assert.matches("1 items: 1 done, 0 failed, 0 pending;", show.stdout, 1, true)
   end)
 end)
+
+describe("a run with two resil.map calls one after the other (a loop over batches)", function()
+  local SCRIPT = [[
+local resil = require "resil"
+local first = arg[1] == "first"
+local a, fa = resil.map({ "x", "y" }, function(item)
+  local got, err = resil.step("fetch", function()
+    if first and item == "x" then return nil, "fetch failed" end
+    return "fetched " .. item
+  end)
+  if not got then return nil, err end
+  return resil.step("render", function() print("render A " .. item) return "A:" .. got end)
+end)
+local b = resil.map({ "x", "y" }, function(item)
+  return resil.step("render", function() print("render B " .. item) return "B:" .. item end)
+end)
+print(a[1], a[2], b[1], b[2], fa and fa[1])
+]]
+
+  it("resumed after an item of the first failed: each map's items get their own results, nothing paid twice", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script(SCRIPT, ("--store %s --run batches --log-level off"):format(db), "first")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("render A y\nrender B x\nrender B y\nnil\tA:fetched y\tB:x\tB:y\tfetch failed\n", r.stdout)
+    r = helpers.run_script(SCRIPT, ("--store %s --run batches --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: "render B x" ran again, paid twice, and the first map's item x was given "B:x", the second
+    -- map's result recorded where its render now stood: both maps' items were "1" and "2")
+    assert.are.equal("render A x\nA:fetched x\tA:fetched y\tB:x\tB:y\tnil\n", r.stdout)
+    local show = helpers.run(("%s runs show batches --store %s"):format(helpers.resil, db)).stdout
+    assert.matches("\nm2/1%s+1%s+render%s+done", show)
+    assert.matches("4 items: 4 done, 0 failed, 0 pending", show, 1, true)
+  end)
+end)

@@ -92,7 +92,10 @@ local function scope_parts(parts, s)
   local p = parts[s]
   if not p then
     p = { n = {} }
-    for x in s:gmatch("[^/]+") do p[#p + 1], p.n[#p + 1] = x, tonumber(x) end
+    p.map = {} -- (a scope's second map's items, "m2/1", after its first's: runs.lua's map_scope)
+    for x in s:gmatch("[^/]+") do
+      p[#p + 1], p.n[#p + 1], p.map[#p + 1] = x, tonumber(x), tonumber(x:match("^m(%d+)$")) or 1
+    end
     parts[s] = p
   end
   return p
@@ -105,6 +108,7 @@ local function scope_less(parts, a, b)
     if x == nil then return true end
     if y == nil then return false end
     if x ~= y then
+      if pa.map[i] ~= pb.map[i] then return pa.map[i] < pb.map[i] end
       local nx, ny = pa.n[i], pb.n[i]
       if nx and ny then return nx < ny end
       return x < y

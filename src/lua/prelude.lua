@@ -146,13 +146,15 @@ function resil.map(items, fn, opts)
   local results, failures = {}, nil
   local next_index, done, failed = 0, 0, 0
   local parent_scope = resil.context()._step_scope
+  -- (the map's place among the maps in its scope: each map's items have scopes of their own)
+  local scope_prefix = resil.run and resil.run.map_scope(parent_scope) or (parent_scope and parent_scope .. "/" or "")
 
   local function worker()
     while next_index < n do
       next_index = next_index + 1
       local i = next_index
       -- steps inside an item are checkpointed under the item (resil.step)
-      local scope = parent_scope and (parent_scope .. "/" .. i) or tostring(i)
+      local scope = scope_prefix .. i
       resil.context({ item = i, _step_scope = scope })
       if resil.run then resil.run.item(scope, items[i], i, opts.key) end -- (its steps' records name the item)
       local ok, value, err = xpcall(fn, nil_raised, items[i], i)

@@ -43,6 +43,7 @@ local steps_done, steps_replayed, steps_failed = steps_total:labels({ result = "
   steps_total:labels({ result = "replayed" }), steps_total:labels({ result = "failed" })
 
 local run -- the current run: { id =, seq = { [scope] = n } }, once a step has run
+local script_is_run = false -- whether the script (or an embedder's chunk) is a run: see name_chunk below
 
 -- from the script's absolute path (config.script_path, set by the host) and
 -- its arguments: the same command resumes the same run, another list of arguments is another run.
@@ -403,6 +404,24 @@ end
 local function took_place(scope, seq)
   local places = resil.context()._step_places
   if places and (places[scope] or 0) < seq then places[scope] = seq end
+end
+
+-- The items of a resil.map: -> the prefix of their scopes. The first map in a scope has its items
+-- at "i" ("3/i" under item 3), as before; the n-th after it at "mN/i". Every map's items shared
+-- "1", "2", ...: the second map's steps were numbered after the first's, so an item of the first
+-- that took another count of steps in a resumed run (a step that failed, returned early, now done)
+-- met the second map's records: a divergence for good, or, its step of the same name, the other
+-- map's paid result replayed as its own while that map paid again. The count is a place, kept in a
+-- step's record as its nested steps' are: a replay of a step whose fn ran maps runs none of them.
+local MAPS = "maps:" -- (no scope has a colon)
+function resil.run.map_scope(parent)
+  local base = parent and (parent .. "/") or ""
+  if not script_is_run then return base end -- (the gateway's maps: no run, no steps)
+  local r, key = run_object(), MAPS .. (parent or "")
+  local n = (r.seq[key] or 0) + 1
+  r.seq[key] = n
+  took_place(key, n)
+  return n == 1 and base or ("%sm%d/"):format(base, n)
 end
 
 -- a record's places, written first in its object, where no value of fn's can be (readers of
@@ -779,7 +798,6 @@ end
 -- steps in the -e code's run)
 -- (and the last chunk's run not taken yet, its first step having found the store unavailable: the
 -- new chunk's steps and costs went to it)
-local script_is_run = false -- (below)
 local function end_other_run(status)
   if run and not config.run and run.id ~= default_run_id() then
     if not run.held then
