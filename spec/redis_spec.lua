@@ -114,10 +114,10 @@ describe("resil.once on Redis", function()
     assert.are.equal("key_reused", select(2, resil.once("k", work, 2)).kind)
     local function refuse()
       calls = calls + 1
-      return nil, resil.error("auth", "bad key", { retryable = false, status = 401 })
+      return nil, resil.error("bad_request", "prompt refused", { retryable = false, status = 400 })
     end
     resil.once("perm", refuse)
-    assert.are.equal(401, select(2, resil.once("perm", refuse)).status)
+    assert.are.equal(400, select(2, resil.once("perm", refuse)).status)
     local flaky_calls = 0
     local function flaky()
       flaky_calls = flaky_calls + 1
