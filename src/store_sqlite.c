@@ -254,12 +254,13 @@ static double file_size_limit(void) {
  * as a bare "disk I/O error" (its errno gone by then) */
 static int at_file_size_limit(const store_db *d) {
   double most = file_size_limit();
-  if (!d->path || most == 0) return 0;
+  const char *full = d->db ? sqlite3_db_filename(d->db, "main") : NULL; /* (not d->path: relative, after a chdir) */
+  if (!full || !*full || most == 0) return 0;
   double frame = frame_bytes(d);
   char wal[PATH_MAX];
-  snprintf(wal, sizeof wal, "%s-wal", d->path);
+  snprintf(wal, sizeof wal, "%s-wal", full);
   struct stat st;
-  return (stat(d->path, &st) == 0 && (double)st.st_size + frame > most) ||
+  return (stat(full, &st) == 0 && (double)st.st_size + frame > most) ||
          (stat(wal, &st) == 0 && (double)st.st_size + frame > most);
 }
 
@@ -1948,8 +1949,11 @@ static int open_db(lua_State *L, int host) {
     sqlite3_sleep(pause_ms);
   }
   /* commits made durable by the syncer thread (wal_sync.c), which also
-   * checkpoints; without it COMMIT syncs, and checkpoints, on the loop */
-  if (wal == SQLITE_OK && (d->syncer = wal_syncer_new(R->base, path, synced_cb, d)) != NULL) {
+   * checkpoints; without it COMMIT syncs, and checkpoints, on the loop. By SQLite's full name
+   * of the file: a relative path, looked at after the program changed its working directory,
+   * was no WAL to sync (commits were told durable unsynced) and no file to checkpoint into */
+  const char *full = sqlite3_db_filename(d->db, "main");
+  if (wal == SQLITE_OK && (d->syncer = wal_syncer_new(R->base, full && *full ? full : path, synced_cb, d)) != NULL) {
     sqlite3_exec(d->db, "PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;", NULL, NULL, NULL);
     sqlite3_wal_hook(d->db, count_frames, d);
     sqlite3_stmt *ps;

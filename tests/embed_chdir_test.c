@@ -1,0 +1,84 @@
+/*
+ * embed_chdir_test.c: a program that changes its working directory while a
+ * host is open (a daemon's chdir("/") after its setup, a worker that moves
+ * into a job's folder) keeps the host's files: relative paths it gave the
+ * host name what they named at resil_open. Prints TAP lines; spec/run
+ * counts them.
+ */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "resil.h"
+
+static int test_number;
+static int failures;
+
+static void check(int ok, const char *what) {
+  test_number++;
+  if (!ok) failures++;
+  printf("%s %d - %s\n", ok ? "ok" : "not ok", test_number, what);
+  fflush(stdout);
+}
+
+static long file_size(const char *path) {
+  struct stat st;
+  return stat(path, &st) == 0 ? (long)st.st_size : -1;
+}
+
+static char result[4096];
+static int call(resil_t *R, const char *fn, const char *args) {
+  char *out = NULL;
+  int status = resil_call(R, fn, args, &out);
+  snprintf(result, sizeof result, "%s", out ? out : resil_error(R));
+  free(out);
+  return status;
+}
+
+int main(void) {
+  char dir[] = "/tmp/resil-chdir-XXXXXX", home[PATH_MAX], elsewhere[PATH_MAX + 16], path[PATH_MAX + 64];
+  if (!mkdtemp(dir) || !getcwd(home, sizeof home)) return 1;
+  snprintf(elsewhere, sizeof elsewhere, "%s/elsewhere", dir);
+  mkdir(elsewhere, 0755);
+  if (chdir(dir) != 0) return 1;
+
+  /* The store opened before the chdir: SQLite has its file by its full name, but the thread that
+   * syncs and checkpoints its WAL had the relative one, and from the new folder found no WAL
+   * ("nothing unsynced": commits were told durable unsynced) and no file to checkpoint into: the
+   * WAL grew with every commit, for good. 800 commits of 3 pages each: past 2,400 frames without
+   * a checkpoint, at most some 1,000 (the checkpoint's) with. */
+  {
+    resil_options o = {0};
+    o.store = "data/state.db";
+    o.log_level = "off";
+    resil_t *R = resil_open(&o);
+    int loaded = resil_load_string(R,
+                                   "local resil = require('resil')\n"
+                                   "function put(n)\n"
+                                   "  local value = ('x'):rep(8000)\n"
+                                   "  for i = 1, n do assert(resil.store():set('k' .. i % 50, value)) end\n"
+                                   "  return n\n"
+                                   "end\n",
+                                   "=put") == RESIL_OK &&
+                 resil_run(R) == RESIL_OK;
+    check(loaded && call(R, "put", "[1]") == RESIL_OK, "a store at a relative path opens and takes a write");
+    if (chdir(elsewhere) != 0) printf("# chdir %s failed\n", elsewhere);
+    check(call(R, "put", "[800]") == RESIL_OK, "the program changes folder: the store takes 800 more commits");
+    snprintf(path, sizeof path, "%s/data/state.db-wal", dir);
+    long wal = file_size(path);
+    long frame = 4096 + 24;
+    check(wal > 0 && wal < 1600 * frame, "its WAL is checkpointed as before (at most some 1,000 frames, not one per commit)");
+    if (wal >= 1600 * frame) printf("# the WAL is %ld bytes, %ld frames\n", wal, wal / frame);
+    resil_close(R);
+    if (chdir(dir) != 0) printf("# chdir %s failed\n", dir);
+  }
+
+  char command[PATH_MAX + 32];
+  snprintf(command, sizeof command, "rm -rf %s", dir);
+  if (chdir(home) != 0 || system(command) != 0) printf("# could not remove %s\n", dir);
+  printf("1..%d\n", test_number);
+  return failures ? 1 : 0;
+}
