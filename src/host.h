@@ -168,6 +168,7 @@ struct resil {
   char *sandbox_store; /* the SQLite file of the host's own store (opts->store, RESIL_STORE or the default) */
   int sandbox_trusted; /* > 0: the host itself names a file (the command line's --metrics-file) */
   char *policies_dir;
+  char *open_dir; /* the working directory at resil_open (host_path), or NULL */
   struct policy_compiled *compiled; /* resil.c: the policy files compiled, for a reload's unchanged ones */
   char *share_dir;
   int status;
@@ -213,6 +214,10 @@ int sandbox_file_ok(resil_t *R, const char *path);
 int sandbox_plain_file_ok(resil_t *R, const char *path); /* not the host's store: a file the script writes */
 int sandbox_is_store_file(resil_t *R, const char *path);
 void sandbox_trust(resil_t *R, int on); /* around the host's own calls that name files */
+/* A SQLite file's path as the host names it: a relative one from the working directory the host
+ * was opened in (a program's chdir after resil_open put the store in a new file there) -> path,
+ * or out holding it made absolute */
+const char *host_path(resil_t *R, const char *path, char *out, size_t size);
 /* 1, with resil_error set, when called in a child of fork (the host is the
  * parent's) or on a host being closed (a done callback resil_close runs) */
 int resil_refused(resil_t *R, const char *what);

@@ -702,6 +702,14 @@ int sandbox_plain_file_ok(resil_t *R, const char *path) {
 
 void sandbox_trust(resil_t *R, int on) { R->sandbox_trusted += on ? 1 : -1; }
 
+const char *host_path(resil_t *R, const char *path, char *out, size_t size) {
+  if (path[0] == '/' || !R->open_dir || !*path || strcmp(path, ":memory:") == 0 || strncmp(path, "file:", 5) == 0)
+    return path;
+  if (snprintf(out, size, "%s%s%s", R->open_dir, strcmp(R->open_dir, "/") == 0 ? "" : "/", path) >= (int)size)
+    return path;
+  return out;
+}
+
 /* the SQLite file a store URL names (sqlite://PATH?query or PATH) | NULL for Redis */
 static char *store_file(const char *url) {
   if (strncmp(url, "redis://", 8) == 0 || strncmp(url, "rediss://", 9) == 0) return NULL;
@@ -712,7 +720,10 @@ static char *store_file(const char *url) {
 /* the folders sandboxed scripts may write in, as resil.sandbox_env gets them */
 static void keep_sandbox_dirs(resil_t *R, const resil_options *opts) {
   const char *env = getenv("RESIL_STORE");
-  R->sandbox_store = store_file(opts->store ? opts->store : env && *env ? env : ".resil/state.db");
+  char *named = store_file(opts->store ? opts->store : env && *env ? env : ".resil/state.db"), full[PATH_MAX];
+  const char *file = named ? host_path(R, named, full, sizeof full) : NULL; /* (as the store's open names it) */
+  R->sandbox_store = file == full ? strdup(full) : named;
+  if (file == full) free(named);
   int n = 0;
   char *copy = opts->sandbox_dirs ? strdup(opts->sandbox_dirs) : NULL, *save = NULL;
   for (const char *p = copy; p && *p; p++) n += *p == ':';
@@ -821,6 +832,8 @@ static resil_t *open_host(const resil_options *opts) {
     return NULL;
   }
   R->policies_dir = opts->policies_dir ? strdup(opts->policies_dir) : NULL;
+  char cwd[PATH_MAX];
+  R->open_dir = getcwd(cwd, sizeof cwd) ? strdup(cwd) : NULL;
   R->share_dir = find_share_dir();
   loop_init(R);
 
@@ -1171,6 +1184,7 @@ void resil_close(resil_t *R) {
   if (R->wake_pipe[0] >= 0) close(R->wake_pipe[0]);
   if (R->wake_pipe[1] >= 0) close(R->wake_pipe[1]);
   free(R->policies_dir);
+  free(R->open_dir);
   free_compiled(R);
   free(R->share_dir);
   for (char **d = R->sandbox_dirs; d && *d; d++) free(*d);

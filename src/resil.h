@@ -92,7 +92,7 @@ typedef struct resil_options {
   const char *log_file;     /* JSON lines go here instead of stderr */
   const char *log_level;    /* "debug" | "info" | "warn" | "error" */
   const char *store;        /* store URL: a SQLite path or redis://host:port/db; NULL: $RESIL_STORE or
-                               .resil/state.db */
+                               .resil/state.db; a relative path is from the working directory at resil_open */
   const char *run_id;       /* the run resil.step checkpoints into; NULL: derived from script + args */
   int fresh;                /* start the run over: forget its checkpoints */
   /* Each JSON log line (no trailing newline, NUL-terminated, valid during

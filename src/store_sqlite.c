@@ -1792,7 +1792,10 @@ static int l_check_file(lua_State *L) {
  * the script opens (the host's own store is one) */
 static int l_check_store_file(lua_State *L) {
   const char *path = luaL_checkstring(L, 1), *what = luaL_checkstring(L, 2);
-  if (!sandbox_file_ok(resil_from_lua(L), path)) return refuse_file(L, what, path, (int)luaL_optinteger(L, 3, 1));
+  char full[PATH_MAX];
+  resil_t *R = resil_from_lua(L);
+  if (!sandbox_file_ok(R, host_path(R, path, full, sizeof full)))
+    return refuse_file(L, what, path, (int)luaL_optinteger(L, 3, 1));
   return 0;
 }
 
@@ -1802,10 +1805,11 @@ static int l_check_store_file(lua_State *L) {
  * them: the open makes them) | nil when it is too long, or outside the sandbox's folders (nothing to
  * learn there: no store opens) */
 static int l_resolve(lua_State *L) {
-  size_t len;
-  const char *path = luaL_checklstring(L, 1, &len);
-  char head[PATH_MAX], out[PATH_MAX];
-  if (len >= sizeof head || !sandbox_file_ok(resil_from_lua(L), path)) return 0;
+  resil_t *R = resil_from_lua(L);
+  char head[PATH_MAX], out[PATH_MAX], full[PATH_MAX];
+  const char *path = host_path(R, luaL_checkstring(L, 1), full, sizeof full); /* (the file the store opens) */
+  size_t len = strlen(path);
+  if (len >= sizeof head || !sandbox_file_ok(R, path)) return 0;
   memcpy(head, path, len + 1);
   const char *rest = NULL; /* what follows head in path (NULL: head is all of it) */
   while (!realpath(rest ? head : path, out)) { /* the longest part of path that exists */
@@ -1863,7 +1867,7 @@ static char *readonly_uri(const char *path) {
  * wait for another process holding the file, in SQLite, on the loop: the store's open, in a task, passes
  * 0 and tries again on a timer when err.busy */
 static int open_db(lua_State *L, int host) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = luaL_checkstring(L, 1); /* (as named, in messages) */
   int group_commit = 1, store = 0;
   double timeout = DEFAULT_TIMEOUT, wait = -1;
   if (lua_istable(L, 2)) {
@@ -1875,9 +1879,13 @@ static int open_db(lua_State *L, int host) {
   }
   if (wait < 0) wait = timeout;
   resil_t *R = resil_from_lua(L);
-  if (!host && !sandbox_plain_file_ok(R, path) && sandbox_is_store_file(R, path))
+  /* a relative path from the folder the host was opened in: looked at from the program's new one
+   * (a chdir after resil_open), the store was a new, empty file there, its spend and keys elsewhere */
+  char full[PATH_MAX];
+  const char *file = host_path(R, path, full, sizeof full);
+  if (!host && !sandbox_plain_file_ok(R, file) && sandbox_is_store_file(R, file))
     return refuse_store(L, "store", path, 1);
-  if (!sandbox_file_ok(R, path)) return refuse_file(L, "store", path, 1);
+  if (!sandbox_file_ok(R, file)) return refuse_file(L, "store", path, 1);
   store_db *d = lua_newuserdatauv(L, sizeof *d, 0);
   memset(d, 0, sizeof *d);
   d->R = R;
@@ -1887,7 +1895,7 @@ static int open_db(lua_State *L, int host) {
   luaL_setmetatable(L, DB_MT);
   /* --store /dev/null (for "no store") said "disk I/O error" and left /dev/null-journal in /dev */
   struct stat st;
-  if (store && stat(path, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
+  if (store && stat(file, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
     lua_pushnil(L);
     resil_push_error(L, "store_unavailable", "store: %s is not a regular file (a device, a pipe or a socket); a "
                      "SQLite store is a file", path);
@@ -1896,19 +1904,19 @@ static int open_db(lua_State *L, int host) {
   /* A store file this user may read and not write (an operator's `runs` or `costs` as another user,
    * a read-only mount): opened read-only, with no WAL switch, syncer or schema change. Read-write it
    * failed, "attempt to write a readonly database", as SQLite could not make the -shm beside it. */
-  if (store && stat(path, &st) == 0 && S_ISREG(st.st_mode) && access(path, W_OK) != 0 &&
+  if (store && stat(file, &st) == 0 && S_ISREG(st.st_mode) && access(file, W_OK) != 0 &&
       (errno == EACCES || errno == EROFS || errno == EPERM))
-    d->readonly_uri = readonly_uri(path);
-  if (!d->readonly_uri) make_parents(path);
+    d->readonly_uri = readonly_uri(file);
+  if (!d->readonly_uri) make_parents(file);
   int rc = d->readonly_uri
              ? sqlite3_open_v2(d->readonly_uri, &d->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX, NULL)
-             : sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+             : sqlite3_open_v2(file, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
     const char *why = d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc);
     /* and the system's reason: SQLite's "unable to open database file" alone did not say that the path is
      * a folder, or that a folder above it is a file */
     char reason[PATH_MAX + 64];
-    why_refused(path, d->db ? sqlite3_system_errno(d->db) : 0, reason, sizeof reason);
+    why_refused(file, d->db ? sqlite3_system_errno(d->db) : 0, reason, sizeof reason);
     resil_error_result(L, "store_unavailable", "store: cannot open %s: %s%s", path, why, reason);
     return open_failed(L, d, 0);
   }
@@ -1952,8 +1960,9 @@ static int open_db(lua_State *L, int host) {
    * checkpoints; without it COMMIT syncs, and checkpoints, on the loop. By SQLite's full name
    * of the file: a relative path, looked at after the program changed its working directory,
    * was no WAL to sync (commits were told durable unsynced) and no file to checkpoint into */
-  const char *full = sqlite3_db_filename(d->db, "main");
-  if (wal == SQLITE_OK && (d->syncer = wal_syncer_new(R->base, full && *full ? full : path, synced_cb, d)) != NULL) {
+  const char *sqlite_name = sqlite3_db_filename(d->db, "main");
+  if (!sqlite_name || !*sqlite_name) sqlite_name = file;
+  if (wal == SQLITE_OK && (d->syncer = wal_syncer_new(R->base, sqlite_name, synced_cb, d)) != NULL) {
     sqlite3_exec(d->db, "PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;", NULL, NULL, NULL);
     sqlite3_wal_hook(d->db, count_frames, d);
     sqlite3_stmt *ps;
@@ -1967,7 +1976,7 @@ static int open_db(lua_State *L, int host) {
   if (wal != SQLITE_OK && !d->readonly_uri) {
     /* (an existing file in a folder it may not write in: its -wal and -shm cannot be made) */
     char wal_path[PATH_MAX], reason[PATH_MAX + 64] = "";
-    snprintf(wal_path, sizeof wal_path, "%s-wal", path);
+    snprintf(wal_path, sizeof wal_path, "%s-wal", file);
     if ((wal & 0xff) == SQLITE_CANTOPEN) why_refused(wal_path, sqlite3_system_errno(d->db), reason, sizeof reason);
     resil_error_result(L, "store_unavailable", "store: %s: %s%s", path, err ? err : "cannot set WAL mode", reason);
     sqlite3_free(err);

@@ -76,6 +76,38 @@ int main(void) {
     if (chdir(dir) != 0) printf("# chdir %s failed\n", dir);
   }
 
+  /* The store first used after the chdir (a store opens at its first use): it was a new, empty file
+   * in the new folder, the budgets' spend, the once keys and the ledger of the host's first folder
+   * out of its sight (a key paid for there ran, and was paid for, again). Under the sandbox,
+   * resil_open's default, as without. */
+  for (int sandbox = 0; sandbox < 2; sandbox++) {
+    resil_options o = {0};
+    o.store = "shared/state.db";
+    o.log_level = "off";
+    o.sandbox = sandbox ? RESIL_SANDBOX_ON : RESIL_SANDBOX_OFF;
+    static const char *code = "function put(k, v) assert(require('resil').store():set(k, v)) return true end\n"
+                              "function get(k) return (require('resil').store():get(k)) end\n";
+    resil_t *first = resil_open(&o);
+    resil_load_string(first, code, "=first");
+    resil_run(first);
+    if (chdir(elsewhere) != 0) printf("# chdir %s failed\n", elsewhere);
+    int put = call(first, "put", sandbox ? "[\"paid\", \"sandboxed\"]" : "[\"paid\", \"yes\"]");
+    check(put == RESIL_OK, sandbox ? "sandbox: a host opened before the chdir writes its store after it"
+                                   : "a host opened before the chdir writes its store after it");
+    if (put != RESIL_OK) printf("# %s\n", result);
+    resil_close(first);
+    snprintf(path, sizeof path, "%s/shared/state.db", elsewhere);
+    check(file_size(path) < 0, "no store was made in the program's new folder");
+    if (chdir(dir) != 0) printf("# chdir %s failed\n", dir);
+    resil_t *second = resil_open(&o); /* (in the first host's folder) */
+    resil_load_string(second, code, "=second");
+    resil_run(second);
+    check(call(second, "get", "[\"paid\"]") == RESIL_OK &&
+              strcmp(result, sandbox ? "[\"sandboxed\"]" : "[\"yes\"]") == 0,
+          "a host opened in the first one's folder reads what it wrote: one store");
+    resil_close(second);
+  }
+
   char command[PATH_MAX + 32];
   snprintf(command, sizeof command, "rm -rf %s", dir);
   if (chdir(home) != 0 || system(command) != 0) printf("# could not remove %s\n", dir);
