@@ -433,8 +433,9 @@ static int watch_on(resil_t *R, lua_State *L, int on) {
     st->poll_errno = errno;
     snprintf(st->poll_dir, sizeof st->poll_dir, "%s", "(inotify)");
   }
-  snprintf(st->roots[0], PATH_MAX, "%s", R->policies_dir ? R->policies_dir : "");
-  snprintf(st->roots[1], PATH_MAX, "policies");
+  char full[PATH_MAX]; /* (the folders the searcher reads: from the folder the host was opened in) */
+  snprintf(st->roots[0], PATH_MAX, "%s", R->policies_dir ? host_path(R, R->policies_dir, full, sizeof full) : "");
+  snprintf(st->roots[1], PATH_MAX, "%s", host_path(R, "policies", full, sizeof full));
   snprintf(st->roots[2], PATH_MAX, "%s%s", R->share_dir ? R->share_dir : "", R->share_dir ? "/policies" : "");
   roots_moved(st);
   for (int i = 0; i < WATCH_ROOTS; i++)

@@ -226,13 +226,13 @@ static int dump_write(lua_State *L, const void *p, size_t sz, void *ud) {
 /* L stack: -> the chunk of the policy file at path | an error message; LUA_OK or load's status.
  * Compiled from the bytes read (as luaL_loadfilex: a UTF-8 BOM and a first line starting with '#'
  * skipped, the line counted), or taken compiled when they are the bytes compiled before. */
-static int load_policy_file(resil_t *R, lua_State *L, const char *path, const char *mode) {
+static int load_policy_file(resil_t *R, lua_State *L, const char *path, const char *name, const char *mode) {
   size_t len = 0;
   char *src = read_all(path, &len);
   if (!src) return luaL_loadfilex(L, path, mode);
   struct policy_compiled *c = R->compiled;
   while (c && strcmp(c->path, path) != 0) c = c->next;
-  const char *chunkname = lua_pushfstring(L, "@%s", path);
+  const char *chunkname = lua_pushfstring(L, "@%s", name); /* (errors name the file as its folder was given) */
   int top = lua_gettop(L);
   if (c && c->src_len == len && memcmp(c->src, src, len) == 0) {
     if (luaL_loadbufferx(L, c->bin, c->bin_len, chunkname, "b") == LUA_OK) {
@@ -309,9 +309,13 @@ static int policy_searcher(lua_State *L) {
   for (int i = 0; i < 3; i++) {
     if (!dirs[i]) continue;
     const char *path = lua_pushfstring(L, "%s/%s.lua", dirs[i], rest);
-    if (file_exists(path)) {
-      reload_watch_folder_of(R, L, path); /* (before the load: a file saved broken is watched for its fix) */
-      if (load_policy_file(R, L, path, R->sandbox ? "t" : NULL) != LUA_OK)
+    /* (from the folder the host was opened in: after a program's chdir, the policy folders it
+     * named were looked for in its new folder, and every call of a policy not loaded yet failed) */
+    char full[PATH_MAX];
+    const char *file = host_path(R, path, full, sizeof full);
+    if (file_exists(file)) {
+      reload_watch_folder_of(R, L, file); /* (before the load: a file saved broken is watched for its fix) */
+      if (load_policy_file(R, L, file, path, R->sandbox ? "t" : NULL) != LUA_OK)
         return luaL_error(L, "error loading policy '%s':\n\t%s", name, lua_tostring(L, -1));
       lua_pushstring(L, path);
       return 2;

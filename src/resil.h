@@ -87,7 +87,8 @@ typedef struct resil_options {
   /* The folder that holds the policy files themselves: require "policies.x"
    * loads <policies_dir>/x.lua first, then ./policies/x.lua, then the shipped
    * library (<prefix>/share/resil/policies of the installation, or
-   * $RESIL_HOME/policies). */
+   * $RESIL_HOME/policies). A relative folder (and ./policies) is from the
+   * working directory at resil_open. */
   const char *policies_dir;
   const char *log_file;     /* JSON lines go here instead of stderr */
   const char *log_level;    /* "debug" | "info" | "warn" | "error" */

@@ -108,6 +108,34 @@ int main(void) {
     resil_close(second);
   }
 
+  /* The policy folder given relative (opts.policies_dir), and ./policies: after the chdir every call
+   * of a policy not loaded yet failed, "module 'policies.double' not found", and a reload found
+   * none. Errors still name the file as its folder was given. */
+  {
+    snprintf(path, sizeof path, "%s/pol", dir);
+    mkdir(path, 0755);
+    snprintf(path, sizeof path, "%s/pol/double.lua", dir);
+    FILE *f = fopen(path, "w");
+    if (f) fputs("local M = {}\nfunction M.f(x) return x * 2 end\nfunction M.fail() error('no') end\nreturn M\n", f), fclose(f);
+    resil_options o = {0};
+    o.policies_dir = "pol";
+    o.store = ":memory:";
+    o.log_level = "off";
+    resil_t *R = resil_open(&o);
+    if (chdir(elsewhere) != 0) printf("# chdir %s failed\n", elsewhere);
+    int called = call(R, "policies.double.f", "[21]");
+    check(called == RESIL_OK && strcmp(result, "[42]") == 0, "a relative policies_dir is the folder it named at resil_open");
+    if (called != RESIL_OK) printf("# %.300s\n", result);
+    check(call(R, "policies.double.fail", NULL) == RESIL_ERR_SCRIPT && strstr(result, "pol/double.lua:3: no"),
+          "and its errors name the file as the folder was given (pol/double.lua:3)");
+    f = fopen(path, "w");
+    if (f) fputs("local M = {}\nfunction M.f(x) return x * 3 end\nreturn M\n", f), fclose(f);
+    check(resil_reload(R) == RESIL_OK && call(R, "policies.double.f", "[21]") == RESIL_OK && strcmp(result, "[63]") == 0,
+          "resil_reload finds it there too");
+    resil_close(R);
+    if (chdir(dir) != 0) printf("# chdir %s failed\n", dir);
+  }
+
   char command[PATH_MAX + 32];
   snprintf(command, sizeof command, "rm -rf %s", dir);
   if (chdir(home) != 0 || system(command) != 0) printf("# could not remove %s\n", dir);
