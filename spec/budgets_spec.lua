@@ -935,3 +935,38 @@ while not io.open(arg[1]) do resil.sleep(0.01) end
     assert.are.equal("refused\n", helpers.slurp(out))
   end)
 end)
+
+-- The machine's clock stepped while a process runs (NTP's first sync after boot, a VM resumed):
+-- every process on the machine reads the new time, the one started before too. (Before, a
+-- process kept the wall time it started with, carried on the monotonic clock: a gateway worker
+-- started an hour before the step wrote its holds' ends an hour early, and every process started
+-- after it took them for ended: a $1 budget with $0.80 held let $0.50 more in.)
+describe("a process started before its machine's clock was stepped, on SQLite", function()
+  it("holds what it reserves after the step, for every other process on the machine", function()
+    local db, go, skew = helpers.tmpname(".db"), helpers.tmpname(".go"), helpers.tmpname(".skew")
+    helpers.write(skew, "-3600") -- (an hour behind as it starts)
+    local saved = helpers.resil
+    helpers.resil = ("CLOCK_SKEW_FILE=%s ASAN_OPTIONS=verify_asan_link_order=0 LD_PRELOAD=%s %s"):format(skew,
+      helpers.clock_skew_shim(), saved)
+    local pid, out = helpers.start([[
+local resil = require "resil"
+print("started"); io.stdout:flush()
+while not io.open(arg[1]) do resil.sleep(0.01) end
+assert(resil.budget("stepped", { limit = 1 }):reserve(0.8))
+print("held"); io.stdout:flush()
+while true do resil.sleep(1) end
+]], ("--store '%s' --log-level off"):format(db), go)
+    helpers.resil = saved
+    finally(function() if helpers.alive(pid) then os.execute("kill -9 " .. pid) end end)
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("started") ~= nil end, 20), helpers.slurp(out))
+    helpers.write(skew, "0") -- the step: its clock is right from now on
+    helpers.write(go, "")
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("held") ~= nil end, 20), helpers.slurp(out))
+    local r = helpers.run_script([[
+local resil = require "resil"
+local t, err = resil.budget("stepped", { limit = 1 }):reserve(0.5)
+print(t and "reserved" or err.kind, resil.budget("stepped"):state().reserved)
+]], ("--store '%s' --log-level off"):format(db))
+    assert.are.equal("budget_exceeded\t0.8\n", r.stdout, r.stderr)
+  end)
+end)

@@ -441,16 +441,27 @@ function helpers.rows_logged_lost(stderr)
 end
 
 -- A shared library for LD_PRELOAD that sets a process's wall clock CLOCK_SKEW seconds off (another
--- host's, not synchronised): built with cc, -> its path
+-- host's, not synchronised), or the seconds the file CLOCK_SKEW_FILE holds, read at each look (a
+-- clock stepped while the process runs): built with cc, -> its path
 function helpers.clock_skew_shim()
   local src = helpers.write(helpers.tmpname(".c"), [[
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #include <sys/time.h>
 /* this process's wall clock, CLOCK_SKEW seconds off (another host's, not synchronised) */
-static long long skew_ns(void) { const char *s = getenv("CLOCK_SKEW"); return s ? (long long)(atof(s) * 1e9) : 0; }
+static long long skew_ns(void) {
+  const char *s = getenv("CLOCK_SKEW"), *path = getenv("CLOCK_SKEW_FILE");
+  double skew = s ? atof(s) : 0;
+  FILE *f = path ? fopen(path, "r") : NULL;
+  if (f) {
+    if (fscanf(f, "%lf", &skew) != 1) skew = 0;
+    fclose(f);
+  }
+  return (long long)(skew * 1e9);
+}
 int clock_gettime(clockid_t id, struct timespec *ts) {
   static int (*real)(clockid_t, struct timespec *);
   if (!real) real = dlsym(RTLD_NEXT, "clock_gettime");

@@ -46,15 +46,22 @@ local config = { url = nil, run = nil, fresh = false, script = nil, args = nil, 
 -- (private.store_clock: resil.now() but for the lead a virtual clock leaves on the real one, which
 -- keeps resil.now() from going back; the store's time is the wall clock's again on real time, as
 -- other processes sharing the store have it)
+-- On real time it is the wall clock itself, read each time: anchored at the start and carried on
+-- the monotonic clock, a process started before the machine's clock was stepped (NTP at boot, a
+-- VM resumed) kept the old time for good, and on a SQLite store the holds of a gateway worker an
+-- hour behind had ended for every process started after the step (a $1 budget let $1.30 in).
 local mono = private.store_clock or resil.now
-local wall0, mono0 = resil.clock.wall(), mono()
-local function store_now() return wall0 + (mono() - mono0) end
+local is_virtual, wall = resil.clock.is_virtual, resil.clock.wall
+local wall0, mono0 = wall(), mono()
+local function store_now()
+  if not is_virtual() then return wall() end
+  return wall0 + (mono() - mono0)
+end
 resil.store_now = store_now
 private.store_now = store_now -- (for owner.lua, loaded before it, and keys.lua, loaded later)
 -- the virtual clock's lead over the real one (a spec's; nil on a real clock), for the Redis backend's
 -- leases' clock: that backend loads after scripts may run, and a script that replaced resil.clock's
 -- functions or resil.store_now had its process judge every other host's lease lapsed
-local is_virtual, wall = resil.clock.is_virtual, resil.clock.wall
 function private.clock_lead() if is_virtual() then return store_now() - wall() end end
 
 -- The stores open, by URL as given and by the key of what it names (store_key)
