@@ -311,6 +311,32 @@ assert(t:settle(2, { provider = "p", model = "m" }))
     resil.clock.real()
   end)
 
+  -- (before, on SQLite: a scrape read a killed process's holds as reserved until their end, ten
+  -- minutes by default, while `budgets show` and every reservation had them gone: a gateway
+  -- worker's crash showed its key's budget still held on every dashboard)
+  it("a budget's gauges leave out the holds of a process that died (kill -9), as `budgets show` does", function()
+    local helpers = require "spec.helpers"
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db })
+    local name = "metrics_spec_dead_holder"
+    local pid, out = helpers.start(([[
+local resil = require "resil"
+assert(resil.budget(%q, { limit = 10 }):reserve(3))
+print("held"); io.stdout:flush()
+while true do resil.sleep(1) end
+]]):format(name), "--store " .. db .. " --log-level off")
+    finally(function() if helpers.alive(pid) then os.execute("kill -9 " .. pid) end end)
+    assert(helpers.wait_until(function() return helpers.slurp(out):match("held") ~= nil end, 20), helpers.slurp(out))
+    os.execute("kill -9 " .. pid)
+    assert(helpers.wait_until(function() return not helpers.alive(pid) end, 10))
+    assert(assert(resil.budget(name, { limit = 10 }):reserve(1)):release()) -- (fits: nothing judged dead)
+    local function exposed(metric)
+      return tonumber(resil.metrics.text():match(metric .. '{budget="' .. name .. '"} (%S+)\n'))
+    end
+    assert.are.equal(0, exposed("resil_budget_reserved_usd"))
+    assert.are.equal(10, exposed("resil_budget_remaining_usd"))
+  end)
+
   -- (budget:state() is a write on SQLite: read at a scrape, it waited for the lock and failed)
   it("a budget's gauges are read without waiting for another process's write lock", function()
     local helpers = require "spec.helpers"

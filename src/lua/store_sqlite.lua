@@ -846,14 +846,26 @@ function B:budget_reserve(budget, period, limit, estimate, ticket, expires_at, n
   end)
 end
 
--- A budget's spent and reserved in `period` as a read finds them: the earlier periods' open holds
--- counted, as roll would move them -> spent, reserved
-local function figures(tx, budget, period, now)
-  local spent, reserved = budget_usage(tx, budget, period, now)
-  local where, a, b, c = earlier(tx, budget, period, now)
-  if where then
-    reserved = reserved + tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE " .. where, budget, a, b, c)
+-- The money the holds `where` names hold, but for those of owners known dead: a read marks
+-- nothing released (the next reservation or look does), and leaves them out as that would (a
+-- scrape showed a killed worker's holds as reserved until their end, `budgets show` not)
+local function live_held(tx, where, now, ...)
+  local held = 0
+  for _, r in ipairs(tx:rows("SELECT owner, sum(micro_usd) AS micro_usd FROM reservations WHERE " .. where ..
+                             " GROUP BY owner", ...)) do
+    if r.owner == nil or alive(tx, r.owner, now) ~= false then held = held + r.micro_usd end
   end
+  return held
+end
+
+-- A budget's spent and reserved in `period` as a read finds them: the earlier periods' open holds
+-- counted, as roll would move them, dead owners' not, as release_dead would free them -> spent, reserved
+local function figures(tx, budget, period, now)
+  local spent = tx:value("SELECT micro_usd FROM budget_spent WHERE budget = ? AND period = ?", budget, period) or 0
+  local reserved = live_held(tx, "budget = ? AND period = ? AND state = 'held' AND expires_at > ?", now,
+    budget, period, now)
+  local where, a, b, c = earlier(tx, budget, period, now)
+  if where then reserved = reserved + live_held(tx, where, now, budget, a, b, c) end
   return spent, reserved
 end
 
@@ -864,8 +876,12 @@ function B:budget_usage(budget, period, now, me)
   if self.db:readonly() then
     local r, err = read(self, function(tx)
       local spent, reserved = figures(tx, budget, period, now)
-      return { spent, reserved, tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations " ..
-        "WHERE budget = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket", budget, now) }
+      local holds = {}
+      for _, h in ipairs(tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations " ..
+        "WHERE budget = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket", budget, now)) do
+        if h.owner == nil or alive(tx, h.owner, now) ~= false then holds[#holds + 1] = h end
+      end
+      return { spent, reserved, holds }
     end)
     if not r then return nil, err end
     return r[1], r[2], r[3]
