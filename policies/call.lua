@@ -330,9 +330,10 @@ local function attempt(n, self, req, deadline, refused, give_up)
     end
   end
   local br = self.breaker
-  local guard
+  local guard, probe
   if br then
-    local ok, probe = br:allow()
+    local ok
+    ok, probe = br:allow()
     if not ok then return nil, probe end
     if probe then guard = setmetatable({ breaker = br }, probe_guard_mt) end
   end
@@ -422,8 +423,9 @@ local function attempt(n, self, req, deadline, refused, give_up)
   end
   if br then
     if guard then guard.done = true end
-    if verdict and verdict.client_fault then br:record(nil) -- says nothing of the provider
-    else br:record(not (verdict and verdict.breaker), elapsed) end
+    -- (whether it was a probe: one let through before the breaker opened is not taken for it)
+    if verdict and verdict.client_fault then br:record(nil, elapsed, probe or false) -- says nothing of the provider
+    else br:record(not (verdict and verdict.breaker), elapsed, probe or false) end
   end
   if key and refused and type(res) == "table" and type(res.status) == "number" and res.status >= 200
     and res.status < 300 then

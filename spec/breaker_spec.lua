@@ -31,6 +31,9 @@ describe("resil.breaker counts and record arguments", function()
     ok, err = pcall(br.record, br, true, 0 / 0)
     assert.is_false(ok)
     assert.matches("record's seconds must be a number", err)
+    ok, err = pcall(br.record, br, true, 1, "yes")
+    assert.is_false(ok)
+    assert.matches("breaker_spec.lua:%d+: breaker '[^']+': record's probe must be allow%(%)'s \"probe\" or false", err)
     assert.are.equal(0, br:stats().calls)
   end)
 end)
@@ -156,6 +159,38 @@ describe("resil.breaker", function()
     end
     assert.are.same({ 2, 3, 3 }, waits)
   end)
+
+  it("half-open: a call let through before it opened, ending while a probe is out, is not the probe's outcome",
+    function()
+      -- (it was: a call sent before the outage was seen, timing out as the breaker half-opened, re-opened it
+      -- and the probe that came back fine was dropped; a late success closed it with the probe still out)
+      local br = fresh { window_type = "count", window = 2, min_calls = 2, open_for = 5 }
+      local late = resil.spawn(function()
+        return br:call(function() resil.sleep(6); return nil, resil.error("timeout", "sent before the outage") end)
+      end)
+      resil.yield()
+      record_all(br, { false, false })
+      assert.are.equal("open", br:state())
+      resil.sleep(5)
+      local probe = resil.spawn(function() return br:call(function() resil.sleep(2); return "back" end) end)
+      resil.yield()
+      assert.is_nil((br:allow())) -- the probe is out
+      late:join()
+      assert.are.equal("half_open", br:state())
+      assert.are.same({ true, "back" }, { probe:join() })
+      assert.are.equal("closed", br:state())
+      -- and the other way: a late success does not close it while its probe is out
+      local late_ok = resil.spawn(function() return br:call(function() resil.sleep(6); return "late" end) end)
+      resil.yield()
+      record_all(br, { false, false })
+      assert.are.equal("open", br:state())
+      resil.sleep(5)
+      assert.is_true((br:allow()))
+      late_ok:join()
+      assert.are.equal("half_open", br:state())
+      br:record(false, 0.5)
+      assert.are.equal("open", br:state())
+    end)
 
   it("a canceled call frees its half-open probe without counting", function()
     local br = fresh { window_type = "count", window = 2, min_calls = 2, open_for = 1 }

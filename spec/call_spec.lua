@@ -301,6 +301,27 @@ describe("policies.call against the mock provider", function()
     assert.matches("Mock reply", resil.json.decode(res.body).choices[1].message.content)
     assert.are.same({ 1, 1 }, { m:stats().keys["job-43"], m:stats().keys["job-43.1"] })
   end)
+
+  -- (before: the call sent as the outage began, answering its 503 late, re-opened the half-open breaker,
+  -- and the probe that came back 200 was dropped: open again for open_for with the provider back)
+  it("a call sent before its breaker opened, failing while the probe is out, does not re-open it", function()
+    m = resil.mock.start { sequence = { chat = { { status = 503, latency = 6 }, 503, 503, { status = 200, latency = 2 } } } }
+    local p = provider(m, { timeout = 30, retry = { max_retries = 0 },
+      breaker = { window_type = "count", window = 2, min_calls = 2, open_for = 5 } })
+    local br = resil.breaker(p.name)
+    local late = resil.spawn(function() return p(chat) end)
+    resil.sleep(0.1)
+    assert.is_nil((p(chat)))
+    assert.is_nil((p(chat)))
+    assert.are.equal("open", br:state())
+    resil.sleep(5)
+    local probe = resil.spawn(function() return p(chat) end)
+    resil.sleep(0.5)
+    assert.are.equal(503, select(3, late:join()).status)
+    assert.are.equal("half_open", br:state())
+    assert.are.equal(200, select(2, probe:join()).status)
+    assert.are.equal("closed", br:state())
+  end)
 end)
 
 describe("call.provider's options", function()

@@ -336,9 +336,11 @@ static int br_allow(lua_State *L) {
   return 2;
 }
 
-/* br:record(ok, seconds): the outcome of a call that allow() let through.
- * ok == nil: the call did not finish (canceled); it frees its probe and is
- * not counted. */
+/* br:record(ok, seconds [, probe]): the outcome of a call that allow() let
+ * through. ok == nil: the call did not finish (canceled); it frees its probe
+ * and is not counted. probe: allow()'s second value, "probe", or false for a
+ * call let through closed, which a half-open breaker does not count; left
+ * out, any outcome while probes are out is taken for a probe's. */
 static int br_record(lua_State *L) {
   breaker *br = check_breaker(L, 1);
   int counted = !lua_isnoneornil(L, 2);
@@ -353,6 +355,15 @@ static int br_record(lua_State *L) {
     seconds = lua_tonumberx(L, 3, &isnum);
     if (!isnum || seconds != seconds)
       resil_raise(L, "breaker '%s': record's seconds must be a number, got %s", br->name, luaL_tolstring(L, 3, NULL));
+  }
+  /* (without it, a call sent as the outage began that timed out while the probe was out re-opened
+   * the breaker, and the probe's success was dropped; a late success closed it) */
+  int probe_known = !lua_isnoneornil(L, 4), probe = 0;
+  if (probe_known) {
+    probe = lua_type(L, 4) == LUA_TSTRING && strcmp(lua_tostring(L, 4), "probe") == 0;
+    if (!probe && !(lua_type(L, 4) == LUA_TBOOLEAN && !lua_toboolean(L, 4)))
+      resil_raise(L, "breaker '%s': record's probe must be allow()'s \"probe\" or false (a call let through closed), "
+                     "got %s", br->name, luaL_tolstring(L, 4, NULL));
   }
   lua_settop(L, 1);
   double now = resil_now(br->R);
@@ -369,7 +380,7 @@ static int br_record(lua_State *L) {
       transition(L, 1, br, OPEN, now);
     break;
   case HALF_OPEN:
-    if (br->probes_out == 0) break; /* a call from before the breaker opened */
+    if (br->probes_out == 0 || (probe_known && !probe)) break; /* a call from before the breaker opened */
     br->probes_out--;
     if (!counted) break;
     if (ok && !slow) br->probes_ok++;

@@ -36,11 +36,13 @@ local function breaker_call(self, fn, ...)
   local r = pack(pcall(fn, ...))
   if guard then guard.done = true end
   local elapsed = resil.now() - start
+  -- (told whether it was a probe: a call let through before it opened, ending while a probe is out,
+  -- is not taken for the probe's outcome)
   if not r[1] then
-    self:record(false, elapsed)
+    self:record(false, elapsed, probe or false)
     error(r[2], 0)
   end
-  self:record(not (r[2] == nil and r.n > 2 and r[3] ~= nil), elapsed)
+  self:record(not (r[2] == nil and r.n > 2 and r[3] ~= nil), elapsed, probe or false)
   return unpack(r, 2, r.n)
 end
 core_breaker.methods.call = breaker_call -- src/breaker.c leaves call to this module
@@ -784,8 +786,9 @@ function SharedBreaker:allow()
     { retry_after = x, breaker = self.label })
 end
 
--- br:record(ok, seconds); a probe's outcome closes or re-opens it for everyone
-function SharedBreaker:record(ok, seconds)
+-- br:record(ok, seconds [, probe]); a probe's outcome closes or re-opens it for everyone (probe:
+-- allow()'s second value, or false for a call let through closed, which is never taken for the probe's)
+function SharedBreaker:record(ok, seconds, probe)
   -- (as a local breaker's do: "yes" closed it for everyone as a probe's outcome)
   if ok ~= nil and type(ok) ~= "boolean" then
     user_error(("breaker '%s': record's ok must be true, false or nil (the call did not finish), got %s"):format(
@@ -796,7 +799,7 @@ function SharedBreaker:record(ok, seconds)
     user_error(("breaker '%s': record's seconds must be a number, got %s"):format(self.label, tostring(seconds)))
   end
   local s = store_open()
-  if self.probing and self.probing > 0 then
+  if self.probing and self.probing > 0 and probe ~= false then
     self.probing = self.probing - 1
     local p = self.probes and table.remove(self.probes, 1)
     if p then probes_out[p] = nil end
@@ -813,7 +816,7 @@ function SharedBreaker:record(ok, seconds)
     return
   end
   local before = self.inner:state()
-  self.inner:record(ok, seconds)
+  self.inner:record(ok, seconds, probe)
   if before ~= "open" and self.inner:state() == "open" and s then
     backend_of[s]:breaker_open(self.label, store_now() + self.open_for, store_now())
   end
