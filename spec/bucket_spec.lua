@@ -373,6 +373,24 @@ describe("resil.bucket (GCRA)", function()
     for i = 1, 12 do waiters[i]:cancel() end
   end)
 
+  -- (before: its burst followed the rate to 0.5, and every acquire(1) was refused, "can never be granted")
+  it("at a rate below one token per `per`, with no burst given, grants one token at a time", function()
+    local b = fresh { rate = 0.5 } -- one call every two seconds
+    assert.are.equal(1, b:state().burst)
+    assert.is_true((b:try()))
+    local ok, wait = b:try()
+    assert.is_false(ok)
+    near(2, wait)
+    local t0 = resil.now()
+    assert.is_true((b:acquire(1, { timeout = 5 })))
+    near(2, resil.now() - t0)
+    -- asked again with a rate of its own (a reload), it still follows it, from one token
+    b = resil.bucket(b:name(), { rate = 3 })
+    assert.are.equal(3, b:state().burst)
+    b = resil.bucket(b:name(), { rate = 0.25 })
+    assert.are.equal(1, b:state().burst)
+  end)
+
   it("keeps its rate exactly over long virtual runs at 1e-6 and 1e9 a second", function()
     local tiny = fresh { rate = 1e-6, burst = 1 }
     local t0 = resil.now()
@@ -394,6 +412,17 @@ describe("a shared bucket (GCRA state in the store)", function()
     resil.store_config({ url = helpers.tmpname(".db") })
   end)
   after_each(function() resil.log.level("info") end)
+
+  -- (before: its burst followed the rate to 0.5, and no try of one token was ever granted)
+  it("at a rate below one token per `per`, with no burst given, grants one token at a time", function()
+    local b = resil.bucket("shared-half", { rate = 0.5, shared = true })
+    assert.is_true((b:try()))
+    local ok, wait = b:try()
+    assert.is_false(ok)
+    near(2, wait)
+    resil.sleep(2)
+    assert.is_true((b:try()))
+  end)
 
   -- (before: b:acquire(1, 5) ignored its options, no table, and waited with no timeout at all; a
   -- timeout that was no number said "bad argument #-2 to 'acquire'"; acquire_all(list, 5) raised

@@ -238,7 +238,9 @@ static void configure(lua_State *L, bucket *b, int opts) {
                 b->name, rate, per, (double)MAX_AHEAD_NS / NS, NS);
   int burst_given = lua_getfield(L, opts, "burst") != LUA_TNIL || b->burst_given;
   lua_pop(L, 1);
-  double burst = opt_positive(L, opts, b->name, "burst", b->burst_given ? b->burst : rate);
+  /* (a burst that follows the rate is one token at least: at 0.5 a second it was half a token, and
+   * every acquire of one was refused, "can never be granted") */
+  double burst = opt_positive(L, opts, b->name, "burst", b->burst_given ? b->burst : rate < 1 ? 1 : rate);
   if (lua_getfield(L, opts, "unit") == LUA_TSTRING) {
     const char *unit = lua_tostring(L, -1);
     if (strcmp(unit, "requests") != 0 && strcmp(unit, "tokens") != 0)

@@ -214,9 +214,11 @@ function SharedBucket:configure(opts)
     user_error(("bucket '%s': unit must be \"requests\" or \"tokens\", got \"%s\""):format(self.label, tostring(unit)))
   end
   self.on_outage = outage
-  -- (a burst never given follows the rate: a reload that lowers the rate lowers it too)
+  -- (a burst never given follows the rate: a reload that lowers the rate lowers it too; one token at
+  -- least, as a local bucket's)
   if opts.burst ~= nil then self.burst_given = true end
-  self.rate, self.per, self.burst, self.unit = rate, per, opts.burst or (self.burst_given and self.burst) or rate, unit
+  self.rate, self.per, self.burst, self.unit = rate, per,
+    opts.burst or (self.burst_given and self.burst) or math.max(rate, 1), unit
   self.interval = per / rate
   self.tolerance = self.burst * self.interval
   -- a provider's count within `slack` tokens of what this process knows moves nothing (see observe)
