@@ -855,6 +855,25 @@ print(ok and 1 or 0)
     -- all four ask at the same moment, after open_for has passed
     assert.are.equal(1, helpers.sum_of(helpers.run_together(4, source, "--store " .. url .. " --log-level off", 1.0)))
   end)
+
+  -- (before: a shared breaker had no isolate, "attempt to call a nil value (method 'isolate')")
+  it("a shared breaker isolated in one process is isolated in every other until reset", function()
+    local url = resil.store().url
+    local br = resil.breaker("shared-iso", { shared = true, open_for = 5 })
+    br:isolate()
+    assert.are.equal("isolated", br:state())
+    local source = [[
+local resil = require "resil"
+local br = resil.breaker("shared-iso", { shared = true, open_for = 5 })
+local ok, err = br:allow()
+print(br:state(), ok, err and err.message)
+]]
+    local other = helpers.run_script(source, "--store " .. url .. " --log-level off")
+    assert.are.equal("isolated\tnil\tbreaker 'shared-iso' is isolated (shared)\n", other.stdout, other.stderr)
+    br:reset()
+    other = helpers.run_script(source, "--store " .. url .. " --log-level off")
+    assert.are.equal("closed\ttrue\tnil\n", other.stdout, other.stderr)
+  end)
 end)
 
 describe("a Redis outage", function()

@@ -751,6 +751,15 @@ local function give_back_unsure(self, backend)
   if #list == 0 then self.unsure = nil end
 end
 
+-- An isolated breaker is open in the store this long (past any open_for, 1e9 s at most): each
+-- process reads so long a wait as isolated
+local ISOLATED_FOR = 2e9
+-- (a probe out as another process isolated it, or a window that opened, ended the isolation for all)
+local function isolated_in(backend, label)
+  local open_until = backend:breaker_get(label, store_now())
+  return open_until ~= nil and open_until - store_now() > ISOLATED_FOR / 2
+end
+
 -- br:allow() -> true [, "probe"] | nil, err{kind="circuit_open"}
 function SharedBreaker:allow()
   local s, serr = store_open()
@@ -784,6 +793,10 @@ function SharedBreaker:allow()
     return true, "probe"
   end
   if ok then return self.inner:allow() end
+  if x > ISOLATED_FOR / 2 then
+    return nil, resil.error("circuit_open", ("breaker '%s' is isolated (shared)"):format(self.label),
+      { breaker = self.label })
+  end
   return nil, resil.error("circuit_open", ("breaker '%s' is open (shared) for %.3f s more"):format(self.label, x),
     { retry_after = x, breaker = self.label })
 end
@@ -810,16 +823,16 @@ function SharedBreaker:record(ok, seconds, probe)
       return
     end
     if ok then
-      if s then backend_of[s]:breaker_close(self.label) end
+      if s and not isolated_in(backend_of[s], self.label) then backend_of[s]:breaker_close(self.label) end
       self.inner:reset()
-    elseif s then
+    elseif s and not isolated_in(backend_of[s], self.label) then
       backend_of[s]:breaker_open(self.label, store_now() + self.open_for, store_now())
     end
     return
   end
   local before = self.inner:state()
   self.inner:record(ok, seconds, probe)
-  if before ~= "open" and self.inner:state() == "open" and s then
+  if before ~= "open" and self.inner:state() == "open" and s and not isolated_in(backend_of[s], self.label) then
     backend_of[s]:breaker_open(self.label, store_now() + self.open_for, store_now())
   end
 end
@@ -827,7 +840,10 @@ end
 function SharedBreaker:state()
   local s = store_open()
   local open_until = s and backend_of[s]:breaker_get(self.label, store_now())
-  if open_until then return open_until > store_now() and "open" or "half_open" end
+  if open_until then
+    local left = open_until - store_now()
+    return left > ISOLATED_FOR / 2 and "isolated" or left > 0 and "open" or "half_open"
+  end
   return self.inner:state()
 end
 
@@ -852,6 +868,16 @@ function SharedBreaker:reset()
   if s then backend_of[s]:breaker_close(self.label) end
   self.inner:reset()
 end
+-- br:isolate(): open for every process until reset() (it had no isolate: a provider taken out of
+-- rotation was only by the process that could not be told, "attempt to call a nil value")
+function SharedBreaker:isolate()
+  local s, err = store_open()
+  local ok
+  if s then ok, err = backend_of[s]:breaker_open(self.label, store_now() + ISOLATED_FOR, store_now()) end
+  if not ok then warn_once(self, err) end
+  self.inner:isolate() -- (this process's own, which it falls back to while the store is away)
+end
+function SharedBreaker:__tostring() return ("breaker '%s' (shared)"):format(self.label) end -- (no store call here)
 
 -- (only the class's objects as self, store.lua's genuine_only: rawequal, a metatable's own __eq said
 -- yes; another process's object a spec makes with the class's metatable still is one)
