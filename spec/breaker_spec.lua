@@ -21,6 +21,12 @@ describe("resil.breaker counts and record arguments", function()
     ok, err = pcall(resil.breaker, "frac-br2", { half_open_calls = 1.5 })
     assert.is_false(ok)
     assert.matches("half_open_calls must be a whole number", err)
+    -- (a window of 2.5 seconds or calls was taken as 2 without a word)
+    for _, window_type in ipairs({ "time", "count" }) do
+      ok, err = pcall(resil.breaker, "frac-br3-" .. window_type, { window_type = window_type, window = 2.5, min_calls = 1 })
+      assert.is_false(ok)
+      assert.matches("breaker_spec.lua:%d+: breaker 'frac%-br3%-%a+': window must be a whole number, got 2.5", err)
+    end
   end)
 
   it("refuses record with an ok that is not a boolean or a NaN duration", function()

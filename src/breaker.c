@@ -221,7 +221,8 @@ static void configure(lua_State *L, breaker *br, int opts) {
   lua_pop(L, 1);
   /* every option read and checked before any is taken: one refused (a reload's) left those before it
    * changed, half_open_success 0 among them */
-  int window = (int)opt_number(L, opts, br, "window", br->slots ? br->window : (time_window ? 30 : 100), 1, 86400);
+  /* (whole seconds or calls: 2.5 was taken as 2 without a word) */
+  int window = opt_count(L, opts, br, "window", br->slots ? br->window : (time_window ? 30 : 100), 86400);
   double failure_rate = opt_number(L, opts, br, "failure_rate", br->slots ? br->failure_rate : 0.5, 0, 1);
   double slow_call = opt_number(L, opts, br, "slow_call", br->slots ? br->slow_call : 0, 0, HUGE_VAL);
   double slow_call_rate = opt_number(L, opts, br, "slow_call_rate", br->slots ? br->slow_call_rate : 1, 0, 1);
