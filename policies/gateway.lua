@@ -496,6 +496,15 @@ end
 -- a JSON number that is a whole number -> integer; anything else -> nil
 local function whole(v) return type(v) == "number" and math.tointeger(v) or nil end
 
+-- an OpenAI body's output limit: max_completion_tokens, else max_tokens (a null one is not
+-- given: `max_completion_tokens: null, max_tokens: 100`, as a client that sets one of them
+-- sends it, was sent with no limit at all, written and billed up to the model's own)
+local function asked_max_tokens(b)
+  local v = b.max_completion_tokens
+  if v == nil or v == null then v = b.max_tokens end
+  return v
+end
+
 -- the fields of a body read into the normalized request (or the gateway's
 -- own: stream, n); every other field is the client's API's own
 -- (logprobs, store, service_tier; thinking, top_k, metadata, ...) and goes,
@@ -512,7 +521,7 @@ local ANTHROPIC_READ = { model = true, messages = true, system = true, max_token
 -- (made at the size it reaches: the fields complete_admitted and call_to_end set
 -- are named here, nil until then; grown key by key the table was rehashed)
 local function from_openai(b)
-  local req = { messages = b.messages, max_tokens = whole(b.max_completion_tokens or b.max_tokens),
+  local req = { messages = b.messages, max_tokens = whole(asked_max_tokens(b)),
     stop = b.stop ~= null and b.stop or nil, tools = b.tools, model = nil, fallback = nil, user = nil,
     ledger_sync = nil, ledger_wait = nil, budget = nil, give_up = nil, provider_options = nil,
     client_model = b.model } -- (the model the client named, before its alias: see openai.body)
@@ -1628,7 +1637,7 @@ function complete_admitted(req, api, id, rec, slot)
       .. "conversation", { details = { error_code = "thread_unsupported_request", unsupported = { "thread" } } }), id)
   end
   local r = api == "anthropic" and from_anthropic(b) or from_openai(b)
-  local asked = b.max_completion_tokens or b.max_tokens
+  local asked = api == "anthropic" and b.max_tokens or asked_max_tokens(b)
   if (asked ~= nil and asked ~= null and r.max_tokens == nil) or (r.max_tokens ~= nil and r.max_tokens < 1) then
     return with_id(error_reply(api, 400, "max_tokens must be a positive integer"), id)
   end
