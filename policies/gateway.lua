@@ -1584,6 +1584,59 @@ local function unpriced_tier(b, api, route)
     .. "one only for an openai/ model pricing.tiers prices in it"):format(tier:sub(1, 40), tostring(route.model))
 end
 
+-- What a client's API asks that the other API has no way to say: served there, the answer came
+-- without it as if it were all there was (logprobs null to code that reads them, prose where
+-- audio or a function_call was asked, a prefill answered anew and the client's continuation of
+-- it garbled) -> the field, and why | nil. A field a provider of the other API may leave out
+-- (a sampling hint, thinking) is not one of these.
+local function untranslatable(b, api)
+  if api == "anthropic" then
+    -- (OpenAI's API answers a last assistant message with a turn of its own, not its continuation)
+    local last = type(b.messages) == "table" and b.messages[#b.messages]
+    if type(last) == "table" and last.role == "assistant" then
+      local content = last.content
+      for _, block in ipairs(type(content) == "table" and content or { { text = content } }) do
+        if type(block) == "table" and type(block.text) == "string" and block.text:find("%S") then
+          return "messages", "a last assistant message (a prefill) is continued by Anthropic's API only"
+        end
+      end
+    end
+    return nil
+  end
+  if b.logprobs == true then return "logprobs", "Anthropic's API has no log probabilities" end
+  if type(b.logit_bias) == "table" and next(b.logit_bias) ~= nil then
+    return "logit_bias", "Anthropic's API has no logit bias (token ids are OpenAI's)"
+  end
+  if type(b.modalities) == "table" then
+    for _, m in ipairs(b.modalities) do
+      if m == "audio" then return "modalities", "Anthropic's API answers no audio" end
+    end
+  end
+  if type(b.functions) == "table" and next(b.functions) ~= nil then
+    return "functions", "the legacy functions are OpenAI's only (send them as tools)"
+  end
+  if type(b.web_search_options) == "table" then
+    return "web_search_options", "Anthropic's API searches with its own tool (send it in tools: "
+      .. "{type = \"web_search_20250305\", name = \"web_search\"})"
+  end
+end
+
+-- a request untranslatable(b, api) finds, for a route whose first target (the one that
+-- serves it unless it fails) speaks the other API -> the 400's message, the field | nil. A
+-- fallback to the other API leaves the field out (as it leaves out the client's own fields:
+-- README, "Fields of the client's own API"); a route that would serve it there first is
+-- refused, as the API would refuse a field it does not take.
+local function not_translated(b, api, route, rec)
+  local field, why = untranslatable(b, api)
+  if not field then return nil end
+  local ok, targets = pcall(ai.targets, { model = route.model, fallback = route.fallback, user = rec.name,
+    messages = b.messages })
+  local first = ok and type(targets) == "table" and targets[1]
+  if not first or first.adapter.name == api then return nil end -- (no target: the call says why)
+  return ("%s: not served by %s/%s, which speaks another API than this endpoint's: %s"):format(field,
+    first.provider, first.model, why), field
+end
+
 local function complete(req, api)
   local id = request_id()
   local rec, refused = authenticate(req, api)
@@ -1623,6 +1676,10 @@ function complete_admitted(req, api, id, rec, slot)
   if not route then return with_id(error_reply(api, 404, why, { code = "model_not_found" }), id) end
   local unpriced = unpriced_tier(b, api, route)
   if unpriced then return with_id(error_reply(api, 400, unpriced), id) end
+  local untranslated, field = not_translated(b, api, route, rec)
+  if untranslated then
+    return with_id(error_reply(api, 400, untranslated, { code = "unsupported_parameter", param = field }), id)
+  end
   -- (the Messages API has no default: a client that relied on ours would fail on Anthropic's own)
   if api == "anthropic" and (b.max_tokens == nil or b.max_tokens == null) then
     return with_id(error_reply(api, 400, "max_tokens: Field required"), id)

@@ -62,3 +62,65 @@ describe("gateway: an OpenAI client's output limit", function()
     assert.matches("max_tokens", json.decode(res.body).error.message)
   end)
 end)
+
+describe("gateway: what the other API cannot say is a 400 in the client's shape", function()
+  local ROUTES = { claude = { model = "anthropic/claude-sonnet-4-5-20250929", fallback = { "openai/gpt-4o-mini" } },
+    fast = { model = "openai/gpt-4o-mini", fallback = { "anthropic/claude-sonnet-4-5-20250929" } } }
+  local TOOLS_FN = { { name = "now", parameters = { type = "object", properties = {} } } }
+
+  -- (each was sent to Anthropic without the field, and answered 200 as if it were all there
+  -- was: logprobs null to code that reads them, prose where audio or a function_call was asked)
+  it("an OpenAI client's logprobs, logit_bias, audio, functions and web search, served by Anthropic", function()
+    local url, sent = start(ROUTES)
+    for field, value in pairs({ logprobs = true, logit_bias = { ["1734"] = -100 }, modalities = { "text", "audio" },
+      functions = TOOLS_FN, web_search_options = { search_context_size = "low" } }) do
+      for _, model in ipairs({ "anthropic/claude-sonnet-4-5-20250929", "claude" }) do
+        sent.anthropic = nil
+        local res = post(url .. "/v1/chat/completions", { model = model, messages = MSGS, [field] = value })
+        assert.are.equal(400, res.status, field .. " " .. model .. ": " .. res.body)
+        local e = json.decode(res.body).error
+        assert.are.same({ "invalid_request_error", "unsupported_parameter", field },
+          { e.type, e.code, e.param }, res.body)
+        assert.matches("anthropic/claude%-sonnet%-4%-5", e.message)
+        assert.is_nil(sent.anthropic, field .. ": no call")
+      end
+      -- a provider of the client's own API first: served, the field sent
+      local res = post(url .. "/v1/chat/completions", { model = "fast", messages = MSGS, [field] = value })
+      assert.are.equal(200, res.status, res.body)
+      assert.is_not_nil(sent.openai[field], field)
+    end
+  end)
+
+  it("an OpenAI client's logprobs false, an empty logit_bias and text modalities are served by Anthropic", function()
+    local url, sent = start()
+    local res = post(url .. "/v1/chat/completions", { model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS,
+      logprobs = false, logit_bias = {}, modalities = { "text" } })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("hi", sent.anthropic.messages[1].content)
+  end)
+
+  -- (OpenAI's API answers a last assistant message with a turn of its own: the client, which
+  -- puts its prefill before the answer, read '{' .. '{"city": ...}', JSON no more)
+  it("an Anthropic client's prefill served by OpenAI, in Anthropic's error shape", function()
+    local url, sent = start(ROUTES)
+    for _, content in ipairs({ "{", { { type = "text", text = "The answer is" } } }) do
+      for _, model in ipairs({ "openai/gpt-4o-mini", "fast" }) do
+        local res = post(url .. "/v1/messages", { model = model, max_tokens = 50,
+          messages = { MSGS[1], { role = "assistant", content = content } } })
+        assert.are.equal(400, res.status, res.body)
+        local b = json.decode(res.body)
+        assert.are.equal("invalid_request_error", b.error.type)
+        assert.matches("prefill", b.error.message)
+        assert.is_nil(sent.openai)
+      end
+    end
+    local res = post(url .. "/v1/messages", { model = "claude", max_tokens = 50,
+      messages = { MSGS[1], { role = "assistant", content = "{" } } })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("{", sent.anthropic.messages[2].content)
+    -- (a last assistant message of whitespace says nothing to continue)
+    res = post(url .. "/v1/messages", { model = "openai/gpt-4o-mini", max_tokens = 50,
+      messages = { MSGS[1], { role = "assistant", content = " " } } })
+    assert.are.equal(200, res.status, res.body)
+  end)
+end)
