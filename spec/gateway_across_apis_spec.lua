@@ -124,3 +124,33 @@ describe("gateway: what the other API cannot say is a 400 in the client's shape"
     assert.are.equal(200, res.status, res.body)
   end)
 end)
+
+describe("gateway: a conversation with tool calls, sent without tools", function()
+  -- (OpenAI takes it, and agents send it so: a last turn that sums up what the tools said, its
+  -- tools left out so that none is called. Anthropic's API refuses it, "Requests which include
+  -- tool_use or tool_result blocks must define tools": a 400 for every such turn it served)
+  it("an OpenAI client's is served by Anthropic, no tool to be called", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ strict = true, reply = "It is sunny in Paris and Rome." }))
+    local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+    local conversation = { { role = "user", content = "Weather in Paris and Rome?" },
+      { role = "assistant", content = json.null, tool_calls = {
+        { id = "call_1", type = "function", ["function"] = { name = "get_weather", arguments = '{"city":"Paris"}' } },
+        { id = "call_2", type = "function", ["function"] = { name = "get_weather", arguments = '{"city":"Rome"}' } } } },
+      { role = "tool", tool_call_id = "call_1", content = "sunny" },
+      { role = "tool", tool_call_id = "call_2", content = "sunny" },
+      { role = "user", content = "Sum it up." } }
+    for _, stream in ipairs({ false, true }) do
+      local res = post(url .. "/v1/chat/completions", { model = "anthropic/claude-sonnet-4-5-20250929",
+        messages = conversation, stream = stream })
+      assert.are.equal(200, res.status, res.body)
+      assert.matches(stream and "data: %[DONE%]" or "sunny in Paris", res.body)
+    end
+    -- the tools its calls named, once each, none to be called (as none could be without tools)
+    local body = require("policies.providers.anthropic").body({ messages = conversation }, "claude-sonnet-4-5", {})
+    assert.are.same({ { name = "get_weather", input_schema = { type = "object" } } }, body.tools)
+    assert.are.same({ type = "none" }, body.tool_choice)
+  end)
+end)

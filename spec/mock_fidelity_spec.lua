@@ -203,7 +203,24 @@ describe("the mock's Anthropic conversations", function()
     assert.are.equal(400, res.status, res.body) -- (was: 200)
     assert.are.equal("messages.1.content.0.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'",
       json.decode(res.body).error.message)
-    res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = thread("toolu_01A-b_9") })
+    res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = thread("toolu_01A-b_9"),
+      tools = { { name = "a", input_schema = { type = "object" } } } })
+    assert.are.equal(200, res.status, res.body)
+    m:stop()
+  end)
+
+  -- (as the API: an OpenAI client's last turn that sums up, its tools left out, passed here and
+  -- was a 400 from Anthropic)
+  it("refuse a conversation with tool calls and results sent without tools", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local thread = { MSGS[1], { role = "assistant", content = { { type = "tool_use", id = "toolu_1", name = "a",
+      input = {} } } }, { role = "user", content = { { type = "tool_result", tool_use_id = "toolu_1", content = "ok" } } } }
+    local res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = thread })
+    assert.are.equal(400, res.status, res.body)
+    assert.are.equal("Requests which include tool_use or tool_result blocks must define tools.",
+      json.decode(res.body).error.message)
+    res = anthropic(m, { model = "claude-haiku-4-5", max_tokens = 20, messages = thread,
+      tools = { { name = "a", input_schema = { type = "object" } } }, tool_choice = { type = "none" } })
     assert.are.equal(200, res.status, res.body)
     m:stop()
   end)

@@ -102,7 +102,8 @@ describe("the mock provider", function()
     -- both APIs' own conversations pass
     assert.are.equal(200, messages({ model = "c", max_tokens = 10, messages = { { role = "user", content = "hi" },
       { role = "assistant", content = { { type = "tool_use", id = "toolu_1", name = "f", input = {} } } },
-      { role = "user", content = { { type = "tool_result", tool_use_id = "toolu_1", content = "x" } } } } }).status)
+      { role = "user", content = { { type = "tool_result", tool_use_id = "toolu_1", content = "x" } } } },
+      tools = { { name = "f", input_schema = { type = "object" } } } }).status)
     assert.are.equal(200, chat(m, auth, { model = "m", messages = { { role = "user", content = "hi" },
       { role = "assistant", content = json.null,
         tool_calls = { { id = "call_1", type = "function", ["function"] = { name = "f", arguments = "{}" } } } },

@@ -133,6 +133,29 @@ local function output_cap(req, model, conf, n)
   return limit
 end
 
+-- A conversation holding tool calls or results is refused without tools ("Requests which include
+-- tool_use or tool_result blocks must define tools"), which OpenAI takes: an agent's last turn that
+-- sums up, its tools left out so that none is called, was a 400 for every such turn Anthropic
+-- served. -> the tools its calls named, once each (one placeholder for results alone) | nil
+local function tools_called(msgs)
+  local tools, named, any
+  for _, m in ipairs(msgs) do
+    local content = m.content
+    for _, b in ipairs(type(content) == "table" and content or {}) do
+      local kind = type(b) == "table" and b.type
+      if kind == "tool_use" or kind == "tool_result" then
+        any = true
+        if kind == "tool_use" and type(b.name) == "string" and not (named and named[b.name]) then
+          named, tools = named or {}, tools or {}
+          named[b.name] = true
+          tools[#tools + 1] = { name = b.name, input_schema = { type = "object" } }
+        end
+      end
+    end
+  end
+  return any and (tools or { { name = "tool", input_schema = { type = "object" } } }) or nil
+end
+
 -- anthropic.body(req, model, conf) -> the JSON body of a message
 function anthropic.body(req, model, conf)
   local system, msgs = messages.anthropic(req) -- (translated from OpenAI's shape: policies/messages.lua)
@@ -161,6 +184,11 @@ function anthropic.body(req, model, conf)
     -- them, a conversation holding tool_use blocks is refused; "tools": {} was refused as well)
     local allowed = allowed_of(body.tools, req.tool_choice)
     if allowed or not body.tools then body.tools = allowed else body.tool_choice = { type = "none" } end
+  end
+  -- (without tools none can be called: tool_choice none, as the request could call none)
+  if not body.tools then
+    local called = tools_called(msgs)
+    if called then body.tools, body.tool_choice = called, { type = "none" } end
   end
   -- OpenAI's parallel_tool_calls = false is a flag of Anthropic's tool_choice (none has no calls)
   if req.parallel_tool_calls == false and body.tools then

@@ -262,6 +262,21 @@ local function unanswered_use(uses, answered, turn)
   end
 end
 
+-- wire.anthropic_tools_defined(messages, tools) -> nil | message: a conversation holding tool
+-- calls or results is sent with its tools (the API refuses it without, even where none is to be
+-- called: a last turn that sums up)
+function wire.anthropic_tools_defined(messages, tools)
+  if type(tools) == "table" and #tools > 0 then return nil end
+  for _, m in ipairs(type(messages) == "table" and messages or {}) do
+    for _, b in ipairs(type(m) == "table" and type(m.content) == "table" and m.content or {}) do
+      if type(b) == "table" and (b.type == "tool_use" or b.type == "tool_result") then
+        return "Requests which include tool_use or tool_result blocks must define tools."
+      end
+    end
+  end
+  return nil
+end
+
 -- wire.anthropic_messages(messages) -> nil | message. Consecutive messages of
 -- one role are one turn, as the API combines them.
 function wire.anthropic_messages(messages)
