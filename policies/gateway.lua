@@ -553,8 +553,10 @@ local function from_anthropic(b)
     -- (one tool call at most, as OpenAI says it: an agent loop that runs one call a turn got several)
     if b.tool_choice.disable_parallel_tool_use == true then req.parallel_tool_calls = false end
   end
-  -- (structured output, as OpenAI asks for it: a fallback there answers JSON of the schema too)
+  -- (structured output, as OpenAI asks for it: a fallback there answers JSON of the schema too;
+  -- the structured-outputs beta's top-level output_format as well, which older SDKs send)
   local format = type(b.output_config) == "table" and b.output_config.format
+  if type(format) ~= "table" then format = b.output_format end
   if type(format) == "table" and format.type == "json_schema" and type(format.schema) == "table" then
     req.response_format = { type = "json_schema", json_schema = { name = "output", schema = format.schema } }
   end

@@ -154,3 +154,31 @@ describe("gateway: a conversation with tool calls, sent without tools", function
     assert.are.same({ type = "none" }, body.tool_choice)
   end)
 end)
+
+describe("gateway: an Anthropic client's structured output served by OpenAI", function()
+  -- (output_config.format was translated; the beta's output_format, which older SDKs send with
+  -- the structured-outputs beta header, was left out, and the answer was prose)
+  it("output_config.format or the beta's output_format is OpenAI's response_format", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ strict = true, reply = "Paris" }))
+    local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+    local format = { type = "json_schema", schema = { type = "object", properties = { city = { type = "string" } },
+      required = { "city" }, additionalProperties = false } }
+    for _, field in ipairs({ "output_config", "output_format" }) do
+      local res = post(url .. "/v1/messages", { model = "openai/gpt-4o-mini", max_tokens = 50, messages = MSGS,
+        [field] = field == "output_config" and { format = format } or format })
+      assert.are.equal(200, res.status, res.body)
+      local answer = json.decode(json.decode(res.body).content[1].text)
+      assert.are.equal("Paris", type(answer) == "table" and answer.city, field .. ": " .. res.body)
+      -- to Anthropic, as the client wrote it: one of the two, never both (the API takes one)
+      local body = require("policies.providers.anthropic").body({ messages = MSGS, client_api = "anthropic",
+        response_format = { type = "json_schema", json_schema = { name = "output", schema = format.schema } },
+        provider_options = { anthropic = { [field] = field == "output_config" and { format = format } or format } } },
+        "claude-sonnet-4-5", {})
+      assert.are.same({ field == "output_config", field == "output_format" },
+        { body.output_config ~= nil, body.output_format ~= nil })
+    end
+  end)
+end)

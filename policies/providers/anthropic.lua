@@ -199,9 +199,10 @@ function anthropic.body(req, model, conf)
   end
   -- OpenAI's structured output is Anthropic's output_config.format (one an Anthropic client
   -- gave is its own, kept): dropped, the answer was prose that the client's parse() refused
+  -- (nor beside the beta's output_format an Anthropic client gave: the API takes one of the two)
   local rf = req.response_format
   if type(rf) == "table" and rf.type == "json_schema" and type(rf.json_schema) == "table"
-    and type(rf.json_schema.schema) == "table" then
+    and type(rf.json_schema.schema) == "table" and body.output_format == nil then
     local config = {}
     for k, v in pairs(type(body.output_config) == "table" and body.output_config or {}) do config[k] = v end
     config.format = config.format or { type = "json_schema", schema = rf.json_schema.schema }
