@@ -145,6 +145,29 @@ c:inc()
     assert.are.equal(200, res and res.status)
     assert.matches("# TYPE resil_metrics_series_dropped_total counter", res.body)
   end)
+
+  -- (a mock ends only by a signal, which killed it where it stood: its file kept the counts of its
+  -- last 15-s write, none of a short test's, and the README's "once more at exit" never came)
+  it("a standalone mock stopped by SIGTERM or SIGINT writes its --metrics-file a last time, 143/130", function()
+    local scenario = helpers.write(helpers.tmpname("-scenario.lua"), [[
+local seen = require("resil").metrics.counter("scenario_requests_total", "Requests the scenario saw")
+return { on_request = function() seen:inc() end }
+]])
+    for _, stop in ipairs({ { "TERM", 143 }, { "INT", 130 } }) do
+      local file, pidfile, out = helpers.tmpname(".prom"), helpers.tmpname(".pid"), helpers.tmpname(".out")
+      os.execute(("(%s mock %s --metrics-file %s > %s 2>&1; echo \"exit $?\" >> %s) & echo $! > %s"):format(
+        helpers.resil, scenario, file, out, out, pidfile))
+      local shell_pid = helpers.slurp(pidfile):match("%d+")
+      assert(helpers.wait_until(function() return helpers.slurp(out):match("http://[%d.:]+") ~= nil end, 10))
+      local url = helpers.slurp(out):match("http://[%d.:]+")
+      for _ = 1, 3 do assert(resil.http.request({ url = url .. "/v1/models" })) end
+      local mock_pid = helpers.run("pgrep -P " .. shell_pid).stdout:match("%d+")
+      os.execute(("kill -%s %s"):format(stop[1], mock_pid))
+      assert(helpers.wait_until(function() return helpers.slurp(out):match("exit %d+") ~= nil end, 10))
+      assert.matches("exit " .. stop[2], helpers.slurp(out))
+      assert.matches("\nscenario_requests_total 3\n", helpers.slurp(file) or "")
+    end
+  end)
 end)
 
 describe("label values are bounded", function()

@@ -429,12 +429,16 @@ static int run_mock(int argc, char **argv) {
     return 1;
   }
   signal_target = R;
+  /* a signal is how a mock ends: taken as a script's (130/143), so that its --metrics-file is
+   * written a last time (killed where it stood, it kept its last 15-s write) */
+  signal(SIGINT, on_signal);
+  signal(SIGTERM, on_signal);
   /* a scenario file that loops at load (or a fault function that does) held the mock for good */
   R->stuck_exit = 1; /* a loop stuck outside Lua ends the mock (watchdog.c) */
   resil_set_max_task_seconds(R, 10);
   int status = resil_load_string(R, mock_driver, "=mock");
   if (status == RESIL_OK) status = resil_run(R);
-  int code = status == RESIL_ERR_INTERRUPT ? 0 : report(R, status);
+  int code = status == RESIL_ERR_INTERRUPT ? 128 + (int)received_signal : report(R, status);
   finish_metrics(R);
   signal_target = NULL;
   resil_close(R);
