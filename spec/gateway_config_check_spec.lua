@@ -158,6 +158,27 @@ describe("gateway: a project's copy of policies/gateway.lua", function()
     assert.is_nil(r.stderr:find("traceback", 1, true), r.stderr)
   end)
 
+  -- (the README names the config gateway.lua and says --watch follows the policy folders: kept
+  -- there under that name it is policies.gateway too, loaded as the handler, and the start said
+  -- "a project's copy of policies/gateway.lua must keep the shipped file's", of a copy never made)
+  it("a --config FILE that is itself policies.gateway (gateway.lua in a policy folder) is refused, saying so",
+    function()
+      for _, where in ipairs({ "--policies", "./policies" }) do
+        local project = helpers.tmpname("-project")
+        local dir = where == "--policies" and project .. "/conf" or project .. "/policies"
+        assert(os.execute("mkdir -p " .. dir))
+        helpers.write(dir .. "/gateway.lua", "return { auth = false }\n")
+        local r = helpers.run(("cd %s && %s gateway %s --listen 127.0.0.1:0 --config %s/gateway.lua --store %s")
+          :format(project, helpers.resil, where == "--policies" and "--policies conf" or "",
+            where == "--policies" and "conf" or "policies", helpers.tmpname(".db")))
+        assert.are.equal(1, r.code, r.stderr)
+        assert.matches("gateway: --config " .. (where == "--policies" and "conf" or "policies") ..
+          "/gateway.lua is policies.gateway too", r.stderr, 1, true)
+        assert.matches("name the config otherwise", r.stderr, 1, true)
+        assert.is_nil(r.stderr:find("has no function 'main'", 1, true), r.stderr)
+      end
+    end)
+
   it("saved without the functions the server calls fails the reload, naming the file; it serves on", function()
     local dir = helpers.tmpname("-policies")
     assert(os.execute("mkdir -p " .. dir))

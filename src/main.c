@@ -690,6 +690,29 @@ static int check_config_file(const char *path) {
   return e != 0;
 }
 
+/* gateway --config FILE that is itself policies.gateway, the first gateway.lua of the policy
+ * folders (--policies DIR, then ./policies): the README's name for a config, kept where --watch
+ * follows it. Loaded as the handler, the start said "a project's copy of policies/gateway.lua must
+ * keep the shipped file's", of a copy never made. -> 0 | 1 (said) */
+static int check_config_not_handler(const char *config, const char *policies_dir) {
+  const char *dirs[] = {policies_dir, "policies"};
+  struct stat cs, hs;
+  if (stat(config, &cs) != 0) return 0;
+  for (size_t k = 0; k < sizeof dirs / sizeof dirs[0]; k++) {
+    char handler[PATH_MAX];
+    if (!dirs[k] || snprintf(handler, sizeof handler, "%s/gateway.lua", dirs[k]) >= (int)sizeof handler) continue;
+    if (stat(handler, &hs) != 0) continue;
+    if (hs.st_dev != cs.st_dev || hs.st_ino != cs.st_ino) return 0; /* (the handler is another file) */
+    fprintf(stderr,
+            PROGNAME ": gateway: --config %s is policies.gateway too (a gateway.lua in the policy folder %s takes "
+                     "the place of the gateway's handler, policies/gateway.lua): name the config otherwise, "
+                     "gateway_config.lua say\n",
+            config, dirs[k]);
+    return 1;
+  }
+  return 0;
+}
+
 /* ---------- gateway --listen: the address must be free ---------- */
 
 /* A gateway refuses an address another process already listens on. Its
@@ -1464,6 +1487,7 @@ int main(int argc, char **argv) {
   if (gateway && gw_workers > 1 && atoi(strrchr(gw_listen, ':') + 1) == 0)
     return fail("gateway: --workers needs a fixed port in --listen, not '%s'", gw_listen);
   if (gateway && gw_config && check_config_file(gw_config) != 0) return 1;
+  if (gateway && gw_config && check_config_not_handler(gw_config, opts.policies_dir) != 0) return 1;
   if (gateway && check_gateway_address(gw_listen, "--listen") != 0) return 1;
   if (gateway && metrics_addr && check_metrics_address(gw_listen, metrics_addr) != 0) return 1;
   /* gateway --workers N: N processes on one SO_REUSEPORT socket, each with
