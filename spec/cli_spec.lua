@@ -705,7 +705,29 @@ describe("signals", function()
     assert.is_true(wait_for_output(out, "ready"))
     os.execute("kill -TERM " .. pid)
     assert.is_true(wait_exit(pid), "SIGTERM did not stop it")
-    assert.are.equal("ready\nresil-lua: interrupted by signal 15\n", helpers.slurp(out))
+    assert.matches("^ready\nresil%-lua: [^\n]*%.lua:5: interrupted by signal 15\n$", helpers.slurp(out))
+  end)
+
+  -- (before: "resil-lua: interrupted by signal 2" and nothing more, where --max-task-seconds names
+  -- the line: a Ctrl-C was how a user found a policy that loops, and it never said which)
+  it("SIGINT or SIGTERM to a policy that loops says where it looped, file:line", function()
+    local dir = helpers.tmpname("-policies")
+    assert(os.execute("mkdir -p " .. dir))
+    helpers.write(dir .. "/spin.lua", "local M = {}\nfunction M.spin()\n  local n = 0\n  while true do n = n + 1 end\nend\n" ..
+      "return M\n")
+    for _, stop in ipairs({ { "INT", 130, 2 }, { "TERM", 143, 15 } }) do
+      local pid, out = start([[
+print("ready"); io.stdout:flush()
+require("policies.spin").spin()
+]], "--policies " .. dir)
+      finally(function() if helpers.alive(pid) then os.execute("kill -KILL " .. pid) end end)
+      assert.is_true(wait_for_output(out, "ready"))
+      require("resil").sleep(0.2) -- (in the loop by now)
+      os.execute(("kill -%s %s"):format(stop[1], pid))
+      assert.is_true(wait_exit(pid), "the signal did not stop it")
+      assert.are.equal(("ready\nresil-lua: %s/spin.lua:4: interrupted by signal %d\n"):format(dir, stop[3]),
+        helpers.slurp(out))
+    end
   end)
 
   it("SIGINT stops a task spinning in a Lua loop", function()

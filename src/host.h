@@ -92,6 +92,7 @@ struct resil {
   int gc_generational;   /* the collector's mode (collectgarbage tells it) */
   long max_instructions;
   volatile sig_atomic_t interrupted;
+  char interrupted_at[160]; /* "file:line: " of the Lua the interrupt stopped ("": none ran), for its report */
   int base_refused; /* event_base_loop refused to run: called from a callback of the base's own dispatch */
   lua_State *host_L;     /* the thread in host_pcall, if any */
   const char *host_what; /* what it runs, for messages */

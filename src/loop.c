@@ -626,6 +626,9 @@ static void instruction_hook(lua_State *L, lua_Debug *ar) {
   if (lua_getstack(L, 0, &ar0) && lua_getinfo(L, "Sl", &ar0) && ar0.currentline > 0)
     snprintf(at, sizeof at, "%s:%d: ", ar0.short_src, ar0.currentline);
   if (R->interrupted) {
+    /* the first place it stopped, for the run's report: a Ctrl-C of a policy that loops said
+     * only "interrupted by signal 2", never where */
+    if (!R->interrupted_at[0]) snprintf(R->interrupted_at, sizeof R->interrupted_at, "%s", at);
     lua_pushfstring(L, "%sinterrupted by signal %d", at, (int)R->interrupted);
     lua_error(L);
   }
@@ -1715,10 +1718,11 @@ static int loop_status(resil_t *R, int main) {
     return RESIL_ERR_USAGE;
   }
   if (R->interrupted) {
-    char msg[64];
-    snprintf(msg, sizeof msg, "interrupted by signal %d", (int)R->interrupted);
+    char msg[256];
+    snprintf(msg, sizeof msg, "%sinterrupted by signal %d", R->interrupted_at, (int)R->interrupted);
     resil_set_error(R, msg);
     R->interrupted = 0; /* reported once; a later run starts afresh */
+    R->interrupted_at[0] = '\0';
     return RESIL_ERR_INTERRUPT;
   }
   task *m = R->main_task;

@@ -1139,6 +1139,7 @@ int resil_set_max_task_seconds(resil_t *R, double seconds) {
 
 void resil_interrupt(resil_t *R, int signo) {
   if (!R) return;
+  R->interrupted_at[0] = '\0'; /* (where the last one stopped, reported already) */
   R->interrupted = signo ? signo : SIGINT;
   if (!watchdog_forward(R, FORWARD_INTERRUPT)) loop_interrupt_running(R);
   if (R->wake_pipe[1] >= 0) {
