@@ -75,6 +75,31 @@ end)
   end
 end)
 
+describe("os.exit with a code it cannot take", function()
+  -- (before: "[resil runs]:749: bad argument #1 to 'host_exit' (...)", a host frame and name, raised
+  -- after the run was recorded as ended: under a pcall the script went on, and its next step failed
+  -- as a divergence of the run it no longer held)
+  it("raises at the caller's line as Lua's os.exit does, before anything is recorded", function()
+    local store = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+resil.step("fetch", function() return 1 end)
+print(pcall(os.exit, 2.5))
+print(resil.step("render", function() return 2 end))
+os.exit({})
+]], ("--store %s --run bad-exit --log-level off"):format(store))
+    assert.are.equal("false\tbad argument #1 to 'exit' (number has no integer representation)\n2\n", r.stdout)
+    assert.are.equal(1, r.code)
+    assert.matches("^resil%-lua: [^\n]*%.lua:5: bad argument #1 to 'exit' %(number expected, got table%)\n", r.stderr)
+    assert.is_nil(r.stderr:find("host_exit", 1, true), r.stderr)
+    local show = helpers.run(("%s runs show bad-exit --store %s"):format(helpers.resil, store)).stdout
+    assert.matches("\n%-%s+2%s+render%s+done%s", show)
+    -- (a number in a string, or a float with an integer value, is a code, as in Lua)
+    assert.are.equal(3, helpers.run_script('os.exit("3")', "--log-level off").code)
+    assert.are.equal(4, helpers.run_script("os.exit(4.0)", "--log-level off").code)
+  end)
+end)
+
 describe("a pipeline that ends with os.exit(code), with --metrics-file", function()
   it("writes the file a last time, with the counts of its whole run", function()
     local prom = helpers.tmpname(".prom")

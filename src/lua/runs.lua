@@ -770,6 +770,16 @@ end
 local host_exit, metrics_finish, running = os.exit, resil.metrics.finish, resil.running
 local function run_finish(status, why) return finish_run(status, why, true) end
 os.exit = function(code, close)
+  -- (checked first, as Lua's own os.exit checks it, at the caller's line: a code it refuses raised
+  -- "[resil runs]:N: bad argument #1 to 'host_exit'" after the run was recorded as ended)
+  if code ~= nil and type(code) ~= "boolean" then
+    local n = math.tointeger(tonumber(code) or code)
+    if n == nil then
+      error(("bad argument #1 to 'exit' (%s)"):format(tonumber(code) and "number has no integer representation"
+        or "number expected, got " .. (type(code) == "string" and "string" or type(code))), 2)
+    end
+    code = n
+  end
   if close ~= false then
     local success = code == nil or code == true or code == 0
     if run and run.held then
