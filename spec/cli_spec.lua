@@ -529,6 +529,29 @@ for _ = 1, 200 do resil.sleep(0.01) end
     assert.matches("a task's <close> handler failed as the task ended.-%.lua:3: task 2", r.stderr)
   end)
 
+  -- (before: a coroutine resumed after the stop was caught (the task ran on) is cut, and its <close>
+  -- handlers ran with its hook off: one that looped ran for good, and the process ended with 70)
+  it("--max-task-seconds stops a <close> handler that loops in a coroutine cut after a pcall caught the stop",
+    function()
+    local path = helpers.write(helpers.tmpname(".lua"), [[
+      local resil = require "resil"
+      local t = resil.spawn(function()
+        print("caught", (pcall(function() while true do end end)))
+        local co = coroutine.create(function()
+          local _ <close> = setmetatable({}, { __close = function() print("handler runs") while true do end end })
+          while true do end
+        end)
+        coroutine.resume(co)
+      end)
+      print("joined", t:join())
+      print("main goes on")
+    ]])
+    local r = helpers.run("timeout -s KILL 60 " .. helpers.resil .. " --max-task-seconds 0.3 " .. path)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^caught\tfalse\nhandler runs\njoined\tfalse\t[^\n]-%.lua:%d+: task 2 %(.-%.lua:2%) ran " ..
+      "[%d.]+ s without yielding %(%-%-max%-task%-seconds=0%.3%)\nmain goes on\n$", r.stdout)
+  end)
+
   -- (before: the watchdog's stop could not reach the handler either, and the process ended as a stuck one, 70)
   it("--max-task-seconds stops a <close> handler that loops in a task it ended; the process goes on", function()
     local path = helpers.write(helpers.tmpname(".lua"), [[

@@ -26,6 +26,7 @@
 #define STATUS_AT (sizeof(void *) + 2)
 #define ALLOWHOOK_AT (STATUS_AT + 1)
 
+/* (one for the process: it describes the Lua library linked in, which every host shares) */
 static atomic_int layout_checked; /* 0 unknown, 1 as expected, -1 not */
 static _Thread_local int flag_in_hook; /* the probe's reading inside its hook */
 
@@ -69,7 +70,12 @@ static int layout_as_expected(lua_State *L) {
 }
 
 void hooks_back_check(lua_State *L) {
+#if LUA_VERSION_NUM == 504
   if (atomic_load(&layout_checked) == 0) atomic_store(&layout_checked, layout_as_expected(L) ? 1 : -1);
+#else
+  (void)L; /* another Lua's layout is not known here: the handlers run as Lua leaves them */
+  atomic_store(&layout_checked, -1);
+#endif
 }
 
 void hooks_back_on(lua_State *co) {

@@ -1030,14 +1030,20 @@ static int resume_nested(lua_State *L, lua_State *co, int narg) {
   if (guard_nested(L, co)) R->current->instructions += nested_part(R); /* what its hook may never see */
   lua_xmove(L, co, narg);
   int status = lua_resume(co, L, narg, &nres);
-  __atomic_store_n(&R->nested, run.outer, __ATOMIC_SEQ_CST);
   task *t = R->current;
   if (status == LUA_YIELD && t && t->stop_cut) { /* stop_watch_hook's yield, or a resume's passing it on */
     lua_pop(co, nres);
-    lua_resetthread(co); /* its <close> handlers run (its hook is off) */
+    /* its <close> handlers run at the stop watch's pace, co still the nested run the watchdog
+     * hooks: with its hook off (cut_running's) one that looped ran for good, and the process
+     * ended as a stuck one */
+    lua_Hook guard = lua_gethook(L);
+    if (is_guard(guard)) lua_sethook(co, guard, LUA_MASKCOUNT, STOP_WATCH_EVERY);
+    lua_resetthread(co);
+    __atomic_store_n(&R->nested, run.outer, __ATOMIC_SEQ_CST);
     lua_settop(co, 0);
     return RESUME_CUT;
   }
+  __atomic_store_n(&R->nested, run.outer, __ATOMIC_SEQ_CST);
   if (status == LUA_OK || status == LUA_YIELD) {
     if (!lua_checkstack(L, nres + 1)) {
       lua_pop(co, nres);
