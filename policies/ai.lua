@@ -1983,6 +1983,7 @@ local function embed_caller(provider, adapter, conf, req)
     if not r then return nil, bad end
     return true
   end
+  o.operation = "embeddings" -- (whatever its URL's end)
   local caller = call.provider(provider, o)
   if not override then embed_callers[provider] = { conf = conf, caller = caller } end
   return caller

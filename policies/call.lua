@@ -148,11 +148,13 @@ end
 -- A process that neither exports nor follows a trace reads one field
 -- (resil.trace.spans) for it.
 -- The GenAI conventions' operation of a request (gen_ai.operation.name, on its span and its
--- duration's series): an embeddings request's URL ends so, OpenAI's API and those that copy it;
+-- duration's series): the provider's `operation` (the job and speech providers' generate_content),
+-- else by its URL: an embeddings request's URL ends so, OpenAI's API and those that copy it;
 -- every other request is a chat. Remembered by URL, at most OPERATION_URLS_MAX of them.
 local OPERATION_URLS_MAX = 1000
 local operation_of_url, operation_urls = {}, 0
 local function operation_of(self, is_table, req)
+  if self.operation then return self.operation end
   local url = is_table and (req.url or self.request.url)
   if type(url) ~= "string" then return "chat" end
   local op = operation_of_url[url]
@@ -532,7 +534,7 @@ end
 
 -- call.provider(name, conf) -> a callable provider
 local CONF_LIST = "request, timeout, deadline, validate, estimate, idempotency, rate, tokens, breaker, concurrency, " ..
-  "retry, fallback, fallback_on"
+  "retry, fallback, fallback_on, operation"
 local CONF_KEYS = {}
 for k in CONF_LIST:gmatch("[%w_]+") do CONF_KEYS[k] = true end
 -- what resil.http.request reads of a request (README, HTTP), and the key a call sends
@@ -550,6 +552,10 @@ function call.provider(name, conf)
     if not CONF_KEYS[k] then
       error(("call.provider '%s': unknown option '%s' (it takes %s)"):format(name, tostring(k), CONF_LIST), 2)
     end
+  end
+  if conf.operation ~= nil and (type(conf.operation) ~= "string" or conf.operation == "") then
+    error(("call.provider '%s': operation must be a name (OpenTelemetry's gen_ai.operation.name: chat, " ..
+      "embeddings, generate_content, ...), got %s"):format(name, type(conf.operation)), 2)
   end
   -- (rate, tokens, breaker and concurrency: call.check, with ai.configure's words)
   for _, k in ipairs({ "request", "fallback" }) do
@@ -597,7 +603,7 @@ function call.provider(name, conf)
   end
   local self = setmetatable({ name = name, request = conf.request or {}, timeout = conf.timeout,
                               deadline = conf.deadline, validate = conf.validate, estimate = conf.estimate,
-                              idempotency = conf.idempotency,
+                              idempotency = conf.idempotency, operation = conf.operation,
                               outcomes = {}, call_time = call_seconds:labels({ provider = name }),
                               info = { served_by = name } }, Provider)
   if conf.rate then

@@ -159,7 +159,7 @@ local function provider_for(name, conf)
   if not p then
     local function make(retry_opts)
       return call.provider(name, { timeout = option(conf, nil, "timeout"), retry = retry_opts,
-        rate = named(conf.rate, name .. ":requests"), breaker = named(conf.breaker, name),
+        operation = "generate_content", rate = named(conf.rate, name .. ":requests"), breaker = named(conf.breaker, name),
         concurrency = named(conf.concurrency, name) })
     end
     local r = option(conf, nil, "retry")

@@ -208,7 +208,7 @@ describe("resil.cost inside steps and once (one process)", function()
   -- (before: OpenTelemetry's required gen_ai.operation.name was on the attempt's span only, so a
   -- dashboard could not tell chat tokens and latency from embeddings')
   it("GenAI metrics say the conventions' operation: chat (streams too) and embeddings, a row's own name " ..
-     "else", function()
+     "else, a provider's own (generate_content)", function()
     local call = require "policies.call"
     for op, n in pairs({ chat = 3, stream = 4, embed = 5, translate = 6, none = 7 }) do
       assert(resil.cost.record({ provider = "ops", model = "m", operation = op ~= "none" and op or nil,
@@ -218,6 +218,12 @@ describe("resil.cost inside steps and once (one process)", function()
     assert(embeddings({ json = { model = "e-1", input = "hi" } }))
     local chat = call.provider("ops-chat", { request = { method = "POST", url = m.url .. "/v1/chat/completions" } })
     assert(chat({ json = { model = "c-1", messages = { { role = "user", content = "hi" } } } }))
+    local made = call.provider("ops-made", { operation = "generate_content",
+      request = { method = "POST", url = m.url .. "/v1/chat/completions" } })
+    assert(made({ json = { model = "g-1", messages = { { role = "user", content = "hi" } } } }))
+    assert.has_error(function() call.provider("ops-bad", { operation = 7 }) end,
+      "call.provider 'ops-bad': operation must be a name (OpenTelemetry's gen_ai.operation.name: chat, " ..
+      "embeddings, generate_content, ...), got number")
     local text = resil.metrics.text()
     local usage = 'gen_ai_client_token_usage_sum{%sgen_ai_provider_name="ops",gen_ai_request_model="m",' ..
       'gen_ai_system="ops",gen_ai_token_type="input"} %d\n'
@@ -229,6 +235,8 @@ describe("resil.cost inside steps and once (one process)", function()
       'gen_ai_provider_name="ops-embed",gen_ai_request_model="e-1",gen_ai_system="ops-embed"} 1\n', text, 1, true)
     assert.matches('gen_ai_client_operation_duration_seconds_count{gen_ai_operation_name="chat",' ..
       'gen_ai_provider_name="ops-chat",gen_ai_request_model="c-1",gen_ai_system="ops-chat"} 1\n', text, 1, true)
+    assert.matches('gen_ai_client_operation_duration_seconds_count{gen_ai_operation_name="generate_content",' ..
+      'gen_ai_provider_name="ops-made",gen_ai_request_model="g-1",gen_ai_system="ops-made"} 1\n', text, 1, true)
   end)
 
   -- a row nobody waits for failed only in the next group commit ("cannot bind a table"): the cost
