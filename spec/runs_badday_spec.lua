@@ -83,6 +83,36 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.are.same({ "render a", "render b", "render c", "render d" }, ran)
     end)
 
+    it("a step inside resil.once: resumed with the once replayed, the steps after it keep their places", function()
+      local url, log = b.url(), helpers.tmpname(".log")
+      local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+local log = assert(io.open(arg[1], "a"))
+local function ran(what) log:write(what, "\n"); log:flush() end
+local a = resil.step("fetch", function() ran("fetch"); return 1 end)
+local b = resil.once("upload/" .. resil.run.id(), function()
+  return resil.step("upload", function() ran("upload"); return 2 end) + resil.step("notify", function() return 0 end)
+end)
+local c, err = resil.step("render", function()
+  ran("render")
+  if arg[2] == "fail" then return nil, "renderer down" end
+  return 3
+end)
+print(a, b, c, err)
+]])
+      local run = "in-once-" .. tostring(math.random(1e9))
+      local cmd = ("%s --store '%s' --run %s --log-level off %s %s "):format(helpers.resil, url, run, script, log)
+      local r = helpers.run(cmd .. "fail")
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("1\t2\tnil\trenderer down\n", r.stdout)
+      -- (before: "divergence: run ... diverged at step 2: recorded 'upload', now 'render'", for good: the
+      -- once replayed, its steps did not run, and render took upload's place)
+      r = helpers.run(cmd)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("1\t2\t3\tnil\n", r.stdout)
+      assert.are.equal("fetch\nupload\nrender\nrender\n", helpers.slurp(log))
+    end)
+
     it("a step returning more results than a replay takes is refused at its line; a replay never gets garbage",
       function()
       local script = helpers.write(helpers.tmpname(".lua"), [[

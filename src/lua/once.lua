@@ -14,6 +14,7 @@ local store_now, store_or_fail, shown = S.now, S.open, S.shown
 local encode_values, decode_values = S.encode_values, S.decode_values
 local pack, unpack = table.pack, table.unpack
 local getinfo = debug.getinfo -- (taken at load, as runs.lua does)
+local json = private.json
 
 local inflight = {} -- key -> the child task running fn in this process
 -- that task -> the fingerprint it runs fn with: a call with other arguments
@@ -95,13 +96,36 @@ local function caller_where(fn)
   return info.linedefined > 0 and ("%s:%d"):format(info.short_src, info.linedefined) or "?"
 end
 
+-- The places steps took while fn ran (steps inside resil.once: a helper that checkpoints): kept
+-- with the record, as a step's record keeps its nested steps' (runs.lua), and taken by a replay,
+-- which runs none of them. Without them a resumed run whose once replayed gave the steps after it
+-- the places fn's steps had: a divergence at the first, for good.
+local function with_places(text, places)
+  if not next(places) then return text end
+  return '{"nested":' .. json.encode(places) .. "," .. text:sub(2)
+end
+local function replay_places(data)
+  local places = type(data) == "string" and data:match('^{"nested":(%b{}),')
+  if places and private.take_places then private.take_places(json.decode(places)) end
+end
+
 local function run_once(s, holder, key, lease, retention, fingerprint, fn, ...)
   resil.context({ idempotency_key = key })
+  -- (this task's own context: the steps fn runs take places here, then the caller's step has them)
+  local ctx = resil.context()
+  local outer_places, places = ctx._step_places, {}
+  ctx._step_places = places
   owner_keep(backend_of[s], "once:" .. key) -- renew this process's lease while fn runs
   local _ <close> = setmetatable({ backend_of[s], "once:" .. key }, drop_mt)
   local mine <close> = setmetatable({ key, s, holder }, running_mt)
   running[key] = mine
   local r = pack(pcall(fn, ...))
+  ctx._step_places = outer_places
+  if outer_places then
+    for scope, seq in pairs(places) do
+      if (outer_places[scope] or 0) < seq then outer_places[scope] = seq end
+    end
+  end
   local now = store_now()
   if not r[1] then
     release(s, key, holder)
@@ -119,6 +143,7 @@ local function run_once(s, holder, key, lease, retention, fingerprint, fn, ...)
     release(s, key, holder)
     error(setmetatable({ "resil.once: cannot store the results: " .. err }, unstorable_mt), 0)
   end
+  text = with_places(text, places)
   -- (fn ran and was paid for: a host closed from here on writes its record, not give the key up,
   -- which made the next caller run fn and pay again)
   mine[4], mine[5], mine[6], mine[7] = text, retention, now, fingerprint
@@ -347,6 +372,7 @@ function resil.once(spec, fn, ...)
         return nil, resil.error("store_unavailable", ("store: the record of once %s is unreadable (%s)"):format(key, why),
           { key = key })
       end
+      replay_places(data)
       return unpack(r, 1, r.n)
     elseif state == "key_reused" then
       return nil, resil.error("key_reused", ("once %s: the key was used with different arguments"):format(key),

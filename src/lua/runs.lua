@@ -430,9 +430,7 @@ local function record_places(text, places)
   if not (text and next(places)) then return text end
   return '{"nested":' .. json.encode(places) .. "," .. text:sub(2)
 end
-local function replay_places(r, result)
-  local places = result:match('^{"nested":(%b{}),')
-  places = places and json.decode(places)
+local function take_places(r, places)
   if type(places) ~= "table" then return end
   for scope, seq in pairs(places) do
     seq = math.tointeger(seq)
@@ -441,6 +439,14 @@ local function replay_places(r, result)
       took_place(scope, seq)
     end
   end
+end
+local function replay_places(r, result)
+  local places = result:match('^{"nested":(%b{}),')
+  take_places(r, places and json.decode(places))
+end
+-- (a resil.once replayed whose fn ran steps: once.lua)
+function private.take_places(places)
+  if run or script_is_run then take_places(run_object(), places) end
 end
 
 -- Where resil.step was called (step_where's caller), for its errors: the first caller outside
