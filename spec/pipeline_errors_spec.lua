@@ -44,6 +44,33 @@ resil.step("charge", function() error({ code = 42, message = "quota" }) end)
     assert.is_not_nil(text, show.stdout)
     assert.are.same({ code = 42, message = "quota" }, require("resil").json.decode(text))
   end)
+
+  it("that JSON cannot hold as it is (a cycle, a sparse list, a function) is listed with its fields all the same",
+    function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+local _, failures = resil.map({ 1, 2 }, function(i)
+  return resil.step("charge", function()
+    local e = { code = 402, ids = { [1] = "a", [100] = "b" }, retry = print, items = { 1, 2 } }
+    if i == 1 then e.self = e else e.ids[{}] = "c" end
+    error(e)
+  end)
+end)
+print(failures[1].code, failures[2].code)
+]], ("--store %s --run odd --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("402\t402\n", r.stdout)
+    local show = helpers.run(("%s runs show odd --store %s"):format(helpers.resil, db)).stdout
+    local json = require("resil").json
+    -- (before: "table: 0x55d1c2e3f4a0" for both: cjson refused each)
+    local one = json.decode(assert(show:match("\n1%s+1%s+charge%s+failed%s+0%s+[%d%- :]+%s+({[^\n]*})\n"), show))
+    assert.are.same({ code = 402, ids = { ["1"] = "a", ["100"] = "b" }, retry = "function", items = { 1, 2 },
+      self = "{...}" }, one)
+    local two = json.decode(assert(show:match("\n2%s+1%s+charge%s+failed%s+0%s+[%d%- :]+%s+({[^\n]*})\n"), show))
+    assert.are.same({ code = 402, ids = { ["1"] = "a", ["100"] = "b", table = "c" }, retry = "function",
+      items = { 1, 2 } }, two)
+  end)
 end)
 
 describe("a step in a resil.map item, returned as a tail call (return resil.step(...)), whose results cannot be stored",

@@ -296,21 +296,37 @@ function resil.run.finish(status, why) return finish_run(status, why, false) end
 -- redaction mark, as an uncaught table's report has it: redaction finds registered secrets and URL
 -- parameters, not a JSON field's value. The names are src/error.c's (private.sensitive_field).
 local sensitive_field = private.sensitive_field
-local function without_credentials(t, depth, seen)
-  if type(t) ~= "table" or depth > 16 or seen[t] then return t end
-  seen[t] = true
+-- And what JSON has no place for is said as that report says it (src/error.c): a cycle, or a
+-- table past 16 levels, "{...}"; a function, a thread, NaN by their names; a table that is not a
+-- list has its keys as strings (cjson refused a cycle, a sparse list or a table key, and the
+-- step's error was the table's address, "table: 0x5581..."). Read raw: no metamethod runs.
+local sensitive_field = private.sensitive_field
+local array_mt, raw_metatable = json.array_mt, debug.getmetatable
+local function json_safe(v, depth, seen)
+  local kind = type(v)
+  if kind == "number" then return (v ~= v or v == math.huge or v == -math.huge) and tostring(v) or v end
+  if kind == "string" or kind == "boolean" then return v end
+  if kind ~= "table" then return kind end
+  if depth > 16 or seen[v] then return "{...}" end
+  seen[v] = true
+  local count = 0
+  for _ in next, v do count = count + 1 end
+  local list = count == rawlen(v)
   local out = {}
-  for k, v in pairs(t) do
-    out[k] = type(k) == "string" and sensitive_field(k) and "[REDACTED]" or without_credentials(v, depth + 1, seen)
+  for k, x in next, v do
+    local key = k
+    if not list then key = type(k) == "string" and k or type(k) == "number" and tostring(k) or type(k) end
+    out[key] = type(k) == "string" and sensitive_field(k) and "[REDACTED]" or json_safe(x, depth + 1, seen)
   end
-  seen[t] = nil
-  return setmetatable(out, getmetatable(t))
+  seen[v] = nil
+  return raw_metatable(v) == array_mt and setmetatable(out, array_mt) or out
 end
 function error_text(err)
-  -- a plain table raised (error{code = 42}) is its fields, not its address ("table: 0x5581...")
+  -- a table raised without a __tostring (error{code = 42}) is its fields, not its address
   local encoded, plain = false, nil
-  if type(err) == "table" and getmetatable(err) == nil then
-    encoded, plain = pcall(json.encode, without_credentials(err, 0, {}))
+  local mt = type(err) == "table" and raw_metatable(err)
+  if type(err) == "table" and not (mt and rawget(mt, "__tostring") ~= nil) then
+    encoded, plain = pcall(json.encode, json_safe(err, 0, {}))
   end
   -- (an error object whose __tostring raises: that raise replaced the step's error for its caller, and
   -- left the step "running", listed as its process killed)
