@@ -73,6 +73,40 @@ end))
   end)
 end)
 
+describe("a step whose record waits for another process's write lock as the pipeline is stopped (SIGTERM)", function()
+  it("still checkpoints the result fn paid for: the step is done, and a resume replays it", function()
+    local db, rel = helpers.tmpname(".db"), helpers.tmpname(".rel")
+    local script = [[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+assert(resil.step("first", function() return 0 end)) -- (the run taken)
+print(resil.step("pay", function()
+  print("paid")
+  if not io.open(rel .. ".locked") then -- another process takes the store's write lock for 2 s
+    os.execute(("(printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 2\\nCOMMIT;\\n' " ..
+      "| sqlite3 -bail %s >/dev/null 2>&1 &)"):format(rel, db))
+    while not io.open(rel .. ".locked") do resil.sleep(0.02) end
+    resil.spawn(function() -- the stop comes while the record waits for the lock
+      resil.sleep(0.3)
+      os.execute("kill -TERM " .. io.open("/proc/self/stat"):read("l"):match("^%d+"))
+    end)
+  end
+  return "answer"
+end))
+]]
+    local r = helpers.run_script(script, ("--store '%s?timeout=5' --run stopped --log-level off"):format(db),
+      db .. " " .. rel)
+    assert.are.equal(143, r.code, r.stderr)
+    assert.are.equal("paid\n", r.stdout)
+    local show = helpers.run(("%s runs show stopped --store %s"):format(helpers.resil, db)).stdout
+    -- (before: "pay" pending, its result lost: resumed, it paid again)
+    assert.matches("\n%-%s+2%s+pay%s+done%s", show)
+    r = helpers.run_script(script, ("--store '%s?timeout=5' --run stopped --log-level off"):format(db), db .. " " .. rel)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("answer\n", r.stdout) -- replayed, nothing paid
+  end)
+end)
+
 describe("a pipeline whose store stays locked past its timeout through every step", function()
   it("says on stderr, once, that a step did not run, naming the store and the step's line", function()
     -- (it printed nothing at all and exited 0: every step's result nil, none of their work done)

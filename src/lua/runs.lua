@@ -43,6 +43,7 @@ local steps_done, steps_replayed, steps_failed = steps_total:labels({ result = "
   steps_total:labels({ result = "replayed" }), steps_total:labels({ result = "failed" })
 
 local run -- the current run: { id =, seq = { [scope] = n } }, once a step has run
+local MAX_LOGGED_RECORD = 1024 * 1024 -- (a record not checkpointed is logged whole up to this: checkpoint_failed)
 local script_is_run = false -- whether the script (or an embedder's chunk) is a run: see name_chunk below
 
 -- from the script's absolute path (config.script_path, set by the host) and
@@ -250,6 +251,28 @@ local function finish_run(status, why, at_end)
   owner_drop(backend_of[r.store], "run:" .. r.id)
   if r.lost then return true end -- (the run is another's: its end is theirs to record)
   status = status or "done"
+  -- steps whose fn ended (and was paid for) with their record still on its way to the store as the
+  -- loop stopped (a signal while the put waited for another process's write lock, or a sync): the
+  -- record is written now, as resil.once's are at close. The step was left "pending", its result
+  -- lost, and the resumed run paid for it again.
+  if at_end or not task_running() then
+    local failed_store = {}
+    for key, p in pairs(r.inflight) do
+      if p.record and not failed_store[1] then
+        local ok, done, err = pcall(backend_of[r.store].step_put_now, backend_of[r.store], r.id, p.scope, p.seq,
+          p.name, p.record.text, store_now(), owner.me().id, p.record.retries, p.started, p.record.detail)
+        if ok and done then
+          r.inflight[key] = nil
+        else -- (a store that failed one: the others are pending, as before; what was paid for is in the log)
+          failed_store[1] = true
+          resil.log.error("a step ran but its result was not checkpointed as the run ended: resuming it runs the " ..
+            "step again", { run = r.id, item = p.scope ~= "" and p.scope or nil, seq = p.seq, step = p.name,
+              error = tostring(ok and (err or "the run was taken over") or done),
+              record = #p.record.text <= MAX_LOGGED_RECORD and p.record.text or nil })
+        end
+      end
+    end
+  end
   local pending = {}
   for _, p in pairs(r.inflight) do
     local step = { scope = p.scope, seq = p.seq, name = p.name, started = p.started,
@@ -488,7 +511,6 @@ end
 -- its line; every later step of the run in this process raises it before its fn runs (until
 -- resil.run.finish). The record is logged at error level, whole up to 1 MB: what was paid for
 -- is not lost with the process (a person can enter it; resuming runs the step again).
-local MAX_LOGGED_RECORD = 1024 * 1024
 local function checkpoint_failed(r, scope, seq, name, where, text, serr)
   resil.log.error("a step ran but its result was not checkpointed: the run stops; resuming it runs the step again",
     { run = r.id, item = scope ~= "" and scope or nil, seq = seq, step = name, at = where, error = tostring(serr),
@@ -724,8 +746,9 @@ function resil.step(name, fn, ...)
   -- (in flight again while the store takes it: a host closed meanwhile, resil_close, ends the run
   -- "interrupted" with the step pending, not "done" without a trace of a step that ran)
   r.inflight[key] = running
+  running.record = { text = text, retries = (r.retries[scope] or 0) - retries0, detail = detail } -- (finish_run's)
   local ok, serr, since = shield(backend.step_put, backend, r.id, scope, seq, name, text, store_now(),
-    owner.me().id, (r.retries[scope] or 0) - retries0, started, detail)
+    owner.me().id, running.record.retries, started, detail)
   r.inflight[key] = nil
   if ok == false then error(lost(r, run_held(r.id, serr, since, true)), 2) end
   -- another process wrote this place first, while the run had no holder (its holder ended it, or

@@ -1265,6 +1265,19 @@ function R:step_put(run, scope, seq, name, result, now, me, retries, started, de
   return false, r[2], tonumber(r[3])
 end
 
+-- the same at once, without the loop (the run's end after a signal, resil_close: fn ended, its
+-- record not yet written): one blocking command -> as step_put
+function R:step_put_now(run, scope, seq, name, result, now, me, retries, started, detail)
+  local keys = run_keys(run)
+  local rec = json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
+    retries = retries or 0, started = started, detail = detail })
+  local r, err = self.conn:call_now("EVAL", scripts.step_put, 4, keys[1], keys[2], unfinished_key(run), keys[3],
+    scope .. "|" .. seq, rec, fmt_time(now), me, taken_run(self, run))
+  if r == nil then return nil, err end
+  if r[1] == 0 then return false, r[2], tonumber(r[3]) end
+  return true
+end
+
 -- A page of the runs, newest first, with their records: KEYS: runs index; ARGV: the highest score
 -- to list (inclusive), how many runs of that score are listed already, how many, the records'
 -- prefix -> { id, score, { field, value, ... }, ... }

@@ -625,6 +625,23 @@ function B:step_put(run, scope, seq, name, result, now, me, retries, started, de
   end)
 end
 
+-- the same at once, without the loop (the run's end after a signal, resil_close: fn ended, its
+-- record not yet written; one the queue committed already is kept) -> as step_put
+function B:step_put_now(run, scope, seq, name, result, now, me, retries, started, detail)
+  return write_now(self, function(tx)
+    local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
+    if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
+    if tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries, started, detail) " ..
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run, scope, seq) DO NOTHING", run, scope, seq, name, result,
+        now, retries or 0, started, detail) > 0 then
+      tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
+    end
+    tx:exec("DELETE FROM unfinished_steps WHERE run = ? AND scope = ? AND seq = ? AND state = 'running'", run, scope,
+      seq)
+    return true
+  end)
+end
+
 -- each run with its holder, if any: holder = {host=, pid=, since=}, holder_alive
 function B:runs_list(now)
   -- (the holders' leases in the same read: scan_rows off the loop, a read with no transaction after)
