@@ -107,6 +107,35 @@ end))
   end)
 end)
 
+describe("a pipeline stopped (SIGTERM) while the cost rows it waits for wait for another process's write lock", function()
+  it("has each row in the ledger once the lock is free, as the host closes: the paid calls' costs are not lost", function()
+    local db, rel = helpers.tmpname(".db"), helpers.tmpname(".rel")
+    assert.are.equal(0, helpers.run_script('assert(require("resil").store():set("made", "1"))',
+      "--store " .. db .. " --log-level off").code)
+    local r = helpers.run_script([[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+os.execute(("(printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell sleep 2\\nCOMMIT;\\n' " ..
+  "| sqlite3 -bail %s >/dev/null 2>&1 &)"):format(rel, db))
+while not io.open(rel .. ".locked") do resil.sleep(0.02) end
+resil.spawn(function() -- the stop comes while the rows wait for the lock
+  resil.sleep(0.3)
+  os.execute("kill -TERM " .. io.open("/proc/self/stat"):read("l"):match("^%d+"))
+end)
+local plain = resil.spawn(resil.cost.record, { provider = "openai", model = "plain", usd = 1, id = "chatcmpl-1" })
+local paid = resil.spawn(resil.cost.record, { provider = "openai", model = "paid", usd = 2, retry = true })
+print(plain:join(), paid:join())
+]], ("--store '%s?timeout=5' --run costly --log-level off"):format(db), db .. " " .. rel)
+    assert.are.equal(143, r.code, r.stderr)
+    -- (before: no row at all, and not a word said: both calls' costs gone from the ledger)
+    local rows = require("resil").json.decode(helpers.run(("%s costs --by model --json --store %s"):format(
+      helpers.resil, db)).stdout)
+    table.sort(rows, function(a, b) return a.key < b.key end)
+    assert.are.same({ { "paid", 1, 2 }, { "plain", 1, 1 } },
+      { { rows[1].key, rows[1].calls, rows[1].usd }, { rows[2].key, rows[2].calls, rows[2].usd } })
+  end)
+end)
+
 describe("a pipeline whose store stays locked past its timeout through every step", function()
   it("says on stderr, once, that a step did not run, naming the store and the step's line", function()
     -- (it printed nothing at all and exited 0: every step's result nil, none of their work done)

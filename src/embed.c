@@ -509,9 +509,9 @@ int resil_register(resil_t *R, const char *name, int (*f)(struct lua_State *L)) 
  * settle or release ended counted until its end (hold, 600 s); a shared breaker's half-open
  * probe, never reported, kept every process from probing until its end (probe_timeout, 60 s). */
 void embed_give_up(resil_t *R) {
-  static const char *const closers[] = {"resil.runs.close", "resil.once.close", "resil.budgets.close",
-                                        "resil.limits.close"};
-  static const char *const what[] = {"run", "resil.once keys", "budget holds", "shared breakers' probes"};
+  static const char *const closers[] = {"resil.runs.close", "resil.once.close", "resil.costs.close",
+                                        "resil.budgets.close", "resil.limits.close"};
+  static const char *const what[] = {"run", "resil.once keys", "cost rows", "budget holds", "shared breakers' probes"};
   lua_State *L = R->L;
   if (!lua_checkstack(L, 3)) return;
   for (size_t i = 0; i < sizeof closers / sizeof closers[0]; i++) {

@@ -420,6 +420,15 @@ local record_guard = { __close = function(w)
   if not w.seen then record_later(w.e, w.entry, { sent = true }) end
 end }
 
+-- Rows whose caller waits for the store to take them, in flight (SQLite's group commit, waiting for
+-- another process's write lock or a slow disk's sync): a process stopped meanwhile (SIGTERM) wrote
+-- none of them and said nothing, its queue dropped as the store closed; a paid call's cost gone from
+-- the ledger. Written as the host closes (resil.costs.close), as a settle in flight is: those with a
+-- key (an id, or retry = true's own key, as ai.* records a paid call), so that one the queue
+-- committed already is not written twice; a row without one is its caller's to decide, as ever.
+local recording = {}
+local recorded_mt = { __close = function(r) recording[r[1]] = nil end } -- (a cancel: its caller's to say)
+
 function resil.cost.record(e)
   if type(e) ~= "table" then error("resil.cost.record: expects a table", 2) end
   -- (a row's budget is whose spend it is, on SQLite: under the sandbox a gateway key's, "key:NAME", is
@@ -466,7 +475,10 @@ function resil.cost.record(e)
     guard = setmetatable({ e = e, entry = entry }, record_guard)
   end
   local _ <close> = guard
+  if entry.dedupe ~= nil then recording[entry] = s end -- (an id, or retry's own key: one written is not written twice)
+  local unrecorded <close> = setmetatable({ entry }, recorded_mt)
   local ok, err = backend_of[s]:cost_record(entry)
+  recording[entry] = nil
   if guard then guard.seen = true end
   if ok == nil and e.retry and resil.running() and resil.is_error(err) and err.kind == "store_unavailable" then
     record_later(e, entry, err)
@@ -475,6 +487,27 @@ function resil.cost.record(e)
   end
   if ok == nil and err then return nil, err end
   if ok then observe_cost(e, e.units) end
+  return true
+end
+
+-- resil_close (embed_give_up): the rows in flight above, written at once (SQLite), or said lost; a
+-- Redis command sent has reached the server or not: said to look for. -> true | nil, err (the first)
+debug.getregistry()["resil.costs.close"] = function()
+  local first, failed = nil, {}
+  for entry, s in pairs(recording) do
+    recording[entry] = nil
+    local b = backend_of[s]
+    local fields = { provider = entry.provider, model = entry.model, usd = entry.micro_usd and entry.micro_usd / MICRO,
+      id = entry.dedupe }
+    if b.cost_record_now then
+      local err = S.at_close(failed, b, "cost_record_now", entry)
+      first = first or err
+      if failed[b] then say_lost("a cost row", fields, tostring(err or first)) end
+    else
+      say_unknown("a cost row", fields)
+    end
+  end
+  if first then return nil, first end
   return true
 end
 

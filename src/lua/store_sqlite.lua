@@ -724,6 +724,10 @@ end
 -- the same in the next group commit, without waiting: done(nil, inserted) | done(err)
 function B:cost_record_later(e, done) return self.db:enqueue(done, insert_cost, e) end
 
+-- the same at once, without the loop (resil_close: a row its caller waited for, in the queue as the
+-- host closed)
+function B:cost_record_now(e) return write_now(self, insert_cost, e) end
+
 -- The same again, the insert run in C (src/store_sqlite.c, db:insert_later:
 -- no Lua function, savepoint or done closure per row) and its outcome told
 -- per group commit: committed(rows written, rows done) | failed(err, row)
