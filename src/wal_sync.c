@@ -46,8 +46,7 @@ struct wal_syncer {
   int asked, stop; /* under mu */
   int checkpoint;  /* under mu: the WAL is long enough to checkpoint after the sync */
   int result;      /* errno of the last sync, under mu */
-  int wal_fd;      /* the thread's own */
-  int db_fd;       /* likewise, for the database file (checkpoint_wal) */
+  int wal_fd;      /* the thread's own (SQLite holds no lock on the WAL: closing it drops none) */
   char *db_path, *wal_path;
   sqlite3 *checkpointer; /* the thread's own connection */
   int efd;               /* the thread tells the loop */
@@ -92,8 +91,14 @@ static void checkpoint_wal(wal_syncer *s) {
    * the next, which the store's batches wait for (store_sqlite.c: the second
    * copy). Synced here instead, while they go on. */
   if (copied < log) {
-    if (s->db_fd < 0) s->db_fd = open(s->db_path, O_RDONLY | O_CLOEXEC);
-    if (s->db_fd >= 0) fdatasync(s->db_fd);
+    /* (through the checkpointer's own descriptor: a close of one of ours dropped every fcntl lock
+     * the process held on the file, SQLite's shared lock of each connection in it included, and
+     * another process's close then took the file for its last user and deleted the WAL and -shm
+     * under a second host of this one, which refused every write after) */
+    sqlite3_file *db_file = NULL;
+    if (sqlite3_file_control(s->checkpointer, "main", SQLITE_FCNTL_FILE_POINTER, &db_file) == SQLITE_OK && db_file &&
+        db_file->pMethods)
+      db_file->pMethods->xSync(db_file, SQLITE_SYNC_NORMAL | SQLITE_SYNC_DATAONLY);
   }
 }
 
@@ -138,7 +143,7 @@ wal_syncer *wal_syncer_new(struct event_base *base, const char *db_path, void (*
                            void *arg) {
   wal_syncer *s = calloc(1, sizeof *s);
   if (!s) return NULL;
-  s->wal_fd = s->db_fd = -1;
+  s->wal_fd = -1;
   s->db_path = strdup(db_path);
   s->wal_path = malloc(strlen(db_path) + 5);
   if (s->wal_path) sprintf(s->wal_path, "%s-wal", db_path);
@@ -202,7 +207,6 @@ void wal_syncer_free(wal_syncer *s) {
   event_free(s->done_ev);
   close(s->efd);
   if (s->wal_fd >= 0) close(s->wal_fd);
-  if (s->db_fd >= 0) close(s->db_fd);
   if (s->checkpointer) sqlite3_close(s->checkpointer);
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
