@@ -277,6 +277,8 @@ int main(void) {
         "a result JSON cannot hold is RESIL_ERR_SCRIPT naming the function, its file:line and why");
   check(call(R, "policies.nowhere.fn", "[]") == RESIL_ERR_SCRIPT && contains(resil_error(R), "module 'policies.nowhere' not found"),
         "a module that cannot be found is RESIL_ERR_SCRIPT");
+  check(strncmp(resil_error(R), "module 'policies.nowhere' not found", 35) == 0,
+        "naming no line of the host's own (it said [resil embed]:26:, the program named the module)");
   check(call(R, "add", "[1, 2") == RESIL_ERR_USAGE && contains(resil_error(R), "json_args"),
         "bad JSON is RESIL_ERR_USAGE");
   check(call(R, "add", "{\"a\": 1}") == RESIL_ERR_USAGE && contains(resil_error(R), "must be a JSON array"),
