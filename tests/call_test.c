@@ -279,6 +279,10 @@ int main(void) {
         "a module that cannot be found is RESIL_ERR_SCRIPT");
   check(strncmp(resil_error(R), "module 'policies.nowhere' not found", 35) == 0,
         "naming no line of the host's own (it said [resil embed]:26:, the program named the module)");
+  check(call(R, "add.", "[1, 2]") == RESIL_ERR_USAGE && call(R, ".add", "[1, 2]") == RESIL_ERR_USAGE &&
+            call(R, "limits..double", "[1]") == RESIL_ERR_USAGE && call(R, "", NULL) == RESIL_ERR_USAGE &&
+            contains(resil_error(R), "'' is not a name"),
+        "a name with an empty part is RESIL_ERR_USAGE, nothing run ('add.' called add)");
   check(call(R, "add", "[1, 2") == RESIL_ERR_USAGE && contains(resil_error(R), "json_args"),
         "bad JSON is RESIL_ERR_USAGE");
   check(call(R, "add", "{\"a\": 1}") == RESIL_ERR_USAGE && contains(resil_error(R), "must be a JSON array"),
