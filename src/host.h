@@ -120,6 +120,7 @@ struct resil {
                                          * collection, a reload): what a stuck exit there names */
   volatile unsigned long host_watch_seq; /* the turn whose host call (host_L) the watchdog stops (loop_arm_host) */
   struct resil *turns_outer_host;       /* watchdog_host before the loop was entered */
+  int turns_reblock;                    /* the thread had SIGURG blocked before the loop was entered */
   _Atomic unsigned long runaway_request; /* the resume the watchdog stops (its hook raises only in it) */
   _Atomic double runaway_request_seconds; /* ...and how long it had run (both written by the watchdog's thread) */
   _Atomic int watch_paused;             /* > 0: what runs is the host's own long work (unwatched), not timed */
@@ -311,6 +312,8 @@ void watchdog_signal_install(void); /* at resil_open: the handler watchdog_forwa
 enum { FORWARD_INTERRUPT = 1, FORWARD_STOP = 2 };
 int watchdog_forward(resil_t *R, int what); /* off the loop's thread: its hooks armed there, by a signal -> 1 */
 void watchdog_loop_thread(resil_t *R);       /* the calling thread runs the host now (loop_thread, loop_tid) */
+int watchdog_signal_unblock(void);          /* SIGURG reaches this thread while it runs the host -> 1 if it was blocked */
+void watchdog_signal_reblock(int blocked);  /* as it was, once the host is left */
 int luaopen_resil_watchdog(lua_State *L); /* require "resil.core.watchdog" -> {unwatched = f} */
 /* A task's own SQLite statement (store_sqlite.c, db:read and db:now) is interrupted once the watchdog
  * stops the task: what its progress handler asks every WATCHDOG_SQL_STEPS of SQLite's VM, and the

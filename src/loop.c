@@ -1747,6 +1747,7 @@ static int loop_status(resil_t *R, int main) {
  * and an embedder's time between resil_step calls is its own. */
 static void turns_watched(resil_t *R) {
   watchdog_loop_thread(R);
+  R->turns_reblock = watchdog_signal_unblock();
   R->turns_outer_host = watchdog_host;
   watchdog_host = R; /* the signal's handler finds the host here (a host call's stop: loop_arm_host) */
   atomic_store_explicit(&R->turns_watched, 1, memory_order_release);
@@ -1755,6 +1756,7 @@ static void turns_watched(resil_t *R) {
 static void turns_unwatched(resil_t *R) {
   atomic_store_explicit(&R->turns_watched, 0, memory_order_release);
   watchdog_host = R->turns_outer_host;
+  watchdog_signal_reblock(R->turns_reblock);
 }
 
 /* resil_close: the finalizers lua_close runs (hooks off) are timed as a

@@ -134,10 +134,12 @@ int host_pcall(lua_State *L, const char *what, int nargs, int nresults) {
   resil_t *outer_host = watchdog_host;
   watchdog_host = R;
   watchdog_loop_thread(R);
+  int reblock = R->in_loop ? 0 : watchdog_signal_unblock(); /* (outside the loop: its turns unblock it) */
   loop_arm_hook(R, L); /* also when a signal came before: the first one must stop it */
   locale_t caller = host_locale_enter(R); /* a server handler on the embedder's own event base */
   int status = lua_pcall(L, nargs, nresults, base);
   host_locale_leave(caller);
+  watchdog_signal_reblock(reblock);
   watchdog_host = outer_host;
   R->host_L = outer_L;
   R->host_what = outer_what;

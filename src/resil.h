@@ -163,7 +163,8 @@ RESIL_API int resil_set_max_task_seconds(resil_t *R, double seconds);
  * kernel ran on one), the running Lua is stopped by that thread itself: it
  * is sent SIGURG, whose handler resil_open installs (the watchdog's; it
  * passes SIGURG on to a handler the program set before the first
- * resil_open). */
+ * resil_open). A thread that blocks SIGURG has it unblocked while it runs
+ * the host, and its mask back as the host returns. */
 RESIL_API void resil_interrupt(resil_t *R, int signo);
 
 /* Async-signal-safe: ask for a graceful stop. Nothing is cut: the task

@@ -330,6 +330,26 @@ void watchdog_loop_thread(resil_t *R) {
   atomic_store_explicit(&R->loop_tid, tid, memory_order_release);
 }
 
+/* A program that blocks every signal in its threads (a daemon whose own thread takes them with
+ * sigwait) held SIGURG pending on the host's thread: a policy that looped was never stopped, by
+ * the watchdog or by resil_interrupt from another thread, and the program never got its thread
+ * back. Unblocked while the thread runs the host's loop, blocked again after if it was (one
+ * system call as the loop is entered). */
+int watchdog_signal_unblock(void) {
+  sigset_t urg, old;
+  sigemptyset(&urg);
+  sigaddset(&urg, WATCHDOG_SIGNAL);
+  return pthread_sigmask(SIG_UNBLOCK, &urg, &old) == 0 && sigismember(&old, WATCHDOG_SIGNAL) == 1;
+}
+
+void watchdog_signal_reblock(int blocked) {
+  if (!blocked) return;
+  sigset_t urg;
+  sigemptyset(&urg);
+  sigaddset(&urg, WATCHDOG_SIGNAL);
+  pthread_sigmask(SIG_BLOCK, &urg, NULL);
+}
+
 int watchdog_set(resil_t *R, double seconds) {
   watchdog_stop(R);
   if (!(seconds > 0)) return 0;

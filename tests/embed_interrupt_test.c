@@ -118,8 +118,108 @@ static void end_dispatch(evutil_socket_t fd, short what, void *arg) {
   event_base_loopbreak(own);
 }
 
+/* ---- a thread that blocks every signal (a daemon's, whose own thread takes them with sigwait) ---- */
+static int blocked_watchdog = -1, blocked_interrupted = -1, blocked_served = -1;
+static char blocked_error[300];
+static void *interrupt_blocked(void *arg) {
+  usleep(300000); /* the call loops by now */
+  resil_interrupt(arg, SIGTERM);
+  return NULL;
+}
+static void *run_blocked(void *arg) {
+  (void)arg;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, NULL);
+  resil_t *R = open_host(NULL);
+  char *out = NULL;
+  resil_set_max_task_seconds(R, 0.2);
+  blocked_watchdog = resil_call(R, "napspin", "[0]", &out);
+  snprintf(blocked_error, sizeof blocked_error, "%s", resil_error(R));
+  resil_set_max_task_seconds(R, 0);
+  pthread_t stopper;
+  pthread_create(&stopper, NULL, interrupt_blocked, R);
+  blocked_interrupted = resil_call(R, "napspin", "[0]", &out);
+  pthread_join(stopper, NULL);
+  blocked_served = resil_call(R, "id", "[7]", &out) == RESIL_OK && out && strcmp(out, "[7]") == 0;
+  free(out);
+  sigset_t now;
+  pthread_sigmask(SIG_BLOCK, NULL, &now);
+  blocked_served = blocked_served && sigismember(&now, SIGURG) == 1; /* (the thread's mask is its own again) */
+  resil_close(R);
+  return NULL;
+}
+
+static void *dispatch_blocked(void *arg) {
+  (void)arg;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, NULL);
+  event_base_dispatch(own);
+  return NULL;
+}
+
+/* another thread interrupts a server handler without tasks that loops, on the program's own
+ * event base (a libevent callback of its dispatch, outside any turn of the host's) */
+static void server_handler_loops(int blocked) {
+  running = blocked ? "own event base dispatched by a thread that blocks every signal: resil_interrupt stops a server "
+                      "handler that loops"
+                    : "own event base: resil_interrupt from another thread stops a server handler that loops";
+  alarm(20);
+  own = event_base_new();
+  resil_options so = {0};
+  so.log_level = "off";
+  so.base = own;
+  target = resil_open(&so);
+  if (!target || resil_load_string(target,
+                                   "local resil = require 'resil'\n"
+                                   "server = resil.server.listen({ port = 0, handler = function() while true do end end })\n",
+                                   "=server") != RESIL_OK || resil_run(target) < 0)
+    exit(2);
+  lua_State *TL = resil_lua(target);
+  lua_getglobal(TL, "server");
+  lua_getfield(TL, -1, "port");
+  lua_pushvalue(TL, -2);
+  lua_call(TL, 1, 1);
+  server_port = (int)lua_tointeger(TL, -1);
+  lua_pop(TL, 2);
+  pthread_t asker, stopper;
+  if (pthread_create(&asker, NULL, ask_server, NULL) != 0 || pthread_create(&stopper, NULL, interrupt_later, NULL) != 0)
+    exit(2);
+  struct event *enough = evtimer_new(own, end_dispatch, NULL);
+  struct timeval two = {2, 0};
+  evtimer_add(enough, &two);
+  if (blocked) { /* (the alarm still reaches this thread) */
+    pthread_t dispatcher;
+    if (pthread_create(&dispatcher, NULL, dispatch_blocked, NULL) != 0) exit(2);
+    pthread_join(dispatcher, NULL);
+  } else {
+    event_base_dispatch(own);
+  }
+  pthread_join(stopper, NULL);
+  check(1, running);
+  event_free(enough);
+  resil_close(target);
+  pthread_join(asker, NULL);
+  event_base_free(own);
+  alarm(0);
+}
+
 int main(void) {
   signal(SIGALRM, on_hang);
+
+  /* SIGURG held pending on the host's thread: the watchdog and resil_interrupt from another thread
+   * never stopped a policy that looped, and the program never got its thread back */
+  running = "a thread that blocks every signal: the watchdog and resil_interrupt stop a call that loops";
+  alarm(20);
+  pthread_t blocked;
+  if (pthread_create(&blocked, NULL, run_blocked, NULL) != 0) return 2;
+  pthread_join(blocked, NULL);
+  alarm(0);
+  check(blocked_watchdog == RESIL_ERR_SCRIPT && contains(blocked_error, "max-task-seconds"),
+        "a thread that blocks every signal: the watchdog stops a call that loops (RESIL_ERR_SCRIPT)");
+  check(blocked_interrupted == RESIL_ERR_INTERRUPT, "and resil_interrupt from another thread stops the next one");
+  check(blocked_served == 1, "and the host serves the call after them, the thread's signal mask as it was");
 
   /* an interrupt while the program's event base waits (nothing runs): the call's task, resumed
    * after it, looped on unhooked and held the program's loop for good */
@@ -196,39 +296,8 @@ int main(void) {
    * event base (a libevent callback of its dispatch, outside any turn of the host's): the
    * signal's handler found no host on the thread, and nothing stopped it (fails until resil.c's
    * host_pcall points watchdog_host at the host while it runs) */
-  running = "own event base: resil_interrupt from another thread stops a server handler that loops";
-  alarm(20);
-  own = event_base_new();
-  resil_options so = {0};
-  so.log_level = "off";
-  so.base = own;
-  target = resil_open(&so);
-  if (!target || resil_load_string(target,
-                                   "local resil = require 'resil'\n"
-                                   "server = resil.server.listen({ port = 0, handler = function() while true do end end })\n",
-                                   "=server") != RESIL_OK || resil_run(target) < 0)
-    return 2;
-  lua_State *TL = resil_lua(target);
-  lua_getglobal(TL, "server");
-  lua_getfield(TL, -1, "port");
-  lua_pushvalue(TL, -2);
-  lua_call(TL, 1, 1);
-  server_port = (int)lua_tointeger(TL, -1);
-  lua_pop(TL, 2);
-  pthread_t asker, stopper;
-  if (pthread_create(&asker, NULL, ask_server, NULL) != 0 || pthread_create(&stopper, NULL, interrupt_later, NULL) != 0)
-    return 2;
-  struct event *enough = evtimer_new(own, end_dispatch, NULL);
-  struct timeval two = {2, 0};
-  evtimer_add(enough, &two);
-  event_base_dispatch(own);
-  pthread_join(stopper, NULL);
-  check(1, running);
-  event_free(enough);
-  resil_close(target);
-  pthread_join(asker, NULL);
-  event_base_free(own);
-  alarm(0);
+  server_handler_loops(0);
+  server_handler_loops(1);
 
   printf("1..%d\n", test_number);
   return failures ? 1 : 0;
