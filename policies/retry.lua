@@ -206,11 +206,18 @@ function retry.budget(name, conf)
   if conf ~= nil then check_budget(name, conf) end
   local d = retry.defaults.budget
   local c = type(conf) == "table" and conf or d
-  if b == nil then
-    local window = c.window or d.window
+  local window = c.window or d.window
+  if b == nil or b.window ~= window then
+    -- (a window given again, a reload's, is taken: the first options' stayed for good) the seconds
+    -- counted so far move to their slots in it, the latest where two meet
     local slots = {}
     for i = 1, window do slots[i] = { second = -math.huge, calls = 0, retries = 0 } end
-    b = setmetatable({ slots = slots, window = window }, Budget)
+    for _, slot in ipairs(b and b.slots or {}) do
+      local i = slot.second > -math.huge and slot.second % window + 1
+      if i and slot.second > slots[i].second then slots[i] = slot end
+    end
+    b = b or setmetatable({}, Budget)
+    b.slots, b.window, b.current, b.current_second = slots, window, nil, nil
     budgets[name] = b
   end
   b.conf, b.percent, b.min_per_second = conf, c.percent or d.percent, c.min_per_second or d.min_per_second

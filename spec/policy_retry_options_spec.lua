@@ -70,6 +70,26 @@ describe("a retry budget's options", function()
     assert.is_true(b:withdraw())
     assert.is_false(b:withdraw())
   end)
+
+  -- (before: the window of the budget's first options stayed for good: a reload's window = 60 kept 10 s,
+  -- and let a sixth of the retries it allows through)
+  it("given again with another window (a reload), counts over that window", function()
+    local conf = { percent = 0, min_per_second = 0.1, window = 10 }
+    local b = retry.budget("budget-rewindowed", conf)
+    assert.is_true(b:withdraw())
+    assert.is_false(b:withdraw()) -- 0.1 a second over 10 s: one
+    resil.sleep(5)
+    b = retry.budget("budget-rewindowed", { percent = 0, min_per_second = 0.1, window = 60 })
+    assert.are.equal(1, b:state().retries) -- (kept: it is within the new window too)
+    for _ = 1, 5 do assert.is_true(b:withdraw()) end
+    assert.is_false(b:withdraw()) -- 0.1 a second over 60 s: six
+    assert.are.same({ calls = 0, retries = 6, allowed = 6 }, b:state())
+    b = retry.budget("budget-rewindowed", conf)
+    assert.are.same({ calls = 0, retries = 6, allowed = 1 }, b:state()) -- (both seconds are within 10 s)
+    resil.sleep(10)
+    assert.are.same({ calls = 0, retries = 0, allowed = 1 }, b:state())
+    assert.is_true(b:withdraw())
+  end)
 end)
 
 describe("a retry's other options", function()
