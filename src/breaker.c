@@ -42,11 +42,13 @@ typedef struct {
   int open_for_max_given; /* else it follows open_for */
   int half_open_calls;
   double half_open_success;
+  double probe_timeout; /* a probe not reported by then frees its slot */
   /* state */
   breaker_state state;
   double opened_at, open_until, current_open_for;
   int reopens;
   int probes_out, probes_ok, probes_failed;
+  double probes_out_until; /* the latest probe let out, plus probe_timeout */
   slot *slots; /* time window: one per second; count window: one per call */
   int nslots, next;  /* count window: ring position */
   int calls, failures, slow; /* totals over the window */
@@ -237,6 +239,9 @@ static void configure(lua_State *L, breaker *br, int opts) {
   int half_open_calls = opt_count(L, opts, br, "half_open_calls", br->slots ? br->half_open_calls : 1, 1e6);
   double half_open_success =
     opt_number(L, opts, br, "half_open_success", br->slots ? br->half_open_success : 1, 0, 1);
+  double probe_timeout = opt_number(L, opts, br, "probe_timeout", br->slots ? br->probe_timeout : 60, 0, 1e9);
+  if (!(probe_timeout > 0))
+    resil_raise(L, "breaker '%s': probe_timeout must be a number in (0, 1e+09] seconds, got 0", br->name);
   /* (0 closed the breaker on a failed probe: a share of none is no test) */
   if (!(half_open_success > 0))
     resil_raise(L, "breaker '%s': half_open_success must be a share of the probes above 0, up to 1", br->name);
@@ -255,6 +260,7 @@ static void configure(lua_State *L, breaker *br, int opts) {
   br->backoff = backoff;
   br->half_open_calls = half_open_calls;
   br->half_open_success = half_open_success;
+  br->probe_timeout = probe_timeout;
   if (!br->slots || window != br->window || time_window != br->time_window) {
     slot *slots = calloc((size_t)window, sizeof(slot));
     if (!slots) luaL_error(L, "out of memory");
@@ -324,8 +330,12 @@ static int br_allow(lua_State *L) {
     lua_pushboolean(L, 1);
     return 1;
   }
+  /* probes let out and never reported (a caller that raised or was canceled between allow and
+   * record) no longer hold their slots: they held them for good, and every call was refused */
+  if (br->state == HALF_OPEN && br->probes_out > 0 && now >= br->probes_out_until) br->probes_out = 0;
   if (br->state == HALF_OPEN && br->probes_out + br->probes_ok + br->probes_failed < br->half_open_calls) {
     br->probes_out++;
+    br->probes_out_until = now + br->probe_timeout;
     lua_pushboolean(L, 1);
     lua_pushliteral(L, "probe"); /* the caller holds a probe: record() or record(nil) must follow */
     return 2;

@@ -897,7 +897,7 @@ function resil.breaker(name, opts)
           tostring(probe_for)))
       end
       local o = {}
-      for k, v in pairs(opts) do if k ~= "shared" and k ~= "probe_timeout" then o[k] = v end end
+      for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
       br.inner = instrumented(local_breaker(name .. ":local", o))
       -- (options not given again keep their values, as the local breaker's do: a reload that set
       -- only min_calls put open_for back to 30 and probe_timeout to 60)
