@@ -839,6 +839,8 @@ local function key_limits(rec, api, body, most)
     local tokens = math.min(pricing.estimate_tokens(body) + (most or 0), rec.tpm)
     local ok, wait = buckets.tpm:try(tokens)
     if not ok then
+      -- (a request refused spends none of its rpm: it had, and the key's next one within both was a 429)
+      if rec.rpm then buckets.rpm:refund(1) end
       return error_reply(api, 429, ("key '%s': %d tokens per minute"):format(rec.name, rec.tpm),
         { headers = retry_headers(wait), code = "rate_limit_exceeded" })
     end

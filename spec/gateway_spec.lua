@@ -1405,6 +1405,30 @@ describe("gateway: virtual keys", function()
       assert.are.equal(200, select(2, first:join()).status)
     end)
 
+  -- (before: a request its tpm refused had spent a token of its rpm all the same: a key's next request,
+  -- within both of its limits, was a 429, "2 requests per minute", for requests never served)
+  it("a request the key's tokens per minute refuse spends none of its requests per minute", function()
+    local url = start({ strict = true, latency = 5 }, { auth = true })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local function ask(key) return post(url .. "/v1/chat/completions", { model = "fast", max_tokens = 600,
+      messages = { { role = "user", content = "hi" } } }, bearer(key)) end
+    local key = assert(keys.add({ name = "team-rt", rpm = 2, tpm = 1000 }))
+    local first = resil.spawn(ask, key)
+    resil.sleep(1)
+    for _ = 1, 3 do
+      local res = ask(key)
+      assert.are.equal(429, res.status)
+      assert.matches("1000 tokens per minute", json.decode(res.body).error.message, 1, true)
+    end
+    assert.are.equal(200, select(2, first:join()).status) -- (its answer used few: its estimate goes back)
+    local res = ask(key)
+    assert.are.equal(200, res.status, res.body)
+    res = ask(key)
+    assert.are.equal(429, res.status)
+    assert.matches("2 requests per minute", json.decode(res.body).error.message, 1, true)
+  end)
+
   -- (before: the estimate stayed charged whatever the answer used: a key asking in Japanese with a
   -- max_tokens its answers did not reach was refused at about a third of its tpm, and one whose
   -- answers were longer than an estimate without max_tokens was let through five times its tpm)
