@@ -856,6 +856,33 @@ print(ok and 1 or 0)
     assert.are.equal(1, helpers.sum_of(helpers.run_together(4, source, "--store " .. url .. " --log-level off", 1.0)))
   end)
 
+  -- (before: each failed probe opened it for open_for again, open_for_max and backoff taken and ignored)
+  it("a shared breaker whose probes fail in a row opens for longer each time, up to open_for_max", function()
+    resil.clock.virtual() -- one process: the script takes the times it is given
+    finally(function() resil.clock.real() end)
+    local br = resil.breaker("shared-backoff", { shared = true, window_type = "count", window = 1, min_calls = 1,
+      open_for = 5, open_for_max = 12, backoff = 2 })
+    local function open_for()
+      local _, err = br:allow()
+      return err.retry_after
+    end
+    br:record(false, 0.01)
+    local waits = { open_for() }
+    for _ = 1, 3 do
+      resil.sleep(waits[#waits])
+      assert.are.equal("probe", select(2, br:allow()))
+      br:record(false, 0.01, "probe")
+      waits[#waits + 1] = open_for()
+    end
+    assert.are.same({ 5, 10, 12, 12 }, waits)
+    resil.sleep(12)
+    assert.are.equal("probe", select(2, br:allow()))
+    br:record(true, 0.01, "probe")
+    assert.are.equal("closed", br:state())
+    br:record(false, 0.01) -- (a new outage starts from open_for)
+    assert.are.equal(5, open_for())
+  end)
+
   -- (before: a shared breaker had no isolate, "attempt to call a nil value (method 'isolate')")
   it("a shared breaker isolated in one process is isolated in every other until reset", function()
     local url = resil.store().url

@@ -1495,6 +1495,35 @@ describe("a shared breaker's half-open probe and a call from before it opened (S
   end)
 end)
 
+describe("a shared breaker whose probes fail in a row (SQLite)", function()
+  -- (before: each failed probe opened it for open_for again, open_for_max and backoff taken and ignored)
+  it("opens for longer each time, by its backoff, up to open_for_max, as a local one does", function()
+    resil.clock.virtual()
+    fresh_store()
+    local br = resil.breaker("shared-backoff", { shared = true, window_type = "count", window = 1, min_calls = 1,
+      open_for = 5, open_for_max = 12, backoff = 2 })
+    local function open_for()
+      local _, err = br:allow()
+      return err.retry_after
+    end
+    br:record(false, 0.01)
+    local waits = { open_for() }
+    for _ = 1, 3 do
+      resil.sleep(waits[#waits])
+      assert.are.equal("probe", select(2, br:allow()))
+      br:record(false, 0.01, "probe")
+      waits[#waits + 1] = open_for()
+    end
+    assert.are.same({ 5, 10, 12, 12 }, waits)
+    resil.sleep(12)
+    assert.are.equal("probe", select(2, br:allow()))
+    br:record(true, 0.01, "probe")
+    assert.are.equal("closed", br:state())
+    br:record(false, 0.01) -- (a new outage starts from open_for)
+    assert.are.equal(5, open_for())
+  end)
+end)
+
 describe("a shared breaker isolated (SQLite)", function()
   -- (before: a shared breaker had no isolate, "attempt to call a nil value (method 'isolate')")
   it("is isolated for every process until reset, as a local one is for its own", function()

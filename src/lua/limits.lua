@@ -826,7 +826,8 @@ function SharedBreaker:record(ok, seconds, probe)
       if s and not isolated_in(backend_of[s], self.label) then backend_of[s]:breaker_close(self.label) end
       self.inner:reset()
     elseif s and not isolated_in(backend_of[s], self.label) then
-      backend_of[s]:breaker_open(self.label, store_now() + self.open_for, store_now())
+      -- (for longer at each failed probe in a row, as a local breaker: it was open_for each time)
+      backend_of[s]:breaker_reopen(self.label, self.open_for, self.backoff, self.open_for_max, store_now())
     end
     return
   end
@@ -902,6 +903,10 @@ function resil.breaker(name, opts)
       -- (options not given again keep their values, as the local breaker's do: a reload that set
       -- only min_calls put open_for back to 30 and probe_timeout to 60)
       br.open_for = tonumber(opts.open_for) or br.open_for or 30
+      -- (an open_for_max never given follows open_for, as the local breaker's)
+      if opts.open_for_max ~= nil then br.open_for_max_given = tonumber(opts.open_for_max) end
+      br.open_for_max = math.max(br.open_for_max_given or br.open_for, br.open_for)
+      br.backoff = tonumber(opts.backoff) or br.backoff or 2
       br.probe_for = probe_for or br.probe_for or 60 -- a probe that never reports frees its slot after this
     end
     return br

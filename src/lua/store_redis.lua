@@ -733,10 +733,23 @@ return 0
 scripts.breaker_open = clock_lib .. [[
 local now, off = server_clock(ARGV[2], ARGV[3])
 local open_until = tonumber(ARGV[1]) + off
-redis.call('HSET', KEYS[1], 'open_until', fmt(open_until))
+redis.call('HSET', KEYS[1], 'open_until', fmt(open_until), 'opened', 1)
 redis.call('HDEL', KEYS[1], 'probe_until')
 redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor((open_until - now + 3600) * 1000)))
 return 1
+]]
+
+-- A failed probe opens it again for longer: open_for times backoff for each open in a row so far
+-- ('opened'; a close deletes the key), up to open_for_max.
+-- KEYS[1] breaker hash; ARGV: open_for, backoff, open_for_max, now, skew -> its end on the caller's clock
+scripts.breaker_reopen = clock_lib .. [[
+local now, off = server_clock(ARGV[4], ARGV[5])
+local opened = tonumber(redis.call('HGET', KEYS[1], 'opened') or '0') or 0
+local open_until = now + math.min(tonumber(ARGV[1]) * tonumber(ARGV[2]) ^ opened, tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'open_until', fmt(open_until), 'opened', opened + 1)
+redis.call('HDEL', KEYS[1], 'probe_until')
+redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor((open_until - now + 3600) * 1000)))
+return fmt(open_until - off)
 ]]
 
 -- KEYS[1] breaker hash; ARGV: now, skew -> its end on the caller's clock | false
@@ -867,6 +880,7 @@ end
 local function first_is(v) return function(r) return type(r) == "table" and r[1] == v end end
 local WROTE = {
   kv_incr = function() return true end, breaker_open = function() return true end,
+  breaker_reopen = function() return true end,
   gcra_adjust = function() return true end, cost_record = function(r) return r == 1 end,
   budget_settle = function(r) return r == 1 end, budget_reserve = first_is(1),
   run_start = function(r) return type(r) == "table" and r[1] ~= "held" end,
@@ -2002,6 +2016,13 @@ function R:breaker_open(name, open_until, now)
     fmt_time(now or open_until), lease_skew())
   if ok == nil then return nil, err end
   return true
+end
+
+function R:breaker_reopen(name, open_for, backoff, open_for_max, now)
+  local v, err = self:script("breaker_reopen", { P .. "breaker:" .. name }, open_for, backoff, open_for_max,
+    fmt_time(now), lease_skew())
+  if v == nil then return nil, err end
+  return tonumber(v)
 end
 
 function R:breaker_probe(name, probe_for, now, id)

@@ -1160,6 +1160,19 @@ function B:breaker_open(name, open_until)
   end)
 end
 
+-- A failed probe opens it again for longer: open_for times backoff for each open in a row so far
+-- (`opened`; a close deletes the row), up to open_for_max. -> its end
+function B:breaker_reopen(name, open_for, backoff, open_for_max, now)
+  return self.db:tx(function(tx)
+    local row = tx:row("SELECT opened FROM breakers WHERE name = ?", name)
+    local opened = row and row.opened or 0
+    local open_until = now + math.min(open_for * backoff ^ opened, open_for_max)
+    tx:exec("INSERT OR REPLACE INTO breakers (name, open_until, probe_until, opened) VALUES (?, ?, NULL, ?)",
+      name, open_until, opened + 1)
+    return open_until
+  end)
+end
+
 -- Exactly one caller across processes gets the half-open probe.
 function B:breaker_probe(name, probe_for, now)
   return self.db:tx(function(tx)
