@@ -822,7 +822,9 @@ function SharedBreaker:record(ok, seconds, probe)
       if p then resil.spawn(unprobe, p) end
       return
     end
-    if ok then
+    -- (a slow probe is a failed one, as a local breaker's: it closed it for every process)
+    local slow = self.slow_call > 0 and n and n >= self.slow_call
+    if ok and not slow then
       if s and not isolated_in(backend_of[s], self.label) then backend_of[s]:breaker_close(self.label) end
       self.inner:reset()
     elseif s and not isolated_in(backend_of[s], self.label) then
@@ -907,6 +909,7 @@ function resil.breaker(name, opts)
       if opts.open_for_max ~= nil then br.open_for_max_given = tonumber(opts.open_for_max) end
       br.open_for_max = math.max(br.open_for_max_given or br.open_for, br.open_for)
       br.backoff = tonumber(opts.backoff) or br.backoff or 2
+      br.slow_call = tonumber(opts.slow_call) or br.slow_call or 0
       br.probe_for = probe_for or br.probe_for or 60 -- a probe that never reports frees its slot after this
     end
     return br
