@@ -813,6 +813,10 @@ function SharedBreaker:record(ok, seconds, probe)
   if seconds ~= nil and not (n and n == n) then
     user_error(("breaker '%s': record's seconds must be a number, got %s"):format(self.label, tostring(seconds)))
   end
+  if probe ~= nil and probe ~= false and probe ~= "probe" then -- (as a local breaker's: taken for a probe)
+    user_error(("breaker '%s': record's probe must be allow()'s \"probe\" or false (a call let through closed), got %s")
+      :format(self.label, tostring(probe)))
+  end
   local s = store_open()
   if self.probing and self.probing > 0 and probe ~= false then
     self.probing = self.probing - 1
