@@ -469,10 +469,11 @@ function Provider:attempts(req, deadline, refused, give_up)
   if not refused and (self.idempotency or type(req) == "table" and req.idempotency_key) then
     refused = {} -- (counted for the key, see sent_key)
   end
-  -- (the retry options' own deadline, timeout and give_up when the call has none)
-  local retry_deadline = deadline or opts.deadline or (opts.timeout and now() + opts.timeout)
+  -- (the retry options' own deadline, timeout and give_up when the call has none: each attempt's too,
+  -- as r.bounded says; given the retries only, an attempt under way ran its own timeout past it)
+  deadline = deadline or opts.deadline or (opts.timeout and now() + opts.timeout)
   give_up = give_up or opts.give_up
-  return retry.attempts(attempt, opts, retry_deadline, give_up, self, req, deadline, refused, give_up)
+  return retry.attempts(attempt, opts, deadline, give_up, self, req, deadline, refused, give_up)
 end
 
 local function invoke(self, req)

@@ -302,6 +302,19 @@ describe("policies.call against the mock provider", function()
     assert.are.same({ 1, 1 }, { m:stats().keys["job-43"], m:stats().keys["job-43.1"] })
   end)
 
+  -- (before: retry.timeout bounded the retries only: an attempt under way ran its own timeout, 30 s,
+  -- past the call's 5)
+  it("a retry table's timeout is the call's deadline: no attempt runs past it", function()
+    m = resil.mock.start { sequence = { chat = { "hang", "ok" } } }
+    local p = provider(m, { timeout = 30, retry = { timeout = 5 } })
+    local t0 = resil.now()
+    local res, err = p(chat)
+    assert.is_nil(res)
+    assert.are.equal(5, resil.now() - t0)
+    assert.are.equal("deadline", err.gave_up, tostring(err)) -- (as with the provider's deadline = 5)
+    assert.are.equal(1, m:stats().routes.chat)
+  end)
+
   -- (before: the call sent as the outage began, answering its 503 late, re-opened the half-open breaker,
   -- and the probe that came back 200 was dropped: open again for open_for with the provider back)
   it("a call sent before its breaker opened, failing while the probe is out, does not re-open it", function()
