@@ -360,6 +360,10 @@ local function attempt(n, self, req, deadline, refused, give_up)
   if sem then
     -- (what is left of the deadline once a bucket's wait is over, not what was before it)
     if wait and (bucket or token_bucket) then wait.timeout = math.max(0, deadline - now()) end
+    -- (the concurrency table's own timeout, limit.run's, bounds the wait too: taken and ignored, a
+    -- call without a deadline queued as long as the calls holding the permits ran)
+    local most = self.permit_timeout
+    if most and not (wait and wait.timeout <= most) then wait = { timeout = most } end
     local ok, err = sem:acquire(wait)
     if not ok then
       unsent(bucket, token_bucket, tokens)
@@ -627,6 +631,7 @@ function call.provider(name, conf)
   if conf.concurrency then
     local sem = resil.semaphore(conf.concurrency.name or name, conf.concurrency)
     self.semaphore = sem
+    self.permit_timeout = conf.concurrency.timeout
     self.releaser = setmetatable({}, { __close = function() sem:release() end })
   end
   if conf.retry ~= nil then
