@@ -893,6 +893,17 @@ describe("resil.bucket options", function()
     assert.matches("bucket_spec.lua:%d+: bucket 'typo%-bucket': unknown option 'brust', did you mean 'burst'%?", err)
   end)
 
+  -- (before: a local bucket took a unit that was no string, unit = 5 or true, without a word, as requests)
+  it("refuses a unit that is not \"requests\" or \"tokens\", local or shared", function()
+    for _, shared in ipairs({ false, true }) do
+      for _, unit in ipairs({ 5, true, "calls" }) do
+        local ok, err = pcall(resil.bucket, "unit-bucket-" .. tostring(shared), { rate = 5, unit = unit, shared = shared })
+        assert.is_false(ok, tostring(unit))
+        assert.matches("bucket_spec.lua:%d+: bucket 'unit%-bucket%-%a+': unit must be \"requests\" or \"tokens\"", err)
+      end
+    end
+  end)
+
   it("takes the options policies.call gives beside its own (name, estimate)", function()
     assert.truthy(resil.bucket("opts-bucket", { rate = 5, name = "opts-bucket", estimate = 10, unit = "tokens" }))
   end)

@@ -241,10 +241,13 @@ static void configure(lua_State *L, bucket *b, int opts) {
   /* (a burst that follows the rate is one token at least: at 0.5 a second it was half a token, and
    * every acquire of one was refused, "can never be granted") */
   double burst = opt_positive(L, opts, b->name, "burst", b->burst_given ? b->burst : rate < 1 ? 1 : rate);
-  if (lua_getfield(L, opts, "unit") == LUA_TSTRING) {
-    const char *unit = lua_tostring(L, -1);
-    if (strcmp(unit, "requests") != 0 && strcmp(unit, "tokens") != 0)
-      resil_raise(L, "bucket '%s': unit must be \"requests\" or \"tokens\", got \"%s\"", b->name, unit);
+  /* (one that was no string, unit = 5, was taken as requests without a word) */
+  int unit_type = lua_getfield(L, opts, "unit");
+  if (unit_type != LUA_TNIL) {
+    const char *unit = unit_type == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    if (!unit || (strcmp(unit, "requests") != 0 && strcmp(unit, "tokens") != 0))
+      resil_raise(L, "bucket '%s': unit must be \"requests\" or \"tokens\", got %s", b->name,
+                  luaL_tolstring(L, -1, NULL));
     snprintf(b->unit, sizeof b->unit, "%s", unit);
   }
   lua_pop(L, 1);
