@@ -641,23 +641,27 @@ function resil.acquire_all(list, opts)
 end
 
 -- the shared object of this name, made on first use (its name is in
--- `label`: a field `name` would hide the name() method)
-local function shared_named(registry, mt, name)
+-- `label`: a field `name` would hide the name() method), configure(obj, opts)
+-- when options are given; a new one is kept by name only once they are taken
+-- (one they refused stayed half made: the next lookup by name, and each
+-- metrics scrape, failed inside this file)
+local function shared_named(registry, mt, name, configure, opts)
   local obj = registry[name]
-  if not obj then
-    obj = setmetatable({}, mt)
-    label_of[obj] = name
-    registry[name] = obj
+  if obj then
+    if opts then configure(obj, opts) end
+    return obj
   end
+  obj = setmetatable({}, mt)
+  label_of[obj] = name
+  configure(obj, opts)
+  registry[name] = obj
   return obj
 end
 
 function resil.bucket(name, opts)
   check_options("bucket", name, opts)
   if type(opts) == "table" and opts.shared or shared_buckets[name] then
-    local b = shared_named(shared_buckets, SharedBucket, name)
-    if opts then b:configure(opts) end
-    return b
+    return shared_named(shared_buckets, SharedBucket, name, SharedBucket.configure, opts)
   end
   return local_bucket(name, opts)
 end
@@ -893,30 +897,32 @@ private.genuine_only(SharedBucket, function(self) return rawequal(getmetatable(s
 private.genuine_only(SharedBreaker, function(self) return rawequal(getmetatable(self), SharedBreaker) end,
   "breaker", "shared breaker")
 
+-- a shared breaker's options: its local stand-in's, and those it keeps for the store
+local function configure_shared_breaker(br, opts)
+  local name = label_of[br]
+  local probe_for = opts.probe_timeout
+  if probe_for ~= nil and not (type(probe_for) == "number" and probe_for > 0 and probe_for <= 1e9) then
+    user_error(("breaker '%s': probe_timeout must be a number of seconds in (0, 1e9], got %s"):format(name,
+      tostring(probe_for)))
+  end
+  local o = {}
+  for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
+  br.inner = instrumented(local_breaker(name .. ":local", o))
+  -- (options not given again keep their values, as the local breaker's do: a reload that set
+  -- only min_calls put open_for back to 30 and probe_timeout to 60)
+  br.open_for = tonumber(opts.open_for) or br.open_for or 30
+  -- (an open_for_max never given follows open_for, as the local breaker's)
+  if opts.open_for_max ~= nil then br.open_for_max_given = tonumber(opts.open_for_max) end
+  br.open_for_max = math.max(br.open_for_max_given or br.open_for, br.open_for)
+  br.backoff = tonumber(opts.backoff) or br.backoff or 2
+  br.slow_call = tonumber(opts.slow_call) or br.slow_call or 0
+  br.probe_for = probe_for or br.probe_for or 60 -- a probe that never reports frees its slot after this
+end
+
 function resil.breaker(name, opts)
   check_options("breaker", name, opts)
   if type(opts) == "table" and opts.shared or shared_breakers[name] then
-    local br = shared_named(shared_breakers, SharedBreaker, name)
-    if opts then
-      local probe_for = opts.probe_timeout
-      if probe_for ~= nil and not (type(probe_for) == "number" and probe_for > 0 and probe_for <= 1e9) then
-        user_error(("breaker '%s': probe_timeout must be a number of seconds in (0, 1e9], got %s"):format(name,
-          tostring(probe_for)))
-      end
-      local o = {}
-      for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
-      br.inner = instrumented(local_breaker(name .. ":local", o))
-      -- (options not given again keep their values, as the local breaker's do: a reload that set
-      -- only min_calls put open_for back to 30 and probe_timeout to 60)
-      br.open_for = tonumber(opts.open_for) or br.open_for or 30
-      -- (an open_for_max never given follows open_for, as the local breaker's)
-      if opts.open_for_max ~= nil then br.open_for_max_given = tonumber(opts.open_for_max) end
-      br.open_for_max = math.max(br.open_for_max_given or br.open_for, br.open_for)
-      br.backoff = tonumber(opts.backoff) or br.backoff or 2
-      br.slow_call = tonumber(opts.slow_call) or br.slow_call or 0
-      br.probe_for = probe_for or br.probe_for or 60 -- a probe that never reports frees its slot after this
-    end
-    return br
+    return shared_named(shared_breakers, SharedBreaker, name, configure_shared_breaker, opts)
   end
   return instrumented(local_breaker(name, opts))
 end
