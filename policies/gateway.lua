@@ -1124,21 +1124,91 @@ local function safely(s, method)
   return nil, UNREADABLE
 end
 
-local function openai_stream(s, first, id, model, b, headers)
+-- Whitespace-only stop sequences ("\n", "\n\n": common in OpenAI clients) are refused by
+-- Anthropic's API and left out of what it is sent (policies/providers/anthropic.lua): an OpenAI
+-- client's answer served there is cut at the first of them here, where OpenAI would have stopped.
+-- Served on past it, a client that asked for a line got a paragraph (and a stream ran to
+-- max_tokens). (A table of functions: the main chunk is near Lua's 200 locals.)
+local blank_stops = {}
+-- the stops an OpenAI client's request gives that the adapter left out | nil
+function blank_stops.of(b, adapter)
+  local stop = b.stop
+  if type(stop) == "string" then stop = { stop } end
+  if type(stop) ~= "table" or not adapter or adapter.name ~= "anthropic" then return nil end
+  local out
+  for _, s in ipairs(stop) do
+    if type(s) == "string" and s ~= "" and not s:find("%S") then
+      out = out or {}
+      out[#out + 1] = s
+    end
+  end
+  return out
+end
+-- where text holds the first of stops | nil
+function blank_stops.find(text, stops)
+  local at
+  for _, s in ipairs(stops) do
+    local i = text:find(s, 1, true)
+    if i and (not at or i < at) then at = i end
+  end
+  return at
+end
+-- a whole answer cut at the first stop: what followed it (text, tool calls) was never asked for
+function blank_stops.cut(res, stops)
+  local at = blank_stops.find(res.text or "", stops)
+  if at then res.text, res.finish_reason, res.tool_calls = res.text:sub(1, at - 1), "stop", nil end
+end
+-- a stream's deltas through the stops: feed(delta) -> the text to send now, stopped?; the tail that
+-- may begin a stop is held until the next delta says (rest() at the end)
+function blank_stops.cutter(stops)
+  local held = ""
+  local c = {}
+  function c.feed(delta)
+    local text = held .. delta
+    local at = blank_stops.find(text, stops)
+    if at then
+      held = ""
+      return text:sub(1, at - 1), true
+    end
+    local keep = 0
+    for _, s in ipairs(stops) do
+      for n = math.min(#s - 1, #text), keep + 1, -1 do
+        if text:sub(-n) == s:sub(1, n) then keep = n break end
+      end
+    end
+    held = text:sub(#text - keep + 1)
+    return text:sub(1, #text - keep), false
+  end
+  function c.rest() return held end
+  return c
+end
+
+local function openai_stream(s, first, id, model, b, headers, stops)
   local chunk, usage_chunk = openai_chunks(id, model, b)
   return { status = 200, headers = headers, cut = stream_error("openai", CUT_MESSAGE, "gateway_stopping"),
     stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
+    local cutter, stopped = stops and blank_stops.cutter(stops), false
+    local function send(delta)
+      if cutter then delta, stopped = cutter.feed(delta) end
+      if delta ~= "" then write(chunk({ content = delta })) end
+    end
     write(chunk({ role = "assistant", content = "" }))
-    if first then write(chunk({ content = first })) end
-    while true do
+    if first then send(first) end
+    while not stopped do
       local delta, err = safely(s, "next")
       if err then return write(broken("openai", err), true) end -- (no [DONE]: the client's SDK raises)
       if not delta then break end
-      write(chunk({ content = delta }))
+      send(delta)
     end
-    local r = s:result()
-    write(chunk({}, openai_finish(r and r.finish_reason)), true) -- (its ending: a stop adds nothing after it)
+    if cutter and not stopped and cutter.rest() ~= "" then write(chunk({ content = cutter.rest() })) end
+    -- (at a stop the provider's stream is closed, as a client that leaves closes it: recorded as what it
+    -- streamed, and nothing more is written, or paid, for an answer the client has whole)
+    if stopped then s:close() end
+    local r, ended = s:result()
+    -- (its ending: a stop adds nothing after it)
+    write(chunk({}, stopped and "stop" or openai_finish(r and r.finish_reason)), true)
+    if stopped and type(ended) == "table" then r = ended end -- (its usage as recorded)
     if usage_chunk and r then write(usage_chunk(r.usage)) end
     write("data: [DONE]\n\n")
   end }
@@ -1346,6 +1416,8 @@ local function whole_stream(s, api, id, b, headers, reader, req)
       if not delta then break end
     end
     local res = assert(s:result())
+    local stops = api == "openai" and b.stop ~= nil and blank_stops.of(b, (s.target or {}).adapter)
+    if stops then blank_stops.cut(res, stops) end
     local whole = api == "anthropic" and anthropic_answer_stream(res, id, b.model, headers)
       or openai_answer_stream(res, id, b.model, b, headers)
     whole.stream(write)
@@ -1796,7 +1868,9 @@ function complete_admitted(req, api, id, rec, slot)
     -- the other API's stream with tools or a JSON schema: written as the events of the whole answer
     elseif tools or schema then reply = whole_stream(s, api, id, b, headers)
     elseif api == "anthropic" then reply = anthropic_stream(s, first, id, b.model, headers, r)
-    else reply = openai_stream(s, first, id, b.model, b, headers) end
+    else
+      reply = openai_stream(s, first, id, b.model, b, headers, b.stop ~= nil and blank_stops.of(b, t.adapter))
+    end
     return correcting_stream(utf8_stream(reply), tpm, s)
   end
 
@@ -1824,6 +1898,8 @@ function complete_admitted(req, api, id, rec, slot)
     headers["x-resil-replayed"] = "true"
     headers["x-resil-cost-usd"] = "0.000000"
   end
+  local stops = api == "openai" and b.stop ~= nil and blank_stops.of(b, ai.adapters[res.provider])
+  if stops then blank_stops.cut(res, stops) end
   local answer_id = math.type(res.answer_created) and type(res.answer_id) == "string" and res.answer_id or id
   local body = own_answer(res, api, answer_id, b.model)
     or api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))

@@ -182,3 +182,73 @@ describe("gateway: an Anthropic client's structured output served by OpenAI", fu
     end
   end)
 end)
+
+describe("gateway: an OpenAI client's whitespace stop sequence, served by Anthropic", function()
+  local streams = require "spec.provider_streams"
+  -- an Anthropic upstream answering a first line, a blank line and more, its stream's deltas cut
+  -- inside the "\n\n" -> scenario, the bodies it was sent
+  local function upstream()
+    local sent = {}
+    local text = "Yes\n\nBecause the tide is high."
+    return { routes = { ["POST /v1/messages"] = function(req)
+      local b = json.decode(req.body)
+      sent[#sent + 1] = b
+      if not b.stream then
+        return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({ id = "msg_1",
+          type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929", content = { { type = "text",
+          text = text } }, stop_reason = "end_turn", stop_sequence = json.null, usage = { input_tokens = 5,
+          output_tokens = 9 } }) }
+      end
+      -- (its deltas "Yes", "\n", "\nBecause ...": the stop is seen across two of them)
+      local deltas = {}
+      for _, piece in ipairs({ "Yes", "\n", "\nBecause the tide is high." }) do
+        deltas[#deltas + 1] = "event: content_block_delta\ndata: " .. json.encode({ type = "content_block_delta",
+          index = 0, delta = { type = "text_delta", text = piece } }) .. "\n\n"
+      end
+      local body = streams.anthropic({ content = "PIECES" })
+      local at, stop = body:find("event: content_block_delta\n[^\n]*PIECES[^\n]*\n\n")
+      return streams.reply(body:sub(1, at - 1) .. table.concat(deltas) .. body:sub(stop + 1))
+    end } }, sent
+  end
+
+  -- (the stop is left out of what Anthropic is sent, which refuses it: the answer went on past it,
+  -- a paragraph where the client asked for a line)
+  it("is where the answer ends, streamed or not, with tools or not", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local scenario, sent = upstream()
+    local url = helpers.gateway_for_mock(assert(resil.mock.start(scenario)),
+      { auth = false, key_cache = 0, models = {} }, finally)
+    local tools = { { type = "function", ["function"] = { name = "now", parameters = { type = "object" } } } }
+    for _, stop in ipairs({ "\n\n", { "END", "\n\n" } }) do
+      local req = { model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS, stop = stop }
+      local res = post(url .. "/v1/chat/completions", req)
+      assert.are.equal(200, res.status, res.body)
+      local choice = json.decode(res.body).choices[1]
+      assert.are.same({ "Yes", "stop" }, { choice.message.content, choice.finish_reason })
+      assert.are.same(type(stop) == "table" and { "END" } or nil, sent[#sent].stop_sequences)
+      for _, with_tools in ipairs({ false, true }) do
+        req.stream, req.stream_options, req.tools = true, { include_usage = true }, with_tools and tools or nil
+        res = post(url .. "/v1/chat/completions", req)
+        assert.are.equal(200, res.status, res.body)
+        local text, finish, usage = {}, nil, nil
+        for data in res.body:gmatch("data: ([^\n]+)") do
+          local c = data ~= "[DONE]" and json.decode(data)
+          local choice1 = c and c.choices[1]
+          if choice1 and choice1.delta.content then text[#text + 1] = choice1.delta.content end
+          if choice1 and choice1.finish_reason ~= json.null then finish = choice1.finish_reason end
+          if c and c.usage then usage = c.usage end
+        end
+        assert.are.same({ "Yes", "stop" }, { table.concat(text), finish }, res.body)
+        assert.is_true(usage.completion_tokens > 0, res.body)
+        assert.matches("data: %[DONE%]\n\n$", res.body)
+      end
+    end
+    -- each call in the ledger once, a stream closed at its stop as what it streamed
+    assert.is_true(helpers.wait_until(function()
+      local rows = resil.cost.breakdown("model")[1]
+      return rows and rows.calls == 6
+    end, 5))
+  end)
+end)
