@@ -1124,71 +1124,77 @@ local function safely(s, method)
   return nil, UNREADABLE
 end
 
--- Whitespace-only stop sequences ("\n", "\n\n": common in OpenAI clients) are refused by
--- Anthropic's API and left out of what it is sent (policies/providers/anthropic.lua): an OpenAI
--- client's answer served there is cut at the first of them here, where OpenAI would have stopped.
--- Served on past it, a client that asked for a line got a paragraph (and a stream ran to
--- max_tokens). (A table of functions: the main chunk is near Lua's 200 locals.)
-local blank_stops = {}
--- the stops an OpenAI client's request gives that the adapter left out | nil
-function blank_stops.of(b, adapter)
-  local stop = b.stop
+-- The client's stop sequences, kept by the gateway where the provider was not sent them: a
+-- whitespace-only one (`"\n"`, common in OpenAI clients) that Anthropic refuses, those past
+-- OpenAI's four, any for a reasoning model that takes none (an alias's or a fallback's: the
+-- adapters leave them out, policies/providers/*.lua). Served on past them, a client that asked
+-- for a line got a paragraph, one that stops at "</answer>" what followed it. A provider that was
+-- sent a stop ends before it and never writes it, so an answer translated from the other API is
+-- cut at the first one it holds, whichever was left out. (A table of functions: the main chunk is
+-- near Lua's 200 locals.)
+local stops = {}
+-- the stop sequences a body gives (OpenAI's stop, a string or a list; Anthropic's stop_sequences) | nil
+function stops.of(b, api)
+  local stop = api == "anthropic" and b.stop_sequences or b.stop
   if type(stop) == "string" then stop = { stop } end
-  if type(stop) ~= "table" or not adapter or adapter.name ~= "anthropic" then return nil end
+  if type(stop) ~= "table" then return nil end
   local out
   for _, s in ipairs(stop) do
-    if type(s) == "string" and s ~= "" and not s:find("%S") then
+    if type(s) == "string" and s ~= "" then
       out = out or {}
       out[#out + 1] = s
     end
   end
   return out
 end
--- where text holds the first of stops | nil
-function blank_stops.find(text, stops)
-  local at
-  for _, s in ipairs(stops) do
+-- where text holds the first of list, and which | nil
+function stops.find(text, list)
+  local at, which
+  for _, s in ipairs(list) do
     local i = text:find(s, 1, true)
-    if i and (not at or i < at) then at = i end
+    if i and (not at or i < at) then at, which = i, s end
   end
-  return at
+  return at, which
 end
 -- a whole answer cut at the first stop: what followed it (text, tool calls) was never asked for
-function blank_stops.cut(res, stops)
-  local at = blank_stops.find(res.text or "", stops)
-  if at then res.text, res.finish_reason, res.tool_calls = res.text:sub(1, at - 1), "stop", nil end
+function stops.cut(res, list)
+  local at, which = stops.find(res.text or "", list)
+  if at then
+    res.text, res.finish_reason, res.tool_calls = res.text:sub(1, at - 1), "stop", nil
+    res.stop_reason, res.stop_sequence, res.refusal = "stop_sequence", which, nil
+  end
 end
--- a stream's deltas through the stops: feed(delta) -> the text to send now, stopped?; the tail that
--- may begin a stop is held until the next delta says (rest() at the end)
-function blank_stops.cutter(stops)
+-- a stream's deltas through the stops: feed(delta) -> the text to send now, the stop it met | nil;
+-- the tail that may begin a stop is held until the next delta says (rest() at the end)
+function stops.cutter(list)
   local held = ""
   local c = {}
   function c.feed(delta)
     local text = held .. delta
-    local at = blank_stops.find(text, stops)
+    local at, which = stops.find(text, list)
     if at then
       held = ""
-      return text:sub(1, at - 1), true
+      return text:sub(1, at - 1), which
     end
     local keep = 0
-    for _, s in ipairs(stops) do
+    for _, s in ipairs(list) do
       for n = math.min(#s - 1, #text), keep + 1, -1 do
         if text:sub(-n) == s:sub(1, n) then keep = n break end
       end
     end
     held = text:sub(#text - keep + 1)
-    return text:sub(1, #text - keep), false
+    return text:sub(1, #text - keep), nil
   end
   function c.rest() return held end
   return c
 end
 
-local function openai_stream(s, first, id, model, b, headers, stops)
+local function openai_stream(s, first, id, model, b, headers, stop_list)
   local chunk, usage_chunk = openai_chunks(id, model, b)
   return { status = 200, headers = headers, cut = stream_error("openai", CUT_MESSAGE, "gateway_stopping"),
     stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
-    local cutter, stopped = stops and blank_stops.cutter(stops), false
+    local cutter, stopped = stop_list and stops.cutter(stop_list), nil
     local function send(delta)
       if cutter then delta, stopped = cutter.feed(delta) end
       if delta ~= "" then write(chunk({ content = delta })) end
@@ -1214,7 +1220,7 @@ local function openai_stream(s, first, id, model, b, headers, stops)
   end }
 end
 
-local function anthropic_stream(s, first, id, model, headers, req)
+local function anthropic_stream(s, first, id, model, headers, req, stop_list)
   return { status = 200, headers = headers, cut = stream_error("anthropic", CUT_MESSAGE, "gateway_stopping"),
     stream = function(write)
     local _ <close> = s
@@ -1229,15 +1235,28 @@ local function anthropic_stream(s, first, id, model, headers, req)
         output_tokens_details = null } } }))
     write(sse("content_block_start", { type = "content_block_start", index = 0,
       content_block = { type = "text", text = "" } }))
+    local cutter, stopped = stop_list and stops.cutter(stop_list), nil
+    local function send(text)
+      if text ~= "" then
+        write(sse("content_block_delta", { type = "content_block_delta", index = 0,
+          delta = { type = "text_delta", text = text } }))
+      end
+    end
     local delta, err = first, nil
     while true do
       if err then return write(broken("anthropic", err), true) end -- (no message_stop: the client's SDK raises)
       if not delta then break end
-      write(sse("content_block_delta", { type = "content_block_delta", index = 0,
-        delta = { type = "text_delta", text = delta } }))
+      if cutter then delta, stopped = cutter.feed(delta) end
+      send(delta)
+      if stopped then break end
       delta, err = safely(s, "next")
     end
-    local r = s:result() or {}
+    if cutter and not stopped then send(cutter.rest()) end
+    -- (at a stop the provider's stream is closed and recorded as what it streamed: see openai_stream)
+    if stopped then s:close() end
+    local r, ended = s:result()
+    r = r or (stopped and type(ended) == "table" and { usage = ended.usage, stop_reason = "stop_sequence",
+      stop_sequence = stopped }) or {}
     if (r.text or "") == "" and type(r.refusal) == "string" then -- (an OpenAI refusal: the text of the answer)
       write(sse("content_block_delta", { type = "content_block_delta", index = 0,
         delta = { type = "text_delta", text = r.refusal } }))
@@ -1416,8 +1435,8 @@ local function whole_stream(s, api, id, b, headers, reader, req)
       if not delta then break end
     end
     local res = assert(s:result())
-    local stops = api == "openai" and b.stop ~= nil and blank_stops.of(b, (s.target or {}).adapter)
-    if stops then blank_stops.cut(res, stops) end
+    local stop_list = stops.of(b, api) -- (an answer of the other API's: see stops)
+    if stop_list then stops.cut(res, stop_list) end
     local whole = api == "anthropic" and anthropic_answer_stream(res, id, b.model, headers)
       or openai_answer_stream(res, id, b.model, b, headers)
     whole.stream(write)
@@ -1867,10 +1886,8 @@ function complete_admitted(req, api, id, rec, slot)
     if t.adapter and t.adapter.name == api then reply = own_stream(s, api, id, b, headers)
     -- the other API's stream with tools or a JSON schema: written as the events of the whole answer
     elseif tools or schema then reply = whole_stream(s, api, id, b, headers)
-    elseif api == "anthropic" then reply = anthropic_stream(s, first, id, b.model, headers, r)
-    else
-      reply = openai_stream(s, first, id, b.model, b, headers, b.stop ~= nil and blank_stops.of(b, t.adapter))
-    end
+    elseif api == "anthropic" then reply = anthropic_stream(s, first, id, b.model, headers, r, stops.of(b, api))
+    else reply = openai_stream(s, first, id, b.model, b, headers, stops.of(b, api)) end
     return correcting_stream(utf8_stream(reply), tpm, s)
   end
 
@@ -1898,12 +1915,14 @@ function complete_admitted(req, api, id, rec, slot)
     headers["x-resil-replayed"] = "true"
     headers["x-resil-cost-usd"] = "0.000000"
   end
-  local stops = api == "openai" and b.stop ~= nil and blank_stops.of(b, ai.adapters[res.provider])
-  if stops then blank_stops.cut(res, stops) end
   local answer_id = math.type(res.answer_created) and type(res.answer_id) == "string" and res.answer_id or id
   local body = own_answer(res, api, answer_id, b.model)
-    or api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))
-    or openai_answer_json(res, answer_id, b.model, res.answer_created)
+  if not body then -- (an answer of the other API's, translated: cut at a stop it was not sent, see stops)
+    local stop_list = stops.of(b, api)
+    if stop_list then stops.cut(res, stop_list) end
+    body = api == "anthropic" and json.encode(anthropic_answer(res, answer_id, b.model))
+      or openai_answer_json(res, answer_id, b.model, res.answer_created)
+  end
   return { status = 200, headers = headers, body = valid_utf8(body) }
 end
 

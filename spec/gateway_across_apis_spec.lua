@@ -252,3 +252,63 @@ describe("gateway: an OpenAI client's whitespace stop sequence, served by Anthro
     end, 5))
   end)
 end)
+
+describe("gateway: an Anthropic client's stop sequences OpenAI was not sent", function()
+  local streams = require "spec.provider_streams"
+  local TEXT = "The answer is 4.</answer> And then some more."
+  local function upstream()
+    local sent = {}
+    return { routes = { ["POST /v1/chat/completions"] = function(req)
+      local b = json.decode(req.body)
+      sent[#sent + 1] = b
+      if b.stream then return streams.reply(streams.openai({ content = TEXT, model = b.model,
+        usage = { prompt_tokens = 5, completion_tokens = 12 } })) end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-1", object = "chat.completion", created = 1, model = b.model, choices = { { index = 0,
+          message = { role = "assistant", content = TEXT }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 5, completion_tokens = 12, total_tokens = 17 } }) }
+    end } }, sent
+  end
+
+  -- (past OpenAI's four, or any for a reasoning model, an alias's target is not sent them: the
+  -- answer went on past "</answer>", and said end_turn)
+  it("end the answer where the first of them is, stop_reason stop_sequence, streamed or not", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local scenario, sent = upstream()
+    local url = helpers.gateway_for_mock(assert(resil.mock.start(scenario)), { auth = false, key_cache = 0,
+      models = { fast = "openai/gpt-4o-mini", smart = "openai/gpt-5" } }, finally)
+    local tools = { { name = "now", input_schema = { type = "object" } } }
+    for model, stop_sequences in pairs({ fast = { "A:", "B:", "C:", "D:", "</answer>" }, smart = { "</answer>" } }) do
+      local req = { model = model, max_tokens = 100, messages = MSGS, stop_sequences = stop_sequences }
+      local res = post(url .. "/v1/messages", req)
+      assert.are.equal(200, res.status, res.body)
+      local m = json.decode(res.body)
+      assert.are.same({ "The answer is 4.", "stop_sequence", "</answer>" },
+        { m.content[1].text, m.stop_reason, m.stop_sequence }, res.body)
+      local up_stop = sent[#sent].stop
+      assert.is_true(up_stop == nil or #up_stop < #stop_sequences, model) -- (not sent it)
+      for _, with_tools in ipairs({ false, true }) do
+        req.stream, req.tools = true, with_tools and tools or nil
+        res = post(url .. "/v1/messages", req)
+        assert.are.equal(200, res.status, res.body)
+        local text, stop, seq = {}, nil, nil
+        for data in res.body:gmatch("data: ([^\n]+)") do
+          local ev = json.decode(data)
+          if ev.type == "content_block_delta" and ev.delta.type == "text_delta" then text[#text + 1] = ev.delta.text end
+          if ev.type == "message_delta" then stop, seq = ev.delta.stop_reason, ev.delta.stop_sequence end
+        end
+        assert.are.same({ "The answer is 4.", "stop_sequence", "</answer>" }, { table.concat(text), stop, seq },
+          res.body)
+        assert.matches("event: message_stop", res.body)
+      end
+    end
+    assert.is_true(helpers.wait_until(function()
+      local rows = resil.cost.breakdown("model")
+      local calls = 0
+      for _, row in ipairs(rows or {}) do calls = calls + row.calls end
+      return calls == 6
+    end, 5))
+  end)
+end)
