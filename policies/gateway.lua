@@ -1164,6 +1164,29 @@ function stops.cut(res, list)
     res.stop_reason, res.stop_sequence, res.refusal = "stop_sequence", which, nil
   end
 end
+-- a relayed OpenAI answer (a reasoning model an alias serves, which was sent no stop) cut as stops.cut
+function stops.cut_raw(raw, list)
+  local choice = type(raw.choices) == "table" and raw.choices[1]
+  local message = type(choice) == "table" and type(choice.message) == "table" and choice.message
+  local at = message and type(message.content) == "string" and stops.find(message.content, list)
+  if at then message.content, choice.finish_reason, message.tool_calls = message.content:sub(1, at - 1), "stop", nil end
+end
+-- a relayed OpenAI chunk's text through a cutter -> the stop it met | nil (the chunk then ends the
+-- answer); the last chunk (its finish_reason) carries what the cutter held
+function stops.through(cutter, data)
+  local choice = type(data.choices) == "table" and data.choices[1]
+  local delta = type(choice) == "table" and type(choice.delta) == "table" and choice.delta
+  if not delta then return nil end
+  local content = type(delta.content) == "string" and delta.content or ""
+  local text, met = cutter.feed(content)
+  if met then
+    choice.finish_reason, delta.tool_calls = "stop", nil
+  elseif type(choice.finish_reason) == "string" then
+    text = text .. cutter.rest()
+  end
+  if type(delta.content) == "string" or text ~= "" then delta.content = text end
+  return met
+end
 -- a stream's deltas through the stops: feed(delta) -> the text to send now, the stop it met | nil;
 -- the tail that may begin a stop is held until the next delta says (rest() at the end)
 function stops.cutter(list)
@@ -1285,8 +1308,8 @@ end
 -- message_stop) is given only to a stream that ended complete.
 -- an OpenAI stream's end: a client that asked for the usage (and was not sent the provider's)
 -- gets it as recorded, then [DONE]
-local function relay_done(write, s, id, b, usage_due)
-  local r = usage_due and s:result()
+local function relay_done(write, s, id, b, usage_due, r)
+  r = usage_due and (r or s:result())
   if r then
     write(sse(nil, { id = "chatcmpl-" .. id, object = "chat.completion.chunk", created = math.floor(resil.clock.wall()),
       model = b.model, choices = setmetatable({}, json.array_mt), usage = openai_usage(r.usage, true) }))
@@ -1294,9 +1317,10 @@ local function relay_done(write, s, id, b, usage_due)
   write("data: [DONE]\n\n", true)
 end
 
-local function own_stream(s, api, id, b, headers)
+local function own_stream(s, api, id, b, headers, stop_list)
   local openai = api ~= "anthropic"
   local with_usage = type(b.stream_options) == "table" and b.stream_options.include_usage == true
+  local cutter = openai and stop_list and stops.cutter(stop_list) -- (see stops.cut_raw)
   local usage_sent, done_sent = false, false
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s -- a client that leaves cancels this task: the upstream stream is closed and recorded
@@ -1317,10 +1341,16 @@ local function own_stream(s, api, id, b, headers)
             and data.choices[1] == nil)) then
           data.id, data.model = "chatcmpl-" .. id, b.model
           garbage_reason(nil, data.choices)
+          local met = cutter and stops.through(cutter, data)
           if not with_usage then data.usage = nil end
           if type(data.usage) == "table" then usage_sent = true end
           local ok, text = pcall(json.encode, data) -- (a number JSON cannot write: the provider's own text)
           write("data: " .. (ok and text or one_line(ev.data)) .. "\n\n")
+          if met then -- (closed there and recorded as what it streamed: see openai_stream)
+            s:close()
+            local _, ended = s:result()
+            return relay_done(write, s, id, b, with_usage and not usage_sent, type(ended) == "table" and ended or nil)
+          end
         end
       elseif ev.event == "message_start" and type(data) == "table" and type(data.message) == "table" then
         data.message.id, data.message.model = "msg_" .. id, b.model
@@ -1461,7 +1491,7 @@ local complete_admitted
 -- what the normalized result has no place for reaches the client (thinking
 -- blocks and their signatures, which the next turn must send back; logprobs;
 -- usage details; citations; service_tier). -> the body | nil (another API's)
-local function own_answer(res, api, answer_id, model)
+local function own_answer(res, api, answer_id, model, stop_list)
   if type(res.own_answer) == "string" then return res.own_answer end -- (kept with an Idempotency-Key's result)
   local raw = res.raw
   local adapter = type(raw) == "table" and ai.adapters[res.provider]
@@ -1476,6 +1506,7 @@ local function own_answer(res, api, answer_id, model)
   else
     if raw.object ~= "chat.completion" then return nil end
     raw.id = "chatcmpl-" .. answer_id
+    if stop_list then stops.cut_raw(raw, stop_list) end
     garbage_reason(nil, raw.choices)
     local counts = openai_usage(res.usage)
     local i, o = counts.prompt_tokens, counts.completion_tokens
@@ -1883,7 +1914,7 @@ function complete_admitted(req, api, id, rec, slot)
       ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model, ["x-resil-attempts"] = tostring(s.attempts or 1) }
     handed_over = true
     local reply
-    if t.adapter and t.adapter.name == api then reply = own_stream(s, api, id, b, headers)
+    if t.adapter and t.adapter.name == api then reply = own_stream(s, api, id, b, headers, stops.of(b, api))
     -- the other API's stream with tools or a JSON schema: written as the events of the whole answer
     elseif tools or schema then reply = whole_stream(s, api, id, b, headers)
     elseif api == "anthropic" then reply = anthropic_stream(s, first, id, b.model, headers, r, stops.of(b, api))
@@ -1896,7 +1927,7 @@ function complete_admitted(req, api, id, rec, slot)
     res, err, replayed = once_to_end(slot, r, once_spec, tpm, ai.chat, function(v)
       -- stored with the answer's own id and time: a replay is the same answer, not a twin of
       -- it (a same-API answer as the text relayed, its thinking blocks and all)
-      v.own_answer = own_answer(v, api, id, b.model)
+      v.own_answer = own_answer(v, api, id, b.model, stops.of(b, api))
       v.raw, v.answer_id, v.answer_created = nil, id, math.floor(resil.clock.wall())
     end)
   else
@@ -1916,7 +1947,7 @@ function complete_admitted(req, api, id, rec, slot)
     headers["x-resil-cost-usd"] = "0.000000"
   end
   local answer_id = math.type(res.answer_created) and type(res.answer_id) == "string" and res.answer_id or id
-  local body = own_answer(res, api, answer_id, b.model)
+  local body = own_answer(res, api, answer_id, b.model, stops.of(b, api))
   if not body then -- (an answer of the other API's, translated: cut at a stop it was not sent, see stops)
     local stop_list = stops.of(b, api)
     if stop_list then stops.cut(res, stop_list) end

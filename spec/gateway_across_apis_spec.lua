@@ -312,3 +312,52 @@ describe("gateway: an Anthropic client's stop sequences OpenAI was not sent", fu
     end, 5))
   end)
 end)
+
+describe("gateway: an OpenAI client's stop sequences its alias's reasoning model was not sent", function()
+  local streams = require "spec.provider_streams"
+  local TEXT = "The answer is 4.</answer> And then some more."
+  -- (the relayed answer, OpenAI's own, went on past "</answer>": a reasoning model takes no stop,
+  -- and one the client did not name is not sent it)
+  it("end the relayed answer where the first of them is, streamed or not", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local sent = {}
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function(req)
+      local b = json.decode(req.body)
+      sent[#sent + 1] = b
+      if b.stream then return streams.reply(streams.openai({ content = TEXT, model = b.model,
+        usage = { prompt_tokens = 5, completion_tokens = 12 } })) end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-1", object = "chat.completion", created = 1, model = b.model, choices = { { index = 0,
+          message = { role = "assistant", content = TEXT, refusal = json.null }, finish_reason = "stop",
+          logprobs = json.null } }, usage = { prompt_tokens = 5, completion_tokens = 12, total_tokens = 17 } }) }
+    end } }))
+    local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = { smart = "openai/gpt-5" } },
+      finally)
+    local req = { model = "smart", messages = MSGS, stop = { "</answer>" } }
+    local res = post(url .. "/v1/chat/completions", req)
+    assert.are.equal(200, res.status, res.body)
+    local choice = json.decode(res.body).choices[1]
+    assert.are.same({ "The answer is 4.", "stop" }, { choice.message.content, choice.finish_reason })
+    assert.is_nil(sent[1].stop)
+    req.stream, req.stream_options = true, { include_usage = true }
+    res = post(url .. "/v1/chat/completions", req)
+    assert.are.equal(200, res.status, res.body)
+    local text, finish, usage = {}, nil, nil
+    for data in res.body:gmatch("data: ([^\n]+)") do
+      local c = data ~= "[DONE]" and json.decode(data)
+      local choice1 = c and c.choices[1]
+      if choice1 and type(choice1.delta.content) == "string" then text[#text + 1] = choice1.delta.content end
+      if choice1 and choice1.finish_reason ~= json.null then finish = choice1.finish_reason end
+      if c and c.usage and c.usage ~= json.null then usage = c.usage end
+    end
+    assert.are.same({ "The answer is 4.", "stop" }, { table.concat(text), finish }, res.body)
+    assert.is_true(usage.prompt_tokens > 0, res.body)
+    assert.matches("data: %[DONE%]\n\n$", res.body)
+    assert.is_true(helpers.wait_until(function()
+      local rows = resil.cost.breakdown("model")[1]
+      return rows and rows.calls == 2
+    end, 5))
+  end)
+end)
