@@ -1133,14 +1133,18 @@ end
 -- cut at the first one it holds, whichever was left out. (A table of functions: the main chunk is
 -- near Lua's 200 locals.)
 local stops = {}
--- the stop sequences a body gives (OpenAI's stop, a string or a list; Anthropic's stop_sequences) | nil
+-- the stop sequences a body gives (OpenAI's stop, a string or a list; Anthropic's stop_sequences) | nil.
+-- The first STOPS_MAX, each at most STOP_BYTES, are kept by the gateway (each delta of a stream is
+-- looked at for each: a client's thousand stops of 100 KB were seconds of the loop per delta)
+TUNED.STOPS_MAX, TUNED.STOP_BYTES = 16, 256
 function stops.of(b, api)
   local stop = api == "anthropic" and b.stop_sequences or b.stop
   if type(stop) == "string" then stop = { stop } end
   if type(stop) ~= "table" then return nil end
   local out
-  for _, s in ipairs(stop) do
-    if type(s) == "string" and s ~= "" then
+  for i, s in ipairs(stop) do
+    if i > TUNED.STOPS_MAX then break end
+    if type(s) == "string" and s ~= "" and #s <= TUNED.STOP_BYTES then
       out = out or {}
       out[#out + 1] = s
     end
@@ -1199,10 +1203,15 @@ function stops.cutter(list)
       held = ""
       return text:sub(1, at - 1), which
     end
+    -- (the longest tail that begins a stop: tried only where the stop's first byte is, in its last
+    -- #s - 1 bytes, the longest first)
     local keep = 0
     for _, s in ipairs(list) do
-      for n = math.min(#s - 1, #text), keep + 1, -1 do
-        if text:sub(-n) == s:sub(1, n) then keep = n break end
+      local first = s:sub(1, 1)
+      local p = text:find(first, math.max(1, #text - #s + 2), true)
+      while p and #text - p + 1 > keep do
+        if text:sub(p) == s:sub(1, #text - p + 1) then keep = #text - p + 1 break end
+        p = text:find(first, p + 1, true)
       end
     end
     held = text:sub(#text - keep + 1)
