@@ -1736,6 +1736,10 @@ local function untranslatable(b, api)
         end
       end
     end
+    -- (the MCP connector's tools are the servers' own: served elsewhere, answered without any)
+    if type(b.mcp_servers) == "table" and next(b.mcp_servers) ~= nil then
+      return "mcp_servers", "the MCP connector is Anthropic's only"
+    end
     return nil
   end
   if b.logprobs == true then return "logprobs", "Anthropic's API has no log probabilities" end

@@ -101,7 +101,7 @@ describe("gateway: what the other API cannot say is a 400 in the client's shape"
 
   -- (OpenAI's API answers a last assistant message with a turn of its own: the client, which
   -- puts its prefill before the answer, read '{' .. '{"city": ...}', JSON no more)
-  it("an Anthropic client's prefill served by OpenAI, in Anthropic's error shape", function()
+  it("an Anthropic client's prefill or MCP servers served by OpenAI, in Anthropic's error shape", function()
     local url, sent = start(ROUTES)
     for _, content in ipairs({ "{", { { type = "text", text = "The answer is" } } }) do
       for _, model in ipairs({ "openai/gpt-4o-mini", "fast" }) do
@@ -113,6 +113,13 @@ describe("gateway: what the other API cannot say is a 400 in the client's shape"
         assert.matches("prefill", b.error.message)
         assert.is_nil(sent.openai)
       end
+    end
+    -- (the MCP connector's servers, whose tools the answer would have used)
+    local mcp = { { type = "url", url = "https://mcp.example.com/sse", name = "example" } }
+    for _, model in ipairs({ "openai/gpt-4o-mini", "fast" }) do
+      local res = post(url .. "/v1/messages", { model = model, max_tokens = 50, messages = MSGS, mcp_servers = mcp })
+      assert.are.equal(400, res.status, res.body)
+      assert.matches("mcp_servers: not served by openai/gpt%-4o%-mini", json.decode(res.body).error.message)
     end
     local res = post(url .. "/v1/messages", { model = "claude", max_tokens = 50,
       messages = { MSGS[1], { role = "assistant", content = "{" } } })
