@@ -368,3 +368,23 @@ describe("gateway: an OpenAI client's stop sequences its alias's reasoning model
     end, 5))
   end)
 end)
+
+describe("gateway: an Anthropic client's whitespace stop sequence, to Anthropic", function()
+  -- (left out for an OpenAI client, whose answer the gateway cuts there; an Anthropic client's
+  -- was left out too, and its answer, relayed as Anthropic wrote it, went on past its "\n")
+  it("is sent as it came: the API's 400 names it", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ strict = true, reply = "one\ntwo" }))
+    local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+    local res = post(url .. "/v1/messages", { model = "anthropic/claude-sonnet-4-5-20250929", max_tokens = 50,
+      messages = MSGS, stop_sequences = { "\n" } })
+    assert.are.equal(400, res.status, res.body)
+    assert.matches("stop_sequences", json.decode(res.body).error.message)
+    res = post(url .. "/v1/chat/completions", { model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS,
+      stop = { "\n" } })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("one", json.decode(res.body).choices[1].message.content)
+  end)
+end)

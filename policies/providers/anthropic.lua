@@ -176,7 +176,11 @@ function anthropic.body(req, model, conf)
     if t > 1 then body.temperature = 1 end
     body.top_p = nil
   end
-  if req.stop ~= nil then body.stop_sequences = stop_sequences_of(req.stop) end
+  -- (an Anthropic client's are its own, sent as they are: left out, its answer went on past its "\n"
+  -- without a word, where the API answers a 400 that names it)
+  if req.stop ~= nil then
+    body.stop_sequences = req.client_api == "anthropic" and req.stop or stop_sequences_of(req.stop)
+  end
   body.tools = tools_of(req.tools)
   body.tool_choice = tool_choice_of(req.tool_choice)
   if body.tool_choice ~= req.tool_choice and type(req.tool_choice) == "table" then
