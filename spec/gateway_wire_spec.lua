@@ -35,6 +35,8 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: temperature over 1, and temperature with top_p, are served by Anthropic",
     "anthropic: countTokens is the upstream's count; a model another API serves is a 400 saying so",
     "anthropic: countTokens holds a permit, has its own bucket at the key's rpm, and meets an open breaker (or falls back)",
+    "what the other API cannot say is BadRequestError naming it: logprobs for Anthropic, a prefill for OpenAI",
+    "openai: a tool conversation's last turn without tools is served by Anthropic",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

@@ -349,3 +349,28 @@ await check('anthropic: countTokens holds a permit, has its own bucket at the ke
   expect(fb.input_tokens > 0 && fbr.headers.get('x-resil-provider') === 'strictanthropic',
     `count with a fallback: ${JSON.stringify(fb)} from ${fbr.headers.get('x-resil-provider')}`);
 });
+
+// What the other API has no way to say was sent without it and answered 200 as if it were all
+// there was: now each SDK's BadRequestError, naming the field
+await check('what the other API cannot say is BadRequestError naming it: logprobs for Anthropic, a prefill for OpenAI', async () => {
+  const msgs = [{ role: 'user', content: 'hi' }];
+  const e = await rejects(oai().chat.completions.create({ model: 'claude-strict', messages: msgs, logprobs: true }),
+    OpenAI.BadRequestError, 'logprobs served by Anthropic');
+  expect(e.param === 'logprobs' && e.code === 'unsupported_parameter', `param ${e.param} code ${e.code}`);
+  const a = await rejects(ant().messages.create({ model: 'gpt-strict', max_tokens: 50,
+    messages: [...msgs, { role: 'assistant', content: '{' }] }), Anthropic.BadRequestError, 'a prefill served by OpenAI');
+  expect(/prefill/.test(a.message), a.message);
+});
+
+// OpenAI takes a conversation with tool calls and no tools (a last turn that sums up); Anthropic's
+// API refuses it, and every such turn it served was a 400
+await check('openai: a tool conversation\'s last turn without tools is served by Anthropic', async () => {
+  const msgs = [{ role: 'user', content: 'Weather in Paris?' },
+    { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function',
+      function: { name: 'get_weather', arguments: '{"city":"Paris"}' } }] },
+    { role: 'tool', tool_call_id: 'call_1', content: 'sunny' }, { role: 'user', content: 'Sum it up.' }];
+  const r = await oai().chat.completions.create({ model: 'claude-strict', messages: msgs });
+  expect(r.choices[0].message.content === 'Paris', JSON.stringify(r.choices[0]));
+  const s = await oai().chat.completions.stream({ model: 'claude-strict', messages: msgs }).finalChatCompletion();
+  expect(s.choices[0].message.content === 'Paris', JSON.stringify(s.choices[0]));
+});
