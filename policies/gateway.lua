@@ -1743,6 +1743,9 @@ local function untranslatable(b, api)
     return nil
   end
   if b.logprobs == true then return "logprobs", "Anthropic's API has no log probabilities" end
+  if type(b.top_logprobs) == "number" and b.top_logprobs > 0 then
+    return "top_logprobs", "Anthropic's API has no log probabilities"
+  end
   if type(b.logit_bias) == "table" and next(b.logit_bias) ~= nil then
     return "logit_bias", "Anthropic's API has no logit bias (token ids are OpenAI's)"
   end

@@ -72,7 +72,8 @@ describe("gateway: what the other API cannot say is a 400 in the client's shape"
   -- was: logprobs null to code that reads them, prose where audio or a function_call was asked)
   it("an OpenAI client's logprobs, logit_bias, audio, functions and web search, served by Anthropic", function()
     local url, sent = start(ROUTES)
-    for field, value in pairs({ logprobs = true, logit_bias = { ["1734"] = -100 }, modalities = { "text", "audio" },
+    for field, value in pairs({ logprobs = true, top_logprobs = 2, logit_bias = { ["1734"] = -100 },
+      modalities = { "text", "audio" },
       functions = TOOLS_FN, web_search_options = { search_context_size = "low" } }) do
       for _, model in ipairs({ "anthropic/claude-sonnet-4-5-20250929", "claude" }) do
         sent.anthropic = nil
