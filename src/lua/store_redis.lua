@@ -988,7 +988,7 @@ local function fmt_time(t) return string.format("%.6f", t) end
 
 -- The lead of this process's virtual clock (a spec's) over its real one, for the leases' clock
 -- (holders_lib) and the others (clock_lib): "0" on a real clock, a number with decimals on a virtual one.
--- Store time is wall time at start plus the clock's time since.
+-- Store time is the wall clock on a real clock; on a virtual one, wall time at start plus its time since.
 -- (store.lua's, taken at its load: this module loads after scripts may have changed the resil table)
 local clock_lead, store_now = private.clock_lead, private.store_now
 local function lease_skew()

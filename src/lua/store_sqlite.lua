@@ -897,10 +897,11 @@ function B:budget_usage(budget, period, now, me)
   if self.db:readonly() then
     local r, err = read(self, function(tx)
       local spent, reserved = figures(tx, budget, period, now)
-      local holds = {}
+      local holds, dead = {}, {} -- (each owner judged once)
       for _, h in ipairs(tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations " ..
         "WHERE budget = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket", budget, now)) do
-        if h.owner == nil or alive(tx, h.owner, now) ~= false then holds[#holds + 1] = h end
+        if h.owner ~= nil and dead[h.owner] == nil then dead[h.owner] = alive(tx, h.owner, now) == false end
+        if not (h.owner and dead[h.owner]) then holds[#holds + 1] = h end
       end
       return { spent, reserved, holds }
     end)
