@@ -173,6 +173,15 @@ print(t and "reserved" or err.kind)
         assert.matches("--limit takes an amount in USD from 0 to 1e12, not '" .. v .. "'", r.stderr, 1, true)
       end
       assert.are.equal(0, cli("budgets set team --limit 1e12").code)
+      -- (before: a limit below the ledger's millionth of a dollar was set as $0, as was a key's
+      -- --budget, whose every request was then refused over its budget)
+      r = cli("budgets set team --limit 1e-7")
+      assert.are.equal(1, r.code)
+      assert.matches("--limit 1e-7 is below the ledger's unit, $0.000001", r.stderr, 1, true)
+      r = cli("keys add --name tiny --budget 4e-7/day")
+      assert.are.equal(1, r.code)
+      assert.matches("--budget 4e-7/day is below the ledger's unit, $0.000001", r.stderr, 1, true)
+      assert.are.equal(0, cli("budgets set team --limit 0.000001").code)
       r = cli("budgets set team --limit 5 --per week")
       assert.matches("%-%-per takes day, month or none, not 'week'", r.stderr)
       assert.matches("which budget", cli("budgets show").stderr)
@@ -240,6 +249,8 @@ for _, b in ipairs(helpers.store_backends()) do
         misuse(function() local _ = resil.budget("money-limit", { limit = v * 1e3 }) end,
           "resil.budget: limit must be a number from 0 to 1e12")
       end
+      misuse(function() local _ = resil.budget("money-tiny", { limit = 1e-7 }) end,
+        "resil.budget: limit 1e%-07 is below the ledger's unit, %$0%.000001")
       misuse(function() local _ = budget:reserve(0.1, { hold = nan }) end, "budget:reserve: hold must be a number")
       -- (a hold given as a number: "[resil budgets]:294: attempt to index a number value (local 'o')")
       misuse(function() local _ = budget:reserve(0.1, 600) end, "budget:reserve: options must be a table {hold=}, got number")

@@ -94,6 +94,12 @@ local function parse_budget(v)
   if not limit or limit <= 0 or limit > 1e12 or (per and per ~= "day" and per ~= "month") then
     return nil, ("--budget wants USD (up to 1e12), USD/day or USD/month, not '%s'"):format(tostring(v))
   end
+  -- (the ledger counts in millionths of a dollar: a limit below half of one was kept as $0, and
+  -- every request of the key was refused as over its budget)
+  if limit < 0.5e-6 then
+    return nil, ("--budget %s is below the ledger's unit, $0.000001: a key with it could spend nothing"):format(
+      tostring(v))
+  end
   return { limit = limit, per = per }
 end
 keys.parse_budget = parse_budget
