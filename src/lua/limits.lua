@@ -848,14 +848,19 @@ function SharedBreaker:record(ok, seconds, probe)
   end
 end
 
-function SharedBreaker:state()
+-- -> the state the store holds, and the seconds to half-open | nil (closed there, or the store away)
+local function stored_state(self)
   local s = store_open()
   local open_until = s and backend_of[s]:breaker_get(self.label, store_now())
-  if open_until then
-    local left = open_until - store_now()
-    return left > ISOLATED_FOR / 2 and "isolated" or left > 0 and "open" or "half_open"
-  end
-  return self.inner:state()
+  if not open_until then return nil end
+  local left = open_until - store_now()
+  if left > ISOLATED_FOR / 2 then return "isolated", 0 end
+  if left > 0 then return "open", left end
+  return "half_open", 0
+end
+
+function SharedBreaker:state()
+  return stored_state(self) or self.inner:state()
 end
 
 SharedBreaker.call = breaker_call -- it only uses allow() and record()
@@ -873,7 +878,15 @@ end
 
 function SharedBreaker:name() return self.label end
 function SharedBreaker:on(event, fn) listen(self.inner, event, fn) end
-function SharedBreaker:stats() return self.inner:stats() end
+-- (the window is this process's; the state the store's, as state() says: it said closed, named
+-- "<name>:local", while every process was refused)
+function SharedBreaker:stats()
+  local st = self.inner:stats()
+  local state, retry_after = stored_state(self)
+  if state then st.state, st.retry_after = state, retry_after end
+  st.name = self.label
+  return st
+end
 function SharedBreaker:reset()
   local s = store_open()
   if s then backend_of[s]:breaker_close(self.label) end
