@@ -237,6 +237,26 @@ resil.cost.record({ provider = "p", model = "m", usd = 0.5 })
     assert.matches("team%s+%$5%.000000", helpers.run(("%s budgets --store '%s'"):format(helpers.resil, db)).stdout)
   end)
 
+  -- (before: a `budgets set` refused for its usage made the store all the same, and `budgets` there then
+  -- listed "no budgets" where it had said no store is there; a subcommand misspelt was "no store at")
+  it("a command refused for its usage says why, and makes no store at a path with nothing there", function()
+    local db = helpers.tmpname(".db")
+    local refused = {
+      ["budgets set team --limit abc"] = "budgets set: %-%-limit takes an amount in USD",
+      ["budgets set team --limit 5 --per week"] = "budgets set: %-%-per takes day, month or none, not 'week'",
+      ["budgets set team"] = "budgets set: %-%-limit USD is needed",
+      ["budgets set"] = "budgets set: which budget%?",
+      ["budgets sett team"] = "budgets: unknown argument 'sett'",
+      ["runs lsit"] = "runs: unknown argument 'lsit'",
+    }
+    for cmd, says in pairs(refused) do
+      local r = helpers.run(("%s %s --store '%s'"):format(helpers.resil, cmd, db))
+      assert.are.equal(1, r.code, cmd .. ": " .. r.stdout)
+      assert.matches("^resil%-lua: " .. says, r.stderr, 1, false, cmd)
+      assert.is_nil(io.open(db), cmd .. " made a store")
+    end
+  end)
+
   it("runs show: a run whose record cannot be read is an error, not a run of unknown state", function()
     local db = store_with_run("damaged")
     -- the runs table's page overwritten (the steps table's intact)

@@ -357,13 +357,15 @@ local function runs_prune(s, args)
     gone, gone == 1 and "" or "s", kept))
 end
 
+local RUNS_SUBCOMMANDS = { show = runs_show, forget = runs_forget, prune = runs_prune }
 function commands.runs(args)
+  -- (before the store: a typo was "no store at .resil/state.db" in a folder without one)
+  if args[1] and not RUNS_SUBCOMMANDS[args[1]] then
+    fail("runs: unknown argument '%s' (runs, runs show ID, runs forget ID, runs prune --older-than AGE)", args[1])
+  end
   local s, err = resil.store(nil, { existing = true })
   if not s then fail("%s", tostring(err)) end
-  if args[1] == "show" then return runs_show(s, args) end
-  if args[1] == "forget" then return runs_forget(s, args) end
-  if args[1] == "prune" then return runs_prune(s, args) end
-  if args[1] then fail("runs: unknown argument '%s' (runs, runs show ID, runs forget ID, runs prune --older-than AGE)", args[1]) end
+  if args[1] then return RUNS_SUBCOMMANDS[args[1]](s, args) end
   local runs = need(backend_of[s]:runs_list(resil.store_now()))
   local rows = {}
   for _, r in ipairs(runs) do
@@ -549,12 +551,59 @@ end
 
 local function opt_money(v) return v and money(v) or "-" end
 
+-- budgets set's arguments -> limit, per (nil: kept), checked before the store is opened:
+-- set makes the store (a limit may come before the first run), and one refused for its usage (a
+-- typo, typed in another folder) left an empty .resil/state.db there, where `budgets` then listed
+-- nothing rather than saying that no store is there
+local function set_args(args)
+  if not args[2] then fail("budgets set: which budget?") end
+  local limit, per
+  local i = 3
+  while args[i] do
+    local a, v = args[i], args[i + 1]
+    if (a == "--limit" or a == "--per") and v == nil then fail("budgets set: %s needs a value", a) end
+    if a == "--limit" then
+      -- (decimal only: Lua's tonumber took 0x10 as $16)
+      limit = v:match("^%-?%d*%.?%d*[eE]?[-+]?%d*$") and v:find("%d") and tonumber(v)
+      -- (as resil.budget's: past 1e12 USD its micro-dollars pass 2^63 and are stored as a float)
+      if not limit or not (limit >= 0 and limit <= 1e12) then
+        -- (keys add --budget takes 50/day: the same typed here gets the option that says it)
+        local period = v:match("^[%d.]+/(%a+)$")
+        fail("budgets set: --limit takes an amount in USD from 0 to 1e12, not '%s'%s", v,
+          period and (" (a period is --per %s)"):format(period) or "")
+      end
+      -- (the ledger counts in millionths of a dollar: a limit below half of one was set as $0)
+      if limit > 0 and limit < 0.5e-6 then
+        fail("budgets set: --limit %s is below the ledger's unit, $0.000001 (0 is a limit that lets nothing " ..
+          "through)", v)
+      end
+    elseif a == "--per" then
+      if v ~= "day" and v ~= "month" and v ~= "none" then
+        fail("budgets set: --per takes day, month or none, not '%s'", tostring(v))
+      end
+      per = v
+    else
+      fail("budgets set: unknown argument '%s'", a)
+    end
+    i = i + 2
+  end
+  if not limit then fail("budgets set: --limit USD is needed") end
+  return limit, per
+end
+
 -- resil-lua budgets [--json] | show NAME [--json] | release NAME [--stale] | set NAME --limit USD [--per P]
+local BUDGETS_USAGE = "(budgets, budgets show NAME, budgets release NAME [--stale], " ..
+  "budgets set NAME --limit USD [--per day|month|none])"
+local BUDGETS_SUBCOMMANDS = { ["--json"] = true, show = true, release = true, set = true }
 function commands.budgets(args)
-  local s, err = resil.store(nil, { existing = args[1] ~= "set" }) -- (set may come before any run)
+  local sub = args[1]
+  -- (before the store, as runs does)
+  if sub ~= nil and not BUDGETS_SUBCOMMANDS[sub] then fail("budgets: unknown argument '%s' %s", sub, BUDGETS_USAGE) end
+  local set_limit, set_per
+  if sub == "set" then set_limit, set_per = set_args(args) end
+  local s, err = resil.store(nil, { existing = sub ~= "set" }) -- (set may come before any run)
   if not s then fail("%s", tostring(err)) end
   local admin = require "resil.budgets"
-  local sub = args[1]
   local as_json = false
   for i = 1, #args do if args[i] == "--json" then as_json = true end end
   if sub == nil or sub == "--json" then
@@ -636,38 +685,7 @@ function commands.budgets(args)
     return
   end
   if sub == "set" then
-    name = name or fail("budgets set: which budget?")
-    local limit, per
-    local i = 3
-    while args[i] do
-      local a, v = args[i], args[i + 1]
-      if (a == "--limit" or a == "--per") and v == nil then fail("budgets set: %s needs a value", a) end
-      if a == "--limit" then
-        -- (decimal only: Lua's tonumber took 0x10 as $16)
-        limit = v:match("^%-?%d*%.?%d*[eE]?[-+]?%d*$") and v:find("%d") and tonumber(v)
-        -- (as resil.budget's: past 1e12 USD its micro-dollars pass 2^63 and are stored as a float)
-        if not limit or not (limit >= 0 and limit <= 1e12) then
-          -- (keys add --budget takes 50/day: the same typed here gets the option that says it)
-          local period = v:match("^[%d.]+/(%a+)$")
-          fail("budgets set: --limit takes an amount in USD from 0 to 1e12, not '%s'%s", v,
-            period and (" (a period is --per %s)"):format(period) or "")
-        end
-        -- (the ledger counts in millionths of a dollar: a limit below half of one was set as $0)
-        if limit > 0 and limit < 0.5e-6 then
-          fail("budgets set: --limit %s is below the ledger's unit, $0.000001 (0 is a limit that lets nothing " ..
-            "through)", v)
-        end
-      elseif a == "--per" then
-        if v ~= "day" and v ~= "month" and v ~= "none" then
-          fail("budgets set: --per takes day, month or none, not '%s'", tostring(v))
-        end
-        per = v
-      else
-        fail("budgets set: unknown argument '%s'", a)
-      end
-      i = i + 2
-    end
-    if not limit then fail("budgets set: --limit USD is needed") end
+    local limit, per = set_limit, set_per
     -- a gateway key's budget is "key:NAME": `budgets set NAME` made a budget
     -- nothing reserves against, and the key went on spending to its old limit
     local function config_of(n)
@@ -691,8 +709,7 @@ function commands.budgets(args)
       per))
     return
   end
-  fail("budgets: unknown argument '%s' (budgets, budgets show NAME, budgets release NAME [--stale], " ..
-       "budgets set NAME --limit USD [--per day|month|none])", sub)
+  fail("budgets: unknown argument '%s' %s", sub, BUDGETS_USAGE)
 end
 
 return function(args)
