@@ -26,6 +26,13 @@ describe("resil-lua check", function()
     assert.matches("\n0 errors, %d+ warnings?\n$", "\n" .. r.stdout)
   end)
 
+  -- (before: exit 0 with the report lost, where costs --csv > FILE on a full disk exits 1 saying so)
+  it("a report that cannot be written whole (> /dev/full) exits 1 saying so, not 0", function()
+    local r = helpers.run("(" .. helpers.resil .. " check policies/*.lua > /dev/full)")
+    assert.are.equal(1, r.code)
+    assert.are.equal("resil-lua: check: its report could not be written: No space left on device\n", r.stderr)
+  end)
+
   -- (before: "unknown option '--policies'", exit 2; a project whose policies live elsewhere
   -- could not check them the way its pipeline and gateway load them)
   it("checks the policy folder --policies names, as a pipeline loads it: its modules and its registry", function()

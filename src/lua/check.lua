@@ -286,7 +286,14 @@ return function(args)
   end
   io.stdout:write(("%d error%s, %d warning%s\n"):format(errors, errors == 1 and "" or "s", warnings,
     warnings == 1 and "" or "s"))
-  io.stdout:flush()
+  -- a report that could not be written whole (check > FILE on a full disk) is not a pass: it exited 0
+  -- with the report lost, where costs and runs exit 1 saying so (a reader that left: as SIGPIPE would)
+  local written, werr, code = io.stdout:flush()
+  if not written then
+    if code == 32 then exit(141, false) end -- (EPIPE)
+    io.stderr:write("resil-lua: check: its report could not be written: ", tostring(werr), "\n")
+    exit(1, false)
+  end
   -- at once: a task a policy started at load (a refresher that sleeps and loops) kept check
   -- running when its verdict was out, for good, and the state's finalizers are the policies' too
   exit(errors > 0 and 1 or 0, false)
