@@ -35,6 +35,21 @@ describe("the README, against the command", function()
     assert.are.same({}, extra, "in the README's table, not in --help")
   end)
 
+  -- (src/metrics.c, utf8.c, watchdog.c, gc_full.c and wal_sync.c were in no line of it)
+  it("names every file of src/ and src/lua/ in its Layout", function()
+    local layout = assert(readme:match("\n## Layout\n\n```\n(.-)```"))
+    local home = os.getenv("RESIL_HOME") or "."
+    local missing = {}
+    for f in helpers.run(("cd %s && ls src/*.c src/*.h"):format(home)).stdout:gmatch("[^\n]+") do
+      if not layout:find(f, 1, true) then missing[#missing + 1] = f end
+    end
+    local lua_line = assert(layout:match("src/lua/ (.-)\nsrc/crypto"))
+    for f in helpers.run(("cd %s && ls src/lua/*.lua"):format(home)).stdout:gmatch("src/lua/([%w_]+)%.lua") do
+      if not lua_line:find("%f[%w_]" .. f .. "%f[^%w_]") then missing[#missing + 1] = "src/lua/" .. f .. ".lua" end
+    end
+    assert.are.same({}, missing)
+  end)
+
   it("shows what `resil-lua check` prints for the shipped policies", function()
     local block = readme:match("```\n%$ resil%-lua check\n(.-)```")
     assert.is_not_nil(block)
