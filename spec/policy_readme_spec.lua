@@ -36,7 +36,7 @@ describe("the README, against the command", function()
   end)
 
   -- (src/metrics.c, utf8.c, watchdog.c, gc_full.c and wal_sync.c were in no line of it)
-  it("names every file of src/ and src/lua/ in its Layout", function()
+  it("names every file of src/, src/lua/ and policies/ in its Layout", function()
     local layout = assert(readme:match("\n## Layout\n\n```\n(.-)```"))
     local home = os.getenv("RESIL_HOME") or "."
     local missing = {}
@@ -46,6 +46,10 @@ describe("the README, against the command", function()
     local lua_line = assert(layout:match("src/lua/ (.-)\nsrc/crypto"))
     for f in helpers.run(("cd %s && ls src/lua/*.lua"):format(home)).stdout:gmatch("src/lua/([%w_]+)%.lua") do
       if not lua_line:find("%f[%w_]" .. f .. "%f[^%w_]") then missing[#missing + 1] = "src/lua/" .. f .. ".lua" end
+    end
+    local policies_line = assert(layout:match("\npolicies/ (.-)\nspec/"))
+    for f in helpers.run(("cd %s && ls policies/*.lua"):format(home)).stdout:gmatch("policies/([%w_]+)%.lua") do
+      if not policies_line:find("%f[%w_]" .. f .. "%f[^%w_]") then missing[#missing + 1] = "policies/" .. f .. ".lua" end
     end
     assert.are.same({}, missing)
   end)
