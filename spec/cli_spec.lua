@@ -217,6 +217,21 @@ describe("the resil-lua command", function()
     assert.are.equal("resil-lua: keys: a live key is named 'a' already (revoke it first)\n", r.stderr)
   end)
 
+  -- (before: a key printed to a full disk stayed live, its secret held by nobody, and the next
+  -- `keys add --name` of its name was "a live key is named 'a' already (revoke it first)")
+  it("keys add: a key that cannot be written (> /dev/full) is revoked, saying so; the name can be added again",
+    function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run(("(%s keys add --name a --store %s > /dev/full)"):format(R, db))
+    assert.are.equal(1, r.code)
+    assert.matches("^resil%-lua: keys: the key could not be written %(No space left on device%); key key_%x+ %(a%) " ..
+      "was revoked: add it again\n$", r.stderr)
+    assert.matches("\nkey_%x+%s+a%s+revoked%s", helpers.run(("%s keys list --store %s"):format(R, db)).stdout)
+    r = helpers.run(("%s keys add --name a --store %s"):format(R, db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^sk%-resil%-%S+\n$", r.stdout)
+  end)
+
   -- (before: a name past 16 characters pushed its row's columns out of line, --tpm 20000000 was listed
   -- as 2e+07 and a budget of $1234567.5 as $1.23457e+06; a model's escape sequence reached the terminal)
   it("keys list: columns in line whatever the name's length, limits as typed, control characters escaped",

@@ -343,7 +343,16 @@ function keys.main(args)
     -- (a refusal of what was typed is its message; the store's trouble keeps its kind)
     if not key then fail("%s", (rec.kind == "bad_option" or rec.kind == "exists") and rec.message or tostring(rec)) end
     -- the only time the key is shown; the store keeps its digest
-    print(key)
+    -- one that could not be shown (keys add > FILE on a full disk) is revoked: it stayed live, its
+    -- secret held by nobody, and its name refused to the next add ("a live key is named ... already")
+    local shown, werr = io.stdout:write(key, "\n")
+    if shown then shown, werr = io.stdout:flush() end -- (print's own flush hid its failure from a later one)
+    if not shown then
+      local revoked, rerr = keys.revoke(rec.id)
+      fail("the key could not be written (%s); %s", tostring(werr), revoked and
+        ("key %s (%s) was revoked: add it again"):format(rec.id, rec.name) or
+        ("revoke key %s (%s): %s"):format(rec.id, rec.name, tostring(rerr)))
+    end
     io.stderr:write(("key %s (%s) made; it is not shown again\n"):format(rec.id, rec.name))
   elseif cmd == "list" then
     local list, err = keys.list()
