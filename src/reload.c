@@ -247,6 +247,14 @@ static void links_rescan(reload_state *st) {
     if (st->roots[i][0]) watch_dir(st, st->roots[i], 2, 0);
 }
 
+/* A name a policy module may have: x.lua, not a dot-file, which require never loads (Emacs's lock
+ * `.#x.lua`, made at a buffer's first change and taken at its save, reloaded every policy twice
+ * before the file was saved) */
+static int is_policy_file(const char *name) {
+  size_t len = strlen(name);
+  return len > 4 && name[0] != '.' && strcmp(name + len - 4, ".lua") == 0;
+}
+
 static void debounce_cb(evutil_socket_t fd, short what, void *arg) {
   resil_t *R = arg;
   links_rescan(R->reload);
@@ -262,8 +270,7 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
     if (n <= 0) break;
     for (char *p = buf; p < buf + n;) {
       struct inotify_event *ev = (struct inotify_event *)p;
-      size_t len = ev->len ? strlen(ev->name) : 0;
-      if (len > 4 && strcmp(ev->name + len - 4, ".lua") == 0) changed = 1;
+      if (ev->len && is_policy_file(ev->name)) changed = 1;
       /* the kernel's queue overflowed (a deploy writing thousands of files
        * while the loop was busy): what changed is lost, so reload */
       if (ev->mask & IN_Q_OVERFLOW) changed = 1;
@@ -328,9 +335,8 @@ static void watch_dir(reload_state *st, const char *dir, int depth, int watch) {
     if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
     char sub[PATH_MAX];
     snprintf(sub, sizeof sub, "%s/%s", dir, e->d_name);
-    size_t len = strlen(e->d_name);
     struct stat sb;
-    int is_lua = len > 4 && strcmp(e->d_name + len - 4, ".lua") == 0;
+    int is_lua = is_policy_file(e->d_name);
     int is_dir = stat(sub, &sb) == 0 && S_ISDIR(sb.st_mode);
     if ((is_lua || (is_dir && depth > 0)) && lstat(sub, &sb) == 0 && S_ISLNK(sb.st_mode)) link_add(st, sub);
     else if (is_lua && st->poll_all) link_add(st, sub); /* (inotify short: stat'ed each second) */
