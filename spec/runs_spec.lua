@@ -490,3 +490,32 @@ for i = 1, 40 do resil.step("s" .. i, function() return i end) end
     assert.matches("\n%-%s+41%s+s40%s+done%s+0%s+%d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%d\n", show.stdout)
   end)
 end)
+
+-- (before: "runs show: no steps recorded for run 'nightly'", and no word of the runs nightly.lua
+-- made, whose ids are its name and a hash of its arguments: nightly-<12 hex digits>)
+describe("a run named as its script is (runs show nightly for nightly.lua's runs)", function()
+  it("runs show, runs forget and costs --run name the runs named after the script", function()
+    local dir, db = helpers.tmpname("-project"), helpers.tmpname(".db")
+    assert(os.execute("mkdir -p " .. dir))
+    helpers.write(dir .. "/nightly.lua", 'require("resil").step("fetch", function() return 1 end)\n')
+    for _, a in ipairs({ "", "x" }) do
+      local r = sh(("cd %s && %s --store %s --log-level off nightly.lua %s"):format(dir, helpers.resil, db, a))
+      assert.are.equal(0, r.code, r.stderr)
+    end
+    local ids = {}
+    for id in sh(("%s runs --store %s"):format(helpers.resil, db)).stdout:gmatch("\n(nightly%-%x+)") do ids[#ids + 1] = id end
+    assert.are.equal(2, #ids)
+    for cmd, says in pairs({ ["runs show nightly"] = "runs show: no steps recorded for run 'nightly'",
+                             ["runs forget nightly"] = "runs forget: no run 'nightly'",
+                             ["costs --run nightly"] = "costs: no run 'nightly' in the store" }) do
+      local r = sh(("%s %s --store %s"):format(helpers.resil, cmd, db))
+      assert.are.equal(1, r.code, cmd)
+      assert.matches("^resil%-lua: " .. says:gsub("%p", "%%%0"), r.stderr, 1, false, cmd)
+      assert.matches("; the runs named after nightly%.lua and its arguments: nightly%-%x+, nightly%-%x+\n$", r.stderr)
+      for _, id in ipairs(ids) do assert.truthy(r.stderr:find(id, 1, true), cmd) end
+    end
+    -- a name no script's runs start with: as before
+    assert.are.equal("resil-lua: runs show: no steps recorded for run 'night'\n",
+      sh(("%s runs show night --store %s"):format(helpers.resil, db)).stderr)
+  end)
+end)

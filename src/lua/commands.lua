@@ -241,13 +241,30 @@ local function unpriced_note(n)
   return (" (+%d unpriced call%s)"):format(n, n == 1 and "" or "s")
 end
 
+-- A run's default id is its script's name and a hash of its arguments (pipeline-010adb046611):
+-- `runs show pipeline` said only that no run has that name. -> "; ..., the runs named after it" | ""
+local function runs_named_after(s, name)
+  local list = backend_of[s]:runs_list(resil.store_now())
+  local found = {}
+  for _, r in ipairs(list or {}) do
+    if r.id:sub(1, #name + 1) == name .. "-" and r.id:sub(#name + 2):match("^%x%x%x%x%x%x%x%x%x%x%x%x$") then
+      found[#found + 1] = r.id
+    end
+  end
+  if #found == 0 then return "" end
+  local more = #found > 5 and (" and %d more"):format(#found - 5) or ""
+  for i = #found, 6, -1 do found[i] = nil end
+  return printable(redact(("; the runs named after %s.lua and its arguments: %s%s"):format(name,
+    table.concat(found, ", "), more)))
+end
+
 local function runs_show(s, args)
   local id = args[2] or fail("runs show: which run? (resil-lua runs lists them)")
   local html
   if args[3] == "--html" then html = args[4] or fail("runs show: --html needs a file name") end
   local extra = args[html and 5 or 3]
   if extra then fail("runs show: unknown argument '%s' (runs show ID [--html FILE])", extra) end
-  local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'", id)
+  local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'%s", id, runs_named_after(s, id))
   local run = report.run
   if report.no_steps and not html then
     -- (or `runs forget` let its steps go: the line said its script had checkpointed nothing)
@@ -311,7 +328,9 @@ local function runs_forget(s, args)
   if args[3] then fail("runs forget: unknown argument '%s' (runs forget ID)", args[3]) end
   local ok, why, holder = backend_of[s]:run_forget(id, resil.store_now())
   if ok == nil then fail("runs forget: %s", tostring(why)) end
-  if not ok and why == "unknown" then fail("runs forget: no run '%s' (resil-lua runs lists them)", printable(id)) end
+  if not ok and why == "unknown" then
+    fail("runs forget: no run '%s' (resil-lua runs lists them)%s", printable(id), runs_named_after(s, id))
+  end
   if not ok then fail("runs forget: run '%s' is held by %s: stop it first", printable(id), holder_text(holder)) end
   print(("forgot run %s"):format(printable(redact(id))))
 end
@@ -459,8 +478,8 @@ function commands.costs(args)
     local known, gerr = #rows > 0 or backend_of[s]:run_get(run)
     if known == nil and gerr ~= nil then fail("costs: %s", tostring(gerr)) end
     if not known then
-      fail("costs: no run '%s' in the store, and no ledger rows for it (resil-lua runs lists the runs)",
-        printable(redact(run)))
+      fail("costs: no run '%s' in the store, and no ledger rows for it (resil-lua runs lists the runs)%s",
+        printable(redact(run)), runs_named_after(s, run))
     end
   end
   if as_csv and not by then -- the ledger's rows, for a spreadsheet, written as they are read
