@@ -557,6 +557,30 @@ for i = 1, 2000 do resil.trace.start("s" .. i):finish() end -- 8 batches of 256
   end)
 end)
 
+describe("--otlp-endpoint, a collector away as the run ends", function()
+  -- (before: "trace export failed; spans are kept and sent again" with retry_in, and the process
+  -- ended: they were dropped, as the README says, and the log's last word said otherwise; a
+  -- collector that failed before the end said nothing at the end at all)
+  it("says the spans are dropped, how many and why, not that they are sent again", function()
+    local r = helpers.run_script([[
+local resil = require "resil"
+for i = 1, 3 do resil.trace.start("s" .. i):finish() end
+]], "--log-level info --otlp-endpoint http://127.0.0.1:1")
+    assert.are.equal(0, r.code, r.stderr)
+    local said = {}
+    for line in r.stderr:gmatch("[^\n]+") do
+      local l = resil.json.decode(line)
+      if l.msg:find("^trace export") then said[#said + 1] = l end
+    end
+    -- (the background task's post may have failed first, on a loaded machine: the last word is the end's)
+    local last = said[#said]
+    assert.are.equal("trace export failed as the run ended; its spans are dropped", last and last.msg, r.stderr)
+    assert.are.equal(4, last.dropped) -- (three, and the run's)
+    assert.matches("^connect: ", last.error)
+    assert.is_nil(last.retry_in)
+  end)
+end)
+
 describe("a task that continues a caller's trace (resil.trace.continue)", function()
   it("sends its attempts as children of the caller's span, in the caller's trace", function()
     local seen = {}

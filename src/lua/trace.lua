@@ -311,8 +311,9 @@ local function refusal(res)
   return why ~= "" and ("status %d: %s"):format(res.status, why) or ("status %d"):format(res.status)
 end
 
--- -> ok, retry (the seconds to wait before sending the batch again; nil: it is not to be sent again)
-local function post(batch, timeout)
+-- -> ok, retry (the seconds to wait before sending the batch again; nil: it is not to be sent again),
+-- why it failed. final: the run's last flush, which says itself what it dropped
+local function post(batch, timeout, final)
   -- a batch that cannot be written is that batch's failure, not the exporter's end
   local encoded, body = pcall(trace.otlp_body, batch)
   local res, err
@@ -350,15 +351,15 @@ local function post(batch, timeout)
   -- said once while it keeps failing (an unreachable collector must not flood the log), and once
   -- as it ends: said once for the run, a collector that failed again days into a gateway's life
   -- was never said
-  if not ok and not exporter.failing then
+  local why = not ok and (err and tostring(err) or res and refusal(res)) or nil
+  if not ok and not exporter.failing and not final then
     resil.log.warn(retry and "trace export failed; spans are kept and sent again" or
-      "trace export failed; spans are dropped", { url = exporter.url,
-      error = err and tostring(err) or refusal(res), retry_in = retry })
+      "trace export failed; spans are dropped", { url = exporter.url, error = why, retry_in = retry })
   elseif ok and exporter.failing then
     resil.log.info("trace export works again", { url = exporter.url })
   end
   exporter.failing = not ok
-  return ok, retry
+  return ok, retry, why
 end
 
 -- A batch the collector is to get again goes back to the queue's head; the queue stays within
@@ -384,6 +385,7 @@ end
 -- it again after the collector's Retry-After, or a backoff (exporter.retry_at).
 function trace.flush(deadline)
   if not exporter then return end
+  local failed, why = 0, nil -- (the last flush's: said once, with what it dropped)
   while #queue > 0 do
     local timeout = deadline and math.min(exporter.timeout, deadline - resil.now()) or exporter.timeout
     if timeout <= 0 then break end
@@ -392,11 +394,12 @@ function trace.flush(deadline)
     table.move(queue, k + 1, n, 1)
     for i = n - k + 1, n do queue[i] = nil end
     in_flight = in_flight + k
-    local ok, retry = post(batch, timeout)
+    local ok, retry, err = post(batch, timeout, deadline ~= nil)
     in_flight = in_flight - k
     if exporter.abandoned then break end
     if not ok and deadline then
       if retry then exported_total:inc({ result = "failed" }, k) end
+      failed, why = k, err
       break
     end
     if retry then
@@ -405,6 +408,11 @@ function trace.flush(deadline)
       break
     end
     exporter.retry_at = nil
+  end
+  -- (a failure here was said "spans are kept and sent again", and the process ended: never sent)
+  if deadline and failed > 0 then
+    resil.log.warn("trace export failed as the run ended; its spans are dropped", { url = exporter.url,
+      error = why, dropped = failed + #queue })
   end
   if deadline and #queue > 0 then
     dropped_total:inc(nil, #queue)
