@@ -51,6 +51,14 @@ describe("the command, for a policy's author", function()
       assert.are.equal(1, r.code, cmd)
       assert.matches("'" .. name .. "' is a subcommand: name it first", r.stderr, cmd)
     end
+    -- (before: "unknown option '--listen'" and the usage, where --help lists --listen)
+    for _, cmd in ipairs({ "--listen :8080 gateway", "--workers 2 gateway", "--config g.lua gateway",
+                           "--worker-timeout 5 gateway --workers 2" }) do
+      local r = helpers.run(("%s %s"):format(R, cmd))
+      assert.are.equal(1, r.code, cmd)
+      assert.are.equal(("resil-lua: '%s' is an option of the gateway: name the subcommand first, its options " ..
+        "after it (resil-lua gateway %s ...)\n"):format(cmd:match("^(%S+)"), cmd:match("^(%S+)")), r.stderr, cmd)
+    end
     -- a script that happens to have such a name still runs
     local dir = helpers.policy_dir({ check = "print('a script named check')\n" })
     local r = helpers.run(("cd %s && %s --log-level off check"):format(dir, R))

@@ -1459,6 +1459,13 @@ int main(int argc, char **argv) {
       }
       continue;
     }
+    /* `resil-lua --listen :8080 gateway`: an option --help lists, said "unknown" */
+    if (!gateway && (strcmp(a, "--listen") == 0 || strcmp(a, "--config") == 0 || strcmp(a, "--workers") == 0 ||
+                     strcmp(a, "--worker-timeout") == 0)) {
+      fprintf(stderr, PROGNAME ": '%s' is an option of the gateway: name the subcommand first, its options after it "
+                      "(" PROGNAME " gateway %s ...)\n", a, a);
+      return 1;
+    }
     fail("unknown option '%s'", a);
     usage(stderr);
     return 1;
