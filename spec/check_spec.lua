@@ -281,6 +281,24 @@ return {
   end)
 
   -- (before: find, as ls before it, read it as an option: nothing checked, "0 errors")
+  -- (before: both passed, and `resil-lua gateway` refused to start: "policies.gateway has no function 'main'")
+  it("a project's policies/gateway.lua without the functions the gateway calls (a config named so) is an error",
+    function()
+      helpers.write(dir .. "/policies/gateway.lua", "return { auth = false }\n")
+      local r = check()
+      assert.are.equal(1, r.code, r.stdout)
+      assert.matches("\nerror: policies/gateway%.lua: policies%.gateway has no function 'main' %(the gateway calls it: " ..
+        "a copy of policies/gateway%.lua keeps the shipped file's; a gateway config is named otherwise%)\n", "\n" .. r.stdout)
+      local text = helpers.slurp((os.getenv("RESIL_HOME") or ".") .. "/policies/gateway.lua")
+      helpers.write(dir .. "/policies/gateway.lua", (text:gsub("\nfunction gateway%.stopping_reply%(", "\nlocal function dropped(")))
+      r = check()
+      assert.are.equal(1, r.code, r.stdout)
+      assert.matches("policies%.gateway has no function 'stopping_reply'", r.stdout)
+      helpers.write(dir .. "/policies/gateway.lua", text)
+      r = check()
+      assert.are.equal(0, r.code, r.stdout)
+    end)
+
   it("checks a policy folder whose name starts with '-'", function()
     os.execute("mkdir -p " .. dir .. "/-delete")
     helpers.write(dir .. "/-delete/x.lua", "return {\n")

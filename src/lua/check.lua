@@ -141,6 +141,9 @@ local function registry_module()
   return reg
 end
 
+-- what `resil-lua gateway` calls of policies.gateway (src/main.c; its server, next_versions_have)
+local GATEWAY_FUNCTIONS = { "main", "handle", "stopping_reply" }
+
 -- os.exit while a file loads is that file's error: it ended check with the status the file gave
 -- (0: a CI step passed, the files after it unchecked), as it would end a host that reloads it
 local exit = os.exit
@@ -262,6 +265,16 @@ return function(args)
         elseif mod ~= nil and type(mod) ~= "table" and type(mod) ~= "function" then -- (as a reload refuses)
           add("error", ("%s: a policy module must return a table or a function; it returned %s"):format(path,
             type(mod)))
+        elseif modname == "policies.gateway" then
+          -- (the gateway's start calls main and its server handle and stopping_reply: a copy without
+          -- them, or a config named gateway.lua in the policy folder, passed and the gateway refused it)
+          for _, fn in ipairs(GATEWAY_FUNCTIONS) do
+            if type(mod) ~= "table" or type(rawget(mod, fn)) ~= "function" then
+              add("error", ("%s: policies.gateway has no function '%s' (the gateway calls it: a copy of " ..
+                "policies/gateway.lua keeps the shipped file's; a gateway config is named otherwise)"):format(path, fn))
+              break
+            end
+          end
         end
       end
     end
