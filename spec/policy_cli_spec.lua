@@ -33,6 +33,16 @@ describe("the command, for a policy's author", function()
     assert.are.equal("7\n", r.stdout)
   end)
 
+  -- (before: "conf//bad.lua:2: ..." in every message, the path as the searcher joined it, for the
+  -- `--policies conf/` a shell's completion writes)
+  it("names a policy file conf/x.lua, not conf//x.lua, for a --policies given with a trailing slash", function()
+    local dir = helpers.policy_dir({ ["bad.lua"] = "local M = {}\nfunction M.f( return 1 end\nreturn M\n" })
+    local r = helpers.run(("%s --log-level off --policies %s/ -e 'require \"policies.bad\"'"):format(R, dir))
+    assert.are.equal(1, r.code)
+    assert.truthy(r.stderr:find("\n\t" .. dir .. "/bad.lua:2: ", 1, true), r.stderr)
+    assert.is_nil(r.stderr:find("//", 1, true), r.stderr)
+  end)
+
   it("prints the usage for a subcommand's --help or -h, exit status 0", function()
     for _, cmd in ipairs({ "check --help", "check -h", "mock --help", "mock -h", "costs --by model --help",
       "runs --help", "budgets -h", "keys --help" }) do

@@ -838,6 +838,9 @@ static resil_t *open_host(const resil_options *opts) {
     return NULL;
   }
   R->policies_dir = opts->policies_dir ? strdup(opts->policies_dir) : NULL;
+  /* `--policies conf/`, as a shell completes it: every message named conf//x.lua */
+  for (size_t n = R->policies_dir ? strlen(R->policies_dir) : 0; n > 1 && R->policies_dir[n - 1] == '/'; n--)
+    R->policies_dir[n - 1] = '\0';
   char cwd[PATH_MAX];
   R->open_dir = getcwd(cwd, sizeof cwd) ? strdup(cwd) : NULL;
   R->share_dir = find_share_dir();
