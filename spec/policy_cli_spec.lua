@@ -43,6 +43,19 @@ describe("the command, for a policy's author", function()
     assert.is_nil(r.stderr:find("//", 1, true), r.stderr)
   end)
 
+  -- (before: "unknown option '--store=x.db'" and the usage; the value's password was redacted already)
+  it("says an option's value comes after a space for --option=value, its secret redacted", function()
+    local r = helpers.run(R .. " --store=x.db -e 1")
+    assert.are.equal(1, r.code)
+    assert.are.equal("resil-lua: an option's value comes after a space: --store x.db\n", r.stderr)
+    r = helpers.run(R .. " gateway --listen=:8080")
+    assert.are.equal("resil-lua: an option's value comes after a space: --listen :8080\n", r.stderr)
+    r = helpers.run(R .. " --store=redis://:hunter2secret@127.0.0.1:1/0 -e 1")
+    assert.are.equal(1, r.code)
+    assert.is_nil(r.stderr:find("hunter2secret", 1, true), r.stderr)
+    assert.matches("^resil%-lua: an option's value comes after a space: %-%-store redis://", r.stderr)
+  end)
+
   it("prints the usage for a subcommand's --help or -h, exit status 0", function()
     for _, cmd in ipairs({ "check --help", "check -h", "mock --help", "mock -h", "costs --by model --help",
       "runs --help", "budgets -h", "keys --help" }) do

@@ -1466,6 +1466,13 @@ int main(int argc, char **argv) {
                       "(" PROGNAME " gateway %s ...)\n", a, a);
       return 1;
     }
+    /* `--store=x.db`, as many commands take it: said "unknown option '--store=x.db'" */
+    const char *eq = strchr(a, '=');
+    if (a[1] == '-' && eq && eq > a + 2) {
+      char spaced[PATH_MAX];
+      snprintf(spaced, sizeof spaced, "%.*s %s", (int)(eq - a), a, eq + 1);
+      return fail("an option's value comes after a space: %s", spaced);
+    }
     fail("unknown option '%s'", a);
     usage(stderr);
     return 1;
