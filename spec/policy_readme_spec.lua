@@ -36,7 +36,7 @@ describe("the README, against the command", function()
   end)
 
   -- (src/metrics.c, utf8.c, watchdog.c, gc_full.c and wal_sync.c were in no line of it)
-  it("names every file of src/, src/lua/ and policies/ in its Layout", function()
+  it("names every file of src/, src/lua/ and policies/ in its Layout (policies/README.md too)", function()
     local layout = assert(readme:match("\n## Layout\n\n```\n(.-)```"))
     local home = os.getenv("RESIL_HOME") or "."
     local missing = {}
@@ -50,6 +50,12 @@ describe("the README, against the command", function()
     local policies_line = assert(layout:match("\npolicies/ (.-)\nspec/"))
     for f in helpers.run(("cd %s && ls policies/*.lua"):format(home)).stdout:gmatch("policies/([%w_]+)%.lua") do
       if not policies_line:find("%f[%w_]" .. f .. "%f[^%w_]") then missing[#missing + 1] = "policies/" .. f .. ".lua" end
+    end
+    assert.are.same({}, missing)
+    -- and policies/README.md, each module by its file name
+    local list = helpers.slurp(home .. "/policies/README.md")
+    for f in helpers.run(("cd %s/policies && ls *.lua providers/*.lua"):format(home)).stdout:gmatch("[^\n]+") do
+      if not list:find("`" .. f .. "`", 1, true) then missing[#missing + 1] = "policies/README.md: " .. f end
     end
     assert.are.same({}, missing)
   end)
