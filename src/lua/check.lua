@@ -141,8 +141,9 @@ local function registry_module()
   return reg
 end
 
--- what `resil-lua gateway` calls of policies.gateway (src/main.c; its server, next_versions_have)
-local GATEWAY_FUNCTIONS = { "main", "handle", "stopping_reply" }
+-- what `resil-lua gateway` calls of policies.gateway: main (src/main.c) and handle (every version's
+-- server); not stopping_reply, which a copy from before the gateway's drain lacks, and runs without
+local GATEWAY_FUNCTIONS = { "main", "handle" }
 
 -- os.exit while a file loads is that file's error: it ended check with the status the file gave
 -- (0: a CI step passed, the files after it unchecked), as it would end a host that reloads it
@@ -266,8 +267,8 @@ return function(args)
           add("error", ("%s: a policy module must return a table or a function; it returned %s"):format(path,
             type(mod)))
         elseif modname == "policies.gateway" then
-          -- (the gateway's start calls main and its server handle and stopping_reply: a copy without
-          -- them, or a config named gateway.lua in the policy folder, passed and the gateway refused it)
+          -- (a copy without them, or a config named gateway.lua in the policy folder, passed and the
+          -- gateway refused to start, or answered every request a 500)
           for _, fn in ipairs(GATEWAY_FUNCTIONS) do
             if type(mod) ~= "table" or type(rawget(mod, fn)) ~= "function" then
               add("error", ("%s: policies.gateway has no function '%s' (the gateway calls it: a copy of " ..
