@@ -72,6 +72,14 @@ local soft_total = resil.metrics.counter("resil_budget_soft_limit_total",
   "Reservations that took a budget past its soft share, by budget")
 local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
   "Reservations allowed unchecked while the store was unavailable (on_outage = \"allow\"), by budget")
+-- (a hold is an estimate: a settle past it spends what no reservation checked, and requests held
+-- at once near the limit may end the period past it by their sum; nothing said so)
+local overrun_total = resil.metrics.counter("resil_budget_overrun_usd_total",
+  "USD settled past what its reservation held (its estimate was low), by budget")
+local function count_overrun(t, actual)
+  local over = actual - (t.estimate or 0)
+  if over >= 0.5e-6 then overrun_total:inc({ budget = t.budget.name }, over) end
+end
 local Ticket = {}
 -- (nor are a ticket's id and budget fields: a sandboxed script that set its own ticket's
 -- budget = { name = "key:team" } settled into a gateway key's budget, and one that set its id to
@@ -570,6 +578,7 @@ function Ticket:settle(actual, e)
   if fields.wait == false and write_later(backend_of[s], "budget_settle", fields,
     { budget = self.budget.name, ticket = self.id, usd = actual }, self.id, entry) then
     observe_end(self, actual)
+    count_overrun(self, actual)
     return true
   end
   -- a caller canceled while the store has it (a client that left, a
@@ -586,7 +595,10 @@ function Ticket:settle(actual, e)
     settle_later(self, entry, fields, err.sent)
     err.retrying = true
   end
-  if ok or (err and err.retrying) then observe_end(self, actual) end
+  if ok or (err and err.retrying) then
+    observe_end(self, actual)
+    count_overrun(self, actual)
+  end
   return ok, err
 end
 
