@@ -1138,6 +1138,8 @@ local stops = {}
 -- looked at for each: a client's thousand stops of 100 KB were seconds of the loop per delta)
 TUNED.STOPS_MAX, TUNED.STOP_BYTES = 16, 256
 function stops.of(b, api)
+  -- (vLLM's include_stop_str_in_output: the client asked for the stop in its answer)
+  if api ~= "anthropic" and b.include_stop_str_in_output == true then return nil end
   local stop = api == "anthropic" and b.stop_sequences or b.stop
   if type(stop) == "string" then stop = { stop } end
   if type(stop) ~= "table" then return nil end

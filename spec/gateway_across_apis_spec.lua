@@ -349,6 +349,10 @@ describe("gateway: an OpenAI client's stop sequences its alias's reasoning model
     local choice = json.decode(res.body).choices[1]
     assert.are.same({ "The answer is 4.", "stop" }, { choice.message.content, choice.finish_reason })
     assert.is_nil(sent[1].stop)
+    -- (vLLM's include_stop_str_in_output: the client asked for the stop in its answer, not cut)
+    res = post(url .. "/v1/chat/completions", { model = "smart", messages = MSGS, stop = { "</answer>" },
+      include_stop_str_in_output = true })
+    assert.are.equal(TEXT, json.decode(res.body).choices[1].message.content)
     req.stream, req.stream_options = true, { include_usage = true }
     res = post(url .. "/v1/chat/completions", req)
     assert.are.equal(200, res.status, res.body)
@@ -365,7 +369,7 @@ describe("gateway: an OpenAI client's stop sequences its alias's reasoning model
     assert.matches("data: %[DONE%]\n\n$", res.body)
     assert.is_true(helpers.wait_until(function()
       local rows = resil.cost.breakdown("model")[1]
-      return rows and rows.calls == 2
+      return rows and rows.calls == 3
     end, 5))
   end)
 end)
