@@ -393,3 +393,33 @@ describe("gateway: an Anthropic client's whitespace stop sequence, to Anthropic"
     assert.are.equal("one", json.decode(res.body).choices[1].message.content)
   end)
 end)
+
+describe("gateway: who asked, at Anthropic", function()
+  -- (OpenAI is sent the key's name as `user`, a client's own user and safety_identifier left out;
+  -- Anthropic was sent none, and an Anthropic client's metadata.user_id as it came: one tenant
+  -- could name another as the one who asked)
+  it("is the key's name in metadata.user_id, whichever API's client, a client's own user_id left out", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local keys = require "resil.keys"
+    local sent = {}
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/messages"] = function(req)
+      sent[#sent + 1] = json.decode(req.body)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode(ANTHROPIC_ANSWER) }
+    end } }))
+    local url = helpers.gateway_for_mock(m, { auth = true, key_cache = 0, models = {} }, finally)
+    local key = assert(keys.add({ name = "alice" }))
+    local function post_as(path, body)
+      return assert(http.request({ method = "POST", url = url .. path, headers = { ["content-type"] = "application/json",
+        authorization = "Bearer " .. key }, body = json.encode(body) }))
+    end
+    local res = post_as("/v1/messages", { model = "anthropic/claude-sonnet-4-5-20250929", max_tokens = 10,
+      messages = MSGS, metadata = { user_id = "bob" } })
+    assert.are.equal(200, res.status, res.body)
+    res = post_as("/v1/chat/completions", { model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS,
+      user = "bob" })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.same({ "alice", "alice" }, { sent[1].metadata.user_id, sent[2].metadata and sent[2].metadata.user_id })
+  end)
+end)

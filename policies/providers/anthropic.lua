@@ -167,6 +167,9 @@ function anthropic.body(req, model, conf)
   body.model, body.messages, body.system = model, msgs, system
   body.max_tokens = output_cap(req, model, conf, req.max_tokens or conf.max_tokens or anthropic.default_max_tokens)
   for _, k in ipairs(PASSED) do if req[k] ~= nil then body[k] = req[k] end end
+  -- who asked, as the OpenAI adapter sends it in `user` (a gateway's key name): a client's own
+  -- metadata.user_id does not replace it, or one tenant pinned its abuse on another's id
+  if type(req.user) == "string" then body.metadata = { user_id = req.user } end
   -- sampling in OpenAI's terms (an OpenAI client's, a policy's): Anthropic's temperature runs
   -- 0..1, not 0..2 (past 1 is sent as 1), and its models from Opus 4.1 and the 4.5s on refuse
   -- temperature and top_p together (top_p is left out, temperature kept, as the Vercel AI SDK
