@@ -248,7 +248,10 @@ static void call_done(void *arg, task *t) {
       c->text = copy_or_placeholder(tb ? tb : (n >= 2 ? resil_describe(L, top + 2) : NULL), "resil_call: the call failed");
   } else {
     c->status = lua_toboolean(L, top + 2) ? RESIL_OK : RESIL_ERR_FAILED;
-    c->text = copy_or_placeholder(lua_tostring(L, top + 3), "resil_call: no result");
+    /* (the JSON holds no NUL; a nil, err message may: resil_describe writes it \0) */
+    c->text = copy_or_placeholder(c->status == RESIL_OK || lua_type(L, top + 3) != LUA_TSTRING ? lua_tostring(L, top + 3)
+                                                                                                : resil_describe(L, top + 3),
+                                  "resil_call: no result");
   }
   lua_settop(L, top);
   c->finished = 1;

@@ -204,6 +204,19 @@ static const char *describe_where(lua_State *L, int idx, int level, const char *
 const char *resil_describe(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
   if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    if (lua_type(L, idx) == LUA_TSTRING && strlen(s) < len) {
+      /* a NUL in it as \0: the message ended there (resil_error, the logs), the rest of it unsaid */
+      luaL_Buffer b;
+      luaL_buffinit(L, &b);
+      for (size_t i = 0; i < len; i++) {
+        if (s[i]) luaL_addchar(&b, s[i]);
+        else luaL_addstring(&b, "\\0");
+      }
+      luaL_pushresult(&b);
+      return lua_tostring(L, -1);
+    }
     lua_pushvalue(L, idx);
     return lua_tostring(L, -1);
   }

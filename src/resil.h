@@ -141,7 +141,7 @@ RESIL_API int resil_run(resil_t *R);
 
 /* The last error message, with a traceback when a task raised. Values read
  * through resil.secret and credential URL parameters (?key=...) are replaced
- * by [REDACTED]. */
+ * by [REDACTED]; a NUL byte in a script's message is written \0. */
 RESIL_API const char *resil_error(resil_t *R);
 
 /* The watchdog: a task that runs `seconds` of CPU time without yielding (a

@@ -255,6 +255,11 @@ int main(void) {
             strncmp(resil_error(R), "need_string: x must be a string\n", 32) == 0,
         "error(msg, 2) in the function called blames its caller, the program: no line of the host's");
   if (strncmp(resil_error(R), "need_string: x must be a string\n", 32) != 0) printf("# got %.80s\n", resil_error(R));
+  load(R, "function nul_raise() error('before\\0after') end\n"
+          "function nul_fail() return nil, 'before\\0after' end\n");
+  check(call(R, "nul_raise", NULL) == RESIL_ERR_SCRIPT && contains(resil_error(R), "before\\0after") &&
+            call(R, "nul_fail", NULL) == RESIL_ERR_FAILED && contains(resil_error(R), "before\\0after"),
+        "an error message with a NUL in it reaches resil_error whole, the NUL as \\0 (it ended there)");
   check(call(R, "policies.router.unavailable", "[]") == RESIL_ERR_FAILED &&
             contains(resil_error(R), "policies.router.unavailable (") && contains(resil_error(R), "router.lua:5)") &&
             contains(resil_error(R), "rate_limited: try later"),
