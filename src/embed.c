@@ -396,6 +396,7 @@ static int call_and_wait(resil_t *R, const char *fn, const char *json_args, char
   if (!state_of(R)) return RESIL_ERR_MEMORY;
   embed_call *c = calloc(1, sizeof *c);
   if (!c) return RESIL_ERR_MEMORY;
+  loop_look(R); /* (a reload due runs before fn is resolved) */
   int status = start_call(R, fn, json_args, c);
   if (status != RESIL_OK) {
     if (status == RESIL_ERR_INTERRUPT && interrupt_is_ours(R)) R->interrupted = 0; /* (reported: its message says where) */

@@ -57,6 +57,7 @@ struct resil {
   lua_State *L;
   struct event_base *base;
   int owns_base;
+  int base_handed_out; /* resil_event_base gave the program the host's own base (it may dispatch it) */
 
   /* tasks */
   task *ready_head, *ready_tail;
@@ -293,6 +294,7 @@ void loop_free(resil_t *R);
 int loop_run(resil_t *R);
 int loop_run_until(resil_t *R, const int *done); /* until *done, no task left or an interrupt */
 int loop_step(resil_t *R, int timeout_ms);       /* resil_step */
+void loop_look(resil_t *R);                      /* resil_call: the host's own base's I/O, not waiting */
 void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
 void loop_arm_runaway(resil_t *R); /* from the watchdog's signal handler */

@@ -1830,6 +1830,20 @@ int loop_run_until(resil_t *R, const int *done) {
 
 static void step_timeout_cb(evutil_socket_t fd, short what, void *arg) { (void)fd, (void)what, (void)arg; }
 
+/* A program that drives the host with resil_call alone (quick calls, no resil_step, no base of
+ * its own) never had a turn look at I/O: a policy edit resil_watch saw, a SIGHUP for
+ * resil_reload_on_sighup and a server's connections waited for good, and every call ran the old
+ * policy. Each call looks first (one epoll_wait that does not wait). On a program's own base its
+ * dispatch does that. */
+void loop_look(resil_t *R) {
+  /* (nor once the program has the host's base: from a callback of its own dispatch of it, libevent
+   * refuses the loop, and the call would be refused) */
+  if (!R->owns_base || R->base_handed_out || R->interrupted) return;
+  loop_enter(R);
+  base_loop(R, LOOK_AT_IO);
+  loop_leave(R);
+}
+
 int loop_step(resil_t *R, int timeout_ms) {
   loop_enter(R);
   if (R->interrupted) {

@@ -65,7 +65,11 @@ int resil_refused(resil_t *R, const char *what) {
   return 1;
 }
 lua_State *resil_lua(resil_t *R) { return R ? R->L : NULL; }
-struct event_base *resil_event_base(resil_t *R) { return R ? R->base : NULL; }
+struct event_base *resil_event_base(resil_t *R) {
+  if (!R) return NULL;
+  R->base_handed_out = 1; /* (resil_call no longer looks at its I/O: loop_look) */
+  return R->base;
+}
 
 /* The memory cap applies to all Lua the host runs (tasks, and handlers and
  * reloads through host_pcall), all of it protected; the host's own

@@ -182,7 +182,10 @@ RESIL_API int resil_request_stop(resil_t *R, int signo);
 RESIL_API int resil_reload(resil_t *R);
 
 /* Reload whenever a .lua file changes in a policy folder (--policies DIR,
- * ./policies, the shipped library), after 100 ms of quiet. on = 0 stops. */
+ * ./policies, the shipped library), after 100 ms of quiet. on = 0 stops.
+ * The reload runs in a loop turn: resil_run, resil_step, your dispatch of
+ * resil_options.base, or resil_call, which looks at the host's own base's
+ * I/O first (unless resil_event_base handed that base to the program). */
 RESIL_API int resil_watch(resil_t *R, int on);
 
 /* Reload on SIGHUP (through libevent: the reload runs in the loop).
