@@ -1090,6 +1090,11 @@ int resil_load_file(resil_t *R, const char *path, int argc, char **argv) {
 static void name_run(resil_t *R, const char *name, const char *code) {
   lua_State *L = R->L;
   int top = lua_gettop(L);
+  /* an interrupt that came between calls is the next run's to report (it runs nothing): it cut
+   * this bookkeeping instead, and the chunk's steps were checkpointed in another chunk's run
+   * (resumed later, its paid steps ran again); one that comes meanwhile still stops it */
+  sig_atomic_t pending = R->interrupted;
+  R->interrupted = 0;
   lua_getfield(L, LUA_REGISTRYINDEX, PRIVATE_KEY);
   if (lua_getfield(L, -1, name ? "name_chunk" : "end_other_run") == LUA_TFUNCTION) {
     if (name) lua_pushstring(L, *name ? name : "(string)"), lua_pushstring(L, code);
@@ -1097,6 +1102,7 @@ static void name_run(resil_t *R, const char *name, const char *code) {
     if (host_pcall(L, "resil_load", name ? 3 : 1, 0) != LUA_OK) /* (the chunk runs all the same) */
       redact_fprintf(R, stderr, "resil-lua: naming the chunk's run: %s\n", lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
   }
+  if (pending && !R->interrupted) R->interrupted = pending;
   lua_settop(L, top);
 }
 

@@ -4,6 +4,7 @@
  * one, loading one chunk after another) that run different code never replay
  * each other's step results. Prints TAP lines; spec/run counts them.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,6 +100,28 @@ int main(void) {
         "in one host, chunks loaded one after another are runs of their own, named by the chunk's name");
   check(strcmp(result, "one host, B") == 0, "and the second chunk's step ran");
   resil_close(R);
+
+  /* an interrupt between calls (a program's SIGINT handler: resil_interrupt while nothing runs),
+   * then the next chunk loaded: the interrupt cut the load's naming of the chunk's run, and the
+   * chunk's step was checkpointed in another run; the same code run again found nothing in its
+   * own run and paid again */
+  R = open_host();
+  set_global(R, "value", "job A");
+  ok = R && resil_load_string(R, CHUNK_A, "=job") == RESIL_OK && resil_run(R) == RESIL_OK;
+  global(R, "run", a, sizeof a);
+  resil_interrupt(R, SIGINT);
+  set_global(R, "value", "job B, paid");
+  ok = ok && resil_load_string(R, CHUNK_B, "=job") == RESIL_OK && resil_run(R) == RESIL_ERR_INTERRUPT &&
+       resil_run(R) == RESIL_OK;
+  global(R, "run", b, sizeof b);
+  global(R, "result", result, sizeof result);
+  check(ok && strcmp(result, "job B, paid") == 0 && strncmp(b, "job-", 4) == 0 && strcmp(a, b) != 0,
+        "an interrupt between calls, then a chunk loaded: the interrupt is reported by resil_run, and the chunk "
+        "then runs in its own run");
+  if (strncmp(b, "job-", 4) != 0 || strcmp(a, b) == 0) printf("# the second chunk's run: %s (the first's %s)\n", b, a);
+  resil_close(R);
+  check(run_apart(CHUNK_B, "=job", "paid twice", "job B, paid") == 0,
+        "and that chunk run again by another process resumes its run: its step is replayed, not paid again");
 
   /* the run of a chunk whose step failed: `runs show` names it as Lua names the chunk, and gives
    * no command to resume it (its program does; the line named a file "billing" that is none) */
