@@ -187,7 +187,13 @@ int resil_reload(resil_t *R) {
   int top = lua_gettop(L);
   locale_t caller = host_locale_enter(R);
   api_enter(R);
+  /* an interrupt that came between calls is the next run's or call's to report: it cut every
+   * reload until then ("[resil prelude]:704: interrupted by signal 2"); one that comes meanwhile
+   * (another thread's, at a reload that loops) still stops it */
+  sig_atomic_t pending = R->interrupted;
+  R->interrupted = 0;
   reload_on(L);
+  if (pending && !R->interrupted) R->interrupted = pending;
   host_locale_leave(caller);
   int ok = lua_toboolean(L, -2);
   if (!ok) resil_set_error(R, lua_tostring(L, -1));

@@ -60,6 +60,18 @@ int main(void) {
   int called = call(R, "policies.versioned.version", NULL);
   check(called == RESIL_OK && strcmp(result, "[2]") == 0, "the policy edited and SIGHUP sent: the next call runs version 2");
   if (called != RESIL_OK || strcmp(result, "[2]") != 0) printf("# got %.200s\n", result);
+
+  /* an interrupt between calls (resil_interrupt while nothing runs) is reported by the next call,
+   * which runs nothing; a reload meanwhile is the program's own: it was cut, every time until a
+   * call came, "reload: [resil prelude]:704: interrupted by signal 2" */
+  write_policy(policy, 3);
+  resil_interrupt(R, SIGINT);
+  int reloaded = resil_reload(R);
+  check(reloaded == RESIL_OK, "an interrupt between calls, then resil_reload: the policy is reloaded");
+  if (reloaded != RESIL_OK) printf("# %.200s\n", resil_error(R));
+  check(call(R, "policies.versioned.version", NULL) == RESIL_ERR_INTERRUPT && call(R, "policies.versioned.version", NULL) ==
+            RESIL_OK && strcmp(result, "[3]") == 0,
+        "the next call reports the interrupt, running nothing, and the one after runs version 3");
   resil_close(R);
 
   snprintf(command, sizeof command, "rm -rf %s", dir);
