@@ -468,6 +468,9 @@ end
 -- err: retries, no fallback; `refused` (a list) gets each answer the
 -- validator refused; give_up (fn() -> a reason | nil): policies.retry's,
 -- no attempt starts once it says one
+-- deadline false: no attempt is cut by a deadline, the retries still end at the retry options'
+-- (a job's create or a speech: cut short, a job was made that no one knows of, or an answer billed
+-- and not read)
 function Provider:attempts(req, deadline, refused, give_up)
   local opts = self.retry_opts
   if not refused and (self.idempotency or type(req) == "table" and req.idempotency_key) then
@@ -475,9 +478,10 @@ function Provider:attempts(req, deadline, refused, give_up)
   end
   -- (the retry options' own deadline, timeout and give_up when the call has none: each attempt's too,
   -- as r.bounded says; given the retries only, an attempt under way ran its own timeout past it)
-  deadline = deadline or opts.deadline or (opts.timeout and now() + opts.timeout)
+  local retries_until = deadline or opts.deadline or (opts.timeout and now() + opts.timeout)
+  if deadline == nil then deadline = retries_until elseif deadline == false then deadline = nil end
   give_up = give_up or opts.give_up
-  return retry.attempts(attempt, opts, deadline, give_up, self, req, deadline, refused, give_up)
+  return retry.attempts(attempt, opts, retries_until, give_up, self, req, deadline, refused, give_up)
 end
 
 local function invoke(self, req)

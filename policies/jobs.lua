@@ -231,13 +231,13 @@ local function context(spec, what, level)
   local function given_up()
     if ctx.retries_until and resil.now() >= ctx.retries_until then return "deadline" end
   end
-  ctx.send_create = function(req) return p.create:attempts(req, nil, nil, given_up) end
+  ctx.send_create = function(req) return p.create:attempts(req, false, nil, given_up) end
   ctx.own_url = function(u, fallback) return own_url(ctx, u, fallback) end
   -- a status read keeps to the job's deadline (ctx.poll_until): a hanging read or a long
   -- Retry-After does not hold off the cancel
   ctx.send = function(req)
     if ctx.poll_until then return p.any:attempts(req, ctx.poll_until) end
-    if ctx.refused then return p.any:attempts(req, nil, ctx.refused, given_up) end -- (a speech's cut answers, see there)
+    if ctx.refused then return p.any:attempts(req, false, ctx.refused, given_up) end -- (a speech's cut answers, see there)
     return p.any(req)
   end
   return ctx

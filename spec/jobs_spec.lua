@@ -704,6 +704,18 @@ describe("ai.job on Replicate", function()
     assert.are.equal(2, m:stats().routes.prediction)
   end)
 
+  -- (before: a retry table's timeout became each attempt's deadline too, and a create that took
+  -- longer was cut: the job made and paid, no row in the ledger, and a retry made a second)
+  it("a create slower than the retry table's timeout is waited for: one job, one row", function()
+    m = resil.mock.start({ jobs = { polls = 0 }, sequence = { predictions = { { kind = "ok", latency = 8 } } } })
+    use(m.url)
+    jobs.configure("replicate", { base_url = m.url .. "/v1", api_key = KEYS.replicate, retry = { timeout = 5 } })
+    local r = assert(jobs.job({ model = FLUX, input = { prompt = "a cat" } }))
+    assert.are.equal("succeeded", r.status)
+    assert.are.equal(1, m:stats().routes.predictions)
+    assert.are.equal(1, resil.cost.breakdown("model")[1].calls)
+  end)
+
   it("takes a throttled create (429 with Replicate's detail) as rate_limited, waits and retries", function()
     m = resil.mock.start({ jobs = { polls = 0, errors = { predictions = { { status = 429, retry_after = 4 } } } } })
     use(m.url)
