@@ -289,3 +289,18 @@ if arg[2] == "exit" then os.exit(0) end
       end)
   end
 end)
+
+describe("a step whose results reach the process's memory cap as they are encoded (--max-memory)", function()
+  it("says so, not that they are no JSON values; the run goes on", function()
+    local db = helpers.tmpname(".db")
+    local r = helpers.run_script([[
+local resil = require "resil"
+print(pcall(resil.step, "big", function() return ("x"):rep(25 * 1024 * 1024) end))
+print(resil.step("after", function() return "went on" end))
+]], ("--store %s --run capped --max-memory 64M --log-level off"):format(db))
+    assert.are.equal(0, r.code, r.stderr)
+    -- (before: "cannot checkpoint the results: they must be JSON values: not enough memory", of a string)
+    assert.matches("^false\t%S+%.lua:2: resil%.step: cannot checkpoint the results: the process's memory cap " ..
+      "%(%-%-max%-memory%) was reached as they were encoded\nwent on\n$", r.stdout)
+  end)
+end)

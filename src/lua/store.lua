@@ -641,6 +641,10 @@ local function exact(v, depth, path, budget)
 end
 
 -- -> JSON text | nil, why
+-- (a memory cap reached as they are copied or encoded: said so, not as a value JSON cannot hold,
+-- "they must be JSON values: not enough memory", of a string that is one)
+local OUT_OF_MEMORY = "not enough memory"
+local OUT_OF_MEMORY_WHY = "the process's memory cap (--max-memory) was reached as they were encoded"
 local function encode_values(r, first)
   local values = {}
   local budget = { bytes = 0 }
@@ -653,12 +657,14 @@ local function encode_values(r, first)
       v = fields
     end
     local ok, e = pcall(exact, v, 0, {}, budget)
+    if not ok and e == OUT_OF_MEMORY then return nil, OUT_OF_MEMORY_WHY end
     if not ok then return nil, "they hold " .. tostring(e) end
     if is_error then e = { ["@e"] = e } end -- (a user's own "@e" key is escaped by exact)
     if e == nil then e = null end
     values[#values + 1] = e
   end
   local ok, text = pcall(json.encode, { n = r.n - first + 1, v = values, x = 1 })
+  if not ok and text == OUT_OF_MEMORY then return nil, OUT_OF_MEMORY_WHY end
   if not ok then return nil, "they must be JSON values: " .. tostring(text) end
   -- (the count above is the values' own bytes: a control byte is six as JSON, \u0001, and 8 MB
   -- of them were a 48 MB record; the limit is the text's)
