@@ -9,6 +9,7 @@ local resil = require "resil"
 local ai = require "policies.ai"
 local faults = {
   unauthorized = { { route = "chat", status = 401 } },
+  moved = { { route = "chat", status = 301 } },
   no_credit = { { route = "chat", status = 429, error_type = "insufficient_quota", error_code = "insufficient_quota" } },
   outage = { { route = "chat", status = 503 } },
   frozen = { { route = "chat", kind = "hang" } },
@@ -35,6 +36,7 @@ print(table.concat(seen, ","), m:stats().routes.chat or 0)
 describe("a pipeline resumed after its provider's bad day", function()
   local cases = {
     { "unauthorized", "auth,auth,auth,auth" },
+    { "moved", "redirect,redirect,redirect,redirect" },   -- a base_url that moved: the configuration's
     { "no_credit", "quota,quota,quota,quota" },
     { "outage", "server_error,circuit_open,circuit_open,circuit_open" },   -- its breaker opened
     { "frozen", "timeout,circuit_open,circuit_open,circuit_open" },

@@ -33,12 +33,13 @@ local replays_total = resil.metrics.counter("resil_once_replays_total",
 -- the burst, and the request's retry under its key must then be served.
 -- Nor is a refusal that says how things stood, not what the request was, though no retry cures
 -- it now: a breaker open or a bulkhead full (a provider's outage), a deadline or a cancel (the
--- call's own time), a key refused, a quota or a budget spent, a certificate, a stream cut. Kept,
+-- call's own time), a key refused, a quota or a budget spent, a certificate, a redirect (a base_url
+-- that moved: the configuration's), a stream cut. Kept,
 -- a pipeline resumed after its provider's outage, its key fixed or its credit added, replayed
 -- circuit_open (auth, quota) at every step for a day and called nothing.
 local PASSING = { rate_limited = true, circuit_open = true, bulkhead_full = true, deadline = true, timeout = true,
   canceled = true, given_up = true, auth = true, missing_secret = true, quota = true, quota_exceeded = true,
-  budget_exceeded = true, tls = true, stream_interrupted = true, store_unavailable = true }
+  budget_exceeded = true, tls = true, redirect = true, stream_interrupted = true, store_unavailable = true }
 local function is_permanent(err)
   return type(err) == "table" and err.retryable == false and not PASSING[err.kind] and not PASSING[err.class]
 end
