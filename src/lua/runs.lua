@@ -267,7 +267,8 @@ local function finish_run(status, why, at_end)
           failed_store[1] = true
           resil.log.error("a step ran but its result was not checkpointed as the run ended: resuming it runs the " ..
             "step again", { run = r.id, item = p.scope ~= "" and p.scope or nil, seq = p.seq, step = p.name,
-              error = tostring(ok and (err or "the run was taken over") or done),
+              error = not ok and tostring(done) or done == false and ("the run was taken over by " .. tostring(err))
+                or tostring(err),
               record = #p.record.text <= MAX_LOGGED_RECORD and p.record.text or nil })
         end
       end
@@ -323,7 +324,6 @@ local sensitive_field = private.sensitive_field
 -- table past 16 levels, "{...}"; a function, a thread, NaN by their names; a table that is not a
 -- list has its keys as strings (cjson refused a cycle, a sparse list or a table key, and the
 -- step's error was the table's address, "table: 0x5581..."). Read raw: no metamethod runs.
-local sensitive_field = private.sensitive_field
 local array_mt, raw_metatable = json.array_mt, debug.getmetatable
 local function json_safe(v, depth, seen)
   local kind = type(v)
@@ -626,6 +626,9 @@ local function not_run(r, name, where, err)
   return nil, err
 end
 
+-- (a step's task closed while the step is in flight: { r.inflight, key, its entry })
+local cut_when_closed = { __close = function(c) if c[1][c[2]] == c[3] then c[3].cut = true end end }
+
 -- resil.step(name, fn, ...) -> fn's results; in a resumed run, the stored ones
 function resil.step(name, fn, ...)
   if type(name) ~= "string" or name == "" then error("resil.step: name must be a non-empty string", 2) end
@@ -702,7 +705,7 @@ function resil.step(name, fn, ...)
   r.inflight[key] = running
   -- a cancel closes the task where it waits (in fn, or the store's put past a shield): the step is
   -- still in flight then, and never will end (finish_run records it failed)
-  local _ <close> = setmetatable({}, { __close = function() if r.inflight[key] == running then running.cut = true end end })
+  local _ <close> = setmetatable({ r.inflight, key, running }, cut_when_closed)
   local places, outer_places = {}, ctx._step_places
   -- the step begun, in the store: a process killed from here on leaves its step "running" there,
   -- which `runs show` lists as interrupted (it listed the item done). Its outcome replaces it. (A
