@@ -256,12 +256,16 @@ describe("a step whose task is canceled mid-fn (a resil.timeout around it, t:can
         local script = [[
 local resil = require "resil"
 local slow = arg[1] == "slow"
-local v, err = resil.timeout(0.1, resil.step, "render", function()
+resil.step("prepare", function() return true end) -- (the run taken: the deadline below is fn's alone)
+local v, err = resil.timeout(1, resil.step, "render", function()
   print("render ran"); resil.sleep(slow and 30 or 0); return "video"
 end)
 print(v, err and err.kind)
-local t = resil.spawn(resil.step, "upload", function() print("upload ran"); resil.sleep(slow and 30 or 0); return "url" end)
-resil.sleep(0.05)
+local began = false
+local t = resil.spawn(resil.step, "upload", function()
+  print("upload ran"); began = true; resil.sleep(slow and 30 or 0); return "url"
+end)
+while not began do resil.sleep(0.01) end
 if slow then t:cancel() end
 print(t:join())
 print(resil.step("notify", function() return "sent" end))
@@ -276,9 +280,9 @@ if arg[2] == "exit" then os.exit(0) end
           -- (before: "done", the steps "pending", and no resume line: nothing said the video was never made)
           local show = helpers.run(("%s runs show %s --store '%s'"):format(helpers.resil, id, store)).stdout
           assert.matches("^run " .. id:gsub("%-", "%%-") .. ": done_with_failures", show)
-          assert.matches("\n%-%s+1%s+render%s+failed%s[^\n]+canceled: the step's task was canceled", show)
-          assert.matches("\n%-%s+2%s+upload%s+failed%s[^\n]+canceled: the step's task was canceled", show)
-          assert.matches("\n%-%s+3%s+notify%s+done%s", show)
+          assert.matches("\n%-%s+2%s+render%s+failed%s[^\n]+canceled: the step's task was canceled", show)
+          assert.matches("\n%-%s+3%s+upload%s+failed%s[^\n]+canceled: the step's task was canceled", show)
+          assert.matches("\n%-%s+4%s+notify%s+done%s", show)
           assert.matches("\nresume: ", show)
           r = helpers.run_script(script, ("--store '%s' --run %s --log-level off"):format(store, id), "fast " .. exit)
           assert.are.equal(0, r.code, r.stderr)
