@@ -18,14 +18,15 @@ local faults = {
 local m = resil.mock.start({ faults = faults[arg[1]] })
 ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456", retry = { base = 0.01, max_retries = 1 },
   breaker = { window_type = "count", window = 4, min_calls = 2, failure_rate = 0.5, open_for = 600 } })
+local prompt = arg[2] or "caption"
 local out, failures = resil.map({ 1, 2, 3, 4 }, function(i)
   return resil.step("caption", function()
-    return resil.once(resil.run.id() .. "/" .. i, function()
+    return resil.once(resil.run.id() .. "/" .. i, function(text)
       local r, err = ai.chat({ model = "openai/gpt-4o-mini", max_tokens = 50, timeout = 0.2, deadline = 1,
-        messages = { { role = "user", content = "caption " .. i } } })
+        messages = { { role = "user", content = text .. " " .. i } } })
       if not r then return nil, err end
       return r.text
-    end)
+    end, prompt)
   end)
 end, { concurrency = 1 })
 local seen = {}
@@ -67,5 +68,20 @@ describe("a pipeline resumed after its provider's bad day", function()
     local opts = ("%s --store %s --run refused --log-level off %s "):format(helpers.resil, db, script)
     assert.are.equal("bad_request,bad_request,bad_request,bad_request\t4\n", helpers.run(opts .. "refused").stdout)
     assert.are.equal("bad_request,bad_request,bad_request,bad_request\t0\n", helpers.run(opts .. "fine").stdout)
+  end)
+
+  it("(its requests refused as bad, then fixed in the pipeline) sends the fixed requests under the same keys", function()
+    local db = helpers.tmpname(".db")
+    local script = helpers.write(helpers.tmpname(".lua"), PIPELINE)
+    local opts = ("%s --store %s --run fixed --log-level off %s "):format(helpers.resil, db, script)
+    assert.are.equal("bad_request,bad_request,bad_request,bad_request\t4\n", helpers.run(opts .. "refused").stdout)
+    -- (before: "key_reused,key_reused,... 0" for a day, the record's retention: the refusal kept under each
+    -- key barred every other request from it, though nothing had been paid for)
+    local r = helpers.run(opts .. "fine 'a shorter caption'")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("made,made,made,made\t4\n", r.stdout)
+    -- and a key whose answer was kept is still refused to other arguments (the run started over: same keys)
+    assert.are.equal("key_reused,key_reused,key_reused,key_reused\t0\n", helpers.run(opts:gsub("%-%-run fixed",
+      "--run fixed --fresh") .. "fine 'another'").stdout)
   end)
 end)

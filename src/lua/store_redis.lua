@@ -127,7 +127,19 @@ if not r[2] then
   redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(retention * 1000)))
   return {'claimed'}
 end
-if r[1] ~= fp then return {'key_reused'} end
+if r[1] ~= fp then
+  -- a failure kept under the key, asked with other arguments (the request fixed): run, as SQLite does
+  local ok, t = pcall(cjson.decode, r[5] or '')
+  if not (r[2] == 'done' and ok and type(t) == 'table' and type(t.v) == 'table' and t.v[1] == cjson.null and
+      t.v[2] ~= nil and t.v[2] ~= cjson.null) then
+    return {'key_reused'}
+  end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'fingerprint', fp, 'state', 'running', 'owner', me, 'locked_at', ARGV[5],
+    'created_at', ARGV[5], 'claim', ARGV[9])
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(retention * 1000)))
+  return {'claimed'}
+end
 if r[2] == 'done' then return {'done', r[5]} end
 local alive = r[3] == me or holder_alive(KEYS[2], r[3], dead_set(ARGV[6]), ARGV[7], ARGV[10])
 if alive == false or (alive == nil and tonumber(r[4]) + lease <= now) then
@@ -1105,6 +1117,12 @@ function R:once_peek(key, fingerprint)
   local r, err = self.conn:call("HMGET", P .. "once:" .. key, "fingerprint", "state", "result")
   if r == nil then return nil, err end
   if not r[2] then return "none" end
+  if r[1] ~= fingerprint and r[2] == "done" then -- (a failure kept: other arguments run, once_claim)
+    local t = type(r[3]) == "string" and json.decode(r[3])
+    if type(t) == "table" and type(t.v) == "table" and t.v[1] == json.null and t.v[2] ~= nil and t.v[2] ~= json.null then
+      return "none"
+    end
+  end
   if r[1] ~= fingerprint then return "key_reused" end
   if r[2] == "done" then return "done", r[3] or nil end
   return "running"

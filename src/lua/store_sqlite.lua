@@ -7,6 +7,7 @@ local owner = require "resil.owner"
 local unwatched = require("resil.core.watchdog").unwatched
 -- (the host's, from the private table: loaded on a store's first use, not what a script left in resil)
 local now, sleep, running = private.store_now, private.sleep, private.running
+local json = private.json
 
 local migrations = {
   [[
@@ -398,10 +399,24 @@ end
 -- A running record is taken over when its holder is dead or, for a holder
 -- without identity, when its lease is stale. One held by this very host is
 -- in progress: its task is about to run it (store.lua waits for that task).
+-- A record that is a failure kept under its key (nil and a permanent error, once.lua): asked with
+-- other arguments (the request fixed: a prompt too long made shorter), it is no answer to them and
+-- nothing was paid for; they are run. Refused key_reused, the fixed request could not run under its
+-- key until the record's retention ran out (a day): a pipeline resumed with it failed at each step.
+local function kept_failure(result)
+  local t = type(result) == "string" and json.decode(result)
+  return type(t) == "table" and type(t.v) == "table" and t.v[1] == json.null and t.v[2] ~= nil and
+    t.v[2] ~= json.null
+end
+
 function B:once_claim(key, fingerprint, me, lease, retention, now, lease_until)
   return self.db:tx(function(tx)
     renew(tx, me, lease_until)
     local row = tx:row("SELECT * FROM idempotency WHERE key = ?", key)
+    if row and row.fingerprint ~= fingerprint and row.state == "done" and kept_failure(row.result) then
+      tx:exec("DELETE FROM idempotency WHERE key = ?", key)
+      row = nil
+    end
     -- a record past its retention is gone, unless its run is still going:
     -- fn running longer than the retention must not run a second time
     if row and row.expires_at <= now and (row.state ~= "running" or not holder_lives(tx, row, me, lease, now)) then
@@ -432,6 +447,7 @@ function B:once_peek(key, fingerprint, now)
   end)
   if err then return nil, err end
   if row == nil or (row.state == "done" and row.expires_at <= now) then return "none" end
+  if row.fingerprint ~= fingerprint and row.state == "done" and kept_failure(row.result) then return "none" end
   if row.fingerprint ~= fingerprint then return "key_reused" end
   if row.state == "done" then return "done", row.result end
   return "running"
