@@ -118,6 +118,9 @@ describe("resil.once on Redis", function()
     end
     resil.once("perm", refuse)
     assert.are.equal(400, select(2, resil.once("perm", refuse)).status)
+    -- other arguments under a key that kept a failure run (the request fixed); an answer kept refuses them
+    assert.are.equal("fixed", (resil.once("perm", function() return "fixed" end, "other")))
+    assert.are.equal("key_reused", select(2, resil.once("perm", refuse, "third")).kind)
     local flaky_calls = 0
     local function flaky()
       flaky_calls = flaky_calls + 1
