@@ -332,12 +332,19 @@ for _, b in ipairs(helpers.store_backends()) do
       end
       assert(assert(budget:reserve(0.01)):settle(0.004, { provider = "p" }))
       assert.are.equal(0, over())
+      -- a call's charges count with its settle: 0.002 + 0.004 is within its hold of 0.01
       local t = assert(budget:reserve(0.01))
-      assert(t:charge(0.002, { provider = "p" })) -- (never held: all of it)
+      assert(t:charge(0.002, { provider = "p" }))
+      assert(t:settle(0.004, { provider = "p" }))
+      assert.are.equal(0, over())
+      t = assert(budget:reserve(0.01))
+      assert(t:charge(0.002, { provider = "p" }))
       assert(t:settle(0.015, { provider = "p" }))
       assert.is_true(math.abs(over() - 0.007) < 1e-9, tostring(over()))
+      assert(t:charge(0.001, { provider = "p" })) -- (after the settle: all of it)
+      assert.is_true(math.abs(over() - 0.008) < 1e-9, tostring(over()))
       assert(assert(budget:reserve(0.01)):settle(0.02, { provider = "p", wait = false }))
-      assert.is_true(math.abs(over() - 0.017) < 1e-9, tostring(over()))
+      assert.is_true(math.abs(over() - 0.018) < 1e-9, tostring(over()))
     end)
 
     -- (before: on Redis only a settle added to a budget's spend, so such rows, which SQLite's spend

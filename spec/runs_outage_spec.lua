@@ -248,6 +248,8 @@ resil.cost.record({ provider = "p", model = "m", usd = 0.5 })
       ["budgets set"] = "budgets set: which budget%?",
       ["budgets sett team"] = "budgets: unknown argument 'sett'",
       ["runs lsit"] = "runs: unknown argument 'lsit'",
+      ["keys add --name team --budget abc"] = "keys: %-%-budget wants USD",
+      ["keys add --name team --budget 1e-7"] = "keys: %-%-budget 1e%-7 is below the ledger's unit",
     }
     for cmd, says in pairs(refused) do
       local r = helpers.run(("%s %s --store '%s'"):format(helpers.resil, cmd, db))

@@ -76,8 +76,17 @@ local unchecked_total = resil.metrics.counter("resil_budget_unchecked_total",
 -- at once near the limit may end the period past it by their sum; nothing said so)
 local overrun_total = resil.metrics.counter("resil_budget_overrun_usd_total",
   "USD settled past what its reservation held (its estimate was low), by budget")
+-- a call's charges (ticket:charge, its refused attempts') count with its settle: the hold covers
+-- them all (weak: the host's, not fields a script could set on its ticket)
+local charge_parent, charged = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
 local function count_overrun(t, actual)
-  local over = actual - (t.estimate or 0)
+  local parent = charge_parent[t]
+  if parent and not parent.done then
+    charged[parent] = (charged[parent] or 0) + actual
+    return
+  end
+  -- (a charge after its call's settle is all past the hold, which the settle freed)
+  local over = actual + (charged[t] or 0) - (t.estimate or 0)
   if over >= 0.5e-6 then overrun_total:inc({ budget = t.budget.name }, over) end
 end
 local Ticket = {}
@@ -615,6 +624,7 @@ function Ticket:charge(actual, e)
   -- period switch may have changed since it was reserved)
   local extra = new_ticket(("%s:charge:%d"):format(self.id, ticket_seq), self.budget,
     { period = self.period, per = self.per, estimate = 0, store = self.store, hold = self.hold })
+  charge_parent[extra] = self
   return extra:settle(actual, e)
 end
 

@@ -196,13 +196,16 @@ function keys.add(o)
   if o.models ~= nil and (type(o.models) ~= "table" or o.models[1] == nil) then
     error("keys.add: models must list at least one model (leave it out for any)", 2)
   end
-  local s, err = store()
-  if not s then return nil, err end
-  local budget = o.budget
+  -- (the budget read before the store is opened: one refused left an empty store made where it
+  -- was typed)
+  local budget, err = o.budget, nil
   if type(budget) == "string" or type(budget) == "number" then
     budget, err = parse_budget(budget)
     if not budget then return nil, resil.error("bad_option", err) end
   end
+  local s
+  s, err = store()
+  if not s then return nil, err end
   -- A limit set for the name's budget already (`budgets set key:NAME` before the key, or for a
   -- key revoked since) is the key's when it is made without --budget: without one in its record
   -- the gateway reserved nothing and the limit went unenforced. Made with --budget, the key's is
