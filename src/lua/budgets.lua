@@ -191,9 +191,9 @@ local function budget(name, opts)
   end
   if opts then
     if not is_usd(opts.limit, 1e12) then error("resil.budget: limit must be a number from 0 to 1e12", 2) end
-    -- (the ledger counts in millionths of a dollar: a limit below half of one was $0, and every
-    -- reservation refused, or one of less than a millionth granted at $0)
-    if opts.limit > 0 and opts.limit < 0.5e-6 then
+    -- (a limit the ledger held as $0: every reservation refused, or one of less than a millionth
+    -- granted at $0)
+    if costs.below_unit(opts.limit) then
       error(("resil.budget: limit %s is below the ledger's unit, $0.000001 (0 is a limit that lets nothing " ..
         "through)"):format(tostring(opts.limit)), 2)
     end

@@ -591,8 +591,8 @@ local function set_args(args)
         fail("budgets set: --limit takes an amount in USD from 0 to 1e12, not '%s'%s", v,
           period and (" (a period is --per %s)"):format(period) or "")
       end
-      -- (the ledger counts in millionths of a dollar: a limit below half of one was set as $0)
-      if limit > 0 and limit < 0.5e-6 then
+      -- (a limit the ledger holds as $0 was set so)
+      if require("resil.costs").below_unit(limit) then
         fail("budgets set: --limit %s is below the ledger's unit, $0.000001 (0 is a limit that lets nothing " ..
           "through)", v)
       end

@@ -12,6 +12,9 @@ local json, spawn = private.json, resil.spawn
 
 local MICRO, floor = 1e6, math.floor
 local function to_micro(usd) return floor(usd * MICRO + 0.5) end
+-- A limit above 0 that the ledger's millionths of a dollar hold as $0 (a budget or a key's that
+-- would refuse every request, where 0 is the limit said so): refused where it is given
+local function below_unit(usd) return usd > 0 and to_micro(usd) == 0 end
 -- An amount of money from a caller: a number from 0 to `most` ($1e9 by
 -- default; in micro-dollars far below 2^63, so every sum is an exact
 -- integer on both stores). NaN passed every `< 0` check (a reservation of
@@ -570,5 +573,6 @@ function resil.cost.unwritten() return unwritten end
 
 -- for budgets: ledger entries and money in micro-dollars; for the progress
 -- line: what this process has recorded so far
-return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, is_usd = is_usd, observe = observe_cost,
+return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, is_usd = is_usd, below_unit = below_unit,
+         observe = observe_cost,
          write_later = write_later, retry_later = retry_later, spent = function() return spent_usd end }

@@ -94,9 +94,8 @@ local function parse_budget(v)
   if not limit or limit <= 0 or limit > 1e12 or (per and per ~= "day" and per ~= "month") then
     return nil, ("--budget wants USD (up to 1e12), USD/day or USD/month, not '%s'"):format(tostring(v))
   end
-  -- (the ledger counts in millionths of a dollar: a limit below half of one was kept as $0, and
-  -- every request of the key was refused as over its budget)
-  if limit < 0.5e-6 then
+  -- (a limit the ledger holds as $0 was kept so, and every request of the key refused as over it)
+  if require("resil.costs").below_unit(limit) then
     return nil, ("--budget %s is below the ledger's unit, $0.000001: a key with it could spend nothing"):format(
       tostring(v))
   end
