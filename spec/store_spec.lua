@@ -1564,6 +1564,39 @@ print(br:state())
   end)
 end)
 
+describe("a shared breaker's metrics (SQLite)", function()
+  -- (before: resil_breaker_state and resil_breaker_rejected_total were its local window's, named
+  -- "<name>:local", closed and never counting the store's refusals, while every process was refused)
+  it("say the state the store held at this process's last look, under its own name, and count its refusals",
+    function()
+    resil.clock.real() -- (another process shares the store: its time must be real time)
+    finally(function() resil.clock.virtual() end)
+    fresh_store()
+    local br = resil.breaker("shared-metrics", { shared = true, open_for = 30 })
+    assert(br:allow())
+    br:record(true, 0.01, false)
+    local function gauge(state)
+      return tonumber(resil.metrics.text():match('resil_breaker_state{breaker="shared%-metrics",state="' .. state ..
+        '"} (%d+)'))
+    end
+    assert.are.same({ 1, 0 }, { gauge("closed"), gauge("open") })
+    local other = helpers.run_script([[
+local resil = require "resil"
+local br = resil.breaker("shared-metrics", { shared = true, window_type = "count", window = 1, min_calls = 1 })
+br:record(false, 0.01, false)
+print(br:state())
+]], "--store " .. resil.store().url .. " --log-level off")
+    assert.are.equal("open\n", other.stdout, other.stderr)
+    for _ = 1, 3 do assert.is_nil((br:allow())) end
+    assert.are.same({ 0, 1 }, { gauge("closed"), gauge("open") })
+    local text = resil.metrics.text()
+    assert.matches('resil_breaker_rejected_total{breaker="shared-metrics"} 3\n', text, 1, true)
+    assert.is_nil(text:find("shared-metrics:local", 1, true))
+    br:reset()
+    assert.are.same({ 1, 0 }, { gauge("closed"), gauge("open") })
+  end)
+end)
+
 describe("a shared breaker isolated (SQLite)", function()
   -- (before: a shared breaker had no isolate, "attempt to call a nil value (method 'isolate')")
   it("is isolated for every process until reset, as a local one is for its own", function()

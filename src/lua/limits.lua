@@ -681,6 +681,8 @@ instrumented = function(br)
   end
   local rejected = rejected_total:labels({ breaker = name })
   br:on("reject", function() rejected:inc() end)
+  -- (a shared breaker's refusals by the store are its own, not its local window's)
+  if type(br) == "table" then br.count_reject = function() rejected:inc() end end
   return br
 end
 
@@ -700,7 +702,7 @@ local sem_rejected = resil.metrics.counter("resil_semaphore_rejected_total",
 local STATES = { "closed", "open", "half_open", "isolated" }
 resil.metrics.collect(function()
   for br in pairs(instrumented_set) do
-    local name, now = br:name(), br:state()
+    local name, now = br:name(), br.seen_state and br:seen_state() or br:state()
     for _, st in ipairs(STATES) do breaker_state:set({ breaker = name, state = st }, st == now and 1 or 0) end
   end
   for _, registry in ipairs({ core_bucket.buckets(), shared_buckets }) do
@@ -775,6 +777,7 @@ function SharedBreaker:allow()
       id = ("%s:%d"):format(owner.me().id, probe_seq) }
     probes_out[p] = true
     ok, x = p.backend:breaker_probe(p.name, p.probe_for, p.now, p.id)
+    if ok ~= nil then self.open_until_seen = not ok and p.now + x or x == "probe" and p.now or false end
     if ok and x == "probe" then
       self.probes = self.probes or {}
       self.probes[#self.probes + 1] = p
@@ -797,6 +800,7 @@ function SharedBreaker:allow()
     return true, "probe"
   end
   if ok then return self.inner:allow() end
+  if self.count_reject then self.count_reject() end
   if x > ISOLATED_FOR / 2 then
     return nil, resil.error("circuit_open", ("breaker '%s' is isolated (shared)"):format(self.label),
       { breaker = self.label })
@@ -833,11 +837,15 @@ function SharedBreaker:record(ok, seconds, probe)
     -- (a slow probe is a failed one, as a local breaker's: it closed it for every process)
     local slow = self.slow_call > 0 and n and n >= self.slow_call
     if ok and not slow then
-      if s and not isolated_in(backend_of[s], self.label) then backend_of[s]:breaker_close(self.label) end
+      if s and not isolated_in(backend_of[s], self.label) then
+        backend_of[s]:breaker_close(self.label)
+        self.open_until_seen = false
+      end
       self.inner:reset()
     elseif s and not isolated_in(backend_of[s], self.label) then
       -- (for longer at each failed probe in a row, as a local breaker: it was open_for each time)
       backend_of[s]:breaker_reopen(self.label, self.open_for, self.backoff, self.open_for_max, store_now())
+      self.open_until_seen = store_now() + self.open_for -- (at least: the next allow reads it)
     end
     return
   end
@@ -845,6 +853,7 @@ function SharedBreaker:record(ok, seconds, probe)
   self.inner:record(ok, seconds, probe)
   if before ~= "open" and self.inner:state() == "open" and s and not isolated_in(backend_of[s], self.label) then
     backend_of[s]:breaker_open(self.label, store_now() + self.open_for, store_now())
+    self.open_until_seen = store_now() + self.open_for
   end
 end
 
@@ -861,6 +870,17 @@ end
 
 function SharedBreaker:state()
   return stored_state(self) or self.inner:state()
+end
+
+-- The state the store held when this process last asked it (an allow, its own record, isolate,
+-- reset), read without asking again: what the metrics and resil.map's progress line say, read
+-- where no store call may wait (they said the local window's, closed, while the store held it open)
+function SharedBreaker:seen_state()
+  local until_ = self.open_until_seen
+  if not until_ then return self.inner:state() end
+  local left = until_ - store_now()
+  if left > ISOLATED_FOR / 2 then return "isolated" end
+  return left > 0 and "open" or "half_open"
 end
 
 SharedBreaker.call = breaker_call -- it only uses allow() and record()
@@ -890,6 +910,7 @@ end
 function SharedBreaker:reset()
   local s = store_open()
   if s then backend_of[s]:breaker_close(self.label) end
+  self.open_until_seen = false
   self.inner:reset()
 end
 -- br:isolate(): open for every process until reset() (it had no isolate: a provider taken out of
@@ -898,6 +919,7 @@ function SharedBreaker:isolate()
   local s, err = store_open()
   local ok
   if s then ok, err = backend_of[s]:breaker_open(self.label, store_now() + ISOLATED_FOR, store_now()) end
+  if ok then self.open_until_seen = store_now() + ISOLATED_FOR end
   if not ok then warn_once(self, err) end
   self.inner:isolate() -- (this process's own, which it falls back to while the store is away)
 end
@@ -920,7 +942,8 @@ local function configure_shared_breaker(br, opts)
   end
   local o = {}
   for k, v in pairs(opts) do if k ~= "shared" then o[k] = v end end
-  br.inner = instrumented(local_breaker(name .. ":local", o))
+  -- (the metrics are the shared breaker's, under its own name: not its local window's, "<name>:local")
+  br.inner = local_breaker(name .. ":local", o)
   -- (options not given again keep their values, as the local breaker's do: a reload that set
   -- only min_calls put open_for back to 30 and probe_timeout to 60)
   br.open_for = tonumber(opts.open_for) or br.open_for or 30
@@ -935,7 +958,7 @@ end
 function resil.breaker(name, opts)
   check_options("breaker", name, opts)
   if type(opts) == "table" and opts.shared or shared_breakers[name] then
-    return shared_named(shared_breakers, SharedBreaker, name, configure_shared_breaker, opts)
+    return instrumented(shared_named(shared_breakers, SharedBreaker, name, configure_shared_breaker, opts))
   end
   return instrumented(local_breaker(name, opts))
 end
@@ -951,7 +974,7 @@ end
 local function breakers_not_closed()
   local out = {}
   for br in pairs(instrumented_set) do
-    local state = br:state()
+    local state = br.seen_state and br:seen_state() or br:state()
     if state ~= "closed" then out[#out + 1] = { name = br:name(), state = state } end
   end
   table.sort(out, function(a, b) return a.name < b.name end)
