@@ -256,20 +256,22 @@ local function finish_run(status, why, at_end)
   -- record is written now, as resil.once's are at close. The step was left "pending", its result
   -- lost, and the resumed run paid for it again.
   if at_end or not task_running() then
-    local failed_store = {}
+    local refused -- (a store that failed one is not asked again: the others are pending, as before)
     for key, p in pairs(r.inflight) do
-      if p.record and not failed_store[1] then
-        local ok, done, err = pcall(backend_of[r.store].step_put_now, backend_of[r.store], r.id, p.scope, p.seq,
-          p.name, p.record.text, store_now(), owner.me().id, p.record.retries, p.started, p.record.detail)
+      if p.record then
+        local ok, done, err = false, nil, refused
+        if not refused then
+          ok, done, err = pcall(backend_of[r.store].step_put_now, backend_of[r.store], r.id, p.scope, p.seq,
+            p.name, p.record.text, store_now(), owner.me().id, p.record.retries, p.started, p.record.detail)
+          if not ok then err = done elseif done == false then err = "the run was taken over by " .. tostring(err) end
+        end
         if ok and done then
           r.inflight[key] = nil
-        else -- (a store that failed one: the others are pending, as before; what was paid for is in the log)
-          failed_store[1] = true
+        else -- (each said, with its record: what was paid for is in the log)
+          refused = refused or tostring(err)
           resil.log.error("a step ran but its result was not checkpointed as the run ended: resuming it runs the " ..
             "step again", { run = r.id, item = p.scope ~= "" and p.scope or nil, seq = p.seq, step = p.name,
-              error = not ok and tostring(done) or done == false and ("the run was taken over by " .. tostring(err))
-                or tostring(err),
-              record = #p.record.text <= MAX_LOGGED_RECORD and p.record.text or nil })
+              error = tostring(err), record = #p.record.text <= MAX_LOGGED_RECORD and p.record.text or nil })
         end
       end
     end

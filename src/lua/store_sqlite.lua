@@ -622,40 +622,36 @@ end
 
 -- -> true | true, name, result (the place has a record already: the first one is kept) | false,
 -- holder, since (the run was taken over: this process lost it)
-function B:step_put(run, scope, seq, name, result, now, me, retries, started, detail)
-  return self.db:tx(function(tx)
-    local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
-    if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
-    -- another process wrote it while the run had no holder (it ended it): the first is kept (a
-    -- plain insert raised SQLite's own "UNIQUE constraint failed")
-    if tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries, started, detail) " ..
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run, scope, seq) DO NOTHING", run, scope, seq, name, result,
-        now, retries or 0, started, detail) == 0 then
-      local stored = tx:row("SELECT name, result FROM steps WHERE run = ? AND scope = ? AND seq = ?", run, scope, seq)
-      return true, stored.name, stored.result
-    end
+-- a step's record in tx, once: -> true [, the name and result stored first] | false, owner, since
+-- (another process holds the run)
+local function put_step(tx, run, scope, seq, name, result, now, me, retries, started, detail)
+  local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
+  if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
+  -- another process wrote it while the run had no holder (it ended it): the first is kept (a
+  -- plain insert raised SQLite's own "UNIQUE constraint failed")
+  local stored
+  if tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries, started, detail) " ..
+      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run, scope, seq) DO NOTHING", run, scope, seq, name, result,
+      now, retries or 0, started, detail) == 0 then
+    stored = tx:row("SELECT name, result FROM steps WHERE run = ? AND scope = ? AND seq = ?", run, scope, seq)
+  else
     tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
-    tx:exec("DELETE FROM unfinished_steps WHERE run = ? AND scope = ? AND seq = ? AND state = 'running'", run, scope,
-      seq)
-    return true
-  end)
+  end
+  tx:exec("DELETE FROM unfinished_steps WHERE run = ? AND scope = ? AND seq = ? AND state = 'running'", run, scope, seq)
+  if stored then return true, stored.name, stored.result end
+  return true
+end
+
+function B:step_put(...)
+  local args = table.pack(...)
+  return self.db:tx(function(tx) return put_step(tx, table.unpack(args, 1, args.n)) end)
 end
 
 -- the same at once, without the loop (the run's end after a signal, resil_close: fn ended, its
 -- record not yet written; one the queue committed already is kept) -> as step_put
-function B:step_put_now(run, scope, seq, name, result, now, me, retries, started, detail)
-  return write_now(self, function(tx)
-    local row = tx:row("SELECT owner, owner_since FROM runs WHERE id = ?", run)
-    if row and row.owner and row.owner ~= me then return false, row.owner, row.owner_since end
-    if tx:exec("INSERT INTO steps (run, scope, seq, name, result, at, retries, started, detail) " ..
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run, scope, seq) DO NOTHING", run, scope, seq, name, result,
-        now, retries or 0, started, detail) > 0 then
-      tx:exec("UPDATE runs SET steps = steps + 1, updated_at = ? WHERE id = ?", now, run)
-    end
-    tx:exec("DELETE FROM unfinished_steps WHERE run = ? AND scope = ? AND seq = ? AND state = 'running'", run, scope,
-      seq)
-    return true
-  end)
+function B:step_put_now(...)
+  local args = table.pack(...)
+  return write_now(self, function(tx) return put_step(tx, table.unpack(args, 1, args.n)) end)
 end
 
 -- each run with its holder, if any: holder = {host=, pid=, since=}, holder_alive
