@@ -229,14 +229,14 @@ local function caller_of(name, adapter, conf, req)
     if req[k] ~= nil then o[k] = req[k] else o[k] = conf[k] end
   end
   if req.retry ~= nil then o.retry = call_retry(req.retry) end
-  o.validate = function(res)
+  o.validate = function(res, wire)
     if res.stream then -- a stream that delivered its first delta, or ended
       if res.empty then return nil, "empty content (the stream ended before any text)" end
       return true
     end
     local data, why = classify.decoded(res)
     if data == nil then return nil, why end
-    return adapter.validate(data)
+    return adapter.validate(data, type(wire) == "table" and type(wire.json) == "table" and wire.json or nil)
   end
   local caller = call.provider(name, o)
   if not override then callers[name] = { caller = caller, conf = conf } end

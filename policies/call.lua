@@ -406,7 +406,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
   if progress then refused.sending[progress] = nil end
   local elapsed = now() - start
 
-  local verdict = classify.outcome(res, err, self)
+  local verdict = classify.outcome(res, err, self, is_table and req or nil)
   local outcome = verdict and verdict.class or "ok"
   local series = self.outcomes[outcome]
   if not series then

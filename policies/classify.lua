@@ -288,9 +288,10 @@ function classify.only_error(body)
     body.content == nil
 end
 
--- classify.outcome(res, err [, opts]) -> nil (success) | verdict
--- opts.validate: a validator name or function for 2xx responses.
-function classify.outcome(res, err, opts)
+-- classify.outcome(res, err [, opts [, req]]) -> nil (success) | verdict
+-- opts.validate: a validator name or function for 2xx responses, called as validate(res, req):
+-- req the request the answer is to (a table call's), for a validator whose verdict depends on it.
+function classify.outcome(res, err, opts, req)
   if err ~= nil then
     -- an error built by classify.error carries its verdict
     if type(err) == "table" and err.class ~= nil and err.retryable ~= nil then return err end
@@ -320,7 +321,7 @@ function classify.outcome(res, err, opts)
     -- not an HTTP response: a function validator may still check the value
     local validate = opts and opts.validate
     if type(validate) ~= "function" then return nil end
-    local ok, why = validate(res)
+    local ok, why = validate(res, req)
     if ok then return nil end
     return verdict_of(classify.kinds.invalid_output, why or "output failed validation", nil, "invalid_output")
   end
@@ -333,7 +334,7 @@ function classify.outcome(res, err, opts)
       validate = classify.validators[name]
       if validate == nil then error(("classify: no validator named '%s'"):format(name), 2) end
     end
-    local ok, why = validate(res)
+    local ok, why = validate(res, req)
     if ok then return nil end
     -- a 2xx whose body is the API's error and no answer (an OpenAI-compatible server's 200 with
     -- {"error": {...}}, no usage): the provider's failure, not an answer it made and billed; as

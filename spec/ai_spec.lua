@@ -2619,3 +2619,31 @@ t:cancel()
     assert.are.same({ by[1].usd, 0 }, { st.spent, st.reserved })
   end)
 end)
+
+-- (before: after tool results, Anthropic's documented empty end_turn, the model having nothing to
+-- add, was taken for empty output: sent again, each attempt paid, then an error)
+describe("an empty end_turn from Anthropic", function()
+  it("after tool results is the model's answer, sent once and recorded once; to a plain prompt it is sent again",
+    function()
+    local calls = 0
+    local server = assert(resil.server.listen({ handler = function()
+      calls = calls + 1
+      return { status = 200, body = resil.json.encode({ id = "msg_" .. calls, type = "message", role = "assistant",
+        model = "claude-haiku-4-5", content = setmetatable({}, resil.json.array_mt), stop_reason = "end_turn",
+        usage = { input_tokens = 40, output_tokens = 2 } }) }
+    end }))
+    finally(function() server:close() end)
+    fresh_store()
+    point_at(("http://127.0.0.1:%d"):format(server:port()))
+    local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, retry = { base = 0 }, messages = {
+      { role = "user", content = "Weather in Paris?" },
+      { role = "assistant", content = resil.json.null, tool_calls = {
+        { id = "call_1", type = "function", ["function"] = { name = "get_weather", arguments = '{"city":"Paris"}' } } } },
+      { role = "tool", tool_call_id = "call_1", content = "18C" } } }))
+    assert.are.same({ "", "stop", 1, 1 }, { r.text, r.finish_reason, calls, ledger_rows() })
+    local _, err = ai.chat({ model = "anthropic/claude-haiku-4-5", max_tokens = 50, retry = { base = 0 },
+      messages = { { role = "user", content = "Weather in Paris?" } } })
+    assert.are.equal("invalid_output", err.kind)
+    assert.is_true(calls > 2, tostring(calls))
+  end)
+end)

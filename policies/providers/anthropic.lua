@@ -409,10 +409,25 @@ end
 
 function anthropic.complete(state) return state.stopped == true end
 
-function anthropic.validate(data)
+-- the request's last message gives tool results (body: the request sent)
+local function after_tool_results(body)
+  local msgs = type(body) == "table" and body.messages
+  local last = type(msgs) == "table" and msgs[#msgs]
+  if type(last) ~= "table" or last.role ~= "user" or type(last.content) ~= "table" then return false end
+  for _, block in ipairs(last.content) do
+    if type(block) == "table" and block.type == "tool_result" then return true end
+  end
+  return false
+end
+
+-- data: the answer; body: the request it answers, when known
+function anthropic.validate(data, body)
   local r, why = anthropic.parse(data)
   if not r then return nil, why end
   if r.text:match("^%s*$") and not r.tool_calls and not messages.answered_empty[r.finish_reason] then
+    -- (after tool results an empty end_turn is the model's answer, as Anthropic documents: it has
+    -- nothing to add. Taken for empty output, it was sent again, paid each time, and failed)
+    if r.finish_reason == "stop" and after_tool_results(body) then return true end
     return nil, "empty content"
   end
   return true
