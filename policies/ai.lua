@@ -463,10 +463,15 @@ local function check_request(req, level)
   if type(req.messages) ~= "table" or #req.messages == 0 then
     error("ai: messages must be a non-empty list of {role=, content=}", level + 1)
   end
-  for i, m in ipairs(req.messages) do
+  -- (indexed until the first nil, as ipairs walks: no iterator call a message, on every request)
+  local msgs, i = req.messages, 1
+  local m = msgs[1]
+  while m ~= nil do
     if type(m) ~= "table" or type(m.role) ~= "string" then
       error(("ai: messages[%d] must be a table with a role"):format(i), level + 1)
     end
+    i = i + 1
+    m = msgs[i]
   end
   -- (-1 was sent, the provider's 400, and held against a budget below its input's cost)
   if req.max_tokens ~= nil and not (math.type(req.max_tokens) == "integer" and req.max_tokens >= 0) then
@@ -475,7 +480,8 @@ local function check_request(req, level)
   -- (a NaN or an infinite one, computed, raised at "policies/call.lua:362: ... cannot encode 'json'")
   for i = 1, #FINITE_FIELDS do
     local v = req[FINITE_FIELDS[i]]
-    if type(v) == "number" and not (v == v and v > -math.huge and v < math.huge) then
+    -- (most are absent: no type() call for them)
+    if v ~= nil and type(v) == "number" and not (v == v and v > -math.huge and v < math.huge) then
       error(("ai: %s must be a finite number, got %s"):format(FINITE_FIELDS[i], tostring(v)), level + 1)
     end
   end
@@ -786,9 +792,9 @@ local function input_capped(r, req, u)
   if type(u) ~= "table" then return u end
   local input = u.input_tokens
   if not (type(input) == "number" and input > MOST_INPUT) then
-    for _, k in ipairs(CACHE_COUNTS) do
-      local v = u[k]
-      if type(v) == "number" and v > MOST_INPUT then input = v break end
+    for i = 1, #CACHE_COUNTS do -- (every answer: no iterator calls, no type() for an absent count)
+      local v = u[CACHE_COUNTS[i]]
+      if v ~= nil and type(v) == "number" and v > MOST_INPUT then input = v break end
     end
     if not (type(input) == "number" and input > MOST_INPUT) then return u end
   end
@@ -1081,8 +1087,10 @@ local function refused_list(guard, t)
   return list
 end
 
+-- (g.refused is a list without holes, grown at #lists + 1: walked by index, no iterator calls)
 local function any_refused(g)
-  for _, list in ipairs(g.refused) do if list[1] then return true end end
+  local lists = g.refused
+  for i = 1, #lists do if lists[i][1] then return true end end
   return false
 end
 
@@ -1184,7 +1192,8 @@ end
 -- call that ended marks the guard done. A settled or released ticket
 -- ignores the release.
 local function take_canceled(g)
-  for _, list in ipairs(g.refused) do call.take_canceled(list) end
+  local lists = g.refused
+  for i = 1, #lists do call.take_canceled(lists[i]) end
 end
 
 local call_guard_mt = { __close = function(g)

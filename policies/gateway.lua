@@ -394,8 +394,11 @@ end
 local function garbage_reason(f, choices)
   if choices ~= nil then
     if type(choices) ~= "table" then return end
-    for _, c in ipairs(choices) do
+    local i, c = 1, choices[1] -- (to the first nil, as ipairs: no iterator call a choice, on every answer)
+    while c ~= nil do
       if type(c) == "table" and garbage_reason(c.finish_reason) then c.finish_reason = "stop" end
+      i = i + 1
+      c = choices[i]
     end
     return
   end
@@ -673,7 +676,8 @@ end
 local function check_messages(msgs)
   if type(msgs) ~= "table" or #msgs == 0 then return "messages must be a non-empty array" end
   local yielding = #msgs > TUNED.YIELD_MESSAGES and yieldable()
-  for i, m in ipairs(msgs) do
+  local i, m = 1, msgs[1] -- (to the first nil, as ipairs: no iterator call a message)
+  while m ~= nil do
     if yielding and i % TUNED.YIELD_MESSAGES == 0 then resil.yield() end
     if type(m) ~= "table" or type(m.role) ~= "string" then
       return ("messages[%d] must be an object with a role"):format(i - 1)
@@ -685,6 +689,8 @@ local function check_messages(msgs)
     end
     local bad = check_tool_calls(m.tool_calls, i - 1)
     if bad then return bad end
+    i = i + 1
+    m = msgs[i]
   end
 end
 

@@ -150,7 +150,9 @@ function messages.openai(req)
   -- the last assistant message translated here and its texts: a next one joins it (one turn,
   -- as Anthropic reads it; the texts joined once, not one concatenation per message)
   local merged, texts
-  for _, m in ipairs(req.messages) do
+  local msgs = req.messages
+  local i, m = 1, msgs[1] -- (to the first nil, as ipairs: no iterator call a message, on every request)
+  while m ~= nil do
     local content = m.content
     if type(content) ~= "table" or openai_ready(content) then -- (text: the usual message, no call)
       if merged then close_turn(merged, texts); merged, texts = nil, nil end
@@ -172,6 +174,8 @@ function messages.openai(req)
       if merged then close_turn(merged, texts); merged, texts = nil, nil end
       user_to_openai(m, out)
     end
+    i = i + 1
+    m = msgs[i]
   end
   if merged then close_turn(merged, texts) end
   return out
