@@ -788,15 +788,16 @@ end
 
 local MOST_INPUT = 10000000
 local CACHE_COUNTS = { "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens" }
-local function input_capped(r, req, u)
-  if type(u) ~= "table" then return u end
+local function input_capped(r, req, u) -- (u: a table, see capped_usage)
   local input = u.input_tokens
   if not (type(input) == "number" and input > MOST_INPUT) then
-    for i = 1, #CACHE_COUNTS do -- (every answer: no iterator calls, no type() for an absent count)
+    -- (every answer: no iterator calls, and no type() for an absent count or the usual 0)
+    local found = false
+    for i = 1, #CACHE_COUNTS do
       local v = u[CACHE_COUNTS[i]]
-      if v ~= nil and type(v) == "number" and v > MOST_INPUT then input = v break end
+      if v ~= nil and v ~= 0 and type(v) == "number" and v > MOST_INPUT then input, found = v, true break end
     end
-    if not (type(input) == "number" and input > MOST_INPUT) then return u end
+    if not found then return u end
   end
   local c = copy_of(u)
   c.input_tokens = text_input_tokens(req)
@@ -832,8 +833,8 @@ end
 -- that side estimated: the input from the request, at least the cache's part the answer did count,
 -- the output from the answer's text and tool calls (4 bytes a token). Read as 0, a 2,000-token
 -- prompt was recorded, and settled, at no input at all. The row says so: units.estimated.
-local function reported_usage(r, req, u)
-  if type(u) ~= "table" or not (u.input_unreported or u.output_unreported) then return u end
+local function reported_usage(r, req, u) -- (u: a table, see capped_usage)
+  if not (u.input_unreported or u.output_unreported) then return u end
   local c = copy_of(u)
   if c.input_unreported then c.input_tokens = math.max(text_input_tokens(req), tonumber(c.input_tokens) or 0) end
   if c.output_unreported then c.output_tokens = math.max(answer_tokens(r), tonumber(c.output_tokens) or 0) end
@@ -849,9 +850,9 @@ end
 -- pauses its server tools' loop after 10 turns), so a count past it is the provider's garbage too
 -- (1e7 searches were a $100,000 row; 1,000 is $10).
 local MOST_SEARCHES = 1000
-local function searches_capped(r, req, u)
-  local n = type(u) == "table" and u.web_search_requests
-  if type(n) ~= "number" or n <= 0 then return u end
+local function searches_capped(r, req, u) -- (u: a table, see capped_usage)
+  local n = u.web_search_requests
+  if n == nil or type(n) ~= "number" or n <= 0 then return u end
   local most, named = 0, false
   for _, t in ipairs(type(req.tools) == "table" and req.tools or {}) do
     if type(t) == "table" and type(t.type) == "string" and t.type:find("^web_search") then
@@ -872,13 +873,17 @@ local function searches_capped(r, req, u)
 end
 
 local function capped_usage(r, req)
-  local u, most = searches_capped(r, req, input_capped(r, req, reported_usage(r, req, r.usage))),
-    math.type(req.max_tokens) == "integer" and req.max_tokens or nil
+  -- a usage that is no table is recorded as it is: its type asked here once, not by each step
+  -- (each step's answer is a table: the usage, or a copy)
+  local u = r.usage
+  if type(u) ~= "table" then return u end
+  u = searches_capped(r, req, input_capped(r, req, reported_usage(r, req, u)))
+  local most = math.type(req.max_tokens) == "integer" and req.max_tokens or nil
   if not most and req.budget ~= nil then -- what wire_request sent a budgeted call without one
     local conf = ai.config[r.provider]
     most = budget_max_tokens(type(conf) == "table" and conf or nil, ai.adapters[r.provider])
   end
-  if type(u) ~= "table" or type(u.output_tokens) ~= "number" then return u end
+  if type(u.output_tokens) ~= "number" then return u end
   if math.type(most) ~= "integer" then
     if u.output_tokens > MOST_INPUT and not u.estimated then return output_capped(r, u) end
     return u

@@ -1147,6 +1147,7 @@ function stops.of(b, api)
   -- (vLLM's include_stop_str_in_output: the client asked for the stop in its answer)
   if api ~= "anthropic" and b.include_stop_str_in_output == true then return nil end
   local stop = api == "anthropic" and b.stop_sequences or b.stop
+  if stop == nil then return nil end -- (the usual request: no type() calls)
   if type(stop) == "string" then stop = { stop } end
   if type(stop) ~= "table" then return nil end
   local out
@@ -1509,7 +1510,8 @@ local complete_admitted
 -- blocks and their signatures, which the next turn must send back; logprobs;
 -- usage details; citations; service_tier). -> the body | nil (another API's)
 local function own_answer(res, api, answer_id, model, stop_list)
-  if type(res.own_answer) == "string" then return res.own_answer end -- (kept with an Idempotency-Key's result)
+  local kept = res.own_answer -- (kept with an Idempotency-Key's result; its type asked only then)
+  if kept ~= nil and type(kept) == "string" then return kept end
   local raw = res.raw
   local adapter = type(raw) == "table" and ai.adapters[res.provider]
   if not adapter or adapter.name ~= api then return nil end
@@ -1750,22 +1752,24 @@ local function untranslatable(b, api)
     end
     return nil
   end
+  -- (each field's type asked only when the request has it: a type() call is some 300
+  -- instructions, and a request seldom has any of these)
   if b.logprobs == true then return "logprobs", "Anthropic's API has no log probabilities" end
-  if type(b.top_logprobs) == "number" and b.top_logprobs > 0 then
+  if b.top_logprobs ~= nil and type(b.top_logprobs) == "number" and b.top_logprobs > 0 then
     return "top_logprobs", "Anthropic's API has no log probabilities"
   end
-  if type(b.logit_bias) == "table" and next(b.logit_bias) ~= nil then
+  if b.logit_bias ~= nil and type(b.logit_bias) == "table" and next(b.logit_bias) ~= nil then
     return "logit_bias", "Anthropic's API has no logit bias (token ids are OpenAI's)"
   end
-  if type(b.modalities) == "table" then
+  if b.modalities ~= nil and type(b.modalities) == "table" then
     for _, m in ipairs(b.modalities) do
       if m == "audio" then return "modalities", "Anthropic's API answers no audio" end
     end
   end
-  if type(b.functions) == "table" and next(b.functions) ~= nil then
+  if b.functions ~= nil and type(b.functions) == "table" and next(b.functions) ~= nil then
     return "functions", "the legacy functions are OpenAI's only (send them as tools)"
   end
-  if type(b.web_search_options) == "table" then
+  if b.web_search_options ~= nil and type(b.web_search_options) == "table" then
     return "web_search_options", "Anthropic's API searches with its own tool (send it in tools: "
       .. "{type = \"web_search_20250305\", name = \"web_search\"})"
   end
@@ -1888,8 +1892,10 @@ function complete_admitted(req, api, id, rec, slot)
   end
 
   -- tools, or a JSON schema (whose refusal a text stream cannot carry)
-  local tools = type(r.tools) == "table" and next(r.tools) ~= nil
-  local schema = type(b.response_format) == "table" and b.response_format.type == "json_schema"
+  -- (types asked only of fields the request has: most have neither)
+  local tools = r.tools ~= nil and type(r.tools) == "table" and next(r.tools) ~= nil
+  local schema = b.response_format ~= nil and type(b.response_format) == "table" and
+    b.response_format.type == "json_schema"
   if b.stream == true then
     -- a provider of the client's own API: its events are relayed as they come; the other
     -- API's, with tools: read to its end inside its attempt (still retried, fallen back from)

@@ -282,7 +282,8 @@ end
 -- part at its own model (parts_cost)
 function pricing.cost(provider, model, usage)
   if type(usage) ~= "table" then error("pricing.cost: usage must be a table", 2) end
-  if type(usage.parts) == "table" and usage.parts[1] ~= nil then
+  local parts = usage.parts -- (its type asked only when there are parts: most usages have none)
+  if parts ~= nil and type(parts) == "table" and parts[1] ~= nil then
     local usd, why = parts_cost(provider, model, usage)
     if usd ~= nil or why then return usd, why end
   end
