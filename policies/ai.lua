@@ -749,6 +749,17 @@ local function provider_text(v)
   if type(v) ~= "string" or #v == 0 or #v > 256 or not v:find("^[\32-\126]*$") then return nil end
   return v
 end
+-- the same for a model's name, which comes back on every answer: the names found to be such text
+-- are remembered (the pattern's pass is some 1k instructions for a short name; an answer's id is
+-- new each time, and checked as above). Bounded: a provider may name any model it likes.
+local model_texts, model_texts_count = {}, 0
+local function provider_model(v)
+  if model_texts[v] then return v end
+  if not provider_text(v) then return nil end
+  if model_texts_count >= 1000 then model_texts, model_texts_count = {}, 0 end
+  model_texts[v], model_texts_count = true, model_texts_count + 1
+  return v
+end
 
 -- The ledger key of an answer: the provider's response id dedupes a replay
 -- only, the same answer given again for the same Idempotency-Key (a call
@@ -1062,7 +1073,7 @@ local function record_refusals(guard)
         usage.requests = 1
         if not res.cut then usage.refused = 1 end
         local a = { provider = t.provider, requested_model = t.model, usage = usage,
-          model = provider_text(model) or t.model, id = provider_text(id) }
+          model = provider_model(model) or t.model, id = provider_text(id) }
         -- (a cut answer sent with a key is one charge however often its delivery is cut: this
         -- call's retries, the same call run again)
         if res.cut and res.key then a.ledger_id = ("%s:%s:cut"):format(t.provider, resil.hash(res.key)) end
@@ -1344,7 +1355,7 @@ end
 
 local function finish_result(t, r, data)
   r.provider, r.requested_model, r.raw = t.provider, t.model, data
-  r.model = provider_text(r.model) or t.model
+  r.model = provider_model(r.model) or t.model
   r.id = provider_text(r.id)
   r.deployment = t.deployment
   return r

@@ -1528,8 +1528,9 @@ local function own_answer(res, api, answer_id, model, stop_list)
     raw.id = "chatcmpl-" .. answer_id
     if stop_list then stops.cut_raw(raw, stop_list) end
     garbage_reason(nil, raw.choices)
-    local counts = openai_usage(res.usage)
-    local i, o = counts.prompt_tokens, counts.completion_tokens
+    -- (openai_usage's counts, read without its table: it is made only where it is written whole)
+    local recorded = res.usage or {}
+    local i, o = recorded.input_tokens or 0, recorded.output_tokens or 0
     if math.type(i) == "integer" and math.type(o) == "integer" then
       -- the counts written here, the rest encoded without them: cjson writes each number
       -- through %.14g, some 2k instructions apiece, a third of the encode
@@ -1546,7 +1547,7 @@ local function own_answer(res, api, answer_id, model, stop_list)
       return body:sub(1, -2) .. ',"usage":{"prompt_tokens":' .. i .. ',"completion_tokens":' .. o ..
         ',"total_tokens":' .. (i + o) .. (rest and ("," .. rest:sub(2)) or "}") .. "}"
     end
-    for k, v in pairs(counts) do usage[k] = v end
+    for k, v in pairs(openai_usage(res.usage)) do usage[k] = v end
   end
   raw.model, raw.usage = model, usage
   -- (a number JSON cannot write, NaN or 1e999 that the provider sent: the answer as translated)
