@@ -611,24 +611,28 @@ TUNED.NATIVE_ROUTES_MAX = 1000 -- a client's made-up names must not grow it with
 -- (a route is shared by the requests that name the model: read it only)
 local function route_model(name, native)
   local m = gateway.config.models[name]
-  if type(m) == "string" then return { model = m } end
-  if type(m) == "table" then return { model = m.model, fallback = m.fallback } end
+  if m ~= nil then -- (most names are none of the config's: no type() calls for them)
+    if type(m) == "string" then return { model = m } end
+    if type(m) == "table" then return { model = m.model, fallback = m.fallback } end
+  end
   -- an alias of the model registry (policies/models.lua) goes to policies.ai
   -- as it is: its pin, fallbacks, deployments and migration are the registry's
   local alias = registry_alias(name)
   if alias then return alias end
+  -- a bare name served before: its route, kept below only for a name without a provider (the
+  -- pattern's pass is some 2.6k instructions for a short name, on every request)
+  local kept = native_routes[native]
+  local route = kept and kept[name]
+  if route then return route end
   if name:match("^[%w_%-]+/.") then
     -- (a provider's file that does not load raises: the gateway's failure, a 500 logged, not the client's)
     if ai.provider_module(name:match("^([%w_%-]+)/")) ~= nil then return { model = name } end
     return nil, ("unknown provider in '%s'"):format(name)
   end
   local routes = sub(native_routes, native)
-  local route = routes[name]
-  if not route then
-    route = { model = native .. "/" .. name }
-    local n = native_counts[native] or 0
-    if n < TUNED.NATIVE_ROUTES_MAX then routes[name], native_counts[native] = route, n + 1 end
-  end
+  route = { model = native .. "/" .. name }
+  local n = native_counts[native] or 0
+  if n < TUNED.NATIVE_ROUTES_MAX then routes[name], native_counts[native] = route, n + 1 end
   return route
 end
 
@@ -637,11 +641,17 @@ end
 -- what real model ids look like, printable ASCII and short, so one request
 -- cannot put megabytes into each of those (or a control byte into a header)
 local MODEL_MAX = 256
+-- (the names found to be such remembered: the pattern's pass is some 1.4k instructions for a
+-- short name, asked on every request; bounded, as a client names any model it likes)
+local model_names, model_names_count = {}, 0
 local function check_model(name)
+  if model_names[name] then return nil end
   if type(name) ~= "string" or name == "" then return "model is required" end
   if #name > MODEL_MAX or not name:find("^[!-~]*$") then
     return ("model must be at most %d printable ASCII characters, without spaces"):format(MODEL_MAX)
   end
+  if model_names_count >= 1000 then model_names, model_names_count = {}, 0 end
+  model_names[name], model_names_count = true, model_names_count + 1
 end
 
 -- tool calls and tools are reshaped between the two APIs: a shape that is
