@@ -641,17 +641,20 @@ end
 -- what real model ids look like, printable ASCII and short, so one request
 -- cannot put megabytes into each of those (or a control byte into a header)
 local MODEL_MAX = 256
--- (the names found to be such remembered: the pattern's pass is some 1.4k instructions for a
--- short name, asked on every request; bounded, as a client names any model it likes)
-local model_names, model_names_count = {}, 0
-local function check_model(name)
-  if model_names[name] then return nil end
-  if type(name) ~= "string" or name == "" then return "model is required" end
-  if #name > MODEL_MAX or not name:find("^[!-~]*$") then
-    return ("model must be at most %d printable ASCII characters, without spaces"):format(MODEL_MAX)
+local check_model
+do
+  -- (the names found to be such remembered: the pattern's pass is some 1.4k instructions for a
+  -- short name, asked on every request; bounded, as a client names any model it likes)
+  local model_names, model_names_count = {}, 0
+  function check_model(name)
+    if model_names[name] then return nil end
+    if type(name) ~= "string" or name == "" then return "model is required" end
+    if #name > MODEL_MAX or not name:find("^[!-~]*$") then
+      return ("model must be at most %d printable ASCII characters, without spaces"):format(MODEL_MAX)
+    end
+    if model_names_count >= 1000 then model_names, model_names_count = {}, 0 end
+    model_names[name], model_names_count = true, model_names_count + 1
   end
-  if model_names_count >= 1000 then model_names, model_names_count = {}, 0 end
-  model_names[name], model_names_count = true, model_names_count + 1
 end
 
 -- tool calls and tools are reshaped between the two APIs: a shape that is
@@ -1697,17 +1700,20 @@ local function anthropic_id(reply, api)
 end
 
 -- sampling numbers that JSON allows and no provider does (1e400 reads as inf)
-local FINITE = { "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed" }
-local HUGE = math.huge
-local function not_finite(b)
-  for i = 1, #FINITE do
-    local k = FINITE[i]
-    local v = b[k]
-    if v ~= nil and type(v) == "number" and (v ~= v or v == HUGE or v == -HUGE) then
-      return k .. " must be a finite number"
+local not_finite
+do
+  local FINITE = { "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed" }
+  local HUGE = math.huge
+  function not_finite(b)
+    for i = 1, #FINITE do
+      local k = FINITE[i]
+      local v = b[k]
+      if v ~= nil and type(v) == "number" and (v ~= v or v == HUGE or v == -HUGE) then
+        return k .. " must be a finite number"
+      end
     end
+    return nil
   end
-  return nil
 end
 
 -- A service tier is billed at its own price (OpenAI's priority about twice
@@ -1717,29 +1723,32 @@ end
 -- without the field pass; another passes to an openai/ model that
 -- pricing.tiers prices in it (held and recorded at that price); any other
 -- is a 400 before any call.
-local STANDARD_TIERS = { openai = { auto = true, default = true }, anthropic = { auto = true, standard_only = true } }
--- Anthropic's fast mode (speed "fast": 2 to 6 times the price) and US-only inference
--- (inference_geo "us": 1.1 times) are priced apart too, and nowhere in the ledger: passed on,
--- they were recorded and held at the standard price
-local STANDARD_ANTHROPIC = { speed = { standard = true }, inference_geo = { global = true } }
-local function unpriced_tier(b, api, route)
-  if api == "anthropic" then
-    for field, standard in pairs(STANDARD_ANTHROPIC) do
-      local v = b[field]
-      if v ~= nil and v ~= null and not standard[v] then
-        return ("%s '%s' is not served: the gateway prices standard processing only"):format(field,
-          tostring(v):sub(1, 40))
+local unpriced_tier
+do
+  local STANDARD_TIERS = { openai = { auto = true, default = true }, anthropic = { auto = true, standard_only = true } }
+  -- Anthropic's fast mode (speed "fast": 2 to 6 times the price) and US-only inference
+  -- (inference_geo "us": 1.1 times) are priced apart too, and nowhere in the ledger: passed on,
+  -- they were recorded and held at the standard price
+  local STANDARD_ANTHROPIC = { speed = { standard = true }, inference_geo = { global = true } }
+  function unpriced_tier(b, api, route)
+    if api == "anthropic" then
+      for field, standard in pairs(STANDARD_ANTHROPIC) do
+        local v = b[field]
+        if v ~= nil and v ~= null and not standard[v] then
+          return ("%s '%s' is not served: the gateway prices standard processing only"):format(field,
+            tostring(v):sub(1, 40))
+        end
       end
     end
+    local tier = b.service_tier
+    if tier == nil or tier == null or STANDARD_TIERS[api][tier] then return nil end
+    if type(tier) ~= "string" then return "service_tier must be a string" end
+    local model = api == "openai" and type(route.model) == "string" and route.model:match("^openai/(.+)$")
+    local named = type(pricing.tiers.openai) == "table" and pricing.tiers.openai[tier]
+    if model and named and pricing.price("openai", model, tier) then return nil end
+    return ("service_tier '%s' is not served for model '%s': the gateway serves a tier other than the standard "
+      .. "one only for an openai/ model pricing.tiers prices in it"):format(tier:sub(1, 40), tostring(route.model))
   end
-  local tier = b.service_tier
-  if tier == nil or tier == null or STANDARD_TIERS[api][tier] then return nil end
-  if type(tier) ~= "string" then return "service_tier must be a string" end
-  local model = api == "openai" and type(route.model) == "string" and route.model:match("^openai/(.+)$")
-  local named = type(pricing.tiers.openai) == "table" and pricing.tiers.openai[tier]
-  if model and named and pricing.price("openai", model, tier) then return nil end
-  return ("service_tier '%s' is not served for model '%s': the gateway serves a tier other than the standard "
-    .. "one only for an openai/ model pricing.tiers prices in it"):format(tier:sub(1, 40), tostring(route.model))
 end
 
 -- What a client's API asks that the other API has no way to say: served there, the answer came
@@ -1747,61 +1756,64 @@ end
 -- audio or a function_call was asked, a prefill answered anew and the client's continuation of
 -- it garbled) -> the field, and why | nil. A field a provider of the other API may leave out
 -- (a sampling hint, thinking) is not one of these.
-local function untranslatable(b, api)
-  if api == "anthropic" then
-    -- (OpenAI's API answers a last assistant message with a turn of its own, not its continuation)
-    local last = type(b.messages) == "table" and b.messages[#b.messages]
-    if type(last) == "table" and last.role == "assistant" then
-      local content = last.content
-      for _, block in ipairs(type(content) == "table" and content or { { text = content } }) do
-        if type(block) == "table" and type(block.text) == "string" and block.text:find("%S") then
-          return "messages", "a last assistant message (a prefill) is continued by Anthropic's API only"
+local not_translated
+do
+  local function untranslatable(b, api)
+    if api == "anthropic" then
+      -- (OpenAI's API answers a last assistant message with a turn of its own, not its continuation)
+      local last = type(b.messages) == "table" and b.messages[#b.messages]
+      if type(last) == "table" and last.role == "assistant" then
+        local content = last.content
+        for _, block in ipairs(type(content) == "table" and content or { { text = content } }) do
+          if type(block) == "table" and type(block.text) == "string" and block.text:find("%S") then
+            return "messages", "a last assistant message (a prefill) is continued by Anthropic's API only"
+          end
         end
       end
+      -- (the MCP connector's tools are the servers' own: served elsewhere, answered without any)
+      if type(b.mcp_servers) == "table" and next(b.mcp_servers) ~= nil then
+        return "mcp_servers", "the MCP connector is Anthropic's only"
+      end
+      return nil
     end
-    -- (the MCP connector's tools are the servers' own: served elsewhere, answered without any)
-    if type(b.mcp_servers) == "table" and next(b.mcp_servers) ~= nil then
-      return "mcp_servers", "the MCP connector is Anthropic's only"
+    -- (each field's type asked only when the request has it: a type() call is some 300
+    -- instructions, and a request seldom has any of these)
+    if b.logprobs == true then return "logprobs", "Anthropic's API has no log probabilities" end
+    if b.top_logprobs ~= nil and type(b.top_logprobs) == "number" and b.top_logprobs > 0 then
+      return "top_logprobs", "Anthropic's API has no log probabilities"
     end
-    return nil
-  end
-  -- (each field's type asked only when the request has it: a type() call is some 300
-  -- instructions, and a request seldom has any of these)
-  if b.logprobs == true then return "logprobs", "Anthropic's API has no log probabilities" end
-  if b.top_logprobs ~= nil and type(b.top_logprobs) == "number" and b.top_logprobs > 0 then
-    return "top_logprobs", "Anthropic's API has no log probabilities"
-  end
-  if b.logit_bias ~= nil and type(b.logit_bias) == "table" and next(b.logit_bias) ~= nil then
-    return "logit_bias", "Anthropic's API has no logit bias (token ids are OpenAI's)"
-  end
-  if b.modalities ~= nil and type(b.modalities) == "table" then
-    for _, m in ipairs(b.modalities) do
-      if m == "audio" then return "modalities", "Anthropic's API answers no audio" end
+    if b.logit_bias ~= nil and type(b.logit_bias) == "table" and next(b.logit_bias) ~= nil then
+      return "logit_bias", "Anthropic's API has no logit bias (token ids are OpenAI's)"
+    end
+    if b.modalities ~= nil and type(b.modalities) == "table" then
+      for _, m in ipairs(b.modalities) do
+        if m == "audio" then return "modalities", "Anthropic's API answers no audio" end
+      end
+    end
+    if b.functions ~= nil and type(b.functions) == "table" and next(b.functions) ~= nil then
+      return "functions", "the legacy functions are OpenAI's only (send them as tools)"
+    end
+    if b.web_search_options ~= nil and type(b.web_search_options) == "table" then
+      return "web_search_options", "Anthropic's API searches with its own tool (send it in tools: "
+        .. "{type = \"web_search_20250305\", name = \"web_search\"})"
     end
   end
-  if b.functions ~= nil and type(b.functions) == "table" and next(b.functions) ~= nil then
-    return "functions", "the legacy functions are OpenAI's only (send them as tools)"
-  end
-  if b.web_search_options ~= nil and type(b.web_search_options) == "table" then
-    return "web_search_options", "Anthropic's API searches with its own tool (send it in tools: "
-      .. "{type = \"web_search_20250305\", name = \"web_search\"})"
-  end
-end
 
--- a request untranslatable(b, api) finds, for a route whose first target (the one that
--- serves it unless it fails) speaks the other API -> the 400's message, the field | nil. A
--- fallback to the other API leaves the field out (as it leaves out the client's own fields:
--- README, "Fields of the client's own API"); a route that would serve it there first is
--- refused, as the API would refuse a field it does not take.
-local function not_translated(b, api, route, rec)
-  local field, why = untranslatable(b, api)
-  if not field then return nil end
-  local ok, targets = pcall(ai.targets, { model = route.model, fallback = route.fallback, user = rec.name,
-    messages = b.messages })
-  local first = ok and type(targets) == "table" and targets[1]
-  if not first or first.adapter.name == api then return nil end -- (no target: the call says why)
-  return ("%s: not served by %s/%s, which speaks another API than this endpoint's: %s"):format(field,
-    first.provider, first.model, why), field
+  -- a request untranslatable(b, api) finds, for a route whose first target (the one that
+  -- serves it unless it fails) speaks the other API -> the 400's message, the field | nil. A
+  -- fallback to the other API leaves the field out (as it leaves out the client's own fields:
+  -- README, "Fields of the client's own API"); a route that would serve it there first is
+  -- refused, as the API would refuse a field it does not take.
+  function not_translated(b, api, route, rec)
+    local field, why = untranslatable(b, api)
+    if not field then return nil end
+    local ok, targets = pcall(ai.targets, { model = route.model, fallback = route.fallback, user = rec.name,
+      messages = b.messages })
+    local first = ok and type(targets) == "table" and targets[1]
+    if not first or first.adapter.name == api then return nil end -- (no target: the call says why)
+    return ("%s: not served by %s/%s, which speaks another API than this endpoint's: %s"):format(field,
+      first.provider, first.model, why), field
+  end
 end
 
 local function complete(req, api)
