@@ -49,7 +49,7 @@ Provider.__index = Provider
 
 -- a half-open probe must be given back if the attempt is canceled mid-call
 local probe_guard_mt = { __close = function(g)
-  if not g.done then g.breaker:record(nil) end
+  if not g.done then g.breaker:record(nil, nil, "probe", g.round) end
 end }
 
 local function estimate_tokens(req)
@@ -332,12 +332,12 @@ local function attempt(n, self, req, deadline, refused, give_up)
     end
   end
   local br = self.breaker
-  local guard, probe
+  local guard, probe, round
   if br then
     local ok
-    ok, probe = br:allow()
+    ok, probe, round = br:allow()
     if not ok then return nil, probe end
-    if probe then guard = setmetatable({ breaker = br }, probe_guard_mt) end
+    if probe then guard = setmetatable({ breaker = br, round = round }, probe_guard_mt) end
   end
   local _ <close> = guard -- an attempt that ends before record() gives its probe back
   local is_table = type(req) == "table"
@@ -430,8 +430,11 @@ local function attempt(n, self, req, deadline, refused, give_up)
   if br then
     if guard then guard.done = true end
     -- (whether it was a probe: one let through before the breaker opened is not taken for it)
-    if verdict and verdict.client_fault then br:record(nil, elapsed, probe or false) -- says nothing of the provider
-    else br:record(not (verdict and verdict.breaker), elapsed, probe or false) end
+    if verdict and verdict.client_fault then
+      br:record(nil, elapsed, probe or false, round) -- says nothing of the provider
+    else
+      br:record(not (verdict and verdict.breaker), elapsed, probe or false, round)
+    end
   end
   if key and refused and type(res) == "table" and type(res.status) == "number" and res.status >= 200
     and res.status < 300 then

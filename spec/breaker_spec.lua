@@ -229,6 +229,47 @@ describe("resil.breaker", function()
     assert.matches("breaker_spec.lua:%d+: breaker '[^']+': probe_timeout must be a number in", err)
   end)
 
+  -- (before: a probe's mark said no round, and one out as the breaker re-opened, or freed by
+  -- probe_timeout, was taken for one of the next round's: its late success closed the breaker)
+  it("half-open: a probe of an earlier round is late, not one of this round's", function()
+    local br = fresh { window_type = "count", window = 2, min_calls = 2, open_for = 5, half_open_calls = 2,
+                       half_open_success = 1 }
+    record_all(br, { false, false })
+    resil.sleep(5)
+    local _, p1, r1 = br:allow()
+    local _, p2, r2 = br:allow()
+    assert.are.same({ "probe", "probe", r1 }, { p1, p2, r2 })
+    br:record(false, 0.01, p2, r2) -- the round fails: open again
+    assert.are.equal("open", br:state())
+    resil.sleep(5)
+    local _, p3, r3 = br:allow()
+    local _, p4, r4 = br:allow()
+    assert.are.same({ "probe", "probe" }, { p3, p4 })
+    assert.is_true(r3 > r1 and r3 == r4)
+    br:record(true, 0.01, p1, r1) -- round 1's, late: not counted
+    br:record(true, 0.01, p3, r3)
+    assert.are.equal("half_open", br:state()) -- (before: closed, p4 still out)
+    br:record(false, 0.01, p4, r4)
+    assert.are.equal("open", br:state())
+    -- a probe whose slot probe_timeout freed is late too: its slot went to another
+    resil.sleep(5)
+    local _, p5, r5 = br:allow()
+    local _, p6, r6 = br:allow()
+    resil.sleep(61)
+    local _, p7, r7 = br:allow()
+    assert.are.same({ "probe", "probe", "probe" }, { p5, p6, p7 })
+    assert.is_true(r7 > r5 and r5 == r6)
+    br:record(true, 0.01, p5, r5)
+    br:record(true, 0.01, p6, r6)
+    assert.are.equal("half_open", br:state())
+    local _, p8, r8 = br:allow()
+    br:record(true, 0.01, p7, r7)
+    br:record(true, 0.01, p8, r8)
+    assert.are.equal("closed", br:state())
+    assert.has_error(function() br:record(true, 0.01, "probe", "one") end,
+      "breaker '" .. br:name() .. "': record's round must be allow()'s third value, an integer, got one")
+  end)
+
   it("a canceled call frees its half-open probe without counting", function()
     local br = fresh { window_type = "count", window = 2, min_calls = 2, open_for = 1 }
     record_all(br, { false, false })

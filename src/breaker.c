@@ -49,6 +49,9 @@ typedef struct {
   int reopens;
   int probes_out, probes_ok, probes_failed;
   double probes_out_until; /* the latest probe let out, plus probe_timeout */
+  /* the probes' round: a new one at each half-open, and when probe_timeout frees the slots of
+   * probes never reported; a probe's outcome counts in its own round only (its third value) */
+  lua_Integer round;
   slot *slots; /* time window: one per second; count window: one per call */
   int nslots, next;  /* count window: ring position */
   int calls, failures, slow; /* totals over the window */
@@ -176,7 +179,10 @@ static void transition(lua_State *L, int self, breaker *br, breaker_state to, do
     br->opened_at = now;
     br->open_until = now + br->current_open_for;
   }
-  if (to == HALF_OPEN) br->probes_out = br->probes_ok = br->probes_failed = 0;
+  if (to == HALF_OPEN) {
+    br->probes_out = br->probes_ok = br->probes_failed = 0;
+    br->round++;
+  }
   if (to == CLOSED) {
     br->reopens = 0;
     window_clear(br);
@@ -320,7 +326,7 @@ static int push_open(lua_State *L, breaker *br, double now) {
   return 1;
 }
 
-/* br:allow() -> true [, "probe"] | nil, err{kind="circuit_open", retry_after=} */
+/* br:allow() -> true [, "probe", round] | nil, err{kind="circuit_open", retry_after=} */
 static int br_allow(lua_State *L) {
   breaker *br = check_breaker(L, 1);
   lua_settop(L, 1);
@@ -332,13 +338,17 @@ static int br_allow(lua_State *L) {
   }
   /* probes let out and never reported (a caller that raised or was canceled between allow and
    * record) no longer hold their slots: they held them for good, and every call was refused */
-  if (br->state == HALF_OPEN && br->probes_out > 0 && now >= br->probes_out_until) br->probes_out = 0;
+  if (br->state == HALF_OPEN && br->probes_out > 0 && now >= br->probes_out_until) {
+    br->probes_out = 0;
+    br->round++; /* (their outcomes, should they come, are late: another's slot was counted for them) */
+  }
   if (br->state == HALF_OPEN && br->probes_out + br->probes_ok + br->probes_failed < br->half_open_calls) {
     br->probes_out++;
     br->probes_out_until = now + br->probe_timeout;
     lua_pushboolean(L, 1);
     lua_pushliteral(L, "probe"); /* the caller holds a probe: record() or record(nil) must follow */
-    return 2;
+    lua_pushinteger(L, br->round);
+    return 3;
   }
   br->rejected++;
   emit(L, 1, br, "reject", state_names[br->state], state_names[br->state]);
@@ -347,7 +357,7 @@ static int br_allow(lua_State *L) {
   return 2;
 }
 
-/* br:record(ok, seconds [, probe]): the outcome of a call that allow() let
+/* br:record(ok, seconds [, probe [, round]]): the outcome of a call that allow() let
  * through. ok == nil: the call did not finish (canceled); it frees its probe
  * and is not counted. probe: allow()'s second value, "probe", or false for a
  * call let through closed, which a half-open breaker does not count; left
@@ -376,6 +386,18 @@ static int br_record(lua_State *L) {
       resil_raise(L, "breaker '%s': record's probe must be allow()'s \"probe\" or false (a call let through closed), "
                      "got %s", br->name, luaL_tolstring(L, 4, NULL));
   }
+  /* round: allow()'s third value beside "probe". A probe of an earlier round (out as the breaker
+   * re-opened, or freed by probe_timeout) was taken for one of this round's: its late outcome
+   * closed the breaker, or took a slot whose own probe's outcome was then dropped */
+  int late = 0;
+  if (!lua_isnoneornil(L, 5)) {
+    int isint;
+    lua_Integer round = lua_tointegerx(L, 5, &isint);
+    if (!isint)
+      resil_raise(L, "breaker '%s': record's round must be allow()'s third value, an integer, got %s", br->name,
+                  luaL_tolstring(L, 5, NULL));
+    late = probe && round != br->round;
+  }
   lua_settop(L, 1);
   double now = resil_now(br->R);
   int slow = br->slow_call > 0 && seconds >= br->slow_call;
@@ -391,7 +413,7 @@ static int br_record(lua_State *L) {
       transition(L, 1, br, OPEN, now);
     break;
   case HALF_OPEN:
-    if (br->probes_out == 0 || (probe_known && !probe)) break; /* a call from before the breaker opened */
+    if (br->probes_out == 0 || (probe_known && !probe) || late) break; /* a call from before this round */
     br->probes_out--;
     if (!counted) break;
     if (ok && !slow) br->probes_ok++;

@@ -23,14 +23,14 @@ resil.retry_after, resil.parse_duration = core_bucket.retry_after, core_bucket.p
 -- A call fails when fn raises or returns nil, err. A canceled call frees its
 -- half-open probe without counting.
 local probe_guard_mt = { __close = function(g)
-  if not g.done then g.breaker:record(nil) end
+  if not g.done then g.breaker:record(nil, nil, "probe", g.round) end
 end }
 local function breaker_call(self, fn, ...)
   if type(fn) ~= "function" then error("breaker:call: fn must be a function", 2) end
-  local ok, probe = self:allow()
+  local ok, probe, round = self:allow()
   if not ok then return nil, probe end
   -- only a half-open probe must be given back if the call never finishes
-  local guard = probe and setmetatable({ breaker = self }, probe_guard_mt) or nil
+  local guard = probe and setmetatable({ breaker = self, round = round }, probe_guard_mt) or nil
   local _ <close> = guard
   local start = resil.now()
   local r = pack(pcall(fn, ...))
@@ -39,10 +39,10 @@ local function breaker_call(self, fn, ...)
   -- (told whether it was a probe: a call let through before it opened, ending while a probe is out,
   -- is not taken for the probe's outcome)
   if not r[1] then
-    self:record(false, elapsed, probe or false)
+    self:record(false, elapsed, probe or false, round)
     error(r[2], 0)
   end
-  self:record(not (r[2] == nil and r.n > 2 and r[3] ~= nil), elapsed, probe or false)
+  self:record(not (r[2] == nil and r.n > 2 and r[3] ~= nil), elapsed, probe or false, round)
   return unpack(r, 2, r.n)
 end
 core_breaker.methods.call = breaker_call -- src/breaker.c leaves call to this module
@@ -811,7 +811,7 @@ end
 
 -- br:record(ok, seconds [, probe]); a probe's outcome closes or re-opens it for everyone (probe:
 -- allow()'s second value, or false for a call let through closed, which is never taken for the probe's)
-function SharedBreaker:record(ok, seconds, probe)
+function SharedBreaker:record(ok, seconds, probe, round)
   -- (as a local breaker's do: "yes" closed it for everyone as a probe's outcome)
   if ok ~= nil and type(ok) ~= "boolean" then
     user_error(("breaker '%s': record's ok must be true, false or nil (the call did not finish), got %s"):format(
@@ -850,7 +850,7 @@ function SharedBreaker:record(ok, seconds, probe)
     return
   end
   local before = self.inner:state()
-  self.inner:record(ok, seconds, probe)
+  self.inner:record(ok, seconds, probe, round)
   if before ~= "open" and self.inner:state() == "open" and s and not isolated_in(backend_of[s], self.label) then
     backend_of[s]:breaker_open(self.label, store_now() + self.open_for, store_now())
     self.open_until_seen = store_now() + self.open_for
