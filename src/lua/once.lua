@@ -101,10 +101,14 @@ end
 -- with the record, as a step's record keeps its nested steps' (runs.lua), and taken by a replay,
 -- which runs none of them. Without them a resumed run whose once replayed gave the steps after it
 -- the places fn's steps had: a divergence at the first, for good.
+-- a record's places (the steps its fn ran: scope -> their last seq), written first in its object,
+-- where no value of fn's can be (readers of the record ignore them); a step's record has them too
+-- (runs.lua)
 local function with_places(text, places)
-  if not next(places) then return text end
+  if not (text and next(places)) then return text end
   return '{"nested":' .. json.encode(places) .. "," .. text:sub(2)
 end
+private.record_places = with_places
 local function replay_places(data)
   local places = type(data) == "string" and data:match('^{"nested":(%b{}),')
   if places and private.take_places then private.take_places(json.decode(places)) end

@@ -465,12 +465,7 @@ function resil.run.map_scope(parent)
   return n == 1 and base or ("%sm%d/"):format(base, n)
 end
 
--- a record's places, written first in its object, where no value of fn's can be (readers of
--- the record ignore them)
-local function record_places(text, places)
-  if not (text and next(places)) then return text end
-  return '{"nested":' .. json.encode(places) .. "," .. text:sub(2)
-end
+local record_places = private.record_places -- (once.lua's: a record's places, first in its object)
 local function take_places(r, places)
   if type(places) ~= "table" then return end
   for scope, seq in pairs(places) do
