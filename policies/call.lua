@@ -165,7 +165,7 @@ local function operation_of(self, is_table, req)
   return op
 end
 
-local function start_span(self, is_table, model, n, req, op)
+local function start_span(self, is_table, model, n, op)
   local exporting = resil.trace.exporting()
   if not exporting and not (is_table and resil.trace.followed()) then return nil end
   local span = resil.trace.start(exporting and ("%s %s"):format(op, model or self.name) or op, exporting and {
@@ -392,7 +392,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
   local model = json and type(json) == "table" and json.model or nil
   local key = is_table and (self.idempotency or req.idempotency_key ~= nil) and sent_key(self, req, refused) or nil
   local op = operation_of(self, is_table, req)
-  local span = resil.trace.spans and start_span(self, is_table, model, n, req, op) or nil
+  local span = resil.trace.spans and start_span(self, is_table, model, n, op) or nil
   local progress = refused and is_table and sending(refused, key) or nil
   do
     local _ <close> = sem and self.releaser or nil
