@@ -777,7 +777,9 @@ function SharedBreaker:allow()
       id = ("%s:%d"):format(owner.me().id, probe_seq) }
     probes_out[p] = true
     ok, x = p.backend:breaker_probe(p.name, p.probe_for, p.now, p.id)
-    if ok ~= nil then self.open_until_seen = not ok and p.now + x or x == "probe" and p.now or false end
+    -- (what the store said, for seen_state: open until then; half-open, a probe out; closed)
+    if ok == false then self.open_until_seen = p.now + x
+    elseif ok then self.open_until_seen = x == "probe" and p.now or false end
     if ok and x == "probe" then
       self.probes = self.probes or {}
       self.probes[#self.probes + 1] = p
