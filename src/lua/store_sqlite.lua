@@ -795,8 +795,11 @@ end
 
 -- ---------- budgets ----------
 
+local function spent_in(tx, budget, period)
+  return tx:value("SELECT micro_usd FROM budget_spent WHERE budget = ? AND period = ?", budget, period) or 0
+end
 local function budget_usage(tx, budget, period, now)
-  local spent = tx:value("SELECT micro_usd FROM budget_spent WHERE budget = ? AND period = ?", budget, period) or 0
+  local spent = spent_in(tx, budget, period)
   local reserved = tx:value("SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE budget = ? AND " ..
                             "period = ? AND state = 'held' AND expires_at > ?", budget, period, now)
   return spent, reserved
@@ -894,7 +897,7 @@ end
 -- A budget's spent and reserved in `period` as a read finds them: the earlier periods' open holds
 -- counted, as roll would move them, dead owners' not, as release_dead would free them -> spent, reserved
 local function figures(tx, budget, period, now)
-  local spent = tx:value("SELECT micro_usd FROM budget_spent WHERE budget = ? AND period = ?", budget, period) or 0
+  local spent = spent_in(tx, budget, period)
   local reserved = live_held(tx, "budget = ? AND period = ? AND state = 'held' AND expires_at > ?", now,
     budget, period, now)
   local where, a, b, c = earlier(tx, budget, period, now)
