@@ -1281,12 +1281,17 @@ end
 
 -- -> true | true, name, result (a record there already: the first is kept) | false, holder, since
 -- (the run was taken over)
-function R:step_put(run, scope, seq, name, result, now, me, retries, started, detail)
+-- a step's record for the step_put script: its keys and its arguments
+local function step_put_args(self, run, scope, seq, name, result, now, me, retries, started, detail)
   local keys = run_keys(run)
   local rec = json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
     retries = retries or 0, started = started, detail = detail })
-  local r, err = self:script("step_put", { keys[1], keys[2], unfinished_key(run), keys[3] }, scope .. "|" .. seq, rec,
-    fmt_time(now), me, taken_run(self, run))
+  return { keys[1], keys[2], unfinished_key(run), keys[3] }, scope .. "|" .. seq, rec, fmt_time(now), me,
+    taken_run(self, run)
+end
+
+function R:step_put(run, ...)
+  local r, err = self:script("step_put", step_put_args(self, run, ...))
   if r == nil then return nil, err end
   run_remade(self, run, r)
   if r[1] == 1 then return true end
@@ -1299,12 +1304,10 @@ end
 
 -- the same at once, without the loop (the run's end after a signal, resil_close: fn ended, its
 -- record not yet written): one blocking command -> as step_put
-function R:step_put_now(run, scope, seq, name, result, now, me, retries, started, detail)
-  local keys = run_keys(run)
-  local rec = json.encode({ name = name, result = result, at = now, scope = scope, seq = seq,
-    retries = retries or 0, started = started, detail = detail })
-  local r, err = self.conn:call_now("EVAL", scripts.step_put, 4, keys[1], keys[2], unfinished_key(run), keys[3],
-    scope .. "|" .. seq, rec, fmt_time(now), me, taken_run(self, run))
+function R:step_put_now(run, ...)
+  local keys, place, rec, at, me, taken = step_put_args(self, run, ...)
+  local r, err = self.conn:call_now("EVAL", scripts.step_put, #keys, keys[1], keys[2], keys[3], keys[4], place, rec,
+    at, me, taken)
   if r == nil then return nil, err end
   if r[1] == 0 then return false, r[2], tonumber(r[3]) end
   return true
