@@ -424,6 +424,24 @@ describe("a shared bucket (GCRA state in the store)", function()
     assert.is_true((b:try()))
   end)
 
+  -- A wall clock stepped back (NTP's first sync, a VM resumed) since a process wrote the bucket's
+  -- arrival time: the bucket is as that process left it, not emptier by the step. (Before: the
+  -- arrival time was read as lying an hour ahead, and every caller was refused for the hour.)
+  it("after the machine's clock is stepped back, is as it was left, not held for the step", function()
+    local path = helpers.tmpname(".db")
+    resil.store_config({ url = path })
+    local b = resil.bucket("shared-stepped", { rate = 0.5, shared = true })
+    assert.is_true((b:try()))
+    -- the row as a process whose clock read an hour later wrote it: the clock has gone back since
+    assert.is_true(os.execute(("sqlite3 %s \"UPDATE gcra SET tat = tat + 3600, at = at + 3600 WHERE key LIKE " ..
+      "'%%shared-stepped'\""):format(path)))
+    local ok, wait = b:try()
+    assert.is_false(ok)
+    near(2, wait)
+    resil.sleep(2)
+    assert.is_true((b:try()))
+  end)
+
   -- (before: b:acquire(1, 5) ignored its options, no table, and waited with no timeout at all; a
   -- timeout that was no number said "bad argument #-2 to 'acquire'"; acquire_all(list, 5) raised
   -- "attempt to index a number value" at a line of the host's)

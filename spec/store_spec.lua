@@ -207,7 +207,7 @@ print(s:stats().commits - before)
       local s, err = resil.store(path)
       assert.is_nil(s)
       assert.are.equal("store_unavailable", err.kind)
-      assert.are.equal("store " .. path .. " has schema version 99; this resil-lua knows up to 10 " ..
+      assert.are.equal("store " .. path .. " has schema version 99; this resil-lua knows up to 11 " ..
         "(a newer resil-lua wrote it)", err.message)
     end
     -- (the shell's parent is this process)

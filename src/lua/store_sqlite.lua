@@ -137,6 +137,12 @@ local migrations = {
           WHERE budget = OLD.budget AND period = OLD.period;
       END]],
   },
+  -- 11: a shared bucket's arrival time with the store time it was written at (gcra_take's
+  -- tat_of): a clock stepped back since then is told, and the arrival time is moved back with
+  -- it (NULL, a row written before: taken as it is)
+  [[
+  ALTER TABLE gcra ADD COLUMN at REAL;
+  ]],
 }
 
 local B = {}
@@ -1073,12 +1079,28 @@ end
 
 -- A GCRA key's arrival time, no earlier than now (a bucket full since), its
 -- writing, and the tokens left at now by an arrival time (a microsecond's
--- slack: times are seconds since 1970, their last bits noise)
+-- slack: times are seconds since 1970, their last bits noise).
+-- An arrival time is kept with the store time it was written at. A now before that is the wall
+-- clock stepped back since (NTP's first sync, a VM resumed), in every process of the machine at
+-- once: the arrival time is read as lying as far ahead of now as it lay ahead of its writing, no
+-- time counted as passed. Read as it is, every caller of the bucket waited for the step on top (a
+-- minute stepped back refused a gateway key's every request for a minute). A now a moment before
+-- (another process read its clock, then waited for the write lock) is the same reading: the caller
+-- is taken as coming after the writer, which it did. The row moved back is written at once, a
+-- refusal's too: time counts for the bucket from now on, not from when the clock is back at `at`.
+local function set_tat(tx, key, tat, now)
+  tx:exec("INSERT OR REPLACE INTO gcra (key, tat, at) VALUES (?, ?, ?)", key, tat, now)
+end
 local function tat_of(tx, key, now)
-  local tat = tx:value("SELECT tat FROM gcra WHERE key = ?", key) or now
+  local row = tx:row("SELECT tat, at FROM gcra WHERE key = ?", key)
+  if not row then return now end
+  local tat, at = row.tat, row.at
+  if at and now < at then
+    tat = tat - (at - now)
+    set_tat(tx, key, tat, now)
+  end
   return tat < now and now or tat
 end
-local function set_tat(tx, key, tat) tx:exec("INSERT OR REPLACE INTO gcra (key, tat) VALUES (?, ?)", key, tat) end
 local function left(tat, now, interval, tolerance)
   return math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval))
 end
@@ -1095,7 +1117,7 @@ function B:gcra_take(key, interval, tolerance, n, now, max_wait)
     local wait = new_tat - now - tolerance
     if wait > (max_wait or 0) + 1e-6 then return false, wait, tat end
     if wait <= 1e-6 then wait = 0 end
-    set_tat(tx, key, new_tat)
+    set_tat(tx, key, new_tat, now)
     return true, left(new_tat, now + wait, interval, tolerance), wait, new_tat
   end)
 end
@@ -1117,7 +1139,7 @@ function B:gcra_take_all(items, now, max_wait)
     if wait <= 1e-6 then wait = 0 end
     for i, it in ipairs(items) do
       tats[i] = tats[i] + it[4] * it[2]
-      set_tat(tx, it[1], tats[i])
+      set_tat(tx, it[1], tats[i], now)
     end
     return true, wait, tats
   end)
@@ -1135,7 +1157,7 @@ function B:gcra_adjust(key, interval, tolerance, n, now)
       local pause = tat_of(tx, "pause:" .. key, now)
       if new_tat < pause then new_tat = math.min(pause, tat) end
     end
-    set_tat(tx, key, new_tat)
+    set_tat(tx, key, new_tat, now)
     return left(new_tat, now, interval, tolerance), new_tat
   end)
 end
@@ -1150,11 +1172,11 @@ function B:gcra_raise(key, interval, tolerance, at_least, now, pause)
     local tat = tat_of(tx, key, now)
     if at_least > tat then
       tat = math.min(at_least, now + 1e9)
-      set_tat(tx, key, tat)
+      set_tat(tx, key, tat, now)
     end
     if pause then
       pause = math.min(pause, now + 1e9)
-      if pause > tat_of(tx, "pause:" .. key, now) then set_tat(tx, "pause:" .. key, pause) end
+      if pause > tat_of(tx, "pause:" .. key, now) then set_tat(tx, "pause:" .. key, pause, now) end
     end
     return left(tat, now, interval, tolerance), tat
   end)
