@@ -1088,14 +1088,17 @@ end
 -- (another process read its clock, then waited for the write lock) is the same reading: the caller
 -- is taken as coming after the writer, which it did. The row moved back is written at once, a
 -- refusal's too: time counts for the bucket from now on, not from when the clock is back at `at`.
+-- A virtual clock's time (a spec's) is no reading of the machine's clock, behind or ahead of the
+-- others by design: its rows say no time (NULL), and it moves no row back.
+local is_virtual = resil.clock.is_virtual
 local function set_tat(tx, key, tat, now)
-  tx:exec("INSERT OR REPLACE INTO gcra (key, tat, at) VALUES (?, ?, ?)", key, tat, now)
+  tx:exec("INSERT OR REPLACE INTO gcra (key, tat, at) VALUES (?, ?, ?)", key, tat, not is_virtual() and now or nil)
 end
 local function tat_of(tx, key, now)
   local row = tx:row("SELECT tat, at FROM gcra WHERE key = ?", key)
   if not row then return now end
   local tat, at = row.tat, row.at
-  if at and now < at then
+  if at and now < at and not is_virtual() then
     tat = tat - (at - now)
     set_tat(tx, key, tat, now)
   end
