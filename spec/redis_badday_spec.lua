@@ -243,6 +243,36 @@ describe("a key of another type under the store's prefix (another program's, on 
   end)
 end)
 
+describe("a budget's amounts or holders key of another type (another program's, on the same database)", function()
+  -- (before: the reservation's script grew the reserved total and added the hold, then failed
+  -- WRONGTYPE at the amounts hash, and its expiry freed nothing: $1 of a $10 budget reserved by
+  -- nobody for the rest of the period; at the holders hash, a hold its caller was told it did not
+  -- get counted until its end)
+  for _, kind in ipairs({ "amounts", "holders" }) do
+    it(("refuses a reservation without holding half of it (%s): once the key is put right, nothing is "
+      .. "reserved"):format(kind), function()
+      local url = redis.url()
+      resil.store_config({ url = url })
+      local db = url:match("/(%d+)$")
+      local budget = resil.budget("wrongtype-" .. kind, { limit = 10, per = "day" })
+      assert(budget:reserve(0.1)):settle(0.1)
+      local day = os.date("!%Y-%m-%d", math.floor(resil.clock.wall()))
+      local key = ("resil:budget:wrongtype-%s:%s:%s"):format(kind, day, kind)
+      local function cli(command)
+        assert(os.execute(("redis-cli -p %d -n %s %s > /dev/null"):format(redis.port, db, command:format(key))))
+      end
+      cli("set %s another-program")
+      local ticket, err = budget:reserve(1)
+      assert.is_nil(ticket)
+      assert.matches("WRONGTYPE", tostring(err), 1, true)
+      cli("del %s")
+      local state = budget:state()
+      assert.are.same({ 0.1, 0, 0 }, { state.spent, state.reserved, #state.holds })
+      assert(budget:reserve(9.9)):release() -- what the budget has left, all of it
+    end)
+  end
+end)
+
 describe("a process that ends as its Redis is restarted refusing writes (past its maxmemory)", function()
   -- (before: the rows sent again on a new connection and refused were said to have had no answer,
   -- "a frozen server runs them when it thaws": that server never would)

@@ -339,6 +339,11 @@ end
 -- without naming their period there (a rolling upgrade across midnight), so that period is looked
 -- at too (one EXISTS).
 local function roll()
+  -- (reads: an amounts or holders key of another type refuses before any write, here or in a
+  -- reservation. Refused at its HSET, the reserved total had grown and the hold was in the zset
+  -- without its amount: its expiry freed nothing, the total that much higher for the period)
+  redis.call('HLEN', KEYS[4])
+  redis.call('HLEN', KEYS[6])
   local prefix = string.sub(KEYS[9], 1, #KEYS[9] - #'periods')
   local period = string.sub(KEYS[1], #prefix + 1, #KEYS[1] - #':spent')
   if KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then
