@@ -234,6 +234,46 @@ print(resil.reload(), router.v, require("policies.greet").version)
     assert.are.equal("true\t2\t0.1\ntrue\t2\t3\n", r.stdout)
   end)
 
+  -- (before: every module ever loaded was loaded again at each reload, one no policy required any
+  -- more too, so its server answered, its task ran and its rule held until a restart; deleting its
+  -- file kept its loaded version, server and task with it)
+  it("unloads a module no policy requires any more: its server closes, its task ends, its rule goes", function()
+    local dir = policy_dir(1)
+    helpers.write(dir .. "/extra.lua", [[
+local resil = require "resil"
+require("policies.classify").status[418] = "retryable"
+local ticks = resil.keep("extra.ticks", function() return { n = 0 } end)
+resil.spawn(function() while true do ticks.n = ticks.n + 1; resil.sleep(0.01) end end)
+local s = resil.server.listen({ port = 0, handler = function() return { status = 200, body = "extra" } end })
+return { port = s:port() }
+]])
+    helpers.write(dir .. "/router.lua", "require 'policies.extra'\nreturn { v = 1 }")
+    local r = run(dir, [[
+local resil = require "resil"
+local dir = arg[1]
+local router = resil.policy "router"
+local port = package.loaded["policies.extra"].port
+local function write(name, text) local f = assert(io.open(dir .. "/" .. name, "w")); f:write(text); f:close() end
+local function seen()
+  local res = resil.http.request({ url = ("http://127.0.0.1:%d/"):format(port), timeout = 2 })
+  local ticks = resil.keep("extra.ticks").n
+  resil.sleep(0.05)
+  return ("%s %s %s %s"):format(res and res.body or "closed", tostring(require("policies.classify").status[418]),
+    package.loaded["policies.extra"] ~= nil and "loaded" or "unloaded",
+    resil.keep("extra.ticks").n > ticks and "ticking" or "ended")
+end
+print(seen())
+write("router.lua", "return { v = 2 }") -- the router stops using it
+print(resil.reload(), router.v, seen())
+os.remove(dir .. "/extra.lua")
+print(resil.reload(), seen())
+os.exit(0) -- (its task, ticking, would hold the script)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("extra retryable loaded ticking\ntrue\t2\tclosed nil unloaded ended\n" ..
+      "true\tclosed nil unloaded ended\n", r.stdout)
+  end)
+
   it("reloads on SIGHUP", function()
     local r = run(policy_dir(1), waiter .. [[
 local pid = io.open("/proc/self/stat"):read("a"):match("^(%d+)")

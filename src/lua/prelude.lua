@@ -520,11 +520,26 @@ end
 private.valid_utf8 = resil.json.utf8
 local CAPABILITY = { ["policies.ai"] = "ai_cache", ["policies.registry"] = "migrations",
   ["policies.gateway"] = "gateway_limits" }
+-- Who requires each policy module, for a reload to load again only what is still required. A
+-- module loaded from outside every policy's load (by a script, the host, a task, a resil.keep
+-- init), or viewed with resil.policy, is a root, for good; one a policy requires as it loads is
+-- that version's dependency. A reload loaded every module ever loaded: one no policy required any
+-- more (its `require` line removed, its file deleted too) was loaded again at each reload, its
+-- servers, tasks and rules on until a restart. (A script's own `require` of a module loaded
+-- already is not seen: the table it holds is the version of then, as after any reload.)
+local roots = {} -- module name -> true
+local function note_required(name)
+  if type(name) ~= "string" or not name:find("^policies%.") then return end
+  if loading and loading_co == coroutine.running() then loading.deps[name] = true
+  elseif not pending then roots[name] = true end -- (a reload's own loads are no script's)
+end
+private.note_required = note_required -- (the sandbox's require, which gives a loaded module itself)
 local function owning_loader(loader)
   private.policy_chunks[loader] = true
   return function(name, ...)
     local rec = { name = name, tasks = setmetatable({}, weak_keys), drops = {}, collectors = {}, servers = {},
-                  took = {} }
+                  took = {}, deps = {} }
+    note_required(name)
     -- (a reload's from the start: one a cap stops runs no <close>, and C's restore ends them all)
     if pending then pending[name] = rec end
     local _ <close> = setmetatable({ prev = loading, prev_co = loading_co, rec = rec }, loading_mt)
@@ -699,6 +714,25 @@ local function load_error(err)
   return text
 end
 
+-- a module a reload loads, checked: -> true, mod | false, message
+local function checked(name, ok, mod)
+  -- one that returned nothing or a number would fail every call that uses it (a save cut
+  -- before its `return M` is valid Lua); a function is Lua's own idiom, and a file required
+  -- for what it does as it loads (classify rules) returns nothing from the start: require took
+  -- both, and refused here they failed every reload after, whatever file had changed
+  if ok and type(mod) ~= "table" and type(mod) ~= "function" and not (mod == true and replaced[name] == true) then
+    ok, mod = false, ("%s: %s returned %s, not a table or a function"):format(module_file(name), name,
+      mod == true and "nothing" or type(mod))
+  elseif ok and lacks(name, mod) then
+    ok, mod = false, ("%s: %s has no function '%s' (the version loaded calls it, as it serves)"):format(
+      module_file(name), name, lacks(name, mod))
+  elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") and not names_its_file(mod) then
+    -- no handler runs for a memory error: "not enough memory" named none of the files
+    mod = ("%s: %s"):format(module_file(name), mod)
+  end
+  return ok, mod
+end
+
 local function reload_policies()
   -- a policy that asks for a reload as it loads: the one under way loads the new versions
   -- already (run inside it, the nested one took its record of the old set, and a file broken
@@ -709,48 +743,65 @@ local function reload_policies()
   local gone = {}
   for _, name in ipairs(names) do
     replaced[name] = package.loaded[name]
+    package.loaded[name] = nil
     -- A module whose file was deleted (no longer used, or not saved back
     -- yet) keeps its loaded version: failing on it failed every reload
     -- after, until a restart. One that still requires it gets that version.
-    if module_exists(name) then
-      package.loaded[name] = nil
-    else
-      gone[#gone + 1] = name
+    if not module_exists(name) then
+      gone[name] = true
+      local kept_version = replaced[name]
+      found[name] = { function() return kept_version end, "(its loaded version)" }
     end
   end
-  if #gone > 0 then
-    log.warn("policy reload: these modules' files are gone; their loaded versions are kept", { modules = gone })
+  -- Loaded again: the roots, and what a version kept (its file gone) required; the modules
+  -- those require come with them. One none of them requires now is unloaded.
+  local wanted = {}
+  local function want(name)
+    if wanted[name] or replaced[name] == nil then return end
+    wanted[name] = true
+    if gone[name] and owners[name] then for dep in pairs(owners[name].deps) do want(dep) end end
   end
+  for _, name in ipairs(names) do if roots[name] then want(name) end end
+  for pass = 1, 2 do
+    for _, name in ipairs(names) do
+      local ok, mod
+      if pass == 1 and wanted[name] then ok, mod = xpcall(require, load_error, name)
+      elseif pass == 2 and not wanted[name] and package.loaded[name] ~= nil then ok, mod = true, package.loaded[name]
+      end
+      if ok ~= nil then ok, mod = checked(name, ok, mod) end
+      if ok == false then
+        restore_policies()
+        local message = ("reload: %s"):format(tostring(mod))
+        log.error("policy reload failed; the old version keeps serving", { error = message })
+        count_reload("failed")
+        return false, message
+      end
+    end
+  end
+  local kept, unloaded = {}, {}
   for _, name in ipairs(names) do
-    local ok, mod = xpcall(require, load_error, name)
-    -- one that returned nothing or a number would fail every call that uses it (a save cut
-    -- before its `return M` is valid Lua); a function is Lua's own idiom, and a file required
-    -- for what it does as it loads (classify rules) returns nothing from the start: require took
-    -- both, and refused here they failed every reload after, whatever file had changed
-    if ok and type(mod) ~= "table" and type(mod) ~= "function" and not (mod == true and replaced[name] == true) then
-      ok, mod = false, ("%s: %s returned %s, not a table or a function"):format(module_file(name), name,
-        mod == true and "nothing" or type(mod))
-    elseif ok and lacks(name, mod) then
-      ok, mod = false, ("%s: %s has no function '%s' (the version loaded calls it, as it serves)"):format(
-        module_file(name), name, lacks(name, mod))
-    elseif not ok and type(mod) == "string" and not mod:find(":%d+: ") and not names_its_file(mod) then
-      -- no handler runs for a memory error: "not enough memory" named none of the files
-      mod = ("%s: %s"):format(module_file(name), mod)
-    end
-    if not ok then
-      restore_policies()
-      local message = ("reload: %s"):format(tostring(mod))
-      log.error("policy reload failed; the old version keeps serving", { error = message })
-      count_reload("failed")
-      return false, message
+    if package.loaded[name] == nil then
+      unloaded[#unloaded + 1] = name
+      package.loaded[name] = nil
+    elseif gone[name] then
+      kept[#kept + 1] = name
     end
   end
   replaced, found = nil, nil
-  -- each module loaded again replaces its version, and ends what that version started
+  if #kept > 0 then
+    log.warn("policy reload: these modules' files are gone; their loaded versions are kept", { modules = kept })
+  end
+  -- each module loaded again replaces its version, and ends what that version started; one
+  -- unloaded ends with its version
   local started = pending
   pending, undo_if_failed = nil, nil
   for name, rec in pairs(started) do install(name, rec) end
-  log.info("policies reloaded", { modules = names })
+  for _, name in ipairs(unloaded) do
+    retire(owners[name])
+    owners[name] = nil
+  end
+  names = policy_names()
+  log.info("policies reloaded", { modules = names, unloaded = #unloaded > 0 and unloaded or nil })
   count_reload("ok")
   return true, names
 end
@@ -799,6 +850,7 @@ function resil.policy(name)
     error(("resil.policy: name must be a string (policies.<name>), got %s"):format(type(name)), 2)
   end
   local modname = "policies." .. name
+  note_required(modname)
   -- a policy not found or broken is the caller's line, not this one (it said "[resil prelude]:NNN:")
   local ok, err = pcall(require, modname)
   if not ok then error(err, 2) end
@@ -1260,6 +1312,7 @@ function resil.sandbox_env(canonical, dirs, policy_dirs)
         error(("require %q is not allowed in the sandbox: a tool of the host's"):format(name), 2)
       end
       if name == "resil" or name:match("^resil%.") or name:match("^policies%.") then
+        private.note_required(name)
         local loaded = package.loaded[name]
         if loaded ~= nil then return view(name, loaded) end
         -- require says "module ... not found" at its caller's line: this function's ("[resil
