@@ -2865,6 +2865,12 @@ end
 -- --workers, max_body, read_timeout) stays as it started.
 if kept.path then
   local chunk, err = load_config(kept.path)
+  -- (one that is not there, moved or deleted, named no place but the line here, as if this shipped
+  -- file had broken the reload: "policies/gateway.lua:2868: cannot open gateway.lua")
+  if not chunk and not tostring(err):find(":%d+: ") then
+    error(resil.error("bad_config", ("gateway: the config %s: %s"):format(kept.path, tostring(err)),
+      { traceback = false }), 0)
+  end
   if not chunk then error(err, 0) end
   -- (its ai.configure calls are undone if this reload fails, here or in another file: ai.lua)
   local conf = run_capped(chunk, kept.path)

@@ -142,6 +142,24 @@ describe("gateway: the config's options", function()
       end
       assert.is_true(helpers.alive(pid))
     end)
+
+  -- (before: "reload: .../policies/gateway.lua:2868: cannot open gateway.lua: ...", the shipped
+  -- file's line, as if it had broken the reload)
+  it("a reload whose config was moved away fails naming the config, not the shipped gateway.lua; it serves on",
+    function()
+      local pid, port, log, path = start("return { auth = false, models = { fast = 'openai/gpt-4o-mini' } }")
+      assert.is_true(helpers.wait_until(function() return helpers.slurp(log):match("gateway listening") end, 20),
+        helpers.slurp(log))
+      assert(os.rename(path, path .. ".bak"))
+      os.execute("kill -HUP " .. pid)
+      assert.is_true(helpers.wait_until(function() return reloads(port, "failed") == 1 end, 10), helpers.slurp(log))
+      local out = helpers.slurp(log)
+      assert.matches('"reload: bad_config: gateway: the config ' .. path:gsub("%p", "%%%0") .. ": cannot open", out)
+      assert.is_nil(out:match('"reload: [^"]*gateway%.lua:%d+: '), out)
+      local r = helpers.run(("curl -s --max-time 5 http://127.0.0.1:%d/v1/models"):format(port))
+      assert.matches('"fast"', r.stdout)
+      assert(os.rename(path .. ".bak", path))
+    end)
 end)
 
 describe("gateway: a project's copy of policies/gateway.lua", function()
