@@ -274,6 +274,28 @@ os.exit(0) -- (its task, ticking, would hold the script)
       "true\tclosed nil unloaded ended\n", r.stdout)
   end)
 
+  it("keeps loading a module a resil.keep init required, though the init ran during a reload", function()
+    local dir = policy_dir(1)
+    helpers.write(dir .. "/helper.lua", "return { n = 1 }")
+    helpers.write(dir .. "/p.lua", "return { v = 1 }")
+    local r = run(dir, [[
+local resil = require "resil"
+local dir = arg[1]
+local p = resil.policy "p"
+local function write(name, text) local f = assert(io.open(dir .. "/" .. name, "w")); f:write(text); f:close() end
+write("p.lua", [=[
+local kept = require("resil").keep("p.kept", function() return { helper = require "policies.helper" } end)
+return { v = 2, helper = kept.helper }
+]=])
+assert(resil.reload())
+write("p.lua", "return { v = 3, helper = require('resil').keep('p.kept').helper }")
+assert(resil.reload())
+print(p.v, package.loaded["policies.helper"] ~= nil)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("3\ttrue\n", r.stdout)
+  end)
+
   it("reloads on SIGHUP", function()
     local r = run(policy_dir(1), waiter .. [[
 local pid = io.open("/proc/self/stat"):read("a"):match("^(%d+)")

@@ -528,10 +528,11 @@ local CAPABILITY = { ["policies.ai"] = "ai_cache", ["policies.registry"] = "migr
 -- servers, tasks and rules on until a restart. (A script's own `require` of a module loaded
 -- already is not seen: the table it holds is the version of then, as after any reload.)
 local roots = {} -- module name -> true
+local reloading_name -- the module a reload requires now, itself (its own require is no script's)
 local function note_required(name)
   if type(name) ~= "string" or not name:find("^policies%.") then return end
   if loading and loading_co == coroutine.running() then loading.deps[name] = true
-  elseif not pending then roots[name] = true end -- (a reload's own loads are no script's)
+  elseif name ~= reloading_name then roots[name] = true end
 end
 private.note_required = note_required -- (the sandbox's require, which gives a loaded module itself)
 local function owning_loader(loader)
@@ -644,7 +645,7 @@ local function restore_policies(failed)
   -- what the failed set started ends; the old version's runs on (a cap or a signal that stopped
   -- a load left no <close> of its to put back the one loading)
   local started, undo = pending or {}, undo_if_failed or {}
-  pending, loading, loading_co, undo_if_failed, found = nil, nil, nil, nil, nil
+  pending, loading, loading_co, undo_if_failed, found, reloading_name = nil, nil, nil, nil, nil, nil
   for _, rec in pairs(started) do retire(rec) end
   for i = #undo, 1, -1 do
     local ok, err = pcall(undo[i])
@@ -765,7 +766,10 @@ local function reload_policies()
   for pass = 1, 2 do
     for _, name in ipairs(names) do
       local ok, mod
-      if pass == 1 and wanted[name] then ok, mod = xpcall(require, load_error, name)
+      if pass == 1 and wanted[name] then
+        reloading_name = name
+        ok, mod = xpcall(require, load_error, name)
+        reloading_name = nil
       elseif pass == 2 and not wanted[name] and package.loaded[name] ~= nil then ok, mod = true, package.loaded[name]
       end
       if ok ~= nil then ok, mod = checked(name, ok, mod) end
@@ -782,7 +786,6 @@ local function reload_policies()
   for _, name in ipairs(names) do
     if package.loaded[name] == nil then
       unloaded[#unloaded + 1] = name
-      package.loaded[name] = nil
     elseif gone[name] then
       kept[#kept + 1] = name
     end
