@@ -1138,6 +1138,12 @@ static int supervise_workers(long n) {
   int rfds[256]; /* each slot's pipe from its worker (start_worker) */
   unsigned char said[256] = {0};
   double heard[256] = {0}; /* when each slot's worker last said something */
+  /* a worker started again (after a death) that has not said it listens yet: it reads the
+   * policy files and the config as they are now, and once it listens the others are told to
+   * reload, so that they serve what it serves. Files edited since the last reload, not
+   * signalled yet, were served by the replacement alone, the others on the version before, each
+   * request answered by one or the other until the next SIGHUP. */
+  unsigned char replaced[256] = {0};
   for (long w = 0; w < n; w++) rfds[w] = -1;
   /* deaths in a row within a second of starting: the gateway's (any slot's)
    * decide that it cannot start; each slot's own set its backoff, so that
@@ -1244,6 +1250,7 @@ static int supervise_workers(long n) {
       if (again == 0) return -1;
       if (again > 0) {
         running++;
+        replaced[w] = 1;
       } else { /* without a retry, the gateway would stay a worker short for good */
         fprintf(stderr, PROGNAME ": gateway: fork: %s; trying again in a second\n", strerror(errno));
         due[w] = seconds_now() + 1;
@@ -1258,11 +1265,17 @@ static int supervise_workers(long n) {
         int again = start_worker(pids, started, rfds, said, n, w, &worker_mask);
         if (again == 0) return -1;
         if (again > 0)
-          running++;
+          running++, replaced[w] = 1;
         else
           due[w] = seconds_now() + 1;
       }
       vacant = arm_for_vacant(pids, due, n);
+    }
+    for (long w = 0; w < n && !supervisor_signal; w++) {
+      if (!replaced[w] || pids[w] <= 0 || !(said[w] & SAID_LISTENING)) continue;
+      replaced[w] = 0;
+      for (long k = 0; k < n; k++)
+        if (k != w && pids[k] > 0) kill(pids[k], SIGHUP);
     }
     if (supervisor_hup) {
       supervisor_hup = 0;
