@@ -137,6 +137,53 @@ while not io.open(rel .. ".locked") do resil.sleep(0.02) end
   end
 end)
 
+describe("a SQLite store whose write lock another process held past the store's timeout as paid calls were recorded",
+  function()
+  -- the lock another process (sqlite3) holds from now until the file `rel` exists
+  local LOCK = [[
+local function lock(db, rel)
+  os.execute(("(printf '.timeout 10000\\nBEGIN IMMEDIATE;\\n.shell touch %s.locked\\n.shell while [ ! -e %s ]; " ..
+    "do sleep 0.02; done\\nCOMMIT;\\n' | sqlite3 -bail %s >/dev/null 2>&1 &)"):format(rel, rel, db))
+  while not io.open(rel .. ".locked") do require("resil").sleep(0.02) end
+end
+]]
+  local ENDINGS = { { "raises", 'error("a later step failed")' } }
+
+  -- A settle and two ledger rows (one waited for with retry = true, as ai.* records a paid call; one queued with
+  -- wait = false, as the gateway's) refused as unavailable, the lock then let go, and the script ends before
+  -- their next try: each is written as the host closes. (Before: each was said lost, "the store was still
+  -- unavailable", with the store taking writes again: their $1.75 gone from the ledger and the budget's spend,
+  -- while a resumed run replays its resil.once results and pays nothing again.)
+  for _, e in ipairs(ENDINGS) do
+    local ending, code = e[1], e[2]
+    it("writes them as the script that " .. ending .. " after them ends, once the lock is let go", function()
+      local db, rel = helpers.tmpname(".db"), helpers.tmpname(".rel")
+      local r = helpers.run_script(LOCK .. ([[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+local b = resil.budget("team", { limit = 10, per = "day" })
+local t = assert(b:reserve(1))
+lock(db, rel)
+local _, serr = t:settle(1, { provider = "p", model = "m", id = "call-1" })
+local _, rerr = resil.cost.record({ provider = "p", model = "m", usd = 0.5, id = "call-2", retry = true })
+resil.cost.record({ provider = "p", model = "m", usd = 0.25, id = "call-3", wait = false })
+resil.sleep(0.5) -- (the queued row's commit refused too)
+print(serr.retrying, rerr.retrying)
+io.open(rel, "w"):close() -- the lock let go
+resil.sleep(0.01)
+%s
+]]):format(code), ("--store '%s?timeout=0.2' --log-level error"):format(db), db .. " " .. rel)
+      assert.are.equal(ending == "raises" and 1 or 0, r.code, r.stderr)
+      assert.are.equal("true\ttrue\n", r.stdout)
+      assert.is_nil(r.stderr:find("not written", 1, true), r.stderr)
+      local costs = helpers.run(("%s costs --json --store '%s'"):format(helpers.resil, db))
+      assert.are.equal(1.75, resil.json.decode(costs.stdout).usd)
+      local budget = helpers.run(("%s budgets show team --json --store '%s'"):format(helpers.resil, db))
+      assert.are.equal(1, resil.json.decode(budget.stdout).spent, budget.stdout)
+    end)
+  end
+end)
+
 describe("a SQLite store whose -wal and -shm files are deleted under the running process (a cleanup of temporary " ..
   "files)", function()
   local CHECK = [[

@@ -540,7 +540,11 @@ local function settle_later(ticket, entry, fields, sent)
     return backend_of[s]:budget_settle(ticket.id, entry)
   end,
     function(ok) return ok and fields.usd > 0 end, fields,
-    { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd }, sent)
+    { budget = ticket.budget.name, ticket = ticket.id, usd = fields.usd }, sent,
+    -- (at resil_close: once more, at once, if its store is open; kept once per ticket)
+    function(failed)
+      return costs.close_write(failed, ticket.store and backend_of[ticket.store], "budget_settle_now", ticket.id, entry)
+    end)
 end
 
 -- (canceled while the store had it: it may have been written)

@@ -278,18 +278,29 @@ end
 debug.getregistry()["resil.costs: rows lost at exit"] = setmetatable({}, { __gc = function()
   for r in pairs(retrying) do
     if r.attempting or r.sent then say_unknown(r.what, r.fields)
-    else say_lost(r.what, r.fields, "the store was still unavailable") end
+    else say_lost(r.what, r.fields, r.close_error and tostring(r.close_error) or "the store was still unavailable") end
   end
 end })
+
+-- At resil_close: backend[method](backend, ...) at once (SQLite's cost_record_now, budget_settle_now;
+-- Redis has none) -> true written | false, err (S.at_close: a store that failed once is not asked again)
+local function close_write(failed, backend, method, ...)
+  if not (backend and backend[method]) then return false end
+  local err = S.at_close(failed, backend, method, ...)
+  if failed[backend] then return false, err end
+  return true
+end
 
 -- sent: the failure that called for this may have reached the store (a
 -- Redis command without a reply: a frozen server runs it when it thaws), as
 -- may any attempt here that fails so (err.sent); such a write is never said
 -- to be missing from the ledger, only perhaps (an operator entering it by
 -- hand would count it twice).
-local function retry_later(what, write, counts, fields, log_fields, sent)
+-- write_now(failed, attempting) -> true once written at once (resil_close, below) | false, err | nil:
+-- not tried (an attempt is out and the write has no key: it may land, and would be written twice)
+local function retry_later(what, write, counts, fields, log_fields, sent, write_now)
   unwritten = unwritten + 1
-  local pending = { what = what, fields = log_fields, sent = sent or nil }
+  local pending = { what = what, fields = log_fields, sent = sent or nil, write_now = write_now }
   retrying[pending] = true
   local function attempt()
     pending.attempting = true
@@ -334,7 +345,11 @@ local function write_later(backend, name, fields, log_fields, a, b)
       say_lost(row and "a cost row" or "a settle", log_fields, tostring(err))
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
       retry_later(row and "a cost row" or "a settle", function() return backend[name](backend, a, b) end,
-        function(written) return written and (row or seen.usd > 0) end, seen, log_fields, err.sent)
+        function(written) return written and (row or seen.usd > 0) end, seen, log_fields, err.sent,
+        function(failed, attempting)
+          if attempting and row and a.dedupe == nil then return nil end
+          return close_write(failed, backend, name .. "_now", a, b)
+        end)
     else
       log_fields.error = tostring(err)
       resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
@@ -359,18 +374,23 @@ local function rows_committed(rows, done)
   end
 end
 
+local queued_on -- (the backend whose queue has the rows: SQLite's, the one with cost_queue)
 local function row_failed(err, row)
   unwritten = unwritten - 1
   local log_fields = { provider = row[4], model = row[5], usd = row[16], id = row[1] }
   if resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
     say_lost("a cost row", log_fields, tostring(err))
   elseif resil.is_error(err) and err.kind == "store_unavailable" then
-    local entry = row_entry(row)
+    local entry, backend = row_entry(row), queued_on
     retry_later("a cost row", function()
       local s, oerr = S.open_for_retry()
       if not s then return nil, oerr end
       return backend_of[s]:cost_record(entry)
-    end, function(ok) return ok end, row_metric_fields(row), log_fields, err.sent)
+    end, function(ok) return ok end, row_metric_fields(row), log_fields, err.sent,
+      function(failed, attempting)
+        if attempting and entry.dedupe == nil then return nil end
+        return close_write(failed, backend, "cost_record_now", entry)
+      end)
   else
     log_fields.error = tostring(err)
     resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
@@ -405,14 +425,20 @@ end
 -- A paid call's row the store could not take now (not open yet, or refused
 -- as unavailable): tried again for a minute, the store asked for at each try
 -- (retry_later). sent: the failed write may have reached the store.
-local function record_later(e, entry, err)
+-- backend: the store that refused it, if one did (the last a try opened is asked at resil_close)
+local function record_later(e, entry, err, backend)
   retry_later("a cost row", function()
     local s, oerr = S.open_for_retry()
     if not s then return nil, oerr end
-    own_key(backend_of[s], entry)
-    return backend_of[s]:cost_record(entry)
+    backend = backend_of[s]
+    own_key(backend, entry)
+    return backend:cost_record(entry)
   end, function(ok) return ok end, metric_fields(e),
-    { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, err.sent)
+    { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, err.sent,
+    function(failed, attempting)
+      if attempting and entry.dedupe == nil then return nil end
+      return close_write(failed, backend, "cost_record_now", entry)
+    end)
 end
 
 -- (a paid call's row whose caller was canceled while the store had it: a
@@ -460,6 +486,7 @@ function resil.cost.record(e)
     and coroutine.isyieldable()) then
     local row = cost_row(e, store_now())
     unwritten = unwritten + 1
+    queued_on = backend_of[s]
     backend_of[s]:cost_queue(row, rows_committed, row_failed)
     return true
   end
@@ -484,7 +511,7 @@ function resil.cost.record(e)
   recording[entry] = nil
   if guard then guard.seen = true end
   if ok == nil and e.retry and resil.running() and resil.is_error(err) and err.kind == "store_unavailable" then
-    record_later(e, entry, err)
+    record_later(e, entry, err, backend_of[s])
     err.retrying = true
     return nil, err
   end
@@ -508,6 +535,21 @@ debug.getregistry()["resil.costs.close"] = function()
       if failed[b] then say_lost("a cost row", fields, tostring(err or first)) end
     else
       say_unknown("a cost row", fields)
+    end
+  end
+  -- those the store refused, waiting for their next try (retry_later) as the process ends (its script
+  -- raised or called os.exit, SIGTERM): tried once more now. They were said lost without it, the
+  -- store taking writes again by then (its lock let go, room on the disk): a paid call's cost and
+  -- its budget's spend gone, and the resumed run replayed its resil.once result, paying nothing again
+  for pending in pairs(retrying) do
+    if pending.write_now and not pending.sent then
+      local written, err = pending.write_now(failed, pending.attempting)
+      if written then
+        retrying[pending] = nil
+        unwritten = unwritten - 1
+      elseif written == false then
+        first, pending.close_error = first or err, err
+      end
     end
   end
   if first then return nil, first end
@@ -575,4 +617,5 @@ function resil.cost.unwritten() return unwritten end
 -- line: what this process has recorded so far
 return { entry = cost_entry, to_micro = to_micro, from_micro = from_micro, is_usd = is_usd, below_unit = below_unit,
          observe = observe_cost,
-         write_later = write_later, retry_later = retry_later, spent = function() return spent_usd end }
+         write_later = write_later, retry_later = retry_later, close_write = close_write,
+         spent = function() return spent_usd end }
