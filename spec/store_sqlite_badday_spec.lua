@@ -147,13 +147,14 @@ local function lock(db, rel)
   while not io.open(rel .. ".locked") do require("resil").sleep(0.02) end
 end
 ]]
-  local ENDINGS = { { "raises", 'error("a later step failed")' } }
+  local ENDINGS = { { "raises", 'error("a later step failed")' }, { "calls os.exit(0)", "os.exit(0)" } }
 
   -- A settle and two ledger rows (one waited for with retry = true, as ai.* records a paid call; one queued with
   -- wait = false, as the gateway's) refused as unavailable, the lock then let go, and the script ends before
   -- their next try: each is written as the host closes. (Before: each was said lost, "the store was still
   -- unavailable", with the store taking writes again: their $1.75 gone from the ledger and the budget's spend,
-  -- while a resumed run replays its resil.once results and pays nothing again.)
+  -- while a resumed run replays its resil.once results and pays nothing again. os.exit skipped the host's
+  -- close altogether.)
   for _, e in ipairs(ENDINGS) do
     local ending, code = e[1], e[2]
     it("writes them as the script that " .. ending .. " after them ends, once the lock is let go", function()
@@ -182,6 +183,32 @@ resil.sleep(0.01)
       assert.are.equal(1, resil.json.decode(budget.stdout).spent, budget.stdout)
     end)
   end
+
+  -- (before: os.exit skipped it, and the key stayed claimed by the dead process: the next caller ran fn, and
+  -- paid, again)
+  it("keeps a resil.once result whose record was refused, as the script calls os.exit(0)", function()
+    local db, rel, paid = helpers.tmpname(".db"), helpers.tmpname(".rel"), helpers.tmpname(".paid")
+    local r = helpers.run_script(LOCK .. [[
+local resil = require "resil"
+local db, rel, paid = arg[1], arg[2], arg[3]
+print(resil.once("job-1", function()
+  lock(db, rel)
+  local f = io.open(paid, "a"); f:write("paid\n"); f:close()
+  return "answer"
+end))
+io.open(rel, "w"):close() -- the lock let go
+resil.sleep(0.01)
+os.exit(0)
+]], ("--store '%s?timeout=0.2' --log-level error"):format(db), ("%s %s %s"):format(db, rel, paid))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("answer\n", r.stdout)
+    local again = helpers.run_script([[
+local resil = require "resil"
+print(resil.once("job-1", function() local f = io.open(arg[1], "a"); f:write("paid\n"); f:close(); return "again" end))
+]], ("--store '%s' --log-level error"):format(db), paid)
+    assert.are.equal("answer\n", again.stdout, again.stderr)
+    assert.are.equal("paid\n", helpers.slurp(paid))
+  end)
 end)
 
 describe("a SQLite store whose -wal and -shm files are deleted under the running process (a cleanup of temporary " ..

@@ -100,7 +100,10 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
  * the finalizers), and R->L cleared, so that an embedder's resil_close at
  * exit does not close the state again. The stores' finalizers write what
  * is still queued (the ledger's rows nobody waited for); Lua's own
- * os.exit(code) dropped them without a word. */
+ * os.exit(code) dropped them without a word. What resil_close gives up or
+ * writes at once (embed_give_up) is too: skipped here, a paid call's cost
+ * row or settle still being tried, a resil.once result waiting for the
+ * store, were lost with the store taking writes again. */
 static int host_os_exit(lua_State *L) {
   resil_t *R = resil_from_lua(L);
   int status = lua_isboolean(L, 1) ? (lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE)
@@ -109,6 +112,7 @@ static int host_os_exit(lua_State *L) {
     R->current = NULL;
     R->host_L = NULL;
     R->closing = 1; /* as resil_close: no task resumes, finalizers free what tasks held */
+    embed_give_up(R);
     lua_close(R->L);
     R->L = NULL;
   }
