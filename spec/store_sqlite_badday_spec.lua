@@ -45,6 +45,35 @@ print(refused > 20, st.spent == calls, st.reserved, #st.holds, resil.cost.total(
   end)
 end)
 
+describe("a SQLite store nobody has open, on a disk that fills up", function()
+  -- (before: "store: PATH: disk I/O error" and nothing more, from every command: SQLite cannot make the -shm
+  -- beside the file, and says no more than that)
+  it("says the disk is full, in the commands that read it and in a script's writes; all of it is there once " ..
+    "there is room", function()
+    if not is_root then return pending("mounting a small filesystem needs root") end
+    local db, fill, filler = small_disk(finally, "1m")
+    local made = helpers.run_script([[
+local resil = require "resil"
+resil.step("one", function() assert(resil.cost.record({ provider = "p", model = "m", usd = 1.5 })) return 1 end)
+]], ("--store '%s' --run full --log-level off"):format(db))
+    assert.are.equal(0, made.code, made.stderr)
+    os.execute(fill)
+    local full = ("resil-lua: store_unavailable: store: %s: disk I/O error (no space left on the disk)\n"):format(db)
+    for _, command in ipairs({ "costs", "runs", "runs show full", "budgets" }) do
+      local r = helpers.run(("%s %s --store '%s'"):format(helpers.resil, command, db))
+      assert.are.equal(1, r.code, command)
+      assert.are.equal(full, r.stderr, command)
+    end
+    local r = helpers.run_script([[print(require("resil").cost.record({ provider = "p", model = "m", usd = 1 }))]],
+      ("--store '%s' --log-level off"):format(db))
+    assert.are.equal(("nil\tstore_unavailable: store: %s: disk I/O error (no space left on the disk)\n"):format(db),
+      r.stdout)
+    os.remove(filler)
+    assert.are.equal("total $1.500000\n", helpers.run(("%s costs --store '%s'"):format(helpers.resil, db)).stdout)
+    assert.matches("full%s+done%s+1", helpers.run(("%s runs --store '%s'"):format(helpers.resil, db)).stdout)
+  end)
+end)
+
 describe("a SQLite store on a disk with less free room than its WAL takes before it is copied (about 4 MB)", function()
   it("writes until the rows themselves fill it, refuses the next ones unwritten, and writes again once there " ..
     "is room", function()

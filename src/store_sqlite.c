@@ -265,12 +265,19 @@ static int at_file_size_limit(const store_db *d) {
 }
 
 /* what SQLite said, and why a write was refused when the file is not this
- * process's to write, or would grow past the file-size limit */
+ * process's to write, or would grow past the file-size limit, or the disk
+ * is full: SQLite says "disk I/O error" when the -shm beside a store nobody
+ * has open cannot be made on a full disk (every command, `costs` and `runs
+ * show` too, said only that) */
 static const char *refusal_note(store_db *d, int rc) {
   if (d->readonly_uri && (rc & 0xff) == SQLITE_READONLY)
     return " (this process may read the file, not write it: opened read-only)";
   if ((rc & 0xff) == SQLITE_IOERR && at_file_size_limit(d))
     return " (the file would grow past the process's file-size limit, ulimit -f)";
+  if ((rc & 0xff) == SQLITE_IOERR && sqlite3_system_errno(d->db) == ENOSPC)
+    return " (no space left on the disk)";
+  if ((rc & 0xff) == SQLITE_IOERR && sqlite3_system_errno(d->db) == EDQUOT)
+    return " (the disk quota is used up)";
   return "";
 }
 
@@ -1978,6 +1985,7 @@ static int open_db(lua_State *L, int host) {
     char wal_path[PATH_MAX], reason[PATH_MAX + 64] = "";
     snprintf(wal_path, sizeof wal_path, "%s-wal", file);
     if ((wal & 0xff) == SQLITE_CANTOPEN) why_refused(wal_path, sqlite3_system_errno(d->db), reason, sizeof reason);
+    else snprintf(reason, sizeof reason, "%s", refusal_note(d, wal));
     resil_error_result(L, "store_unavailable", "store: %s: %s%s", path, err ? err : "cannot set WAL mode", reason);
     sqlite3_free(err);
     /* busy: another process held the new file past the wait: it passes */
