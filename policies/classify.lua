@@ -79,6 +79,12 @@ classify.bodies = {
       return error_field(body, "code") == "insufficient_quota" or error_field(body, "type") == "insufficient_quota"
     end,
     verdict = { class = "quota", retryable = false, fallback = true } },
+  -- a model the provider does not serve (retired, misspelt) said with a 400, not a 404: OpenAI's
+  -- Responses API and OpenAI-compatible servers send {"error": {"code": "model_not_found"}} so.
+  -- As a 400 it was the caller's bad request: no fallback, every call of a retired pin failed
+  { name = "model_not_found",
+    match = function(_, body) return error_field(body, "code") == "model_not_found" end,
+    verdict = { class = "not_found", retryable = false, fallback = true } },
   -- Anthropic: a rate limit says when to come back (retry-after); a spend
   -- limit is a 429 that does not
   { name = "anthropic_spend_limit",
@@ -366,8 +372,11 @@ function classify.outcome(res, err, opts, req)
   for _, rule in ipairs(classify.bodies) do
     if rule.match(res, body) then
       -- (with a job or speech provider's `detail`: "402 replicate_insufficient_credit" alone left
-      -- unsaid what the provider said to do; a chat provider's body has none, its reason unchanged)
+      -- unsaid what the provider said to do; a chat provider's says it in error.message: "400
+      -- model_not_found" alone named no model)
       local said = detail_said(body)
+      if said == nil and rule.name == "model_not_found" then said = error_field(body, "message") end
+      said = type(said) == "string" and said:sub(1, 300) or nil
       v = verdict_of(rule.verdict, ("%d %s%s"):format(status, rule.name, said and (": " .. said) or ""), status, nil,
         retry_after)
       break

@@ -200,6 +200,24 @@ describe("deprecations", function()
     assert.are.equal(before + 1, gone:value({ model = "openai/text-embedding-2" }))
   end)
 
+  -- (before: a 400, the caller's bad request: no fallback, so every call of a retired pin failed
+  -- where an OpenAI-compatible server or OpenAI's Responses API says model_not_found with a 400)
+  it("a model the provider answers 400 model_not_found for falls back, is counted, and its error names it", function()
+    local retired = { status = 400, body = '{"error":{"message":"The model `gpt-4o-2024-11-20` does not exist or ' ..
+      'you do not have access to it.","type":"invalid_request_error","param":"model","code":"model_not_found"}}' }
+    m:configure({ strict = true, reply = "one two three", sequence = { chat = { retired, retired } } })
+    local gone = resil.metrics.counter("resil_model_not_found_total")
+    local before = gone:value({ model = "openai/gpt-4o-2024-11-20" })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-2024-11-20", messages = MSGS,
+      fallback = { "anthropic/claude-haiku-4-5-20251001" } }))
+    assert.are.same({ "anthropic", "claude-haiku-4-5-20251001" }, { r.provider, r.requested_model })
+    local _, err = ai.chat({ model = "openai/gpt-4o-2024-11-20", messages = MSGS })
+    assert.are.equal("not_found", err.class)
+    assert.matches("does not exist", err.message, 1, true)
+    assert.are.equal(before + 2, gone:value({ model = "openai/gpt-4o-2024-11-20" }))
+    assert.are.equal(2, m:stats().routes.chat) -- (not retried)
+  end)
+
   it("warn with the days left before the sunset, then route to the replacement on and after it", function()
     registry.use({ ["openai/gpt-4o-2024-05-13"] = { deprecated = true, replacement = "openai/gpt-4o-2024-08-06",
       sunset = date_in(2.5) } })
