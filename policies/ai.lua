@@ -322,10 +322,13 @@ local function kept_targets(plan, req)
   return by, req.fallback or NO_FALLBACK
 end
 
+-- A call made again under its resil.once key (after a failure, a crash) draws a migration's side
+-- by that key: drawn again, it went to the other version's provider, which had never seen the key
+-- and billed the answer the first one's would have replayed unbilled.
 local function targets_of(req, level)
   if type(req.model) ~= "string" then error("ai: model must be a string: an alias or \"provider/model\"", level + 1) end
   local reg = registry()
-  local plan = reg.resolve(req.model, req, level + 2)
+  local plan = reg.resolve(req.model, req, level + 2, nil, resil.context().idempotency_key)
   if plan.err then return nil, plan.err end
   local kept, fb_key = kept_targets(plan, req)
   local targets = kept and kept[fb_key]

@@ -580,6 +580,36 @@ describe("streams", function()
   end)
 end)
 
+-- (before: a chat under resil.once without a sticky value drew its side again when the key ran
+-- again after a failure or a crash, so it went to the other provider, which had never seen the key:
+-- billed twice, where the same side replays its answer unbilled)
+describe("a migration's chat run again under its resil.once key", function()
+  it("takes the side it took, so the provider replays the answer it billed once", function()
+    m:configure({ strict = true, reply = "one two three", idempotency = true })
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-spec-openai-0123456789", idempotency = true })
+    ai.configure("anthropic", { base_url = m.url, api_key = "sk-ant-spec-0123456789", idempotency = true })
+    registry.use({ canary = { use = "openai/gpt-4o-mini-2024-07-18",
+      migrate = { to = "anthropic/claude-haiku-4-5-20251001", share = 0.5, sticky = false } } })
+    local draws = { 0.1, 0.9, 0.1, 0.9 }
+    registry.random = function() return table.remove(draws, 1) end
+    local served = {}
+    local function caption(fail)
+      return resil.once("caption:7", function()
+        local r = assert(ai.chat({ model = "canary", messages = MSGS }))
+        served[#served + 1] = r.provider
+        if fail then return nil, resil.error("timeout", "the step after the answer timed out", { retryable = true }) end
+        return r.text
+      end)
+    end
+    assert.is_nil((caption(true))) -- released: a retryable failure
+    assert.are.equal("one two three", caption(false))
+    assert.are.equal(2, #served)
+    assert.are.equal(served[1], served[2])
+    assert.are.equal(1, m:stats().billed.responses)
+    assert.are.equal(1, m:stats().replayed)
+  end)
+end)
+
 describe("migrations behind another alias", function()
   it("apply on the way to the first target, not in a fallback", function()
     -- (a share under 1: a completed migration serves its target in a fallback too, see
