@@ -2018,15 +2018,17 @@ local function embed_caller(provider, adapter, conf, req)
   return caller
 end
 
-local function embed_strategy(spec, req, level, guard)
+-- d: a registry deployment (its own config, limits and name), or nil
+local function embed_strategy(spec, req, level, guard, d)
   local p, model = parse_model(spec, level + 1)
   local adapter = adapter_of(p, level + 1)
   if not adapter.embed_body then error(("ai.embed: provider '%s' has no embeddings"):format(p), level + 1) end
-  local conf = ai.config[p] or NO_CONF
+  local conf = d and deployment_conf(p, d) or ai.config[p] or NO_CONF
   local key, err = key_of(p, adapter, conf, model)
   if key == nil then return nil, err end
-  local t = { provider = p, model = model, name = p .. "/" .. model, adapter = adapter }
-  local caller = embed_caller(p, adapter, conf, req)
+  local t = { provider = p, model = model, name = d and (d.name .. ":" .. p .. "/" .. model) or (p .. "/" .. model),
+    adapter = adapter, deployment = d and d.name or nil }
+  local caller = embed_caller(d and d.name or p, adapter, conf, req)
   local wire = { method = "POST", url = adapter.embed_url(base_url(adapter, conf)),
     headers = adapter.headers(key or nil, conf), json = adapter.embed_body(req, model, conf) }
   return { name = t.name, t = t, fn = function(_, deadline)
@@ -2051,8 +2053,45 @@ local function embed_strategy(spec, req, level, guard)
   end }
 end
 
+-- An embedding's strategies, in order: its model through the registry (an alias, a deprecation past
+-- its sunset, a migration, deployments), then the request's fallbacks, a target without its key
+-- left out as a chat's is -> strategies, plan | nil, err. (Before, a model went to the provider as
+-- named: an alias was refused, and a model past its sunset was called, a 404 on every call, where
+-- its replacement served the chats.)
+local function embed_strategies(req, guard, level)
+  local reg = registry()
+  local plan = reg.resolve(req.model, req, level + 2, nil, resil.context().idempotency_key)
+  if plan.err then return nil, plan.err end
+  local strategies, seen, keyless = {}, {}, {}
+  local function add_choices(choices)
+    for _, c in ipairs(choices) do
+      -- (deployments in their weighted order: no caller is made for a breaker's or bucket's state)
+      local ds = c.deployments and reg.order(c, function() return false, 0 end) or { false }
+      for _, d in ipairs(ds) do
+        local st, err = embed_strategy(d and d.model or c.model, req, level + 1, guard, d or nil)
+        if not st then keyless[#keyless + 1] = err
+        elseif not seen[st.name] then
+          seen[st.name] = true
+          strategies[#strategies + 1] = st
+        end
+      end
+    end
+  end
+  add_choices(plan.choices)
+  if not strategies[1] then return nil, keyless[1] end
+  for _, f in ipairs(req.fallback or {}) do
+    local m = type(f) == "table" and f.model or f
+    if type(m) ~= "string" then error("ai.embed: fallback entries must be models or {model=, ...}", level + 1) end
+    local fplan = reg.resolve(m, req, level + 2)
+    if not fplan.err then add_choices(fplan.choices) end
+  end
+  if keyless[1] then warn_keyless(keyless) end
+  return strategies, plan
+end
+
 function ai.embed(req)
   if type(req) ~= "table" then error("ai.embed: expects a request table", 2) end
+  if type(req.model) ~= "string" then error("ai.embed: model must be a string: an alias or \"provider/model\"", 2) end
   local input = req.input
   if type(input) ~= "string" and (type(input) ~= "table" or #input == 0) then
     error("ai.embed: input must be a string or a non-empty list", 2)
@@ -2067,15 +2106,9 @@ function ai.embed(req)
     error("ai.embed: fallback must be a list of models", 2)
   end
   check_call_options(req, "ai.embed", 2)
-  local list = { req.model }
-  for _, f in ipairs(req.fallback or {}) do list[#list + 1] = f end
-  local strategies = {}
   local guard = call_guard(nil, req, "embed") -- (its ticket once reserved)
-  for i, spec in ipairs(list) do
-    local st, err = embed_strategy(spec, req, 2, guard)
-    if not st then return nil, err end
-    strategies[i] = st
-  end
+  local strategies, plan = embed_strategies(req, guard, 2)
+  if not strategies then return nil, plan end
   local ticket
   if req.budget ~= nil then
     local budget = type(req.budget) == "string" and resil.budget(req.budget) or req.budget
@@ -2095,8 +2128,10 @@ function ai.embed(req)
   end
   guard.ticket = ticket
   local _ <close> = guard -- a canceled call gives its hold back, records what it refused
-  local d = req.deadline or (ai.config[strategies[1].t.provider] or NO_CONF).deadline
+  local d = req.deadline or plan.deadline or (ai.config[strategies[1].t.provider] or NO_CONF).deadline
   local deadline = d and resil.now() + d
+  local planned = { plan = plan }
+  strategies[1] = watched(strategies[1], planned) -- (a migration's side counts its outcome)
   local r, err, info
   if #strategies == 1 then
     r, err = strategies[1].fn(req, deadline)
@@ -2105,6 +2140,7 @@ function ai.embed(req)
     r, err, info = fallback.chain(strategies)(req, deadline)
     if r and info then r.attempts = (r.attempts or 1) + attempts_failed(info.errors) end
   end
+  if r then describe(r, planned) end
   return settle_call(guard, r, err, "embed")
 end
 

@@ -23,6 +23,9 @@ registry.random = math.random
 registry.pinned = {
   ["*"] = { "%-%d%d%d%d%-%d%d%-%d%d$", "%-%d%d%d%d%d%d%d%d$", ":[%w]+$" },
   elevenlabs = { "_v%d[%d_]*$" },
+  -- OpenAI's embedding models have no snapshots: a name is one model for good (vectors made by
+  -- another would not compare)
+  openai = { "^text%-embedding%-" },
   -- Anthropic's ids from Claude 4.6 on are snapshots without a date (claude-sonnet-4-6,
   -- claude-sonnet-5-5); claude-sonnet-4-5 and older undated names are aliases that moved
   anthropic = { "^claude%-%a+%-4%-[6-9]$", "^claude%-%a+%-[5-9]$", "^claude%-%a+%-[5-9]%-%d+$" },

@@ -580,6 +580,41 @@ describe("streams", function()
   end)
 end)
 
+-- (before: ai.embed sent the model as named: an alias raised "must name its provider" (a gateway's
+-- client that took GET /v1/models' word got a 500), and a model past its sunset was called, a 404
+-- on every call, while its replacement served the chats)
+describe("embeddings through the registry", function()
+  it("take aliases, go to a replacement past the sunset, and fail a retired model before sending", function()
+    registry.use({ ["embed-small"] = { use = "openai/text-embedding-3-small" },
+      ["openai/text-embedding-ada-002"] = { deprecated = true, replacement = "openai/text-embedding-3-small",
+        sunset = date_in(-1) },
+      ["openai/text-embedding-old"] = { deprecated = true, sunset = date_in(-1) } })
+    local r = assert(ai.embed({ model = "embed-small", input = "hello" }))
+    assert.are.same({ "embed-small", "text-embedding-3-small" }, { r.alias, r.requested_model })
+    r = assert(ai.embed({ model = "openai/text-embedding-ada-002", input = { "a", "b" } }))
+    assert.are.equal("text-embedding-3-small", r.requested_model)
+    assert.are.equal("sunset", r.routed.reason)
+    assert.are.equal(2, #r.embeddings)
+    local before = m:stats().total
+    local _, err = ai.embed({ model = "openai/text-embedding-old", input = "hello" })
+    assert.are.equal("model_retired", err.kind)
+    assert.are.equal(before, m:stats().total)
+  end)
+
+  it("through the gateway, an alias GET /v1/models lists is served", function()
+    registry.use({ ["embed-small"] = { use = "openai/text-embedding-3-small" } })
+    local url = helpers.gateway_for_mock(m, { auth = false, models = {} }, finally)
+    local listed = resil.json.decode(assert(resil.http.request({ url = url .. "/v1/models" })).body)
+    local ids = {}
+    for _, e in ipairs(listed.data) do ids[e.id] = true end
+    assert.is_true(ids["embed-small"])
+    local res = assert(resil.http.request({ method = "POST", url = url .. "/v1/embeddings",
+      headers = { ["content-type"] = "application/json" }, json = { model = "embed-small", input = "hello" } }))
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("text-embedding-3-small", res.headers["x-resil-model"])
+  end)
+end)
+
 -- (before: a chat under resil.once without a sticky value drew its side again when the key ran
 -- again after a failure or a crash, so it went to the other provider, which had never seen the key:
 -- billed twice, where the same side replays its answer unbilled)
