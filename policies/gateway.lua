@@ -2286,6 +2286,14 @@ local function model_by_id(req, id)
     local entries = registry().entries
     local d = entries[id] or entries[name]
     local deprecated = type(d) == "table" and d.deprecated == true
+    -- (past its sunset with no replacement a chat naming it is a 404 model_retired: found here, a
+    -- client that checked the model with retrieve before using it took it for one it could call)
+    if deprecated then
+      local ok, plan = pcall(registry().resolve, id, {}, 2, true)
+      if ok and plan.err then
+        return error_reply(api, 404, public_message(tostring(plan.err.message)), { code = "model_retired" })
+      end
+    end
     return { status = 200, body = json.encode(model_object({ id = id, owned_by = provider,
       lifecycle = deprecated and "deprecated" or nil,
       retires_at = deprecated and type(d.sunset) == "string" and d.sunset .. "T00:00:00Z" or nil }, api)) }

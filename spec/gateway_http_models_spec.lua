@@ -123,13 +123,11 @@ end)
 -- (before: every model object said lifecycle "active", retires_at null: a client keeping the
 -- active models kept one the registry marks deprecated, whose calls go elsewhere at its sunset)
 describe("GET /v1/models/{id}: a model the registry marks deprecated", function()
-  it("is deprecated in Anthropic's shape, retiring at its sunset", function()
+  -- a gateway serving this registry -> get(id, headers) -> status, decoded body
+  local function gateway_with(registry_text)
     local port, dir = helpers.free_port(), helpers.tmpname("")
     assert(os.execute("mkdir -p " .. dir .. "/policies"))
-    helpers.write(dir .. "/policies/models.lua", [[
-      return { ["anthropic/claude-3-5-haiku-20241022"] = { deprecated = true, sunset = "2099-02-19",
-        replacement = "anthropic/claude-haiku-4-5-20251001" } }
-    ]])
+    helpers.write(dir .. "/policies/models.lua", registry_text)
     helpers.write(dir .. "/gw.lua", "return { auth = false }")
     os.execute(("%s gateway --policies %s/policies --listen 127.0.0.1:%d --config %s/gw.lua --store %s/s.db " ..
       "--log-level error > %s/gw.out 2>&1 & echo $! > %s/gw.pid"):format(helpers.resil, dir, port, dir, dir, dir, dir))
@@ -137,14 +135,42 @@ describe("GET /v1/models/{id}: a model the registry marks deprecated", function(
     finally(function() os.execute("kill " .. pid .. " 2>/dev/null") end)
     assert(helpers.wait_until(function() return helpers.slurp(dir .. "/gw.out"):find("listening") ~= nil end, 10),
       helpers.slurp(dir .. "/gw.out"))
-    local function get(id)
-      local r = helpers.run(("curl -s 'http://127.0.0.1:%d/v1/models/%s' -H 'anthropic-version: 2023-06-01'")
-        :format(port, id))
-      return require("resil").json.decode(r.stdout)
+    return function(id, header)
+      local r = helpers.run(("curl -s -w '\n%%{http_code}' 'http://127.0.0.1:%d/v1/models/%s' %s")
+        :format(port, id, header or ""))
+      local body, status = r.stdout:match("^(.*)\n(%d+)$")
+      return tonumber(status), require("resil").json.decode(body)
     end
-    local old = get("anthropic%2Fclaude-3-5-haiku-20241022")
+  end
+
+  it("is deprecated in Anthropic's shape, retiring at its sunset", function()
+    local get = gateway_with([[
+      return { ["anthropic/claude-3-5-haiku-20241022"] = { deprecated = true, sunset = "2099-02-19",
+        replacement = "anthropic/claude-haiku-4-5-20251001" } }
+    ]])
+    local _, old = get("anthropic%2Fclaude-3-5-haiku-20241022", "-H 'anthropic-version: 2023-06-01'")
     assert.are.same({ "deprecated", "2099-02-19T00:00:00Z" }, { old.lifecycle, old.retires_at })
-    local new = get("anthropic%2Fclaude-haiku-4-5-20251001")
+    local _, new = get("anthropic%2Fclaude-haiku-4-5-20251001", "-H 'anthropic-version: 2023-06-01'")
     assert.are.same({ "active", require("resil").json.null }, { new.lifecycle, new.retires_at })
+  end)
+
+  -- (before: found, while a chat naming it is refused: a client that retrieves a model before it
+  -- calls it took a retired one for one it could call)
+  it("past its sunset with no replacement is a 404 model_retired, as a chat naming it is", function()
+    local get = gateway_with([[
+      return { ["openai/gpt-4o-2024-05-13"] = { deprecated = true, sunset = "2020-01-01" },
+               ["openai/gpt-4o-2024-08-06"] = { deprecated = true, sunset = "2020-01-01",
+                 replacement = "openai/gpt-4.1-2025-04-14" } }
+    ]])
+    for _, header in ipairs({ "", "-H 'anthropic-version: 2023-06-01'" }) do
+      local status, body = get("openai%2Fgpt-4o-2024-05-13", header)
+      assert.are.equal(404, status)
+      assert.matches("passed its sunset", body.error.message)
+    end
+    local status, body = get("openai%2Fgpt-4o-2024-05-13")
+    assert.are.equal("model_retired", body.error.code)
+    -- one whose calls go to its replacement is still served
+    status = get("openai%2Fgpt-4o-2024-08-06")
+    assert.are.equal(200, status)
   end)
 end)
