@@ -1922,6 +1922,12 @@ function Stream:next_event()
     return e[1], e[2]
   end
   if self.done then return nil, self.err end
+  -- (read to its end while it opened, a stream labelled JSON: its events were all in the backlog,
+  -- and there is no transfer left to read)
+  if self.finish_pending then
+    self.finish_pending = nil
+    return finished(self)
+  end
   local ev, _, done = read_next(self)
   if ev == false then return nil, done end -- (the stream's end: nil | nil, err)
   local decoded = self.state.decoded

@@ -2117,6 +2117,43 @@ describe("streams", function()
     assert.is_true(helpers.wait_until(function() return ledger_rows() == before + 1 end, 5))
   end)
 
+  -- (before: read by its events, as a relay reads it, the events it held were given, then
+  -- next_event raised, "attempt to index a nil value (field 's')", and the stream was recorded as
+  -- closed before its end; the gateway wrote an error event after the client's [DONE] or message_stop)
+  it("a stream a server labels application/json, read by its events, ends after its last one, recorded once", function()
+    local upstream = assert(resil.server.listen({ handler = function()
+      local chunk = function(delta, finish)
+        return "data: " .. resil.json.encode({ id = "c1", object = "chat.completion.chunk", model = "gpt-4o-mini",
+          choices = { { index = 0, delta = delta, finish_reason = finish or resil.json.null } } }) .. "\n\n"
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" },
+        body = chunk({ role = "assistant", content = "hi" }) .. chunk({ content = " there" }) .. chunk({}, "stop") ..
+          'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],' ..
+          '"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n' }
+    end }))
+    finally(function() upstream:close() end)
+    point_at(("http://127.0.0.1:%d"):format(upstream:port()))
+    local before = ledger_rows()
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, raw_events = "openai" })
+    local events = {}
+    while true do
+      local ok, ev, data_or_err = pcall(s.next_event, s)
+      assert(ok, ev)
+      if not ev then
+        assert.is_nil(data_or_err)
+        break
+      end
+      events[#events + 1] = ev.data
+    end
+    assert.are.equal(5, #events)
+    assert.are.equal("[DONE]", events[5])
+    local r = assert(s:result())
+    assert.are.equal("hi there", r.text)
+    assert.are.same({ 5, 2 }, { r.usage.input_tokens, r.usage.output_tokens })
+    assert.is_true(helpers.wait_until(function() return ledger_rows() == before + 1 end, 5))
+    assert.are.equal(before + 1, ledger_rows())
+  end)
+
   it("a validator's refusal of a 200 whose error is null (JSON-RPC's) is invalid output, not a server error",
      function()
     local classify = require "policies.classify"

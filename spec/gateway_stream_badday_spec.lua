@@ -100,6 +100,42 @@ describe("gateway streams on a bad day: an upstream that ends oddly", function()
   end)
 end)
 
+-- (before: an upstream that labels its stream application/json is read whole as it opens; relayed
+-- to a client of its own API, its events ended with [DONE] or message_stop, then an error event
+-- "the upstream's stream could not be read", which the Anthropic SDK raises on a complete answer)
+describe("gateway streams on a bad day: an upstream that labels its stream application/json", function()
+  it("reaches each API's own client complete, its end marker last", function()
+    local function ev(name, data) return ("event: %s\ndata: %s\n\n"):format(name, json.encode(data)) end
+    local url, _, key = start({ strict = true, routes = {
+      ["POST /v1/chat/completions"] = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" }, chunks = {
+          chunk({ role = "assistant", content = "" }), chunk({ content = "hello" }), chunk({}, "stop"),
+          "data: [DONE]\n\n" } }
+      end,
+      ["POST /v1/messages"] = function()
+        return { status = 200, headers = { ["content-type"] = "application/json" }, chunks = {
+          ev("message_start", { type = "message_start", message = { id = "msg_1", type = "message", role = "assistant",
+            model = "claude-sonnet-4-5-20250929", content = setmetatable({}, json.array_mt),
+            usage = { input_tokens = 10, output_tokens = 1 } } }),
+          ev("content_block_start", { type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
+          ev("content_block_delta", { type = "content_block_delta", index = 0, delta = { type = "text_delta", text = "hello" } }),
+          ev("content_block_stop", { type = "content_block_stop", index = 0 }),
+          ev("message_delta", { type = "message_delta", delta = { stop_reason = "end_turn" }, usage = { output_tokens = 2 } }),
+          ev("message_stop", { type = "message_stop" }) } }
+      end } })
+    for _, case in ipairs({ { "openai", "openai/gpt-4o-mini" }, { "anthropic", CLAUDE } }) do
+      local api, model = case[1], case[2]
+      local evs = events_of(open(url, key, api, { model = model }))
+      local last = evs[#evs]
+      assert.are.equal(api == "openai" and "[DONE]" or "message_stop", api == "openai" and last.data or last.event,
+        api .. ": " .. last.data)
+      for _, e in ipairs(evs) do assert.is_not.equal("error", e.event, e.data) end
+    end
+    assert.is_true(helpers.wait_until(function() return rows() == 2 end, 10))
+    settled()
+  end)
+end)
+
 describe("gateway streams on a bad day: an event that is JSON but not an object", function()
   -- (before: an OpenAI client of an OpenAI provider got `data: []` as a chunk made of the gateway's
   -- id and model alone, which the SDK's stream helper raises on (chunk.choices is not iterable);
