@@ -1854,6 +1854,28 @@ local reading_mt = { __close = function(g)
   end
 end }
 
+-- A stream that the provider broke once it was open (a cut, a stall, an error event) counts
+-- against the provider's breaker as the same failure of a call would (classify's verdict): its
+-- opening was its call's outcome, a success, and a provider whose every stream broke after its
+-- first delta kept its breaker closed and was sent every later call, never the fallback's.
+-- (A stream its reader closes says nothing of the provider. No duration: the call's was the opening's.)
+local CUT = { kind = "reset", message = "the stream ended without its end marker" }
+local function broke_upstream(self, err, ebody)
+  local br = self.target.caller and self.target.caller.breaker
+  if not br then return end
+  local verdict
+  if ebody ~= nil or err == nil then -- (an error event: the status its API answers it with, as an opening's)
+    local etype = type(ebody) == "table" and type(ebody.error) == "table" and ebody.error.type
+    verdict = classify.outcome({ status = EVENT_STATUS[etype] or 500, headers = {} })
+  else
+    verdict = classify.outcome(nil, err)
+  end
+  if verdict and verdict.breaker then
+    local ok, rerr = pcall(br.record, br, false, 0, false)
+    if not ok then resil.log.warn("ai: a broken stream could not be told to its breaker", { error = tostring(rerr) }) end
+  end
+end
+
 -- The open stream's next event, read through its adapter (its text kept):
 -- -> ev, delta, done (a complete end marker) | false, the stream's end as
 -- finished() or interrupted() gives it (nil | nil, err)
@@ -1869,15 +1891,23 @@ local function read_next(self)
   local ev, err = self.s:read_event()
   self.reading = nil
   if ev == nil then
-    if err then return false, interrupted(self, tostring(err.message or err), err) end
+    if err then
+      broke_upstream(self, err)
+      return false, interrupted(self, tostring(err.message or err), err)
+    end
     if adapter.complete(self.state, true) then return false, finished(self) end
-    return false, interrupted(self, "the stream ended without its end marker")
+    broke_upstream(self, CUT)
+    return false, interrupted(self, CUT.message)
   end
   local delta, done, eerr, ebody = adapter.event(self.state, ev)
-  if eerr then return false, interrupted(self, "error event: " .. eerr, ebody) end
+  if eerr then
+    broke_upstream(self, nil, ebody or false)
+    return false, interrupted(self, "error event: " .. eerr, ebody)
+  end
   if delta then self.parts[#self.parts + 1] = delta end
   if done and not adapter.complete(self.state, true) then
-    return false, interrupted(self, "the stream ended without its end marker")
+    broke_upstream(self, CUT)
+    return false, interrupted(self, CUT.message)
   end
   return ev, delta, done
 end

@@ -2254,6 +2254,41 @@ describe("streams", function()
     end)
   end
 
+  -- (before: the stream's opening was its call's outcome, a success, and what broke it after was
+  -- told to no one: a provider whose every stream was cut or failed after its first delta kept its
+  -- breaker closed, and every later call went to it, never to the fallback)
+  for _, kind in ipairs({ "cut", "error_event" }) do
+    it("a provider whose streams break after their first delta (" .. kind .. ") opens its breaker", function()
+      m:configure({ strict = true, reply = "one two three four", faults = { { route = "messages", kind = kind, after = 2 } } })
+      ai.configure("anthropic", { base_url = m.url, api_key = ANTHROPIC_KEY, retry = { max_retries = 0 },
+        breaker = { name = "ai-spec-streams-break-" .. kind, failure_rate = 0.5, min_calls = 4, window = 60, open_for = 60 } })
+      for _ = 1, 2 do -- (each stream is its opening's success and its break's failure: 4 calls, half failed)
+        local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
+        local _, err = pcall(function() for _ in s do end end)
+        assert.are.equal("stream_interrupted", err.kind)
+      end
+      assert.are.equal("open", resil.breaker("ai-spec-streams-break-" .. kind):state())
+      -- the next call goes to the fallback, the broken provider not asked
+      local asked = m:stats().routes.messages
+      local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS, fallback = { "openai/gpt-4o-mini" } })
+      for _ in s do end
+      assert.are.equal("openai", assert(s:result()).provider)
+      assert.are.equal(asked, m:stats().routes.messages)
+    end)
+  end
+
+  -- a stream its reader closes early says nothing against its provider
+  it("streams closed by their reader after the first delta leave the breaker closed", function()
+    ai.configure("anthropic", { base_url = m.url, api_key = ANTHROPIC_KEY,
+      breaker = { name = "ai-spec-streams-closed", failure_rate = 0.5, min_calls = 4, window = 60, open_for = 60 } })
+    for _ = 1, 4 do
+      local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
+      assert.is_string(s:next())
+      s:close()
+    end
+    assert.are.equal("closed", resil.breaker("ai-spec-streams-closed"):state())
+  end)
+
   it("a stream that stalls after its first delta is stream_interrupted at the idle timeout", function()
     -- message_start, content_block_start, ping, two deltas, then silence
     m:configure({ strict = true, reply = "one two three four", sequence = { messages = { { kind = "stall", after = 5 } } } })
