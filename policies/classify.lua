@@ -272,9 +272,47 @@ classify.validators = {
   end,
 }
 
+-- an error at the caller's line: the first frame outside the policy library and the host
+local LIBRARY = { ["retry.lua"] = true, ["classify.lua"] = true, ["call.lua"] = true, ["fallback.lua"] = true,
+  ["limit.lua"] = true, ["ai.lua"] = true, ["jobs.lua"] = true, ["gateway.lua"] = true }
+local function raise_at_caller(msg)
+  for level = 2, 60 do
+    local info = debug.getinfo(level, "Sl")
+    if not info then break end
+    if info.currentline > 0 and info.source:sub(1, 7) ~= "=[resil" and not LIBRARY[info.source:match("[^/\\]+$")] then
+      error(("%s:%d: %s"):format(info.short_src, info.currentline, msg), 0)
+    end
+  end
+  error(msg, 0)
+end
+
+-- where a rule that is no verdict is kept, for the error that names it
+local function rule_named(rule)
+  for k, v in pairs(classify.status) do
+    if v == rule then return ("classify.status[%s]"):format(type(k) == "string" and ("%q"):format(k) or tostring(k)) end
+  end
+  for k, v in pairs(classify.kinds) do
+    if v == rule then return ("classify.kinds.%s"):format(tostring(k)) end
+  end
+  for i, b in ipairs(classify.bodies) do
+    if type(b) == "table" and b.verdict == rule then return ("classify.bodies[%d] (%s)"):format(i, tostring(b.name)) end
+  end
+  return rule == classify.unknown and "classify.unknown" or "a classify rule"
+end
+
+-- (a rule without a class, { retryable = true }, raised 'classify.lua: bad argument #1 to 'error'', and
+-- one that is no table 'bad argument #1 to 'for iterator'', naming neither the rule nor the caller)
 local function verdict_of(rule, reason, status, kind, retry_after)
+  if type(rule) ~= "table" then
+    raise_at_caller(("classify: %s is %s, not a verdict {class = \"...\", retryable = true|false, ...}"):format(
+      rule_named(rule), type(rule) == "string" and ("%q"):format(rule) or tostring(rule)))
+  end
   local v = {}
   for k, x in pairs(rule) do v[k] = x end
+  if type(v.class) ~= "string" then
+    raise_at_caller(("classify: %s has class %s, not a name: a verdict is {class = \"...\", retryable = true|false, ...}")
+      :format(rule_named(rule), tostring(v.class)))
+  end
   v.reason, v.status, v.kind, v.retry_after = reason, status, kind, retry_after
   return v
 end

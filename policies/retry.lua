@@ -105,17 +105,24 @@ function Budget:state()
   return { calls = calls, retries = retries, allowed = floor(allowed(self, calls)) }
 end
 
--- an error at the line that gave the options: the first frame outside this file and the host
+-- an error at the line that gave the options: the first frame outside the policy library and the
+-- host (a classify rule's mistake met in a provider made by policies.call, or by ai.chat, named
+-- call.lua's line, none of the caller's), else the first outside this file
+local LIBRARY = { ["retry.lua"] = true, ["classify.lua"] = true, ["call.lua"] = true, ["fallback.lua"] = true,
+  ["limit.lua"] = true, ["ai.lua"] = true, ["jobs.lua"] = true, ["gateway.lua"] = true }
 local function raise_at_caller(msg)
   local here = debug.getinfo(1, "S").source
-  for level = 2, 40 do
+  local outside -- the first frame outside this file and the host
+  for level = 2, 60 do
     local info = debug.getinfo(level, "Sl")
     if not info then break end
     if info.currentline > 0 and info.source ~= here and info.source:sub(1, 7) ~= "=[resil" then
-      error(("%s:%d: %s"):format(info.short_src, info.currentline, msg), 0)
+      local at = ("%s:%d: "):format(info.short_src, info.currentline)
+      if not LIBRARY[info.source:match("[^/\\]+$")] then error(at .. msg, 0) end
+      outside = outside or at
     end
   end
-  error(msg, 0)
+  error((outside or "") .. msg, 0)
 end
 
 -- (a window of math.huge made slots until memory ran out, 0 or 1.5 raised inside withdraw on

@@ -242,6 +242,37 @@ describe("a retry's verdict", function()
   end)
 end)
 
+describe("a classify rule's mistake met in a provider's call", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  -- (before: 'policies/call.lua:NNN: retry: ...' and 'classify.lua:NNN: bad argument #1 to 'error'
+  -- (string expected, got nil)': the user's call named nowhere, the rule not at all)
+  it("is said at the line of the call, naming the rule", function()
+    local classify = require "policies.classify"
+    local m = resil.mock.start({ sequence = { chat = { 409, 409, 409, 409 } } })
+    local p = call.provider("rule-mistake", { request = { method = "POST", url = m.url .. "/v1/chat/completions" },
+      retry = { budget = false } })
+    local cases = {
+      { { class = "conflict", retryable = true, max_retries = "2" }, "retry: the verdict of class 'conflict' has max_retries \"2\"" },
+      { { class = "conflict", retryable = true, max_retries = 1, backoff = "expo" }, "retry: unknown backoff strategy 'expo'" },
+      { { retryable = true }, "classify: classify.status%[409%] has class nil, not a name" },
+      { "retry", "classify: classify.status%[409%] is \"retry\", not a verdict" },
+    }
+    for _, case in ipairs(cases) do
+      classify.status[409] = case[1]
+      local ok, err = pcall(function()
+        local res = p({ json = {} })
+        return res
+      end)
+      classify.status[409] = nil
+      assert.is_false(ok)
+      assert.matches("^spec/policy_retry_options_spec.lua:%d+: " .. case[2], err)
+    end
+    m:stop()
+  end)
+end)
+
 describe("a retry's jitter", function()
   before_each(function() resil.clock.virtual(); resil.log.level("error") end)
   after_each(function() resil.log.level("info") end)
