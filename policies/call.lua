@@ -589,6 +589,17 @@ function call.provider(name, conf)
   if getmetatable(conf.fallback) == Provider then
     error(("call.provider '%s': fallback is a list, { provider, ..., placeholder = v }, not a provider"):format(name), 2)
   end
+  -- (placeholdr = "..." was ignored: the call failed where a placeholder was meant)
+  for k in pairs(type(conf.fallback) == "table" and conf.fallback or {}) do
+    if not (k == "placeholder" or k == "on" or math.type(k) == "integer") then
+      error(("call.provider '%s': fallback: unknown field '%s' (a fallback list takes providers, functions, " ..
+        "{name=, fn=, on=}, placeholder and on)"):format(name, tostring(k)), 2)
+    end
+  end
+  local on = conf.fallback_on
+  if on ~= nil and type(on) ~= "table" and type(on) ~= "function" then
+    error(("call.provider '%s': fallback_on must be a list of classes or a function, got %s"):format(name, type(on)), 2)
+  end
   -- (a NaN or string timeout or deadline, or a negative timeout, raised 'http request: ...' inside
   -- this file at every call; an unknown validator raised once the request had been made and paid
   -- for, a number 'attempt to call a number value' inside classify.lua. A deadline of 0 or less,
@@ -669,7 +680,12 @@ function call.provider(name, conf)
       end
     end
     strategies.placeholder = conf.fallback.placeholder
-    self.chain = fallback.chain(strategies)
+    -- (its mistakes, a strategy's `on` that is a string, said at this line: they named call.lua's)
+    local made, chain = pcall(fallback.chain, strategies)
+    if not made then
+      error(("call.provider '%s': %s"):format(name, tostring(chain):gsub("^[^\n]-:%d+: ", "", 1)), 2)
+    end
+    self.chain = chain
   end
   self.fallback_on = conf.fallback_on
   return self

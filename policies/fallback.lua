@@ -118,8 +118,22 @@ end
 
 -- fallback.chain{ strategy, ..., placeholder = value | fn(errors, ...), give_up = fn() -> reason | nil }
 -- A strategy is { name =, fn =, on = } or just a function.
+-- (a name misspelt, placeholdr = "...", was ignored: the chain ended with the failure where a
+-- placeholder was meant; a hole in the list, { a, nil, c }, dropped the strategies after it.
+-- A strategy's own fields are its caller's: policies.ai keeps its target there)
+local CHAIN_FIELDS = { placeholder = true, give_up = true }
 function fallback.chain(spec)
   if type(spec) ~= "table" then error("fallback.chain: expects a table of strategies", 2) end
+  local count = 0
+  for _ in ipairs(spec) do count = count + 1 end
+  for k in pairs(spec) do
+    if math.type(k) == "integer" and k > count then
+      error(("fallback.chain: strategy %d is nil: the ones after it would never run"):format(count + 1), 2)
+    elseif not (CHAIN_FIELDS[k] or math.type(k) == "integer" and k >= 1) then
+      error(("fallback.chain: unknown field '%s' (a chain takes its strategies, placeholder and give_up)"):format(
+        tostring(k)), 2)
+    end
+  end
   local strategies = {}
   for i, s in ipairs(spec) do
     if type(s) == "function" then s = { fn = s } end

@@ -454,6 +454,45 @@ describe("policies.fallback, a strategy that returns nothing", function()
   end)
 end)
 
+describe("policies.fallback, a name misspelt", function()
+  -- (before: placeholdr = "..." was ignored and the chain ended with the failure; a hole in the
+  -- list dropped the strategies after it)
+  it("is said at the line that made the chain, naming it", function()
+    local function failing() return nil, resil.error("server_error", "503", { class = "auth" }) end
+    local cases = {
+      { { failing, placeholdr = "p" }, "unknown field 'placeholdr'" },
+      { { failing, nil, failing }, "strategy 2 is nil" },
+    }
+    for _, case in ipairs(cases) do
+      local ok, err = pcall(function()
+        local chain = fallback.chain(case[1])
+        return chain
+      end)
+      assert.is_false(ok)
+      assert.matches("^spec/policies_spec.lua:%d+: fallback.chain: " .. case[2], err)
+    end
+  end)
+
+  it("in a provider's fallback list is said at the line that made the provider", function()
+    local call = require "policies.call"
+    local cases = {
+      { { fallback = { function() end, placeholdr = "p" } }, "fallback: unknown field 'placeholdr'" },
+      { { fallback = { { name = "b", fn = function() end, on = "server_error" } } },
+        "fallback.chain: strategy 2: `on` must be a list" },
+      { { fallback_on = "server_error" }, "fallback_on must be a list of classes or a function" },
+    }
+    for i, case in ipairs(cases) do
+      case[1].request = { url = "http://127.0.0.1:9/" }
+      local ok, err = pcall(function()
+        local p = call.provider("misspelt-" .. i, case[1])
+        return p
+      end)
+      assert.is_false(ok)
+      assert.matches("^spec/policies_spec.lua:%d+: call.provider 'misspelt%-" .. i .. "': " .. case[2], err)
+    end
+  end)
+end)
+
 describe("policies.limit", function()
   before_each(function() resil.clock.virtual() end)
 
