@@ -127,20 +127,33 @@ end
 
 -- (a window of math.huge made slots until memory ran out, 0 or 1.5 raised inside withdraw on
 -- a later call, a NaN percent let every retry through: each is refused where it is given)
-local function check_budget(name, conf)
+-- (a name misspelt, windw = 60 or precent = 0.05, was ignored: the default budget ran)
+-- -> nil | what is wrong with a budget's options
+local BUDGET_RULES = {
+  window = { function(v) return v >= 1 and v <= 3600 and v == floor(v) end, "a whole number of seconds, 1 to 3600" },
+  percent = { function(v) return v >= 0 and v < math.huge end, "a non-negative share of the calls" },
+  min_per_second = { function(v) return v >= 0 and v < math.huge end, "a non-negative number" },
+}
+local function budget_wrong(name, conf)
+  name = name and ("retry budget '%s'"):format(name) or "retry budget"
   if type(conf) ~= "table" then
-    raise_at_caller(("retry budget '%s': budget must be false or {percent=, min_per_second=, window=}, got %s")
-      :format(name, type(conf)))
+    return ("%s: budget must be false or {percent=, min_per_second=, window=}, got %s")
+      :format(name, type(conf))
   end
-  local function check(k, ok, want)
-    local v = conf[k]
-    if v ~= nil and not (type(v) == "number" and ok(v)) then
-      raise_at_caller(("retry budget '%s': %s must be %s, got %s"):format(name, k, want, tostring(v)))
+  for k, v in pairs(conf) do
+    local rule = BUDGET_RULES[k]
+    if not rule then
+      return ("%s: unknown option '%s' (a budget takes percent, min_per_second, window)"):format(name,
+        tostring(k))
+    end
+    if not (type(v) == "number" and rule[1](v)) then
+      return ("%s: %s must be %s, got %s"):format(name, k, rule[2], tostring(v))
     end
   end
-  check("window", function(v) return v >= 1 and v <= 3600 and v == floor(v) end, "a whole number of seconds, 1 to 3600")
-  check("percent", function(v) return v >= 0 and v < math.huge end, "a non-negative share of the calls")
-  check("min_per_second", function(v) return v >= 0 and v < math.huge end, "a non-negative number")
+end
+local function check_budget(name, conf)
+  local wrong = budget_wrong(name, conf)
+  if wrong then raise_at_caller(wrong) end
 end
 
 -- retry.check(opts) -> nil | what is wrong with retry options, for the line that gave them (a NaN
@@ -201,6 +214,10 @@ function retry.check(opts)
     if v ~= nil and type(v) ~= "function" and not (type(mt) == "table" and mt.__call) then
       return ("retry: %s must be a function, got %s"):format(k, type(v))
     end
+  end
+  -- (a provider's budget was first checked at its first call's retry, at that call's line)
+  if opts.budget ~= nil and opts.budget ~= false then
+    return budget_wrong(opts.provider and tostring(opts.provider), opts.budget)
   end
   return nil
 end

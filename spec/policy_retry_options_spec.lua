@@ -71,6 +71,27 @@ describe("a retry budget's options", function()
     assert.is_false(b:withdraw())
   end)
 
+  -- (before: windw = 60 or precent = 0.05 was ignored and the default budget ran; a provider's
+  -- budget was first looked at by its first call's retry)
+  it("misspelt raise at the line that gave them, a provider's at the line that made it", function()
+    local attempts = 0
+    local ok, err = pcall(function()
+      return retry.call(function() attempts = attempts + 1; return { status = 503, headers = {}, body = "" } end,
+        { provider = "budget-misspelt", budget = { windw = 60 }, max_retries = 1, base = 0.01 })
+    end)
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec.lua:%d+: retry budget 'budget%-misspelt': unknown option 'windw'", err)
+    assert.are.equal(0, attempts)
+    ok, err = pcall(function()
+      local p = call.provider("budget-misspelt-provider", { request = { url = "http://127.0.0.1:9/" },
+        retry = { budget = { precent = 0.05 } } })
+      return p
+    end)
+    assert.is_false(ok)
+    assert.matches("policy_retry_options_spec.lua:%d+: call.provider 'budget%-misspelt%-provider': retry budget: " ..
+      "unknown option 'precent'", err)
+  end)
+
   -- (before: the window of the budget's first options stayed for good: a reload's window = 60 kept 10 s,
   -- and let a sixth of the retries it allows through)
   it("given again with another window (a reload), counts over that window", function()
