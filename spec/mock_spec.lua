@@ -119,6 +119,25 @@ describe("the mock provider", function()
     assert.are.equal("", empty.choices[1].message.content)
   end)
 
+  -- (before: a streamed answer's truncate was a whole 200 with Content-Length: 0, which every
+  -- client read as a stream that ended cleanly with nothing in it)
+  it("truncates a streamed answer as a whole one: some of it, then the connection cut", function()
+    m = resil.mock.start({ sequence = { chat = { "truncate" }, messages = { "truncate" } } })
+    local msgs = { { role = "user", content = "one two three four five six" } }
+    for _, case in ipairs({
+      { "/v1/chat/completions", {}, { model = "gpt-4o-mini", stream = true, messages = msgs } },
+      { "/v1/messages", { ["x-api-key"] = "k", ["anthropic-version"] = "2023-06-01" },
+        { model = "claude-sonnet-4-5", max_tokens = 50, stream = true, messages = msgs } },
+    }) do
+      local s = assert(http.stream({ url = m.url .. case[1], method = "POST", headers = case[2], json = case[3] }))
+      assert.are.equal(200, s.status)
+      local events, ev, err = 0, s:read_event()
+      while ev do events = events + 1; ev, err = s:read_event() end
+      assert.is_true(events > 0, case[1])
+      assert.are.equal("reset", err and err.kind, case[1])
+    end
+  end)
+
   it("counts calls per route, status and Idempotency-Key, and what it billed", function()
     m = resil.mock.start({ sequence = { chat = { 500 } } })
     chat(m, { ["Idempotency-Key"] = "k1" })

@@ -1006,6 +1006,7 @@ static const char *reason_phrase(int status) {
 }
 
 static void send_next_chunk(void *arg);
+static void close_when_sent(pending *p);
 
 /* libevent times a connection's reading while it writes a reply, with its
  * idle timeout, and a client reading a stream sends nothing: a stream that
@@ -1049,6 +1050,10 @@ static void pending_send(pending *p) {
     pending_free(p);
     return;
   case REPLY_TRUNCATE: {
+    /* a streamed reply's chunks: the first half of them, then the close
+     * (send_next_chunk). Its Content-Length of its no body made a cut stream
+     * a whole, empty 200, which every client took for an answer of nothing */
+    if (p->nchunks > 0) break;
     char len[32];
     snprintf(len, sizeof len, "%zu", p->body_len);
     evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Length", len);
@@ -1122,6 +1127,13 @@ static void send_next_chunk(void *arg) {
   pending *p = arg;
   if (!p->started) {
     pending_send(p);
+    return;
+  }
+  if (p->action == REPLY_TRUNCATE && p->next_chunk >= p->nchunks / 2) {
+    /* truncated: the connection closed without the last chunk, a cut reply */
+    pending_unlink(p);
+    close_when_sent(p);
+    pending_free(p);
     return;
   }
   if (p->stall_after > 0 && p->next_chunk >= p->stall_after) return; /* stalled: hang mid-stream */
