@@ -138,6 +138,30 @@ describe("the mock provider", function()
     end
   end)
 
+  -- (before: after = "2", 2.5 or -1 never matched a chunk's number and the stream was served whole,
+  -- a spec of a cut stream passing on a whole one; retry_after = "2s" was sent as Retry-After: 2s;
+  -- a stall after 0 chunks was taken for none)
+  it("refuses a fault's after or retry_after that cannot be meant, and stalls after 0 chunks", function()
+    for _, f in ipairs({ { kind = "cut", after = "2" }, { kind = "cut", after = 2.5 }, { kind = "stall", after = -1 },
+      { status = 429, retry_after = "2s" }, { status = 429, retry_after = -5 } }) do
+      local ok, err = pcall(function()
+        local mock = resil.mock.start({ sequence = { chat = { f } } })
+        return mock
+      end)
+      assert.is_false(ok)
+      assert.matches("^spec/mock_spec.lua:%d+: resil.mock: sequence.chat%[1%]: " .. (f.after and "after" or "retry_after")
+        .. " must be", err)
+    end
+    m = resil.mock.start({ sequence = { chat = { { kind = "stall", after = 0 }, { status = 429, retry_after = false } } } })
+    local s = assert(http.stream({ url = m.url .. "/v1/chat/completions", method = "POST", idle_timeout = 5,
+      json = { model = "m", stream = true, messages = { { role = "user", content = "a b c" } } } }))
+    assert.are.equal(200, s.status)
+    local ev, err = s:read_event()
+    assert.is_nil(ev)
+    assert.are.equal("timeout", err.kind)
+    assert.is_nil(chat(m).headers["retry-after"])
+  end)
+
   it("counts calls per route, status and Idempotency-Key, and what it billed", function()
     m = resil.mock.start({ sequence = { chat = { 500 } } })
     chat(m, { ["Idempotency-Key"] = "k1" })

@@ -89,7 +89,8 @@ typedef struct pending {
   size_t body_len;
   char **chunks;
   size_t *chunk_lens; /* (a chunk may hold NUL bytes) */
-  int nchunks, next_chunk, stall_after, started;
+  int nchunks, next_chunk, started;
+  int stall_after; /* stall_after + 1 (0: none): a stream stalled before its first chunk too */
   double chunk_interval, delay;
   /* tasks = true: the task running the handler, until it has answered */
   task *task;
@@ -1136,7 +1137,7 @@ static void send_next_chunk(void *arg) {
     pending_free(p);
     return;
   }
-  if (p->stall_after > 0 && p->next_chunk >= p->stall_after) return; /* stalled: hang mid-stream */
+  if (p->stall_after > 0 && p->next_chunk >= p->stall_after - 1) return; /* stalled: hang mid-stream */
   if (p->next_chunk >= p->nchunks) {
     struct evhttp_request *req = p->req;
     pending_unlink(p);
@@ -1321,8 +1322,9 @@ static void read_reply(lua_State *L, int idx, pending *p) {
   lua_pop(L, 1);
   lua_getfield(L, idx, "chunk_interval");
   p->chunk_interval = lua_tonumber(L, -1);
-  lua_getfield(L, idx, "stall_after");
-  p->stall_after = (int)lua_tointeger(L, -1);
+  lua_getfield(L, idx, "stall_after"); /* (0 was taken for none: the stream was served whole) */
+  lua_Integer stall_after = lua_tointeger(L, -1);
+  p->stall_after = lua_isnumber(L, -1) && stall_after >= 0 && stall_after < INT_MAX ? (int)stall_after + 1 : 0;
   lua_getfield(L, idx, "delay");
   p->delay = lua_tonumber(L, -1);
   lua_pop(L, 3);

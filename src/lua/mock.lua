@@ -152,6 +152,16 @@ local function check_fault(f, where, level, named)
   end
   local wrong = f.latency ~= nil and latency_wrong(f.latency)
   if wrong then error(("resil.mock: %s: %s"):format(named, wrong), level) end
+  -- (after = "2" or 2.5 never matched a delta's number, and a negative one never came: the stream
+  -- was served whole, and a spec of a cut stream passed on a whole one; retry_after = "2s" was sent
+  -- as Retry-After: 2s, which no client reads)
+  if f.after ~= nil and not (math.type(f.after) == "integer" and f.after >= 0) then
+    error(("resil.mock: %s: after must be a whole number of chunks >= 0, not %s"):format(named, shown(f.after)), level)
+  end
+  local ra = f.retry_after
+  if ra ~= nil and ra ~= false and not (type(ra) == "number" and ra >= 0 and ra < math.huge) then
+    error(("resil.mock: %s: retry_after must be seconds >= 0 (or false: none), not %s"):format(named, shown(ra)), level)
+  end
 end
 
 local function check_scenario(s, level)
