@@ -168,6 +168,37 @@ describe("resil.cost inside steps and once (one process)", function()
       assert.matches('resil_tokens_total{model="m",provider="kept",type="input"} 10\n', resil.metrics.text(), 1, true)
     end)
 
+  -- (a row's usual units are written without json.encode, which swaps each number for a marker: the
+  -- text must be json.encode's all the same, byte for byte, key order included)
+  it("writes a row's units as json.encode writes them, whatever their names and values", function()
+    local cases = {
+      { input_tokens = 3, output_tokens = 1, cached_input_tokens = 0, cache_write_tokens = 0 },
+      { input_tokens = 1500, output_tokens = 20, service_tier = "default", input_unreported = true, estimated = false },
+      { big = math.maxinteger, small = math.mininteger, edge = 100000000000000, less = -99999999999999 },
+      { whole_float = 3.0, half = 0.5, third = 1 / 3, huge = 1e300 },
+      { path = "a/b", quote = 'say "hi"', tab = "a\tb", accent = "café", empty = "" },
+      { words = "a b:c,d{e}[f]~!", del = "x\127", [""] = 0, long = ("x"):rep(2000) },
+      { service_tier = "on demand: {x}", n = -7, yes = true, no = false },
+      { ["odd/key"] = 1, ["with space"] = 2, ["ok-key.v2"] = 3 },
+      { 1, 2, 3 },
+      { nested = { input_tokens = 1 } },
+      {},
+      setmetatable({}, resil.json.array_mt),
+      setmetatable({ 1 }, resil.json.array_mt),
+      { [1] = 5, name = "mixed" },
+    }
+    for i = 1, 40 do -- (many keys: the table's own order, as next walks it)
+      cases[#cases + 1] = { ["k" .. i] = i, ["j" .. i * 7] = i % 2 == 0, ["w" .. i] = "v" .. i }
+    end
+    for i, units in ipairs(cases) do
+      local want = resil.json.encode(units)
+      assert(resil.cost.record({ provider = "units", model = "m" .. i, usd = 0, units = units, wait = i % 2 == 0 }))
+      local rows = assert(helpers.backend(assert(resil.store())):cost_rows({ model = "m" .. i }))
+      assert.are.equal(1, #rows)
+      assert.are.equal(want, rows[1].units, "case " .. i)
+    end
+  end)
+
   -- (rows nobody waits for are written in C, one statement each and no savepoint: one that fails must
   -- undo only itself, and the metrics count what was written, once per commit)
   it("wait = false: a row the ledger refuses (here a trigger's) is refused in the log; the rows " ..

@@ -456,6 +456,7 @@ int luaopen_resil_url(lua_State *L);
 int luaopen_resil_bucket(lua_State *L);
 int luaopen_resil_breaker(lua_State *L);
 int luaopen_resil_metrics(lua_State *L);
+int luaopen_resil_flat_json(lua_State *L);
 int luaopen_resil_semaphore(lua_State *L);
 int luaopen_resil_reload(lua_State *L);
 int luaopen_resil_stop(lua_State *L);

@@ -423,6 +423,7 @@ static const struct {
   {"resil.core.bucket", luaopen_resil_bucket},
   {"resil.core.breaker", luaopen_resil_breaker},
   {"resil.core.metrics", luaopen_resil_metrics},
+  {"resil.core.flat_json", luaopen_resil_flat_json},
   {"resil.core.watchdog", luaopen_resil_watchdog},
 };
 

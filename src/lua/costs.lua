@@ -9,6 +9,9 @@ local owner = require "resil.owner"
 -- (the host's copies, taken at load: a script may replace what the resil table holds, its
 -- json.encode the units of every row its process records, its spawn the rows' retries)
 local json, spawn = private.json, resil.spawn
+-- a row's usual units (a flat object of names and whole numbers) as json.encode writes them, for a
+-- tenth of its instructions (src/flat_json.c); nil: json.encode's to write
+local flat_json = require "resil.core.flat_json"
 
 local MICRO, floor = 1e6, math.floor
 local function to_micro(usd) return floor(usd * MICRO + 0.5) end
@@ -175,7 +178,10 @@ local function checked(e)
   local units = e.units
   if units ~= nil then
     local ok, text = false, "not a table"
-    if type(units) == "table" then ok, text = pcall(json.encode, units) end
+    if type(units) == "table" then
+      text = flat_json(units)
+      if text then ok = true else ok, text = pcall(json.encode, units) end
+    end
     if not ok then
       error("resil.cost.record: units must be a table JSON can hold (token counts by name): " .. tostring(text), 4)
     end
