@@ -270,6 +270,51 @@ describe("resil.cost inside steps and once (one process)", function()
       'gen_ai_provider_name="ops-made",gen_ai_request_model="g-1",gen_ai_system="ops-made"} 1\n', text, 1, true)
   end)
 
+  -- (a row's series are counted in one call of src/metrics.c, each bound at its first use: a series
+  -- no row needed is never shown, and what is not a count from 0 up counts nowhere)
+  it("counts a row's USD and token fields in the series its fields name, and only those", function()
+    local rows = {
+      { usd = 0.5, units = { input_tokens = 3 } },
+      { usd = 0.25, units = { prompt_tokens = 4, completion_tokens = 2 }, wait = false },
+      { units = { output_tokens = 5 }, operation = "embed" },
+      { usd = 0, units = { input_tokens = -1, output_tokens = -0.5, prompt_tokens = "7", completion_tokens = 1.5 } },
+      { usd = 1, units = { input_tokens = 2 }, operation = "embed", wait = false },
+    }
+    for _, r in ipairs(rows) do
+      r.provider, r.model = "rowmetrics", "m"
+      assert(resil.cost.record(r))
+    end
+    assert.are.equal(1.75, resil.cost.total({ provider = "rowmetrics" })) -- (the queued rows committed)
+    assert.is_true(helpers.wait_until(function() return resil.cost.unwritten() == 0 end, 5))
+    local lines = {}
+    for line in resil.metrics.text():gmatch("[^\n]+") do
+      if line:find('"rowmetrics"', 1, true) and not line:find("_bucket", 1, true) then lines[#lines + 1] = line end
+    end
+    table.sort(lines)
+    assert.are.same({
+      'gen_ai_client_token_usage_count{gen_ai_operation_name="embeddings",gen_ai_provider_name="rowmetrics",' ..
+        'gen_ai_request_model="m",gen_ai_system="rowmetrics",gen_ai_token_type="input"} 1',
+      'gen_ai_client_token_usage_count{gen_ai_operation_name="embeddings",gen_ai_provider_name="rowmetrics",' ..
+        'gen_ai_request_model="m",gen_ai_system="rowmetrics",gen_ai_token_type="output"} 1',
+      'gen_ai_client_token_usage_count{gen_ai_provider_name="rowmetrics",gen_ai_request_model="m",' ..
+        'gen_ai_system="rowmetrics",gen_ai_token_type="input"} 2',
+      'gen_ai_client_token_usage_count{gen_ai_provider_name="rowmetrics",gen_ai_request_model="m",' ..
+        'gen_ai_system="rowmetrics",gen_ai_token_type="output"} 2',
+      'gen_ai_client_token_usage_sum{gen_ai_operation_name="embeddings",gen_ai_provider_name="rowmetrics",' ..
+        'gen_ai_request_model="m",gen_ai_system="rowmetrics",gen_ai_token_type="input"} 2',
+      'gen_ai_client_token_usage_sum{gen_ai_operation_name="embeddings",gen_ai_provider_name="rowmetrics",' ..
+        'gen_ai_request_model="m",gen_ai_system="rowmetrics",gen_ai_token_type="output"} 5',
+      'gen_ai_client_token_usage_sum{gen_ai_provider_name="rowmetrics",gen_ai_request_model="m",' ..
+        'gen_ai_system="rowmetrics",gen_ai_token_type="input"} 7',
+      'gen_ai_client_token_usage_sum{gen_ai_provider_name="rowmetrics",gen_ai_request_model="m",' ..
+        'gen_ai_system="rowmetrics",gen_ai_token_type="output"} 3.5',
+      'resil_cost_unpriced_total{model="m",provider="rowmetrics"} 1',
+      'resil_cost_usd_total{model="m",provider="rowmetrics"} 1.75',
+      'resil_tokens_total{model="m",provider="rowmetrics",type="input"} 9',
+      'resil_tokens_total{model="m",provider="rowmetrics",type="output"} 8.5',
+    }, lines)
+  end)
+
   -- a row nobody waits for failed only in the next group commit ("cannot bind a table"): the cost
   -- was lost with "the ledger refused a row", the caller told true
   it("refuses a provider, model or operation that is not text, and units JSON cannot hold, at the caller's line",

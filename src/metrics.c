@@ -290,6 +290,81 @@ static int l_observer(lua_State *L) {
   return 1;
 }
 
+/* ---------- a ledger row's series (src/lua/costs.lua) ----------
+ *
+ * The series one provider, model and operation's rows count in: the USD
+ * counter (slot 0) and, for each token field (input_tokens, prompt_tokens,
+ * output_tokens, completion_tokens: slots 1-4), its tokens counter and usage
+ * histogram. Each is bound on its first use, by the Lua module (a series
+ * exists once bound: one never needed is never shown), from a bound series'
+ * own methods; one past the metric's bound counts nothing. A row is then one
+ * call, not five method calls and their lookups. */
+#define ROW_MT "resil.MetricRow"
+#define ROW_SLOTS 5
+
+typedef struct {
+  int bound[ROW_SLOTS]; /* 0: not yet; 1: bound (a past-the-bound series: NULL pointers) */
+  cell *counter[ROW_SLOTS];
+  histogram *usage[ROW_SLOTS]; /* (slot 0 has none) */
+} row_series;
+
+/* row_series() -> a row's series, none bound (their cells are kept as its user values) */
+static int l_row_series(lua_State *L) {
+  row_series *r = lua_newuserdatauv(L, sizeof *r, 2 * ROW_SLOTS);
+  memset(r, 0, sizeof *r);
+  luaL_setmetatable(L, ROW_MT);
+  return 1;
+}
+
+/* the series under a bound method at idx (of kind fn), kept as user value uv of the row at 1 | NULL
+ * (a past-the-bound series' method, a Lua function) */
+static void *bound_series(lua_State *L, int idx, lua_CFunction fn, int uv) {
+  if (lua_tocfunction(L, idx) != fn || !lua_getupvalue(L, idx, 1)) return NULL;
+  void *series = lua_touserdata(L, -1);
+  lua_setiuservalue(L, 1, uv);
+  return series;
+}
+
+/* row_bind(row, slot, counter_inc [, usage_observe]): a slot's series, from its bound methods */
+static int l_row_bind(lua_State *L) {
+  row_series *r = luaL_checkudata(L, 1, ROW_MT);
+  lua_Integer slot = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, slot >= 0 && slot < ROW_SLOTS, 2, "no such slot");
+  r->counter[slot] = bound_series(L, 3, bound_counter_inc, 1 + 2 * (int)slot);
+  r->usage[slot] = slot > 0 ? bound_series(L, 4, bound_observe, 2 + 2 * (int)slot) : NULL;
+  r->bound[slot] = 1;
+  return 0;
+}
+
+/* a token count as the Lua module counted one: a number from 0 up (NaN, a string: not counted) */
+static int is_count(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TNUMBER) return 0;
+  return lua_isinteger(L, idx) ? lua_tointeger(L, idx) >= 0 : lua_tonumber(L, idx) >= 0;
+}
+
+/* row_observe(row, usd, input, prompt, output, completion): the row counted, usd (a number from 0
+ * up, or nil: not counted here) in slot 0 and each count in its slot's counter and histogram
+ * -> nothing | the first slot it needs that is not bound yet (then nothing is counted) */
+static int l_row_observe(lua_State *L) {
+  row_series *r = luaL_checkudata(L, 1, ROW_MT);
+  int counted[ROW_SLOTS];
+  counted[0] = !lua_isnil(L, 2);
+  for (int slot = 1; slot < ROW_SLOTS; slot++) counted[slot] = is_count(L, 2 + slot);
+  for (int slot = 0; slot < ROW_SLOTS; slot++) {
+    if (counted[slot] && !r->bound[slot]) {
+      lua_pushinteger(L, slot);
+      return 1;
+    }
+  }
+  for (int slot = 0; slot < ROW_SLOTS; slot++) {
+    if (!counted[slot]) continue;
+    number n = checked_number(L, 2 + slot, "the increment");
+    if (r->counter[slot]) add(&r->counter[slot]->value, &n);
+    if (r->usage[slot]) observe(r->usage[slot], &n);
+  }
+  return 0;
+}
+
 /* find(known, labels) -> the series known for a label set of one or two
  * string values, or nothing. src/lua/metrics.lua remembers them: known[2]
  * [name][value] for one label, known[3][name1][value1][name2][value2] (in
@@ -357,12 +432,15 @@ int luaopen_resil_metrics(lua_State *L) {
   luaL_newmetatable(L, CELL_MT);
   luaL_newmetatable(L, HISTOGRAM_MT);
   luaL_newmetatable(L, BOUNDS_MT);
-  lua_pop(L, 3);
+  luaL_newmetatable(L, ROW_MT);
+  lua_pop(L, 4);
   static const luaL_Reg functions[] = {
     {"cell", l_cell},       {"add", l_add},         {"set", l_set},
     {"get", l_get},         {"bounds", l_bounds},   {"histogram", l_histogram},
     {"observe", l_observe}, {"read", l_read},       {"counter_inc", l_counter_inc},
     {"gauge_methods", l_gauge_methods},             {"observer", l_observer},
+    {"row_series", l_row_series},                   {"row_bind", l_row_bind},
+    {"row_observe", l_row_observe},
     {"find", l_find},       {"secrets", l_secrets},   {"list", l_list},
     {NULL, NULL}};
   luaL_newlib(L, functions);

@@ -42,7 +42,10 @@ local token_usage = resil.metrics.histogram("gen_ai_client_token_usage",
 
 -- the series of one provider and model, each bound at its first use (a
 -- label key is a sort and a concatenation: too much for every call of a
--- gateway's hot path)
+-- gateway's hot path): by operation, a row's series (src/metrics.c: a row is
+-- one call there, its USD and its four token fields' counters and histograms)
+local core = require "resil.core.metrics"
+local row_series, row_bind, row_observe = core.row_series, core.row_bind, core.row_observe
 local bound, bound_count = {}, 0
 local spent_usd = 0 -- by this process, for resil.map's progress line
 local function series_of(provider, model)
@@ -61,52 +64,42 @@ end
 -- conventions have none for it; none without one)
 local SEMCONV_OPERATION = { chat = "chat", stream = "chat", embed = "embeddings" }
 
--- n tokens of a units field (token_type: its type in the metrics) of a call of `operation`
-local function observe_tokens(b, field, token_type, n, provider, model, operation)
-  if type(n) ~= "number" or not (n >= 0) then return end
-  local by_operation = b.by_operation -- (the operation is a label of its own)
-  if not by_operation then
-    by_operation = {}
-    b.by_operation = by_operation
+-- a row series' slots 1-4: the units field each counts, and its token type in the metrics
+local TOKEN_TYPE = { "input", "input", "output", "output" }
+
+-- a slot of a row's series bound (row_observe asked for it)
+local function bind_slot(rs, slot, provider, model, operation)
+  if slot == 0 then
+    return row_bind(rs, 0, usd_total:labels({ provider = provider, model = model }).inc)
   end
-  local by_field = by_operation[operation or false]
-  if not by_field then
-    by_field = {}
-    by_operation[operation or false] = by_field
-  end
-  local f = by_field[field]
-  if not f then
-    f = { tokens = tokens_total:labels({ provider = provider, model = model, type = token_type }),
-      usage = token_usage:labels({ gen_ai_operation_name = operation and (SEMCONV_OPERATION[operation] or operation),
-        gen_ai_provider_name = provider, gen_ai_system = provider, gen_ai_request_model = model,
-        gen_ai_token_type = token_type }) }
-    by_field[field] = f
-  end
-  f.tokens:inc(n)
-  f.usage:observe(n)
+  local token_type = TOKEN_TYPE[slot]
+  row_bind(rs, slot, tokens_total:labels({ provider = provider, model = model, type = token_type }).inc,
+    token_usage:labels({ gen_ai_operation_name = operation and (SEMCONV_OPERATION[operation] or operation),
+      gen_ai_provider_name = provider, gen_ai_system = provider, gen_ai_request_model = model,
+      gen_ai_token_type = token_type }).observe)
 end
 
 -- a call's spend in the metrics: its USD (nil: unpriced) and the token
 -- counts of its units' fields input_tokens, prompt_tokens, output_tokens
--- and completion_tokens
+-- and completion_tokens (each a number from 0 up, or not counted)
 local function observe_call(provider, model, usd, input, prompt, output, completion, operation)
   provider, model = provider or "unknown", model or "unknown"
   local b = series_of(provider, model)
   if usd then
     spent_usd = spent_usd + usd
-    local series = b.usd
-    if not series then
-      series = usd_total:labels({ provider = provider, model = model })
-      b.usd = series
-    end
-    series:inc(usd)
   else
     unpriced_total:inc({ provider = provider, model = model })
   end
-  if input ~= nil then observe_tokens(b, "input_tokens", "input", input, provider, model, operation) end
-  if prompt ~= nil then observe_tokens(b, "prompt_tokens", "input", prompt, provider, model, operation) end
-  if output ~= nil then observe_tokens(b, "output_tokens", "output", output, provider, model, operation) end
-  if completion ~= nil then observe_tokens(b, "completion_tokens", "output", completion, provider, model, operation) end
+  local rs = b[operation or false]
+  if not rs then
+    rs = row_series()
+    b[operation or false] = rs
+  end
+  local missing = row_observe(rs, usd, input, prompt, output, completion)
+  while missing do
+    bind_slot(rs, missing, provider, model, operation)
+    missing = row_observe(rs, usd, input, prompt, output, completion)
+  end
 end
 
 local function observe_cost(e, units)
