@@ -33,6 +33,7 @@ local call = require "policies.call"
 local classify = require "policies.classify"
 local fallback = require "policies.fallback"
 local pricing = require "policies.pricing"
+local stops = require "policies.stops"
 
 local json = resil.json
 local ai = {}
@@ -1436,11 +1437,23 @@ end
 local http_header = resil.http.header
 local function provider_request_id(res) return http_header(res, "x-request-id", "request-id") end
 
+-- An answer cut at the first of the request's stop sequences it holds (policies/stops.lua): one
+-- the provider was not sent (a reasoning model takes none, OpenAI four) was run past, and the
+-- caller got what followed it (the gateway's clients did not; ai.chat's did). Not where the
+-- provider was asked to write the stop (vLLM's include_stop_str_in_output).
+local function cut_at_stops(t, req, r)
+  local own = type(req.provider_options) == "table" and req.provider_options[t.adapter.name]
+  if type(own) == "table" and own.include_stop_str_in_output == true then return end
+  local list = stops.list(req.stop)
+  if list then stops.cut(r, list) end
+end
+
 local function chat_attempts(t, req, guard, wire, deadline)
   local res, err = t.caller:attempts(wire, deadline, refused_list(guard, t), held_retries(guard, req.give_up, t.caller))
   if res == nil then return target_failed(t, err) end
   local data = classify.decoded(res)
   local r = t.adapter.parse(data)
+  if req.stop ~= nil then cut_at_stops(t, req, r) end
   if r.usage then r.usage.requests = 1 end
   r.attempts = res.attempts
   r.provider_request_id = provider_request_id(res)

@@ -396,6 +396,40 @@ describe("chat over the strict mock", function()
     assert.are.equal(2, r.usage.output_tokens)
   end)
 
+  -- A stop sequence the provider was not sent (Anthropic refuses a whitespace-only one, the adapter
+  -- leaves it out) ends the answer all the same, as the gateway's clients already had it. (Before:
+  -- ai.chat's caller got "Yes\n\nBecause the tide is high." for a stop at the blank line.)
+  it("a stop sequence Anthropic was not sent ends the answer where it first appears; the call billed whole", function()
+    local json = resil.json
+    local sent = {}
+    m:configure({ routes = { ["POST /v1/messages"] = function(req)
+      sent[#sent + 1] = json.decode(req.body)
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "msg_stop", type = "message", role = "assistant", model = "claude-haiku-4-5",
+        content = { { type = "text", text = "Yes\n\nBecause the tide is high.\n\nEND of it" } },
+        stop_reason = "end_turn", stop_sequence = json.null, usage = { input_tokens = 9, output_tokens = 12 } }) }
+    end } })
+    for _, stop in ipairs({ "\n\n", { "END", "\n\n" } }) do
+      local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 100, stop = stop }))
+      assert.are.same({ "Yes", "stop", "stop_sequence", "\n\n" }, { r.text, r.finish_reason, r.stop_reason,
+        r.stop_sequence })
+      assert.are.same(type(stop) == "table" and { "END" } or nil, sent[#sent].stop_sequences)
+      assert.are.equal(12, r.usage.output_tokens)
+      assert.are.equal(pricing.cost(r.provider, r.model, r.usage), r.cost_usd)
+    end
+    -- a caller that asked an OpenAI-compatible server to write its stops (vLLM's
+    -- include_stop_str_in_output) gets them as the server wrote them
+    m:configure({ routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-stop", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = "Yes\n\n" }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 9, completion_tokens = 2, total_tokens = 11 } }) }
+    end } })
+    local r = assert(ai.chat({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100, stop = "\n\n",
+      provider_options = { openai = { include_stop_str_in_output = true } } }))
+    assert.are.equal("Yes\n\n", r.text)
+  end)
+
   -- (before: each was "empty content", invalid output tried twice more and paid three times)
   it("an Anthropic stop without text (refusal, pause_turn, model_context_window_exceeded) is the answer, once", function()
     local streams, json = require "spec.provider_streams", resil.json
