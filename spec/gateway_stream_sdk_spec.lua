@@ -23,5 +23,7 @@ describe("the official SDKs' streams through the gateway on a bad day", function
     "openai: a stream whose primary ends before its first delta is the fallback's, whole",
     "openai and anthropic: an Idempotency-Key on a stream serves each request whole (streams are not replayed), " ..
       "each one row",
+    "openai and anthropic: a stream the provider breaks after its first delta raises, never a silently cut answer; " ..
+      "a whole one labelled application/json returns whole",
   }, function() return results, out end)
 end)

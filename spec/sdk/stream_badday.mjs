@@ -123,3 +123,38 @@ await check('openai and anthropic: an Idempotency-Key on a stream serves each re
   const s = await settled();
   expect(s.rows === rows + 4, `${s.rows - rows} rows for 4 streams`);
 });
+
+// every stream a provider breaks after its first delta raises in both SDKs, whichever API the
+// provider speaks (relayed or translated); a whole one returns whole, its text complete
+await check('openai and anthropic: a stream the provider breaks after its first delta raises, never a ' +
+  'silently cut answer; a whole one labelled application/json returns whole', async () => {
+  const runs = [];
+  for (const api of ['openai', 'anthropic']) {
+    for (const model of ['hostile-openai', 'hostile-anthropic']) {
+      for (const how of ['stall', 'cut', 'error', 'notjson', 'nomarker', 'json']) {
+        runs.push((async () => {
+          const messages = [{ role: 'user', content: how }];
+          let text = '';
+          try {
+            if (api === 'openai') {
+              const s = await oai.chat.completions.create({ model, messages, stream: true });
+              for await (const ev of s) text += ev.choices[0]?.delta?.content ?? '';
+              const m = await oai.chat.completions.stream({ model, messages }).finalChatCompletion();
+              text += '|' + m.choices[0].message.content;
+            } else {
+              const s = await ant.messages.create({ model, max_tokens: 100, messages, stream: true });
+              for await (const ev of s) if (ev.type === 'content_block_delta') text += ev.delta.text ?? '';
+              const m = await ant.messages.stream({ model, max_tokens: 100, messages }).finalMessage();
+              text += '|' + m.content[0].text;
+            }
+          } catch (e) {
+            return how === 'json' ? `${api} client of ${model}, json: raised ${e.message}` : null;
+          }
+          return how === 'json' && text === 'one two|one two' ? null : `${api} client of ${model}, ${how}: returned "${text}"`;
+        })());
+      }
+    }
+  }
+  const wrong = (await Promise.all(runs)).filter((w) => w);
+  expect(wrong.length === 0, wrong.join(' | '));
+});

@@ -67,7 +67,51 @@ resil.http.stream = function(o)
   return st, err
 end
 
+-- a provider whose streams break after their first delta, each as the last user message names it
+-- (stall, cut, error, notjson, nomarker), or come whole in a stream labelled application/json (json)
+local function oa(delta, finish)
+  return "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
+    choices = { { index = 0, delta = delta, finish_reason = finish or json.null } } }) .. "\n\n"
+end
+local function an(name, data) return "event: " .. name .. "\ndata: " .. json.encode(data) .. "\n\n" end
+local HOSTILE = {
+  openai = { start = { oa({ role = "assistant", content = "" }), oa({ content = "one " }) },
+    tail = { oa({ content = "two" }), oa({}, "stop"), "data: [DONE]\n\n" },
+    error = 'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n' },
+  anthropic = { start = { an("message_start", { type = "message_start", message = { id = "msg_1", type = "message",
+      role = "assistant", model = "claude-sonnet-4-5-20250929", content = setmetatable({}, json.array_mt),
+      usage = { input_tokens = 10, output_tokens = 1 } } }),
+      an("content_block_start", { type = "content_block_start", index = 0, content_block = { type = "text", text = "" } }),
+      an("content_block_delta", { type = "content_block_delta", index = 0, delta = { type = "text_delta", text = "one " } }) },
+    tail = { an("content_block_delta", { type = "content_block_delta", index = 0, delta = { type = "text_delta", text = "two" } }),
+      an("content_block_stop", { type = "content_block_stop", index = 0 }),
+      an("message_delta", { type = "message_delta", delta = { stop_reason = "end_turn" }, usage = { output_tokens = 2 } }),
+      an("message_stop", { type = "message_stop" }) },
+    error = an("error", { type = "error", error = { type = "overloaded_error", message = "Overloaded" } }) },
+}
+local hostile = assert(resil.server.listen({ port = 0, tasks = true, handler = function(req)
+  local b = json.decode(req.body)
+  local case = b.messages[#b.messages].content
+  local h = HOSTILE[req.path:find("chat/completions", 1, true) and "openai" or "anthropic"]
+  return { status = 200, headers = { ["content-type"] = case == "json" and "application/json" or "text/event-stream" },
+    stream = function(write)
+      for _, c in ipairs(h.start) do write(c) end
+      if case == "stall" then resil.sleep(math.huge)
+      elseif case == "cut" then error("the upstream dies") -- (its connection closed without the last chunk)
+      elseif case == "error" then write(h.error)
+      elseif case == "notjson" then write("data: {not json\n\n")
+      elseif case == "nomarker" then write(h.tail[1]) -- (and the body's clean end)
+      else for _, c in ipairs(h.tail) do write(c) end end
+    end }
+end }))
+ai.adapters.hostileopenai = require "policies.providers.openai"
+ai.adapters.hostileanthropic = require "policies.providers.anthropic"
+local hostile_url = ("http://127.0.0.1:%d"):format(hostile:port())
+
 local fast = { base = 0.001, cap = 0.005 }
+ai.configure("hostileopenai", { base_url = hostile_url .. "/v1", api_key = "sk-test-123456", retry = fast, idle_timeout = 1 })
+ai.configure("hostileanthropic", { base_url = hostile_url, api_key = "sk-ant-test-123456", retry = fast,
+  idle_timeout = 1 })
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
 ai.configure("anthropic", { base_url = up.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.toolsopenai = require "policies.providers.openai"
@@ -80,12 +124,15 @@ ai.configure("cutopenai", { base_url = cut.url .. "/v1", api_key = "sk-test-1234
 local pricing = require "policies.pricing"
 pricing.models.toolsopenai, pricing.models.cutopenai = pricing.models.openai, pricing.models.openai
 pricing.models.toolsanthropic = pricing.models.anthropic
+pricing.models.hostileopenai, pricing.models.hostileanthropic = pricing.models.openai, pricing.models.anthropic
 gateway.configure({ key_cache = 0, models = {
   ["chat"] = "openai/gpt-4o-mini",
   ["claude"] = "anthropic/claude-sonnet-4-5-20250929",
   ["chat-tools"] = "toolsopenai/gpt-4o-mini",
   ["claude-tools"] = "toolsanthropic/claude-sonnet-4-5-20250929",
   ["chat-cut-first"] = { model = "cutopenai/gpt-4o-mini", fallback = { "anthropic/claude-sonnet-4-5-20250929" } },
+  ["hostile-openai"] = "hostileopenai/gpt-4o-mini",
+  ["hostile-anthropic"] = "hostileanthropic/claude-sonnet-4-5-20250929",
 } })
 
 gateway.routes["GET /__test/state"] = function()
