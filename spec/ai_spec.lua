@@ -2188,6 +2188,30 @@ describe("streams", function()
     assert.are.equal(before + 1, ledger_rows())
   end)
 
+  -- (before: each chunk was taken for an error event, "error: userdata: (nil)", and every stream
+  -- of such a server failed before its first delta, 500 after the retries; the SDK reads a falsy
+  -- error as none)
+  it("a stream whose chunks say \"error\": null (a compatible server's) is read as the SDK reads it", function()
+    local upstream = assert(resil.server.listen({ handler = function()
+      local chunk = function(delta, finish)
+        return "data: " .. resil.json.encode({ id = "c1", object = "chat.completion.chunk", model = "gpt-4o-mini",
+          error = resil.json.null, choices = { { index = 0, delta = delta, finish_reason = finish or resil.json.null } } })
+          .. "\n\n"
+      end
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" },
+        body = chunk({ role = "assistant", content = "hi" }) .. chunk({ content = " there" }) .. chunk({}, "stop") ..
+          "data: [DONE]\n\n" }
+    end }))
+    finally(function() upstream:close() end)
+    point_at(("http://127.0.0.1:%d"):format(upstream:port()))
+    local before = ledger_rows()
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+    local parts = {}
+    for delta in s do parts[#parts + 1] = delta end
+    assert.are.equal("hi there", table.concat(parts))
+    assert.is_true(helpers.wait_until(function() return ledger_rows() == before + 1 end, 5))
+  end)
+
   it("a validator's refusal of a 200 whose error is null (JSON-RPC's) is invalid output, not a server error",
      function()
     local classify = require "policies.classify"

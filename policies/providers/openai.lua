@@ -457,7 +457,9 @@ function openai.event(state, ev)
   -- (`data: []`, `data: 1`: JSON, but no chunk; the SDK yields it, and its stream helper raises on
   -- .choices: relayed, it was a chunk made of the gateway's id and model)
   if not is_object(chunk) then return nil, false, "an event that is not a JSON object: " .. resil.redact(data):sub(1, 80) end
-  if chunk.error then
+  -- (an error as the SDK takes one: `"error": null`, some compatible servers' on every chunk, is none;
+  -- taken for an error event, each of their streams failed before its first delta)
+  if chunk.error and chunk.error ~= json.null then
     -- an error after the 200: the API sends it as a data event
     local e = chunk.error
     return nil, false, type(e) == "table" and tostring(e.message or e.type) or tostring(e), chunk
