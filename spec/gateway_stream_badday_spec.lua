@@ -136,6 +136,33 @@ describe("gateway streams on a bad day: an upstream that labels its stream appli
   end)
 end)
 
+-- (before: a compatible server's `event: error` whose data is the error itself, which the OpenAI SDK
+-- raises on, was relayed as a chunk without choices, its event line dropped, where an SDK's
+-- `chunk.choices[0]` is a TypeError; the stream then ended with "the stream ended without its end
+-- marker", the provider's message lost)
+describe("gateway streams on a bad day: an OpenAI-compatible upstream's `event: error`", function()
+  it("ends each client's stream with its error event, saying the provider's message", function()
+    local url, _, key = start({ strict = true, routes = { ["POST /v1/chat/completions"] = function()
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+        chunk({ role = "assistant", content = "" }), chunk({ content = "hello" }),
+        'event: error\ndata: {"message":"the model is overloaded","type":"server_error"}\n\n' } }
+    end } })
+    for _, api in ipairs({ "openai", "anthropic" }) do
+      local evs = events_of(open(url, key, api, { model = "openai/gpt-4o-mini" }))
+      local last = evs[#evs]
+      if api == "openai" then
+        for i = 1, #evs - 1 do assert.is_table(json.decode(evs[i].data).choices, evs[i].data) end
+        assert.is_table(json.decode(last.data).error, last.data)
+      else
+        assert.are.equal("error", last.event, last.data)
+      end
+      assert.matches("the model is overloaded", last.data)
+    end
+    assert.is_true(helpers.wait_until(function() return rows() == 2 end, 10))
+    settled()
+  end)
+end)
+
 describe("gateway streams on a bad day: an event that is JSON but not an object", function()
   -- (before: an OpenAI client of an OpenAI provider got `data: []` as a chunk made of the gateway's
   -- id and model alone, which the SDK's stream helper raises on (chunk.choices is not iterable);

@@ -464,6 +464,11 @@ function openai.event(state, ev)
     local e = chunk.error
     return nil, false, type(e) == "table" and tostring(e.message or e.type) or tostring(e), chunk
   end
+  -- a compatible server's `event: error`, its data the error itself (the SDK raises on it): relayed
+  -- as a chunk, it had no choices and no event line, and the provider's message was lost
+  if ev.event == "error" then
+    return nil, false, tostring(chunk.message or chunk.type or "error event"), { error = chunk }
+  end
   state.id = state.id or chunk.id
   state.model = state.model or chunk.model
   if type(chunk.service_tier) == "string" then state.service_tier = chunk.service_tier end
