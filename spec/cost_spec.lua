@@ -561,7 +561,7 @@ local b = resil.budget("team", { limit = 1 })
 print(b:state().spent)
 ]], "--store " .. path)
     assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n10\t7,9\n0.0025\n", r.stdout) -- (10: the newest schema)
+    assert.are.equal("openai\t4\t0.004500\nanthropic\t1\t0.002500\n11\t7,9\n0.0025\n", r.stdout) -- (11: the newest schema)
   end)
 
   -- (provider, model and operation met as strings before are remembered: a lookup instead of a
@@ -626,7 +626,7 @@ print(db:tx(function(tx) return tx:value("PRAGMA user_version") end),
   db:tx(function(tx) return tx:value("SELECT sum(micro_usd) FROM budget_spent") end))
 ]], "--max-task-seconds 0.1 --store " .. path)
     assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal("10\t600000\n", r.stdout)
+    assert.are.equal("11\t600000\n", r.stdout)
   end)
 end)
 

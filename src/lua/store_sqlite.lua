@@ -139,10 +139,13 @@ local migrations = {
   },
   -- 11: a shared bucket's arrival time with the store time it was written at (gcra_take's
   -- tat_of): a clock stepped back since then is told, and the arrival time is moved back with
-  -- it (NULL, a row written before: taken as it is)
-  [[
-  ALTER TABLE gcra ADD COLUMN at REAL;
-  ]],
+  -- it (NULL, a row written before: taken as it is). (A function: SQLite has no ADD COLUMN IF
+  -- NOT EXISTS, and a migration may run again over its own work, as the ones before can.)
+  function(tx)
+    if tx:value("SELECT count(*) FROM pragma_table_info('gcra') WHERE name = 'at'") == 0 then
+      tx:exec("ALTER TABLE gcra ADD COLUMN at REAL")
+    end
+  end,
 }
 
 local B = {}
@@ -166,7 +169,9 @@ local function apply_migrations(tx, path)
   end
   for v = version + 1, #migrations do
     local m = migrations[v]
-    if type(m) == "table" then
+    if type(m) == "function" then
+      m(tx)
+    elseif type(m) == "table" then
       for _, statement in ipairs(m) do tx:exec(statement) end
     else
       for statement in m:gmatch("[^;]+") do
