@@ -840,6 +840,53 @@ print(admitted, resil.store():stats().ops)
     assert.are.equal(100, ops)
   end)
 
+  -- (before: the script ran and its reply was dropped: the token, or the slot booked ahead, was
+  -- no one's, and every process's callers waited that much more for each client gone so)
+  it("a caller canceled while its take is on its way to the server gets nothing, and the store gives it back",
+    function()
+    local s = resil.store()
+    finally(function() os.execute(("redis-cli -p %d client unpause > /dev/null"):format(port)) end)
+    -- -> whether the store was asked something more once the take had run (the give back)
+    local function canceled_in_flight(b)
+      os.execute(("redis-cli -p %d client pause 5000 write > /dev/null"):format(port))
+      local t = resil.spawn(function() return b:acquire(1, { timeout = 7200 }) end)
+      resil.sleep(0.1) -- sent: the script waits behind the pause
+      t:cancel()
+      local ops = s:stats().ops
+      os.execute(("redis-cli -p %d client unpause > /dev/null"):format(port))
+      return helpers.wait_until(function() return s:stats().ops > ops end, 5)
+    end
+    -- a token there now: taken by the script, and given back
+    local now = resil.bucket("redis-canceled-now", { rate = 1, per = 3600, burst = 2, shared = true })
+    assert(now:acquire(1))
+    assert.is_true(canceled_in_flight(now), "nothing given back")
+    assert.is_true(now:try(1))
+    -- none left: the slot an hour ahead, booked by the script, given back
+    local ahead = resil.bucket("redis-canceled-ahead", { rate = 1, per = 3600, burst = 1, shared = true })
+    assert(ahead:acquire(1))
+    assert.is_true(canceled_in_flight(ahead), "nothing given back")
+    local ok, wait = ahead:try(1)
+    assert.is_false(ok)
+    assert.is_true(wait < 3601, wait) -- (kept, 7200: the next caller waited an hour more)
+    -- the answer in, its caller canceled before it resumed (by a task the same read of replies woke
+    -- first): given back as well
+    local late = resil.bucket("redis-canceled-late", { rate = 1, per = 3600, burst = 2, shared = true })
+    assert(late:acquire(1))
+    assert(s:incr("late"))
+    os.execute(("redis-cli -p %d client pause 5000 write > /dev/null"):format(port))
+    local taker
+    local canceler = resil.spawn(function() s:incr("late"); taker:cancel() end)
+    resil.sleep(0.05)
+    taker = resil.spawn(function() return late:acquire(1, { timeout = 7200 }) end)
+    resil.sleep(0.05)
+    local ops = s:stats().ops
+    os.execute(("redis-cli -p %d client unpause > /dev/null"):format(port))
+    assert(canceler:join())
+    assert.is_false((taker:join()))
+    assert.is_true(helpers.wait_until(function() return s:stats().ops > ops end, 5), "nothing given back")
+    assert.is_true(late:try(1))
+  end)
+
   it("a shared breaker lets exactly one half-open probe through across processes", function()
     local url = resil.store().url
     local br = resil.breaker("shared-br", { shared = true, window_type = "count", window = 2, min_calls = 2,

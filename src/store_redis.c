@@ -142,6 +142,10 @@ typedef struct {
   long refused;            /* commands failed at once while down, ever */
   struct redis_cmd *probe; /* in flight */
   struct event *probe_timer, *notify;
+  /* answered for a caller canceled before it resumed, that asked to be given back what it was
+   * granted (conn:call_or_give_back): told on the loop, outside the cancel (tell_later) */
+  struct redis_cmd *to_tell;
+  struct event *tell_later;
   int told_down;    /* the state on_state last heard of */
   int ref_on_state; /* on_state(down, info), from the loop */
   script_source *sources;
@@ -178,7 +182,7 @@ typedef struct redis_cmd {
   redis_conn *c;
   task *t;
   int ref_result; /* {n=, ...} or {err = message, kind = } */
-  int ref_done;   /* conn:send: told the reply, no task waits */
+  int ref_done;   /* conn:send: told the reply, no task waits; conn:call_or_give_back: its caller canceled */
   struct event *deadline; /* real time: a frozen server must not hold the task */
   /* the connection it was written on (NULL: held): its deadline drops that
    * one, which may no longer be c->ac (drop_replica's, conn:close's) */
@@ -1094,12 +1098,37 @@ static void cmd_canceled(void *arg) {
   cmd->t = NULL; /* the reply will still come; nobody waits for it */
 }
 
-/* Answered and canceled before it resumed: drop the reply. */
+/* Answered and canceled before it resumed: drop the reply, or hand it to its
+ * give_back (conn:call_or_give_back) from the loop: a cancel may come from
+ * inside a task, where no other Lua may run. */
 static void cmd_give_back(void *arg) {
   redis_cmd *cmd = arg;
+  redis_conn *c = cmd->c;
   woken_unlink(cmd);
-  luaL_unref(cmd->c->R->L, LUA_REGISTRYINDEX, cmd->ref_result);
+  if (cmd->ref_done != LUA_NOREF && c->tell_later && !c->closing) {
+    cmd->t = NULL;
+    cmd->next = c->to_tell;
+    c->to_tell = cmd;
+    event_active(c->tell_later, EV_TIMEOUT, 0);
+    return;
+  }
+  luaL_unref(c->R->L, LUA_REGISTRYINDEX, cmd->ref_done);
+  luaL_unref(c->R->L, LUA_REGISTRYINDEX, cmd->ref_result);
   free(cmd);
+}
+
+static void tell_later_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd, (void)what;
+  redis_conn *c = arg;
+  lua_State *L = c->R->L;
+  while (c->to_tell && !c->closing) {
+    redis_cmd *cmd = c->to_tell;
+    c->to_tell = cmd->next;
+    tell_done(L, cmd);
+    luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_done);
+    luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_result);
+    free(cmd);
+  }
 }
 
 static const task_wait_ops redis_cmd_wait = {cmd_canceled, cmd_give_back, NULL};
@@ -1109,6 +1138,7 @@ static int call_k(lua_State *L, int status, lua_KContext ctx) {
   woken_unlink(cmd);
   lua_rawgeti(L, LUA_REGISTRYINDEX, cmd->ref_result);
   luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_result);
+  luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_done);
   free(cmd);
   int res = lua_gettop(L);
   if (lua_getfield(L, res, "err") != LUA_TNIL) {
@@ -1243,16 +1273,32 @@ static redis_cmd *send_command(lua_State *L, redis_conn *c, int argc, const char
 
 /* conn:call(cmd, args...) -> reply | nil, err{kind="store_unavailable"|"store_error"}
  * Replies: strings, integers, arrays as tables; a nil reply is false. */
-static int conn_call(lua_State *L) {
+static int call_from(lua_State *L, int first, int give_back) {
   redis_conn *c = check_conn(L, 1);
   command_argv a;
-  command_args(L, 2, &a);
+  command_args(L, first, &a);
   task *t = task_current(L, "redis commands");
   redis_cmd *cmd = send_command(L, c, a.argc, a.s, a.len, 0);
   if (!cmd) return 2;
   cmd->t = t;
+  if (give_back) {
+    lua_pushvalue(L, give_back);
+    cmd->ref_done = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   task_wait(t, &redis_cmd_wait, cmd);
   return lua_yieldk(L, 0, (lua_KContext)cmd, call_k);
+}
+
+static int conn_call(lua_State *L) { return call_from(L, 2, 0); }
+
+/* conn:call_or_give_back(give_back, cmd, args...) -> as conn:call; a caller
+ * canceled before it resumed with the reply (a client that left while a
+ * shared bucket's take was on its way) has give_back(reply) | give_back(nil,
+ * err) called with it, on the loop outside any task, to give back what the
+ * server granted nobody. */
+static int conn_call_or_give_back(lua_State *L) {
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  return call_from(L, 3, 2);
 }
 
 /* conn:send(done, cmd, args...) -> true | nil, err: the command is sent
@@ -1626,7 +1672,15 @@ static int conn_gc(lua_State *L) {
   c->closing = 1;
   if (c->probe_timer) event_free(c->probe_timer);
   if (c->notify) event_free(c->notify);
-  c->probe_timer = c->notify = NULL;
+  if (c->tell_later) event_free(c->tell_later);
+  c->probe_timer = c->notify = c->tell_later = NULL;
+  while (c->to_tell) { /* (no Lua is told at the close) */
+    redis_cmd *cmd = c->to_tell;
+    c->to_tell = cmd->next;
+    luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_done);
+    luaL_unref(L, LUA_REGISTRYINDEX, cmd->ref_result);
+    free(cmd);
+  }
   /* a graceful stop's end comes first (write_queued) */
   struct timespec t0;
   clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -1780,6 +1834,7 @@ static int l_connect(lua_State *L) {
   if (c->down_max < c->down_first) return luaL_error(L, "redis: down_max must be at least down");
   if (lua_getfield(L, 1, "on_state") == LUA_TFUNCTION) c->ref_on_state = luaL_ref(L, LUA_REGISTRYINDEX);
   else lua_pop(L, 1);
+  c->tell_later = event_new(c->R->base, -1, 0, tell_later_cb, c);
   if (c->down_first > 0) {
     c->probe_timer = evtimer_new(c->R->base, probe_fire, c);
     c->notify = event_new(c->R->base, -1, 0, notify_cb, c);
@@ -1789,7 +1844,8 @@ static int l_connect(lua_State *L) {
 
 static const luaL_Reg conn_methods[] = {
   {"call", conn_call},   {"send", conn_send},           {"call_now", conn_call_now}, {"script_source", conn_script_source},
-  {"close", conn_close}, {"connected", conn_connected}, {"state", conn_state}, {NULL, NULL}};
+  {"close", conn_close}, {"connected", conn_connected}, {"state", conn_state},
+  {"call_or_give_back", conn_call_or_give_back},        {NULL, NULL}};
 
 int luaopen_resil_redis(lua_State *L) {
   luaL_newmetatable(L, CONN_MT);

@@ -15,6 +15,7 @@ local store_now = S.now
 local limit_headers = core_bucket.limit_headers
 local pack, unpack = table.pack, table.unpack
 local all_semaphores = resil.semaphores -- (taken now: the sandbox's leaves out the gateway's, prelude)
+local spawn = resil.spawn -- (taken now, before any script runs: a script's own would be handed a bucket's give back)
 
 -- what the bucket primitive also knows: Retry-After and duration parsing
 resil.retry_after, resil.parse_duration = core_bucket.retry_after, core_bucket.parse_duration
@@ -239,12 +240,16 @@ end
 -- ahead: waiters that slept and asked again collided and lost a fifth of
 -- the rate at burst 1. Each reply's arrival time is kept (self.tat): what
 -- this process knows of the store, for wait_time, remaining and observe.
+-- What the store granted a caller canceled before it saw the answer (a client that left while its
+-- take was on its way to a slow Redis) is given back when the answer comes (src/store_redis.c's
+-- call_or_give_back), in a task of its own: kept, it was no one's, and every process's callers
+-- waited a slot more for each such client. (On the loop, outside any task: no store call there.)
 local function take(self, n, max_wait)
   local s, serr = store_open()
   local ok, x, wait, tat
   if s then
     ok, x, wait, tat = backend_of[s]:gcra_take("bucket:" .. self.label, self.interval, self.tolerance, n, store_now(),
-      max_wait)
+      max_wait, function() spawn(self.refund, self, n) end)
   end
   if ok == nil then
     warn_once(self, s and x or serr)
@@ -520,7 +525,11 @@ local function take_shared(list, shared, deadline)
     items[k] = { "bucket:" .. b.label, b.interval, b.tolerance, list[i][2] or 1 }
   end
   local asked = resil.now()
-  local ok, wait, x, y = backend_of[s]:gcra_take_all(items, store_now(), deadline and math.max(0, deadline - asked) or math.huge)
+  local function give_back() -- (as take's)
+    for _, i in ipairs(shared) do spawn(list[i][1].refund, list[i][1], list[i][2] or 1) end
+  end
+  local ok, wait, x, y = backend_of[s]:gcra_take_all(items, store_now(),
+    deadline and math.max(0, deadline - asked) or math.huge, give_back)
   if ok == nil then return nil, wait end
   local tats = ok and x or y
   for k, i in ipairs(shared) do

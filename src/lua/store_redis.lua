@@ -917,16 +917,22 @@ local function judged(self, name, reply, err)
   return nil, err
 end
 
--- run a named script by SHA, loading it on first use or after a flush
-function R:script(name, keys, ...)
+-- run a named script by SHA, loading it on first use or after a flush; give_back(reply): what the
+-- server granted a caller canceled before it saw the reply (conn:call_or_give_back), or nil
+local function run_script(self, give_back, name, keys, ...)
   local args = { "EVALSHA", false, #keys }
   for i = 1, #keys do args[#args + 1] = keys[i] end
   for i = 1, select("#", ...) do args[#args + 1] = (select(i, ...)) end
   self.ops = self.ops + 1
+  local conn = self.conn
+  local function call()
+    if give_back then return conn:call_or_give_back(give_back, table.unpack(args)) end
+    return conn:call(table.unpack(args))
+  end
   local sha = self.shas[name]
   if sha then
     args[2] = sha
-    local reply, err = self.conn:call(table.unpack(args))
+    local reply, err = call()
     if reply ~= nil or not (err and tostring(err.message):match("NOSCRIPT")) then return judged(self, name, reply, err) end
     self.shas[name] = nil -- (the server's scripts were flushed)
   end
@@ -935,10 +941,12 @@ function R:script(name, keys, ...)
   -- write retried through an outage never reached a frozen server, which
   -- then ran the claim it was to give up as it thawed.)
   args[1], args[2] = "EVAL", scripts[name]
-  local reply, err = self.conn:call(table.unpack(args))
+  local reply, err = call()
   self:load_later(name)
   return judged(self, name, reply, err)
 end
+
+function R:script(name, keys, ...) return run_script(self, nil, name, keys, ...) end
 
 -- one SCRIPT LOAD at a time per script, its answer not waited for
 function R:load_later(name)
@@ -1987,16 +1995,22 @@ end
 -- ---------- shared limits ----------
 
 -- max_wait: 0 (the default) admits only now; math.huge books however far ahead
-function R:gcra_take(key, interval, tolerance, n, now, max_wait)
+-- give_back() (optional): called on the loop, outside any task, when the take granted (a token, or a
+-- slot booked ahead) went to a caller canceled before it saw it
+local function granted(give_back)
+  return give_back and function(r) if type(r) == "table" and r[1] == 1 then give_back() end end
+end
+
+function R:gcra_take(key, interval, tolerance, n, now, max_wait, give_back)
   max_wait = max_wait or 0
-  local r, err = self:script("gcra_take", { P .. "gcra:" .. key }, interval, tolerance, n, string.format("%.6f", now),
-    max_wait == math.huge and -1 or max_wait, lease_skew())
+  local r, err = run_script(self, granted(give_back), "gcra_take", { P .. "gcra:" .. key }, interval, tolerance, n,
+    string.format("%.6f", now), max_wait == math.huge and -1 or max_wait, lease_skew())
   if r == nil then return nil, err end
   if r[1] ~= 1 then return false, tonumber(r[2]), tonumber(r[3]) end
   return true, tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
 end
 
-function R:gcra_take_all(items, now, max_wait)
+function R:gcra_take_all(items, now, max_wait, give_back)
   max_wait = max_wait or 0
   local keys, args = {}, { string.format("%.6f", now), max_wait == math.huge and -1 or max_wait }
   for i, it in ipairs(items) do
@@ -2004,7 +2018,7 @@ function R:gcra_take_all(items, now, max_wait)
     args[#args + 1], args[#args + 2], args[#args + 3] = it[2], it[3], it[4]
   end
   args[#args + 1] = lease_skew()
-  local r, err = self:script("gcra_take_all", keys, table.unpack(args))
+  local r, err = run_script(self, granted(give_back), "gcra_take_all", keys, table.unpack(args))
   if r == nil then return nil, err end
   local ok = r[1] == 1
   local first = ok and 3 or 4
