@@ -887,6 +887,30 @@ print(admitted, resil.store():stats().ops)
     assert.is_true(late:try(1))
   end)
 
+  -- (before: the probe's script ran and its reply was dropped: the slot stayed taken for
+  -- probe_timeout, every process refused "open (shared)" with nobody probing)
+  it("a shared breaker's caller canceled while its half-open probe is asked for gives the probe back", function()
+    finally(function() os.execute(("redis-cli -p %d client unpause > /dev/null"):format(port)) end)
+    local br = resil.breaker("redis-canceled-probe", { shared = true, window_type = "count", window = 1,
+      min_calls = 1, failure_rate = 0.5, open_for = 0.2, probe_timeout = 3600 })
+    br:record(false, 0.01)
+    assert.is_nil((br:allow())) -- open, for everyone
+    resil.sleep(0.25) -- half-open in the store
+    os.execute(("redis-cli -p %d client pause 5000 write > /dev/null"):format(port))
+    local asker = resil.spawn(function() return br:allow() end)
+    resil.sleep(0.1) -- sent: the probe's script waits behind the pause
+    asker:cancel()
+    os.execute(("redis-cli -p %d client unpause > /dev/null"):format(port))
+    local ok, probe
+    assert.is_true(helpers.wait_until(function()
+      ok, probe = br:allow()
+      return ok == true
+    end, 5), tostring(probe))
+    assert.are.equal("probe", probe)
+    br:record(true, 0.01, probe)
+    assert.are.equal("closed", br:state())
+  end)
+
   it("a shared breaker lets exactly one half-open probe through across processes", function()
     local url = resil.store().url
     local br = resil.breaker("shared-br", { shared = true, window_type = "count", window = 2, min_calls = 2,

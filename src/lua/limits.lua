@@ -751,6 +751,15 @@ local function unprobe(p)
   end
 end
 
+-- (a caller canceled while its probe was asked for, or before it resumed with the answer: the probe
+-- given back by its id, sent behind the ask on the same connection; kept, the slot stayed taken for
+-- probe_timeout with nobody probing, every process refused)
+local ask_seen_mt = { __close = function(g)
+  if g.seen then return end
+  probes_out[g.p] = nil
+  spawn(unprobe, g.p)
+end }
+
 -- A probe asked for whose answer never came (the store's timeout: a frozen Redis runs the command
 -- as it thaws) may have been taken by nobody: kept, every process was refused for probe_timeout
 -- after the store came back. Each is given back, by its id, at the next allow that reaches the store.
@@ -785,7 +794,9 @@ function SharedBreaker:allow()
     p = { backend = backend_of[s], name = self.label, probe_for = self.probe_for, now = store_now(),
       id = ("%s:%d"):format(owner.me().id, probe_seq) }
     probes_out[p] = true
+    local ask <close> = setmetatable({ p = p }, ask_seen_mt)
     ok, x = p.backend:breaker_probe(p.name, p.probe_for, p.now, p.id)
+    ask.seen = true
     -- (what the store said, for seen_state: open until then; half-open, a probe out; closed)
     if ok == false then self.open_until_seen = p.now + x
     elseif ok then self.open_until_seen = x == "probe" and p.now or false end
