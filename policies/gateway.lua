@@ -1275,7 +1275,7 @@ local function own_stream(s, api, id, b, headers, stop_list)
         return
       end
       if openai then
-        if ev.data == "[DONE]" then
+        if ev.data:sub(1, 6) == "[DONE]" then -- (as the SDK: data that starts so, "[DONE] " too)
           done_sent = true
           relay_done(write, s, id, b, with_usage and not usage_sent)
         elseif type(data) == "table" and (with_usage or not (data.usage ~= nil and type(data.choices) == "table"

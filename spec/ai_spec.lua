@@ -2212,6 +2212,28 @@ describe("streams", function()
     assert.is_true(helpers.wait_until(function() return ledger_rows() == before + 1 end, 5))
   end)
 
+  -- (the SDK ends a stream at data that starts with [DONE]: a server's "[DONE] " or "[DONE]\r" was
+  -- "an event that is not JSON", the whole stream a failure and retried, after it was paid)
+  it("a stream whose end marker has text after it ([DONE] followed by a space) ends there, as the SDK ends it", function()
+    local upstream = assert(resil.server.listen({ handler = function()
+      local chunk = function(delta, finish)
+        return "data: " .. resil.json.encode({ id = "c1", object = "chat.completion.chunk", model = "gpt-4o-mini",
+          choices = { { index = 0, delta = delta, finish_reason = finish or resil.json.null } } }) .. "\n\n"
+      end
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" },
+        body = chunk({ role = "assistant", content = "hi" }) .. chunk({}, "stop") .. "data: [DONE] \n\n" }
+    end }))
+    finally(function() upstream:close() end)
+    point_at(("http://127.0.0.1:%d"):format(upstream:port()))
+    local before = ledger_rows()
+    local s = ai.stream({ model = "openai/gpt-4o-mini", messages = MSGS, max_tokens = 100 })
+    local parts = {}
+    for delta in s do parts[#parts + 1] = delta end
+    assert.are.equal("hi", table.concat(parts))
+    assert.is_true(assert(s:result()).finish_reason == "stop")
+    assert.is_true(helpers.wait_until(function() return ledger_rows() == before + 1 end, 5))
+  end)
+
   it("a validator's refusal of a 200 whose error is null (JSON-RPC's) is invalid output, not a server error",
      function()
     local classify = require "policies.classify"

@@ -447,7 +447,9 @@ end
 -- and decoded (this event's JSON).
 function openai.event(state, ev)
   local data = ev.data
-  if data == "[DONE]" then
+  -- (the end, as the SDK takes it: data that starts with [DONE], a server's "[DONE] " too; a chunk
+  -- starts with "{", and is asked one byte)
+  if data:byte(1) == 91 and data:sub(1, 6) == "[DONE]" then
     state.decoded = nil
     return nil, true
   end
