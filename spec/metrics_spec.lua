@@ -56,6 +56,22 @@ describe("resil.metrics", function()
     end
   end)
 
+  -- (a policy reload's new version gave its histogram other buckets and got the first ones, without a word)
+  it("says so when a histogram is made again with other buckets, which it does not take", function()
+    local helpers = require "spec.helpers"
+    resil.metrics.histogram("spec_rebucketed_seconds", "Rebucketed", { buckets = { 1, 5 } })
+    local lines = helpers.logged(function()
+      resil.metrics.histogram("spec_rebucketed_seconds", "Rebucketed", { buckets = { 5, 1, math.huge } }) -- the same
+      resil.metrics.histogram("spec_rebucketed_seconds", "Rebucketed") -- none given
+      resil.metrics.histogram("spec_rebucketed_seconds", "Rebucketed", { buckets = { 0.5, 1, 5 } })
+    end)
+    assert.are.equal(1, #lines)
+    assert.are.equal("warn", lines[1].level)
+    assert.matches("keeps the buckets it was made with", lines[1].msg)
+    assert.are.equal("spec_rebucketed_seconds", lines[1].metric)
+    assert.are.same({ 1, 5 }, lines[1].buckets)
+  end)
+
   -- (a bound histogram series has no value until its first observation: it was admitted at labels() and
   -- again at that observation, so it took two places of max_series; the ledger's token usage by model
   -- dropped series, and warned, at half its bound)

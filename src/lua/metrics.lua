@@ -227,6 +227,20 @@ function define_host(kind, name, help, opts)
     if m.kind ~= kind then
       error(("resil.metrics.%s: '%s' is already a %s"):format(kind, name, m.kind), 3)
     end
+    -- (a reload's version that gave it other buckets got the first ones without a word: its
+    -- dashboard's quantiles stayed on the old bounds and nothing said why)
+    local given = kind == "histogram" and type(opts) == "table" and type(opts.buckets) == "table" and opts.buckets
+    if given then
+      local bounds = {}
+      for _, b in ipairs(given) do if b ~= math.huge then bounds[#bounds + 1] = b end end
+      table.sort(bounds, function(a, b) return type(a) == "number" and type(b) == "number" and a < b end)
+      local same = #bounds == #m.buckets
+      for i = 1, #bounds do same = same and bounds[i] == m.buckets[i] end
+      if not same then
+        resil.log.warn("metrics: a histogram keeps the buckets it was made with until the process restarts; "
+          .. "others given again are not taken", { metric = name, buckets = m.buckets })
+      end
+    end
     return m
   end
   local clash = collision(kind, name)
