@@ -764,7 +764,11 @@ end
 ---------------------------------------------------------------------------
 -- virtual keys
 
-local key_cache, key_cache_size = {}, 0 -- sha256 -> { record, expires }
+-- sha256 -> { record =, at = when it was looked up }, kept across policy reloads: emptied by each
+-- one, every key's next request asked the store, and during a store outage keys looked up a
+-- moment before were all 503s from the reload on. An entry is good for the key_cache in force now
+-- (a reload that lowers it shortens what was cached before too: a revoke takes at most that long)
+local keys_cached = resil.keep("policies.gateway.key_cache", function() return { by_hash = {}, size = 0 } end)
 local keys_outage -- since when the store could not check keys (nil: it can)
 
 local function bearer(req)
@@ -788,9 +792,9 @@ local function authenticate(req, api)
   end
   local hash = resil.crypto.sha256(token)
   local now = resil.now()
-  local c = key_cache[hash]
+  local c = keys_cached.by_hash[hash]
   local rec
-  if c and c.expires > now then
+  if c and c.at + (tonumber(gateway.config.key_cache) or 0) > now then
     rec = c.record
   else
     local err
@@ -811,9 +815,9 @@ local function authenticate(req, api)
       keys_outage = nil
     end
     -- bounded: a flood of made-up keys cannot grow it without end
-    if key_cache_size >= 10000 then key_cache, key_cache_size = {}, 0 end
-    if not key_cache[hash] then key_cache_size = key_cache_size + 1 end
-    key_cache[hash] = { record = rec or false, expires = now + gateway.config.key_cache }
+    if keys_cached.size >= 10000 then keys_cached.by_hash, keys_cached.size = {}, 0 end
+    if not keys_cached.by_hash[hash] then keys_cached.size = keys_cached.size + 1 end
+    keys_cached.by_hash[hash] = { record = rec or false, at = now }
   end
   -- the lookup is by digest; compared again in constant time all the same
   if not rec or rec.revoked or not resil.crypto.equal(rec.hash or "", hash) then
