@@ -235,8 +235,9 @@ end
 http.set_request_extras(stream_request)
 http.set_request_extras = nil
 
--- resil.reload() (C, src/reload.c): re-load every loaded policy module into
--- a fresh set and swap it in only when all load. Modules are required afresh,
+-- resil.reload() (C, src/reload.c): re-load the policy modules still required
+-- (roots, below) into a fresh set and swap it in only when all load; one no
+-- longer required is unloaded. Modules are required afresh,
 -- so a module that requires another gets the new version of it. Loading
 -- never yields, so no task sees a half-swapped set; calls already running
 -- finish on the old version. State that must outlive a reload belongs in
