@@ -75,6 +75,18 @@ describe("resil.metrics", function()
   -- (a bound histogram series has no value until its first observation: it was admitted at labels() and
   -- again at that observation, so it took two places of max_series; the ledger's token usage by model
   -- dropped series, and warned, at half its bound)
+  -- (a policy file edited to make its counter a gauge failed every reload after, "already a
+  -- counter", with no word of the way out)
+  it("refuses a name made again as another kind at the caller's line, saying it stays what it is until a restart",
+    function()
+    resil.metrics.counter("kind_changed_total", "a count")
+    local ok, err = pcall(function() local g = resil.metrics.gauge("kind_changed_total", "now a level"); return g end)
+    assert.is_false(ok)
+    assert.matches("metrics_spec.lua:%d+: resil.metrics.gauge: 'kind_changed_total' is already a counter, which it " ..
+      "stays for the process's life", err)
+    assert.matches("give the gauge another name, or restart the process", err, 1, true)
+  end)
+
   it("a histogram's series bound with labels() takes one place of max_series, as a counter's does", function()
     local h = resil.metrics.histogram("spec_bound_once_seconds", "Bound", { max_series = 2, buckets = { 1 } })
     local a, b = h:labels({ model = "a" }), h:labels({ model = "b" })

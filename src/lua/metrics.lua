@@ -224,8 +224,11 @@ function define_host(kind, name, help, opts)
   if redact(name) ~= name then error("metrics: a metric name holds a secret (resil.secret)", 3) end
   local m = registry[name]
   if m then
+    -- (a reload's version that made it another kind failed every reload after, with nothing said of
+    -- a way out: series already scraped cannot change kind under their name)
     if m.kind ~= kind then
-      error(("resil.metrics.%s: '%s' is already a %s"):format(kind, name, m.kind), 3)
+      error(("resil.metrics.%s: '%s' is already a %s, which it stays for the process's life (its series were "
+        .. "exposed as one): give the %s another name, or restart the process"):format(kind, name, m.kind, kind), 3)
     end
     -- (a reload's version that gave it other buckets got the first ones without a word: its
     -- dashboard's quantiles stayed on the old bounds and nothing said why)
