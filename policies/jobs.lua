@@ -464,6 +464,23 @@ end
 
 -- Poll until the job ends or its deadline passes (then cancel it). -> state | nil, err
 local CANCEL_WINDOW = 30
+
+-- A job whose status reads answered 404 twice in a row is lost only if its cancel is a 404 too: one
+-- the cancel finds was read through a route that failed (a proxy's 404, an edge that did not know it
+-- yet). Taken for lost at the first 404, it ran on beside its replacement, paid twice, with no row.
+-- -> its state (ended; or canceled now, recorded for the time it ran) | lost | nil (not known: read on)
+local LOST_READS = 2
+local function confirm_lost(ctx, handle, err)
+  ctx.poll_until = resil.now() + CANCEL_WINDOW
+  local _, cerr, ended = ctx.adapter.cancel(ctx, handle)
+  ctx.poll_until = nil
+  if ended and (ended.status == "succeeded" or ended.status == "failed") then return ended end
+  if cerr and lost(cerr) then return { status = "lost", error = err.message } end
+  if cerr then return nil end
+  return { status = "canceled", metrics = ended and ended.metrics, error = ("its status reads answered %s: " ..
+    "canceled, as it could not be followed"):format(tostring(err.message)) }
+end
+
 local function follow(ctx, handle, deadline)
   local poll = option(ctx.conf, nil, "poll")
   local elapsed = math.max(0, resil.clock.wall() - (handle.created_wall or resil.clock.wall()))
@@ -471,6 +488,7 @@ local function follow(ctx, handle, deadline)
   local delay = ctx.poll_first or poll.first or 1
   local state = handle.state
   local unread -- the failure of the status reads since the last one read (said at the deadline)
+  local missing = 0 -- status reads in a row answered 404
   while not (state and state.status ~= "running") do
     local left = deadline_at - resil.now()
     if left <= 0 then
@@ -499,12 +517,15 @@ local function follow(ctx, handle, deadline)
       ctx.poll_until = deadline_at
       local s, err = ctx.adapter.poll(ctx, handle)
       ctx.poll_until = nil
+      missing = not s and lost(err) and missing + 1 or 0
+      local gone = missing >= LOST_READS and confirm_lost(ctx, handle, err)
+      if gone == nil then missing = 0 end -- (its cancel failed: read on, the deadline's cancel tries again)
       if s then
         state, unread = s, nil
-      elseif lost(err) then
-        return { status = "lost", error = err.message }
-      elseif resil.now() < deadline_at and not (type(err) == "table" and (err.retryable or LOCAL_WAIT[err.class or err.kind]))
-      then
+      elseif gone then
+        return gone
+      elseif resil.now() < deadline_at and not lost(err)
+        and not (type(err) == "table" and (err.retryable or LOCAL_WAIT[err.class or err.kind])) then
         return nil, err -- the job cannot be read (auth, not found): another would fare no better
       elseif not unread then -- (read again at the next poll; said once, and at the deadline)
         unread = err
