@@ -55,6 +55,27 @@ describe("a hostile name in a job or a speech", function()
     assert.matches("jobs_hostile_spec.lua:%d+: ai.speech: output_format must be a string", err)
   end)
 
+  -- (before: a 200 page, a captive portal's or a proxy's, was returned as the audio and recorded as
+  -- the text's characters billed, though the provider never had the request)
+  it("ElevenLabs: a 200 that is a page, not audio, is no speech: said, nothing recorded", function()
+    local ctypes = { "text/html; charset=utf-8", "TEXT/PLAIN", "application/xhtml+xml" }
+    local n = 0
+    local s = assert(resil.server.listen({ handler = function()
+      n = n + 1
+      return { status = 200, headers = { ["content-type"] = ctypes[n] }, body = "<html>Sign in to the network</html>" }
+    end }))
+    finally(function() s:close() end)
+    jobs.configure("elevenlabs", { base_url = ("http://127.0.0.1:%d"):format(s:port()), api_key = "xi_hostile_key_01" })
+    for _, ctype in ipairs(ctypes) do
+      local r, err = jobs.speech({ model = "elevenlabs/eleven_flash_v2_5", voice = "JBFqnCBsd6RMkjVDRZzb",
+        text = "Hello there" })
+      assert.is_nil(r, ctype)
+      assert.are.equal("invalid_output", err.kind)
+      assert.matches("not audio", err.message)
+    end
+    assert.are.same({}, resil.cost.breakdown("model"))
+  end)
+
   -- (before: "fal/fal-ai/flux/../../../admin" was a POST with the key to /admin, "fal/fal-ai/flux?x=1"
   -- another request, and one with a space a Lua error from inside the HTTP client)
   it("fal and Replicate: a model whose path leaves its endpoint is refused at the caller's line, nothing sent",

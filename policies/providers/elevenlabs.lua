@@ -41,7 +41,11 @@ function elevenlabs.speak(ctx, s)
     headers = { ["xi-api-key"] = ctx.key, ["Content-Type"] = "application/json", ["Accept"] = "audio/mpeg" } })
   if not res then return nil, err end
   local ctype = res.headers["content-type"] or ""
-  if res.body == nil or res.body == "" or ctype:match("json") then
+  -- (a page is no audio: a captive portal's or a proxy's 200 text/html was returned as the audio and
+  -- recorded as billed characters, though ElevenLabs never had the request)
+  local media = ctype:lower()
+  if res.body == nil or res.body == "" or media:match("json") or media:match("^%s*text/") or media:match("html")
+    or media:match("xml") then
     return nil, resil.error("invalid_output", "elevenlabs: the answer is not audio (" .. ctype .. ")",
       { provider = "elevenlabs", retryable = true })
   end
