@@ -941,6 +941,10 @@ function jobs.job(spec)
       last_err.job_ids = ids
       return nil, last_err -- (its attempts not spent: the next call under the key goes on with them)
     end
+    if state.final then -- (its adapter says another job would end the same: paid again for nothing)
+      last_err.job_ids, last_err.retryable = ids, false
+      return nil, last_err
+    end
     resil.log.warn("job did not succeed" .. (counted < attempts and ": making a new one" or ""),
       { provider = jc.name, model = jc.model, id = handle.id, status = state.status, attempt = n })
     ::next_attempt::

@@ -487,6 +487,30 @@ describe("a job on a bad day", function()
     assert.are.same({ 1, 0.002 }, { n, usd })
   end)
 
+  -- (before: taken for a status that could not be read: inside a run no row, at every resume; outside
+  -- one, a row without a price and a log that it "may run on", though fal had said it completed)
+  it("fal: a completed request whose result is larger than a response may be is billed once, not made again",
+    function()
+      local big = '{"images":[{"url":"data:image/png;base64,' .. string.rep("A", 65 * 1024 * 1024) .. '"}]}'
+      local seen = provider({ create = function() return '{"request_id":"r1"}' end,
+        status = '{"status":"COMPLETED","metrics":{"inference_time":2}}',
+        result = function() return { status = 200, body = big } end })
+      local function fails(key)
+        local r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x" }, key = key })
+        assert.is_nil(r)
+        assert.are.equal("job_failed", err.kind)
+        assert.matches("its result could not be read .*larger than max_body", err.message)
+      end
+      fails("big-1") -- in a run, then resumed: the same request read again, recorded once
+      fails("big-1")
+      assert.are.equal(1, seen.creates)
+      assert.are.same({ 1, 0.002, 0 }, { rows() })
+      resil.store_config({ url = helpers.tmpname(".db") })
+      fails(nil) -- outside a run: recorded at its time, not as one that may run on
+      assert.are.equal(2, seen.creates)
+      assert.are.same({ 1, 0.002, 0 }, { rows() })
+    end)
+
   -- (before: invalid_output, and the job the provider had made, and billed, was neither read,
   -- canceled nor recorded)
   it("Replicate: a create answered with an id and no urls is followed at the documented URL, paid once", function()

@@ -98,6 +98,14 @@ local function completed(ctx, handle, s)
   local _, response_url = urls(ctx, handle)
   local res, err = ctx.send({ method = "GET", url = response_url, headers = fal.headers(ctx.key) })
   if not res then
+    -- a result larger than the response may be (sync_mode's data URIs, say): the request ran and fal
+    -- bills it, and it is as large read again (taken for a status that could not be read, it had no row
+    -- inside a run, at every resume, and outside one a row without a price, said to "run on")
+    if type(err) == "table" and (err.kind or err.class) == "too_large" then
+      return { status = "failed", error = ("its result could not be read (GET %s): %s; another request would " ..
+        "be as large, none is made"):format(response_url, tostring(err.message)),
+        metrics = s.metrics ~= json.null and s.metrics or nil, completed = true, final = true }
+    end
     -- a request that failed on fal's side answers its result with the error: fal names it
     -- (X-Fal-Error-Type) or refuses the input (4xx). A bare 5xx (a proxy, an outage) says
     -- nothing of the request, which may have succeeded and been paid: it is read again.
