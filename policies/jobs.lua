@@ -941,8 +941,8 @@ function jobs.job(spec)
       last_err.job_ids = ids
       return nil, last_err -- (its attempts not spent: the next call under the key goes on with them)
     end
-    if state.final then -- (its adapter says another job would end the same: paid again for nothing)
-      last_err.job_ids, last_err.retryable = ids, false
+    if state.final then -- (its adapter says another job would be paid for nothing: not replaced)
+      last_err.job_ids, last_err.retryable = ids, state.retryable == true -- (its result may be read later)
       return nil, last_err
     end
     resil.log.warn("job did not succeed" .. (counted < attempts and ": making a new one" or ""),

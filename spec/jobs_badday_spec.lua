@@ -25,6 +25,7 @@ local function provider(answers)
     seen.reads[#seen.reads + 1] = req.method .. " " .. req.path
     if req.path:match("/cancel$") then
       seen.cancels = seen.cancels + 1
+      if answers.cancel then return answers.cancel() end
       if req.path == "/v1/predictions/p1/cancel" then return { status = 200, body = '{"id":"p1","status":"canceled"}' } end
     end
     if req.path == "/fal/acme/hw/requests/r1" then
@@ -507,6 +508,38 @@ describe("a job on a bad day", function()
       assert.are.same({ 1, 0.002, 0 }, { rows() })
       resil.store_config({ url = helpers.tmpname(".db") })
       fails(nil) -- outside a run: recorded at its time, not as one that may run on
+      assert.are.equal(2, seen.creates)
+      assert.are.same({ 1, 0.002, 0 }, { rows() })
+    end)
+
+  -- (before: taken for a cancel that failed, "it may still run": no row inside a run, at every resume,
+  -- and outside one a row without a price, though fal had said it completed)
+  it("fal: a completed request whose result cannot be read until its deadline is billed once, read again later",
+    function()
+      local broken = true
+      local seen = provider({ create = function() return '{"request_id":"r1"}' end,
+        status = '{"status":"COMPLETED","metrics":{"inference_time":2}}',
+        result = function()
+          if broken then return { status = 500, body = "<html>Internal Server Error</html>" } end
+          return { status = 200, body = '{"images":[{"url":"https://x/a.png"}]}' }
+        end,
+        cancel = function() return { status = 400, body = '{"status":"ALREADY_COMPLETED"}' } end })
+      local spec = { model = FAL_PER_SECOND, input = { prompt = "x" }, key = "unread-1", deadline = 30 }
+      local r, err = jobs.job(spec)
+      assert.is_nil(r)
+      assert.are.equal("job_failed", err.kind)
+      assert.is_true(err.retryable)
+      assert.matches("it completed, but its result could not be read", err.message)
+      assert.are.same({ 1, 0.002, 0 }, { rows() })
+      broken = false -- the run resumed: the same request, its result read now
+      r = assert(jobs.job(spec))
+      assert.are.same({ url = "https://x/a.png" }, r.output.images[1])
+      assert.are.equal(1, seen.creates)
+      assert.are.same({ 1, 0.002, 0 }, { rows() })
+      broken = true -- outside a run: recorded at its time, not as one that may run on
+      resil.store_config({ url = helpers.tmpname(".db") })
+      r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x" }, deadline = 30 })
+      assert.are.equal("job_failed", err.kind)
       assert.are.equal(2, seen.creates)
       assert.are.same({ 1, 0.002, 0 }, { rows() })
     end)

@@ -90,6 +90,13 @@ local function urls(ctx, handle)
   return handle.status_url or (at .. "/status"), handle.response_url or at, handle.cancel_url or (at .. "/cancel")
 end
 
+-- a result read that failed in a way read again (a bare 5xx, a page that is no JSON), of a request fal
+-- said COMPLETED: marked so (fal.cancel, at the deadline: it ran and is billed, not one that may run on)
+local function unread_result(err, s)
+  if type(err) == "table" then err.completed, err.metrics = true, s.metrics ~= json.null and s.metrics or nil end
+  return err
+end
+
 -- COMPLETED -> fetch the output from response_url
 local function completed(ctx, handle, s)
   if s.error ~= nil and s.error ~= json.null then
@@ -124,10 +131,10 @@ local function completed(ctx, handle, s)
         tostring(err.message), detail and (": " .. resil.redact(detail):sub(1, 200)) or ""), error_type = error_type,
         metrics = s.metrics ~= json.null and s.metrics or nil, completed = not error_type or nil }
     end
-    return nil, err
+    return nil, unread_result(err, s)
   end
   local out, derr = decode(res, "result of request " .. handle.id)
-  if not out then return nil, derr end
+  if not out then return nil, unread_result(derr, s) end
   return { status = "succeeded", output = out, metrics = s.metrics ~= json.null and s.metrics or nil }
 end
 
@@ -189,8 +196,16 @@ function fal.cancel(ctx, handle)
   local _, _, url = urls(ctx, handle)
   local res, err = ctx.send({ method = "PUT", url = url, headers = fal.headers(ctx.key) })
   if not res and type(err) == "table" and err.status == 400 then
-    local s = fal.poll(ctx, handle)
+    local s, serr = fal.poll(ctx, handle)
     if s and s.status ~= "running" then return nil, err, s end
+    -- completed, its result still not read at the deadline: it ran, and fal bills it (taken for a
+    -- cancel that failed, it had no row inside a run, at every resume, and a row without a price
+    -- outside one, said to "run on"); another request beside it would be paid too
+    if not s and type(serr) == "table" and serr.completed then
+      return nil, err, { status = "failed", completed = true, final = true, retryable = true, metrics = serr.metrics,
+        error = ("it completed, but its result could not be read (%s): recorded, no other request made; the " ..
+          "same key reads it again"):format(tostring(serr.message)) }
+    end
   end
   if res then return until_ended(ctx, handle, res) end
   return res, err
