@@ -435,7 +435,8 @@ local function usage_of(ctx, handle, state, input)
   -- `duration`), else unknown, as one that cannot be seconds (a row without a price, said; it was
   -- $0, which writes no row, or a negative cost, or 1e12 s raised out of ai.job after the job was paid)
   local price = pricing.price(ctx.model)
-  if price and price.per_video_second and state.status == "succeeded" then
+  -- (one that ran to its end whose output could not be had, `completed`, is billed as well)
+  if price and price.per_video_second and (state.status == "succeeded" or state.completed) then
     local d, why = input_seconds(input)
     if d == nil and why == "absent" then d = price.duration end
     usage.video_seconds = d

@@ -544,6 +544,55 @@ describe("a job on a bad day", function()
       assert.are.same({ 1, 0.002, 0 }, { rows() })
     end)
 
+  -- (before: $0, no row: only a request that succeeded was billed its video's seconds)
+  it("fal: a completed video request whose result read is refused is billed its input's seconds", function()
+    pricing.models["fal/acme/hw"] = { per_video_second = 0.05 }
+    provider({ create = function() return '{"request_id":"r1"}' end, status = '{"status":"COMPLETED"}',
+      result = function() return { status = 404, body = '{"detail":"Request not found"}' } end })
+    local r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x", duration = 8 }, attempts = 1 })
+    assert.is_nil(r)
+    assert.are.equal("job_failed", err.kind)
+    local n, usd = rows()
+    assert.are.same({ 1, 0.4 }, { n, usd })
+  end)
+
+  -- Replicate removes an API prediction's output an hour after it ends (data_removed). (before: a run
+  -- resumed later read its job as succeeded with no output, its step given nil, recorded at $0: no row)
+  it("Replicate: a job whose output was removed before a resumed run read it is recorded, and replaced", function()
+    local made, removed = 0, false
+    local server = assert(resil.server.listen({ handler = function(req)
+      if req.method == "POST" and req.path == "/v1/predictions" then
+        made = made + 1
+        return { status = 201, body = json.encode({ id = "p" .. made, status = "starting" }) }
+      end
+      local id = req.path:match("^/v1/predictions/(p%d)$")
+      if id == "p1" and not removed then return { status = 200, body = '{"id":"p1","status":"processing"}' } end
+      if id == "p1" then
+        return { status = 200, body = '{"id":"p1","status":"succeeded","output":null,"data_removed":true,' ..
+          '"metrics":{"predict_time":3}}' }
+      end
+      if id then return { status = 200, body = json.encode({ id = id, status = "succeeded", output = { "https://x/b.png",
+        "https://x/c.png" }, metrics = { predict_time = 3 } }) } end
+      return { status = 404, body = '{"detail":"Not found."}' }
+    end }))
+    finally(function() server:close() end)
+    jobs.configure("replicate", { base_url = ("http://127.0.0.1:%d/v1"):format(server:port()), api_key = KEYS.replicate,
+      poll = { first = 1 } })
+    local spec = { model = PER_IMAGE, input = { prompt = "x", num_outputs = 2 }, key = "weekend", deadline = 86400 * 3 }
+    local t = resil.spawn(jobs.job, spec)
+    resil.sleep(5)
+    t:cancel() -- (the run killed while it polls; resumed after a weekend, the job long ended)
+    removed = true
+    resil.sleep(2 * 86400)
+    local r, err
+    helpers.logged(function() r, err = jobs.job(spec) end)
+    assert(r, err and tostring(err))
+    assert.are.same({ "https://x/b.png", "https://x/c.png" }, r.output)
+    assert.are.same({ "p1", "p2" }, r.job_ids)
+    local n, usd = rows()
+    assert.are.same({ 2, 0.04 }, { n, usd }) -- each job's two images: the first's as its input asked
+  end)
+
   -- (before: invalid_output, and the job the provider had made, and billed, was neither read,
   -- canceled nor recorded)
   it("Replicate: a create answered with an id and no urls is followed at the documented URL, paid once", function()

@@ -51,6 +51,13 @@ local TERMINAL = { succeeded = "succeeded", failed = "failed", canceled = "cance
 -- (aborted: its deadline passed before it started; it ran no time and is not billed, as a canceled
 -- one is for the time it ran)
 local function state_of(p)
+  -- succeeded, its output removed (an API prediction's input and output are, an hour after it ends): a
+  -- run resumed later read it as succeeded with no output, recorded at $0 (no outputs), its step given
+  -- nil. It ran and was paid: recorded at the outputs its input asked for, and replaced as a failed job.
+  if p.status == "succeeded" and p.data_removed == true and (p.output == nil or p.output == json.null) then
+    return { status = "failed", completed = true, raw = p, error = "it succeeded, but Replicate removed its output " ..
+      "(data_removed: an hour after a prediction ends) before it was read" }
+  end
   local aborted = p.status == "aborted" or nil
   local err = p.error ~= json.null and p.error or nil
   return { status = TERMINAL[p.status] or "running", output = p.output ~= json.null and p.output or nil,
@@ -209,7 +216,7 @@ function replicate.seconds(v, what, provider)
 end
 
 -- what the job used, for policies/pricing_media.lua
-function replicate.usage(state)
+function replicate.usage(state, input)
   local out = state and state.output
   local files = 0
   -- (an object, {"image": url, "mask": url} say, is one output: counted by its length, 0, a job that
@@ -227,7 +234,11 @@ function replicate.usage(state)
     resil.log.error("job: the provider reported metrics that are not an object; the job is recorded without a price",
       { provider = "replicate", value = tostring(metrics):sub(1, 80) })
   end
-  if state and state.status == "succeeded" then u.outputs = files end -- (a video's seconds: jobs.lua's usage_of)
+  if state and state.status == "succeeded" then u.outputs = files -- (a video's seconds: jobs.lua's usage_of)
+  elseif state and state.completed then -- (succeeded, its output removed: the outputs its input asked for)
+    local n = type(input) == "table" and math.tointeger(input.num_outputs)
+    u.outputs, u.estimated = n and n >= 1 and n <= 1000 and n or 1, true
+  end
   if state and state.aborted and u.predict_seconds == nil and not u.unreadable then u.predict_seconds = 0 end
   return u
 end
