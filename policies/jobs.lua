@@ -51,6 +51,11 @@ jobs.config = resil.keep("policies.jobs.config", function() return { replicate =
 
 local providers = {} -- name -> call.provider, built on first use
 
+-- A job's deadline is a year at most, as long as its record is kept for resumes (JOB_RETENTION):
+-- math.huge (or 1e300) made the job, paid, and then raised from inside, its end no date to log,
+-- and a job that hangs would have been waited on for ever.
+local MOST_DEADLINE = 365 * 86400
+
 -- jobs.configure(name, conf): replace a provider's configuration
 -- (a key too short to be redacted, or a base_url that is no URL, raised at each call from inside
 -- jobs.lua or the HTTP client: said here, where it was written; the key itself is never shown)
@@ -82,8 +87,8 @@ function jobs.configure(name, conf)
   if conf.timeout ~= nil and not (number("timeout") and conf.timeout > 0) then
     refuse("timeout", "a number of seconds > 0 (math.huge: none)")
   end
-  if conf.deadline ~= nil and not (number("deadline") and conf.deadline > 0) then
-    refuse("deadline", "a number of seconds > 0")
+  if conf.deadline ~= nil and not (number("deadline") and conf.deadline > 0 and conf.deadline <= MOST_DEADLINE) then
+    refuse("deadline", "a number of seconds > 0, a year at most")
   end
   if conf.attempts ~= nil and not (number("attempts") and math.tointeger(conf.attempts) and conf.attempts >= 1) then
     refuse("attempts", "a whole number >= 1")
@@ -807,6 +812,11 @@ end
 local function is_seconds(v, least) return type(v) == "number" and v >= least and v < math.huge end
 local function checked_deadline(ctx, spec, call)
   local deadline = option(ctx.conf, spec, "deadline")
+  if call == nil then -- a job's (a speech's bounds its retries only: math.huge is theirs)
+    checked(deadline, type(deadline) == "number" and deadline > 0 and deadline <= MOST_DEADLINE,
+      "deadline must be a number of seconds > 0, a year at most")
+    return deadline
+  end
   checked(deadline, type(deadline) == "number" and deadline > 0, "deadline must be a number of seconds > 0", call)
   return deadline -- (not a tail call: checked's level counts this frame)
 end
