@@ -556,6 +556,44 @@ describe("a job on a bad day", function()
     assert.are.same({ 1, 0.4 }, { n, usd })
   end)
 
+  -- (before: a cancel answered without the prediction was taken for a job canceled with no time said: a
+  -- row without a price, and one that had succeeded before the cancel took lost its output, replaced)
+  it("Replicate: a cancel answered without the prediction reads it: its outcome, and the time it ran", function()
+    local made, fate = 0, {}
+    local server = assert(resil.server.listen({ handler = function(req)
+      if req.method == "POST" and req.path == "/v1/predictions" then
+        made = made + 1
+        return { status = 201, body = json.encode({ id = "p" .. made, status = "starting" }) }
+      end
+      local id = req.path:match("^/v1/predictions/(p%d)")
+      if req.path:match("/cancel$") then
+        fate[id] = made == 1 and "succeeded" or "canceled" -- (the first ended as the cancel came)
+        return { status = 200, body = "" }
+      end
+      if fate[id] == "succeeded" then
+        return { status = 200, body = json.encode({ id = id, status = "succeeded", output = { "https://x/a.png" },
+          metrics = { predict_time = 9 } }) }
+      end
+      if fate[id] then return { status = 200, body = json.encode({ id = id, status = "canceled",
+        metrics = { predict_time = 30 } }) } end
+      return { status = 200, body = json.encode({ id = id, status = "processing" }) }
+    end }))
+    finally(function() server:close() end)
+    jobs.configure("replicate", { base_url = ("http://127.0.0.1:%d/v1"):format(server:port()), api_key = KEYS.replicate,
+      poll = { first = 1 } })
+    local r, err = jobs.job({ model = PER_SECOND, input = { prompt = "x" }, deadline = 30 })
+    assert(r, err and tostring(err))
+    assert.are.same({ "https://x/a.png" }, r.output)
+    assert.are.equal(1, made)
+    assert.are.same({ 1, 0.009, 0 }, { rows() })
+    made = 1 -- the next one is canceled: recorded for the 30 s it ran, as its read says
+    local _, derr = jobs.job({ model = PER_SECOND, input = { prompt = "y" }, deadline = 30, attempts = 1 })
+    assert.are.equal("deadline", derr.kind)
+    local n, usd, unpriced = rows()
+    assert.are.same({ 2, 0 }, { n, unpriced })
+    assert.is_true(math.abs(usd - 0.039) < 1e-9, tostring(usd))
+  end)
+
   -- Replicate removes an API prediction's output an hour after it ends (data_removed). (before: a run
   -- resumed later read its job as succeeded with no output, its step given nil, recorded at $0: no row)
   it("Replicate: a job whose output was removed before a resumed run read it is recorded, and replaced", function()

@@ -134,9 +134,20 @@ function replicate.cancel(ctx, handle)
   local res, err = ctx.send({ method = "POST", url = url, headers = replicate.headers(ctx.key) })
   if not res then return nil, err end
   local p = json.decode(res.body or "")
-  if type(p) ~= "table" then return res end
-  local s = state_of(p)
-  s.metrics = p.metrics ~= json.null and p.metrics or nil
+  local s
+  if type(p) == "table" and type(p.status) == "string" then
+    s = state_of(p)
+    s.metrics = p.metrics ~= json.null and p.metrics or nil
+  end
+  -- an answer without the prediction, or with it not ended (a body left empty, a prediction still
+  -- stopping): it is read once more, for how it ended (a job that succeeded before the cancel took was
+  -- taken for one canceled, its output lost and a second job paid) and the time it ran, which a model
+  -- billed by the second is paid for (without it, a row without a price)
+  if not (s and s.status ~= "running") then
+    local again = replicate.poll(ctx, handle)
+    if again and (again.status ~= "running" or not s) then s = again end
+  end
+  if not s then return res end
   return res, nil, s
 end
 
