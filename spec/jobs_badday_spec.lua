@@ -594,6 +594,31 @@ describe("a job on a bad day", function()
     assert.is_true(math.abs(usd - 0.039) < 1e-9, tostring(usd))
   end)
 
+  -- (before: "the provider did not say how long the job ran", a row without a price, for a job that never ran)
+  it("Replicate: a job canceled at its deadline before it started ran no time: no row, nothing logged", function()
+    local canceled = false
+    local server = assert(resil.server.listen({ handler = function(req)
+      if req.method == "POST" and req.path == "/v1/predictions" then
+        return { status = 201, body = '{"id":"p1","status":"starting","started_at":null}' }
+      end
+      if req.path:match("/cancel$") then canceled = true end
+      return { status = 200, body = json.encode({ id = "p1", status = canceled and "canceled" or "starting",
+        started_at = json.null, metrics = {} }) }
+    end }))
+    finally(function() server:close() end)
+    jobs.configure("replicate", { base_url = ("http://127.0.0.1:%d/v1"):format(server:port()), api_key = KEYS.replicate,
+      poll = { first = 1 } })
+    local r, err
+    local lines = helpers.logged(function()
+      r, err = jobs.job({ model = PER_SECOND, input = { prompt = "x" }, deadline = 30, attempts = 1 })
+    end)
+    assert.is_nil(r)
+    assert.are.equal("deadline", err.kind)
+    assert.is_true(canceled)
+    assert.are.same({ 0, 0, 0 }, { rows() })
+    for _, l in ipairs(lines) do assert.are_not.equal("error", l.level, l.msg) end
+  end)
+
   -- Replicate removes an API prediction's output an hour after it ends (data_removed). (before: a run
   -- resumed later read its job as succeeded with no output, its step given nil, recorded at $0: no row)
   it("Replicate: a job whose output was removed before a resumed run read it is recorded, and replaced", function()

@@ -65,6 +65,17 @@ local function state_of(p)
     aborted = aborted, raw = p }
 end
 
+-- A prediction's metrics: one canceled before it started (started_at null: queued, booting) ran no
+-- time, and says none (taken for a time not said, a job never run was a row without a price, logged
+-- as an error, at each deadline of a long queue)
+local function metrics_of(p)
+  local m = p.metrics ~= json.null and p.metrics or nil
+  if p.status == "canceled" and p.started_at == json.null and not (type(m) == "table" and m.predict_time ~= nil) then
+    return { predict_time = 0 }
+  end
+  return m
+end
+
 -- (what: the answer's name in the error, which quotes the answer's start: a proxy's error page says
 -- more than "not JSON")
 local function decode(res, what)
@@ -108,7 +119,7 @@ function replicate.create(ctx)
   local s = state_of(p)
   return { id = p.id, get = ctx.own_url(urls.get, get), cancel = ctx.own_url(cancel, get .. "/cancel"),
     state = s.status ~= "running" and { status = s.status, output = s.output, error = s.error, aborted = s.aborted,
-      metrics = p.metrics ~= json.null and p.metrics or nil } or nil }
+      metrics = metrics_of(p) } or nil }
 end
 
 function replicate.poll(ctx, handle)
@@ -123,7 +134,7 @@ function replicate.poll(ctx, handle)
       { provider = "replicate", status = res.status, retryable = true })
   end
   local s = state_of(p)
-  s.metrics = p.metrics ~= json.null and p.metrics or nil
+  s.metrics = metrics_of(p)
   return s
 end
 
@@ -137,7 +148,7 @@ function replicate.cancel(ctx, handle)
   local s
   if type(p) == "table" and type(p.status) == "string" then
     s = state_of(p)
-    s.metrics = p.metrics ~= json.null and p.metrics or nil
+    s.metrics = metrics_of(p)
   end
   -- an answer without the prediction, or with it not ended (a body left empty, a prediction still
   -- stopping): it is read once more, for how it ended (a job that succeeded before the cancel took was
