@@ -559,7 +559,7 @@ describe("a job on a bad day", function()
   -- (before: a cancel answered without the prediction was taken for a job canceled with no time said: a
   -- row without a price, and one that had succeeded before the cancel took lost its output, replaced)
   it("Replicate: a cancel answered without the prediction reads it: its outcome, and the time it ran", function()
-    local made, fate = 0, {}
+    local made, fate, canceled_at = 0, {}, nil
     local server = assert(resil.server.listen({ handler = function(req)
       if req.method == "POST" and req.path == "/v1/predictions" then
         made = made + 1
@@ -592,6 +592,25 @@ describe("a job on a bad day", function()
     local n, usd, unpriced = rows()
     assert.are.same({ 2, 0 }, { n, unpriced })
     assert.is_true(math.abs(usd - 0.039) < 1e-9, tostring(usd))
+    -- a page answered the cancel and the read after it: whether the cancel took is not known, the job
+    -- may run on; it is not replaced (a second job beside it would be paid too)
+    server:close()
+    local portal = assert(resil.server.listen({ handler = function(req)
+      if req.method == "POST" and req.path == "/v1/predictions" then
+        return { status = 201, body = '{"id":"q1","status":"starting"}' }
+      end
+      if req.path:match("/cancel$") then canceled_at = resil.now() end
+      if canceled_at then return { status = 200, headers = { ["content-type"] = "text/html" }, body = "<html>" } end
+      return { status = 200, body = '{"id":"q1","status":"processing"}' }
+    end }))
+    finally(function() portal:close() end)
+    jobs.configure("replicate", { base_url = ("http://127.0.0.1:%d/v1"):format(portal:port()), api_key = KEYS.replicate,
+      poll = { first = 1 } })
+    local r3, perr = jobs.job({ model = PER_SECOND, input = { prompt = "z" }, deadline = 30 })
+    assert.is_nil(r3)
+    assert.are.equal("deadline", perr.kind)
+    assert.is_false(perr.canceled)
+    assert.are.same({ "q1" }, perr.job_ids)
   end)
 
   -- (before: "the provider did not say how long the job ran", a row without a price, for a job that never ran)

@@ -155,10 +155,12 @@ function replicate.cancel(ctx, handle)
   -- taken for one canceled, its output lost and a second job paid) and the time it ran, which a model
   -- billed by the second is paid for (without it, a row without a price)
   if not (s and s.status ~= "running") then
-    local again = replicate.poll(ctx, handle)
+    local again, rerr = replicate.poll(ctx, handle)
     if again and (again.status ~= "running" or not s) then s = again end
+    -- (neither says the prediction: a proxy's page answered the cancel, which may never have reached
+    -- Replicate; taken for one that took, a new job was made beside the one that ran on)
+    if not s then return nil, rerr end
   end
-  if not s then return res end
   return res, nil, s
 end
 
