@@ -888,6 +888,22 @@ describe("ai.job on the fal queue", function()
 
   -- (before: such a request, paid at fal, had no row: the ledger said $0 for $0.05 billed, and a
   -- budget let the replacement through on money already spent)
+  -- (before: taken for a result that could not be read: recorded at the outputs it asked for, and replaced by
+  -- a request with the same input, refused the same way and recorded again)
+  it("a request whose app refused its input (a 422 at its result) made nothing: no row, not sent again", function()
+    local flagged = { status = 422, detail = { { loc = { "body", "prompt" }, type = "content_policy_violation",
+      msg = "The content could not be processed because it contained material flagged by a content checker." } } }
+    m = resil.mock.start({ jobs = { polls = 1, errors = { fal_result = { flagged, flagged } } } })
+    use(m.url)
+    local r, err = jobs.job({ model = "fal/fal-ai/flux/dev", input = { prompt = "a cat" }, deadline = 300 })
+    assert.is_nil(r)
+    assert.are.equal("job_failed", err.kind)
+    assert.is_false(err.retryable)
+    assert.matches("its input was refused %(HTTP 422%).*content_policy_violation", err.message)
+    assert.are.equal(1, m:stats().routes.fal_submit)
+    assert.are.same({}, resil.cost.breakdown("model"))
+  end)
+
   it("records a request fal said COMPLETED whose result cannot be read (a 404) at its outputs, estimated", function()
     m = resil.mock.start({ jobs = { polls = 1, errors = { fal_result = { 404, 404 } } } })
     use(m.url)

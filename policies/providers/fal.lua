@@ -125,6 +125,15 @@ local function completed(ctx, handle, s)
       local body = type(err.response) == "table" and json.decode(err.response.body or "")
       local detail = type(body) == "table" and (type(body.detail) == "string" and body.detail
         or type(body.detail) == "table" and json.encode(body.detail)) or nil
+      -- its app refused its input (a 422: a field out of range, content flagged; or fal says another
+      -- try of it is no use, X-Fal-Retryable: false): that is its answer, not a result that could not
+      -- be read. It made no outputs, and the same input fails again: not replaced (it was recorded at
+      -- the outputs it asked for, and a second request sent with it, the same way)
+      if status == 422 or type(headers) == "table" and headers["x-fal-retryable"] == "false" then
+        return { status = "failed", error = ("its input was refused (HTTP %d)%s"):format(status,
+          detail and (": " .. resil.redact(detail):sub(1, 300)) or ""), error_type = error_type,
+          metrics = s.metrics ~= json.null and s.metrics or nil, final = true }
+      end
       -- (a request fal said COMPLETED without an error ran, and fal bills it: without the result
       -- its outputs are estimated (fal.usage); it had no row at all, and its replacement was paid too)
       return { status = "failed", error = ("its result could not be read (GET %s): %s%s"):format(response_url,
