@@ -876,7 +876,16 @@ function jobs.job(spec)
     local guard <close> = setmetatable({ ctx = ctx, spec = spec, input = spec.input, ticket = ticket, key = akey },
       job_guard)
     ctx.retries_until = resil.now() + deadline
+    local sent = resil.clock.wall()
     local handle, err = create(ctx, akey, guard, alegacy)
+    -- outside a run, a create after which the job may exist (its answer timed out, a gateway's 502)
+    -- is looked up at once where the provider lists its jobs: one found is followed and recorded (it
+    -- ran on, billed, with no row, and the call failed); none found, the call fails with its error (the
+    -- list may not show it yet: another create could pay twice)
+    if handle == nil and akey == nil and may_be_made(err) and ctx.adapter.find then
+      handle = look_up(ctx, { sent = sent, key = "(no key)", answer = err.status and ("HTTP " .. err.status)
+        or "with a timeout" }) or nil
+    end
     if is_mark(handle) then -- (an ended call's mark met before its attempts were spent: fewer, then)
       guard.done = true
       if ticket then ticket:release() end

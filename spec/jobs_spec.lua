@@ -734,6 +734,22 @@ describe("ai.job on Replicate", function()
     assert.are.equal(2, m:stats().routes.prediction)
   end)
 
+  -- (before: outside a run the call failed with the gateway's 502, and the job it had made ran on, billed,
+  -- with no row)
+  it("outside a run, a create a gateway answered 502 after the job was made finds the job and follows it", function()
+    m = resil.mock.start({ jobs = { polls = 1, errors = { predictions = { { status = 502, made = true } } } } })
+    use(m.url)
+    local r, err
+    local lines = helpers.logged(function() r, err = jobs.job({ model = FLUX, input = { prompt = "a cat" } }) end)
+    assert(r, err and tostring(err))
+    assert.are.equal("mock" .. m.instance .. "00001", r.id)
+    assert.are.equal(1, m:stats().routes.predictions)
+    assert.are.equal(1, resil.cost.breakdown("model")[1].calls)
+    local said = false
+    for _, l in ipairs(lines) do said = said or (l.msg or ""):match("had made the job; following it") ~= nil end
+    assert.is_true(said)
+  end)
+
   -- (before: a retry table's timeout became each attempt's deadline too, and a create that took
   -- longer was cut: the job made and paid, no row in the ledger, and a retry made a second)
   it("a create slower than the retry table's timeout is waited for: one job, one row", function()
