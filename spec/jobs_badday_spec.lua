@@ -675,6 +675,23 @@ describe("a job on a bad day", function()
     assert.are.same({ 2, 0.04 }, { n, usd }) -- each job's two images: the first's as its input asked
   end)
 
+  -- (before: "the cancel was accepted, but the request had not ended": taken for one that may run on, no row)
+  it("fal: a request that completed after its cancel was accepted, its result not read, is billed once", function()
+    local answers = { create = function() return '{"request_id":"r1"}' end, status = '{"status":"IN_PROGRESS"}',
+      result = function() return { status = 500, body = "<html>Internal Server Error</html>" } end }
+    answers.cancel = function()
+      answers.status = '{"status":"COMPLETED","metrics":{"inference_time":2}}' -- (it ended as the cancel came)
+      return { status = 202, body = '{"status":"CANCELLATION_REQUESTED"}' }
+    end
+    local seen = provider(answers)
+    local r, err = jobs.job({ model = FAL_PER_SECOND, input = { prompt = "x" }, key = "late", deadline = 30 })
+    assert.is_nil(r)
+    assert.are.equal("job_failed", err.kind)
+    assert.matches("it completed, but its result could not be read", err.message)
+    assert.are.equal(1, seen.creates)
+    assert.are.same({ 1, 0.002, 0 }, { rows() })
+  end)
+
   -- (before: invalid_output, and the job the provider had made, and billed, was neither read,
   -- canceled nor recorded)
   it("Replicate: a create answered with an id and no urls is followed at the documented URL, paid once", function()

@@ -162,6 +162,14 @@ function fal.poll(ctx, handle)
   return { status = "running", queue_position = s.queue_position, raw = s }
 end
 
+-- A request that completed and whose result could still not be read at the cancel (unread_result's
+-- error): it ran and fal bills it; another beside it would be paid too; the same key reads it again
+local function unread_state(err)
+  return { status = "failed", completed = true, final = true, retryable = true, metrics = err.metrics,
+    error = ("it completed, but its result could not be read (%s): recorded, no other request made; the " ..
+      "same key reads it again"):format(tostring(err.message)) }
+end
+
 -- A cancel fal accepted (202 CANCELLATION_REQUESTED) is a signal sent to the request's runner, whose
 -- app stops when it does, or not at all: the request may still complete, and be billed. It is read
 -- until it ends, within the cancel's window (ctx.poll_until, else CANCEL_WINDOW): canceled (its
@@ -193,6 +201,8 @@ local function until_ended(ctx, handle, res)
     delay = math.min(delay * 2, 5)
   end
   if own then ctx.poll_until = nil end
+  -- (completed meanwhile, its result not read: taken for a request that ran on, it had no row in a run)
+  if type(last) == "table" and last.completed then return res, nil, unread_state(last) end
   return nil, resil.error("cancel_pending", ("fal: the cancel of request %s was accepted, but the request had " ..
     "not ended %d s later%s"):format(handle.id, CANCEL_WINDOW, last and (" (its status: %s)"):format(
     tostring(type(last) == "table" and last.message or last)) or ""), { provider = "fal", id = handle.id,
@@ -210,11 +220,7 @@ function fal.cancel(ctx, handle)
     -- completed, its result still not read at the deadline: it ran, and fal bills it (taken for a
     -- cancel that failed, it had no row inside a run, at every resume, and a row without a price
     -- outside one, said to "run on"); another request beside it would be paid too
-    if not s and type(serr) == "table" and serr.completed then
-      return nil, err, { status = "failed", completed = true, final = true, retryable = true, metrics = serr.metrics,
-        error = ("it completed, but its result could not be read (%s): recorded, no other request made; the " ..
-          "same key reads it again"):format(tostring(serr.message)) }
-    end
+    if not s and type(serr) == "table" and serr.completed then return nil, err, unread_state(serr) end
   end
   if res then return until_ended(ctx, handle, res) end
   return res, err
