@@ -138,6 +138,36 @@ describe("a SQLite store whose write lock another process holds past the store's
     assert(assert(budget:reserve(1)):settle(1, { provider = "p", model = "m" }))
     assert.are.same({ 1, 0 }, { budget:state().spent, budget:state().reserved })
   end)
+
+  -- (before: budgets and budgets show waited the store's timeout and said "database is locked" while
+  -- runs, costs and keys list answered: they moved and released holds, a write, to show them)
+  it("answers budgets and budgets show at once, as runs, costs and keys list, a killed process's hold left out",
+    function()
+    local db = helpers.tmpname(".db")
+    local pid, out = helpers.start([[
+local resil = require "resil"
+local b = resil.budget("team", { limit = 10, per = "day" })
+assert(assert(b:reserve(2)):settle(1.5, { provider = "p", model = "m" }))
+assert(b:reserve(3))
+print("started"); io.stdout:flush()
+resil.sleep(60)
+]], ("--store '%s' --log-level off"):format(db))
+    assert.is_true(helpers.kill_after_start(pid, out, 0), helpers.slurp(out)) -- (its $3 hold left)
+    local release = helpers.hold_write_lock(db)
+    finally(function() helpers.release_write_lock(release) end)
+    local url = db .. "?timeout=0.5"
+    local show = helpers.run(("%s budgets show team --json --store '%s'"):format(helpers.resil, url))
+    assert.are.equal(0, show.code, show.stderr)
+    local b = resil.json.decode(show.stdout)
+    assert.are.same({ 1.5, 0, 8.5, 0 }, { b.spent, b.reserved, b.remaining, #b.holds })
+    local list = helpers.run(("%s budgets --store '%s'"):format(helpers.resil, url))
+    assert.are.equal(0, list.code, list.stderr)
+    assert.matches("team%s+%$10%.000000%s+day%s+%S+%s+%$1%.500000%s+%$0%.000000%s+%$8%.500000", list.stdout)
+    for _, command in ipairs({ "runs", "costs", "keys list" }) do
+      local r = helpers.run(("%s %s --store '%s'"):format(helpers.resil, command, url))
+      assert.are.equal(0, r.code, command .. ": " .. r.stderr)
+    end
+  end)
 end)
 
 describe("a SQLite store whose write lock another process holds for a moment as the script ends", function()

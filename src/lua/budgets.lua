@@ -681,7 +681,10 @@ local function describe(backend, cfg, now)
   if not limit_micro then limit_micro, per, source = cfg.declared_micro, cfg.declared_per, cfg.source or "script" end
   if per == "none" then per = nil end
   local period = period_of(per, now)
-  local spent, reserved, rows, in_period = backend:budget_usage(cfg.name, period, now, owner.me().id)
+  -- (a look: read where the store can, SQLite's budget_view, waiting for no other process's writer)
+  local spent, reserved, rows, in_period
+  if backend.budget_view then spent, reserved, rows = backend:budget_view(cfg.name, period, now)
+  else spent, reserved, rows, in_period = backend:budget_usage(cfg.name, period, now, owner.me().id) end
   if spent == nil then return nil, reserved end
   period = in_period or period -- (Redis: the server's clock's period)
   local holds = {}

@@ -916,24 +916,27 @@ local function figures(tx, budget, period, now)
   return spent, reserved
 end
 
+-- What budget_usage's writes would find, read (as budget_figures; the holds listed in the periods
+-- they are in, but for those of owners known dead) -> as budget_usage
+local function usage_read(self, budget, period, now)
+  local r, err = read(self, function(tx)
+    local spent, reserved = figures(tx, budget, period, now)
+    local holds, dead = {}, {} -- (each owner judged once)
+    for _, h in ipairs(tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations " ..
+      "WHERE budget = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket", budget, now)) do
+      if h.owner ~= nil and dead[h.owner] == nil then dead[h.owner] = alive(tx, h.owner, now) == false end
+      if not (h.owner and dead[h.owner]) then holds[#holds + 1] = h end
+    end
+    return { spent, reserved, holds }
+  end)
+  if not r then return nil, err end
+  return r[1], r[2], r[3]
+end
+
 -- -> spent, reserved, { {ticket=, micro_usd=, owner=, expires_at=}, ... }
 function B:budget_usage(budget, period, now, me)
-  -- a store this process may only read (another user's file): what the writes below would find,
-  -- read (as budget_figures; the holds listed in the periods they are in)
-  if self.db:readonly() then
-    local r, err = read(self, function(tx)
-      local spent, reserved = figures(tx, budget, period, now)
-      local holds, dead = {}, {} -- (each owner judged once)
-      for _, h in ipairs(tx:rows("SELECT ticket, micro_usd, owner, expires_at, created_at FROM reservations " ..
-        "WHERE budget = ? AND state = 'held' AND expires_at > ? ORDER BY expires_at, ticket", budget, now)) do
-        if h.owner ~= nil and dead[h.owner] == nil then dead[h.owner] = alive(tx, h.owner, now) == false end
-        if not (h.owner and dead[h.owner]) then holds[#holds + 1] = h end
-      end
-      return { spent, reserved, holds }
-    end)
-    if not r then return nil, err end
-    return r[1], r[2], r[3]
-  end
+  -- (a store this process may only read, another user's file: read)
+  if self.db:readonly() then return usage_read(self, budget, period, now) end
   return self.db:tx(function(tx)
     roll(tx, budget, period, now)
     release_dead(tx, budget, period, me, now)
@@ -943,6 +946,11 @@ function B:budget_usage(budget, period, now, me)
       budget, period, now)
   end)
 end
+
+-- The same for a look (`resil-lua budgets`, `budgets show`): a read, which never waits for another
+-- process's write lock (they waited the store's timeout, then said "database is locked", while
+-- runs, costs and keys list answered at once) -> as budget_usage
+function B:budget_view(budget, period, now) return usage_read(self, budget, period, now) end
 
 -- A budget's spent and reserved in `period`, for its gauges: a read, so a scrape never waits
 -- for another process's write lock (budget_usage writes: it moves and releases holds). The
