@@ -114,4 +114,29 @@ while true do resil.sleep(1) end
     local b = require("resil").json.decode(shown.stdout)
     assert.are.same({ 0, 0 }, { b.reserved, #b.holds })
   end)
+
+  -- (before: "attempt to write a readonly database (this process may read the file, not write it: opened
+  -- read-only)" from every command, costs and runs too, which said nothing of the schema it meant to write)
+  it("an older resil-lua's (schema 9) says that it must be opened once by a user who may write it", function()
+    if not check_usable() then return end
+    local old = dir .. "/old.db"
+    assert.are.equal(0, helpers.run(("%s --store %s --log-level off -e %q"):format(bin, old,
+      'require("resil").cost.record({ provider = "p", model = "m", usd = 1 })')).code)
+    assert.are.equal(0, helpers.run(("sqlite3 %s 'DROP TRIGGER costs_spent_insert; DROP TRIGGER costs_spent_update; " ..
+      "DROP TRIGGER costs_spent_delete; DROP TABLE budget_spent; PRAGMA user_version = 9'"):format(old)).code)
+    os.execute("chmod 644 " .. old)
+    local before = sha(old)
+    for _, command in ipairs({ "costs", "runs" }) do
+      local r = as_nobody(("%s %s --store %s"):format(bin, command, old))
+      assert.are.equal(1, r.code, command)
+      assert.matches(("store %s has schema version 9, an older resil-lua's; this one needs"):format(old), r.stderr, 1,
+        true)
+      assert.matches("brings it up to date at its first open, which this process cannot do: it may read the file, " ..
+        "not write it", r.stderr, 1, true)
+    end
+    assert.are.equal(before, sha(old))
+    -- (its owner's first command brings it up to date; then the reader reads it)
+    assert.are.equal("total $1.000000\n", helpers.run(("%s costs --store %s"):format(bin, old)).stdout)
+    assert.are.equal("total $1.000000\n", as_nobody(("%s costs --store %s"):format(bin, old)).stdout)
+  end)
 end)

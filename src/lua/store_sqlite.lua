@@ -194,6 +194,14 @@ local function migrate(db, path, retry)
   local version, err
   repeat version, err = db:read(read_version) until version ~= nil or not retry(err)
   local ok = version == #migrations
+  -- (a file this process may only read, an older resil-lua's: its schema cannot be brought up to
+  -- date here, and every command, `costs` and `runs` too, said only "attempt to write a readonly
+  -- database")
+  if version ~= nil and version > 0 and version < #migrations and db:readonly() then
+    return nil, resil.error("store_unavailable", ("store %s has schema version %d, an older resil-lua's; this one " ..
+      "needs %d and brings it up to date at its first open, which this process cannot do: it may read the file, " ..
+      "not write it (open it once as a user who may write it)"):format(path, version, #migrations))
+  end
   if version ~= nil and not ok then
     -- (not timed by the watchdog: rewriting a large ledger's rows takes seconds of SQLite)
     repeat ok, err = unwatched(db.now, db, apply_migrations, path) until ok or not retry(err)
