@@ -243,6 +243,34 @@ resil.sleep(0.01)
     end)
   end
 
+  -- (before: "may not have been written before the process ended: look for its id or ticket in the ledger", and
+  -- it was not: a caller canceled while SQLite's queue had its write drops it, and the keyed write was not tried)
+  it("writes a paid call's row and settle whose callers were canceled while the store had them (a deadline), as " ..
+    "the script that raises after them ends", function()
+    local db, rel = helpers.tmpname(".db"), helpers.tmpname(".rel")
+    local r = helpers.run_script(LOCK .. [[
+local resil = require "resil"
+local db, rel = arg[1], arg[2]
+local b = resil.budget("team", { limit = 10, per = "day" })
+local t = assert(b:reserve(1))
+lock(db, rel)
+print(resil.timeout(0.05, function() return t:settle(1, { provider = "p", model = "m", id = "call-1" }) end))
+print(resil.timeout(0.05, function()
+  return resil.cost.record({ provider = "p", model = "m", usd = 0.5, id = "call-2", retry = true })
+end))
+io.open(rel, "w"):close() -- the lock let go
+resil.sleep(0.01)
+error("a later step failed")
+]], ("--store '%s?timeout=5' --log-level error"):format(db), db .. " " .. rel)
+    assert.are.equal(1, r.code, r.stderr)
+    assert.are.equal("nil\ttimeout: timed out after 0.05 s\nnil\ttimeout: timed out after 0.05 s\n", r.stdout)
+    assert.is_nil(r.stderr:find("written", 1, true), r.stderr)
+    local costs = helpers.run(("%s costs --json --store '%s'"):format(helpers.resil, db))
+    assert.are.equal(1.5, resil.json.decode(costs.stdout).usd)
+    local budget = helpers.run(("%s budgets show team --json --store '%s'"):format(helpers.resil, db))
+    assert.are.same({ 1, 0 }, { resil.json.decode(budget.stdout).spent, resil.json.decode(budget.stdout).reserved })
+  end)
+
   -- (before: os.exit skipped it, and the key stayed claimed by the dead process: the next caller ran fn, and
   -- paid, again)
   it("keeps a resil.once result whose record was refused, as the script calls os.exit(0)", function()

@@ -295,8 +295,8 @@ end
 -- may any attempt here that fails so (err.sent); such a write is never said
 -- to be missing from the ledger, only perhaps (an operator entering it by
 -- hand would count it twice).
--- write_now(failed, attempting) -> true once written at once (resil_close, below) | false, err | nil:
--- not tried (an attempt is out and the write has no key: it may land, and would be written twice)
+-- write_now(failed, maybe_landed) -> true once written at once (resil_close, below) | false, err | nil:
+-- not tried (a write that may have landed, an attempt out or sent, without a key: it would be twice)
 local function retry_later(what, write, counts, fields, log_fields, sent, write_now)
   unwritten = unwritten + 1
   local pending = { what = what, fields = log_fields, sent = sent or nil, write_now = write_now }
@@ -345,8 +345,8 @@ local function write_later(backend, name, fields, log_fields, a, b)
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
       retry_later(row and "a cost row" or "a settle", function() return backend[name](backend, a, b) end,
         function(written) return written and (row or seen.usd > 0) end, seen, log_fields, err.sent,
-        function(failed, attempting)
-          if attempting and row and a.dedupe == nil then return nil end
+        function(failed, maybe_landed)
+          if maybe_landed and row and a.dedupe == nil then return nil end
           return close_write(failed, backend, name .. "_now", a, b)
         end)
     else
@@ -386,8 +386,8 @@ local function row_failed(err, row)
       if not s then return nil, oerr end
       return backend_of[s]:cost_record(entry)
     end, function(ok) return ok end, row_metric_fields(row), log_fields, err.sent,
-      function(failed, attempting)
-        if attempting and entry.dedupe == nil then return nil end
+      function(failed, maybe_landed)
+        if maybe_landed and entry.dedupe == nil then return nil end
         return close_write(failed, backend, "cost_record_now", entry)
       end)
   else
@@ -434,8 +434,8 @@ local function record_later(e, entry, err, backend)
     return backend:cost_record(entry)
   end, function(ok) return ok end, metric_fields(e),
     { provider = e.provider, model = e.model, usd = e.usd, id = entry.dedupe }, err.sent,
-    function(failed, attempting)
-      if attempting and entry.dedupe == nil then return nil end
+    function(failed, maybe_landed)
+      if maybe_landed and entry.dedupe == nil then return nil end
       return close_write(failed, backend, "cost_record_now", entry)
     end)
 end
@@ -445,7 +445,7 @@ end
 -- cancel; it is written later instead, keyed, so that one the store took
 -- meanwhile is not written twice)
 local record_guard = { __close = function(w)
-  if not w.seen then record_later(w.e, w.entry, { sent = true }) end
+  if not w.seen then record_later(w.e, w.entry, { sent = true }, w.backend) end
 end }
 
 -- Rows whose caller waits for the store to take them, in flight (SQLite's group commit, waiting for
@@ -501,7 +501,7 @@ function resil.cost.record(e)
   local guard
   if e.retry and resil.running() then
     own_key(backend_of[s], entry, true)
-    guard = setmetatable({ e = e, entry = entry }, record_guard)
+    guard = setmetatable({ e = e, entry = entry, backend = backend_of[s] }, record_guard)
   end
   local _ <close> = guard
   if entry.dedupe ~= nil then recording[entry] = s end -- (an id, or retry's own key: one written is not written twice)
@@ -541,8 +541,9 @@ debug.getregistry()["resil.costs.close"] = function()
   -- store taking writes again by then (its lock let go, room on the disk): a paid call's cost and
   -- its budget's spend gone, and the resumed run replayed its resil.once result, paying nothing again
   for pending in pairs(retrying) do
-    if pending.write_now and not pending.sent then
-      local written, err = pending.write_now(failed, pending.attempting)
+    if pending.write_now then
+      -- (one whose write may have landed, an attempt out or a canceled caller's, only if it has a key)
+      local written, err = pending.write_now(failed, pending.attempting or pending.sent)
       if written then
         retrying[pending] = nil
         unwritten = unwritten - 1
