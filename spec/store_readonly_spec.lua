@@ -115,6 +115,28 @@ while true do resil.sleep(1) end
     assert.are.same({ 0, 0 }, { b.reserved, #b.holds })
   end)
 
+  -- (before: "unable to open database file", from every command)
+  it("whose writer was killed, its -shm deleted since, says why it cannot be read, and is read once its owner " ..
+    "has opened it", function()
+    if not check_usable() then return end
+    local left = dir .. "/left.db"
+    local pid, out = helpers.start([[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "p", model = "m", usd = 2 }))
+print("started"); io.stdout:flush()
+resil.sleep(60)
+]], ("--store %s --log-level off"):format(left))
+    assert.is_true(helpers.kill_after_start(pid, out, 0), helpers.slurp(out)) -- (its row in the -wal only)
+    os.remove(left .. "-shm")
+    os.execute(("chmod 644 %s*"):format(left))
+    local r = as_nobody(("%s costs --store %s"):format(bin, left))
+    assert.are.equal(1, r.code)
+    assert.matches("SQLite needs the -shm beside it, gone, to read that; this process may read the file, not make " ..
+      "the -shm: open it once as a user who may write it", r.stderr, 1, true)
+    assert.are.equal("total $2.000000\n", helpers.run(("%s costs --store %s"):format(bin, left)).stdout)
+    assert.are.equal("total $2.000000\n", as_nobody(("%s costs --store %s"):format(bin, left)).stdout)
+  end)
+
   -- (before: "attempt to write a readonly database (this process may read the file, not write it: opened
   -- read-only)" from every command, costs and runs too, which said nothing of the schema it meant to write)
   it("an older resil-lua's (schema 9) says that it must be opened once by a user who may write it", function()

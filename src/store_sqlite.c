@@ -269,9 +269,13 @@ static int at_file_size_limit(const store_db *d) {
  * is full: SQLite says "disk I/O error" when the -shm beside a store nobody
  * has open cannot be made on a full disk (every command, `costs` and `runs
  * show` too, said only that) */
+static int wal_without_shm(store_db *d);
 static const char *refusal_note(store_db *d, int rc) {
   if (d->readonly_uri && (rc & 0xff) == SQLITE_READONLY)
     return " (this process may read the file, not write it: opened read-only)";
+  if (d->readonly_uri && (rc & 0xff) == SQLITE_CANTOPEN && wal_without_shm(d))
+    return " (its -wal holds what a writer left, and SQLite needs the -shm beside it, gone, to read that; this "
+           "process may read the file, not make the -shm: open it once as a user who may write it)";
   if ((rc & 0xff) == SQLITE_IOERR && at_file_size_limit(d))
     return " (the file would grow past the process's file-size limit, ulimit -f)";
   if ((rc & 0xff) == SQLITE_IOERR && sqlite3_system_errno(d->db) == ENOSPC)
@@ -645,6 +649,17 @@ static const char *shm_broken(store_db *d) {
   if (x.stx_attributes_mask & x.stx_attributes & (STATX_ATTR_IMMUTABLE | STATX_ATTR_APPEND))
     return d->shm_error = SHM_LOCKED;
   return NULL;
+}
+
+/* A file opened read-only (another user's, a read-only mount) beside a -wal with frames and no -shm
+ * (deleted after its writer died): every read failed "unable to open database file", saying nothing
+ * of either. -> 1 so */
+static int wal_without_shm(store_db *d) {
+  const char *wal = wal_name(d);
+  char buf[PATH_MAX];
+  const char *shm = shm_name(wal, buf);
+  struct stat w, m;
+  return shm && stat(wal, &w) == 0 && w.st_size > 0 && stat(shm, &m) != 0 && errno == ENOENT;
 }
 
 /* -> 0, or the reason (FILE_MOVED, WAL_MOVED) */
