@@ -322,6 +322,28 @@ end)
     end
   end)
 
+  -- (read_reply compares a header's name only where its first letter may start one it treats apart)
+  it("frame a body themselves (a handler's Content-Length and Transfer-Encoding dropped, any case) and keep " ..
+     "its own Content-Type and Date once, with the rest of its headers", function()
+    local pid, port = start_server([[function(req)
+      return { status = 200, body = "hello", headers = { ["Content-LENGTH"] = "999", ["transfer-Encoding"] = "chunked",
+        ["CONTENT-type"] = "text/plain", DATE = "Mon, 01 Jan 2024 00:00:00 GMT", ["x-resil-cost-usd"] = "0.000001",
+        ["Connection-Note"] = "c", ["Date-Of-Birth"] = "d", ["Trailer-Note"] = "t", ["x-content-type"] = "x" } }
+    end]])
+    local r = helpers.run(("curl -si --max-time 10 'http://127.0.0.1:%s/'"):format(port))
+    assert.is_true(stop(pid))
+    local head, body = r.stdout:match("^(.-)\r\n\r\n(.*)$")
+    assert.are.equal("hello", body)
+    local names = {}
+    for name, value in head:gmatch("\r\n([^:\r]+): ([^\r]*)") do
+      names[#names + 1] = name:lower() .. "=" .. value
+    end
+    table.sort(names)
+    assert.are.same({ "connection-note=c", "content-length=5", "content-type=text/plain",
+      "date-of-birth=d", "date=Mon, 01 Jan 2024 00:00:00 GMT", "trailer-note=t", "x-content-type=x",
+      "x-resil-cost-usd=0.000001" }, names)
+  end)
+
 describe("server replies to an HTTP/1.0 client", function()
   -- (no chunked framing there: the close ends the body, and libevent closed the connection inside
   -- the reply's end, freeing the reply the server then unlinked and freed again: a segfault, or a

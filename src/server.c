@@ -1108,10 +1108,9 @@ static void pending_send(pending *p) {
     return;
   }
   add_date(p);
-  struct evbuffer *buf = evbuffer_new();
-  if (buf) evbuffer_add(buf, p->body, p->body_len);
-  evhttp_send_reply(req, p->status, reason_phrase(p->status), buf);
-  if (buf) evbuffer_free(buf);
+  /* (the body straight into the request's own buffer, where evhttp_send_reply moves a given one) */
+  evbuffer_add(evhttp_request_get_output_buffer(req), p->body, p->body_len);
+  evhttp_send_reply(req, p->status, reason_phrase(p->status), NULL);
   pending_unlink(p);
   pending_free(p);
 }
@@ -1289,10 +1288,17 @@ static void read_reply(lua_State *L, int idx, pending *p) {
         const char *k = lua_tostring(L, -2), *v = lua_tostring(L, -1);
         if (!is_token(k)) luaL_error(L, "reply header name '%s' is not a token", k);
         if (strpbrk(v, "\r\n")) luaL_error(L, "reply header '%s' has a line break in its value", k);
-        if (strcasecmp(k, "content-type") == 0) has_type = 1;
-        else if (strcasecmp(k, "date") == 0) p->own_date = 1;
-        if (strcasecmp(k, "content-length") != 0 && strcasecmp(k, "transfer-encoding") != 0)
-          evhttp_add_header(out, k, v);
+        int framing = 0; /* Content-Length, Transfer-Encoding: the server's own */
+        switch (k[0] | 0x20) { /* (compared only where the first letter may start one: x-resil-* never do) */
+        case 'c':
+          if (strcasecmp(k, "content-type") == 0) has_type = 1;
+          else framing = strcasecmp(k, "content-length") == 0;
+          break;
+        case 'd': p->own_date |= strcasecmp(k, "date") == 0; break;
+        case 't': framing = strcasecmp(k, "transfer-encoding") == 0; break;
+        default: break;
+        }
+        if (!framing) evhttp_add_header(out, k, v);
       }
       lua_pop(L, 1);
     }
