@@ -177,7 +177,10 @@ describe("resil.cost inside steps and once (one process)", function()
       { big = math.maxinteger, small = math.mininteger, edge = 100000000000000, less = -99999999999999 },
       { whole_float = 3.0, half = 0.5, third = 1 / 3, huge = 1e300 },
       { path = "a/b", quote = 'say "hi"', tab = "a\tb", accent = "café", empty = "" },
-      { words = "a b:c,d{e}[f]~!", del = "x\127", [""] = 0, long = ("x"):rep(2000) },
+      { words = "a b:c,d{e}[f]~!", [""] = 0, nothing = "" },
+      { del = "x\127", n = 1 },
+      { long = ("x"):rep(2000) },
+      { n = 1, long = ("y"):rep(1000) }, -- (just past the 1 KB flat_json writes)
       { service_tier = "on demand: {x}", n = -7, yes = true, no = false },
       { ["odd/key"] = 1, ["with space"] = 2, ["ok-key.v2"] = 3 },
       { 1, 2, 3 },
