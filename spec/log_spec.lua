@@ -215,6 +215,27 @@ describe("resil.log", function()
     assert.are.equal(math.type(l.id), "integer")
   end)
 
+  -- (a line of flat fields is written by the logger itself, one past 16 KB or with a table in it by
+  -- json.encode: both the same text)
+  it("writes a short line of flat fields as json.encode writes a long one: numbers exact, text escaped", function()
+    local fields = { id = 1234567890123456789, low = math.mininteger, ratio = 0.1 + 0.2, whole = 3.0, zero = -0.0,
+      big = 2 ^ 53, tiny = 1e-7, huge = 1e300, text = "a/b \"q\" \\ \127\1\n\t", yes = true, no = false }
+    local lines = capture(function()
+      log.info("short \"/\"", fields)
+      local long = {}
+      for k, v in pairs(fields) do long[k] = v end
+      long.padding = ("p"):rep(20000)
+      log.info("short \"/\"", long)
+    end)
+    for _, l in ipairs(lines) do
+      assert.are.same({ "short \"/\"", 1234567890123456789, math.mininteger, 0.1 + 0.2, 3, -0.0, 2 ^ 53, 1e-7, 1e300,
+        "a/b \"q\" \\ \127\1\n\t", true, false }, { l.msg, l.id, l.low, l.ratio, l.whole, l.zero, l.big, l.tiny,
+        l.huge, l.text, l.yes, l.no })
+      assert.are.equal("integer", math.type(l.id))
+    end
+    assert.are.equal(1 / -0.0, 1 / lines[1].zero) -- (-0 kept as -0)
+  end)
+
   it("keeps each line valid UTF-8 JSON whatever bytes it is given, and a message whole past a NUL", function()
     -- a provider's body cut mid-character, a latin-1 file name, a binary
     -- answer: each bad byte is written as U+FFFD, the rest as it is

@@ -446,6 +446,7 @@ int luaopen_resil_error(lua_State *L);
 int luaopen_resil_loop(lua_State *L);
 int luaopen_resil_http(lua_State *L);
 int luaopen_resil_json(lua_State *L);
+size_t json_number_text(lua_State *L, int idx, char buf[32]); /* as json.encode writes it */
 int luaopen_resil_log(lua_State *L);
 void host_log(lua_State *L, const char *level, const char *msg); /* pops a fields table */
 /* pops a fields table: written (-> 1) only where the program sends the host's logs, not stderr */

@@ -322,6 +322,35 @@ static size_t exact_text(lua_State *L, int idx, char buf[32]) {
   return (size_t)snprintf(buf, 32, "%.17g", x); /* (17 digits always read back the same double) */
 }
 
+/* The number at idx as json.encode writes it -> its length in buf: an integer's digits, a float as
+ * cjson writes it (%.14g) where that reads back the same, else its shortest exact text. For
+ * src/log.c, which writes a log line's flat fields itself. */
+static size_t integer_text(lua_Integer i, char buf[32]) {
+  char digits[24];
+  size_t n = sizeof digits;
+  lua_Unsigned u = i < 0 ? 0u - (lua_Unsigned)i : (lua_Unsigned)i;
+  do {
+    digits[--n] = (char)('0' + u % 10);
+    u /= 10;
+  } while (u);
+  if (i < 0) digits[--n] = '-';
+  memcpy(buf, digits + n, sizeof digits - n);
+  return sizeof digits - n;
+}
+size_t json_number_text(lua_State *L, int idx, char buf[32]) {
+  if (lua_isinteger(L, idx)) return integer_text(lua_tointeger(L, idx), buf);
+  double x = lua_tonumber(L, idx);
+  /* a whole number below 1e14: %.14g writes its digits (-0 as "-0") */
+  if (x == floor(x) && fabs(x) < 1e14) {
+    if (x == 0) return signbit(x) ? (memcpy(buf, "-0", 2), 2) : (buf[0] = '0', 1);
+    return integer_text((lua_Integer)x, buf);
+  }
+  /* (one %.14g and its read back: needs_exact's, its text kept) */
+  size_t n = (size_t)snprintf(buf, 32, "%.14g", x);
+  if (!isfinite(x) || strtod(buf, NULL) == x) return n;
+  return exact_text(L, idx, buf);
+}
+
 /* pushes the value at idx with such values swapped for markers (tables
  * copied; a copy shares nothing cjson could see twice) */
 static void push_marked(lua_State *L, int idx, const marker *m, int depth) {

@@ -36,6 +36,14 @@
 enum { LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_OFF };
 static const char *const level_names[] = {"debug", "info", "warn", "error", "off", NULL};
 
+/* A line written here (write_line), into a buffer of LINE_MOST bytes: a longer one goes through
+ * json.encode */
+#define LINE_MOST 16384
+typedef struct line_buf {
+  char text[LINE_MOST];
+  size_t len;
+} line_buf;
+
 typedef struct {
   FILE *out;
   int owns_out;
@@ -52,6 +60,7 @@ typedef struct {
   int failing;     /* said on stderr that lines are dropped; said again once they were written again */
   time_t ts_second; /* the second ts_text says (line_timestamp) */
   char ts_text[32];
+  struct line_buf *line; /* write_line's, made at its first line */
 } log_state;
 
 /* logrotate renames the log file (or someone deletes it) and expects the next line at the path: the
@@ -298,39 +307,139 @@ static void write_file(log_state *st, const char *line, size_t n) {
   }
 }
 
+/* A line's text and fields written as JSON here, byte for byte as resil.json.encode writes them
+ * and add_json then takes "\/" back: two encodes of a line (its message, its fields) were half
+ * its cost, some 40k instructions of a gateway's access line. Fields that hold a table (a nested
+ * value) go through json.encode as before. */
+static const char *const CONTROL_ESCAPES[32] = {
+  "\\u0000", "\\u0001", "\\u0002", "\\u0003", "\\u0004", "\\u0005", "\\u0006", "\\u0007",
+  "\\b",     "\\t",     "\\n",     "\\u000b", "\\f",     "\\r",     "\\u000e", "\\u000f",
+  "\\u0010", "\\u0011", "\\u0012", "\\u0013", "\\u0014", "\\u0015", "\\u0016", "\\u0017",
+  "\\u0018", "\\u0019", "\\u001a", "\\u001b", "\\u001c", "\\u001d", "\\u001e", "\\u001f"};
+
+/* s escaped as cjson escapes a string (controls, '"', '\\', DEL), '/' left as it is: -> its
+ * length; written at out unless out is NULL */
+static size_t put_escaped(char *out, const char *s, size_t n) {
+  size_t len = 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    const char *esc = c < 32 ? CONTROL_ESCAPES[c] : c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == 127 ? "\\u007f" : NULL;
+    if (esc) {
+      size_t k = strlen(esc);
+      if (out) memcpy(out + len, esc, k);
+      len += k;
+    } else {
+      if (out) out[len] = (char)c;
+      len++;
+    }
+  }
+  return len;
+}
+
+static int put(line_buf *o, const char *s, size_t n) {
+  if (n > LINE_MOST - o->len) return 0;
+  memcpy(o->text + o->len, s, n);
+  o->len += n;
+  return 1;
+}
+
+/* s escaped as a JSON string's text -> 0 when it does not fit */
+static int put_text(line_buf *o, const char *s, size_t n) {
+  if (n > LINE_MOST - o->len) return 0; /* (at least that much) */
+  size_t len = put_escaped(NULL, s, n);
+  if (len > LINE_MOST - o->len) return 0;
+  put_escaped(o->text + o->len, s, n);
+  o->len += len;
+  return 1;
+}
+
+/* the flat value at idx (a string, a number, a boolean) as JSON -> 0 when it is not one (a
+ * table) or does not fit */
+static int put_value(lua_State *L, int idx, line_buf *o) {
+  switch (lua_type(L, idx)) {
+  case LUA_TSTRING: {
+    size_t n;
+    const char *v = lua_tolstring(L, idx, &n);
+    return put(o, "\"", 1) && put_text(o, v, n) && put(o, "\"", 1);
+  }
+  case LUA_TNUMBER: {
+    char buf[32];
+    return put(o, buf, json_number_text(L, idx, buf));
+  }
+  case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? put(o, "true", 4) : put(o, "false", 5);
+  default: return 0;
+  }
+}
+
+/* The fields table at idx as JSON object members, each ',"key":value', in lua_next's order (as
+ * cjson walks it) -> 0 when a value is not flat or the line does not fit. Its keys are strings
+ * (merge_into made them so). */
+static int put_fields(lua_State *L, int idx, line_buf *o) {
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    size_t kn;
+    const char *k = lua_tolstring(L, -2, &kn);
+    if (!(put(o, ",\"", 2) && put_text(o, k, kn) && put(o, "\":", 2) && put_value(L, -1, o))) {
+      lua_pop(L, 2);
+      return 0;
+    }
+    lua_pop(L, 1);
+  }
+  return 1;
+}
+
 /* L stack: merged fields table -> nothing; writes one line */
 static void write_line(lua_State *L, log_state *st, int level, const char *msg, size_t msg_len) {
   char ts[40];
   line_timestamp(st, ts);
-  lua_pushvalue(L, ENCODE_UPVALUE);
+  int fields = lua_gettop(L);
   lua_pushlstring(L, msg, msg_len); /* whole: a NUL in it cut the message short */
   redact_string(L);
-  lua_call(L, 1, 1);
-  size_t msg_json_len;
-  const char *msg_json = lua_tolstring(L, -1, &msg_json_len);
-
-  lua_pushvalue(L, ENCODE_UPVALUE);
-  lua_pushvalue(L, -3);
-  lua_call(L, 1, 1);
-  size_t rest_len;
-  const char *rest = lua_tolstring(L, -1, &rest_len);
-
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  luaL_addstring(&b, "{\"ts\":\"");
-  luaL_addstring(&b, ts);
-  luaL_addstring(&b, "\",\"level\":\"");
-  luaL_addstring(&b, level_names[level]);
-  luaL_addstring(&b, "\",\"msg\":");
-  add_json(&b, msg_json, msg_json_len);
-  if (rest_len > 2) { /* "{...}" -> ",..." */
-    luaL_addchar(&b, ',');
-    add_json(&b, rest + 1, rest_len - 1);
-  } else {
-    luaL_addchar(&b, '}');
+  size_t text_len;
+  const char *text = lua_tolstring(L, -1, &text_len);
+  /* (the state's buffer: nothing in the writing runs Lua, no line is made inside another) */
+  if (!st->line) st->line = malloc(sizeof *st->line);
+  line_buf *o = st->line;
+  int flat = o != NULL;
+  if (flat) {
+    o->len = 0;
+    flat = put(o, "{\"ts\":\"", 7) && put(o, ts, strlen(ts)) && put(o, "\",\"level\":\"", 11) &&
+           put(o, level_names[level], strlen(level_names[level])) && put(o, "\",\"msg\":\"", 9) &&
+           put_text(o, text, text_len) && put(o, "\"", 1) && put_fields(L, fields, o) && put(o, "}\n", 2);
   }
-  luaL_addchar(&b, '\n');
-  luaL_pushresult(&b);
+  if (flat) {
+    lua_pushnil(L); /* L stack: fields, text, nil, line: as many as the encodes leave */
+    lua_pushlstring(L, o->text, o->len);
+  } else {
+    lua_pushvalue(L, ENCODE_UPVALUE);
+    lua_insert(L, -2);
+    lua_call(L, 1, 1);
+    size_t msg_json_len;
+    const char *msg_json = lua_tolstring(L, -1, &msg_json_len);
+
+    lua_pushvalue(L, ENCODE_UPVALUE);
+    lua_pushvalue(L, fields);
+    lua_call(L, 1, 1);
+    size_t rest_len;
+    const char *rest = lua_tolstring(L, -1, &rest_len);
+
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addstring(&b, "{\"ts\":\"");
+    luaL_addstring(&b, ts);
+    luaL_addstring(&b, "\",\"level\":\"");
+    luaL_addstring(&b, level_names[level]);
+    luaL_addstring(&b, "\",\"msg\":");
+    add_json(&b, msg_json, msg_json_len);
+    if (rest_len > 2) { /* "{...}" -> ",..." */
+      luaL_addchar(&b, ',');
+      add_json(&b, rest + 1, rest_len - 1);
+    } else {
+      luaL_addchar(&b, '}');
+    }
+    luaL_addchar(&b, '\n');
+    luaL_pushresult(&b);
+  }
   size_t line_len;
   const char *line = lua_tolstring(L, -1, &line_len);
   resil_t *R = resil_from_lua(L);
@@ -589,7 +698,10 @@ static int log_redact(lua_State *L) {
 }
 
 static int log_state_gc(lua_State *L) {
-  close_output(luaL_checkudata(L, 1, LOG_MT));
+  log_state *st = luaL_checkudata(L, 1, LOG_MT);
+  close_output(st);
+  free(st->line);
+  st->line = NULL;
   return 0;
 }
 
@@ -611,6 +723,7 @@ int luaopen_resil_log(lua_State *L) {
   st->failing = 0;
   st->ts_second = 0;
   st->ts_text[0] = '\0';
+  st->line = NULL;
   if (luaL_newmetatable(L, LOG_MT)) {
     lua_pushcfunction(L, log_state_gc);
     lua_setfield(L, -2, "__gc");
