@@ -1105,26 +1105,31 @@ end
 -- clock stepped back since (NTP's first sync, a VM resumed), in every process of the machine at
 -- once: the arrival time is read as lying as far ahead of now as it lay ahead of its writing, no
 -- time counted as passed. Read as it is, every caller of the bucket waited for the step on top (a
--- minute stepped back refused a gateway key's every request for a minute). A now a moment before
--- (another process read its clock, then waited for the write lock) is the same reading: the caller
--- is taken as coming after the writer, which it did. The row moved back is written at once, a
--- refusal's too: time counts for the bucket from now on, not from when the clock is back at `at`.
+-- minute stepped back refused a gateway key's every request for a minute). The row moved back is
+-- written at once, a refusal's too: time counts for the bucket from now on, not from when the
+-- clock is back at `at`.
 -- A virtual clock's time (a spec's) is no reading of the machine's clock, behind or ahead of the
 -- others by design: its rows say no time (NULL), and it moves no row back.
 local is_virtual = resil.clock.is_virtual
 local function set_tat(tx, key, tat, now)
   tx:exec("INSERT OR REPLACE INTO gcra (key, tat, at) VALUES (?, ?, ?)", key, tat, not is_virtual() and now or nil)
 end
-local function tat_of(tx, key, now)
+-- A now behind `at` by less than a caller can have waited for the write lock (its clock read, then
+-- SQLite's busy wait up to the store's timeout, `late`) is that caller coming after the writer,
+-- not a clock stepped back: the arrival time is taken as it is (the caller waits the difference
+-- more, the safe side). Moved back by it, each contended take gave that much of the rate away.
+local function tat_of(tx, key, now, late)
   local row = tx:row("SELECT tat, at FROM gcra WHERE key = ?", key)
   if not row then return now end
   local tat, at = row.tat, row.at
-  if at and now < at and not is_virtual() then
+  if at and at - now > late and not is_virtual() then
     tat = tat - (at - now)
     set_tat(tx, key, tat, now)
   end
   return tat < now and now or tat
 end
+-- (how far behind a caller's now may lag the writer's, see tat_of)
+local function lateness(self) return 2 * (self.timeout or 5) + 1 end
 local function left(tat, now, interval, tolerance)
   return math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval))
 end
@@ -1136,7 +1141,7 @@ end
 -- asking no more.
 function B:gcra_take(key, interval, tolerance, n, now, max_wait)
   return self.db:tx(function(tx)
-    local tat = tat_of(tx, key, now)
+    local tat = tat_of(tx, key, now, lateness(self))
     local new_tat = tat + n * interval
     local wait = new_tat - now - tolerance
     if wait > (max_wait or 0) + 1e-6 then return false, wait, tat end
@@ -1154,7 +1159,7 @@ function B:gcra_take_all(items, now, max_wait)
   return self.db:tx(function(tx)
     local tats, wait, worst = {}, 0, 1
     for i, it in ipairs(items) do
-      local tat = tat_of(tx, it[1], now)
+      local tat = tat_of(tx, it[1], now, lateness(self))
       tats[i] = tat
       local w = tat + it[4] * it[2] - now - it[3]
       if w > wait then wait, worst = w, i end
@@ -1175,10 +1180,10 @@ end
 -- than a pause the provider asked for, see gcra_raise). -> remaining, tat
 function B:gcra_adjust(key, interval, tolerance, n, now)
   return self.db:tx(function(tx)
-    local tat = tat_of(tx, key, now)
+    local tat = tat_of(tx, key, now, lateness(self))
     local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
     if n < 0 then
-      local pause = tat_of(tx, "pause:" .. key, now)
+      local pause = tat_of(tx, "pause:" .. key, now, lateness(self))
       if new_tat < pause then new_tat = math.min(pause, tat) end
     end
     set_tat(tx, key, new_tat, now)
@@ -1193,14 +1198,14 @@ end
 -- pulls the arrival time back into it. -> remaining, tat
 function B:gcra_raise(key, interval, tolerance, at_least, now, pause)
   return self.db:tx(function(tx)
-    local tat = tat_of(tx, key, now)
+    local tat = tat_of(tx, key, now, lateness(self))
     if at_least > tat then
       tat = math.min(at_least, now + 1e9)
       set_tat(tx, key, tat, now)
     end
     if pause then
       pause = math.min(pause, now + 1e9)
-      if pause > tat_of(tx, "pause:" .. key, now) then set_tat(tx, "pause:" .. key, pause, now) end
+      if pause > tat_of(tx, "pause:" .. key, now, lateness(self)) then set_tat(tx, "pause:" .. key, pause, now) end
     end
     return left(tat, now, interval, tolerance), tat
   end)
