@@ -152,6 +152,8 @@ describe("the mock provider", function()
       assert.matches("^spec/mock_spec.lua:%d+: resil.mock: sequence.chat%[1%]: " .. (f.after and "after" or "retry_after")
         .. " must be", err)
     end
+    -- a whole number that is a float (4 / 2 is 2.0 in Lua 5.4) is that number
+    resil.mock.start({ sequence = { chat = { { kind = "cut", after = 4 / 2 } } } }):stop()
     m = resil.mock.start({ sequence = { chat = { { kind = "stall", after = 0 }, { status = 429, retry_after = false } } } })
     local s = assert(http.stream({ url = m.url .. "/v1/chat/completions", method = "POST", idle_timeout = 5,
       json = { model = "m", stream = true, messages = { { role = "user", content = "a b c" } } } }))

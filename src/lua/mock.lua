@@ -155,7 +155,7 @@ local function check_fault(f, where, level, named)
   -- (after = "2" or 2.5 never matched a delta's number, and a negative one never came: the stream
   -- was served whole, and a spec of a cut stream passed on a whole one; retry_after = "2s" was sent
   -- as Retry-After: 2s, which no client reads)
-  if f.after ~= nil and not (math.type(f.after) == "integer" and f.after >= 0) then
+  if f.after ~= nil and not (type(f.after) == "number" and math.tointeger(f.after) and f.after >= 0) then -- (4 / 2 too)
     error(("resil.mock: %s: after must be a whole number of chunks >= 0, not %s"):format(named, shown(f.after)), level)
   end
   local ra = f.retry_after
