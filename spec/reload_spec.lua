@@ -274,6 +274,34 @@ os.exit(0) -- (its task, ticking, would hold the script)
       "true\tclosed nil unloaded ended\n", r.stdout)
   end)
 
+  -- (as the README says: a script that uses a module a policy requires too requires it first, and the
+  -- module stays its own when the policy drops it)
+  it("keeps loading a module the script required before a policy did, once the policy drops it", function()
+    local dir = policy_dir(1)
+    helpers.write(dir .. "/extra.lua", [[
+local resil = require "resil"
+local s = resil.server.listen({ port = 0, handler = function() return { status = 200, body = "extra" } end })
+return { port = s:port() }
+]])
+    helpers.write(dir .. "/router.lua", "require 'policies.extra'\nreturn { v = 1 }")
+    local r = run(dir, [[
+local resil = require "resil"
+local dir = arg[1]
+local extra = require "policies.extra"
+local router = require "policies.router"
+local function write(name, text) local f = assert(io.open(dir .. "/" .. name, "w")); f:write(text); f:close() end
+write("router.lua", "return { v = 2 }")
+local ok = resil.reload()
+local state = package.loaded["policies.extra"] ~= nil and "loaded" or "unloaded"
+-- (the script's own table: its server the one it found, ended if the module was unloaded)
+local res = resil.http.request({ url = ("http://127.0.0.1:%d/"):format(extra.port), timeout = 2 })
+print(ok, require("policies.router").v, state, res and res.body or "closed")
+os.exit(0)
+]], "--log-level off")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true\t2\tloaded\textra\n", r.stdout)
+  end)
+
   it("keeps loading a module a resil.keep init required, though the init ran during a reload", function()
     local dir = policy_dir(1)
     helpers.write(dir .. "/helper.lua", "return { n = 1 }")
