@@ -496,6 +496,27 @@ local function invoke(self, req)
 end
 call.invoke = invoke
 
+-- what resil.http.request reads of a request (README, HTTP), and the key a call sends
+local REQUEST_LIST = "url, method, headers, body, json, timeout, connect_timeout, idle_timeout, max_body, " ..
+  "http_version, ca_file, insecure, follow_redirects, on_chunk, on_event, max_event, progress, cancel_grace, " ..
+  "idempotency_key"
+local REQUEST_KEYS = {}
+for k in REQUEST_LIST:gmatch("[%w_]+") do REQUEST_KEYS[k] = true end
+
+-- A call's request field that is a slip of one resil.http.request reads (header, timout, jsn) | nil, and
+-- that field. (It was ignored: `header = {authorization = ...}` sent none, `timout = 5` left the 60 s
+-- default. A field of the caller's own, which its validator reads with the request, is let be.)
+local distance = require "resil.edit_distance"
+local function misspelt_field(req)
+  for k in pairs(req) do
+    if type(k) == "string" and not REQUEST_KEYS[k] then
+      for known in pairs(REQUEST_KEYS) do
+        if distance(k, known) <= (#k <= 5 and 1 or 2) then return k, known end
+      end
+    end
+  end
+end
+
 -- provider(req) -> res, nil, info | nil, err
 -- After a reload, providers made by the old version run the new code.
 function Provider:__call(req)
@@ -508,6 +529,12 @@ function Provider:__call(req)
   end
   if kind == "table" and req.url == nil and self.request.url == nil then
     error(("provider '%s': no url, in the call's request or the provider's `request`"):format(self.name), 2)
+  end
+  local slip, meant
+  if kind == "table" then slip, meant = misspelt_field(req) end
+  if slip then
+    error(("provider '%s': request: unknown field '%s', did you mean '%s'? (a request takes %s)"):format(self.name,
+      slip, meant, REQUEST_LIST), 2)
   end
   local current = package.loaded["policies.call"]
   if current ~= call and type(current) == "table" and current.invoke then return current.invoke(self, req) end
@@ -549,12 +576,6 @@ local CONF_LIST = "request, timeout, deadline, validate, estimate, idempotency, 
   "retry, fallback, fallback_on, operation"
 local CONF_KEYS = {}
 for k in CONF_LIST:gmatch("[%w_]+") do CONF_KEYS[k] = true end
--- what resil.http.request reads of a request (README, HTTP), and the key a call sends
-local REQUEST_LIST = "url, method, headers, body, json, timeout, connect_timeout, idle_timeout, max_body, " ..
-  "http_version, ca_file, insecure, follow_redirects, on_chunk, on_event, max_event, progress, cancel_grace, " ..
-  "idempotency_key"
-local REQUEST_KEYS = {}
-for k in REQUEST_LIST:gmatch("[%w_]+") do REQUEST_KEYS[k] = true end
 function call.provider(name, conf)
   if type(name) ~= "string" then error("call.provider: name must be a string", 2) end
   if type(conf) ~= "table" then error("call.provider: conf must be a table", 2) end

@@ -404,6 +404,10 @@ describe("call.provider's options", function()
       -- `timout` left every attempt the 60 s default)
       { function() local p = call.provider("call-x7", { request = { url = request.url, header = {} } }); return p end, "request: unknown field 'header' (a request takes url, method, headers, " },
       { function() local p = call.provider("call-x8", { request = { url = request.url, timout = 5 } }); return p end, "request: unknown field 'timout'" },
+      -- (before: a call's own request fields misspelt were ignored as well; a field of the caller's
+      -- own, which its validator reads, is let be)
+      { function() local r = other({ json = {}, header = { authorization = "Bearer k" } }); return r end, "request: unknown field 'header', did you mean 'headers'?" },
+      { function() local r = other({ jsn = {}, timout = 5 }); return r end, "request: unknown field '" },
       { function() local r = other(5); return r end, "the request must be a table or a function" },
       { function() local r = nourl(chat); return r end, "no url" },
     }
@@ -414,6 +418,7 @@ describe("call.provider's options", function()
     end
     assert.is_nil(m:stats().routes.chat)
     assert.are.equal(200, assert(call.provider("call-x6", { request = request, rate = false })(chat)).status)
+    assert.are.equal(200, assert(other({ json = chat.json, schema = "summary" })).status)
     m:stop()
   end)
 end)
