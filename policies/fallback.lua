@@ -113,6 +113,11 @@ function Chain:__call(...)
   if stopped then return nil, stopped end
   local p = self.placeholder
   if type(p) == "function" then p = p(errors, ...) end
+  if p == nil then -- (a placeholder function that returned nothing: the chain returned nil, nil, and a
+    -- caller reading err.kind raised) the chain ends with the failure so far
+    local last = errors[#errors]
+    return nil, failure({ name = last.strategy }, last.error, errors, " (its placeholder returned nothing)")
+  end
   return p, nil, { served_by = "placeholder", index = #self.strategies + 1, errors = errors, placeholder = true }
 end
 

@@ -451,6 +451,12 @@ describe("policies.fallback, a strategy that returns nothing", function()
     assert.are.same({ "p", "placeholder" }, { value, info.served_by })
     -- a false value is a value
     assert.is_false((fallback.chain { function() return false end } ()))
+    -- (before: a placeholder function that returned nothing was the chain's nil, nil)
+    value, err = fallback.chain { { name = "a", fn = function() return nil, resil.error("timeout", "t") end },
+      placeholder = function() end } ()
+    assert.is_nil(value)
+    assert.are.equal("timeout", err.kind)
+    assert.matches("a failed %(its placeholder returned nothing%): ", err.message)
   end)
 end)
 
