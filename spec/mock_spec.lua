@@ -141,7 +141,7 @@ describe("the mock provider", function()
   -- (before: after = "2", 2.5 or -1 never matched a chunk's number and the stream was served whole,
   -- a spec of a cut stream passing on a whole one; retry_after = "2s" was sent as Retry-After: 2s;
   -- a stall after 0 chunks was taken for none)
-  it("refuses a fault's after or retry_after that cannot be meant, and stalls after 0 chunks", function()
+  it("refuses a fault's after or retry_after that cannot be meant, a sequence entry's model, and stalls after 0 chunks", function()
     for _, f in ipairs({ { kind = "cut", after = "2" }, { kind = "cut", after = 2.5 }, { kind = "stall", after = -1 },
       { status = 429, retry_after = "2s" }, { status = 429, retry_after = -5 } }) do
       local ok, err = pcall(function()
@@ -154,6 +154,16 @@ describe("the mock provider", function()
     end
     -- a whole number that is a float (4 / 2 is 2.0 in Lua 5.4) is that number
     resil.mock.start({ sequence = { chat = { { kind = "cut", after = 4 / 2 } } } }):stop()
+    -- (before: a sequence entry's route, model and probability were taken and ignored)
+    for _, field in ipairs({ "model", "probability", "route" }) do
+      local entry = { status = 500, [field] = field == "probability" and 0.1 or "gpt-4o" }
+      local ok, err = pcall(function()
+        local mock = resil.mock.start({ sequence = { chat = { "ok", entry } } })
+        return mock
+      end)
+      assert.is_false(ok)
+      assert.matches("^spec/mock_spec.lua:%d+: resil.mock: sequence.chat%[2%]: " .. field .. " is a field of faults", err)
+    end
     m = resil.mock.start({ sequence = { chat = { { kind = "stall", after = 0 }, { status = 429, retry_after = false } } } })
     local s = assert(http.stream({ url = m.url .. "/v1/chat/completions", method = "POST", idle_timeout = 5,
       json = { model = "m", stream = true, messages = { { role = "user", content = "a b c" } } } }))

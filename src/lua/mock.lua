@@ -193,6 +193,14 @@ local function check_scenario(s, level)
       if type(entry) == "number" then check_fault({ status = entry }, where, level + 1, where)
       elseif type(entry) == "string" then check_fault({ kind = entry }, where, level + 1, where)
       else check_fault(entry, where, level + 1, where) end
+      -- (taken and ignored: { status = 500, model = "gpt-4o" } failed whichever model's request came
+      -- first, and a probability of 0.1 failed every time)
+      for _, field in ipairs({ "route", "model", "probability" }) do
+        if type(entry) == "table" and entry[field] ~= nil then
+          error(("resil.mock: %s: %s is a field of faults = {...}: a sequence plays its entries in order, to "
+            .. "whatever request of its route comes next"):format(where, field), level)
+        end
+      end
     end
   end
   if s.jobs ~= nil then
