@@ -379,7 +379,7 @@ function classify.outcome(res, err, opts, req)
     if type(validate) == "string" then
       local name = validate
       validate = classify.validators[name]
-      if validate == nil then error(("classify: no validator named '%s'"):format(name), 2) end
+      if validate == nil then raise_at_caller(("classify: no validator named '%s'"):format(name)) end
     end
     local ok, why = validate(res, req)
     if ok then return nil end

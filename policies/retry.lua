@@ -215,6 +215,20 @@ function retry.check(opts)
       return ("retry: %s must be a function, got %s"):format(k, type(v))
     end
   end
+  -- (an unknown validator's name raised after the first answer had been paid for, at a line of this
+  -- file; a number, 'attempt to call a number value' inside classify.lua)
+  local v = opts.validate
+  if v ~= nil and type(v) ~= "function" then
+    local mt = getmetatable(v)
+    if type(v) == "string" and classify.validators[v] == nil then
+      local names = {}
+      for name in pairs(classify.validators) do names[#names + 1] = name end
+      table.sort(names)
+      return ("retry: no validator named '%s' (one of %s, or a function)"):format(v, table.concat(names, ", "))
+    elseif type(v) ~= "string" and not (type(mt) == "table" and mt.__call) then
+      return ("retry: validate must be a validator's name or a function, got %s"):format(type(v))
+    end
+  end
   -- (a provider's budget was first checked at its first call's retry, at that call's line)
   if opts.budget ~= nil and opts.budget ~= false then
     return budget_wrong(opts.provider and tostring(opts.provider), opts.budget)

@@ -205,6 +205,28 @@ describe("a retry's other options", function()
   end)
 end)
 
+describe("a retry's validate", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  -- (before: an unknown name raised 'retry.lua:NNN: classify: no validator named ...' once the first
+  -- answer had come, and paid for; a number 'classify.lua:NNN: attempt to call a number value')
+  it("that cannot be meant raises at the line that gave it, before any attempt", function()
+    for _, case in ipairs({ { "chats", "no validator named 'chats' %(one of .*chat.*, or a function%)" },
+      { 42, "validate must be a validator's name or a function, got number" } }) do
+      local attempts = 0
+      local ok, err = pcall(function()
+        local res = retry.call(function() attempts = attempts + 1; return { status = 200, headers = {}, body = "{}" } end,
+          { validate = case[1] })
+        return res
+      end)
+      assert.is_false(ok)
+      assert.matches("^spec/policy_retry_options_spec.lua:%d+: retry: " .. case[2], err)
+      assert.are.equal(0, attempts)
+    end
+  end)
+end)
+
 describe("a retry's classifier", function()
   before_each(function() resil.clock.virtual(); resil.log.level("error") end)
   after_each(function() resil.log.level("info") end)
