@@ -29,7 +29,18 @@ end
 -- (options that cannot be meant, size = 0/0 or timeout = -1, raise at the caller's line: they said
 -- 'policies/limit.lua:30: semaphore ...', naming none of the caller's)
 local function raise_here(err) -- (the position the primitive gave, this file's line, is dropped)
-  error(type(err) == "string" and err:gsub("^[^\n]-:%d+: ", "", 1) or err, 3)
+  if type(err) ~= "string" then error(err, 3) end
+  err = err:gsub("^[^\n]-:%d+: ", "", 1)
+  -- said at the first line outside this file (a limit.run inside the fn of another is this file's own)
+  local here = debug.getinfo(1, "S").source
+  for level = 3, 60 do
+    local info = debug.getinfo(level, "Sl")
+    if not info then break end
+    if info.currentline > 0 and info.source ~= here and info.source:sub(1, 7) ~= "=[resil" then
+      error(("%s:%d: %s"):format(info.short_src, info.currentline, err), 0)
+    end
+  end
+  error(err, 0)
 end
 function limit.run(name, opts, fn, ...)
   if type(fn) ~= "function" then error("limit.run: fn must be a function", 2) end

@@ -546,6 +546,28 @@ describe("policies.limit", function()
       assert.matches("^spec/policies_spec.lua:%d+: semaphore '", err)
     end
   end)
+
+  -- (before: the inner limit.run waited for ever for a permit its own task held, and the spec hung)
+  it("inside itself, with every permit held by its task, raises rather than wait for ever", function()
+    local lname = name("limit")
+    local ok, err = pcall(resil.timeout, 60, function() -- (the timeout: a spec that fails, not one that hangs)
+      local r = limit.run(lname, { size = 1 }, function()
+        local inner = limit.run(lname, { size = 1 }, function() return "inner" end)
+        return inner
+      end)
+      return r
+    end)
+    assert.is_false(ok)
+    assert.matches("^spec/policies_spec.lua:%d+: semaphore '" .. lname:gsub("%-", "%%-") .. "': task %d+ holds all 1 of its permits", err)
+    assert.are.equal(0, limit.get(lname):state().in_use)
+    -- another task's permit is not its own: the wait is for it, as ever
+    local holder = resil.spawn(limit.run, lname, { size = 2 }, resil.sleep, 1)
+    resil.yield()
+    assert.are.equal("nested", limit.run(lname, { size = 2 }, function()
+      return limit.run(lname, { size = 2 }, function() return "nested" end)
+    end))
+    holder:join()
+  end)
 end)
 
 describe("classify.outcome of a status that is no HTTP status", function()

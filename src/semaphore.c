@@ -263,6 +263,15 @@ static int s_acquire(lua_State *L) {
   if (s->queue >= 0 && s->waiting >= s->queue) return push_full(L, s, "queue full");
   if (timeout == 0) return push_full(L, s, "no permit free");
   task *t = task_current(L, "semaphore:acquire");
+  /* A task that holds every permit waits for one of its own, which it cannot
+   * release while it waits: an acquire inside one it holds (limit.run of the
+   * same name within itself) held the task, and a spec, for good */
+  sem_hold *mine = hold_of(t, s);
+  if (timeout < 0 && mine && mine->n >= s->size)
+    resil_raise(L,
+                "semaphore '%s': task %d holds all %d of its permits and would wait for ever for one of its own "
+                "(an acquire inside one it holds: a limit.run of the same name within itself)",
+                s->name, task_id(t), s->size);
   sem_waiter *w = lua_newuserdatauv(L, sizeof *w, 0);
   memset(w, 0, sizeof *w);
   w->s = s;
