@@ -373,6 +373,22 @@ describe("error values", function()
     assert.is_true(resil.is_error(e))
     assert.is_false(resil.is_error({ kind = "x" }))
   end)
+
+  -- (before: the fields table itself became the error: two errors made from one kept table were one,
+  -- the second's kind and message the first's too; fields that were no table were ignored)
+  it("are made of a copy of the fields given, which must be a table", function()
+    local RETRY_LATER = { retryable = true }
+    local first = resil.error("overloaded", "busy", RETRY_LATER)
+    local second = resil.error("timeout", "slow", RETRY_LATER)
+    assert.are.equal("overloaded: busy", tostring(first))
+    assert.are.equal("timeout: slow", tostring(second))
+    assert.is_true(first.retryable)
+    assert.is_nil(RETRY_LATER.kind)
+    assert.is_false(resil.is_error(RETRY_LATER))
+    local ok, err = pcall(function() return resil.error("x", "m", "retryable") end)
+    assert.is_false(ok)
+    assert.matches("loop_spec.lua:%d+: resil.error: fields must be a table, got string", err)
+  end)
 end)
 
 describe("resil.background", function()

@@ -337,11 +337,25 @@ int resil_error_result(lua_State *L, const char *kind, const char *fmt, ...) {
   return 2;
 }
 
+/* resil.error(kind [, message [, fields]]): fields are copied, not taken:
+ * the table itself became the error, so a table of fields kept and given
+ * again (local RETRY = {retryable = true}) made every such error one table,
+ * each new one rewriting the kind and message of those before it. Fields
+ * that are no table were ignored without a word. */
 static int l_error(lua_State *L) {
   const char *kind = luaL_checkstring(L, 1);
   const char *message = luaL_optstring(L, 2, kind);
-  if (lua_istable(L, 3)) lua_pushvalue(L, 3);
-  else lua_newtable(L);
+  if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3))
+    return resil_raise(L, "resil.error: fields must be a table, got %s", luaL_typename(L, 3));
+  lua_newtable(L);
+  if (lua_istable(L, 3)) {
+    lua_pushnil(L);
+    while (lua_next(L, 3)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, -4);
+    }
+  }
   lua_pushstring(L, kind);
   lua_setfield(L, -2, "kind");
   lua_pushstring(L, message);
