@@ -59,6 +59,7 @@ describe("the official SDKs against the mock", function()
     "anthropic: models.list({limit: 2}) pages by two, each model once, and models.retrieve (an alias too)",
     "openai and anthropic: a max_tokens under 1 is refused as each API refuses it",
     "anthropic: a model has every field of the SDK's ModelInfo, listed or retrieved",
+    "openai and anthropic: a truncated stream raises, never ends as an answer",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

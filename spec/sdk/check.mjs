@@ -389,4 +389,23 @@ await check('anthropic: a model has every field of the SDK\'s ModelInfo, listed 
   expect(haiku.line === 'haiku' && haiku.max_tokens === 8192, JSON.stringify(haiku));
 });
 
+// (a truncated stream was a whole, empty 200: each SDK read it as an answer of nothing)
+await check('openai and anthropic: a truncated stream raises, never ends as an answer', async () => {
+  const cut = async (iterate, what) => {
+    let text = '', threw = null;
+    try { text = await iterate(); } catch (e) { threw = e; }
+    expect(threw, `${what}: ended without an error, text ${JSON.stringify(text)}`);
+  };
+  await cut(async () => {
+    let t = '';
+    for await (const c of await oaiFault('truncate').chat.completions.create({ model: 'gpt-4o-mini', messages: msgs, stream: true }))
+      t += c.choices[0]?.delta?.content ?? '';
+    return t;
+  }, 'openai');
+  await cut(async () => {
+    const m = await antFault('truncate').messages.stream({ model: 'claude-haiku-4-5', max_tokens: 100, messages: msgs }).finalMessage();
+    return m.content;
+  }, 'anthropic');
+});
+
 process.exit(tally.failed ? 1 : 0);
