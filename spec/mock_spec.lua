@@ -192,6 +192,18 @@ describe("the mock provider", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  -- (before: reset forgot the answers kept under Idempotency-Keys too: a spec that reset the counters
+  -- to measure a retry alone saw it billed anew, where the provider replays it)
+  it("reset clears the counters, not the answers it keeps under their Idempotency-Keys", function()
+    m = resil.mock.start({ idempotency = true })
+    assert.are.equal(200, chat(m, { ["Idempotency-Key"] = "kept" }).status)
+    m:reset()
+    assert.are.equal(200, chat(m, { ["Idempotency-Key"] = "kept" }).status)
+    local s = m:stats()
+    assert.are.equal(1, s.replayed)
+    assert.are.equal(0, s.billed.responses)
+  end)
+
   local auth = { Authorization = "Bearer r8_mock_token" }
   local function create(body) return http.request({ url = m.url .. "/v1/predictions", headers = auth, json = body }) end
   local function get(url) return http.request({ url = url, headers = auth }) end

@@ -318,6 +318,9 @@ function mock.start(scenario, opts)
   local self = setmetatable({}, Mock)
   self:configure(scenario)
   self:reset()
+  self.replies = {}
+  self.threads, self.thread_count = {}, 0 -- (message threads: Mock:thread)
+  self.prompt_cache_entries = {} -- (prompt caching: Mock:prompt_cache)
   -- response ids unique across mocks, as a real provider's are (costs may be recorded under them)
   self.instance = resil.hash(tostring(self) .. tostring(resil.clock.wall()) .. tostring(os.clock())):sub(1, 8)
   local server, err = resil.server.listen({
@@ -341,12 +344,12 @@ function Mock:configure(scenario)
   self.sequence_pos = {}
 end
 
+-- The counters only: what the provider holds (the answers kept under Idempotency-Keys, message
+-- threads, the prompt cache) stays, as a provider's does. (It was forgotten too: a spec that reset
+-- the counters to measure a retry alone saw the retry under its key billed anew, not replayed.)
 function Mock:reset()
   self.counts = { total = 0, routes = {}, statuses = {}, keys = {}, paid_keys = {}, faults = {}, replayed = 0,
     billed = { usd = 0, prompt_tokens = 0, completion_tokens = 0, responses = 0 } }
-  self.replies = {}
-  self.threads, self.thread_count = {}, 0 -- (message threads: Mock:thread)
-  self.prompt_cache_entries = {} -- (prompt caching: Mock:prompt_cache)
 end
 
 local function deep_copy(v)
