@@ -690,8 +690,13 @@ function call.provider(name, conf)
                            fn = function(req, deadline) return self:attempts(req, deadline) end } }
     for i, f in ipairs(conf.fallback) do
       if getmetatable(f) == Provider then
-        strategies[i + 1] = { name = f.name, on = f.fallback_on,
-                              fn = function(req, deadline) return f:attempts(req, deadline) end }
+        -- (its own deadline bounds its part, within what is left of the chain's: it was ignored, and a
+        -- fallback whose deadline was 10 s held the call four attempts of a minute each)
+        strategies[i + 1] = { name = f.name, on = f.fallback_on, fn = function(req, deadline)
+          local own = f.deadline and now() + f.deadline
+          if own and (deadline == nil or own < deadline) then deadline = own end
+          return f:attempts(req, deadline)
+        end }
       elseif type(f) == "function" then
         strategies[i + 1] = { name = "fallback " .. i, fn = f }
       elseif type(f) == "table" and type(f.fn) == "function" then

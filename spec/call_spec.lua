@@ -140,6 +140,19 @@ describe("policies.call against the mock provider", function()
     assert.are.equal(big.name, info.served_by)
   end)
 
+  -- (before: a fallback provider's deadline was ignored: its part ran four attempts of a minute each)
+  it("a fallback provider's own deadline bounds its part of the call", function()
+    m = resil.mock.start { sequence = { chat = { 503, "hang", "hang", "hang", "hang" } } }
+    local backup = provider(m, { deadline = 10, retry = { budget = false } })
+    local p = provider(m, { retry = { max_retries = 0, budget = false }, fallback = { backup } })
+    local t0 = resil.now()
+    local res, err = p(chat)
+    assert.is_nil(res)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal(10, resil.now() - t0)
+    assert.are.equal(2, m:stats().routes.chat)
+  end)
+
   it("keeps to its rate limit: 6 calls at 5/s with burst 1 take exactly 1 s", function()
     m = resil.mock.start {}
     local p = provider(m, { timeout = 10, rate = { rate = 5, per = 1, burst = 1 } })
