@@ -407,8 +407,13 @@ function classify.outcome(res, err, opts, req)
   local retry_after = resil.retry_after(headers)
   local body = res.body and res.body ~= "" and resil.json.decode(res.body) or nil
   local v
-  for _, rule in ipairs(classify.bodies) do
-    if rule.match(res, body) then
+  for i, rule in ipairs(classify.bodies) do
+    local match = rule.match
+    if match == nil then -- (a rule added with its match misspelt raised 'attempt to call a nil value' here, every failure)
+      raise_at_caller(("classify: classify.bodies[%d] (%s) has no match function: a rule is {name =, match = " ..
+        "fn(res, body), verdict = {...}}"):format(i, tostring(rule.name)))
+    end
+    if match(res, body) then
       -- (with a job or speech provider's `detail`: "402 replicate_insufficient_credit" alone left
       -- unsaid what the provider said to do; a chat provider's says it in error.message: "400
       -- model_not_found" alone named no model)

@@ -293,7 +293,7 @@ describe("a classify rule's mistake met in a provider's call", function()
   -- (string expected, got nil)': the user's call named nowhere, the rule not at all)
   it("is said at the line of the call, naming the rule", function()
     local classify = require "policies.classify"
-    local m = resil.mock.start({ sequence = { chat = { 409, 409, 409, 409 } } })
+    local m = resil.mock.start({ sequence = { chat = { 409, 409, 409, 409, 409 } } })
     local p = call.provider("rule-mistake", { request = { method = "POST", url = m.url .. "/v1/chat/completions" },
       retry = { budget = false } })
     local cases = {
@@ -302,6 +302,16 @@ describe("a classify rule's mistake met in a provider's call", function()
       { { retryable = true }, "classify: classify.status%[409%] has class nil, not a name" },
       { "retry", "classify: classify.status%[409%] is \"retry\", not a verdict" },
     }
+    -- (before: a body rule without its match raised 'classify.lua:NNN: attempt to call a nil value')
+    local rule = { name = "ours", matches = function() return true end, verdict = { class = "x", retryable = false } }
+    table.insert(classify.bodies, 1, rule)
+    local ok, err = pcall(function()
+      local res = p({ json = {} })
+      return res
+    end)
+    table.remove(classify.bodies, 1)
+    assert.is_false(ok)
+    assert.matches("^spec/policy_retry_options_spec.lua:%d+: classify: classify.bodies%[1%] %(ours%) has no match function", err)
     for _, case in ipairs(cases) do
       classify.status[409] = case[1]
       local ok, err = pcall(function()
