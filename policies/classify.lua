@@ -332,6 +332,21 @@ function classify.only_error(body)
     body.content == nil
 end
 
+-- validate(res, req)'s two values, and how many it gave: one that gave none (a function of one's own
+-- that ends without `return true`) took every answer for garbage, sent again and paid each time,
+-- then the fallback's, and the call failed "output failed validation"
+local function counted(...) return select("#", ...), ... end
+local function validated(validate, res, req)
+  local n, ok, why = counted(validate(res, req))
+  if n == 0 then
+    local info = type(validate) == "function" and debug.getinfo(validate, "S")
+    local where = info and ("defined at %s:%d"):format(info.short_src, info.linedefined) or tostring(validate)
+    raise_at_caller(("classify: the validator %s returned nothing: it must return true for an answer it takes, " ..
+      "or nil and why"):format(where))
+  end
+  return ok, why
+end
+
 -- classify.outcome(res, err [, opts [, req]]) -> nil (success) | verdict
 -- opts.validate: a validator name or function for 2xx responses, called as validate(res, req):
 -- req the request the answer is to (a table call's), for a validator whose verdict depends on it.
@@ -368,7 +383,7 @@ function classify.outcome(res, err, opts, req)
     -- not an HTTP response: a function validator may still check the value
     local validate = opts and opts.validate
     if type(validate) ~= "function" then return nil end
-    local ok, why = validate(res, req)
+    local ok, why = validated(validate, res, req)
     if ok then return nil end
     return verdict_of(classify.kinds.invalid_output, why or "output failed validation", nil, "invalid_output")
   end
@@ -381,7 +396,7 @@ function classify.outcome(res, err, opts, req)
       validate = classify.validators[name]
       if validate == nil then raise_at_caller(("classify: no validator named '%s'"):format(name)) end
     end
-    local ok, why = validate(res, req)
+    local ok, why = validated(validate, res, req)
     if ok then return nil end
     -- a 2xx whose body is the API's error and no answer (an OpenAI-compatible server's 200 with
     -- {"error": {...}}, no usage): the provider's failure, not an answer it made and billed; as

@@ -227,6 +227,30 @@ describe("a retry's validate", function()
   end)
 end)
 
+describe("a validator of one's own that returns nothing", function()
+  before_each(function() resil.clock.virtual(); resil.log.level("error") end)
+  after_each(function() resil.log.level("info") end)
+
+  -- (before: every answer was taken for garbage, sent again and paid each time, then the fallback's,
+  -- and the call failed "output failed validation")
+  it("is said at the caller's line with where it is defined, after one attempt", function()
+    local m = resil.mock.start({})
+    local check = function(res) if res.status ~= 200 then return nil, "not a 200" end end
+    local line = debug.getinfo(check, "S").linedefined
+    local p = call.provider("validator-nothing", { request = { method = "POST", url = m.url .. "/v1/chat/completions" },
+      validate = check })
+    local ok, err = pcall(function()
+      local res = p({ json = {} })
+      return res
+    end)
+    assert.is_false(ok)
+    assert.matches("^spec/policy_retry_options_spec.lua:%d+: classify: the validator defined at " ..
+      "spec/policy_retry_options_spec.lua:" .. line .. " returned nothing", err)
+    assert.are.equal(1, m:stats().routes.chat)
+    m:stop()
+  end)
+end)
+
 describe("a retry's classifier", function()
   before_each(function() resil.clock.virtual(); resil.log.level("error") end)
   after_each(function() resil.log.level("info") end)
