@@ -174,6 +174,24 @@ describe("the mock provider", function()
     assert.is_nil(chat(m).headers["retry-after"])
   end)
 
+  -- (before: a 0 s interval was a timer between each two events, a virtual-clock jump each, made once
+  -- the client's transfer had gone quiet: a 400-word stream took 5 s of real time in a spec)
+  it("sends a stream's events back to back with stream_interval = 0", function()
+    m = resil.mock.start({ reply = ("word "):rep(400), stream_interval = 0 })
+    local arrivals, got = 0, {}
+    local res = assert(http.request({ url = m.url .. "/v1/chat/completions", method = "POST",
+      json = { model = "m", stream = true, max_tokens = 1000, messages = { { role = "user", content = "x" } } },
+      on_chunk = function(bytes)
+        arrivals = arrivals + 1
+        got[#got + 1] = bytes
+      end }))
+    assert.are.equal(200, res.status)
+    local events = 0
+    for _ in table.concat(got):gmatch("data: ") do events = events + 1 end
+    assert.are.equal(403, events) -- the role, 400 words, the finish, [DONE]
+    assert.is_true(arrivals < 100, ("%d arrivals: one per event"):format(arrivals))
+  end)
+
   it("counts calls per route, status and Idempotency-Key, and what it billed", function()
     m = resil.mock.start({ sequence = { chat = { 500 } } })
     chat(m, { ["Idempotency-Key"] = "k1" })
