@@ -24,7 +24,14 @@ echo $? > %s
   assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+\n") ~= nil end, 10))
   local pid = helpers.slurp(pidfile):match("%d+")
   finally(function()
-    for _, p in ipairs({ pid, table.unpack(helpers.workers_of(pid)) }) do
+    -- (the workers' own children too: a config's `sleep` a reload runs, left by a worker killed with -9)
+    local all = {}
+    local function with_descendants(p)
+      all[#all + 1] = p
+      for _, c in ipairs(helpers.workers_of(p)) do with_descendants(c) end
+    end
+    with_descendants(pid)
+    for _, p in ipairs(all) do
       if helpers.alive(p) then os.execute("kill -KILL " .. p) end
     end
   end)
