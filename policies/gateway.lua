@@ -2054,16 +2054,17 @@ local function embeddings(req)
   return { status = 200, headers = headers, body = res.body or embeddings_body(res, b.model, r.encoding_format) }
 end
 
--- the models a key may use: the config's, the registry's aliases (by the
--- provider each is pinned to) and the key's own list, sorted by id
-local function model_list(rec)
-  local data, seen = {}, {}
-  local function add(name, owner)
-    if seen[name] or not model_allowed(rec, name) then return end
-    seen[name] = true
-    data[#data + 1] = { id = name, owned_by = owner or "resil" }
-  end
-  local entries = registry().entries
+-- The names GET /v1/models lists, with the provider each is pinned to: the config's models and the
+-- registry's aliases a chat can be sent to (and those it cannot, `refused`), sorted by id in `all`.
+-- Worked out once a second per registry and config: each alias is resolved, and a registry of
+-- thousands of aliases held the loop on every list or retrieve (170 ms for 5,000), every other
+-- request of the process waiting. A sunset is seen within the second, as registry.resolve's is.
+local listing = {}
+local function listing_now()
+  local entries, models, t = registry().entries, gateway.config.models, resil.store_now()
+  local l = listing
+  if l.entries == entries and l.models == models and t < l.expires then return l end
+  l = { entries = entries, models = models, expires = t + 1, owner = {}, refused = {}, all = {} }
   -- the provider a model is pinned to, through aliases naming aliases
   local function provider_of(model)
     for _ = 1, 9 do
@@ -2074,6 +2075,7 @@ local function model_list(rec)
       model = type(e) == "table" and (e.use or type(e.deployments) == "table" and (e.deployments[1] or {}).use) or nil
     end
   end
+  l.provider_of = provider_of
   -- an alias a chat can be sent to now: not one whose models passed their sunset with no
   -- replacement (a 404 model_retired), nor a job provider's (video-hq, voice: a 400 "has no chat
   -- API"), each listed before and then refused to the client that took the list's word
@@ -2086,17 +2088,34 @@ local function model_list(rec)
     local found, module = pcall(ai.provider_module, p)
     return not (found and type(module) == "table" and not module.url)
   end
-  for name, m in pairs(gateway.config.models) do
-    add(name, provider_of(type(m) == "table" and m.model or m))
+  local owner = l.owner
+  for name, m in pairs(models) do
+    owner[name] = provider_of(type(m) == "table" and m.model or m) or "resil"
   end
-  local refused = {}
   for name, e in pairs(entries) do
-    if type(e) == "table" and (e.use or e.deployments) then
-      if chat_alias(name) then add(name, provider_of(name)) else refused[name] = true end
+    if type(e) == "table" and (e.use or e.deployments) and not owner[name] then
+      if chat_alias(name) then owner[name] = provider_of(name) or "resil" else l.refused[name] = true end
     end
   end
-  -- (a key's own list names them too: left out there as well)
-  for _, m in ipairs(rec.models or {}) do if not refused[m] then add(m, provider_of(m)) end end
+  for name, by in pairs(owner) do l.all[#l.all + 1] = { id = name, owned_by = by } end
+  table.sort(l.all, function(a, b) return a.id < b.id end)
+  listing = l
+  return l
+end
+
+-- the models a key may use: the config's, the registry's aliases (by the
+-- provider each is pinned to) and the key's own list, sorted by id (shared: read it only)
+local function model_list(rec)
+  local l = listing_now()
+  if not rec.models or #rec.models == 0 then return l.all end
+  -- (a key's own list names them too: those the registry refuses left out there as well)
+  local data, seen = {}, {}
+  for _, m in ipairs(rec.models) do
+    if not seen[m] and (l.owner[m] or not l.refused[m]) then
+      seen[m] = true
+      data[#data + 1] = { id = m, owned_by = l.owner[m] or l.provider_of(m) or "resil" }
+    end
+  end
   table.sort(data, function(a, b) return a.id < b.id end)
   return data
 end
@@ -2174,8 +2193,9 @@ local function models(req)
     return { status = 200, body = json.encode({ data = setmetatable(page, json.array_mt), has_more = more,
       first_id = page[1] and page[1].id or null, last_id = page[#page] and page[#page].id or null }) }
   end
-  for i, m in ipairs(data) do data[i] = model_object(m, api) end
-  return { status = 200, body = json.encode({ object = "list", data = setmetatable(data, json.array_mt) }) }
+  local list = {}
+  for i, m in ipairs(data) do list[i] = model_object(m, api) end
+  return { status = 200, body = json.encode({ object = "list", data = setmetatable(list, json.array_mt) }) }
 end
 
 -- GET /v1/models/{id} (the id percent-encoded, as the SDKs send "provider/model")

@@ -615,6 +615,35 @@ describe("embeddings through the registry", function()
   end)
 end)
 
+-- (before: each GET /v1/models and each retrieve resolved every alias again, holding the loop, and
+-- every request of the process with it, some 170 ms for a registry of 5,000)
+describe("GET /v1/models of a registry of thousands of aliases", function()
+  it("resolves each alias once, not on every list or retrieve; a sunset passed since is seen", function()
+    local entries = { ["openai/gpt-x-2024-01-01"] = { deprecated = true, sunset = date_in(1) },
+      soon = { use = "openai/gpt-x-2024-01-01" } }
+    for i = 1, 2000 do entries["alias-" .. i] = { use = "openai/gpt-4o-mini-2024-07-18" } end
+    registry.use(entries)
+    local url = helpers.gateway_for_mock(m, { auth = false, models = {} }, finally)
+    local resolve, resolved = registry.resolve, 0
+    registry.resolve = function(...) resolved = resolved + 1 return resolve(...) end
+    finally(function() registry.resolve = resolve end)
+    local function listed()
+      local res = assert(resil.http.request({ url = url .. "/v1/models" }))
+      local ids = {}
+      for _, e in ipairs(resil.json.decode(res.body).data) do ids[e.id] = true end
+      return ids
+    end
+    for _ = 1, 3 do
+      local ids = listed()
+      assert.is_true(ids["alias-2000"] and ids.soon)
+      assert.are.equal(200, assert(resil.http.request({ url = url .. "/v1/models/alias-7" })).status)
+    end
+    assert.is_true(resolved <= 2001 + 5, "resolved " .. resolved)
+    resil.sleep(2 * 86400)
+    assert.is_nil(listed().soon)
+  end)
+end)
+
 -- (before: a chat under resil.once without a sticky value drew its side again when the key ran
 -- again after a failure or a crash, so it went to the other provider, which had never seen the key:
 -- billed twice, where the same side replays its answer unbilled)
