@@ -162,7 +162,7 @@ local function malformed(price)
   for field, p in pairs(price) do
     if not units[field] then return ("unknown field '%s'"):format(tostring(field)) end
     if mathtype(p) == nil or p ~= p or p < 0 or p == HUGE then
-      return ("%s must be a number >= 0, not %s"):format(field, tostring(p))
+      return ("%s must be a number >= 0, not %s"):format(field, p ~= p and "NaN" or tostring(p))
     end
     any = true
   end

@@ -1234,9 +1234,18 @@ function registry.problems(entries, opts)
       add("error", key, "%s '%s': unknown provider '%s' (no policies/providers/%s.lua)", what, m, p, p)
       return
     end
-    if opts.price and not opts.price(p, (name:gsub(":.*$", ""))) and not opts.price(p, name) then
-      add("error", key, "%s '%s' has no price (policies/pricing.lua): its calls would cost nothing in the ledger",
-        what, m)
+    if opts.price then
+      local priced, why = opts.price(p, (name:gsub(":.*$", "")))
+      if not priced and name:find(":", 1, true) then
+        local whole, whole_why = opts.price(p, name)
+        priced, why = whole, why or whole_why
+      end
+      if not priced and why then
+        add("error", key, "%s '%s': %s: its calls would be recorded without a price", what, m, why)
+      elseif not priced then
+        add("error", key, "%s '%s' has no price (policies/pricing.lua): its calls would cost nothing in the ledger",
+          what, m)
+      end
     end
     if need_pinned and not registry.is_pinned(m) then
       add("error", key, "%s '%s' is not pinned to a version", what, m)

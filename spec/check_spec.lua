@@ -176,6 +176,35 @@ return {
     assert.are.equal("5 errors, 1 warning", l[#l])
   end)
 
+  -- (before: "has no price (policies/pricing.lua)" for a price that is written there, only wrong: the
+  -- reader looked for a missing entry and found it)
+  it("a model whose price is no price (NaN, negative, a field misspelt) says why, at the price's file:line", function()
+    local shipped = helpers.slurp("policies/pricing.lua")
+    local own, n = shipped:gsub("pricing%.models = {\n  openai = {\n", "pricing.models = {\n  openai = {\n" ..
+      '    ["my-nan-2025-01-01"] = { input = 0/0, output = 1 },\n' ..
+      '    ["my-neg"] = { input = -1, output = 1 },\n' ..
+      '    ["my-typo-2025-01-01"] = { inptu = 1, output = 1 },\n', 1)
+    assert.are.equal(1, n)
+    helpers.write(dir .. "/policies/pricing.lua", own)
+    local line = select(2, shipped:sub(1, shipped:find("pricing.models = {", 1, true)):gsub("\n", "")) + 3
+    helpers.write(dir .. "/policies/models.lua", [[
+return {
+  ["nan"] = { use = "openai/my-nan-2025-01-01" },
+  ["neg"] = { use = "openai/my-neg-2025-01-01" },
+  ["typo"] = { use = "openai/my-typo-2025-01-01" },
+}
+]])
+    local r = check()
+    assert.are.equal(1, r.code, r.stdout)
+    local out = r.stdout
+    assert.matches(("error: policies/models%%.lua:2: model 'nan': use 'openai/my%%-nan%%-2025%%-01%%-01': its price in " ..
+      "policies/pricing%%.lua:%d is no price: input must be a number >= 0, not NaN"):format(line), out)
+    assert.matches(("model 'neg': use 'openai/my%%-neg%%-2025%%-01%%-01': its price in policies/pricing%%.lua:%d is no " ..
+      "price: input must be a number >= 0, not %%-1"):format(line + 1), out)
+    assert.matches(("model 'typo': use 'openai/my%%-typo%%-2025%%-01%%-01': its price in policies/pricing%%.lua:%d is " ..
+      "no price: unknown field 'inptu'"):format(line + 2), out)
+  end)
+
   it("a migration's sticky, window and rollback margins of the wrong kind are errors at their line", function()
     helpers.write(dir .. "/policies/models.lua", [[
 return {

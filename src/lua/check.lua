@@ -112,6 +112,14 @@ local function module_found(name)
   return false
 end
 
+-- the file require would load a module from, or nil
+local function module_file(name)
+  for _, searcher in ipairs(package.searchers) do
+    local ok, loader, where = pcall(searcher, name)
+    if ok and type(loader) == "function" and type(where) == "string" then return where end
+  end
+end
+
 -- require(name) under the budget: the modules check itself needs (the
 -- registry's logic, a provider, the prices) are the project's code too, and
 -- one that looped at load hung check -> true, module | false, message
@@ -225,13 +233,22 @@ return function(args)
   end
   -- a model's price; prices that do not load are their file's error, not
   -- every model's missing price
+  -- -> true | false[, why: a price written that is no price (NaN, negative, a field misspelt), with
+  -- its file:line: "has no price" sent the reader looking for one that was there]
   local function price(p, m)
     local okp, pricing = require_capped("policies.pricing")
     if not okp then add("error", tostring(pricing)) return true end
-    if type(pricing) == "table" and pricing.price(p, m) then return true end
+    local found, bad
+    if type(pricing) == "table" then found, bad = pricing.price(p, m) end
+    if found then return true end
     local okm, media = require_capped("policies.pricing_media")
     if not okm then add("error", tostring(media)) return true end
-    return type(media) == "table" and media.price(p .. "/" .. m) ~= nil
+    if type(media) == "table" and media.price(p .. "/" .. m) ~= nil then return true end
+    if not bad then return false end
+    local file = module_file("policies.pricing")
+    local line = file and reg and (reg.locate(file, m) or reg.locate(file, (m:gsub("%-%d%d%d%d%-?%d%d%-?%d%d$", ""))))
+    return false, ("its price in %s is no price: %s"):format(line and ("%s:%d"):format(file, line) or
+      (file or "policies/pricing.lua"), bad)
   end
 
   local function check_registry(path, entries)
