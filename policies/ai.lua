@@ -402,7 +402,8 @@ function targets_from(reg, plan, req, level)
   for _, f in ipairs(fb or {}) do
     local m = type(f) == "table" and f.model or f
     if type(m) ~= "string" then error("ai: fallback entries must be models or {model=, ...}", level + 1) end
-    local fplan = reg.resolve(m, req, level + 2)
+    -- (a copy of policies/registry.lua from before resolve_fallback resolves it as a call's own name)
+    local fplan = (reg.resolve_fallback or reg.resolve)(m, req, level + 2)
     if not fplan.err then add_choices(fplan.choices, f) end
   end
   if keyless[1] then warn_keyless(keyless) end
@@ -2131,7 +2132,7 @@ local function embed_strategies(req, guard, level)
   for _, f in ipairs(req.fallback or {}) do
     local m = type(f) == "table" and f.model or f
     if type(m) ~= "string" then error("ai.embed: fallback entries must be models or {model=, ...}", level + 1) end
-    local fplan = reg.resolve(m, req, level + 2)
+    local fplan = (reg.resolve_fallback or reg.resolve)(m, req, level + 2)
     if not fplan.err then add_choices(fplan.choices) end
   end
   if keyless[1] then warn_keyless(keyless) end

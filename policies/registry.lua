@@ -1148,7 +1148,8 @@ end
 -- A plan is shared by the calls that get it: read it, never change it.
 -- listing: not a call (GET /v1/models asks what a name serves): not counted as one.
 -- anchor: a call's own name across its resumes (a job's key): its migration side is drawn by it.
-function registry.resolve(name, req, level, listing, anchor)
+-- as_fallback: the name is a call's fallback (registry.resolve_fallback)
+local function resolve(name, req, level, listing, anchor, as_fallback)
   level = level or 2
   if type(name) ~= "string" then error("model must be a string: an alias or \"provider/model\"", level) end
   local t = now()
@@ -1156,14 +1157,15 @@ function registry.resolve(name, req, level, listing, anchor)
     memo.entries, memo.pinned, memo.expires, memo.plans, memo.size, memo.providers = registry.entries,
       registry.pinned, t + MEMO_SECONDS, {}, 0, {}
   end
-  local plan = memo.plans[name]
+  local memo_key = as_fallback and ("\0fallback\0" .. name) or name
+  local plan = memo.plans[memo_key]
   if plan then
     if plan.unpinned and not listing then count_unpinned(plan) end
     return plan
   end
-  plan = { anchor = anchor }
+  plan = { anchor = anchor, in_fallback = as_fallback or nil }
   local ok, choices = pcall(expand, name, req, plan, 0)
-  plan.anchor, plan.met = nil, nil
+  plan.anchor, plan.met, plan.in_fallback = nil, nil, nil
   if not ok then
     if type(choices) == "table" and choices.kind then plan.err = choices return plan end
     error(choices, level)
@@ -1171,11 +1173,18 @@ function registry.resolve(name, req, level, listing, anchor)
   plan.choices = choices
   if plan.unpinned and not listing then count_unpinned(plan) end
   if not plan.migration and memo.size < MEMO_MAX then
-    memo.plans[name] = plan
+    memo.plans[memo_key] = plan
     memo.size = memo.size + 1
   end
   return plan
 end
+function registry.resolve(name, req, level, listing, anchor) return resolve(name, req, level, listing, anchor) end
+
+-- registry.resolve_fallback(name, req, level) -> the plan of a name a call falls back to (its
+-- `fallback` list, its provider's): a migration in progress met there takes its old version, as
+-- in the registry's own fallbacks (the canary is for the calls that name it). Resolved as a call's
+-- own name, its canary drew a share of the fallback's calls, which its rollback never counted.
+function registry.resolve_fallback(name, req, level) return resolve(name, req, level, nil, nil, true) end
 
 -- a deployment group in the order to try it: the chosen one first.
 -- state(d) -> open (bool), wait (seconds until its bucket admits one call)

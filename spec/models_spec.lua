@@ -688,6 +688,23 @@ describe("migrations behind another alias", function()
     assert.is_nil(plan.migration)
     assert.are.equal("openai/gpt-4o-mini-2024-07-18", plan.choices[2].model)
   end)
+
+  -- (before: a call's own fallback list (or its provider's, or a gateway model's) naming the alias
+  -- drew the canary's side as a call naming it does: a share of the fallback's calls went to the
+  -- new version, none of them counted for its rollback)
+  it("take their old version in a call's own fallback list, as in the registry's fallbacks", function()
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 0.5 } } })
+    registry.random = function() return 0 end -- (every draw: the new side)
+    m:configure({ strict = true, reply = "one two three",
+      faults = { { route = "messages", model = "claude-haiku-4-5-20251001", status = 500 } } })
+    for _ = 1, 3 do
+      local r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5-20251001", messages = MSGS,
+        fallback = { "canary" } }))
+      assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+      assert.is_nil(r.migration)
+    end
+    assert.are.equal(3, m:stats().routes.chat)
+  end)
 end)
 
 describe("prices gone wrong", function()
