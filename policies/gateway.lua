@@ -2065,14 +2065,16 @@ local function listing_now()
   local l = listing
   if l.entries == entries and l.models == models and t < l.expires then return l end
   l = { entries = entries, models = models, expires = t + 1, owner = {}, refused = {}, all = {} }
-  -- the provider a model is pinned to, through aliases naming aliases
+  -- the provider a model is pinned to, through aliases naming aliases (an alias named as a
+  -- provider's model, "openai/gpt-4o" = { use = "anthropic/..." }, is the alias: it was listed as
+  -- owned by openai while anthropic served its calls)
   local function provider_of(model)
     for _ = 1, 9 do
       if type(model) ~= "string" then return nil end
-      local p = model:match("^([%w_%-]+)/")
-      if p then return p end
       local e = entries[model]
-      model = type(e) == "table" and (e.use or type(e.deployments) == "table" and (e.deployments[1] or {}).use) or nil
+      local next_model = type(e) == "table" and (e.use or type(e.deployments) == "table" and (e.deployments[1] or {}).use)
+      if not next_model then return model:match("^([%w_%-]+)/") end
+      model = next_model
     end
   end
   l.provider_of = provider_of

@@ -701,6 +701,20 @@ describe("gateway: the model registry", function()
     assert.are.equal("anthropic", owner.team)
   end)
 
+  -- (before: owned by the provider its name began with, openai, while anthropic served its calls)
+  it("/v1/models says the provider an alias named as a provider's model is pinned to", function()
+    use_registry({ ["openai/gpt-4o"] = { use = "anthropic/claude-haiku-4-5-20251001" } })
+    local url = start({ strict = true, reply = "x" })
+    local models = json.decode(assert(http.request({ url = url .. "/v1/models" })).body)
+    local owner = {}
+    for _, d in ipairs(models.data) do owner[d.id] = d.owned_by end
+    assert.are.equal("anthropic", owner["openai/gpt-4o"])
+    local one = json.decode(assert(http.request({ url = url .. "/v1/models/openai%2Fgpt-4o" })).body)
+    assert.are.equal("anthropic", one.owned_by)
+    local res = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o", messages = MSGS })
+    assert.are.equal("anthropic", res.headers["x-resil-provider"])
+  end)
+
   -- (found by helper G: both were listed, then refused to the client that took the list's word; the
   -- retired one as a 502 the SDKs retried, each retry failing the same)
   it("/v1/models leaves out a retired alias and a job provider's; a chat to the retired one is a 404", function()
