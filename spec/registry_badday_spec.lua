@@ -205,6 +205,20 @@ describe("aliases nested deeper than a call resolves", function()
     assert.matches(path:gsub("%p", "%%%0") .. ":2: model 'l1': resolves through 10 names %(l1 %-> l2 %-> .* %-> l9 %-> "
       .. "openai/gpt%-4o%-mini%-2024%-07%-18%), more than 9", err)
   end)
+
+  -- (before: each chain was copied whole into the one above it: 20,000 aliases each falling back
+  -- to the next took 45 s of the loop to refuse, with a message of gigabytes, each line naming
+  -- thousands of aliases)
+  it("a chain of thousands is refused with a message of a few lines, each chain cut short", function()
+    local t = {}
+    for i = 1, 3000 do t["c" .. i] = { use = OLD, fallbacks = { "c" .. (i + 1) } } end
+    t.c3001 = { use = OLD }
+    local ok, err = pcall(registry.use, t)
+    assert.is_false(ok)
+    assert.is_true(#err < 8000, #err)
+    assert.matches("model 'c1': resolves through 3002 names %(c1 %-> c2 %-> .* %-> c10 %-> %.%.%.%), more than 9", err)
+    assert.matches("%d+ more models resolve through more than 9 names", err)
+  end)
 end)
 
 describe("fallbacks naming the same aliases at each level", function()
