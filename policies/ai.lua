@@ -394,7 +394,17 @@ function targets_from(reg, plan, req, level)
       end
     end
   end
-  add_choices(plan.choices)
+  local mig = plan.migration
+  if mig and mig.side == "new" and mig.primary then
+    -- (a new version none of whose targets has its key, its provider's key not set where the
+    -- registry went: the call is the old version's, and counted so; it was counted as the new
+    -- side's, whose figures were then the old version's, and r.migration said "new")
+    add_choices({ table.unpack(plan.choices, 1, mig.primary) })
+    if not targets[1] then mig.side = "old" end
+    add_choices({ table.unpack(plan.choices, mig.primary + 1) })
+  else
+    add_choices(plan.choices)
+  end
   if not targets[1] then return nil, keyless[1] end
   local fb = req.fallback
   if fb == nil then fb = (ai.config[targets[1].provider] or {}).fallback end

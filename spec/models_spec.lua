@@ -286,6 +286,21 @@ describe("migrations", function()
     assert.is_true(new > 700 and new < 900, "new side: " .. new)
   end)
 
+  -- (before: the new version was left out for its missing key and the old one served, yet the call
+  -- said and was counted "new": the canary's figures were the old version's, and never rolled back)
+  it("a new version whose key is missing: the old one serves, said and counted as the old side", function()
+    ai.configure("anthropic", { base_url = m.url, api_key_env = "RESIL_SPEC_NO_SUCH_KEY" })
+    registry.use({ canary = { use = MIGRATION.use, migrate = { to = "anthropic/claude-haiku-4-5-20251001",
+      share = 0.5, sticky = false } } })
+    registry.random = function() return 0 end -- (every draw: the new side)
+    local calls = resil.metrics.counter("resil_model_migration_calls_total")
+    local before = calls:value({ alias = "canary", side = "new", outcome = "ok" })
+    local r = assert(ai.chat({ model = "canary", messages = MSGS }))
+    assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+    assert.are.equal("old", r.migration.side)
+    assert.are.equal(before, calls:value({ alias = "canary", side = "new", outcome = "ok" }))
+  end)
+
   it("share = 1 completes the migration: every call to the new version", function()
     registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 1 } } })
     for i = 1, 20 do
