@@ -1287,6 +1287,16 @@ function registry.problems(entries, opts)
   registry.entries = entries -- is_pinned reads pinned = true from the entries being checked
   for _, key in ipairs(keys) do
     local e = entries[key]
+    -- an alias named as another provider's model: a call naming that model, the way a gateway's
+    -- client names one, is served by someone else without a word (to pin a name, "openai/gpt-4o" =
+    -- { use = "openai/gpt-4o-2024-08-06" }, is another matter)
+    local named_for = split(key)
+    local target = e.use or type(e.deployments) == "table" and type(e.deployments[1]) == "table" and e.deployments[1].use
+    local served_by = type(target) == "string" and split(target)
+    if named_for and served_by and named_for ~= served_by then
+      add("warning", key, "is named as a model of '%s', but its calls go to %s: a call naming it is not served by %s",
+        named_for, target, named_for)
+    end
     if e.use then check_model(key, "use", e.use, false, e.pinned) end
     for _, d in ipairs(e.deployments or {}) do check_model(key, "deployment", d.use) end
     for _, f in ipairs(e.fallbacks or {}) do check_model(key, "fallback", f) end

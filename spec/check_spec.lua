@@ -205,6 +205,22 @@ return {
       "no price: unknown field 'inptu'"):format(line + 2), out)
   end)
 
+  -- (before: nothing said; a call naming openai/gpt-4o-mini, as a gateway's client does, was served
+  -- by Anthropic without a word)
+  it("warns of an alias named as one provider's model whose calls go to another's, at its line", function()
+    helpers.write(dir .. "/policies/models.lua", [[
+return {
+  ["openai/gpt-4o-mini"] = { use = "anthropic/claude-haiku-4-5-20251001" },
+  ["openai/gpt-4o"] = { use = "openai/gpt-4o-2024-08-06" },
+}
+]])
+    local r = check()
+    assert.are.equal(0, r.code, r.stdout)
+    assert.matches("warning: policies/models%.lua:2: model 'openai/gpt%-4o%-mini': is named as a model of 'openai', "
+      .. "but its calls go to anthropic/claude%-haiku%-4%-5%-20251001", r.stdout)
+    assert.matches("\n0 errors, 1 warning\n$", "\n" .. r.stdout)
+  end)
+
   it("a migration's sticky, window and rollback margins of the wrong kind are errors at their line", function()
     helpers.write(dir .. "/policies/models.lua", [[
 return {
