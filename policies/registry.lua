@@ -947,7 +947,17 @@ function registry.reset_migration(alias)
   local st = registry.migration_state(alias)
   if not st then return end
   local s = store_or_memory()
-  if s.del then safe(s.del, s, st.key .. ":rolled_back"); safe(s.del, s, st.key .. ":rollback_logged") end
+  if not s.del then return end
+  safe(s.del, s, st.key .. ":rolled_back")
+  safe(s.del, s, st.key .. ":rollback_logged")
+  -- and the counts the verdict reads (this window and the one before): kept, the next call on the
+  -- new side read the figures that rolled it back, and rolled it back again, its fix untried
+  local w = math.floor(now() / window_of(registry.entries[alias].migrate))
+  for _, side in ipairs({ "old", "new" }) do
+    for _, f in ipairs(FIELDS) do
+      for _, win in ipairs({ w, w - 1 }) do safe(s.del, s, ("%s:%s:%s:%d"):format(st.key, side, f, win)) end
+    end
+  end
 end
 
 ---------------------------------------------------------------------------

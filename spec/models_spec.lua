@@ -390,6 +390,21 @@ describe("migrations", function()
     assert(ok, err)
   end)
 
+  -- (before: the reset kept the counts that rolled it back, and the next call on the new side, an
+  -- answer as good as the old side's, read them and rolled it back again: its fix never tried)
+  it("reset_migration gives a fixed new version a fresh start, not the figures that rolled it back", function()
+    registry.use({ canary = MIGRATION })
+    m:configure({ strict = true, reply = "one two three",
+      faults = { { route = "chat", model = "gpt-4.1-mini-2025-04-14", kind = "garbage" } } })
+    logged(function() run_users(120) end)
+    assert.is_table(registry.migration_state("canary").rolled_back)
+    m:configure({ strict = true, reply = "one two three" }) -- the new version fixed
+    registry.reset_migration("canary")
+    local sides = run_users(100)
+    assert.is_nil(registry.migration_state("canary").rolled_back)
+    assert.is_true(sides.new > 5, resil.json.encode(sides))
+  end)
+
   it("do not roll back when the new version does as well", function()
     registry.use({ canary = MIGRATION })
     m:configure({ strict = true, reply = "one two three",
