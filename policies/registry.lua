@@ -1022,6 +1022,7 @@ local function usable(model, plan)
   local p = split(model)
   if provider_known(p) then return model end
   if plan.alias then
+    plan.unknown_provider = model -- (said to the operator by resolve, when the call fails on it)
     error(("ai: unknown provider '%s' in '%s' (model registry, alias '%s'; no policies/providers/%s.lua)"):format(
       p, model, plan.alias, p), 0)
   end
@@ -1196,6 +1197,12 @@ local function resolve(name, req, level, listing, anchor, as_fallback)
   plan.anchor, plan.met, plan.in_fallback = nil, nil, nil
   if not ok then
     if type(choices) == "table" and choices.kind then plan.err = choices return plan end
+    -- an alias whose model names a provider with no adapter (misspelt): each call raises, which a
+    -- gateway answers its client with a 400, and the operator, who can fix it, was told nothing
+    if plan.unknown_provider and tostring(choices):find("unknown provider", 1, true) then
+      warn_at("provider\0" .. plan.alias, "model registry: an alias's model names a provider with no adapter: " ..
+        "its calls fail (resil-lua check says so)", { alias = plan.alias, model = plan.unknown_provider })
+    end
     error(choices, level)
   end
   plan.choices = choices
