@@ -692,6 +692,7 @@ local function learn_tier(t, req, r)
     config = ("ai.configure(%q, { service_tier = %q })"):format(t.provider, tier) })
 end
 
+-- -> usd | nil, why (the model itself has no price); and the fallbacks without one, { [t] = why }
 local function estimate_usd(targets, req, searches)
   local tokens = text_input_tokens(req)
   local images = type(req.messages) == "table" and count_images(req.messages, 0) or 0
@@ -705,8 +706,8 @@ local function estimate_usd(targets, req, searches)
     local w = type(v) == "table" and cache_writes(v, 0) or nil
     if w == "1h" or not writes then writes = w or writes end
   end
-  local usd = 0
-  for _, t in ipairs(targets) do
+  local usd, unpriced = 0, nil
+  for i, t in ipairs(targets) do
     local r = request_for(t, req)
     local out = reserved_max_tokens(t, r) * choices
     local input = tokens + images * pricing.image_tokens_for(t.provider, t.model)
@@ -718,15 +719,40 @@ local function estimate_usd(targets, req, searches)
       cache_write_tokens = writes and input or nil, cache_write_1h_tokens = writes == "1h" and input or nil,
       service_tier = tier }
     local c, why = pricing.cost(t.provider, t.model, usage)
-    if c == nil then return nil, why end
-    local learned = tier == nil and unasked(asked) and served_tiers.by[t.name]
-    for served in pairs(learned and learned.tiers or {}) do
-      usage.service_tier = served
-      c = math.max(c, pricing.cost(t.provider, t.model, usage) or c)
+    if c == nil and i == 1 then return nil, why end
+    if c == nil then
+      unpriced = unpriced or {}
+      unpriced[t] = why
+    else
+      local learned = tier == nil and unasked(asked) and served_tiers.by[t.name]
+      for served in pairs(learned and learned.tiers or {}) do
+        usage.service_tier = served
+        c = math.max(c, pricing.cost(t.provider, t.model, usage) or c)
+      end
+      if c > usd then usd = c end
     end
-    if c > usd then usd = c end
   end
-  return usd
+  return usd, nil, unpriced
+end
+
+-- A budgeted call's targets less the fallbacks without a price, said once per target: the budget
+-- cannot hold what they would cost, and a fallback without one (a fine-tune nobody priced) refused
+-- every budgeted call of a primary that had one (kind "unpriced"), as a fallback's missing key does not
+local warned_unpriced = {}
+local function priced_targets(targets, unpriced)
+  local kept = { plan = targets.plan, deployments = targets.deployments }
+  for _, t in ipairs(targets) do
+    if unpriced[t] then
+      if not warned_unpriced[t.name] then
+        warned_unpriced[t.name] = true
+        resil.log.warn("ai: a fallback without a price is left out of budgeted calls: the budget cannot hold what " ..
+          "it would cost", { model = t.name, error = tostring(unpriced[t]) })
+      end
+    else
+      kept[#kept + 1] = t
+    end
+  end
+  return kept
 end
 
 local function reserve(targets, req)
@@ -738,7 +764,7 @@ local function reserve(targets, req)
       "billed, and the budget holds what they may cost"):format(tostring(budget.name)),
       { class = "bad_request", status = 400, retryable = false })
   end
-  local usd, why = estimate_usd(targets, req, searches)
+  local usd, why, unpriced = estimate_usd(targets, req, searches)
   if usd == nil then
     return nil, resil.error("unpriced", ("budget '%s' cannot hold a call without a price: %s"):format(
       tostring(budget.name), why), { class = "unpriced", retryable = false })
@@ -752,7 +778,7 @@ local function reserve(targets, req)
   -- held while the call runs, however long (a stream past its budget's `hold`, 10 minutes by
   -- default, freed its money for other calls, and its settle then took the budget past its limit)
   if ticket then ticket:keep() end
-  return ticket, err
+  return ticket, err, unpriced and priced_targets(targets, unpriced) or nil
 end
 
 -- What the provider says of its answer (its model, its id), taken only as
@@ -1507,8 +1533,9 @@ function ai.chat(req)
       return hit
     end
   end
-  local ticket, berr = reserve(targets, req)
+  local ticket, berr, priced = reserve(targets, req)
   if berr then return nil, berr end
+  targets = priced or targets
   local guard <close> = call_guard(ticket, req, "chat")
   local r, err
   if #targets == 1 and not targets.plan.migration then -- (the common case: no strategy made)
@@ -1774,8 +1801,9 @@ local function open(self)
       return hit.text ~= "" and hit.text or nil
     end
   end
-  local ticket, berr = reserve(targets, req)
+  local ticket, berr, priced = reserve(targets, req)
   if berr then return nil, berr end
+  if priced then targets, self.targets = priced, priced end
   self.ticket = ticket
   -- a cancel while it opens: the hold given back, the refusals recorded;
   -- once open, the stream's ends record them (finished, interrupted, close)

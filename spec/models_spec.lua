@@ -767,6 +767,35 @@ describe("prices gone wrong", function()
     end
     assert.is_true(found)
   end)
+
+  -- (before: every budgeted call of the alias was refused "unpriced", its priced primary healthy,
+  -- for a fallback nobody priced: a backup's missing price failed the calls its primary serves)
+  it("a fallback without a price is left out of budgeted calls, said once; the primary serves and is held", function()
+    registry.use({ fast = { use = "openai/gpt-4o-mini-2024-07-18", fallbacks = { "openai/ft-nan-2025-01-01" } } })
+    pricing.models.openai["ft-nan-2025-01-01"] = { input = 0 / 0, output = 0.60 }
+    resil.budget("spec-unpriced-fallback", { limit = 10, per = "day" })
+    local lines = logged(function()
+      for _ = 1, 2 do
+        local r = assert(ai.chat({ model = "fast", messages = MSGS, budget = "spec-unpriced-fallback" }))
+        assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+        assert.is_true(r.cost_usd > 0)
+        local s = ai.stream({ model = "fast", messages = MSGS, budget = "spec-unpriced-fallback" })
+        for _ in s do end
+        assert.are.equal("gpt-4o-mini-2024-07-18", s:result().requested_model)
+      end
+    end)
+    assert.are.equal(1, #with_msg(lines, "fallback without a price is left out"))
+    -- the primary failing, the call fails rather than reach a model the budget cannot hold
+    m:configure({ strict = true, reply = "x", faults = { { route = "chat", kind = "garbage" } } })
+    local _, err = ai.chat({ model = "fast", messages = MSGS, budget = "spec-unpriced-fallback" })
+    assert.are.equal("invalid_output", err.class)
+    assert.are.equal("gpt-4o-mini-2024-07-18", err.model)
+    assert.is_nil(err.errors) -- (one target tried)
+    -- the model itself without a price is refused, as before
+    registry.use({ bare = { use = "openai/ft-nan-2025-01-01" } })
+    _, err = ai.chat({ model = "bare", messages = MSGS, budget = "spec-unpriced-fallback" })
+    assert.are.equal("unpriced", err.kind)
+  end)
 end)
 
 describe("cycles through deprecations", function()
