@@ -2201,15 +2201,22 @@ function ai.embed(req)
   if req.budget ~= nil then
     local budget = type(req.budget) == "string" and resil.budget(req.budget) or req.budget
     local text = type(input) == "string" and input or json.encode(input)
-    local usd = 0
-    for _, st in ipairs(strategies) do
+    local usd, priced = 0, {}
+    for i, st in ipairs(strategies) do
       local c, why = pricing.cost(st.t.provider, st.t.model, { input_tokens = pricing.estimate_tokens(text) })
-      if c == nil then
+      if c == nil and i == 1 then
         return nil, resil.error("unpriced", ("budget '%s' cannot hold a call without a price: %s"):format(
           tostring(budget.name), why), { class = "unpriced", retryable = false })
       end
-      if c > usd then usd = c end
+      -- (a fallback without a price is left out, as a chat's: it refused every budgeted call)
+      if c == nil then
+        priced_targets({ st.t }, { [st.t] = why })
+      else
+        priced[#priced + 1] = st
+        if c > usd then usd = c end
+      end
     end
+    strategies = priced
     local berr
     ticket, berr = budget:reserve(usd)
     if berr then return nil, berr end

@@ -791,6 +791,11 @@ describe("prices gone wrong", function()
     assert.are.equal("invalid_output", err.class)
     assert.are.equal("gpt-4o-mini-2024-07-18", err.model)
     assert.is_nil(err.errors) -- (one target tried)
+    -- an embedding's fallback too
+    m:configure({ strict = true, reply = "x" })
+    local e = assert(ai.embed({ model = "openai/text-embedding-3-small", input = "hi", budget = "spec-unpriced-fallback",
+      fallback = { "openai/ft-nan-2025-01-01" } }))
+    assert.are.equal("text-embedding-3-small", e.requested_model)
     -- the model itself without a price is refused, as before
     registry.use({ bare = { use = "openai/ft-nan-2025-01-01" } })
     _, err = ai.chat({ model = "bare", messages = MSGS, budget = "spec-unpriced-fallback" })
