@@ -1056,21 +1056,43 @@ local function expand(name, req, plan, depth)
       plan.migration = { alias = name, side = side, from = e.use, to = e.migrate.to,
         rolled_back = st and st.rolled_back ~= nil or nil,
         entry = e } -- its outcome counts for this entry, though a reload edits it meanwhile
-      if side == "new" then
-        -- a target that cannot be used (past its sunset with no replacement)
-        -- is a failure of the new side: its calls go to the old version
+      -- the new version's choices | nil: a target that cannot be used (past its sunset with no
+      -- replacement) is a failure of the new side, its calls the old version's
+      local function new_version()
         local ok, more = pcall(expand, e.migrate.to, req, plan, depth + 1)
-        if ok then
+        if ok then return more end
+        warn_at("migrate\0" .. name .. "\0" .. tostring(e.migrate.to),
+          "model registry: a migration's target cannot be used; its calls go to the old version",
+          { alias = name, to = e.migrate.to, error = tostring(more) })
+      end
+      if side == "new" then
+        local more = new_version()
+        if more then
           add_all(more)
           plan.migration.primary = #list
         else
           plan.migration.side = "old"
-          warn_at("migrate\0" .. name .. "\0" .. tostring(e.migrate.to),
-            "model registry: a migration's target cannot be used; its calls go to the old version",
-            { alias = name, to = e.migrate.to, error = tostring(more) })
         end
       end
-      add_all(expand(e.use, req, plan, depth + 1))
+      -- The old version retired under the migration, or failing: its calls go on to the new one, as
+      -- the new side's go on to the old (not while the share is 0: paused, or rolled back). Before,
+      -- the old one past its sunset failed every call of the alias, the new side's too, and one its
+      -- provider retired (a 404) failed every call of the old side, the new version never tried.
+      local open = side == "new" or (st and st.share or 0) > 0
+      local ok, old = pcall(expand, e.use, req, plan, depth + 1)
+      if ok then
+        add_all(old)
+        if plan.migration.side == "old" and side == "old" and open then add_all(new_version() or {}) end
+      else
+        if #list == 0 then -- (the old side's call: the new version's, if it can be used)
+          local more = open and side == "old" and new_version()
+          if not more then error(old, 0) end
+          add_all(more)
+          plan.migration.side, plan.migration.primary = "new", #list
+        end
+        warn_at("migrate-old\0" .. name, "model registry: a migration's old version cannot be used; its calls go " ..
+          "to the new version", { alias = name, from = e.use, error = tostring(old) })
+      end
     elseif e.migrate and e.migrate.share >= 1 then
       -- a completed migration met in a fallback or below another alias serves its target, as the
       -- alias's own calls do (before: the old version, which the provider may have retired since)

@@ -931,3 +931,43 @@ describe("a migration whose target is retired", function()
     assert.are.equal(1, #with_msg(lines, "migration's target cannot be used"))
   end)
 end)
+
+-- (before: the old version past its sunset failed every call of the alias, the new side's too
+-- (model_retired), and one its provider retired (a 404) failed every call of the old side, the
+-- new version, healthy, never tried: the migration was there for exactly that)
+describe("a migration whose old version is retired", function()
+  local CANARY = { use = "openai/gpt-4o-mini-2024-07-18",
+    migrate = { to = "anthropic/claude-haiku-4-5-20251001", share = 0.2, sticky = false } }
+
+  it("by the registry (its sunset passed): every call goes to the new version, warned once", function()
+    registry.use({ canary = CANARY, ["gpt-4o-mini-2024-07-18"] = { deprecated = true, sunset = date_in(-1) } })
+    local lines = logged(function()
+      for _ = 1, 10 do
+        local r = assert(ai.chat({ model = "canary", messages = MSGS }))
+        assert.are.same({ "claude-haiku-4-5-20251001", "new" }, { r.requested_model, r.migration.side })
+      end
+    end)
+    assert.are.equal(1, #with_msg(lines, "old version cannot be used"))
+    assert.are.equal(0, m:stats().routes.chat or 0)
+  end)
+
+  it("by its provider (a 404): the old side's calls go on to the new version, counted as the old side's failures", function()
+    registry.use({ canary = CANARY })
+    m:configure({ strict = true, reply = "one two three", faults = { { route = "chat", status = 404,
+      body = '{"error":{"message":"The model `gpt-4o-mini-2024-07-18` does not exist","type":"invalid_request_error",' ..
+        '"param":null,"code":"model_not_found"}}' } } })
+    local draws = { 0.9, 0.1 }
+    registry.random = function() return table.remove(draws, 1) end
+    local calls = resil.metrics.counter("resil_model_migration_calls_total")
+    local before = calls:value({ alias = "canary", side = "old", outcome = "not_found" })
+    local r = assert(ai.chat({ model = "canary", messages = MSGS }))
+    assert.are.same({ "claude-haiku-4-5-20251001", "old", 1 }, { r.requested_model, r.migration.side, r.fallbacks })
+    assert.are.equal(before + 1, calls:value({ alias = "canary", side = "old", outcome = "not_found" }))
+    r = assert(ai.chat({ model = "canary", messages = MSGS }))
+    assert.are.same({ "claude-haiku-4-5-20251001", "new", 0 }, { r.requested_model, r.migration.side, r.fallbacks })
+    -- paused (share 0): the old version's calls stay there
+    registry.use({ canary = { use = CANARY.use, migrate = { to = CANARY.migrate.to, share = 0 } } })
+    local _, err = ai.chat({ model = "canary", messages = MSGS })
+    assert.are.equal("not_found", err.class)
+  end)
+end)
