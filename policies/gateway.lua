@@ -317,6 +317,9 @@ local function ai_error_reply(api, err)
   local up = upstream_error(err, status) or {}
   -- (a context overflow as OpenAI's code, whichever provider refused it)
   code = code or CLASS_CODE[err.class] or up.code
+  -- (a model the upstream does not serve, Anthropic's 404 not_found_error to an OpenAI client: the
+  -- code OpenAI's own 404 says, which apps read to tell a retired model from other failures)
+  if code == nil and err.class == "not_found" and api == "openai" then code = "model_not_found" end
   local msg = up.message or tostring(err.message or err.kind)
   if err.kind == "store_unavailable" then
     -- (its message names the store's address, or is a bare "Connection reset by peer")

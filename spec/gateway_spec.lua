@@ -701,6 +701,16 @@ describe("gateway: the model registry", function()
     assert.are.equal("anthropic", owner.team)
   end)
 
+  -- (before: code null, where OpenAI's own 404 says model_not_found, which apps read)
+  it("an OpenAI client whose model Anthropic does not serve (its 404) gets code model_not_found", function()
+    local url = start({ strict = true, reply = "x", faults = { { route = "messages", status = 404,
+      body = '{"type":"error","error":{"type":"not_found_error","message":"model: claude-3-opus-20240229"}}' } } })
+    local res = post(url .. "/v1/chat/completions", { model = "anthropic/claude-3-opus-20240229", messages = MSGS })
+    assert.are.equal(404, res.status, res.body)
+    local e = json.decode(res.body).error
+    assert.are.same({ "model_not_found", "model: claude-3-opus-20240229" }, { e.code, e.message })
+  end)
+
   -- (before: owned by the provider its name began with, openai, while anthropic served its calls)
   it("/v1/models says the provider an alias named as a provider's model is pinned to", function()
     use_registry({ ["openai/gpt-4o"] = { use = "anthropic/claude-haiku-4-5-20251001" } })
