@@ -1047,7 +1047,9 @@ local function expand(name, req, plan, depth)
       plan.pinned = plan.pinned or {}
       plan.pinned[e.use] = true
     end
-    if e.deadline and plan.deadline == nil then plan.deadline = e.deadline end
+    -- (an alias's deadline is for its calls and those of an alias naming it, not for those that
+    -- fall back to it: a fallback's 5 s cut its primary's calls at 5 s, the primary without one)
+    if e.deadline and plan.deadline == nil and not plan.in_fallback then plan.deadline = e.deadline end
     local list = {}
     local function add_all(more) for _, c in ipairs(more) do list[#list + 1] = c end end
     -- a migration met on the way to the first target (not in a fallback) picks the side

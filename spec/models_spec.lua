@@ -71,6 +71,19 @@ describe("aliases", function()
     assert.are.equal("outer", r.alias)
   end)
 
+  -- (before: the fallback's deadline was the whole call's: a primary answering in 8 s was cut at 5 s,
+  -- and the call failed, because the alias it falls back to says 5 s)
+  it("a fallback alias's deadline is not the call's: the primary, with none, is not cut by it", function()
+    registry.use({ main = { use = "openai/gpt-4o-mini-2024-07-18", fallbacks = { "quick" } },
+      quick = { use = "anthropic/claude-haiku-4-5-20251001", deadline = 5 },
+      front = { use = "quick" } })
+    m:configure({ strict = true, reply = "one two three", latency = 8 })
+    local r = assert(ai.chat({ model = "main", messages = MSGS }))
+    assert.are.equal("openai", r.provider)
+    assert.is_nil(registry.resolve("main", {}).deadline)
+    assert.are.equal(5, registry.resolve("front", {}).deadline) -- (an alias naming it: its deadline applies)
+  end)
+
   it("an unknown alias raises at the caller's line, naming the closest known names", function()
     local ok, err = pcall(function()
       local r = ai.chat({ model = "chat-fsat", messages = MSGS }) -- not a tail call: this line is in the message
