@@ -1111,7 +1111,7 @@ local function expand(name, req, plan, depth)
       for i, d in ipairs(e.deployments) do
         local model, routed = past_sunset(d.use)
         if model == nil then error(routed, 0) end
-        if routed then plan.routed = plan.routed or routed end
+        if routed and not plan.in_fallback then plan.routed = plan.routed or routed end
         local ok, why = pcall(usable, model, plan)
         if ok then
           group.deployments[#group.deployments + 1] = { model = model, weight = d.weight or 1,
@@ -1142,7 +1142,8 @@ local function expand(name, req, plan, depth)
   local model, routed = past_sunset(name)
   if model == nil then error(routed, 0) end
   if routed then
-    plan.routed = plan.routed or routed
+    -- (the name asked for's routing: a fallback's said the call was routed where its primary served)
+    if not plan.in_fallback then plan.routed = plan.routed or routed end
     if not once["routed:" .. name] then
       once["routed:" .. name] = true
       routed_total:inc({ model = name, replacement = model })

@@ -260,6 +260,17 @@ describe("deprecations", function()
     assert.are.equal(0, days:value({ model = "openai/gpt-4o-2024-05-13" }))
   end)
 
+  -- (before: r.routed said the call went to a replacement for a sunset where its primary served it,
+  -- the routing being its fallback's)
+  it("a fallback's routing past its sunset is not the call's: r.routed is nil when the primary serves", function()
+    registry.use({ main = { use = "openai/gpt-4o-mini-2024-07-18", fallbacks = { "openai/gpt-4o-2024-05-13" } },
+      ["openai/gpt-4o-2024-05-13"] = { deprecated = true, replacement = "openai/gpt-4o-2024-08-06",
+        sunset = date_in(-1) } })
+    local r = assert(ai.chat({ model = "main", messages = MSGS }))
+    assert.are.equal("gpt-4o-mini-2024-07-18", r.requested_model)
+    assert.is_nil(r.routed)
+  end)
+
   it("a sunset passed with no replacement fails the call before anything is sent", function()
     registry.use({ ["openai/gpt-4o-2024-05-13"] = { deprecated = true, sunset = date_in(-1) } })
     local r, err = ai.chat({ model = "openai/gpt-4o-2024-05-13", messages = MSGS })
