@@ -1109,17 +1109,21 @@ local function expand(name, req, plan, depth)
       local group = { deployments = {}, strategy = e.strategy or "weighted" }
       local unusable
       for i, d in ipairs(e.deployments) do
+        -- (one past its sunset with no replacement is left out as one that cannot be used: it
+        -- failed every call of the alias, its other deployments serving)
         local model, routed = past_sunset(d.use)
-        if model == nil then error(routed, 0) end
-        if routed and not plan.in_fallback then plan.routed = plan.routed or routed end
-        local ok, why = pcall(usable, model, plan)
+        local ok, why = model ~= nil, routed
+        if ok then
+          if routed and not plan.in_fallback then plan.routed = plan.routed or routed end
+          ok, why = pcall(usable, model, plan)
+        end
         if ok then
           group.deployments[#group.deployments + 1] = { model = model, weight = d.weight or 1,
             name = d.name or (name .. "#" .. i), config = d.config }
         else
           unusable = unusable or why
           warn_at("deployment\0" .. name .. "\0" .. i, "model registry: a deployment cannot be used",
-            { alias = name, deployment = d.name or (name .. "#" .. i), error = why })
+            { alias = name, deployment = d.name or (name .. "#" .. i), error = tostring(why) })
         end
       end
       if not group.deployments[1] then error(unusable, 0) end

@@ -483,6 +483,21 @@ describe("deployments", function()
     end)())
   end)
   -- (before: one deployment's missing key failed every call to the alias)
+  -- (before: one deployment's model past its sunset failed every call of the alias, model_retired,
+  -- its other deployments healthy)
+  it("a deployment whose model passed its sunset with no replacement is left out; the others serve", function()
+    registry.use({ spread = { deployments = { { name = "old", use = "openai/gpt-4o-2024-05-13" },
+        { name = "new", use = "openai/gpt-4o-2024-08-06" } } },
+      ["openai/gpt-4o-2024-05-13"] = { deprecated = true, sunset = date_in(-1) } })
+    local lines = logged(function()
+      for _ = 1, 4 do
+        local r = assert(ai.chat({ model = "spread", messages = MSGS }))
+        assert.are.equal("new", r.deployment)
+      end
+    end)
+    assert.are.equal(1, #with_msg(lines, "a deployment cannot be used"))
+  end)
+
   it("a deployment whose key is missing is left out; the others serve", function()
     registry.use({ spread = { deployments = {
       { name = "dep-keyed", use = "openai/gpt-4o-mini-2024-07-18" },
