@@ -714,7 +714,8 @@ local function look_up(ctx, unsure)
   end
   if not ctx.adapter.find then return for_good(("%s cannot be asked which jobs it made"):format(ctx.name)) end
   local fp = fingerprint(ctx.input)
-  local found, err = ctx.adapter.find(ctx, unsure.sent, function(input) return fingerprint(input) == fp end)
+  local found, err = ctx.adapter.find(ctx, unsure.sent, function(input) return fingerprint(input) == fp end,
+    unsure.skip)
   if found == nil and type(err) == "table" and err.removed then return for_good(tostring(err.message), err.id) end
   if found == nil then
     return nil, resil.error("job_unsure", ("%s: the create of job '%s' sent at %s was answered %s, after which the " ..
@@ -883,8 +884,12 @@ function jobs.job(spec)
     -- ran on, billed, with no row, and the call failed); none found, the call fails with its error (the
     -- list may not show it yet: another create could pay twice)
     if handle == nil and akey == nil and may_be_made(err) and ctx.adapter.find then
+      -- (not one of this call's own jobs before: an attempt that failed made one of the same input
+      -- minutes ago, and followed, it was taken for this create's, whose job then ran on unrecorded)
+      local own = {}
+      for _, id in ipairs(ids) do own[id] = true end
       handle = look_up(ctx, { sent = sent, key = "(no key)", answer = err.status and ("HTTP " .. err.status)
-        or "with a timeout" }) or nil
+        or "with a timeout", skip = own }) or nil
     end
     if is_mark(handle) then -- (an ended call's mark met before its attempts were spent: fewer, then)
       guard.done = true

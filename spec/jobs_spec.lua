@@ -750,6 +750,22 @@ describe("ai.job on Replicate", function()
     assert.is_true(said)
   end)
 
+  -- (the reviewer's find: the look-up took the call's own first job, failed minutes before with the
+  -- same input, for the second create's: followed, it failed again, the second job ran on
+  -- unrecorded, and a third was made and paid)
+  it("outside a run, the look-up after a create answered 502 never takes one of the call's own earlier jobs", function()
+    m = resil.mock.start({ jobs = { polls = 0, fates = { "failed", "succeeded" },
+      errors = { predictions = { "ok", { status = 502, made = true } } } } })
+    use(m.url)
+    local r, err = jobs.job({ model = FLUX, input = { prompt = "a cat" }, attempts = 3 })
+    assert(r, err and tostring(err))
+    assert.are.equal("mock" .. m.instance .. "00002", r.id)
+    assert.are.equal(2, m:stats().routes.predictions)
+    local rows = 0
+    for _, row in ipairs(resil.cost.breakdown("model")) do rows = rows + row.calls end
+    assert.are.equal(1, rows) -- (the second job's outputs; the failed one made none, and is billed none)
+  end)
+
   -- (before: a retry table's timeout became each attempt's deadline too, and a create that took
   -- longer was cut: the job made and paid, no row in the ledger, and a retry made a second)
   it("a create slower than the retry table's timeout is waited for: one job, one row", function()

@@ -182,7 +182,8 @@ end
 -- `same_input(input)` says is the one sent. -> handle | false (none: the create made nothing) |
 -- nil, err (the list could not be read; or err.removed: one whose input Replicate removed may be it)
 local FIND_SLACK, FIND_PAGES = 300, 20
-function replicate.find(ctx, since, same_input)
+-- skip: ids not to take (the call's own earlier jobs) | nil
+function replicate.find(ctx, since, same_input, skip)
   local t = ctx.target
   local url, found, complete, removed = ctx.base .. "/predictions", nil, false, nil
   for _ = 1, FIND_PAGES do
@@ -198,7 +199,7 @@ function replicate.find(ctx, since, same_input)
     for _, p in ipairs(page.results) do
       local at = type(p) == "table" and iso_seconds(p.created_at)
       if at and at < since - FIND_SLACK then older = true; break end
-      if at and type(p.id) == "string" and p.id ~= "" and (t.version and p.version == t.version
+      if at and type(p.id) == "string" and p.id ~= "" and not (skip and skip[p.id]) and (t.version and p.version == t.version
         or not t.version and p.model == t.owner .. "/" .. t.name) then
         if same_input(p.input) then
           found = p -- (newest first: the last one met is the oldest)
