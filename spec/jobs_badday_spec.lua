@@ -68,6 +68,19 @@ describe("a job on a bad day", function()
     pricing.models["replicate/acme/hw"], pricing.models["replicate/acme/img"], pricing.models["fal/acme/hw"] = nil, nil, nil
   end)
 
+  -- (the reviewer's find: the cancel a job's two 404 reads asked for, answered by a proxy's page and a
+  -- read that 404ed again, was taken for the job lost: a second job was made while the first, never
+  -- known canceled, may have run on, paid twice)
+  it("Replicate: a job read 404 whose cancel a page answered is not taken for lost: no second job", function()
+    local seen = provider({ create = function() return '{"id":"p2","status":"starting"}' end,
+      cancel = function() return { status = 200, headers = { ["content-type"] = "text/html" }, body = "<html>edge</html>" } end })
+    local r, err = jobs.job({ model = PER_SECOND, input = { prompt = "z" }, deadline = 60 })
+    assert.is_nil(r)
+    assert.are.equal(1, seen.creates)
+    assert.are_not.equal("job_lost", err.kind)
+    assert.are.equal(false, err.canceled)
+  end)
+
   -- Replicate removes an API prediction's input and output an hour after it ends (data_removed):
   -- a run resumed later cannot tell whether the prediction made then is its own. (before: taken
   -- for none, a second prediction was made and paid beside the first)

@@ -158,8 +158,14 @@ function replicate.cancel(ctx, handle)
     local again, rerr = replicate.poll(ctx, handle)
     if again and (again.status ~= "running" or not s) then s = again end
     -- (neither says the prediction: a proxy's page answered the cancel, which may never have reached
-    -- Replicate; taken for one that took, a new job was made beside the one that ran on)
-    if not s then return nil, rerr end
+    -- Replicate; taken for one that took, a new job was made beside the one that ran on. Nor is it
+    -- the read's 404: the cancel was answered, so the job is not known lost, and replaced as such,
+    -- it ran on beside its replacement, paid twice)
+    if not s then
+      return nil, resil.error("unknown", ("replicate: the cancel of prediction %s was answered HTTP %s without " ..
+        "it, and it could not be read (%s): not known to be canceled"):format(handle.id, tostring(res.status),
+        tostring(type(rerr) == "table" and rerr.message or rerr)), { provider = "replicate", retryable = true })
+    end
   end
   return res, nil, s
 end
