@@ -967,7 +967,10 @@ function jobs.job(spec)
       return nil, last_err -- (its attempts not spent: the next call under the key goes on with them)
     end
     if state.final then -- (its adapter says another job would be paid for nothing: not replaced)
-      last_err.job_ids, last_err.retryable = ids, state.retryable == true -- (its result may be read later)
+      -- (its result may be read later, by the same key only: without one, a retry makes a new job,
+      -- paid again, and a retry wrapper or the gateway would send it, as classify honours retryable)
+      last_err.job_ids, last_err.retryable = ids, state.retryable == true and key ~= nil
+      if last_err.retryable then last_err.message = last_err.message .. "; the same key reads it again" end
       return nil, last_err
     end
     resil.log.warn("job did not succeed" .. (counted < attempts and ": making a new one" or ""),

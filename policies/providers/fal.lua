@@ -163,11 +163,12 @@ function fal.poll(ctx, handle)
 end
 
 -- A request that completed and whose result could still not be read at the cancel (unread_result's
--- error): it ran and fal bills it; another beside it would be paid too; the same key reads it again
+-- error): it ran and fal bills it; another beside it would be paid too (a call with a key reads it
+-- again, jobs.lua)
 local function unread_state(err)
   return { status = "failed", completed = true, final = true, retryable = true, metrics = err.metrics,
-    error = ("it completed, but its result could not be read (%s): recorded, no other request made; the " ..
-      "same key reads it again"):format(tostring(err.message)) }
+    error = ("it completed, but its result could not be read (%s): recorded, no other request made"):format(
+      tostring(err.message)) }
 end
 
 -- A cancel fal accepted (202 CANCELLATION_REQUESTED) is a signal sent to the request's runner, whose
