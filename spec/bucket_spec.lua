@@ -444,23 +444,22 @@ print(ok, wait > 1.5 and wait <= 2, math.abs(at - resil.store_now()) < 1)
     assert.are.equal("false\ttrue\ttrue\n", r.stdout, r.stdout .. r.stderr)
   end)
 
-  -- A caller whose clock read lags the writer's by what it waited for the write lock (another
-  -- process wrote meanwhile) is no clock stepped back: the arrival time stays as written. (Before:
-  -- it was moved back by the lag and written so, that much of the rate given away at each such take.)
-  it("a caller that read its clock before another process wrote is not given the difference", function()
+  -- A step of seconds is told as one of an hour is: an arrival time written at a time the machine's
+  -- clock, read inside the transaction, has not reached. (A caller that read its clock, then waited
+  -- for the write lock while another process wrote, finds that clock past the row's time, as every
+  -- process reads one clock: its arrival time is taken as written, nothing of the rate given away.
+  -- The reviewer's find: a rule by the store's lock wait, 11 s, left steps below it uncorrected.)
+  it("after the machine's clock is stepped back by seconds, is as it was left too", function()
     local path = helpers.tmpname(".db")
     local r = helpers.run_script(([[
 local resil = require "resil"
-local b = resil.bucket("shared-lag", { rate = 0.5, shared = true })
+local b = resil.bucket("shared-step8", { rate = 0.5, shared = true })
 assert(b:try())
--- the row as a process that read its clock 0.6 s after this one wrote it
-assert(os.execute("sqlite3 %s \"UPDATE gcra SET at = at + 0.6 WHERE key LIKE '%%%%shared-lag'\""))
-local before = io.popen("sqlite3 %s \"SELECT tat FROM gcra WHERE key LIKE '%%%%shared-lag'\""):read("a")
+assert(os.execute("sqlite3 %s \"UPDATE gcra SET tat = tat + 8, at = at + 8 WHERE key LIKE '%%%%shared-step8'\""))
 local ok, wait = b:try()
-local after = io.popen("sqlite3 %s \"SELECT tat FROM gcra WHERE key LIKE '%%%%shared-lag'\""):read("a")
-print(ok, wait > 1.8 and wait <= 2, before == after)
-]]):format(path, path, path), "--store " .. path .. " --log-level off")
-    assert.are.equal("false\ttrue\ttrue\n", r.stdout, r.stdout .. r.stderr)
+print(ok, wait > 1.5 and wait <= 2)
+]]):format(path), "--store " .. path .. " --log-level off")
+    assert.are.equal("false\ttrue\n", r.stdout, r.stdout .. r.stderr)
   end)
 
   -- (before: b:acquire(1, 5) ignored its options, no table, and waited with no timeout at all; a

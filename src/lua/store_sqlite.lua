@@ -1114,22 +1114,24 @@ local is_virtual = resil.clock.is_virtual
 local function set_tat(tx, key, tat, now)
   tx:exec("INSERT OR REPLACE INTO gcra (key, tat, at) VALUES (?, ?, ?)", key, tat, not is_virtual() and now or nil)
 end
--- A now behind `at` by less than a caller can have waited for the write lock (its clock read, then
--- SQLite's busy wait up to the store's timeout, `late`) is that caller coming after the writer,
--- not a clock stepped back: the arrival time is taken as it is (the caller waits the difference
--- more, the safe side). Moved back by it, each contended take gave that much of the rate away.
-local function tat_of(tx, key, now, late)
+-- A now behind `at` because the caller read its clock, then waited for the write lock while
+-- another process wrote, is no clock stepped back: the machine's clock, read here inside the
+-- transaction, is past `at` (every process reads the same clock, and the writer wrote before this
+-- transaction began). The arrival time is then taken as it is (the caller waits the difference
+-- more, the safe side); moved back by it, each contended take gave that much of the rate away. An
+-- `at` ahead of the clock read now is the clock stepped back.
+local wall = resil.clock.wall
+local STEP_SLACK = 0.05 -- (seconds: clock reads' granularity, nothing more)
+local function tat_of(tx, key, now)
   local row = tx:row("SELECT tat, at FROM gcra WHERE key = ?", key)
   if not row then return now end
   local tat, at = row.tat, row.at
-  if at and at - now > late and not is_virtual() then
+  if at and now < at and not is_virtual() and at - wall() > STEP_SLACK then
     tat = tat - (at - now)
     set_tat(tx, key, tat, now)
   end
   return tat < now and now or tat
 end
--- (how far behind a caller's now may lag the writer's, see tat_of)
-local function lateness(self) return 2 * (self.timeout or 5) + 1 end
 local function left(tat, now, interval, tolerance)
   return math.max(0, math.floor((tolerance - (tat - now) + 1e-6) / interval))
 end
@@ -1141,7 +1143,7 @@ end
 -- asking no more.
 function B:gcra_take(key, interval, tolerance, n, now, max_wait)
   return self.db:tx(function(tx)
-    local tat = tat_of(tx, key, now, lateness(self))
+    local tat = tat_of(tx, key, now)
     local new_tat = tat + n * interval
     local wait = new_tat - now - tolerance
     if wait > (max_wait or 0) + 1e-6 then return false, wait, tat end
@@ -1159,7 +1161,7 @@ function B:gcra_take_all(items, now, max_wait)
   return self.db:tx(function(tx)
     local tats, wait, worst = {}, 0, 1
     for i, it in ipairs(items) do
-      local tat = tat_of(tx, it[1], now, lateness(self))
+      local tat = tat_of(tx, it[1], now)
       tats[i] = tat
       local w = tat + it[4] * it[2] - now - it[3]
       if w > wait then wait, worst = w, i end
@@ -1180,10 +1182,10 @@ end
 -- than a pause the provider asked for, see gcra_raise). -> remaining, tat
 function B:gcra_adjust(key, interval, tolerance, n, now)
   return self.db:tx(function(tx)
-    local tat = tat_of(tx, key, now, lateness(self))
+    local tat = tat_of(tx, key, now)
     local new_tat = math.min(math.max(now, tat + n * interval), now + 1e9)
     if n < 0 then
-      local pause = tat_of(tx, "pause:" .. key, now, lateness(self))
+      local pause = tat_of(tx, "pause:" .. key, now)
       if new_tat < pause then new_tat = math.min(pause, tat) end
     end
     set_tat(tx, key, new_tat, now)
@@ -1198,14 +1200,14 @@ end
 -- pulls the arrival time back into it. -> remaining, tat
 function B:gcra_raise(key, interval, tolerance, at_least, now, pause)
   return self.db:tx(function(tx)
-    local tat = tat_of(tx, key, now, lateness(self))
+    local tat = tat_of(tx, key, now)
     if at_least > tat then
       tat = math.min(at_least, now + 1e9)
       set_tat(tx, key, tat, now)
     end
     if pause then
       pause = math.min(pause, now + 1e9)
-      if pause > tat_of(tx, "pause:" .. key, now, lateness(self)) then set_tat(tx, "pause:" .. key, pause, now) end
+      if pause > tat_of(tx, "pause:" .. key, now) then set_tat(tx, "pause:" .. key, pause, now) end
     end
     return left(tat, now, interval, tolerance), tat
   end)
