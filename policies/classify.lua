@@ -332,17 +332,21 @@ function classify.only_error(body)
     body.content == nil
 end
 
--- validate(res, req)'s two values, and how many it gave: one that gave none (a function of one's own
--- that ends without `return true`) took every answer for garbage, sent again and paid each time,
--- then the fallback's, and the call failed "output failed validation"
+-- validate(res, req)'s two values, and how many it gave. Nothing is nil, the answer refused, as Lua
+-- reads it (`if good(res) then return true end` refuses so); but a function of one's own that ends
+-- without `return true` refuses every answer, each sent again and paid, then the fallback's: said
+-- once per validator, in a warn line naming where it is defined. (Raised, as a first version did,
+-- the first refusal failed the call after its answer was paid.)
 local function counted(...) return select("#", ...), ... end
+local said_nothing = setmetatable({}, { __mode = "k" })
 local function validated(validate, res, req)
   local n, ok, why = counted(validate(res, req))
-  if n == 0 then
+  if n == 0 and not said_nothing[validate] then
+    said_nothing[validate] = true
     local info = type(validate) == "function" and debug.getinfo(validate, "S")
-    local where = info and ("defined at %s:%d"):format(info.short_src, info.linedefined) or tostring(validate)
-    raise_at_caller(("classify: the validator %s returned nothing: it must return true for an answer it takes, " ..
-      "or nil and why"):format(where))
+    resil.log.warn("classify: a validator returned nothing: the answer is taken as refused (return true for an answer " ..
+      "it takes, nil and why for one it refuses)", { validator = info and ("%s:%d"):format(info.short_src,
+      info.linedefined) or tostring(validate) })
   end
   return ok, why
 end

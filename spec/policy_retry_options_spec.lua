@@ -4,6 +4,7 @@
 local resil = require "resil"
 local retry = require "policies.retry"
 local call = require "policies.call"
+local helpers = require "spec.helpers"
 
 describe("a retry's backoff named in its options", function()
   before_each(function() resil.clock.virtual(); resil.log.level("error") end)
@@ -232,21 +233,28 @@ describe("a validator of one's own that returns nothing", function()
   after_each(function() resil.log.level("info") end)
 
   -- (before: every answer was taken for garbage, sent again and paid each time, then the fallback's,
-  -- and the call failed "output failed validation")
-  it("is said at the caller's line with where it is defined, after one attempt", function()
+  -- and the call failed "output failed validation", with nothing said; raising instead failed the
+  -- call after its first answer was paid, where nothing is Lua's own refusal)
+  it("refuses the answer, and says so once in a warn line naming where it is defined", function()
     local m = resil.mock.start({})
-    local check = function(res) if res.status ~= 200 then return nil, "not a 200" end end
+    local calls = 0
+    local check = function() calls = calls + 1; if calls >= 3 then return true end end
     local line = debug.getinfo(check, "S").linedefined
     local p = call.provider("validator-nothing", { request = { method = "POST", url = m.url .. "/v1/chat/completions" },
-      validate = check })
-    local ok, err = pcall(function()
-      local res = p({ json = {} })
-      return res
-    end)
-    assert.is_false(ok)
-    assert.matches("^spec/policy_retry_options_spec.lua:%d+: classify: the validator defined at " ..
-      "spec/policy_retry_options_spec.lua:" .. line .. " returned nothing", err)
-    assert.are.equal(1, m:stats().routes.chat)
+      validate = check, retry = { max_retries = 3, base = 0.01 } })
+    local res, err
+    resil.log.level("warn")
+    local lines = helpers.logged(function() res, err = p({ json = {} }) end)
+    assert(res, err and tostring(err))
+    assert.are.equal(3, m:stats().routes.chat) -- (two refused, the third taken)
+    local said = 0
+    for _, l in ipairs(lines) do
+      if (l.msg or ""):find("a validator returned nothing", 1, true) then
+        said = said + 1
+        assert.are.equal("spec/policy_retry_options_spec.lua:" .. line, l.validator)
+      end
+    end
+    assert.are.equal(1, said)
     m:stop()
   end)
 end)
