@@ -234,6 +234,18 @@ describe("resil.log", function()
       assert.are.equal("integer", math.type(l.id))
     end
     assert.are.equal(1 / -0.0, 1 / lines[1].zero) -- (-0 kept as -0)
+    -- and the text itself, as json.encode writes it (the order of the fields aside)
+    local path = helpers.tmpname(".log")
+    log.output(path)
+    log.info("short", fields)
+    log.output("stderr")
+    local raw = helpers.slurp(path)
+    for _, member in ipairs({ '"id":1234567890123456789', '"low":-9223372036854775808', '"ratio":0.30000000000000004',
+      '"whole":3', '"zero":-0', '"big":9007199254740992', '"tiny":1e-07', '"huge":1e+300', '"yes":true', '"no":false',
+      '"text":"a/b \\"q\\" \\\\ \\u007f\\u0001\\n\\t"' }) do
+      local at = raw:find(member, 1, true)
+      assert.is_truthy(at and raw:sub(at + #member, at + #member):match("[,}]"), member .. " in " .. raw)
+    end
   end)
 
   it("keeps each line valid UTF-8 JSON whatever bytes it is given, and a message whole past a NUL", function()
