@@ -41,23 +41,14 @@ static int put_plain(lua_State *L, int idx, out *o) {
   return put(o, "\"", 1) && put(o, s, len) && put(o, "\"", 1);
 }
 
-static int put_integer(out *o, lua_Integer i) {
-  char digits[24];
-  size_t n = sizeof digits;
-  lua_Unsigned u = i < 0 ? 0u - (lua_Unsigned)i : (lua_Unsigned)i;
-  do {
-    digits[--n] = (char)('0' + u % 10);
-    u /= 10;
-  } while (u);
-  if (i < 0) digits[--n] = '-';
-  return put(o, digits + n, sizeof digits - n);
-}
-
 /* the value at the top -> 0 when it is not one written here */
 static int put_value(lua_State *L, out *o) {
   switch (lua_type(L, -1)) {
-  case LUA_TNUMBER:
-    return lua_isinteger(L, -1) && put_integer(o, lua_tointeger(L, -1));
+  case LUA_TNUMBER: {
+    if (!lua_isinteger(L, -1)) return 0;
+    char digits[32];
+    return put(o, digits, json_number_text(L, -1, digits)); /* (an integer: its digits) */
+  }
   case LUA_TBOOLEAN:
     return lua_toboolean(L, -1) ? put(o, "true", 4) : put(o, "false", 5);
   case LUA_TSTRING:
