@@ -1722,7 +1722,7 @@ local function stream_opener(t, req, refused)
       elseif delta or (not done and (state.progress or (events and (state.thinking or kept > RELAY_BACKLOG_MAX)))) then
         o.handed = true
         return opened({ status = 200, headers = s.headers, stream = s, state = state, first = delta or "",
-          events = events })
+          events = events, breaker_later = true }) -- (its outcome is its end's: see settle_breaker)
       elseif done then
         o.handed = true
         return opened(ended_stream(s, state, events))
@@ -1848,6 +1848,7 @@ local function open(self)
   end
   self.s = got.res.stream
   self.parts[1] = got.res.first
+  if type(got.res.breaker_later) == "table" then self.breaker_record = got.res.breaker_later end
   return got.res.first
 end
 
@@ -1867,9 +1868,24 @@ local function record_end(self, r)
   if not joined then error(err, 0) end
 end
 
+-- An open stream's outcome is its end's, told to the provider's breaker once (policies.call held
+-- back its opening's, a half-open probe's included, for it: res.breaker_later): a success when it
+-- ends whole, or when its reader closes it (that says nothing of the provider); a failure when the
+-- provider broke it (a cut, a stall, an error event), as the same failure of a call would be
+-- (classify's verdict). Counted at its opening, as a success, a provider whose every stream broke
+-- after its first delta stayed at half its calls failed: a breaker above 0.5 never opened, and the
+-- probe's opening closed a half-open one before the break was seen.
+local function settle_breaker(self, ok)
+  local rec = self.breaker_record
+  if not rec then return end
+  self.breaker_record = nil
+  local done, rerr = pcall(rec.br.record, rec.br, ok, rec.elapsed, rec.probe, rec.round)
+  if not done then resil.log.warn("ai: a stream's end could not be told to its breaker", { error = tostring(rerr) }) end
+end
 local function interrupted(self, why, cause)
   if self.s then self.s:close() end
   self.s = nil
+  settle_breaker(self, true) -- (unless the provider broke it: told already, broke_upstream)
   local r = stream_result(self)
   r.usage = usage_so_far(self, r)
   record_end(self, r)
@@ -1884,6 +1900,7 @@ end
 local function finished(self)
   if self.s then self.s:close() end
   self.s = nil
+  settle_breaker(self, true)
   local r = stream_result(self)
   -- (no usage, or only the one a stream reports as it starts: what was streamed counts)
   if not r.usage or (self.state or {}).usage_partial then r.usage = usage_so_far(self, r) end
@@ -1906,15 +1923,9 @@ local reading_mt = { __close = function(g)
   end
 end }
 
--- A stream that the provider broke once it was open (a cut, a stall, an error event) counts
--- against the provider's breaker as the same failure of a call would (classify's verdict): its
--- opening was its call's outcome, a success, and a provider whose every stream broke after its
--- first delta kept its breaker closed and was sent every later call, never the fallback's.
--- (A stream its reader closes says nothing of the provider. No duration: the call's was the opening's.)
 local CUT = { kind = "reset", message = "the stream ended without its end marker" }
 local function broke_upstream(self, err, ebody)
-  local br = self.target.caller and self.target.caller.breaker
-  if not br then return end
+  if not self.breaker_record then return end
   local verdict
   if ebody ~= nil or err == nil then -- (an error event: the status its API answers it with, as an opening's)
     local etype = type(ebody) == "table" and type(ebody.error) == "table" and ebody.error.type
@@ -1922,10 +1933,8 @@ local function broke_upstream(self, err, ebody)
   else
     verdict = classify.outcome(nil, err)
   end
-  if verdict and verdict.breaker then
-    local ok, rerr = pcall(br.record, br, false, 0, false)
-    if not ok then resil.log.warn("ai: a broken stream could not be told to its breaker", { error = tostring(rerr) }) end
-  end
+  -- (a 429 or a too_large event says nothing of the provider's health: its opening's success stands)
+  settle_breaker(self, not (verdict and verdict.breaker))
 end
 
 -- The open stream's next event, read through its adapter (its text kept):

@@ -432,6 +432,10 @@ local function attempt(n, self, req, deadline, refused, give_up)
     -- (whether it was a probe: one let through before the breaker opened is not taken for it)
     if verdict and verdict.client_fault then
       br:record(nil, elapsed, probe or false, round) -- says nothing of the provider
+    elseif not verdict and type(res) == "table" and res.breaker_later == true then
+      -- an open stream (a request function's answer that says so, policies.ai's): its outcome is its
+      -- end's, told by its reader with these (a probe's slot held till then, probe_timeout bounding it)
+      res.breaker_later = { br = br, elapsed = elapsed, probe = probe or false, round = round }
     else
       br:record(not (verdict and verdict.breaker), elapsed, probe or false, round)
     end

@@ -2341,8 +2341,11 @@ describe("streams", function()
     it("a provider whose streams break after their first delta (" .. kind .. ") opens its breaker", function()
       m:configure({ strict = true, reply = "one two three four", faults = { { route = "messages", kind = kind, after = 2 } } })
       ai.configure("anthropic", { base_url = m.url, api_key = ANTHROPIC_KEY, retry = { max_retries = 0 },
-        breaker = { name = "ai-spec-streams-break-" .. kind, failure_rate = 0.5, min_calls = 4, window = 60, open_for = 60 } })
-      for _ = 1, 2 do -- (each stream is its opening's success and its break's failure: 4 calls, half failed)
+        breaker = { name = "ai-spec-streams-break-" .. kind, failure_rate = 0.6, min_calls = 4, window = 60, open_for = 60 } })
+      -- (each stream one outcome, its end's: 4 broken, all failed. Counted at its opening too, as
+      -- the reviewer found, a provider whose every stream broke stayed at half its calls failed,
+      -- under this breaker's 0.6)
+      for _ = 1, 4 do
         local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
         local _, err = pcall(function() for _ in s do end end)
         assert.are.equal("stream_interrupted", err.kind)
@@ -2356,6 +2359,29 @@ describe("streams", function()
       assert.are.equal(asked, m:stats().routes.messages)
     end)
   end
+
+  -- a half-open breaker's probe that is a stream closes it only once the stream ended whole: its
+  -- opening alone closed it, before the break that followed was seen
+  it("a half-open breaker's probe stream that breaks after its first delta opens it again", function()
+    ai.configure("anthropic", { base_url = m.url, api_key = ANTHROPIC_KEY, retry = { max_retries = 0 },
+      breaker = { name = "ai-spec-streams-probe", failure_rate = 0.5, min_calls = 2, window = 60, open_for = 5 } })
+    local br = resil.breaker("ai-spec-streams-probe")
+    m:configure({ strict = true, reply = "one two three four", faults = { { route = "messages", kind = "cut", after = 2 } } })
+    for _ = 1, 2 do pcall(function() for _ in ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS }) do end end) end
+    assert.are.equal("open", br:state())
+    resil.sleep(5)
+    local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
+    assert.is_string(s:next()) -- (the probe's opening)
+    assert.are_not.equal("closed", br:state())
+    pcall(function() for _ in s do end end)
+    assert.are.equal("open", br:state())
+    -- and one that ends whole closes it
+    m:configure({ strict = true, reply = "one two three four" })
+    resil.sleep(5)
+    s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS })
+    for _ in s do end
+    assert.are.equal("closed", br:state())
+  end)
 
   -- a stream its reader closes early says nothing against its provider
   it("streams closed by their reader after the first delta leave the breaker closed", function()
