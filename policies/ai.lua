@@ -1973,8 +1973,21 @@ local function read_next(self)
   return ev, delta, done
 end
 
+-- the stream ended at the stop sequence `which` its reader's cutter met (see Stream:next): its text
+-- cut there, its end the stop's, and its transfer closed (what followed was never asked for),
+-- recorded as what it streamed
+local function stop_at(self, which)
+  local full = table.concat(self.parts)
+  local at = full:find(which, 1, true)
+  if at then self.parts = { full:sub(1, at - 1) } end
+  local st = self.state or {}
+  st.finish_reason, st.stop_reason, st.stop_sequence, st.tool_calls = "stop", "stop_sequence", which, nil
+  self.state = st
+  return finished(self)
+end
+
 -- s:next() -> the next delta | nil at the end | nil, err
-function Stream:next()
+local function next_raw(self)
   if self.done then return nil, self.err end
   if self.finish_pending then
     self.finish_pending = nil
@@ -2000,6 +2013,31 @@ end
 -- nil, err. The events read while it opened come first; the last event is
 -- given only once the stream is known to be complete (a [DONE] or
 -- message_stop after a stream cut short is its error instead).
+-- (the request's stop sequences, ai.chat's cut for a stream: deltas through a cutter that holds
+-- back what may begin a stop until the next delta says; a stop met ends the stream there)
+function Stream:next()
+  local c = self.cutter
+  if not c then return next_raw(self) end
+  if self.cut_over then return nil, self.err end
+  while true do
+    local delta, err = next_raw(self)
+    if delta == nil then
+      self.cut_over = true
+      local rest = err == nil and c.rest() or ""
+      if rest ~= "" then return rest end -- (the held tail: it began no stop after all)
+      return nil, err
+    end
+    local text, met = c.feed(delta)
+    if met then
+      self.cut_over = true
+      stop_at(self, met)
+      if text ~= "" then return text end
+      return nil
+    end
+    if text ~= "" then return text end
+  end
+end
+
 function Stream:next_event()
   if not self.opened then
     local _, err = self:next()
@@ -2074,11 +2112,26 @@ function Stream:__gc()
 end
 
 -- ai.stream(req) -> a stream; a missing key raises here, before anything is sent
+-- A stream's deltas are cut at the request's stop sequences as ai.chat's answer is (cut_at_stops),
+-- unless the caller asked a server to write them, or reads the provider's own events (the
+-- gateway's relays, req.raw_events, which keep the stops themselves)
+local function stream_cutter(req)
+  if req.stop == nil or req.raw_events ~= nil then return nil end
+  if type(req.provider_options) == "table" then
+    for _, own in pairs(req.provider_options) do
+      if type(own) == "table" and own.include_stop_str_in_output == true then return nil end
+    end
+  end
+  local list = stops.list(req.stop)
+  return list and stops.cutter(list)
+end
+
 function ai.stream(req)
   check_request(req, 2)
   local targets, terr = targets_of(req, 2)
   if not targets then error(terr, 2) end
-  return setmetatable({ req = req, targets = targets, parts = {}, cache = cache_of(targets, req) }, Stream)
+  return setmetatable({ req = req, targets = targets, parts = {}, cache = cache_of(targets, req),
+    cutter = stream_cutter(req) }, Stream)
 end
 
 ---------------------------------------------------------------------------

@@ -2383,6 +2383,27 @@ describe("streams", function()
     assert.are.equal("closed", br:state())
   end)
 
+  -- (the reviewer's find: ai.chat's answer was cut at a stop its provider was not sent, a stream's
+  -- deltas and result were not: a reasoning model took none and wrote on past it)
+  it("a stream ends at the first of the request's stop sequences, also one its provider was not sent", function()
+    m:configure({ strict = true, reply = "one two three four five six" })
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = OPENAI_KEY, drop_params = true })
+    local before = ledger_rows()
+    local s = ai.stream({ model = "openai/o3-mini", messages = MSGS, max_tokens = 100, stop = { "three" } })
+    local parts = {}
+    for delta in s do parts[#parts + 1] = delta end
+    local r = assert(s:result())
+    assert.are.same({ "one two ", "one two ", "stop", "stop_sequence", "three" },
+      { table.concat(parts), r.text, r.finish_reason, r.stop_reason, r.stop_sequence })
+    assert.is_true(helpers.wait_until(function() return ledger_rows() == before + 1 end, 5))
+    -- a stop never met holds back nothing in the end: the whole text, its own end
+    s = ai.stream({ model = "openai/o3-mini", messages = MSGS, max_tokens = 100, stop = { "six!", "sevenfold" } })
+    parts = {}
+    for delta in s do parts[#parts + 1] = delta end
+    assert.are.equal("one two three four five six", table.concat(parts))
+    assert.are.equal("one two three four five six", assert(s:result()).text)
+  end)
+
   -- a stream its reader closes early says nothing against its provider
   it("streams closed by their reader after the first delta leave the breaker closed", function()
     ai.configure("anthropic", { base_url = m.url, api_key = ANTHROPIC_KEY,
