@@ -61,7 +61,7 @@ $(BIN): $(BUILD)/main.o $(BUILD)/libresil.a
 # the C tests: one program per file in tests/, each printing TAP
 C_TESTS  = $(patsubst tests/%.c,$(BUILD)/%,$(wildcard tests/*_test.c))
 
-$(BUILD)/%_test: tests/%_test.c $(BUILD)/libresil.a
+$(BUILD)/%_test: tests/%_test.c tests/tap.h $(BUILD)/libresil.a
 	$(CC) $(CFLAGS) -Isrc -o $@ $< $(BUILD)/libresil.a $(LDFLAGS) $(LDLIBS) -lpthread
 
 # Installs the Debian packages the project needs; nothing when all are present.

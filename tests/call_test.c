@@ -18,16 +18,8 @@
 #include <lua.h>
 
 #include "resil.h"
+#include "tap.h"
 
-static int test_number;
-static int failures;
-
-static void check(int ok, const char *what) {
-  test_number++;
-  if (!ok) failures++;
-  printf("%sok %d - %s\n", ok ? "" : "not ", test_number, what);
-  fflush(stdout);
-}
 
 static int contains(const char *s, const char *needle) { return s && strstr(s, needle) != NULL; }
 

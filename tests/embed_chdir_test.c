@@ -13,16 +13,8 @@
 #include <unistd.h>
 
 #include "resil.h"
+#include "tap.h"
 
-static int test_number;
-static int failures;
-
-static void check(int ok, const char *what) {
-  test_number++;
-  if (!ok) failures++;
-  printf("%s %d - %s\n", ok ? "ok" : "not ok", test_number, what);
-  fflush(stdout);
-}
 
 static long file_size(const char *path) {
   struct stat st;

@@ -23,16 +23,8 @@
 #include <sqlite3.h>
 
 #include "resil.h"
+#include "tap.h"
 
-static int test_number;
-static int failures;
-
-static void check(int ok, const char *what) {
-  test_number++;
-  if (!ok) failures++;
-  printf("%sok %d - %s\n", ok ? "" : "not ", test_number, what);
-  fflush(stdout);
-}
 
 static int contains(const char *s, const char *needle) { return s && strstr(s, needle) != NULL; }
 

@@ -20,16 +20,8 @@
 #include <lua.h>
 
 #include "resil.h"
+#include "tap.h"
 
-static int test_number;
-static int failures;
-
-static void check(int ok, const char *what) {
-  test_number++;
-  if (!ok) failures++;
-  printf("%s %d - %s\n", ok ? "ok" : "not ok", test_number, what);
-  fflush(stdout);
-}
 
 static int contains(const char *s, const char *needle) { return s && strstr(s, needle) != NULL; }
 

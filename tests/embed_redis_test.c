@@ -18,16 +18,8 @@
 #include <event2/event.h>
 
 #include "resil.h"
+#include "tap.h"
 
-static int test_number;
-static int failures;
-
-static void check(int ok, const char *what) {
-  test_number++;
-  if (!ok) failures++;
-  printf("%sok %d - %s\n", ok ? "" : "not ", test_number, what);
-  fflush(stdout);
-}
 
 /* a loopback port nobody listens on now */
 static int free_port(void) {

@@ -12,16 +12,8 @@
 #include <event2/event.h>
 
 #include "resil.h"
+#include "tap.h"
 
-static int test_number;
-static int failures;
-
-static void check(int ok, const char *what) {
-  test_number++;
-  if (!ok) failures++;
-  printf("%s %d - %s\n", ok ? "ok" : "not ok", test_number, what);
-  fflush(stdout);
-}
 
 static const char *running = "?";
 static void on_hang(int signo) {

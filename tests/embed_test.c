@@ -14,15 +14,8 @@
 #include <lua.h>
 
 #include "resil.h"
+#include "tap.h"
 
-static int test_number;
-static int failures;
-
-static void check(int ok, const char *what) {
-  test_number++;
-  if (!ok) failures++;
-  printf("%sok %d - %s\n", ok ? "" : "not ", test_number, what);
-}
 
 static const char *global_string(resil_t *R, const char *name) {
   lua_State *L = resil_lua(R);
