@@ -317,25 +317,6 @@ static const char *const CONTROL_ESCAPES[32] = {
   "\\u0010", "\\u0011", "\\u0012", "\\u0013", "\\u0014", "\\u0015", "\\u0016", "\\u0017",
   "\\u0018", "\\u0019", "\\u001a", "\\u001b", "\\u001c", "\\u001d", "\\u001e", "\\u001f"};
 
-/* s escaped as cjson escapes a string (controls, '"', '\\', DEL), '/' left as it is: -> its
- * length; written at out unless out is NULL */
-static size_t put_escaped(char *out, const char *s, size_t n) {
-  size_t len = 0;
-  for (size_t i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
-    const char *esc = c < 32 ? CONTROL_ESCAPES[c] : c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == 127 ? "\\u007f" : NULL;
-    if (esc) {
-      size_t k = strlen(esc);
-      if (out) memcpy(out + len, esc, k);
-      len += k;
-    } else {
-      if (out) out[len] = (char)c;
-      len++;
-    }
-  }
-  return len;
-}
-
 static int put(line_buf *o, const char *s, size_t n) {
   if (n > LINE_MOST - o->len) return 0;
   memcpy(o->text + o->len, s, n);
@@ -343,14 +324,19 @@ static int put(line_buf *o, const char *s, size_t n) {
   return 1;
 }
 
-/* s escaped as a JSON string's text -> 0 when it does not fit */
+/* s escaped as cjson escapes a string (controls, '"', '\\', DEL), '/' left as it is, in one pass:
+ * the runs between escapes copied whole -> 0 when it does not fit */
 static int put_text(line_buf *o, const char *s, size_t n) {
-  if (n > LINE_MOST - o->len) return 0; /* (at least that much) */
-  size_t len = put_escaped(NULL, s, n);
-  if (len > LINE_MOST - o->len) return 0;
-  put_escaped(o->text + o->len, s, n);
-  o->len += len;
-  return 1;
+  size_t run = 0; /* where the bytes written as they are begin */
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    const char *esc = c < 32 ? CONTROL_ESCAPES[c] : c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == 127 ? "\\u007f" : NULL;
+    if (esc) {
+      if (!(put(o, s + run, i - run) && put(o, esc, strlen(esc)))) return 0;
+      run = i + 1;
+    }
+  }
+  return put(o, s + run, n - run);
 }
 
 /* the flat value at idx (a string, a number, a boolean) as JSON -> 0 when it is not one (a
