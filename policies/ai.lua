@@ -1478,9 +1478,20 @@ local function provider_request_id(res) return http_header(res, "x-request-id", 
 -- the provider was not sent (a reasoning model takes none, OpenAI four) was run past, and the
 -- caller got what followed it (the gateway's clients did not; ai.chat's did). Not where the
 -- provider was asked to write the stop (vLLM's include_stop_str_in_output).
+-- did the caller ask a server to write its stops (vLLM's include_stop_str_in_output)? in the
+-- options of the adapter named, or of any (a stream's cutter, made before its target is known)
+local function stops_written(req, adapter_name)
+  local options = req.provider_options
+  if type(options) ~= "table" then return false end
+  for name, own in pairs(options) do
+    if (adapter_name == nil or name == adapter_name) and type(own) == "table"
+      and own.include_stop_str_in_output == true then return true end
+  end
+  return false
+end
+
 local function cut_at_stops(t, req, r)
-  local own = type(req.provider_options) == "table" and req.provider_options[t.adapter.name]
-  if type(own) == "table" and own.include_stop_str_in_output == true then return end
+  if stops_written(req, t.adapter.name) then return end
   local list = stops.list(req.stop)
   if list then stops.cut(r, list) end
 end
@@ -2116,12 +2127,7 @@ end
 -- unless the caller asked a server to write them, or reads the provider's own events (the
 -- gateway's relays, req.raw_events, which keep the stops themselves)
 local function stream_cutter(req)
-  if req.stop == nil or req.raw_events ~= nil then return nil end
-  if type(req.provider_options) == "table" then
-    for _, own in pairs(req.provider_options) do
-      if type(own) == "table" and own.include_stop_str_in_output == true then return nil end
-    end
-  end
+  if req.stop == nil or req.raw_events ~= nil or stops_written(req) then return nil end
   local list = stops.list(req.stop)
   return list and stops.cutter(list)
 end
