@@ -2396,6 +2396,12 @@ describe("streams", function()
     assert.are.same({ "one two ", "one two ", "stop", "stop_sequence", "three" },
       { table.concat(parts), r.text, r.finish_reason, r.stop_reason, r.stop_sequence })
     assert.is_true(helpers.wait_until(function() return ledger_rows() == before + 1 end, 5))
+    -- a stop across two deltas ("two " then "three "): the first held back until the second says
+    s = ai.stream({ model = "openai/o3-mini", messages = MSGS, max_tokens = 100, stop = { "two three" } })
+    parts = {}
+    for delta in s do parts[#parts + 1] = delta end
+    assert.are.same({ "one ", "one ", "two three" }, { table.concat(parts), assert(s:result()).text,
+      s:result().stop_sequence })
     -- a stop never met holds back nothing in the end: the whole text, its own end
     s = ai.stream({ model = "openai/o3-mini", messages = MSGS, max_tokens = 100, stop = { "six!", "sevenfold" } })
     parts = {}
