@@ -116,6 +116,8 @@ if [ -n "${GW_INSTRUCTIONS:-}" ]; then
   kill "$cg_pid"; wait "$cg_pid" 2>/dev/null || true
   ir=$(callgrind_annotate "$work/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1}')
   echo "gateway instructions: requests=$n Ir=$ir per_request=$((ir / n)) (--log-level ${GW_LEVEL:-error})"
+  # GW_CG_OUT=FILE keeps the profile, for callgrind_annotate --inclusive=yes FILE
+  [ -n "${GW_CG_OUT:-}" ] && cp "$work/cg.out" "$GW_CG_OUT"
   grep -i "non-2xx" "$work/wrk.out" || true
   exit 0
 fi
