@@ -441,6 +441,26 @@ for _, b in ipairs(helpers.store_backends()) do
       assert.are.equal(1, st.spent, "its settle is not in the new period's spend")
     end)
 
+    -- a hold released while the new day's first look carries it over (its release read the
+    -- ticket's period, yesterday, before the carry, and gave the hold back there: today kept it
+    -- reserved, for nobody, until its hour ran out)
+    it("a hold released as the new day's first look carries it is given back in the new day", function()
+      local now = resil.store_now()
+      resil.sleep((86400 - now % 86400) - 300) -- 23:55 UTC
+      local name = fresh_name()
+      local bud = resil.budget(name, { limit = 10, per = "day" })
+      local t = assert(bud:reserve(2, { hold = 3600 }))
+      resil.sleep(600) -- 00:05 the next day, no reservation made yet
+      -- (the look reads the budget's config first: its carry reaches the store after the release's
+      -- read of the ticket and before the release itself)
+      local looking = resil.spawn(function() return bud:state() end)
+      local releasing = resil.spawn(function() return t:release() end)
+      assert.are.same({ true, true }, { releasing:join() })
+      assert(looking:join())
+      local st = assert(bud:state())
+      assert.are.equal(0, st.reserved, "the released hold still counts in the new day")
+    end)
+
     -- a policy reload that changes the script's own period kind, with no limit set from the command
     -- line (before: the new period started at $0 with the open hold uncounted, and its settle went to
     -- the old period: $1.40 committed against a $1 budget, today's spend $0 after both calls)

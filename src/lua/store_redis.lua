@@ -576,9 +576,13 @@ for _, o in ipairs(to_judge) do r[#r + 1] = o end
 return r
 ]]
 
--- ARGV: ticket, the ticket's time to live (ms)
+-- ARGV: ticket, the ticket's time to live (ms), the period its caller read from the ticket, the
+-- budget's key prefix. A hold carried into the new period between that read and this script (the
+-- new day's first reservation or look, another task's or host's) is given back there: given back
+-- in the period read, it stayed reserved in the new one, for nobody, until its end.
 scripts.budget_release = budget_lib .. [[
 if redis.call('HGET', KEYS[5], 'state') ~= 'held' then return 0 end
+follow(KEYS[5], ARGV[3], ARGV[4])
 unhold(ARGV[1])
 redis.call('HSET', KEYS[5], 'state', 'released')
 redis.call('PEXPIRE', KEYS[5], ARGV[2])
@@ -1942,7 +1946,8 @@ function R:budget_release(ticket)
   local state, serr = self.conn:call("HMGET", P .. "ticket:" .. ticket, "budget", "period")
   if state == nil then return nil, serr end
   if not state[1] then return false end
-  local n, err = self:script("budget_release", budget_keys(state[1], state[2], ticket), ticket, ticket_ttl())
+  local n, err = self:script("budget_release", budget_keys(state[1], state[2], ticket), ticket, ticket_ttl(),
+    state[2], budget_prefix(state[1]))
   if n == nil then return nil, err end
   return n == 1
 end
@@ -1954,7 +1959,8 @@ function R:budget_release_now(ticket)
   if not state[1] then return false end
   local keys = budget_keys(state[1], state[2], ticket)
   local args = { "EVAL", scripts.budget_release, #keys, table.unpack(keys) }
-  args[#args + 1], args[#args + 2] = ticket, ticket_ttl()
+  args[#args + 1], args[#args + 2], args[#args + 3], args[#args + 4] = ticket, ticket_ttl(), state[2],
+    budget_prefix(state[1])
   local n, err = self.conn:call_now(table.unpack(args))
   if n == nil then error(err, 0) end
   return n == 1
