@@ -1634,7 +1634,7 @@ local STATUS_GRACE = 1
 local function stream_opener(t, req, refused)
   local wire = wire_request(t, req, true)
   wire.idle_timeout = t.conf.idle_timeout or 60
-  wire.timeout = t.conf.stream_timeout or 600
+  local stream_timeout = t.conf.stream_timeout or 600
   wire.cancel_grace = STATUS_GRACE
   -- (a result the call will take, the guard's until open() does; an empty one is refused instead)
   local function opened(res)
@@ -1748,7 +1748,11 @@ local function stream_opener(t, req, refused)
   -- the first delta paid nothing: a key's budget did not stop them). A
   -- failure the provider answered (an error status or event) costs only what
   -- it read; one that never answered (a hung connection), nothing.
-  return function()
+  -- left: what is left of the call's deadline as the attempt starts (policies.call's). It bounds the
+  -- whole transfer, the stream read after its first delta too: bounded by its opening only, a
+  -- stream that went on slowly was read to stream_timeout, minutes past a deadline of seconds.
+  return function(_, left)
+    wire.timeout = left and left < stream_timeout and left or stream_timeout
     local o = { state = {} }
     local returned = false
     local _ <close> = setmetatable({}, { __close = function()

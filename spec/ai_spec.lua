@@ -2434,6 +2434,20 @@ describe("streams", function()
     assert.are.equal("timeout", err.cause.kind)
   end)
 
+  -- (before: the deadline bounded the stream's opening only; a stream that went on slowly was
+  -- read to its provider's stream_timeout, ten minutes, past a deadline of seconds)
+  it("a stream still going at the call's deadline is stream_interrupted then, with the text so far", function()
+    m:configure({ strict = true, reply = "one two three four five six seven eight", stream_interval = 2 })
+    local started = resil.now()
+    local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS, deadline = 7 })
+    local ok, err = pcall(function() for _ in s do end end)
+    assert.is_false(ok)
+    assert.are.equal("stream_interrupted", err.kind)
+    assert.are.equal("timeout", err.cause.kind)
+    assert.truthy(#err.text > 0 and #err.text < #"one two three four five six seven eight", err.text)
+    assert.is_true(resil.now() - started < 8, "read past the deadline: " .. (resil.now() - started))
+  end)
+
   it("a stream that fails before its first delta falls back", function()
     m:configure({ strict = true, reply = "one two", sequence = { messages = { { kind = "error_event", after = 0 },
       { kind = "error_event", after = 0 }, { kind = "error_event", after = 0 }, { kind = "error_event", after = 0 } } } })
