@@ -24,16 +24,18 @@ describe("resil.log", function()
     assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$", lines[1].ts)
   end)
 
-  -- (field names are remembered as written, for speed: a secret registered after a name was
-  -- first written must still be redacted from it)
-  it("redacts a secret from a field's name, also one registered after the name was first written", function()
+  -- (names and short values are remembered as written, for speed: a secret registered after one
+  -- was first written must still be redacted from it)
+  it("redacts a secret registered after a field's name or value was first written", function()
     local name = "tenant-" .. os.time() .. "-zq9x7w"
-    local before = capture(function() log.info("first", { [name] = 1 }) end)
+    local before = capture(function() log.info("first", { [name] = 1, owner = name }) end)
     assert.are.equal(1, before[1][name])
+    assert.are.equal(name, before[1].owner)
     log.redact(name:sub(8))
-    local after = capture(function() log.info("again", { [name] = 1 }) end)
+    local after = capture(function() log.info("again", { [name] = 1, owner = name }) end)
     assert.is_nil(after[1][name])
     for k in pairs(after[1]) do assert.is_nil(k:find(name:sub(8), 1, true), k) end
+    assert.are.equal("tenant-[REDACTED]", after[1].owner)
   end)
 
   it("writes URLs as they are (no \\/ escapes) and round-trips backslashes", function()

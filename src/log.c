@@ -139,19 +139,29 @@ static int is_sensitive_at(lua_State *L, int idx, int value) {
   return r == 1 || (r == 2 && !plain);
 }
 
-/* L stack: key -> the key as a line writes it, redacted and valid UTF-8 (redact_string),
- * remembered per name in a table of the registry: a line's dozen names, each redacted, were a
- * quarter of an access line. Made again when the redacted secrets change (their count: they are
- * only ever added); at most SENSITIVE_CACHED names (a client's own table of keys logged must not
- * grow it without end); its count at [1], the secrets' count it was made with at [2]. */
-static const char clean_key_cache_key = 0;
+/* L stack: string -> the string as a line writes it, redacted and valid UTF-8 (redact_string),
+ * remembered in a table of the registry (cache: a line's dozen names, each redacted, were some
+ * 8k instructions of an access line; its values, remembered too, saved nothing measurable). The
+ * table is made again when the redacted secrets change (their count: they are only ever added)
+ * and once it holds CLEAN_CACHED strings (a client's own table of keys logged must not grow it
+ * without end); its count at [1], the secrets' count it was made with at [2]. Strings longer
+ * than CLEAN_CACHED_LEN are redacted each time. */
+#define CLEAN_CACHED 1024
+#define CLEAN_CACHED_LEN 128
+static const char clean_names_key = 0;
 static void redact_string(lua_State *L);
-static void clean_key(lua_State *L) {
+static void clean_string(lua_State *L, const char *cache_key) {
+  if (lua_rawlen(L, -1) > CLEAN_CACHED_LEN) {
+    redact_string(L);
+    return;
+  }
   lua_Integer secrets = (lua_Integer)resil_from_lua(L)->nsecrets;
-  int kept = lua_rawgetp(L, LUA_REGISTRYINDEX, &clean_key_cache_key) == LUA_TTABLE;
+  int kept = lua_rawgetp(L, LUA_REGISTRYINDEX, cache_key) == LUA_TTABLE;
   if (kept) {
-    kept = lua_rawgeti(L, -1, 2) == LUA_TNUMBER && lua_tointeger(L, -1) == secrets;
-    lua_pop(L, 1);
+    lua_rawgeti(L, -1, 1);
+    lua_rawgeti(L, -2, 2);
+    kept = lua_tointeger(L, -1) == secrets && lua_tointeger(L, -2) < CLEAN_CACHED;
+    lua_pop(L, 2);
   }
   if (!kept) {
     lua_pop(L, 1);
@@ -161,9 +171,9 @@ static void clean_key(lua_State *L) {
     lua_pushinteger(L, secrets);
     lua_rawseti(L, -2, 2);
     lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &clean_key_cache_key);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, cache_key);
   }
-  /* L stack: key, cache */
+  /* L stack: string, cache */
   lua_pushvalue(L, -2);
   if (lua_rawget(L, -2) == LUA_TSTRING) {
     lua_replace(L, -3);
@@ -173,16 +183,14 @@ static void clean_key(lua_State *L) {
   lua_pop(L, 1);
   lua_pushvalue(L, -2);
   redact_string(L);
-  /* L stack: key, cache, clean key */
+  /* L stack: string, cache, clean string */
   lua_Integer n = (lua_rawgeti(L, -2, 1), lua_tointeger(L, -1));
   lua_pop(L, 1);
-  if (n < SENSITIVE_CACHED) {
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, -4);
-    lua_pushinteger(L, n + 1);
-    lua_rawseti(L, -3, 1);
-  }
+  lua_pushvalue(L, -3);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, -4);
+  lua_pushinteger(L, n + 1);
+  lua_rawseti(L, -3, 1);
   lua_replace(L, -3);
   lua_pop(L, 1);
 }
@@ -564,7 +572,7 @@ static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) 
       luaL_tolstring(L, -1, NULL); /* true, a table's address: as text */
       lua_replace(L, -2);
     }
-    clean_key(L); /* a key can hold a secret too */
+    clean_string(L, &clean_names_key); /* a key can hold a secret too */
     /* L stack: key, value, new key */
     if (sensitive) {
       lua_pushliteral(L, REDACT_MARK);
