@@ -337,6 +337,43 @@ static size_t integer_text(lua_Integer i, char buf[32]) {
   memcpy(buf, digits + n, sizeof digits - n);
   return sizeof digits - n;
 }
+/* x as %.14g writes it when x is a decimal of at most 6 places, 1e-6 <= |x| < 1e8 (a duration in
+ * ms to the microsecond, a cost in dollars to the micro-dollar): x is then r / 10^d correctly
+ * rounded, for the fewest places d, and %.14g writes r's digits (at most 14), which strtod reads
+ * back as x: with its point d places from the right, or below 1e-4 as its exponent form
+ * ("1.2e-05"). A snprintf and a strtod, some 2k instructions a number, for a few multiplications.
+ * -> its length | 0 (not such a number) */
+static size_t short_decimal_text(double x, char buf[32]) {
+  static const double scale[] = {1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6};
+  double a = fabs(x);
+  if (!(a >= 1e-6 && a < 1e8)) return 0;
+  for (int d = 1; d <= 6; d++) {
+    double r = floor(a * scale[d] + 0.5);
+    if (r / scale[d] != a) continue;
+    /* (d the fewest: r's last digit is not 0, which %.14g would have trimmed) */
+    uint64_t whole = (uint64_t)r, unit = (uint64_t)scale[d];
+    size_t n = 0;
+    if (x < 0) buf[n++] = '-';
+    if (a < 1e-4) { /* r < 100: "Ne-0X" or "N.Me-0X" */
+      int k = whole >= 10 ? 2 : 1;
+      buf[n++] = (char)('0' + (k == 2 ? whole / 10 : whole));
+      if (k == 2) buf[n++] = '.', buf[n++] = (char)('0' + whole % 10);
+      int e = d - (k - 1);
+      memcpy(buf + n, "e-0", 3);
+      buf[n + 3] = (char)('0' + e);
+      return n + 4;
+    }
+    char frac[8];
+    uint64_t f = whole % unit;
+    for (int i = d - 1; i >= 0; i--, f /= 10) frac[i] = (char)('0' + f % 10);
+    n += integer_text((lua_Integer)(whole / unit), buf + n);
+    buf[n++] = '.';
+    memcpy(buf + n, frac, (size_t)d);
+    return n + (size_t)d;
+  }
+  return 0;
+}
+
 size_t json_number_text(lua_State *L, int idx, char buf[32]) {
   if (lua_isinteger(L, idx)) return integer_text(lua_tointeger(L, idx), buf);
   double x = lua_tonumber(L, idx);
@@ -345,8 +382,10 @@ size_t json_number_text(lua_State *L, int idx, char buf[32]) {
     if (x == 0) return signbit(x) ? (memcpy(buf, "-0", 2), 2) : (buf[0] = '0', 1);
     return integer_text((lua_Integer)x, buf);
   }
+  size_t n = short_decimal_text(x, buf);
+  if (n) return n;
   /* (one %.14g and its read back: needs_exact's, its text kept) */
-  size_t n = (size_t)snprintf(buf, 32, "%.14g", x);
+  n = (size_t)snprintf(buf, 32, "%.14g", x);
   if (!isfinite(x) || strtod(buf, NULL) == x) return n;
   return exact_text(L, idx, buf);
 }
