@@ -139,60 +139,42 @@ static int is_sensitive_at(lua_State *L, int idx, int value) {
   return r == 1 || (r == 2 && !plain);
 }
 
-/* L stack: string -> the string as a line writes it, redacted and valid UTF-8 (redact_string),
- * remembered in a table of the registry (cache: a line's dozen names, each redacted, were some
- * 8k instructions of an access line; its values, remembered too, saved nothing measurable). The
- * table is made again when the redacted secrets change (their count: they are only ever added)
- * and once it holds CLEAN_CACHED strings (a client's own table of keys logged must not grow it
- * without end); its count at [1], the secrets' count it was made with at [2]. Strings longer
- * than CLEAN_CACHED_LEN are redacted each time. */
+/* A line's field names as written (renamed if reserved, redacted, valid UTF-8) and whether their
+ * values are redacted (is_sensitive), remembered per name in two tables of the registry: a line's
+ * dozen names, each checked and redacted on every line, were a third of an access line. Made
+ * again when the redacted secrets change (their count: they are only ever added) and once they
+ * hold CLEAN_CACHED names (a client's own table of keys logged must not grow them without end);
+ * the names table's count at [1], the secrets' count it was made with at [2]. A name longer than
+ * CLEAN_CACHED_LEN is worked out each time. */
 #define CLEAN_CACHED 1024
 #define CLEAN_CACHED_LEN 128
-static const char clean_names_key = 0;
+static const char names_cache_key = 0, codes_cache_key = 0;
 static void redact_string(lua_State *L);
-static void clean_string(lua_State *L, const char *cache_key) {
-  if (lua_rawlen(L, -1) > CLEAN_CACHED_LEN) {
-    redact_string(L);
-    return;
-  }
+/* L stack: -> the names table, the codes table */
+static void push_name_caches(lua_State *L) {
   lua_Integer secrets = (lua_Integer)resil_from_lua(L)->nsecrets;
-  int kept = lua_rawgetp(L, LUA_REGISTRYINDEX, cache_key) == LUA_TTABLE;
+  int kept = lua_rawgetp(L, LUA_REGISTRYINDEX, &names_cache_key) == LUA_TTABLE;
   if (kept) {
     lua_rawgeti(L, -1, 1);
     lua_rawgeti(L, -2, 2);
     kept = lua_tointeger(L, -1) == secrets && lua_tointeger(L, -2) < CLEAN_CACHED;
     lua_pop(L, 2);
   }
-  if (!kept) {
-    lua_pop(L, 1);
-    lua_createtable(L, 2, 64);
-    lua_pushinteger(L, 0);
-    lua_rawseti(L, -2, 1);
-    lua_pushinteger(L, secrets);
-    lua_rawseti(L, -2, 2);
-    lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, cache_key);
-  }
-  /* L stack: string, cache */
-  lua_pushvalue(L, -2);
-  if (lua_rawget(L, -2) == LUA_TSTRING) {
-    lua_replace(L, -3);
-    lua_pop(L, 1);
+  if (kept) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &codes_cache_key);
     return;
   }
   lua_pop(L, 1);
-  lua_pushvalue(L, -2);
-  redact_string(L);
-  /* L stack: string, cache, clean string */
-  lua_Integer n = (lua_rawgeti(L, -2, 1), lua_tointeger(L, -1));
-  lua_pop(L, 1);
-  lua_pushvalue(L, -3);
-  lua_pushvalue(L, -2);
-  lua_rawset(L, -4);
-  lua_pushinteger(L, n + 1);
-  lua_rawseti(L, -3, 1);
-  lua_replace(L, -3);
-  lua_pop(L, 1);
+  lua_createtable(L, 2, 64);
+  lua_pushinteger(L, 0);
+  lua_rawseti(L, -2, 1);
+  lua_pushinteger(L, secrets);
+  lua_rawseti(L, -2, 2);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &names_cache_key);
+  lua_createtable(L, 0, 64);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &codes_cache_key);
 }
 
 /* upvalues: 1 log state, 2 json encode (resil.json's: exact) */
@@ -545,36 +527,74 @@ static int field_count(lua_State *L, int src) {
  * value of a key named like a credential is REDACT_MARK. The context's keys
  * that start with "_" (is_context) are left out: its own bookkeeping. */
 static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) {
-  luaL_checkstack(L, 6, "log fields");
+  luaL_checkstack(L, 8, "log fields");
+  push_name_caches(L);
+  int names = lua_gettop(L) - 1, codes = names + 1;
   lua_pushnil(L);
-  /* L stack: key, value */
   while (lua_next(L, src)) {
-    lua_pushvalue(L, -2);
-    if (lua_type(L, -1) == LUA_TNUMBER) lua_tostring(L, -1); /* converts the copy, not the key next() needs */
-    int sensitive = 0;
-    if (lua_type(L, -1) == LUA_TSTRING) {
-      const char *key = lua_tostring(L, -1);
-      if (is_context && key[0] == '_') { /* the context's own bookkeeping (a step's place in its run): not written */
-        lua_pop(L, 2);
-        continue;
-      }
-      int clash = is_reserved(key);
-      if (!clash && ctx) {
-        clash = lua_getfield(L, ctx, key) != LUA_TNIL;
-        lua_pop(L, 1);
-      }
-      if (clash) {
-        lua_pushfstring(L, "field_%s", key);
-        lua_replace(L, -2);
-      }
-      sensitive = is_sensitive_at(L, -1, -2);
-    } else {
-      luaL_tolstring(L, -1, NULL); /* true, a table's address: as text */
-      lua_replace(L, -2);
+    /* L stack: key, value */
+    int code;
+    const char *key = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+    if (key && is_context && key[0] == '_') { /* the context's own bookkeeping (a step's place in its run): not written */
+      lua_pop(L, 1);
+      continue;
     }
-    clean_string(L, &clean_names_key); /* a key can hold a secret too */
+    int clash = 0;
+    if (key && ctx && !is_reserved(key)) {
+      clash = lua_getfield(L, ctx, key) != LUA_TNIL;
+      lua_pop(L, 1);
+    }
+    if (key && !clash) {
+      lua_pushvalue(L, -2);
+      if (lua_rawget(L, names) == LUA_TSTRING) {
+        lua_pushvalue(L, -3);
+        lua_rawget(L, codes);
+        code = (int)lua_tointeger(L, -1);
+        lua_pop(L, 1);
+      } else {
+        lua_pop(L, 1);
+        if (is_reserved(key)) lua_pushfstring(L, "field_%s", key);
+        else lua_pushvalue(L, -2);
+        code = is_sensitive(lua_tostring(L, -1));
+        redact_string(L); /* a key can hold a secret too */
+        if (lua_rawlen(L, -3) <= CLEAN_CACHED_LEN) {
+          lua_pushvalue(L, -3);
+          lua_pushvalue(L, -2);
+          lua_rawset(L, names);
+          lua_pushvalue(L, -3);
+          lua_pushinteger(L, code);
+          lua_rawset(L, codes);
+          lua_rawgeti(L, names, 1);
+          lua_pushinteger(L, lua_tointeger(L, -1) + 1);
+          lua_rawseti(L, names, 1);
+          lua_pop(L, 1);
+        }
+      }
+    } else { /* a name the context has too, a number, or another value as its text: worked out each time */
+      lua_pushvalue(L, -2);
+      if (lua_type(L, -1) == LUA_TNUMBER) lua_tostring(L, -1); /* converts the copy, not the key next() needs */
+      if (lua_type(L, -1) == LUA_TSTRING) {
+        const char *name = lua_tostring(L, -1);
+        int renamed = is_reserved(name);
+        if (!renamed && ctx) {
+          renamed = lua_getfield(L, ctx, name) != LUA_TNIL;
+          lua_pop(L, 1);
+        }
+        if (renamed) {
+          lua_pushfstring(L, "field_%s", name);
+          lua_replace(L, -2);
+        }
+        code = is_sensitive(lua_tostring(L, -1));
+      } else {
+        luaL_tolstring(L, -1, NULL); /* true, a table's address: as text */
+        lua_replace(L, -2);
+        code = 0;
+      }
+      redact_string(L); /* a key can hold a secret too */
+    }
     /* L stack: key, value, new key */
-    if (sensitive) {
+    int plain = lua_type(L, -2) == LUA_TNUMBER || lua_type(L, -2) == LUA_TBOOLEAN;
+    if (code == 1 || (code == 2 && !plain)) {
       lua_pushliteral(L, REDACT_MARK);
     } else {
       lua_pushvalue(L, -2);
@@ -583,6 +603,7 @@ static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) 
     lua_rawset(L, dst);
     lua_pop(L, 1);
   }
+  lua_pop(L, 2);
 }
 
 static int log_at(lua_State *L, int level) {
