@@ -560,4 +560,23 @@ describe("the mock's Anthropic count_tokens", function()
     assert.are.equal(1, m:stats().routes.messages)
     m:stop()
   end)
+
+  -- (the SDK's countTokens takes thinking, as the API does: the mock compared its budget with
+  -- the max_tokens a count has none of, and answered 500 "handler error")
+  it("counts a prompt with extended thinking, and refuses its budget as the API does", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local h = { ["x-api-key"] = "sk-ant-test-1", ["anthropic-version"] = "2023-06-01", ["content-type"] = "application/json" }
+    local function count(budget)
+      return assert(http.request({ method = "POST", url = m.url .. "/v1/messages/count_tokens", headers = h,
+        body = json.encode({ model = "claude-sonnet-4-5", messages = MSGS,
+          thinking = { type = "enabled", budget_tokens = budget } }) }))
+    end
+    local res = count(1024)
+    assert.are.equal(200, res.status, res.body)
+    assert.is_true(json.decode(res.body).input_tokens > 0)
+    res = count(1000)
+    assert.are.equal(400, res.status, res.body)
+    assert.matches("budget_tokens: Input should be greater than or equal to 1024", json.decode(res.body).error.message)
+    m:stop()
+  end)
 end)

@@ -1223,7 +1223,8 @@ local function anthropic_refusal(self, req, body, count)
   if thinking then
     local budget = int(thinking.budget_tokens)
     local why = (not budget or budget < 1024) and "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
-      or budget >= int(body.max_tokens) and "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our "
+      -- (count_tokens has no max_tokens: its thinking is the prompt's, taken)
+      or not count and budget >= int(body.max_tokens) and "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our "
         .. "documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size"
       or forced_tool(body) and "Thinking may not be enabled when tool_choice forces tool use."
       -- (a spec that set both passed here and failed in production)
