@@ -237,14 +237,25 @@ end
 -- conversation, drop a field or try another model, and the client got only
 -- the rule that matched ("400 context_length"). Never for its auth trouble
 -- or its limits, which are the gateway's, not the request's.
--- -> { message, code, param } (each a string or nil) | nil
+-- -> { message, code, param, details } (each a string or nil; details a table) | nil
 local REQUEST_FAULTS = { [400] = true, [404] = true, [413] = true, [422] = true }
 local CLASS_CODE = { context_length = "context_length_exceeded", content_policy = "content_policy_violation" }
+-- Anthropic's error.details: its error_code picks the SDK's class (`400 image_dimensions_too_large`
+-- is ImageDimensionsTooLargeError, its paths and limit in err.details), which apps catch to resize
+-- an image or drop a tool; without it the client got a bare BadRequestError and errorCode null.
+-- Kept whole when small and free of secrets, else its error_code alone | nil
+local function error_details(d)
+  if type(d) ~= "table" or type(d.error_code) ~= "string" or #d.error_code > 100 then return nil end
+  local ok, text = pcall(json.encode, d)
+  if ok and #text <= 4096 and resil.redact(text) == text and valid_utf8(text) == text then return d end
+  return { error_code = valid_utf8(resil.redact(d.error_code)) }
+end
 local function upstream_error(err, status)
   local res = err.response
   if not REQUEST_FAULTS[status] or tonumber(err.status) ~= status then return nil end
   if res == nil and type(err.upstream_message) == "string" then -- (kept under an Idempotency-Key)
-    return { message = err.upstream_message, code = err.upstream_code, param = err.upstream_param }
+    return { message = err.upstream_message, code = err.upstream_code, param = err.upstream_param,
+      details = type(err.upstream_details) == "string" and json.decode(err.upstream_details) or nil }
   end
   if type(res) ~= "table" or type(res.body) ~= "string" then return nil end
   local body = json.decode(res.body)
@@ -253,7 +264,8 @@ local function upstream_error(err, status)
   -- (redacted before it is cut, and the code and param too: the upstream may echo the gateway's
   -- key in any of them; one cut across it was no longer the secret, its first bytes relayed)
   local function text(v, most) return type(v) == "string" and v ~= "" and valid_utf8(resil.redact(v):sub(1, most)) or nil end
-  return { message = text(e.message, 2000), code = text(e.code, 100), param = text(e.param, 200) }
+  return { message = text(e.message, 2000), code = text(e.code, 100), param = text(e.param, 200),
+    details = error_details(e.details) }
 end
 
 -- an error from policies.ai as the client's API says it; one ai raised (a
@@ -333,6 +345,7 @@ local function ai_error_reply(api, err)
     msg = "a request with this Idempotency-Key is still being served; retry it shortly"
   end
   return error_reply(api, status, public_message(msg), { headers = headers, code = code, param = up.param,
+    details = up.details, -- (Anthropic's shape only: OpenAI's has no place for it)
     type = code == "insufficient_quota" and (api == "anthropic" and "rate_limit_error" or "insufficient_quota") or nil })
 end
 
@@ -1583,11 +1596,14 @@ end
 
 -- a failure kept under an Idempotency-Key keeps what the upstream said of it, in fields of its own:
 -- the store keeps an error's own fields, not its response (a replay said "HTTP 400: ..." with the
--- upstream's code and param lost)
+-- upstream's code and param lost), and no table among them (the details as their JSON)
 local function keep_upstream(err)
   if type(err) ~= "table" then return end
   local up = upstream_error(err, status_of(err))
-  if up then err.upstream_message, err.upstream_code, err.upstream_param = up.message, up.code, up.param end
+  if up then
+    err.upstream_message, err.upstream_code, err.upstream_param = up.message, up.code, up.param
+    err.upstream_details = up.details and json.encode(up.details) or nil
+  end
 end
 
 -- fn(r) under an Idempotency-Key: run to its end by resil.once, keep(v) making its answer what
@@ -2358,7 +2374,8 @@ local function count_tokens(req)
     local headers = status ~= res.status and { ["x-should-retry"] = "false" } or nil
     if type(after) == "string" and after:find("^%d+$") then headers = { ["retry-after"] = after } end
     return refuse(status, public_message(tostring(e.message or ("the upstream answered " .. res.status))),
-      { type = status == res.status and type(e.type) == "string" and e.type or nil, headers = headers })
+      { type = status == res.status and type(e.type) == "string" and e.type or nil, headers = headers,
+        details = REQUEST_FAULTS[status] and error_details(e.details) or nil })
   end
   return anthropic_id(with_id({ status = 200, headers = { ["content-type"] = "application/json",
     ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model }, body = res.body }, id), "anthropic")

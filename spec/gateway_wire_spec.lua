@@ -37,6 +37,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "anthropic: countTokens holds a permit, has its own bucket at the key's rpm, and meets an open breaker (or falls back)",
     "what the other API cannot say is BadRequestError naming it: logprobs for Anthropic, a prefill for OpenAI",
     "openai: a tool conversation's last turn without tools is served by Anthropic",
+    "anthropic: an upstream 400's details reach the SDK, its class picked by their error_code",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

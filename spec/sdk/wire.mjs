@@ -374,3 +374,25 @@ await check('openai: a tool conversation\'s last turn without tools is served by
   const s = await oai().chat.completions.stream({ model: 'claude-strict', messages: msgs }).finalChatCompletion();
   expect(s.choices[0].message.content === 'Paris', JSON.stringify(s.choices[0]));
 });
+
+// Anthropic's error.details.error_code picks the SDK's class (ImageDimensionsTooLargeError, its
+// paths and limit in err.details), which an app catches to resize the image: the gateway relayed
+// the message alone, a bare BadRequestError with errorCode null, whole, streamed, counted or replayed
+await check('anthropic: an upstream 400\'s details reach the SDK, its class picked by their error_code', async () => {
+  const PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk';
+  const req = { model: 'claude-images', max_tokens: 20, messages: [{ role: 'user', content: [{ type: 'text', text: 'what is it?' },
+    { type: 'image', source: { type: 'base64', media_type: 'image/png', data: PNG } }] }] };
+  const { max_tokens, ...counted } = req;
+  for (const [how, call] of [['whole', () => ant().messages.create(req)],
+    ['streamed', () => ant().messages.stream(req).finalMessage()],
+    ['counted', () => ant().messages.countTokens(counted)],
+    ['kept', () => ant().messages.create(req, { headers: { 'Idempotency-Key': 'image-too-large' } })],
+    ['replayed', () => ant().messages.create(req, { headers: { 'Idempotency-Key': 'image-too-large' } })]]) {
+    const e = await rejects(call(), Anthropic.ImageDimensionsTooLargeError, how);
+    expect(e.status === 400 && e.errorCode === 'image_dimensions_too_large' && e.details.max_side_length_pixels === 8000 &&
+      e.details.paths[0] === 'messages.0.content.1', `${how}: ${e.errorCode} ${JSON.stringify(e.details)}`);
+  }
+  const o = await rejects(oai().chat.completions.create({ model: 'claude-images', messages: [{ role: 'user', content: 'hi' }] }),
+    OpenAI.BadRequestError, 'an OpenAI client');
+  expect(/image dimensions exceed/.test(o.message) && o.error.details === undefined, `openai: ${JSON.stringify(o.error)}`);
+});

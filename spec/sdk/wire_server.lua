@@ -78,6 +78,13 @@ local held = assert(resil.server.listen({ port = 0, tasks = true, handler = func
     usage = { input_tokens = 9, output_tokens = 1 } })
 end }))
 local broken = assert(resil.mock.start({ routes = { ["POST /v1/messages"] = function() return ERROR end } }))
+-- an Anthropic upstream that refuses an image too large, with the error details its SDK reads
+local IMAGE_TOO_LARGE = { status = 400, headers = { ["content-type"] = "application/json" }, body = json.encode({
+  type = "error", request_id = "req_up", error = { type = "invalid_request_error",
+    message = "messages.0.content.1.image: image dimensions exceed max allowed size: 8000 pixels",
+    details = { error_code = "image_dimensions_too_large", max_side_length_pixels = 8000, paths = { "messages.0.content.1" } } } }) }
+local images = assert(resil.mock.start({ routes = { ["POST /v1/messages"] = function() return IMAGE_TOO_LARGE end,
+  ["POST /v1/messages/count_tokens"] = function() return IMAGE_TOO_LARGE end } }))
 
 local fast = { base = 0.001, cap = 0.005 }
 ai.configure("openai", { base_url = up.url .. "/v1", api_key = "sk-test-123456", retry = fast })
@@ -88,6 +95,8 @@ ai.adapters.strictanthropic = require "policies.providers.anthropic"
 ai.configure("strictanthropic", { base_url = strict.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.heldanthropic = require "policies.providers.anthropic"
 ai.configure("heldanthropic", { base_url = ("http://127.0.0.1:%d"):format(held:port()), api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.imagesanthropic = require "policies.providers.anthropic"
+ai.configure("imagesanthropic", { base_url = images.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.brokenanthropic = require "policies.providers.anthropic"
 ai.configure("brokenanthropic", { base_url = broken.url, api_key = "sk-ant-test-123456", retry = fast,
   breaker = { min_calls = 2, failure_rate = 0.5, window = 60, open_for = 600 } })
@@ -98,6 +107,7 @@ gateway.configure({ auth = true, queue = 0, key_cache = 0, idempotency_keep_max 
   ["claude-strict"] = "strictanthropic/claude-haiku-4-5",
   ["claude-held"] = "heldanthropic/claude-haiku-4-5",
   ["claude-broken"] = "brokenanthropic/claude-haiku-4-5",
+  ["claude-images"] = "imagesanthropic/claude-haiku-4-5",
   -- (a chat falls back from the broken target: so does a count)
   ["claude-fallback"] = { model = "brokenanthropic/claude-haiku-4-5", fallback = { "strictanthropic/claude-haiku-4-5" } },
 } })
