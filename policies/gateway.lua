@@ -109,7 +109,7 @@ local OPENAI_TYPE = { [400] = "invalid_request_error", [401] = "invalid_request_
   [404] = "invalid_request_error", [408] = "timeout", [409] = "invalid_request_error", [413] = "invalid_request_error",
   [405] = "invalid_request_error", [422] = "invalid_request_error", [429] = "rate_limit_exceeded",
   [500] = "server_error", [502] = "server_error", [503] = "server_error", [504] = "timeout", [529] = "server_error" }
-local ANTHROPIC_TYPE = { [400] = "invalid_request_error", [401] = "authentication_error",
+local ANTHROPIC_TYPE = { [400] = "invalid_request_error", [401] = "authentication_error", [402] = "billing_error",
   [403] = "permission_error", [404] = "not_found_error", [405] = "invalid_request_error", [409] = "invalid_request_error",
   [413] = "request_too_large", [422] = "invalid_request_error", [429] = "rate_limit_error",
   [500] = "api_error", [502] = "api_error", [503] = "api_error", [504] = "timeout_error",
@@ -346,7 +346,11 @@ local function ai_error_reply(api, err)
   end
   return error_reply(api, status, public_message(msg), { headers = headers, code = code, param = up.param,
     details = up.details, -- (Anthropic's shape only: OpenAI's has no place for it)
-    type = code == "insufficient_quota" and (api == "anthropic" and "rate_limit_error" or "insufficient_quota") or nil })
+    -- (Anthropic's own type for its status: a quota's 429 rate_limit_error, its 402 billing_error, its
+    -- 400 "credit balance is too low" invalid_request_error; a 400 typed rate_limit_error was backed
+    -- off on and tried again by a client that reads error.type)
+    type = code == "insufficient_quota" and (api == "anthropic" and (ANTHROPIC_TYPE[status] or "rate_limit_error")
+      or "insufficient_quota") or nil })
 end
 
 local STOP_REASON = { stop = "end_turn", length = "max_tokens", tool_calls = "tool_use",

@@ -396,3 +396,15 @@ await check('anthropic: an upstream 400\'s details reach the SDK, its class pick
     OpenAI.BadRequestError, 'an OpenAI client');
   expect(/image dimensions exceed/.test(o.message) && o.error.details === undefined, `openai: ${JSON.stringify(o.error)}`);
 });
+
+// an upstream out of credit (a quota: not retried, by the gateway or the SDK) keeps the type
+// Anthropic gives its status: a 400 and a 402 typed rate_limit_error were a rate limit to a
+// client that reads error.type, backed off on and tried again
+await check('anthropic: an upstream out of credit is billing_error (402) or invalid_request_error (400), not a rate limit', async () => {
+  for (const [model, cls, type] of [['claude-402', Anthropic.PaymentRequiredError, 'billing_error'],
+    ['claude-400-credit', Anthropic.BadRequestError, 'invalid_request_error']]) {
+    const e = await rejects(ant().messages.create({ model, max_tokens: 20, messages: [{ role: 'user', content: 'hi' }] }), cls, model);
+    expect(e.type === type && e.headers.get('x-should-retry') === 'false',
+      `${model}: ${e.type} ${e.headers.get('x-should-retry')} ${e.apiMessage}`);
+  }
+});

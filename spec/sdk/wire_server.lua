@@ -83,6 +83,14 @@ local IMAGE_TOO_LARGE = { status = 400, headers = { ["content-type"] = "applicat
   type = "error", request_id = "req_up", error = { type = "invalid_request_error",
     message = "messages.0.content.1.image: image dimensions exceed max allowed size: 8000 pixels",
     details = { error_code = "image_dimensions_too_large", max_side_length_pixels = 8000, paths = { "messages.0.content.1" } } } }) }
+-- an Anthropic upstream whose account is out of credit, as the API says it: a 402, or a 400
+local function out_of_credit(req)
+  local status = json.decode(req.body).model == "claude-haiku-4-5" and 402 or 400
+  return { status = status, headers = { ["content-type"] = "application/json" }, body = json.encode({ type = "error",
+    error = { type = status == 402 and "billing_error" or "invalid_request_error",
+      message = "Your credit balance is too low to access the Anthropic API." } }) }
+end
+local broke = assert(resil.mock.start({ routes = { ["POST /v1/messages"] = out_of_credit } }))
 local images = assert(resil.mock.start({ routes = { ["POST /v1/messages"] = function() return IMAGE_TOO_LARGE end,
   ["POST /v1/messages/count_tokens"] = function() return IMAGE_TOO_LARGE end } }))
 
@@ -95,6 +103,8 @@ ai.adapters.strictanthropic = require "policies.providers.anthropic"
 ai.configure("strictanthropic", { base_url = strict.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.heldanthropic = require "policies.providers.anthropic"
 ai.configure("heldanthropic", { base_url = ("http://127.0.0.1:%d"):format(held:port()), api_key = "sk-ant-test-123456", retry = fast })
+ai.adapters.brokeanthropic = require "policies.providers.anthropic"
+ai.configure("brokeanthropic", { base_url = broke.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.imagesanthropic = require "policies.providers.anthropic"
 ai.configure("imagesanthropic", { base_url = images.url, api_key = "sk-ant-test-123456", retry = fast })
 ai.adapters.brokenanthropic = require "policies.providers.anthropic"
@@ -108,6 +118,8 @@ gateway.configure({ auth = true, queue = 0, key_cache = 0, idempotency_keep_max 
   ["claude-held"] = "heldanthropic/claude-haiku-4-5",
   ["claude-broken"] = "brokenanthropic/claude-haiku-4-5",
   ["claude-images"] = "imagesanthropic/claude-haiku-4-5",
+  ["claude-402"] = "brokeanthropic/claude-haiku-4-5",
+  ["claude-400-credit"] = "brokeanthropic/claude-sonnet-4-5",
   -- (a chat falls back from the broken target: so does a count)
   ["claude-fallback"] = { model = "brokenanthropic/claude-haiku-4-5", fallback = { "strictanthropic/claude-haiku-4-5" } },
 } })
