@@ -1221,11 +1221,17 @@ local function anthropic_stream(s, first, id, model, headers, req, stop_list)
         cache_creation = { ephemeral_5m_input_tokens = 0, ephemeral_1h_input_tokens = 0 },
         server_tool_use = null, service_tier = null, inference_geo = null, speed = null,
         output_tokens_details = null } } }))
-    write(sse("content_block_start", { type = "content_block_start", index = 0,
-      content_block = { type = "text", text = "" } }))
-    local cutter, stopped = stop_list and stops.cutter(stop_list), nil
+    -- (the text block starts with its first text: an answer without any, cut at max_tokens before
+    -- it wrote any, is content [] as the API streams it and as its whole answer is; an empty text
+    -- block, sent back as the assistant's turn, is refused: "text content blocks must be non-empty")
+    local cutter, stopped, started = stop_list and stops.cutter(stop_list), nil, false
     local function send(text)
       if text ~= "" then
+        if not started then
+          started = true
+          write(sse("content_block_start", { type = "content_block_start", index = 0,
+            content_block = { type = "text", text = "" } }))
+        end
         write(sse("content_block_delta", { type = "content_block_delta", index = 0,
           delta = { type = "text_delta", text = text } }))
       end
@@ -1245,15 +1251,13 @@ local function anthropic_stream(s, first, id, model, headers, req, stop_list)
     local r, ended = s:result()
     r = r or (stopped and type(ended) == "table" and { usage = ended.usage, stop_reason = "stop_sequence",
       stop_sequence = stopped }) or {}
-    if (r.text or "") == "" and type(r.refusal) == "string" then -- (an OpenAI refusal: the text of the answer)
-      write(sse("content_block_delta", { type = "content_block_delta", index = 0,
-        delta = { type = "text_delta", text = r.refusal } }))
-    end
-    write(sse("content_block_stop", { type = "content_block_stop", index = 0 }), true)
+    -- (an OpenAI refusal: the text of the answer)
+    if (r.text or "") == "" and type(r.refusal) == "string" then send(r.refusal) end
+    if started then write(sse("content_block_stop", { type = "content_block_stop", index = 0 }), true) end
     -- the usage as counted (message_start's input_tokens was an estimate): the SDK takes these totals
     write(sse("message_delta", { type = "message_delta", delta = { stop_reason = stop_reason_of(r),
       stop_sequence = type(r.stop_sequence) == "string" and r.stop_sequence or null, stop_details = null,
-      container = null }, usage = translated_usage(r.usage) }))
+      container = null }, usage = translated_usage(r.usage) }), not started)
     write(sse("message_stop", { type = "message_stop" }))
   end }
 end

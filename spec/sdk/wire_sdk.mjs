@@ -388,3 +388,14 @@ await check('anthropic: an answer translated from OpenAI without text has conten
   const m = await ant().messages.create({ model: 'claude-or-o3', max_tokens: 30, messages: msgs });
   expect(Array.isArray(m.content) && m.content.length === 0 && m.stop_reason === 'max_tokens', JSON.stringify(m));
 });
+
+// streamed, its text block was started before any text came: the SDK's message held the empty block
+await check('anthropic: a stream translated from OpenAI without text has content [], not an empty text block', async () => {
+  const s = ant().messages.stream({ model: 'claude-or-o3', max_tokens: 30, messages: msgs });
+  const events = [];
+  s.on('streamEvent', (e) => events.push(e.type));
+  const m = await s.finalMessage();
+  expect(Array.isArray(m.content) && m.content.length === 0 && m.stop_reason === 'max_tokens', JSON.stringify(m));
+  expect(events.join(' ') === 'message_start message_delta message_stop', events.join(' '));
+  expect(m.usage.output_tokens === 30, JSON.stringify(m.usage));
+});
