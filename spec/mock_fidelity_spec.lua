@@ -533,6 +533,37 @@ describe("the strict mock's extended thinking", function()
       temperature = 0.7 }).status)
     m:stop()
   end)
+
+  -- (a tool loop whose last call another API's model made, without thinking: the mock served it,
+  -- the API refuses it, and every next turn of such a loop failed in production only)
+  it("refuses a tool loop whose last assistant turn does not start with its thinking, as the API does", function()
+    local m = assert(resil.mock.start({ strict = true }))
+    local thinking = { type = "enabled", budget_tokens = 1024 }
+    local tools = { { name = "get_weather", input_schema = { type = "object" } } }
+    local function loop(assistant, last)
+      return { { role = "user", content = "Weather in Paris?" }, { role = "assistant", content = assistant },
+        last or { role = "user", content = { { type = "tool_result", tool_use_id = "toolu_1", content = "18C" } } } }
+    end
+    local use = { type = "tool_use", id = "toolu_1", name = "get_weather", input = { city = "Paris" } }
+    local res = anthropic(m, { model = "claude-sonnet-4-5", max_tokens = 2000, thinking = thinking, tools = tools,
+      messages = loop({ { type = "text", text = "Checking." }, use }) })
+    assert.are.equal(400, res.status, res.body) -- (was: 200)
+    assert.matches("messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found `text`",
+      json.decode(res.body).error.message, 1, true)
+    for _, served in ipairs({
+      { thinking = thinking, messages = loop({ { type = "thinking", thinking = "Hm.", signature = "sig" }, use }) },
+      { thinking = thinking, messages = loop({ { type = "redacted_thinking", data = "x" }, use }) },
+      { messages = loop({ use }) }, -- (thinking off: no thinking is due)
+      -- (the loop over: a new question after its results)
+      { thinking = thinking, messages = { loop({ use })[1], loop({ use })[2], loop({ use })[3],
+        { role = "assistant", content = "18C in Paris." }, { role = "user", content = "And Rome?" } } },
+    }) do
+      served.model, served.max_tokens, served.tools = "claude-sonnet-4-5", 2000, tools
+      res = anthropic(m, served)
+      assert.are.equal(200, res.status, res.body)
+    end
+    m:stop()
+  end)
 end)
 
 describe("the mock's Anthropic count_tokens", function()

@@ -1240,7 +1240,8 @@ local function anthropic_refusal(self, req, body, count)
       .. "using 'type' does not match any of the expected tags: 'auto', 'any', 'tool', 'none'"):format(tostring(tc.type))) }
   end
   local bad = self.scenario.strict and (wire.anthropic_messages(body.messages) or wire.anthropic_tools(body.tools)
-    or wire.anthropic_tool_choice(tc, body.tools) or wire.anthropic_tools_defined(body.messages, body.tools))
+    or wire.anthropic_tool_choice(tc, body.tools) or wire.anthropic_tools_defined(body.messages, body.tools)
+    or thinking and wire.anthropic_thinking_turn(body.messages))
   if bad then return { status = 400, body = anthropic_error(400, "invalid_request_error", bad) } end
   return nil
 end

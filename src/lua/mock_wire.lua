@@ -277,6 +277,42 @@ function wire.anthropic_tools_defined(messages, tools)
   return nil
 end
 
+-- wire.anthropic_thinking_turn(messages) -> nil | message: with extended thinking enabled, the
+-- last assistant turn of a tool loop (the conversation ends in its tool results) starts with its
+-- thinking, as the API answered it: one without (written by another API's model, which thinks
+-- nothing back) is refused
+function wire.anthropic_thinking_turn(messages)
+  if type(messages) ~= "table" then return nil end
+  local i = #messages
+  local results = false
+  while i >= 1 and type(messages[i]) == "table" and messages[i].role == "user" do
+    for _, b in ipairs(blocks_of(messages[i].content)) do
+      if type(b) == "table" and b.type == "tool_result" then results = true end
+    end
+    i = i - 1
+  end
+  if not results then return nil end
+  local first = i -- (the assistant turn: its consecutive messages are one)
+  while first > 1 and type(messages[first - 1]) == "table" and messages[first - 1].role == "assistant" do
+    first = first - 1
+  end
+  local uses, lead = false, nil
+  for k = first, i do
+    for _, b in ipairs(blocks_of(type(messages[k]) == "table" and messages[k].content)) do
+      if type(b) == "table" then
+        lead = lead or b
+        if b.type == "tool_use" then uses = true end
+      end
+    end
+  end
+  if not uses or lead.type == "thinking" or lead.type == "redacted_thinking" then return nil end
+  return ("messages.%d.content.0.type: Expected `thinking` or `redacted_thinking`, but found `%s`. When "
+    .. "`thinking` is enabled, a final `assistant` message must start with a thinking block (preceeding the "
+    .. "lastmost set of `tool_use` and `tool_result` blocks). We recommend you include thinking blocks from "
+    .. "previous turns. To avoid this requirement, disable `thinking`. Please consult our documentation at "
+    .. "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"):format(first - 1, tostring(lead.type))
+end
+
 -- wire.anthropic_messages(messages) -> nil | message. Consecutive messages of
 -- one role are one turn, as the API combines them.
 function wire.anthropic_messages(messages)
