@@ -37,6 +37,7 @@ describe("the SDKs' helpers against the mock and the gateway", function()
     "anthropic: an answer translated from OpenAI has inference_geo, speed and output_tokens_details null",
     "anthropic: speed fast and inference_geo us are refused (unpriced), the standard ones served",
     "anthropic: an answer translated from OpenAI without text has content [], not an empty text block",
+    "anthropic: a tool loop a fallback served goes on at Anthropic with thinking on",
     "anthropic: a stream translated from OpenAI without text has content [], not an empty text block",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)

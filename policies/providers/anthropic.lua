@@ -156,6 +156,37 @@ local function tools_called(msgs)
   return any and (tools or { { name = "tool", input_schema = { type = "object" } } }) or nil
 end
 
+-- Extended thinking with tool use: the API refuses a conversation in a tool loop (it ends in
+-- tool results) whose last assistant turn does not start with its thinking ("a final `assistant`
+-- message must start with a thinking block ... To avoid this requirement, disable `thinking`").
+-- That turn is one another provider answered (a fallback to OpenAI, whose model writes no
+-- thinking to send back): every next turn of the loop was a 400, even once Anthropic served again.
+-- -> whether the messages end so
+local function unthought_tool_turn(msgs)
+  local i, results = #msgs, false
+  while i >= 1 and type(msgs[i]) == "table" and msgs[i].role == "user" do
+    for _, b in ipairs(type(msgs[i].content) == "table" and msgs[i].content or {}) do
+      if type(b) == "table" and b.type == "tool_result" then results = true end
+    end
+    i = i - 1
+  end
+  if not results then return false end
+  local first = i -- (the assistant turn: consecutive messages are one)
+  while first > 1 and type(msgs[first - 1]) == "table" and msgs[first - 1].role == "assistant" do first = first - 1 end
+  local uses, lead = false, nil
+  for k = first, i do
+    local content = type(msgs[k]) == "table" and msgs[k].content
+    for _, b in ipairs(type(content) == "table" and content or {}) do
+      if type(b) == "table" then
+        lead = lead or b
+        if b.type == "tool_use" then uses = true end
+      end
+    end
+  end
+  return uses and lead.type ~= "thinking" and lead.type ~= "redacted_thinking"
+end
+local unthought_said = false
+
 -- anthropic.body(req, model, conf) -> the JSON body of a message
 function anthropic.body(req, model, conf)
   local system, msgs = messages.anthropic(req) -- (translated from OpenAI's shape: policies/messages.lua)
@@ -214,6 +245,15 @@ function anthropic.body(req, model, conf)
     for k, v in pairs(type(body.output_config) == "table" and body.output_config or {}) do config[k] = v end
     config.format = config.format or { type = "json_schema", schema = rf.json_schema.schema }
     body.output_config = config
+  end
+  -- (as the API's message advises: this turn is sent without thinking, the loop's next ones think again)
+  if type(body.thinking) == "table" and body.thinking.type == "enabled" and unthought_tool_turn(msgs) then
+    body.thinking = nil
+    if not unthought_said then
+      unthought_said = true
+      resil.log.warn("anthropic: a tool loop's last assistant turn has no thinking (another provider answered it): "
+        .. "sent without thinking, as the API requires", { model = model })
+    end
   end
   if req.stream then body.stream = true end
   for k, v in pairs(req.extra or {}) do body[k] = v end

@@ -389,6 +389,28 @@ await check('anthropic: an answer translated from OpenAI without text has conten
   expect(Array.isArray(m.content) && m.content.length === 0 && m.stop_reason === 'max_tokens', JSON.stringify(m));
 });
 
+// with extended thinking, a tool loop whose last call a fallback (OpenAI, which thinks nothing
+// back) made was refused by Anthropic at every next turn, once it served again: "a final
+// assistant message must start with a thinking block". That turn is sent without thinking
+await check('anthropic: a tool loop a fallback served goes on at Anthropic with thinking on', async () => {
+  const thinking = { type: 'enabled', budget_tokens: 1024 };
+  const tools = [{ name: 'get_weather', input_schema: schema }];
+  const first = await ant().messages.create({ model: 'claude-or-gpt', max_tokens: 2000, messages: msgs, thinking, tools,
+    tool_choice: { type: 'any' } });
+  const use = first.content.find((b) => b.type === 'tool_use');
+  expect(use && first.content[0].type !== 'thinking', `the fallback's answer ${JSON.stringify(first.content)}`);
+  const loop = [...msgs, { role: 'assistant', content: first.content },
+    { role: 'user', content: [{ type: 'tool_result', tool_use_id: use.id, content: 'sunny' }] }];
+  for (const [how, call] of [['whole', () => ant().messages.create({ model: 'claude', max_tokens: 2000, messages: loop, thinking, tools })],
+    ['streamed', () => ant().messages.stream({ model: 'claude', max_tokens: 2000, messages: loop, thinking, tools }).finalMessage()]]) {
+    const m = await call();
+    expect(m.stop_reason === 'end_turn' && m.content.some((b) => b.type === 'text'), `${how}: ${JSON.stringify(m.content)}`);
+  }
+  // (a loop whose last turn thought, Anthropic's own, keeps its thinking)
+  const own = await ant().messages.create({ model: 'claude', max_tokens: 2000, messages: msgs, thinking, tools });
+  expect(own.content[0].type === 'thinking', `thinking on: ${JSON.stringify(own.content)}`);
+});
+
 // streamed, its text block was started before any text came: the SDK's message held the empty block
 await check('anthropic: a stream translated from OpenAI without text has content [], not an empty text block', async () => {
   const s = ant().messages.stream({ model: 'claude-or-o3', max_tokens: 30, messages: msgs });
