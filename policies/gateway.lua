@@ -1633,9 +1633,18 @@ local function once_to_end(slot, r, once_spec, tpm, fn, keep)
   return res, err, not ran
 end
 
--- Anthropic's SDK reads its request id from `request-id` (err.requestID, _request_id)
+-- Anthropic's SDK reads its request id from `request-id` (err.requestID, _request_id); an error's
+-- body names it too, as the API's does (the SDK's ErrorResponse types request_id as never absent)
 local function anthropic_id(reply, api)
-  if api == "anthropic" and reply and reply.headers then reply.headers["request-id"] = reply.headers["x-request-id"] end
+  if api == "anthropic" and reply and reply.headers then
+    local id = reply.headers["x-request-id"]
+    reply.headers["request-id"] = id
+    local body = reply.body
+    if type(id) == "string" and (reply.status or 200) >= 400 and type(body) == "string" and body:byte(1) == 123
+      and body:find('"type":"error"', 1, true) and not body:find('"request_id":', 1, true) then
+      reply.body = '{"request_id":' .. json.encode(id) .. "," .. body:sub(2)
+    end
+  end
   return reply
 end
 

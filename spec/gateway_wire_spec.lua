@@ -39,6 +39,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "openai: a tool conversation's last turn without tools is served by Anthropic",
     "anthropic: an upstream 400's details reach the SDK, its class picked by their error_code",
     "anthropic: an upstream out of credit is billing_error (402) or invalid_request_error (400), not a rate limit",
+    "anthropic: an error's body names its request id, as its request-id header does",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

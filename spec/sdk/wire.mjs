@@ -408,3 +408,23 @@ await check('anthropic: an upstream out of credit is billing_error (402) or inva
       `${model}: ${e.type} ${e.headers.get('x-should-retry')} ${e.apiMessage}`);
   }
 });
+
+// the API's error body names its request id (the SDK's ErrorResponse.request_id, string | null, never
+// absent): the gateway's said it in its headers only, whichever refusal it was
+await check('anthropic: an error\'s body names its request id, as its request-id header does', async () => {
+  const req = { model: 'claude-strict', max_tokens: 20, messages: [{ role: 'user', content: 'hi' }] };
+  const cases = [
+    ['no max_tokens', () => ant().messages.create({ ...req, max_tokens: undefined }), Anthropic.BadRequestError],
+    ['an unknown key', () => new Anthropic({ apiKey: 'sk-nope', baseURL: url, maxRetries: 0 }).messages.create(req),
+      Anthropic.AuthenticationError],
+    ['an unknown model', () => ant().messages.create({ ...req, model: 'nobody/model' }), Anthropic.NotFoundError],
+    ['the upstream\'s 400', () => ant().messages.create({ ...req, temperature: 1.5 }), Anthropic.BadRequestError],
+    ['a count\'s 400', () => ant().messages.countTokens({ ...req }), Anthropic.BadRequestError],
+    ['a path not served', () => ant().messages.batches.list(), Anthropic.NotFoundError],
+  ];
+  for (const [what, call, cls] of cases) {
+    const e = await rejects(call(), cls, what);
+    expect(typeof e.requestID === 'string' && e.error.request_id === e.requestID && e.error.type === 'error',
+      `${what}: ${e.requestID} ${JSON.stringify(e.error)}`);
+  }
+});
