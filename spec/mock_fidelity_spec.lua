@@ -566,6 +566,26 @@ describe("the strict mock's extended thinking", function()
   end)
 end)
 
+describe("the mock's Anthropic errors", function()
+  -- (the API's error body names its request id; the SDK types ErrorResponse.request_id as never absent)
+  it("name their request id in their body, as their request-id header does", function()
+    local m = assert(resil.mock.start({ strict = true, faults = { { route = "messages", model = "claude-busy", status = 529 } } }))
+    for _, case in ipairs({
+      { 529, { model = "claude-busy", max_tokens = 20, messages = MSGS } },
+      { 400, { model = "claude-haiku-4-5", messages = MSGS } },
+      { 401, { model = "claude-haiku-4-5", max_tokens = 20, messages = MSGS }, { ["x-api-key"] = "" } },
+    }) do
+      local res = anthropic(m, case[2], case[3])
+      assert.are.equal(case[1], res.status, res.body)
+      local body = json.decode(res.body)
+      assert.are.equal("error", body.type)
+      assert.is_string(res.headers["request-id"])
+      assert.are.equal(res.headers["request-id"], body.request_id, res.body)
+    end
+    m:stop()
+  end)
+end)
+
 describe("the mock's Anthropic count_tokens", function()
   it("counts a prompt as a message's usage counts it, takes no answer's field, bills nothing", function()
     local m = assert(resil.mock.start({ strict = true }))

@@ -1922,6 +1922,12 @@ function Mock:handle(req)
     local name = flavor == "anthropic" and "request-id" or "x-request-id"
     reply.headers = reply.headers or {}
     reply.headers[name] = reply.headers[name] or request_id
+    -- (and Anthropic's error body names it: the SDK's ErrorResponse types request_id as never absent)
+    local body = reply.body
+    if flavor == "anthropic" and (reply.status or 200) >= 400 and type(body) == "string" and body:byte(1) == 123
+      and body:find('"type":"error"', 1, true) and not body:find('"request_id":', 1, true) then
+      reply.body = '{"request_id":' .. json.encode(reply.headers[name]) .. "," .. body:sub(2)
+    end
   end
   -- (a truncated answer too: the provider kept the answer it made, only its delivery was cut)
   if key and (not reply.action or reply.action == "truncate") and (reply.status or 200) < 300 then
