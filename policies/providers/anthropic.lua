@@ -30,8 +30,10 @@ function anthropic.url(base) return base .. "/v1/messages" end
 -- Token counting (free, exact, rate-limited apart from messages): the gateway asks it for an
 -- Anthropic client's messages.countTokens, whose body is already this API's (its model swapped in)
 function anthropic.count_tokens_url(base) return base .. "/v1/messages/count_tokens" end
+local without_unthought -- (below: a tool loop a fallback served is counted as it is sent)
 function anthropic.count_tokens_body(b, model)
   b.model = model
+  without_unthought(b)
   return b
 end
 
@@ -186,6 +188,18 @@ local function unthought_tool_turn(msgs)
   return uses and lead.type ~= "thinking" and lead.type ~= "redacted_thinking"
 end
 local unthought_said = false
+-- a body's thinking left out when its messages end so (said once)
+function without_unthought(body)
+  if type(body.thinking) == "table" and body.thinking.type == "enabled" and type(body.messages) == "table"
+    and unthought_tool_turn(body.messages) then
+    body.thinking = nil
+    if not unthought_said then
+      unthought_said = true
+      resil.log.warn("anthropic: a tool loop's last assistant turn has no thinking (another provider answered it): "
+        .. "sent without thinking, as the API requires", { model = body.model })
+    end
+  end
+end
 
 -- anthropic.body(req, model, conf) -> the JSON body of a message
 function anthropic.body(req, model, conf)
@@ -247,14 +261,7 @@ function anthropic.body(req, model, conf)
     body.output_config = config
   end
   -- (as the API's message advises: this turn is sent without thinking, the loop's next ones think again)
-  if type(body.thinking) == "table" and body.thinking.type == "enabled" and unthought_tool_turn(msgs) then
-    body.thinking = nil
-    if not unthought_said then
-      unthought_said = true
-      resil.log.warn("anthropic: a tool loop's last assistant turn has no thinking (another provider answered it): "
-        .. "sent without thinking, as the API requires", { model = model })
-    end
-  end
+  without_unthought(body)
   if req.stream then body.stream = true end
   for k, v in pairs(req.extra or {}) do body[k] = v end
   return body

@@ -406,6 +406,9 @@ await check('anthropic: a tool loop a fallback served goes on at Anthropic with 
     const m = await call();
     expect(m.stop_reason === 'end_turn' && m.content.some((b) => b.type === 'text'), `${how}: ${JSON.stringify(m.content)}`);
   }
+  // (and counted as it is sent: the count was the API's 400)
+  const count = await ant().messages.countTokens({ model: 'claude', messages: loop, thinking, tools });
+  expect(count.input_tokens > 0, `counted: ${JSON.stringify(count)}`);
   // (a loop whose last turn thought, Anthropic's own, keeps its thinking)
   const own = await ant().messages.create({ model: 'claude', max_tokens: 2000, messages: msgs, thinking, tools });
   expect(own.content[0].type === 'thinking', `thinking on: ${JSON.stringify(own.content)}`);
