@@ -361,6 +361,11 @@ local STOP_REASON = { stop = "end_turn", length = "max_tokens", tool_calls = "to
 local function stop_reason_of(r)
   if type(r.stop_reason) == "string" and r.stop_reason:match("^[%w_]+$") then return r.stop_reason end
   if type(r.refusal) == "string" and (r.text or "") == "" then return "refusal" end -- (OpenAI's refusal field)
+  -- (an answer that ends in tool calls is tool_use, as Anthropic always says it, also where a compatible
+  -- server said "stop" (Gemini's, some vLLM's): end_turn ended the SDK's toolRunner, and a client's
+  -- loop on stop_reason, with the calls never run)
+  local f = r.finish_reason
+  if r.tool_calls and r.tool_calls[1] and (f == "stop" or f == nil) then return "tool_use" end
   return STOP_REASON[r.finish_reason] or "end_turn"
 end
 

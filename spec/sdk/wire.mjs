@@ -428,3 +428,18 @@ await check('anthropic: an error\'s body names its request id, as its request-id
       `${what}: ${e.requestID} ${JSON.stringify(e.error)}`);
   }
 });
+
+// a compatible server that ends its tool calls with finish_reason "stop" (Gemini's, some vLLM
+// versions): its answer said end_turn to an Anthropic client, whose SDK's toolRunner (and any loop
+// on stop_reason, as Anthropic's docs write one) ended there, the calls never run
+await check('anthropic: tool calls a compatible server ended with "stop" are stop_reason tool_use, whole and streamed', async () => {
+  const req = { model: 'openai/stop-compat', max_tokens: 100, messages: [{ role: 'user', content: 'weather in Paris?' }],
+    tools: [{ name: 'get_weather', input_schema: { type: 'object', properties: { city: { type: 'string' } } } }] };
+  for (const [how, m] of [['whole', await ant().messages.create(req)], ['streamed', await ant().messages.stream(req).finalMessage()]]) {
+    const use = m.content.find((b) => b.type === 'tool_use');
+    expect(m.stop_reason === 'tool_use' && use?.input?.city === 'Paris', `${how}: ${m.stop_reason} ${JSON.stringify(m.content)}`);
+  }
+  // (a text answer of such a server is still end_turn)
+  const text = await ant().messages.create({ ...req, model: 'openai/gpt-4o-mini' });
+  expect(text.stop_reason === 'end_turn', `text: ${text.stop_reason}`);
+});

@@ -41,6 +41,19 @@ local up = assert(resil.mock.start({ routes = {
           choices = setmetatable({}, json.array_mt), usage = { prompt_tokens = 12, completion_tokens = 9, total_tokens = 21 } })
         .. "\n\ndata: [DONE]\n\n")
     end
+    -- a compatible server that ends tool calls with finish_reason "stop" (Gemini's, some vLLM versions)
+    if last.openai.model == "stop-compat" then
+      local call = { id = "call_s", name = "get_weather", arguments = '{"city":"Paris"}' }
+      if last.openai.stream then
+        return streams.reply(streams.openai({ content = "Checking.", tool_calls = { call }, finish_reason = "stop",
+          usage = { prompt_tokens = 12, completion_tokens = 9 } }))
+      end
+      return answer({ id = "chatcmpl-s", object = "chat.completion", created = 1, model = "stop-compat",
+        choices = { { index = 0, finish_reason = "stop", logprobs = json.null, message = { role = "assistant",
+          content = "Checking.", refusal = json.null, tool_calls = { { id = call.id, type = "function",
+            ["function"] = { name = call.name, arguments = call.arguments } } } } } },
+        usage = { prompt_tokens = 12, completion_tokens = 9, total_tokens = 21 } })
+    end
     if last.openai.stream then
       return streams.reply(streams.openai({ content = "ok", usage = { prompt_tokens = 12, completion_tokens = 1 } }))
     end
