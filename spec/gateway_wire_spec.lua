@@ -41,6 +41,7 @@ describe("the wire formats through the gateway, read by the official SDKs", func
     "anthropic: an upstream out of credit is billing_error (402) or invalid_request_error (400), not a rate limit",
     "anthropic: an error's body names its request id, as its request-id header does",
     "anthropic: tool calls a compatible server ended with \"stop\" are stop_reason tool_use, whole and streamed",
+    "tool calls a compatible server sent without an id get one, for either API's client, whole and streamed",
   }
   helpers.sdk_checks(it, CHECKS, function() return results, out end)
 end)

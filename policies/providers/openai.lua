@@ -318,6 +318,12 @@ end
 -- a decoded JSON object (a table that is not an array: [] decodes with json.array_mt)
 local function is_object(v) return type(v) == "table" and v[1] == nil and getmetatable(v) ~= json.array_mt end
 
+-- A tool call's id where the server sent none (DeepSeek's through some hosts, streamed): the
+-- client answers the call by its id (an OpenAI tool message's tool_call_id, Anthropic's
+-- tool_use_id, which it requires), and the SDK's stream helper refused a call without one
+-- ("missing choices[0].tool_calls[0].id"). Random: ids must differ across a conversation's turns.
+local function new_call_id() return "call_" .. resil.crypto.sha256(resil.crypto.random(12)):sub(1, 24) end
+
 -- -> the calls | nil | nil, why. Arguments that are not a JSON object are
 -- the model's garbage (invalid output, tried again), unless the answer was
 -- cut at max_tokens: passed on, an Anthropic client got them as input = {}
@@ -337,6 +343,8 @@ local function tool_calls_of(calls, cut)
     if type(args) == "string" and not cut and not is_object(json.decode(args)) then
       return nil, ("tool call %d (%s): its arguments are not a JSON object"):format(i, tostring(f.name))
     end
+    -- (given one in the answer too, which an OpenAI client is relayed)
+    if type(c) == "table" and (type(c.id) ~= "string" or c.id == "") then c.id = new_call_id() end
     out[i] = { id = c.id, name = f.name, arguments = args }
   end
   return out
@@ -428,6 +436,8 @@ local function gather_calls(state, deltas)
       -- as the API does: Gemini sends no index, some vLLM versions no type, and the SDKs'
       -- stream helpers failed on either)
       if d.index == nil then d.index = at end
+      -- (a call's first delta without an id gets one, relayed and recorded alike)
+      if c.id == nil and (type(d.id) ~= "string" or d.id == "") then d.id = new_call_id() end
       if type(d.id) == "string" and d.id ~= "" and d.type == nil then d.type = "function" end
       local f = type(d["function"]) == "table" and d["function"] or {}
       if type(d.id) == "string" and d.id ~= "" then c.id = d.id end

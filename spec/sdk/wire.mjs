@@ -443,3 +443,30 @@ await check('anthropic: tool calls a compatible server ended with "stop" are sto
   const text = await ant().messages.create({ ...req, model: 'openai/gpt-4o-mini' });
   expect(text.stop_reason === 'end_turn', `text: ${text.stop_reason}`);
 });
+
+// a compatible server's tool calls without an id (DeepSeek's through some hosts): the OpenAI SDK's
+// stream helper raised "missing choices[0].tool_calls[0].id", and an Anthropic client's tool_use
+// had none to answer with a tool_result. Each gets one, unique, the same relayed and recorded
+await check('tool calls a compatible server sent without an id get one, for either API\'s client, whole and streamed', async () => {
+  const otools = [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object' } } }];
+  const seen = new Set();
+  for (const [how, get] of [['whole', () => oai().chat.completions.create({ model: 'openai/noid-compat', messages: [{ role: 'user', content: 'hi' }], tools: otools })],
+    ['streamed', () => oai().chat.completions.stream({ model: 'openai/noid-compat', messages: [{ role: 'user', content: 'hi' }], tools: otools }).finalChatCompletion()]]) {
+    const calls = (await get()).choices[0].message.tool_calls;
+    expect(calls?.length === 2 && calls.every((c) => typeof c.id === 'string' && /^[A-Za-z0-9_-]+$/.test(c.id)),
+      `openai ${how}: ${JSON.stringify(calls)}`);
+    for (const c of calls) seen.add(c.id);
+  }
+  const req = { model: 'openai/noid-compat', max_tokens: 100, messages: [{ role: 'user', content: 'weather in Paris and Rome?' }],
+    tools: [{ name: 'get_weather', input_schema: { type: 'object', properties: { city: { type: 'string' } } } }] };
+  for (const [how, m] of [['whole', await ant().messages.create(req)], ['streamed', await ant().messages.stream(req).finalMessage()]]) {
+    const uses = m.content.filter((b) => b.type === 'tool_use');
+    expect(uses.length === 2 && uses.every((u) => typeof u.id === 'string' && u.id !== ''), `anthropic ${how}: ${JSON.stringify(m.content)}`);
+    for (const u of uses) seen.add(u.id);
+    // (its calls answered by their ids, as the next turn of the loop sends them, at Anthropic)
+    const next = await ant().messages.create({ ...req, model: 'claude-strict', messages: [...req.messages,
+      { role: 'assistant', content: m.content }, { role: 'user', content: uses.map((u) => ({ type: 'tool_result', tool_use_id: u.id, content: 'sunny' })) }] });
+    expect(next.content[0].type === 'text', `anthropic ${how}, next turn: ${JSON.stringify(next.content)}`);
+  }
+  expect(seen.size === 8, `ids not unique: ${[...seen]}`);
+});

@@ -41,6 +41,20 @@ local up = assert(resil.mock.start({ routes = {
           choices = setmetatable({}, json.array_mt), usage = { prompt_tokens = 12, completion_tokens = 9, total_tokens = 21 } })
         .. "\n\ndata: [DONE]\n\n")
     end
+    -- a compatible server whose tool calls have no id (DeepSeek's through some hosts, streamed or not)
+    if last.openai.model == "noid-compat" then
+      local calls = { { name = "get_weather", arguments = '{"city":"Paris"}' }, { name = "get_weather", arguments = '{"city":"Rome"}' } }
+      if last.openai.stream then
+        return streams.reply(streams.openai({ tool_calls = calls, finish_reason = "tool_calls",
+          usage = { prompt_tokens = 12, completion_tokens = 9 } }))
+      end
+      local out = {}
+      for i, c in ipairs(calls) do out[i] = { type = "function", ["function"] = { name = c.name, arguments = c.arguments } } end
+      return answer({ id = "chatcmpl-n", object = "chat.completion", created = 1, model = "noid-compat",
+        choices = { { index = 0, finish_reason = "tool_calls", logprobs = json.null, message = { role = "assistant",
+          content = json.null, refusal = json.null, tool_calls = out } } },
+        usage = { prompt_tokens = 12, completion_tokens = 9, total_tokens = 21 } })
+    end
     -- a compatible server that ends tool calls with finish_reason "stop" (Gemini's, some vLLM versions)
     if last.openai.model == "stop-compat" then
       local call = { id = "call_s", name = "get_weather", arguments = '{"city":"Paris"}' }
