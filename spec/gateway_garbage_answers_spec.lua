@@ -175,3 +175,85 @@ describe("garbage answers: text that is not UTF-8", function()
     end
   end)
 end)
+
+describe("garbage answers: tool call arguments that are not their JSON text", function()
+  -- (a compatible server's arguments as the object itself: the gateway raised translating them
+  -- for an Anthropic client, a 500 its SDK tried twice more, each answer billed; streamed, they
+  -- were lost; relayed, an OpenAI client's code parsed an object)
+  local TOOLS = {
+    openai = { { type = "function", ["function"] = { name = "get_weather", parameters = { type = "object" } } } },
+    anthropic = { { name = "get_weather", input_schema = { type = "object" } } } }
+  local function with_tools(url, api, stream)
+    local body = json.encode({ model = GPT, max_tokens = 100, stream = stream or nil, tools = TOOLS[api],
+      messages = { { role = "user", content = "weather?" } } })
+    if not stream then
+      local res = assert(http.request({ method = "POST", url = url .. path_of(api), headers = HEADERS, body = body }))
+      return res.status, res.body
+    end
+    local s = assert(http.stream({ method = "POST", url = url .. path_of(api), headers = HEADERS, body = body }))
+    local datas = {}
+    while true do
+      local e, err = s:read_event()
+      assert.is_nil(err)
+      if not e then return s.status, datas end
+      datas[#datas + 1] = json.decode(e.data) or e.data
+    end
+  end
+  local arguments
+  local function call(args, finish)
+    return { id = "call_1", type = "function", ["function"] = { name = "get_weather", arguments = args } }, finish
+  end
+  local function upstream(req)
+    local b = json.decode(req.body)
+    local c = call(arguments)
+    if b.stream then
+      return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+        chunk({ role = "assistant", content = json.null, tool_calls = { { index = 0, id = c.id, type = "function",
+          ["function"] = c["function"] } } }), chunk({}, "tool_calls"), "data: [DONE]\n\n" } }
+    end
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+      id = "chatcmpl-x", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+      choices = { { index = 0, message = { role = "assistant", content = json.null, tool_calls = { c } },
+        finish_reason = "tool_calls" } }, usage = { prompt_tokens = 5, completion_tokens = 2, total_tokens = 7 } }) }
+  end
+
+  it("an object is its text, null none, for either API's client, whole and streamed; a list is invalid output", function()
+    local url = start({ ["POST /v1/chat/completions"] = upstream })
+    for _, case in ipairs({ { { city = "Paris" }, "Paris" }, { json.null, nil } }) do
+      arguments = case[1]
+      local status, body = with_tools(url, "anthropic")
+      assert.are.equal(200, status, body) -- (was: a 500, "bad argument #1 to 'decode'")
+      local use = json.decode(body).content[1]
+      assert.are.equal("tool_use", use.type)
+      assert.are.equal(case[2], use.input.city)
+      status, body = with_tools(url, "openai")
+      assert.are.equal(200, status, body)
+      local args = json.decode(body).choices[1].message.tool_calls[1]["function"].arguments
+      assert.is_string(args, body) -- (was: the object, relayed)
+      assert.are.equal(case[2], json.decode(args).city)
+      if case[2] then
+        local datas
+        status, datas = with_tools(url, "anthropic", true)
+        local partial = ""
+        for _, d in ipairs(datas) do
+          if type(d) == "table" and d.type == "content_block_delta" then partial = partial .. d.delta.partial_json end
+        end
+        assert.are.equal("Paris", (json.decode(partial) or {}).city, json.encode(datas)) -- (was: lost, input {})
+        status, datas = with_tools(url, "openai", true)
+        local streamed = ""
+        for _, d in ipairs(datas) do
+          local delta = type(d) == "table" and d.choices and d.choices[1] and d.choices[1].delta
+          for _, tc in ipairs(delta and delta.tool_calls or {}) do streamed = streamed .. tc["function"].arguments end
+        end
+        assert.are.equal("Paris", json.decode(streamed).city, json.encode(datas))
+      end
+    end
+    -- (arguments that are a list, or a number, are the model's garbage: invalid output, not the gateway's 500)
+    for _, garbage in ipairs({ json.decode("[1]"), 5 }) do
+      arguments = garbage
+      local status, body = with_tools(url, "anthropic")
+      assert.are.equal(502, status, body)
+      assert.matches("not a JSON object", json.decode(body).error.message)
+    end
+  end)
+end)

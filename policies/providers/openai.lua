@@ -324,6 +324,19 @@ local function is_object(v) return type(v) == "table" and v[1] == nil and getmet
 -- ("missing choices[0].tool_calls[0].id"). Random: ids must differ across a conversation's turns.
 local function new_call_id() return "call_" .. resil.crypto.sha256(resil.crypto.random(12)):sub(1, 24) end
 
+-- A call's arguments as the object itself, not its JSON text (what some compatible servers send):
+-- its text, as the API sends it, in the answer or delta too. Relayed as they came, the client's
+-- SDK and code parsed an object; translated for Anthropic, the gateway raised (a 500 its SDK tried
+-- twice more, each answer billed) or, streamed, lost them.
+local function arguments_text(f)
+  local args = f.arguments
+  if type(args) == "table" and is_object(args) then
+    local ok, text = pcall(json.encode, args)
+    if ok then f.arguments = text end
+  end
+  return f.arguments
+end
+
 -- -> the calls | nil | nil, why. Arguments that are not a JSON object are
 -- the model's garbage (invalid output, tried again), unless the answer was
 -- cut at max_tokens: passed on, an Anthropic client got them as input = {}
@@ -338,9 +351,13 @@ local function tool_calls_of(calls, cut)
     if type(f) ~= "table" then
       return nil, ("tool call %d: not an object with a function {name, arguments}"):format(i)
     end
-    local args = f.arguments
-    if args == "" then args = "{}" end -- (what some compatible servers send for a tool without parameters)
-    if type(args) == "string" and not cut and not is_object(json.decode(args)) then
+    local args = arguments_text(f)
+    -- (what some compatible servers send for a tool without parameters: "{}", as the API sends it,
+    -- relayed too)
+    if args == "" or args == json.null then args, f.arguments = "{}", "{}" end
+    -- (arguments that are no text, a list say, are garbage too: the gateway raised on them)
+    if args ~= nil and type(args) ~= "string"
+      or type(args) == "string" and not cut and not is_object(json.decode(args)) then
       return nil, ("tool call %d (%s): its arguments are not a JSON object"):format(i, tostring(f.name))
     end
     -- (given one in the answer too, which an OpenAI client is relayed)
@@ -440,6 +457,7 @@ local function gather_calls(state, deltas)
       if c.id == nil and (type(d.id) ~= "string" or d.id == "") then d.id = new_call_id() end
       if type(d.id) == "string" and d.id ~= "" and d.type == nil then d.type = "function" end
       local f = type(d["function"]) == "table" and d["function"] or {}
+      arguments_text(f)
       if type(d.id) == "string" and d.id ~= "" then c.id = d.id end
       if type(f.name) == "string" and f.name ~= "" then c.name = f.name end
       if type(f.arguments) == "string" and f.arguments ~= "" then
