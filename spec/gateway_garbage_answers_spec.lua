@@ -257,3 +257,42 @@ describe("garbage answers: tool call arguments that are not their JSON text", fu
     end
   end)
 end)
+
+describe("compatible answers: content as a list of parts (Mistral's reasoning models)", function()
+  -- (read as no text, each answer was "empty content": refused as invalid output and bought again,
+  -- three answers paid for a 502)
+  it("is the text of its text parts, whole and streamed, for ai.chat and either API's client, each bought once", function()
+    local calls = 0
+    local parts = { { type = "thinking", thinking = { { type = "text", text = "The user greets." } } },
+      { type = "text", text = "Hello " }, { type = "text", text = "there." } }
+    local url, ai = start({ ["POST /v1/chat/completions"] = function(req)
+      calls = calls + 1
+      if json.decode(req.body).stream then
+        return { status = 200, headers = { ["content-type"] = "text/event-stream" }, chunks = {
+          chunk({ role = "assistant", content = "" }), chunk({ content = { parts[1] } }),
+          chunk({ content = { parts[2] } }), chunk({ content = { parts[3] } }), chunk({}, "stop"), "data: [DONE]\n\n" } }
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-x", object = "chat.completion", created = 1, model = "magistral-medium",
+        choices = { { index = 0, message = { role = "assistant", content = parts }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 5, completion_tokens = 9, total_tokens = 14 } }) }
+    end })
+    local r = assert(ai.chat({ model = GPT, messages = { { role = "user", content = "hi" } } }))
+    assert.are.equal("Hello there.", r.text)
+    local s = ai.stream({ model = GPT, messages = { { role = "user", content = "hi" } } })
+    local text = {}
+    for delta in s do text[#text + 1] = delta end
+    assert.are.equal("Hello there.", table.concat(text))
+    assert.are.equal(2, calls) -- (was: 6, each refused and tried again)
+    local status, body = ask(url, "anthropic", GPT)
+    assert.are.equal(200, status, body)
+    assert.are.equal("Hello there.", json.decode(body).content[1].text)
+    local datas, names = ask_stream(url, "anthropic", GPT)
+    local streamed = {}
+    for i, name in ipairs(names) do
+      if name == "content_block_delta" then streamed[#streamed + 1] = json.decode(datas[i]).delta.text end
+    end
+    assert.are.equal("Hello there.", table.concat(streamed))
+    assert.are.equal(4, calls)
+  end)
+end)

@@ -367,6 +367,27 @@ local function tool_calls_of(calls, cut)
   return out
 end
 
+-- A message's or delta's content -> its text, and the bytes of its thinking. A compatible server
+-- may send it as a list of parts, as Mistral's reasoning models do ({type = "text", text = ...} and
+-- {type = "thinking", thinking = {{type = "text", text = ...}}}): read as no text, each such answer
+-- was "empty content", refused and bought again, two more times, before a 502.
+local function content_text(content)
+  if type(content) == "string" then return content, 0 end
+  if type(content) ~= "table" or content[1] == nil then return nil, 0 end
+  local texts, thought = {}, 0
+  for _, part in ipairs(content) do
+    if type(part) == "table" then
+      if type(part.text) == "string" and (part.type == "text" or part.type == nil) then texts[#texts + 1] = part.text
+      elseif part.type == "thinking" and type(part.thinking) == "table" then
+        for _, t in ipairs(part.thinking) do
+          if type(t) == "table" and type(t.text) == "string" then thought = thought + #t.text end
+        end
+      end
+    end
+  end
+  return table.concat(texts), thought
+end
+
 -- a body validate() parsed, for the parse that follows it (one parse per answer)
 local parsed = setmetatable({}, { __mode = "k" })
 
@@ -391,7 +412,7 @@ function openai.parse(data)
   end
   -- (made at the size it reaches: the fields policies.ai adds to a result are named, nil until
   -- then; grown key by key the table was rehashed on every answer)
-  local r = { id = data.id, model = data.model, text = type(message.content) == "string" and message.content or "",
+  local r = { id = data.id, model = data.model, text = content_text(message.content) or "",
     -- (a finish_reason that is no string, 5 or {} or true, is none the SDKs' enum has: unknown, not
     -- passed on as it came)
     finish_reason = type(first.finish_reason) == "string" and first.finish_reason or nil,
@@ -528,7 +549,17 @@ function openai.event(state, ev)
     state.thinking = true
     state.extra_bytes = (state.extra_bytes or 0) + #reasoning
   end
-  if type(delta.content) == "string" and delta.content ~= "" then return delta.content, false end
+  local content = delta.content
+  if type(content) == "string" then
+    if content ~= "" then return content, false end
+  elseif content ~= nil and type(content) == "table" then -- (a list of parts: see content_text)
+    local text, thought = content_text(content)
+    if thought > 0 then
+      state.thinking = true
+      state.extra_bytes = (state.extra_bytes or 0) + thought
+    end
+    if text and text ~= "" then return text, false end
+  end
   return nil, false
 end
 
