@@ -810,9 +810,11 @@ local function authenticate(req, api)
   if not token then
     -- (two Authorization headers are one field of both values, joined with ", ": neither is taken,
     -- and "missing API key" told a client that had sent one, twice, to send one)
+    -- (an Anthropic client's SDK sends its key as x-api-key: the hint names the header it uses)
     local h = req.headers.authorization
     return nil, error_reply(api, 401, h and h:find(",", 1, true)
       and "Authorization sent more than once: send one key, Authorization: Bearer <key>"
+      or api == "anthropic" and "missing API key: send x-api-key: <key> (or Authorization: Bearer <key>)"
       or "missing API key: send Authorization: Bearer <key>", { code = "invalid_api_key" })
   end
   local hash = resil.crypto.sha256(token)

@@ -1391,6 +1391,19 @@ describe("gateway: virtual keys", function()
     assert.are.equal("exists", select(2, keys.add({ name = "team-a" })).kind)
   end)
 
+  -- (before: the Messages route told an Anthropic client, whose SDK sends x-api-key, to send
+  -- Authorization: Bearer)
+  it("a missing key's 401 names the header each API's clients send", function()
+    local url = start({ strict = true }, { auth = true })
+    local chat = post(url .. "/v1/chat/completions", { model = "openai/gpt-4o-mini", messages = MSGS })
+    assert.matches("send Authorization: Bearer <key>", json.decode(chat.body).error.message, 1, true)
+    local msgs = post(url .. "/v1/messages", { model = "anthropic/claude-haiku-4-5", max_tokens = 16, messages = MSGS },
+      { ["anthropic-version"] = "2023-06-01" })
+    assert.are.equal(401, msgs.status)
+    assert.are.equal("authentication_error", json.decode(msgs.body).error.type)
+    assert.matches("send x-api-key: <key>", json.decode(msgs.body).error.message, 1, true)
+  end)
+
   it("the key's models only; its own rate limit is a 429 with Retry-After", function()
     local url = start({ strict = true }, { auth = true })
     local key = assert(keys.add({ name = "team-b", rpm = 1, models = { "fast" } }))
