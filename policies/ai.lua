@@ -755,6 +755,38 @@ local function priced_targets(targets, unpriced)
   return kept
 end
 
+-- A request that names a provider's server-side tool (Anthropic's web_search_20250305,
+-- code_execution_...: a tool whose type is neither "function" nor "custom") can be served only
+-- by an adapter that runs them (adapter.server_tools). The targets that cannot are left out when
+-- another can (a warn line once per target): sent there, the tool was the provider's 400, which a
+-- call does not fall back from, and an Anthropic client whose primary was overloaded got that
+-- 400 (not retried by its SDK) instead of the 529 (retried). -> the targets to try
+local warned_server_tools = {}
+local function server_tool_of(tools)
+  if type(tools) ~= "table" then return nil end
+  for _, t in ipairs(tools) do
+    local kind = type(t) == "table" and t.type
+    if type(kind) == "string" and kind ~= "function" and kind ~= "custom" then return kind end
+  end
+  return nil
+end
+local function serving_tools(targets, req)
+  if #targets < 2 then return targets end
+  local tool = server_tool_of(req.tools)
+  if not tool then return targets end
+  local kept = { plan = targets.plan, deployments = targets.deployments }
+  for _, t in ipairs(targets) do
+    if t.adapter.server_tools then
+      kept[#kept + 1] = t
+    elseif not warned_server_tools[t.name] then
+      warned_server_tools[t.name] = true
+      resil.log.warn("ai: a target that cannot run a provider's server tool is left out of calls that name one",
+        { model = t.name, tool = tool:sub(1, 64) })
+    end
+  end
+  return #kept > 0 and kept or targets
+end
+
 local function reserve(targets, req)
   if req.budget == nil then return nil end
   local budget = type(req.budget) == "string" and resil.budget(req.budget) or req.budget
@@ -1536,6 +1568,7 @@ function ai.chat(req)
   end
   local targets, terr = targets_of(req, 2)
   if not targets then return nil, terr end
+  targets = serving_tools(targets, req)
   local cache = cache_of(targets, req)
   if cache then
     local hit = cache_get(cache)
@@ -2140,6 +2173,7 @@ function ai.stream(req)
   check_request(req, 2)
   local targets, terr = targets_of(req, 2)
   if not targets then error(terr, 2) end
+  targets = serving_tools(targets, req)
   return setmetatable({ req = req, targets = targets, parts = {}, cache = cache_of(targets, req),
     cutter = stream_cutter(req) }, Stream)
 end

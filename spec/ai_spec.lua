@@ -2448,6 +2448,23 @@ describe("streams", function()
     assert.is_true(resil.now() - started < 8, "read past the deadline: " .. (resil.now() - started))
   end)
 
+  -- (before: the fallback was sent the tool, OpenAI's 400 ended the call, and a gateway's Anthropic
+  -- client got that 400, which its SDK does not retry, instead of the overload, which it does)
+  it("a fallback that cannot run the request's server tool is left out of the call", function()
+    m:configure({ strict = true, reply = "one", sequence = { messages = { 529, 529, 529, 529 } } })
+    local tools = { { type = "web_search_20250305", name = "web_search", max_uses = 2 } }
+    local r, err = ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 16, tools = tools,
+      fallback = { "openai/gpt-4o-mini" } })
+    assert.is_nil(r)
+    assert.are.equal("overloaded", err.class)
+    assert.is_nil(m:stats().routes.chat)
+    -- a call without one still falls back
+    m:configure({ strict = true, reply = "one", sequence = { messages = { 529, 529, 529, 529 } } })
+    r = assert(ai.chat({ model = "anthropic/claude-haiku-4-5", messages = MSGS, max_tokens = 16,
+      fallback = { "openai/gpt-4o-mini" } }))
+    assert.are.equal("openai", r.provider)
+  end)
+
   it("a stream that fails before its first delta falls back", function()
     m:configure({ strict = true, reply = "one two", sequence = { messages = { { kind = "error_event", after = 0 },
       { kind = "error_event", after = 0 }, { kind = "error_event", after = 0 }, { kind = "error_event", after = 0 } } } })

@@ -21,6 +21,9 @@ local anthropic = {
   -- the API has no default: a request without max_tokens (one that fell back
   -- from OpenAI, say) gets this many
   default_max_tokens = 4096,
+  -- the API runs its own tools (web_search_20250305, code_execution_...): policies.ai leaves a
+  -- target whose adapter does not say this out of a call that names one
+  server_tools = true,
 }
 
 local PASSED = { "temperature", "top_p", "top_k", "metadata", "thinking", "service_tier" }
