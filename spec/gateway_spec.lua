@@ -1710,6 +1710,29 @@ describe("gateway: virtual keys", function()
     assert.is_true(math.abs(state.spent - resil.cost.total({})) <= 2e-6, state.spent .. " spent")
   end)
 
+  -- (before: the fallback not tried for a client gone ended the call with the first provider's 404,
+  -- which, permanent, was kept under the key: the client's retry got that 404 for a day, though the
+  -- fallback serves the model)
+  it("with an Idempotency-Key: a permanent failure the fallback would have moved on from, which came after its " ..
+    "client left, is not kept; the client's retry with the key is served by the fallback", function()
+    local url, m = start({ strict = true, latency = 5,
+      faults = { { route = "chat", probability = 1, status = 404, error_code = "model_not_found" } } }, { auth = true })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local key = assert(keys.add({ name = "left-404", budget = "10/day" }))
+    local body = { model = "fast", messages = MSGS }
+    local headers = bearer(key)
+    headers["idempotency-key"] = "left-before-404"
+    give_up_on(url, "/v1/chat/completions", body, headers)
+    local res = post(url .. "/v1/chat/completions", body, headers)
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("anthropic", res.headers["x-resil-provider"])
+    assert.is_nil(res.headers["x-resil-replayed"])
+    assert.are.same({ chat = 2, messages = 1 }, m:stats().routes) -- the 404 its client left, then the retry's
+    local state = assert(resil.budget("key:left-404"):state())
+    assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
+  end)
+
   it("an exhausted budget is refused before any provider is called, with x-should-retry: false", function()
     local url, m = start({ strict = true }, { auth = true })
     local key = assert(keys.add({ name = "team-c", budget = "0.000001/day" }))

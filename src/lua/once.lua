@@ -40,8 +40,12 @@ local replays_total = resil.metrics.counter("resil_once_replays_total",
 local PASSING = { rate_limited = true, circuit_open = true, bulkhead_full = true, deadline = true, timeout = true,
   canceled = true, given_up = true, auth = true, missing_secret = true, quota = true, quota_exceeded = true,
   budget_exceeded = true, tls = true, redirect = true, stream_interrupted = true, store_unavailable = true }
+-- Nor is one its call stopped at because its caller gave up (err.gave_up, policies.retry and
+-- .fallback: a gateway's client that left): the fallback it did not try may have served it. Kept,
+-- the client's retry under its key got the first provider's 404 for a day, never the fallback.
 local function is_permanent(err)
   return type(err) == "table" and err.retryable == false and not PASSING[err.kind] and not PASSING[err.class]
+    and err.gave_up == nil
 end
 
 local drop_mt = { __close = function(d) owner_drop(d[1], d[2]) end }
