@@ -1915,6 +1915,26 @@ describe("gateway: virtual keys", function()
     assert.are.equal(0, m:stats().total)
   end)
 
+  -- (before: the refusal was kept under the key, and the client's retry with it got the 400 for a
+  -- day after the operator priced the model)
+  it("with an Idempotency-Key: model_not_priced is not kept; once the model has a price, the retry is served",
+    function()
+      local url, m = start({ strict = true }, { auth = true })
+      local key = assert(keys.add({ name = "team-new-model", budget = "10/day" }))
+      local headers = bearer(key)
+      headers["idempotency-key"] = "before-the-price"
+      local body = { model = "openai/gpt-4o-mini-new", messages = MSGS, max_tokens = 16 }
+      local res = post(url .. "/v1/chat/completions", body, headers)
+      assert.are.equal(400, res.status, res.body)
+      assert.are.equal("model_not_priced", json.decode(res.body).error.code)
+      local prices = require("policies.pricing").models.openai
+      prices["gpt-4o-mini-new"] = { input = 0.15, output = 0.60 }
+      finally(function() prices["gpt-4o-mini-new"] = nil end)
+      res = post(url .. "/v1/chat/completions", body, headers)
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal(1, m:stats().total)
+    end)
+
   it("a store that cannot be read is a 503 with Retry-After, never a 401 that is then cached", function()
     local url, m = start({ strict = true }, { auth = true, key_cache = 60 })
     local db = helpers.tmpname(".db")
