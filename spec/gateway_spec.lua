@@ -1710,26 +1710,27 @@ describe("gateway: virtual keys", function()
     assert.is_true(math.abs(state.spent - resil.cost.total({})) <= 2e-6, state.spent .. " spent")
   end)
 
-  -- (before: the fallback not tried for a client gone ended the call with the first provider's 404,
-  -- which, permanent, was kept under the key: the client's retry got that 404 for a day, though the
-  -- fallback serves the model)
+  -- (before: the fallback not tried for a client gone ended the call with the first provider's
+  -- context overflow, which, permanent, was kept under the key: the client's retry got that 400 for
+  -- a day, though the fallback's longer context serves it)
   it("with an Idempotency-Key: a permanent failure the fallback would have moved on from, which came after its " ..
     "client left, is not kept; the client's retry with the key is served by the fallback", function()
     local url, m = start({ strict = true, latency = 5,
-      faults = { { route = "chat", probability = 1, status = 404, error_code = "model_not_found" } } }, { auth = true })
+      faults = { { route = "chat", probability = 1, status = 400, error_code = "context_length_exceeded" } } },
+      { auth = true })
     resil.clock.virtual()
     finally(function() resil.clock.real() end)
-    local key = assert(keys.add({ name = "left-404", budget = "10/day" }))
+    local key = assert(keys.add({ name = "left-overflow", budget = "10/day" }))
     local body = { model = "fast", messages = MSGS }
     local headers = bearer(key)
-    headers["idempotency-key"] = "left-before-404"
+    headers["idempotency-key"] = "left-before-overflow"
     give_up_on(url, "/v1/chat/completions", body, headers)
     local res = post(url .. "/v1/chat/completions", body, headers)
     assert.are.equal(200, res.status, res.body)
     assert.are.equal("anthropic", res.headers["x-resil-provider"])
     assert.is_nil(res.headers["x-resil-replayed"])
-    assert.are.same({ chat = 2, messages = 1 }, m:stats().routes) -- the 404 its client left, then the retry's
-    local state = assert(resil.budget("key:left-404"):state())
+    assert.are.same({ chat = 2, messages = 1 }, m:stats().routes) -- the 400 its client left, then the retry's
+    local state = assert(resil.budget("key:left-overflow"):state())
     assert.are.same({ 0, 0 }, { #state.holds, state.reserved })
   end)
 
@@ -1933,6 +1934,27 @@ describe("gateway: virtual keys", function()
       res = post(url .. "/v1/chat/completions", body, headers)
       assert.are.equal(200, res.status, res.body)
       assert.are.equal(1, m:stats().total)
+    end)
+
+  -- (before: the 404 was kept under the key, and the client's retry with it got the 404 for a day
+  -- after the operator pinned the alias to a model the provider serves)
+  it("with an Idempotency-Key: the upstream's 404 for a model it does not serve is not kept; once the alias is " ..
+    "pinned again, the retry is served", function()
+      local url, m, gateway = start({ strict = true,
+        faults = { { route = "chat", model = "gpt-4o-retired", probability = 1, status = 404,
+          error_code = "model_not_found" } } }, { auth = true })
+      gateway.configure({ models = { team = "openai/gpt-4o-retired" } })
+      local key = assert(keys.add({ name = "team-repinned" }))
+      local headers = bearer(key)
+      headers["idempotency-key"] = "before-the-repin"
+      local body = { model = "team", messages = MSGS }
+      local res = post(url .. "/v1/chat/completions", body, headers)
+      assert.are.equal(404, res.status, res.body)
+      gateway.configure({ models = { team = "openai/gpt-4o-mini" } })
+      res = post(url .. "/v1/chat/completions", body, headers)
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal("gpt-4o-mini", res.headers["x-resil-model"])
+      assert.are.equal(2, m:stats().routes.chat)
     end)
 
   it("a store that cannot be read is a 503 with Retry-After, never a 401 that is then cached", function()

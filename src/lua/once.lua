@@ -34,13 +34,15 @@ local replays_total = resil.metrics.counter("resil_once_replays_total",
 -- Nor is a refusal that says how things stood, not what the request was, though no retry cures
 -- it now: a breaker open or a bulkhead full (a provider's outage), a deadline or a cancel (the
 -- call's own time), a key refused, a quota or a budget spent, a certificate, a redirect (a base_url
--- that moved: the configuration's), a budget's model without a price (the price table's), a stream cut. Kept,
+-- that moved: the configuration's), a budget's model without a price (the price table's), a model
+-- the provider does not serve (a 404, billed nothing: its catalogue, or the pin of a gateway's
+-- alias, which the operator moves), a stream cut. Kept,
 -- a pipeline resumed after its provider's outage, its key fixed or its credit added, replayed
 -- circuit_open (auth, quota) at every step for a day and called nothing.
 local PASSING = { rate_limited = true, circuit_open = true, bulkhead_full = true, deadline = true, timeout = true,
   canceled = true, given_up = true, auth = true, missing_secret = true, quota = true, quota_exceeded = true,
   budget_exceeded = true, tls = true, redirect = true, stream_interrupted = true, store_unavailable = true,
-  unpriced = true }
+  unpriced = true, not_found = true }
 -- Nor is one its call stopped at because its caller gave up (err.gave_up, policies.retry and
 -- .fallback: a gateway's client that left): the fallback it did not try may have served it. Kept,
 -- the client's retry under its key got the first provider's 404 for a day, never the fallback.
