@@ -45,7 +45,8 @@ local PASSING = { rate_limited = true, circuit_open = true, bulkhead_full = true
   unpriced = true, not_found = true }
 -- Nor is one its call stopped at because its caller gave up (err.gave_up, policies.retry and
 -- .fallback: a gateway's client that left): the fallback it did not try may have served it. Kept,
--- the client's retry under its key got the first provider's 404 for a day, never the fallback.
+-- the client's retry under its key got the first provider's context overflow for a day, never the
+-- fallback's answer.
 local function is_permanent(err)
   return type(err) == "table" and err.retryable == false and not PASSING[err.kind] and not PASSING[err.class]
     and err.gave_up == nil
