@@ -1158,3 +1158,43 @@ describe("a Redis URL with a user and a password", function()
     assert.matches("NOAUTH .*AUTH refused: WRONGPASS", err.message)
   end)
 end)
+
+describe("a Redis outage longer than a minute", function()
+  -- (before: a write the store did not take was tried for a minute, then given up: a gateway's
+  -- settles and ledger rows made as Redis went down for a restart longer than that were lost,
+  -- "its cost is not in the ledger", while the process served on)
+  it("a settle made while the server is down is written once it is back, while the program runs", function()
+    local rdir = helpers.tmpname("-redis-long-outage")
+    os.execute("mkdir -p " .. rdir)
+    local rport, pidfile = free_port(), rdir .. "/redis.pid"
+    local start = ("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly yes --appendfsync always " ..
+      "--dir %s --daemonize yes --pidfile %s > /dev/null; until redis-cli -p %d ping > /dev/null 2>&1; do " ..
+      "sleep 0.05; done"):format(rport, rdir, pidfile, rport)
+    os.execute(start)
+    finally(function() os.execute("kill -9 $(cat " .. pidfile .. ") 2> /dev/null; rm -rf " .. rdir) end)
+    local stop = ("kill -9 $(cat %s); while redis-cli -p %d ping > /dev/null 2>&1; do sleep 0.05; done"):format(
+      pidfile, rport)
+    local r = helpers.run_script(([[
+local resil = require "resil"
+local b = resil.budget("long-outage", { limit = 100 })
+local t = assert(b:reserve(1, { hold = 3600 }))
+os.execute(%q)
+local ok, err = t:settle(0.5, { provider = "p", model = "m" })
+assert(ok == nil and err.retrying, "the settle is tried again")
+resil.sleep(300) -- five minutes down
+os.execute(%q)
+resil.clock.real() -- (the connection finds the server again on real time)
+for _ = 1, 100 do
+  local st = b:state()
+  if st and st.reserved == 0 then break end
+  resil.sleep(0.1)
+end
+local st = assert(b:state())
+print(("spent %%g reserved %%g"):format(st.spent, st.reserved))
+]]):format(stop, start), ("--virtual-clock --store 'redis://127.0.0.1:%d/3?timeout=1' --log-level off"):format(rport))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("spent 0.5 reserved 0", r.stdout, 1, true)
+    local rows = helpers.run(("redis-cli -p %d -n 3 lrange resil:costs 0 -1"):format(rport)).stdout
+    assert.are.equal(1, select(2, rows:gsub("micro_usd", "")), rows)
+  end)
+end)
