@@ -2448,6 +2448,23 @@ describe("streams", function()
     assert.is_true(resil.now() - started < 8, "read past the deadline: " .. (resil.now() - started))
   end)
 
+  -- (reviewer R1: the deadline is what is left of it as each attempt starts)
+  it("a stream whose first attempt was a 529 is still cut at the call's deadline, its hold given back", function()
+    m:configure({ strict = true, reply = "one two three four five six seven eight", stream_interval = 2,
+      sequence = { messages = { 529 } } })
+    local b = resil.budget("ai-spec-stream-deadline", { limit = 1 })
+    local started = resil.now()
+    local s = ai.stream({ model = "anthropic/claude-haiku-4-5", messages = MSGS, deadline = 9, max_tokens = 100,
+      budget = "ai-spec-stream-deadline" })
+    local ok, err = pcall(function() for _ in s do end end)
+    assert.is_false(ok)
+    assert.are.same({ "stream_interrupted", "timeout" }, { err.kind, err.cause.kind })
+    assert.is_true(resil.now() - started < 10, "read past the deadline: " .. (resil.now() - started))
+    local st = assert(b:state())
+    assert.are.equal(0, st.reserved)
+    assert.is_true(st.spent > 0, "what was streamed is paid for")
+  end)
+
   -- (before: the fallback was sent the tool, OpenAI's 400 ended the call, and a gateway's Anthropic
   -- client got that 400, which its SDK does not retry, instead of the overload, which it does)
   it("a fallback that cannot run the request's server tool is left out of the call", function()

@@ -696,3 +696,59 @@ print(before, same_as_fd2())
     assert.are.equal(before, after)
   end)
 end)
+
+-- (found by reviewer R1, forty-first session: the cases of the names remembered by the logger)
+describe("resil.log: field names remembered", function()
+  it("names of every kind, reserved and credential ones, the same on each line (names remembered)", function()
+    local tk = setmetatable({}, { __tostring = function() return "tkey" end })
+    local lines = capture(function()
+      for i = 1, 3 do
+        log.info("x", { [1] = "one", [2.5] = "two", [true] = "t", [tk] = "tab", api_key = 5, id_token = i == 2 and "s" or 7, ts = 1, level = 2 })
+      end
+    end)
+    for i = 1, 3 do
+      local l = lines[i]
+      assert.are.equal("one", l["1"]); assert.are.equal("two", l["2.5"]); assert.are.equal("t", l["true"])
+      assert.are.equal("tab", l.tkey)
+      assert.are.equal("[REDACTED]", l.api_key)
+      if i == 2 then assert.are.equal("[REDACTED]", l.id_token) else assert.are.equal(7, l.id_token) end
+      assert.are.equal(1, l.field_ts); assert.are.equal(2, l.field_level); assert.are.equal("info", l.level)
+    end
+  end)
+  it("a name the context takes on between two lines is renamed on the second only", function()
+    local lines = capture(function()
+      resil.spawn(function()
+        log.info("a", { zone_r1 = "mine", step = 1 })
+        resil.context({ zone_r1 = "ctx" })
+        log.info("b", { zone_r1 = "mine", step = 2 })
+      end):join()
+      resil.spawn(function() log.info("c", { zone_r1 = "mine", step = 3 }) end):join()
+    end)
+    assert.are.equal("mine", lines[1].zone_r1)
+    assert.are.equal("ctx", lines[2].zone_r1); assert.are.equal("mine", lines[2].field_zone_r1)
+    assert.are.equal("mine", lines[3].zone_r1)
+  end)
+  it("a long name, a secret registered later, and more names than are remembered", function()
+    local sec = "zzsecret" .. os.time() .. "qq"
+    local long = ("L"):rep(200) .. sec
+    local short = "s_" .. sec
+    local l1 = capture(function() log.info("x", { [long] = 1, [short] = 2 }) end)[1]
+    assert.are.equal(1, l1[long]); assert.are.equal(2, l1[short])
+    log.redact(sec)
+    local l2 = capture(function() log.info("x", { [long] = 1, [short] = 2 }) end)[1]
+    for k in pairs(l2) do assert.is_nil(k:find(sec, 1, true), k) end
+    local lines = capture(function()
+      for j = 1, 30 do
+        local f = {}
+        for i = 1, 100 do f["n" .. j .. "_" .. i] = i end
+        f[short] = 3
+        log.info("m", f)
+      end
+      local big = {}
+      for i = 1, 5000 do big["big" .. i] = i end
+      log.info("big", big)
+    end)
+    for j = 1, 30 do assert.are.equal(100, lines[j]["n" .. j .. "_100"]); assert.are.equal(3, lines[j]["s_[REDACTED]"]) end
+    assert.are.equal(5000, lines[31].big5000)
+  end)
+end)
