@@ -739,6 +739,17 @@ end
 -- cannot hold what they would cost, and a fallback without one (a fine-tune nobody priced) refused
 -- every budgeted call of a primary that had one (kind "unpriced"), as a fallback's missing key does not
 local warned_unpriced = {}
+-- targets with some left out -> the list for kept: a migration's side was drawn for the first
+-- target, and counts what that target does (watched); with it left out, what serves is neither
+-- side's as drawn, and the call counts for neither (reviewer R1: a migration from OpenAI with a
+-- server tool in the call credited the old side with Anthropic's answers)
+local function left_out_first(targets, kept)
+  if kept[1] ~= targets[1] and targets.plan and targets.plan.migration then
+    kept.plan = setmetatable({ migration = false }, { __index = targets.plan })
+  end
+  return kept
+end
+
 local function priced_targets(targets, unpriced)
   local kept = { plan = targets.plan, deployments = targets.deployments }
   for _, t in ipairs(targets) do
@@ -752,7 +763,7 @@ local function priced_targets(targets, unpriced)
       kept[#kept + 1] = t
     end
   end
-  return kept
+  return left_out_first(targets, kept)
 end
 
 -- A request that names a provider's server-side tool (Anthropic's web_search_20250305,
@@ -784,7 +795,7 @@ local function serving_tools(targets, req)
         { model = t.name, tool = tool:sub(1, 64) })
     end
   end
-  return #kept > 0 and kept or targets
+  return #kept > 0 and left_out_first(targets, kept) or targets
 end
 
 local function reserve(targets, req)

@@ -325,6 +325,21 @@ describe("migrations", function()
     assert.are.equal(before, calls:value({ alias = "canary", side = "new", outcome = "ok" }))
   end)
 
+  -- (reviewer R1: before, the drawn side's target left out for the call's server tool, the other
+  -- version's answer was counted as the drawn side's)
+  it("a call whose drawn side cannot serve it (a server tool) counts for neither side", function()
+    registry.use({ canary = { use = "openai/gpt-4o-mini-2024-07-18",
+      migrate = { to = "anthropic/claude-haiku-4-5-20251001", share = 0.5, sticky = false } } })
+    registry.random = function() return 0.99 end -- (every draw: the old side, OpenAI)
+    local calls = resil.metrics.counter("resil_model_migration_calls_total")
+    local before = calls:value({ alias = "canary", side = "old", outcome = "ok" })
+    local tools = { { type = "web_search_20250305", name = "web_search", max_uses = 1 } }
+    local r = assert(ai.chat({ model = "canary", messages = MSGS, max_tokens = 16, tools = tools }))
+    assert.are.equal("anthropic", r.provider)
+    assert.is_nil(r.migration)
+    assert.are.equal(before, calls:value({ alias = "canary", side = "old", outcome = "ok" }))
+  end)
+
   it("share = 1 completes the migration: every call to the new version", function()
     registry.use({ canary = { use = MIGRATION.use, migrate = { to = MIGRATION.migrate.to, share = 1 } } })
     for i = 1, 20 do
