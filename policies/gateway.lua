@@ -1860,8 +1860,11 @@ function complete_admitted(req, api, id, rec, slot)
   local idem = req.headers["idempotency-key"]
   local once_spec, res, err, replayed
   if idem and idem ~= "" and b.stream ~= true then
+    -- (an Anthropic client's betas change what is asked as its body does: the same body with
+    -- another anthropic-beta under the key was the first answer again, not the 422 another body gets;
+    -- added only when sent, so that the fingerprints kept before stay the same)
     once_spec = { key = ("gateway:%s:%s"):format(rec.id or "-", idem),
-      fingerprint = resil.hash(api .. "\0" .. req.body) }
+      fingerprint = resil.hash(api .. "\0" .. req.body .. (beta and beta ~= "" and ("\0" .. beta) or "")) }
     -- an answer already kept under the key is served before the key's rate limits: it calls no
     -- provider (an SDK's retry after a timeout, its tpm spent by that first call, got 429s)
     replayed, res, err = resil.once_replay(once_spec)

@@ -1013,6 +1013,22 @@ describe("gateway: Idempotency-Key", function()
       assert.are.equal(1, m:stats().routes.messages)
     end)
 
+  -- (found by helper H1: the betas were not in the fingerprint, and the first answer was replayed)
+  it("the same key and body with another anthropic-beta is a 422; the same beta again is the replay", function()
+    local url, m = start({ strict = true })
+    local amsg = { model = "anthropic/claude-haiku-4-5", max_tokens = 50, messages = MSGS }
+    assert.are.equal(200, post(url .. "/v1/messages", amsg, { ["idempotency-key"] = "k-beta" }).status)
+    local res = post(url .. "/v1/messages", amsg, { ["idempotency-key"] = "k-beta",
+      ["anthropic-beta"] = "token-efficient-tools-2025-02-19" })
+    assert.are.equal(422, res.status, res.body)
+    assert.are.equal(1, m:stats().routes.messages)
+    post(url .. "/v1/messages", amsg, { ["idempotency-key"] = "k-beta-2", ["anthropic-beta"] = "a-2025-01-01" })
+    res = post(url .. "/v1/messages", amsg, { ["idempotency-key"] = "k-beta-2", ["anthropic-beta"] = "a-2025-01-01" })
+    assert.are.equal(200, res.status, res.body)
+    assert.are.equal("true", res.headers["x-resil-replayed"])
+    assert.are.equal(2, m:stats().routes.messages)
+  end)
+
   -- (before: the store keeps an error's own fields, not the upstream's response: the replay said
   -- "HTTP 400: ..." with its code and param null, which an app reading error.code acts on)
   it("a 400 kept under the key is replayed as the upstream said it: its message, code and param", function()
