@@ -1449,6 +1449,33 @@ local function whole_stream(s, api, id, b, headers, reader, req)
   end }
 end
 
+-- A relayed stream whose first delta has not come within KEEPALIVE_AFTER: its reply starts, a
+-- comment line every KEEPALIVE_EVERY (as whole_stream's) until `reader` has it, then the stream
+-- as relayed (relayed(first, headers)). Its provider, model and attempts are in its access line,
+-- its headers having gone before they were known; a failure meanwhile (every retry and fallback
+-- spent) is its error event, with no end marker, which the SDKs raise.
+local function waiting_stream(s, api, headers, reader, req, relayed)
+  return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
+    local _ <close> = s
+    local _ <close> = setmetatable({}, { __close = function() reader:cancel() end }) -- (its client gone)
+    local done, opened, first, err
+    repeat
+      done, opened, first, err = reader:join(TUNED.KEEPALIVE_EVERY)
+      if done == nil then write(": keep-alive\n\n") end
+    until done ~= nil
+    if not done then error(opened, 0) end -- (the reader itself failed: the host's caps)
+    if not opened then
+      resil.log.warn("gateway: a stream could not be opened", { error = tostring(first) })
+      return write(broken(api, UNREADABLE), true)
+    end
+    if err then return write(broken(api, err), true) end
+    local t = s.target or {}
+    access.served(req, t.provider, t.model, s.attempts or 1)
+    access.upstream(req, s.provider_request_id)
+    return relayed(first, headers).stream(write)
+  end }
+end
+
 -- a streamed reply whose events are made UTF-8 (valid_utf8): a provider's event relayed as it
 -- came, or its text translated, with bytes that are not
 local function utf8_stream(reply)
@@ -1887,25 +1914,45 @@ function complete_admitted(req, api, id, rec, slot)
     local ok, s = pcall(ai.stream, r)
     if not ok then return with_id(ai_error_reply(api, s), id) end
     -- closed here unless the reply takes it over (a client leaving before the first delta)
-    local handed_over = false
-    local _ <close> = setmetatable({}, { __close = function() if not handed_over then s:close() end end })
+    local handed_over, reader = false, nil
+    local _ <close> = setmetatable({}, { __close = function()
+      if handed_over then return end
+      if not reader then return s:close() end
+      -- (once its reader has ended: closed while the reader's cancel waited for the provider's
+      -- status, ai's cancel_grace, the 200 it then read was never recorded, and its hold was kept)
+      reader:cancel()
+      resil.spawn(function()
+        reader:join()
+        s:close()
+      end)
+    end })
     -- up to the first delta a failure is retried and fallen back from; only then does the reply start
     local opened, first, err
-    if r.read_whole then
-      -- (read whole, the first delta is the whole answer's end: a long one is kept alive below)
-      local reader = resil.spawn(pcall, s.next, s)
-      local _ <close> = setmetatable({}, { __close = function() if not handed_over then reader:cancel() end end })
-      local done, ok, delta, e = reader:join(TUNED.KEEPALIVE_AFTER)
-      if done == nil then
-        handed_over = true
-        return correcting_stream(utf8_stream(whole_stream(s, api, id, b, { ["content-type"] = "text/event-stream",
-          ["cache-control"] = "no-cache", ["x-request-id"] = id }, reader, req)), tpm, s)
-      end
-      if not done then error(ok, 0) end -- (the reader itself failed: the host's caps)
-      opened, first, err = ok, delta, e
-    else
-      opened, first, err = pcall(s.next, s)
+    -- the reply as relayed from its first delta: the provider's own events to a client of its API,
+    -- else translated (the other API's with tools or a JSON schema: the whole answer's events)
+    local function relayed(delta, headers)
+      local t = s.target or {}
+      if t.adapter and t.adapter.name == api then return own_stream(s, api, id, b, headers, stops.of(b, api))
+      elseif tools or schema then return whole_stream(s, api, id, b, headers)
+      elseif api == "anthropic" then return anthropic_stream(s, delta, id, b.model, headers, r, stops.of(b, api)) end
+      return openai_stream(s, delta, id, b.model, b, headers, stops.of(b, api))
     end
+    -- A first delta that takes long (read whole, the answer's end; relayed, a reasoning model's
+    -- thinking or a long prompt's first token): past KEEPALIVE_AFTER the reply starts and is kept
+    -- alive (whole_stream, waiting_stream). Silent, a proxy in front (nginx's proxy_read_timeout,
+    -- a load balancer's 60 s) cut the connection, and the stream, paid, was lost.
+    reader = resil.spawn(pcall, s.next, s)
+    local done, ok, delta, e = reader:join(TUNED.KEEPALIVE_AFTER)
+    if done == nil then
+      handed_over = true
+      local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id }
+      if r.read_whole then
+        return correcting_stream(utf8_stream(whole_stream(s, api, id, b, headers, reader, req)), tpm, s)
+      end
+      return correcting_stream(utf8_stream(waiting_stream(s, api, headers, reader, req, relayed)), tpm, s)
+    end
+    if not done then error(ok, 0) end -- (the reader itself failed: the host's caps)
+    opened, first, err = ok, delta, e
     if not opened then
       if host_failure(first) then error(first, 0) end
       -- a body no provider can be sent is the client's 400 (as ai.chat's); anything else, a provider's
@@ -1927,13 +1974,7 @@ function complete_admitted(req, api, id, rec, slot)
     local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id,
       ["x-resil-provider"] = t.provider, ["x-resil-model"] = t.model, ["x-resil-attempts"] = tostring(s.attempts or 1) }
     handed_over = true
-    local reply
-    if t.adapter and t.adapter.name == api then reply = own_stream(s, api, id, b, headers, stops.of(b, api))
-    -- the other API's stream with tools or a JSON schema: written as the events of the whole answer
-    elseif tools or schema then reply = whole_stream(s, api, id, b, headers)
-    elseif api == "anthropic" then reply = anthropic_stream(s, first, id, b.model, headers, r, stops.of(b, api))
-    else reply = openai_stream(s, first, id, b.model, b, headers, stops.of(b, api)) end
-    return correcting_stream(utf8_stream(reply), tpm, s)
+    return correcting_stream(utf8_stream(relayed(first, headers)), tpm, s)
   end
 
   if replayed then -- (kept: res, err)

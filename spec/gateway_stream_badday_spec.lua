@@ -512,3 +512,60 @@ describe("gateway streams read whole: a long one is kept alive", function()
     settled()
   end)
 end)
+
+-- A relayed stream whose first delta is long in coming (a reasoning model's thinking, a long
+-- prompt's first token): its client heard nothing until then, and a proxy's idle timeout in between
+-- (nginx's proxy_read_timeout, a load balancer's 60 s) cut it, the stream paid and lost. Past 15 s
+-- its status is sent, then a comment line every 15 s, then the stream as it is relayed.
+describe("gateway streams relayed: a first delta long in coming is kept alive", function()
+  for _, case in ipairs({ { "openai", "openai/gpt-4o-mini" }, { "anthropic", CLAUDE }, { "anthropic", "openai/gpt-4o-mini" },
+    { "openai", CLAUDE } }) do
+    local api, model = case[1], case[2]
+    it(("sends its status, keep-alive comments, then the stream (%s client, %s)"):format(api, model), function()
+      local url, m, key = start({ strict = true, reply = "one two three", latency = 40 })
+      resil.clock.virtual()
+      finally(function() resil.clock.real() end)
+      local t0 = resil.now()
+      local s = open(url, key, api, { model = model })
+      local opened_after = resil.now() - t0
+      local parts = {}
+      while true do
+        local chunk, err = s:read()
+        assert.is_nil(err)
+        if not chunk then break end
+        parts[#parts + 1] = chunk
+      end
+      local text = table.concat(parts)
+      assert.is_true(opened_after >= 15 and opened_after < 20, ("status after %.1f s"):format(opened_after))
+      assert.is_nil(s.headers["x-resil-provider"]) -- (not known as the status went)
+      local _, comments = text:gsub(": keep%-alive\n\n", "")
+      assert.are.equal(1, comments, text:sub(1, 300)) -- (at 30 s: the first delta came at 40 s)
+      local done = api == "anthropic" and "event: message_stop" or "data: [DONE]"
+      assert.truthy(text:find(done, 1, true), text:sub(-300))
+      assert.truthy(text:find("three", 1, true), text)
+      assert.are.equal(1, m:stats().total)
+      assert.is_true(helpers.wait_until(function() return rows() == 1 end, 10)) -- (its cost, once)
+      settled()
+    end)
+  end
+
+  it("ends with an error event, no end marker, when every attempt fails after its status went", function()
+    local url, m, key = start({ strict = true, latency = 8, faults = { { route = "chat", probability = 1, status = 500 } } })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local s = open(url, key, "openai", { model = "openai/gpt-4o-mini" })
+    local text = {}
+    while true do
+      local chunk, err = s:read()
+      assert.is_nil(err)
+      if not chunk then break end
+      text[#text + 1] = chunk
+    end
+    text = table.concat(text)
+    assert.truthy(text:find(": keep-alive", 1, true), text)
+    assert.truthy(text:find('"error"', 1, true), text)
+    assert.is_nil(text:find("[DONE]", 1, true), text)
+    assert.is_true(m:stats().total >= 2) -- (retried as before: the status sent changed none of that)
+    settled()
+  end)
+end)
