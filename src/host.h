@@ -173,6 +173,7 @@ struct resil {
   int sandbox_trusted; /* > 0: the host itself names a file (the command line's --metrics-file) */
   char *policies_dir;
   char *open_dir; /* the working directory at resil_open (host_path), or NULL */
+  char *owner_id;  /* owners.c: its identity in the store (owner.lua), once made */
   struct policy_compiled *compiled; /* resil.c: the policy files compiled, for a reload's unchanged ones */
   char *share_dir;
   int status;
@@ -391,6 +392,11 @@ enum { SSE_TOO_LARGE = -1, SSE_NO_MEMORY = -2 };
 sse_parser *sse_new(size_t max_event); /* NULL: out of memory */
 void sse_free(sse_parser *p);
 int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_event *ev);
+
+/* owners.c: the identities of the hosts open in this process (private.owner_opened, owner_is_open) */
+int resil_l_owner_opened(lua_State *L);
+int resil_l_owner_is_open(lua_State *L);
+void owners_close(resil_t *R);
 
 /* reload.c */
 void reload_free(resil_t *R);

@@ -499,6 +499,10 @@ static void make_private(lua_State *L) {
   lua_setfield(L, -2, "ending");
   lua_pushcfunction(L, l_plain_file);
   lua_setfield(L, -2, "plain_file");
+  lua_pushcfunction(L, resil_l_owner_opened);
+  lua_setfield(L, -2, "owner_opened");
+  lua_pushcfunction(L, resil_l_owner_is_open);
+  lua_setfield(L, -2, "owner_is_open");
   lua_getfield(L, -2, "redis");
   lua_getfield(L, -1, "connect");
   lua_pushvalue(L, -1);
@@ -1200,6 +1204,7 @@ void resil_close(resil_t *R) {
     lua_close(R->L);
   }
   R->L = NULL;
+  owners_close(R); /* (after the give-up above, which wrote in its name) */
   loop_close_watched(R, 0);
   watchdog_free(R);
   embed_free(R);

@@ -7,7 +7,8 @@
 -- hosts embedded in one process are two owners).
 --
 -- Alive, seen from this process: a holder on this machine is alive while
--- its pid runs with the same start time (checked in /proc, at once); a
+-- its pid runs with the same start time (checked in /proc, at once), one of
+-- this process while its host is open (owners.c); a
 -- holder on another machine is alive while its lease in the store, renewed
 -- by a heartbeat, has not lapsed. The store backends ask verdict() and keep
 -- the leases; this module renews them (one store operation per beat for
@@ -85,6 +86,7 @@ function M.me()
     hash(tostring({}) .. os.clock() .. since):sub(1, 6))
   me.local_prefix = me.checks and (me.host .. "|" .. me.boot .. "|") or ""
   me.tag = hash(me.id) -- short, for names made from it (budget tickets)
+  private.owner_opened(me.id)
   return me
 end
 
@@ -106,6 +108,8 @@ function M.verdict(id)
   local o = M.parse(id)
   if not o then return nil end
   if not self.checks or o.host ~= self.host or o.boot ~= self.boot then return "remote" end
+  -- (another host of this process: alive while it is open, its pid running or not)
+  if o.pid == self.pid and o.start == self.start then return private.owner_is_open(id) and "alive" or "dead" end
   return start_of(o.pid) == o.start and "alive" or "dead"
 end
 
