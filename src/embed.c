@@ -533,9 +533,18 @@ void embed_give_up(resil_t *R) {
       lua_pushnil(L);
       lua_insert(L, -2);
     }
-    if (lua_isnil(L, -2) && !lua_isnil(L, -1))
-      fprintf(stderr, "resil_close: giving up the host's %s: %s\n", what[i],
-              resil_describe(L, -1)), lua_pop(L, 1);
+    if (lua_isnil(L, -2) && !lua_isnil(L, -1)) {
+      /* (where the program has its lines, resil_options.log or log_file: said on stderr alone, it
+       * went unseen by a program that logs elsewhere, a daemon's stderr /dev/null) */
+      const char *why = resil_describe(L, -1);
+      char msg[120];
+      snprintf(msg, sizeof msg, "resil_close: could not give up the host's %s", what[i]);
+      lua_createtable(L, 0, 1);
+      lua_pushvalue(L, -2);
+      lua_setfield(L, -2, "error");
+      if (!host_log_elsewhere(L, "error", msg)) fprintf(stderr, "resil_close: giving up the host's %s: %s\n", what[i], why);
+      lua_pop(L, 1);
+    }
     lua_pop(L, 2);
   }
 }

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <sqlite3.h>
@@ -27,10 +28,17 @@ static int call(resil_t *R, const char *fn, const char *args) {
   return status;
 }
 
-static resil_t *open_host(const char *store) {
+static char logged[4096];
+static void log_line(void *ud, const char *line) {
+  strncat(logged, line, sizeof logged - strlen(logged) - 2);
+  strcat(logged, "\n");
+}
+
+static resil_t *open_host(const char *store, void (*log)(void *, const char *)) {
   resil_options o = {0};
   o.store = store;
-  o.log_level = "off";
+  o.log_level = log ? "error" : "off";
+  o.log = log;
   resil_t *R = resil_open(&o);
   if (resil_load_string(R,
                         "local resil = require 'resil'\n"
@@ -53,12 +61,12 @@ int main(void) {
   snprintf(path, sizeof path, "%s/state.db", dir);
   snprintf(store, sizeof store, "%s?timeout=0.2", path); /* (the give-up's wait for the lock: short) */
 
-  resil_t *first = open_host(store);
+  resil_t *first = open_host(store, log_line);
   resil_call_async(first, "once", "[3600]", ignore_done, NULL);
   resil_call_async(first, "hold", "[3600]", ignore_done, NULL);
   for (int i = 0; i < 20; i++) resil_step(first, 10);
 
-  resil_t *second = open_host(store);
+  resil_t *second = open_host(store, NULL);
   int held = call(second, "once", "[0]");
   check(held == RESIL_ERR_FAILED && contains(result, "in_progress"),
         "another host of the process, open, holds the key: in_progress");
@@ -69,10 +77,25 @@ int main(void) {
   sqlite3 *other = NULL;
   int locked = sqlite3_open(path, &other) == SQLITE_OK &&
                sqlite3_exec(other, "BEGIN EXCLUSIVE", NULL, NULL, NULL) == SQLITE_OK;
+  char stderr_path[240], said[1000] = "";
+  snprintf(stderr_path, sizeof stderr_path, "%s/stderr", dir);
+  fflush(stderr);
+  int saved_stderr = dup(2), to_file = open(stderr_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  dup2(to_file, 2);
   resil_close(first);
+  fflush(stderr);
+  dup2(saved_stderr, 2);
+  close(saved_stderr), close(to_file);
+  FILE *f = fopen(stderr_path, "r");
+  if (f) said[fread(said, 1, sizeof said - 1, f)] = '\0', fclose(f);
   sqlite3_exec(other, "COMMIT", NULL, NULL, NULL);
   sqlite3_close(other);
   check(locked, "the first host closes while another connection holds the store locked");
+  check(contains(logged, "\"msg\":\"resil_close: could not give up the host's resil.once keys\"") &&
+            contains(logged, "could not give up the host's budget holds") && contains(logged, "database is locked") &&
+            said[0] == '\0',
+        "what it could not give up is said through the program's log callback, not on stderr");
+  if (said[0]) printf("# stderr: %.300s\n", said);
 
   int ran = call(second, "once", "[0]");
   check(ran == RESIL_OK && strcmp(result, "[\"ran\"]") == 0,
