@@ -49,8 +49,11 @@ $(BUILD)/libresil.a: $(LIB_OBJ)
 # The shared library's SONAME names its ABI (0: the C API may still change);
 # programs linked against libresil.so record libresil.so.0
 SONAME = libresil.so.0
+# -z nodelete: a dlclose leaves it mapped. The SIGPIPE and SIGURG handlers a host sets stay the
+# process's after resil_close (other hosts, other threads may rely on them); unmapped with the
+# library, the program's next SIGPIPE jumped into nothing
 $(BUILD)/$(SONAME): $(LIB_OBJ)
-	$(CC) -shared -Wl,-soname,$(SONAME) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) -shared -Wl,-soname,$(SONAME) -Wl,-z,nodelete $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/libresil.so: $(BUILD)/$(SONAME)
 	ln -sf $(SONAME) $@

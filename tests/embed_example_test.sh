@@ -53,6 +53,35 @@ status=$?
 ok $status "a plugin linked with libresil loads with dlopen"
 [ $status -eq 0 ] || sed 's/^/# /' "$tmp/plugin.log"
 
+# ...and is unloaded with dlclose (a server's module at a graceful restart, a binding let go): the
+# handlers the host set for SIGPIPE and SIGURG stay the process's, so libresil must stay mapped (it
+# was unmapped with them: the program's next write to a peer that left, SIGPIPE, was a segfault)
+cat > "$tmp/unload.c" <<'UNLOAD'
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdio.h>
+#include <resil.h>
+int main(int argc, char **argv) {
+  void *h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  if (!h) { printf("%s\n", dlerror()); return 1; }
+  resil_t *(*open_host)(const resil_options *) = (resil_t *(*)(const resil_options *))dlsym(h, "resil_open");
+  void (*close_host)(resil_t *) = (void (*)(resil_t *))dlsym(h, "resil_close");
+  resil_t *R = open_host ? open_host(NULL) : NULL;
+  if (!R || !close_host) return 1;
+  close_host(R);
+  if (dlclose(h) != 0) return 1;
+  raise(SIGPIPE); /* (the host's handler: nothing happens) */
+  raise(SIGURG);
+  printf("after dlclose, SIGPIPE and SIGURG are harmless\n");
+  return 0;
+}
+UNLOAD
+cc ${SAN_FLAGS:-} -o "$tmp/unload" "$tmp/unload.c" $(pkg-config --cflags resil) -ldl > "$tmp/unload.log" 2>&1 &&
+  "$tmp/unload" "$prefix/lib/libresil.so" >> "$tmp/unload.log" 2>&1
+status=$?
+ok $status "a program that dlopens libresil, closes its host and dlcloses it survives a SIGPIPE and a SIGURG after"
+[ $status -eq 0 ] || { echo "# exit status $status"; sed 's/^/# /' "$tmp/unload.log"; }
+
 # A C++ program includes the same header: its declarations are C's (extern "C"), or every resil_*
 # call was a C++ name libresil does not have ("undefined reference to resil_open(resil_options const*)")
 cat > "$tmp/app.cpp" <<'CPP'
