@@ -325,6 +325,16 @@ return {
     assert.matches("\nlines%.lua:2: unexpected symbol near <eof>\n", r.stdout)
   end)
 
+  -- (before: a FIFO named x.lua was opened to be read: check waited for a writer, a CI step for good)
+  it("a FIFO named x.lua in the folder is an error, not a wait for a writer", function()
+    os.execute("mkfifo " .. dir .. "/policies/pipe.lua")
+    helpers.write(dir .. "/policies/ok.lua", "return {}\n")
+    local r = helpers.run(("cd %s && timeout -s KILL 30 %s check"):format(dir, helpers.resil))
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("\nerror: policies/pipe%.lua: not a file %(a FIFO, a socket or a device%): not read\n", "\n" .. r.stdout)
+    assert.matches("\n1 error, ", "\n" .. r.stdout)
+  end)
+
   -- (before: find, as ls before it, read it as an option: nothing checked, "0 errors")
   -- (before: both passed, and `resil-lua gateway` refused to start: "policies.gateway has no function 'main'")
   it("a project's policies/gateway.lua without the functions the gateway calls (a config named so) is an error",

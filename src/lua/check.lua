@@ -16,12 +16,19 @@ local function quoted(dir) -- (./-x: not an option)
 end
 -- dir's *.lua, as require finds them (names NUL-separated: `ls dir/*.lua` listed a folder named
 -- x.lua by its files, each "no such file", and split a name with a line break in it)
+-- (each name after its type, a symlink's target's: a FIFO named x.lua was opened to be read, and
+-- check waited for a writer for good; one is listed in not_files instead)
+local not_files = {}
 local function list_dir(dir)
-  local p = io.popen(("find %s/ -mindepth 1 -maxdepth 1 -name '*.lua' ! -name '.*' -print0 2>/dev/null"):format(
-    quoted(dir)))
+  local p = io.popen(("find %s/ -mindepth 1 -maxdepth 1 -name '*.lua' ! -name '.*' -printf '%%Y%%f\\0' 2>/dev/null")
+    :format(quoted(dir)))
   local out = {}
   if not p then return out end
-  for name in p:read("a"):gmatch("%Z+") do out[#out + 1] = dir .. "/" .. name:match("([^/]*)$") end
+  for entry in p:read("a"):gmatch("%Z+") do
+    local path = dir .. "/" .. entry:sub(2)
+    out[#out + 1] = path
+    if entry:find("^[pscb]") then not_files[path] = true end
+  end
   p:close()
   table.sort(out)
   return out
@@ -261,7 +268,9 @@ return function(args)
   local registry_checked = false
   for _, path in ipairs(files) do
     seen[path] = true
-    if not exists(path) then
+    if not_files[path] then
+      add("error", path .. ": not a file (a FIFO, a socket or a device): not read")
+    elseif not exists(path) then
       add("error", path .. ": no such file")
     else
       local chunk, err
