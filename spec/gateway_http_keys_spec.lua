@@ -42,6 +42,20 @@ describe("resil-lua keys, hostile arguments", function()
     assert.is_nil(list:find("empty", 1, true))
   end)
 
+  -- (before: `--models '*'` made a key that may use a model named "*" only, every request refused,
+  -- which `keys list` showed as "*", as it shows a key that may use any model)
+  it("--models '*' is refused: a key that may use any leaves --models out", function()
+    local db = helpers.tmpname(".db")
+    for _, v in ipairs({ "'*'", "'fast,*'" }) do
+      local add = keys("add --name star --models " .. v, db)
+      assert.are.equal(1, add.code, v)
+      assert.matches("models: '*' is no model's name: leave models out (--models) for a key that may use any",
+        add.stderr, 1, true)
+      assert.are.equal("", add.stdout)
+    end
+    assert.is_nil(keys("list", db).stdout:find("star", 1, true))
+  end)
+
   -- (before: Lua's tonumber read --rpm 0x10 as 16 and 1e3 as 1000: a limit other than the one typed)
   it("--rpm, --tpm and --concurrency take decimal whole numbers only", function()
     local db = helpers.tmpname(".db")

@@ -195,6 +195,14 @@ function keys.add(o)
   if o.models ~= nil and (type(o.models) ~= "table" or o.models[1] == nil) then
     error("keys.add: models must list at least one model (leave it out for any)", 2)
   end
+  -- ('*' is no model's name: `--models '*'` made a key every request was refused with, which `keys
+  -- list` showed as "*", as it shows a key that may use any)
+  for _, m in ipairs(o.models or {}) do
+    if m == "*" then
+      return nil, resil.error("bad_option", "models: '*' is no model's name: leave models out (--models) for a key "
+        .. "that may use any")
+    end
+  end
   -- (the budget read before the store is opened: one refused left an empty store made where it
   -- was typed)
   local budget, err = o.budget, nil
