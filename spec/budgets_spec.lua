@@ -185,6 +185,11 @@ print(t and "reserved" or err.kind)
       r = cli("budgets set team --limit 5 --per week")
       assert.matches("%-%-per takes day, month or none, not 'week'", r.stderr)
       assert.matches("which budget", cli("budgets show").stderr)
+      -- (before: the name left out, the budget was named '--limit': "unknown argument '5'")
+      r = cli("budgets set --limit 5")
+      assert.are.equal(1, r.code)
+      assert.are.equal("resil-lua: budgets set: which budget? (budgets set NAME --limit USD [--per day|month|none])\n",
+        r.stderr)
       -- (before: "not 'nil'" for an option given without its value)
       for _, opt in ipairs({ "--limit", "--per" }) do
         r = cli("budgets set team --limit 5 " .. opt)

@@ -576,6 +576,10 @@ local function opt_money(v) return v and money(v) or "-" end
 -- nothing rather than saying that no store is there
 local function set_args(args)
   if not args[2] then fail("budgets set: which budget?") end
+  -- (`budgets set --limit 5`, the name left out, named the budget '--limit': "unknown argument '5'")
+  if args[2] == "--limit" or args[2] == "--per" then
+    fail("budgets set: which budget? (budgets set NAME --limit USD [--per day|month|none])")
+  end
   local limit, per
   local i = 3
   while args[i] do
