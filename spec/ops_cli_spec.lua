@@ -158,6 +158,11 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal(0, helpers.run("test -L " .. page).code)
     assert.matches("</html>\n$", helpers.slurp(real))
+    -- (before: `--html -` made a file named '-' in the working directory, "wrote -")
+    r = helpers.run(("cd %s && %s runs show nightly --html - --store %s"):format(dir, helpers.resil, db))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^<!DOCTYPE html>.*</html>\n$", r.stdout)
+    assert.are.equal(1, helpers.run(("test -e %s/-"):format(dir)).code)
   end)
 
   it("costs --csv (and the other commands) whose output cannot be written (a full disk: /dev/full) exit 1, " ..

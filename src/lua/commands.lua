@@ -263,6 +263,8 @@ local function runs_show(s, args)
   local html
   if args[3] == "--html" then html = args[4] or fail("runs show: --html needs a file name") end
   local extra = args[html and 5 or 3]
+  -- (`--html -`, as tools take it, made a file named '-' in the working directory and said "wrote -")
+  if html == "-" then html = "/dev/stdout" end
   if extra then fail("runs show: unknown argument '%s' (runs show ID [--html FILE])", extra) end
   local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'%s", id, runs_named_after(s, id))
   local run = report.run
