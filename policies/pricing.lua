@@ -172,13 +172,25 @@ end
 
 -- pricing.price(provider, model [, tier]) -> the price table | nil, why (a malformed table is
 -- no price); tier: a processing tier's (pricing.tiers), nil for the standard one
+-- (the tables and model names met here, remembered as such: a type() call each was some 400
+-- instructions, a fifth of what pricing an answer cost. Tables weakly; names bounded, as above)
+local tables = setmetatable({}, { __mode = "k" })
+local names, names_count = {}, 0
 local function price_entry(provider, model, tier) -- (the table's entry as it is, unchecked)
   local t = pricing.models[provider]
   -- (a tier the table does not name at all is another server's word for its standard one: an
   -- OpenAI-compatible server's "on_demand", priced as the model is)
   local tiers = pricing.tiers[provider]
   if tier ~= nil and type(tiers) == "table" and tiers[tier] ~= nil then t = tiers[tier] end
-  if type(t) ~= "table" or type(model) ~= "string" then return nil end
+  if not tables[t] then
+    if type(t) ~= "table" then return nil end
+    tables[t] = true
+  end
+  if not names[model] then
+    if type(model) ~= "string" then return nil end
+    if names_count >= 1000 then names, names_count = {}, 0 end
+    names[model], names_count = true, names_count + 1
+  end
   return t[model] or t[strip_date(model)]
 end
 function pricing.price(provider, model, tier)
@@ -219,13 +231,24 @@ local warned, warned_count, WARN_MAX = {}, 0, 100
 
 -- a price table's cost of a usage, checked as it is summed (one walk of its fields: this runs
 -- on every answer) -> usd | nil, why (malformed's)
+-- (the numbers met as prices, remembered as such: a key there is a number, and was one >= 0
+-- and finite; a type() call each was some 400 instructions. Bounded: a project may set any)
+local fine, fine_count = {}, 0
 local function priced(price, usage)
-  if type(price) ~= "table" then return nil, malformed(price) end
+  if not tables[price] then
+    if type(price) ~= "table" then return nil, malformed(price) end
+    tables[price] = true
+  end
   -- the price's own few fields, then the cache prices it lacks at the price they fall back to
   local units, usd, any = pricing.units, 0, false
   for field, p in pairs(price) do
     local count = units[field]
-    if not count or type(p) ~= "number" or not (p >= 0 and p < HUGE) then return nil, malformed(price) end -- (NaN too)
+    if not count then return nil, malformed(price) end
+    if not fine[p] then
+      if type(p) ~= "number" or not (p >= 0 and p < HUGE) then return nil, malformed(price) end -- (NaN too)
+      if fine_count >= 1000 then fine, fine_count = {}, 0 end
+      fine[p], fine_count = true, fine_count + 1
+    end
     usd = usd + p * count(usage)
     any = true
   end
@@ -238,7 +261,8 @@ local function priced(price, usage)
     if p then usd = usd + p * units.cache_write_1h(usage) end
   end
   -- per_request counts 1 by default: only charge it where a price is set
-  return math.floor(usd * 1e9 + 0.5) / 1e9
+  -- (// 1: math.floor's value without its call; its integer, divided, was the same float)
+  return (usd * 1e9 + 0.5) // 1 / 1e9
 end
 
 -- A usage of parts (usage.parts: an Anthropic server-side fallback's hops, each a usage with its

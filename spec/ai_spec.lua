@@ -340,6 +340,45 @@ describe("golden costs from the providers' documented usage", function()
     assert(ok, err)
   end)
 
+  -- (pricing remembers the tables, names and numbers it has checked: what it met once and is
+  -- garbage now is still no price)
+  it("a price that priced calls and is made malformed since is no price; a provider's table made garbage too",
+    function()
+    local u = { input_tokens = 1000000, output_tokens = 1000000, cached_input_tokens = 0, cache_write_tokens = 0 }
+    local models = pricing.models.openai
+    local ok, err = pcall(function()
+      models["spec-turns"] = { input = 1, output = 2 }
+      assert.are.equal(3, pricing.cost("openai", "spec-turns", u))
+      for _, c in ipairs({ { "abc", "input must be a number >= 0, not abc" }, { "1", "input must be a number >= 0, not 1" },
+        { 0 / 0, "input must be a number >= 0, not NaN" }, { -1, "input must be a number >= 0, not -1" },
+        { math.huge, "input must be a number >= 0, not inf" }, { {}, "input must be a number >= 0, not table" } }) do
+        models["spec-turns"].input = c[1]
+        local usd, why = pricing.cost("openai", "spec-turns", u)
+        assert.is_nil(usd)
+        assert.truthy(why:find(c[2], 1, true), why)
+      end
+      models["spec-turns"].input = 1
+      models["spec-turns"].inptu = 1
+      assert.is_nil(pricing.cost("openai", "spec-turns", u))
+      models["spec-turns"].inptu = nil
+      assert.are.equal(3, pricing.cost("openai", "spec-turns", u))
+      models["spec-turns"] = "1.5"
+      local usd, why = pricing.cost("openai", "spec-turns", u)
+      assert.is_nil(usd)
+      assert.truthy(why:find("not a table", 1, true), why)
+      models["spec-turns"] = { input = 1, output = 2 }
+      assert.is_nil(pricing.cost("openai", { "spec-turns" }, u))
+      assert.is_nil(pricing.cost("openai", 42, u))
+      pricing.models.openai = "spec"
+      assert.is_nil(pricing.cost("openai", "spec-turns", u))
+      pricing.models.openai = models
+      assert.are.equal(3, pricing.cost("openai", "spec-turns", u))
+    end)
+    pricing.models.openai = models
+    models["spec-turns"] = nil
+    assert(ok, err)
+  end)
+
   -- (a dated name's undated one is remembered; its price is read from the table each time)
   it("a dated model is priced as the table prices it now: its undated entry as it changes, or its own", function()
     local u = { input_tokens = 1000000, output_tokens = 1000000 }
