@@ -16,45 +16,74 @@
 
 #define MOST 1024 /* bytes of text written here; longer units are json.encode's */
 
-typedef struct {
-  char text[MOST];
-  size_t len;
-} out;
+/* the bytes cjson writes as they are (it escapes the controls, '"', '\\', '/' and DEL): 1, by byte; one
+ * load a byte, not five comparisons (a row's four names are some 60 bytes) */
+static const unsigned char verbatim[256] = {
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+};
 
-/* a byte cjson writes as it is (it escapes the controls, '"', '\\', '/' and DEL) */
-static int verbatim(unsigned char c) { return c >= 0x20 && c < 0x7f && c != '"' && c != '\\' && c != '/'; }
-
-/* -> 0 when it does not fit */
-static int put(out *o, const char *s, size_t len) {
-  if (len > MOST - o->len) return 0;
-  memcpy(o->text + o->len, s, len);
-  o->len += len;
-  return 1;
-}
-
-/* the string at idx, quoted -> 0 when cjson would escape a byte of it (or it does not fit) */
-static int put_plain(lua_State *L, int idx, out *o) {
+/* the string at idx, quoted, at p (room for it checked) -> past it | NULL when cjson would escape a
+ * byte of it (or it does not fit) */
+static char *put_plain(lua_State *L, int idx, char *p, const char *end) {
   size_t len;
   const char *s = lua_tolstring(L, idx, &len);
-  for (size_t i = 0; i < len; i++)
-    if (!verbatim((unsigned char)s[i])) return 0;
-  return put(o, "\"", 1) && put(o, s, len) && put(o, "\"", 1);
+  if (len + 2 > (size_t)(end - p)) return NULL;
+  *p++ = '"';
+  for (size_t i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (!verbatim[c]) return NULL;
+    p[i] = (char)c;
+  }
+  p += len;
+  *p++ = '"';
+  return p;
 }
 
-/* the value at the top -> 0 when it is not one written here */
-static int put_value(lua_State *L, out *o) {
+/* the value at the top, at p -> past it | NULL when it is not one written here (or does not fit) */
+static char *put_value(lua_State *L, char *p, const char *end) {
   switch (lua_type(L, -1)) {
   case LUA_TNUMBER: {
-    if (!lua_isinteger(L, -1)) return 0;
-    char digits[32];
-    return put(o, digits, json_number_text(L, -1, digits)); /* (an integer: its digits) */
+    if (!lua_isinteger(L, -1)) return NULL;
+    /* an integer: its digits, as src/json.c writes them (json_number_text), here without a copy */
+    lua_Integer i = lua_tointeger(L, -1);
+    lua_Unsigned u = i < 0 ? 0u - (lua_Unsigned)i : (lua_Unsigned)i;
+    char digits[24], *d = digits + sizeof digits;
+    do {
+      *--d = (char)('0' + u % 10);
+      u /= 10;
+    } while (u);
+    if (i < 0) *--d = '-';
+    size_t n = (size_t)(digits + sizeof digits - d);
+    if (n > (size_t)(end - p)) return NULL;
+    memcpy(p, d, n);
+    return p + n;
   }
-  case LUA_TBOOLEAN:
-    return lua_toboolean(L, -1) ? put(o, "true", 4) : put(o, "false", 5);
+  case LUA_TBOOLEAN: {
+    int b = lua_toboolean(L, -1);
+    size_t n = b ? 4 : 5;
+    if (n > (size_t)(end - p)) return NULL;
+    memcpy(p, b ? "true" : "false", n);
+    return p + n;
+  }
   case LUA_TSTRING:
-    return put_plain(L, -1, o);
+    return put_plain(L, -1, p, end);
   default:
-    return 0;
+    return NULL;
   }
 }
 
@@ -62,18 +91,24 @@ static int put_value(lua_State *L, out *o) {
 static int flat_json(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   if (lua_getmetatable(L, 1)) return 0;
-  out o;
-  o.len = 0;
+  char text[MOST];
+  char *p = text, *end = text + MOST;
   lua_settop(L, 1);
   lua_pushnil(L);
   while (lua_next(L, 1)) {
     /* L stack: t, key, value */
     if (lua_type(L, 2) != LUA_TSTRING) return 0; /* (never lua_tolstring on a number key: next would lose it) */
-    if (!(put(&o, o.len ? "," : "{", 1) && put_plain(L, 2, &o) && put(&o, ":", 1) && put_value(L, &o))) return 0;
+    if (p == end) return 0;
+    char sep = p == text ? '{' : ',';
+    *p++ = sep;
+    if (!(p = put_plain(L, 2, p, end)) || p == end) return 0;
+    *p++ = ':';
+    if (!(p = put_value(L, p, end))) return 0;
     lua_pop(L, 1);
   }
-  if (o.len == 0 || !put(&o, "}", 1)) return 0;
-  lua_pushlstring(L, o.text, o.len);
+  if (p == text || p == end) return 0;
+  *p++ = '}';
+  lua_pushlstring(L, text, (size_t)(p - text));
   return 1;
 }
 
