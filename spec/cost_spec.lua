@@ -202,6 +202,42 @@ describe("resil.cost inside steps and once (one process)", function()
     end
   end)
 
+  -- (rows nobody waits for share one statement in C, a nil column not bound: each row's fields are
+  -- its own, none left from the row before it in the batch)
+  it("wait = false: rows committed together keep each its own fields, a field one row lacks empty in it",
+    function()
+    fresh_store()
+    local rows = {
+      { provider = "p", model = "full", operation = "chat", user = "u1", usd = 0.5, units = { input_tokens = 1 },
+        run = "r1", step = "s1", item = "i1", id = "id-1" },
+      { provider = "p", model = "bare" },
+      { provider = "p", model = "some", user = "u3", usd = 0 },
+      { model = "none" },
+      { provider = "p", model = "full2", operation = "embed", user = "u5", usd = 1.25, units = { output_tokens = 2 },
+        run = "r5", step = "s5", item = "i5" },
+      { provider = "p", model = "bare2", usd = 0.1 },
+    }
+    for _, e in ipairs(rows) do
+      e.wait = false
+      assert(resil.cost.record(e))
+    end
+    local got = {}
+    for _, r in ipairs(assert(helpers.backend(assert(resil.store())):cost_rows({}))) do got[r.model] = r end
+    local function row(model)
+      local r = assert(got[model], model)
+      return { r.provider, r.operation, r.user, r.micro_usd, r.units, r.step, r.item }
+    end
+    assert.are.same({ "p", "chat", "u1", 500000, '{"input_tokens":1}', "s1", "i1" }, row("full"))
+    assert.are.same({ "p" }, row("bare"))
+    assert.are.same({ "p", nil, "u3", 0 }, row("some"))
+    assert.are.same({}, row("none"))
+    assert.are.same({ "p", "embed", "u5", 1250000, '{"output_tokens":2}', "s5", "i5" }, row("full2"))
+    assert.are.same({ "p", nil, nil, 100000 }, row("bare2"))
+    assert.are.equal("r1", got.full.run)
+    assert.are.equal("r5", got.full2.run)
+    assert.are.equal(got.bare.run, got.bare2.run) -- (the script's own run, as a row without one gets)
+  end)
+
   -- (rows nobody waits for are written in C, one statement each and no savepoint: one that fails must
   -- undo only itself, and the metrics count what was written, once per commit)
   it("wait = false: a row the ledger refuses (here a trigger's) is refused in the log; the rows " ..

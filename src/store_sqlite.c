@@ -496,8 +496,7 @@ static void run_row(lua_State *L, store_db *d, op *o) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, o->ref_fn_args);
   int row = base + 1;
   for (int i = 1; i <= rs->nparams; i++) {
-    lua_rawgeti(L, row, i);
-    int t = lua_type(L, -1);
+    int t = lua_rawgeti(L, row, i);
     if (t == LUA_TSTRING) {
       size_t len;
       const char *v = lua_tolstring(L, -1, &len);
@@ -506,7 +505,8 @@ static void run_row(lua_State *L, store_db *d, op *o) {
       if (lua_isinteger(L, -1)) sqlite3_bind_int64(st, i, lua_tointeger(L, -1));
       else sqlite3_bind_double(st, i, lua_tonumber(L, -1));
     } else if (t == LUA_TNIL) {
-      sqlite3_bind_null(st, i);
+      /* NULL already: a statement's parameters are until bound, and each row's are cleared as it ends
+       * (below; a row's are half of its fifteen) */
     } else if (t == LUA_TBOOLEAN) {
       sqlite3_bind_int(st, i, lua_toboolean(L, -1));
     } else {
